@@ -1,0 +1,34 @@
+"""kvtier: a tiered KV-cache block manager with exact two-phase batch admission."""
+
+from kvtier.config import CacheConfig
+from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
+from kvtier.manager import Admission, KVCacheManager, PrefixMatch
+from kvtier.metrics import CacheStats, TierStats
+from kvtier.radix import Tier
+from kvtier.sequence import MultimodalItem, SequenceSpec
+from kvtier.transfer import OpKind, RecordingTransferEngine, TransferEngine, TransferOp, TransferPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Admission",
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "BlockTierChanged",
+    "CacheConfig",
+    "CacheStats",
+    "Event",
+    "KVCacheManager",
+    "MultimodalItem",
+    "OpKind",
+    "PrefixMatch",
+    "RecordingTransferEngine",
+    "SequenceSpec",
+    "Tier",
+    "TierStats",
+    "TransferEngine",
+    "TransferOp",
+    "TransferPlan",
+    "__version__",
+]

@@ -1,0 +1,69 @@
+"""Frozen, validated configuration of the block manager."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HASH_ALGOS = ("xxh3_128", "sha256")
+
+DEFAULT_PRIORITY = 35
+MIN_PRIORITY = 0
+MAX_PRIORITY = 100
+
+
+def check_priority(field: str, value: int) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` is an int in 0..100."""
+    if type(value) is not int or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise ValueError(
+            f"{field} must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}, got {value!r}"
+        )
+
+
+def _check_count(field: str, value: int, minimum: int) -> None:
+    if type(value) is not int or value < minimum:
+        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Sizes and policies of a :class:`~kvtier.manager.KVCacheManager`.
+
+    ``num_gpu_blocks`` and ``num_host_blocks`` are slot counts of the two tiers; the host
+    tier may be empty. A GPU block evicted while its priority is at least
+    ``offload_min_priority`` is offloaded to the host tier; below it, it is dropped.
+    """
+
+    tokens_per_block: int = 32
+    num_gpu_blocks: int = 1024
+    num_host_blocks: int = 0
+    enable_block_reuse: bool = True
+    enable_partial_reuse: bool = True
+    copy_on_partial_reuse: bool = True
+    offload_min_priority: int = 30
+    default_priority: int = DEFAULT_PRIORITY
+    hash_algo: str = "xxh3_128"
+    eviction_policy: str = "priority-lru"
+    enable_events: bool = False
+    max_events: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        tpb = self.tokens_per_block
+        if type(tpb) is not int or tpb < 1 or tpb & (tpb - 1):
+            raise ValueError(f"tokens_per_block must be a power of two >= 1, got {tpb!r}")
+        _check_count("num_gpu_blocks", self.num_gpu_blocks, 1)
+        _check_count("num_host_blocks", self.num_host_blocks, 0)
+        _check_count("max_events", self.max_events, 1)
+        check_priority("offload_min_priority", self.offload_min_priority)
+        check_priority("default_priority", self.default_priority)
+        if self.hash_algo not in HASH_ALGOS:
+            raise ValueError(f"hash_algo must be one of {HASH_ALGOS}, got {self.hash_algo!r}")
+        from kvtier.eviction import POLICIES
+
+        if self.eviction_policy not in POLICIES:
+            raise ValueError(
+                f"eviction_policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}"
+            )
+        for name in ("enable_block_reuse", "enable_partial_reuse", "copy_on_partial_reuse",
+                     "enable_events"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -1,0 +1,104 @@
+"""``check_invariants``: recompute a manager's books from scratch and compare.
+
+Kept apart from the manager so the hot paths stay small; tests call it after every step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from kvtier.radix import Node, Tier, path_to_root, subtree
+
+if TYPE_CHECKING:
+    from kvtier.manager import KVCacheManager
+
+
+def check_manager(mgr: KVCacheManager) -> None:
+    """Assert every invariant of ``mgr``; raises AssertionError naming the first broken one."""
+    store = mgr._store
+    tpb = mgr.config.tokens_per_block
+    owner: dict[tuple[Tier, int], str] = {}
+
+    def own(tier: Tier, slot: int, who: str) -> None:
+        pool = store.pool(tier)
+        assert 0 <= slot < pool.capacity, f"{who}: slot {slot} outside {tier.name} pool"
+        prev = owner.get((tier, slot))
+        assert prev is None, f"{tier.name} slot {slot} held by both {prev} and {who}"
+        owner[(tier, slot)] = who
+
+    for tier in Tier:
+        for slot in store.pool(tier).free:
+            own(tier, slot, "free list")
+
+    # The tree.
+    nodes: list[Node] = []
+    for root in store.roots.values():
+        assert root.parent is None and not root.slots and root.ref_count == 0
+        for child in root.iter_children():
+            nodes.extend(subtree(child))
+    for node in nodes:
+        parent = node.parent
+        assert parent is not None, f"{node} is in the tree but marked dropped"
+        assert node in parent.children.get(node.tokens[0], []), f"{node} not under its parent"
+        assert node.num_blocks >= 1 and len(node.tokens) == node.num_blocks * tpb, node
+        assert node.start_block == parent.start_block + parent.num_blocks, node
+        assert node.root is parent.root, node
+        if node.extras is not None:
+            assert len(node.extras) == node.num_blocks, node
+        if node.hashes is not None:
+            assert len(node.hashes) == node.num_blocks, node
+        if parent.parent is not None:
+            assert node.tier >= parent.tier, f"{node} is closer to the GPU than its parent"
+            assert parent.ref_count >= node.ref_count, f"{node} outranks its parent in refs"
+        for slot in node.slots:
+            own(node.tier, slot, f"node {node.uid}")
+        firsts = [(c.tokens[:tpb], c.extras[0] if c.extras else None)
+                  for c in node.iter_children()]
+        assert len(firsts) == len({(tuple(t), e) for t, e in firsts}), f"twin children of {node}"
+
+    # The live sequences: refs, block tables, private blocks.
+    expected_refs: Counter[int] = Counter()
+    num_private = 0
+    for rid, seq in mgr._seqs.items():
+        path = list(path_to_root(seq.last_node))
+        for node in path:
+            assert node.tier is Tier.GPU, f"{rid}: path node {node} is not on the GPU"
+            expected_refs[node.uid] += 1
+        assert seq.last_node.parent is not None or seq.last_node is seq.root, rid
+        table = seq.block_table
+        assert len(table) == -(-len(seq.tokens) // tpb), f"{rid}: block table length"
+        path_slots = [s for node in reversed(path) for s in node.slots]
+        n_path = seq.num_path_blocks
+        assert table[:n_path] == path_slots, f"{rid}: block table disagrees with its path"
+        for slot in table[n_path:]:
+            own(Tier.GPU, slot, f"private block of {rid}")
+        num_private += len(table) - n_path
+        assert seq.num_scheduled_tokens <= len(seq.tokens), rid
+    for node in nodes:
+        assert node.ref_count == expected_refs[node.uid], (
+            f"{node}: ref_count {node.ref_count}, live requests hold {expected_refs[node.uid]}")
+
+    # Per tier: free + cached + referenced == capacity, and the heaps cover every candidate.
+    for tier in Tier:
+        pool = store.pool(tier)
+        referenced = sum(n.num_blocks for n in nodes if n.tier is tier and n.ref_count)
+        cached = sum(n.num_blocks for n in nodes if n.tier is tier and not n.ref_count)
+        if tier is Tier.GPU:
+            referenced += num_private
+        assert pool.num_referenced == referenced, (
+            f"{tier.name}: books say {pool.num_referenced} referenced, recount {referenced}")
+        assert pool.num_free + cached + referenced == pool.capacity, (
+            f"{tier.name}: {pool.num_free} free + {cached} cached + {referenced} referenced "
+            f"!= {pool.capacity}")
+        filed = {n.uid for n in pool.heap_nodes()}
+        candidate_key = (store._gpu_candidate_key if tier is Tier.GPU
+                         else store._host_candidate_key)
+        for node in nodes:
+            if node.tier is tier and candidate_key(node) is not None:
+                assert node.uid in filed, f"{tier.name}: candidate {node} is not filed"
+    num_owned = Counter(tier for tier, _ in owner)
+    for tier in Tier:
+        pool = store.pool(tier)
+        assert num_owned[tier] == pool.capacity, (
+            f"{tier.name}: {num_owned[tier]} slots accounted for, capacity {pool.capacity}")

@@ -1,0 +1,68 @@
+"""Counters of what the cache did, per tier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Blocks per outcome in one tier.
+
+    ``reused`` counts full blocks of admitted prompts found in this tier and ``missed`` those
+    a lookup reaching this tier did not find there (so GPU misses include host hits).
+    """
+
+    reused_blocks: int = 0
+    missed_blocks: int = 0
+    onboarded_blocks: int = 0
+    offloaded_blocks: int = 0
+    evicted_blocks: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.reused_blocks + self.missed_blocks
+        return self.reused_blocks / total if total else 0.0
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters since the manager was created; ``token_hit_rate`` is reused/prompt tokens."""
+
+    gpu: TierStats = field(default_factory=TierStats)
+    host: TierStats = field(default_factory=TierStats)
+    num_admitted: int = 0
+    num_rejected: int = 0
+    num_prompt_tokens: int = 0
+    num_reused_tokens: int = 0
+    num_partial_tokens: int = 0
+    num_partial_copies: int = 0
+    num_partial_in_place: int = 0
+    num_duplicate_stores: int = 0
+
+    @property
+    def token_hit_rate(self) -> float:
+        return self.num_reused_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready snapshot. Pure."""
+        out: dict[str, object] = {
+            name: getattr(self, name)
+            for name in (
+                "num_admitted", "num_rejected", "num_prompt_tokens", "num_reused_tokens",
+                "num_partial_tokens", "num_partial_copies", "num_partial_in_place",
+                "num_duplicate_stores",
+            )
+        }
+        out["token_hit_rate"] = self.token_hit_rate
+        for tier_name in ("gpu", "host"):
+            tier: TierStats = getattr(self, tier_name)
+            out[tier_name] = {
+                "reused_blocks": tier.reused_blocks,
+                "missed_blocks": tier.missed_blocks,
+                "onboarded_blocks": tier.onboarded_blocks,
+                "offloaded_blocks": tier.offloaded_blocks,
+                "evicted_blocks": tier.evicted_blocks,
+                "hit_rate": tier.hit_rate,
+            }
+        return out

@@ -1,0 +1,343 @@
+"""The radix tree of cached blocks: one tree for all tiers, compressed along runs.
+
+A :class:`Node` is a run of consecutive full blocks on one path that share a tier, a
+reference count and an eviction key. Runs keep Python work per *run*, not per block: a match
+compares a whole run's tokens with one C-level list comparison, and an insert stores a run
+with one slice. Runs split wherever the tree branches, a request's claim ends, or eviction
+takes the tail of a run::
+
+    root ─ [b0 b1 b2 | GPU] ─┬─ [b3 b4 | GPU] ─ [b5 | HOST]
+                             └─ [c3 | HOST]
+
+Invariants kept by the manager (checked in ``check_invariants``):
+  * tiers never get faster going down a path (GPU* then HOST*), so a cached prefix is at
+    least as close to the GPU as its extensions;
+  * ``ref_count(parent) >= ref_count(child)``: a request references a whole path prefix.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from enum import IntEnum
+from typing import NamedTuple
+
+
+class Tier(IntEnum):
+    """Where a block's KV lives; lower is closer to the compute."""
+
+    GPU = 0
+    HOST = 1
+
+
+_uids = itertools.count(1)
+
+
+class Node:
+    """A run of cached blocks; ``tier`` and ``slots`` say where their KV lives."""
+
+    __slots__ = (
+        "children",
+        "expiry",
+        "extras",
+        "hashes",
+        "last_used",
+        "parent",
+        "priority",
+        "ref_count",
+        "root",
+        "slots",
+        "start_block",
+        "tier",
+        "tokens",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        parent: Node | None,
+        tokens: list[int],
+        slots: list[int],
+        tier: Tier,
+        extras: list[object] | None,
+        start_block: int,
+        root: Root | None,
+    ) -> None:
+        self.parent = parent
+        self.children: dict[int, list[Node]] = {}
+        self.tokens = tokens
+        self.slots = slots
+        self.tier = tier
+        self.extras = extras
+        self.start_block = start_block
+        self.root = root
+        self.ref_count = 0
+        self.priority = 0
+        self.expiry: float | None = None
+        self.last_used = 0
+        self.hashes: list[int] | None = None
+        self.uid = next(_uids)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.slots)
+
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    def iter_children(self) -> Iterator[Node]:
+        for bucket in self.children.values():
+            yield from bucket
+
+    def has_child_in(self, tier: Tier) -> bool:
+        return any(c.tier is tier for bucket in self.children.values() for c in bucket)
+
+    def __repr__(self) -> str:
+        return (
+            f"Node(uid={self.uid}, blocks={self.start_block}+{self.num_blocks}, "
+            f"tier={self.tier.name}, slots={self.slots}, ref={self.ref_count})"
+        )
+
+
+class Root(Node):
+    """The root of one key space: requests with other LoRA ids or salts never meet."""
+
+    __slots__ = ("lora_id", "salt")
+
+    def __init__(self, lora_id: object, salt: object) -> None:
+        super().__init__(None, [], [], Tier.GPU, None, 0, None)
+        self.root = self
+        self.lora_id = lora_id
+        self.salt = salt
+
+
+class PartialMatch(NamedTuple):
+    """``num_tokens`` leading tokens of block ``index`` of ``node`` match the request."""
+
+    node: Node
+    index: int
+    num_tokens: int
+
+
+class Match(NamedTuple):
+    """Where a request's tokens meet the tree. Pure data; building it mutates nothing.
+
+    ``path`` holds the nodes matched whole, ``tail`` the last node matched in part with the
+    number of its blocks that match, ``partial`` the best partial match of the next block.
+    """
+
+    path: list[Node]
+    tail: tuple[Node, int] | None
+    num_blocks: int
+    partial: PartialMatch | None
+
+
+def add_child(parent: Node, child: Node) -> None:
+    key = child.tokens[0]
+    bucket = parent.children.get(key)
+    if bucket is None:
+        parent.children[key] = [child]
+    else:
+        bucket.append(child)
+
+
+def remove_child(parent: Node, child: Node) -> None:
+    key = child.tokens[0]
+    bucket = parent.children[key]
+    if len(bucket) == 1:
+        del parent.children[key]
+    else:
+        bucket.remove(child)
+
+
+def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
+    """Cut ``node`` after ``num_head_blocks`` blocks and return the new head node.
+
+    NOTE: the original object keeps the tail, so every request whose path ends at or below
+    ``node`` still ends at the right object, and heap entries of ``node`` stay valid.
+    """
+    assert 0 < num_head_blocks < node.num_blocks, (num_head_blocks, node)
+    cut = num_head_blocks * tokens_per_block
+    parent = node.parent
+    assert parent is not None
+    head = Node(
+        parent,
+        node.tokens[:cut],
+        node.slots[:num_head_blocks],
+        node.tier,
+        node.extras[:num_head_blocks] if node.extras is not None else None,
+        node.start_block,
+        node.root,
+    )
+    head.ref_count = node.ref_count
+    head.priority = node.priority
+    head.expiry = node.expiry
+    head.last_used = node.last_used
+    if node.hashes is not None:
+        head.hashes = node.hashes[:num_head_blocks]
+        node.hashes = node.hashes[num_head_blocks:]
+    bucket = parent.children[node.tokens[0]]
+    bucket[bucket.index(node)] = head
+    node.parent = head
+    node.tokens = node.tokens[cut:]
+    node.slots = node.slots[num_head_blocks:]
+    if node.extras is not None:
+        node.extras = node.extras[num_head_blocks:]
+    node.start_block += num_head_blocks
+    head.children[node.tokens[0]] = [node]
+    return head
+
+
+def subtree(node: Node) -> list[Node]:
+    """``node`` and all its descendants, parents before children."""
+    out = [node]
+    i = 0
+    while i < len(out):
+        out.extend(out[i].iter_children())
+        i += 1
+    return out
+
+
+def path_to_root(node: Node) -> Iterator[Node]:
+    """``node`` and its ancestors up to, not including, the root; deepest first."""
+    while node.parent is not None:
+        yield node
+        node = node.parent
+
+
+def _extras_equal(
+    node: Node, req_extras: list[object] | None, first_block: int, num_blocks: int
+) -> bool:
+    if node.extras is None and req_extras is None:
+        return True
+    ours = node.extras[:num_blocks] if node.extras is not None else [None] * num_blocks
+    if req_extras is None:
+        theirs: list[object] = [None] * num_blocks
+    else:
+        theirs = req_extras[first_block : first_block + num_blocks]
+        theirs += [None] * (num_blocks - len(theirs))
+    return ours == theirs
+
+
+def _num_common_blocks(
+    node: Node,
+    tokens: list[int],
+    pos: int,
+    max_blocks: int,
+    tokens_per_block: int,
+    req_extras: list[object] | None,
+) -> int:
+    """How many leading blocks of ``node`` equal the request's blocks from token ``pos``."""
+    ntoks = node.tokens
+    first_block = pos // tokens_per_block
+
+    def equal(k: int) -> bool:
+        n = k * tokens_per_block
+        return ntoks[:n] == tokens[pos : pos + n] and _extras_equal(
+            node, req_extras, first_block, k
+        )
+
+    if equal(max_blocks):
+        return max_blocks
+    lo, hi = 0, max_blocks - 1  # equal(lo) holds, the answer is at most hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if equal(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def match(
+    root: Root,
+    tokens: list[int],
+    num_reusable_tokens: int,
+    tokens_per_block: int,
+    req_extras: list[object] | None,
+    find_partial: bool,
+) -> Match:
+    """Match ``tokens[:num_reusable_tokens]`` against the tree under ``root``. Pure query.
+
+    ::
+
+        tokens   |b0 b0 b0 b0|b1 b1 b1 b1|b2 b2 b2 b2|b3 b3|
+        reusable |<----- full blocks ---->|<partial>|       (num_reusable_tokens)
+    """
+    tpb = tokens_per_block
+    limit = num_reusable_tokens // tpb * tpb
+    path: list[Node] = []
+    tail: tuple[Node, int] | None = None
+    node: Node = root
+    pos = 0
+    while pos < limit:
+        bucket = node.children.get(tokens[pos])
+        if bucket is None:
+            break
+        best: Node | None = None
+        best_blocks = 0
+        for child in bucket:
+            ntoks = child.tokens
+            end = pos + len(ntoks)
+            if end <= limit and ntoks == tokens[pos:end] and (
+                (child.extras is None and req_extras is None)
+                or _extras_equal(child, req_extras, pos // tpb, child.num_blocks)
+            ):
+                best, best_blocks = child, child.num_blocks
+                break
+            k = _num_common_blocks(
+                child, tokens, pos, min(len(ntoks), limit - pos) // tpb, tpb, req_extras
+            )
+            if k > best_blocks:
+                best, best_blocks = child, k
+        if best is None:
+            break
+        pos += best_blocks * tpb
+        if best_blocks == best.num_blocks:
+            path.append(best)
+            node = best
+        else:
+            tail = (best, best_blocks)
+            break
+    partial = None
+    if find_partial and pos < num_reusable_tokens:
+        partial = _find_partial(node, tail, tokens, pos, num_reusable_tokens, tpb, req_extras)
+    return Match(path, tail, pos // tpb, partial)
+
+
+def _find_partial(
+    node: Node,
+    tail: tuple[Node, int] | None,
+    tokens: list[int],
+    pos: int,
+    num_reusable_tokens: int,
+    tpb: int,
+    req_extras: list[object] | None,
+) -> PartialMatch | None:
+    want = tokens[pos : min(pos + tpb, num_reusable_tokens)]
+    if tail is not None:
+        candidates = [(tail[0], tail[1])]
+    else:
+        candidates = [(c, 0) for c in node.children.get(want[0], ())]
+    best: PartialMatch | None = None
+    for cand, index in candidates:
+        start = index * tpb
+        have = cand.tokens[start : start + len(want)]
+        if not _extras_equal_one(cand, index, req_extras, pos // tpb):
+            continue
+        n = 0
+        for a, b in zip(have, want):
+            if a != b:
+                break
+            n += 1
+        if n and (best is None or n > best.num_tokens):
+            best = PartialMatch(cand, index, n)
+    return best
+
+
+def _extras_equal_one(
+    node: Node, index: int, req_extras: list[object] | None, block: int
+) -> bool:
+    ours = node.extras[index] if node.extras is not None else None
+    theirs = req_extras[block] if req_extras is not None and block < len(req_extras) else None
+    return ours == theirs

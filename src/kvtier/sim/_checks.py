@@ -1,0 +1,24 @@
+"""Field validators shared by the simulator's frozen dataclasses."""
+
+from __future__ import annotations
+
+import math
+
+
+def check_int(field: str, value: int, minimum: int) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` is an int >= ``minimum``."""
+    if type(value) is not int or value < minimum:
+        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(field: str, value: float, low: float, high: float | None = None) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` is a finite number in [low, high]."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{field} must be a finite number {bounds}, got {value!r}")

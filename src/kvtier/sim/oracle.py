@@ -1,0 +1,207 @@
+"""Offline references for a prefix cache of a given size: unlimited, Belady and LRU.
+
+All three see requests at block granularity. A request is a tuple of block keys, where a
+key names the block *together with its whole prefix* (a chained hash, or a Mooncake hash
+id), so a block is reusable only behind the same prefix. Requests are served one at a time:
+
+1. hit = the longest prefix of the request's keys that is cached; it counts
+   ``min(k * tokens_per_block, num_tokens)`` tokens;
+2. every block of the request is then cached, evicting other blocks as needed; a block of
+   the current request is never evicted. A request longer than the cache keeps only its
+   first ``num_blocks`` blocks (the rest could only push out its own prefix).
+
+Belady evicts the block whose next use is farthest away (never-again first), deeper blocks
+first among ties. A block's next use is never later than its descendants', so this keeps the
+cache prefix-closed and is optimal (it is MIN on the flattened block sequence). LRU evicts
+the least recently used block; within a request, deeper blocks count as older, so children
+go before their parents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from array import array
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from typing import NamedTuple
+
+from kvtier.sim.workload import TraceRequest
+
+
+class OracleRequest(NamedTuple):
+    """One request as the oracles see it: prefix-naming block keys and the prompt length."""
+
+    block_keys: tuple[Hashable, ...]
+    num_tokens: int
+
+
+class OracleResult(NamedTuple):
+    """Hits of one oracle run over a request sequence."""
+
+    num_hit_tokens: int
+    num_tokens: int
+    num_hit_blocks: int
+    num_requests: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of prompt tokens served from the cache (0.0 for an empty run)."""
+        return self.num_hit_tokens / self.num_tokens if self.num_tokens else 0.0
+
+
+def prefix_block_keys(prompt: Sequence[int], tokens_per_block: int) -> tuple[bytes, ...]:
+    """Chained 128-bit BLAKE2b keys of the prompt's full blocks (a partial tail has no key).
+
+    ``key[j] = blake2b(key[j-1] || tokens of block j)``; equal keys mean equal prefixes (up
+    to a 2**-128 collision chance).
+    """
+    if type(tokens_per_block) is not int or tokens_per_block < 1:
+        raise ValueError(f"tokens_per_block must be an integer >= 1, got {tokens_per_block!r}")
+    keys: list[bytes] = []
+    parent = b""
+    for start in range(0, len(prompt) - tokens_per_block + 1, tokens_per_block):
+        block = array("q", prompt[start : start + tokens_per_block]).tobytes()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        keys.append(parent)
+    return tuple(keys)
+
+
+def oracle_requests(
+    workload: Iterable[TraceRequest], tokens_per_block: int
+) -> Iterator[OracleRequest]:
+    """The oracle view of a workload's requests (full blocks keyed by :func:`prefix_block_keys`)."""
+    for request in workload:
+        keys = prefix_block_keys(request.prompt, tokens_per_block)
+        yield OracleRequest(keys, len(request.prompt))
+
+
+def _check_request(request: OracleRequest, tokens_per_block: int) -> None:
+    num_keys = len(request.block_keys)
+    if num_keys * tokens_per_block >= request.num_tokens + tokens_per_block:
+        raise ValueError(
+            f"block_keys has {num_keys} keys, more than ceil({request.num_tokens}"
+            f"/{tokens_per_block}) blocks of num_tokens"
+        )
+    if len(set(request.block_keys)) != num_keys:
+        raise ValueError("block_keys must be distinct within a request (keys name prefixes)")
+
+
+def _check_args(num_blocks: int | None, tokens_per_block: int) -> None:
+    if num_blocks is not None and (type(num_blocks) is not int or num_blocks < 1):
+        raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+    if type(tokens_per_block) is not int or tokens_per_block < 1:
+        raise ValueError(f"tokens_per_block must be an integer >= 1, got {tokens_per_block!r}")
+
+
+def _hit_blocks(keys: Sequence[Hashable], cached: dict[Hashable, int] | set[Hashable]) -> int:
+    k = 0
+    for key in keys:
+        if key not in cached:
+            break
+        k += 1
+    return k
+
+
+def unlimited_hit_tokens(
+    requests: Iterable[OracleRequest], tokens_per_block: int
+) -> OracleResult:
+    """Hits with a cache that never evicts (an upper bound for any capacity)."""
+    _check_args(None, tokens_per_block)
+    seen: set[Hashable] = set()
+    num_hit_tokens = num_tokens = num_hit_blocks = num_requests = 0
+    for request in requests:
+        _check_request(request, tokens_per_block)
+        k = _hit_blocks(request.block_keys, seen)
+        num_hit_blocks += k
+        num_hit_tokens += min(k * tokens_per_block, request.num_tokens)
+        num_tokens += request.num_tokens
+        num_requests += 1
+        seen.update(request.block_keys)
+    return OracleResult(num_hit_tokens, num_tokens, num_hit_blocks, num_requests)
+
+
+def belady_hit_tokens(
+    requests: Iterable[OracleRequest], num_blocks: int, tokens_per_block: int
+) -> OracleResult:
+    """Hits of the optimal (Belady/MIN) single-tier prefix cache of ``num_blocks`` blocks.
+
+    Next uses are precomputed in one backward pass; the eviction heap holds
+    ``(-next_use, -depth, seq, key)`` and drops stale entries lazily, so a run costs
+    O(B log B) for B block occurrences.
+    """
+    _check_args(num_blocks, tokens_per_block)
+    reqs = list(requests)
+    for request in reqs:
+        _check_request(request, tokens_per_block)
+    never = len(reqs)
+    all_keys = [r.block_keys[:num_blocks] for r in reqs]
+    next_uses: list[list[int]] = [[] for _ in reqs]
+    last_use: dict[Hashable, int] = {}
+    for i in range(len(reqs) - 1, -1, -1):
+        next_uses[i] = [last_use.get(key, never) for key in all_keys[i]]
+        for key in all_keys[i]:
+            last_use[key] = i
+
+    # key -> its next use; a block of the current request holds the current index, which
+    # is smaller than any other block's, so it is never the farthest.
+    cached: dict[Hashable, int] = {}
+    heap: list[tuple[int, int, int, Hashable]] = []
+    seq = 0
+    num_hit_tokens = num_tokens = num_hit_blocks = 0
+    for i, (request, keys) in enumerate(zip(reqs, all_keys, strict=True)):
+        k = _hit_blocks(keys, cached)
+        num_hit_blocks += k
+        num_hit_tokens += min(k * tokens_per_block, request.num_tokens)
+        num_tokens += request.num_tokens
+        for key in keys[k:]:
+            if key in cached:
+                continue
+            if len(cached) >= num_blocks:
+                while True:
+                    neg_next, _, _, victim = heapq.heappop(heap)
+                    if cached.get(victim) == -neg_next:
+                        break
+                assert -neg_next > i, f"evicting a block of request {i}"
+                del cached[victim]
+            cached[key] = i
+        for depth, (key, next_use) in enumerate(zip(keys, next_uses[i], strict=True)):
+            cached[key] = next_use
+            heapq.heappush(heap, (-next_use, -depth, seq, key))
+            seq += 1
+    return OracleResult(num_hit_tokens, num_tokens, num_hit_blocks, len(reqs))
+
+
+def lru_hit_tokens(
+    requests: Iterable[OracleRequest], num_blocks: int, tokens_per_block: int
+) -> OracleResult:
+    """Hits of a single-tier LRU prefix cache of ``num_blocks`` blocks (for cross-checks)."""
+    _check_args(num_blocks, tokens_per_block)
+    # Least recently used first.
+    lru: OrderedDict[Hashable, None] = OrderedDict()
+    num_hit_tokens = num_tokens = num_hit_blocks = num_requests = 0
+    for request in requests:
+        _check_request(request, tokens_per_block)
+        keys = request.block_keys[:num_blocks]
+        k = 0
+        for key in keys:
+            if key not in lru:
+                break
+            k += 1
+        num_hit_blocks += k
+        num_hit_tokens += min(k * tokens_per_block, request.num_tokens)
+        num_tokens += request.num_tokens
+        num_requests += 1
+        # NOTE: protect the request's cached blocks first, so inserting its missing blocks
+        # evicts only other requests' blocks; then order it root-last (children older).
+        for key in keys:
+            if key in lru:
+                lru.move_to_end(key)
+        for key in keys:
+            if key not in lru:
+                if len(lru) >= num_blocks:
+                    lru.popitem(last=False)
+                lru[key] = None
+        for key in reversed(keys):
+            lru.move_to_end(key)
+    return OracleResult(num_hit_tokens, num_tokens, num_hit_blocks, num_requests)

@@ -1,0 +1,157 @@
+"""How long a serving step takes: prefill, decode, fixed overhead and PCIe transfers.
+
+The numbers of the built-in profiles are rough estimates from public figures, good enough
+to rank cache policies by the time they save, not to predict a real engine's latency:
+
+- KV bytes per token = 2 (K and V) x layers x KV heads x head dim x 2 bytes (bf16).
+- Prefill cost assumes about 50 % of an H100's ~989 dense bf16 TFLOP/s at 2 FLOP per
+  parameter per token.
+- The step overhead is one read of the weights from HBM (~3.35 TB/s) plus launch costs;
+  the per-sequence decode cost stands for reading that sequence's KV.
+- PCIe Gen5 x16 moves about 55 GB/s each way with pinned, batched copies (measured on an
+  H200 host, BACKGROUND.md section 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from kvtier.sim._checks import check_float, check_int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProfile:
+    """Cost constants of one model on one machine (see the module docstring for provenance).
+
+    ``pcie_bytes_per_s`` is per direction; H2D and D2H run at the same time (full duplex).
+    With ``overlap_transfers`` the copies run beside compute (separate streams), else after.
+    """
+
+    name: str
+    kv_bytes_per_token: int
+    prefill_s_per_token: float
+    decode_s_per_seq: float
+    step_overhead_s: float
+    pcie_bytes_per_s: float
+    overlap_transfers: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if type(self.kv_bytes_per_token) is not int or self.kv_bytes_per_token < 1:
+            raise ValueError(
+                f"kv_bytes_per_token must be an integer >= 1, got {self.kv_bytes_per_token!r}"
+            )
+        check_float("prefill_s_per_token", self.prefill_s_per_token, 0.0, None)
+        check_float("decode_s_per_seq", self.decode_s_per_seq, 0.0, None)
+        check_float("step_overhead_s", self.step_overhead_s, 0.0, None)
+        check_float("pcie_bytes_per_s", self.pcie_bytes_per_s, 0.0, None)
+        if self.pcie_bytes_per_s == 0:
+            raise ValueError(f"pcie_bytes_per_s must be > 0, got {self.pcie_bytes_per_s!r}")
+        if type(self.overlap_transfers) is not bool:
+            raise ValueError(f"overlap_transfers must be a bool, got {self.overlap_transfers!r}")
+
+
+_GIB = 1 << 30
+
+PROFILES: dict[str, ModelProfile] = {
+    profile.name: profile
+    for profile in (
+        # Llama-3-8B bf16 on one H100: KV 2 x 32 layers x 8 heads x 128 x 2 B = 128 KiB;
+        # 16 GFLOP/token at ~500 TFLOP/s = 32 us, rounded up to 40 us (25k tokens/s);
+        # 16 GB of weights at 3.35 TB/s = 4.8 ms per step.
+        ModelProfile(
+            name="llama3-8b-h100",
+            kv_bytes_per_token=128 * 1024,
+            prefill_s_per_token=40e-6,
+            decode_s_per_seq=80e-6,
+            step_overhead_s=5e-3,
+            pcie_bytes_per_s=55e9,
+        ),
+        # Llama-3-70B bf16, tensor-parallel on four H100s: KV 2 x 80 x 8 x 128 x 2 B =
+        # 320 KiB per token over all GPUs; 140 GFLOP/token at ~40 % of 4 x 989 TFLOP/s
+        # (all-reduces cost the rest) = 88 us; 140 GB / 4 GPUs / 3.35 TB/s = 10.4 ms plus
+        # all-reduce latency; each GPU moves its KV shard over its own PCIe link.
+        ModelProfile(
+            name="llama3-70b-h100x4",
+            kv_bytes_per_token=320 * 1024,
+            prefill_s_per_token=90e-6,
+            decode_s_per_seq=100e-6,
+            step_overhead_s=12e-3,
+            pcie_bytes_per_s=4 * 55e9,
+        ),
+        # Round binary numbers for tests: every product and sum below is exact in floats.
+        ModelProfile(
+            name="tiny-test",
+            kv_bytes_per_token=1024,
+            prefill_s_per_token=2.0**-10,
+            decode_s_per_seq=2.0**-6,
+            step_overhead_s=2.0**-3,
+            pcie_bytes_per_s=float(_GIB),
+            overlap_transfers=False,
+        ),
+    )
+}
+
+
+def get_profile(name: str, **overrides: Any) -> ModelProfile:
+    """The registered profile ``name``, with ``overrides`` replacing some of its fields."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown model profile {name!r}; known: {sorted(PROFILES)}")
+    known = {f.name for f in fields(ModelProfile)} - {"name"}
+    for field in overrides:
+        if field not in known:
+            raise ValueError(
+                f"unknown ModelProfile field {field!r} in overrides; known: {sorted(known)}"
+            )
+    return replace(PROFILES[name], **overrides)
+
+
+def _check_count(field: str, value: int) -> None:
+    check_int(field, value, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeModel:
+    """Step durations under a :class:`ModelProfile`; every method is a pure query."""
+
+    profile: ModelProfile
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.profile, ModelProfile):
+            raise ValueError(f"profile must be a ModelProfile, got {self.profile!r}")
+
+    def kv_bytes(self, num_tokens: int) -> int:
+        """Bytes of KV cache that ``num_tokens`` tokens occupy."""
+        _check_count("num_tokens", num_tokens)
+        return num_tokens * self.profile.kv_bytes_per_token
+
+    def compute_seconds(self, num_prefill_tokens: int, num_decode_seqs: int) -> float:
+        """GPU time of a step: overhead + prefill + decode, or 0.0 when it has no work."""
+        _check_count("num_prefill_tokens", num_prefill_tokens)
+        _check_count("num_decode_seqs", num_decode_seqs)
+        if num_prefill_tokens == 0 and num_decode_seqs == 0:
+            return 0.0
+        p = self.profile
+        return (
+            p.step_overhead_s
+            + num_prefill_tokens * p.prefill_s_per_token
+            + num_decode_seqs * p.decode_s_per_seq
+        )
+
+    def transfer_seconds(self, bytes_h2d: int, bytes_d2h: int) -> float:
+        """PCIe time of a step's copies; the two directions run at the same time."""
+        _check_count("bytes_h2d", bytes_h2d)
+        _check_count("bytes_d2h", bytes_d2h)
+        return max(bytes_h2d, bytes_d2h) / self.profile.pcie_bytes_per_s
+
+    def step_seconds(
+        self, num_prefill_tokens: int, num_decode_seqs: int, bytes_h2d: int, bytes_d2h: int
+    ) -> float:
+        """Duration of one step: ``max(compute, transfer)`` when overlapped, else the sum."""
+        compute_s = self.compute_seconds(num_prefill_tokens, num_decode_seqs)
+        transfer_s = self.transfer_seconds(bytes_h2d, bytes_d2h)
+        if self.profile.overlap_transfers:
+            return max(compute_s, transfer_s)
+        return compute_s + transfer_s

@@ -1,0 +1,71 @@
+"""Requests of a replayed workload, and the contract every workload source meets."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    """One request of a workload: when it arrives, its prompt tokens and how much it generates.
+
+    ``prompt`` holds token ids. Workloads build it lazily, one request at a time; equal
+    content has equal ids and distinct content distinct ids, so prefix reuse in the ids is
+    exactly the reuse the workload means. ``session_id`` groups the turns of one
+    conversation where the workload knows them (``None`` otherwise).
+    """
+
+    request_id: str
+    arrival_s: float
+    prompt: list[int]
+    output_length: int
+    session_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {self.request_id!r}")
+        arrival = self.arrival_s
+        if (
+            isinstance(arrival, bool)
+            or not isinstance(arrival, (int, float))
+            or not math.isfinite(arrival)
+            or arrival < 0
+        ):
+            raise ValueError(f"arrival_s must be a finite number >= 0, got {arrival!r}")
+        if not isinstance(self.prompt, list) or not self.prompt:
+            raise ValueError(f"prompt must be a non-empty list of token ids, got {self.prompt!r}")
+        if type(self.output_length) is not int or self.output_length < 0:
+            raise ValueError(f"output_length must be an integer >= 0, got {self.output_length!r}")
+        if self.session_id is not None and not isinstance(self.session_id, str):
+            raise ValueError(f"session_id must be a string or None, got {self.session_id!r}")
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Length of the prompt in tokens."""
+        return len(self.prompt)
+
+
+@runtime_checkable
+class Workload(Protocol):
+    """A named, re-iterable source of requests.
+
+    Every call to ``__iter__`` starts over and yields the same requests (same ids, same
+    tokens) in arrival order (``arrival_s`` never decreases). Prompts are built one request
+    at a time: a workload never holds all of its prompts in memory at once.
+    """
+
+    @property
+    def name(self) -> str:
+        """Short name for reports."""
+        ...
+
+    def __iter__(self) -> Iterator[TraceRequest]:
+        """Yield the requests in arrival order, starting from the first."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """JSON-ready summary of where the requests come from and how they were made."""
+        ...

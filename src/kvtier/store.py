@@ -1,0 +1,350 @@
+"""The cached blocks of every tier: the tree, the tier pools, and moves between them.
+
+:class:`BlockStore` is the manager's lower half. It knows nothing of requests: it allocates
+GPU slots (evicting and offloading unreferenced blocks to make room), onboards host runs,
+stores new runs, and files every unreferenced node as an eviction candidate of its tier.
+Every move appends the copies it needs to the caller's op list, in program order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+
+from kvtier.config import CacheConfig
+from kvtier.events import BlockRemoved, BlockStored, BlockTierChanged, EventLog
+from kvtier.eviction import EvictionPolicy, get_policy
+from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
+from kvtier.metrics import CacheStats
+from kvtier.pool import TierPool
+from kvtier.radix import Node, Root, Tier, add_child, remove_child, subtree
+from kvtier.radix import split as split_run
+from kvtier.transfer.plan import OpKind, TransferOp
+
+
+class BlockStore:
+    """Tree + pools. Referenced nodes are never evicted, offload targets, or detached."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        clock: Callable[[], float],
+        policy: EvictionPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self.tpb = config.tokens_per_block
+        self.clock = clock
+        self.policy = policy if policy is not None else get_policy(config.eviction_policy)
+        self.roots: dict[tuple[object, object], Root] = {}
+        self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks)
+        self.host = TierPool(Tier.HOST, config.num_host_blocks)
+        self.stats = CacheStats()
+        self.events = EventLog(config.max_events) if config.enable_events else None
+        self._hash_fn = get_hash_fn(config.hash_algo)
+        self._tick = itertools.count(1)
+        self._expiries: list[tuple[float, int, Node]] = []
+
+    # ---- keys and candidates ------------------------------------------------------------
+
+    def pool(self, tier: Tier) -> TierPool:
+        return self.gpu if tier is Tier.GPU else self.host
+
+    def root(self, lora_id: object, salt: object, create: bool) -> Root | None:
+        key = (lora_id, salt)
+        root = self.roots.get(key)
+        if root is None and create:
+            root = self.roots[key] = Root(lora_id, salt)
+        return root
+
+    def _key(self, node: Node) -> tuple[int, int]:
+        return self.policy.key(node, self.clock(), self.config.default_priority)
+
+    def priority(self, node: Node) -> int:
+        """``node``'s priority now: its own until its retention expires. Pure."""
+        expiry = node.expiry
+        if expiry is not None and self.clock() >= expiry:
+            return self.config.default_priority
+        return node.priority
+
+    def _gpu_candidate_key(self, node: Node) -> tuple[int, int] | None:
+        if node.parent is None or node.tier is not Tier.GPU or node.ref_count:
+            return None
+        if node.has_child_in(Tier.GPU):
+            return None
+        return self._key(node)
+
+    def _host_candidate_key(self, node: Node) -> tuple[int, int] | None:
+        if node.parent is None or node.tier is not Tier.HOST or node.ref_count or node.children:
+            return None
+        return self._key(node)
+
+    def refile(self, node: Node) -> None:
+        """File ``node`` as an eviction candidate of its tier if it is one now."""
+        if node.tier is Tier.GPU:
+            key = self._gpu_candidate_key(node)
+            if key is not None:
+                self.gpu.push(node, key)
+                self.gpu.compact(self._gpu_candidate_key)
+        else:
+            key = self._host_candidate_key(node)
+            if key is not None:
+                self.host.push(node, key)
+                self.host.compact(self._host_candidate_key)
+
+    def _expire(self) -> None:
+        """Re-file nodes whose retention ran out, so they sort by the default priority."""
+        now = self.clock()
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            expiry, _, node = heapq.heappop(expiries)
+            if node.expiry == expiry and node.parent is not None and not node.ref_count:
+                self.refile(node)
+
+    def split(self, node: Node, num_head_blocks: int) -> Node:
+        """Cut ``node`` after ``num_head_blocks`` blocks; returns the head, ``node`` keeps
+        the tail. Both halves keep the key, and a retention keeps running on both."""
+        head = split_run(node, num_head_blocks, self.tpb)
+        if head.expiry is not None:
+            heapq.heappush(self._expiries, (head.expiry, head.uid, head))
+        return head
+
+    # ---- references -----------------------------------------------------------------------
+
+    def ref_path(self, node: Node) -> None:
+        """Add one reference to ``node`` and every ancestor (a claim)."""
+        while node.parent is not None:
+            if node.ref_count == 0:
+                self.pool(node.tier).num_referenced += len(node.slots)
+            node.ref_count += 1
+            node = node.parent
+
+    def unref_path(
+        self, node: Node, priority: int | None = None, retention_s: float | None = None
+    ) -> None:
+        """Drop one reference from ``node`` and its ancestors, deepest first.
+
+        With ``priority`` set this is a release: nodes that become unreferenced are stamped
+        most recently used (deepest first, so a prefix outlives its extensions) and take the
+        releasing request's priority. Without it, it is a rollback: keys stay as they were.
+        """
+        now = self.clock() if retention_s is not None else 0.0
+        while node.parent is not None:
+            node.ref_count -= 1
+            if node.ref_count == 0:
+                self.pool(node.tier).num_referenced -= len(node.slots)
+                if priority is not None:
+                    node.last_used = next(self._tick)
+                    node.priority = priority
+                    if retention_s is not None:
+                        node.expiry = now + retention_s
+                        heapq.heappush(self._expiries, (node.expiry, node.uid, node))
+                    else:
+                        node.expiry = None
+                self.refile(node)
+            node = node.parent
+
+    # ---- allocation and eviction ------------------------------------------------------------
+
+    def allocate_gpu(self, num_blocks: int, ops: list[TransferOp]) -> list[int]:
+        """Take ``num_blocks`` GPU slots for a request's private use, evicting as needed.
+
+        The caller has checked ``gpu.num_available``; the slots count as referenced.
+        """
+        gpu = self.gpu
+        if num_blocks > len(gpu.free):
+            self._evict(gpu, num_blocks - len(gpu.free), ops)
+        gpu.num_referenced += num_blocks
+        return gpu.take(num_blocks)
+
+    def free_gpu(self, slots: list[int]) -> None:
+        """Give a request's private (uncached) slots back; they are handed out first."""
+        self.gpu.num_referenced -= len(slots)
+        self.gpu.give_back(slots)
+
+    def _evict(self, pool: TierPool, num_blocks: int, ops: list[TransferOp]) -> None:
+        """Free ``num_blocks`` slots of ``pool`` from its unreferenced candidates."""
+        self._expire()
+        candidate_key = (
+            self._gpu_candidate_key if pool.tier is Tier.GPU else self._host_candidate_key
+        )
+        while num_blocks > 0:
+            node = pool.pop_candidate(candidate_key)
+            assert node is not None, f"{pool.tier.name}: {num_blocks} blocks short of candidates"
+            victim = node
+            take = min(node.num_blocks, num_blocks)
+            if take < node.num_blocks:
+                self.split(node, node.num_blocks - take)  # victim keeps the tail
+            num_blocks -= take
+            parent = victim.parent
+            assert parent is not None
+            if pool.tier is Tier.GPU:
+                self._evict_gpu_run(victim, ops)
+            else:
+                self.drop(victim)
+            self.refile(parent)
+
+    def _evict_gpu_run(self, victim: Node, ops: list[TransferOp]) -> None:
+        """Offload the unreferenced GPU run ``victim`` as far as the host takes it; drop the rest.
+
+        The dropped part is the tail, so what stays cached is still a prefix.
+        """
+        num_offload = 0
+        if self.host.capacity and self.priority(victim) >= self.config.offload_min_priority:
+            # Host candidates below the victim are victim's own (host) subtree; they may go.
+            num_offload = min(victim.num_blocks, self.host.num_available)
+        if num_offload < victim.num_blocks:
+            if num_offload:
+                self.split(victim, num_offload)
+                head = victim.parent
+                assert head is not None
+                self.drop(victim)
+                victim = head
+            else:
+                self.drop(victim)
+                return
+        host_slots = self._allocate_host(num_offload, ops)
+        old = victim.slots
+        for src, dst in zip(old, host_slots):
+            ops.append(TransferOp(OpKind.OFFLOAD, Tier.GPU, src, Tier.HOST, dst, self.tpb))
+        self.gpu.give_back(old)
+        victim.slots = host_slots
+        victim.tier = Tier.HOST
+        self.stats.gpu.offloaded_blocks += num_offload
+        if self.events is not None:
+            self._emit_moves(victim, Tier.GPU, Tier.HOST)
+        self.refile(victim)
+
+    def _allocate_host(self, num_blocks: int, ops: list[TransferOp]) -> list[int]:
+        host = self.host
+        if num_blocks > len(host.free):
+            self._evict(host, num_blocks - len(host.free), ops)
+        return host.take(num_blocks)
+
+    def drop(self, node: Node) -> None:
+        """Remove the unreferenced run ``node`` and everything below it from the cache."""
+        parent = node.parent
+        assert parent is not None and node.ref_count == 0, node
+        doomed = subtree(node)
+        if self.events is not None:
+            for n in doomed:
+                self._emit_removed(n)
+        remove_child(parent, node)
+        for n in doomed:
+            assert n.ref_count == 0, n
+            self.pool(n.tier).give_back(n.slots)
+            if n.tier is Tier.GPU:
+                self.stats.gpu.evicted_blocks += len(n.slots)
+            else:
+                self.stats.host.evicted_blocks += len(n.slots)
+            n.parent = None
+
+    # ---- tier moves and stores -----------------------------------------------------------
+
+    def onboard(self, node: Node, ops: list[TransferOp]) -> int:
+        """Move the claimed host run ``node`` to GPU slots; return its block count."""
+        assert node.tier is Tier.HOST and node.ref_count > 0, node
+        n = node.num_blocks
+        gpu_slots = self.allocate_gpu(n, ops)  # counted referenced: the node is claimed
+        for src, dst in zip(node.slots, gpu_slots):
+            ops.append(TransferOp(OpKind.ONBOARD, Tier.HOST, src, Tier.GPU, dst, self.tpb))
+        self.host.num_referenced -= n
+        self.host.give_back(node.slots)
+        node.slots = gpu_slots
+        node.tier = Tier.GPU
+        self.stats.host.onboarded_blocks += n
+        if self.events is not None:
+            self._emit_moves(node, Tier.HOST, Tier.GPU)
+        return n
+
+    def insert_run(
+        self, parent: Node, tokens: list[int], slots: list[int], extras: list[object] | None
+    ) -> Node | None:
+        """Store a request's computed full blocks as a child run of ``parent`` (referenced once).
+
+        Returns ``None``, storing nothing, when ``parent`` already has a child with the same
+        first block (another request stored this content first); the caller keeps its blocks
+        private. The slots are referenced before and after, so the pool's books don't change.
+        """
+        tpb = self.tpb
+        for sibling in parent.children.get(tokens[0], ()):
+            if sibling.tokens[:tpb] == tokens[:tpb] and (
+                (sibling.extras[0] if sibling.extras is not None else None)
+                == (extras[0] if extras is not None else None)
+            ):
+                self.stats.num_duplicate_stores += 1
+                return None
+        start = parent.start_block + parent.num_blocks
+        node = Node(parent, tokens, slots, Tier.GPU, extras, start, parent.root)
+        node.ref_count = 1
+        add_child(parent, node)
+        if self.events is not None:
+            self._emit_stored(node)
+        return node
+
+    def detach_leaf_block(self, node: Node) -> int:
+        """Take a one-block, claimed-once GPU leaf out of the tree for reuse in place.
+
+        Its slot becomes the caller's private block (still referenced); returns the slot.
+        """
+        assert node.num_blocks == 1 and not node.children and node.tier is Tier.GPU
+        parent = node.parent
+        assert parent is not None
+        if self.events is not None:
+            self._emit_removed(node)
+        remove_child(parent, node)
+        node.parent = None
+        self.refile(parent)
+        return node.slots[0]
+
+    # ---- hashes and events -----------------------------------------------------------------
+
+    def hashes(self, node: Node) -> list[int]:
+        """The chained hashes of ``node``'s blocks, computed once on first use."""
+        if node.hashes is None:
+            pending = []
+            n: Node | None = node
+            while n is not None and n.parent is not None and n.hashes is None:
+                pending.append(n)
+                n = n.parent
+            for p in reversed(pending):
+                parent = p.parent
+                assert parent is not None and p.root is not None
+                root = p.root
+                if parent is root:
+                    prev = root_hash(self._hash_fn, root.lora_id, root.salt)
+                else:
+                    assert parent.hashes is not None
+                    prev = parent.hashes[-1]
+                lora = root.lora_id  # type: ignore[attr-defined]
+                p.hashes = chain_hashes(self._hash_fn, prev, p.tokens, self.tpb, lora, p.extras)
+        assert node.hashes is not None
+        return node.hashes
+
+    def parent_hash(self, node: Node) -> int | None:
+        parent = node.parent
+        if parent is None or parent.parent is None:
+            return None
+        return self.hashes(parent)[-1]
+
+    def _emit_stored(self, node: Node) -> None:
+        events = self.events
+        assert events is not None
+        hashes = self.hashes(node)
+        parent_hash = self.parent_hash(node)
+        lora = node.root.lora_id  # type: ignore[union-attr]
+        for h in hashes:
+            events.append(BlockStored(events.next_seq(), h, parent_hash, node.tier, self.tpb, lora))
+            parent_hash = h
+
+    def _emit_removed(self, node: Node) -> None:
+        events = self.events
+        assert events is not None
+        for h in self.hashes(node):
+            events.append(BlockRemoved(events.next_seq(), h, node.tier))
+
+    def _emit_moves(self, node: Node, old: Tier, new: Tier) -> None:
+        events = self.events
+        assert events is not None
+        for h in self.hashes(node):
+            events.append(BlockTierChanged(events.next_seq(), h, old, new))
