@@ -188,6 +188,43 @@ def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
     return head
 
 
+def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
+    """Cut the last ``num_tail_blocks`` blocks of ``node`` into a new child node; return it.
+
+    The mirror of :func:`split` for eviction: the original object keeps the head, trimmed in
+    place, so trimming a long run costs the size of the tail, not of the run. Only for
+    unreferenced runs, which no request's path ends in.
+    """
+    n = node.num_blocks
+    assert 0 < num_tail_blocks < n and node.ref_count == 0, (num_tail_blocks, node)
+    keep = n - num_tail_blocks
+    cut = keep * tokens_per_block
+    tail = Node(
+        node,
+        node.tokens[cut:],
+        node.slots[keep:],
+        node.tier,
+        node.extras[keep:] if node.extras is not None else None,
+        node.start_block + keep,
+        node.root,
+    )
+    tail.priority = node.priority
+    tail.expiry = node.expiry
+    tail.last_used = node.last_used
+    if node.hashes is not None:
+        tail.hashes = node.hashes[keep:]
+        del node.hashes[keep:]
+    tail.children = node.children
+    for child in tail.iter_children():
+        child.parent = tail
+    del node.tokens[cut:]
+    del node.slots[keep:]
+    if node.extras is not None:
+        del node.extras[keep:]
+    node.children = {tail.tokens[0]: [tail]}
+    return tail
+
+
 def subtree(node: Node) -> list[Node]:
     """``node`` and all its descendants, parents before children."""
     out = [node]

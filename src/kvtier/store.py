@@ -18,7 +18,7 @@ from kvtier.eviction import EvictionPolicy, get_policy
 from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
 from kvtier.metrics import CacheStats
 from kvtier.pool import TierPool
-from kvtier.radix import Node, Root, Tier, add_child, remove_child, subtree
+from kvtier.radix import Node, Root, Tier, add_child, cut_tail, remove_child, subtree
 from kvtier.radix import split as split_run
 from kvtier.transfer.plan import OpKind, TransferOp
 
@@ -109,6 +109,13 @@ class BlockStore:
             heapq.heappush(self._expiries, (head.expiry, head.uid, head))
         return head
 
+    def cut_tail(self, node: Node, num_tail_blocks: int) -> Node:
+        """Cut the last blocks of the unreferenced ``node`` into a new child; return it."""
+        tail = cut_tail(node, num_tail_blocks, self.tpb)
+        if tail.expiry is not None:
+            heapq.heappush(self._expiries, (tail.expiry, tail.uid, tail))
+        return tail
+
     # ---- references -----------------------------------------------------------------------
 
     def ref_path(self, node: Node) -> None:
@@ -171,10 +178,8 @@ class BlockStore:
         while num_blocks > 0:
             node = pool.pop_candidate(candidate_key)
             assert node is not None, f"{pool.tier.name}: {num_blocks} blocks short of candidates"
-            victim = node
             take = min(node.num_blocks, num_blocks)
-            if take < node.num_blocks:
-                self.split(node, node.num_blocks - take)  # victim keeps the tail
+            victim = node if take == node.num_blocks else self.cut_tail(node, take)
             num_blocks -= take
             parent = victim.parent
             assert parent is not None
@@ -194,15 +199,10 @@ class BlockStore:
             # Host candidates below the victim are victim's own (host) subtree; they may go.
             num_offload = min(victim.num_blocks, self.host.num_available)
         if num_offload < victim.num_blocks:
-            if num_offload:
-                self.split(victim, num_offload)
-                head = victim.parent
-                assert head is not None
-                self.drop(victim)
-                victim = head
-            else:
+            if not num_offload:
                 self.drop(victim)
                 return
+            self.drop(self.cut_tail(victim, victim.num_blocks - num_offload))
         host_slots = self._allocate_host(num_offload, ops)
         old = victim.slots
         for src, dst in zip(old, host_slots):

@@ -1,0 +1,148 @@
+"""Manager speed on the Mooncake conversation trace: microseconds per admitted block.
+
+The loop (the same one the peers in ``benchmarks/peers`` run): for each request in order,
+build its tokens (hash id ``h`` stands for tokens ``h*512 .. h*512+511``, the last block cut
+to ``input_length``; not timed), then time request creation + lookup + allocation
+(``add_sequence``) and, 16 requests later, its release (``remove_sequence``; full blocks stay
+cached). Prints a table, then one JSON line.
+
+    python benchmarks/bench_manager.py                       # both settings
+    python benchmarks/bench_manager.py --setting small --peers .venv-peers/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+
+REPO = Path(__file__).resolve().parents[1]
+TRACE = Path(os.environ.get("KVTIER_TRACES", REPO.parent / "shared/data/traces")) / (
+    "mooncake_conversation_trace.jsonl"
+)
+SETTINGS = {
+    "small": {"num_requests": 2000, "num_gpu_blocks": 16_384},
+    "full": {"num_requests": None, "num_gpu_blocks": 1_000_000},
+}
+
+
+def mooncake_prompts(path: Path, limit: int | None) -> Iterator[list[int]]:
+    """Token lists of the trace's requests, built one at a time."""
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if limit is not None and i >= limit:
+                return
+            rec = json.loads(line)
+            tokens: list[int] = []
+            for h in rec["hash_ids"]:
+                tokens.extend(range(h * 512, h * 512 + 512))
+            del tokens[rec["input_length"]:]
+            yield tokens
+
+
+def run_kvtier(prompts: Iterator[list[int]], num_gpu_blocks: int, tpb: int,
+               in_flight: int) -> dict[str, object]:
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks))
+    live: deque[str] = deque()
+    seconds = 0.0
+    num_blocks = num_tokens = num_reused = 0
+    clock = time.perf_counter
+    for i, tokens in enumerate(prompts):
+        rid = str(i)
+        t0 = clock()
+        a = mgr.add_sequence(SequenceSpec(rid, tokens))
+        live.append(rid)
+        if len(live) > in_flight:
+            mgr.remove_sequence(live.popleft())
+        seconds += clock() - t0
+        assert a.admitted, a
+        num_blocks += len(a.block_ids)
+        num_tokens += len(tokens)
+        num_reused += a.num_reused_tokens
+    t0 = clock()
+    while live:
+        mgr.remove_sequence(live.popleft())
+    seconds += clock() - t0
+    mgr.check_invariants()
+    return {
+        "name": "kvtier", "version": "0.1.0", "num_requests": i + 1, "num_blocks": num_blocks,
+        "num_prompt_tokens": num_tokens, "num_reused_tokens": num_reused,
+        "hit_rate": num_reused / num_tokens, "seconds": seconds,
+        "us_per_block": seconds / num_blocks * 1e6,
+    }
+
+
+def run_peer(python: str, peer: str, setting: dict[str, int | None], tpb: int,
+             in_flight: int) -> dict[str, object] | None:
+    """Run one peer in its own interpreter (it needs torch); None if it is unavailable."""
+    code = (
+        "import json,sys; sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r});"
+        "from benchmarks.peers import {peer}_peer as p; from bench_manager import mooncake_prompts;"
+        "from pathlib import Path;"
+        "r = p.available();"
+        "print(json.dumps({{'unavailable': r}}) if r else json.dumps(p.run("
+        "mooncake_prompts(Path({trace!r}), {limit!r}), tokens_per_block={tpb},"
+        " num_gpu_blocks={blocks}, in_flight={inf})))"
+    ).format(repo=str(REPO), bench=str(REPO / "benchmarks"), peer=peer, trace=str(TRACE),
+             limit=setting["num_requests"], tpb=tpb, blocks=setting["num_gpu_blocks"],
+             inf=in_flight)
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        print(f"peer {peer} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return None if "unavailable" in result else result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", choices=[*SETTINGS, "both"], default="both")
+    ap.add_argument("--peers", metavar="PYTHON", help="interpreter with vllm/sglang installed")
+    ap.add_argument("--tokens-per-block", type=int, default=32)
+    ap.add_argument("--in-flight", type=int, default=16)
+    args = ap.parse_args()
+    if not TRACE.exists():
+        sys.exit(f"trace not found: {TRACE} (set KVTIER_TRACES)")
+    names = list(SETTINGS) if args.setting == "both" else [args.setting]
+    rows = []
+    for name in names:
+        setting = SETTINGS[name]
+        prompts = mooncake_prompts(TRACE, setting["num_requests"])
+        ours = run_kvtier(prompts, int(setting["num_gpu_blocks"] or 0), args.tokens_per_block,
+                          args.in_flight)
+        ours["setting"] = name
+        rows.append(ours)
+        if args.peers:
+            for peer in ("vllm", "sglang"):
+                r = run_peer(args.peers, peer, setting, args.tokens_per_block, args.in_flight)
+                if r is not None:
+                    r["setting"] = name
+                    r["ratio_vs_kvtier"] = float(r["us_per_block"]) / float(ours["us_per_block"])
+                    rows.append(r)
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; "
+          f"python {platform.python_version()}; trace {TRACE.name}; "
+          f"{args.tokens_per_block}-token blocks, {args.in_flight} in flight")
+    print("features: kvtier reuse on, partial reuse on (copy), events off, xxh3 hashing lazy "
+          "(unused), host tier off, token validation on")
+    print(f"{'setting':8} {'impl':8} {'requests':>9} {'blocks':>10} {'hit rate':>9} "
+          f"{'seconds':>8} {'us/block':>9} {'x kvtier':>9}")
+    for r in rows:
+        ratio = r.get("ratio_vs_kvtier", 1.0)
+        print(f"{r['setting']:8} {r['name']:8} {r['num_requests']:>9} {r['num_blocks']:>10} "
+              f"{r['hit_rate']:>9.4f} {r['seconds']:>8.2f} {r['us_per_block']:>9.3f} "
+              f"{ratio:>9.2f}")
+    print(json.dumps({"benchmark": "bench_manager", "python": platform.python_version(),
+                      "cpus": os.cpu_count(), "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
