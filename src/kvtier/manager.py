@@ -280,6 +280,9 @@ class KVCacheManager:
         if partial.index:
             self._store.split(partial.node, partial.index)
             partial = PartialMatch(partial.node, 0, partial.num_tokens)
+        if partial.node.num_blocks > 1:
+            # Claim the source block alone, not the run behind it.
+            partial = PartialMatch(self._store.split(partial.node, 1), 0, partial.num_tokens)
         assert partial.num_tokens == p.promise.num_partial_tokens
         self._store.ref_path(partial.node)
         return p._replace(partial=partial)

@@ -160,7 +160,7 @@ class BlockStore:
         """
         gpu = self.gpu
         if num_blocks > len(gpu.free):
-            self._evict(gpu, num_blocks - len(gpu.free), ops)
+            self._evict(num_blocks - len(gpu.free), ops)
         gpu.num_referenced += num_blocks
         return gpu.take(num_blocks)
 
@@ -169,41 +169,39 @@ class BlockStore:
         self.gpu.num_referenced -= len(slots)
         self.gpu.give_back(slots)
 
-    def _evict(self, pool: TierPool, num_blocks: int, ops: list[TransferOp]) -> None:
-        """Free ``num_blocks`` slots of ``pool`` from its unreferenced candidates."""
+    def _evict(self, num_blocks: int, ops: list[TransferOp]) -> None:
+        """Free ``num_blocks`` GPU slots from unreferenced runs, tails first."""
         self._expire()
-        candidate_key = (
-            self._gpu_candidate_key if pool.tier is Tier.GPU else self._host_candidate_key
-        )
+        gpu = self.gpu
         while num_blocks > 0:
-            node = pool.pop_candidate(candidate_key)
-            assert node is not None, f"{pool.tier.name}: {num_blocks} blocks short of candidates"
+            node = gpu.pop_candidate(self._gpu_candidate_key)
+            assert node is not None, f"GPU: {num_blocks} blocks short of eviction candidates"
             take = min(node.num_blocks, num_blocks)
             victim = node if take == node.num_blocks else self.cut_tail(node, take)
             num_blocks -= take
             parent = victim.parent
             assert parent is not None
-            if pool.tier is Tier.GPU:
-                self._evict_gpu_run(victim, ops)
-            else:
-                self.drop(victim)
+            self._evict_gpu_run(victim, ops)
             self.refile(parent)
 
     def _evict_gpu_run(self, victim: Node, ops: list[TransferOp]) -> None:
         """Offload the unreferenced GPU run ``victim`` as far as the host takes it; drop the rest.
 
-        The dropped part is the tail, so what stays cached is still a prefix.
+        The host takes a block into a free slot, or in place of a host block that is worth
+        less (a smaller eviction key), never of one worth as much: so the host keeps the most
+        valuable blocks that left the GPU, and one eviction round doesn't churn its own
+        offloads. The dropped part is the tail, so what stays cached is still a prefix.
         """
+        host = self.host
         num_offload = 0
-        if self.host.capacity and self.priority(victim) >= self.config.offload_min_priority:
-            # Host candidates below the victim are victim's own (host) subtree; they may go.
-            num_offload = min(victim.num_blocks, self.host.num_available)
+        if host.capacity and self.priority(victim) >= self.config.offload_min_priority:
+            num_offload = self._make_host_room(victim.num_blocks, self._key(victim))
         if num_offload < victim.num_blocks:
             if not num_offload:
                 self.drop(victim)
                 return
             self.drop(self.cut_tail(victim, victim.num_blocks - num_offload))
-        host_slots = self._allocate_host(num_offload, ops)
+        host_slots = host.take(num_offload)
         old = victim.slots
         for src, dst in zip(old, host_slots):
             ops.append(TransferOp(OpKind.OFFLOAD, Tier.GPU, src, Tier.HOST, dst, self.tpb))
@@ -215,11 +213,25 @@ class BlockStore:
             self._emit_moves(victim, Tier.GPU, Tier.HOST)
         self.refile(victim)
 
-    def _allocate_host(self, num_blocks: int, ops: list[TransferOp]) -> list[int]:
+    def _make_host_room(self, num_blocks: int, key: tuple[int, int]) -> int:
+        """Free up to ``num_blocks`` host slots by dropping host blocks whose key is below
+        ``key``; return how many slots are free for an offload now."""
         host = self.host
-        if num_blocks > len(host.free):
-            self._evict(host, num_blocks - len(host.free), ops)
-        return host.take(num_blocks)
+        while len(host.free) < num_blocks:
+            node = host.pop_candidate(self._host_candidate_key)
+            if node is None:
+                break
+            node_key = self._key(node)
+            if node_key >= key:
+                host.push(node, node_key)
+                break
+            take = min(node.num_blocks, num_blocks - len(host.free))
+            parent = node.parent
+            victim = node if take == node.num_blocks else self.cut_tail(node, take)
+            self.drop(victim)
+            assert parent is not None
+            self.refile(parent if victim is node else node)
+        return min(num_blocks, len(host.free))
 
     def drop(self, node: Node) -> None:
         """Remove the unreferenced run ``node`` and everything below it from the cache."""

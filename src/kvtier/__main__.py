@@ -1,0 +1,5 @@
+"""Run the ``kvtier`` command: ``python -m kvtier``."""
+
+from kvtier.cli import main
+
+raise SystemExit(main())

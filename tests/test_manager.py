@@ -1,0 +1,278 @@
+"""Behaviour of KVCacheManager on small hand-built cases: bad input, growth, release,
+priorities, partial reuse, isolation, events and hashing."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier import (
+    BlockRemoved,
+    BlockStored,
+    BlockTierChanged,
+    CacheConfig,
+    KVCacheManager,
+    MultimodalItem,
+    SequenceSpec,
+    Tier,
+)
+from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_manager(**kw: object) -> KVCacheManager:
+    """A manager with 4-token blocks and 8 GPU blocks unless told otherwise."""
+    clock = kw.pop("clock", None)
+    cfg = {"tokens_per_block": 4, "num_gpu_blocks": 8, **kw}
+    if clock is not None:
+        return KVCacheManager(CacheConfig(**cfg), clock=clock)  # type: ignore[arg-type]
+    return KVCacheManager(CacheConfig(**cfg))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("tokens_per_block", 3, "tokens_per_block must be a power of two"),
+        ("tokens_per_block", 0, "tokens_per_block must be a power of two"),
+        ("num_gpu_blocks", 0, "num_gpu_blocks must be an integer >= 1, got 0"),
+        ("num_host_blocks", -1, "num_host_blocks must be an integer >= 0, got -1"),
+        ("hash_algo", "md5", "hash_algo must be one of"),
+        ("offload_min_priority", 101, "offload_min_priority must be an integer in 0..100"),
+        ("eviction_policy", "fifo", "eviction_policy must be one of"),
+        ("enable_partial_reuse", 1, "enable_partial_reuse must be a bool"),
+    ],
+)
+def test_invalid_config_names_field_and_value(field: str, value: object, message: str) -> None:
+    """Each invalid config field raises ValueError naming the field."""
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"request_id": "", "tokens": [1]}, "request_id must be a non-empty str"),
+        ({"request_id": "r", "tokens": []}, "tokens of 'r' must not be empty"),
+        ({"request_id": "r", "tokens": [1, 2.5]}, "token at index 1 must be an int, got 2.5"),
+        ({"request_id": "r", "tokens": [1, "x", 3]}, "token at index 1 must be an int"),
+        ({"request_id": "r", "tokens": "abc"}, "tokens of 'r' must be a list of ints"),
+        ({"request_id": "r", "tokens": [1], "priority": 101}, "priority must be an integer"),
+        ({"request_id": "r", "tokens": [1], "retention_s": -1}, "retention_s must be a number"),
+        ({"request_id": "r", "tokens": [1], "num_new_tokens": 0}, "num_new_tokens must be"),
+        ({"request_id": "r", "tokens": [1, 2], "mm_items": (MultimodalItem(1, 5, b"i"),)},
+         "runs past the 2 tokens"),
+    ],
+)
+def test_invalid_spec_names_the_problem(kwargs: dict[str, object], message: str) -> None:
+    """A malformed SequenceSpec raises ValueError naming field and value."""
+    with pytest.raises(ValueError, match=message):
+        SequenceSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_duplicate_and_unknown_ids_raise_without_state_change() -> None:
+    """Live or repeated request ids and unknown ids raise; nothing changes."""
+    mgr = make_manager()
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5]))
+    free = mgr.num_free_gpu_blocks
+    with pytest.raises(ValueError, match="'a' .* is already live"):
+        mgr.add_sequence_batch([SequenceSpec("b", [1]), SequenceSpec("a", [2])])
+    with pytest.raises(ValueError, match="'b' appears twice in the batch"):
+        mgr.add_sequence_batch([SequenceSpec("b", [1]), SequenceSpec("b", [2])])
+    with pytest.raises(KeyError, match="unknown request_id 'zz'"):
+        mgr.remove_sequence("zz")
+    with pytest.raises(KeyError, match="unknown request_id 'zz'"):
+        mgr.append_tokens("zz", [1])
+    with pytest.raises(ValueError, match="token at index 0 must be an int"):
+        mgr.append_tokens("a", [None])  # type: ignore[list-item]
+    assert mgr.num_free_gpu_blocks == free and mgr.num_sequences == 1
+    mgr.check_invariants()
+
+
+def test_batch_larger_than_pool_raises_with_numbers() -> None:
+    """A request or a batch that can't fit an empty pool raises, claiming nothing."""
+    mgr = make_manager()
+    with pytest.raises(ValueError, match="needs 9 blocks .* num_gpu_blocks is 8"):
+        mgr.add_sequence(SequenceSpec("big", list(range(33))))
+    with pytest.raises(ValueError, match="batch of 2 requests needs 10 GPU blocks"):
+        mgr.add_sequence_batch([SequenceSpec("x", list(range(20))),
+                                SequenceSpec("y", list(range(100, 120)))])
+    assert mgr.num_sequences == 0 and mgr.num_free_gpu_blocks == 8
+    mgr.check_invariants()
+
+
+def test_shortage_rejects_and_rolls_back_claims() -> None:
+    """A request that doesn't fit now is rejected; its claims are rolled back."""
+    mgr = make_manager()
+    mgr.add_sequence(SequenceSpec("hold", list(range(100, 120))))  # 5 blocks held
+    mgr.add_sequence(SequenceSpec("p", [1, 2, 3, 4, 9]))
+    mgr.remove_sequence("p")  # [1 2 3 4] cached, 3 blocks available
+    ok, no = mgr.add_sequence_batch([SequenceSpec("ok", [1, 2, 3, 4, 5]),
+                                     SequenceSpec("no", [1, 2, 3, 4] + list(range(40, 52)))])
+    assert ok.admitted and (ok.num_reused_tokens, ok.block_ids) == (4, (5, 6))
+    assert not no.admitted and no.block_ids == () and "not enough" in (no.reason or "")
+    assert mgr.stats.num_rejected == 1
+    mgr.check_invariants()
+
+
+def test_append_grows_stores_full_blocks_and_reports_shortage() -> None:
+    """Decode growth allocates as blocks fill, stores them, and returns None on shortage."""
+    mgr = make_manager(num_gpu_blocks=3)
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5]))
+    assert mgr.append_tokens("a", [6, 7, 8]) == []
+    assert mgr.lookup([1, 2, 3, 4, 5, 6, 7, 8, 0]).num_tokens == 8  # early reuse
+    assert mgr.append_tokens("a", [9, 10, 11, 12]) == [2]
+    assert mgr.append_tokens("a", [13]) is None  # needs a 4th block
+    assert mgr.lookup(list(range(1, 13)) + [0]).num_tokens == 12
+    assert mgr.block_table("a") == [0, 1, 2]
+    mgr.check_invariants()
+
+
+def test_release_tail_first_keeps_prefix_longest() -> None:
+    """Released blocks are evicted tail first: the prefix outlives its extensions."""
+    mgr = make_manager(num_gpu_blocks=4)
+    mgr.add_sequence(SequenceSpec("a", list(range(13))))
+    mgr.remove_sequence("a")  # blocks 0..2 cached, 3 free
+    mgr.add_sequence(SequenceSpec("b", [50] * 8))  # needs 2 blocks: the free one, the tail
+    assert mgr.lookup(list(range(13))).num_tokens == 8
+    mgr.check_invariants()
+
+
+def test_priority_then_lru_and_retention_expiry() -> None:
+    """Low priority goes first; a retention that expires falls back to the default."""
+    clock = FakeClock()
+    mgr = make_manager(num_gpu_blocks=3, clock=clock)
+    mgr.add_sequence(SequenceSpec("hi", [1, 1, 1, 1], priority=90, retention_s=10))
+    mgr.remove_sequence("hi")
+    mgr.add_sequence(SequenceSpec("lo", [2, 2, 2, 2], priority=10))
+    mgr.remove_sequence("lo")
+    mgr.add_sequence(SequenceSpec("mid", [3, 3, 3, 3]))
+    mgr.remove_sequence("mid")  # cached: hi(90, until t=10), lo(10), mid(35); 0 free
+    mgr.add_sequence(SequenceSpec("x", [7, 7, 7]))
+    mgr.remove_sequence("x", store_for_reuse=False)  # 1 free
+    assert mgr.lookup([2, 2, 2, 2, 0]).num_tokens == 0  # priority 10 went first
+    assert mgr.lookup([1, 1, 1, 1, 0]).num_tokens == 4
+    clock.now = 11.0  # hi's retention is over: 35, and older than mid
+    mgr.add_sequence(SequenceSpec("y", [8] * 5))  # the free block and one eviction
+    assert mgr.lookup([1, 1, 1, 1, 0]).num_tokens == 0
+    assert mgr.lookup([3, 3, 3, 3, 0]).num_tokens == 4
+    mgr.check_invariants()
+
+
+def test_partial_reuse_in_place_takes_the_leaf_block() -> None:
+    """An unreferenced leaf block is reused in place: no copy, it leaves the tree."""
+    mgr = make_manager(enable_partial_reuse=True)
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5, 6, 7, 8, 0]))
+    mgr.remove_sequence("a")  # [1 2 3 4](0) -> [5 6 7 8](1)
+    assert mgr.lookup([1, 2, 3, 4, 5, 6, 9, 9]).num_tokens == 6
+    b = mgr.add_sequence(SequenceSpec("b", [1, 2, 3, 4, 5, 6, 9, 9]))
+    assert (b.num_reused_tokens, b.block_ids) == (6, (0, 1))
+    assert mgr.stats.num_partial_in_place == 1 and mgr.stats.num_partial_copies == 0
+    assert mgr.lookup([1, 2, 3, 4, 5, 6, 7, 8, 0]).num_tokens == 6  # old block is gone
+    mgr.check_invariants()
+
+
+def test_partial_reuse_without_copy_skips_shared_source() -> None:
+    """With copy off, a referenced source gives no partial reuse, and lookup agrees."""
+    mgr = make_manager(enable_partial_reuse=True, copy_on_partial_reuse=False)
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5, 6, 7, 8, 0]))
+    m = mgr.lookup([1, 2, 3, 4, 5, 6, 9, 9])
+    assert (m.num_tokens, m.num_partial_tokens) == (4, 0)
+    b = mgr.add_sequence(SequenceSpec("b", [1, 2, 3, 4, 5, 6, 9, 9]))
+    assert b.num_reused_tokens == 4
+    mgr.check_invariants()
+
+
+def test_only_len_minus_one_tokens_are_reusable() -> None:
+    """The last prompt token is always computed, even when all are cached."""
+    mgr = make_manager(enable_partial_reuse=False)
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5, 6, 7, 8]))
+    mgr.remove_sequence("a")
+    assert mgr.lookup([1, 2, 3, 4, 5, 6, 7, 8]).num_tokens == 4
+    assert mgr.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9]).num_tokens == 8
+
+
+def test_salt_lora_and_multimodal_isolate_blocks() -> None:
+    """Equal tokens under another salt, LoRA id or image never share a block."""
+    mgr = make_manager(num_gpu_blocks=16)
+    toks = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    img = (MultimodalItem(4, 2, b"cat"),)
+    mgr.add_sequence(SequenceSpec("a", toks, salt="tenant-a", lora_id=3, mm_items=img))
+    mgr.remove_sequence("a")
+    assert mgr.lookup(toks, salt="tenant-a", lora_id=3, mm_items=img).num_tokens == 8
+    assert mgr.lookup(toks, salt="tenant-b", lora_id=3, mm_items=img).num_tokens == 0
+    assert mgr.lookup(toks, salt="tenant-a", lora_id=4, mm_items=img).num_tokens == 0
+    assert mgr.lookup(toks, salt="tenant-a", lora_id=3).num_tokens == 4  # image in block 1
+    other = (MultimodalItem(4, 2, b"dog"),)
+    assert mgr.lookup(toks, salt="tenant-a", lora_id=3, mm_items=other).num_tokens == 4
+
+
+def test_events_follow_store_offload_onboard_and_removal() -> None:
+    """Events carry chained hashes and tiers in order, with gapless sequence numbers."""
+    mgr = make_manager(num_gpu_blocks=2, num_host_blocks=1, enable_events=True)
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 0]))
+    mgr.remove_sequence("a")
+    mgr.add_sequence(SequenceSpec("b", [5, 5, 5, 5, 5, 5]))  # pushes [1 2 3 4] to host
+    mgr.remove_sequence("b")
+    mgr.add_sequence(SequenceSpec("c", [1, 2, 3, 4, 7]))  # onboards it
+    events = mgr.drain_events()
+    assert [e.seq for e in events] == list(range(len(events)))
+    h = get_hash_fn("xxh3_128")
+    h_a = chain_hashes(h, root_hash(h, None, None), [1, 2, 3, 4], 4, None)[0]
+    h_b = chain_hashes(h, root_hash(h, None, None), [5, 5, 5, 5], 4, None)[0]
+    kinds = [(type(e).__name__, e.block_hash) for e in events]
+    # c onboards a into the free slot, then evicts b into the host slot a left.
+    assert kinds == [("BlockStored", h_a), ("BlockTierChanged", h_a), ("BlockStored", h_b),
+                     ("BlockTierChanged", h_a), ("BlockTierChanged", h_b)]
+    assert isinstance(events[0], BlockStored) and events[0].parent_hash is None
+    assert isinstance(events[1], BlockTierChanged) and events[1].new_tier is Tier.HOST
+    assert isinstance(events[3], BlockTierChanged) and events[3].new_tier is Tier.GPU
+    mgr.remove_sequence("c")
+    mgr.add_sequence(SequenceSpec("d", [6] * 8))  # a, used later than b, displaces b on host
+    removed = [e for e in mgr.drain_events() if isinstance(e, BlockRemoved)]
+    assert [(e.block_hash, e.tier) for e in removed] == [(h_b, Tier.HOST)]
+    assert mgr.drain_events() == []
+
+
+def test_sha256_hashes_are_reproducible() -> None:
+    """sha256 chained hashes are fixed values, equal across processes and machines."""
+    h = get_hash_fn("sha256")
+    hashes = chain_hashes(h, root_hash(h, None, "s"), [1, 2, 3, 4, 5, 6, 7, 8], 4, None)
+    assert len(hashes) == 2 and hashes[0] != hashes[1]
+    assert hashes == chain_hashes(h, root_hash(h, None, "s"), [1, 2, 3, 4, 5, 6, 7, 8], 4, None)
+    assert root_hash(h, None, "s") != root_hash(h, None, "t")
+    assert hex(hashes[0]) == hex(hashes[0] & ((1 << 128) - 1))
+
+
+def test_reset_cache_drops_everything_when_idle() -> None:
+    """reset_cache refuses while requests are live, then clears every tier."""
+    mgr = make_manager(enable_events=True)
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5]))
+    assert not mgr.reset_cache()
+    mgr.remove_sequence("a")
+    assert mgr.reset_cache()
+    assert mgr.lookup([1, 2, 3, 4, 5]).num_tokens == 0 and mgr.num_free_gpu_blocks == 8
+    assert type(mgr.drain_events()[-1]).__name__ == "AllBlocksCleared"
+    mgr.check_invariants()
+
+
+def test_chunked_prefill_stores_only_scheduled_blocks() -> None:
+    """Blocks become reusable only once a prefill chunk schedules them."""
+    mgr = make_manager()
+    toks = list(range(1, 14))
+    mgr.add_sequence(SequenceSpec("a", toks, num_new_tokens=5))
+    assert mgr.lookup(toks + [0]).num_tokens == 4
+    mgr.schedule_prefill("a", 6)
+    assert mgr.lookup(toks + [0]).num_tokens == 8
+    with pytest.raises(ValueError, match="'a' has 2 unscheduled prompt tokens, asked 3"):
+        mgr.schedule_prefill("a", 3)
+    with pytest.raises(ValueError, match="unscheduled prompt tokens; append only after"):
+        mgr.append_tokens("a", [1])
+    mgr.schedule_prefill("a", 2)
+    assert mgr.lookup(toks + [0]).num_tokens == 12
+    mgr.check_invariants()
