@@ -80,7 +80,7 @@ def test_duplicate_and_unknown_ids_raise_without_state_change() -> None:
     mgr = make_manager()
     mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5]))
     free = mgr.num_free_gpu_blocks
-    with pytest.raises(ValueError, match="'a' .* is already live"):
+    with pytest.raises(ValueError, match=r"'a' .* is already live"):
         mgr.add_sequence_batch([SequenceSpec("b", [1]), SequenceSpec("a", [2])])
     with pytest.raises(ValueError, match="'b' appears twice in the batch"):
         mgr.add_sequence_batch([SequenceSpec("b", [1]), SequenceSpec("b", [2])])
@@ -97,7 +97,7 @@ def test_duplicate_and_unknown_ids_raise_without_state_change() -> None:
 def test_batch_larger_than_pool_raises_with_numbers() -> None:
     """A request or a batch that can't fit an empty pool raises, claiming nothing."""
     mgr = make_manager()
-    with pytest.raises(ValueError, match="needs 9 blocks .* num_gpu_blocks is 8"):
+    with pytest.raises(ValueError, match=r"needs 9 blocks .* num_gpu_blocks is 8"):
         mgr.add_sequence(SequenceSpec("big", list(range(33))))
     with pytest.raises(ValueError, match="batch of 2 requests needs 10 GPU blocks"):
         mgr.add_sequence_batch([SequenceSpec("x", list(range(20))),

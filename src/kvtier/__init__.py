@@ -6,7 +6,13 @@ from kvtier.manager import Admission, KVCacheManager, PrefixMatch
 from kvtier.metrics import CacheStats, TierStats
 from kvtier.radix import Tier
 from kvtier.sequence import MultimodalItem, SequenceSpec
-from kvtier.transfer import OpKind, RecordingTransferEngine, TransferEngine, TransferOp, TransferPlan
+from kvtier.transfer import (
+    OpKind,
+    RecordingTransferEngine,
+    TransferEngine,
+    TransferOp,
+    TransferPlan,
+)
 
 __version__ = "0.1.0"
 

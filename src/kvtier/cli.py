@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("trace", metavar="TRACE", nargs="?", type=Path,
                         help="a .jsonl (Mooncake) or .csv (Azure) trace; default: synthetic chat")
-    replay.add_argument("--limit", metavar="N", type=int,
+    replay.add_argument("--limit", metavar="N", type=_int_at_least(0),
                         help="replay only the first N requests")
     replay.add_argument("--seed", type=int, default=0,
                         help="seed of the synthetic workload and of Azure prefixes (default: 0)")
-    replay.add_argument("--in-flight", metavar="N", type=int, default=16,
+    replay.add_argument("--in-flight", metavar="N", type=_int_at_least(1), default=16,
                         help="requests live at once (default: 16)")
     replay.add_argument("--tokens-per-block", metavar="N", type=int, default=32,
                         help="tokens per KV block, a power of two (default: 32)")
@@ -86,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -102,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvtier: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # NOTE: the reader left (``kvtier replay | head``); point stdout at devnull so the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 # ---- replay ------------------------------------------------------------------------------
@@ -145,8 +166,6 @@ def _make_config(args: argparse.Namespace) -> CacheConfig:
 
 
 def _make_workload(args: argparse.Namespace, config: CacheConfig) -> Workload:
-    if args.limit is not None and args.limit < 0:
-        raise CLIError(f"--limit must be an integer >= 0, got {args.limit}")
     path: Path | None = args.trace
     try:
         if path is None:
@@ -163,7 +182,7 @@ def _make_workload(args: argparse.Namespace, config: CacheConfig) -> Workload:
     except OSError as exc:
         raise CLIError(f"cannot read trace {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise CLIError(f"invalid option: {exc}") from None
+        raise CLIError(f"invalid option for trace {path}: {exc}") from None
     raise CLIError(f"TRACE must be a .jsonl (Mooncake) or .csv (Azure) file, got {str(path)!r}")
 
 
@@ -206,17 +225,21 @@ def format_replay(report: ReplayReport) -> list[str]:
         for kind, t in report.transfers.items()
     )
     us = report.manager_us_per_block
+    source = [str(workload.get("kind", "workload"))]
+    for key in ("path", "seed"):
+        if key in workload:
+            source.append(f"{key} {workload[key]}")
     rows = [
-        ("workload", f"{workload.get('name')} ({workload.get('kind')})"),
-        ("config", f"{config['tokens_per_block']} tokens/block, "
-                   f"{config['num_gpu_blocks']:,} GPU + {config['num_host_blocks']:,} host "
-                   f"blocks, partial reuse {partial}, offload at priority >= "
-                   f"{config['offload_min_priority']}, {config['hash_algo']}"),
+        ("workload", f"{workload.get('name')} ({', '.join(source)})"),
+        ("cache", f"{config['tokens_per_block']} tokens/block, {config['num_gpu_blocks']:,} GPU "
+                  f"+ {config['num_host_blocks']:,} host blocks, {config['hash_algo']}"),
+        ("policy", f"partial reuse {partial}, offload at priority >= "
+                   f"{config['offload_min_priority']}"),
         ("requests", f"{report.num_requests:,} ({report.in_flight} in flight, "
                      f"{report.num_early_releases:,} released early)"),
         ("prompt tokens", f"{report.num_prompt_tokens:,} ({report.num_reused_tokens:,} reused)"),
-        ("hit rate", f"{report.token_hit_rate:.4f} of tokens | GPU {gpu['hit_rate']:.4f} | "
-                     f"host {host['hit_rate']:.4f} of blocks"),
+        ("hit rate", f"{report.token_hit_rate:.4f} of tokens; of blocks: GPU "
+                     f"{gpu['hit_rate']:.4f}, host {host['hit_rate']:.4f}"),
         ("blocks", f"onboarded {host['onboarded_blocks']:,} | offloaded "
                    f"{gpu['offloaded_blocks']:,} | evicted GPU {gpu['evicted_blocks']:,}, "
                    f"host {host['evicted_blocks']:,}"),

@@ -51,4 +51,6 @@ def get_policy(name: str) -> EvictionPolicy:
     try:
         return POLICIES[name]()
     except KeyError:
-        raise ValueError(f"eviction_policy must be one of {sorted(POLICIES)}, got {name!r}") from None
+        raise ValueError(
+            f"eviction_policy must be one of {sorted(POLICIES)}, got {name!r}"
+        ) from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from kvtier.radix import Node, Tier, path_to_root, subtree
+from kvtier.radix import Node, Tier, block_key, path_to_root, subtree
 
 if TYPE_CHECKING:
     from kvtier.manager import KVCacheManager
@@ -40,7 +40,7 @@ def check_manager(mgr: KVCacheManager) -> None:
     for node in nodes:
         parent = node.parent
         assert parent is not None, f"{node} is in the tree but marked dropped"
-        assert node in parent.children.get(node.tokens[0], []), f"{node} not under its parent"
+        assert parent.children.get(node.key) is node, f"{node} not under its parent"
         assert node.num_blocks >= 1 and len(node.tokens) == node.num_blocks * tpb, node
         assert node.start_block == parent.start_block + parent.num_blocks, node
         assert node.root is parent.root, node
@@ -53,9 +53,8 @@ def check_manager(mgr: KVCacheManager) -> None:
             assert parent.ref_count >= node.ref_count, f"{node} outranks its parent in refs"
         for slot in node.slots:
             own(node.tier, slot, f"node {node.uid}")
-        firsts = [(c.tokens[:tpb], c.extras[0] if c.extras else None)
-                  for c in node.iter_children()]
-        assert len(firsts) == len({(tuple(t), e) for t, e in firsts}), f"twin children of {node}"
+        assert node.key == block_key(node.tokens, 0, tpb,
+                                     node.extras[0] if node.extras else None), f"{node} key"
 
     # The live sequences: refs, block tables, private blocks.
     expected_refs: Counter[int] = Counter()

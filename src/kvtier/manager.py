@@ -157,7 +157,7 @@ class KVCacheManager:
     ) -> PrefixMatch:
         """The reuse a request with these tokens would get if admitted now. Pure query."""
         check_tokens(tokens, "tokens")
-        root = self._store.root(lora_id, salt, create=False)
+        root = self._store.root(lora_id, salt)
         if root is None:
             return PrefixMatch(0, 0, 0, 0)
         m = self._match(root, tokens, _block_extras(mm_items, len(tokens), self._tpb))
@@ -174,7 +174,7 @@ class KVCacheManager:
             return None
         node = partial.node
         if (node.tier is Tier.GPU and not node.ref_count and not node.children
-                and partial.index == node.num_blocks - 1):
+                and partial.block_index == node.num_blocks - 1):
             return "in_place"
         return "copy" if self.config.copy_on_partial_reuse else None
 
@@ -210,7 +210,7 @@ class KVCacheManager:
         self._check_batch(specs)
         store = self._store
         tpb = self._tpb
-        roots = [store.root(s.lora_id, s.salt, create=True) for s in specs]
+        roots = [store.new_root(s.lora_id, s.salt) for s in specs]
         extras_of = [_block_extras(s.mm_items, len(s.tokens), tpb) for s in specs]
         # The promises, on the untouched tree: exactly what lookup() reports.
         matches = [self._match(r, s.tokens, e) for r, s, e in zip(roots, specs, extras_of)]
@@ -277,8 +277,8 @@ class KVCacheManager:
         m = match(p.seq.root, tokens, len(tokens) - 1, tpb, p.seq.extras, True)
         assert m.num_blocks == p.seq.num_path_blocks and m.partial is not None, (m, p)
         partial = m.partial
-        if partial.index:
-            self._store.split(partial.node, partial.index)
+        if partial.block_index:
+            self._store.split(partial.node, partial.block_index)
             partial = PartialMatch(partial.node, 0, partial.num_tokens)
         if partial.node.num_blocks > 1:
             # Claim the source block alone, not the run behind it.

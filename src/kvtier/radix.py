@@ -32,6 +32,15 @@ class Tier(IntEnum):
 
 _uids = itertools.count(1)
 
+BlockKey = tuple[object, ...]
+
+
+def block_key(tokens: list[int], start: int, tokens_per_block: int, extra: object) -> BlockKey:
+    """The key of the block at ``tokens[start:]`` among its siblings: its tokens, plus its
+    multimodal extra key when it has one. Siblings never share a key."""
+    key = tuple(tokens[start : start + tokens_per_block])
+    return key if extra is None else (*key, extra)
+
 
 class Node:
     """A run of cached blocks; ``tier`` and ``slots`` say where their KV lives."""
@@ -41,6 +50,7 @@ class Node:
         "expiry",
         "extras",
         "hashes",
+        "key",
         "last_used",
         "parent",
         "priority",
@@ -64,11 +74,13 @@ class Node:
         root: Root | None,
     ) -> None:
         self.parent = parent
-        self.children: dict[int, list[Node]] = {}
+        self.children: dict[BlockKey, Node] = {}
         self.tokens = tokens
         self.slots = slots
         self.tier = tier
         self.extras = extras
+        self.key: BlockKey = block_key(tokens, 0, len(tokens) // max(len(slots), 1),
+                                       extras[0] if extras else None) if slots else ()
         self.start_block = start_block
         self.root = root
         self.ref_count = 0
@@ -86,11 +98,10 @@ class Node:
         return not self.children
 
     def iter_children(self) -> Iterator[Node]:
-        for bucket in self.children.values():
-            yield from bucket
+        return iter(self.children.values())
 
     def has_child_in(self, tier: Tier) -> bool:
-        return any(c.tier is tier for bucket in self.children.values() for c in bucket)
+        return any(c.tier is tier for c in self.children.values())
 
     def __repr__(self) -> str:
         return (
@@ -112,10 +123,10 @@ class Root(Node):
 
 
 class PartialMatch(NamedTuple):
-    """``num_tokens`` leading tokens of block ``index`` of ``node`` match the request."""
+    """``num_tokens`` leading tokens of block ``block_index`` of ``node`` match the request."""
 
     node: Node
-    index: int
+    block_index: int
     num_tokens: int
 
 
@@ -133,21 +144,11 @@ class Match(NamedTuple):
 
 
 def add_child(parent: Node, child: Node) -> None:
-    key = child.tokens[0]
-    bucket = parent.children.get(key)
-    if bucket is None:
-        parent.children[key] = [child]
-    else:
-        bucket.append(child)
+    parent.children[child.key] = child
 
 
 def remove_child(parent: Node, child: Node) -> None:
-    key = child.tokens[0]
-    bucket = parent.children[key]
-    if len(bucket) == 1:
-        del parent.children[key]
-    else:
-        bucket.remove(child)
+    del parent.children[child.key]
 
 
 def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
@@ -176,15 +177,16 @@ def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
     if node.hashes is not None:
         head.hashes = node.hashes[:num_head_blocks]
         node.hashes = node.hashes[num_head_blocks:]
-    bucket = parent.children[node.tokens[0]]
-    bucket[bucket.index(node)] = head
+    parent.children[node.key] = head
     node.parent = head
     node.tokens = node.tokens[cut:]
     node.slots = node.slots[num_head_blocks:]
     if node.extras is not None:
         node.extras = node.extras[num_head_blocks:]
     node.start_block += num_head_blocks
-    head.children[node.tokens[0]] = [node]
+    node.key = block_key(node.tokens, 0, tokens_per_block,
+                         node.extras[0] if node.extras is not None else None)
+    head.children[node.key] = node
     return head
 
 
@@ -221,7 +223,7 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
     del node.slots[keep:]
     if node.extras is not None:
         del node.extras[keep:]
-    node.children = {tail.tokens[0]: [tail]}
+    node.children = {tail.key: tail}
     return tail
 
 
@@ -308,33 +310,27 @@ def match(
     node: Node = root
     pos = 0
     while pos < limit:
-        bucket = node.children.get(tokens[pos])
-        if bucket is None:
+        b = pos // tpb
+        child = node.children.get(
+            block_key(tokens, pos, tpb, req_extras[b] if req_extras is not None else None))
+        if child is None:
             break
-        best: Node | None = None
-        best_blocks = 0
-        for child in bucket:
-            ntoks = child.tokens
-            end = pos + len(ntoks)
-            if end <= limit and ntoks == tokens[pos:end] and (
-                (child.extras is None and req_extras is None)
-                or _extras_equal(child, req_extras, pos // tpb, child.num_blocks)
-            ):
-                best, best_blocks = child, child.num_blocks
-                break
-            k = _num_common_blocks(
-                child, tokens, pos, min(len(ntoks), limit - pos) // tpb, tpb, req_extras
-            )
-            if k > best_blocks:
-                best, best_blocks = child, k
-        if best is None:
-            break
-        pos += best_blocks * tpb
-        if best_blocks == best.num_blocks:
-            path.append(best)
-            node = best
+        ntoks = child.tokens
+        end = pos + len(ntoks)
+        if end <= limit and ntoks == tokens[pos:end] and (
+            (child.extras is None and req_extras is None)
+            or _extras_equal(child, req_extras, b, child.num_blocks)
+        ):
+            num_blocks = child.num_blocks
         else:
-            tail = (best, best_blocks)
+            num_blocks = _num_common_blocks(
+                child, tokens, pos, min(len(ntoks), limit - pos) // tpb, tpb, req_extras)
+        pos += num_blocks * tpb
+        if num_blocks == child.num_blocks:
+            path.append(child)
+            node = child
+        else:
+            tail = (child, num_blocks)
             break
     partial = None
     if find_partial and pos < num_reusable_tokens:
@@ -355,7 +351,8 @@ def _find_partial(
     if tail is not None:
         candidates = [(tail[0], tail[1])]
     else:
-        candidates = [(c, 0) for c in node.children.get(want[0], ())]
+        first = want[0]
+        candidates = [(c, 0) for key, c in node.children.items() if key[0] == first]
     best: PartialMatch | None = None
     for cand, index in candidates:
         start = index * tpb

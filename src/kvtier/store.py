@@ -50,11 +50,15 @@ class BlockStore:
     def pool(self, tier: Tier) -> TierPool:
         return self.gpu if tier is Tier.GPU else self.host
 
-    def root(self, lora_id: object, salt: object, create: bool) -> Root | None:
-        key = (lora_id, salt)
-        root = self.roots.get(key)
-        if root is None and create:
-            root = self.roots[key] = Root(lora_id, salt)
+    def root(self, lora_id: object, salt: object) -> Root | None:
+        """The root of this key space, if any block was ever stored under it. Pure."""
+        return self.roots.get((lora_id, salt))
+
+    def new_root(self, lora_id: object, salt: object) -> Root:
+        """The root of this key space, created empty if new."""
+        root = self.roots.get((lora_id, salt))
+        if root is None:
+            root = self.roots[(lora_id, salt)] = Root(lora_id, salt)
         return root
 
     def _key(self, node: Node) -> tuple[int, int]:
@@ -278,16 +282,11 @@ class BlockStore:
         first block (another request stored this content first); the caller keeps its blocks
         private. The slots are referenced before and after, so the pool's books don't change.
         """
-        tpb = self.tpb
-        for sibling in parent.children.get(tokens[0], ()):
-            if sibling.tokens[:tpb] == tokens[:tpb] and (
-                (sibling.extras[0] if sibling.extras is not None else None)
-                == (extras[0] if extras is not None else None)
-            ):
-                self.stats.num_duplicate_stores += 1
-                return None
         start = parent.start_block + parent.num_blocks
         node = Node(parent, tokens, slots, Tier.GPU, extras, start, parent.root)
+        if node.key in parent.children:
+            self.stats.num_duplicate_stores += 1
+            return None
         node.ref_count = 1
         add_child(parent, node)
         if self.events is not None:
@@ -328,7 +327,7 @@ class BlockStore:
                 else:
                     assert parent.hashes is not None
                     prev = parent.hashes[-1]
-                lora = root.lora_id  # type: ignore[attr-defined]
+                lora = root.lora_id
                 p.hashes = chain_hashes(self._hash_fn, prev, p.tokens, self.tpb, lora, p.extras)
         assert node.hashes is not None
         return node.hashes
@@ -344,7 +343,9 @@ class BlockStore:
         assert events is not None
         hashes = self.hashes(node)
         parent_hash = self.parent_hash(node)
-        lora = node.root.lora_id  # type: ignore[union-attr]
+        assert node.root is not None
+        lora = node.root.lora_id
+        assert lora is None or isinstance(lora, int)
         for h in hashes:
             events.append(BlockStored(events.next_seq(), h, parent_hash, node.tier, self.tpb, lora))
             parent_hash = h
