@@ -53,6 +53,10 @@ def check_manager(mgr: KVCacheManager) -> None:
             assert parent.ref_count >= node.ref_count, f"{node} outranks its parent in refs"
         for slot in node.slots:
             own(node.tier, slot, f"node {node.uid}")
+        by_first = sorted(c.uid for bucket in node.by_first.values() for c in bucket)
+        assert by_first == sorted(c.uid for c in node.iter_children()), f"{node} by_first"
+        for first, bucket in node.by_first.items():
+            assert all(c.tokens[0] == first for c in bucket), f"{node} by_first key"
         assert node.key == block_key(node.tokens, 0, tpb,
                                      node.extras[0] if node.extras else None), f"{node} key"
 

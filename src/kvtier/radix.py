@@ -46,6 +46,7 @@ class Node:
     """A run of cached blocks; ``tier`` and ``slots`` say where their KV lives."""
 
     __slots__ = (
+        "by_first",
         "children",
         "expiry",
         "extras",
@@ -75,6 +76,8 @@ class Node:
     ) -> None:
         self.parent = parent
         self.children: dict[BlockKey, Node] = {}
+        # The children again, by first token: the candidates of a partial match.
+        self.by_first: dict[int, list[Node]] = {}
         self.tokens = tokens
         self.slots = slots
         self.tier = tier
@@ -145,10 +148,17 @@ class Match(NamedTuple):
 
 def add_child(parent: Node, child: Node) -> None:
     parent.children[child.key] = child
+    parent.by_first.setdefault(child.tokens[0], []).append(child)
 
 
 def remove_child(parent: Node, child: Node) -> None:
     del parent.children[child.key]
+    first = child.tokens[0]
+    bucket = parent.by_first[first]
+    if len(bucket) == 1:
+        del parent.by_first[first]
+    else:
+        bucket.remove(child)
 
 
 def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
@@ -178,6 +188,8 @@ def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
         head.hashes = node.hashes[:num_head_blocks]
         node.hashes = node.hashes[num_head_blocks:]
     parent.children[node.key] = head
+    bucket = parent.by_first[node.tokens[0]]
+    bucket[bucket.index(node)] = head
     node.parent = head
     node.tokens = node.tokens[cut:]
     node.slots = node.slots[num_head_blocks:]
@@ -187,6 +199,7 @@ def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
     node.key = block_key(node.tokens, 0, tokens_per_block,
                          node.extras[0] if node.extras is not None else None)
     head.children[node.key] = node
+    head.by_first[node.tokens[0]] = [node]
     return head
 
 
@@ -217,6 +230,7 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
         tail.hashes = node.hashes[keep:]
         del node.hashes[keep:]
     tail.children = node.children
+    tail.by_first = node.by_first
     for child in tail.iter_children():
         child.parent = tail
     del node.tokens[cut:]
@@ -224,6 +238,7 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
     if node.extras is not None:
         del node.extras[keep:]
     node.children = {tail.key: tail}
+    node.by_first = {tail.tokens[0]: [tail]}
     return tail
 
 
@@ -245,16 +260,16 @@ def path_to_root(node: Node) -> Iterator[Node]:
 
 
 def _extras_equal(
-    node: Node, req_extras: list[object] | None, first_block: int, num_blocks: int
+    node: Node, req_extras: list[object] | None, first_block: int, a: int, b: int
 ) -> bool:
-    if node.extras is None and req_extras is None:
-        return True
-    ours = node.extras[:num_blocks] if node.extras is not None else [None] * num_blocks
+    """Whether blocks ``a..b`` of ``node`` carry the extra keys of the request's blocks
+    ``first_block + a .. first_block + b``."""
+    ours = node.extras[a:b] if node.extras is not None else [None] * (b - a)
     if req_extras is None:
-        theirs: list[object] = [None] * num_blocks
+        theirs: list[object] = [None] * (b - a)
     else:
-        theirs = req_extras[first_block : first_block + num_blocks]
-        theirs += [None] * (num_blocks - len(theirs))
+        theirs = req_extras[first_block + a : first_block + b]
+        theirs += [None] * (b - a - len(theirs))
     return ours == theirs
 
 
@@ -266,25 +281,36 @@ def _num_common_blocks(
     tokens_per_block: int,
     req_extras: list[object] | None,
 ) -> int:
-    """How many leading blocks of ``node`` equal the request's blocks from token ``pos``."""
-    ntoks = node.tokens
-    first_block = pos // tokens_per_block
+    """How many leading blocks of ``node`` equal the request's blocks from token ``pos``.
 
-    def equal(k: int) -> bool:
-        n = k * tokens_per_block
-        return ntoks[:n] == tokens[pos : pos + n] and _extras_equal(
-            node, req_extras, first_block, k
+    The caller found ``node`` by its first block, so block 0 is equal. Gallops (1, 2, 4, ...
+    blocks) to bracket the first unequal block, then bisects; each comparison covers only
+    blocks not yet known equal, so the cost follows the matched length, not the run's.
+    """
+    ntoks = node.tokens
+    tpb = tokens_per_block
+    first_block = pos // tpb
+
+    def equal(a: int, b: int) -> bool:
+        return ntoks[a * tpb : b * tpb] == tokens[pos + a * tpb : pos + b * tpb] and (
+            (node.extras is None and req_extras is None)
+            or _extras_equal(node, req_extras, first_block, a, b)
         )
 
-    if equal(max_blocks):
+    lo, step = 1, 1  # blocks [0, lo) are equal
+    while lo < max_blocks:
+        hi = min(max_blocks, lo + step)
+        if not equal(lo, hi):
+            break
+        lo, step = hi, step * 2
+    else:
         return max_blocks
-    lo, hi = 0, max_blocks - 1  # equal(lo) holds, the answer is at most hi
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if equal(mid):
+    while hi - lo > 1:  # blocks [lo, hi) hold the first unequal one
+        mid = (lo + hi) // 2
+        if equal(lo, mid):
             lo = mid
         else:
-            hi = mid - 1
+            hi = mid
     return lo
 
 
@@ -319,7 +345,7 @@ def match(
         end = pos + len(ntoks)
         if end <= limit and ntoks == tokens[pos:end] and (
             (child.extras is None and req_extras is None)
-            or _extras_equal(child, req_extras, b, child.num_blocks)
+            or _extras_equal(child, req_extras, b, 0, child.num_blocks)
         ):
             num_blocks = child.num_blocks
         else:
@@ -351,8 +377,7 @@ def _find_partial(
     if tail is not None:
         candidates = [(tail[0], tail[1])]
     else:
-        first = want[0]
-        candidates = [(c, 0) for key, c in node.children.items() if key[0] == first]
+        candidates = [(c, 0) for c in node.by_first.get(want[0], ())]
     best: PartialMatch | None = None
     for cand, index in candidates:
         start = index * tpb
