@@ -78,6 +78,10 @@ def check_manager(mgr: KVCacheManager) -> None:
             own(Tier.GPU, slot, f"private block of {rid}")
         num_private += len(table) - n_path
         assert seq.num_scheduled_tokens <= len(seq.tokens), rid
+    num_reserved = sum(seq.num_reserved for seq in mgr._seqs.values())
+    assert mgr._num_reserved == num_reserved, f"reserved {mgr._num_reserved} != {num_reserved}"
+    assert 0 <= num_reserved <= store.gpu.num_available, (
+        f"{num_reserved} blocks reserved, only {store.gpu.num_available} available")
     for node in nodes:
         assert node.ref_count == expected_refs[node.uid], (
             f"{node}: ref_count {node.ref_count}, live requests hold {expected_refs[node.uid]}")

@@ -60,6 +60,7 @@ class _Seq:
         "can_store",
         "extras",
         "last_node",
+        "num_reserved",
         "num_scheduled_tokens",
         "owns_tokens",
         "priority",
@@ -78,6 +79,7 @@ class _Seq:
         self.extras = extras
         self.priority = priority
         self.retention_s = spec.retention_s
+        self.num_reserved = 0
         self.last_node: Node = root
         self.block_table: list[int] = []
         self.num_scheduled_tokens = 0
@@ -124,6 +126,9 @@ class KVCacheManager:
         self._store = BlockStore(config, clock, policy)
         self._seqs: dict[str, _Seq] = {}
         self._tpb = config.tokens_per_block
+        self._num_reserved = 0
+        self._version = 0
+        self._deferred: dict[str, _Seq] | None = None
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -133,8 +138,19 @@ class KVCacheManager:
 
     @property
     def num_free_gpu_blocks(self) -> int:
-        """GPU blocks an allocation can take now: free plus evictable. Pure."""
-        return self._store.gpu.num_available
+        """GPU blocks a new request can take now: free plus evictable, less what live
+        requests have reserved for their growth. Pure."""
+        return self._store.gpu.num_available - self._num_reserved
+
+    @property
+    def num_reserved_gpu_blocks(self) -> int:
+        return self._num_reserved
+
+    @property
+    def version(self) -> int:
+        """Changes whenever a mutating call may have changed what ``lookup`` answers; a
+        caller can keep a lookup while the version stays the same. Pure."""
+        return self._version
 
     @property
     def num_free_host_blocks(self) -> int:
@@ -208,6 +224,7 @@ class KVCacheManager:
         spec, in order. Raises ValueError, changing nothing, on a duplicate or live request
         id, or a batch that could not fit even in an empty GPU pool."""
         self._check_batch(specs)
+        self._version += 1
         store = self._store
         tpb = self._tpb
         roots = [store.new_root(s.lora_id, s.salt) for s in specs]
@@ -247,8 +264,9 @@ class KVCacheManager:
             host_runs = [n for n in path_to_root(p.seq.last_node)
                          if n.tier is Tier.HOST and n.uid not in onboarding]
             need = (-(-len(p.spec.tokens) // tpb) - p.seq.num_path_blocks
-                    - (p.partial_mode == "in_place") + sum(n.num_blocks for n in host_runs))
-            if need <= store.gpu.num_available - consumed:
+                    - (p.partial_mode == "in_place") + sum(n.num_blocks for n in host_runs)
+                    + p.spec.num_reserved_blocks)
+            if need <= store.gpu.num_available - self._num_reserved - consumed:
                 consumed += need
                 onboarding.update(n.uid for n in host_runs)
                 admitted.append(True)
@@ -343,6 +361,8 @@ class KVCacheManager:
         seq.num_scheduled_tokens = len(seq.tokens) if new is None else min(
             len(seq.tokens), num_reused + new)
         self._seqs[seq.request_id] = seq
+        seq.num_reserved = p.spec.num_reserved_blocks
+        self._num_reserved += seq.num_reserved
         self._record_admission(seq, promise)
         self._store_blocks(seq)
         return Admission(seq.request_id, True, num_reused, num_onboarded, tuple(table))
@@ -373,6 +393,7 @@ class KVCacheManager:
             raise ValueError(
                 f"{request_id!r} has {remaining} unscheduled prompt tokens, asked {num_tokens}")
         seq.num_scheduled_tokens += num_tokens
+        self._version += 1
         self._store_blocks(seq)
 
     def num_unscheduled_tokens(self, request_id: str) -> int:
@@ -395,10 +416,14 @@ class KVCacheManager:
                 f"{request_id!r} still has {len(seq.tokens) - seq.num_scheduled_tokens} "
                 "unscheduled prompt tokens; append only after its prefill")
         need = self.num_blocks_to_append(request_id, len(tokens))
-        if need > self._store.gpu.num_available:
+        if need > self._store.gpu.num_available - (self._num_reserved - seq.num_reserved):
             return None
+        self._version += 1
         ops: list[TransferOp] = []
         new = self._store.allocate_gpu(need, ops)
+        used = min(need, seq.num_reserved)
+        seq.num_reserved -= used
+        self._num_reserved -= used
         seq.block_table += new
         if not seq.owns_tokens:
             seq.tokens = list(seq.tokens)
@@ -416,16 +441,39 @@ class KVCacheManager:
         """Release a request, tail first. Its full scheduled blocks stay cached for reuse
         (unless ``store_for_reuse`` is False: then only blocks already stored do)."""
         seq = self._seq(request_id)
+        self._version += 1
         if store_for_reuse:
-            self._store_blocks(seq)
+            self._store_blocks(seq, now=True)
         del self._seqs[request_id]
+        self._num_reserved -= seq.num_reserved
         store = self._store
         private = seq.block_table[seq.num_path_blocks:]
         if private:
             store.free_gpu(private)
         store.unref_path(seq.last_node, seq.priority, seq.retention_s)
 
-    def _store_blocks(self, seq: _Seq) -> None:
+    def begin_step(self) -> None:
+        """Until ``end_step``, blocks scheduled by admissions, prefill chunks and appends
+        are not stored: no request of a step reuses blocks that the same step computes."""
+        if self._deferred is not None:
+            raise RuntimeError("begin_step() called twice without end_step()")
+        self._deferred = {}
+
+    def end_step(self) -> None:
+        """Store the blocks scheduled since ``begin_step``."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            raise RuntimeError("end_step() called without begin_step()")
+        for rid, seq in deferred.items():
+            if self._seqs.get(rid) is seq:
+                self._store_blocks(seq)
+        if deferred:
+            self._version += 1
+
+    def _store_blocks(self, seq: _Seq, now: bool = False) -> None:
+        if self._deferred is not None and not now:
+            self._deferred[seq.request_id] = seq
+            return
         if not seq.can_store or not self.config.enable_block_reuse:
             return
         tpb = self._tpb
@@ -446,6 +494,7 @@ class KVCacheManager:
         is live."""
         if self._seqs:
             return False
+        self._version += 1
         store = self._store
         for root in store.roots.values():
             for child in list(root.iter_children()):

@@ -41,7 +41,9 @@ class SequenceSpec:
     released, for ``retention_s`` seconds if given, after which they fall back to the default.
     ``num_new_tokens`` is how many prompt tokens past the reused prefix this step computes
     (a prefill chunk); ``None`` means the whole prompt. Only computed or scheduled blocks are
-    ever stored for reuse.
+    ever stored for reuse. ``num_reserved_blocks`` GPU blocks are set aside for the request's
+    later growth (``append_tokens`` draws on them first), so a scheduler can guarantee that
+    decoding never runs out of blocks.
     """
 
     request_id: str
@@ -52,6 +54,7 @@ class SequenceSpec:
     retention_s: float | None = None
     mm_items: tuple[MultimodalItem, ...] = field(default=())
     num_new_tokens: int | None = None
+    num_reserved_blocks: int = 0
 
     def __post_init__(self) -> None:
         if type(self.request_id) is not str or not self.request_id:
@@ -88,6 +91,9 @@ class SequenceSpec:
         n = self.num_new_tokens
         if n is not None and (type(n) is not int or n < 1):
             raise ValueError(f"num_new_tokens must be an int >= 1 or None, got {n!r}")
+        r = self.num_reserved_blocks
+        if type(r) is not int or r < 0:
+            raise ValueError(f"num_reserved_blocks must be an int >= 0, got {r!r}")
 
 
 def check_tokens(tokens: list[int], what: str) -> None:

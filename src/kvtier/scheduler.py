@@ -1,0 +1,419 @@
+"""A step scheduler that budgets ``max_num_tokens`` with the reuse each request really gets.
+
+Each ``step()`` fills one forward pass, in this order::
+
+    1. decode    every running request past its prefill computes one token; its next block
+                 is allocated first (guaranteed_no_evict: from its reservation; max_utilization:
+                 on shortage the newest running request is preempted and requeued)
+    2. prefill   requests part way through a chunked prefill get their next chunk
+    3. admit     waiting requests, in arrival order, each credited with its lookup() reuse:
+                 compute = min(prompt - reuse, chunk cap, budget left); then one two-phase
+                 add_sequence_batch admits them (claim mode), so the credit is exact and
+                 num_scheduled_tokens <= max_num_tokens on every step
+
+``admission="probe"`` keeps the legacy loop (estimate every candidate with lookup, then
+admit one by one) only to measure the race: reuse lost between estimate and admission is
+computed anyway and counted as overflow, never hidden.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from kvtier.manager import KVCacheManager, PrefixMatch
+from kvtier.sequence import SequenceSpec
+from kvtier.transfer.engine import TransferEngine
+from kvtier.transfer.plan import TransferOp, TransferPlan
+
+CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
+ADMISSIONS = ("claim", "probe")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Budgets and policies of a :class:`Scheduler`.
+
+    ``max_chunk_tokens`` caps one request's prefill chunk (``None``: the whole budget).
+    A waiting request skipped for ``max_skipped_steps`` steps stops later requests from
+    being admitted ahead of it, which bounds its wait.
+    """
+
+    max_num_tokens: int = 8192
+    max_batch_size: int = 256
+    enable_chunked_prefill: bool = True
+    max_chunk_tokens: int | None = None
+    capacity_policy: str = "guaranteed_no_evict"
+    admission: str = "claim"
+    max_skipped_steps: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_tokens", "max_batch_size", "max_skipped_steps"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        cap = self.max_chunk_tokens
+        if cap is not None and (type(cap) is not int or cap < 1):
+            raise ValueError(f"max_chunk_tokens must be an integer >= 1 or None, got {cap!r}")
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise ValueError(f"capacity_policy must be one of {CAPACITY_POLICIES}, "
+                             f"got {self.capacity_policy!r}")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
+        if type(self.enable_chunked_prefill) is not bool:
+            raise ValueError(
+                f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
+
+
+@dataclass(slots=True)
+class Request:
+    """A request as the scheduler tracks it. ``output`` holds the tokens sampled so far."""
+
+    request_id: str
+    prompt: list[int]
+    max_output_tokens: int
+    arrival_s: float = 0.0
+    salt: bytes | str | int | None = None
+    lora_id: int | None = None
+    priority: int | None = None
+    output: list[int] = field(default_factory=list)
+    num_prefill_tokens: int = 0  # tokens its current admission prefills
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    num_skipped_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if type(self.max_output_tokens) is not int or self.max_output_tokens < 1:
+            raise ValueError(f"max_output_tokens of {self.request_id!r} must be an integer "
+                             f">= 1, got {self.max_output_tokens!r}")
+
+    @property
+    def tokens(self) -> list[int]:
+        """What an admission prefills: the prompt, and after a preemption the output so far
+        (recomputed or reused from the cache, then the next token is sampled)."""
+        return self.prompt + self.output if self.output else self.prompt
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed_tokens < self.num_prefill_tokens
+
+
+class ContextChunk(NamedTuple):
+    """``num_tokens`` prompt tokens from ``first_token`` are computed this step;
+    ``num_reused_tokens`` (first chunk only) came from the cache."""
+
+    request_id: str
+    first_token: int
+    num_tokens: int
+    num_reused_tokens: int
+
+
+class ScheduledStep(NamedTuple):
+    """One forward pass: what to compute, and the copies to run before it."""
+
+    context_chunks: tuple[ContextChunk, ...]
+    decode_request_ids: tuple[str, ...]
+    num_scheduled_tokens: int
+    transfer_plan: TransferPlan
+    preempted_request_ids: tuple[str, ...]
+    num_credited_tokens: int  # reuse promised at admission, by lookup
+    num_reused_tokens: int  # reuse the admissions got
+    num_overflow_tokens: int  # tokens past max_num_tokens (probe mode only)
+
+
+class _StepCollector:
+    """Sits between the manager and the real engine; keeps this step's ops."""
+
+    def __init__(self, inner: TransferEngine) -> None:
+        self.inner = inner
+        self.ops: list[TransferOp] = []
+
+    def submit(self, plan: TransferPlan) -> None:
+        self.ops.extend(plan.ops)
+        self.inner.submit(plan)
+
+    def take(self) -> TransferPlan:
+        plan = TransferPlan(tuple(self.ops))
+        self.ops = []
+        return plan
+
+
+class Scheduler:
+    """Admits, chunks, grows and preempts requests on top of a :class:`KVCacheManager`."""
+
+    def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None) -> None:
+        self.manager = manager
+        self.config = config if config is not None else SchedulerConfig()
+        self._collector = _StepCollector(manager.engine)
+        manager.engine = self._collector
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}  # admission order: newest last
+        self._lookups: dict[str, tuple[int, PrefixMatch]] = {}
+        self._tpb = manager.config.tokens_per_block
+        self.num_lookups = 0
+
+    # ---- queries ---------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _chunk_cap(self) -> int:
+        cfg = self.config
+        if not cfg.enable_chunked_prefill:
+            return 1 << 62
+        return cfg.max_chunk_tokens or cfg.max_num_tokens
+
+    def _lookup(self, req: Request, tokens: list[int]) -> PrefixMatch:
+        """``manager.lookup``, kept while the manager's version says nothing changed."""
+        version = self.manager.version
+        cached = self._lookups.get(req.request_id)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        self.num_lookups += 1
+        m = self.manager.lookup(tokens, salt=req.salt, lora_id=req.lora_id)
+        self._lookups[req.request_id] = (version, m)
+        return m
+
+    # ---- commands --------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        """Queue a request; raises ValueError if its id is already queued or running, or if
+        it could never fit the GPU pool."""
+        rid = req.request_id
+        if rid in self.running or any(r.request_id == rid for r in self.waiting):
+            raise ValueError(f"request_id {rid!r} is already queued or running")
+        total = len(req.prompt) + req.max_output_tokens
+        blocks = -(-total // self._tpb)
+        capacity = self.manager.config.num_gpu_blocks
+        if blocks > capacity:
+            raise ValueError(f"request {rid!r} needs {blocks} blocks for {total} tokens, "
+                             f"num_gpu_blocks is {capacity}")
+        SequenceSpec(rid, req.prompt)  # validates the prompt, naming the request
+        self.waiting.append(req)
+
+    def step(self) -> ScheduledStep:
+        """Schedule one forward pass."""
+        self.manager.begin_step()
+        try:
+            return self._step()
+        finally:
+            self.manager.end_step()
+
+    def _step(self) -> ScheduledStep:
+        cfg = self.config
+        budget = cfg.max_num_tokens
+        slots = cfg.max_batch_size
+        preempted: list[str] = []
+        decodes: list[str] = []
+        chunks: list[ContextChunk] = []
+
+        # 1. Decode: one token each, its block allocated before anything is admitted.
+        for req in list(self.running.values()):
+            if budget == 0 or slots == 0:
+                break
+            if req.request_id not in self.running or req.in_prefill:
+                continue
+            if not self._grow(req, preempted):
+                continue
+            decodes.append(req.request_id)
+            budget -= 1
+            slots -= 1
+
+        # 2. Continue chunked prefills.
+        cap = self._chunk_cap()
+        for req in self.running.values():
+            if budget == 0 or slots == 0:
+                break
+            remaining = req.num_prefill_tokens - req.num_computed_tokens
+            if remaining <= 0:
+                continue
+            n = min(remaining, cap, budget)
+            self.manager.schedule_prefill(req.request_id, n)
+            chunks.append(ContextChunk(req.request_id, req.num_computed_tokens, n, 0))
+            budget -= n
+            slots -= 1
+
+        # 3. Admit waiting requests.
+        credited = reused = overflow = 0
+        if budget and slots and self.waiting:
+            admit = self._admit_claim if cfg.admission == "claim" else self._admit_probe
+            new_chunks, credited, reused, overflow = admit(budget, slots)
+            chunks += new_chunks
+        num_tokens = len(decodes) + sum(c.num_tokens for c in chunks)
+        if cfg.admission == "claim":
+            assert num_tokens <= cfg.max_num_tokens, (num_tokens, cfg.max_num_tokens)
+        else:
+            overflow = max(0, num_tokens - cfg.max_num_tokens)
+        return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, self._collector.take(),
+                             tuple(preempted), credited, reused, overflow)
+
+    def _grow(self, req: Request, preempted: list[str]) -> bool:
+        """Give ``req`` a slot for the token it decodes now; may preempt. False if ``req``
+        itself was preempted."""
+        mgr = self.manager
+        while mgr.append_tokens(req.request_id, req.output[-1:]) is None:
+            assert self.config.capacity_policy == "max_utilization", (
+                f"{req.request_id!r} ran out of reserved blocks")
+            victim = next(reversed(self.running.values()))
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        """Release ``req`` (its computed blocks stay cached) and requeue it first."""
+        # The token it was about to decode is not computed: keep it out of the cache.
+        self.manager.remove_sequence(req.request_id)
+        del self.running[req.request_id]
+        req.num_preemptions += 1
+        req.num_computed_tokens = req.num_prefill_tokens = 0
+        self.waiting.appendleft(req)
+
+    def _candidates(self, budget: int, slots: int) -> list[tuple[Request, list[int], int, int]]:
+        """Waiting requests to try, in order, with their credited reuse and first chunk.
+
+        A request that fits no budget left is skipped, not waited on (no head-of-line
+        blocking), unless it was skipped ``max_skipped_steps`` times: then nothing behind it
+        is tried until it is admitted.
+        """
+        cap = self._chunk_cap()
+        tpb = self._tpb
+        # A batch must fit an empty pool (else the manager refuses it); and there is no use
+        # in asking for more blocks than are free or evictable now.
+        footprint = self.manager.config.num_gpu_blocks
+        free = self.manager.num_free_gpu_blocks
+        out = []
+        for req in self.waiting:
+            if budget == 0 or slots == 0:
+                break
+            tokens = req.tokens
+            m = self._lookup(req, tokens)
+            compute = len(tokens) - m.num_tokens
+            n = min(compute, cap, budget)
+            if n < compute and not self.config.enable_chunked_prefill:
+                n = 0
+            blocks = -(-len(tokens) // tpb)
+            need = blocks - m.num_gpu_tokens // tpb + self._reserve(req, tokens)
+            if n > 0 and blocks <= footprint and need <= free:
+                out.append((req, tokens, m.num_tokens, n))
+                budget -= n
+                slots -= 1
+                footprint -= blocks
+                free -= need
+            if req.num_skipped_steps >= self.config.max_skipped_steps:
+                break  # it has waited long enough: nobody behind it goes first
+        return out
+
+    def _reserve(self, req: Request, tokens: list[int]) -> int:
+        """Blocks to set aside for ``req``'s decode (guaranteed_no_evict only)."""
+        if self.config.capacity_policy != "guaranteed_no_evict":
+            return 0
+        final = len(req.prompt) + req.max_output_tokens
+        return -(-final // self._tpb) - -(-len(tokens) // self._tpb)
+
+    def _spec(self, req: Request, tokens: list[int], num_new: int) -> SequenceSpec:
+        return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
+                            priority=req.priority, num_new_tokens=num_new,
+                            num_reserved_blocks=self._reserve(req, tokens))
+
+    def _admit_claim(self, budget: int,
+                     slots: int) -> tuple[list[ContextChunk], int, int, int]:
+        """Admit with exact credit: lookups, then one two-phase batch. Budget that a
+        rejected request leaves (no blocks for it) goes to the next candidates, for a few
+        rounds."""
+        chunks: list[ContextChunk] = []
+        credited = reused = 0
+        rejected: set[str] = set()
+        for _ in range(4):
+            candidates = [c for c in self._candidates(budget, slots)
+                          if c[0].request_id not in rejected]
+            if not candidates:
+                break
+            specs = [self._spec(req, tokens, n) for req, tokens, _, n in candidates]
+            admissions = self.manager.add_sequence_batch(specs)
+            for (req, tokens, credit, n), adm in zip(candidates, admissions):
+                if not adm.admitted:
+                    rejected.add(req.request_id)
+                    continue
+                credited += credit
+                reused += adm.num_reused_tokens
+                chunks.append(self._start(req, len(tokens), adm.num_reused_tokens, n))
+                budget -= n
+                slots -= 1
+            if not rejected or budget == 0 or slots == 0:
+                break
+        self._note_skipped()
+        return chunks, credited, reused, 0
+
+    def _admit_probe(self, budget: int,
+                     slots: int) -> tuple[list[ContextChunk], int, int, int]:
+        candidates = self._candidates(budget, slots)
+        chunks: list[ContextChunk] = []
+        credited = reused = 0
+        for req, tokens, credit, n in candidates:
+            # Reuse lost since the estimate must be computed now: the chunk grows. (The
+            # manager admits one request exactly; the race is between these calls.)
+            now = self.manager.lookup(tokens, req.salt, req.lora_id).num_tokens
+            n_actual = max(1, min(len(tokens) - now, n + credit - now))
+            adm = self.manager.add_sequence(self._spec(req, tokens, n_actual))
+            if not adm.admitted:
+                continue
+            assert adm.num_reused_tokens == now
+            credited += credit
+            reused += adm.num_reused_tokens
+            chunks.append(self._start(req, len(tokens), now, n_actual))
+        self._note_skipped()
+        return chunks, credited, reused, 0
+
+    def _start(self, req: Request, num_prefill: int, num_reused: int,
+               num_tokens: int) -> ContextChunk:
+        self.waiting.remove(req)
+        self._lookups.pop(req.request_id, None)
+        self.running[req.request_id] = req
+        req.num_skipped_steps = 0
+        req.num_prefill_tokens = num_prefill
+        req.num_computed_tokens = num_reused
+        return ContextChunk(req.request_id, num_reused, num_tokens, num_reused)
+
+    def _note_skipped(self) -> None:
+        for req in self.waiting:
+            req.num_skipped_steps += 1
+
+    def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
+        """Apply a finished forward pass: advance prefills, record sampled tokens (for every
+        decode and every completed prefill), finish requests that reached their output
+        length. Returns the finished requests."""
+        finished = []
+        for chunk in step.context_chunks:
+            req = self.running.get(chunk.request_id)
+            if req is None:
+                continue
+            req.num_computed_tokens = chunk.first_token + chunk.num_tokens
+            if not req.in_prefill:
+                req.output.append(sampled[req.request_id])
+                if len(req.output) >= req.max_output_tokens:
+                    finished.append(req)
+        for rid in step.decode_request_ids:
+            req = self.running.get(rid)
+            if req is None:
+                continue
+            req.output.append(sampled[rid])
+            if len(req.output) >= req.max_output_tokens:
+                finished.append(req)
+        for req in finished:
+            self.manager.remove_sequence(req.request_id)
+            del self.running[req.request_id]
+        return finished
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Drop requests wherever they are; their computed blocks stay cached."""
+        for rid in request_ids:
+            if rid in self.running:
+                self.manager.remove_sequence(rid)
+                del self.running[rid]
+            else:
+                self.waiting = deque(r for r in self.waiting if r.request_id != rid)
+            self._lookups.pop(rid, None)
