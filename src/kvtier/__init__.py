@@ -1,8 +1,9 @@
 """kvtier: a tiered KV-cache block manager with exact two-phase batch admission."""
 
+from kvtier.admission import Admission, PrefixMatch
 from kvtier.config import CacheConfig
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
-from kvtier.manager import Admission, KVCacheManager, PrefixMatch
+from kvtier.manager import KVCacheManager
 from kvtier.metrics import CacheStats, TierStats
 from kvtier.radix import Tier
 from kvtier.sequence import MultimodalItem, SequenceSpec

@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from kvtier.manager import KVCacheManager, PrefixMatch
+from kvtier.admission import PrefixMatch
+from kvtier.manager import KVCacheManager
 from kvtier.sequence import SequenceSpec
 from kvtier.transfer.engine import TransferEngine
 from kvtier.transfer.plan import TransferOp, TransferPlan

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvtier.config import check_priority
+from kvtier.radix import Node, Root
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +116,42 @@ def check_tokens(tokens: list[int], what: str) -> None:
             raise ValueError(
                 f"{what}: token at index {index} must be an int, got {token!r} ({type(token)})"
             )
+
+
+class LiveSequence:
+    """A live request: its claimed path (``last_node`` and up) and its private blocks."""
+
+    __slots__ = (
+        "block_table",
+        "can_store",
+        "extras",
+        "last_node",
+        "num_reserved",
+        "num_scheduled_tokens",
+        "owns_tokens",
+        "priority",
+        "request_id",
+        "retention_s",
+        "root",
+        "tokens",
+    )
+
+    def __init__(self, spec: SequenceSpec, root: Root, extras: list[object] | None,
+                 priority: int) -> None:
+        self.request_id = spec.request_id
+        self.tokens = spec.tokens
+        self.owns_tokens = False
+        self.root = root
+        self.extras = extras
+        self.priority = priority
+        self.retention_s = spec.retention_s
+        self.num_reserved = 0
+        self.last_node: Node = root
+        self.block_table: list[int] = []
+        self.num_scheduled_tokens = 0
+        self.can_store = True
+
+    @property
+    def num_path_blocks(self) -> int:
+        node = self.last_node
+        return node.start_block + len(node.slots)

@@ -1,0 +1,307 @@
+"""Two-phase admission of one batch: claim everything first, then onboard and allocate.
+
+::
+
+    promise  match every spec on the untouched tree: exactly what lookup() answers
+    phase 1a claim: match each spec again and reference its path (split at its end)
+    phase 1b claim each partial-reuse source block; a source claimed by two requests of
+             the batch is copied by both instead of reused in place
+    check    in batch order, admit a request if its new blocks, its host blocks not yet
+             onboarded and its reservation fit in what is free or evictable now; roll back
+             the claims of the others
+    phase 2  per admitted request: onboard its host runs, reuse in place or allocate and
+             copy its partial block, allocate its new blocks, store what it schedules
+
+Phase 2 evicts only unreferenced blocks and every claimed block is referenced from phase 1
+on, so each admitted request gets exactly the reuse ``lookup`` promised it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+from kvtier.config import CacheConfig
+from kvtier.radix import Match, Node, PartialMatch, Tier, match, path_to_root
+from kvtier.sequence import LiveSequence, MultimodalItem, SequenceSpec
+from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
+
+if TYPE_CHECKING:
+    from kvtier.manager import KVCacheManager
+
+
+class PrefixMatch(NamedTuple):
+    """What ``lookup`` promises: the reusable tokens of a prompt, split by the tier they come
+    from (a partially reused block counts in its source's tier)."""
+
+    num_tokens: int
+    num_gpu_tokens: int
+    num_host_tokens: int
+    num_partial_tokens: int
+
+
+class Admission(NamedTuple):
+    """The outcome of one request of a batch. ``block_ids`` is its block table (GPU slots)."""
+
+    request_id: str
+    admitted: bool
+    num_reused_tokens: int
+    num_onboarded_tokens: int
+    block_ids: tuple[int, ...]
+    reason: str | None = None
+
+
+class Promise(NamedTuple):
+    """A lookup's answer with the detail admission needs."""
+
+    match: PrefixMatch
+    num_gpu_blocks: int
+    num_host_blocks: int
+    partial_mode: str | None  # "in_place", "copy" or None
+    num_partial_tokens: int
+
+
+class Pending(NamedTuple):
+    """Phase-1 state of one request of a batch."""
+
+    spec: SequenceSpec
+    seq: LiveSequence
+    promise: Promise
+    partial: PartialMatch | None
+    partial_mode: str | None
+
+
+def partial_mode(partial: PartialMatch | None, config: CacheConfig) -> str | None:
+    """How a partial match would be reused now: in place, by copy, or not at all. Pure."""
+    if partial is None:
+        return None
+    node = partial.node
+    if (node.tier is Tier.GPU and not node.ref_count and not node.children
+            and partial.block_index == node.num_blocks - 1):
+        return "in_place"
+    return "copy" if config.copy_on_partial_reuse else None
+
+
+def promise_of(m: Match, config: CacheConfig) -> Promise:
+    """What admitting the request of ``m`` now would reuse, by tier. Pure."""
+    tpb = config.tokens_per_block
+    host_blocks = sum(n.num_blocks for n in m.path if n.tier is Tier.HOST)
+    if m.tail is not None and m.tail[0].tier is Tier.HOST:
+        host_blocks += m.tail[1]
+    gpu_blocks = m.num_blocks - host_blocks
+    gpu_tokens = gpu_blocks * tpb
+    host_tokens = host_blocks * tpb
+    mode = partial_mode(m.partial, config)
+    partial = 0
+    if mode is not None and m.partial is not None:
+        partial = m.partial.num_tokens
+        if m.partial.node.tier is Tier.GPU:
+            gpu_tokens += partial
+        else:
+            host_tokens += partial
+    prefix = PrefixMatch(gpu_tokens + host_tokens, gpu_tokens, host_tokens, partial)
+    return Promise(prefix, gpu_blocks, host_blocks, mode, partial)
+
+
+class BatchAdmission:
+    """Admits one batch on a manager; used once, by ``KVCacheManager.add_sequence_batch``."""
+
+    def __init__(self, mgr: KVCacheManager) -> None:
+        self.mgr = mgr
+        self.config = mgr.config
+        self._store = mgr._store
+        self._tpb = mgr.config.tokens_per_block
+
+    def run(self, specs: Sequence[SequenceSpec]) -> list[Admission]:
+        """Admit ``specs`` (already checked for ids) and return one admission each."""
+        store = self._store
+        tpb = self._tpb
+        roots = [store.new_root(s.lora_id, s.salt) for s in specs]
+        extras_of = [block_extras(s.mm_items, len(s.tokens), tpb) for s in specs]
+        # The promises, on the untouched tree: exactly what lookup() reports.
+        matches = [self.mgr._match(r, s.tokens, e) for r, s, e in zip(roots, specs, extras_of)]
+        self._check_footprint(specs, matches)
+        promises = [promise_of(m, self.config) for m in matches]
+
+        # Phase 1a: claim every full-block match. A claim splits runs but never changes
+        # what a match finds, so each request is matched again against the current tree.
+        pending: list[Pending] = []
+        for i, spec in enumerate(specs):
+            m = matches[i] if i == 0 else self.mgr._match(roots[i], spec.tokens, extras_of[i])
+            priority = self.config.default_priority if spec.priority is None else spec.priority
+            seq = LiveSequence(spec, roots[i], extras_of[i], priority)
+            self._claim_path(seq, m)
+            pending.append(Pending(spec, seq, promises[i], None, promises[i].partial_mode))
+        # Phase 1b: claim partial-reuse sources, found again below each claimed path. A
+        # source stays reusable in place only if no other request of the batch claimed it.
+        for i, p in enumerate(pending):
+            if p.partial_mode is not None:
+                pending[i] = self._claim_partial(p)
+        for i, p in enumerate(pending):
+            if p.partial_mode == "in_place" and p.partial is not None and (
+                    p.partial.node.ref_count != 1 or p.partial.node.children
+                    or p.partial.node.num_blocks != 1):
+                # NOTE: another request of this batch reuses the block too, so it can't be
+                # overwritten; copying keeps the promise even when copy_on_partial_reuse is off.
+                pending[i] = p._replace(partial_mode="copy")
+
+        # Check: admit in batch order while new and onboarded blocks fit; roll back the rest.
+        consumed = 0
+        onboarding: set[int] = set()
+        admitted: list[bool] = []
+        for p in pending:
+            host_runs = [n for n in path_to_root(p.seq.last_node)
+                         if n.tier is Tier.HOST and n.uid not in onboarding]
+            need = (-(-len(p.spec.tokens) // tpb) - p.seq.num_path_blocks
+                    - (p.partial_mode == "in_place") + sum(n.num_blocks for n in host_runs)
+                    + p.spec.num_reserved_blocks)
+            if need <= store.gpu.num_available - self.mgr._num_reserved - consumed:
+                consumed += need
+                onboarding.update(n.uid for n in host_runs)
+                admitted.append(True)
+            else:
+                self._release_claims(p)
+                admitted.append(False)
+
+        # Phase 2: onboard, allocate, copy. Evictions see only unreferenced blocks.
+        ops: list[TransferOp] = []
+        results = []
+        for p, ok in zip(pending, admitted):
+            if ok:
+                results.append(self._admit(p, ops))
+            else:
+                store.stats.num_rejected += 1
+                results.append(Admission(p.spec.request_id, False, 0, 0, (),
+                                         "not enough free or evictable GPU blocks"))
+        if ops:
+            self.mgr.engine.submit(TransferPlan(tuple(ops)))
+        return results
+
+    def _claim_partial(self, p: Pending) -> Pending:
+        """Claim the source block of ``p``'s partial reuse, cut to start its run."""
+        tpb = self._tpb
+        tokens = p.spec.tokens
+        m = match(p.seq.root, tokens, len(tokens) - 1, tpb, p.seq.extras, True)
+        assert m.num_blocks == p.seq.num_path_blocks and m.partial is not None, (m, p)
+        partial = m.partial
+        if partial.block_index:
+            self._store.split(partial.node, partial.block_index)
+            partial = PartialMatch(partial.node, 0, partial.num_tokens)
+        if partial.node.num_blocks > 1:
+            # Claim the source block alone, not the run behind it.
+            partial = PartialMatch(self._store.split(partial.node, 1), 0, partial.num_tokens)
+        assert partial.num_tokens == p.promise.num_partial_tokens
+        self._store.ref_path(partial.node)
+        return p._replace(partial=partial)
+
+    def _claim_path(self, seq: LiveSequence, m: Match) -> None:
+        last: Node = seq.root
+        if m.path:
+            last = m.path[-1]
+        if m.tail is not None:
+            node, k = m.tail
+            last = self._store.split(node, k)
+        seq.last_node = last
+        self._store.ref_path(last)
+
+    def _release_claims(self, p: Pending) -> None:
+        store = self._store
+        if p.partial is not None and p.partial_mode is not None:
+            store.unref_path(p.partial.node)
+        store.unref_path(p.seq.last_node)
+
+    def _admit(self, p: Pending, ops: list[TransferOp]) -> Admission:
+        store = self._store
+        seq = p.seq
+        tpb = self._tpb
+        # Onboard the claimed host runs (the deepest part of the path), top down.
+        host_nodes = [n for n in path_to_root(seq.last_node) if n.tier is Tier.HOST]
+        num_onboarded = 0
+        for node in reversed(host_nodes):
+            num_onboarded += store.onboard(node, ops) * tpb
+        table: list[int] = []
+        for node in reversed(list(path_to_root(seq.last_node))):
+            table += node.slots
+        num_partial = 0
+        partial = p.partial
+        num_blocks = -(-len(seq.tokens) // tpb)
+        if partial is not None and p.partial_mode == "in_place":
+            table.append(store.detach_leaf_block(partial.node))
+            partial.node.ref_count = 0
+            store.unref_path(seq.last_node)  # the source's claim on its ancestors: our path
+            num_partial = partial.num_tokens
+            store.stats.num_partial_in_place += 1
+        table += store.allocate_gpu(num_blocks - len(table), ops)
+        if partial is not None and p.partial_mode == "copy":
+            src = partial.node
+            dst = table[seq.num_path_blocks]
+            ops.append(TransferOp(OpKind.COPY, src.tier, src.slots[0], Tier.GPU, dst,
+                                  partial.num_tokens))
+            store.unref_path(src)
+            num_partial = partial.num_tokens
+            store.stats.num_partial_copies += 1
+            if src.tier is Tier.HOST:
+                num_onboarded += partial.num_tokens
+        seq.block_table = table
+        num_reused = seq.num_path_blocks * tpb + num_partial
+        promise = p.promise
+        assert num_reused == promise.match.num_tokens, (seq.request_id, num_reused, promise)
+        new = p.spec.num_new_tokens
+        seq.num_scheduled_tokens = len(seq.tokens) if new is None else min(
+            len(seq.tokens), num_reused + new)
+        self.mgr._seqs[seq.request_id] = seq
+        seq.num_reserved = p.spec.num_reserved_blocks
+        self.mgr._num_reserved += seq.num_reserved
+        self._record_admission(seq, promise)
+        self.mgr._store_blocks(seq)
+        return Admission(seq.request_id, True, num_reused, num_onboarded, tuple(table))
+
+    def _record_admission(self, seq: LiveSequence, promise: Promise) -> None:
+        stats = self._store.stats
+        num_full = len(seq.tokens) // self._tpb
+        gpu_blocks, host_blocks = promise.num_gpu_blocks, promise.num_host_blocks
+        stats.gpu.reused_blocks += gpu_blocks
+        stats.gpu.missed_blocks += num_full - gpu_blocks
+        stats.host.reused_blocks += host_blocks
+        stats.host.missed_blocks += num_full - gpu_blocks - host_blocks
+        stats.num_admitted += 1
+        stats.num_prompt_tokens += len(seq.tokens)
+        stats.num_reused_tokens += promise.match.num_tokens
+        stats.num_partial_tokens += promise.num_partial_tokens
+
+    def _check_footprint(self, specs: Sequence[SequenceSpec], matches: list[Match]) -> None:
+        """Raise if the batch could not fit even in an empty GPU pool. Pure."""
+        tpb = self._tpb
+        capacity = self.config.num_gpu_blocks
+        total = 0
+        shared: dict[int, int] = {}
+        for spec, m in zip(specs, matches):
+            num_blocks = -(-len(spec.tokens) // tpb)
+            if num_blocks > capacity:
+                raise ValueError(
+                    f"request {spec.request_id!r} needs {num_blocks} blocks "
+                    f"({len(spec.tokens)} tokens / {tpb}) but num_gpu_blocks is {capacity}")
+            total += num_blocks - m.num_blocks
+            for node in m.path:
+                shared[node.uid] = node.num_blocks
+            if m.tail is not None:
+                node, k = m.tail
+                shared[node.uid] = max(shared.get(node.uid, 0), k)
+        total += sum(shared.values())
+        if total > capacity:
+            raise ValueError(
+                f"the batch of {len(specs)} requests needs {total} GPU blocks at once but "
+                f"num_gpu_blocks is {capacity}")
+
+
+def block_extras(
+    mm_items: Sequence[MultimodalItem], num_tokens: int, tpb: int
+) -> list[object] | None:
+    """Per block, the multimodal hashes (with offsets) of the items overlapping it."""
+    if not mm_items:
+        return None
+    per_block: list[list[tuple[object, int]]] = [[] for _ in range(-(-num_tokens // tpb))]
+    for item in mm_items:
+        for b in range(item.offset // tpb, (item.offset + item.length - 1) // tpb + 1):
+            per_block[b].append((item.content_hash, item.offset - b * tpb))
+    return [tuple(x) if x else None for x in per_block]
