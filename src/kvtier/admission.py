@@ -247,6 +247,7 @@ class BatchAdmission:
         promise = p.promise
         assert num_reused == promise.match.num_tokens, (seq.request_id, num_reused, promise)
         new = p.spec.num_new_tokens
+        seq.num_valid_tokens = num_reused
         seq.num_scheduled_tokens = len(seq.tokens) if new is None else min(
             len(seq.tokens), num_reused + new)
         self.mgr._seqs[seq.request_id] = seq

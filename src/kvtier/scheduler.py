@@ -409,6 +409,22 @@ class Scheduler:
             del self.running[req.request_id]
         return finished
 
+    def requeue_failed(self, step: ScheduledStep, request_ids: Iterable[str]) -> ScheduledStep:
+        """After ``manager.transfer_failed`` aborted ``request_ids``: put them back at the
+        front of the queue to recompute, and return ``step`` without their work."""
+        gone = set(request_ids)
+        for rid in gone:
+            req = self.running.pop(rid, None)
+            if req is None:
+                continue
+            req.num_computed_tokens = req.num_prefill_tokens = 0
+            self.waiting.appendleft(req)
+        chunks = tuple(c for c in step.context_chunks if c.request_id not in gone)
+        decodes = tuple(r for r in step.decode_request_ids if r not in gone)
+        num = len(decodes) + sum(c.num_tokens for c in chunks)
+        return step._replace(context_chunks=chunks, decode_request_ids=decodes,
+                             num_scheduled_tokens=num)
+
     def abort(self, request_ids: Iterable[str]) -> None:
         """Drop requests wherever they are; their computed blocks stay cached."""
         for rid in request_ids:

@@ -128,6 +128,7 @@ class LiveSequence:
         "last_node",
         "num_reserved",
         "num_scheduled_tokens",
+        "num_valid_tokens",
         "owns_tokens",
         "priority",
         "request_id",
@@ -149,6 +150,9 @@ class LiveSequence:
         self.last_node: Node = root
         self.block_table: list[int] = []
         self.num_scheduled_tokens = 0
+        # Tokens scheduled before the latest scheduling call: their KV exists by the time
+        # that call's copies run. The latest call's tokens may not be computed yet.
+        self.num_valid_tokens = 0
         self.can_store = True
 
     @property

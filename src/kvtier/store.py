@@ -308,6 +308,16 @@ class BlockStore:
         self.refile(parent)
         return node.slots[0]
 
+    def slot_owners(self) -> dict[tuple[Tier, int], tuple[Node, int]]:
+        """Every cached block's (tier, slot) -> (node, block index). Pure; walks the tree."""
+        owners: dict[tuple[Tier, int], tuple[Node, int]] = {}
+        for root in self.roots.values():
+            for top in root.iter_children():
+                for node in subtree(top):
+                    for i, slot in enumerate(node.slots):
+                        owners[(node.tier, slot)] = (node, i)
+        return owners
+
     # ---- hashes and events -----------------------------------------------------------------
 
     def hashes(self, node: Node) -> list[int]:

@@ -1,7 +1,9 @@
-"""Simulator inputs: workloads (trace readers, synthetic chat), a step time model, oracles."""
+"""The serving simulator: workloads (trace readers, synthetic chat), a step time model,
+oracles, the replay loop (:func:`simulate`) and its report."""
 
 from __future__ import annotations
 
+from kvtier.sim.engine import SAMPLED_TOKEN_BASE, oracle_bounds, simulate
 from kvtier.sim.oracle import (
     OracleRequest,
     OracleResult,
@@ -11,6 +13,15 @@ from kvtier.sim.oracle import (
     prefix_block_keys,
     unlimited_hit_tokens,
 )
+from kvtier.sim.report import (
+    OracleBounds,
+    SimReport,
+    Summary,
+    format_report,
+    format_side_by_side,
+    format_sweep,
+    percentile,
+)
 from kvtier.sim.synthetic import PrefixModel, SessionBuilder, SyntheticChat
 from kvtier.sim.timemodel import PROFILES, ModelProfile, TimeModel, get_profile
 from kvtier.sim.traces import AzureTrace, MooncakeTrace, TraceFormatError
@@ -18,22 +29,32 @@ from kvtier.sim.workload import TraceRequest, Workload
 
 __all__ = [
     "PROFILES",
+    "SAMPLED_TOKEN_BASE",
     "AzureTrace",
     "ModelProfile",
     "MooncakeTrace",
+    "OracleBounds",
     "OracleRequest",
     "OracleResult",
     "PrefixModel",
     "SessionBuilder",
+    "SimReport",
+    "Summary",
     "SyntheticChat",
     "TimeModel",
     "TraceFormatError",
     "TraceRequest",
     "Workload",
     "belady_hit_tokens",
+    "format_report",
+    "format_side_by_side",
+    "format_sweep",
     "get_profile",
     "lru_hit_tokens",
+    "oracle_bounds",
     "oracle_requests",
+    "percentile",
     "prefix_block_keys",
+    "simulate",
     "unlimited_hit_tokens",
 ]

@@ -112,3 +112,122 @@ class SimReport:
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy of the report. Pure."""
         return asdict(self)
+
+
+# ---- tables ------------------------------------------------------------------------------
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f} us"
+
+
+def _float(value: object) -> float:
+    assert isinstance(value, (int, float)), value
+    return float(value)
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / (1 << 30):,.1f} GiB"
+
+
+def format_report(report: SimReport) -> list[str]:
+    """The human table of one simulation, one string per line. Pure."""
+    r = report
+    cache, sched, workload = r.cache_config, r.scheduler_config, r.workload
+    source = [str(workload.get("kind", "workload"))]
+    source += [f"{key} {workload[key]}" for key in ("path", "seed") if key in workload]
+    chunk = (f"chunks <= {sched['max_chunk_tokens'] or sched['max_num_tokens']}"
+             if sched["enable_chunked_prefill"] else "no chunking")
+    ttft, e2e, cpu = r.ttft_s, r.e2e_s, r.cpu
+    rows = [
+        ("workload", f"{workload.get('name')} ({', '.join(source)}), time scale {r.time_scale:g}"),
+        ("cache", f"{cache['tokens_per_block']} tokens/block, {cache['num_gpu_blocks']:,} GPU + "
+                  f"{cache['num_host_blocks']:,} host blocks, partial reuse "
+                  f"{'on' if cache['enable_partial_reuse'] else 'off'}"),
+        ("scheduler", f"{sched['admission']} admission, {sched['capacity_policy']}, "
+                      f"{sched['max_num_tokens']:,} tokens x {sched['max_batch_size']} seqs, "
+                      f"{chunk}"),
+        ("model", f"{r.profile['name']} ({r.profile['kv_bytes_per_token']:,} B/token KV, "
+                  f"PCIe {_float(r.profile['pcie_bytes_per_s']) / 1e9:g} GB/s)"),
+        ("requests", f"{r.num_requests:,} finished, {r.num_rejected_too_large:,} too large for "
+                     f"the GPU pool; {r.num_steps:,} steps, {r.num_preemptions:,} preemptions"),
+        ("hit rate", f"{r.token_hit_rate:.4f} of {r.num_prompt_tokens:,} prompt tokens: GPU "
+                     f"{r.gpu_token_hit_rate:.4f}, host {r.host_token_hit_rate:.4f}"),
+        ("reuse", f"credited {r.num_credited_tokens:,}, obtained {r.num_obtained_tokens:,}, "
+                  f"lost {r.num_lost_reuse_tokens:,} tokens"),
+        ("overflow", f"{r.num_overflow_steps:,} steps over max_num_tokens, "
+                     f"{r.num_overflow_tokens:,} tokens, worst {r.max_overflow_tokens:,}"),
+        ("TTFT", f"p50 {_seconds(ttft.p50)}, p90 {_seconds(ttft.p90)}, "
+                 f"p99 {_seconds(ttft.p99)} (virtual)"),
+        ("E2E", f"p50 {_seconds(e2e.p50)}, p90 {_seconds(e2e.p90)}, p99 {_seconds(e2e.p99)}"),
+        ("throughput", f"{r.throughput_tokens_per_s:,.0f} tokens/s, {r.requests_per_s:.2f} "
+                       f"requests/s over {r.makespan_s:,.1f} s"),
+        ("transfers", f"onboarded {r.num_onboarded_blocks:,} blocks ({_gib(r.bytes_h2d)}), "
+                      f"offloaded {r.num_offloaded_blocks:,} ({_gib(r.bytes_d2h)}); evicted "
+                      f"GPU {r.num_evicted_gpu_blocks:,}, host {r.num_evicted_host_blocks:,}"),
+        ("cpu", f"scheduler+manager {_us(cpu['us_per_step_mean'])}/step mean, p99 "
+                f"{_us(cpu['us_per_step_p99'])}, full steps {_us(cpu['us_per_full_step_mean'])}; "
+                f"wall {cpu['wall_s']:.2f} s"),
+    ]
+    if r.oracle is not None:
+        rows.append(("oracle", _oracle_text(r.oracle)))
+    return [f"{name:<11} {value}" for name, value in rows]
+
+
+def _oracle_text(bounds: OracleBounds) -> str:
+    return (f"full {bounds.tokens_per_block}-token blocks: unlimited "
+            f"{bounds.unlimited_hit_rate:.4f}, Belady at {bounds.num_capacity_blocks:,} blocks "
+            f"{bounds.belady_hit_rate:.4f}")
+
+
+def format_side_by_side(labels: Sequence[str], reports: Sequence[SimReport]) -> list[str]:
+    """One column per report: hit rates, the race, latency and throughput. Pure."""
+    rows: list[tuple[str, list[str]]] = [
+        ("admission", [str(r.scheduler_config["admission"]) for r in reports]),
+        ("GPU blocks", [f"{r.cache_config['num_gpu_blocks']:,}" for r in reports]),
+        ("host blocks", [f"{r.cache_config['num_host_blocks']:,}" for r in reports]),
+        ("hit rate", [f"{r.token_hit_rate:.4f}" for r in reports]),
+        ("  from host", [f"{r.host_token_hit_rate:.4f}" for r in reports]),
+    ]
+    if all(r.oracle is not None for r in reports):
+        rows.append(("Belady", [f"{r.oracle.belady_hit_rate:.4f}" for r in reports
+                                if r.oracle is not None]))
+    rows += [
+        ("overflow steps", [f"{r.num_overflow_steps:,}" for r in reports]),
+        ("worst overflow", [f"{r.max_overflow_tokens:,}" for r in reports]),
+        ("lost reuse", [f"{r.num_lost_reuse_tokens:,}" for r in reports]),
+        ("preemptions", [f"{r.num_preemptions:,}" for r in reports]),
+        ("TTFT p50", [_seconds(r.ttft_s.p50) for r in reports]),
+        ("TTFT p99", [_seconds(r.ttft_s.p99) for r in reports]),
+        ("tokens/s", [f"{r.throughput_tokens_per_s:,.0f}" for r in reports]),
+        ("us/step", [_us(r.cpu["us_per_step_mean"]) for r in reports]),
+    ]
+    width = max(14, *(len(label) for label in labels), *(len(c) for _, cs in rows for c in cs))
+    lines = [f"{'':<15}" + "".join(f"{label:>{width + 2}}" for label in labels)]
+    lines += [f"{name:<15}" + "".join(f"{cell:>{width + 2}}" for cell in cells)
+              for name, cells in rows]
+    return lines
+
+
+def format_sweep(reports: Sequence[SimReport]) -> list[str]:
+    """One row per run of a capacity sweep, with the oracle bounds where known. Pure."""
+    header = ("GPU blocks", "host blocks", "hit rate", "from host", "Belady", "unlimited",
+              "TTFT p50", "TTFT p99", "tokens/s")
+    table = [header]
+    for r in reports:
+        bounds = r.oracle
+        table.append((
+            f"{r.cache_config['num_gpu_blocks']:,}", f"{r.cache_config['num_host_blocks']:,}",
+            f"{r.token_hit_rate:.4f}", f"{r.host_token_hit_rate:.4f}",
+            "n/a" if bounds is None else f"{bounds.belady_hit_rate:.4f}",
+            "n/a" if bounds is None else f"{bounds.unlimited_hit_rate:.4f}",
+            _seconds(r.ttft_s.p50), _seconds(r.ttft_s.p99), f"{r.throughput_tokens_per_s:,.0f}",
+        ))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]

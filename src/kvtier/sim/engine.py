@@ -1,0 +1,339 @@
+"""The replay loop: a workload driven through the scheduler and manager on a virtual clock.
+
+::
+
+    clock ──► add every request whose arrival (arrival_s x time_scale) has come
+              idle (nothing waiting or running)? jump the clock to the next arrival
+              step()  → chunks, decodes, transfer plan
+              clock += step_seconds(prefill tokens, decode seqs, bytes H2D, bytes D2H)
+              update(step, sampled tokens) → finished requests
+
+A request's first token comes at the end of the step that completes its (first) prefill;
+TTFT and end-to-end latency are measured from its arrival. Only ``step()`` and ``update()``
+are timed in real CPU time: building prompts and the loop's own books are not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, replace
+from itertools import count
+
+from kvtier.config import CacheConfig
+from kvtier.manager import KVCacheManager
+from kvtier.radix import Tier
+from kvtier.scheduler import Request, Scheduler, SchedulerConfig
+from kvtier.sim.oracle import (
+    OracleRequest,
+    belady_hit_tokens,
+    oracle_requests,
+    unlimited_hit_tokens,
+)
+from kvtier.sim.report import OracleBounds, SimReport, Summary
+from kvtier.sim.timemodel import ModelProfile, TimeModel, get_profile
+from kvtier.sim.workload import TraceRequest, Workload
+from kvtier.transfer.plan import OpKind, TransferPlan
+
+# NOTE: sampled tokens are fresh ids from here up, far above the token ids any workload
+# builds (and still int64, as block hashing packs them), so output never matches a prompt.
+SAMPLED_TOKEN_BASE = 1 << 62
+
+# A step counts as "full" for the CPU figures when it schedules at least this share of
+# max_num_tokens: the cost the scheduler's speed target is about.
+FULL_STEP_SHARE = 0.9
+
+
+class _NullEngine:
+    """Executes nothing: the scheduler's collector already hands the loop each step's ops."""
+
+    def submit(self, plan: TransferPlan) -> None:
+        pass
+
+
+def simulate(
+    workload: Workload,
+    cache: CacheConfig,
+    sched: SchedulerConfig | None = None,
+    profile: ModelProfile | TimeModel | str = "llama3-8b-h100",
+    time_scale: float = 1.0,
+    progress: Callable[[int], object] | None = None,
+    oracle: bool = False,
+    check_every: int | None = None,
+) -> SimReport:
+    """Replay ``workload`` through a fresh scheduler and manager; see the module docstring.
+
+    ``time_scale`` multiplies arrival times (2.0 spreads arrivals out, halving the load).
+    ``progress`` is called with 1 as each request finishes or is skipped (a tqdm bar's
+    ``update`` fits). Requests that could never fit the GPU pool are skipped and counted in
+    ``num_rejected_too_large``. ``oracle`` adds :func:`oracle_bounds` at the cache's
+    capacity. ``check_every`` runs ``check_invariants`` every that many steps (for tests);
+    they always run once at the end. Raises ValueError for a bad argument.
+    """
+    sched = sched if sched is not None else SchedulerConfig()
+    model = _time_model(profile)
+    if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not (
+            0 < time_scale < float("inf")):
+        raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+    if check_every is not None and (type(check_every) is not int or check_every < 1):
+        raise ValueError(f"check_every must be an integer >= 1 or None, got {check_every!r}")
+
+    loop = _Loop(cache, sched, model, time_scale, progress, check_every)
+    wall_start = time.perf_counter()
+    loop.run(iter(workload))
+    wall_s = time.perf_counter() - wall_start
+    report = loop.report(workload, wall_s)
+    if oracle:
+        bounds = oracle_bounds(workload, cache.tokens_per_block,
+                               [cache.num_gpu_blocks + cache.num_host_blocks])
+        report = replace(report, oracle=bounds[0])
+    return report
+
+
+def oracle_bounds(workload: Workload, tokens_per_block: int,
+                  capacities: Iterable[int]) -> list[OracleBounds]:
+    """Unlimited and Belady hit rates of ``workload`` for each capacity in blocks. Pure.
+
+    A workload with an ``oracle_requests(tokens_per_block)`` method (a Mooncake trace) gives
+    its block keys without building prompts; others are hashed prompt by prompt.
+    """
+    method = getattr(workload, "oracle_requests", None)
+    source: Iterable[OracleRequest]
+    if callable(method):
+        source = method(tokens_per_block)
+    else:
+        source = oracle_requests(workload, tokens_per_block)
+    requests = list(source)
+    unlimited = unlimited_hit_tokens(requests, tokens_per_block).hit_rate
+    return [
+        OracleBounds(tokens_per_block, capacity, unlimited,
+                     belady_hit_tokens(requests, capacity, tokens_per_block).hit_rate)
+        for capacity in capacities
+    ]
+
+
+def _time_model(profile: ModelProfile | TimeModel | str) -> TimeModel:
+    if isinstance(profile, TimeModel):
+        return profile
+    if isinstance(profile, str):
+        return TimeModel(get_profile(profile))
+    return TimeModel(profile)
+
+
+class _Loop:
+    """The state of one replay: the scheduler, the virtual clock and the books it keeps."""
+
+    def __init__(self, cache: CacheConfig, sched: SchedulerConfig, model: TimeModel,
+                 time_scale: float, progress: Callable[[int], object] | None,
+                 check_every: int | None) -> None:
+        self.now_s = 0.0
+        self.manager = KVCacheManager(cache, _NullEngine(), clock=lambda: self.now_s)
+        self.scheduler = Scheduler(self.manager, sched)
+        self.sched = sched
+        self.model = model
+        self.time_scale = time_scale
+        self.progress = progress
+        self.check_every = check_every
+        self.sampled_ids = count(SAMPLED_TOKEN_BASE)
+        self.live: dict[str, Request] = {}
+        self.first_token_s: dict[str, float] = {}
+        self.ttfts: list[float] = []
+        self.e2es: list[float] = []
+        self.step_cpu_s: list[float] = []
+        self.full_step_cpu_s: list[float] = []
+        self.num_requests = self.num_rejected = self.num_output_tokens = 0
+        self.num_finished_prompt_tokens = 0
+        self.first_arrival_s: float | None = None
+        self.last_finish_s = 0.0
+        self.num_credited = self.num_obtained = self.num_lost = 0
+        self.num_scheduled = self.num_overflow_steps = self.num_overflow = 0
+        self.max_overflow = self.num_preemptions = 0
+        self.num_host_hit_tokens = self.bytes_h2d = self.bytes_d2h = 0
+
+    def run(self, requests: Iterator[TraceRequest]) -> None:
+        scheduler = self.scheduler
+        scale = self.time_scale
+        tpb = self.manager.config.tokens_per_block
+        capacity = self.manager.config.num_gpu_blocks
+        upcoming = next(requests, None)
+        num_steps = 0
+        while True:
+            while upcoming is not None and upcoming.arrival_s * scale <= self.now_s:
+                self._arrive(upcoming, tpb, capacity)
+                upcoming = next(requests, None)
+            if not scheduler.has_unfinished():
+                if upcoming is None:
+                    break
+                self.now_s = max(self.now_s, upcoming.arrival_s * scale)
+                continue
+            if not self._step():
+                # Nothing could be scheduled now; only an arrival can change that.
+                assert upcoming is not None, (
+                    f"the scheduler made no progress with {len(scheduler.waiting)} waiting and "
+                    f"{len(scheduler.running)} running requests and no more arrivals")
+                self.now_s = max(self.now_s, upcoming.arrival_s * scale)
+                continue
+            num_steps += 1
+            if self.check_every is not None and num_steps % self.check_every == 0:
+                self.manager.check_invariants()
+        self.num_steps = num_steps
+        self.manager.check_invariants()
+
+    def _arrive(self, request: TraceRequest, tpb: int, capacity: int) -> None:
+        arrival_s = request.arrival_s * self.time_scale
+        if self.first_arrival_s is None:
+            self.first_arrival_s = arrival_s
+        max_output = max(1, request.output_length)
+        # The scheduler refuses these too (ValueError); checked here so that only they are
+        # skipped and any other refusal still raises.
+        if -(-(len(request.prompt) + max_output) // tpb) > capacity:
+            self.num_rejected += 1
+            if self.progress is not None:
+                self.progress(1)
+            return
+        req = Request(request.request_id, request.prompt, max_output, arrival_s)
+        self.scheduler.add_request(req)
+        self.live[req.request_id] = req
+
+    def _step(self) -> bool:
+        """Run one step; False if it scheduled nothing (the clock did not move)."""
+        scheduler = self.scheduler
+        live = self.live
+        t0 = time.perf_counter()
+        step = scheduler.step()
+        cpu_s = time.perf_counter() - t0
+
+        # Who samples: every decode, and every chunk that completes its prefill.
+        sampled: dict[str, int] = {}
+        first: list[str] = []
+        num_prefill = 0
+        for chunk in step.context_chunks:
+            num_prefill += chunk.num_tokens
+            rid = chunk.request_id
+            if chunk.first_token + chunk.num_tokens >= live[rid].num_prefill_tokens:
+                sampled[rid] = next(self.sampled_ids)
+                if rid not in self.first_token_s:
+                    first.append(rid)
+        for rid in step.decode_request_ids:
+            sampled[rid] = next(self.sampled_ids)
+        t0 = time.perf_counter()
+        finished = scheduler.update(step, sampled)
+        cpu_s += time.perf_counter() - t0
+        num_decode = len(step.decode_request_ids)
+        bytes_h2d, bytes_d2h = self._transfers(step.transfer_plan)
+        self.now_s += self.model.step_seconds(num_prefill, num_decode, bytes_h2d, bytes_d2h)
+
+        self.step_cpu_s.append(cpu_s)
+        if step.num_scheduled_tokens >= FULL_STEP_SHARE * self.sched.max_num_tokens:
+            self.full_step_cpu_s.append(cpu_s)
+        self.num_scheduled += step.num_scheduled_tokens
+        self.num_credited += step.num_credited_tokens
+        self.num_obtained += step.num_reused_tokens
+        self.num_lost += max(0, step.num_credited_tokens - step.num_reused_tokens)
+        if step.num_overflow_tokens:
+            self.num_overflow_steps += 1
+            self.num_overflow += step.num_overflow_tokens
+            self.max_overflow = max(self.max_overflow, step.num_overflow_tokens)
+        self.num_preemptions += len(step.preempted_request_ids)
+        for rid in first:
+            self.first_token_s[rid] = self.now_s
+            self.ttfts.append(self.now_s - live[rid].arrival_s)
+        for req in finished:
+            rid = req.request_id
+            del live[rid]
+            self.e2es.append(self.now_s - req.arrival_s)
+            del self.first_token_s[rid]
+            self.num_requests += 1
+            self.num_output_tokens += len(req.output)
+            self.num_finished_prompt_tokens += len(req.prompt)
+            self.last_finish_s = self.now_s
+            if self.progress is not None:
+                self.progress(1)
+        return num_prefill > 0 or num_decode > 0
+
+    def _transfers(self, plan: TransferPlan) -> tuple[int, int]:
+        """Bytes H2D (onboards, copies from a host block) and D2H (offloads) of a plan."""
+        h2d = d2h = 0
+        for op in plan.ops:
+            if op.kind is OpKind.OFFLOAD:
+                d2h += op.num_tokens
+            elif op.kind is OpKind.ONBOARD or op.src_tier is Tier.HOST:
+                h2d += op.num_tokens
+        self.num_host_hit_tokens += h2d
+        kv = self.model.profile.kv_bytes_per_token
+        self.bytes_h2d += h2d * kv
+        self.bytes_d2h += d2h * kv
+        return h2d * kv, d2h * kv
+
+    def report(self, workload: Workload, wall_s: float) -> SimReport:
+        stats = self.manager.stats
+        num_prompt = stats.num_prompt_tokens
+        num_reused = stats.num_reused_tokens
+        num_gpu_hit = num_reused - self.num_host_hit_tokens
+        makespan_s = self.last_finish_s - (self.first_arrival_s or 0.0)
+
+        def per_s(n: int) -> float:
+            return n / makespan_s if makespan_s > 0 else 0.0
+
+        def share(n: int) -> float:
+            return n / num_prompt if num_prompt else 0.0
+
+        tiers = stats.as_dict()
+        gpu, host = tiers["gpu"], tiers["host"]
+        assert isinstance(gpu, dict) and isinstance(host, dict)
+        steps = Summary.of(self.step_cpu_s)
+        full = Summary.of(self.full_step_cpu_s)
+        cpu: dict[str, float | None] = {
+            "wall_s": wall_s,
+            "scheduler_s": sum(self.step_cpu_s),
+            "us_per_step_mean": _us(steps.mean),
+            "us_per_step_p99": _us(steps.p99),
+            "us_per_full_step_mean": _us(full.mean),
+            "us_per_full_step_p99": _us(full.p99),
+        }
+        return SimReport(
+            workload=workload.describe(),
+            cache_config=asdict(self.manager.config),
+            scheduler_config=asdict(self.sched),
+            profile=asdict(self.model.profile),
+            time_scale=float(self.time_scale),
+            num_requests=self.num_requests,
+            num_rejected_too_large=self.num_rejected,
+            num_steps=self.num_steps,
+            num_prompt_tokens=num_prompt,
+            num_output_tokens=self.num_output_tokens,
+            num_reused_tokens=num_reused,
+            num_gpu_hit_tokens=num_gpu_hit,
+            num_host_hit_tokens=self.num_host_hit_tokens,
+            token_hit_rate=share(num_reused),
+            gpu_token_hit_rate=share(num_gpu_hit),
+            host_token_hit_rate=share(self.num_host_hit_tokens),
+            gpu=dict(gpu),
+            host=dict(host),
+            num_credited_tokens=self.num_credited,
+            num_obtained_tokens=self.num_obtained,
+            num_lost_reuse_tokens=self.num_lost,
+            num_scheduled_tokens=self.num_scheduled,
+            num_overflow_steps=self.num_overflow_steps,
+            num_overflow_tokens=self.num_overflow,
+            max_overflow_tokens=self.max_overflow,
+            num_preemptions=self.num_preemptions,
+            ttft_s=Summary.of(self.ttfts),
+            e2e_s=Summary.of(self.e2es),
+            makespan_s=makespan_s,
+            throughput_tokens_per_s=per_s(self.num_finished_prompt_tokens
+                                          + self.num_output_tokens),
+            output_tokens_per_s=per_s(self.num_output_tokens),
+            requests_per_s=per_s(self.num_requests),
+            num_onboarded_blocks=stats.host.onboarded_blocks,
+            num_offloaded_blocks=stats.gpu.offloaded_blocks,
+            num_evicted_gpu_blocks=stats.gpu.evicted_blocks,
+            num_evicted_host_blocks=stats.host.evicted_blocks,
+            bytes_h2d=self.bytes_h2d,
+            bytes_d2h=self.bytes_d2h,
+            cpu=cpu,
+        )
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e6
