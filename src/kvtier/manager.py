@@ -238,6 +238,7 @@ class KVCacheManager:
             node, index = owner
             if index == 0:
                 parent = node.parent
+                assert parent is not None
                 self._store.drop(node)
                 self._store.refile(parent)
             else:
