@@ -226,3 +226,15 @@ def test_claim_mode_never_overflows_and_never_loses_credit(seed: int, policy: st
         assert step.num_overflow_tokens == 0
         assert step.num_credited_tokens == step.num_reused_tokens
         finish_step(s, step, token=rng.randint(0, 5))
+
+
+def test_copy_source_counts_as_room_when_the_request_fills_the_pool() -> None:
+    """A request needing the whole pool, with a partial copy from a cached block, is
+    admitted: the source is released after its copy (this used to livelock)."""
+    s = Scheduler(KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=4)))
+    s.add_request(Request("a", list(range(1, 14)), 1))
+    finish_step(s, s.step())
+    s.add_request(Request("b", [1, 2, 3, 4, 5, 6] + [0] * 9, 1))  # 16 tokens to finish
+    step = s.step()
+    assert step.context_chunks == (ContextChunk("b", 6, 9, 6),)
+    finish_step(s, step)

@@ -152,11 +152,16 @@ class BatchAdmission:
         for p in pending:
             host_runs = [n for n in path_to_root(p.seq.last_node)
                          if n.tier is Tier.HOST and n.uid not in onboarding]
+            num_onboard = sum(n.num_blocks for n in host_runs)
             need = (-(-len(p.spec.tokens) // tpb) - p.seq.num_path_blocks
-                    - (p.partial_mode == "in_place") + sum(n.num_blocks for n in host_runs)
-                    + p.spec.num_reserved_blocks)
-            if need <= store.gpu.num_available - self.mgr._num_reserved - consumed:
-                consumed += need
+                    - (p.partial_mode == "in_place") + num_onboard + p.spec.num_reserved_blocks)
+            # A GPU copy source that only this request holds is released right after its
+            # copy, before the rest is allocated: it counts as room for that rest.
+            credit = int(p.partial_mode == "copy" and p.partial is not None
+                         and p.partial.node.tier is Tier.GPU and p.partial.node.ref_count == 1)
+            available = store.gpu.num_available - self.mgr._num_reserved - consumed
+            if need - credit <= available and num_onboard + credit <= available:
+                consumed += need - credit
                 onboarding.update(n.uid for n in host_runs)
                 admitted.append(True)
             else:
@@ -231,17 +236,18 @@ class BatchAdmission:
             store.unref_path(seq.last_node)  # the source's claim on its ancestors: our path
             num_partial = partial.num_tokens
             store.stats.num_partial_in_place += 1
-        table += store.allocate_gpu(num_blocks - len(table), ops)
         if partial is not None and p.partial_mode == "copy":
+            # Copy first, then release the source: the rest may evict it.
             src = partial.node
-            dst = table[seq.num_path_blocks]
-            ops.append(TransferOp(OpKind.COPY, src.tier, src.slots[0], Tier.GPU, dst,
+            table += store.allocate_gpu(1, ops)
+            ops.append(TransferOp(OpKind.COPY, src.tier, src.slots[0], Tier.GPU, table[-1],
                                   partial.num_tokens))
             store.unref_path(src)
             num_partial = partial.num_tokens
             store.stats.num_partial_copies += 1
             if src.tier is Tier.HOST:
                 num_onboarded += partial.num_tokens
+        table += store.allocate_gpu(num_blocks - len(table), ops)
         seq.block_table = table
         num_reused = seq.num_path_blocks * tpb + num_partial
         promise = p.promise

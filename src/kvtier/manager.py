@@ -88,6 +88,14 @@ class KVCacheManager:
     ) -> PrefixMatch:
         """The reuse a request with these tokens would get if admitted now. Pure query."""
         check_tokens(tokens, "tokens")
+        return self._lookup(tokens, salt, lora_id, mm_items)
+
+    def lookup_spec(self, spec: SequenceSpec) -> PrefixMatch:
+        """``lookup`` for a spec's prompt (validated when the spec was built). Pure query."""
+        return self._lookup(spec.tokens, spec.salt, spec.lora_id, spec.mm_items)
+
+    def _lookup(self, tokens: list[int], salt: object, lora_id: object,
+                mm_items: Sequence[MultimodalItem]) -> PrefixMatch:
         root = self._store.root(lora_id, salt)
         if root is None:
             return PrefixMatch(0, 0, 0, 0)
@@ -150,27 +158,32 @@ class KVCacheManager:
             raise ValueError(
                 f"{request_id!r} still has {len(seq.tokens) - seq.num_scheduled_tokens} "
                 "unscheduled prompt tokens; append only after its prefill")
-        need = self.num_blocks_to_append(request_id, len(tokens))
-        if need > self._store.gpu.num_available - (self._num_reserved - seq.num_reserved):
-            return None
-        self._version += 1
-        ops: list[TransferOp] = []
-        new = self._store.allocate_gpu(need, ops)
-        used = min(need, seq.num_reserved)
-        seq.num_reserved -= used
-        self._num_reserved -= used
-        seq.block_table += new
+        tpb = self._tpb
+        num_tokens = len(seq.tokens) + len(tokens)
+        need = -(-num_tokens // tpb) - len(seq.block_table)
+        new: list[int] = []
+        if need > 0:
+            if need > self._store.gpu.num_available - (self._num_reserved - seq.num_reserved):
+                return None
+            self._version += 1
+            ops: list[TransferOp] = []
+            new = self._store.allocate_gpu(need, ops)
+            used = min(need, seq.num_reserved)
+            seq.num_reserved -= used
+            self._num_reserved -= used
+            seq.block_table += new
+            if ops:
+                self.engine.submit(TransferPlan(tuple(ops)))
         if not seq.owns_tokens:
             seq.tokens = list(seq.tokens)
             seq.owns_tokens = True
         seq.num_valid_tokens = seq.num_scheduled_tokens
         seq.tokens += tokens
         if seq.extras is not None:
-            seq.extras += [None] * (-(-len(seq.tokens) // self._tpb) - len(seq.extras))
-        seq.num_scheduled_tokens = len(seq.tokens)
-        self._store_blocks(seq)
-        if ops:
-            self.engine.submit(TransferPlan(tuple(ops)))
+            seq.extras += [None] * (-(-num_tokens // tpb) - len(seq.extras))
+        seq.num_scheduled_tokens = num_tokens
+        if num_tokens // tpb > seq.num_path_blocks:
+            self._store_blocks(seq)
         return new
 
     def remove_sequence(self, request_id: str, store_for_reuse: bool = True) -> None:

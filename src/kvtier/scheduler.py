@@ -83,7 +83,6 @@ class Request:
     num_prefill_tokens: int = 0  # tokens its current admission prefills
     num_computed_tokens: int = 0
     num_preemptions: int = 0
-    num_skipped_steps: int = 0
 
     def __post_init__(self) -> None:
         if type(self.max_output_tokens) is not int or self.max_output_tokens < 1:
@@ -92,9 +91,9 @@ class Request:
 
     @property
     def tokens(self) -> list[int]:
-        """What an admission prefills: the prompt, and after a preemption the output so far
-        (recomputed or reused from the cache, then the next token is sampled)."""
-        return self.prompt + self.output if self.output else self.prompt
+        """The prompt and the output so far (a new list). After a preemption this is what
+        the request prefills again."""
+        return self.prompt + self.output
 
     @property
     def in_prefill(self) -> bool:
@@ -151,6 +150,11 @@ class Scheduler:
         manager.engine = self._collector
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # admission order: newest last
+        # Per waiting request: what it prefills when admitted (the prompt, and after a
+        # preemption the output so far), validated once; and since when it waits.
+        self._specs: dict[str, SequenceSpec] = {}
+        self._queued_at: dict[str, int] = {}
+        self._num_steps = 0
         self._lookups: dict[str, tuple[int, PrefixMatch]] = {}
         self._tpb = manager.config.tokens_per_block
         self.num_lookups = 0
@@ -166,16 +170,26 @@ class Scheduler:
             return 1 << 62
         return cfg.max_chunk_tokens or cfg.max_num_tokens
 
-    def _lookup(self, req: Request, tokens: list[int]) -> PrefixMatch:
+    def _lookup(self, spec: SequenceSpec) -> PrefixMatch:
         """``manager.lookup``, kept while the manager's version says nothing changed."""
         version = self.manager.version
-        cached = self._lookups.get(req.request_id)
+        cached = self._lookups.get(spec.request_id)
         if cached is not None and cached[0] == version:
             return cached[1]
         self.num_lookups += 1
-        m = self.manager.lookup(tokens, salt=req.salt, lora_id=req.lora_id)
-        self._lookups[req.request_id] = (version, m)
+        m = self.manager.lookup_spec(spec)
+        self._lookups[spec.request_id] = (version, m)
         return m
+
+    def _enqueue(self, req: Request, first: bool) -> None:
+        tokens = req.tokens if req.output else req.prompt
+        self._specs[req.request_id] = SequenceSpec(
+            req.request_id, tokens, salt=req.salt, lora_id=req.lora_id, priority=req.priority)
+        self._queued_at[req.request_id] = self._num_steps
+        if first:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
 
     # ---- commands --------------------------------------------------------------------
 
@@ -183,7 +197,7 @@ class Scheduler:
         """Queue a request; raises ValueError if its id is already queued or running, or if
         it could never fit the GPU pool."""
         rid = req.request_id
-        if rid in self.running or any(r.request_id == rid for r in self.waiting):
+        if rid in self.running or rid in self._specs:
             raise ValueError(f"request_id {rid!r} is already queued or running")
         total = len(req.prompt) + req.max_output_tokens
         blocks = -(-total // self._tpb)
@@ -191,8 +205,7 @@ class Scheduler:
         if blocks > capacity:
             raise ValueError(f"request {rid!r} needs {blocks} blocks for {total} tokens, "
                              f"num_gpu_blocks is {capacity}")
-        SequenceSpec(rid, req.prompt)  # validates the prompt, naming the request
-        self.waiting.append(req)
+        self._enqueue(req, first=False)  # validates the prompt, naming the request
 
     def step(self) -> ScheduledStep:
         """Schedule one forward pass."""
@@ -204,6 +217,7 @@ class Scheduler:
 
     def _step(self) -> ScheduledStep:
         cfg = self.config
+        self._num_steps += 1
         budget = cfg.max_num_tokens
         slots = cfg.max_batch_size
         preempted: list[str] = []
@@ -271,7 +285,7 @@ class Scheduler:
         del self.running[req.request_id]
         req.num_preemptions += 1
         req.num_computed_tokens = req.num_prefill_tokens = 0
-        self.waiting.appendleft(req)
+        self._enqueue(req, first=True)
 
     def _candidates(self, budget: int, slots: int) -> list[tuple[Request, list[int], int, int]]:
         """Waiting requests to try, in order, with their credited reuse and first chunk.
@@ -290,8 +304,9 @@ class Scheduler:
         for req in self.waiting:
             if budget == 0 or slots == 0:
                 break
-            tokens = req.tokens
-            m = self._lookup(req, tokens)
+            spec = self._specs[req.request_id]
+            tokens = spec.tokens
+            m = self._lookup(spec)
             compute = len(tokens) - m.num_tokens
             n = min(compute, cap, budget)
             if n < compute and not self.config.enable_chunked_prefill:
@@ -304,7 +319,7 @@ class Scheduler:
                 slots -= 1
                 footprint -= blocks
                 free -= need
-            if req.num_skipped_steps >= self.config.max_skipped_steps:
+            if self._num_steps - self._queued_at[req.request_id] > self.config.max_skipped_steps:
                 break  # it has waited long enough: nobody behind it goes first
         return out
 
@@ -316,9 +331,7 @@ class Scheduler:
         return -(-final // self._tpb) - -(-len(tokens) // self._tpb)
 
     def _spec(self, req: Request, tokens: list[int], num_new: int) -> SequenceSpec:
-        return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
-                            priority=req.priority, num_new_tokens=num_new,
-                            num_reserved_blocks=self._reserve(req, tokens))
+        return self._specs[req.request_id].with_schedule(num_new, self._reserve(req, tokens))
 
     def _admit_claim(self, budget: int,
                      slots: int) -> tuple[list[ContextChunk], int, int, int]:
@@ -346,7 +359,6 @@ class Scheduler:
                 slots -= 1
             if not rejected or budget == 0 or slots == 0:
                 break
-        self._note_skipped()
         return chunks, credited, reused, 0
 
     def _admit_probe(self, budget: int,
@@ -357,7 +369,7 @@ class Scheduler:
         for req, tokens, credit, n in candidates:
             # Reuse lost since the estimate must be computed now: the chunk grows. (The
             # manager admits one request exactly; the race is between these calls.)
-            now = self.manager.lookup(tokens, req.salt, req.lora_id).num_tokens
+            now = self.manager.lookup_spec(self._specs[req.request_id]).num_tokens
             n_actual = max(1, min(len(tokens) - now, n + credit - now))
             adm = self.manager.add_sequence(self._spec(req, tokens, n_actual))
             if not adm.admitted:
@@ -366,22 +378,18 @@ class Scheduler:
             credited += credit
             reused += adm.num_reused_tokens
             chunks.append(self._start(req, len(tokens), now, n_actual))
-        self._note_skipped()
         return chunks, credited, reused, 0
 
     def _start(self, req: Request, num_prefill: int, num_reused: int,
                num_tokens: int) -> ContextChunk:
         self.waiting.remove(req)
         self._lookups.pop(req.request_id, None)
+        del self._specs[req.request_id]
+        del self._queued_at[req.request_id]
         self.running[req.request_id] = req
-        req.num_skipped_steps = 0
         req.num_prefill_tokens = num_prefill
         req.num_computed_tokens = num_reused
         return ContextChunk(req.request_id, num_reused, num_tokens, num_reused)
-
-    def _note_skipped(self) -> None:
-        for req in self.waiting:
-            req.num_skipped_steps += 1
 
     def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
         """Apply a finished forward pass: advance prefills, record sampled tokens (for every
@@ -418,7 +426,7 @@ class Scheduler:
             if req is None:
                 continue
             req.num_computed_tokens = req.num_prefill_tokens = 0
-            self.waiting.appendleft(req)
+            self._enqueue(req, first=True)
         chunks = tuple(c for c in step.context_chunks if c.request_id not in gone)
         decodes = tuple(r for r in step.decode_request_ids if r not in gone)
         num = len(decodes) + sum(c.num_tokens for c in chunks)
@@ -431,6 +439,8 @@ class Scheduler:
             if rid in self.running:
                 self.manager.remove_sequence(rid)
                 del self.running[rid]
-            else:
+            elif rid in self._specs:
                 self.waiting = deque(r for r in self.waiting if r.request_id != rid)
+                del self._specs[rid]
+                del self._queued_at[rid]
             self._lookups.pop(rid, None)

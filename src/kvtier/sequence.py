@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from kvtier.config import check_priority
 from kvtier.radix import Node, Root
@@ -89,12 +89,28 @@ class SequenceSpec:
                     f"MultimodalItem at offset {item.offset} with length {item.length} runs past "
                     f"the {len(tokens)} tokens of {self.request_id!r}"
                 )
-        n = self.num_new_tokens
-        if n is not None and (type(n) is not int or n < 1):
-            raise ValueError(f"num_new_tokens must be an int >= 1 or None, got {n!r}")
-        r = self.num_reserved_blocks
-        if type(r) is not int or r < 0:
-            raise ValueError(f"num_reserved_blocks must be an int >= 0, got {r!r}")
+        _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
+
+    def with_schedule(self, num_new_tokens: int | None, num_reserved_blocks: int) -> SequenceSpec:
+        """A copy with other scheduling fields. Only those are checked: the rest was
+        validated when this spec was built (a scheduler re-admits the same prompt often)."""
+        _check_schedule(num_new_tokens, num_reserved_blocks)
+        spec = object.__new__(SequenceSpec)
+        for f in fields(self):
+            name = f.name
+            object.__setattr__(spec, name, getattr(self, name))
+        object.__setattr__(spec, "num_new_tokens", num_new_tokens)
+        object.__setattr__(spec, "num_reserved_blocks", num_reserved_blocks)
+        return spec
+
+
+def _check_schedule(num_new_tokens: int | None, num_reserved_blocks: int) -> None:
+    n = num_new_tokens
+    if n is not None and (type(n) is not int or n < 1):
+        raise ValueError(f"num_new_tokens must be an int >= 1 or None, got {n!r}")
+    r = num_reserved_blocks
+    if type(r) is not int or r < 0:
+        raise ValueError(f"num_reserved_blocks must be an int >= 0, got {r!r}")
 
 
 def check_tokens(tokens: list[int], what: str) -> None:
