@@ -199,7 +199,7 @@ class BlockStore:
         host = self.host
         num_offload = 0
         if host.capacity and self.priority(victim) >= self.config.offload_min_priority:
-            num_offload = self._make_host_room(victim.num_blocks, self._key(victim))
+            num_offload = self._make_host_room(victim)
         if num_offload < victim.num_blocks:
             if not num_offload:
                 self.drop(victim)
@@ -217,10 +217,13 @@ class BlockStore:
             self._emit_moves(victim, Tier.GPU, Tier.HOST)
         self.refile(victim)
 
-    def _make_host_room(self, num_blocks: int, key: tuple[int, int]) -> int:
-        """Free up to ``num_blocks`` host slots by dropping host blocks whose key is below
-        ``key``; return how many slots are free for an offload now."""
+    def _make_host_room(self, victim: Node) -> int:
+        """Free host slots for ``victim`` by dropping host blocks worth less than it, then
+        its own host extensions (lost anyway if it is dropped); return how many slots are
+        free for its offload now."""
         host = self.host
+        num_blocks = victim.num_blocks
+        key = self._key(victim)
         while len(host.free) < num_blocks:
             node = host.pop_candidate(self._host_candidate_key)
             if node is None:
@@ -231,10 +234,14 @@ class BlockStore:
                 break
             take = min(node.num_blocks, num_blocks - len(host.free))
             parent = node.parent
-            victim = node if take == node.num_blocks else self.cut_tail(node, take)
-            self.drop(victim)
+            victim_run = node if take == node.num_blocks else self.cut_tail(node, take)
+            self.drop(victim_run)
             assert parent is not None
-            self.refile(parent if victim is node else node)
+            self.refile(parent if victim_run is node else node)
+        for child in list(victim.iter_children()):
+            if len(host.free) >= num_blocks:
+                break
+            self.drop(child)  # below a GPU frontier run: host blocks, unreferenced
         return min(num_blocks, len(host.free))
 
     def drop(self, node: Node) -> None:
