@@ -1,7 +1,8 @@
-"""Tests of the ``kvtier`` command and the manager-level replay it runs."""
+"""Tests of the ``kvtier`` command: replay, compare and sweep, their reports and errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,20 +12,19 @@ from typing import Any
 import pytest
 
 import kvtier
-from kvtier import CacheConfig
 from kvtier.cli import main
-from kvtier.replay import replay_manager
-from kvtier.sim import SyntheticChat
+from kvtier.sim import SimReport, SyntheticChat
 
-REPORT_KEYS = {
-    "workload", "config", "in_flight", "num_requests", "num_prompt_tokens", "num_reused_tokens",
-    "token_hit_rate", "num_admitted_blocks", "num_early_releases", "gpu", "host", "transfers",
-    "wall_s", "manager_s", "manager_us_per_block",
-}
+REPORT_KEYS = {field.name for field in dataclasses.fields(SimReport)}
 TIER_KEYS = {
     "reused_blocks", "missed_blocks", "onboarded_blocks", "offloaded_blocks", "evicted_blocks",
     "hit_rate",
 }
+SUMMARY_KEYS = {"mean", "p50", "p90", "p99"}
+CPU_KEYS = {"wall_s", "scheduler_s", "us_per_step_mean", "us_per_step_p99",
+            "us_per_full_step_mean", "us_per_full_step_p99"}
+ORACLE_KEYS = {"tokens_per_block", "num_capacity_blocks", "unlimited_hit_rate",
+               "belady_hit_rate"}
 
 # Three requests over 512-token hash ids (hash id h = tokens h*512 .. h*512+511):
 #   r0  [1        | 2   ]  600 tokens
@@ -58,6 +58,15 @@ def last_json(out: str) -> dict[str, Any]:
     return report
 
 
+def assert_report_schema(report: dict[str, Any]) -> None:
+    """The keys of one simulation report, nested groups included."""
+    assert set(report) == REPORT_KEYS
+    assert set(report["gpu"]) == set(report["host"]) == TIER_KEYS
+    assert set(report["ttft_s"]) == set(report["e2e_s"]) == SUMMARY_KEYS
+    assert set(report["cpu"]) == CPU_KEYS
+    assert report["oracle"] is None or set(report["oracle"]) == ORACLE_KEYS
+
+
 def test_version_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     """--version prints the package version and exits 0."""
     code, out, _ = run_cli(capsys, "--version")
@@ -72,63 +81,80 @@ def test_version_via_python_m() -> None:
     assert (done.returncode, done.stdout, done.stderr) == (0, "kvtier 0.1.0\n", "")
 
 
-def test_help_names_replay_and_its_scope(capsys: pytest.CaptureFixture[str]) -> None:
-    """--help lists replay; replay --help says the replay is manager-level, no time model."""
+def test_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help lists the three commands; replay --help names the scheduler knobs."""
     code, out, _ = run_cli(capsys, "--help")
-    assert code == 0 and "replay" in out
+    assert code == 0 and all(name in out for name in ("replay", "compare", "sweep"))
     code, out, _ = run_cli(capsys, "replay", "--help")
     assert code == 0
-    assert "manager-level replay" in out and "time model" in out and "--in-flight" in out
+    for option in ("--max-num-tokens", "--admission", "--capacity-policy", "--set-profile",
+                   "--time-scale", "--oracle"):
+        assert option in out
 
 
 def test_replay_default_workload(capsys: pytest.CaptureFixture[str]) -> None:
     """The built-in synthetic workload replays: a table, then one JSON report line last."""
-    code, out, err = run_cli(capsys, "replay", "--limit", "50", "--no-progress")
+    code, out, err = run_cli(capsys, "replay", "--limit", "30", "--no-progress")
     assert (code, err) == (0, "")
     report = last_json(out)
-    assert set(report) == REPORT_KEYS
-    assert report["num_requests"] == 50
+    assert_report_schema(report)
+    assert report["num_requests"] == 30 and report["oracle"] is None
     assert isinstance(report["token_hit_rate"], float) and 0 < report["token_hit_rate"] < 1
-    assert set(report["gpu"]) == set(report["host"]) == TIER_KEYS
-    assert report["workload"] == SyntheticChat(num_requests=50).describe()
+    assert report["num_overflow_steps"] == report["num_lost_reuse_tokens"] == 0
+    assert report["workload"] == SyntheticChat(num_requests=30).describe()
+    assert report["profile"]["name"] == "llama3-8b-h100"
     table = out.splitlines()[:-1]
     assert [row.split()[0] for row in table] == [
-        "workload", "cache", "policy", "requests", "prompt", "hit", "blocks", "transfers",
-        "manager",
+        "workload", "cache", "scheduler", "model", "requests", "hit", "reuse", "overflow",
+        "TTFT", "E2E", "throughput", "transfers", "cpu",
     ]
 
 
 def test_replay_default_workload_follows_seed(capsys: pytest.CaptureFixture[str]) -> None:
     """The same seed gives the same reuse; another seed gives other prompts."""
-    runs = [last_json(run_cli(capsys, "replay", "--limit", "30", "--no-progress",
+    runs = [last_json(run_cli(capsys, "replay", "--limit", "20", "--no-progress",
                               "--seed", seed)[1]) for seed in ("0", "0", "1")]
     assert runs[0]["num_reused_tokens"] == runs[1]["num_reused_tokens"]
     assert runs[0]["num_prompt_tokens"] != runs[2]["num_prompt_tokens"]
 
 
+def test_replay_knobs_reach_the_report(capsys: pytest.CaptureFixture[str]) -> None:
+    """Scheduler, cache and profile options appear in the report's configs."""
+    code, out, _ = run_cli(
+        capsys, "replay", "--limit", "10", "--no-progress", "--max-num-tokens", "1024",
+        "--max-batch-size", "8", "--max-chunk-tokens", "256", "--capacity-policy",
+        "max_utilization", "--admission", "probe", "--host-blocks", "64", "--time-scale", "2",
+        "--set-profile", "pcie_bytes_per_s=2.5e10", "--set-profile", "overlap_transfers=false",
+        "--oracle")
+    assert code == 0
+    report = last_json(out)
+    assert report["scheduler_config"] == {
+        "max_num_tokens": 1024, "max_batch_size": 8, "enable_chunked_prefill": True,
+        "max_chunk_tokens": 256, "capacity_policy": "max_utilization", "admission": "probe",
+        "max_skipped_steps": 64}
+    assert report["cache_config"]["num_host_blocks"] == 64 and report["time_scale"] == 2.0
+    assert report["profile"]["pcie_bytes_per_s"] == 2.5e10
+    assert report["profile"]["overlap_transfers"] is False
+    assert report["oracle"]["num_capacity_blocks"] == 16384 + 64
+    assert out.splitlines()[-2].startswith("oracle")
+
+
 @pytest.mark.parametrize(
-    ("flags", "num_reused", "num_copies"),
-    [([], 512 + 299, 1), (["--no-partial-reuse"], 512 + 288, 0)],
+    ("flags", "num_reused"),
+    [([], 512 + 299), (["--no-partial-reuse"], 512 + 288)],
 )
 def test_replay_mooncake_exact_reuse(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], num_reused: int,
-    num_copies: int,
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], num_reused: int
 ) -> None:
     """A shared 512-token hash id is reused exactly; partial reuse adds 11 copied tokens."""
     path = make_mooncake(tmp_path, SHARED_PREFIX_TRACE)
     code, out, _ = run_cli(capsys, "replay", str(path), "--no-progress", *flags)
     assert code == 0
     report = last_json(out)
-    assert report["num_requests"] == 3
-    assert report["num_prompt_tokens"] == 1500
-    assert report["num_reused_tokens"] == num_reused
+    assert (report["num_requests"], report["num_prompt_tokens"]) == (3, 1500)
+    assert report["num_reused_tokens"] == report["num_credited_tokens"] == num_reused
     assert report["token_hit_rate"] == num_reused / 1500
-    assert report["transfers"] == {  # the one copy is r2's 11 tokens of block 9
-        "offload": {"num_ops": 0, "num_tokens": 0},
-        "onboard": {"num_ops": 0, "num_tokens": 0},
-        "copy": {"num_ops": num_copies, "num_tokens": 11 * num_copies},
-    }
-    assert report["num_admitted_blocks"] == 19 + 19 + 10
+    assert report["num_output_tokens"] == 15
 
 
 def test_replay_azure_csv(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -144,14 +170,79 @@ def test_replay_azure_csv(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     assert report["workload"]["kind"] == "azure"
 
 
-def test_json_file_equals_stdout_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """--json FILE holds the same report as the JSON line on stdout."""
+def test_compare_four_runs_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    """compare runs claim and probe, GPU only and GPU + host (4 x GPU by default)."""
+    code, out, _ = run_cli(capsys, "compare", "--limit", "15", "--no-progress",
+                           "--gpu-blocks", "1024", "--oracle")
+    assert code == 0
+    document = last_json(out)
+    assert set(document) == {"command", "runs"} and document["command"] == "compare"
+    runs = document["runs"]
+    assert [run["label"] for run in runs] == [
+        "claim GPU only", "claim GPU+host", "probe GPU only", "probe GPU+host"]
+    for run in runs:
+        assert set(run) == {"label", "report"}
+        assert_report_schema(run["report"])
+    assert [run["report"]["cache_config"]["num_host_blocks"] for run in runs] == [0, 4096] * 2
+    assert [run["report"]["oracle"]["num_capacity_blocks"] for run in runs] == [1024, 5120] * 2
+    header, *rows = out.splitlines()[:-1]
+    assert header.split() == ["claim", "GPU", "only", "claim", "GPU+host", "probe", "GPU",
+                              "only", "probe", "GPU+host"]
+    assert [row[:15].strip() for row in rows] == [
+        "admission", "GPU blocks", "host blocks", "hit rate", "from host", "Belady",
+        "overflow steps", "worst overflow", "lost reuse", "preemptions", "TTFT p50",
+        "TTFT p99", "tokens/s", "us/step"]
+
+
+def test_sweep_one_run_per_capacity(capsys: pytest.CaptureFixture[str]) -> None:
+    """sweep crosses GPU and host sizes, with the oracle bound on by default."""
+    code, out, _ = run_cli(capsys, "sweep", "--limit", "15", "--no-progress",
+                           "--gpu-blocks", "512,1024", "--host-blocks", "0,256")
+    assert code == 0
+    document = last_json(out)
+    assert set(document) == {"command", "runs"} and document["command"] == "sweep"
+    sizes = [(r["cache_config"]["num_gpu_blocks"], r["cache_config"]["num_host_blocks"])
+             for r in document["runs"]]
+    assert sizes == [(512, 0), (512, 256), (1024, 0), (1024, 256)]
+    for report in document["runs"]:
+        assert_report_schema(report)
+        assert report["oracle"]["belady_hit_rate"] <= report["oracle"]["unlimited_hit_rate"]
+    table = out.splitlines()[:-1]
+    assert table[0].split()[:4] == ["GPU", "blocks", "host", "blocks"] and len(table) == 5
+
+
+def test_sweep_plot_writes_png(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--plot FILE writes a PNG when matplotlib is installed."""
+    pytest.importorskip("matplotlib", reason="the 'plot' extra (matplotlib) is not installed")
+    target = tmp_path / "sweep.png"
+    code, _, _ = run_cli(capsys, "sweep", "--limit", "10", "--no-progress", "--host-blocks",
+                         "0,128", "--plot", str(target))
+    assert code == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_plot_without_matplotlib(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without matplotlib, --plot fails at once with the install command, exit 2."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes ``import matplotlib`` fail
+    code, out, err = run_cli(capsys, "sweep", "--limit", "5", "--no-progress", "--plot",
+                             str(tmp_path / "x.png"))
+    assert (code, out) == (2, "")
+    assert err == ("kvtier: error: --plot needs matplotlib; install it with: "
+                   "pip install 'kvtier[plot]'\n")
+
+
+@pytest.mark.parametrize("command", ["replay", "compare", "sweep"])
+def test_json_file_equals_stdout_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    """--json FILE holds the same document as the JSON line on stdout."""
     target = tmp_path / "report.json"
-    code, out, _ = run_cli(capsys, "replay", "--limit", "20", "--no-progress", "--host-blocks",
-                           "64", "--json", str(target))
+    code, out, _ = run_cli(capsys, command, "--limit", "8", "--no-progress", "--no-oracle",
+                           "--json", str(target))
     assert code == 0
     assert json.loads(target.read_text(encoding="utf-8")) == last_json(out)
-    assert last_json(out)["config"]["num_host_blocks"] == 64
 
 
 def test_progress_bar_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
@@ -172,26 +263,6 @@ def test_progress_without_tqdm(
     assert last_json(out)["num_requests"] == 5
 
 
-def test_replay_manager_library(capsys: pytest.CaptureFixture[str]) -> None:
-    """replay_manager never prints, reports progress per request, and releases early on need."""
-    calls: list[int] = []
-    workload = SyntheticChat(num_requests=40)
-    # Prompts reach 8,000 tokens (250 blocks), so 300 blocks cannot hold 16 live requests.
-    report = replay_manager(workload, CacheConfig(num_gpu_blocks=300, num_host_blocks=600),
-                            in_flight=16, progress=calls.append)
-    assert capsys.readouterr() == ("", "")
-    assert calls == [1] * 40
-    assert report.num_requests == 40 and report.num_early_releases > 0
-    assert report.host["onboarded_blocks"] == report.transfers["onboard"]["num_ops"] > 0
-    assert report.to_dict()["manager_us_per_block"] == report.manager_us_per_block
-
-
-def test_replay_manager_rejects_bad_in_flight() -> None:
-    """in_flight must be a positive integer; the message names it."""
-    with pytest.raises(ValueError, match="in_flight must be an integer >= 1, got 0"):
-        replay_manager(SyntheticChat(num_requests=1), CacheConfig(), in_flight=0)
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -200,9 +271,24 @@ def test_replay_manager_rejects_bad_in_flight() -> None:
         (["--offload-min-priority", "200"],
          "invalid configuration: offload_min_priority must be an integer in 0..100, got 200"),
         (["--gpu-blocks", "0"], "invalid configuration: num_gpu_blocks must be an integer >= 1"),
+        (["--max-num-tokens", "0"],
+         "invalid configuration: max_num_tokens must be an integer >= 1, got 0"),
         (["--gpu-blocks", "4"],
-         "cannot replay: request 'synthetic-chat-0' needs 57 blocks (1802 tokens / 32) but "
-         "num_gpu_blocks is 4"),
+         "all 3 requests are too large for 4 GPU blocks of 32 tokens; raise --gpu-blocks"),
+        (["--set-profile", "warp_speed=9"],
+         "--set-profile: unknown profile constant 'warp_speed'; known: decode_s_per_seq, "
+         "kv_bytes_per_token, overlap_transfers, pcie_bytes_per_s, prefill_s_per_token, "
+         "step_overhead_s"),
+        (["--set-profile", "pcie_bytes_per_s=fast"],
+         "--set-profile pcie_bytes_per_s: expected a number, got 'fast'"),
+        (["--set-profile", "kv_bytes_per_token=1.5"],
+         "--set-profile kv_bytes_per_token: expected an integer, got '1.5'"),
+        (["--set-profile", "overlap_transfers=maybe"],
+         "--set-profile overlap_transfers: expected true or false, got 'maybe'"),
+        (["--set-profile", "pcie_bytes_per_s"], "--set-profile expects KEY=VALUE, got "
+         "'pcie_bytes_per_s'"),
+        (["--set-profile", "pcie_bytes_per_s=0"],
+         "invalid profile: pcie_bytes_per_s must be > 0, got 0.0"),
         (["no-such-trace.jsonl"],
          "cannot read trace no-such-trace.jsonl: No such file or directory"),
         (["trace.txt"],
@@ -218,13 +304,14 @@ def test_bad_input_is_one_line_exit_2(
     assert err.startswith(f"kvtier: error: {message}") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["replay", "compare", "sweep"])
 def test_malformed_trace_names_file_line_field(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
 ) -> None:
     """A bad trace line is reported as file:line: field, with status 2 and no traceback."""
     bad = dict(SHARED_PREFIX_TRACE[1], input_length="600")
     path = make_mooncake(tmp_path, [SHARED_PREFIX_TRACE[0], bad])
-    code, out, err = run_cli(capsys, "replay", str(path))
+    code, out, err = run_cli(capsys, command, str(path))
     assert (code, out) == (2, "")
     assert err == (f"kvtier: error: malformed trace: {path}:2: field 'input_length': "
                    "expected an integer, got '600'\n")
@@ -234,9 +321,14 @@ def test_malformed_trace_names_file_line_field(
     ("args", "message"),
     [
         (["replay", "--bogus"], "unrecognized arguments: --bogus"),
-        (["replay", "--in-flight", "0"], "argument --in-flight: must be an integer >= 1, got 0"),
+        (["replay", "--time-scale", "0"], "argument --time-scale: must be a finite number > 0"),
         (["replay", "--limit", "x"], "argument --limit: expected an integer, got 'x'"),
         (["replay", "--hash-algo", "md5"], "argument --hash-algo: invalid choice: 'md5'"),
+        (["replay", "--profile", "gpt-9"], "argument --profile: invalid choice: 'gpt-9'"),
+        (["sweep", "--host-blocks", "0,x"],
+         "argument --host-blocks: expected comma-separated integers, got '0,x'"),
+        (["sweep", "--gpu-blocks", "0"], "argument --gpu-blocks: every value must be >= 1"),
+        (["compare", "--admission", "probe"], "unrecognized arguments: --admission"),
         ([], "the following arguments are required: COMMAND"),
     ],
 )

@@ -26,6 +26,7 @@ from kvtier.sim import (
     ModelProfile,
     MooncakeTrace,
     SimReport,
+    SimulationStalled,
     SyntheticChat,
     TraceFormatError,
     Workload,
@@ -323,7 +324,7 @@ def _simulate(workload: Workload, cache: CacheConfig, sched: SchedulerConfig,
         report = simulate(workload, cache, sched, profile, args.time_scale, progress, oracle)
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None
-    except ValueError as exc:
+    except (ValueError, SimulationStalled) as exc:
         raise CLIError(f"cannot replay: {exc}") from None
     if report.num_requests == 0 and report.num_rejected_too_large:
         raise CLIError(

@@ -3,7 +3,7 @@ oracles, the replay loop (:func:`simulate`) and its report."""
 
 from __future__ import annotations
 
-from kvtier.sim.engine import SAMPLED_TOKEN_BASE, oracle_bounds, simulate
+from kvtier.sim.engine import SAMPLED_TOKEN_BASE, SimulationStalled, oracle_bounds, simulate
 from kvtier.sim.oracle import (
     OracleRequest,
     OracleResult,
@@ -39,6 +39,7 @@ __all__ = [
     "PrefixModel",
     "SessionBuilder",
     "SimReport",
+    "SimulationStalled",
     "Summary",
     "SyntheticChat",
     "TimeModel",

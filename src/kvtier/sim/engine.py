@@ -15,8 +15,10 @@ are timed in real CPU time: building prompts and the loop's own books are not.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from itertools import count
 
@@ -44,6 +46,11 @@ SAMPLED_TOKEN_BASE = 1 << 62
 FULL_STEP_SHARE = 0.9
 
 
+class SimulationStalled(RuntimeError):
+    """The scheduler scheduled nothing, nothing was running and no request was left to
+    arrive: the waiting requests can never be admitted (a scheduler or manager defect)."""
+
+
 class _NullEngine:
     """Executes nothing: the scheduler's collector already hands the loop each step's ops."""
 
@@ -68,7 +75,8 @@ def simulate(
     ``update`` fits). Requests that could never fit the GPU pool are skipped and counted in
     ``num_rejected_too_large``. ``oracle`` adds :func:`oracle_bounds` at the cache's
     capacity. ``check_every`` runs ``check_invariants`` every that many steps (for tests);
-    they always run once at the end. Raises ValueError for a bad argument.
+    they always run once at the end. Raises ValueError for a bad argument and
+    :class:`SimulationStalled` if waiting requests can never be admitted.
     """
     sched = sched if sched is not None else SchedulerConfig()
     model = _time_model(profile)
@@ -80,7 +88,8 @@ def simulate(
 
     loop = _Loop(cache, sched, model, time_scale, progress, check_every)
     wall_start = time.perf_counter()
-    loop.run(iter(workload))
+    with _fewer_gc_passes():
+        loop.run(iter(workload))
     wall_s = time.perf_counter() - wall_start
     report = loop.report(workload, wall_s)
     if oracle:
@@ -110,6 +119,23 @@ def oracle_bounds(workload: Workload, tokens_per_block: int,
                      belady_hit_tokens(requests, capacity, tokens_per_block).hit_rate)
         for capacity in capacities
     ]
+
+
+@contextmanager
+def _fewer_gc_passes() -> Iterator[None]:
+    """Raise the cyclic collector's thresholds for the duration of a replay.
+
+    NOTE: a replay keeps millions of long-lived objects (the cached tree, its runs and
+    token lists), and with the default thresholds the collector rescans that whole, growing
+    heap every few thousand steps, finding no cycles: a fifth of the run time on the whole
+    Mooncake conversation trace. The thresholds are restored afterwards.
+    """
+    thresholds = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 def _time_model(profile: ModelProfile | TimeModel | str) -> TimeModel:
@@ -168,9 +194,8 @@ class _Loop:
                 continue
             if not self._step():
                 # Nothing could be scheduled now; only an arrival can change that.
-                assert upcoming is not None, (
-                    f"the scheduler made no progress with {len(scheduler.waiting)} waiting and "
-                    f"{len(scheduler.running)} running requests and no more arrivals")
+                if upcoming is None:
+                    raise SimulationStalled(self._stall_message())
                 self.now_s = max(self.now_s, upcoming.arrival_s * scale)
                 continue
             num_steps += 1
@@ -178,6 +203,19 @@ class _Loop:
                 self.manager.check_invariants()
         self.num_steps = num_steps
         self.manager.check_invariants()
+
+    def _stall_message(self) -> str:
+        scheduler = self.scheduler
+        head = scheduler.waiting[0] if scheduler.waiting else None
+        text = (f"the scheduler made no progress at t={self.now_s:.3f} s with "
+                f"{len(scheduler.waiting)} requests waiting, {len(scheduler.running)} running "
+                "and none to come")
+        if head is None:
+            return text
+        config = self.manager.config
+        num_blocks = -(-(len(head.prompt) + head.max_output_tokens) // config.tokens_per_block)
+        return (f"{text}; the first waiting, {head.request_id!r}, needs {num_blocks} of "
+                f"{config.num_gpu_blocks} GPU blocks")
 
     def _arrive(self, request: TraceRequest, tpb: int, capacity: int) -> None:
         arrival_s = request.arrival_s * self.time_scale
@@ -242,7 +280,7 @@ class _Loop:
             rid = req.request_id
             del live[rid]
             self.e2es.append(self.now_s - req.arrival_s)
-            del self.first_token_s[rid]
+            self.first_token_s.pop(rid, None)
             self.num_requests += 1
             self.num_output_tokens += len(req.output)
             self.num_finished_prompt_tokens += len(req.prompt)

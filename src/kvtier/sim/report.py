@@ -167,7 +167,7 @@ def format_report(report: SimReport) -> list[str]:
                  f"p99 {_seconds(ttft.p99)} (virtual)"),
         ("E2E", f"p50 {_seconds(e2e.p50)}, p90 {_seconds(e2e.p90)}, p99 {_seconds(e2e.p99)}"),
         ("throughput", f"{r.throughput_tokens_per_s:,.0f} tokens/s, {r.requests_per_s:.2f} "
-                       f"requests/s over {r.makespan_s:,.1f} s"),
+                       f"requests/s over {_seconds(r.makespan_s)}"),
         ("transfers", f"onboarded {r.num_onboarded_blocks:,} blocks ({_gib(r.bytes_h2d)}), "
                       f"offloaded {r.num_offloaded_blocks:,} ({_gib(r.bytes_d2h)}); evicted "
                       f"GPU {r.num_evicted_gpu_blocks:,}, host {r.num_evicted_host_blocks:,}"),
