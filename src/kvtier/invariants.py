@@ -53,6 +53,8 @@ def check_manager(mgr: KVCacheManager) -> None:
             assert parent.ref_count >= node.ref_count, f"{node} outranks its parent in refs"
         for slot in node.slots:
             own(node.tier, slot, f"node {node.uid}")
+        assert node.num_gpu_children == sum(
+            c.tier is Tier.GPU for c in node.iter_children()), f"{node} GPU children count"
         by_first = sorted(c.uid for bucket in node.by_first.values() for c in bucket)
         assert by_first == sorted(c.uid for c in node.iter_children()), f"{node} by_first"
         for first, bucket in node.by_first.items():

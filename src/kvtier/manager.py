@@ -186,6 +186,32 @@ class KVCacheManager:
             self._store_blocks(seq)
         return new
 
+    def append_token_batch(self, items: Sequence[tuple[str, int]]) -> int:
+        """``append_tokens(rid, [token])`` for each item in order, stopping at the first
+        that finds no block: returns how many were applied (``len(items)`` if all were).
+
+        The decode path of a step: one call, and no allocation for the many requests whose
+        next token fits their last block.
+        """
+        tpb = self._tpb
+        seqs = self._seqs
+        for i, (rid, token) in enumerate(items):
+            seq = seqs.get(rid)
+            n = len(seq.tokens) + 1 if seq is not None else 0
+            if (seq is None or n > len(seq.block_table) * tpb or type(token) is not int
+                    or seq.num_scheduled_tokens < n - 1 or n % tpb == 0):
+                # The general path: validation, allocation, storing a block that fills.
+                if self.append_tokens(rid, [token]) is None:
+                    return i
+                continue
+            if not seq.owns_tokens:
+                seq.tokens = list(seq.tokens)
+                seq.owns_tokens = True
+            seq.tokens.append(token)
+            seq.num_valid_tokens = n - 1
+            seq.num_scheduled_tokens = n
+        return len(items)
+
     def remove_sequence(self, request_id: str, store_for_reuse: bool = True) -> None:
         """Release a request, tail first. Its full scheduled blocks stay cached for reuse
         (unless ``store_for_reuse`` is False: then only blocks already stored do)."""

@@ -53,6 +53,7 @@ class Node:
         "hashes",
         "key",
         "last_used",
+        "num_gpu_children",
         "parent",
         "priority",
         "ref_count",
@@ -78,6 +79,9 @@ class Node:
         self.children: dict[BlockKey, Node] = {}
         # The children again, by first token: the candidates of a partial match.
         self.by_first: dict[int, list[Node]] = {}
+        # How many children are on the GPU: a GPU run is an eviction candidate only with
+        # none. Kept, not derived, so a node with many children answers in O(1).
+        self.num_gpu_children = 0
         self.tokens = tokens
         self.slots = slots
         self.tier = tier
@@ -104,6 +108,9 @@ class Node:
         return iter(self.children.values())
 
     def has_child_in(self, tier: Tier) -> bool:
+        """Whether any child is in ``tier``. Pure; O(children) but for the GPU."""
+        if tier is Tier.GPU:
+            return self.num_gpu_children > 0
         return any(c.tier is tier for c in self.children.values())
 
     def __repr__(self) -> str:
@@ -148,11 +155,15 @@ class Match(NamedTuple):
 
 def add_child(parent: Node, child: Node) -> None:
     parent.children[child.key] = child
+    if child.tier is Tier.GPU:
+        parent.num_gpu_children += 1
     parent.by_first.setdefault(child.tokens[0], []).append(child)
 
 
 def remove_child(parent: Node, child: Node) -> None:
     del parent.children[child.key]
+    if child.tier is Tier.GPU:
+        parent.num_gpu_children -= 1
     first = child.tokens[0]
     bucket = parent.by_first[first]
     if len(bucket) == 1:
@@ -200,6 +211,7 @@ def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
                          node.extras[0] if node.extras is not None else None)
     head.children[node.key] = node
     head.by_first[node.tokens[0]] = [node]
+    head.num_gpu_children = int(node.tier is Tier.GPU)
     return head
 
 
@@ -231,6 +243,7 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
         del node.hashes[keep:]
     tail.children = node.children
     tail.by_first = node.by_first
+    tail.num_gpu_children = node.num_gpu_children
     for child in tail.iter_children():
         child.parent = tail
     del node.tokens[cut:]
@@ -239,6 +252,7 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
         del node.extras[keep:]
     node.children = {tail.key: tail}
     node.by_first = {tail.tokens[0]: [tail]}
+    node.num_gpu_children = int(tail.tier is Tier.GPU)
     return tail
 
 

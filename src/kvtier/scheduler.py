@@ -225,16 +225,21 @@ class Scheduler:
         chunks: list[ContextChunk] = []
 
         # 1. Decode: one token each, its block allocated before anything is admitted.
-        for req in list(self.running.values()):
-            if budget == 0 or slots == 0:
-                break
-            if req.request_id not in self.running or req.in_prefill:
-                continue
-            if not self._grow(req, preempted):
-                continue
-            decodes.append(req.request_id)
-            budget -= 1
-            slots -= 1
+        todo = [(req.request_id, req.output[-1]) for req in self.running.values()
+                if not req.in_prefill][:min(budget, slots)]
+        while todo:
+            done = self.manager.append_token_batch(todo)
+            decodes += [rid for rid, _ in todo[:done]]
+            todo = todo[done:]
+            if todo:  # no block for todo[0]: preempt the newest running request
+                assert cfg.capacity_policy == "max_utilization", (
+                    f"{todo[0][0]!r} ran out of reserved blocks")
+                victim = next(reversed(self.running.values()))
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                todo = [item for item in todo if item[0] != victim.request_id]
+        budget -= len(decodes)
+        slots -= len(decodes)
 
         # 2. Continue chunked prefills.
         cap = self._chunk_cap()
@@ -263,20 +268,6 @@ class Scheduler:
             overflow = max(0, num_tokens - cfg.max_num_tokens)
         return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, self._collector.take(),
                              tuple(preempted), credited, reused, overflow)
-
-    def _grow(self, req: Request, preempted: list[str]) -> bool:
-        """Give ``req`` a slot for the token it decodes now; may preempt. False if ``req``
-        itself was preempted."""
-        mgr = self.manager
-        while mgr.append_tokens(req.request_id, req.output[-1:]) is None:
-            assert self.config.capacity_policy == "max_utilization", (
-                f"{req.request_id!r} ran out of reserved blocks")
-            victim = next(reversed(self.running.values()))
-            self._preempt(victim)
-            preempted.append(victim.request_id)
-            if victim is req:
-                return False
-        return True
 
     def _preempt(self, req: Request) -> None:
         """Release ``req`` (its computed blocks stay cached) and requeue it first."""

@@ -212,6 +212,8 @@ class BlockStore:
         self.gpu.give_back(old)
         victim.slots = host_slots
         victim.tier = Tier.HOST
+        assert victim.parent is not None
+        victim.parent.num_gpu_children -= 1
         self.stats.gpu.offloaded_blocks += num_offload
         if self.events is not None:
             self._emit_moves(victim, Tier.GPU, Tier.HOST)
@@ -275,6 +277,8 @@ class BlockStore:
         self.host.give_back(node.slots)
         node.slots = gpu_slots
         node.tier = Tier.GPU
+        assert node.parent is not None
+        node.parent.num_gpu_children += 1
         self.stats.host.onboarded_blocks += n
         if self.events is not None:
             self._emit_moves(node, Tier.HOST, Tier.GPU)
