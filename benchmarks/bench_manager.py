@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections import deque
@@ -26,44 +25,31 @@ from pathlib import Path
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 
 REPO = Path(__file__).resolve().parents[1]
-TRACE = Path(os.environ.get("KVTIER_TRACES", REPO.parent / "shared/data/traces")) / (
-    "mooncake_conversation_trace.jsonl"
-)
+sys.path.insert(0, str(REPO))
+from benchmarks.peers import TRACE, mooncake_prompts, run_isolated  # noqa: E402
+
 SETTINGS = {
     "small": {"num_requests": 2000, "num_gpu_blocks": 16_384},
     "full": {"num_requests": None, "num_gpu_blocks": 1_000_000},
 }
 
 
-def mooncake_prompts(path: Path, limit: int | None) -> Iterator[list[int]]:
-    """Token lists of the trace's requests, built one at a time."""
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if limit is not None and i >= limit:
-                return
-            rec = json.loads(line)
-            tokens: list[int] = []
-            for h in rec["hash_ids"]:
-                tokens.extend(range(h * 512, h * 512 + 512))
-            del tokens[rec["input_length"]:]
-            yield tokens
-
-
 def run_kvtier(prompts: Iterator[list[int]], num_gpu_blocks: int, tpb: int,
                in_flight: int) -> dict[str, object]:
     mgr = KVCacheManager(CacheConfig(tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks))
     live: deque[str] = deque()
-    seconds = 0.0
+    seconds = cpu = 0.0
     num_blocks = num_tokens = num_reused = 0
-    clock = time.perf_counter
+    clock, cpu_clock = time.perf_counter, time.thread_time
     for i, tokens in enumerate(prompts):
         rid = str(i)
-        t0 = clock()
+        t0, c0 = clock(), cpu_clock()
         a = mgr.add_sequence(SequenceSpec(rid, tokens))
         live.append(rid)
         if len(live) > in_flight:
             mgr.remove_sequence(live.popleft())
         seconds += clock() - t0
+        cpu += cpu_clock() - c0
         assert a.admitted, a
         num_blocks += len(a.block_ids)
         num_tokens += len(tokens)
@@ -76,31 +62,9 @@ def run_kvtier(prompts: Iterator[list[int]], num_gpu_blocks: int, tpb: int,
     return {
         "name": "kvtier", "version": "0.1.0", "num_requests": i + 1, "num_blocks": num_blocks,
         "num_prompt_tokens": num_tokens, "num_reused_tokens": num_reused,
-        "hit_rate": num_reused / num_tokens, "seconds": seconds,
+        "hit_rate": num_reused / num_tokens, "seconds": seconds, "cpu_seconds": cpu,
         "us_per_block": seconds / num_blocks * 1e6,
     }
-
-
-def run_peer(python: str, peer: str, setting: dict[str, int | None], tpb: int,
-             in_flight: int) -> dict[str, object] | None:
-    """Run one peer in its own interpreter (it needs torch); None if it is unavailable."""
-    code = (
-        "import json,sys; sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r});"
-        "from benchmarks.peers import {peer}_peer as p; from bench_manager import mooncake_prompts;"
-        "from pathlib import Path;"
-        "r = p.available();"
-        "print(json.dumps({{'unavailable': r}}) if r else json.dumps(p.run("
-        "mooncake_prompts(Path({trace!r}), {limit!r}), tokens_per_block={tpb},"
-        " num_gpu_blocks={blocks}, in_flight={inf})))"
-    ).format(repo=str(REPO), bench=str(REPO / "benchmarks"), peer=peer, trace=str(TRACE),
-             limit=setting["num_requests"], tpb=tpb, blocks=setting["num_gpu_blocks"],
-             inf=in_flight)
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        print(f"peer {peer} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
-    return None if "unavailable" in result else result
 
 
 def main() -> None:
@@ -123,8 +87,13 @@ def main() -> None:
         rows.append(ours)
         if args.peers:
             for peer in ("vllm", "sglang"):
-                r = run_peer(args.peers, peer, setting, args.tokens_per_block, args.in_flight)
-                if r is not None:
+                r = run_isolated(peer, trace=TRACE, limit=setting["num_requests"],
+                                 python=args.peers, tokens_per_block=args.tokens_per_block,
+                                 num_gpu_blocks=setting["num_gpu_blocks"],
+                                 in_flight=args.in_flight)
+                if "unavailable" in r:
+                    print(f"{peer}: unavailable: {r['unavailable']}", file=sys.stderr)
+                else:
                     r["setting"] = name
                     r["ratio_vs_kvtier"] = float(r["us_per_block"]) / float(ours["us_per_block"])
                     rows.append(r)
@@ -134,12 +103,13 @@ def main() -> None:
     print("features: kvtier reuse on, partial reuse on (copy), events off, xxh3 hashing lazy "
           "(unused), host tier off, token validation on")
     print(f"{'setting':8} {'impl':8} {'requests':>9} {'blocks':>10} {'hit rate':>9} "
-          f"{'seconds':>8} {'us/block':>9} {'x kvtier':>9}")
+          f"{'seconds':>8} {'us/block':>9} {'cpu us/block':>12} {'x kvtier':>9}")
     for r in rows:
         ratio = r.get("ratio_vs_kvtier", 1.0)
+        cpu_us = float(r["cpu_seconds"]) / float(r["num_blocks"]) * 1e6
         print(f"{r['setting']:8} {r['name']:8} {r['num_requests']:>9} {r['num_blocks']:>10} "
               f"{r['hit_rate']:>9.4f} {r['seconds']:>8.2f} {r['us_per_block']:>9.3f} "
-              f"{ratio:>9.2f}")
+              f"{cpu_us:>12.3f} {ratio:>9.2f}")
     print(json.dumps({"benchmark": "bench_manager", "python": platform.python_version(),
                       "cpus": os.cpu_count(), "results": rows}))
 

@@ -1,0 +1,256 @@
+"""Onboard and offload bandwidth of TorchTransferEngine for scattered blocks, against one
+large pinned copy on the same card in the same run (the ceiling).
+
+Blocks of 16 KiB .. 4 MiB (all layers, K and V; 4 layers x 8 KV heads x 128 dims bf16, so
+16 KiB a token and 1 .. 256 tokens a block) sit at random slots of pools twice the size of
+one transfer; a plan moves ``--total-mib`` of them GPU->host ("d2h"), host->GPU ("h2d"),
+or half each way at once ("both", against both ceilings run at once). On CUDA the copies
+are timed with events while the caller's stream sleeps through the CPU's planning, so the
+figure is the copy time; ``submit_ms`` is the CPU time of ``submit`` (planning included).
+
+    python benchmarks/bench_transfer.py                      # CUDA, method auto
+    python benchmarks/bench_transfer.py --methods auto,kernel,dma,staged
+    python benchmarks/bench_transfer.py --smoke              # seconds, on CPU too
+
+Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # a torch wheel without numpy warns at import
+    import torch
+
+from kvtier.radix import Tier
+from kvtier.storage import KVLayout, KVStorage
+from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
+from kvtier.transfer.torch_engine import TorchTransferEngine
+
+KIB = 1024
+MIB = 1024 * KIB
+BYTES_PER_TOKEN = 16 * KIB  # 2 (K, V) x 4 layers x 8 heads x 128 dims x 2 bytes
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Card, driver and software the figures were measured with."""
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "device": str(device)}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                  "--format=csv,noheader"], capture_output=True, text=True,
+                                 timeout=30, check=False)
+            env["driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+        env["driver"] = None
+    return env
+
+
+class Timer:
+    """Seconds of device work queued by ``fn``: CUDA events around it, with the caller's
+    stream asleep while the CPU queues it (so CPU planning is not counted); wall-clock on
+    CPU. Returns (median device seconds, median CPU seconds of ``fn``)."""
+
+    def __init__(self, device: torch.device, reps: int, warmup: int) -> None:
+        self.device = device
+        self.reps = reps
+        self.warmup = warmup
+
+    def __call__(self, fn: Callable[[], Callable[[], None]]) -> tuple[float, float]:
+        """``fn`` queues the work and returns a function that makes the caller's stream
+        wait for it."""
+        warm_s = [0.05]
+        for _ in range(self.warmup):
+            t0 = time.perf_counter()
+            fn()()
+            warm_s.append(time.perf_counter() - t0)
+            self._sync()
+        device_s: list[float] = []
+        cpu_s: list[float] = []
+        for _ in range(self.reps):
+            self._sync()
+            if self.device.type != "cuda":
+                t0 = time.perf_counter()
+                fn()()
+                cpu_s.append(time.perf_counter() - t0)
+                device_s.append(cpu_s[-1])
+                continue
+            stream = torch.cuda.current_stream(self.device)
+            # NOTE: from the warm-up only: a method that blocks the CPU would count the sleep.
+            sleep_s = 2 * max(warm_s) + 1e-3
+            torch.cuda._sleep(int(sleep_s * 2e9))  # about 2 GHz: cycles of the SM clock
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            t0 = time.perf_counter()
+            wait = fn()
+            cpu_s.append(time.perf_counter() - t0)
+            wait()
+            end.record(stream)
+            end.synchronize()
+            device_s.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(device_s), statistics.median(cpu_s)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def ceilings(device: torch.device, nbytes: int, timer: Timer) -> dict[str, float]:
+    """GB/s of one large pinned copy each way, and of one each way at once."""
+    pinned = device.type == "cuda"
+    host_a = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    host_b = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    dev_a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev_b = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    streams = [torch.cuda.Stream(device) for _ in range(2)] if pinned else []
+
+    def one(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], Callable[[], None]]:
+        def run() -> Callable[[], None]:
+            dst.copy_(src, non_blocking=True)
+            return lambda: None
+        return run
+
+    def both() -> Callable[[], None]:
+        if not streams:
+            dev_a.copy_(host_a)
+            host_b.copy_(dev_b)
+            return lambda: None
+        current = torch.cuda.current_stream(device)
+        events = []
+        for stream, (dst, src) in zip(streams, ((dev_a, host_a), (host_b, dev_b))):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            events.append(event)
+
+        def wait() -> None:
+            for event in events:
+                current.wait_event(event)
+        return wait
+
+    h2d, _ = timer(one(dev_a, host_a))
+    d2h, _ = timer(one(host_b, dev_b))
+    bidir, _ = timer(both)
+    return {"h2d": nbytes / h2d / 1e9, "d2h": nbytes / d2h / 1e9, "both": 2 * nbytes / bidir / 1e9}
+
+
+def make_ops(direction: str, num_blocks: int, tpb: int, rng: random.Random) -> list[TransferOp]:
+    """``num_blocks`` whole-block copies between random slots of pools of 2x that size."""
+    gpu_slots = rng.sample(range(2 * num_blocks), num_blocks)
+    host_slots = rng.sample(range(2 * num_blocks), num_blocks)
+    pairs = list(zip(gpu_slots, host_slots))
+    if direction == "d2h":
+        return [TransferOp(OpKind.OFFLOAD, Tier.GPU, g, Tier.HOST, h, tpb) for g, h in pairs]
+    if direction == "h2d":
+        return [TransferOp(OpKind.ONBOARD, Tier.HOST, h, Tier.GPU, g, tpb) for g, h in pairs]
+    half = num_blocks // 2
+    return ([TransferOp(OpKind.OFFLOAD, Tier.GPU, g, Tier.HOST, h, tpb) for g, h in pairs[:half]]
+            + [TransferOp(OpKind.ONBOARD, Tier.HOST, h, Tier.GPU, g, tpb)
+               for g, h in pairs[half:]])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--block-kib", default="16,64,256,1024,4096",
+                   help="block sizes in KiB, comma-separated")
+    p.add_argument("--layouts", default="block_major,layer_major,layer_major/block_major",
+                   help="GPU layout kinds, or GPU/host pairs, comma-separated")
+    p.add_argument("--directions", default="d2h,h2d,both")
+    p.add_argument("--methods", default="auto", help="auto, kernel, dma, staged (commas)")
+    p.add_argument("--total-mib", type=int, default=1024, help="bytes moved by one plan")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds, CPU ok")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.block_kib, args.total_mib, args.reps, args.warmup = "16,64", 2, 2, 1
+    return args
+
+
+def print_row(r: dict[str, Any]) -> None:
+    print(f"{r['layout']:24} {r['block_kib']:>5} KiB {r['direction']:>5} {r['method']:>7} "
+          f"{r['num_blocks']:>7} {r['ms']:>8.2f} {r['GBps']:>7.1f} {r['ratio']:>6.2f} "
+          f"{r['submit_ms']:>10.2f} {r['calls_per_plan']:>7.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    env = environment(device)
+    print(f"device: {env['device_name']} ({env['device']}), driver {env.get('driver')}, "
+          f"torch {env['torch']}, CUDA {env.get('cuda')}")
+    timer = Timer(device, args.reps, args.warmup)
+    total = args.total_mib * MIB
+    ceiling = ceilings(device, total, timer)
+    print(f"ceiling, one {args.total_mib} MiB pinned copy: h2d {ceiling['h2d']:.1f} GB/s, "
+          f"d2h {ceiling['d2h']:.1f} GB/s, both at once {ceiling['both']:.1f} GB/s")
+    print(f"{'layout (GPU/host)':24} {'block':>9} {'dir':>5} {'method':>7} {'blocks':>7} "
+          f"{'ms':>8} {'GB/s':>7} {'ratio':>6} {'submit ms':>10} {'calls':>7}")
+    rng = random.Random(0)
+    rows = []
+    for kinds in args.layouts.split(","):
+        gpu_kind, _, host_kind = kinds.partition("/")
+        host_kind = host_kind or gpu_kind
+        for block_kib in (int(x) for x in args.block_kib.split(",")):
+            tpb = block_kib * KIB // BYTES_PER_TOKEN
+            layout = KVLayout(4, 8, 128, tpb, "bfloat16", gpu_kind)
+            num_blocks = max(2, total // layout.bytes_per_block)
+            gpu = KVStorage(layout, 2 * num_blocks, device)
+            host = KVStorage(KVLayout(4, 8, 128, tpb, "bfloat16", host_kind), 2 * num_blocks)
+            for direction in args.directions.split(","):
+                plan = TransferPlan(tuple(make_ops(direction, num_blocks, tpb, rng)))
+                for method in args.methods.split(","):
+                    try:
+                        engine = TorchTransferEngine(gpu, host, method=method)
+                    except ValueError as exc:
+                        print(f"skip {kinds} {block_kib} KiB {method}: {exc}", file=sys.stderr)
+                        continue
+
+                    def run(engine: TorchTransferEngine = engine,
+                            plan: TransferPlan = plan) -> Callable[[], None]:
+                        handle = engine.submit(plan)
+                        return lambda: engine.wait(handle)
+
+                    seconds, cpu_seconds = timer(run)
+                    nbytes = num_blocks * layout.bytes_per_block
+                    gbps = nbytes / seconds / 1e9
+                    stats = engine.stats
+                    rows.append({
+                        "layout": f"{gpu_kind}/{host_kind}", "block_kib": block_kib,
+                        "direction": direction, "method": method, "num_blocks": num_blocks,
+                        "bytes": nbytes, "ms": seconds * 1e3, "GBps": gbps,
+                        "ratio": gbps / ceiling[direction], "submit_ms": cpu_seconds * 1e3,
+                        "calls_per_plan": (stats.num_kernel_groups + stats.num_staged_groups
+                                           + stats.num_dma_copies) / max(1, stats.num_plans),
+                    })
+                    print_row(rows[-1])
+            del gpu, host
+    print(json.dumps({"benchmark": "bench_transfer", **env, "smoke": args.smoke,
+                      "total_mib": args.total_mib, "reps": args.reps,
+                      "ceiling_GBps": ceiling, "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
