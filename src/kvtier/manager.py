@@ -134,8 +134,7 @@ class KVCacheManager:
         if num_tokens > remaining:
             raise ValueError(
                 f"{request_id!r} has {remaining} unscheduled prompt tokens, asked {num_tokens}")
-        seq.num_valid_tokens = seq.num_scheduled_tokens
-        seq.num_scheduled_tokens += num_tokens
+        self._schedule(seq, seq.num_scheduled_tokens + num_tokens)
         self._version += 1
         self._store_blocks(seq)
 
@@ -177,11 +176,10 @@ class KVCacheManager:
         if not seq.owns_tokens:
             seq.tokens = list(seq.tokens)
             seq.owns_tokens = True
-        seq.num_valid_tokens = seq.num_scheduled_tokens
         seq.tokens += tokens
         if seq.extras is not None:
             seq.extras += [None] * (-(-num_tokens // tpb) - len(seq.extras))
-        seq.num_scheduled_tokens = num_tokens
+        self._schedule(seq, num_tokens)
         if num_tokens // tpb > seq.num_path_blocks:
             self._store_blocks(seq)
         return new
@@ -208,8 +206,7 @@ class KVCacheManager:
                 seq.tokens = list(seq.tokens)
                 seq.owns_tokens = True
             seq.tokens.append(token)
-            seq.num_valid_tokens = n - 1
-            seq.num_scheduled_tokens = n
+            self._schedule(seq, n)
         return len(items)
 
     def remove_sequence(self, request_id: str, store_for_reuse: bool = True) -> None:
@@ -218,7 +215,10 @@ class KVCacheManager:
         seq = self._seq(request_id)
         self._version += 1
         if store_for_reuse:
-            self._store_blocks(seq, now=True)
+            # Inside a step, what this request scheduled in the step is not computed yet.
+            in_step = self._deferred is not None and request_id in self._deferred
+            self._store_blocks(seq, now=True,
+                               limit=seq.num_valid_tokens if in_step else None)
         del self._seqs[request_id]
         self._num_reserved -= seq.num_reserved
         store = self._store
@@ -327,10 +327,23 @@ class KVCacheManager:
         for rid, seq in deferred.items():
             if self._seqs.get(rid) is seq:
                 self._store_blocks(seq)
-        if deferred:
-            self._version += 1
 
-    def _store_blocks(self, seq: LiveSequence, now: bool = False) -> None:
+    def _schedule(self, seq: LiveSequence, num_tokens: int) -> None:
+        """Set ``seq``'s scheduled tokens. What was scheduled before stays valid (computed
+        by the time a later step reads it); inside a step, only what was scheduled before
+        the step began (a request may be touched twice in one step)."""
+        deferred = self._deferred
+        if deferred is None:
+            seq.num_valid_tokens = seq.num_scheduled_tokens
+        elif seq.request_id not in deferred:
+            seq.num_valid_tokens = seq.num_scheduled_tokens
+            deferred[seq.request_id] = seq
+        seq.num_scheduled_tokens = num_tokens
+
+    def _store_blocks(self, seq: LiveSequence, now: bool = False,
+                      limit: int | None = None) -> None:
+        """Store ``seq``'s full scheduled blocks (up to ``limit`` tokens) past its path;
+        inside a step, only note that it has some, for ``end_step``."""
         if self._deferred is not None and not now:
             self._deferred[seq.request_id] = seq
             return
@@ -338,12 +351,14 @@ class KVCacheManager:
             return
         tpb = self._tpb
         start = seq.num_path_blocks
-        end = min(seq.num_scheduled_tokens, len(seq.tokens)) // tpb
+        end = min(seq.num_scheduled_tokens, len(seq.tokens),
+                  len(seq.tokens) if limit is None else limit) // tpb
         if end <= start:
             return
         extras = seq.extras[start:end] if seq.extras is not None else None
         node = self._store.insert_run(seq.last_node, seq.tokens[start * tpb:end * tpb],
                                       seq.block_table[start:end], extras)
+        self._version += 1
         if node is None:
             seq.can_store = False
         else:

@@ -166,8 +166,8 @@ class LiveSequence:
         self.last_node: Node = root
         self.block_table: list[int] = []
         self.num_scheduled_tokens = 0
-        # Tokens scheduled before the latest scheduling call: their KV exists by the time
-        # that call's copies run. The latest call's tokens may not be computed yet.
+        # Tokens whose KV exists by the time this step's copies run: those scheduled before
+        # the latest call (before the current step, inside begin_step/end_step).
         self.num_valid_tokens = 0
         self.can_store = True
 

@@ -240,10 +240,20 @@ class BlockStore:
             self.drop(victim_run)
             assert parent is not None
             self.refile(parent if victim_run is node else node)
-        for child in list(victim.iter_children()):
-            if len(host.free) >= num_blocks:
+        # Below a GPU frontier run all is host and unreferenced: take its deepest blocks.
+        for node in reversed(subtree(victim)[1:]):
+            short = num_blocks - len(host.free)
+            if short <= 0:
                 break
-            self.drop(child)  # below a GPU frontier run: host blocks, unreferenced
+            if node.parent is None or node.children:
+                continue
+            parent = node.parent
+            if short >= node.num_blocks:
+                self.drop(node)
+                self.refile(parent)
+            else:
+                self.drop(self.cut_tail(node, short))
+                self.refile(node)
         return min(num_blocks, len(host.free))
 
     def drop(self, node: Node) -> None:
