@@ -9,7 +9,9 @@ over the same storages::
     recompute   an empty cache: all 8192 tokens computed
     gpu_hit     the prompt's 7680-token prefix cached on the GPU: 512 computed
     host_hit    the prefix evicted to the host by a low-priority request (whose own blocks
-                are then dropped, not offloaded): onboarded, then 512 computed
+                are then dropped, not offloaded): onboarded, then 512 computed; each layer
+                waits only for its own copies (layerwise)
+    host_hit_whole  the same, with the whole onboarding done before the forward starts
 
 Target: host_hit - gpu_hit <= 1.2 x the time the onboarded bytes take at the ceiling
 (one pinned copy of as many bytes, measured in the same run).
@@ -61,13 +63,15 @@ class Bench:
                              device)
         self.host = KVStorage(cfg.kv_layout(self.tpb, args.host_layout),
                               2 * self.num_prompt_blocks)
-        self.transfer = TorchTransferEngine(self.gpu, self.host)
+        self.layerwise = TorchTransferEngine(self.gpu, self.host)
+        self.whole = TorchTransferEngine(self.gpu, self.host, layerwise=False)
+        self.cpu_ms: dict[str, float] = {}
         self.rng = random.Random(0)
 
     def tokens(self, n: int) -> list[int]:
         return [self.rng.randrange(self.model.config.vocab_size) for _ in range(n)]
 
-    def engine(self, num_gpu_blocks: int) -> ModelEngine:
+    def engine(self, num_gpu_blocks: int, layerwise: bool = True) -> ModelEngine:
         manager = KVCacheManager(CacheConfig(tokens_per_block=self.tpb,
                                              num_gpu_blocks=num_gpu_blocks,
                                              num_host_blocks=self.host.num_blocks))
@@ -75,7 +79,8 @@ class Bench:
         budget = self.args.prompt_tokens + self.tpb
         scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=budget,
                                                        capacity_policy="max_utilization"))
-        return ModelEngine(self.model, manager, scheduler, self.transfer)
+        transfer = self.layerwise if layerwise else self.whole
+        return ModelEngine(self.model, manager, scheduler, transfer)
 
     def run(self, engine: ModelEngine, prompt: list[int], priority: int | None = None,
             name: str = "r") -> float:
@@ -102,11 +107,13 @@ class Bench:
             return self.run(engine, prompt), 0
         # The pool holds one request: a low-priority one a block longer pushes the whole
         # prefix to the host.
-        engine = self.engine(self.num_prompt_blocks + 1)
+        engine = self.engine(self.num_prompt_blocks + 1, layerwise=name == "host_hit")
         self.run(engine, prefix + self.tokens(n - cached), name="warm")
         self.run(engine, self.tokens(n + self.tpb - 1), priority=10, name="evictor")
         onboarded = engine.manager.stats.host.onboarded_blocks
         seconds = self.run(engine, prompt)
+        if name == "host_hit":
+            self.cpu_ms = {k: v * 1e3 for k, v in engine.last_step_seconds.items()}
         num_onboarded = (engine.manager.stats.host.onboarded_blocks - onboarded) * self.tpb
         assert num_onboarded == cached, (num_onboarded, cached)
         return seconds, num_onboarded
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     env = environment(device)
     bench = Bench(args, device)
-    cases = ("recompute", "gpu_hit", "host_hit")
+    cases = ("recompute", "gpu_hit", "host_hit", "host_hit_whole")
     for name in cases:  # warm-up: kernels, allocator, pinned staging
         bench.case(name)
     seconds: dict[str, list[float]] = {name: [] for name in cases}
@@ -169,19 +176,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.num_kv_heads} KV heads x {cfg.head_dim}, {cfg.dtype}; prompt "
           f"{args.prompt_tokens} tokens, {args.cached_tokens} cached, blocks of "
           f"{args.tokens_per_block}; GPU {args.gpu_layout}, host {args.host_layout}")
-    print(f"{'case':10} {'TTFT ms':>9}")
+    print(f"{'case':15} {'TTFT ms':>9}")
     for name in cases:
-        print(f"{name:10} {ttft_ms[name]:>9.2f}")
+        print(f"{name:15} {ttft_ms[name]:>9.2f}")
     ratio = overhead_ms / ceiling_ms
+    whole_ms = ttft_ms["host_hit_whole"] - ttft_ms["gpu_hit"]
     print(f"onboarding: {onboard_bytes / 2**20:.1f} MiB; host_hit - gpu_hit = "
-          f"{overhead_ms:.2f} ms; one pinned copy of those bytes {ceiling_ms:.2f} ms "
-          f"({onboard_bytes / ceiling_ms / 1e6:.1f} GB/s); ratio {ratio:.2f} (target <= 1.2)")
+          f"{overhead_ms:.2f} ms (whole plan first: {whole_ms:.2f} ms); one pinned copy of "
+          f"those bytes {ceiling_ms:.2f} ms ({onboard_bytes / ceiling_ms / 1e6:.1f} GB/s); "
+          f"ratio {ratio:.2f} (target <= 1.2)")
+    print(f"CPU in the host_hit step: schedule {bench.cpu_ms.get('schedule', 0):.2f} ms, "
+          f"submit {bench.cpu_ms.get('submit', 0):.2f} ms")
     print(json.dumps({"benchmark": "bench_ttft", **env, "smoke": args.smoke,
                       "prompt_tokens": args.prompt_tokens, "cached_tokens": args.cached_tokens,
                       "tokens_per_block": args.tokens_per_block, "gpu_layout": args.gpu_layout,
                       "host_layout": args.host_layout, "reps": args.reps, "ttft_ms": ttft_ms,
                       "onboard_bytes": onboard_bytes, "onboard_overhead_ms": overhead_ms,
-                      "ceiling_ms": ceiling_ms, "overhead_ratio": ratio}))
+                      "ceiling_ms": ceiling_ms, "overhead_ratio": ratio,
+                      "whole_overhead_ms": whole_ms, "host_hit_cpu_ms": bench.cpu_ms}))
     return 0
 
 

@@ -1,6 +1,13 @@
-"""Transfer plans and the engines that execute them."""
+"""Transfer plans and the engines that execute them (torch: ``kvtier.transfer.torch_engine``)."""
 
-from kvtier.transfer.engine import RecordingTransferEngine, TransferEngine
+from kvtier.transfer.engine import RecordingTransferEngine, TransferEngine, TransferError
 from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
 
-__all__ = ["OpKind", "RecordingTransferEngine", "TransferEngine", "TransferOp", "TransferPlan"]
+__all__ = [
+    "OpKind",
+    "RecordingTransferEngine",
+    "TransferEngine",
+    "TransferError",
+    "TransferOp",
+    "TransferPlan",
+]

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
-from kvtier.transfer.plan import OpKind, TransferPlan
+from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
 
 
 class TransferEngine(Protocol):
     """Executes a manager's plans. ``submit`` must preserve the plan's order per slot."""
 
-    def submit(self, plan: TransferPlan) -> None:
-        """Start (or perform) the copies of ``plan``."""
+    def submit(self, plan: TransferPlan) -> object:
+        """Start (or perform) the copies of ``plan``; may return a handle to wait on."""
         ...
+
+
+class TransferError(RuntimeError):
+    """Copies of a plan failed. ``failed_ops`` were not (or not surely) done, in plan
+    order; every other op of the plan completed."""
+
+    def __init__(self, message: str, failed_ops: Sequence[TransferOp],
+                 failed_indices: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.failed_ops = tuple(failed_ops)
+        self.failed_indices = tuple(failed_indices)  # positions in the plan's ops
 
 
 class RecordingTransferEngine:

@@ -1,0 +1,159 @@
+"""A small Llama-style decoder in plain torch whose attention pages K/V through block tables.
+
+RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU MLP, with seeded
+random weights (nothing is downloaded). ``forward_chunk`` computes tokens
+``[start_pos, start_pos + n)`` of one request::
+
+    block table  [ b0 ][ b1 ][ b2 ]            tokens_per_block = 4, start_pos = 6, n = 3
+    positions     0..3  4..7  8..11
+    cached        ######..                     read from the pool (reused or computed before)
+    this chunk          ###                    K/V written to (b1, 2) (b1, 3) (b2, 0), then read
+
+Each layer writes the chunk's K/V into the pool at the slots its block table names, then
+gathers the request's blocks and attends with a causal mask aligned to the last key.
+``full_recompute`` is the same model with no cache at all: the reference that reuse,
+offloading and onboarding must match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from kvtier.model.config import ModelConfig
+from kvtier.storage import KVStorage
+
+# Where a layer's attention gets its K/V: (layer, k, v) -> (keys, values).
+KVFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LayerWeights(NamedTuple):
+    attn_norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    mlp_norm: torch.Tensor
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+class LlamaModel:
+    """Seeded random weights on ``device``; see the module docstring."""
+
+    def __init__(self, config: ModelConfig, device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype: torch.dtype = getattr(torch, config.dtype)
+        # NOTE: drawn on the model's device (fast for large models), so the weights of a
+        # seed differ between CPU and CUDA; each reference runs on its own device.
+        gen = torch.Generator(self.device).manual_seed(config.seed)
+
+        def weight(rows: int, cols: int, std: float) -> torch.Tensor:
+            w = torch.randn(rows, cols, generator=gen, device=self.device)
+            return (w * std).to(self.dtype)
+
+        def norm() -> torch.Tensor:
+            w = torch.randn(config.dim, generator=gen, device=self.device)
+            return (1.0 + 0.1 * w).to(self.dtype)
+
+        c = config
+        s = c.dim ** -0.5
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.embed = weight(c.vocab_size, c.dim, 1.0)
+        self.layers = [
+            LayerWeights(norm(), weight(c.dim, q_dim, s), weight(c.dim, kv_dim, s),
+                         weight(c.dim, kv_dim, s), weight(q_dim, c.dim, q_dim ** -0.5),
+                         norm(), weight(c.dim, c.ffn_dim, s), weight(c.dim, c.ffn_dim, s),
+                         weight(c.ffn_dim, c.dim, c.ffn_dim ** -0.5))
+            for _ in range(c.num_layers)
+        ]
+        self.final_norm = norm()
+        self.lm_head = weight(c.dim, c.vocab_size, s)
+        half = torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim
+        self.inv_freq = (1.0 / c.rope_theta ** half).to(self.device)
+
+    # ---- the two entry points ----------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward_chunk(self, kv: KVStorage, block_table: Sequence[int], tokens: Sequence[int],
+                      start_pos: int,
+                      before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Logits [n, vocab] (float32) of ``tokens`` at positions ``start_pos`` on, reading
+        the K/V of positions ``< start_pos`` from ``kv`` through ``block_table`` and writing
+        the chunk's own K/V there. ``before_layer(i)`` runs just before layer ``i`` touches
+        the pool (to wait for that layer's copies)."""
+        tpb = kv.layout.tokens_per_block
+        end = start_pos + len(tokens)
+        if start_pos < 0 or not tokens or end > len(block_table) * tpb:
+            raise ValueError(f"tokens [{start_pos}, {end}) do not fit a block table of "
+                             f"{len(block_table)} blocks of {tpb} tokens")
+        positions = torch.arange(start_pos, end, device=self.device)
+        table = torch.tensor(block_table, dtype=torch.long, device=self.device)
+        blocks, offsets = table[positions // tpb], positions % tpb
+        context = table[: -(-end // tpb)]
+
+        def paged(layer: int, k: torch.Tensor,
+                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if before_layer is not None:
+                before_layer(layer)
+            kv.write(layer, blocks, offsets, k, v)
+            return kv.gather(layer, context, end)
+
+        return self._forward(tokens, positions, paged)
+
+    @torch.inference_mode()
+    def full_recompute(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Logits [len(tokens), vocab] (float32) with no cache at all: the reference."""
+        positions = torch.arange(len(tokens), device=self.device)
+        return self._forward(tokens, positions, lambda layer, k, v: (k, v))
+
+    # ---- the layers --------------------------------------------------------------------
+
+    def _forward(self, tokens: Sequence[int], positions: torch.Tensor,
+                 kv_of: KVFn) -> torch.Tensor:
+        c = self.config
+        n = len(tokens)
+        x = self.embed[torch.tensor(list(tokens), dtype=torch.long, device=self.device)]
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos, sin = angles.cos(), angles.sin()
+        for i, w in enumerate(self.layers):
+            h = self._rms_norm(x, w.attn_norm)
+            q = self._rope((h @ w.wq).view(n, c.num_heads, c.head_dim), cos, sin)
+            k = self._rope((h @ w.wk).view(n, c.num_kv_heads, c.head_dim), cos, sin)
+            v = (h @ w.wv).view(n, c.num_kv_heads, c.head_dim)
+            keys, values = kv_of(i, k, v)
+            x = x + self._attend(q, keys, values) @ w.wo
+            h = self._rms_norm(x, w.mlp_norm)
+            x = x + (F.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
+        return (self._rms_norm(x, self.final_norm) @ self.lm_head).float()
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
+        return x32.to(self.dtype) * weight
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the (first half, second half) pairs of each head by position angles."""
+        x32 = x.float()
+        half = x32.shape[-1] // 2
+        x1, x2 = x32[..., :half], x32[..., half:]
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(self.dtype)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [n, H, D] against k, v [T, KVH, D]; the n queries are the last n of T keys."""
+        n, num_heads, head_dim = q.shape
+        group = num_heads // k.shape[1]
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        mask = causal_lower_right(n, k.shape[1])
+        # NOTE: a batch axis of 1: the fused (flash, memory-efficient) kernels want 4-D.
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],
+                                             attn_mask=mask)
+        return out[0].transpose(0, 1).reshape(n, num_heads * head_dim)

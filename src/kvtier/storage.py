@@ -1,0 +1,192 @@
+"""Real KV memory of one tier: :class:`KVLayout` (the shape of a block) and :class:`KVStorage`.
+
+A block holds ``tokens_per_block`` tokens of K and V for every layer. Two layouts::
+
+    block_major   one tensor [num_blocks, num_layers, 2, tokens_per_block, kv_heads, head_dim]
+                  a block of all layers is contiguous: one block is one copy (best to offload)
+    layer_major   per layer a tensor [num_blocks, 2, tokens_per_block, kv_heads, head_dim]
+                  what the attention kernels of vLLM-style engines index
+
+Either way ``storage.layer(i)`` is the [num_blocks, 2, tokens_per_block, kv_heads, head_dim]
+view of layer ``i``. torch is imported lazily: ``import kvtier`` works without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+LAYOUTS = ("block_major", "layer_major")
+
+
+def _check_positive(field: str, value: object) -> None:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """The shape of one KV block, and how a tier lays blocks out in memory."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    tokens_per_block: int
+    dtype: str = "float32"
+    layout: str = "block_major"
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block"):
+            _check_positive(name, getattr(self, name))
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token, all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.tokens_per_block * self.bytes_per_token
+
+    def num_blocks_for_bytes(self, nbytes: int) -> int:
+        """How many whole blocks fit in ``nbytes``. Pure."""
+        if type(nbytes) is not int or nbytes < 0:
+            raise ValueError(f"nbytes must be an integer >= 0, got {nbytes!r}")
+        return nbytes // self.bytes_per_block
+
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype)  # type: ignore[no-any-return]
+
+    def tensor_shapes(self, num_blocks: int) -> list[tuple[int, ...]]:
+        """The shapes of the tensors a storage of ``num_blocks`` blocks allocates. Pure."""
+        per_layer = (2, self.tokens_per_block, self.num_kv_heads, self.head_dim)
+        if self.layout == "block_major":
+            return [(num_blocks, self.num_layers, *per_layer)]
+        return [(num_blocks, *per_layer)] * self.num_layers
+
+    @property
+    def token_dim(self) -> int:
+        """The token axis of each storage tensor (for copies of a block's first tokens)."""
+        return 3 if self.layout == "block_major" else 2
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (False when torch has no CUDA build)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class KVStorage:
+    """The KV blocks of one tier on one device.
+
+    ``pin_memory=None`` pins a CPU storage when CUDA is available (so copies to and from
+    the GPU are real DMA) and leaves it in plain memory otherwise. Contents start
+    uninitialised: a block holds only what was written to it.
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        device: str | torch.device = "cpu",
+        pin_memory: bool | None = None,
+    ) -> None:
+        import torch
+
+        _check_positive("num_blocks", num_blocks)
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.device = torch.device(device)
+        on_cpu = self.device.type == "cpu"
+        if pin_memory is None:
+            pin_memory = on_cpu and cuda_available()
+        if pin_memory and not on_cpu:
+            raise ValueError(f"pin_memory is for CPU storage, got device {self.device}")
+        self.pinned = bool(pin_memory)
+        dtype = layout.torch_dtype()
+        self.tensors: list[torch.Tensor] = [
+            torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pinned)
+            for shape in layout.tensor_shapes(num_blocks)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.layout.bytes_per_block
+
+    def layer(self, index: int) -> torch.Tensor:
+        """View [num_blocks, 2, tokens_per_block, kv_heads, head_dim] of one layer."""
+        if self.layout.layout == "block_major":
+            return self.tensors[0][:, index]
+        return self.tensors[index]
+
+    def write(
+        self,
+        layer: int,
+        block_ids: torch.Tensor,
+        offsets: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """Store K and V [n, kv_heads, head_dim] of ``n`` tokens at (block, offset) pairs."""
+        view = self.layer(layer)
+        view[block_ids, 0, offsets] = k.to(view.dtype)
+        view[block_ids, 1, offsets] = v.to(view.dtype)
+
+    def gather(self, layer: int, block_ids: torch.Tensor,
+               num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [num_tokens, kv_heads, head_dim] of the first ``num_tokens`` tokens held
+        by ``block_ids`` (a block table), in order. Pure."""
+        blocks = self.layer(layer).index_select(0, block_ids)  # [b, 2, tpb, H, D]
+        tail = blocks.shape[3:]
+        k = blocks[:, 0].reshape(-1, *tail)[:num_tokens]
+        v = blocks[:, 1].reshape(-1, *tail)[:num_tokens]
+        return k, v
+
+    def block(self, slot: int) -> torch.Tensor:
+        """A copy of one block, [num_layers, 2, tokens_per_block, kv_heads, head_dim]. Pure."""
+        import torch
+
+        return torch.stack([self.layer(i)[slot] for i in range(self.layout.num_layers)])
+
+    def fill_(self, value: float) -> None:
+        """Overwrite every block with ``value`` (tests poison storage with NaN)."""
+        for t in self.tensors:
+            t.fill_(value)
+
+
+def num_host_blocks(layout: KVLayout, host_cache_bytes: int) -> int:
+    """Host blocks that ``host_cache_bytes`` holds. Pure."""
+    return layout.num_blocks_for_bytes(host_cache_bytes)
+
+
+def num_gpu_blocks(
+    layout: KVLayout,
+    gpu_cache_bytes: int | None = None,
+    free_memory_fraction: float | None = None,
+    device: Any = None,
+) -> int:
+    """GPU blocks from a byte budget, or from a fraction of the device's free memory now
+    (``torch.cuda.mem_get_info``). Exactly one of the two must be given."""
+    if (gpu_cache_bytes is None) == (free_memory_fraction is None):
+        raise ValueError("give exactly one of gpu_cache_bytes and free_memory_fraction, got "
+                         f"{gpu_cache_bytes!r} and {free_memory_fraction!r}")
+    if gpu_cache_bytes is not None:
+        return layout.num_blocks_for_bytes(gpu_cache_bytes)
+    assert free_memory_fraction is not None
+    if not 0.0 < free_memory_fraction <= 1.0:
+        raise ValueError(f"free_memory_fraction must be in (0, 1], got {free_memory_fraction!r}")
+    import torch
+
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return layout.num_blocks_for_bytes(int(free_bytes * free_memory_fraction))

@@ -1,0 +1,83 @@
+"""KV memory as the torch transfer engine sees and moves it: byte views, the pinned host
+seen from the GPU (unified addressing), and copies staged through pinned buffers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+class _CudaArray:
+    """Describes raw memory to ``torch.as_tensor`` through the CUDA array interface."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2,
+            "strides": None,
+        }
+
+
+def uva_alias(t: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A CUDA tensor over the pinned CPU tensor ``t``'s memory (unified virtual addressing),
+    or ``None`` where that is not possible. The alias does not own the memory: keep ``t``."""
+    import torch
+
+    nbytes = t.numel() * t.element_size()
+    try:
+        raw = torch.as_tensor(_CudaArray(t.data_ptr(), nbytes), device=device)
+    except Exception:  # NOTE: no numpy, no UVA, or an old torch: the engine stages instead
+        return None
+    if raw.device.type != "cuda":
+        return None
+    return raw.view(t.dtype).view(t.shape)
+
+
+def copy_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., tokens, heads, head_dim] as [..., tokens, row] of the widest integer type
+    that divides a row: copies move bytes, and wide elements make gathers fast."""
+    import torch
+
+    flat = t.reshape(*t.shape[:-2], -1)
+    row_bytes = flat.shape[-1] * t.element_size()
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = torch.empty((), dtype=dtype).element_size()
+        if size >= t.element_size() and row_bytes % size == 0:
+            return flat.view(dtype)
+    return flat
+
+
+def new_event() -> torch.cuda.Event:
+    import torch
+
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
+def new_stream(device: torch.device) -> torch.cuda.Stream:
+    import torch
+
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+
+
+def copy_staged(src: torch.Tensor, dst: torch.Tensor, src_index: torch.Tensor,
+                dst_index: torch.Tensor) -> None:
+    """``dst[dst_index] = src[src_index]`` between a GPU and a pinned CPU tensor without
+    unified addressing: gather on the source's side, one DMA through a pinned staging
+    buffer, scatter on the destination's. The CPU side runs synchronously (the caller has
+    waited for earlier GPU work on host sources; a host destination waits here)."""
+    import torch
+
+    if src.device.type == "cpu":
+        staging = torch.empty((len(src_index), *src.shape[1:]), dtype=src.dtype,
+                              pin_memory=True)
+        torch.index_select(src, 0, src_index, out=staging)
+        gathered = staging.to(dst.device, non_blocking=True)
+    else:
+        gathered = src.index_select(0, src_index)
+    if dst.device.type == "cpu" and gathered.device.type != "cpu":
+        staging = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+        staging.copy_(gathered, non_blocking=True)
+        torch.cuda.current_stream(gathered.device).synchronize()
+        gathered = staging
+    dst.index_copy_(0, dst_index, gathered)

@@ -1,0 +1,200 @@
+"""End to end: reuse, offload, onboarding, partial copies, chunked prefill and preemption
+give exactly the logits and greedy tokens of a full recompute without any cache."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
+                                            "pip install 'kvtier[torch]'")
+
+from kvtier import CacheConfig, KVCacheManager  # noqa: E402
+from kvtier.model import LlamaModel, ModelConfig, ModelEngine, RequestResult  # noqa: E402
+from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
+from kvtier.storage import KVStorage  # noqa: E402
+from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TPB = 4
+# fp32 (CPU or CUDA; TF32 is off by default): chunks and the reference differ only in
+# summation order. bf16 keeps 8 significant bits, so chunked and full attention round
+# differently: logits here are O(1) and stay within 0.1; a greedy token may then differ
+# only where the reference's two best logits are closer than that.
+FP32_ATOL = 1e-4
+BF16_ATOL = 0.1
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A workload and the pools, budgets and policies it runs under."""
+
+    name: str
+    num_gpu_blocks: int
+    num_host_blocks: int
+    max_num_tokens: int
+    capacity_policy: str = "guaranteed_no_evict"
+    max_chunk_tokens: int | None = None
+    num_requests: int = 24
+    max_output_tokens: int = 4
+    salts: tuple[str | None, ...] = (None,)
+    seed: int = 0
+
+
+SCENARIOS = [
+    # Shared prefixes, roomy GPU pool: GPU reuse and partial reuse (in place and by copy).
+    Scenario("gpu_reuse", num_gpu_blocks=96, num_host_blocks=0, max_num_tokens=64),
+    # A GPU pool of a few requests: prefixes are offloaded, then onboarded for reuse.
+    Scenario("host_tier", num_gpu_blocks=24, num_host_blocks=64, max_num_tokens=48,
+             salts=(None, "tenant-b")),
+    # Small chunks and long outputs on a tight pool without reservations: preemption.
+    Scenario("chunked_preempt", num_gpu_blocks=28, num_host_blocks=48, max_num_tokens=24,
+             capacity_policy="max_utilization", max_chunk_tokens=7, max_output_tokens=10,
+             seed=1),
+]
+
+
+def make_prompts(sc: Scenario) -> list[tuple[list[int], str | None]]:
+    """Prompts that share a few prefixes (cut at any token, so blocks are also shared in
+    part), with per-request suffixes and salts."""
+    rng = random.Random(sc.seed)
+    prefixes = [[rng.randrange(256) for _ in range(rng.randrange(20, 40))] for _ in range(4)]
+    out = []
+    for _ in range(sc.num_requests):
+        prefix = rng.choice(prefixes)
+        cut = rng.randrange(len(prefix) // 2, len(prefix) + 1)
+        suffix = [rng.randrange(256) for _ in range(rng.randrange(1, 12))]
+        out.append((prefix[:cut] + suffix, rng.choice(sc.salts)))
+    return out
+
+
+def make_engine(sc: Scenario, device: str, dtype: str = "float32",
+                layouts: tuple[str, str] = ("block_major", "block_major")) -> ModelEngine:
+    """Model, manager, scheduler and torch transfer engine over NaN-poisoned pools."""
+    model = LlamaModel(ModelConfig(dtype=dtype), device)
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=sc.num_gpu_blocks,
+                                         num_host_blocks=sc.num_host_blocks))
+    scheduler = Scheduler(manager, SchedulerConfig(
+        max_num_tokens=sc.max_num_tokens, max_batch_size=8, capacity_policy=sc.capacity_policy,
+        max_chunk_tokens=sc.max_chunk_tokens))
+    gpu = KVStorage(model.config.kv_layout(TPB, layouts[0]), sc.num_gpu_blocks, device)
+    host = (KVStorage(model.config.kv_layout(TPB, layouts[1]), sc.num_host_blocks)
+            if sc.num_host_blocks else None)
+    for storage in (gpu, host):
+        if storage is not None:
+            storage.fill_(float("nan"))  # reading a slot nobody wrote poisons the logits
+    return ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
+                       record_logits=True)
+
+
+def run_workload(engine: ModelEngine, sc: Scenario) -> dict[str, RequestResult]:
+    """Two requests arrive per step, so later ones find earlier ones cached."""
+    pending = [Request(f"r{i}", prompt, sc.max_output_tokens, salt=salt)
+               for i, (prompt, salt) in enumerate(make_prompts(sc))]
+    while pending or engine.scheduler.has_unfinished():
+        for req in pending[:2]:
+            engine.add_request(req)
+        del pending[:2]
+        engine.step()
+        engine.manager.check_invariants()
+    return engine.results
+
+
+def assert_like_full_recompute(model: LlamaModel, results: dict[str, RequestResult],
+                               atol: float) -> None:
+    """Every computed position's logits match a cacheless recompute of the same tokens;
+    every greedy token is the recompute's argmax (up to ties within ``atol``)."""
+    for r in results.values():
+        assert r.finished and len(r.output) > 0, r.request_id
+        tokens = r.prompt + r.output
+        ref = model.full_recompute(tokens[:-1]).cpu()
+        last_prompt = len(r.prompt) - 1
+        assert set(range(last_prompt, len(tokens) - 1)) <= set(r.logits), r.request_id
+        for pos, row in r.logits.items():
+            diff = (row - ref[pos]).abs().max().item()
+            assert diff < atol, (r.request_id, pos, diff)
+        for i, token in enumerate(r.output):
+            row = ref[last_prompt + i]
+            assert row[token] >= row.max() - (0.0 if atol <= FP32_ATOL else atol), (
+                r.request_id, i, token, int(row.argmax()))
+
+
+def assert_scenario_happened(sc: Scenario, engine: ModelEngine) -> None:
+    """The run really exercised what its scenario is about."""
+    stats = engine.manager.stats
+    copies = engine.transfer.stats
+    assert stats.num_reused_tokens > 0
+    assert stats.num_partial_copies + stats.num_partial_in_place > 0
+    assert copies.num_partial_ops > 0
+    if sc.num_host_blocks:
+        assert stats.gpu.offloaded_blocks > 0 and stats.host.onboarded_blocks > 0
+        assert copies.bytes_h2d > 0 and copies.bytes_d2h > 0
+    if sc.capacity_policy == "max_utilization":
+        assert sum(r.num_preemptions for r in engine.results.values()) > 0
+    if sc.max_chunk_tokens is not None:
+        assert copies.num_batches < copies.num_ops  # copies were batched, not one by one
+
+
+@pytest.mark.parametrize("sc", SCENARIOS, ids=lambda sc: sc.name)
+@pytest.mark.parametrize("layouts", [("block_major", "block_major"),
+                                     ("layer_major", "block_major")], ids=["bm", "lm-bm"])
+def test_cached_runs_equal_full_recompute_fp32(sc: Scenario, layouts: tuple[str, str]) -> None:
+    """fp32 on CPU: every logit within 1e-4 of a full recompute, tokens identical."""
+    engine = make_engine(sc, "cpu", layouts=layouts)
+    results = run_workload(engine, sc)
+    assert_scenario_happened(sc, engine)
+    assert_like_full_recompute(engine.model, results, FP32_ATOL)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_workloads_equal_full_recompute(seed: int) -> None:
+    """Random pools, budgets, policies and layouts: still exact (fp32, CPU)."""
+    rng = random.Random(seed)
+    sc = Scenario(f"random-{seed}", num_gpu_blocks=rng.randrange(20, 48),
+                  num_host_blocks=rng.choice((0, 16, 64)),
+                  max_num_tokens=rng.randrange(12, 64),
+                  capacity_policy=rng.choice(("guaranteed_no_evict", "max_utilization")),
+                  max_chunk_tokens=rng.choice((None, 5, 9)), num_requests=16,
+                  max_output_tokens=rng.randrange(2, 8), salts=(None, "x"), seed=100 + seed)
+    layouts = rng.choice([("block_major", "block_major"), ("layer_major", "layer_major"),
+                          ("layer_major", "block_major")])
+    engine = make_engine(sc, "cpu", layouts=layouts)
+    results = run_workload(engine, sc)
+    assert engine.manager.stats.num_reused_tokens > 0
+    assert_like_full_recompute(engine.model, results, FP32_ATOL)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_failed_copies_degrade_to_recompute_and_stay_exact(seed: int) -> None:
+    """Copies that fail at random (offloads, onboards, partial copies) never leave stale
+    KV behind: the affected requests recompute, invariants hold, outputs stay exact."""
+    rng = random.Random(seed)
+    sc = Scenario(f"faults-{seed}", num_gpu_blocks=24, num_host_blocks=64, max_num_tokens=48,
+                  num_requests=20, salts=(None, "tenant-b"), seed=200 + seed)
+    engine = make_engine(sc, "cpu")
+
+    def flaky(batch: object) -> None:
+        if rng.random() < 0.3:
+            raise RuntimeError("injected copy failure")
+
+    engine.transfer.before_batch = flaky
+    results = run_workload(engine, sc)
+    assert engine.num_failed_steps > 0 and engine.manager.stats.num_failed_transfers > 0
+    assert engine.manager.num_sequences == 0  # nothing leaked
+    engine.manager.check_invariants()
+    assert_like_full_recompute(engine.model, results, FP32_ATOL)
+
+
+@CUDA
+@pytest.mark.parametrize("sc", SCENARIOS, ids=lambda sc: sc.name)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_runs_equal_full_recompute_cuda(sc: Scenario, dtype: str) -> None:
+    """On CUDA, layer-major GPU pool over a pinned host: fp32 within 1e-4, bf16 within
+    0.1 (see BF16_ATOL)."""
+    engine = make_engine(sc, "cuda", dtype=dtype, layouts=("layer_major", "block_major"))
+    results = run_workload(engine, sc)
+    assert_scenario_happened(sc, engine)
+    assert_like_full_recompute(engine.model, results,
+                               FP32_ATOL if dtype == "float32" else BF16_ATOL)
