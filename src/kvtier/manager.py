@@ -43,7 +43,10 @@ class KVCacheManager:
         self._tpb = config.tokens_per_block
         self._num_reserved = 0
         self._version = 0
+        # Inside a step: the requests it touched (their pre-step tokens stay the valid
+        # ones), and those with blocks to store at its end.
         self._deferred: dict[str, LiveSequence] | None = None
+        self._pending_stores: dict[str, LiveSequence] = {}
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -193,20 +196,25 @@ class KVCacheManager:
         """
         tpb = self._tpb
         seqs = self._seqs
+        deferred = self._deferred
         for i, (rid, token) in enumerate(items):
             seq = seqs.get(rid)
             n = len(seq.tokens) + 1 if seq is not None else 0
             if (seq is None or n > len(seq.block_table) * tpb or type(token) is not int
-                    or seq.num_scheduled_tokens < n - 1 or n % tpb == 0):
+                    or seq.num_scheduled_tokens < n - 1 or n % tpb == 0
+                    or not seq.owns_tokens):
                 # The general path: validation, allocation, storing a block that fills.
                 if self.append_tokens(rid, [token]) is None:
                     return i
                 continue
-            if not seq.owns_tokens:
-                seq.tokens = list(seq.tokens)
-                seq.owns_tokens = True
             seq.tokens.append(token)
-            self._schedule(seq, n)
+            # Inline _schedule: this loop runs for every decoding request of every step.
+            if deferred is None:
+                seq.num_valid_tokens = n - 1
+            elif rid not in deferred:
+                seq.num_valid_tokens = n - 1
+                deferred[rid] = seq
+            seq.num_scheduled_tokens = n
         return len(items)
 
     def remove_sequence(self, request_id: str, store_for_reuse: bool = True) -> None:
@@ -292,6 +300,7 @@ class KVCacheManager:
         del self._seqs[seq.request_id]
         if self._deferred is not None:
             self._deferred.pop(seq.request_id, None)
+            self._pending_stores.pop(seq.request_id, None)
         self._num_reserved -= seq.num_reserved
         self._store.free_gpu(seq.block_table[seq.num_path_blocks:])
         self._store.unref_path(seq.last_node)
@@ -321,10 +330,11 @@ class KVCacheManager:
 
     def end_step(self) -> None:
         """Store the blocks scheduled since ``begin_step``."""
-        deferred, self._deferred = self._deferred, None
-        if deferred is None:
+        if self._deferred is None:
             raise RuntimeError("end_step() called without begin_step()")
-        for rid, seq in deferred.items():
+        self._deferred = None
+        pending, self._pending_stores = self._pending_stores, {}
+        for rid, seq in pending.items():
             if self._seqs.get(rid) is seq:
                 self._store_blocks(seq)
 
@@ -346,6 +356,7 @@ class KVCacheManager:
         inside a step, only note that it has some, for ``end_step``."""
         if self._deferred is not None and not now:
             self._deferred[seq.request_id] = seq
+            self._pending_stores[seq.request_id] = seq
             return
         if not seq.can_store or not self.config.enable_block_reuse:
             return

@@ -226,7 +226,7 @@ class Scheduler:
 
         # 1. Decode: one token each, its block allocated before anything is admitted.
         todo = [(req.request_id, req.output[-1]) for req in self.running.values()
-                if not req.in_prefill][:min(budget, slots)]
+                if req.num_computed_tokens >= req.num_prefill_tokens][:min(budget, slots)]
         while todo:
             done = self.manager.append_token_batch(todo)
             decodes += [rid for rid, _ in todo[:done]]
@@ -396,12 +396,14 @@ class Scheduler:
                 req.output.append(sampled[req.request_id])
                 if len(req.output) >= req.max_output_tokens:
                     finished.append(req)
+        running = self.running
         for rid in step.decode_request_ids:
-            req = self.running.get(rid)
+            req = running.get(rid)
             if req is None:
                 continue
-            req.output.append(sampled[rid])
-            if len(req.output) >= req.max_output_tokens:
+            output = req.output
+            output.append(sampled[rid])
+            if len(output) >= req.max_output_tokens:
                 finished.append(req)
         for req in finished:
             self.manager.remove_sequence(req.request_id)
