@@ -24,7 +24,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,6 +48,15 @@ def result(name: str, version: str, num_requests: int, num_blocks: int, num_prom
         "us_per_block": seconds / num_blocks * 1e6 if num_blocks else math.nan,
         **extra,
     }
+
+
+def import_error(do_import: Callable[[], None]) -> str | None:
+    """None if ``do_import`` succeeds, else a one-line reason (a peer's ``available``)."""
+    try:
+        do_import()
+    except Exception as e:
+        return one_line(e)
+    return None
 
 
 def one_line(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from benchmarks.peers import one_line, prepare_torch_imports, result
+from benchmarks.peers import import_error, prepare_torch_imports, result
 
 
 def _import() -> None:
@@ -38,11 +38,7 @@ def _import() -> None:
 
 def available() -> str | None:
     """None if SGLang's radix cache imports here, else a one-line reason."""
-    try:
-        _import()
-    except Exception as e:
-        return one_line(e)
-    return None
+    return import_error(_import)
 
 
 class _SlotCounter:

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from benchmarks.peers import one_line, prepare_torch_imports, result
+from benchmarks.peers import import_error, prepare_torch_imports, result
 
 HASH_FNS = ("xxhash", "sha256", "xxhash_cbor", "sha256_cbor")
 
@@ -39,11 +39,7 @@ def _import() -> None:
 
 def available() -> str | None:
     """None if vLLM's block manager imports here, else a one-line reason."""
-    try:
-        _import()
-    except Exception as e:
-        return one_line(e)
-    return None
+    return import_error(_import)
 
 
 def run(prompts: Iterable[list[int]], *, tokens_per_block: int, num_gpu_blocks: int,
