@@ -1,0 +1,179 @@
+"""The stored value of one KV block in the remote tier: a fixed header, then the raw bytes.
+
+::
+
+    offset  size  field
+         0     4  magic b"KVTB"
+         4     2  format version
+         6    16  namespace fingerprint (model, layout, dtype, salt scope)
+        22    16  block hash (128-bit chained hash)
+        38     4  token count
+        42    16  layout: num_layers, num_kv_heads, head_dim, tokens_per_block (u32 each)
+        58     1  dtype code
+        59     1  layout code
+        60     8  payload length in bytes
+        68     8  xxh3_64 of header bytes 0..68 and the payload
+        76     -  payload: the block's KV bytes
+
+The checksum covers the header too, so any flipped byte is refused. Decoding parses fixed
+integer fields only: nothing in a value is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+from kvtier.storage import DTYPE_BYTES, LAYOUTS, KVLayout
+
+MAGIC = b"KVTB"
+FORMAT_VERSION = 1
+_FIELDS = struct.Struct(">4sH16s16sIIIIIBBQ")
+_CHECKSUM = struct.Struct(">Q")
+HEADER_BYTES = _FIELDS.size + _CHECKSUM.size
+
+_DTYPE_CODES = {name: code for code, name in enumerate(sorted(DTYPE_BYTES), start=1)}
+_LAYOUT_CODES = {name: code for code, name in enumerate(LAYOUTS, start=1)}
+_DTYPE_NAMES = {code: name for name, code in _DTYPE_CODES.items()}
+_LAYOUT_NAMES = {code: name for name, code in _LAYOUT_CODES.items()}
+
+REASONS = ("truncated", "magic", "version", "checksum", "namespace", "block_hash", "layout",
+           "num_tokens", "length")
+
+
+class PayloadError(ValueError):
+    """A stored value that must not be served; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHeader:
+    """What a value says about its block; ``decode_block`` compares it field by field."""
+
+    namespace: str
+    block_hash: int
+    num_tokens: int
+    layout: KVLayout
+
+    def __post_init__(self) -> None:
+        if len(self.namespace) != 32 or not all(c in "0123456789abcdef" for c in self.namespace):
+            raise ValueError(f"namespace must be 32 lowercase hex digits, got {self.namespace!r}")
+        if type(self.block_hash) is not int or not 0 <= self.block_hash < 1 << 128:
+            raise ValueError(f"block_hash must be a 128-bit unsigned int, got {self.block_hash!r}")
+        tpb = self.layout.tokens_per_block
+        if type(self.num_tokens) is not int or not 1 <= self.num_tokens <= tpb:
+            raise ValueError(f"num_tokens must be an integer in 1..{tpb}, got {self.num_tokens!r}")
+
+
+def namespace_fingerprint(model_id: str, layout: KVLayout, salt_scope: str | None = None) -> str:
+    """32 hex digits naming one model, block shape, dtype and tenant salt scope. Pure.
+
+    Two models, layouts, dtypes or salt scopes never share a fingerprint, hence never a key.
+    """
+    parts = (
+        "kvtier-remote/v1", model_id, str(layout.num_layers), str(layout.num_kv_heads),
+        str(layout.head_dim), str(layout.tokens_per_block), layout.dtype, layout.layout,
+        "" if salt_scope is None else "salt:" + salt_scope,
+    )
+    data = "\x00".join(parts).encode()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def block_key(namespace: str, block_hash: int) -> str:
+    """The Redis key of a block: ``kvtier:{namespace}:{block_hash:032x}``. Pure."""
+    return f"kvtier:{namespace}:{block_hash:032x}"
+
+
+def _checksum(head: bytes, payload: bytes | memoryview) -> int:
+    hasher = xxhash.xxh3_64(head)
+    hasher.update(payload)
+    return int(hasher.intdigest())
+
+
+def encode_block(header: BlockHeader, payload: bytes | memoryview) -> bytes:
+    """The stored value of a block: header then ``payload`` (exactly one block's bytes)."""
+    layout = header.layout
+    if len(payload) != layout.bytes_per_block:
+        raise ValueError(f"payload must be {layout.bytes_per_block} bytes (one block of "
+                         f"{layout}), got {len(payload)}")
+    head = _FIELDS.pack(
+        MAGIC, FORMAT_VERSION, bytes.fromhex(header.namespace),
+        header.block_hash.to_bytes(16, "big"), header.num_tokens,
+        layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.tokens_per_block,
+        _DTYPE_CODES[layout.dtype], _LAYOUT_CODES[layout.layout], len(payload),
+    )
+    return b"".join((head, _CHECKSUM.pack(_checksum(head, payload)), payload))
+
+
+def decode_block(data: bytes, expected: BlockHeader) -> bytes:
+    """The payload of ``data`` if every header field matches ``expected`` and the checksum
+    holds; raises :class:`PayloadError` naming the first check that failed. Pure."""
+    if len(data) < HEADER_BYTES:
+        raise PayloadError("truncated", f"{len(data)} bytes, header alone is {HEADER_BYTES}")
+    (magic, version, namespace, block_hash, num_tokens, num_layers, num_kv_heads, head_dim,
+     tokens_per_block, dtype_code, layout_code, payload_len) = _FIELDS.unpack_from(data)
+    if magic != MAGIC:
+        raise PayloadError("magic", f"got {magic!r}, want {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise PayloadError("version", f"got {version}, want {FORMAT_VERSION}")
+    if len(data) != HEADER_BYTES + payload_len:
+        kind = "truncated" if len(data) < HEADER_BYTES + payload_len else "length"
+        raise PayloadError(kind, f"{len(data) - HEADER_BYTES} payload bytes, header says "
+                                 f"{payload_len}")
+    view = memoryview(data)
+    (stored_checksum,) = _CHECKSUM.unpack_from(data, _FIELDS.size)
+    if stored_checksum != _checksum(data[: _FIELDS.size], view[HEADER_BYTES:]):
+        raise PayloadError("checksum", "payload or header bytes changed after writing")
+    if namespace.hex() != expected.namespace:
+        raise PayloadError("namespace", f"got {namespace.hex()}, want {expected.namespace}")
+    if int.from_bytes(block_hash, "big") != expected.block_hash:
+        raise PayloadError("block_hash", f"got {block_hash.hex()}, "
+                                         f"want {expected.block_hash:032x}")
+    layout = expected.layout
+    stored = (num_layers, num_kv_heads, head_dim, tokens_per_block,
+              _DTYPE_NAMES.get(dtype_code), _LAYOUT_NAMES.get(layout_code))
+    wanted = (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.tokens_per_block,
+              layout.dtype, layout.layout)
+    if stored != wanted:
+        raise PayloadError("layout", f"got {stored}, want {wanted}")
+    if num_tokens != expected.num_tokens:
+        raise PayloadError("num_tokens", f"got {num_tokens}, want {expected.num_tokens}")
+    if payload_len != layout.bytes_per_block:
+        raise PayloadError("length", f"{payload_len} bytes, a block is {layout.bytes_per_block}")
+    return data[HEADER_BYTES:]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteNamespace:
+    """One model's blocks of one layout and salt scope: their keys and their values."""
+
+    model_id: str
+    layout: KVLayout
+    salt_scope: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return namespace_fingerprint(self.model_id, self.layout, self.salt_scope)
+
+    def key(self, block_hash: int) -> str:
+        """The Redis key of ``block_hash`` in this namespace. Pure."""
+        return block_key(self.fingerprint, block_hash)
+
+    def header(self, block_hash: int) -> BlockHeader:
+        """The header of a full block (the remote tier stores full blocks only). Pure."""
+        return BlockHeader(self.fingerprint, block_hash, self.layout.tokens_per_block,
+                           self.layout)
+
+    def encode(self, block_hash: int, payload: bytes | memoryview) -> bytes:
+        return encode_block(self.header(block_hash), payload)
+
+    def decode(self, block_hash: int, value: bytes) -> bytes:
+        """The payload of ``value``, or :class:`PayloadError`. Pure."""
+        return decode_block(value, self.header(block_hash))

@@ -1,0 +1,117 @@
+"""Faults of a real, private redis-server: killed, paused, full, evicting.
+
+Each becomes misses or failed puts counted in stats; no call raises or blocks for long.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from conftest import PrivateRedis
+from remote_helpers import make_blocks, make_namespace
+
+from kvtier.remote import RedisRemoteStore, RemoteNamespace
+
+MakeServer = Callable[[], PrivateRedis]
+
+
+def make_store(server: PrivateRedis, namespace: RemoteNamespace, **options: Any
+               ) -> RedisRemoteStore:
+    """A store that gives up fast: 0.2 s timeouts, one retry, a 0.3 s breaker cool-down."""
+    defaults = dict(timeout_s=0.2, max_retries=1, backoff_s=0.01, breaker_threshold=2,
+                    cooldown_s=0.3)
+    return RedisRemoteStore(server.url, namespace, **{**defaults, **options})
+
+
+def set_maxmemory(server: PrivateRedis, headroom_bytes: int, policy: str) -> None:
+    """Cap the server at its current use plus ``headroom_bytes``, with eviction ``policy``."""
+    with server.client() as client:
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", used + headroom_bytes)
+        client.config_set("maxmemory-policy", policy)
+
+
+def test_server_killed_mid_run_then_restarted(make_redis_server: MakeServer) -> None:
+    """A dead server means misses and failed puts, then the breaker skips; after a restart
+    (and the cool-down) the store works again."""
+    server = make_redis_server()
+    namespace = make_namespace()
+    store = make_store(server, namespace)
+    blocks = make_blocks(namespace, 8)
+    assert store.put_many(blocks) == 8
+    server.kill()
+    started = time.monotonic()
+    assert store.get_many(blocks) == {}
+    assert store.put_many(blocks) == 0
+    assert store.get_many(blocks) == {}  # the breaker is open now: skipped
+    assert time.monotonic() - started < 2 * store.max_blocking_s + 0.5
+    stats = store.stats
+    assert stats.num_errors >= 2 and stats.num_retries >= 1
+    assert (stats.num_misses, stats.num_failed_puts, stats.num_short_circuited) == (16, 8, 1)
+    assert store.last_error is not None and "ConnectionError" in store.last_error
+    server.start()  # no persistence: it comes back empty
+    time.sleep(store.cooldown_s)
+    assert store.get_many(blocks) == {}
+    assert store.put_many(blocks) == 8
+    assert store.get_many(blocks) == blocks
+    store.close()
+
+
+def test_debug_sleep_longer_than_the_timeout(make_redis_server: MakeServer) -> None:
+    """A server paused by DEBUG SLEEP costs timeouts, counted, within the stated bound."""
+    server = make_redis_server()
+    namespace = make_namespace()
+    store = make_store(server, namespace)
+    blocks = make_blocks(namespace, 4)
+    store.put_many(blocks)
+    pauser = server.client()
+    sleeper = threading.Thread(target=pauser.execute_command, args=("DEBUG", "SLEEP", 1.5))
+    sleeper.start()
+    time.sleep(0.1)  # let the server enter the sleep
+    started = time.monotonic()
+    assert store.get_many(blocks) == {}
+    elapsed = time.monotonic() - started
+    assert elapsed <= store.max_blocking_s + 0.2
+    assert store.stats.num_timeouts == 2 and store.stats.num_retries == 1
+    sleeper.join()
+    pauser.close()
+    assert store.get_many(blocks) == blocks  # one failure is below the breaker's threshold
+    store.close()
+
+
+def test_out_of_memory_with_noeviction_fails_puts(make_redis_server: MakeServer) -> None:
+    """Under maxmemory with noeviction, puts past the cap fail, counted, and reads go on."""
+    server = make_redis_server()
+    namespace = make_namespace(bytes_per_token_scale=4)  # 64 KiB blocks
+    set_maxmemory(server, 512 << 10, "noeviction")
+    store = make_store(server, namespace)
+    blocks = make_blocks(namespace, 32)  # 2 MiB
+    num_written = sum(store.put_many({h: b}) for h, b in blocks.items())
+    assert 0 < num_written < 32
+    stats = store.stats
+    assert stats.num_failed_puts == 32 - num_written == stats.num_errors
+    assert store.last_error is not None and "out of memory" in store.last_error
+    assert len(store.get_many(blocks)) == num_written
+    store.close()
+
+
+def test_allkeys_lru_evictions_become_misses(make_redis_server: MakeServer) -> None:
+    """Blocks the server evicts by its own LRU policy are misses later; recent ones hit."""
+    server = make_redis_server()
+    namespace = make_namespace(bytes_per_token_scale=4)  # 64 KiB blocks
+    set_maxmemory(server, 1 << 20, "allkeys-lru")
+    store = make_store(server, namespace)
+    blocks = make_blocks(namespace, 64)  # 4 MiB
+    for block_hash, payload in blocks.items():
+        assert store.put_many({block_hash: payload}) == 1
+    found = store.get_many(blocks)
+    assert 0 < len(found) < 64
+    assert 64 in found and 1 not in found
+    assert store.stats.num_misses == 64 - len(found)
+    assert store.stats.num_errors == 0
+    with server.client() as client:
+        assert int(client.info("stats")["evicted_keys"]) > 0
+    store.close()
