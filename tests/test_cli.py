@@ -339,3 +339,22 @@ def test_usage_errors_exit_2(
     code, out, err = run_cli(capsys, *args)
     assert (code, out) == (2, "")
     assert message in err and "Traceback" not in err
+
+
+def test_replay_fleet_behind_a_router(capsys: pytest.CaptureFixture[str]) -> None:
+    """--instances N replays N engines behind the router; its report names each one."""
+    code, out, _ = run_cli(capsys, "replay", "--limit", "40", "--instances", "3", "--router",
+                           "cache-aware", "--gpu-blocks", "512", "--no-progress")
+    assert code == 0
+    report = last_json(out)
+    assert len(report["instances"]) == 3
+    assert sum(i["num_requests"] for i in report["instances"]) == 40
+    assert 0.0 < report["token_hit_rate"] < 1.0
+
+
+def test_replay_fleet_refuses_oracle(capsys: pytest.CaptureFixture[str]) -> None:
+    """The oracle bounds are per engine: asking for them with a fleet is one clear error."""
+    code, out, err = run_cli(capsys, "replay", "--limit", "5", "--instances", "2", "--oracle",
+                             "--no-progress")
+    assert code == 2 and out == ""
+    assert err.strip() == "kvtier: error: --oracle is not supported with --instances > 1"

@@ -19,6 +19,8 @@ from typing import Any
 
 from kvtier import __version__
 from kvtier.config import HASH_ALGOS, CacheConfig
+from kvtier.router import POLICIES as ROUTER_POLICIES
+from kvtier.router import make_policy
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
 from kvtier.sim import (
     PROFILES,
@@ -37,6 +39,7 @@ from kvtier.sim import (
     oracle_bounds,
     simulate,
 )
+from kvtier.sim.fleet import format_fleet_report, simulate_fleet
 
 EXIT_USAGE = 2
 DEFAULT_GPU_BLOCKS = 16384
@@ -104,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="host tier size in blocks; 0 disables offloading (default: 0)")
     _admission_option(replay)
     _oracle_option(replay, default=False)
+    replay.add_argument("--instances", metavar="N", type=_int_at_least(1), default=1,
+                        help="simulate N engine instances, each with --gpu-blocks and "
+                        "--host-blocks, behind a router (default: 1)")
+    replay.add_argument("--router", choices=ROUTER_POLICIES, default="cache-aware",
+                        help="how --instances share the requests (default: %(default)s)")
+    replay.add_argument("--router-alpha", metavar="X", type=float, default=1.0,
+                        help="cache-aware: weight of load (queue depth / max batch size) "
+                        "against the cached share of the prompt (default: %(default)s)")
     replay.set_defaults(run=_run_replay)
 
     compare = commands.add_parser("compare", parents=[common], formatter_class=raw,
@@ -259,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_replay(args: argparse.Namespace) -> int:
+    if args.instances > 1:
+        return _run_fleet(args)
     cache = _make_cache(args, args.gpu_blocks, args.host_blocks)
     sched = _make_sched(args, args.admission)
     profile = _make_profile(args)
@@ -266,6 +279,29 @@ def _run_replay(args: argparse.Namespace) -> int:
     with _progress_bar(_num_requests(workload), not args.no_progress) as progress:
         report = _simulate(workload, cache, sched, profile, args, progress, args.oracle)
     _emit(format_report(report), report.to_dict(), args.json)
+    return 0
+
+
+def _run_fleet(args: argparse.Namespace) -> int:
+    if args.oracle:
+        raise CLIError("--oracle is not supported with --instances > 1")
+    cache = _make_cache(args, args.gpu_blocks, args.host_blocks)
+    sched = _make_sched(args, args.admission)
+    profile = _make_profile(args)
+    workload = _make_workload(args, cache)
+    try:
+        policy = make_policy(args.router, alpha=args.router_alpha)
+    except ValueError as exc:
+        raise CLIError(f"invalid configuration: --router-alpha: {exc}") from None
+    with _progress_bar(_num_requests(workload), not args.no_progress) as progress:
+        try:
+            report = simulate_fleet(workload, cache, args.instances, policy, sched, profile,
+                                    args.time_scale, progress)
+        except TraceFormatError as exc:
+            raise CLIError(f"malformed trace: {exc}") from None
+        except (ValueError, SimulationStalled) as exc:
+            raise CLIError(f"cannot replay: {exc}") from None
+    _emit(format_fleet_report(report), report.to_dict(), args.json)
     return 0
 
 

@@ -1,0 +1,378 @@
+"""Publishing KV events to other processes, with sequence numbers and resync from snapshots.
+
+Every instance's events carry its manager's monotonic ``seq``. A subscriber expects them
+without holes; a hole (a bounded buffer dropped events, a Redis stream was trimmed, the
+subscriber joined late) makes the instance *stale*: the subscriber tells its consumer to
+forget that instance and asks for a :class:`Snapshot`, the set of (block hash, tier) the
+instance holds as of some ``next_seq``::
+
+    seq:      0 1 2 3 4 . . . 9 10 11 12
+    applied:  ✓ ✓ ✓ ✓ ✓ (lost)  |           gap seen at 9: stale, snapshot requested
+    snapshot(next_seq=11) ──────┘ ✓  ✓      resync; events < 11 are skipped
+
+A snapshot is accepted only if it covers every event already read from that instance
+(``next_seq > highest seq seen``), so the events after it are still to come.
+
+:class:`InMemoryEventBus` serves the simulator and tests; :class:`RedisStreamPublisher` and
+:class:`RedisStreamSubscriber` carry the same updates over Redis Streams (extra ``redis``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
+from kvtier.manager import KVCacheManager
+from kvtier.radix import Tier, subtree
+
+
+class EventPublisher(Protocol):
+    """Where an instance sends its events; ``events`` are in ``seq`` order, oldest first."""
+
+    def publish(self, instance_id: str, events: Sequence[Event]) -> None:
+        """Hand ``events`` of ``instance_id`` to every subscriber; never blocks on a slow one."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The blocks ``instance_id`` holds after applying every event with ``seq < next_seq``."""
+
+    instance_id: str
+    next_seq: int
+    blocks: frozenset[tuple[int, Tier]]
+
+
+class EventBatch(NamedTuple):
+    """Events of one instance, contiguous in ``seq`` and not yet applied."""
+
+    instance_id: str
+    events: list[Event]
+
+
+class InstanceLost(NamedTuple):
+    """Events of ``instance_id`` from ``expected_seq`` on were missed; forget its blocks."""
+
+    instance_id: str
+    expected_seq: int
+    got_seq: int
+
+
+Update = EventBatch | Snapshot | InstanceLost
+
+
+def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -> Snapshot:
+    """The blocks ``manager`` caches now, as a snapshot. Pure (hashes are computed lazily).
+
+    ``next_seq`` must be one past the last event drained from ``manager``: call it with no
+    events left undrained, or the snapshot claims events it does not reflect.
+    """
+    # NOTE: the manager has no public walk of its tree; the snapshot is the one reader.
+    store = manager._store
+    blocks: set[tuple[int, Tier]] = set()
+    for root in store.roots.values():
+        for top in root.iter_children():
+            for node in subtree(top):
+                blocks.update((h, node.tier) for h in store.hashes(node))
+    return Snapshot(instance_id, next_seq, frozenset(blocks))
+
+
+@dataclass(slots=True)
+class _Stream:
+    next_seq: int | None = None  # None: nothing known yet, accept seq 0 or a snapshot
+    max_seen: int = -1
+    stale: bool = False
+
+
+@dataclass(slots=True)
+class SeqTracker:
+    """Gap detection of one subscriber: turns raw (instance, events) into :data:`Update` s.
+
+    ``num_gaps`` counts holes seen, ``num_resyncs`` snapshots applied, ``num_skipped``
+    events dropped as already covered by a snapshot or read while stale.
+    """
+
+    streams: dict[str, _Stream] = field(default_factory=dict)
+    num_gaps: int = 0
+    num_resyncs: int = 0
+    num_skipped: int = 0
+
+    def stale_instances(self) -> list[str]:
+        """Instances waiting for a snapshot, in first-seen order. Pure."""
+        return [iid for iid, s in self.streams.items() if s.stale]
+
+    def receive(self, instance_id: str, events: Iterable[Event], out: list[Update]) -> None:
+        """Append to ``out`` the updates that ``events`` (in seq order) make."""
+        stream = self.streams.setdefault(instance_id, _Stream())
+        batch: list[Event] = []
+        for event in events:
+            seq = event.seq
+            stream.max_seen = max(stream.max_seen, seq)
+            expected = 0 if stream.next_seq is None else stream.next_seq
+            if stream.stale or seq < expected:
+                self.num_skipped += 1
+                continue
+            if seq > expected:
+                if batch:
+                    out.append(EventBatch(instance_id, batch))
+                    batch = []
+                self.num_gaps += 1
+                stream.stale = True
+                self.num_skipped += 1
+                out.append(InstanceLost(instance_id, expected, seq))
+                continue
+            batch.append(event)
+            stream.next_seq = seq + 1
+        if batch:
+            out.append(EventBatch(instance_id, batch))
+
+    def offer(self, snapshot: Snapshot, out: list[Update]) -> bool:
+        """Resync from ``snapshot`` if it covers every event seen; True if it was applied."""
+        stream = self.streams.setdefault(snapshot.instance_id, _Stream())
+        if snapshot.next_seq <= stream.max_seen:
+            return False
+        stream.next_seq = snapshot.next_seq
+        stream.stale = False
+        self.num_resyncs += 1
+        out.append(snapshot)
+        return True
+
+
+# ---- in memory --------------------------------------------------------------------------------
+
+
+class InMemorySubscriber:
+    """One subscriber of an :class:`InMemoryEventBus`: a bounded buffer and a tracker.
+
+    When the buffer is full the oldest events are dropped (``num_dropped``); the hole shows
+    up as a gap when polled and is repaired from the bus's snapshot source.
+    """
+
+    def __init__(self, bus: InMemoryEventBus, max_events: int) -> None:
+        if type(max_events) is not int or max_events < 1:
+            raise ValueError(f"max_events must be an integer >= 1, got {max_events!r}")
+        self._bus = bus
+        self._buffer: deque[tuple[str, Event]] = deque(maxlen=max_events)
+        self.tracker = SeqTracker()
+        self.num_dropped = 0
+
+    def push(self, instance_id: str, events: Sequence[Event]) -> None:
+        buffer = self._buffer
+        maxlen = buffer.maxlen
+        assert maxlen is not None
+        self.num_dropped += max(0, len(buffer) + len(events) - maxlen)
+        buffer.extend((instance_id, e) for e in events)
+
+    def poll(self) -> list[Update]:
+        """Every update since the last poll, in arrival order; stale instances are resynced
+        from the bus's snapshot source where it has one."""
+        out: list[Update] = []
+        items = list(self._buffer)
+        self._buffer.clear()
+        tracker = self.tracker
+        i = 0
+        while i < len(items):  # group runs of one instance into one batch
+            instance_id = items[i][0]
+            j = i
+            while j < len(items) and items[j][0] == instance_id:
+                j += 1
+            tracker.receive(instance_id, (e for _, e in items[i:j]), out)
+            i = j
+        for instance_id in tracker.stale_instances():
+            snapshot = self._bus.snapshot(instance_id)
+            if snapshot is not None:
+                tracker.offer(snapshot, out)
+        return out
+
+
+class InMemoryEventBus:
+    """An :class:`EventPublisher` for one process: fan-out to bounded subscriber buffers.
+
+    Instances may register a snapshot source (``register_snapshot``) that subscribers call
+    when they missed events.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: list[InMemorySubscriber] = []
+        self._snapshot_sources: dict[str, Callable[[], Snapshot]] = {}
+        self.num_published = 0
+
+    def subscribe(self, max_events: int = 1 << 20) -> InMemorySubscriber:
+        """A new subscriber that sees every event published from now on."""
+        subscriber = InMemorySubscriber(self, max_events)
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    def publish(self, instance_id: str, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        self.num_published += len(events)
+        for subscriber in self._subscribers:
+            subscriber.push(instance_id, events)
+
+    def register_snapshot(self, instance_id: str, source: Callable[[], Snapshot]) -> None:
+        self._snapshot_sources[instance_id] = source
+
+    def snapshot(self, instance_id: str) -> Snapshot | None:
+        """A fresh snapshot of ``instance_id``, or None if it registered no source."""
+        source = self._snapshot_sources.get(instance_id)
+        return None if source is None else source()
+
+
+# ---- wire format ------------------------------------------------------------------------------
+
+
+def _hex(value: int | None) -> str | None:
+    return None if value is None else format(value, "032x")
+
+
+def encode_events(events: Sequence[Event]) -> str:
+    """Compact JSON of ``events``: one array each, hashes as 32 hex digits, tiers as ints."""
+    rows: list[list[object]] = []
+    for e in events:
+        if isinstance(e, BlockStored):
+            rows.append(["S", e.seq, _hex(e.block_hash), _hex(e.parent_hash), int(e.tier),
+                         e.num_tokens, e.lora_id])
+        elif isinstance(e, BlockRemoved):
+            rows.append(["R", e.seq, _hex(e.block_hash), int(e.tier)])
+        elif isinstance(e, BlockTierChanged):
+            rows.append(["T", e.seq, _hex(e.block_hash), int(e.old_tier), int(e.new_tier)])
+        else:
+            rows.append(["C", e.seq])
+    return json.dumps(rows, separators=(",", ":"))
+
+
+def decode_events(text: str | bytes) -> list[Event]:
+    """Inverse of :func:`encode_events`; raises ValueError on anything malformed."""
+    try:
+        rows = json.loads(text)
+        events: list[Event] = []
+        for row in rows:
+            kind = row[0]
+            if kind == "S":
+                parent = None if row[3] is None else int(row[3], 16)
+                lora = None if row[6] is None else int(row[6])
+                events.append(BlockStored(int(row[1]), int(row[2], 16), parent, Tier(row[4]),
+                                          int(row[5]), lora))
+            elif kind == "R":
+                events.append(BlockRemoved(int(row[1]), int(row[2], 16), Tier(row[3])))
+            elif kind == "T":
+                events.append(BlockTierChanged(int(row[1]), int(row[2], 16), Tier(row[3]),
+                                               Tier(row[4])))
+            elif kind == "C":
+                events.append(AllBlocksCleared(int(row[1])))
+            else:
+                raise ValueError(f"malformed event batch: unknown event kind {kind!r}")
+        return events
+    except (TypeError, IndexError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed event batch: {exc}") from None
+
+
+def encode_snapshot(snapshot: Snapshot) -> str:
+    blocks = sorted([_hex(h), int(t)] for h, t in snapshot.blocks)
+    return json.dumps({"i": snapshot.instance_id, "n": snapshot.next_seq, "b": blocks},
+                      separators=(",", ":"))
+
+
+def decode_snapshot(text: str | bytes) -> Snapshot:
+    try:
+        doc = json.loads(text)
+        blocks = frozenset((int(h, 16), Tier(t)) for h, t in doc["b"])
+        return Snapshot(str(doc["i"]), int(doc["n"]), blocks)
+    except (TypeError, IndexError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed snapshot: {exc}") from None
+
+
+# ---- Redis Streams ----------------------------------------------------------------------------
+
+
+def _connect(url: str) -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ImportError(
+            "Redis event streams need redis-py: pip install 'kvtier[redis]'") from None
+    return redis.Redis.from_url(url)
+
+
+class RedisStreamPublisher:
+    """Publishes each batch as one entry of the stream ``stream`` (``XADD MAXLEN ~ maxlen``).
+
+    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`. Snapshots go to the key
+    ``<stream>:snapshot:<instance>``; subscribers that missed events add the instance id to
+    the stream ``<stream>:resync``, which :meth:`resync_requests` reads.
+    """
+
+    def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000) -> None:
+        if type(maxlen) is not int or maxlen < 1:
+            raise ValueError(f"maxlen must be an integer >= 1, got {maxlen!r}")
+        self._redis = _connect(url)
+        self.stream = stream
+        self.maxlen = maxlen
+        self._resync_id: str | bytes = "0-0"
+
+    def publish(self, instance_id: str, events: Sequence[Event]) -> None:
+        if events:
+            self._redis.xadd(self.stream, {"i": instance_id, "e": encode_events(events)},
+                             maxlen=self.maxlen, approximate=True)
+
+    def publish_snapshot(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot``; publish every event before ``next_seq`` first."""
+        key = f"{self.stream}:snapshot:{snapshot.instance_id}"
+        self._redis.set(key, encode_snapshot(snapshot))
+
+    def resync_requests(self) -> set[str]:
+        """Instance ids that subscribers asked a snapshot of since the last call (the first
+        call reads every request still in the capped resync stream)."""
+        reply = self._redis.xread({f"{self.stream}:resync": self._resync_id}, count=10_000)
+        asked: set[str] = set()
+        for _, rows in reply or []:
+            for entry_id, entry in rows:
+                self._resync_id = entry_id
+                asked.add(entry[b"i"].decode())
+        return asked
+
+
+class RedisStreamSubscriber:
+    """Reads a :class:`RedisStreamPublisher` stream from the last id read (``XREAD``).
+
+    Gaps (the stream was trimmed past us, or we started late) make an instance stale: a
+    resync request is added and the stored snapshot is used once it covers what was read.
+    """
+
+    def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0") -> None:
+        self._redis = _connect(url)
+        self.stream = stream
+        self.last_id: str | bytes = start_id
+        self.tracker = SeqTracker()
+        self._asked: set[str] = set()
+
+    def poll(self, count: int = 10_000, block_ms: int | None = None) -> list[Update]:
+        """The updates of up to ``count`` entries after ``last_id``, with any resyncs."""
+        out: list[Update] = []
+        # NOTE: snapshots first: entries read while an instance is stale are skipped, and a
+        # snapshot must cover every event read, so reading first could refuse a good one.
+        self._try_snapshots(out)
+        reply = self._redis.xread({self.stream: self.last_id}, count=count, block=block_ms)
+        for _, rows in reply or []:
+            for entry_id, entry in rows:
+                self.last_id = entry_id
+                instance_id = entry[b"i"].decode()
+                self.tracker.receive(instance_id, decode_events(entry[b"e"]), out)
+        self._try_snapshots(out)
+        for instance_id in self.tracker.stale_instances():
+            if instance_id not in self._asked:
+                self._redis.xadd(f"{self.stream}:resync", {"i": instance_id}, maxlen=1000,
+                                 approximate=True)
+                self._asked.add(instance_id)
+        return out
+
+    def _try_snapshots(self, out: list[Update]) -> None:
+        for instance_id in self.tracker.stale_instances():
+            raw = self._redis.get(f"{self.stream}:snapshot:{instance_id}")
+            if raw is not None and self.tracker.offer(decode_snapshot(raw), out):
+                self._asked.discard(instance_id)

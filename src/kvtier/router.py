@@ -1,0 +1,344 @@
+"""Routing requests across engine instances: a prefix index fed by KV events, and policies.
+
+The index knows, per instance, which chained block hashes it holds and in which tier. As a
+block's hash covers its whole prefix, an instance's match for a request is the run of the
+request's block hashes it holds, from the first, up to the first it lacks::
+
+    request blocks:  h0  h1  h2  h3  h4
+    instance a:      G   G   H   -   G     → (gpu 2, host 1): h4 is past the hole
+    instance b:      -   G   G   G   G     → no match: h0 is missing
+
+Policies see only :class:`InstanceLoad` and the :class:`PrefixHit` of each instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
+from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
+from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update
+from kvtier.radix import Tier
+
+
+class PrefixHit(NamedTuple):
+    """Blocks of a request's prefix that one instance holds, by tier."""
+
+    num_gpu_blocks: int
+    num_host_blocks: int
+
+
+class PrefixIndex:
+    """Which instance holds which block hash in which tier; fed by events and snapshots.
+
+    ``num_inconsistent`` counts events that did not fit the index (removing or moving an
+    unknown block): harmless, but a sign of a missed event.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: dict[str, dict[int, Tier]] = {}
+        # Inverse of _blocks, for matching one request against every instance at once.
+        self._holders: dict[int, dict[str, Tier]] = {}
+        self.num_inconsistent = 0
+
+    # ---- queries ------------------------------------------------------------------------------
+
+    def instances(self) -> list[str]:
+        """Instances the index has heard of, in first-heard order. Pure."""
+        return list(self._blocks)
+
+    def num_blocks(self, instance_id: str) -> int:
+        """Blocks ``instance_id`` holds, every tier. Pure."""
+        return len(self._blocks.get(instance_id, ()))
+
+    def blocks(self, instance_id: str) -> dict[int, Tier]:
+        """A copy of ``instance_id``'s hash -> tier map. Pure."""
+        return dict(self._blocks.get(instance_id, {}))
+
+    def match(self, block_hashes: Sequence[int]) -> dict[str, PrefixHit]:
+        """Each instance's longest held prefix of ``block_hashes``; only instances holding
+        at least the first block appear. Pure."""
+        if not block_hashes:
+            return {}
+        first = self._holders.get(block_hashes[0])
+        if not first:
+            return {}
+        alive = dict(first)
+        counts = {iid: [0, 0] for iid in alive}
+        for h in block_hashes:
+            holders = self._holders.get(h)
+            if holders is None:
+                break
+            for iid in [i for i in alive if i not in holders]:
+                del alive[iid]
+            if not alive:
+                break
+            for iid in alive:
+                counts[iid][holders[iid]] += 1
+        return {iid: PrefixHit(gpu, host) for iid, (gpu, host) in counts.items()}
+
+    # ---- commands -----------------------------------------------------------------------------
+
+    def apply(self, instance_id: str, events: Iterable[Event]) -> None:
+        """Apply ``events`` of ``instance_id`` in order."""
+        blocks = self._blocks.setdefault(instance_id, {})
+        for e in events:
+            if isinstance(e, BlockStored):
+                self._set(instance_id, blocks, e.block_hash, e.tier)
+            elif isinstance(e, BlockRemoved):
+                if e.block_hash in blocks:
+                    self._remove(instance_id, blocks, e.block_hash)
+                else:
+                    self.num_inconsistent += 1
+            elif isinstance(e, BlockTierChanged):
+                if blocks.get(e.block_hash) is not e.old_tier:
+                    self.num_inconsistent += 1
+                self._set(instance_id, blocks, e.block_hash, e.new_tier)
+            else:
+                assert isinstance(e, AllBlocksCleared), e
+                self.clear(instance_id)
+
+    def clear(self, instance_id: str) -> None:
+        """Forget every block of ``instance_id`` (it is still a known instance)."""
+        blocks = self._blocks.setdefault(instance_id, {})
+        for h in list(blocks):
+            self._remove(instance_id, blocks, h)
+
+    def resync(self, snapshot: Snapshot) -> None:
+        """Replace ``snapshot.instance_id``'s blocks with the snapshot's."""
+        self.clear(snapshot.instance_id)
+        blocks = self._blocks[snapshot.instance_id]
+        for h, tier in snapshot.blocks:
+            self._set(snapshot.instance_id, blocks, h, tier)
+
+    def apply_updates(self, updates: Iterable[Update]) -> None:
+        """Apply a subscriber's updates: event batches, lost instances and snapshots."""
+        for update in updates:
+            if isinstance(update, EventBatch):
+                self.apply(update.instance_id, update.events)
+            elif isinstance(update, InstanceLost):
+                self.clear(update.instance_id)
+            else:
+                self.resync(update)
+
+    def _set(self, instance_id: str, blocks: dict[int, Tier], h: int, tier: Tier) -> None:
+        blocks[h] = tier
+        self._holders.setdefault(h, {})[instance_id] = tier
+
+    def _remove(self, instance_id: str, blocks: dict[int, Tier], h: int) -> None:
+        del blocks[h]
+        holders = self._holders[h]
+        del holders[instance_id]
+        if not holders:
+            del self._holders[h]
+
+    def check_invariants(self) -> None:
+        """Recompute the inverse map from the per-instance maps and compare."""
+        holders: dict[int, dict[str, Tier]] = {}
+        for iid, blocks in self._blocks.items():
+            for h, tier in blocks.items():
+                holders.setdefault(h, {})[iid] = tier
+        assert holders == self._holders, "holders map out of sync with per-instance blocks"
+
+
+# ---- policies -----------------------------------------------------------------------------------
+
+
+class InstanceLoad(NamedTuple):
+    """What a policy knows of an instance's load: requests queued or running, and how many it
+    serves at once (``capacity``, e.g. its max batch size)."""
+
+    instance_id: str
+    queue_depth: int
+    capacity: int
+
+    @property
+    def load(self) -> float:
+        return self.queue_depth / self.capacity
+
+
+class RoutingPolicy(Protocol):
+    """Picks one of ``loads`` (never empty) for a request of ``num_prompt_blocks`` full
+    blocks whose cached prefix per instance is ``hits``. May change only its own state."""
+
+    name: str
+
+    def choose(self, loads: Sequence[InstanceLoad], hits: Mapping[str, PrefixHit],
+               num_prompt_blocks: int) -> str: ...
+
+
+class RoundRobin:
+    """Each instance in turn, ignoring caches and load."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, loads: Sequence[InstanceLoad], hits: Mapping[str, PrefixHit],
+               num_prompt_blocks: int) -> str:
+        choice = loads[self._next % len(loads)].instance_id
+        self._next += 1
+        return choice
+
+
+class LeastLoaded:
+    """The instance with the lowest ``load`` (queue depth / capacity); ties go to the first
+    in ``loads`` order."""
+
+    name = "least-loaded"
+
+    def choose(self, loads: Sequence[InstanceLoad], hits: Mapping[str, PrefixHit],
+               num_prompt_blocks: int) -> str:
+        return min(loads, key=lambda x: x.load).instance_id
+
+
+@dataclass(slots=True)
+class CacheAware:
+    """Best cached prefix against load, within a load bound.
+
+    **Load bound**: an instance is eligible only if its queue depth is at most
+    ``load_factor x (least queue depth) + load_slack``; the request never goes past that.
+    Among eligible instances the score is::
+
+        score = (gpu_blocks + host_weight x host_blocks) / prompt_blocks  -  alpha x load
+
+    with ``load = queue_depth / capacity``. The highest score wins; ties go to the lower
+    load, then rotate so that equal instances share cold requests.
+    """
+
+    alpha: float = 1.0
+    host_weight: float = 0.5
+    load_factor: float = 1.5
+    load_slack: int = 4
+    name: str = "cache-aware"
+    _next: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha < float("inf"):
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not 0 <= self.host_weight <= 1:
+            raise ValueError(f"host_weight must be in [0, 1], got {self.host_weight!r}")
+        if not 1 <= self.load_factor < float("inf"):
+            raise ValueError(f"load_factor must be a finite number >= 1, got {self.load_factor!r}")
+        if type(self.load_slack) is not int or self.load_slack < 0:
+            raise ValueError(f"load_slack must be an integer >= 0, got {self.load_slack!r}")
+
+    def bound(self, loads: Sequence[InstanceLoad]) -> float:
+        """The largest queue depth an eligible instance may have. Pure."""
+        return self.load_factor * min(x.queue_depth for x in loads) + self.load_slack
+
+    def choose(self, loads: Sequence[InstanceLoad], hits: Mapping[str, PrefixHit],
+               num_prompt_blocks: int) -> str:
+        bound = self.bound(loads)
+        n = len(loads)
+        start = self._next % n
+        self._next += 1
+        best: tuple[float, float] | None = None
+        choice = loads[start].instance_id
+        for k in range(n):  # scan from the rotating start: first of equals wins
+            x = loads[(start + k) % n]
+            if x.queue_depth > bound:
+                continue
+            hit = hits.get(x.instance_id)
+            cached = 0.0
+            if hit is not None:
+                cached = hit.num_gpu_blocks + self.host_weight * hit.num_host_blocks
+            score = cached / max(num_prompt_blocks, 1) - self.alpha * x.load
+            key = (score, -x.load)
+            if best is None or key > best:
+                best, choice = key, x.instance_id
+        return choice
+
+
+# ---- the router ---------------------------------------------------------------------------------
+
+
+class RouteDecision(NamedTuple):
+    """Where a request went and what the index promised there."""
+
+    instance_id: str
+    num_prompt_blocks: int
+    hit: PrefixHit
+    best_hit_blocks: int  # the longest prefix any instance held
+
+
+@dataclass(slots=True)
+class RouterStats:
+    """``num_best_prefix``: decisions that went to an instance holding the longest prefix
+    (of those with a prefix); ``num_predicted_hit_blocks``: blocks the index promised."""
+
+    num_routed: int = 0
+    num_with_prefix: int = 0
+    num_best_prefix: int = 0
+    num_predicted_hit_blocks: int = 0
+    num_prompt_blocks: int = 0
+    per_instance: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"num_routed": self.num_routed, "num_with_prefix": self.num_with_prefix,
+                "num_best_prefix": self.num_best_prefix,
+                "num_predicted_hit_blocks": self.num_predicted_hit_blocks,
+                "num_prompt_blocks": self.num_prompt_blocks,
+                "per_instance": dict(self.per_instance)}
+
+
+class Router:
+    """Hashes a request like the managers do and asks ``policy`` where it goes.
+
+    ``tokens_per_block`` and ``hash_algo`` must equal the instances' :class:`CacheConfig`;
+    salt and LoRA id enter the hashes as in the manager, so requests with other salts never
+    match each other's blocks.
+    """
+
+    def __init__(self, policy: RoutingPolicy, tokens_per_block: int,
+                 hash_algo: str = "xxh3_128", index: PrefixIndex | None = None) -> None:
+        self.policy = policy
+        self.tokens_per_block = tokens_per_block
+        self._hash_fn = get_hash_fn(hash_algo)
+        self.index = index if index is not None else PrefixIndex()
+        self.stats = RouterStats()
+
+    def block_hashes(self, tokens: Sequence[int], salt: object = None,
+                     lora_id: int | None = None,
+                     extras: Sequence[object] | None = None) -> list[int]:
+        """The chained hashes of the full blocks of ``tokens``, as the manager computes them.
+        Pure."""
+        parent = root_hash(self._hash_fn, lora_id, salt)
+        return chain_hashes(self._hash_fn, parent, tokens, self.tokens_per_block, lora_id, extras)
+
+    def route(self, tokens: Sequence[int], loads: Sequence[InstanceLoad], salt: object = None,
+              lora_id: int | None = None) -> RouteDecision:
+        """Pick an instance of ``loads`` for a prompt of ``tokens``."""
+        if not loads:
+            raise ValueError("route needs at least one instance in loads")
+        hashes = self.block_hashes(tokens, salt, lora_id)
+        hits = self.index.match(hashes)
+        choice = self.policy.choose(loads, hits, len(hashes))
+        hit = hits.get(choice, PrefixHit(0, 0))
+        best = max((sum(h) for h in hits.values()), default=0)
+        stats = self.stats
+        stats.num_routed += 1
+        stats.num_prompt_blocks += len(hashes)
+        stats.num_predicted_hit_blocks += sum(hit)
+        if best:
+            stats.num_with_prefix += 1
+            stats.num_best_prefix += sum(hit) == best
+        stats.per_instance[choice] = stats.per_instance.get(choice, 0) + 1
+        return RouteDecision(choice, len(hashes), hit, best)
+
+
+POLICIES = ("cache-aware", "round-robin", "least-loaded")
+
+
+def make_policy(name: str, alpha: float = 1.0) -> RoutingPolicy:
+    """The policy called ``name`` (one of :data:`POLICIES`)."""
+    if name == "cache-aware":
+        return CacheAware(alpha=alpha)
+    if name == "round-robin":
+        return RoundRobin()
+    if name == "least-loaded":
+        return LeastLoaded()
+    raise ValueError(f"router must be one of {POLICIES}, got {name!r}")
