@@ -3,9 +3,6 @@ Redis stream transport (when KVTIER_REDIS_URL is set)."""
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
@@ -283,41 +280,3 @@ def test_router_records_decisions() -> None:
         make_policy("random")
     with pytest.raises(ValueError, match="load_factor must be"):
         CacheAware(load_factor=0.5)
-
-
-# ---- Redis streams ------------------------------------------------------------------------------
-
-REDIS_URL = os.environ.get("KVTIER_REDIS_URL")
-needs_redis = pytest.mark.skipif(not REDIS_URL, reason="KVTIER_REDIS_URL is not set")
-
-
-@needs_redis
-def test_redis_stream_round_trip_and_resync_after_trim() -> None:
-    """Events cross a Redis stream in order; a trimmed stream shows a gap, the subscriber
-    asks for a resync and applies the stored snapshot."""
-    from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber
-
-    assert REDIS_URL is not None
-    stream = f"kvtier:test:{uuid.uuid4().hex}"
-    pub = RedisStreamPublisher(REDIS_URL, stream, maxlen=1000)
-    sub = RedisStreamSubscriber(REDIS_URL, stream)
-    try:
-        pub.publish("a", [stored(0, 1), stored(1, 2)])
-        pub.publish("a", [BlockTierChanged(2, 2, G, H)])
-        index = PrefixIndex()
-        index.apply_updates(sub.poll())
-        assert index.blocks("a") == {1: G, 2: H}
-        pub._redis.xtrim(stream, maxlen=0, approximate=False)  # everything unread is lost
-        pub.publish("a", [stored(3, 3)])
-        pub.publish("a", [stored(4, 4)])
-        pub._redis.xtrim(stream, maxlen=1, approximate=False)  # keeps seq 4 only
-        index.apply_updates(sub.poll())
-        assert index.blocks("a") == {} and sub.tracker.stale_instances() == ["a"]
-        assert pub.resync_requests() == {"a"}
-        pub.publish_snapshot(Snapshot("a", 5, frozenset({(1, G), (2, H), (3, G), (4, G)})))
-        pub.publish("a", [BlockRemoved(5, 1, G)])
-        index.apply_updates(sub.poll())
-        assert index.blocks("a") == {2: H, 3: G, 4: G}
-        assert (sub.tracker.num_gaps, sub.tracker.num_resyncs) == (1, 1)
-    finally:
-        pub._redis.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
