@@ -358,3 +358,17 @@ def test_replay_fleet_refuses_oracle(capsys: pytest.CaptureFixture[str]) -> None
                              "--no-progress")
     assert code == 2 and out == ""
     assert err.strip() == "kvtier: error: --oracle is not supported with --instances > 1"
+
+
+def test_compare_race_workload_shows_the_race(capsys: pytest.CaptureFixture[str]) -> None:
+    """--workload race: probe admission overflows with a host tier, claim admission never."""
+    code, out, _ = run_cli(capsys, "compare", "--workload", "race", "--gpu-blocks", "256",
+                           "--host-blocks", "512", "--max-num-tokens", "2048", "--no-progress")
+    assert code == 0
+    runs = {r["label"]: r["report"] for r in last_json(out)["runs"]}
+    assert runs["probe GPU+host"]["num_overflow_steps"] == 1
+    assert runs["probe GPU+host"]["num_lost_reuse_tokens"] > 0
+    for label in ("claim GPU only", "claim GPU+host"):
+        assert runs[label]["num_overflow_steps"] == 0
+        assert runs[label]["num_lost_reuse_tokens"] == 0
+    assert runs["claim GPU+host"]["num_credited_tokens"] > 0

@@ -27,6 +27,7 @@ from kvtier.sim import (
     AzureTrace,
     ModelProfile,
     MooncakeTrace,
+    RaceWorkload,
     SimReport,
     SimulationStalled,
     SyntheticChat,
@@ -150,7 +151,11 @@ def _common_options() -> argparse.ArgumentParser:
     """Workload, cache policy, scheduler, time model and output options of every command."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("trace", metavar="TRACE", nargs="?", type=Path,
-                   help="a .jsonl (Mooncake) or .csv (Azure) trace; default: synthetic chat")
+                   help="a .jsonl (Mooncake) or .csv (Azure) trace; default: --workload")
+    p.add_argument("--workload", choices=("synthetic-chat", "race"), default="synthetic-chat",
+                   help="the built-in workload when no TRACE is given: seeded multi-turn chat, "
+                   "or 'race', sized from the cache options to provoke the admission race "
+                   "(S1 at scale; needs --host-blocks) (default: %(default)s)")
     p.add_argument("--limit", metavar="N", type=_int_at_least(0),
                    help="replay only the first N requests")
     p.add_argument("--seed", type=int, default=0,
@@ -312,7 +317,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     caches = [_make_cache(args, args.gpu_blocks, 0),
               _make_cache(args, args.gpu_blocks, host_blocks)]
     profile = _make_profile(args)
-    workload = _make_workload(args, caches[0])
+    workload = _make_workload(args, caches[1])  # the race workload is sized for the host tier
     runs = [(admission, cache) for admission in ("claim", "probe") for cache in caches]
     total = _num_requests(workload)
     reports = []
@@ -337,7 +342,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     caches = [_make_cache(args, gpu, host) for gpu in args.gpu_blocks for host in args.host_blocks]
     sched = _make_sched(args, args.admission)
     profile = _make_profile(args)
-    workload = _make_workload(args, caches[0])
+    workload = _make_workload(args, caches[1])  # the race workload is sized for the host tier
     total = _num_requests(workload)
     reports = []
     with _progress_bar(None if total is None else total * len(caches),
@@ -469,6 +474,8 @@ def _parse_constant(key: str, type_name: str, text: str) -> object:
 def _make_workload(args: argparse.Namespace, config: CacheConfig) -> Workload:
     path: Path | None = args.trace
     try:
+        if path is None and args.workload == "race":
+            return RaceWorkload(config, max_num_tokens=args.max_num_tokens)
         if path is None:
             if args.limit is None:
                 return SyntheticChat(seed=args.seed)

@@ -13,6 +13,7 @@ from kvtier.sim.oracle import (
     prefix_block_keys,
     unlimited_hit_tokens,
 )
+from kvtier.sim.race import RaceWorkload
 from kvtier.sim.report import (
     OracleBounds,
     SimReport,
@@ -37,6 +38,7 @@ __all__ = [
     "OracleRequest",
     "OracleResult",
     "PrefixModel",
+    "RaceWorkload",
     "SessionBuilder",
     "SimReport",
     "SimulationStalled",

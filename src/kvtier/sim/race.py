@@ -1,0 +1,87 @@
+"""A workload built to provoke the admission race (S1 of the background, at scale).
+
+Sized from the cache and budget it will run on, so the race happens at any size::
+
+    t = 0 ..       p_i = P_i + 1 token, P_i one block     P_1 .. P_n cached on the GPU
+    then           fillers: num_gpu_blocks + num_host_blocks - n blocks, in whole blocks:
+                   P_1 .. P_n go to the host, the oldest blocks there; the rest is full
+    then, at once  q_i = P_i + max_num_tokens / n new tokens: each credited one host
+                   block, together exactly the step's budget
+
+Sequential (probe) admission onboards P_1 by evicting a GPU filler, which is offloaded in
+place of the oldest host block, P_2: P_2's requester computes a block it was credited and
+the step overflows ``max_num_tokens``. Two-phase (claim) admission claims every P_i first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kvtier.config import CacheConfig
+from kvtier.sim.workload import TraceRequest
+
+
+@dataclass(frozen=True, slots=True)
+class RaceWorkload:
+    """S1 at scale for ``cache`` and a step budget of ``max_num_tokens``. The race needs a
+    host tier: without one, the fillers drop the prefixes and nothing is credited."""
+
+    cache: CacheConfig
+    max_num_tokens: int = 8192
+    max_prefixes: int = 64
+    name: str = "race"
+
+    def __post_init__(self) -> None:
+        for field in ("max_num_tokens", "max_prefixes"):
+            value = getattr(self, field)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+
+    @property
+    def num_prefixes(self) -> int:
+        """At most one per host slot and ``max_prefixes``, and few enough that every
+        follow-up's blocks (one onboarded, its new ones) fit the GPU pool at once."""
+        cache = self.cache
+        n = max(1, min(cache.num_host_blocks, self.max_prefixes, self.max_num_tokens))
+        while n > 1 and n * (2 + self._new_tokens(n) // cache.tokens_per_block) > (
+                cache.num_gpu_blocks):
+            n -= 1
+        return n
+
+    def _new_tokens(self, n: int) -> int:
+        room = (self.cache.num_gpu_blocks // n - 2) * self.cache.tokens_per_block
+        return max(1, min(self.max_num_tokens // n, room))
+
+    def __iter__(self) -> Iterator[TraceRequest]:
+        cache = self.cache
+        tpb = cache.tokens_per_block
+        n = self.num_prefixes
+        counter = iter(range(1_000_000_000, 1 << 62))
+        prefixes = [[next(counter) for _ in range(tpb)] for _ in range(n)]
+        t = 0.0
+        for i, prefix in enumerate(prefixes):
+            yield TraceRequest(f"p{i}", t, [*prefix, next(counter)], 1)
+            t += 1.0
+        # Fillers of whole blocks (all stored), each small enough to be admitted with room
+        # for its one output token, enough to fill the GPU and the rest of the host.
+        blocks_left = cache.num_gpu_blocks + max(0, cache.num_host_blocks - n)
+        chunk = max(1, min(256, cache.num_gpu_blocks // 4))
+        j = 0
+        while blocks_left:
+            size = min(blocks_left, chunk)
+            yield TraceRequest(f"f{j}", t, [next(counter) for _ in range(size * tpb)], 1)
+            blocks_left -= size
+            j += 1
+            t += 1.0
+        t += 3600.0  # long after the fillers are done, whatever the model's speed
+        new = self._new_tokens(n)
+        for i, prefix in enumerate(prefixes):
+            yield TraceRequest(f"q{i}", t, [*prefix, *(next(counter) for _ in range(new))], 1)
+
+    def describe(self) -> dict[str, object]:
+        """JSON-ready parameters of this workload."""
+        return {"name": self.name, "kind": "race", "num_prefixes": self.num_prefixes,
+                "max_num_tokens": self.max_num_tokens,
+                "num_gpu_blocks": self.cache.num_gpu_blocks,
+                "num_host_blocks": self.cache.num_host_blocks}
