@@ -12,6 +12,7 @@ from kvtier import (
     CacheConfig,
     KVCacheManager,
     MultimodalItem,
+    PrefixMatch,
     SequenceSpec,
     Tier,
 )
@@ -275,4 +276,35 @@ def test_chunked_prefill_stores_only_scheduled_blocks() -> None:
         mgr.append_tokens("a", [1])
     mgr.schedule_prefill("a", 2)
     assert mgr.lookup(toks + [0]).num_tokens == 12
+    mgr.check_invariants()
+
+
+def test_import_blocks_become_host_hits_and_are_onboarded() -> None:
+    """Blocks imported from elsewhere (a remote store) are host hits, onboarded on admission."""
+    mgr = make_manager(num_gpu_blocks=8, num_host_blocks=4, enable_partial_reuse=False)
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 9]))
+    mgr.remove_sequence("a")  # [1 2 3 4] cached on the GPU
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 0]
+    assert mgr.import_blocks(prompt, 5) == [0, 1]  # 2 more full blocks fit the prompt
+    assert mgr.lookup(prompt) == PrefixMatch(12, 4, 8, 0)
+    assert mgr.stats.num_imported_blocks == 2
+    b = mgr.add_sequence(SequenceSpec("b", prompt))
+    assert (b.num_reused_tokens, b.num_onboarded_tokens) == (12, 8)
+    onboards = [(op.src_slot, op.dst_slot) for op in mgr.engine.plans[-1].ops]  # type: ignore[attr-defined]
+    assert onboards == [(0, b.block_ids[1]), (1, b.block_ids[2])]
+    assert mgr.import_blocks(prompt, 5) == []  # nothing past what is cached
+    mgr.check_invariants()
+
+
+def test_import_blocks_without_host_room_imports_nothing() -> None:
+    """Without a host tier nothing is imported; with too little room, the first blocks."""
+    mgr = make_manager(num_gpu_blocks=8, num_host_blocks=0)
+    assert mgr.import_blocks([1, 2, 3, 4, 5], 1) == []
+    mgr = make_manager(num_gpu_blocks=8, num_host_blocks=1)
+    assert mgr.import_blocks([5, 5, 5, 5, 0], 1) == [0]
+    mgr.add_sequence(SequenceSpec("x", [5, 5, 5, 5, 0]))  # claims and onboards it
+    assert mgr.import_blocks([6, 6, 6, 6, 6, 6, 6, 6, 0], 2) == [0]  # 1 slot: block 0 only
+    assert mgr.lookup([6, 6, 6, 6, 6, 6, 6, 6, 0]).num_host_tokens == 4
+    with pytest.raises(ValueError, match="num_blocks must be an int >= 0"):
+        mgr.import_blocks([1], -1)
     mgr.check_invariants()

@@ -17,7 +17,7 @@ from kvtier.config import CacheConfig
 from kvtier.events import AllBlocksCleared, Event
 from kvtier.eviction import EvictionPolicy
 from kvtier.metrics import CacheStats
-from kvtier.radix import Match, Root, Tier, match, path_to_root
+from kvtier.radix import Match, Node, Root, Tier, match, path_to_root
 from kvtier.sequence import LiveSequence, MultimodalItem, SequenceSpec, check_tokens
 from kvtier.store import BlockStore
 from kvtier.transfer.engine import RecordingTransferEngine, TransferEngine
@@ -216,6 +216,47 @@ class KVCacheManager:
                 deferred[rid] = seq
             seq.num_scheduled_tokens = n
         return len(items)
+
+    def import_blocks(
+        self,
+        tokens: list[int],
+        num_blocks: int,
+        salt: bytes | str | int | None = None,
+        lora_id: int | None = None,
+    ) -> list[int]:
+        """Cache up to ``num_blocks`` full blocks of ``tokens`` past what the tiers already
+        hold, as host blocks whose KV the caller fills from elsewhere (a remote store);
+        returns their host slots, in order: fewer (or none) when the host has less room.
+
+        For a request waiting in the queue: a later ``lookup`` counts these blocks as host
+        hits, and admission onboards them like any other. The caller must write the slots
+        before the next manager call that may read them (an admission's plan).
+        """
+        check_tokens(tokens, "tokens")
+        if type(num_blocks) is not int or num_blocks < 0:
+            raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
+        if not self.config.enable_block_reuse or not self.config.num_host_blocks:
+            return []
+        store = self._store
+        root = store.new_root(lora_id, salt)
+        m = self._match(root, tokens, None)
+        start = m.num_blocks
+        end = min(start + num_blocks, (len(tokens) - 1) // self._tpb)
+        if end <= start:
+            return []
+        parent: Node = m.path[-1] if m.path else root
+        if m.tail is not None:
+            parent = store.split(m.tail[0], m.tail[1])
+        # The parent's run must not be evicted while room is made for its extension.
+        store.ref_path(parent)
+        tpb = self._tpb
+        node = store.import_run(parent, tokens[start * tpb:end * tpb], end - start)
+        store.unref_path(parent)
+        if node is None:
+            return []
+        self._version += 1
+        store.stats.num_imported_blocks += node.num_blocks
+        return list(node.slots)
 
     def remove_sequence(self, request_id: str, store_for_reuse: bool = True) -> None:
         """Release a request, tail first. Its full scheduled blocks stay cached for reuse

@@ -225,21 +225,7 @@ class BlockStore:
         free for its offload now."""
         host = self.host
         num_blocks = victim.num_blocks
-        key = self._key(victim)
-        while len(host.free) < num_blocks:
-            node = host.pop_candidate(self._host_candidate_key)
-            if node is None:
-                break
-            node_key = self._key(node)
-            if node_key >= key:
-                host.push(node, node_key)
-                break
-            take = min(node.num_blocks, num_blocks - len(host.free))
-            parent = node.parent
-            victim_run = node if take == node.num_blocks else self.cut_tail(node, take)
-            self.drop(victim_run)
-            assert parent is not None
-            self.refile(parent if victim_run is node else node)
+        self.free_host(num_blocks, self._key(victim))
         # Below a GPU frontier run all is host and unreferenced: take its deepest blocks.
         for node in reversed(subtree(victim)[1:]):
             short = num_blocks - len(host.free)
@@ -255,6 +241,46 @@ class BlockStore:
                 self.drop(self.cut_tail(node, short))
                 self.refile(node)
         return min(num_blocks, len(host.free))
+
+    def free_host(self, num_blocks: int, key: tuple[int, int] | None) -> int:
+        """Drop unreferenced host leaves, tails first, lowest key first, until
+        ``num_blocks`` host slots are free, stopping at blocks whose key is not below
+        ``key`` (``None``: no limit). Returns the free host slots now."""
+        host = self.host
+        while len(host.free) < num_blocks:
+            node = host.pop_candidate(self._host_candidate_key)
+            if node is None:
+                break
+            node_key = self._key(node)
+            if key is not None and node_key >= key:
+                host.push(node, node_key)
+                break
+            take = min(node.num_blocks, num_blocks - len(host.free))
+            parent = node.parent
+            run = node if take == node.num_blocks else self.cut_tail(node, take)
+            self.drop(run)
+            assert parent is not None
+            self.refile(parent if run is node else node)
+        return len(host.free)
+
+    def import_run(self, parent: Node, tokens: list[int], num_blocks: int) -> Node | None:
+        """Store the first ``num_blocks`` blocks of ``tokens`` (whose KV comes from
+        elsewhere, e.g. a remote store), or as many as the host makes room for, as an
+        unreferenced host run below ``parent``; ``None`` if there is no room at all.
+        ``parent`` must be claimed by the caller while this runs."""
+        num_blocks = min(num_blocks, self.free_host(num_blocks, None))
+        if num_blocks == 0:
+            return None
+        start = parent.start_block + parent.num_blocks
+        node = Node(parent, tokens[:num_blocks * self.tpb], self.host.take(num_blocks),
+                    Tier.HOST, None, start, parent.root)
+        node.priority = self.config.default_priority
+        node.last_used = next(self._tick)
+        add_child(parent, node)
+        if self.events is not None:
+            self._emit_stored(node)
+        self.refile(node)
+        return node
 
     def drop(self, node: Node) -> None:
         """Remove the unreferenced run ``node`` and everything below it from the cache."""
