@@ -372,3 +372,18 @@ def test_compare_race_workload_shows_the_race(capsys: pytest.CaptureFixture[str]
         assert runs[label]["num_overflow_steps"] == 0
         assert runs[label]["num_lost_reuse_tokens"] == 0
     assert runs["claim GPU+host"]["num_credited_tokens"] > 0
+
+
+def test_replay_fleet_with_a_shared_remote_tier(capsys: pytest.CaptureFixture[str]) -> None:
+    """--remote write-through: the fleet report says what the shared tier served."""
+    code, out, _ = run_cli(capsys, "replay", "--limit", "40", "--instances", "2", "--router",
+                           "round-robin", "--gpu-blocks", "512", "--remote", "write-through",
+                           "--no-progress")
+    assert code == 0
+    remote = last_json(out)["remote"]
+    assert remote["policy"] == "write-through" and remote["num_lookups"] == 40
+    assert "remote      write-through:" in out
+    code, out, err = run_cli(capsys, "replay", "--limit", "5", "--remote", "write-back",
+                             "--no-progress")
+    assert code == 2
+    assert "--remote needs --instances > 1" in err

@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--router-alpha", metavar="X", type=float, default=1.0,
                         help="cache-aware: weight of load (queue depth / max batch size) "
                         "against the cached share of the prompt (default: %(default)s)")
+    replay.add_argument("--remote", choices=("write-back", "write-through"),
+                        help="with --instances: a shared remote tier (content-addressed, "
+                        "unbounded, fetches not timed) that blocks leaving an instance "
+                        "(write-back) or every stored block (write-through) go to, and "
+                        "arriving requests import their prefix from")
     replay.set_defaults(run=_run_replay)
 
     compare = commands.add_parser("compare", parents=[common], formatter_class=raw,
@@ -277,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_replay(args: argparse.Namespace) -> int:
     if args.instances > 1:
         return _run_fleet(args)
+    if args.remote is not None:
+        raise CLIError("--remote needs --instances > 1 (a remote tier shared by a fleet)")
     cache = _make_cache(args, args.gpu_blocks, args.host_blocks)
     sched = _make_sched(args, args.admission)
     profile = _make_profile(args)
@@ -301,7 +308,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
     with _progress_bar(_num_requests(workload), not args.no_progress) as progress:
         try:
             report = simulate_fleet(workload, cache, args.instances, policy, sched, profile,
-                                    args.time_scale, progress)
+                                    args.time_scale, progress, remote=args.remote)
         except TraceFormatError as exc:
             raise CLIError(f"malformed trace: {exc}") from None
         except (ValueError, SimulationStalled) as exc:

@@ -96,3 +96,24 @@ def test_bad_arguments_are_refused() -> None:
         simulate_fleet(make_workload(), make_cache(), 0)
     with pytest.raises(ValueError, match="router must be one of"):
         simulate_fleet(make_workload(), make_cache(), 2, "random")
+
+
+def test_shared_remote_tier_lifts_round_robin() -> None:
+    """A write-through remote tier shared by the fleet lets round-robin reuse prefixes
+    another instance computed: its hit rate rises to cache-aware routing's, through host
+    imports; write-back shares only what instances evict, and still helps."""
+    workload = SyntheticChat(num_requests=300, seed=0)
+    cache = CacheConfig(num_gpu_blocks=768, num_host_blocks=256)
+    alone = simulate_fleet(workload, cache, 4, "round-robin")
+    back = simulate_fleet(workload, cache, 4, "round-robin", remote="write-back")
+    through = simulate_fleet(workload, cache, 4, "round-robin", remote="write-through",
+                             check_every=25)
+    aware = simulate_fleet(workload, cache, 4, "cache-aware")
+    assert alone.remote is None
+    assert through.remote is not None and back.remote is not None
+    assert int(through.remote["num_imported_blocks"]) > 0  # type: ignore[call-overload]
+    assert alone.token_hit_rate < back.token_hit_rate < through.token_hit_rate
+    assert through.token_hit_rate >= aware.token_hit_rate - 0.01
+    assert through.host_token_hit_rate > alone.host_token_hit_rate
+    with pytest.raises(ValueError, match="remote must be None, 'write-back' or"):
+        simulate_fleet(workload, cache, 2, remote="sometimes")

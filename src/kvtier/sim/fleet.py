@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 from kvtier.config import CacheConfig
-from kvtier.events import Event
+from kvtier.events import BlockRemoved, BlockStored, Event
 from kvtier.publisher import InMemoryEventBus, Snapshot, manager_snapshot
 from kvtier.router import CacheAware, InstanceLoad, Router, RoutingPolicy, make_policy
 from kvtier.scheduler import SchedulerConfig
@@ -84,6 +84,8 @@ class FleetReport:
     router_stats: dict[str, object]
     events: dict[str, int]
     wall_s: float
+    # With a shared remote tier: its write policy, and what instances looked up and imported.
+    remote: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy of the report. Pure."""
@@ -93,9 +95,12 @@ class FleetReport:
 class _Instance:
     """One engine: a replay loop whose events wait, stamped, until the fleet clock passes."""
 
-    def __init__(self, instance_id: str, loop: _Loop) -> None:
+    def __init__(self, instance_id: str, loop: _Loop, remote: set[int] | None = None,
+                 write_through: bool = False) -> None:
         self.instance_id = instance_id
         self.loop = loop
+        self.remote = remote  # the shared remote tier's block hashes, if there is one
+        self.written = (BlockStored, BlockRemoved) if write_through else (BlockRemoved,)
         self.pending: deque[tuple[float, list[Event]]] = deque()
         self.next_seq = 0  # one past the last event drained
         self.num_steps = 0
@@ -132,6 +137,13 @@ class _Instance:
         if check_every is not None and self.num_steps % check_every == 0:
             self.loop.manager.check_invariants()
         events = self.loop.manager.drain_events()
+        if self.remote is not None:
+            # Write-back: a block that leaves this instance's last tier goes to the shared
+            # tier (write-through: every block stored), where every instance can fetch it,
+            # content-addressed by its chained hash.
+            written = self.written
+            self.remote.update(e.block_hash for e in events
+                               if isinstance(e, written))
         if events:
             self.next_seq = events[-1].seq + 1
             self.pending.append((self.loop.now_s, events))
@@ -153,12 +165,18 @@ def simulate_fleet(
     progress: Callable[[int], object] | None = None,
     max_bus_events: int = 1 << 20,
     check_every: int | None = None,
+    remote: str | None = None,
 ) -> FleetReport:
     """Replay ``workload`` through ``num_instances`` engines of ``cache`` each behind a
     router with ``policy``; see the module docstring.
 
     Every instance gets ``cache`` with events on. ``max_bus_events`` bounds the router's
-    subscriber buffer (a smaller one forces gaps and resyncs). Other arguments as in
+    subscriber buffer (a smaller one forces gaps and resyncs). With ``remote`` (``write-back``
+    or ``write-through``), the fleet shares an unbounded remote tier: blocks leaving an
+    instance (or, write-through, every block it stores) are written to it, and
+    a request's prefix found there past what its instance holds is imported into that
+    instance's host tier when the request arrives (the fetch itself is not timed). Other
+    arguments as in
     :func:`kvtier.sim.simulate`. Raises ValueError for a bad argument and
     :class:`SimulationStalled` if an instance can never admit its waiting requests.
     """
@@ -175,7 +193,12 @@ def simulate_fleet(
     bus = InMemoryEventBus()
     subscriber = bus.subscribe(max_bus_events)
     router = Router(policy, cache.tokens_per_block, cache.hash_algo)
-    instances = [_Instance(f"i{k}", _Loop(cache, sched, model, time_scale, progress, check_every))
+    if remote not in (None, "write-back", "write-through"):
+        raise ValueError(f"remote must be None, 'write-back' or 'write-through', got {remote!r}")
+    shared: set[int] | None = set() if remote else None
+    remote_stats = {"num_lookups": 0, "num_hit_blocks": 0, "num_imported_blocks": 0}
+    instances = [_Instance(f"i{k}", _Loop(cache, sched, model, time_scale, progress, check_every),
+                           shared, remote == "write-through")
                  for k in range(num_instances)]
     by_id = {inst.instance_id: inst for inst in instances}
     for inst in instances:
@@ -200,6 +223,8 @@ def simulate_fleet(
             max_excess = max(max_excess, depth - min(x.queue_depth for x in loads))
             num_over += depth > bound_policy.bound(loads)
             chosen.num_routed += 1
+            if shared is not None:
+                _fetch_remote(chosen, request, router, shared, remote_stats)
             _arrive(chosen, request)
         for inst in instances:
             inst.finish()
@@ -214,8 +239,29 @@ def simulate_fleet(
     events = {"num_published": bus.num_published, "num_dropped": subscriber.num_dropped,
               "num_gaps": tracker.num_gaps, "num_resyncs": tracker.num_resyncs,
               "num_index_inconsistent": router.index.num_inconsistent}
-    return _report(workload, instances, router, policy, sched, model, time_scale,
-                   max_excess, num_over, events, wall_s)
+    report = _report(workload, instances, router, policy, sched, model, time_scale,
+                     max_excess, num_over, events, wall_s)
+    return replace(report, remote={"policy": remote, **remote_stats}) if remote else report
+
+
+def _fetch_remote(inst: _Instance, request: TraceRequest, router: Router, shared: set[int],
+                  stats: dict[str, int]) -> None:
+    """Import into ``inst``'s host tier the blocks of ``request`` that the shared tier has
+    past what ``inst`` holds (the chain stops at the first block it lacks)."""
+    manager = inst.loop.manager
+    tpb = manager.config.tokens_per_block
+    local = manager.lookup(request.prompt)
+    first = (local.num_tokens - local.num_partial_tokens) // tpb
+    hashes = router.block_hashes(request.prompt)[: (len(request.prompt) - 1) // tpb]
+    stats["num_lookups"] += 1
+    found = 0
+    for h in hashes[first:]:
+        if h not in shared:
+            break
+        found += 1
+    if found:
+        stats["num_hit_blocks"] += found
+        stats["num_imported_blocks"] += len(manager.import_blocks(request.prompt, found))
 
 
 def _arrive(inst: _Instance, request: TraceRequest) -> None:
@@ -308,6 +354,12 @@ def format_fleet_report(report: FleetReport) -> list[str]:
         f"TTFT        p50 {_ms(ttft.p50)}, p90 {_ms(ttft.p90)}, p99 {_ms(ttft.p99)} (virtual)",
         f"events      {r.events['num_published']:,} published, {r.events['num_gaps']} gaps, "
         f"{r.events['num_resyncs']} resyncs",
+    ]
+    if r.remote is not None:
+        lines.append(f"remote      {r.remote['policy']}: {r.remote['num_hit_blocks']:,} blocks "
+                     f"found for {r.remote['num_lookups']:,} arrivals, "
+                     f"{r.remote['num_imported_blocks']:,} imported to host tiers")
+    lines += [
         "",
         f"{'instance':<9}{'routed':>8}{'hit rate':>10}{'GPU':>8}{'host':>8}"
         f"{'prefill tok':>13}{'TTFT p50':>11}{'TTFT p99':>11}",
