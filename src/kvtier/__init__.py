@@ -6,11 +6,13 @@ from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTier
 from kvtier.manager import KVCacheManager
 from kvtier.metrics import CacheStats, TierStats
 from kvtier.radix import Tier
+from kvtier.scheduler import ContextChunk, Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.sequence import MultimodalItem, SequenceSpec
 from kvtier.transfer import (
     OpKind,
     RecordingTransferEngine,
     TransferEngine,
+    TransferError,
     TransferOp,
     TransferPlan,
 )
@@ -25,16 +27,22 @@ __all__ = [
     "BlockTierChanged",
     "CacheConfig",
     "CacheStats",
+    "ContextChunk",
     "Event",
     "KVCacheManager",
     "MultimodalItem",
     "OpKind",
     "PrefixMatch",
     "RecordingTransferEngine",
+    "Request",
+    "ScheduledStep",
+    "Scheduler",
+    "SchedulerConfig",
     "SequenceSpec",
     "Tier",
     "TierStats",
     "TransferEngine",
+    "TransferError",
     "TransferOp",
     "TransferPlan",
     "__version__",
