@@ -25,6 +25,7 @@ import torch
 
 from kvtier.manager import KVCacheManager
 from kvtier.model.llama import LlamaModel
+from kvtier.remote.tier import RemoteTier
 from kvtier.scheduler import Request, ScheduledStep, Scheduler
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.torch_engine import TorchTransferEngine
@@ -47,7 +48,8 @@ class ModelEngine:
     """Drives ``model`` with ``scheduler`` over the GPU storage of ``transfer``."""
 
     def __init__(self, model: LlamaModel, manager: KVCacheManager, scheduler: Scheduler,
-                 transfer: TorchTransferEngine, record_logits: bool = False) -> None:
+                 transfer: TorchTransferEngine, record_logits: bool = False,
+                 remote: RemoteTier | None = None) -> None:
         if scheduler.manager is not manager:
             raise ValueError("scheduler must run on the given manager")
         layout = transfer.gpu.layout
@@ -63,6 +65,10 @@ class ModelEngine:
         self.transfer = transfer
         self.kv = transfer.gpu
         self.record_logits = record_logits
+        # A shared remote tier: waiting requests fetch their prefix from it, computed
+        # prompts are written to it.
+        self.remote = remote
+        self._fetched: set[str] = set()
         self.results: dict[str, RequestResult] = {}
         self.num_steps = 0
         self.num_failed_steps = 0
@@ -79,6 +85,11 @@ class ModelEngine:
     def step(self) -> tuple[ScheduledStep, list[Request]]:
         """Run one forward pass; returns the schedule and the requests it finished."""
         t0 = time.perf_counter()
+        if self.remote is not None:
+            for req in self.scheduler.waiting:
+                if req.request_id not in self._fetched:
+                    self._fetched.add(req.request_id)
+                    self.remote.fetch(req.tokens, salt=req.salt, lora_id=req.lora_id)
         step = self.scheduler.step()
         t1 = time.perf_counter()
         try:
@@ -101,6 +112,10 @@ class ModelEngine:
             logits = self._forward(req, req.tokens[chunk.first_token:end], chunk.first_token)
             if end == req.num_prefill_tokens:
                 last_logits[req.request_id] = logits[-1]
+                if self.remote is not None:
+                    self.remote.write(req.tokens[:end],
+                                      self.manager.block_table(req.request_id),
+                                      salt=req.salt, lora_id=req.lora_id)
         for rid in step.decode_request_ids:
             req = running[rid]
             tokens = req.tokens

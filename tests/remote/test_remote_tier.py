@@ -1,0 +1,127 @@
+"""Engines sharing KV through a remote store: the second reuses what the first computed,
+and its logits stay those of a full recompute (fp32, CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the remote tier tests move real KV: needs torch")
+
+from conftest import RedisServers  # noqa: E402
+
+from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig  # noqa: E402
+from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
+from kvtier.remote import MemoryRemoteStore, RemoteNamespace, RemoteStore  # noqa: E402
+from kvtier.remote.tier import RemoteTier  # noqa: E402
+from kvtier.storage import KVStorage  # noqa: E402
+from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
+
+TPB = 4
+SRC = Path(__file__).resolve().parents[2] / "src"
+PREFIX = [(7 * i + 3) % 256 for i in range(22)]
+FIRST = [PREFIX + [11, 12, 13], PREFIX[:13] + [40, 41]]
+SECOND = [PREFIX + [90, 91, 92, 93], PREFIX[:17] + [5]]
+
+
+def make_engine(store_for: object) -> ModelEngine:
+    """A model engine with its own manager and NaN-poisoned storages, over ``store_for``
+    (a function of the namespace giving the RemoteStore)."""
+    model = LlamaModel(ModelConfig(), "cpu")
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32,
+                                         num_host_blocks=16, hash_algo="sha256"))
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
+    layout = model.config.kv_layout(TPB)
+    gpu, host = KVStorage(layout, 32, "cpu"), KVStorage(layout, 16)
+    gpu.fill_(float("nan"))
+    host.fill_(float("nan"))  # an imported slot nobody filled would poison the logits
+    store: RemoteStore = store_for(RemoteNamespace("tiny-llama", layout))  # type: ignore[operator]
+    remote = RemoteTier(store, manager, gpu, host)
+    return ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
+                       record_logits=True, remote=remote)
+
+
+def run(engine: ModelEngine, prompts: list[list[int]], tag: str) -> None:
+    """Serve ``prompts`` to completion, 3 output tokens each."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(Request(f"{tag}{i}", prompt, 3))
+    engine.run()
+    engine.manager.check_invariants()
+
+
+def assert_exact(engine: ModelEngine) -> None:
+    """Every recorded logit row matches a cacheless recompute within 1e-4."""
+    for r in engine.results.values():
+        tokens = r.prompt + r.output
+        ref = engine.model.full_recompute(tokens[:-1])
+        for pos, row in r.logits.items():
+            assert (row - ref[pos]).abs().max().item() < 1e-4, (r.request_id, pos)
+
+
+def test_second_engine_reuses_blocks_the_first_computed() -> None:
+    """Engine B finds A's prefix blocks in the shared store, imports and onboards them."""
+    backend: dict[str, bytes] = {}
+    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    run(a, FIRST, "a")
+    assert a.remote is not None and a.remote.num_written_blocks >= len(PREFIX) // TPB
+    b = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    run(b, SECOND, "b")
+    assert b.remote is not None and b.remote.num_fetched_blocks >= 4
+    assert b.manager.stats.host.onboarded_blocks >= 4
+    assert b.manager.stats.num_reused_tokens >= 16
+    assert_exact(b)
+
+
+def test_corrupt_values_are_misses_and_recomputed() -> None:
+    """A store whose values were tampered with serves nothing; B recomputes, exactly."""
+    backend: dict[str, bytes] = {}
+    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    run(a, FIRST, "a")
+    for key, value in backend.items():
+        backend[key] = value[:-1] + bytes([value[-1] ^ 0xFF])
+    b = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    run(b, SECOND, "b")
+    assert b.remote is not None and b.remote.num_fetched_blocks == 0
+    assert b.remote.store.stats.num_bad_payloads > 0
+    assert_exact(b)
+
+
+def test_remote_tier_needs_sha256() -> None:
+    """Hashes must agree across processes: xxh3 is refused with a sentence."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_host_blocks=4))
+    layout = ModelConfig().kv_layout(TPB)
+    with pytest.raises(ValueError, match="needs hash_algo='sha256'"):
+        RemoteTier(MemoryRemoteStore(RemoteNamespace("m", layout)), manager,
+                   KVStorage(layout, 4, "cpu"), KVStorage(layout, 4))
+
+
+WRITER = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from test_remote_tier import FIRST, make_engine, run
+    from kvtier.remote import RedisRemoteStore
+    engine = make_engine(lambda ns: RedisRemoteStore({url!r}, ns))
+    run(engine, FIRST, "a")
+    print(json.dumps({{"written": engine.remote.num_written_blocks}}))
+""")
+
+
+def test_two_processes_share_one_redis(redis_servers: RedisServers) -> None:
+    """A separate process computes and writes through one Redis; this one reuses its blocks
+    and its logits equal a full recompute."""
+    from kvtier.remote import RedisRemoteStore
+
+    code = WRITER.format(tests=str(Path(__file__).parent), url=redis_servers.url)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True, env={"PYTHONPATH": str(SRC),
+                                                      "PATH": "/usr/bin:/bin"})
+    assert json.loads(out.stdout.strip().splitlines()[-1])["written"] >= len(PREFIX) // TPB
+    b = make_engine(lambda ns: RedisRemoteStore(redis_servers.url, ns))
+    run(b, SECOND, "b")
+    assert b.remote is not None and b.remote.num_fetched_blocks >= 4
+    assert_exact(b)
