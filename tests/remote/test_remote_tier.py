@@ -125,3 +125,28 @@ def test_two_processes_share_one_redis(redis_servers: RedisServers) -> None:
     run(b, SECOND, "b")
     assert b.remote is not None and b.remote.num_fetched_blocks >= 4
     assert_exact(b)
+
+
+def test_store_down_or_losing_values_degrades_to_recompute() -> None:
+    """With the store down, or dropping half its values, B serves every request exactly:
+    what it can't fetch, it computes; no exception reaches the engine loop."""
+    from kvtier.remote import FaultyRemoteStore
+
+    backend: dict[str, bytes] = {}
+    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    run(a, FIRST, "a")
+    stores: list[FaultyRemoteStore] = []
+
+    def faulty(ns: RemoteNamespace) -> FaultyRemoteStore:
+        stores.append(FaultyRemoteStore(MemoryRemoteStore(ns, backend), seed=1))
+        return stores[-1]
+
+    b = make_engine(faulty)
+    stores[0].down = True
+    run(b, SECOND[:1], "down")
+    assert b.remote is not None and b.remote.num_fetched_blocks == 0
+    assert stores[0].stats.num_errors > 0
+    stores[0].down = False
+    stores[0].miss_rate = 0.5
+    run(b, SECOND[1:], "lossy")
+    assert_exact(b)
