@@ -17,7 +17,8 @@ from kvtier.config import CacheConfig
 from kvtier.events import AllBlocksCleared, Event
 from kvtier.eviction import EvictionPolicy
 from kvtier.metrics import CacheStats
-from kvtier.radix import Match, Node, Root, Tier, match, path_to_root
+from kvtier.radix import Match, Node, Root, match
+from kvtier.recovery import fail_transfers
 from kvtier.sequence import LiveSequence, MultimodalItem, SequenceSpec, check_tokens
 from kvtier.store import BlockStore
 from kvtier.transfer.engine import RecordingTransferEngine, TransferEngine
@@ -277,90 +278,9 @@ class KVCacheManager:
         store.unref_path(seq.last_node, seq.priority, seq.retention_s)
 
     def transfer_failed(self, plan: TransferPlan, failed_ops: Iterable[int]) -> list[str]:
-        """Degrade failed copies to recompute; returns the requests that must recompute.
-
-        ``failed_ops`` are indices into ``plan.ops`` whose copy did not complete. Their
-        destinations hold garbage, and so do destinations of later ops that read them. Each
-        live request holding such a block is aborted (its blocks of the latest scheduling
-        call, never computed, are dropped too), then every damaged block and its extensions
-        leave the cache. The caller requeues the returned requests: a fresh lookup no longer
-        finds the damaged blocks, so no request is ever served stale KV.
-        """
-        damaged: set[tuple[Tier, int]] = set()
-        failed = set(failed_ops)
-        for i, op in enumerate(plan.ops):
-            if i in failed or (op.src_tier, op.src_slot) in damaged:
-                damaged.add((op.dst_tier, op.dst_slot))
-            else:
-                damaged.discard((op.dst_tier, op.dst_slot))  # rewritten with good data
-        if not damaged:
-            return []
-        self._version += 1
-        owners = self._store.slot_owners()
-        aborted: dict[str, LiveSequence] = {}
-        for rid, seq in self._seqs.items():
-            if any((Tier.GPU, s) in damaged for s in seq.block_table[seq.num_path_blocks:]):
-                aborted[rid] = seq
-        damaged_nodes = {owners[key][0].uid for key in damaged if key in owners}
-        for rid, seq in self._seqs.items():
-            if any(n.uid in damaged_nodes for n in path_to_root(seq.last_node)):
-                aborted[rid] = seq
-        # Requests that reused blocks an aborted request never computed are aborted too.
-        while True:
-            unsafe = {n.uid for seq in aborted.values() for n in path_to_root(seq.last_node)
-                      if n.start_block + n.num_blocks > seq.num_valid_tokens // self._tpb}
-            more = {rid: seq for rid, seq in self._seqs.items() if rid not in aborted and any(
-                n.uid in unsafe for n in path_to_root(seq.last_node))}
-            if not more:
-                break
-            aborted.update(more)
-        for seq in aborted.values():
-            self._release_unstored(seq)
-        for seq in aborted.values():
-            self._drop_uncomputed(seq)
-        owners = self._store.slot_owners()
-        for key in sorted(damaged):
-            owner = owners.get(key)
-            if owner is None or owner[0].parent is None:
-                continue  # free, or already dropped with a damaged prefix
-            node, index = owner
-            if index == 0:
-                parent = node.parent
-                assert parent is not None
-                self._store.drop(node)
-                self._store.refile(parent)
-            else:
-                self._store.drop(self._store.cut_tail(node, node.num_blocks - index))
-                self._store.refile(node)
-            owners = self._store.slot_owners()
-        self._store.stats.num_failed_transfers += len(failed)
-        return list(aborted)
-
-    def _release_unstored(self, seq: LiveSequence) -> None:
-        """Remove ``seq`` without storing anything more (a rollback: no LRU touch)."""
-        del self._seqs[seq.request_id]
-        if self._deferred is not None:
-            self._deferred.pop(seq.request_id, None)
-            self._pending_stores.pop(seq.request_id, None)
-        self._num_reserved -= seq.num_reserved
-        self._store.free_gpu(seq.block_table[seq.num_path_blocks:])
-        self._store.unref_path(seq.last_node)
-
-    def _drop_uncomputed(self, seq: LiveSequence) -> None:
-        """Drop the blocks of released ``seq``'s path that its latest call only scheduled."""
-        store = self._store
-        valid_blocks = seq.num_valid_tokens // self._tpb
-        node = seq.last_node
-        while node.parent is not None and node.start_block + node.num_blocks > valid_blocks:
-            parent = node.parent
-            assert node.ref_count == 0, node
-            if node.start_block >= valid_blocks:
-                store.drop(node)
-                store.refile(parent)
-            else:
-                store.drop(store.cut_tail(node, node.start_block + node.num_blocks - valid_blocks))
-                store.refile(node)
-            node = parent
+        """Degrade failed copies to recompute; returns the requests that must recompute
+        (see ``kvtier.recovery``)."""
+        return fail_transfers(self, plan, failed_ops)
 
     def begin_step(self) -> None:
         """Until ``end_step``, blocks scheduled by admissions, prefill chunks and appends

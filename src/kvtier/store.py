@@ -233,13 +233,7 @@ class BlockStore:
                 break
             if node.parent is None or node.children:
                 continue
-            parent = node.parent
-            if short >= node.num_blocks:
-                self.drop(node)
-                self.refile(parent)
-            else:
-                self.drop(self.cut_tail(node, short))
-                self.refile(node)
+            self.drop_from(node, max(0, node.num_blocks - short))
         return min(num_blocks, len(host.free))
 
     def free_host(self, num_blocks: int, key: tuple[int, int] | None) -> int:
@@ -256,11 +250,7 @@ class BlockStore:
                 host.push(node, node_key)
                 break
             take = min(node.num_blocks, num_blocks - len(host.free))
-            parent = node.parent
-            run = node if take == node.num_blocks else self.cut_tail(node, take)
-            self.drop(run)
-            assert parent is not None
-            self.refile(parent if run is node else node)
+            self.drop_from(node, node.num_blocks - take)
         return len(host.free)
 
     def import_run(self, parent: Node, tokens: list[int], num_blocks: int) -> Node | None:
@@ -281,6 +271,18 @@ class BlockStore:
             self._emit_stored(node)
         self.refile(node)
         return node
+
+    def drop_from(self, node: Node, index: int) -> None:
+        """Drop the unreferenced blocks ``index ..`` of ``node`` and everything below them,
+        and file what stays as a candidate again."""
+        if index == 0:
+            parent = node.parent
+            assert parent is not None
+            self.drop(node)
+            self.refile(parent)
+        else:
+            self.drop(self.cut_tail(node, node.num_blocks - index))
+            self.refile(node)
 
     def drop(self, node: Node) -> None:
         """Remove the unreferenced run ``node`` and everything below it from the cache."""
