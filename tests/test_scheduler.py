@@ -238,3 +238,18 @@ def test_copy_source_counts_as_room_when_the_request_fills_the_pool() -> None:
     step = s.step()
     assert step.context_chunks == (ContextChunk("b", 6, 9, 6),)
     finish_step(s, step)
+
+
+def test_held_requests_wait_without_blocking_others() -> None:
+    """A held request (its prefix being fetched) is skipped until released; others go."""
+    s = make_scheduler()
+    s.add_request(Request("held", [1, 2, 3], 1))
+    s.add_request(Request("free", [4, 5, 6], 1))
+    s.hold("held")
+    step = s.step()
+    assert [c.request_id for c in step.context_chunks] == ["free"]
+    finish_step(s, step)
+    s.release("held")
+    step = s.step()
+    assert [c.request_id for c in step.context_chunks] == ["held"]
+    finish_step(s, step)

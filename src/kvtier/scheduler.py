@@ -154,6 +154,7 @@ class Scheduler:
         # preemption the output so far), validated once; and since when it waits.
         self._specs: dict[str, SequenceSpec] = {}
         self._queued_at: dict[str, int] = {}
+        self._held: set[str] = set()  # waiting requests not to admit yet (see hold)
         self._num_steps = 0
         self._lookups: dict[str, tuple[int, PrefixMatch]] = {}
         self._tpb = manager.config.tokens_per_block
@@ -180,6 +181,16 @@ class Scheduler:
         m = self.manager.lookup_spec(spec)
         self._lookups[spec.request_id] = (version, m)
         return m
+
+    def hold(self, request_id: str) -> None:
+        """Keep a waiting request out of admission until ``release`` (e.g. while its prefix
+        is fetched from a remote tier)."""
+        if request_id in self._specs:
+            self._held.add(request_id)
+
+    def release(self, request_id: str) -> None:
+        """Let a held request be admitted again."""
+        self._held.discard(request_id)
 
     def _enqueue(self, req: Request, first: bool) -> None:
         tokens = req.tokens if req.output else req.prompt
@@ -292,9 +303,12 @@ class Scheduler:
         footprint = self.manager.config.num_gpu_blocks
         free = self.manager.num_free_gpu_blocks
         out = []
+        held = self._held
         for req in self.waiting:
             if budget == 0 or slots == 0:
                 break
+            if held and req.request_id in held:
+                continue
             spec = self._specs[req.request_id]
             tokens = spec.tokens
             m = self._lookup(spec)
@@ -377,6 +391,7 @@ class Scheduler:
         self._lookups.pop(req.request_id, None)
         del self._specs[req.request_id]
         del self._queued_at[req.request_id]
+        self._held.discard(req.request_id)
         self.running[req.request_id] = req
         req.num_prefill_tokens = num_prefill
         req.num_computed_tokens = num_reused
@@ -436,4 +451,5 @@ class Scheduler:
                 self.waiting = deque(r for r in self.waiting if r.request_id != rid)
                 del self._specs[rid]
                 del self._queued_at[rid]
+                self._held.discard(rid)
             self._lookups.pop(rid, None)

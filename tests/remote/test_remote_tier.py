@@ -150,3 +150,33 @@ def test_store_down_or_losing_values_degrades_to_recompute() -> None:
     stores[0].miss_rate = 0.5
     run(b, SECOND[1:], "lossy")
     assert_exact(b)
+
+
+def test_slow_store_past_the_deadline_is_not_waited_for() -> None:
+    """A fetch slower than fetch_deadline_s releases its request to compute without it:
+    the engine loop never waits longer than the deadline, and stays exact."""
+    import time
+
+    from kvtier.remote import FaultyRemoteStore
+
+    backend: dict[str, bytes] = {}
+    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    run(a, FIRST, "a")
+    stores: list[FaultyRemoteStore] = []
+
+    def slow(ns: RemoteNamespace) -> FaultyRemoteStore:
+        stores.append(FaultyRemoteStore(MemoryRemoteStore(ns, backend)))
+        stores[-1].delay_s = 1.0
+        return stores[-1]
+
+    b = make_engine(slow)
+    assert b.remote is not None
+    b.remote.fetch_deadline_s = 0.05
+    b.add_request(Request("b0", SECOND[0], 3))
+    t0 = time.monotonic()
+    step, _ = b.step()
+    assert time.monotonic() - t0 < 0.5  # waited for the deadline, not for the store
+    assert [c.request_id for c in step.context_chunks] == ["b0"]
+    assert step.context_chunks[0].num_reused_tokens == 0
+    b.run()
+    assert_exact(b)

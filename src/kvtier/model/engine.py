@@ -86,10 +86,7 @@ class ModelEngine:
         """Run one forward pass; returns the schedule and the requests it finished."""
         t0 = time.perf_counter()
         if self.remote is not None:
-            for req in self.scheduler.waiting:
-                if req.request_id not in self._fetched:
-                    self._fetched.add(req.request_id)
-                    self.remote.fetch(req.tokens, salt=req.salt, lora_id=req.lora_id)
+            self._fetch_remote()
         step = self.scheduler.step()
         t1 = time.perf_counter()
         try:
@@ -112,7 +109,7 @@ class ModelEngine:
             logits = self._forward(req, req.tokens[chunk.first_token:end], chunk.first_token)
             if end == req.num_prefill_tokens:
                 last_logits[req.request_id] = logits[-1]
-                if self.remote is not None:
+                if self.remote is not None:  # computed now: write through
                     self.remote.write(req.tokens[:end],
                                       self.manager.block_table(req.request_id),
                                       salt=req.salt, lora_id=req.lora_id)
@@ -135,10 +132,31 @@ class ModelEngine:
         self.num_steps += 1
         return step, finished
 
+    def _fetch_remote(self) -> None:
+        """Start a remote fetch for each newly waiting request and hold it back; release
+        those whose fetch arrived or timed out. If nothing else can run, wait for one."""
+        remote, scheduler = self.remote, self.scheduler
+        assert remote is not None
+        for req in scheduler.waiting:
+            if req.request_id not in self._fetched:
+                self._fetched.add(req.request_id)
+                if remote.start_fetch(req.request_id, req.tokens, req.salt, req.lora_id):
+                    scheduler.hold(req.request_id)
+        for rid in remote.poll():
+            scheduler.release(rid)
+        if not scheduler.running and remote.num_waiting and remote.num_waiting == len(
+                scheduler.waiting):
+            remote.wait(remote.fetch_deadline_s)
+            for rid in remote.poll():
+                scheduler.release(rid)
+
     def run(self, max_steps: int = 100_000) -> dict[str, RequestResult]:
-        """Step until every request finished; raises RuntimeError after ``max_steps``."""
+        """Step until every request finished (and, with a remote tier, its writes landed);
+        raises RuntimeError after ``max_steps``."""
         for _ in range(max_steps):
             if not self.scheduler.has_unfinished():
+                if self.remote is not None:
+                    self.remote.flush(30.0)
                 return self.results
             self.step()
         raise RuntimeError(f"requests still unfinished after {max_steps} steps")

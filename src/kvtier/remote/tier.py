@@ -3,11 +3,13 @@
 ::
 
     write    a request's prompt is computed: its full blocks' KV goes to the store, keyed by
-             the chained block hash (write-through)
+             the chained block hash (write-through), queued on the store's I/O thread
     fetch    a request waits: the blocks of its prompt past what the local tiers hold are
-             looked up in the store; the consecutive run found is imported into host blocks
-             (``KVCacheManager.import_blocks``) and their KV written there, so admission
-             onboards them like any host hit, with exact credit
+             looked up in the store on the I/O thread (``start_fetch``); ``poll`` imports
+             the consecutive run found into host blocks (``KVCacheManager.import_blocks``)
+             and writes their KV there, so admission onboards them like any host hit, with
+             exact credit. The engine holds the request back until its fetch is done or
+             ``fetch_deadline_s`` passes, then it goes on without what has not arrived.
 
 Keys are content hashes under a namespace that fingerprints model and layout, and a value
 is refused unless its header matches: another model, layout or a corrupt value is a miss.
@@ -16,10 +18,13 @@ Store faults are misses too (the store never raises): the request recomputes.
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
-from kvtier.remote.store import RemoteStore
+from kvtier.remote.store import BlockStoreBase
 
 if TYPE_CHECKING:
     import torch
@@ -28,18 +33,36 @@ if TYPE_CHECKING:
     from kvtier.storage import KVStorage
 
 
+@dataclass(slots=True)
+class _Fetch:
+    """A fetch in flight for a waiting request."""
+
+    tokens: list[int]
+    salt: bytes | str | int | None
+    lora_id: int | None
+    started_s: float
+    released: bool = False
+
+
 class RemoteTier:
     """Moves whole blocks between ``manager``'s storages and a shared ``store``."""
 
-    def __init__(self, store: RemoteStore, manager: KVCacheManager, gpu: KVStorage,
-                 host: KVStorage) -> None:
+    def __init__(self, store: BlockStoreBase, manager: KVCacheManager, gpu: KVStorage,
+                 host: KVStorage, fetch_deadline_s: float = 1.0) -> None:
         config = manager.config
         if config.hash_algo != "sha256":
             raise ValueError("a shared remote tier needs hash_algo='sha256' (the same hash "
                              f"in every process and machine), got {config.hash_algo!r}")
         if not config.num_host_blocks:
             raise ValueError("a remote tier imports into host blocks: num_host_blocks is 0")
+        if not isinstance(fetch_deadline_s, (int, float)) or not fetch_deadline_s >= 0:
+            raise ValueError(f"fetch_deadline_s must be a number >= 0, got {fetch_deadline_s!r}")
         self.store = store
+        self.fetch_deadline_s = float(fetch_deadline_s)
+        self._pending: dict[str, _Fetch] = {}
+        self._done: dict[str, dict[int, bytes]] = {}
+        self._lock = threading.Lock()
+        self._arrived = threading.Event()
         self.manager = manager
         self.gpu = gpu
         self.host = host
@@ -54,27 +77,95 @@ class RemoteTier:
         return chain_hashes(self._hash_fn, parent, tokens, self._tpb, lora_id)
 
     def write(self, tokens: list[int], block_table: list[int], salt: object = None,
-              lora_id: int | None = None) -> int:
-        """Write the full blocks of computed ``tokens`` from their GPU slots; returns how many
-        the store took."""
+              lora_id: int | None = None, wait: bool = False) -> int:
+        """Write the full blocks of computed ``tokens`` from their GPU slots (their bytes are
+        copied now, the store is written on its I/O thread, or now with ``wait``); returns
+        how many blocks were handed to the store."""
         hashes = self.block_hashes(tokens, salt, lora_id)
         items = {h: _to_bytes(self.gpu.block(slot)) for h, slot in zip(hashes, block_table)}
-        written = self.store.put_many(items) if items else 0
+        if not items:
+            return 0
+        if wait:
+            written = self.store.put_many(items)
+        else:
+            written = len(items) if self.store.write_back(items) else 0
         self.num_written_blocks += written
         return written
 
-    def fetch(self, tokens: list[int], salt: bytes | str | int | None = None,
-              lora_id: int | None = None) -> int:
-        """Import the blocks of ``tokens`` that the store has past the local tiers' prefix
-        into host blocks; returns how many were imported."""
-        manager = self.manager
-        local = manager.lookup(tokens, salt=salt, lora_id=lora_id)
+    def _wanted(self, tokens: list[int], salt: object, lora_id: int | None) -> list[int]:
+        """Hashes of the prompt's reusable full blocks past what the local tiers hold."""
+        local = self.manager.lookup(tokens, salt=salt, lora_id=lora_id)  # type: ignore[arg-type]
         first = (local.num_tokens - local.num_partial_tokens) // self._tpb
         hashes = self.block_hashes(tokens, salt, lora_id)[: (len(tokens) - 1) // self._tpb]
-        wanted = hashes[first:]
+        return hashes[first:]
+
+    def fetch(self, tokens: list[int], salt: bytes | str | int | None = None,
+              lora_id: int | None = None) -> int:
+        """Fetch now (blocking) and import the blocks of ``tokens`` that the store has past
+        the local tiers' prefix into host blocks; returns how many were imported."""
+        wanted = self._wanted(tokens, salt, lora_id)
         if not wanted:
             return 0
-        found = self.store.get_many(wanted)
+        return self._import(tokens, salt, lora_id, self.store.get_many(wanted))
+
+    def start_fetch(self, request_id: str, tokens: list[int],
+                    salt: bytes | str | int | None = None, lora_id: int | None = None) -> bool:
+        """Look the prompt's missing blocks up on the store's I/O thread; False when there
+        is nothing to look up or the store's queue is full (then don't wait for it)."""
+        wanted = self._wanted(tokens, salt, lora_id)
+        if not wanted or request_id in self._pending:
+            return False
+
+        def arrived(found: dict[int, bytes]) -> None:
+            with self._lock:
+                self._done[request_id] = found
+            self._arrived.set()
+
+        fetch = _Fetch(list(tokens), salt, lora_id, time.monotonic())
+        self._pending[request_id] = fetch
+        if not self.store.prefetch(wanted, arrived):
+            del self._pending[request_id]
+            return False
+        return True
+
+    def poll(self) -> list[str]:
+        """Import what arrived; return the requests whose wait is over: fetch done, or past
+        ``fetch_deadline_s`` (a late result is still imported when it comes)."""
+        with self._lock:
+            done, self._done = self._done, {}
+        over = []
+        for rid, found in done.items():
+            fetch = self._pending.pop(rid)
+            self._import(fetch.tokens, fetch.salt, fetch.lora_id, found)
+            if not fetch.released:
+                over.append(rid)
+        now = time.monotonic()
+        for rid, fetch in self._pending.items():
+            if not fetch.released and now - fetch.started_s >= self.fetch_deadline_s:
+                fetch.released = True
+                over.append(rid)
+        return over
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until some fetch arrives or ``timeout_s`` passes (when nothing else can
+        run)."""
+        self._arrived.wait(timeout_s)
+        self._arrived.clear()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until queued writes and fetches have run; False if ``timeout_s`` passed."""
+        return self.store.flush(timeout_s)
+
+    @property
+    def num_waiting(self) -> int:
+        """Fetches in flight whose requests are still held back. Pure."""
+        return sum(not f.released for f in self._pending.values())
+
+    def _import(self, tokens: list[int], salt: bytes | str | int | None, lora_id: int | None,
+                found: dict[int, bytes]) -> int:
+        manager = self.manager
+        # The local tiers may have changed since the lookup: import from where they end now.
+        wanted = self._wanted(tokens, salt, lora_id)
         run = 0
         while run < len(wanted) and wanted[run] in found:
             run += 1
