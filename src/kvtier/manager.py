@@ -259,6 +259,21 @@ class KVCacheManager:
         store.stats.num_imported_blocks += node.num_blocks
         return list(node.slots)
 
+    def record_spills(self) -> None:
+        """Start logging host blocks as they leave the cache, for a write-back remote tier:
+        see ``drain_spills``."""
+        if self._store.spill_log is None:
+            self._store.spill_log = []
+
+    def drain_spills(self) -> list[tuple[int, int]]:
+        """(block hash, host slot) of each host block dropped since the last drain whose KV
+        is still in its slot: read it before executing the transfer plans of those calls
+        (they may reuse the slot). Blocks offloaded and dropped between two drains are not
+        listed. Requires ``record_spills``."""
+        if self._store.spill_log is None:
+            raise RuntimeError("drain_spills() needs record_spills() first")
+        return self._store.drain_spills()
+
     def remove_sequence(self, request_id: str, store_for_reuse: bool = True) -> None:
         """Release a request, tail first. Its full scheduled blocks stay cached for reuse
         (unless ``store_for_reuse`` is False: then only blocks already stored do)."""

@@ -44,6 +44,10 @@ class BlockStore:
         self._hash_fn = get_hash_fn(config.hash_algo)
         self._tick = itertools.count(1)
         self._expiries: list[tuple[float, int, Node]] = []
+        # With a write-back remote tier: (block hash, host slot) of host blocks dropped since
+        # the last drain whose slot still holds their KV (not filled by a pending offload).
+        self.spill_log: list[tuple[int, int]] | None = None
+        self._fresh_host_slots: set[int] = set()
 
     # ---- keys and candidates ------------------------------------------------------------
 
@@ -206,6 +210,8 @@ class BlockStore:
                 return
             self.drop(self.cut_tail(victim, victim.num_blocks - num_offload))
         host_slots = host.take(num_offload)
+        if self.spill_log is not None:
+            self._fresh_host_slots.update(host_slots)  # filled only when the plan runs
         old = victim.slots
         for src, dst in zip(old, host_slots):
             ops.append(TransferOp(OpKind.OFFLOAD, Tier.GPU, src, Tier.HOST, dst, self.tpb))
@@ -272,6 +278,13 @@ class BlockStore:
         self.refile(node)
         return node
 
+    def drain_spills(self) -> list[tuple[int, int]]:
+        """The spill log since the last drain; the next plan may overwrite those slots."""
+        assert self.spill_log is not None
+        spills, self.spill_log = self.spill_log, []
+        self._fresh_host_slots.clear()
+        return spills
+
     def drop_from(self, node: Node, index: int) -> None:
         """Drop the unreferenced blocks ``index ..`` of ``node`` and everything below them,
         and file what stays as a candidate again."""
@@ -292,6 +305,11 @@ class BlockStore:
         if self.events is not None:
             for n in doomed:
                 self._emit_removed(n)
+        if self.spill_log is not None:
+            fresh = self._fresh_host_slots
+            self.spill_log.extend((h, slot) for n in doomed if n.tier is Tier.HOST
+                                  for h, slot in zip(self.hashes(n), n.slots)
+                                  if slot not in fresh)
         remove_child(parent, node)
         for n in doomed:
             assert n.ref_count == 0, n

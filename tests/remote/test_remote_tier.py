@@ -180,3 +180,37 @@ def test_slow_store_past_the_deadline_is_not_waited_for() -> None:
     assert step.context_chunks[0].num_reused_tokens == 0
     b.run()
     assert_exact(b)
+
+
+def make_small_host_engine(store_for: object, write_policy: str) -> ModelEngine:
+    """Like make_engine, with a 4-block host tier so host blocks keep leaving the cache."""
+    model = LlamaModel(ModelConfig(), "cpu")
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=14,
+                                         num_host_blocks=4, hash_algo="sha256"))
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
+    layout = model.config.kv_layout(TPB)
+    gpu, host = KVStorage(layout, 14, "cpu"), KVStorage(layout, 4)
+    gpu.fill_(float("nan"))
+    host.fill_(float("nan"))
+    store = store_for(RemoteNamespace("tiny-llama", layout))  # type: ignore[operator]
+    remote = RemoteTier(store, manager, gpu, host, write_policy=write_policy)
+    return ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
+                       record_logits=True, remote=remote)
+
+
+def test_write_back_spills_blocks_leaving_the_host_and_they_serve_exactly() -> None:
+    """Write-back: blocks leaving a tiny host tier go to the store (read before the plan
+    reuses their slots); another engine, and the same one, reuse them exactly."""
+    backend: dict[str, bytes] = {}
+    prompts = [[(13 * i + k) % 256 for i in range(18)] + [k] for k in range(6)]
+    a = make_small_host_engine(lambda ns: MemoryRemoteStore(ns, backend), "write-back")
+    run(a, prompts, "a")
+    assert a.remote is not None and a.remote.num_written_blocks > 0
+    assert a.manager.stats.host.evicted_blocks > 0
+    b = make_small_host_engine(lambda ns: MemoryRemoteStore(ns, backend), "write-back")
+    run(b, [p[:-1] + [200 + i] for i, p in enumerate(prompts)], "b")
+    assert b.remote is not None and b.remote.num_fetched_blocks > 0
+    assert_exact(a)
+    assert_exact(b)
+    with pytest.raises(ValueError, match="write_policy must be"):
+        make_small_host_engine(lambda ns: MemoryRemoteStore(ns, backend), "sometimes")

@@ -89,6 +89,8 @@ class ModelEngine:
             self._fetch_remote()
         step = self.scheduler.step()
         t1 = time.perf_counter()
+        if self.remote is not None and self.remote.write_policy == "write-back":
+            self.remote.write_spilled()  # before the plan may overwrite their slots
         try:
             handle = self.transfer.submit(step.transfer_plan)
             self._wait_layer = functools.partial(self.transfer.wait, handle)
@@ -109,7 +111,7 @@ class ModelEngine:
             logits = self._forward(req, req.tokens[chunk.first_token:end], chunk.first_token)
             if end == req.num_prefill_tokens:
                 last_logits[req.request_id] = logits[-1]
-                if self.remote is not None:  # computed now: write through
+                if self.remote is not None and self.remote.write_policy == "write-through":
                     self.remote.write(req.tokens[:end],
                                       self.manager.block_table(req.request_id),
                                       salt=req.salt, lora_id=req.lora_id)

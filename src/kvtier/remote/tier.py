@@ -2,8 +2,10 @@
 
 ::
 
-    write    a request's prompt is computed: its full blocks' KV goes to the store, keyed by
-             the chained block hash (write-through), queued on the store's I/O thread
+    write    write-through: a request's prompt is computed, its full blocks' KV goes to the
+             store, keyed by the chained block hash; write-back: a host block's KV goes
+             there as the block leaves the cache (read from its slot before the step's
+             plan may reuse it). Both queued on the store's I/O thread
     fetch    a request waits: the blocks of its prompt past what the local tiers hold are
              looked up in the store on the I/O thread (``start_fetch``); ``poll`` imports
              the consecutive run found into host blocks (``KVCacheManager.import_blocks``)
@@ -48,7 +50,8 @@ class RemoteTier:
     """Moves whole blocks between ``manager``'s storages and a shared ``store``."""
 
     def __init__(self, store: BlockStoreBase, manager: KVCacheManager, gpu: KVStorage,
-                 host: KVStorage, fetch_deadline_s: float = 1.0) -> None:
+                 host: KVStorage, fetch_deadline_s: float = 1.0,
+                 write_policy: str = "write-through") -> None:
         config = manager.config
         if config.hash_algo != "sha256":
             raise ValueError("a shared remote tier needs hash_algo='sha256' (the same hash "
@@ -57,7 +60,13 @@ class RemoteTier:
             raise ValueError("a remote tier imports into host blocks: num_host_blocks is 0")
         if not isinstance(fetch_deadline_s, (int, float)) or not fetch_deadline_s >= 0:
             raise ValueError(f"fetch_deadline_s must be a number >= 0, got {fetch_deadline_s!r}")
+        if write_policy not in ("write-through", "write-back"):
+            raise ValueError("write_policy must be 'write-through' or 'write-back', "
+                             f"got {write_policy!r}")
         self.store = store
+        self.write_policy = write_policy
+        if write_policy == "write-back":
+            manager.record_spills()
         self.fetch_deadline_s = float(fetch_deadline_s)
         self._pending: dict[str, _Fetch] = {}
         self._done: dict[str, dict[int, bytes]] = {}
@@ -91,6 +100,16 @@ class RemoteTier:
             written = len(items) if self.store.write_back(items) else 0
         self.num_written_blocks += written
         return written
+
+    def write_spilled(self) -> int:
+        """Write-back: hand the store the host blocks that left the cache since the last
+        call, read from their slots now (call it before executing the step's plan, which
+        may reuse them). Returns how many blocks were handed over."""
+        items = {h: _to_bytes(self.host.block(slot)) for h, slot in self.manager.drain_spills()}
+        if not items or not self.store.write_back(items):
+            return 0
+        self.num_written_blocks += len(items)
+        return len(items)
 
     def _wanted(self, tokens: list[int], salt: object, lora_id: int | None) -> list[int]:
         """Hashes of the prompt's reusable full blocks past what the local tiers hold."""
@@ -172,6 +191,8 @@ class RemoteTier:
         if not run:
             return 0
         slots = manager.import_blocks(tokens, run, salt=salt, lora_id=lora_id)
+        if self.write_policy == "write-back":
+            self.write_spilled()  # the import may reuse their slots: read them first
         for h, slot in zip(wanted, slots):
             _write_block(self.host, slot, found[h])
         self.num_fetched_blocks += len(slots)
