@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,27 @@ def test_write_back_spills_blocks_leaving_the_host_and_they_serve_exactly() -> N
     assert_exact(b)
     with pytest.raises(ValueError, match="write_policy must be"):
         make_small_host_engine(lambda ns: MemoryRemoteStore(ns, backend), "sometimes")
+
+
+def test_redis_killed_mid_replay_then_restarted(make_redis_server: object) -> None:
+    """A real Redis killed while an engine serves, then restarted empty: the engine keeps
+    serving (misses and errors counted, no exception), every output stays exact, and once
+    the server is back its writes and reads work again."""
+    from kvtier.remote import RedisRemoteStore
+
+    server = make_redis_server()  # type: ignore[operator]
+    a = make_engine(lambda ns: RedisRemoteStore(server.url, ns, timeout_s=0.2, cooldown_s=0.1))
+    run(a, FIRST, "a")
+    b = make_engine(lambda ns: RedisRemoteStore(server.url, ns, timeout_s=0.2, cooldown_s=0.1))
+    assert b.remote is not None
+    run(b, SECOND[:1], "before")
+    fetched = b.remote.num_fetched_blocks
+    assert fetched > 0
+    server.kill()
+    run(b, [p[:-1] + [77] for p in FIRST], "down")  # nothing local: the store would serve
+    assert b.remote.store.stats.num_errors + b.remote.store.stats.num_short_circuited > 0
+    assert b.remote.num_fetched_blocks == fetched
+    server.start()
+    time.sleep(0.15)  # past the circuit breaker's cool-down
+    run(b, SECOND[1:], "after")
+    assert_exact(b)
