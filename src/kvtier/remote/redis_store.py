@@ -58,6 +58,7 @@ class RedisRemoteStore(BlockStoreBase):
         cooldown_s: float = 1.0,
         max_batch_keys: int = 256,
         max_batch_bytes: int = 32 << 20,
+        ca_file: str | None = None,
     ) -> None:
         super().__init__(namespace, max_inflight=max_inflight)
         scheme = urlsplit(url).scheme
@@ -77,7 +78,11 @@ class RedisRemoteStore(BlockStoreBase):
                 raise ValueError(f"{name} must be an integer >= {least}, got {count!r}")
         if ttl_s is not None and (not isinstance(ttl_s, int | float) or ttl_s <= 0):
             raise ValueError(f"ttl_s must be None or a number > 0, got {ttl_s!r}")
+        if ca_file is not None and scheme != "rediss":
+            raise ValueError(f"ca_file is for TLS: the url must start with rediss://, got "
+                             f"{redact_url(url)!r}")
         self.url = url
+        self.ca_file = ca_file
         self.cluster = cluster
         self.timeout_s = float(timeout_s)
         self.max_retries = max_retries
@@ -109,6 +114,8 @@ class RedisRemoteStore(BlockStoreBase):
         options: dict[str, Any] = dict(socket_timeout=self.timeout_s,
                                        socket_connect_timeout=self.timeout_s,
                                        retry=Retry(NoBackoff(), 0))
+        if self.ca_file is not None:
+            options["ssl_ca_certs"] = self.ca_file  # verify the server against this CA
         if self.cluster:
             from redis.cluster import RedisCluster
 
