@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvtier import __version__
 from kvtier.config import HASH_ALGOS, CacheConfig
@@ -41,6 +41,9 @@ from kvtier.sim import (
     simulate,
 )
 from kvtier.sim.fleet import format_fleet_report, simulate_fleet
+
+if TYPE_CHECKING:
+    from kvtier.remote import RedisRemoteStore
 
 EXIT_USAGE = 2
 DEFAULT_GPU_BLOCKS = 16384
@@ -121,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "unbounded, fetches not timed) that blocks leaving an instance "
                         "(write-back) or every stored block (write-through) go to, and "
                         "arriving requests import their prefix from")
+    replay.add_argument("--remote-url", metavar="URL",
+                        help="with --remote: keep the shared tier's blocks in this Redis "
+                        "(redis://[user:password@]host:port/db, rediss:// for TLS; extra "
+                        "'redis') instead of in memory, so its latency and faults are real")
     replay.set_defaults(run=_run_replay)
 
     compare = commands.add_parser("compare", parents=[common], formatter_class=raw,
@@ -282,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_replay(args: argparse.Namespace) -> int:
     if args.instances > 1:
         return _run_fleet(args)
-    if args.remote is not None:
+    if args.remote is not None or args.remote_url is not None:
         raise CLIError("--remote needs --instances > 1 (a remote tier shared by a fleet)")
     cache = _make_cache(args, args.gpu_blocks, args.host_blocks)
     sched = _make_sched(args, args.admission)
@@ -305,16 +312,39 @@ def _run_fleet(args: argparse.Namespace) -> int:
         policy = make_policy(args.router, alpha=args.router_alpha)
     except ValueError as exc:
         raise CLIError(f"invalid configuration: --router-alpha: {exc}") from None
+    remote_store = None
+    if args.remote_url is not None:
+        if args.remote is None:
+            raise CLIError("--remote-url needs --remote write-back or write-through")
+        remote_store = _redis_store(args.remote_url, cache.tokens_per_block)
     with _progress_bar(_num_requests(workload), not args.no_progress) as progress:
         try:
             report = simulate_fleet(workload, cache, args.instances, policy, sched, profile,
-                                    args.time_scale, progress, remote=args.remote)
+                                    args.time_scale, progress, remote=args.remote,
+                                    remote_store=remote_store)
         except TraceFormatError as exc:
             raise CLIError(f"malformed trace: {exc}") from None
         except (ValueError, SimulationStalled) as exc:
             raise CLIError(f"cannot replay: {exc}") from None
     _emit(format_fleet_report(report), report.to_dict(), args.json)
     return 0
+
+
+def _redis_store(url: str, tokens_per_block: int) -> RedisRemoteStore:
+    """The fleet's shared tier on the Redis at ``url``; one sentence if it can't be used."""
+    try:
+        from kvtier.remote import RedisRemoteStore
+        from kvtier.sim.fleet import stand_in_namespace
+
+        store = RedisRemoteStore(url, stand_in_namespace(tokens_per_block), timeout_s=2.0)
+    except ImportError:
+        raise CLIError("--remote-url needs redis-py: pip install 'kvtier[redis]'") from None
+    except ValueError as exc:
+        raise CLIError(f"invalid --remote-url: {exc}") from None
+    problem = store.check_connection()
+    if problem is not None:
+        raise CLIError(f"cannot use --remote-url: {problem}")
+    return store
 
 
 def _run_compare(args: argparse.Namespace) -> int:

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 from kvtier.config import CacheConfig
 from kvtier.events import BlockRemoved, BlockStored, Event
 from kvtier.publisher import InMemoryEventBus, Snapshot, manager_snapshot
+from kvtier.remote.codec import RemoteNamespace
+from kvtier.remote.store import BlockStoreBase
 from kvtier.router import CacheAware, InstanceLoad, Router, RoutingPolicy, make_policy
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.engine import SimulationStalled, _fewer_gc_passes, _Loop, _time_model
 from kvtier.sim.report import SimReport, Summary
 from kvtier.sim.timemodel import ModelProfile, TimeModel
 from kvtier.sim.workload import TraceRequest, Workload
+from kvtier.storage import KVLayout
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +95,41 @@ class FleetReport:
         return asdict(self)
 
 
+class _SharedTier:
+    """The fleet's shared remote tier as block hashes: a set, or a real store (e.g. Redis)
+    holding a small stand-in value per block, so its latency and faults are real."""
+
+    def __init__(self, store: BlockStoreBase | None) -> None:
+        self.store = store
+        self.hashes: set[int] = set()
+        self._value = b""
+        if store is not None:
+            self._value = bytes(store.namespace.layout.bytes_per_block)
+
+    def add(self, hashes: Iterable[int]) -> None:
+        if self.store is None:
+            self.hashes.update(hashes)
+        else:
+            self.store.put_many(dict.fromkeys(hashes, self._value))
+
+    def run_length(self, hashes: list[int]) -> int:
+        """How many of ``hashes``, from the first, the tier holds."""
+        present = self.hashes if self.store is None else self.store.contains_many(hashes)
+        run = 0
+        while run < len(hashes) and hashes[run] in present:
+            run += 1
+        return run
+
+
+def stand_in_namespace(tokens_per_block: int) -> RemoteNamespace:
+    """The namespace of the fleet simulator's stand-in values (one byte pair per token)."""
+    return RemoteNamespace("kvtier-fleet-sim", KVLayout(1, 1, 1, tokens_per_block, "float16"))
+
+
 class _Instance:
     """One engine: a replay loop whose events wait, stamped, until the fleet clock passes."""
 
-    def __init__(self, instance_id: str, loop: _Loop, remote: set[int] | None = None,
+    def __init__(self, instance_id: str, loop: _Loop, remote: _SharedTier | None = None,
                  write_through: bool = False) -> None:
         self.instance_id = instance_id
         self.loop = loop
@@ -142,8 +176,7 @@ class _Instance:
             # tier (write-through: every block stored), where every instance can fetch it,
             # content-addressed by its chained hash.
             written = self.written
-            self.remote.update(e.block_hash for e in events
-                               if isinstance(e, written))
+            self.remote.add(e.block_hash for e in events if isinstance(e, written))
         if events:
             self.next_seq = events[-1].seq + 1
             self.pending.append((self.loop.now_s, events))
@@ -166,6 +199,7 @@ def simulate_fleet(
     max_bus_events: int = 1 << 20,
     check_every: int | None = None,
     remote: str | None = None,
+    remote_store: BlockStoreBase | None = None,
 ) -> FleetReport:
     """Replay ``workload`` through ``num_instances`` engines of ``cache`` each behind a
     router with ``policy``; see the module docstring.
@@ -173,7 +207,9 @@ def simulate_fleet(
     Every instance gets ``cache`` with events on. ``max_bus_events`` bounds the router's
     subscriber buffer (a smaller one forces gaps and resyncs). With ``remote`` (``write-back``
     or ``write-through``), the fleet shares an unbounded remote tier: blocks leaving an
-    instance (or, write-through, every block it stores) are written to it, and
+    instance (or, write-through, every block it stores) are written to it (to a set, or
+    to ``remote_store`` as small stand-in values keyed by block hash: see
+    ``stand_in_namespace``), and
     a request's prefix found there past what its instance holds is imported into that
     instance's host tier when the request arrives (the fetch itself is not timed). Other
     arguments as in
@@ -195,7 +231,9 @@ def simulate_fleet(
     router = Router(policy, cache.tokens_per_block, cache.hash_algo)
     if remote not in (None, "write-back", "write-through"):
         raise ValueError(f"remote must be None, 'write-back' or 'write-through', got {remote!r}")
-    shared: set[int] | None = set() if remote else None
+    if remote_store is not None and remote is None:
+        raise ValueError("remote_store needs a remote write policy")
+    shared = _SharedTier(remote_store) if remote else None
     remote_stats = {"num_lookups": 0, "num_hit_blocks": 0, "num_imported_blocks": 0}
     instances = [_Instance(f"i{k}", _Loop(cache, sched, model, time_scale, progress, check_every),
                            shared, remote == "write-through")
@@ -244,7 +282,7 @@ def simulate_fleet(
     return replace(report, remote={"policy": remote, **remote_stats}) if remote else report
 
 
-def _fetch_remote(inst: _Instance, request: TraceRequest, router: Router, shared: set[int],
+def _fetch_remote(inst: _Instance, request: TraceRequest, router: Router, shared: _SharedTier,
                   stats: dict[str, int]) -> None:
     """Import into ``inst``'s host tier the blocks of ``request`` that the shared tier has
     past what ``inst`` holds (the chain stops at the first block it lacks)."""
@@ -254,11 +292,7 @@ def _fetch_remote(inst: _Instance, request: TraceRequest, router: Router, shared
     first = (local.num_tokens - local.num_partial_tokens) // tpb
     hashes = router.block_hashes(request.prompt)[: (len(request.prompt) - 1) // tpb]
     stats["num_lookups"] += 1
-    found = 0
-    for h in hashes[first:]:
-        if h not in shared:
-            break
-        found += 1
+    found = shared.run_length(hashes[first:])
     if found:
         stats["num_hit_blocks"] += found
         stats["num_imported_blocks"] += len(manager.import_blocks(request.prompt, found))
