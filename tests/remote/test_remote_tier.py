@@ -18,7 +18,8 @@ from conftest import RedisServers  # noqa: E402
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
-from kvtier.remote import MemoryRemoteStore, RemoteNamespace, RemoteStore  # noqa: E402
+from kvtier.remote import MemoryRemoteStore, RemoteNamespace  # noqa: E402
+from kvtier.remote.store import BlockStoreBase  # noqa: E402
 from kvtier.remote.tier import RemoteTier  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
@@ -30,19 +31,20 @@ FIRST = [PREFIX + [11, 12, 13], PREFIX[:13] + [40, 41]]
 SECOND = [PREFIX + [90, 91, 92, 93], PREFIX[:17] + [5]]
 
 
-def make_engine(store_for: object) -> ModelEngine:
+def make_engine(store_for: object, num_gpu_blocks: int = 32, num_host_blocks: int = 16,
+                write_policy: str = "write-through") -> ModelEngine:
     """A model engine with its own manager and NaN-poisoned storages, over ``store_for``
     (a function of the namespace giving the RemoteStore)."""
     model = LlamaModel(ModelConfig(), "cpu")
-    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32,
-                                         num_host_blocks=16, hash_algo="sha256"))
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=num_gpu_blocks,
+                                         num_host_blocks=num_host_blocks, hash_algo="sha256"))
     scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
     layout = model.config.kv_layout(TPB)
-    gpu, host = KVStorage(layout, 32, "cpu"), KVStorage(layout, 16)
+    gpu, host = KVStorage(layout, num_gpu_blocks, "cpu"), KVStorage(layout, num_host_blocks)
     gpu.fill_(float("nan"))
     host.fill_(float("nan"))  # an imported slot nobody filled would poison the logits
-    store: RemoteStore = store_for(RemoteNamespace("tiny-llama", layout))  # type: ignore[operator]
-    remote = RemoteTier(store, manager, gpu, host)
+    store: BlockStoreBase = store_for(RemoteNamespace("tiny-llama", layout))  # type: ignore[operator]
+    remote = RemoteTier(store, manager, gpu, host, write_policy=write_policy)
     return ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
                        record_logits=True, remote=remote)
 
@@ -183,38 +185,22 @@ def test_slow_store_past_the_deadline_is_not_waited_for() -> None:
     assert_exact(b)
 
 
-def make_small_host_engine(store_for: object, write_policy: str) -> ModelEngine:
-    """Like make_engine, with a 4-block host tier so host blocks keep leaving the cache."""
-    model = LlamaModel(ModelConfig(), "cpu")
-    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=14,
-                                         num_host_blocks=4, hash_algo="sha256"))
-    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
-    layout = model.config.kv_layout(TPB)
-    gpu, host = KVStorage(layout, 14, "cpu"), KVStorage(layout, 4)
-    gpu.fill_(float("nan"))
-    host.fill_(float("nan"))
-    store = store_for(RemoteNamespace("tiny-llama", layout))  # type: ignore[operator]
-    remote = RemoteTier(store, manager, gpu, host, write_policy=write_policy)
-    return ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
-                       record_logits=True, remote=remote)
-
-
 def test_write_back_spills_blocks_leaving_the_host_and_they_serve_exactly() -> None:
-    """Write-back: blocks leaving a tiny host tier go to the store (read before the plan
+    """Write-back: blocks leaving a 4-block host tier go to the store (read before the plan
     reuses their slots); another engine, and the same one, reuse them exactly."""
     backend: dict[str, bytes] = {}
     prompts = [[(13 * i + k) % 256 for i in range(18)] + [k] for k in range(6)]
-    a = make_small_host_engine(lambda ns: MemoryRemoteStore(ns, backend), "write-back")
+    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend), 14, 4, "write-back")
     run(a, prompts, "a")
     assert a.remote is not None and a.remote.num_written_blocks > 0
     assert a.manager.stats.host.evicted_blocks > 0
-    b = make_small_host_engine(lambda ns: MemoryRemoteStore(ns, backend), "write-back")
+    b = make_engine(lambda ns: MemoryRemoteStore(ns, backend), 14, 4, "write-back")
     run(b, [p[:-1] + [200 + i] for i, p in enumerate(prompts)], "b")
     assert b.remote is not None and b.remote.num_fetched_blocks > 0
     assert_exact(a)
     assert_exact(b)
     with pytest.raises(ValueError, match="write_policy must be"):
-        make_small_host_engine(lambda ns: MemoryRemoteStore(ns, backend), "sometimes")
+        make_engine(lambda ns: MemoryRemoteStore(ns, backend), 14, 4, "sometimes")
 
 
 def test_redis_killed_mid_replay_then_restarted(make_redis_server: object) -> None:
