@@ -41,6 +41,7 @@ from kvtier.sim import (
     simulate,
 )
 from kvtier.sim.fleet import format_fleet_report, simulate_fleet
+from kvtier.sim.plot import plot_sweep, require_matplotlib
 
 if TYPE_CHECKING:
     from kvtier.remote import RedisRemoteStore
@@ -375,7 +376,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     if args.plot is not None:
-        _import_pyplot()  # fail before the long part
+        _require_matplotlib()  # fail before the long part
     caches = [_make_cache(args, gpu, host) for gpu in args.gpu_blocks for host in args.host_blocks]
     sched = _make_sched(args, args.admission)
     profile = _make_profile(args)
@@ -557,41 +558,17 @@ def _progress_bar(total: int | None, enabled: bool) -> Iterator[Callable[[int], 
 # ---- plot ----------------------------------------------------------------------------------
 
 
-def _import_pyplot() -> Any:
+def _require_matplotlib() -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        require_matplotlib()
     except ImportError:
         raise CLIError("--plot needs matplotlib; install it with: "
                        "pip install 'kvtier[plot]'") from None
-    return plt
 
 
 def _plot_sweep(reports: list[SimReport], path: Path) -> None:
-    """Hit rate (with the oracle bounds) and TTFT against GPU + host capacity, as a PNG."""
-    plt = _import_pyplot()
-    capacity = [_int(r.cache_config["num_gpu_blocks"]) + _int(r.cache_config["num_host_blocks"])
-                for r in reports]
-    fig, (hits, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
-    hits.plot(capacity, [r.token_hit_rate for r in reports], "o-", label="kvtier")
-    if all(r.oracle is not None for r in reports):
-        hits.plot(capacity, [r.oracle.belady_hit_rate for r in reports if r.oracle is not None],
-                  "s--", label="Belady (full blocks)")
-        hits.plot(capacity, [r.oracle.unlimited_hit_rate for r in reports
-                             if r.oracle is not None], ":", label="unlimited")
-    hits.set(xlabel="GPU + host blocks", ylabel="token hit rate", title="Hit rate")
-    hits.legend()
-    for name, key in (("p50", "p50"), ("p99", "p99")):
-        ttft.plot(capacity, [getattr(r.ttft_s, key) for r in reports], "o-", label=name)
-    ttft.set(xlabel="GPU + host blocks", ylabel="TTFT (virtual s)", title="Time to first token")
-    ttft.legend()
-    fig.suptitle(str(reports[0].workload.get("name")))
-    fig.tight_layout()
+    _require_matplotlib()
     try:
-        fig.savefig(path, dpi=100)
+        plot_sweep(reports, path)
     except OSError as exc:
         raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        plt.close(fig)
