@@ -285,7 +285,11 @@ def test_import_blocks_become_host_hits_and_are_onboarded() -> None:
     mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 9]))
     mgr.remove_sequence("a")  # [1 2 3 4] cached on the GPU
     prompt = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 0]
+    h = get_hash_fn("xxh3_128")
+    chain = chain_hashes(h, root_hash(h, None, None), prompt[:12], 4, None)
+    assert mgr.missing_block_hashes(prompt) == chain[1:]  # block 0 is cached
     assert mgr.import_blocks(prompt, 5) == [0, 1]  # 2 more full blocks fit the prompt
+    assert mgr.missing_block_hashes(prompt) == []
     assert mgr.lookup(prompt) == PrefixMatch(12, 4, 8, 0)
     assert mgr.stats.num_imported_blocks == 2
     b = mgr.add_sequence(SequenceSpec("b", prompt))

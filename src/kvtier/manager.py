@@ -16,6 +16,7 @@ from kvtier.admission import Admission, BatchAdmission, PrefixMatch, block_extra
 from kvtier.config import CacheConfig
 from kvtier.events import AllBlocksCleared, Event
 from kvtier.eviction import EvictionPolicy
+from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
 from kvtier.metrics import CacheStats
 from kvtier.radix import Match, Node, Root, match
 from kvtier.recovery import fail_transfers
@@ -93,6 +94,21 @@ class KVCacheManager:
         """The reuse a request with these tokens would get if admitted now. Pure query."""
         check_tokens(tokens, "tokens")
         return self._lookup(tokens, salt, lora_id, mm_items)
+
+    def missing_block_hashes(
+        self,
+        tokens: list[int],
+        salt: bytes | str | int | None = None,
+        lora_id: int | None = None,
+    ) -> list[int]:
+        """Chained hashes of the prompt's reusable full blocks past what the tiers hold
+        now, in order: what a remote tier could supply (``import_blocks``). Pure query."""
+        m = self.lookup(tokens, salt=salt, lora_id=lora_id)
+        tpb = self._tpb
+        hash_fn = get_hash_fn(self.config.hash_algo)
+        reusable = tokens[: (len(tokens) - 1) // tpb * tpb]
+        hashes = chain_hashes(hash_fn, root_hash(hash_fn, lora_id, salt), reusable, tpb, lora_id)
+        return hashes[(m.num_tokens - m.num_partial_tokens) // tpb:]
 
     def lookup_spec(self, spec: SequenceSpec) -> PrefixMatch:
         """``lookup`` for a spec's prompt (validated when the spec was built). Pure query."""

@@ -111,18 +111,11 @@ class RemoteTier:
         self.num_written_blocks += len(items)
         return len(items)
 
-    def _wanted(self, tokens: list[int], salt: object, lora_id: int | None) -> list[int]:
-        """Hashes of the prompt's reusable full blocks past what the local tiers hold."""
-        local = self.manager.lookup(tokens, salt=salt, lora_id=lora_id)  # type: ignore[arg-type]
-        first = (local.num_tokens - local.num_partial_tokens) // self._tpb
-        hashes = self.block_hashes(tokens, salt, lora_id)[: (len(tokens) - 1) // self._tpb]
-        return hashes[first:]
-
     def fetch(self, tokens: list[int], salt: bytes | str | int | None = None,
               lora_id: int | None = None) -> int:
         """Fetch now (blocking) and import the blocks of ``tokens`` that the store has past
         the local tiers' prefix into host blocks; returns how many were imported."""
-        wanted = self._wanted(tokens, salt, lora_id)
+        wanted = self.manager.missing_block_hashes(tokens, salt, lora_id)
         if not wanted:
             return 0
         return self._import(tokens, salt, lora_id, self.store.get_many(wanted))
@@ -131,7 +124,7 @@ class RemoteTier:
                     salt: bytes | str | int | None = None, lora_id: int | None = None) -> bool:
         """Look the prompt's missing blocks up on the store's I/O thread; False when there
         is nothing to look up or the store's queue is full (then don't wait for it)."""
-        wanted = self._wanted(tokens, salt, lora_id)
+        wanted = self.manager.missing_block_hashes(tokens, salt, lora_id)
         if not wanted or request_id in self._pending:
             return False
 
@@ -184,7 +177,7 @@ class RemoteTier:
                 found: dict[int, bytes]) -> int:
         manager = self.manager
         # The local tiers may have changed since the lookup: import from where they end now.
-        wanted = self._wanted(tokens, salt, lora_id)
+        wanted = self.manager.missing_block_hashes(tokens, salt, lora_id)
         run = 0
         while run < len(wanted) and wanted[run] in found:
             run += 1

@@ -262,7 +262,7 @@ def simulate_fleet(
             num_over += depth > bound_policy.bound(loads)
             chosen.num_routed += 1
             if shared is not None:
-                _fetch_remote(chosen, request, router, shared, remote_stats)
+                _fetch_remote(chosen, request, shared, remote_stats)
             _arrive(chosen, request)
         for inst in instances:
             inst.finish()
@@ -282,17 +282,13 @@ def simulate_fleet(
     return replace(report, remote={"policy": remote, **remote_stats}) if remote else report
 
 
-def _fetch_remote(inst: _Instance, request: TraceRequest, router: Router, shared: _SharedTier,
+def _fetch_remote(inst: _Instance, request: TraceRequest, shared: _SharedTier,
                   stats: dict[str, int]) -> None:
     """Import into ``inst``'s host tier the blocks of ``request`` that the shared tier has
     past what ``inst`` holds (the chain stops at the first block it lacks)."""
     manager = inst.loop.manager
-    tpb = manager.config.tokens_per_block
-    local = manager.lookup(request.prompt)
-    first = (local.num_tokens - local.num_partial_tokens) // tpb
-    hashes = router.block_hashes(request.prompt)[: (len(request.prompt) - 1) // tpb]
     stats["num_lookups"] += 1
-    found = shared.run_length(hashes[first:])
+    found = shared.run_length(manager.missing_block_hashes(request.prompt))
     if found:
         stats["num_hit_blocks"] += found
         stats["num_imported_blocks"] += len(manager.import_blocks(request.prompt, found))
