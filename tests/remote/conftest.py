@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import pytest
+from remote_helpers import PrivateRedis, RedisServers
 
 SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "redis.sh"
-
-
-class RedisServers(NamedTuple):
-    url: str  # standalone, with a password
-    cluster_url: str
 
 
 @pytest.fixture(scope="session")
@@ -46,53 +39,6 @@ def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
     if "already running" not in started.stderr:  # stop only what this session started
         subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60,
                        check=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    """One loopback redis-server of one test, which it may kill, restart, pause or fill."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.directory = directory
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        assert self.proc is None
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--enable-debug-command", "local",
-             "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with self.client() as client:
-                    client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError(f"private redis-server on port {self.port} did not start in 10 s")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
-    def client(self) -> Any:
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import RedisServers
+from remote_helpers import RedisServers
 
 from kvtier.cli import main
 from kvtier.config import CacheConfig

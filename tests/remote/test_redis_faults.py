@@ -10,8 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import PrivateRedis
-from remote_helpers import make_blocks, make_namespace
+from remote_helpers import PrivateRedis, make_blocks, make_namespace
 
 from kvtier.remote import RedisRemoteStore, RemoteNamespace
 

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServers
-from remote_helpers import make_blocks, make_namespace
+from remote_helpers import RedisServers, make_blocks, make_namespace
 
 from kvtier.remote import RedisRemoteStore, RemoteNamespace
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from conftest import RedisServers
+from remote_helpers import RedisServers
 
 from kvtier.events import BlockRemoved, BlockStored, BlockTierChanged
 from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot

@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the remote tier tests move real KV: needs torch")
 
-from conftest import RedisServers  # noqa: E402
+from remote_helpers import RedisServers  # noqa: E402
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
