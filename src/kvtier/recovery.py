@@ -59,10 +59,15 @@ def fail_transfers(mgr: KVCacheManager, plan: TransferPlan,
         _release_unstored(mgr, seq)
     for seq in aborted.values():
         _drop_uncomputed(mgr, seq)
+    owners = store.slot_owners()
     for key in sorted(damaged):
-        owner = store.slot_owners().get(key)
-        if owner is not None and owner[0].parent is not None:  # else free, or dropped
-            store.drop_from(*owner)
+        owner = owners.get(key)
+        if owner is None:
+            continue  # free
+        node, index = owner
+        # Still cached where it was? (An earlier drop may have taken it with its prefix.)
+        if node.parent is not None and index < node.num_blocks and node.slots[index] == key[1]:
+            store.drop_from(node, index)
     store.stats.num_failed_transfers += len(failed)
     return list(aborted)
 
