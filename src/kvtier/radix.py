@@ -215,6 +215,34 @@ def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
     return head
 
 
+def absorb_parent(node: Node) -> None:
+    """Undo a :func:`split`: ``node`` takes in its parent, whose only child it is.
+
+    The caller checks that the two are one run in all but name (same tier, refs and key).
+    ``node`` keeps its identity, like a split's tail, so requests ending at it stay right.
+    """
+    head = node.parent
+    assert head is not None and head.parent is not None and len(head.children) == 1, node
+    grand = head.parent
+    n = head.num_blocks
+    node.tokens = head.tokens + node.tokens
+    node.slots = head.slots + node.slots
+    if node.extras is not None or head.extras is not None:
+        node.extras = ((head.extras or [None] * n)
+                       + (node.extras or [None] * (len(node.slots) - n)))
+    node.hashes = (head.hashes + node.hashes
+                   if head.hashes is not None and node.hashes is not None else None)
+    node.start_block = head.start_block
+    node.key = head.key
+    node.parent = grand
+    grand.children[head.key] = node
+    bucket = grand.by_first[head.tokens[0]]
+    bucket[bucket.index(head)] = node
+    head.parent = None
+    head.children = {}
+    head.by_first = {}
+
+
 def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
     """Cut the last ``num_tail_blocks`` blocks of ``node`` into a new child node; return it.
 

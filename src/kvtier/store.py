@@ -18,7 +18,7 @@ from kvtier.eviction import EvictionPolicy, get_policy
 from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
 from kvtier.metrics import CacheStats
 from kvtier.pool import TierPool
-from kvtier.radix import Node, Root, Tier, add_child, cut_tail, remove_child, subtree
+from kvtier.radix import Node, Root, Tier, absorb_parent, add_child, cut_tail, remove_child, subtree
 from kvtier.radix import split as split_run
 from kvtier.transfer.plan import OpKind, TransferOp
 
@@ -184,6 +184,7 @@ class BlockStore:
         while num_blocks > 0:
             node = gpu.pop_candidate(self._gpu_candidate_key)
             assert node is not None, f"GPU: {num_blocks} blocks short of eviction candidates"
+            self._merge_up(node)
             take = min(node.num_blocks, num_blocks)
             victim = node if take == node.num_blocks else self.cut_tail(node, take)
             num_blocks -= take
@@ -251,6 +252,7 @@ class BlockStore:
             node = host.pop_candidate(self._host_candidate_key)
             if node is None:
                 break
+            self._merge_up(node)
             node_key = self._key(node)
             if key is not None and node_key >= key:
                 host.push(node, node_key)
@@ -277,6 +279,18 @@ class BlockStore:
             self._emit_stored(node)
         self.refile(node)
         return node
+
+    def _merge_up(self, node: Node) -> None:
+        """Rejoin ``node`` with parents that are the same run in all but name (left split by a
+        claim that was rolled back or released), so eviction sees runs as if never split."""
+        while True:
+            head = node.parent
+            if (head is None or head.parent is None or len(head.children) != 1
+                    or head.tier is not node.tier or head.ref_count != node.ref_count
+                    or head.priority != node.priority or head.expiry != node.expiry
+                    or head.last_used != node.last_used):
+                return
+            absorb_parent(node)
 
     def drain_spills(self) -> list[tuple[int, int]]:
         """The spill log since the last drain; the next plan may overwrite those slots."""
