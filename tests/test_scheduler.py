@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import random
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -202,30 +203,54 @@ def test_starving_request_is_admitted_within_the_bound() -> None:
     assert admitted_at is not None and admitted_at <= 3 + 8
 
 
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 2), st.lists(st.integers(0, 5), min_size=1,
+                                                             max_size=9), st.integers(1, 8)),
+        st.tuples(st.just("step"), st.integers(0, 5)),
+    ),
+    max_size=150,
+)
+
+
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000),
-       policy=st.sampled_from(["guaranteed_no_evict", "max_utilization"]))
-def test_claim_mode_never_overflows_and_never_loses_credit(seed: int, policy: str) -> None:
+@given(num_gpu_blocks=st.integers(12, 40), num_host_blocks=st.sampled_from([0, 4, 16]),
+       partial=st.booleans(), mnt=st.sampled_from([8, 16, 32]),
+       batch=st.sampled_from([2, 4, 8]), chunk=st.sampled_from([None, 4, 8]),
+       policy=st.sampled_from(["guaranteed_no_evict", "max_utilization"]),
+       prefixes=st.lists(st.lists(st.integers(0, 5), min_size=2, max_size=12),
+                         min_size=3, max_size=3),
+       ops=OPS)
+def test_claim_mode_never_overflows_and_never_loses_credit(
+        num_gpu_blocks: int, num_host_blocks: int, partial: bool, mnt: int, batch: int,
+        chunk: int | None, policy: str, prefixes: list[list[int]],
+        ops: list[tuple[Any, ...]]) -> None:
     """Random arrivals, shared prefixes, host offload, chunking, decode growth and
-    preemption: every step fits MNT and every credited token is obtained."""
-    rng = random.Random(seed)
-    mgr = KVCacheManager(CacheConfig(
-        tokens_per_block=4, num_gpu_blocks=rng.randint(12, 40),
-        num_host_blocks=rng.choice([0, 4, 16]), enable_partial_reuse=rng.random() < 0.5))
-    s = Scheduler(mgr, SchedulerConfig(
-        max_num_tokens=rng.choice([8, 16, 32]), max_batch_size=rng.choice([2, 4, 8]),
-        capacity_policy=policy, max_chunk_tokens=rng.choice([None, 4, 8])))
-    prefixes = [[rng.randint(0, 5) for _ in range(rng.randint(2, 12))] for _ in range(3)]
-    for n in range(150):
-        if rng.random() < 0.5:
-            prompt = rng.choice(prefixes) + [rng.randint(0, 5) for _ in range(rng.randint(1, 9))]
+    preemption: the work the manager really scheduled fits MNT on every step, each chunk
+    says exactly what the manager scheduled, and every credited token is obtained."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=num_gpu_blocks,
+                                     num_host_blocks=num_host_blocks,
+                                     enable_partial_reuse=partial))
+    s = Scheduler(mgr, SchedulerConfig(max_num_tokens=mnt, max_batch_size=batch,
+                                       capacity_policy=policy,  # type: ignore[arg-type]
+                                       max_chunk_tokens=chunk))
+    for n, op in enumerate(ops):
+        if op[0] == "add":
+            _, prefix, suffix, max_output = op
             with contextlib.suppress(ValueError):  # too large for the pool: refused
-                s.add_request(Request(f"r{n}", prompt, rng.randint(1, 8)))
+                s.add_request(Request(f"r{n}", prefixes[prefix] + suffix, max_output))
+            continue
         step = s.step()
-        assert step.num_scheduled_tokens <= s.config.max_num_tokens
-        assert step.num_overflow_tokens == 0
+        # Recounted from the chunks and from the manager, not from the scheduler's books:
+        # each chunk ends where the manager's schedule for its request ends.
+        for c in step.context_chunks:
+            tokens = s.running[c.request_id].tokens
+            assert len(tokens) - mgr.num_unscheduled_tokens(c.request_id) == (
+                c.first_token + c.num_tokens)
+        work = len(step.decode_request_ids) + sum(c.num_tokens for c in step.context_chunks)
+        assert work == step.num_scheduled_tokens <= mnt
         assert step.num_credited_tokens == step.num_reused_tokens
-        finish_step(s, step, token=rng.randint(0, 5))
+        finish_step(s, step, token=op[1])
 
 
 def test_copy_source_counts_as_room_when_the_request_fills_the_pool() -> None:
@@ -253,3 +278,109 @@ def test_held_requests_wait_without_blocking_others() -> None:
     step = s.step()
     assert [c.request_id for c in step.context_chunks] == ["held"]
     finish_step(s, step)
+
+
+def run_preemption(prompt: Sequence[int]) -> tuple[Scheduler, ScheduledStep]:
+    """old and new decode until old needs a third block of four: new is preempted."""
+    s = make_scheduler(num_gpu_blocks=4, max_num_tokens=16, capacity_policy="max_utilization")
+    s.add_request(Request("old", [1, 2, 3, 4, 5, 6, 7], 6))
+    s.add_request(Request("new", prompt, 6))  # type: ignore[arg-type]
+    for token in (11, 12):
+        finish_step(s, s.step(), token=token)
+    return s, s.step()
+
+
+@pytest.mark.parametrize("kind", [list, tuple])
+def test_any_sequence_prompt_is_preempted_like_a_list(kind: Any) -> None:
+    """A tuple prompt behaves exactly as a list: preempted, it waits at the queue front
+    (it used to raise in step() and be in neither queue)."""
+    s, step = run_preemption(kind([9, 9, 9, 9, 8, 8, 8]))
+    assert step.preempted_request_ids == ("new",) and step.decode_request_ids == ("old",)
+    #   running: old     waiting: [new]  (prompt + the two tokens it sampled)
+    assert list(s.running) == ["old"] and [r.request_id for r in s.waiting] == ["new"]
+    assert s.waiting[0].tokens == [9, 9, 9, 9, 8, 8, 8, 11, 12]
+    assert type(s.waiting[0].prompt) is list
+
+
+def test_prompt_is_copied_when_queued() -> None:
+    """Changing the caller's list after add_request changes nothing the scheduler admits."""
+    s = make_scheduler()
+    prompt = [1, 2, 3, 4, 5]
+    s.add_request(Request("a", prompt, 1))
+    prompt.clear()
+    prompt.append(-1)
+    step = s.step()
+    assert step.context_chunks == (ContextChunk("a", 0, 5, 0),)
+    assert s.running["a"].prompt == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"prompt": []}, "prompt of request 'r' must not be empty"),
+        ({"prompt": "abc"}, "prompt of request 'r' must be a list of token ids, got str"),
+        ({"prompt": 5}, "prompt of request 'r' must be a list of token ids, got int"),
+        ({"prompt": [1, True]}, r"prompt of request 'r': token at index 1 must be an int"),
+        ({"prompt": [1, 2.0]}, r"prompt of request 'r': token at index 1 must be an int"),
+        ({"prompt": [1, -1]}, r"token at index 1 must be in 0\.\.2\*\*63-1, got -1"),
+        ({"prompt": [2**63]}, r"token at index 0 must be in 0\.\.2\*\*63-1"),
+        ({"max_output_tokens": True}, "max_output_tokens of 'r' must be an integer >= 1"),
+        ({"max_output_tokens": 0}, "max_output_tokens of 'r' must be an integer >= 1, got 0"),
+        ({"arrival_s": float("nan")}, "arrival_s of request 'r' must be a finite number"),
+        ({"arrival_s": True}, "arrival_s of request 'r' must be a finite number, got True"),
+        ({"salt": True}, "salt of request 'r' must be bytes, str, int or None, got True"),
+        ({"salt": 1.5}, "salt of request 'r' must be bytes, str, int or None"),
+        ({"lora_id": True}, "lora_id of request 'r' must be an int or None, got True"),
+        ({"priority": 101}, r"priority of request 'r' must be an integer in 0\.\.100"),
+        ({"priority": False}, r"priority of request 'r' must be an integer in 0\.\.100"),
+        ({"retention_s": 10**400}, "retention_s of request 'r' must be a finite number >= 0"),
+        ({"retention_s": -1.0}, "retention_s of request 'r' must be a finite number >= 0"),
+        ({"retention_s": True}, "retention_s of request 'r' must be a finite number >= 0"),
+        ({"request_id": ""}, "request_id must be a non-empty str, got ''"),
+    ],
+)
+def test_every_request_field_is_validated(fields: dict[str, Any], message: str) -> None:
+    """A bad field is refused when the Request is built, and again by add_request if it was
+    changed after: the message names the field, nothing is queued."""
+    good = {"request_id": "r", "prompt": [1, 2, 3], "max_output_tokens": 2}
+    with pytest.raises(ValueError, match=message):
+        Request(**{**good, **fields})
+    s = make_scheduler()
+    req = Request(**good)  # type: ignore[arg-type]
+    for name, value in fields.items():
+        setattr(req, name, value)
+    with pytest.raises(ValueError, match=message):
+        s.add_request(req)
+    assert not s.has_unfinished() and s.step().num_scheduled_tokens == 0
+
+
+def test_update_with_a_missing_token_changes_nothing() -> None:
+    """A sampled dict that lacks a sampling request is refused before anything is applied."""
+    s = make_scheduler()
+    s.add_request(Request("a", [1, 2, 3], 2))
+    s.add_request(Request("b", [4, 5, 6], 2))
+    step = s.step()
+    with pytest.raises(ValueError, match="sampled token of 'b' must be an int"):
+        s.update(step, {"a": 7})
+    assert (s.running["a"].output, s.running["a"].num_computed_tokens) == ([], 0)
+    with pytest.raises(ValueError, match=r"sampled token of 'a' must be an int in 0\.\.2\*\*63-1"):
+        s.update(step, {"a": -3, "b": 7})
+    assert finish_step(s, step) == []
+    assert s.running["a"].output == s.running["b"].output == [900]
+
+
+@pytest.mark.parametrize("order", [["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"]])
+def test_requeue_failed_keeps_admission_order(order: list[str]) -> None:
+    """Aborted requests go back to the queue front in admission order, whatever order (or
+    set iteration order) they are named in."""
+    s = make_scheduler()
+    for rid in ("a", "b", "c"):
+        s.add_request(Request(rid, [ord(rid), 1, 2], 3))
+    step = s.step()
+    s.add_request(Request("d", [9, 9], 1))
+    for rid in order:
+        s.manager.remove_sequence(rid)  # what transfer_failed does to the aborted ones
+    rest = s.requeue_failed(step, iter(order))
+    #   waiting: [a, b, c, d]   running: {}
+    assert [r.request_id for r in s.waiting] == ["a", "b", "c", "d"] and not s.running
+    assert rest.context_chunks == () and rest.num_scheduled_tokens == 0

@@ -18,12 +18,14 @@ computed anyway and counted as overflow, never hidden.
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kvtier.admission import PrefixMatch
+from kvtier.config import check_priority
 from kvtier.manager import KVCacheManager
 from kvtier.sequence import SequenceSpec
 from kvtier.transfer.engine import TransferEngine
@@ -68,9 +70,21 @@ class SchedulerConfig:
                 f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
 
 
+MAX_TOKEN_ID = (1 << 63) - 1  # token ids are int64 (block hashing packs them)
+
+
 @dataclass(slots=True)
 class Request:
-    """A request as the scheduler tracks it. ``output`` holds the tokens sampled so far."""
+    """A request as the scheduler tracks it. ``output`` holds the tokens sampled so far.
+
+    Every field is validated when the request is built and again by
+    :meth:`Scheduler.add_request` (a dataclass can be changed in between): ``prompt`` is a
+    non-empty sequence of token ids ``0 <= id < 2**63`` (any sequence but ``str``/``bytes``;
+    the request keeps a list copy, so changing the caller's list later has no effect),
+    ``max_output_tokens`` an int >= 1, ``arrival_s`` a finite number; ``salt``, ``lora_id``,
+    ``priority`` and ``retention_s`` as :class:`SequenceSpec` takes them. ``bool`` is never
+    taken for a number.
+    """
 
     request_id: str
     prompt: list[int]
@@ -79,15 +93,14 @@ class Request:
     salt: bytes | str | int | None = None
     lora_id: int | None = None
     priority: int | None = None
+    retention_s: float | None = None
     output: list[int] = field(default_factory=list)
     num_prefill_tokens: int = 0  # tokens its current admission prefills
     num_computed_tokens: int = 0
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:
-        if type(self.max_output_tokens) is not int or self.max_output_tokens < 1:
-            raise ValueError(f"max_output_tokens of {self.request_id!r} must be an integer "
-                             f">= 1, got {self.max_output_tokens!r}")
+        self.prompt, self.output = check_request(self)
 
     @property
     def tokens(self) -> list[int]:
@@ -98,6 +111,70 @@ class Request:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed_tokens < self.num_prefill_tokens
+
+
+def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> list[int]:
+    """A new list of the token ids in ``tokens``; ValueError naming ``what`` and the first
+    bad index unless it is a sequence (not ``str``/``bytes``) of ints in ``0..2**63-1``."""
+    if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Sequence):
+        raise ValueError(f"{what} must be a list of token ids, got {type(tokens).__name__}")
+    ids: list[int] = list(tokens)
+    if not ids:
+        if allow_empty:
+            return ids
+        raise ValueError(f"{what} must not be empty")
+    # NOTE: two C-level passes (types, then range) keep this cheap on long prompts; only a
+    # list that fails them is scanned in Python to name the offending index.
+    if set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) <= MAX_TOKEN_ID:
+        return ids
+    for index, token in enumerate(ids):
+        if type(token) is not int:
+            raise ValueError(f"{what}: token at index {index} must be an int, got {token!r}")
+        if not 0 <= token <= MAX_TOKEN_ID:
+            raise ValueError(f"{what}: token at index {index} must be in 0..2**63-1, "
+                             f"got {token}")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _is_finite(value: object) -> bool:
+    """A finite int or float, never a bool (an int too large for a float is not finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def check_request(req: Request) -> tuple[list[int], list[int]]:
+    """Validate every field of ``req``; return copies of its prompt and output. Pure."""
+    rid = req.request_id
+    if type(rid) is not str or not rid:
+        raise ValueError(f"request_id must be a non-empty str, got {rid!r}")
+    what = f"request {rid!r}"
+    prompt = check_token_ids(req.prompt, f"prompt of {what}")
+    output = check_token_ids(req.output, f"output of {what}", allow_empty=True)
+    n = req.max_output_tokens
+    if type(n) is not int or n < 1:
+        raise ValueError(f"max_output_tokens of {rid!r} must be an integer >= 1, got {n!r}")
+    if not _is_finite(req.arrival_s):
+        raise ValueError(f"arrival_s of {what} must be a finite number, got {req.arrival_s!r}")
+    if req.salt is not None and (isinstance(req.salt, bool)
+                                 or not isinstance(req.salt, (bytes, str, int))):
+        raise ValueError(f"salt of {what} must be bytes, str, int or None, got {req.salt!r}")
+    if req.lora_id is not None and type(req.lora_id) is not int:
+        raise ValueError(f"lora_id of {what} must be an int or None, got {req.lora_id!r}")
+    if req.priority is not None:
+        check_priority(f"priority of {what}", req.priority)
+    r = req.retention_s
+    if r is not None and (not _is_finite(r) or r < 0):
+        raise ValueError(f"retention_s of {what} must be a finite number >= 0 or None, "
+                         f"got {r!r}")
+    for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
+        value = getattr(req, name)
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{name} of {what} must be an integer >= 0, got {value!r}")
+    return prompt, output
 
 
 class ContextChunk(NamedTuple):
@@ -192,10 +269,15 @@ class Scheduler:
         """Let a held request be admitted again."""
         self._held.discard(request_id)
 
-    def _enqueue(self, req: Request, first: bool) -> None:
+    def _spec_of(self, req: Request) -> SequenceSpec:
+        """What ``req`` prefills when admitted: its prompt, and after a preemption the
+        output so far. Raises ValueError (nothing changed) if the manager refuses it."""
         tokens = req.tokens if req.output else req.prompt
-        self._specs[req.request_id] = SequenceSpec(
-            req.request_id, tokens, salt=req.salt, lora_id=req.lora_id, priority=req.priority)
+        return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
+                            priority=req.priority, retention_s=req.retention_s)
+
+    def _enqueue(self, req: Request, spec: SequenceSpec, first: bool) -> None:
+        self._specs[req.request_id] = spec
         self._queued_at[req.request_id] = self._num_steps
         if first:
             self.waiting.appendleft(req)
@@ -205,18 +287,22 @@ class Scheduler:
     # ---- commands --------------------------------------------------------------------
 
     def add_request(self, req: Request) -> None:
-        """Queue a request; raises ValueError if its id is already queued or running, or if
-        it could never fit the GPU pool."""
+        """Queue a request; raises ValueError, queueing nothing, if a field is invalid (see
+        :class:`Request`), its id is already queued or running, or it could never fit the
+        GPU pool."""
+        prompt, output = check_request(req)
         rid = req.request_id
         if rid in self.running or rid in self._specs:
             raise ValueError(f"request_id {rid!r} is already queued or running")
-        total = len(req.prompt) + req.max_output_tokens
+        total = len(prompt) + req.max_output_tokens
         blocks = -(-total // self._tpb)
         capacity = self.manager.config.num_gpu_blocks
         if blocks > capacity:
             raise ValueError(f"request {rid!r} needs {blocks} blocks for {total} tokens, "
                              f"num_gpu_blocks is {capacity}")
-        self._enqueue(req, first=False)  # validates the prompt, naming the request
+        req.prompt, req.output = prompt, output  # private copies: the caller's lists may change
+        spec = self._spec_of(req)
+        self._enqueue(req, spec, first=False)
 
     def step(self) -> ScheduledStep:
         """Schedule one forward pass."""
@@ -282,12 +368,15 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         """Release ``req`` (its computed blocks stay cached) and requeue it first."""
+        # NOTE: the spec is built before anything changes, so a refusal leaves the request
+        # running: a request is never in neither queue.
+        spec = self._spec_of(req)
         # The token it was about to decode is not computed: keep it out of the cache.
         self.manager.remove_sequence(req.request_id)
         del self.running[req.request_id]
         req.num_preemptions += 1
         req.num_computed_tokens = req.num_prefill_tokens = 0
-        self._enqueue(req, first=True)
+        self._enqueue(req, spec, first=True)
 
     def _candidates(self, budget: int, slots: int) -> list[tuple[Request, list[int], int, int]]:
         """Waiting requests to try, in order, with their credited reuse and first chunk.
@@ -400,10 +489,22 @@ class Scheduler:
     def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
         """Apply a finished forward pass: advance prefills, record sampled tokens (for every
         decode and every completed prefill), finish requests that reached their output
-        length. Returns the finished requests."""
+        length. Returns the finished requests. Raises ValueError, changing nothing, if a
+        request that samples has no valid token in ``sampled``."""
+        running = self.running
+        samplers = [rid for rid in step.decode_request_ids if rid in running]
+        for chunk in step.context_chunks:
+            req = running.get(chunk.request_id)
+            if req is not None and chunk.first_token + chunk.num_tokens >= req.num_prefill_tokens:
+                samplers.append(chunk.request_id)
+        for rid in samplers:
+            token = sampled.get(rid)
+            if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:
+                raise ValueError(f"sampled token of {rid!r} must be an int in 0..2**63-1, "
+                                 f"got {token!r}")
         finished = []
         for chunk in step.context_chunks:
-            req = self.running.get(chunk.request_id)
+            req = running.get(chunk.request_id)
             if req is None:
                 continue
             req.num_computed_tokens = chunk.first_token + chunk.num_tokens
@@ -411,7 +512,6 @@ class Scheduler:
                 req.output.append(sampled[req.request_id])
                 if len(req.output) >= req.max_output_tokens:
                     finished.append(req)
-        running = self.running
         for rid in step.decode_request_ids:
             req = running.get(rid)
             if req is None:
@@ -427,14 +527,17 @@ class Scheduler:
 
     def requeue_failed(self, step: ScheduledStep, request_ids: Iterable[str]) -> ScheduledStep:
         """After ``manager.transfer_failed`` aborted ``request_ids``: put them back at the
-        front of the queue to recompute, and return ``step`` without their work."""
+        front of the queue, in the order they were admitted, to recompute, and return
+        ``step`` without their work."""
         gone = set(request_ids)
-        for rid in gone:
-            req = self.running.pop(rid, None)
-            if req is None:
-                continue
+        # NOTE: ordered by the running table (admission order), never by the set, whose
+        # order depends on PYTHONHASHSEED: the queue order decides what is admitted next.
+        requeued = [req for rid, req in self.running.items() if rid in gone]
+        specs = [self._spec_of(req) for req in requeued]  # may raise: nothing changed yet
+        for req, spec in zip(reversed(requeued), reversed(specs)):
+            del self.running[req.request_id]
             req.num_computed_tokens = req.num_prefill_tokens = 0
-            self._enqueue(req, first=True)
+            self._enqueue(req, spec, first=True)
         chunks = tuple(c for c in step.context_chunks if c.request_id not in gone)
         decodes = tuple(r for r in step.decode_request_ids if r not in gone)
         num = len(decodes) + sum(c.num_tokens for c in chunks)
