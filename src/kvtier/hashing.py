@@ -7,8 +7,12 @@ an equal prefix up to and including the block::
     hash[0]   = H(seed     || lora || tokens[0:B]  || extras[0])
     hash[i]   = H(hash[i-1] || lora || tokens[iB:(i+1)B] || extras[i])
 
-Hashes are computed only where a feature needs them (events, the remote tier), lazily and
-once per block; matching compares tokens directly and never hashes.
+Every extra key is encoded self-delimiting (a type tag, then a length, then the bytes), so
+two different keys never give the same bytes, whatever they contain. Hashes are computed
+only where a feature needs them (events, the remote tier, the router), lazily and once per
+block; matching compares tokens directly and never hashes.
+
+Contract: every function here is pure; nothing here holds state.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import xxhash
 
 HashFn = Callable[[bytes], int]
 
-_NAMESPACE = b"kvtier/v1"
+# NOTE: v2 since extra keys are length-prefixed: a v1 hash never equals a v2 hash of the
+# same prompt, so blocks hashed by an older kvtier (e.g. in a shared store) are never reused.
+_NAMESPACE = b"kvtier/v2"
+_LENGTH_BYTES = 8
 
 
 def _xxh3_128(data: bytes) -> int:
@@ -39,28 +46,54 @@ def get_hash_fn(algo: str) -> HashFn:
     """The 128-bit hash function named ``algo`` (``xxh3_128`` or ``sha256``)."""
     try:
         return _HASH_FNS[algo]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"hash_algo must be one of {sorted(_HASH_FNS)}, got {algo!r}") from None
 
 
+def _framed(tag: bytes, data: bytes) -> bytes:
+    return tag + len(data).to_bytes(_LENGTH_BYTES, "big") + data
+
+
 def encode_key(value: object) -> bytes:
-    """Canonical bytes of an extra key (salt, LoRA id, multimodal hash); ``None`` is empty."""
+    """Canonical, self-delimiting bytes of an extra key (salt, LoRA id, multimodal hash).
+
+    Accepted: ``None``, ``bytes``, ``str``, ``int`` (never ``bool``: ``True`` is not the
+    salt ``1``) and tuples of them, nested. Distinct values give distinct bytes. Pure.
+    """
     if value is None:
-        return b""
+        return b"n"
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        raise TypeError(f"extra key must not be a bool (True is not 1), got {value!r}")
     if isinstance(value, bytes):
-        return b"b" + value
+        return _framed(b"b", value)
     if isinstance(value, str):
-        return b"s" + value.encode()
+        # surrogatepass: every str, even one with lone surrogates, has its own bytes.
+        return _framed(b"s", value.encode("utf-8", "surrogatepass"))
     if isinstance(value, int):
-        return b"i" + str(value).encode()
+        return _framed(b"i", value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
     if isinstance(value, tuple):
-        return b"t(" + b",".join(encode_key(v) for v in value) + b")"
-    raise TypeError(f"extra key must be bytes, str, int or a tuple of them, got {value!r}")
+        items = b"".join(encode_key(v) for v in value)
+        return b"t" + len(value).to_bytes(_LENGTH_BYTES, "big") + _framed(b"", items)
+    raise TypeError(
+        f"extra key must be None, bytes, str, int or a tuple of them, got "
+        f"{type(value).__name__} {value!r}"
+    )
 
 
 def root_hash(hash_fn: HashFn, lora_id: object, salt: object) -> int:
     """The seed that a tree root contributes as the 'parent hash' of its first blocks."""
-    return hash_fn(_NAMESPACE + b"|" + encode_key(lora_id) + b"|" + encode_key(salt))
+    return hash_fn(_NAMESPACE + encode_key(lora_id) + encode_key(salt))
+
+
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    try:
+        data = array("q", tokens)
+        if not data or min(data) >= 0:
+            return data.tobytes()
+    except (OverflowError, TypeError):
+        pass
+    bad = next((t for t in tokens if type(t) is not int or not 0 <= t < 1 << 63), None)
+    raise ValueError(f"token ids must be integers in [0, 2**63), got {bad!r}")
 
 
 def chain_hashes(
@@ -71,16 +104,42 @@ def chain_hashes(
     lora_id: object,
     extras: Sequence[object] | None = None,
 ) -> list[int]:
-    """Hashes of the full blocks of ``tokens``, chained on ``parent_hash``."""
-    data = array("q", tokens).tobytes()
+    """Hashes of the full blocks of ``tokens``, chained on ``parent_hash``. Pure."""
+    data = _token_bytes(tokens)
     stride = 8 * tokens_per_block
     lora = encode_key(lora_id)
     hashes: list[int] = []
     prev = parent_hash
     for i in range(len(tokens) // tokens_per_block):
-        extra = encode_key(extras[i]) if extras is not None else b""
+        extra = encode_key(extras[i] if extras is not None else None)
         prev = hash_fn(
             prev.to_bytes(16, "big") + lora + data[i * stride : (i + 1) * stride] + extra
         )
         hashes.append(prev)
     return hashes
+
+
+def prompt_block_hashes(
+    hash_fn: HashFn,
+    tokens: Sequence[int],
+    tokens_per_block: int,
+    lora_id: object = None,
+    salt: object = None,
+    extras: Sequence[object] | None = None,
+    num_blocks: int | None = None,
+) -> list[int]:
+    """The chained hashes of a prompt's first ``num_blocks`` full blocks (all full blocks
+    when None), as the local cache names them: the one helper for a prompt's hash chain. Pure.
+
+    ::
+
+        tokens    |  block 0  |  block 1  |  block 2  | tail |
+        hashes    [   h0      ,   h1      ,   h2      ]         (num_blocks=None)
+                  [   h0      ,   h1      ]                     (num_blocks=2)
+    """
+    if num_blocks is not None:
+        if type(num_blocks) is not int or num_blocks < 0:
+            raise ValueError(f"num_blocks must be None or an integer >= 0, got {num_blocks!r}")
+        tokens = tokens[: num_blocks * tokens_per_block]
+    return chain_hashes(hash_fn, root_hash(hash_fn, lora_id, salt), tokens, tokens_per_block,
+                        lora_id, extras)
