@@ -179,12 +179,12 @@ def test_failed_transfers_never_serve_stale_blocks(
         for spec, adm in zip(specs, admissions, strict=True):
             if spec.request_id not in live:
                 continue
-            salt, toks = spec.salt, tuple(spec.tokens)
+            toks = tuple(spec.tokens)
             for b, slot in enumerate(adm.block_ids):
                 end = min((b + 1) * tpb, len(toks))
                 if end <= adm.num_reused_tokens:
-                    assert mem.slots.get((Tier.GPU, slot)) == (salt, toks[:end]), (spec, b)
-                mem.slots[(Tier.GPU, slot)] = (salt, toks[:end])
+                    assert mem.slots.get((Tier.GPU, slot)) == (spec.salt, toks[:end]), (spec, b)
+                mem.slots[(Tier.GPU, slot)] = (spec.salt, toks[:end])
         check_cache_contents(mgr, mem, tpb)
     for rid in list(live):
         mgr.remove_sequence(rid)

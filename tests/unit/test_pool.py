@@ -1,0 +1,137 @@
+"""Unit tests of ``kvtier.pool.TierPool``: the free list's order, the books, the lazy heap."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from kvtier.pool import TierPool
+from kvtier.radix import Node, Tier
+
+Key = tuple[int, int]
+
+
+def make_node(first_token: int) -> Node:
+    """A one-block node; only its identity (uid) matters to the pool."""
+    return Node(None, [first_token], [first_token], Tier.GPU, None, 0, None)
+
+
+def keys_of(current: dict[int, Key]) -> Callable[[Node], Key | None]:
+    """A ``current_key`` callback reading each node's key now (absent: no candidate)."""
+    return lambda node: current.get(node.uid)
+
+
+def test_fresh_pool_hands_out_lowest_ids_first() -> None:
+    """take() on a fresh pool returns 0, 1, 2, ... in order."""
+    pool = TierPool(Tier.HOST, 5)
+    assert pool.take(0) == []
+    assert pool.take(2) == [0, 1]
+    assert pool.take(1) == [2]
+    assert pool.num_free == 2 and pool.free == [4, 3]
+
+
+def test_give_back_hands_the_first_slot_out_first() -> None:
+    """Slots given back come out again in the order they were given."""
+    pool = TierPool(Tier.GPU, 4)
+    pool.take(4)
+    pool.give_back([2, 0])
+    pool.give_back([3])
+    # free stack, top last: [0 2] then [3] on top
+    assert pool.take(1) == [3]
+    assert pool.take(2) == [2, 0]
+    assert pool.num_free == 0
+
+
+def test_take_more_than_free_is_asserted() -> None:
+    """Taking more than the free list holds is a bug in the caller."""
+    pool = TierPool(Tier.GPU, 2)
+    with pytest.raises(AssertionError):
+        pool.take(3)
+    assert pool.num_free == 2
+
+
+def test_books_free_cached_referenced() -> None:
+    """capacity == free + cached + referenced; available == free + cached."""
+    pool = TierPool(Tier.GPU, 8)
+    assert (pool.num_free, pool.num_cached, pool.num_available) == (8, 0, 8)
+    pool.take(5)  # 3 of them referenced by requests, 2 cached in unreferenced nodes
+    pool.num_referenced = 3
+    assert (pool.num_free, pool.num_cached, pool.num_available) == (3, 2, 5)
+    assert pool.num_free + pool.num_cached + pool.num_referenced == pool.capacity
+
+
+def test_pop_candidate_in_key_order_then_uid() -> None:
+    """The smallest key goes first; equal keys go in filing (uid) order."""
+    pool = TierPool(Tier.GPU, 4)
+    a, b, c = make_node(1), make_node(2), make_node(3)
+    current = {a.uid: (35, 7), b.uid: (0, 9), c.uid: (35, 7)}
+    for node in (c, a, b):
+        pool.push(node, current[node.uid])
+    pop = keys_of(current)
+    assert [pool.pop_candidate(pop) for _ in range(4)] == [b, a, c, None]
+
+
+def test_pop_candidate_drops_stale_entries() -> None:
+    """Entries of nodes that are no candidates any more (key None) are dropped."""
+    pool = TierPool(Tier.GPU, 4)
+    a, b = make_node(1), make_node(2)
+    pool.push(a, (0, 1))
+    pool.push(b, (0, 2))
+    current = {b.uid: (0, 2)}  # a was claimed again: no candidate
+    assert pool.pop_candidate(keys_of(current)) is b
+    assert pool.heap_nodes() == []
+
+
+def test_pop_candidate_refiles_a_changed_key() -> None:
+    """A node whose key changed without a re-file (a retention ran out) is filed anew
+    under its current key, not returned out of order."""
+    pool = TierPool(Tier.GPU, 4)
+    a, b = make_node(1), make_node(2)
+    pool.push(a, (0, 1))  # filed at priority 0 ...
+    pool.push(b, (20, 2))
+    current = {a.uid: (35, 1), b.uid: (20, 2)}  # ... now the default priority 35
+    pop = keys_of(current)
+    assert pool.pop_candidate(pop) is b
+    assert pool.heap_nodes() == [a]
+    assert pool.pop_candidate(pop) is a
+
+
+def test_pop_candidate_skips_an_entry_filed_under_an_older_key() -> None:
+    """An entry filed under an older key is refiled under the current one: the node comes
+    out at its current key, after b; once it is no candidate its other entry is dropped."""
+    pool = TierPool(Tier.GPU, 4)
+    a, b = make_node(1), make_node(2)
+    pool.push(a, (0, 1))
+    pool.push(b, (0, 5))
+    pool.push(a, (0, 9))  # released again later: the newer key
+    current = {a.uid: (0, 9), b.uid: (0, 5)}
+    pop = keys_of(current)
+    assert pool.pop_candidate(pop) is b
+    assert pool.pop_candidate(pop) is a
+    del current[a.uid]  # evicted
+    assert pool.pop_candidate(pop) is None and pool.heap_nodes() == []
+
+
+def test_compact_keeps_one_live_entry_per_node() -> None:
+    """Past 2 * capacity + 64 entries, compact drops stale and duplicate entries."""
+    pool = TierPool(Tier.GPU, 1)
+    a, b = make_node(1), make_node(2)
+    for t in range(70):
+        pool.push(a, (0, t))
+    pool.push(b, (0, 100))
+    current = {a.uid: (0, 69)}  # b is no candidate
+    pool.compact(keys_of(current))
+    assert pool.heap_nodes() == [a]
+    assert pool.pop_candidate(keys_of(current)) is a
+    assert pool.pop_candidate(keys_of(current)) is None
+
+
+def test_compact_below_the_threshold_changes_nothing() -> None:
+    """A small heap is left alone, stale entries and all."""
+    pool = TierPool(Tier.GPU, 1)
+    a = make_node(1)
+    for t in range(66):
+        pool.push(a, (0, t))
+    pool.compact(keys_of({}))
+    assert len(pool.heap_nodes()) == 66

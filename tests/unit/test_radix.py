@@ -1,0 +1,299 @@
+"""Unit tests of ``kvtier.radix``: match, split / absorb_parent / cut_tail, walks.
+
+Trees are built by hand with ``make_run``; ``tpb`` is 2 unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.radix import (
+    Node,
+    PartialMatch,
+    Root,
+    Tier,
+    absorb_parent,
+    add_child,
+    block_key,
+    cut_tail,
+    match,
+    path_to_root,
+    remove_child,
+    split,
+    subtree,
+)
+
+TPB = 2
+
+
+def make_run(parent: Node, tokens: list[int], slots: list[int], tier: Tier = Tier.GPU,
+             extras: list[object] | None = None) -> Node:
+    """A run of ``len(slots)`` blocks hung under ``parent``."""
+    assert len(tokens) == len(slots) * TPB
+    node = Node(parent, list(tokens), list(slots), tier, extras,
+                parent.start_block + parent.num_blocks, parent.root)
+    add_child(parent, node)
+    return node
+
+
+def shape(node: Node) -> tuple[object, ...]:
+    """Everything a split or absorb must keep consistent, children by identity."""
+    # NOTE: copies: cut_tail trims the lists in place.
+    return (list(node.tokens), list(node.slots), node.tier,
+            None if node.extras is None else list(node.extras), node.key, node.start_block,
+            None if node.hashes is None else list(node.hashes),
+            {k: id(c) for k, c in node.children.items()},
+            {k: [id(c) for c in v] for k, v in node.by_first.items()}, node.num_gpu_children,
+            node.ref_count, node.priority, node.last_used)
+
+
+# ---- match --------------------------------------------------------------------------------
+
+
+def test_match_whole_runs() -> None:
+    """Two whole runs on the path: both in ``path``, no tail, no partial."""
+    # root ─ a[1 2 | 3 4] ─ b[5 6]
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4], [0, 1])
+    b = make_run(a, [5, 6], [2])
+    m = match(root, [1, 2, 3, 4, 5, 6, 7], 6, TPB, None, True)
+    assert m.path == [a, b] and m.tail is None and m.num_blocks == 3 and m.partial is None
+
+
+def test_match_stops_inside_a_run_at_the_first_unequal_block() -> None:
+    """A run matched in part is the tail, with the number of its blocks that match."""
+    # root ─ a[1 2 | 3 4 | 5 6]; the request diverges in block 2
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4, 5, 6], [0, 1, 2])
+    m = match(root, [1, 2, 3, 4, 5, 9, 9], 6, TPB, None, False)
+    assert m.path == [] and m.tail == (a, 2) and m.num_blocks == 2 and m.partial is None
+
+
+@pytest.mark.parametrize("first_unequal", range(1, 9))
+def test_match_gallops_to_every_divergence_point(first_unequal: int) -> None:
+    """In a run of 9 one-token blocks, the match ends exactly at the first unequal block."""
+    root = Root(None, None)
+    run = Node(root, list(range(9)), list(range(9)), Tier.GPU, None, 0, root)
+    add_child(root, run)
+    tokens = list(range(9)) + [99]
+    tokens[first_unequal] = 50
+    m = match(root, tokens, len(tokens) - 1, 1, None, False)
+    assert m.tail == (run, first_unequal) and m.num_blocks == first_unequal
+
+
+def test_match_never_covers_the_last_token() -> None:
+    """A prompt equal to a cached run reuses all but its last block (the last token is
+    always computed)."""
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4], [0, 1])
+    m = match(root, [1, 2, 3, 4], 3, TPB, None, True)
+    assert m.path == [] and m.tail == (a, 1) and m.num_blocks == 1
+    assert m.partial == PartialMatch(a, 1, 1)  # token 3 of block 1
+
+
+def test_match_finds_a_partial_block_in_the_tail() -> None:
+    """Past the full blocks, the tail's next block gives the partial match."""
+    # root ─ a[1 2 | 3 4]; request [1 2 3 9 9]: block 0 whole, then 1 token of block 1
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4], [0, 1])
+    m = match(root, [1, 2, 3, 9, 9], 4, TPB, None, True)
+    assert m.tail == (a, 1) and m.partial == PartialMatch(a, 1, 1)
+    assert match(root, [1, 2, 3, 9, 9], 4, TPB, None, False).partial is None
+
+
+def test_match_picks_the_longest_partial_among_siblings() -> None:
+    """Children sharing a first token compete; the one matching most tokens wins."""
+    # tpb 4: root ─ p[1 1 1 1] ─┬─ x[5 6 6 6]
+    #                           └─ y[5 8 8 1]     request [1 1 1 1 5 8 8 9 0]
+    root = Root(None, None)
+    p = Node(root, [1, 1, 1, 1], [0], Tier.GPU, None, 0, root)
+    add_child(root, p)
+    x = Node(p, [5, 6, 6, 6], [1], Tier.GPU, None, 1, root)
+    y = Node(p, [5, 8, 8, 1], [2], Tier.HOST, None, 1, root)
+    add_child(p, x)
+    add_child(p, y)
+    m = match(root, [1, 1, 1, 1, 5, 8, 8, 9, 0], 8, 4, None, True)
+    assert m.path == [p] and m.tail is None and m.num_blocks == 1
+    assert m.partial == PartialMatch(y, 0, 3)
+
+
+def test_match_partial_stops_at_the_reusable_limit() -> None:
+    """A partial match never covers the request's last token."""
+    # tpb 4: root ─ x[5 6 7 8]; request [5 6 7]: 2 reusable tokens, both match
+    root = Root(None, None)
+    x = Node(root, [5, 6, 7, 8], [0], Tier.GPU, None, 0, root)
+    add_child(root, x)
+    m = match(root, [5, 6, 7], 2, 4, None, True)
+    assert m.num_blocks == 0 and m.partial == PartialMatch(x, 0, 2)
+
+
+def test_match_with_extra_keys() -> None:
+    """A block carrying a multimodal extra key matches only a request with the same extra."""
+    # root ─ a[1 2 {img} | 3 4]
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4], [0, 1], extras=["img", None])
+    assert a.key == (1, 2, "img")
+    tokens = [1, 2, 3, 4, 5]
+    assert match(root, tokens, 4, TPB, None, True) == ([], None, 0, None)
+    assert match(root, tokens, 4, TPB, ["other", None, None], True) == ([], None, 0, None)
+    m = match(root, tokens, 4, TPB, ["img", None, None], True)
+    assert m.path == [a] and m.num_blocks == 2
+    # The extra differs in block 1 only: block 0 matches, block 1 is no partial either.
+    m = match(root, tokens, 4, TPB, ["img", "x", None], True)
+    assert m.tail == (a, 1) and m.partial is None
+
+
+def test_match_is_pure() -> None:
+    """A match changes nothing in the tree."""
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4, 5, 6], [0, 1, 2])
+    b = make_run(a, [7, 8], [3])
+    before = [shape(n) for n in subtree(root)]
+    match(root, [1, 2, 3, 4, 5, 6, 7, 9, 0], 8, TPB, None, True)
+    match(root, [1, 2, 3, 9], 3, TPB, None, True)
+    assert [shape(n) for n in subtree(root)] == before and b.parent is a
+
+
+def test_block_key_is_the_block_tokens_plus_its_extra() -> None:
+    """A key is the block's tokens, with its extra appended when it has one."""
+    assert block_key([1, 2, 3, 4, 5], 2, 2, None) == (3, 4)
+    assert block_key([1, 2, 3, 4, 5], 2, 2, ("h", 0)) == (3, 4, ("h", 0))
+    assert block_key([1, 2, 3], 2, 2, None) == (3,)
+
+
+# ---- children ----------------------------------------------------------------------------
+
+
+def test_add_and_remove_child_keep_the_buckets() -> None:
+    """children, by_first and num_gpu_children follow add_child / remove_child."""
+    root = Root(None, None)
+    x = make_run(root, [5, 6], [0])
+    y = make_run(root, [5, 7], [1], Tier.HOST)
+    z = make_run(root, [8, 8], [2])
+    assert root.children == {(5, 6): x, (5, 7): y, (8, 8): z}
+    assert root.by_first == {5: [x, y], 8: [z]} and root.num_gpu_children == 2
+    remove_child(root, x)
+    assert root.by_first == {5: [y], 8: [z]} and root.num_gpu_children == 1
+    remove_child(root, y)
+    remove_child(root, z)
+    assert root.children == {} and root.by_first == {} and root.num_gpu_children == 0
+
+
+# ---- split, absorb_parent, cut_tail -------------------------------------------------------
+
+
+def make_three_block_run() -> tuple[Root, Node, Node]:
+    """root ─ n[1 2 | 3 4 | 5 6] (GPU 7 8 9, hashes 70 80 90, ref 2) ─ c[7 8] (HOST 10)."""
+    root = Root(None, None)
+    n = make_run(root, [1, 2, 3, 4, 5, 6], [7, 8, 9], extras=[None, "e", None])
+    n.hashes = [70, 80, 90]
+    n.ref_count, n.priority, n.last_used = 2, 60, 5
+    c = make_run(n, [7, 8], [10], Tier.HOST)
+    return root, n, c
+
+
+def test_split_keeps_the_tail_in_the_original_object() -> None:
+    """split(n, 1) returns a new head [1 2]; n keeps [3 4 | 5 6] and its children."""
+    # root ─ head[1 2 | 7] ─ n[3 4 | 5 6 | 8 9] ─ c[7 8]
+    root, n, c = make_three_block_run()
+    head = split(n, 1, TPB)
+    assert head.parent is root and root.children == {(1, 2): head} and root.by_first == {
+        1: [head]}
+    assert (head.tokens, head.slots, head.extras, head.hashes, head.start_block) == (
+        [1, 2], [7], [None], [70], 0)
+    assert (head.ref_count, head.priority, head.last_used) == (2, 60, 5)
+    assert head.children == {(3, 4, "e"): n} and head.by_first == {3: [n]}
+    assert head.num_gpu_children == 1
+    assert (n.tokens, n.slots, n.extras, n.hashes, n.start_block, n.key) == (
+        [3, 4, 5, 6], [8, 9], ["e", None], [80, 90], 1, (3, 4, "e"))
+    assert n.parent is head and n.children == {(7, 8): c} and c.parent is n
+    assert list(path_to_root(c)) == [c, n, head]
+
+
+def test_absorb_parent_undoes_split() -> None:
+    """split then absorb_parent gives back the same run, in the same object."""
+    root, n, c = make_three_block_run()
+    before = shape(n)
+    for k in (1, 2):
+        head = split(n, k, TPB)
+        absorb_parent(n)
+        assert shape(n) == before and n.parent is root and root.children == {(1, 2): n}
+        assert root.by_first == {1: [n]} and c.parent is n
+        assert head.parent is None and head.children == {} and head.by_first == {}
+
+
+def test_cut_tail_keeps_the_head_in_the_original_object() -> None:
+    """cut_tail(n, 2) leaves n as [1 2] and hangs a new tail [3 4 | 5 6] with n's children."""
+    # root ─ n[1 2 | 7] ─ tail[3 4 | 5 6 | 8 9] ─ c[7 8]
+    root, n, c = make_three_block_run()
+    n.ref_count = 0
+    tail = cut_tail(n, 2, TPB)
+    assert root.children == {(1, 2): n} and n.parent is root
+    assert (n.tokens, n.slots, n.extras, n.hashes) == ([1, 2], [7], [None], [70])
+    assert n.children == {(3, 4, "e"): tail} and n.by_first == {3: [tail]}
+    assert n.num_gpu_children == 1
+    assert (tail.tokens, tail.slots, tail.extras, tail.hashes, tail.start_block) == (
+        [3, 4, 5, 6], [8, 9], ["e", None], [80, 90], 1)
+    assert (tail.priority, tail.last_used, tail.ref_count) == (60, 5, 0)
+    assert tail.children == {(7, 8): c} and tail.by_first == {7: [c]} and c.parent is tail
+    assert tail.num_gpu_children == 0
+
+
+def test_absorb_parent_undoes_cut_tail() -> None:
+    """cut_tail then absorb_parent gives one run again, in the tail's object."""
+    root, n, c = make_three_block_run()
+    n.ref_count = 0
+    before = shape(n)
+    tail = cut_tail(n, 1, TPB)
+    absorb_parent(tail)
+    assert shape(tail) == before and tail.parent is root and root.children == {(1, 2): tail}
+    assert root.by_first == {1: [tail]} and c.parent is tail
+
+
+def test_absorb_parent_fills_missing_extras_and_drops_half_hashes() -> None:
+    """Absorbing a parent without extras pads them with None; hashes known on one side
+    only are dropped (recomputed lazily)."""
+    root = Root(None, None)
+    head = make_run(root, [1, 2], [0])
+    head.hashes = [1]
+    node = make_run(head, [3, 4, 5, 6], [1, 2], extras=["a", None])
+    absorb_parent(node)
+    assert node.extras == [None, "a", None] and node.hashes is None
+    assert (node.tokens, node.slots, node.key) == ([1, 2, 3, 4, 5, 6], [0, 1, 2], (1, 2))
+
+
+def test_split_and_cut_tail_refuse_empty_halves() -> None:
+    """Cutting at 0 or at the run's length is a bug in the caller: asserted."""
+    _, n, _ = make_three_block_run()
+    with pytest.raises(AssertionError):
+        split(n, 0, TPB)
+    with pytest.raises(AssertionError):
+        split(n, 3, TPB)
+    n.ref_count = 0
+    with pytest.raises(AssertionError):
+        cut_tail(n, 3, TPB)
+
+
+# ---- walks -------------------------------------------------------------------------------
+
+
+def test_subtree_lists_parents_before_children() -> None:
+    """subtree is breadth first from the node itself."""
+    # root ─┬─ a ─ c
+    #       └─ b
+    root = Root(None, None)
+    a = make_run(root, [1, 1], [0])
+    b = make_run(root, [2, 2], [1])
+    c = make_run(a, [3, 3], [2])
+    assert subtree(root) == [root, a, b, c]
+    assert subtree(a) == [a, c]
+    assert subtree(c) == [c]
+
+
+def test_path_to_root_is_deepest_first_without_the_root() -> None:
+    """path_to_root yields the node and its ancestors, never the root."""
+    root = Root(None, None)
+    a = make_run(root, [1, 1], [0])
+    c = make_run(a, [3, 3], [2])
+    assert list(path_to_root(c)) == [c, a]
+    assert list(path_to_root(root)) == []
