@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import pairwise
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_agentic_prompts_grow_within_a_session() -> None:
     long_sessions = [steps for steps in by_session.values() if len(steps) >= 10]
     assert long_sessions, "some sessions run tens of steps"
     for steps in by_session.values():
-        for before, after in zip(steps, steps[1:]):
+        for before, after in pairwise(steps):
             grown = len(before.prompt) + before.output_length + workload.min_tool_output_tokens
             assert after.prompt[: len(before.prompt)] == before.prompt
             assert len(after.prompt) >= grown
