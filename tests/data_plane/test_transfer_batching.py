@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import random
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvtier.radix import Tier
 from kvtier.transfer.batching import CopyGroup, Run, merge_runs, plan_batches, plan_waves
@@ -57,31 +58,42 @@ def test_each_hazard_starts_a_new_wave() -> None:
     assert batches[0].groups == [CopyGroup(2, [1], [4])]
 
 
-def test_random_plans_keep_every_conflicting_pair_in_order() -> None:
+SLOT = st.integers(0, 3)
+
+
+@st.composite
+def any_op(draw: st.DrawFn) -> TransferOp:
+    """An offload, an onboard or a partial copy among 4 GPU and 4 host slots."""
+    kind = draw(st.sampled_from(["offload", "onboard", "copy"]))
+    if kind == "offload":
+        return offload(draw(SLOT), draw(SLOT))
+    if kind == "onboard":
+        return onboard(draw(SLOT), draw(SLOT))
+    src, g = draw(st.sampled_from([G, H])), draw(SLOT)
+    s = draw(SLOT.filter(lambda x: (src, x) != (G, g)))
+    return copy(src, s, g, draw(st.integers(1, 4)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(any_op(), min_size=1, max_size=30))
+def test_random_plans_keep_every_conflicting_pair_in_order(ops: list[TransferOp]) -> None:
     """For random plans, any two ops touching a slot that one of them writes keep their
-    program order across waves."""
-    rng = random.Random(7)
-    for _ in range(200):
-        ops = []
-        for _ in range(rng.randrange(1, 30)):
-            kind = rng.randrange(3)
-            if kind == 0:
-                ops.append(offload(rng.randrange(4), rng.randrange(4)))
-            elif kind == 1:
-                ops.append(onboard(rng.randrange(4), rng.randrange(4)))
-            else:
-                src = rng.choice((G, H))
-                g = rng.randrange(4)
-                s = rng.choice([x for x in range(4) if (src, x) != (G, g)])
-                ops.append(copy(src, s, g, rng.randrange(1, 5)))
-        waves = plan_waves(ops)
-        for j, b in enumerate(ops):
-            for i in range(j):
-                a = ops[i]
-                writes_a, writes_b = (a.dst_tier, a.dst_slot), (b.dst_tier, b.dst_slot)
-                reads_a, reads_b = (a.src_tier, a.src_slot), (b.src_tier, b.src_slot)
-                if writes_a in (reads_b, writes_b) or writes_b == reads_a:
-                    assert waves[i] < waves[j], (ops, i, j, waves)
+    program order across waves, and every batch holds ops of one wave and direction."""
+    waves = plan_waves(ops)
+    for j, b in enumerate(ops):
+        for i in range(j):
+            a = ops[i]
+            writes_a, writes_b = (a.dst_tier, a.dst_slot), (b.dst_tier, b.dst_slot)
+            reads_a, reads_b = (a.src_tier, a.src_slot), (b.src_tier, b.src_slot)
+            if writes_a in (reads_b, writes_b) or writes_b == reads_a:
+                assert waves[i] < waves[j], (ops, i, j, waves)
+    batches = plan_batches(ops)
+    assert sorted(p for batch in batches for p in batch.positions) == list(range(len(ops)))
+    for batch in batches:
+        for p in batch.positions:
+            op = ops[p]
+            assert (waves[p], op.src_tier, op.dst_tier) == (batch.wave, batch.src_tier,
+                                                            batch.dst_tier), (ops, batch)
 
 
 def test_merge_runs_needs_both_sides_consecutive() -> None:
