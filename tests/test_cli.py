@@ -25,6 +25,14 @@ CPU_KEYS = {"wall_s", "scheduler_s", "us_per_step_mean", "us_per_step_p99",
             "us_per_full_step_mean", "us_per_full_step_p99"}
 ORACLE_KEYS = {"tokens_per_block", "num_capacity_blocks", "unlimited_hit_rate",
                "belady_hit_rate"}
+LOAD_KEYS = {"busy_s", "arrival_span_s", "num_instances", "utilization", "overloaded",
+             "sustainable_time_scale", "sustainable_instances"}
+
+
+@pytest.fixture(autouse=True)
+def debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect (an unexpected exception) raises with its traceback instead of exit 70."""
+    monkeypatch.setenv("KVTIER_DEBUG", "1")
 
 # Three requests over 512-token hash ids (hash id h = tokens h*512 .. h*512+511):
 #   r0  [1        | 2   ]  600 tokens
@@ -65,6 +73,7 @@ def assert_report_schema(report: dict[str, Any]) -> None:
     assert set(report["ttft_s"]) == set(report["e2e_s"]) == SUMMARY_KEYS
     assert set(report["cpu"]) == CPU_KEYS
     assert report["oracle"] is None or set(report["oracle"]) == ORACLE_KEYS
+    assert set(report["load"]) == LOAD_KEYS
 
 
 def test_version_in_process(capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,7 +115,7 @@ def test_replay_default_workload(capsys: pytest.CaptureFixture[str]) -> None:
     table = out.splitlines()[:-1]
     assert [row.split()[0] for row in table] == [
         "workload", "cache", "scheduler", "model", "requests", "hit", "reuse", "overflow",
-        "TTFT", "E2E", "throughput", "transfers", "cpu",
+        "TTFT", "E2E", "throughput", "load", "transfers", "cpu",
     ]
 
 
@@ -131,7 +140,7 @@ def test_replay_knobs_reach_the_report(capsys: pytest.CaptureFixture[str]) -> No
     assert report["scheduler_config"] == {
         "max_num_tokens": 1024, "max_batch_size": 8, "enable_chunked_prefill": True,
         "max_chunk_tokens": 256, "capacity_policy": "max_utilization", "admission": "probe",
-        "max_skipped_steps": 64}
+        "max_wait_steps": 64}
     assert report["cache_config"]["num_host_blocks"] == 64 and report["time_scale"] == 2.0
     assert report["profile"]["pcie_bytes_per_s"] == 2.5e10
     assert report["profile"]["overlap_transfers"] is False
@@ -270,7 +279,6 @@ def test_progress_without_tqdm(
          "invalid configuration: tokens_per_block must be a power of two >= 1, got 3"),
         (["--offload-min-priority", "200"],
          "invalid configuration: offload_min_priority must be an integer in 0..100, got 200"),
-        (["--gpu-blocks", "0"], "invalid configuration: num_gpu_blocks must be an integer >= 1"),
         (["--max-num-tokens", "0"],
          "invalid configuration: max_num_tokens must be an integer >= 1, got 0"),
         (["--gpu-blocks", "4"],
@@ -328,6 +336,13 @@ def test_malformed_trace_names_file_line_field(
         (["sweep", "--host-blocks", "0,x"],
          "argument --host-blocks: expected comma-separated integers, got '0,x'"),
         (["sweep", "--gpu-blocks", "0"], "argument --gpu-blocks: every value must be >= 1"),
+        (["replay", "--gpu-blocks", "0"], "argument --gpu-blocks: must be an integer >= 1, got 0"),
+        (["replay", "--instances", "100000"],
+         "argument --instances: must be an integer <= 1024, got 100000"),
+        (["replay", "--router-alpha", "nan"], "argument --router-alpha: must be a finite number"),
+        (["replay", "--limit", "0"], "argument --limit: must be an integer >= 1, got 0"),
+        (["replay", "--max-wait-steps", "0"],
+         "argument --max-wait-steps: must be an integer >= 1, got 0"),
         (["compare", "--admission", "probe"], "unrecognized arguments: --admission"),
         ([], "the following arguments are required: COMMAND"),
     ],
@@ -377,8 +392,8 @@ def test_compare_race_workload_shows_the_race(capsys: pytest.CaptureFixture[str]
 def test_replay_fleet_with_a_shared_remote_tier(capsys: pytest.CaptureFixture[str]) -> None:
     """--remote write-through: the fleet report says what the shared tier served."""
     code, out, _ = run_cli(capsys, "replay", "--limit", "40", "--instances", "2", "--router",
-                           "round-robin", "--gpu-blocks", "512", "--remote", "write-through",
-                           "--no-progress")
+                           "round-robin", "--gpu-blocks", "512", "--host-blocks", "256",
+                           "--remote", "write-through", "--no-progress")
     assert code == 0
     remote = last_json(out)["remote"]
     assert remote["policy"] == "write-through" and remote["num_lookups"] == 40
@@ -387,3 +402,196 @@ def test_replay_fleet_with_a_shared_remote_tier(capsys: pytest.CaptureFixture[st
                              "--no-progress")
     assert code == 2
     assert "--remote needs --instances > 1" in err
+
+
+# ---- bad input: one sentence, exit 2, never a traceback (issue 8, section 5) ---------------
+
+
+def assert_one_line_error(code: int, out: str, err: str, message: str) -> None:
+    """Exit 2, nothing on stdout, one ``kvtier: error:`` line containing ``message``."""
+    assert (code, out) == (2, ""), err
+    assert err.startswith("kvtier: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replay", "--gpu-blocks", str(10**12)],
+         "--gpu-blocks/--host-blocks: (1,000,000,000,000 GPU + 0 host) = 1,000,000,000,000 "
+         "blocks is more than the 33,554,432 one run may hold"),
+        (["replay", "--host-blocks", str(2**25)],
+         "(16,384 GPU + 33,554,432 host) = 33,570,816 blocks is more than the 33,554,432"),
+        (["replay", "--instances", "1024", "--gpu-blocks", "65536"],
+         "--gpu-blocks/--host-blocks/--instances: 1,024 instances x (65,536 GPU + 0 host) = "
+         "67,108,864 blocks"),
+        (["compare", "--gpu-blocks", str(2**24)],
+         "(16,777,216 GPU + 67,108,864 host) = 83,886,080 blocks"),
+        (["sweep", "--gpu-blocks", "64", "--host-blocks", f"0,{2**26}"],
+         "(64 GPU + 67,108,864 host)"),
+    ],
+)
+def test_sizes_are_bounded_before_allocating(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """Huge tiers or fleets are refused by size, naming the options, before any pool is
+    built (this used to end in MemoryError or the OOM killer)."""
+    assert_one_line_error(*run_cli(capsys, *args, "--limit", "3", "--no-progress"), message)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "Infinity"])
+@pytest.mark.parametrize("key", ["pcie_bytes_per_s", "prefill_s_per_token", "kv_bytes_per_token"])
+def test_set_profile_refuses_non_finite_values(
+    capsys: pytest.CaptureFixture[str], key: str, value: str
+) -> None:
+    """A non-finite --set-profile value is refused (it used to exit 0 with Infinity in the
+    JSON line, or raise OverflowError for an integer field)."""
+    assert_one_line_error(
+        *run_cli(capsys, "replay", "--limit", "3", "--no-progress", "--set-profile",
+                 f"{key}={value}"),
+        f"--set-profile {key}: expected a finite number, got {value!r}")
+
+
+def test_sweep_with_a_single_cache_size(capsys: pytest.CaptureFixture[str]) -> None:
+    """sweep with one GPU and one host size runs (it used to raise IndexError)."""
+    code, out, _ = run_cli(capsys, "sweep", "--limit", "5", "--no-progress", "--gpu-blocks",
+                           "512", "--host-blocks", "0", "--no-oracle")
+    assert code == 0
+    assert [r["cache_config"]["num_host_blocks"] for r in last_json(out)["runs"]] == [0]
+
+
+@pytest.mark.parametrize("command", ["replay", "compare", "sweep"])
+@pytest.mark.parametrize("spelling", ["same", "dotted", "symlink"])
+def test_json_naming_the_input_trace_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, spelling: str
+) -> None:
+    """--json pointing at the trace (by any path to it) would overwrite it: refused, and
+    the trace is left as it was."""
+    path = make_mooncake(tmp_path, SHARED_PREFIX_TRACE)
+    before = path.read_bytes()
+    target = {"same": path, "dotted": tmp_path / "sub" / ".." / path.name,
+              "symlink": tmp_path / "link.jsonl"}[spelling]
+    (tmp_path / "sub").mkdir()
+    if spelling == "symlink":
+        target.symlink_to(path)
+    assert_one_line_error(
+        *run_cli(capsys, command, str(path), "--no-progress", "--json", str(target)),
+        f"--json {target} is the input trace; choose another file")
+    assert path.read_bytes() == before
+
+
+def test_remote_without_host_tier_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """A fleet's shared tier imports into host tiers: --remote with --host-blocks 0 is one
+    sentence (it used to exit 0 with remote hits counted and nothing imported)."""
+    for policy in ("write-back", "write-through"):
+        assert_one_line_error(
+            *run_cli(capsys, "replay", "--limit", "5", "--instances", "2", "--remote", policy,
+                     "--no-progress"),
+            "--remote needs --host-blocks > 0: blocks found in the shared tier are imported "
+            "into each instance's host tier")
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("empty.jsonl", b""), ("empty.csv", b""), ("blank.jsonl", b"\n\n  \n"),
+    ("header.csv", b"TIMESTAMP,ContextTokens,GeneratedTokens\n"),
+])
+def test_an_empty_trace_is_an_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, content: bytes
+) -> None:
+    """An empty .jsonl and an empty .csv get the same sentence (one exited 0, one 2)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert_one_line_error(*run_cli(capsys, "replay", str(path), "--no-progress"),
+                          f"no requests in {path}")
+
+
+MOONCAKE_OK = '{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [1, 2]}\n'
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("garbage.jsonl", MOONCAKE_OK.encode() + b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01",
+     ":2: field '<text>': not UTF-8 text: not a Mooncake JSONL line"),
+    ("garbage.csv", b"\xff\xfe\x00\x01binary", ":1: field '<text>': not UTF-8 text (byte 0)"),
+    ("nul.csv", b"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1\x00,1\n",
+     ":2: field '<text>': contains a NUL byte: not an Azure CSV trace"),
+    ("deep.jsonl", (MOONCAKE_OK + "[" * 100_000 + "]" * 100_000 + "\n").encode(),
+     ":2: field '<json>': nested too deeply: not a Mooncake record"),
+    ("bighash.jsonl", b'{"timestamp": 0, "input_length": 600, "output_length": 5, '
+     b'"hash_ids": [1, 36028797018963968]}\n',
+     ":1: field 'hash_ids': expected a list of integers in 0..18014398509481983"),
+    ("huge.jsonl", b'{"timestamp": 0, "input_length": 10000000000, "output_length": 5, '
+     b'"hash_ids": []}\n',
+     ":1: field 'input_length': 10000000000 tokens is more than the 16777216"),
+    ("huge.csv", b"TIMESTAMP,ContextTokens,GeneratedTokens\n"
+     b"2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:47,10000000000,1\n",
+     ":3: field 'ContextTokens': must be an integer in 1..16777216, got 10000000000"),
+    ("quote.csv", b'TIMESTAMP,ContextTokens,GeneratedTokens\n"2023-11-16 18:15:46,1,1\n',
+     "malformed trace: "),
+])
+@pytest.mark.parametrize("instances", ["1", "2"])
+def test_malformed_bytes_name_the_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, content: bytes,
+    message: str, instances: str
+) -> None:
+    """Binary garbage, NUL bytes, deep nesting, ids past int64 and absurd lengths are each
+    one sentence naming file and line, for one engine and for a fleet."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert_one_line_error(
+        *run_cli(capsys, "replay", str(path), "--no-progress", "--instances", instances,
+                 "--host-blocks", "64"),
+        message)
+
+
+def test_unexpected_exception_is_one_line_exit_70(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect is one line naming the exception and exit 70 for a user; with
+    KVTIER_DEBUG=1 (as in these tests) it raises with its traceback."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("boom")
+
+    monkeypatch.setattr("kvtier.cli.simulate", broken)
+    with pytest.raises(TypeError, match="boom"):
+        main(["replay", "--limit", "3", "--no-progress"])
+    monkeypatch.delenv("KVTIER_DEBUG")
+    code, out, err = run_cli(capsys, "replay", "--limit", "3", "--no-progress")
+    assert (code, out) == (70, "")
+    assert err == ("kvtier: internal error: TypeError: boom (a defect in kvtier; run with "
+                   "KVTIER_DEBUG=1 for the traceback)\n")
+
+
+def test_overload_is_said_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Arrivals faster than one instance serves: the table says so and where the load fits;
+    the JSON says it too. The scale it names is a lower bound (an overloaded step batches
+    more work than a light one): below it the load is still too much, well above it fits."""
+    records = [{"timestamp": 10 * i, "input_length": 2048, "output_length": 50,
+                "hash_ids": [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3]} for i in range(40)]
+    path = make_mooncake(tmp_path, records)
+    code, out, _ = run_cli(capsys, "replay", str(path), "--no-progress")
+    assert code == 0
+    load = last_json(out)["load"]
+    assert load["overloaded"] is True and load["utilization"] > 1
+    assert load["sustainable_time_scale"] == pytest.approx(load["utilization"])
+    assert load["sustainable_instances"] >= 2
+    row = next(r for r in out.splitlines() if r.startswith("load"))
+    assert row.startswith("load        OVERLOADED: arrivals bring ")
+    assert (f"sustainable from at least --time-scale {load['sustainable_time_scale']:.3g} "
+            f"(now 1) or --instances {load['sustainable_instances']}") in row
+    for factor, overloaded in ((0.8, True), (10, False)):
+        code, out, _ = run_cli(capsys, "replay", str(path), "--no-progress", "--time-scale",
+                               str(factor * load["sustainable_time_scale"]))
+        assert last_json(out)["load"]["overloaded"] is overloaded
+
+
+def test_fleet_reports_overload(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A fleet's load line counts every instance's work against the arrival span."""
+    records = [{"timestamp": 10 * i, "input_length": 2048, "output_length": 50,
+                "hash_ids": [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3]} for i in range(40)]
+    path = make_mooncake(tmp_path, records)
+    code, out, _ = run_cli(capsys, "replay", str(path), "--no-progress", "--instances", "2")
+    assert code == 0
+    load = last_json(out)["load"]
+    assert load["num_instances"] == 2 and load["overloaded"] is True
+    assert "load        OVERLOADED: arrivals bring" in out

@@ -12,15 +12,18 @@ from hypothesis import strategies as st
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 from kvtier.scheduler import ContextChunk, Request, ScheduledStep, Scheduler, SchedulerConfig
+from kvtier.sim.probe import ProbeScheduler
+from kvtier.sim.probe import make_scheduler as scheduler_for
 
 
 def make_scheduler(num_gpu_blocks: int = 16, num_host_blocks: int = 0,
                    **kw: object) -> Scheduler:
-    """A scheduler over a manager with 4-token blocks."""
+    """A scheduler over a manager with 4-token blocks (the simulator's ProbeScheduler for
+    ``admission="probe"``)."""
     mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=num_gpu_blocks,
                                      num_host_blocks=num_host_blocks,
                                      enable_partial_reuse=False))
-    return Scheduler(mgr, SchedulerConfig(**kw))  # type: ignore[arg-type]
+    return scheduler_for(mgr, SchedulerConfig(**kw))  # type: ignore[arg-type]
 
 
 def finish_step(s: Scheduler, step: ScheduledStep, token: int = 900) -> list[str]:
@@ -41,6 +44,19 @@ def test_config_errors_name_the_field() -> None:
         SchedulerConfig(admission="guess")
     with pytest.raises(ValueError, match="max_output_tokens of 'r' must be"):
         Request("r", [1], 0)
+    with pytest.raises(ValueError, match="max_wait_steps must be an integer >= 1, got True"):
+        SchedulerConfig(max_wait_steps=True)
+
+
+def test_each_admission_mode_has_its_class() -> None:
+    """Scheduler admits by claim only; probe admission is the simulator's ProbeScheduler."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8))
+    with pytest.raises(ValueError, match="Scheduler admits by 'claim', got admission='probe'"):
+        Scheduler(mgr, SchedulerConfig(admission="probe"))
+    with pytest.raises(ValueError, match="ProbeScheduler admits by 'probe', got "
+                       "admission='claim'"):
+        ProbeScheduler(mgr, SchedulerConfig())
+    assert type(scheduler_for(mgr, SchedulerConfig(admission="probe"))) is ProbeScheduler
 
 
 def test_add_request_refuses_duplicates_and_requests_that_never_fit() -> None:
@@ -185,8 +201,8 @@ def test_guaranteed_no_evict_reserves_decode_blocks() -> None:
 
 def test_starving_request_is_admitted_within_the_bound() -> None:
     """A large request that keeps being overtaken stops the overtaking after
-    max_skipped_steps and is admitted once room frees up."""
-    s = make_scheduler(num_gpu_blocks=8, max_num_tokens=64, max_skipped_steps=3,
+    max_wait_steps and is admitted once room frees up."""
+    s = make_scheduler(num_gpu_blocks=8, max_num_tokens=64, max_wait_steps=3,
                        capacity_policy="max_utilization")
     s.add_request(Request("hold", list(range(100, 112)), 8))  # 5 blocks while it decodes
     step = s.step()

@@ -13,42 +13,48 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvtier import __version__
-from kvtier.config import HASH_ALGOS, CacheConfig
+from kvtier.cli_config import MAX_INSTANCES, SIZE_HELP, make_cache, make_sched
+from kvtier.cli_error import EXIT_USAGE, CLIError
+from kvtier.cli_options import (
+    admission_option,
+    common_options,
+    finite_float,
+    int_in,
+    int_list,
+    oracle_option,
+)
+from kvtier.cli_profile import make_profile
+from kvtier.cli_remote import connect_redis
+from kvtier.cli_workload import check_outputs, num_requests, open_workload
+from kvtier.config import CacheConfig
 from kvtier.router import POLICIES as ROUTER_POLICIES
 from kvtier.router import make_policy
-from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
+from kvtier.scheduler import AdmissionMode, SchedulerConfig
 from kvtier.sim import (
-    PROFILES,
-    AzureTrace,
     ModelProfile,
-    MooncakeTrace,
-    RaceWorkload,
     SimReport,
     SimulationStalled,
-    SyntheticChat,
     TraceFormatError,
     Workload,
     format_report,
     format_side_by_side,
     format_sweep,
-    get_profile,
     oracle_bounds,
     simulate,
 )
-from kvtier.sim.fleet import format_fleet_report, simulate_fleet
+from kvtier.sim.fleet import simulate_fleet
+from kvtier.sim.fleet_report import format_fleet_report
 from kvtier.sim.plot import plot_sweep, require_matplotlib
 
-if TYPE_CHECKING:
-    from kvtier.remote import RedisRemoteStore
-
-EXIT_USAGE = 2
 DEFAULT_GPU_BLOCKS = 16384
 COMPARE_HOST_FACTOR = 4
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a defect in kvtier, not in the input
+DEBUG_ENV = "KVTIER_DEBUG"
 _CACHE = CacheConfig()
 _SCHED = SchedulerConfig()
 
@@ -84,10 +90,6 @@ blocks). --plot FILE draws them as a PNG (needs the 'plot' extra).
 {WORKLOAD_HELP}"""
 
 
-class CLIError(Exception):
-    """Bad input the user can fix; ``main`` prints it as one line and exits 2."""
-
-
 # ---- the parser ----------------------------------------------------------------------------
 
 
@@ -100,24 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    common = _common_options()
+    common = common_options()
     raw = argparse.RawDescriptionHelpFormatter
 
     replay = commands.add_parser("replay", parents=[common], formatter_class=raw,
                                  help="simulate serving a trace; the main command",
                                  description=REPLAY_DESCRIPTION)
-    replay.add_argument("--gpu-blocks", metavar="N", type=int, default=DEFAULT_GPU_BLOCKS,
-                        help="GPU tier size in blocks (default: %(default)s)")
-    replay.add_argument("--host-blocks", metavar="N", type=int, default=0,
+    replay.add_argument("--gpu-blocks", metavar="N", type=int_in(1), default=DEFAULT_GPU_BLOCKS,
+                        help=f"GPU tier size in blocks; {SIZE_HELP} (default: %(default)s)")
+    replay.add_argument("--host-blocks", metavar="N", type=int_in(0), default=0,
                         help="host tier size in blocks; 0 disables offloading (default: 0)")
-    _admission_option(replay)
-    _oracle_option(replay, default=False)
-    replay.add_argument("--instances", metavar="N", type=_int_at_least(1), default=1,
+    admission_option(replay)
+    oracle_option(replay, default=False)
+    replay.add_argument("--instances", metavar="N", type=int_in(1, MAX_INSTANCES), default=1,
                         help="simulate N engine instances, each with --gpu-blocks and "
-                        "--host-blocks, behind a router (default: 1)")
+                        f"--host-blocks, behind a router; at most {MAX_INSTANCES} (default: 1)")
     replay.add_argument("--router", choices=ROUTER_POLICIES, default="cache-aware",
                         help="how --instances share the requests (default: %(default)s)")
-    replay.add_argument("--router-alpha", metavar="X", type=float, default=1.0,
+    replay.add_argument("--router-alpha", metavar="X", type=finite_float, default=1.0,
                         help="cache-aware: weight of load (queue depth / max batch size) "
                         "against the cached share of the prompt (default: %(default)s)")
     replay.add_argument("--remote", choices=("write-back", "write-through"),
@@ -134,25 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", parents=[common], formatter_class=raw,
                                   help="claim vs probe admission, GPU only vs GPU + host",
                                   description=COMPARE_DESCRIPTION)
-    compare.add_argument("--gpu-blocks", metavar="N", type=int, default=DEFAULT_GPU_BLOCKS,
-                         help="GPU tier size in blocks (default: %(default)s)")
-    compare.add_argument("--host-blocks", metavar="N", type=_int_at_least(1),
+    compare.add_argument("--gpu-blocks", metavar="N", type=int_in(1),
+                         default=DEFAULT_GPU_BLOCKS,
+                         help=f"GPU tier size in blocks; {SIZE_HELP} (default: %(default)s)")
+    compare.add_argument("--host-blocks", metavar="N", type=int_in(1),
                          help=f"host tier of the GPU + host runs (default: "
                          f"{COMPARE_HOST_FACTOR} x --gpu-blocks)")
-    _oracle_option(compare, default=False)
+    oracle_option(compare, default=False)
     compare.set_defaults(run=_run_compare)
 
     sweep = commands.add_parser("sweep", parents=[common], formatter_class=raw,
                                 help="hit rate and TTFT against capacity, with the oracle bound",
                                 description=SWEEP_DESCRIPTION)
-    sweep.add_argument("--gpu-blocks", metavar="N,N,...", type=_int_list(1),
+    sweep.add_argument("--gpu-blocks", metavar="N,N,...", type=int_list(1),
                        default=[DEFAULT_GPU_BLOCKS],
-                       help=f"GPU tier sizes in blocks (default: {DEFAULT_GPU_BLOCKS})")
-    sweep.add_argument("--host-blocks", metavar="N,N,...", type=_int_list(0),
+                       help=f"GPU tier sizes in blocks; {SIZE_HELP} "
+                       f"(default: {DEFAULT_GPU_BLOCKS})")
+    sweep.add_argument("--host-blocks", metavar="N,N,...", type=int_list(0),
                        default=[0, 4096, 16384],
                        help="host tier sizes in blocks (default: 0,4096,16384)")
-    _admission_option(sweep)
-    _oracle_option(sweep, default=True)
+    admission_option(sweep)
+    oracle_option(sweep, default=True)
     sweep.add_argument("--plot", metavar="FILE", type=Path,
                        help="also draw hit rate and TTFT against capacity as a PNG "
                        "(pip install 'kvtier[plot]')")
@@ -160,109 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common_options() -> argparse.ArgumentParser:
-    """Workload, cache policy, scheduler, time model and output options of every command."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("trace", metavar="TRACE", nargs="?", type=Path,
-                   help="a .jsonl (Mooncake) or .csv (Azure) trace; default: --workload")
-    p.add_argument("--workload", choices=("synthetic-chat", "race"), default="synthetic-chat",
-                   help="the built-in workload when no TRACE is given: seeded multi-turn chat, "
-                   "or 'race', sized from the cache options to provoke the admission race "
-                   "(S1 at scale; needs --host-blocks) (default: %(default)s)")
-    p.add_argument("--limit", metavar="N", type=_int_at_least(0),
-                   help="replay only the first N requests")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the synthetic workload and of Azure prefixes (default: 0)")
-    p.add_argument("--time-scale", metavar="X", type=_positive_float, default=1.0,
-                   help="multiply arrival times by X; > 1 lowers the load (default: 1)")
-    p.add_argument("--tokens-per-block", metavar="N", type=int, default=_CACHE.tokens_per_block,
-                   help="tokens per KV block, a power of two (default: %(default)s)")
-    p.add_argument("--no-partial-reuse", action="store_true", help="reuse full blocks only")
-    p.add_argument("--no-copy-on-partial-reuse", action="store_true",
-                   help="reuse a partial block only in place, never by copying it")
-    p.add_argument("--offload-min-priority", metavar="P", type=int,
-                   default=_CACHE.offload_min_priority,
-                   help="evicted GPU blocks of at least this priority (0..100) go to the host "
-                   "tier (default: %(default)s)")
-    p.add_argument("--hash-algo", choices=HASH_ALGOS, default=_CACHE.hash_algo,
-                   help="block hash (default: %(default)s)")
-    p.add_argument("--max-num-tokens", metavar="N", type=int, default=_SCHED.max_num_tokens,
-                   help="token budget of one step (default: %(default)s)")
-    p.add_argument("--max-batch-size", metavar="N", type=int, default=_SCHED.max_batch_size,
-                   help="requests in one step (default: %(default)s)")
-    p.add_argument("--no-chunked-prefill", action="store_true",
-                   help="prefill each prompt in one step")
-    p.add_argument("--max-chunk-tokens", metavar="N", type=int,
-                   help="cap one request's prefill chunk (default: the step budget)")
-    p.add_argument("--capacity-policy", choices=CAPACITY_POLICIES, default=_SCHED.capacity_policy,
-                   help="reserve decode blocks up front, or admit more and preempt "
-                   "(default: %(default)s)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="llama3-8b-h100",
-                   help="time model profile (default: %(default)s)")
-    p.add_argument("--set-profile", metavar="KEY=VALUE", action="append", default=[],
-                   help="override one profile constant, e.g. pcie_bytes_per_s=2.5e10 "
-                   "(repeatable)")
-    p.add_argument("--json", metavar="FILE", type=Path,
-                   help="also write the full report to FILE as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    return p
-
-
-def _admission_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--admission", choices=ADMISSIONS, default=_SCHED.admission,
-                        help="claim: exact two-phase credit; probe: the legacy racy loop "
-                        "(default: %(default)s)")
-
-
-def _oracle_option(parser: argparse.ArgumentParser, default: bool) -> None:
-    parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=default,
-                        help="add the unlimited and Belady hit rates for the same capacity "
-                        f"(default: {'on' if default else 'off'})")
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _int_list(minimum: int) -> Callable[[str], list[int]]:
-    """An argparse ``type`` accepting comma-separated integers >= ``minimum``."""
-
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(part) for part in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated integers, got {text!r}") from None
-        if any(v < minimum for v in values):
-            raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {text!r}")
-        return values
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    Bad input ends in one sentence on stderr and status 2. NOTE: any other exception is a
+    defect in kvtier, not in the input: it is reported in one line with status 70, or, with
+    ``KVTIER_DEBUG=1`` in the environment (as the tests set it), raised with its traceback.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -282,9 +190,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         # interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except MemoryError:
+        print("kvtier: error: out of memory; use smaller --gpu-blocks/--host-blocks/"
+              "--instances or a shorter trace (--limit)", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"kvtier: internal error: {type(exc).__name__}: {exc} (a defect in kvtier; "
+              f"run with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 # ---- commands ------------------------------------------------------------------------------
+
+
+def _open(args: argparse.Namespace, cache: CacheConfig) -> Workload:
+    check_outputs(args.trace, json=args.json, plot=getattr(args, "plot", None))
+    return open_workload(args.trace, args.workload, seed=args.seed, limit=args.limit,
+                         cache=cache, max_num_tokens=args.max_num_tokens)
 
 
 def _run_replay(args: argparse.Namespace) -> int:
@@ -292,11 +216,11 @@ def _run_replay(args: argparse.Namespace) -> int:
         return _run_fleet(args)
     if args.remote is not None or args.remote_url is not None:
         raise CLIError("--remote needs --instances > 1 (a remote tier shared by a fleet)")
-    cache = _make_cache(args, args.gpu_blocks, args.host_blocks)
-    sched = _make_sched(args, args.admission)
-    profile = _make_profile(args)
-    workload = _make_workload(args, cache)
-    with _progress_bar(_num_requests(workload), not args.no_progress) as progress:
+    cache = make_cache(args, args.gpu_blocks, args.host_blocks)
+    sched = make_sched(args, args.admission)
+    profile = make_profile(args.profile, args.set_profile)
+    workload = _open(args, cache)
+    with _progress_bar(num_requests(workload), not args.no_progress) as progress:
         report = _simulate(workload, cache, sched, profile, args, progress, args.oracle)
     _emit(format_report(report), report.to_dict(), args.json)
     return 0
@@ -305,71 +229,61 @@ def _run_replay(args: argparse.Namespace) -> int:
 def _run_fleet(args: argparse.Namespace) -> int:
     if args.oracle:
         raise CLIError("--oracle is not supported with --instances > 1")
-    cache = _make_cache(args, args.gpu_blocks, args.host_blocks)
-    sched = _make_sched(args, args.admission)
-    profile = _make_profile(args)
-    workload = _make_workload(args, cache)
+    if args.remote_url is not None and args.remote is None:
+        raise CLIError("--remote-url needs --remote write-back or write-through")
+    if args.remote is not None and args.host_blocks == 0:
+        raise CLIError("--remote needs --host-blocks > 0: blocks found in the shared tier "
+                       "are imported into each instance's host tier")
+    cache = make_cache(args, args.gpu_blocks, args.host_blocks, args.instances)
+    sched = make_sched(args, args.admission)
+    profile = make_profile(args.profile, args.set_profile)
+    workload = _open(args, cache)
     try:
         policy = make_policy(args.router, alpha=args.router_alpha)
     except ValueError as exc:
         raise CLIError(f"invalid configuration: --router-alpha: {exc}") from None
     remote_store = None
     if args.remote_url is not None:
-        if args.remote is None:
-            raise CLIError("--remote-url needs --remote write-back or write-through")
-        remote_store = _redis_store(args.remote_url, cache.tokens_per_block)
-    with _progress_bar(_num_requests(workload), not args.no_progress) as progress:
-        try:
+        remote_store = connect_redis(args.remote_url, cache.tokens_per_block)
+    try:
+        with _progress_bar(num_requests(workload), not args.no_progress) as progress:
             report = simulate_fleet(workload, cache, args.instances, policy, sched, profile,
                                     args.time_scale, progress, remote=args.remote,
                                     remote_store=remote_store)
-        except TraceFormatError as exc:
-            raise CLIError(f"malformed trace: {exc}") from None
-        except (ValueError, SimulationStalled) as exc:
-            raise CLIError(f"cannot replay: {exc}") from None
+    except TraceFormatError as exc:
+        raise CLIError(f"malformed trace: {exc}") from None
+    except (ValueError, SimulationStalled) as exc:
+        raise CLIError(f"cannot replay: {exc}") from None
+    finally:
+        if remote_store is not None:
+            remote_store.close()
     _emit(format_fleet_report(report), report.to_dict(), args.json)
     return 0
-
-
-def _redis_store(url: str, tokens_per_block: int) -> RedisRemoteStore:
-    """The fleet's shared tier on the Redis at ``url``; one sentence if it can't be used."""
-    try:
-        from kvtier.remote import RedisRemoteStore
-        from kvtier.sim.fleet import stand_in_namespace
-
-        store = RedisRemoteStore(url, stand_in_namespace(tokens_per_block), timeout_s=2.0)
-    except ImportError:
-        raise CLIError("--remote-url needs redis-py: pip install 'kvtier[redis]'") from None
-    except ValueError as exc:
-        raise CLIError(f"invalid --remote-url: {exc}") from None
-    problem = store.check_connection()
-    if problem is not None:
-        raise CLIError(f"cannot use --remote-url: {problem}")
-    return store
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     host_blocks = args.host_blocks
     if host_blocks is None:
         host_blocks = COMPARE_HOST_FACTOR * args.gpu_blocks
-    caches = [_make_cache(args, args.gpu_blocks, 0),
-              _make_cache(args, args.gpu_blocks, host_blocks)]
-    profile = _make_profile(args)
-    workload = _make_workload(args, caches[1])  # the race workload is sized for the host tier
-    runs = [(admission, cache) for admission in ("claim", "probe") for cache in caches]
-    total = _num_requests(workload)
+    caches = [make_cache(args, args.gpu_blocks, 0),
+              make_cache(args, args.gpu_blocks, host_blocks)]
+    profile = make_profile(args.profile, args.set_profile)
+    workload = _open(args, caches[1])  # the race workload is sized for the host tier
+    admissions: tuple[AdmissionMode, ...] = ("claim", "probe")
+    runs = [(admission, cache) for admission in admissions for cache in caches]
+    total = num_requests(workload)
     reports = []
     with _progress_bar(None if total is None else total * len(runs),
                        not args.no_progress) as progress:
         for admission, cache in runs:
-            sched = _make_sched(args, admission)
+            sched = make_sched(args, admission)
             reports.append(_simulate(workload, cache, sched, profile, args, progress, False))
     if args.oracle:
         reports = _with_oracle(workload, reports)
     labels = [f"{a} {'GPU+host' if c.num_host_blocks else 'GPU only'}" for a, c in runs]
     document = {"command": "compare",
                 "runs": [{"label": label, "report": r.to_dict()}
-                         for label, r in zip(labels, reports)]}
+                         for label, r in zip(labels, reports, strict=True)]}
     _emit(format_side_by_side(labels, reports), document, args.json)
     return 0
 
@@ -377,11 +291,12 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_sweep(args: argparse.Namespace) -> int:
     if args.plot is not None:
         _require_matplotlib()  # fail before the long part
-    caches = [_make_cache(args, gpu, host) for gpu in args.gpu_blocks for host in args.host_blocks]
-    sched = _make_sched(args, args.admission)
-    profile = _make_profile(args)
-    workload = _make_workload(args, caches[1])  # the race workload is sized for the host tier
-    total = _num_requests(workload)
+    caches = [make_cache(args, gpu, host) for gpu in args.gpu_blocks for host in args.host_blocks]
+    sched = make_sched(args, args.admission)
+    profile = make_profile(args.profile, args.set_profile)
+    # The race workload is sized for a host tier: the largest one of the sweep.
+    workload = _open(args, max(caches, key=lambda c: c.num_host_blocks))
+    total = num_requests(workload)
     reports = []
     with _progress_bar(None if total is None else total * len(caches),
                        not args.no_progress) as progress:
@@ -422,7 +337,7 @@ def _with_oracle(workload: Workload, reports: list[SimReport]) -> list[SimReport
         bounds = oracle_bounds(workload, tpb, capacities)
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None
-    return [replace(r, oracle=b) for r, b in zip(reports, bounds)]
+    return [replace(r, oracle=b) for r, b in zip(reports, bounds, strict=True)]
 
 
 def _int(value: object) -> int:
@@ -434,110 +349,13 @@ def _emit(table: list[str], document: dict[str, Any], json_path: Path | None) ->
     """Write ``document`` to ``json_path`` if given, then print the table and the JSON line."""
     if json_path is not None:
         try:
-            json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+            json_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n",
+                                 encoding="utf-8")
         except OSError as exc:
             raise CLIError(f"cannot write {json_path}: {exc.strerror or exc}") from None
     for row in table:
         print(row)
-    print(json.dumps(document))
-
-
-# ---- inputs --------------------------------------------------------------------------------
-
-
-def _make_cache(args: argparse.Namespace, gpu_blocks: int, host_blocks: int) -> CacheConfig:
-    try:
-        return CacheConfig(
-            tokens_per_block=args.tokens_per_block,
-            num_gpu_blocks=gpu_blocks,
-            num_host_blocks=host_blocks,
-            enable_partial_reuse=not args.no_partial_reuse,
-            copy_on_partial_reuse=not args.no_copy_on_partial_reuse,
-            offload_min_priority=args.offload_min_priority,
-            hash_algo=args.hash_algo,
-        )
-    except ValueError as exc:
-        raise CLIError(f"invalid configuration: {exc}") from None
-
-
-def _make_sched(args: argparse.Namespace, admission: str) -> SchedulerConfig:
-    try:
-        return SchedulerConfig(
-            max_num_tokens=args.max_num_tokens,
-            max_batch_size=args.max_batch_size,
-            enable_chunked_prefill=not args.no_chunked_prefill,
-            max_chunk_tokens=args.max_chunk_tokens,
-            capacity_policy=args.capacity_policy,
-            admission=admission,
-        )
-    except ValueError as exc:
-        raise CLIError(f"invalid configuration: {exc}") from None
-
-
-def _make_profile(args: argparse.Namespace) -> ModelProfile:
-    """``--profile`` with each ``--set-profile KEY=VALUE`` applied, parsed by field type."""
-    types = {f.name: f.type for f in fields(ModelProfile) if f.name != "name"}
-    overrides: dict[str, object] = {}
-    for item in args.set_profile:
-        key, sep, text = item.partition("=")
-        key, text = key.strip(), text.strip()
-        if not sep or not key:
-            raise CLIError(f"--set-profile expects KEY=VALUE, got {item!r}")
-        if key not in types:
-            raise CLIError(f"--set-profile: unknown profile constant {key!r}; "
-                           f"known: {', '.join(sorted(types))}")
-        overrides[key] = _parse_constant(key, str(types[key]), text)
-    try:
-        return get_profile(args.profile, **overrides)
-    except ValueError as exc:
-        raise CLIError(f"invalid profile: {exc}") from None
-
-
-def _parse_constant(key: str, type_name: str, text: str) -> object:
-    if type_name == "bool":
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise CLIError(f"--set-profile {key}: expected true or false, got {text!r}")
-    try:
-        if type_name == "int":
-            return int(float(text)) if float(text).is_integer() else int(text)
-        return float(text)
-    except ValueError:
-        kind = "an integer" if type_name == "int" else "a number"
-        raise CLIError(f"--set-profile {key}: expected {kind}, got {text!r}") from None
-
-
-def _make_workload(args: argparse.Namespace, config: CacheConfig) -> Workload:
-    path: Path | None = args.trace
-    try:
-        if path is None and args.workload == "race":
-            return RaceWorkload(config, max_num_tokens=args.max_num_tokens)
-        if path is None:
-            if args.limit is None:
-                return SyntheticChat(seed=args.seed)
-            return SyntheticChat(num_requests=args.limit, seed=args.seed)
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return MooncakeTrace(path, tokens_per_block=config.tokens_per_block, limit=args.limit)
-        if suffix == ".csv":
-            return AzureTrace(path, seed=args.seed, limit=args.limit)
-    except TraceFormatError as exc:
-        raise CLIError(f"malformed trace: {exc}") from None
-    except OSError as exc:
-        raise CLIError(f"cannot read trace {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise CLIError(f"invalid option for trace {path}: {exc}") from None
-    raise CLIError(f"TRACE must be a .jsonl (Mooncake) or .csv (Azure) file, got {str(path)!r}")
-
-
-def _num_requests(workload: Workload) -> int | None:
-    if isinstance(workload, SyntheticChat):
-        return workload.num_requests
-    if isinstance(workload, (MooncakeTrace, AzureTrace)):
-        return len(workload)
-    return None
+    print(json.dumps(document, allow_nan=False))
 
 
 @contextmanager

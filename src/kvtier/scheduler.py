@@ -8,31 +8,44 @@ Each ``step()`` fills one forward pass, in this order::
     2. prefill   requests part way through a chunked prefill get their next chunk
     3. admit     waiting requests, in arrival order, each credited with its lookup() reuse:
                  compute = min(prompt - reuse, chunk cap, budget left); then one two-phase
-                 add_sequence_batch admits them (claim mode), so the credit is exact and
+                 add_sequence_batch admits them, so the credit is exact and
                  num_scheduled_tokens <= max_num_tokens on every step
 
-``admission="probe"`` keeps the legacy loop (estimate every candidate with lookup, then
-admit one by one) only to measure the race: reuse lost between estimate and admission is
-computed anyway and counted as overflow, never hidden.
+The legacy estimate-then-admit loop (``admission="probe"``) exists only to measure the race
+and lives in the simulator (:class:`kvtier.sim.probe.ProbeScheduler`).
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, Literal, NamedTuple, get_args
 
 from kvtier.admission import PrefixMatch
-from kvtier.config import check_priority
 from kvtier.manager import KVCacheManager
+from kvtier.request import MAX_TOKEN_ID, Request, check_request
 from kvtier.sequence import SequenceSpec
 from kvtier.transfer.engine import TransferEngine
 from kvtier.transfer.plan import TransferOp, TransferPlan
 
-CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
-ADMISSIONS = ("claim", "probe")
+CapacityPolicy = Literal["guaranteed_no_evict", "max_utilization"]
+AdmissionMode = Literal["claim", "probe"]
+CAPACITY_POLICIES: tuple[CapacityPolicy, ...] = get_args(CapacityPolicy)
+ADMISSIONS: tuple[AdmissionMode, ...] = get_args(AdmissionMode)
+
+__all__ = [
+    "ADMISSIONS",
+    "CAPACITY_POLICIES",
+    "AdmissionMode",
+    "Candidate",
+    "CapacityPolicy",
+    "ContextChunk",
+    "Request",
+    "ScheduledStep",
+    "Scheduler",
+    "SchedulerConfig",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,20 +53,22 @@ class SchedulerConfig:
     """Budgets and policies of a :class:`Scheduler`.
 
     ``max_chunk_tokens`` caps one request's prefill chunk (``None``: the whole budget).
-    A waiting request skipped for ``max_skipped_steps`` steps stops later requests from
-    being admitted ahead of it, which bounds its wait.
+    A request that has waited ``max_wait_steps`` steps since it was queued stops later
+    requests from being admitted ahead of it, which bounds its wait. ``admission`` names
+    the scheduler class that runs it: ``claim`` (:class:`Scheduler`) or ``probe`` (the
+    simulator's race-measuring :class:`kvtier.sim.probe.ProbeScheduler`).
     """
 
     max_num_tokens: int = 8192
     max_batch_size: int = 256
     enable_chunked_prefill: bool = True
     max_chunk_tokens: int | None = None
-    capacity_policy: str = "guaranteed_no_evict"
-    admission: str = "claim"
-    max_skipped_steps: int = 64
+    capacity_policy: CapacityPolicy = "guaranteed_no_evict"
+    admission: AdmissionMode = "claim"
+    max_wait_steps: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_num_tokens", "max_batch_size", "max_skipped_steps"):
+        for name in ("max_num_tokens", "max_batch_size", "max_wait_steps"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -68,113 +83,6 @@ class SchedulerConfig:
         if type(self.enable_chunked_prefill) is not bool:
             raise ValueError(
                 f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
-
-
-MAX_TOKEN_ID = (1 << 63) - 1  # token ids are int64 (block hashing packs them)
-
-
-@dataclass(slots=True)
-class Request:
-    """A request as the scheduler tracks it. ``output`` holds the tokens sampled so far.
-
-    Every field is validated when the request is built and again by
-    :meth:`Scheduler.add_request` (a dataclass can be changed in between): ``prompt`` is a
-    non-empty sequence of token ids ``0 <= id < 2**63`` (any sequence but ``str``/``bytes``;
-    the request keeps a list copy, so changing the caller's list later has no effect),
-    ``max_output_tokens`` an int >= 1, ``arrival_s`` a finite number; ``salt``, ``lora_id``,
-    ``priority`` and ``retention_s`` as :class:`SequenceSpec` takes them. ``bool`` is never
-    taken for a number.
-    """
-
-    request_id: str
-    prompt: list[int]
-    max_output_tokens: int
-    arrival_s: float = 0.0
-    salt: bytes | str | int | None = None
-    lora_id: int | None = None
-    priority: int | None = None
-    retention_s: float | None = None
-    output: list[int] = field(default_factory=list)
-    num_prefill_tokens: int = 0  # tokens its current admission prefills
-    num_computed_tokens: int = 0
-    num_preemptions: int = 0
-
-    def __post_init__(self) -> None:
-        self.prompt, self.output = check_request(self)
-
-    @property
-    def tokens(self) -> list[int]:
-        """The prompt and the output so far (a new list). After a preemption this is what
-        the request prefills again."""
-        return self.prompt + self.output
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed_tokens < self.num_prefill_tokens
-
-
-def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> list[int]:
-    """A new list of the token ids in ``tokens``; ValueError naming ``what`` and the first
-    bad index unless it is a sequence (not ``str``/``bytes``) of ints in ``0..2**63-1``."""
-    if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Sequence):
-        raise ValueError(f"{what} must be a list of token ids, got {type(tokens).__name__}")
-    ids: list[int] = list(tokens)
-    if not ids:
-        if allow_empty:
-            return ids
-        raise ValueError(f"{what} must not be empty")
-    # NOTE: two C-level passes (types, then range) keep this cheap on long prompts; only a
-    # list that fails them is scanned in Python to name the offending index.
-    if set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) <= MAX_TOKEN_ID:
-        return ids
-    for index, token in enumerate(ids):
-        if type(token) is not int:
-            raise ValueError(f"{what}: token at index {index} must be an int, got {token!r}")
-        if not 0 <= token <= MAX_TOKEN_ID:
-            raise ValueError(f"{what}: token at index {index} must be in 0..2**63-1, "
-                             f"got {token}")
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _is_finite(value: object) -> bool:
-    """A finite int or float, never a bool (an int too large for a float is not finite)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def check_request(req: Request) -> tuple[list[int], list[int]]:
-    """Validate every field of ``req``; return copies of its prompt and output. Pure."""
-    rid = req.request_id
-    if type(rid) is not str or not rid:
-        raise ValueError(f"request_id must be a non-empty str, got {rid!r}")
-    what = f"request {rid!r}"
-    prompt = check_token_ids(req.prompt, f"prompt of {what}")
-    output = check_token_ids(req.output, f"output of {what}", allow_empty=True)
-    n = req.max_output_tokens
-    if type(n) is not int or n < 1:
-        raise ValueError(f"max_output_tokens of {rid!r} must be an integer >= 1, got {n!r}")
-    if not _is_finite(req.arrival_s):
-        raise ValueError(f"arrival_s of {what} must be a finite number, got {req.arrival_s!r}")
-    if req.salt is not None and (isinstance(req.salt, bool)
-                                 or not isinstance(req.salt, (bytes, str, int))):
-        raise ValueError(f"salt of {what} must be bytes, str, int or None, got {req.salt!r}")
-    if req.lora_id is not None and type(req.lora_id) is not int:
-        raise ValueError(f"lora_id of {what} must be an int or None, got {req.lora_id!r}")
-    if req.priority is not None:
-        check_priority(f"priority of {what}", req.priority)
-    r = req.retention_s
-    if r is not None and (not _is_finite(r) or r < 0):
-        raise ValueError(f"retention_s of {what} must be a finite number >= 0 or None, "
-                         f"got {r!r}")
-    for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
-        value = getattr(req, name)
-        if type(value) is not int or value < 0:
-            raise ValueError(f"{name} of {what} must be an integer >= 0, got {value!r}")
-    return prompt, output
 
 
 class ContextChunk(NamedTuple):
@@ -200,6 +108,24 @@ class ScheduledStep(NamedTuple):
     num_overflow_tokens: int  # tokens past max_num_tokens (probe mode only)
 
 
+class Candidate(NamedTuple):
+    """A waiting request to admit this step: ``spec`` is what it prefills, scheduled with
+    ``num_new_tokens`` past the ``num_credited_tokens`` that ``lookup`` promised."""
+
+    request: Request
+    spec: SequenceSpec
+    num_credited_tokens: int
+    num_new_tokens: int
+
+
+class Admitted(NamedTuple):
+    """What the admit phase of one step started: first chunks, credited and obtained reuse."""
+
+    chunks: list[ContextChunk]
+    num_credited_tokens: int
+    num_reused_tokens: int
+
+
 class _StepCollector:
     """Sits between the manager and the real engine; keeps this step's ops."""
 
@@ -218,11 +144,27 @@ class _StepCollector:
 
 
 class Scheduler:
-    """Admits, chunks, grows and preempts requests on top of a :class:`KVCacheManager`."""
+    """Admits, chunks, grows and preempts requests on top of a :class:`KVCacheManager`.
+
+    Contract: the scheduler owns ``waiting`` and ``running`` and each queued
+    :class:`Request`'s progress fields (``output``, ``num_*``); callers read them and change
+    them only through ``add_request``, ``update``, ``requeue_failed``, ``hold``/``release``.
+    Of the manager it calls only the public admission, growth and release API, between
+    ``begin_step`` and ``end_step``. A request is always in exactly one of ``waiting`` and
+    ``running`` until it finishes; a call that raises leaves both unchanged.
+    """
+
+    # The admission mode this class implements; SchedulerConfig.admission must match.
+    ADMISSION: ClassVar[AdmissionMode] = "claim"
 
     def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None) -> None:
+        config = config if config is not None else SchedulerConfig()
+        if config.admission != self.ADMISSION:
+            raise ValueError(f"{type(self).__name__} admits by {self.ADMISSION!r}, got "
+                             f"admission={config.admission!r} (probe admission is "
+                             "kvtier.sim.probe.ProbeScheduler)")
         self.manager = manager
-        self.config = config if config is not None else SchedulerConfig()
+        self.config = config
         self._collector = _StepCollector(manager.engine)
         manager.engine = self._collector
         self.waiting: deque[Request] = deque()
@@ -272,7 +214,7 @@ class Scheduler:
     def _spec_of(self, req: Request) -> SequenceSpec:
         """What ``req`` prefills when admitted: its prompt, and after a preemption the
         output so far. Raises ValueError (nothing changed) if the manager refuses it."""
-        tokens = req.tokens if req.output else req.prompt
+        tokens = tuple(req.tokens if req.output else req.prompt)
         return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
                             priority=req.priority, retention_s=req.retention_s)
 
@@ -353,16 +295,15 @@ class Scheduler:
             slots -= 1
 
         # 3. Admit waiting requests.
-        credited = reused = overflow = 0
+        credited = reused = 0
         if budget and slots and self.waiting:
-            admit = self._admit_claim if cfg.admission == "claim" else self._admit_probe
-            new_chunks, credited, reused, overflow = admit(budget, slots)
-            chunks += new_chunks
+            admitted = self.admit(budget, slots)
+            chunks += admitted.chunks
+            credited, reused = admitted.num_credited_tokens, admitted.num_reused_tokens
         num_tokens = len(decodes) + sum(c.num_tokens for c in chunks)
-        if cfg.admission == "claim":
-            assert num_tokens <= cfg.max_num_tokens, (num_tokens, cfg.max_num_tokens)
-        else:
-            overflow = max(0, num_tokens - cfg.max_num_tokens)
+        overflow = max(0, num_tokens - cfg.max_num_tokens)
+        # Exact credit (claim admission) never overflows; probe admission counts it.
+        assert not overflow or self.ADMISSION == "probe", (num_tokens, cfg.max_num_tokens)
         return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, self._collector.take(),
                              tuple(preempted), credited, reused, overflow)
 
@@ -378,12 +319,13 @@ class Scheduler:
         req.num_computed_tokens = req.num_prefill_tokens = 0
         self._enqueue(req, spec, first=True)
 
-    def _candidates(self, budget: int, slots: int) -> list[tuple[Request, list[int], int, int]]:
-        """Waiting requests to try, in order, with their credited reuse and first chunk.
+    def candidates(self, budget: int, slots: int) -> list[Candidate]:
+        """Waiting requests to try this step, in order, with their credited reuse and first
+        chunk. A query of the queue (it only refreshes the cached lookups).
 
         A request that fits no budget left is skipped, not waited on (no head-of-line
-        blocking), unless it was skipped ``max_skipped_steps`` times: then nothing behind it
-        is tried until it is admitted.
+        blocking), unless it has waited ``max_wait_steps`` steps: then nothing behind it is
+        tried until it is admitted.
         """
         cap = self._chunk_cap()
         tpb = self._tpb
@@ -406,83 +348,62 @@ class Scheduler:
             if n < compute and not self.config.enable_chunked_prefill:
                 n = 0
             blocks = -(-len(tokens) // tpb)
-            need = blocks - m.num_gpu_tokens // tpb + self._reserve(req, tokens)
+            reserve = self._reserve(req, tokens)
+            need = blocks - m.num_gpu_tokens // tpb + reserve
             if n > 0 and blocks <= footprint and need <= free:
-                out.append((req, tokens, m.num_tokens, n))
+                out.append(Candidate(req, spec.with_schedule(n, reserve), m.num_tokens, n))
                 budget -= n
                 slots -= 1
                 footprint -= blocks
                 free -= need
-            if self._num_steps - self._queued_at[req.request_id] > self.config.max_skipped_steps:
+            if self._num_steps - self._queued_at[req.request_id] > self.config.max_wait_steps:
                 break  # it has waited long enough: nobody behind it goes first
         return out
 
-    def _reserve(self, req: Request, tokens: list[int]) -> int:
+    def _reserve(self, req: Request, tokens: Sequence[int]) -> int:
         """Blocks to set aside for ``req``'s decode (guaranteed_no_evict only)."""
         if self.config.capacity_policy != "guaranteed_no_evict":
             return 0
         final = len(req.prompt) + req.max_output_tokens
         return -(-final // self._tpb) - -(-len(tokens) // self._tpb)
 
-    def _spec(self, req: Request, tokens: list[int], num_new: int) -> SequenceSpec:
-        return self._specs[req.request_id].with_schedule(num_new, self._reserve(req, tokens))
-
-    def _admit_claim(self, budget: int,
-                     slots: int) -> tuple[list[ContextChunk], int, int, int]:
-        """Admit with exact credit: lookups, then one two-phase batch. Budget that a
-        rejected request leaves (no blocks for it) goes to the next candidates, for a few
-        rounds."""
+    def admit(self, budget: int, slots: int) -> Admitted:
+        """Admit waiting requests within ``budget`` tokens and ``slots`` sequences, with
+        exact credit: lookups, then one two-phase batch. Budget that a rejected request
+        leaves (no blocks for it) goes to the next candidates, for a few rounds."""
         chunks: list[ContextChunk] = []
         credited = reused = 0
         rejected: set[str] = set()
         for _ in range(4):
-            candidates = [c for c in self._candidates(budget, slots)
-                          if c[0].request_id not in rejected]
+            candidates = [c for c in self.candidates(budget, slots)
+                          if c.request.request_id not in rejected]
             if not candidates:
                 break
-            specs = [self._spec(req, tokens, n) for req, tokens, _, n in candidates]
-            admissions = self.manager.add_sequence_batch(specs)
-            for (req, tokens, credit, n), adm in zip(candidates, admissions):
+            admissions = self.manager.add_sequence_batch([c.spec for c in candidates])
+            for cand, adm in zip(candidates, admissions, strict=True):
                 if not adm.admitted:
-                    rejected.add(req.request_id)
+                    rejected.add(cand.request.request_id)
                     continue
-                credited += credit
+                credited += cand.num_credited_tokens
                 reused += adm.num_reused_tokens
-                chunks.append(self._start(req, len(tokens), adm.num_reused_tokens, n))
-                budget -= n
+                chunks.append(self.start(cand, adm.num_reused_tokens, cand.num_new_tokens))
+                budget -= cand.num_new_tokens
                 slots -= 1
             if not rejected or budget == 0 or slots == 0:
                 break
-        return chunks, credited, reused, 0
+        return Admitted(chunks, credited, reused)
 
-    def _admit_probe(self, budget: int,
-                     slots: int) -> tuple[list[ContextChunk], int, int, int]:
-        candidates = self._candidates(budget, slots)
-        chunks: list[ContextChunk] = []
-        credited = reused = 0
-        for req, tokens, credit, n in candidates:
-            # Reuse lost since the estimate must be computed now: the chunk grows. (The
-            # manager admits one request exactly; the race is between these calls.)
-            now = self.manager.lookup_spec(self._specs[req.request_id]).num_tokens
-            n_actual = max(1, min(len(tokens) - now, n + credit - now))
-            adm = self.manager.add_sequence(self._spec(req, tokens, n_actual))
-            if not adm.admitted:
-                continue
-            assert adm.num_reused_tokens == now
-            credited += credit
-            reused += adm.num_reused_tokens
-            chunks.append(self._start(req, len(tokens), now, n_actual))
-        return chunks, credited, reused, 0
-
-    def _start(self, req: Request, num_prefill: int, num_reused: int,
-               num_tokens: int) -> ContextChunk:
+    def start(self, cand: Candidate, num_reused: int, num_tokens: int) -> ContextChunk:
+        """Move an admitted candidate from ``waiting`` to ``running``: its first chunk
+        computes ``num_tokens`` tokens past the ``num_reused`` the admission reused."""
+        req = cand.request
         self.waiting.remove(req)
         self._lookups.pop(req.request_id, None)
         del self._specs[req.request_id]
         del self._queued_at[req.request_id]
         self._held.discard(req.request_id)
         self.running[req.request_id] = req
-        req.num_prefill_tokens = num_prefill
+        req.num_prefill_tokens = len(cand.spec.tokens)
         req.num_computed_tokens = num_reused
         return ContextChunk(req.request_id, num_reused, num_tokens, num_reused)
 
@@ -543,16 +464,3 @@ class Scheduler:
         num = len(decodes) + sum(c.num_tokens for c in chunks)
         return step._replace(context_chunks=chunks, decode_request_ids=decodes,
                              num_scheduled_tokens=num)
-
-    def abort(self, request_ids: Iterable[str]) -> None:
-        """Drop requests wherever they are; their computed blocks stay cached."""
-        for rid in request_ids:
-            if rid in self.running:
-                self.manager.remove_sequence(rid)
-                del self.running[rid]
-            elif rid in self._specs:
-                self.waiting = deque(r for r in self.waiting if r.request_id != rid)
-                del self._specs[rid]
-                del self._queued_at[rid]
-                self._held.discard(rid)
-            self._lookups.pop(rid, None)

@@ -8,9 +8,11 @@ import json
 import pytest
 
 from kvtier.config import CacheConfig
+from kvtier.remote.store import FaultyRemoteStore, MemoryRemoteStore
 from kvtier.router import CacheAware
 from kvtier.sim import SyntheticChat
-from kvtier.sim.fleet import FleetReport, format_fleet_report, simulate_fleet
+from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
+from kvtier.sim.fleet_report import FleetReport, format_fleet_report
 
 NUM_INSTANCES = 4
 
@@ -117,3 +119,39 @@ def test_shared_remote_tier_lifts_round_robin() -> None:
     assert through.host_token_hit_rate > alone.host_token_hit_rate
     with pytest.raises(ValueError, match="remote must be None, 'write-back' or"):
         simulate_fleet(workload, cache, 2, remote="sometimes")
+
+
+def test_store_dying_mid_run_is_reported() -> None:
+    """A shared store that goes down half way: the fleet keeps serving (lookups miss,
+    writes fail) and the report counts the store's errors, in the table and the JSON."""
+    workload = SyntheticChat(num_requests=120, seed=0)
+    cache = CacheConfig(num_gpu_blocks=768, num_host_blocks=256)
+    store = FaultyRemoteStore(MemoryRemoteStore(stand_in_namespace(cache.tokens_per_block)))
+    finished = []
+
+    def progress(n: int) -> None:
+        finished.append(n)
+        if len(finished) == 60:
+            store.down = True  # the server dies
+
+    report = simulate_fleet(workload, cache, 2, "round-robin", progress=progress,
+                            remote="write-through", remote_store=store)
+    assert report.num_requests == 120
+    assert report.remote is not None
+    errors = report.remote["num_store_errors"]
+    assert isinstance(errors, int) and errors > 0
+    assert errors == store.stats.num_errors
+    assert report.remote["num_failed_puts"] == store.stats.num_failed_puts > 0
+    assert json.loads(json.dumps(report.to_dict()))["remote"]["num_store_errors"] == errors
+    row = next(r for r in format_fleet_report(report) if r.startswith("store"))
+    assert row.startswith(f"store       {errors:,} errors, 0 timeouts, "
+                          f"{store.stats.num_failed_puts:,} failed writes")
+
+
+def test_in_memory_shared_tier_reports_no_store_errors() -> None:
+    """The in-memory set has no store to fail: no error counters, no store row."""
+    report = simulate_fleet(SyntheticChat(num_requests=20, seed=0),
+                            CacheConfig(num_gpu_blocks=768, num_host_blocks=256), 2,
+                            "round-robin", remote="write-back")
+    assert report.remote is not None and "num_store_errors" not in report.remote
+    assert not any(r.startswith("store") for r in format_fleet_report(report))

@@ -1,20 +1,23 @@
 """The serving simulator: workloads (trace readers, synthetic chat), a step time model,
-oracles, the replay loop (:func:`simulate`) and its report."""
+oracles, the replay loop (:func:`simulate`, :class:`ReplayLoop`) and its report."""
 
 from __future__ import annotations
 
-from kvtier.sim.engine import SAMPLED_TOKEN_BASE, SimulationStalled, oracle_bounds, simulate
 from kvtier.sim.oracle import (
     OracleRequest,
     OracleResult,
     belady_hit_tokens,
     lru_hit_tokens,
+    oracle_bounds,
     oracle_requests,
     prefix_block_keys,
     unlimited_hit_tokens,
 )
+from kvtier.sim.probe import ProbeScheduler, make_scheduler
 from kvtier.sim.race import RaceWorkload
+from kvtier.sim.replay import SAMPLED_TOKEN_BASE, ReplayLoop, SimulationStalled, simulate
 from kvtier.sim.report import (
+    LoadEstimate,
     OracleBounds,
     SimReport,
     Summary,
@@ -32,13 +35,16 @@ __all__ = [
     "PROFILES",
     "SAMPLED_TOKEN_BASE",
     "AzureTrace",
+    "LoadEstimate",
     "ModelProfile",
     "MooncakeTrace",
     "OracleBounds",
     "OracleRequest",
     "OracleResult",
     "PrefixModel",
+    "ProbeScheduler",
     "RaceWorkload",
+    "ReplayLoop",
     "SessionBuilder",
     "SimReport",
     "SimulationStalled",
@@ -54,6 +60,7 @@ __all__ = [
     "format_sweep",
     "get_profile",
     "lru_hit_tokens",
+    "make_scheduler",
     "oracle_bounds",
     "oracle_requests",
     "percentile",

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from kvtier.config import CacheConfig
 from kvtier.events import BlockRemoved, BlockStored, Event
@@ -28,71 +28,11 @@ from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.store import BlockStoreBase
 from kvtier.router import CacheAware, InstanceLoad, Router, RoutingPolicy, make_policy
 from kvtier.scheduler import SchedulerConfig
-from kvtier.sim.engine import SimulationStalled, _fewer_gc_passes, _Loop, _time_model
-from kvtier.sim.report import SimReport, Summary
+from kvtier.sim.fleet_report import FleetReport, InstanceRun, fleet_report
+from kvtier.sim.replay import ReplayLoop, SimulationStalled, as_time_model, fewer_gc_passes
 from kvtier.sim.timemodel import ModelProfile, TimeModel
 from kvtier.sim.workload import TraceRequest, Workload
 from kvtier.storage import KVLayout
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceSummary:
-    """What one instance of the fleet served; hit rates are per prompt token."""
-
-    instance_id: str
-    num_routed: int
-    num_requests: int
-    num_prompt_tokens: int
-    num_reused_tokens: int
-    num_prefill_tokens: int  # prompt tokens computed, not reused
-    token_hit_rate: float
-    gpu_token_hit_rate: float
-    host_token_hit_rate: float
-    num_preemptions: int
-    ttft_s: Summary
-
-
-@dataclass(frozen=True, slots=True)
-class FleetReport:
-    """What :func:`simulate_fleet` measured. ``to_dict`` gives the JSON-ready form.
-
-    Balance is ``max / mean`` over instances (1.0 is perfect). ``max_excess_depth`` is the
-    largest ``chosen queue depth - least queue depth`` at any decision;
-    ``num_over_load_bound`` counts decisions past the cache-aware policy's bound (always 0
-    for it; for other policies the same bound is measured for comparison).
-    """
-
-    workload: dict[str, object]
-    router: dict[str, object]
-    num_instances: int
-    cache_config: dict[str, object]
-    scheduler_config: dict[str, object]
-    profile: dict[str, object]
-    time_scale: float
-    instances: list[InstanceSummary]
-    num_requests: int
-    num_rejected_too_large: int
-    num_prompt_tokens: int
-    num_reused_tokens: int
-    token_hit_rate: float
-    gpu_token_hit_rate: float
-    host_token_hit_rate: float
-    requests_max_over_mean: float
-    prefill_tokens_max_over_mean: float
-    max_excess_depth: int
-    num_over_load_bound: int
-    ttft_s: Summary
-    e2e_s: Summary
-    makespan_s: float
-    router_stats: dict[str, object]
-    events: dict[str, int]
-    wall_s: float
-    # With a shared remote tier: its write policy, and what instances looked up and imported.
-    remote: dict[str, object] | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready copy of the report. Pure."""
-        return asdict(self)
 
 
 class _SharedTier:
@@ -112,6 +52,16 @@ class _SharedTier:
         else:
             self.store.put_many(dict.fromkeys(hashes, self._value))
 
+    def store_errors(self) -> dict[str, int]:
+        """The real store's fault counters (nothing for the in-memory set): a store that
+        failed mid-run turned lookups into misses and writes into losses, and says so."""
+        if self.store is None:
+            return {}
+        stats = self.store.stats
+        return {"num_store_errors": stats.num_errors, "num_store_timeouts": stats.num_timeouts,
+                "num_failed_puts": stats.num_failed_puts,
+                "num_short_circuited": stats.num_short_circuited}
+
     def run_length(self, hashes: list[int]) -> int:
         """How many of ``hashes``, from the first, the tier holds."""
         present = self.hashes if self.store is None else self.store.contains_many(hashes)
@@ -129,7 +79,7 @@ def stand_in_namespace(tokens_per_block: int) -> RemoteNamespace:
 class _Instance:
     """One engine: a replay loop whose events wait, stamped, until the fleet clock passes."""
 
-    def __init__(self, instance_id: str, loop: _Loop, remote: _SharedTier | None = None,
+    def __init__(self, instance_id: str, loop: ReplayLoop, remote: _SharedTier | None = None,
                  write_through: bool = False) -> None:
         self.instance_id = instance_id
         self.loop = loop
@@ -137,7 +87,6 @@ class _Instance:
         self.written = (BlockStored, BlockRemoved) if write_through else (BlockRemoved,)
         self.pending: deque[tuple[float, list[Event]]] = deque()
         self.next_seq = 0  # one past the last event drained
-        self.num_steps = 0
         self.num_routed = 0
 
     def queue_depth(self) -> int:
@@ -153,7 +102,7 @@ class _Instance:
     def advance_to(self, t: float) -> None:
         loop = self.loop
         while loop.scheduler.has_unfinished() and loop.now_s < t:
-            if not loop._step():
+            if not loop.step():
                 break  # nothing can be scheduled until an arrival
             self._collect()
         loop.now_s = max(loop.now_s, t)
@@ -161,15 +110,11 @@ class _Instance:
     def finish(self) -> None:
         loop = self.loop
         while loop.scheduler.has_unfinished():
-            if not loop._step():
-                raise SimulationStalled(f"instance {self.instance_id}: {loop._stall_message()}")
+            if not loop.step():
+                raise SimulationStalled(f"instance {self.instance_id}: {loop.stall_message()}")
             self._collect()
 
     def _collect(self) -> None:
-        self.num_steps += 1
-        check_every = self.loop.check_every
-        if check_every is not None and self.num_steps % check_every == 0:
-            self.loop.manager.check_invariants()
         events = self.loop.manager.drain_events()
         if self.remote is not None:
             # Write-back: a block that leaves this instance's last tier goes to the shared
@@ -222,7 +167,7 @@ def simulate_fleet(
             0 < time_scale < float("inf")):
         raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
     sched = sched if sched is not None else SchedulerConfig()
-    model = _time_model(profile)
+    model = as_time_model(profile)
     policy = make_policy(policy) if isinstance(policy, str) else policy
     cache = replace(cache, enable_events=True)
 
@@ -235,7 +180,8 @@ def simulate_fleet(
         raise ValueError("remote_store needs a remote write policy")
     shared = _SharedTier(remote_store) if remote else None
     remote_stats = {"num_lookups": 0, "num_hit_blocks": 0, "num_imported_blocks": 0}
-    instances = [_Instance(f"i{k}", _Loop(cache, sched, model, time_scale, progress, check_every),
+    instances = [_Instance(f"i{k}", ReplayLoop(cache, sched, model, time_scale, progress,
+                                               check_every),
                            shared, remote == "write-through")
                  for k in range(num_instances)]
     by_id = {inst.instance_id: inst for inst in instances}
@@ -246,7 +192,7 @@ def simulate_fleet(
     max_excess = num_over = 0
 
     wall_start = time.perf_counter()
-    with _fewer_gc_passes():
+    with fewer_gc_passes():
         for request in workload:
             t = request.arrival_s * time_scale
             for inst in instances:
@@ -263,7 +209,7 @@ def simulate_fleet(
             chosen.num_routed += 1
             if shared is not None:
                 _fetch_remote(chosen, request, shared, remote_stats)
-            _arrive(chosen, request)
+            chosen.loop.arrive(request)
         for inst in instances:
             inst.finish()
     wall_s = time.perf_counter() - wall_start
@@ -277,9 +223,12 @@ def simulate_fleet(
     events = {"num_published": bus.num_published, "num_dropped": subscriber.num_dropped,
               "num_gaps": tracker.num_gaps, "num_resyncs": tracker.num_resyncs,
               "num_index_inconsistent": router.index.num_inconsistent}
-    report = _report(workload, instances, router, policy, sched, model, time_scale,
-                     max_excess, num_over, events, wall_s)
-    return replace(report, remote={"policy": remote, **remote_stats}) if remote else report
+    runs = [InstanceRun(inst.instance_id, inst.num_routed, inst.loop) for inst in instances]
+    report = fleet_report(workload, runs, router, policy, sched, model, time_scale,
+                          max_excess, num_over, events, wall_s)
+    if shared is None:
+        return report
+    return replace(report, remote={"policy": remote, **remote_stats, **shared.store_errors()})
 
 
 def _fetch_remote(inst: _Instance, request: TraceRequest, shared: _SharedTier,
@@ -292,110 +241,3 @@ def _fetch_remote(inst: _Instance, request: TraceRequest, shared: _SharedTier,
     if found:
         stats["num_hit_blocks"] += found
         stats["num_imported_blocks"] += len(manager.import_blocks(request.prompt, found))
-
-
-def _arrive(inst: _Instance, request: TraceRequest) -> None:
-    loop = inst.loop
-    config = loop.manager.config
-    loop._arrive(request, config.tokens_per_block, config.num_gpu_blocks)
-
-
-def _max_over_mean(values: Sequence[int]) -> float:
-    mean = sum(values) / len(values)
-    return max(values) / mean if mean else 1.0
-
-
-def _report(workload: Workload, instances: list[_Instance], router: Router,
-            policy: RoutingPolicy, sched: SchedulerConfig, model: TimeModel, time_scale: float,
-            max_excess: int, num_over: int, events: dict[str, int], wall_s: float) -> FleetReport:
-    summaries: list[InstanceSummary] = []
-    reports: list[SimReport] = []
-    ttfts: list[float] = []
-    e2es: list[float] = []
-    for inst in instances:
-        inst.loop.num_steps = inst.num_steps
-        r = inst.loop.report(workload, wall_s)
-        reports.append(r)
-        ttfts += inst.loop.ttfts
-        e2es += inst.loop.e2es
-        summaries.append(InstanceSummary(
-            inst.instance_id, inst.num_routed, r.num_requests, r.num_prompt_tokens,
-            r.num_reused_tokens, r.num_prompt_tokens - r.num_reused_tokens, r.token_hit_rate,
-            r.gpu_token_hit_rate, r.host_token_hit_rate, r.num_preemptions, r.ttft_s))
-    num_prompt = sum(r.num_prompt_tokens for r in reports)
-    num_reused = sum(r.num_reused_tokens for r in reports)
-
-    def share(n: int) -> float:
-        return n / num_prompt if num_prompt else 0.0
-
-    starts = [inst.loop.first_arrival_s for inst in instances
-              if inst.loop.first_arrival_s is not None]
-    makespan_s = max(inst.loop.last_finish_s for inst in instances) - min(starts, default=0.0)
-    router_info: dict[str, object] = {"policy": policy.name}
-    if isinstance(policy, CacheAware):
-        router_info.update(alpha=policy.alpha, host_weight=policy.host_weight,
-                           load_factor=policy.load_factor, load_slack=policy.load_slack)
-    return FleetReport(
-        workload=workload.describe(),
-        router=router_info,
-        num_instances=len(instances),
-        cache_config=reports[0].cache_config,
-        scheduler_config=asdict(sched),
-        profile=asdict(model.profile),
-        time_scale=float(time_scale),
-        instances=summaries,
-        num_requests=sum(r.num_requests for r in reports),
-        num_rejected_too_large=sum(r.num_rejected_too_large for r in reports),
-        num_prompt_tokens=num_prompt,
-        num_reused_tokens=num_reused,
-        token_hit_rate=share(num_reused),
-        gpu_token_hit_rate=share(sum(r.num_gpu_hit_tokens for r in reports)),
-        host_token_hit_rate=share(sum(r.num_host_hit_tokens for r in reports)),
-        requests_max_over_mean=_max_over_mean([s.num_routed for s in summaries]),
-        prefill_tokens_max_over_mean=_max_over_mean([s.num_prefill_tokens for s in summaries]),
-        max_excess_depth=max_excess,
-        num_over_load_bound=num_over,
-        ttft_s=Summary.of(ttfts),
-        e2e_s=Summary.of(e2es),
-        makespan_s=makespan_s,
-        router_stats=router.stats.to_dict(),
-        events=events,
-        wall_s=wall_s,
-    )
-
-
-def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 1e3:.1f} ms"
-
-
-def format_fleet_report(report: FleetReport) -> list[str]:
-    """The human table of one fleet simulation, one string per line. Pure."""
-    r = report
-    ttft = r.ttft_s
-    lines = [
-        f"workload    {r.workload.get('name')}, {r.num_instances} instances, router "
-        f"{r.router['policy']}, time scale {r.time_scale:g}",
-        f"requests    {r.num_requests:,} finished, {r.num_rejected_too_large:,} too large",
-        f"hit rate    {r.token_hit_rate:.4f} of {r.num_prompt_tokens:,} prompt tokens: GPU "
-        f"{r.gpu_token_hit_rate:.4f}, host {r.host_token_hit_rate:.4f}",
-        f"balance     requests max/mean {r.requests_max_over_mean:.2f}, prefill tokens "
-        f"max/mean {r.prefill_tokens_max_over_mean:.2f}, worst excess depth "
-        f"{r.max_excess_depth}, {r.num_over_load_bound} over the load bound",
-        f"TTFT        p50 {_ms(ttft.p50)}, p90 {_ms(ttft.p90)}, p99 {_ms(ttft.p99)} (virtual)",
-        f"events      {r.events['num_published']:,} published, {r.events['num_gaps']} gaps, "
-        f"{r.events['num_resyncs']} resyncs",
-    ]
-    if r.remote is not None:
-        lines.append(f"remote      {r.remote['policy']}: {r.remote['num_hit_blocks']:,} blocks "
-                     f"found for {r.remote['num_lookups']:,} arrivals, "
-                     f"{r.remote['num_imported_blocks']:,} imported to host tiers")
-    lines += [
-        "",
-        f"{'instance':<9}{'routed':>8}{'hit rate':>10}{'GPU':>8}{'host':>8}"
-        f"{'prefill tok':>13}{'TTFT p50':>11}{'TTFT p99':>11}",
-    ]
-    for s in r.instances:
-        lines.append(f"{s.instance_id:<9}{s.num_routed:>8,}{s.token_hit_rate:>10.4f}"
-                     f"{s.gpu_token_hit_rate:>8.4f}{s.host_token_hit_rate:>8.4f}"
-                     f"{s.num_prefill_tokens:>13,}{_ms(s.ttft_s.p50):>11}{_ms(s.ttft_s.p99):>11}")
-    return lines

@@ -26,7 +26,8 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
-from kvtier.sim.workload import TraceRequest
+from kvtier.sim.report import OracleBounds
+from kvtier.sim.workload import TraceRequest, Workload
 
 
 class OracleRequest(NamedTuple):
@@ -205,3 +206,25 @@ def lru_hit_tokens(
         for key in reversed(keys):
             lru.move_to_end(key)
     return OracleResult(num_hit_tokens, num_tokens, num_hit_blocks, num_requests)
+
+
+def oracle_bounds(workload: Workload, tokens_per_block: int,
+                  capacities: Iterable[int]) -> list[OracleBounds]:
+    """Unlimited and Belady hit rates of ``workload`` for each capacity in blocks. Pure.
+
+    A workload with an ``oracle_requests(tokens_per_block)`` method (a Mooncake trace) gives
+    its block keys without building prompts; others are hashed prompt by prompt.
+    """
+    method = getattr(workload, "oracle_requests", None)
+    source: Iterable[OracleRequest]
+    if callable(method):
+        source = method(tokens_per_block)
+    else:
+        source = oracle_requests(workload, tokens_per_block)
+    requests = list(source)
+    unlimited = unlimited_hit_tokens(requests, tokens_per_block).hit_rate
+    return [
+        OracleBounds(tokens_per_block, capacity, unlimited,
+                     belady_hit_tokens(requests, capacity, tokens_per_block).hit_rate)
+        for capacity in capacities
+    ]

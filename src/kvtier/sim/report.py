@@ -56,6 +56,58 @@ class OracleBounds:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadEstimate:
+    """Offered work against capacity, from the time model.
+
+    ``busy_s`` is the virtual time the instances spent in steps, ``arrival_span_s`` the time
+    from the first arrival to the last (after the time scale). ``utilization`` is
+    ``busy_s / (arrival_span_s x num_instances)`` (``None`` when every request arrives at
+    once): past 1.0 the arrivals bring more work per second than the instances serve, so
+    queues grow for the whole trace and latencies measure queueing. Then
+    ``sustainable_time_scale`` (the current scale x utilization) and
+    ``sustainable_instances`` are where the same work would fit; they are lower bounds,
+    since an overloaded step batches more work than a lightly loaded one.
+    """
+
+    busy_s: float
+    arrival_span_s: float
+    num_instances: int
+    utilization: float | None
+    overloaded: bool
+    sustainable_time_scale: float | None
+    sustainable_instances: int | None
+
+
+def estimate_load(busy_s: float, arrival_span_s: float, time_scale: float,
+                  num_instances: int = 1) -> LoadEstimate:
+    """The :class:`LoadEstimate` of a replay that kept ``num_instances`` busy ``busy_s``
+    virtual seconds over arrivals spanning ``arrival_span_s``. Pure."""
+    if arrival_span_s <= 0:
+        return LoadEstimate(busy_s, arrival_span_s, num_instances, None, False, None, None)
+    utilization = busy_s / (arrival_span_s * num_instances)
+    if utilization <= 1.0:
+        return LoadEstimate(busy_s, arrival_span_s, num_instances, utilization, False, None,
+                            None)
+    return LoadEstimate(busy_s, arrival_span_s, num_instances, utilization, True,
+                        time_scale * utilization, math.ceil(busy_s / arrival_span_s))
+
+
+def load_text(load: LoadEstimate, time_scale: float) -> str:
+    """The table's one line on load: the utilization, or what an overload would need."""
+    if load.utilization is None:
+        return f"every request arrives at once; busy {_seconds(load.busy_s)}"
+    share = (f"{load.utilization:.2f} x what {load.num_instances} instance"
+             f"{'s' if load.num_instances > 1 else ''} can serve")
+    if not load.overloaded:
+        return (f"{share} (busy {_seconds(load.busy_s)} over {_seconds(load.arrival_span_s)} "
+                "of arrivals)")
+    assert load.sustainable_time_scale is not None
+    return (f"OVERLOADED: arrivals bring {share}, so latencies are mostly queueing; "
+            f"sustainable from at least --time-scale {load.sustainable_time_scale:.3g} (now "
+            f"{time_scale:g}) or --instances {load.sustainable_instances}")
+
+
+@dataclass(frozen=True, slots=True)
 class SimReport:
     """What :func:`kvtier.sim.simulate` measured. ``to_dict`` gives the JSON-ready form.
 
@@ -65,7 +117,8 @@ class SimReport:
     ``credited`` is what the scheduler counted on when it filled the budget, ``obtained``
     what the admissions got; ``num_lost_reuse_tokens`` sums, step by step, credit that was
     not obtained (the probe-mode race). ``gpu`` and ``host`` are the manager's per-tier
-    block counters (hit rates per block, onboarded, offloaded, evicted).
+    block counters (hit rates per block, onboarded, offloaded, evicted). ``load`` says
+    whether the arrivals exceed what the instance can serve (:class:`LoadEstimate`).
     """
 
     workload: dict[str, object]
@@ -107,6 +160,7 @@ class SimReport:
     bytes_h2d: int
     bytes_d2h: int
     cpu: dict[str, float | None]
+    load: LoadEstimate
     oracle: OracleBounds | None = None
 
     def to_dict(self) -> dict[str, object]:
@@ -168,6 +222,7 @@ def format_report(report: SimReport) -> list[str]:
         ("E2E", f"p50 {_seconds(e2e.p50)}, p90 {_seconds(e2e.p90)}, p99 {_seconds(e2e.p99)}"),
         ("throughput", f"{r.throughput_tokens_per_s:,.0f} tokens/s, {r.requests_per_s:.2f} "
                        f"requests/s over {_seconds(r.makespan_s)}"),
+        ("load", load_text(r.load, r.time_scale)),
         ("transfers", f"onboarded {r.num_onboarded_blocks:,} blocks ({_gib(r.bytes_h2d)}), "
                       f"offloaded {r.num_offloaded_blocks:,} ({_gib(r.bytes_d2h)}); evicted "
                       f"GPU {r.num_evicted_gpu_blocks:,}, host {r.num_evicted_host_blocks:,}"),

@@ -7,13 +7,17 @@ only) and build token lists lazily, one request at a time, when iterated.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from _csv import Reader as _CsvReader
 
 from kvtier.sim.oracle import OracleRequest
 from kvtier.sim.synthetic import PrefixModel, SessionBuilder
@@ -21,6 +25,11 @@ from kvtier.sim.workload import TraceRequest
 
 MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_PREFIX_MODEL = PrefixModel()
+# NOTE: a request longer than this could never fit a GPU pool the CLI accepts, and its
+# prompt alone would take gigabytes to build: refused when the trace is read, by line.
+MAX_REQUEST_TOKENS = 1 << 24
+# Hash id h stands for token ids h*512 .. h*512+511, which must stay int64.
+MAX_HASH_ID = (1 << 63) // MOONCAKE_BLOCK_TOKENS - 1
 
 
 class TraceFormatError(ValueError):
@@ -147,10 +156,15 @@ class MooncakeTrace:
     def _parse(self) -> list[_MooncakeRecord]:
         records: list[_MooncakeRecord] = []
         previous_ms: float = 0.0
-        with self.path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
+        with self.path.open("rb") as f:
+            for line_number, raw in enumerate(f, start=1):
                 if self.limit is not None and len(records) >= self.limit:
                     break
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise TraceFormatError(self.path, line_number, "<text>",
+                                           "not UTF-8 text: not a Mooncake JSONL line") from None
                 if not line.strip():
                     continue
                 rec = self._parse_line(line, line_number)
@@ -171,6 +185,8 @@ class MooncakeTrace:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise fail("<json>", f"malformed JSON: {exc.msg}") from None
+        except RecursionError:
+            raise fail("<json>", "nested too deeply: not a Mooncake record") from None
         if not isinstance(obj, dict):
             raise fail("<json>", f"expected an object, got {type(obj).__name__}")
         for field in ("timestamp", "input_length", "output_length", "hash_ids"):
@@ -191,12 +207,16 @@ class MooncakeTrace:
                 raise fail(field, f"expected an integer, got {value!r}")
             if value < (1 if field == "input_length" else 0):
                 raise fail(field, f"length must not be negative or empty, got {value}")
+            if value > MAX_REQUEST_TOKENS:
+                raise fail(field, f"{value} tokens is more than the {MAX_REQUEST_TOKENS} "
+                           "a request may have")
             lengths.append(value)
         hash_ids = obj["hash_ids"]
         if not isinstance(hash_ids, list) or not all(
-            type(h) is int and h >= 0 for h in hash_ids
+            type(h) is int and 0 <= h <= MAX_HASH_ID for h in hash_ids
         ):
-            raise fail("hash_ids", "expected a list of integers >= 0")
+            raise fail("hash_ids", f"expected a list of integers in 0..{MAX_HASH_ID} (2**54 - 1: "
+                       "token ids h*512.. must stay below 2**63)")
         expected = -(-lengths[0] // MOONCAKE_BLOCK_TOKENS)
         if len(hash_ids) != expected:
             raise fail(
@@ -290,54 +310,71 @@ class AzureTrace:
         }
 
     def _parse(self) -> list[_AzureRecord]:
+        try:
+            text = self.path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceFormatError(self.path, 1, "<text>",
+                                   f"not UTF-8 text (byte {exc.start}): not an Azure CSV "
+                                   "trace") from None
+        if "\0" in text:
+            line_number = text.count("\n", 0, text.index("\0")) + 1
+            raise TraceFormatError(self.path, line_number, "<text>",
+                                   "contains a NUL byte: not an Azure CSV trace")
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            return self._parse_rows(reader)
+        except csv.Error as exc:
+            raise TraceFormatError(self.path, reader.line_num, "<row>", str(exc)) from None
+
+    def _parse_rows(self, reader: _CsvReader) -> list[_AzureRecord]:
         records: list[_AzureRecord] = []
-        with self.path.open(encoding="utf-8", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None or tuple(h.strip() for h in header) != _AZURE_COLUMNS:
+        header = next(reader, None)
+        if header is None:
+            return records  # an empty file: no requests, as an empty Mooncake trace
+        if tuple(h.strip() for h in header) != _AZURE_COLUMNS:
+            raise TraceFormatError(
+                self.path, 1, "<header>", f"expected columns {_AZURE_COLUMNS}, got {header}"
+            )
+        first: datetime | None = None
+        previous_s = 0.0
+        for row in reader:
+            line_number = reader.line_num
+            if self.limit is not None and len(records) >= self.limit:
+                break
+            if not row:
+                continue
+            if len(row) != len(_AZURE_COLUMNS):
                 raise TraceFormatError(
-                    self.path, 1, "<header>", f"expected columns {_AZURE_COLUMNS}, got {header}"
+                    self.path, line_number, "<row>",
+                    f"expected {len(_AZURE_COLUMNS)} columns, got {len(row)}",
                 )
-            first: datetime | None = None
-            previous_s = 0.0
-            for row in reader:
-                line_number = reader.line_num
-                if self.limit is not None and len(records) >= self.limit:
-                    break
-                if not row:
-                    continue
-                if len(row) != len(_AZURE_COLUMNS):
-                    raise TraceFormatError(
-                        self.path, line_number, "<row>",
-                        f"expected {len(_AZURE_COLUMNS)} columns, got {len(row)}",
-                    )
+            try:
+                moment = _parse_azure_timestamp(row[0])
+            except ValueError as exc:
+                raise TraceFormatError(
+                    self.path, line_number, "TIMESTAMP", f"{row[0]!r}: {exc}"
+                ) from None
+            first = moment if first is None else first
+            arrival_s = (moment - first).total_seconds()
+            if arrival_s < previous_s:
+                raise TraceFormatError(
+                    self.path, line_number, "TIMESTAMP",
+                    f"{row[0]!r} is earlier than the previous row",
+                )
+            previous_s = arrival_s
+            lengths = []
+            for column, text, minimum in zip(_AZURE_COLUMNS[1:], row[1:], (1, 0), strict=True):
                 try:
-                    moment = _parse_azure_timestamp(row[0])
-                except ValueError as exc:
+                    value = int(text.strip())
+                except ValueError:
                     raise TraceFormatError(
-                        self.path, line_number, "TIMESTAMP", f"{row[0]!r}: {exc}"
+                        self.path, line_number, column, f"expected an integer, got {text!r}"
                     ) from None
-                first = moment if first is None else first
-                arrival_s = (moment - first).total_seconds()
-                if arrival_s < previous_s:
+                if not minimum <= value <= MAX_REQUEST_TOKENS:
                     raise TraceFormatError(
-                        self.path, line_number, "TIMESTAMP",
-                        f"{row[0]!r} is earlier than the previous row",
+                        self.path, line_number, column,
+                        f"must be an integer in {minimum}..{MAX_REQUEST_TOKENS}, got {value}",
                     )
-                previous_s = arrival_s
-                lengths = []
-                for column, text, minimum in zip(_AZURE_COLUMNS[1:], row[1:], (1, 0), strict=True):
-                    try:
-                        value = int(text.strip())
-                    except ValueError:
-                        raise TraceFormatError(
-                            self.path, line_number, column, f"expected an integer, got {text!r}"
-                        ) from None
-                    if value < minimum:
-                        raise TraceFormatError(
-                            self.path, line_number, column,
-                            f"must be an integer >= {minimum}, got {value}",
-                        )
-                    lengths.append(value)
-                records.append(_AzureRecord(arrival_s, lengths[0], lengths[1]))
+                lengths.append(value)
+            records.append(_AzureRecord(arrival_s, lengths[0], lengths[1]))
         return records

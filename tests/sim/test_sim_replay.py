@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -259,3 +263,39 @@ def test_simulate_rejects_bad_arguments(kwargs: dict[str, object], message: str)
     """Bad arguments raise ValueError naming the argument and the value."""
     with pytest.raises(ValueError, match=message):
         simulate(SyntheticChat(num_requests=1), CacheConfig(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_whole_conversation_trace_is_overloaded(trace_file: Callable[[str], Path]) -> None:
+    """The whole Mooncake conversation trace at time scale 1 is more than one instance
+    serves (TTFT p50 of minutes): its load says so from the first 2,000 requests on."""
+    report = simulate(MooncakeTrace(trace_file("mooncake_conversation_trace.jsonl"),
+                                    limit=2000),
+                      CacheConfig(num_gpu_blocks=16384), SchedulerConfig())
+    assert report.load.overloaded and report.load.sustainable_instances is not None
+    assert report.load.sustainable_time_scale is not None
+    assert report.load.sustainable_time_scale > 1
+
+
+def replay_json(hash_seed: str, *args: str) -> dict[str, object]:
+    """``kvtier replay args`` in a fresh interpreter with ``PYTHONHASHSEED``; its JSON line
+    without the real-time fields (``cpu``, ``wall_s``)."""
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    done = subprocess.run([sys.executable, "-m", "kvtier", "replay", "--no-progress", *args],
+                          capture_output=True, text=True, check=True, timeout=300, env=env)
+    document: dict[str, object] = json.loads(done.stdout.splitlines()[-1])
+    document.pop("cpu", None)
+    document.pop("wall_s", None)
+    return document
+
+
+@pytest.mark.parametrize("args", [
+    ("--limit", "80", "--gpu-blocks", "384", "--host-blocks", "256", "--capacity-policy",
+     "max_utilization", "--max-num-tokens", "2048"),
+    ("--limit", "80", "--gpu-blocks", "512", "--host-blocks", "256", "--instances", "3",
+     "--remote", "write-back", "--hash-algo", "sha256"),
+])
+def test_results_do_not_depend_on_the_hash_seed(args: tuple[str, ...]) -> None:
+    """Two interpreters with different PYTHONHASHSEED give the same report, field by field
+    (set or dict iteration in hash order must never decide a result)."""
+    first, second = replay_json("0", *args), replay_json("4242", *args)
+    assert first == second

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from itertools import count
@@ -25,14 +25,11 @@ from itertools import count
 from kvtier.config import CacheConfig
 from kvtier.manager import KVCacheManager
 from kvtier.radix import Tier
-from kvtier.scheduler import Request, Scheduler, SchedulerConfig
-from kvtier.sim.oracle import (
-    OracleRequest,
-    belady_hit_tokens,
-    oracle_requests,
-    unlimited_hit_tokens,
-)
-from kvtier.sim.report import OracleBounds, SimReport, Summary
+from kvtier.request import Request
+from kvtier.scheduler import SchedulerConfig
+from kvtier.sim.oracle import oracle_bounds
+from kvtier.sim.probe import make_scheduler
+from kvtier.sim.report import SimReport, Summary, estimate_load
 from kvtier.sim.timemodel import ModelProfile, TimeModel, get_profile
 from kvtier.sim.workload import TraceRequest, Workload
 from kvtier.transfer.plan import OpKind, TransferPlan
@@ -79,16 +76,16 @@ def simulate(
     :class:`SimulationStalled` if waiting requests can never be admitted.
     """
     sched = sched if sched is not None else SchedulerConfig()
-    model = _time_model(profile)
+    model = as_time_model(profile)
     if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not (
             0 < time_scale < float("inf")):
         raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
     if check_every is not None and (type(check_every) is not int or check_every < 1):
         raise ValueError(f"check_every must be an integer >= 1 or None, got {check_every!r}")
 
-    loop = _Loop(cache, sched, model, time_scale, progress, check_every)
+    loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every)
     wall_start = time.perf_counter()
-    with _fewer_gc_passes():
+    with fewer_gc_passes():
         loop.run(iter(workload))
     wall_s = time.perf_counter() - wall_start
     report = loop.report(workload, wall_s)
@@ -99,30 +96,8 @@ def simulate(
     return report
 
 
-def oracle_bounds(workload: Workload, tokens_per_block: int,
-                  capacities: Iterable[int]) -> list[OracleBounds]:
-    """Unlimited and Belady hit rates of ``workload`` for each capacity in blocks. Pure.
-
-    A workload with an ``oracle_requests(tokens_per_block)`` method (a Mooncake trace) gives
-    its block keys without building prompts; others are hashed prompt by prompt.
-    """
-    method = getattr(workload, "oracle_requests", None)
-    source: Iterable[OracleRequest]
-    if callable(method):
-        source = method(tokens_per_block)
-    else:
-        source = oracle_requests(workload, tokens_per_block)
-    requests = list(source)
-    unlimited = unlimited_hit_tokens(requests, tokens_per_block).hit_rate
-    return [
-        OracleBounds(tokens_per_block, capacity, unlimited,
-                     belady_hit_tokens(requests, capacity, tokens_per_block).hit_rate)
-        for capacity in capacities
-    ]
-
-
 @contextmanager
-def _fewer_gc_passes() -> Iterator[None]:
+def fewer_gc_passes() -> Iterator[None]:
     """Raise the cyclic collector's thresholds for the duration of a replay.
 
     NOTE: a replay keeps millions of long-lived objects (the cached tree, its runs and
@@ -138,7 +113,8 @@ def _fewer_gc_passes() -> Iterator[None]:
         gc.set_threshold(*thresholds)
 
 
-def _time_model(profile: ModelProfile | TimeModel | str) -> TimeModel:
+def as_time_model(profile: ModelProfile | TimeModel | str) -> TimeModel:
+    """``profile`` as a time model: a registered profile name, a profile, or a model."""
     if isinstance(profile, TimeModel):
         return profile
     if isinstance(profile, str):
@@ -146,15 +122,22 @@ def _time_model(profile: ModelProfile | TimeModel | str) -> TimeModel:
     return TimeModel(profile)
 
 
-class _Loop:
-    """The state of one replay: the scheduler, the virtual clock and the books it keeps."""
+class ReplayLoop:
+    """One engine instance under replay: a manager, a scheduler, a virtual clock and the
+    books of what it served.
+
+    Contract: ``arrive`` queues a request (or counts it as too large), ``step`` runs one
+    forward pass and advances ``now_s`` by its modelled duration, ``run`` drives a whole
+    request stream; ``now_s`` may also be moved forward by the caller (an idle instance's
+    clock jumping to the next arrival), never back. ``report`` is a query.
+    """
 
     def __init__(self, cache: CacheConfig, sched: SchedulerConfig, model: TimeModel,
                  time_scale: float, progress: Callable[[int], object] | None,
                  check_every: int | None) -> None:
         self.now_s = 0.0
         self.manager = KVCacheManager(cache, _NullEngine(), clock=lambda: self.now_s)
-        self.scheduler = Scheduler(self.manager, sched)
+        self.scheduler = make_scheduler(self.manager, sched)
         self.sched = sched
         self.model = model
         self.time_scale = time_scale
@@ -175,36 +158,33 @@ class _Loop:
         self.num_scheduled = self.num_overflow_steps = self.num_overflow = 0
         self.max_overflow = self.num_preemptions = 0
         self.num_host_hit_tokens = self.bytes_h2d = self.bytes_d2h = 0
+        self.num_steps = 0
+        self.busy_s = 0.0  # virtual time spent in steps
+        self.last_arrival_s = 0.0
 
     def run(self, requests: Iterator[TraceRequest]) -> None:
+        """Serve ``requests`` (in arrival order) to the end; see the module docstring."""
         scheduler = self.scheduler
         scale = self.time_scale
-        tpb = self.manager.config.tokens_per_block
-        capacity = self.manager.config.num_gpu_blocks
         upcoming = next(requests, None)
-        num_steps = 0
         while True:
             while upcoming is not None and upcoming.arrival_s * scale <= self.now_s:
-                self._arrive(upcoming, tpb, capacity)
+                self.arrive(upcoming)
                 upcoming = next(requests, None)
             if not scheduler.has_unfinished():
                 if upcoming is None:
                     break
                 self.now_s = max(self.now_s, upcoming.arrival_s * scale)
                 continue
-            if not self._step():
+            if not self.step():
                 # Nothing could be scheduled now; only an arrival can change that.
                 if upcoming is None:
-                    raise SimulationStalled(self._stall_message())
+                    raise SimulationStalled(self.stall_message())
                 self.now_s = max(self.now_s, upcoming.arrival_s * scale)
-                continue
-            num_steps += 1
-            if self.check_every is not None and num_steps % self.check_every == 0:
-                self.manager.check_invariants()
-        self.num_steps = num_steps
         self.manager.check_invariants()
 
-    def _stall_message(self) -> str:
+    def stall_message(self) -> str:
+        """Why nothing can be scheduled: the queues and the first waiting request. Pure."""
         scheduler = self.scheduler
         head = scheduler.waiting[0] if scheduler.waiting else None
         text = (f"the scheduler made no progress at t={self.now_s:.3f} s with "
@@ -217,14 +197,19 @@ class _Loop:
         return (f"{text}; the first waiting, {head.request_id!r}, needs {num_blocks} of "
                 f"{config.num_gpu_blocks} GPU blocks")
 
-    def _arrive(self, request: TraceRequest, tpb: int, capacity: int) -> None:
+    def arrive(self, request: TraceRequest) -> None:
+        """Queue ``request`` at its (scaled) arrival time, or count it as too large for the
+        GPU pool. Raises ValueError if the scheduler refuses it for another reason."""
+        config = self.manager.config
         arrival_s = request.arrival_s * self.time_scale
         if self.first_arrival_s is None:
             self.first_arrival_s = arrival_s
+        self.last_arrival_s = arrival_s
         max_output = max(1, request.output_length)
         # The scheduler refuses these too (ValueError); checked here so that only they are
         # skipped and any other refusal still raises.
-        if -(-(len(request.prompt) + max_output) // tpb) > capacity:
+        num_blocks = -(-(len(request.prompt) + max_output) // config.tokens_per_block)
+        if num_blocks > config.num_gpu_blocks:
             self.num_rejected += 1
             if self.progress is not None:
                 self.progress(1)
@@ -233,8 +218,9 @@ class _Loop:
         self.scheduler.add_request(req)
         self.live[req.request_id] = req
 
-    def _step(self) -> bool:
-        """Run one step; False if it scheduled nothing (the clock did not move)."""
+    def step(self) -> bool:
+        """Run one step; False if it scheduled nothing (the clock did not move). Runs
+        ``check_invariants`` every ``check_every`` steps."""
         scheduler = self.scheduler
         live = self.live
         t0 = time.perf_counter()
@@ -259,7 +245,9 @@ class _Loop:
         cpu_s += time.perf_counter() - t0
         num_decode = len(step.decode_request_ids)
         bytes_h2d, bytes_d2h = self._transfers(step.transfer_plan)
-        self.now_s += self.model.step_seconds(num_prefill, num_decode, bytes_h2d, bytes_d2h)
+        step_s = self.model.step_seconds(num_prefill, num_decode, bytes_h2d, bytes_d2h)
+        self.now_s += step_s
+        self.busy_s += step_s
 
         self.step_cpu_s.append(cpu_s)
         if step.num_scheduled_tokens >= FULL_STEP_SHARE * self.sched.max_num_tokens:
@@ -287,7 +275,12 @@ class _Loop:
             self.last_finish_s = self.now_s
             if self.progress is not None:
                 self.progress(1)
-        return num_prefill > 0 or num_decode > 0
+        if num_prefill == 0 and num_decode == 0:
+            return False
+        self.num_steps += 1
+        if self.check_every is not None and self.num_steps % self.check_every == 0:
+            self.manager.check_invariants()
+        return True
 
     def _transfers(self, plan: TransferPlan) -> tuple[int, int]:
         """Bytes H2D (onboards, copies from a host block) and D2H (offloads) of a plan."""
@@ -304,6 +297,7 @@ class _Loop:
         return h2d * kv, d2h * kv
 
     def report(self, workload: Workload, wall_s: float) -> SimReport:
+        """What this loop measured, as a report. A query."""
         stats = self.manager.stats
         num_prompt = stats.num_prompt_tokens
         num_reused = stats.num_reused_tokens
@@ -370,6 +364,8 @@ class _Loop:
             bytes_h2d=self.bytes_h2d,
             bytes_d2h=self.bytes_d2h,
             cpu=cpu,
+            load=estimate_load(self.busy_s, self.last_arrival_s - (self.first_arrival_s or 0.0),
+                               float(self.time_scale)),
         )
 
 

@@ -1,0 +1,134 @@
+"""The options every ``kvtier`` command shares, and the argparse types that check them."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from kvtier.cli_workload import WORKLOADS
+from kvtier.config import HASH_ALGOS, CacheConfig
+from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
+from kvtier.sim import PROFILES
+
+_CACHE = CacheConfig()
+_SCHED = SchedulerConfig()
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Workload, cache policy, scheduler, time model and output options of every command."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("trace", metavar="TRACE", nargs="?", type=Path,
+                   help="a .jsonl (Mooncake) or .csv (Azure) trace; default: --workload")
+    p.add_argument("--workload", choices=WORKLOADS, default="synthetic-chat",
+                   help="the built-in workload when no TRACE is given: seeded multi-turn chat, "
+                   "or 'race', sized from the cache options to provoke the admission race "
+                   "(S1 at scale; needs --host-blocks) (default: %(default)s)")
+    p.add_argument("--limit", metavar="N", type=int_in(1),
+                   help="replay only the first N requests")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic workload and of Azure prefixes (default: 0)")
+    p.add_argument("--time-scale", metavar="X", type=positive_float, default=1.0,
+                   help="multiply arrival times by X; > 1 lowers the load (default: 1)")
+    p.add_argument("--tokens-per-block", metavar="N", type=int, default=_CACHE.tokens_per_block,
+                   help="tokens per KV block, a power of two (default: %(default)s)")
+    p.add_argument("--no-partial-reuse", action="store_true", help="reuse full blocks only")
+    p.add_argument("--no-copy-on-partial-reuse", action="store_true",
+                   help="reuse a partial block only in place, never by copying it")
+    p.add_argument("--offload-min-priority", metavar="P", type=int,
+                   default=_CACHE.offload_min_priority,
+                   help="evicted GPU blocks of at least this priority (0..100) go to the host "
+                   "tier (default: %(default)s)")
+    p.add_argument("--hash-algo", choices=HASH_ALGOS, default=_CACHE.hash_algo,
+                   help="block hash (default: %(default)s)")
+    p.add_argument("--max-num-tokens", metavar="N", type=int, default=_SCHED.max_num_tokens,
+                   help="token budget of one step (default: %(default)s)")
+    p.add_argument("--max-batch-size", metavar="N", type=int, default=_SCHED.max_batch_size,
+                   help="requests in one step (default: %(default)s)")
+    p.add_argument("--no-chunked-prefill", action="store_true",
+                   help="prefill each prompt in one step")
+    p.add_argument("--max-chunk-tokens", metavar="N", type=int,
+                   help="cap one request's prefill chunk (default: the step budget)")
+    p.add_argument("--max-wait-steps", metavar="N", type=int_in(1),
+                   default=_SCHED.max_wait_steps,
+                   help="a waiting request stops later ones from being admitted ahead of it "
+                   "once it has waited this many steps (default: %(default)s)")
+    p.add_argument("--capacity-policy", choices=CAPACITY_POLICIES, default=_SCHED.capacity_policy,
+                   help="reserve decode blocks up front, or admit more and preempt "
+                   "(default: %(default)s)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="llama3-8b-h100",
+                   help="time model profile (default: %(default)s)")
+    p.add_argument("--set-profile", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one profile constant, e.g. pcie_bytes_per_s=2.5e10 "
+                   "(repeatable)")
+    p.add_argument("--json", metavar="FILE", type=Path,
+                   help="also write the full report to FILE as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def admission_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admission", choices=ADMISSIONS, default=_SCHED.admission,
+                        help="claim: exact two-phase credit; probe: the legacy racy loop "
+                        "(default: %(default)s)")
+
+
+def oracle_option(parser: argparse.ArgumentParser, default: bool) -> None:
+    parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=default,
+                        help="add the unlimited and Belady hit rates for the same capacity "
+                        f"(default: {'on' if default else 'off'})")
+
+
+def int_in(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers in ``minimum..maximum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def int_list(minimum: int) -> Callable[[str], list[int]]:
+    """An argparse ``type`` accepting comma-separated integers >= ``minimum``."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, got {text!r}") from None
+        if any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type`` accepting finite numbers."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value

@@ -1,0 +1,58 @@
+"""``--profile NAME --set-profile KEY=VALUE ...``: a time model profile with overrides."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import fields
+
+from kvtier.cli_error import CLIError
+from kvtier.sim import ModelProfile, get_profile
+
+
+def make_profile(name: str, assignments: Sequence[str]) -> ModelProfile:
+    """Profile ``name`` with each ``KEY=VALUE`` applied, parsed by the field's type.
+
+    Raises :class:`CLIError` naming the assignment for an unknown key, a value of the wrong
+    type, a value that is not finite, or one the profile refuses.
+    """
+    types = {f.name: str(f.type) for f in fields(ModelProfile) if f.name != "name"}
+    overrides: dict[str, object] = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise CLIError(f"--set-profile expects KEY=VALUE, got {item!r}")
+        if key not in types:
+            raise CLIError(f"--set-profile: unknown profile constant {key!r}; "
+                           f"known: {', '.join(sorted(types))}")
+        overrides[key] = parse_constant(key, types[key], text)
+    try:
+        return get_profile(name, **overrides)
+    except ValueError as exc:
+        raise CLIError(f"invalid profile: {exc}") from None
+
+
+def parse_constant(key: str, type_name: str, text: str) -> bool | int | float:
+    """``text`` as the value of profile field ``key`` of type ``type_name``."""
+    if type_name == "bool":
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise CLIError(f"--set-profile {key}: expected true or false, got {text!r}")
+    kind = "an integer" if type_name == "int" else "a number"
+    try:
+        number = float(text)
+    except ValueError:
+        raise CLIError(f"--set-profile {key}: expected {kind}, got {text!r}") from None
+    if not math.isfinite(number):
+        raise CLIError(f"--set-profile {key}: expected a finite number, got {text!r}")
+    if type_name != "int":
+        return number
+    try:
+        return int(text)
+    except ValueError:
+        if not number.is_integer():
+            raise CLIError(f"--set-profile {key}: expected an integer, got {text!r}") from None
+        return int(number)  # written as a float: 1e6, 131072.0

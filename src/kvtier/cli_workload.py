@@ -1,0 +1,71 @@
+"""The workload of a ``kvtier`` command: a trace file or a built-in workload, opened and
+checked before anything is simulated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvtier.cli_error import CLIError
+from kvtier.config import CacheConfig
+from kvtier.sim import (
+    AzureTrace,
+    MooncakeTrace,
+    RaceWorkload,
+    SyntheticChat,
+    TraceFormatError,
+    Workload,
+)
+
+WORKLOADS = ("synthetic-chat", "race")
+
+
+def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | None,
+                  cache: CacheConfig, max_num_tokens: int) -> Workload:
+    """The trace at ``trace`` (``.jsonl`` Mooncake, ``.csv`` Azure), else the built-in
+    ``workload``. Raises :class:`CLIError` in one sentence for an unreadable, malformed or
+    empty trace (an empty ``.jsonl`` and an empty ``.csv`` alike: no requests)."""
+    try:
+        if trace is None:
+            if workload == "race":
+                return RaceWorkload(cache, max_num_tokens=max_num_tokens)
+            if limit is None:
+                return SyntheticChat(seed=seed)
+            return SyntheticChat(num_requests=limit, seed=seed)
+        suffix = trace.suffix.lower()
+        opened: MooncakeTrace | AzureTrace
+        if suffix == ".jsonl":
+            opened = MooncakeTrace(trace, tokens_per_block=cache.tokens_per_block, limit=limit)
+        elif suffix == ".csv":
+            opened = AzureTrace(trace, seed=seed, limit=limit)
+        else:
+            raise CLIError(f"TRACE must be a .jsonl (Mooncake) or .csv (Azure) file, "
+                           f"got {str(trace)!r}")
+    except TraceFormatError as exc:
+        raise CLIError(f"malformed trace: {exc}") from None
+    except OSError as exc:
+        raise CLIError(f"cannot read trace {trace}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CLIError(f"invalid option for trace {trace}: {exc}") from None
+    if len(opened) == 0:
+        raise CLIError(f"no requests in {trace}")
+    return opened
+
+
+def num_requests(workload: Workload) -> int | None:
+    """How many requests ``workload`` yields, where that is known without building them."""
+    if isinstance(workload, SyntheticChat):
+        return workload.num_requests
+    if isinstance(workload, (MooncakeTrace, AzureTrace)):
+        return len(workload)
+    return None
+
+
+def check_outputs(trace: Path | None, **outputs: Path | None) -> None:
+    """Refuse an output file (``--json``, ``--plot``) that is the input trace: writing it
+    would destroy the trace. Paths are compared resolved (symlinks, ``..``)."""
+    if trace is None:
+        return
+    source = trace.resolve()
+    for option, path in outputs.items():
+        if path is not None and path.resolve() == source:
+            raise CLIError(f"--{option} {path} is the input trace; choose another file")

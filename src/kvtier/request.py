@@ -1,0 +1,115 @@
+"""What the scheduler tracks of one request: :class:`Request`, validated field by field."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvtier.config import check_priority
+
+MAX_TOKEN_ID = (1 << 63) - 1  # token ids are int64 (block hashing packs them)
+
+
+@dataclass(slots=True)
+class Request:
+    """A request as the scheduler tracks it. ``output`` holds the tokens sampled so far.
+
+    Every field is validated when the request is built and again by
+    :meth:`Scheduler.add_request` (a dataclass can be changed in between): ``prompt`` is a
+    non-empty sequence of token ids ``0 <= id < 2**63`` (any sequence but ``str``/``bytes``;
+    the request keeps a list copy, so changing the caller's list later has no effect),
+    ``max_output_tokens`` an int >= 1, ``arrival_s`` a finite number; ``salt``, ``lora_id``,
+    ``priority`` and ``retention_s`` as :class:`SequenceSpec` takes them. ``bool`` is never
+    taken for a number.
+    """
+
+    request_id: str
+    prompt: list[int]
+    max_output_tokens: int
+    arrival_s: float = 0.0
+    salt: bytes | str | int | None = None
+    lora_id: int | None = None
+    priority: int | None = None
+    retention_s: float | None = None
+    output: list[int] = field(default_factory=list)
+    num_prefill_tokens: int = 0  # tokens its current admission prefills
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.prompt, self.output = check_request(self)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The prompt and the output so far (a new list). After a preemption this is what
+        the request prefills again."""
+        return self.prompt + self.output
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed_tokens < self.num_prefill_tokens
+
+
+def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> list[int]:
+    """A new list of the token ids in ``tokens``; ValueError naming ``what`` and the first
+    bad index unless it is a sequence (not ``str``/``bytes``) of ints in ``0..2**63-1``."""
+    if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Sequence):
+        raise ValueError(f"{what} must be a list of token ids, got {type(tokens).__name__}")
+    ids: list[int] = list(tokens)
+    if not ids:
+        if allow_empty:
+            return ids
+        raise ValueError(f"{what} must not be empty")
+    # NOTE: two C-level passes (types, then range) keep this cheap on long prompts; only a
+    # list that fails them is scanned in Python to name the offending index.
+    if set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) <= MAX_TOKEN_ID:
+        return ids
+    for index, token in enumerate(ids):
+        if type(token) is not int:
+            raise ValueError(f"{what}: token at index {index} must be an int, got {token!r}")
+        if not 0 <= token <= MAX_TOKEN_ID:
+            raise ValueError(f"{what}: token at index {index} must be in 0..2**63-1, "
+                             f"got {token}")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _is_finite(value: object) -> bool:
+    """A finite int or float, never a bool (an int too large for a float is not finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def check_request(req: Request) -> tuple[list[int], list[int]]:
+    """Validate every field of ``req``; return copies of its prompt and output. Pure."""
+    rid = req.request_id
+    if type(rid) is not str or not rid:
+        raise ValueError(f"request_id must be a non-empty str, got {rid!r}")
+    what = f"request {rid!r}"
+    prompt = check_token_ids(req.prompt, f"prompt of {what}")
+    output = check_token_ids(req.output, f"output of {what}", allow_empty=True)
+    n = req.max_output_tokens
+    if type(n) is not int or n < 1:
+        raise ValueError(f"max_output_tokens of {rid!r} must be an integer >= 1, got {n!r}")
+    if not _is_finite(req.arrival_s):
+        raise ValueError(f"arrival_s of {what} must be a finite number, got {req.arrival_s!r}")
+    if req.salt is not None and (isinstance(req.salt, bool)
+                                 or not isinstance(req.salt, (bytes, str, int))):
+        raise ValueError(f"salt of {what} must be bytes, str, int or None, got {req.salt!r}")
+    if req.lora_id is not None and type(req.lora_id) is not int:
+        raise ValueError(f"lora_id of {what} must be an int or None, got {req.lora_id!r}")
+    if req.priority is not None:
+        check_priority(f"priority of {what}", req.priority)
+    r = req.retention_s
+    if r is not None and (not _is_finite(r) or r < 0):
+        raise ValueError(f"retention_s of {what} must be a finite number >= 0 or None, "
+                         f"got {r!r}")
+    for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
+        value = getattr(req, name)
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{name} of {what} must be an integer >= 0, got {value!r}")
+    return prompt, output

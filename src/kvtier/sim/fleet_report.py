@@ -1,0 +1,198 @@
+"""What :func:`kvtier.sim.fleet.simulate_fleet` measured: per instance and for the fleet."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+from kvtier.router import CacheAware, Router, RoutingPolicy
+from kvtier.scheduler import SchedulerConfig
+from kvtier.sim.replay import ReplayLoop
+from kvtier.sim.report import LoadEstimate, SimReport, Summary, estimate_load, load_text
+from kvtier.sim.timemodel import TimeModel
+from kvtier.sim.workload import Workload
+
+
+class InstanceRun(NamedTuple):
+    """One instance of a finished fleet replay: its id, requests routed to it, its loop."""
+
+    instance_id: str
+    num_routed: int
+    loop: ReplayLoop
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSummary:
+    """What one instance of the fleet served; hit rates are per prompt token."""
+
+    instance_id: str
+    num_routed: int
+    num_requests: int
+    num_prompt_tokens: int
+    num_reused_tokens: int
+    num_prefill_tokens: int  # prompt tokens computed, not reused
+    token_hit_rate: float
+    gpu_token_hit_rate: float
+    host_token_hit_rate: float
+    num_preemptions: int
+    ttft_s: Summary
+
+
+@dataclass(frozen=True, slots=True)
+class FleetReport:
+    """What :func:`simulate_fleet` measured. ``to_dict`` gives the JSON-ready form.
+
+    Balance is ``max / mean`` over instances (1.0 is perfect). ``max_excess_depth`` is the
+    largest ``chosen queue depth - least queue depth`` at any decision;
+    ``num_over_load_bound`` counts decisions past the cache-aware policy's bound (always 0
+    for it; for other policies the same bound is measured for comparison). ``load`` sets
+    the work the instances did against the arrival span (:class:`LoadEstimate`).
+    ``remote`` (with a shared tier) counts lookups, hits and imports, and with a real store
+    its errors, timeouts, failed writes and skipped batches.
+    """
+
+    workload: dict[str, object]
+    router: dict[str, object]
+    num_instances: int
+    cache_config: dict[str, object]
+    scheduler_config: dict[str, object]
+    profile: dict[str, object]
+    time_scale: float
+    instances: list[InstanceSummary]
+    num_requests: int
+    num_rejected_too_large: int
+    num_prompt_tokens: int
+    num_reused_tokens: int
+    token_hit_rate: float
+    gpu_token_hit_rate: float
+    host_token_hit_rate: float
+    requests_max_over_mean: float
+    prefill_tokens_max_over_mean: float
+    max_excess_depth: int
+    num_over_load_bound: int
+    ttft_s: Summary
+    e2e_s: Summary
+    makespan_s: float
+    router_stats: dict[str, object]
+    events: dict[str, int]
+    wall_s: float
+    load: LoadEstimate
+    # With a shared remote tier: its write policy, and what instances looked up and imported.
+    remote: dict[str, object] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready copy of the report. Pure."""
+        return asdict(self)
+
+
+def _max_over_mean(values: Sequence[int]) -> float:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean else 1.0
+
+
+def fleet_report(workload: Workload, instances: list[InstanceRun], router: Router,
+                 policy: RoutingPolicy, sched: SchedulerConfig, model: TimeModel,
+                 time_scale: float, max_excess: int, num_over: int, events: dict[str, int],
+                 wall_s: float) -> FleetReport:
+    """The report of a finished fleet replay. A query of the instances' loops."""
+    summaries: list[InstanceSummary] = []
+    reports: list[SimReport] = []
+    ttfts: list[float] = []
+    e2es: list[float] = []
+    for inst in instances:
+        r = inst.loop.report(workload, wall_s)
+        reports.append(r)
+        ttfts += inst.loop.ttfts
+        e2es += inst.loop.e2es
+        summaries.append(InstanceSummary(
+            inst.instance_id, inst.num_routed, r.num_requests, r.num_prompt_tokens,
+            r.num_reused_tokens, r.num_prompt_tokens - r.num_reused_tokens, r.token_hit_rate,
+            r.gpu_token_hit_rate, r.host_token_hit_rate, r.num_preemptions, r.ttft_s))
+    num_prompt = sum(r.num_prompt_tokens for r in reports)
+    num_reused = sum(r.num_reused_tokens for r in reports)
+
+    def share(n: int) -> float:
+        return n / num_prompt if num_prompt else 0.0
+
+    starts = [inst.loop.first_arrival_s for inst in instances
+              if inst.loop.first_arrival_s is not None]
+    span_s = max(inst.loop.last_arrival_s for inst in instances) - min(starts, default=0.0)
+    load = estimate_load(sum(inst.loop.busy_s for inst in instances), span_s,
+                         float(time_scale), len(instances))
+    makespan_s = max(inst.loop.last_finish_s for inst in instances) - min(starts, default=0.0)
+    router_info: dict[str, object] = {"policy": policy.name}
+    if isinstance(policy, CacheAware):
+        router_info.update(alpha=policy.alpha, host_weight=policy.host_weight,
+                           load_factor=policy.load_factor, load_slack=policy.load_slack)
+    return FleetReport(
+        workload=workload.describe(),
+        router=router_info,
+        num_instances=len(instances),
+        cache_config=reports[0].cache_config,
+        scheduler_config=asdict(sched),
+        profile=asdict(model.profile),
+        time_scale=float(time_scale),
+        instances=summaries,
+        num_requests=sum(r.num_requests for r in reports),
+        num_rejected_too_large=sum(r.num_rejected_too_large for r in reports),
+        num_prompt_tokens=num_prompt,
+        num_reused_tokens=num_reused,
+        token_hit_rate=share(num_reused),
+        gpu_token_hit_rate=share(sum(r.num_gpu_hit_tokens for r in reports)),
+        host_token_hit_rate=share(sum(r.num_host_hit_tokens for r in reports)),
+        requests_max_over_mean=_max_over_mean([s.num_routed for s in summaries]),
+        prefill_tokens_max_over_mean=_max_over_mean([s.num_prefill_tokens for s in summaries]),
+        max_excess_depth=max_excess,
+        num_over_load_bound=num_over,
+        ttft_s=Summary.of(ttfts),
+        e2e_s=Summary.of(e2es),
+        makespan_s=makespan_s,
+        router_stats=router.stats.to_dict(),
+        events=events,
+        wall_s=wall_s,
+        load=load,
+    )
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1e3:.1f} ms"
+
+
+def format_fleet_report(report: FleetReport) -> list[str]:
+    """The human table of one fleet simulation, one string per line. Pure."""
+    r = report
+    ttft = r.ttft_s
+    lines = [
+        f"workload    {r.workload.get('name')}, {r.num_instances} instances, router "
+        f"{r.router['policy']}, time scale {r.time_scale:g}",
+        f"requests    {r.num_requests:,} finished, {r.num_rejected_too_large:,} too large",
+        f"hit rate    {r.token_hit_rate:.4f} of {r.num_prompt_tokens:,} prompt tokens: GPU "
+        f"{r.gpu_token_hit_rate:.4f}, host {r.host_token_hit_rate:.4f}",
+        f"balance     requests max/mean {r.requests_max_over_mean:.2f}, prefill tokens "
+        f"max/mean {r.prefill_tokens_max_over_mean:.2f}, worst excess depth "
+        f"{r.max_excess_depth}, {r.num_over_load_bound} over the load bound",
+        f"TTFT        p50 {_ms(ttft.p50)}, p90 {_ms(ttft.p90)}, p99 {_ms(ttft.p99)} (virtual)",
+        f"events      {r.events['num_published']:,} published, {r.events['num_gaps']} gaps, "
+        f"{r.events['num_resyncs']} resyncs",
+    ]
+    lines.append(f"load        {load_text(r.load, r.time_scale)}")
+    if r.remote is not None:
+        lines.append(f"remote      {r.remote['policy']}: {r.remote['num_hit_blocks']:,} blocks "
+                     f"found for {r.remote['num_lookups']:,} arrivals, "
+                     f"{r.remote['num_imported_blocks']:,} imported to host tiers")
+        if "num_store_errors" in r.remote:
+            lines.append(f"store       {r.remote['num_store_errors']:,} errors, "
+                         f"{r.remote['num_store_timeouts']:,} timeouts, "
+                         f"{r.remote['num_failed_puts']:,} failed writes, "
+                         f"{r.remote['num_short_circuited']:,} batches skipped (breaker open)")
+    lines += [
+        "",
+        f"{'instance':<9}{'routed':>8}{'hit rate':>10}{'GPU':>8}{'host':>8}"
+        f"{'prefill tok':>13}{'TTFT p50':>11}{'TTFT p99':>11}",
+    ]
+    for s in r.instances:
+        lines.append(f"{s.instance_id:<9}{s.num_routed:>8,}{s.token_hit_rate:>10.4f}"
+                     f"{s.gpu_token_hit_rate:>8.4f}{s.host_token_hit_rate:>8.4f}"
+                     f"{s.num_prefill_tokens:>13,}{_ms(s.ttft_s.p50):>11}{_ms(s.ttft_s.p99):>11}")
+    return lines
