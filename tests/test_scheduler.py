@@ -344,14 +344,18 @@ def test_prompt_is_copied_when_queued() -> None:
         ({"max_output_tokens": 0}, "max_output_tokens of 'r' must be an integer >= 1, got 0"),
         ({"arrival_s": float("nan")}, "arrival_s of request 'r' must be a finite number"),
         ({"arrival_s": True}, "arrival_s of request 'r' must be a finite number, got True"),
-        ({"salt": True}, "salt of request 'r' must be bytes, str, int or None, got True"),
-        ({"salt": 1.5}, "salt of request 'r' must be bytes, str, int or None"),
-        ({"lora_id": True}, "lora_id of request 'r' must be an int or None, got True"),
+        ({"salt": True}, "salt of request 'r' must be bytes, str, int .* got True"),
+        ({"salt": 1.5}, r"salt of request 'r' must be bytes, str, int \(\|salt\| < 2\*\*128\)"),
+        ({"salt": 2**128}, r"salt of request 'r' must be bytes, str, int"),
+        ({"salt": "s" * 4097}, "salt of request 'r' must be at most 4096 long, got 4097"),
+        ({"lora_id": True}, r"lora_id of request 'r' must be an int in 0\.\.2\*\*63-1 or None"),
+        ({"lora_id": -1}, r"lora_id of request 'r' must be an int in 0\.\.2\*\*63-1 or None"),
         ({"priority": 101}, r"priority of request 'r' must be an integer in 0\.\.100"),
         ({"priority": False}, r"priority of request 'r' must be an integer in 0\.\.100"),
-        ({"retention_s": 10**400}, "retention_s of request 'r' must be a finite number >= 0"),
-        ({"retention_s": -1.0}, "retention_s of request 'r' must be a finite number >= 0"),
-        ({"retention_s": True}, "retention_s of request 'r' must be a finite number >= 0"),
+        ({"retention_s": 10**400}, "retention_s of request 'r' must be a finite number in"),
+        ({"retention_s": -1.0}, "retention_s of request 'r' must be a finite number in"),
+        ({"retention_s": 1e10}, r"number in 0\.\.1e\+09 or None, got 10000000000\.0"),
+        ({"retention_s": True}, "retention_s of request 'r' must be a finite number in"),
         ({"request_id": ""}, "request_id must be a non-empty str, got ''"),
     ],
 )
@@ -368,6 +372,15 @@ def test_every_request_field_is_validated(fields: dict[str, Any], message: str) 
     with pytest.raises(ValueError, match=message):
         s.add_request(req)
     assert not s.has_unfinished() and s.step().num_scheduled_tokens == 0
+
+
+@pytest.mark.parametrize("junk", [None, "q", ("q", [1, 2], 2)])
+def test_add_request_takes_a_request_only(junk: object) -> None:
+    """Anything but a Request is a TypeError naming what was given; nothing is queued."""
+    s = make_scheduler()
+    with pytest.raises(TypeError, match=f"add_request takes a Request, got {type(junk).__name__}"):
+        s.add_request(junk)  # type: ignore[arg-type]
+    assert not s.has_unfinished()
 
 
 def test_update_with_a_missing_token_changes_nothing() -> None:

@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 
 from kvtier.config import check_priority
 
+# NOTE: the same bounds as SequenceSpec's, checked here so that a Request is refused when
+# it is built, naming the request, not when the scheduler first admits it.
 MAX_TOKEN_ID = (1 << 63) - 1  # token ids are int64 (block hashing packs them)
+MAX_KEY_INT = 1 << 128  # |int salt|
+MAX_KEY_LEN = 4096  # str / bytes salt
+MAX_RETENTION_S = 1e9
 
 
 @dataclass(slots=True)
@@ -20,8 +25,9 @@ class Request:
     non-empty sequence of token ids ``0 <= id < 2**63`` (any sequence but ``str``/``bytes``;
     the request keeps a list copy, so changing the caller's list later has no effect),
     ``max_output_tokens`` an int >= 1, ``arrival_s`` a finite number; ``salt``, ``lora_id``,
-    ``priority`` and ``retention_s`` as :class:`SequenceSpec` takes them. ``bool`` is never
-    taken for a number.
+    ``priority`` and ``retention_s`` as :class:`SequenceSpec` takes them (an int salt below
+    2**128 in magnitude or a str / bytes one of at most 4096; ``lora_id`` in 0..2**63-1;
+    ``retention_s`` in 0..1e9 seconds). ``bool`` is never taken for a number.
     """
 
     request_id: str
@@ -84,6 +90,20 @@ def _is_finite(value: object) -> bool:
         return False
 
 
+def _check_salt(salt: object, what: str) -> None:
+    if salt is None:
+        return
+    if type(salt) is int:
+        if -MAX_KEY_INT < salt < MAX_KEY_INT:
+            return
+    elif isinstance(salt, (bytes, str)):
+        if len(salt) <= MAX_KEY_LEN:
+            return
+        raise ValueError(f"salt of {what} must be at most {MAX_KEY_LEN} long, got {len(salt)}")
+    raise ValueError(f"salt of {what} must be bytes, str, int (|salt| < 2**128) or None, "
+                     f"got {salt!r}")
+
+
 def check_request(req: Request) -> tuple[list[int], list[int]]:
     """Validate every field of ``req``; return copies of its prompt and output. Pure."""
     rid = req.request_id
@@ -97,17 +117,17 @@ def check_request(req: Request) -> tuple[list[int], list[int]]:
         raise ValueError(f"max_output_tokens of {rid!r} must be an integer >= 1, got {n!r}")
     if not _is_finite(req.arrival_s):
         raise ValueError(f"arrival_s of {what} must be a finite number, got {req.arrival_s!r}")
-    if req.salt is not None and (isinstance(req.salt, bool)
-                                 or not isinstance(req.salt, (bytes, str, int))):
-        raise ValueError(f"salt of {what} must be bytes, str, int or None, got {req.salt!r}")
-    if req.lora_id is not None and type(req.lora_id) is not int:
-        raise ValueError(f"lora_id of {what} must be an int or None, got {req.lora_id!r}")
+    _check_salt(req.salt, what)
+    lora = req.lora_id
+    if lora is not None and (type(lora) is not int or not 0 <= lora <= MAX_TOKEN_ID):
+        raise ValueError(f"lora_id of {what} must be an int in 0..2**63-1 or None, "
+                         f"got {lora!r}")
     if req.priority is not None:
         check_priority(f"priority of {what}", req.priority)
     r = req.retention_s
-    if r is not None and (not _is_finite(r) or r < 0):
-        raise ValueError(f"retention_s of {what} must be a finite number >= 0 or None, "
-                         f"got {r!r}")
+    if r is not None and (not _is_finite(r) or not 0 <= r <= MAX_RETENTION_S):
+        raise ValueError(f"retention_s of {what} must be a finite number in "
+                         f"0..{MAX_RETENTION_S:g} or None, got {r!r}")
     for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
         value = getattr(req, name)
         if type(value) is not int or value < 0:

@@ -232,6 +232,8 @@ class Scheduler:
         """Queue a request; raises ValueError, queueing nothing, if a field is invalid (see
         :class:`Request`), its id is already queued or running, or it could never fit the
         GPU pool."""
+        if not isinstance(req, Request):
+            raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
         prompt, output = check_request(req)
         rid = req.request_id
         if rid in self.running or rid in self._specs:
