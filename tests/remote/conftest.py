@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from remote_helpers import PrivateRedis, RedisServers
+from remote_helpers import PrivateCluster, PrivateRedis, RedisServers
 
 SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "redis.sh"
 
@@ -57,3 +57,13 @@ def make_redis_server(redis_servers: RedisServers, tmp_path: Path) -> Iterator[t
     for server in servers:
         if server.proc is not None:
             server.kill()
+
+
+@pytest.fixture
+def redis_cluster(redis_servers: RedisServers, tmp_path: Path) -> Iterator[PrivateCluster]:
+    """A private three-node cluster, stopped at the end of the test (it may kill a node)."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are needed for a private cluster")
+    cluster = PrivateCluster(tmp_path)
+    yield cluster
+    cluster.stop()

@@ -42,10 +42,12 @@ def _free_port() -> int:
 class PrivateRedis:
     """One loopback redis-server of one test, which it may kill, restart, pause or fill."""
 
-    def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
+    def __init__(self, directory: Path, cluster: bool = False) -> None:
+        self.port = _free_cluster_port() if cluster else _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.directory = directory
+        self.cluster = cluster
+        directory.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -54,7 +56,9 @@ class PrivateRedis:
         self.proc = subprocess.Popen(
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
              "--appendonly", "no", "--enable-debug-command", "local",
-             "--dir", str(self.directory)],
+             "--dir", str(self.directory),
+             *(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+                "--cluster-require-full-coverage", "no"] if self.cluster else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
@@ -78,3 +82,60 @@ class PrivateRedis:
         import redis
 
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 40000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class PrivateCluster:
+    """A three-master Redis Cluster of one test, on loopback, which it may kill a node of.
+
+    ``cluster-require-full-coverage no``: the live masters keep serving their slots while
+    one is down (the setting a cluster that wants partial availability runs with).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.nodes = [PrivateRedis(directory / f"node{i}", cluster=True) for i in range(3)]
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas",
+                        "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with self.nodes[0].client() as client:
+                info = client.execute_command("CLUSTER", "INFO")
+                if "cluster_state:ok" in str(info) or (
+                        isinstance(info, dict) and info.get("cluster_state") == "ok"):
+                    break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("private cluster did not reach cluster_state:ok in 20 s")
+        time.sleep(0.5)  # let every node learn the slot map
+        self.url = self.nodes[0].url.removesuffix("/0")
+
+    def node_of(self, key: str) -> PrivateRedis:
+        """The node that owns ``key``'s slot."""
+        with self.nodes[0].client() as client:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, owner, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    port = int(owner[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise AssertionError(f"no node owns the slot of {key!r}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None:
+                node.kill()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from remote_helpers import PrivateRedis, make_blocks, make_namespace
+from remote_helpers import PrivateCluster, PrivateRedis, make_blocks, make_namespace
 
 from kvtier.remote import RedisRemoteStore, RemoteNamespace
 
@@ -113,4 +113,33 @@ def test_allkeys_lru_evictions_become_misses(make_redis_server: MakeServer) -> N
     assert store.stats.num_errors == 0
     with server.client() as client:
         assert int(client.info("stats")["evicted_keys"]) > 0
+    store.close()
+
+
+def test_a_dead_cluster_node_costs_only_its_own_slots(redis_cluster: PrivateCluster) -> None:
+    """Killing one of three masters: keys on the live nodes still hit (reads, writes and
+    contains), keys of the dead node's slots are misses, and the dead node's breaker opens
+    without touching the others."""
+    namespace = make_namespace()
+    store = RedisRemoteStore(redis_cluster.url, namespace, cluster=True, timeout_s=0.3,
+                             max_retries=1, backoff_s=0.01, breaker_threshold=2,
+                             cooldown_s=30.0)
+    blocks = make_blocks(namespace, 60)
+    assert store.put_many(blocks) == 60, store.last_error
+    victim = redis_cluster.nodes[1]
+    on_victim = {h for h in blocks if redis_cluster.node_of(namespace.key(h)) is victim}
+    assert 0 < len(on_victim) < 60
+    alive = {h: b for h, b in blocks.items() if h not in on_victim}
+    victim.kill()
+    for _ in range(3):  # the third round finds the victim's breaker open
+        assert store.get_many(blocks) == alive
+        assert store.contains_many(blocks) == set(alive)
+    rewritten = make_blocks(namespace, 60, seed=1)
+    assert store.put_many(rewritten) == len(alive)
+    assert store.get_many(blocks) == {h: rewritten[h] for h in alive}
+    stats = store.stats
+    assert stats.num_short_circuited >= 1 and stats.num_errors >= 2
+    assert stats.num_hits == 4 * len(alive)
+    assert stats.num_failed_puts == len(on_victim)
+    assert store.last_error is not None and f"node 127.0.0.1:{victim.port}" in store.last_error
     store.close()

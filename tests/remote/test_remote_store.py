@@ -6,12 +6,12 @@ import threading
 
 from remote_helpers import make_blocks, make_namespace
 
-from kvtier.remote import FaultyRemoteStore, MemoryRemoteStore, RemoteStore
+from kvtier.remote import FaultyRemoteStore, InMemoryRemoteStore, RemoteStore
 
 
 def test_memory_store_round_trip_and_misses() -> None:
     """Blocks put come back byte for byte; unknown hashes are absent and counted as misses."""
-    store = MemoryRemoteStore(make_namespace())
+    store = InMemoryRemoteStore(make_namespace())
     contract: RemoteStore = store  # the dict store satisfies the protocol
     blocks = make_blocks(store.namespace, 4)
     assert contract.put_many(blocks) == 4
@@ -25,17 +25,17 @@ def test_memory_store_round_trip_and_misses() -> None:
 def test_stores_sharing_a_backend_keep_namespaces_apart() -> None:
     """Another model's store over the same backend sees none of the first model's blocks."""
     backend: dict[str, bytes] = {}
-    first, second = MemoryRemoteStore(make_namespace(), backend), MemoryRemoteStore(
+    first, second = InMemoryRemoteStore(make_namespace(), backend), InMemoryRemoteStore(
         make_namespace(), backend)
     first.put_many(make_blocks(first.namespace, 3))
     assert second.get_many([1, 2, 3]) == {}
-    assert MemoryRemoteStore(first.namespace, backend).get_many([1]) == make_blocks(
+    assert InMemoryRemoteStore(first.namespace, backend).get_many([1]) == make_blocks(
         first.namespace, 1)
 
 
 def test_value_under_another_key_is_refused_and_counted() -> None:
     """A value copied under another block's key is a miss with reason 'block_hash'."""
-    store = MemoryRemoteStore(make_namespace())
+    store = InMemoryRemoteStore(make_namespace())
     store.put_many(make_blocks(store.namespace, 1))
     store.backend[store.namespace.key(2)] = store.backend[store.namespace.key(1)]
     assert store.get_many([1, 2]) == make_blocks(store.namespace, 1)
@@ -45,7 +45,7 @@ def test_value_under_another_key_is_refused_and_counted() -> None:
 
 def test_faulty_store_down_and_lossy() -> None:
     """A down backend gives misses and failed puts, counted; a lossy one drops some hits."""
-    inner = MemoryRemoteStore(make_namespace())
+    inner = InMemoryRemoteStore(make_namespace())
     faulty = FaultyRemoteStore(inner, seed=1)
     blocks = make_blocks(inner.namespace, 50)
     faulty.down = True
@@ -62,7 +62,7 @@ def test_faulty_store_down_and_lossy() -> None:
 
 def test_prefetch_and_write_back_run_on_the_io_thread() -> None:
     """write_back then prefetch deliver the blocks to the callback; flush waits for both."""
-    store = MemoryRemoteStore(make_namespace())
+    store = InMemoryRemoteStore(make_namespace())
     blocks = make_blocks(store.namespace, 5)
     results: list[dict[int, bytes]] = []
     assert store.write_back(blocks)
@@ -74,7 +74,7 @@ def test_prefetch_and_write_back_run_on_the_io_thread() -> None:
 
 def test_full_queue_drops_jobs_and_counts_them() -> None:
     """With max_inflight=1, a job behind a busy one is queued and the next one dropped."""
-    store = MemoryRemoteStore(make_namespace(), max_inflight=1)
+    store = InMemoryRemoteStore(make_namespace(), max_inflight=1)
     started, release = threading.Event(), threading.Event()
 
     def blocking_callback(found: dict[int, bytes]) -> None:
@@ -95,7 +95,7 @@ def test_full_queue_drops_jobs_and_counts_them() -> None:
 
 def test_a_raising_callback_is_counted_and_the_thread_goes_on() -> None:
     """An exception in a prefetch callback is counted as an error; later jobs still run."""
-    store = MemoryRemoteStore(make_namespace())
+    store = InMemoryRemoteStore(make_namespace())
 
     def bad_callback(found: dict[int, bytes]) -> None:
         raise RuntimeError("caller bug")

@@ -18,8 +18,8 @@ from remote_helpers import RedisServers  # noqa: E402
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
-from kvtier.remote import MemoryRemoteStore, RemoteNamespace  # noqa: E402
-from kvtier.remote.store import BlockStoreBase  # noqa: E402
+from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
+from kvtier.remote.store import RemoteStore  # noqa: E402
 from kvtier.remote.tier import RemoteTier  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
@@ -43,7 +43,7 @@ def make_engine(store_for: object, num_gpu_blocks: int = 32, num_host_blocks: in
     gpu, host = KVStorage(layout, num_gpu_blocks, "cpu"), KVStorage(layout, num_host_blocks)
     gpu.fill_(float("nan"))
     host.fill_(float("nan"))  # an imported slot nobody filled would poison the logits
-    store: BlockStoreBase = store_for(RemoteNamespace("tiny-llama", layout))  # type: ignore[operator]
+    store: RemoteStore = store_for(RemoteNamespace("tiny-llama", layout))  # type: ignore[operator]
     remote = RemoteTier(store, manager, gpu, host, write_policy=write_policy)
     return ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
                        record_logits=True, remote=remote)
@@ -69,10 +69,10 @@ def assert_exact(engine: ModelEngine) -> None:
 def test_second_engine_reuses_blocks_the_first_computed() -> None:
     """Engine B finds A's prefix blocks in the shared store, imports and onboards them."""
     backend: dict[str, bytes] = {}
-    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    a = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
     run(a, FIRST, "a")
     assert a.remote is not None and a.remote.num_written_blocks >= len(PREFIX) // TPB
-    b = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    b = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
     run(b, SECOND, "b")
     assert b.remote is not None and b.remote.num_fetched_blocks >= 4
     assert b.manager.stats.host.onboarded_blocks >= 4
@@ -83,11 +83,11 @@ def test_second_engine_reuses_blocks_the_first_computed() -> None:
 def test_corrupt_values_are_misses_and_recomputed() -> None:
     """A store whose values were tampered with serves nothing; B recomputes, exactly."""
     backend: dict[str, bytes] = {}
-    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    a = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
     run(a, FIRST, "a")
     for key, value in backend.items():
         backend[key] = value[:-1] + bytes([value[-1] ^ 0xFF])
-    b = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    b = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
     run(b, SECOND, "b")
     assert b.remote is not None and b.remote.num_fetched_blocks == 0
     assert b.remote.store.stats.num_bad_payloads > 0
@@ -99,7 +99,7 @@ def test_remote_tier_needs_sha256() -> None:
     manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_host_blocks=4))
     layout = ModelConfig().kv_layout(TPB)
     with pytest.raises(ValueError, match="needs hash_algo='sha256'"):
-        RemoteTier(MemoryRemoteStore(RemoteNamespace("m", layout)), manager,
+        RemoteTier(InMemoryRemoteStore(RemoteNamespace("m", layout)), manager,
                    KVStorage(layout, 4, "cpu"), KVStorage(layout, 4))
 
 
@@ -136,12 +136,12 @@ def test_store_down_or_losing_values_degrades_to_recompute() -> None:
     from kvtier.remote import FaultyRemoteStore
 
     backend: dict[str, bytes] = {}
-    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    a = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
     run(a, FIRST, "a")
     stores: list[FaultyRemoteStore] = []
 
     def faulty(ns: RemoteNamespace) -> FaultyRemoteStore:
-        stores.append(FaultyRemoteStore(MemoryRemoteStore(ns, backend), seed=1))
+        stores.append(FaultyRemoteStore(InMemoryRemoteStore(ns, backend), seed=1))
         return stores[-1]
 
     b = make_engine(faulty)
@@ -163,12 +163,12 @@ def test_slow_store_past_the_deadline_is_not_waited_for() -> None:
     from kvtier.remote import FaultyRemoteStore
 
     backend: dict[str, bytes] = {}
-    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend))
+    a = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
     run(a, FIRST, "a")
     stores: list[FaultyRemoteStore] = []
 
     def slow(ns: RemoteNamespace) -> FaultyRemoteStore:
-        stores.append(FaultyRemoteStore(MemoryRemoteStore(ns, backend)))
+        stores.append(FaultyRemoteStore(InMemoryRemoteStore(ns, backend)))
         stores[-1].delay_s = 1.0
         return stores[-1]
 
@@ -190,17 +190,17 @@ def test_write_back_spills_blocks_leaving_the_host_and_they_serve_exactly() -> N
     reuses their slots); another engine, and the same one, reuse them exactly."""
     backend: dict[str, bytes] = {}
     prompts = [[(13 * i + k) % 256 for i in range(18)] + [k] for k in range(6)]
-    a = make_engine(lambda ns: MemoryRemoteStore(ns, backend), 14, 4, "write-back")
+    a = make_engine(lambda ns: InMemoryRemoteStore(ns, backend), 14, 4, "write-back")
     run(a, prompts, "a")
     assert a.remote is not None and a.remote.num_written_blocks > 0
     assert a.manager.stats.host.evicted_blocks > 0
-    b = make_engine(lambda ns: MemoryRemoteStore(ns, backend), 14, 4, "write-back")
+    b = make_engine(lambda ns: InMemoryRemoteStore(ns, backend), 14, 4, "write-back")
     run(b, [p[:-1] + [200 + i] for i, p in enumerate(prompts)], "b")
     assert b.remote is not None and b.remote.num_fetched_blocks > 0
     assert_exact(a)
     assert_exact(b)
     with pytest.raises(ValueError, match="write_policy must be"):
-        make_engine(lambda ns: MemoryRemoteStore(ns, backend), 14, 4, "sometimes")
+        make_engine(lambda ns: InMemoryRemoteStore(ns, backend), 14, 4, "sometimes")
 
 
 def test_redis_killed_mid_replay_then_restarted(make_redis_server: object) -> None:
@@ -225,3 +225,64 @@ def test_redis_killed_mid_replay_then_restarted(make_redis_server: object) -> No
     time.sleep(0.15)  # past the circuit breaker's cool-down
     run(b, SECOND[1:], "after")
     assert_exact(b)
+
+
+def make_tier(store_layout: object = None, **options: object) -> RemoteTier:
+    """A bare remote tier over a fresh manager and storages of the tiny model's layout."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8,
+                                         num_host_blocks=4, hash_algo="sha256"))
+    layout = ModelConfig().kv_layout(TPB)
+    namespace = RemoteNamespace("m", store_layout or layout)  # type: ignore[arg-type]
+    return RemoteTier(InMemoryRemoteStore(namespace), manager, KVStorage(layout, 8, "cpu"),
+                      KVStorage(layout, 4), **options)  # type: ignore[arg-type]
+
+
+def test_store_of_another_layout_with_the_same_block_size_is_refused() -> None:
+    """A namespace whose blocks have the storages' byte size but another shape, dtype or
+    memory layout would write and serve misread KV: refused, naming both layouts."""
+    from dataclasses import replace
+
+    layout = ModelConfig().kv_layout(TPB)
+    same_size = [
+        replace(layout, num_layers=1, num_kv_heads=layout.num_kv_heads * layout.num_layers),
+        replace(layout, head_dim=layout.head_dim // 2, num_kv_heads=layout.num_kv_heads * 2),
+        replace(layout, dtype="float16", head_dim=layout.head_dim * 2),
+        replace(layout, layout="layer_major" if layout.layout == "block_major" else
+                "block_major"),
+    ]
+    for other in same_size:
+        assert other != layout and other.bytes_per_block == layout.bytes_per_block
+        with pytest.raises(ValueError, match=r"the store's namespace has layout .* the gpu "
+                                             r"storage .*: their blocks would be misread"):
+            make_tier(other)
+
+
+@pytest.mark.parametrize("value", [True, float("nan"), float("inf"), -1, 1e300, "1"],
+                         ids=repr)
+def test_fetch_deadline_is_checked(value: object) -> None:
+    """fetch_deadline_s is a finite number in [0, 3600], never a bool."""
+    with pytest.raises(ValueError, match=r"^fetch_deadline_s must be a finite number"):
+        make_tier(fetch_deadline_s=value)
+
+
+def test_a_fetch_hashes_the_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """start_fetch then the import in poll compute the prompt's hash chain once."""
+    import kvtier.remote.tier as tier_module
+
+    backend: dict[str, bytes] = {}
+    a = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
+    run(a, FIRST, "a")
+    b = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
+    assert b.remote is not None
+    calls: list[int] = []
+    real = tier_module.prompt_block_hashes
+
+    def counting(*args: object, **kwargs: object) -> list[int]:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tier_module, "prompt_block_hashes", counting)
+    assert b.remote.start_fetch("r", SECOND[0])
+    assert b.remote.flush(5)
+    assert b.remote.poll() == ["r"]
+    assert len(calls) == 1 and b.remote.num_fetched_blocks >= 4

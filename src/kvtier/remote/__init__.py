@@ -1,4 +1,5 @@
-"""The shared remote tier: block payload codec, store contract, Redis/Valkey client.
+"""The shared remote tier: block payload codec, the :class:`RemoteStore` contract, its
+in-memory and Redis/Valkey implementations.
 
 redis-py is needed only by :class:`RedisRemoteStore` (extra ``redis``) and imported lazily.
 """
@@ -16,25 +17,26 @@ from kvtier.remote.codec import (
 )
 from kvtier.remote.redis_store import RedisRemoteStore
 from kvtier.remote.store import (
-    BlockStoreBase,
     FaultyRemoteStore,
-    MemoryRemoteStore,
+    InMemoryRemoteStore,
     RemoteStats,
     RemoteStore,
+    RemoteStoreBase,
 )
 
 __all__ = [
     "BlockHeader",
-    "BlockStoreBase",
     "FaultyRemoteStore",
-    "MemoryRemoteStore",
+    "InMemoryRemoteStore",
     "PayloadError",
     "RedisRemoteStore",
     "RemoteNamespace",
     "RemoteStats",
     "RemoteStore",
+    "RemoteStoreBase",
     "block_key",
     "decode_block",
     "encode_block",
     "namespace_fingerprint",
 ]
+

@@ -40,7 +40,7 @@ _LAYOUT_CODES = {name: code for code, name in enumerate(LAYOUTS, start=1)}
 _DTYPE_NAMES = {code: name for name, code in _DTYPE_CODES.items()}
 _LAYOUT_NAMES = {code: name for name, code in _LAYOUT_CODES.items()}
 
-REASONS = ("truncated", "magic", "version", "checksum", "namespace", "block_hash", "layout",
+REASONS = ("type", "truncated", "magic", "version", "checksum", "namespace", "block_hash", "layout",
            "num_tokens", "length")
 
 
@@ -73,17 +73,30 @@ class BlockHeader:
 
 
 def namespace_fingerprint(model_id: str, layout: KVLayout, salt_scope: str | None = None) -> str:
-    """32 hex digits naming one model, block shape, dtype and tenant salt scope. Pure.
+    """32 hex digits naming one model, block shape, dtype, memory layout and tenant salt
+    scope. Pure.
 
-    Two models, layouts, dtypes or salt scopes never share a fingerprint, hence never a key.
+    Two models, layouts, dtypes or salt scopes never share a fingerprint, hence never a key:
+    every field is length-prefixed, so no field's content (a NUL, a separator) can pass for
+    another field's.
     """
+    if not isinstance(model_id, str):
+        raise ValueError(f"model_id must be a str, got {model_id!r}")
+    if salt_scope is not None and not isinstance(salt_scope, str):
+        raise ValueError(f"salt_scope must be None or a str, got {salt_scope!r}")
+    if not isinstance(layout, KVLayout):
+        raise ValueError(f"layout must be a KVLayout, got {layout!r}")
     parts = (
-        "kvtier-remote/v1", model_id, str(layout.num_layers), str(layout.num_kv_heads),
+        "kvtier-remote/v2", model_id, str(layout.num_layers), str(layout.num_kv_heads),
         str(layout.head_dim), str(layout.tokens_per_block), layout.dtype, layout.layout,
-        "" if salt_scope is None else "salt:" + salt_scope,
+        "none" if salt_scope is None else "salt", "" if salt_scope is None else salt_scope,
     )
-    data = "\x00".join(parts).encode()
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    hasher = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        data = part.encode("utf-8", "surrogatepass")
+        hasher.update(len(data).to_bytes(8, "big"))
+        hasher.update(data)
+    return hasher.hexdigest()
 
 
 def block_key(namespace: str, block_hash: int) -> str:
@@ -91,7 +104,7 @@ def block_key(namespace: str, block_hash: int) -> str:
     return f"kvtier:{namespace}:{block_hash:032x}"
 
 
-def _checksum(head: bytes, payload: bytes | memoryview) -> int:
+def _checksum(head: bytes | bytearray, payload: bytes | memoryview) -> int:
     hasher = xxhash.xxh3_64(head)
     hasher.update(payload)
     return int(hasher.intdigest())
@@ -100,6 +113,8 @@ def _checksum(head: bytes, payload: bytes | memoryview) -> int:
 def encode_block(header: BlockHeader, payload: bytes | memoryview) -> bytes:
     """The stored value of a block: header then ``payload`` (exactly one block's bytes)."""
     layout = header.layout
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise ValueError(f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) != layout.bytes_per_block:
         raise ValueError(f"payload must be {layout.bytes_per_block} bytes (one block of "
                          f"{layout}), got {len(payload)}")
@@ -112,9 +127,11 @@ def encode_block(header: BlockHeader, payload: bytes | memoryview) -> bytes:
     return b"".join((head, _CHECKSUM.pack(_checksum(head, payload)), payload))
 
 
-def decode_block(data: bytes, expected: BlockHeader) -> bytes:
+def decode_block(data: object, expected: BlockHeader) -> bytes:
     """The payload of ``data`` if every header field matches ``expected`` and the checksum
     holds; raises :class:`PayloadError` naming the first check that failed. Pure."""
+    if not isinstance(data, bytes | bytearray):
+        raise PayloadError("type", f"a value must be bytes, got {type(data).__name__}")
     if len(data) < HEADER_BYTES:
         raise PayloadError("truncated", f"{len(data)} bytes, header alone is {HEADER_BYTES}")
     (magic, version, namespace, block_hash, num_tokens, num_layers, num_kv_heads, head_dim,
@@ -147,7 +164,7 @@ def decode_block(data: bytes, expected: BlockHeader) -> bytes:
         raise PayloadError("num_tokens", f"got {num_tokens}, want {expected.num_tokens}")
     if payload_len != layout.bytes_per_block:
         raise PayloadError("length", f"{payload_len} bytes, a block is {layout.bytes_per_block}")
-    return data[HEADER_BYTES:]
+    return bytes(data[HEADER_BYTES:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +174,9 @@ class RemoteNamespace:
     model_id: str
     layout: KVLayout
     salt_scope: str | None = None
+
+    def __post_init__(self) -> None:
+        namespace_fingerprint(self.model_id, self.layout, self.salt_scope)  # validates
 
     @property
     def fingerprint(self) -> str:
@@ -174,6 +194,6 @@ class RemoteNamespace:
     def encode(self, block_hash: int, payload: bytes | memoryview) -> bytes:
         return encode_block(self.header(block_hash), payload)
 
-    def decode(self, block_hash: int, value: bytes) -> bytes:
+    def decode(self, block_hash: int, value: object) -> bytes:
         """The payload of ``value``, or :class:`PayloadError`. Pure."""
         return decode_block(value, self.header(block_hash))

@@ -1,13 +1,17 @@
 """The remote tier on Redis or Valkey through redis-py, standalone or Redis Cluster.
 
-Every batch is one pipelined round trip per chunk (MGET on a standalone server; on a cluster,
-commands grouped by node). A fault (server down, slow, out of memory, auth) costs at most::
+Every batch is one pipelined round trip per chunk: MGET on a standalone server; on a
+cluster, the keys are grouped by the node that owns their slot and each node gets its own
+pipeline, retries and circuit breaker, so a dead node costs only the keys of its slots::
 
-    (1 + max_retries) * timeout_s  +  backoff_s * (1 + 2 + ... + 2**(max_retries - 1))
+    keys ──group by slot owner──> node A: GET k1 k4 ...   ok      -> values
+                                  node B: GET k2 ...      down    -> misses (B's breaker)
+                                  node C: GET k3 k5 ...   ok      -> values
 
-per chunk, is counted in ``stats`` and turns into misses or failed puts; after
-``breaker_threshold`` failed batches in a row the circuit breaker opens and batches are
-skipped (counted as short-circuited) for ``cooldown_s``, then one batch probes the server.
+A fault (server down, slow, out of memory, auth) costs at most :attr:`max_blocking_s` per
+chunk and node, is counted in ``stats`` and turns into misses or failed puts; after
+``breaker_threshold`` failed batches in a row to one server the breaker opens and its
+batches are skipped (counted as short-circuited) for ``cooldown_s``, then one batch probes.
 redis is imported lazily: ``import kvtier.remote`` works without it.
 """
 
@@ -21,11 +25,20 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from kvtier.remote.codec import RemoteNamespace
-from kvtier.remote.store import BlockStoreBase
+from kvtier.remote.options import check_count, check_number
+from kvtier.remote.store import RemoteStoreBase
 
 T = TypeVar("T")
 
 URL_SCHEMES = ("redis", "rediss", "unix")
+MAX_TIMEOUT_S = 3600.0
+MAX_BACKOFF_S = 60.0  # also the cap of one retry's sleep, whatever the doubling gives
+MAX_COOLDOWN_S = 86400.0
+MAX_TTL_S = 10 * 365 * 86400.0
+MAX_RETRIES = 100
+MAX_COUNT = 1 << 20
+MAX_BATCH_BYTES = 1 << 40
+_WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
 
 
 def redact_url(url: str) -> str:
@@ -39,9 +52,14 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class RedisRemoteStore(BlockStoreBase):
+class RedisRemoteStore(RemoteStoreBase):
     """A :class:`~kvtier.remote.store.RemoteStore` on one Redis server or cluster at ``url``
-    (``redis://[user][:password]@host:port/db``, ``rediss://`` for TLS, or ``unix://``)."""
+    (``redis://[user][:password]@host:port/db``, ``rediss://`` for TLS, or ``unix://``).
+
+    Every numeric option is checked here (finite, in range, never a bool). May change: the
+    server's keys of its namespace, its stats, its client and breakers. Thread-safe: the
+    caller's thread and the I/O thread share the client and breakers under locks.
+    """
 
     def __init__(
         self,
@@ -60,48 +78,50 @@ class RedisRemoteStore(BlockStoreBase):
         max_batch_bytes: int = 32 << 20,
         ca_file: str | None = None,
     ) -> None:
-        super().__init__(namespace, max_inflight=max_inflight)
+        if not isinstance(url, str):
+            raise ValueError(f"url must be a str, got {type(url).__name__}")
         scheme = urlsplit(url).scheme
         if scheme not in URL_SCHEMES:
             raise ValueError(f"url must start with one of {URL_SCHEMES}, got {redact_url(url)!r}")
-        for name, value, minimum in (("timeout_s", timeout_s, 0.0), ("backoff_s", backoff_s, 0.0),
-                                     ("cooldown_s", cooldown_s, 0.0)):
-            if not isinstance(value, int | float) or value < minimum:
-                raise ValueError(f"{name} must be a number >= {minimum}, got {value!r}")
-        if timeout_s == 0:
-            raise ValueError("timeout_s must be > 0, got 0")
-        for name, count, least in (("max_retries", max_retries, 0),
-                                   ("breaker_threshold", breaker_threshold, 1),
-                                   ("max_batch_keys", max_batch_keys, 1),
-                                   ("max_batch_bytes", max_batch_bytes, 1)):
-            if type(count) is not int or count < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {count!r}")
-        if ttl_s is not None and (not isinstance(ttl_s, int | float) or ttl_s <= 0):
-            raise ValueError(f"ttl_s must be None or a number > 0, got {ttl_s!r}")
+        if type(cluster) is not bool:
+            raise ValueError(f"cluster must be a bool, got {cluster!r}")
+        self.timeout_s = check_number("timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S, low_open=True)
+        self.max_retries = check_count("max_retries", max_retries, 0, MAX_RETRIES)
+        self.backoff_s = check_number("backoff_s", backoff_s, 0.0, MAX_BACKOFF_S)
+        self.cooldown_s = check_number("cooldown_s", cooldown_s, 0.0, MAX_COOLDOWN_S)
+        self.ttl_ms = None
+        if ttl_s is not None:
+            ttl = check_number("ttl_s", ttl_s, 0.0, MAX_TTL_S, low_open=True)
+            self.ttl_ms = max(1, round(ttl * 1000))
+        self.breaker_threshold = check_count("breaker_threshold", breaker_threshold, 1,
+                                             MAX_COUNT)
+        self.max_batch_keys = check_count("max_batch_keys", max_batch_keys, 1, MAX_COUNT)
+        self.max_batch_bytes = check_count("max_batch_bytes", max_batch_bytes, 1,
+                                           MAX_BATCH_BYTES)
+        if ca_file is not None and not isinstance(ca_file, str):
+            raise ValueError(f"ca_file must be None or a path, got {ca_file!r}")
         if ca_file is not None and scheme != "rediss":
             raise ValueError(f"ca_file is for TLS: the url must start with rediss://, got "
                              f"{redact_url(url)!r}")
+        super().__init__(namespace, max_inflight=max_inflight)
         self.url = url
         self.ca_file = ca_file
         self.cluster = cluster
-        self.timeout_s = float(timeout_s)
-        self.max_retries = max_retries
-        self.backoff_s = float(backoff_s)
-        self.ttl_ms = None if ttl_s is None else max(1, round(ttl_s * 1000))
-        self.breaker_threshold = breaker_threshold
-        self.cooldown_s = float(cooldown_s)
-        self.max_batch_keys = max_batch_keys
-        self.max_batch_bytes = max_batch_bytes
         self.last_error: str | None = None
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._num_failures_in_row = 0
-        self._open_until = 0.0
+        self._breaker_lock = threading.Lock()  # guards the two maps below
+        self._num_failures_in_row: dict[str, int] = {}
+        self._open_until: dict[str, float] = {}
+
+    def _backoff(self, attempt: int) -> float:
+        """The sleep before retry ``attempt`` (1-based): doubling, capped. Pure."""
+        return min(self.backoff_s * 2.0 ** (attempt - 1), MAX_BACKOFF_S)
 
     @property
     def max_blocking_s(self) -> float:
         """The longest one chunk of a batch can take when the server misbehaves."""
-        backoff = self.backoff_s * float(2**self.max_retries - 1)
+        backoff = sum(self._backoff(a) for a in range(1, self.max_retries + 1))
         return (1 + self.max_retries) * self.timeout_s + backoff
 
     # -- connection ----------------------------------------------------------------------
@@ -124,6 +144,8 @@ class RedisRemoteStore(BlockStoreBase):
 
     def _get_client(self) -> Any:
         with self._client_lock:
+            if self.closed:
+                raise ConnectionError("the store is closed")
             if self._client is None:
                 self._client = self._connect()
             return self._client
@@ -141,10 +163,10 @@ class RedisRemoteStore(BlockStoreBase):
         return None if ok is not None else self.last_error
 
     # -- fault handling ------------------------------------------------------------------
-    def _describe(self, exc: BaseException) -> str:
+    def _describe(self, exc: BaseException, where: str = _WHOLE) -> str:
         from redis.exceptions import AuthenticationError, OutOfMemoryError, ResponseError
 
-        where = f"redis at {redact_url(self.url)}"
+        where = f"redis at {redact_url(self.url)}" + (f" (node {where})" if where else "")
         if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
             return f"{where}: authentication failed ({exc})."
         if isinstance(exc, OutOfMemoryError):
@@ -153,37 +175,60 @@ class RedisRemoteStore(BlockStoreBase):
             return f"{where}: the server refused the command ({exc})."
         return f"{where}: {type(exc).__name__}: {exc}."
 
-    def _attempt(self, op: Callable[[Any], T], *, retry: bool = True) -> T | None:
+    def _attempt(self, op: Callable[[Any], T], *, retry: bool = True,
+                 server: str = _WHOLE) -> T | None:
         """``op(client)`` with retries and backoff; None (counted) if it failed or the
-        breaker is open."""
+        breaker of ``server`` (a cluster node's name, or the whole) is open."""
         from redis.exceptions import AuthenticationError, ResponseError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        if time.monotonic() < self._open_until:
+        with self._breaker_lock:
+            is_open = time.monotonic() < self._open_until.get(server, 0.0)
+        if is_open:
             self._count(num_short_circuited=1)
             return None
         num_attempts = 1 + (self.max_retries if retry else 0)
         for attempt in range(num_attempts):
             if attempt > 0:
                 self._count(num_retries=1)
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(self._backoff(attempt))
             try:
                 result = op(self._get_client())
             except Exception as exc:
-                self.last_error = self._describe(exc)
+                self.last_error = self._describe(exc, server)
                 timed_out = isinstance(exc, RedisTimeoutError | TimeoutError)
                 self._count(num_errors=1, num_timeouts=int(timed_out))
+                if self.closed:
+                    break
+                if self.cluster and server != _WHOLE:
+                    self._refresh_topology(exc)
+                else:
+                    self._drop_client()
                 # Auth errors and refusals come back the same on a retry.
                 if isinstance(exc, AuthenticationError | ResponseError):
                     break
-                self._drop_client()
                 continue
-            self._num_failures_in_row = 0
+            with self._breaker_lock:
+                self._num_failures_in_row[server] = 0
             return result
-        self._num_failures_in_row += 1
-        if self._num_failures_in_row >= self.breaker_threshold:
-            self._open_until = time.monotonic() + self.cooldown_s
+        with self._breaker_lock:
+            failures = self._num_failures_in_row.get(server, 0) + 1
+            self._num_failures_in_row[server] = failures
+            if failures >= self.breaker_threshold:
+                self._open_until[server] = time.monotonic() + self.cooldown_s
         return None
+
+    def _refresh_topology(self, exc: BaseException) -> None:
+        """After a node's error: slots that moved (MOVED, ASK, CLUSTERDOWN) are looked up
+        again; a node that is down keeps its slots, so the other nodes go on."""
+        from redis.exceptions import AskError, ClusterDownError, MovedError
+
+        if isinstance(exc, MovedError | AskError | ClusterDownError):
+            with self._client_lock:
+                client = self._client
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.nodes_manager.initialize()
 
     def _chunks(self, sizes: list[int]) -> Iterator[slice]:
         """Slices of at most ``max_batch_keys`` items and about ``max_batch_bytes``. Pure."""
@@ -197,65 +242,108 @@ class RedisRemoteStore(BlockStoreBase):
         if start < len(sizes):
             yield slice(start, len(sizes))
 
+    def _by_server(self, keys: list[str]) -> list[tuple[str, list[int]]] | None:
+        """The indices of ``keys`` per server: one group on a standalone server, one per
+        slot owner on a cluster (None if the cluster's topology is unknown)."""
+        if not self.cluster:
+            return [(_WHOLE, list(range(len(keys))))]
+
+        def group(client: Any) -> list[tuple[str, list[int]]]:
+            groups: dict[str, list[int]] = {}
+            for i, key in enumerate(keys):
+                groups.setdefault(client.get_node_from_key(key).name, []).append(i)
+            return list(groups.items())
+
+        return self._attempt(group)
+
+    def _run(self, server: str, build: Callable[[Any], None], *, raise_on_error: bool = True
+             ) -> list[Any] | None:
+        """One pipeline on ``server`` (``build`` adds its commands); its replies, or None."""
+
+        def execute(client: Any) -> list[Any]:
+            if server == _WHOLE:
+                pipe = client.pipeline(transaction=False)
+            else:
+                node = client.get_node(node_name=server)
+                if node is None:
+                    raise ConnectionError(f"cluster node {server} is no longer known")
+                pipe = client.get_redis_connection(node).pipeline(transaction=False)
+            build(pipe)
+            return list(pipe.execute(raise_on_error=raise_on_error))
+
+        return self._attempt(execute, server=server)
+
     # -- backend -------------------------------------------------------------------------
-    def _pipeline(self, client: Any) -> Any:
-        # A cluster pipeline splits the commands by node itself and takes no transaction flag.
-        return client.pipeline() if self.cluster else client.pipeline(transaction=False)
-
-    def _fetch(self, keys: list[str]) -> list[bytes | None] | None:
+    def read_values(self, keys: list[str]) -> list[bytes | None] | None:
+        groups = self._by_server(keys)
+        if groups is None:
+            return None
+        values: list[bytes | None] = [None] * len(keys)
         # NOTE: a chunk's reply size is unknown up front; assume a block per key.
-        sizes = [self.namespace.layout.bytes_per_block] * len(keys)
-        values: list[bytes | None] = []
-        for part in self._chunks(sizes):
-            chunk = keys[part]
+        block = self.namespace.layout.bytes_per_block
+        for server, indices in groups:
+            for part in self._chunks([block] * len(indices)):
+                chunk = indices[part]
 
-            def mget(client: Any, chunk: list[str] = chunk) -> list[bytes | None]:
-                if self.cluster:
-                    return list(client.mget_nonatomic(chunk))
-                return list(client.mget(chunk))
+                def build(pipe: Any, chunk: list[int] = chunk) -> None:
+                    if self.cluster:
+                        for i in chunk:  # GET per key: MGET across slots is refused
+                            pipe.get(keys[i])
+                    else:
+                        pipe.mget([keys[i] for i in chunk])
 
-            got = self._attempt(mget)
-            values.extend(got if got is not None else [None] * len(chunk))
+                got = self._run(server, build)
+                if got is None:
+                    continue
+                replies = got if self.cluster else (got[0] if got else [])
+                if len(replies) != len(chunk):
+                    continue  # a malformed reply: misses
+                for i, value in zip(chunk, replies, strict=True):
+                    values[i] = value
         return values
 
-    def _store(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None:
-        results: list[bool] = []
-        for part in self._chunks([len(v) for _, v in pairs]):
-            chunk = pairs[part]
+    def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None:
+        groups = self._by_server([k for k, _ in pairs])
+        if groups is None:
+            return None
+        results = [False] * len(pairs)
+        for server, indices in groups:
+            for part in self._chunks([len(pairs[i][1]) for i in indices]):
+                chunk = indices[part]
 
-            def mset(client: Any, chunk: list[tuple[str, bytes]] = chunk) -> list[Any]:
-                pipe = self._pipeline(client)
-                for key, value in chunk:
-                    pipe.set(key, value, px=self.ttl_ms)
-                return list(pipe.execute(raise_on_error=False))
+                def build(pipe: Any, chunk: list[int] = chunk) -> None:
+                    for i in chunk:
+                        pipe.set(pairs[i][0], pairs[i][1], px=self.ttl_ms)
 
-            replies = self._attempt(mset)
-            if replies is None:
-                results.extend([False] * len(chunk))
-                continue
-            refused = [r for r in replies if isinstance(r, Exception)]
-            if refused:  # e.g. OOM under maxmemory with noeviction
-                self.last_error = self._describe(refused[0])
-                self._count(num_errors=len(refused))
-            results.extend(not isinstance(r, Exception) and bool(r) for r in replies)
+                replies = self._run(server, build, raise_on_error=False)
+                if replies is None or len(replies) != len(chunk):
+                    continue
+                refused = [r for r in replies if isinstance(r, Exception)]
+                if refused:  # e.g. OOM under maxmemory with noeviction
+                    self.last_error = self._describe(refused[0], server)
+                    self._count(num_errors=len(refused))
+                for i, reply in zip(chunk, replies, strict=True):
+                    results[i] = not isinstance(reply, Exception) and bool(reply)
         return results
 
-    def _exists(self, keys: list[str]) -> list[bool] | None:
-        present: list[bool] = []
-        for part in self._chunks([1] * len(keys)):
-            chunk = keys[part]
+    def has_keys(self, keys: list[str]) -> list[bool] | None:
+        groups = self._by_server(keys)
+        if groups is None:
+            return None
+        present = [False] * len(keys)
+        for server, indices in groups:
+            for part in self._chunks([1] * len(indices)):
+                chunk = indices[part]
 
-            def exists(client: Any, chunk: list[str] = chunk) -> list[Any]:
-                pipe = self._pipeline(client)
-                for key in chunk:
-                    pipe.exists(key)
-                return list(pipe.execute())
+                def build(pipe: Any, chunk: list[int] = chunk) -> None:
+                    for i in chunk:
+                        pipe.exists(keys[i])
 
-            got = self._attempt(exists)
-            if got is None:
-                present.extend([False] * len(chunk))
-            else:
-                present.extend(bool(n) for n in got)
+                got = self._run(server, build)
+                if got is None or len(got) != len(chunk):
+                    continue
+                for i, n in zip(chunk, got, strict=True):
+                    present[i] = n == 1
         return present
 
     def _close_backend(self) -> None:

@@ -1,26 +1,39 @@
-"""The remote tier's contract (:class:`RemoteStore`), its stats, and the stores that share
-one implementation of keys, payload checks and background I/O (:class:`BlockStoreBase`).
+"""The remote tier's contract (:class:`RemoteStore`), its stats, and the base class the
+stores share for keys, payload checks and background I/O (:class:`RemoteStoreBase`).
 
-A store maps 128-bit block hashes to one block's raw KV bytes. Values are encoded with
-:mod:`kvtier.remote.codec`; a value that fails a check is a miss, is counted, and is never
-returned. No fault of the backend raises out of ``get_many``/``put_many``/``contains_many``.
+A remote store maps 128-bit block hashes to one block's raw KV bytes. Values are encoded
+with :mod:`kvtier.remote.codec`; a value that fails a check is a miss, is counted, and is
+never returned. No fault of the backend raises out of any method; bad arguments (a hash that
+is not a 128-bit unsigned int, a payload of the wrong size) raise ``ValueError`` before any
+I/O.
+
+Background jobs (``prefetch``, ``write_back``) run in order on one I/O thread::
+
+    submit ──accepted──> queue ──> I/O thread runs it (exactly once, even across close())
+       └──refused (queue full, or closed) ──> returns False, counted, never runs
+
+``close()`` refuses new jobs, lets the accepted ones run, then stops the thread; later
+calls are misses and failed puts, counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import queue
 import random
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvtier.remote.codec import PayloadError, RemoteNamespace
+from kvtier.remote.options import check_count, check_number, describe
 
 PrefetchCallback = Callable[[dict[int, bytes]], None]
+
+MAX_INFLIGHT = 1 << 20
 
 
 @dataclass(slots=True)
@@ -35,8 +48,8 @@ class RemoteStats:
     num_errors: int = 0
     num_timeouts: int = 0
     num_retries: int = 0
-    num_short_circuited: int = 0  # batches skipped while the circuit breaker was open
-    num_dropped_jobs: int = 0  # background jobs refused because the queue was full
+    num_short_circuited: int = 0  # batches skipped while a circuit breaker was open
+    num_dropped_jobs: int = 0  # background jobs refused: the queue was full, or closed
     bytes_read: int = 0
     bytes_written: int = 0
     bad_payload_reasons: dict[str, int] = field(default_factory=dict)
@@ -46,53 +59,98 @@ class RemoteStats:
 
 
 class RemoteStore(Protocol):
-    """A shared, content-addressed store of full KV blocks."""
+    """A shared, content-addressed store of full KV blocks of one ``namespace``.
+
+    May change: the shared values (``put_many``, ``write_back``) and its own stats. Never
+    raises on a fault of the backend; raises ``ValueError`` on bad arguments, before I/O.
+    """
+
+    @property
+    def namespace(self) -> RemoteNamespace: ...
 
     def get_many(self, hashes: Iterable[int]) -> dict[int, bytes]:
-        """Payloads of the blocks found and valid; misses are absent. Never raises on faults."""
+        """Payloads of the blocks found and valid; misses are absent."""
         ...
 
     def put_many(self, items: Mapping[int, bytes]) -> int:
-        """Store blocks; returns how many were written. Never raises on faults."""
+        """Store blocks; returns how many were written."""
         ...
 
     def contains_many(self, hashes: Iterable[int]) -> set[int]:
-        """Hashes the store holds now (the values are not checked). Does not change stats
+        """Hashes the store holds now (the values are not checked). Changes no stats
         beyond fault counters."""
+        ...
+
+    def prefetch(self, hashes: Iterable[int], callback: PrefetchCallback) -> bool:
+        """Queue a ``get_many`` whose result goes to ``callback``; False (counted) if refused."""
+        ...
+
+    def write_back(self, items: Mapping[int, bytes]) -> bool:
+        """Queue a ``put_many``; False (counted) if refused."""
+        ...
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted job has run; False if ``timeout`` seconds passed first."""
         ...
 
     @property
     def stats(self) -> RemoteStats: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Refuse new jobs, run the accepted ones, release the backend. Idempotent."""
+        ...
 
 
-class BlockStoreBase(ABC):
-    """Keys, payload checks, stats and a background I/O thread over a raw key-value backend.
+def check_hashes(hashes: Iterable[int]) -> list[int]:
+    """``hashes`` without repeats, in order; ValueError naming the first that is not a
+    128-bit unsigned int (a bool is not one). Pure."""
+    given = list(hashes)
+    for h in given:  # before dedup: True would hide behind an equal 1
+        if type(h) is not int or not 0 <= h < 1 << 128:
+            raise ValueError(f"block hashes must be 128-bit unsigned ints, got {describe(h)}")
+    return list(dict.fromkeys(given))
 
-    Subclasses implement three batch operations on encoded values; each returns ``None`` for
-    a batch that failed (after counting the fault itself) and never raises.
+
+class RemoteStoreBase(ABC):
+    """A :class:`RemoteStore` over a raw key-value backend: keys, payload checks, stats and
+    the background I/O thread.
+
+    Subclasses implement three batch operations on encoded values (``read_values``,
+    ``write_values``, ``has_keys``); each returns ``None`` for a batch that failed (after
+    counting the fault itself) and never raises. They are public so that a wrapper (e.g.
+    :class:`FaultyRemoteStore`) can call another store's backend; they change no stats
+    beyond fault counters.
     """
 
     def __init__(self, namespace: RemoteNamespace, *, max_inflight: int = 64) -> None:
-        if type(max_inflight) is not int or max_inflight < 1:
-            raise ValueError(f"max_inflight must be an integer >= 1, got {max_inflight!r}")
-        self.namespace = namespace
+        self._max_inflight = check_count("max_inflight", max_inflight, 1, MAX_INFLIGHT)
+        if not isinstance(namespace, RemoteNamespace):
+            raise ValueError(f"namespace must be a RemoteNamespace, got {namespace!r}")
+        self._namespace = namespace
         self._fingerprint = namespace.fingerprint
         self._stats = RemoteStats()
-        self._lock = threading.Lock()
-        self._max_inflight = max_inflight
+        self._lock = threading.Lock()  # guards _stats
+        self._state_lock = threading.Lock()  # guards _io, _accepting and _closed
         self._io: _IOThread | None = None
+        self._accepting = True  # False from the start of close(): jobs are refused
+        self._closed = False  # True once close() has run the accepted jobs
+
+    @property
+    def namespace(self) -> RemoteNamespace:
+        return self._namespace
 
     # -- backend -------------------------------------------------------------------------
     @abstractmethod
-    def _fetch(self, keys: list[str]) -> list[bytes | None] | None: ...
+    def read_values(self, keys: list[str]) -> list[bytes | None] | None:
+        """The raw values of ``keys`` (None where absent), or None if the batch failed."""
 
     @abstractmethod
-    def _store(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None: ...
+    def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None:
+        """Set each key to its value; per pair whether it was written, or None."""
 
     @abstractmethod
-    def _exists(self, keys: list[str]) -> list[bool] | None: ...
+    def has_keys(self, keys: list[str]) -> list[bool] | None:
+        """Per key whether it exists, or None if the batch failed."""
 
     def _close_backend(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -111,26 +169,32 @@ class BlockStoreBase(ABC):
     def _key(self, block_hash: int) -> str:
         return f"kvtier:{self._fingerprint}:{block_hash:032x}"
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called. Pure."""
+        return self._closed
+
     # -- RemoteStore ---------------------------------------------------------------------
     def get_many(self, hashes: Iterable[int]) -> dict[int, bytes]:
-        wanted = list(dict.fromkeys(hashes))
+        wanted = check_hashes(hashes)
         if not wanted:
             return {}
-        values = self._fetch([self._key(h) for h in wanted])
-        if values is None:
+        values = None if self._closed else self.read_values([self._key(h) for h in wanted])
+        if values is None or len(values) != len(wanted):
             self._count(num_misses=len(wanted))
             return {}
         found: dict[int, bytes] = {}
         bad: list[str] = []
         num_bytes = 0
-        for block_hash, value in zip(wanted, values):
+        for block_hash, value in zip(wanted, values, strict=True):
             if value is None:
                 continue
-            num_bytes += len(value)
             try:
-                found[block_hash] = self.namespace.decode(block_hash, value)
+                found[block_hash] = self._namespace.decode(block_hash, value)
             except PayloadError as exc:
                 bad.append(exc.reason)
+            if isinstance(value, bytes | bytearray):
+                num_bytes += len(value)
         with self._lock:
             s = self._stats
             s.num_hits += len(found)
@@ -142,155 +206,201 @@ class BlockStoreBase(ABC):
         return found
 
     def put_many(self, items: Mapping[int, bytes]) -> int:
-        if not items:
+        check_hashes(items)
+        # Encode every item first: a bad payload raises before anything is written.
+        pairs = [(self._key(h), self._namespace.encode(h, payload))
+                 for h, payload in items.items()]
+        if not pairs:
             return 0
-        pairs = [(self._key(h), self.namespace.encode(h, payload)) for h, payload in items.items()]
-        results = self._store(pairs)
-        if results is None:
+        results = None if self._closed else self.write_values(pairs)
+        if results is None or len(results) != len(pairs):
             self._count(num_failed_puts=len(pairs))
             return 0
-        num_written = sum(results)
-        num_bytes = sum(len(v) for (_, v), ok in zip(pairs, results) if ok)
+        num_written = sum(bool(ok) for ok in results)
+        num_bytes = sum(len(v) for (_, v), ok in zip(pairs, results, strict=True) if ok)
         self._count(num_puts=num_written, num_failed_puts=len(pairs) - num_written,
                     bytes_written=num_bytes)
         return num_written
 
     def contains_many(self, hashes: Iterable[int]) -> set[int]:
-        wanted = list(dict.fromkeys(hashes))
-        if not wanted:
+        wanted = check_hashes(hashes)
+        if not wanted or self._closed:
             return set()
-        present = self._exists([self._key(h) for h in wanted])
-        if present is None:
+        present = self.has_keys([self._key(h) for h in wanted])
+        if present is None or len(present) != len(wanted):
             return set()
-        return {h for h, ok in zip(wanted, present) if ok}
+        return {h for h, ok in zip(wanted, present, strict=True) if ok}
 
     # -- background I/O ------------------------------------------------------------------
     def prefetch(self, hashes: Iterable[int], callback: PrefetchCallback) -> bool:
         """Queue a ``get_many`` whose result goes to ``callback`` on the I/O thread. Returns
-        False (and counts a dropped job) when ``max_inflight`` jobs are already queued."""
-        wanted = list(hashes)
+        False (and counts a dropped job) when ``max_inflight`` jobs are already queued or
+        the store is closed; then ``callback`` is never called."""
+        wanted = check_hashes(hashes)
         return self._submit(lambda: callback(self.get_many(wanted)))
 
     def write_back(self, items: Mapping[int, bytes]) -> bool:
-        """Queue a ``put_many`` on the I/O thread; False (counted) when the queue is full."""
+        """Queue a ``put_many`` on the I/O thread; False (counted) when refused."""
         snapshot = dict(items)
+        check_hashes(snapshot)
+        size = self._namespace.layout.bytes_per_block
+        for payload in snapshot.values():  # refuse a bad payload here, not on the thread
+            if not isinstance(payload, bytes | bytearray | memoryview) or len(payload) != size:
+                raise ValueError(f"payload must be {size} bytes (one block of "
+                                 f"{self._namespace.layout}), got {describe(payload)[:40]}")
         return self._submit(lambda: self.put_many(snapshot))
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued job has run; False if ``timeout`` seconds passed first."""
-        return self._io is None or self._io.wait_idle(timeout)
+        """Wait until every accepted job has run; False if ``timeout`` seconds passed first."""
+        with self._state_lock:
+            io = self._io
+        return io is None or io.wait_idle(timeout)
 
     def _submit(self, job: Callable[[], object]) -> bool:
-        if self._io is None:
-            with self._lock:
+        # NOTE: the job is queued under the state lock, so close() sees every accepted job.
+        with self._state_lock:
+            accepted = False
+            if self._accepting:
                 if self._io is None:
                     self._io = _IOThread(self._max_inflight, self._on_job_error)
-        if self._io.submit(job):
-            return True
-        self._count(num_dropped_jobs=1)
-        return False
+                accepted = self._io.submit(job)
+        if not accepted:
+            self._count(num_dropped_jobs=1)
+        return accepted
 
     def _on_job_error(self, exc: BaseException) -> None:
         self._count(num_errors=1)  # a callback raised; the I/O thread carries on
 
     def close(self) -> None:
-        if self._io is not None:
-            self._io.stop()
-            self._io = None
+        """Refuse new jobs, run every accepted one, stop the I/O thread and release the
+        backend. Idempotent; may be called from any thread, a callback included."""
+        with self._state_lock:
+            if not self._accepting:
+                return
+            self._accepting = False
+            io, self._io = self._io, None
+        if io is not None:
+            io.stop()  # the accepted jobs run against the open backend
+        with self._state_lock:
+            self._closed = True
         self._close_backend()
 
 
+Job = Callable[[], object]
+
+
 class _IOThread:
-    """One daemon thread running queued jobs in order; the queue holds at most ``maxsize``."""
+    """One daemon thread running queued jobs in order; at most ``maxsize`` wait at once."""
 
     def __init__(self, maxsize: int, on_error: Callable[[BaseException], None]) -> None:
-        self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue(maxsize)
+        self._jobs: deque[Job] = deque()
+        self._maxsize = maxsize
         self._on_error = on_error
-        self._idle = threading.Condition()
-        self._num_pending = 0
+        self._cond = threading.Condition()
+        self._num_running = 0
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kvtier-remote-io", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[], object]) -> bool:
-        with self._idle:
-            try:
-                self._jobs.put_nowait(job)
-            except queue.Full:
+    def submit(self, job: Job) -> bool:
+        with self._cond:
+            if self._stopping or len(self._jobs) >= self._maxsize:
                 return False
-            self._num_pending += 1
+            self._jobs.append(job)
+            self._cond.notify_all()
         return True
 
     def wait_idle(self, timeout: float | None) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._num_pending == 0, timeout)
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._jobs and not self._num_running, timeout)
 
     def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+        """Run what is queued, then end the thread (joined unless called from it)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs or self._stopping)
+                if not self._jobs:
+                    return  # stopping, and every accepted job has run
+                job = self._jobs.popleft()
+                self._num_running = 1
             try:
                 job()
-            except Exception as exc:
+            except Exception as exc:  # a caller's callback must not kill the I/O thread
                 self._on_error(exc)
-            with self._idle:
-                self._num_pending -= 1
-                self._idle.notify_all()
+            with self._cond:
+                self._num_running = 0
+                self._cond.notify_all()
 
 
-class MemoryRemoteStore(BlockStoreBase):
+class InMemoryRemoteStore(RemoteStoreBase):
     """A dict-backed store for tests of callers. Stores sharing ``backend`` share blocks,
-    like processes sharing one server; tests may change ``backend`` values to corrupt them."""
+    like processes sharing one server; tests may change ``backend`` values to corrupt them.
+    May change: ``backend``, its stats."""
 
     def __init__(self, namespace: RemoteNamespace, backend: dict[str, bytes] | None = None,
                  *, max_inflight: int = 64) -> None:
         super().__init__(namespace, max_inflight=max_inflight)
         self.backend: dict[str, bytes] = {} if backend is None else backend
 
-    def _fetch(self, keys: list[str]) -> list[bytes | None]:
+    def read_values(self, keys: list[str]) -> list[bytes | None]:
         return [self.backend.get(k) for k in keys]
 
-    def _store(self, pairs: list[tuple[str, bytes]]) -> list[bool]:
+    def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool]:
         self.backend.update(pairs)
         return [True] * len(pairs)
 
-    def _exists(self, keys: list[str]) -> list[bool]:
+    def has_keys(self, keys: list[str]) -> list[bool]:
         return [k in self.backend for k in keys]
 
 
-class FaultyRemoteStore(BlockStoreBase):
-    """Wraps a :class:`BlockStoreBase` backend with injected faults, for tests of callers.
+class FaultyRemoteStore(RemoteStoreBase):
+    """Wraps another :class:`RemoteStoreBase`'s backend with injected faults, for tests.
 
     Set the attributes at any time: ``down`` fails every batch; ``delay_s`` sleeps before
     each batch; ``miss_rate`` drops that fraction of found values (as an eviction would).
+    May change: the inner store's backend values, its own stats.
     """
 
-    def __init__(self, inner: BlockStoreBase, *, seed: int = 0) -> None:
+    def __init__(self, inner: RemoteStoreBase, *, seed: int = 0) -> None:
         super().__init__(inner.namespace)
         self.inner = inner
         self.down = False
         self.delay_s = 0.0
         self.miss_rate = 0.0
         self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
 
     def _fault(self) -> bool:
-        if self.delay_s > 0:
-            time.sleep(self.delay_s)
+        delay_s = check_number("delay_s", self.delay_s, 0.0, 3600.0)
+        if delay_s > 0:
+            time.sleep(delay_s)
         if self.down:
             self._count(num_errors=1)
         return self.down
 
-    def _fetch(self, keys: list[str]) -> list[bytes | None] | None:
+    def read_values(self, keys: list[str]) -> list[bytes | None] | None:
         if self._fault():
             return None
-        values = self.inner._fetch(keys)
+        values = self.inner.read_values(keys)
         if values is None:
             return None
-        return [None if self._rng.random() < self.miss_rate else v for v in values]
+        with self._rng_lock:
+            return [None if self._rng.random() < self.miss_rate else v for v in values]
 
-    def _store(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None:
-        return None if self._fault() else self.inner._store(pairs)
+    def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None:
+        return None if self._fault() else self.inner.write_values(pairs)
 
-    def _exists(self, keys: list[str]) -> list[bool] | None:
-        return None if self._fault() else self.inner._exists(keys)
+    def has_keys(self, keys: list[str]) -> list[bool] | None:
+        return None if self._fault() else self.inner.has_keys(keys)
+
+
+# NOTE: the old names, until every user outside kvtier.remote has moved (sim/fleet.py).
+BlockStoreBase = RemoteStoreBase
+MemoryRemoteStore = InMemoryRemoteStore

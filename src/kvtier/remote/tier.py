@@ -13,9 +13,15 @@
              exact credit. The engine holds the request back until its fetch is done or
              ``fetch_deadline_s`` passes, then it goes on without what has not arrived.
 
-Keys are content hashes under a namespace that fingerprints model and layout, and a value
-is refused unless its header matches: another model, layout or a corrupt value is a miss.
-Store faults are misses too (the store never raises): the request recomputes.
+Keys are content hashes under a namespace that fingerprints model, block shape, dtype and
+memory layout (the tier refuses a store whose namespace is not its storages' layout), and a
+value is refused unless its header matches: another model, layout or a corrupt value is a
+miss. Store faults are misses too (the store never raises): the request recomputes. A
+prompt's hash chain is computed once per fetch.
+
+Contract: ``RemoteTier`` may change the shared store's values, the manager's host tier (only
+through ``import_blocks`` and ``drain_spills``), the KV bytes of the host slots it imports
+into, and its own counters; it never changes a block that a live request holds.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
-from kvtier.remote.store import BlockStoreBase
+from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.remote.options import check_number
+from kvtier.remote.store import RemoteStore
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +49,7 @@ class _Fetch:
     tokens: list[int]
     salt: bytes | str | int | None
     lora_id: int | None
+    hashes: list[int]  # of the prompt's reusable full blocks, computed once
     started_s: float
     released: bool = False
 
@@ -49,7 +57,7 @@ class _Fetch:
 class RemoteTier:
     """Moves whole blocks between ``manager``'s storages and a shared ``store``."""
 
-    def __init__(self, store: BlockStoreBase, manager: KVCacheManager, gpu: KVStorage,
+    def __init__(self, store: RemoteStore, manager: KVCacheManager, gpu: KVStorage,
                  host: KVStorage, fetch_deadline_s: float = 1.0,
                  write_policy: str = "write-through") -> None:
         config = manager.config
@@ -58,8 +66,15 @@ class RemoteTier:
                              f"in every process and machine), got {config.hash_algo!r}")
         if not config.num_host_blocks:
             raise ValueError("a remote tier imports into host blocks: num_host_blocks is 0")
-        if not isinstance(fetch_deadline_s, (int, float)) or not fetch_deadline_s >= 0:
-            raise ValueError(f"fetch_deadline_s must be a number >= 0, got {fetch_deadline_s!r}")
+        layout = store.namespace.layout
+        for name, storage in (("gpu", gpu), ("host", host)):
+            if storage.layout != layout:
+                raise ValueError(f"the store's namespace has layout {layout}, the {name} "
+                                 f"storage {storage.layout}: their blocks would be misread")
+        if layout.tokens_per_block != config.tokens_per_block:
+            raise ValueError(f"the store's blocks hold {layout.tokens_per_block} tokens, the "
+                             f"manager's {config.tokens_per_block}")
+        self.fetch_deadline_s = check_number("fetch_deadline_s", fetch_deadline_s, 0.0, 3600.0)
         if write_policy not in ("write-through", "write-back"):
             raise ValueError("write_policy must be 'write-through' or 'write-back', "
                              f"got {write_policy!r}")
@@ -67,7 +82,6 @@ class RemoteTier:
         self.write_policy = write_policy
         if write_policy == "write-back":
             manager.record_spills()
-        self.fetch_deadline_s = float(fetch_deadline_s)
         self._pending: dict[str, _Fetch] = {}
         self._done: dict[str, dict[int, bytes]] = {}
         self._lock = threading.Lock()
@@ -81,9 +95,22 @@ class RemoteTier:
         self.num_fetched_blocks = 0
 
     def block_hashes(self, tokens: list[int], salt: object, lora_id: int | None) -> list[int]:
-        """The chained hashes of the full blocks of ``tokens``, as the manager names them."""
-        parent = root_hash(self._hash_fn, lora_id, salt)
-        return chain_hashes(self._hash_fn, parent, tokens, self._tpb, lora_id)
+        """The chained hashes of the full blocks of ``tokens``, as the manager names them.
+        Pure."""
+        return prompt_block_hashes(self._hash_fn, tokens, self._tpb, lora_id, salt)
+
+    def _reusable_hashes(self, tokens: list[int], salt: object,
+                         lora_id: int | None) -> list[int]:
+        # The last prompt token is never reused, so neither is a block that ends with it.
+        num_blocks = max(len(tokens) - 1, 0) // self._tpb
+        return prompt_block_hashes(self._hash_fn, tokens, self._tpb, lora_id, salt,
+                                   num_blocks=num_blocks)
+
+    def _num_local_blocks(self, tokens: list[int], salt: bytes | str | int | None,
+                          lora_id: int | None) -> int:
+        """Full blocks of the prompt the local tiers hold now (a pure lookup, no hashing)."""
+        m = self.manager.lookup(tokens, salt=salt, lora_id=lora_id)
+        return (m.num_tokens - m.num_partial_tokens) // self._tpb
 
     def write(self, tokens: list[int], block_table: list[int], salt: object = None,
               lora_id: int | None = None, wait: bool = False) -> int:
@@ -91,7 +118,8 @@ class RemoteTier:
         copied now, the store is written on its I/O thread, or now with ``wait``); returns
         how many blocks were handed to the store."""
         hashes = self.block_hashes(tokens, salt, lora_id)
-        items = {h: _to_bytes(self.gpu.block(slot)) for h, slot in zip(hashes, block_table)}
+        items = {h: _to_bytes(self.gpu.block(slot))
+                 for h, slot in zip(hashes, block_table, strict=False)}
         if not items:
             return 0
         if wait:
@@ -115,17 +143,22 @@ class RemoteTier:
               lora_id: int | None = None) -> int:
         """Fetch now (blocking) and import the blocks of ``tokens`` that the store has past
         the local tiers' prefix into host blocks; returns how many were imported."""
-        wanted = self.manager.missing_block_hashes(tokens, salt, lora_id)
+        hashes = self._reusable_hashes(tokens, salt, lora_id)
+        wanted = hashes[self._num_local_blocks(tokens, salt, lora_id):]
         if not wanted:
             return 0
-        return self._import(tokens, salt, lora_id, self.store.get_many(wanted))
+        fetch = _Fetch(list(tokens), salt, lora_id, hashes, time.monotonic())
+        return self._import(fetch, self.store.get_many(wanted))
 
     def start_fetch(self, request_id: str, tokens: list[int],
                     salt: bytes | str | int | None = None, lora_id: int | None = None) -> bool:
         """Look the prompt's missing blocks up on the store's I/O thread; False when there
-        is nothing to look up or the store's queue is full (then don't wait for it)."""
-        wanted = self.manager.missing_block_hashes(tokens, salt, lora_id)
-        if not wanted or request_id in self._pending:
+        is nothing to look up or the store refused the job (then don't wait for it)."""
+        if request_id in self._pending:
+            return False
+        hashes = self._reusable_hashes(tokens, salt, lora_id)
+        wanted = hashes[self._num_local_blocks(tokens, salt, lora_id):]
+        if not wanted:
             return False
 
         def arrived(found: dict[int, bytes]) -> None:
@@ -133,7 +166,7 @@ class RemoteTier:
                 self._done[request_id] = found
             self._arrived.set()
 
-        fetch = _Fetch(list(tokens), salt, lora_id, time.monotonic())
+        fetch = _Fetch(list(tokens), salt, lora_id, hashes, time.monotonic())
         self._pending[request_id] = fetch
         if not self.store.prefetch(wanted, arrived):
             del self._pending[request_id]
@@ -148,7 +181,7 @@ class RemoteTier:
         over = []
         for rid, found in done.items():
             fetch = self._pending.pop(rid)
-            self._import(fetch.tokens, fetch.salt, fetch.lora_id, found)
+            self._import(fetch, found)
             if not fetch.released:
                 over.append(rid)
         now = time.monotonic()
@@ -173,20 +206,19 @@ class RemoteTier:
         """Fetches in flight whose requests are still held back. Pure."""
         return sum(not f.released for f in self._pending.values())
 
-    def _import(self, tokens: list[int], salt: bytes | str | int | None, lora_id: int | None,
-                found: dict[int, bytes]) -> int:
+    def _import(self, fetch: _Fetch, found: dict[int, bytes]) -> int:
         manager = self.manager
         # The local tiers may have changed since the lookup: import from where they end now.
-        wanted = self.manager.missing_block_hashes(tokens, salt, lora_id)
+        wanted = fetch.hashes[self._num_local_blocks(fetch.tokens, fetch.salt, fetch.lora_id):]
         run = 0
         while run < len(wanted) and wanted[run] in found:
             run += 1
         if not run:
             return 0
-        slots = manager.import_blocks(tokens, run, salt=salt, lora_id=lora_id)
+        slots = manager.import_blocks(fetch.tokens, run, salt=fetch.salt, lora_id=fetch.lora_id)
         if self.write_policy == "write-back":
             self.write_spilled()  # the import may reuse their slots: read them first
-        for h, slot in zip(wanted, slots):
+        for h, slot in zip(wanted, slots, strict=False):
             _write_block(self.host, slot, found[h])
         self.num_fetched_blocks += len(slots)
         return len(slots)

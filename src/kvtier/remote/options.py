@@ -1,0 +1,43 @@
+"""Checks of the remote tier's numeric options: finite, in range, never a bool.
+
+A bad option is an impossible request: it raises ``ValueError`` naming the field and the
+value at construction, so no fault path later does arithmetic on it (``backoff_s=1e300``
+once made a retry's sleep overflow). Pure functions.
+"""
+
+from __future__ import annotations
+
+
+def describe(value: object) -> str:
+    """``repr(value)``, or a short description where repr itself fails (ints past 4300
+    digits). Pure."""
+    try:
+        return repr(value)
+    except ValueError:
+        bits = value.bit_length() if isinstance(value, int) else 0
+        return f"an integer of {bits} bits"
+
+
+def check_number(field: str, value: object, low: float, high: float, *,
+                 low_open: bool = False) -> float:
+    """``value`` as a float if it is an int or float (never a bool) in ``[low, high]``
+    (``(low, high]`` with ``low_open``); else ValueError naming ``field``. NaN and
+    infinities are out of every range. Pure."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        # NOTE: Python compares a huge int with a float exactly, without overflow.
+        above_low = low < value if low_open else low <= value  # type: ignore[operator]
+        ok = above_low and value <= high  # type: ignore[operator]
+    if not ok:
+        opening = "(" if low_open else "["
+        raise ValueError(f"{field} must be a finite number in {opening}{low:g}, {high:g}], got "
+                         f"{describe(value)}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_count(field: str, value: object, low: int, high: int) -> int:
+    """``value`` if it is an int (never a bool) in ``[low, high]``; else ValueError naming
+    ``field``. Pure."""
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{field} must be an integer in [{low}, {high}], got {describe(value)}")
+    return value
