@@ -53,10 +53,11 @@ class _SharedTier:
             self.store.put_many(dict.fromkeys(hashes, self._value))
 
     def store_errors(self) -> dict[str, int]:
-        """The real store's fault counters (nothing for the in-memory set): a store that
+        """The real store's fault counters (all 0 for the in-memory set): a store that
         failed mid-run turned lookups into misses and writes into losses, and says so."""
         if self.store is None:
-            return {}
+            return dict.fromkeys(("num_store_errors", "num_store_timeouts", "num_failed_puts",
+                                  "num_short_circuited"), 0)
         stats = self.store.stats
         return {"num_store_errors": stats.num_errors, "num_store_timeouts": stats.num_timeouts,
                 "num_failed_puts": stats.num_failed_puts,

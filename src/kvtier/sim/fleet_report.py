@@ -181,7 +181,9 @@ def format_fleet_report(report: FleetReport) -> list[str]:
         lines.append(f"remote      {r.remote['policy']}: {r.remote['num_hit_blocks']:,} blocks "
                      f"found for {r.remote['num_lookups']:,} arrivals, "
                      f"{r.remote['num_imported_blocks']:,} imported to host tiers")
-        if "num_store_errors" in r.remote:
+        faults = ("num_store_errors", "num_store_timeouts", "num_failed_puts",
+                  "num_short_circuited")
+        if any(r.remote[key] for key in faults):
             lines.append(f"store       {r.remote['num_store_errors']:,} errors, "
                          f"{r.remote['num_store_timeouts']:,} timeouts, "
                          f"{r.remote['num_failed_puts']:,} failed writes, "
