@@ -55,11 +55,14 @@ class EventBatch(NamedTuple):
 
 
 class InstanceLost(NamedTuple):
-    """Events of ``instance_id`` from ``expected_seq`` on were missed; forget its blocks."""
+    """Events of ``instance_id`` from ``expected_seq`` on were missed; forget its blocks.
+
+    ``got_seq`` is the seq that showed the hole, or None when an entry of the instance was
+    unreadable (so which events it held is unknown)."""
 
     instance_id: str
     expected_seq: int
-    got_seq: int
+    got_seq: int | None
 
 
 Update = EventBatch | Snapshot | InstanceLost
@@ -129,6 +132,17 @@ class SeqTracker:
             stream.next_seq = seq + 1
         if batch:
             out.append(EventBatch(instance_id, batch))
+
+    def lose(self, instance_id: str, out: list[Update]) -> None:
+        """An entry of ``instance_id`` was unreadable: its events are a hole, the instance
+        is stale until a snapshot covers it."""
+        stream = self.streams.setdefault(instance_id, _Stream())
+        if stream.stale:
+            return
+        self.num_gaps += 1
+        stream.stale = True
+        expected = 0 if stream.next_seq is None else stream.next_seq
+        out.append(InstanceLost(instance_id, expected, None))
 
     def offer(self, snapshot: Snapshot, out: list[Update]) -> bool:
         """Resync from ``snapshot`` if it covers every event seen; True if it was applied."""
@@ -246,29 +260,72 @@ def encode_events(events: Sequence[Event]) -> str:
     return json.dumps(rows, separators=(",", ":"))
 
 
-def decode_events(text: str | bytes) -> list[Event]:
-    """Inverse of :func:`encode_events`; raises ValueError on anything malformed."""
+_MAX_SEQ = 1 << 63
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _count(value: object, field: str, low: int = 0, high: int = _MAX_SEQ) -> int:
+    if type(value) is not int or not low <= value < high:
+        raise ValueError(f"{field} must be an integer in [{low}, {high}), got {value!r:.40}")
+    return value
+
+
+def _hash(value: object, field: str = "block hash") -> int:
+    if not (isinstance(value, str) and len(value) == 32 and _HEX_DIGITS.issuperset(value)):
+        raise ValueError(f"{field} must be 32 lowercase hex digits, got {value!r:.40}")
+    return int(value, 16)
+
+
+def _tier(value: object) -> Tier:
+    if type(value) is not int or value not in {int(t) for t in Tier}:
+        raise ValueError(f"tier must be one of {[int(t) for t in Tier]}, got {value!r:.40}")
+    return Tier(value)
+
+
+def _row(row: object, kind: str, length: int) -> list[object]:
+    if not isinstance(row, list) or len(row) != length:
+        raise ValueError(f"a {kind!r} event is an array of {length} values, got {row!r:.60}")
+    return row
+
+
+def _event(row: object) -> Event:
+    kind = row[0] if isinstance(row, list) and row else None
+    if kind == "S":
+        _, seq, h, parent, tier, num_tokens, lora = _row(row, kind, 7)
+        return BlockStored(_count(seq, "seq"), _hash(h),
+                           None if parent is None else _hash(parent, "parent hash"),
+                           _tier(tier), _count(num_tokens, "num_tokens", 1),
+                           None if lora is None else _count(lora, "lora_id", -_MAX_SEQ))
+    if kind == "R":
+        _, seq, h, tier = _row(row, kind, 4)
+        return BlockRemoved(_count(seq, "seq"), _hash(h), _tier(tier))
+    if kind == "T":
+        _, seq, h, old, new = _row(row, kind, 5)
+        return BlockTierChanged(_count(seq, "seq"), _hash(h), _tier(old), _tier(new))
+    if kind == "C":
+        _, seq = _row(row, kind, 2)
+        return AllBlocksCleared(_count(seq, "seq"))
+    raise ValueError(f"unknown event kind in {row!r:.60}")
+
+
+def _json(text: object, what: str) -> object:
+    if not isinstance(text, str | bytes | bytearray):
+        raise ValueError(f"malformed {what}: not text but {type(text).__name__}")
     try:
-        rows = json.loads(text)
-        events: list[Event] = []
-        for row in rows:
-            kind = row[0]
-            if kind == "S":
-                parent = None if row[3] is None else int(row[3], 16)
-                lora = None if row[6] is None else int(row[6])
-                events.append(BlockStored(int(row[1]), int(row[2], 16), parent, Tier(row[4]),
-                                          int(row[5]), lora))
-            elif kind == "R":
-                events.append(BlockRemoved(int(row[1]), int(row[2], 16), Tier(row[3])))
-            elif kind == "T":
-                events.append(BlockTierChanged(int(row[1]), int(row[2], 16), Tier(row[3]),
-                                               Tier(row[4])))
-            elif kind == "C":
-                events.append(AllBlocksCleared(int(row[1])))
-            else:
-                raise ValueError(f"malformed event batch: unknown event kind {kind!r}")
-        return events
-    except (TypeError, IndexError, KeyError, json.JSONDecodeError) as exc:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, deep nesting
+        raise ValueError(f"malformed {what}: {exc}"[:200]) from None
+
+
+def decode_events(text: str | bytes) -> list[Event]:
+    """Inverse of :func:`encode_events`. Raises ValueError, and only ValueError, on anything
+    malformed, whatever the bytes. Pure."""
+    rows = _json(text, "event batch")
+    if not isinstance(rows, list):
+        raise ValueError(f"malformed event batch: not an array but {type(rows).__name__}")
+    try:
+        return [_event(row) for row in rows]
+    except ValueError as exc:
         raise ValueError(f"malformed event batch: {exc}") from None
 
 
@@ -279,11 +336,24 @@ def encode_snapshot(snapshot: Snapshot) -> str:
 
 
 def decode_snapshot(text: str | bytes) -> Snapshot:
+    """Inverse of :func:`encode_snapshot`. Raises ValueError, and only ValueError, on
+    anything malformed, whatever the bytes. Pure."""
+    doc = _json(text, "snapshot")
     try:
-        doc = json.loads(text)
-        blocks = frozenset((int(h, 16), Tier(t)) for h, t in doc["b"])
-        return Snapshot(str(doc["i"]), int(doc["n"]), blocks)
-    except (TypeError, IndexError, KeyError, json.JSONDecodeError) as exc:
+        if not isinstance(doc, dict) or set(doc) != {"i", "n", "b"}:
+            raise ValueError("an object with exactly the keys i, n and b is expected")
+        instance_id, next_seq, rows = doc["i"], doc["n"], doc["b"]
+        if not isinstance(instance_id, str):
+            raise ValueError(f"instance id must be a string, got {instance_id!r:.40}")
+        if not isinstance(rows, list):
+            raise ValueError(f"blocks must be an array, got {rows!r:.40}")
+        blocks = []
+        for row in rows:
+            if not isinstance(row, list) or len(row) != 2:
+                raise ValueError(f"a block is [hash, tier], got {row!r:.60}")
+            blocks.append((_hash(row[0]), _tier(row[1])))
+        return Snapshot(instance_id, _count(next_seq, "next_seq"), frozenset(blocks))
+    except ValueError as exc:
         raise ValueError(f"malformed snapshot: {exc}") from None
 
 
@@ -333,7 +403,9 @@ class RedisStreamPublisher:
         for _, rows in reply or []:
             for entry_id, entry in rows:
                 self._resync_id = entry_id
-                asked.add(entry[b"i"].decode())
+                instance_id = _field(entry, b"i")
+                if instance_id is not None:  # a malformed request is skipped
+                    asked.add(instance_id)
         return asked
 
 
@@ -342,6 +414,10 @@ class RedisStreamSubscriber:
 
     Gaps (the stream was trimmed past us, or we started late) make an instance stale: a
     resync request is added and the stored snapshot is used once it covers what was read.
+    A malformed entry is skipped and counted (``num_malformed_entries``); its instance, when
+    readable, is reported lost (a gap) and resynced; the entries after it are delivered. A
+    malformed snapshot is skipped and counted (``num_malformed_snapshots``); the instance
+    stays stale until a sound one comes. May change: the resync stream, its own state.
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0") -> None:
@@ -349,6 +425,8 @@ class RedisStreamSubscriber:
         self.stream = stream
         self.last_id: str | bytes = start_id
         self.tracker = SeqTracker()
+        self.num_malformed_entries = 0
+        self.num_malformed_snapshots = 0
         self._asked: set[str] = set()
 
     def poll(self, count: int = 10_000, block_ms: int | None = None) -> list[Update]:
@@ -360,9 +438,8 @@ class RedisStreamSubscriber:
         reply = self._redis.xread({self.stream: self.last_id}, count=count, block=block_ms)
         for _, rows in reply or []:
             for entry_id, entry in rows:
-                self.last_id = entry_id
-                instance_id = entry[b"i"].decode()
-                self.tracker.receive(instance_id, decode_events(entry[b"e"]), out)
+                self.last_id = entry_id  # never read a bad entry twice
+                self._receive(entry, out)
         self._try_snapshots(out)
         for instance_id in self.tracker.stale_instances():
             if instance_id not in self._asked:
@@ -371,8 +448,42 @@ class RedisStreamSubscriber:
                 self._asked.add(instance_id)
         return out
 
+    def _receive(self, entry: object, out: list[Update]) -> None:
+        instance_id = _field(entry, b"i")
+        try:
+            if instance_id is None:
+                raise ValueError("no readable instance id")
+            events = decode_events(entry[b"e"])  # type: ignore[index]
+        except (ValueError, KeyError, TypeError):
+            self.num_malformed_entries += 1
+            if instance_id is not None:
+                self.tracker.lose(instance_id, out)
+            return
+        self.tracker.receive(instance_id, events, out)
+
     def _try_snapshots(self, out: list[Update]) -> None:
         for instance_id in self.tracker.stale_instances():
             raw = self._redis.get(f"{self.stream}:snapshot:{instance_id}")
-            if raw is not None and self.tracker.offer(decode_snapshot(raw), out):
+            if raw is None:
+                continue
+            try:
+                snapshot = decode_snapshot(raw)
+                if snapshot.instance_id != instance_id:
+                    raise ValueError(f"snapshot of {snapshot.instance_id!r} under the key of "
+                                     f"{instance_id!r}")
+            except ValueError:
+                self.num_malformed_snapshots += 1
+                continue
+            if self.tracker.offer(snapshot, out):
                 self._asked.discard(instance_id)
+
+
+def _field(entry: object, name: bytes) -> str | None:
+    """The UTF-8 text of field ``name`` of a stream entry, or None if it has none. Pure."""
+    value = entry.get(name) if isinstance(entry, dict) else None
+    if not isinstance(value, bytes):
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None

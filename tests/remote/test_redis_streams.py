@@ -46,3 +46,63 @@ def test_redis_stream_round_trip_and_resync_after_trim(redis_servers: RedisServe
         assert (sub.tracker.num_gaps, sub.tracker.num_resyncs) == (1, 1)
     finally:
         pub._redis.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+
+
+def test_malformed_entries_are_skipped_counted_and_reported(redis_servers: RedisServers
+                                                            ) -> None:
+    """A bad entry between good ones: the good events before and after it (of other
+    instances) are delivered, its instance is reported lost and resyncs; nothing raises."""
+    from kvtier.publisher import EventBatch, InstanceLost
+
+    url = redis_servers.url
+    stream = f"kvtier:test:{uuid.uuid4().hex}"
+    pub = RedisStreamPublisher(url, stream)
+    sub = RedisStreamSubscriber(url, stream)
+    raw = pub._redis
+    try:
+        pub.publish("a", [stored(0, 1)])
+        pub.publish("b", [stored(0, 10)])
+        raw.xadd(stream, {"i": "a", "e": "[[\"S\", 1, \"nothex\"]]"})  # a's seq 1, unreadable
+        raw.xadd(stream, {"i": b"\xff\xfe", "e": "[]"})  # no readable instance id
+        raw.xadd(stream, {"x": "no fields at all"})
+        pub.publish("a", [stored(2, 3)])  # skipped: a is stale
+        pub.publish("b", [stored(1, 11)])
+        updates = sub.poll()
+        assert updates == [EventBatch("a", [stored(0, 1)]), EventBatch("b", [stored(0, 10)]),
+                           InstanceLost("a", 1, None), EventBatch("b", [stored(1, 11)])]
+        assert (sub.num_malformed_entries, sub.tracker.num_gaps) == (3, 1)
+        assert pub.resync_requests() == {"a"}
+        pub.publish_snapshot(Snapshot("a", 3, frozenset({(1, G), (3, G)})))
+        assert sub.poll() == [Snapshot("a", 3, frozenset({(1, G), (3, G)}))]
+    finally:
+        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+
+
+def test_malformed_snapshot_is_skipped_and_other_instances_go_on(redis_servers: RedisServers
+                                                                ) -> None:
+    """A garbage snapshot (or another instance's under this key) is counted and skipped:
+    the stale instance keeps waiting, the others' events keep flowing, a sound one resyncs."""
+    url = redis_servers.url
+    stream = f"kvtier:test:{uuid.uuid4().hex}"
+    pub = RedisStreamPublisher(url, stream)
+    sub = RedisStreamSubscriber(url, stream)
+    raw = pub._redis
+    try:
+        pub.publish("a", [stored(5, 1)])  # joined late: a is stale
+        index = PrefixIndex()
+        index.apply_updates(sub.poll())
+        raw.set(f"{stream}:snapshot:a", b"\x80garbage")
+        pub.publish("b", [stored(0, 10)])
+        index.apply_updates(sub.poll())
+        assert index.blocks("b") == {10: G}
+        pub.publish_snapshot(Snapshot("b", 9, frozenset()))
+        raw.set(f"{stream}:snapshot:a", raw.get(f"{stream}:snapshot:b"))  # b's, under a's key
+        pub.publish("b", [stored(1, 11)])
+        index.apply_updates(sub.poll())
+        assert index.blocks("b") == {10: G, 11: G} and index.blocks("a") == {}
+        assert sub.num_malformed_snapshots == 4  # twice per poll: before and after reading
+        pub.publish_snapshot(Snapshot("a", 6, frozenset({(1, G)})))
+        index.apply_updates(sub.poll())
+        assert index.blocks("a") == {1: G} and sub.tracker.stale_instances() == []
+    finally:
+        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a", f"{stream}:snapshot:b")
