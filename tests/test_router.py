@@ -280,3 +280,36 @@ def test_router_records_decisions() -> None:
         make_policy("random")
     with pytest.raises(ValueError, match="load_factor must be"):
         CacheAware(load_factor=0.5)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("alpha", True), ("alpha", float("nan")), ("alpha", float("inf")), ("alpha", -1),
+    ("host_weight", True), ("host_weight", 1.5), ("host_weight", float("nan")),
+    ("load_factor", False), ("load_factor", 0.5), ("load_factor", 10**400),
+    ("load_slack", True), ("load_slack", -1), ("load_slack", 1.0),
+])
+def test_cache_aware_options_are_checked(field: str, value: object) -> None:
+    """Every option is a finite number in range, never a bool: ValueError naming it."""
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        CacheAware(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [0, True, 4.0, "4"], ids=repr)
+def test_router_tokens_per_block_is_checked(value: object) -> None:
+    """tokens_per_block is an integer >= 1, never a bool."""
+    with pytest.raises(ValueError, match=r"^tokens_per_block must be an integer >= 1"):
+        Router(RoundRobin(), value)  # type: ignore[arg-type]
+
+
+def test_router_hashes_like_the_manager_with_one_helper() -> None:
+    """Router.block_hashes is prompt_block_hashes: the manager's events name the same blocks."""
+    from kvtier.hashing import get_hash_fn, prompt_block_hashes
+
+    router = Router(RoundRobin(), 4)
+    prompt = list(range(13))
+    assert router.block_hashes(prompt, salt="s", lora_id=2) == prompt_block_hashes(
+        get_hash_fn("xxh3_128"), prompt, 4, 2, "s")
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8, enable_events=True))
+    mgr.add_sequence(SequenceSpec("r", prompt, salt="s", lora_id=2))
+    stored = [e.block_hash for e in mgr.drain_events() if isinstance(e, BlockStored)]
+    assert stored == router.block_hashes(prompt, salt="s", lora_id=2)

@@ -49,7 +49,8 @@ class EventLog:
     """A bounded buffer of events with a monotonic sequence number.
 
     When the buffer is full the oldest events are dropped and counted in ``num_dropped``; a
-    consumer that sees a gap in ``seq`` knows it missed events and should resync.
+    consumer that sees a gap in ``seq`` knows it missed events and should resync. May change
+    only its own buffer and counters; ``drain`` is the one command that empties it.
     """
 
     def __init__(self, max_events: int) -> None:

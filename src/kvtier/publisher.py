@@ -15,6 +15,10 @@ A snapshot is accepted only if it covers every event already read from that inst
 
 :class:`InMemoryEventBus` serves the simulator and tests; :class:`RedisStreamPublisher` and
 :class:`RedisStreamSubscriber` carry the same updates over Redis Streams (extra ``redis``).
+
+Contracts: a publisher changes only its transport (buffers, a stream, snapshot keys); a
+subscriber only its own position and :class:`SeqTracker`; neither ever changes a manager
+(``manager_snapshot`` is a pure query). The decoders raise only ``ValueError``.
 """
 
 from __future__ import annotations
@@ -74,7 +78,9 @@ def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -
     ``next_seq`` must be one past the last event drained from ``manager``: call it with no
     events left undrained, or the snapshot claims events it does not reflect.
     """
-    # NOTE: the manager has no public walk of its tree; the snapshot is the one reader.
+    # NOTE: the one read of another object's private state left in this module: the manager
+    # has no public query of its cached blocks yet (asked of its owner: a pure
+    # ``KVCacheManager.cached_blocks() -> list[CachedBlock(block_hash, parent_hash, tier)]``).
     store = manager._store
     blocks: set[tuple[int, Tier]] = set()
     for root in store.roots.values():

@@ -9,6 +9,10 @@ request's block hashes it holds, from the first, up to the first it lacks::
     instance b:      -   G   G   G   G     → no match: h0 is missing
 
 Policies see only :class:`InstanceLoad` and the :class:`PrefixHit` of each instance.
+
+Contracts: :class:`PrefixIndex` changes only its own maps, from events and snapshots; a
+:class:`RoutingPolicy` only its own rotation state; :class:`Router` only its stats (it
+hashes a request once, and asks the index and the policy).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
-from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
+from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update
 from kvtier.radix import Tier
 
@@ -217,14 +221,17 @@ class CacheAware:
     _next: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.alpha < float("inf"):
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
-        if not 0 <= self.host_weight <= 1:
-            raise ValueError(f"host_weight must be in [0, 1], got {self.host_weight!r}")
-        if not 1 <= self.load_factor < float("inf"):
-            raise ValueError(f"load_factor must be a finite number >= 1, got {self.load_factor!r}")
-        if type(self.load_slack) is not int or self.load_slack < 0:
-            raise ValueError(f"load_slack must be an integer >= 0, got {self.load_slack!r}")
+        for name, low, high in (("alpha", 0.0, 1e6), ("host_weight", 0.0, 1.0),
+                                ("load_factor", 1.0, 1e6)):
+            value = getattr(self, name)
+            # bool is never a number here; NaN and infinities fail the range.
+            if (not isinstance(value, int | float) or isinstance(value, bool)
+                    or not low <= value <= high):
+                raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got "
+                                 f"{value!r}")
+        if type(self.load_slack) is not int or not 0 <= self.load_slack <= 1 << 31:
+            raise ValueError(f"load_slack must be an integer in [0, 2**31], got "
+                             f"{self.load_slack!r}")
 
     def bound(self, loads: Sequence[InstanceLoad]) -> float:
         """The largest queue depth an eligible instance may have. Pure."""
@@ -295,6 +302,9 @@ class Router:
 
     def __init__(self, policy: RoutingPolicy, tokens_per_block: int,
                  hash_algo: str = "xxh3_128", index: PrefixIndex | None = None) -> None:
+        if type(tokens_per_block) is not int or tokens_per_block < 1:
+            raise ValueError(f"tokens_per_block must be an integer >= 1, got "
+                             f"{tokens_per_block!r}")
         self.policy = policy
         self.tokens_per_block = tokens_per_block
         self._hash_fn = get_hash_fn(hash_algo)
@@ -306,8 +316,8 @@ class Router:
                      extras: Sequence[object] | None = None) -> list[int]:
         """The chained hashes of the full blocks of ``tokens``, as the manager computes them.
         Pure."""
-        parent = root_hash(self._hash_fn, lora_id, salt)
-        return chain_hashes(self._hash_fn, parent, tokens, self.tokens_per_block, lora_id, extras)
+        return prompt_block_hashes(self._hash_fn, tokens, self.tokens_per_block, lora_id, salt,
+                                   extras)
 
     def route(self, tokens: Sequence[int], loads: Sequence[InstanceLoad], salt: object = None,
               lora_id: int | None = None) -> RouteDecision:
