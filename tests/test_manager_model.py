@@ -169,7 +169,7 @@ def expected_match(
 ) -> tuple[int, int, int]:
     """A flat-dict matcher: (full blocks found, those on host, best partial tokens)."""
     key = (spec.salt, spec.lora_id)
-    tokens = spec.tokens
+    tokens = list(spec.tokens)
     reusable = len(tokens) - 1
     k = 0
     num_host = 0
@@ -321,7 +321,7 @@ class ManagerModel(RuleBasedStateMachine):
             assert (*key, tuple(spec.tokens[:num_full])) in self.stored, (spec, found)
         r = found.num_partial_tokens
         if r:
-            want = spec.tokens[: num_full + r]
+            want = list(spec.tokens[: num_full + r])
             assert any(c[:2] == key and len(c[2]) == num_full + tpb and list(c[2][: len(want)])
                        == want for c in self.stored), (spec, found)
         # The radix match agrees with a flat dict of what the tree caches.
@@ -366,7 +366,9 @@ class ManagerModel(RuleBasedStateMachine):
         try:
             admissions = mgr.add_sequence_batch(specs)
         except ValueError as exc:
+            # Refused only when the batch (shared prefixes counted once) outgrows the pool.
             assert num_blocks > capacity, exc
+            assert f"num_gpu_blocks is {capacity}" in str(exc), exc
             assert mgr.num_free_gpu_blocks == num_free and len(self.memory.plans) == num_plans
             assert lookups == [mgr.lookup(s.tokens, salt=s.salt, lora_id=s.lora_id)
                                for s in specs]
@@ -422,7 +424,7 @@ class ManagerModel(RuleBasedStateMachine):
                 specs.pop()
         self.arm_failures(data)
         self.admit(specs)
-        self.history += [(s.tokens, s.salt, s.lora_id) for s in specs
+        self.history += [(list(s.tokens), s.salt, s.lora_id) for s in specs
                          if s.request_id in self.requests]
 
     @precondition(lambda self: not self.in_step)
