@@ -116,10 +116,11 @@ class BatchAdmission:
         """Admit ``specs`` (already checked for ids) and return one admission each."""
         store = self._store
         tpb = self._tpb
-        roots = [store.new_root(s.lora_id, s.salt) for s in specs]
+        tokens_of = [list(s.tokens) for s in specs]
         extras_of = [block_extras(s.mm_items, len(s.tokens), tpb) for s in specs]
         # The promises, on the untouched tree: exactly what lookup() reports.
-        matches = [self.mgr._match(r, s.tokens, e) for r, s, e in zip(roots, specs, extras_of)]
+        matches = [self.mgr.match_tokens(store.root(s.lora_id, s.salt), t, e)
+                   for s, t, e in zip(specs, tokens_of, extras_of)]
         self._check_footprint(specs, matches)
         promises = [promise_of(m, self.config) for m in matches]
 
@@ -127,9 +128,10 @@ class BatchAdmission:
         # what a match finds, so each request is matched again against the current tree.
         pending: list[Pending] = []
         for i, spec in enumerate(specs):
-            m = matches[i] if i == 0 else self.mgr._match(roots[i], spec.tokens, extras_of[i])
+            root = store.join_root(spec.lora_id, spec.salt)
+            m = matches[i] if i == 0 else self.mgr.match_tokens(root, tokens_of[i], extras_of[i])
             priority = self.config.default_priority if spec.priority is None else spec.priority
-            seq = LiveSequence(spec, roots[i], extras_of[i], priority)
+            seq = LiveSequence(spec, tokens_of[i], root, extras_of[i], priority)
             self._claim_path(seq, m)
             pending.append(Pending(spec, seq, promises[i], None, promises[i].partial_mode))
         # Phase 1b: claim partial-reuse sources, found again below each claimed path. A
@@ -178,6 +180,8 @@ class BatchAdmission:
                 store.stats.num_rejected += 1
                 results.append(Admission(p.spec.request_id, False, 0, 0, (),
                                          "not enough free or evictable GPU blocks"))
+        if any(admitted):
+            self.mgr._version += 1
         if ops:
             self.mgr.engine.submit(TransferPlan(tuple(ops)))
         return results
@@ -185,7 +189,7 @@ class BatchAdmission:
     def _claim_partial(self, p: Pending) -> Pending:
         """Claim the source block of ``p``'s partial reuse, cut to start its run."""
         tpb = self._tpb
-        tokens = p.spec.tokens
+        tokens = p.seq.tokens
         m = match(p.seq.root, tokens, len(tokens) - 1, tpb, p.seq.extras, True)
         assert m.num_blocks == p.seq.num_path_blocks and m.partial is not None, (m, p)
         partial = m.partial
@@ -214,6 +218,7 @@ class BatchAdmission:
         if p.partial is not None and p.partial_mode is not None:
             store.unref_path(p.partial.node)
         store.unref_path(p.seq.last_node)
+        store.leave_root(p.seq.root)
 
     def _admit(self, p: Pending, ops: list[TransferOp]) -> Admission:
         store = self._store

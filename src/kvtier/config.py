@@ -19,9 +19,15 @@ def check_priority(field: str, value: int) -> None:
         )
 
 
-def _check_count(field: str, value: int, minimum: int) -> None:
-    if type(value) is not int or value < minimum:
-        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+MAX_BLOCKS = 2**32
+"""The most slots one tier may have (block ids fit in 32 bits)."""
+
+
+def _check_count(field: str, value: int, minimum: int, maximum: int | None = None) -> None:
+    if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
+        bound = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{field} must be an integer {bound}, got {shown}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +54,12 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         tpb = self.tokens_per_block
-        if type(tpb) is not int or tpb < 1 or tpb & (tpb - 1):
-            raise ValueError(f"tokens_per_block must be a power of two >= 1, got {tpb!r}")
-        _check_count("num_gpu_blocks", self.num_gpu_blocks, 1)
-        _check_count("num_host_blocks", self.num_host_blocks, 0)
-        _check_count("max_events", self.max_events, 1)
+        if type(tpb) is not int or not 1 <= tpb <= 2**16 or tpb & (tpb - 1):
+            raise ValueError(
+                f"tokens_per_block must be a power of two in 1..65536, got {str(tpb)[:40]}")
+        _check_count("num_gpu_blocks", self.num_gpu_blocks, 1, MAX_BLOCKS)
+        _check_count("num_host_blocks", self.num_host_blocks, 0, MAX_BLOCKS)
+        _check_count("max_events", self.max_events, 1, 2**40)
         check_priority("offload_min_priority", self.offload_min_priority)
         check_priority("default_priority", self.default_priority)
         if self.hash_algo not in HASH_ALGOS:

@@ -28,7 +28,7 @@ def check_manager(mgr: KVCacheManager) -> None:
         owner[(tier, slot)] = who
 
     for tier in Tier:
-        for slot in store.pool(tier).free:
+        for slot in store.pool(tier).free_slots():
             own(tier, slot, "free list")
 
     # The tree.
@@ -75,10 +75,15 @@ def check_manager(mgr: KVCacheManager) -> None:
         assert len(table) == -(-len(seq.tokens) // tpb), f"{rid}: block table length"
         path_slots = [s for node in reversed(path) for s in node.slots]
         n_path = seq.num_path_blocks
-        assert table[:n_path] == path_slots, f"{rid}: block table disagrees with its path"
-        for slot in table[n_path:]:
+        assert len(path_slots) == n_path <= len(table), f"{rid}: path longer than its table"
+        # Where the table and the path differ, the table holds the request's own copy of a
+        # block another request stored first: exactly its private_slots, in order.
+        shadowed = [t for t, p in zip(table, path_slots) if t != p]
+        assert shadowed == seq.private_slots, (
+            f"{rid}: block table disagrees with its path beyond its private copies")
+        for slot in seq.own_slots():
             own(Tier.GPU, slot, f"private block of {rid}")
-        num_private += len(table) - n_path
+        num_private += len(seq.own_slots())
         assert seq.num_scheduled_tokens <= len(seq.tokens), rid
     num_reserved = sum(seq.num_reserved for seq in mgr._seqs.values())
     assert mgr._num_reserved == num_reserved, f"reserved {mgr._num_reserved} != {num_reserved}"

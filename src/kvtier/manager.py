@@ -20,7 +20,16 @@ from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
 from kvtier.metrics import CacheStats
 from kvtier.radix import Match, Node, Root, match
 from kvtier.recovery import fail_transfers
-from kvtier.sequence import LiveSequence, MultimodalItem, SequenceSpec, check_tokens
+from kvtier.sequence import (
+    LiveSequence,
+    MultimodalItem,
+    SequenceSpec,
+    check_key,
+    check_lora_id,
+    check_mm_items,
+    check_token,
+    token_list,
+)
 from kvtier.store import BlockStore
 from kvtier.transfer.engine import RecordingTransferEngine, TransferEngine
 from kvtier.transfer.plan import TransferOp, TransferPlan
@@ -80,20 +89,31 @@ class KVCacheManager:
     def num_sequences(self) -> int:
         return len(self._seqs)
 
+    @property
+    def num_key_spaces(self) -> int:
+        """Key spaces (LoRA id and salt pairs) holding cached blocks or live requests: it
+        does not grow with the salts ever seen. Pure."""
+        return len(self._store.roots)
+
     def block_table(self, request_id: str) -> list[int]:
         """A copy of the GPU block table of a live request."""
         return list(self._seq(request_id).block_table)
 
     def lookup(
         self,
-        tokens: list[int],
+        tokens: Sequence[int],
         salt: bytes | str | int | None = None,
         lora_id: int | None = None,
         mm_items: Sequence[MultimodalItem] = (),
     ) -> PrefixMatch:
-        """The reuse a request with these tokens would get if admitted now. Pure query."""
-        check_tokens(tokens, "tokens")
-        return self._lookup(tokens, salt, lora_id, mm_items)
+        """The reuse a request with these tokens would get if admitted now. Pure query.
+
+        Arguments are checked exactly as ``SequenceSpec`` checks them (ValueError)."""
+        token_ids = token_list(tokens, "tokens")
+        check_key("salt", salt)
+        check_lora_id(lora_id)
+        items = check_mm_items(mm_items, len(token_ids), "lookup")
+        return self._lookup(token_ids, salt, lora_id, items)
 
     def missing_block_hashes(
         self,
@@ -103,6 +123,7 @@ class KVCacheManager:
     ) -> list[int]:
         """Chained hashes of the prompt's reusable full blocks past what the tiers hold
         now, in order: what a remote tier could supply (``import_blocks``). Pure query."""
+        tokens = token_list(tokens, "tokens")
         m = self.lookup(tokens, salt=salt, lora_id=lora_id)
         tpb = self._tpb
         hash_fn = get_hash_fn(self.config.hash_algo)
@@ -112,18 +133,18 @@ class KVCacheManager:
 
     def lookup_spec(self, spec: SequenceSpec) -> PrefixMatch:
         """``lookup`` for a spec's prompt (validated when the spec was built). Pure query."""
-        return self._lookup(spec.tokens, spec.salt, spec.lora_id, spec.mm_items)
+        return self._lookup(list(spec.tokens), spec.salt, spec.lora_id, spec.mm_items)
 
     def _lookup(self, tokens: list[int], salt: object, lora_id: object,
                 mm_items: Sequence[MultimodalItem]) -> PrefixMatch:
         root = self._store.root(lora_id, salt)
-        if root is None:
-            return PrefixMatch(0, 0, 0, 0)
-        m = self._match(root, tokens, block_extras(mm_items, len(tokens), self._tpb))
+        m = self.match_tokens(root, tokens, block_extras(mm_items, len(tokens), self._tpb))
         return promise_of(m, self.config).match
 
-    def _match(self, root: Root, tokens: list[int], extras: list[object] | None) -> Match:
-        if not self.config.enable_block_reuse:
+    def match_tokens(self, root: Root | None, tokens: list[int],
+                     extras: list[object] | None) -> Match:
+        """Where ``tokens`` (validated) meet the tree under ``root``. Pure query."""
+        if root is None or not self.config.enable_block_reuse:
             return _NO_MATCH
         return match(root, tokens, len(tokens) - 1, self._tpb, extras,
                      self.config.enable_partial_reuse)
@@ -134,12 +155,12 @@ class KVCacheManager:
         """Admit one request now (the sequential path)."""
         return self.add_sequence_batch([spec])[0]
 
-    def add_sequence_batch(self, specs: Sequence[SequenceSpec]) -> list[Admission]:
+    def add_sequence_batch(self, specs: Iterable[SequenceSpec]) -> list[Admission]:
         """Admit a batch in two phases (see ``kvtier.admission``). Returns one admission
-        per spec, in order. Raises ValueError, changing nothing, on a duplicate or live
-        request id, or a batch that could not fit even in an empty GPU pool."""
-        self._check_batch(specs)
-        self._version += 1
+        per spec, in order. Raises (TypeError for an item that is no ``SequenceSpec``,
+        ValueError on a duplicate or live request id, or a batch that could not fit even in
+        an empty GPU pool) changing nothing: not even ``version``."""
+        specs = self._check_batch(specs)
         return BatchAdmission(self).run(specs)
 
     # ---- growth and release --------------------------------------------------------------
@@ -168,15 +189,21 @@ class KVCacheManager:
         seq = self._seq(request_id)
         return max(0, -(-(len(seq.tokens) + num_tokens) // self._tpb) - len(seq.block_table))
 
-    def append_tokens(self, request_id: str, tokens: list[int]) -> list[int] | None:
+    def append_tokens(self, request_id: str, tokens: Sequence[int]) -> list[int] | None:
         """Grow a request by decode tokens; returns the new block ids, or ``None`` (and
         changes nothing) if the GPU pool cannot supply them. Blocks that fill are stored."""
         seq = self._seq(request_id)
-        check_tokens(tokens, f"tokens appended to {request_id!r}")
+        tokens = token_list(tokens, f"tokens appended to {request_id!r}")
+        self._check_prefilled(seq)
+        return self._append(seq, tokens)
+
+    def _check_prefilled(self, seq: LiveSequence) -> None:
         if seq.num_scheduled_tokens < len(seq.tokens):
             raise ValueError(
-                f"{request_id!r} still has {len(seq.tokens) - seq.num_scheduled_tokens} "
+                f"{seq.request_id!r} still has {len(seq.tokens) - seq.num_scheduled_tokens} "
                 "unscheduled prompt tokens; append only after its prefill")
+
+    def _append(self, seq: LiveSequence, tokens: list[int]) -> list[int] | None:
         tpb = self._tpb
         num_tokens = len(seq.tokens) + len(tokens)
         need = -(-num_tokens // tpb) - len(seq.block_table)
@@ -193,9 +220,6 @@ class KVCacheManager:
             seq.block_table += new
             if ops:
                 self.engine.submit(TransferPlan(tuple(ops)))
-        if not seq.owns_tokens:
-            seq.tokens = list(seq.tokens)
-            seq.owns_tokens = True
         seq.tokens += tokens
         if seq.extras is not None:
             seq.extras += [None] * (-(-num_tokens // tpb) - len(seq.extras))
@@ -207,32 +231,41 @@ class KVCacheManager:
     def append_token_batch(self, items: Sequence[tuple[str, int]]) -> int:
         """``append_tokens(rid, [token])`` for each item in order, stopping at the first
         that finds no block: returns how many were applied (``len(items)`` if all were).
+        Every item is checked before any is applied: a bad one raises, changing nothing.
 
         The decode path of a step: one call, and no allocation for the many requests whose
         next token fits their last block.
         """
-        tpb = self._tpb
         seqs = self._seqs
+        batch: list[tuple[LiveSequence, int]] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"item {i} must be a (request_id, token) pair, got {item!r}")
+            rid, token = item
+            seq = seqs.get(rid) if type(rid) is str else None
+            if seq is None:
+                raise KeyError(f"item {i}: unknown request_id {rid!r}")
+            check_token(token, f"item {i}: the token appended to {rid!r}")
+            self._check_prefilled(seq)
+            batch.append((seq, token))
+        tpb = self._tpb
         deferred = self._deferred
-        for i, (rid, token) in enumerate(items):
-            seq = seqs.get(rid)
-            n = len(seq.tokens) + 1 if seq is not None else 0
-            if (seq is None or n > len(seq.block_table) * tpb or type(token) is not int
-                    or seq.num_scheduled_tokens < n - 1 or n % tpb == 0
-                    or not seq.owns_tokens):
-                # The general path: validation, allocation, storing a block that fills.
-                if self.append_tokens(rid, [token]) is None:
+        for i, (seq, token) in enumerate(batch):
+            n = len(seq.tokens) + 1
+            if n > len(seq.block_table) * tpb or n % tpb == 0:
+                # The general path: allocation, storing a block that fills.
+                if self._append(seq, [token]) is None:
                     return i
                 continue
             seq.tokens.append(token)
             # Inline _schedule: this loop runs for every decoding request of every step.
             if deferred is None:
                 seq.num_valid_tokens = n - 1
-            elif rid not in deferred:
+            elif seq.request_id not in deferred:
                 seq.num_valid_tokens = n - 1
-                deferred[rid] = seq
+                deferred[seq.request_id] = seq
             seq.num_scheduled_tokens = n
-        return len(items)
+        return len(batch)
 
     def import_blocks(
         self,
@@ -249,14 +282,23 @@ class KVCacheManager:
         hits, and admission onboards them like any other. The caller must write the slots
         before the next manager call that may read them (an admission's plan).
         """
-        check_tokens(tokens, "tokens")
+        tokens = token_list(tokens, "tokens")
         if type(num_blocks) is not int or num_blocks < 0:
             raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
+        check_key("salt", salt)
+        check_lora_id(lora_id)
         if not self.config.enable_block_reuse or not self.config.num_host_blocks:
             return []
         store = self._store
-        root = store.new_root(lora_id, salt)
-        m = self._match(root, tokens, None)
+        root = store.join_root(lora_id, salt)
+        try:
+            return self._import(root, tokens, num_blocks)
+        finally:
+            store.leave_root(root)
+
+    def _import(self, root: Root, tokens: list[int], num_blocks: int) -> list[int]:
+        store = self._store
+        m = self.match_tokens(root, tokens, None)
         start = m.num_blocks
         end = min(start + num_blocks, (len(tokens) - 1) // self._tpb)
         if end <= start:
@@ -294,6 +336,8 @@ class KVCacheManager:
         """Release a request, tail first. Its full scheduled blocks stay cached for reuse
         (unless ``store_for_reuse`` is False: then only blocks already stored do)."""
         seq = self._seq(request_id)
+        if type(store_for_reuse) is not bool:
+            raise ValueError(f"store_for_reuse must be a bool, got {store_for_reuse!r}")
         self._version += 1
         if store_for_reuse:
             # Inside a step, what this request scheduled in the step is not computed yet.
@@ -303,10 +347,11 @@ class KVCacheManager:
         del self._seqs[request_id]
         self._num_reserved -= seq.num_reserved
         store = self._store
-        private = seq.block_table[seq.num_path_blocks:]
+        private = seq.own_slots()
         if private:
             store.free_gpu(private)
         store.unref_path(seq.last_node, seq.priority, seq.retention_s)
+        store.leave_root(seq.root)
 
     def transfer_failed(self, plan: TransferPlan, failed_ops: Iterable[int]) -> list[str]:
         """Degrade failed copies to recompute; returns the requests that must recompute
@@ -350,7 +395,7 @@ class KVCacheManager:
             self._deferred[seq.request_id] = seq
             self._pending_stores[seq.request_id] = seq
             return
-        if not seq.can_store or not self.config.enable_block_reuse:
+        if not self.config.enable_block_reuse:
             return
         tpb = self._tpb
         start = seq.num_path_blocks
@@ -359,13 +404,11 @@ class KVCacheManager:
         if end <= start:
             return
         extras = seq.extras[start:end] if seq.extras is not None else None
-        node = self._store.insert_run(seq.last_node, seq.tokens[start * tpb:end * tpb],
-                                      seq.block_table[start:end], extras)
+        run = self._store.insert_run(seq.last_node, seq.tokens[start * tpb:end * tpb],
+                                     seq.block_table[start:end], extras)
         self._version += 1
-        if node is None:
-            seq.can_store = False
-        else:
-            seq.last_node = node
+        seq.last_node = run.node
+        seq.private_slots += run.private_slots
 
     def reset_cache(self) -> bool:
         """Drop every cached block of every tier. Refused (returns False) while any request
@@ -374,7 +417,7 @@ class KVCacheManager:
             return False
         self._version += 1
         store = self._store
-        for root in store.roots.values():
+        for root in list(store.roots.values()):
             for child in list(root.iter_children()):
                 store.drop(child)
         store.roots.clear()
@@ -394,7 +437,10 @@ class KVCacheManager:
         except KeyError:
             raise KeyError(f"unknown request_id {request_id!r}") from None
 
-    def _check_batch(self, specs: Sequence[SequenceSpec]) -> None:
+    def _check_batch(self, specs: Iterable[SequenceSpec]) -> list[SequenceSpec]:
+        if isinstance(specs, (SequenceSpec, str, bytes)) or not isinstance(specs, Iterable):
+            raise TypeError(f"specs must be an iterable of SequenceSpec, got {specs!r}")
+        specs = list(specs)
         seen: set[str] = set()
         for i, spec in enumerate(specs):
             if not isinstance(spec, SequenceSpec):
@@ -405,6 +451,7 @@ class KVCacheManager:
             if rid in seen:
                 raise ValueError(f"request_id {rid!r} appears twice in the batch (item {i})")
             seen.add(rid)
+        return specs
 
     def check_invariants(self) -> None:
         """Recompute the books from scratch and assert they match. Pure."""

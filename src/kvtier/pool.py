@@ -26,39 +26,50 @@ class TierPool:
     def __init__(self, tier: Tier, capacity: int) -> None:
         self.tier = tier
         self.capacity = capacity
-        # A stack: pop() hands out the lowest ids first on a fresh pool.
-        self.free: list[int] = list(range(capacity - 1, -1, -1))
+        # The free slots form a stack: slots given back sit on top, above the never-used
+        # slots ``num_fresh .. capacity-1``, which are handed out lowest id first. The
+        # never-used part is a counter, so a pool costs nothing per slot until it is used.
+        self._given_back: list[int] = []
+        self._num_fresh = 0
         self.num_referenced = 0
         self._heap: list[_Entry] = []
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return len(self._given_back) + self.capacity - self._num_fresh
 
     @property
     def num_cached(self) -> int:
         """Blocks of unreferenced cached nodes: evictable. Derived, pure."""
-        return self.capacity - len(self.free) - self.num_referenced
+        return self.capacity - self.num_free - self.num_referenced
 
     @property
     def num_available(self) -> int:
         """Blocks an allocation may take: free plus evictable. Pure."""
         return self.capacity - self.num_referenced
 
+    def free_slots(self) -> list[int]:
+        """The free slots, the next one handed out last. Pure; O(free slots)."""
+        return list(range(self.capacity - 1, self._num_fresh - 1, -1)) + self._given_back
+
     def take(self, num_blocks: int) -> list[int]:
-        """Pop ``num_blocks`` free slots, in the order repeated ``pop()`` would give them."""
-        free = self.free
-        assert num_blocks <= len(free), (num_blocks, len(free))
-        if num_blocks == 0:
-            return []
-        slots = free[-num_blocks:]
-        del free[-num_blocks:]
+        """Take ``num_blocks`` free slots: those given back last first, then never-used ones
+        from the lowest id."""
+        assert num_blocks <= self.num_free, (num_blocks, self.num_free)
+        back = self._given_back
+        k = min(num_blocks, len(back))
+        slots = back[len(back) - k:]
+        del back[len(back) - k:]
         slots.reverse()
+        if k < num_blocks:
+            first = self._num_fresh
+            self._num_fresh = first + num_blocks - k
+            slots += range(first, self._num_fresh)
         return slots
 
     def give_back(self, slots: list[int]) -> None:
         """Return slots to the free list so the first of ``slots`` is handed out first."""
-        self.free.extend(reversed(slots))
+        self._given_back.extend(reversed(slots))
 
     def push(self, node: Node, key: tuple[int, int]) -> None:
         """File ``node`` as an eviction candidate under ``key``."""

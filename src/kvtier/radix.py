@@ -123,13 +123,16 @@ class Node:
 class Root(Node):
     """The root of one key space: requests with other LoRA ids or salts never meet."""
 
-    __slots__ = ("lora_id", "salt")
+    __slots__ = ("lora_id", "num_users", "salt")
 
     def __init__(self, lora_id: object, salt: object) -> None:
         super().__init__(None, [], [], Tier.GPU, None, 0, None)
         self.root = self
         self.lora_id = lora_id
         self.salt = salt
+        # Live requests (and calls in progress) under this root: an empty root is dropped
+        # only when it has none, so memory does not grow with the salts ever seen.
+        self.num_users = 0
 
 
 class PartialMatch(NamedTuple):
@@ -315,7 +318,7 @@ def _extras_equal(
     return ours == theirs
 
 
-def _num_common_blocks(
+def num_common_blocks(
     node: Node,
     tokens: list[int],
     pos: int,
@@ -323,7 +326,8 @@ def _num_common_blocks(
     tokens_per_block: int,
     req_extras: list[object] | None,
 ) -> int:
-    """How many leading blocks of ``node`` equal the request's blocks from token ``pos``.
+    """How many leading blocks of ``node`` equal the request's blocks from token ``pos``
+    (at most ``max_blocks``). Pure.
 
     The caller found ``node`` by its first block, so block 0 is equal. Gallops (1, 2, 4, ...
     blocks) to bracket the first unequal block, then bisects; each comparison covers only
@@ -391,7 +395,7 @@ def match(
         ):
             num_blocks = child.num_blocks
         else:
-            num_blocks = _num_common_blocks(
+            num_blocks = num_common_blocks(
                 child, tokens, pos, min(len(ntoks), limit - pos) // tpb, tpb, req_extras)
         pos += num_blocks * tpb
         if num_blocks == child.num_blocks:

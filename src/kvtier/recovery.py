@@ -40,7 +40,7 @@ def fail_transfers(mgr: KVCacheManager, plan: TransferPlan,
     owners = store.slot_owners()
     aborted: dict[str, LiveSequence] = {}
     for rid, seq in mgr._seqs.items():
-        if any((Tier.GPU, s) in damaged for s in seq.block_table[seq.num_path_blocks:]):
+        if any((Tier.GPU, s) in damaged for s in seq.own_slots()):
             aborted[rid] = seq
     damaged_nodes = {owners[key][0].uid for key in damaged if key in owners}
     for rid, seq in mgr._seqs.items():
@@ -79,8 +79,9 @@ def _release_unstored(mgr: KVCacheManager, seq: LiveSequence) -> None:
         mgr._deferred.pop(seq.request_id, None)
         mgr._pending_stores.pop(seq.request_id, None)
     mgr._num_reserved -= seq.num_reserved
-    mgr._store.free_gpu(seq.block_table[seq.num_path_blocks:])
+    mgr._store.free_gpu(seq.own_slots())
     mgr._store.unref_path(seq.last_node)
+    mgr._store.leave_root(seq.root)
 
 
 def _drop_uncomputed(mgr: KVCacheManager, seq: LiveSequence) -> None:

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 from kvtier.config import check_priority
 from kvtier.radix import Node, Root
+
+MAX_TOKEN_ID = 2**63 - 1
+"""Token ids are ints in ``0 ..= MAX_TOKEN_ID`` (they hash as signed 64-bit integers)."""
+
+MAX_KEY_INT = 2**128
+"""Int salts and content hashes lie in ``-MAX_KEY_INT < value < MAX_KEY_INT``."""
+
+MAX_KEY_LEN = 4096
+"""Str and bytes salts and content hashes are at most this long."""
+
+MAX_RETENTION_S = 1e9
+"""The longest retention, in seconds (about 31 years); ``None`` means no expiry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,29 +39,29 @@ class MultimodalItem:
             raise ValueError(f"MultimodalItem.offset must be an int >= 0, got {self.offset!r}")
         if type(self.length) is not int or self.length < 1:
             raise ValueError(f"MultimodalItem.length must be an int >= 1, got {self.length!r}")
-        if not isinstance(self.content_hash, (bytes, str, int)):
-            raise ValueError(
-                f"MultimodalItem.content_hash must be bytes, str or int, got {self.content_hash!r}"
-            )
+        check_key("MultimodalItem.content_hash", self.content_hash, allow_none=False)
 
 
 @dataclass(frozen=True, slots=True)
 class SequenceSpec:
     """One request to admit.
 
-    ``tokens`` is the prompt. ``salt`` isolates tenants (mixed into the first block's key),
-    ``lora_id`` selects an adapter (part of every block's key). ``priority`` (0..100, lower is
-    evicted first; ``None`` means the config's default) applies to the request's blocks once
-    released, for ``retention_s`` seconds if given, after which they fall back to the default.
-    ``num_new_tokens`` is how many prompt tokens past the reused prefix this step computes
-    (a prefill chunk); ``None`` means the whole prompt. Only computed or scheduled blocks are
-    ever stored for reuse. ``num_reserved_blocks`` GPU blocks are set aside for the request's
-    later growth (``append_tokens`` draws on them first), so a scheduler can guarantee that
-    decoding never runs out of blocks.
+    ``tokens`` is the prompt: token ids in ``0 ..= MAX_TOKEN_ID``, given as any sequence of
+    ints and kept as a tuple (a snapshot: changing the caller's list later changes nothing).
+    ``salt`` isolates tenants (mixed into the first block's key), ``lora_id`` selects an
+    adapter (part of every block's key). ``priority`` (0..100, lower is evicted first;
+    ``None`` means the config's default) applies to the request's blocks once released, for
+    ``retention_s`` seconds if given (``None``: no expiry), after which they fall back to the
+    default. ``num_new_tokens`` is how many prompt tokens past the reused prefix this step
+    computes (a prefill chunk); ``None`` means the whole prompt. Only computed or scheduled
+    blocks are ever stored for reuse. ``num_reserved_blocks`` GPU blocks are set aside for the
+    request's later growth (``append_tokens`` draws on them first), so a scheduler can
+    guarantee that decoding never runs out of blocks. ``bool`` is refused wherever an int or
+    a float is meant.
     """
 
     request_id: str
-    tokens: list[int]
+    tokens: tuple[int, ...]
     salt: bytes | str | int | None = None
     lora_id: int | None = None
     priority: int | None = None
@@ -60,35 +73,16 @@ class SequenceSpec:
     def __post_init__(self) -> None:
         if type(self.request_id) is not str or not self.request_id:
             raise ValueError(f"request_id must be a non-empty str, got {self.request_id!r}")
-        tokens = self.tokens
-        if type(tokens) is not list:
-            if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__"):
-                raise ValueError(
-                    f"tokens of {self.request_id!r} must be a list of ints, got {type(tokens)}"
-                )
-            tokens = list(tokens)
-            object.__setattr__(self, "tokens", tokens)
-        check_tokens(tokens, f"tokens of {self.request_id!r}")
-        if self.salt is not None and not isinstance(self.salt, (bytes, str, int)):
-            raise ValueError(f"salt must be bytes, str, int or None, got {self.salt!r}")
-        if self.lora_id is not None and type(self.lora_id) is not int:
-            raise ValueError(f"lora_id must be an int or None, got {self.lora_id!r}")
+        what = f"tokens of {self.request_id!r}"
+        tokens = tuple(token_list(self.tokens, what))
+        object.__setattr__(self, "tokens", tokens)
+        check_key("salt", self.salt)
+        check_lora_id(self.lora_id)
         if self.priority is not None:
             check_priority("priority", self.priority)
-        if self.retention_s is not None and (
-            not isinstance(self.retention_s, (int, float)) or not self.retention_s >= 0
-        ):
-            raise ValueError(f"retention_s must be a number >= 0 or None, got {self.retention_s!r}")
-        if type(self.mm_items) is not tuple:
-            object.__setattr__(self, "mm_items", tuple(self.mm_items))
-        for item in self.mm_items:
-            if not isinstance(item, MultimodalItem):
-                raise ValueError(f"mm_items must hold MultimodalItem, got {item!r}")
-            if item.offset + item.length > len(tokens):
-                raise ValueError(
-                    f"MultimodalItem at offset {item.offset} with length {item.length} runs past "
-                    f"the {len(tokens)} tokens of {self.request_id!r}"
-                )
+        object.__setattr__(self, "retention_s", check_retention(self.retention_s))
+        object.__setattr__(self, "mm_items",
+                           check_mm_items(self.mm_items, len(tokens), self.request_id))
         _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
 
     def with_schedule(self, num_new_tokens: int | None, num_reserved_blocks: int) -> SequenceSpec:
@@ -113,11 +107,29 @@ def _check_schedule(num_new_tokens: int | None, num_reserved_blocks: int) -> Non
         raise ValueError(f"num_reserved_blocks must be an int >= 0, got {r!r}")
 
 
-def check_tokens(tokens: list[int], what: str) -> None:
-    """Raise ValueError unless ``tokens`` is a non-empty list of ints.
+def token_list(tokens: object, what: str) -> list[int]:
+    """``tokens`` as a list of token ids (the list itself if it is one), validated.
 
-    NOTE: the fast path is one C-level ``sum`` (about 4 ns a token); only a list that fails it
-    is scanned in Python to name the offending index and value.
+    Any sequence of ints is accepted (a list, a tuple, an ``array``, a ``range``); a str,
+    bytes, a mapping, a set or an iterator is refused, since none has one clear order of
+    ids. Raises ValueError naming ``what``, the index and the value of the first bad id.
+    """
+    if type(tokens) is not list:
+        if (isinstance(tokens, (str, bytes, bytearray, memoryview))
+                or not isinstance(tokens, Sequence)):
+            raise ValueError(
+                f"{what} must be a sequence of ints (a list or tuple), got "
+                f"{type(tokens).__name__}")
+        tokens = list(tokens)
+    check_tokens(tokens, what)
+    return tokens
+
+
+def check_tokens(tokens: list[int], what: str) -> None:
+    """Raise ValueError unless ``tokens`` is a non-empty list of ids in ``0 ..= MAX_TOKEN_ID``.
+
+    NOTE: the fast path is three C-level passes (``sum``, ``min``, and ``max`` only if the sum
+    is large); a list that fails them is scanned in Python to name the first bad index.
     """
     if not tokens:
         raise ValueError(f"{what} must not be empty")
@@ -125,13 +137,88 @@ def check_tokens(tokens: list[int], what: str) -> None:
         total = sum(tokens)
     except TypeError:
         total = None
-    if type(total) is int:
+    if type(total) is int and min(tokens) >= 0 and (
+            total <= MAX_TOKEN_ID or max(tokens) <= MAX_TOKEN_ID):
         return
     for index, token in enumerate(tokens):
         if not isinstance(token, int):
             raise ValueError(
-                f"{what}: token at index {index} must be an int, got {token!r} ({type(token)})"
-            )
+                f"{what}: token at index {index} must be an int, got {token!r} "
+                f"({type(token).__name__})")
+        if not 0 <= token <= MAX_TOKEN_ID:
+            raise ValueError(
+                f"{what}: token at index {index} is {_short(token)}, outside the token id "
+                f"range 0..2**63-1")
+
+
+def check_token(token: object, what: str) -> int:
+    """One token id, validated like ``check_tokens``."""
+    if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:
+        raise ValueError(f"{what} must be an int in 0..2**63-1, got {_short(token)}")
+    return token
+
+
+def check_key(what: str, value: object, allow_none: bool = True) -> None:
+    """Raise ValueError unless ``value`` may be part of a block key (a salt or a content
+    hash): bytes or str of at most ``MAX_KEY_LEN``, or an int (never a bool) of magnitude
+    below ``MAX_KEY_INT``; ``None`` if allowed."""
+    if value is None and allow_none:
+        return
+    if type(value) is int:
+        if -MAX_KEY_INT < value < MAX_KEY_INT:
+            return
+        raise ValueError(f"{what} must be an int of magnitude below 2**128, got {_short(value)}")
+    if type(value) in (bytes, str):
+        assert isinstance(value, (bytes, str))
+        if len(value) <= MAX_KEY_LEN:
+            return
+        raise ValueError(f"{what} must be at most {MAX_KEY_LEN} long, got {len(value)}")
+    allowed = "bytes, str, int" + (" or None" if allow_none else "")
+    raise ValueError(f"{what} must be {allowed}, got {_short(value)} ({type(value).__name__})")
+
+
+def check_lora_id(lora_id: object) -> None:
+    """Raise ValueError unless ``lora_id`` is ``None`` or an int in ``0 ..= MAX_TOKEN_ID``."""
+    if lora_id is not None and (type(lora_id) is not int or not 0 <= lora_id <= MAX_TOKEN_ID):
+        raise ValueError(f"lora_id must be an int in 0..2**63-1 or None, got {_short(lora_id)}")
+
+
+def check_retention(retention_s: object) -> float | None:
+    """``retention_s`` as a float, or ``None``; ValueError unless a finite number of seconds
+    in ``0 ..= MAX_RETENTION_S`` (``None`` for no expiry; never a bool)."""
+    if retention_s is None:
+        return None
+    if type(retention_s) in (int, float):
+        assert isinstance(retention_s, (int, float))
+        if 0 <= retention_s <= MAX_RETENTION_S:  # False for nan; no float() of a huge int
+            return float(retention_s)
+    raise ValueError(
+        f"retention_s must be a finite number of seconds in 0..{MAX_RETENTION_S:.0e}, or None "
+        f"for no expiry, got {_short(retention_s)}")
+
+
+def check_mm_items(items: object, num_tokens: int, request_id: str) -> tuple[MultimodalItem, ...]:
+    """``items`` as a tuple of ``MultimodalItem`` lying within ``num_tokens`` tokens."""
+    if isinstance(items, (str, bytes, bytearray)) or not isinstance(items, (tuple, list)):
+        raise ValueError(f"mm_items must be a tuple or list of MultimodalItem, got "
+                         f"{type(items).__name__}")
+    items = tuple(items)
+    for item in items:
+        if not isinstance(item, MultimodalItem):
+            raise ValueError(f"mm_items must hold MultimodalItem, got {_short(item)}")
+        if item.offset + item.length > num_tokens:
+            raise ValueError(
+                f"MultimodalItem at offset {item.offset} with length {item.length} runs past "
+                f"the {num_tokens} tokens of {request_id!r}")
+    return items
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut short: a bad value may be a huge int or a long string."""
+    if type(value) is int and value.bit_length() > 128:
+        return f"an int of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class LiveSequence:
@@ -139,25 +226,23 @@ class LiveSequence:
 
     __slots__ = (
         "block_table",
-        "can_store",
         "extras",
         "last_node",
         "num_reserved",
         "num_scheduled_tokens",
         "num_valid_tokens",
-        "owns_tokens",
         "priority",
+        "private_slots",
         "request_id",
         "retention_s",
         "root",
         "tokens",
     )
 
-    def __init__(self, spec: SequenceSpec, root: Root, extras: list[object] | None,
-                 priority: int) -> None:
+    def __init__(self, spec: SequenceSpec, tokens: list[int], root: Root,
+                 extras: list[object] | None, priority: int) -> None:
         self.request_id = spec.request_id
-        self.tokens = spec.tokens
-        self.owns_tokens = False
+        self.tokens = tokens  # the spec's tokens, as a list this request owns
         self.root = root
         self.extras = extras
         self.priority = priority
@@ -169,9 +254,16 @@ class LiveSequence:
         # Tokens whose KV exists by the time this step's copies run: those scheduled before
         # the latest call (before the current step, inside begin_step/end_step).
         self.num_valid_tokens = 0
-        self.can_store = True
+        # Its own copies of path blocks that another request had stored first: the path
+        # refers to those, and these stay private (the block table keeps pointing to them).
+        self.private_slots: list[int] = []
 
     @property
     def num_path_blocks(self) -> int:
         node = self.last_node
         return node.start_block + len(node.slots)
+
+    def own_slots(self) -> list[int]:
+        """The GPU slots only this request holds: its copies of blocks stored first by
+        another request, then the blocks past its path. Pure."""
+        return self.private_slots + self.block_table[self.num_path_blocks:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
+from typing import NamedTuple
 
 from kvtier.config import CacheConfig
 from kvtier.events import BlockRemoved, BlockStored, BlockTierChanged, EventLog
@@ -18,9 +19,29 @@ from kvtier.eviction import EvictionPolicy, get_policy
 from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
 from kvtier.metrics import CacheStats
 from kvtier.pool import TierPool
-from kvtier.radix import Node, Root, Tier, absorb_parent, add_child, cut_tail, remove_child, subtree
+from kvtier.radix import (
+    Node,
+    Root,
+    Tier,
+    absorb_parent,
+    add_child,
+    block_key,
+    cut_tail,
+    num_common_blocks,
+    remove_child,
+    subtree,
+)
 from kvtier.radix import split as split_run
 from kvtier.transfer.plan import OpKind, TransferOp
+
+
+class StoredRun(NamedTuple):
+    """What ``insert_run`` did: the request's path now ends at ``node`` and covers
+    ``num_blocks`` more blocks; ``private_slots`` are its copies of blocks cached before."""
+
+    node: Node
+    num_blocks: int
+    private_slots: list[int]
 
 
 class BlockStore:
@@ -44,6 +65,7 @@ class BlockStore:
         self._hash_fn = get_hash_fn(config.hash_algo)
         self._tick = itertools.count(1)
         self._expiries: list[tuple[float, int, Node]] = []
+        self._num_live_expiries = 0  # entries that were current at the last purge
         # With a write-back remote tier: (block hash, host slot) of host blocks dropped since
         # the last drain whose slot still holds their KV (not filled by a pending offload).
         self.spill_log: list[tuple[int, int]] | None = None
@@ -58,12 +80,25 @@ class BlockStore:
         """The root of this key space, if any block was ever stored under it. Pure."""
         return self.roots.get((lora_id, salt))
 
-    def new_root(self, lora_id: object, salt: object) -> Root:
-        """The root of this key space, created empty if new."""
+    def join_root(self, lora_id: object, salt: object) -> Root:
+        """The root of this key space, created empty if new, with one more user: it stays
+        until every user has left (``leave_root``) and it holds no blocks."""
         root = self.roots.get((lora_id, salt))
         if root is None:
             root = self.roots[(lora_id, salt)] = Root(lora_id, salt)
+        root.num_users += 1
         return root
+
+    def leave_root(self, root: Root) -> None:
+        """One user of ``root`` is done with it."""
+        root.num_users -= 1
+        self._prune(root)
+
+    def _prune(self, root: Node) -> None:
+        """Forget ``root`` if it is a root with no blocks and no users."""
+        if (isinstance(root, Root) and not root.children and not root.num_users
+                and self.roots.get((root.lora_id, root.salt)) is root):
+            del self.roots[(root.lora_id, root.salt)]
 
     def _key(self, node: Node) -> tuple[int, int]:
         return self.policy.key(node, self.clock(), self.config.default_priority)
@@ -109,19 +144,35 @@ class BlockStore:
             if node.expiry == expiry and node.parent is not None and not node.ref_count:
                 self.refile(node)
 
+    def _push_expiry(self, node: Node) -> None:
+        """Note when ``node``'s retention runs out. Entries of nodes released again or
+        dropped go stale; they are purged whenever they could outnumber the live ones, so
+        the heap does not grow with the history."""
+        assert node.expiry is not None
+        expiries = self._expiries
+        heapq.heappush(expiries, (node.expiry, node.uid, node))
+        if len(expiries) > 2 * self._num_live_expiries + 64:
+            # One current entry per node in the tree (a node released twice with the same
+            # expiry has two entries that look current).
+            live = {e[2].uid: e for e in expiries
+                    if e[2].expiry == e[0] and e[2].parent is not None}
+            self._expiries = list(live.values())
+            heapq.heapify(self._expiries)
+            self._num_live_expiries = len(self._expiries)
+
     def split(self, node: Node, num_head_blocks: int) -> Node:
         """Cut ``node`` after ``num_head_blocks`` blocks; returns the head, ``node`` keeps
         the tail. Both halves keep the key, and a retention keeps running on both."""
         head = split_run(node, num_head_blocks, self.tpb)
         if head.expiry is not None:
-            heapq.heappush(self._expiries, (head.expiry, head.uid, head))
+            self._push_expiry(head)
         return head
 
     def cut_tail(self, node: Node, num_tail_blocks: int) -> Node:
         """Cut the last blocks of the unreferenced ``node`` into a new child; return it."""
         tail = cut_tail(node, num_tail_blocks, self.tpb)
         if tail.expiry is not None:
-            heapq.heappush(self._expiries, (tail.expiry, tail.uid, tail))
+            self._push_expiry(tail)
         return tail
 
     # ---- references -----------------------------------------------------------------------
@@ -153,7 +204,7 @@ class BlockStore:
                     node.priority = priority
                     if retention_s is not None:
                         node.expiry = now + retention_s
-                        heapq.heappush(self._expiries, (node.expiry, node.uid, node))
+                        self._push_expiry(node)
                     else:
                         node.expiry = None
                 self.refile(node)
@@ -167,8 +218,8 @@ class BlockStore:
         The caller has checked ``gpu.num_available``; the slots count as referenced.
         """
         gpu = self.gpu
-        if num_blocks > len(gpu.free):
-            self._evict(num_blocks - len(gpu.free), ops)
+        if num_blocks > gpu.num_free:
+            self._evict(num_blocks - gpu.num_free, ops)
         gpu.num_referenced += num_blocks
         return gpu.take(num_blocks)
 
@@ -235,20 +286,20 @@ class BlockStore:
         self.free_host(num_blocks, self._key(victim))
         # Below a GPU frontier run all is host and unreferenced: take its deepest blocks.
         for node in reversed(subtree(victim)[1:]):
-            short = num_blocks - len(host.free)
+            short = num_blocks - host.num_free
             if short <= 0:
                 break
             if node.parent is None or node.children:
                 continue
             self.drop_from(node, max(0, node.num_blocks - short))
-        return min(num_blocks, len(host.free))
+        return min(num_blocks, host.num_free)
 
     def free_host(self, num_blocks: int, key: tuple[int, int] | None) -> int:
         """Drop unreferenced host leaves, tails first, lowest key first, until
         ``num_blocks`` host slots are free, stopping at blocks whose key is not below
         ``key`` (``None``: no limit). Returns the free host slots now."""
         host = self.host
-        while len(host.free) < num_blocks:
+        while host.num_free < num_blocks:
             node = host.pop_candidate(self._host_candidate_key)
             if node is None:
                 break
@@ -257,9 +308,9 @@ class BlockStore:
             if key is not None and node_key >= key:
                 host.push(node, node_key)
                 break
-            take = min(node.num_blocks, num_blocks - len(host.free))
+            take = min(node.num_blocks, num_blocks - host.num_free)
             self.drop_from(node, node.num_blocks - take)
-        return len(host.free)
+        return host.num_free
 
     def import_run(self, parent: Node, tokens: list[int], num_blocks: int) -> Node | None:
         """Store the first ``num_blocks`` blocks of ``tokens`` (whose KV comes from
@@ -325,6 +376,7 @@ class BlockStore:
                                   for h, slot in zip(self.hashes(n), n.slots)
                                   if slot not in fresh)
         remove_child(parent, node)
+        self._prune(parent)
         for n in doomed:
             assert n.ref_count == 0, n
             self.pool(n.tier).give_back(n.slots)
@@ -356,23 +408,66 @@ class BlockStore:
 
     def insert_run(
         self, parent: Node, tokens: list[int], slots: list[int], extras: list[object] | None
-    ) -> Node | None:
-        """Store a request's computed full blocks as a child run of ``parent`` (referenced once).
+    ) -> StoredRun:
+        """Store a request's computed full blocks below ``parent``, the request's claimed
+        path, and extend its claim over them.
 
-        Returns ``None``, storing nothing, when ``parent`` already has a child with the same
-        first block (another request stored this content first); the caller keeps its blocks
-        private. The slots are referenced before and after, so the pool's books don't change.
+        Where another request stored the same blocks first, the request's later blocks are
+        still stored, below the cached run: if that run is claimed, the claim follows it and
+        the request's own copies stay private (``StoredRun.private_slots``); if it is not,
+        it takes over the request's copies (a host run moves to the GPU without a copy) and
+        its old slots are free again. A claimed duplicate on the host (being onboarded by
+        another request) stops the store there; a later call continues. The GPU pool's
+        books don't change: the slots are referenced before and after.
         """
-        start = parent.start_block + parent.num_blocks
-        node = Node(parent, tokens, slots, Tier.GPU, extras, start, parent.root)
-        if node.key in parent.children:
-            self.stats.num_duplicate_stores += 1
-            return None
-        node.ref_count = 1
-        add_child(parent, node)
-        if self.events is not None:
-            self._emit_stored(node)
-        return node
+        tpb = self.tpb
+        node = parent
+        num_blocks = len(slots)
+        pos = 0
+        private: list[int] = []
+        while pos < num_blocks:
+            extra = extras[pos] if extras is not None else None
+            cached = node.children.get(block_key(tokens, pos * tpb, tpb, extra))
+            if cached is None:
+                start = node.start_block + node.num_blocks
+                new = Node(node, tokens[pos * tpb:], slots[pos:], Tier.GPU,
+                           extras[pos:] if extras is not None else None, start, node.root)
+                new.ref_count = 1
+                add_child(node, new)
+                if self.events is not None:
+                    self._emit_stored(new)
+                return StoredRun(new, num_blocks, private)
+            if cached.tier is Tier.HOST and cached.ref_count:
+                break
+            run_extras = extras[pos:] if extras is not None else None
+            k = num_common_blocks(cached, tokens[pos * tpb:], 0,
+                                  min(cached.num_blocks, num_blocks - pos), tpb, run_extras)
+            if k < cached.num_blocks:
+                cached = self.split(cached, k)
+            self.stats.num_duplicate_stores += k
+            if cached.ref_count:
+                private += slots[pos:pos + k]
+                cached.ref_count += 1
+            else:
+                self._adopt(cached, slots[pos:pos + k])
+            node = cached
+            pos += k
+        return StoredRun(node, pos, private)
+
+    def _adopt(self, node: Node, gpu_slots: list[int]) -> None:
+        """Give the unreferenced run ``node`` the slots ``gpu_slots``, a request's private
+        copies of the same blocks, and claim it once for that request; its own slots are
+        free again. A host run thus moves to the GPU without a copy. Claiming a cached run
+        in place would take blocks from what is available; this takes none."""
+        assert not node.ref_count and node.parent is not None
+        self.pool(node.tier).give_back(node.slots)
+        node.slots = list(gpu_slots)
+        node.ref_count = 1  # the GPU slots stay referenced: the pool's books don't change
+        if node.tier is Tier.HOST:
+            node.tier = Tier.GPU
+            node.parent.num_gpu_children += 1
+            if self.events is not None:
+                self._emit_moves(node, Tier.HOST, Tier.GPU)
 
     def detach_leaf_block(self, node: Node) -> int:
         """Take a one-block, claimed-once GPU leaf out of the tree for reuse in place.
@@ -387,6 +482,7 @@ class BlockStore:
         remove_child(parent, node)
         node.parent = None
         self.refile(parent)
+        self._prune(parent)
         return node.slots[0]
 
     def slot_owners(self) -> dict[tuple[Tier, int], tuple[Node, int]]:

@@ -1,0 +1,230 @@
+"""The manager's input contract: every bad argument is refused with a ValueError (or
+TypeError/KeyError) naming it, before anything changes; good arguments of any accepted type
+give the same answer; memory does not grow with the history."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tracemalloc
+
+import pytest
+
+from kvtier import CacheConfig, KVCacheManager, MultimodalItem, SequenceSpec
+
+PROBES = ([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 0], [7, 7, 7, 7, 7])
+
+
+def make_manager(events: bool = True, num_gpu_blocks: int = 8) -> KVCacheManager:
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=num_gpu_blocks,
+                                     num_host_blocks=4, enable_events=events), clock=lambda: 0.0)
+    mgr.add_sequence(SequenceSpec("cached", [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    mgr.remove_sequence("cached")
+    mgr.add_sequence(SequenceSpec("live", [1, 2, 3, 4, 5]))
+    mgr.drain_events()
+    return mgr
+
+
+def state(mgr: KVCacheManager) -> tuple[object, ...]:
+    """Everything a caller can observe; a refused call must leave it as it was."""
+    mgr.check_invariants()
+    return (mgr.version, dataclasses.asdict(mgr.stats), mgr.num_free_gpu_blocks,
+            mgr.num_free_host_blocks, mgr.num_sequences, mgr.num_key_spaces,
+            mgr.block_table("live"), [mgr.lookup(p) for p in PROBES], mgr.drain_events())
+
+
+BAD_TOKEN_LISTS = [
+    ([1, 2, 2**63], "token at index 2 is 9223372036854775808, outside the token id range"),
+    ([1, -1], "token at index 1 is -1, outside"),
+    ([10**400], "token at index 0 is an int of 1329 bits, outside"),
+    ([1, 2.0], "token at index 1 must be an int, got 2.0"),
+    ([1, "2"], "token at index 1 must be an int, got '2'"),
+    ([], "must not be empty"),
+    ("abc", "must be a sequence of ints"),
+    ({1, 2}, "must be a sequence of ints"),
+]
+
+
+@pytest.mark.parametrize(("tokens", "message"), BAD_TOKEN_LISTS)
+def test_bad_token_ids_are_refused_on_every_path_changing_nothing(
+        tokens: object, message: str) -> None:
+    """Ids outside 0..2**63-1 or not ints are refused by every call that takes tokens."""
+    mgr = make_manager()
+    before = state(mgr)
+    with pytest.raises(ValueError, match=message):
+        SequenceSpec("x", tokens)  # type: ignore[arg-type]
+    for call in (lambda: mgr.lookup(tokens),  # type: ignore[arg-type]
+                 lambda: mgr.missing_block_hashes(tokens),  # type: ignore[arg-type]
+                 lambda: mgr.import_blocks(tokens, 1),  # type: ignore[arg-type]
+                 lambda: mgr.append_tokens("live", tokens)):  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=message):
+            call()
+        assert state(mgr) == before
+
+
+@pytest.mark.parametrize("token", [2**63, -1, 1.0, True and "1", None])
+def test_a_bad_decode_token_in_a_batch_changes_nothing(token: object) -> None:
+    """append_token_batch checks every item first: a bad item 1 leaves item 0 unapplied."""
+    mgr = make_manager()
+    mgr.add_sequence(SequenceSpec("other", [9, 9]))
+    before = state(mgr)
+    with pytest.raises(ValueError, match="item 1: the token appended to 'other'"):
+        mgr.append_token_batch([("live", 6), ("other", token)])  # type: ignore[list-item]
+    assert state(mgr) == before
+    with pytest.raises(KeyError, match="item 1: unknown request_id 'ghost'"):
+        mgr.append_token_batch([("live", 6), ("ghost", 1)])
+    assert state(mgr) == before
+
+
+def test_decode_token_completing_a_block_with_events_never_overflows() -> None:
+    """A huge id that would complete (and hash) a block is refused before anything moves."""
+    mgr = make_manager()
+    mgr.append_tokens("live", [6, 7])
+    before = state(mgr)
+    with pytest.raises(ValueError, match="outside the token id range"):
+        mgr.append_tokens("live", [2**64])
+    assert state(mgr) == before
+    assert mgr.append_tokens("live", [8]) == []
+    assert mgr.lookup([1, 2, 3, 4, 5, 6, 7, 8, 0]).num_tokens == 8
+
+
+@pytest.mark.parametrize("retention", [10**400, math.inf, math.nan, True, -1, "5", 1e10])
+def test_retention_must_be_finite_seconds(retention: object) -> None:
+    """retention_s: a finite number in 0..1e9 or None; never a bool, never inf or nan."""
+    with pytest.raises(ValueError, match="retention_s must be a finite number of seconds"):
+        SequenceSpec("r", [1, 2], retention_s=retention)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("salt", True, "salt must be bytes, str, int or None, got True"),
+    ("salt", 1.0, "salt must be bytes, str, int or None, got 1.0"),
+    ("salt", 2**200, "salt must be an int of magnitude below 2\\*\\*128"),
+    ("salt", "s" * 5000, "salt must be at most 4096 long"),
+    ("lora_id", True, "lora_id must be an int in 0..2\\*\\*63-1 or None, got True"),
+    ("lora_id", -1, "lora_id must be an int in 0..2\\*\\*63-1 or None, got -1"),
+    ("lora_id", "a", "lora_id must be an int"),
+    ("mm_items", [("x", 0)], "mm_items must hold MultimodalItem"),
+    ("mm_items", "abc", "mm_items must be a tuple or list of MultimodalItem"),
+    ("mm_items", [MultimodalItem(0, 9, b"i")], "runs past the 5 tokens"),
+])
+def test_lookup_checks_keys_exactly_as_a_spec_does(field: str, value: object,
+                                                   message: str) -> None:
+    """lookup refuses what SequenceSpec refuses, with the same message."""
+    mgr = make_manager()
+    before = state(mgr)
+    with pytest.raises(ValueError, match=message):
+        SequenceSpec("x", [1, 2, 3, 4, 5], **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        mgr.lookup([1, 2, 3, 4, 5], **{field: value})  # type: ignore[arg-type]
+    assert state(mgr) == before
+
+
+def test_content_hash_and_priority_refuse_bool() -> None:
+    """A bool is never taken for an int: True would share blocks with 1."""
+    with pytest.raises(ValueError, match=r"MultimodalItem\.content_hash must be bytes, str, int"):
+        MultimodalItem(0, 1, True)
+    with pytest.raises(ValueError, match=r"priority must be an integer in 0\.\.100, got True"):
+        SequenceSpec("x", [1], priority=True)
+
+
+@pytest.mark.parametrize("convert", [tuple, list, range, lambda t: memoryview(bytes(t)).cast("B")])
+def test_every_sequence_type_gets_the_same_answer(convert: object) -> None:
+    """lookup and admission see a tuple, a range or a list of the same ids alike."""
+    mgr = make_manager()
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    mgr.add_sequence(SequenceSpec("src", tokens))
+    mgr.remove_sequence("src")
+    if convert is range:
+        given: object = range(1, 14)
+    else:
+        given = convert(tokens)  # type: ignore[operator]
+    if isinstance(given, memoryview):
+        with pytest.raises(ValueError, match="must be a sequence of ints"):
+            mgr.lookup(given)  # type: ignore[arg-type]
+        return
+    assert mgr.lookup(given) == mgr.lookup(tokens)  # type: ignore[arg-type]
+    assert mgr.lookup(given).num_tokens == 12  # type: ignore[arg-type]
+    (adm,) = mgr.add_sequence_batch([SequenceSpec("again", given)])  # type: ignore[arg-type]
+    assert adm.num_reused_tokens == 12
+
+
+def test_a_batch_may_be_any_iterable() -> None:
+    """A generator of specs admits exactly what a list admits; a lone spec is refused."""
+    mgr = make_manager()
+    results = mgr.add_sequence_batch(SequenceSpec(f"g{i}", [i + 20, 1]) for i in range(2))
+    assert [r.admitted for r in results] == [True, True]
+    with pytest.raises(TypeError, match="specs must be an iterable of SequenceSpec"):
+        mgr.add_sequence_batch(SequenceSpec("lone", [1]))  # type: ignore[arg-type]
+
+
+def test_a_spec_is_a_snapshot_of_its_tokens() -> None:
+    """Changing the caller's list after building the spec changes nothing admitted."""
+    mgr = make_manager()
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    spec = SequenceSpec("snap", tokens)
+    tokens.append("x")  # type: ignore[arg-type]
+    tokens.clear()
+    assert spec.tokens == (1, 2, 3, 4, 5, 6, 7, 8, 9)
+    adm = mgr.add_sequence(spec)
+    assert adm.num_reused_tokens == 8 and len(adm.block_ids) == 3
+
+
+def test_a_refused_batch_changes_nothing_not_even_the_version() -> None:
+    """A batch refused for its size leaves no root, no claim and the same version."""
+    mgr = make_manager()
+    before = state(mgr)
+    with pytest.raises(ValueError, match="needs 9 GPU blocks at once but num_gpu_blocks is 8"):
+        mgr.add_sequence_batch([SequenceSpec("big", list(range(1, 21)), salt="new-tenant"),
+                                SequenceSpec("big2", list(range(30, 45)), salt="other")])
+    assert state(mgr) == before
+
+
+def test_key_spaces_do_not_grow_with_the_salts_ever_seen() -> None:
+    """10,000 tenants come and go: only the key spaces still holding blocks remain."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=4))
+    for i in range(10_000):
+        mgr.add_sequence(SequenceSpec(f"r{i}", [1, 2, 3], salt=i))
+        mgr.remove_sequence(f"r{i}")
+    assert mgr.num_key_spaces == 0
+    for i in range(100):  # full blocks stay cached in their key space until evicted
+        mgr.add_sequence(SequenceSpec(f"s{i}", [1, 2, 3, 4, 5], salt=i))
+        mgr.remove_sequence(f"s{i}")
+    mgr.check_invariants()
+    assert mgr.num_key_spaces <= 4
+    mgr.reset_cache()
+    assert mgr.num_key_spaces == 0
+
+
+def test_retention_bookkeeping_does_not_grow_with_releases() -> None:
+    """Releasing with a retention over and over keeps memory flat (no eviction ever runs)."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=64), clock=lambda: 0.0)
+
+    def churn(n: int) -> None:
+        for _ in range(n):
+            mgr.add_sequence(SequenceSpec("r", [1, 2, 3, 4, 5, 6, 7, 8, 9],
+                                          priority=80, retention_s=60))
+            mgr.remove_sequence("r")
+
+    churn(2_000)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    churn(20_000)
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    mgr.check_invariants()
+    assert grown < 100_000, grown
+
+
+def test_huge_pools_are_refused_or_built_lazily() -> None:
+    """A pool too large to address is refused; a large one costs nothing until used."""
+    with pytest.raises(ValueError, match=r"num_gpu_blocks must be an integer in 1\.\.4294967296"):
+        CacheConfig(num_gpu_blocks=10**12)
+    with pytest.raises(ValueError, match=r"num_host_blocks must be an integer in 0\.\.4294967296"):
+        CacheConfig(num_host_blocks=True)
+    tracemalloc.start()
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=2**32,
+                                     num_host_blocks=2**32))
+    used = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert used < 1_000_000, used
+    assert mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5])).block_ids == (0, 1)
