@@ -276,7 +276,7 @@ def test_progress_without_tqdm(
     ("args", "message"),
     [
         (["--tokens-per-block", "3"],
-         "invalid configuration: tokens_per_block must be a power of two >= 1, got 3"),
+         "invalid configuration: tokens_per_block must be a power of two in 1..65536, got 3"),
         (["--offload-min-priority", "200"],
          "invalid configuration: offload_min_priority must be an integer in 0..100, got 200"),
         (["--max-num-tokens", "0"],

@@ -21,6 +21,10 @@ from kvtier import __version__
 from kvtier.cli_config import MAX_INSTANCES, SIZE_HELP, make_cache, make_sched
 from kvtier.cli_error import EXIT_USAGE, CLIError
 from kvtier.cli_options import (
+    COMPARE_DESCRIPTION,
+    COMPARE_HOST_FACTOR,
+    REPLAY_DESCRIPTION,
+    SWEEP_DESCRIPTION,
     admission_option,
     common_options,
     finite_float,
@@ -52,43 +56,10 @@ from kvtier.sim.fleet_report import format_fleet_report
 from kvtier.sim.plot import plot_sweep, require_matplotlib
 
 DEFAULT_GPU_BLOCKS = 16384
-COMPARE_HOST_FACTOR = 4
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a defect in kvtier, not in the input
 DEBUG_ENV = "KVTIER_DEBUG"
 _CACHE = CacheConfig()
 _SCHED = SchedulerConfig()
-
-WORKLOAD_HELP = """\
-TRACE is a Mooncake trace (.jsonl, with prefix hash ids) or an Azure 2023 trace (.csv,
-prefixes synthesised from --seed). Without TRACE, the built-in synthetic chat workload
-(2,000 requests, seeded by --seed) is used. Requests that could never fit the GPU pool are
-skipped and counted. Latencies are virtual: the time model of --profile."""
-
-REPLAY_DESCRIPTION = f"""\
-Simulate serving a workload: requests arrive at their trace times (x --time-scale), a step
-scheduler fills each forward pass with up to --max-num-tokens tokens through the tiered block
-manager, and a time model advances a virtual clock by each step's compute and PCIe copies.
-Reports hit rates per tier, reuse credited vs obtained, budget overflow, preemptions,
-TTFT/E2E percentiles, throughput, tier traffic and the scheduler's real CPU time per step.
-
-{WORKLOAD_HELP}"""
-
-COMPARE_DESCRIPTION = f"""\
-Run the same workload four ways: claim vs probe admission, each with the GPU tier alone and
-with a host tier (--host-blocks, default {COMPARE_HOST_FACTOR} x --gpu-blocks), side by side.
-Probe admission is the legacy estimate-then-admit loop: its overflow and lost reuse show the
-race that claim admission closes; the host columns show what the host tier is worth.
-
-{WORKLOAD_HELP}"""
-
-SWEEP_DESCRIPTION = f"""\
-One simulation per capacity: every --gpu-blocks value with every --host-blocks value
-(comma-separated). The table gives hit rate and TTFT against capacity beside the offline
-bounds for the same capacity (unlimited cache; Belady's optimal eviction over GPU + host
-blocks). --plot FILE draws them as a PNG (needs the 'plot' extra).
-
-{WORKLOAD_HELP}"""
-
 
 # ---- the parser ----------------------------------------------------------------------------
 
