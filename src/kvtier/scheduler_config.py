@@ -1,0 +1,48 @@
+"""How a :class:`~kvtier.scheduler.Scheduler` budgets and admits: :class:`SchedulerConfig`
+and its modes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+CapacityPolicy = Literal["guaranteed_no_evict", "max_utilization"]
+AdmissionMode = Literal["claim", "probe"]
+CAPACITY_POLICIES: tuple[CapacityPolicy, ...] = get_args(CapacityPolicy)
+ADMISSIONS: tuple[AdmissionMode, ...] = get_args(AdmissionMode)
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Budgets and policies of a :class:`Scheduler`.
+
+    ``max_chunk_tokens`` caps one request's prefill chunk (``None``: the whole budget).
+    A request that has waited ``max_wait_steps`` steps since it was queued stops later
+    requests from being admitted ahead of it, which bounds its wait. ``admission`` names
+    the scheduler class that runs it: ``claim`` (:class:`Scheduler`) or ``probe`` (the
+    simulator's race-measuring :class:`kvtier.sim.probe.ProbeScheduler`).
+    """
+
+    max_num_tokens: int = 8192
+    max_batch_size: int = 256
+    enable_chunked_prefill: bool = True
+    max_chunk_tokens: int | None = None
+    capacity_policy: CapacityPolicy = "guaranteed_no_evict"
+    admission: AdmissionMode = "claim"
+    max_wait_steps: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_tokens", "max_batch_size", "max_wait_steps"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        cap = self.max_chunk_tokens
+        if cap is not None and (type(cap) is not int or cap < 1):
+            raise ValueError(f"max_chunk_tokens must be an integer >= 1 or None, got {cap!r}")
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise ValueError(f"capacity_policy must be one of {CAPACITY_POLICIES}, "
+                             f"got {self.capacity_policy!r}")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
+        if type(self.enable_chunked_prefill) is not bool:
+            raise ValueError(
+                f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
