@@ -263,3 +263,17 @@ def test_many_threads_hammering_prefetch_and_close(seed: int) -> None:
     assert store.stats.num_dropped_jobs >= len(refused)
     assert store.stats.num_errors == 0  # no callback raised
     assert len(io_threads()) == before
+
+
+@pytest.mark.parametrize("bad", [5, None, 1.5], ids=repr)
+def test_hashes_that_are_no_iterable_are_refused(bad: object) -> None:
+    """get_many/contains_many/prefetch of a non-iterable, put_many/write_back of a
+    non-mapping: ValueError naming what was expected, nothing counted."""
+    store = InMemoryRemoteStore(make_namespace())
+    for call, what in ((store.get_many, "block hashes"), (store.contains_many, "block hashes"),
+                       (lambda x: store.prefetch(x, lambda found: None), "block hashes"),
+                       (store.put_many, "items"), (store.write_back, "items")):
+        with pytest.raises(ValueError, match=f"^{what} must be"):
+            call(bad)  # type: ignore[operator]
+    assert store.stats == type(store.stats)()
+    store.close()

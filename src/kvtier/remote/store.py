@@ -104,7 +104,11 @@ class RemoteStore(Protocol):
 def check_hashes(hashes: Iterable[int]) -> list[int]:
     """``hashes`` without repeats, in order; ValueError naming the first that is not a
     128-bit unsigned int (a bool is not one). Pure."""
-    given = list(hashes)
+    try:
+        given = list(hashes)
+    except TypeError:
+        raise ValueError(f"block hashes must be an iterable of 128-bit unsigned ints, got "
+                         f"{describe(hashes)[:40]}") from None
     for h in given:  # before dedup: True would hide behind an equal 1
         if type(h) is not int or not 0 <= h < 1 << 128:
             raise ValueError(f"block hashes must be 128-bit unsigned ints, got {describe(h)}")
@@ -206,6 +210,9 @@ class RemoteStoreBase(ABC):
         return found
 
     def put_many(self, items: Mapping[int, bytes]) -> int:
+        if not isinstance(items, Mapping):
+            raise ValueError(f"items must be a mapping of block hashes to payloads, got "
+                             f"{describe(items)[:40]}")
         check_hashes(items)
         # Encode every item first: a bad payload raises before anything is written.
         pairs = [(self._key(h), self._namespace.encode(h, payload))
@@ -241,6 +248,9 @@ class RemoteStoreBase(ABC):
 
     def write_back(self, items: Mapping[int, bytes]) -> bool:
         """Queue a ``put_many`` on the I/O thread; False (counted) when refused."""
+        if not isinstance(items, Mapping):
+            raise ValueError(f"items must be a mapping of block hashes to payloads, got "
+                             f"{describe(items)[:40]}")
         snapshot = dict(items)
         check_hashes(snapshot)
         size = self._namespace.layout.bytes_per_block
