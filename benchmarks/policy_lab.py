@@ -58,11 +58,12 @@ def load(name: str, limit: int | None, tpb: int) -> tuple[list[LabRequest], int]
     raise SystemExit(f"unknown workload {name!r}")
 
 
-def capacities(name: str, requests: Sequence[LabRequest], limit: int | None) -> list[int]:
+def capacities(name: str, requests: Sequence[LabRequest], limit: int | None,
+               fractions: Sequence[float] = FRACTIONS) -> list[int]:
     if name == "mooncake-conv":  # issue 10's two settings
         return [5120, 17408] if limit is None else [5120]
     distinct = len({key for r in requests for key in r.keys})
-    return [max(64, int(distinct * f) // 64 * 64) for f in FRACTIONS]
+    return [max(64, int(distinct * f) // 64 * 64) for f in fractions]
 
 
 def policies(capacity: int, stream: Sequence[LabRequest], tpb: int
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="first requests of each trace (0: whole traces)")
     parser.add_argument("--tokens-per-block", type=int, default=64,
                         help="block size of token-list workloads (Mooncake: 512)")
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                        help="capacities as fractions of the distinct blocks (not Mooncake conv)")
     parser.add_argument("--queue-delay-s", type=float, default=1.0)
     parser.add_argument("--peers", type=Path, default=PEERS_PYTHON)
     parser.add_argument("--no-peers", action="store_true")
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, object]] = []
     for name in args.workloads.split(","):
         requests, tpb = load(name, limit, args.tokens_per_block)
-        for capacity in capacities(name, requests, limit):
+        fractions = [float(f) for f in args.fractions.split(",")]
+        for capacity in capacities(name, requests, limit, fractions):
             stream = truncate(requests, capacity)
             results: dict[str, dict[str, float]] = {}
             for make in policies(capacity, stream, tpb):
