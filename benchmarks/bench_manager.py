@@ -45,6 +45,7 @@ def run_kvtier(prompts: Iterator[list[int]], num_gpu_blocks: int, tpb: int,
         rid = str(i)
         t0, c0 = clock(), cpu_clock()
         a = mgr.add_sequence(SequenceSpec(rid, tokens))
+        mgr.take_plan()  # what a caller submits to its transfer engine
         live.append((rid, tokens))
         done = None
         if len(live) > in_flight:

@@ -33,8 +33,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # a torch wheel without numpy warns at import
     import torch
 
-from kvtier.radix import Tier
 from kvtier.storage import KVLayout, KVStorage
+from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
 

@@ -22,7 +22,6 @@ from kvtier import (
     TransferOp,
     TransferPlan,
 )
-from kvtier.radix import Node, path_to_root
 
 GARBAGE = ("garbage",)
 TOKENS = st.integers(0, 3)
@@ -56,34 +55,14 @@ class Memory:
         return damaged
 
 
-def node_prefix(node: Node) -> tuple[int, ...]:
-    """All tokens from the root through the end of ``node``."""
-    return tuple(t for n in reversed(list(path_to_root(node))) for t in n.tokens)
-
-
-def cached_nodes(mgr: KVCacheManager) -> list[tuple[object, Node]]:
-    """(salt, node) for every node of the cached tree.
-
-    NOTE: the one place these tests read the manager's private tree; issue 9 replaces it
-    with a public query of what is cached.
-    """
-    out = []
-    for (_, salt), root in mgr._cache.roots.items():
-        stack = list(root.iter_children())
-        while stack:
-            node = stack.pop()
-            stack.extend(node.iter_children())
-            out.append((salt, node))
-    return out
-
-
 def check_cache_contents(mgr: KVCacheManager, mem: Memory, tpb: int) -> None:
-    """Every cached block holds the KV of exactly its prefix."""
-    for salt, node in cached_nodes(mgr):
-        prefix = node_prefix(node)
-        for i, slot in enumerate(node.slots):
-            end = (node.start_block + i + 1) * tpb
-            assert mem.slots.get((node.tier, slot)) == (salt, prefix[:end]), (node, i)
+    """Every cached block holds the KV of exactly its prefix (from the manager's public
+    query of what is cached: each block's tokens, chained by the parent hash)."""
+    prefixes: dict[int, tuple[int, ...]] = {}
+    for b in mgr.cached_blocks():
+        prefix = (prefixes[b.parent_hash] if b.parent_hash is not None else ()) + b.tokens
+        prefixes[b.block_hash] = prefix
+        assert mem.slots.get((b.tier, b.slot)) == (b.salt, prefix), b
 
 
 def take_plans(mgr: KVCacheManager) -> TransferPlan:

@@ -293,9 +293,10 @@ def test_import_blocks_become_host_hits_and_are_onboarded() -> None:
     assert mgr.missing_block_hashes(prompt) == []
     assert mgr.lookup(prompt) == PrefixMatch(12, 4, 8, 0)
     assert mgr.stats.num_imported_blocks == 2
+    mgr.take_plan()
     b = mgr.add_sequence(SequenceSpec("b", prompt))
     assert (b.num_reused_tokens, b.num_onboarded_tokens) == (12, 8)
-    onboards = [(op.src_slot, op.dst_slot) for op in mgr.engine.plans[-1].ops]  # type: ignore[attr-defined]
+    onboards = [(op.src_slot, op.dst_slot) for op in mgr.take_plan().ops]
     assert onboards == [(0, b.block_ids[1]), (1, b.block_ids[2])]
     assert mgr.import_blocks(prompt, 5) == []  # nothing past what is cached
     mgr.check_invariants()

@@ -46,6 +46,7 @@ from kvtier import (
     TransferOp,
     TransferPlan,
 )
+from plan_caller import PlanCaller
 
 Content = tuple[object, object, tuple[int, ...]]  # (salt, lora_id, tokens 0 .. end of block)
 GARBAGE: Content = ("garbage", None, ())  # what a failed copy leaves in its destination
@@ -125,22 +126,17 @@ class CachedBlock:
     block_hash: int | None
 
 
-def cached_blocks(mgr: KVCacheManager, with_hashes: bool = False) -> list[CachedBlock]:
-    """Every block of the tree with the content its key says it holds (a walk of the tree)."""
-    tpb = mgr.config.tokens_per_block
-    store = mgr._store
+def cached_blocks(mgr: KVCacheManager | PlanCaller,
+                  with_hashes: bool = False) -> list[CachedBlock]:
+    """Every cached block with the content its key says it holds (from the manager's public
+    query: each block's tokens, chained to its prefix by the parent hash)."""
+    prefixes: dict[int, tuple[int, ...]] = {}
     out = []
-    for root in store.roots.values():
-        stack = [(child, ()) for child in root.iter_children()]
-        while stack:
-            node, prefix = stack.pop()
-            hashes = store.hashes(node) if with_hashes else [None] * node.num_blocks
-            for j, slot in enumerate(node.slots):
-                tokens = prefix + tuple(node.tokens[: (j + 1) * tpb])
-                out.append(CachedBlock((root.salt, root.lora_id, tokens), node.tier, slot,
-                                       hashes[j]))
-            below = prefix + tuple(node.tokens)
-            stack.extend((child, below) for child in node.iter_children())
+    for b in mgr.cached_blocks():
+        tokens = (prefixes[b.parent_hash] if b.parent_hash is not None else ()) + b.tokens
+        prefixes[b.block_hash] = tokens
+        out.append(CachedBlock((b.salt, b.lora_id, tokens), b.tier, b.slot,
+                               b.block_hash if with_hashes else None))
     return out
 
 
@@ -236,7 +232,8 @@ class ManagerModel(RuleBasedStateMachine):
         self.tpb = tpb
         self.now = 0.0
         self.memory = PhysicalMemory(self.config)
-        self.mgr = KVCacheManager(self.config, engine=self.memory, clock=lambda: self.now)
+        self.mgr = PlanCaller(KVCacheManager(self.config, clock=lambda: self.now),
+                              self.memory)
         self.prefixes = [(p, None, None) for p in prefixes]
         self.history: list[tuple[list[int], object, object]] = []
         self.requests: dict[str, LiveRequest] = {}
@@ -621,10 +618,10 @@ def test_manager_matches_physical_model() -> None:
 # ---- focused properties ------------------------------------------------------------------
 
 def make_manager(tpb: int, num_gpu_blocks: int, num_host_blocks: int = 0,
-                 **options: bool) -> KVCacheManager:
+                 **options: bool) -> PlanCaller:
     config = CacheConfig(tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks,
                          num_host_blocks=num_host_blocks, **options)
-    return KVCacheManager(config, engine=RecordingTransferEngine(), clock=lambda: 0.0)
+    return PlanCaller(KVCacheManager(config, clock=lambda: 0.0), RecordingTransferEngine())
 
 
 def admit(mgr: KVCacheManager, rid: str, tokens: list[int], **kwargs: object) -> None:
@@ -676,11 +673,6 @@ def test_shared_prefix_in_one_batch_is_claimed_once(
     assert num_free - mgr.num_free_gpu_blocks == num_blocks - k
     ops = [op for plan in list(engine.plans)[num_plans:] for op in plan.ops]
     assert sum(op.kind is OpKind.ONBOARD for op in ops) == (k if to_host else 0), ops
-    shared = set(a.block_ids[:k])
-    for root in mgr._store.roots.values():
-        for node in root.iter_children():
-            if shared & set(node.slots):
-                assert set(node.slots) <= shared and node.ref_count == 2, node
     mgr.remove_sequence("r0")
     mgr.remove_sequence("r1")
     mgr.check_invariants()

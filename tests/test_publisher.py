@@ -20,7 +20,7 @@ from kvtier.publisher import (
     encode_events,
     encode_snapshot,
 )
-from kvtier.radix import Tier
+from kvtier.tier import Tier
 
 seqs = st.integers(0, (1 << 63) - 1)
 hashes = st.integers(0, (1 << 128) - 1)

@@ -19,7 +19,6 @@ from kvtier.publisher import (
     encode_snapshot,
     manager_snapshot,
 )
-from kvtier.radix import Tier
 from kvtier.router import (
     CacheAware,
     InstanceLoad,
@@ -30,6 +29,7 @@ from kvtier.router import (
     Router,
     make_policy,
 )
+from kvtier.tier import Tier
 
 G, H = Tier.GPU, Tier.HOST
 

@@ -53,10 +53,11 @@ def test_s1_sequential_add_loses_host_reuse() -> None:
     mgr = setup_s1()
     promised = [mgr.lookup(B12).num_tokens, mgr.lookup(C12).num_tokens]
     assert promised == [4, 4]  # 8 + 8 computed tokens: exactly MNT 16
+    mgr.take_plan()
     b = mgr.add_sequence(SequenceSpec("B", B12))
     assert (b.num_reused_tokens, b.block_ids) == (4, (5, 2, 3))
     # Onboarding B took GPU slot 5; its filler went to host slot 0, where C was.
-    assert mgr.engine.plans[-1].ops[:2] == (  # type: ignore[attr-defined]
+    assert mgr.take_plan().ops[:2] == (
         host_op(OpKind.OFFLOAD, 5, 0), host_op(OpKind.ONBOARD, 1, 5))
     c = mgr.add_sequence(SequenceSpec("C", C12))
     assert c.num_reused_tokens == 0  # promised 4: C computes 12, the step computes 20 > 16
@@ -66,10 +67,11 @@ def test_s1_sequential_add_loses_host_reuse() -> None:
 def test_s1_batch_keeps_every_promise() -> None:
     """S1: both host blocks are claimed first; onboarding drops fillers instead of C."""
     mgr = setup_s1()
+    mgr.take_plan()
     b, c = mgr.add_sequence_batch([SequenceSpec("B", B12), SequenceSpec("C", C12)])
     assert (b.num_reused_tokens, b.num_onboarded_tokens, b.block_ids) == (4, 4, (5, 2, 3))
     assert (c.num_reused_tokens, c.num_onboarded_tokens, c.block_ids) == (4, 4, (1, 4, 0))
-    plan = mgr.engine.plans[-1]  # type: ignore[attr-defined]
+    plan = mgr.take_plan()
     assert [op for op in plan.ops if op.kind is OpKind.ONBOARD] == [
         host_op(OpKind.ONBOARD, 1, 5), host_op(OpKind.ONBOARD, 0, 1)]
     # No filler was offloaded into a claimed host slot before its onboarding read it.
@@ -135,13 +137,13 @@ def test_s3_sequential_miss_evicts_partial_source() -> None:
 def test_s3_batch_protects_partial_source_until_copied() -> None:
     """S3: the partial source is claimed in phase 1 and copied before anyone may evict it."""
     mgr = setup_s3()
+    mgr.take_plan()
     b, a = mgr.add_sequence_batch([SequenceSpec("B", [7] * 12), SequenceSpec("A", A3)])
     assert b.block_ids == (4, 5, 1)  # Y and D's tail; X (slot 0) is protected
     # A's partial block (slot 3) gets X's first 2 tokens; then X is released, and A's
     # second block may take X's slot: the copy reads it first, in plan order.
     assert (a.num_reused_tokens, a.block_ids) == (2, (3, 0))
-    assert mgr.engine.plans[-1].ops == (  # type: ignore[attr-defined]
-        TransferOp(OpKind.COPY, Tier.GPU, 0, Tier.GPU, 3, 2),)
+    assert mgr.take_plan().ops == (TransferOp(OpKind.COPY, Tier.GPU, 0, Tier.GPU, 3, 2),)
     assert mgr.stats.num_partial_copies == 1
     mgr.check_invariants()
 
@@ -155,7 +157,6 @@ def test_s5_shared_prefix_claimed_once_referenced_twice() -> None:
                                    SequenceSpec("y", C + B + [4, 4, 4])])
     assert (x.num_reused_tokens, x.block_ids) == (8, (0, 1, 2))
     assert (y.num_reused_tokens, y.block_ids) == (8, (0, 1, 3))
-    (node,) = mgr._store.roots[(None, None)].iter_children()
-    assert node.ref_count == 2 and node.slots == [0, 1]
+    assert [b.tier for b in mgr.cached_blocks()] == [Tier.GPU, Tier.GPU]  # slots 0 and 1
     assert mgr.num_free_gpu_blocks == before - 4  # 2 shared + 2 private
     mgr.check_invariants()

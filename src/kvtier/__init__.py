@@ -5,9 +5,9 @@ from kvtier.config import CacheConfig
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.manager import KVCacheManager
 from kvtier.metrics import CacheStats, TierStats
-from kvtier.radix import Tier
 from kvtier.scheduler import ContextChunk, Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.sequence import MultimodalItem, SequenceSpec
+from kvtier.tier import Tier
 from kvtier.transfer import (
     OpKind,
     RecordingTransferEngine,

@@ -18,16 +18,22 @@ on, so each admitted request gets exactly the reuse ``lookup`` promised it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
+from kvtier.blocks import cdiv
+from kvtier.cache import BlockCache
 from kvtier.config import CacheConfig
-from kvtier.radix import Match, Node, PartialMatch, Tier, match, path_to_root
+from kvtier.live import LiveTable
+from kvtier.matching import Match, PartialMatch, match, match_prompt
+from kvtier.radix import Node, path_to_root
 from kvtier.sequence import LiveSequence, MultimodalItem, SequenceSpec
-from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
+from kvtier.tier import Tier
+from kvtier.transfer.plan import OpKind, TransferOp
 
-if TYPE_CHECKING:
-    from kvtier.manager import KVCacheManager
+PartialMode = Literal["in_place", "copy"]
+"""How a partial match is reused: the source block itself (an unclaimed GPU leaf), or a
+copy of its matching tokens into a new block."""
 
 
 class PrefixMatch(NamedTuple):
@@ -57,7 +63,7 @@ class Promise(NamedTuple):
     match: PrefixMatch
     num_gpu_blocks: int
     num_host_blocks: int
-    partial_mode: str | None  # "in_place", "copy" or None
+    partial_mode: PartialMode | None
     num_partial_tokens: int
 
 
@@ -68,10 +74,10 @@ class Pending(NamedTuple):
     seq: LiveSequence
     promise: Promise
     partial: PartialMatch | None
-    partial_mode: str | None
+    partial_mode: PartialMode | None
 
 
-def partial_mode(partial: PartialMatch | None, config: CacheConfig) -> str | None:
+def partial_mode(partial: PartialMatch | None, config: CacheConfig) -> PartialMode | None:
     """How a partial match would be reused now: in place, by copy, or not at all. Pure."""
     if partial is None:
         return None
@@ -104,23 +110,32 @@ def promise_of(m: Match, config: CacheConfig) -> Promise:
 
 
 class BatchAdmission:
-    """Admits one batch on a manager; used once, by ``KVCacheManager.add_sequence_batch``."""
+    """Admits one batch; used once, by ``KVCacheManager.add_sequence_batch``.
 
-    def __init__(self, mgr: KVCacheManager) -> None:
-        self.mgr = mgr
-        self.config = mgr.config
-        self._store = mgr._store
-        self._tpb = mgr.config.tokens_per_block
+    Contract: claims and releases paths and allocates through ``cache``; adds the admitted
+    requests to ``live``; hands each admitted request to ``store_blocks`` (which stores what
+    it schedules); changes nothing else. A request that is not admitted leaves no claim.
+    """
 
-    def run(self, specs: Sequence[SequenceSpec]) -> list[Admission]:
-        """Admit ``specs`` (already checked for ids) and return one admission each."""
-        store = self._store
+    def __init__(self, cache: BlockCache, live: LiveTable, config: CacheConfig,
+                 store_blocks: Callable[[LiveSequence], None]) -> None:
+        self.config = config
+        self._cache = cache
+        self._live = live
+        self._store_blocks = store_blocks
+        self._tpb = config.tokens_per_block
+
+    def run(self, specs: Sequence[SequenceSpec], ops: list[TransferOp]) -> list[Admission]:
+        """Admit ``specs`` (already checked for ids) and return one admission each; the
+        copies this needs are appended to ``ops``, in program order."""
+        cache = self._cache
+        config = self.config
         tpb = self._tpb
         tokens_of = [list(s.tokens) for s in specs]
         extras_of = [block_extras(s.mm_items, len(s.tokens), tpb) for s in specs]
         # The promises, on the untouched tree: exactly what lookup() reports.
-        matches = [self.mgr.match_tokens(store.root(s.lora_id, s.salt), t, e)
-                   for s, t, e in zip(specs, tokens_of, extras_of)]
+        matches = [match_prompt(cache.root(s.lora_id, s.salt), t, e, config)
+                   for s, t, e in zip(specs, tokens_of, extras_of, strict=True)]
         self._check_footprint(specs, matches)
         promises = [promise_of(m, self.config) for m in matches]
 
@@ -128,8 +143,8 @@ class BatchAdmission:
         # what a match finds, so each request is matched again against the current tree.
         pending: list[Pending] = []
         for i, spec in enumerate(specs):
-            root = store.join_root(spec.lora_id, spec.salt)
-            m = matches[i] if i == 0 else self.mgr.match_tokens(root, tokens_of[i], extras_of[i])
+            root = cache.join_root(spec.lora_id, spec.salt)
+            m = matches[i] if i == 0 else match_prompt(root, tokens_of[i], extras_of[i], config)
             priority = self.config.default_priority if spec.priority is None else spec.priority
             seq = LiveSequence(spec, tokens_of[i], root, extras_of[i], priority)
             self._claim_path(seq, m)
@@ -155,13 +170,13 @@ class BatchAdmission:
             host_runs = [n for n in path_to_root(p.seq.last_node)
                          if n.tier is Tier.HOST and n.uid not in onboarding]
             num_onboard = sum(n.num_blocks for n in host_runs)
-            need = (-(-len(p.spec.tokens) // tpb) - p.seq.num_path_blocks
+            need = (cdiv(len(p.spec.tokens), tpb) - p.seq.num_path_blocks
                     - (p.partial_mode == "in_place") + num_onboard + p.spec.num_reserved_blocks)
             # A GPU copy source that only this request holds is released right after its
             # copy, before the rest is allocated: it counts as room for that rest.
             credit = int(p.partial_mode == "copy" and p.partial is not None
                          and p.partial.node.tier is Tier.GPU and p.partial.node.ref_count == 1)
-            available = store.gpu.num_available - self.mgr._num_reserved - consumed
+            available = cache.gpu.num_available - self._live.num_reserved - consumed
             if need - credit <= available and num_onboard + credit <= available:
                 consumed += need - credit
                 onboarding.update(n.uid for n in host_runs)
@@ -171,19 +186,14 @@ class BatchAdmission:
                 admitted.append(False)
 
         # Phase 2: onboard, allocate, copy. Evictions see only unreferenced blocks.
-        ops: list[TransferOp] = []
         results = []
-        for p, ok in zip(pending, admitted):
+        for p, ok in zip(pending, admitted, strict=True):
             if ok:
                 results.append(self._admit(p, ops))
             else:
-                store.stats.num_rejected += 1
+                cache.stats.num_rejected += 1
                 results.append(Admission(p.spec.request_id, False, 0, 0, (),
                                          "not enough free or evictable GPU blocks"))
-        if any(admitted):
-            self.mgr._version += 1
-        if ops:
-            self.mgr.engine.submit(TransferPlan(tuple(ops)))
         return results
 
     def _claim_partial(self, p: Pending) -> Pending:
@@ -194,13 +204,13 @@ class BatchAdmission:
         assert m.num_blocks == p.seq.num_path_blocks and m.partial is not None, (m, p)
         partial = m.partial
         if partial.block_index:
-            self._store.split(partial.node, partial.block_index)
+            self._cache.split(partial.node, partial.block_index)
             partial = PartialMatch(partial.node, 0, partial.num_tokens)
         if partial.node.num_blocks > 1:
             # Claim the source block alone, not the run behind it.
-            partial = PartialMatch(self._store.split(partial.node, 1), 0, partial.num_tokens)
+            partial = PartialMatch(self._cache.split(partial.node, 1), 0, partial.num_tokens)
         assert partial.num_tokens == p.promise.num_partial_tokens
-        self._store.ref_path(partial.node)
+        self._cache.ref_path(partial.node)
         return p._replace(partial=partial)
 
     def _claim_path(self, seq: LiveSequence, m: Match) -> None:
@@ -209,50 +219,50 @@ class BatchAdmission:
             last = m.path[-1]
         if m.tail is not None:
             node, k = m.tail
-            last = self._store.split(node, k)
+            last = self._cache.split(node, k)
         seq.last_node = last
-        self._store.ref_path(last)
+        self._cache.ref_path(last)
 
     def _release_claims(self, p: Pending) -> None:
-        store = self._store
+        cache = self._cache
         if p.partial is not None and p.partial_mode is not None:
-            store.unref_path(p.partial.node)
-        store.unref_path(p.seq.last_node)
-        store.leave_root(p.seq.root)
+            cache.unref_path(p.partial.node)
+        cache.unref_path(p.seq.last_node)
+        cache.leave_root(p.seq.root)
 
     def _admit(self, p: Pending, ops: list[TransferOp]) -> Admission:
-        store = self._store
+        cache = self._cache
         seq = p.seq
         tpb = self._tpb
         # Onboard the claimed host runs (the deepest part of the path), top down.
         host_nodes = [n for n in path_to_root(seq.last_node) if n.tier is Tier.HOST]
         num_onboarded = 0
         for node in reversed(host_nodes):
-            num_onboarded += store.onboard(node, ops) * tpb
+            num_onboarded += cache.onboard(node, ops) * tpb
         table: list[int] = []
         for node in reversed(list(path_to_root(seq.last_node))):
             table += node.slots
         num_partial = 0
         partial = p.partial
-        num_blocks = -(-len(seq.tokens) // tpb)
+        num_blocks = cdiv(len(seq.tokens), tpb)
         if partial is not None and p.partial_mode == "in_place":
-            table.append(store.detach_leaf_block(partial.node))
+            table.append(cache.detach_leaf_block(partial.node))
             partial.node.ref_count = 0
-            store.unref_path(seq.last_node)  # the source's claim on its ancestors: our path
+            cache.unref_path(seq.last_node)  # the source's claim on its ancestors: our path
             num_partial = partial.num_tokens
-            store.stats.num_partial_in_place += 1
+            cache.stats.num_partial_in_place += 1
         if partial is not None and p.partial_mode == "copy":
             # Copy first, then release the source: the rest may evict it.
             src = partial.node
-            table += store.allocate_gpu(1, ops)
+            table += cache.allocate_gpu(1, ops)
             ops.append(TransferOp(OpKind.COPY, src.tier, src.slots[0], Tier.GPU, table[-1],
                                   partial.num_tokens))
-            store.unref_path(src)
+            cache.unref_path(src)
             num_partial = partial.num_tokens
-            store.stats.num_partial_copies += 1
+            cache.stats.num_partial_copies += 1
             if src.tier is Tier.HOST:
                 num_onboarded += partial.num_tokens
-        table += store.allocate_gpu(num_blocks - len(table), ops)
+        table += cache.allocate_gpu(num_blocks - len(table), ops)
         seq.block_table = table
         num_reused = seq.num_path_blocks * tpb + num_partial
         promise = p.promise
@@ -261,15 +271,14 @@ class BatchAdmission:
         seq.num_valid_tokens = num_reused
         seq.num_scheduled_tokens = len(seq.tokens) if new is None else min(
             len(seq.tokens), num_reused + new)
-        self.mgr._seqs[seq.request_id] = seq
         seq.num_reserved = p.spec.num_reserved_blocks
-        self.mgr._num_reserved += seq.num_reserved
+        self._live.add(seq)
         self._record_admission(seq, promise)
-        self.mgr._store_blocks(seq)
+        self._store_blocks(seq)
         return Admission(seq.request_id, True, num_reused, num_onboarded, tuple(table))
 
     def _record_admission(self, seq: LiveSequence, promise: Promise) -> None:
-        stats = self._store.stats
+        stats = self._cache.stats
         num_full = len(seq.tokens) // self._tpb
         gpu_blocks, host_blocks = promise.num_gpu_blocks, promise.num_host_blocks
         stats.gpu.reused_blocks += gpu_blocks
@@ -287,8 +296,8 @@ class BatchAdmission:
         capacity = self.config.num_gpu_blocks
         total = 0
         shared: dict[int, int] = {}
-        for spec, m in zip(specs, matches):
-            num_blocks = -(-len(spec.tokens) // tpb)
+        for spec, m in zip(specs, matches, strict=True):
+            num_blocks = cdiv(len(spec.tokens), tpb)
             if num_blocks > capacity:
                 raise ValueError(
                     f"request {spec.request_id!r} needs {num_blocks} blocks "
@@ -312,7 +321,7 @@ def block_extras(
     """Per block, the multimodal hashes (with offsets) of the items overlapping it."""
     if not mm_items:
         return None
-    per_block: list[list[tuple[object, int]]] = [[] for _ in range(-(-num_tokens // tpb))]
+    per_block: list[list[tuple[object, int]]] = [[] for _ in range(cdiv(num_tokens, tpb))]
     for item in mm_items:
         for b in range(item.offset // tpb, (item.offset + item.length - 1) // tpb + 1):
             per_block[b].append((item.content_hash, item.offset - b * tpb))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-from kvtier.radix import Tier
+from kvtier.tier import Tier
 
 
 class BlockStored(NamedTuple):

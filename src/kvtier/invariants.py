@@ -6,18 +6,18 @@ Kept apart from the manager so the hot paths stay small; tests call it after eve
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
 
-from kvtier.radix import Node, Tier, block_key, path_to_root, subtree
+from kvtier.blocks import cdiv
+from kvtier.cache import BlockCache
+from kvtier.live import LiveTable
+from kvtier.radix import Node, block_key, path_to_root
+from kvtier.tier import Tier
 
-if TYPE_CHECKING:
-    from kvtier.manager import KVCacheManager
 
-
-def check_manager(mgr: KVCacheManager) -> None:
-    """Assert every invariant of ``mgr``; raises AssertionError naming the first broken one."""
-    store = mgr._store
-    tpb = mgr.config.tokens_per_block
+def check_books(store: BlockCache, live: LiveTable) -> None:
+    """Assert every invariant of a manager's cache and live requests; raises
+    AssertionError naming the first broken one. Pure."""
+    tpb = store.tpb
     owner: dict[tuple[Tier, int], str] = {}
 
     def own(tier: Tier, slot: int, who: str) -> None:
@@ -32,11 +32,10 @@ def check_manager(mgr: KVCacheManager) -> None:
             own(tier, slot, "free list")
 
     # The tree.
-    nodes: list[Node] = []
     for root in store.roots.values():
         assert root.parent is None and not root.slots and root.ref_count == 0
-        for child in root.iter_children():
-            nodes.extend(subtree(child))
+        assert root.children or root.num_users, f"empty root {root} kept"
+    nodes: list[Node] = list(store.nodes())
     for node in nodes:
         parent = node.parent
         assert parent is not None, f"{node} is in the tree but marked dropped"
@@ -65,14 +64,17 @@ def check_manager(mgr: KVCacheManager) -> None:
     # The live sequences: refs, block tables, private blocks.
     expected_refs: Counter[int] = Counter()
     num_private = 0
-    for rid, seq in mgr._seqs.items():
+    users: Counter[int] = Counter()
+    for seq in live:
+        rid = seq.request_id
+        users[seq.root.uid] += 1
         path = list(path_to_root(seq.last_node))
         for node in path:
             assert node.tier is Tier.GPU, f"{rid}: path node {node} is not on the GPU"
             expected_refs[node.uid] += 1
         assert seq.last_node.parent is not None or seq.last_node is seq.root, rid
         table = seq.block_table
-        assert len(table) == -(-len(seq.tokens) // tpb), f"{rid}: block table length"
+        assert len(table) == cdiv(len(seq.tokens), tpb), f"{rid}: block table length"
         path_slots = [s for node in reversed(path) for s in node.slots]
         n_path = seq.num_path_blocks
         assert len(path_slots) == n_path <= len(table), f"{rid}: path longer than its table"
@@ -85,8 +87,10 @@ def check_manager(mgr: KVCacheManager) -> None:
             own(Tier.GPU, slot, f"private block of {rid}")
         num_private += len(seq.own_slots())
         assert seq.num_scheduled_tokens <= len(seq.tokens), rid
-    num_reserved = sum(seq.num_reserved for seq in mgr._seqs.values())
-    assert mgr._num_reserved == num_reserved, f"reserved {mgr._num_reserved} != {num_reserved}"
+    for root in store.roots.values():
+        assert root.num_users == users[root.uid], f"{root}: {root.num_users} users recorded"
+    num_reserved = sum(seq.num_reserved for seq in live)
+    assert live.num_reserved == num_reserved, f"reserved {live.num_reserved} != {num_reserved}"
     assert 0 <= num_reserved <= store.gpu.num_available, (
         f"{num_reserved} blocks reserved, only {store.gpu.num_available} available")
     for node in nodes:
@@ -106,8 +110,8 @@ def check_manager(mgr: KVCacheManager) -> None:
             f"{tier.name}: {pool.num_free} free + {cached} cached + {referenced} referenced "
             f"!= {pool.capacity}")
         filed = {n.uid for n in pool.heap_nodes()}
-        candidate_key = (store._gpu_candidate_key if tier is Tier.GPU
-                         else store._host_candidate_key)
+        candidate_key = (store.evictor.gpu_candidate_key if tier is Tier.GPU
+                         else store.evictor.host_candidate_key)
         for node in nodes:
             if node.tier is tier and candidate_key(node) is not None:
                 assert node.uid in filed, f"{tier.name}: candidate {node} is not filed"

@@ -1,24 +1,33 @@
-"""KVCacheManager: the public API over the block store.
+"""KVCacheManager: the public API over the block cache.
 
 ``lookup`` answers what a prompt would reuse; ``add_sequence_batch`` admits a batch in two
 phases (``kvtier.admission``) so that answer is exactly what each admitted request gets;
 ``schedule_prefill`` / ``append_tokens`` grow a request and store what it schedules;
-``remove_sequence`` releases it tail first. The manager owns the live sequences; the
-``BlockStore`` below it owns the tree, the tier pools and every move between them.
+``remove_sequence`` releases it tail first. The manager never copies bytes: the copies its
+calls need pile up, in program order, until the caller takes them as one ``TransferPlan``
+(``take_plan``, or ``end_step`` for a step) and submits it to a transfer engine, once.
+
+Contract: the manager owns a ``BlockCache`` (the tree, the tier pools and every move
+between them) and a ``LiveTable`` (the live requests); nothing outside it changes either.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from kvtier.admission import Admission, BatchAdmission, PrefixMatch, block_extras, promise_of
+from kvtier.blocks import cdiv
+from kvtier.cache import BlockCache
 from kvtier.config import CacheConfig
-from kvtier.events import AllBlocksCleared, Event
+from kvtier.events import Event
 from kvtier.eviction import EvictionPolicy
-from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
+from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.live import LiveTable
+from kvtier.matching import match_prompt
 from kvtier.metrics import CacheStats
-from kvtier.radix import Match, Node, Root, match
+from kvtier.radix import Node, Root
 from kvtier.recovery import fail_transfers
 from kvtier.sequence import (
     LiveSequence,
@@ -30,50 +39,57 @@ from kvtier.sequence import (
     check_token,
     token_list,
 )
-from kvtier.store import BlockStore
-from kvtier.transfer.engine import RecordingTransferEngine, TransferEngine
+from kvtier.tier import Tier
 from kvtier.transfer.plan import TransferOp, TransferPlan
 
-_NO_MATCH = Match([], None, 0, None)
+
+class CachedBlock(NamedTuple):
+    """One cached block (``cached_blocks``): its chained hash and its parent's (as other
+    processes name it), where its KV lives, its key space and its own tokens."""
+
+    block_hash: int
+    parent_hash: int | None
+    tier: Tier
+    slot: int
+    lora_id: int | None
+    salt: bytes | str | int | None
+    tokens: tuple[int, ...]
 
 
 class KVCacheManager:
-    """A tiered, prefix-reusing KV block manager. See the module docstring for admission."""
+    """A tiered, prefix-reusing KV block manager. See the module docstring."""
 
     def __init__(
         self,
         config: CacheConfig,
-        engine: TransferEngine | None = None,
         clock: Callable[[], float] = time.monotonic,
         policy: EvictionPolicy | None = None,
     ) -> None:
+        if not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig, got {config!r}")
         self.config = config
-        self.engine: TransferEngine = engine if engine is not None else RecordingTransferEngine()
-        self._store = BlockStore(config, clock, policy)
-        self._seqs: dict[str, LiveSequence] = {}
+        self._cache = BlockCache(config, clock, policy)
+        self._live = LiveTable()
         self._tpb = config.tokens_per_block
-        self._num_reserved = 0
         self._version = 0
-        # Inside a step: the requests it touched (their pre-step tokens stay the valid
-        # ones), and those with blocks to store at its end.
-        self._deferred: dict[str, LiveSequence] | None = None
-        self._pending_stores: dict[str, LiveSequence] = {}
+        self._ops: list[TransferOp] = []
 
     # ---- queries -------------------------------------------------------------------------
 
     @property
     def stats(self) -> CacheStats:
-        return self._store.stats
+        return self._cache.stats
 
     @property
     def num_free_gpu_blocks(self) -> int:
         """GPU blocks a new request can take now: free plus evictable, less what live
         requests have reserved for their growth. Pure."""
-        return self._store.gpu.num_available - self._num_reserved
+        return self._cache.gpu.num_available - self._live.num_reserved
 
     @property
     def num_reserved_gpu_blocks(self) -> int:
-        return self._num_reserved
+        """GPU blocks live requests have reserved for their growth. Pure."""
+        return self._live.num_reserved
 
     @property
     def version(self) -> int:
@@ -83,21 +99,40 @@ class KVCacheManager:
 
     @property
     def num_free_host_blocks(self) -> int:
-        return self._store.host.num_available
+        return self._cache.host.num_available
 
     @property
     def num_sequences(self) -> int:
-        return len(self._seqs)
+        return len(self._live)
 
     @property
     def num_key_spaces(self) -> int:
         """Key spaces (LoRA id and salt pairs) holding cached blocks or live requests: it
         does not grow with the salts ever seen. Pure."""
-        return len(self._store.roots)
+        return len(self._cache.roots)
 
     def block_table(self, request_id: str) -> list[int]:
         """A copy of the GPU block table of a live request."""
-        return list(self._seq(request_id).block_table)
+        return list(self._live.get(request_id).block_table)
+
+    def cached_blocks(self) -> list[CachedBlock]:
+        """Every cached block with its chained hash, its parent's and its tier, parents
+        before children. Pure (hashes are computed once, lazily)."""
+        journal = self._cache.journal
+        tpb = self._tpb
+        blocks = []
+        for node in self._cache.nodes():
+            root = node.root
+            assert root is not None
+            lora_id, salt = root.lora_id, root.salt
+            assert lora_id is None or type(lora_id) is int
+            assert salt is None or isinstance(salt, (bytes, str, int))
+            parent_hash = journal.parent_hash(node)
+            for i, (h, slot) in enumerate(zip(journal.hashes(node), node.slots, strict=True)):
+                blocks.append(CachedBlock(h, parent_hash, node.tier, slot, lora_id, salt,
+                                          tuple(node.tokens[i * tpb:(i + 1) * tpb])))
+                parent_hash = h
+        return blocks
 
     def lookup(
         self,
@@ -115,39 +150,38 @@ class KVCacheManager:
         items = check_mm_items(mm_items, len(token_ids), "lookup")
         return self._lookup(token_ids, salt, lora_id, items)
 
-    def missing_block_hashes(
-        self,
-        tokens: list[int],
-        salt: bytes | str | int | None = None,
-        lora_id: int | None = None,
-    ) -> list[int]:
-        """Chained hashes of the prompt's reusable full blocks past what the tiers hold
-        now, in order: what a remote tier could supply (``import_blocks``). Pure query."""
-        tokens = token_list(tokens, "tokens")
-        m = self.lookup(tokens, salt=salt, lora_id=lora_id)
-        tpb = self._tpb
-        hash_fn = get_hash_fn(self.config.hash_algo)
-        reusable = tokens[: (len(tokens) - 1) // tpb * tpb]
-        hashes = chain_hashes(hash_fn, root_hash(hash_fn, lora_id, salt), reusable, tpb, lora_id)
-        return hashes[(m.num_tokens - m.num_partial_tokens) // tpb:]
-
     def lookup_spec(self, spec: SequenceSpec) -> PrefixMatch:
         """``lookup`` for a spec's prompt (validated when the spec was built). Pure query."""
         return self._lookup(list(spec.tokens), spec.salt, spec.lora_id, spec.mm_items)
 
     def _lookup(self, tokens: list[int], salt: object, lora_id: object,
                 mm_items: Sequence[MultimodalItem]) -> PrefixMatch:
-        root = self._store.root(lora_id, salt)
-        m = self.match_tokens(root, tokens, block_extras(mm_items, len(tokens), self._tpb))
-        return promise_of(m, self.config).match
+        root = self._cache.root(lora_id, salt)
+        extras = block_extras(mm_items, len(tokens), self._tpb)
+        return promise_of(match_prompt(root, tokens, extras, self.config), self.config).match
 
-    def match_tokens(self, root: Root | None, tokens: list[int],
-                     extras: list[object] | None) -> Match:
-        """Where ``tokens`` (validated) meet the tree under ``root``. Pure query."""
-        if root is None or not self.config.enable_block_reuse:
-            return _NO_MATCH
-        return match(root, tokens, len(tokens) - 1, self._tpb, extras,
-                     self.config.enable_partial_reuse)
+    def missing_block_hashes(
+        self,
+        tokens: Sequence[int],
+        salt: bytes | str | int | None = None,
+        lora_id: int | None = None,
+    ) -> list[int]:
+        """Chained hashes of the prompt's reusable full blocks past what the tiers hold
+        now, in order: what a remote tier could supply (``import_blocks``). Pure query."""
+        token_ids = token_list(tokens, "tokens")
+        m = self.lookup(token_ids, salt=salt, lora_id=lora_id)
+        hashes = prompt_block_hashes(get_hash_fn(self.config.hash_algo), token_ids, self._tpb,
+                                     lora_id, salt, num_blocks=(len(token_ids) - 1) // self._tpb)
+        return hashes[(m.num_tokens - m.num_partial_tokens) // self._tpb:]
+
+    # ---- transfer plans ------------------------------------------------------------------
+
+    def take_plan(self) -> TransferPlan:
+        """The copies of every call since the last take, in program order, as one plan;
+        the caller submits it to a transfer engine before it reads the blocks involved
+        (before the next forward pass). Empty when the calls moved nothing."""
+        ops, self._ops = self._ops, []
+        return TransferPlan(tuple(ops))
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -160,70 +194,64 @@ class KVCacheManager:
         per spec, in order. Raises (TypeError for an item that is no ``SequenceSpec``,
         ValueError on a duplicate or live request id, or a batch that could not fit even in
         an empty GPU pool) changing nothing: not even ``version``."""
-        specs = self._check_batch(specs)
-        return BatchAdmission(self).run(specs)
+        batch = self._check_batch(specs)
+        admission = BatchAdmission(self._cache, self._live, self.config, self._store_blocks)
+        results = admission.run(batch, self._ops)
+        if any(r.admitted for r in results):
+            self._version += 1
+        return results
 
     # ---- growth and release --------------------------------------------------------------
 
     def schedule_prefill(self, request_id: str, num_tokens: int) -> None:
         """Mark the next ``num_tokens`` prompt tokens as scheduled (a later prefill chunk);
         full blocks they complete become reusable."""
-        seq = self._seq(request_id)
+        seq = self._live.get(request_id)
         if type(num_tokens) is not int or num_tokens < 1:
             raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
         remaining = len(seq.tokens) - seq.num_scheduled_tokens
         if num_tokens > remaining:
             raise ValueError(
                 f"{request_id!r} has {remaining} unscheduled prompt tokens, asked {num_tokens}")
-        self._schedule(seq, seq.num_scheduled_tokens + num_tokens)
+        self._live.schedule(seq, seq.num_scheduled_tokens + num_tokens)
         self._version += 1
         self._store_blocks(seq)
 
     def num_unscheduled_tokens(self, request_id: str) -> int:
         """Prompt tokens of a live request not yet scheduled. Pure."""
-        seq = self._seq(request_id)
+        seq = self._live.get(request_id)
         return len(seq.tokens) - seq.num_scheduled_tokens
 
     def num_blocks_to_append(self, request_id: str, num_tokens: int) -> int:
         """New GPU blocks ``append_tokens`` would need for ``num_tokens`` more tokens. Pure."""
-        seq = self._seq(request_id)
-        return max(0, -(-(len(seq.tokens) + num_tokens) // self._tpb) - len(seq.block_table))
+        seq = self._live.get(request_id)
+        return max(0, cdiv(len(seq.tokens) + num_tokens, self._tpb) - len(seq.block_table))
 
     def append_tokens(self, request_id: str, tokens: Sequence[int]) -> list[int] | None:
         """Grow a request by decode tokens; returns the new block ids, or ``None`` (and
         changes nothing) if the GPU pool cannot supply them. Blocks that fill are stored."""
-        seq = self._seq(request_id)
-        tokens = token_list(tokens, f"tokens appended to {request_id!r}")
-        self._check_prefilled(seq)
-        return self._append(seq, tokens)
-
-    def _check_prefilled(self, seq: LiveSequence) -> None:
-        if seq.num_scheduled_tokens < len(seq.tokens):
-            raise ValueError(
-                f"{seq.request_id!r} still has {len(seq.tokens) - seq.num_scheduled_tokens} "
-                "unscheduled prompt tokens; append only after its prefill")
+        seq = self._live.get(request_id)
+        token_ids = token_list(tokens, f"tokens appended to {request_id!r}")
+        _check_prefilled(seq)
+        return self._append(seq, token_ids)
 
     def _append(self, seq: LiveSequence, tokens: list[int]) -> list[int] | None:
         tpb = self._tpb
         num_tokens = len(seq.tokens) + len(tokens)
-        need = -(-num_tokens // tpb) - len(seq.block_table)
+        need = cdiv(num_tokens, tpb) - len(seq.block_table)
         new: list[int] = []
         if need > 0:
-            if need > self._store.gpu.num_available - (self._num_reserved - seq.num_reserved):
+            live = self._live
+            if need > self._cache.gpu.num_available - (live.num_reserved - seq.num_reserved):
                 return None
             self._version += 1
-            ops: list[TransferOp] = []
-            new = self._store.allocate_gpu(need, ops)
-            used = min(need, seq.num_reserved)
-            seq.num_reserved -= used
-            self._num_reserved -= used
+            new = self._cache.allocate_gpu(need, self._ops)
+            live.use_reserved(seq, need)
             seq.block_table += new
-            if ops:
-                self.engine.submit(TransferPlan(tuple(ops)))
         seq.tokens += tokens
         if seq.extras is not None:
-            seq.extras += [None] * (-(-num_tokens // tpb) - len(seq.extras))
-        self._schedule(seq, num_tokens)
+            seq.extras += [None] * (cdiv(num_tokens, tpb) - len(seq.extras))
+        self._live.schedule(seq, num_tokens)
         if num_tokens // tpb > seq.num_path_blocks:
             self._store_blocks(seq)
         return new
@@ -236,20 +264,20 @@ class KVCacheManager:
         The decode path of a step: one call, and no allocation for the many requests whose
         next token fits their last block.
         """
-        seqs = self._seqs
+        live = self._live
         batch: list[tuple[LiveSequence, int]] = []
         for i, item in enumerate(items):
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise ValueError(f"item {i} must be a (request_id, token) pair, got {item!r}")
             rid, token = item
-            seq = seqs.get(rid) if type(rid) is str else None
+            seq = live.seqs.get(rid) if type(rid) is str else None
             if seq is None:
                 raise KeyError(f"item {i}: unknown request_id {rid!r}")
             check_token(token, f"item {i}: the token appended to {rid!r}")
-            self._check_prefilled(seq)
+            _check_prefilled(seq)
             batch.append((seq, token))
         tpb = self._tpb
-        deferred = self._deferred
+        touched = live.touched
         for i, (seq, token) in enumerate(batch):
             n = len(seq.tokens) + 1
             if n > len(seq.block_table) * tpb or n % tpb == 0:
@@ -258,18 +286,18 @@ class KVCacheManager:
                     return i
                 continue
             seq.tokens.append(token)
-            # Inline _schedule: this loop runs for every decoding request of every step.
-            if deferred is None:
+            # Inline LiveTable.schedule: this loop runs for every decoding request.
+            if touched is None:
                 seq.num_valid_tokens = n - 1
-            elif seq.request_id not in deferred:
+            elif seq.request_id not in touched:
                 seq.num_valid_tokens = n - 1
-                deferred[seq.request_id] = seq
+                touched[seq.request_id] = seq
             seq.num_scheduled_tokens = n
         return len(batch)
 
     def import_blocks(
         self,
-        tokens: list[int],
+        tokens: Sequence[int],
         num_blocks: int,
         salt: bytes | str | int | None = None,
         lora_id: int | None = None,
@@ -282,118 +310,114 @@ class KVCacheManager:
         hits, and admission onboards them like any other. The caller must write the slots
         before the next manager call that may read them (an admission's plan).
         """
-        tokens = token_list(tokens, "tokens")
+        token_ids = token_list(tokens, "tokens")
         if type(num_blocks) is not int or num_blocks < 0:
             raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
         check_key("salt", salt)
         check_lora_id(lora_id)
         if not self.config.enable_block_reuse or not self.config.num_host_blocks:
             return []
-        store = self._store
-        root = store.join_root(lora_id, salt)
+        cache = self._cache
+        root = cache.join_root(lora_id, salt)
         try:
-            return self._import(root, tokens, num_blocks)
+            return self._import(root, token_ids, num_blocks)
         finally:
-            store.leave_root(root)
+            cache.leave_root(root)
 
     def _import(self, root: Root, tokens: list[int], num_blocks: int) -> list[int]:
-        store = self._store
-        m = self.match_tokens(root, tokens, None)
+        cache = self._cache
+        m = match_prompt(root, tokens, None, self.config)
         start = m.num_blocks
         end = min(start + num_blocks, (len(tokens) - 1) // self._tpb)
         if end <= start:
             return []
         parent: Node = m.path[-1] if m.path else root
         if m.tail is not None:
-            parent = store.split(m.tail[0], m.tail[1])
+            parent = cache.split(m.tail[0], m.tail[1])
         # The parent's run must not be evicted while room is made for its extension.
-        store.ref_path(parent)
+        cache.ref_path(parent)
         tpb = self._tpb
-        node = store.import_run(parent, tokens[start * tpb:end * tpb], end - start)
-        store.unref_path(parent)
+        node = cache.import_run(parent, tokens[start * tpb:end * tpb], end - start)
+        cache.unref_path(parent)
         if node is None:
             return []
         self._version += 1
-        store.stats.num_imported_blocks += node.num_blocks
+        cache.stats.num_imported_blocks += node.num_blocks
         return list(node.slots)
 
     def record_spills(self) -> None:
         """Start logging host blocks as they leave the cache, for a write-back remote tier:
         see ``drain_spills``."""
-        if self._store.spill_log is None:
-            self._store.spill_log = []
+        journal = self._cache.journal
+        if journal.spill_log is None:
+            journal.spill_log = []
 
     def drain_spills(self) -> list[tuple[int, int]]:
         """(block hash, host slot) of each host block dropped since the last drain whose KV
-        is still in its slot: read it before executing the transfer plans of those calls
-        (they may reuse the slot). Blocks offloaded and dropped between two drains are not
-        listed. Requires ``record_spills``."""
-        if self._store.spill_log is None:
+        is still in its slot: read it before executing the plan holding those calls'
+        copies (it may reuse the slot). Blocks offloaded and dropped between two drains are
+        not listed. Requires ``record_spills``."""
+        journal = self._cache.journal
+        if journal.spill_log is None:
             raise RuntimeError("drain_spills() needs record_spills() first")
-        return self._store.drain_spills()
+        return journal.drain_spills()
 
     def remove_sequence(self, request_id: str, store_for_reuse: bool = True) -> None:
         """Release a request, tail first. Its full scheduled blocks stay cached for reuse
         (unless ``store_for_reuse`` is False: then only blocks already stored do)."""
-        seq = self._seq(request_id)
+        seq = self._live.get(request_id)
         if type(store_for_reuse) is not bool:
             raise ValueError(f"store_for_reuse must be a bool, got {store_for_reuse!r}")
         self._version += 1
         if store_for_reuse:
             # Inside a step, what this request scheduled in the step is not computed yet.
-            in_step = self._deferred is not None and request_id in self._deferred
+            in_step = self._live.touched_in_step(request_id)
             self._store_blocks(seq, now=True,
                                limit=seq.num_valid_tokens if in_step else None)
-        del self._seqs[request_id]
-        self._num_reserved -= seq.num_reserved
-        store = self._store
+        self._live.discard(seq)
+        cache = self._cache
         private = seq.own_slots()
         if private:
-            store.free_gpu(private)
-        store.unref_path(seq.last_node, seq.priority, seq.retention_s)
-        store.leave_root(seq.root)
+            cache.free_gpu(private)
+        cache.unref_path(seq.last_node, seq.priority, seq.retention_s)
+        cache.leave_root(seq.root)
 
-    def transfer_failed(self, plan: TransferPlan, failed_ops: Iterable[int]) -> list[str]:
-        """Degrade failed copies to recompute; returns the requests that must recompute
-        (see ``kvtier.recovery``)."""
-        return fail_transfers(self, plan, failed_ops)
+    def transfer_failed(self, plan: TransferPlan, failed_indices: Iterable[int]) -> list[str]:
+        """The ops at ``failed_indices`` of ``plan`` (taken from this manager) did not
+        complete: degrade them to recompute (see ``kvtier.recovery``). Returns the requests
+        that must recompute, in admission order."""
+        if not isinstance(plan, TransferPlan):
+            raise TypeError(f"plan must be a TransferPlan, got {plan!r}")
+        if isinstance(failed_indices, (str, bytes)) or not isinstance(failed_indices, Iterable):
+            raise TypeError(f"failed_indices must be an iterable of op indices, got "
+                            f"{failed_indices!r}")
+        failed = list(failed_indices)
+        for index in failed:
+            if type(index) is not int or not 0 <= index < len(plan.ops):
+                raise ValueError(f"failed op index {index!r} is not an index into the plan's "
+                                 f"{len(plan.ops)} ops")
+        aborted = fail_transfers(self._cache, self._live, plan, failed)
+        if failed:
+            self._version += 1
+        return aborted
 
     def begin_step(self) -> None:
         """Until ``end_step``, blocks scheduled by admissions, prefill chunks and appends
         are not stored: no request of a step reuses blocks that the same step computes."""
-        if self._deferred is not None:
-            raise RuntimeError("begin_step() called twice without end_step()")
-        self._deferred = {}
+        self._live.begin_step()
 
-    def end_step(self) -> None:
-        """Store the blocks scheduled since ``begin_step``."""
-        if self._deferred is None:
-            raise RuntimeError("end_step() called without begin_step()")
-        self._deferred = None
-        pending, self._pending_stores = self._pending_stores, {}
-        for rid, seq in pending.items():
-            if self._seqs.get(rid) is seq:
-                self._store_blocks(seq)
-
-    def _schedule(self, seq: LiveSequence, num_tokens: int) -> None:
-        """Set ``seq``'s scheduled tokens. What was scheduled before stays valid (computed
-        by the time a later step reads it); inside a step, only what was scheduled before
-        the step began (a request may be touched twice in one step)."""
-        deferred = self._deferred
-        if deferred is None:
-            seq.num_valid_tokens = seq.num_scheduled_tokens
-        elif seq.request_id not in deferred:
-            seq.num_valid_tokens = seq.num_scheduled_tokens
-            deferred[seq.request_id] = seq
-        seq.num_scheduled_tokens = num_tokens
+    def end_step(self) -> TransferPlan:
+        """Store the blocks scheduled since ``begin_step``; return the step's plan (every
+        copy not yet taken, see ``take_plan``)."""
+        for seq in self._live.end_step():
+            self._store_blocks(seq)
+        return self.take_plan()
 
     def _store_blocks(self, seq: LiveSequence, now: bool = False,
                       limit: int | None = None) -> None:
         """Store ``seq``'s full scheduled blocks (up to ``limit`` tokens) past its path;
         inside a step, only note that it has some, for ``end_step``."""
-        if self._deferred is not None and not now:
-            self._deferred[seq.request_id] = seq
-            self._pending_stores[seq.request_id] = seq
+        if not now and self._live.defer_store(seq):
             return
         if not self.config.enable_block_reuse:
             return
@@ -404,7 +428,7 @@ class KVCacheManager:
         if end <= start:
             return
         extras = seq.extras[start:end] if seq.extras is not None else None
-        run = self._store.insert_run(seq.last_node, seq.tokens[start * tpb:end * tpb],
+        run = self._cache.insert_run(seq.last_node, seq.tokens[start * tpb:end * tpb],
                                      seq.block_table[start:end], extras)
         self._version += 1
         seq.last_node = run.node
@@ -413,50 +437,44 @@ class KVCacheManager:
     def reset_cache(self) -> bool:
         """Drop every cached block of every tier. Refused (returns False) while any request
         is live."""
-        if self._seqs:
+        if len(self._live):
             return False
         self._version += 1
-        store = self._store
-        for root in list(store.roots.values()):
-            for child in list(root.iter_children()):
-                store.drop(child)
-        store.roots.clear()
-        if store.events is not None:
-            store.events.append(AllBlocksCleared(store.events.next_seq()))
+        self._cache.clear()
         return True
 
     def drain_events(self) -> list[Event]:
         """Events since the last drain, oldest first (empty unless ``enable_events``)."""
-        return self._store.events.drain() if self._store.events is not None else []
+        events = self._cache.journal.events
+        return events.drain() if events is not None else []
 
     # ---- validation and invariants -------------------------------------------------------
-
-    def _seq(self, request_id: str) -> LiveSequence:
-        try:
-            return self._seqs[request_id]
-        except KeyError:
-            raise KeyError(f"unknown request_id {request_id!r}") from None
 
     def _check_batch(self, specs: Iterable[SequenceSpec]) -> list[SequenceSpec]:
         if isinstance(specs, (SequenceSpec, str, bytes)) or not isinstance(specs, Iterable):
             raise TypeError(f"specs must be an iterable of SequenceSpec, got {specs!r}")
-        specs = list(specs)
+        batch = list(specs)
         seen: set[str] = set()
-        for i, spec in enumerate(specs):
+        for i, spec in enumerate(batch):
             if not isinstance(spec, SequenceSpec):
                 raise TypeError(f"batch item {i} must be a SequenceSpec, got {spec!r}")
             rid = spec.request_id
-            if rid in self._seqs:
+            if rid in self._live:
                 raise ValueError(f"request_id {rid!r} (batch item {i}) is already live")
             if rid in seen:
                 raise ValueError(f"request_id {rid!r} appears twice in the batch (item {i})")
             seen.add(rid)
-        return specs
+        return batch
 
     def check_invariants(self) -> None:
         """Recompute the books from scratch and assert they match. Pure."""
-        from kvtier.invariants import check_manager
+        from kvtier.invariants import check_books
 
-        check_manager(self)
+        check_books(self._cache, self._live)
 
 
+def _check_prefilled(seq: LiveSequence) -> None:
+    if seq.num_scheduled_tokens < len(seq.tokens):
+        raise ValueError(
+            f"{seq.request_id!r} still has {len(seq.tokens) - seq.num_scheduled_tokens} "
+            "unscheduled prompt tokens; append only after its prefill")

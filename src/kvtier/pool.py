@@ -5,7 +5,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from kvtier.radix import Node, Tier
+from kvtier.radix import Node
+from kvtier.tier import Tier
 
 _Entry = tuple[int, int, int, Node]
 

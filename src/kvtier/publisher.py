@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, Protocol
 
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.manager import KVCacheManager
-from kvtier.radix import Tier, subtree
+from kvtier.tier import Tier
 
 
 class EventPublisher(Protocol):
@@ -78,15 +78,7 @@ def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -
     ``next_seq`` must be one past the last event drained from ``manager``: call it with no
     events left undrained, or the snapshot claims events it does not reflect.
     """
-    # NOTE: the one read of another object's private state left in this module: the manager
-    # has no public query of its cached blocks yet (asked of its owner: a pure
-    # ``KVCacheManager.cached_blocks() -> list[CachedBlock(block_hash, parent_hash, tier)]``).
-    store = manager._store
-    blocks: set[tuple[int, Tier]] = set()
-    for root in store.roots.values():
-        for top in root.iter_children():
-            for node in subtree(top):
-                blocks.update((h, node.tier) for h in store.hashes(node))
+    blocks = {(b.block_hash, b.tier) for b in manager.cached_blocks()}
     return Snapshot(instance_id, next_seq, frozenset(blocks))
 
 

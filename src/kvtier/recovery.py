@@ -2,31 +2,35 @@
 
 ``fail_transfers`` runs when a transfer engine reports that some ops of a plan did not
 complete. Their destinations hold garbage, and so do the destinations of later ops that read
-them. Every live request holding such a block is aborted, and with it the blocks it only
-scheduled (never computed) in its latest call; requests that reused those are aborted too.
-Then every damaged block and its extensions leave the cache. The caller requeues the aborted
-requests: a fresh lookup no longer finds the damaged blocks.
+them. Every live request whose block table holds such a block is aborted, and with it the
+blocks it only scheduled (never computed) in its latest call; requests reading those are
+aborted too. Then every bad block leaves the cache with its extensions, except where a live
+request follows it with a copy of its own: that copy takes its place. The caller requeues the
+aborted requests: a fresh lookup no longer finds the bad blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from kvtier.radix import Tier, path_to_root
+from kvtier.cache import BlockCache
+from kvtier.live import LiveTable
+from kvtier.radix import Node, path_to_root
 from kvtier.sequence import LiveSequence
+from kvtier.tier import Tier
 from kvtier.transfer.plan import TransferPlan
 
-if TYPE_CHECKING:
-    from kvtier.manager import KVCacheManager
 
+def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
+                   failed_indices: Iterable[int]) -> list[str]:
+    """Handle the failure of the ops at ``failed_indices`` of ``plan`` (a plan of this
+    cache); return the ids of the requests aborted, in admission order, to requeue.
 
-def fail_transfers(mgr: KVCacheManager, plan: TransferPlan,
-                   failed_ops: Iterable[int]) -> list[str]:
-    """Handle the failure of ops ``failed_ops`` (indices into ``plan.ops``) of ``mgr``'s
-    plan; return the ids of the requests aborted, to requeue."""
+    Contract: discards aborted requests from ``live`` and releases their blocks; drops
+    damaged and never-computed blocks from ``cache``; changes nothing else.
+    """
     damaged: set[tuple[Tier, int]] = set()
-    failed = set(failed_ops)
+    failed = set(failed_indices)
     for i, op in enumerate(plan.ops):
         if i in failed or (op.src_tier, op.src_slot) in damaged:
             damaged.add((op.dst_tier, op.dst_slot))
@@ -34,62 +38,81 @@ def fail_transfers(mgr: KVCacheManager, plan: TransferPlan,
             damaged.discard((op.dst_tier, op.dst_slot))  # rewritten with good data
     if not damaged:
         return []
-    mgr._version += 1
-    store = mgr._store
-    tpb = mgr.config.tokens_per_block
-    owners = store.slot_owners()
+    tpb = cache.tpb
+    # Garbage spreads: a request reading a bad slot is aborted, and the blocks it scheduled
+    # but may not have computed (in its own slots) are bad too, for anyone reading them.
+    bad = set(damaged)
     aborted: dict[str, LiveSequence] = {}
-    for rid, seq in mgr._seqs.items():
-        if any((Tier.GPU, s) in damaged for s in seq.own_slots()):
-            aborted[rid] = seq
-    damaged_nodes = {owners[key][0].uid for key in damaged if key in owners}
-    for rid, seq in mgr._seqs.items():
-        if any(n.uid in damaged_nodes for n in path_to_root(seq.last_node)):
-            aborted[rid] = seq
-    # Requests that reused blocks an aborted request never computed are aborted too.
     while True:
-        unsafe = {n.uid for seq in aborted.values() for n in path_to_root(seq.last_node)
-                  if n.start_block + n.num_blocks > seq.num_valid_tokens // tpb}
-        more = {rid: seq for rid, seq in mgr._seqs.items() if rid not in aborted and any(
-            n.uid in unsafe for n in path_to_root(seq.last_node))}
+        more = [seq for seq in live if seq.request_id not in aborted
+                and any((Tier.GPU, slot) in bad for slot in seq.block_table)]
         if not more:
             break
-        aborted.update(more)
-    for seq in aborted.values():
-        _release_unstored(mgr, seq)
-    for seq in aborted.values():
-        _drop_uncomputed(mgr, seq)
-    owners = store.slot_owners()
-    for key in sorted(damaged):
+        for seq in more:
+            aborted[seq.request_id] = seq
+            valid_blocks = seq.num_valid_tokens // tpb
+            bad.update((Tier.GPU, slot) for node in _uncomputed(seq, tpb)
+                       for slot in node.slots[max(0, valid_blocks - node.start_block):])
+    # In admission order, whatever order the loop above found them in.
+    order = {seq.request_id: i for i, seq in enumerate(live)}
+    ordered = sorted(aborted.values(), key=lambda seq: order[seq.request_id])
+    for seq in ordered:
+        _release_unstored(cache, live, seq)
+    # Bad blocks leave the cache with their extensions; one that a live request still
+    # claims (reading its own copy of it instead) takes that copy in its place.
+    owners = cache.slot_owners()
+    for key in sorted(bad):
         owner = owners.get(key)
         if owner is None:
-            continue  # free
+            continue  # free, or private to an aborted request
         node, index = owner
         # Still cached where it was? (An earlier drop may have taken it with its prefix.)
-        if node.parent is not None and index < node.num_blocks and node.slots[index] == key[1]:
-            store.drop_from(node, index)
-    store.stats.num_failed_transfers += len(failed)
-    return list(aborted)
+        if node.parent is None or index >= node.num_blocks or node.slots[index] != key[1]:
+            continue
+        if node.ref_count:
+            _replace_with_copy(cache, live, node, index)
+        else:
+            cache.drop_from(node, index)
+    cache.stats.num_failed_transfers += len(failed)
+    return [seq.request_id for seq in ordered]
 
 
-def _release_unstored(mgr: KVCacheManager, seq: LiveSequence) -> None:
+def _replace_with_copy(cache: BlockCache, live: LiveTable, node: Node, index: int) -> None:
+    """Block ``index`` of the claimed GPU run ``node`` is bad: every live request on it
+    reads its own copy instead (or it would have been aborted). Give the run the first
+    such copy, and free the bad slot."""
+    position = node.start_block + index
+    bad_slot = node.slots[index]
+    for seq in live:
+        if (position < len(seq.block_table) and seq.block_table[position] != bad_slot
+                and seq.block_table[position] in seq.private_slots
+                and any(n is node for n in path_to_root(seq.last_node))):
+            copy = seq.block_table[position]
+            seq.private_slots.remove(copy)
+            node.slots[index] = copy
+            cache.free_gpu([bad_slot])
+            return
+    raise AssertionError(f"{node} block {index} is claimed, but nobody holds a copy")
+
+
+def _uncomputed(seq: LiveSequence, tpb: int) -> list[Node]:
+    """The runs of ``seq``'s path holding blocks it scheduled but may not have computed:
+    past its valid tokens, in its own slots (not runs another request stored first, which
+    its path only follows). Deepest first. Pure."""
+    valid_blocks = seq.num_valid_tokens // tpb
+    table = seq.block_table
+    out = []
+    for node in path_to_root(seq.last_node):
+        if node.start_block + node.num_blocks <= valid_blocks:
+            break
+        if node.slots[0] == table[node.start_block]:
+            out.append(node)
+    return out
+
+
+def _release_unstored(cache: BlockCache, live: LiveTable, seq: LiveSequence) -> None:
     """Remove ``seq`` without storing anything more (a rollback: no LRU touch)."""
-    del mgr._seqs[seq.request_id]
-    if mgr._deferred is not None:
-        mgr._deferred.pop(seq.request_id, None)
-        mgr._pending_stores.pop(seq.request_id, None)
-    mgr._num_reserved -= seq.num_reserved
-    mgr._store.free_gpu(seq.own_slots())
-    mgr._store.unref_path(seq.last_node)
-    mgr._store.leave_root(seq.root)
-
-
-def _drop_uncomputed(mgr: KVCacheManager, seq: LiveSequence) -> None:
-    """Drop the blocks of released ``seq``'s path that its latest call only scheduled."""
-    valid_blocks = seq.num_valid_tokens // mgr.config.tokens_per_block
-    node = seq.last_node
-    while node.parent is not None and node.start_block + node.num_blocks > valid_blocks:
-        parent = node.parent
-        assert node.ref_count == 0, node
-        mgr._store.drop_from(node, max(0, valid_blocks - node.start_block))
-        node = parent
+    live.discard(seq)
+    cache.free_gpu(seq.own_slots())
+    cache.unref_path(seq.last_node)
+    cache.leave_root(seq.root)

@@ -24,7 +24,7 @@ from typing import NamedTuple, Protocol
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update
-from kvtier.radix import Tier
+from kvtier.tier import Tier
 
 
 class PrefixHit(NamedTuple):

@@ -19,20 +19,20 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple, get_args
+from typing import ClassVar, NamedTuple
 
 from kvtier.admission import PrefixMatch
 from kvtier.manager import KVCacheManager
 from kvtier.request import MAX_TOKEN_ID, Request, check_request
+from kvtier.scheduler_config import (
+    ADMISSIONS,
+    CAPACITY_POLICIES,
+    AdmissionMode,
+    CapacityPolicy,
+    SchedulerConfig,
+)
 from kvtier.sequence import SequenceSpec
-from kvtier.transfer.engine import TransferEngine
-from kvtier.transfer.plan import TransferOp, TransferPlan
-
-CapacityPolicy = Literal["guaranteed_no_evict", "max_utilization"]
-AdmissionMode = Literal["claim", "probe"]
-CAPACITY_POLICIES: tuple[CapacityPolicy, ...] = get_args(CapacityPolicy)
-ADMISSIONS: tuple[AdmissionMode, ...] = get_args(AdmissionMode)
+from kvtier.transfer.plan import TransferPlan
 
 __all__ = [
     "ADMISSIONS",
@@ -46,43 +46,6 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    """Budgets and policies of a :class:`Scheduler`.
-
-    ``max_chunk_tokens`` caps one request's prefill chunk (``None``: the whole budget).
-    A request that has waited ``max_wait_steps`` steps since it was queued stops later
-    requests from being admitted ahead of it, which bounds its wait. ``admission`` names
-    the scheduler class that runs it: ``claim`` (:class:`Scheduler`) or ``probe`` (the
-    simulator's race-measuring :class:`kvtier.sim.probe.ProbeScheduler`).
-    """
-
-    max_num_tokens: int = 8192
-    max_batch_size: int = 256
-    enable_chunked_prefill: bool = True
-    max_chunk_tokens: int | None = None
-    capacity_policy: CapacityPolicy = "guaranteed_no_evict"
-    admission: AdmissionMode = "claim"
-    max_wait_steps: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_tokens", "max_batch_size", "max_wait_steps"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        cap = self.max_chunk_tokens
-        if cap is not None and (type(cap) is not int or cap < 1):
-            raise ValueError(f"max_chunk_tokens must be an integer >= 1 or None, got {cap!r}")
-        if self.capacity_policy not in CAPACITY_POLICIES:
-            raise ValueError(f"capacity_policy must be one of {CAPACITY_POLICIES}, "
-                             f"got {self.capacity_policy!r}")
-        if self.admission not in ADMISSIONS:
-            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
-        if type(self.enable_chunked_prefill) is not bool:
-            raise ValueError(
-                f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
 
 
 class ContextChunk(NamedTuple):
@@ -126,23 +89,6 @@ class Admitted(NamedTuple):
     num_reused_tokens: int
 
 
-class _StepCollector:
-    """Sits between the manager and the real engine; keeps this step's ops."""
-
-    def __init__(self, inner: TransferEngine) -> None:
-        self.inner = inner
-        self.ops: list[TransferOp] = []
-
-    def submit(self, plan: TransferPlan) -> None:
-        self.ops.extend(plan.ops)
-        self.inner.submit(plan)
-
-    def take(self) -> TransferPlan:
-        plan = TransferPlan(tuple(self.ops))
-        self.ops = []
-        return plan
-
-
 class Scheduler:
     """Admits, chunks, grows and preempts requests on top of a :class:`KVCacheManager`.
 
@@ -165,8 +111,6 @@ class Scheduler:
                              "kvtier.sim.probe.ProbeScheduler)")
         self.manager = manager
         self.config = config
-        self._collector = _StepCollector(manager.engine)
-        manager.engine = self._collector
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # admission order: newest last
         # Per waiting request: what it prefills when admitted (the prompt, and after a
@@ -306,7 +250,10 @@ class Scheduler:
         overflow = max(0, num_tokens - cfg.max_num_tokens)
         # Exact credit (claim admission) never overflows; probe admission counts it.
         assert not overflow or self.ADMISSION == "probe", (num_tokens, cfg.max_num_tokens)
-        return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, self._collector.take(),
+        # The step's copies; stores at end_step add none. (If the step raises, they stay
+        # with the manager and come with the next step's plan.)
+        plan = self.manager.take_plan()
+        return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, plan,
                              tuple(preempted), credited, reused, overflow)
 
     def _preempt(self, req: Request) -> None:

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
                                             "pip install 'kvtier[torch]'")
 
-from kvtier.radix import Tier  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
+from kvtier.tier import Tier  # noqa: E402
 from kvtier.transfer import OpKind, TransferError, TransferOp, TransferPlan  # noqa: E402
 from kvtier.transfer.batching import TransferBatch  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402

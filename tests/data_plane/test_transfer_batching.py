@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.radix import Tier
+from kvtier.tier import Tier
 from kvtier.transfer.batching import CopyGroup, Run, merge_runs, plan_batches, plan_waves
 from kvtier.transfer.plan import OpKind, TransferOp
 

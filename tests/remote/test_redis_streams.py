@@ -8,8 +8,8 @@ from remote_helpers import RedisServers
 
 from kvtier.events import BlockRemoved, BlockStored, BlockTierChanged
 from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
-from kvtier.radix import Tier
 from kvtier.router import PrefixIndex
+from kvtier.tier import Tier
 
 G, H = Tier.GPU, Tier.HOST
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kvtier.config import CacheConfig
-from kvtier.remote.store import FaultyRemoteStore, MemoryRemoteStore
+from kvtier.remote.store import FaultyRemoteStore, InMemoryRemoteStore
 from kvtier.router import CacheAware
 from kvtier.sim import SyntheticChat
 from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
@@ -126,7 +126,7 @@ def test_store_dying_mid_run_is_reported() -> None:
     writes fail) and the report counts the store's errors, in the table and the JSON."""
     workload = SyntheticChat(num_requests=120, seed=0)
     cache = CacheConfig(num_gpu_blocks=768, num_host_blocks=256)
-    store = FaultyRemoteStore(MemoryRemoteStore(stand_in_namespace(cache.tokens_per_block)))
+    store = FaultyRemoteStore(InMemoryRemoteStore(stand_in_namespace(cache.tokens_per_block)))
     finished = []
 
     def progress(n: int) -> None:

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import pytest
 
+from kvtier.matching import PartialMatch, match
 from kvtier.radix import (
     Node,
-    PartialMatch,
     Root,
-    Tier,
     absorb_parent,
     add_child,
     block_key,
     cut_tail,
-    match,
     path_to_root,
     remove_child,
     split,
     subtree,
 )
+from kvtier.tier import Tier
 
 TPB = 2
 

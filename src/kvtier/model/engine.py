@@ -10,8 +10,8 @@ Each ``step()``::
                               stream wait: the CPU never blocks, later layers still copy)
     scheduler.update          greedy tokens from the last position of each sampling request
 
-The manager must not execute plans itself (leave its engine the default recording one):
-the step's plan is executed here, once, as a whole.
+The manager never executes copies: the scheduler takes the step's plan from it, and the
+plan is executed here, once, as a whole.
 """
 
 from __future__ import annotations

@@ -409,8 +409,3 @@ class FaultyRemoteStore(RemoteStoreBase):
 
     def has_keys(self, keys: list[str]) -> list[bool] | None:
         return None if self._fault() else self.inner.has_keys(keys)
-
-
-# NOTE: the old names, until every user outside kvtier.remote has moved (sim/fleet.py).
-BlockStoreBase = RemoteStoreBase
-MemoryRemoteStore = InMemoryRemoteStore

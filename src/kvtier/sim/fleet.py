@@ -24,8 +24,8 @@ from dataclasses import replace
 from kvtier.config import CacheConfig
 from kvtier.events import BlockRemoved, BlockStored, Event
 from kvtier.publisher import InMemoryEventBus, Snapshot, manager_snapshot
+from kvtier.remote import RemoteStore
 from kvtier.remote.codec import RemoteNamespace
-from kvtier.remote.store import BlockStoreBase
 from kvtier.router import CacheAware, InstanceLoad, Router, RoutingPolicy, make_policy
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.fleet_report import FleetReport, InstanceRun, fleet_report
@@ -39,7 +39,7 @@ class _SharedTier:
     """The fleet's shared remote tier as block hashes: a set, or a real store (e.g. Redis)
     holding a small stand-in value per block, so its latency and faults are real."""
 
-    def __init__(self, store: BlockStoreBase | None) -> None:
+    def __init__(self, store: RemoteStore | None) -> None:
         self.store = store
         self.hashes: set[int] = set()
         self._value = b""
@@ -145,7 +145,7 @@ def simulate_fleet(
     max_bus_events: int = 1 << 20,
     check_every: int | None = None,
     remote: str | None = None,
-    remote_store: BlockStoreBase | None = None,
+    remote_store: RemoteStore | None = None,
 ) -> FleetReport:
     """Replay ``workload`` through ``num_instances`` engines of ``cache`` each behind a
     router with ``policy``; see the module docstring.

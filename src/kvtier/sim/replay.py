@@ -24,7 +24,6 @@ from itertools import count
 
 from kvtier.config import CacheConfig
 from kvtier.manager import KVCacheManager
-from kvtier.radix import Tier
 from kvtier.request import Request
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.oracle import oracle_bounds
@@ -32,6 +31,7 @@ from kvtier.sim.probe import make_scheduler
 from kvtier.sim.report import SimReport, Summary, estimate_load
 from kvtier.sim.timemodel import ModelProfile, TimeModel, get_profile
 from kvtier.sim.workload import TraceRequest, Workload
+from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, TransferPlan
 
 # NOTE: sampled tokens are fresh ids from here up, far above the token ids any workload
@@ -46,13 +46,6 @@ FULL_STEP_SHARE = 0.9
 class SimulationStalled(RuntimeError):
     """The scheduler scheduled nothing, nothing was running and no request was left to
     arrive: the waiting requests can never be admitted (a scheduler or manager defect)."""
-
-
-class _NullEngine:
-    """Executes nothing: the scheduler's collector already hands the loop each step's ops."""
-
-    def submit(self, plan: TransferPlan) -> None:
-        pass
 
 
 def simulate(
@@ -136,7 +129,7 @@ class ReplayLoop:
                  time_scale: float, progress: Callable[[int], object] | None,
                  check_every: int | None) -> None:
         self.now_s = 0.0
-        self.manager = KVCacheManager(cache, _NullEngine(), clock=lambda: self.now_s)
+        self.manager = KVCacheManager(cache, clock=lambda: self.now_s)
         self.scheduler = make_scheduler(self.manager, sched)
         self.sched = sched
         self.model = model

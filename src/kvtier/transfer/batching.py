@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from kvtier.radix import Tier
+from kvtier.tier import Tier
 from kvtier.transfer.plan import TransferOp
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import NamedTuple
 
-from kvtier.radix import Tier
+from kvtier.tier import Tier
 
 
 class OpKind(str, Enum):

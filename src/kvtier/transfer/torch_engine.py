@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvtier.radix import Tier
+from kvtier.tier import Tier
 from kvtier.transfer.batching import (
     CopyGroup,
     Run,

@@ -1,0 +1,381 @@
+"""The cached blocks of every tier: the tree, the tier pools, and the moves between them.
+
+:class:`BlockCache` is the manager's lower half. It knows nothing of requests: it allocates
+GPU slots (evicting and offloading unreferenced runs to make room), onboards host runs,
+stores new runs, claims and releases paths. Every move appends the copies it needs to the
+caller's op list, in program order; the ``Evictor`` chooses victims, the ``Journal``
+reports hashes and events.
+
+Contract: only the cache changes the tree's nodes, the pools' slots and ``stats``; a
+referenced node is never evicted, an offload target or detached.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from kvtier.config import CacheConfig
+from kvtier.eviction import EvictionPolicy, Evictor, get_policy
+from kvtier.journal import Journal
+from kvtier.matching import num_common_blocks
+from kvtier.metrics import CacheStats
+from kvtier.pool import TierPool
+from kvtier.radix import Node, Root, add_child, block_key, remove_child, subtree
+from kvtier.radix import split as split_run
+from kvtier.tier import Tier
+from kvtier.transfer.plan import OpKind, TransferOp
+
+
+class StoredRun(NamedTuple):
+    """What ``insert_run`` did: the request's path now ends at ``node`` and covers
+    ``num_blocks`` more blocks; ``private_slots`` are its copies of blocks cached before."""
+
+    node: Node
+    num_blocks: int
+    private_slots: list[int]
+
+
+class BlockCache:
+    """Tree + pools. Referenced nodes are never evicted, offload targets, or detached."""
+
+    def __init__(self, config: CacheConfig, clock: Callable[[], float],
+                 policy: EvictionPolicy | None = None) -> None:
+        self.config = config
+        self.tpb = config.tokens_per_block
+        self.roots: dict[tuple[object, object], Root] = {}
+        self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks)
+        self.host = TierPool(Tier.HOST, config.num_host_blocks)
+        self.stats = CacheStats()
+        self.evictor = Evictor(config, clock,
+                               policy if policy is not None else get_policy(config.eviction_policy),
+                               self.gpu, self.host)
+        self.journal = Journal(config)
+        self._tick = itertools.count(1)
+
+    # ---- key spaces and queries ------------------------------------------------------------
+
+    def pool(self, tier: Tier) -> TierPool:
+        return self.gpu if tier is Tier.GPU else self.host
+
+    def root(self, lora_id: object, salt: object) -> Root | None:
+        """The root of this key space, if it holds blocks or users. Pure."""
+        return self.roots.get((lora_id, salt))
+
+    def join_root(self, lora_id: object, salt: object) -> Root:
+        """The root of this key space, created empty if new, with one more user: it stays
+        until every user has left (``leave_root``) and it holds no blocks."""
+        root = self.roots.get((lora_id, salt))
+        if root is None:
+            root = self.roots[(lora_id, salt)] = Root(lora_id, salt)
+        root.num_users += 1
+        return root
+
+    def leave_root(self, root: Root) -> None:
+        """One user of ``root`` is done with it."""
+        root.num_users -= 1
+        self._prune(root)
+
+    def _prune(self, root: Node) -> None:
+        """Forget ``root`` if it is a root with no blocks and no users."""
+        if (isinstance(root, Root) and not root.children and not root.num_users
+                and self.roots.get((root.lora_id, root.salt)) is root):
+            del self.roots[(root.lora_id, root.salt)]
+
+    def nodes(self) -> Iterator[Node]:
+        """Every cached run, parents before children within a key space. Pure."""
+        for root in self.roots.values():
+            for top in root.iter_children():
+                yield from subtree(top)
+
+    def slot_owners(self) -> dict[tuple[Tier, int], tuple[Node, int]]:
+        """Every cached block's (tier, slot) -> (node, block index). Pure; walks the tree."""
+        return {(node.tier, slot): (node, i) for node in self.nodes()
+                for i, slot in enumerate(node.slots)}
+
+    # ---- shape ------------------------------------------------------------------------------
+
+    def split(self, node: Node, num_head_blocks: int) -> Node:
+        """Cut ``node`` after ``num_head_blocks`` blocks; returns the head, ``node`` keeps
+        the tail. Both halves keep the key, and a retention keeps running on both."""
+        head = split_run(node, num_head_blocks, self.tpb)
+        self.evictor.track_retention(head)
+        return head
+
+    # ---- references --------------------------------------------------------------------------
+
+    def ref_path(self, node: Node) -> None:
+        """Add one reference to ``node`` and every ancestor (a claim)."""
+        while node.parent is not None:
+            if node.ref_count == 0:
+                self.pool(node.tier).num_referenced += len(node.slots)
+            node.ref_count += 1
+            node = node.parent
+
+    def unref_path(
+        self, node: Node, priority: int | None = None, retention_s: float | None = None
+    ) -> None:
+        """Drop one reference from ``node`` and its ancestors, deepest first.
+
+        With ``priority`` set this is a release: nodes that become unreferenced are stamped
+        most recently used (deepest first, so a prefix outlives its extensions) and take the
+        releasing request's priority. Without it, it is a rollback: keys stay as they were.
+        """
+        evictor = self.evictor
+        now = evictor.now() if retention_s is not None else 0.0
+        while node.parent is not None:
+            node.ref_count -= 1
+            if node.ref_count == 0:
+                self.pool(node.tier).num_referenced -= len(node.slots)
+                if priority is not None:
+                    node.last_used = next(self._tick)
+                    node.priority = priority
+                    node.expiry = None if retention_s is None else now + retention_s
+                    evictor.track_retention(node)
+                evictor.refile(node)
+            node = node.parent
+
+    # ---- allocation and eviction -------------------------------------------------------------
+
+    def allocate_gpu(self, num_blocks: int, ops: list[TransferOp]) -> list[int]:
+        """Take ``num_blocks`` GPU slots for a request's private use, evicting as needed.
+
+        The caller has checked ``gpu.num_available``; the slots count as referenced.
+        """
+        gpu = self.gpu
+        if num_blocks > gpu.num_free:
+            self._evict_gpu(num_blocks - gpu.num_free, ops)
+        gpu.num_referenced += num_blocks
+        return gpu.take(num_blocks)
+
+    def free_gpu(self, slots: list[int]) -> None:
+        """Give a request's private (uncached) slots back; they are handed out first."""
+        self.gpu.num_referenced -= len(slots)
+        self.gpu.give_back(slots)
+
+    def _evict_gpu(self, num_blocks: int, ops: list[TransferOp]) -> None:
+        """Free ``num_blocks`` GPU slots from unreferenced runs, tails first."""
+        self.evictor.expire()
+        while num_blocks > 0:
+            victim = self.evictor.take_victim(Tier.GPU, num_blocks)
+            assert victim is not None, f"GPU: {num_blocks} blocks short of eviction candidates"
+            num_blocks -= victim.num_blocks
+            parent = victim.parent
+            assert parent is not None
+            self._evict_gpu_run(victim, ops)
+            self.evictor.refile(parent)
+
+    def _evict_gpu_run(self, victim: Node, ops: list[TransferOp]) -> None:
+        """Offload the unreferenced GPU run ``victim`` as far as the host takes it; drop the rest.
+
+        The host takes a block into a free slot, or in place of a host block that is worth
+        less (a smaller eviction key), never of one worth as much: so the host keeps the most
+        valuable blocks that left the GPU, and one eviction round doesn't churn its own
+        offloads. The dropped part is the tail, so what stays cached is still a prefix.
+        """
+        host = self.host
+        num_offload = 0
+        if (host.capacity
+                and self.evictor.priority(victim) >= self.config.offload_min_priority):
+            num_offload = self._make_host_room(victim)
+        if num_offload < victim.num_blocks:
+            if not num_offload:
+                self.drop(victim)
+                return
+            self.drop(self.evictor.cut_tail(victim, victim.num_blocks - num_offload))
+        host_slots = host.take(num_offload)
+        self.journal.host_slots_filled(host_slots)  # filled only when the plan runs
+        old = victim.slots
+        ops.extend(TransferOp(OpKind.OFFLOAD, Tier.GPU, src, Tier.HOST, dst, self.tpb)
+                   for src, dst in zip(old, host_slots, strict=True))
+        self.gpu.give_back(old)
+        victim.slots = host_slots
+        victim.tier = Tier.HOST
+        assert victim.parent is not None
+        victim.parent.num_gpu_children -= 1
+        self.stats.gpu.offloaded_blocks += num_offload
+        self.journal.moved(victim, Tier.GPU)
+        self.evictor.refile(victim)
+
+    def _make_host_room(self, victim: Node) -> int:
+        """Free host slots for ``victim`` by dropping host blocks worth less than it, then
+        its own host extensions (lost anyway if it is dropped); return how many slots are
+        free for its offload now."""
+        host = self.host
+        num_blocks = victim.num_blocks
+        self.free_host(num_blocks, self.evictor.key(victim))
+        # Below a GPU frontier run all is host and unreferenced: take its deepest blocks.
+        for node in reversed(subtree(victim)[1:]):
+            short = num_blocks - host.num_free
+            if short <= 0:
+                break
+            if node.parent is None or node.children:
+                continue
+            self.drop_from(node, max(0, node.num_blocks - short))
+        return min(num_blocks, host.num_free)
+
+    def free_host(self, num_blocks: int, below: tuple[int, int] | None) -> int:
+        """Drop unreferenced host leaves, tails first, lowest key first, until
+        ``num_blocks`` host slots are free, stopping at blocks whose key is not below
+        ``below`` (``None``: no limit). Returns the free host slots now."""
+        host = self.host
+        while host.num_free < num_blocks:
+            victim = self.evictor.take_victim(Tier.HOST, num_blocks - host.num_free, below)
+            if victim is None:
+                break
+            parent = victim.parent
+            assert parent is not None
+            self.drop(victim)
+            self.evictor.refile(parent)
+        return host.num_free
+
+    def drop_from(self, node: Node, index: int) -> None:
+        """Drop the unreferenced blocks ``index ..`` of ``node`` and everything below them,
+        and file what stays as a candidate again."""
+        if index == 0:
+            parent = node.parent
+            assert parent is not None
+            self.drop(node)
+            self.evictor.refile(parent)
+        else:
+            self.drop(self.evictor.cut_tail(node, node.num_blocks - index))
+            self.evictor.refile(node)
+
+    def drop(self, node: Node) -> None:
+        """Remove the unreferenced run ``node`` and everything below it from the cache."""
+        parent = node.parent
+        assert parent is not None and node.ref_count == 0, node
+        doomed = subtree(node)
+        self.journal.removed(doomed)
+        remove_child(parent, node)
+        self._prune(parent)
+        for n in doomed:
+            assert n.ref_count == 0, n
+            self.pool(n.tier).give_back(n.slots)
+            if n.tier is Tier.GPU:
+                self.stats.gpu.evicted_blocks += len(n.slots)
+            else:
+                self.stats.host.evicted_blocks += len(n.slots)
+            n.parent = None
+
+    # ---- tier moves and stores -----------------------------------------------------------
+
+    def onboard(self, node: Node, ops: list[TransferOp]) -> int:
+        """Move the claimed host run ``node`` to GPU slots; return its block count."""
+        assert node.tier is Tier.HOST and node.ref_count > 0, node
+        n = node.num_blocks
+        gpu_slots = self.allocate_gpu(n, ops)  # counted referenced: the node is claimed
+        ops.extend(TransferOp(OpKind.ONBOARD, Tier.HOST, src, Tier.GPU, dst, self.tpb)
+                   for src, dst in zip(node.slots, gpu_slots, strict=True))
+        self.host.num_referenced -= n
+        self.host.give_back(node.slots)
+        node.slots = gpu_slots
+        node.tier = Tier.GPU
+        assert node.parent is not None
+        node.parent.num_gpu_children += 1
+        self.stats.host.onboarded_blocks += n
+        self.journal.moved(node, Tier.HOST)
+        return n
+
+    def insert_run(
+        self, parent: Node, tokens: list[int], slots: list[int], extras: list[object] | None
+    ) -> StoredRun:
+        """Store a request's computed full blocks below ``parent``, the request's claimed
+        path, and extend its claim over them.
+
+        Where another request stored the same blocks first, the request's later blocks are
+        still stored, below the cached run: if that run is claimed, the claim follows it and
+        the request's own copies stay private (``StoredRun.private_slots``); if it is not,
+        it takes over the request's copies (a host run moves to the GPU without a copy) and
+        its old slots are free again. A claimed duplicate on the host (being onboarded by
+        another request) stops the store there; a later call continues. The GPU pool's
+        books don't change: the slots are referenced before and after.
+        """
+        tpb = self.tpb
+        node = parent
+        num_blocks = len(slots)
+        pos = 0
+        private: list[int] = []
+        while pos < num_blocks:
+            extra = extras[pos] if extras is not None else None
+            cached = node.children.get(block_key(tokens, pos * tpb, tpb, extra))
+            if cached is None:
+                start = node.start_block + node.num_blocks
+                new = Node(node, tokens[pos * tpb:], slots[pos:], Tier.GPU,
+                           extras[pos:] if extras is not None else None, start, node.root)
+                new.ref_count = 1
+                add_child(node, new)
+                self.journal.stored(new)
+                return StoredRun(new, num_blocks, private)
+            if cached.tier is Tier.HOST and cached.ref_count:
+                break
+            run_extras = extras[pos:] if extras is not None else None
+            k = num_common_blocks(cached, tokens[pos * tpb:], 0,
+                                  min(cached.num_blocks, num_blocks - pos), tpb, run_extras)
+            if k < cached.num_blocks:
+                cached = self.split(cached, k)
+            self.stats.num_duplicate_stores += k
+            if cached.ref_count:
+                private += slots[pos:pos + k]
+                cached.ref_count += 1
+            else:
+                self._adopt(cached, slots[pos:pos + k])
+            node = cached
+            pos += k
+        return StoredRun(node, pos, private)
+
+    def _adopt(self, node: Node, gpu_slots: list[int]) -> None:
+        """Give the unreferenced run ``node`` the slots ``gpu_slots``, a request's private
+        copies of the same blocks, and claim it once for that request; its own slots are
+        free again. A host run thus moves to the GPU without a copy. Claiming a cached run
+        in place would take blocks from what is available; this takes none."""
+        assert not node.ref_count and node.parent is not None
+        self.pool(node.tier).give_back(node.slots)
+        node.slots = list(gpu_slots)
+        node.ref_count = 1  # the GPU slots stay referenced: the pool's books don't change
+        if node.tier is Tier.HOST:
+            node.tier = Tier.GPU
+            node.parent.num_gpu_children += 1
+            self.journal.moved(node, Tier.HOST)
+
+    def import_run(self, parent: Node, tokens: list[int], num_blocks: int) -> Node | None:
+        """Store the first ``num_blocks`` blocks of ``tokens`` (whose KV comes from
+        elsewhere, e.g. a remote store), or as many as the host makes room for, as an
+        unreferenced host run below ``parent``; ``None`` if there is no room at all.
+        ``parent`` must be claimed by the caller while this runs."""
+        num_blocks = min(num_blocks, self.free_host(num_blocks, None))
+        if num_blocks == 0:
+            return None
+        start = parent.start_block + parent.num_blocks
+        node = Node(parent, tokens[:num_blocks * self.tpb], self.host.take(num_blocks),
+                    Tier.HOST, None, start, parent.root)
+        node.priority = self.config.default_priority
+        node.last_used = next(self._tick)
+        add_child(parent, node)
+        self.journal.stored(node)
+        self.evictor.refile(node)
+        return node
+
+    def detach_leaf_block(self, node: Node) -> int:
+        """Take a one-block, claimed-once GPU leaf out of the tree for reuse in place.
+
+        Its slot becomes the caller's private block (still referenced); returns the slot.
+        """
+        assert node.num_blocks == 1 and not node.children and node.tier is Tier.GPU
+        parent = node.parent
+        assert parent is not None
+        self.journal.removed([node])
+        remove_child(parent, node)
+        node.parent = None
+        self.evictor.refile(parent)
+        self._prune(parent)
+        return node.slots[0]
+
+    def clear(self) -> None:
+        """Drop every cached block of every tier (no request may be live)."""
+        for root in list(self.roots.values()):
+            for child in list(root.iter_children()):
+                self.drop(child)
+        self.roots.clear()
+        self.journal.cleared()

@@ -1,0 +1,120 @@
+"""What the cache reports about its blocks: chained hashes, KV events and the spill log.
+
+Hashes are computed lazily, once per block, only when something needs them (events, the
+spill log of a write-back remote tier, a snapshot for a router). Contract: the Journal
+changes only the runs' cached ``hashes``, its event log and its spill log.
+"""
+
+from __future__ import annotations
+
+from kvtier.config import CacheConfig
+from kvtier.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    BlockTierChanged,
+    EventLog,
+)
+from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
+from kvtier.radix import Node, Root
+from kvtier.tier import Tier
+
+
+class Journal:
+    """Block hashes, KV events (with ``enable_events``) and the write-back spill log."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self._tpb = config.tokens_per_block
+        self._hash_fn = get_hash_fn(config.hash_algo)
+        self.events = EventLog(config.max_events) if config.enable_events else None
+        # With a write-back remote tier: (block hash, host slot) of host blocks dropped
+        # since the last drain whose slot still holds their KV (no offload into it pending).
+        self.spill_log: list[tuple[int, int]] | None = None
+        self._fresh_host_slots: set[int] = set()
+
+    # ---- hashes -----------------------------------------------------------------------------
+
+    def hashes(self, node: Node) -> list[int]:
+        """The chained hashes of ``node``'s blocks, computed once on first use."""
+        if node.hashes is None:
+            pending = []
+            n: Node | None = node
+            while n is not None and n.parent is not None and n.hashes is None:
+                pending.append(n)
+                n = n.parent
+            for p in reversed(pending):
+                parent = p.parent
+                assert parent is not None and p.root is not None
+                root = p.root
+                if isinstance(parent, Root):
+                    prev = root_hash(self._hash_fn, root.lora_id, root.salt)
+                else:
+                    assert parent.hashes is not None
+                    prev = parent.hashes[-1]
+                p.hashes = chain_hashes(self._hash_fn, prev, p.tokens, self._tpb,
+                                        root.lora_id, p.extras)
+        assert node.hashes is not None
+        return node.hashes
+
+    def parent_hash(self, node: Node) -> int | None:
+        """The hash of the block before ``node``'s first, or None at the root."""
+        parent = node.parent
+        if parent is None or parent.parent is None:
+            return None
+        return self.hashes(parent)[-1]
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def stored(self, node: Node) -> None:
+        """``node``'s blocks were cached."""
+        events = self.events
+        if events is None:
+            return
+        parent_hash = self.parent_hash(node)
+        assert node.root is not None
+        lora = node.root.lora_id
+        assert lora is None or isinstance(lora, int)
+        for h in self.hashes(node):
+            events.append(BlockStored(events.next_seq(), h, parent_hash, node.tier,
+                                      self._tpb, lora))
+            parent_hash = h
+
+    def moved(self, node: Node, old: Tier) -> None:
+        """``node``'s blocks moved from tier ``old`` to ``node.tier``."""
+        events = self.events
+        if events is None:
+            return
+        for h in self.hashes(node):
+            events.append(BlockTierChanged(events.next_seq(), h, old, node.tier))
+
+    def removed(self, nodes: list[Node]) -> None:
+        """``nodes`` left the cache (their slots are about to be reused)."""
+        events = self.events
+        if events is not None:
+            for n in nodes:
+                for h in self.hashes(n):
+                    events.append(BlockRemoved(events.next_seq(), h, n.tier))
+        if self.spill_log is not None:
+            fresh = self._fresh_host_slots
+            self.spill_log.extend((h, slot) for n in nodes if n.tier is Tier.HOST
+                                  for h, slot in zip(self.hashes(n), n.slots, strict=True)
+                                  if slot not in fresh)
+
+    def cleared(self) -> None:
+        """Every block of every tier left the cache."""
+        if self.events is not None:
+            self.events.append(AllBlocksCleared(self.events.next_seq()))
+
+    # ---- the spill log ----------------------------------------------------------------------
+
+    def host_slots_filled(self, slots: list[int]) -> None:
+        """``slots`` get their KV only when the current plan runs (an offload into them)."""
+        if self.spill_log is not None:
+            self._fresh_host_slots.update(slots)
+
+    def drain_spills(self) -> list[tuple[int, int]]:
+        """The spill log since the last drain; the next plan may overwrite those slots."""
+        assert self.spill_log is not None
+        spills, self.spill_log = self.spill_log, []
+        self._fresh_host_slots.clear()
+        return spills

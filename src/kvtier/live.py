@@ -1,0 +1,105 @@
+"""The live-request table: admitted requests, their reservations, and the current step.
+
+Contract: the manager, admission (``add``) and recovery (``discard``) change it; nothing
+else does. It holds no blocks itself: each ``LiveSequence`` records its claimed path and
+its private slots, and the cache counts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from kvtier.sequence import LiveSequence
+
+
+class LiveTable:
+    """Live requests by id, the GPU blocks they reserve for growth, and step bookkeeping.
+
+    Between ``begin_step`` and ``end_step``, ``touched`` holds the requests the step
+    scheduled tokens for (their tokens scheduled before the step stay the valid ones) and
+    ``pending_stores`` those with blocks to store when the step ends.
+    """
+
+    def __init__(self) -> None:
+        self.seqs: dict[str, LiveSequence] = {}
+        self.num_reserved = 0
+        self.touched: dict[str, LiveSequence] | None = None
+        self.pending_stores: dict[str, LiveSequence] = {}
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.seqs
+
+    def __iter__(self) -> Iterator[LiveSequence]:
+        return iter(self.seqs.values())
+
+    def get(self, request_id: str) -> LiveSequence:
+        """The live request ``request_id``; KeyError naming it if there is none."""
+        seq = self.seqs.get(request_id) if type(request_id) is str else None
+        if seq is None:
+            raise KeyError(f"unknown request_id {request_id!r}")
+        return seq
+
+    def add(self, seq: LiveSequence) -> None:
+        """Admit ``seq`` (with its reservation)."""
+        self.seqs[seq.request_id] = seq
+        self.num_reserved += seq.num_reserved
+
+    def discard(self, seq: LiveSequence) -> None:
+        """Forget ``seq`` and its reservation (the caller releases its blocks)."""
+        del self.seqs[seq.request_id]
+        self.num_reserved -= seq.num_reserved
+        if self.touched is not None:
+            self.touched.pop(seq.request_id, None)
+            self.pending_stores.pop(seq.request_id, None)
+
+    def use_reserved(self, seq: LiveSequence, num_blocks: int) -> None:
+        """``seq`` took ``num_blocks`` new GPU blocks: they come out of its reservation first."""
+        used = min(num_blocks, seq.num_reserved)
+        seq.num_reserved -= used
+        self.num_reserved -= used
+
+    @property
+    def in_step(self) -> bool:
+        return self.touched is not None
+
+    def begin_step(self) -> None:
+        if self.touched is not None:
+            raise RuntimeError("begin_step() called twice without end_step()")
+        self.touched = {}
+
+    def end_step(self) -> list[LiveSequence]:
+        """Close the step; returns the live requests with blocks to store, in order."""
+        if self.touched is None:
+            raise RuntimeError("end_step() called without begin_step()")
+        self.touched = None
+        pending, self.pending_stores = self.pending_stores, {}
+        return [seq for rid, seq in pending.items() if self.seqs.get(rid) is seq]
+
+    def schedule(self, seq: LiveSequence, num_tokens: int) -> None:
+        """Set ``seq``'s scheduled tokens. What was scheduled before stays valid (computed
+        by the time a later step reads it); inside a step, only what was scheduled before
+        the step began (a request may be touched twice in one step)."""
+        touched = self.touched
+        if touched is None:
+            seq.num_valid_tokens = seq.num_scheduled_tokens
+        elif seq.request_id not in touched:
+            seq.num_valid_tokens = seq.num_scheduled_tokens
+            touched[seq.request_id] = seq
+        seq.num_scheduled_tokens = num_tokens
+
+    def defer_store(self, seq: LiveSequence) -> bool:
+        """Inside a step, note that ``seq`` has blocks to store at its end and return True;
+        outside one, return False (store now)."""
+        touched = self.touched
+        if touched is None:
+            return False
+        touched[seq.request_id] = seq
+        self.pending_stores[seq.request_id] = seq
+        return True
+
+    def touched_in_step(self, request_id: str) -> bool:
+        """Whether the current step scheduled tokens for ``request_id``. Pure."""
+        return self.touched is not None and request_id in self.touched

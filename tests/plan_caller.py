@@ -1,0 +1,35 @@
+"""A manager driven as a serving loop drives it: after every call, the call's copies (its
+``take_plan()``, or what ``end_step`` returns) go to a transfer engine, once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvtier import KVCacheManager, TransferEngine, TransferPlan
+
+
+class PlanCaller:
+    """Forwards every attribute to ``manager``; after each method call, submits the plan
+    of copies it left (if any) to ``engine``, so the engine sees one plan per call."""
+
+    def __init__(self, manager: KVCacheManager, engine: TransferEngine) -> None:
+        self.manager = manager
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.manager, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = attr(*args, **kwargs)
+            finally:
+                plan = self.manager.take_plan()
+                if plan.ops:
+                    self.engine.submit(plan)
+            if isinstance(result, TransferPlan) and result.ops:
+                self.engine.submit(result)
+            return result
+
+        return call
