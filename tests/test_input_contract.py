@@ -164,7 +164,12 @@ def test_a_spec_is_a_snapshot_of_its_tokens() -> None:
     spec = SequenceSpec("snap", tokens)
     tokens.append("x")  # type: ignore[arg-type]
     tokens.clear()
-    assert spec.tokens == (1, 2, 3, 4, 5, 6, 7, 8, 9)
+    assert spec.tokens == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    with pytest.raises(TypeError, match="tokens are a snapshot"):
+        spec.tokens.append(10)
+    with pytest.raises(TypeError, match="tokens are a snapshot"):
+        spec.tokens[0] = 5
+    assert spec.tokens == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     adm = mgr.add_sequence(spec)
     assert adm.num_reused_tokens == 8 and len(adm.block_ids) == 3
 

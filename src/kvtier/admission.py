@@ -131,7 +131,7 @@ class BatchAdmission:
         cache = self._cache
         config = self.config
         tpb = self._tpb
-        tokens_of = [list(s.tokens) for s in specs]
+        tokens_of = [s.tokens for s in specs]
         extras_of = [block_extras(s.mm_items, len(s.tokens), tpb) for s in specs]
         # The promises, on the untouched tree: exactly what lookup() reports.
         matches = [match_prompt(cache.root(s.lora_id, s.salt), t, e, config)
@@ -146,7 +146,7 @@ class BatchAdmission:
             root = cache.join_root(spec.lora_id, spec.salt)
             m = matches[i] if i == 0 else match_prompt(root, tokens_of[i], extras_of[i], config)
             priority = self.config.default_priority if spec.priority is None else spec.priority
-            seq = LiveSequence(spec, tokens_of[i], root, extras_of[i], priority)
+            seq = LiveSequence(spec, root, extras_of[i], priority)
             self._claim_path(seq, m)
             pending.append(Pending(spec, seq, promises[i], None, promises[i].partial_mode))
         # Phase 1b: claim partial-reuse sources, found again below each claimed path. A

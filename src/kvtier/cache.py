@@ -302,8 +302,10 @@ class BlockCache:
             cached = node.children.get(block_key(tokens, pos * tpb, tpb, extra))
             if cached is None:
                 start = node.start_block + node.num_blocks
-                new = Node(node, tokens[pos * tpb:], slots[pos:], Tier.GPU,
-                           extras[pos:] if extras is not None else None, start, node.root)
+                if pos:  # NOTE: slice only after a duplicate: a run's tokens are long
+                    tokens, slots = tokens[pos * tpb:], slots[pos:]
+                    extras = extras[pos:] if extras is not None else None
+                new = Node(node, tokens, slots, Tier.GPU, extras, start, node.root)
                 new.ref_count = 1
                 add_child(node, new)
                 self.journal.stored(new)

@@ -152,7 +152,7 @@ class KVCacheManager:
 
     def lookup_spec(self, spec: SequenceSpec) -> PrefixMatch:
         """``lookup`` for a spec's prompt (validated when the spec was built). Pure query."""
-        return self._lookup(list(spec.tokens), spec.salt, spec.lora_id, spec.mm_items)
+        return self._lookup(spec.tokens, spec.salt, spec.lora_id, spec.mm_items)
 
     def _lookup(self, tokens: list[int], salt: object, lora_id: object,
                 mm_items: Sequence[MultimodalItem]) -> PrefixMatch:
@@ -248,7 +248,7 @@ class KVCacheManager:
             new = self._cache.allocate_gpu(need, self._ops)
             live.use_reserved(seq, need)
             seq.block_table += new
-        seq.tokens += tokens
+        seq.grow_tokens(tokens)
         if seq.extras is not None:
             seq.extras += [None] * (cdiv(num_tokens, tpb) - len(seq.extras))
         self._live.schedule(seq, num_tokens)
@@ -280,7 +280,7 @@ class KVCacheManager:
         touched = live.touched
         for i, (seq, token) in enumerate(batch):
             n = len(seq.tokens) + 1
-            if n > len(seq.block_table) * tpb or n % tpb == 0:
+            if n > len(seq.block_table) * tpb or n % tpb == 0 or type(seq.tokens) is not list:
                 # The general path: allocation, storing a block that fills.
                 if self._append(seq, [token]) is None:
                     return i

@@ -158,7 +158,7 @@ class Scheduler:
     def _spec_of(self, req: Request) -> SequenceSpec:
         """What ``req`` prefills when admitted: its prompt, and after a preemption the
         output so far. Raises ValueError (nothing changed) if the manager refuses it."""
-        tokens = tuple(req.tokens if req.output else req.prompt)
+        tokens = req.tokens if req.output else req.prompt
         return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
                             priority=req.priority, retention_s=req.retention_s)
 

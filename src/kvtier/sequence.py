@@ -6,6 +6,7 @@ import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import NoReturn
 
 from kvtier.config import check_priority
 from kvtier.radix import Node, Root
@@ -21,6 +22,29 @@ MAX_KEY_LEN = 4096
 
 MAX_RETENTION_S = 1e9
 """The longest retention, in seconds (about 31 years); ``None`` means no expiry."""
+
+
+class TokenIds(list[int]):
+    """A validated prompt: a list that refuses to change (a snapshot). It compares and
+    slices like the list it is (slices are plain lists), so matching it against the tree
+    costs nothing extra; only its own mutating methods raise."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("a SequenceSpec's tokens are a snapshot and cannot change")
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
+    __setitem__ = __delitem__ = _refuse
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(self))  # it never changes, so it may be hashed like a tuple
+
+    def __iadd__(self, other: object) -> NoReturn:  # type: ignore[misc]
+        self._refuse()
+
+    def __imul__(self, other: object) -> NoReturn:
+        self._refuse()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +73,8 @@ class SequenceSpec:
     """One request to admit.
 
     ``tokens`` is the prompt: token ids in ``0 ..= MAX_TOKEN_ID``, given as any sequence of
-    ints and kept as a tuple (a snapshot: changing the caller's list later changes nothing).
+    ints and kept as ``TokenIds``, a snapshot: changing the caller's list later changes
+    nothing, and the snapshot itself refuses to change.
     ``salt`` isolates tenants (mixed into the first block's key), ``lora_id`` selects an
     adapter (part of every block's key). ``priority`` (0..100, lower is evicted first;
     ``None`` means the config's default) applies to the request's blocks once released, for
@@ -63,7 +88,7 @@ class SequenceSpec:
     """
 
     request_id: str
-    tokens: tuple[int, ...]
+    tokens: list[int]
     salt: bytes | str | int | None = None
     lora_id: int | None = None
     priority: int | None = None
@@ -76,7 +101,7 @@ class SequenceSpec:
         if type(self.request_id) is not str or not self.request_id:
             raise ValueError(f"request_id must be a non-empty str, got {self.request_id!r}")
         what = f"tokens of {self.request_id!r}"
-        tokens = tuple(token_list(self.tokens, what))
+        tokens = TokenIds(token_list(self.tokens, what))
         object.__setattr__(self, "tokens", tokens)
         check_key("salt", self.salt)
         check_lora_id(self.lora_id)
@@ -245,10 +270,11 @@ class LiveSequence:
         "tokens",
     )
 
-    def __init__(self, spec: SequenceSpec, tokens: list[int], root: Root,
-                 extras: list[object] | None, priority: int) -> None:
+    def __init__(self, spec: SequenceSpec, root: Root, extras: list[object] | None,
+                 priority: int) -> None:
         self.request_id = spec.request_id
-        self.tokens = tokens  # the spec's tokens, as a list this request owns
+        # The spec's snapshot, until decoding grows it: then a list of its own.
+        self.tokens: list[int] = spec.tokens
         self.root = root
         self.extras = extras
         self.priority = priority
@@ -268,6 +294,12 @@ class LiveSequence:
     def num_path_blocks(self) -> int:
         node = self.last_node
         return node.start_block + len(node.slots)
+
+    def grow_tokens(self, tokens: list[int]) -> None:
+        """Append ``tokens`` (validated) to the request's tokens."""
+        if type(self.tokens) is not list:
+            self.tokens = list(self.tokens)
+        self.tokens += tokens
 
     def own_slots(self) -> list[int]:
         """The GPU slots only this request holds: its copies of blocks stored first by
