@@ -7,6 +7,9 @@ changes only the runs' cached ``hashes``, its event log and its spill log.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import NamedTuple
+
 from kvtier.config import CacheConfig
 from kvtier.events import (
     AllBlocksCleared,
@@ -18,6 +21,19 @@ from kvtier.events import (
 from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
 from kvtier.radix import Node, Root
 from kvtier.tier import Tier
+
+
+class CachedBlock(NamedTuple):
+    """One cached block: its chained hash and its parent's (as other processes name it),
+    where its KV lives, its key space and its own tokens."""
+
+    block_hash: int
+    parent_hash: int | None
+    tier: Tier
+    slot: int
+    lora_id: int | None
+    salt: bytes | str | int | None
+    tokens: tuple[int, ...]
 
 
 class Journal:
@@ -62,6 +78,23 @@ class Journal:
         if parent is None or parent.parent is None:
             return None
         return self.hashes(parent)[-1]
+
+    def report(self, nodes: Iterable[Node]) -> list[CachedBlock]:
+        """The blocks of ``nodes`` (parents before children) as ``CachedBlock``. Pure."""
+        tpb = self._tpb
+        blocks = []
+        for node in nodes:
+            root = node.root
+            assert root is not None
+            lora_id, salt = root.lora_id, root.salt
+            assert lora_id is None or type(lora_id) is int
+            assert salt is None or isinstance(salt, (bytes, str, int))
+            parent_hash = self.parent_hash(node)
+            for i, (h, slot) in enumerate(zip(self.hashes(node), node.slots, strict=True)):
+                blocks.append(CachedBlock(h, parent_hash, node.tier, slot, lora_id, salt,
+                                          tuple(node.tokens[i * tpb:(i + 1) * tpb])))
+                parent_hash = h
+        return blocks
 
     # ---- events -----------------------------------------------------------------------------
 

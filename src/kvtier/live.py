@@ -7,9 +7,9 @@ its private slots, and the cache counts them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from kvtier.sequence import LiveSequence
+from kvtier.sequence import LiveSequence, SequenceSpec, check_token
 
 
 class LiveTable:
@@ -41,6 +41,42 @@ class LiveTable:
         if seq is None:
             raise KeyError(f"unknown request_id {request_id!r}")
         return seq
+
+    def new_batch(self, specs: object) -> list[SequenceSpec]:
+        """``specs`` as a list of specs of new requests; TypeError for a batch that is no
+        iterable of ``SequenceSpec``, ValueError naming a duplicate or live request id."""
+        if isinstance(specs, (SequenceSpec, str, bytes)) or not isinstance(specs, Iterable):
+            raise TypeError(f"specs must be an iterable of SequenceSpec, got {specs!r}")
+        batch = list(specs)
+        seen: set[str] = set()
+        for i, spec in enumerate(batch):
+            if not isinstance(spec, SequenceSpec):
+                raise TypeError(f"batch item {i} must be a SequenceSpec, got {spec!r}")
+            rid = spec.request_id
+            if rid in self.seqs:
+                raise ValueError(f"request_id {rid!r} (batch item {i}) is already live")
+            if rid in seen:
+                raise ValueError(f"request_id {rid!r} appears twice in the batch (item {i})")
+            seen.add(rid)
+        return batch
+
+    def decode_items(self, items: object) -> list[tuple[LiveSequence, int]]:
+        """``(request_id, token)`` items as (live request, token) pairs, every one checked:
+        ValueError or KeyError naming the first bad item."""
+        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+            raise ValueError(f"items must be (request_id, token) pairs, got {items!r}")
+        batch: list[tuple[LiveSequence, int]] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"item {i} must be a (request_id, token) pair, got {item!r}")
+            rid, token = item
+            seq = self.seqs.get(rid) if type(rid) is str else None
+            if seq is None:
+                raise KeyError(f"item {i}: unknown request_id {rid!r}")
+            check_token(token, f"item {i}: the token appended to {rid!r}")
+            seq.check_prefilled()
+            batch.append((seq, token))
+        return batch
 
     def add(self, seq: LiveSequence) -> None:
         """Admit ``seq`` (with its reservation)."""

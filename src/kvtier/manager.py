@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
 
 from kvtier.admission import Admission, BatchAdmission, PrefixMatch, block_extras, promise_of
 from kvtier.blocks import cdiv
@@ -24,11 +23,12 @@ from kvtier.config import CacheConfig
 from kvtier.events import Event
 from kvtier.eviction import EvictionPolicy
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.journal import CachedBlock
 from kvtier.live import LiveTable
 from kvtier.matching import match_prompt
 from kvtier.metrics import CacheStats
 from kvtier.radix import Node, Root
-from kvtier.recovery import fail_transfers
+from kvtier.recovery import check_failed_indices, fail_transfers
 from kvtier.sequence import (
     LiveSequence,
     MultimodalItem,
@@ -36,24 +36,9 @@ from kvtier.sequence import (
     check_key,
     check_lora_id,
     check_mm_items,
-    check_token,
     token_list,
 )
-from kvtier.tier import Tier
 from kvtier.transfer.plan import TransferOp, TransferPlan
-
-
-class CachedBlock(NamedTuple):
-    """One cached block (``cached_blocks``): its chained hash and its parent's (as other
-    processes name it), where its KV lives, its key space and its own tokens."""
-
-    block_hash: int
-    parent_hash: int | None
-    tier: Tier
-    slot: int
-    lora_id: int | None
-    salt: bytes | str | int | None
-    tokens: tuple[int, ...]
 
 
 class KVCacheManager:
@@ -116,23 +101,10 @@ class KVCacheManager:
         return list(self._live.get(request_id).block_table)
 
     def cached_blocks(self) -> list[CachedBlock]:
-        """Every cached block with its chained hash, its parent's and its tier, parents
-        before children. Pure (hashes are computed once, lazily)."""
-        journal = self._cache.journal
-        tpb = self._tpb
-        blocks = []
-        for node in self._cache.nodes():
-            root = node.root
-            assert root is not None
-            lora_id, salt = root.lora_id, root.salt
-            assert lora_id is None or type(lora_id) is int
-            assert salt is None or isinstance(salt, (bytes, str, int))
-            parent_hash = journal.parent_hash(node)
-            for i, (h, slot) in enumerate(zip(journal.hashes(node), node.slots, strict=True)):
-                blocks.append(CachedBlock(h, parent_hash, node.tier, slot, lora_id, salt,
-                                          tuple(node.tokens[i * tpb:(i + 1) * tpb])))
-                parent_hash = h
-        return blocks
+        """Every cached block with its chained hash, its parent's, its tier and slot, its
+        key space and its tokens; parents before children. Pure (hashes are computed once,
+        lazily)."""
+        return self._cache.journal.report(self._cache.nodes())
 
     def lookup(
         self,
@@ -194,7 +166,7 @@ class KVCacheManager:
         per spec, in order. Raises (TypeError for an item that is no ``SequenceSpec``,
         ValueError on a duplicate or live request id, or a batch that could not fit even in
         an empty GPU pool) changing nothing: not even ``version``."""
-        batch = self._check_batch(specs)
+        batch = self._live.new_batch(specs)
         admission = BatchAdmission(self._cache, self._live, self.config, self._store_blocks)
         results = admission.run(batch, self._ops)
         if any(r.admitted for r in results):
@@ -232,7 +204,7 @@ class KVCacheManager:
         changes nothing) if the GPU pool cannot supply them. Blocks that fill are stored."""
         seq = self._live.get(request_id)
         token_ids = token_list(tokens, f"tokens appended to {request_id!r}")
-        _check_prefilled(seq)
+        seq.check_prefilled()
         return self._append(seq, token_ids)
 
     def _append(self, seq: LiveSequence, tokens: list[int]) -> list[int] | None:
@@ -265,17 +237,7 @@ class KVCacheManager:
         next token fits their last block.
         """
         live = self._live
-        batch: list[tuple[LiveSequence, int]] = []
-        for i, item in enumerate(items):
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ValueError(f"item {i} must be a (request_id, token) pair, got {item!r}")
-            rid, token = item
-            seq = live.seqs.get(rid) if type(rid) is str else None
-            if seq is None:
-                raise KeyError(f"item {i}: unknown request_id {rid!r}")
-            check_token(token, f"item {i}: the token appended to {rid!r}")
-            _check_prefilled(seq)
-            batch.append((seq, token))
+        batch = live.decode_items(items)
         tpb = self._tpb
         touched = live.touched
         for i, (seq, token) in enumerate(batch):
@@ -386,16 +348,7 @@ class KVCacheManager:
         """The ops at ``failed_indices`` of ``plan`` (taken from this manager) did not
         complete: degrade them to recompute (see ``kvtier.recovery``). Returns the requests
         that must recompute, in admission order."""
-        if not isinstance(plan, TransferPlan):
-            raise TypeError(f"plan must be a TransferPlan, got {plan!r}")
-        if isinstance(failed_indices, (str, bytes)) or not isinstance(failed_indices, Iterable):
-            raise TypeError(f"failed_indices must be an iterable of op indices, got "
-                            f"{failed_indices!r}")
-        failed = list(failed_indices)
-        for index in failed:
-            if type(index) is not int or not 0 <= index < len(plan.ops):
-                raise ValueError(f"failed op index {index!r} is not an index into the plan's "
-                                 f"{len(plan.ops)} ops")
+        failed = check_failed_indices(plan, failed_indices)
         aborted = fail_transfers(self._cache, self._live, plan, failed)
         if failed:
             self._version += 1
@@ -450,31 +403,9 @@ class KVCacheManager:
 
     # ---- validation and invariants -------------------------------------------------------
 
-    def _check_batch(self, specs: Iterable[SequenceSpec]) -> list[SequenceSpec]:
-        if isinstance(specs, (SequenceSpec, str, bytes)) or not isinstance(specs, Iterable):
-            raise TypeError(f"specs must be an iterable of SequenceSpec, got {specs!r}")
-        batch = list(specs)
-        seen: set[str] = set()
-        for i, spec in enumerate(batch):
-            if not isinstance(spec, SequenceSpec):
-                raise TypeError(f"batch item {i} must be a SequenceSpec, got {spec!r}")
-            rid = spec.request_id
-            if rid in self._live:
-                raise ValueError(f"request_id {rid!r} (batch item {i}) is already live")
-            if rid in seen:
-                raise ValueError(f"request_id {rid!r} appears twice in the batch (item {i})")
-            seen.add(rid)
-        return batch
-
     def check_invariants(self) -> None:
         """Recompute the books from scratch and assert they match. Pure."""
         from kvtier.invariants import check_books
 
         check_books(self._cache, self._live)
 
-
-def _check_prefilled(seq: LiveSequence) -> None:
-    if seq.num_scheduled_tokens < len(seq.tokens):
-        raise ValueError(
-            f"{seq.request_id!r} still has {len(seq.tokens) - seq.num_scheduled_tokens} "
-            "unscheduled prompt tokens; append only after its prefill")

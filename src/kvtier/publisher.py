@@ -23,15 +23,38 @@ subscriber only its own position and :class:`SeqTracker`; neither ever changes a
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
+from kvtier.event_codec import (
+    Snapshot,
+    decode_events,
+    decode_snapshot,
+    encode_events,
+    encode_snapshot,
+)
+from kvtier.events import Event
 from kvtier.manager import KVCacheManager
-from kvtier.tier import Tier
+
+__all__ = [
+    "EventBatch",
+    "EventPublisher",
+    "InMemoryEventBus",
+    "InMemorySubscriber",
+    "InstanceLost",
+    "RedisStreamPublisher",
+    "RedisStreamSubscriber",
+    "SeqTracker",
+    "Snapshot",
+    "Update",
+    "decode_events",
+    "decode_snapshot",
+    "encode_events",
+    "encode_snapshot",
+    "manager_snapshot",
+]
 
 
 class EventPublisher(Protocol):
@@ -40,15 +63,6 @@ class EventPublisher(Protocol):
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
         """Hand ``events`` of ``instance_id`` to every subscriber; never blocks on a slow one."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The blocks ``instance_id`` holds after applying every event with ``seq < next_seq``."""
-
-    instance_id: str
-    next_seq: int
-    blocks: frozenset[tuple[int, Tier]]
 
 
 class EventBatch(NamedTuple):
@@ -233,126 +247,6 @@ class InMemoryEventBus:
         """A fresh snapshot of ``instance_id``, or None if it registered no source."""
         source = self._snapshot_sources.get(instance_id)
         return None if source is None else source()
-
-
-# ---- wire format ------------------------------------------------------------------------------
-
-
-def _hex(value: int | None) -> str | None:
-    return None if value is None else format(value, "032x")
-
-
-def encode_events(events: Sequence[Event]) -> str:
-    """Compact JSON of ``events``: one array each, hashes as 32 hex digits, tiers as ints."""
-    rows: list[list[object]] = []
-    for e in events:
-        if isinstance(e, BlockStored):
-            rows.append(["S", e.seq, _hex(e.block_hash), _hex(e.parent_hash), int(e.tier),
-                         e.num_tokens, e.lora_id])
-        elif isinstance(e, BlockRemoved):
-            rows.append(["R", e.seq, _hex(e.block_hash), int(e.tier)])
-        elif isinstance(e, BlockTierChanged):
-            rows.append(["T", e.seq, _hex(e.block_hash), int(e.old_tier), int(e.new_tier)])
-        else:
-            rows.append(["C", e.seq])
-    return json.dumps(rows, separators=(",", ":"))
-
-
-_MAX_SEQ = 1 << 63
-_HEX_DIGITS = frozenset("0123456789abcdef")
-
-
-def _count(value: object, field: str, low: int = 0, high: int = _MAX_SEQ) -> int:
-    if type(value) is not int or not low <= value < high:
-        raise ValueError(f"{field} must be an integer in [{low}, {high}), got {value!r:.40}")
-    return value
-
-
-def _hash(value: object, field: str = "block hash") -> int:
-    if not (isinstance(value, str) and len(value) == 32 and _HEX_DIGITS.issuperset(value)):
-        raise ValueError(f"{field} must be 32 lowercase hex digits, got {value!r:.40}")
-    return int(value, 16)
-
-
-def _tier(value: object) -> Tier:
-    if type(value) is not int or value not in {int(t) for t in Tier}:
-        raise ValueError(f"tier must be one of {[int(t) for t in Tier]}, got {value!r:.40}")
-    return Tier(value)
-
-
-def _row(row: object, kind: str, length: int) -> list[object]:
-    if not isinstance(row, list) or len(row) != length:
-        raise ValueError(f"a {kind!r} event is an array of {length} values, got {row!r:.60}")
-    return row
-
-
-def _event(row: object) -> Event:
-    kind = row[0] if isinstance(row, list) and row else None
-    if kind == "S":
-        _, seq, h, parent, tier, num_tokens, lora = _row(row, kind, 7)
-        return BlockStored(_count(seq, "seq"), _hash(h),
-                           None if parent is None else _hash(parent, "parent hash"),
-                           _tier(tier), _count(num_tokens, "num_tokens", 1),
-                           None if lora is None else _count(lora, "lora_id", -_MAX_SEQ))
-    if kind == "R":
-        _, seq, h, tier = _row(row, kind, 4)
-        return BlockRemoved(_count(seq, "seq"), _hash(h), _tier(tier))
-    if kind == "T":
-        _, seq, h, old, new = _row(row, kind, 5)
-        return BlockTierChanged(_count(seq, "seq"), _hash(h), _tier(old), _tier(new))
-    if kind == "C":
-        _, seq = _row(row, kind, 2)
-        return AllBlocksCleared(_count(seq, "seq"))
-    raise ValueError(f"unknown event kind in {row!r:.60}")
-
-
-def _json(text: object, what: str) -> object:
-    if not isinstance(text, str | bytes | bytearray):
-        raise ValueError(f"malformed {what}: not text but {type(text).__name__}")
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, deep nesting
-        raise ValueError(f"malformed {what}: {exc}"[:200]) from None
-
-
-def decode_events(text: str | bytes) -> list[Event]:
-    """Inverse of :func:`encode_events`. Raises ValueError, and only ValueError, on anything
-    malformed, whatever the bytes. Pure."""
-    rows = _json(text, "event batch")
-    if not isinstance(rows, list):
-        raise ValueError(f"malformed event batch: not an array but {type(rows).__name__}")
-    try:
-        return [_event(row) for row in rows]
-    except ValueError as exc:
-        raise ValueError(f"malformed event batch: {exc}") from None
-
-
-def encode_snapshot(snapshot: Snapshot) -> str:
-    blocks = sorted([_hex(h), int(t)] for h, t in snapshot.blocks)
-    return json.dumps({"i": snapshot.instance_id, "n": snapshot.next_seq, "b": blocks},
-                      separators=(",", ":"))
-
-
-def decode_snapshot(text: str | bytes) -> Snapshot:
-    """Inverse of :func:`encode_snapshot`. Raises ValueError, and only ValueError, on
-    anything malformed, whatever the bytes. Pure."""
-    doc = _json(text, "snapshot")
-    try:
-        if not isinstance(doc, dict) or set(doc) != {"i", "n", "b"}:
-            raise ValueError("an object with exactly the keys i, n and b is expected")
-        instance_id, next_seq, rows = doc["i"], doc["n"], doc["b"]
-        if not isinstance(instance_id, str):
-            raise ValueError(f"instance id must be a string, got {instance_id!r:.40}")
-        if not isinstance(rows, list):
-            raise ValueError(f"blocks must be an array, got {rows!r:.40}")
-        blocks = []
-        for row in rows:
-            if not isinstance(row, list) or len(row) != 2:
-                raise ValueError(f"a block is [hash, tier], got {row!r:.60}")
-            blocks.append((_hash(row[0]), _tier(row[1])))
-        return Snapshot(instance_id, _count(next_seq, "next_seq"), frozenset(blocks))
-    except ValueError as exc:
-        raise ValueError(f"malformed snapshot: {exc}") from None
 
 
 # ---- Redis Streams ----------------------------------------------------------------------------

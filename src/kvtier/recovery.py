@@ -21,6 +21,22 @@ from kvtier.tier import Tier
 from kvtier.transfer.plan import TransferPlan
 
 
+def check_failed_indices(plan: object, failed_indices: object) -> list[int]:
+    """``failed_indices`` as a list of indices into ``plan``'s ops; TypeError or ValueError
+    naming what is wrong otherwise."""
+    if not isinstance(plan, TransferPlan):
+        raise TypeError(f"plan must be a TransferPlan, got {plan!r}")
+    if isinstance(failed_indices, (str, bytes)) or not isinstance(failed_indices, Iterable):
+        raise TypeError(f"failed_indices must be an iterable of op indices, got "
+                        f"{failed_indices!r}")
+    failed = list(failed_indices)
+    for index in failed:
+        if type(index) is not int or not 0 <= index < len(plan.ops):
+            raise ValueError(f"failed op index {index!r} is not an index into the plan's "
+                             f"{len(plan.ops)} ops")
+    return failed
+
+
 def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
                    failed_indices: Iterable[int]) -> list[str]:
     """Handle the failure of the ops at ``failed_indices`` of ``plan`` (a plan of this

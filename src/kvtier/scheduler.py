@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 from kvtier.admission import PrefixMatch
+from kvtier.blocks import cdiv
 from kvtier.manager import KVCacheManager
 from kvtier.request import MAX_TOKEN_ID, Request, check_request
+from kvtier.scheduled_step import Admitted, Candidate, ContextChunk, ScheduledStep
 from kvtier.scheduler_config import (
     ADMISSIONS,
     CAPACITY_POLICIES,
@@ -32,7 +34,6 @@ from kvtier.scheduler_config import (
     SchedulerConfig,
 )
 from kvtier.sequence import SequenceSpec
-from kvtier.transfer.plan import TransferPlan
 
 __all__ = [
     "ADMISSIONS",
@@ -46,47 +47,6 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
 ]
-
-
-class ContextChunk(NamedTuple):
-    """``num_tokens`` prompt tokens from ``first_token`` are computed this step;
-    ``num_reused_tokens`` (first chunk only) came from the cache."""
-
-    request_id: str
-    first_token: int
-    num_tokens: int
-    num_reused_tokens: int
-
-
-class ScheduledStep(NamedTuple):
-    """One forward pass: what to compute, and the copies to run before it."""
-
-    context_chunks: tuple[ContextChunk, ...]
-    decode_request_ids: tuple[str, ...]
-    num_scheduled_tokens: int
-    transfer_plan: TransferPlan
-    preempted_request_ids: tuple[str, ...]
-    num_credited_tokens: int  # reuse promised at admission, by lookup
-    num_reused_tokens: int  # reuse the admissions got
-    num_overflow_tokens: int  # tokens past max_num_tokens (probe mode only)
-
-
-class Candidate(NamedTuple):
-    """A waiting request to admit this step: ``spec`` is what it prefills, scheduled with
-    ``num_new_tokens`` past the ``num_credited_tokens`` that ``lookup`` promised."""
-
-    request: Request
-    spec: SequenceSpec
-    num_credited_tokens: int
-    num_new_tokens: int
-
-
-class Admitted(NamedTuple):
-    """What the admit phase of one step started: first chunks, credited and obtained reuse."""
-
-    chunks: list[ContextChunk]
-    num_credited_tokens: int
-    num_reused_tokens: int
 
 
 class Scheduler:
@@ -183,7 +143,7 @@ class Scheduler:
         if rid in self.running or rid in self._specs:
             raise ValueError(f"request_id {rid!r} is already queued or running")
         total = len(prompt) + req.max_output_tokens
-        blocks = -(-total // self._tpb)
+        blocks = cdiv(total, self._tpb)
         capacity = self.manager.config.num_gpu_blocks
         if blocks > capacity:
             raise ValueError(f"request {rid!r} needs {blocks} blocks for {total} tokens, "
@@ -296,7 +256,7 @@ class Scheduler:
             n = min(compute, cap, budget)
             if n < compute and not self.config.enable_chunked_prefill:
                 n = 0
-            blocks = -(-len(tokens) // tpb)
+            blocks = cdiv(len(tokens), tpb)
             reserve = self._reserve(req, tokens)
             need = blocks - m.num_gpu_tokens // tpb + reserve
             if n > 0 and blocks <= footprint and need <= free:
@@ -314,7 +274,7 @@ class Scheduler:
         if self.config.capacity_policy != "guaranteed_no_evict":
             return 0
         final = len(req.prompt) + req.max_output_tokens
-        return -(-final // self._tpb) - -(-len(tokens) // self._tpb)
+        return cdiv(final, self._tpb) - cdiv(len(tokens), self._tpb)
 
     def admit(self, budget: int, slots: int) -> Admitted:
         """Admit waiting requests within ``budget`` tokens and ``slots`` sequences, with

@@ -295,6 +295,13 @@ class LiveSequence:
         node = self.last_node
         return node.start_block + len(node.slots)
 
+    def check_prefilled(self) -> None:
+        """Raise ValueError unless every prompt token is scheduled (decoding may start)."""
+        if self.num_scheduled_tokens < len(self.tokens):
+            raise ValueError(
+                f"{self.request_id!r} still has {len(self.tokens) - self.num_scheduled_tokens} "
+                "unscheduled prompt tokens; append only after its prefill")
+
     def grow_tokens(self, tokens: list[int]) -> None:
         """Append ``tokens`` (validated) to the request's tokens."""
         if type(self.tokens) is not list:

@@ -74,11 +74,6 @@ class KVLayout:
             return [(num_blocks, self.num_layers, *per_layer)]
         return [(num_blocks, *per_layer)] * self.num_layers
 
-    @property
-    def token_dim(self) -> int:
-        """The token axis of each storage tensor (for copies of a block's first tokens)."""
-        return 3 if self.layout == "block_major" else 2
-
 
 def cuda_available() -> bool:
     """Whether torch sees a CUDA device (False when torch has no CUDA build)."""

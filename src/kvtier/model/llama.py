@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from kvtier.blocks import cdiv
 from kvtier.model.config import ModelConfig
 from kvtier.storage import KVStorage
 
@@ -96,7 +97,7 @@ class LlamaModel:
         positions = torch.arange(start_pos, end, device=self.device)
         table = torch.tensor(block_table, dtype=torch.long, device=self.device)
         blocks, offsets = table[positions // tpb], positions % tpb
-        context = table[: -(-end // tpb)]
+        context = table[: cdiv(end, tpb)]
 
         def paged(layer: int, k: torch.Tensor,
                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

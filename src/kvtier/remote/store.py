@@ -23,12 +23,12 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvtier.remote.codec import PayloadError, RemoteNamespace
+from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number, describe
 
 PrefetchCallback = Callable[[dict[int, bytes]], None]
@@ -135,7 +135,7 @@ class RemoteStoreBase(ABC):
         self._stats = RemoteStats()
         self._lock = threading.Lock()  # guards _stats
         self._state_lock = threading.Lock()  # guards _io, _accepting and _closed
-        self._io: _IOThread | None = None
+        self._io: IOThread | None = None
         self._accepting = True  # False from the start of close(): jobs are refused
         self._closed = False  # True once close() has run the accepted jobs
 
@@ -272,7 +272,7 @@ class RemoteStoreBase(ABC):
             accepted = False
             if self._accepting:
                 if self._io is None:
-                    self._io = _IOThread(self._max_inflight, self._on_job_error)
+                    self._io = IOThread(self._max_inflight, self._on_job_error)
                 accepted = self._io.submit(job)
         if not accepted:
             self._count(num_dropped_jobs=1)
@@ -294,59 +294,6 @@ class RemoteStoreBase(ABC):
         with self._state_lock:
             self._closed = True
         self._close_backend()
-
-
-Job = Callable[[], object]
-
-
-class _IOThread:
-    """One daemon thread running queued jobs in order; at most ``maxsize`` wait at once."""
-
-    def __init__(self, maxsize: int, on_error: Callable[[BaseException], None]) -> None:
-        self._jobs: deque[Job] = deque()
-        self._maxsize = maxsize
-        self._on_error = on_error
-        self._cond = threading.Condition()
-        self._num_running = 0
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="kvtier-remote-io", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> bool:
-        with self._cond:
-            if self._stopping or len(self._jobs) >= self._maxsize:
-                return False
-            self._jobs.append(job)
-            self._cond.notify_all()
-        return True
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._jobs and not self._num_running, timeout)
-
-    def stop(self) -> None:
-        """Run what is queued, then end the thread (joined unless called from it)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._jobs or self._stopping)
-                if not self._jobs:
-                    return  # stopping, and every accepted job has run
-                job = self._jobs.popleft()
-                self._num_running = 1
-            try:
-                job()
-            except Exception as exc:  # a caller's callback must not kill the I/O thread
-                self._on_error(exc)
-            with self._cond:
-                self._num_running = 0
-                self._cond.notify_all()
 
 
 class InMemoryRemoteStore(RemoteStoreBase):

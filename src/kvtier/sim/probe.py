@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from kvtier.manager import KVCacheManager
-from kvtier.scheduler import AdmissionMode, Admitted, ContextChunk, Scheduler, SchedulerConfig
+from kvtier.scheduled_step import Admitted, ContextChunk
+from kvtier.scheduler import AdmissionMode, Scheduler, SchedulerConfig
 
 
 class ProbeScheduler(Scheduler):

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, replace
 from itertools import count
 
+from kvtier.blocks import cdiv
 from kvtier.config import CacheConfig
 from kvtier.manager import KVCacheManager
 from kvtier.request import Request
@@ -186,7 +187,7 @@ class ReplayLoop:
         if head is None:
             return text
         config = self.manager.config
-        num_blocks = -(-(len(head.prompt) + head.max_output_tokens) // config.tokens_per_block)
+        num_blocks = cdiv(len(head.prompt) + head.max_output_tokens, config.tokens_per_block)
         return (f"{text}; the first waiting, {head.request_id!r}, needs {num_blocks} of "
                 f"{config.num_gpu_blocks} GPU blocks")
 
@@ -201,7 +202,7 @@ class ReplayLoop:
         max_output = max(1, request.output_length)
         # The scheduler refuses these too (ValueError); checked here so that only they are
         # skipped and any other refusal still raises.
-        num_blocks = -(-(len(request.prompt) + max_output) // config.tokens_per_block)
+        num_blocks = cdiv(len(request.prompt) + max_output, config.tokens_per_block)
         if num_blocks > config.num_gpu_blocks:
             self.num_rejected += 1
             if self.progress is not None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from _csv import Reader as _CsvReader
 
+from kvtier.blocks import cdiv
 from kvtier.sim.oracle import OracleRequest
 from kvtier.sim.synthetic import PrefixModel, SessionBuilder
 from kvtier.sim.workload import TraceRequest
@@ -111,7 +112,7 @@ class MooncakeTrace:
             raise ValueError(f"tokens_per_block must be a divisor of 512, got {tpb!r}")
         per_hash = MOONCAKE_BLOCK_TOKENS // tpb
         for rec in self._records:
-            num_blocks = -(-rec.input_length // tpb)
+            num_blocks = cdiv(rec.input_length, tpb)
             if per_hash == 1:
                 yield OracleRequest(rec.hash_ids, rec.input_length)
             else:
@@ -217,7 +218,7 @@ class MooncakeTrace:
         ):
             raise fail("hash_ids", f"expected a list of integers in 0..{MAX_HASH_ID} (2**54 - 1: "
                        "token ids h*512.. must stay below 2**63)")
-        expected = -(-lengths[0] // MOONCAKE_BLOCK_TOKENS)
+        expected = cdiv(lengths[0], MOONCAKE_BLOCK_TOKENS)
         if len(hash_ids) != expected:
             raise fail(
                 "hash_ids",

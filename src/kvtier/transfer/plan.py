@@ -35,11 +35,3 @@ class TransferPlan(NamedTuple):
     """
 
     ops: tuple[TransferOp, ...]
-
-    def count(self, kind: OpKind) -> int:
-        """Number of ops of ``kind``. Pure."""
-        return sum(1 for op in self.ops if op.kind is kind)
-
-    def num_tokens(self, kind: OpKind) -> int:
-        """Tokens moved by ops of ``kind``. Pure."""
-        return sum(op.num_tokens for op in self.ops if op.kind is kind)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvtier.tier import Tier
@@ -50,6 +49,7 @@ from kvtier.transfer.batching import (
 )
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.plan import TransferPlan
+from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 from kvtier.transfer.torch_memory import (
     copy_staged,
     copy_view,
@@ -65,39 +65,6 @@ if TYPE_CHECKING:
 
 METHODS = ("auto", "kernel", "dma", "staged")
 Pair = tuple["torch.Tensor", "torch.Tensor", int]  # source, destination, token axis
-
-
-@dataclass(slots=True)
-class TransferStats:
-    """What the engine did since it was created. Calls count per layer when layerwise."""
-
-    num_plans: int = 0
-    num_ops: int = 0
-    num_partial_ops: int = 0
-    num_waves: int = 0
-    num_batches: int = 0
-    num_kernel_groups: int = 0
-    num_staged_groups: int = 0
-    num_dma_copies: int = 0
-    bytes_h2d: int = 0
-    bytes_d2h: int = 0
-    bytes_d2d: int = 0
-
-
-class TransferHandle:
-    """A submitted plan. On CUDA, ``event`` completes with every copy of it, and
-    ``layer_events[i]`` (layerwise engines) with every copy of layer ``i``."""
-
-    __slots__ = ("event", "layer_events", "num_batches", "num_waves", "plan")
-
-    def __init__(self, plan: TransferPlan, num_batches: int = 0, num_waves: int = 0,
-                 event: torch.cuda.Event | None = None,
-                 layer_events: list[Any] | None = None) -> None:
-        self.plan = plan
-        self.num_batches = num_batches
-        self.num_waves = num_waves
-        self.event = event
-        self.layer_events = layer_events
 
 
 class TorchTransferEngine:
