@@ -7,13 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvtier.config import check_priority
+from kvtier.sequence import check_key, check_lora_id, check_retention, token_list
 
-# NOTE: the same bounds as SequenceSpec's, checked here so that a Request is refused when
-# it is built, naming the request, not when the scheduler first admits it.
-MAX_TOKEN_ID = (1 << 63) - 1  # token ids are int64 (block hashing packs them)
-MAX_KEY_INT = 1 << 128  # |int salt|
-MAX_KEY_LEN = 4096  # str / bytes salt
-MAX_RETENTION_S = 1e9
+# NOTE: SequenceSpec's checks, run here so that a Request is refused when it is built,
+# naming the request, not when the scheduler first admits it.
 
 
 @dataclass(slots=True)
@@ -58,26 +55,13 @@ class Request:
 
 
 def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> list[int]:
-    """A new list of the token ids in ``tokens``; ValueError naming ``what`` and the first
-    bad index unless it is a sequence (not ``str``/``bytes``) of ints in ``0..2**63-1``."""
-    if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Sequence):
-        raise ValueError(f"{what} must be a list of token ids, got {type(tokens).__name__}")
-    ids: list[int] = list(tokens)
-    if not ids:
-        if allow_empty:
-            return ids
-        raise ValueError(f"{what} must not be empty")
-    # NOTE: two C-level passes (types, then range) keep this cheap on long prompts; only a
-    # list that fails them is scanned in Python to name the offending index.
-    if set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) <= MAX_TOKEN_ID:
-        return ids
-    for index, token in enumerate(ids):
-        if type(token) is not int:
-            raise ValueError(f"{what}: token at index {index} must be an int, got {token!r}")
-        if not 0 <= token <= MAX_TOKEN_ID:
-            raise ValueError(f"{what}: token at index {index} must be in 0..2**63-1, "
-                             f"got {token}")
-    raise AssertionError("unreachable")  # pragma: no cover
+    """A new list of the token ids in ``tokens`` (a sequence of ints in ``0..2**63-1``, not
+    ``str``/``bytes``); ValueError naming ``what`` and the first bad index otherwise."""
+    if allow_empty and isinstance(tokens, Sequence) and not isinstance(tokens, (str, bytes)) \
+            and not tokens:
+        return []
+    ids = token_list(tokens, what)
+    return list(ids) if ids is tokens else ids
 
 
 def _is_finite(value: object) -> bool:
@@ -88,20 +72,6 @@ def _is_finite(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
-
-
-def _check_salt(salt: object, what: str) -> None:
-    if salt is None:
-        return
-    if type(salt) is int:
-        if -MAX_KEY_INT < salt < MAX_KEY_INT:
-            return
-    elif isinstance(salt, (bytes, str)):
-        if len(salt) <= MAX_KEY_LEN:
-            return
-        raise ValueError(f"salt of {what} must be at most {MAX_KEY_LEN} long, got {len(salt)}")
-    raise ValueError(f"salt of {what} must be bytes, str, int (|salt| < 2**128) or None, "
-                     f"got {salt!r}")
 
 
 def check_request(req: Request) -> tuple[list[int], list[int]]:
@@ -117,17 +87,11 @@ def check_request(req: Request) -> tuple[list[int], list[int]]:
         raise ValueError(f"max_output_tokens of {rid!r} must be an integer >= 1, got {n!r}")
     if not _is_finite(req.arrival_s):
         raise ValueError(f"arrival_s of {what} must be a finite number, got {req.arrival_s!r}")
-    _check_salt(req.salt, what)
-    lora = req.lora_id
-    if lora is not None and (type(lora) is not int or not 0 <= lora <= MAX_TOKEN_ID):
-        raise ValueError(f"lora_id of {what} must be an int in 0..2**63-1 or None, "
-                         f"got {lora!r}")
+    check_key(f"salt of {what}", req.salt)
+    check_lora_id(req.lora_id, f"lora_id of {what}")
     if req.priority is not None:
         check_priority(f"priority of {what}", req.priority)
-    r = req.retention_s
-    if r is not None and (not _is_finite(r) or not 0 <= r <= MAX_RETENTION_S):
-        raise ValueError(f"retention_s of {what} must be a finite number in "
-                         f"0..{MAX_RETENTION_S:g} or None, got {r!r}")
+    check_retention(req.retention_s, f"retention_s of {what}")
     for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
         value = getattr(req, name)
         if type(value) is not int or value < 0:

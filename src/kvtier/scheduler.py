@@ -24,7 +24,7 @@ from typing import ClassVar
 from kvtier.admission import PrefixMatch
 from kvtier.blocks import cdiv
 from kvtier.manager import KVCacheManager
-from kvtier.request import MAX_TOKEN_ID, Request, check_request
+from kvtier.request import Request, check_request
 from kvtier.scheduled_step import Admitted, Candidate, ContextChunk, ScheduledStep
 from kvtier.scheduler_config import (
     ADMISSIONS,
@@ -33,7 +33,7 @@ from kvtier.scheduler_config import (
     CapacityPolicy,
     SchedulerConfig,
 )
-from kvtier.sequence import SequenceSpec
+from kvtier.sequence import MAX_TOKEN_ID, SequenceSpec
 
 __all__ = [
     "ADMISSIONS",
@@ -364,7 +364,7 @@ class Scheduler:
         # order depends on PYTHONHASHSEED: the queue order decides what is admitted next.
         requeued = [req for rid, req in self.running.items() if rid in gone]
         specs = [self._spec_of(req) for req in requeued]  # may raise: nothing changed yet
-        for req, spec in zip(reversed(requeued), reversed(specs)):
+        for req, spec in zip(reversed(requeued), reversed(specs), strict=True):
             del self.running[req.request_id]
             req.num_computed_tokens = req.num_prefill_tokens = 0
             self._enqueue(req, spec, first=True)

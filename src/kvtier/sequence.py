@@ -208,15 +208,16 @@ def check_key(what: str, value: object, allow_none: bool = True) -> None:
     raise ValueError(f"{what} must be {allowed}, got {_short(value)} ({type(value).__name__})")
 
 
-def check_lora_id(lora_id: object) -> None:
-    """Raise ValueError unless ``lora_id`` is ``None`` or an int in ``0 ..= MAX_TOKEN_ID``."""
+def check_lora_id(lora_id: object, what: str = "lora_id") -> None:
+    """Raise ValueError naming ``what`` unless ``lora_id`` is ``None`` or an int in
+    ``0 ..= MAX_TOKEN_ID``."""
     if lora_id is not None and (type(lora_id) is not int or not 0 <= lora_id <= MAX_TOKEN_ID):
-        raise ValueError(f"lora_id must be an int in 0..2**63-1 or None, got {_short(lora_id)}")
+        raise ValueError(f"{what} must be an int in 0..2**63-1 or None, got {_short(lora_id)}")
 
 
-def check_retention(retention_s: object) -> float | None:
-    """``retention_s`` as a float, or ``None``; ValueError unless a finite number of seconds
-    in ``0 ..= MAX_RETENTION_S`` (``None`` for no expiry; never a bool)."""
+def check_retention(retention_s: object, what: str = "retention_s") -> float | None:
+    """``retention_s`` as a float, or ``None``; ValueError naming ``what`` unless a finite
+    number of seconds in ``0 ..= MAX_RETENTION_S`` (``None`` for no expiry; never a bool)."""
     if retention_s is None:
         return None
     if type(retention_s) in (int, float):
@@ -224,7 +225,7 @@ def check_retention(retention_s: object) -> float | None:
         if 0 <= retention_s <= MAX_RETENTION_S:  # False for nan; no float() of a huge int
             return float(retention_s)
     raise ValueError(
-        f"retention_s must be a finite number of seconds in 0..{MAX_RETENTION_S:.0e}, or None "
+        f"{what} must be a finite number of seconds in 0..{MAX_RETENTION_S:.0e}, or None "
         f"for no expiry, got {_short(retention_s)}")
 
 
