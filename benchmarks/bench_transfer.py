@@ -135,7 +135,7 @@ def ceilings(device: torch.device, nbytes: int, timer: Timer) -> dict[str, float
             return lambda: None
         current = torch.cuda.current_stream(device)
         events = []
-        for stream, (dst, src) in zip(streams, ((dev_a, host_a), (host_b, dev_b))):
+        for stream, (dst, src) in zip(streams, ((dev_a, host_a), (host_b, dev_b)), strict=True):
             stream.wait_stream(current)
             with torch.cuda.stream(stream):
                 dst.copy_(src, non_blocking=True)
@@ -158,7 +158,7 @@ def make_ops(direction: str, num_blocks: int, tpb: int, rng: random.Random) -> l
     """``num_blocks`` whole-block copies between random slots of pools of 2x that size."""
     gpu_slots = rng.sample(range(2 * num_blocks), num_blocks)
     host_slots = rng.sample(range(2 * num_blocks), num_blocks)
-    pairs = list(zip(gpu_slots, host_slots))
+    pairs = list(zip(gpu_slots, host_slots, strict=True))
     if direction == "d2h":
         return [TransferOp(OpKind.OFFLOAD, Tier.GPU, g, Tier.HOST, h, tpb) for g, h in pairs]
     if direction == "h2d":

@@ -162,7 +162,7 @@ class Predictive(Policy):
                 at_risk[c][b] = total
         pooled_events = [sum(e[b] for e in self._events) for b in range(NUM_AGE_BINS)]
         pooled_risk = [sum(r[b] for r in at_risk) for b in range(NUM_AGE_BINS)]
-        pooled = [e / r if r else 0.0 for e, r in zip(pooled_events, pooled_risk)]
+        pooled = [e / r if r else 0.0 for e, r in zip(pooled_events, pooled_risk, strict=True)]
         w, horizon = self._prior_weight, self._horizon_s * self._horizon_factor
         for c in range(num_classes):
             hazard = [(self._events[c][b] + w * pooled[b]) / (at_risk[c][b] + w)

@@ -166,7 +166,9 @@ def _find_partial(
         if not _extras_equal_one(cand, index, req_extras, pos // tpb):
             continue
         n = 0
-        for a, b in zip(have, want):
+        # NOTE: strict=False: ``have`` may be shorter than ``want`` (a partial block); the
+        # common prefix is what is counted.
+        for a, b in zip(have, want, strict=False):
             if a != b:
                 break
             n += 1

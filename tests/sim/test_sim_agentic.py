@@ -71,7 +71,9 @@ def test_agentic_tool_spec_is_shared_by_sessions_of_a_type() -> None:
         agent_type = request.session_id.split("-")[0]
         first_prompt.setdefault(agent_type, request.prompt)
         spec = first_prompt[agent_type]
-        shared = next((i for i, (a, b) in enumerate(zip(spec, request.prompt)) if a != b),
+        # strict=False: prompts differ in length; only their common prefix is compared.
+        shared = next((i for i, (a, b) in enumerate(zip(spec, request.prompt, strict=False))
+                       if a != b),
                       min(len(spec), len(request.prompt)))
         assert shared >= workload.min_tool_spec_tokens
     assert len(first_prompt) == workload.num_agent_types

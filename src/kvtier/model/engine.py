@@ -123,7 +123,7 @@ class ModelEngine:
         if last_logits:
             ids = list(last_logits)
             tokens_out = torch.stack([last_logits[r] for r in ids]).argmax(-1).tolist()
-            sampled = dict(zip(ids, tokens_out))
+            sampled = dict(zip(ids, tokens_out, strict=True))
         for rid in step.preempted_request_ids:
             self.results[rid].num_preemptions += 1
         finished = self.scheduler.update(step, sampled)

@@ -285,4 +285,4 @@ def format_sweep(reports: Sequence[SimReport]) -> list[str]:
             _seconds(r.ttft_s.p50), _seconds(r.ttft_s.p99), f"{r.throughput_tokens_per_s:,.0f}",
         ))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
+    return ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in table]

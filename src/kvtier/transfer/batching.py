@@ -113,7 +113,7 @@ def merge_runs(src_slots: Sequence[int], dst_slots: Sequence[int],
     once there would be more than ``max_runs``. Pure."""
     runs: list[Run] = []
     src_start = dst_start = length = 0
-    for src, dst in zip(src_slots, dst_slots):
+    for src, dst in zip(src_slots, dst_slots, strict=True):
         if length and src == src_start + length and dst == dst_start + length:
             length += 1
             continue

@@ -306,7 +306,7 @@ class TorchTransferEngine:
         kind and no layer is asked for, else one pair per layer (or the one layer)."""
         if layer is None and self._kind(src) == self._kind(dst):
             axis = 3 if self._kind(src) == "block_major" else 2
-            return [(s, d, axis) for s, d in zip(views[src], views[dst])]
+            return [(s, d, axis) for s, d in zip(views[src], views[dst], strict=True)]
         layers = range(self._num_layers) if layer is None else (layer,)
         return [(self._layer(views, src, i), self._layer(views, dst, i), 2) for i in layers]
 
