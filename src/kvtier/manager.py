@@ -23,6 +23,7 @@ from kvtier.config import CacheConfig
 from kvtier.events import Event
 from kvtier.eviction import EvictionPolicy
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.invariants import check_books
 from kvtier.journal import CachedBlock
 from kvtier.live import LiveTable
 from kvtier.matching import match_prompt
@@ -405,7 +406,5 @@ class KVCacheManager:
 
     def check_invariants(self) -> None:
         """Recompute the books from scratch and assert they match. Pure."""
-        from kvtier.invariants import check_books
-
         check_books(self._cache, self._live)
 
