@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -60,7 +61,7 @@ BAD_RETENTION = st.one_of(
     st.integers(min_value=2**1024), NOT_A_NUMBER)
 
 
-def probe_prompts() -> list[tuple[list[int], object, object]]:
+def probe_prompts() -> list[tuple[list[int], str | None, int | None]]:
     """Prompts (tokens, salt, lora_id) whose lookups reveal the cached tree."""
     base = [1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5]
     return [(base, None, None), (base[:6], None, None), ([7] * 13, None, None),
@@ -68,13 +69,14 @@ def probe_prompts() -> list[tuple[list[int], object, object]]:
             ([5, 5, 5, 5, 5, 5, 5, 5, 6], None, None), (base + [9, 9, 9, 9], None, None)]
 
 
-def make_manager(**options: object) -> KVCacheManager:
+def make_manager(**options: Any) -> KVCacheManager:
     """A manager with events and a host tier, some cached history, a live request ``live``
     (decoding) and a live request ``chunked`` with unscheduled prompt tokens."""
-    config = dict(tokens_per_block=TPB, num_gpu_blocks=16, num_host_blocks=8,
-                  enable_events=True)
+    # Any: the options are CacheConfig's own fields, which it checks itself.
+    config: dict[str, Any] = dict(tokens_per_block=TPB, num_gpu_blocks=16, num_host_blocks=8,
+                                  enable_events=True)
     config.update(options)
-    mgr = KVCacheManager(CacheConfig(**config), clock=lambda: 0.0)  # type: ignore[arg-type]
+    mgr = KVCacheManager(CacheConfig(**config), clock=lambda: 0.0)
     for i, (tokens, salt, lora_id) in enumerate(probe_prompts()[:5]):
         mgr.add_sequence(SequenceSpec(f"old{i}", tokens, salt=salt, lora_id=lora_id))
         mgr.remove_sequence(f"old{i}")
@@ -91,7 +93,7 @@ def snapshot(mgr: KVCacheManager) -> tuple[object, ...]:
     mgr.check_invariants()
     live = ("live", "chunked")
     return (
-        [mgr.lookup(t, salt=s, lora_id=lo) for t, s, lo in probe_prompts()],  # type: ignore[arg-type]
+        [mgr.lookup(t, salt=s, lora_id=lo) for t, s, lo in probe_prompts()],
         dataclasses.asdict(mgr.stats),
         mgr.version,
         mgr.num_free_gpu_blocks,

@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from kvtier import KVCacheManager, TransferEngine, TransferPlan
 
+# Covariant: a caller over a RecordingTransferEngine is a caller over a TransferEngine.
+EngineT = TypeVar("EngineT", bound=TransferEngine, covariant=True)
 
-class PlanCaller:
+
+class PlanCaller(Generic[EngineT]):
     """Forwards every attribute to ``manager``; after each method call, submits the plan
     of copies it left (if any) to ``engine``, so the engine sees one plan per call."""
 
-    def __init__(self, manager: KVCacheManager, engine: TransferEngine) -> None:
+    def __init__(self, manager: KVCacheManager, engine: EngineT) -> None:
         self.manager = manager
         self.engine = engine
 

@@ -81,7 +81,7 @@ CONFIG_GARBAGE = {
 def test_cache_config_refuses_garbage_naming_the_field(data: st.DataObject, name: str) -> None:
     """Every CacheConfig field refuses garbage with a ValueError naming it."""
     value = data.draw(CONFIG_GARBAGE[name], label=name)
-    exc = check_refused(lambda: CacheConfig(**{name: value}), (name,))
+    exc = check_refused(lambda: CacheConfig(**{name: value}), (name,))  # type: ignore[arg-type]
     assert isinstance(exc, ValueError)
 
 
@@ -211,10 +211,10 @@ def test_lookup_answers_the_same_for_every_sequence_type(data: st.DataObject) ->
     mgr = make_manager()
     tokens, salt, lora_id = data.draw(st.sampled_from(probe_prompts()))
     tokens = tokens[: data.draw(st.integers(1, len(tokens)))]
-    want = mgr.lookup(list(tokens), salt=salt, lora_id=lora_id)  # type: ignore[arg-type]
-    assert mgr.lookup(tuple(tokens), salt=salt, lora_id=lora_id) == want  # type: ignore[arg-type]
+    want = mgr.lookup(list(tokens), salt=salt, lora_id=lora_id)
+    assert mgr.lookup(tuple(tokens), salt=salt, lora_id=lora_id) == want
     adm = mgr.add_sequence(SequenceSpec("t", tuple(tokens), salt=salt,  # type: ignore[arg-type]
-                                        lora_id=lora_id))  # type: ignore[arg-type]
+                                        lora_id=lora_id))
     assert adm.admitted and adm.num_reused_tokens == want.num_tokens
 
 
@@ -224,7 +224,7 @@ def test_lookup_of_a_range_equals_the_list() -> None:
     mgr.add_sequence(SequenceSpec("r", list(range(9))))
     want = mgr.lookup(list(range(9)))
     try:
-        got = mgr.lookup(range(9))  # type: ignore[arg-type]
+        got = mgr.lookup(range(9))
     except REFUSALS as exc:
         assert "tokens" in str(exc)
         return
@@ -331,7 +331,7 @@ def test_append_token_batch_validates_every_item_before_applying_any(
         st.tuples(st.just("live"), BAD_TOKEN),
         st.tuples(st.sampled_from(["nobody", "chunked"]), GOOD_TOKEN),
         st.sampled_from([("live",), ("live", 1, 2), 5, None, "live"])))
-    items = list(good)
+    items: list[object] = list(good)
     items.insert(data.draw(st.integers(0, len(good))), bad)
     check_refused(lambda: mgr.append_token_batch(items),  # type: ignore[arg-type]
                   ("token", "item", "request_id", "unscheduled", "'nobody'"), mgr)
@@ -407,19 +407,19 @@ def test_transfer_failed_refuses_a_non_plan(plan: object) -> None:
     hash_algo=st.sampled_from(["xxh3_128", "sha256"]),
 )
 def test_edge_values_are_refused_or_work_end_to_end(
-    tokens: list[int], decode: list[int], salt: object, lora_id: int | None,
+    tokens: list[int], decode: list[int], salt: bytes | str | int | None, lora_id: int | None,
     retention_s: float | None, hash_algo: str,
 ) -> None:
     """Extreme but documented values (ids up to 2**63 - 1, big salts and LoRA ids, long
     retentions) are admitted, appended, hashed into events and released without error."""
     mgr = make_manager(hash_algo=hash_algo)
     try:
-        spec = SequenceSpec("e", tokens, salt=salt, lora_id=lora_id,  # type: ignore[arg-type]
+        spec = SequenceSpec("e", tokens, salt=salt, lora_id=lora_id,
                             retention_s=retention_s, priority=100)
     except ValueError as exc:  # a value outside the documented contract, named
         assert any(f in str(exc) for f in ("salt", "lora_id", "retention_s")), exc
         return
-    want = mgr.lookup(tokens, salt=salt, lora_id=lora_id)  # type: ignore[arg-type]
+    want = mgr.lookup(tokens, salt=salt, lora_id=lora_id)
     adm = mgr.add_sequence(spec)
     assert adm.admitted and adm.num_reused_tokens == want.num_tokens
     assert mgr.append_tokens("e", decode) is not None
@@ -428,7 +428,7 @@ def test_edge_values_are_refused_or_work_end_to_end(
     mgr.check_invariants()
     mgr.drain_events()
     full = tokens + decode + [decode[0]]
-    found = mgr.lookup(full + [0], salt=salt, lora_id=lora_id)  # type: ignore[arg-type]
+    found = mgr.lookup(full + [0], salt=salt, lora_id=lora_id)
     assert found.num_tokens - found.num_partial_tokens == len(full) // TPB * TPB
 
 
@@ -483,7 +483,7 @@ def test_add_request_refuses_a_non_request(junk: object) -> None:
 
 def run_to_completion(s: Scheduler, max_steps: int = 200) -> list[tuple[str, tuple[int, ...]]]:
     """Step until every request finished; returns (id, output) in finishing order."""
-    done = []
+    done: list[tuple[str, tuple[int, ...]]] = []
     for _ in range(max_steps):
         if not s.has_unfinished():
             return done
@@ -686,7 +686,7 @@ def mooncake_line(**fields: object) -> str:
     return json.dumps(row)
 
 
-TRACE_FIELD_GARBAGE = {
+TRACE_FIELD_GARBAGE: dict[str, list[object]] = {
     "timestamp": [None, "0", -1, True, [0], 1e400],
     "input_length": [0, -1, "600", 600.5, True, None, 10**12, 2**70],
     "output_length": [-1, "4", 4.5, None, True, 10**12],

@@ -43,12 +43,14 @@ from kvtier import (
     RecordingTransferEngine,
     SequenceSpec,
     Tier,
+    TransferEngine,
     TransferOp,
     TransferPlan,
 )
 from plan_caller import PlanCaller
 
-Content = tuple[object, object, tuple[int, ...]]  # (salt, lora_id, tokens 0 .. end of block)
+Salt = bytes | str | int | None
+Content = tuple[Salt, int | None, tuple[int, ...]]  # (salt, lora_id, tokens 0 .. end of block)
 GARBAGE: Content = ("garbage", None, ())  # what a failed copy leaves in its destination
 
 SALTS = (None, "tenant-a", 7)
@@ -126,7 +128,7 @@ class CachedBlock:
     block_hash: int | None
 
 
-def cached_blocks(mgr: KVCacheManager | PlanCaller,
+def cached_blocks(mgr: KVCacheManager | PlanCaller[TransferEngine],
                   with_hashes: bool = False) -> list[CachedBlock]:
     """Every cached block with the content its key says it holds (from the manager's public
     query: each block's tokens, chained to its prefix by the parent hash)."""
@@ -193,8 +195,8 @@ class LiveRequest:
     """A live request as the model sees it: scheduled tokens are computed by the next
     forward pass (at once outside a step, at ``end_step`` inside one)."""
 
-    salt: object
-    lora_id: object
+    salt: Salt
+    lora_id: int | None
     tokens: list[int]
     block_ids: list[int]
     num_scheduled: int
@@ -235,7 +237,7 @@ class ManagerModel(RuleBasedStateMachine):
         self.mgr = PlanCaller(KVCacheManager(self.config, clock=lambda: self.now),
                               self.memory)
         self.prefixes = [(p, None, None) for p in prefixes]
-        self.history: list[tuple[list[int], object, object]] = []
+        self.history: list[tuple[list[int], Salt, int | None]] = []
         self.requests: dict[str, LiveRequest] = {}
         self.stored: set[Content] = set()  # every full block ever computed: a dict with losses
         self.num_ids = 0
@@ -248,12 +250,13 @@ class ManagerModel(RuleBasedStateMachine):
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def draw_prompt(self, data: st.DataObject, max_len: int) -> tuple[list[int], object, object]:
+    def draw_prompt(self, data: st.DataObject,
+                    max_len: int) -> tuple[list[int], Salt, int | None]:
         """Tokens, salt and LoRA id: mostly a seed prefix, an earlier prompt or a prefix now
         on host, in its namespace, extended by a few random tokens."""
         on_host = sorted({b.content for b in cached_blocks(self.mgr) if b.tier is Tier.HOST},
                          key=repr)
-        if on_host and data.draw(st.booleans()):
+        if len(on_host) > 0 and data.draw(st.booleans()):
             salt, lora_id, host_tokens = data.draw(st.sampled_from(on_host))
             base, cut = list(host_tokens), len(host_tokens)
         else:
@@ -410,7 +413,7 @@ class ManagerModel(RuleBasedStateMachine):
         for _ in range(data.draw(st.integers(1, 4))):
             tokens, salt, lora_id = self.draw_prompt(data, max_len)
             specs.append(SequenceSpec(
-                f"r{self.num_ids}", tokens, salt=salt, lora_id=lora_id,  # type: ignore[arg-type]
+                f"r{self.num_ids}", tokens, salt=salt, lora_id=lora_id,
                 priority=data.draw(st.sampled_from(PRIORITIES)),
                 retention_s=data.draw(st.sampled_from(RETENTIONS)),
                 num_new_tokens=data.draw(st.one_of(st.none(), st.integers(1, len(tokens)))),
@@ -597,7 +600,7 @@ class ManagerModel(RuleBasedStateMachine):
     @invariant()
     def lookups_hold_while_version_holds(self) -> None:
         probes = self.prefixes + self.history[-4:]
-        lookups = [self.mgr.lookup(t or [0], salt=s, lora_id=lo)  # type: ignore[arg-type]
+        lookups = [self.mgr.lookup(t or [0], salt=s, lora_id=lo)
                    for t, s, lo in probes]
         if self.mgr.version == self.seen_version:
             assert lookups[: len(self.seen_lookups)] == self.seen_lookups
@@ -617,15 +620,18 @@ def test_manager_matches_physical_model() -> None:
 
 # ---- focused properties ------------------------------------------------------------------
 
-def make_manager(tpb: int, num_gpu_blocks: int, num_host_blocks: int = 0,
-                 **options: bool) -> PlanCaller:
+def make_manager(tpb: int, num_gpu_blocks: int, num_host_blocks: int = 0, *,
+                 enable_partial_reuse: bool = True, copy_on_partial_reuse: bool = True,
+                 enable_events: bool = False) -> PlanCaller[RecordingTransferEngine]:
     config = CacheConfig(tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks,
-                         num_host_blocks=num_host_blocks, **options)
+                         num_host_blocks=num_host_blocks,
+                         enable_partial_reuse=enable_partial_reuse,
+                         copy_on_partial_reuse=copy_on_partial_reuse, enable_events=enable_events)
     return PlanCaller(KVCacheManager(config, clock=lambda: 0.0), RecordingTransferEngine())
 
 
-def admit(mgr: KVCacheManager, rid: str, tokens: list[int], **kwargs: object) -> None:
-    adm = mgr.add_sequence_batch([SequenceSpec(rid, tokens, **kwargs)])[0]  # type: ignore[arg-type]
+def admit(mgr: KVCacheManager | PlanCaller[TransferEngine], rid: str, tokens: list[int]) -> None:
+    adm = mgr.add_sequence_batch([SequenceSpec(rid, tokens)])[0]
     assert adm.admitted, adm
 
 
@@ -679,7 +685,7 @@ def test_shared_prefix_in_one_batch_is_claimed_once(
     assert mgr.num_free_gpu_blocks == num_gpu
 
 
-def reuse_counters(mgr: KVCacheManager) -> tuple[object, ...]:
+def reuse_counters(mgr: KVCacheManager | PlanCaller[TransferEngine]) -> tuple[object, ...]:
     s = mgr.stats
     return (s.gpu.reused_blocks, s.gpu.missed_blocks, s.host.reused_blocks,
             s.host.missed_blocks, s.num_admitted, s.num_prompt_tokens, s.num_reused_tokens,
@@ -716,12 +722,12 @@ def test_rejected_request_leaves_no_trace(
     cut = data.draw(st.integers(0, len(base)))
     tokens = (base[:cut] + [4] * (num_gpu_blocks * tpb))[: num_gpu_blocks * tpb]
     before = (mgr.num_free_gpu_blocks, mgr.num_free_host_blocks, reuse_counters(mgr),
-              [mgr.lookup(p) for p in prompts], len(mgr.engine.plans))  # type: ignore[attr-defined]
+              [mgr.lookup(p) for p in prompts], len(mgr.engine.plans))
     adm = mgr.add_sequence_batch([SequenceSpec("big", tokens)])[0]
     assume(not adm.admitted)
     mgr.check_invariants()
     after = (mgr.num_free_gpu_blocks, mgr.num_free_host_blocks, reuse_counters(mgr),
-             [mgr.lookup(p) for p in prompts], len(mgr.engine.plans))  # type: ignore[attr-defined]
+             [mgr.lookup(p) for p in prompts], len(mgr.engine.plans))
     assert after == before
     assert mgr.stats.num_rejected == twin.stats.num_rejected + 1
     tree = sorted((b.content, b.tier, b.slot) for b in cached_blocks(mgr))
@@ -807,7 +813,7 @@ EVENT_OPS = st.lists(
 )
 def test_events_replay_to_the_cached_tree(
     tpb: int, num_gpu_blocks: int, num_host_blocks: int, partial: bool, copy: bool,
-    ops: list[tuple[str, list[int], object, object]],
+    ops: list[tuple[str, list[int], Salt, int | None]],
 ) -> None:
     """Replaying events into hash -> tier gives exactly the tree's blocks and tiers."""
     mgr = make_manager(tpb, num_gpu_blocks, num_host_blocks, enable_partial_reuse=partial,
@@ -818,7 +824,7 @@ def test_events_replay_to_the_cached_tree(
     for i, (kind, tokens, salt, lora_id) in enumerate(ops):
         if kind == "admit" or not live:
             spec = SequenceSpec(f"r{i}", tokens[: num_gpu_blocks * tpb], salt=salt,
-                                lora_id=lora_id)  # type: ignore[arg-type]
+                                lora_id=lora_id)
             if mgr.add_sequence_batch([spec])[0].admitted:
                 live.append(spec.request_id)
         elif kind == "append":

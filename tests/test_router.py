@@ -13,6 +13,7 @@ from kvtier.publisher import (
     InstanceLost,
     SeqTracker,
     Snapshot,
+    Update,
     decode_events,
     decode_snapshot,
     encode_events,
@@ -166,13 +167,13 @@ def test_stale_instance_waits_for_a_snapshot_covering_what_was_read() -> None:
     """A snapshot older than the events already read is refused; events while stale are
     skipped; a newer snapshot resyncs and later events apply."""
     tracker = SeqTracker()
-    out: list[object] = []
+    out: list[Update] = []
     tracker.receive("a", [stored(0, 1), stored(2, 3), stored(3, 4)], out)  # seq 1 lost
     assert out == [EventBatch("a", [stored(0, 1)]), InstanceLost("a", 1, 2)]
     assert tracker.stale_instances() == ["a"]
     assert not tracker.offer(Snapshot("a", 3, frozenset()), [])  # seq 3 already read
     assert tracker.offer(Snapshot("a", 4, frozenset({(1, G)})), [])
-    after: list[object] = []
+    after: list[Update] = []
     tracker.receive("a", [stored(3, 4), stored(4, 5)], after)  # 3 is covered: skipped
     assert after == [EventBatch("a", [stored(4, 5)])]
     assert tracker.num_skipped == 3 and tracker.stale_instances() == []

@@ -39,9 +39,9 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="max_num_tokens must be an integer >= 1, got 0"):
         SchedulerConfig(max_num_tokens=0)
     with pytest.raises(ValueError, match="capacity_policy must be one of"):
-        SchedulerConfig(capacity_policy="yolo")
+        SchedulerConfig(capacity_policy="yolo")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="admission must be one of"):
-        SchedulerConfig(admission="guess")
+        SchedulerConfig(admission="guess")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_output_tokens of 'r' must be"):
         Request("r", [1], 0)
     with pytest.raises(ValueError, match="max_wait_steps must be an integer >= 1, got True"):

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
 from kvtier import CacheConfig, KVCacheManager  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine, RequestResult  # noqa: E402
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
+from kvtier.scheduler_config import CapacityPolicy  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 
@@ -35,7 +36,7 @@ class Scenario:
     num_gpu_blocks: int
     num_host_blocks: int
     max_num_tokens: int
-    capacity_policy: str = "guaranteed_no_evict"
+    capacity_policy: CapacityPolicy = "guaranteed_no_evict"
     max_chunk_tokens: int | None = None
     num_requests: int = 24
     max_output_tokens: int = 4

@@ -4,6 +4,7 @@ slot-ordering hazards, poisoned destinations, errors and injected faults."""
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -26,7 +27,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 LAYOUTS = [("block_major", "block_major"), ("layer_major", "layer_major"),
            ("layer_major", "block_major")]
 
-Snapshot = dict[Tier, list["torch.Tensor"]]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+Snapshot = dict[Tier, list["Tensor"]]
 
 
 def make_tiers(gpu_kind: str, host_kind: str, device: str, num_gpu: int = 12,

@@ -36,7 +36,7 @@ def test_every_numeric_option_is_checked(field: str, value: object) -> None:
     if field == "ttl_s" and value is None:
         return  # None is ttl_s's "no expiry"
     with pytest.raises(ValueError, match=f"^{field} must be"):
-        RedisRemoteStore(REFUSED, make_namespace(), **{field: value})
+        RedisRemoteStore(REFUSED, make_namespace(), **{field: value})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("field", "value"), [("timeout_s", 0), ("timeout_s", 3601),
@@ -46,7 +46,7 @@ def test_every_numeric_option_is_checked(field: str, value: object) -> None:
 def test_bounds_are_stated(field: str, value: object) -> None:
     """Each option has a range, and the message shows it."""
     with pytest.raises(ValueError, match=f"^{field} must be .* in [\\[(]"):
-        RedisRemoteStore(REFUSED, make_namespace(), **{field: value})
+        RedisRemoteStore(REFUSED, make_namespace(), **{field: value})  # type: ignore[arg-type]
 
 
 def test_huge_backoff_is_refused_and_the_largest_allowed_stays_finite() -> None:
@@ -274,6 +274,6 @@ def test_hashes_that_are_no_iterable_are_refused(bad: object) -> None:
                        (lambda x: store.prefetch(x, lambda found: None), "block hashes"),
                        (store.put_many, "items"), (store.write_back, "items")):
         with pytest.raises(ValueError, match=f"^{what} must be"):
-            call(bad)  # type: ignore[operator]
+            call(bad)  # type: ignore[arg-type]
     assert store.stats == type(store.stats)()
     store.close()

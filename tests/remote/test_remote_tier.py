@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -268,6 +269,7 @@ def test_fetch_deadline_is_checked(value: object) -> None:
 def test_a_fetch_hashes_the_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """start_fetch then the import in poll compute the prompt's hash chain once."""
     import kvtier.remote.tier as tier_module
+    from kvtier.hashing import prompt_block_hashes
 
     backend: dict[str, bytes] = {}
     a = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
@@ -275,11 +277,11 @@ def test_a_fetch_hashes_the_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None
     b = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
     assert b.remote is not None
     calls: list[int] = []
-    real = tier_module.prompt_block_hashes
+    real = prompt_block_hashes  # what kvtier.remote.tier imported
 
-    def counting(*args: object, **kwargs: object) -> list[int]:
+    def counting(*args: Any, **kwargs: Any) -> list[int]:
         calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(tier_module, "prompt_block_hashes", counting)
     assert b.remote.start_fetch("r", SECOND[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from itertools import pairwise
+from typing import Any
 
 import pytest
 
@@ -11,8 +12,8 @@ from kvtier.sim.agentic import AgenticWorkload
 from kvtier.sim.workload import TraceRequest, Workload
 
 
-def make_agentic(num_requests: int = 400, seed: int = 0, **kwargs: object) -> AgenticWorkload:
-    return AgenticWorkload(num_requests=num_requests, seed=seed, **kwargs)  # type: ignore[arg-type]
+def make_agentic(num_requests: int = 400, seed: int = 0, **kwargs: Any) -> AgenticWorkload:
+    return AgenticWorkload(num_requests=num_requests, seed=seed, **kwargs)
 
 
 def fingerprint(workload: AgenticWorkload) -> list[tuple[str, float, int, str | None, int]]:
@@ -104,4 +105,4 @@ def test_agentic_sessions_end() -> None:
 def test_agentic_rejects_bad_fields(field: str, value: object, pattern: str) -> None:
     """Bad parameters raise ValueError naming the field and the value."""
     with pytest.raises(ValueError, match=pattern):
-        make_agentic(**{field: value})
+        make_agentic(**{field: value})  # type: ignore[arg-type]

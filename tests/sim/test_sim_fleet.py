@@ -4,6 +4,7 @@ resync under a lossy event bus, and determinism."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ def make_cache() -> CacheConfig:
     return CacheConfig(tokens_per_block=32, num_gpu_blocks=768, num_host_blocks=256)
 
 
-def run(policy: str | CacheAware, **kw: int) -> FleetReport:
+def run(policy: str | CacheAware, **kw: Any) -> FleetReport:
     return simulate_fleet(make_workload(), make_cache(), NUM_INSTANCES, policy, **kw)
 
 
