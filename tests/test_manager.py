@@ -3,6 +3,9 @@ priorities, partial reuse, isolation, events and hashing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from kvtier import (
@@ -27,13 +30,13 @@ class FakeClock:
         return self.now
 
 
-def make_manager(**kw: object) -> KVCacheManager:
+def make_manager(*, clock: Callable[[], float] | None = None, **kw: Any) -> KVCacheManager:
     """A manager with 4-token blocks and 8 GPU blocks unless told otherwise."""
-    clock = kw.pop("clock", None)
-    cfg = {"tokens_per_block": 4, "num_gpu_blocks": 8, **kw}
+    # Any: the options are CacheConfig's own fields, which it checks itself.
+    cfg: dict[str, Any] = {"tokens_per_block": 4, "num_gpu_blocks": 8, **kw}
     if clock is not None:
-        return KVCacheManager(CacheConfig(**cfg), clock=clock)  # type: ignore[arg-type]
-    return KVCacheManager(CacheConfig(**cfg))  # type: ignore[arg-type]
+        return KVCacheManager(CacheConfig(**cfg), clock=clock)
+    return KVCacheManager(CacheConfig(**cfg))
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@ Redis stream transport (when KVTIER_REDIS_URL is set)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
@@ -39,10 +41,12 @@ def stored(seq: int, h: int, tier: Tier = G, parent: int | None = None) -> Block
     return BlockStored(seq, h, parent, tier, 4, None)
 
 
-def make_manager(**kw: object) -> KVCacheManager:
+def make_manager(**kw: Any) -> KVCacheManager:
     """A manager with 4-token blocks, 8 GPU blocks and events on unless told otherwise."""
-    cfg = {"tokens_per_block": 4, "num_gpu_blocks": 8, "enable_events": True, **kw}
-    return KVCacheManager(CacheConfig(**cfg))  # type: ignore[arg-type]
+    # Any: the options are CacheConfig's own fields, which it checks itself.
+    cfg: dict[str, Any] = {"tokens_per_block": 4, "num_gpu_blocks": 8, "enable_events": True,
+                           **kw}
+    return KVCacheManager(CacheConfig(**cfg))
 
 
 def loads(*depths: int, capacity: int = 10) -> list[InstanceLoad]:

@@ -6,6 +6,8 @@ and ``add_sequence_batch`` keeping every promise. Common: 4-token blocks, 6 GPU 
 
 from __future__ import annotations
 
+from typing import Any
+
 from kvtier import CacheConfig, KVCacheManager, OpKind, SequenceSpec, Tier, TransferOp
 
 C = [1, 1, 1, 1]
@@ -19,9 +21,9 @@ def make_manager(num_host_blocks: int = 0, partial: bool = False) -> KVCacheMana
                                       enable_partial_reuse=partial))
 
 
-def admit_and_release(mgr: KVCacheManager, rid: str, tokens: list[int], **kw: int) -> None:
+def admit_and_release(mgr: KVCacheManager, rid: str, tokens: list[int], **kw: Any) -> None:
     """Admit one request and release it at once, so its full blocks stay cached."""
-    assert mgr.add_sequence(SequenceSpec(rid, tokens, **kw)).admitted  # type: ignore[arg-type]
+    assert mgr.add_sequence(SequenceSpec(rid, tokens, **kw)).admitted
     mgr.remove_sequence(rid)
     mgr.check_invariants()
 

@@ -17,13 +17,13 @@ from kvtier.sim.probe import make_scheduler as scheduler_for
 
 
 def make_scheduler(num_gpu_blocks: int = 16, num_host_blocks: int = 0,
-                   **kw: object) -> Scheduler:
+                   **kw: Any) -> Scheduler:
     """A scheduler over a manager with 4-token blocks (the simulator's ProbeScheduler for
     ``admission="probe"``)."""
     mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=num_gpu_blocks,
                                      num_host_blocks=num_host_blocks,
                                      enable_partial_reuse=False))
-    return scheduler_for(mgr, SchedulerConfig(**kw))  # type: ignore[arg-type]
+    return scheduler_for(mgr, SchedulerConfig(**kw))
 
 
 def finish_step(s: Scheduler, step: ScheduledStep, token: int = 900) -> list[str]:

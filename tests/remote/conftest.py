@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,7 +42,8 @@ def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 
 
 @pytest.fixture
-def make_redis_server(redis_servers: RedisServers, tmp_path: Path) -> Iterator[type[object]]:
+def make_redis_server(redis_servers: RedisServers,
+                      tmp_path: Path) -> Iterator[Callable[[], PrivateRedis]]:
     """A factory of private servers; each is killed at the end of the test."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not on PATH (the shared servers run elsewhere)")
@@ -53,7 +54,7 @@ def make_redis_server(redis_servers: RedisServers, tmp_path: Path) -> Iterator[t
         servers.append(server)
         return server
 
-    yield make  # type: ignore[misc]
+    yield make
     for server in servers:
         if server.proc is not None:
             server.kill()

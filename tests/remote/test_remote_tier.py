@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the remote tier tests move real KV: needs torch")
 
-from remote_helpers import RedisServers  # noqa: E402
+from remote_helpers import PrivateRedis, RedisServers  # noqa: E402
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
 from kvtier.remote.store import RemoteStore  # noqa: E402
-from kvtier.remote.tier import RemoteTier  # noqa: E402
+from kvtier.remote.tier import RemoteTier, WritePolicy  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 
@@ -33,7 +34,7 @@ SECOND = [PREFIX + [90, 91, 92, 93], PREFIX[:17] + [5]]
 
 
 def make_engine(store_for: object, num_gpu_blocks: int = 32, num_host_blocks: int = 16,
-                write_policy: str = "write-through") -> ModelEngine:
+                write_policy: WritePolicy = "write-through") -> ModelEngine:
     """A model engine with its own manager and NaN-poisoned storages, over ``store_for``
     (a function of the namespace giving the RemoteStore)."""
     model = LlamaModel(ModelConfig(), "cpu")
@@ -201,16 +202,18 @@ def test_write_back_spills_blocks_leaving_the_host_and_they_serve_exactly() -> N
     assert_exact(a)
     assert_exact(b)
     with pytest.raises(ValueError, match="write_policy must be"):
-        make_engine(lambda ns: InMemoryRemoteStore(ns, backend), 14, 4, "sometimes")
+        make_engine(lambda ns: InMemoryRemoteStore(ns, backend), 14, 4, "sometimes")  # type: ignore[arg-type]
 
 
-def test_redis_killed_mid_replay_then_restarted(make_redis_server: object) -> None:
+def test_redis_killed_mid_replay_then_restarted(
+    make_redis_server: Callable[[], PrivateRedis],
+) -> None:
     """A real Redis killed while an engine serves, then restarted empty: the engine keeps
     serving (misses and errors counted, no exception), every output stays exact, and once
     the server is back its writes and reads work again."""
     from kvtier.remote import RedisRemoteStore
 
-    server = make_redis_server()  # type: ignore[operator]
+    server = make_redis_server()
     a = make_engine(lambda ns: RedisRemoteStore(server.url, ns, timeout_s=0.2, cooldown_s=0.1))
     run(a, FIRST, "a")
     b = make_engine(lambda ns: RedisRemoteStore(server.url, ns, timeout_s=0.2, cooldown_s=0.1))
