@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.remote.options import check_number
@@ -54,12 +54,18 @@ class _Fetch:
     released: bool = False
 
 
+WritePolicy = Literal["write-through", "write-back"]
+"""When blocks reach the shared store: as soon as they are computed (write-through), or
+when host blocks leave the cache (write-back)."""
+WRITE_POLICIES: tuple[WritePolicy, ...] = get_args(WritePolicy)
+
+
 class RemoteTier:
     """Moves whole blocks between ``manager``'s storages and a shared ``store``."""
 
     def __init__(self, store: RemoteStore, manager: KVCacheManager, gpu: KVStorage,
                  host: KVStorage, fetch_deadline_s: float = 1.0,
-                 write_policy: str = "write-through") -> None:
+                 write_policy: WritePolicy = "write-through") -> None:
         config = manager.config
         if config.hash_algo != "sha256":
             raise ValueError("a shared remote tier needs hash_algo='sha256' (the same hash "
@@ -75,9 +81,8 @@ class RemoteTier:
             raise ValueError(f"the store's blocks hold {layout.tokens_per_block} tokens, the "
                              f"manager's {config.tokens_per_block}")
         self.fetch_deadline_s = check_number("fetch_deadline_s", fetch_deadline_s, 0.0, 3600.0)
-        if write_policy not in ("write-through", "write-back"):
-            raise ValueError("write_policy must be 'write-through' or 'write-back', "
-                             f"got {write_policy!r}")
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
         self.store = store
         self.write_policy = write_policy
         if write_policy == "write-back":

@@ -26,6 +26,7 @@ from kvtier.events import BlockRemoved, BlockStored, Event
 from kvtier.publisher import InMemoryEventBus, Snapshot, manager_snapshot
 from kvtier.remote import RemoteStore
 from kvtier.remote.codec import RemoteNamespace
+from kvtier.remote.tier import WRITE_POLICIES, WritePolicy
 from kvtier.router import CacheAware, InstanceLoad, Router, RoutingPolicy, make_policy
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.fleet_report import FleetReport, InstanceRun, fleet_report
@@ -144,7 +145,7 @@ def simulate_fleet(
     progress: Callable[[int], object] | None = None,
     max_bus_events: int = 1 << 20,
     check_every: int | None = None,
-    remote: str | None = None,
+    remote: WritePolicy | None = None,
     remote_store: RemoteStore | None = None,
 ) -> FleetReport:
     """Replay ``workload`` through ``num_instances`` engines of ``cache`` each behind a
@@ -175,8 +176,8 @@ def simulate_fleet(
     bus = InMemoryEventBus()
     subscriber = bus.subscribe(max_bus_events)
     router = Router(policy, cache.tokens_per_block, cache.hash_algo)
-    if remote not in (None, "write-back", "write-through"):
-        raise ValueError(f"remote must be None, 'write-back' or 'write-through', got {remote!r}")
+    if remote is not None and remote not in WRITE_POLICIES:
+        raise ValueError(f"remote must be None or one of {WRITE_POLICIES}, got {remote!r}")
     if remote_store is not None and remote is None:
         raise ValueError("remote_store needs a remote write policy")
     shared = _SharedTier(remote_store) if remote else None
