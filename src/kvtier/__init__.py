@@ -3,10 +3,12 @@
 from kvtier.admission import Admission, PrefixMatch
 from kvtier.config import CacheConfig
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
+from kvtier.eviction import EvictionPolicy
+from kvtier.journal import CachedBlock
 from kvtier.manager import KVCacheManager
 from kvtier.metrics import CacheStats, TierStats
 from kvtier.scheduler import ContextChunk, Request, ScheduledStep, Scheduler, SchedulerConfig
-from kvtier.sequence import MultimodalItem, SequenceSpec
+from kvtier.sequence import MultimodalItem, SequenceSpec, TokenIds
 from kvtier.tier import Tier
 from kvtier.transfer import (
     OpKind,
@@ -27,8 +29,10 @@ __all__ = [
     "BlockTierChanged",
     "CacheConfig",
     "CacheStats",
+    "CachedBlock",
     "ContextChunk",
     "Event",
+    "EvictionPolicy",
     "KVCacheManager",
     "MultimodalItem",
     "OpKind",
@@ -41,6 +45,7 @@ __all__ = [
     "SequenceSpec",
     "Tier",
     "TierStats",
+    "TokenIds",
     "TransferEngine",
     "TransferError",
     "TransferOp",
