@@ -99,7 +99,7 @@ def snapshot(mgr: KVCacheManager) -> tuple[object, ...]:
         mgr.num_free_gpu_blocks,
         mgr.num_free_host_blocks,
         mgr.num_sequences,
-        mgr.num_reserved_gpu_blocks,
+        mgr.num_reserved_blocks,
         [mgr.block_table(rid) for rid in live],
         [mgr.num_unscheduled_tokens(rid) for rid in live],
         [mgr.num_blocks_to_append(rid, k) for rid in live for k in range(1, TPB + 1)],

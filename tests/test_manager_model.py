@@ -201,7 +201,7 @@ class LiveRequest:
     block_ids: list[int]
     num_scheduled: int
     num_computed: int = 0
-    num_reserved: int = 0
+    num_reserved_blocks: int = 0
 
     def content(self, index: int, tpb: int, upto: int | None = None) -> Content:
         """What block ``index`` holds once the first ``upto`` tokens are computed."""
@@ -485,7 +485,7 @@ class ManagerModel(RuleBasedStateMachine):
         new = mgr.append_tokens(rid, tokens)
         if rid in self.recover():
             return
-        if need > num_free + req.num_reserved:
+        if need > num_free + req.num_reserved_blocks:
             assert new is None
             assert mgr.num_free_gpu_blocks == num_free and len(self.memory.plans) == num_plans
             assert mgr.block_table(rid) == req.block_ids
@@ -496,7 +496,7 @@ class ManagerModel(RuleBasedStateMachine):
         req.tokens += tokens
         req.block_ids += new
         req.num_scheduled = len(req.tokens)
-        req.num_reserved -= min(need, req.num_reserved)
+        req.num_reserved_blocks -= min(need, req.num_reserved_blocks)
         self.after_call()
 
     @precondition(lambda self: any(r.num_scheduled == len(r.tokens) < MAX_TOKENS
@@ -514,10 +514,10 @@ class ManagerModel(RuleBasedStateMachine):
         for i, (rid, _) in enumerate(items):
             req = self.requests[rid]
             need = ceil_div(len(req.tokens) + 1, self.tpb) - len(req.block_ids)
-            if need > num_free + req.num_reserved:
+            if need > num_free + req.num_reserved_blocks:
                 expected = i
                 break
-            num_free -= need - min(need, req.num_reserved)
+            num_free -= need - min(need, req.num_reserved_blocks)
         self.arm_failures(data)
         num_applied = self.mgr.append_token_batch(items)
         aborted = self.recover()
@@ -533,7 +533,7 @@ class ManagerModel(RuleBasedStateMachine):
             req.tokens.append(token)
             req.block_ids = table
             req.num_scheduled = len(req.tokens)
-            req.num_reserved -= min(need, req.num_reserved)
+            req.num_reserved_blocks -= min(need, req.num_reserved_blocks)
         self.after_call()
 
     @precondition(lambda self: self.requests)
@@ -565,8 +565,8 @@ class ManagerModel(RuleBasedStateMachine):
     @invariant()
     def books_balance(self) -> None:
         self.mgr.check_invariants()
-        reserved = sum(r.num_reserved for r in self.requests.values())
-        assert self.mgr.num_reserved_gpu_blocks == reserved
+        reserved = sum(r.num_reserved_blocks for r in self.requests.values())
+        assert self.mgr.num_reserved_blocks == reserved
 
     @invariant()
     def live_blocks_hold_their_kv(self) -> None:

@@ -187,7 +187,7 @@ def test_guaranteed_no_evict_reserves_decode_blocks() -> None:
     s.add_request(Request("b", [7, 7, 7], 5))  # 8 tokens: 2 blocks; only 1 is left
     st1 = s.step()
     assert [c.request_id for c in st1.context_chunks] == ["a"]
-    assert s.manager.num_reserved_gpu_blocks == 1
+    assert s.manager.num_reserved_blocks == 1
     steps = [st1]
     finish_step(s, st1)
     while s.has_unfinished():

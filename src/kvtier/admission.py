@@ -176,7 +176,7 @@ class BatchAdmission:
             # copy, before the rest is allocated: it counts as room for that rest.
             credit = int(p.partial_mode == "copy" and p.partial is not None
                          and p.partial.node.tier is Tier.GPU and p.partial.node.ref_count == 1)
-            available = cache.gpu.num_available - self._live.num_reserved - consumed
+            available = cache.gpu.num_available - self._live.num_reserved_blocks - consumed
             if need - credit <= available and num_onboard + credit <= available:
                 consumed += need - credit
                 onboarding.update(n.uid for n in host_runs)
@@ -271,7 +271,7 @@ class BatchAdmission:
         seq.num_valid_tokens = num_reused
         seq.num_scheduled_tokens = len(seq.tokens) if new is None else min(
             len(seq.tokens), num_reused + new)
-        seq.num_reserved = p.spec.num_reserved_blocks
+        seq.num_reserved_blocks = p.spec.num_reserved_blocks
         self._live.add(seq)
         self._record_admission(seq, promise)
         self._store_blocks(seq)

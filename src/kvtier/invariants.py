@@ -90,8 +90,9 @@ def check_books(store: BlockCache, live: LiveTable) -> None:
         assert seq.num_scheduled_tokens <= len(seq.tokens), rid
     for root in store.roots.values():
         assert root.num_users == users[root.uid], f"{root}: {root.num_users} users recorded"
-    num_reserved = sum(seq.num_reserved for seq in live)
-    assert live.num_reserved == num_reserved, f"reserved {live.num_reserved} != {num_reserved}"
+    num_reserved = sum(seq.num_reserved_blocks for seq in live)
+    assert live.num_reserved_blocks == num_reserved, (
+        f"reserved {live.num_reserved_blocks} != {num_reserved}")
     assert 0 <= num_reserved <= store.gpu.num_available, (
         f"{num_reserved} blocks reserved, only {store.gpu.num_available} available")
     for node in nodes:

@@ -22,7 +22,7 @@ class LiveTable:
 
     def __init__(self) -> None:
         self.seqs: dict[str, LiveSequence] = {}
-        self.num_reserved = 0
+        self.num_reserved_blocks = 0
         self.touched: dict[str, LiveSequence] | None = None
         self.pending_stores: dict[str, LiveSequence] = {}
 
@@ -81,21 +81,21 @@ class LiveTable:
     def add(self, seq: LiveSequence) -> None:
         """Admit ``seq`` (with its reservation)."""
         self.seqs[seq.request_id] = seq
-        self.num_reserved += seq.num_reserved
+        self.num_reserved_blocks += seq.num_reserved_blocks
 
     def discard(self, seq: LiveSequence) -> None:
         """Forget ``seq`` and its reservation (the caller releases its blocks)."""
         del self.seqs[seq.request_id]
-        self.num_reserved -= seq.num_reserved
+        self.num_reserved_blocks -= seq.num_reserved_blocks
         if self.touched is not None:
             self.touched.pop(seq.request_id, None)
             self.pending_stores.pop(seq.request_id, None)
 
     def use_reserved(self, seq: LiveSequence, num_blocks: int) -> None:
         """``seq`` took ``num_blocks`` new GPU blocks: they come out of its reservation first."""
-        used = min(num_blocks, seq.num_reserved)
-        seq.num_reserved -= used
-        self.num_reserved -= used
+        used = min(num_blocks, seq.num_reserved_blocks)
+        seq.num_reserved_blocks -= used
+        self.num_reserved_blocks -= used
 
     @property
     def in_step(self) -> bool:

@@ -70,12 +70,12 @@ class KVCacheManager:
     def num_free_gpu_blocks(self) -> int:
         """GPU blocks a new request can take now: free plus evictable, less what live
         requests have reserved for their growth. Pure."""
-        return self._cache.gpu.num_available - self._live.num_reserved
+        return self._cache.gpu.num_available - self._live.num_reserved_blocks
 
     @property
-    def num_reserved_gpu_blocks(self) -> int:
+    def num_reserved_blocks(self) -> int:
         """GPU blocks live requests have reserved for their growth. Pure."""
-        return self._live.num_reserved
+        return self._live.num_reserved_blocks
 
     @property
     def version(self) -> int:
@@ -215,7 +215,8 @@ class KVCacheManager:
         new: list[int] = []
         if need > 0:
             live = self._live
-            if need > self._cache.gpu.num_available - (live.num_reserved - seq.num_reserved):
+            others = live.num_reserved_blocks - seq.num_reserved_blocks
+            if need > self._cache.gpu.num_available - others:
                 return None
             self._version += 1
             new = self._cache.allocate_gpu(need, self._ops)

@@ -260,7 +260,7 @@ class LiveSequence:
         "block_table",
         "extras",
         "last_node",
-        "num_reserved",
+        "num_reserved_blocks",
         "num_scheduled_tokens",
         "num_valid_tokens",
         "priority",
@@ -280,7 +280,7 @@ class LiveSequence:
         self.extras = extras
         self.priority = priority
         self.retention_s = spec.retention_s
-        self.num_reserved = 0
+        self.num_reserved_blocks = 0
         self.last_node: Node = root
         self.block_table: list[int] = []
         self.num_scheduled_tokens = 0
