@@ -13,19 +13,22 @@ referenced node is never evicted, an offload target or detached.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvtier.config import CacheConfig
-from kvtier.eviction import EvictionPolicy, Evictor, get_policy
+from kvtier.eviction import EvictionPolicy, Evictor, QueueAwarePolicy, ReuseLearner, get_policy
 from kvtier.journal import Journal
-from kvtier.matching import num_common_blocks
+from kvtier.matching import match_prompt, num_common_blocks
 from kvtier.metrics import CacheStats
-from kvtier.pool import TierPool
+from kvtier.pool import Key, TierPool
 from kvtier.radix import Node, Root, add_child, block_key, remove_child, subtree
 from kvtier.radix import split as split_run
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, TransferOp
+
+if TYPE_CHECKING:
+    from kvtier.sequence import SequenceSpec
 
 
 class StoredRun(NamedTuple):
@@ -48,11 +51,16 @@ class BlockCache:
         self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks)
         self.host = TierPool(Tier.HOST, config.num_host_blocks)
         self.stats = CacheStats()
-        self.evictor = Evictor(config, clock,
-                               policy if policy is not None else get_policy(config.eviction_policy),
-                               self.gpu, self.host)
+        policy = policy if policy is not None else get_policy(config.eviction_policy)
+        self.evictor = Evictor(config, clock, policy, self.gpu, self.host)
         self.journal = Journal(config)
         self._tick = itertools.count(1)
+        # The policy's learner, told how each release of a run ends (None: it learns nothing).
+        self._learner = policy if isinstance(policy, ReuseLearner) else None
+        # The deepest runs of the waiting requests' prefixes, soft-claimed at the last hint.
+        self._soft_claimed: list[Node] = []
+        if isinstance(policy, QueueAwarePolicy):
+            policy.bind(self.set_soft_claims)
 
     # ---- key spaces and queries ------------------------------------------------------------
 
@@ -106,11 +114,18 @@ class BlockCache:
     # ---- references --------------------------------------------------------------------------
 
     def ref_path(self, node: Node) -> None:
-        """Add one reference to ``node`` and every ancestor (a claim)."""
+        """Add one reference to ``node`` and every ancestor (a claim). A run claimed while
+        its release is open ends that release as a reuse, for the policy's learner."""
+        learner = self._learner
         while node.parent is not None:
             if node.ref_count == 0:
                 self.pool(node.tier).num_referenced += len(node.slots)
+                if learner is not None and node.reuse_class is not None:
+                    learner.record(node.reuse_class, self.evictor.now() - node.last_used_s,
+                                   len(node.slots), True)
+                    node.reuse_class = None
             node.ref_count += 1
+            node.num_accesses += 1
             node = node.parent
 
     def unref_path(
@@ -119,19 +134,25 @@ class BlockCache:
         """Drop one reference from ``node`` and its ancestors, deepest first.
 
         With ``priority`` set this is a release: nodes that become unreferenced are stamped
-        most recently used (deepest first, so a prefix outlives its extensions) and take the
-        releasing request's priority. Without it, it is a rollback: keys stay as they were.
+        most recently used (deepest first, so a prefix outlives its extensions), take the
+        releasing request's priority and are filed under the learner's reuse class. Without
+        it, it is a rollback: keys stay as they were.
         """
         evictor = self.evictor
-        now = evictor.now() if retention_s is not None else 0.0
+        learner = self._learner
+        now = evictor.now() if priority is not None else 0.0
+        deepest = node
         while node.parent is not None:
             node.ref_count -= 1
             if node.ref_count == 0:
                 self.pool(node.tier).num_referenced -= len(node.slots)
                 if priority is not None:
                     node.last_used = next(self._tick)
+                    node.last_used_s = now
                     node.priority = priority
                     node.expiry = None if retention_s is None else now + retention_s
+                    if learner is not None:
+                        node.reuse_class = learner.reuse_class(node, node is deepest)
                     evictor.track_retention(node)
                 evictor.refile(node)
             node = node.parent
@@ -215,7 +236,7 @@ class BlockCache:
             self.drop_from(node, max(0, node.num_blocks - short))
         return min(num_blocks, host.num_free)
 
-    def free_host(self, num_blocks: int, below: tuple[int, int] | None) -> int:
+    def free_host(self, num_blocks: int, below: Key | None) -> int:
         """Drop unreferenced host leaves, tails first, lowest key first, until
         ``num_blocks`` host slots are free, stopping at blocks whose key is not below
         ``below`` (``None``: no limit). Returns the free host slots now."""
@@ -250,8 +271,12 @@ class BlockCache:
         self.journal.removed(doomed)
         remove_child(parent, node)
         self._prune(parent)
+        learner = self._learner
+        now = self.evictor.now() if learner is not None else 0.0
         for n in doomed:
             assert n.ref_count == 0, n
+            if learner is not None and n.reuse_class is not None:
+                learner.record(n.reuse_class, now - n.last_used_s, len(n.slots), False)
             self.pool(n.tier).give_back(n.slots)
             if n.tier is Tier.GPU:
                 self.stats.gpu.evicted_blocks += len(n.slots)
@@ -307,6 +332,8 @@ class BlockCache:
                     extras = extras[pos:] if extras is not None else None
                 new = Node(node, tokens, slots, Tier.GPU, extras, start, node.root)
                 new.ref_count = 1
+                new.num_accesses = 1
+                new.created_s = new.last_used_s = self.evictor.now()
                 add_child(node, new)
                 self.journal.stored(new)
                 return StoredRun(new, num_blocks, private)
@@ -354,6 +381,7 @@ class BlockCache:
                     Tier.HOST, None, start, parent.root)
         node.priority = self.config.default_priority
         node.last_used = next(self._tick)
+        node.created_s = node.last_used_s = self.evictor.now()
         add_child(parent, node)
         self.journal.stored(node)
         self.evictor.refile(node)
@@ -373,6 +401,37 @@ class BlockCache:
         self.evictor.refile(parent)
         self._prune(parent)
         return node.slots[0]
+
+    # ---- the waiting queue ----------------------------------------------------------------
+
+    def set_soft_claims(self, specs: Sequence[SequenceSpec]) -> None:
+        """Soft-claim the cached prefixes of the waiting requests ``specs``, releasing the
+        last call's soft claims: the policy ranks them above the rest of their priority
+        (see ``QueueHint``); they stay evictable, and the pools' books do not change."""
+        from kvtier.admission import block_extras  # NOTE: admission imports this module
+
+        for deepest in self._soft_claimed:
+            # Walk the path as it is now: splits since the claim put new heads on it.
+            node: Node | None = deepest
+            while node is not None and node.parent is not None and node.soft_claimed:
+                node.soft_claimed = False
+                self.evictor.refile(node)
+                node = node.parent
+        claimed: list[Node] = []
+        for spec in specs:
+            root = self.root(spec.lora_id, spec.salt)
+            extras = block_extras(spec.mm_items, len(spec.tokens), self.tpb)
+            m = match_prompt(root, spec.tokens, extras, self.config)
+            last = m.tail[0] if m.tail is not None else (m.path[-1] if m.path else None)
+            if last is None:
+                continue
+            claimed.append(last)
+            node = last
+            while node is not None and node.parent is not None and not node.soft_claimed:
+                node.soft_claimed = True
+                self.evictor.refile(node)
+                node = node.parent
+        self._soft_claimed = claimed
 
     def clear(self) -> None:
         """Drop every cached block of every tier (no request may be live)."""

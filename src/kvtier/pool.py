@@ -8,7 +8,10 @@ from collections.abc import Callable
 from kvtier.radix import Node
 from kvtier.tier import Tier
 
-_Entry = tuple[int, int, int, Node]
+Key = tuple[float, ...]
+"""An eviction key: the smallest is evicted first (see ``kvtier.eviction``)."""
+
+_Entry = tuple[Key, int, Node]
 
 
 class TierPool:
@@ -72,37 +75,38 @@ class TierPool:
         """Return slots to the free list so the first of ``slots`` is handed out first."""
         self._given_back.extend(reversed(slots))
 
-    def push(self, node: Node, key: tuple[int, int]) -> None:
+    def push(self, node: Node, key: Key) -> None:
         """File ``node`` as an eviction candidate under ``key``."""
-        heapq.heappush(self._heap, (key[0], key[1], node.uid, node))
+        heapq.heappush(self._heap, (key, node.uid, node))
 
-    def pop_candidate(self, current_key: Callable[[Node], tuple[int, int] | None]) -> Node | None:
+    def pop_candidate(self, current_key: Callable[[Node], Key | None]) -> Node | None:
         """Pop the best live candidate. ``current_key`` returns a node's key if it is a
         candidate now, else ``None``; entries of nodes that are no candidates are dropped."""
         heap = self._heap
         while heap:
-            prio, last_used, _, node = heapq.heappop(heap)
+            filed, _, node = heapq.heappop(heap)
             key = current_key(node)
             if key is None:
                 continue
-            if key[0] == prio and key[1] == last_used:
+            if key == filed:
                 return node
-            # A key that changed without a re-file (a retention ran out): file it anew.
-            heapq.heappush(heap, (key[0], key[1], node.uid, node))
+            # A key that changed without a re-file (a retention ran out, a learned policy's
+            # values moved): file it anew.
+            heapq.heappush(heap, (key, node.uid, node))
         return None
 
-    def compact(self, current_key: Callable[[Node], tuple[int, int] | None]) -> None:
+    def compact(self, current_key: Callable[[Node], Key | None]) -> None:
         """Drop stale heap entries once they outnumber the live ones."""
         if len(self._heap) <= 2 * self.capacity + 64:
             return
         live = {}
         for entry in self._heap:
-            key = current_key(entry[3])
-            if key is not None and key == (entry[0], entry[1]):
-                live[entry[3].uid] = entry
+            key = current_key(entry[2])
+            if key is not None and key == entry[0]:
+                live[entry[2].uid] = entry
         self._heap = list(live.values())
         heapq.heapify(self._heap)
 
     def heap_nodes(self) -> list[Node]:
         """Nodes with an entry in the heap (stale or not); for invariant checks."""
-        return [entry[3] for entry in self._heap]
+        return [entry[2] for entry in self._heap]

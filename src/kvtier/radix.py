@@ -40,17 +40,22 @@ class Node:
     __slots__ = (
         "by_first",
         "children",
+        "created_s",
         "expiry",
         "extras",
         "hashes",
         "key",
         "last_used",
+        "last_used_s",
+        "num_accesses",
         "num_gpu_children",
         "parent",
         "priority",
         "ref_count",
+        "reuse_class",
         "root",
         "slots",
+        "soft_claimed",
         "start_block",
         "tier",
         "tokens",
@@ -86,6 +91,15 @@ class Node:
         self.priority = 0
         self.expiry: float | None = None
         self.last_used = 0
+        # What an online eviction policy may know of the run (kept by the cache): the
+        # clock's time of its last release and of its store, how many claims took it, the
+        # class its last release filed it under (None: no release open, see
+        # ``kvtier.eviction.ReuseLearner``), and whether a waiting request will reuse it.
+        self.last_used_s = 0.0
+        self.created_s = 0.0
+        self.num_accesses = 0
+        self.reuse_class: int | None = None
+        self.soft_claimed = False
         self.hashes: list[int] | None = None
         self.uid = next(_uids)
 
@@ -137,6 +151,18 @@ def remove_child(parent: Node, child: Node) -> None:
         bucket.remove(child)
 
 
+def copy_stats(src: Node, dst: Node) -> None:
+    """Give ``dst``, a part of ``src`` cut off, ``src``'s eviction key and statistics."""
+    dst.priority = src.priority
+    dst.expiry = src.expiry
+    dst.last_used = src.last_used
+    dst.last_used_s = src.last_used_s
+    dst.created_s = src.created_s
+    dst.num_accesses = src.num_accesses
+    dst.reuse_class = src.reuse_class
+    dst.soft_claimed = src.soft_claimed
+
+
 def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
     """Cut ``node`` after ``num_head_blocks`` blocks and return the new head node.
 
@@ -157,9 +183,7 @@ def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
         node.root,
     )
     head.ref_count = node.ref_count
-    head.priority = node.priority
-    head.expiry = node.expiry
-    head.last_used = node.last_used
+    copy_stats(node, head)
     if node.hashes is not None:
         head.hashes = node.hashes[:num_head_blocks]
         node.hashes = node.hashes[num_head_blocks:]
@@ -228,9 +252,11 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
         node.start_block + keep,
         node.root,
     )
-    tail.priority = node.priority
-    tail.expiry = node.expiry
-    tail.last_used = node.last_used
+    copy_stats(node, tail)
+    # NOTE: a tail cut off for eviction is no longer protected by a waiting request's soft
+    # claim: it is the victim, and a flag left on it (if it is offloaded) would outlive
+    # the claim, whose release walks the claimed path only.
+    tail.soft_claimed = False
     if node.hashes is not None:
         tail.hashes = node.hashes[keep:]
         del node.hashes[keep:]

@@ -17,12 +17,14 @@ and lives in the simulator (:class:`kvtier.sim.probe.ProbeScheduler`).
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 from kvtier.admission import PrefixMatch
 from kvtier.blocks import cdiv
+from kvtier.eviction import QueueHint
 from kvtier.manager import KVCacheManager
 from kvtier.request import Request, check_request
 from kvtier.scheduled_step import Admitted, Candidate, ContextChunk, ScheduledStep
@@ -62,8 +64,11 @@ class Scheduler:
 
     # The admission mode this class implements; SchedulerConfig.admission must match.
     ADMISSION: ClassVar[AdmissionMode] = "claim"
+    # How many waiting requests, from the head of the queue, the queue hint names.
+    MAX_HINTED: ClassVar[int] = 64
 
-    def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None) -> None:
+    def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None,
+                 queue_hint: QueueHint | None = None) -> None:
         config = config if config is not None else SchedulerConfig()
         if config.admission != self.ADMISSION:
             raise ValueError(f"{type(self).__name__} admits by {self.ADMISSION!r}, got "
@@ -82,6 +87,10 @@ class Scheduler:
         self._lookups: dict[str, tuple[int, PrefixMatch]] = {}
         self._tpb = manager.config.tokens_per_block
         self.num_lookups = 0
+        # Told the waiting queue after each step (the manager's eviction policy, when it
+        # ranks soft-claimed prefixes: see kvtier.eviction.QueueHint); and what it was told.
+        self.queue_hint = queue_hint
+        self._hinted: tuple[int, tuple[str, ...]] | None = None
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -213,8 +222,21 @@ class Scheduler:
         # The step's copies; stores at end_step add none. (If the step raises, they stay
         # with the manager and come with the next step's plan.)
         plan = self.manager.take_plan()
+        self._hint_queue()
         return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, plan,
                              tuple(preempted), credited, reused, overflow)
+
+    def _hint_queue(self) -> None:
+        """Tell ``queue_hint`` the head of the waiting queue, if it or the cache changed."""
+        hint = self.queue_hint
+        if hint is None:
+            return
+        head = [req.request_id for req in itertools.islice(self.waiting, self.MAX_HINTED)]
+        seen = (self.manager.version, tuple(head))
+        if seen == self._hinted:
+            return
+        self._hinted = seen
+        hint.hint_waiting([self._specs[rid] for rid in head])
 
     def _preempt(self, req: Request) -> None:
         """Release ``req`` (its computed blocks stay cached) and requeue it first."""
