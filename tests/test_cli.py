@@ -220,6 +220,77 @@ def test_sweep_one_run_per_capacity(capsys: pytest.CaptureFixture[str]) -> None:
     assert table[0].split()[:4] == ["GPU", "blocks", "host", "blocks"] and len(table) == 5
 
 
+@pytest.mark.parametrize("command", ["replay", "compare"])
+def test_eviction_policy_is_reported(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """--eviction-policy NAME runs that policy and reports it as cache_config.eviction_policy."""
+    code, out, _ = run_cli(capsys, command, "--limit", "10", "--no-progress",
+                           "--gpu-blocks", "512", "--eviction-policy", "kvtier-predict")
+    assert code == 0
+    document = last_json(out)
+    reports = [document] if command == "replay" else [r["report"] for r in document["runs"]]
+    assert [r["cache_config"]["eviction_policy"] for r in reports] == (
+        ["kvtier-predict"] * len(reports))
+
+
+def test_replay_default_policy_is_priority_lru(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --eviction-policy the JSON line names the default policy, priority-lru."""
+    code, out, _ = run_cli(capsys, "replay", "--limit", "5", "--no-progress", "--gpu-blocks",
+                           "512")
+    assert code == 0 and last_json(out)["cache_config"]["eviction_policy"] == "priority-lru"
+
+
+def test_sweep_one_run_per_policy_and_capacity(capsys: pytest.CaptureFixture[str]) -> None:
+    """sweep --eviction-policy a,b runs every capacity per policy, policy first in the table,
+    with the same Belady bound for the same capacity."""
+    code, out, _ = run_cli(capsys, "sweep", "--limit", "15", "--no-progress",
+                           "--gpu-blocks", "512", "--host-blocks", "0,256",
+                           "--eviction-policy", "lru,kvtier-predict")
+    assert code == 0
+    runs = last_json(out)["runs"]
+    assert [(r["cache_config"]["eviction_policy"], r["cache_config"]["num_host_blocks"])
+            for r in runs] == [("lru", 0), ("lru", 256), ("kvtier-predict", 0),
+                               ("kvtier-predict", 256)]
+    assert runs[0]["oracle"] == runs[2]["oracle"] and runs[1]["oracle"] == runs[3]["oracle"]
+    table = out.splitlines()[:-1]
+    assert table[0].split()[:3] == ["policy", "GPU", "blocks"] and len(table) == 5
+    assert [row.split()[0] for row in table[1:]] == ["lru", "lru", "kvtier-predict",
+                                                     "kvtier-predict"]
+
+
+def test_sweep_plot_one_line_per_policy(capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
+    """--plot with two policies writes a PNG with a hit-rate line per policy."""
+    pytest.importorskip("matplotlib", reason="the 'plot' extra (matplotlib) is not installed")
+    import matplotlib.axes
+
+    labels: list[str] = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        labels.append(str(kwargs.get("label")))
+        return original(self, *args, **kwargs)
+
+    target = tmp_path / "sweep.png"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.axes.Axes, "plot", spy)
+        code, _, _ = run_cli(capsys, "sweep", "--limit", "10", "--no-progress",
+                             "--host-blocks", "0,128", "--eviction-policy",
+                             "priority-lru,kvtier-predict", "--plot", str(target))
+    assert code == 0 and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert labels[:1] + labels[3:4] == ["kvtier priority-lru", "kvtier kvtier-predict"]
+    assert "Belady (full blocks)" in labels and "unlimited" in labels
+
+
+def test_agentic_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    """--workload agentic replays the built-in agentic tool loops (its first N steps)."""
+    code, out, _ = run_cli(capsys, "replay", "--workload", "agentic", "--limit", "12",
+                           "--no-progress", "--gpu-blocks", "4096")
+    assert code == 0
+    document = last_json(out)
+    assert document["workload"]["kind"] == "agentic"
+    assert document["workload"]["num_requests"] == 12 and document["num_requests"] == 12
+
+
 def test_sweep_plot_writes_png(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """--plot FILE writes a PNG when matplotlib is installed."""
     pytest.importorskip("matplotlib", reason="the 'plot' extra (matplotlib) is not installed")
@@ -336,6 +407,13 @@ def test_malformed_trace_names_file_line_field(
         (["sweep", "--host-blocks", "0,x"],
          "argument --host-blocks: expected comma-separated integers, got '0,x'"),
         (["sweep", "--gpu-blocks", "0"], "argument --gpu-blocks: every value must be >= 1"),
+        (["replay", "--eviction-policy", "fifo"],
+         "argument --eviction-policy: invalid choice: 'fifo'"),
+        (["sweep", "--eviction-policy", "lru,fifo"],
+         "argument --eviction-policy: unknown policy 'fifo'; choose from priority-lru, lru, "
+         "kvtier-predict"),
+        (["sweep", "--eviction-policy", "lru,lru"],
+         "argument --eviction-policy: a policy is named twice in 'lru,lru'"),
         (["replay", "--gpu-blocks", "0"], "argument --gpu-blocks: must be an integer >= 1, got 0"),
         (["replay", "--instances", "100000"],
          "argument --instances: must be an integer <= 1024, got 100000"),

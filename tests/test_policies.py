@@ -4,6 +4,8 @@ test run with kvtier-predict and random queue hints."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -257,7 +259,7 @@ def test_scheduler_hints_the_waiting_queue() -> None:
         def __init__(self) -> None:
             self.calls: list[list[str]] = []
 
-        def hint_waiting(self, specs: list[SequenceSpec]) -> None:
+        def hint_waiting(self, specs: Sequence[SequenceSpec]) -> None:
             self.calls.append([s.request_id for s in specs])
 
     from kvtier import Request

@@ -27,6 +27,7 @@ from kvtier.cli_options import (
     SWEEP_DESCRIPTION,
     admission_option,
     common_options,
+    eviction_policy_option,
     finite_float,
     int_in,
     int_list,
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"GPU tier size in blocks; {SIZE_HELP} (default: %(default)s)")
     replay.add_argument("--host-blocks", metavar="N", type=int_in(0), default=0,
                         help="host tier size in blocks; 0 disables offloading (default: 0)")
+    eviction_policy_option(replay, several=False)
     admission_option(replay)
     oracle_option(replay, default=False)
     replay.add_argument("--instances", metavar="N", type=int_in(1, MAX_INSTANCES), default=1,
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--host-blocks", metavar="N", type=int_in(1),
                          help=f"host tier of the GPU + host runs (default: "
                          f"{COMPARE_HOST_FACTOR} x --gpu-blocks)")
+    eviction_policy_option(compare, several=False)
     oracle_option(compare, default=False)
     compare.set_defaults(run=_run_compare)
 
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--host-blocks", metavar="N,N,...", type=int_list(0),
                        default=[0, 4096, 16384],
                        help="host tier sizes in blocks (default: 0,4096,16384)")
+    eviction_policy_option(sweep, several=True)
     admission_option(sweep)
     oracle_option(sweep, default=True)
     sweep.add_argument("--plot", metavar="FILE", type=Path,
@@ -262,7 +266,9 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_sweep(args: argparse.Namespace) -> int:
     if args.plot is not None:
         _require_matplotlib()  # fail before the long part
-    caches = [make_cache(args, gpu, host) for gpu in args.gpu_blocks for host in args.host_blocks]
+    caches = [make_cache(args, gpu, host, eviction_policy=policy)
+              for policy in args.eviction_policy
+              for gpu in args.gpu_blocks for host in args.host_blocks]
     sched = make_sched(args, args.admission)
     profile = make_profile(args.profile, args.set_profile)
     # The race workload is sized for a host tier: the largest one of the sweep.

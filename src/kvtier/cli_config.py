@@ -31,8 +31,9 @@ def check_blocks(num_gpu_blocks: int, num_host_blocks: int, num_instances: int =
 
 
 def make_cache(args: argparse.Namespace, num_gpu_blocks: int, num_host_blocks: int,
-               num_instances: int = 1) -> CacheConfig:
-    """The cache of one run (of each instance), within the size bound."""
+               num_instances: int = 1, eviction_policy: str | None = None) -> CacheConfig:
+    """The cache of one run (of each instance), within the size bound; its eviction policy
+    is ``eviction_policy``, else ``--eviction-policy``."""
     check_blocks(num_gpu_blocks, num_host_blocks, num_instances)
     try:
         return CacheConfig(
@@ -43,6 +44,8 @@ def make_cache(args: argparse.Namespace, num_gpu_blocks: int, num_host_blocks: i
             copy_on_partial_reuse=not args.no_copy_on_partial_reuse,
             offload_min_priority=args.offload_min_priority,
             hash_algo=args.hash_algo,
+            eviction_policy=(eviction_policy if eviction_policy is not None
+                             else args.eviction_policy),
         )
     except ValueError as exc:
         raise CLIError(f"invalid configuration: {exc}") from None

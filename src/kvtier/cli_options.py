@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvtier.cli_workload import WORKLOADS
 from kvtier.config import HASH_ALGOS, CacheConfig
+from kvtier.eviction import POLICIES as EVICTION_POLICIES
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
 from kvtier.sim import PROFILES
 
@@ -18,9 +19,9 @@ COMPARE_HOST_FACTOR = 4
 
 WORKLOAD_HELP = """\
 TRACE is a Mooncake trace (.jsonl, with prefix hash ids) or an Azure 2023 trace (.csv,
-prefixes synthesised from --seed). Without TRACE, the built-in synthetic chat workload
-(2,000 requests, seeded by --seed) is used. Requests that could never fit the GPU pool are
-skipped and counted. Latencies are virtual: the time model of --profile."""
+prefixes synthesised from --seed). Without TRACE, the built-in --workload is used: synthetic
+chat or agentic tool loops (2,000 requests, seeded by --seed). Requests that could never fit
+the GPU pool are skipped and counted. Latencies are virtual: the time model of --profile."""
 
 REPLAY_DESCRIPTION = f"""\
 Simulate serving a workload: requests arrive at their trace times (x --time-scale), a step
@@ -40,10 +41,11 @@ race that claim admission closes; the host columns show what the host tier is wo
 {WORKLOAD_HELP}"""
 
 SWEEP_DESCRIPTION = f"""\
-One simulation per capacity: every --gpu-blocks value with every --host-blocks value
-(comma-separated). The table gives hit rate and TTFT against capacity beside the offline
-bounds for the same capacity (unlimited cache; Belady's optimal eviction over GPU + host
-blocks). --plot FILE draws them as a PNG (needs the 'plot' extra).
+One simulation per capacity and eviction policy: every --gpu-blocks value with every
+--host-blocks value and every --eviction-policy (comma-separated). The table gives hit rate
+and TTFT against capacity beside the offline bounds for the same capacity (unlimited cache;
+Belady's optimal eviction over GPU + host blocks). --plot FILE draws them as a PNG, one hit
+rate line per policy (needs the 'plot' extra).
 
 {WORKLOAD_HELP}"""
 
@@ -55,6 +57,7 @@ def common_options() -> argparse.ArgumentParser:
                    help="a .jsonl (Mooncake) or .csv (Azure) trace; default: --workload")
     p.add_argument("--workload", choices=WORKLOADS, default="synthetic-chat",
                    help="the built-in workload when no TRACE is given: seeded multi-turn chat, "
+                   "agentic tool loops over shared tool specs (seconds between steps), "
                    "or 'race', sized from the cache options to provoke the admission race "
                    "(S1 at scale; needs --host-blocks) (default: %(default)s)")
     p.add_argument("--limit", metavar="N", type=int_in(1),
@@ -98,6 +101,32 @@ def common_options() -> argparse.ArgumentParser:
                    help="also write the full report to FILE as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
+
+
+def eviction_policy_option(parser: argparse.ArgumentParser, several: bool) -> None:
+    """``--eviction-policy``: one name, or (``several``) a comma-separated list of them."""
+    names = ", ".join(EVICTION_POLICIES)
+    if several:
+        parser.add_argument("--eviction-policy", metavar="NAME,NAME,...",
+                            type=policy_list, default=[_CACHE.eviction_policy],
+                            help=f"eviction policies to sweep, of {names} "
+                            f"(default: {_CACHE.eviction_policy})")
+    else:
+        parser.add_argument("--eviction-policy", metavar="NAME", choices=EVICTION_POLICIES,
+                            default=_CACHE.eviction_policy,
+                            help=f"eviction policy: {names} (default: %(default)s)")
+
+
+def policy_list(text: str) -> list[str]:
+    """An argparse ``type`` accepting comma-separated eviction policy names, each once."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in EVICTION_POLICIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {unknown[0]!r}; choose from {', '.join(EVICTION_POLICIES)}")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"a policy is named twice in {text!r}")
+    return names
 
 
 def admission_option(parser: argparse.ArgumentParser) -> None:

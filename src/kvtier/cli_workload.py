@@ -8,6 +8,7 @@ from pathlib import Path
 from kvtier.cli_error import CLIError
 from kvtier.config import CacheConfig
 from kvtier.sim import (
+    AgenticWorkload,
     AzureTrace,
     MooncakeTrace,
     RaceWorkload,
@@ -16,7 +17,7 @@ from kvtier.sim import (
     Workload,
 )
 
-WORKLOADS = ("synthetic-chat", "race")
+WORKLOADS = ("synthetic-chat", "agentic", "race")
 
 
 def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | None,
@@ -28,6 +29,10 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
         if trace is None:
             if workload == "race":
                 return RaceWorkload(cache, max_num_tokens=max_num_tokens)
+            if workload == "agentic":
+                if limit is None:
+                    return AgenticWorkload(seed=seed)
+                return AgenticWorkload(num_requests=limit, seed=seed)
             if limit is None:
                 return SyntheticChat(seed=seed)
             return SyntheticChat(num_requests=limit, seed=seed)
@@ -53,7 +58,7 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
 
 def num_requests(workload: Workload) -> int | None:
     """How many requests ``workload`` yields, where that is known without building them."""
-    if isinstance(workload, SyntheticChat):
+    if isinstance(workload, (SyntheticChat, AgenticWorkload)):
         return workload.num_requests
     if isinstance(workload, (MooncakeTrace, AzureTrace)):
         return len(workload)

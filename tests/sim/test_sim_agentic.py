@@ -106,3 +106,11 @@ def test_agentic_rejects_bad_fields(field: str, value: object, pattern: str) -> 
     """Bad parameters raise ValueError naming the field and the value."""
     with pytest.raises(ValueError, match=pattern):
         make_agentic(**{field: value})  # type: ignore[arg-type]
+
+
+def test_agentic_is_exported_by_the_simulator() -> None:
+    """kvtier.sim exports the agentic workload beside the other built-in workloads."""
+    import kvtier.sim
+
+    assert kvtier.sim.AgenticWorkload is AgenticWorkload
+    assert "AgenticWorkload" in kvtier.sim.__all__

@@ -1,8 +1,10 @@
-"""The serving simulator: workloads (trace readers, synthetic chat), a step time model,
-oracles, the replay loop (:func:`simulate`, :class:`ReplayLoop`) and its report."""
+"""The serving simulator: workloads (trace readers, synthetic chat, agentic tool loops), a
+step time model, oracles, the replay loop (:func:`simulate`, :class:`ReplayLoop`) and its
+report."""
 
 from __future__ import annotations
 
+from kvtier.sim.agentic import AgenticWorkload
 from kvtier.sim.oracle import (
     OracleRequest,
     OracleResult,
@@ -34,6 +36,7 @@ from kvtier.sim.workload import TraceRequest, Workload
 __all__ = [
     "PROFILES",
     "SAMPLED_TOKEN_BASE",
+    "AgenticWorkload",
     "AzureTrace",
     "LoadEstimate",
     "ModelProfile",

@@ -223,8 +223,9 @@ def oracle_bounds(workload: Workload, tokens_per_block: int,
         source = oracle_requests(workload, tokens_per_block)
     requests = list(source)
     unlimited = unlimited_hit_tokens(requests, tokens_per_block).hit_rate
-    return [
-        OracleBounds(tokens_per_block, capacity, unlimited,
-                     belady_hit_tokens(requests, capacity, tokens_per_block).hit_rate)
-        for capacity in capacities
-    ]
+    belady: dict[int, float] = {}  # one replay per distinct capacity (a sweep repeats them)
+    for capacity in capacities:
+        if capacity not in belady:
+            belady[capacity] = belady_hit_tokens(requests, capacity, tokens_per_block).hit_rate
+    return [OracleBounds(tokens_per_block, capacity, unlimited, belady[capacity])
+            for capacity in capacities]

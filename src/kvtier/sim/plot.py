@@ -19,21 +19,31 @@ def require_matplotlib() -> Any:
 
 
 def plot_sweep(reports: list[SimReport], path: Path) -> None:
-    """Hit rate (with the oracle bounds) and TTFT against GPU + host capacity, as a PNG."""
+    """Hit rate (one line per eviction policy, with the oracle bounds) and TTFT against
+    GPU + host capacity, as a PNG."""
     plt = require_matplotlib()
-    capacity = [int(str(r.cache_config["num_gpu_blocks"]))
-                + int(str(r.cache_config["num_host_blocks"])) for r in reports]
     fig, (hits, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
-    hits.plot(capacity, [r.token_hit_rate for r in reports], "o-", label="kvtier")
-    if all(r.oracle is not None for r in reports):
-        hits.plot(capacity, [r.oracle.belady_hit_rate for r in reports if r.oracle is not None],
-                  "s--", label="Belady (full blocks)")
-        hits.plot(capacity, [r.oracle.unlimited_hit_rate for r in reports
-                             if r.oracle is not None], ":", label="unlimited")
+    by_policy: dict[str, list[SimReport]] = {}
+    for r in reports:
+        by_policy.setdefault(str(r.cache_config["eviction_policy"]), []).append(r)
+    several = len(by_policy) > 1
+    for policy, runs in by_policy.items():
+        runs = sorted(runs, key=_capacity)
+        label = f"kvtier {policy}" if several else "kvtier"
+        capacity = [_capacity(r) for r in runs]
+        hits.plot(capacity, [r.token_hit_rate for r in runs], "o-", label=label)
+        for name in ("p50", "p99"):
+            ttft.plot(capacity, [getattr(r.ttft_s, name) for r in runs], "o-",
+                      label=f"{policy} {name}" if several else name)
+    bounds = {_capacity(r): r.oracle for r in reports if r.oracle is not None}
+    if bounds and all(r.oracle is not None for r in reports):
+        capacity = sorted(bounds)
+        hits.plot(capacity, [bounds[c].belady_hit_rate for c in capacity], "s--",
+                  label="Belady (full blocks)")
+        hits.plot(capacity, [bounds[c].unlimited_hit_rate for c in capacity], ":",
+                  label="unlimited")
     hits.set(xlabel="GPU + host blocks", ylabel="token hit rate", title="Hit rate")
     hits.legend()
-    for name, key in (("p50", "p50"), ("p99", "p99")):
-        ttft.plot(capacity, [getattr(r.ttft_s, key) for r in reports], "o-", label=name)
     ttft.set(xlabel="GPU + host blocks", ylabel="TTFT (virtual s)", title="Time to first token")
     ttft.legend()
     fig.suptitle(str(reports[0].workload.get("name")))
@@ -42,3 +52,8 @@ def plot_sweep(reports: list[SimReport], path: Path) -> None:
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
+
+
+def _capacity(report: SimReport) -> int:
+    return (int(str(report.cache_config["num_gpu_blocks"]))
+            + int(str(report.cache_config["num_host_blocks"])))

@@ -271,13 +271,18 @@ def format_side_by_side(labels: Sequence[str], reports: Sequence[SimReport]) -> 
 
 
 def format_sweep(reports: Sequence[SimReport]) -> list[str]:
-    """One row per run of a capacity sweep, with the oracle bounds where known. Pure."""
-    header = ("GPU blocks", "host blocks", "hit rate", "from host", "Belady", "unlimited",
-              "TTFT p50", "TTFT p99", "tokens/s")
+    """One row per run of a capacity sweep, with the oracle bounds where known; a policy
+    column first when the runs use more than one eviction policy. Pure."""
+    header: tuple[str, ...] = ("GPU blocks", "host blocks", "hit rate", "from host", "Belady",
+                               "unlimited", "TTFT p50", "TTFT p99", "tokens/s")
+    policies = [str(r.cache_config["eviction_policy"]) for r in reports]
+    several = len(set(policies)) > 1
+    if several:
+        header = ("policy", *header)
     table = [header]
-    for r in reports:
+    for r, policy in zip(reports, policies, strict=True):
         bounds = r.oracle
-        table.append((
+        table.append(((policy,) if several else ()) + (
             f"{r.cache_config['num_gpu_blocks']:,}", f"{r.cache_config['num_host_blocks']:,}",
             f"{r.token_hit_rate:.4f}", f"{r.host_token_hit_rate:.4f}",
             "n/a" if bounds is None else f"{bounds.belady_hit_rate:.4f}",
