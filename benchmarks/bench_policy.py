@@ -1,0 +1,210 @@
+"""kvtier's eviction policies on the same request streams, through the real simulator.
+
+Every workload is replayed through ``kvtier.sim.simulate`` (scheduler, two-phase admission,
+GPU + host tiers, virtual clock) once per kvtier policy, at two capacities: 3 % and 10 % of
+the stream's distinct full blocks, a quarter on the GPU (at least twice the largest
+request) and the rest on the host. Per policy: token hit rate and the fraction of the
+LRU->Belady gap it closes, ``(p - lru) / (belady - lru)``, with ``lru`` kvtier's own ``lru``
+run and ``belady`` the offline optimum over the same GPU + host blocks
+(``kvtier.sim.oracle``, full blocks, arrival order); plus the scheduler's and manager's CPU
+microseconds per prompt block (``step()`` + ``update()``, as the replay times them).
+
+vLLM 0.33.0's ``LRUCachePolicy`` / ``ARCCachePolicy`` run on the block-level stream of the
+same requests (``benchmarks/peers/vllm_policy_peer.py`` in ``.venv-peers``): a block cache of
+the same capacity in arrival order, no scheduler. Their gap fraction is against the
+block-level LRU (``oracle.lru_hit_tokens``) of the same stream, which vLLM's LRU equals.
+
+Load: each workload runs at the time scale where priority-LRU's p50 TTFT is under 2 s
+(scale 1 if it already is, else the probe's utilization / 0.7); the scale is reported.
+
+    .venv/bin/python benchmarks/bench_policy.py                 # first 2,000 requests
+    .venv/bin/python benchmarks/bench_policy.py --smoke         # tiny, for the tests
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvtier.blocks import cdiv
+from kvtier.config import CacheConfig
+from kvtier.eviction import POLICIES
+from kvtier.sim import (
+    AgenticWorkload,
+    MooncakeTrace,
+    SimReport,
+    SyntheticChat,
+    Workload,
+    lru_hit_tokens,
+    oracle_bounds,
+    oracle_requests,
+    simulate,
+)
+from kvtier.sim.oracle import OracleRequest
+
+REPO = Path(__file__).resolve().parents[1]
+TRACES = Path(os.environ.get("KVTIER_TRACES", REPO.parent / "shared" / "data" / "traces"))
+PEER_PYTHON = REPO / ".venv-peers" / "bin" / "python"
+FRACTIONS = (0.03, 0.10)
+TTFT_TARGET_S = 2.0
+
+
+def workloads(names: Sequence[str], limit: int) -> dict[str, Workload]:
+    out: dict[str, Workload] = {}
+    for name in names:
+        if name == "mooncake-conv":
+            out[name] = MooncakeTrace(TRACES / "mooncake_conversation_trace.jsonl", limit=limit)
+        elif name == "mooncake-synth":
+            out[name] = MooncakeTrace(TRACES / "mooncake_synthetic_trace.jsonl", limit=limit)
+        elif name == "chat":
+            out[name] = SyntheticChat(num_requests=limit)
+        elif name == "agentic":
+            out[name] = AgenticWorkload(num_requests=limit)
+        else:
+            raise SystemExit(f"unknown workload {name!r}")
+    return out
+
+
+def capacities(stream: list[OracleRequest], tpb: int, max_blocks: int,
+               fractions: Sequence[float]) -> list[tuple[int, int]]:
+    """(GPU, host) blocks per capacity: a quarter on the GPU, at least 2x the largest
+    request, the rest on the host."""
+    distinct = len({key for r in stream for key in r.block_keys})
+    out = []
+    for f in fractions:
+        total = max(64, int(distinct * f))
+        gpu = max(total // 4, 2 * max_blocks)
+        out.append((gpu, max(0, total - gpu)))
+    return out
+
+
+def run_peer(stream: list[OracleRequest], tpb: int, capacity: int, policy: str) -> float:
+    """vLLM's policy's hit rate on the block stream (ids interned from the prefix keys)."""
+    ids: dict[object, int] = {}
+    requests = [[r.num_tokens, [ids.setdefault(k, len(ids)) for k in r.block_keys]] for r in stream]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"tokens_per_block": tpb, "requests": requests}, f)
+    try:
+        out = subprocess.run([str(PEER_PYTHON), str(REPO / "benchmarks/peers/vllm_policy_peer.py"),
+                              f.name, policy, str(capacity)], capture_output=True, text=True,
+                             check=True, cwd=REPO)
+    finally:
+        os.unlink(f.name)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["hit_rate"])
+
+
+def gap(p: float, lru: float, belady: float) -> float | None:
+    return None if belady - lru < 1e-3 else (p - lru) / (belady - lru)
+
+
+def us_per_block(report: SimReport, tpb: int) -> float:
+    cpu = report.cpu["scheduler_s"] or 0.0
+    return 1e6 * cpu / max(1, report.num_prompt_tokens // tpb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", default="mooncake-conv,mooncake-synth,chat,agentic")
+    parser.add_argument("--limit", type=int, default=2000, help="requests per workload")
+    parser.add_argument("--tokens-per-block", type=int, default=32)
+    parser.add_argument("--no-peers", action="store_true", help="skip vLLM's policies")
+    parser.add_argument("--smoke", action="store_true", help="tiny run (chat, 60 requests)")
+    args = parser.parse_args(argv)
+    names = args.workloads.split(",")
+    limit = args.limit
+    if args.smoke:
+        names, limit = ["chat"], 60
+    tpb = args.tokens_per_block
+    peers_reason = None
+    if args.no_peers or args.smoke:
+        peers_reason = "not asked for" if args.no_peers else "smoke run"
+    elif not PEER_PYTHON.exists():
+        peers_reason = f"{PEER_PYTHON.relative_to(REPO)} is missing"
+    policies = list(POLICIES)
+    rows: list[dict[str, object]] = []
+    for name, workload in workloads(names, limit).items():
+        method = getattr(workload, "oracle_requests", None)  # as oracle_bounds reads it
+        stream = list(method(tpb) if callable(method) else oracle_requests(workload, tpb))
+        max_blocks = max(cdiv(r.num_tokens, tpb) for r in stream) + 16
+        caps = capacities(stream, tpb, max_blocks, FRACTIONS)
+        bounds = oracle_bounds(workload, tpb, [g + h for g, h in caps])
+        scale = 1.0
+        for (gpu, host), bound in zip(caps, bounds, strict=True):
+            cache = {p: CacheConfig(tokens_per_block=tpb, num_gpu_blocks=gpu,
+                                    num_host_blocks=host, eviction_policy=p) for p in policies}
+            if not rows or rows[-1]["workload"] != name:  # once per workload: the load
+                probe = simulate(workload, cache["priority-lru"], time_scale=1.0)
+                p50 = probe.ttft_s.p50 or 0.0
+                utilization = probe.load.utilization or 0.0
+                if p50 > TTFT_TARGET_S:
+                    scale = max(1.0, utilization / 0.7)
+            reports = {p: simulate(workload, cache[p], time_scale=scale) for p in policies}
+            lru = reports["lru"].token_hit_rate
+            belady = bound.belady_hit_rate
+            row: dict[str, object] = {
+                "workload": name, "num_requests": len(stream), "gpu_blocks": gpu,
+                "host_blocks": host, "time_scale": round(scale, 3), "belady": belady,
+                "unlimited": bound.unlimited_hit_rate,
+                "block_lru": lru_hit_tokens(stream, gpu + host, tpb).hit_rate,
+            }
+            for p, report in reports.items():
+                row[p] = report.token_hit_rate
+                row[f"{p} gap"] = gap(report.token_hit_rate, lru, belady)
+                row[f"{p} us/block"] = us_per_block(report, tpb)
+                row[f"{p} ttft_p50_s"] = report.ttft_s.p50
+            if peers_reason is None:
+                for peer in ("lru", "arc"):
+                    hit = run_peer(stream, tpb, gpu + host, peer)
+                    row[f"vllm-{peer}"] = hit
+                    row[f"vllm-{peer} gap"] = gap(hit, float(str(row["block_lru"])), belady)
+            rows.append(row)
+    print_table(rows, policies, peers_reason)
+    print(json.dumps({
+        "benchmark": "bench_policy", "smoke": args.smoke, "machine": platform.node(),
+        "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0],
+        "inputs": {"workloads": names, "limit": limit, "tokens_per_block": tpb,
+                   "traces": str(TRACES), "fractions": list(FRACTIONS)},
+        "peers": peers_reason or "vllm 0.33.0 (.venv-peers)",
+        "unix_time": int(time.time()), "rows": rows,
+    }, allow_nan=False))
+    return 0
+
+
+def print_table(rows: list[dict[str, object]], policies: list[str],
+                peers_reason: str | None) -> None:
+    def cell(row: dict[str, object], key: str) -> str:
+        value = row.get(key)
+        if not isinstance(value, float):
+            return "skipped"
+        g = row.get(f"{key} gap")
+        return f"{value:.4f} ({'n/a' if not isinstance(g, float) else f'{g:+.2f}'})"
+
+    peers = [] if peers_reason is not None else ["vllm-lru", "vllm-arc"]
+    header = ["workload (requests)", "GPU+host blocks", "scale", *policies, *peers, "belady",
+              *(f"{p} us/blk" for p in policies), "TTFT p50 (s)"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [f"{row['workload']} ({row['num_requests']})",
+                 f"{row['gpu_blocks']}+{row['host_blocks']}", f"{row['time_scale']}",
+                 *(cell(row, p) for p in policies), *(cell(row, p) for p in peers),
+                 f"{row['belady']:.4f}",
+                 *(f"{row[f'{p} us/block']:.1f}" for p in policies),
+                 "/".join(f"{row[f'{p} ttft_p50_s']:.2f}" for p in policies)]
+        print("| " + " | ".join(cells) + " |")
+    if peers_reason is not None:
+        print(f"vLLM columns skipped: {peers_reason}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""benchmarks/bench_policy.py runs end to end in --smoke mode and ends with one JSON line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_bench_policy_smoke_prints_a_table_then_json(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``--smoke``: a row per capacity, every kvtier policy's hit rate, the JSON line last."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = __import__("bench_policy")
+    assert module.main(["--smoke"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["benchmark"] == "bench_policy" and result["smoke"] is True
+    assert result["peers"] == "smoke run" and lines[-2] == "vLLM columns skipped: smoke run"
+    rows = result["rows"]
+    assert len(rows) == 2 and [row["workload"] for row in rows] == ["chat", "chat"]
+    for row in rows:
+        for policy in ("priority-lru", "lru", "kvtier-predict"):
+            assert 0.0 <= row[policy] <= row["unlimited"]
+        assert row["lru gap"] == 0.0  # lru is the gap's own zero
