@@ -38,7 +38,7 @@ from pathlib import Path
 
 from kvtier.blocks import cdiv
 from kvtier.config import CacheConfig
-from kvtier.eviction import POLICIES
+from kvtier.policies import POLICIES
 from kvtier.sim import (
     AgenticWorkload,
     MooncakeTrace,

@@ -47,6 +47,7 @@ from kvtier import (
     TransferOp,
     TransferPlan,
 )
+from kvtier.config import EVICTION_POLICIES
 from plan_caller import PlanCaller
 
 Salt = bytes | str | int | None
@@ -220,7 +221,7 @@ class ManagerModel(RuleBasedStateMachine):
         partial=st.booleans(),
         copy=st.booleans(),
         events=st.booleans(),
-        policy=st.sampled_from(["priority-lru", "lru"]),
+        policy=st.sampled_from(EVICTION_POLICIES),
         prefixes=st.lists(st.lists(ALPHABET, max_size=12), min_size=1, max_size=3),
         failures=st.booleans(),
     )

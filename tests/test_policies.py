@@ -12,16 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
-from kvtier.eviction import (
-    LRU,
-    POLICIES,
-    KvtierPredict,
-    PriorityLRU,
-    QueueHint,
-    ReuseLearner,
-    ReusePredictor,
-    get_policy,
-)
+from kvtier.eviction import EvictionPolicy, ReuseLearner
+from kvtier.policies import LRU, POLICIES, KvtierPredict, PriorityLRU, ReusePredictor, get_policy
 from kvtier.radix import Node, cut_tail, split
 from kvtier.scheduler import Scheduler, SchedulerConfig
 from kvtier.tier import Tier
@@ -38,7 +30,7 @@ def make_node(priority: int = 35, last_used: int = 1, last_used_s: float = 0.0,
     return node
 
 
-def make_manager(policy: KvtierPredict, num_gpu_blocks: int = 6,
+def make_manager(policy: EvictionPolicy, num_gpu_blocks: int = 6,
                  clock: list[float] | None = None) -> KVCacheManager:
     """A GPU-only manager with 4-token blocks, ``policy`` and a settable clock."""
     now = clock if clock is not None else [0.0]
@@ -67,8 +59,10 @@ def test_policy_names() -> None:
 def test_only_kvtier_predict_learns_and_takes_hints() -> None:
     """LRU and priority-LRU stay plain key functions: no learner, no queue hint."""
     for policy in (PriorityLRU(), LRU()):
-        assert not isinstance(policy, ReuseLearner) and not isinstance(policy, QueueHint)
-    assert isinstance(KvtierPredict(), ReuseLearner) and isinstance(KvtierPredict(), QueueHint)
+        assert not isinstance(policy, ReuseLearner) and not policy.ranks_soft_claims
+    assert isinstance(KvtierPredict(), ReuseLearner) and KvtierPredict.ranks_soft_claims
+    assert not make_manager(PriorityLRU()).ranks_soft_claims
+    assert make_manager(KvtierPredict()).ranks_soft_claims
 
 
 # ---- kvtier-predict's key ----------------------------------------------------------------
@@ -207,70 +201,68 @@ def test_split_and_cut_tail_carry_stats() -> None:
 
 def test_soft_claim_protects_a_waiting_prefix() -> None:
     """Of two cached prefixes, the older one, soft-claimed by a waiting request, outlives
-    the newer one; without the hint LRU order evicts it first.
+    the newer one; without the hint, or once a later hint drops it, LRU order evicts it
+    first.
 
         GPU (6 blocks):  A = [a0 a1] (released first)   B = [b0 b1] (released second)
         a new request needs 4 blocks: 2 free + 2 evicted
     """
     a = [1] * 8
     b = [2] * 8
-    for hint, kept in ((False, b), (True, a)):
-        policy = KvtierPredict()
-        mgr = make_manager(policy)
+    for hints, kept in (((), b), (([*a, 5, 5],), a), (([*a, 5, 5], None), b)):
+        mgr = make_manager(KvtierPredict())
         admit_and_release(mgr, "a", [*a, 9])
         admit_and_release(mgr, "b", [*b, 9])
-        if hint:
-            policy.hint_waiting([SequenceSpec("w", [*a, 5, 5])])
+        version = mgr.version
+        for tokens in hints:
+            mgr.hint_waiting([] if tokens is None else [SequenceSpec("w", tokens)])
+        assert mgr.version == version  # a hint changes no lookup
         assert mgr.add_sequence(SequenceSpec("n", list(range(100, 116)))).admitted
         mgr.check_invariants()
         lost = a if kept is b else b
         assert (mgr.lookup([*kept, 0]).num_tokens, mgr.lookup([*lost, 0]).num_tokens) == (8, 0)
 
 
-def test_soft_claims_yield_before_a_refusal_and_are_replaced() -> None:
-    """Soft-claimed blocks are still evictable (admission is never refused for them), and
-    each hint replaces the last: released claims rank by LRU again."""
-    policy = KvtierPredict()
-    mgr = make_manager(policy, num_gpu_blocks=4)
+def test_soft_claims_yield_before_a_refusal() -> None:
+    """Soft-claimed blocks are still evictable: admission is never refused for them."""
+    mgr = make_manager(KvtierPredict(), num_gpu_blocks=4)
     admit_and_release(mgr, "a", [1] * 8 + [9])
-    policy.hint_waiting([SequenceSpec("w", [1] * 9)])
-    assert all(n.soft_claimed for n in mgr._cache.nodes())
-    policy.hint_waiting([])
-    assert not any(n.soft_claimed for n in mgr._cache.nodes())
-    policy.hint_waiting([SequenceSpec("w", [1] * 9)])
+    mgr.hint_waiting([SequenceSpec("w", [1] * 9)])
     assert mgr.add_sequence(SequenceSpec("n", list(range(100, 116)))).admitted  # evicts A
     mgr.check_invariants()
     assert mgr.lookup([1] * 9).num_tokens == 0
 
 
-def test_a_policy_serves_one_cache() -> None:
-    """Binding one kvtier-predict object to a second manager is refused."""
-    policy = KvtierPredict()
-    make_manager(policy)
-    with pytest.raises(ValueError, match="serves one cache"):
-        make_manager(policy)
+def test_a_plain_policy_ignores_hints() -> None:
+    """Under priority-LRU a hint changes nothing: the older prefix still goes first."""
+    mgr = make_manager(PriorityLRU())
+    admit_and_release(mgr, "a", [1] * 8 + [9])
+    admit_and_release(mgr, "b", [2] * 8 + [9])
+    mgr.hint_waiting([SequenceSpec("w", [1] * 10)])
+    assert mgr.add_sequence(SequenceSpec("n", list(range(100, 116)))).admitted
+    assert (mgr.lookup([1] * 9).num_tokens, mgr.lookup([2] * 9).num_tokens) == (0, 8)
 
 
 def test_scheduler_hints_the_waiting_queue() -> None:
     """After each step the scheduler names the waiting requests, head first, to its hint;
     an unchanged queue and cache are not hinted again."""
 
-    class Spy:
-        def __init__(self) -> None:
-            self.calls: list[list[str]] = []
-
-        def hint_waiting(self, specs: Sequence[SequenceSpec]) -> None:
-            self.calls.append([s.request_id for s in specs])
-
     from kvtier import Request
 
-    spy = Spy()
-    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=64))
-    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=8, max_batch_size=4), spy)
+    calls: list[list[str]] = []
+
+    class Spy(KVCacheManager):
+        def hint_waiting(self, specs: Sequence[SequenceSpec]) -> None:
+            calls.append([s.request_id for s in specs])
+            super().hint_waiting(specs)
+
+    mgr = Spy(CacheConfig(tokens_per_block=4, num_gpu_blocks=64,
+                          eviction_policy="kvtier-predict"))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=8, max_batch_size=4))
     for rid in ("r0", "r1", "r2"):
         sched.add_request(Request(rid, list(range(8)), 4))
     sched.step()
-    assert spy.calls == [["r1", "r2"]]  # r0 took the whole 8-token budget
+    assert calls == [["r1", "r2"]]  # r0 took the whole 8-token budget
 
 
 # ---- the model-based test with kvtier-predict ----------------------------------------------
@@ -305,8 +297,8 @@ class PredictModel(ManagerModel):
     @rule(data=st.data())
     def hint_queue(self, data: st.DataObject) -> None:
         prompts = [self.draw_prompt(data, 12) for _ in range(data.draw(st.integers(0, 3)))]
-        self.policy.hint_waiting([SequenceSpec(f"w{i}", tokens, salt=salt, lora_id=lora)
-                                  for i, (tokens, salt, lora) in enumerate(prompts)])
+        self.mgr.hint_waiting([SequenceSpec(f"w{i}", tokens, salt=salt, lora_id=lora)
+                               for i, (tokens, salt, lora) in enumerate(prompts)])
 
 
 def test_kvtier_predict_matches_physical_model() -> None:

@@ -27,7 +27,7 @@ from kvtier.config import CacheConfig
 from kvtier.live import LiveTable
 from kvtier.matching import Match, PartialMatch, match, match_prompt
 from kvtier.radix import Node, path_to_root
-from kvtier.sequence import LiveSequence, MultimodalItem, SequenceSpec
+from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, TransferOp
 
@@ -313,16 +313,3 @@ class BatchAdmission:
             raise ValueError(
                 f"the batch of {len(specs)} requests needs {total} GPU blocks at once but "
                 f"num_gpu_blocks is {capacity}")
-
-
-def block_extras(
-    mm_items: Sequence[MultimodalItem], num_tokens: int, tpb: int
-) -> list[object] | None:
-    """Per block, the multimodal hashes (with offsets) of the items overlapping it."""
-    if not mm_items:
-        return None
-    per_block: list[list[tuple[object, int]]] = [[] for _ in range(cdiv(num_tokens, tpb))]
-    for item in mm_items:
-        for b in range(item.offset // tpb, (item.offset + item.length - 1) // tpb + 1):
-            per_block[b].append((item.content_hash, item.offset - b * tpb))
-    return [tuple(x) if x else None for x in per_block]

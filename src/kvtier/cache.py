@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from kvtier.config import CacheConfig
-from kvtier.eviction import EvictionPolicy, Evictor, QueueAwarePolicy, ReuseLearner, get_policy
+from kvtier.eviction import EvictionPolicy, Evictor, ReuseLearner
 from kvtier.journal import Journal
 from kvtier.matching import match_prompt, num_common_blocks
 from kvtier.metrics import CacheStats
+from kvtier.policies import get_policy
 from kvtier.pool import Key, TierPool
 from kvtier.radix import Node, Root, add_child, block_key, remove_child, subtree
 from kvtier.radix import split as split_run
+from kvtier.sequence import SequenceSpec, block_extras
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, TransferOp
-
-if TYPE_CHECKING:
-    from kvtier.sequence import SequenceSpec
 
 
 class StoredRun(NamedTuple):
@@ -57,10 +56,6 @@ class BlockCache:
         self._tick = itertools.count(1)
         # The policy's learner, told how each release of a run ends (None: it learns nothing).
         self._learner = policy if isinstance(policy, ReuseLearner) else None
-        # The deepest runs of the waiting requests' prefixes, soft-claimed at the last hint.
-        self._soft_claimed: list[Node] = []
-        if isinstance(policy, QueueAwarePolicy):
-            policy.bind(self.set_soft_claims)
 
     # ---- key spaces and queries ------------------------------------------------------------
 
@@ -97,10 +92,9 @@ class BlockCache:
             for top in root.iter_children():
                 yield from subtree(top)
 
-    def slot_owners(self) -> dict[tuple[Tier, int], tuple[Node, int]]:
-        """Every cached block's (tier, slot) -> (node, block index). Pure; walks the tree."""
-        return {(node.tier, slot): (node, i) for node in self.nodes()
-                for i, slot in enumerate(node.slots)}
+    def next_tick(self) -> int:
+        """A new recency stamp, later than every one before."""
+        return next(self._tick)
 
     # ---- shape ------------------------------------------------------------------------------
 
@@ -147,7 +141,7 @@ class BlockCache:
             if node.ref_count == 0:
                 self.pool(node.tier).num_referenced -= len(node.slots)
                 if priority is not None:
-                    node.last_used = next(self._tick)
+                    node.last_used = self.next_tick()
                     node.last_used_s = now
                     node.priority = priority
                     node.expiry = None if retention_s is None else now + retention_s
@@ -368,25 +362,6 @@ class BlockCache:
             node.parent.num_gpu_children += 1
             self.journal.moved(node, Tier.HOST)
 
-    def import_run(self, parent: Node, tokens: list[int], num_blocks: int) -> Node | None:
-        """Store the first ``num_blocks`` blocks of ``tokens`` (whose KV comes from
-        elsewhere, e.g. a remote store), or as many as the host makes room for, as an
-        unreferenced host run below ``parent``; ``None`` if there is no room at all.
-        ``parent`` must be claimed by the caller while this runs."""
-        num_blocks = min(num_blocks, self.free_host(num_blocks, None))
-        if num_blocks == 0:
-            return None
-        start = parent.start_block + parent.num_blocks
-        node = Node(parent, tokens[:num_blocks * self.tpb], self.host.take(num_blocks),
-                    Tier.HOST, None, start, parent.root)
-        node.priority = self.config.default_priority
-        node.last_used = next(self._tick)
-        node.created_s = node.last_used_s = self.evictor.now()
-        add_child(parent, node)
-        self.journal.stored(node)
-        self.evictor.refile(node)
-        return node
-
     def detach_leaf_block(self, node: Node) -> int:
         """Take a one-block, claimed-once GPU leaf out of the tree for reuse in place.
 
@@ -405,33 +380,19 @@ class BlockCache:
     # ---- the waiting queue ----------------------------------------------------------------
 
     def set_soft_claims(self, specs: Sequence[SequenceSpec]) -> None:
-        """Soft-claim the cached prefixes of the waiting requests ``specs``, releasing the
-        last call's soft claims: the policy ranks them above the rest of their priority
-        (see ``QueueHint``); they stay evictable, and the pools' books do not change."""
-        from kvtier.admission import block_extras  # NOTE: admission imports this module
-
-        for deepest in self._soft_claimed:
-            # Walk the path as it is now: splits since the claim put new heads on it.
-            node: Node | None = deepest
-            while node is not None and node.parent is not None and node.soft_claimed:
-                node.soft_claimed = False
-                self.evictor.refile(node)
-                node = node.parent
-        claimed: list[Node] = []
+        """Soft-claim the cached prefixes of the waiting requests ``specs`` (replacing the
+        last call's): a policy that ``ranks_soft_claims`` keeps them longer; they stay
+        evictable, and the pools' books do not change."""
+        deepest: list[Node] = []
         for spec in specs:
             root = self.root(spec.lora_id, spec.salt)
             extras = block_extras(spec.mm_items, len(spec.tokens), self.tpb)
             m = match_prompt(root, spec.tokens, extras, self.config)
-            last = m.tail[0] if m.tail is not None else (m.path[-1] if m.path else None)
-            if last is None:
-                continue
-            claimed.append(last)
-            node = last
-            while node is not None and node.parent is not None and not node.soft_claimed:
-                node.soft_claimed = True
-                self.evictor.refile(node)
-                node = node.parent
-        self._soft_claimed = claimed
+            if m.tail is not None:
+                deepest.append(m.tail[0])
+            elif m.path:
+                deepest.append(m.path[-1])
+        self.evictor.soft_claim(deepest)
 
     def clear(self) -> None:
         """Drop every cached block of every tier (no request may be live)."""

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvtier.cli_workload import WORKLOADS
-from kvtier.config import HASH_ALGOS, CacheConfig
-from kvtier.eviction import POLICIES as EVICTION_POLICIES
+from kvtier.config import EVICTION_POLICIES, HASH_ALGOS, CacheConfig
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
 from kvtier.sim import PROFILES
 

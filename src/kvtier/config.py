@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 HASH_ALGOS = ("xxh3_128", "sha256")
+EVICTION_POLICIES = ("priority-lru", "lru", "kvtier-predict")
+"""The eviction policies by name (``kvtier.policies``)."""
 
 DEFAULT_PRIORITY = 35
 MIN_PRIORITY = 0
@@ -64,12 +66,9 @@ class CacheConfig:
         check_priority("default_priority", self.default_priority)
         if self.hash_algo not in HASH_ALGOS:
             raise ValueError(f"hash_algo must be one of {HASH_ALGOS}, got {self.hash_algo!r}")
-        from kvtier.eviction import POLICIES
-
-        if self.eviction_policy not in POLICIES:
-            raise ValueError(
-                f"eviction_policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}"
-            )
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(f"eviction_policy must be one of {sorted(EVICTION_POLICIES)}, "
+                             f"got {self.eviction_policy!r}")
         for name in ("enable_block_reuse", "enable_partial_reuse", "copy_on_partial_reuse",
                      "enable_events"):
             if type(getattr(self, name)) is not bool:

@@ -23,8 +23,7 @@ cache: ``last_used`` (release tick), ``last_used_s`` and ``created_s`` (the cach
 from __future__ import annotations
 
 import heapq
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kvtier.config import CacheConfig
@@ -33,7 +32,7 @@ from kvtier.radix import Node, absorb_parent, cut_tail
 from kvtier.tier import Tier
 
 if TYPE_CHECKING:
-    from kvtier.sequence import SequenceSpec
+    pass
 
 
 
@@ -53,6 +52,9 @@ class EvictionPolicy(Protocol):
     of the heap, so it may go later than its new key says, never before it is a candidate."""
 
     name: str
+    # Whether the key ranks soft-claimed runs (the waiting queue's prefixes) higher: only
+    # then does the cache soft-claim what the scheduler hints (``KVCacheManager.hint_waiting``).
+    ranks_soft_claims: bool
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
         """The sort key of ``node``; smaller is evicted first. Pure."""
@@ -76,190 +78,6 @@ class ReuseLearner(Protocol):
         ...
 
 
-@runtime_checkable
-class QueueHint(Protocol):
-    """What a scheduler tells the cache's policy about its waiting queue: the requests it
-    will admit next. Their cached prefixes are *soft-claimed*: ranked above every other run
-    of their priority, but still evictable, so they yield before a request is refused."""
-
-    def hint_waiting(self, specs: Sequence[SequenceSpec]) -> None:
-        """The waiting requests now, first to be admitted first; replaces the last hint."""
-        ...
-
-
-@runtime_checkable
-class QueueAwarePolicy(QueueHint, Protocol):
-    """A policy that ranks soft-claimed runs; the cache that uses it binds its hook."""
-
-    def bind(self, soft_claim: Callable[[Sequence[SequenceSpec]], None]) -> None:
-        """Hand the policy the cache's ``set_soft_claims``; called once, by that cache."""
-        ...
-
-
-class PriorityLRU:
-    """Lowest priority first, then least recently released.
-
-    A block's priority holds until its retention expires, then falls back to the default.
-    Releasing a request touches its blocks tail first, so within one priority a prefix is
-    always more recent than its own extensions and outlives them.
-    """
-
-    name = "priority-lru"
-
-    def key(self, node: Node, now: float, default_priority: int) -> Key:
-        return (effective_priority(node, now, default_priority), node.last_used)
-
-
-class LRU:
-    """Least recently released first; priorities ignored."""
-
-    name = "lru"
-
-    def key(self, node: Node, now: float, default_priority: int) -> Key:
-        return (0, node.last_used)
-
-
-class ReusePredictor:
-    """Online, per reuse class: how likely a released block is claimed again within the
-    cache's horizon, and the retention credit that follows.
-
-    The horizon ``horizon_s`` is the running mean age (time since release) of the blocks the
-    cache drops. A release ends as a *hit* (claimed again within the horizon), a *miss*
-    (claimed later, or dropped past the horizon), or *censored* (dropped younger than the
-    horizon: the policy ended it, so it says nothing about reuse; counting it a miss would
-    let a class the policy evicts early look ever less worth keeping).
-
-    Every ``refresh_every`` records each class's hit probability ``p`` is shrunk toward the
-    pooled ``p0`` and, where it differs from ``p0`` by more than two standard errors, buys a
-    credit of ``horizon_s x log2(p / p0)`` seconds (clipped to two horizons either way):
-    a class twice as likely to come back is kept one horizon longer. With no significant
-    difference every credit is 0 and the order is LRU's.
-    """
-
-    def __init__(self, num_classes: int, refresh_every: int = 64, prior_blocks: float = 64.0,
-                 min_blocks: float = 256.0, decay_blocks: float = float(1 << 20)) -> None:
-        self.num_classes = num_classes
-        self.refresh_every = refresh_every
-        self.prior_blocks = prior_blocks
-        self.min_blocks = min_blocks
-        self.decay_blocks = decay_blocks  # past this many observed blocks, halve the counts
-        self.horizon_s = 0.0
-        self.num_hits = [0.0] * num_classes
-        self.num_trials = [0.0] * num_classes
-        self.credit_s = [0.0] * num_classes
-        self.num_records = 0
-
-    def record(self, reuse_class: int, age_s: float, num_blocks: int, reused: bool) -> None:
-        """Count one ended release (see the class docstring)."""
-        horizon = self.horizon_s
-        if not reused:
-            # NOTE: a slow running mean (1 % per drop) so that one burst of evictions of
-            # fresh blocks does not collapse the horizon.
-            self.horizon_s = age_s if horizon == 0.0 else horizon + 0.01 * (age_s - horizon)
-        if reused or age_s >= horizon:
-            self.num_trials[reuse_class] += num_blocks
-            if reused and (horizon == 0.0 or age_s < horizon):
-                self.num_hits[reuse_class] += num_blocks
-        self.num_records += 1
-        if self.num_records % self.refresh_every == 0:
-            self.refresh()
-
-    def refresh(self) -> None:
-        """Recompute every class's credit from the counts."""
-        total = sum(self.num_trials)
-        if total > self.decay_blocks:
-            self.num_hits = [h / 2 for h in self.num_hits]
-            self.num_trials = [t / 2 for t in self.num_trials]
-            total /= 2
-        credit = self.credit_s
-        if total < self.min_blocks:
-            credit[:] = [0.0] * self.num_classes
-            return
-        p0 = sum(self.num_hits) / total
-        if not 0.0 < p0 < 1.0:
-            credit[:] = [0.0] * self.num_classes
-            return
-        k = self.prior_blocks
-        for c in range(self.num_classes):
-            n = self.num_trials[c]
-            if n == 0:
-                credit[c] = 0.0
-                continue
-            p = (self.num_hits[c] + k * p0) / (n + k)
-            if abs(p - p0) < 2.0 * math.sqrt(p0 * (1.0 - p0) / n):
-                credit[c] = 0.0
-            else:
-                credit[c] = self.horizon_s * max(-2.0, min(2.0, math.log2(max(p, 1e-3) / p0)))
-
-
-# Access-count buckets of a reuse class: 1, 2, 3-4, 5-8, 9+ claims.
-_ACCESS_BUCKETS = (1, 2, 4, 8)
-
-
-class KvtierPredict:
-    """kvtier's own policy: priority, then soft queue claims, then LRU order shifted by a
-    reuse predictor learned online (:class:`ReusePredictor`).
-
-    Key: ``(priority, soft_claimed, last_used_s + credit[reuse_class], last_used)``. A run
-    released by a request is filed under a class: is it the request's deepest run (its
-    last stored blocks, often output that the next turn does not extend), and how many
-    claims took it (1, 2, 3-4, 5-8, 9+). A class whose blocks come back more often than
-    the pool's is kept longer, one that rarely comes back goes sooner; nothing is known
-    of a request's future. Credits change as the predictor learns: a filed key is then
-    stale and the pool re-files it when it reaches the top (``TierPool.pop_candidate``).
-
-    A policy object serves one cache (the cache binds its soft-claim hook at creation), and
-    is the scheduler's :class:`QueueHint`. O(1) per key; O(classes) per refresh, every 64
-    ended releases.
-    """
-
-    name = "kvtier-predict"
-    NUM_CLASSES = 2 * (len(_ACCESS_BUCKETS) + 1)
-
-    def __init__(self) -> None:
-        self.predictor = ReusePredictor(self.NUM_CLASSES)
-        self._soft_claim: Callable[[Sequence[SequenceSpec]], None] | None = None
-
-    def bind(self, soft_claim: Callable[[Sequence[SequenceSpec]], None]) -> None:
-        """Called once by the cache that uses this policy: how to soft-claim prefixes."""
-        if self._soft_claim is not None:
-            raise ValueError("a kvtier-predict policy serves one cache; make one per manager")
-        self._soft_claim = soft_claim
-
-    def hint_waiting(self, specs: Sequence[SequenceSpec]) -> None:
-        if self._soft_claim is not None:
-            self._soft_claim(specs)
-
-    def reuse_class(self, node: Node, is_tail: bool) -> int:
-        bucket = 0
-        while bucket < len(_ACCESS_BUCKETS) and node.num_accesses > _ACCESS_BUCKETS[bucket]:
-            bucket += 1
-        return 2 * bucket + int(is_tail)
-
-    def record(self, reuse_class: int, age_s: float, num_blocks: int, reused: bool) -> None:
-        self.predictor.record(reuse_class, age_s, num_blocks, reused)
-
-    def key(self, node: Node, now: float, default_priority: int) -> Key:
-        cls = node.reuse_class
-        credit = 0.0 if cls is None else self.predictor.credit_s[cls]
-        return (effective_priority(node, now, default_priority), int(node.soft_claimed),
-                node.last_used_s + credit, node.last_used)
-
-
-POLICIES: dict[str, type[PriorityLRU] | type[LRU] | type[KvtierPredict]] = {
-    "priority-lru": PriorityLRU, "lru": LRU, "kvtier-predict": KvtierPredict}
-
-
-def get_policy(name: str) -> EvictionPolicy:
-    """The eviction policy called ``name``."""
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(
-            f"eviction_policy must be one of {sorted(POLICIES)}, got {name!r}"
-        ) from None
-
-
 class Evictor:
     """Eviction candidates and retention expiries of the two tier pools."""
 
@@ -273,6 +91,7 @@ class Evictor:
         self._host = host
         self._expiries: list[tuple[float, int, Node]] = []
         self._num_live_expiries = 0  # entries that were current at the last purge
+        self._soft_claimed: list[Node] = []  # the paths' deepest runs, at the last soft claim
 
     def now(self) -> float:
         """The clock's time now. Pure."""
@@ -337,6 +156,24 @@ class Evictor:
             expiry, _, node = heapq.heappop(expiries)
             if node.expiry == expiry and node.parent is not None and not node.ref_count:
                 self.refile(node)
+
+    def soft_claim(self, deepest: list[Node]) -> None:
+        """Soft-claim the paths ending at ``deepest`` (the waiting queue's cached prefixes),
+        releasing the last call's, and re-file what changed."""
+        for last in self._soft_claimed:
+            # Walk the path as it is now: splits since the claim put new heads on it.
+            node: Node | None = last
+            while node is not None and node.parent is not None and node.soft_claimed:
+                node.soft_claimed = False
+                self.refile(node)
+                node = node.parent
+        for last in deepest:
+            node = last
+            while node is not None and node.parent is not None and not node.soft_claimed:
+                node.soft_claimed = True
+                self.refile(node)
+                node = node.parent
+        self._soft_claimed = deepest
 
     def cut_tail(self, node: Node, num_tail_blocks: int) -> Node:
         """Cut the last blocks of the unreferenced ``node`` into a new child; return it."""

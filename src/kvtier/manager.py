@@ -16,24 +16,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from kvtier.admission import Admission, BatchAdmission, PrefixMatch, block_extras, promise_of
+from kvtier.admission import Admission, BatchAdmission, PrefixMatch, promise_of
 from kvtier.blocks import cdiv
 from kvtier.cache import BlockCache
 from kvtier.config import CacheConfig
 from kvtier.events import Event
 from kvtier.eviction import EvictionPolicy
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.importer import import_prefix
 from kvtier.invariants import check_books
 from kvtier.journal import CachedBlock
 from kvtier.live import LiveTable
 from kvtier.matching import match_prompt
 from kvtier.metrics import CacheStats
-from kvtier.radix import Node, Root
 from kvtier.recovery import check_failed_indices, fail_transfers
 from kvtier.sequence import (
     LiveSequence,
     MultimodalItem,
     SequenceSpec,
+    block_extras,
     check_key,
     check_lora_id,
     check_mm_items,
@@ -146,6 +147,20 @@ class KVCacheManager:
         hashes = prompt_block_hashes(get_hash_fn(self.config.hash_algo), token_ids, self._tpb,
                                      lora_id, salt, num_blocks=(len(token_ids) - 1) // self._tpb)
         return hashes[(m.num_tokens - m.num_partial_tokens) // self._tpb:]
+
+    @property
+    def ranks_soft_claims(self) -> bool:
+        """Whether the eviction policy keeps the waiting queue's prefixes longer, so a
+        scheduler should call ``hint_waiting``. Pure."""
+        return self._cache.evictor.policy.ranks_soft_claims
+
+    def hint_waiting(self, specs: Sequence[SequenceSpec]) -> None:
+        """The requests waiting to be admitted, first first (replacing the last hint):
+        their cached prefixes are soft-claimed, ranked above the rest of their priority by a
+        policy that ``ranks_soft_claims``, yet still evictable, so they yield before a
+        request is refused. Changes no lookup (``version`` stays)."""
+        if self.ranks_soft_claims:
+            self._cache.set_soft_claims(specs)
 
     # ---- transfer plans ------------------------------------------------------------------
 
@@ -279,35 +294,10 @@ class KVCacheManager:
             raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
         check_key("salt", salt)
         check_lora_id(lora_id)
-        if not self.config.enable_block_reuse or not self.config.num_host_blocks:
-            return []
-        cache = self._cache
-        root = cache.join_root(lora_id, salt)
-        try:
-            return self._import(root, token_ids, num_blocks)
-        finally:
-            cache.leave_root(root)
-
-    def _import(self, root: Root, tokens: list[int], num_blocks: int) -> list[int]:
-        cache = self._cache
-        m = match_prompt(root, tokens, None, self.config)
-        start = m.num_blocks
-        end = min(start + num_blocks, (len(tokens) - 1) // self._tpb)
-        if end <= start:
-            return []
-        parent: Node = m.path[-1] if m.path else root
-        if m.tail is not None:
-            parent = cache.split(m.tail[0], m.tail[1])
-        # The parent's run must not be evicted while room is made for its extension.
-        cache.ref_path(parent)
-        tpb = self._tpb
-        node = cache.import_run(parent, tokens[start * tpb:end * tpb], end - start)
-        cache.unref_path(parent)
-        if node is None:
-            return []
-        self._version += 1
-        cache.stats.num_imported_blocks += node.num_blocks
-        return list(node.slots)
+        slots = import_prefix(self._cache, token_ids, num_blocks, lora_id, salt)
+        if slots:
+            self._version += 1
+        return slots
 
     def record_spills(self) -> None:
         """Start logging host blocks as they leave the cache, for a write-back remote tier:

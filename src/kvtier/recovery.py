@@ -76,7 +76,8 @@ def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
         _release_unstored(cache, live, seq)
     # Bad blocks leave the cache with their extensions; one that a live request still
     # claims (reading its own copy of it instead) takes that copy in its place.
-    owners = cache.slot_owners()
+    owners = {(node.tier, slot): (node, i) for node in cache.nodes()
+              for i, slot in enumerate(node.slots)}
     for key in sorted(bad):
         owner = owners.get(key)
         if owner is None:

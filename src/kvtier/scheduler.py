@@ -24,7 +24,6 @@ from typing import ClassVar
 
 from kvtier.admission import PrefixMatch
 from kvtier.blocks import cdiv
-from kvtier.eviction import QueueHint
 from kvtier.manager import KVCacheManager
 from kvtier.request import Request, check_request
 from kvtier.scheduled_step import Admitted, Candidate, ContextChunk, ScheduledStep
@@ -67,8 +66,7 @@ class Scheduler:
     # How many waiting requests, from the head of the queue, the queue hint names.
     MAX_HINTED: ClassVar[int] = 64
 
-    def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None,
-                 queue_hint: QueueHint | None = None) -> None:
+    def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None) -> None:
         config = config if config is not None else SchedulerConfig()
         if config.admission != self.ADMISSION:
             raise ValueError(f"{type(self).__name__} admits by {self.ADMISSION!r}, got "
@@ -87,9 +85,7 @@ class Scheduler:
         self._lookups: dict[str, tuple[int, PrefixMatch]] = {}
         self._tpb = manager.config.tokens_per_block
         self.num_lookups = 0
-        # Told the waiting queue after each step (the manager's eviction policy, when it
-        # ranks soft-claimed prefixes: see kvtier.eviction.QueueHint); and what it was told.
-        self.queue_hint = queue_hint
+        # What the manager was last told of the waiting queue (manager version, head ids).
         self._hinted: tuple[int, tuple[str, ...]] | None = None
 
     # ---- queries ---------------------------------------------------------------------
@@ -227,16 +223,16 @@ class Scheduler:
                              tuple(preempted), credited, reused, overflow)
 
     def _hint_queue(self) -> None:
-        """Tell ``queue_hint`` the head of the waiting queue, if it or the cache changed."""
-        hint = self.queue_hint
-        if hint is None:
+        """Tell the manager the head of the waiting queue, if its policy ranks the queue's
+        prefixes and the queue or the cache changed since the last hint."""
+        if not self.manager.ranks_soft_claims:
             return
         head = [req.request_id for req in itertools.islice(self.waiting, self.MAX_HINTED)]
         seen = (self.manager.version, tuple(head))
         if seen == self._hinted:
             return
         self._hinted = seen
-        hint.hint_waiting([self._specs[rid] for rid in head])
+        self.manager.hint_waiting([self._specs[rid] for rid in head])
 
     def _preempt(self, req: Request) -> None:
         """Release ``req`` (its computed blocks stay cached) and requeue it first."""

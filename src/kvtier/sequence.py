@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import NoReturn
 
+from kvtier.blocks import cdiv
 from kvtier.config import check_priority
 from kvtier.radix import Node, Root
 
@@ -251,6 +252,19 @@ def _short(value: object) -> str:
         return f"an int of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def block_extras(
+    mm_items: Sequence[MultimodalItem], num_tokens: int, tpb: int
+) -> list[object] | None:
+    """Per block, the multimodal hashes (with offsets) of the items overlapping it."""
+    if not mm_items:
+        return None
+    per_block: list[list[tuple[object, int]]] = [[] for _ in range(cdiv(num_tokens, tpb))]
+    for item in mm_items:
+        for b in range(item.offset // tpb, (item.offset + item.length - 1) // tpb + 1):
+            per_block[b].append((item.content_hash, item.offset - b * tpb))
+    return [tuple(x) if x else None for x in per_block]
 
 
 class LiveSequence:

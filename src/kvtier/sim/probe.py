@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from kvtier.eviction import QueueHint
 from kvtier.manager import KVCacheManager
 from kvtier.scheduled_step import Admitted, ContextChunk
 from kvtier.scheduler import AdmissionMode, Scheduler, SchedulerConfig
@@ -51,8 +50,6 @@ class ProbeScheduler(Scheduler):
 SCHEDULERS: dict[AdmissionMode, type[Scheduler]] = {"claim": Scheduler, "probe": ProbeScheduler}
 
 
-def make_scheduler(manager: KVCacheManager, config: SchedulerConfig,
-                   queue_hint: QueueHint | None = None) -> Scheduler:
-    """The scheduler class that implements ``config.admission``, over ``manager``, telling
-    ``queue_hint`` (the manager's policy, if it ranks the queue's prefixes) its queue."""
-    return SCHEDULERS[config.admission](manager, config, queue_hint)
+def make_scheduler(manager: KVCacheManager, config: SchedulerConfig) -> Scheduler:
+    """The scheduler class that implements ``config.admission``, over ``manager``."""
+    return SCHEDULERS[config.admission](manager, config)

@@ -24,7 +24,6 @@ from itertools import count
 
 from kvtier.blocks import cdiv
 from kvtier.config import CacheConfig
-from kvtier.eviction import QueueHint, get_policy
 from kvtier.manager import KVCacheManager
 from kvtier.request import Request
 from kvtier.scheduler import SchedulerConfig
@@ -131,12 +130,8 @@ class ReplayLoop:
                  time_scale: float, progress: Callable[[int], object] | None,
                  check_every: int | None) -> None:
         self.now_s = 0.0
-        # One policy object per engine: the manager's, and (if it ranks the waiting
-        # queue's prefixes) the scheduler's queue hint.
-        policy = get_policy(cache.eviction_policy)
-        self.manager = KVCacheManager(cache, clock=lambda: self.now_s, policy=policy)
-        self.scheduler = make_scheduler(self.manager, sched,
-                                        policy if isinstance(policy, QueueHint) else None)
+        self.manager = KVCacheManager(cache, clock=lambda: self.now_s)
+        self.scheduler = make_scheduler(self.manager, sched)
         self.sched = sched
         self.model = model
         self.time_scale = time_scale

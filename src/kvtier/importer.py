@@ -1,0 +1,54 @@
+"""Blocks whose KV comes from elsewhere (a remote store), cached as host blocks that a
+waiting request will then onboard like any host hit.
+
+Contract: changes the cache only by making host room (dropping unreferenced host leaves,
+lowest key first) and storing one unreferenced host run past what the tiers hold; it claims
+nothing beyond the call, and copies nothing: the caller writes the returned host slots.
+"""
+
+from __future__ import annotations
+
+from kvtier.cache import BlockCache
+from kvtier.matching import match_prompt
+from kvtier.radix import Node, add_child
+from kvtier.tier import Tier
+
+
+def import_prefix(cache: BlockCache, tokens: list[int], num_blocks: int, lora_id: object,
+                  salt: object) -> list[int]:
+    """Cache up to ``num_blocks`` full blocks of ``tokens`` (validated) past what the tiers
+    already hold, as host blocks; return their host slots, in order (fewer, or none, when
+    the host has less room). Only the first ``len(tokens) - 1`` tokens are reusable."""
+    if not cache.config.enable_block_reuse or not cache.config.num_host_blocks:
+        return []
+    tpb = cache.tpb
+    root = cache.join_root(lora_id, salt)
+    try:
+        m = match_prompt(root, tokens, None, cache.config)
+        start = m.num_blocks
+        end = min(start + num_blocks, (len(tokens) - 1) // tpb)
+        if end <= start:
+            return []
+        parent: Node = m.path[-1] if m.path else root
+        if m.tail is not None:
+            parent = cache.split(m.tail[0], m.tail[1])
+        # The parent's run must not be evicted while room is made for its extension.
+        cache.ref_path(parent)
+        try:
+            num = min(end - start, cache.free_host(end - start, None))
+        finally:
+            cache.unref_path(parent)
+        if num == 0:
+            return []
+        node = Node(parent, tokens[start * tpb:(start + num) * tpb], cache.host.take(num),
+                    Tier.HOST, None, parent.start_block + parent.num_blocks, parent.root)
+        node.priority = cache.config.default_priority
+        node.last_used = cache.next_tick()
+        node.created_s = node.last_used_s = cache.evictor.now()
+        add_child(parent, node)
+        cache.journal.stored(node)
+        cache.evictor.refile(node)
+        cache.stats.num_imported_blocks += num
+        return list(node.slots)
+    finally:
+        cache.leave_root(root)
