@@ -42,6 +42,8 @@ from kvtier.sequence import (
 )
 from kvtier.transfer.plan import TransferOp, TransferPlan
 
+_NO_COPIES = TransferPlan(())
+
 
 class KVCacheManager:
     """A tiered, prefix-reusing KV block manager. See the module docstring."""
@@ -168,6 +170,8 @@ class KVCacheManager:
         """The copies of every call since the last take, in program order, as one plan;
         the caller submits it to a transfer engine before it reads the blocks involved
         (before the next forward pass). Empty when the calls moved nothing."""
+        if not self._ops:
+            return _NO_COPIES  # NOTE: most calls move nothing: no allocation for them
         ops, self._ops = self._ops, []
         return TransferPlan(tuple(ops))
 
@@ -377,7 +381,8 @@ class KVCacheManager:
                                      seq.block_table[start:end], extras)
         self._version += 1
         seq.last_node = run.node
-        seq.private_slots += run.private_slots
+        if run.private_slots:
+            seq.private_slots = seq.private_slots + run.private_slots
 
     def reset_cache(self) -> bool:
         """Drop every cached block of every tier. Refused (returns False) while any request

@@ -105,7 +105,7 @@ def _replace_with_copy(cache: BlockCache, live: LiveTable, node: Node, index: in
                 and seq.block_table[position] in seq.private_slots
                 and any(n is node for n in path_to_root(seq.last_node))):
             copy = seq.block_table[position]
-            seq.private_slots.remove(copy)
+            seq.private_slots = [s for s in seq.private_slots if s != copy]
             node.slots[index] = copy
             cache.free_gpu([bad_slot])
             return

@@ -267,6 +267,9 @@ def block_extras(
     return [tuple(x) if x else None for x in per_block]
 
 
+_NO_SLOTS: list[int] = []  # NOTE: shared by every request without private copies (most)
+
+
 class LiveSequence:
     """A live request: its claimed path (``last_node`` and up) and its private blocks."""
 
@@ -303,7 +306,7 @@ class LiveSequence:
         self.num_valid_tokens = 0
         # Its own copies of path blocks that another request had stored first: the path
         # refers to those, and these stay private (the block table keeps pointing to them).
-        self.private_slots: list[int] = []
+        self.private_slots: list[int] = _NO_SLOTS  # replaced, never appended to
 
     @property
     def num_path_blocks(self) -> int:
