@@ -299,3 +299,16 @@ def test_results_do_not_depend_on_the_hash_seed(args: tuple[str, ...]) -> None:
     (set or dict iteration in hash order must never decide a result)."""
     first, second = replay_json("0", *args), replay_json("4242", *args)
     assert first == second
+
+
+def test_a_busy_but_well_served_stream_is_not_called_overloaded() -> None:
+    """A serving loop steps whenever anything is in flight: busy time a little past the
+    arrival span (the last requests' drain) is no overload; well past it is."""
+    from kvtier.sim.report import OVERLOAD_UTILIZATION, estimate_load
+
+    calm = estimate_load(busy_s=486.85, arrival_span_s=485.84, time_scale=1.0)
+    assert calm.utilization is not None and calm.utilization > 1.0 and not calm.overloaded
+    hot = estimate_load(busy_s=600.0, arrival_span_s=485.84, time_scale=1.0)
+    assert hot.overloaded and hot.sustainable_instances == 2
+    assert hot.sustainable_time_scale == pytest.approx(600.0 / 485.84)
+    assert 1.0 < OVERLOAD_UTILIZATION < 1.1
