@@ -4,13 +4,15 @@ give the same answer; memory does not grow with the history."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import pickle
 import tracemalloc
 
 import pytest
 
-from kvtier import CacheConfig, KVCacheManager, MultimodalItem, SequenceSpec
+from kvtier import CacheConfig, KVCacheManager, MultimodalItem, SequenceSpec, TokenIds
 
 PROBES = ([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 0], [7, 7, 7, 7, 7])
 
@@ -170,6 +172,9 @@ def test_a_spec_is_a_snapshot_of_its_tokens() -> None:
     with pytest.raises(TypeError, match="tokens are a snapshot"):
         spec.tokens[0] = 5
     assert spec.tokens == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    for copied in (copy.deepcopy(spec), pickle.loads(pickle.dumps(spec))):
+        assert copied == spec and type(copied.tokens) is TokenIds
+    assert hash(spec.tokens) == hash(tuple(spec.tokens))
     adm = mgr.add_sequence(spec)
     assert adm.num_reused_tokens == 8 and len(adm.block_ids) == 3
 

@@ -41,6 +41,10 @@ class TokenIds(list[int]):
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(self))  # it never changes, so it may be hashed like a tuple
 
+    def __reduce__(self) -> tuple[type[TokenIds], tuple[list[int]]]:
+        # NOTE: a list subclass would be unpickled (and deep-copied) by appending to it
+        return (TokenIds, (list(self),))
+
     def __iadd__(self, other: object) -> NoReturn:  # type: ignore[misc]
         self._refuse()
 
