@@ -145,7 +145,9 @@ class KVCacheManager:
         """Chained hashes of the prompt's reusable full blocks past what the tiers hold
         now, in order: what a remote tier could supply (``import_blocks``). Pure query."""
         token_ids = token_list(tokens, "tokens")
-        m = self.lookup(token_ids, salt=salt, lora_id=lora_id)
+        check_key("salt", salt)
+        check_lora_id(lora_id)
+        m = self._lookup(token_ids, salt, lora_id, ())
         hashes = prompt_block_hashes(get_hash_fn(self.config.hash_algo), token_ids, self._tpb,
                                      lora_id, salt, num_blocks=(len(token_ids) - 1) // self._tpb)
         return hashes[(m.num_tokens - m.num_partial_tokens) // self._tpb:]
