@@ -131,11 +131,10 @@ class BatchAdmission:
         cache = self._cache
         config = self.config
         tpb = self._tpb
-        tokens_of = [s.tokens for s in specs]
         extras_of = [block_extras(s.mm_items, len(s.tokens), tpb) for s in specs]
         # The promises, on the untouched tree: exactly what lookup() reports.
-        matches = [match_prompt(cache.root(s.lora_id, s.salt), t, e, config)
-                   for s, t, e in zip(specs, tokens_of, extras_of, strict=True)]
+        matches = [match_prompt(cache.root(s.lora_id, s.salt), s.tokens, e, config)
+                   for s, e in zip(specs, extras_of, strict=True)]
         self._check_footprint(specs, matches)
         promises = [promise_of(m, self.config) for m in matches]
 
@@ -144,7 +143,7 @@ class BatchAdmission:
         pending: list[Pending] = []
         for i, spec in enumerate(specs):
             root = cache.join_root(spec.lora_id, spec.salt)
-            m = matches[i] if i == 0 else match_prompt(root, tokens_of[i], extras_of[i], config)
+            m = matches[i] if i == 0 else match_prompt(root, spec.tokens, extras_of[i], config)
             priority = self.config.default_priority if spec.priority is None else spec.priority
             seq = LiveSequence(spec, root, extras_of[i], priority)
             self._claim_path(seq, m)
