@@ -34,7 +34,7 @@ from kvtier.scheduler_config import (
     CapacityPolicy,
     SchedulerConfig,
 )
-from kvtier.sequence import MAX_TOKEN_ID, SequenceSpec
+from kvtier.sequence import SequenceSpec, check_token
 
 __all__ = [
     "ADMISSIONS",
@@ -346,10 +346,7 @@ class Scheduler:
             if req is not None and chunk.first_token + chunk.num_tokens >= req.num_prefill_tokens:
                 samplers.append(chunk.request_id)
         for rid in samplers:
-            token = sampled.get(rid)
-            if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:
-                raise ValueError(f"sampled token of {rid!r} must be an int in 0..2**63-1, "
-                                 f"got {token!r}")
+            check_token(sampled.get(rid), f"sampled token of {rid!r}")
         finished = []
         for chunk in step.context_chunks:
             req = running.get(chunk.request_id)
