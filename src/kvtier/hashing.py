@@ -18,10 +18,11 @@ Contract: every function here is pure; nothing here holds state.
 from __future__ import annotations
 
 import hashlib
-from array import array
 from collections.abc import Callable, Sequence
 
 import xxhash
+
+from kvtier.sequence import packed_token_ids
 
 HashFn = Callable[[bytes], int]
 
@@ -86,12 +87,9 @@ def root_hash(hash_fn: HashFn, lora_id: object, salt: object) -> int:
 
 
 def _token_bytes(tokens: Sequence[int]) -> bytes:
-    try:
-        data = array("q", tokens)
-        if not data or min(data) >= 0:
-            return data.tobytes()
-    except (OverflowError, TypeError):
-        pass
+    packed = packed_token_ids(tokens)
+    if packed is not None:
+        return packed
     bad = next((t for t in tokens if type(t) is not int or not 0 <= t < 1 << 63), None)
     raise ValueError(f"token ids must be integers in [0, 2**63), got {bad!r}")
 

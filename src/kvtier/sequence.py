@@ -160,18 +160,13 @@ def token_list(tokens: object, what: str) -> list[int]:
 def check_tokens(tokens: list[int], what: str) -> None:
     """Raise ValueError unless ``tokens`` is a non-empty list of ids in ``0 ..= MAX_TOKEN_ID``.
 
-    NOTE: the fast path is C-level and about as cheap as ``sum``: packing the ids as
-    unsigned 64-bit ints refuses non-ints, negative and too large ids; the top byte of each
-    packed id then tells whether any is at least 2**63. Only a list that fails is scanned
-    in Python, to name the first bad index and value.
+    NOTE: the fast path is ``packed_token_ids``, C-level and about as cheap as ``sum``; only
+    a list that fails it is scanned in Python, to name the first bad index and value.
     """
     if not tokens:
         raise ValueError(f"{what} must not be empty")
-    try:
-        if array("Q", tokens).tobytes()[_TOP_BYTE::8].isascii():
-            return
-    except (TypeError, OverflowError):
-        pass
+    if packed_token_ids(tokens) is not None:
+        return
     for index, token in enumerate(tokens):
         if not isinstance(token, int):
             raise ValueError(
@@ -181,6 +176,18 @@ def check_tokens(tokens: list[int], what: str) -> None:
             raise ValueError(
                 f"{what}: token at index {index} is {_short(token)}, outside the token id "
                 f"range 0..2**63-1")
+
+
+def packed_token_ids(tokens: Sequence[int]) -> bytes | None:
+    """``tokens`` packed as native 64-bit ints (what block hashes cover), or ``None`` unless
+    every one is an int in ``0 ..= MAX_TOKEN_ID``. C-level: packing as unsigned refuses
+    non-ints, negative and too large ids; the top byte of each packed id then tells
+    whether any is at least 2**63 (below it, signed and unsigned bytes are the same)."""
+    try:
+        packed = array("Q", tokens).tobytes()
+    except (TypeError, OverflowError):
+        return None
+    return packed if packed[_TOP_BYTE::8].isascii() else None
 
 
 # The most significant byte of a packed 64-bit id: below 0x80 for ids below 2**63.
