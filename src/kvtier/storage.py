@@ -9,11 +9,21 @@ A block holds ``tokens_per_block`` tokens of K and V for every layer. Two layout
 
 Either way ``storage.layer(i)`` is the [num_blocks, 2, tokens_per_block, kv_heads, head_dim]
 view of layer ``i``. torch is imported lazily: ``import kvtier`` works without it.
+
+Under tensor parallelism each of ``tp_size`` ranks holds the same block ids with its own
+contiguous share of the KV heads (``kv_heads`` above is then the shard's count)::
+
+    KV heads     0   1   2   3   4   5   6   7        num_kv_heads = 8, tp_size = 2
+    rank 0      [===============]                     kv_head_slice = slice(0, 4)
+    rank 1                      [===============]     kv_head_slice = slice(4, 8)
+
+A shard's ``bytes_per_token`` and tensors count its own heads only; ``tp_size = 1`` (the
+default) is the whole model, as before.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,19 +48,46 @@ class KVLayout:
     tokens_per_block: int
     dtype: str = "float32"
     layout: str = "block_major"
+    tp_rank: int = 0
+    tp_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block"):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block", "tp_size"):
             _check_positive(name, getattr(self, name))
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if type(self.tp_rank) is not int or not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank must be an integer in 0..{self.tp_size - 1} "
+                             f"(tp_size {self.tp_size}), got {self.tp_rank!r}")
+        if self.num_kv_heads % self.tp_size:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must split evenly over "
+                             f"tp_size ({self.tp_size}) ranks")
+
+    @property
+    def num_shard_kv_heads(self) -> int:
+        """The KV heads this rank holds (all of them when ``tp_size`` is 1)."""
+        return self.num_kv_heads // self.tp_size
+
+    @property
+    def kv_head_slice(self) -> slice:
+        """Which of the model's KV heads this rank holds. Pure."""
+        start = self.tp_rank * self.num_shard_kv_heads
+        return slice(start, start + self.num_shard_kv_heads)
+
+    def shard(self, tp_rank: int, tp_size: int) -> KVLayout:
+        """The layout of rank ``tp_rank``'s shard of this whole-model layout. Pure."""
+        if self.tp_size != 1:
+            raise ValueError(f"shard() splits a whole-model layout; this one is already rank "
+                             f"{self.tp_rank} of {self.tp_size}")
+        return replace(self, tp_rank=tp_rank, tp_size=tp_size)
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token, all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
+        """K and V of one token, all layers, of this rank's heads."""
+        return (2 * self.num_layers * self.num_shard_kv_heads * self.head_dim
+                * DTYPE_BYTES[self.dtype])
 
     @property
     def bytes_per_block(self) -> int:
@@ -69,7 +106,7 @@ class KVLayout:
 
     def tensor_shapes(self, num_blocks: int) -> list[tuple[int, ...]]:
         """The shapes of the tensors a storage of ``num_blocks`` blocks allocates. Pure."""
-        per_layer = (2, self.tokens_per_block, self.num_kv_heads, self.head_dim)
+        per_layer = (2, self.tokens_per_block, self.num_shard_kv_heads, self.head_dim)
         if self.layout == "block_major":
             return [(num_blocks, self.num_layers, *per_layer)]
         return [(num_blocks, *per_layer)] * self.num_layers
@@ -83,7 +120,8 @@ def cuda_available() -> bool:
 
 
 class KVStorage:
-    """The KV blocks of one tier on one device.
+    """The KV blocks of one tier on one device; under tensor parallelism, of one rank's
+    shard (``layout.tp_rank`` of ``layout.tp_size``: its KV heads only, every block id).
 
     ``pin_memory=None`` pins a CPU storage when CUDA is available (so copies to and from
     the GPU are real DMA) and leaves it in plain memory otherwise. Contents start

@@ -17,13 +17,25 @@
 
 The checksum covers the header too, so any flipped byte is refused. Decoding parses fixed
 integer fields only: nothing in a value is ever evaluated.
+
+Under tensor parallelism each rank stores its own shard of a block as its own value, under
+a namespace that also fingerprints the rank and the TP size (the header's ``num_kv_heads``
+is the model's; the payload is the shard's bytes)::
+
+    kvtier:{ns(model, layout, rank 0 of 2)}:{hash}  ->  rank 0's heads of the block
+    kvtier:{ns(model, layout, rank 1 of 2)}:{hash}  ->  rank 1's heads of the block
+
+so a TP-2 deployment never reads a TP-4 deployment's bytes, and a block is found only when
+every rank found its shard (:func:`num_found_on_every_rank`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -73,12 +85,12 @@ class BlockHeader:
 
 
 def namespace_fingerprint(model_id: str, layout: KVLayout, salt_scope: str | None = None) -> str:
-    """32 hex digits naming one model, block shape, dtype, memory layout and tenant salt
-    scope. Pure.
+    """32 hex digits naming one model, block shape, dtype, memory layout, tenant salt scope
+    and, under tensor parallelism, the rank and TP size of the shard. Pure.
 
-    Two models, layouts, dtypes or salt scopes never share a fingerprint, hence never a key:
-    every field is length-prefixed, so no field's content (a NUL, a separator) can pass for
-    another field's.
+    Two models, layouts, dtypes, salt scopes or shards never share a fingerprint, hence
+    never a key: every field is length-prefixed, so no field's content (a NUL, a separator)
+    can pass for another field's, nor a list of fields for a longer one.
     """
     if not isinstance(model_id, str):
         raise ValueError(f"model_id must be a str, got {model_id!r}")
@@ -86,11 +98,14 @@ def namespace_fingerprint(model_id: str, layout: KVLayout, salt_scope: str | Non
         raise ValueError(f"salt_scope must be None or a str, got {salt_scope!r}")
     if not isinstance(layout, KVLayout):
         raise ValueError(f"layout must be a KVLayout, got {layout!r}")
-    parts = (
+    parts: tuple[str, ...] = (
         "kvtier-remote/v2", model_id, str(layout.num_layers), str(layout.num_kv_heads),
         str(layout.head_dim), str(layout.tokens_per_block), layout.dtype, layout.layout,
         "none" if salt_scope is None else "salt", "" if salt_scope is None else salt_scope,
     )
+    if layout.tp_size > 1:
+        # NOTE: only then, so that every key written without tensor parallelism stays valid.
+        parts += ("tp", str(layout.tp_rank), str(layout.tp_size))
     hasher = hashlib.blake2b(digest_size=16)
     for part in parts:
         data = part.encode("utf-8", "surrogatepass")
@@ -182,6 +197,11 @@ class RemoteNamespace:
     def fingerprint(self) -> str:
         return namespace_fingerprint(self.model_id, self.layout, self.salt_scope)
 
+    def for_rank(self, tp_rank: int, tp_size: int) -> RemoteNamespace:
+        """The namespace of rank ``tp_rank``'s shards (this one names whole blocks). Pure."""
+        return RemoteNamespace(self.model_id, self.layout.shard(tp_rank, tp_size),
+                               self.salt_scope)
+
     def key(self, block_hash: int) -> str:
         """The Redis key of ``block_hash`` in this namespace. Pure."""
         return block_key(self.fingerprint, block_hash)
@@ -197,3 +217,42 @@ class RemoteNamespace:
     def decode(self, block_hash: int, value: object) -> bytes:
         """The payload of ``value``, or :class:`PayloadError`. Pure."""
         return decode_block(value, self.header(block_hash))
+
+
+def num_found_on_every_rank(wanted: Sequence[int],
+                            found_by_rank: Sequence[Collection[int]]) -> int:
+    """How many of ``wanted`` (a prompt's block hashes, in order) every rank found, counted
+    from the first: a block counts only when each rank found its shard, and a block after a
+    miss is no use (a prefix must be consecutive). Pure.
+
+    ::
+
+        wanted          h0  h1  h2  h3
+        rank 0 found    h0  h1      h3
+        rank 1 found    h0  h1  h2  h3
+        -> 2            (h2 lacks rank 0's shard, so h3 is unreachable)
+    """
+    if not found_by_rank:
+        raise ValueError("found_by_rank must hold the blocks found by at least one rank")
+    run = 0
+    while run < len(wanted) and all(wanted[run] in found for found in found_by_rank):
+        run += 1
+    return run
+
+
+def num_found_on_all_ranks(wanted: Sequence[int], found: Collection[int],
+                           group: Any = None) -> int:
+    """:func:`num_found_on_every_rank` across the processes of a ``torch.distributed``
+    group, each rank passing its own ``found``: one all-reduce (minimum) of a byte per
+    wanted block, so every rank gets the same answer. ``wanted`` must be the same on every
+    rank. A collective: every rank of ``group`` must call it, in the same order."""
+    import torch
+    import torch.distributed as dist
+
+    mask = torch.tensor([h in found for h in wanted], dtype=torch.uint8)
+    if dist.get_backend(group) == "nccl":
+        # NCCL reduces device tensors only.
+        mask = mask.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(mask, op=dist.ReduceOp.MIN, group=group)
+    everywhere = {h for h, ok in zip(wanted, mask.tolist(), strict=True) if ok}
+    return num_found_on_every_rank(wanted, [everywhere])

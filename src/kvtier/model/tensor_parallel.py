@@ -1,0 +1,124 @@
+"""The reference decoder at tensor-parallel size N: one rank's shard of a :class:`LlamaModel`.
+
+Megatron-style: each rank holds a contiguous share of the attention heads (query heads and
+the KV heads they read, so its KV pool holds only those heads) and of the MLP's hidden
+columns; the output projections are split by rows, so each rank's output is a partial sum
+that one all-reduce completes::
+
+                      rank r holds                       then
+    attention   wq, wk, wv columns of its heads     attend over its own KV shard
+                wo rows of its heads                 all-reduce(sum)  -> x += ...
+    MLP         w_gate, w_up columns of its share    SwiGLU
+                w_down rows of its share             all-reduce(sum)  -> x += ...
+    replicated  embeddings, norms, lm_head           (x is the same on every rank)
+
+NOTE: a sequential Llama block needs the whole residual before attention's norm and again
+before the MLP's, so a layer costs two all-reduces, one per row-split projection; fewer
+would need a parallel (GPT-J style) block, a different model.
+
+The shard is cut from a whole model's weights, so a TP run and the single-device model
+compute with the same numbers and differ only in summation order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvtier.model.llama import KVFn, LayerWeights, LlamaModel
+from kvtier.storage import KVLayout
+
+
+class TensorParallelLlama(LlamaModel):
+    """Rank ``tp_rank`` of ``tp_size``'s shard of ``full``, on ``device`` (``full``'s by
+    default). With ``tp_size > 1`` every forward pass is a collective over ``group`` (a
+    ``torch.distributed`` group, the default one when ``None``; NCCL on GPUs, gloo on
+    CPU): every rank must run the same forward passes in the same order."""
+
+    def __init__(self, full: LlamaModel, tp_rank: int, tp_size: int,
+                 device: str | torch.device | None = None, group: Any = None) -> None:
+        # NOTE: LlamaModel.__init__ is not called: it would draw a whole model of random
+        # weights. The shard takes its slices of ``full``'s instead (same weights, same
+        # fields, so the inherited forward_chunk and full_recompute work on the shard).
+        c = full.config
+        if type(tp_size) is not int or tp_size < 1:
+            raise ValueError(f"tp_size must be an integer >= 1, got {tp_size!r}")
+        if type(tp_rank) is not int or not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank must be an integer in 0..{tp_size - 1}, got {tp_rank!r}")
+        for name in ("num_heads", "num_kv_heads", "ffn_dim"):
+            if getattr(c, name) % tp_size:
+                raise ValueError(f"{name} ({getattr(c, name)}) must split evenly over "
+                                 f"tp_size ({tp_size}) ranks")
+        if tp_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("tp_size > 1 needs torch.distributed initialised in every "
+                                 "rank's process (init_process_group)")
+            rank, size = dist.get_rank(group), dist.get_world_size(group)
+            if (rank, size) != (tp_rank, tp_size):
+                raise ValueError(f"this process is rank {rank} of {size} in its group, not "
+                                 f"rank {tp_rank} of {tp_size}")
+        self.config = c
+        self.device = torch.device(device) if device is not None else full.device
+        self.dtype = full.dtype
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.group = group
+        self.num_local_heads = c.num_heads // tp_size
+        self.num_local_kv_heads = c.num_kv_heads // tp_size
+        hd = c.head_dim
+        q = slice(tp_rank * self.num_local_heads * hd, (tp_rank + 1) * self.num_local_heads * hd)
+        kv = slice(tp_rank * self.num_local_kv_heads * hd,
+                   (tp_rank + 1) * self.num_local_kv_heads * hd)
+        ffn = slice(tp_rank * c.ffn_dim // tp_size, (tp_rank + 1) * c.ffn_dim // tp_size)
+
+        def here(t: torch.Tensor) -> torch.Tensor:
+            return t.contiguous().to(self.device)
+
+        # Query heads [r*H/N, (r+1)*H/N) read KV heads [r*KVH/N, (r+1)*KVH/N) (grouped-query
+        # attention maps head h to KV head h // (H/KVH)), so a rank never needs another's KV.
+        self.layers = [
+            LayerWeights(here(w.attn_norm), here(w.wq[:, q]), here(w.wk[:, kv]),
+                         here(w.wv[:, kv]), here(w.wo[q, :]), here(w.mlp_norm),
+                         here(w.w_gate[:, ffn]), here(w.w_up[:, ffn]), here(w.w_down[ffn, :]))
+            for w in full.layers
+        ]
+        self.embed = here(full.embed)
+        self.final_norm = here(full.final_norm)
+        self.lm_head = here(full.lm_head)
+        self.inv_freq = here(full.inv_freq)
+
+    def kv_layout(self, tokens_per_block: int, layout: str = "block_major") -> KVLayout:
+        """The layout of this rank's KV shard. Pure."""
+        return self.config.kv_layout(tokens_per_block, layout).shard(self.tp_rank, self.tp_size)
+
+    def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(partial, group=self.group)
+        return partial
+
+    def _forward(self, tokens: Sequence[int], positions: torch.Tensor,
+                 kv_of: KVFn) -> torch.Tensor:
+        # LlamaModel._forward with this rank's heads and columns, and an all-reduce after
+        # each row-split projection.
+        c = self.config
+        n = len(tokens)
+        x = self.embed[torch.tensor(list(tokens), dtype=torch.long, device=self.device)]
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos, sin = angles.cos(), angles.sin()
+        for i, w in enumerate(self.layers):
+            h = self._rms_norm(x, w.attn_norm)
+            q = self._rope((h @ w.wq).view(n, self.num_local_heads, c.head_dim), cos, sin)
+            k = self._rope((h @ w.wk).view(n, self.num_local_kv_heads, c.head_dim), cos, sin)
+            v = (h @ w.wv).view(n, self.num_local_kv_heads, c.head_dim)
+            keys, values = kv_of(i, k, v)
+            x = x + self._all_reduce(self._attend(q, keys, values) @ w.wo)
+            h = self._rms_norm(x, w.mlp_norm)
+            x = x + self._all_reduce((F.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down)
+        return (self._rms_norm(x, self.final_norm) @ self.lm_head).float()

@@ -1,0 +1,236 @@
+"""Tensor parallelism on the data plane: one :class:`TransferPlan` on every rank's shard.
+
+Under tensor parallelism one manager decides block ids for all ranks, and each rank holds
+its share of the KV heads of every block (``KVLayout.tp_rank`` of ``tp_size``). A plan is
+therefore executed once per rank, on that rank's storages, by that rank's own
+:class:`TorchTransferEngine` (its own streams on its own GPU, its own pinned host shard)::
+
+    manager ── plan ──┬── rank 0: TorchTransferEngine(gpu shard 0, host shard 0)
+                      ├── rank 1: TorchTransferEngine(gpu shard 1, host shard 1)
+                      └── ...      all at once
+    failed ops = the union over ranks  ──>  TransferError for the manager
+
+A block is never half onboarded: an op that failed on any rank is reported failed, so the
+manager drops its destination on every rank (the ranks where it succeeded hold bytes that
+nobody will read). Two ways to hold the ranks:
+
+    ShardedTransferEngine      one process holds every rank's storages (one GPU with two
+                               storages, several GPUs driven from one process, or CPU)
+    DistributedTransferEngine  one process per rank (torch.distributed); the failures are
+                               joined with one all-reduce of a byte per op
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from kvtier.transfer.engine import TransferError
+from kvtier.transfer.plan import TransferPlan
+from kvtier.transfer.torch_engine import TorchTransferEngine
+from kvtier.transfer.torch_handle import TransferHandle, TransferStats
+
+if TYPE_CHECKING:
+    from kvtier.storage import KVStorage
+
+
+def union_error(plan: TransferPlan,
+                failed_by_rank: Sequence[Sequence[int]]) -> TransferError | None:
+    """The error the manager must see when rank ``r`` failed the ops at positions
+    ``failed_by_rank[r]`` of ``plan``: every op that failed anywhere, in plan order; ``None``
+    when every rank did every op. Pure."""
+    failed = sorted({i for indices in failed_by_rank for i in indices})
+    if not failed:
+        return None
+    ranks = [r for r, indices in enumerate(failed_by_rank) if indices]
+    return TransferError(f"{len(failed)} of {len(plan.ops)} copies not done on every rank "
+                         f"(failed on rank(s) {ranks})", [plan.ops[i] for i in failed], failed)
+
+
+def _check_shards(layouts: Sequence[tuple[int, int]], tp_size: int) -> None:
+    for rank, (tp_rank, size) in enumerate(layouts):
+        if (tp_rank, size) != (rank, tp_size):
+            raise ValueError(f"engine {rank} holds the shard of rank {tp_rank} of {size}, "
+                             f"expected rank {rank} of {tp_size}")
+
+
+class ShardedHandle:
+    """A plan submitted to every rank of a :class:`ShardedTransferEngine`: one
+    :class:`TransferHandle` per rank, in rank order."""
+
+    __slots__ = ("handles", "plan")
+
+    def __init__(self, plan: TransferPlan, handles: list[TransferHandle]) -> None:
+        self.plan = plan
+        self.handles = handles
+
+
+class ShardedTransferEngine:
+    """Executes each plan on the shards of every rank held by this process.
+
+    ``engines[r]`` moves rank ``r``'s shard; all must hold ranks ``0..n-1`` of ``n`` with
+    pools of the same sizes (the same block ids). On CUDA each engine queues its copies on
+    its own streams and returns, so the ranks copy at the same time from one thread. On CPU
+    copies are done when ``submit`` returns, so the ranks run on threads of their own (the
+    copies release the GIL).
+    """
+
+    def __init__(self, engines: Sequence[TorchTransferEngine]) -> None:
+        if not engines:
+            raise ValueError("engines must hold at least one rank's engine")
+        _check_shards([(e.gpu.layout.tp_rank, e.gpu.layout.tp_size) for e in engines],
+                      len(engines))
+        sizes = {(e.gpu.num_blocks, None if e.host is None else e.host.num_blocks)
+                 for e in engines}
+        if len(sizes) != 1:
+            raise ValueError(f"every rank must hold pools of the same size (the same block "
+                             f"ids), got (gpu, host) blocks {sorted(sizes, key=str)}")
+        self.engines = list(engines)
+        self.is_cuda = engines[0].is_cuda
+        # NOTE: CUDA submits only queue work; a thread per rank would also move the
+        # caller's current stream out of reach (it is per thread).
+        self._pool = (None if self.is_cuda or len(engines) == 1
+                      else ThreadPoolExecutor(len(engines), thread_name_prefix="kvtier-tp"))
+
+    @property
+    def tp_size(self) -> int:
+        return len(self.engines)
+
+    @property
+    def gpu(self) -> list[KVStorage]:
+        """Each rank's GPU shard, in rank order."""
+        return [e.gpu for e in self.engines]
+
+    @property
+    def stats(self) -> list[TransferStats]:
+        """Each rank's counters, in rank order."""
+        return [e.stats for e in self.engines]
+
+    def submit(self, plan: TransferPlan) -> ShardedHandle:
+        """Start ``plan`` on every rank. Raises TransferError naming every op that failed on
+        any rank (the others ran everywhere); ValueError (copying nothing anywhere) for an
+        op outside the pools."""
+        if self._pool is None:
+            outcomes = [_submit(e, plan) for e in self.engines]
+        else:
+            outcomes = list(self._pool.map(lambda e: _submit(e, plan), self.engines))
+        error = union_error(plan, [o.failed_indices if isinstance(o, TransferError) else ()
+                                   for o in outcomes])
+        if error is not None:
+            raise error
+        return ShardedHandle(plan, [o for o in outcomes if isinstance(o, TransferHandle)])
+
+    def wait(self, handle: ShardedHandle, layer: int | None = None) -> None:
+        """Make each rank's device's current stream wait for its copies (of ``layer``)."""
+        for engine, h in zip(self.engines, handle.handles, strict=True):
+            engine.wait(h, layer)
+
+    def poll(self, handle: ShardedHandle) -> bool:
+        """Whether every rank's copies of ``handle`` are done. Pure."""
+        return all(e.poll(h) for e, h in zip(self.engines, handle.handles, strict=True))
+
+    def synchronize(self, handle: ShardedHandle) -> None:
+        for engine, h in zip(self.engines, handle.handles, strict=True):
+            engine.synchronize(h)
+
+    def synchronize_all(self) -> None:
+        for engine in self.engines:
+            engine.synchronize_all()
+
+    def close(self) -> None:
+        """Stop the CPU threads (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _submit(engine: TorchTransferEngine, plan: TransferPlan) -> TransferHandle | TransferError:
+    try:
+        return engine.submit(plan)
+    except TransferError as exc:
+        return exc
+
+
+class DistributedTransferEngine:
+    """One rank's side of a plan, in a process of its own: runs the plan on this rank's
+    ``engine``, then agrees with every rank of ``group`` (a ``torch.distributed`` process
+    group, the default one when ``None``) on the ops that failed anywhere.
+
+    Every rank must ``submit`` the same plans in the same order (the leader sends them,
+    ``kvtier.model.tp_engine``). A plan with ops costs one all-reduce of a byte per op; a
+    CPU (gloo) group keeps it off the GPU's streams. Counts: ``num_failed_ops`` (ops
+    reported failed), ``num_failed_elsewhere`` (of those, ops this rank had done).
+    """
+
+    def __init__(self, engine: TorchTransferEngine, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("DistributedTransferEngine needs torch.distributed initialised "
+                             "(init_process_group) in every rank's process")
+        layout = engine.gpu.layout
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        if (layout.tp_rank, layout.tp_size) != (rank, size):
+            raise ValueError(f"this process is rank {rank} of {size} in its group, its "
+                             f"storage holds the shard of rank {layout.tp_rank} of "
+                             f"{layout.tp_size}")
+        self.engine = engine
+        self.group = group
+        self.tp_rank = rank
+        self.tp_size = size
+        self._on_device = dist.get_backend(group) == "nccl"
+        self.num_failed_ops = 0
+        self.num_failed_elsewhere = 0
+
+    @property
+    def gpu(self) -> KVStorage:
+        return self.engine.gpu
+
+    @property
+    def host(self) -> KVStorage | None:
+        return self.engine.host
+
+    @property
+    def stats(self) -> TransferStats:
+        return self.engine.stats
+
+    def submit(self, plan: TransferPlan) -> TransferHandle:
+        """Start ``plan`` on this rank; raises TransferError (on every rank alike) naming
+        every op that failed on any rank; ValueError, before copying, for an op outside the
+        pools (the same on every rank: the pools have the same sizes). A collective when the
+        plan has ops."""
+        if not plan.ops:
+            return self.engine.submit(plan)
+        outcome = _submit(self.engine, plan)
+        local = outcome.failed_indices if isinstance(outcome, TransferError) else ()
+        error = union_error(plan, [self._failed_anywhere(len(plan.ops), local)])
+        if error is None:
+            assert isinstance(outcome, TransferHandle)
+            return outcome
+        self.num_failed_ops += len(error.failed_indices)
+        self.num_failed_elsewhere += len(error.failed_indices) - len(local)
+        raise error
+
+    def _failed_anywhere(self, num_ops: int, local: Sequence[int]) -> list[int]:
+        import torch
+        import torch.distributed as dist
+
+        mask = torch.zeros(num_ops, dtype=torch.uint8)
+        if local:
+            mask[torch.tensor(list(local), dtype=torch.long)] = 1
+        if self._on_device:
+            mask = mask.to(self.engine.device)
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=self.group)
+        return mask.nonzero().flatten().tolist()
+
+    def wait(self, handle: TransferHandle, layer: int | None = None) -> None:
+        self.engine.wait(handle, layer)
+
+    def poll(self, handle: TransferHandle) -> bool:
+        return self.engine.poll(handle)
+
+    def synchronize(self, handle: TransferHandle) -> None:
+        self.engine.synchronize(handle)
+
+    def synchronize_all(self) -> None:
+        self.engine.synchronize_all()
