@@ -1,0 +1,40 @@
+"""kvtier inside vLLM 0.33.0's OffloadingConnector (extra ``vllm``; docs/vllm.md).
+
+Two plug-ins, both named in ``--kv-transfer-config`` with this module as their path:
+
+* ``KvtierRedisTier``: kvtier's Redis / Valkey / Redis Cluster store as a secondary tier of
+  ``TieringOffloadingSpec`` (``"secondary_tiers": [{"type": "KvtierRedisTier",
+  "module_path": "kvtier.integrations.vllm", "url": ...}]``).
+* every kvtier eviction policy (``kvtier.config.EVICTION_POLICIES``) as the CPU tier's
+  ``CachePolicy`` (``"eviction_policy": "kvtier-predict", "cache_policy_module_path":
+  "kvtier.integrations.vllm"``).
+
+vLLM is imported only when one of them is asked for, so the vLLM-free parts (``keys``,
+``store_tier``, ``chunk_policy``) import without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvtier.config import EVICTION_POLICIES
+
+__all__ = ["KvtierCachePolicy", "KvtierRedisTier", "policy_class"]
+
+
+def __getattr__(name: str) -> Any:
+    # NOTE: vLLM resolves plug-ins with getattr(module, name): a policy's name (with its
+    # dash) is an attribute here only through this hook.
+    if name == "KvtierRedisTier":
+        from kvtier.integrations.vllm.tier import KvtierRedisTier
+
+        return KvtierRedisTier
+    if name in ("KvtierCachePolicy", "policy_class"):
+        from kvtier.integrations.vllm import policy
+
+        return getattr(policy, name)
+    if name in EVICTION_POLICIES:
+        from kvtier.integrations.vllm.policy import policy_class
+
+        return policy_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

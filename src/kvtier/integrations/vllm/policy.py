@@ -1,0 +1,135 @@
+"""kvtier's eviction policies as vLLM 0.33.0 ``CachePolicy`` classes for its CPU tier.
+
+Selected with ``"eviction_policy": "<kvtier policy name>"`` and
+``"cache_policy_module_path": "kvtier.integrations.vllm"``: vLLM imports that module and
+takes the attribute named by the policy, which the module makes on demand
+(``policy_class``) for every name in ``kvtier.config.EVICTION_POLICIES``, so a policy added
+to kvtier is usable from vLLM with no change here.
+
+A request may set its chunks' priority and retention through ``kv_transfer_params``:
+``{"kvtier_priority": 0..100, "kvtier_retention_s": seconds}`` (lower priority goes
+first; after the retention the default priority holds). A bad value is logged and ignored:
+nothing raises into vLLM's step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+from vllm.v1.kv_offload.base import OffloadKey, ReqContext
+from vllm.v1.kv_offload.cpu.policies.base import CachePolicy, ChunkStatus, order_request_keys
+
+from kvtier.config import EVICTION_POLICIES, MAX_PRIORITY, MIN_PRIORITY
+from kvtier.integrations.vllm.chunk_policy import PolicyChunks
+
+logger = logging.getLogger(__name__)
+
+PRIORITY_PARAM = "kvtier_priority"
+RETENTION_PARAM = "kvtier_retention_s"
+
+
+class _SoftClaims:
+    """Per request (in its ReqContext): the chunks it soft-claimed, ended at its finish."""
+
+    __slots__ = ("keys", "owner")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.keys: list[bytes] = []
+
+
+def request_retention(req_context: ReqContext) -> tuple[int | None, float | None]:
+    """The request's (priority, retention seconds) from its kv_transfer_params; None for
+    what it does not set or sets wrong (logged). Pure."""
+    params = req_context.kv_transfer_params or {}
+    priority = params.get(PRIORITY_PARAM)
+    retention = params.get(RETENTION_PARAM)
+    if priority is not None and (type(priority) is not int
+                                 or not MIN_PRIORITY <= priority <= MAX_PRIORITY):
+        logger.warning("request %s: %s must be an int in %d..%d, got %r; ignored",
+                       req_context.req_id, PRIORITY_PARAM, MIN_PRIORITY, MAX_PRIORITY, priority)
+        priority = None
+    if retention is not None and (isinstance(retention, bool)
+                                  or not isinstance(retention, int | float)
+                                  or not 0 < retention < float("inf")):
+        logger.warning("request %s: %s must be a finite number of seconds > 0, got %r; "
+                       "ignored", req_context.req_id, RETENTION_PARAM, retention)
+        retention = None
+    return priority, None if retention is None else float(retention)
+
+
+class KvtierCachePolicy(CachePolicy):  # type: ignore[misc]
+    """A vLLM CPU-tier policy running the kvtier policy ``policy_name`` (set by
+    ``policy_class``); the books are ``PolicyChunks``'."""
+
+    policy_name: ClassVar[str] = "priority-lru"
+
+    def __init__(self, cache_capacity: int) -> None:
+        super().__init__(cache_capacity)
+        self.chunks: PolicyChunks[ChunkStatus] = PolicyChunks(self.policy_name, cache_capacity)
+
+    def get(self, key: OffloadKey) -> ChunkStatus | None:
+        return self.chunks.get(key)
+
+    def insert(self, key: OffloadKey, chunk: ChunkStatus, req_context: ReqContext) -> None:
+        priority, retention_s = request_retention(req_context)
+        self.chunks.insert(key, chunk, evictable=chunk.ref_cnt == 0,
+                           depth=req_context.get_offload_key_position(key),
+                           priority=priority, retention_s=retention_s)
+
+    def remove(self, key: OffloadKey) -> None:
+        self.chunks.remove(key)
+
+    def touch(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
+        self.chunks.touch(keys)
+
+    def on_store_miss(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
+        self.chunks.recall(keys)
+
+    def on_request_access(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
+        claimed = self.chunks.soft_claim(keys)
+        if not claimed:
+            return
+        state = req_context.get_state(_SoftClaims)
+        if state is None or state.owner is not self:
+            state = _SoftClaims(self)
+            req_context.set_state(state)
+        state.keys.extend(claimed)
+
+    def on_request_finished(self, key_groups: Sequence[Sequence[OffloadKey]],
+                            insertion_only_keys: set[OffloadKey],
+                            reused_keys: set[OffloadKey], req_context: ReqContext) -> None:
+        state = req_context.get_state(_SoftClaims)
+        if state is not None and state.owner is self:
+            self.chunks.unclaim(state.keys)
+            state.keys = []
+        priority, retention_s = request_retention(req_context)
+        self.chunks.release(order_request_keys(key_groups, req_context), set(reused_keys),
+                            priority=priority, retention_s=retention_s)
+
+    def evict(self, n: int, protected: set[OffloadKey]
+              ) -> list[tuple[OffloadKey, ChunkStatus]] | None:
+        return self.chunks.evict(n, protected)
+
+    def clear(self) -> None:
+        self.chunks.clear()
+
+    def mark_evictable(self, key: OffloadKey) -> None:
+        self.chunks.mark_evictable(key)
+
+    def mark_non_evictable(self, key: OffloadKey) -> None:
+        self.chunks.mark_non_evictable(key)
+
+
+@functools.cache
+def policy_class(name: str) -> type[KvtierCachePolicy]:
+    """The CachePolicy class running kvtier's policy ``name`` (one class per name)."""
+    if name not in EVICTION_POLICIES:
+        raise ValueError(f"eviction_policy must be one of {sorted(EVICTION_POLICIES)} for "
+                         f"kvtier, got {name!r}")
+    attrs: dict[str, Any] = {"policy_name": name, "__module__": __name__,
+                             "__doc__": f"vLLM CPU-tier policy: kvtier's {name!r}."}
+    return type(f"KvtierCachePolicy[{name}]", (KvtierCachePolicy,), attrs)

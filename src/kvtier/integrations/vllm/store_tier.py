@@ -1,0 +1,423 @@
+"""The secondary tier's mechanics on a kvtier :class:`~kvtier.remote.store.RemoteStore`,
+without vLLM: non-blocking lookups, store and load jobs on one background I/O thread.
+
+``KvtierRedisTier`` (``tier.py``) is the thin vLLM face of this class; keeping vLLM out of
+here lets the main test suite drive every path against in-memory and faulty stores.
+
+A key's existence is probed once, in a batch with the step's other unknown keys::
+
+    lookup(k) ─unknown─> pending ──flush() (end of step)──> in flight ──I/O thread──> present
+        │                  RETRY                               RETRY          (HIT)  or absent
+        └─ known ──> HIT / MISS                   in flight longer than max_lookup_wait_s: MISS
+
+Verdicts belong to the requests that asked: a request sees one answer per key for its life,
+and a verdict no live request holds is forgotten (another engine may store the key later).
+A load that fails marks its keys bad: they are MISSes from then on (so a corrupt value is
+not promoted again and again) until a store of ours overwrites them. Every fault of the
+store (down, slow, full, corrupt) is a MISS or a failed job; nothing raises to the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal, NamedTuple, cast
+
+from kvtier.integrations.vllm.keys import fold_key
+from kvtier.remote.io_thread import IOThread
+from kvtier.remote.options import check_count, check_number
+from kvtier.remote.store import RemoteStore
+
+Verdict = Literal["hit", "miss", "retry"]
+MAX_SAMPLES = 4096  # latency samples kept per kind, the most recent
+MAX_BAD_KEYS = 1 << 16
+
+
+class JobOutcome(NamedTuple):
+    """How one store or load job ended. ``successful_keys`` (loads only): the keys that
+    arrived when some did not; None when all share ``success``."""
+
+    job_id: int
+    success: bool
+    successful_keys: list[bytes] | None
+    transfer_s: float
+    transfer_bytes: int
+
+
+class _ProbeDone(NamedTuple):
+    hashes: list[int]
+    present: set[int]
+    probe_s: float
+
+
+class _StoreDone(NamedTuple):
+    outcome: JobOutcome
+    stored: list[int]  # the job's hashes when it succeeded, else none
+    num_skipped: int  # pages the store already held
+
+
+class _LoadDone(NamedTuple):
+    outcome: JobOutcome
+    failed: list[int]
+
+
+class _State(Enum):
+    PENDING = "pending"  # asked for, not yet sent
+    IN_FLIGHT = "in flight"
+    PRESENT = "present"
+    ABSENT = "absent"
+
+
+class _Probe:
+    __slots__ = ("request_ids", "sent_s", "state")
+
+    def __init__(self) -> None:
+        self.state = _State.PENDING
+        self.sent_s = 0.0
+        self.request_ids: set[str] = set()
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Counters of one tier; ``StoreTier.stats`` returns a copy."""
+
+    num_lookups: int = 0
+    num_hits: int = 0
+    num_misses: int = 0
+    num_retries: int = 0
+    num_lookups_given_up: int = 0  # a probe took longer than max_lookup_wait_s
+    num_probe_batches: int = 0
+    num_probed_keys: int = 0
+    num_store_jobs: int = 0
+    num_failed_store_jobs: int = 0
+    num_stored_pages: int = 0
+    num_skipped_pages: int = 0  # already in the store: not written again
+    num_load_jobs: int = 0
+    num_failed_load_jobs: int = 0
+    num_loaded_pages: int = 0
+    num_refused_jobs: int = 0  # the I/O queue was full, or the tier closed
+    num_job_errors: int = 0  # a job raised past its own handler: a bug, counted
+    bytes_stored: int = 0
+    bytes_loaded: int = 0
+    probe_s: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    store_s: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    load_s: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+
+    def copy(self) -> TierStats:
+        return dataclasses.replace(
+            self, probe_s=deque(self.probe_s, maxlen=MAX_SAMPLES),
+            store_s=deque(self.store_s, maxlen=MAX_SAMPLES),
+            load_s=deque(self.load_s, maxlen=MAX_SAMPLES))
+
+
+class StoreTier:
+    """Pages of ``view`` (``page_bytes`` each, addressed by chunk id) kept in ``store``
+    under folded vLLM keys.
+
+    May change: the store's values of its namespace, the pages of ``view`` named by a load
+    job (on the I/O thread), its own verdicts and stats. Not thread-safe on the caller's
+    side (vLLM calls a tier under its manager's lock); results cross from the I/O thread
+    through a deque.
+    """
+
+    def __init__(self, store: RemoteStore, view: memoryview, page_bytes: int, *,
+                 max_lookup_wait_s: float = 0.05, max_queued_jobs: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._page_bytes = check_count("page_bytes", page_bytes, 1, 1 << 40)
+        if not isinstance(view, memoryview) or view.format != "B" or view.ndim != 1:
+            raise ValueError("view must be a flat memoryview of bytes (memoryview.cast('B'))")
+        if view.readonly:
+            raise ValueError("view must be writable: loads copy pages into it")
+        if len(view) % page_bytes:
+            raise ValueError(f"view is {len(view)} bytes, not a whole number of "
+                             f"{page_bytes}-byte pages")
+        self._max_wait_s = check_number("max_lookup_wait_s", max_lookup_wait_s, 0.0, 3600.0)
+        self._store = store
+        self._view = view
+        self._num_pages = len(view) // page_bytes
+        self._clock = clock
+        self._io = IOThread(check_count("max_queued_jobs", max_queued_jobs, 1, 1 << 20),
+                            self._on_job_error)
+        self._results: deque[_ProbeDone | _StoreDone | _LoadDone] = deque()  # by the I/O thread
+        self._probes: dict[int, _Probe] = {}
+        self._keys_of_request: dict[str, list[int]] = {}
+        self._batch: list[int] = []
+        self._bad: OrderedDict[int, None] = OrderedDict()  # loads failed: MISS until stored
+        self._num_probes_in_flight = 0
+        self._num_jobs_in_flight = 0
+        self._finished: list[JobOutcome] = []
+        self._stats = TierStats()
+        self._stats_lock = threading.Lock()
+        self._closed = False
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def stats(self) -> TierStats:
+        """A copy of the counters. Pure."""
+        with self._stats_lock:
+            return self._stats.copy()
+
+    def has_pending_work(self) -> bool:
+        """Whether probes or jobs are unsent or in flight (the engine must keep stepping
+        to see them end). Pure."""
+        return bool(self._batch or self._num_probes_in_flight or self._num_jobs_in_flight
+                    or self._results)
+
+    # -- lookups ---------------------------------------------------------------------------
+    def lookup(self, key: bytes, request_id: str) -> Verdict:
+        """``key``'s verdict for ``request_id``; never waits on the store."""
+        self._drain()
+        block_hash = fold_key(key)
+        with self._stats_lock:
+            self._stats.num_lookups += 1
+        verdict = self._verdict(block_hash, request_id)
+        with self._stats_lock:
+            s = self._stats
+            if verdict == "hit":
+                s.num_hits += 1
+            elif verdict == "miss":
+                s.num_misses += 1
+            else:
+                s.num_retries += 1
+        return verdict
+
+    def _verdict(self, block_hash: int, request_id: str) -> Verdict:
+        if self._closed or block_hash in self._bad:
+            return "miss"
+        probe = self._probes.get(block_hash)
+        if probe is None:
+            probe = self._probes[block_hash] = _Probe()
+            self._batch.append(block_hash)
+        if request_id not in probe.request_ids:
+            probe.request_ids.add(request_id)
+            self._keys_of_request.setdefault(request_id, []).append(block_hash)
+        if probe.state is _State.PRESENT:
+            return "hit"
+        if probe.state is _State.ABSENT:
+            return "miss"
+        if probe.state is _State.IN_FLIGHT and self._clock() - probe.sent_s > self._max_wait_s:
+            # NOTE: a slow store must not hold a request back: it computes instead. The
+            # probe's answer still arrives and serves requests that ask later.
+            with self._stats_lock:
+                self._stats.num_lookups_given_up += 1
+            return "miss"
+        return "retry"
+
+    def flush(self) -> None:
+        """Send the keys asked for since the last flush as one probe (once per step)."""
+        self._drain()
+        if not self._batch:
+            return
+        hashes, self._batch = self._batch, []
+        now = self._clock()
+        for block_hash in hashes:
+            probe = self._probes[block_hash]
+            probe.state = _State.IN_FLIGHT
+            probe.sent_s = now
+        if self._submit(lambda: self._run_probe(hashes, now)):
+            self._num_probes_in_flight += 1
+        else:
+            self._resolve(hashes, set())
+
+    def request_finished(self, request_id: str) -> None:
+        """Forget ``request_id``'s verdicts (those no other request holds go)."""
+        for block_hash in self._keys_of_request.pop(request_id, ()):
+            probe = self._probes.get(block_hash)
+            if probe is None:
+                continue
+            probe.request_ids.discard(request_id)
+            if not probe.request_ids and probe.state in (_State.PRESENT, _State.ABSENT):
+                del self._probes[block_hash]
+
+    # -- jobs ------------------------------------------------------------------------------
+    def submit_store(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]) -> None:
+        """Write the pages ``chunk_ids`` under ``keys`` (the ones the store lacks)."""
+        hashes, pages = self._check_job(keys, chunk_ids)
+        rewrite = {h for h in hashes if h in self._bad}
+        with self._stats_lock:
+            self._stats.num_store_jobs += 1
+        if self._submit(lambda: self._run_store(job_id, hashes, pages, rewrite)):
+            self._num_jobs_in_flight += 1
+        else:
+            self._refused(job_id)
+
+    def submit_load(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]) -> None:
+        """Copy the values of ``keys`` into the pages ``chunk_ids``."""
+        hashes, pages = self._check_job(keys, chunk_ids)
+        with self._stats_lock:
+            self._stats.num_load_jobs += 1
+        if self._submit(lambda: self._run_load(job_id, list(keys), hashes, pages)):
+            self._num_jobs_in_flight += 1
+        else:
+            self._refused(job_id)
+
+    def finished_jobs(self) -> list[JobOutcome]:
+        """The jobs that ended since the last call."""
+        self._drain()
+        out, self._finished = self._finished, []
+        return out
+
+    def drain(self) -> None:
+        """Wait until every submitted job and probe has ended (their outcomes are then
+        queued for ``finished_jobs``). A job is never cut short."""
+        self._io.wait_idle(None)
+        self._drain()
+
+    def close(self) -> None:
+        """Run the accepted jobs, stop the I/O thread; later lookups miss and later jobs
+        fail. Does not close the store (its owner does). Idempotent."""
+        self._closed = True
+        self._io.stop()
+        self._drain()
+
+    def check_invariants(self) -> None:
+        """Recount the verdict books from scratch."""
+        holders: dict[int, set[str]] = {}
+        for request_id, hashes in self._keys_of_request.items():
+            assert len(hashes) == len(set(hashes)), f"{request_id} holds a key twice"
+            for block_hash in hashes:
+                holders.setdefault(block_hash, set()).add(request_id)
+        for block_hash, probe in self._probes.items():
+            assert probe.request_ids == holders.get(block_hash, set()), block_hash
+            if not probe.request_ids:
+                assert probe.state in (_State.PENDING, _State.IN_FLIGHT), block_hash
+        assert set(self._batch) == {h for h, p in self._probes.items()
+                                    if p.state is _State.PENDING}
+        assert self._num_probes_in_flight >= 0 and self._num_jobs_in_flight >= 0
+        assert len(self._bad) <= MAX_BAD_KEYS
+
+    # -- internals -------------------------------------------------------------------------
+    def _check_job(self, keys: Sequence[bytes], chunk_ids: Sequence[int]
+                   ) -> tuple[list[int], list[int]]:
+        if len(keys) != len(chunk_ids):
+            raise ValueError(f"a job has {len(keys)} keys but {len(chunk_ids)} chunk ids")
+        pages = [int(c) for c in chunk_ids]
+        for page in pages:
+            if not 0 <= page < self._num_pages:
+                raise ValueError(f"chunk id {page} is outside the {self._num_pages} pages")
+        return [fold_key(k) for k in keys], pages
+
+    def _page(self, chunk_id: int) -> memoryview:
+        start = chunk_id * self._page_bytes
+        return self._view[start:start + self._page_bytes]
+
+    def _submit(self, job: Callable[[], None]) -> bool:
+        accepted = not self._closed and self._io.submit(job)
+        if not accepted:
+            with self._stats_lock:
+                self._stats.num_refused_jobs += 1
+        return accepted
+
+    def _refused(self, job_id: int) -> None:
+        self._finished.append(JobOutcome(job_id, False, None, 0.0, 0))
+
+    def _on_job_error(self, exc: BaseException) -> None:
+        # Every job catches the store's faults; reaching here is a bug of this class.
+        with self._stats_lock:
+            self._stats.num_job_errors += 1
+
+    def _run_probe(self, hashes: list[int], sent_s: float) -> None:
+        try:
+            present = self._store.contains_many(hashes)
+        except Exception:  # a store must not raise; if one does, the keys are absent
+            present = set()
+        self._results.append(_ProbeDone(hashes, present, self._clock() - sent_s))
+
+    def _run_store(self, job_id: int, hashes: list[int], pages: list[int],
+                   rewrite: set[int]) -> None:
+        start = self._clock()
+        items: dict[int, memoryview] = {}
+        num_written = 0
+        try:
+            present = self._store.contains_many([h for h in hashes if h not in rewrite])
+            items = {h: self._page(p) for h, p in zip(hashes, pages, strict=True)
+                     if h not in present}
+            # NOTE: pages go as views of the pinned chunks (the codec copies them once, into
+            # the value); put_many takes any buffer though it is typed for bytes.
+            num_written = self._store.put_many(cast("dict[int, bytes]", items)) if items else 0
+        except Exception:  # a store fault is a failed job, never a crash
+            num_written = -1
+        ok = num_written == len(items)
+        outcome = JobOutcome(job_id, ok, None, self._clock() - start,
+                             max(num_written, 0) * self._page_bytes)
+        self._results.append(_StoreDone(outcome, hashes if ok else [], len(hashes) - len(items)))
+
+    def _run_load(self, job_id: int, keys: list[bytes], hashes: list[int],
+                  pages: list[int]) -> None:
+        start = self._clock()
+        try:
+            found = self._store.get_many(hashes)
+        except Exception:  # a store fault is a failed job, never a crash
+            found = {}
+        loaded: list[bytes] = []
+        failed: list[int] = []
+        for key, block_hash, page in zip(keys, hashes, pages, strict=True):
+            payload = found.get(block_hash)
+            if payload is None or len(payload) != self._page_bytes:
+                failed.append(block_hash)
+                continue
+            self._page(page)[:] = payload
+            loaded.append(key)
+        ok = not failed
+        outcome = JobOutcome(job_id, ok, None if ok else loaded, self._clock() - start,
+                             len(loaded) * self._page_bytes)
+        self._results.append(_LoadDone(outcome, failed))
+
+    def _resolve(self, hashes: list[int], present: set[int]) -> None:
+        for block_hash in hashes:
+            probe = self._probes.get(block_hash)
+            if probe is None or probe.state is not _State.IN_FLIGHT:
+                continue
+            probe.state = _State.PRESENT if block_hash in present else _State.ABSENT
+            if not probe.request_ids:
+                del self._probes[block_hash]
+
+    def _mark_bad(self, hashes: list[int]) -> None:
+        for block_hash in hashes:
+            self._bad[block_hash] = None
+            self._bad.move_to_end(block_hash)
+            probe = self._probes.get(block_hash)
+            if probe is not None and probe.state is _State.PRESENT:
+                probe.state = _State.ABSENT
+        while len(self._bad) > MAX_BAD_KEYS:
+            self._bad.popitem(last=False)
+
+    def _drain(self) -> None:
+        """Apply what the I/O thread finished (on the caller's thread: it owns the books)."""
+        results = self._results
+        while results:
+            done = results.popleft()
+            if isinstance(done, _ProbeDone):
+                self._num_probes_in_flight -= 1
+                self._resolve(done.hashes, done.present)
+                with self._stats_lock:
+                    self._stats.num_probe_batches += 1
+                    self._stats.num_probed_keys += len(done.hashes)
+                    self._stats.probe_s.append(done.probe_s)
+                continue
+            self._num_jobs_in_flight -= 1
+            outcome = done.outcome
+            if isinstance(done, _StoreDone):
+                for block_hash in done.stored:
+                    self._bad.pop(block_hash, None)
+                with self._stats_lock:
+                    s = self._stats
+                    s.num_failed_store_jobs += not outcome.success
+                    s.num_stored_pages += outcome.transfer_bytes // self._page_bytes
+                    s.num_skipped_pages += done.num_skipped
+                    s.bytes_stored += outcome.transfer_bytes
+                    s.store_s.append(outcome.transfer_s)
+            else:
+                self._mark_bad(done.failed)
+                with self._stats_lock:
+                    s = self._stats
+                    s.num_failed_load_jobs += not outcome.success
+                    s.num_loaded_pages += outcome.transfer_bytes // self._page_bytes
+                    s.bytes_loaded += outcome.transfer_bytes
+                    s.load_s.append(outcome.transfer_s)
+            self._finished.append(outcome)
