@@ -4,9 +4,16 @@ large pinned copy on the same card in the same run (the ceiling).
 Blocks of 16 KiB .. 4 MiB (all layers, K and V; 4 layers x 8 KV heads x 128 dims bf16, so
 16 KiB a token and 1 .. 256 tokens a block) sit at random slots of pools twice the size of
 one transfer; a plan moves ``--total-mib`` of them GPU->host ("d2h"), host->GPU ("h2d"),
-or half each way at once ("both", against both ceilings run at once). On CUDA the copies
-are timed with events while the caller's stream sleeps through the CPU's planning, so the
-figure is the copy time; ``submit_ms`` is the CPU time of ``submit`` (planning included).
+half each way at once between unrelated slots ("both"), or a serving step ("step"): half
+the bytes offloaded from GPU slots, then as many onboarded into those same slots, so every
+onboard must follow the offload of its slot. "both" and "step" count against both
+ceilings run at once. On CUDA the copies are timed with events while the caller's stream
+sleeps through the CPU's planning, so the figure is the copy time; ``submit_ms`` is the
+CPU time of ``submit`` (planning included), also per block (``cpu_us_per_block``) next to
+the copy's time per block.
+
+``--trace DIR`` also profiles one "step" plan per method (torch.profiler: a Chrome trace
+per method in DIR, and a timeline of its kernels and copies printed).
 
     python benchmarks/bench_transfer.py                      # CUDA, method auto
     python benchmarks/bench_transfer.py --methods auto,kernel,dma,staged
@@ -41,6 +48,7 @@ from kvtier.transfer.torch_engine import TorchTransferEngine
 KIB = 1024
 MIB = 1024 * KIB
 BYTES_PER_TOKEN = 16 * KIB  # 2 (K, V) x 4 layers x 8 heads x 128 dims x 2 bytes
+CEILING = {"d2h": "d2h", "h2d": "h2d", "both": "both", "step": "both"}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -164,6 +172,11 @@ def make_ops(direction: str, num_blocks: int, tpb: int, rng: random.Random) -> l
     if direction == "h2d":
         return [TransferOp(OpKind.ONBOARD, Tier.HOST, h, Tier.GPU, g, tpb) for g, h in pairs]
     half = num_blocks // 2
+    if direction == "step":  # offload victims, onboard into the slots they free
+        return ([TransferOp(OpKind.OFFLOAD, Tier.GPU, g, Tier.HOST, h, tpb)
+                 for g, h in pairs[:half]]
+                + [TransferOp(OpKind.ONBOARD, Tier.HOST, h, Tier.GPU, g, tpb)
+                   for (g, _), (_, h) in zip(pairs[:half], pairs[half:], strict=True)])
     return ([TransferOp(OpKind.OFFLOAD, Tier.GPU, g, Tier.HOST, h, tpb) for g, h in pairs[:half]]
             + [TransferOp(OpKind.ONBOARD, Tier.HOST, h, Tier.GPU, g, tpb)
                for g, h in pairs[half:]])
@@ -175,13 +188,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="block sizes in KiB, comma-separated")
     p.add_argument("--layouts", default="block_major,layer_major,layer_major/block_major",
                    help="GPU layout kinds, or GPU/host pairs, comma-separated")
-    p.add_argument("--directions", default="d2h,h2d,both")
+    p.add_argument("--directions", default="d2h,h2d,both,step")
     p.add_argument("--methods", default="auto", help="auto, kernel, dma, staged (commas)")
     p.add_argument("--total-mib", type=int, default=1024, help="bytes moved by one plan")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds, CPU ok")
+    p.add_argument("--trace", metavar="DIR", help="profile one step plan per method into DIR")
     args = p.parse_args(argv)
     if args.smoke:
         args.block_kib, args.total_mib, args.reps, args.warmup = "16,64", 2, 2, 1
@@ -191,7 +205,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def print_row(r: dict[str, Any]) -> None:
     print(f"{r['layout']:24} {r['block_kib']:>5} KiB {r['direction']:>5} {r['method']:>7} "
           f"{r['num_blocks']:>7} {r['ms']:>8.2f} {r['GBps']:>7.1f} {r['ratio']:>6.2f} "
-          f"{r['submit_ms']:>10.2f} {r['calls_per_plan']:>7.1f}")
+          f"{r['submit_ms']:>10.2f} {r['cpu_us_per_block']:>8.3f} {r['copy_us_per_block']:>8.3f} "
+          f"{r['calls_per_plan']:>7.1f}")
+
+
+def trace_step(engine: TorchTransferEngine, plan: TransferPlan, path: str) -> list[dict[str, Any]]:
+    """Profile one submit of ``plan`` (after a warm-up); write a Chrome trace to ``path``
+    and return the device activities (kernels, copies) in start order, times in us from
+    the first one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.synchronize(engine.submit(plan))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        handle = engine.submit(plan)
+        engine.synchronize(handle)
+    prof.export_chrome_trace(path)
+    rows = []
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        start = e.time_range.start
+        rows.append({"name": e.name[:60], "start_us": start,
+                     "dur_us": e.time_range.end - start})
+    rows.sort(key=lambda r: r["start_us"])
+    t0 = rows[0]["start_us"] if rows else 0.0
+    for r in rows:
+        r["start_us"] -= t0
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,9 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ceiling, one {args.total_mib} MiB pinned copy: h2d {ceiling['h2d']:.1f} GB/s, "
           f"d2h {ceiling['d2h']:.1f} GB/s, both at once {ceiling['both']:.1f} GB/s")
     print(f"{'layout (GPU/host)':24} {'block':>9} {'dir':>5} {'method':>7} {'blocks':>7} "
-          f"{'ms':>8} {'GB/s':>7} {'ratio':>6} {'submit ms':>10} {'calls':>7}")
+          f"{'ms':>8} {'GB/s':>7} {'ratio':>6} {'submit ms':>10} {'CPU us/b':>8} "
+          f"{'copy us/b':>8} {'calls':>7}")
     rng = random.Random(0)
     rows = []
+    traced: set[tuple[str, int, str]] = set()
+    timelines: dict[str, list[dict[str, Any]]] = {}
+    if args.trace:
+        import os
+
+        os.makedirs(args.trace, exist_ok=True)
     for kinds in args.layouts.split(","):
         gpu_kind, _, host_kind = kinds.partition("/")
         host_kind = host_kind or gpu_kind
@@ -233,22 +280,38 @@ def main(argv: list[str] | None = None) -> int:
                         return lambda: engine.wait(handle)
 
                     seconds, cpu_seconds = timer(run)
-                    nbytes = num_blocks * layout.bytes_per_block
+                    num_ops = len(plan.ops)
+                    nbytes = num_ops * layout.bytes_per_block
                     gbps = nbytes / seconds / 1e9
                     stats = engine.stats
                     rows.append({
                         "layout": f"{gpu_kind}/{host_kind}", "block_kib": block_kib,
-                        "direction": direction, "method": method, "num_blocks": num_blocks,
-                        "bytes": nbytes, "ms": seconds * 1e3, "GBps": gbps,
-                        "ratio": gbps / ceiling[direction], "submit_ms": cpu_seconds * 1e3,
+                        "direction": direction, "method": method, "num_blocks": num_ops,
+                        "fused": engine.fused, "bytes": nbytes, "ms": seconds * 1e3,
+                        "GBps": gbps, "ratio": gbps / ceiling[CEILING[direction]],
+                        "submit_ms": cpu_seconds * 1e3,
+                        "cpu_us_per_block": cpu_seconds * 1e6 / num_ops,
+                        "copy_us_per_block": seconds * 1e6 / num_ops,
                         "calls_per_plan": (stats.num_kernel_groups + stats.num_staged_groups
-                                           + stats.num_dma_copies) / max(1, stats.num_plans),
+                                           + stats.num_dma_copies + stats.num_fused_launches)
+                        / max(1, stats.num_plans),
                     })
                     print_row(rows[-1])
+                    key = (kinds, block_kib, method)
+                    if args.trace and direction == "step" and key not in traced:
+                        traced.add(key)
+                        name = kinds.replace("/", "-")
+                        path = f"{args.trace}/step_{name}_{block_kib}KiB_{method}.json"
+                        timelines[f"{kinds} {block_kib} KiB {method}"] = tl = trace_step(
+                            TorchTransferEngine(gpu, host, method=method), plan, path)
+                        print(f"  timeline of one step plan ({method}, {path}):")
+                        for r in tl[:12]:
+                            print(f"    {r['start_us']:>9.1f} us +{r['dur_us']:>8.1f} us  "
+                                  f"{r['name']}")
             del gpu, host
     print(json.dumps({"benchmark": "bench_transfer", **env, "smoke": args.smoke,
                       "total_mib": args.total_mib, "reps": args.reps,
-                      "ceiling_GBps": ceiling, "results": rows}))
+                      "ceiling_GBps": ceiling, "results": rows, "timelines": timelines}))
     return 0
 
 

@@ -13,7 +13,7 @@ over the same storages::
                 waits only for its own copies (layerwise)
     host_hit_whole  the same, with the whole onboarding done before the forward starts
 
-Target: host_hit - gpu_hit <= 1.2 x the time the onboarded bytes take at the ceiling
+Target: host_hit - gpu_hit <= 1.1 x the time the onboarded bytes take at the ceiling
 (one pinned copy of as many bytes, measured in the same run).
 
     python benchmarks/bench_ttft.py              # CUDA
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onboarding: {onboard_bytes / 2**20:.1f} MiB; host_hit - gpu_hit = "
           f"{overhead_ms:.2f} ms (whole plan first: {whole_ms:.2f} ms); one pinned copy of "
           f"those bytes {ceiling_ms:.2f} ms ({onboard_bytes / ceiling_ms / 1e6:.1f} GB/s); "
-          f"ratio {ratio:.2f} (target <= 1.2)")
+          f"ratio {ratio:.2f} (target <= 1.1); fused copy kernel: {bench.layerwise.fused}")
     print(f"CPU in the host_hit step: schedule {bench.cpu_ms.get('schedule', 0):.2f} ms, "
           f"submit {bench.cpu_ms.get('submit', 0):.2f} ms")
     print(json.dumps({"benchmark": "bench_ttft", **env, "smoke": args.smoke,
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                       "host_layout": args.host_layout, "reps": args.reps, "ttft_ms": ttft_ms,
                       "onboard_bytes": onboard_bytes, "onboard_overhead_ms": overhead_ms,
                       "ceiling_ms": ceiling_ms, "overhead_ratio": ratio,
-                      "whole_overhead_ms": whole_ms, "host_hit_cpu_ms": bench.cpu_ms}))
+                      "whole_overhead_ms": whole_ms, "host_hit_cpu_ms": bench.cpu_ms,
+                      "fused": bench.layerwise.fused}))
     return 0
 
 

@@ -115,12 +115,14 @@ def run_plan(engine: TorchTransferEngine, ops: list[TransferOp]) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("gpu_kind", "host_kind"), LAYOUTS)
-@pytest.mark.parametrize("method", ["auto", "kernel", "dma", "staged"])
+@pytest.mark.parametrize("method", ["auto", "fused", "kernel", "dma", "staged"])
 @pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "whole"])
 def test_random_plans_match_plain_indexing(device: str, gpu_kind: str, host_kind: str,
                                            method: str, layerwise: bool) -> None:
     """Random plans with hazards and partial copies give exactly the in-order result."""
     gpu, host = make_tiers(gpu_kind, host_kind, device)
+    if method == "fused" and not TorchTransferEngine(gpu, host).fused:
+        pytest.skip("the fused kernel needs CUDA, unified addressing and Triton")
     if method == "kernel" and device == "cuda" and not TorchTransferEngine(gpu, host).has_uva:
         pytest.skip("no unified addressing on this machine")
     engine = TorchTransferEngine(gpu, host, method=method, layerwise=layerwise)
@@ -132,6 +134,9 @@ def test_random_plans_match_plain_indexing(device: str, gpu_kind: str, host_kind
         run_plan(engine, ops)
         assert_matches(gpu, host, expected)
     assert engine.stats.num_partial_ops > 0
+    if engine.fused:  # one launch per layer, or one for whole block-major blocks
+        per_plan = 1 if not layerwise and gpu_kind == host_kind == "block_major" else NUM_LAYERS
+        assert engine.stats.num_fused_launches == 25 * per_plan
     # Whole-block DMA needs slots contiguous in memory: whole tensors of one layout kind,
     # or one layer of a layer-major pair.
     if method == "dma" and gpu_kind == host_kind and (not layerwise or gpu_kind == "layer_major"):
@@ -152,7 +157,10 @@ def test_evict_then_onboard_into_the_same_slots(device: str) -> None:
         for i in range(NUM_LAYERS):
             assert torch.equal(after[H][i][g], before[G][i][g])
             assert torch.equal(after[G][i][g], before[H][i][9 - g])
-    assert (engine.stats.num_batches, engine.stats.num_waves) == (2, 2)
+    if engine.fused:  # each offload and the onboard into its slot: one program, in order
+        assert (engine.stats.num_components, engine.stats.num_batches) == (4, 0)
+    else:
+        assert (engine.stats.num_batches, engine.stats.num_waves) == (2, 2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -228,7 +236,8 @@ def test_a_failing_batch_names_the_ops_not_done(device: str) -> None:
            TransferOp(OpKind.OFFLOAD, G, 0, H, 1, TPB),    # wave 2: reads g0 after op 1
            TransferOp(OpKind.ONBOARD, H, 6, G, 7, TPB)]    # wave 0
     before = snapshot(gpu, host)
-    engine = TorchTransferEngine(gpu, host)
+    # The batch path ("kernel" on CUDA): the fused path fails whole plans (test below).
+    engine = TorchTransferEngine(gpu, host, method="kernel")
 
     def fail_in_wave_1(batch: TransferBatch) -> None:
         if batch.wave == 1:
@@ -244,6 +253,31 @@ def test_a_failing_batch_names_the_ops_not_done(device: str) -> None:
     engine.before_batch = None
     run_plan(engine, ops[1:3])  # the engine stays usable
     assert_matches(gpu, host, reference(before, [ops[0], ops[3], ops[1], ops[2]]))
+
+
+@CUDA
+def test_a_failing_fused_launch_fails_every_op() -> None:
+    """A launch that raises (layer 1 of 3) fails the whole plan: every op is named, since
+    layer 0 was copied and layer 2 not; the engine stays usable."""
+    gpu, host = make_tiers("layer_major", "block_major", "cuda")
+    engine = TorchTransferEngine(gpu, host)
+    if not engine.fused:
+        pytest.skip("the fused kernel needs unified addressing and Triton")
+    ops = [TransferOp(OpKind.OFFLOAD, G, 0, H, 0, TPB), TransferOp(OpKind.ONBOARD, H, 5, G, 0, TPB)]
+
+    def fail_layer_1(layer: int | None) -> None:
+        if layer == 1:
+            raise RuntimeError("injected launch failure")
+
+    engine.before_launch = fail_layer_1
+    with pytest.raises(TransferError, match="2 of 2 copies not done") as info:
+        engine.submit(TransferPlan(tuple(ops)))
+    assert info.value.failed_indices == (0, 1)
+    engine.before_launch = None
+    torch.cuda.synchronize()
+    expected = reference(snapshot(gpu, host), ops)
+    run_plan(engine, ops)
+    assert_matches(gpu, host, expected)
 
 
 @CUDA

@@ -143,11 +143,12 @@ def check_batches(batches: Sequence[TransferBatch], ops: Sequence[TransferOp],
                     or (batch.src_tier is batch.dst_tier
                         and any(map(int.__eq__, group.src_slots, group.dst_slots)))):
                 for i in batch.positions:
-                    _check_op(i, ops[i], num_blocks, tokens_per_block)
+                    check_op(i, ops[i], num_blocks, tokens_per_block)
 
 
-def _check_op(i: int, op: TransferOp, num_blocks: dict[Tier, int | None],
-              tokens_per_block: int) -> None:
+def check_op(i: int, op: TransferOp, num_blocks: dict[Tier, int | None],
+             tokens_per_block: int) -> None:
+    """Raise ValueError naming op ``i`` if it is invalid (see ``check_batches``). Pure."""
     for tier, slot in ((op.src_tier, op.src_slot), (op.dst_tier, op.dst_slot)):
         num = num_blocks.get(tier)
         if num is None:

@@ -1,8 +1,14 @@
 """TorchTransferEngine: runs a manager's plans on real KV tensors (extra ``torch``).
 
-A plan is cut into waves and batches (``kvtier.transfer.batching``); each batch copies all
-its blocks with a few large operations, never one Python call per block. Per group of ops
-with the same token count, one of three methods::
+On CUDA with the pinned host seen from the GPU (unified addressing) and Triton present,
+``auto`` and ``fused`` run a plan as one kernel per layer that moves offloads, onboards
+and partial copies at once, ordering only the ops that share a written slot
+(``kvtier.transfer.fused``: the plan is planned as arrays, no Python step per op).
+
+Elsewhere (CPU, ``dma``, ``staged``, no Triton) a plan is cut into waves and batches
+(``kvtier.transfer.batching``); each batch copies all its blocks with a few large
+operations, never one Python call per block. Per group of ops with the same token count,
+one of three methods::
 
     dma      one copy_ per merged run of consecutive slots, on the copy engine; chosen when
              runs are long (at least ``min_dma_copy_bytes`` per call)
@@ -48,6 +54,7 @@ from kvtier.transfer.batching import (
     plan_batches,
 )
 from kvtier.transfer.engine import TransferError
+from kvtier.transfer.fused import FusedCopier, FusedPlan, LaunchTarget, fused_available
 from kvtier.transfer.plan import TransferPlan
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 from kvtier.transfer.torch_memory import (
@@ -63,7 +70,7 @@ if TYPE_CHECKING:
 
     from kvtier.storage import KVStorage
 
-METHODS = ("auto", "kernel", "dma", "staged")
+METHODS = ("auto", "fused", "kernel", "dma", "staged")
 Pair = tuple["torch.Tensor", "torch.Tensor", int]  # source, destination, token axis
 
 
@@ -72,7 +79,8 @@ class TorchTransferEngine:
 
     ``gpu`` may live on the CPU (tests without a GPU); ``host`` is a CPU storage, pinned on
     a CUDA machine, or ``None`` when there is no host tier. ``before_batch`` is called with
-    each batch before it runs (fault injection in tests).
+    each batch before it runs, ``before_launch`` with each layer (``None``: all) before the
+    fused kernel's launch for it (fault injection in tests).
     """
 
     def __init__(
@@ -101,6 +109,7 @@ class TorchTransferEngine:
         self.is_cuda = gpu.device.type == "cuda"
         self.stats = TransferStats()
         self.before_batch: Callable[[TransferBatch], None] | None = None
+        self.before_launch: Callable[[int | None], None] | None = None
         self._tpb = gpu.layout.tokens_per_block
         self._num_layers = gpu.layout.num_layers
         self._bytes_per_token = gpu.layout.bytes_per_token
@@ -118,16 +127,40 @@ class TorchTransferEngine:
                                       Tier.HOST: [a for a in aliases if a is not None]}
             else:
                 self._kernel_views = None
-        if method == "kernel" and self._kernel_views is None:
-            raise ValueError("method 'kernel' needs a pinned host tier visible to the GPU "
+        if method in ("kernel", "fused") and self._kernel_views is None:
+            raise ValueError(f"method {method!r} needs a pinned host tier visible to the GPU "
                              "(unified addressing); use 'auto' or 'staged'")
         self._streams: dict[str, torch.cuda.Stream] = {}
         self._last_done: torch.cuda.Event | None = None
+        self._fused: FusedCopier | None = None
+        if self.has_uva and method in ("auto", "fused") and fused_available():
+            self._fused = self._fused_copier()
+        if method == "fused" and self._fused is None:
+            raise ValueError("method 'fused' needs CUDA, a pinned host tier visible to the GPU "
+                             "and Triton; use 'auto'")
 
     @property
     def has_uva(self) -> bool:
         """Whether gather/scatter kernels reach the host tier directly. Pure."""
         return self.is_cuda and self._kernel_views is not None
+
+    @property
+    def fused(self) -> bool:
+        """Whether plans run as one kernel per layer in every direction at once. Pure."""
+        return self._fused is not None
+
+    def _fused_copier(self) -> FusedCopier:
+        import torch
+
+        assert self._kernel_views is not None
+        views = self._kernel_views
+        layers = [LaunchTarget(self._layer(views, Tier.GPU, i), self._layer(views, Tier.HOST, i), 2)
+                  for i in range(self._num_layers)]
+        whole = None
+        if self._kind(Tier.GPU) == self._kind(Tier.HOST) == "block_major":
+            whole = LaunchTarget(views[Tier.GPU][0], views[Tier.HOST][0], 2 * self._num_layers)
+        num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return FusedCopier(layers, whole, self._tpb, 8 * num_sms)
 
     # ---- the protocol ------------------------------------------------------------------
 
@@ -141,6 +174,8 @@ class TorchTransferEngine:
         ops = plan.ops
         if not ops:
             return TransferHandle(plan)
+        if self._fused is not None:
+            return self._submit_fused(plan, self._fused)
         batches = plan_batches(ops)
         check_batches(batches, ops, self._num_blocks, self._tpb)
         num_waves = batches[-1].wave + 1
@@ -185,6 +220,41 @@ class TorchTransferEngine:
                                 failed_ops, positions) from error[1]
         return TransferHandle(plan, len(batches), num_waves, done,
                               layer_events if self.layerwise and self.is_cuda else None)
+
+    def _submit_fused(self, plan: TransferPlan, fused: FusedCopier) -> TransferHandle:
+        """``submit`` on the fused path: one launch per layer on one stream (layer ``i``'s
+        event completes with its copies). A launch that fails fails every op: earlier
+        layers were copied, later ones not, so no op is surely done."""
+        import torch
+
+        ops = plan.ops
+        start = self._start_events()
+        stream = self._stream("fused")
+        for event in start:
+            stream.wait_event(event)
+        layers: list[int | None] = (list(range(self._num_layers)) if self.layerwise
+                                    else [None])
+        layer_events: list[Any] = []
+        with torch.cuda.stream(stream):
+            prepared = fused.prepare(ops, self._num_blocks, self.device)
+            self._count_arrays(prepared)
+            try:
+                for layer in layers:
+                    if self.before_launch is not None:
+                        self.before_launch(layer)
+                    self.stats.num_fused_launches += fused.launch(prepared, layer)
+                    event = new_event()
+                    event.record(stream)
+                    layer_events.append(event)
+            except Exception as exc:
+                self._last_done = new_event()
+                self._last_done.record(stream)
+                raise TransferError(f"{len(ops)} of {len(ops)} copies not done: the fused "
+                                    f"copy of layer {layer} failed: {exc}", ops,
+                                    range(len(ops))) from exc
+        self._last_done = layer_events[-1]
+        return TransferHandle(plan, 0, 0, layer_events[-1],
+                              layer_events if self.layerwise else None)
 
     def wait(self, handle: TransferHandle, layer: int | None = None) -> None:
         """Make the caller's current stream wait for ``handle``'s copies, or only for those
@@ -234,6 +304,21 @@ class TorchTransferEngine:
                     stats.bytes_d2h += nbytes
                 else:
                     stats.bytes_d2d += nbytes
+
+    def _count_arrays(self, prepared: FusedPlan) -> None:
+        """``_count`` for the fused path, over the plan's arrays."""
+        stats = self.stats
+        a = prepared.arrays
+        stats.num_plans += 1
+        stats.num_ops += len(a.num_tokens)
+        stats.num_components += prepared.num_components
+        stats.num_partial_ops += int((a.num_tokens < self._tpb).sum())
+        for src, dst, field in ((Tier.HOST, Tier.GPU, "bytes_h2d"),
+                                (Tier.GPU, Tier.HOST, "bytes_d2h"),
+                                (Tier.GPU, Tier.GPU, "bytes_d2d")):
+            mask = (a.src_tier == src) & (a.dst_tier == dst)
+            nbytes = int(a.num_tokens[mask].sum()) * self._bytes_per_token
+            setattr(stats, field, getattr(stats, field) + nbytes)
 
     # ---- streams and events ------------------------------------------------------------
 

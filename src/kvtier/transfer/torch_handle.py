@@ -23,6 +23,8 @@ class TransferStats:
     num_kernel_groups: int = 0
     num_staged_groups: int = 0
     num_dma_copies: int = 0
+    num_fused_launches: int = 0  # fused path: kernels launched
+    num_components: int = 0  # fused path: groups of ops that share a written slot
     bytes_h2d: int = 0
     bytes_d2h: int = 0
     bytes_d2d: int = 0

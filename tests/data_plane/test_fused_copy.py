@@ -1,0 +1,177 @@
+"""The fused path: plans as arrays, components of ops that share a written slot, and the
+one-kernel copy (run in Triton's interpreter on CPU tensors; on CUDA by the engine tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import random
+from typing import TYPE_CHECKING
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
+                                            "pip install 'kvtier[torch]'")
+
+from kvtier.storage import KVLayout, KVStorage  # noqa: E402
+from kvtier.tier import Tier  # noqa: E402
+from kvtier.transfer.fused import (  # noqa: E402
+    FusedCopier,
+    LaunchTarget,
+    check_arrays,
+    components,
+    plan_arrays,
+)
+from kvtier.transfer.plan import OpKind, TransferOp  # noqa: E402
+from kvtier.transfer.torch_memory import copy_view  # noqa: E402
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+G, H = Tier.GPU, Tier.HOST
+TPB = 4
+NUM_LAYERS = 2
+TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                            reason="needs Triton (its interpreter runs the kernel on CPU)")
+
+
+def offload(g: int, h: int) -> TransferOp:
+    """GPU slot g -> host slot h, a whole block."""
+    return TransferOp(OpKind.OFFLOAD, G, g, H, h, TPB)
+
+
+def onboard(h: int, g: int) -> TransferOp:
+    """Host slot h -> GPU slot g, a whole block."""
+    return TransferOp(OpKind.ONBOARD, H, h, G, g, TPB)
+
+
+def grouped(ops: list[TransferOp]) -> list[list[int]] | None:
+    """The components as lists of plan positions, in run order."""
+    result = components(plan_arrays(ops))
+    if result is None:
+        return None
+    order, starts = result
+    bounds = starts.tolist()
+    return [order[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+
+
+def test_evict_then_onboard_pairs_each_offload_with_its_onboard() -> None:
+    """Offload g -> h, onboard into g: one component per GPU slot, offload first; ops on
+    slots nobody writes twice or reads after a write stay alone."""
+    #   0 off g0->h0   1 off g1->h1   2 on h9->g0   3 on h8->g1   4 on h7->g5
+    ops = [offload(0, 0), offload(1, 1), onboard(9, 0), onboard(8, 1), onboard(7, 5)]
+    assert grouped(ops) == [[0, 2], [1, 3], [4]]
+    # No op touches a slot another writes: no components at all (one op each).
+    assert grouped([offload(0, 0), offload(1, 1), onboard(9, 2)]) is None
+    # Two reads of one slot are not ordered; a chain through the host is.
+    #   0 off g0->h3   1 off g0->h4   2 on h3->g2
+    assert grouped([offload(0, 3), offload(0, 4), onboard(3, 2)]) == [[0, 2], [1]]
+
+
+SLOT = st.integers(0, 3)
+
+
+@st.composite
+def any_op(draw: st.DrawFn) -> TransferOp:
+    """An offload, an onboard or a partial copy among 4 GPU and 4 host slots."""
+    kind = draw(st.sampled_from(["offload", "onboard", "copy"]))
+    if kind == "offload":
+        return offload(draw(SLOT), draw(SLOT))
+    if kind == "onboard":
+        return onboard(draw(SLOT), draw(SLOT))
+    src, g = draw(st.sampled_from([G, H])), draw(SLOT)
+    s = draw(SLOT.filter(lambda x: (src, x) != (G, g)))
+    return TransferOp(OpKind.COPY, src, s, G, g, draw(st.integers(1, TPB)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(any_op(), min_size=1, max_size=30))
+def test_conflicting_ops_share_a_component_in_plan_order(ops: list[TransferOp]) -> None:
+    """Any two ops touching a slot that one of them writes are in one component, which
+    lists its ops in plan order; every op is in exactly one component."""
+    groups = grouped(ops) or [[i] for i in range(len(ops))]
+    assert sorted(i for g in groups for i in g) == list(range(len(ops)))
+    assert all(g == sorted(g) for g in groups)
+    where = {i: n for n, g in enumerate(groups) for i in g}
+    for j, b in enumerate(ops):
+        for i in range(j):
+            a = ops[i]
+            writes_a, writes_b = (a.dst_tier, a.dst_slot), (b.dst_tier, b.dst_slot)
+            if writes_a in ((b.src_tier, b.src_slot), writes_b) or writes_b == (a.src_tier,
+                                                                                a.src_slot):
+                assert where[i] == where[j], (ops, groups)
+
+
+def test_array_check_names_the_first_bad_op() -> None:
+    """The array check raises the same ValueError as the batch path, naming the op."""
+    good = offload(0, 0)
+    num_blocks: dict[Tier, int | None] = {G: 12, H: 10}
+    cases = [([good, onboard(10, 0)], "op 1 .*slot 10 outside the 10 HOST blocks"),
+             ([TransferOp(OpKind.COPY, G, 1, G, 2, 5)], r"num_tokens must be in 1\.\.4"),
+             ([good, TransferOp(OpKind.COPY, G, 1, G, 1, 2)], "op 1 .*copies a slot onto itself")]
+    for ops, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_arrays(plan_arrays(ops), ops, num_blocks, TPB)
+    with pytest.raises(ValueError, match="HOST tier, which has no storage"):
+        check_arrays(plan_arrays([good]), [good], {G: 12, H: None}, TPB)
+
+
+def make_copier(gpu_kind: str, host_kind: str) -> tuple[KVStorage, KVStorage, FusedCopier]:
+    """CPU storages with random values and a copier whose kernel runs interpreted."""
+    def layout(kind: str) -> KVLayout:
+        return KVLayout(NUM_LAYERS, 2, 4, TPB, "float32", kind)
+
+    gpu, host = KVStorage(layout(gpu_kind), 12), KVStorage(layout(host_kind), 10)
+    gen = torch.Generator().manual_seed(0)
+    for storage in (gpu, host):
+        for t in storage.tensors:
+            t.copy_(torch.randn(t.shape, generator=gen))
+    views = {tier: [copy_view(t) for t in s.tensors] for tier, s in ((G, gpu), (H, host))}
+
+    def layer(tier: Tier, kind: str, i: int) -> Tensor:
+        return views[tier][0][:, i] if kind == "block_major" else views[tier][i]
+
+    layers = [LaunchTarget(layer(G, gpu_kind, i), layer(H, host_kind, i), 2)
+              for i in range(NUM_LAYERS)]
+    whole = None
+    if gpu_kind == host_kind == "block_major":
+        whole = LaunchTarget(views[G][0], views[H][0], 2 * NUM_LAYERS)
+    return gpu, host, FusedCopier(layers, whole, TPB, num_programs=3, interpret=True)
+
+
+@TRITON
+@pytest.mark.parametrize(("gpu_kind", "host_kind"), [("block_major", "block_major"),
+                                                     ("layer_major", "block_major")])
+def test_fused_kernel_matches_plain_indexing(gpu_kind: str, host_kind: str) -> None:
+    """Random plans with hazards and partial copies, layer by layer and whole: the kernel
+    gives exactly the in-order result."""
+    gpu, host, copier = make_copier(gpu_kind, host_kind)
+    storages = {G: gpu, H: host}
+    rng = random.Random(gpu_kind + host_kind)
+    for trial in range(6):
+        ops: list[TransferOp] = []
+        for _ in range(rng.randrange(1, 16)):
+            kind = rng.randrange(3)
+            if kind == 0:
+                ops.append(offload(rng.randrange(12), rng.randrange(10)))
+            elif kind == 1:
+                ops.append(onboard(rng.randrange(10), rng.randrange(12)))
+            else:
+                src, dst = rng.choice([(G, 12), (H, 10)]), rng.randrange(12)
+                slot = rng.choice([x for x in range(src[1]) if (src[0], x) != (G, dst)])
+                ops.append(TransferOp(OpKind.COPY, src[0], slot, G, dst, rng.randrange(1, 5)))
+        expected = {tier: [s.layer(i).clone() for i in range(NUM_LAYERS)]
+                    for tier, s in storages.items()}
+        for op in ops:
+            for i in range(NUM_LAYERS):
+                n = op.num_tokens
+                expected[op.dst_tier][i][op.dst_slot, :, :n] = \
+                    expected[op.src_tier][i][op.src_slot, :, :n]
+        prepared = copier.prepare(ops, {G: 12, H: 10}, torch.device("cpu"))
+        for layer in (None,) if trial % 2 else range(NUM_LAYERS):
+            copier.launch(prepared, layer)
+        for tier, s in storages.items():
+            for i in range(NUM_LAYERS):
+                assert torch.equal(s.layer(i), expected[tier][i]), (trial, tier, i, ops)
