@@ -14,6 +14,7 @@ from kvtier.router import CacheAware
 from kvtier.sim import SyntheticChat
 from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
 from kvtier.sim.fleet_report import FleetReport, format_fleet_report
+from kvtier.sim.timemodel import RemoteLink
 
 NUM_INSTANCES = 4
 
@@ -102,15 +103,18 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_shared_remote_tier_lifts_round_robin() -> None:
-    """A write-through remote tier shared by the fleet lets round-robin reuse prefixes
-    another instance computed: its hit rate rises to cache-aware routing's, through host
-    imports; write-back shares only what instances evict, and still helps."""
+    """On a link above the break-even (25 GB/s), a write-through remote tier shared by the
+    fleet lets round-robin reuse prefixes another instance computed: its hit rate rises to
+    cache-aware routing's, through host imports; write-back shares only what instances
+    evict, and still helps."""
     workload = SyntheticChat(num_requests=300, seed=0)
     cache = CacheConfig(num_gpu_blocks=768, num_host_blocks=256)
+    fast = RemoteLink(bytes_per_s=25e9)
     alone = simulate_fleet(workload, cache, 4, "round-robin")
-    back = simulate_fleet(workload, cache, 4, "round-robin", remote="write-back")
+    back = simulate_fleet(workload, cache, 4, "round-robin", remote="write-back",
+                          remote_link=fast)
     through = simulate_fleet(workload, cache, 4, "round-robin", remote="write-through",
-                             check_every=25)
+                             check_every=25, remote_link=fast)
     aware = simulate_fleet(workload, cache, 4, "cache-aware")
     assert alone.remote is None
     assert through.remote is not None and back.remote is not None

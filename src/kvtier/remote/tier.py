@@ -12,6 +12,10 @@
              and writes their KV there, so admission onboards them like any host hit, with
              exact credit. The engine holds the request back until its fetch is done or
              ``fetch_deadline_s`` passes, then it goes on without what has not arrived.
+    decide   with ``recompute_s_per_token`` (the model's prefill seconds per token), only
+             the part of the missing prefix whose fetch beats its recompute is read
+             (:func:`num_blocks_worth_fetching`), under the read throughput the tier
+             measures on its own fetches (``measured_bytes_per_s``); without it, all of it.
 
 Keys are content hashes under a namespace that fingerprints model, block shape, dtype and
 memory layout (the tier refuses a store whose namespace is not its storages' layout), and a
@@ -54,6 +58,57 @@ class _Fetch:
     released: bool = False
 
 
+# What a fetch costs before the first measurement (benchmarks/bench_remote.py: one Redis on
+# loopback, redis-py with hiredis; see benchmarks/results/remote.md). The tier replaces the
+# throughput with what its own fetches take.
+DEFAULT_FETCH_LATENCY_S = 0.5e-3
+DEFAULT_FETCH_BYTES_PER_S = 0.5e9
+# Weight of the newest fetch in the tier's running estimate of the store's read throughput.
+THROUGHPUT_EWMA_WEIGHT = 0.25
+
+
+def num_blocks_worth_fetching(num_blocks: int, *, latency_s: float, fetch_s_per_block: float,
+                              recompute_s_per_block: float,
+                              max_wait_s: float | None = None) -> int:
+    """How many of the next ``num_blocks`` blocks of a prefix to fetch from a remote store
+    rather than recompute: the first ``k``, where ``k`` is the answer. Pure.
+
+    ::
+
+        prefix   | local tiers | fetched: k blocks   | recomputed: the rest      |
+        time     fetch = latency_s + k x fetch_s_per_block  vs  k x recompute_s_per_block
+
+    The rule, per fetch, from the costs the caller measures or is configured with:
+
+    1. A block is worth fetching only if reading it is faster than computing it:
+       ``fetch_s_per_block < recompute_s_per_block``, i.e. the store's read throughput is
+       above the break-even ``KV bytes per token / prefill seconds per token`` (131,072 B /
+       40 us = 3.3 GB/s for Llama-3-8B on an H100). Otherwise nothing is fetched.
+    2. Blocks that could not arrive within ``max_wait_s`` (a request's fetch deadline) are
+       not fetched: the request would go on without them. So a prefix's first blocks may be
+       worth fetching and the rest not.
+    3. The fixed ``latency_s`` must be paid back: ``k x (recompute - fetch) > latency_s``.
+       The saving grows with ``k``, so the answer is the most blocks rule 2 allows, or 0.
+
+    Raises ValueError for a negative count or a cost that is not a finite number >= 0.
+    """
+    if type(num_blocks) is not int or num_blocks < 0:
+        raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
+    latency_s = check_number("latency_s", latency_s, 0.0, 3600.0)
+    fetch_s = check_number("fetch_s_per_block", fetch_s_per_block, 0.0, 3600.0)
+    recompute_s = check_number("recompute_s_per_block", recompute_s_per_block, 0.0, 3600.0)
+    if num_blocks == 0 or fetch_s >= recompute_s:
+        return 0
+    k = num_blocks
+    if max_wait_s is not None:
+        wait_s = check_number("max_wait_s", max_wait_s, 0.0, 3600.0)
+        if latency_s >= wait_s:
+            return 0
+        if fetch_s > 0:
+            k = min(k, int((wait_s - latency_s) / fetch_s))
+    return k if k * (recompute_s - fetch_s) > latency_s else 0
+
+
 WritePolicy = Literal["write-through", "write-back"]
 """When blocks reach the shared store: as soon as they are computed (write-through), or
 when host blocks leave the cache (write-back)."""
@@ -65,7 +120,10 @@ class RemoteTier:
 
     def __init__(self, store: RemoteStore, manager: KVCacheManager, gpu: KVStorage,
                  host: KVStorage, fetch_deadline_s: float = 1.0,
-                 write_policy: WritePolicy = "write-through") -> None:
+                 write_policy: WritePolicy = "write-through", *,
+                 recompute_s_per_token: float | None = None,
+                 fetch_latency_s: float = DEFAULT_FETCH_LATENCY_S,
+                 fetch_bytes_per_s: float = DEFAULT_FETCH_BYTES_PER_S) -> None:
         config = manager.config
         if config.hash_algo != "sha256":
             raise ValueError("a shared remote tier needs hash_algo='sha256' (the same hash "
@@ -83,6 +141,13 @@ class RemoteTier:
         self.fetch_deadline_s = check_number("fetch_deadline_s", fetch_deadline_s, 0.0, 3600.0)
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
+        self.recompute_s_per_token = None
+        if recompute_s_per_token is not None:
+            self.recompute_s_per_token = check_number(
+                "recompute_s_per_token", recompute_s_per_token, 0.0, 3600.0)
+        self.fetch_latency_s = check_number("fetch_latency_s", fetch_latency_s, 0.0, 3600.0)
+        self._bytes_per_s = check_number("fetch_bytes_per_s", fetch_bytes_per_s, 0.0, 1e15,
+                                         low_open=True)
         self.store = store
         self.write_policy = write_policy
         if write_policy == "write-back":
@@ -98,6 +163,49 @@ class RemoteTier:
         self._tpb = config.tokens_per_block
         self.num_written_blocks = 0
         self.num_fetched_blocks = 0
+        self.num_skipped_blocks = 0  # missing blocks cheaper to recompute than to fetch
+
+    @property
+    def measured_bytes_per_s(self) -> float:
+        """The store's read throughput as this tier's fetches saw it (bytes of the values
+        found over the time from asking to having them, queueing included; a running
+        average), or ``fetch_bytes_per_s`` before the first fetch that found anything.
+        Pure."""
+        with self._lock:
+            return self._bytes_per_s
+
+    def num_blocks_to_fetch(self, num_missing: int) -> int:
+        """How many of ``num_missing`` blocks past the local tiers this tier would fetch now:
+        all of them without ``recompute_s_per_token``, else :func:`num_blocks_worth_fetching`
+        under the measured throughput and ``fetch_deadline_s``. Pure.
+
+        NOTE: the rule assumes the store holds every one of them; where it holds fewer, the
+        fetch saves less, and loses at most one ``fetch_latency_s`` against a recompute."""
+        if self.recompute_s_per_token is None:
+            return num_missing
+        bytes_per_block = self.store.namespace.layout.bytes_per_block
+        return num_blocks_worth_fetching(
+            num_missing, latency_s=self.fetch_latency_s,
+            fetch_s_per_block=bytes_per_block / self.measured_bytes_per_s,
+            recompute_s_per_block=self._tpb * self.recompute_s_per_token,
+            max_wait_s=self.fetch_deadline_s)
+
+    def _wanted(self, hashes: list[int], tokens: list[int], salt: bytes | str | int | None,
+                lora_id: int | None) -> list[int]:
+        """The hashes to fetch: past the local tiers, as many as are worth it."""
+        missing = hashes[self._num_local_blocks(tokens, salt, lora_id):]
+        k = self.num_blocks_to_fetch(len(missing))
+        self.num_skipped_blocks += len(missing) - k
+        return missing[:k]
+
+    def _measured(self, found: dict[int, bytes], elapsed_s: float) -> None:
+        """Fold one fetch's throughput into the running estimate."""
+        num_bytes = sum(len(v) for v in found.values())
+        if not num_bytes or elapsed_s <= 0:
+            return
+        sample = num_bytes / elapsed_s
+        with self._lock:
+            self._bytes_per_s += THROUGHPUT_EWMA_WEIGHT * (sample - self._bytes_per_s)
 
     def block_hashes(self, tokens: list[int], salt: object, lora_id: int | None) -> list[int]:
         """The chained hashes of the full blocks of ``tokens``, as the manager names them.
@@ -149,11 +257,13 @@ class RemoteTier:
         """Fetch now (blocking) and import the blocks of ``tokens`` that the store has past
         the local tiers' prefix into host blocks; returns how many were imported."""
         hashes = self._reusable_hashes(tokens, salt, lora_id)
-        wanted = hashes[self._num_local_blocks(tokens, salt, lora_id):]
+        wanted = self._wanted(hashes, tokens, salt, lora_id)
         if not wanted:
             return 0
         fetch = _Fetch(list(tokens), salt, lora_id, hashes, time.monotonic())
-        return self._import(fetch, self.store.get_many(wanted))
+        found = self.store.get_many(wanted)
+        self._measured(found, time.monotonic() - fetch.started_s)
+        return self._import(fetch, found)
 
     def start_fetch(self, request_id: str, tokens: list[int],
                     salt: bytes | str | int | None = None, lora_id: int | None = None) -> bool:
@@ -162,16 +272,17 @@ class RemoteTier:
         if request_id in self._pending:
             return False
         hashes = self._reusable_hashes(tokens, salt, lora_id)
-        wanted = hashes[self._num_local_blocks(tokens, salt, lora_id):]
+        wanted = self._wanted(hashes, tokens, salt, lora_id)
         if not wanted:
             return False
+        fetch = _Fetch(list(tokens), salt, lora_id, hashes, time.monotonic())
 
         def arrived(found: dict[int, bytes]) -> None:
+            self._measured(found, time.monotonic() - fetch.started_s)
             with self._lock:
                 self._done[request_id] = found
             self._arrived.set()
 
-        fetch = _Fetch(list(tokens), salt, lora_id, hashes, time.monotonic())
         self._pending[request_id] = fetch
         if not self.store.prefetch(wanted, arrived):
             del self._pending[request_id]

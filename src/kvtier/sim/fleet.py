@@ -12,46 +12,95 @@ Requests are taken in arrival order; for each one at time ``t``::
 
 After the last arrival every instance runs to completion. The index lags the instances by
 up to one step, as a real subscriber would.
+
+With a shared remote tier, every fetch is charged (:class:`~kvtier.sim.timemodel.RemoteLink`)::
+
+    arrival t   missing = the prompt's blocks past what the chosen instance holds
+                k = how many of them to fetch: those whose fetch beats their recompute
+                    (kvtier.remote.tier.num_blocks_worth_fetching, the rule the engine's
+                    RemoteTier uses) or, with fetch="whole-prefix", all of them
+                the request is held; the store reads the blocks of missing[:k] it has:
+                    start = max(t, when the store is free)
+                    done  = start + latency + bytes found / bytes_per_s
+                at done: the consecutive run found is imported into the instance's host
+                tier and the request released (at t + fetch_deadline_s at the latest,
+                without what has not arrived); admission onboards the run over PCIe
+    every step  the blocks it writes (write-through: stored, write-back: evicted) queue on
+                the same store and become visible to fetches when their write is done
+
+so a remote hit is never cheaper than its fetch: the request's TTFT includes the wait.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, get_args
 
 from kvtier.config import CacheConfig
 from kvtier.events import BlockRemoved, BlockStored, Event
 from kvtier.publisher import InMemoryEventBus, Snapshot, manager_snapshot
 from kvtier.remote import RemoteStore
 from kvtier.remote.codec import RemoteNamespace
-from kvtier.remote.tier import WRITE_POLICIES, WritePolicy
+from kvtier.remote.tier import WRITE_POLICIES, WritePolicy, num_blocks_worth_fetching
 from kvtier.router import CacheAware, InstanceLoad, Router, RoutingPolicy, make_policy
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.fleet_report import FleetReport, InstanceRun, fleet_report
 from kvtier.sim.replay import ReplayLoop, SimulationStalled, as_time_model, fewer_gc_passes
-from kvtier.sim.timemodel import ModelProfile, TimeModel
+from kvtier.sim.report import Summary
+from kvtier.sim.timemodel import ModelProfile, RemoteLink, TimeModel
 from kvtier.sim.workload import TraceRequest, Workload
 from kvtier.storage import KVLayout
 
+FetchMode = Literal["beats-recompute", "whole-prefix"]
+"""Which missing blocks a fetch reads: those whose fetch beats their recompute, or all."""
+FETCH_MODES: tuple[FetchMode, ...] = get_args(FetchMode)
+
 
 class _SharedTier:
-    """The fleet's shared remote tier as block hashes: a set, or a real store (e.g. Redis)
-    holding a small stand-in value per block, so its latency and faults are real."""
+    """The fleet's shared remote tier: which blocks it holds and since when, and the store's
+    queue of transfers (:class:`RemoteLink`). The blocks live in a dict, or in a real store
+    (e.g. Redis) as small stand-in values, so its faults are real; the time is the link's.
+    """
 
-    def __init__(self, store: RemoteStore | None) -> None:
+    def __init__(self, store: RemoteStore | None, link: RemoteLink, bytes_per_block: int) -> None:
         self.store = store
-        self.hashes: set[int] = set()
+        self.link = link
+        self.bytes_per_block = bytes_per_block
+        self.visible_s: dict[int, float] = {}  # block hash -> when its write is done
+        self.free_s = 0.0  # when the store is done with every transfer queued so far
+        self.num_written_blocks = self.num_dropped_writes = 0
         self._value = b""
         if store is not None:
             self._value = bytes(store.namespace.layout.bytes_per_block)
 
-    def add(self, hashes: Iterable[int]) -> None:
-        if self.store is None:
-            self.hashes.update(hashes)
-        else:
-            self.store.put_many(dict.fromkeys(hashes, self._value))
+    def reserve(self, at_s: float, num_bytes: int) -> float:
+        """Queue a transfer of ``num_bytes`` at ``at_s``; when the store has moved them."""
+        start_s = max(at_s, self.free_s)
+        self.free_s = start_s + self.link.transfer_seconds(num_bytes)
+        return self.free_s
+
+    def add(self, hashes: list[int], now_s: float) -> None:
+        """Write ``hashes`` (one batch, at ``now_s``), or drop them if the store is more
+        than ``max_backlog_s`` behind."""
+        if not hashes:
+            return
+        if self.free_s - now_s > self.link.max_backlog_s:
+            self.num_dropped_writes += len(hashes)
+            return
+        if self.store is not None:
+            written = self.store.put_many(dict.fromkeys(hashes, self._value))
+            if not written:
+                return
+        done_s = self.reserve(now_s, len(hashes) * self.bytes_per_block)
+        self.num_written_blocks += len(hashes)
+        visible = self.visible_s
+        for h in hashes:
+            if h not in visible:  # a rewrite of a block does not hide it meanwhile
+                visible[h] = done_s
 
     def store_errors(self) -> dict[str, int]:
         """The real store's fault counters (all 0 for the in-memory set): a store that
@@ -64,13 +113,27 @@ class _SharedTier:
                 "num_failed_puts": stats.num_failed_puts,
                 "num_short_circuited": stats.num_short_circuited}
 
-    def run_length(self, hashes: list[int]) -> int:
-        """How many of ``hashes``, from the first, the tier holds."""
-        present = self.hashes if self.store is None else self.store.contains_many(hashes)
-        run = 0
-        while run < len(hashes) and hashes[run] in present:
-            run += 1
-        return run
+    def visible(self, hashes: list[int], at_s: float) -> set[int]:
+        """Which of ``hashes`` have been written by ``at_s`` (their write done). Pure."""
+        visible = self.visible_s
+        return {h for h in hashes if visible.get(h, float("inf")) <= at_s}
+
+    def read(self, hashes: list[int]) -> set[int]:
+        """Which of ``hashes`` (all visible) a read returns: all of them from the dict; from
+        a real store, those it still answers for (a fault is a miss)."""
+        if self.store is None or not hashes:
+            return set(hashes)
+        return set(self.store.get_many(hashes))
+
+
+@dataclass(slots=True)
+class _Fetch:
+    """A fetch in flight: its request, its prompt, the hashes read, when they arrive."""
+
+    request_id: str
+    prompt: list[int]
+    found: set[int]
+    done_s: float
 
 
 def stand_in_namespace(tokens_per_block: int) -> RemoteNamespace:
@@ -90,6 +153,10 @@ class _Instance:
         self.pending: deque[tuple[float, list[Event]]] = deque()
         self.next_seq = 0  # one past the last event drained
         self.num_routed = 0
+        # Remote fetches in flight: (time, order, fetch or a request id to release).
+        self.fetches: list[tuple[float, int, _Fetch | str]] = []
+        self.num_fetch_events = 0
+        self.num_imported_blocks = 0
 
     def queue_depth(self) -> int:
         scheduler = self.loop.scheduler
@@ -103,18 +170,62 @@ class _Instance:
 
     def advance_to(self, t: float) -> None:
         loop = self.loop
-        while loop.scheduler.has_unfinished() and loop.now_s < t:
-            if not loop.step():
-                break  # nothing can be scheduled until an arrival
-            self._collect()
+        while True:
+            self._land_fetches()
+            if not (loop.scheduler.has_unfinished() and loop.now_s < t):
+                break
+            if loop.step():
+                self._collect()
+                continue
+            # Nothing can be scheduled until a fetch lands or a request arrives.
+            next_s = self.fetches[0][0] if self.fetches else None
+            if next_s is None or next_s >= t:
+                break
+            loop.now_s = next_s
         loop.now_s = max(loop.now_s, t)
+        self._land_fetches()
 
     def finish(self) -> None:
         loop = self.loop
-        while loop.scheduler.has_unfinished():
-            if not loop.step():
+        while True:
+            self._land_fetches()
+            if not loop.scheduler.has_unfinished():
+                break
+            if loop.step():
+                self._collect()
+            elif self.fetches:
+                loop.now_s = max(loop.now_s, self.fetches[0][0])
+            else:
                 raise SimulationStalled(f"instance {self.instance_id}: {loop.stall_message()}")
-            self._collect()
+
+    def start_fetch(self, fetch: _Fetch, release_s: float) -> None:
+        """Hold the fetch's request until its blocks land (or ``release_s``, if earlier)."""
+        self.loop.scheduler.hold(fetch.request_id)
+        self._push(fetch.done_s, fetch)
+        if release_s < fetch.done_s:
+            self._push(release_s, fetch.request_id)
+
+    def _push(self, at_s: float, item: _Fetch | str) -> None:
+        self.num_fetch_events += 1
+        heapq.heappush(self.fetches, (at_s, self.num_fetch_events, item))
+
+    def _land_fetches(self) -> None:
+        """Import the fetches that have arrived by now and release their requests."""
+        fetches, loop = self.fetches, self.loop
+        while fetches and fetches[0][0] <= loop.now_s:
+            item = heapq.heappop(fetches)[2]
+            if isinstance(item, str):
+                loop.scheduler.release(item)  # its deadline: it goes on without the rest
+                continue
+            manager = loop.manager
+            # The local tiers may have grown meanwhile: import from where they end now.
+            missing = manager.missing_block_hashes(item.prompt)
+            run = 0
+            while run < len(missing) and missing[run] in item.found:
+                run += 1
+            if run:
+                self.num_imported_blocks += len(manager.import_blocks(item.prompt, run))
+            loop.scheduler.release(item.request_id)
 
     def _collect(self) -> None:
         events = self.loop.manager.drain_events()
@@ -123,7 +234,8 @@ class _Instance:
             # tier (write-through: every block stored), where every instance can fetch it,
             # content-addressed by its chained hash.
             written = self.written
-            self.remote.add(e.block_hash for e in events if isinstance(e, written))
+            self.remote.add([e.block_hash for e in events if isinstance(e, written)],
+                            self.loop.now_s)
         if events:
             self.next_seq = events[-1].seq + 1
             self.pending.append((self.loop.now_s, events))
@@ -147,6 +259,9 @@ def simulate_fleet(
     check_every: int | None = None,
     remote: WritePolicy | None = None,
     remote_store: RemoteStore | None = None,
+    remote_link: RemoteLink | None = None,
+    fetch: FetchMode = "beats-recompute",
+    fetch_deadline_s: float = 1.0,
 ) -> FleetReport:
     """Replay ``workload`` through ``num_instances`` engines of ``cache`` each behind a
     router with ``policy``; see the module docstring.
@@ -156,10 +271,13 @@ def simulate_fleet(
     or ``write-through``), the fleet shares an unbounded remote tier: blocks leaving an
     instance (or, write-through, every block it stores) are written to it (to a set, or
     to ``remote_store`` as small stand-in values keyed by block hash: see
-    ``stand_in_namespace``), and
-    a request's prefix found there past what its instance holds is imported into that
-    instance's host tier when the request arrives (the fetch itself is not timed). Other
-    arguments as in
+    ``stand_in_namespace``), and a request's prefix found there past what its instance
+    holds is fetched, charged on ``remote_link`` (default: :class:`RemoteLink`'s measured
+    figures), into that instance's host tier while the request is held: with ``fetch``
+    ``"beats-recompute"`` only the blocks whose fetch beats their recompute under the
+    profile's prefill cost (none when the link is slower than
+    ``TimeModel.break_even_bytes_per_s``), with ``"whole-prefix"`` all of them; a request
+    waits at most ``fetch_deadline_s`` (see the module docstring). Other arguments as in
     :func:`kvtier.sim.simulate`. Raises ValueError for a bad argument and
     :class:`SimulationStalled` if an instance can never admit its waiting requests.
     """
@@ -180,8 +298,22 @@ def simulate_fleet(
         raise ValueError(f"remote must be None or one of {WRITE_POLICIES}, got {remote!r}")
     if remote_store is not None and remote is None:
         raise ValueError("remote_store needs a remote write policy")
-    shared = _SharedTier(remote_store) if remote else None
-    remote_stats = {"num_lookups": 0, "num_hit_blocks": 0, "num_imported_blocks": 0}
+    link = remote_link if remote_link is not None else RemoteLink()
+    if not isinstance(link, RemoteLink):
+        raise ValueError(f"remote_link must be a RemoteLink or None, got {remote_link!r}")
+    if fetch not in FETCH_MODES:
+        raise ValueError(f"fetch must be one of {FETCH_MODES}, got {fetch!r}")
+    if isinstance(fetch_deadline_s, bool) or not isinstance(fetch_deadline_s, (int, float)) \
+            or not 0 <= fetch_deadline_s <= 3600:
+        raise ValueError(f"fetch_deadline_s must be a number in [0, 3600], got "
+                         f"{fetch_deadline_s!r}")
+    tpb = cache.tokens_per_block
+    shared = (_SharedTier(remote_store, link, tpb * model.profile.kv_bytes_per_token)
+              if remote else None)
+    plan = _FetchPlan(fetch, tpb * model.profile.prefill_s_per_token, float(fetch_deadline_s))
+    remote_stats = dict.fromkeys(("num_lookups", "num_hit_blocks", "num_fetches",
+                                  "num_fetched_blocks", "num_skipped_blocks"), 0)
+    fetch_s: list[float] = []
     instances = [_Instance(f"i{k}", ReplayLoop(cache, sched, model, time_scale, progress,
                                                check_every),
                            shared, remote == "write-through")
@@ -209,9 +341,9 @@ def simulate_fleet(
             max_excess = max(max_excess, depth - min(x.queue_depth for x in loads))
             num_over += depth > bound_policy.bound(loads)
             chosen.num_routed += 1
-            if shared is not None:
-                _fetch_remote(chosen, request, shared, remote_stats)
             chosen.loop.arrive(request)
+            if shared is not None and request.request_id in chosen.loop.live:
+                _fetch_remote(chosen, request, t, shared, plan, remote_stats, fetch_s)
         for inst in instances:
             inst.finish()
     wall_s = time.perf_counter() - wall_start
@@ -230,16 +362,59 @@ def simulate_fleet(
                           max_excess, num_over, events, wall_s)
     if shared is None:
         return report
-    return replace(report, remote={"policy": remote, **remote_stats, **shared.store_errors()})
+    return replace(report, remote={
+        "policy": remote, "fetch": fetch, "latency_s": link.latency_s,
+        "bytes_per_s": link.bytes_per_s, "break_even_bytes_per_s": model.break_even_bytes_per_s,
+        "fetch_deadline_s": plan.deadline_s, **remote_stats,
+        "num_imported_blocks": sum(inst.num_imported_blocks for inst in instances),
+        "num_written_blocks": shared.num_written_blocks,
+        "num_dropped_writes": shared.num_dropped_writes,
+        "fetch_s": asdict(Summary.of(fetch_s)),
+        **shared.store_errors()})
 
 
-def _fetch_remote(inst: _Instance, request: TraceRequest, shared: _SharedTier,
-                  stats: dict[str, int]) -> None:
-    """Import into ``inst``'s host tier the blocks of ``request`` that the shared tier has
-    past what ``inst`` holds (the chain stops at the first block it lacks)."""
+def _fetch_remote(inst: _Instance, request: TraceRequest, t: float, shared: _SharedTier,
+                  plan: _FetchPlan, stats: dict[str, int], fetch_s: list[float]) -> None:
+    """Start the fetch, charged, of the blocks of ``request`` (arrived at ``t``) past what
+    ``inst`` holds: as many as ``plan`` says, of which the store returns those it has; see
+    the module docstring."""
     manager = inst.loop.manager
     stats["num_lookups"] += 1
-    found = shared.run_length(manager.missing_block_hashes(request.prompt))
-    if found:
-        stats["num_hit_blocks"] += found
-        stats["num_imported_blocks"] += len(manager.import_blocks(request.prompt, found))
+    missing = manager.missing_block_hashes(request.prompt)
+    if not missing:
+        return
+    visible = shared.visible(missing, t)
+    run = 0
+    while run < len(missing) and missing[run] in visible:
+        run += 1
+    stats["num_hit_blocks"] += run
+    link = shared.link
+    wait_s = max(0.0, shared.free_s - t)  # the store's queue ahead of this read
+    if plan.mode == "whole-prefix":
+        num_asked = len(missing)
+    else:
+        # NOTE: like the engine, decided before knowing how many the store has: a fetch
+        # that finds fewer loses at most one latency against their recompute.
+        num_asked = num_blocks_worth_fetching(
+            len(missing), latency_s=link.latency_s + wait_s,
+            fetch_s_per_block=link.transfer_seconds(shared.bytes_per_block),
+            recompute_s_per_block=plan.recompute_s_per_block, max_wait_s=plan.deadline_s)
+    stats["num_skipped_blocks"] += run - min(run, num_asked)
+    if not num_asked:
+        return
+    found = shared.read([h for h in missing[:num_asked] if h in visible])
+    done_s = shared.reserve(t, len(found) * shared.bytes_per_block) + link.latency_s
+    stats["num_fetches"] += 1
+    stats["num_fetched_blocks"] += len(found)
+    fetch_s.append(done_s - t)
+    inst.start_fetch(_Fetch(request.request_id, request.prompt, found, done_s),
+                     t + plan.deadline_s)
+
+
+@dataclass(frozen=True, slots=True)
+class _FetchPlan:
+    """How a fleet decides its fetches: the mode, a block's recompute time, the deadline."""
+
+    mode: FetchMode
+    recompute_s_per_block: float
+    deadline_s: float

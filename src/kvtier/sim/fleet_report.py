@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kvtier.router import CacheAware, Router, RoutingPolicy
 from kvtier.scheduler import SchedulerConfig
@@ -159,6 +159,25 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 1e3:.1f} ms"
 
 
+def _remote_lines(remote: dict[str, Any]) -> list[str]:
+    """What the shared tier served and what its fetches cost. Pure."""
+    link_gb_s, even_gb_s = remote["bytes_per_s"] / 1e9, remote["break_even_bytes_per_s"] / 1e9
+    fetch_s = remote["fetch_s"]
+    verdict = "above" if link_gb_s > even_gb_s else "below"
+    return [
+        f"remote      {remote['policy']}: {remote['num_hit_blocks']:,} blocks found for "
+        f"{remote['num_lookups']:,} arrivals, {remote['num_fetched_blocks']:,} fetched in "
+        f"{remote['num_fetches']:,} fetches ({remote['fetch']}; "
+        f"{remote['num_skipped_blocks']:,} found left to recompute), "
+        f"{remote['num_imported_blocks']:,} imported to host tiers",
+        f"fetch cost  {remote['latency_s'] * 1e3:g} ms + bytes at {link_gb_s:.2f} GB/s, "
+        f"{verdict} the break-even {even_gb_s:.2f} GB/s; fetch p50 {_ms(fetch_s['p50'])}, "
+        f"p99 {_ms(fetch_s['p99'])} (from arrival, store queue included); "
+        f"{remote['num_written_blocks']:,} blocks written, {remote['num_dropped_writes']:,} "
+        "dropped (store behind)",
+    ]
+
+
 def format_fleet_report(report: FleetReport) -> list[str]:
     """The human table of one fleet simulation, one string per line. Pure."""
     r = report
@@ -178,9 +197,7 @@ def format_fleet_report(report: FleetReport) -> list[str]:
     ]
     lines.append(f"load        {load_text(r.load, r.time_scale)}")
     if r.remote is not None:
-        lines.append(f"remote      {r.remote['policy']}: {r.remote['num_hit_blocks']:,} blocks "
-                     f"found for {r.remote['num_lookups']:,} arrivals, "
-                     f"{r.remote['num_imported_blocks']:,} imported to host tiers")
+        lines += _remote_lines(r.remote)
         faults = ("num_store_errors", "num_store_timeouts", "num_failed_puts",
                   "num_short_circuited")
         if any(r.remote[key] for key in faults):

@@ -108,6 +108,41 @@ def get_profile(name: str, **overrides: Any) -> ModelProfile:
     return replace(PROFILES[name], **overrides)
 
 
+# A remote fetch's defaults: what benchmarks/bench_remote.py measured of RedisRemoteStore
+# reading 4 MiB blocks (one llama3-8b block of 32 tokens) from one Redis on loopback, with
+# redis-py + hiredis; benchmarks/results/remote.md has the run.
+DEFAULT_REMOTE_LATENCY_S = 0.5e-3
+DEFAULT_REMOTE_BYTES_PER_S = 0.5e9
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLink:
+    """The shared remote store as the fleet simulator charges it: every fetch costs
+    ``latency_s + bytes / bytes_per_s``, and the store serves one transfer at a time (reads
+    and writes of every instance queue for it, as on one single-threaded Redis).
+
+    ``bytes_per_s`` is the store's aggregate read throughput (all shards together);
+    ``max_backlog_s`` bounds the queued work: a write arriving when the store is further
+    behind than that is dropped, as a full I/O queue refuses it.
+    """
+
+    latency_s: float = DEFAULT_REMOTE_LATENCY_S
+    bytes_per_s: float = DEFAULT_REMOTE_BYTES_PER_S
+    max_backlog_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_float("latency_s", self.latency_s, 0.0, 3600.0)
+        check_float("bytes_per_s", self.bytes_per_s, 0.0, None)
+        if self.bytes_per_s == 0:
+            raise ValueError(f"bytes_per_s must be > 0, got {self.bytes_per_s!r}")
+        check_float("max_backlog_s", self.max_backlog_s, 0.0, 3600.0)
+
+    def transfer_seconds(self, num_bytes: int) -> float:
+        """How long the store is busy moving ``num_bytes`` (latency excluded). Pure."""
+        _check_count("num_bytes", num_bytes)
+        return num_bytes / self.bytes_per_s
+
+
 def _check_count(field: str, value: int) -> None:
     check_int(field, value, 0)
 
@@ -139,6 +174,16 @@ class TimeModel:
             + num_prefill_tokens * p.prefill_s_per_token
             + num_decode_seqs * p.decode_s_per_seq
         )
+
+    @property
+    def break_even_bytes_per_s(self) -> float:
+        """The read throughput above which fetching a token's KV beats recomputing it:
+        KV bytes per token / prefill seconds per token (infinite when prefill is free).
+        Pure."""
+        p = self.profile
+        if p.prefill_s_per_token == 0:
+            return float("inf")
+        return p.kv_bytes_per_token / p.prefill_s_per_token
 
     def transfer_seconds(self, bytes_h2d: int, bytes_d2h: int) -> float:
         """PCIe time of a step's copies; the two directions run at the same time."""
