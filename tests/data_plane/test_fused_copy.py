@@ -24,7 +24,7 @@ from kvtier.transfer.fused import (  # noqa: E402
     components,
     plan_arrays,
 )
-from kvtier.transfer.plan import OpKind, TransferOp  # noqa: E402
+from kvtier.transfer.plan import OpKind, PlanColumns, TransferOp, TransferPlan  # noqa: E402
 from kvtier.transfer.torch_memory import copy_view  # noqa: E402
 
 if TYPE_CHECKING:
@@ -118,6 +118,24 @@ def test_array_check_names_the_first_bad_op() -> None:
         check_arrays(plan_arrays([good]), [good], {G: 12, H: None}, TPB)
 
 
+def test_plan_columns_are_the_ops_as_arrays() -> None:
+    """Columns recorded run by run equal those read off the ops; the arrays an engine
+    plans from are the same either way; columns that miscount the ops are refused."""
+    ops = [offload(0, 3), offload(1, 4), onboard(9, 0), TransferOp(OpKind.COPY, H, 2, G, 7, 3)]
+    columns = PlanColumns.of([])
+    columns.extend(G, [0, 1], H, [3, 4], TPB)
+    columns.extend(H, [9], G, [0], TPB)
+    columns.extend(H, [2], G, [7], 3)
+    assert columns == PlanColumns.of(ops)
+    assert columns.dst_slots.tolist() == [3, 4, 0, 7]
+    with_columns, from_ops = plan_arrays(ops, columns), plan_arrays(ops)
+    assert all(torch.equal(a, b) for a, b in zip(with_columns, from_ops, strict=True))
+    with pytest.raises(ValueError, match="columns hold 4 ops, its ops 3"):
+        plan_arrays(ops[:3], columns)
+    with pytest.raises(ValueError, match="differ in length: 2 vs 1"):
+        columns.extend(G, [0, 1], H, [3], TPB)
+
+
 def make_copier(gpu_kind: str, host_kind: str) -> tuple[KVStorage, KVStorage, FusedCopier]:
     """CPU storages with random values and a copier whose kernel runs interpreted."""
     def layout(kind: str) -> KVLayout:
@@ -169,7 +187,7 @@ def test_fused_kernel_matches_plain_indexing(gpu_kind: str, host_kind: str) -> N
                 n = op.num_tokens
                 expected[op.dst_tier][i][op.dst_slot, :, :n] = \
                     expected[op.src_tier][i][op.src_slot, :, :n]
-        prepared = copier.prepare(ops, {G: 12, H: 10}, torch.device("cpu"))
+        prepared = copier.prepare(TransferPlan(tuple(ops)), {G: 12, H: 10}, torch.device("cpu"))
         for layer in (None,) if trial % 2 else range(NUM_LAYERS):
             copier.launch(prepared, layer)
         for tier, s in storages.items():

@@ -21,14 +21,13 @@ step per op: the ops' fields are transposed once (``zip``) into int64 arrays.
 
 from __future__ import annotations
 
-import array
 import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvtier.tier import Tier
 from kvtier.transfer.batching import check_op
-from kvtier.transfer.plan import TransferOp
+from kvtier.transfer.plan import PlanColumns, TransferOp, TransferPlan
 
 if TYPE_CHECKING:
     import torch
@@ -72,16 +71,19 @@ def fused_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def plan_arrays(ops: Sequence[TransferOp]) -> PlanArrays:
-    """The fields of ``ops`` (non-empty) as int64 tensors. Pure."""
+def plan_arrays(ops: Sequence[TransferOp], columns: PlanColumns | None = None) -> PlanArrays:
+    """The fields of ``ops`` (non-empty) as int64 tensors, taken without a copy from
+    ``columns`` where the plan carries them. Pure."""
     import torch
 
-    columns = list(zip(*ops, strict=True))[1:]
-    # NOTE: array('q', ...) reads a tuple of ints at C speed and torch.frombuffer takes it
-    # without a copy; torch.tensor(list) is several times slower per element.
-    tensors = [torch.frombuffer(array.array("q", column), dtype=torch.int64)
-               for column in columns]
-    return PlanArrays(*tensors)
+    if columns is None:
+        columns = PlanColumns.of(ops)
+    if len(columns.src_slots) != len(ops):
+        raise ValueError(f"the plan's columns hold {len(columns.src_slots)} ops, its ops "
+                         f"{len(ops)}")
+    # NOTE: torch.frombuffer shares the array's memory; torch.tensor(list) would be several
+    # times slower per element.
+    return PlanArrays(*(torch.frombuffer(column, dtype=torch.int64) for column in columns))
 
 
 def check_arrays(arrays: PlanArrays, ops: Sequence[TransferOp],
@@ -177,11 +179,12 @@ class FusedCopier:
         self.num_programs = num_programs
         self._kernel: Any = copy_kernel.jit(interpret)
 
-    def prepare(self, ops: Sequence[TransferOp], num_blocks: dict[Tier, int | None],
+    def prepare(self, plan: TransferPlan, num_blocks: dict[Tier, int | None],
                 device: torch.device) -> FusedPlan:
-        """Check ``ops`` (ValueError, nothing copied), group them, and queue their rows to
-        ``device`` on the current stream."""
-        arrays = plan_arrays(ops)
+        """Check ``plan`` (ValueError, nothing copied), group its ops, and queue their rows
+        to ``device`` on the current stream."""
+        ops = plan.ops
+        arrays = plan_arrays(ops, plan.columns)
         check_arrays(arrays, ops, num_blocks, self.tokens_per_block)
         grouped = components(arrays)
         if grouped is None:

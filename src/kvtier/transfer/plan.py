@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from enum import Enum
 from typing import NamedTuple
 
@@ -25,6 +27,40 @@ class TransferOp(NamedTuple):
     num_tokens: int
 
 
+class PlanColumns(NamedTuple):
+    """A plan's ops as parallel int64 arrays, one per field but the kind: what an engine
+    plans from with array operations, never touching the ops one by one (an engine turns
+    them into tensors without a copy)."""
+
+    src_tiers: array[int]
+    src_slots: array[int]
+    dst_tiers: array[int]
+    dst_slots: array[int]
+    num_tokens: array[int]
+
+    @classmethod
+    def of(cls, ops: Sequence[TransferOp]) -> PlanColumns:
+        """The columns of ``ops``: one transposition (``zip``), each column read into an
+        array at C speed. Pure."""
+        if not ops:
+            return cls(*(array("q") for _ in range(5)))
+        return cls(*(array("q", column) for column in list(zip(*ops, strict=True))[1:]))
+
+    def extend(self, src_tier: int, src_slots: Sequence[int], dst_tier: int,
+               dst_slots: Sequence[int], num_tokens: int) -> None:
+        """Append a run of ops that share tiers and token count (slot lists copied at C
+        speed), the way a producer that already holds slot lists records them."""
+        if len(src_slots) != len(dst_slots):
+            raise ValueError(f"src_slots and dst_slots differ in length: {len(src_slots)} "
+                             f"vs {len(dst_slots)}")
+        n = len(src_slots)
+        self.src_tiers.extend(array("q", [src_tier]) * n)
+        self.src_slots.extend(src_slots)
+        self.dst_tiers.extend(array("q", [dst_tier]) * n)
+        self.dst_slots.extend(dst_slots)
+        self.num_tokens.extend(array("q", [num_tokens]) * n)
+
+
 class TransferPlan(NamedTuple):
     """The copies of one manager call, in program order.
 
@@ -32,6 +68,10 @@ class TransferPlan(NamedTuple):
     only after recording every op that reads its old content, so an op never overwrites a
     slot that an earlier op still has to read, and never reads a slot before the op that
     fills it. An engine that reorders or overlaps ops must keep that order per slot.
+
+    ``columns``, where the producer gives them, are the same ops as arrays (an engine then
+    plans without reading ``ops``); they must describe exactly ``ops``.
     """
 
     ops: tuple[TransferOp, ...]
+    columns: PlanColumns | None = None

@@ -236,7 +236,7 @@ class TorchTransferEngine:
                                     else [None])
         layer_events: list[Any] = []
         with torch.cuda.stream(stream):
-            prepared = fused.prepare(ops, self._num_blocks, self.device)
+            prepared = fused.prepare(plan, self._num_blocks, self.device)
             self._count_arrays(prepared)
             try:
                 for layer in layers:
