@@ -174,6 +174,24 @@ def bandwidth(args: argparse.Namespace, devices: list[torch.device]) -> dict[str
     return out
 
 
+def print_bandwidth(bw: dict[str, Any]) -> None:
+    print(f"bandwidth: {bw['num_blocks']} blocks of "
+          f"{bw['rank_bytes'] // bw['num_blocks'] // 1024} KiB a rank, "
+          f"{bw['rank_bytes'] / MIB:.0f} MiB a rank a plan, GPU layer_major / host block_major")
+    print(f"{'dir':4} {'rank':>4} {'alone GB/s':>11} {'ceil alone':>11} {'together':>9} "
+          f"{'ceil together':>14} {'ratio':>6}")
+    for direction in ("d2h", "h2d"):
+        r = bw[direction]
+        for rank in range(TP_SIZE):
+            print(f"{direction:4} {rank:>4} {r['alone_GBps'][rank]:>11.1f} "
+                  f"{r['ceiling_alone_GBps'][rank]:>11.1f} {r['together_GBps'][rank]:>9.1f} "
+                  f"{r['ceiling_together_GBps'][rank]:>14.1f} "
+                  f"{r['together_GBps'][rank] / r['ceiling_together_GBps'][rank]:>6.2f}")
+        print(f"{direction:4} {'all':>4} {'':>11} {'':>11} {r['aggregate_GBps']:>9.1f} "
+              f"{r['ceiling_aggregate_GBps']:>14.1f} "
+              f"{r['aggregate_GBps'] / r['ceiling_aggregate_GBps']:>6.2f}")
+
+
 # ---- TTFT at TP 2, one process per rank ---------------------------------------------------
 
 
@@ -196,15 +214,39 @@ def ttft_rank(rank: int, args: argparse.Namespace, rendezvous: str, out: str) ->
         num_prompt_blocks = args.prompt_tokens // tpb
         gpu = KVStorage(shard.kv_layout(tpb, "layer_major"), 2 * num_prompt_blocks + 2, device)
         host = KVStorage(shard.kv_layout(tpb, "block_major"), 2 * num_prompt_blocks)
-        transfer = DistributedTransferEngine(TorchTransferEngine(gpu, host), control)
+        engine = TorchTransferEngine(gpu, host, method=args.method, layerwise=not args.whole)
+        transfer = DistributedTransferEngine(engine, control)
         channel = CommandChannel(control)
+        cfg = shard.config
+        reduce_ms = {n: all_reduce_ms((n, cfg.dim), shard.dtype, device, 2 * cfg.num_layers)
+                     for n in (args.prompt_tokens - args.cached_tokens, args.prompt_tokens)}
         if rank:
             serve(shard, transfer, channel)
             return
         timings = Leader(args, shard, transfer, channel, device).measure()
+        timings["all_reduce_ms"] = reduce_ms
         Path(out).write_text(json.dumps(timings))
     finally:
         dist.destroy_process_group()
+
+
+def all_reduce_ms(shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
+                  count: int) -> float:
+    """Milliseconds of ``count`` all-reduces of a ``shape`` activation (one forward pass's
+    worth), the median of 5 after a warm-up; every rank must call it."""
+    x = torch.ones(shape, dtype=dtype, device=device)
+    times = []
+    for _ in range(6):
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            dist.all_reduce(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
 
 
 class Leader:
@@ -222,6 +264,7 @@ class Leader:
         self.num_prompt_blocks = args.prompt_tokens // self.tpb
         self.rng = random.Random(0)
         self.last: TensorParallelLeader | None = None
+        self.cpu_ms: dict[str, list[dict[str, float]]] = {name: [] for name in CASES}
 
     def tokens(self, n: int) -> list[int]:
         return [self.rng.randrange(self.shard.config.vocab_size) for _ in range(n)]
@@ -248,6 +291,7 @@ class Leader:
         leader.engine.step()  # samples the first token (.tolist() waits for the GPU)
         seconds = time.perf_counter() - t0
         assert not leader.engine.scheduler.has_unfinished()
+        self.step_cpu_ms = {k: v * 1e3 for k, v in leader.engine.last_step_seconds.items()}
         return seconds
 
     def case(self, name: str) -> tuple[float, int]:
@@ -282,10 +326,14 @@ class Leader:
             for name in CASES:
                 s, n = self.case(name)
                 seconds[name].append(s)
+                self.cpu_ms[name].append(self.step_cpu_ms)
                 onboarded = max(onboarded, n)
         assert self.last is not None
         self.last.stop()
+        step_cpu_ms = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                       for name, rows in self.cpu_ms.items()}
         return {"ttft_ms": {k: statistics.median(v) * 1e3 for k, v in seconds.items()},
+                "step_cpu_ms": step_cpu_ms,
                 "onboarded_tokens": onboarded,
                 "rank_bytes_per_token": self.shard.kv_layout(self.tpb).bytes_per_token}
 
@@ -313,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU with 2 gloo ranks")
     p.add_argument("--no-ttft", action="store_true", help="bandwidth only")
+    p.add_argument("--no-bandwidth", action="store_true", help="TTFT only")
+    p.add_argument("--method", default="auto", help="the TTFT ranks' transfer method")
+    p.add_argument("--whole", action="store_true",
+                   help="TTFT: onboard the whole plan before the forward (not layer by layer)")
     args = p.parse_args(argv)
     if args.smoke:
         args.mib_per_rank, args.reps, args.device = 2, 2, "cpu"
@@ -330,47 +382,49 @@ def main(argv: list[str] | None = None) -> int:
     for env in envs:
         print(f"device: {env['device_name']} ({env['device']}), driver {env.get('driver')}, "
               f"torch {env['torch']}, CUDA {env.get('cuda')}, Python {env['python']}")
-    bw = bandwidth(args, devices)
-    print(f"bandwidth: {bw['num_blocks']} blocks of "
-          f"{bw['rank_bytes'] // bw['num_blocks'] // 1024} KiB a rank, "
-          f"{bw['rank_bytes'] / MIB:.0f} MiB a rank a plan, GPU layer_major / host block_major")
-    print(f"{'dir':4} {'rank':>4} {'alone GB/s':>11} {'ceil alone':>11} {'together':>9} "
-          f"{'ceil together':>14} {'ratio':>6}")
-    for direction in ("d2h", "h2d"):
-        r = bw[direction]
-        for rank in range(TP_SIZE):
-            print(f"{direction:4} {rank:>4} {r['alone_GBps'][rank]:>11.1f} "
-                  f"{r['ceiling_alone_GBps'][rank]:>11.1f} {r['together_GBps'][rank]:>9.1f} "
-                  f"{r['ceiling_together_GBps'][rank]:>14.1f} "
-                  f"{r['together_GBps'][rank] / r['ceiling_together_GBps'][rank]:>6.2f}")
-        print(f"{direction:4} {'all':>4} {'':>11} {'':>11} {r['aggregate_GBps']:>9.1f} "
-              f"{r['ceiling_aggregate_GBps']:>14.1f} "
-              f"{r['aggregate_GBps'] / r['ceiling_aggregate_GBps']:>6.2f}")
     result: dict[str, Any] = {"benchmark": "bench_tp", **envs[0], "smoke": args.smoke,
                               "tp_size": TP_SIZE, "devices": [str(d) for d in devices],
                               "mib_per_rank": args.mib_per_rank, "reps": args.reps,
-                              "tokens_per_block": args.tokens_per_block, "bandwidth": bw}
+                              "tokens_per_block": args.tokens_per_block}
+    if args.no_bandwidth:
+        nbytes = args.mib_per_rank * MIB
+        seconds = timed(devices, pinned_copies(devices, nbytes, "h2d"), args.reps)
+        h2d_ceiling_GBps = TP_SIZE * nbytes / max(seconds) / 1e9
+        print(f"two-GPU h2d ceiling (one {args.mib_per_rank} MiB pinned copy per GPU at once): "
+              f"{h2d_ceiling_GBps:.1f} GB/s")
+    else:
+        result["bandwidth"] = bw = bandwidth(args, devices)
+        print_bandwidth(bw)
+        h2d_ceiling_GBps = bw["h2d"]["ceiling_aggregate_GBps"]
+    result["h2d_ceiling_aggregate_GBps"] = h2d_ceiling_GBps
     if args.no_ttft or (args.device == "cuda" and num_gpus < TP_SIZE):
         print("TTFT at TP 2 not run (--no-ttft, or fewer than 2 GPUs)")
     else:
         t = ttft(args)
         ms = t["ttft_ms"]
         onboard_bytes = t["onboarded_tokens"] * t["rank_bytes_per_token"]
-        ceiling_ms = onboard_bytes / (bw["h2d"]["ceiling_aggregate_GBps"] / TP_SIZE * 1e9) * 1e3
+        ceiling_ms = onboard_bytes / (h2d_ceiling_GBps / TP_SIZE * 1e9) * 1e3
         overhead_ms = ms["host_hit"] - ms["gpu_hit"]
         cfg = SMALL if args.smoke else LARGE
         print(f"TTFT at TP {TP_SIZE}: {cfg.num_layers} layers, dim {cfg.dim}, {cfg.num_heads} "
               f"heads / {cfg.num_kv_heads} KV heads x {cfg.head_dim}, {cfg.dtype}; prompt "
               f"{args.prompt_tokens} tokens, {args.cached_tokens} cached; blocks of "
               f"{args.tokens_per_block}")
-        print(f"{'case':10} {'TTFT ms':>9}")
+        print(f"TTFT ranks: transfer method {args.method}, "
+              f"{'whole plan first' if args.whole else 'layer by layer'}")
+        print(f"{'case':10} {'TTFT ms':>9} {'schedule ms':>12} {'submit ms':>10}")
         for name in CASES:
-            print(f"{name:10} {ms[name]:>9.2f}")
+            cpu = t["step_cpu_ms"][name]
+            print(f"{name:10} {ms[name]:>9.2f} {cpu['schedule']:>12.2f} {cpu['submit']:>10.2f}")
+        print("all-reduce, one forward pass's worth (2 a layer) of [tokens, dim]: "
+              + ", ".join(f"{n} tokens {v:.2f} ms" for n, v in t["all_reduce_ms"].items()))
         print(f"host_hit - gpu_hit = {overhead_ms:.2f} ms for {onboard_bytes / MIB:.1f} MiB a "
               f"rank; at the two-GPU h2d ceiling {ceiling_ms:.2f} ms; host_hit is "
               f"{ms['recompute'] / ms['host_hit']:.1f}x faster than recompute")
         result.update(prompt_tokens=args.prompt_tokens, cached_tokens=args.cached_tokens,
-                      ttft_ms=ms, onboard_bytes_per_rank=onboard_bytes,
+                      method=args.method, whole=args.whole, step_cpu_ms=t["step_cpu_ms"],
+                      all_reduce_ms=t["all_reduce_ms"], ttft_ms=ms,
+                      onboard_bytes_per_rank=onboard_bytes,
                       onboard_overhead_ms=overhead_ms, onboard_ceiling_ms=ceiling_ms)
     print(json.dumps(result))
     return 0

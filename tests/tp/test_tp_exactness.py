@@ -43,6 +43,7 @@ NUM_REQUESTS, MAX_OUTPUT = 20, 4
 NUM_FAILED_BATCHES = 2  # rank 1's first onboard batches in the "fault" run
 FP32_ATOL = 1e-4  # fp32; TP sums partial projections in another order
 RUNS = ("clean", "fault")
+BIASED = ModelConfig(qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True)
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 
@@ -94,7 +95,7 @@ def weight_sum(model: LlamaModel) -> float:
     """A checksum of the whole model's weights (every rank must draw the same)."""
     total = model.embed.double().sum() + model.lm_head.double().sum()
     for w in model.layers:
-        total = total + sum(t.double().sum() for t in w)
+        total = total + sum(t.double().sum() for t in w if t is not None)
     return float(total)
 
 
@@ -125,8 +126,12 @@ def rank_main(rank: int, backend: str, rendezvous: str, out_dir: str) -> None:
         shard = TensorParallelLlama(full, rank, TP_SIZE)
         saved: dict[str, Any] = {"weight_sum": weight_sum(full)}
         for run in RUNS:
-            engine = TorchTransferEngine(*make_storages(shard, device))
-            if run == "fault" and rank == 1:
+            faulty = run == "fault" and rank == 1
+            # NOTE: the faulty rank copies batch by batch ("kernel"), whose hook sees each
+            # batch on CPU and CUDA alike; the other rank keeps the default method.
+            engine = TorchTransferEngine(*make_storages(shard, device),
+                                         method="kernel" if faulty else "auto")
+            if faulty:
                 engine.before_batch = FailOnboards(NUM_FAILED_BATCHES)
             transfer = DistributedTransferEngine(engine, control)
             channel = CommandChannel(control)
@@ -149,6 +154,9 @@ def rank_main(rank: int, backend: str, rendezvous: str, out_dir: str) -> None:
             saved[run].update(bytes_h2d=engine.stats.bytes_h2d, bytes_d2h=engine.stats.bytes_d2h,
                               num_failed_ops=transfer.num_failed_ops,
                               num_failed_elsewhere=transfer.num_failed_elsewhere)
+        # Biases (column-split ones sliced, row-split ones added once) and a tied head.
+        biased = TensorParallelLlama(LlamaModel(BIASED, device), rank, TP_SIZE)
+        saved["biased"] = biased.full_recompute(make_prompts()[0][0]).cpu()
         # The remote tier's rule: rank 0 found blocks 1, 2, 3; rank 1 found 1 and 3.
         found = {1, 2, 3} if rank == 0 else {1, 3}
         saved["found_run"] = num_found_on_all_ranks([1, 2, 3], found, control)
@@ -197,6 +205,9 @@ def check_tp_run(ranks: list[dict[str, Any]], device: str) -> None:
     assert fault["num_failed_elsewhere"] == fault["num_failed_ops"]
     assert ranks[1]["fault"]["num_failed_elsewhere"] == 0
     assert [r["found_run"] for r in ranks] == [1, 1]
+    biased = LlamaModel(BIASED, device).full_recompute(make_prompts()[0][0]).cpu()
+    for saved in ranks:  # every rank computes the whole logits
+        torch.testing.assert_close(saved["biased"], biased, rtol=0, atol=FP32_ATOL)
 
 
 def test_tp2_on_cpu_gloo_matches_the_single_device_model(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ that one all-reduce completes::
                 wo rows of its heads                 all-reduce(sum)  -> x += ...
     MLP         w_gate, w_up columns of its share    SwiGLU
                 w_down rows of its share             all-reduce(sum)  -> x += ...
-    replicated  embeddings, norms, lm_head           (x is the same on every rank)
+    replicated  embeddings, norms, lm_head, the      (x is the same on every rank)
+                biases of wo and w_down
 
 NOTE: a sequential Llama block needs the whole residual before attention's norm and again
 before the MLP's, so a layer costs two all-reduces, one per row-split projection; fewer
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kvtier.model.llama import KVFn, LayerWeights, LlamaModel
+from kvtier.model.llama import KVFn, LlamaModel
 from kvtier.storage import KVLayout
 
 
@@ -81,12 +82,21 @@ class TensorParallelLlama(LlamaModel):
 
         # Query heads [r*H/N, (r+1)*H/N) read KV heads [r*KVH/N, (r+1)*KVH/N) (grouped-query
         # attention maps head h to KV head h // (H/KVH)), so a rank never needs another's KV.
-        self.layers = [
-            LayerWeights(here(w.attn_norm), here(w.wq[:, q]), here(w.wk[:, kv]),
-                         here(w.wv[:, kv]), here(w.wo[q, :]), here(w.mlp_norm),
-                         here(w.w_gate[:, ffn]), here(w.w_up[:, ffn]), here(w.w_down[ffn, :]))
-            for w in full.layers
-        ]
+        # Columns (and their biases) of the column-split projections, rows of the row-split
+        # ones; the rest (norms, the row-split projections' biases) is whole on every rank.
+        cut = {"wq": (1, q), "wk": (1, kv), "wv": (1, kv), "wo": (0, q), "w_gate": (1, ffn),
+               "w_up": (1, ffn), "w_down": (0, ffn), "bq": (0, q), "bk": (0, kv),
+               "bv": (0, kv), "b_gate": (0, ffn), "b_up": (0, ffn)}
+
+        def share(name: str, t: torch.Tensor) -> torch.Tensor:
+            if name not in cut:
+                return here(t)
+            axis, part = cut[name]
+            return here(t[part] if axis == 0 else t[:, part])
+
+        self.layers = [w._replace(**{name: share(name, t) for name, t in w._asdict().items()
+                                     if t is not None})
+                       for w in full.layers]
         self.embed = here(full.embed)
         self.final_norm = here(full.final_norm)
         self.lm_head = here(full.lm_head)
@@ -114,11 +124,22 @@ class TensorParallelLlama(LlamaModel):
         cos, sin = angles.cos(), angles.sin()
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w.attn_norm)
-            q = self._rope((h @ w.wq).view(n, self.num_local_heads, c.head_dim), cos, sin)
-            k = self._rope((h @ w.wk).view(n, self.num_local_kv_heads, c.head_dim), cos, sin)
-            v = (h @ w.wv).view(n, self.num_local_kv_heads, c.head_dim)
+            q = _linear(h, w.wq, w.bq).view(n, self.num_local_heads, c.head_dim)
+            k = _linear(h, w.wk, w.bk).view(n, self.num_local_kv_heads, c.head_dim)
+            v = _linear(h, w.wv, w.bv).view(n, self.num_local_kv_heads, c.head_dim)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             keys, values = kv_of(i, k, v)
-            x = x + self._all_reduce(self._attend(q, keys, values) @ w.wo)
+            # A row-split projection's bias is added once, to the sum.
+            x = x + _add(self._all_reduce(self._attend(q, keys, values) @ w.wo), w.bo)
             h = self._rms_norm(x, w.mlp_norm)
-            x = x + self._all_reduce((F.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down)
+            mlp = F.silu(_linear(h, w.w_gate, w.b_gate)) * _linear(h, w.w_up, w.b_up)
+            x = x + _add(self._all_reduce(mlp @ w.w_down), w.b_down)
         return (self._rms_norm(x, self.final_norm) @ self.lm_head).float()
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+
+def _add(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x if bias is None else x + bias
