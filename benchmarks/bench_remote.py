@@ -1,11 +1,16 @@
 """Pipelined read and write throughput of RedisRemoteStore against one local Redis, next to
-``redis-benchmark`` on the same server (the ceiling: C clients, SET/GET of the same value
-size, ``-P 16`` pipelining).
+``redis-benchmark`` on the same server in the same run (the ceiling), and the latency of a
+one-block fetch.
 
-For each block size (64 KiB, 256 KiB, 1 MiB of KV bytes; each value carries a 76-byte header
-too) the store writes ``--total-mib`` of distinct blocks with ``put_many`` in batches of
-``--batch`` blocks, reads them back with ``get_many`` (payload checks included), then
-deletes them. ``redis-benchmark`` runs ``-t set,get -d <size> -P 16 -n <same count>``.
+For each block size (64 KiB, 1 MiB, 4 MiB of KV bytes: 4 MiB is one 32-token block of
+Llama-3-8B; each value carries a 76-byte header too) the store writes ``--total-mib`` of
+distinct blocks with ``put_many`` in batches of ``--batch`` blocks, reads them back with
+``get_many`` (payload checks included) over one connection and over ``--connections``
+connections (``RedisRemoteStore(num_connections=...)``), then deletes them.
+``redis-benchmark`` runs ``-t set,get -d <size> -n <same count>`` with 1 client x 16
+pipelined and with ``--connections`` clients x 4 pipelined; the better GET is the ceiling.
+The fetch latency is the median ``get_many`` of one 1 KiB block. The read figures are what
+``kvtier.sim.timemodel.RemoteLink`` and ``kvtier.remote.tier`` take as their defaults.
 
     .ci/redis.sh start && python benchmarks/bench_remote.py
     python benchmarks/bench_remote.py --smoke        # seconds
@@ -22,7 +27,9 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -38,31 +45,39 @@ DEFAULT_URL = "redis://:kvtier-ci@127.0.0.1:6390/0"
 
 def layout_of(block_bytes: int) -> KVLayout:
     """A float16 layout of 16 tokens a block, one layer, one head, sized to ``block_bytes``."""
-    head_dim = block_bytes // (2 * 2 * 16)
+    head_dim = max(1, block_bytes // (2 * 2 * 16))
     layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=head_dim, tokens_per_block=16,
                       dtype="float16")
     assert layout.bytes_per_block == block_bytes, (layout.bytes_per_block, block_bytes)
     return layout
 
 
-def measure_store(url: str, block_bytes: int, num_blocks: int, batch: int) -> dict[str, float]:
-    """Write then read ``num_blocks`` blocks; seconds and counts of each direction."""
+def measure_store(url: str, block_bytes: int, num_blocks: int, batch: int,
+                  connections: int) -> dict[str, float]:
+    """Write ``num_blocks`` blocks, then read them over one connection and over
+    ``connections``; seconds of each."""
     namespace = RemoteNamespace(f"bench-{uuid.uuid4().hex}", layout_of(block_bytes))
     store = RedisRemoteStore(url, namespace, timeout_s=30.0, max_retries=0)
+    parallel = RedisRemoteStore(url, namespace, timeout_s=30.0, max_retries=0,
+                                num_connections=connections)
     base = os.urandom(block_bytes)
     hashes = list(range(1, num_blocks + 1))
     # Distinct payloads without paying for os.urandom per block: stamp the hash in front.
     blocks = {h: h.to_bytes(8, "big") + base[8:] for h in hashes}
     store.put_many({0: base})  # connect before the clock starts
+    parallel.get_many([0] * connections)
     started = time.perf_counter()
     for i in range(0, num_blocks, batch):
         store.put_many({h: blocks[h] for h in hashes[i : i + batch]})
-    write_s = time.perf_counter() - started
-    started = time.perf_counter()
-    num_hits = 0
-    for i in range(0, num_blocks, batch):
-        num_hits += len(store.get_many(hashes[i : i + batch]))
-    read_s = time.perf_counter() - started
+    times = {"write_s": time.perf_counter() - started}
+    for key, reader in (("read_s", store), ("parallel_read_s", parallel)):
+        started = time.perf_counter()
+        num_hits = 0
+        for i in range(0, num_blocks, batch):
+            num_hits += len(reader.get_many(hashes[i : i + batch]))
+        times[key] = time.perf_counter() - started
+        if num_hits != num_blocks:
+            raise RuntimeError(f"{num_hits} hits of {num_blocks} blocks: {reader.last_error}")
     stats = store.stats
     import redis
 
@@ -71,21 +86,42 @@ def measure_store(url: str, block_bytes: int, num_blocks: int, batch: int) -> di
         for i in range(0, num_blocks, 1000):
             client.delete(*(namespace.key(h) for h in hashes[i : i + 1000]))
     store.close()
-    if num_hits != num_blocks or stats.num_puts != num_blocks + 1:
-        raise RuntimeError(f"{stats.num_puts} puts and {num_hits} hits of {num_blocks} blocks: "
-                           f"{store.last_error}")
-    return {"write_s": write_s, "read_s": read_s}
+    parallel.close()
+    if stats.num_puts != num_blocks + 1:
+        raise RuntimeError(f"{stats.num_puts} puts of {num_blocks} blocks: {store.last_error}")
+    return times
 
 
-def redis_benchmark_rps(url: str, block_bytes: int, num_requests: int) -> dict[str, float] | None:
-    """Requests a second of ``redis-benchmark`` SET and GET, or None without the tool."""
+def measure_latency(url: str, num_calls: int) -> float:
+    """Median seconds of ``get_many`` of one 1 KiB block (a fetch's fixed cost)."""
+    namespace = RemoteNamespace(f"bench-{uuid.uuid4().hex}", layout_of(KIB))
+    store = RedisRemoteStore(url, namespace, timeout_s=30.0, max_retries=0)
+    store.put_many({1: os.urandom(KIB)})
+    samples = []
+    for _ in range(num_calls):
+        started = time.perf_counter()
+        if len(store.get_many([1])) != 1:
+            raise RuntimeError(f"the latency probe missed: {store.last_error}")
+        samples.append(time.perf_counter() - started)
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        client.delete(namespace.key(1))
+    store.close()
+    return statistics.median(samples)
+
+
+def redis_benchmark_rps(url: str, block_bytes: int, num_requests: int, clients: int,
+                        pipeline: int) -> dict[str, float] | None:
+    """Requests a second of ``redis-benchmark`` SET and GET with ``clients`` connections of
+    ``pipeline`` requests in flight, or None without the tool."""
     tool = shutil.which("redis-benchmark")
     if tool is None:
         return None
     parts = urlsplit(url)
     cmd = [tool, "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379),
-           "-t", "set,get", "-d", str(block_bytes), "-P", "16", "-n", str(num_requests),
-           "--csv"]
+           "-t", "set,get", "-d", str(block_bytes), "-c", str(clients), "-P", str(pipeline),
+           "-n", str(num_requests), "--csv"]
     if parts.password:
         # NOTE: redis-benchmark 7.0 ignores REDISCLI_AUTH, so the password goes on the
         # command line (visible in ps; fine for the loopback CI server).
@@ -107,51 +143,80 @@ def environment(url: str) -> dict[str, Any]:
 
     with redis.Redis.from_url(url) as client:
         server = client.info("server")
+    try:
+        import hiredis
+
+        parser: str | None = f"hiredis {hiredis.__version__}"
+    except ImportError:
+        parser = "python (no hiredis)"
     return {"machine": platform.machine(), "processor": platform.processor() or None,
             "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "redis_py": redis.__version__,
-            "redis_server": server.get("redis_version")}
+            "reply_parser": parser, "redis_server": server.get("redis_version"),
+            "server_io_threads": server.get("io_threads_active")}
+
+
+def _mb(num_blocks: int, block_bytes: int, seconds: float) -> float:
+    return round(num_blocks * block_bytes / seconds / 1e6, 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=os.environ.get("KVTIER_REDIS_URL", DEFAULT_URL))
-    parser.add_argument("--sizes-kib", default="64,256,1024")
+    parser.add_argument("--sizes-kib", default="64,1024,4096")
     parser.add_argument("--total-mib", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32, help="blocks per put_many/get_many")
+    parser.add_argument("--connections", type=int, default=4,
+                        help="connections of the parallel reads and of redis-benchmark's "
+                        "second run (default: 4)")
     parser.add_argument("--smoke", action="store_true", help="4 MiB per size, no ceiling")
+    parser.add_argument("--no-hiredis", action="store_true",
+                        help="parse replies in Python, as without the hiredis package")
     args = parser.parse_args()
+    if args.no_hiredis:
+        # NOTE: redis-py picks its parser when first imported; a None entry hides hiredis.
+        sys.modules["hiredis"] = None  # type: ignore[assignment]
     total_bytes = (4 if args.smoke else args.total_mib) * MIB
+    latency_s = measure_latency(args.url, 20 if args.smoke else 200)
     results = []
     for size_kib in (int(s) for s in args.sizes_kib.split(",")):
         block_bytes = size_kib * KIB
         num_blocks = max(1, total_bytes // block_bytes)
-        times = measure_store(args.url, block_bytes, num_blocks, args.batch)
-        ceiling = None if args.smoke else redis_benchmark_rps(args.url, block_bytes, num_blocks)
-        row: dict[str, Any] = {"block_kib": size_kib, "num_blocks": num_blocks}
-        for op, key, bench in (("write", "write_s", "SET"), ("read", "read_s", "GET")):
-            blocks_per_s = num_blocks / times[key]
-            row[f"{op}_blocks_per_s"] = round(blocks_per_s, 1)
-            row[f"{op}_mb_per_s"] = round(blocks_per_s * block_bytes / 1e6, 1)
-            rps = None if ceiling is None else ceiling.get(bench)
-            ceiling_mb = None if rps is None else round(rps * block_bytes / 1e6, 1)
-            row[f"{op}_ceiling_mb_per_s"] = ceiling_mb
-            row[f"{op}_ratio"] = None if rps is None else round(blocks_per_s / rps, 3)
+        times = measure_store(args.url, block_bytes, num_blocks, args.batch, args.connections)
+        row: dict[str, Any] = {"block_kib": size_kib, "num_blocks": num_blocks,
+                               "write_mb_per_s": _mb(num_blocks, block_bytes, times["write_s"]),
+                               "read_mb_per_s": _mb(num_blocks, block_bytes, times["read_s"]),
+                               "parallel_read_mb_per_s": _mb(num_blocks, block_bytes,
+                                                             times["parallel_read_s"])}
+        ceilings = {}
+        if not args.smoke:
+            for clients, pipeline in ((1, 16), (args.connections, 4)):
+                rps = redis_benchmark_rps(args.url, block_bytes, num_blocks, clients, pipeline)
+                if rps is not None:
+                    ceilings[f"c{clients}_p{pipeline}"] = {
+                        op.lower(): round(v * block_bytes / 1e6, 1) for op, v in rps.items()}
+        row["redis_benchmark_mb_per_s"] = ceilings
+        best = max((c.get("get", 0.0) for c in ceilings.values()), default=None)
+        row["read_ceiling_mb_per_s"] = best or None
+        for key in ("read", "parallel_read"):
+            row[f"{key}_ratio"] = (round(row[f"{key}_mb_per_s"] / best, 3) if best else None)
         results.append(row)
-    header = (f"{'block':>8} {'blocks':>7} | {'write MB/s':>10} {'blk/s':>8} {'ceiling':>8} "
-              f"{'ratio':>6} | {'read MB/s':>10} {'blk/s':>8} {'ceiling':>8} {'ratio':>6}")
+    header = (f"{'block':>8} {'blocks':>7} | {'write MB/s':>10} | {'read 1 conn':>11} "
+              f"{f'read {args.connections} conn':>12} | {'redis-benchmark GET':>19} | "
+              f"{'ratio 1':>7} {f'ratio {args.connections}':>7}")
     print(header)
     print("-" * len(header))
     for r in results:
-        cells = [f"{r['block_kib']:>5}KiB", f"{r['num_blocks']:>7}", "|"]
-        for op in ("write", "read"):
-            cells += [f"{r[op + '_mb_per_s']:>10.1f}", f"{r[op + '_blocks_per_s']:>8.1f}",
-                      f"{r[op + '_ceiling_mb_per_s'] or float('nan'):>8.1f}",
-                      f"{r[op + '_ratio'] or float('nan'):>6.2f}", "|"]
-        print(" ".join(cells[:-1]))
+        ceiling = r["read_ceiling_mb_per_s"]
+        print(f"{r['block_kib']:>5}KiB {r['num_blocks']:>7} | {r['write_mb_per_s']:>10.1f} | "
+              f"{r['read_mb_per_s']:>11.1f} {r['parallel_read_mb_per_s']:>12.1f} | "
+              f"{ceiling or float('nan'):>19.1f} | {r['read_ratio'] or float('nan'):>7.2f} "
+              f"{r['parallel_read_ratio'] or float('nan'):>7.2f}")
+    print(f"fetch latency (get_many of one 1 KiB block, median): {latency_s * 1e3:.3f} ms")
     print(json.dumps({"benchmark": "remote", "batch_blocks": args.batch,
-                      "total_mib": total_bytes // MIB, "pipeline_ceiling": 16,
-                      "env": environment(args.url), "results": results}))
+                      "connections": args.connections, "total_mib": total_bytes // MIB,
+                      "fetch_latency_s": latency_s, "env": environment(args.url),
+                      "results": results}))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,24 @@
-"""``--remote-url``: the fleet simulator's shared tier in a real Redis."""
+"""The fleet simulator's shared tier on the command line: ``--remote-url`` (a real Redis)
+and what a fetch costs (``--remote-latency-ms``, ``--remote-bandwidth-gb-s``,
+``--remote-fetch``, ``--remote-deadline-ms``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import argparse
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvtier.cli_error import CLIError
-from kvtier.sim.fleet import stand_in_namespace
+from kvtier.sim.fleet import FETCH_MODES, FetchMode, stand_in_namespace
+from kvtier.sim.timemodel import DEFAULT_REMOTE_BYTES_PER_S, DEFAULT_REMOTE_LATENCY_S, RemoteLink
 
 if TYPE_CHECKING:
     from kvtier.remote import RedisRemoteStore
 
 CONNECT_TIMEOUT_S = 2.0
+MAX_LATENCY_MS = 3_600_000.0  # an hour: RemoteLink's bound
+MAX_DEADLINE_MS = 3_600_000.0
 
 
 def connect_redis(url: str, tokens_per_block: int) -> RedisRemoteStore:
@@ -32,3 +40,75 @@ def connect_redis(url: str, tokens_per_block: int) -> RedisRemoteStore:
         store.close()
         raise CLIError(f"cannot use --remote-url: {problem}")
     return store
+
+
+def number_in(low: float, high: float, *, low_open: bool = False
+              ) -> Callable[[str], float]:
+    """An argparse ``type`` accepting finite numbers in ``[low, high]`` (``(low, high]``
+    with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = low < value if low_open else low <= value
+        if not (math.isfinite(value) and above and value <= high):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+DEFAULT_DEADLINE_MS = 1000.0
+
+
+def remote_fetch_options(parser: argparse.ArgumentParser) -> None:
+    """What the fleet simulator charges for a fetch from its shared tier (with --remote)."""
+    parser.add_argument("--remote-latency-ms", metavar="MS", type=number_in(0, MAX_LATENCY_MS),
+                        help="with --remote: fixed cost of one fetch from the shared tier "
+                        f"(default: {DEFAULT_REMOTE_LATENCY_S * 1e3:g}, measured by "
+                        "benchmarks/bench_remote.py)")
+    parser.add_argument("--remote-bandwidth-gb-s", metavar="GB/S",
+                        type=number_in(0, 1e6, low_open=True),
+                        help="with --remote: the shared tier's read (and write) throughput in "
+                        "GB/s (1e9 bytes/s), all instances together (default: "
+                        f"{DEFAULT_REMOTE_BYTES_PER_S / 1e9:g}, measured by "
+                        "benchmarks/bench_remote.py)")
+    parser.add_argument("--remote-fetch", choices=FETCH_MODES,
+                        help="with --remote: fetch only the blocks whose fetch beats their "
+                        "recompute, or the whole prefix found (default: "
+                        f"{FETCH_MODES[0]})")
+    parser.add_argument("--remote-deadline-ms", metavar="MS",
+                        type=number_in(0, MAX_DEADLINE_MS),
+                        help="with --remote: the longest a request waits for its fetch "
+                        f"(default: {DEFAULT_DEADLINE_MS:g})")
+
+
+class RemoteFetch(NamedTuple):
+    """What ``remote_fetch_options`` set: ``simulate_fleet``'s ``remote_link``, ``fetch``
+    and ``fetch_deadline_s``."""
+
+    link: RemoteLink
+    fetch: FetchMode
+    deadline_s: float
+
+
+def remote_fetch(args: argparse.Namespace) -> RemoteFetch:
+    """The fetch costs of ``remote_fetch_options`` (defaults where not given);
+    :class:`CLIError` if one was given without ``--remote``."""
+    given = (args.remote_latency_ms, args.remote_bandwidth_gb_s, args.remote_fetch,
+             args.remote_deadline_ms)
+    if args.remote is None and any(v is not None for v in given):
+        raise CLIError("--remote-latency-ms, --remote-bandwidth-gb-s, --remote-fetch and "
+                       "--remote-deadline-ms need --remote write-back or write-through")
+    latency_ms, gb_per_s, fetch, deadline_ms = given
+    try:
+        link = RemoteLink(
+            latency_s=DEFAULT_REMOTE_LATENCY_S if latency_ms is None else latency_ms / 1e3,
+            bytes_per_s=DEFAULT_REMOTE_BYTES_PER_S if gb_per_s is None else gb_per_s * 1e9)
+    except ValueError as exc:
+        raise CLIError(f"invalid remote link: {exc}") from None
+    return RemoteFetch(link, FETCH_MODES[0] if fetch is None else fetch,
+                       (DEFAULT_DEADLINE_MS if deadline_ms is None else deadline_ms) / 1e3)

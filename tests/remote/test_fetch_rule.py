@@ -12,10 +12,12 @@ from kvtier.model import ModelConfig  # noqa: E402
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
 from kvtier.remote.tier import (  # noqa: E402
     DEFAULT_FETCH_BYTES_PER_S,
+    DEFAULT_FETCH_LATENCY_S,
     THROUGHPUT_EWMA_WEIGHT,
     RemoteTier,
     num_blocks_worth_fetching,
 )
+from kvtier.sim.timemodel import RemoteLink  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 
 TPB = 4
@@ -148,3 +150,10 @@ def test_tier_refuses_bad_fetch_costs(option: str, value: object, message: str) 
     """A bad fetch cost raises ValueError naming the option."""
     with pytest.raises(ValueError, match=message):
         make_tier(**{option: value})
+
+
+def test_engine_and_simulator_start_from_the_same_measured_costs() -> None:
+    """The tier's first estimate is the simulator's default link (bench_remote's figures)."""
+    link = RemoteLink()
+    assert link.latency_s == DEFAULT_FETCH_LATENCY_S
+    assert link.bytes_per_s == DEFAULT_FETCH_BYTES_PER_S

@@ -58,11 +58,12 @@ class _Fetch:
     released: bool = False
 
 
-# What a fetch costs before the first measurement (benchmarks/bench_remote.py: one Redis on
-# loopback, redis-py with hiredis; see benchmarks/results/remote.md). The tier replaces the
-# throughput with what its own fetches take.
-DEFAULT_FETCH_LATENCY_S = 0.5e-3
-DEFAULT_FETCH_BYTES_PER_S = 0.5e9
+# What a fetch costs before the first measurement: the simulator's RemoteLink defaults
+# (kvtier.sim.timemodel, a test keeps them equal), measured by benchmarks/bench_remote.py
+# (4 MiB blocks from one Redis on loopback; benchmarks/results/remote.md). The tier replaces
+# the throughput with what its own fetches take.
+DEFAULT_FETCH_LATENCY_S = 0.1e-3
+DEFAULT_FETCH_BYTES_PER_S = 0.25e9
 # Weight of the newest fetch in the tier's running estimate of the store's read throughput.
 THROUGHPUT_EWMA_WEIGHT = 0.25
 

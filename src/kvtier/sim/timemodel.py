@@ -111,8 +111,8 @@ def get_profile(name: str, **overrides: Any) -> ModelProfile:
 # A remote fetch's defaults: what benchmarks/bench_remote.py measured of RedisRemoteStore
 # reading 4 MiB blocks (one llama3-8b block of 32 tokens) from one Redis on loopback, with
 # redis-py + hiredis; benchmarks/results/remote.md has the run.
-DEFAULT_REMOTE_LATENCY_S = 0.5e-3
-DEFAULT_REMOTE_BYTES_PER_S = 0.5e9
+DEFAULT_REMOTE_LATENCY_S = 0.1e-3
+DEFAULT_REMOTE_BYTES_PER_S = 0.25e9
 
 
 @dataclass(frozen=True, slots=True)
