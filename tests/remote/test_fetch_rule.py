@@ -3,12 +3,20 @@ deciding with it under the throughput it measures."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch", reason="the remote tier's storages need torch")
 
-from kvtier import CacheConfig, KVCacheManager  # noqa: E402
-from kvtier.model import ModelConfig  # noqa: E402
+from kvtier import (  # noqa: E402
+    CacheConfig,
+    KVCacheManager,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+)
+from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
 from kvtier.remote.tier import (  # noqa: E402
     DEFAULT_FETCH_BYTES_PER_S,
@@ -19,6 +27,7 @@ from kvtier.remote.tier import (  # noqa: E402
 )
 from kvtier.sim.timemodel import RemoteLink  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
+from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 
 TPB = 4
 
@@ -157,3 +166,50 @@ def test_engine_and_simulator_start_from_the_same_measured_costs() -> None:
     link = RemoteLink()
     assert link.latency_s == DEFAULT_FETCH_LATENCY_S
     assert link.bytes_per_s == DEFAULT_FETCH_BYTES_PER_S
+
+
+PREFIX = [(7 * i + 3) % 256 for i in range(22)]
+
+
+def make_engine(backend: dict[str, bytes], **options: Any) -> ModelEngine:
+    """A model engine of the tiny model whose remote tier shares ``backend``."""
+    model = LlamaModel(ModelConfig(), "cpu")
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32,
+                                         num_host_blocks=16, hash_algo="sha256"))
+    layout = model.config.kv_layout(TPB)
+    gpu, host = KVStorage(layout, 32, "cpu"), KVStorage(layout, 16)
+    store = InMemoryRemoteStore(RemoteNamespace("tiny-llama", layout), backend)
+    remote = RemoteTier(store, manager, gpu, host, **options)
+    return ModelEngine(model, manager, Scheduler(manager, SchedulerConfig(max_num_tokens=64)),
+                       TorchTransferEngine(gpu, host), record_logits=True, remote=remote)
+
+
+def serve(engine: ModelEngine, prompt: list[int], request_id: str) -> None:
+    """Serve one prompt to completion and check every logit row against a recompute."""
+    engine.add_request(Request(request_id, prompt, 3))
+    engine.run()
+    engine.manager.check_invariants()
+    for r in engine.results.values():
+        tokens = r.prompt + r.output
+        ref = engine.model.full_recompute(tokens[:-1])
+        for pos, row in r.logits.items():
+            assert (row - ref[pos]).abs().max().item() < 1e-4, (r.request_id, pos)
+
+
+@pytest.mark.parametrize(("recompute_s_per_token", "fetched"), [(1e-12, False), (1.0, True)])
+def test_engine_reads_the_store_only_when_the_fetch_pays(recompute_s_per_token: float,
+                                                         fetched: bool) -> None:
+    """B misses 6 blocks locally, 5 of them in the store (A's prefix): with a near-free
+    recompute it reads none (all 6 skipped, no store hit) and recomputes; with a 1 s/token
+    recompute it asks for all 6 and gets the 5. Both serve exactly a full recompute."""
+    backend: dict[str, bytes] = {}
+    serve(make_engine(backend), PREFIX + [11, 12, 13], "a")
+    b = make_engine(backend, recompute_s_per_token=recompute_s_per_token)
+    serve(b, PREFIX + [90, 91, 92, 93], "b")
+    assert b.remote is not None
+    hits = b.remote.store.stats.num_hits
+    if fetched:
+        assert b.remote.num_fetched_blocks == 5 and hits == 5
+        assert b.remote.num_skipped_blocks == 0
+    else:
+        assert (b.remote.num_fetched_blocks, hits, b.remote.num_skipped_blocks) == (0, 0, 6)
