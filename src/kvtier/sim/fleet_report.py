@@ -48,8 +48,11 @@ class FleetReport:
     ``num_over_load_bound`` counts decisions past the cache-aware policy's bound (always 0
     for it; for other policies the same bound is measured for comparison). ``load`` sets
     the work the instances did against the arrival span (:class:`LoadEstimate`).
-    ``remote`` (with a shared tier) counts lookups, hits and imports, and with a real store
-    its errors, timeouts, failed writes and skipped batches.
+    ``remote`` (with a shared tier) gives the fetch costs charged (latency, throughput, the
+    profile's break-even, the mode and deadline), counts lookups, blocks found, fetched,
+    left to recompute and imported, blocks written and dropped, the fetch times from
+    arrival (``fetch_s``), and with a real store its errors, timeouts, failed writes and
+    skipped batches.
     """
 
     workload: dict[str, object]
