@@ -198,6 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds, CPU ok")
     p.add_argument("--trace", metavar="DIR", help="profile one step plan per method into DIR")
+    p.add_argument("--trace-block-kib", default="16,1024",
+                   help="block sizes to trace (first layout only), comma-separated")
     args = p.parse_args(argv)
     if args.smoke:
         args.block_kib, args.total_mib, args.reps, args.warmup = "16,64", 2, 2, 1
@@ -307,16 +309,27 @@ def main(argv: list[str] | None = None) -> int:
                     })
                     print_row(rows[-1])
                     key = (kinds, block_kib, method)
-                    if args.trace and direction == "step" and key not in traced:
+                    if (args.trace and direction == "step" and key not in traced
+                            and kinds == args.layouts.split(",")[0]
+                            and str(block_kib) in args.trace_block_kib.split(",")):
                         traced.add(key)
                         name = kinds.replace("/", "-")
                         path = f"{args.trace}/step_{name}_{block_kib}KiB_{method}.json"
+                        traced_engine = TorchTransferEngine(gpu, host, method=method)
                         timelines[f"{kinds} {block_kib} KiB {method}"] = tl = trace_step(
-                            TorchTransferEngine(gpu, host, method=method), plan, path)
+                            traced_engine, plan, path)
                         print(f"  timeline of one step plan ({method}, {path}):")
-                        for r in tl[:12]:
+                        for r in tl[:16]:
                             print(f"    {r['start_us']:>9.1f} us +{r['dur_us']:>8.1f} us  "
                                   f"{r['name']}")
+                        if tl:
+                            span_us = tl[-1]["start_us"] + tl[-1]["dur_us"]
+                            s = traced_engine.stats
+                            print(f"  per plan: {s.bytes_d2h / s.num_plans / MIB:.0f} MiB to "
+                                  f"the host and {s.bytes_h2d / s.num_plans / MIB:.0f} MiB back "
+                                  f"in {span_us:.0f} us of device activity: "
+                                  f"{(s.bytes_d2h + s.bytes_h2d) / s.num_plans / span_us / 1e3:.1f}"
+                                  f" GB/s both ways together")
             del gpu, host
     print(json.dumps({"benchmark": "bench_transfer", **env, "smoke": args.smoke,
                       "total_mib": args.total_mib, "reps": args.reps,

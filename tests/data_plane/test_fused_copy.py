@@ -129,7 +129,7 @@ def test_plan_columns_are_the_ops_as_arrays() -> None:
     assert columns == PlanColumns.of(ops)
     assert columns.dst_slots.tolist() == [3, 4, 0, 7]
     with_columns, from_ops = plan_arrays(ops, columns), plan_arrays(ops)
-    assert all(torch.equal(a, b) for a, b in zip(with_columns, from_ops, strict=True))
+    assert all((a == b).all() for a, b in zip(with_columns, from_ops, strict=True))
     with pytest.raises(ValueError, match="columns hold 4 ops, its ops 3"):
         plan_arrays(ops[:3], columns)
     with pytest.raises(ValueError, match="differ in length: 2 vs 1"):
@@ -137,7 +137,9 @@ def test_plan_columns_are_the_ops_as_arrays() -> None:
 
 
 def make_copier(gpu_kind: str, host_kind: str) -> tuple[KVStorage, KVStorage, FusedCopier]:
-    """CPU storages with random values and a copier whose kernel runs interpreted."""
+    """CPU storages with random values and a copier whose kernel runs interpreted, moving
+    32 bytes a turn: a layer's block (128 bytes of K, 128 of V) spans 4 units of 64 bytes,
+    so units cut partial copies and the whole-block launch alike."""
     def layout(kind: str) -> KVLayout:
         return KVLayout(NUM_LAYERS, 2, 4, TPB, "float32", kind)
 
@@ -156,7 +158,8 @@ def make_copier(gpu_kind: str, host_kind: str) -> tuple[KVStorage, KVStorage, Fu
     whole = None
     if gpu_kind == host_kind == "block_major":
         whole = LaunchTarget(views[G][0], views[H][0], 2 * NUM_LAYERS)
-    return gpu, host, FusedCopier(layers, whole, TPB, num_programs=3, interpret=True)
+    return gpu, host, FusedCopier(layers, whole, TPB, num_programs=4, interpret=True,
+                                     block_bytes=32)
 
 
 @TRITON

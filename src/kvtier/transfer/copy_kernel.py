@@ -7,19 +7,21 @@ builds of torch bring it). Each row of ``items`` is one op::
                                                                 bit 1 destination on the host
 
 and ops ``starts[c] .. starts[c + 1]`` form component ``c`` (without ``starts``, op ``c``
-alone). A program runs whole components, each in plan order with a CTA barrier between its
-ops, so the ops that share a written slot keep their order, and nothing else is ordered.
+alone). A block is ``block_len`` elements: ``num_segs`` segments ``seg_stride`` apart,
+of which an op copies the first ``num_tokens * row`` elements (all of it when whole).
 
-Programs take components from both ends of the list at once (``zigzag``): a plan that lists
-its offloads before its onboards still has both directions in flight from the start::
+Work is cut into *units*: one component over one chunk (``CHUNK`` elements at the same
+offset of every block it touches). Chunks of different offsets never overlap, so units are
+independent; inside a unit the component's ops run in plan order with a CTA barrier
+between them. Small units keep every program switching between reads and writes of the
+link, so offloads and onboards overlap even when one component is an offload followed by
+an onboard into the same slot (a step's usual pair).
 
-    components    0 1 2 3 | 4 5 6 7 | ... | n-8 .. n-5 | n-4 n-3 n-2 n-1
-    round         0         2               3            1
-    (programs 0..3, round r: even rounds from the front, odd rounds from the back)
+Even programs take units from the front of the list, odd ones from the back, so a plan
+that lists its offloads before its onboards has both directions in flight at all times::
 
-A block of one op is ``num_segs`` segments, ``seg_stride`` elements apart, whose first
-``num_tokens * row`` elements are copied (K and V of one layer: 2 segments); a whole block
-is one contiguous run of ``num_segs * seg_stride`` elements.
+    units      0 1 2 3 ...                              ... u-4 u-3 u-2 u-1
+    programs   0 2 4 6 (round 0), then 0 2 4 6 (round 1)     7 5 3 1 (round 0) ...
 """
 
 from __future__ import annotations
@@ -30,23 +32,28 @@ import triton  # type: ignore[import-not-found,unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
 
 
-# NOTE: not decorated (an untyped decorator would untype it for mypy); fused.py jits it.
+# NOTE: not decorated (an untyped decorator would untype it for mypy); jit() compiles it.
 def copy_components(  # type: ignore[no-untyped-def,unused-ignore]
-    gpu_ptr, host_ptr, items_ptr, starts_ptr, num_comps,
-    gpu_block_stride, host_block_stride, seg_stride, row, num_segs, tokens_per_block,
-    HAS_STARTS: tl.constexpr, BLOCK: tl.constexpr,
+    gpu_ptr, host_ptr, items_ptr, starts_ptr, num_comps, num_chunks,
+    gpu_block_stride, host_block_stride, block_len, seg_stride, row, num_segs,
+    tokens_per_block, HAS_STARTS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     # NOTE: while loops, not range() over run-time bounds: Triton's interpreter (the CPU
     # tests) cannot turn its one-element arrays into Python ints under NumPy 2.
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    half = (num_programs + 1) // 2
     lanes = tl.arange(0, BLOCK)
+    num_units = num_comps * num_chunks
     v = pid
-    while v < num_comps:
-        k = v // num_programs
-        c = (k // 2) * num_programs + pid
-        if k % 2 == 1:
-            c = num_comps - 1 - c
+    while v < num_units:
+        rank = (v // num_programs) * half + pid // 2
+        unit = rank
+        if pid % 2 == 1:
+            unit = num_units - 1 - rank
+        c = unit // num_chunks
+        lo = (unit % num_chunks) * CHUNK
+        hi = tl.minimum(lo + CHUNK, block_len)
         if HAS_STARTS:
             i = tl.load(starts_ptr + c)
             last = tl.load(starts_ptr + c + 1)
@@ -55,32 +62,32 @@ def copy_components(  # type: ignore[no-untyped-def,unused-ignore]
             last = i + 1
         while i < last:
             flags = tl.load(items_ptr + 4 * i)
-            src_slot = tl.load(items_ptr + 4 * i + 1)
-            dst_slot = tl.load(items_ptr + 4 * i + 2)
             num_tokens = tl.load(items_ptr + 4 * i + 3)
             src_host = (flags & 1) != 0
             dst_host = (flags & 2) != 0
-            src_base = src_slot * tl.where(src_host, host_block_stride, gpu_block_stride)
-            dst_base = dst_slot * tl.where(dst_host, host_block_stride, gpu_block_stride)
+            src_base = tl.load(items_ptr + 4 * i + 1) * tl.where(
+                src_host, host_block_stride, gpu_block_stride)
+            dst_base = tl.load(items_ptr + 4 * i + 2) * tl.where(
+                dst_host, host_block_stride, gpu_block_stride)
             whole = num_tokens == tokens_per_block
             num_parts = tl.where(whole, 1, num_segs)
-            part_len = tl.where(whole, num_segs * seg_stride, num_tokens * row).to(tl.int32)
+            part_len = tl.where(whole, block_len, num_tokens * row).to(tl.int32)
             part = 0
             while part < num_parts:
-                src = src_base + part * seg_stride
-                dst = dst_base + part * seg_stride
-                start = 0
-                while start < part_len:
+                # This part of the block, cut to the unit's chunk.
+                start = tl.maximum(part * seg_stride, lo)
+                end = tl.minimum(part * seg_stride + part_len, hi)
+                while start < end:
                     offs = start + lanes
-                    mask = offs < part_len
+                    mask = offs < end
                     if src_host:
-                        x = tl.load(host_ptr + src + offs, mask=mask)
+                        x = tl.load(host_ptr + src_base + offs, mask=mask)
                     else:
-                        x = tl.load(gpu_ptr + src + offs, mask=mask)
+                        x = tl.load(gpu_ptr + src_base + offs, mask=mask)
                     if dst_host:
-                        tl.store(host_ptr + dst + offs, x, mask=mask)
+                        tl.store(host_ptr + dst_base + offs, x, mask=mask)
                     else:
-                        tl.store(gpu_ptr + dst + offs, x, mask=mask)
+                        tl.store(gpu_ptr + dst_base + offs, x, mask=mask)
                     start += BLOCK
                 part += 1
             # The next op of the component may read what this one wrote, or overwrite

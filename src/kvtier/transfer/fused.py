@@ -15,8 +15,8 @@ slot are ordered: they form a component, which one program runs in plan order::
     component        0            1           0           1           2
     program A: off g1->h4, barrier, on h9->g1     program B: off g2->h5, barrier, ...
 
-Planning is array work over the plan's columns (sort, search, scatter), never a Python
-step per op: the ops' fields are transposed once (``zip``) into int64 arrays.
+Planning is array work (sort, search, scatter) over the plan's columns
+(``PlanColumns``, or its ops read into them once), never a Python step per op.
 """
 
 from __future__ import annotations
@@ -25,26 +25,35 @@ import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+
 from kvtier.tier import Tier
 from kvtier.transfer.batching import check_op
 from kvtier.transfer.plan import PlanColumns, TransferOp, TransferPlan
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
     import torch
+
+    Ints = npt.NDArray[np.int64]
 
 ITEM_FIELDS = 4  # flags, src_slot, dst_slot, num_tokens (see copy_kernel)
 BLOCK_BYTES = 8192  # bytes one program moves per loop turn
+CHUNK_BLOCKS = 2  # loop turns per unit of work (see copy_kernel)
 NUM_WARPS = 4
 
 
 class PlanArrays(NamedTuple):
-    """A plan's ops as int64 CPU tensors, one per field."""
+    """A plan's ops as int64 arrays, one per field.
 
-    src_tier: torch.Tensor
-    src_slot: torch.Tensor
-    dst_tier: torch.Tensor
-    dst_slot: torch.Tensor
-    num_tokens: torch.Tensor
+    NOTE: NumPy, not torch: CPU torch spreads even a 65,536-element comparison over its
+    thread pool, and on a busy many-core host a waking pool took milliseconds per op."""
+
+    src_tier: Ints
+    src_slot: Ints
+    dst_tier: Ints
+    dst_slot: Ints
+    num_tokens: Ints
 
 
 class FusedPlan(NamedTuple):
@@ -72,26 +81,20 @@ def fused_available() -> bool:
 
 
 def plan_arrays(ops: Sequence[TransferOp], columns: PlanColumns | None = None) -> PlanArrays:
-    """The fields of ``ops`` (non-empty) as int64 tensors, taken without a copy from
+    """The fields of ``ops`` (non-empty) as int64 arrays, taken without a copy from
     ``columns`` where the plan carries them. Pure."""
-    import torch
-
     if columns is None:
         columns = PlanColumns.of(ops)
     if len(columns.src_slots) != len(ops):
         raise ValueError(f"the plan's columns hold {len(columns.src_slots)} ops, its ops "
                          f"{len(ops)}")
-    # NOTE: torch.frombuffer shares the array's memory; torch.tensor(list) would be several
-    # times slower per element.
-    return PlanArrays(*(torch.frombuffer(column, dtype=torch.int64) for column in columns))
+    return PlanArrays(*(np.frombuffer(column, dtype=np.int64) for column in columns))
 
 
 def check_arrays(arrays: PlanArrays, ops: Sequence[TransferOp],
                  num_blocks: dict[Tier, int | None], tokens_per_block: int) -> None:
     """Raise ValueError naming the first op whose slot is outside its tier, whose token
     count is not in 1..tokens_per_block, or that copies a slot onto itself. Pure."""
-    import torch
-
     bad = (arrays.num_tokens < 1) | (arrays.num_tokens > tokens_per_block)
     bad |= (arrays.src_tier == arrays.dst_tier) & (arrays.src_slot == arrays.dst_slot)
     for tiers, slots in ((arrays.src_tier, arrays.src_slot), (arrays.dst_tier, arrays.dst_slot)):
@@ -99,62 +102,61 @@ def check_arrays(arrays: PlanArrays, ops: Sequence[TransferOp],
             num = num_blocks.get(tier)
             on_tier = tiers == tier
             bad |= on_tier if num is None else on_tier & ((slots < 0) | (slots >= num))
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
         check_op(i, ops[i], num_blocks, tokens_per_block)
         raise AssertionError(f"op {i} {ops[i]} failed the array check but not check_op")
 
 
-def components(arrays: PlanArrays) -> tuple[torch.Tensor, torch.Tensor] | None:
+def components(arrays: PlanArrays) -> tuple[Ints, Ints] | None:
     """``(order, starts)``: the ops grouped into components (ops that share a slot some op
     of the plan writes), each in plan order, components ordered by their first op;
     ``None`` when every op is a component of its own. Pure."""
-    import torch
-
     n = len(arrays.src_slot)
     src_key = arrays.src_slot * 2 + arrays.src_tier
     dst_key = arrays.dst_slot * 2 + arrays.dst_tier
-    written = torch.sort(dst_key).values
-    pos = torch.searchsorted(written, src_key).clamp_(max=n - 1)
+    written = np.sort(dst_key)
+    pos = np.minimum(np.searchsorted(written, src_key), n - 1)
     reads_written = written[pos] == src_key
-    if not bool(reads_written.any()) and not bool((written[1:] == written[:-1]).any()):
+    if not reads_written.any() and not (written[1:] == written[:-1]).any():
         return None
-    keys, inverse = torch.unique(torch.cat([dst_key, src_key]), return_inverse=True)
+    keys, inverse = np.unique(np.concatenate([dst_key, src_key]), return_inverse=True)
     dst_k = inverse[:n]
-    linked = torch.nonzero(reads_written).flatten()  # ops whose source some op writes
+    linked = np.flatnonzero(reads_written)  # ops whose source some op writes
     src_k = inverse[n:][linked]
     # Label propagation over ops and slots: every op takes the smallest label of the slots
     # it touches, until nothing changes; then each component holds its first op's index.
-    label = torch.arange(n)
+    label = np.arange(n, dtype=np.int64)
     while True:
-        key_label = torch.full((len(keys),), n, dtype=torch.int64)
-        key_label.scatter_reduce_(0, dst_k, label, "amin")
-        key_label.scatter_reduce_(0, src_k, label[linked], "amin")
-        new = torch.minimum(label, key_label[dst_k])
-        new[linked] = torch.minimum(new[linked], key_label[src_k])
+        key_label = np.full(len(keys), n, dtype=np.int64)
+        np.minimum.at(key_label, dst_k, label)
+        np.minimum.at(key_label, src_k, label[linked])
+        new = np.minimum(label, key_label[dst_k])
+        new[linked] = np.minimum(new[linked], key_label[src_k])
         new = new[new]  # a label is an earlier op of the same component: jump to its label
-        if torch.equal(new, label):
+        if np.array_equal(new, label):
             break
         label = new
-    sorted_label, order = torch.sort(label, stable=True)
-    boundaries = torch.nonzero(sorted_label[1:] != sorted_label[:-1]).flatten() + 1
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), boundaries,
-                        torch.tensor([n], dtype=torch.int64)])
+    order = np.argsort(label, kind="stable")
+    sorted_label = label[order]
+    boundaries = np.flatnonzero(sorted_label[1:] != sorted_label[:-1]) + 1
+    starts = np.concatenate([[0], boundaries, [n]]).astype(np.int64)
     return order, starts
 
 
-def pack_items(arrays: PlanArrays, order: torch.Tensor | None) -> torch.Tensor:
+def pack_items(arrays: PlanArrays, order: Ints | None) -> Ints:
     """The kernel's op rows [n, 4]: flags (bit 0 source on the host, bit 1 destination on
     the host), source slot, destination slot, tokens; in ``order`` if given. Pure."""
+    flags = arrays.src_tier + 2 * arrays.dst_tier
+    items = np.stack([flags, arrays.src_slot, arrays.dst_slot, arrays.num_tokens], 1)
+    return items if order is None else items[order]
+
+
+def to_device(a: Ints, device: torch.device) -> torch.Tensor:
+    """``a`` as a tensor on ``device``, through pinned memory so the CPU never waits."""
     import torch
 
-    flags = arrays.src_tier + 2 * arrays.dst_tier
-    items = torch.stack([flags, arrays.src_slot, arrays.dst_slot, arrays.num_tokens], 1)
-    return items if order is None else items.index_select(0, order)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``, through pinned memory so the CPU never waits for the copy."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
     if device.type == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
@@ -163,12 +165,20 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 class FusedCopier:
     """Runs plans with the kernel of ``copy_kernel`` over a list of launch targets (one per
     layer, and optionally one for whole blocks). ``interpret`` runs the kernel in Triton's
-    interpreter on CPU tensors (tests on machines without a GPU)."""
+    interpreter on CPU tensors (tests on machines without a GPU); tests also shrink
+    ``block_bytes`` (a power of two) so that blocks span several units."""
 
     def __init__(self, layers: list[LaunchTarget], whole: LaunchTarget | None,
-                 tokens_per_block: int, num_programs: int, interpret: bool = False) -> None:
+                 tokens_per_block: int, num_programs: int, interpret: bool = False,
+                 block_bytes: int = BLOCK_BYTES) -> None:
         from kvtier.transfer import copy_kernel
 
+        if block_bytes < 1 or block_bytes & (block_bytes - 1):
+            raise ValueError(f"block_bytes must be a power of two, got {block_bytes!r}")
+
+        if num_programs < 2 or num_programs % 2:
+            raise ValueError(f"num_programs must be even and >= 2 (half take units from "
+                             f"each end), got {num_programs!r}")
         for target in [*layers, *([whole] if whole is not None else [])]:
             if target.gpu.dtype != target.host.dtype:
                 raise ValueError(f"GPU and host views differ in element type: "
@@ -177,6 +187,7 @@ class FusedCopier:
         self.whole = whole
         self.tokens_per_block = tokens_per_block
         self.num_programs = num_programs
+        self.block_bytes = block_bytes
         self._kernel: Any = copy_kernel.jit(interpret)
 
     def prepare(self, plan: TransferPlan, num_blocks: dict[Tier, int | None],
@@ -208,11 +219,15 @@ class FusedCopier:
     def _launch(self, plan: FusedPlan, target: LaunchTarget) -> None:
         gpu, host = target.gpu, target.host
         row = gpu.shape[-1]
-        grid = (min(plan.num_components, self.num_programs),)
+        seg_stride = self.tokens_per_block * row
+        block_len = target.num_segs * seg_stride
+        block = max(1, self.block_bytes // gpu.element_size())
+        chunk = CHUNK_BLOCKS * block
+        num_chunks = -(-block_len // chunk)
+        grid = (min(plan.num_components * num_chunks, self.num_programs),)
         self._kernel[grid](
             gpu, host, plan.items, plan.items if plan.starts is None else plan.starts,
-            plan.num_components, gpu.stride(0), host.stride(0), self.tokens_per_block * row,
-            row, target.num_segs, self.tokens_per_block,
-            HAS_STARTS=plan.starts is not None, BLOCK=BLOCK_BYTES // gpu.element_size(),
-            num_warps=NUM_WARPS,
+            plan.num_components, num_chunks, gpu.stride(0), host.stride(0), block_len,
+            seg_stride, row, target.num_segs, self.tokens_per_block,
+            HAS_STARTS=plan.starts is not None, BLOCK=block, CHUNK=chunk, num_warps=NUM_WARPS,
         )

@@ -154,11 +154,13 @@ class TorchTransferEngine:
 
         assert self._kernel_views is not None
         views = self._kernel_views
-        layers = [LaunchTarget(self._layer(views, Tier.GPU, i), self._layer(views, Tier.HOST, i), 2)
+        # Without a host tier, plans only copy GPU blocks: the host view is never read.
+        host = Tier.HOST if self.host is not None else Tier.GPU
+        layers = [LaunchTarget(self._layer(views, Tier.GPU, i), self._layer(views, host, i), 2)
                   for i in range(self._num_layers)]
         whole = None
-        if self._kind(Tier.GPU) == self._kind(Tier.HOST) == "block_major":
-            whole = LaunchTarget(views[Tier.GPU][0], views[Tier.HOST][0], 2 * self._num_layers)
+        if self._kind(Tier.GPU) == self._kind(host) == "block_major":
+            whole = LaunchTarget(views[Tier.GPU][0], views[host][0], 2 * self._num_layers)
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         return FusedCopier(layers, whole, self._tpb, 8 * num_sms)
 
