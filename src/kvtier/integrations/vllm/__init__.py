@@ -6,8 +6,8 @@ Two plug-ins, both named in ``--kv-transfer-config`` with this module as their p
   ``TieringOffloadingSpec`` (``"secondary_tiers": [{"type": "KvtierRedisTier",
   "module_path": "kvtier.integrations.vllm", "url": ...}]``).
 * every kvtier eviction policy (``kvtier.config.EVICTION_POLICIES``) as the CPU tier's
-  ``CachePolicy`` (``"eviction_policy": "kvtier-predict", "cache_policy_module_path":
-  "kvtier.integrations.vllm"``).
+  ``CachePolicy``, named ``kvtier-<policy>`` (``"eviction_policy": "kvtier-predict"``,
+  ``"kvtier-arc"``, ...; ``"cache_policy_module_path": "kvtier.integrations.vllm"``).
 
 vLLM is imported only when one of them is asked for, so the vLLM-free parts (``keys``,
 ``store_tier``, ``chunk_policy``) import without it.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtier.config import EVICTION_POLICIES
+from kvtier.integrations.vllm.chunk_policy import kvtier_policy_name
 
 __all__ = ["KvtierCachePolicy", "KvtierRedisTier", "policy_class"]
 
@@ -33,7 +33,7 @@ def __getattr__(name: str) -> Any:
         from kvtier.integrations.vllm import policy
 
         return getattr(policy, name)
-    if name in EVICTION_POLICIES:
+    if kvtier_policy_name(name) is not None:
         from kvtier.integrations.vllm.policy import policy_class
 
         return policy_class(name)

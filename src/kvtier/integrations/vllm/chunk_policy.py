@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
-from kvtier.config import DEFAULT_PRIORITY, CacheConfig, check_priority
+from kvtier.config import DEFAULT_PRIORITY, EVICTION_POLICIES, CacheConfig, check_priority
 from kvtier.eviction import ROLE_BODY, ROLE_SHARED, ReuseLearner
 from kvtier.policies import get_policy
 from kvtier.pool import Key, TierPool
@@ -38,6 +38,23 @@ from kvtier.tier import Tier
 
 C = TypeVar("C")
 MAX_CAPACITY = 1 << 32
+VLLM_PREFIX = "kvtier-"
+
+
+def vllm_policy_name(policy: str) -> str:
+    """The ``eviction_policy`` name vLLM knows kvtier's ``policy`` by: prefixed with
+    ``kvtier-`` unless it already is, since vLLM's own ``lru`` and ``arc`` are registered
+    names that win over any module path. Pure."""
+    return policy if policy.startswith(VLLM_PREFIX) else VLLM_PREFIX + policy
+
+
+def kvtier_policy_name(vllm_name: str) -> str | None:
+    """The kvtier policy vLLM's ``eviction_policy`` name ``vllm_name`` stands for, or None
+    (any policy in ``config.EVICTION_POLICIES``, so new ones need no change here). Pure."""
+    for policy in EVICTION_POLICIES:
+        if vllm_policy_name(policy) == vllm_name:
+            return policy
+    return None
 
 
 class _Chunk(Generic[C]):

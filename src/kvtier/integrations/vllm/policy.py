@@ -1,10 +1,13 @@
 """kvtier's eviction policies as vLLM 0.33.0 ``CachePolicy`` classes for its CPU tier.
 
-Selected with ``"eviction_policy": "<kvtier policy name>"`` and
-``"cache_policy_module_path": "kvtier.integrations.vllm"``: vLLM imports that module and
-takes the attribute named by the policy, which the module makes on demand
-(``policy_class``) for every name in ``kvtier.config.EVICTION_POLICIES``, so a policy added
-to kvtier is usable from vLLM with no change here.
+Selected with ``"eviction_policy": "kvtier-<kvtier policy name>"`` (``kvtier-lru``,
+``kvtier-arc``, ``kvtier-s3fifo``, ``kvtier-priority-lru``; names that already start with
+``kvtier-`` stay as they are: ``kvtier-predict``) and ``"cache_policy_module_path":
+"kvtier.integrations.vllm"``: vLLM imports that module and takes the attribute named by
+the policy, which the module makes on demand (``policy_class``) for every name in
+``kvtier.config.EVICTION_POLICIES``, so a policy added to kvtier is usable from vLLM with no
+change here. (The prefix: vLLM's own ``lru`` and ``arc`` are registered names, which win
+over a module path.)
 
 A request may set its chunks' priority and retention through ``kv_transfer_params``:
 ``{"kvtier_priority": 0..100, "kvtier_retention_s": seconds}`` (lower priority goes
@@ -23,7 +26,7 @@ from vllm.v1.kv_offload.base import OffloadKey, ReqContext
 from vllm.v1.kv_offload.cpu.policies.base import CachePolicy, ChunkStatus, order_request_keys
 
 from kvtier.config import EVICTION_POLICIES, MAX_PRIORITY, MIN_PRIORITY
-from kvtier.integrations.vllm.chunk_policy import PolicyChunks
+from kvtier.integrations.vllm.chunk_policy import PolicyChunks, kvtier_policy_name, vllm_policy_name
 
 logger = logging.getLogger(__name__)
 
@@ -125,11 +128,14 @@ class KvtierCachePolicy(CachePolicy):  # type: ignore[misc]
 
 
 @functools.cache
-def policy_class(name: str) -> type[KvtierCachePolicy]:
-    """The CachePolicy class running kvtier's policy ``name`` (one class per name)."""
-    if name not in EVICTION_POLICIES:
-        raise ValueError(f"eviction_policy must be one of {sorted(EVICTION_POLICIES)} for "
-                         f"kvtier, got {name!r}")
-    attrs: dict[str, Any] = {"policy_name": name, "__module__": __name__,
-                             "__doc__": f"vLLM CPU-tier policy: kvtier's {name!r}."}
-    return type(f"KvtierCachePolicy[{name}]", (KvtierCachePolicy,), attrs)
+def policy_class(vllm_name: str) -> type[KvtierCachePolicy]:
+    """The CachePolicy class vLLM's ``eviction_policy`` name ``vllm_name`` (e.g.
+    ``kvtier-arc``) selects: kvtier's policy of that name (one class per name)."""
+    policy = kvtier_policy_name(vllm_name)
+    if policy is None:
+        known = sorted(vllm_policy_name(p) for p in EVICTION_POLICIES)
+        raise ValueError(f"eviction_policy must be one of {known} for kvtier, got "
+                         f"{vllm_name!r}")
+    attrs: dict[str, Any] = {"policy_name": policy, "__module__": __name__,
+                             "__doc__": f"vLLM CPU-tier policy: kvtier's {policy!r}."}
+    return type(f"KvtierCachePolicy[{vllm_name}]", (KvtierCachePolicy,), attrs)

@@ -126,7 +126,7 @@ class StoreTier:
     """
 
     def __init__(self, store: RemoteStore, view: memoryview, page_bytes: int, *,
-                 max_lookup_wait_s: float = 0.05, max_queued_jobs: int = 256,
+                 max_lookup_wait_s: float = 0.1, max_queued_jobs: int = 256,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._page_bytes = check_count("page_bytes", page_bytes, 1, 1 << 40)
         if not isinstance(view, memoryview) or view.format != "B" or view.ndim != 1:

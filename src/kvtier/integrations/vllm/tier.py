@@ -77,7 +77,7 @@ class KvtierRedisTier(SecondaryTierManager):  # type: ignore[misc]
     def __init__(self, offloading_spec: OffloadingSpec, primary_kv_view: memoryview,
                  tier_type: str, backpressure_detector: BackpressureDetector | None = None,
                  *, url: str | None = None, store: RemoteStore | None = None,
-                 tenant: str | None = None, max_lookup_wait_s: float = 0.05,
+                 tenant: str | None = None, max_lookup_wait_s: float = 0.1,
                  max_queued_jobs: int = 256, locality: str = "REMOTE",
                  **redis_options: Any) -> None:
         super().__init__(offloading_spec=offloading_spec, primary_kv_view=primary_kv_view,
