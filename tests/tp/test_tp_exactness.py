@@ -32,6 +32,7 @@ from kvtier.remote.codec import num_found_on_all_ranks  # noqa: E402
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
+from kvtier.transfer import OpKind, TransferError, TransferOp, TransferPlan  # noqa: E402
 from kvtier.transfer.batching import TransferBatch  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 from kvtier.transfer.tp_engine import DistributedTransferEngine  # noqa: E402
@@ -151,9 +152,11 @@ def rank_main(rank: int, backend: str, rendezvous: str, out_dir: str) -> None:
                 }
             else:
                 saved[run] = {"num_steps": serve(shard, transfer, channel)}
-            saved[run].update(bytes_h2d=engine.stats.bytes_h2d, bytes_d2h=engine.stats.bytes_d2h,
+            saved[run].update(num_ops=engine.stats.num_ops, bytes_h2d=engine.stats.bytes_h2d,
+                              bytes_d2h=engine.stats.bytes_d2h,
                               num_failed_ops=transfer.num_failed_ops,
                               num_failed_elsewhere=transfer.num_failed_elsewhere)
+        saved["direct"] = direct_checks(shard, rank, control)
         # Biases (column-split ones sliced, row-split ones added once) and a tied head.
         biased = TensorParallelLlama(LlamaModel(BIASED, device), rank, TP_SIZE)
         saved["biased"] = biased.full_recompute(make_prompts()[0][0]).cpu()
@@ -163,6 +166,28 @@ def rank_main(rank: int, backend: str, rendezvous: str, out_dir: str) -> None:
         torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def direct_checks(shard: TensorParallelLlama, rank: int, group: Any) -> dict[str, Any]:
+    """The distributed engine on its own: a plan whose onboards fail on rank 1 only, and
+    ranks whose pools differ. What each rank saw."""
+    layout = shard.kv_layout(TPB)
+    engine = TorchTransferEngine(KVStorage(layout, 4), KVStorage(layout, 4), method="kernel")
+    if rank == 1:
+        engine.before_batch = FailOnboards(1)
+    ops = (TransferOp(OpKind.OFFLOAD, Tier.GPU, 0, Tier.HOST, 0, TPB),
+           TransferOp(OpKind.ONBOARD, Tier.HOST, 1, Tier.GPU, 1, TPB))
+    out: dict[str, Any] = {}
+    try:
+        DistributedTransferEngine(engine, group).submit(TransferPlan(ops))
+    except TransferError as exc:
+        out["error"] = (str(exc), exc.failed_indices)
+    uneven = KVStorage(layout, 4 + rank)
+    try:
+        DistributedTransferEngine(TorchTransferEngine(uneven, None), group)
+    except ValueError as exc:
+        out["sizes"] = str(exc)
+    return out
 
 
 def run_ranks(backend: str, tmp_path: Path) -> list[dict[str, Any]]:
@@ -186,6 +211,10 @@ def check_tp_run(ranks: list[dict[str, Any]], device: str) -> None:
         assert leader["offloaded"] > 0 and leader["onboarded"] > 0, run
         for saved in (leader, worker):  # every rank moved its shard both ways
             assert saved["bytes_h2d"] > 0 and saved["bytes_d2h"] > 0, run
+        # One manager's plans, executed on every rank: the same ops, the same bytes a rank
+        # (in the clean run, where both ranks copy by the same method).
+        for key in ("num_ops", "bytes_h2d", "bytes_d2h"):
+            assert run != "clean" or leader[key] == worker[key], (key, leader[key], worker[key])
         assert set(leader["results"]) == set(reference), run
         for rid, (prompt, output, logits, finished) in leader["results"].items():
             ref = reference[rid]
@@ -205,6 +234,13 @@ def check_tp_run(ranks: list[dict[str, Any]], device: str) -> None:
     assert fault["num_failed_elsewhere"] == fault["num_failed_ops"]
     assert ranks[1]["fault"]["num_failed_elsewhere"] == 0
     assert [r["found_run"] for r in ranks] == [1, 1]
+    # Rank 1 failed the onboard (op 1): both ranks raise the same error, naming rank 1.
+    for saved in ranks:
+        message, failed = saved["direct"]["error"]
+        assert failed == (1,) and "1 of 2 copies not done" in message, message
+        assert "failed on rank(s) [1]" in message, message
+        assert "pools of the same size" in saved["direct"]["sizes"]
+        assert "[(4, None), (5, None)]" in saved["direct"]["sizes"]
     biased = LlamaModel(BIASED, device).full_recompute(make_prompts()[0][0]).cpu()
     for saved in ranks:  # every rank computes the whole logits
         torch.testing.assert_close(saved["biased"], biased, rtol=0, atol=FP32_ATOL)

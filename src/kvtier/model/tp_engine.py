@@ -139,6 +139,9 @@ class TensorParallelLeader:
     def __init__(self, shard: TensorParallelLlama, transfer: DistributedTransferEngine,
                  manager: KVCacheManager, scheduler: Scheduler, channel: CommandChannel,
                  record_logits: bool = False) -> None:
+        if shard.tp_rank != channel.src:
+            raise ValueError(f"the leader is rank {channel.src} of the channel, this shard "
+                             f"rank {shard.tp_rank}")
         if shard.tp_rank != transfer.tp_rank or shard.tp_size != transfer.tp_size:
             raise ValueError(f"the shard is rank {shard.tp_rank} of {shard.tp_size}, the "
                              f"transfer engine rank {transfer.tp_rank} of {transfer.tp_size}")

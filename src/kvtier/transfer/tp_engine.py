@@ -34,6 +34,8 @@ from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 if TYPE_CHECKING:
     from kvtier.storage import KVStorage
 
+MAX_TP_SIZE = 63
+
 
 def union_error(plan: TransferPlan,
                 failed_by_rank: Sequence[Sequence[int]]) -> TransferError | None:
@@ -157,9 +159,11 @@ class DistributedTransferEngine:
     group, the default one when ``None``) on the ops that failed anywhere.
 
     Every rank must ``submit`` the same plans in the same order (the leader sends them,
-    ``kvtier.model.tp_engine``). A plan with ops costs one all-reduce of a byte per op; a
-    CPU (gloo) group keeps it off the GPU's streams. Counts: ``num_failed_ops`` (ops
-    reported failed), ``num_failed_elsewhere`` (of those, ops this rank had done).
+    ``kvtier.model.tp_engine``). A plan with ops costs one all-reduce of a word per op (bit
+    ``r`` set where rank ``r`` failed it); a CPU (gloo) group keeps it off the GPU's
+    streams. Construction is a collective too: every rank's pools must have the same sizes.
+    Counts: ``num_failed_ops`` (ops reported failed), ``num_failed_elsewhere`` (of those,
+    ops this rank had done).
     """
 
     def __init__(self, engine: TorchTransferEngine, group: Any = None) -> None:
@@ -174,6 +178,16 @@ class DistributedTransferEngine:
             raise ValueError(f"this process is rank {rank} of {size} in its group, its "
                              f"storage holds the shard of rank {layout.tp_rank} of "
                              f"{layout.tp_size}")
+        if size > MAX_TP_SIZE:
+            raise ValueError(f"at most {MAX_TP_SIZE} ranks (one bit each in an int64), "
+                             f"got {size}")
+        # Same pools, same block ids: then a bad op is refused on every rank alike.
+        sizes: list[Any] = [None] * size
+        mine = (engine.gpu.num_blocks, None if engine.host is None else engine.host.num_blocks)
+        dist.all_gather_object(sizes, mine, group=group)
+        if len(set(sizes)) != 1:
+            raise ValueError(f"every rank must hold pools of the same size (the same block "
+                             f"ids), got (gpu, host) blocks by rank {sizes}")
         self.engine = engine
         self.group = group
         self.tp_rank = rank
@@ -203,7 +217,7 @@ class DistributedTransferEngine:
             return self.engine.submit(plan)
         outcome = _submit(self.engine, plan)
         local = outcome.failed_indices if isinstance(outcome, TransferError) else ()
-        error = union_error(plan, [self._failed_anywhere(len(plan.ops), local)])
+        error = union_error(plan, self._failed_by_rank(len(plan.ops), local))
         if error is None:
             assert isinstance(outcome, TransferHandle)
             return outcome
@@ -211,17 +225,20 @@ class DistributedTransferEngine:
         self.num_failed_elsewhere += len(error.failed_indices) - len(local)
         raise error
 
-    def _failed_anywhere(self, num_ops: int, local: Sequence[int]) -> list[int]:
+    def _failed_by_rank(self, num_ops: int, local: Sequence[int]) -> list[list[int]]:
+        """Every rank's failed op positions: one all-reduce, rank ``r`` adding bit ``r``
+        (distinct bits, so the sum is their union)."""
         import torch
         import torch.distributed as dist
 
-        mask = torch.zeros(num_ops, dtype=torch.uint8)
+        mask = torch.zeros(num_ops, dtype=torch.int64)
         if local:
-            mask[torch.tensor(list(local), dtype=torch.long)] = 1
+            mask[torch.tensor(list(local), dtype=torch.long)] = 1 << self.tp_rank
         if self._on_device:
             mask = mask.to(self.engine.device)
-        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=self.group)
-        return mask.nonzero().flatten().tolist()
+        dist.all_reduce(mask, op=dist.ReduceOp.SUM, group=self.group)
+        bits = mask.tolist()
+        return [[i for i, b in enumerate(bits) if b >> r & 1] for r in range(self.tp_size)]
 
     def wait(self, handle: TransferHandle, layer: int | None = None) -> None:
         self.engine.wait(handle, layer)
