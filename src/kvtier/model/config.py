@@ -1,4 +1,5 @@
-"""Frozen, validated shape of the reference model."""
+"""Frozen, validated shape of the reference model, and how it reads a checkpoint's config:
+:class:`ModelConfig`, :class:`RopeScaling`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,39 @@ from kvtier.storage import DTYPE_BYTES, KVLayout
 
 
 @dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Llama 3's RoPE frequency scaling (``rope_type: llama3``): long wavelengths are
+    stretched by ``factor``, short ones kept, the band between blended smoothly."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"rope_scaling.{name} must be a number > 0, got {value!r}")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be "
+                             f"> low_freq_factor ({self.low_freq_factor})")
+        n = self.original_max_position_embeddings
+        if type(n) is not int or n < 1:
+            raise ValueError("rope_scaling.original_max_position_embeddings must be an integer "
+                             f">= 1, got {n!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """A Llama-style decoder: ``num_heads`` query heads share ``num_kv_heads`` K/V heads."""
+    """A Llama-style decoder: ``num_heads`` query heads share ``num_kv_heads`` K/V heads.
+
+    ``tie_word_embeddings``: the output projection is the embedding matrix (no second copy).
+    ``qkv_bias`` / ``o_bias`` / ``mlp_bias``: the projections carry biases (Qwen2: q, k, v;
+    Llama's ``attention_bias``: q, k, v and o). ``max_position_embeddings``: the longest
+    context the model may see (``None``: unchecked). ``seed`` draws random weights when a
+    model is built without a checkpoint.
+    """
 
     vocab_size: int = 256
     dim: int = 64
@@ -22,6 +54,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "float32"
     seed: int = 0
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads",
@@ -39,8 +77,25 @@ class ModelConfig:
         if not self.rope_theta > 0 or not self.norm_eps > 0:
             raise ValueError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta!r} "
                              f"and {self.norm_eps!r}")
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling must be a RopeScaling or None, "
+                             f"got {self.rope_scaling!r}")
+        n = self.max_position_embeddings
+        if n is not None and (type(n) is not int or n < 1):
+            raise ValueError(f"max_position_embeddings must be an integer >= 1 or None, "
+                             f"got {n!r}")
 
     def kv_layout(self, tokens_per_block: int, layout: str = "block_major") -> KVLayout:
         """The KV block shape this model reads and writes. Pure."""
         return KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, tokens_per_block,
                         self.dtype, layout)
+
+    def check_context(self, num_tokens: int) -> None:
+        """Raise ValueError if ``num_tokens`` positions exceed the model's context. Pure."""
+        limit = self.max_position_embeddings
+        if limit is not None and num_tokens > limit:
+            raise ValueError(f"{num_tokens} tokens exceed the model's maximum context of "
+                             f"{limit} tokens")

@@ -8,7 +8,9 @@ Each ``step()``::
     forward                   each context chunk, then each decode, through the block
                               tables; layer i first waits for layer i's copies (on CUDA a
                               stream wait: the CPU never blocks, later layers still copy)
-    scheduler.update          greedy tokens from the last position of each sampling request
+    sample                    the last position of each sampling request: greedy, or the
+                              request's own Sampler; a stop token or stop check ends it early
+    scheduler.update          append the tokens, finish requests
 
 The manager never executes copies: the scheduler takes the step's plan from it, and the
 plan is executed here, once, as a whole.
@@ -18,23 +20,40 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from kvtier.admission import PrefixMatch
 from kvtier.manager import KVCacheManager
 from kvtier.model.llama import LlamaModel
+from kvtier.model.sampling import Sampler
 from kvtier.remote.tier import RemoteTier
 from kvtier.scheduler import Request, ScheduledStep, Scheduler
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.torch_engine import TorchTransferEngine
 
+# Whether a request's output so far (the newest token last) ends it.
+StopFn = Callable[[Sequence[int]], bool]
+StopReason = Literal["length", "stop_token", "stop"]
+
 
 @dataclass(slots=True)
 class RequestResult:
     """What a request produced. ``logits`` maps each position the engine computed (prompt
-    positions not reused, and every decode) to its logits, when recording is on."""
+    positions not reused, and every decode) to its logits, when recording is on.
+
+    The prompt's first admission, split by where its tokens came from::
+
+        prompt  [ reused from GPU | host | remote | computed ]
+                                    '-- onboarded -'
+
+    ``num_remote_tokens`` were fetched from the remote tier into host blocks for this
+    request (then onboarded like the host's). ``added_s`` / ``first_token_s`` are
+    ``time.perf_counter()`` readings: queued, and first token sampled.
+    """
 
     request_id: str
     prompt: list[int]
@@ -42,6 +61,26 @@ class RequestResult:
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
     num_preemptions: int = 0
     finished: bool = False
+    stop_reason: StopReason | None = None
+    num_gpu_tokens: int = 0
+    num_host_tokens: int = 0
+    num_remote_tokens: int = 0
+    num_computed_tokens: int = 0
+    added_s: float = 0.0
+    first_token_s: float | None = None
+
+    @property
+    def num_reused_tokens(self) -> int:
+        return self.num_gpu_tokens + self.num_host_tokens + self.num_remote_tokens
+
+    @property
+    def num_onboarded_tokens(self) -> int:
+        return self.num_host_tokens + self.num_remote_tokens
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds from queueing to the first sampled token (``None``: none yet). Pure."""
+        return None if self.first_token_s is None else self.first_token_s - self.added_s
 
 
 class ModelEngine:
@@ -70,24 +109,41 @@ class ModelEngine:
         self.remote = remote
         self._fetched: set[str] = set()
         self.results: dict[str, RequestResult] = {}
+        self._samplers: dict[str, Sampler] = {}
+        self._stops: dict[str, StopFn] = {}
+        # Per waiting request not admitted yet: the lookup before this step (what admission
+        # will reuse, exactly), and the reuse it had before its remote fetch.
+        self._promised: dict[str, PrefixMatch] = {}
+        self._before_fetch: dict[str, int] = {}
+        self._remote_tokens: dict[str, int] = {}
         self.num_steps = 0
         self.num_failed_steps = 0
         # CPU seconds of the last step's scheduling and transfer submission.
         self.last_step_seconds: dict[str, float] = {}
         self._wait_layer: Callable[[int], None] | None = None
 
-    def add_request(self, request: Request) -> None:
-        """Queue ``request`` (see ``Scheduler.add_request``)."""
+    def add_request(self, request: Request, sampler: Sampler | None = None,
+                    stop: StopFn | None = None) -> None:
+        """Queue ``request`` (see ``Scheduler.add_request``). Its tokens are greedy unless
+        ``sampler`` picks them; it ends early at ``sampler``'s stop tokens or when ``stop``
+        says so (else after ``max_output_tokens``)."""
         self.scheduler.add_request(request)
-        self.results[request.request_id] = RequestResult(request.request_id,
-                                                         list(request.prompt))
+        rid = request.request_id
+        self.results[rid] = RequestResult(rid, list(request.prompt),
+                                          added_s=time.perf_counter())
+        if sampler is not None:
+            self._samplers[rid] = sampler
+        if stop is not None:
+            self._stops[rid] = stop
 
     def step(self) -> tuple[ScheduledStep, list[Request]]:
         """Run one forward pass; returns the schedule and the requests it finished."""
         t0 = time.perf_counter()
         if self.remote is not None:
             self._fetch_remote()
+        self._note_promises()
         step = self.scheduler.step()
+        self._note_admissions(step)
         t1 = time.perf_counter()
         if self.remote is not None and self.remote.write_policy == "write-back":
             self.remote.write_spilled()  # before the plan may overwrite their slots
@@ -119,20 +175,79 @@ class ModelEngine:
             req = running[rid]
             tokens = req.tokens
             last_logits[rid] = self._forward(req, tokens[-1:], len(tokens) - 1)[-1]
-        sampled: dict[str, int] = {}
-        if last_logits:
-            ids = list(last_logits)
-            tokens_out = torch.stack([last_logits[r] for r in ids]).argmax(-1).tolist()
-            sampled = dict(zip(ids, tokens_out, strict=True))
+        sampled = self._sample(last_logits)
         for rid in step.preempted_request_ids:
             self.results[rid].num_preemptions += 1
+        self._stop_early(sampled)
         finished = self.scheduler.update(step, sampled)
+        now = time.perf_counter()
+        for rid in sampled:
+            result = self.results[rid]
+            if result.first_token_s is None:
+                result.first_token_s = now
         for req in finished:
-            result = self.results[req.request_id]
+            rid = req.request_id
+            result = self.results[rid]
             result.output = list(req.output)
             result.finished = True
+            if result.stop_reason is None:
+                result.stop_reason = "length"
+            self._samplers.pop(rid, None)
+            self._stops.pop(rid, None)
         self.num_steps += 1
         return step, finished
+
+    def _sample(self, last_logits: dict[str, torch.Tensor]) -> dict[str, int]:
+        """One token per request: its sampler's, else greedy (in one batched argmax)."""
+        greedy = [rid for rid in last_logits if rid not in self._samplers]
+        argmax: dict[str, int] = {}
+        if greedy:
+            tokens_out = torch.stack([last_logits[r] for r in greedy]).argmax(-1).tolist()
+            argmax = dict(zip(greedy, tokens_out, strict=True))
+        return {rid: argmax[rid] if rid in argmax else self._samplers[rid].sample(logits)
+                for rid, logits in last_logits.items()}
+
+    def _stop_early(self, sampled: dict[str, int]) -> None:
+        """Finish the requests whose new token is a stop token or completes a stop."""
+        running = self.scheduler.running
+        for rid, token in sampled.items():
+            sampler, stop = self._samplers.get(rid), self._stops.get(rid)
+            reason: StopReason | None = None
+            if sampler is not None and sampler.stops_at(token):
+                reason = "stop_token"
+            elif stop is not None and stop([*running[rid].output, token]):
+                reason = "stop"
+            if reason is not None:
+                self.results[rid].stop_reason = reason
+                # NOTE: the scheduler finishes a request when its output reaches
+                # max_output_tokens; lowering that to the length after this token ends it in
+                # this update (its reservation is freed with it). A Scheduler.finish() would
+                # say this directly.
+                req = running[rid]
+                req.max_output_tokens = len(req.output) + 1
+
+    def _note_promises(self) -> None:
+        """Look up each waiting request not yet admitted: admission reuses exactly that."""
+        manager = self.manager
+        for req in self.scheduler.waiting:
+            rid = req.request_id
+            result = self.results.get(rid)
+            if result is not None and result.first_token_s is None and not req.output:
+                self._promised[rid] = manager.lookup(req.prompt, salt=req.salt,
+                                                     lora_id=req.lora_id)
+
+    def _note_admissions(self, step: ScheduledStep) -> None:
+        """Record where the prompt of each newly admitted request came from."""
+        for chunk in step.context_chunks:
+            match = self._promised.pop(chunk.request_id, None)
+            if match is None or chunk.first_token != chunk.num_reused_tokens:
+                continue
+            result = self.results[chunk.request_id]
+            remote = min(self._remote_tokens.pop(chunk.request_id, 0), match.num_host_tokens)
+            result.num_gpu_tokens = match.num_gpu_tokens
+            result.num_host_tokens = match.num_host_tokens - remote
+            result.num_remote_tokens = remote
+            result.num_computed_tokens = len(result.prompt) - match.num_tokens
 
     def _fetch_remote(self) -> None:
         """Start a remote fetch for each newly waiting request and hold it back; release
@@ -144,13 +259,25 @@ class ModelEngine:
                 self._fetched.add(req.request_id)
                 if remote.start_fetch(req.request_id, req.tokens, req.salt, req.lora_id):
                     scheduler.hold(req.request_id)
+                    self._before_fetch[req.request_id] = self._num_cached(req)
         for rid in remote.poll():
-            scheduler.release(rid)
+            self._release(rid)
         if not scheduler.running and remote.num_waiting and remote.num_waiting == len(
                 scheduler.waiting):
             remote.wait(remote.fetch_deadline_s)
             for rid in remote.poll():
-                scheduler.release(rid)
+                self._release(rid)
+
+    def _num_cached(self, req: Request) -> int:
+        return self.manager.lookup(req.tokens, salt=req.salt, lora_id=req.lora_id).num_tokens
+
+    def _release(self, rid: str) -> None:
+        """Release a held request; what its fetch added to the cache counts as remote."""
+        self.scheduler.release(rid)
+        before = self._before_fetch.pop(rid, None)
+        req = next((r for r in self.scheduler.waiting if r.request_id == rid), None)
+        if before is not None and req is not None:
+            self._remote_tokens[rid] = max(0, self._num_cached(req) - before)
 
     def run(self, max_steps: int = 100_000) -> dict[str, RequestResult]:
         """Step until every request finished (and, with a remote tier, its writes landed);

@@ -1,7 +1,9 @@
 """A small Llama-style decoder in plain torch whose attention pages K/V through block tables.
 
-RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU MLP, with seeded
-random weights (nothing is downloaded). ``forward_chunk`` computes tokens
+RMSNorm, rotary position embeddings (optionally Llama 3's scaled frequencies), grouped-query
+attention and a SwiGLU MLP, optional projection biases (Qwen2) and tied embeddings. The
+weights are seeded random ones, or a checkpoint's (``kvtier.model.checkpoint`` loads them
+into a :class:`LlamaWeights`; nothing is downloaded). ``forward_chunk`` computes tokens
 ``[start_pos, start_pos + n)`` of one request::
 
     block table  [ b0 ][ b1 ][ b2 ]            tokens_per_block = 4, start_pos = 6, n = 3
@@ -17,6 +19,7 @@ offloading and onboarding must match.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -33,6 +36,9 @@ KVFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 
 
 class LayerWeights(NamedTuple):
+    """One decoder layer. Projections are [in, out] (``h @ w``: the transpose of a Hugging
+    Face ``Linear.weight``); biases are ``None`` where the model has none."""
+
     attn_norm: torch.Tensor
     wq: torch.Tensor
     wk: torch.Tensor
@@ -42,15 +48,63 @@ class LayerWeights(NamedTuple):
     w_gate: torch.Tensor
     w_up: torch.Tensor
     w_down: torch.Tensor
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    b_gate: torch.Tensor | None = None
+    b_up: torch.Tensor | None = None
+    b_down: torch.Tensor | None = None
+
+
+class LlamaWeights(NamedTuple):
+    """A whole model's weights, as a checkpoint loader hands them over. ``lm_head`` is
+    [dim, vocab] (``None``: tied to ``embed``); ``rope_freq_factors`` divides each RoPE
+    frequency (llama.cpp's ``rope_freqs`` tensor; ``None``: from the config alone)."""
+
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor | None = None
+    rope_freq_factors: torch.Tensor | None = None
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """The RoPE inverse frequencies [head_dim / 2] (float32), with Llama 3 scaling if the
+    config has it. Pure."""
+    half = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** half
+    sc = config.rope_scaling
+    if sc is None:
+        return inv_freq
+    # Wavelengths longer than the original context / low_freq_factor are stretched by
+    # `factor`; shorter than original / high_freq_factor kept; the band between blended.
+    old = sc.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / sc.low_freq_factor, inv_freq / sc.factor, inv_freq)
+    smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    blended = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= old / sc.high_freq_factor) & (wavelen <= old / sc.low_freq_factor)
+    return torch.where(medium, blended, scaled)
 
 
 class LlamaModel:
-    """Seeded random weights on ``device``; see the module docstring."""
+    """A decoder on ``device``: ``weights`` if given (a checkpoint's, kept as they are when
+    they already have the model's dtype and device: no second copy), else seeded random
+    ones; see the module docstring."""
 
-    def __init__(self, config: ModelConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(self, config: ModelConfig, device: str | torch.device = "cpu",
+                 weights: LlamaWeights | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
+        inv_freq = rope_inv_freq(config)
+        if weights is not None:
+            self._take(weights)
+            if weights.rope_freq_factors is not None:
+                inv_freq = inv_freq / weights.rope_freq_factors.float().cpu()
+            self.inv_freq = inv_freq.to(self.device)
+            return
         # NOTE: drawn on the model's device (fast for large models), so the weights of a
         # seed differ between CPU and CUDA; each reference runs on its own device.
         gen = torch.Generator(self.device).manual_seed(config.seed)
@@ -75,9 +129,35 @@ class LlamaModel:
             for _ in range(c.num_layers)
         ]
         self.final_norm = norm()
-        self.lm_head = weight(c.dim, c.vocab_size, s)
-        half = torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim
-        self.inv_freq = (1.0 / c.rope_theta ** half).to(self.device)
+        # A tied head is a view of the embeddings, not a copy.
+        self.lm_head = self.embed.T if c.tie_word_embeddings else weight(c.dim, c.vocab_size, s)
+        self.inv_freq = inv_freq.to(self.device)
+        if c.qkv_bias or c.o_bias or c.mlp_bias:
+            def bias(n: int) -> torch.Tensor:
+                return (0.02 * torch.randn(n, generator=gen, device=self.device)).to(self.dtype)
+
+            def with_bias(w: LayerWeights) -> LayerWeights:
+                qkv, o, mlp = c.qkv_bias, c.o_bias, c.mlp_bias
+                return w._replace(
+                    bq=bias(q_dim) if qkv else None, bk=bias(kv_dim) if qkv else None,
+                    bv=bias(kv_dim) if qkv else None, bo=bias(c.dim) if o else None,
+                    b_gate=bias(c.ffn_dim) if mlp else None,
+                    b_up=bias(c.ffn_dim) if mlp else None, b_down=bias(c.dim) if mlp else None)
+
+            self.layers = [with_bias(w) for w in self.layers]
+
+    def _take(self, weights: LlamaWeights) -> None:
+        """Adopt a checkpoint's weights (moved or cast only where they differ)."""
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=self.device, dtype=self.dtype)
+
+        def own_opt(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else own(t)
+
+        self.embed = own(weights.embed)
+        self.layers = [LayerWeights(*(own_opt(t) for t in w)) for w in weights.layers]  # type: ignore[arg-type]
+        self.final_norm = own(weights.final_norm)
+        self.lm_head = self.embed.T if weights.lm_head is None else own(weights.lm_head)
 
     # ---- the two entry points ----------------------------------------------------------
 
@@ -91,6 +171,7 @@ class LlamaModel:
         the pool (to wait for that layer's copies)."""
         tpb = kv.layout.tokens_per_block
         end = start_pos + len(tokens)
+        self.config.check_context(end)
         if start_pos < 0 or not tokens or end > len(block_table) * tpb:
             raise ValueError(f"tokens [{start_pos}, {end}) do not fit a block table of "
                              f"{len(block_table)} blocks of {tpb} tokens")
@@ -111,6 +192,7 @@ class LlamaModel:
     @torch.inference_mode()
     def full_recompute(self, tokens: Sequence[int]) -> torch.Tensor:
         """Logits [len(tokens), vocab] (float32) with no cache at all: the reference."""
+        self.config.check_context(len(tokens))
         positions = torch.arange(len(tokens), device=self.device)
         return self._forward(tokens, positions, lambda layer, k, v: (k, v))
 
@@ -123,15 +205,17 @@ class LlamaModel:
         x = self.embed[torch.tensor(list(tokens), dtype=torch.long, device=self.device)]
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
+        lin = _linear
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w.attn_norm)
-            q = self._rope((h @ w.wq).view(n, c.num_heads, c.head_dim), cos, sin)
-            k = self._rope((h @ w.wk).view(n, c.num_kv_heads, c.head_dim), cos, sin)
-            v = (h @ w.wv).view(n, c.num_kv_heads, c.head_dim)
+            q = self._rope(lin(h, w.wq, w.bq).view(n, c.num_heads, c.head_dim), cos, sin)
+            k = self._rope(lin(h, w.wk, w.bk).view(n, c.num_kv_heads, c.head_dim), cos, sin)
+            v = lin(h, w.wv, w.bv).view(n, c.num_kv_heads, c.head_dim)
             keys, values = kv_of(i, k, v)
-            x = x + self._attend(q, keys, values) @ w.wo
+            x = x + lin(self._attend(q, keys, values), w.wo, w.bo)
             h = self._rms_norm(x, w.mlp_norm)
-            x = x + (F.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
+            x = x + lin(F.silu(lin(h, w.w_gate, w.b_gate)) * lin(h, w.w_up, w.b_up),
+                        w.w_down, w.b_down)
         return (self._rms_norm(x, self.final_norm) @ self.lm_head).float()
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -158,3 +242,8 @@ class LlamaModel:
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],
                                              attn_mask=mask)
         return out[0].transpose(0, 1).reshape(n, num_heads * head_dim)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight (+ bias)``."""
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)

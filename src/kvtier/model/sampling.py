@@ -1,0 +1,82 @@
+"""Choosing the next token: :class:`SamplingParams` (frozen, validated) and :class:`Sampler`
+(greedy, or seeded temperature / top-p sampling, one generator per request)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How a request picks tokens and when it stops.
+
+    ``temperature`` 0 is greedy (argmax); above 0, tokens are drawn from the softmax of
+    ``logits / temperature`` cut to the smallest set whose probability reaches ``top_p``,
+    with a generator seeded by ``seed`` (``None``: 0), so a seeded run repeats exactly.
+    A request stops after ``max_new_tokens``, at a token of ``stop_token_ids`` (kept in the
+    output), or once its text contains one of ``stop`` (checked by the caller, who has
+    the tokenizer)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if type(n) is not int or n < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
+                math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+        if self.seed is not None and type(self.seed) is not int:
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.stop_token_ids, frozenset) or any(
+                type(i) is not int or i < 0 for i in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be a frozenset of integers >= 0, got "
+                             f"{self.stop_token_ids!r}")
+        if not isinstance(self.stop, tuple) or any(
+                not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+
+
+class Sampler:
+    """Picks one request's tokens under ``params``; holds that request's generator."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._generator = torch.Generator().manual_seed(params.seed or 0)
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from ``logits`` [vocab]."""
+        p = self.params
+        if p.temperature == 0:
+            return int(logits.argmax())
+        # NOTE: on the CPU in float32, so a seed gives the same tokens on any device.
+        probs = torch.softmax(logits.detach().float().cpu() / p.temperature, dim=-1)
+        if p.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep a token while the mass before it is below top_p (the first always stays).
+            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=self._generator))
+
+    def stops_at(self, token: int) -> bool:
+        """Whether ``token`` ends the request. Pure."""
+        return token in self.params.stop_token_ids
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first of ``stop`` starts in ``text`` (``None``: nowhere). Pure."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,214 @@
+"""Text in, token ids out, from the checkpoint itself (extra ``model``): :class:`Tokenizer`.
+
+A Hugging Face directory brings its ``tokenizer.json`` (and the chat template and EOS from
+``tokenizer_config.json`` / ``generation_config.json``); a GGUF file brings its vocabulary,
+merges, token types and chat template (``tokenizer.ggml.*``), from which a byte-level BPE
+``tokenizers.Tokenizer`` is built here, with the pre-tokenizer llama.cpp names in
+``tokenizer.ggml.pre``. Chat templates are Jinja, rendered in a sandbox as transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kvtier.model.checkpoint import CheckpointError, checkpoint_kind
+
+# GPT-2's split, with digits one by one first (llama.cpp's "smollm", "starcoder", ...).
+_GPT2_PATTERN = None  # the ByteLevel pre-tokenizer's own regex
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre -> (split digits one by one, regex or None for GPT-2's).
+_PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
+    "default": (False, _GPT2_PATTERN), "gpt2": (False, _GPT2_PATTERN),
+    "smollm": (True, _GPT2_PATTERN), "starcoder": (True, _GPT2_PATTERN),
+    "refact": (True, _GPT2_PATTERN), "llama-bpe": (False, _LLAMA3_PATTERN),
+    "llama3": (False, _LLAMA3_PATTERN), "qwen2": (False, _QWEN2_PATTERN),
+}
+_CONTROL = 3  # llama.cpp token type of special tokens (<|im_start|>, ...)
+_USER_DEFINED = 4
+
+
+def _import_tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError:
+        raise CheckpointError("the tokenizer needs the tokenizers package: "
+                              "pip install 'kvtier[model]'") from None
+    return tokenizers
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer: ``encode`` / ``decode``, its chat template, its EOS ids."""
+
+    def __init__(self, backend: Any, eos_token_ids: Sequence[int], chat_template: str | None,
+                 bos_token: str | None = None, eos_token: str | None = None,
+                 add_bos: bool = False) -> None:
+        self.backend = backend
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.add_bos = add_bos
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (special tokens written in it are recognised). Pure."""
+        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token is not None:
+            bos = self.backend.token_to_id(self.bos_token)
+            if bos is not None and ids[:1] != [bos]:
+                ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``ids``. Pure."""
+        text: str = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """The conversation as the model was trained to read it. ValueError if the
+        checkpoint has no chat template or the template refuses the messages."""
+        if self.chat_template is None:
+            raise ValueError("this checkpoint has no chat template")
+        return _render(self.chat_template, messages, add_generation_prompt, self.bos_token,
+                       self.eos_token)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]],
+                    add_generation_prompt: bool = True) -> list[int]:
+        """``encode(apply_chat_template(messages))``."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        return ids
+
+
+def _render(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
+            bos_token: str | None, eos_token: str | None) -> str:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
+                                                              indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token or "", eos_token=eos_token or "")
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"chat template: {exc}") from None
+
+
+def tokenizer_from_gguf(path: Path) -> Tokenizer:
+    """The byte-level BPE tokenizer stored in a GGUF file's ``tokenizer.ggml.*`` keys."""
+    from kvtier.model.gguf_loader import gguf_field, open_gguf
+
+    tk = _import_tokenizers()
+    from tokenizers import decoders, models, pre_tokenizers
+
+    reader = open_gguf(path)
+    kind = gguf_field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise CheckpointError(f"{path}: tokenizer model {kind!r} (tokenizer.ggml.model) is not "
+                              "supported; kvtier reads byte-level BPE ('gpt2') vocabularies")
+    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise CheckpointError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not "
+                              f"supported; kvtier knows {sorted(_PRE_TOKENIZERS)}")
+    tokens: list[str] = gguf_field(reader, "tokenizer.ggml.tokens")
+    types: list[int] = gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges", [])]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = tk.Tokenizer(models.BPE(vocab, merges, ignore_merges=False))
+    digits, pattern = _PRE_TOKENIZERS[pre]
+    steps: list[Any] = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if pattern is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(tk.Regex(pattern), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([tk.AddedToken(tokens[i], special=True, normalized=False)
+                                for i, t in enumerate(types) if t == _CONTROL])
+    backend.add_tokens([tk.AddedToken(tokens[i], normalized=False)
+                        for i, t in enumerate(types) if t == _USER_DEFINED])
+
+    def token(key: str) -> str | None:
+        i = gguf_field(reader, key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    eos_id = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    eos_ids = [int(eos_id)] if eos_id is not None else []
+    eot_id = gguf_field(reader, "tokenizer.ggml.eot_token_id")  # end of turn, if distinct
+    if eot_id is not None:
+        eos_ids.append(int(eot_id))
+    return Tokenizer(backend, eos_ids, gguf_field(reader, "tokenizer.chat_template"),
+                     token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"),
+                     bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_from_directory(path: Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face checkpoint directory (``tokenizer.json``)."""
+    tk = _import_tokenizers()
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no tokenizer.json")
+    try:
+        backend = tk.Tokenizer.from_file(str(file))
+    except Exception as exc:  # the Rust side raises a bare Exception
+        raise CheckpointError(f"{file} is not a readable tokenizer ({exc})") from None
+    cfg = _read_json(path / "tokenizer_config.json")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja = path / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+    eos_ids: list[int] = []
+    for source in (_read_json(path / "generation_config.json"), _read_json(path / "config.json")):
+        value = source.get("eos_token_id")
+        ids = value if isinstance(value, list) else [value]
+        eos_ids += [i for i in ids if type(i) is int]
+    if eos is not None and backend.token_to_id(eos) is not None:
+        eos_ids.append(backend.token_to_id(eos))
+    return Tokenizer(backend, eos_ids, template if isinstance(template, str) else None, bos,
+                     eos, bool(cfg.get("add_bos_token", False)))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of the checkpoint at ``path`` (GGUF file or Hugging Face directory)."""
+    path = Path(path)
+    if checkpoint_kind(path) == "gguf":
+        return tokenizer_from_gguf(path)
+    return tokenizer_from_directory(path)
