@@ -411,7 +411,7 @@ def test_malformed_trace_names_file_line_field(
          "argument --eviction-policy: invalid choice: 'fifo'"),
         (["sweep", "--eviction-policy", "lru,fifo"],
          "argument --eviction-policy: unknown policy 'fifo'; choose from priority-lru, lru, "
-         "kvtier-predict"),
+         "arc, s3fifo, kvtier-predict, kvtier-predict-cost"),
         (["sweep", "--eviction-policy", "lru,lru"],
          "argument --eviction-policy: a policy is named twice in 'lru,lru'"),
         (["replay", "--gpu-blocks", "0"], "argument --gpu-blocks: must be an integer >= 1, got 0"),

@@ -12,9 +12,21 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
-from kvtier.eviction import EvictionPolicy, ReuseLearner
-from kvtier.policies import LRU, POLICIES, KvtierPredict, PriorityLRU, ReusePredictor, get_policy
-from kvtier.radix import Node, cut_tail, split
+from kvtier.eviction import ROLE_BODY, ROLE_SHARED, ROLE_TAIL, EvictionPolicy, ReuseLearner
+from kvtier.policies import (
+    ARC,
+    LRU,
+    NUM_AGE_BINS,
+    POLICIES,
+    S3FIFO,
+    HitDensity,
+    KvtierPredict,
+    PriorityLRU,
+    age_bin,
+    get_policy,
+)
+from kvtier.pool import TierPool
+from kvtier.radix import Node
 from kvtier.scheduler import Scheduler, SchedulerConfig
 from kvtier.tier import Tier
 from plan_caller import PlanCaller
@@ -48,117 +60,158 @@ def admit_and_release(mgr: KVCacheManager, rid: str, tokens: list[int]) -> None:
 
 
 def test_policy_names() -> None:
-    """The three policies by name; the default stays priority-lru; an unknown name is refused."""
-    assert list(POLICIES) == ["priority-lru", "lru", "kvtier-predict"]
+    """Every policy by name, each call a new object; an unknown name is refused."""
+    assert list(POLICIES) == ["priority-lru", "lru", "arc", "s3fifo", "kvtier-predict",
+                              "kvtier-predict-cost"]
     assert CacheConfig().eviction_policy == "priority-lru"
     assert isinstance(get_policy("kvtier-predict"), KvtierPredict)
+    assert get_policy("arc") is not get_policy("arc")
+    assert get_policy("kvtier-predict-cost").name == "kvtier-predict-cost"
     with pytest.raises(ValueError, match="eviction_policy must be one of"):
-        get_policy("arc")
+        get_policy("sieve")
 
 
-def test_only_kvtier_predict_learns_and_takes_hints() -> None:
-    """LRU and priority-LRU stay plain key functions: no learner, no queue hint."""
+def test_learners_and_hints() -> None:
+    """LRU and priority-LRU stay plain key functions; ARC, S3-FIFO and kvtier-predict
+    learn from the stream; only kvtier-predict takes the queue's hints."""
     for policy in (PriorityLRU(), LRU()):
         assert not isinstance(policy, ReuseLearner) and not policy.ranks_soft_claims
-    assert isinstance(KvtierPredict(), ReuseLearner) and KvtierPredict.ranks_soft_claims
+        assert policy.num_queue_fields == 0
+    for name in ("arc", "s3fifo", "kvtier-predict", "kvtier-predict-cost"):
+        assert isinstance(get_policy(name), ReuseLearner)
+    assert KvtierPredict.ranks_soft_claims and not ARC.ranks_soft_claims
     assert not make_manager(PriorityLRU()).ranks_soft_claims
     assert make_manager(KvtierPredict()).ranks_soft_claims
 
 
-# ---- kvtier-predict's key ----------------------------------------------------------------
+# ---- kvtier-predict's key and rank ---------------------------------------------------------
 
 
-def test_key_priority_then_soft_then_credited_age_then_tick() -> None:
-    """Priority first (a soft claim never lifts a lower priority), then soft claims, then
-    release time plus the class's credit, then the release tick."""
+def test_key_names_the_queue_and_rank_orders_by_value() -> None:
+    """The key files a run in the queue (priority, soft claim, class), oldest first; the
+    rank compares runs of any queue by priority, soft claim, the class's value at the
+    run's age, then the release tick."""
     policy = KvtierPredict()
-    policy.predictor.credit_s[1] = -30.0  # class 1 rarely comes back: 30 s older
-    policy.predictor.credit_s[2] = 20.0
-    low_soft = make_node(priority=20, last_used=9, last_used_s=90.0, soft=True)
-    plain_old = make_node(last_used=1, last_used_s=10.0)
-    plain_new = make_node(last_used=5, last_used_s=50.0)
-    tail_new = make_node(last_used=6, last_used_s=50.0, reuse_class=1)
-    kept = make_node(last_used=2, last_used_s=40.0, reuse_class=2)
-    soft_old = make_node(last_used=0, last_used_s=0.0, soft=True)
-    tie = make_node(last_used=4, last_used_s=50.0)
-    nodes = [soft_old, kept, tie, plain_new, tail_new, plain_old, low_soft]
-    keys = {id(n): policy.key(n, 100.0, 35) for n in nodes}
-    assert keys[id(tail_new)] == (35, 0, 20.0, 6)
-    assert keys[id(kept)] == (35, 0, 60.0, 2)
-    assert keys[id(soft_old)] == (35, 1, 0.0, 0)
-    order = sorted(nodes, key=lambda n: keys[id(n)])
-    assert order == [low_soft, plain_old, tail_new, tie, plain_new, kept, soft_old]
+    value = policy.learner.value
+    value[1] = [0.5] * NUM_AGE_BINS
+    value[2] = [0.1] * NUM_AGE_BINS
+    value[3] = [0.9] * NUM_AGE_BINS
+    value[3][age_bin(60.0)] = 0.05  # class 3 at a minute old is worth least
+    low_soft = make_node(priority=20, last_used=9, last_used_s=90.0, soft=True, reuse_class=3)
+    a = make_node(last_used=1, last_used_s=10.0, reuse_class=1)
+    b = make_node(last_used=5, last_used_s=50.0, reuse_class=2)
+    c_old = make_node(last_used=2, last_used_s=40.0, reuse_class=3)   # 60 s old at 100
+    c_new = make_node(last_used=6, last_used_s=99.0, reuse_class=3)   # 1 s old
+    soft = make_node(last_used=0, last_used_s=0.0, soft=True, reuse_class=2)
+    never = make_node(last_used=3, last_used_s=20.0)  # never released: class 1
+    nodes = [soft, a, b, c_old, c_new, never, low_soft]
+    assert policy.key(b, 100.0, 35) == (35, 0, 2, 5)
+    assert policy.key(never, 100.0, 35) == (35, 0, 1, 3)
+    assert policy.key(soft, 100.0, 35) == (35, 1, 2, 0)
+    assert policy.rank(c_old, 100.0, 35) == (35, 0, 0.05, 2)
+    order = sorted(nodes, key=lambda n: policy.rank(n, 100.0, 35))
+    assert order == [low_soft, c_old, b, a, never, c_new, soft]
+
+
+def test_cost_aware_value_grows_with_depth() -> None:
+    """kvtier-predict-cost weighs value by 1 + depth tokens / 16384."""
+    policy = KvtierPredict(cost_aware=True)
+    policy.bind(CacheConfig(tokens_per_block=512, num_gpu_blocks=8))
+    policy.learner.value[1] = [0.25] * NUM_AGE_BINS
+    deep = make_node(reuse_class=1)
+    deep.start_block = 64  # 32,768 tokens deep: three times the cost of the first block
+    assert policy.rank(deep, 0.0, 35)[2] == pytest.approx(0.75)
+    assert policy.rank(make_node(reuse_class=1), 0.0, 35)[2] == pytest.approx(0.25)
 
 
 def test_key_retention_expiry_falls_back_to_default_priority() -> None:
     """A retained high priority holds until its expiry, then the default priority counts."""
-    policy = KvtierPredict()
-    node = make_node(priority=80)
-    node.expiry = 10.0
-    assert policy.key(node, 9.9, 35)[0] == 80
-    assert policy.key(node, 10.0, 35)[0] == 35
+    for policy in (KvtierPredict(), ARC(), S3FIFO()):
+        node = make_node(priority=80)
+        node.expiry = 10.0
+        assert policy.key(node, 9.9, 35)[0] == policy.rank(node, 9.9, 35)[0] == 80
+        assert policy.key(node, 10.0, 35)[0] == policy.rank(node, 10.0, 35)[0] == 35
 
 
 def test_priority_lru_and_lru_keys_unchanged() -> None:
     """The built-in policies' keys are exactly as before: (priority, tick) and (0, tick)."""
     node = make_node(priority=50, last_used=7, last_used_s=3.0, soft=True, reuse_class=1)
-    assert PriorityLRU().key(node, 0.0, 35) == (50, 7)
+    assert PriorityLRU().key(node, 0.0, 35) == PriorityLRU().rank(node, 0.0, 35) == (50, 7)
     assert LRU().key(node, 0.0, 35) == (0, 7)
 
 
-def test_reuse_class_by_accesses_and_tail() -> None:
-    """Classes: 2 x access bucket (1, 2, 3-4, 5-8, 9+) + 1 for the request's deepest run."""
+def test_reuse_class_by_turn_and_role() -> None:
+    """Class 0: shared prefixes; then 2 x turn bucket (1, 2, 3, 4, 5-7, 8+) + 1 for output."""
     policy = KvtierPredict()
     node = make_node()
-    got = []
-    for accesses in (1, 2, 3, 4, 5, 8, 9, 100):
-        node.num_accesses = accesses
-        got.append((policy.reuse_class(node, False), policy.reuse_class(node, True)))
-    assert got == [(0, 1), (2, 3), (4, 5), (4, 5), (6, 7), (6, 7), (8, 9), (8, 9)]
+    assert policy.reuse_class(node, 1, ROLE_SHARED) == 0
+    got = [(policy.reuse_class(node, t, ROLE_BODY), policy.reuse_class(node, t, ROLE_TAIL))
+           for t in (1, 2, 3, 4, 5, 7, 8, 100)]
+    assert got == [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (9, 10), (11, 12), (11, 12)]
 
 
-# ---- the online predictor --------------------------------------------------------------
+# ---- the online learner ----------------------------------------------------------------
 
 
-def test_predictor_credits_exact() -> None:
-    """Hits, misses and censored drops give the exact credits of the docstring's rule."""
-    p = ReusePredictor(3, refresh_every=1, prior_blocks=0.0, min_blocks=1.0)
-    p.record(0, 10.0, 100, False)  # first drop: horizon 10 s; 10 >= 10: a miss of class 0
-    assert p.horizon_s == 10.0 and p.num_trials == [100.0, 0.0, 0.0]
-    p.record(1, 5.0, 100, True)  # back within the horizon: a hit of class 1
-    p.record(2, 2.0, 50, False)  # dropped at 2 s < horizon: censored, moves the horizon
-    assert p.horizon_s == pytest.approx(9.92)
-    assert (p.num_hits, p.num_trials) == ([0.0, 100.0, 0.0], [100.0, 100.0, 0.0])
-    # p0 = 0.5; class 0: p = 0 -> clipped to -2 horizons; class 1: p = 1 -> +1 horizon;
-    # class 2: no trials -> 0.
-    assert p.credit_s == pytest.approx([-2 * 9.92, 9.92, 0.0])
-    p.record(2, 30.0, 10, True)  # came back, but past the horizon: a miss
-    assert (p.num_hits[2], p.num_trials[2]) == (0.0, 10.0)
+def reference_value(events: list[float], censored: list[float], prior: list[float],
+                    weight: float) -> list[float]:
+    """Hit density per age bin, the forward way (the policy lab's loop): from each bin on,
+    the chance of a reuse over the expected block-seconds spent waiting for it."""
+    nb = len(events)
+    risk = [sum(events[b:]) + sum(censored[b:]) for b in range(nb)]
+    hazard = [(events[b] + weight * prior[b]) / (risk[b] + weight)
+              if risk[b] + weight else 0.0 for b in range(nb)]
+    widths = [1.0] + [float(2 ** (b - 1)) for b in range(1, nb)]
+    widths[-1] = 3.0 * 2 ** (nb - 2)
+    out = []
+    for start in range(nb):
+        alive, hits, waited = 1.0, 0.0, 0.0
+        for b in range(start, nb):
+            hits += alive * hazard[b]
+            waited += alive * widths[b] * (1 - hazard[b] / 2)
+            alive *= 1 - hazard[b]
+        out.append(hits / waited)
+    return out
 
 
-def test_predictor_no_credit_without_significant_difference() -> None:
-    """Classes within two standard errors of the pool, or too few blocks: LRU order."""
-    p = ReusePredictor(2, refresh_every=1, prior_blocks=0.0, min_blocks=1.0)
-    p.record(0, 10.0, 1, False)
-    for cls in (0, 1):
-        for _ in range(5):
-            p.record(cls, 1.0, 1, True)
-    p.record(1, 20.0, 1, False)
-    assert p.credit_s == [0.0, 0.0]  # 5/6 vs 5/6
-    few = ReusePredictor(2, refresh_every=1)
-    few.record(0, 10.0, 100, False)
-    few.record(1, 1.0, 100, True)
-    assert few.credit_s == [0.0, 0.0]  # 200 blocks < min_blocks
+def test_hit_density_matches_the_forward_definition() -> None:
+    """The learner's backward recursion equals the lab's forward loop, with and without
+    shrinkage toward the pooled hazard."""
+    for weight in (0.0, 8.0):
+        h = HitDensity(2, refresh_every=1, prior_blocks=weight)
+        h.record(0, 1.5, 4, True)    # bin 1
+        h.record(0, 1.9, 4, False)   # bin 1, censored
+        h.record(0, 40.0, 2, True)   # bin 6
+        h.record(1, 0.5, 1, True)    # bin 0
+        h.record(1, 3000.0, 3, False)
+        ev = [[0.0] * NUM_AGE_BINS for _ in range(2)]
+        ce = [[0.0] * NUM_AGE_BINS for _ in range(2)]
+        ev[0][1], ce[0][1], ev[0][6] = 4, 4, 2
+        ev[1][0], ce[1][age_bin(3000.0)] = 1, 3
+        risk = [[sum(ev[c][b:]) + sum(ce[c][b:]) for b in range(NUM_AGE_BINS)] for c in (0, 1)]
+        pooled = [(ev[0][b] + ev[1][b]) / (risk[0][b] + risk[1][b])
+                  if risk[0][b] + risk[1][b] else 0.0 for b in range(NUM_AGE_BINS)]
+        for c in (0, 1):
+            assert h.value[c] == pytest.approx(reference_value(ev[c], ce[c], pooled, weight))
+    # Class 0, no shrinkage: reused at 1-2 s half the time, later only at 32-64 s.
+    assert h.value[0][0] > h.value[0][2]
 
 
-# ---- statistics the cache keeps on nodes -------------------------------------------------
+def test_hit_density_decays_old_counts() -> None:
+    """Past ``decay_blocks`` the histograms halve, so the learner follows the stream."""
+    h = HitDensity(1, refresh_every=1, decay_blocks=10.0)
+    h.record(0, 1.5, 8, True)
+    h.record(0, 1.5, 8, False)
+    assert (h.events[0][1], h.censored[0][1]) == (4.0, 4.0)
+
+
+# ---- what the cache keeps for the learner ------------------------------------------------
 
 
 def test_cache_keeps_access_release_and_class_stats() -> None:
-    """Stores stamp creation time; claims count accesses and end an open release as a
-    reuse (with its age); releases stamp time and class, the deepest run as the tail."""
+    """Stores stamp creation time, turn and prompt end; claims count accesses and end an
+    open release as a reuse at its age; releases stamp time and class."""
     policy = KvtierPredict()
-    policy.predictor = ReusePredictor(KvtierPredict.NUM_CLASSES, refresh_every=10**9)
     clock = [5.0]
     mgr = make_manager(policy, clock=clock)
     a = [1, 1, 1, 1, 2, 2, 2, 2]
@@ -167,33 +220,127 @@ def test_cache_keeps_access_release_and_class_stats() -> None:
     mgr.remove_sequence("r0")
     (node,) = [n for n in mgr._cache.nodes()]  # one run of two blocks
     assert (node.created_s, node.last_used_s, node.num_accesses) == (5.0, 7.0, 1)
-    assert node.reuse_class == 1  # one access, the request's deepest run
+    assert (node.turn, node.prompt_end_block) == (1, 2)
+    assert node.reuse_class == 1  # turn 1, body
     clock[0] = 10.0
     assert mgr.add_sequence(SequenceSpec("r1", [*a[:4], 7, 7])).admitted  # splits the run
     head, tail = [n for n in mgr._cache.nodes()][:2]
     assert (head.num_accesses, tail.num_accesses) == (2, 1)
     assert (head.created_s, tail.created_s) == (5.0, 5.0)
     assert head.reuse_class is None and tail.reuse_class == 1  # head's release ended
-    assert policy.predictor.num_hits[1] == 1.0  # one block came back 3 s after release
+    assert policy.learner.events[1][age_bin(3.0)] == 1.0  # one block back 3 s after release
     mgr.check_invariants()
 
 
-def test_split_and_cut_tail_carry_stats() -> None:
-    """A split's head and an eviction cut's tail keep the run's statistics; a cut tail is
-    no longer soft-claimed."""
-    root = Node(None, [], [], Tier.GPU, None, 0, None)
-    node = Node(root, list(range(12)), [0, 1, 2], Tier.GPU, None, 0, None)
-    root.children[node.key] = node
-    root.by_first[0] = [node]
-    node.last_used, node.last_used_s, node.created_s = 4, 3.5, 1.0
-    node.num_accesses, node.reuse_class, node.soft_claimed = 3, 5, True
-    head = split(node, 1, 4)
-    stats = (4, 3.5, 1.0, 3, 5, True)
-    assert (head.last_used, head.last_used_s, head.created_s, head.num_accesses,
-            head.reuse_class, head.soft_claimed) == stats
-    tail = cut_tail(node, 1, 4)
-    assert (tail.last_used, tail.last_used_s, tail.created_s, tail.num_accesses,
-            tail.reuse_class, tail.soft_claimed) == (*stats[:5], False)
+def test_turns_follow_sessions() -> None:
+    """A request whose reused prefix covers an earlier request's whole prompt continues
+    its session (turn + 1); one that shares only part of it starts a session; the
+    shared part of a first turn is filed as shared, output past the prompt as tail."""
+    policy = KvtierPredict()
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=32),
+                         clock=lambda: 0.0, policy=policy)
+    sys_prompt = [7] * 8
+    turn1 = [*sys_prompt, 1, 1, 1, 1, 5]          # 3 full blocks, 1 token more
+    live = mgr._live
+    assert mgr.add_sequence(SequenceSpec("s1", turn1)).admitted
+    assert live.get("s1").turn == 1
+    mgr.remove_sequence("s1")
+    turn2 = [*turn1[:12], 3, 3, 3, 3, 4]          # covers turn 1's three full blocks
+    assert mgr.add_sequence(SequenceSpec("s2", turn2)).admitted
+    assert (live.get("s2").turn, live.get("s2").num_hit_blocks) == (2, 3)
+    other = [*sys_prompt, 2, 2, 2, 2]             # shares the system prompt only
+    assert mgr.add_sequence(SequenceSpec("o1", other)).admitted
+    seq = live.get("o1")
+    assert (seq.turn, seq.num_hit_blocks, seq.num_prompt_blocks) == (1, 2, 3)
+    mgr.remove_sequence("o1")
+    released = {n.start_block: n.reuse_class for n in mgr._cache.nodes() if not n.ref_count}
+    assert released == {2: 1}  # o1's own block: turn 1, body (its shared part is claimed)
+    mgr.remove_sequence("s2")
+    classes = {(n.start_block, n.tokens[0]): n.reuse_class for n in mgr._cache.nodes()}
+    # s2 (turn 2) releases the system prompt, turn 1's block and its own new block as body
+    # of turn 2 (class 3); o1's block stays filed as o1 released it.
+    assert classes == {(0, 7): 3, (2, 1): 3, (3, 3): 3, (2, 2): 1}
+    mgr.check_invariants()
+
+
+def test_ghosts_see_reuse_after_eviction() -> None:
+    """A run dropped and then asked for again counts as a reuse at its age; so do its
+    extensions dropped with it or before it (the whole chain, followed by uid)."""
+    policy = KvtierPredict()
+    clock = [0.0]
+    mgr = make_manager(policy, num_gpu_blocks=4, clock=clock)
+    a = [1] * 4 + [2] * 4 + [3] * 4
+    mgr.add_sequence(SequenceSpec("a", a[:8]))      # run [1][2]
+    mgr.remove_sequence("a")
+    mgr.add_sequence(SequenceSpec("a2", [*a, 0]))   # extends it: run [3] below
+    clock[0] = 2.0
+    mgr.remove_sequence("a2")
+    clock[0] = 3.0
+    admit_and_release(mgr, "x", [9] * 16)            # evicts all of a's three blocks
+    assert mgr.lookup([*a, 0]).num_tokens == 0
+    assert policy.learner.num_records == 1 and sum(map(sum, policy.learner.events)) == 2
+    clock[0] = 20.0
+    admit_and_release(mgr, "b", [*a, 0])             # misses at [1]: the chain comes back
+    events = policy.learner.events
+    assert sum(map(sum, events)) == 2 + 3
+    assert sum(events[c][age_bin(18.0)] for c in range(len(events))) == 3
+    assert [e[2] for e in policy.ghosts.entries.values()] == [4]  # x's run, evicted by b
+
+
+# ---- ARC and S3-FIFO over runs -------------------------------------------------------------
+
+
+def test_arc_evicts_once_used_runs_first_until_ghosts_move_the_target() -> None:
+    """T1 (stored, never reused) goes before T2 (reused) while T1 is over the target;
+    a miss where a T1 run was dropped raises the target, so T1 keeps more."""
+    policy = ARC()
+    mgr = make_manager(policy, num_gpu_blocks=6)
+    admit_and_release(mgr, "a", [1] * 8 + [0])        # A: 2 blocks, T1
+    admit_and_release(mgr, "a'", [1] * 8 + [5])       # A reused: T2
+    admit_and_release(mgr, "b", [2] * 8 + [0])        # B: 2 blocks, T1 (newer than A)
+    assert policy.cached == [2, 2] and policy.target == 0.0
+    admit_and_release(mgr, "c", [3] * 8 + [0])        # needs 3: 2 free + B's last block
+    assert policy.cached == [3, 2]
+    admit_and_release(mgr, "d", [4] * 8 + [0])        # needs 3: T1 first (B's, then C's)
+    assert mgr.lookup([1] * 9).num_tokens == 8 and mgr.lookup([2] * 9).num_tokens == 0
+    assert mgr.lookup([3] * 9).num_tokens == 4
+    admit_and_release(mgr, "b2", [2] * 8 + [0])       # B's ghost: T1 was cut short
+    assert policy.target > 0.0
+
+
+def test_s3fifo_small_queue_first_and_ghosts_go_to_main() -> None:
+    """New runs sit in the small FIFO and go first (while it holds a tenth of the cache);
+    a run stored again where its ghost sits goes to main."""
+    policy = S3FIFO()
+    mgr = make_manager(policy, num_gpu_blocks=6)
+    admit_and_release(mgr, "a", [1] * 8 + [0])        # S
+    admit_and_release(mgr, "a'", [1] * 8 + [5])       # reused: M
+    admit_and_release(mgr, "b", [2] * 8 + [0])        # S
+    admit_and_release(mgr, "c", [3] * 8 + [0])        # S; needs 1 block: b's last (S's
+    assert mgr.lookup([1] * 9).num_tokens == 8 and mgr.lookup([2] * 9).num_tokens == 4  # oldest)
+    admit_and_release(mgr, "b2", [2] * 8 + [0])       # b's ghost: back, into M
+    (node,) = [n for n in mgr._cache.nodes() if n.tokens[:1] == [2] and n.start_block == 1]
+    assert node.reuse_class == 1
+
+
+# ---- the per-class pool -------------------------------------------------------------------
+
+
+def test_pool_queues_pop_the_best_head_and_refile_stale_keys() -> None:
+    """With queues, a pop compares the heads of every queue by rank; an entry whose key
+    changed is filed again in its new queue first."""
+    pool = TierPool(Tier.GPU, 8, num_queue_fields=1)
+    nodes = [make_node(last_used=i) for i in range(4)]
+    keys = {0: (0.0, 0.0), 1: (0.0, 1.0), 2: (1.0, 2.0), 3: (1.0, 3.0)}
+    for i, n in enumerate(nodes):
+        pool.push(n, keys[i])
+    rank = {0: 5.0, 1: 6.0, 2: 1.0, 3: 0.0}
+    got = pool.pop_candidate(lambda n: keys[n.last_used], lambda n: (rank[n.last_used],))
+    assert got is nodes[2]  # queue 1's head (oldest) is ranked 1.0 < queue 0's head 5.0
+    keys[0] = (1.0, 9.0)  # node 0 moved to queue 1, behind node 3
+    got = pool.pop_candidate(lambda n: keys[n.last_used], lambda n: (rank[n.last_used],))
+    assert got is nodes[3]  # heads now: node 1 (6.0) and node 3 (0.0)
+    assert sorted(n.last_used for n in pool.heap_nodes()) == [0, 1]
 
 
 # ---- soft queue claims -----------------------------------------------------------------
@@ -269,8 +416,8 @@ def test_scheduler_hints_the_waiting_queue() -> None:
 
 
 class PredictModel(ManagerModel):
-    """ManagerModel under kvtier-predict (credits refreshed on every ended release) with
-    random queue hints between operations."""
+    """ManagerModel under the learning policies (kvtier-predict's values refreshed on
+    every ended release) with random queue hints between operations."""
 
     @initialize(
         tpb=st.sampled_from([1, 2, 4]),
@@ -279,7 +426,7 @@ class PredictModel(ManagerModel):
         partial=st.booleans(),
         copy=st.booleans(),
         events=st.booleans(),
-        policy=st.just("kvtier-predict"),
+        policy=st.sampled_from(["kvtier-predict", "kvtier-predict-cost", "arc", "s3fifo"]),
         prefixes=st.lists(st.lists(st.integers(0, 3), max_size=12), min_size=1, max_size=3),
         failures=st.booleans(),
     )
@@ -288,9 +435,9 @@ class PredictModel(ManagerModel):
               failures: bool) -> None:
         super().setup(tpb, num_gpu_blocks, num_host_blocks, partial, copy, events, policy,
                       prefixes, failures)
-        self.policy = KvtierPredict()
-        self.policy.predictor = ReusePredictor(KvtierPredict.NUM_CLASSES, refresh_every=1,
-                                               prior_blocks=0.0, min_blocks=1.0)
+        self.policy = get_policy(policy)
+        if isinstance(self.policy, KvtierPredict):  # values move on every ended release
+            self.policy.learner = HitDensity(KvtierPredict.NUM_CLASSES, refresh_every=1)
         self.mgr = PlanCaller(KVCacheManager(self.config, clock=lambda: self.now,
                                              policy=self.policy), self.memory)
 
@@ -302,6 +449,7 @@ class PredictModel(ManagerModel):
 
 
 def test_kvtier_predict_matches_physical_model() -> None:
-    """Random operations and queue hints under kvtier-predict keep every block's KV exact."""
+    """Random operations and queue hints under every learning policy keep every block's
+    KV exact."""
     run_state_machine_as_test(PredictModel, settings=settings(
         max_examples=150, stateful_step_count=50, deadline=None))

@@ -220,7 +220,13 @@ class BatchAdmission:
             node, k = m.tail
             last = self._cache.split(node, k)
         seq.last_node = last
-        self._cache.ref_path(last)
+        cache = self._cache
+        cache.ref_path(last)
+        # What eviction learns from: the session's turn, the reuse, the prompt's size.
+        seq.num_hit_blocks = seq.num_path_blocks
+        seq.num_prompt_blocks = len(seq.tokens) // self._tpb
+        seq.turn = cache.turn(last, seq.num_hit_blocks)
+        cache.recall_miss(seq)
 
     def _release_claims(self, p: Pending) -> None:
         cache = self._cache

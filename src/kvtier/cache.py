@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from kvtier.config import CacheConfig
-from kvtier.eviction import EvictionPolicy, Evictor, ReuseLearner
+from kvtier.eviction import (
+    ROLE_BODY,
+    ROLE_SHARED,
+    ROLE_TAIL,
+    EvictionPolicy,
+    Evictor,
+    ReuseLearner,
+)
 from kvtier.journal import Journal
 from kvtier.matching import match_prompt, num_common_blocks
 from kvtier.metrics import CacheStats
@@ -25,7 +32,7 @@ from kvtier.policies import get_policy
 from kvtier.pool import Key, TierPool
 from kvtier.radix import Node, Root, add_child, block_key, remove_child, subtree
 from kvtier.radix import split as split_run
-from kvtier.sequence import SequenceSpec, block_extras
+from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, TransferOp
 
@@ -47,15 +54,19 @@ class BlockCache:
         self.config = config
         self.tpb = config.tokens_per_block
         self.roots: dict[tuple[object, object], Root] = {}
-        self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks)
-        self.host = TierPool(Tier.HOST, config.num_host_blocks)
-        self.stats = CacheStats()
         policy = policy if policy is not None else get_policy(config.eviction_policy)
+        self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks, policy.num_queue_fields)
+        self.host = TierPool(Tier.HOST, config.num_host_blocks, policy.num_queue_fields)
+        self.stats = CacheStats()
         self.evictor = Evictor(config, clock, policy, self.gpu, self.host)
         self.journal = Journal(config)
         self._tick = itertools.count(1)
         # The policy's learner, told how each release of a run ends (None: it learns nothing).
         self._learner = policy if isinstance(policy, ReuseLearner) else None
+        if self._learner is not None:
+            self._learner.bind(config)
+        # Waiting request -> (its spec, the deepest run of its prefix), at the last hint.
+        self._hinted: dict[str, tuple[SequenceSpec, Node]] = {}
 
     # ---- key spaces and queries ------------------------------------------------------------
 
@@ -102,7 +113,7 @@ class BlockCache:
         """Cut ``node`` after ``num_head_blocks`` blocks; returns the head, ``node`` keeps
         the tail. Both halves keep the key, and a retention keeps running on both."""
         head = split_run(node, num_head_blocks, self.tpb)
-        self.evictor.track_retention(head)
+        self.evictor.split_off(head)
         return head
 
     # ---- references --------------------------------------------------------------------------
@@ -122,34 +133,61 @@ class BlockCache:
             node.num_accesses += 1
             node = node.parent
 
-    def unref_path(
-        self, node: Node, priority: int | None = None, retention_s: float | None = None
-    ) -> None:
+    def unref_path(self, node: Node, release: LiveSequence | None = None) -> None:
         """Drop one reference from ``node`` and its ancestors, deepest first.
 
-        With ``priority`` set this is a release: nodes that become unreferenced are stamped
-        most recently used (deepest first, so a prefix outlives its extensions), take the
-        releasing request's priority and are filed under the learner's reuse class. Without
-        it, it is a rollback: keys stay as they were.
+        With ``release`` (the request whose path this is) this is a release: nodes that
+        become unreferenced are stamped most recently used (deepest first, so a prefix
+        outlives its extensions), take the request's priority and retention, and are filed
+        under the learner's reuse class. Without it, it is a rollback: keys stay as they were.
         """
         evictor = self.evictor
-        learner = self._learner
-        now = evictor.now() if priority is not None else 0.0
-        deepest = node
+        learner = self._learner if release is not None else None
+        now = evictor.now() if release is not None else 0.0
         while node.parent is not None:
             node.ref_count -= 1
             if node.ref_count == 0:
                 self.pool(node.tier).num_referenced -= len(node.slots)
-                if priority is not None:
+                if release is not None:
                     node.last_used = self.next_tick()
                     node.last_used_s = now
-                    node.priority = priority
+                    node.priority = release.priority
+                    retention_s = release.retention_s
                     node.expiry = None if retention_s is None else now + retention_s
                     if learner is not None:
-                        node.reuse_class = learner.reuse_class(node, node is deepest)
+                        node.reuse_class = learner.reuse_class(
+                            node, release.turn, _role(node, release))
                     evictor.track_retention(node)
                 evictor.refile(node)
             node = node.parent
+
+    # ---- sessions ----------------------------------------------------------------------------
+
+    def turn(self, node: Node, num_blocks: int) -> int:
+        """The turn of a request whose reused prefix is ``num_blocks`` blocks ending in
+        ``node``: one past the turn of the request that stored ``node`` if the prefix covers
+        that request's whole prompt (the request continues its session), else 1. Pure."""
+        if node.turn and num_blocks >= node.prompt_end_block:
+            return node.turn + 1
+        return 1
+
+    def recall_miss(self, seq: LiveSequence) -> None:
+        """Tell the learner where ``seq``'s reused prefix ends: if runs dropped from there
+        are what it would have reused next, those releases end as reuses after all."""
+        learner = self._learner
+        if learner is None:
+            return
+        tpb = self.tpb
+        tokens, extras = seq.tokens, seq.extras
+        num_full = len(tokens) // tpb
+        uid, block = seq.last_node.uid, seq.num_path_blocks
+        now = self.evictor.now()
+        while block < num_full:
+            extra = extras[block] if extras is not None else None
+            found = learner.recall((uid, block_key(tokens, block * tpb, tpb, extra)), now)
+            if found is None:
+                return
+            uid, block = found[0], block + found[1]
 
     # ---- allocation and eviction -------------------------------------------------------------
 
@@ -219,7 +257,7 @@ class BlockCache:
         free for its offload now."""
         host = self.host
         num_blocks = victim.num_blocks
-        self.free_host(num_blocks, self.evictor.key(victim))
+        self.free_host(num_blocks, self.evictor.rank(victim))
         # Below a GPU frontier run all is host and unreferenced: take its deepest blocks.
         for node in reversed(subtree(victim)[1:]):
             short = num_blocks - host.num_free
@@ -270,7 +308,10 @@ class BlockCache:
         for n in doomed:
             assert n.ref_count == 0, n
             if learner is not None and n.reuse_class is not None:
-                learner.record(n.reuse_class, now - n.last_used_s, len(n.slots), False)
+                assert n.parent is not None
+                # Where a request would find it again: below its parent, by its first block.
+                learner.forget((n.parent.uid, n.key), n.uid, n.reuse_class, n.last_used_s,
+                               len(n.slots), now)
             self.pool(n.tier).give_back(n.slots)
             if n.tier is Tier.GPU:
                 self.stats.gpu.evicted_blocks += len(n.slots)
@@ -298,7 +339,8 @@ class BlockCache:
         return n
 
     def insert_run(
-        self, parent: Node, tokens: list[int], slots: list[int], extras: list[object] | None
+        self, parent: Node, tokens: list[int], slots: list[int], extras: list[object] | None,
+        turn: int = 0, prompt_end_block: int = 0,
     ) -> StoredRun:
         """Store a request's computed full blocks below ``parent``, the request's claimed
         path, and extend its claim over them.
@@ -309,7 +351,8 @@ class BlockCache:
         it takes over the request's copies (a host run moves to the GPU without a copy) and
         its old slots are free again. A claimed duplicate on the host (being onboarded by
         another request) stops the store there; a later call continues. The GPU pool's
-        books don't change: the slots are referenced before and after.
+        books don't change: the slots are referenced before and after. New runs record
+        the storing request's ``turn`` and ``prompt_end_block`` (see ``turn``).
         """
         tpb = self.tpb
         node = parent
@@ -328,6 +371,7 @@ class BlockCache:
                 new.ref_count = 1
                 new.num_accesses = 1
                 new.created_s = new.last_used_s = self.evictor.now()
+                new.turn, new.prompt_end_block = turn, prompt_end_block
                 add_child(node, new)
                 self.journal.stored(new)
                 return StoredRun(new, num_blocks, private)
@@ -382,17 +426,29 @@ class BlockCache:
     def set_soft_claims(self, specs: Sequence[SequenceSpec]) -> None:
         """Soft-claim the cached prefixes of the waiting requests ``specs`` (replacing the
         last call's): a policy that ``ranks_soft_claims`` keeps them longer; they stay
-        evictable, and the pools' books do not change."""
-        deepest: list[Node] = []
+        evictable, and the pools' books do not change.
+
+        A request hinted before keeps the deepest run its prefix was found to end in while
+        that run is still cached (blocks stored since may extend the prefix unclaimed: they
+        are the most recent anyway), so a queue hinted step after step is matched once."""
+        found = self._hinted
+        hinted: dict[str, tuple[SequenceSpec, Node]] = {}
         for spec in specs:
-            root = self.root(spec.lora_id, spec.salt)
-            extras = block_extras(spec.mm_items, len(spec.tokens), self.tpb)
-            m = match_prompt(root, spec.tokens, extras, self.config)
-            if m.tail is not None:
-                deepest.append(m.tail[0])
-            elif m.path:
-                deepest.append(m.path[-1])
-        self.evictor.soft_claim(deepest)
+            entry = found.get(spec.request_id)
+            last = entry[1] if entry is not None and entry[0] is spec else None
+            if last is None or last.parent is None:
+                root = self.root(spec.lora_id, spec.salt)
+                extras = block_extras(spec.mm_items, len(spec.tokens), self.tpb)
+                m = match_prompt(root, spec.tokens, extras, self.config)
+                if m.tail is not None:
+                    last = m.tail[0]
+                elif m.path:
+                    last = m.path[-1]
+                else:
+                    continue
+            hinted[spec.request_id] = (spec, last)
+        self._hinted = hinted
+        self.evictor.soft_claim([last for _, last in hinted.values()])
 
     def clear(self) -> None:
         """Drop every cached block of every tier (no request may be live)."""
@@ -400,4 +456,14 @@ class BlockCache:
             for child in list(root.iter_children()):
                 self.drop(child)
         self.roots.clear()
+        self._hinted = {}
         self.journal.cleared()
+
+
+def _role(node: Node, seq: LiveSequence) -> int:
+    """``node``'s role in the request ``seq`` that releases it (``kvtier.eviction.ROLE_*``)."""
+    if node.start_block >= seq.num_prompt_blocks:
+        return ROLE_TAIL
+    if seq.turn == 1 and node.start_block + node.num_blocks <= seq.num_hit_blocks:
+        return ROLE_SHARED
+    return ROLE_BODY

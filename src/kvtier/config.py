@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 HASH_ALGOS = ("xxh3_128", "sha256")
-EVICTION_POLICIES = ("priority-lru", "lru", "kvtier-predict")
+EVICTION_POLICIES = (
+    "priority-lru", "lru", "arc", "s3fifo", "kvtier-predict", "kvtier-predict-cost")
 """The eviction policies by name (``kvtier.policies``)."""
 
 DEFAULT_PRIORITY = 35

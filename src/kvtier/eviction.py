@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from kvtier.config import CacheConfig
 from kvtier.pool import Key, TierPool
 from kvtier.radix import Node, absorb_parent, cut_tail
 from kvtier.tier import Tier
-
-if TYPE_CHECKING:
-    pass
-
 
 
 def effective_priority(node: Node, now: float, default_priority: int) -> int:
@@ -49,32 +45,70 @@ class EvictionPolicy(Protocol):
     """Orders the eviction candidates of a tier. A key should only change when the cache
     re-files the node (on release, on expiry of its retention, on a tier change, on a soft
     claim); a key that changes otherwise is re-filed when its stale entry reaches the top
-    of the heap, so it may go later than its new key says, never before it is a candidate."""
+    of the heap, so it may go later than its new key says, never before it is a candidate.
+
+    A policy whose order depends on a run's age (a learned value that changes as the run
+    waits) sets ``num_queue_fields``: the key's first fields name a queue (a class of runs),
+    the rest order the queue (oldest first), and ``rank`` compares the queues' heads now.
+    With ``num_queue_fields == 0`` there is one queue and ``rank`` is ``key``.
+    """
 
     name: str
     # Whether the key ranks soft-claimed runs (the waiting queue's prefixes) higher: only
     # then does the cache soft-claim what the scheduler hints (``KVCacheManager.hint_waiting``).
     ranks_soft_claims: bool
+    num_queue_fields: int
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
         """The sort key of ``node``; smaller is evicted first. Pure."""
         ...
 
+    def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        """How ``node`` compares with runs of other queues now (and with runs of the other
+        tier, when the host decides what an offload may displace); smaller goes first."""
+        ...
+
+
+# The role of a released run in the releasing request (``ReuseLearner.reuse_class``).
+ROLE_SHARED = 0  # part of the prefix a first turn found cached: shared across sessions
+ROLE_BODY = 1    # the rest of the prompt: the session's history, its new blocks
+ROLE_TAIL = 2    # past the prompt: the output, which a next turn need not repeat
+
 
 @runtime_checkable
 class ReuseLearner(Protocol):
     """A policy that learns from the stream. The cache files each run it releases under
-    ``reuse_class`` (stored on the node), and reports how each release ended: claimed again
-    (``reused``) or dropped from the cache, ``age_s`` after the release, for ``num_blocks``
-    blocks. A run still cached has an open release; nothing about it is reported yet."""
+    ``reuse_class`` (stored on the node) and reports how each release ends: claimed again
+    (``record``, ``age_s`` after the release, for ``num_blocks`` blocks), or dropped from
+    the cache (``forget``, with the place it sat: its parent's uid and its first block).
+    A request that later misses exactly at a forgotten place is ``recall``-ed, so the
+    learner sees reuses that came after an eviction; the learner decides when a forgotten
+    release has ended unreused. A run still cached has an open release."""
 
-    def reuse_class(self, node: Node, is_tail: bool) -> int:
-        """The class of ``node`` as it is released now (``is_tail``: the deepest run of
-        the releasing request's path). Pure."""
+    def bind(self, config: CacheConfig) -> None:
+        """Learn the cache's shape (called once, before any other call)."""
+        ...
+
+    def reuse_class(self, node: Node, turn: int, role: int) -> int:
+        """The class of ``node`` as a request at ``turn`` of its session releases it, in
+        ``role`` (``ROLE_*``)."""
         ...
 
     def record(self, reuse_class: int, age_s: float, num_blocks: int, reused: bool) -> None:
-        """A release of ``num_blocks`` blocks filed under ``reuse_class`` ended."""
+        """A release of ``num_blocks`` blocks filed under ``reuse_class`` ended, reused or
+        not, ``age_s`` after it began."""
+        ...
+
+    def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
+               num_blocks: int, now: float) -> None:
+        """The run ``node_uid``, released at ``released_s``, was dropped at ``now``; it sat
+        at ``ghost_key``."""
+        ...
+
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        """A request missed at ``ghost_key`` at ``now``. If a forgotten run sat there:
+        ``(its uid, its blocks)``, so the caller can look for the run's own extensions
+        (at ``(uid, next block)``); else None."""
         ...
 
 
@@ -91,7 +125,7 @@ class Evictor:
         self._host = host
         self._expiries: list[tuple[float, int, Node]] = []
         self._num_live_expiries = 0  # entries that were current at the last purge
-        self._soft_claimed: list[Node] = []  # the paths' deepest runs, at the last soft claim
+        self._soft_claimed: set[Node] = set()  # every run soft-claimed now
 
     def now(self) -> float:
         """The clock's time now. Pure."""
@@ -104,6 +138,10 @@ class Evictor:
     def key(self, node: Node) -> Key:
         """``node``'s eviction key now. Pure."""
         return self.policy.key(node, self._clock(), self._default_priority)
+
+    def rank(self, node: Node) -> Key:
+        """How ``node`` compares with any other candidate now. Pure."""
+        return self.policy.rank(node, self._clock(), self._default_priority)
 
     def gpu_candidate_key(self, node: Node) -> Key | None:
         """``node``'s key if it is a GPU eviction candidate now, else None. Pure."""
@@ -159,21 +197,30 @@ class Evictor:
 
     def soft_claim(self, deepest: list[Node]) -> None:
         """Soft-claim the paths ending at ``deepest`` (the waiting queue's cached prefixes),
-        releasing the last call's, and re-file what changed."""
-        for last in self._soft_claimed:
-            # Walk the path as it is now: splits since the claim put new heads on it.
-            node: Node | None = last
-            while node is not None and node.parent is not None and node.soft_claimed:
-                node.soft_claimed = False
-                self.refile(node)
-                node = node.parent
+        releasing the last call's; only runs whose flag changes are re-filed, so a queue
+        that moves by a request costs a walk of the paths, not a re-file of every run."""
+        claimed: set[Node] = set()
         for last in deepest:
             node = last
-            while node is not None and node.parent is not None and not node.soft_claimed:
+            while node.parent is not None and node not in claimed:
+                claimed.add(node)
+                node = node.parent
+        for node in self._soft_claimed - claimed:
+            if node.soft_claimed:
+                node.soft_claimed = False
+                self.refile(node)
+        for node in claimed:
+            if not node.soft_claimed:
                 node.soft_claimed = True
                 self.refile(node)
-                node = node.parent
-        self._soft_claimed = deepest
+        self._soft_claimed = claimed
+
+    def split_off(self, head: Node) -> None:
+        """``head`` was split off a run: it keeps the run's soft claim, released with the
+        others; and its retention, tracked on its own."""
+        if head.soft_claimed:
+            self._soft_claimed.add(head)
+        self.track_retention(head)
 
     def cut_tail(self, node: Node, num_tail_blocks: int) -> Node:
         """Cut the last blocks of the unreferenced ``node`` into a new child; return it."""
@@ -188,15 +235,13 @@ class Evictor:
         candidate, or (with ``below``) when the best one's key is not below it."""
         pool, current_key = ((self._gpu, self.gpu_candidate_key) if tier is Tier.GPU
                              else (self._host, self.host_candidate_key))
-        node = pool.pop_candidate(current_key)
+        node = pool.pop_candidate(current_key, self.rank)
         if node is None:
             return None
         _merge_up(node)
-        if below is not None:
-            key = self.key(node)
-            if key >= below:
-                pool.push(node, key)
-                return None
+        if below is not None and self.rank(node) >= below:
+            pool.push(node, self.key(node))
+            return None
         if max_blocks >= node.num_blocks:
             return node
         return self.cut_tail(node, max_blocks)
@@ -211,6 +256,7 @@ def _merge_up(node: Node) -> None:
                 or head.tier is not node.tier or head.ref_count != node.ref_count
                 or head.priority != node.priority or head.expiry != node.expiry
                 or head.last_used != node.last_used or head.soft_claimed != node.soft_claimed
-                or head.reuse_class != node.reuse_class):
+                or head.reuse_class != node.reuse_class or head.turn != node.turn
+                or head.prompt_end_block != node.prompt_end_block):
             return
         absorb_parent(node)

@@ -339,7 +339,7 @@ class KVCacheManager:
         private = seq.own_slots()
         if private:
             cache.free_gpu(private)
-        cache.unref_path(seq.last_node, seq.priority, seq.retention_s)
+        cache.unref_path(seq.last_node, seq)
         cache.leave_root(seq.root)
 
     def transfer_failed(self, plan: TransferPlan, failed_indices: Iterable[int]) -> list[str]:
@@ -380,7 +380,8 @@ class KVCacheManager:
             return
         extras = seq.extras[start:end] if seq.extras is not None else None
         run = self._cache.insert_run(seq.last_node, seq.tokens[start * tpb:end * tpb],
-                                     seq.block_table[start:end], extras)
+                                     seq.block_table[start:end], extras,
+                                     seq.turn, seq.num_prompt_blocks)
         self._version += 1
         seq.last_node = run.node
         if run.private_slots:

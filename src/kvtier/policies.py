@@ -1,21 +1,32 @@
 """Eviction policies: key functions over what an online cache may know of a run.
 
-The candidate with the smallest key is evicted first; every key starts with the run's
-effective priority (TensorRT-LLM's semantics: lower goes first, a retention's priority
-holds until it expires), so priorities and retention override anything a policy learns.
+The candidate with the smallest key (``rank``, across queues) is evicted first; every key
+starts with the run's effective priority (TensorRT-LLM's semantics: lower goes first, a
+retention's priority holds until it expires), so priorities and retention override
+anything a policy learns.
 
-    priority-lru    priority, then least recently released (the peers' policy; the default)
-    lru             least recently released; priorities ignored
-    kvtier-predict  priority, soft queue claims, then release time shifted by a reuse
-                    predictor learned online per class of run (see ``KvtierPredict``)
+    priority-lru         priority, then least recently released (the peers' policy)
+    lru                  least recently released; priorities ignored
+    arc                  ARC over runs: runs reused once vs more, an adaptive split,
+                         ghosts of dropped runs (Megiddo & Modha, FAST '03)
+    s3fifo               S3-FIFO over runs: a small FIFO for new runs, a main queue for
+                         reused ones, ghosts send returning runs to main (SOSP '23)
+    kvtier-predict       priority, soft queue claims, then hit density learned online per
+                         class of run (session turn x role); see ``KvtierPredict``
+    kvtier-predict-cost  the same, value weighed by recompute cost growing with depth
+
+ARC and S3-FIFO are the known baselines, adapted to runs (a run of blocks is one entry,
+its size counts in blocks) and to kvtier's two tiers (one count over both: a run offloaded
+to the host keeps its class). Each policy object serves one cache.
 """
 
 from __future__ import annotations
 
-import math
+from collections import OrderedDict
+from collections.abc import Callable
 
-from kvtier.config import EVICTION_POLICIES
-from kvtier.eviction import EvictionPolicy, effective_priority
+from kvtier.config import EVICTION_POLICIES, CacheConfig
+from kvtier.eviction import ROLE_SHARED, ROLE_TAIL, EvictionPolicy, effective_priority
 from kvtier.pool import Key
 from kvtier.radix import Node
 
@@ -30,9 +41,12 @@ class PriorityLRU:
 
     name = "priority-lru"
     ranks_soft_claims = False
+    num_queue_fields = 0
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
         return (effective_priority(node, now, default_priority), node.last_used)
+
+    rank = key
 
 
 class LRU:
@@ -40,138 +54,361 @@ class LRU:
 
     name = "lru"
     ranks_soft_claims = False
+    num_queue_fields = 0
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
         return (0, node.last_used)
 
+    rank = key
 
-class ReusePredictor:
-    """Online, per reuse class: how likely a released block is claimed again within the
-    cache's horizon, and the retention credit that follows.
 
-    The horizon ``horizon_s`` is the running mean age (time since release) of the blocks the
-    cache drops. A release ends as a *hit* (claimed again within the horizon), a *miss*
-    (claimed later, or dropped past the horizon), or *censored* (dropped younger than the
-    horizon: the policy ended it, so it says nothing about reuse; counting it a miss would
-    let a class the policy evicts early look ever less worth keeping).
+class Ghosts:
+    """Runs dropped lately, by their place in the tree, bounded in blocks: what lets a
+    policy see that a request came back for a run it evicted. An entry maps
+    ``hash(ghost_key)`` to ``(reuse class, release time, blocks, the run's uid)``; the uid
+    names the place of the run's own extensions, dropped with it or before it."""
 
-    Every ``refresh_every`` records each class's hit probability ``p`` is shrunk toward the
-    pooled ``p0`` and, where it differs from ``p0`` by more than two standard errors, buys a
-    credit of ``horizon_s x log2(p / p0)`` seconds (clipped to two horizons either way):
-    a class twice as likely to come back is kept one horizon longer. With no significant
-    difference every credit is 0 and the order is LRU's.
+    def __init__(self, max_blocks: int = 1 << 20, max_entries: int = 1 << 18) -> None:
+        self.max_blocks = max_blocks
+        self.max_entries = max_entries
+        self.num_blocks = 0
+        self.entries: OrderedDict[int, tuple[int, float, int, int]] = OrderedDict()
+
+    def add(self, ghost_key: object, entry: tuple[int, float, int, int]) -> None:
+        h = hash(ghost_key)
+        old = self.entries.pop(h, None)
+        if old is not None:
+            self.num_blocks -= old[2]
+        self.entries[h] = entry
+        self.num_blocks += entry[2]
+
+    def pop(self, ghost_key: object) -> tuple[int, float, int, int] | None:
+        entry = self.entries.pop(hash(ghost_key), None)
+        if entry is not None:
+            self.num_blocks -= entry[2]
+        return entry
+
+    def trim(self) -> list[tuple[int, float, int, int]]:
+        """Forget the oldest entries past the bounds; return them."""
+        out = []
+        entries = self.entries
+        while entries and (self.num_blocks > self.max_blocks
+                           or len(entries) > self.max_entries):
+            entry = entries.popitem(last=False)[1]
+            self.num_blocks -= entry[2]
+            out.append(entry)
+        return out
+
+
+class _ClassCounts:
+    """Cached blocks per reuse class, kept from the learner's hooks (a release files
+    blocks under a class; its end, reuse or drop, takes them out), plus ghosts."""
+
+    num_classes = 2
+
+    def __init__(self) -> None:
+        self.cached = [0] * self.num_classes
+        self.ghosts = Ghosts()
+
+    def bind(self, config: CacheConfig) -> None:
+        capacity = config.num_gpu_blocks + config.num_host_blocks
+        self.ghosts.max_blocks = max(1, capacity)
+
+    def _file(self, cls: int, num_blocks: int) -> int:
+        self.cached[cls] += num_blocks
+        return cls
+
+    def record(self, reuse_class: int, age_s: float, num_blocks: int, reused: bool) -> None:
+        self.cached[reuse_class] = max(0, self.cached[reuse_class] - num_blocks)
+
+    def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
+               num_blocks: int, now: float) -> None:
+        self.record(reuse_class, now - released_s, num_blocks, False)
+        self.ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid))
+        self.ghosts.trim()
+
+
+class ARC(_ClassCounts):
+    """ARC over runs. Class 0 (T1): runs claimed once (stored, never reused); class 1
+    (T2): runs reused. Each is an LRU queue; the victim comes from T1 while T1 holds more
+    than the target ``p`` blocks, else from T2. A request that misses where a dropped T1
+    run sat raises ``p`` (recency was cut short), one that misses where a T2 run sat
+    lowers it; each by the run's blocks, scaled by the ghosts' size ratio as in ARC."""
+
+    name = "arc"
+    ranks_soft_claims = False
+    num_queue_fields = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target = 0.0
+        self.ghost_blocks = [0, 0]
+
+    def reuse_class(self, node: Node, turn: int, role: int) -> int:
+        return self._file(int(node.num_accesses > 1), node.num_blocks)
+
+    def key(self, node: Node, now: float, default_priority: int) -> Key:
+        cls = node.reuse_class if node.reuse_class is not None else 0
+        return (effective_priority(node, now, default_priority), cls, node.last_used)
+
+    def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        cls = node.reuse_class if node.reuse_class is not None else 0
+        from_t1 = self.cached[0] > self.target or not self.cached[1]
+        return (effective_priority(node, now, default_priority),
+                int(cls != (0 if from_t1 else 1)), node.last_used)
+
+    def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
+               num_blocks: int, now: float) -> None:
+        self.ghost_blocks[reuse_class] += num_blocks
+        super().forget(ghost_key, node_uid, reuse_class, released_s, num_blocks, now)
+        for cls, _, n, _ in self.ghosts.trim():
+            self.ghost_blocks[cls] -= n
+
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        entry = self.ghosts.pop(ghost_key)
+        if entry is None:
+            return None
+        cls, _, n, uid = entry
+        self.ghost_blocks[cls] -= n
+        b1, b2 = max(1, self.ghost_blocks[0]), max(1, self.ghost_blocks[1])
+        total = sum(self.cached) + n
+        if cls == 0:
+            self.target = min(float(total), self.target + n * max(1.0, b2 / b1))
+        else:
+            self.target = max(0.0, self.target - n * max(1.0, b1 / b2))
+        return uid, n
+
+
+class S3FIFO(_ClassCounts):
+    """S3-FIFO over runs. Class 0 (small, S): runs stored and released without a reuse,
+    first in first out; class 1 (main, M): runs reused, or stored again right where a
+    dropped run sat (a ghost hit), least recently released first (M's FIFO with
+    reinsertion of reused entries behaves as CLOCK, close to LRU). The victim comes from
+    S while S holds at least a tenth of the cached blocks, else from M."""
+
+    name = "s3fifo"
+    ranks_soft_claims = False
+    num_queue_fields = 2
+    SMALL_FRACTION = 0.1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._returning: set[int] = set()  # ghost keys hit lately: their new runs go to M
+
+    def reuse_class(self, node: Node, turn: int, role: int) -> int:
+        cls = int(node.num_accesses > 1)
+        if not cls and self._returning and node.parent is not None:
+            h = hash((node.parent.uid, node.key))
+            if h in self._returning:
+                self._returning.discard(h)
+                cls = 1
+        return self._file(cls, node.num_blocks)
+
+    def key(self, node: Node, now: float, default_priority: int) -> Key:
+        cls = node.reuse_class if node.reuse_class is not None else 0
+        order = node.created_s if cls == 0 else node.last_used
+        return (effective_priority(node, now, default_priority), cls, order, node.last_used)
+
+    def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        cls = node.reuse_class if node.reuse_class is not None else 0
+        small, main = self.cached
+        from_small = small >= self.SMALL_FRACTION * (small + main) or not main
+        return (effective_priority(node, now, default_priority),
+                int(cls != (0 if from_small else 1)), node.last_used)
+
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        entry = self.ghosts.pop(ghost_key)
+        if entry is None:
+            return None
+        if len(self._returning) > self.ghosts.max_entries:
+            self._returning.clear()
+        self._returning.add(hash(ghost_key))
+        return entry[3], entry[2]
+
+
+# Ages in log2 bins: [0, 1), [1, 2), [2, 4), ... [2**16, inf) seconds.
+NUM_AGE_BINS = 18
+# Session turn -> bucket: 1, 2, 3, 4, 5-7, 8+.
+_TURN_BUCKETS = (0, 1, 2, 3, 4, 4, 4, 5)
+NUM_TURN_BUCKETS = 6
+
+
+def age_bin(age_s: float) -> int:
+    """The log2 bin of an age in seconds."""
+    return min(NUM_AGE_BINS - 1, int(age_s).bit_length()) if age_s > 0 else 0
+
+
+def _bin_widths() -> list[float]:
+    widths = [1.0] + [float(2 ** (b - 1)) for b in range(1, NUM_AGE_BINS)]
+    widths[-1] = 3.0 * 2 ** (NUM_AGE_BINS - 2)  # the open last bin counts as [lo, 4 lo)
+    return widths
+
+
+class HitDensity:
+    """Online hit density per class of run and age (LHD, Beckmann et al., NSDI '18).
+
+    Per class, the hazard of the next reuse as a function of the time since the release,
+    Kaplan-Meier style, in blocks: a reuse at age ``a`` is an event in ``a``'s bin; a
+    release that ends unreused (its ghost forgotten, or dropped with no place to find it
+    again) is censored at its age. Hazards are shrunk toward the pooled hazard
+    (``prior_blocks`` pseudo-observations). A run of age ``a`` is worth its *hit density*:
+    the chance it is reused at all from ``a`` on, over the expected block-seconds it waits
+    for that (the whole learned future: no horizon). Every ``refresh_every`` records the
+    value table is recomputed, O(classes x bins); counts halve past ``decay_blocks`` so the
+    learner follows a changing stream. Until the first refresh every value is equal and
+    the order is LRU's.
     """
 
-    def __init__(self, num_classes: int, refresh_every: int = 64, prior_blocks: float = 64.0,
-                 min_blocks: float = 256.0, decay_blocks: float = float(1 << 20)) -> None:
+    def __init__(self, num_classes: int, refresh_every: int = 64, prior_blocks: float = 8.0,
+                 decay_blocks: float = float(1 << 22)) -> None:
         self.num_classes = num_classes
         self.refresh_every = refresh_every
         self.prior_blocks = prior_blocks
-        self.min_blocks = min_blocks
-        self.decay_blocks = decay_blocks  # past this many observed blocks, halve the counts
-        self.horizon_s = 0.0
-        self.num_hits = [0.0] * num_classes
-        self.num_trials = [0.0] * num_classes
-        self.credit_s = [0.0] * num_classes
+        self.decay_blocks = decay_blocks
+        self.events = [[0.0] * NUM_AGE_BINS for _ in range(num_classes)]
+        self.censored = [[0.0] * NUM_AGE_BINS for _ in range(num_classes)]
+        self.value = [[1.0] * NUM_AGE_BINS for _ in range(num_classes)]
         self.num_records = 0
+        self._total = 0.0
 
     def record(self, reuse_class: int, age_s: float, num_blocks: int, reused: bool) -> None:
-        """Count one ended release (see the class docstring)."""
-        horizon = self.horizon_s
-        if not reused:
-            # NOTE: a slow running mean (1 % per drop) so that one burst of evictions of
-            # fresh blocks does not collapse the horizon.
-            self.horizon_s = age_s if horizon == 0.0 else horizon + 0.01 * (age_s - horizon)
-        if reused or age_s >= horizon:
-            self.num_trials[reuse_class] += num_blocks
-            if reused and (horizon == 0.0 or age_s < horizon):
-                self.num_hits[reuse_class] += num_blocks
+        """Count one ended release."""
+        table = self.events if reused else self.censored
+        table[reuse_class][age_bin(age_s)] += num_blocks
+        self._total += num_blocks
         self.num_records += 1
         if self.num_records % self.refresh_every == 0:
             self.refresh()
 
     def refresh(self) -> None:
-        """Recompute every class's credit from the counts."""
-        total = sum(self.num_trials)
-        if total > self.decay_blocks:
-            self.num_hits = [h / 2 for h in self.num_hits]
-            self.num_trials = [t / 2 for t in self.num_trials]
-            total /= 2
-        credit = self.credit_s
-        if total < self.min_blocks:
-            credit[:] = [0.0] * self.num_classes
-            return
-        p0 = sum(self.num_hits) / total
-        if not 0.0 < p0 < 1.0:
-            credit[:] = [0.0] * self.num_classes
-            return
-        k = self.prior_blocks
+        """Recompute the value table from the histograms."""
+        if self._total > self.decay_blocks:
+            for table in (self.events, self.censored):
+                for row in table:
+                    row[:] = [x / 2 for x in row]
+            self._total /= 2
+        nb = NUM_AGE_BINS
+        at_risk = []
+        for ev, ce in zip(self.events, self.censored, strict=True):
+            risk, total = [0.0] * nb, 0.0
+            for b in range(nb - 1, -1, -1):
+                total += ev[b] + ce[b]
+                risk[b] = total
+            at_risk.append(risk)
+        pooled = []
+        for b in range(nb):
+            e = sum(ev[b] for ev in self.events)
+            r = sum(risk[b] for risk in at_risk)
+            pooled.append(e / r if r else 0.0)
+        w = self.prior_blocks
+        widths = _bin_widths()
         for c in range(self.num_classes):
-            n = self.num_trials[c]
-            if n == 0:
-                credit[c] = 0.0
-                continue
-            p = (self.num_hits[c] + k * p0) / (n + k)
-            if abs(p - p0) < 2.0 * math.sqrt(p0 * (1.0 - p0) / n):
-                credit[c] = 0.0
-            else:
-                credit[c] = self.horizon_s * max(-2.0, min(2.0, math.log2(max(p, 1e-3) / p0)))
-
-
-# Access-count buckets of a reuse class: 1, 2, 3-4, 5-8, 9+ claims.
-_ACCESS_BUCKETS = (1, 2, 4, 8)
+            ev, risk, value = self.events[c], at_risk[c], self.value[c]
+            hits = waited = 0.0
+            for b in range(nb - 1, -1, -1):
+                denom = risk[b] + w
+                p = min(1.0, (ev[b] + w * pooled[b]) / denom) if denom else 0.0
+                hits = p + (1.0 - p) * hits
+                waited = widths[b] * (1.0 - p / 2) + (1.0 - p) * waited
+                value[b] = hits / waited
 
 
 class KvtierPredict:
-    """kvtier's own policy: priority, then soft queue claims, then LRU order shifted by a
-    reuse predictor learned online (:class:`ReusePredictor`).
+    """kvtier's own policy: priority, then soft queue claims, then the hit density of the
+    run's class at its age (:class:`HitDensity`), oldest first within a class.
 
-    Key: ``(priority, soft_claimed, last_used_s + credit[reuse_class], last_used)``. A run
-    released by a request is filed under a class: is it the request's deepest run (its
-    last stored blocks, often output that the next turn does not extend), and how many
-    claims took it (1, 2, 3-4, 5-8, 9+). A class whose blocks come back more often than
-    the pool's is kept longer, one that rarely comes back goes sooner; nothing is known
-    of a request's future. Credits change as the predictor learns: a filed key is then
-    stale and the pool re-files it when it reaches the top (``TierPool.pop_candidate``).
+    Key ``(priority, soft_claimed, class, last_used)``: one queue per (priority, soft,
+    class), compared by ``rank = (priority, soft_claimed, value[class][age bin],
+    last_used)``. A released run's class is what the releasing request says of it: the
+    turn of its session (1, 2, 3, 4, 5-7, 8+: a request whose reused prefix covers an
+    earlier request's whole prompt continues that session) and the run's role (``shared``:
+    the prefix a first turn found cached, a system prompt or tool spec; ``body``: the rest
+    of the prompt; ``tail``: output past the prompt). Later turns of a session are likelier
+    to continue, output that a next turn does not repeat is rarely reused, and shared
+    prefixes come back across sessions: the learner finds out how much, per stream, online.
+    Dropped runs are remembered as ghosts, so a request that comes back for an evicted run
+    counts as a reuse (else a class the cache evicts early would look ever less worth
+    keeping). Nothing is known of a request's future; the waiting queue reaches the policy
+    as soft claims (``KVCacheManager.hint_waiting``). O(classes) per eviction, O(1) per
+    release, O(classes x bins) per refresh.
 
-    A policy object serves one cache (it learns from that cache's releases); the waiting
-    queue reaches it as soft claims (``KVCacheManager.hint_waiting``). O(1) per key;
-    O(classes) per refresh, every 64 ended releases.
+    With ``cost_aware`` a run's value is weighed by its recompute cost, ``1 + depth /
+    crossover_tokens`` (attention over a deeper prefix costs more per token).
     """
 
     name = "kvtier-predict"
     ranks_soft_claims = True
-    NUM_CLASSES = 2 * (len(_ACCESS_BUCKETS) + 1)
+    num_queue_fields = 3
+    NUM_CLASSES = 1 + 2 * NUM_TURN_BUCKETS
 
-    def __init__(self) -> None:
-        self.predictor = ReusePredictor(self.NUM_CLASSES)
+    def __init__(self, cost_aware: bool = False, crossover_tokens: int = 16384) -> None:
+        self.cost_aware = cost_aware
+        self.crossover_tokens = crossover_tokens
+        self.tokens_per_block = 1
+        self.learner = HitDensity(self.NUM_CLASSES)
+        self.ghosts = Ghosts()
+        if cost_aware:
+            self.name = "kvtier-predict-cost"
 
-    def reuse_class(self, node: Node, is_tail: bool) -> int:
-        bucket = 0
-        while bucket < len(_ACCESS_BUCKETS) and node.num_accesses > _ACCESS_BUCKETS[bucket]:
-            bucket += 1
-        return 2 * bucket + int(is_tail)
+    def bind(self, config: CacheConfig) -> None:
+        self.tokens_per_block = config.tokens_per_block
+        self.ghosts.max_blocks = 4 * max(1, config.num_gpu_blocks + config.num_host_blocks)
+
+    def reuse_class(self, node: Node, turn: int, role: int) -> int:
+        if role == ROLE_SHARED:
+            return 0
+        bucket = _TURN_BUCKETS[min(max(turn, 1), len(_TURN_BUCKETS)) - 1]
+        return 1 + 2 * bucket + int(role == ROLE_TAIL)
 
     def record(self, reuse_class: int, age_s: float, num_blocks: int, reused: bool) -> None:
-        self.predictor.record(reuse_class, age_s, num_blocks, reused)
+        self.learner.record(reuse_class, age_s, num_blocks, reused)
+
+    def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
+               num_blocks: int, now: float) -> None:
+        ghosts = self.ghosts
+        ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid))
+        for cls, released, n, _ in ghosts.trim():
+            self.learner.record(cls, now - released, n, False)
+
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        entry = self.ghosts.pop(ghost_key)
+        if entry is None:
+            return None
+        cls, released_s, n, uid = entry
+        self.learner.record(cls, now - released_s, n, True)
+        return uid, n
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
-        cls = node.reuse_class
-        credit = 0.0 if cls is None else self.predictor.credit_s[cls]
+        cls = node.reuse_class if node.reuse_class is not None else 1
         return (effective_priority(node, now, default_priority), int(node.soft_claimed),
-                node.last_used_s + credit, node.last_used)
+                cls, node.last_used)
+
+    def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        cls = node.reuse_class if node.reuse_class is not None else 1
+        value = self.learner.value[cls][age_bin(now - node.last_used_s)]
+        if self.cost_aware:
+            value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
+        return (effective_priority(node, now, default_priority), int(node.soft_claimed),
+                value, node.last_used)
 
 
-POLICIES: dict[str, type[PriorityLRU] | type[LRU] | type[KvtierPredict]] = {
-    "priority-lru": PriorityLRU, "lru": LRU, "kvtier-predict": KvtierPredict}
+def _kvtier_predict_cost() -> KvtierPredict:
+    return KvtierPredict(cost_aware=True)
+
+
+POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
+    "priority-lru": PriorityLRU, "lru": LRU, "arc": ARC, "s3fifo": S3FIFO,
+    "kvtier-predict": KvtierPredict, "kvtier-predict-cost": _kvtier_predict_cost,
+}
 assert tuple(POLICIES) == EVICTION_POLICIES, "config.EVICTION_POLICIES names every policy"
 
 
 def get_policy(name: str) -> EvictionPolicy:
-    """The eviction policy called ``name``."""
+    """A new eviction policy called ``name`` (a policy object serves one cache)."""
     try:
-        return POLICIES[name]()
+        factory = POLICIES[name]
     except KeyError:
         raise ValueError(
             f"eviction_policy must be one of {sorted(POLICIES)}, got {name!r}"
         ) from None
+    return factory()

@@ -25,9 +25,14 @@ class TierPool:
     ``num_free`` and ``num_referenced`` are kept; ``num_cached`` is derived. Candidates for
     eviction sit in a heap keyed by the eviction policy; entries go stale when a node is
     re-filed, and are skipped on pop (lazy deletion).
+
+    With ``num_queue_fields`` > 0 the candidates sit in one heap per *queue*, the key's
+    first ``num_queue_fields`` fields (a policy's class of runs), and a pop takes the best
+    of the queues' heads by the policy's ``rank``: the policies whose order depends on a
+    run's age (``kvtier.eviction``). O(queues) per pop, O(log n) per push.
     """
 
-    def __init__(self, tier: Tier, capacity: int) -> None:
+    def __init__(self, tier: Tier, capacity: int, num_queue_fields: int = 0) -> None:
         self.tier = tier
         self.capacity = capacity
         # The free slots form a stack: slots given back sit on top, above the never-used
@@ -37,6 +42,9 @@ class TierPool:
         self._num_fresh = 0
         self.num_referenced = 0
         self._heap: list[_Entry] = []
+        self._num_queue_fields = num_queue_fields
+        self._queues: dict[Key, list[_Entry]] = {}
+        self._num_entries = 0  # in every heap, stale ones included
 
     @property
     def num_free(self) -> int:
@@ -77,36 +85,74 @@ class TierPool:
 
     def push(self, node: Node, key: Key) -> None:
         """File ``node`` as an eviction candidate under ``key``."""
-        heapq.heappush(self._heap, (key, node.uid, node))
+        nq = self._num_queue_fields
+        heap = self._heap if not nq else self._queues.setdefault(key[:nq], [])
+        heapq.heappush(heap, (key, node.uid, node))
+        self._num_entries += 1
 
-    def pop_candidate(self, current_key: Callable[[Node], Key | None]) -> Node | None:
+    def _pop(self, heap: list[_Entry]) -> Node:
+        self._num_entries -= 1
+        return heapq.heappop(heap)[2]
+
+    def pop_candidate(self, current_key: Callable[[Node], Key | None],
+                      rank: Callable[[Node], Key] | None = None) -> Node | None:
         """Pop the best live candidate. ``current_key`` returns a node's key if it is a
-        candidate now, else ``None``; entries of nodes that are no candidates are dropped."""
-        heap = self._heap
-        while heap:
-            filed, _, node = heapq.heappop(heap)
-            key = current_key(node)
-            if key is None:
+        candidate now, else ``None``; entries of nodes that are no candidates are dropped.
+        With queues, ``rank`` orders the queues' heads (the smallest goes)."""
+        if not self._num_queue_fields:
+            heap = self._heap
+            return self._pop(heap) if self._live_head(heap, current_key) else None
+        assert rank is not None
+        queues = self._queues
+        for q, heap in list(queues.items()):
+            if not self._live_head(heap, current_key) and not heap:
+                del queues[q]
+        # Re-filing may have moved entries to queues not seen above: their heads are fresh.
+        best: tuple[Key, int] | None = None
+        best_heap: list[_Entry] | None = None
+        for q, heap in list(queues.items()):
+            if not heap:
+                del queues[q]
                 continue
+            node = heap[0][2]
+            score = (rank(node), node.uid)
+            if best is None or score < best:
+                best, best_heap = score, heap
+        return self._pop(best_heap) if best_heap is not None else None
+
+    def _live_head(self, heap: list[_Entry], current_key: Callable[[Node], Key | None]) -> bool:
+        """Drop stale entries from the top of ``heap`` until its head is current; False
+        if none is left."""
+        while heap:
+            filed, _, node = heap[0]
+            key = current_key(node)
             if key == filed:
-                return node
-            # A key that changed without a re-file (a retention ran out, a learned policy's
-            # values moved): file it anew.
-            heapq.heappush(heap, (key, node.uid, node))
-        return None
+                return True
+            self._pop(heap)
+            if key is not None:
+                # A key that changed without a re-file (a retention ran out, a learned
+                # policy's values moved): file it anew.
+                self.push(node, key)
+        return False
+
+    def _entries(self) -> list[_Entry]:
+        return [e for heap in (self._heap, *self._queues.values()) for e in heap]
 
     def compact(self, current_key: Callable[[Node], Key | None]) -> None:
         """Drop stale heap entries once they outnumber the live ones."""
-        if len(self._heap) <= 2 * self.capacity + 64:
+        if self._num_entries <= 2 * self.capacity + 64:
             return
         live = {}
-        for entry in self._heap:
+        for entry in self._entries():
             key = current_key(entry[2])
             if key is not None and key == entry[0]:
                 live[entry[2].uid] = entry
-        self._heap = list(live.values())
-        heapq.heapify(self._heap)
+        self._heap = []
+        self._queues = {}
+        self._num_entries = 0
+        for key, _, node in live.values():
+            self.push(node, key)
 
     def heap_nodes(self) -> list[Node]:
         """Nodes with an entry in the heap (stale or not); for invariant checks."""
-        return [entry[2] for entry in self._heap]
+        return [entry[2] for entry in self._entries()]

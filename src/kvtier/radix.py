@@ -51,6 +51,7 @@ class Node:
         "num_gpu_children",
         "parent",
         "priority",
+        "prompt_end_block",
         "ref_count",
         "reuse_class",
         "root",
@@ -59,6 +60,7 @@ class Node:
         "start_block",
         "tier",
         "tokens",
+        "turn",
         "uid",
     )
 
@@ -100,6 +102,11 @@ class Node:
         self.num_accesses = 0
         self.reuse_class: int | None = None
         self.soft_claimed = False
+        # The session of the request that stored the run: its turn (1: the first; 0: not
+        # known) and where its prompt's full blocks end (absolute block index). A request
+        # whose reused prefix covers that prompt continues the session (``BlockCache.turn``).
+        self.turn = 0
+        self.prompt_end_block = 0
         self.hashes: list[int] | None = None
         self.uid = next(_uids)
 
@@ -161,6 +168,8 @@ def copy_stats(src: Node, dst: Node) -> None:
     dst.num_accesses = src.num_accesses
     dst.reuse_class = src.reuse_class
     dst.soft_claimed = src.soft_claimed
+    dst.turn = src.turn
+    dst.prompt_end_block = src.prompt_end_block
 
 
 def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:

@@ -288,6 +288,8 @@ class LiveSequence:
         "block_table",
         "extras",
         "last_node",
+        "num_hit_blocks",
+        "num_prompt_blocks",
         "num_reserved_blocks",
         "num_scheduled_tokens",
         "num_valid_tokens",
@@ -297,6 +299,7 @@ class LiveSequence:
         "retention_s",
         "root",
         "tokens",
+        "turn",
     )
 
     def __init__(self, spec: SequenceSpec, root: Root, extras: list[object] | None,
@@ -318,6 +321,12 @@ class LiveSequence:
         # Its own copies of path blocks that another request had stored first: the path
         # refers to those, and these stay private (the block table keeps pointing to them).
         self.private_slots: list[int] = _NO_SLOTS  # replaced, never appended to
+        # What eviction may learn from (``kvtier.eviction.ReuseLearner``), set at admission:
+        # the turn of the request's session (``BlockCache.turn``), the full blocks it found
+        # cached, and its prompt's full blocks.
+        self.turn = 1
+        self.num_hit_blocks = 0
+        self.num_prompt_blocks = 0
 
     @property
     def num_path_blocks(self) -> int:
