@@ -41,6 +41,7 @@ ITEM_FIELDS = 4  # flags, src_slot, dst_slot, num_tokens (see copy_kernel)
 BLOCK_BYTES = 8192  # bytes one program moves per loop turn
 CHUNK_BLOCKS = 2  # loop turns per unit of work (see copy_kernel)
 NUM_WARPS = 4
+DENSE_KEYS_PER_OP = 8  # components() indexes by slot key below this many keys per op
 
 
 class PlanArrays(NamedTuple):
@@ -108,27 +109,36 @@ def check_arrays(arrays: PlanArrays, ops: Sequence[TransferOp],
         raise AssertionError(f"op {i} {ops[i]} failed the array check but not check_op")
 
 
-def components(arrays: PlanArrays) -> tuple[Ints, Ints] | None:
+def components(arrays: PlanArrays, dense: bool | None = None) -> tuple[Ints, Ints] | None:
     """``(order, starts)``: the ops grouped into components (ops that share a slot some op
     of the plan writes), each in plan order, components ordered by their first op;
-    ``None`` when every op is a component of its own. Pure."""
+    ``None`` when every op is a component of its own.
+
+    Slots are keyed ``2 * slot + tier``. ``dense`` (the default where keys are fewer than
+    ``DENSE_KEYS_PER_OP`` per op) indexes arrays by key directly, in linear time; else keys
+    are numbered by sorting them. Pure."""
     n = len(arrays.src_slot)
     src_key = arrays.src_slot * 2 + arrays.src_tier
     dst_key = arrays.dst_slot * 2 + arrays.dst_tier
-    written = np.sort(dst_key)
-    pos = np.minimum(np.searchsorted(written, src_key), n - 1)
-    reads_written = written[pos] == src_key
-    if not reads_written.any() and not (written[1:] == written[:-1]).any():
+    num_keys = int(max(src_key.max(), dst_key.max())) + 1
+    if dense is None:
+        dense = num_keys <= DENSE_KEYS_PER_OP * n + 1024
+    if dense:
+        src_k, dst_k = src_key, dst_key
+    else:
+        keys, inverse = np.unique(np.concatenate([dst_key, src_key]), return_inverse=True)
+        num_keys, dst_k, src_k = len(keys), inverse[:n], inverse[n:]
+    num_writes = np.bincount(dst_k, minlength=num_keys)
+    reads_written = num_writes[src_k] > 0
+    if not reads_written.any() and num_writes.max() <= 1:
         return None
-    keys, inverse = np.unique(np.concatenate([dst_key, src_key]), return_inverse=True)
-    dst_k = inverse[:n]
     linked = np.flatnonzero(reads_written)  # ops whose source some op writes
-    src_k = inverse[n:][linked]
+    src_k = src_k[linked]
     # Label propagation over ops and slots: every op takes the smallest label of the slots
     # it touches, until nothing changes; then each component holds its first op's index.
     label = np.arange(n, dtype=np.int64)
     while True:
-        key_label = np.full(len(keys), n, dtype=np.int64)
+        key_label = np.full(num_keys, n, dtype=np.int64)
         np.minimum.at(key_label, dst_k, label)
         np.minimum.at(key_label, src_k, label[linked])
         new = np.minimum(label, key_label[dst_k])
