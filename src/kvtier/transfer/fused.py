@@ -166,10 +166,13 @@ def to_device(a: Ints, device: torch.device) -> torch.Tensor:
     """``a`` as a tensor on ``device``, through pinned memory so the CPU never waits."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(a))
     if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(a))
+    # NOTE: NumPy fills the pinned buffer: Tensor.pin_memory() copies with CPU torch, whose
+    # thread pool took 3.6-6.6 ms for 0.25-2 MiB in a profiled step on the 32-core host.
+    pinned = torch.empty(a.shape, dtype=torch.int64, pin_memory=True)
+    pinned.numpy()[...] = a
+    return pinned.to(device, non_blocking=True)
 
 
 class FusedCopier:
