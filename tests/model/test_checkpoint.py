@@ -9,14 +9,38 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
-from conftest import write_hf_dir  # noqa: E402
+torch = pytest.importorskip("torch", reason="the model tests need torch: "
+                                            "pip install 'kvtier[model]'")
+pytest.importorskip("safetensors", reason="the checkpoint tests need safetensors: "
+                                          "pip install 'kvtier[model]'")
 
 from kvtier.model.checkpoint import CheckpointError, expected_shapes, load_model  # noqa: E402
 from kvtier.model.config import ModelConfig, RopeScaling  # noqa: E402
 from kvtier.model.llama import rope_inv_freq  # noqa: E402
 from kvtier.model.safetensors_loader import config_from_hf  # noqa: E402
+
+
+def write_hf_dir(path: Path, config: dict[str, Any], tensors: dict[str, Any],
+                 num_shards: int = 1) -> Path:
+    """A Hugging Face checkpoint directory: config.json and ``num_shards`` safetensors
+    files (with an index when sharded)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    names = sorted(tensors)
+    if num_shards == 1:
+        save_file({n: tensors[n].contiguous() for n in names}, str(path / "model.safetensors"))
+        return path
+    weight_map = {}
+    for s in range(num_shards):
+        file = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = names[s::num_shards]
+        save_file({n: tensors[n].contiguous() for n in part}, str(path / file))
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path
 
 
 def make_hf_config(**kw: Any) -> dict[str, Any]:
@@ -38,6 +62,7 @@ def make_tensors(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
 
 
 def make_dir(tmp_path: Path, num_shards: int = 1, **kw: Any) -> Path:
+    """A tiny random checkpoint directory of ``make_hf_config(**kw)``."""
     cfg = make_hf_config(**kw)
     config = config_from_hf(cfg, "test")
     return write_hf_dir(tmp_path / "ckpt", cfg, make_tensors(config), num_shards)
