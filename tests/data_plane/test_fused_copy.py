@@ -24,7 +24,13 @@ from kvtier.transfer.fused import (  # noqa: E402
     components,
     plan_arrays,
 )
-from kvtier.transfer.plan import OpKind, PlanColumns, TransferOp, TransferPlan  # noqa: E402
+from kvtier.transfer.plan import (  # noqa: E402
+    OpKind,
+    PlanColumns,
+    PlanRecorder,
+    TransferOp,
+    TransferPlan,
+)
 from kvtier.transfer.torch_memory import copy_view  # noqa: E402
 
 if TYPE_CHECKING:
@@ -136,6 +142,18 @@ def test_plan_columns_are_the_ops_as_arrays() -> None:
         plan_arrays(ops[:3], columns)
     with pytest.raises(ValueError, match="differ in length: 2 vs 1"):
         columns.extend(G, [0, 1], H, [3], TPB)
+
+
+def test_a_recorder_hands_out_ops_and_their_columns() -> None:
+    """Runs recorded in order come back as one plan whose columns are its ops; the
+    recorder is empty after a take."""
+    recorder = PlanRecorder()
+    recorder.record_run(OpKind.OFFLOAD, G, [0, 1], H, [3, 4], TPB)
+    recorder.record_run(OpKind.COPY, H, [2], G, [7], 3)
+    plan = recorder.take()
+    assert plan.ops == (offload(0, 3), offload(1, 4), TransferOp(OpKind.COPY, H, 2, G, 7, 3))
+    assert plan.columns == PlanColumns.of(plan.ops)
+    assert len(recorder) == 0 and recorder.take().ops == ()
 
 
 def make_copier(gpu_kind: str, host_kind: str) -> tuple[KVStorage, KVStorage, FusedCopier]:

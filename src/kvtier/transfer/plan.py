@@ -75,3 +75,32 @@ class TransferPlan(NamedTuple):
 
     ops: tuple[TransferOp, ...]
     columns: PlanColumns | None = None
+
+
+class PlanRecorder:
+    """Where a producer records its copies in program order, as ops and as columns at
+    once, so the plan it hands out carries both (an engine then plans from the columns).
+    Recording a run costs one C-speed array extend per field besides the ops."""
+
+    __slots__ = ("columns", "ops")
+
+    def __init__(self) -> None:
+        self.ops: list[TransferOp] = []
+        self.columns = PlanColumns.of(())
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def record_run(self, kind: OpKind, src_tier: Tier, src_slots: Sequence[int],
+                   dst_tier: Tier, dst_slots: Sequence[int], num_tokens: int) -> None:
+        """Record ``src_slots[i] -> dst_slots[i]`` for every ``i``, in order."""
+        self.columns.extend(src_tier, src_slots, dst_tier, dst_slots, num_tokens)
+        self.ops.extend(TransferOp(kind, src_tier, src, dst_tier, dst, num_tokens)
+                        for src, dst in zip(src_slots, dst_slots, strict=True))
+
+    def take(self) -> TransferPlan:
+        """The ops recorded since the last take, as one plan; the recorder starts empty."""
+        plan = TransferPlan(tuple(self.ops), self.columns)
+        self.ops = []
+        self.columns = PlanColumns.of(())
+        return plan
