@@ -98,3 +98,19 @@ def test_priority_from_kv_transfer_params_outlives_default_chunks() -> None:
     out = mgr.prepare_store(keys(4, 5), plain)  # evicts 2 of 3: the default ones go
     assert out is not None and sorted(out.evicted_keys) == keys(2, 3)
     assert mgr.lookup(key(1), plain) is HIT
+
+
+def test_bench_vllm_tier_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/bench_vllm_tier.py --smoke runs end to end and ends with its JSON line:
+    both policies load from the CPU tier, engine 2 loads every loadable token from Redis."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    bench = __import__("bench_vllm_tier")
+    assert bench.main(["--smoke"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["policy"] for r in result["hit_rate"]] == ["lru", "kvtier-predict"]
+    assert all(0 < r["hit_rate"] < 1 for r in result["hit_rate"])
+    assert result["redis_loaded_tokens"] == result["redis_expected_tokens"] > 0
