@@ -237,7 +237,9 @@ class TorchTransferEngine:
         layers: list[int | None] = (list(range(self._num_layers)) if self.layerwise
                                     else [None])
         layer_events: list[Any] = []
-        with torch.cuda.stream(stream):
+        # NOTE: Triton launches on the current device; an engine of another rank's GPU
+        # (tensor parallelism) must not rely on the caller having switched to it.
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
             prepared = fused.prepare(plan, self._num_blocks, self.device)
             self._count_arrays(prepared)
             try:
