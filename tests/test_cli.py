@@ -24,7 +24,7 @@ SUMMARY_KEYS = {"mean", "p50", "p90", "p99"}
 CPU_KEYS = {"wall_s", "scheduler_s", "us_per_step_mean", "us_per_step_p99",
             "us_per_full_step_mean", "us_per_full_step_p99"}
 ORACLE_KEYS = {"tokens_per_block", "num_capacity_blocks", "unlimited_hit_rate",
-               "belady_hit_rate"}
+               "belady_hit_rate", "lru_hit_rate"}
 LOAD_KEYS = {"busy_s", "arrival_span_s", "num_instances", "utilization", "overloaded",
              "sustainable_time_scale", "sustainable_instances"}
 
@@ -198,7 +198,8 @@ def test_compare_four_runs_side_by_side(capsys: pytest.CaptureFixture[str]) -> N
     assert header.split() == ["claim", "GPU", "only", "claim", "GPU+host", "probe", "GPU",
                               "only", "probe", "GPU+host"]
     assert [row[:15].strip() for row in rows] == [
-        "admission", "GPU blocks", "host blocks", "hit rate", "from host", "Belady",
+        "admission", "GPU blocks", "host blocks", "hit rate", "from host", "LRU (offline)",
+        "Belady",
         "overflow steps", "worst overflow", "lost reuse", "preemptions", "TTFT p50",
         "TTFT p99", "tokens/s", "us/step"]
 
@@ -278,7 +279,7 @@ def test_sweep_plot_one_line_per_policy(capsys: pytest.CaptureFixture[str],
                              "priority-lru,kvtier-predict", "--plot", str(target))
     assert code == 0 and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert labels[:1] + labels[3:4] == ["kvtier priority-lru", "kvtier kvtier-predict"]
-    assert "Belady (full blocks)" in labels and "unlimited" in labels
+    assert {"Belady (offline)", "LRU (offline)", "unlimited"} <= set(labels)
 
 
 def test_agentic_workload(capsys: pytest.CaptureFixture[str]) -> None:

@@ -210,7 +210,7 @@ def lru_hit_tokens(
 
 def oracle_bounds(workload: Workload, tokens_per_block: int,
                   capacities: Iterable[int]) -> list[OracleBounds]:
-    """Unlimited and Belady hit rates of ``workload`` for each capacity in blocks. Pure.
+    """Unlimited, Belady and LRU hit rates of ``workload`` for each capacity in blocks. Pure.
 
     A workload with an ``oracle_requests(tokens_per_block)`` method (a Mooncake trace) gives
     its block keys without building prompts; others are hashed prompt by prompt.
@@ -223,9 +223,12 @@ def oracle_bounds(workload: Workload, tokens_per_block: int,
         source = oracle_requests(workload, tokens_per_block)
     requests = list(source)
     unlimited = unlimited_hit_tokens(requests, tokens_per_block).hit_rate
-    belady: dict[int, float] = {}  # one replay per distinct capacity (a sweep repeats them)
+    # One replay per distinct capacity (a sweep repeats them).
+    belady: dict[int, float] = {}
+    lru: dict[int, float] = {}
     for capacity in capacities:
         if capacity not in belady:
             belady[capacity] = belady_hit_tokens(requests, capacity, tokens_per_block).hit_rate
-    return [OracleBounds(tokens_per_block, capacity, unlimited, belady[capacity])
+            lru[capacity] = lru_hit_tokens(requests, capacity, tokens_per_block).hit_rate
+    return [OracleBounds(tokens_per_block, capacity, unlimited, belady[capacity], lru[capacity])
             for capacity in capacities]

@@ -39,7 +39,9 @@ def plot_sweep(reports: list[SimReport], path: Path) -> None:
     if bounds and all(r.oracle is not None for r in reports):
         capacity = sorted(bounds)
         hits.plot(capacity, [bounds[c].belady_hit_rate for c in capacity], "s--",
-                  label="Belady (full blocks)")
+                  label="Belady (offline)")
+        hits.plot(capacity, [bounds[c].lru_hit_rate for c in capacity], "x--",
+                  label="LRU (offline)")
         hits.plot(capacity, [bounds[c].unlimited_hit_rate for c in capacity], ":",
                   label="unlimited")
     hits.set(xlabel="GPU + host blocks", ylabel="token hit rate", title="Hit rate")

@@ -46,13 +46,17 @@ class OracleBounds:
 
     ``unlimited_hit_rate`` is a cache that never evicts; ``belady_hit_rate`` the best
     single-tier cache of ``num_capacity_blocks`` (GPU + host) blocks, evicting the block
-    reused farthest in the future. Both count whole prompts, not live-request pinning.
+    reused farthest in the future; ``lru_hit_rate`` the same cache evicting the least
+    recently used block (the peers' policy, in the same model). All count whole prompts in
+    arrival order, not scheduling or live-request pinning: they frame a simulated hit rate,
+    they do not reproduce it.
     """
 
     tokens_per_block: int
     num_capacity_blocks: int
     unlimited_hit_rate: float
     belady_hit_rate: float
+    lru_hit_rate: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,9 +248,9 @@ def format_report(report: SimReport) -> list[str]:
 
 
 def _oracle_text(bounds: OracleBounds) -> str:
-    return (f"full {bounds.tokens_per_block}-token blocks: unlimited "
-            f"{bounds.unlimited_hit_rate:.4f}, Belady at {bounds.num_capacity_blocks:,} blocks "
-            f"{bounds.belady_hit_rate:.4f}")
+    return (f"offline, full {bounds.tokens_per_block}-token blocks, arrival order: at "
+            f"{bounds.num_capacity_blocks:,} blocks LRU {bounds.lru_hit_rate:.4f}, Belady "
+            f"{bounds.belady_hit_rate:.4f}; unlimited {bounds.unlimited_hit_rate:.4f}")
 
 
 def format_side_by_side(labels: Sequence[str], reports: Sequence[SimReport]) -> list[str]:
@@ -259,6 +263,8 @@ def format_side_by_side(labels: Sequence[str], reports: Sequence[SimReport]) -> 
         ("  from host", [f"{r.host_token_hit_rate:.4f}" for r in reports]),
     ]
     if all(r.oracle is not None for r in reports):
+        rows.append(("LRU (offline)", [f"{r.oracle.lru_hit_rate:.4f}" for r in reports
+                                       if r.oracle is not None]))
         rows.append(("Belady", [f"{r.oracle.belady_hit_rate:.4f}" for r in reports
                                 if r.oracle is not None]))
     rows += [
@@ -281,8 +287,9 @@ def format_side_by_side(labels: Sequence[str], reports: Sequence[SimReport]) -> 
 def format_sweep(reports: Sequence[SimReport]) -> list[str]:
     """One row per run of a capacity sweep, with the oracle bounds where known; a policy
     column first when the runs use more than one eviction policy. Pure."""
-    header: tuple[str, ...] = ("GPU blocks", "host blocks", "hit rate", "from host", "Belady",
-                               "unlimited", "TTFT p50", "TTFT p99", "tokens/s")
+    header: tuple[str, ...] = ("GPU blocks", "host blocks", "hit rate", "from host",
+                               "LRU (offline)", "Belady", "unlimited", "TTFT p50", "TTFT p99",
+                               "tokens/s")
     policies = [str(r.cache_config["eviction_policy"]) for r in reports]
     several = len(set(policies)) > 1
     if several:
@@ -293,6 +300,7 @@ def format_sweep(reports: Sequence[SimReport]) -> list[str]:
         table.append(((policy,) if several else ()) + (
             f"{r.cache_config['num_gpu_blocks']:,}", f"{r.cache_config['num_host_blocks']:,}",
             f"{r.token_hit_rate:.4f}", f"{r.host_token_hit_rate:.4f}",
+            "n/a" if bounds is None else f"{bounds.lru_hit_rate:.4f}",
             "n/a" if bounds is None else f"{bounds.belady_hit_rate:.4f}",
             "n/a" if bounds is None else f"{bounds.unlimited_hit_rate:.4f}",
             _seconds(r.ttft_s.p50), _seconds(r.ttft_s.p99), f"{r.throughput_tokens_per_s:,.0f}",
