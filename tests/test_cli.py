@@ -102,12 +102,16 @@ def test_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_replay_default_workload(capsys: pytest.CaptureFixture[str]) -> None:
-    """The built-in synthetic workload replays: a table, then one JSON report line last."""
+    """The built-in synthetic workload replays on its own tiers (1,024 GPU + 2,048 host
+    blocks) with the offline references: a table, then one JSON report line last."""
     code, out, err = run_cli(capsys, "replay", "--limit", "30", "--no-progress")
     assert (code, err) == (0, "")
     report = last_json(out)
     assert_report_schema(report)
-    assert report["num_requests"] == 30 and report["oracle"] is None
+    assert report["num_requests"] == 30
+    assert (report["cache_config"]["num_gpu_blocks"],
+            report["cache_config"]["num_host_blocks"]) == (1024, 2048)
+    assert report["oracle"]["num_capacity_blocks"] == 3072
     assert isinstance(report["token_hit_rate"], float) and 0 < report["token_hit_rate"] < 1
     assert report["num_overflow_steps"] == report["num_lost_reuse_tokens"] == 0
     assert report["workload"] == SyntheticChat(num_requests=30).describe()
@@ -115,8 +119,14 @@ def test_replay_default_workload(capsys: pytest.CaptureFixture[str]) -> None:
     table = out.splitlines()[:-1]
     assert [row.split()[0] for row in table] == [
         "workload", "cache", "scheduler", "model", "requests", "hit", "reuse", "overflow",
-        "TTFT", "E2E", "throughput", "load", "transfers", "cpu",
+        "TTFT", "E2E", "throughput", "load", "transfers", "cpu", "oracle",
     ]
+    assert f"LRU {report['oracle']['lru_hit_rate']:.4f}, Belady" in table[-1]
+    _, out, _ = run_cli(capsys, "replay", "--limit", "5", "--no-progress", "--no-oracle",
+                        "--workload", "agentic")
+    report = last_json(out)
+    assert report["oracle"] is None and report["cache_config"]["num_host_blocks"] == 0
+    assert report["cache_config"]["num_gpu_blocks"] == 16384
 
 
 def test_replay_default_workload_follows_seed(capsys: pytest.CaptureFixture[str]) -> None:
@@ -144,7 +154,7 @@ def test_replay_knobs_reach_the_report(capsys: pytest.CaptureFixture[str]) -> No
     assert report["cache_config"]["num_host_blocks"] == 64 and report["time_scale"] == 2.0
     assert report["profile"]["pcie_bytes_per_s"] == 2.5e10
     assert report["profile"]["overlap_transfers"] is False
-    assert report["oracle"]["num_capacity_blocks"] == 16384 + 64
+    assert report["oracle"]["num_capacity_blocks"] == 1024 + 64  # the built-in chat's GPU tier
     assert out.splitlines()[-2].startswith("oracle")
 
 
@@ -497,13 +507,13 @@ def assert_one_line_error(code: int, out: str, err: str, message: str) -> None:
     ("args", "message"),
     [
         (["replay", "--gpu-blocks", str(10**12)],
-         "--gpu-blocks/--host-blocks: (1,000,000,000,000 GPU + 0 host) = 1,000,000,000,000 "
-         "blocks is more than the 33,554,432 one run may hold"),
+         "--gpu-blocks/--host-blocks: (1,000,000,000,000 GPU + 2,048 host) = "
+         "1,000,000,002,048 blocks is more than the 33,554,432 one run may hold"),
         (["replay", "--host-blocks", str(2**25)],
-         "(16,384 GPU + 33,554,432 host) = 33,570,816 blocks is more than the 33,554,432"),
+         "(1,024 GPU + 33,554,432 host) = 33,555,456 blocks is more than the 33,554,432"),
         (["replay", "--instances", "1024", "--gpu-blocks", "65536"],
-         "--gpu-blocks/--host-blocks/--instances: 1,024 instances x (65,536 GPU + 0 host) = "
-         "67,108,864 blocks"),
+         "--gpu-blocks/--host-blocks/--instances: 1,024 instances x (65,536 GPU + 2,048 host) "
+         "= 69,206,016 blocks"),
         (["compare", "--gpu-blocks", str(2**24)],
          "(16,777,216 GPU + 67,108,864 host) = 83,886,080 blocks"),
         (["sweep", "--gpu-blocks", "64", "--host-blocks", f"0,{2**26}"],
@@ -565,7 +575,7 @@ def test_remote_without_host_tier_is_refused(capsys: pytest.CaptureFixture[str])
     for policy in ("write-back", "write-through"):
         assert_one_line_error(
             *run_cli(capsys, "replay", "--limit", "5", "--instances", "2", "--remote", policy,
-                     "--no-progress"),
+                     "--host-blocks", "0", "--no-progress"),
             "--remote needs --host-blocks > 0: blocks found in the shared tier are imported "
             "into each instance's host tier")
 

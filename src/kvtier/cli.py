@@ -58,6 +58,11 @@ from kvtier.sim.fleet_report import format_fleet_report
 from kvtier.sim.plot import plot_sweep, require_matplotlib
 
 DEFAULT_GPU_BLOCKS = 16384
+# The embedded default (`kvtier replay`: the built-in synthetic chat) runs where the tiers are
+# at work: a GPU tier that holds about a tenth of the stream's distinct blocks, a host tier
+# twice that; below it, hit rate and load fall off fast; at 16,384 GPU blocks it never evicts.
+CHAT_GPU_BLOCKS = 1024
+CHAT_HOST_BLOCKS = 2048
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a defect in kvtier, not in the input
 DEBUG_ENV = "KVTIER_DEBUG"
 _CACHE = CacheConfig()
@@ -81,13 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", parents=[common], formatter_class=raw,
                                  help="simulate serving a trace; the main command",
                                  description=REPLAY_DESCRIPTION)
-    replay.add_argument("--gpu-blocks", metavar="N", type=int_in(1), default=DEFAULT_GPU_BLOCKS,
-                        help=f"GPU tier size in blocks; {SIZE_HELP} (default: %(default)s)")
-    replay.add_argument("--host-blocks", metavar="N", type=int_in(0), default=0,
-                        help="host tier size in blocks; 0 disables offloading (default: 0)")
+    replay.add_argument("--gpu-blocks", metavar="N", type=int_in(1),
+                        help=f"GPU tier size in blocks; {SIZE_HELP} (default: "
+                        f"{CHAT_GPU_BLOCKS} for the built-in synthetic-chat, else "
+                        f"{DEFAULT_GPU_BLOCKS})")
+    replay.add_argument("--host-blocks", metavar="N", type=int_in(0),
+                        help="host tier size in blocks; 0 disables offloading (default: "
+                        f"{CHAT_HOST_BLOCKS} for the built-in synthetic-chat, else 0)")
     eviction_policy_option(replay, several=False)
     admission_option(replay)
-    oracle_option(replay, default=False)
+    oracle_option(replay, default=None)
     replay.add_argument("--instances", metavar="N", type=int_in(1, MAX_INSTANCES), default=1,
                         help="simulate N engine instances, each with --gpu-blocks and "
                         f"--host-blocks, behind a router; at most {MAX_INSTANCES} (default: 1)")
@@ -193,14 +201,25 @@ def _run_replay(args: argparse.Namespace) -> int:
         return _run_fleet(args)
     if args.remote is not None or args.remote_url is not None:
         raise CLIError("--remote needs --instances > 1 (a remote tier shared by a fleet)")
-    cache = make_cache(args, args.gpu_blocks, args.host_blocks)
+    cache = make_cache(args, *_replay_sizes(args))
     sched = make_sched(args, args.admission)
     profile = make_profile(args.profile, args.set_profile)
     workload = _open(args, cache)
     with _progress_bar(num_requests(workload), not args.no_progress) as progress:
-        report = _simulate(workload, cache, sched, profile, args, progress, args.oracle)
+        report = _simulate(workload, cache, sched, profile, args, progress,
+                           args.oracle is not False)
     _emit(format_report(report), report.to_dict(), args.json)
     return 0
+
+
+def _replay_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """GPU and host blocks of a replay: as given, else the defaults of its workload."""
+    chat = args.trace is None and args.workload == "synthetic-chat"
+    gpu = args.gpu_blocks if args.gpu_blocks is not None else (
+        CHAT_GPU_BLOCKS if chat else DEFAULT_GPU_BLOCKS)
+    host = args.host_blocks if args.host_blocks is not None else (
+        CHAT_HOST_BLOCKS if chat else 0)
+    return gpu, host
 
 
 def _run_fleet(args: argparse.Namespace) -> int:
@@ -208,10 +227,11 @@ def _run_fleet(args: argparse.Namespace) -> int:
         raise CLIError("--oracle is not supported with --instances > 1")
     if args.remote_url is not None and args.remote is None:
         raise CLIError("--remote-url needs --remote write-back or write-through")
-    if args.remote is not None and args.host_blocks == 0:
+    gpu_blocks, host_blocks = _replay_sizes(args)
+    if args.remote is not None and host_blocks == 0:
         raise CLIError("--remote needs --host-blocks > 0: blocks found in the shared tier "
                        "are imported into each instance's host tier")
-    cache = make_cache(args, args.gpu_blocks, args.host_blocks, args.instances)
+    cache = make_cache(args, gpu_blocks, host_blocks, args.instances)
     sched = make_sched(args, args.admission)
     profile = make_profile(args.profile, args.set_profile)
     workload = _open(args, cache)

@@ -134,10 +134,12 @@ def admission_option(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
 
 
-def oracle_option(parser: argparse.ArgumentParser, default: bool) -> None:
+def oracle_option(parser: argparse.ArgumentParser, default: bool | None) -> None:
+    """``--oracle``/``--no-oracle``; ``default`` None: on for one instance, off for a fleet."""
+    text = {True: "on", False: "off", None: "on for one instance"}[default]
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=default,
-                        help="add the unlimited and Belady hit rates for the same capacity "
-                        f"(default: {'on' if default else 'off'})")
+                        help="add the offline LRU, Belady and unlimited hit rates for the same "
+                        f"capacity (default: {text})")
 
 
 def int_in(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
