@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Generic, TypeVar
 
 from kvtier import KVCacheManager, TransferEngine, TransferPlan
+from kvtier.transfer.plan import PlanColumns
 
 # Covariant: a caller over a RecordingTransferEngine is a caller over a TransferEngine.
 EngineT = TypeVar("EngineT", bound=TransferEngine, covariant=True)
@@ -13,7 +14,8 @@ EngineT = TypeVar("EngineT", bound=TransferEngine, covariant=True)
 
 class PlanCaller(Generic[EngineT]):
     """Forwards every attribute to ``manager``; after each method call, submits the plan
-    of copies it left (if any) to ``engine``, so the engine sees one plan per call."""
+    of copies it left (if any) to ``engine``, so the engine sees one plan per call. Every
+    plan's columns must describe exactly its ops."""
 
     def __init__(self, manager: KVCacheManager, engine: EngineT) -> None:
         self.manager = manager
@@ -30,8 +32,10 @@ class PlanCaller(Generic[EngineT]):
             finally:
                 plan = self.manager.take_plan()
                 if plan.ops:
+                    assert plan.columns == PlanColumns.of(plan.ops), plan
                     self.engine.submit(plan)
             if isinstance(result, TransferPlan) and result.ops:
+                assert result.columns == PlanColumns.of(result.ops), result
                 self.engine.submit(result)
             return result
 

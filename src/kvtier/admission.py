@@ -29,7 +29,7 @@ from kvtier.matching import Match, PartialMatch, match, match_prompt
 from kvtier.radix import Node, path_to_root
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.tier import Tier
-from kvtier.transfer.plan import OpKind, TransferOp
+from kvtier.transfer.plan import OpKind, PlanRecorder
 
 PartialMode = Literal["in_place", "copy"]
 """How a partial match is reused: the source block itself (an unclaimed GPU leaf), or a
@@ -125,7 +125,7 @@ class BatchAdmission:
         self._store_blocks = store_blocks
         self._tpb = config.tokens_per_block
 
-    def run(self, specs: Sequence[SequenceSpec], ops: list[TransferOp]) -> list[Admission]:
+    def run(self, specs: Sequence[SequenceSpec], ops: PlanRecorder) -> list[Admission]:
         """Admit ``specs`` (already checked for ids) and return one admission each; the
         copies this needs are appended to ``ops``, in program order."""
         cache = self._cache
@@ -235,7 +235,7 @@ class BatchAdmission:
         cache.unref_path(p.seq.last_node)
         cache.leave_root(p.seq.root)
 
-    def _admit(self, p: Pending, ops: list[TransferOp]) -> Admission:
+    def _admit(self, p: Pending, ops: PlanRecorder) -> Admission:
         cache = self._cache
         seq = p.seq
         tpb = self._tpb
@@ -260,8 +260,8 @@ class BatchAdmission:
             # Copy first, then release the source: the rest may evict it.
             src = partial.node
             table += cache.allocate_gpu(1, ops)
-            ops.append(TransferOp(OpKind.COPY, src.tier, src.slots[0], Tier.GPU, table[-1],
-                                  partial.num_tokens))
+            ops.record_run(OpKind.COPY, src.tier, [src.slots[0]], Tier.GPU, [table[-1]],
+                           partial.num_tokens)
             cache.unref_path(src)
             num_partial = partial.num_tokens
             cache.stats.num_partial_copies += 1

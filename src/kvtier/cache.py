@@ -34,7 +34,7 @@ from kvtier.radix import Node, Root, add_child, block_key, remove_child, subtree
 from kvtier.radix import split as split_run
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.tier import Tier
-from kvtier.transfer.plan import OpKind, TransferOp
+from kvtier.transfer.plan import OpKind, PlanRecorder
 
 
 class StoredRun(NamedTuple):
@@ -191,7 +191,7 @@ class BlockCache:
 
     # ---- allocation and eviction -------------------------------------------------------------
 
-    def allocate_gpu(self, num_blocks: int, ops: list[TransferOp]) -> list[int]:
+    def allocate_gpu(self, num_blocks: int, ops: PlanRecorder) -> list[int]:
         """Take ``num_blocks`` GPU slots for a request's private use, evicting as needed.
 
         The caller has checked ``gpu.num_available``; the slots count as referenced.
@@ -207,7 +207,7 @@ class BlockCache:
         self.gpu.num_referenced -= len(slots)
         self.gpu.give_back(slots)
 
-    def _evict_gpu(self, num_blocks: int, ops: list[TransferOp]) -> None:
+    def _evict_gpu(self, num_blocks: int, ops: PlanRecorder) -> None:
         """Free ``num_blocks`` GPU slots from unreferenced runs, tails first."""
         self.evictor.expire()
         while num_blocks > 0:
@@ -219,7 +219,7 @@ class BlockCache:
             self._evict_gpu_run(victim, ops)
             self.evictor.refile(parent)
 
-    def _evict_gpu_run(self, victim: Node, ops: list[TransferOp]) -> None:
+    def _evict_gpu_run(self, victim: Node, ops: PlanRecorder) -> None:
         """Offload the unreferenced GPU run ``victim`` as far as the host takes it; drop the rest.
 
         The host takes a block into a free slot, or in place of a host block that is worth
@@ -240,8 +240,7 @@ class BlockCache:
         host_slots = host.take(num_offload)
         self.journal.host_slots_filled(host_slots)  # filled only when the plan runs
         old = victim.slots
-        ops.extend(TransferOp(OpKind.OFFLOAD, Tier.GPU, src, Tier.HOST, dst, self.tpb)
-                   for src, dst in zip(old, host_slots, strict=True))
+        ops.record_run(OpKind.OFFLOAD, Tier.GPU, old, Tier.HOST, host_slots, self.tpb)
         self.gpu.give_back(old)
         victim.slots = host_slots
         victim.tier = Tier.HOST
@@ -321,13 +320,12 @@ class BlockCache:
 
     # ---- tier moves and stores -----------------------------------------------------------
 
-    def onboard(self, node: Node, ops: list[TransferOp]) -> int:
+    def onboard(self, node: Node, ops: PlanRecorder) -> int:
         """Move the claimed host run ``node`` to GPU slots; return its block count."""
         assert node.tier is Tier.HOST and node.ref_count > 0, node
         n = node.num_blocks
         gpu_slots = self.allocate_gpu(n, ops)  # counted referenced: the node is claimed
-        ops.extend(TransferOp(OpKind.ONBOARD, Tier.HOST, src, Tier.GPU, dst, self.tpb)
-                   for src, dst in zip(node.slots, gpu_slots, strict=True))
+        ops.record_run(OpKind.ONBOARD, Tier.HOST, node.slots, Tier.GPU, gpu_slots, self.tpb)
         self.host.num_referenced -= n
         self.host.give_back(node.slots)
         node.slots = gpu_slots

@@ -40,7 +40,7 @@ from kvtier.sequence import (
     check_mm_items,
     token_list,
 )
-from kvtier.transfer.plan import TransferOp, TransferPlan
+from kvtier.transfer.plan import PlanRecorder, TransferPlan
 
 _NO_COPIES = TransferPlan(())
 
@@ -61,7 +61,7 @@ class KVCacheManager:
         self._live = LiveTable()
         self._tpb = config.tokens_per_block
         self._version = 0
-        self._ops: list[TransferOp] = []
+        self._ops = PlanRecorder()
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -174,8 +174,7 @@ class KVCacheManager:
         (before the next forward pass). Empty when the calls moved nothing."""
         if not self._ops:
             return _NO_COPIES  # NOTE: most calls move nothing: no allocation for them
-        ops, self._ops = self._ops, []
-        return TransferPlan(tuple(ops))
+        return self._ops.take()
 
     # ---- admission -----------------------------------------------------------------------
 
