@@ -49,6 +49,22 @@ def test_priority_lru_evicts_tails_first_and_keeps_protected() -> None:
     assert len(chunks) == 0
 
 
+def test_live_request_keeps_its_prefix_over_its_tail() -> None:
+    """Chunks a live request stores in batches go tail first under pressure (its head is
+    newest), and a chunk it reads is raised to its tick; found by vLLM's own LRU tests."""
+    chunks = make_chunks()
+    old = chunks.new_rank()
+    chunks.insert(k(9), "old", evictable=True, rank=old, depth=16)
+    live = chunks.new_rank()
+    for i in (0, 1):  # first batch: positions 16, 32
+        chunks.insert(k(i), f"c{i}", evictable=True, rank=live, depth=16 * (i + 1))
+    chunks.insert(k(2), "c2", evictable=True, rank=live, depth=48)  # a later batch
+    chunks.access([(k(9), 64)], live)  # the live request reads the old chunk too
+    chunks.check_invariants()
+    # recency, oldest first:  9@64  2@48  1@32  0@16   (one tick; deeper = older)
+    assert [key for key, _ in chunks.evict(3, set()) or []] == [k(9), k(2), k(1)]
+
+
 def test_evict_is_atomic_when_it_cannot_take_n() -> None:
     """Too few evictable chunks outside ``protected``: None, and nothing changed."""
     chunks = make_chunks()

@@ -8,11 +8,13 @@ sit in a kvtier ``TierPool`` (one heap per policy queue, heads compared by ``ran
 
     vLLM call                    Node                                   learner (ReuseLearner)
     insert (a store)             created_s, last_used(_s), accesses 1   -
+                                 (last_used: the request's tick, tail older than head)
     on_request_finished(keys)    tail first: last_used = next tick,     reused with an open
       (the request's release)    last_used_s = now, priority/retention  release: record(reuse)
                                                                         each: reuse_class(...)
     touch(keys)                  last_used = next tick                  -
-    on_request_access (live)     soft_claimed while a request holds it  -
+    on_request_access (live)     last_used raised to the request's      -
+                                 tick; soft_claimed while it holds it
     on_store_miss(keys)          -                                      recall(key): a ghost?
     evict                        smallest rank first, protected kept    forget(key, ...)
 
@@ -38,6 +40,10 @@ from kvtier.tier import Tier
 
 C = TypeVar("C")
 MAX_CAPACITY = 1 << 32
+# Recency (``Node.last_used``) is ``tick << 32`` minus a position: the chunks one live request
+# stores or reads share its tick, its tail older than its head (vLLM's own LRU does the same
+# with (rank, -position) pairs), so a prefix outlives its extensions while the request runs.
+_POSITION_BITS = 32
 VLLM_PREFIX = "kvtier-"
 
 
@@ -90,6 +96,7 @@ class PolicyChunks(Generic[C]):
         self._expiries: list[float] = []  # retention ends, to re-file in time
         self._ticks = itertools.count(1)
         self._num_evictable = 0
+        self.generation = 0  # bumped by clear(): ranks handed out before are void
         self._reset_policy()
 
     def _reset_policy(self) -> None:
@@ -123,15 +130,21 @@ class PolicyChunks(Generic[C]):
         return self._num_evictable
 
     # -- commands --------------------------------------------------------------------------
+    def new_rank(self) -> int:
+        """A tick for one request's stores and reads (``insert``, ``access``)."""
+        return next(self._ticks)
+
     def insert(self, key: bytes, chunk: C, *, evictable: bool, depth: int | None = None,
-               priority: int | None = None, retention_s: float | None = None) -> None:
-        """Add a chunk a request just stored (``depth``: its end position, if known)."""
+               rank: int | None = None, priority: int | None = None,
+               retention_s: float | None = None) -> None:
+        """Add a chunk a request just stored (``depth``: its end position, if known;
+        ``rank``: the storing request's ``new_rank``, if known)."""
         if key in self._chunks:
             raise ValueError(f"chunk {key.hex()[:16]}... is already cached")
         now = self._clock()
         node = Node(None, [], [0], Tier.HOST, None, depth or 0, None)
         node.created_s = node.last_used_s = now
-        node.last_used = next(self._ticks)
+        node.last_used = self._recency(rank, depth)
         node.num_accesses = 1
         self._set_retention(node, now, priority, retention_s)
         entry = _Chunk(key, chunk, node)
@@ -152,7 +165,17 @@ class PolicyChunks(Generic[C]):
         for key in reversed(list(keys)):
             entry = self._chunks.get(key)
             if entry is not None:
-                entry.node.last_used = next(self._ticks)
+                entry.node.last_used = self._recency(None, None)
+                self._refile(entry)
+
+    def access(self, keys: Iterable[tuple[bytes, int]], rank: int) -> None:
+        """A live request of ``rank`` read or stored ``keys`` (with their end positions):
+        they are at least as recent as its own chunks, its tail older than its head."""
+        for key, position in keys:
+            entry = self._chunks.get(key)
+            recency = self._recency(rank, position)
+            if entry is not None and entry.node.last_used < recency:
+                entry.node.last_used = recency
                 self._refile(entry)
 
     def release(self, keys: Sequence[bytes], reused: set[bytes], *,
@@ -171,7 +194,7 @@ class PolicyChunks(Generic[C]):
                 if learner is not None and node.reuse_class is not None:
                     learner.record(node.reuse_class, now - node.last_used_s, 1, True)
                 node.num_accesses += 1
-            node.last_used = next(self._ticks)
+            node.last_used = self._recency(None, None)
             node.last_used_s = now
             if priority is not None or retention_s is not None:
                 self._set_retention(node, now, priority, retention_s)
@@ -279,6 +302,7 @@ class PolicyChunks(Generic[C]):
         self._by_uid.clear()
         self._expiries.clear()
         self._num_evictable = 0
+        self.generation += 1
         self._reset_policy()
 
     def check_invariants(self) -> None:
@@ -294,6 +318,11 @@ class PolicyChunks(Generic[C]):
             assert entry.claims >= 0 and entry.node.soft_claimed == (entry.claims > 0), key
 
     # -- internals -------------------------------------------------------------------------
+    def _recency(self, rank: int | None, position: int | None) -> int:
+        tick = next(self._ticks) if rank is None else rank
+        offset = 0 if position is None else min(position, (1 << _POSITION_BITS) - 1)
+        return (tick << _POSITION_BITS) - offset
+
     def _current_key(self, node: Node) -> Key | None:
         entry = self._by_uid.get(node.uid)
         if entry is None or not entry.evictable or entry.node is not node:

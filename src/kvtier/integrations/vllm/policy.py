@@ -34,13 +34,16 @@ PRIORITY_PARAM = "kvtier_priority"
 RETENTION_PARAM = "kvtier_retention_s"
 
 
-class _SoftClaims:
-    """Per request (in its ReqContext): the chunks it soft-claimed, ended at its finish."""
+class _RequestState:
+    """Per request (in its ReqContext): its recency tick, and the chunks it soft-claimed
+    (ended at its finish)."""
 
-    __slots__ = ("keys", "owner")
+    __slots__ = ("generation", "keys", "owner", "rank")
 
-    def __init__(self, owner: object) -> None:
+    def __init__(self, owner: object, generation: int, rank: int) -> None:
         self.owner = owner
+        self.generation = generation
+        self.rank = rank
         self.keys: list[bytes] = []
 
 
@@ -77,10 +80,21 @@ class KvtierCachePolicy(CachePolicy):  # type: ignore[misc]
     def get(self, key: OffloadKey) -> ChunkStatus | None:
         return self.chunks.get(key)
 
+    def _state(self, req_context: ReqContext) -> _RequestState:
+        state: _RequestState | None = req_context.get_state(_RequestState)
+        # NOTE: a request that outlives a reset_cache() (clear) takes a new rank: its old
+        # one would rank it below every request since.
+        if (state is None or state.owner is not self
+                or state.generation != self.chunks.generation):
+            state = _RequestState(self, self.chunks.generation, self.chunks.new_rank())
+            req_context.set_state(state)
+        return state
+
     def insert(self, key: OffloadKey, chunk: ChunkStatus, req_context: ReqContext) -> None:
         priority, retention_s = request_retention(req_context)
         self.chunks.insert(key, chunk, evictable=chunk.ref_cnt == 0,
                            depth=req_context.get_offload_key_position(key),
+                           rank=self._state(req_context).rank,
                            priority=priority, retention_s=retention_s)
 
     def remove(self, key: OffloadKey) -> None:
@@ -93,20 +107,19 @@ class KvtierCachePolicy(CachePolicy):  # type: ignore[misc]
         self.chunks.recall(keys)
 
     def on_request_access(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
-        claimed = self.chunks.soft_claim(keys)
-        if not claimed:
-            return
-        state = req_context.get_state(_SoftClaims)
-        if state is None or state.owner is not self:
-            state = _SoftClaims(self)
-            req_context.set_state(state)
-        state.keys.extend(claimed)
+        keys = list(keys)
+        state = self._state(req_context)
+        positioned = [(k, p) for k in keys
+                      if (p := req_context.get_offload_key_position(k)) is not None]
+        self.chunks.access(positioned, state.rank)
+        state.keys.extend(self.chunks.soft_claim(keys))
 
     def on_request_finished(self, key_groups: Sequence[Sequence[OffloadKey]],
                             insertion_only_keys: set[OffloadKey],
                             reused_keys: set[OffloadKey], req_context: ReqContext) -> None:
-        state = req_context.get_state(_SoftClaims)
-        if state is not None and state.owner is self:
+        state = req_context.get_state(_RequestState)
+        if (state is not None and state.owner is self
+                and state.generation == self.chunks.generation):
             self.chunks.unclaim(state.keys)
             state.keys = []
         priority, retention_s = request_retention(req_context)
