@@ -41,6 +41,7 @@ from kvtier.config import CacheConfig
 from kvtier.policies import POLICIES
 from kvtier.sim import (
     AgenticWorkload,
+    AzureTrace,
     MooncakeTrace,
     SimReport,
     SyntheticChat,
@@ -66,6 +67,9 @@ def workloads(names: Sequence[str], limit: int) -> dict[str, Workload]:
             out[name] = MooncakeTrace(TRACES / "mooncake_conversation_trace.jsonl", limit=limit)
         elif name == "mooncake-synth":
             out[name] = MooncakeTrace(TRACES / "mooncake_synthetic_trace.jsonl", limit=limit)
+        elif name in ("azure-conv", "azure-code"):
+            # kvtier's default synthetic prefix model (seed 0): the CSVs carry no prompts.
+            out[name] = AzureTrace(TRACES / f"azure_llm_2023_{name[6:]}.csv", limit=limit)
         elif name == "chat":
             out[name] = SyntheticChat(num_requests=limit)
         elif name == "agentic":
@@ -114,9 +118,12 @@ def us_per_block(report: SimReport, tpb: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workloads", default="mooncake-conv,mooncake-synth,chat,agentic")
+    parser.add_argument("--workloads", default="mooncake-conv,mooncake-synth,azure-conv,"
+                        "azure-code,chat,agentic")
     parser.add_argument("--limit", type=int, default=2000, help="requests per workload")
     parser.add_argument("--tokens-per-block", type=int, default=32)
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                        help="capacities as fractions of the stream's distinct blocks")
     parser.add_argument("--no-peers", action="store_true", help="skip vLLM's policies")
     parser.add_argument("--smoke", action="store_true", help="tiny run (chat, 60 requests)")
     args = parser.parse_args(argv)
@@ -125,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         names, limit = ["chat"], 60
     tpb = args.tokens_per_block
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        parser.error(f"--fractions: not a list of numbers: {args.fractions!r}")
+    if not all(0 < f <= 1 for f in fractions):
+        parser.error(f"--fractions: each must be in (0, 1], got {args.fractions!r}")
     peers_reason = None
     if args.no_peers or args.smoke:
         peers_reason = "not asked for" if args.no_peers else "smoke run"
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         method = getattr(workload, "oracle_requests", None)  # as oracle_bounds reads it
         stream = list(method(tpb) if callable(method) else oracle_requests(workload, tpb))
         max_blocks = max(cdiv(r.num_tokens, tpb) for r in stream) + 16
-        caps = capacities(stream, tpb, max_blocks, FRACTIONS)
+        caps = capacities(stream, tpb, max_blocks, fractions)
         bounds = oracle_bounds(workload, tpb, [g + h for g, h in caps])
         scale = 1.0
         for (gpu, host), bound in zip(caps, bounds, strict=True):
@@ -173,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_policy", "smoke": args.smoke, "machine": platform.node(),
         "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0],
         "inputs": {"workloads": names, "limit": limit, "tokens_per_block": tpb,
-                   "traces": str(TRACES), "fractions": list(FRACTIONS)},
+                   "traces": str(TRACES), "fractions": fractions},
         "peers": peers_reason or "vllm 0.33.0 (.venv-peers)",
         "unix_time": int(time.time()), "rows": rows,
     }, allow_nan=False))
