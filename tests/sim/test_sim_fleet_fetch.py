@@ -170,3 +170,19 @@ def test_break_even_is_kv_bytes_over_prefill_seconds() -> None:
     assert MODEL.break_even_bytes_per_s == 131072 / 40e-6
     free = TimeModel(get_profile("llama3-8b-h100", prefill_s_per_token=0.0))
     assert free.break_even_bytes_per_s == float("inf")
+
+
+def test_writes_reach_the_store_in_time_order() -> None:
+    """i0 decodes 2,000 tokens (about 10 s, writing a block every 32) while i1 prefills at
+    1 ms: i1's write comes first on the store's queue, so a store kept under 0.5 s behind
+    drops nothing (stepping i0 to the next arrival first once made i1's write look 10 s
+    late, and dropped it)."""
+    cache = CacheConfig(tokens_per_block=32, num_gpu_blocks=128, num_host_blocks=32)
+    workload = ListWorkload([TraceRequest("r0", 0.0, list(range(64)), 2000),
+                             TraceRequest("r1", 0.001, PREFIX + [1], 1),
+                             TraceRequest("r2", 20.0, [3] * 40, 1)])
+    report = simulate_fleet(workload, cache, 2, "round-robin", remote="write-through",
+                            remote_link=RemoteLink(bytes_per_s=25e9, max_backlog_s=0.5))
+    remote = remote_of(report)
+    assert remote["num_dropped_writes"] == 0
+    assert remote["num_written_blocks"] == 2 + 62 + 10 + 1

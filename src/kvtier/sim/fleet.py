@@ -3,8 +3,9 @@
 Each instance is a replay loop of its own (manager with events, scheduler, time model).
 Requests are taken in arrival order; for each one at time ``t``::
 
-    every instance: step while it has work and its clock is < t (a step may end past t);
-                    an idle instance's clock jumps to t
+    every instance: step while it has work and its clock is < t (a step may end past t),
+                    the instance with the earliest clock first; an idle instance's clock
+                    jumps to t
     every step's events are stamped with the step's end time and published to the bus
     once the fleet clock reaches that time: the router never sees the future
     router: apply the bus updates to its index, hash the prompt, ask the policy
@@ -168,35 +169,28 @@ class _Instance:
         # they are skipped when published, never applied twice.
         return manager_snapshot(self.loop.manager, self.instance_id, self.next_seq)
 
-    def advance_to(self, t: float) -> None:
+    def advance_once(self, t: float) -> bool:
+        """One step (or a jump to the next fetch landing) if the clock is before ``t`` and
+        there is work; else move the clock to ``t`` (an idle instance waits for the next
+        arrival) and return False. With ``t`` infinite, run to the end: False when done,
+        :class:`SimulationStalled` if nothing can ever run."""
         loop = self.loop
-        while True:
-            self._land_fetches()
-            if not (loop.scheduler.has_unfinished() and loop.now_s < t):
-                break
+        self._land_fetches()
+        if loop.scheduler.has_unfinished() and loop.now_s < t:
             if loop.step():
                 self._collect()
-                continue
+                return True
             # Nothing can be scheduled until a fetch lands or a request arrives.
             next_s = self.fetches[0][0] if self.fetches else None
-            if next_s is None or next_s >= t:
-                break
-            loop.now_s = next_s
-        loop.now_s = max(loop.now_s, t)
-        self._land_fetches()
-
-    def finish(self) -> None:
-        loop = self.loop
-        while True:
-            self._land_fetches()
-            if not loop.scheduler.has_unfinished():
-                break
-            if loop.step():
-                self._collect()
-            elif self.fetches:
-                loop.now_s = max(loop.now_s, self.fetches[0][0])
-            else:
+            if next_s is not None and next_s < t:
+                loop.now_s = next_s
+                return True
+            if t == float("inf"):
                 raise SimulationStalled(f"instance {self.instance_id}: {loop.stall_message()}")
+        if t < float("inf"):
+            loop.now_s = max(loop.now_s, t)
+            self._land_fetches()
+        return False
 
     def start_fetch(self, fetch: _Fetch, release_s: float) -> None:
         """Hold the fetch's request until its blocks land (or ``release_s``, if earlier)."""
@@ -329,8 +323,8 @@ def simulate_fleet(
     with fewer_gc_passes():
         for request in workload:
             t = request.arrival_s * time_scale
+            _advance(instances, t)
             for inst in instances:
-                inst.advance_to(t)
                 inst.publish_until(t, bus)
             router.index.apply_updates(subscriber.poll())
             loads = [InstanceLoad(inst.instance_id, inst.queue_depth(), sched.max_batch_size)
@@ -344,8 +338,7 @@ def simulate_fleet(
             chosen.loop.arrive(request)
             if shared is not None and request.request_id in chosen.loop.live:
                 _fetch_remote(chosen, request, t, shared, plan, remote_stats, fetch_s)
-        for inst in instances:
-            inst.finish()
+        _advance(instances, float("inf"))
     wall_s = time.perf_counter() - wall_start
 
     for inst in instances:
@@ -371,6 +364,17 @@ def simulate_fleet(
         "num_dropped_writes": shared.num_dropped_writes,
         "fetch_s": asdict(Summary.of(fetch_s)),
         **shared.store_errors()})
+
+
+def _advance(instances: list[_Instance], t: float) -> None:
+    """Run every instance up to ``t`` (to the end if infinite), always stepping the one
+    whose clock is earliest, so that the shared tier sees their writes in time order."""
+    heap = [(inst.loop.now_s, k) for k, inst in enumerate(instances)]
+    heapq.heapify(heap)
+    while heap:
+        k = heapq.heappop(heap)[1]
+        if instances[k].advance_once(t):
+            heapq.heappush(heap, (instances[k].loop.now_s, k))
 
 
 def _fetch_remote(inst: _Instance, request: TraceRequest, t: float, shared: _SharedTier,
