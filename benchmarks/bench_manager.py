@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier.config import EVICTION_POLICIES
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,8 +36,9 @@ SETTINGS = {
 
 
 def run_kvtier(prompts: Iterator[list[int]], num_gpu_blocks: int, tpb: int,
-               in_flight: int) -> dict[str, object]:
-    mgr = KVCacheManager(CacheConfig(tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks))
+               in_flight: int, policy: str) -> dict[str, object]:
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks,
+                                     eviction_policy=policy))
     live: deque[tuple[str, list[int]]] = deque()
     seconds = cpu = 0.0
     num_blocks = num_tokens = num_reused = 0
@@ -67,7 +69,8 @@ def run_kvtier(prompts: Iterator[list[int]], num_gpu_blocks: int, tpb: int,
     cpu += cpu_clock() - c0
     mgr.check_invariants()
     return {
-        "name": "kvtier", "version": "0.1.0", "num_requests": i + 1, "num_blocks": num_blocks,
+        "name": "kvtier", "eviction_policy": policy, "version": "0.1.0",
+        "num_requests": i + 1, "num_blocks": num_blocks,
         "num_prompt_tokens": num_tokens, "num_reused_tokens": num_reused,
         "hit_rate": num_reused / num_tokens, "seconds": seconds, "cpu_seconds": cpu,
         "us_per_block": seconds / num_blocks * 1e6,
@@ -80,18 +83,29 @@ def main() -> None:
     ap.add_argument("--peers", metavar="PYTHON", help="interpreter with vllm/sglang installed")
     ap.add_argument("--tokens-per-block", type=int, default=32)
     ap.add_argument("--in-flight", type=int, default=16)
+    ap.add_argument("--eviction-policy", default=CacheConfig().eviction_policy,
+                    help="kvtier's policies, comma-separated (the first is the peers' "
+                    "reference); default: the default policy")
     args = ap.parse_args()
+    policies = args.eviction_policy.split(",")
+    if unknown := [p for p in policies if p not in EVICTION_POLICIES]:
+        ap.error(f"--eviction-policy: unknown {unknown}; choose from {EVICTION_POLICIES}")
     if not TRACE.exists():
         sys.exit(f"trace not found: {TRACE} (set KVTIER_TRACES)")
     names = list(SETTINGS) if args.setting == "both" else [args.setting]
     rows = []
     for name in names:
         setting = SETTINGS[name]
-        prompts = mooncake_prompts(TRACE, setting["num_requests"])
-        ours = run_kvtier(prompts, int(setting["num_gpu_blocks"] or 0), args.tokens_per_block,
-                          args.in_flight)
-        ours["setting"] = name
-        rows.append(ours)
+        ours: dict[str, object] = {}
+        for policy in policies:
+            prompts = mooncake_prompts(TRACE, setting["num_requests"])
+            row = run_kvtier(prompts, int(setting["num_gpu_blocks"] or 0),
+                             args.tokens_per_block, args.in_flight, policy)
+            row["setting"] = name
+            ours = ours or row
+            if row is not ours:
+                row["ratio_vs_kvtier"] = float(row["us_per_block"]) / float(ours["us_per_block"])
+            rows.append(row)
         if args.peers:
             for peer in ("vllm", "sglang"):
                 r = run_isolated(peer, trace=TRACE, limit=setting["num_requests"],
@@ -109,12 +123,14 @@ def main() -> None:
           f"{args.tokens_per_block}-token blocks, {args.in_flight} in flight")
     print("features: kvtier reuse on, partial reuse on (copy), events off, xxh3 hashing lazy "
           "(unused), host tier off, token validation on")
-    print(f"{'setting':8} {'impl':8} {'requests':>9} {'blocks':>10} {'hit rate':>9} "
+    print(f"x kvtier: against the first kvtier row of the setting ({policies[0]})")
+    print(f"{'setting':8} {'impl':28} {'requests':>9} {'blocks':>10} {'hit rate':>9} "
           f"{'seconds':>8} {'us/block':>9} {'cpu us/block':>12} {'x kvtier':>9}")
     for r in rows:
         ratio = r.get("ratio_vs_kvtier", 1.0)
         cpu_us = float(r["cpu_seconds"]) / float(r["num_blocks"]) * 1e6
-        print(f"{r['setting']:8} {r['name']:8} {r['num_requests']:>9} {r['num_blocks']:>10} "
+        impl = f"{r['name']} {r.get('eviction_policy', '')}".strip()
+        print(f"{r['setting']:8} {impl:28} {r['num_requests']:>9} {r['num_blocks']:>10} "
               f"{r['hit_rate']:>9.4f} {r['seconds']:>8.2f} {r['us_per_block']:>9.3f} "
               f"{cpu_us:>12.3f} {ratio:>9.2f}")
     print(json.dumps({"benchmark": "bench_manager", "python": platform.python_version(),

@@ -243,11 +243,13 @@ def test_eviction_policy_is_reported(capsys: pytest.CaptureFixture[str], command
         ["kvtier-predict"] * len(reports))
 
 
-def test_replay_default_policy_is_priority_lru(capsys: pytest.CaptureFixture[str]) -> None:
-    """Without --eviction-policy the JSON line names the default policy, priority-lru."""
+def test_replay_default_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --eviction-policy the JSON line names the default policy,
+    kvtier-predict-cost."""
     code, out, _ = run_cli(capsys, "replay", "--limit", "5", "--no-progress", "--gpu-blocks",
                            "512")
-    assert code == 0 and last_json(out)["cache_config"]["eviction_policy"] == "priority-lru"
+    assert (code == 0
+            and last_json(out)["cache_config"]["eviction_policy"] == "kvtier-predict-cost")
 
 
 def test_sweep_one_run_per_policy_and_capacity(capsys: pytest.CaptureFixture[str]) -> None:

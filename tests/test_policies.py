@@ -63,7 +63,7 @@ def test_policy_names() -> None:
     """Every policy by name, each call a new object; an unknown name is refused."""
     assert list(POLICIES) == ["priority-lru", "lru", "arc", "s3fifo", "kvtier-predict",
                               "kvtier-predict-cost"]
-    assert CacheConfig().eviction_policy == "priority-lru"
+    assert CacheConfig().eviction_policy == "kvtier-predict-cost"
     assert isinstance(get_policy("kvtier-predict"), KvtierPredict)
     assert get_policy("arc") is not get_policy("arc")
     assert get_policy("kvtier-predict-cost").name == "kvtier-predict-cost"

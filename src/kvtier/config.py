@@ -40,6 +40,9 @@ class CacheConfig:
     ``num_gpu_blocks`` and ``num_host_blocks`` are slot counts of the two tiers; the host
     tier may be empty. A GPU block evicted while its priority is at least
     ``offload_min_priority`` is offloaded to the host tier; below it, it is dropped.
+    ``eviction_policy`` names one of ``EVICTION_POLICIES``; the default, kvtier's own
+    ``kvtier-predict-cost``, was picked by measurement (``docs/policy-lab.md``);
+    ``priority-lru`` is the peers' order.
     """
 
     tokens_per_block: int = 32
@@ -51,7 +54,7 @@ class CacheConfig:
     offload_min_priority: int = 30
     default_priority: int = DEFAULT_PRIORITY
     hash_algo: str = "xxh3_128"
-    eviction_policy: str = "priority-lru"
+    eviction_policy: str = "kvtier-predict-cost"
     enable_events: bool = False
     max_events: int = 1_000_000
 
