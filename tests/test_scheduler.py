@@ -383,6 +383,24 @@ def test_add_request_takes_a_request_only(junk: object) -> None:
     assert not s.has_unfinished()
 
 
+def test_stopped_requests_finish_with_their_token() -> None:
+    """A request named in ``stopped`` (an EOS, a stop string) finishes in that update with
+    the token kept, after its prefill or while decoding; the others go on; its blocks stay
+    cached."""
+    s = make_scheduler()
+    s.add_request(Request("a", [1, 2, 3, 4, 5], 10))
+    s.add_request(Request("b", [6, 7, 8, 9, 10], 10))
+    step = s.step()
+    done = s.update(step, {"a": 11, "b": 12}, stopped={"b"})
+    assert [r.request_id for r in done] == ["b"] and done[0].output == [12]
+    assert list(s.running) == ["a"] and s.manager.num_sequences == 1
+    step = s.step()
+    assert step.decode_request_ids == ("a",)
+    done = s.update(step, {"a": 13}, stopped={"a", "gone"})
+    assert [r.output for r in done] == [[11, 13]] and not s.has_unfinished()
+    assert s.manager.lookup([6, 7, 8, 9, 10, 0]).num_tokens == 4
+
+
 def test_update_with_a_missing_token_changes_nothing() -> None:
     """A sampled dict that lacks a sampling request is refused before anything is applied."""
     s = make_scheduler()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import ClassVar
 
 from kvtier.admission import PrefixMatch
@@ -334,11 +334,13 @@ class Scheduler:
         req.num_computed_tokens = num_reused
         return ContextChunk(req.request_id, num_reused, num_tokens, num_reused)
 
-    def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
+    def update(self, step: ScheduledStep, sampled: dict[str, int],
+               stopped: Collection[str] = ()) -> list[Request]:
         """Apply a finished forward pass: advance prefills, record sampled tokens (for every
         decode and every completed prefill), finish requests that reached their output
-        length. Returns the finished requests. Raises ValueError, changing nothing, if a
-        request that samples has no valid token in ``sampled``."""
+        length or whose sampled token ends them (``stopped``: an EOS or a stop string, the
+        token itself is kept). Returns the finished requests. Raises ValueError, changing
+        nothing, if a request that samples has no valid token in ``sampled``."""
         running = self.running
         samplers = [rid for rid in step.decode_request_ids if rid in running]
         for chunk in step.context_chunks:
@@ -355,7 +357,7 @@ class Scheduler:
             req.num_computed_tokens = chunk.first_token + chunk.num_tokens
             if not req.in_prefill:
                 req.output.append(sampled[req.request_id])
-                if len(req.output) >= req.max_output_tokens:
+                if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
                     finished.append(req)
         for rid in step.decode_request_ids:
             req = running.get(rid)
@@ -363,7 +365,7 @@ class Scheduler:
                 continue
             output = req.output
             output.append(sampled[rid])
-            if len(output) >= req.max_output_tokens:
+            if len(output) >= req.max_output_tokens or rid in stopped:
                 finished.append(req)
         for req in finished:
             self.manager.remove_sequence(req.request_id)

@@ -178,8 +178,7 @@ class ModelEngine:
         sampled = self._sample(last_logits)
         for rid in step.preempted_request_ids:
             self.results[rid].num_preemptions += 1
-        self._stop_early(sampled)
-        finished = self.scheduler.update(step, sampled)
+        finished = self.scheduler.update(step, sampled, self._stopped(sampled))
         now = time.perf_counter()
         for rid in sampled:
             result = self.results[rid]
@@ -207,9 +206,10 @@ class ModelEngine:
         return {rid: argmax[rid] if rid in argmax else self._samplers[rid].sample(logits)
                 for rid, logits in last_logits.items()}
 
-    def _stop_early(self, sampled: dict[str, int]) -> None:
-        """Finish the requests whose new token is a stop token or completes a stop."""
+    def _stopped(self, sampled: dict[str, int]) -> set[str]:
+        """The requests whose new token is a stop token or completes a stop string."""
         running = self.scheduler.running
+        stopped = set()
         for rid, token in sampled.items():
             sampler, stop = self._samplers.get(rid), self._stops.get(rid)
             reason: StopReason | None = None
@@ -219,12 +219,8 @@ class ModelEngine:
                 reason = "stop"
             if reason is not None:
                 self.results[rid].stop_reason = reason
-                # NOTE: the scheduler finishes a request when its output reaches
-                # max_output_tokens; lowering that to the length after this token ends it in
-                # this update (its reservation is freed with it). A Scheduler.finish() would
-                # say this directly.
-                req = running[rid]
-                req.max_output_tokens = len(req.output) + 1
+                stopped.add(rid)
+        return stopped
 
     def _note_promises(self) -> None:
         """Look up each waiting request not yet admitted: admission reuses exactly that."""
