@@ -287,6 +287,25 @@ def test_ghosts_see_reuse_after_eviction() -> None:
     assert [e[2] for e in policy.ghosts.entries.values()] == [4]  # x's run, evicted by b
 
 
+def test_a_rejected_request_teaches_the_learner_nothing() -> None:
+    """Claims rolled back (the request did not fit) record no reuse, count no access and
+    recall no ghost: the learner hears of a claim only once admission holds."""
+    policy = KvtierPredict()
+    clock = [0.0]
+    mgr = make_manager(policy, num_gpu_blocks=4, clock=clock)
+    admit_and_release(mgr, "a", [1] * 8 + [0])          # run [1][1], released at 0 s
+    assert mgr.add_sequence(SequenceSpec("hog", [2] * 4)).admitted
+    clock[0] = 5.0
+    (run,) = [n for n in mgr._cache.nodes() if n.tokens[0] == 1]
+    state = (run.reuse_class, run.num_accesses, policy.learner.num_records)
+    assert not mgr.add_sequence(SequenceSpec("big", [1] * 8 + [3] * 8)).admitted
+    assert (run.reuse_class, run.num_accesses, policy.learner.num_records) == state
+    assert mgr.add_sequence(SequenceSpec("fits", [1] * 8 + [3])).admitted
+    assert (run.reuse_class, run.num_accesses) == (None, 2)
+    assert policy.learner.events[1][age_bin(5.0)] == 2.0
+    mgr.check_invariants()
+
+
 # ---- ARC and S3-FIFO over runs -------------------------------------------------------------
 
 

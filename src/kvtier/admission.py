@@ -226,7 +226,6 @@ class BatchAdmission:
         seq.num_hit_blocks = seq.num_path_blocks
         seq.num_prompt_blocks = len(seq.tokens) // self._tpb
         seq.turn = cache.turn(last, seq.num_hit_blocks)
-        cache.recall_miss(seq)
 
     def _release_claims(self, p: Pending) -> None:
         cache = self._cache
@@ -238,6 +237,7 @@ class BatchAdmission:
     def _admit(self, p: Pending, ops: PlanRecorder) -> Admission:
         cache = self._cache
         seq = p.seq
+        cache.note_reuse(seq)
         tpb = self._tpb
         # Onboard the claimed host runs (the deepest part of the path), top down.
         host_nodes = [n for n in path_to_root(seq.last_node) if n.tier is Tier.HOST]

@@ -119,19 +119,29 @@ class BlockCache:
     # ---- references --------------------------------------------------------------------------
 
     def ref_path(self, node: Node) -> None:
-        """Add one reference to ``node`` and every ancestor (a claim). A run claimed while
-        its release is open ends that release as a reuse, for the policy's learner."""
-        learner = self._learner
+        """Add one reference to ``node`` and every ancestor (a claim). What the claim means
+        for the eviction policy is told only once it holds (``note_reuse``): a claim rolled
+        back leaves no trace."""
         while node.parent is not None:
             if node.ref_count == 0:
                 self.pool(node.tier).num_referenced += len(node.slots)
-                if learner is not None and node.reuse_class is not None:
-                    learner.record(node.reuse_class, self.evictor.now() - node.last_used_s,
-                                   len(node.slots), True)
-                    node.reuse_class = None
             node.ref_count += 1
-            node.num_accesses += 1
             node = node.parent
+
+    def note_reuse(self, seq: LiveSequence) -> None:
+        """``seq`` was admitted on its claimed path: count an access of every run on it,
+        end each run's open release as a reuse (for the policy's learner), and tell the
+        learner where the reused prefix ends (``recall_miss``)."""
+        learner = self._learner
+        now = self.evictor.now()
+        node = seq.last_node
+        while node.parent is not None:
+            node.num_accesses += 1
+            if learner is not None and node.reuse_class is not None:
+                learner.record(node.reuse_class, now - node.last_used_s, len(node.slots), True)
+                node.reuse_class = None
+            node = node.parent
+        self.recall_miss(seq)
 
     def unref_path(self, node: Node, release: LiveSequence | None = None) -> None:
         """Drop one reference from ``node`` and its ancestors, deepest first.
@@ -256,15 +266,21 @@ class BlockCache:
         free for its offload now."""
         host = self.host
         num_blocks = victim.num_blocks
-        self.free_host(num_blocks, self.evictor.rank(victim))
-        # Below a GPU frontier run all is host and unreferenced: take its deepest blocks.
-        for node in reversed(subtree(victim)[1:]):
-            short = num_blocks - host.num_free
-            if short <= 0:
-                break
-            if node.parent is None or node.children:
+        if self.free_host(num_blocks, self.evictor.rank(victim)) >= num_blocks:
+            return num_blocks
+        # Below a GPU frontier run all is host and unreferenced: take its extensions, tails
+        # first (children before their parent, the last child first), walking only as far
+        # as the room needed.
+        stack = [(victim, list(victim.children.values()))]
+        while stack and host.num_free < num_blocks:
+            node, pending = stack[-1]
+            if pending:
+                child = pending.pop()
+                stack.append((child, list(child.children.values())))
                 continue
-            self.drop_from(node, max(0, node.num_blocks - short))
+            stack.pop()
+            if node is not victim and node.parent is not None and not node.children:
+                self.drop_from(node, max(0, node.num_blocks - (num_blocks - host.num_free)))
         return min(num_blocks, host.num_free)
 
     def free_host(self, num_blocks: int, below: Key | None) -> int:

@@ -143,6 +143,13 @@ class Evictor:
         """How ``node`` compares with any other candidate now. Pure."""
         return self.policy.rank(node, self._clock(), self._default_priority)
 
+    def _rank_run(self, node: Node) -> Key:
+        """``rank`` of the run ``node`` is in all but name: a candidate is first rejoined
+        with parents a rolled-back claim split off (as ``take_victim`` does with the one it
+        takes), so a split leaves no trace in the order (a rank may read the run's depth)."""
+        _merge_up(node)
+        return self.rank(node)
+
     def gpu_candidate_key(self, node: Node) -> Key | None:
         """``node``'s key if it is a GPU eviction candidate now, else None. Pure."""
         if (node.parent is None or node.tier is not Tier.GPU or node.ref_count
@@ -235,7 +242,7 @@ class Evictor:
         candidate, or (with ``below``) when the best one's key is not below it."""
         pool, current_key = ((self._gpu, self.gpu_candidate_key) if tier is Tier.GPU
                              else (self._host, self.host_candidate_key))
-        node = pool.pop_candidate(current_key, self.rank)
+        node = pool.pop_candidate(current_key, self._rank_run)
         if node is None:
             return None
         _merge_up(node)
