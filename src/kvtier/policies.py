@@ -262,7 +262,7 @@ class HitDensity:
     the order is LRU's.
     """
 
-    def __init__(self, num_classes: int, refresh_every: int = 64, prior_blocks: float = 8.0,
+    def __init__(self, num_classes: int, refresh_every: int = 256, prior_blocks: float = 8.0,
                  decay_blocks: float = float(1 << 22)) -> None:
         self.num_classes = num_classes
         self.refresh_every = refresh_every
