@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,23 @@ def redis_tier(url: str, **options: Any) -> dict[str, Any]:
             "tenant": f"test-{uuid.uuid4().hex}", **options}
 
 
+_ENGINES: list[Engine] = []
+
+
+@pytest.fixture(autouse=True)
+def shut_engines_down() -> Iterator[None]:
+    """Every engine a test made is shut down, also when the test fails (an engine left
+    running keeps its CPU tier's file in /dev/shm)."""
+    yield
+    while _ENGINES:
+        _ENGINES.pop().shutdown()
+
+
 def make_engine(tier: dict[str, Any], policy: str = "kvtier-predict") -> Engine:
-    return Engine(make_scheduler(kv_transfer_config(16, eviction_policy=policy, tiers=[tier])))
+    engine = Engine(make_scheduler(kv_transfer_config(16, eviction_policy=policy,
+                                                      tiers=[tier])))
+    _ENGINES.append(engine)
+    return engine
 
 
 def the_tier(engine: Engine) -> KvtierRedisTier:
@@ -51,9 +67,9 @@ def pages_of(engine: Engine, keys: list[Any]) -> list[bytes]:
     ctx = ReqContext(req_id=f"inspect-{uuid.uuid4().hex}")
     manager.on_new_request(ctx)
     spec = manager.prepare_load(keys, ctx)
-    view = the_tier(engine)._primary_kv_view.cast("B")
     size = the_tier(engine).block_size_bytes
-    out = [bytes(view[c * size:(c + 1) * size]) for c in spec.chunk_ids]
+    with the_tier(engine)._primary_kv_view.cast("B") as view:
+        out = [bytes(view[c * size:(c + 1) * size]) for c in spec.chunk_ids]
     manager.complete_load(keys, ctx)
     manager.on_request_finished(ctx)
     return out
@@ -62,8 +78,8 @@ def pages_of(engine: Engine, keys: list[Any]) -> list[bytes]:
 def store_prompt(tier: dict[str, Any]) -> tuple[Engine, list[bytes]]:
     """Engine 1 computes PROMPT (its CPU pages hold known bytes) and cascades it to Redis."""
     first = make_engine(tier)
-    view = the_tier(first)._primary_kv_view.cast("B")
-    view[:] = os.urandom(len(view))  # what the GPU workers would have copied in
+    with the_tier(first)._primary_kv_view.cast("B") as view:
+        view[:] = os.urandom(len(view))  # what the GPU workers would have copied in
     request = make_request("A", PROMPT)
     first.scheduler.add_request(request)
     first.run()
@@ -85,7 +101,7 @@ def test_prompt_stored_by_one_engine_is_loaded_by_another(redis_servers: RedisSe
     # NOTE: a generous lookup wait: on a loaded CI machine a probe may take longer than the
     # default, and giving up (computing instead) is right for a server, wrong for this test.
     tier = redis_tier(url, cluster=topology == "cluster", max_lookup_wait_s=5.0)
-    first, stored_pages = store_prompt(tier)
+    _, stored_pages = store_prompt(tier)
     second = make_engine(tier)
     request = make_request("B", PROMPT + list(range(5000, 5000 + BLOCK_SIZE)))
     second.scheduler.add_request(request)
@@ -96,8 +112,6 @@ def test_prompt_stored_by_one_engine_is_loaded_by_another(redis_servers: RedisSe
     assert (stats.num_load_jobs, stats.num_loaded_pages, stats.num_failed_load_jobs) == (1, 4, 0)
     assert stats.num_retries >= 4 and stats.num_probe_batches >= 1
     assert pages_of(second, offload_keys(request)[:4]) == stored_pages
-    first.shutdown()
-    second.shutdown()
 
 
 def test_redis_down_degrades_to_recompute(redis_servers: RedisServers, tmp_path: Path) -> None:
@@ -105,7 +119,7 @@ def test_redis_down_degrades_to_recompute(redis_servers: RedisServers, tmp_path:
     computes its whole prompt, and nothing raises into the step."""
     server = PrivateRedis(tmp_path / "redis")
     tier = redis_tier(server.url, timeout_s=0.05, max_retries=0)
-    first, _ = store_prompt(tier)
+    store_prompt(tier)
     server.kill()
     second = make_engine(tier)
     second.scheduler.add_request(make_request("B", PROMPT + list(range(5000, 5016))))
@@ -113,8 +127,6 @@ def test_redis_down_degrades_to_recompute(redis_servers: RedisServers, tmp_path:
     assert scheduled_tokens(second, "B") == [80]
     stats = the_tier(second).stats
     assert stats.num_loaded_pages == 0 and stats.num_failed_store_jobs == 1
-    first.shutdown()
-    second.shutdown()
 
 
 def test_stalled_redis_never_blocks_a_step(redis_servers: RedisServers, tmp_path: Path) -> None:
@@ -122,7 +134,7 @@ def test_stalled_redis_never_blocks_a_step(redis_servers: RedisServers, tmp_path
     gives up after max_lookup_wait_s and the request computes instead of waiting."""
     server = PrivateRedis(tmp_path / "redis")
     tier = redis_tier(server.url, timeout_s=1.0, max_retries=0, max_lookup_wait_s=0.02)
-    first, _ = store_prompt(tier)
+    store_prompt(tier)
     assert server.proc is not None
     os.kill(server.proc.pid, signal.SIGSTOP)
     try:
@@ -143,8 +155,6 @@ def test_stalled_redis_never_blocks_a_step(redis_servers: RedisServers, tmp_path
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
     second.run()  # the frozen jobs end (as failures or late successes); the engine drains
-    first.shutdown()
-    second.shutdown()
     server.kill()
 
 
@@ -170,5 +180,3 @@ def test_corrupt_value_is_recomputed(redis_servers: RedisServers) -> None:
     assert the_tier(second).stats.num_failed_load_jobs == 1
     assert client.get(key) != bytes(value)  # engine 2's store rewrote the bad value
     client.close()
-    first.shutdown()
-    second.shutdown()

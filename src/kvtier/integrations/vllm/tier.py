@@ -101,8 +101,10 @@ class KvtierRedisTier(SecondaryTierManager):  # type: ignore[misc]
                              "bytes or parallel layout differ)")
         self.store: RemoteStore = store
         self._owns_store = url is not None
-        view = primary_kv_view.cast("B") if primary_kv_view.format != "B" or \
-            primary_kv_view.ndim != 1 else primary_kv_view
+        # NOTE: a view of our own, released at shutdown: vLLM unlinks the CPU tier's shared
+        # file only when no exported view of it is left.
+        view = primary_kv_view.cast("B")
+        self._view = view
         self.tier = StoreTier(store, view, page_bytes, max_lookup_wait_s=max_lookup_wait_s,
                               max_queued_jobs=max_queued_jobs)
         logger.info("kvtier tier %s: %s, namespace %s, %d-byte pages", tier_type,
@@ -154,3 +156,4 @@ class KvtierRedisTier(SecondaryTierManager):  # type: ignore[misc]
         self.tier.close()
         if self._owns_store:
             self.store.close()
+        self._view.release()
