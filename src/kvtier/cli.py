@@ -35,7 +35,7 @@ from kvtier.cli_options import (
     oracle_option,
 )
 from kvtier.cli_profile import make_profile
-from kvtier.cli_remote import connect_redis
+from kvtier.cli_remote import connect_redis, remote_fetch, remote_fetch_options
 from kvtier.cli_workload import check_outputs, num_requests, open_workload
 from kvtier.config import CacheConfig
 from kvtier.router import POLICIES as ROUTER_POLICIES
@@ -106,13 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the cached share of the prompt (default: %(default)s)")
     replay.add_argument("--remote", choices=("write-back", "write-through"),
                         help="with --instances: a shared remote tier (content-addressed, "
-                        "unbounded, fetches not timed) that blocks leaving an instance "
+                        "unbounded, every fetch charged: --remote-latency-ms, "
+                        "--remote-bandwidth-gb-s) that blocks leaving an instance "
                         "(write-back) or every stored block (write-through) go to, and "
                         "arriving requests import their prefix from")
     replay.add_argument("--remote-url", metavar="URL",
                         help="with --remote: keep the shared tier's blocks in this Redis "
                         "(redis://[user:password@]host:port/db, rediss:// for TLS; extra "
                         "'redis') instead of in memory, so its latency and faults are real")
+    remote_fetch_options(replay)
     replay.set_defaults(run=_run_replay)
 
     compare = commands.add_parser("compare", parents=[common], formatter_class=raw,
@@ -201,6 +203,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         return _run_fleet(args)
     if args.remote is not None or args.remote_url is not None:
         raise CLIError("--remote needs --instances > 1 (a remote tier shared by a fleet)")
+    remote_fetch(args)  # refuses fetch costs given without --remote
     cache = make_cache(args, *_replay_sizes(args))
     sched = make_sched(args, args.admission)
     profile = make_profile(args.profile, args.set_profile)
@@ -231,6 +234,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
     if args.remote is not None and host_blocks == 0:
         raise CLIError("--remote needs --host-blocks > 0: blocks found in the shared tier "
                        "are imported into each instance's host tier")
+    fetch = remote_fetch(args)
     cache = make_cache(args, gpu_blocks, host_blocks, args.instances)
     sched = make_sched(args, args.admission)
     profile = make_profile(args.profile, args.set_profile)
@@ -246,7 +250,8 @@ def _run_fleet(args: argparse.Namespace) -> int:
         with _progress_bar(num_requests(workload), not args.no_progress) as progress:
             report = simulate_fleet(workload, cache, args.instances, policy, sched, profile,
                                     args.time_scale, progress, remote=args.remote,
-                                    remote_store=remote_store)
+                                    remote_store=remote_store, remote_link=fetch.link,
+                                    fetch=fetch.fetch, fetch_deadline_s=fetch.deadline_s)
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None
     except (ValueError, SimulationStalled) as exc:
