@@ -14,9 +14,7 @@ anything a policy learns.
     kvtier-predict       priority, soft queue claims, then hit density learned online per
                          class of run (session turn x role); see ``KvtierPredict``
     kvtier-predict-cost  the same, value weighed by recompute cost growing with depth
-                         (the default: best or tied with the best kvtier policy, and
-                         at or above vLLM's best, on every workload measured; see
-                         docs/policy-lab.md)
+                         (the default, by measurement: docs/policy-lab.md)
 
 ARC and S3-FIFO are the known baselines, adapted to runs (a run of blocks is one entry,
 its size counts in blocks) and to kvtier's two tiers (one count over both: a run offloaded
