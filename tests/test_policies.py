@@ -114,15 +114,12 @@ def test_key_names_the_queue_and_rank_orders_by_value() -> None:
 
 
 def test_cost_aware_value_grows_with_depth() -> None:
-    """kvtier-predict-cost weighs value by 1 + depth tokens / 16384, once it has learned
-    (before its first refresh every value is equal and the order stays LRU's)."""
+    """kvtier-predict-cost weighs value by 1 + depth tokens / 16384."""
     policy = KvtierPredict(cost_aware=True)
     policy.bind(CacheConfig(tokens_per_block=512, num_gpu_blocks=8))
     policy.learner.value[1] = [0.25] * NUM_AGE_BINS
     deep = make_node(reuse_class=1)
     deep.start_block = 64  # 32,768 tokens deep: three times the cost of the first block
-    assert policy.rank(deep, 0.0, 35)[2] == 0.25  # nothing learned yet: no weight, LRU order
-    policy.learner.num_records = policy.learner.refresh_every
     assert policy.rank(deep, 0.0, 35)[2] == pytest.approx(0.75)
     assert policy.rank(make_node(reuse_class=1), 0.0, 35)[2] == pytest.approx(0.25)
 

@@ -387,9 +387,7 @@ class KvtierPredict:
     def rank(self, node: Node, now: float, default_priority: int) -> Key:
         cls = node.reuse_class if node.reuse_class is not None else 1
         value = self.learner.value[cls][age_bin(now - node.last_used_s)]
-        # NOTE: not before the first refresh: with every value equal, the weight alone would
-        # order runs shallow first, evicting shared prefixes before anything was learned.
-        if self.cost_aware and self.learner.num_records >= self.learner.refresh_every:
+        if self.cost_aware:
             value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
         return (effective_priority(node, now, default_priority), int(node.soft_claimed),
                 value, node.last_used)
