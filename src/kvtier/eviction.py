@@ -1,10 +1,12 @@
 """Eviction: which cached runs may leave a tier, in which order, and when retentions end.
 
-A policy is a key function: of a tier's candidates, the smallest key goes first. The
-:class:`Evictor` files every run that may be evicted now in its tier pool's candidate heap,
-keeps the heap of retention expiries, and hands out the next victim, rejoined with the
-runs a claim split off it and trimmed to size. ``BlockCache`` then moves it (offload or
-drop). Candidates, so that a prefix never leaves a tier before its own extensions::
+A policy is a key function: of a tier's candidates, the smallest key goes first (a policy
+whose order moves with age files runs in per-class queues and ranks the queues' heads at
+each pop, see ``EvictionPolicy``). The :class:`Evictor` files every run that may be evicted
+now in its tier pool's candidate heap, keeps the heap of retention expiries, and hands out
+the next victim, rejoined with the runs a claim split off it and trimmed to size.
+``BlockCache`` then moves it (offload or drop). Candidates, so that a prefix never leaves a
+tier before its own extensions::
 
     GPU   an unreferenced GPU run with no GPU child   (host children may hang below it)
     host  an unreferenced host run with no child
@@ -16,8 +18,9 @@ Every key starts with the run's effective priority (TensorRT-LLM's semantics: lo
 first; a retention that ran out falls back to the default), so whatever a policy learns only
 orders runs of one priority. What a policy may know of a run is on its ``Node``, kept by the
 cache: ``last_used`` (release tick), ``last_used_s`` and ``created_s`` (the cache's clock),
-``num_accesses`` (claims), ``start_block`` (depth), ``root`` (key space), ``reuse_class``
-(how its last release was filed) and ``soft_claimed`` (a waiting request will reuse it).
+``num_accesses`` (admitted claims), ``start_block`` (depth), ``root`` (key space),
+``reuse_class`` (how its last release was filed), ``soft_claimed`` (a waiting request will
+reuse it), and ``turn`` / ``prompt_end_block`` (the session of the request that stored it).
 """
 
 from __future__ import annotations
