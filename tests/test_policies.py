@@ -327,6 +327,22 @@ def test_arc_evicts_once_used_runs_first_until_ghosts_move_the_target() -> None:
     assert policy.target > 0.0
 
 
+def test_arc_target_moves_by_the_ghosts_it_still_holds() -> None:
+    """ARC's step is scaled by the ghosts' blocks per list, counting only ghosts still held:
+    those trimmed past the bound no longer weigh (they used to be counted forever)."""
+    policy = ARC()
+    policy.ghosts.max_blocks = 4
+    policy.cached = [10, 10]
+    for i in range(6):                                  # B1: six 1-block ghosts, oldest first
+        policy.forget(("t1", i), 100 + i, 0, 0.0, 1, 1.0)
+    policy.forget(("t2", 0), 200, 1, 0.0, 2, 1.0)       # B2: one 2-block ghost
+    assert policy.ghosts.class_blocks == {0: 2, 1: 2}   # four of B1 trimmed
+    assert policy.recall(("t1", 5), 2.0) == (105, 1)    # B1 hit: 1 x max(1, 2 / 1)
+    assert policy.target == 2.0
+    assert policy.recall(("t2", 0), 3.0) == (200, 2)    # B2 hit: 2 x max(1, 1 / 1)
+    assert policy.target == 0.0 and policy.ghosts.class_blocks == {0: 1, 1: 0}
+
+
 def test_s3fifo_small_queue_first_and_ghosts_go_to_main() -> None:
     """New runs sit in the small FIFO and go first (while it holds a tenth of the cache);
     a run stored again where its ghost sits goes to main."""

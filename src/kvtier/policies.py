@@ -67,26 +67,32 @@ class Ghosts:
     """Runs dropped lately, by their place in the tree, bounded in blocks: what lets a
     policy see that a request came back for a run it evicted. An entry maps
     ``hash(ghost_key)`` to ``(reuse class, release time, blocks, the run's uid)``; the uid
-    names the place of the run's own extensions, dropped with it or before it."""
+    names the place of the run's own extensions, dropped with it or before it. The blocks
+    held are counted in all and per reuse class (``class_blocks``), kept on every change."""
 
     def __init__(self, max_blocks: int = 1 << 20, max_entries: int = 1 << 18) -> None:
         self.max_blocks = max_blocks
         self.max_entries = max_entries
         self.num_blocks = 0
+        self.class_blocks: dict[int, int] = {}
         self.entries: OrderedDict[int, tuple[int, float, int, int]] = OrderedDict()
+
+    def _count(self, entry: tuple[int, float, int, int], sign: int) -> None:
+        self.num_blocks += sign * entry[2]
+        self.class_blocks[entry[0]] = self.class_blocks.get(entry[0], 0) + sign * entry[2]
 
     def add(self, ghost_key: object, entry: tuple[int, float, int, int]) -> None:
         h = hash(ghost_key)
         old = self.entries.pop(h, None)
         if old is not None:
-            self.num_blocks -= old[2]
+            self._count(old, -1)
         self.entries[h] = entry
-        self.num_blocks += entry[2]
+        self._count(entry, 1)
 
     def pop(self, ghost_key: object) -> tuple[int, float, int, int] | None:
         entry = self.entries.pop(hash(ghost_key), None)
         if entry is not None:
-            self.num_blocks -= entry[2]
+            self._count(entry, -1)
         return entry
 
     def trim(self) -> list[tuple[int, float, int, int]]:
@@ -96,7 +102,7 @@ class Ghosts:
         while entries and (self.num_blocks > self.max_blocks
                            or len(entries) > self.max_entries):
             entry = entries.popitem(last=False)[1]
-            self.num_blocks -= entry[2]
+            self._count(entry, -1)
             out.append(entry)
         return out
 
@@ -143,7 +149,6 @@ class ARC(_ClassCounts):
     def __init__(self) -> None:
         super().__init__()
         self.target = 0.0
-        self.ghost_blocks = [0, 0]
 
     def reuse_class(self, node: Node, turn: int, role: int) -> int:
         return self._file(int(node.num_accesses > 1), node.num_blocks)
@@ -158,20 +163,13 @@ class ARC(_ClassCounts):
         return (effective_priority(node, now, default_priority),
                 int(cls != (0 if from_t1 else 1)), node.last_used)
 
-    def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
-               num_blocks: int, now: float) -> None:
-        self.ghost_blocks[reuse_class] += num_blocks
-        super().forget(ghost_key, node_uid, reuse_class, released_s, num_blocks, now)
-        for cls, _, n, _ in self.ghosts.trim():
-            self.ghost_blocks[cls] -= n
-
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         entry = self.ghosts.pop(ghost_key)
         if entry is None:
             return None
         cls, _, n, uid = entry
-        self.ghost_blocks[cls] -= n
-        b1, b2 = max(1, self.ghost_blocks[0]), max(1, self.ghost_blocks[1])
+        ghost_blocks = self.ghosts.class_blocks
+        b1, b2 = max(1, ghost_blocks.get(0, 0)), max(1, ghost_blocks.get(1, 0))
         total = sum(self.cached) + n
         if cls == 0:
             self.target = min(float(total), self.target + n * max(1.0, b2 / b1))
