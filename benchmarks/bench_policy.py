@@ -46,7 +46,6 @@ from kvtier.sim import (
     SimReport,
     SyntheticChat,
     Workload,
-    lru_hit_tokens,
     oracle_bounds,
     oracle_requests,
     simulate,
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 "workload": name, "num_requests": len(stream), "gpu_blocks": gpu,
                 "host_blocks": host, "time_scale": round(scale, 3), "belady": belady,
                 "unlimited": bound.unlimited_hit_rate,
-                "block_lru": lru_hit_tokens(stream, gpu + host, tpb).hit_rate,
+                "block_lru": bound.lru_hit_rate,  # oracle.lru_hit_tokens, in oracle_bounds
             }
             for p, report in reports.items():
                 row[p] = report.token_hit_rate
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 for peer in ("lru", "arc"):
                     hit = run_peer(stream, tpb, gpu + host, peer)
                     row[f"vllm-{peer}"] = hit
-                    row[f"vllm-{peer} gap"] = gap(hit, float(str(row["block_lru"])), belady)
+                    row[f"vllm-{peer} gap"] = gap(hit, bound.lru_hit_rate, belady)
             rows.append(row)
     print_table(rows, policies, peers_reason)
     print(json.dumps({
