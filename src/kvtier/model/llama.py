@@ -98,6 +98,9 @@ class LlamaModel:
         self.config = config
         self.device = torch.device(device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
+        # The heads this model computes: all of them (a tensor-parallel shard holds its part).
+        self.num_local_heads = config.num_heads
+        self.num_local_kv_heads = config.num_kv_heads
         inv_freq = rope_inv_freq(config)
         if weights is not None:
             self._take(weights)
@@ -206,17 +209,24 @@ class LlamaModel:
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
         lin = _linear
+        heads, kv_heads, out = self.num_local_heads, self.num_local_kv_heads, self._row_split
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w.attn_norm)
-            q = self._rope(lin(h, w.wq, w.bq).view(n, c.num_heads, c.head_dim), cos, sin)
-            k = self._rope(lin(h, w.wk, w.bk).view(n, c.num_kv_heads, c.head_dim), cos, sin)
-            v = lin(h, w.wv, w.bv).view(n, c.num_kv_heads, c.head_dim)
+            q = self._rope(lin(h, w.wq, w.bq).view(n, heads, c.head_dim), cos, sin)
+            k = self._rope(lin(h, w.wk, w.bk).view(n, kv_heads, c.head_dim), cos, sin)
+            v = lin(h, w.wv, w.bv).view(n, kv_heads, c.head_dim)
             keys, values = kv_of(i, k, v)
-            x = x + lin(self._attend(q, keys, values), w.wo, w.bo)
+            x = x + out(self._attend(q, keys, values), w.wo, w.bo)
             h = self._rms_norm(x, w.mlp_norm)
-            x = x + lin(F.silu(lin(h, w.w_gate, w.b_gate)) * lin(h, w.w_up, w.b_up),
+            x = x + out(F.silu(lin(h, w.w_gate, w.b_gate)) * lin(h, w.w_up, w.b_up),
                         w.w_down, w.b_down)
         return (self._rms_norm(x, self.final_norm) @ self.lm_head).float()
+
+    def _row_split(self, x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+        """The output projections (attention's ``wo``, the MLP's ``w_down``): the ones a
+        tensor-parallel shard splits by rows, so its partial results are summed over ranks."""
+        return _linear(x, weight, bias)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

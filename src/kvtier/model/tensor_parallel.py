@@ -23,13 +23,11 @@ compute with the same numbers and differ only in summation order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from kvtier.model.llama import KVFn, LlamaModel
+from kvtier.model.llama import LlamaModel
 from kvtier.storage import KVLayout
 
 
@@ -113,32 +111,10 @@ class TensorParallelLlama(LlamaModel):
             dist.all_reduce(partial, group=self.group)
         return partial
 
-    def _forward(self, tokens: Sequence[int], positions: torch.Tensor,
-                 kv_of: KVFn) -> torch.Tensor:
-        # LlamaModel._forward with this rank's heads and columns, and an all-reduce after
-        # each row-split projection.
-        c = self.config
-        n = len(tokens)
-        x = self.embed[torch.tensor(list(tokens), dtype=torch.long, device=self.device)]
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos, sin = angles.cos(), angles.sin()
-        for i, w in enumerate(self.layers):
-            h = self._rms_norm(x, w.attn_norm)
-            q = _linear(h, w.wq, w.bq).view(n, self.num_local_heads, c.head_dim)
-            k = _linear(h, w.wk, w.bk).view(n, self.num_local_kv_heads, c.head_dim)
-            v = _linear(h, w.wv, w.bv).view(n, self.num_local_kv_heads, c.head_dim)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            keys, values = kv_of(i, k, v)
-            # A row-split projection's bias is added once, to the sum.
-            x = x + _add(self._all_reduce(self._attend(q, keys, values) @ w.wo), w.bo)
-            h = self._rms_norm(x, w.mlp_norm)
-            mlp = F.silu(_linear(h, w.w_gate, w.b_gate)) * _linear(h, w.w_up, w.b_up)
-            x = x + _add(self._all_reduce(mlp @ w.w_down), w.b_down)
-        return (self._rms_norm(x, self.final_norm) @ self.lm_head).float()
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+    def _row_split(self, x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+        # This rank's rows give a partial product: summed over ranks, then the bias once.
+        return _add(self._all_reduce(x @ weight), bias)
 
 
 def _add(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
