@@ -9,6 +9,9 @@ One spawn runs the whole scenario (processes are slow to start)::
     rank 0    leader: scheduler + manager + ModelEngine; its shard's copies and forward
     rank 1    worker: follows the leader's plans and forward passes on its shard
     runs      "clean", then "fault" (rank 1's first onboard batches fail, rank 0's succeed)
+    remote    engines A (write-through) and A2 (write-back) fill each rank's store with its
+              shards; rank 1 loses one shard; engine B (fresh manager) fetches the rest.
+              The parent runs the same with one device and one store (losing that block)
 """
 
 from __future__ import annotations
@@ -25,10 +28,17 @@ torch = pytest.importorskip("torch", reason="the tensor-parallel tests need torc
 import torch.distributed as dist  # noqa: E402
 
 from kvtier import CacheConfig, KVCacheManager  # noqa: E402
+from kvtier.hashing import get_hash_fn, prompt_block_hashes  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine, RequestResult  # noqa: E402
 from kvtier.model.tensor_parallel import TensorParallelLlama  # noqa: E402
-from kvtier.model.tp_engine import CommandChannel, TensorParallelLeader, serve  # noqa: E402
-from kvtier.remote.codec import num_found_on_all_ranks  # noqa: E402
+from kvtier.model.tp_engine import (  # noqa: E402
+    CommandChannel,
+    DistributedRanks,
+    TensorParallelLeader,
+    serve,
+)
+from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
+from kvtier.remote.tier import RemoteShard, RemoteTier, WritePolicy  # noqa: E402
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
@@ -68,12 +78,13 @@ def make_manager_and_scheduler() -> tuple[KVCacheManager, Scheduler]:
     return manager, Scheduler(manager, SchedulerConfig(max_num_tokens=48, max_batch_size=8))
 
 
-def make_storages(model: LlamaModel, device: Any) -> tuple[KVStorage, KVStorage]:
+def make_storages(model: LlamaModel, device: Any, num_gpu_blocks: int = NUM_GPU_BLOCKS,
+                  num_host_blocks: int = NUM_HOST_BLOCKS) -> tuple[KVStorage, KVStorage]:
     """GPU and host storages of ``model``'s (shard's) layout, poisoned with NaN."""
     layout = (model.kv_layout(TPB) if isinstance(model, TensorParallelLlama)
               else model.config.kv_layout(TPB))
-    gpu = KVStorage(layout, NUM_GPU_BLOCKS, device)
-    host = KVStorage(layout, NUM_HOST_BLOCKS)
+    gpu = KVStorage(layout, num_gpu_blocks, device)
+    host = KVStorage(layout, num_host_blocks)
     for storage in (gpu, host):
         storage.fill_(float("nan"))  # a slot read before it is written poisons the logits
     return gpu, host
@@ -90,6 +101,98 @@ def run_workload(engine: ModelEngine) -> dict[str, RequestResult]:
         engine.step()
         engine.manager.check_invariants()
     return engine.results
+
+
+# The remote scenario: (engine, write policy, GPU blocks, host blocks, prompts), in order.
+P = [(7 * i + 3) % 256 for i in range(22)]
+Q = [(5 * i + 1) % 256 for i in range(26)]
+SPILLED = [[(13 * i + k) % 256 for i in range(18)] + [k] for k in range(6)]
+LOST_BLOCK = 2  # Q's block 2: rank 1's shard is corrupted (one device: the whole value)
+REMOTE_RUNS: tuple[tuple[str, WritePolicy, int, int, list[list[int]]], ...] = (
+    ("a", "write-through", 32, 16, [P + [11, 12, 13], Q + [1, 2]]),
+    ("a2", "write-back", 14, 4, SPILLED),  # a 4-block host tier: blocks spill to the store
+    ("b", "write-through", 32, 16, [P + [90, 91, 92, 93], Q + [7, 8, 9]]
+     + [p[:-1] + [200 + k] for k, p in enumerate(SPILLED[:3])]),
+)
+
+
+def remote_engine_parts(model: LlamaModel, device: Any, num_gpu_blocks: int,
+                        num_host_blocks: int, backend: dict[str, bytes]
+                        ) -> tuple[RemoteShard, TorchTransferEngine, KVCacheManager, Scheduler]:
+    """One engine's storages over ``backend`` (this rank's namespace), and a fresh manager."""
+    gpu, host = make_storages(model, device, num_gpu_blocks, num_host_blocks)
+    namespace = RemoteNamespace("tiny-llama", model.config.kv_layout(TPB))
+    if isinstance(model, TensorParallelLlama):
+        namespace = namespace.for_rank(model.tp_rank, model.tp_size)
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=num_gpu_blocks,
+                                         num_host_blocks=num_host_blocks, hash_algo="sha256"))
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
+    return (RemoteShard(InMemoryRemoteStore(namespace, backend), gpu, host),
+            TorchTransferEngine(gpu, host), manager, scheduler)
+
+
+def lose_block(shard: RemoteShard) -> None:
+    """Flip the last byte of Q's block ``LOST_BLOCK`` in this store: a corrupt value."""
+    store = shard.store
+    assert isinstance(store, InMemoryRemoteStore)
+    block_hash = prompt_block_hashes(get_hash_fn("sha256"), Q, TPB)[LOST_BLOCK]
+    key = store.namespace.key(block_hash)
+    store.backend[key] = store.backend[key][:-1] + bytes([store.backend[key][-1] ^ 0xFF])
+
+
+def serve_remote(engine: ModelEngine, name: str, prompts: list[list[int]]) -> dict[str, Any]:
+    """Serve ``prompts`` at once to completion; what the parent compares."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(Request(f"{name}{i}", prompt, 3))
+    engine.run()
+    engine.manager.check_invariants()
+    assert engine.remote is not None
+    return {"results": {rid: (r.prompt, r.output, r.logits, r.num_remote_tokens)
+                        for rid, r in engine.results.items()},
+            "written": engine.remote.num_written_blocks,
+            "fetched": engine.remote.num_fetched_blocks}
+
+
+def remote_reference(device: Any) -> dict[str, Any]:
+    """The remote scenario on one device, one store (the parent's reference)."""
+    full = LlamaModel(ModelConfig(), device)
+    backend: dict[str, bytes] = {}
+    out: dict[str, Any] = {}
+    for name, policy, num_gpu, num_host, prompts in REMOTE_RUNS:
+        shard, transfer, manager, scheduler = remote_engine_parts(full, device, num_gpu,
+                                                                   num_host, backend)
+        if name == "b":
+            lose_block(shard)
+        tier = RemoteTier(shard.store, manager, shard.gpu, shard.host, write_policy=policy)
+        engine = ModelEngine(full, manager, scheduler, transfer, record_logits=True,
+                             remote=tier)
+        out[name] = serve_remote(engine, name, prompts)
+    return out
+
+
+def remote_runs(shard: TensorParallelLlama, device: Any, control: Any) -> dict[str, Any]:
+    """The remote scenario at TP 2; each rank's store is a dict in its own process (its own
+    shards only), shared by its engines A, A2 and B. What each rank saw."""
+    backend: dict[str, bytes] = {}
+    out: dict[str, Any] = {}
+    for name, policy, num_gpu, num_host, prompts in REMOTE_RUNS:
+        remote, engine, manager, scheduler = remote_engine_parts(shard, device, num_gpu,
+                                                                  num_host, backend)
+        if name == "b" and shard.tp_rank == 1:
+            lose_block(remote)
+        transfer = DistributedTransferEngine(engine, control)
+        channel = CommandChannel(control)
+        if shard.tp_rank == 0:
+            tier = RemoteTier(DistributedRanks(remote, channel), manager, write_policy=policy)
+            leader = TensorParallelLeader(shard, transfer, manager, scheduler, channel,
+                                          record_logits=True, remote=tier)
+            out[name] = serve_remote(leader.engine, name, prompts)
+            leader.stop()
+        else:
+            serve(shard, transfer, channel, remote)
+            out[name] = {}
+        out[name].update(stats=remote.store.stats, num_unfilled=remote.num_unfilled)
+    return out
 
 
 def weight_sum(model: LlamaModel) -> float:
@@ -160,9 +263,7 @@ def rank_main(rank: int, backend: str, rendezvous: str, out_dir: str) -> None:
         # Biases (column-split ones sliced, row-split ones added once) and a tied head.
         biased = TensorParallelLlama(LlamaModel(BIASED, device), rank, TP_SIZE)
         saved["biased"] = biased.full_recompute(make_prompts()[0][0]).cpu()
-        # The remote tier's rule: rank 0 found blocks 1, 2, 3; rank 1 found 1 and 3.
-        found = {1, 2, 3} if rank == 0 else {1, 3}
-        saved["found_run"] = num_found_on_all_ranks([1, 2, 3], found, control)
+        saved["remote"] = remote_runs(shard, device, control)
         torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -233,7 +334,7 @@ def check_tp_run(ranks: list[dict[str, Any]], device: str) -> None:
     assert fault["num_failed_ops"] == ranks[1]["fault"]["num_failed_ops"] > 0
     assert fault["num_failed_elsewhere"] == fault["num_failed_ops"]
     assert ranks[1]["fault"]["num_failed_elsewhere"] == 0
-    assert [r["found_run"] for r in ranks] == [1, 1]
+    check_remote(ranks, device)
     # Rank 1 failed the onboard (op 1): both ranks raise the same error, naming rank 1.
     for saved in ranks:
         message, failed = saved["direct"]["error"]
@@ -244,6 +345,36 @@ def check_tp_run(ranks: list[dict[str, Any]], device: str) -> None:
     biased = LlamaModel(BIASED, device).full_recompute(make_prompts()[0][0]).cpu()
     for saved in ranks:  # every rank computes the whole logits
         torch.testing.assert_close(saved["biased"], biased, rtol=0, atol=FP32_ATOL)
+
+
+def check_remote(ranks: list[dict[str, Any]], device: str) -> None:
+    """TP 2 through the remote tier serves what one device does: the same tokens reused
+    from the store, the same outputs, the same logits; a block whose shard rank 1 lost is a
+    miss on both ranks (never half imported), and so is every block after it."""
+    ref = remote_reference(device)
+    full = LlamaModel(ModelConfig(), device)
+    got, worker = ranks[0]["remote"], ranks[1]["remote"]
+    for name, *_ in REMOTE_RUNS:
+        assert got[name]["written"] == ref[name]["written"] > 0, name
+        assert got[name]["fetched"] == ref[name]["fetched"], name
+        assert set(got[name]["results"]) == set(ref[name]["results"]), name
+        for rid, (prompt, output, logits, num_remote) in got[name]["results"].items():
+            _, ref_output, ref_logits, ref_remote = ref[name]["results"][rid]
+            assert (output, num_remote) == (ref_output, ref_remote), (rid, output, num_remote)
+            assert set(logits) == set(ref_logits), rid
+            recompute = full.full_recompute(prompt + output[:-1]).cpu()
+            for pos, row in logits.items():
+                torch.testing.assert_close(row, ref_logits[pos], rtol=0, atol=FP32_ATOL)
+                torch.testing.assert_close(row, recompute[pos], rtol=0, atol=FP32_ATOL)
+        for saved in (got[name], worker[name]):  # every fetch filled (or forgotten)
+            assert saved["num_unfilled"] == 0, name
+    b = got["b"]["results"]
+    # P's 5 stored blocks; Q's blocks 0 and 1 (rank 0 found block 2, rank 1 did not).
+    assert b["b0"][3] == 5 * TPB and b["b1"][3] == LOST_BLOCK * TPB, (b["b0"][3], b["b1"][3])
+    assert sum(r[3] for r in b.values()) > 7 * TPB  # A2's spilled blocks served too
+    assert worker["b"]["stats"].num_bad_payloads == 1
+    assert got["b"]["stats"].num_bad_payloads == 0
+    assert worker["b"]["stats"].num_hits == got["b"]["stats"].num_hits - 1
 
 
 def test_tp2_on_cpu_gloo_matches_the_single_device_model(tmp_path: Path) -> None:

@@ -15,6 +15,16 @@ share, so every rank executes the same plans and forward passes in the same orde
       sample, scheduler.update
     stop() ─────────────────── StopCommand ────────► serve() returns
 
+With a remote tier (:class:`DistributedRanks`), the leader's :class:`RemoteTier` sends
+each of its calls to the workers, whose :class:`RemoteShard` does it on their shard::
+
+    write (write-through, write-back)  ── RemotePut ──►  put its shard of those blocks
+    start_fetch                        ── RemoteGet ──►  look its shards up (I/O thread)
+    poll                               ── RemotePoll ─►  all-gather of what arrived: a
+                                                         block is found where every rank
+                                                         found it; the leader imports
+                                       ── RemoteFill ─►  write its shards into those slots
+
 Commands travel as pickled NamedTuples over ``channel_group``, which should be a CPU
 (gloo) group so that control never waits on a GPU stream; the manager never learns that
 ranks exist (it plans block ids; each rank's storage holds its heads of every block).
@@ -23,7 +33,7 @@ ranks exist (it plans block ids; each rank's storage holds its heads of every bl
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -32,8 +42,10 @@ from kvtier.manager import KVCacheManager
 from kvtier.model.engine import ModelEngine
 from kvtier.model.llama import LlamaModel
 from kvtier.model.tensor_parallel import TensorParallelLlama
+from kvtier.remote.tier import Arrival, RemoteRanks, RemoteShard, RemoteTier, join_arrivals
 from kvtier.scheduler import Scheduler
 from kvtier.storage import KVStorage
+from kvtier.tier import Tier
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.plan import TransferOp, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
@@ -61,7 +73,58 @@ class StopCommand(NamedTuple):
     num_steps: int
 
 
-Command = PlanCommand | ForwardCommand | StopCommand
+class RemoteHelloCommand(NamedTuple):
+    """A remote tier starts: check that every rank's store is its rank's namespace."""
+
+
+class RemotePutCommand(NamedTuple):
+    """Put your shard of blocks ``(hash, slot)`` of the ``tier`` storage."""
+
+    tier: Tier
+    blocks: list[tuple[int, int]]
+    wait: bool
+
+
+class RemoteGetCommand(NamedTuple):
+    """Look up your shards of ``hashes`` as fetch ``fetch_id`` (now, or on the I/O thread)."""
+
+    fetch_id: int
+    hashes: list[int]
+    blocking: bool
+
+
+class RemoteWaitCommand(NamedTuple):
+    """Block until fetch ``fetch_id`` arrived here, at most ``timeout_s``."""
+
+    fetch_id: int
+    timeout_s: float
+
+
+class RemotePollCommand(NamedTuple):
+    """Say which of ``fetch_ids`` arrived here and what each found (an all-gather)."""
+
+    fetch_ids: list[int]
+
+
+class RemoteFillCommand(NamedTuple):
+    """Write what fetch ``fetch_id`` found into host slots ``(hash, slot)``; forget it."""
+
+    fetch_id: int
+    blocks: list[tuple[int, int]]
+
+
+class RemoteFlushCommand(NamedTuple):
+    """Wait for your store's queued jobs (at most ``timeout_s``); all-reduce the outcome."""
+
+    timeout_s: float | None
+
+
+RemoteCommand = (RemoteHelloCommand | RemotePutCommand | RemoteGetCommand | RemoteWaitCommand
+                 | RemotePollCommand | RemoteFillCommand | RemoteFlushCommand)
+Command = PlanCommand | ForwardCommand | StopCommand | RemoteCommand
+_COMMANDS = (PlanCommand, ForwardCommand, StopCommand, RemoteHelloCommand, RemotePutCommand,
+             RemoteGetCommand, RemoteWaitCommand, RemotePollCommand, RemoteFillCommand,
+             RemoteFlushCommand)
 
 
 class CommandChannel:
@@ -83,7 +146,7 @@ class CommandChannel:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=self.src, group=self.group)
         command = box[0]
-        if not isinstance(command, PlanCommand | ForwardCommand | StopCommand):
+        if not isinstance(command, _COMMANDS):
             raise TypeError(f"expected a command from rank {self.src}, got {command!r}")
         return command
 
@@ -131,20 +194,126 @@ class _LeaderModel:
         return self._shard.forward_chunk(kv, block_table, tokens, start_pos, before_layer)
 
 
+class DistributedRanks(RemoteRanks):
+    """The leader's view of every rank's :class:`RemoteShard`, one process per rank: each
+    call goes to the workers over ``channel`` (their ``serve`` does it on their shard), then
+    runs on the leader's ``shard``; what arrived is joined with one all-gather. Construction
+    is a collective (the workers' ``serve`` must be running): every rank's store must be
+    its rank's namespace of one deployment, else every rank raises the same ValueError."""
+
+    def __init__(self, shard: RemoteShard, channel: CommandChannel) -> None:
+        import torch.distributed as dist
+
+        rank, size = dist.get_rank(channel.group), dist.get_world_size(channel.group)
+        if rank != channel.src:
+            raise ValueError(f"the leader is rank {channel.src} of the channel, this process "
+                             f"rank {rank}")
+        self.leader = shard
+        self.tp_size = size
+        self.channel = channel
+        self._run(RemoteHelloCommand())
+
+    def _run(self, command: RemoteCommand) -> object:
+        self.channel.send(command)
+        return run_remote(self.leader, command, self.channel.group)
+
+    def put(self, tier: Tier, blocks: Sequence[tuple[int, int]], wait: bool) -> int:
+        written = self._run(RemotePutCommand(tier, list(blocks), wait))
+        assert isinstance(written, int)
+        return written
+
+    def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
+        if not self.leader.start_get(fetch_id, hashes):
+            return False  # no worker learns of it
+        self.channel.send(RemoteGetCommand(fetch_id, list(hashes), False))
+        return True
+
+    def get(self, fetch_id: int, hashes: Sequence[int]) -> None:
+        self._run(RemoteGetCommand(fetch_id, list(hashes), True))
+
+    def wait(self, fetch_id: int, timeout_s: float) -> None:
+        self._run(RemoteWaitCommand(fetch_id, timeout_s))
+
+    def collect(self, fetch_ids: Collection[int]) -> dict[int, Arrival]:
+        joined = self._run(RemotePollCommand(list(fetch_ids)))
+        assert isinstance(joined, dict)
+        return joined
+
+    def fill(self, fetch_id: int, blocks: Sequence[tuple[int, int]]) -> None:
+        self._run(RemoteFillCommand(fetch_id, list(blocks)))
+
+    def flush(self, timeout_s: float | None) -> bool:
+        return bool(self._run(RemoteFlushCommand(timeout_s)))
+
+
+def run_remote(shard: RemoteShard, command: RemoteCommand, group: Any) -> object:
+    """Do ``command`` on this rank's ``shard``, with the collectives every rank makes for
+    it (the leader right after sending it, each worker on receiving it); what the leader's
+    :class:`DistributedRanks` returns."""
+    import torch.distributed as dist
+
+    if isinstance(command, RemoteHelloCommand):
+        namespace = shard.store.namespace
+        mine = (namespace.fingerprint, [ns.fingerprint for ns in namespace.every_rank()],
+                str(namespace))
+        every: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, mine, group=group)
+        expected = every[0][1]
+        for rank, (fingerprint, _, described) in enumerate(every):
+            if len(expected) != len(every) or fingerprint != expected[rank]:
+                raise ValueError(f"rank {rank}'s store has namespace {described}, not rank "
+                                 f"{rank} of {len(every)} of the leader's deployment "
+                                 f"({every[0][2]})")
+    elif isinstance(command, RemotePutCommand):
+        written = shard.put(command.tier, command.blocks, command.wait)
+        return _min_over_ranks(written, group) if command.wait else written
+    elif isinstance(command, RemoteGetCommand):
+        if command.blocking:
+            shard.get(command.fetch_id, command.hashes)
+        elif not shard.start_get(command.fetch_id, command.hashes):
+            shard.miss(command.fetch_id)  # the leader's started: this rank found nothing
+    elif isinstance(command, RemoteWaitCommand):
+        shard.wait(command.fetch_id, command.timeout_s)
+    elif isinstance(command, RemotePollCommand):
+        arrived: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(arrived, shard.arrivals(command.fetch_ids), group=group)
+        return join_arrivals(arrived)
+    elif isinstance(command, RemoteFillCommand):
+        shard.fill(command.fetch_id, command.blocks)
+    else:
+        return bool(_min_over_ranks(int(shard.store.flush(command.timeout_s)), group))
+    return None
+
+
+def _min_over_ranks(value: int, group: Any) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":  # NCCL reduces device tensors only
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
 class TensorParallelLeader:
     """Rank 0: ``engine`` is a :class:`ModelEngine` over the one scheduler and manager,
-    whose copies and forward passes run on every rank. Call :meth:`stop` when done (the
+    whose copies and forward passes run on every rank (and the ``remote`` tier's moves, over
+    :class:`DistributedRanks` on ``channel``). Call :meth:`stop` when done (the
     workers' ``serve`` returns)."""
 
     def __init__(self, shard: TensorParallelLlama, transfer: DistributedTransferEngine,
                  manager: KVCacheManager, scheduler: Scheduler, channel: CommandChannel,
-                 record_logits: bool = False) -> None:
+                 record_logits: bool = False, remote: RemoteTier | None = None) -> None:
         if shard.tp_rank != channel.src:
             raise ValueError(f"the leader is rank {channel.src} of the channel, this shard "
                              f"rank {shard.tp_rank}")
         if shard.tp_rank != transfer.tp_rank or shard.tp_size != transfer.tp_size:
             raise ValueError(f"the shard is rank {shard.tp_rank} of {shard.tp_size}, the "
                              f"transfer engine rank {transfer.tp_rank} of {transfer.tp_size}")
+        if remote is not None and (not isinstance(remote.ranks, DistributedRanks)
+                                   or remote.ranks.channel is not channel):
+            raise ValueError("the remote tier must run over DistributedRanks on this "
+                             "leader's channel (every rank moves its own shards)")
         self.channel = channel
         self.transfer = transfer
         # NOTE: ModelEngine names LlamaModel and TorchTransferEngine; it calls only
@@ -152,18 +321,19 @@ class TensorParallelLeader:
         self.engine = ModelEngine(cast(LlamaModel, _LeaderModel(shard, channel)), manager,
                                   scheduler, cast(TorchTransferEngine,
                                                   _LeaderTransfer(transfer, channel)),
-                                  record_logits=record_logits)
+                                  record_logits=record_logits, remote=remote)
 
     def stop(self) -> None:
         self.channel.send(StopCommand(self.engine.num_steps))
 
 
 def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
-          channel: CommandChannel) -> int:
+          channel: CommandChannel, remote: RemoteShard | None = None) -> int:
     """A worker rank: execute the leader's commands until it stops; returns the leader's
-    step count. A plan that failed anywhere raises here as on the leader: this rank waits
-    for its own copies and its next forward passes wait for nothing (the manager has
-    dropped what the failed copies were to fill)."""
+    step count. ``remote`` is this rank's shard of the leader's remote tier, if it has one.
+    A plan that failed anywhere raises here as on the leader: this rank waits for its own
+    copies and its next forward passes wait for nothing (the manager has dropped what the
+    failed copies were to fill)."""
     if shard.tp_rank == channel.src:
         raise ValueError(f"rank {shard.tp_rank} is the leader: it runs TensorParallelLeader")
     wait: Callable[[int], None] | None = None
@@ -179,5 +349,10 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
         elif isinstance(command, ForwardCommand):
             shard.forward_chunk(transfer.gpu, command.block_table, command.tokens,
                                 command.start_pos, wait)
-        else:
+        elif isinstance(command, StopCommand):
             return command.num_steps
+        elif remote is None:
+            raise ValueError(f"rank {shard.tp_rank} got {type(command).__name__} but serves "
+                             f"no remote tier (pass its RemoteShard to serve)")
+        else:
+            run_remote(remote, command, channel.group)

@@ -34,8 +34,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import xxhash
 
@@ -202,6 +201,16 @@ class RemoteNamespace:
         return RemoteNamespace(self.model_id, self.layout.shard(tp_rank, tp_size),
                                self.salt_scope)
 
+    def every_rank(self) -> list[RemoteNamespace]:
+        """The namespaces of every rank of the deployment this rank's namespace belongs to,
+        in rank order (``[self]`` without tensor parallelism). Pure."""
+        layout = self.layout
+        whole = RemoteNamespace(self.model_id, replace(layout, tp_rank=0, tp_size=1),
+                                self.salt_scope)
+        if layout.tp_size == 1:
+            return [whole]
+        return [whole.for_rank(rank, layout.tp_size) for rank in range(layout.tp_size)]
+
     def key(self, block_hash: int) -> str:
         """The Redis key of ``block_hash`` in this namespace. Pure."""
         return block_key(self.fingerprint, block_hash)
@@ -239,20 +248,3 @@ def num_found_on_every_rank(wanted: Sequence[int],
         run += 1
     return run
 
-
-def num_found_on_all_ranks(wanted: Sequence[int], found: Collection[int],
-                           group: Any = None) -> int:
-    """:func:`num_found_on_every_rank` across the processes of a ``torch.distributed``
-    group, each rank passing its own ``found``: one all-reduce (minimum) of a byte per
-    wanted block, so every rank gets the same answer. ``wanted`` must be the same on every
-    rank. A collective: every rank of ``group`` must call it, in the same order."""
-    import torch
-    import torch.distributed as dist
-
-    mask = torch.tensor([h in found for h in wanted], dtype=torch.uint8)
-    if dist.get_backend(group) == "nccl":
-        # NCCL reduces device tensors only.
-        mask = mask.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(mask, op=dist.ReduceOp.MIN, group=group)
-    everywhere = {h for h, ok in zip(wanted, mask.tolist(), strict=True) if ok}
-    return num_found_on_every_rank(wanted, [everywhere])

@@ -17,6 +17,22 @@
              (:func:`num_blocks_worth_fetching`), under the read throughput the tier
              measures on its own fetches (``measured_bytes_per_s``); without it, all of it.
 
+Under tensor parallelism every rank holds its share of each block's KV heads, and each
+rank's shard is its own value under that rank's namespace
+(:meth:`~kvtier.remote.codec.RemoteNamespace.for_rank`). The tier talks to every rank's
+:class:`RemoteShard` (its store and storages) through :class:`RemoteRanks`, and stays
+rank-agnostic itself::
+
+    write   every rank puts its shard of each block (its own store client, its own I/O)
+    fetch   every rank looks its shards up; a block counts as found only when every rank
+            found (and decoded) its shard, counted from the first (num_found_on_every_rank):
+            the manager imports that many host blocks once, then each rank writes its
+            shards into those slots. A shard missing or corrupt on one rank is a miss there,
+            so that block and every later one are a miss on all ranks (never half written)
+    ranks   LocalRanks: every rank's shard in this process (TP 1 is one of them);
+            kvtier.model.tp_engine.DistributedRanks: one process per rank, the leader's
+            tier sends each call to the workers and joins their results
+
 Keys are content hashes under a namespace that fingerprints model, block shape, dtype and
 memory layout (the tier refuses a store whose namespace is not its storages' layout), and a
 value is refused unless its header matches: another model, layout or a corrupt value is a
@@ -30,19 +46,25 @@ into, and its own counters; it never changes a block that a live request holds.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.remote.codec import num_found_on_every_rank
 from kvtier.remote.options import check_number
 from kvtier.remote.store import RemoteStore
+from kvtier.tier import Tier
 
 if TYPE_CHECKING:
     import torch
 
     from kvtier.manager import KVCacheManager
+    from kvtier.remote.codec import RemoteNamespace
     from kvtier.storage import KVStorage
 
 
@@ -55,6 +77,7 @@ class _Fetch:
     lora_id: int | None
     hashes: list[int]  # of the prompt's reusable full blocks, computed once
     started_s: float
+    fetch_id: int  # the ranks' name for it
     released: bool = False
 
 
@@ -116,13 +139,223 @@ when host blocks leave the cache (write-back)."""
 WRITE_POLICIES: tuple[WritePolicy, ...] = get_args(WritePolicy)
 
 
-class RemoteTier:
-    """Moves whole blocks between ``manager``'s storages and a shared ``store``."""
+class Arrival(NamedTuple):
+    """What one fetch found: on one rank, or joined over every rank (:func:`join_arrivals`)."""
 
-    def __init__(self, store: RemoteStore, manager: KVCacheManager, gpu: KVStorage,
-                 host: KVStorage, fetch_deadline_s: float = 1.0,
-                 write_policy: WritePolicy = "write-through", *,
-                 recompute_s_per_token: float | None = None,
+    found_by_rank: tuple[frozenset[int], ...]  # hashes of the valid values, in rank order
+    num_bytes: int  # of the payloads the leader (rank 0) found
+    elapsed_s: float  # on the leader, from asking to having them
+
+
+def join_arrivals(by_rank: Sequence[Mapping[int, Arrival]]) -> dict[int, Arrival]:
+    """The fetches that arrived on every rank (``by_rank[r]``: rank ``r``'s own, by fetch
+    id), each with every rank's found hashes and the leader's bytes and time. Pure."""
+    if not by_rank:
+        raise ValueError("by_rank must hold the arrivals of at least one rank")
+    leader, others = by_rank[0], by_rank[1:]
+    return {fid: Arrival(tuple(h for rank in by_rank for h in rank[fid].found_by_rank),
+                         first.num_bytes, first.elapsed_s)
+            for fid, first in leader.items() if all(fid in rank for rank in others)}
+
+
+class RemoteShard:
+    """One rank's side of the remote tier: its ``store`` (keyed under its rank's namespace),
+    its ``gpu`` and ``host`` storages of that layout, and what its fetches found until the
+    tier says which host slots it goes to.
+
+    May change: the store's values, the host slots :meth:`fill` names, its fetch results.
+    """
+
+    def __init__(self, store: RemoteStore, gpu: KVStorage, host: KVStorage) -> None:
+        layout = store.namespace.layout
+        for name, storage in (("gpu", gpu), ("host", host)):
+            if storage.layout != layout:
+                raise ValueError(f"the store's namespace has layout {layout}, the {name} "
+                                 f"storage {storage.layout}: their blocks would be misread")
+        self.store = store
+        self.gpu = gpu
+        self.host = host
+        self._found: dict[int, tuple[dict[int, bytes], float]] = {}  # by fetch id
+        self._cond = threading.Condition()
+
+    def put(self, tier: Tier, blocks: Sequence[tuple[int, int]], wait: bool) -> int:
+        """Hand the store the blocks ``(hash, slot)`` of the ``tier`` storage, their bytes
+        copied now: written now with ``wait``, else on the I/O thread. Returns how many
+        were written (``wait``) or handed over."""
+        storage = self.gpu if tier is Tier.GPU else self.host
+        items = {h: _to_bytes(storage.block(slot)) for h, slot in blocks}
+        if not items:
+            return 0
+        if wait:
+            return self.store.put_many(items)
+        return len(items) if self.store.write_back(items) else 0
+
+    def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
+        """Look ``hashes`` up on the I/O thread; False if the store refused the job."""
+        started_s = time.monotonic()
+
+        def arrived(found: dict[int, bytes]) -> None:
+            self._arrive(fetch_id, found, time.monotonic() - started_s)
+
+        return self.store.prefetch(hashes, arrived)
+
+    def get(self, fetch_id: int, hashes: Sequence[int]) -> None:
+        """Look ``hashes`` up now (blocking)."""
+        started_s = time.monotonic()
+        found = self.store.get_many(hashes)
+        self._arrive(fetch_id, found, time.monotonic() - started_s)
+
+    def miss(self, fetch_id: int) -> None:
+        """Record that this rank found nothing for ``fetch_id`` (its store refused it)."""
+        self._arrive(fetch_id, {}, 0.0)
+
+    def _arrive(self, fetch_id: int, found: dict[int, bytes], elapsed_s: float) -> None:
+        with self._cond:
+            self._found[fetch_id] = (found, elapsed_s)
+            self._cond.notify_all()
+
+    def arrivals(self, fetch_ids: Collection[int]) -> dict[int, Arrival]:
+        """Those of ``fetch_ids`` that arrived here. Pure."""
+        with self._cond:
+            got = {fid: self._found[fid] for fid in fetch_ids if fid in self._found}
+        return {fid: Arrival((frozenset(found),), sum(len(v) for v in found.values()), seconds)
+                for fid, (found, seconds) in got.items()}
+
+    def wait(self, fetch_id: int, timeout_s: float) -> None:
+        """Block until ``fetch_id`` arrived here or ``timeout_s`` passed."""
+        with self._cond:
+            self._cond.wait_for(lambda: fetch_id in self._found, timeout_s)
+
+    def fill(self, fetch_id: int, blocks: Sequence[tuple[int, int]]) -> None:
+        """Write what ``fetch_id`` found into host slots: ``(hash, slot)`` pairs (each hash
+        found here); forget the fetch."""
+        with self._cond:
+            found, _ = self._found.pop(fetch_id)
+        for h, slot in blocks:
+            _write_block(self.host, slot, found[h])
+
+    @property
+    def num_unfilled(self) -> int:
+        """Fetches that arrived here and were not filled yet. Pure."""
+        with self._cond:
+            return len(self._found)
+
+
+class RemoteRanks(ABC):
+    """Every rank's :class:`RemoteShard` as one. The tier calls these from the leader, in
+    one order; each call reaches every rank. ``leader`` is rank 0's shard (this process's).
+    """
+
+    leader: RemoteShard
+    tp_size: int
+
+    @abstractmethod
+    def put(self, tier: Tier, blocks: Sequence[tuple[int, int]], wait: bool) -> int:
+        """:meth:`RemoteShard.put` on every rank; the leader's count, or with ``wait`` the
+        fewest any rank wrote."""
+
+    @abstractmethod
+    def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
+        """:meth:`RemoteShard.start_get` on every rank; False (started nowhere) when the
+        leader's store refused it (another rank's refusal is a miss there)."""
+
+    @abstractmethod
+    def get(self, fetch_id: int, hashes: Sequence[int]) -> None:
+        """:meth:`RemoteShard.get` on every rank (blocking)."""
+
+    @abstractmethod
+    def wait(self, fetch_id: int, timeout_s: float) -> None:
+        """Block until ``fetch_id`` arrived on every rank or ``timeout_s`` passed."""
+
+    @abstractmethod
+    def collect(self, fetch_ids: Collection[int]) -> dict[int, Arrival]:
+        """Those of ``fetch_ids`` that arrived on every rank (:func:`join_arrivals`); the
+        caller must :meth:`fill` each one."""
+
+    @abstractmethod
+    def fill(self, fetch_id: int, blocks: Sequence[tuple[int, int]]) -> None:
+        """:meth:`RemoteShard.fill` on every rank."""
+
+    @abstractmethod
+    def flush(self, timeout_s: float | None) -> bool:
+        """Wait until every rank's queued writes and fetches ran; False if ``timeout_s``
+        passed on any rank."""
+
+
+class LocalRanks(RemoteRanks):
+    """Every rank's shard in this process (one rank without tensor parallelism): ``shards[r]``
+    is rank ``r``'s, over pools of the same sizes, under the namespaces of one deployment."""
+
+    def __init__(self, shards: Sequence[RemoteShard]) -> None:
+        if not shards:
+            raise ValueError("shards must hold at least one rank's RemoteShard")
+        check_rank_namespaces([s.store.namespace for s in shards])
+        sizes = {(s.gpu.num_blocks, s.host.num_blocks) for s in shards}
+        if len(sizes) != 1:
+            raise ValueError(f"every rank must hold pools of the same size (the same block "
+                             f"ids), got (gpu, host) blocks {sorted(sizes)}")
+        self.shards = list(shards)
+        self.leader = shards[0]
+        self.tp_size = len(shards)
+
+    def put(self, tier: Tier, blocks: Sequence[tuple[int, int]], wait: bool) -> int:
+        counts = [s.put(tier, blocks, wait) for s in self.shards]
+        return min(counts) if wait else counts[0]
+
+    def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
+        if not self.leader.start_get(fetch_id, hashes):
+            return False
+        for shard in self.shards[1:]:
+            if not shard.start_get(fetch_id, hashes):
+                shard.miss(fetch_id)
+        return True
+
+    def get(self, fetch_id: int, hashes: Sequence[int]) -> None:
+        for shard in self.shards:
+            shard.get(fetch_id, hashes)
+
+    def wait(self, fetch_id: int, timeout_s: float) -> None:
+        deadline_s = time.monotonic() + timeout_s
+        for shard in self.shards:
+            shard.wait(fetch_id, max(0.0, deadline_s - time.monotonic()))
+
+    def collect(self, fetch_ids: Collection[int]) -> dict[int, Arrival]:
+        return join_arrivals([s.arrivals(fetch_ids) for s in self.shards])
+
+    def fill(self, fetch_id: int, blocks: Sequence[tuple[int, int]]) -> None:
+        for shard in self.shards:
+            shard.fill(fetch_id, blocks)
+
+    def flush(self, timeout_s: float | None) -> bool:
+        if timeout_s is None:
+            return all([s.store.flush(None) for s in self.shards])
+        deadline_s = time.monotonic() + timeout_s
+        return all([s.store.flush(max(0.0, deadline_s - time.monotonic()))
+                    for s in self.shards])
+
+
+def check_rank_namespaces(namespaces: Sequence[RemoteNamespace]) -> None:
+    """ValueError unless ``namespaces[r]`` is rank ``r``'s of one deployment (one model,
+    layout and salt scope, split over ``len(namespaces)`` ranks). Pure."""
+    expected = namespaces[0].every_rank()
+    if len(expected) != len(namespaces):
+        raise ValueError(f"{len(namespaces)} ranks' stores, but the first store's namespace "
+                         f"is rank {namespaces[0].layout.tp_rank} of {len(expected)}")
+    for rank, (got, want) in enumerate(zip(namespaces, expected, strict=True)):
+        if got != want:
+            raise ValueError(f"rank {rank}'s store has namespace {got}, expected {want} "
+                             f"(rank {rank} of {len(expected)})")
+
+
+class RemoteTier:
+    """Moves whole blocks between ``manager``'s storages and a shared store: ``store`` with
+    this process's ``gpu`` and ``host`` storages, or every rank's (:class:`RemoteRanks`,
+    with ``gpu`` and ``host`` left out: each rank's :class:`RemoteShard` holds its own)."""
+
+    def __init__(self, store: RemoteStore | RemoteRanks, manager: KVCacheManager,
+                 gpu: KVStorage | None = None, host: KVStorage | None = None,
+                 fetch_deadline_s: float = 1.0, write_policy: WritePolicy = "write-through",
+                 *, recompute_s_per_token: float | None = None,
                  fetch_latency_s: float = DEFAULT_FETCH_LATENCY_S,
                  fetch_bytes_per_s: float = DEFAULT_FETCH_BYTES_PER_S) -> None:
         config = manager.config
@@ -131,11 +364,16 @@ class RemoteTier:
                              f"in every process and machine), got {config.hash_algo!r}")
         if not config.num_host_blocks:
             raise ValueError("a remote tier imports into host blocks: num_host_blocks is 0")
-        layout = store.namespace.layout
-        for name, storage in (("gpu", gpu), ("host", host)):
-            if storage.layout != layout:
-                raise ValueError(f"the store's namespace has layout {layout}, the {name} "
-                                 f"storage {storage.layout}: their blocks would be misread")
+        if isinstance(store, RemoteRanks):
+            if gpu is not None or host is not None:
+                raise ValueError("with RemoteRanks each rank's RemoteShard holds its storages: "
+                                 "leave gpu and host out")
+            ranks = store
+        elif gpu is None or host is None:
+            raise ValueError("a remote tier over one store needs the gpu and host storages")
+        else:
+            ranks = LocalRanks([RemoteShard(store, gpu, host)])
+        layout = ranks.leader.store.namespace.layout
         if layout.tokens_per_block != config.tokens_per_block:
             raise ValueError(f"the store's blocks hold {layout.tokens_per_block} tokens, the "
                              f"manager's {config.tokens_per_block}")
@@ -149,17 +387,18 @@ class RemoteTier:
         self.fetch_latency_s = check_number("fetch_latency_s", fetch_latency_s, 0.0, 3600.0)
         self._bytes_per_s = check_number("fetch_bytes_per_s", fetch_bytes_per_s, 0.0, 1e15,
                                          low_open=True)
-        self.store = store
+        self.ranks = ranks
+        # The leader's (rank 0's) store and storages.
+        self.store = ranks.leader.store
+        self.gpu = ranks.leader.gpu
+        self.host = ranks.leader.host
         self.write_policy = write_policy
         if write_policy == "write-back":
             manager.record_spills()
         self._pending: dict[str, _Fetch] = {}
-        self._done: dict[str, dict[int, bytes]] = {}
+        self._fetch_ids = itertools.count()
         self._lock = threading.Lock()
-        self._arrived = threading.Event()
         self.manager = manager
-        self.gpu = gpu
-        self.host = host
         self._hash_fn = get_hash_fn(config.hash_algo)
         self._tpb = config.tokens_per_block
         self.num_written_blocks = 0
@@ -170,8 +409,9 @@ class RemoteTier:
     def measured_bytes_per_s(self) -> float:
         """The store's read throughput as this tier's fetches saw it (bytes of the values
         found over the time from asking to having them, queueing included; a running
-        average), or ``fetch_bytes_per_s`` before the first fetch that found anything.
-        Pure."""
+        average; the leader's store under tensor parallelism, each rank reading its own
+        shards at once), or ``fetch_bytes_per_s`` before the first fetch that found
+        anything. Pure."""
         with self._lock:
             return self._bytes_per_s
 
@@ -181,7 +421,8 @@ class RemoteTier:
         under the measured throughput and ``fetch_deadline_s``. Pure.
 
         NOTE: the rule assumes the store holds every one of them; where it holds fewer, the
-        fetch saves less, and loses at most one ``fetch_latency_s`` against a recompute."""
+        fetch saves less, and loses at most one ``fetch_latency_s`` against a recompute.
+        Under tensor parallelism a block's bytes are a rank's shard: the ranks read at once."""
         if self.recompute_s_per_token is None:
             return num_missing
         bytes_per_block = self.store.namespace.layout.bytes_per_block
@@ -199,12 +440,11 @@ class RemoteTier:
         self.num_skipped_blocks += len(missing) - k
         return missing[:k]
 
-    def _measured(self, found: dict[int, bytes], elapsed_s: float) -> None:
+    def _measured(self, arrival: Arrival) -> None:
         """Fold one fetch's throughput into the running estimate."""
-        num_bytes = sum(len(v) for v in found.values())
-        if not num_bytes or elapsed_s <= 0:
+        if not arrival.num_bytes or arrival.elapsed_s <= 0:
             return
-        sample = num_bytes / elapsed_s
+        sample = arrival.num_bytes / arrival.elapsed_s
         with self._lock:
             self._bytes_per_s += THROUGHPUT_EWMA_WEIGHT * (sample - self._bytes_per_s)
 
@@ -228,30 +468,27 @@ class RemoteTier:
 
     def write(self, tokens: list[int], block_table: list[int], salt: object = None,
               lora_id: int | None = None, wait: bool = False) -> int:
-        """Write the full blocks of computed ``tokens`` from their GPU slots (their bytes are
-        copied now, the store is written on its I/O thread, or now with ``wait``); returns
-        how many blocks were handed to the store."""
+        """Write the full blocks of computed ``tokens`` from their GPU slots, every rank its
+        shard (their bytes are copied now, the store is written on its I/O thread, or now
+        with ``wait``); returns how many blocks were handed to the store."""
         hashes = self.block_hashes(tokens, salt, lora_id)
-        items = {h: _to_bytes(self.gpu.block(slot))
-                 for h, slot in zip(hashes, block_table, strict=False)}
-        if not items:
+        blocks = list(zip(hashes, block_table, strict=False))
+        if not blocks:
             return 0
-        if wait:
-            written = self.store.put_many(items)
-        else:
-            written = len(items) if self.store.write_back(items) else 0
+        written = self.ranks.put(Tier.GPU, blocks, wait)
         self.num_written_blocks += written
         return written
 
     def write_spilled(self) -> int:
         """Write-back: hand the store the host blocks that left the cache since the last
-        call, read from their slots now (call it before executing the step's plan, which
-        may reuse them). Returns how many blocks were handed over."""
-        items = {h: _to_bytes(self.host.block(slot)) for h, slot in self.manager.drain_spills()}
-        if not items or not self.store.write_back(items):
+        call, every rank its shard, read from their slots now (call it before executing the
+        step's plan, which may reuse them). Returns how many blocks were handed over."""
+        blocks = list(self.manager.drain_spills())
+        if not blocks:
             return 0
-        self.num_written_blocks += len(items)
-        return len(items)
+        written = self.ranks.put(Tier.HOST, blocks, False)
+        self.num_written_blocks += written
+        return written
 
     def fetch(self, tokens: list[int], salt: bytes | str | int | None = None,
               lora_id: int | None = None) -> int:
@@ -261,14 +498,15 @@ class RemoteTier:
         wanted = self._wanted(hashes, tokens, salt, lora_id)
         if not wanted:
             return 0
-        fetch = _Fetch(list(tokens), salt, lora_id, hashes, time.monotonic())
-        found = self.store.get_many(wanted)
-        self._measured(found, time.monotonic() - fetch.started_s)
-        return self._import(fetch, found)
+        fetch = _Fetch(list(tokens), salt, lora_id, hashes, 0.0, next(self._fetch_ids))
+        self.ranks.get(fetch.fetch_id, wanted)
+        arrival = self.ranks.collect([fetch.fetch_id])[fetch.fetch_id]
+        self._measured(arrival)
+        return self._import(fetch, arrival)
 
     def start_fetch(self, request_id: str, tokens: list[int],
                     salt: bytes | str | int | None = None, lora_id: int | None = None) -> bool:
-        """Look the prompt's missing blocks up on the store's I/O thread; False when there
+        """Look the prompt's missing blocks up on the stores' I/O threads; False when there
         is nothing to look up or the store refused the job (then don't wait for it)."""
         if request_id in self._pending:
             return False
@@ -276,31 +514,25 @@ class RemoteTier:
         wanted = self._wanted(hashes, tokens, salt, lora_id)
         if not wanted:
             return False
-        fetch = _Fetch(list(tokens), salt, lora_id, hashes, time.monotonic())
-
-        def arrived(found: dict[int, bytes]) -> None:
-            self._measured(found, time.monotonic() - fetch.started_s)
-            with self._lock:
-                self._done[request_id] = found
-            self._arrived.set()
-
-        self._pending[request_id] = fetch
-        if not self.store.prefetch(wanted, arrived):
-            del self._pending[request_id]
+        fetch = _Fetch(list(tokens), salt, lora_id, hashes, time.monotonic(),
+                       next(self._fetch_ids))
+        if not self.ranks.start_get(fetch.fetch_id, wanted):
             return False
+        self._pending[request_id] = fetch
         return True
 
     def poll(self) -> list[str]:
-        """Import what arrived; return the requests whose wait is over: fetch done, or past
-        ``fetch_deadline_s`` (a late result is still imported when it comes)."""
-        with self._lock:
-            done, self._done = self._done, {}
+        """Import what arrived on every rank; return the requests whose wait is over: fetch
+        done, or past ``fetch_deadline_s`` (a late result is still imported when it comes)."""
         over = []
-        for rid, found in done.items():
-            fetch = self._pending.pop(rid)
-            self._import(fetch, found)
-            if not fetch.released:
-                over.append(rid)
+        if self._pending:
+            by_id = {f.fetch_id: rid for rid, f in self._pending.items()}
+            for fid, arrival in self.ranks.collect(by_id.keys()).items():
+                fetch = self._pending.pop(by_id[fid])
+                self._measured(arrival)
+                self._import(fetch, arrival)
+                if not fetch.released:
+                    over.append(by_id[fid])
         now = time.monotonic()
         for rid, fetch in self._pending.items():
             if not fetch.released and now - fetch.started_s >= self.fetch_deadline_s:
@@ -309,34 +541,34 @@ class RemoteTier:
         return over
 
     def wait(self, timeout_s: float) -> None:
-        """Block until some fetch arrives or ``timeout_s`` passes (when nothing else can
-        run)."""
-        self._arrived.wait(timeout_s)
-        self._arrived.clear()
+        """Block until a fetch arrives on every rank or ``timeout_s`` passes (when nothing
+        else can run).
+
+        NOTE: it waits for the oldest fetch in flight: each store runs its jobs in order,
+        so on every rank that one arrives first."""
+        if self._pending:
+            self.ranks.wait(next(iter(self._pending.values())).fetch_id, timeout_s)
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until queued writes and fetches have run; False if ``timeout_s`` passed."""
-        return self.store.flush(timeout_s)
+        """Wait until queued writes and fetches have run on every rank; False if
+        ``timeout_s`` passed."""
+        return self.ranks.flush(timeout_s)
 
     @property
     def num_waiting(self) -> int:
         """Fetches in flight whose requests are still held back. Pure."""
         return sum(not f.released for f in self._pending.values())
 
-    def _import(self, fetch: _Fetch, found: dict[int, bytes]) -> int:
+    def _import(self, fetch: _Fetch, arrival: Arrival) -> int:
         manager = self.manager
         # The local tiers may have changed since the lookup: import from where they end now.
         wanted = fetch.hashes[self._num_local_blocks(fetch.tokens, fetch.salt, fetch.lora_id):]
-        run = 0
-        while run < len(wanted) and wanted[run] in found:
-            run += 1
-        if not run:
-            return 0
-        slots = manager.import_blocks(fetch.tokens, run, salt=fetch.salt, lora_id=fetch.lora_id)
-        if self.write_policy == "write-back":
+        run = num_found_on_every_rank(wanted, arrival.found_by_rank)
+        slots = (manager.import_blocks(fetch.tokens, run, salt=fetch.salt,
+                                       lora_id=fetch.lora_id) if run else [])
+        if run and self.write_policy == "write-back":
             self.write_spilled()  # the import may reuse their slots: read them first
-        for h, slot in zip(wanted, slots, strict=False):
-            _write_block(self.host, slot, found[h])
+        self.ranks.fill(fetch.fetch_id, list(zip(wanted, slots, strict=False)))
         self.num_fetched_blocks += len(slots)
         return len(slots)
 
