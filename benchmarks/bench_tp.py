@@ -17,6 +17,12 @@ manager on rank 0): the reference decoder of bench_ttft (8 layers, dim 4096, 32 
 KV heads of 128, SwiGLU 14336, bf16; random weights) split over 2 ranks; an 8192-token
 prompt whose first 7680 tokens are ``recompute`` (not cached), ``gpu_hit`` (cached on the
 GPUs) or ``host_hit`` (offloaded to each rank's host shard, then onboarded layer by layer).
+Then, with a remote tier (an in-memory store in each rank's process, each rank's shards
+under its rank's namespace; the remote tier needs one memory layout for GPU, host and store,
+so these cases run on block-major GPU pools): ``remote_hit``, where an engine computed the
+prefix and wrote it through, and a fresh engine (empty cache) fetches it from the store
+into host blocks on every rank and onboards it; ``recompute`` and ``host_hit`` again on the
+same pools, and the store's read throughput (``get_many`` of the prefix on rank 0).
 
     python benchmarks/bench_tp.py            # needs 2 GPUs (1 GPU: bandwidth with both
                                              # ranks' storages on it, no TTFT)
@@ -49,7 +55,9 @@ from bench_transfer import environment, make_ops
 from kvtier import CacheConfig, KVCacheManager
 from kvtier.model import LlamaModel, ModelConfig
 from kvtier.model.tensor_parallel import TensorParallelLlama
-from kvtier.model.tp_engine import CommandChannel, TensorParallelLeader, serve
+from kvtier.model.tp_engine import CommandChannel, DistributedRanks, TensorParallelLeader, serve
+from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
+from kvtier.remote.tier import RemoteShard, RemoteTier
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig
 from kvtier.storage import KVLayout, KVStorage
 from kvtier.transfer.plan import TransferPlan
@@ -62,6 +70,7 @@ LARGE = ModelConfig(vocab_size=1024, dim=4096, num_layers=8, num_heads=32, num_k
                     head_dim=128, ffn_dim=14336, dtype="bfloat16")
 SMALL = ModelConfig()
 CASES = ("recompute", "gpu_hit", "host_hit")
+REMOTE_CASES = ("recompute", "host_hit", "remote_hit")  # on block-major GPU pools
 
 
 # ---- bandwidth, one process ----------------------------------------------------------------
@@ -213,20 +222,31 @@ def ttft_rank(rank: int, args: argparse.Namespace, rendezvous: str, out: str) ->
         del full
         tpb = args.tokens_per_block
         num_prompt_blocks = args.prompt_tokens // tpb
-        gpu = KVStorage(shard.kv_layout(tpb, "layer_major"), 2 * num_prompt_blocks + 2, device)
-        host = KVStorage(shard.kv_layout(tpb, "block_major"), 2 * num_prompt_blocks)
-        engine = TorchTransferEngine(gpu, host, method=args.method, layerwise=not args.whole)
-        transfer = DistributedTransferEngine(engine, control)
-        channel = CommandChannel(control)
         cfg = shard.config
         reduce_ms = {n: all_reduce_ms((n, cfg.dim), shard.dtype, device, 2 * cfg.num_layers)
                      for n in (args.prompt_tokens - args.cached_tokens, args.prompt_tokens)}
-        if rank:
-            serve(shard, transfer, channel)
-            return
-        timings = Leader(args, shard, transfer, channel, device).measure()
-        timings["all_reduce_ms"] = reduce_ms
-        Path(out).write_text(json.dumps(timings))
+        sessions = [("layer_major", CASES)]
+        if not args.no_remote:
+            sessions.append(("block_major", REMOTE_CASES))
+        timings: dict[str, Any] = {"all_reduce_ms": reduce_ms}
+        for gpu_kind, cases in sessions:
+            gpu = KVStorage(shard.kv_layout(tpb, gpu_kind), 2 * num_prompt_blocks + 2, device)
+            host = KVStorage(shard.kv_layout(tpb, "block_major"), 2 * num_prompt_blocks)
+            engine = TorchTransferEngine(gpu, host, method=args.method, layerwise=not args.whole)
+            transfer = DistributedTransferEngine(engine, control)
+            channel = CommandChannel(control)
+            remote = None
+            if "remote_hit" in cases:
+                namespace = RemoteNamespace("bench-tp", cfg.kv_layout(tpb, gpu_kind))
+                remote = RemoteShard(InMemoryRemoteStore(namespace.for_rank(rank, TP_SIZE)),
+                                     gpu, host)
+            if rank:
+                serve(shard, transfer, channel, remote)
+                continue
+            leader = Leader(args, shard, transfer, channel, device, remote)
+            timings[gpu_kind] = leader.measure(cases)
+        if not rank:
+            Path(out).write_text(json.dumps(timings))
     finally:
         dist.destroy_process_group()
 
@@ -255,7 +275,7 @@ class Leader:
 
     def __init__(self, args: argparse.Namespace, shard: TensorParallelLlama,
                  transfer: DistributedTransferEngine, channel: CommandChannel,
-                 device: torch.device) -> None:
+                 device: torch.device, remote: RemoteShard | None = None) -> None:
         self.args = args
         self.shard = shard
         self.transfer = transfer
@@ -264,22 +284,34 @@ class Leader:
         self.tpb = args.tokens_per_block
         self.num_prompt_blocks = args.prompt_tokens // self.tpb
         self.rng = random.Random(0)
+        self.remote = remote
         self.last: TensorParallelLeader | None = None
-        self.cpu_ms: dict[str, list[dict[str, float]]] = {name: [] for name in CASES}
+        self.cpu_ms: dict[str, list[dict[str, float]]] = {}
+        self.prefix_hashes: list[int] = []  # of the last remote_hit's stored prefix
 
     def tokens(self, n: int) -> list[int]:
         return [self.rng.randrange(self.shard.config.vocab_size) for _ in range(n)]
 
-    def leader(self, num_gpu_blocks: int) -> TensorParallelLeader:
+    def leader(self, num_gpu_blocks: int, write_through: bool | None = None
+               ) -> TensorParallelLeader:
+        """A fresh manager and scheduler; with ``write_through`` set, over the remote tier
+        (write-through, or write-back: nothing is written while the step runs)."""
         assert self.transfer.host is not None
-        manager = KVCacheManager(CacheConfig(tokens_per_block=self.tpb,
-                                             num_gpu_blocks=num_gpu_blocks,
-                                             num_host_blocks=self.transfer.host.num_blocks))
+        manager = KVCacheManager(CacheConfig(
+            tokens_per_block=self.tpb, num_gpu_blocks=num_gpu_blocks,
+            num_host_blocks=self.transfer.host.num_blocks,
+            hash_algo="xxh3_128" if write_through is None else "sha256"))
         scheduler = Scheduler(manager, SchedulerConfig(
             max_num_tokens=self.args.prompt_tokens + self.tpb,
             capacity_policy="max_utilization"))
+        tier = None
+        if write_through is not None:
+            assert self.remote is not None
+            tier = RemoteTier(DistributedRanks(self.remote, self.channel), manager,
+                              fetch_deadline_s=60.0,
+                              write_policy="write-through" if write_through else "write-back")
         self.last = TensorParallelLeader(self.shard, self.transfer, manager, scheduler,
-                                         self.channel)
+                                         self.channel, remote=tier)
         return self.last
 
     def run(self, leader: TensorParallelLeader, prompt: list[int], priority: int | None = None,
@@ -302,6 +334,18 @@ class Leader:
         prompt = prefix + self.tokens(n - cached)
         if name == "recompute":
             return self.run(self.leader(2 * self.num_prompt_blocks + 2), prompt), 0
+        if name == "remote_hit":
+            writer = self.leader(2 * self.num_prompt_blocks + 2, write_through=True)
+            self.run(writer, prefix + self.tokens(n - cached), name="warm")
+            assert writer.engine.remote is not None and writer.engine.remote.flush(600.0)
+            # A fresh engine: nothing cached here, the prefix is in every rank's store.
+            leader = self.leader(2 * self.num_prompt_blocks + 2, write_through=False)
+            seconds = self.run(leader, prompt)
+            assert leader.engine.remote is not None
+            self.prefix_hashes = leader.engine.remote.block_hashes(prefix, None, None)
+            fetched = leader.engine.results["r"].num_remote_tokens
+            assert fetched == cached, (fetched, cached)
+            return seconds, fetched
         if name == "gpu_hit":
             leader = self.leader(2 * self.num_prompt_blocks + 2)
             self.run(leader, prefix + self.tokens(n - cached), name="warm")
@@ -318,13 +362,14 @@ class Leader:
         assert onboarded == cached, (onboarded, cached)
         return seconds, onboarded
 
-    def measure(self) -> dict[str, Any]:
-        for name in CASES:  # warm-up
+    def measure(self, cases: tuple[str, ...]) -> dict[str, Any]:
+        for name in cases:  # warm-up
             self.case(name)
-        seconds: dict[str, list[float]] = {name: [] for name in CASES}
+        seconds: dict[str, list[float]] = {name: [] for name in cases}
+        self.cpu_ms = {name: [] for name in cases}
         onboarded = 0
         for _ in range(self.args.reps):
-            for name in CASES:
+            for name in cases:
                 s, n = self.case(name)
                 seconds[name].append(s)
                 self.cpu_ms[name].append(self.step_cpu_ms)
@@ -333,10 +378,26 @@ class Leader:
         self.last.stop()
         step_cpu_ms = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
                        for name, rows in self.cpu_ms.items()}
-        return {"ttft_ms": {k: statistics.median(v) * 1e3 for k, v in seconds.items()},
-                "step_cpu_ms": step_cpu_ms,
-                "onboarded_tokens": onboarded,
-                "rank_bytes_per_token": self.shard.kv_layout(self.tpb).bytes_per_token}
+        out = {"ttft_ms": {k: statistics.median(v) * 1e3 for k, v in seconds.items()},
+               "step_cpu_ms": step_cpu_ms,
+               "onboarded_tokens": onboarded,
+               "rank_bytes_per_token": self.shard.kv_layout(self.tpb).bytes_per_token}
+        if self.remote is not None:
+            out["store_read_GBps_per_rank"] = self.store_read_GBps()
+        return out
+
+    def store_read_GBps(self) -> float:
+        """Rank 0's store read throughput: ``get_many`` of the last stored prefix (values
+        checked and decoded), the median of 3."""
+        assert self.remote is not None and self.prefix_hashes
+        rates = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            found = self.remote.store.get_many(self.prefix_hashes)
+            seconds = time.perf_counter() - t0
+            assert len(found) == len(self.prefix_hashes)
+            rates.append(sum(len(v) for v in found.values()) / seconds / 1e9)
+        return statistics.median(rates)
 
 
 def ttft(args: argparse.Namespace) -> dict[str, Any]:
@@ -347,6 +408,24 @@ def ttft(args: argparse.Namespace) -> dict[str, Any]:
             ttft_rank, args=spawn_args, nprocs=TP_SIZE, join=True)
         result: dict[str, Any] = json.loads(Path(out).read_text())
         return result
+
+
+def print_remote(r: dict[str, Any]) -> dict[str, Any]:
+    """The remote cases' table; their figures for the JSON line."""
+    ms, cpu = r["ttft_ms"], r["step_cpu_ms"]
+    fetched_bytes = r["onboarded_tokens"] * r["rank_bytes_per_token"]
+    read_GBps = r["store_read_GBps_per_rank"]
+    print(f"remote tier at TP {TP_SIZE} (block-major GPU pools; an in-memory store in each "
+          f"rank's process, read at {read_GBps:.2f} GB/s a rank by get_many, values checked):")
+    print(f"{'case':10} {'TTFT ms':>9} {'schedule ms':>12} {'submit ms':>10}")
+    for name in REMOTE_CASES:
+        print(f"{name:10} {ms[name]:>9.2f} {cpu[name]['schedule']:>12.2f} "
+              f"{cpu[name]['submit']:>10.2f}")
+    print(f"remote_hit fetched {fetched_bytes / MIB:.1f} MiB a rank (the store read alone: "
+          f"{fetched_bytes / read_GBps / 1e6:.2f} ms); remote_hit is "
+          f"{ms['recompute'] / ms['remote_hit']:.2f}x the speed of a recompute")
+    return {"ttft_ms": ms, "step_cpu_ms": cpu, "fetched_bytes_per_rank": fetched_bytes,
+            "store_read_GBps_per_rank": read_GBps}
 
 
 # ---- main ---------------------------------------------------------------------------------
@@ -363,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU with 2 gloo ranks")
     p.add_argument("--no-ttft", action="store_true", help="bandwidth only")
     p.add_argument("--no-bandwidth", action="store_true", help="TTFT only")
+    p.add_argument("--no-remote", action="store_true", help="TTFT without the remote cases")
     p.add_argument("--method", default="auto", help="the TTFT ranks' transfer method")
     p.add_argument("--whole", action="store_true",
                    help="TTFT: onboard the whole plan before the forward (not layer by layer)")
@@ -401,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_ttft or (args.device == "cuda" and num_gpus < TP_SIZE):
         print("TTFT at TP 2 not run (--no-ttft, or fewer than 2 GPUs)")
     else:
-        t = ttft(args)
+        timings = ttft(args)
+        t = timings["layer_major"]
         ms = t["ttft_ms"]
         onboard_bytes = t["onboarded_tokens"] * t["rank_bytes_per_token"]
         ceiling_ms = onboard_bytes / (h2d_ceiling_GBps / TP_SIZE * 1e9) * 1e3
@@ -418,15 +499,18 @@ def main(argv: list[str] | None = None) -> int:
             cpu = t["step_cpu_ms"][name]
             print(f"{name:10} {ms[name]:>9.2f} {cpu['schedule']:>12.2f} {cpu['submit']:>10.2f}")
         print("all-reduce, one forward pass's worth (2 a layer) of [tokens, dim]: "
-              + ", ".join(f"{n} tokens {v:.2f} ms" for n, v in t["all_reduce_ms"].items()))
+              + ", ".join(f"{n} tokens {v:.2f} ms"
+                          for n, v in timings["all_reduce_ms"].items()))
         print(f"host_hit - gpu_hit = {overhead_ms:.2f} ms for {onboard_bytes / MIB:.1f} MiB a "
               f"rank; at the two-GPU h2d ceiling {ceiling_ms:.2f} ms; host_hit is "
               f"{ms['recompute'] / ms['host_hit']:.1f}x the speed of a recompute")
         result.update(prompt_tokens=args.prompt_tokens, cached_tokens=args.cached_tokens,
                       method=args.method, whole=args.whole, step_cpu_ms=t["step_cpu_ms"],
-                      all_reduce_ms=t["all_reduce_ms"], ttft_ms=ms,
+                      all_reduce_ms=timings["all_reduce_ms"], ttft_ms=ms,
                       onboard_bytes_per_rank=onboard_bytes,
                       onboard_overhead_ms=overhead_ms, onboard_ceiling_ms=ceiling_ms)
+        if "block_major" in timings:
+            result["remote"] = print_remote(timings["block_major"])
     print(json.dumps(result))
     return 0
 

@@ -264,9 +264,28 @@ def rank_main(rank: int, backend: str, rendezvous: str, out_dir: str) -> None:
         biased = TensorParallelLlama(LlamaModel(BIASED, device), rank, TP_SIZE)
         saved["biased"] = biased.full_recompute(make_prompts()[0][0]).cpu()
         saved["remote"] = remote_runs(shard, device, control)
+        saved["all_reduces"] = count_all_reduces(shard)
         torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def count_all_reduces(shard: TensorParallelLlama) -> int:
+    """The all-reduces of one forward pass over a prompt (a collective: every rank)."""
+    real = dist.all_reduce
+    calls = 0
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    setattr(dist, "all_reduce", counting)  # noqa: B010 - a module function, swapped back below
+    try:
+        shard.full_recompute(make_prompts()[0][0])
+    finally:
+        setattr(dist, "all_reduce", real)  # noqa: B010
+    return calls
 
 
 def direct_checks(shard: TensorParallelLlama, rank: int, group: Any) -> dict[str, Any]:
@@ -335,6 +354,9 @@ def check_tp_run(ranks: list[dict[str, Any]], device: str) -> None:
     assert fault["num_failed_elsewhere"] == fault["num_failed_ops"]
     assert ranks[1]["fault"]["num_failed_elsewhere"] == 0
     check_remote(ranks, device)
+    # Two a layer (after attention's output projection and after the MLP's down projection):
+    # a sequential block's MLP norm needs the attention output summed over ranks first.
+    assert [r["all_reduces"] for r in ranks] == [2 * ModelConfig().num_layers] * TP_SIZE
     # Rank 1 failed the onboard (op 1): both ranks raise the same error, naming rank 1.
     for saved in ranks:
         message, failed = saved["direct"]["error"]
