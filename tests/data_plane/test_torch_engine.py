@@ -115,17 +115,20 @@ def run_plan(engine: TorchTransferEngine, ops: list[TransferOp]) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("gpu_kind", "host_kind"), LAYOUTS)
-@pytest.mark.parametrize("method", ["auto", "fused", "kernel", "dma", "staged"])
+@pytest.mark.parametrize("method", ["auto", "dma_batch", "fused", "kernel", "dma", "staged"])
 @pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "whole"])
 def test_random_plans_match_plain_indexing(device: str, gpu_kind: str, host_kind: str,
                                            method: str, layerwise: bool) -> None:
     """Random plans with hazards and partial copies give exactly the in-order result."""
     gpu, host = make_tiers(gpu_kind, host_kind, device)
-    if method == "fused" and not TorchTransferEngine(gpu, host).fused:
-        pytest.skip("the fused kernel needs CUDA, unified addressing and Triton")
     if method == "kernel" and device == "cuda" and not TorchTransferEngine(gpu, host).has_uva:
         pytest.skip("no unified addressing on this machine")
-    engine = TorchTransferEngine(gpu, host, method=method, layerwise=layerwise)
+    try:
+        engine = TorchTransferEngine(gpu, host, method=method, layerwise=layerwise)
+    except ValueError as exc:  # fused: CUDA, unified addressing and Triton; dma_batch: CUDA
+        if method not in ("fused", "dma_batch"):
+            raise
+        pytest.skip(str(exc))
     rng = random.Random(f"{gpu_kind}-{host_kind}-{method}-{layerwise}")
     for _ in range(25):
         ops = random_ops(rng, gpu.num_blocks, host.num_blocks)
@@ -137,6 +140,8 @@ def test_random_plans_match_plain_indexing(device: str, gpu_kind: str, host_kind
     if engine.fused:  # one launch per layer, or one for whole block-major blocks
         per_plan = 1 if not layerwise and gpu_kind == host_kind == "block_major" else NUM_LAYERS
         assert engine.stats.num_fused_launches == 25 * per_plan
+    if method == "dma_batch":  # at least one batch per layer and plan
+        assert engine.dma_batched and engine.stats.num_dma_batches >= 25 * NUM_LAYERS
     # Whole-block DMA needs slots contiguous in memory: whole tensors of one layout kind,
     # or one layer of a layer-major pair.
     if method == "dma" and gpu_kind == host_kind and (not layerwise or gpu_kind == "layer_major"):
@@ -256,13 +261,15 @@ def test_a_failing_batch_names_the_ops_not_done(device: str) -> None:
 
 
 @CUDA
-def test_a_failing_fused_launch_fails_every_op() -> None:
+@pytest.mark.parametrize("method", ["fused", "dma_batch"])
+def test_a_failing_launch_fails_every_op(method: str) -> None:
     """A launch that raises (layer 1 of 3) fails the whole plan: every op is named, since
     layer 0 was copied and layer 2 not; the engine stays usable."""
     gpu, host = make_tiers("layer_major", "block_major", "cuda")
-    engine = TorchTransferEngine(gpu, host)
-    if not engine.fused:
-        pytest.skip("the fused kernel needs unified addressing and Triton")
+    try:
+        engine = TorchTransferEngine(gpu, host, method=method)
+    except ValueError as exc:
+        pytest.skip(str(exc))
     ops = [TransferOp(OpKind.OFFLOAD, G, 0, H, 0, TPB), TransferOp(OpKind.ONBOARD, H, 5, G, 0, TPB)]
 
     def fail_layer_1(layer: int | None) -> None:

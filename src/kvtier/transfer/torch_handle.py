@@ -24,7 +24,8 @@ class TransferStats:
     num_staged_groups: int = 0
     num_dma_copies: int = 0
     num_fused_launches: int = 0  # fused path: kernels launched
-    num_components: int = 0  # fused path: groups of ops that share a written slot
+    num_components: int = 0  # fused and batched paths: groups of ops that share a written slot
+    num_dma_batches: int = 0  # copy-engine path: cudaMemcpyBatchAsync calls
     bytes_h2d: int = 0
     bytes_d2h: int = 0
     bytes_d2d: int = 0

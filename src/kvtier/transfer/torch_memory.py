@@ -81,3 +81,10 @@ def copy_staged(src: torch.Tensor, dst: torch.Tensor, src_index: torch.Tensor,
         torch.cuda.current_stream(gathered.device).synchronize()
         gathered = staging
     dst.index_copy_(0, dst_index, gathered)
+
+
+def layer_view(tensors: list[torch.Tensor], kind: str, index: int) -> torch.Tensor:
+    """Layer ``index`` of a tier's tensors of layout ``kind``, [blocks, 2, tokens, ...]."""
+    if kind == "block_major":
+        return tensors[0][:, index]
+    return tensors[index]
