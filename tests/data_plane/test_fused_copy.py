@@ -53,9 +53,10 @@ def onboard(h: int, g: int) -> TransferOp:
     return TransferOp(OpKind.ONBOARD, H, h, G, g, TPB)
 
 
-def grouped(ops: list[TransferOp], dense: bool | None = None) -> list[list[int]] | None:
+def grouped(ops: list[TransferOp], dense: bool | None = None,
+            pairs: bool = True) -> list[list[int]] | None:
     """The components as lists of plan positions, in run order."""
-    result = components(plan_arrays(ops), dense)
+    result = components(plan_arrays(ops), dense, pairs)
     if result is None:
         return None
     order, starts = result
@@ -97,8 +98,8 @@ def any_op(draw: st.DrawFn) -> TransferOp:
 def test_conflicting_ops_share_a_component_in_plan_order(ops: list[TransferOp]) -> None:
     """Any two ops touching a slot that one of them writes are in one component, which
     lists its ops in plan order; every op is in exactly one component. Slots indexed
-    directly or numbered by sorting: the same components."""
-    assert grouped(ops, dense=True) == grouped(ops, dense=False)
+    directly or numbered by sorting, pairs found directly or not: the same components."""
+    assert grouped(ops, dense=True) == grouped(ops, dense=False) == grouped(ops, pairs=False)
     groups = grouped(ops) or [[i] for i in range(len(ops))]
     assert sorted(i for g in groups for i in g) == list(range(len(ops)))
     assert all(g == sorted(g) for g in groups)

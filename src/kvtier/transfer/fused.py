@@ -109,14 +109,16 @@ def check_arrays(arrays: PlanArrays, ops: Sequence[TransferOp],
         raise AssertionError(f"op {i} {ops[i]} failed the array check but not check_op")
 
 
-def components(arrays: PlanArrays, dense: bool | None = None) -> tuple[Ints, Ints] | None:
+def components(arrays: PlanArrays, dense: bool | None = None,
+               pairs: bool = True) -> tuple[Ints, Ints] | None:
     """``(order, starts)``: the ops grouped into components (ops that share a slot some op
     of the plan writes), each in plan order, components ordered by their first op;
     ``None`` when every op is a component of its own.
 
     Slots are keyed ``2 * slot + tier``. ``dense`` (the default where keys are fewer than
     ``DENSE_KEYS_PER_OP`` per op) indexes arrays by key directly, in linear time; else keys
-    are numbered by sorting them. Pure."""
+    are numbered by sorting them. ``pairs`` first tries the case of a step (components of
+    at most two ops, no slot written twice) in a few passes. Pure."""
     n = len(arrays.src_slot)
     src_key = arrays.src_slot * 2 + arrays.src_tier
     dst_key = arrays.dst_slot * 2 + arrays.dst_tier
@@ -130,8 +132,13 @@ def components(arrays: PlanArrays, dense: bool | None = None) -> tuple[Ints, Int
         num_keys, dst_k, src_k = len(keys), inverse[:n], inverse[n:]
     num_writes = np.bincount(dst_k, minlength=num_keys)
     reads_written = num_writes[src_k] > 0
-    if not reads_written.any() and num_writes.max() <= 1:
+    written_once = num_writes.max() <= 1
+    if not reads_written.any() and written_once:
         return None
+    if pairs and written_once:
+        found = _pairs(src_k, num_keys, dst_k)
+        if found is not None:
+            return found
     linked = np.flatnonzero(reads_written)  # ops whose source some op writes
     src_k = src_k[linked]
     # Label propagation over ops and slots: every op takes the smallest label of the slots
@@ -151,6 +158,36 @@ def components(arrays: PlanArrays, dense: bool | None = None) -> tuple[Ints, Int
     sorted_label = label[order]
     boundaries = np.flatnonzero(sorted_label[1:] != sorted_label[:-1]) + 1
     starts = np.concatenate([[0], boundaries, [n]]).astype(np.int64)
+    return order, starts
+
+
+def _pairs(src_k: Ints, num_keys: int, dst_k: Ints) -> tuple[Ints, Ints] | None:
+    """``components()`` where no key is written twice and every component is at most a
+    pair: a writer and the one op that reads its slot (a step's offload of a GPU slot and
+    the onboard into it), found without iterating; ``None`` where it does not apply."""
+    n = len(src_k)
+    writer = np.full(num_keys, -1, dtype=np.int64)
+    writer[dst_k] = np.arange(n, dtype=np.int64)  # keys are written once: no collisions
+    partner = writer[src_k]  # the op that writes my source, if any
+    readers = np.flatnonzero(partner >= 0)
+    writers = partner[readers]
+    is_writer = np.zeros(n, dtype=bool)
+    is_writer[writers] = True
+    if int(is_writer.sum()) != len(writers) or is_writer[readers].any():
+        return None  # a slot read twice, or a chain of three ops or more: not pairs
+    first, later = np.minimum(readers, writers), np.maximum(readers, writers)
+    mate = np.full(n, -1, dtype=np.int64)
+    mate[first] = later
+    is_later = np.zeros(n, dtype=bool)
+    is_later[later] = True
+    heads = np.flatnonzero(~is_later)  # each component's first op, in plan order
+    head_mates = mate[heads]
+    paired = head_mates >= 0
+    starts = np.zeros(len(heads) + 1, dtype=np.int64)
+    np.cumsum(1 + paired, out=starts[1:])
+    order = np.empty(n, dtype=np.int64)
+    order[starts[:-1]] = heads
+    order[starts[:-1][paired] + 1] = head_mates[paired]
     return order, starts
 
 
