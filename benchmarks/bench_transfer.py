@@ -44,6 +44,7 @@ with warnings.catch_warnings():
 
 from kvtier.storage import KVLayout, KVStorage
 from kvtier.tier import Tier
+from kvtier.transfer.engine import TransferError
 from kvtier.transfer.plan import OpKind, PlanColumns, TransferOp, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
 
@@ -191,7 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layouts", default="block_major,layer_major,layer_major/block_major",
                    help="GPU layout kinds, or GPU/host pairs, comma-separated")
     p.add_argument("--directions", default="d2h,h2d,both,step")
-    p.add_argument("--methods", default="auto", help="auto, kernel, dma, staged (commas)")
+    p.add_argument("--methods", default="auto",
+                   help="auto, dma_batch, fused, kernel, dma, staged (commas)")
     p.add_argument("--total-mib", type=int, default=1024, help="bytes moved by one plan")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -289,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                         handle = engine.submit(plan)
                         return lambda: engine.wait(handle)
 
-                    seconds, cpu_seconds = timer(run)
+                    try:
+                        seconds, cpu_seconds = timer(run)
+                    except TransferError as exc:
+                        print(f"failed {kinds} {block_kib} KiB {direction} {method}: {exc}",
+                              file=sys.stderr)
+                        continue
                     num_ops = len(plan.ops)
                     nbytes = num_ops * layout.bytes_per_block
                     gbps = nbytes / seconds / 1e9
@@ -297,14 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({
                         "layout": f"{gpu_kind}/{host_kind}", "block_kib": block_kib,
                         "direction": direction, "method": method, "num_blocks": num_ops,
-                        "fused": engine.fused, "bytes": nbytes, "ms": seconds * 1e3,
+                        "path": engine.path, "bytes": nbytes, "ms": seconds * 1e3,
                         "GBps": gbps, "ratio": gbps / ceiling[CEILING[direction]],
                         "submit_ms": cpu_seconds * 1e3,
                         "cpu_us_per_block": cpu_seconds * 1e6 / num_ops,
                         "columns_us_per_block": columns_s * 1e6 / num_ops,
                         "copy_us_per_block": seconds * 1e6 / num_ops,
                         "calls_per_plan": (stats.num_kernel_groups + stats.num_staged_groups
-                                           + stats.num_dma_copies + stats.num_fused_launches)
+                                           + stats.num_dma_copies + stats.num_fused_launches
+                                           + stats.num_dma_batches)
                         / max(1, stats.num_plans),
                     })
                     print_row(rows[-1])

@@ -63,8 +63,9 @@ class Bench:
                              device)
         self.host = KVStorage(cfg.kv_layout(self.tpb, args.host_layout),
                               2 * self.num_prompt_blocks)
-        self.layerwise = TorchTransferEngine(self.gpu, self.host)
-        self.whole = TorchTransferEngine(self.gpu, self.host, layerwise=False)
+        self.layerwise = TorchTransferEngine(self.gpu, self.host, method=args.method)
+        self.whole = TorchTransferEngine(self.gpu, self.host, method=args.method,
+                                         layerwise=False)
         self.cpu_ms: dict[str, float] = {}
         self.rng = random.Random(0)
 
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-layout", default="layer_major")
     p.add_argument("--host-layout", default="block_major")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--method", default="auto", help="the transfer engine's method")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny model and prompt, CPU ok")
     args = p.parse_args(argv)
@@ -184,17 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onboarding: {onboard_bytes / 2**20:.1f} MiB; host_hit - gpu_hit = "
           f"{overhead_ms:.2f} ms (whole plan first: {whole_ms:.2f} ms); one pinned copy of "
           f"those bytes {ceiling_ms:.2f} ms ({onboard_bytes / ceiling_ms / 1e6:.1f} GB/s); "
-          f"ratio {ratio:.2f} (target <= 1.1); fused copy kernel: {bench.layerwise.fused}")
+          f"ratio {ratio:.2f} (target <= 1.1); copy path: {bench.layerwise.path}")
     print(f"CPU in the host_hit step: schedule {bench.cpu_ms.get('schedule', 0):.2f} ms, "
           f"submit {bench.cpu_ms.get('submit', 0):.2f} ms")
     print(json.dumps({"benchmark": "bench_ttft", **env, "smoke": args.smoke,
                       "prompt_tokens": args.prompt_tokens, "cached_tokens": args.cached_tokens,
                       "tokens_per_block": args.tokens_per_block, "gpu_layout": args.gpu_layout,
-                      "host_layout": args.host_layout, "reps": args.reps, "ttft_ms": ttft_ms,
+                      "host_layout": args.host_layout, "reps": args.reps,
+                      "method": args.method, "ttft_ms": ttft_ms,
                       "onboard_bytes": onboard_bytes, "onboard_overhead_ms": overhead_ms,
                       "ceiling_ms": ceiling_ms, "overhead_ratio": ratio,
                       "whole_overhead_ms": whole_ms, "host_hit_cpu_ms": bench.cpu_ms,
-                      "fused": bench.layerwise.fused}))
+                      "path": bench.layerwise.path}))
     return 0
 
 

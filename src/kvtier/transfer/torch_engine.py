@@ -32,7 +32,7 @@ the caller's stream wait (the CPU does not block). On CPU every copy is done whe
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from kvtier.tier import Tier
 from kvtier.transfer.batching import TransferBatch
@@ -154,6 +154,13 @@ class TorchTransferEngine:
         copier = self._dma[0]
         return copier.copy_bytes(0 if self.layerwise else None) >= self.min_batch_copy_bytes
 
+    @property
+    def path(self) -> Literal["dma_batch", "fused", "waves"]:
+        """Which path runs plans (see the module docstring). Pure."""
+        if self.dma_batched:
+            return "dma_batch"
+        return "fused" if self.fused else "waves"
+
     def _targets(self) -> tuple[list[LaunchTarget], LaunchTarget | None]:
         """Per layer, and for whole block-major blocks, what one launch copies between."""
         assert self._kernel_views is not None
@@ -175,8 +182,27 @@ class TorchTransferEngine:
         return FusedCopier(*self._targets(), self._tpb, 8 * num_sms)
 
     def _dma_copier(self) -> tuple[DmaBatchCopier, Executor] | None:
+        """The copy-engine path, where the runtime has the batched copy and one probe copy
+        through it (8 bytes on the GPU) arrives."""
+        import numpy as np
+        import torch
+
         execute = load_cudart_batch()
         if execute is None:
+            return None
+        stream = self._streams.stream("h2d")
+        probe = torch.arange(2, dtype=torch.int64, device=self.device)
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.device(self.device):
+            def addr(x: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
+                return np.array([x], dtype=np.uint64)
+            try:
+                execute(addr(probe.data_ptr()), addr(probe.data_ptr() + 8), addr(8),
+                        stream.cuda_stream)
+            except RuntimeError:
+                return None
+            stream.synchronize()
+        if probe.tolist() != [1, 1]:
             return None
         return DmaBatchCopier(*self._targets(), self._tpb), execute
 
