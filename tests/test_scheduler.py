@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier.scheduled_step import STEP_PHASES, StepPhases
 from kvtier.scheduler import ContextChunk, Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.sim.probe import ProbeScheduler
 from kvtier.sim.probe import make_scheduler as scheduler_for
@@ -87,6 +88,25 @@ def test_chunked_prefill_then_decode_exact_steps() -> None:
     assert (st3.context_chunks, st3.decode_request_ids) == ((), ("a",))
     assert finish_step(s, st3) == ["a"]
     assert not s.has_unfinished() and s.manager.num_sequences == 0
+
+
+def test_step_phases_time_each_phase_only_when_turned_on() -> None:
+    """The opt-in phase counter: each phase gets the clock's time since the last mark."""
+    ticks = iter(range(100))
+    s = make_scheduler(max_num_tokens=8, max_batch_size=4)
+    assert s.phases is None  # off by default: a step reads no clock
+    s.phases = StepPhases(clock=lambda: float(next(ticks)))
+    s.add_request(Request("a", list(range(10)), 2))
+    step = s.step()
+    # begin 0, decode 1, prefill 2, lookup 3, admit 4, hint 5, store 6 (one tick each)
+    assert s.phases.last == dict.fromkeys(STEP_PHASES[:-1], 1.0) | {"update": 0.0}
+    finish_step(s, step)  # resume 7, update 8
+    assert s.phases.last["update"] == 1.0
+    s.step()  # no waiting request: the admit loop does not run, so no lookup or admit
+    assert s.phases.last == {"decode": 1.0, "prefill": 1.0, "lookup": 0.0, "admit": 0.0,
+                             "hint": 1.0, "store": 1.0, "update": 0.0}
+    assert s.phases.total == {"decode": 2.0, "prefill": 2.0, "lookup": 1.0, "admit": 1.0,
+                              "hint": 2.0, "store": 2.0, "update": 1.0}
 
 
 def test_no_chunking_waits_for_room_but_does_not_block_smaller_requests() -> None:

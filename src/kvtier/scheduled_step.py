@@ -3,6 +3,8 @@ run before it, and the scheduler's own records of an admission."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from kvtier.request import Request
@@ -49,3 +51,43 @@ class Admitted(NamedTuple):
     chunks: list[ContextChunk]
     num_credited_tokens: int
     num_reused_tokens: int
+
+
+STEP_PHASES = ("decode", "prefill", "lookup", "admit", "hint", "store", "update")
+"""The phases of a scheduler step that :class:`StepPhases` times, in order: decode growth,
+prefill chunks, the lookups of the waiting queue, the batch admission, the queue hint, the
+stores at the step's end, and ``update``."""
+
+
+class StepPhases:
+    """An opt-in debug counter: real seconds spent in each phase of ``Scheduler.step`` and
+    ``update`` (``STEP_PHASES``), for the last step (``last``) and summed (``total``).
+
+    Off by default: a scheduler whose ``phases`` is ``None`` reads no clock. On, it costs a
+    clock read per phase per step, never per request or per block.
+    """
+
+    __slots__ = ("_clock", "_t", "last", "total")
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._t = 0.0
+        self.last = dict.fromkeys(STEP_PHASES, 0.0)
+        self.total = dict.fromkeys(STEP_PHASES, 0.0)
+
+    def begin(self) -> None:
+        """A step starts: clear ``last`` and start the clock."""
+        self.last = dict.fromkeys(STEP_PHASES, 0.0)
+        self._t = self._clock()
+
+    def resume(self) -> None:
+        """Start the clock again (``update`` after a step), keeping ``last``."""
+        self._t = self._clock()
+
+    def mark(self, phase: str) -> None:
+        """The time since the last mark (or ``begin`` / ``resume``) went to ``phase``."""
+        t = self._clock()
+        elapsed = t - self._t
+        self.last[phase] += elapsed
+        self.total[phase] += elapsed
+        self._t = t

@@ -26,7 +26,7 @@ from kvtier.admission import PrefixMatch
 from kvtier.blocks import cdiv
 from kvtier.manager import KVCacheManager
 from kvtier.request import Request, check_request
-from kvtier.scheduled_step import Admitted, Candidate, ContextChunk, ScheduledStep
+from kvtier.scheduled_step import Admitted, Candidate, ContextChunk, ScheduledStep, StepPhases
 from kvtier.scheduler_config import (
     ADMISSIONS,
     CAPACITY_POLICIES,
@@ -87,6 +87,8 @@ class Scheduler:
         self.num_lookups = 0
         # What the manager was last told of the waiting queue (manager version, head ids).
         self._hinted: tuple[int, tuple[str, ...]] | None = None
+        # Set to a StepPhases to time each phase of a step (a debug counter; off: None).
+        self.phases: StepPhases | None = None
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -159,11 +161,16 @@ class Scheduler:
 
     def step(self) -> ScheduledStep:
         """Schedule one forward pass."""
+        phases = self.phases
+        if phases is not None:
+            phases.begin()
         self.manager.begin_step()
         try:
             return self._step()
         finally:
             self.manager.end_step()
+            if phases is not None:
+                phases.mark("store")
 
     def _step(self) -> ScheduledStep:
         cfg = self.config
@@ -190,6 +197,9 @@ class Scheduler:
                 todo = [item for item in todo if item[0] != victim.request_id]
         budget -= len(decodes)
         slots -= len(decodes)
+        phases = self.phases
+        if phases is not None:
+            phases.mark("decode")
 
         # 2. Continue chunked prefills.
         cap = self._chunk_cap()
@@ -205,6 +215,8 @@ class Scheduler:
             budget -= n
             slots -= 1
 
+        if phases is not None:
+            phases.mark("prefill")
         # 3. Admit waiting requests.
         credited = reused = 0
         if budget and slots and self.waiting:
@@ -219,6 +231,8 @@ class Scheduler:
         # with the manager and come with the next step's plan.)
         plan = self.manager.take_plan()
         self._hint_queue()
+        if phases is not None:
+            phases.mark("hint")
         return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, plan,
                              tuple(preempted), credited, reused, overflow)
 
@@ -301,9 +315,12 @@ class Scheduler:
         chunks: list[ContextChunk] = []
         credited = reused = 0
         rejected: set[str] = set()
+        phases = self.phases
         for _ in range(4):
             candidates = [c for c in self.candidates(budget, slots)
                           if c.request.request_id not in rejected]
+            if phases is not None:
+                phases.mark("lookup")
             if not candidates:
                 break
             admissions = self.manager.add_sequence_batch([c.spec for c in candidates])
@@ -316,6 +333,8 @@ class Scheduler:
                 chunks.append(self.start(cand, adm.num_reused_tokens, cand.num_new_tokens))
                 budget -= cand.num_new_tokens
                 slots -= 1
+            if phases is not None:
+                phases.mark("admit")
             if not rejected or budget == 0 or slots == 0:
                 break
         return Admitted(chunks, credited, reused)
@@ -341,6 +360,9 @@ class Scheduler:
         length or whose sampled token ends them (``stopped``: an EOS or a stop string, the
         token itself is kept). Returns the finished requests. Raises ValueError, changing
         nothing, if a request that samples has no valid token in ``sampled``."""
+        phases = self.phases
+        if phases is not None:
+            phases.resume()
         running = self.running
         samplers = [rid for rid in step.decode_request_ids if rid in running]
         for chunk in step.context_chunks:
@@ -370,6 +392,8 @@ class Scheduler:
         for req in finished:
             self.manager.remove_sequence(req.request_id)
             del self.running[req.request_id]
+        if phases is not None:
+            phases.mark("update")
         return finished
 
     def requeue_failed(self, step: ScheduledStep, request_ids: Iterable[str]) -> ScheduledStep:

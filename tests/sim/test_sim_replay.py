@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvtier import CacheConfig
+from kvtier.scheduled_step import STEP_PHASES
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim import (
     MooncakeTrace,
@@ -119,6 +120,26 @@ def test_synthetic_chat_claim_is_exact_and_latencies_are_ordered() -> None:
     # Each request's TTFT <= its E2E, so every order statistic is ordered too.
     for q in ("p50", "p90", "p99"):
         assert getattr(report.ttft_s, q) <= getattr(report.e2e_s, q)
+
+
+def test_phases_report_where_full_steps_go() -> None:
+    """With ``phases``, the report splits the full steps' CPU time by phase; the phases
+    lie inside the timed step, so they never sum past it. Off, there is no breakdown."""
+    workload = SyntheticChat(num_requests=40, arrival_rate_per_s=20.0)
+    cache = CacheConfig(num_gpu_blocks=400, num_host_blocks=1600)
+    sched = SchedulerConfig(max_num_tokens=2048)
+    report = simulate(workload, cache, sched, phases=True)
+    assert report.step_phases_us is not None
+    assert set(report.step_phases_us) == {"all", "slowest_1pct"}
+    for means in report.step_phases_us.values():
+        assert list(means) == ["step", *STEP_PHASES]
+        assert all(us >= 0 for us in means.values())
+        assert sum(means[p] for p in STEP_PHASES) <= means["step"]
+        assert means["admit"] > 0 and means["store"] > 0
+    plain = simulate(workload, cache, sched)
+    assert plain.step_phases_us is None
+    assert dataclasses.replace(report, cpu={}, step_phases_us=None) == dataclasses.replace(
+        plain, cpu={})  # timing changes nothing but the timings
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from kvtier.blocks import cdiv
 from kvtier.config import CacheConfig
 from kvtier.manager import KVCacheManager
 from kvtier.request import Request
+from kvtier.scheduled_step import STEP_PHASES, StepPhases
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.oracle import oracle_bounds
 from kvtier.sim.probe import make_scheduler
@@ -58,6 +59,7 @@ def simulate(
     progress: Callable[[int], object] | None = None,
     oracle: bool = False,
     check_every: int | None = None,
+    phases: bool = False,
 ) -> SimReport:
     """Replay ``workload`` through a fresh scheduler and manager; see the module docstring.
 
@@ -66,7 +68,9 @@ def simulate(
     ``update`` fits). Requests that could never fit the GPU pool are skipped and counted in
     ``num_rejected_too_large``. ``oracle`` adds :func:`oracle_bounds` at the cache's
     capacity. ``check_every`` runs ``check_invariants`` every that many steps (for tests);
-    they always run once at the end. Raises ValueError for a bad argument and
+    they always run once at the end. ``phases`` times each phase of every step
+    (:class:`~kvtier.scheduled_step.StepPhases`, a debug counter) and reports where the
+    full steps' time went (``SimReport.step_phases_us``). Raises ValueError for a bad argument and
     :class:`SimulationStalled` if waiting requests can never be admitted.
     """
     sched = sched if sched is not None else SchedulerConfig()
@@ -77,7 +81,7 @@ def simulate(
     if check_every is not None and (type(check_every) is not int or check_every < 1):
         raise ValueError(f"check_every must be an integer >= 1 or None, got {check_every!r}")
 
-    loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every)
+    loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every, phases)
     wall_start = time.perf_counter()
     with fewer_gc_passes():
         loop.run(iter(workload))
@@ -128,7 +132,7 @@ class ReplayLoop:
 
     def __init__(self, cache: CacheConfig, sched: SchedulerConfig, model: TimeModel,
                  time_scale: float, progress: Callable[[int], object] | None,
-                 check_every: int | None) -> None:
+                 check_every: int | None, phases: bool = False) -> None:
         self.now_s = 0.0
         self.manager = KVCacheManager(cache, clock=lambda: self.now_s)
         self.scheduler = make_scheduler(self.manager, sched)
@@ -144,6 +148,10 @@ class ReplayLoop:
         self.e2es: list[float] = []
         self.step_cpu_s: list[float] = []
         self.full_step_cpu_s: list[float] = []
+        # With ``phases``: each full step's seconds per phase, as the scheduler timed them.
+        self.phases = StepPhases() if phases else None
+        self.scheduler.phases = self.phases
+        self.full_step_phases: list[dict[str, float]] = []
         self.num_requests = self.num_rejected = self.num_output_tokens = 0
         self.num_finished_prompt_tokens = 0
         self.first_arrival_s: float | None = None
@@ -246,6 +254,8 @@ class ReplayLoop:
         self.step_cpu_s.append(cpu_s)
         if step.num_scheduled_tokens >= FULL_STEP_SHARE * self.sched.max_num_tokens:
             self.full_step_cpu_s.append(cpu_s)
+            if self.phases is not None:
+                self.full_step_phases.append(self.phases.last)
         self.num_scheduled += step.num_scheduled_tokens
         self.num_credited += step.num_credited_tokens
         self.num_obtained += step.num_reused_tokens
@@ -360,7 +370,26 @@ class ReplayLoop:
             cpu=cpu,
             load=estimate_load(self.busy_s, self.last_arrival_s - (self.first_arrival_s or 0.0),
                                float(self.time_scale)),
+            step_phases_us=(None if self.phases is None
+                            else phase_breakdown(self.full_step_cpu_s, self.full_step_phases)),
         )
+
+
+def phase_breakdown(step_s: list[float],
+                    phases: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean microseconds per phase over all the given steps (``"all"``) and over the
+    slowest 1 % of them (``"slowest_1pct"``, at least one step), with the steps' own mean
+    (``"step"``). Pure."""
+    order = sorted(range(len(step_s)), key=step_s.__getitem__)
+    groups = {"all": order, "slowest_1pct": order[len(order) - max(1, len(order) // 100):]}
+    out: dict[str, dict[str, float]] = {}
+    for name, members in groups.items():
+        n = max(1, len(members))
+        means = {"step": sum(step_s[i] for i in members) / n * 1e6}
+        for phase in STEP_PHASES:
+            means[phase] = sum(phases[i][phase] for i in members) / n * 1e6
+        out[name] = means
+    return out
 
 
 def _us(seconds: float | None) -> float | None:
