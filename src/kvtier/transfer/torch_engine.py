@@ -51,8 +51,10 @@ if TYPE_CHECKING:
     from kvtier.storage import KVStorage
 
 METHODS = ("auto", "dma_batch", "fused", "kernel", "dma", "staged")
-# NOTE: a guess between the fused kernel's 0.75-0.8 of the two-way ceiling and the copy
-# engines' per-copy cost; BENCHMARKS measures both paths at every block size.
+# NOTE: measured on an H200 (benchmarks/results/transfer.md), both directions at once: with
+# copies of 64 KiB and up the copy engines' batches moved 0.92-1.06 of the two-way ceiling
+# (the fused kernel 0.80-0.84); with 16 KiB copies 0.68-0.72 (fused 0.79-0.83) and with
+# 4 KiB 0.04-0.16, when the driver took 1.5-6 us of CPU per copy.
 MIN_BATCH_COPY_BYTES = 64 << 10
 STREAM_OF_FLAGS = {0: "d2d", 1: "h2d", 2: "d2h", 3: "h2h"}  # fused flags: bit 0 src host
 
