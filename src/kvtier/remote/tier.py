@@ -41,7 +41,8 @@ prompt's hash chain is computed once per fetch.
 
 Contract: ``RemoteTier`` may change the shared store's values, the manager's host tier (only
 through ``import_blocks`` and ``drain_spills``), the KV bytes of the host slots it imports
-into, and its own counters; it never changes a block that a live request holds.
+into (on every rank), and its own counters; it never changes a block that a live request
+holds.
 """
 
 from __future__ import annotations
