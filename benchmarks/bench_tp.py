@@ -57,7 +57,8 @@ from kvtier.model import LlamaModel, ModelConfig
 from kvtier.model.tensor_parallel import TensorParallelLlama
 from kvtier.model.tp_engine import CommandChannel, DistributedRanks, TensorParallelLeader, serve
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
-from kvtier.remote.tier import RemoteShard, RemoteTier
+from kvtier.remote.ranks import RemoteShard
+from kvtier.remote.tier import RemoteTier
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig
 from kvtier.storage import KVLayout, KVStorage
 from kvtier.transfer.plan import TransferPlan

@@ -16,8 +16,9 @@ from remote_helpers import RedisServers  # noqa: E402
 
 from kvtier import CacheConfig, KVCacheManager  # noqa: E402
 from kvtier.remote import FaultyRemoteStore, InMemoryRemoteStore, RemoteNamespace  # noqa: E402
+from kvtier.remote.ranks import LocalRanks, RemoteShard  # noqa: E402
 from kvtier.remote.store import RemoteStore  # noqa: E402
-from kvtier.remote.tier import LocalRanks, RemoteShard, RemoteTier  # noqa: E402
+from kvtier.remote.tier import RemoteTier  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 
 TPB = 4

@@ -38,7 +38,8 @@ from kvtier.model.tp_engine import (  # noqa: E402
     serve,
 )
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
-from kvtier.remote.tier import RemoteShard, RemoteTier, WritePolicy  # noqa: E402
+from kvtier.remote.ranks import RemoteShard  # noqa: E402
+from kvtier.remote.tier import RemoteTier, WritePolicy  # noqa: E402
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402

@@ -42,7 +42,8 @@ from kvtier.manager import KVCacheManager
 from kvtier.model.engine import ModelEngine
 from kvtier.model.llama import LlamaModel
 from kvtier.model.tensor_parallel import TensorParallelLlama
-from kvtier.remote.tier import Arrival, RemoteRanks, RemoteShard, RemoteTier, join_arrivals
+from kvtier.remote.ranks import Arrival, RemoteRanks, RemoteShard, join_arrivals
+from kvtier.remote.tier import RemoteTier
 from kvtier.scheduler import Scheduler
 from kvtier.storage import KVStorage
 from kvtier.tier import Tier

@@ -17,21 +17,11 @@
              (:func:`num_blocks_worth_fetching`), under the read throughput the tier
              measures on its own fetches (``measured_bytes_per_s``); without it, all of it.
 
-Under tensor parallelism every rank holds its share of each block's KV heads, and each
-rank's shard is its own value under that rank's namespace
-(:meth:`~kvtier.remote.codec.RemoteNamespace.for_rank`). The tier talks to every rank's
-:class:`RemoteShard` (its store and storages) through :class:`RemoteRanks`, and stays
-rank-agnostic itself::
-
-    write   every rank puts its shard of each block (its own store client, its own I/O)
-    fetch   every rank looks its shards up; a block counts as found only when every rank
-            found (and decoded) its shard, counted from the first (num_found_on_every_rank):
-            the manager imports that many host blocks once, then each rank writes its
-            shards into those slots. A shard missing or corrupt on one rank is a miss there,
-            so that block and every later one are a miss on all ranks (never half written)
-    ranks   LocalRanks: every rank's shard in this process (TP 1 is one of them);
-            kvtier.model.tp_engine.DistributedRanks: one process per rank, the leader's
-            tier sends each call to the workers and joins their results
+Under tensor parallelism every rank holds its share of each block's KV heads as its own
+value under that rank's namespace: the tier talks to every rank's side
+(:class:`~kvtier.remote.ranks.RemoteShard`) through
+:class:`~kvtier.remote.ranks.RemoteRanks` (:mod:`kvtier.remote.ranks`), and stays
+rank-agnostic itself.
 
 Keys are content hashes under a namespace that fingerprints model, block shape, dtype and
 memory layout (the tier refuses a store whose namespace is not its storages' layout), and a
@@ -50,22 +40,18 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.remote.codec import num_found_on_every_rank
 from kvtier.remote.options import check_number
+from kvtier.remote.ranks import Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
 from kvtier.tier import Tier
 
 if TYPE_CHECKING:
-    import torch
-
     from kvtier.manager import KVCacheManager
-    from kvtier.remote.codec import RemoteNamespace
     from kvtier.storage import KVStorage
 
 
@@ -138,214 +124,6 @@ WritePolicy = Literal["write-through", "write-back"]
 """When blocks reach the shared store: as soon as they are computed (write-through), or
 when host blocks leave the cache (write-back)."""
 WRITE_POLICIES: tuple[WritePolicy, ...] = get_args(WritePolicy)
-
-
-class Arrival(NamedTuple):
-    """What one fetch found: on one rank, or joined over every rank (:func:`join_arrivals`)."""
-
-    found_by_rank: tuple[frozenset[int], ...]  # hashes of the valid values, in rank order
-    num_bytes: int  # of the payloads the leader (rank 0) found
-    elapsed_s: float  # on the leader, from asking to having them
-
-
-def join_arrivals(by_rank: Sequence[Mapping[int, Arrival]]) -> dict[int, Arrival]:
-    """The fetches that arrived on every rank (``by_rank[r]``: rank ``r``'s own, by fetch
-    id), each with every rank's found hashes and the leader's bytes and time. Pure."""
-    if not by_rank:
-        raise ValueError("by_rank must hold the arrivals of at least one rank")
-    leader, others = by_rank[0], by_rank[1:]
-    return {fid: Arrival(tuple(h for rank in by_rank for h in rank[fid].found_by_rank),
-                         first.num_bytes, first.elapsed_s)
-            for fid, first in leader.items() if all(fid in rank for rank in others)}
-
-
-class RemoteShard:
-    """One rank's side of the remote tier: its ``store`` (keyed under its rank's namespace),
-    its ``gpu`` and ``host`` storages of that layout, and what its fetches found until the
-    tier says which host slots it goes to.
-
-    May change: the store's values, the host slots :meth:`fill` names, its fetch results.
-    """
-
-    def __init__(self, store: RemoteStore, gpu: KVStorage, host: KVStorage) -> None:
-        layout = store.namespace.layout
-        for name, storage in (("gpu", gpu), ("host", host)):
-            if storage.layout != layout:
-                raise ValueError(f"the store's namespace has layout {layout}, the {name} "
-                                 f"storage {storage.layout}: their blocks would be misread")
-        self.store = store
-        self.gpu = gpu
-        self.host = host
-        self._found: dict[int, tuple[dict[int, bytes], float]] = {}  # by fetch id
-        self._cond = threading.Condition()
-
-    def put(self, tier: Tier, blocks: Sequence[tuple[int, int]], wait: bool) -> int:
-        """Hand the store the blocks ``(hash, slot)`` of the ``tier`` storage, their bytes
-        copied now: written now with ``wait``, else on the I/O thread. Returns how many
-        were written (``wait``) or handed over."""
-        storage = self.gpu if tier is Tier.GPU else self.host
-        items = {h: _to_bytes(storage.block(slot)) for h, slot in blocks}
-        if not items:
-            return 0
-        if wait:
-            return self.store.put_many(items)
-        return len(items) if self.store.write_back(items) else 0
-
-    def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
-        """Look ``hashes`` up on the I/O thread; False if the store refused the job."""
-        started_s = time.monotonic()
-
-        def arrived(found: dict[int, bytes]) -> None:
-            self._arrive(fetch_id, found, time.monotonic() - started_s)
-
-        return self.store.prefetch(hashes, arrived)
-
-    def get(self, fetch_id: int, hashes: Sequence[int]) -> None:
-        """Look ``hashes`` up now (blocking)."""
-        started_s = time.monotonic()
-        found = self.store.get_many(hashes)
-        self._arrive(fetch_id, found, time.monotonic() - started_s)
-
-    def miss(self, fetch_id: int) -> None:
-        """Record that this rank found nothing for ``fetch_id`` (its store refused it)."""
-        self._arrive(fetch_id, {}, 0.0)
-
-    def _arrive(self, fetch_id: int, found: dict[int, bytes], elapsed_s: float) -> None:
-        with self._cond:
-            self._found[fetch_id] = (found, elapsed_s)
-            self._cond.notify_all()
-
-    def arrivals(self, fetch_ids: Collection[int]) -> dict[int, Arrival]:
-        """Those of ``fetch_ids`` that arrived here. Pure."""
-        with self._cond:
-            got = {fid: self._found[fid] for fid in fetch_ids if fid in self._found}
-        return {fid: Arrival((frozenset(found),), sum(len(v) for v in found.values()), seconds)
-                for fid, (found, seconds) in got.items()}
-
-    def wait(self, fetch_id: int, timeout_s: float) -> None:
-        """Block until ``fetch_id`` arrived here or ``timeout_s`` passed."""
-        with self._cond:
-            self._cond.wait_for(lambda: fetch_id in self._found, timeout_s)
-
-    def fill(self, fetch_id: int, blocks: Sequence[tuple[int, int]]) -> None:
-        """Write what ``fetch_id`` found into host slots: ``(hash, slot)`` pairs (each hash
-        found here); forget the fetch."""
-        with self._cond:
-            found, _ = self._found.pop(fetch_id)
-        for h, slot in blocks:
-            _write_block(self.host, slot, found[h])
-
-    @property
-    def num_unfilled(self) -> int:
-        """Fetches that arrived here and were not filled yet. Pure."""
-        with self._cond:
-            return len(self._found)
-
-
-class RemoteRanks(ABC):
-    """Every rank's :class:`RemoteShard` as one. The tier calls these from the leader, in
-    one order; each call reaches every rank. ``leader`` is rank 0's shard (this process's).
-    """
-
-    leader: RemoteShard
-    tp_size: int
-
-    @abstractmethod
-    def put(self, tier: Tier, blocks: Sequence[tuple[int, int]], wait: bool) -> int:
-        """:meth:`RemoteShard.put` on every rank; the leader's count, or with ``wait`` the
-        fewest any rank wrote."""
-
-    @abstractmethod
-    def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
-        """:meth:`RemoteShard.start_get` on every rank; False (started nowhere) when the
-        leader's store refused it (another rank's refusal is a miss there)."""
-
-    @abstractmethod
-    def get(self, fetch_id: int, hashes: Sequence[int]) -> None:
-        """:meth:`RemoteShard.get` on every rank (blocking)."""
-
-    @abstractmethod
-    def wait(self, fetch_id: int, timeout_s: float) -> None:
-        """Block until ``fetch_id`` arrived on every rank or ``timeout_s`` passed."""
-
-    @abstractmethod
-    def collect(self, fetch_ids: Collection[int]) -> dict[int, Arrival]:
-        """Those of ``fetch_ids`` that arrived on every rank (:func:`join_arrivals`); the
-        caller must :meth:`fill` each one."""
-
-    @abstractmethod
-    def fill(self, fetch_id: int, blocks: Sequence[tuple[int, int]]) -> None:
-        """:meth:`RemoteShard.fill` on every rank."""
-
-    @abstractmethod
-    def flush(self, timeout_s: float | None) -> bool:
-        """Wait until every rank's queued writes and fetches ran; False if ``timeout_s``
-        passed on any rank."""
-
-
-class LocalRanks(RemoteRanks):
-    """Every rank's shard in this process (one rank without tensor parallelism): ``shards[r]``
-    is rank ``r``'s, over pools of the same sizes, under the namespaces of one deployment."""
-
-    def __init__(self, shards: Sequence[RemoteShard]) -> None:
-        if not shards:
-            raise ValueError("shards must hold at least one rank's RemoteShard")
-        check_rank_namespaces([s.store.namespace for s in shards])
-        sizes = {(s.gpu.num_blocks, s.host.num_blocks) for s in shards}
-        if len(sizes) != 1:
-            raise ValueError(f"every rank must hold pools of the same size (the same block "
-                             f"ids), got (gpu, host) blocks {sorted(sizes)}")
-        self.shards = list(shards)
-        self.leader = shards[0]
-        self.tp_size = len(shards)
-
-    def put(self, tier: Tier, blocks: Sequence[tuple[int, int]], wait: bool) -> int:
-        counts = [s.put(tier, blocks, wait) for s in self.shards]
-        return min(counts) if wait else counts[0]
-
-    def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
-        if not self.leader.start_get(fetch_id, hashes):
-            return False
-        for shard in self.shards[1:]:
-            if not shard.start_get(fetch_id, hashes):
-                shard.miss(fetch_id)
-        return True
-
-    def get(self, fetch_id: int, hashes: Sequence[int]) -> None:
-        for shard in self.shards:
-            shard.get(fetch_id, hashes)
-
-    def wait(self, fetch_id: int, timeout_s: float) -> None:
-        deadline_s = time.monotonic() + timeout_s
-        for shard in self.shards:
-            shard.wait(fetch_id, max(0.0, deadline_s - time.monotonic()))
-
-    def collect(self, fetch_ids: Collection[int]) -> dict[int, Arrival]:
-        return join_arrivals([s.arrivals(fetch_ids) for s in self.shards])
-
-    def fill(self, fetch_id: int, blocks: Sequence[tuple[int, int]]) -> None:
-        for shard in self.shards:
-            shard.fill(fetch_id, blocks)
-
-    def flush(self, timeout_s: float | None) -> bool:
-        if timeout_s is None:
-            return all([s.store.flush(None) for s in self.shards])
-        deadline_s = time.monotonic() + timeout_s
-        return all([s.store.flush(max(0.0, deadline_s - time.monotonic()))
-                    for s in self.shards])
-
-
-def check_rank_namespaces(namespaces: Sequence[RemoteNamespace]) -> None:
-    """ValueError unless ``namespaces[r]`` is rank ``r``'s of one deployment (one model,
-    layout and salt scope, split over ``len(namespaces)`` ranks). Pure."""
-    expected = namespaces[0].every_rank()
-    if len(expected) != len(namespaces):
-        raise ValueError(f"{len(namespaces)} ranks' stores, but the first store's namespace "
-                         f"is rank {namespaces[0].layout.tp_rank} of {len(expected)}")
-    for rank, (got, want) in enumerate(zip(namespaces, expected, strict=True)):
-        if got != want:
-            raise ValueError(f"rank {rank}'s store has namespace {got}, expected {want} "
-                             f"(rank {rank} of {len(expected)})")
 
 
 class RemoteTier:
@@ -572,21 +350,3 @@ class RemoteTier:
         self.ranks.fill(fetch.fetch_id, list(zip(wanted, slots, strict=False)))
         self.num_fetched_blocks += len(slots)
         return len(slots)
-
-
-def _to_bytes(block: torch.Tensor) -> bytes:
-    import torch
-
-    return bytes(block.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-
-
-def _write_block(storage: KVStorage, slot: int, payload: bytes) -> None:
-    import torch
-
-    layout = storage.layout
-    dtype = layout.torch_dtype()
-    flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype)
-    per_layer = flat.numel() // layout.num_layers
-    for i in range(layout.num_layers):
-        dst = storage.layer(i)[slot]
-        dst.copy_(flat[i * per_layer:(i + 1) * per_layer].view(dst.shape))
