@@ -12,8 +12,16 @@ pipelined and with ``--connections`` clients x 4 pipelined; the better GET is th
 The fetch latency is the median ``get_many`` of one 1 KiB block. The read figures are what
 ``kvtier.sim.timemodel.RemoteLink`` and ``kvtier.remote.tier`` take as their defaults.
 
+The import section (needs torch, no Redis) times what a fetch costs after the store answered:
+``--import-mib`` of Llama-3-8B blocks (32 layers x 8 KV heads x 128 x 32 tokens, bfloat16:
+4 MiB) read from an in-memory store and written into host slots (``RemoteShard.get`` then
+``fill``: payload checks and copies), in batches of ``--batch``, for both memory layouts,
+next to a plain copy (numpy) of as many bytes into the same slots in the same run (the
+ceiling).
+
     .ci/redis.sh start && python benchmarks/bench_remote.py
     python benchmarks/bench_remote.py --smoke        # seconds
+    python benchmarks/bench_remote.py --import-only  # the import section alone
 
 Prints a table, then one JSON line last.
 """
@@ -111,6 +119,56 @@ def measure_latency(url: str, num_calls: int) -> float:
     return statistics.median(samples)
 
 
+IMPORT_LAYOUT = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, tokens_per_block=32,
+                         dtype="bfloat16")  # Llama-3-8B's block of 32 tokens: 4 MiB
+
+
+def measure_import(layout: KVLayout, num_blocks: int, batch: int,
+                   repeats: int) -> dict[str, float]:
+    """Best seconds (of ``repeats``) to import ``num_blocks`` blocks from an in-memory store
+    into ``batch`` host slots (``RemoteShard.get`` + ``fill``, ``batch`` blocks a fetch), and
+    to copy as many bytes into the same slots from an aligned buffer, one memcpy a slot of
+    each host tensor as the import does (the ceiling)."""
+    import numpy as np
+    import torch
+
+    from kvtier.remote import InMemoryRemoteStore
+    from kvtier.remote.ranks import RemoteShard
+    from kvtier.storage import KVStorage
+
+    store = InMemoryRemoteStore(RemoteNamespace(f"bench-{uuid.uuid4().hex}", layout))
+    host = KVStorage(layout, batch, pin_memory=False)
+    shard = RemoteShard(store, KVStorage(layout, 1, pin_memory=False), host)
+    base = os.urandom(layout.bytes_per_block)
+    hashes = list(range(1, num_blocks + 1))
+    payloads = {h: h.to_bytes(8, "big") + base[8:] for h in hashes}
+    store.put_many(payloads)
+    # The ceiling's bytes: one slot's worth of each host tensor, in an aligned buffer.
+    source = [np.frombuffer(os.urandom(t[0].numel() * t.element_size()), np.uint8)
+              for t in host.tensors]
+    best = {"import_s": float("inf"), "copy_s": float("inf")}
+    fetch_ids = iter(range(1 << 62))
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for i in range(0, num_blocks, batch):
+            fid, wanted = next(fetch_ids), hashes[i : i + batch]
+            shard.get(fid, wanted)
+            shard.fill(fid, [(h, slot) for slot, h in enumerate(wanted)])
+        best["import_s"] = min(best["import_s"], time.perf_counter() - started)
+        last = hashes[(num_blocks - 1) // batch * batch :]
+        for slot, h in enumerate(last):  # what the import wrote is the stored payload
+            if host.block(slot).view(torch.uint8).numpy().tobytes() != payloads[h]:
+                raise RuntimeError(f"host slot {slot} does not hold block {h}'s bytes")
+        started = time.perf_counter()
+        for i in range(0, num_blocks, batch):
+            for slot in range(min(batch, num_blocks - i)):
+                for tensor, src in zip(host.tensors, source, strict=True):
+                    np.copyto(tensor[slot].view(torch.uint8).numpy().reshape(-1), src)
+        best["copy_s"] = min(best["copy_s"], time.perf_counter() - started)
+    store.close()
+    return best
+
+
 def redis_benchmark_rps(url: str, block_bytes: int, num_requests: int, clients: int,
                         pipeline: int) -> dict[str, float] | None:
     """Requests a second of ``redis-benchmark`` SET and GET with ``clients`` connections of
@@ -138,7 +196,13 @@ def redis_benchmark_rps(url: str, block_bytes: int, num_requests: int, clients: 
     return rows
 
 
-def environment(url: str) -> dict[str, Any]:
+def environment(url: str | None) -> dict[str, Any]:
+    """The machine, Python, and with ``url`` the Redis client, parser and server."""
+    env: dict[str, Any] = {"machine": platform.machine(),
+                           "processor": platform.processor() or None, "cpus": os.cpu_count(),
+                           "platform": platform.platform(), "python": platform.python_version()}
+    if url is None:
+        return env
     import redis
 
     with redis.Redis.from_url(url) as client:
@@ -149,10 +213,8 @@ def environment(url: str) -> dict[str, Any]:
         parser: str | None = f"hiredis {hiredis.__version__}"
     except ImportError:
         parser = "python (no hiredis)"
-    return {"machine": platform.machine(), "processor": platform.processor() or None,
-            "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "redis_py": redis.__version__,
-            "reply_parser": parser, "redis_server": server.get("redis_version"),
+    return {**env, "redis_py": redis.__version__, "reply_parser": parser,
+            "redis_server": server.get("redis_version"),
             "server_io_threads": server.get("io_threads_active")}
 
 
@@ -170,12 +232,29 @@ def main() -> None:
                         help="connections of the parallel reads and of redis-benchmark's "
                         "second run (default: 4)")
     parser.add_argument("--smoke", action="store_true", help="4 MiB per size, no ceiling")
+    parser.add_argument("--import-mib", type=int, default=256,
+                        help="MiB of 4 MiB blocks the import section reads (default: 256)")
+    parser.add_argument("--import-repeats", type=int, default=3,
+                        help="runs of the import section; the best is reported (default: 3)")
+    parser.add_argument("--import-only", action="store_true",
+                        help="only the import section (no Redis)")
     parser.add_argument("--no-hiredis", action="store_true",
                         help="parse replies in Python, as without the hiredis package")
     args = parser.parse_args()
     if args.no_hiredis:
         # NOTE: redis-py picks its parser when first imported; a None entry hides hiredis.
         sys.modules["hiredis"] = None  # type: ignore[assignment]
+    summary: dict[str, Any] = {"benchmark": "remote", "batch_blocks": args.batch}
+    if not args.import_only:
+        summary.update(store_section(args))
+    summary["import"] = import_section(4 if args.smoke else args.import_mib, args.batch,
+                                       1 if args.smoke else args.import_repeats)
+    summary["env"] = environment(None if args.import_only else args.url)
+    print(json.dumps(summary))
+
+
+def store_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The store's read and write throughput and fetch latency (printed); their summary."""
     total_bytes = (4 if args.smoke else args.total_mib) * MIB
     latency_s = measure_latency(args.url, 20 if args.smoke else 200)
     results = []
@@ -213,11 +292,35 @@ def main() -> None:
               f"{ceiling or float('nan'):>19.1f} | {r['read_ratio'] or float('nan'):>7.2f} "
               f"{r['parallel_read_ratio'] or float('nan'):>7.2f}")
     print(f"fetch latency (get_many of one 1 KiB block, median): {latency_s * 1e3:.3f} ms")
-    print(json.dumps({"benchmark": "remote", "batch_blocks": args.batch,
-                      "connections": args.connections, "total_mib": total_bytes // MIB,
-                      "fetch_latency_s": latency_s, "env": environment(args.url),
-                      "results": results}))
+    return {"connections": args.connections, "total_mib": total_bytes // MIB,
+            "fetch_latency_s": latency_s, "results": results}
 
+
+def import_section(total_mib: int, batch: int, repeats: int) -> list[dict[str, Any]]:
+    """The import into host slots for both memory layouts (printed); a row each."""
+    from dataclasses import replace
+
+    rows = []
+    for memory_layout in ("block_major", "layer_major"):
+        layout = replace(IMPORT_LAYOUT, layout=memory_layout)
+        num_blocks = max(1, total_mib * MIB // layout.bytes_per_block)
+        times = measure_import(layout, num_blocks, min(batch, num_blocks), repeats)
+        import_mib_s = num_blocks * layout.bytes_per_block / MIB / times["import_s"]
+        copy_mib_s = num_blocks * layout.bytes_per_block / MIB / times["copy_s"]
+        rows.append({"layout": memory_layout, "block_mib": layout.bytes_per_block / MIB,
+                     "num_blocks": num_blocks, "repeats": repeats,
+                     "import_mib_per_s": round(import_mib_s, 1),
+                     "copy_mib_per_s": round(copy_mib_s, 1),
+                     "ratio": round(import_mib_s / copy_mib_s, 3)})
+    header = (f"{'import into host slots':<24} {'blocks':>7} | {'import MiB/s':>12} | "
+              f"{'one copy MiB/s':>14} | {'ratio':>5}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['layout']:<15} {r['block_mib']:>4.0f} MiB {r['num_blocks']:>7} | "
+              f"{r['import_mib_per_s']:>12.1f} | {r['copy_mib_per_s']:>14.1f} | "
+              f"{r['ratio']:>5.2f}")
+    return rows
 
 if __name__ == "__main__":
     main()

@@ -107,7 +107,7 @@ def test_background_prefetch_and_write_back(redis_servers: RedisServers) -> None
     namespace = make_namespace()
     store = make_store(redis_servers.url, namespace)
     blocks = make_blocks(namespace, 10)
-    results: list[dict[int, bytes]] = []
+    results: list[dict[int, memoryview]] = []
     assert store.write_back(blocks)
     assert store.prefetch(blocks, results.append)
     assert store.flush(timeout=10)

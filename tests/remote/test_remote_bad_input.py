@@ -175,7 +175,7 @@ def test_jobs_after_close_are_refused_and_start_no_thread() -> None:
     blocks = make_blocks(store.namespace, 2)
     store.put_many(blocks)
     store.close()
-    called: list[dict[int, bytes]] = []
+    called: list[dict[int, memoryview]] = []
     assert not store.prefetch([1], called.append)
     assert not store.write_back(blocks)
     assert len(io_threads()) == before
@@ -195,7 +195,7 @@ def test_close_runs_every_accepted_job() -> None:
     store = FaultyRemoteStore(inner)
     store.delay_s = 0.02
     blocks = make_blocks(inner.namespace, 3)
-    results: list[dict[int, bytes]] = []
+    results: list[dict[int, memoryview]] = []
     assert store.write_back(blocks)
     for _ in range(5):
         assert store.prefetch(blocks, results.append)
@@ -209,7 +209,7 @@ def test_close_from_a_callback_does_not_deadlock() -> None:
     store = InMemoryRemoteStore(make_namespace())
     done = threading.Event()
 
-    def closing(found: dict[int, bytes]) -> None:
+    def closing(found: dict[int, memoryview]) -> None:
         store.close()
         done.set()
 
@@ -238,7 +238,7 @@ def test_many_threads_hammering_prefetch_and_close(seed: int) -> None:
         for i in range(50):
             job = t * 1000 + i
 
-            def callback(found: dict[int, bytes], job: int = job) -> None:
+            def callback(found: dict[int, memoryview], job: int = job) -> None:
                 assert found == blocks
                 with lock:
                     called.append(job)

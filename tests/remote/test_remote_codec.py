@@ -140,6 +140,20 @@ def test_key_format_and_namespace_helpers() -> None:
     assert ns.decode(3, ns.encode(3, make_payload())) == make_payload()
 
 
+def test_decode_hands_a_view_of_the_value_not_a_copy() -> None:
+    """The payload is a read-only view into the stored value (no copy); a bytearray is
+    checked and served as an immutable snapshot: changing it later changes nothing."""
+    ns = RemoteNamespace("m", LAYOUT)
+    value = ns.encode(3, make_payload())
+    payload = ns.decode(3, value)
+    assert isinstance(payload, memoryview) and payload.readonly
+    assert payload.obj is value and payload == make_payload()
+    mutable = bytearray(value)
+    served = ns.decode(3, mutable)
+    mutable[-1] ^= 0xFF
+    assert served == make_payload()
+
+
 def test_encode_rejects_a_payload_of_the_wrong_size() -> None:
     """Encoding a payload that is not one block raises with both sizes in the message."""
     with pytest.raises(ValueError, match=f"must be {LAYOUT.bytes_per_block} bytes"):

@@ -64,7 +64,7 @@ def test_prefetch_and_write_back_run_on_the_io_thread() -> None:
     """write_back then prefetch deliver the blocks to the callback; flush waits for both."""
     store = InMemoryRemoteStore(make_namespace())
     blocks = make_blocks(store.namespace, 5)
-    results: list[dict[int, bytes]] = []
+    results: list[dict[int, memoryview]] = []
     assert store.write_back(blocks)
     assert store.prefetch(blocks, results.append)
     assert store.flush(timeout=5)
@@ -77,7 +77,7 @@ def test_full_queue_drops_jobs_and_counts_them() -> None:
     store = InMemoryRemoteStore(make_namespace(), max_inflight=1)
     started, release = threading.Event(), threading.Event()
 
-    def blocking_callback(found: dict[int, bytes]) -> None:
+    def blocking_callback(found: dict[int, memoryview]) -> None:
         started.set()
         release.wait(5)
 
@@ -97,10 +97,10 @@ def test_a_raising_callback_is_counted_and_the_thread_goes_on() -> None:
     """An exception in a prefetch callback is counted as an error; later jobs still run."""
     store = InMemoryRemoteStore(make_namespace())
 
-    def bad_callback(found: dict[int, bytes]) -> None:
+    def bad_callback(found: dict[int, memoryview]) -> None:
         raise RuntimeError("caller bug")
 
-    results: list[dict[int, bytes]] = []
+    results: list[dict[int, memoryview]] = []
     store.prefetch([1], bad_callback)
     store.prefetch([1], results.append)
     assert store.flush(timeout=5)

@@ -141,10 +141,15 @@ def encode_block(header: BlockHeader, payload: bytes | memoryview) -> bytes:
     return b"".join((head, _CHECKSUM.pack(_checksum(head, payload)), payload))
 
 
-def decode_block(data: object, expected: BlockHeader) -> bytes:
+def decode_block(data: object, expected: BlockHeader) -> memoryview:
     """The payload of ``data`` if every header field matches ``expected`` and the checksum
-    holds; raises :class:`PayloadError` naming the first check that failed. Pure."""
-    if not isinstance(data, bytes | bytearray):
+    holds, as a read-only view into the value (no copy: the view keeps the value alive);
+    raises :class:`PayloadError` naming the first check that failed. Pure."""
+    if isinstance(data, bytearray):
+        # NOTE: a view of a mutable buffer could change after its check: checked bytes are
+        # immutable ones (a store's values are bytes; this copy is for a caller's bytearray).
+        data = bytes(data)
+    if not isinstance(data, bytes):
         raise PayloadError("type", f"a value must be bytes, got {type(data).__name__}")
     if len(data) < HEADER_BYTES:
         raise PayloadError("truncated", f"{len(data)} bytes, header alone is {HEADER_BYTES}")
@@ -178,7 +183,7 @@ def decode_block(data: object, expected: BlockHeader) -> bytes:
         raise PayloadError("num_tokens", f"got {num_tokens}, want {expected.num_tokens}")
     if payload_len != layout.bytes_per_block:
         raise PayloadError("length", f"{payload_len} bytes, a block is {layout.bytes_per_block}")
-    return bytes(data[HEADER_BYTES:])
+    return view[HEADER_BYTES:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +228,9 @@ class RemoteNamespace:
     def encode(self, block_hash: int, payload: bytes | memoryview) -> bytes:
         return encode_block(self.header(block_hash), payload)
 
-    def decode(self, block_hash: int, value: object) -> bytes:
-        """The payload of ``value``, or :class:`PayloadError`. Pure."""
+    def decode(self, block_hash: int, value: object) -> memoryview:
+        """The payload of ``value`` (a read-only view into it), or :class:`PayloadError`.
+        Pure."""
         return decode_block(value, self.header(block_hash))
 
 

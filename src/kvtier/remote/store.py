@@ -31,7 +31,7 @@ from kvtier.remote.codec import PayloadError, RemoteNamespace
 from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number, describe
 
-PrefetchCallback = Callable[[dict[int, bytes]], None]
+PrefetchCallback = Callable[[dict[int, memoryview]], None]
 
 MAX_INFLIGHT = 1 << 20
 
@@ -68,8 +68,9 @@ class RemoteStore(Protocol):
     @property
     def namespace(self) -> RemoteNamespace: ...
 
-    def get_many(self, hashes: Iterable[int]) -> dict[int, bytes]:
-        """Payloads of the blocks found and valid; misses are absent."""
+    def get_many(self, hashes: Iterable[int]) -> dict[int, memoryview]:
+        """Payloads of the blocks found and valid (read-only views into the values read,
+        not copies); misses are absent."""
         ...
 
     def put_many(self, items: Mapping[int, bytes]) -> int:
@@ -179,7 +180,7 @@ class RemoteStoreBase(ABC):
         return self._closed
 
     # -- RemoteStore ---------------------------------------------------------------------
-    def get_many(self, hashes: Iterable[int]) -> dict[int, bytes]:
+    def get_many(self, hashes: Iterable[int]) -> dict[int, memoryview]:
         wanted = check_hashes(hashes)
         if not wanted:
             return {}
@@ -187,7 +188,7 @@ class RemoteStoreBase(ABC):
         if values is None or len(values) != len(wanted):
             self._count(num_misses=len(wanted))
             return {}
-        found: dict[int, bytes] = {}
+        found: dict[int, memoryview] = {}
         bad: list[str] = []
         num_bytes = 0
         for block_hash, value in zip(wanted, values, strict=True):
