@@ -354,7 +354,7 @@ def test_s3fifo_small_queue_first_and_ghosts_go_to_main() -> None:
     admit_and_release(mgr, "c", [3] * 8 + [0])        # S; needs 1 block: b's last (S's
     assert mgr.lookup([1] * 9).num_tokens == 8 and mgr.lookup([2] * 9).num_tokens == 4  # oldest)
     admit_and_release(mgr, "b2", [2] * 8 + [0])       # b's ghost: back, into M
-    (node,) = [n for n in mgr._cache.nodes() if n.tokens[:1] == [2] and n.start_block == 1]
+    (node,) = [n for n in mgr._cache.nodes() if n.tokens[0] == 2 and n.start_block == 1]
     assert node.reuse_class == 1
 
 

@@ -74,7 +74,13 @@ def check_books(store: BlockCache, live: LiveTable) -> None:
             expected_refs[node.uid] += 1
         assert seq.last_node.parent is not None or seq.last_node is seq.root, rid
         table = seq.block_table
-        assert len(table) == cdiv(len(seq.tokens), tpb), f"{rid}: block table length"
+        # The table covers every scheduled token; the prompt's blocks past it are reserved
+        # (allocated as later chunks are scheduled).
+        assert cdiv(seq.num_scheduled_tokens, tpb) <= len(table) <= cdiv(len(seq.tokens), tpb), (
+            f"{rid}: block table of {len(table)} blocks for {seq.num_scheduled_tokens} "
+            f"scheduled of {len(seq.tokens)} tokens")
+        assert seq.num_reserved_blocks >= cdiv(len(seq.tokens), tpb) - len(table), (
+            f"{rid}: prompt blocks past its table not reserved")
         path_slots = [s for node in reversed(path) for s in node.slots]
         n_path = seq.num_path_blocks
         assert len(path_slots) == n_path <= len(table), f"{rid}: path longer than its table"
