@@ -24,6 +24,7 @@ from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
 from kvtier.remote.store import RemoteStore  # noqa: E402
 from kvtier.remote.tier import RemoteTier, WritePolicy  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
+from kvtier.transfer.plan import OpKind  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 
 TPB = 4
@@ -291,3 +292,67 @@ def test_a_fetch_hashes_the_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None
     assert b.remote.flush(5)
     assert b.remote.poll() == ["r"]
     assert len(calls) == 1 and b.remote.num_fetched_blocks >= 4
+
+
+def spy_on_writes(engine: ModelEngine) -> list[tuple[float, list[int]]]:
+    """Record each write-through call of ``engine``'s tier: (perf_counter, block table)."""
+    remote = engine.remote
+    assert remote is not None
+    calls: list[tuple[float, list[int]]] = []
+    real = remote.write
+
+    def write(tokens: list[int], block_table: list[int], *args: Any, **kwargs: Any) -> int:
+        calls.append((time.perf_counter(), list(block_table)))
+        return real(tokens, block_table, *args, **kwargs)
+
+    remote.write = write  # type: ignore[method-assign]
+    return calls
+
+
+def test_write_through_is_off_the_ttft_path() -> None:
+    """A computed prompt is written through after its first token is stamped: the copy out
+    of the GPU is not part of its TTFT."""
+    engine = make_engine(lambda ns: InMemoryRemoteStore(ns))
+    calls = spy_on_writes(engine)
+    engine.add_request(Request("a", FIRST[0], 3))
+    engine.step()
+    first_token_s = engine.results["a"].first_token_s
+    assert len(calls) == 1 and first_token_s is not None
+    assert first_token_s <= calls[0][0]
+
+
+def test_write_through_reads_the_blocks_before_the_next_plan_reuses_their_slots() -> None:
+    """The blocks of a request that finishes in its prefill step are written as computed,
+    although the very next step's plan onboards other blocks into every one of its slots.
+
+    6 GPU slots, 6-block prompts (5 full blocks + 1 token), one output token each::
+
+        step   request   GPU slots 0..5                     plan
+        1      p: X      X X X X X x                        -
+        2      a: Y      Y Y Y Y Y y  (a finishes; written) offload X's full blocks
+        3      b: X'     X X X X X b                        onboard X's blocks into a's slots
+
+    a's values in the store equal those of an engine that computed Y with room to spare.
+    """
+    x = [(5 * i + 1) % 256 for i in range(21)]
+    y = [(11 * i + 7) % 256 for i in range(21)]
+    backend: dict[str, bytes] = {}
+    engine = make_engine(lambda ns: InMemoryRemoteStore(ns, backend), num_gpu_blocks=6,
+                         num_host_blocks=12)
+    engine.add_request(Request("p", x, 1))
+    engine.run()
+    calls = spy_on_writes(engine)
+    engine.add_request(Request("a", y, 1))
+    _, finished = engine.step()
+    assert [r.request_id for r in finished] == ["a"] and len(calls) == 1
+    a_slots = set(calls[0][1])
+    engine.add_request(Request("b", x[:20] + [99], 1))
+    step, _ = engine.step()
+    onboarded = {op.dst_slot for op in step.transfer_plan.ops if op.kind is OpKind.ONBOARD}
+    assert len(onboarded) == 5 and onboarded <= a_slots  # the plan overwrites a's slots
+    engine.run()
+    reference: dict[str, bytes] = {}
+    roomy = make_engine(lambda ns: InMemoryRemoteStore(ns, reference))
+    run(roomy, [y], "a")
+    assert len(reference) == 5
+    assert [key for key, value in reference.items() if backend.get(key) != value] == []

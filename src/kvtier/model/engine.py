@@ -10,7 +10,10 @@ Each ``step()``::
                               stream wait: the CPU never blocks, later layers still copy)
     sample                    the last position of each sampling request: greedy, or the
                               request's own Sampler; a stop token or stop check ends it early
-    scheduler.update          append the tokens, finish requests
+    scheduler.update          append the tokens, finish requests (first tokens stamped)
+    write-through             with a remote tier: the full blocks of each prompt completed
+                              in this step, read from their GPU slots now, off the TTFT
+                              path but before the next step's plan may reuse those slots
 
 The manager never executes copies: the scheduler takes the step's plan from it, and the
 plan is executed here, once, as a whole.
@@ -22,7 +25,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -81,6 +84,15 @@ class RequestResult:
     def ttft_s(self) -> float | None:
         """Seconds from queueing to the first sampled token (``None``: none yet). Pure."""
         return None if self.first_token_s is None else self.first_token_s - self.added_s
+
+
+class _Computed(NamedTuple):
+    """A prompt computed to its end in this step, with the blocks that hold it."""
+
+    tokens: list[int]
+    block_table: list[int]
+    salt: bytes | str | int | None
+    lora_id: int | None
 
 
 class ModelEngine:
@@ -161,16 +173,18 @@ class ModelEngine:
         self.last_step_seconds = {"schedule": t1 - t0, "submit": time.perf_counter() - t1}
         last_logits: dict[str, torch.Tensor] = {}
         running = self.scheduler.running
+        computed: list[_Computed] = []  # prompts completed here, to write through
+        writes_through = self.remote is not None and self.remote.write_policy == "write-through"
         for chunk in step.context_chunks:
             req = running[chunk.request_id]
             end = chunk.first_token + chunk.num_tokens
             logits = self._forward(req, req.tokens[chunk.first_token:end], chunk.first_token)
             if end == req.num_prefill_tokens:
                 last_logits[req.request_id] = logits[-1]
-                if self.remote is not None and self.remote.write_policy == "write-through":
-                    self.remote.write(req.tokens[:end],
-                                      self.manager.block_table(req.request_id),
-                                      salt=req.salt, lora_id=req.lora_id)
+                if writes_through:
+                    # The block table as of now: update may finish the request and free it.
+                    computed.append(_Computed(req.tokens[:end], list(
+                        self.manager.block_table(req.request_id)), req.salt, req.lora_id))
         for rid in step.decode_request_ids:
             req = running[rid]
             tokens = req.tokens
@@ -193,8 +207,22 @@ class ModelEngine:
                 result.stop_reason = "length"
             self._samplers.pop(rid, None)
             self._stops.pop(rid, None)
+        if computed:
+            self._write_through(computed)
         self.num_steps += 1
         return step, finished
+
+    def _write_through(self, computed: list[_Computed]) -> None:
+        """Write the full blocks of the prompts this step completed to the remote tier.
+
+        NOTE: after the first tokens are stamped, so the copy out of the GPU is not part of
+        TTFT. Their bytes are still the ones this step computed: a finished request's
+        blocks were only freed in the books, and no copy or forward pass writes a slot
+        before the next step's plan, which may hand them to others. The tier copies the
+        bytes out now (the store is written on its I/O thread)."""
+        assert self.remote is not None
+        for c in computed:
+            self.remote.write(c.tokens, c.block_table, salt=c.salt, lora_id=c.lora_id)
 
     def _sample(self, last_logits: dict[str, torch.Tensor]) -> dict[str, int]:
         """One token per request: its sampler's, else greedy (in one batched argmax)."""

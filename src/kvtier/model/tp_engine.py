@@ -13,6 +13,7 @@ share, so every rank executes the same plans and forward passes in the same orde
       model.forward_chunk ──── ForwardCommand ─────► forward_chunk on shard r
          all-reduce per row-split projection
       sample, scheduler.update
+      remote write-through ─── RemotePutCommand ───► put shard r of the prompts computed
     stop() ─────────────────── StopCommand ────────► serve() returns
 
 With a remote tier (:class:`DistributedRanks`), the leader's :class:`RemoteTier` sends

@@ -3,9 +3,10 @@
 ::
 
     write    write-through: a request's prompt is computed, its full blocks' KV goes to the
-             store, keyed by the chained block hash; write-back: a host block's KV goes
-             there as the block leaves the cache (read from its slot before the step's
-             plan may reuse it). Both queued on the store's I/O thread
+             store, keyed by the chained block hash (at the end of that step: after its
+             first token, before the next plan may reuse the slots); write-back: a host
+             block's KV goes there as the block leaves the cache (read from its slot
+             before the step's plan may reuse it). Both queued on the store's I/O thread
     fetch    a request waits: the blocks of its prompt past what the local tiers hold are
              looked up in the store on the I/O thread (``start_fetch``); ``poll`` imports
              the consecutive run found into host blocks (``KVCacheManager.import_blocks``)
