@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
 import pickle
 import tracemalloc
@@ -177,6 +178,36 @@ def test_a_spec_is_a_snapshot_of_its_tokens() -> None:
     assert hash(spec.tokens) == hash(tuple(spec.tokens))
     adm = mgr.add_sequence(spec)
     assert adm.num_reused_tokens == 8 and len(adm.block_ids) == 3
+
+
+def test_decoding_grows_a_copy_never_the_specs_token_array() -> None:
+    """The cache matches a spec's ``token_array``; a request decoding past its prompt grows
+    an array of its own, so the spec (and a later lookup of it) still sees the prompt."""
+    mgr = make_manager()
+    spec = SequenceSpec("grow", [1, 2, 3, 4, 5])
+    assert list(spec.token_array) == [1, 2, 3, 4, 5] and spec.token_array.typecode == "Q"
+    assert dataclasses.replace(spec, request_id="other").token_array == spec.token_array
+    mgr.add_sequence(spec)
+    mgr.append_token_batch([("grow", 6), ("grow", 7), ("grow", 8)])
+    mgr.append_tokens("grow", [9])
+    assert list(spec.token_array) == [1, 2, 3, 4, 5] and spec.tokens == [1, 2, 3, 4, 5]
+    assert mgr.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9, 0]).num_tokens == 8  # grown blocks stored
+    mgr.check_invariants()
+
+
+def test_cached_token_ids_are_never_walked_by_the_garbage_collector() -> None:
+    """A cache of millions of blocks holds tens of millions of ids: runs keep them in
+    arrays, whose ids the collector never visits (it visits every item of a list of ints,
+    on every full pass)."""
+    mgr = make_manager()
+    for i in range(3):
+        mgr.add_sequence(SequenceSpec(f"r{i}", [i, 1, 2, 3, 4, 5, 6, 7, 8]))
+        mgr.remove_sequence(f"r{i}")
+    nodes = list(mgr._cache.nodes())
+    assert len(nodes) >= 3
+    for ids in [n.tokens for n in nodes] + [SequenceSpec("s", [1000, 1001]).token_array]:
+        assert all(type(x) is not int for x in gc.get_referents(ids)), ids  # at most its type
+    assert len(gc.get_referents([1000, 1001])) == 2  # what a list would cost
 
 
 def test_a_refused_batch_changes_nothing_not_even_the_version() -> None:

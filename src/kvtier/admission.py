@@ -133,7 +133,7 @@ class BatchAdmission:
         tpb = self._tpb
         extras_of = [block_extras(s.mm_items, len(s.tokens), tpb) for s in specs]
         # The promises, on the untouched tree: exactly what lookup() reports.
-        matches = [match_prompt(cache.root(s.lora_id, s.salt), s.tokens, e, config)
+        matches = [match_prompt(cache.root(s.lora_id, s.salt), s.token_array, e, config)
                    for s, e in zip(specs, extras_of, strict=True)]
         self._check_footprint(specs, matches)
         promises = [promise_of(m, self.config) for m in matches]
@@ -143,7 +143,8 @@ class BatchAdmission:
         pending: list[Pending] = []
         for i, spec in enumerate(specs):
             root = cache.join_root(spec.lora_id, spec.salt)
-            m = matches[i] if i == 0 else match_prompt(root, spec.tokens, extras_of[i], config)
+            m = matches[i] if i == 0 else match_prompt(root, spec.token_array, extras_of[i],
+                                                       config)
             priority = self.config.default_priority if spec.priority is None else spec.priority
             seq = LiveSequence(spec, root, extras_of[i], priority)
             self._claim_path(seq, m)

@@ -353,7 +353,7 @@ class BlockCache:
         return n
 
     def insert_run(
-        self, parent: Node, tokens: list[int], slots: list[int], extras: list[object] | None,
+        self, parent: Node, tokens: Sequence[int], slots: list[int], extras: list[object] | None,
         turn: int = 0, prompt_end_block: int = 0,
     ) -> StoredRun:
         """Store a request's computed full blocks below ``parent``, the request's claimed
@@ -453,7 +453,7 @@ class BlockCache:
             if last is None or last.parent is None:
                 root = self.root(spec.lora_id, spec.salt)
                 extras = block_extras(spec.mm_items, len(spec.tokens), self.tpb)
-                m = match_prompt(root, spec.tokens, extras, self.config)
+                m = match_prompt(root, spec.token_array, extras, self.config)
                 if m.tail is not None:
                     last = m.tail[0]
                 elif m.path:

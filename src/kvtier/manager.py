@@ -34,10 +34,12 @@ from kvtier.sequence import (
     LiveSequence,
     MultimodalItem,
     SequenceSpec,
+    as_token_list,
     block_extras,
     check_key,
     check_lora_id,
     check_mm_items,
+    checked_token_array,
     token_list,
 )
 from kvtier.transfer.plan import PlanRecorder, TransferPlan
@@ -120,7 +122,7 @@ class KVCacheManager:
         """The reuse a request with these tokens would get if admitted now. Pure query.
 
         Arguments are checked exactly as ``SequenceSpec`` checks them (ValueError)."""
-        token_ids = token_list(tokens, "tokens")
+        token_ids = checked_token_array(as_token_list(tokens, "tokens"), "tokens")
         check_key("salt", salt)
         check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "lookup")
@@ -128,9 +130,9 @@ class KVCacheManager:
 
     def lookup_spec(self, spec: SequenceSpec) -> PrefixMatch:
         """``lookup`` for a spec's prompt (validated when the spec was built). Pure query."""
-        return self._lookup(spec.tokens, spec.salt, spec.lora_id, spec.mm_items)
+        return self._lookup(spec.token_array, spec.salt, spec.lora_id, spec.mm_items)
 
-    def _lookup(self, tokens: list[int], salt: object, lora_id: object,
+    def _lookup(self, tokens: Sequence[int], salt: object, lora_id: object,
                 mm_items: Sequence[MultimodalItem]) -> PrefixMatch:
         root = self._cache.root(lora_id, salt)
         extras = block_extras(mm_items, len(tokens), self._tpb)
@@ -264,7 +266,7 @@ class KVCacheManager:
         touched = live.touched
         for i, (seq, token) in enumerate(batch):
             n = len(seq.tokens) + 1
-            if n > len(seq.block_table) * tpb or n % tpb == 0 or type(seq.tokens) is not list:
+            if n > len(seq.block_table) * tpb or n % tpb == 0 or not seq.owns_tokens:
                 # The general path: allocation, storing a block that fills.
                 if self._append(seq, [token]) is None:
                     return i

@@ -6,12 +6,15 @@
     reusable |<----- full blocks ---->|<partial>|       (num_reusable_tokens)
 
 A match walks children by their first block's key, compares a whole run's tokens with one
-list comparison, and gallops then bisects inside a run that matches only in part. Equal
-tokens with different multimodal extra keys never match.
+array comparison (runs and prompts hold ``array('Q')`` ids: a memory comparison), and
+gallops then bisects inside a run that matches only in part. Equal tokens with different
+multimodal extra keys never match.
 """
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from kvtier.config import CacheConfig
@@ -55,7 +58,7 @@ def _extras_equal(
 
 def num_common_blocks(
     node: Node,
-    tokens: list[int],
+    tokens: Sequence[int],
     pos: int,
     max_blocks: int,
     tokens_per_block: int,
@@ -71,6 +74,8 @@ def num_common_blocks(
     ntoks = node.tokens
     tpb = tokens_per_block
     first_block = pos // tpb
+    if type(tokens) is not array:
+        tokens = array("Q", tokens)  # NOTE: an array equals only an array
 
     def equal(a: int, b: int) -> bool:
         return ntoks[a * tpb : b * tpb] == tokens[pos + a * tpb : pos + b * tpb] and (
@@ -97,7 +102,7 @@ def num_common_blocks(
 
 def match(
     root: Root,
-    tokens: list[int],
+    tokens: Sequence[int],
     num_reusable_tokens: int,
     tokens_per_block: int,
     req_extras: list[object] | None,
@@ -111,6 +116,8 @@ def match(
         reusable |<----- full blocks ---->|<partial>|       (num_reusable_tokens)
     """
     tpb = tokens_per_block
+    if type(tokens) is not array:
+        tokens = array("Q", tokens)  # NOTE: an array equals only an array
     limit = num_reusable_tokens // tpb * tpb
     path: list[Node] = []
     tail: tuple[Node, int] | None = None
@@ -148,7 +155,7 @@ def match(
 def _find_partial(
     node: Node,
     tail: tuple[Node, int] | None,
-    tokens: list[int],
+    tokens: Sequence[int],
     pos: int,
     num_reusable_tokens: int,
     tpb: int,
@@ -188,7 +195,7 @@ def _extras_equal_one(
 NO_MATCH = Match([], None, 0, None)
 
 
-def match_prompt(root: Root | None, tokens: list[int], extras: list[object] | None,
+def match_prompt(root: Root | None, tokens: Sequence[int], extras: list[object] | None,
                  config: CacheConfig) -> Match:
     """Where a prompt meets the tree under ``root`` (its key space, if it exists), as the
     config's reuse switches allow: only its first ``len - 1`` tokens are reusable (the

@@ -18,24 +18,33 @@ Invariants kept by the manager (checked in ``check_invariants``):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 
 from kvtier.tier import Tier
 
 _uids = itertools.count(1)
 
-BlockKey = tuple[object, ...]
+BlockKey = bytes | tuple[bytes, object]
 
 
-def block_key(tokens: list[int], start: int, tokens_per_block: int, extra: object) -> BlockKey:
-    """The key of the block at ``tokens[start:]`` among its siblings: its tokens, plus its
-    multimodal extra key when it has one. Siblings never share a key."""
-    key = tuple(tokens[start : start + tokens_per_block])
-    return key if extra is None else (*key, extra)
+def block_key(tokens: Sequence[int], start: int, tokens_per_block: int,
+              extra: object) -> BlockKey:
+    """The key of the block at ``tokens[start:]`` among its siblings: its tokens packed as
+    64-bit ids, paired with its multimodal extra key when it has one. Siblings never share
+    a key."""
+    block = tokens[start : start + tokens_per_block]
+    key = (block if type(block) is array else array("Q", block)).tobytes()
+    return key if extra is None else (key, extra)
 
 
 class Node:
-    """A run of cached blocks; ``tier`` and ``slots`` say where their KV lives."""
+    """A run of cached blocks; ``tier`` and ``slots`` say where their KV lives.
+
+    NOTE: ``tokens`` is an ``array('Q')``, not a list: it compares at C speed like a list,
+    the garbage collector never walks it (a cache of a million blocks holds tens of millions
+    of ids), and dropping a run frees one buffer instead of its ids one by one.
+    """
 
     __slots__ = (
         "by_first",
@@ -67,7 +76,7 @@ class Node:
     def __init__(
         self,
         parent: Node | None,
-        tokens: list[int],
+        tokens: Sequence[int],
         slots: list[int],
         tier: Tier,
         extras: list[object] | None,
@@ -81,12 +90,12 @@ class Node:
         # How many children are on the GPU: a GPU run is an eviction candidate only with
         # none. Kept, not derived, so a node with many children answers in O(1).
         self.num_gpu_children = 0
-        self.tokens = tokens
+        self.tokens: array[int] = tokens if type(tokens) is array else array("Q", tokens)
         self.slots = slots
         self.tier = tier
         self.extras = extras
-        self.key: BlockKey = block_key(tokens, 0, len(tokens) // max(len(slots), 1),
-                                       extras[0] if extras else None) if slots else ()
+        self.key: BlockKey = block_key(self.tokens, 0, len(tokens) // max(len(slots), 1),
+                                       extras[0] if extras else None) if slots else b""
         self.start_block = start_block
         self.root = root
         self.ref_count = 0

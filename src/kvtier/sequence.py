@@ -27,8 +27,8 @@ MAX_RETENTION_S = 1e9
 
 class TokenIds(list[int]):
     """A validated prompt: a list that refuses to change (a snapshot). It compares and
-    slices like the list it is (slices are plain lists), so matching it against the tree
-    costs nothing extra; only its own mutating methods raise."""
+    slices like the list it is (slices are plain lists); only its own mutating methods
+    raise. (The cache matches the spec's ``token_array``, the same ids as an array.)"""
 
     __slots__ = ()
 
@@ -80,6 +80,9 @@ class SequenceSpec:
     ``tokens`` is the prompt: token ids in ``0 ..= MAX_TOKEN_ID``, given as any sequence of
     ints and kept as ``TokenIds``, a snapshot: changing the caller's list later changes
     nothing, and the snapshot itself refuses to change.
+    ``token_array`` holds the same ids as an ``array('Q')`` (built by the validation itself):
+    what the cache matches and stores, compared at C speed and never walked by the garbage
+    collector.
     ``salt`` isolates tenants (mixed into the first block's key), ``lora_id`` selects an
     adapter (part of every block's key). ``priority`` (0..100, lower is evicted first;
     ``None`` means the config's default) applies to the request's blocks once released, for
@@ -101,20 +104,22 @@ class SequenceSpec:
     mm_items: tuple[MultimodalItem, ...] = field(default=())
     num_new_tokens: int | None = None
     num_reserved_blocks: int = 0
+    token_array: array[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if type(self.request_id) is not str or not self.request_id:
             raise ValueError(f"request_id must be a non-empty str, got {self.request_id!r}")
         what = f"tokens of {self.request_id!r}"
-        tokens = TokenIds(token_list(self.tokens, what))
-        object.__setattr__(self, "tokens", tokens)
+        ids = as_token_list(self.tokens, what)
+        object.__setattr__(self, "token_array", checked_token_array(ids, what))
+        object.__setattr__(self, "tokens", TokenIds(ids))
         check_key("salt", self.salt)
         check_lora_id(self.lora_id)
         if self.priority is not None:
             check_priority("priority", self.priority)
         object.__setattr__(self, "retention_s", check_retention(self.retention_s))
         object.__setattr__(self, "mm_items",
-                           check_mm_items(self.mm_items, len(tokens), self.request_id))
+                           check_mm_items(self.mm_items, len(ids), self.request_id))
         _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
 
     def with_schedule(self, num_new_tokens: int | None, num_reserved_blocks: int) -> SequenceSpec:
@@ -146,27 +151,41 @@ def token_list(tokens: object, what: str) -> list[int]:
     bytes, a mapping, a set or an iterator is refused, since none has one clear order of
     ids. Raises ValueError naming ``what``, the index and the value of the first bad id.
     """
-    if type(tokens) is not list:
-        if (isinstance(tokens, (str, bytes, bytearray, memoryview))
-                or not isinstance(tokens, Sequence)):
-            raise ValueError(
-                f"{what} must be a sequence of ints (a list or tuple), got "
-                f"{type(tokens).__name__}")
-        tokens = list(tokens)
-    check_tokens(tokens, what)
-    return tokens
+    ids = as_token_list(tokens, what)
+    check_tokens(ids, what)
+    return ids
+
+
+def as_token_list(tokens: object, what: str) -> list[int]:
+    """``tokens`` as a list (the list itself if it is one), not yet validated; ValueError
+    naming ``what`` for a str, bytes, a mapping, a set or an iterator."""
+    if type(tokens) is list:
+        return tokens
+    if isinstance(tokens, (str, bytes, bytearray, memoryview)) or not isinstance(
+            tokens, Sequence):
+        raise ValueError(
+            f"{what} must be a sequence of ints (a list or tuple), got {type(tokens).__name__}")
+    return list(tokens)
 
 
 def check_tokens(tokens: list[int], what: str) -> None:
-    """Raise ValueError unless ``tokens`` is a non-empty list of ids in ``0 ..= MAX_TOKEN_ID``.
+    """Raise ValueError unless ``tokens`` is a non-empty list of ids in ``0 ..= MAX_TOKEN_ID``."""
+    checked_token_array(tokens, what)
 
-    NOTE: the fast path is ``packed_token_ids``, C-level and about as cheap as ``sum``; only
-    a list that fails it is scanned in Python, to name the first bad index and value.
+
+def checked_token_array(tokens: list[int], what: str) -> array[int]:
+    """``tokens`` as an ``array('Q')``; ValueError naming ``what``, the index and the value
+    of the first bad id unless it is a non-empty list of ids in ``0 ..= MAX_TOKEN_ID``.
+
+    NOTE: the fast path is the array itself, built at C speed (packing as unsigned refuses
+    non-ints, negative and too large ids; the top byte of each id then tells whether any is
+    at least 2**63); only a list that fails it is scanned in Python, to name the bad id.
     """
     if not tokens:
         raise ValueError(f"{what} must not be empty")
-    if packed_token_ids(tokens) is not None:
-        return
+    ids = token_array(tokens)
+    if ids is not None:
+        return ids
     for index, token in enumerate(tokens):
         if not isinstance(token, int):
             raise ValueError(
@@ -176,18 +195,30 @@ def check_tokens(tokens: list[int], what: str) -> None:
             raise ValueError(
                 f"{what}: token at index {index} is {_short(token)}, outside the token id "
                 f"range 0..2**63-1")
+    raise AssertionError(f"{what}: no bad id, yet the ids did not pack")
 
 
 def packed_token_ids(tokens: Sequence[int]) -> bytes | None:
     """``tokens`` packed as native 64-bit ints (what block hashes cover), or ``None`` unless
-    every one is an int in ``0 ..= MAX_TOKEN_ID``. C-level: packing as unsigned refuses
-    non-ints, negative and too large ids; the top byte of each packed id then tells
-    whether any is at least 2**63 (below it, signed and unsigned bytes are the same)."""
+    every one is an int in ``0 ..= MAX_TOKEN_ID``. C-level (see ``token_array``)."""
     try:
-        packed = array("Q", tokens).tobytes()
+        ids = tokens if type(tokens) is array and tokens.typecode == "Q" else array("Q", tokens)
     except (TypeError, OverflowError):
         return None
+    packed = ids.tobytes()
     return packed if packed[_TOP_BYTE::8].isascii() else None
+
+
+def token_array(tokens: Sequence[int]) -> array[int] | None:
+    """``tokens`` as an ``array('Q')``, or ``None`` unless every one is an int in
+    ``0 ..= MAX_TOKEN_ID``. C-level: packing as unsigned refuses non-ints, negative and too
+    large ids; the top byte of each packed id then tells whether any is at least 2**63
+    (below it, signed and unsigned bytes are the same)."""
+    try:
+        ids = array("Q", tokens)
+    except (TypeError, OverflowError):
+        return None
+    return ids if ids.tobytes()[_TOP_BYTE::8].isascii() else None
 
 
 # The most significant byte of a packed 64-bit id: below 0x80 for ids below 2**63.
@@ -293,6 +324,7 @@ class LiveSequence:
         "num_reserved_blocks",
         "num_scheduled_tokens",
         "num_valid_tokens",
+        "owns_tokens",
         "priority",
         "private_slots",
         "request_id",
@@ -305,8 +337,9 @@ class LiveSequence:
     def __init__(self, spec: SequenceSpec, root: Root, extras: list[object] | None,
                  priority: int) -> None:
         self.request_id = spec.request_id
-        # The spec's snapshot, until decoding grows it: then a list of its own.
-        self.tokens: list[int] = spec.tokens
+        # The spec's token array, until decoding grows it: then an array of its own.
+        self.tokens: array[int] = spec.token_array
+        self.owns_tokens = False
         self.root = root
         self.extras = extras
         self.priority = priority
@@ -342,9 +375,10 @@ class LiveSequence:
 
     def grow_tokens(self, tokens: list[int]) -> None:
         """Append ``tokens`` (validated) to the request's tokens."""
-        if type(self.tokens) is not list:
-            self.tokens = list(self.tokens)
-        self.tokens += tokens
+        if not self.owns_tokens:
+            self.tokens = array("Q", self.tokens)
+            self.owns_tokens = True
+        self.tokens.extend(tokens)
 
     def own_slots(self) -> list[int]:
         """The GPU slots only this request holds: its copies of blocks stored first by

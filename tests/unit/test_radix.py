@@ -5,6 +5,8 @@ Trees are built by hand with ``make_run``; ``tpb`` is 2 unless a test says other
 
 from __future__ import annotations
 
+from array import array
+
 import pytest
 
 from kvtier.matching import PartialMatch, match
@@ -33,6 +35,11 @@ def make_run(parent: Node, tokens: list[int], slots: list[int], tier: Tier = Tie
                 parent.start_block + parent.num_blocks, parent.root)
     add_child(parent, node)
     return node
+
+
+def key(*tokens: int) -> bytes:
+    """The key of a block of these ids (no extra): the ids packed as 64-bit ints."""
+    return array("Q", tokens).tobytes()
 
 
 def shape(node: Node) -> tuple[object, ...]:
@@ -131,7 +138,7 @@ def test_match_with_extra_keys() -> None:
     # root ─ a[1 2 {img} | 3 4]
     root = Root(None, None)
     a = make_run(root, [1, 2, 3, 4], [0, 1], extras=["img", None])
-    assert a.key == (1, 2, "img")
+    assert a.key == (key(1, 2), "img")
     tokens = [1, 2, 3, 4, 5]
     assert match(root, tokens, 4, TPB, None, True) == ([], None, 0, None)
     assert match(root, tokens, 4, TPB, ["other", None, None], True) == ([], None, 0, None)
@@ -155,9 +162,12 @@ def test_match_is_pure() -> None:
 
 def test_block_key_is_the_block_tokens_plus_its_extra() -> None:
     """A key is the block's tokens, with its extra appended when it has one."""
-    assert block_key([1, 2, 3, 4, 5], 2, 2, None) == (3, 4)
-    assert block_key([1, 2, 3, 4, 5], 2, 2, ("h", 0)) == (3, 4, ("h", 0))
-    assert block_key([1, 2, 3], 2, 2, None) == (3,)
+    assert block_key([1, 2, 3, 4, 5], 2, 2, None) == key(3, 4) == array("Q", [3, 4]).tobytes()
+    assert block_key([1, 2, 3, 4, 5], 2, 2, ("h", 0)) == (key(3, 4), ("h", 0))
+    assert block_key([1, 2, 3], 2, 2, None) == key(3)
+    # The same key from a list of ids and from an array of them.
+    ids = [1, 2, 3, 4, 5]
+    assert block_key(array("Q", ids), 2, 2, "e") == block_key(ids, 2, 2, "e")
 
 
 # ---- children ----------------------------------------------------------------------------
@@ -169,7 +179,7 @@ def test_add_and_remove_child_keep_the_buckets() -> None:
     x = make_run(root, [5, 6], [0])
     y = make_run(root, [5, 7], [1], Tier.HOST)
     z = make_run(root, [8, 8], [2])
-    assert root.children == {(5, 6): x, (5, 7): y, (8, 8): z}
+    assert root.children == {key(5, 6): x, key(5, 7): y, key(8, 8): z}
     assert root.by_first == {5: [x, y], 8: [z]} and root.num_gpu_children == 2
     remove_child(root, x)
     assert root.by_first == {5: [y], 8: [z]} and root.num_gpu_children == 1
@@ -196,16 +206,16 @@ def test_split_keeps_the_tail_in_the_original_object() -> None:
     # root ─ head[1 2 | 7] ─ n[3 4 | 5 6 | 8 9] ─ c[7 8]
     root, n, c = make_three_block_run()
     head = split(n, 1, TPB)
-    assert head.parent is root and root.children == {(1, 2): head} and root.by_first == {
+    assert head.parent is root and root.children == {key(1, 2): head} and root.by_first == {
         1: [head]}
-    assert (head.tokens, head.slots, head.extras, head.hashes, head.start_block) == (
+    assert (list(head.tokens), head.slots, head.extras, head.hashes, head.start_block) == (
         [1, 2], [7], [None], [70], 0)
     assert (head.ref_count, head.priority, head.last_used) == (2, 60, 5)
-    assert head.children == {(3, 4, "e"): n} and head.by_first == {3: [n]}
+    assert head.children == {(key(3, 4), "e"): n} and head.by_first == {3: [n]}
     assert head.num_gpu_children == 1
-    assert (n.tokens, n.slots, n.extras, n.hashes, n.start_block, n.key) == (
-        [3, 4, 5, 6], [8, 9], ["e", None], [80, 90], 1, (3, 4, "e"))
-    assert n.parent is head and n.children == {(7, 8): c} and c.parent is n
+    assert (list(n.tokens), n.slots, n.extras, n.hashes, n.start_block, n.key) == (
+        [3, 4, 5, 6], [8, 9], ["e", None], [80, 90], 1, (key(3, 4), "e"))
+    assert n.parent is head and n.children == {key(7, 8): c} and c.parent is n
     assert list(path_to_root(c)) == [c, n, head]
 
 
@@ -216,7 +226,7 @@ def test_absorb_parent_undoes_split() -> None:
     for k in (1, 2):
         head = split(n, k, TPB)
         absorb_parent(n)
-        assert shape(n) == before and n.parent is root and root.children == {(1, 2): n}
+        assert shape(n) == before and n.parent is root and root.children == {key(1, 2): n}
         assert root.by_first == {1: [n]} and c.parent is n
         assert head.parent is None and head.children == {} and head.by_first == {}
 
@@ -227,14 +237,14 @@ def test_cut_tail_keeps_the_head_in_the_original_object() -> None:
     root, n, c = make_three_block_run()
     n.ref_count = 0
     tail = cut_tail(n, 2, TPB)
-    assert root.children == {(1, 2): n} and n.parent is root
-    assert (n.tokens, n.slots, n.extras, n.hashes) == ([1, 2], [7], [None], [70])
-    assert n.children == {(3, 4, "e"): tail} and n.by_first == {3: [tail]}
+    assert root.children == {key(1, 2): n} and n.parent is root
+    assert (list(n.tokens), n.slots, n.extras, n.hashes) == ([1, 2], [7], [None], [70])
+    assert n.children == {(key(3, 4), "e"): tail} and n.by_first == {3: [tail]}
     assert n.num_gpu_children == 1
-    assert (tail.tokens, tail.slots, tail.extras, tail.hashes, tail.start_block) == (
+    assert (list(tail.tokens), tail.slots, tail.extras, tail.hashes, tail.start_block) == (
         [3, 4, 5, 6], [8, 9], ["e", None], [80, 90], 1)
     assert (tail.priority, tail.last_used, tail.ref_count) == (60, 5, 0)
-    assert tail.children == {(7, 8): c} and tail.by_first == {7: [c]} and c.parent is tail
+    assert tail.children == {key(7, 8): c} and tail.by_first == {7: [c]} and c.parent is tail
     assert tail.num_gpu_children == 0
 
 
@@ -245,7 +255,7 @@ def test_absorb_parent_undoes_cut_tail() -> None:
     before = shape(n)
     tail = cut_tail(n, 1, TPB)
     absorb_parent(tail)
-    assert shape(tail) == before and tail.parent is root and root.children == {(1, 2): tail}
+    assert shape(tail) == before and tail.parent is root and root.children == {key(1, 2): tail}
     assert root.by_first == {1: [tail]} and c.parent is tail
 
 
@@ -258,7 +268,7 @@ def test_absorb_parent_fills_missing_extras_and_drops_half_hashes() -> None:
     node = make_run(head, [3, 4, 5, 6], [1, 2], extras=["a", None])
     absorb_parent(node)
     assert node.extras == [None, "a", None] and node.hashes is None
-    assert (node.tokens, node.slots, node.key) == ([1, 2, 3, 4, 5, 6], [0, 1, 2], (1, 2))
+    assert (list(node.tokens), node.slots, node.key) == ([1, 2, 3, 4, 5, 6], [0, 1, 2], key(1, 2))
 
 
 def test_split_and_cut_tail_refuse_empty_halves() -> None:
