@@ -283,6 +283,36 @@ def test_chunked_prefill_stores_only_scheduled_blocks() -> None:
     mgr.check_invariants()
 
 
+def test_chunked_prefill_allocates_chunk_by_chunk_from_its_reservation() -> None:
+    """A chunked admission allocates the blocks of its first chunk and reserves the rest of
+    its prompt; each later chunk takes its blocks from the reservation, so the eviction a
+    long prompt needs is spread over the steps that compute it."""
+    mgr = make_manager(num_gpu_blocks=7, num_host_blocks=8, enable_partial_reuse=False)
+    mgr.add_sequence(SequenceSpec("old", list(range(100, 125))))  # 7 blocks: slots 0..6
+    mgr.remove_sequence("old")  # its 6 full blocks cached on the GPU, slot 6 free
+    mgr.take_plan()
+
+    def moves() -> list[tuple[str, int, int]]:
+        return [(op.kind.value, op.src_slot, op.dst_slot) for op in mgr.take_plan().ops]
+
+    # 'a': 13 tokens = 4 blocks; its first chunk, 5 tokens, needs 2 now:
+    #   GPU  [0 1 2 3 4 | 5 -> host 0] + free 6      table [5 6], 2 blocks reserved
+    a = mgr.add_sequence(SequenceSpec("a", list(range(1, 14)), num_new_tokens=5))
+    assert a.block_ids == (5, 6) and mgr.num_reserved_blocks == 2
+    assert moves() == [("offload", 5, 0)]
+    assert mgr.num_free_gpu_blocks == 7 - 2 - 2
+    mgr.check_invariants()
+    # Each later chunk evicts only for itself:  tokens ..11 -> block 2, tokens ..13 -> block 3
+    mgr.schedule_prefill("a", 6)
+    assert mgr.block_table("a") == [5, 6, 4] and mgr.num_reserved_blocks == 1
+    assert moves() == [("offload", 4, 1)]
+    mgr.schedule_prefill("a", 2)
+    assert mgr.block_table("a") == [5, 6, 4, 3] and mgr.num_reserved_blocks == 0
+    assert moves() == [("offload", 3, 2)]
+    assert mgr.num_free_gpu_blocks == 7 - 4
+    mgr.check_invariants()
+
+
 def test_import_blocks_become_host_hits_and_are_onboarded() -> None:
     """Blocks imported from elsewhere (a remote store) are host hits, onboarded on admission."""
     mgr = make_manager(num_gpu_blocks=8, num_host_blocks=4, enable_partial_reuse=False)

@@ -390,11 +390,12 @@ class ManagerModel(RuleBasedStateMachine):
                 continue
             assert adm.num_reused_tokens == found.num_tokens, (spec, found, adm)
             assert adm.num_onboarded_tokens <= found.num_host_tokens, (found, adm)
-            assert len(adm.block_ids) == ceil_div(len(spec.tokens), tpb), adm
-            assert len(set(adm.block_ids)) == len(adm.block_ids), adm
             num_scheduled = len(spec.tokens)
             if spec.num_new_tokens is not None:
                 num_scheduled = min(num_scheduled, found.num_tokens + spec.num_new_tokens)
+            # The table covers the scheduled tokens; the rest of the prompt is reserved.
+            assert len(adm.block_ids) == ceil_div(num_scheduled, tpb), adm
+            assert len(set(adm.block_ids)) == len(adm.block_ids), adm
             req = LiveRequest(spec.salt, spec.lora_id, list(spec.tokens), list(adm.block_ids),
                               num_scheduled, found.num_tokens, spec.num_reserved_blocks)
             self.check_reused_kv(req, adm.num_reused_tokens)
@@ -458,9 +459,23 @@ class ManagerModel(RuleBasedStateMachine):
         assert self.mgr.num_unscheduled_tokens(rid) == remaining
         num_tokens = data.draw(st.integers(1, remaining))
         num_plans = len(self.memory.plans)
+        num_free = self.mgr.num_free_gpu_blocks
+        self.arm_failures(data)
         self.mgr.schedule_prefill(rid, num_tokens)
-        assert len(self.memory.plans) == num_plans
+        if rid in self.recover():
+            return
+        # The chunk's blocks come from the request's reservation: they never fail, take
+        # nothing others may use, and their eviction only moves blocks off the GPU.
+        assert self.mgr.num_free_gpu_blocks == num_free
+        assert len(self.memory.plans) - num_plans <= 1
+        assert not any(op.dst_tier is Tier.GPU for op in self.memory.ops_since(num_plans))
+        table = self.mgr.block_table(rid)
         req.num_scheduled += num_tokens
+        assert table[:len(req.block_ids)] == req.block_ids, (rid, table, req.block_ids)
+        assert len(table) == ceil_div(req.num_scheduled, self.tpb), (rid, table)
+        assert not set(table[len(req.block_ids):]) & {
+            s for r in self.requests.values() for s in r.block_ids}, (rid, table)
+        req.block_ids = table
         self.after_call()
 
     @precondition(lambda self: self.requests)
@@ -566,7 +581,9 @@ class ManagerModel(RuleBasedStateMachine):
     @invariant()
     def books_balance(self) -> None:
         self.mgr.check_invariants()
-        reserved = sum(r.num_reserved_blocks for r in self.requests.values())
+        # Each request's own reservation, and its prompt's blocks past its table.
+        reserved = sum(r.num_reserved_blocks + ceil_div(len(r.tokens), self.tpb)
+                       - len(r.block_ids) for r in self.requests.values())
         assert self.mgr.num_reserved_blocks == reserved
 
     @invariant()

@@ -10,7 +10,8 @@
              onboarded and its reservation fit in what is free or evictable now; roll back
              the claims of the others
     phase 2  per admitted request: onboard its host runs, reuse in place or allocate and
-             copy its partial block, allocate its new blocks, store what it schedules
+             copy its partial block, allocate the new blocks of its scheduled tokens
+             (reserving the rest of its prompt), store what it schedules
 
 Phase 2 evicts only unreferenced blocks and every claimed block is referenced from phase 1
 on, so each admitted request gets exactly the reuse ``lookup`` promised it.
@@ -47,7 +48,9 @@ class PrefixMatch(NamedTuple):
 
 
 class Admission(NamedTuple):
-    """The outcome of one request of a batch. ``block_ids`` is its block table (GPU slots)."""
+    """The outcome of one request of a batch. ``block_ids`` is its block table (GPU slots)
+    for the tokens scheduled now; the rest of the prompt's blocks are reserved and join the
+    table as later chunks are scheduled (``KVCacheManager.schedule_prefill``)."""
 
     request_id: str
     admitted: bool
@@ -268,16 +271,17 @@ class BatchAdmission:
             cache.stats.num_partial_copies += 1
             if src.tier is Tier.HOST:
                 num_onboarded += partial.num_tokens
-        table += cache.allocate_gpu(num_blocks - len(table), ops)
-        seq.block_table = table
         num_reused = seq.num_path_blocks * tpb + num_partial
+        new = p.spec.num_new_tokens
+        num_scheduled = len(seq.tokens) if new is None else min(len(seq.tokens), num_reused + new)
+        num_now = cdiv(num_scheduled, tpb)
+        table += cache.allocate_gpu(num_now - len(table), ops)
+        seq.block_table = table
         promise = p.promise
         assert num_reused == promise.match.num_tokens, (seq.request_id, num_reused, promise)
-        new = p.spec.num_new_tokens
         seq.num_valid_tokens = num_reused
-        seq.num_scheduled_tokens = len(seq.tokens) if new is None else min(
-            len(seq.tokens), num_reused + new)
-        seq.num_reserved_blocks = p.spec.num_reserved_blocks
+        seq.num_scheduled_tokens = num_scheduled
+        seq.num_reserved_blocks = p.spec.num_reserved_blocks + num_blocks - num_now
         self._live.add(seq)
         self._record_admission(seq, promise)
         self._store_blocks(seq)

@@ -79,7 +79,8 @@ class KVCacheManager:
 
     @property
     def num_reserved_blocks(self) -> int:
-        """GPU blocks live requests have reserved for their growth. Pure."""
+        """GPU blocks live requests have reserved for their growth: decode reservations and
+        the prompt blocks of chunked prefills not scheduled yet. Pure."""
         return self._live.num_reserved_blocks
 
     @property
@@ -200,7 +201,8 @@ class KVCacheManager:
 
     def schedule_prefill(self, request_id: str, num_tokens: int) -> None:
         """Mark the next ``num_tokens`` prompt tokens as scheduled (a later prefill chunk);
-        full blocks they complete become reusable."""
+        full blocks they complete become reusable. Their new blocks come from the request's
+        reservation (allocating them may evict, never fails)."""
         seq = self._live.get(request_id)
         if type(num_tokens) is not int or num_tokens < 1:
             raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
@@ -208,7 +210,12 @@ class KVCacheManager:
         if num_tokens > remaining:
             raise ValueError(
                 f"{request_id!r} has {remaining} unscheduled prompt tokens, asked {num_tokens}")
-        self._live.schedule(seq, seq.num_scheduled_tokens + num_tokens)
+        num_scheduled = seq.num_scheduled_tokens + num_tokens
+        need = cdiv(num_scheduled, self._tpb) - len(seq.block_table)
+        if need > 0:
+            self._live.use_reserved(seq, need)
+            seq.block_table += self._cache.allocate_gpu(need, self._ops)
+        self._live.schedule(seq, num_scheduled)
         self._version += 1
         self._store_blocks(seq)
 
