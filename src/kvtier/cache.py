@@ -24,13 +24,15 @@ from kvtier.eviction import (
     EvictionPolicy,
     Evictor,
     ReuseLearner,
+    ghost_key,
+    node_ghost_key,
 )
 from kvtier.journal import Journal
 from kvtier.matching import match_prompt, num_common_blocks
 from kvtier.metrics import CacheStats
 from kvtier.policies import get_policy
 from kvtier.pool import Key, TierPool
-from kvtier.radix import Node, Root, add_child, block_key, remove_child, subtree
+from kvtier.radix import BlockKey, Node, Root, add_child, block_key, remove_child, subtree
 from kvtier.radix import split as split_run
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.tier import Tier
@@ -65,6 +67,9 @@ class BlockCache:
         self._learner = policy if isinstance(policy, ReuseLearner) else None
         if self._learner is not None:
             self._learner.bind(config)
+        # What LRU would hold (the learner's evidence against it), kept from releases and
+        # admissions here; the learner tells it of recalls (None: the policy keeps none).
+        self._witness = self._learner.witness if self._learner is not None else None
         # Waiting request -> (its spec, the deepest run of its prefix), at the last hint.
         self._hinted: dict[str, tuple[SequenceSpec, Node]] = {}
 
@@ -133,14 +138,19 @@ class BlockCache:
         end each run's open release as a reuse (for the policy's learner), and tell the
         learner where the reused prefix ends (``recall_miss``)."""
         learner = self._learner
+        runs = []
         now = self.evictor.now()
         node = seq.last_node
         while node.parent is not None:
             node.num_accesses += 1
             if learner is not None and node.reuse_class is not None:
                 learner.record(node.reuse_class, now - node.last_used_s, len(node.slots), True)
+                runs.append((node.last_used, len(node.slots)))
                 node.reuse_class = None
             node = node.parent
+        if self._witness is not None:
+            self._witness.admitted(seq.num_prompt_blocks, runs,
+                                   self.gpu.num_cached + self.host.num_cached)
         self.recall_miss(seq)
 
     def unref_path(self, node: Node, release: LiveSequence | None = None) -> None:
@@ -153,13 +163,18 @@ class BlockCache:
         """
         evictor = self.evictor
         learner = self._learner if release is not None else None
+        witness = self._witness if release is not None else None
         now = evictor.now() if release is not None else 0.0
         while node.parent is not None:
             node.ref_count -= 1
             if node.ref_count == 0:
                 self.pool(node.tier).num_referenced -= len(node.slots)
                 if release is not None:
+                    # Counted under its old tick unless it was reused (then counted in use).
+                    old_tick = node.last_used if node.reuse_class is not None else 0
                     node.last_used = self.next_tick()
+                    if witness is not None:
+                        witness.released(old_tick, node.last_used, len(node.slots))
                     node.last_used_s = now
                     node.priority = release.priority
                     retention_s = release.retention_s
@@ -190,14 +205,23 @@ class BlockCache:
         tpb = self.tpb
         tokens, extras = seq.tokens, seq.extras
         num_full = len(tokens) // tpb
-        uid, block = seq.last_node.uid, seq.num_path_blocks
+        root = seq.last_node.root
+        assert root is not None
+        block = seq.num_path_blocks
         now = self.evictor.now()
+        prev: BlockKey = ()
+        if block:
+            prev = block_key(tokens, (block - 1) * tpb, tpb,
+                             extras[block - 1] if extras is not None else None)
         while block < num_full:
-            extra = extras[block] if extras is not None else None
-            found = learner.recall((uid, block_key(tokens, block * tpb, tpb, extra)), now)
+            key = block_key(tokens, block * tpb, tpb, extras[block] if extras is not None else None)
+            found = learner.recall(ghost_key(root, block, prev, key), now)
             if found is None:
                 return
-            uid, block = found[0], block + found[1]
+            block += found[1]
+            if block < num_full:
+                prev = block_key(tokens, (block - 1) * tpb, tpb,
+                                 extras[block - 1] if extras is not None else None)
 
     # ---- allocation and eviction -------------------------------------------------------------
 
@@ -324,9 +348,8 @@ class BlockCache:
             assert n.ref_count == 0, n
             if learner is not None and n.reuse_class is not None:
                 assert n.parent is not None
-                # Where a request would find it again: below its parent, by its first block.
-                learner.forget((n.parent.uid, n.key), n.uid, n.reuse_class, n.last_used_s,
-                               len(n.slots), now)
+                learner.forget(node_ghost_key(n, self.tpb), n.uid, n.reuse_class, n.last_used_s,
+                               len(n.slots), now, n.last_used)
             self.pool(n.tier).give_back(n.slots)
             if n.tier is Tier.GPU:
                 self.stats.gpu.evicted_blocks += len(n.slots)
@@ -471,6 +494,8 @@ class BlockCache:
                 self.drop(child)
         self.roots.clear()
         self._hinted = {}
+        if self._witness is not None:
+            self._witness.clear()
         self.journal.cleared()
 
 

@@ -31,8 +31,9 @@ from typing import Protocol, runtime_checkable
 
 from kvtier.config import CacheConfig
 from kvtier.pool import Key, TierPool
-from kvtier.radix import Node, absorb_parent, cut_tail
+from kvtier.radix import BlockKey, Node, Root, absorb_parent, block_key, cut_tail
 from kvtier.tier import Tier
+from kvtier.witness import LruWitness
 
 
 def effective_priority(node: Node, now: float, default_priority: int) -> int:
@@ -72,6 +73,26 @@ class EvictionPolicy(Protocol):
         ...
 
 
+def ghost_key(root: Root, block: int, prev_key: BlockKey, key: BlockKey) -> object:
+    """Where a request finds a run again once it was dropped, by content: the key space,
+    the run's first block (index and key) and the key of the block before it (``()`` at
+    the start). Content, not the parent's identity: a parent dropped and stored again is
+    a new node, and the runs that hung below it must still be found. Pure."""
+    return (root.lora_id, root.salt, block, prev_key, key)
+
+
+def node_ghost_key(node: Node, tokens_per_block: int) -> object:
+    """``ghost_key`` of the cached run ``node``. Pure."""
+    parent = node.parent
+    assert parent is not None and node.root is not None, node
+    prev: BlockKey = ()
+    if parent.parent is not None:
+        last = parent.num_blocks - 1
+        prev = block_key(parent.tokens, last * tokens_per_block, tokens_per_block,
+                         parent.extras[last] if parent.extras else None)
+    return ghost_key(node.root, node.start_block, prev, node.key)
+
+
 # The role of a released run in the releasing request (``ReuseLearner.reuse_class``).
 ROLE_SHARED = 0  # part of the prefix a first turn found cached: shared across sessions
 ROLE_BODY = 1    # the rest of the prompt: the session's history, its new blocks
@@ -83,10 +104,16 @@ class ReuseLearner(Protocol):
     """A policy that learns from the stream. The cache files each run it releases under
     ``reuse_class`` (stored on the node) and reports how each release ends: claimed again
     (``record``, ``age_s`` after the release, for ``num_blocks`` blocks), or dropped from
-    the cache (``forget``, with the place it sat: its parent's uid and its first block).
+    the cache (``forget``, with the place it sat, ``node_ghost_key``).
     A request that later misses exactly at a forgotten place is ``recall``-ed, so the
     learner sees reuses that came after an eviction; the learner decides when a forgotten
-    release has ended unreused. A run still cached has an open release."""
+    release has ended unreused. A run still cached has an open release.
+
+    A learner may keep a ``witness`` (:class:`kvtier.witness.LruWitness`): the cache then
+    tells it of every release and admitted reuse, the learner of every recall, and the
+    learner may fall back to LRU's order while the witness says LRU would do better."""
+
+    witness: LruWitness | None
 
     def bind(self, config: CacheConfig) -> None:
         """Learn the cache's shape (called once, before any other call)."""
@@ -103,15 +130,15 @@ class ReuseLearner(Protocol):
         ...
 
     def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
-               num_blocks: int, now: float) -> None:
-        """The run ``node_uid``, released at ``released_s``, was dropped at ``now``; it sat
-        at ``ghost_key``."""
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
+        """The run ``node_uid``, released at ``released_s`` (tick ``released_tick``; 0 when
+        not known), was dropped at ``now``; it sat at ``ghost_key``."""
         ...
 
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         """A request missed at ``ghost_key`` at ``now``. If a forgotten run sat there:
         ``(its uid, its blocks)``, so the caller can look for the run's own extensions
-        (at ``(uid, next block)``); else None."""
+        (at the block after it); else None."""
         ...
 
 

@@ -12,7 +12,8 @@ anything a policy learns.
     s3fifo               S3-FIFO over runs: a small FIFO for new runs, a main queue for
                          reused ones, ghosts send returning runs to main (SOSP '23)
     kvtier-predict       priority, soft queue claims, then hit density learned online per
-                         class of run (session turn x role); see ``KvtierPredict``
+                         class of run (session turn x role), by LRU while its witness
+                         says LRU does better; see ``KvtierPredict``
     kvtier-predict-cost  the same, value weighed by recompute cost growing with depth
                          (the default, by measurement: docs/policy-lab.md)
 
@@ -27,9 +28,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from kvtier.config import EVICTION_POLICIES, CacheConfig
-from kvtier.eviction import ROLE_SHARED, ROLE_TAIL, EvictionPolicy, effective_priority
+from kvtier.eviction import (
+    ROLE_SHARED,
+    ROLE_TAIL,
+    EvictionPolicy,
+    effective_priority,
+    node_ghost_key,
+)
 from kvtier.pool import Key
 from kvtier.radix import Node
+from kvtier.witness import LruWitness
 
 
 class PriorityLRU:
@@ -63,10 +71,14 @@ class LRU:
     rank = key
 
 
+# A dropped run: (reuse class, release time, blocks, its uid, its release tick).
+GhostEntry = tuple[int, float, int, int, int]
+
+
 class Ghosts:
     """Runs dropped lately, by their place in the tree, bounded in blocks: what lets a
     policy see that a request came back for a run it evicted. An entry maps
-    ``hash(ghost_key)`` to ``(reuse class, release time, blocks, the run's uid)``; the uid
+    ``hash(ghost_key)`` to a ``GhostEntry``; the uid
     names the place of the run's own extensions, dropped with it or before it. The blocks
     held are counted in all and per reuse class (``class_blocks``), kept on every change."""
 
@@ -75,13 +87,13 @@ class Ghosts:
         self.max_entries = max_entries
         self.num_blocks = 0
         self.class_blocks: dict[int, int] = {}
-        self.entries: OrderedDict[int, tuple[int, float, int, int]] = OrderedDict()
+        self.entries: OrderedDict[int, GhostEntry] = OrderedDict()
 
-    def _count(self, entry: tuple[int, float, int, int], sign: int) -> None:
+    def _count(self, entry: GhostEntry, sign: int) -> None:
         self.num_blocks += sign * entry[2]
         self.class_blocks[entry[0]] = self.class_blocks.get(entry[0], 0) + sign * entry[2]
 
-    def add(self, ghost_key: object, entry: tuple[int, float, int, int]) -> None:
+    def add(self, ghost_key: object, entry: GhostEntry) -> None:
         h = hash(ghost_key)
         old = self.entries.pop(h, None)
         if old is not None:
@@ -89,13 +101,13 @@ class Ghosts:
         self.entries[h] = entry
         self._count(entry, 1)
 
-    def pop(self, ghost_key: object) -> tuple[int, float, int, int] | None:
+    def pop(self, ghost_key: object) -> GhostEntry | None:
         entry = self.entries.pop(hash(ghost_key), None)
         if entry is not None:
             self._count(entry, -1)
         return entry
 
-    def trim(self) -> list[tuple[int, float, int, int]]:
+    def trim(self) -> list[GhostEntry]:
         """Forget the oldest entries past the bounds; return them."""
         out = []
         entries = self.entries
@@ -112,14 +124,17 @@ class _ClassCounts:
     blocks under a class; its end, reuse or drop, takes them out), plus ghosts."""
 
     num_classes = 2
+    witness = None
 
     def __init__(self) -> None:
+        self.tokens_per_block = 1
         self.cached = [0] * self.num_classes
         self.ghosts = Ghosts()
 
     def bind(self, config: CacheConfig) -> None:
         capacity = config.num_gpu_blocks + config.num_host_blocks
         self.ghosts.max_blocks = max(1, capacity)
+        self.tokens_per_block = config.tokens_per_block
 
     def _file(self, cls: int, num_blocks: int) -> int:
         self.cached[cls] += num_blocks
@@ -129,9 +144,10 @@ class _ClassCounts:
         self.cached[reuse_class] = max(0, self.cached[reuse_class] - num_blocks)
 
     def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
-               num_blocks: int, now: float) -> None:
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
         self.record(reuse_class, now - released_s, num_blocks, False)
-        self.ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid))
+        self.ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid,
+                                    released_tick))
         self.ghosts.trim()
 
 
@@ -167,7 +183,7 @@ class ARC(_ClassCounts):
         entry = self.ghosts.pop(ghost_key)
         if entry is None:
             return None
-        cls, _, n, uid = entry
+        cls, _, n, uid, _ = entry
         ghost_blocks = self.ghosts.class_blocks
         b1, b2 = max(1, ghost_blocks.get(0, 0)), max(1, ghost_blocks.get(1, 0))
         total = sum(self.cached) + n
@@ -197,7 +213,7 @@ class S3FIFO(_ClassCounts):
     def reuse_class(self, node: Node, turn: int, role: int) -> int:
         cls = int(node.num_accesses > 1)
         if not cls and self._returning and node.parent is not None:
-            h = hash((node.parent.uid, node.key))
+            h = hash(node_ghost_key(node, self.tokens_per_block))
             if h in self._returning:
                 self._returning.discard(h)
                 cls = 1
@@ -333,6 +349,10 @@ class KvtierPredict:
 
     With ``cost_aware`` a run's value is weighed by its recompute cost, ``1 + depth /
     crossover_tokens`` (attention over a deeper prefix costs more per token).
+
+    With ``witnessed`` (the default) the policy keeps an :class:`~kvtier.witness.LruWitness`
+    and ranks by LRU's order (priority and soft claims first, as always) while the witness
+    says LRU is ahead beyond chance: a learned order is only worth its errors where it wins.
     """
 
     name = "kvtier-predict"
@@ -340,18 +360,24 @@ class KvtierPredict:
     num_queue_fields = 3
     NUM_CLASSES = 1 + 2 * NUM_TURN_BUCKETS
 
-    def __init__(self, cost_aware: bool = False, crossover_tokens: int = 16384) -> None:
+    def __init__(self, cost_aware: bool = False, crossover_tokens: int = 16384,
+                 witnessed: bool = True) -> None:
         self.cost_aware = cost_aware
         self.crossover_tokens = crossover_tokens
+        self.witnessed = witnessed
         self.tokens_per_block = 1
         self.learner = HitDensity(self.NUM_CLASSES)
         self.ghosts = Ghosts()
+        self.witness: LruWitness | None = None
         if cost_aware:
             self.name = "kvtier-predict-cost"
 
     def bind(self, config: CacheConfig) -> None:
+        capacity = max(1, config.num_gpu_blocks + config.num_host_blocks)
         self.tokens_per_block = config.tokens_per_block
-        self.ghosts.max_blocks = 4 * max(1, config.num_gpu_blocks + config.num_host_blocks)
+        self.ghosts.max_blocks = 4 * capacity
+        if self.witnessed:
+            self.witness = LruWitness(capacity)
 
     def reuse_class(self, node: Node, turn: int, role: int) -> int:
         if role == ROLE_SHARED:
@@ -363,18 +389,20 @@ class KvtierPredict:
         self.learner.record(reuse_class, age_s, num_blocks, reused)
 
     def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
-               num_blocks: int, now: float) -> None:
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
         ghosts = self.ghosts
-        ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid))
-        for cls, released, n, _ in ghosts.trim():
+        ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid, released_tick))
+        for cls, released, n, _, _ in ghosts.trim():
             self.learner.record(cls, now - released, n, False)
 
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         entry = self.ghosts.pop(ghost_key)
         if entry is None:
             return None
-        cls, released_s, n, uid = entry
+        cls, released_s, n, uid, tick = entry
         self.learner.record(cls, now - released_s, n, True)
+        if self.witness is not None:
+            self.witness.recalled(tick, n)
         return uid, n
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
@@ -383,6 +411,11 @@ class KvtierPredict:
                 cls, node.last_used)
 
     def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        witness = self.witness
+        if witness is not None and witness.lru_ahead:
+            # LRU has done better lately: its order, until the learned one wins again.
+            return (effective_priority(node, now, default_priority), int(node.soft_claimed),
+                    0.0, node.last_used)
         cls = node.reuse_class if node.reuse_class is not None else 1
         value = self.learner.value[cls][age_bin(now - node.last_used_s)]
         if self.cost_aware:
