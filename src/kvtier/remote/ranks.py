@@ -1,7 +1,11 @@
 """The ranks of the remote tier: each rank's side of it (:class:`RemoteShard`: its store,
-its storages, what its fetches found) and every rank's as one (:class:`RemoteRanks`), which
-:class:`~kvtier.remote.tier.RemoteTier` calls from the leader and which stays
-rank-agnostic itself.
+its storages, what its fetches found) and every rank's as one (:class:`RemoteRanks`),
+through which :class:`~kvtier.remote.tier.RemoteTier`, rank-agnostic itself, reaches them
+all from the leader.
+
+A fetched block is copied once: the store hands over read-only views of the payloads in the
+values it read (after their checks), and :meth:`RemoteShard.fill` copies each into its host
+slot.
 
 Under tensor parallelism every rank holds its share of each block's KV heads, and each
 rank's shard is its own value under that rank's namespace
