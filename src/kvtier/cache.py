@@ -209,7 +209,7 @@ class BlockCache:
         assert root is not None
         block = seq.num_path_blocks
         now = self.evictor.now()
-        prev: BlockKey = ()
+        prev: BlockKey = b""
         if block:
             prev = block_key(tokens, (block - 1) * tpb, tpb,
                              extras[block - 1] if extras is not None else None)

@@ -75,7 +75,7 @@ class EvictionPolicy(Protocol):
 
 def ghost_key(root: Root, block: int, prev_key: BlockKey, key: BlockKey) -> object:
     """Where a request finds a run again once it was dropped, by content: the key space,
-    the run's first block (index and key) and the key of the block before it (``()`` at
+    the run's first block (index and key) and the key of the block before it (``b""`` at
     the start). Content, not the parent's identity: a parent dropped and stored again is
     a new node, and the runs that hung below it must still be found. Pure."""
     return (root.lora_id, root.salt, block, prev_key, key)
@@ -85,7 +85,7 @@ def node_ghost_key(node: Node, tokens_per_block: int) -> object:
     """``ghost_key`` of the cached run ``node``. Pure."""
     parent = node.parent
     assert parent is not None and node.root is not None, node
-    prev: BlockKey = ()
+    prev: BlockKey = b""
     if parent.parent is not None:
         last = parent.num_blocks - 1
         prev = block_key(parent.tokens, last * tokens_per_block, tokens_per_block,
