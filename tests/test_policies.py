@@ -29,6 +29,7 @@ from kvtier.pool import TierPool
 from kvtier.radix import Node
 from kvtier.scheduler import Scheduler, SchedulerConfig
 from kvtier.tier import Tier
+from kvtier.witness import LruWitness
 from plan_caller import PlanCaller
 from test_manager_model import ManagerModel
 
@@ -488,3 +489,18 @@ def test_kvtier_predict_matches_physical_model() -> None:
     KV exact."""
     run_state_machine_as_test(PredictModel, settings=settings(
         max_examples=150, stateful_step_count=50, deadline=None))
+
+
+def test_switching_to_lru_and_back_keeps_the_books(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The witness's verdict flips at every count (the learned order and LRU's in turn, as
+    often as the model's operations move the evidence): every block's KV stays exact."""
+    flips = [0]
+
+    def flip(self: LruWitness) -> None:
+        self.lru_ahead = not self.lru_ahead
+        flips[0] += 1
+
+    monkeypatch.setattr(LruWitness, "_judge", flip)
+    run_state_machine_as_test(PredictModel, settings=settings(
+        max_examples=60, stateful_step_count=50, deadline=None))
+    assert flips[0] > 50
