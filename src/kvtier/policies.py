@@ -76,11 +76,10 @@ GhostEntry = tuple[int, float, int, int, int]
 
 
 class Ghosts:
-    """Runs dropped lately, by their place in the tree, bounded in blocks: what lets a
-    policy see that a request came back for a run it evicted. An entry maps
-    ``hash(ghost_key)`` to a ``GhostEntry``; the uid
-    names the place of the run's own extensions, dropped with it or before it. The blocks
-    held are counted in all and per reuse class (``class_blocks``), kept on every change."""
+    """Runs dropped lately, by where they sat (``kvtier.eviction.ghost_key``: by content),
+    bounded in blocks: what lets a policy see that a request came back for a run it
+    evicted. An entry maps ``hash(ghost_key)`` to a ``GhostEntry``. The blocks held are
+    counted in all and per reuse class (``class_blocks``), kept on every change."""
 
     def __init__(self, max_blocks: int = 1 << 20, max_entries: int = 1 << 18) -> None:
         self.max_blocks = max_blocks
