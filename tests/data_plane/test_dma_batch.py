@@ -19,11 +19,10 @@ from kvtier.transfer.dma_batch import (  # noqa: E402
     memmove_batch,
 )
 from kvtier.transfer.fused import LaunchTarget  # noqa: E402
-from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan  # noqa: E402
+from kvtier.transfer.plan import TransferPlan  # noqa: E402
 from kvtier.transfer.torch_memory import copy_view, layer_view  # noqa: E402
+from plan_ops import TPB, G, H, offload, onboard, random_ops  # noqa: E402
 
-G, H = Tier.GPU, Tier.HOST
-TPB = 4
 NUM_LAYERS = 2
 NUM_BLOCKS: dict[Tier, int | None] = {G: 12, H: 10}
 
@@ -46,14 +45,6 @@ def make_copier(gpu_kind: str, host_kind: str) -> tuple[dict[Tier, KVStorage], D
     return storages, DmaBatchCopier(layers, whole, TPB)
 
 
-def offload(g: int, h: int) -> TransferOp:
-    return TransferOp(OpKind.OFFLOAD, G, g, H, h, TPB)
-
-
-def onboard(h: int, g: int) -> TransferOp:
-    return TransferOp(OpKind.ONBOARD, H, h, G, g, TPB)
-
-
 def test_a_step_pipelines_offloads_and_onboards_by_group() -> None:
     """Four offload/onboard pairs and an unrelated onboard on two launches: five groups
     (16 stages / 2 launches, at most one per component), each pair an offload batch
@@ -73,22 +64,6 @@ def test_a_step_pipelines_offloads_and_onboards_by_group() -> None:
                           NUM_BLOCKS, 2, 2)
     assert [(b.group, b.level, b.flags, len(b.sizes))
             for b in copier.batches(free, copier.layers[0])] == [(0, 0, h2d, 1), (0, 0, d2h, 2)]
-
-
-def random_ops(rng: random.Random) -> list[TransferOp]:
-    """Offloads, onboards and partial copies over few slots, so hazards are common."""
-    ops: list[TransferOp] = []
-    for _ in range(rng.randrange(1, 24)):
-        kind = rng.randrange(3)
-        if kind == 0:
-            ops.append(offload(rng.randrange(12), rng.randrange(10)))
-        elif kind == 1:
-            ops.append(onboard(rng.randrange(10), rng.randrange(12)))
-        else:
-            src, dst = rng.choice([(G, 12), (H, 10)]), rng.randrange(12)
-            slot = rng.choice([x for x in range(src[1]) if (src[0], x) != (G, dst)])
-            ops.append(TransferOp(OpKind.COPY, src[0], slot, G, dst, rng.randrange(1, TPB + 1)))
-    return ops
 
 
 def run_in_any_allowed_order(batches: list[DmaBatch], rng: random.Random) -> None:
@@ -115,7 +90,7 @@ def test_random_plans_match_in_order_copies(gpu_kind: str, host_kind: str) -> No
     storages, copier = make_copier(gpu_kind, host_kind)
     rng = random.Random(gpu_kind + host_kind)
     for trial in range(30):
-        ops = random_ops(rng)
+        ops = random_ops(rng, 24)
         expected = {t: [s.layer(i).clone() for i in range(NUM_LAYERS)]
                     for t, s in storages.items()}
         for op in ops:

@@ -32,25 +32,14 @@ from kvtier.transfer.plan import (  # noqa: E402
     TransferPlan,
 )
 from kvtier.transfer.torch_memory import copy_view  # noqa: E402
+from plan_ops import TPB, G, H, offload, onboard, random_ops  # noqa: E402
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-G, H = Tier.GPU, Tier.HOST
-TPB = 4
 NUM_LAYERS = 2
 TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                             reason="needs Triton (its interpreter runs the kernel on CPU)")
-
-
-def offload(g: int, h: int) -> TransferOp:
-    """GPU slot g -> host slot h, a whole block."""
-    return TransferOp(OpKind.OFFLOAD, G, g, H, h, TPB)
-
-
-def onboard(h: int, g: int) -> TransferOp:
-    """Host slot h -> GPU slot g, a whole block."""
-    return TransferOp(OpKind.ONBOARD, H, h, G, g, TPB)
 
 
 def grouped(ops: list[TransferOp], dense: bool | None = None,
@@ -193,17 +182,7 @@ def test_fused_kernel_matches_plain_indexing(gpu_kind: str, host_kind: str) -> N
     storages = {G: gpu, H: host}
     rng = random.Random(gpu_kind + host_kind)
     for trial in range(6):
-        ops: list[TransferOp] = []
-        for _ in range(rng.randrange(1, 16)):
-            kind = rng.randrange(3)
-            if kind == 0:
-                ops.append(offload(rng.randrange(12), rng.randrange(10)))
-            elif kind == 1:
-                ops.append(onboard(rng.randrange(10), rng.randrange(12)))
-            else:
-                src, dst = rng.choice([(G, 12), (H, 10)]), rng.randrange(12)
-                slot = rng.choice([x for x in range(src[1]) if (src[0], x) != (G, dst)])
-                ops.append(TransferOp(OpKind.COPY, src[0], slot, G, dst, rng.randrange(1, 5)))
+        ops = random_ops(rng, 16)
         expected = {tier: [s.layer(i).clone() for i in range(NUM_LAYERS)]
                     for tier, s in storages.items()}
         for op in ops:

@@ -8,18 +8,7 @@ from hypothesis import strategies as st
 from kvtier.tier import Tier
 from kvtier.transfer.batching import CopyGroup, Run, merge_runs, plan_batches, plan_waves
 from kvtier.transfer.plan import OpKind, TransferOp
-
-G, H = Tier.GPU, Tier.HOST
-
-
-def offload(g: int, h: int) -> TransferOp:
-    """GPU slot g -> host slot h, a whole 4-token block."""
-    return TransferOp(OpKind.OFFLOAD, G, g, H, h, 4)
-
-
-def onboard(h: int, g: int) -> TransferOp:
-    """Host slot h -> GPU slot g, a whole 4-token block."""
-    return TransferOp(OpKind.ONBOARD, H, h, G, g, 4)
+from plan_ops import G, H, offload, onboard
 
 
 def copy(src_tier: Tier, src: int, g: int, num_tokens: int) -> TransferOp:
