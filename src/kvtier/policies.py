@@ -149,6 +149,16 @@ class _ClassCounts:
                                     released_tick))
         self.ghosts.trim()
 
+    def first_class(self) -> int:
+        """The class whose queue the victim comes from now."""
+        raise NotImplementedError
+
+    def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        """Runs of ``first_class`` first, least recently released first in each."""
+        cls = node.reuse_class if node.reuse_class is not None else 0
+        return (effective_priority(node, now, default_priority), int(cls != self.first_class()),
+                node.last_used)
+
 
 class ARC(_ClassCounts):
     """ARC over runs. Class 0 (T1): runs claimed once (stored, never reused); class 1
@@ -172,11 +182,9 @@ class ARC(_ClassCounts):
         cls = node.reuse_class if node.reuse_class is not None else 0
         return (effective_priority(node, now, default_priority), cls, node.last_used)
 
-    def rank(self, node: Node, now: float, default_priority: int) -> Key:
-        cls = node.reuse_class if node.reuse_class is not None else 0
-        from_t1 = self.cached[0] > self.target or not self.cached[1]
-        return (effective_priority(node, now, default_priority),
-                int(cls != (0 if from_t1 else 1)), node.last_used)
+    def first_class(self) -> int:
+        t1, t2 = self.cached
+        return 0 if t1 > self.target or not t2 else 1
 
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         entry = self.ghosts.pop(ghost_key)
@@ -223,12 +231,9 @@ class S3FIFO(_ClassCounts):
         order = node.created_s if cls == 0 else node.last_used
         return (effective_priority(node, now, default_priority), cls, order, node.last_used)
 
-    def rank(self, node: Node, now: float, default_priority: int) -> Key:
-        cls = node.reuse_class if node.reuse_class is not None else 0
+    def first_class(self) -> int:
         small, main = self.cached
-        from_small = small >= self.SMALL_FRACTION * (small + main) or not main
-        return (effective_priority(node, now, default_priority),
-                int(cls != (0 if from_small else 1)), node.last_used)
+        return 0 if small >= self.SMALL_FRACTION * (small + main) or not main else 1
 
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         entry = self.ghosts.pop(ghost_key)
