@@ -7,38 +7,19 @@ session. Tests that kill, pause or fill a server get a private one (``make_redis
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from remote_helpers import PrivateCluster, PrivateRedis, RedisServers
-
-SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "redis.sh"
+from remote_helpers import PrivateCluster, PrivateRedis, RedisServers, shared_redis_servers
 
 
 @pytest.fixture(scope="session")
 def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServers]:
     """The shared standalone server and three-node cluster."""
     pytest.importorskip("redis")
-    url = os.environ.get("KVTIER_REDIS_URL")
-    cluster_url = os.environ.get("KVTIER_REDIS_CLUSTER_URL")
-    if url and cluster_url:
-        yield RedisServers(url, cluster_url)
-        return
-    env = {**os.environ, "KVTIER_REDIS_DIR": str(tmp_path_factory.mktemp("redis"))}
-    started = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True,
-                             timeout=600, check=False)
-    if started.returncode != 0:
-        pytest.skip("redis-server is missing and .ci/redis.sh could not install or start it: "
-                    + started.stderr.strip()[-400:])
-    urls = dict(line.split("=", 1) for line in started.stdout.split() if "=" in line)
-    yield RedisServers(urls["KVTIER_REDIS_URL"], urls["KVTIER_REDIS_CLUSTER_URL"])
-    if "already running" not in started.stderr:  # stop only what this session started
-        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60,
-                       check=False)
+    yield from shared_redis_servers(tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import pytest
 
 from kvtier.remote import RemoteNamespace
 from kvtier.storage import KVLayout
@@ -31,6 +35,31 @@ def make_blocks(namespace: RemoteNamespace, num_blocks: int, first_hash: int = 1
 class RedisServers(NamedTuple):
     url: str  # standalone, with a password
     cluster_url: str
+
+
+REDIS_SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "redis.sh"
+
+
+def shared_redis_servers(work_dir: Path) -> Iterator[RedisServers]:
+    """The shared standalone server (with a password) and three-node cluster, for a session
+    fixture to yield from: CI's (``KVTIER_REDIS_URL`` / ``KVTIER_REDIS_CLUSTER_URL``), else
+    started with .ci/redis.sh in ``work_dir`` and stopped after, unless it was running."""
+    url = os.environ.get("KVTIER_REDIS_URL")
+    cluster_url = os.environ.get("KVTIER_REDIS_CLUSTER_URL")
+    if url and cluster_url:
+        yield RedisServers(url, cluster_url)
+        return
+    env = {**os.environ, "KVTIER_REDIS_DIR": str(work_dir)}
+    started = subprocess.run([str(REDIS_SCRIPT), "start"], env=env, capture_output=True,
+                             text=True, timeout=600, check=False)
+    if started.returncode != 0:
+        pytest.skip("redis-server is missing and .ci/redis.sh could not install or start it: "
+                    + started.stderr.strip()[-400:])
+    urls = dict(line.split("=", 1) for line in started.stdout.split() if "=" in line)
+    yield RedisServers(urls["KVTIER_REDIS_URL"], urls["KVTIER_REDIS_CLUSTER_URL"])
+    if "already running" not in started.stderr:  # stop only what this session started
+        subprocess.run([str(REDIS_SCRIPT), "stop"], env=env, capture_output=True, timeout=60,
+                       check=False)
 
 
 def _free_port() -> int:
