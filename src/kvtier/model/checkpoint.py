@@ -14,9 +14,10 @@ not fit is refused before gigabytes are read, with the offending tensor named.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -32,6 +33,18 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing, unreadable, or not fitting its config.
     The message is one sentence naming the file or the tensor."""
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in file ``path``; CheckpointError naming the file if it cannot be
+    read or holds something else."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
 
 
 class TensorEntry(NamedTuple):

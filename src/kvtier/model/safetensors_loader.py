@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kvtier.model.checkpoint import CheckpointError, TensorEntry, build_model
+from kvtier.model.checkpoint import CheckpointError, TensorEntry, build_model, read_json_object
 from kvtier.model.config import ModelConfig, RopeScaling
 from kvtier.model.llama import LlamaModel
 
@@ -121,11 +121,5 @@ def load_safetensors_model(path: Path, dtype: str = "float32",
                            device: str | torch.device = "cpu") -> LlamaModel:
     """The model in Hugging Face directory ``path``, in ``dtype`` on ``device``."""
     file = path / "config.json"
-    try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{file} does not hold a JSON object")
-    config = config_from_hf(cfg, str(file), dtype)
+    config = config_from_hf(read_json_object(file), str(file), dtype)
     return build_model(config, safetensors_tensors(path), str(path), device)

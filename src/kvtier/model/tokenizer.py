@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvtier.model.checkpoint import CheckpointError, checkpoint_kind
+from kvtier.model.checkpoint import CheckpointError, checkpoint_kind, read_json_object
 
 # GPT-2's split, with digits one by one first (llama.cpp's "smollm", "starcoder", ...).
 _GPT2_PATTERN = None  # the ByteLevel pre-tokenizer's own regex
@@ -158,15 +158,7 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:
