@@ -137,20 +137,21 @@ class BlockCache:
         """``seq`` was admitted on its claimed path: count an access of every run on it,
         end each run's open release as a reuse (for the policy's learner), and tell the
         learner where the reused prefix ends (``recall_miss``)."""
-        learner = self._learner
-        runs = []
+        learner, witness = self._learner, self._witness
+        runs: list[tuple[int, int]] = []  # (release tick, blocks), for the witness
         now = self.evictor.now()
         node = seq.last_node
         while node.parent is not None:
             node.num_accesses += 1
             if learner is not None and node.reuse_class is not None:
                 learner.record(node.reuse_class, now - node.last_used_s, len(node.slots), True)
-                runs.append((node.last_used, len(node.slots)))
+                if witness is not None:
+                    runs.append((node.last_used, len(node.slots)))
                 node.reuse_class = None
             node = node.parent
-        if self._witness is not None:
-            self._witness.admitted(seq.num_prompt_blocks, runs,
-                                   self.gpu.num_cached + self.host.num_cached)
+        if witness is not None:
+            witness.admitted(seq.num_prompt_blocks, runs,
+                             self.gpu.num_cached + self.host.num_cached)
         self.recall_miss(seq)
 
     def unref_path(self, node: Node, release: LiveSequence | None = None) -> None:
@@ -209,19 +210,16 @@ class BlockCache:
         assert root is not None
         block = seq.num_path_blocks
         now = self.evictor.now()
-        prev: BlockKey = b""
-        if block:
-            prev = block_key(tokens, (block - 1) * tpb, tpb,
-                             extras[block - 1] if extras is not None else None)
+
+        def key_at(i: int) -> BlockKey:
+            return block_key(tokens, i * tpb, tpb, extras[i] if extras is not None else None)
+
         while block < num_full:
-            key = block_key(tokens, block * tpb, tpb, extras[block] if extras is not None else None)
-            found = learner.recall(ghost_key(root, block, prev, key), now)
+            prev = key_at(block - 1) if block else b""
+            found = learner.recall(ghost_key(root, block, prev, key_at(block)), now)
             if found is None:
                 return
             block += found[1]
-            if block < num_full:
-                prev = block_key(tokens, (block - 1) * tpb, tpb,
-                                 extras[block - 1] if extras is not None else None)
 
     # ---- allocation and eviction -------------------------------------------------------------
 
