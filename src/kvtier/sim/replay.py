@@ -34,7 +34,7 @@ from kvtier.sim.report import SimReport, Summary, estimate_load
 from kvtier.sim.timemodel import ModelProfile, TimeModel, get_profile
 from kvtier.sim.workload import TraceRequest, Workload
 from kvtier.tier import Tier
-from kvtier.transfer.plan import OpKind, TransferPlan
+from kvtier.transfer.plan import OP_KINDS, OpKind, PlanColumns, TransferPlan
 
 # NOTE: sampled tokens are fresh ids from here up, far above the token ids any workload
 # builds (and still int64, as block hashing packs them), so output never matches a prompt.
@@ -43,6 +43,10 @@ SAMPLED_TOKEN_BASE = 1 << 62
 # A step counts as "full" for the CPU figures when it schedules at least this share of
 # max_num_tokens: the cost the scheduler's speed target is about.
 FULL_STEP_SHARE = 0.9
+
+
+_OFFLOAD = OP_KINDS.index(OpKind.OFFLOAD)
+_ONBOARD = OP_KINDS.index(OpKind.ONBOARD)
 
 
 class SimulationStalled(RuntimeError):
@@ -289,11 +293,15 @@ class ReplayLoop:
     def _transfers(self, plan: TransferPlan) -> tuple[int, int]:
         """Bytes H2D (onboards, copies from a host block) and D2H (offloads) of a plan."""
         h2d = d2h = 0
-        for op in plan.ops:
-            if op.kind is OpKind.OFFLOAD:
-                d2h += op.num_tokens
-            elif op.kind is OpKind.ONBOARD or op.src_tier is Tier.HOST:
-                h2d += op.num_tokens
+        if len(plan):
+            # The plan's columns, not its ops: no Python object per block.
+            columns = plan.columns if plan.columns is not None else PlanColumns.of(plan.ops)
+            for kind, src_tier, num_tokens in zip(plan.kinds, columns.src_tiers,
+                                                  columns.num_tokens, strict=True):
+                if kind == _OFFLOAD:
+                    d2h += num_tokens
+                elif kind == _ONBOARD or src_tier == Tier.HOST:
+                    h2d += num_tokens
         self.num_host_hit_tokens += h2d
         kv = self.model.profile.kv_bytes_per_token
         self.bytes_h2d += h2d * kv

@@ -16,6 +16,12 @@ class OpKind(str, Enum):
     COPY = "copy"  # the first num_tokens of a block into a new GPU block (partial reuse)
 
 
+# A plan's kinds column holds each op's index here.
+OP_KINDS = (OpKind.OFFLOAD, OpKind.ONBOARD, OpKind.COPY)
+_KIND_INDEX = {kind: i for i, kind in enumerate(OP_KINDS)}
+_TIERS = (Tier.GPU, Tier.HOST)
+
+
 class TransferOp(NamedTuple):
     """Copy the first ``num_tokens`` tokens of a block between two slots."""
 
@@ -61,7 +67,7 @@ class PlanColumns(NamedTuple):
         self.num_tokens.extend(array("q", [num_tokens]) * n)
 
 
-class TransferPlan(NamedTuple):
+class TransferPlan:
     """The copies of one manager call, in program order.
 
     Executing the ops in order is always correct: the manager hands a slot to a new owner
@@ -70,37 +76,108 @@ class TransferPlan(NamedTuple):
     fills it. An engine that reorders or overlaps ops must keep that order per slot.
 
     ``columns``, where the producer gives them, are the same ops as arrays (an engine then
-    plans without reading ``ops``); they must describe exactly ``ops``.
+    plans without reading ``ops``); they must describe exactly ``ops``. A plan the manager
+    hands out is recorded as columns only (``of_columns``): its ``ops`` are built from them
+    on first use, so a consumer that reads the columns (the simulator, the copy paths) never
+    pays for a Python object per block. ``len(plan)`` and ``plan.op(i)`` read the columns.
     """
 
-    ops: tuple[TransferOp, ...]
-    columns: PlanColumns | None = None
+    __slots__ = ("_kinds", "_ops", "columns")
+
+    def __init__(self, ops: Sequence[TransferOp] = (), columns: PlanColumns | None = None
+                 ) -> None:
+        self._ops: tuple[TransferOp, ...] | None = tuple(ops)
+        self._kinds: array[int] | None = None
+        self.columns = columns
+
+    @classmethod
+    def of_columns(cls, kinds: array[int], columns: PlanColumns) -> TransferPlan:
+        """The plan whose ops are ``columns`` with kinds ``kinds`` (``OP_KINDS`` indices),
+        read lazily. The arrays are the plan's: the caller hands them over."""
+        if len(kinds) != len(columns.src_slots):
+            raise ValueError(f"kinds hold {len(kinds)} ops, the columns "
+                             f"{len(columns.src_slots)}")
+        plan = cls((), columns)
+        plan._ops = None
+        plan._kinds = kinds
+        return plan
+
+    @property
+    def ops(self) -> tuple[TransferOp, ...]:
+        """The ops, in program order (built from the columns once, on first use)."""
+        ops = self._ops
+        if ops is None:
+            assert self._kinds is not None and self.columns is not None
+            c = self.columns
+            ops = self._ops = tuple(map(
+                TransferOp._make,
+                zip(map(OP_KINDS.__getitem__, self._kinds), map(_TIERS.__getitem__, c.src_tiers),
+                    c.src_slots, map(_TIERS.__getitem__, c.dst_tiers), c.dst_slots,
+                    c.num_tokens, strict=True)))
+        return ops
+
+    @property
+    def kinds(self) -> array[int]:
+        """Each op's kind, as its index in ``OP_KINDS``: a column beside ``columns``."""
+        kinds = self._kinds
+        if kinds is None:
+            assert self._ops is not None
+            kinds = self._kinds = array("b", [_KIND_INDEX[op.kind] for op in self._ops])
+        return kinds
+
+    def __len__(self) -> int:
+        """How many ops the plan holds (without building them). Pure."""
+        return len(self._ops) if self._ops is not None else len(self.kinds)
+
+    def op(self, index: int) -> TransferOp:
+        """The op at ``index`` (without building the others). Pure."""
+        if self._ops is not None:
+            return self._ops[index]
+        assert self._kinds is not None and self.columns is not None
+        c = self.columns
+        return TransferOp(OP_KINDS[self._kinds[index]], _TIERS[c.src_tiers[index]],
+                          c.src_slots[index], _TIERS[c.dst_tiers[index]], c.dst_slots[index],
+                          c.num_tokens[index])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TransferPlan):
+            return NotImplemented
+        return self.ops == other.ops and self.columns == other.columns
+
+    def __hash__(self) -> int:
+        return hash(self.ops)
+
+    def __repr__(self) -> str:
+        return f"TransferPlan(ops={self.ops!r}, columns={self.columns!r})"
+
+    def __reduce__(self) -> tuple[type[TransferPlan], tuple[tuple[TransferOp, ...],
+                                                             PlanColumns | None]]:
+        return (TransferPlan, (self.ops, self.columns))
 
 
 class PlanRecorder:
-    """Where a producer records its copies in program order, as ops and as columns at
-    once, so the plan it hands out carries both (an engine then plans from the columns).
-    Recording a run costs one C-speed array extend per field besides the ops."""
+    """Where a producer records its copies in program order, as columns (and a kinds
+    column): recording a run costs one C-speed array extend per field, and no Python
+    object per op; the plan it hands out builds ``ops`` only if a consumer reads them."""
 
-    __slots__ = ("columns", "ops")
+    __slots__ = ("columns", "kinds")
 
     def __init__(self) -> None:
-        self.ops: list[TransferOp] = []
+        self.kinds: array[int] = array("b")
         self.columns = PlanColumns.of(())
 
     def __len__(self) -> int:
-        return len(self.ops)
+        return len(self.kinds)
 
     def record_run(self, kind: OpKind, src_tier: Tier, src_slots: Sequence[int],
                    dst_tier: Tier, dst_slots: Sequence[int], num_tokens: int) -> None:
         """Record ``src_slots[i] -> dst_slots[i]`` for every ``i``, in order."""
         self.columns.extend(src_tier, src_slots, dst_tier, dst_slots, num_tokens)
-        self.ops.extend(TransferOp(kind, src_tier, src, dst_tier, dst, num_tokens)
-                        for src, dst in zip(src_slots, dst_slots, strict=True))
+        self.kinds.extend(array("b", [_KIND_INDEX[kind]]) * len(src_slots))
 
     def take(self) -> TransferPlan:
         """The ops recorded since the last take, as one plan; the recorder starts empty."""
-        plan = TransferPlan(tuple(self.ops), self.columns)
-        self.ops = []
+        plan = TransferPlan.of_columns(self.kinds, self.columns)
+        self.kinds = array("b")
         self.columns = PlanColumns.of(())
         return plan

@@ -1,0 +1,86 @@
+"""TransferPlan recorded as columns: ops built only when read, the same as recorded."""
+
+from __future__ import annotations
+
+import pickle
+from array import array
+
+import pytest
+
+from kvtier.tier import Tier
+from kvtier.transfer.plan import (
+    OP_KINDS,
+    OpKind,
+    PlanColumns,
+    PlanRecorder,
+    TransferOp,
+    TransferPlan,
+)
+
+G, H = Tier.GPU, Tier.HOST
+
+
+def make_recorded() -> TransferPlan:
+    """Two offloads, an onboard, a partial copy, recorded as a manager records them."""
+    recorder = PlanRecorder()
+    recorder.record_run(OpKind.OFFLOAD, G, [0, 1], H, [5, 6], 4)
+    recorder.record_run(OpKind.ONBOARD, H, [7], G, [0], 4)
+    recorder.record_run(OpKind.COPY, G, [2], G, [3], 3)
+    return recorder.take()
+
+
+EXPECTED = (
+    TransferOp(OpKind.OFFLOAD, G, 0, H, 5, 4),
+    TransferOp(OpKind.OFFLOAD, G, 1, H, 6, 4),
+    TransferOp(OpKind.ONBOARD, H, 7, G, 0, 4),
+    TransferOp(OpKind.COPY, G, 2, G, 3, 3),
+)
+
+
+def test_recorded_plan_reads_columns_without_building_ops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """len, op(i) and the kinds column answer from the columns; ops stay unbuilt."""
+    plan = make_recorded()
+
+    def refuse(_: object) -> TransferOp:
+        raise AssertionError("the plan built its ops")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TransferOp, "_make", refuse)
+        assert len(plan) == 4
+        assert plan.op(2) == EXPECTED[2]
+        assert [OP_KINDS[k] for k in plan.kinds] == [op.kind for op in EXPECTED]
+        with pytest.raises(AssertionError, match="built its ops"):
+            plan.ops  # noqa: B018 (the property is what is tested)
+    assert plan.ops == EXPECTED
+    assert type(plan.ops[0].src_tier) is Tier and plan.ops[3].kind is OpKind.COPY
+    assert plan.columns == PlanColumns.of(EXPECTED)
+
+
+def test_plan_of_ops_and_of_columns_agree() -> None:
+    """A plan built from ops (as engines' callers and tests build them) equals the
+    recorded one, has the same kinds column, and survives pickling either way."""
+    recorded = make_recorded()
+    built = TransferPlan(EXPECTED, PlanColumns.of(EXPECTED))
+    assert built == recorded and hash(built) == hash(recorded)
+    assert built.kinds == recorded.kinds == array("b", [0, 0, 1, 2])
+    assert pickle.loads(pickle.dumps(recorded)) == recorded
+    assert TransferPlan(EXPECTED) != recorded  # no columns: a different plan, as before
+    assert len(TransferPlan(())) == 0 and not TransferPlan(()).ops
+
+
+def test_recorder_starts_empty_after_take() -> None:
+    """take() hands the arrays over: the next plan does not share them."""
+    recorder = PlanRecorder()
+    recorder.record_run(OpKind.OFFLOAD, G, [0], H, [1], 4)
+    first = recorder.take()
+    assert len(recorder) == 0 and recorder.take().ops == ()
+    recorder.record_run(OpKind.ONBOARD, H, [1], G, [0], 4)
+    assert first.ops == (TransferOp(OpKind.OFFLOAD, G, 0, H, 1, 4),)
+
+
+def test_of_columns_rejects_mismatched_kinds() -> None:
+    """A kinds column of another length than the columns is refused, naming both."""
+    columns = PlanColumns.of(EXPECTED)
+    with pytest.raises(ValueError, match="kinds hold 1 ops, the columns 4"):
+        TransferPlan.of_columns(array("b", [0]), columns)
