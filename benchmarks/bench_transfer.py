@@ -7,10 +7,13 @@ one transfer; a plan moves ``--total-mib`` of them GPU->host ("d2h"), host->GPU 
 half each way at once between unrelated slots ("both"), or a serving step ("step"): half
 the bytes offloaded from GPU slots, then as many onboarded into those same slots, so every
 onboard must follow the offload of its slot. "both" and "step" count against both
-ceilings run at once. On CUDA the copies are timed with events while the caller's stream
-sleeps through the CPU's planning, so the figure is the copy time; ``submit_ms`` is the
-CPU time of ``submit`` (planning included), also per block (``cpu_us_per_block``) next to
-the copy's time per block. Plans carry their ops as arrays (``PlanColumns``);
+ceilings run at once. ``--host-runs`` puts the host slots in runs of consecutive slots, as
+a step's offloads take them from the host's free queue. On CUDA the copies are timed with
+events while the caller's stream sleeps through the CPU's planning, so ``ratio`` is the
+copy's; ``wall_ratio`` times the same plan from ``submit`` on an idle device to the end of
+its copies (lower where the CPU sets the pace); ``submit_ms`` is the CPU time of
+``submit`` (planning included), also per block (``cpu_us_per_block``) next to the copy's
+time per block. Plans carry their ops as arrays (``PlanColumns``);
 ``columns_us_per_block`` is what reading those arrays off the ops costs a producer that
 records only ops.
 
@@ -36,7 +39,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # a torch wheel without numpy warns at import
@@ -74,20 +77,30 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+class Timing(NamedTuple):
+    """Medians: device seconds (copies only), CPU seconds of ``fn``, and wall seconds from
+    calling ``fn`` on an idle device to its copies' end (what a caller waits for when the
+    CPU, not the link, sets the pace)."""
+
+    device_s: float
+    cpu_s: float
+    wall_s: float
+
+
 class Timer:
-    """Seconds of device work queued by ``fn``: CUDA events around it, with the caller's
-    stream asleep while the CPU queues it (so CPU planning is not counted); wall-clock on
-    CPU. Returns (median device seconds, median CPU seconds of ``fn``)."""
+    """Times the device work queued by ``fn``: CUDA events around it, with the caller's
+    stream asleep while the CPU queues it (so CPU planning is not counted), then again
+    wall-clock without the sleep; wall-clock only on CPU."""
 
     def __init__(self, device: torch.device, reps: int, warmup: int) -> None:
         self.device = device
         self.reps = reps
         self.warmup = warmup
 
-    def __call__(self, fn: Callable[[], Callable[[], None]]) -> tuple[float, float]:
+    def __call__(self, fn: Callable[[], Callable[[], None]]) -> Timing:
         """``fn`` queues the work and returns a function that makes the caller's stream
         wait for it."""
-        warm_s = [0.05]
+        warm_s = [0.0]
         for _ in range(self.warmup):
             t0 = time.perf_counter()
             fn()()
@@ -104,8 +117,9 @@ class Timer:
                 device_s.append(cpu_s[-1])
                 continue
             stream = torch.cuda.current_stream(self.device)
-            # NOTE: from the warm-up only: a method that blocks the CPU would count the sleep.
-            sleep_s = 2 * max(warm_s) + 1e-3
+            # NOTE: from the last warm-up only (the first compiles kernels): a method that
+            # blocks the CPU would count the sleep.
+            sleep_s = 2 * max(warm_s[-1], 5e-3) + 1e-3
             torch.cuda._sleep(int(sleep_s * 2e9))  # about 2 GHz: cycles of the SM clock
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -117,7 +131,15 @@ class Timer:
             end.record(stream)
             end.synchronize()
             device_s.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(device_s), statistics.median(cpu_s)
+        wall_s = list(device_s) if self.device.type != "cuda" else []
+        for _ in range(self.reps if self.device.type == "cuda" else 0):
+            self._sync()
+            t0 = time.perf_counter()
+            fn()()
+            self._sync()
+            wall_s.append(time.perf_counter() - t0)
+        return Timing(statistics.median(device_s), statistics.median(cpu_s),
+                      statistics.median(wall_s))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -159,16 +181,21 @@ def ceilings(device: torch.device, nbytes: int, timer: Timer) -> dict[str, float
                 current.wait_event(event)
         return wait
 
-    h2d, _ = timer(one(dev_a, host_a))
-    d2h, _ = timer(one(host_b, dev_b))
-    bidir, _ = timer(both)
+    h2d = timer(one(dev_a, host_a)).device_s
+    d2h = timer(one(host_b, dev_b)).device_s
+    bidir = timer(both).device_s
     return {"h2d": nbytes / h2d / 1e9, "d2h": nbytes / d2h / 1e9, "both": 2 * nbytes / bidir / 1e9}
 
 
-def make_ops(direction: str, num_blocks: int, tpb: int, rng: random.Random) -> list[TransferOp]:
-    """``num_blocks`` whole-block copies between random slots of pools of 2x that size."""
+def make_ops(direction: str, num_blocks: int, tpb: int, rng: random.Random,
+             host_run: int = 1) -> list[TransferOp]:
+    """``num_blocks`` whole-block copies between random slots of pools of 2x that size; the
+    host slots in runs of ``host_run`` consecutive slots (at random places), as a step's
+    offloads take them from the host's free queue."""
     gpu_slots = rng.sample(range(2 * num_blocks), num_blocks)
-    host_slots = rng.sample(range(2 * num_blocks), num_blocks)
+    num_runs = -(-num_blocks // host_run)
+    starts = rng.sample(range(0, 2 * num_runs * host_run, host_run), num_runs)
+    host_slots = [start + i for start in starts for i in range(host_run)][:num_blocks]
     pairs = list(zip(gpu_slots, host_slots, strict=True))
     if direction == "d2h":
         return [TransferOp(OpKind.OFFLOAD, Tier.GPU, g, Tier.HOST, h, tpb) for g, h in pairs]
@@ -195,6 +222,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default="auto",
                    help="auto, dma_batch, fused, kernel, dma, staged (commas)")
     p.add_argument("--total-mib", type=int, default=1024, help="bytes moved by one plan")
+    p.add_argument("--host-runs", default="1",
+                   help="host slots in runs of this many consecutive slots (1: all at random; "
+                        "the Mooncake conversation trace's steps average 5.8-7.9), commas")
+    p.add_argument("--gather-streams", type=int, default=2,
+                   help="dma_gather: streams (and staging buffers) per direction")
+    p.add_argument("--staging-mib", type=int, default=16,
+                   help="dma_gather: MiB of one staging buffer")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -209,8 +243,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_row(r: dict[str, Any]) -> None:
-    print(f"{r['layout']:24} {r['block_kib']:>5} KiB {r['direction']:>5} {r['method']:>7} "
+    print(f"{r['layout']:24} {r['block_kib']:>5} KiB {r['host_run']:>3} {r['direction']:>5} "
+          f"{r['method']:>10} {r['path']:>10} "
           f"{r['num_blocks']:>7} {r['ms']:>8.2f} {r['GBps']:>7.1f} {r['ratio']:>6.2f} "
+          f"{r['wall_ratio']:>6.2f} "
           f"{r['submit_ms']:>10.2f} {r['cpu_us_per_block']:>8.3f} "
           f"{r['columns_us_per_block']:>8.3f} {r['copy_us_per_block']:>8.3f} "
           f"{r['calls_per_plan']:>7.1f}")
@@ -252,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = ceilings(device, total, timer)
     print(f"ceiling, one {args.total_mib} MiB pinned copy: h2d {ceiling['h2d']:.1f} GB/s, "
           f"d2h {ceiling['d2h']:.1f} GB/s, both at once {ceiling['both']:.1f} GB/s")
-    print(f"{'layout (GPU/host)':24} {'block':>9} {'dir':>5} {'method':>7} {'blocks':>7} "
-          f"{'ms':>8} {'GB/s':>7} {'ratio':>6} {'submit ms':>10} {'CPU us/b':>8} "
+    print(f"{'layout (GPU/host)':24} {'block':>9} {'run':>3} {'dir':>5} {'method':>10} "
+          f"{'path':>10} {'blocks':>7} "
+          f"{'ms':>8} {'GB/s':>7} {'ratio':>6} {'wall r':>6} {'submit ms':>10} {'CPU us/b':>8} "
           f"{'cols us/b':>8} {'copy us/b':>8} {'calls':>7}")
     rng = random.Random(0)
     rows = []
@@ -272,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             num_blocks = max(2, total // layout.bytes_per_block)
             gpu = KVStorage(layout, 2 * num_blocks, device)
             host = KVStorage(KVLayout(4, 8, 128, tpb, "bfloat16", host_kind), 2 * num_blocks)
-            for direction in args.directions.split(","):
-                ops = tuple(make_ops(direction, num_blocks, tpb, rng))
+            for direction, host_run in ((d, int(r)) for r in args.host_runs.split(",")
+                                        for d in args.directions.split(",")):
+                ops = tuple(make_ops(direction, num_blocks, tpb, rng, host_run))
                 # The plan carries its ops as arrays too (PlanColumns), as a producer that
                 # holds slot lists records them; reading them off the ops is timed apart.
                 t0 = time.perf_counter()
@@ -281,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                 columns_s = time.perf_counter() - t0
                 for method in args.methods.split(","):
                     try:
-                        engine = TorchTransferEngine(gpu, host, method=method)
+                        engine = TorchTransferEngine(
+                            gpu, host, method=method, gather_streams=args.gather_streams,
+                            staging_bytes=args.staging_mib * MIB)
                     except ValueError as exc:
                         print(f"skip {kinds} {block_kib} KiB {method}: {exc}", file=sys.stderr)
                         continue
@@ -292,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                         return lambda: engine.wait(handle)
 
                     try:
-                        seconds, cpu_seconds = timer(run)
+                        seconds, cpu_seconds, wall_seconds = timer(run)
                     except TransferError as exc:
                         print(f"failed {kinds} {block_kib} KiB {direction} {method}: {exc}",
                               file=sys.stderr)
@@ -303,9 +343,12 @@ def main(argv: list[str] | None = None) -> int:
                     stats = engine.stats
                     rows.append({
                         "layout": f"{gpu_kind}/{host_kind}", "block_kib": block_kib,
-                        "direction": direction, "method": method, "num_blocks": num_ops,
-                        "path": engine.path, "bytes": nbytes, "ms": seconds * 1e3,
+                        "direction": direction, "host_run": host_run, "method": method,
+                        "num_blocks": num_ops, "path": engine.plan_path(plan),
+                        "bytes": nbytes, "ms": seconds * 1e3,
                         "GBps": gbps, "ratio": gbps / ceiling[CEILING[direction]],
+                        "wall_ms": wall_seconds * 1e3,
+                        "wall_ratio": nbytes / wall_seconds / 1e9 / ceiling[CEILING[direction]],
                         "submit_ms": cpu_seconds * 1e3,
                         "cpu_us_per_block": cpu_seconds * 1e6 / num_ops,
                         "columns_us_per_block": columns_s * 1e6 / num_ops,
@@ -316,14 +359,16 @@ def main(argv: list[str] | None = None) -> int:
                         / max(1, stats.num_plans),
                     })
                     print_row(rows[-1])
-                    key = (kinds, block_kib, method)
+                    key = (kinds, block_kib, method)  # the first host-run length only
                     if (args.trace and direction == "step" and key not in traced
                             and kinds == args.layouts.split(",")[0]
                             and str(block_kib) in args.trace_block_kib.split(",")):
                         traced.add(key)
                         name = kinds.replace("/", "-")
                         path = f"{args.trace}/step_{name}_{block_kib}KiB_{method}.json"
-                        traced_engine = TorchTransferEngine(gpu, host, method=method)
+                        traced_engine = TorchTransferEngine(
+                            gpu, host, method=method, gather_streams=args.gather_streams,
+                            staging_bytes=args.staging_mib * MIB)
                         timelines[f"{kinds} {block_kib} KiB {method}"] = tl = trace_step(
                             traced_engine, plan, path)
                         print(f"  timeline of one step plan ({method}, {path}):")
@@ -341,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             del gpu, host
     print(json.dumps({"benchmark": "bench_transfer", **env, "smoke": args.smoke,
                       "total_mib": args.total_mib, "reps": args.reps,
+                      "gather_streams": args.gather_streams, "staging_mib": args.staging_mib,
                       "ceiling_GBps": ceiling, "results": rows, "timelines": timelines}))
     return 0
 

@@ -115,7 +115,8 @@ def run_plan(engine: TorchTransferEngine, ops: list[TransferOp]) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("gpu_kind", "host_kind"), LAYOUTS)
-@pytest.mark.parametrize("method", ["auto", "dma_batch", "fused", "kernel", "dma", "staged"])
+@pytest.mark.parametrize("method", ["auto", "dma_batch", "dma_gather", "fused", "kernel", "dma",
+                                    "staged"])
 @pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "whole"])
 def test_random_plans_match_plain_indexing(device: str, gpu_kind: str, host_kind: str,
                                            method: str, layerwise: bool) -> None:
@@ -123,10 +124,13 @@ def test_random_plans_match_plain_indexing(device: str, gpu_kind: str, host_kind
     gpu, host = make_tiers(gpu_kind, host_kind, device)
     if method == "kernel" and device == "cuda" and not TorchTransferEngine(gpu, host).has_uva:
         pytest.skip("no unified addressing on this machine")
-    try:
-        engine = TorchTransferEngine(gpu, host, method=method, layerwise=layerwise)
-    except ValueError as exc:  # fused: CUDA, unified addressing and Triton; dma_batch: CUDA
-        if method == "fused" or (method, device) == ("dma_batch", "cpu"):
+    try:  # staging buffers of 3 blocks: plans are cut into several chunks
+        engine = TorchTransferEngine(gpu, host, method=method, layerwise=layerwise,
+                                     staging_bytes=3 * host.layout.bytes_per_block)
+    except ValueError as exc:  # fused: CUDA, unified addressing and Triton; dma_*: CUDA;
+        # dma_gather: a block-major host
+        if method == "fused" or (method in ("dma_batch", "dma_gather")
+                                 and (device == "cpu" or host_kind == "layer_major")):
             pytest.skip(str(exc))
         raise
     rng = random.Random(f"{gpu_kind}-{host_kind}-{method}-{layerwise}")
@@ -142,6 +146,8 @@ def test_random_plans_match_plain_indexing(device: str, gpu_kind: str, host_kind
         assert engine.stats.num_fused_launches == 25 * per_plan
     if method == "dma_batch":  # at least one batch per layer and plan
         assert engine.dma_batched and engine.stats.num_dma_batches >= 25 * NUM_LAYERS
+    if method == "dma_gather":
+        assert engine.stats.num_gather_plans == 25
     # Whole-block DMA needs slots contiguous in memory: whole tensors of one layout kind,
     # or one layer of a layer-major pair.
     if method == "dma" and gpu_kind == host_kind and (not layerwise or gpu_kind == "layer_major"):
@@ -261,7 +267,26 @@ def test_a_failing_batch_names_the_ops_not_done(device: str) -> None:
 
 
 @CUDA
-@pytest.mark.parametrize("method", ["fused", "dma_batch"])
+def test_auto_stages_plans_whose_host_slots_come_in_runs() -> None:
+    """Small blocks on a block-major host: ``auto`` takes the staging path for a plan whose
+    host slots come in runs long enough, the fused kernel (or waves) for scattered ones."""
+    gpu, host = make_tiers("layer_major", "block_major", "cuda", num_gpu=64, num_host=64)
+    block = host.layout.bytes_per_block
+    engine = TorchTransferEngine(gpu, host, min_gather_run_bytes=4 * block)
+    if engine.path != "fused":
+        pytest.skip(f"small copies take {engine.path} here")
+    runs = [TransferOp(OpKind.OFFLOAD, G, 2 * i, H, 10 + i, TPB) for i in range(8)]
+    scattered = [TransferOp(OpKind.OFFLOAD, G, 2 * i, H, 3 * i, TPB) for i in range(8)]
+    assert engine.plan_path(TransferPlan(tuple(runs))) == "dma_gather"
+    assert engine.plan_path(TransferPlan(tuple(scattered))) == "fused"
+    expected = reference(snapshot(gpu, host), runs)
+    run_plan(engine, runs)
+    assert_matches(gpu, host, expected)
+    assert engine.stats.num_gather_plans == 1
+
+
+@CUDA
+@pytest.mark.parametrize("method", ["fused", "dma_batch", "dma_gather"])
 def test_a_failing_launch_fails_every_op(method: str) -> None:
     """A launch that raises (layer 1 of 3) fails the whole plan: every op is named, since
     layer 0 was copied and layer 2 not; the engine stays usable."""
@@ -275,7 +300,7 @@ def test_a_failing_launch_fails_every_op(method: str) -> None:
     ops = [TransferOp(OpKind.OFFLOAD, G, 0, H, 0, TPB), TransferOp(OpKind.ONBOARD, H, 5, G, 0, TPB)]
 
     def fail_layer_1(layer: int | None) -> None:
-        if layer == 1:
+        if layer == 1 or method == "dma_gather":  # the staging path launches whole plans
             raise RuntimeError("injected launch failure")
 
     engine.before_launch = fail_layer_1

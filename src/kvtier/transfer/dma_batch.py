@@ -148,6 +148,50 @@ def _levels(arrays: PlanArrays) -> tuple[Ints, Ints, int]:
     return component, level, num_components
 
 
+class QueueKeys(NamedTuple):
+    """Per op of a plan: its group, its level (position in its component) and its
+    direction's flags; batches are runs of equal keys (see the module docstring)."""
+
+    group: Ints
+    level: Ints
+    flags: Ints
+    num_components: int
+
+
+def queue_keys(arrays: PlanArrays, num_targets: int) -> QueueKeys:
+    """The ops' keys, with enough groups that ``num_targets`` launches make
+    ``PIPELINE_STAGES`` stages. Pure."""
+    component, level, num_components = _levels(arrays)
+    if int(level.max()) == 0:
+        num_groups = 1  # no op waits for another: one batch per direction
+    else:
+        num_groups = min(num_components, -(-PIPELINE_STAGES // num_targets))
+    group = component * num_groups // num_components
+    return QueueKeys(group, level, arrays.src_tier + 2 * arrays.dst_tier, num_components)
+
+
+def cut_pieces(arrays: PlanArrays, keys: QueueKeys, order: Ints, num_segs: int,
+               tokens_per_block: int) -> DmaPlan:
+    """The ops ``order`` (indices, sorted by their keys) cut into batches of pieces. Pure."""
+    keys_in_order = np.stack([keys.group[order], keys.level[order], keys.flags[order]], 1)
+    first = np.flatnonzero(np.any(keys_in_order[1:] != keys_in_order[:-1], axis=1)) + 1
+    # Pieces: a whole op is one copy; a partial op one per segment (see module doc).
+    tokens = arrays.num_tokens[order]
+    pieces = np.where(tokens == tokens_per_block, 1, num_segs)
+    op_of_piece = np.repeat(np.arange(len(order)), pieces)
+    first_piece = np.concatenate([[0], np.cumsum(pieces)])
+    seg = np.arange(len(op_of_piece)) - first_piece[op_of_piece]
+    bounds = np.concatenate([[0], first, [len(order)]])
+    heads = keys_in_order[bounds[:-1]]
+    batches = np.stack([heads[:, 0], heads[:, 1], heads[:, 2], first_piece[bounds[:-1]],
+                        first_piece[bounds[1:]]], 1)
+    src_host = (arrays.src_tier[order] == Tier.HOST)[op_of_piece]
+    dst_host = (arrays.dst_tier[order] == Tier.HOST)[op_of_piece]
+    return DmaPlan(src_host, arrays.src_slot[order][op_of_piece], dst_host,
+                   arrays.dst_slot[order][op_of_piece], tokens[op_of_piece], seg,
+                   batches, arrays, keys.num_components, num_segs)
+
+
 class DmaBatchCopier:
     """Cuts plans into copy-engine batches over a list of launch targets (one per layer,
     and optionally one for whole blocks), the same targets as ``FusedCopier``'s. Only
@@ -183,30 +227,9 @@ class DmaBatchCopier:
         ops = plan.ops
         arrays = plan_arrays(ops, plan.columns)
         check_arrays(arrays, ops, num_blocks, self.tokens_per_block)
-        component, level, num_components = _levels(arrays)
-        if int(level.max()) == 0:
-            num_groups = 1  # no op waits for another: one batch per direction
-        else:
-            num_groups = min(num_components, -(-PIPELINE_STAGES // num_targets))
-        group = component * num_groups // num_components
-        flags = arrays.src_tier + 2 * arrays.dst_tier
-        order = np.lexsort((flags, level, group))
-        keys = np.stack([group[order], level[order], flags[order]], 1)
-        first = np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1
-        # Pieces: a whole op is one copy; a partial op one per segment (see module doc).
-        tokens = arrays.num_tokens[order]
-        pieces = np.where(tokens == self.tokens_per_block, 1, num_segs)
-        op_of_piece = np.repeat(np.arange(len(order)), pieces)
-        first_piece = np.concatenate([[0], np.cumsum(pieces)])
-        seg = np.arange(len(op_of_piece)) - first_piece[op_of_piece]
-        bounds = np.concatenate([[0], first, [len(order)]])
-        batches = np.stack([keys[bounds[:-1], 0], keys[bounds[:-1], 1], keys[bounds[:-1], 2],
-                            first_piece[bounds[:-1]], first_piece[bounds[1:]]], 1)
-        src_host = (arrays.src_tier[order] == Tier.HOST)[op_of_piece]
-        dst_host = (arrays.dst_tier[order] == Tier.HOST)[op_of_piece]
-        return DmaPlan(src_host, arrays.src_slot[order][op_of_piece], dst_host,
-                       arrays.dst_slot[order][op_of_piece], tokens[op_of_piece], seg,
-                       batches, arrays, num_components, num_segs)
+        keys = queue_keys(arrays, num_targets)
+        order = np.lexsort((keys.flags, keys.level, keys.group))
+        return cut_pieces(arrays, keys, order, num_segs, self.tokens_per_block)
 
     def batches(self, plan: DmaPlan, target: LaunchTarget) -> list[DmaBatch]:
         """The calls that copy ``plan`` over ``target``, in queue order (group by group,

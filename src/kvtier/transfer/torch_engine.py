@@ -1,11 +1,16 @@
 """TorchTransferEngine: runs a manager's plans on real KV tensors (extra ``torch``).
 
-Three paths, chosen once per engine (``auto``) or named (``method``)::
+Four paths, chosen per plan (``auto``) or named (``method``)::
 
     dma_batch   CUDA with the runtime's batched copy (12.8+): the copy engines move the
                 plan, one stream per direction, many scattered copies per call
                 (``kvtier.transfer.dma_batch``). ``auto`` takes it where one copy (a
                 block's share of a launch) is at least ``min_batch_copy_bytes``
+    dma_gather  the same copy engines for smaller blocks on a block-major host: whole
+                blocks gathered into (scattered from) a GPU staging buffer, one DMA per run
+                of consecutive host slots (``kvtier.transfer.dma_gather``). ``auto`` takes
+                it for a plan whose runs average at least ``min_gather_run_bytes``; every
+                layer's event then completes with the whole plan
     fused       CUDA with the pinned host seen from the GPU (unified addressing) and
                 Triton: one kernel per layer moves offloads, onboards and partial copies
                 at once (``kvtier.transfer.fused``); ``auto``'s choice for smaller copies
@@ -38,8 +43,16 @@ from kvtier.tier import Tier
 from kvtier.transfer.batching import TransferBatch
 from kvtier.transfer.copy_streams import CopyStreams
 from kvtier.transfer.dma_batch import DmaBatchCopier, Executor, load_cudart_batch
+from kvtier.transfer.dma_gather import D2H, H2D, DmaGatherCopier, GatherChunk, host_runs, queue
 from kvtier.transfer.engine import TransferError
-from kvtier.transfer.fused import FusedCopier, LaunchTarget, PlanArrays, fused_available
+from kvtier.transfer.fused import (
+    FusedCopier,
+    LaunchTarget,
+    PlanArrays,
+    fused_available,
+    plan_arrays,
+    to_device,
+)
 from kvtier.transfer.plan import TransferPlan
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 from kvtier.transfer.torch_memory import copy_view, layer_view, new_event, uva_alias
@@ -50,12 +63,18 @@ if TYPE_CHECKING:
 
     from kvtier.storage import KVStorage
 
-METHODS = ("auto", "dma_batch", "fused", "kernel", "dma", "staged")
+METHODS = ("auto", "dma_batch", "dma_gather", "fused", "kernel", "dma", "staged")
 # NOTE: measured on an H200 (benchmarks/results/transfer.md), both directions at once: with
 # copies of 64 KiB and up the copy engines' batches moved 0.92-1.06 of the two-way ceiling
 # (the fused kernel 0.80-0.84); with 16 KiB copies 0.68-0.72 (fused 0.79-0.83) and with
 # 4 KiB 0.04-0.16, when the driver took 1.5-6 us of CPU per copy.
 MIN_BATCH_COPY_BYTES = 64 << 10
+# NOTE: what a DMA run of the staging path must average for ``auto`` to take it over the
+# fused kernel. Measured on an H200 (benchmarks/results/transfer.md): the copy engines move
+# runs of >= 64 KiB at ~1.0 of the two-way ceiling, but the driver takes ~0.9 us of CPU per
+# copy, so with shorter runs of small blocks the CPU, not the link, sets the pace (16 KiB
+# blocks move in ~0.2 us each: runs of 8 to stay below that).
+MIN_GATHER_RUN_BYTES = 128 << 10
 STREAM_OF_FLAGS = {0: "d2d", 1: "h2d", 2: "d2h", 3: "h2h"}  # fused flags: bit 0 src host
 
 
@@ -76,6 +95,9 @@ class TorchTransferEngine:
         min_dma_copy_bytes: int = 2 << 20,
         layerwise: bool = True,
         min_batch_copy_bytes: int = MIN_BATCH_COPY_BYTES,
+        min_gather_run_bytes: int = MIN_GATHER_RUN_BYTES,
+        gather_streams: int = 2,
+        staging_bytes: int = 16 << 20,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -91,6 +113,7 @@ class TorchTransferEngine:
         self.method = method
         self.min_dma_copy_bytes = min_dma_copy_bytes
         self.min_batch_copy_bytes = min_batch_copy_bytes
+        self.min_gather_run_bytes = min_gather_run_bytes
         self.layerwise = layerwise
         self.device = gpu.device
         self.is_cuda = gpu.device.type == "cuda"
@@ -115,7 +138,7 @@ class TorchTransferEngine:
                                       Tier.HOST: [a for a in aliases if a is not None]}
             else:
                 self._kernel_views = None
-        if method in ("kernel", "fused", "dma_batch") and self._kernel_views is None:
+        if method in ("kernel", "fused", "dma_batch", "dma_gather") and self._kernel_views is None:
             raise ValueError(f"method {method!r} needs a pinned host tier visible to the GPU "
                              "(unified addressing); use 'auto' or 'staged'")
         self._streams = CopyStreams(gpu.device)
@@ -124,11 +147,19 @@ class TorchTransferEngine:
                                  min_dma_copy_bytes, self._streams, self.stats)
         self._fused: FusedCopier | None = None
         self._dma: tuple[DmaBatchCopier, Executor] | None = None
-        if self.has_uva and method in ("auto", "dma_batch"):
+        if self.has_uva and method in ("auto", "dma_batch", "dma_gather"):
             self._dma = self._dma_copier()
-        if method == "dma_batch" and self._dma is None:
-            raise ValueError("method 'dma_batch' needs CUDA 12.8+ (cudaMemcpyBatchAsync) and a "
+        if method in ("dma_batch", "dma_gather") and self._dma is None:
+            raise ValueError(f"method {method!r} needs CUDA 12.8+ (cudaMemcpyBatchAsync) and a "
                              "pinned host tier; use 'auto'")
+        self._gather: DmaGatherCopier | None = None
+        if self._dma is not None and method in ("auto", "dma_gather") and host is not None \
+                and host.layout.layout == "block_major":
+            assert self._kernel_views is not None
+            self._gather = DmaGatherCopier(views[Tier.GPU], views[Tier.HOST][0], self._dma[0],
+                                           self._tpb, gather_streams, staging_bytes)
+        if method == "dma_gather" and self._gather is None:
+            raise ValueError("method 'dma_gather' needs a block-major host tier; use 'auto'")
         if self.has_uva and method in ("auto", "fused") and fused_available():
             self._fused = self._fused_copier()
         if method == "fused" and self._fused is None:
@@ -157,11 +188,27 @@ class TorchTransferEngine:
         return copier.copy_bytes(0 if self.layerwise else None) >= self.min_batch_copy_bytes
 
     @property
-    def path(self) -> Literal["dma_batch", "fused", "waves"]:
-        """Which path runs plans (see the module docstring). Pure."""
+    def path(self) -> Literal["dma_batch", "dma_gather", "fused", "waves"]:
+        """Which path runs plans whatever their slots (see the module docstring); ``auto``
+        may still take ``dma_gather`` for a plan (``plan_path``). Pure."""
         if self.dma_batched:
             return "dma_batch"
+        if self.method == "dma_gather":
+            return "dma_gather"
         return "fused" if self.fused else "waves"
+
+    def plan_path(self, plan: TransferPlan) -> Literal["dma_batch", "dma_gather", "fused",
+                                                       "waves"]:
+        """Which path ``submit`` takes for ``plan``: under ``auto``, ``dma_gather`` where
+        its whole-block offloads and onboards come in runs of consecutive host slots that
+        average at least ``min_gather_run_bytes``. Pure."""
+        path = self.path
+        if path in ("fused", "waves") and self._gather is not None and plan.ops:
+            num_ops, num_runs = host_runs(plan_arrays(plan.ops, plan.columns), self._tpb)
+            if num_ops and (num_ops * self._gather.block_bytes
+                            >= num_runs * self.min_gather_run_bytes):
+                return "dma_gather"
+        return path
 
     def _targets(self) -> tuple[list[LaunchTarget], LaunchTarget | None]:
         """Per layer, and for whole block-major blocks, what one launch copies between."""
@@ -221,6 +268,9 @@ class TorchTransferEngine:
             return TransferHandle(plan)
         if self._dma is not None and self.dma_batched:
             return self._submit_batched(plan, *self._dma)
+        if self._gather is not None and self._dma is not None \
+                and self.plan_path(plan) == "dma_gather":
+            return self._submit_gather(plan, self._gather, self._dma[1])
         if self._fused is not None:
             return self._submit_fused(plan, self._fused)
         return self._waves.submit(plan, self.layerwise, self.before_batch)
@@ -232,8 +282,9 @@ class TorchTransferEngine:
         """A launch that fails fails every op: earlier layers were copied, later ones not,
         so no op is surely done."""
         ops = plan.ops
-        return TransferError(f"{len(ops)} of {len(ops)} copies not done: the copy of layer "
-                             f"{layer} failed: {exc}", ops, range(len(ops)))
+        what = "the plan's copy" if layer is None else f"the copy of layer {layer}"
+        return TransferError(f"{len(ops)} of {len(ops)} copies not done: {what} failed: {exc}",
+                             ops, range(len(ops)))
 
     def _submit_fused(self, plan: TransferPlan, fused: FusedCopier) -> TransferHandle:
         """``submit`` on the fused path: one launch per layer on one stream (layer ``i``'s
@@ -309,6 +360,68 @@ class TorchTransferEngine:
             raise self._failed(plan, layer, exc) from exc
         done_event = self._streams.finish(layer_events)
         return TransferHandle(plan, 0, 0, done_event, layer_events if self.layerwise else None)
+
+    def _submit_gather(self, plan: TransferPlan, copier: DmaGatherCopier,
+                       execute: Executor) -> TransferHandle:
+        """``submit`` on the staging path: chunks and direct batches on the streams of
+        their direction (``dma_gather``'s docstring says what waits for what). Every
+        layer's event is the plan's."""
+        import torch
+
+        prepared = copier.prepare(plan, self._num_blocks)
+        self._count_arrays(prepared.arrays, prepared.num_components)
+        dsts, srcs, sizes = copier.runs(prepared)
+        # On the caller's stream, before the start event that every copy waits for.
+        gpu_slots = to_device(prepared.gpu_slots, self.device)
+        start = self._streams.start_events()
+        done: dict[tuple[int, int], list[Any]] = {}
+        last: dict[str, Any] = {}
+        queued: list[Any] = []
+        slot_streams: set[str] = set()  # where gpu_slots is read (the allocator must know)
+        try:
+            with torch.cuda.device(self.device):
+                if self.before_launch is not None:
+                    self.before_launch(None)
+                for step in queue(copier, prepared):
+                    name = STREAM_OF_FLAGS[step.flags]
+                    deps = start if step.level == 0 else done[(step.group, step.level - 1)]
+                    if not isinstance(step, GatherChunk):
+                        stream = self._streams.stream(name)
+                        for event in deps:
+                            stream.wait_event(event)
+                        execute(step.dsts, step.srcs, step.sizes, stream.cuda_stream)
+                    else:
+                        if step.stream:
+                            name = f"{name}.{step.stream}"
+                        stream = self._streams.stream(name)
+                        if name not in slot_streams:
+                            slot_streams.add(name)
+                            gpu_slots.record_stream(stream)
+                        a, b = step.run_first, step.run_end
+                        for event in start if step.early else deps:
+                            stream.wait_event(event)
+                        if step.flags == D2H:
+                            with torch.cuda.stream(stream):
+                                copier.gather(step, gpu_slots)
+                        execute(dsts[a:b], srcs[a:b], sizes[a:b], stream.cuda_stream)
+                        if step.flags == H2D:
+                            for event in deps if step.early else ():
+                                stream.wait_event(event)
+                            with torch.cuda.stream(stream):
+                                copier.scatter(step, gpu_slots)
+                    self.stats.num_dma_batches += 1
+                    event = new_event()
+                    event.record(stream)
+                    done.setdefault((step.group, step.level), []).append(event)
+                    last[name] = event
+                    queued.append(event)
+        except Exception as exc:
+            self._streams.last_done = self._streams.join(queued or start)
+            raise self._failed(plan, None, exc) from exc
+        done_event = self._streams.finish([self._streams.join(list(last.values()))])
+        self.stats.num_gather_plans += 1
+        return TransferHandle(plan, 0, 0, done_event,
+                              [done_event] * self._num_layers if self.layerwise else None)
 
     def wait(self, handle: TransferHandle, layer: int | None = None) -> None:
         """Make the caller's current stream wait for ``handle``'s copies, or only for those

@@ -25,7 +25,8 @@ class TransferStats:
     num_dma_copies: int = 0
     num_fused_launches: int = 0  # fused path: kernels launched
     num_components: int = 0  # fused and batched paths: groups of ops that share a written slot
-    num_dma_batches: int = 0  # copy-engine path: cudaMemcpyBatchAsync calls
+    num_dma_batches: int = 0  # copy-engine paths: cudaMemcpyBatchAsync calls
+    num_gather_plans: int = 0  # plans run through the GPU staging buffers (dma_gather)
     bytes_h2d: int = 0
     bytes_d2h: int = 0
     bytes_d2d: int = 0

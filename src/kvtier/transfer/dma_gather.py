@@ -1,0 +1,292 @@
+"""Whole-block offloads and onboards moved by the copy engines in large copies, through a
+staging buffer on the GPU (extra ``torch``; the runtime's batched copy, CUDA 12.8+).
+
+Why: the copy engines pay per copy (on an H200, 16 KiB copies moved 0.72 of the two-way
+ceiling, 4 KiB ones 0.05, each costing the driver ~0.5 us of CPU), and a layer's share of
+a small block is a small copy. On a block-major host a block's layers are contiguous, and
+a step's offloads take consecutive host slots from the free queue (on the Mooncake
+conversation trace a run of 5.8 blocks on average, 7.9 for onboards; see
+``benchmarks/results/transfer.md``). So an offload gathers its GPU blocks, any GPU layout,
+into the staging buffer with one GPU kernel per layer tensor (HBM speed, not PCIe), and
+then copies each run of consecutive host slots with one DMA; an onboard copies runs into
+staging and scatters them::
+
+    offload   GPU blocks --gather--> staging [b0 b1 b2 b3] --one DMA per run--> host h7..h10
+    onboard   host h3..h5 --one DMA--> staging [b0 b1 b2] --scatter--> GPU blocks
+
+Whole blocks only: the layers of a block travel together, so every layer's event of a
+plan completes with the plan (the forward cannot start layer 0 early).
+
+Order: the ops are keyed like the batched path's (``dma_batch.queue_keys``: group, level,
+direction); a batch's ops are sorted by host slot (runs form even where the plan's order
+scattered them) and cut into *chunks* of at most one staging buffer, dealt round-robin to
+``num_streams`` streams per direction, each with its own buffer (stream order makes a
+buffer's reuse safe). A chunk waits for the level before in its group, except that an
+onboard's DMA into staging may start at once when no op of the plan writes a host slot it
+reads: only its scatter waits. Ops staging does not take (partial copies, GPU to GPU) go
+as the batched path's direct copies, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from kvtier.tier import Tier
+from kvtier.transfer.dma_batch import (
+    DmaBatch,
+    DmaBatchCopier,
+    DmaPlan,
+    QueueKeys,
+    cut_pieces,
+    queue_keys,
+)
+from kvtier.transfer.fused import PlanArrays, check_arrays, plan_arrays
+from kvtier.transfer.plan import TransferPlan
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import torch
+
+    from kvtier.transfer.dma_batch import Executor
+
+    Addrs = npt.NDArray[np.uint64]
+    Ints = npt.NDArray[np.int64]
+
+D2H, H2D = 2, 1  # flags: bit 0 source on the host, bit 1 destination on the host
+STAGING_BYTES = 16 << 20  # one stream's staging buffer
+NUM_STREAMS = 2  # per direction: while one stream's kernel runs, the other's DMA does
+
+
+class GatherChunk(NamedTuple):
+    """Ops ``first..end`` (of ``GatherPlan.gpu_slots``) of one batch, one direction, on
+    stream ``stream`` of that direction; DMA runs ``run_first..run_end``. ``early``: an
+    onboard whose DMA need not wait for the level before (see the module docstring)."""
+
+    group: int
+    level: int
+    flags: int
+    stream: int
+    early: bool
+    first: int
+    end: int
+    run_first: int
+    run_end: int
+
+
+class GatherPlan(NamedTuple):
+    """A plan cut for the staging path: per staged op (in chunk order) its GPU slot; per
+    DMA run its first host slot, its first position in its chunk's buffer and its length
+    in blocks; the chunks; the ops staging does not take, as direct batches."""
+
+    gpu_slots: Ints
+    run_host: Ints
+    run_pos: Ints
+    run_len: Ints
+    chunks: list[GatherChunk]
+    direct: DmaPlan | None
+    arrays: PlanArrays
+    num_components: int
+
+
+def host_runs(arrays: PlanArrays, tokens_per_block: int) -> tuple[int, int]:
+    """``(ops, runs)``: how many whole-block offloads and onboards ``arrays`` hold, and in
+    how many runs of consecutive host slots (same direction, plan order) they come: what
+    ``auto`` weighs before taking this path. Pure."""
+    flags = arrays.src_tier + 2 * arrays.dst_tier
+    staged = (arrays.num_tokens == tokens_per_block) & ((flags == D2H) | (flags == H2D))
+    host = np.where(flags == D2H, arrays.dst_slot, arrays.src_slot)[staged]
+    flags = flags[staged]
+    if not len(host):
+        return 0, 0
+    joined = (host[1:] == host[:-1] + 1) & (flags[1:] == flags[:-1])
+    return len(host), len(host) - int(joined.sum())
+
+
+class DmaGatherCopier:
+    """Cuts plans into staged chunks and runs them (see the module docstring) between the
+    GPU's ``gpu_parts`` (the whole block-major tensor, or one tensor per layer) and a
+    block-major host tensor ``host`` ([blocks, ...], one block contiguous). ``direct``
+    copies the ops staging does not take. The staging buffers (``num_streams`` per
+    direction, ``staging_bytes`` each) are allocated on ``gpu_parts``' device at first use.
+    """
+
+    def __init__(self, gpu_parts: list[torch.Tensor], host: torch.Tensor,
+                 direct: DmaBatchCopier, tokens_per_block: int,
+                 num_streams: int = NUM_STREAMS, staging_bytes: int = STAGING_BYTES) -> None:
+        if num_streams < 1:
+            raise ValueError(f"num_streams must be >= 1, got {num_streams!r}")
+        elem = host.element_size()
+        self.block_bytes = host.stride(0) * elem
+        if host[0].numel() * elem != self.block_bytes or not host[0].is_contiguous():
+            raise ValueError("the host tensor's blocks must be contiguous (block-major)")
+        if sum(p[0].numel() for p in gpu_parts) * gpu_parts[0].element_size() != \
+                self.block_bytes:
+            raise ValueError("the GPU parts of a block and a host block differ in size")
+        self.gpu_parts = gpu_parts
+        self.host = host
+        self.direct = direct
+        self.tokens_per_block = tokens_per_block
+        self.num_streams = num_streams
+        self.capacity = max(1, staging_bytes // self.block_bytes)  # blocks a buffer holds
+        self._staging: torch.Tensor | None = None
+
+    def staging(self) -> torch.Tensor:
+        """The buffers [2 * num_streams, capacity, *block], d2h ones first: allocated once,
+        on the GPU parts' device, in their element type."""
+        if self._staging is None:
+            import torch
+
+            part = self.gpu_parts[0]
+            shape = (part.shape[1:] if len(self.gpu_parts) == 1
+                     else (len(self.gpu_parts), *part.shape[1:]))
+            self._staging = torch.empty((2 * self.num_streams, self.capacity, *shape),
+                                        dtype=part.dtype, device=part.device)
+        return self._staging
+
+    def prepare(self, plan: TransferPlan, num_blocks: dict[Tier, int | None]) -> GatherPlan:
+        """Check ``plan`` (ValueError, nothing copied) and cut it into chunks. Pure."""
+        ops = plan.ops
+        arrays = plan_arrays(ops, plan.columns)
+        check_arrays(arrays, ops, num_blocks, self.tokens_per_block)
+        keys = queue_keys(arrays, 1)
+        flags = keys.flags
+        to_host = flags == D2H
+        staged = (arrays.num_tokens == self.tokens_per_block) & (to_host | (flags == H2D))
+        host = np.where(to_host, arrays.dst_slot, arrays.src_slot)
+        gpu = np.where(to_host, arrays.src_slot, arrays.dst_slot)
+        # One key per op: its batch (group, level, direction), then its host slot. A stable
+        # sort (timsort) takes a plan whose batches already ascend in host slots, as a
+        # step's offloads from the free queue do, in about linear time.
+        num_host = int(host.max()) + 1
+        batch = (keys.group * (int(keys.level.max()) + 1) + keys.level) * 4 + flags
+        direct = None
+        if staged.all():
+            order = np.argsort(batch * num_host + host, kind="stable")
+        else:
+            picked = np.flatnonzero(staged)
+            order = picked[np.argsort(batch[picked] * num_host + host[picked], kind="stable")]
+            rest = np.flatnonzero(~staged)
+            rest = rest[np.argsort(batch[rest], kind="stable")]
+            direct = cut_pieces(arrays, keys, rest, self.direct.targets(None)[0].num_segs,
+                                self.tokens_per_block)
+        chunks, run_host, run_pos, run_len = self._chunks(arrays, keys, order, host[order],
+                                                          num_host)
+        return GatherPlan(gpu[order], run_host, run_pos, run_len, chunks, direct, arrays,
+                          keys.num_components)
+
+    def _chunks(self, arrays: PlanArrays, keys: QueueKeys, order: Ints, h: Ints,
+                num_host: int) -> tuple[list[GatherChunk], Ints, Ints, Ints]:
+        """The chunks of the staged ops ``order`` (queue order; ``h`` their host slots,
+        all below ``num_host``) and their DMA runs."""
+        n = len(order)
+        if n == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return [], empty, empty, empty
+        group, level, flags = keys.group[order], keys.level[order], keys.flags[order]
+        index = np.arange(n)
+        new_batch = np.ones(n, dtype=bool)
+        new_batch[1:] = (group[1:] != group[:-1]) | (level[1:] != level[:-1]) | (
+            flags[1:] != flags[:-1])
+        firsts = np.flatnonzero(new_batch)
+        if n > self.capacity:  # cut batches longer than a buffer
+            batch_start = np.maximum.accumulate(np.where(new_batch, index, 0))
+            new_batch |= (index - batch_start) % self.capacity == 0
+            firsts = np.flatnonzero(new_batch)
+        new_chunk = new_batch
+        chunk_start = np.repeat(firsts, np.diff(np.append(firsts, n)))
+        new_run = new_chunk.copy()
+        new_run[1:] |= h[1:] != h[:-1] + 1
+        run_first = np.flatnonzero(new_run)
+        run_len = np.diff(np.append(run_first, n))
+        run_pos = run_first - chunk_start[run_first]
+        ends = np.append(firsts[1:], n)
+        run_bounds = np.searchsorted(run_first, np.append(firsts, n))
+        # An onboard may start its DMA early unless the plan writes a host slot it reads.
+        written = np.zeros(num_host, dtype=bool)
+        dst_host = arrays.dst_slot[arrays.dst_tier == Tier.HOST]
+        written[dst_host[dst_host < num_host]] = True
+        late = np.logical_or.reduceat(written[h] & (flags == H2D), firsts)
+        dirs = flags[firsts]
+        stream = np.zeros(len(firsts), dtype=np.int64)
+        for f in (D2H, H2D):
+            mine = dirs == f
+            stream[mine] = np.arange(int(mine.sum())) % self.num_streams
+        chunks = [GatherChunk(g, lv, f, s, f == H2D and not lt, a, b, ra, rb)
+                  for g, lv, f, s, lt, a, b, ra, rb in zip(
+                      group[firsts].tolist(), level[firsts].tolist(), dirs.tolist(),
+                      stream.tolist(), late.tolist(), firsts.tolist(), ends.tolist(),
+                      run_bounds[:-1].tolist(), run_bounds[1:].tolist(), strict=True)]
+        return chunks, h[run_first], run_pos, run_len
+
+    def runs(self, plan: GatherPlan) -> tuple[Addrs, Addrs, Addrs]:
+        """The DMA runs of every chunk, in chunk order, between the host and the chunk's
+        stream's buffer: (dsts, srcs, sizes) as the executor takes them; chunk ``c``'s are
+        ``[c.run_first:c.run_end]``. Pure."""
+        num_runs = np.diff([[c.run_first, c.run_end] for c in plan.chunks], axis=1)
+        chunk_flags = np.array([c.flags for c in plan.chunks], dtype=np.int64)
+        buffer = np.array([(0 if c.flags == D2H else self.num_streams) + c.stream
+                           for c in plan.chunks], dtype=np.int64)
+        staging = self.staging()
+        buffer_bytes = staging[0].numel() * staging.element_size()
+        stage_base = staging.data_ptr() + np.repeat(buffer * buffer_bytes, num_runs.ravel())
+        host_addr = self.host.data_ptr() + plan.run_host * self.block_bytes
+        stage_addr = stage_base + plan.run_pos * self.block_bytes
+        to_host = np.repeat(chunk_flags == D2H, num_runs.ravel())
+        dsts = np.where(to_host, host_addr, stage_addr).astype(np.uint64)
+        srcs = np.where(to_host, stage_addr, host_addr).astype(np.uint64)
+        return dsts, srcs, (plan.run_len * self.block_bytes).astype(np.uint64)
+
+    def gather(self, chunk: GatherChunk, gpu_slots: torch.Tensor) -> None:
+        """Queue (on the current stream) the copy of ``chunk``'s GPU blocks into its
+        buffer; ``gpu_slots`` is ``GatherPlan.gpu_slots`` as a tensor on the GPU."""
+        import torch
+
+        index = gpu_slots[chunk.first:chunk.end]
+        for part, stage in zip(self.gpu_parts, self._stage_parts(chunk), strict=True):
+            torch.index_select(part, 0, index, out=stage)
+
+    def scatter(self, chunk: GatherChunk, gpu_slots: torch.Tensor) -> None:
+        """Queue (on the current stream) the copy of ``chunk``'s buffer into its GPU
+        blocks (no two ops of a chunk write one slot)."""
+        index = gpu_slots[chunk.first:chunk.end]
+        for part, stage in zip(self.gpu_parts, self._stage_parts(chunk), strict=True):
+            part.index_copy_(0, index, stage)
+
+    def _stage_parts(self, chunk: GatherChunk) -> list[torch.Tensor]:
+        buffer = (0 if chunk.flags == D2H else self.num_streams) + chunk.stream
+        stage = self.staging()[buffer, :chunk.end - chunk.first]
+        if len(self.gpu_parts) == 1:
+            return [stage]
+        return [stage[:, i] for i in range(len(self.gpu_parts))]
+
+
+def run_in_order(copier: DmaGatherCopier, plan: GatherPlan, execute: Executor,
+                 gpu_slots: torch.Tensor) -> None:
+    """Run ``plan`` on the current stream, chunk by chunk in queue order, direct batches
+    in their place (tests on CPU tensors, with ``memmove_batch``)."""
+    dsts, srcs, sizes = copier.runs(plan)
+    for step in queue(copier, plan):
+        if isinstance(step, GatherChunk):
+            a, b = step.run_first, step.run_end
+            if step.flags == D2H:
+                copier.gather(step, gpu_slots)
+            execute(dsts[a:b], srcs[a:b], sizes[a:b], 0)
+            if step.flags == H2D:
+                copier.scatter(step, gpu_slots)
+        else:
+            execute(step.dsts, step.srcs, step.sizes, 0)
+
+
+def queue(copier: DmaGatherCopier, plan: GatherPlan) -> list[GatherChunk | DmaBatch]:
+    """Chunks and direct batches (one per target) merged in queue order: by group, then
+    level, then direction. Pure."""
+    steps: list[tuple[tuple[int, int, int], int, GatherChunk | DmaBatch]] = [
+        ((c.group, c.level, c.flags), i, c) for i, c in enumerate(plan.chunks)]
+    if plan.direct is not None:
+        for target in copier.direct.targets(None):
+            for batch in copier.direct.batches(plan.direct, target):
+                steps.append(((batch.group, batch.level, batch.flags), len(steps), batch))
+    steps.sort(key=lambda s: (s[0], s[1]))
+    return [s[2] for s in steps]

@@ -1,0 +1,169 @@
+"""The staging path's planning: batches sorted by host slot, cut into chunks of one staging
+buffer, one DMA per run of consecutive host slots; executed here on CPU tensors (memmove
+for the DMA, the same torch gather/scatter as on CUDA) in any order two streams per
+direction may run them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
+                                            "pip install 'kvtier[torch]'")
+
+from kvtier.storage import KVLayout, KVStorage  # noqa: E402
+from kvtier.tier import Tier  # noqa: E402
+from kvtier.transfer.dma_batch import DmaBatch, DmaBatchCopier, memmove_batch  # noqa: E402
+from kvtier.transfer.dma_gather import (  # noqa: E402
+    D2H,
+    H2D,
+    DmaGatherCopier,
+    GatherChunk,
+    GatherPlan,
+    host_runs,
+    queue,
+)
+from kvtier.transfer.fused import LaunchTarget, plan_arrays  # noqa: E402
+from kvtier.transfer.plan import TransferPlan  # noqa: E402
+from kvtier.transfer.torch_memory import copy_view, layer_view  # noqa: E402
+from plan_ops import TPB, G, H, offload, onboard, random_ops  # noqa: E402
+
+NUM_LAYERS = 2
+NUM_BLOCKS: dict[Tier, int | None] = {G: 12, H: 10}
+
+
+def make_copier(gpu_kind: str, capacity: int) -> tuple[dict[Tier, KVStorage], DmaGatherCopier]:
+    """CPU storages (GPU of ``gpu_kind``, host block-major) with random values, and a copier
+    whose staging buffers hold ``capacity`` blocks, two per direction."""
+    kinds = {G: gpu_kind, H: "block_major"}
+    storages = {tier: KVStorage(KVLayout(NUM_LAYERS, 2, 4, TPB, "float32", kinds[tier]), num)
+                for tier, num in ((G, 12), (H, 10))}
+    gen = torch.Generator().manual_seed(0)
+    for storage in storages.values():
+        for t in storage.tensors:
+            t.copy_(torch.randn(t.shape, generator=gen))
+    views = {tier: [copy_view(t) for t in s.tensors] for tier, s in storages.items()}
+    layers = [LaunchTarget(layer_view(views[G], gpu_kind, i), layer_view(views[H], "block_major",
+                                                                        i), 2)
+              for i in range(NUM_LAYERS)]
+    whole = (LaunchTarget(views[G][0], views[H][0], 2 * NUM_LAYERS)
+             if gpu_kind == "block_major" else None)
+    direct = DmaBatchCopier(layers, whole, TPB)
+    block_bytes = storages[H].layout.bytes_per_block
+    copier = DmaGatherCopier(views[G], views[H][0], direct, TPB, num_streams=2,
+                             staging_bytes=capacity * block_bytes)
+    return storages, copier
+
+
+def runs_of(plan: GatherPlan, chunk: GatherChunk) -> list[tuple[int, int, int]]:
+    """(first host slot, position in the buffer, blocks) of each DMA run of ``chunk``."""
+    a, b = chunk.run_first, chunk.run_end
+    return list(zip(plan.run_host[a:b].tolist(), plan.run_pos[a:b].tolist(),
+                    plan.run_len[a:b].tolist(), strict=True))
+
+
+def test_a_batch_is_sorted_by_host_slot_and_cut_into_buffer_sized_chunks() -> None:
+    """No hazards: one batch per direction, sorted by host slot, cut into chunks of two
+    blocks dealt to the direction's two streams; consecutive host slots share one DMA."""
+    #   onboards  h8->g0  h9->g1  h4->g3      sorted by host: h4 | h8 h9 -> chunks [h4 h8] [h9]
+    #   offloads  g5->h3  g2->h1  g7->h2      sorted by host: h1 h2 | h3 -> chunks [h1 h2] [h3]
+    ops = (onboard(8, 0), onboard(9, 1), onboard(4, 3), offload(5, 3), offload(2, 1),
+           offload(7, 2))
+    _, copier = make_copier("block_major", capacity=2)
+    plan = copier.prepare(TransferPlan(ops), NUM_BLOCKS)
+    assert plan.direct is None
+    assert [(c.group, c.level, c.flags, c.stream, c.early, c.first, c.end)
+            for c in plan.chunks] == [(0, 0, H2D, 0, True, 0, 2), (0, 0, H2D, 1, True, 2, 3),
+                                      (0, 0, D2H, 0, False, 3, 5), (0, 0, D2H, 1, False, 5, 6)]
+    assert plan.gpu_slots.tolist() == [3, 0, 1, 2, 7, 5]
+    assert [runs_of(plan, c) for c in plan.chunks] == [[(4, 0, 1), (8, 1, 1)], [(9, 0, 1)],
+                                                       [(1, 0, 2)], [(3, 0, 1)]]
+
+
+def test_an_onboard_that_reads_a_host_slot_the_plan_writes_waits_for_it() -> None:
+    """A step: offload g0->h0, then onboard into g0 (early: only its scatter waits); an
+    onboard from h0 (written by the offload) is not early."""
+    #   component 0: off g0->h0, on h5->g0, on h0->g3 (reads h0 after the offload wrote it)
+    ops = (offload(0, 0), onboard(5, 0), onboard(0, 3))
+    _, copier = make_copier("layer_major", capacity=4)
+    plan = copier.prepare(TransferPlan(ops), NUM_BLOCKS)
+    assert [(c.level, c.flags, c.early) for c in plan.chunks] == [
+        (0, D2H, False), (1, H2D, True), (2, H2D, False)]
+
+
+def test_host_runs_count_whole_offloads_and_onboards_in_plan_order() -> None:
+    """Runs of consecutive host slots, one direction at a time, in plan order."""
+    ops = (offload(0, 4), offload(1, 5), offload(2, 6), onboard(7, 3), onboard(8, 9),
+           onboard(2, 8))
+    assert host_runs(plan_arrays(ops), TPB) == (6, 3)  # h4-6 | h7-8 | h2
+
+
+Action = tuple[str, object, tuple[int, int]]
+
+
+def run_in_any_allowed_order(copier: DmaGatherCopier, plan: GatherPlan,
+                             rng: random.Random) -> None:
+    """Execute ``plan`` in a random order that two streams per direction allow: each
+    stream in queue order (its buffer is reused), a step after the level before in its
+    group, an early onboard's DMA at once but its scatter after that level."""
+    slots = torch.from_numpy(plan.gpu_slots)
+    dsts, srcs, sizes = copier.runs(plan)
+    streams: dict[tuple[int, int], list[tuple[str, GatherChunk | DmaBatch]]] = {}
+    count: dict[tuple[int, int], int] = {}
+    for step in queue(copier, plan):
+        stream = (step.flags, step.stream if isinstance(step, GatherChunk) else 0)
+        count[(step.group, step.level)] = count.get((step.group, step.level), 0) + 1
+        if isinstance(step, GatherChunk) and step.flags == H2D:
+            streams.setdefault(stream, []).extend([("dma", step), ("scatter", step)])
+        else:
+            streams.setdefault(stream, []).append(("all", step))
+    finished: dict[tuple[int, int], int] = {}
+
+    def ready(part: str, step: GatherChunk | DmaBatch) -> bool:
+        if step.level == 0 or (part == "dma" and isinstance(step, GatherChunk) and step.early):
+            return True
+        before = (step.group, step.level - 1)
+        return finished.get(before, 0) == count[before]
+
+    while any(streams.values()):
+        heads = [key for key, todo in streams.items() if todo and ready(*todo[0])]
+        key = rng.choice(heads)
+        part, step = streams[key].pop(0)
+        if isinstance(step, GatherChunk):
+            if step.flags == D2H:
+                copier.gather(step, slots)
+            if part in ("all", "dma"):
+                a, b = step.run_first, step.run_end
+                memmove_batch(dsts[a:b], srcs[a:b], sizes[a:b], 0)
+            if part == "scatter":
+                copier.scatter(step, slots)
+        else:
+            memmove_batch(step.dsts, step.srcs, step.sizes, 0)
+        if part != "dma":
+            finished[(step.group, step.level)] = finished.get((step.group, step.level), 0) + 1
+
+
+@pytest.mark.parametrize("gpu_kind", ["block_major", "layer_major"])
+def test_random_plans_match_in_order_copies(gpu_kind: str) -> None:
+    """Random plans with hazards, runs and partial copies, in buffers of three blocks, run
+    in any order the streams allow: exactly the in-order result."""
+    storages, copier = make_copier(gpu_kind, capacity=3)
+    rng = random.Random(gpu_kind)
+    for trial in range(40):
+        ops = random_ops(rng, 24)
+        if trial % 2:  # runs of consecutive host slots, as a step's offloads take them
+            start = rng.randrange(6)
+            ops += [offload(rng.randrange(12), start + i) for i in range(4)]
+        expected = {t: [s.layer(i).clone() for i in range(NUM_LAYERS)]
+                    for t, s in storages.items()}
+        for op in ops:
+            for i in range(NUM_LAYERS):
+                n = op.num_tokens
+                expected[op.dst_tier][i][op.dst_slot, :, :n] = \
+                    expected[op.src_tier][i][op.src_slot, :, :n]
+        plan = copier.prepare(TransferPlan(tuple(ops)), NUM_BLOCKS)
+        run_in_any_allowed_order(copier, plan, rng)
+        for tier, s in storages.items():
+            for i in range(NUM_LAYERS):
+                assert torch.equal(s.layer(i), expected[tier][i]), (trial, tier, i, ops)
