@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 from hypothesis import assume, given, settings
@@ -224,10 +225,11 @@ class ManagerModel(RuleBasedStateMachine):
         policy=st.sampled_from(EVICTION_POLICIES),
         prefixes=st.lists(st.lists(ALPHABET, max_size=12), min_size=1, max_size=3),
         failures=st.booleans(),
+        batch=st.integers(1, 4),
     )
     def setup(self, tpb: int, num_gpu_blocks: int, num_host_blocks: int, partial: bool,
               copy: bool, events: bool, policy: str, prefixes: list[list[int]],
-              failures: bool) -> None:
+              failures: bool, batch: int) -> None:
         self.config = CacheConfig(
             tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks,
             num_host_blocks=num_host_blocks, enable_partial_reuse=partial,
@@ -235,8 +237,10 @@ class ManagerModel(RuleBasedStateMachine):
         self.tpb = tpb
         self.now = 0.0
         self.memory = PhysicalMemory(self.config)
-        self.mgr = PlanCaller(KVCacheManager(self.config, clock=lambda: self.now),
-                              self.memory)
+        # Victims in batches of up to 4 blocks (tiers this small cut exactly otherwise).
+        with mock.patch("kvtier.cache.eviction_batch", lambda capacity: batch):
+            manager = KVCacheManager(self.config, clock=lambda: self.now)
+        self.mgr = PlanCaller(manager, self.memory)
         self.prefixes = [(p, None, None) for p in prefixes]
         self.history: list[tuple[list[int], Salt, int | None]] = []
         self.requests: dict[str, LiveRequest] = {}

@@ -32,11 +32,31 @@ from kvtier.matching import match_prompt, num_common_blocks
 from kvtier.metrics import CacheStats
 from kvtier.policies import get_policy
 from kvtier.pool import Key, TierPool
-from kvtier.radix import BlockKey, Node, Root, add_child, block_key, remove_child, subtree
+from kvtier.radix import (
+    BlockKey,
+    Node,
+    Root,
+    add_child,
+    block_key,
+    extend_run,
+    remove_child,
+    subtree,
+)
 from kvtier.radix import split as split_run
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, PlanRecorder
+
+
+MAX_EVICTION_BATCH = 32
+"""At most this many blocks per victim run beyond what an allocation needs."""
+
+
+def eviction_batch(capacity: int) -> int:
+    """How many blocks a victim run of a tier of ``capacity`` blocks gives at least, where
+    it has them: 1/128 of the tier (a slack the hit rate does not feel), at most
+    ``MAX_EVICTION_BATCH``, at least 1 (exact cuts). Pure."""
+    return max(1, min(MAX_EVICTION_BATCH, capacity // 128))
 
 
 class StoredRun(NamedTuple):
@@ -70,6 +90,12 @@ class BlockCache:
         # What LRU would hold (the learner's evidence against it), kept from releases and
         # admissions here; the learner tells it of recalls (None: the policy keeps none).
         self._witness = self._learner.witness if self._learner is not None else None
+        # NOTE: a victim run gives at least this many blocks where it has them (the spare
+        # slots serve the next allocations): decode growth allocates a block at a time, and
+        # a victim cut to exactly that would move one block per run through the whole
+        # eviction path (ranking, offload, host room, drop). A tiny pool keeps exact cuts.
+        self._gpu_batch = eviction_batch(config.num_gpu_blocks)
+        self._host_batch = eviction_batch(config.num_host_blocks)
         # Waiting request -> (its spec, the deepest run of its prefix), at the last hint.
         self._hinted: dict[str, tuple[SequenceSpec, Node]] = {}
 
@@ -242,8 +268,9 @@ class BlockCache:
     def _evict_gpu(self, num_blocks: int, ops: PlanRecorder) -> None:
         """Free ``num_blocks`` GPU slots from unreferenced runs, tails first."""
         self.evictor.expire()
+        batch = self._gpu_batch
         while num_blocks > 0:
-            victim = self.evictor.take_victim(Tier.GPU, num_blocks)
+            victim = self.evictor.take_victim(Tier.GPU, max(num_blocks, batch))
             assert victim is not None, f"GPU: {num_blocks} blocks short of eviction candidates"
             num_blocks -= victim.num_blocks
             parent = victim.parent
@@ -310,8 +337,10 @@ class BlockCache:
         ``num_blocks`` host slots are free, stopping at blocks whose key is not below
         ``below`` (``None``: no limit). Returns the free host slots now."""
         host = self.host
+        batch = self._host_batch
         while host.num_free < num_blocks:
-            victim = self.evictor.take_victim(Tier.HOST, num_blocks - host.num_free, below)
+            victim = self.evictor.take_victim(Tier.HOST, max(num_blocks - host.num_free, batch),
+                                              below)
             if victim is None:
                 break
             parent = victim.parent
@@ -402,6 +431,10 @@ class BlockCache:
                 if pos:  # NOTE: slice only after a duplicate: a run's tokens are long
                     tokens, slots = tokens[pos * tpb:], slots[pos:]
                     extras = extras[pos:] if extras is not None else None
+                if _grows(node, turn, prompt_end_block):
+                    extend_run(node, tokens, slots, extras)
+                    self.journal.extended(node, start - node.start_block)
+                    return StoredRun(node, num_blocks, private)
                 new = Node(node, tokens, slots, Tier.GPU, extras, start, node.root)
                 new.ref_count = 1
                 new.num_accesses = 1
@@ -495,6 +528,27 @@ class BlockCache:
         if self._witness is not None:
             self._witness.clear()
         self.journal.cleared()
+
+
+def _grows(node: Node, turn: int, prompt_end_block: int) -> bool:
+    """Whether a request (at ``turn``, its prompt's full blocks ending at
+    ``prompt_end_block``) that stores blocks right after ``node`` appends them to it rather
+    than to a new child: ``node`` is a run of its output (past the prompt's end: decode
+    growth, a block at a time) on the GPU, a leaf that only this request holds and that it
+    stored itself (one access, no release yet, no soft claim, its session). Separate runs
+    would differ only in their release ticks, consecutive, deepest first: the order in
+    which eviction takes a run's tail anyway; one run keeps eviction per run, not per
+    decode block. Pure.
+
+    NOTE: prompt chunks are not joined: a prompt's runs are what the policy's learner and
+    its LRU witness count in (claims, ghosts, release ticks), and joining them moved the
+    learned policy's hit rate beyond its noise (decode runs did not).
+    """
+    return (node.start_block >= prompt_end_block and node.ref_count == 1
+            and not node.children and node.tier is Tier.GPU and node.parent is not None
+            and node.num_accesses == 1 and node.reuse_class is None
+            and not node.soft_claimed and node.turn == turn
+            and node.prompt_end_block == prompt_end_block)
 
 
 def _role(node: Node, seq: LiveSequence) -> int:

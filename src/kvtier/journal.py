@@ -112,6 +112,29 @@ class Journal:
                                       self._tpb, lora))
             parent_hash = h
 
+    def extended(self, node: Node, num_old_blocks: int) -> None:
+        """``node`` grew past its first ``num_old_blocks`` blocks (``radix.extend_run``):
+        its cached hashes grow with it, and the new blocks are reported stored."""
+        if node.hashes is not None:
+            root = node.root
+            assert root is not None
+            extras = node.extras[num_old_blocks:] if node.extras is not None else None
+            node.hashes += chain_hashes(self._hash_fn, node.hashes[-1],
+                                        node.tokens[num_old_blocks * self._tpb:], self._tpb,
+                                        root.lora_id, extras)
+        events = self.events
+        if events is None:
+            return
+        assert node.root is not None
+        lora = node.root.lora_id
+        assert lora is None or isinstance(lora, int)
+        hashes = self.hashes(node)
+        parent_hash = hashes[num_old_blocks - 1]
+        for h in hashes[num_old_blocks:]:
+            events.append(BlockStored(events.next_seq(), h, parent_hash, node.tier,
+                                      self._tpb, lora))
+            parent_hash = h
+
     def moved(self, node: Node, old: Tier) -> None:
         """``node``'s blocks moved from tier ``old`` to ``node.tier``."""
         events = self.events

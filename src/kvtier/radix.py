@@ -293,6 +293,20 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
     return tail
 
 
+def extend_run(node: Node, tokens: Sequence[int], slots: list[int],
+               extras: list[object] | None) -> None:
+    """Append full blocks (``tokens``, one slot and extra each) to the leaf ``node``, in
+    place: the run a request is storing grows instead of gaining a one-block child per
+    decode block."""
+    assert not node.children and node.parent is not None, node
+    n = node.num_blocks
+    node.tokens.extend(tokens if type(tokens) is array else array("Q", tokens))
+    node.slots.extend(slots)
+    if node.extras is not None or extras is not None:
+        node.extras = ((node.extras if node.extras is not None else [None] * n)
+                       + (extras if extras is not None else [None] * len(slots)))
+
+
 def subtree(node: Node) -> list[Node]:
     """``node`` and all its descendants, parents before children."""
     out = [node]

@@ -1,0 +1,82 @@
+"""Eviction in batches: decode growth joins a request's output into one run, and a victim
+run gives at least a batch of blocks, so a later allocation finds them free."""
+
+from __future__ import annotations
+
+from kvtier import (
+    BlockStored,
+    CacheConfig,
+    KVCacheManager,
+    OpKind,
+    SequenceSpec,
+    Tier,
+    TransferOp,
+)
+from kvtier.cache import MAX_EVICTION_BATCH, eviction_batch
+from kvtier.hashing import get_hash_fn, prompt_block_hashes
+
+TPB = 4
+PROMPT = [1] * 4 + [2] * 4        # 2 blocks
+OUTPUT = list(range(10, 34))      # 24 tokens: 6 more blocks
+
+
+def make_manager(num_gpu_blocks: int = 1024, num_host_blocks: int = 1024,
+                 enable_events: bool = False) -> KVCacheManager:
+    """4-token blocks, priority-LRU (the order is plain recency), a batch of 8 blocks on
+    1,024-block tiers."""
+    return KVCacheManager(CacheConfig(
+        tokens_per_block=TPB, num_gpu_blocks=num_gpu_blocks, num_host_blocks=num_host_blocks,
+        eviction_policy="priority-lru", enable_events=enable_events))
+
+
+def decode_and_release(mgr: KVCacheManager) -> None:
+    """Request "a": PROMPT in slots 0-1, then OUTPUT a token at a time (slots 2-7)."""
+    assert mgr.add_sequence(SequenceSpec("a", PROMPT)).block_ids == (0, 1)
+    for token in OUTPUT:
+        mgr.append_tokens("a", [token])
+        mgr.check_invariants()
+    mgr.remove_sequence("a")
+    mgr.check_invariants()
+
+
+def test_eviction_batch_scales_with_the_tier() -> None:
+    """1/128 of the tier, at most MAX_EVICTION_BATCH, at least 1 (small pools cut exactly)."""
+    assert [eviction_batch(n) for n in (0, 6, 255, 256, 1024, 2048, 1 << 20)] == [
+        1, 1, 1, 2, 8, 16, MAX_EVICTION_BATCH]
+
+
+def test_decode_output_is_one_run_and_leaves_in_one_batch() -> None:
+    """The output's six 1-block stores form one run; a 1-block allocation evicts all six
+    (>= the batch of 8 where the run has them), in one offload run, and the next
+    allocations take the spare slots without evicting anything::
+
+        before g:  root ─ [P0 P1 | GPU 0-1] ─ [O2..O7 | GPU 2-7]    f holds GPU 8-1023
+        after g:   root ─ [P0 P1 | GPU 0-1] ─ [O2..O7 | HOST 0-5]   g took GPU 2; 3-7 free
+    """
+    mgr = make_manager()
+    decode_and_release(mgr)
+    assert mgr.add_sequence(SequenceSpec("f", list(range(100, 100 + 1016 * TPB)))).admitted
+    mgr.take_plan()
+    g = mgr.add_sequence(SequenceSpec("g", [7] * TPB))
+    assert g.block_ids == (2,)
+    assert mgr.take_plan().ops == tuple(
+        TransferOp(OpKind.OFFLOAD, Tier.GPU, 2 + i, Tier.HOST, i, TPB) for i in range(6))
+    h = mgr.add_sequence(SequenceSpec("h", [8] * (3 * TPB)))
+    assert h.block_ids == (3, 4, 5)
+    assert len(mgr.take_plan()) == 0  # the spare slots: no eviction
+    stats = mgr.stats
+    assert (stats.gpu.offloaded_blocks, stats.gpu.evicted_blocks) == (6, 0)
+    mgr.check_invariants()
+
+
+def test_joined_output_run_reports_each_block_once_with_its_chained_hash() -> None:
+    """Growing a run in place stores each block once, chained on the one before it, as
+    separate runs would: the events and cached_blocks name the whole sequence's hashes."""
+    mgr = make_manager(enable_events=True)
+    decode_and_release(mgr)
+    expected = prompt_block_hashes(get_hash_fn("xxh3_128"), PROMPT + OUTPUT, TPB)
+    stored = [e for e in mgr.drain_events() if isinstance(e, BlockStored)]
+    assert [e.block_hash for e in stored] == expected
+    assert [e.parent_hash for e in stored] == [None, *expected[:-1]]
+    assert [b.block_hash for b in mgr.cached_blocks()] == expected
+    assert [b.slot for b in mgr.cached_blocks()] == list(range(8))
