@@ -47,7 +47,6 @@ from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, PlanRecorder
 
-
 MAX_EVICTION_BATCH = 32
 """At most this many blocks per victim run beyond what an allocation needs."""
 
