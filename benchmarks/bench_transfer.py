@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"failed {kinds} {block_kib} KiB {direction} {method}: {exc}",
                               file=sys.stderr)
                         continue
-                    num_ops = len(plan.ops)
+                    num_ops = len(plan)
                     nbytes = num_ops * layout.bytes_per_block
                     gbps = nbytes / seconds / 1e9
                     stats = engine.stats

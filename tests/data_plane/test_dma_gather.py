@@ -25,7 +25,7 @@ from kvtier.transfer.dma_gather import (  # noqa: E402
     queue,
 )
 from kvtier.transfer.fused import LaunchTarget, plan_arrays  # noqa: E402
-from kvtier.transfer.plan import TransferPlan  # noqa: E402
+from kvtier.transfer.plan import OpKind, PlanRecorder, TransferOp, TransferPlan  # noqa: E402
 from kvtier.transfer.torch_memory import copy_view, layer_view  # noqa: E402
 from plan_ops import TPB, G, H, offload, onboard, random_ops  # noqa: E402
 
@@ -167,3 +167,27 @@ def test_random_plans_match_in_order_copies(gpu_kind: str) -> None:
         for tier, s in storages.items():
             for i in range(NUM_LAYERS):
                 assert torch.equal(s.layer(i), expected[tier][i]), (trial, tier, i, ops)
+
+
+class ColumnsOnly(TransferPlan):
+    """A plan whose ops may not be read: the copy paths must plan from its columns."""
+
+    __slots__ = ()
+
+    @property
+    def ops(self) -> tuple[TransferOp, ...]:
+        raise AssertionError("the ops of a plan recorded as columns were built")
+
+
+def test_a_plan_recorded_as_columns_is_cut_without_building_its_ops() -> None:
+    """The staging and batched paths plan from the columns alone (a Python object per op
+    is what the columns save the producer)."""
+    recorder = PlanRecorder()
+    recorder.record_run(OpKind.OFFLOAD, G, [0, 1, 2], H, [4, 5, 6], TPB)
+    recorder.record_run(OpKind.ONBOARD, H, [7, 8], G, [0, 1], TPB)
+    taken = recorder.take()
+    plan = ColumnsOnly.of_columns(taken.kinds, taken.columns)  # type: ignore[arg-type]
+    _, copier = make_copier("layer_major", capacity=8)
+    prepared = copier.prepare(plan, NUM_BLOCKS)
+    assert [runs_of(prepared, c) for c in prepared.chunks] == [[(4, 0, 3)], [(7, 0, 2)]]
+    assert len(copier.direct.prepare(plan, NUM_BLOCKS, 2, 2).src_slot) == 5

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from kvtier.tier import Tier
-from kvtier.transfer.fused import LaunchTarget, PlanArrays, check_arrays, components, plan_arrays
+from kvtier.transfer.fused import LaunchTarget, PlanArrays, arrays_of, check_arrays, components
 from kvtier.transfer.plan import TransferPlan
 
 if TYPE_CHECKING:
@@ -158,14 +158,16 @@ class QueueKeys(NamedTuple):
     num_components: int
 
 
-def queue_keys(arrays: PlanArrays, num_targets: int) -> QueueKeys:
-    """The ops' keys, with enough groups that ``num_targets`` launches make
-    ``PIPELINE_STAGES`` stages. Pure."""
+def queue_keys(arrays: PlanArrays, num_targets: int, max_groups: int | None = None
+               ) -> QueueKeys:
+    """The ops' keys, with enough groups (at most ``max_groups``) that ``num_targets``
+    launches make ``PIPELINE_STAGES`` stages. Pure."""
     component, level, num_components = _levels(arrays)
     if int(level.max()) == 0:
         num_groups = 1  # no op waits for another: one batch per direction
     else:
-        num_groups = min(num_components, -(-PIPELINE_STAGES // num_targets))
+        num_groups = min(num_components, -(-PIPELINE_STAGES // num_targets),
+                         max_groups or num_components)
     group = component * num_groups // num_components
     return QueueKeys(group, level, arrays.src_tier + 2 * arrays.dst_tier, num_components)
 
@@ -224,9 +226,8 @@ class DmaBatchCopier:
         """Check ``plan`` (ValueError, nothing copied) and cut it into batches over targets
         of ``num_segs`` segments, enough groups that ``num_targets`` launches make
         ``PIPELINE_STAGES`` stages. Pure."""
-        ops = plan.ops
-        arrays = plan_arrays(ops, plan.columns)
-        check_arrays(arrays, ops, num_blocks, self.tokens_per_block)
+        arrays = arrays_of(plan)
+        check_arrays(arrays, plan, num_blocks, self.tokens_per_block)
         keys = queue_keys(arrays, num_targets)
         order = np.lexsort((keys.flags, keys.level, keys.group))
         return cut_pieces(arrays, keys, order, num_segs, self.tokens_per_block)

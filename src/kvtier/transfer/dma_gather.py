@@ -18,13 +18,14 @@ Whole blocks only: the layers of a block travel together, so every layer's event
 plan completes with the plan (the forward cannot start layer 0 early).
 
 Order: the ops are keyed like the batched path's (``dma_batch.queue_keys``: group, level,
-direction); a batch's ops are sorted by host slot (runs form even where the plan's order
-scattered them) and cut into *chunks* of at most one staging buffer, dealt round-robin to
-``num_streams`` streams per direction, each with its own buffer (stream order makes a
-buffer's reuse safe). A chunk waits for the level before in its group, except that an
-onboard's DMA into staging may start at once when no op of the plan writes a host slot it
-reads: only its scatter waits. Ops staging does not take (partial copies, GPU to GPU) go
-as the batched path's direct copies, in the same order.
+direction; a group at least ``GROUP_BYTES``); a batch's ops are sorted by host slot (runs
+form even where the plan's order scattered them) and cut into *chunks* of at most one
+staging buffer, dealt round-robin to ``num_streams`` streams per direction, each with its
+own buffer (stream order makes a buffer's reuse safe). A chunk waits for the level
+before in its group, except that an onboard's DMA into staging may start at once when no
+op of the plan writes a host slot it reads: only its scatter waits. Ops staging does not
+take (partial copies, GPU to GPU) go as the batched path's direct copies, in the same
+order.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from kvtier.transfer.dma_batch import (
     cut_pieces,
     queue_keys,
 )
-from kvtier.transfer.fused import PlanArrays, check_arrays, plan_arrays
+from kvtier.transfer.fused import PlanArrays, arrays_of, check_arrays
 from kvtier.transfer.plan import TransferPlan
 
 if TYPE_CHECKING:
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
 
 D2H, H2D = 2, 1  # flags: bit 0 source on the host, bit 1 destination on the host
 STAGING_BYTES = 16 << 20  # one stream's staging buffer
+# A pipeline stage (group) moves at least this much: cutting a small step into groups
+# would cost a DMA call and kernels per group and save nothing (its copies take us).
+GROUP_BYTES = 8 << 20
 NUM_STREAMS = 2  # per direction: while one stream's kernel runs, the other's DMA does
 
 
@@ -147,10 +151,10 @@ class DmaGatherCopier:
 
     def prepare(self, plan: TransferPlan, num_blocks: dict[Tier, int | None]) -> GatherPlan:
         """Check ``plan`` (ValueError, nothing copied) and cut it into chunks. Pure."""
-        ops = plan.ops
-        arrays = plan_arrays(ops, plan.columns)
-        check_arrays(arrays, ops, num_blocks, self.tokens_per_block)
-        keys = queue_keys(arrays, 1)
+        arrays = arrays_of(plan)
+        check_arrays(arrays, plan, num_blocks, self.tokens_per_block)
+        keys = queue_keys(arrays, 1, max(1, len(arrays.src_slot) * self.block_bytes
+                                          // GROUP_BYTES))
         flags = keys.flags
         to_host = flags == D2H
         staged = (arrays.num_tokens == self.tokens_per_block) & (to_host | (flags == H2D))
@@ -224,16 +228,16 @@ class DmaGatherCopier:
         """The DMA runs of every chunk, in chunk order, between the host and the chunk's
         stream's buffer: (dsts, srcs, sizes) as the executor takes them; chunk ``c``'s are
         ``[c.run_first:c.run_end]``. Pure."""
-        num_runs = np.diff([[c.run_first, c.run_end] for c in plan.chunks], axis=1)
+        num_runs = np.array([c.run_end - c.run_first for c in plan.chunks], dtype=np.int64)
         chunk_flags = np.array([c.flags for c in plan.chunks], dtype=np.int64)
         buffer = np.array([(0 if c.flags == D2H else self.num_streams) + c.stream
                            for c in plan.chunks], dtype=np.int64)
         staging = self.staging()
         buffer_bytes = staging[0].numel() * staging.element_size()
-        stage_base = staging.data_ptr() + np.repeat(buffer * buffer_bytes, num_runs.ravel())
+        stage_base = staging.data_ptr() + np.repeat(buffer * buffer_bytes, num_runs)
         host_addr = self.host.data_ptr() + plan.run_host * self.block_bytes
         stage_addr = stage_base + plan.run_pos * self.block_bytes
-        to_host = np.repeat(chunk_flags == D2H, num_runs.ravel())
+        to_host = np.repeat(chunk_flags == D2H, num_runs)
         dsts = np.where(to_host, host_addr, stage_addr).astype(np.uint64)
         srcs = np.where(to_host, stage_addr, host_addr).astype(np.uint64)
         return dsts, srcs, (plan.run_len * self.block_bytes).astype(np.uint64)

@@ -92,7 +92,19 @@ def plan_arrays(ops: Sequence[TransferOp], columns: PlanColumns | None = None) -
     return PlanArrays(*(np.frombuffer(column, dtype=np.int64) for column in columns))
 
 
-def check_arrays(arrays: PlanArrays, ops: Sequence[TransferOp],
+def arrays_of(plan: TransferPlan) -> PlanArrays:
+    """``plan``'s ops as int64 arrays: its columns without a copy where it carries them
+    (its ops are then never built), else read off its ops. Pure."""
+    columns = plan.columns
+    if columns is None:
+        return plan_arrays(plan.ops)
+    if len(columns.src_slots) != len(plan):
+        raise ValueError(f"the plan's columns hold {len(columns.src_slots)} ops, the plan "
+                         f"{len(plan)}")
+    return PlanArrays(*(np.frombuffer(column, dtype=np.int64) for column in columns))
+
+
+def check_arrays(arrays: PlanArrays, ops: Sequence[TransferOp] | TransferPlan,
                  num_blocks: dict[Tier, int | None], tokens_per_block: int) -> None:
     """Raise ValueError naming the first op whose slot is outside its tier, whose token
     count is not in 1..tokens_per_block, or that copies a slot onto itself. Pure."""
@@ -105,8 +117,9 @@ def check_arrays(arrays: PlanArrays, ops: Sequence[TransferOp],
             bad |= on_tier if num is None else on_tier & ((slots < 0) | (slots >= num))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        check_op(i, ops[i], num_blocks, tokens_per_block)
-        raise AssertionError(f"op {i} {ops[i]} failed the array check but not check_op")
+        op = ops.op(i) if isinstance(ops, TransferPlan) else ops[i]
+        check_op(i, op, num_blocks, tokens_per_block)
+        raise AssertionError(f"op {i} {op} failed the array check but not check_op")
 
 
 def components(arrays: PlanArrays, dense: bool | None = None,
@@ -244,13 +257,12 @@ class FusedCopier:
                 device: torch.device) -> FusedPlan:
         """Check ``plan`` (ValueError, nothing copied), group its ops, and queue their rows
         to ``device`` on the current stream."""
-        ops = plan.ops
-        arrays = plan_arrays(ops, plan.columns)
-        check_arrays(arrays, ops, num_blocks, self.tokens_per_block)
+        arrays = arrays_of(plan)
+        check_arrays(arrays, plan, num_blocks, self.tokens_per_block)
         grouped = components(arrays)
         if grouped is None:
             items = to_device(pack_items(arrays, None), device)
-            return FusedPlan(items, None, len(ops), arrays)
+            return FusedPlan(items, None, len(plan), arrays)
         order, starts = grouped
         items = to_device(pack_items(arrays, order), device)
         return FusedPlan(items, to_device(starts, device), len(starts) - 1, arrays)

@@ -49,8 +49,8 @@ from kvtier.transfer.fused import (
     FusedCopier,
     LaunchTarget,
     PlanArrays,
+    arrays_of,
     fused_available,
-    plan_arrays,
     to_device,
 )
 from kvtier.transfer.plan import TransferPlan
@@ -82,7 +82,10 @@ class TorchTransferEngine:
     """Executes plans between a GPU tier and a host tier (see the module docstring).
 
     ``gpu`` may live on the CPU (tests without a GPU); ``host`` is a CPU storage, pinned on
-    a CUDA machine, or ``None`` when there is no host tier. ``before_batch`` is called with
+    a CUDA machine, or ``None`` when there is no host tier. ``gather_streams`` and
+    ``staging_bytes`` size the staging path: that many streams per direction, each with a
+    GPU buffer of that many bytes (64 MiB of GPU memory in all by default, taken at its
+    first plan). ``before_batch`` is called with
     each batch of the wave path before it runs, ``before_launch`` with each layer
     (``None``: all) before the fused or batched path queues it (fault injection in tests).
     """
@@ -203,8 +206,8 @@ class TorchTransferEngine:
         its whole-block offloads and onboards come in runs of consecutive host slots that
         average at least ``min_gather_run_bytes``. Pure."""
         path = self.path
-        if path in ("fused", "waves") and self._gather is not None and plan.ops:
-            num_ops, num_runs = host_runs(plan_arrays(plan.ops, plan.columns), self._tpb)
+        if path in ("fused", "waves") and self._gather is not None and len(plan):
+            num_ops, num_runs = host_runs(arrays_of(plan), self._tpb)
             if num_ops and (num_ops * self._gather.block_bytes
                             >= num_runs * self.min_gather_run_bytes):
                 return "dma_gather"
@@ -264,7 +267,7 @@ class TorchTransferEngine:
         TransferError names the ops not done (or not surely done): on the wave path the
         failing batch's and every later one's, on the fused and batched paths every op.
         """
-        if not plan.ops:
+        if not len(plan):
             return TransferHandle(plan)
         if self._dma is not None and self.dma_batched:
             return self._submit_batched(plan, *self._dma)
