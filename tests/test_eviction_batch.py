@@ -12,7 +12,7 @@ from kvtier import (
     Tier,
     TransferOp,
 )
-from kvtier.cache import MAX_EVICTION_BATCH, eviction_batch
+from kvtier.cache import MAX_EVICTION_BATCH, BlockCache, eviction_batch
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 
 TPB = 4
@@ -80,3 +80,18 @@ def test_joined_output_run_reports_each_block_once_with_its_chained_hash() -> No
     assert [e.parent_hash for e in stored] == [None, *expected[:-1]]
     assert [b.block_hash for b in mgr.cached_blocks()] == expected
     assert [b.slot for b in mgr.cached_blocks()] == list(range(8))
+
+
+def test_an_eviction_round_ranks_at_one_instant() -> None:
+    """hold_clock freezes the evictor's now for one round (nested holds change nothing);
+    release_clock returns to the live clock."""
+    ticks = iter(range(100))
+    cache = BlockCache(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8),
+                       clock=lambda: float(next(ticks)))
+    evictor = cache.evictor
+    assert (evictor.now(), evictor.now()) == (0.0, 1.0)
+    assert evictor.hold_clock()
+    assert not evictor.hold_clock()  # inside a round: the outer one holds
+    assert (evictor.now(), evictor.now()) == (2.0, 2.0)
+    evictor.release_clock()
+    assert evictor.now() == 3.0

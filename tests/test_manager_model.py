@@ -229,7 +229,7 @@ class ManagerModel(RuleBasedStateMachine):
     )
     def setup(self, tpb: int, num_gpu_blocks: int, num_host_blocks: int, partial: bool,
               copy: bool, events: bool, policy: str, prefixes: list[list[int]],
-              failures: bool, batch: int) -> None:
+              failures: bool, batch: int = 1) -> None:
         self.config = CacheConfig(
             tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks,
             num_host_blocks=num_host_blocks, enable_partial_reuse=partial,

@@ -266,16 +266,23 @@ class BlockCache:
 
     def _evict_gpu(self, num_blocks: int, ops: PlanRecorder) -> None:
         """Free ``num_blocks`` GPU slots from unreferenced runs, tails first."""
-        self.evictor.expire()
-        batch = self._gpu_batch
-        while num_blocks > 0:
-            victim = self.evictor.take_victim(Tier.GPU, max(num_blocks, batch))
-            assert victim is not None, f"GPU: {num_blocks} blocks short of eviction candidates"
-            num_blocks -= victim.num_blocks
-            parent = victim.parent
-            assert parent is not None
-            self._evict_gpu_run(victim, ops)
-            self.evictor.refile(parent)
+        evictor = self.evictor
+        held = evictor.hold_clock()
+        try:
+            evictor.expire()
+            batch = self._gpu_batch
+            while num_blocks > 0:
+                victim = evictor.take_victim(Tier.GPU, max(num_blocks, batch))
+                assert victim is not None, (
+                    f"GPU: {num_blocks} blocks short of eviction candidates")
+                num_blocks -= victim.num_blocks
+                parent = victim.parent
+                assert parent is not None
+                self._evict_gpu_run(victim, ops)
+                evictor.refile(parent)
+        finally:
+            if held:
+                evictor.release_clock()
 
     def _evict_gpu_run(self, victim: Node, ops: PlanRecorder) -> None:
         """Offload the unreferenced GPU run ``victim`` as far as the host takes it; drop the rest.

@@ -55,6 +55,12 @@ class EvictionPolicy(Protocol):
     waits) sets ``num_queue_fields``: the key's first fields name a queue (a class of runs),
     the rest order the queue (oldest first), and ``rank`` compares the queues' heads now.
     With ``num_queue_fields == 0`` there is one queue and ``rank`` is ``key``.
+
+    Optional: ``rank_version``, any value compared with ``==`` that changes whenever
+    ``rank`` may give another answer for an unchanged node at an unchanged ``now`` (a
+    learned table refreshed, a verdict flipped). While it and the clock hold, a queue
+    head's rank is kept, not computed again at every pop. A policy without it (or with
+    ``None``) is ranked afresh at every pop.
     """
 
     name: str
@@ -156,22 +162,37 @@ class Evictor:
         self._expiries: list[tuple[float, int, Node]] = []
         self._num_live_expiries = 0  # entries that were current at the last purge
         self._soft_claimed: set[Node] = set()  # every run soft-claimed now
+        self._held_now: float | None = None  # the clock's time, held for one eviction round
 
     def now(self) -> float:
-        """The clock's time now. Pure."""
-        return self._clock()
+        """The clock's time now (the held time during an eviction round). Pure."""
+        held = self._held_now
+        return self._clock() if held is None else held
+
+    def hold_clock(self) -> bool:
+        """Start an eviction round: until ``release_clock``, ``now`` is the time at its
+        start, so the round ranks its candidates at one instant and a queue head's rank
+        stays valid across its pops. False (and nothing held anew) inside a round."""
+        if self._held_now is not None:
+            return False
+        self._held_now = self._clock()
+        return True
+
+    def release_clock(self) -> None:
+        """End the eviction round ``hold_clock`` started."""
+        self._held_now = None
 
     def priority(self, node: Node) -> int:
         """``node``'s priority now. Pure."""
-        return effective_priority(node, self._clock(), self._default_priority)
+        return effective_priority(node, self.now(), self._default_priority)
 
     def key(self, node: Node) -> Key:
         """``node``'s eviction key now. Pure."""
-        return self.policy.key(node, self._clock(), self._default_priority)
+        return self.policy.key(node, self.now(), self._default_priority)
 
     def rank(self, node: Node) -> Key:
         """How ``node`` compares with any other candidate now. Pure."""
-        return self.policy.rank(node, self._clock(), self._default_priority)
+        return self.policy.rank(node, self.now(), self._default_priority)
 
     def _rank_run(self, node: Node) -> Key:
         """``rank`` of the run ``node`` is in all but name: a candidate is first rejoined
@@ -225,7 +246,7 @@ class Evictor:
 
     def expire(self) -> None:
         """Re-file nodes whose retention ran out, so they sort by the default priority."""
-        now = self._clock()
+        now = self.now()
         expiries = self._expiries
         while expiries and expiries[0][0] <= now:
             expiry, _, node = heapq.heappop(expiries)
@@ -272,7 +293,9 @@ class Evictor:
         candidate, or (with ``below``) when the best one's key is not below it."""
         pool, current_key = ((self._gpu, self.gpu_candidate_key) if tier is Tier.GPU
                              else (self._host, self.host_candidate_key))
-        node = pool.pop_candidate(current_key, self._rank_run)
+        version = getattr(self.policy, "rank_version", None)
+        node = pool.pop_candidate(current_key, self._rank_run,
+                                  None if version is None else (self.now(), version))
         if node is None:
             return None
         _merge_up(node)

@@ -29,7 +29,9 @@ class TierPool:
     With ``num_queue_fields`` > 0 the candidates sit in one heap per *queue*, the key's
     first ``num_queue_fields`` fields (a policy's class of runs), and a pop takes the best
     of the queues' heads by the policy's ``rank``: the policies whose order depends on a
-    run's age (``kvtier.eviction``). O(queues) per pop, O(log n) per push.
+    run's age (``kvtier.eviction``). O(queues) per pop, O(log n) per push. A head's rank
+    is kept while the caller's ``rank_version`` holds (the clock and the policy's own
+    version, see ``EvictionPolicy``): a pop then ranks only heads that changed.
     """
 
     def __init__(self, tier: Tier, capacity: int, num_queue_fields: int = 0) -> None:
@@ -45,6 +47,10 @@ class TierPool:
         self._num_queue_fields = num_queue_fields
         self._queues: dict[Key, list[_Entry]] = {}
         self._num_entries = 0  # in every heap, stale ones included
+        # Queue -> (its head entry when ranked, (rank, uid)), valid while the caller's
+        # rank version is ``_rank_version``; a head entry is recognised by identity.
+        self._ranked: dict[Key, tuple[_Entry, tuple[Key, int]]] = {}
+        self._rank_version: object = None
 
     @property
     def num_free(self) -> int:
@@ -95,10 +101,12 @@ class TierPool:
         return heapq.heappop(heap)[2]
 
     def pop_candidate(self, current_key: Callable[[Node], Key | None],
-                      rank: Callable[[Node], Key] | None = None) -> Node | None:
+                      rank: Callable[[Node], Key] | None = None,
+                      rank_version: object = None) -> Node | None:
         """Pop the best live candidate. ``current_key`` returns a node's key if it is a
         candidate now, else ``None``; entries of nodes that are no candidates are dropped.
-        With queues, ``rank`` orders the queues' heads (the smallest goes)."""
+        With queues, ``rank`` orders the queues' heads (the smallest goes); a head ranked
+        before under the same ``rank_version`` (not None) is not ranked again."""
         if not self._num_queue_fields:
             heap = self._heap
             return self._pop(heap) if self._live_head(heap, current_key) else None
@@ -107,6 +115,10 @@ class TierPool:
         for q, heap in list(queues.items()):
             if not self._live_head(heap, current_key) and not heap:
                 del queues[q]
+        ranked = self._ranked
+        if rank_version is None or rank_version != self._rank_version:
+            ranked.clear()
+            self._rank_version = rank_version
         # Re-filing may have moved entries to queues not seen above: their heads are fresh.
         best: tuple[Key, int] | None = None
         best_heap: list[_Entry] | None = None
@@ -114,8 +126,14 @@ class TierPool:
             if not heap:
                 del queues[q]
                 continue
-            node = heap[0][2]
-            score = (rank(node), node.uid)
+            head = heap[0]
+            known = ranked.get(q)
+            if known is not None and known[0] is head:
+                score = known[1]
+            else:
+                node = head[2]
+                score = (rank(node), node.uid)
+                ranked[q] = (head, score)
             if best is None or score < best:
                 best, best_heap = score, heap
         return self._pop(best_heap) if best_heap is not None else None
@@ -149,6 +167,7 @@ class TierPool:
                 live[entry[2].uid] = entry
         self._heap = []
         self._queues = {}
+        self._ranked = {}
         self._num_entries = 0
         for key, _, node in live.values():
             self.push(node, key)
