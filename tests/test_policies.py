@@ -344,6 +344,29 @@ def test_arc_target_moves_by_the_ghosts_it_still_holds() -> None:
     assert policy.target == 0.0 and policy.ghosts.class_blocks == {0: 1, 1: 0}
 
 
+def test_rank_version_changes_with_what_rank_reads() -> None:
+    """The pool keeps a queue head's rank while ``(now, rank_version)`` holds, so the
+    version must change whenever ``rank`` may change for the same node at the same time:
+    the value table refreshed, the witness's verdict flipped, ARC's first class moved."""
+    policy = KvtierPredict(cost_aware=True)
+    policy.bind(CacheConfig(tokens_per_block=4, num_gpu_blocks=8))
+    assert policy.witness is not None
+    node = make_node(reuse_class=3, last_used_s=0.0)
+    before, rank = policy.rank_version, policy.rank(node, 5.0, 35)
+    policy.learner.record(3, 1.0, 4, True)              # counts move, no refresh yet
+    assert policy.rank_version == before and policy.rank(node, 5.0, 35) == rank
+    policy.learner.refresh()
+    assert policy.rank_version != before and policy.rank(node, 5.0, 35) != rank
+    before = policy.rank_version
+    policy.witness.lru_ahead = True
+    assert policy.rank_version != before and policy.rank(node, 5.0, 35)[2] == 0.0
+    arc = ARC()
+    arc.cached = [5, 5]
+    assert arc.rank_version == arc.first_class() == 0
+    arc.target = 10.0
+    assert arc.rank_version == arc.first_class() == 1
+
+
 def test_s3fifo_small_queue_first_and_ghosts_go_to_main() -> None:
     """New runs sit in the small FIFO and go first (while it holds a tenth of the cache);
     a run stored again where its ghost sits goes to main."""

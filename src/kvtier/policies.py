@@ -153,6 +153,11 @@ class _ClassCounts:
         """The class whose queue the victim comes from now."""
         raise NotImplementedError
 
+    @property
+    def rank_version(self) -> int:
+        """What ``rank`` reads besides the node and ``now``: the class that goes first."""
+        return self.first_class()
+
     def rank(self, node: Node, now: float, default_priority: int) -> Key:
         """Runs of ``first_class`` first, least recently released first in each."""
         cls = node.reuse_class if node.reuse_class is not None else 0
@@ -288,6 +293,7 @@ class HitDensity:
         self.censored = [[0.0] * NUM_AGE_BINS for _ in range(num_classes)]
         self.value = [[1.0] * NUM_AGE_BINS for _ in range(num_classes)]
         self.num_records = 0
+        self.num_refreshes = 0  # the value table's version (``KvtierPredict.rank_version``)
         self._total = 0.0
 
     def record(self, reuse_class: int, age_s: float, num_blocks: int, reused: bool) -> None:
@@ -301,6 +307,7 @@ class HitDensity:
 
     def refresh(self) -> None:
         """Recompute the value table from the histograms."""
+        self.num_refreshes += 1
         if self._total > self.decay_blocks:
             for table in (self.events, self.censored):
                 for row in table:
@@ -426,6 +433,14 @@ class KvtierPredict:
             value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
         return (effective_priority(node, now, default_priority), int(node.soft_claimed),
                 value, node.last_used)
+
+    @property
+    def rank_version(self) -> tuple[int, bool]:
+        """What ``rank`` reads besides the node and ``now``: the value table (its refresh
+        count) and the witness's verdict. Any state ``rank`` reads must be folded in here:
+        the pool keeps a queue head's rank while this and ``now`` hold."""
+        witness = self.witness
+        return (self.learner.num_refreshes, witness is not None and witness.lru_ahead)
 
 
 def _kvtier_predict_cost() -> KvtierPredict:
