@@ -5,7 +5,8 @@ A block holds ``tokens_per_block`` tokens of K and V for every layer. Two layout
     block_major   one tensor [num_blocks, num_layers, 2, tokens_per_block, kv_heads, head_dim]
                   a block of all layers is contiguous: one block is one copy (best to offload)
     layer_major   per layer a tensor [num_blocks, 2, tokens_per_block, kv_heads, head_dim]
-                  what the attention kernels of vLLM-style engines index
+                  what the attention kernels of vLLM-style engines index (views of one
+                  allocation, equally spaced: a copy kernel can span every layer at once)
 
 Either way ``storage.layer(i)`` is the [num_blocks, 2, tokens_per_block, kv_heads, head_dim]
 view of layer ``i``. torch is imported lazily: ``import kvtier`` works without it.
@@ -148,10 +149,11 @@ class KVStorage:
             raise ValueError(f"pin_memory is for CPU storage, got device {self.device}")
         self.pinned = bool(pin_memory)
         dtype = layout.torch_dtype()
-        self.tensors: list[torch.Tensor] = [
-            torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pinned)
-            for shape in layout.tensor_shapes(num_blocks)
-        ]
+        shapes = layout.tensor_shapes(num_blocks)
+        # One allocation either way (layer-major: its per-layer slices).
+        whole = torch.empty((len(shapes), *shapes[0]), dtype=dtype, device=self.device,
+                            pin_memory=self.pinned)
+        self.tensors: list[torch.Tensor] = list(whole.unbind(0))
 
     @property
     def nbytes(self) -> int:

@@ -26,16 +26,18 @@ from kvtier.transfer.dma_gather import (  # noqa: E402
 )
 from kvtier.transfer.fused import LaunchTarget, plan_arrays  # noqa: E402
 from kvtier.transfer.plan import OpKind, PlanRecorder, TransferOp, TransferPlan  # noqa: E402
-from kvtier.transfer.torch_memory import copy_view, layer_view  # noqa: E402
+from kvtier.transfer.torch_memory import blocks_view, copy_view, layer_view  # noqa: E402
 from plan_ops import TPB, G, H, offload, onboard, random_ops  # noqa: E402
 
 NUM_LAYERS = 2
 NUM_BLOCKS: dict[Tier, int | None] = {G: 12, H: 10}
 
 
-def make_copier(gpu_kind: str, capacity: int) -> tuple[dict[Tier, KVStorage], DmaGatherCopier]:
+def make_copier(gpu_kind: str, capacity: int,
+                spanned: bool = False) -> tuple[dict[Tier, KVStorage], DmaGatherCopier]:
     """CPU storages (GPU of ``gpu_kind``, host block-major) with random values, and a copier
-    whose staging buffers hold ``capacity`` blocks, two per direction."""
+    whose staging buffers hold ``capacity`` blocks, two per direction; ``spanned``: a
+    layer-major GPU's layers gathered through one view spanning them all."""
     kinds = {G: gpu_kind, H: "block_major"}
     storages = {tier: KVStorage(KVLayout(NUM_LAYERS, 2, 4, TPB, "float32", kinds[tier]), num)
                 for tier, num in ((G, 12), (H, 10))}
@@ -51,7 +53,13 @@ def make_copier(gpu_kind: str, capacity: int) -> tuple[dict[Tier, KVStorage], Dm
              if gpu_kind == "block_major" else None)
     direct = DmaBatchCopier(layers, whole, TPB)
     block_bytes = storages[H].layout.bytes_per_block
-    copier = DmaGatherCopier(views[G], views[H][0], direct, TPB, num_streams=2,
+    parts = views[G]
+    if spanned:
+        view = blocks_view(parts)
+        assert view is not None
+        assert all(torch.equal(view[:, i], part) for i, part in enumerate(parts))
+        parts = [view]
+    copier = DmaGatherCopier(parts, views[H][0], direct, TPB, num_streams=2,
                              staging_bytes=capacity * block_bytes)
     return storages, copier
 
@@ -144,12 +152,13 @@ def run_in_any_allowed_order(copier: DmaGatherCopier, plan: GatherPlan,
             finished[(step.group, step.level)] = finished.get((step.group, step.level), 0) + 1
 
 
-@pytest.mark.parametrize("gpu_kind", ["block_major", "layer_major"])
-def test_random_plans_match_in_order_copies(gpu_kind: str) -> None:
+@pytest.mark.parametrize(("gpu_kind", "spanned"), [("block_major", False),
+                                                   ("layer_major", False), ("layer_major", True)])
+def test_random_plans_match_in_order_copies(gpu_kind: str, spanned: bool) -> None:
     """Random plans with hazards, runs and partial copies, in buffers of three blocks, run
     in any order the streams allow: exactly the in-order result."""
-    storages, copier = make_copier(gpu_kind, capacity=3)
-    rng = random.Random(gpu_kind)
+    storages, copier = make_copier(gpu_kind, capacity=3, spanned=spanned)
+    rng = random.Random(f"{gpu_kind}{spanned}")
     for trial in range(40):
         ops = random_ops(rng, 24)
         if trial % 2:  # runs of consecutive host slots, as a step's offloads take them
@@ -191,3 +200,13 @@ def test_a_plan_recorded_as_columns_is_cut_without_building_its_ops() -> None:
     prepared = copier.prepare(plan, NUM_BLOCKS)
     assert [runs_of(prepared, c) for c in prepared.chunks] == [[(4, 0, 3)], [(7, 0, 2)]]
     assert len(copier.direct.prepare(plan, NUM_BLOCKS, 2, 2).src_slot) == 5
+
+
+def test_only_equally_spaced_slices_of_one_allocation_span_layers() -> None:
+    """A layer-major storage's layers are slices of one allocation: one view spans them;
+    separate allocations, or slices out of order, are refused."""
+    storage = KVStorage(KVLayout(3, 2, 4, TPB, "float32", "layer_major"), 5)
+    assert blocks_view(storage.tensors) is not None
+    apart = [torch.zeros(5, 2, TPB, 8) for _ in range(3)]
+    assert blocks_view(apart) is None
+    assert blocks_view([storage.tensors[0], storage.tensors[2], storage.tensors[1]]) is None

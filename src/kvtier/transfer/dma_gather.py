@@ -56,7 +56,11 @@ if TYPE_CHECKING:
     Ints = npt.NDArray[np.int64]
 
 D2H, H2D = 2, 1  # flags: bit 0 source on the host, bit 1 destination on the host
-STAGING_BYTES = 16 << 20  # one stream's staging buffer
+STAGING_BYTES = 32 << 20  # one stream's staging buffer
+# NOTE: at most this many groups (half the batched path's): an onboard's DMA does not wait
+# for its group's offloads, so a shallower pipeline costs little, and each chunk costs the
+# CPU ~0.1 ms of calls (fewer, larger chunks: measured on an H200, results/transfer.md).
+MAX_GROUPS = 8
 # A pipeline stage (group) moves at least this much: cutting a small step into groups
 # would cost a DMA call and kernels per group and save nothing (its copies take us).
 GROUP_BYTES = 8 << 20
@@ -110,7 +114,8 @@ def host_runs(arrays: PlanArrays, tokens_per_block: int) -> tuple[int, int]:
 
 class DmaGatherCopier:
     """Cuts plans into staged chunks and runs them (see the module docstring) between the
-    GPU's ``gpu_parts`` (the whole block-major tensor, or one tensor per layer) and a
+    GPU's ``gpu_parts`` (the whole block-major tensor, a view spanning every layer of a
+    layer-major one (``torch_memory.blocks_view``), or one tensor per layer) and a
     block-major host tensor ``host`` ([blocks, ...], one block contiguous). ``direct``
     copies the ops staging does not take. The staging buffers (``num_streams`` per
     direction, ``staging_bytes`` each) are allocated on ``gpu_parts``' device at first use.
@@ -153,8 +158,8 @@ class DmaGatherCopier:
         """Check ``plan`` (ValueError, nothing copied) and cut it into chunks. Pure."""
         arrays = arrays_of(plan)
         check_arrays(arrays, plan, num_blocks, self.tokens_per_block)
-        keys = queue_keys(arrays, 1, max(1, len(arrays.src_slot) * self.block_bytes
-                                          // GROUP_BYTES))
+        keys = queue_keys(arrays, 1, min(MAX_GROUPS, max(
+            1, len(arrays.src_slot) * self.block_bytes // GROUP_BYTES)))
         flags = keys.flags
         to_host = flags == D2H
         staged = (arrays.num_tokens == self.tokens_per_block) & (to_host | (flags == H2D))

@@ -43,7 +43,15 @@ from kvtier.tier import Tier
 from kvtier.transfer.batching import TransferBatch
 from kvtier.transfer.copy_streams import CopyStreams
 from kvtier.transfer.dma_batch import DmaBatchCopier, Executor, load_cudart_batch
-from kvtier.transfer.dma_gather import D2H, H2D, DmaGatherCopier, GatherChunk, host_runs, queue
+from kvtier.transfer.dma_gather import (
+    D2H,
+    H2D,
+    STAGING_BYTES,
+    DmaGatherCopier,
+    GatherChunk,
+    host_runs,
+    queue,
+)
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.fused import (
     FusedCopier,
@@ -55,7 +63,13 @@ from kvtier.transfer.fused import (
 )
 from kvtier.transfer.plan import TransferPlan
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
-from kvtier.transfer.torch_memory import copy_view, layer_view, new_event, uva_alias
+from kvtier.transfer.torch_memory import (
+    blocks_view,
+    copy_view,
+    layer_view,
+    new_event,
+    uva_alias,
+)
 from kvtier.transfer.wave_copier import WaveCopier
 
 if TYPE_CHECKING:
@@ -84,7 +98,7 @@ class TorchTransferEngine:
     ``gpu`` may live on the CPU (tests without a GPU); ``host`` is a CPU storage, pinned on
     a CUDA machine, or ``None`` when there is no host tier. ``gather_streams`` and
     ``staging_bytes`` size the staging path: that many streams per direction, each with a
-    GPU buffer of that many bytes (64 MiB of GPU memory in all by default, taken at its
+    GPU buffer of that many bytes (128 MiB of GPU memory in all by default, taken at its
     first plan). ``before_batch`` is called with
     each batch of the wave path before it runs, ``before_launch`` with each layer
     (``None``: all) before the fused or batched path queues it (fault injection in tests).
@@ -100,7 +114,7 @@ class TorchTransferEngine:
         min_batch_copy_bytes: int = MIN_BATCH_COPY_BYTES,
         min_gather_run_bytes: int = MIN_GATHER_RUN_BYTES,
         gather_streams: int = 2,
-        staging_bytes: int = 16 << 20,
+        staging_bytes: int = STAGING_BYTES,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -159,8 +173,11 @@ class TorchTransferEngine:
         if self._dma is not None and method in ("auto", "dma_gather") and host is not None \
                 and host.layout.layout == "block_major":
             assert self._kernel_views is not None
-            self._gather = DmaGatherCopier(views[Tier.GPU], views[Tier.HOST][0], self._dma[0],
-                                           self._tpb, gather_streams, staging_bytes)
+            gpu_views = views[Tier.GPU]
+            spanned = blocks_view(gpu_views) if len(gpu_views) > 1 else None
+            self._gather = DmaGatherCopier([spanned] if spanned is not None else gpu_views,
+                                           views[Tier.HOST][0], self._dma[0], self._tpb,
+                                           gather_streams, staging_bytes)
         if method == "dma_gather" and self._gather is None:
             raise ValueError("method 'dma_gather' needs a block-major host tier; use 'auto'")
         if self.has_uva and method in ("auto", "fused") and fused_available():

@@ -83,6 +83,24 @@ def copy_staged(src: torch.Tensor, dst: torch.Tensor, src_index: torch.Tensor,
     dst.index_copy_(0, dst_index, gathered)
 
 
+def blocks_view(layers: list[torch.Tensor]) -> torch.Tensor | None:
+    """[blocks, layers, ...]: one view over per-layer tensors [blocks, ...] that are equally
+    spaced slices of one allocation (``KVStorage`` makes them so), so one kernel indexes a
+    block's every layer; ``None`` where they are not. Pure."""
+    first = layers[0]
+    step = (layers[1].data_ptr() - first.data_ptr()) if len(layers) > 1 else 0
+    elem = first.element_size()
+    for i, t in enumerate(layers):
+        if (t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.data_ptr() - first.data_ptr() != i * step):
+            return None
+    if step % elem:
+        return None
+    return first.as_strided((first.shape[0], len(layers), *first.shape[1:]),
+                            (first.stride(0), step // elem, *first.stride()[1:]))
+
+
 def layer_view(tensors: list[torch.Tensor], kind: str, index: int) -> torch.Tensor:
     """Layer ``index`` of a tier's tensors of layout ``kind``, [blocks, 2, tokens, ...]."""
     if kind == "block_major":
