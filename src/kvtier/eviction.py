@@ -162,6 +162,7 @@ class Evictor:
         self._expiries: list[tuple[float, int, Node]] = []
         self._num_live_expiries = 0  # entries that were current at the last purge
         self._soft_claimed: set[Node] = set()  # every run soft-claimed now
+        self._soft_deepest: list[Node] = []  # the paths' ends at the last soft_claim
         self._held_now: float | None = None  # the clock's time, held for one eviction round
 
     def now(self) -> float:
@@ -257,6 +258,12 @@ class Evictor:
         """Soft-claim the paths ending at ``deepest`` (the waiting queue's cached prefixes),
         releasing the last call's; only runs whose flag changes are re-filed, so a queue
         that moves by a request costs a walk of the paths, not a re-file of every run."""
+        if deepest == self._soft_deepest and all(n.parent is not None for n in deepest):
+            # The same runs as last time, all still cached: the claimed paths are the
+            # same (a split's head is claimed through ``split_off``, a rejoined run keeps
+            # its flag, and a dropped run takes the deepest below it along).
+            return
+        self._soft_deepest = list(deepest)
         claimed: set[Node] = set()
         for last in deepest:
             node = last

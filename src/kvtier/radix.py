@@ -232,8 +232,12 @@ def absorb_parent(node: Node) -> None:
     assert head is not None and head.parent is not None and len(head.children) == 1, node
     grand = head.parent
     n = head.num_blocks
-    node.tokens = head.tokens + node.tokens
-    node.slots = head.slots + node.slots
+    # NOTE: the head is discarded, so its buffers are taken and extended: a host run that
+    # grows by a cut tail at a time copies the tail, not the whole run, each time.
+    head.tokens.extend(node.tokens)
+    node.tokens = head.tokens
+    head.slots.extend(node.slots)
+    node.slots = head.slots
     if node.extras is not None or head.extras is not None:
         node.extras = ((head.extras or [None] * n)
                        + (node.extras or [None] * (len(node.slots) - n)))

@@ -1,5 +1,6 @@
-"""Eviction in batches: decode growth joins a request's output into one run, and a victim
-run gives at least a batch of blocks, so a later allocation finds them free."""
+"""The eviction path per run, not per block: decode growth joins a request's output into one
+run, a victim run gives at least a batch of blocks, an eviction round ranks at one instant,
+and an unchanged queue hint is not walked again."""
 
 from __future__ import annotations
 
@@ -95,3 +96,34 @@ def test_an_eviction_round_ranks_at_one_instant() -> None:
     assert (evictor.now(), evictor.now()) == (2.0, 2.0)
     evictor.release_clock()
     assert evictor.now() == 3.0
+
+
+def soft_claimed_runs(mgr: KVCacheManager) -> list[tuple[int, int]]:
+    """(first block, blocks) of every soft-claimed run, in tree order."""
+    return [(n.start_block, n.num_blocks) for n in mgr._cache.nodes() if n.soft_claimed]
+
+
+def test_unchanged_hint_keeps_the_paths_claimed_through_a_split() -> None:
+    """A hint repeated unchanged is not walked again, yet the claimed paths stay exact: a
+    claim that splits a hinted run leaves both halves claimed, and a new hint moves them::
+
+        root ─ [A0 A1 A2 A3 | GPU]            hint A0..A3: one run claimed
+        root ─ [A0 A1] ─ [A2 A3]              a request claimed A0 A1 (split), released
+    """
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=16,
+                                     eviction_policy="kvtier-predict"))
+    a = list(range(1, 17))
+    assert mgr.add_sequence(SequenceSpec("a", a + [0])).admitted
+    mgr.remove_sequence("a")
+    hint = SequenceSpec("w", a + [99])
+    mgr.hint_waiting([hint])
+    assert soft_claimed_runs(mgr) == [(0, 4)]
+    assert mgr.add_sequence(SequenceSpec("b", a[:8] + [50] * 4)).num_reused_tokens == 8
+    mgr.remove_sequence("b")
+    mgr.hint_waiting([hint])  # the same deepest run: nothing walked
+    assert soft_claimed_runs(mgr) == [(0, 2), (2, 2)]
+    mgr.hint_waiting([SequenceSpec("v", a[:8] + [50] * 4 + [7])])
+    assert soft_claimed_runs(mgr) == [(0, 2), (2, 1)]
+    mgr.hint_waiting([])
+    assert soft_claimed_runs(mgr) == []
+    mgr.check_invariants()
