@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:15} {ttft_ms[name]:>9.2f}")
     ratio = overhead_ms / ceiling_ms
     stats = bench.layerwise.stats  # auto may stage a plan whose host slots come in runs
-    path = bench.layerwise.path
+    path: str = bench.layerwise.path
     if stats.num_gather_plans:
         path = f"{path}, dma_gather for {stats.num_gather_plans} of {stats.num_plans} plans"
     whole_ms = ttft_ms["host_hit_whole"] - ttft_ms["gpu_hit"]
