@@ -9,6 +9,12 @@ run and ``belady`` the offline optimum over the same GPU + host blocks
 (``kvtier.sim.oracle``, full blocks, arrival order); plus the scheduler's and manager's CPU
 microseconds per prompt block (``step()`` + ``update()``, as the replay times them).
 
+The offline Belady serves one request at a time; through the simulator requests overlap and
+what running requests hold is nobody's to evict (on a small GPU tier, half of it). So each
+row also runs ``kvtier.sim.clairvoyant.Clairvoyant`` (Belady's rule inside the simulator:
+farthest next use first, knowing the stream) and reports the gap each policy closes
+against it too, ``(p - lru) / (clairvoyant - lru)``: the share of what was reachable.
+
 vLLM 0.33.0's ``LRUCachePolicy`` / ``ARCCachePolicy`` run on the block-level stream of the
 same requests (``benchmarks/peers/vllm_policy_peer.py`` in ``.venv-peers``): a block cache of
 the same capacity in arrival order, no scheduler. Their gap fraction is against the
@@ -50,6 +56,7 @@ from kvtier.sim import (
     oracle_requests,
     simulate,
 )
+from kvtier.sim.clairvoyant import Clairvoyant
 from kvtier.sim.oracle import OracleRequest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,15 +170,18 @@ def main(argv: list[str] | None = None) -> int:
             reports = {p: simulate(workload, cache[p], time_scale=scale) for p in policies}
             lru = reports["lru"].token_hit_rate
             belady = bound.belady_hit_rate
+            clairvoyant = simulate(workload, cache["lru"], time_scale=scale,
+                                   policy=Clairvoyant(workload, tpb, scale)).token_hit_rate
             row: dict[str, object] = {
                 "workload": name, "num_requests": len(stream), "gpu_blocks": gpu,
                 "host_blocks": host, "time_scale": round(scale, 3), "belady": belady,
-                "unlimited": bound.unlimited_hit_rate,
+                "clairvoyant": clairvoyant, "unlimited": bound.unlimited_hit_rate,
                 "block_lru": bound.lru_hit_rate,  # oracle.lru_hit_tokens, in oracle_bounds
             }
             for p, report in reports.items():
                 row[p] = report.token_hit_rate
                 row[f"{p} gap"] = gap(report.token_hit_rate, lru, belady)
+                row[f"{p} sim gap"] = gap(report.token_hit_rate, lru, clairvoyant)
                 row[f"{p} us/block"] = us_per_block(report, tpb)
                 row[f"{p} ttft_p50_s"] = report.ttft_s.p50
             if peers_reason is None:
@@ -203,17 +213,26 @@ def print_table(rows: list[dict[str, object]], policies: list[str],
 
     peers = [] if peers_reason is not None else ["vllm-lru", "vllm-arc"]
     header = ["workload (requests)", "GPU+host blocks", "scale", *policies, *peers, "belady",
-              *(f"{p} us/blk" for p in policies), "TTFT p50 (s)"]
+              "clairvoyant", *(f"{p} us/blk" for p in policies), "TTFT p50 (s)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         cells = [f"{row['workload']} ({row['num_requests']})",
                  f"{row['gpu_blocks']}+{row['host_blocks']}", f"{row['time_scale']}",
                  *(cell(row, p) for p in policies), *(cell(row, p) for p in peers),
-                 f"{row['belady']:.4f}",
+                 f"{row['belady']:.4f}", f"{row['clairvoyant']:.4f}",
                  *(f"{row[f'{p} us/block']:.1f}" for p in policies),
                  "/".join(f"{row[f'{p} ttft_p50_s']:.2f}" for p in policies)]
         print("| " + " | ".join(cells) + " |")
+    print()
+    print("Gap closed against the in-simulator clairvoyant, (p - lru) / (clairvoyant - lru):")
+    print("| workload | GPU+host blocks | " + " | ".join(policies) + " |")
+    print("|" + "---|" * (2 + len(policies)))
+    for row in rows:
+        gaps = (row.get(f"{p} sim gap") for p in policies)
+        print(f"| {row['workload']} | {row['gpu_blocks']}+{row['host_blocks']} | "
+              + " | ".join("n/a" if not isinstance(g, float) else f"{g:+.2f}" for g in gaps)
+              + " |")
     if peers_reason is not None:
         print(f"vLLM columns skipped: {peers_reason}")
 

@@ -26,3 +26,5 @@ def test_bench_policy_smoke_prints_a_table_then_json(monkeypatch: pytest.MonkeyP
         for policy in ("priority-lru", "lru", "kvtier-predict"):
             assert 0.0 <= row[policy] <= row["unlimited"]
         assert row["lru gap"] == 0.0  # lru is the gap's own zero
+        assert row["lru sim gap"] in (0.0, None)  # None: the clairvoyant within 1e-3 of lru
+        assert row["lru"] <= row["clairvoyant"] <= row["unlimited"]

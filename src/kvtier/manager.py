@@ -156,6 +156,12 @@ class KVCacheManager:
         return hashes[(m.num_tokens - m.num_partial_tokens) // self._tpb:]
 
     @property
+    def eviction_policy_name(self) -> str:
+        """The name of the eviction policy in use (``config.eviction_policy`` unless the
+        manager was given another policy). Pure."""
+        return self._cache.evictor.policy.name
+
+    @property
     def ranks_soft_claims(self) -> bool:
         """Whether the eviction policy keeps the waiting queue's prefixes longer, so a
         scheduler should call ``hint_waiting``. Pure."""

@@ -24,6 +24,7 @@ from itertools import count
 
 from kvtier.blocks import cdiv
 from kvtier.config import CacheConfig
+from kvtier.eviction import EvictionPolicy
 from kvtier.manager import KVCacheManager
 from kvtier.request import Request
 from kvtier.scheduled_step import STEP_PHASES, StepPhases
@@ -64,6 +65,7 @@ def simulate(
     oracle: bool = False,
     check_every: int | None = None,
     phases: bool = False,
+    policy: EvictionPolicy | None = None,
 ) -> SimReport:
     """Replay ``workload`` through a fresh scheduler and manager; see the module docstring.
 
@@ -74,8 +76,10 @@ def simulate(
     capacity. ``check_every`` runs ``check_invariants`` every that many steps (for tests);
     they always run once at the end. ``phases`` times each phase of every step
     (:class:`~kvtier.scheduled_step.StepPhases`, a debug counter) and reports where the
-    full steps' time went (``SimReport.step_phases_us``). Raises ValueError for a bad argument and
-    :class:`SimulationStalled` if waiting requests can never be admitted.
+    full steps' time went (``SimReport.step_phases_us``). ``policy`` replaces the eviction
+    policy ``cache`` names (e.g. :class:`~kvtier.sim.clairvoyant.Clairvoyant`, which must
+    see the stream); the report names the one used. Raises ValueError for a bad argument
+    and :class:`SimulationStalled` if waiting requests can never be admitted.
     """
     sched = sched if sched is not None else SchedulerConfig()
     model = as_time_model(profile)
@@ -85,7 +89,7 @@ def simulate(
     if check_every is not None and (type(check_every) is not int or check_every < 1):
         raise ValueError(f"check_every must be an integer >= 1 or None, got {check_every!r}")
 
-    loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every, phases)
+    loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every, phases, policy)
     wall_start = time.perf_counter()
     with fewer_gc_passes():
         loop.run(iter(workload))
@@ -136,9 +140,10 @@ class ReplayLoop:
 
     def __init__(self, cache: CacheConfig, sched: SchedulerConfig, model: TimeModel,
                  time_scale: float, progress: Callable[[int], object] | None,
-                 check_every: int | None, phases: bool = False) -> None:
+                 check_every: int | None, phases: bool = False,
+                 policy: EvictionPolicy | None = None) -> None:
         self.now_s = 0.0
-        self.manager = KVCacheManager(cache, clock=lambda: self.now_s)
+        self.manager = KVCacheManager(cache, clock=lambda: self.now_s, policy=policy)
         self.scheduler = make_scheduler(self.manager, sched)
         self.sched = sched
         self.model = model
@@ -337,7 +342,8 @@ class ReplayLoop:
         }
         return SimReport(
             workload=workload.describe(),
-            cache_config=asdict(self.manager.config),
+            cache_config={**asdict(self.manager.config),
+                          "eviction_policy": self.manager.eviction_policy_name},
             scheduler_config=asdict(self.sched),
             profile=asdict(self.model.profile),
             time_scale=float(self.time_scale),
