@@ -1,6 +1,8 @@
-"""The in-simulator clairvoyant: farthest next use goes first, and no online policy beats it."""
+"""The in-simulator clairvoyant: farthest next use goes first."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 from kvtier.sim import SyntheticChat, simulate
@@ -36,15 +38,20 @@ def test_the_run_needed_last_goes_first() -> None:
     assert mgr.lookup(a).num_tokens == 4        # back at t = 2: its tail went next
 
 
-def test_no_online_policy_beats_it_on_chat() -> None:
-    """On a small tier, the clairvoyant's hit rate is at least every kvtier policy's, and
-    the report names it."""
+def test_it_leads_every_online_policy_on_an_unloaded_chat_stream() -> None:
+    """On a small tier at a load the instance sustains, knowing the stream beats LRU by far
+    and every kvtier policy, reuse stays exact, and the report names the policy used. (It
+    is a reference, not a bound: where a long queue reorders requests, an online policy
+    can come out a little above it.)"""
     workload = SyntheticChat(num_requests=80)
-    cache = CacheConfig(tokens_per_block=32, num_gpu_blocks=300)
-    clairvoyant = simulate(workload, cache, policy=Clairvoyant(workload, 32))
+    cache = CacheConfig(tokens_per_block=32, num_gpu_blocks=300, eviction_policy="lru")
+    clairvoyant = simulate(workload, cache, time_scale=3.0,
+                           policy=Clairvoyant(workload, 32, time_scale=3.0))
     assert clairvoyant.cache_config["eviction_policy"] == "clairvoyant"
     assert clairvoyant.num_lost_reuse_tokens == 0
-    for name in ("priority-lru", "lru", "kvtier-predict-cost"):
-        online = simulate(workload, CacheConfig(tokens_per_block=32, num_gpu_blocks=300,
-                                                eviction_policy=name))
-        assert online.token_hit_rate <= clairvoyant.token_hit_rate + 1e-9, name
+    lru = simulate(workload, cache, time_scale=3.0)
+    assert lru.cache_config["eviction_policy"] == "lru"
+    assert clairvoyant.token_hit_rate > lru.token_hit_rate + 0.03
+    for name in ("priority-lru", "arc", "s3fifo", "kvtier-predict", "kvtier-predict-cost"):
+        online = simulate(workload, replace(cache, eviction_policy=name), time_scale=3.0)
+        assert online.token_hit_rate < clairvoyant.token_hit_rate, name
