@@ -47,6 +47,7 @@ with warnings.catch_warnings():
 
 from kvtier.storage import KVLayout, KVStorage
 from kvtier.tier import Tier
+from kvtier.transfer.dma_gather import STAGING_BYTES
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.plan import OpKind, PlanColumns, TransferOp, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
@@ -227,7 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the Mooncake conversation trace's steps average 5.8-7.9), commas")
     p.add_argument("--gather-streams", type=int, default=2,
                    help="dma_gather: streams (and staging buffers) per direction")
-    p.add_argument("--staging-mib", type=int, default=16,
+    p.add_argument("--staging-mib", type=int, default=STAGING_BYTES >> 20,
                    help="dma_gather: MiB of one staging buffer")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

@@ -20,6 +20,7 @@ from kvtier.transfer.dma_gather import (  # noqa: E402
     H2D,
     DmaGatherCopier,
     GatherChunk,
+    GatherCost,
     GatherPlan,
     host_runs,
     queue,
@@ -98,6 +99,21 @@ def test_an_onboard_that_reads_a_host_slot_the_plan_writes_waits_for_it() -> Non
     plan = copier.prepare(TransferPlan(ops), NUM_BLOCKS)
     assert [(c.level, c.flags, c.early) for c in plan.chunks] == [
         (0, D2H, False), (1, H2D, True), (2, H2D, False)]
+
+
+def test_staging_pays_where_runs_are_long_and_the_cpu_keeps_up() -> None:
+    """With the costs measured on an H200 host: 64 KiB blocks pay from runs of 2, 16 KiB
+    blocks not even in runs of 16 (the CPU would fall behind the link), and runs shorter
+    than 64 KiB never."""
+    cost = GatherCost()
+    kib = 1024
+    assert cost.pays(8192, 4096, 64 * kib) and cost.pays(8192, 1024, 64 * kib)
+    assert not cost.pays(8192, 8192, 64 * kib)  # runs of 1: ~1.15 us of CPU a 0.69 us block
+    assert not cost.pays(32768, 2048, 16 * kib)  # runs of 16: 0.21 us a 0.17 us block
+    assert cost.pays(32768, 512, 16 * kib)  # runs of 64
+    assert not cost.pays(0, 0, 64 * kib)
+    # Long runs of tiny blocks: the CPU keeps up with a slow link, but runs are < 64 KiB.
+    assert not cost._replace(link_bytes_per_us=1.0).pays(100, 1, 512)
 
 
 def test_host_runs_count_whole_offloads_and_onboards_in_plan_order() -> None:

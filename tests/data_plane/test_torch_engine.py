@@ -15,6 +15,7 @@ from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
 from kvtier.transfer import OpKind, TransferError, TransferOp, TransferPlan  # noqa: E402
 from kvtier.transfer.batching import TransferBatch  # noqa: E402
+from kvtier.transfer.dma_gather import GatherCost  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 
 G, H = Tier.GPU, Tier.HOST
@@ -272,7 +273,9 @@ def test_auto_stages_plans_whose_host_slots_come_in_runs() -> None:
     host slots come in runs long enough, the fused kernel (or waves) for scattered ones."""
     gpu, host = make_tiers("layer_major", "block_major", "cuda", num_gpu=64, num_host=64)
     block = host.layout.bytes_per_block
-    engine = TorchTransferEngine(gpu, host, min_gather_run_bytes=4 * block)
+    # Runs of 4 blocks or more, and a link slow enough that the CPU always keeps up.
+    cost = GatherCost(min_run_bytes=4 * block, link_bytes_per_us=1.0)
+    engine = TorchTransferEngine(gpu, host, gather_cost=cost)
     if engine.path != "fused":
         pytest.skip(f"small copies take {engine.path} here")
     runs = [TransferOp(OpKind.OFFLOAD, G, 2 * i, H, 10 + i, TPB) for i in range(8)]

@@ -9,8 +9,8 @@ Four paths, chosen per plan (``auto``) or named (``method``)::
     dma_gather  the same copy engines for smaller blocks on a block-major host: whole
                 blocks gathered into (scattered from) a GPU staging buffer, one DMA per run
                 of consecutive host slots (``kvtier.transfer.dma_gather``). ``auto`` takes
-                it for a plan whose runs average at least ``min_gather_run_bytes``; every
-                layer's event then completes with the whole plan
+                it for a plan whose runs are long enough that it pays, the CPU included
+                (``GatherCost``); every layer's event then completes with the whole plan
     fused       CUDA with the pinned host seen from the GPU (unified addressing) and
                 Triton: one kernel per layer moves offloads, onboards and partial copies
                 at once (``kvtier.transfer.fused``); ``auto``'s choice for smaller copies
@@ -45,10 +45,12 @@ from kvtier.transfer.copy_streams import CopyStreams
 from kvtier.transfer.dma_batch import DmaBatchCopier, Executor, load_cudart_batch
 from kvtier.transfer.dma_gather import (
     D2H,
+    GATHER_COST,
     H2D,
     STAGING_BYTES,
     DmaGatherCopier,
     GatherChunk,
+    GatherCost,
     host_runs,
     queue,
 )
@@ -83,12 +85,6 @@ METHODS = ("auto", "dma_batch", "dma_gather", "fused", "kernel", "dma", "staged"
 # (the fused kernel 0.80-0.84); with 16 KiB copies 0.68-0.72 (fused 0.79-0.83) and with
 # 4 KiB 0.04-0.16, when the driver took 1.5-6 us of CPU per copy.
 MIN_BATCH_COPY_BYTES = 64 << 10
-# NOTE: what a DMA run of the staging path must average for ``auto`` to take it over the
-# fused kernel. Measured on an H200 (benchmarks/results/transfer.md): the copy engines move
-# runs of >= 64 KiB at ~1.0 of the two-way ceiling, but the driver takes ~0.9 us of CPU per
-# copy, so with shorter runs of small blocks the CPU, not the link, sets the pace (16 KiB
-# blocks move in ~0.2 us each: runs of 8 to stay below that).
-MIN_GATHER_RUN_BYTES = 128 << 10
 STREAM_OF_FLAGS = {0: "d2d", 1: "h2d", 2: "d2h", 3: "h2h"}  # fused flags: bit 0 src host
 
 
@@ -112,7 +108,7 @@ class TorchTransferEngine:
         min_dma_copy_bytes: int = 2 << 20,
         layerwise: bool = True,
         min_batch_copy_bytes: int = MIN_BATCH_COPY_BYTES,
-        min_gather_run_bytes: int = MIN_GATHER_RUN_BYTES,
+        gather_cost: GatherCost = GATHER_COST,
         gather_streams: int = 2,
         staging_bytes: int = STAGING_BYTES,
     ) -> None:
@@ -130,7 +126,7 @@ class TorchTransferEngine:
         self.method = method
         self.min_dma_copy_bytes = min_dma_copy_bytes
         self.min_batch_copy_bytes = min_batch_copy_bytes
-        self.min_gather_run_bytes = min_gather_run_bytes
+        self.gather_cost = gather_cost
         self.layerwise = layerwise
         self.device = gpu.device
         self.is_cuda = gpu.device.type == "cuda"
@@ -220,13 +216,12 @@ class TorchTransferEngine:
     def plan_path(self, plan: TransferPlan) -> Literal["dma_batch", "dma_gather", "fused",
                                                        "waves"]:
         """Which path ``submit`` takes for ``plan``: under ``auto``, ``dma_gather`` where
-        its whole-block offloads and onboards come in runs of consecutive host slots that
-        average at least ``min_gather_run_bytes``. Pure."""
+        its whole-block offloads and onboards come in runs of consecutive host slots long
+        enough that staging pays (``gather_cost``). Pure."""
         path = self.path
         if path in ("fused", "waves") and self._gather is not None and len(plan):
             num_ops, num_runs = host_runs(arrays_of(plan), self._tpb)
-            if num_ops and (num_ops * self._gather.block_bytes
-                            >= num_runs * self.min_gather_run_bytes):
+            if self.gather_cost.pays(num_ops, num_runs, self._gather.block_bytes):
                 return "dma_gather"
         return path
 
