@@ -70,25 +70,31 @@ NUM_STREAMS = 2  # per direction: while one stream's kernel runs, the other's DM
 class GatherCost(NamedTuple):
     """What ``auto`` weighs before staging a plan: staging pays where its DMA runs average
     at least ``min_run_bytes`` (the copy engines' cost per copy) and the CPU keeps up with
-    the link: ``cpu_us_per_op`` of planning per op and ``cpu_us_per_run`` of the driver per
-    DMA run, against the plan's bytes at ``link_bytes_per_us`` (both ways at once).
+    the link: ``cpu_us_per_op`` of planning per op, ``cpu_us_per_run`` of the driver per
+    DMA run and ``cpu_us_per_chunk`` of calls per chunk (at least one per direction),
+    against the plan's bytes at ``link_bytes_per_us`` (both ways at once).
 
-    NOTE: the defaults were measured on an H200 host (benchmarks/results/transfer.md):
-    runs of 64 KiB moved 0.91-0.95 of the two-way ceiling, planning took 0.12-0.15 us an op
-    and the driver ~1 us a run, and the link moved 95-100 GB/s both ways. So 16 KiB blocks
-    (0.17 us each on the link) would need runs of > 30 to keep the CPU below the copy; 64
-    KiB blocks pay from runs of 2."""
+    NOTE: the defaults were fitted to the submit times measured on an H200 host
+    (benchmarks/results/transfer.md: 0.094 us an op, 0.46 us a run, 3.4 ms for the 32
+    chunks of a 512 MiB plan; the link moved 95-100 GB/s both ways), where 64 KiB runs
+    moved 0.91-0.97 of the two-way ceiling. So 16 KiB blocks (0.17 us each on the link)
+    need runs of ~20 or more; 64 KiB blocks pay from runs of 2 in a large plan; a step of a
+    few MiB stays with the fused kernel."""
 
     min_run_bytes: int = 64 << 10
-    cpu_us_per_op: float = 0.15
-    cpu_us_per_run: float = 1.0
+    cpu_us_per_op: float = 0.1
+    cpu_us_per_run: float = 0.46
+    cpu_us_per_chunk: float = 100.0
     link_bytes_per_us: float = 95_000.0
 
-    def pays(self, num_ops: int, num_runs: int, block_bytes: int) -> bool:
-        """Whether ``num_ops`` blocks of ``block_bytes`` in ``num_runs`` runs are worth
-        staging (see the class docstring). Pure."""
+    def pays(self, num_ops: int, num_runs: int, block_bytes: int, chunk_bytes: int) -> bool:
+        """Whether ``num_ops`` blocks of ``block_bytes`` in ``num_runs`` runs, staged in
+        chunks of up to ``chunk_bytes``, are worth staging (see the class docstring).
+        Pure."""
         nbytes = num_ops * block_bytes
-        cpu_us = num_ops * self.cpu_us_per_op + num_runs * self.cpu_us_per_run
+        num_chunks = max(2, -(-nbytes // chunk_bytes))
+        cpu_us = (num_ops * self.cpu_us_per_op + num_runs * self.cpu_us_per_run
+                  + num_chunks * self.cpu_us_per_chunk)
         return (num_ops > 0 and nbytes >= num_runs * self.min_run_bytes
                 and cpu_us < nbytes / self.link_bytes_per_us)
 

@@ -221,7 +221,9 @@ class TorchTransferEngine:
         path = self.path
         if path in ("fused", "waves") and self._gather is not None and len(plan):
             num_ops, num_runs = host_runs(arrays_of(plan), self._tpb)
-            if self.gather_cost.pays(num_ops, num_runs, self._gather.block_bytes):
+            gather = self._gather
+            if self.gather_cost.pays(num_ops, num_runs, gather.block_bytes,
+                                     gather.capacity * gather.block_bytes):
                 return "dma_gather"
         return path
 
