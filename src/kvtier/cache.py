@@ -48,12 +48,12 @@ from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, PlanRecorder
 
 MAX_EVICTION_BATCH = 32
-"""At most this many blocks per victim run beyond what an allocation needs."""
+"""The largest batch a GPU victim run gives (``eviction_batch``)."""
 
 
 def eviction_batch(capacity: int) -> int:
-    """How many blocks a victim run of a tier of ``capacity`` blocks gives at least, where
-    it has them: 1/128 of the tier (a slack the hit rate does not feel), at most
+    """How many blocks a GPU victim run gives at least, where it has them, in a pool of
+    ``capacity`` blocks: 1/128 of the pool (a slack the hit rate does not feel), at most
     ``MAX_EVICTION_BATCH``, at least 1 (exact cuts). Pure."""
     return max(1, min(MAX_EVICTION_BATCH, capacity // 128))
 
@@ -89,12 +89,14 @@ class BlockCache:
         # What LRU would hold (the learner's evidence against it), kept from releases and
         # admissions here; the learner tells it of recalls (None: the policy keeps none).
         self._witness = self._learner.witness if self._learner is not None else None
-        # NOTE: a victim run gives at least this many blocks where it has them (the spare
-        # slots serve the next allocations): decode growth allocates a block at a time, and
-        # a victim cut to exactly that would move one block per run through the whole
-        # eviction path (ranking, offload, host room, drop). A tiny pool keeps exact cuts.
+        # NOTE: a GPU victim run gives at least this many blocks where it has them (the
+        # spare slots serve the next allocations): decode growth allocates a block at a
+        # time, and a victim cut to exactly that would move one block per run through the
+        # whole eviction path (ranking, offload, host room, drop). A tiny pool keeps exact
+        # cuts. The host cuts exactly: a host block dropped early is lost (batches there
+        # cost the learned policy hit rate beyond its noise; GPU batches only move blocks
+        # to the host a little earlier).
         self._gpu_batch = eviction_batch(config.num_gpu_blocks)
-        self._host_batch = eviction_batch(config.num_host_blocks)
         # Waiting request -> (its spec, the deepest run of its prefix), at the last hint.
         self._hinted: dict[str, tuple[SequenceSpec, Node]] = {}
 
@@ -343,10 +345,8 @@ class BlockCache:
         ``num_blocks`` host slots are free, stopping at blocks whose key is not below
         ``below`` (``None``: no limit). Returns the free host slots now."""
         host = self.host
-        batch = self._host_batch
         while host.num_free < num_blocks:
-            victim = self.evictor.take_victim(Tier.HOST, max(num_blocks - host.num_free, batch),
-                                              below)
+            victim = self.evictor.take_victim(Tier.HOST, num_blocks - host.num_free, below)
             if victim is None:
                 break
             parent = victim.parent
