@@ -139,36 +139,13 @@ def test_compact_below_the_threshold_changes_nothing() -> None:
     assert len(pool.heap_nodes()) == 66
 
 
-def test_queue_heads_are_ranked_once_per_rank_version() -> None:
-    """With queues, a head ranked under a rank version is not ranked again while the
-    version holds and it stays the head; a new version ranks every head afresh."""
+def make_queued(num_nodes: int) -> tuple[TierPool, list[int], Callable[[Node], Key | None],
+                                         Callable[[Node], Key], list[int]]:
+    """A pool with two queues (odd and even uids) holding ``num_nodes`` one-block nodes;
+    returns it, the uids in order, the current-key callback, a rank that logs every node
+    it ranks, and that log."""
     pool = TierPool(Tier.GPU, 8, num_queue_fields=1)
-    nodes = [make_node(t) for t in range(4)]
-    current = {n.uid: (n.uid % 2, n.uid) for n in nodes}  # two queues: 0 and 1
-    for n in nodes:
-        pool.push(n, current[n.uid])
-    ranked: list[int] = []
-
-    def rank(node: Node) -> Key:
-        ranked.append(node.uid)
-        return (0, node.uid)
-
-    a, b, c, d = (n.uid for n in nodes)
-    order = [pool.pop_candidate(keys_of(current), rank, "v1") for _ in range(2)]
-    # Pop 1 ranks both heads (a, b) and takes a; pop 2 ranks only c, the new head of a's queue.
-    assert [n.uid for n in order if n is not None] == [a, b]
-    assert ranked == [a, b, c]
-    ranked.clear()
-    last = [pool.pop_candidate(keys_of(current), rank, "v2") for _ in range(2)]
-    assert [n.uid for n in last if n is not None] == [c, d]
-    assert sorted(ranked[:2]) == [c, d]  # a new version: both heads ranked again
-    assert pool.pop_candidate(keys_of(current), rank, "v2") is None
-
-
-def test_queue_heads_are_ranked_at_every_pop_without_a_version() -> None:
-    """rank_version None (a policy that keeps none): every pop ranks every head."""
-    pool = TierPool(Tier.GPU, 8, num_queue_fields=1)
-    nodes = [make_node(t) for t in range(3)]
+    nodes = [make_node(t) for t in range(num_nodes)]
     current = {n.uid: (n.uid % 2, n.uid) for n in nodes}
     for n in nodes:
         pool.push(n, current[n.uid])
@@ -178,7 +155,27 @@ def test_queue_heads_are_ranked_at_every_pop_without_a_version() -> None:
         ranked.append(node.uid)
         return (0, node.uid)
 
-    pool.pop_candidate(keys_of(current), rank)
-    pool.pop_candidate(keys_of(current), rank)
-    a, b, c = (n.uid for n in nodes)
+    return pool, [n.uid for n in nodes], keys_of(current), rank, ranked
+
+
+def test_queue_heads_are_ranked_once_per_rank_version() -> None:
+    """With queues, a head ranked under a rank version is not ranked again while the
+    version holds and it stays the head; a new version ranks every head afresh."""
+    pool, (a, b, c, d), current_key, rank, ranked = make_queued(4)
+    order = [pool.pop_candidate(current_key, rank, "v1") for _ in range(2)]
+    # Pop 1 ranks both heads (a, b) and takes a; pop 2 ranks only c, the new head of a's queue.
+    assert [n.uid for n in order if n is not None] == [a, b]
+    assert ranked == [a, b, c]
+    ranked.clear()
+    last = [pool.pop_candidate(current_key, rank, "v2") for _ in range(2)]
+    assert [n.uid for n in last if n is not None] == [c, d]
+    assert sorted(ranked[:2]) == [c, d]  # a new version: both heads ranked again
+    assert pool.pop_candidate(current_key, rank, "v2") is None
+
+
+def test_queue_heads_are_ranked_at_every_pop_without_a_version() -> None:
+    """rank_version None (a policy that keeps none): every pop ranks every head."""
+    pool, (a, b, c), current_key, rank, ranked = make_queued(3)
+    pool.pop_candidate(current_key, rank)
+    pool.pop_candidate(current_key, rank)
     assert sorted(ranked[:2]) == [a, b] and sorted(ranked[2:]) == [b, c]
