@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
                                             "pip install 'kvtier[torch]'")
 
+from data_plane.in_order import in_order  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
 from kvtier.transfer.dma_batch import (  # noqa: E402
@@ -91,13 +92,7 @@ def test_random_plans_match_in_order_copies(gpu_kind: str, host_kind: str) -> No
     rng = random.Random(gpu_kind + host_kind)
     for trial in range(30):
         ops = random_ops(rng, 24)
-        expected = {t: [s.layer(i).clone() for i in range(NUM_LAYERS)]
-                    for t, s in storages.items()}
-        for op in ops:
-            for i in range(NUM_LAYERS):
-                n = op.num_tokens
-                expected[op.dst_tier][i][op.dst_slot, :, :n] = \
-                    expected[op.src_tier][i][op.src_slot, :, :n]
+        expected = in_order(storages, ops, NUM_LAYERS)
         launches: list[int | None] = [None] if trial % 2 else list(range(NUM_LAYERS))
         targets = [t for layer in launches for t in copier.targets(layer)]
         prepared = copier.prepare(TransferPlan(tuple(ops)), NUM_BLOCKS, len(targets),

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
                                             "pip install 'kvtier[torch]'")
 
+from data_plane.in_order import in_order  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
 from kvtier.transfer.dma_batch import DmaBatch, DmaBatchCopier, memmove_batch  # noqa: E402
@@ -182,13 +183,7 @@ def test_random_plans_match_in_order_copies(gpu_kind: str, spanned: bool) -> Non
         if trial % 2:  # runs of consecutive host slots, as a step's offloads take them
             start = rng.randrange(6)
             ops += [offload(rng.randrange(12), start + i) for i in range(4)]
-        expected = {t: [s.layer(i).clone() for i in range(NUM_LAYERS)]
-                    for t, s in storages.items()}
-        for op in ops:
-            for i in range(NUM_LAYERS):
-                n = op.num_tokens
-                expected[op.dst_tier][i][op.dst_slot, :, :n] = \
-                    expected[op.src_tier][i][op.src_slot, :, :n]
+        expected = in_order(storages, ops, NUM_LAYERS)
         plan = copier.prepare(TransferPlan(tuple(ops)), NUM_BLOCKS)
         run_in_any_allowed_order(copier, plan, rng)
         for tier, s in storages.items():

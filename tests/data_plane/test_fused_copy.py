@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
                                             "pip install 'kvtier[torch]'")
 
+from data_plane.in_order import in_order  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
 from kvtier.transfer.fused import (  # noqa: E402
@@ -183,13 +184,7 @@ def test_fused_kernel_matches_plain_indexing(gpu_kind: str, host_kind: str) -> N
     rng = random.Random(gpu_kind + host_kind)
     for trial in range(6):
         ops = random_ops(rng, 16)
-        expected = {tier: [s.layer(i).clone() for i in range(NUM_LAYERS)]
-                    for tier, s in storages.items()}
-        for op in ops:
-            for i in range(NUM_LAYERS):
-                n = op.num_tokens
-                expected[op.dst_tier][i][op.dst_slot, :, :n] = \
-                    expected[op.src_tier][i][op.src_slot, :, :n]
+        expected = in_order(storages, ops, NUM_LAYERS)
         prepared = copier.prepare(TransferPlan(tuple(ops)), {G: 12, H: 10}, torch.device("cpu"))
         for layer in (None,) if trial % 2 else range(NUM_LAYERS):
             copier.launch(prepared, layer)

@@ -2,14 +2,14 @@
 staging buffer on the GPU (extra ``torch``; the runtime's batched copy, CUDA 12.8+).
 
 Why: the copy engines pay per copy (on an H200, 16 KiB copies moved 0.72 of the two-way
-ceiling, 4 KiB ones 0.05, each costing the driver ~0.5 us of CPU), and a layer's share of
-a small block is a small copy. On a block-major host a block's layers are contiguous, and
-a step's offloads take consecutive host slots from the free queue (on the Mooncake
-conversation trace a run of 5.8 blocks on average, 7.9 for onboards; see
+ceiling, 4 KiB ones 0.05, each costing the driver ~0.5-1 us of CPU), and a layer's share
+of a small block is a small copy. On a block-major host a block's layers are contiguous,
+and a step's offloads take consecutive host slots from the free queue (on the Mooncake
+conversation trace runs of 6-11 blocks on average, 8-13 for onboards; see
 ``benchmarks/results/transfer.md``). So an offload gathers its GPU blocks, any GPU layout,
-into the staging buffer with one GPU kernel per layer tensor (HBM speed, not PCIe), and
-then copies each run of consecutive host slots with one DMA; an onboard copies runs into
-staging and scatters them::
+into the staging buffer with one GPU kernel (one per layer tensor where no view spans
+them; HBM speed, not PCIe), and then copies each run of consecutive host slots with one
+DMA; an onboard copies runs into staging and scatters them::
 
     offload   GPU blocks --gather--> staging [b0 b1 b2 b3] --one DMA per run--> host h7..h10
     onboard   host h3..h5 --one DMA--> staging [b0 b1 b2] --scatter--> GPU blocks

@@ -366,11 +366,8 @@ class TorchTransferEngine:
                                 stream.wait_event(event)
                             execute(batch.dsts, batch.srcs, batch.sizes, stream.cuda_stream)
                             self.stats.num_dma_batches += 1
-                            event = new_event()
-                            event.record(stream)
-                            done.setdefault((batch.group, batch.level), []).append(event)
-                            last[name] = event
-                            queued.append(event)
+                            last[name] = _record(stream, done.setdefault(
+                                (batch.group, batch.level), []), queued)
                     layer_events.append(self._streams.join(list(last.values())))
         except Exception as exc:
             self._streams.last_done = self._streams.join(queued or start)
@@ -427,11 +424,8 @@ class TorchTransferEngine:
                             with torch.cuda.stream(stream):
                                 copier.scatter(step, gpu_slots)
                     self.stats.num_dma_batches += 1
-                    event = new_event()
-                    event.record(stream)
-                    done.setdefault((step.group, step.level), []).append(event)
-                    last[name] = event
-                    queued.append(event)
+                    last[name] = _record(stream, done.setdefault((step.group, step.level), []),
+                                         queued)
         except Exception as exc:
             self._streams.last_done = self._streams.join(queued or start)
             raise self._failed(plan, None, exc) from exc
@@ -481,3 +475,13 @@ class TorchTransferEngine:
             mask = (a.src_tier == src) & (a.dst_tier == dst)
             nbytes = int(a.num_tokens[mask].sum()) * self._bytes_per_token
             setattr(stats, field, getattr(stats, field) + nbytes)
+
+
+def _record(stream: Any, level_events: list[Any], queued: list[Any]) -> Any:
+    """An event recorded on ``stream`` now, added to its level's events (what the next
+    level waits for) and to the plan's (what the next plan follows after a failure)."""
+    event = new_event()
+    event.record(stream)
+    level_events.append(event)
+    queued.append(event)
+    return event
