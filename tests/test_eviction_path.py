@@ -127,3 +127,32 @@ def test_unchanged_hint_keeps_the_paths_claimed_through_a_split() -> None:
     mgr.hint_waiting([])
     assert soft_claimed_runs(mgr) == []
     mgr.check_invariants()
+
+
+def test_hint_repeated_after_a_claimed_run_was_cut_claims_the_cut_tail() -> None:
+    """A claimed GPU run cut for eviction leaves its tail unclaimed (it was the victim);
+    where the tail lies on a hinted path (to a host run below it), the same hint repeated
+    claims it again, as a fresh walk would::
+
+        root ─ [A0 A1 A2 A3 | GPU] ─ [B4 B5 | HOST]            hint ends at B: all claimed
+        root ─ [A0 A1 A2 | GPU] ─ [A3 | HOST] ─ [B4 B5 | HOST]  A3 offloaded: claimed again
+    """
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=16,
+                                     num_host_blocks=16, eviction_policy="kvtier-predict"))
+    a, b = list(range(1, 17)), list(range(20, 28))
+    for rid, tokens in (("a", a + [0]), ("b", a + b + [0])):
+        assert mgr.add_sequence(SequenceSpec(rid, tokens)).admitted
+        mgr.remove_sequence(rid)
+    hint = [SequenceSpec("w", a + b + [99])]
+    mgr.hint_waiting(hint)
+    assert soft_claimed_runs(mgr) == [(0, 4), (4, 2)]
+    # 10 GPU blocks free: 12 blocks offload B (the only candidate), 1 more cuts A3 off A.
+    assert mgr.add_sequence(SequenceSpec("x", [7] * (12 * TPB))).admitted
+    assert mgr.add_sequence(SequenceSpec("y", [8] * TPB)).admitted
+    assert [(n.start_block, n.num_blocks, n.tier) for n in mgr._cache.nodes()
+            if n.start_block < 6 and n.parent is not None and not n.ref_count] == [
+        (0, 3, Tier.GPU), (3, 1, Tier.HOST), (4, 2, Tier.HOST)]
+    assert soft_claimed_runs(mgr) == [(0, 3), (4, 2)]  # the victim A3 lost its claim
+    mgr.hint_waiting(hint)
+    assert soft_claimed_runs(mgr) == [(0, 3), (3, 1), (4, 2)]
+    mgr.check_invariants()

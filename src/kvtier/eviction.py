@@ -163,6 +163,9 @@ class Evictor:
         self._num_live_expiries = 0  # entries that were current at the last purge
         self._soft_claimed: set[Node] = set()  # every run soft-claimed now
         self._soft_deepest: list[Node] = []  # the paths' ends at the last soft_claim
+        # Whether a claimed run was cut since: its tail (unclaimed, see ``radix.cut_tail``)
+        # may lie on a claimed path, which the next soft_claim claims again.
+        self._soft_cut = False
         self._held_now: float | None = None  # the clock's time, held for one eviction round
 
     def now(self) -> float:
@@ -258,12 +261,14 @@ class Evictor:
         """Soft-claim the paths ending at ``deepest`` (the waiting queue's cached prefixes),
         releasing the last call's; only runs whose flag changes are re-filed, so a queue
         that moves by a request costs a walk of the paths, not a re-file of every run."""
-        if deepest == self._soft_deepest and all(n.parent is not None for n in deepest):
-            # The same runs as last time, all still cached: the claimed paths are the
-            # same (a split's head is claimed through ``split_off``, a rejoined run keeps
-            # its flag, and a dropped run takes the deepest below it along).
+        if (not self._soft_cut and deepest == self._soft_deepest
+                and all(n.parent is not None for n in deepest)):
+            # The same runs as last time, all still cached, none cut: the claimed paths
+            # are the same (a split's head is claimed through ``split_off``, a rejoined run
+            # keeps its flag, and a dropped run takes the deepest below it along).
             return
         self._soft_deepest = list(deepest)
+        self._soft_cut = False
         claimed: set[Node] = set()
         for last in deepest:
             node = last
@@ -289,6 +294,8 @@ class Evictor:
 
     def cut_tail(self, node: Node, num_tail_blocks: int) -> Node:
         """Cut the last blocks of the unreferenced ``node`` into a new child; return it."""
+        if node.soft_claimed:
+            self._soft_cut = True
         tail = cut_tail(node, num_tail_blocks, self._tpb)
         self.track_retention(tail)
         return tail
