@@ -79,6 +79,31 @@ def test_a_bad_decode_token_in_a_batch_changes_nothing(token: object) -> None:
     assert state(mgr) == before
 
 
+@pytest.mark.parametrize(("bad", "error", "message"), [
+    (("r7", -1), ValueError, "item 200: the token appended to 'r7'"),
+    (("r7", True), ValueError, "item 200: the token appended to 'r7'"),
+    (("ghost", 1), KeyError, "item 200: unknown request_id 'ghost'"),
+    (("r7", 1, 2), ValueError, "item 200 must be a"),
+    (["r7"], ValueError, "item 200 must be a"),
+    (("chunked", 1), ValueError, "'chunked' still has 2 unscheduled prompt tokens"),
+])
+def test_a_large_decode_batch_names_its_first_bad_item(
+        bad: object, error: type[Exception], message: str) -> None:
+    """A decode batch is checked whole, then item by item only when that fails: the
+    first bad item of a large batch is named as exactly as in a small one."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=128), clock=lambda: 0.0)
+    for i in range(8):
+        mgr.add_sequence(SequenceSpec(f"r{i}", [i + 1] * 5))
+    mgr.add_sequence(SequenceSpec("chunked", [9, 9, 9, 9, 9], num_new_tokens=3))
+    before = [mgr.block_table(f"r{i}") for i in range(8)], mgr.version
+    items: list[object] = [(f"r{i % 8}", i) for i in range(256)]
+    items[200] = bad
+    with pytest.raises(error, match=message):
+        mgr.append_token_batch(items)  # type: ignore[arg-type]
+    assert ([mgr.block_table(f"r{i}") for i in range(8)], mgr.version) == before
+    assert mgr.append_token_batch([(f"r{i % 8}", i) for i in range(256)]) == 256
+
+
 def test_decode_token_completing_a_block_with_events_never_overflows() -> None:
     """A huge id that would complete (and hash) a block is refused before anything moves."""
     mgr = make_manager()
@@ -238,7 +263,7 @@ def test_key_spaces_do_not_grow_with_the_salts_ever_seen() -> None:
 
 def test_retention_bookkeeping_does_not_grow_with_releases() -> None:
     """Releasing with a retention over and over keeps memory flat (no eviction ever runs)."""
-    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=64), clock=lambda: 0.0)
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=128), clock=lambda: 0.0)
 
     def churn(n: int) -> None:
         for _ in range(n):
