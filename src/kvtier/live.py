@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from operator import attrgetter, ge
+from typing import cast
 
 from kvtier.sequence import MAX_TOKEN_ID, LiveSequence, SequenceSpec, check_token
 
@@ -89,7 +90,7 @@ class LiveTable:
             if (None not in seqs and set(map(type, tokens)) == {int}
                     and min(tokens) >= 0 and max(tokens) <= MAX_TOKEN_ID
                     and all(map(ge, map(_scheduled, seqs), map(len, map(_tokens, seqs))))):
-                return list(zip(seqs, tokens, strict=True))
+                return list(zip(cast("list[LiveSequence]", seqs), tokens, strict=True))
         return self._decode_items_one_by_one(batch)
 
     def _decode_items_one_by_one(self, items: list[object]) -> list[tuple[LiveSequence, int]]:
