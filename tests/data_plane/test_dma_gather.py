@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
@@ -15,7 +16,12 @@ torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
 from data_plane.in_order import in_order  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
-from kvtier.transfer.dma_batch import DmaBatch, DmaBatchCopier, memmove_batch  # noqa: E402
+from kvtier.transfer.dma_batch import (  # noqa: E402
+    DmaBatch,
+    DmaBatchCopier,
+    memmove_batch,
+    queue_keys,
+)
 from kvtier.transfer.dma_gather import (  # noqa: E402
     D2H,
     H2D,
@@ -25,6 +31,8 @@ from kvtier.transfer.dma_gather import (  # noqa: E402
     GatherPlan,
     host_runs,
     queue,
+    queue_order,
+    staged_keys,
 )
 from kvtier.transfer.fused import LaunchTarget, plan_arrays  # noqa: E402
 from kvtier.transfer.plan import OpKind, PlanRecorder, TransferOp, TransferPlan  # noqa: E402
@@ -223,3 +231,86 @@ def test_only_equally_spaced_slices_of_one_allocation_span_layers() -> None:
     apart = [torch.zeros(5, 2, TPB, 8) for _ in range(3)]
     assert blocks_view(apart) is None
     assert blocks_view([storage.tensors[0], storage.tensors[2], storage.tensors[1]]) is None
+
+
+def random_step(rng: random.Random) -> list[TransferOp]:
+    """A step on the test's pools, shuffled: offloads of distinct GPU slots into distinct
+    host slots (often consecutive), and onboards from other host slots, half of them into
+    slots just offloaded; no host slot is touched twice."""
+    hosts = rng.sample(range(10), rng.randrange(2, 10))
+    if rng.random() < 0.5:
+        hosts.sort()
+    num_off = rng.randrange(1, len(hosts))
+    victims = rng.sample(range(12), num_off)
+    ops = [offload(g, h) for g, h in zip(victims, hosts[:num_off], strict=False)]
+    free = [g for g in range(12) if g not in victims]
+    for h in hosts[num_off:]:
+        g = victims.pop() if victims and rng.random() < 0.5 else free.pop()
+        ops.append(onboard(h, g))
+    if rng.random() < 0.3:
+        rng.shuffle(ops)
+    return ops
+
+
+def test_the_fast_keys_of_a_step_are_the_general_ones() -> None:
+    """``staged_keys`` takes every step (no host slot repeats, GPU slots in offload/onboard
+    pairs) and gives exactly ``queue_keys``' groups and levels; other plans of whole
+    offloads and onboards it either keys the same or leaves to ``queue_keys``."""
+    rng = random.Random(7)
+    taken = 0
+    for trial in range(300):
+        if trial % 2:
+            ops = random_step(rng)
+        else:
+            ops = [op for op in random_ops(rng, 24) if op.num_tokens == TPB
+                   and op.src_tier != op.dst_tier] or [offload(0, 0)]
+        arrays = plan_arrays(ops)
+        flags = arrays.src_tier + 2 * arrays.dst_tier
+        host = np.where(flags == D2H, arrays.dst_slot, arrays.src_slot)
+        gpu = np.where(flags == D2H, arrays.src_slot, arrays.dst_slot)
+        max_groups = rng.choice([1, 2, 8])
+        fast = staged_keys(flags, gpu, host, max_groups)
+        if trial % 2:
+            assert fast is not None, ops
+        if fast is None:
+            continue
+        taken += 1
+        general = queue_keys(arrays, 1, max_groups)
+        for name in ("group", "level", "flags"):
+            assert getattr(fast, name).tolist() == getattr(general, name).tolist(), (name, ops)
+        assert fast.num_components == general.num_components
+    assert taken > 150
+
+
+def test_steps_staged_through_the_fast_keys_match_in_order_copies() -> None:
+    """Steps (the fast keys' plans) in buffers of two blocks, run in any order the streams
+    allow: exactly the in-order result."""
+    storages, copier = make_copier("block_major", capacity=2)
+    rng = random.Random(11)
+    for trial in range(40):
+        ops = random_step(rng)
+        expected = in_order(storages, ops, NUM_LAYERS)
+        plan = copier.prepare(TransferPlan(tuple(ops)), NUM_BLOCKS)
+        run_in_any_allowed_order(copier, plan, rng)
+        for tier, s in storages.items():
+            for i in range(NUM_LAYERS):
+                assert torch.equal(s.layer(i), expected[tier][i]), (trial, tier, i, ops)
+
+
+def test_queue_order_is_a_stable_sort_by_batch_then_host_slot() -> None:
+    """Sorting runs of consecutive host slots gives the ops' stable sort by (batch, host
+    slot) where a batch holds each host slot once; runs stay whole."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        batch = np.sort(rng.integers(0, 4, n)) if rng.random() < 0.5 else rng.integers(0, 4, n)
+        host = np.empty(n, dtype=np.int64)
+        for b in np.unique(batch):  # distinct host slots per batch, in runs
+            mine = np.flatnonzero(batch == b)
+            starts = rng.permutation(4 * n)[: len(mine)] * 8
+            lens = rng.integers(1, 6, len(mine))
+            slots = np.concatenate([s + np.arange(k) for s, k in zip(starts, lens,
+                                                                      strict=True)])
+            host[mine] = slots[: len(mine)]
+        expected = np.argsort(batch * (8 * 4 * n + 8) + host, kind="stable")
+        assert queue_order(batch, host).tolist() == expected.tolist()
