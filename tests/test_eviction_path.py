@@ -156,3 +156,40 @@ def test_hint_repeated_after_a_claimed_run_was_cut_claims_the_cut_tail() -> None
     mgr.hint_waiting(hint)
     assert soft_claimed_runs(mgr) == [(0, 3), (3, 1), (4, 2)]
     mgr.check_invariants()
+
+
+def test_a_host_path_comes_in_one_round_swapping_a_victim_piece_by_piece() -> None:
+    """A path of host runs is onboarded in one eviction round: its GPU victim leaves a
+    piece as large as the host's free room at a time, and the path's blocks take each
+    piece's GPU slots, freeing their host slots for the next piece. The victim needs one
+    piece of host room, so it is kept whole (a run at a time, its tail was dropped)::
+
+        before c:  root ─ R1 [1 2|3 4 : HOST 1-2] ─ R2 [5 6 : HOST 0]     host 3 free
+                   root ─ f [9 9|9 9|9 9|9 9 : GPU 0-3]                   (unreferenced)
+        c = [1 2 3 4 5 6 7]: R1, R2 in (3 blocks), then 1 new block
+        after c:   R1 GPU 1-2, R2 GPU 3, c's new block GPU 0;  f on HOST 0-3, whole
+    """
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=4, num_host_blocks=4,
+                                     eviction_policy="priority-lru"), clock=lambda: 0.0)
+    for rid, tokens in (("a", [1, 2, 3, 4]), ("b", [1, 2, 3, 4, 5, 6, 0]), ("f", [9] * 8)):
+        assert mgr.add_sequence(SequenceSpec(rid, tokens)).admitted
+        mgr.remove_sequence(rid)
+    mgr.take_plan()
+    assert mgr.lookup([1, 2, 3, 4, 5, 6, 7]).num_host_tokens == 6
+    assert mgr.add_sequence(SequenceSpec("c", [1, 2, 3, 4, 5, 6, 7])).block_ids == (1, 2, 3, 0)
+    mgr.check_invariants()
+
+    def op(kind: OpKind, src: int, dst: int) -> TransferOp:
+        src_tier, dst_tier = ((Tier.GPU, Tier.HOST) if kind is OpKind.OFFLOAD
+                              else (Tier.HOST, Tier.GPU))
+        return TransferOp(kind, src_tier, src, dst_tier, dst, 2)
+
+    off, on = OpKind.OFFLOAD, OpKind.ONBOARD
+    assert mgr.take_plan().ops == (
+        op(off, 1, 3), op(on, 1, 1),   # f's block 1 -> the free host slot; R1's first in
+        op(off, 2, 1), op(on, 2, 2),   # f's block 2 -> the host slot R1's first left
+        op(off, 3, 2), op(on, 0, 3),   # f's block 3; R2 in
+        op(off, 0, 0))                 # c's new block: f's head leaves too
+    assert mgr.lookup([9] * 8 + [1]).num_host_tokens == 8  # f whole (one run at a time: 6)
+    assert (mgr.stats.gpu.evicted_blocks, mgr.stats.host.evicted_blocks) == (0, 0)
+    assert mgr.stats.gpu.offloaded_blocks == 3 + 4

@@ -178,9 +178,10 @@ def test_failed_onboard_aborts_its_readers_and_drops_the_block() -> None:
     # tpb 2, GPU 4, host 4. a=[1 2 3 4 5] cached, then a filler (GPU 0-3, priority 0, so
     # dropped rather than offloaded later) pushes it to host:
     #   host 0 [1 2] - host 1 [3 4]            GPU 0-3: the filler's cached blocks
-    # b=[1 2 3 4 9] and c=[1 2 7] are admitted together: one plan onboards [1 2] -> GPU 3
-    # (shared by b and c) and [3 4] -> GPU 2 (b only). Onboard 0 fails: b and c are aborted,
-    # and nothing under [1 2] stays cached.
+    # b=[1 2 3 4 9] and c=[1 2 7] are admitted together: the path's two host runs come in
+    # in one round (the filler's last two blocks, GPU 2-3, dropped as one victim), so one
+    # plan onboards [1 2] -> GPU 2 (shared by b and c) and [3 4] -> GPU 3 (b only).
+    # Onboard 0 fails: b and c are aborted, and nothing under [1 2] stays cached.
     mgr = make_manager(4, 4, partial=False)
     mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5]))
     mgr.remove_sequence("a")
@@ -190,10 +191,10 @@ def test_failed_onboard_aborts_its_readers_and_drops_the_block() -> None:
     take_plans(mgr)
     b, c = mgr.add_sequence_batch([SequenceSpec("b", [1, 2, 3, 4, 9]),
                                    SequenceSpec("c", [1, 2, 7])])
-    assert (b.block_ids, c.block_ids) == ((3, 2, 1), (3, 0))
+    assert (b.block_ids, c.block_ids) == ((2, 3, 1), (2, 0))
     plan = take_plans(mgr)
-    assert plan.ops == (TransferOp(OpKind.ONBOARD, Tier.HOST, 0, Tier.GPU, 3, 2),
-                        TransferOp(OpKind.ONBOARD, Tier.HOST, 1, Tier.GPU, 2, 2))
+    assert plan.ops == (TransferOp(OpKind.ONBOARD, Tier.HOST, 0, Tier.GPU, 2, 2),
+                        TransferOp(OpKind.ONBOARD, Tier.HOST, 1, Tier.GPU, 3, 2))
     assert mgr.transfer_failed(plan, [0]) == ["b", "c"]
     mgr.check_invariants()
     assert mgr.num_sequences == 0

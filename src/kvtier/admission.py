@@ -245,9 +245,7 @@ class BatchAdmission:
         tpb = self._tpb
         # Onboard the claimed host runs (the deepest part of the path), top down.
         host_nodes = [n for n in path_to_root(seq.last_node) if n.tier is Tier.HOST]
-        num_onboarded = 0
-        for node in reversed(host_nodes):
-            num_onboarded += cache.onboard(node, ops) * tpb
+        num_onboarded = cache.onboard_path(host_nodes[::-1], ops) * tpb if host_nodes else 0
         table: list[int] = []
         for node in reversed(list(path_to_root(seq.last_node))):
             table += node.slots

@@ -60,6 +60,37 @@ def eviction_batch(capacity: int) -> int:
     return max(1, min(MAX_EVICTION_BATCH, capacity // 128))
 
 
+class _Onboarding:
+    """The host blocks of a path being onboarded (``BlockCache.onboard_path``): copied in
+    path order into GPU slots as they come free; each copy frees its host slots at once
+    (the plan orders a later write into them after the copy)."""
+
+    def __init__(self, host_slots: list[int], ops: PlanRecorder, gpu: TierPool,
+                 host: TierPool, tokens_per_block: int) -> None:
+        self.host_slots = host_slots
+        self.gpu_slots: list[int] = []
+        self._ops = ops
+        self._gpu = gpu
+        self._host = host
+        self._tpb = tokens_per_block
+
+    @property
+    def num_left(self) -> int:
+        """Blocks still on the host. Pure."""
+        return len(self.host_slots) - len(self.gpu_slots)
+
+    def copy_in(self, gpu_slots: list[int]) -> None:
+        """Copy the path's next ``len(gpu_slots)`` blocks into ``gpu_slots`` (taken from
+        the free list or from a victim: referenced from now on)."""
+        start = len(self.gpu_slots)
+        src = self.host_slots[start:start + len(gpu_slots)]
+        self._ops.record_run(OpKind.ONBOARD, Tier.HOST, src, Tier.GPU, gpu_slots, self._tpb)
+        self._gpu.num_referenced += len(gpu_slots)
+        self._host.num_referenced -= len(src)
+        self._host.give_back(src)
+        self.gpu_slots += gpu_slots
+
+
 class StoredRun(NamedTuple):
     """What ``insert_run`` did: the request's path now ends at ``node`` and covers
     ``num_blocks`` more blocks; ``private_slots`` are its copies of blocks cached before."""
@@ -249,6 +280,7 @@ class BlockCache:
         view = memoryview(tokens)
 
         def digest(num_blocks: int) -> int:
+            # The request's next ``num_blocks`` blocks from ``block`` as the loop stands.
             end = block + num_blocks
             return run_digest(view[block * tpb:end * tpb]) if end <= num_full else -1
 
@@ -299,29 +331,62 @@ class BlockCache:
             if held:
                 evictor.release_clock()
 
-    def _evict_gpu_run(self, victim: Node, ops: PlanRecorder) -> None:
+    def _evict_gpu_run(self, victim: Node, ops: PlanRecorder,
+                       onboarding: _Onboarding | None = None) -> None:
         """Offload the unreferenced GPU run ``victim`` as far as the host takes it; drop the rest.
 
         The host takes a block into a free slot, or in place of a host block that is worth
         less (a smaller eviction key), never of one worth as much: so the host keeps the most
         valuable blocks that left the GPU, and one eviction round doesn't churn its own
         offloads. The dropped part is the tail, so what stays cached is still a prefix.
+
+        With ``onboarding`` (a path coming in, ``onboard_path``) the victim's first blocks
+        are swapped with the path's next ones, a piece as large as the host's free room at a
+        time: a piece leaves, the path's blocks take its GPU slots, and their host slots
+        (free now) take the next piece. The swapped blocks need the host room of one piece
+        (at most a batch's), not their own::
+
+            host free   [r slots]  <- piece 1 of the victim   (offload)
+            victim GPU  [piece 1]  <- path blocks 1..r         (onboard: r host slots free)
+            host free   [r slots]  <- piece 2 ...
         """
         host = self.host
+        num_blocks = victim.num_blocks
+        num_swap = min(num_blocks, onboarding.num_left) if onboarding is not None else 0
         num_offload = 0
         if (host.capacity
                 and self.evictor.priority(victim) >= self.config.offload_min_priority):
-            num_offload = self._make_host_room(victim)
-        if num_offload < victim.num_blocks:
+            room = self._make_host_room(
+                victim, num_blocks - num_swap + min(num_swap, self._gpu_batch))
+            if room:
+                num_offload = num_swap + min(num_blocks - num_swap, room)
+        if num_offload < num_blocks:
             if not num_offload:
                 self.drop(victim)
                 return
-            self.drop(self.evictor.cut_tail(victim, victim.num_blocks - num_offload))
-        host_slots = host.take(num_offload)
-        self.journal.host_slots_filled(host_slots)  # filled only when the plan runs
+            self.drop(self.evictor.cut_tail(victim, num_blocks - num_offload))
         old = victim.slots
-        ops.record_run(OpKind.OFFLOAD, Tier.GPU, old, Tier.HOST, host_slots, self.tpb)
-        self.gpu.give_back(old)
+        if num_swap:
+            assert onboarding is not None
+            host_slots: list[int] = []
+            done = 0
+            while done < num_offload:
+                end = min(num_swap if done < num_swap else num_offload, done + host.num_free)
+                piece = host.take(end - done)
+                self.journal.host_slots_filled(piece)
+                ops.record_run(OpKind.OFFLOAD, Tier.GPU, old[done:end], Tier.HOST, piece,
+                               self.tpb)
+                host_slots += piece
+                if done < num_swap:
+                    onboarding.copy_in(old[done:end])
+                else:
+                    self.gpu.give_back(old[done:end])
+                done = end
+        else:
+            host_slots = host.take(num_offload)
+            self.journal.host_slots_filled(host_slots)  # filled only when the plan runs
+            ops.record_run(OpKind.OFFLOAD, Tier.GPU, old, Tier.HOST, host_slots, self.tpb)
+            self.gpu.give_back(old)
         victim.slots = host_slots
         victim.tier = Tier.HOST
         assert victim.parent is not None
@@ -330,12 +395,11 @@ class BlockCache:
         self.journal.moved(victim, Tier.GPU)
         self.evictor.refile(victim)
 
-    def _make_host_room(self, victim: Node) -> int:
-        """Free host slots for ``victim`` by dropping host blocks worth less than it, then
-        its own host extensions (lost anyway if it is dropped); return how many slots are
-        free for its offload now."""
+    def _make_host_room(self, victim: Node, num_blocks: int) -> int:
+        """Free ``num_blocks`` host slots for ``victim`` by dropping host blocks worth less
+        than it, then its own host extensions (lost anyway if it is dropped); return how
+        many of them are free now."""
         host = self.host
-        num_blocks = victim.num_blocks
         if self.free_host(num_blocks, self.evictor.rank(victim)) >= num_blocks:
             return num_blocks
         # Below a GPU frontier run all is host and unreferenced: take its extensions, tails
@@ -405,21 +469,55 @@ class BlockCache:
 
     # ---- tier moves and stores -----------------------------------------------------------
 
-    def onboard(self, node: Node, ops: PlanRecorder) -> int:
-        """Move the claimed host run ``node`` to GPU slots; return its block count."""
-        assert node.tier is Tier.HOST and node.ref_count > 0, node
-        n = node.num_blocks
-        gpu_slots = self.allocate_gpu(n, ops)  # counted referenced: the node is claimed
-        ops.record_run(OpKind.ONBOARD, Tier.HOST, node.slots, Tier.GPU, gpu_slots, self.tpb)
-        self.host.num_referenced -= n
-        self.host.give_back(node.slots)
-        node.slots = gpu_slots
-        node.tier = Tier.GPU
-        assert node.parent is not None
-        node.parent.num_gpu_children += 1
-        self.stats.host.onboarded_blocks += n
-        self.journal.moved(node, Tier.HOST)
-        return n
+    def onboard_path(self, nodes: Sequence[Node], ops: PlanRecorder) -> int:
+        """Move the claimed host runs ``nodes`` (of one path, top down) to GPU slots in one
+        eviction round; return their block count.
+
+        The path's blocks come in, in order, as GPU slots come free: the free ones first,
+        then those of GPU victims, each swapped out a piece at a time into the host slots
+        the path leaves (``_evict_gpu_run``). So a long path is one round with victims as
+        large as it needs, and needs the host room of a piece, not of every victim.
+        """
+        for node in nodes:
+            assert node.tier is Tier.HOST and node.ref_count > 0, node
+        gpu = self.gpu
+        onboarding = _Onboarding([slot for node in nodes for slot in node.slots], ops,
+                                 gpu, self.host, self.tpb)
+        num_free = min(gpu.num_free, onboarding.num_left)
+        if num_free:
+            onboarding.copy_in(gpu.take(num_free))
+        if onboarding.num_left:
+            evictor = self.evictor
+            held = evictor.hold_clock()
+            try:
+                evictor.expire()
+                while onboarding.num_left:
+                    victim = evictor.take_victim(
+                        Tier.GPU, max(onboarding.num_left, self._gpu_batch))
+                    assert victim is not None, (
+                        f"GPU: {onboarding.num_left} blocks short of eviction candidates")
+                    parent = victim.parent
+                    assert parent is not None
+                    self._evict_gpu_run(victim, ops, onboarding)
+                    evictor.refile(parent)
+                    num_free = min(gpu.num_free, onboarding.num_left)
+                    if num_free:  # a victim dropped, or its tail
+                        onboarding.copy_in(gpu.take(num_free))
+            finally:
+                if held:
+                    evictor.release_clock()
+        gpu_slots = onboarding.gpu_slots
+        pos = 0
+        for node in nodes:
+            n = node.num_blocks
+            node.slots = gpu_slots[pos:pos + n]
+            pos += n
+            node.tier = Tier.GPU
+            assert node.parent is not None
+            node.parent.num_gpu_children += 1
+            self.stats.host.onboarded_blocks += n
+            self.journal.moved(node, Tier.HOST)
+        return pos
 
     def insert_run(
         self, parent: Node, tokens: Sequence[int], slots: list[int], extras: list[object] | None,
