@@ -195,7 +195,8 @@ def make_ops(direction: str, num_blocks: int, tpb: int, rng: random.Random,
     offloads take them from the host's free queue."""
     gpu_slots = rng.sample(range(2 * num_blocks), num_blocks)
     num_runs = -(-num_blocks // host_run)
-    starts = rng.sample(range(0, 2 * num_runs * host_run, host_run), num_runs)
+    # Runs start on multiples of host_run, all inside the pool of 2 * num_blocks slots.
+    starts = rng.sample(range(0, 2 * num_blocks - host_run + 1, host_run), num_runs)
     host_slots = [start + i for start in starts for i in range(host_run)][:num_blocks]
     pairs = list(zip(gpu_slots, host_slots, strict=True))
     if direction == "d2h":
