@@ -269,7 +269,7 @@ def test_the_fast_keys_of_a_step_are_the_general_ones() -> None:
         host = np.where(flags == D2H, arrays.dst_slot, arrays.src_slot)
         gpu = np.where(flags == D2H, arrays.src_slot, arrays.dst_slot)
         max_groups = rng.choice([1, 2, 8])
-        fast = staged_keys(flags, gpu, host, max_groups)
+        fast = staged_keys(flags, flags == D2H, gpu, host, max_groups)
         if trial % 2:
             assert fast is not None, ops
         if fast is None:
@@ -314,3 +314,15 @@ def test_queue_order_is_a_stable_sort_by_batch_then_host_slot() -> None:
             host[mine] = slots[: len(mine)]
         expected = np.argsort(batch * (8 * 4 * n + 8) + host, kind="stable")
         assert queue_order(batch, host).tolist() == expected.tolist()
+
+
+def test_a_staged_plan_with_a_slot_outside_its_pool_is_refused_by_name() -> None:
+    """The short check of whole offloads and onboards (their slots' bounds) still names the
+    first bad op, as the op-by-op check does."""
+    _, copier = make_copier("block_major", capacity=4)
+    with pytest.raises(ValueError, match=r"op 1 .*slot 10 outside the 10 HOST blocks"):
+        copier.prepare(TransferPlan((offload(0, 1), offload(2, 10))), NUM_BLOCKS)
+    with pytest.raises(ValueError, match=r"op 0 .*slot -1 outside the 12 GPU blocks"):
+        copier.prepare(TransferPlan((onboard(3, -1), onboard(4, 2))), NUM_BLOCKS)
+    with pytest.raises(ValueError, match="HOST tier, which has no storage"):
+        copier.prepare(TransferPlan((offload(0, 1),)), {G: 12, H: None})

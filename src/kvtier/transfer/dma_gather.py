@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from kvtier.transfer.dma_batch import Executor
 
     Addrs = npt.NDArray[np.uint64]
+    Bools = npt.NDArray[np.bool_]
     Ints = npt.NDArray[np.int64]
 
 D2H, H2D = 2, 1  # flags: bit 0 source on the host, bit 1 destination on the host
@@ -134,11 +135,17 @@ class GatherPlan(NamedTuple):
     num_components: int
 
 
-def staged_keys(flags: Ints, gpu: Ints, host: Ints, max_groups: int) -> QueueKeys | None:
-    """``queue_keys`` of a plan of whole-block offloads and onboards (``flags``, GPU and
-    host slot per op) in which no host slot repeats and a GPU slot at most in a pair that
-    one of them writes (a step: the offload of a victim and the onboard into its slot),
-    in a few passes; ``None`` for any other plan. Pure.
+def _in_pool(slots: Ints, num_blocks: int | None) -> bool:
+    return num_blocks is not None and int(slots.min()) >= 0 and int(slots.max()) < num_blocks
+
+
+def staged_keys(flags: Ints, to_host: Bools, gpu: Ints, host: Ints, max_groups: int
+                ) -> QueueKeys | None:
+    """``queue_keys`` of a plan of whole-block offloads and onboards (``flags``,
+    ``to_host``: whether it is an offload, GPU and host slot per op) in which no host slot
+    repeats and a GPU slot at most in a pair that one of them writes (a step: the offload
+    of a victim and the onboard into its slot), in a few passes; ``None`` for any other
+    plan. Pure.
 
     NOTE: the general ``components`` numbers every slot of both tiers and labels the ops
     over them (1-2 ms per 32,768 ops); here each slot is checked by writing the op's
@@ -157,10 +164,11 @@ def staged_keys(flags: Ints, gpu: Ints, host: Ints, max_groups: int) -> QueueKey
         zeros = np.zeros(n, dtype=np.int64)
         return QueueKeys(zeros, zeros, flags, n)
     holders = holder[losers]
-    seen[gpu[losers]] = losers
-    if not np.array_equal(seen[gpu[losers]], losers):
+    shared = gpu[losers]
+    seen[shared] = losers
+    if not np.array_equal(seen[shared], losers):
         return None  # a GPU slot touched three times or more
-    if ((flags[losers] == D2H) & (flags[holders] == D2H)).any():
+    if (to_host[losers] & to_host[holders]).any():
         return None  # two offloads read one slot: no hazard, not a pair
     later = np.maximum(losers, holders)
     is_later = np.zeros(n, dtype=bool)
@@ -263,7 +271,6 @@ class DmaGatherCopier:
     def prepare(self, plan: TransferPlan, num_blocks: dict[Tier, int | None]) -> GatherPlan:
         """Check ``plan`` (ValueError, nothing copied) and cut it into chunks. Pure."""
         arrays = arrays_of(plan)
-        check_arrays(arrays, plan, num_blocks, self.tokens_per_block)
         max_groups = min(MAX_GROUPS, max(
             1, len(arrays.src_slot) * self.block_bytes // GROUP_BYTES))
         flags = arrays.src_tier + 2 * arrays.dst_tier
@@ -271,14 +278,20 @@ class DmaGatherCopier:
         staged = (arrays.num_tokens == self.tokens_per_block) & (to_host | (flags == H2D))
         host = np.where(to_host, arrays.dst_slot, arrays.src_slot)
         gpu = np.where(to_host, arrays.src_slot, arrays.dst_slot)
-        keys = staged_keys(flags, gpu, host, max_groups) if staged.all() else None
+        all_staged = bool(staged.all())
+        # A plan of whole offloads and onboards is valid where its slots lie in their pools
+        # (four reductions); any other is checked op by op, naming the first bad one.
+        if not (all_staged and _in_pool(host, num_blocks.get(Tier.HOST))
+                and _in_pool(gpu, num_blocks.get(Tier.GPU))):
+            check_arrays(arrays, plan, num_blocks, self.tokens_per_block)
+        keys = staged_keys(flags, to_host, gpu, host, max_groups) if all_staged else None
         host_hazards = keys is None  # the fast keys hold only where no host slot repeats
         if keys is None:
             keys = queue_keys(arrays, 1, max_groups)
         num_host = int(host.max()) + 1
         batch = (keys.group * (int(keys.level.max()) + 1) + keys.level) * 4 + flags
         direct = None
-        if staged.all():
+        if all_staged:
             order = queue_order(batch, host)
         else:
             picked = np.flatnonzero(staged)
