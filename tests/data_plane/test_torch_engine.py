@@ -16,6 +16,7 @@ from kvtier.tier import Tier  # noqa: E402
 from kvtier.transfer import OpKind, TransferError, TransferOp, TransferPlan  # noqa: E402
 from kvtier.transfer.batching import TransferBatch  # noqa: E402
 from kvtier.transfer.dma_gather import GatherCost  # noqa: E402
+from kvtier.transfer.fused import plan_arrays  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 
 G, H = Tier.GPU, Tier.HOST
@@ -215,6 +216,14 @@ def test_stats_count_bytes_by_direction() -> None:
     s = engine.stats
     assert (s.bytes_d2h, s.bytes_h2d, s.bytes_d2d) == (4 * per_token, 4 * per_token, per_token)
     assert (s.num_plans, s.num_ops, s.num_partial_ops) == (1, 3, 1)
+    # The CUDA paths count the plan's arrays (one pass per field): the same figures.
+    arrays_engine = TorchTransferEngine(gpu, host)
+    arrays_engine._count_arrays(plan_arrays([
+        TransferOp(OpKind.OFFLOAD, G, 0, H, 0, TPB), TransferOp(OpKind.OFFLOAD, G, 4, H, 5, 2),
+        TransferOp(OpKind.ONBOARD, H, 1, G, 1, TPB), TransferOp(OpKind.COPY, G, 2, G, 3, 1)]), 4)
+    a = arrays_engine.stats
+    assert (a.bytes_d2h, a.bytes_h2d, a.bytes_d2d) == (6 * per_token, 4 * per_token, per_token)
+    assert (a.num_plans, a.num_ops, a.num_partial_ops, a.num_components) == (1, 4, 2, 4)
 
 
 def test_invalid_ops_raise_before_any_copy() -> None:
