@@ -193,3 +193,29 @@ def test_a_host_path_comes_in_one_round_swapping_a_victim_piece_by_piece() -> No
     assert mgr.lookup([9] * 8 + [1]).num_host_tokens == 8  # f whole (one run at a time: 6)
     assert (mgr.stats.gpu.evicted_blocks, mgr.stats.host.evicted_blocks) == (0, 0)
     assert mgr.stats.gpu.offloaded_blocks == 3 + 4
+
+
+def test_a_repeated_hint_claims_a_prefix_cached_since_for_a_request_that_had_none() -> None:
+    """A hint repeated with the same requests skips their loop, but not the requests that
+    found nothing cached last time: one whose prefix was stored since is claimed, as a
+    fresh hint would::
+
+        hint [w, v]:  root ─ [A0 A1 | GPU]         w claims A; v ([B..]) finds nothing
+        b stores B:   root ─ [B0 B1 | GPU]         the same hint again claims B for v
+    """
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=16,
+                                     eviction_policy="kvtier-predict"))
+    a, b = list(range(1, 9)), list(range(20, 28))
+    assert mgr.add_sequence(SequenceSpec("a", a + [0])).admitted
+    mgr.remove_sequence("a")
+    hint = [SequenceSpec("w", a + [99]), SequenceSpec("v", b + [99])]
+    mgr.hint_waiting(hint)
+    assert soft_claimed_runs(mgr) == [(0, 2)]
+    mgr.hint_waiting(hint)  # unchanged: nothing matched again
+    assert soft_claimed_runs(mgr) == [(0, 2)]
+    assert mgr.add_sequence(SequenceSpec("b", b + [0])).admitted
+    mgr.remove_sequence("b")
+    mgr.hint_waiting(hint)
+    assert soft_claimed_runs(mgr) == [(0, 2), (0, 2)]
+    assert {n.tokens[0] for n in mgr._cache.nodes() if n.soft_claimed} == {1, 20}
+    mgr.check_invariants()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from operator import attrgetter, is_
 from typing import NamedTuple
 
 from kvtier.config import CacheConfig
@@ -51,6 +52,9 @@ from kvtier.transfer.plan import OpKind, PlanRecorder
 
 MAX_EVICTION_BATCH = 32
 """The largest batch a GPU victim run gives (``eviction_batch``)."""
+
+
+_parent = attrgetter("parent")
 
 
 def eviction_batch(capacity: int) -> int:
@@ -132,6 +136,10 @@ class BlockCache:
         self._gpu_batch = eviction_batch(config.num_gpu_blocks)
         # Waiting request -> (its spec, the deepest run of its prefix), at the last hint.
         self._hinted: dict[str, tuple[SequenceSpec, Node]] = {}
+        # The last hint's specs, the runs their prefixes ended in, and the specs with
+        # nothing cached (``set_soft_claims``).
+        self._hinted_queue: tuple[list[SequenceSpec], list[Node], list[SequenceSpec]] = (
+            [], [], [])
 
     # ---- key spaces and queries ------------------------------------------------------------
 
@@ -616,24 +624,40 @@ class BlockCache:
         A request hinted before keeps the deepest run its prefix was found to end in while
         that run is still cached (blocks stored since may extend the prefix unclaimed: they
         are the most recent anyway), so a queue hinted step after step is matched once."""
+        last_specs, lasts, unmatched = self._hinted_queue
+        if (len(specs) == len(last_specs) and all(map(is_, specs, last_specs))
+                and None not in map(_parent, lasts)
+                and all(self._prefix_end(spec) is None for spec in unmatched)):
+            # NOTE: the same queue as last time (most steps change the cache, not the
+            # queue), every run found still cached, and still nothing cached for the rest:
+            # the loop below would find the same.
+            self.evictor.soft_claim(lasts)
+            return
         found = self._hinted
         hinted: dict[str, tuple[SequenceSpec, Node]] = {}
+        unmatched = []
         for spec in specs:
             entry = found.get(spec.request_id)
             last = entry[1] if entry is not None and entry[0] is spec else None
             if last is None or last.parent is None:
-                root = self.root(spec.lora_id, spec.salt)
-                extras = block_extras(spec.mm_items, len(spec.tokens), self.tpb)
-                m = match_prompt(root, spec.token_array, extras, self.config)
-                if m.tail is not None:
-                    last = m.tail[0]
-                elif m.path:
-                    last = m.path[-1]
-                else:
+                last = self._prefix_end(spec)
+                if last is None:
+                    unmatched.append(spec)
                     continue
             hinted[spec.request_id] = (spec, last)
         self._hinted = hinted
-        self.evictor.soft_claim([last for _, last in hinted.values()])
+        lasts = [last for _, last in hinted.values()]
+        self._hinted_queue = (list(specs), lasts, unmatched)
+        self.evictor.soft_claim(lasts)
+
+    def _prefix_end(self, spec: SequenceSpec) -> Node | None:
+        """The deepest run of ``spec``'s cached prefix (None: nothing cached). Pure."""
+        root = self.root(spec.lora_id, spec.salt)
+        extras = block_extras(spec.mm_items, len(spec.tokens), self.tpb)
+        m = match_prompt(root, spec.token_array, extras, self.config)
+        if m.tail is not None:
+            return m.tail[0]
+        return m.path[-1] if m.path else None
 
     def clear(self) -> None:
         """Drop every cached block of every tier (no request may be live)."""
@@ -642,6 +666,7 @@ class BlockCache:
                 self.drop(child)
         self.roots.clear()
         self._hinted = {}
+        self._hinted_queue = ([], [], [])
         if self._witness is not None:
             self._witness.clear()
         self.journal.cleared()
