@@ -76,17 +76,17 @@ class GatherCost(NamedTuple):
     DMA run and ``cpu_us_per_chunk`` of calls per chunk (at least one per direction),
     against the plan's bytes at ``link_bytes_per_us`` (both ways at once).
 
-    NOTE: the defaults were fitted to the submit times measured on an H200 host
-    (benchmarks/results/transfer.md: 0.094 us an op, 0.46 us a run, 3.4 ms for the 32
-    chunks of a 512 MiB plan; the link moved 95-100 GB/s both ways), where 64 KiB runs
-    moved 0.91-0.97 of the two-way ceiling. So 16 KiB blocks (0.17 us each on the link)
-    need runs of ~20 or more; 64 KiB blocks pay from runs of 2 in a large plan; a step of a
-    few MiB stays with the fused kernel."""
+    NOTE: the defaults come from ``submit`` timed part by part on an H200 host
+    (benchmarks/results/transfer.md, third session: 512 MiB plans of 16 KiB blocks; the
+    driver took 0.49-0.55 us a run, planning ~0.08 us an op and ~0.1 us a run, the calls
+    of a chunk ~60 us; the link moved 95-100 GB/s both ways). So 16 KiB blocks (0.17 us
+    each on the link) pay in runs of ~10 or more in a large plan, 64 KiB blocks from runs
+    of 2; a step of a few MiB stays with the fused kernel."""
 
     min_run_bytes: int = 64 << 10
-    cpu_us_per_op: float = 0.1
-    cpu_us_per_run: float = 0.46
-    cpu_us_per_chunk: float = 100.0
+    cpu_us_per_op: float = 0.08
+    cpu_us_per_run: float = 0.6
+    cpu_us_per_chunk: float = 60.0
     link_bytes_per_us: float = 95_000.0
 
     def pays(self, num_ops: int, num_runs: int, block_bytes: int, chunk_bytes: int) -> bool:
@@ -254,6 +254,7 @@ class DmaGatherCopier:
         self.num_streams = num_streams
         self.capacity = max(1, staging_bytes // self.block_bytes)  # blocks a buffer holds
         self._staging: torch.Tensor | None = None
+        self._buffer_parts: list[list[torch.Tensor]] = []  # per buffer, its part per GPU part
 
     def staging(self) -> torch.Tensor:
         """The buffers [2 * num_streams, capacity, *block], d2h ones first: allocated once,
@@ -388,10 +389,14 @@ class DmaGatherCopier:
 
     def _stage_parts(self, chunk: GatherChunk) -> list[torch.Tensor]:
         buffer = (0 if chunk.flags == D2H else self.num_streams) + chunk.stream
-        stage = self.staging()[buffer, :chunk.end - chunk.first]
-        if len(self.gpu_parts) == 1:
-            return [stage]
-        return [stage[:, i] for i in range(len(self.gpu_parts))]
+        if not self._buffer_parts:  # views made once: indexing costs us a chunk
+            staging = self.staging()
+            self._buffer_parts = [
+                [staging[i]] if len(self.gpu_parts) == 1
+                else [staging[i, :, j] for j in range(len(self.gpu_parts))]
+                for i in range(len(staging))]
+        num = chunk.end - chunk.first
+        return [part[:num] for part in self._buffer_parts[buffer]]
 
 
 def run_in_order(copier: DmaGatherCopier, plan: GatherPlan, execute: Executor,
