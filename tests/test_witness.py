@@ -4,7 +4,6 @@ against LRU itself)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -12,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
-from kvtier.eviction import Recalled
 from kvtier.policies import KvtierPredict
 from kvtier.witness import LruWitness, Z
 
@@ -139,11 +137,10 @@ class _Spy(KvtierPredict):
         super().__init__()
         self.recalled: list[tuple[int, int]] = []
 
-    def recall(self, key: object, now: float,
-               digest: Callable[[int], int] | None = None) -> Recalled | None:
-        found = super().recall(key, now, digest)
+    def recall(self, key: object, now: float) -> tuple[int, int] | None:
+        found = super().recall(key, now)
         if found is not None:
-            self.recalled.append((found.uid, found.num_blocks))
+            self.recalled.append(found)
         return found
 
 

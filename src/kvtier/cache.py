@@ -25,10 +25,8 @@ from kvtier.eviction import (
     EvictionPolicy,
     Evictor,
     ReuseLearner,
-    dropped_run,
     ghost_key,
     node_ghost_key,
-    run_digest,
 )
 from kvtier.journal import Journal
 from kvtier.matching import match_prompt, num_common_blocks
@@ -267,10 +265,7 @@ class BlockCache:
 
     def recall_miss(self, seq: LiveSequence) -> None:
         """Tell the learner where ``seq``'s reused prefix ends: if runs dropped from there
-        are what it would have reused next, those releases end as reuses after all. A
-        recalled run that a request stored at turn ``t`` and ``seq`` covers up to that
-        request's prompt end makes ``seq`` turn ``t + 1`` (as ``turn`` does for a cached
-        one): a session continues whether or not the cache kept its history."""
+        are what it would have reused next, those releases end as reuses after all."""
         learner = self._learner
         if learner is None:
             return
@@ -285,21 +280,12 @@ class BlockCache:
         def key_at(i: int) -> BlockKey:
             return block_key(tokens, i * tpb, tpb, extras[i] if extras is not None else None)
 
-        view = memoryview(tokens)
-
-        def digest(num_blocks: int) -> int:
-            # The request's next ``num_blocks`` blocks from ``block`` as the loop stands.
-            end = block + num_blocks
-            return run_digest(view[block * tpb:end * tpb]) if end <= num_full else -1
-
         while block < num_full:
             prev = key_at(block - 1) if block else b""
-            found = learner.recall(ghost_key(root, block, prev, key_at(block)), now, digest)
-            if found is None or not found.whole:
-                return  # the request leaves the dropped chain inside this run
-            block += found.num_blocks
-            if found.turn and block >= found.prompt_end_block:
-                seq.turn = max(seq.turn, found.turn + 1)
+            found = learner.recall(ghost_key(root, block, prev, key_at(block)), now)
+            if found is None:
+                return
+            block += found[1]
 
     # ---- allocation and eviction -------------------------------------------------------------
 
@@ -467,7 +453,7 @@ class BlockCache:
             if learner is not None and n.reuse_class is not None:
                 assert n.parent is not None
                 learner.forget(node_ghost_key(n, self.tpb), n.uid, n.reuse_class, n.last_used_s,
-                               len(n.slots), now, n.last_used, dropped_run(n, self.tpb))
+                               len(n.slots), now, n.last_used)
             self.pool(n.tier).give_back(n.slots)
             if n.tier is Tier.GPU:
                 self.stats.gpu.evicted_blocks += len(n.slots)

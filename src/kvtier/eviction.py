@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from typing import NamedTuple, Protocol, runtime_checkable
-
-from xxhash import xxh3_64_intdigest
+from typing import Protocol, runtime_checkable
 
 from kvtier.config import CacheConfig
 from kvtier.pool import Key, TierPool
@@ -101,47 +99,6 @@ def node_ghost_key(node: Node, tokens_per_block: int) -> object:
     return ghost_key(node.root, node.start_block, prev, node.key)
 
 
-class DroppedRun(NamedTuple):
-    """What a learner is told of a dropped run besides its place (``ReuseLearner.forget``):
-    the session of the request that stored it (``Node.turn``, ``Node.prompt_end_block``)
-    and ``run_digest`` of its tokens; 0 where unknown."""
-
-    turn: int = 0
-    prompt_end_block: int = 0
-    digest: int = 0
-
-
-UNKNOWN_RUN = DroppedRun()
-
-
-class Recalled(NamedTuple):
-    """A forgotten run a request came back for (``ReuseLearner.recall``): its uid and
-    blocks, whether the request holds all of it (``whole``: its digest matched, or none
-    was known) and the session of the request that stored it, so a request whose history
-    was dropped is still known to continue that session."""
-
-    uid: int
-    num_blocks: int
-    whole: bool = True
-    turn: int = 0
-    prompt_end_block: int = 0
-
-
-def run_digest(tokens: memoryview) -> int:
-    """A 64-bit digest of a run's token ids (a view of an ``array('Q')``, no copy): how a
-    recall tells a request that holds a whole dropped run from one that only shares its
-    first block. Pure."""
-    return xxh3_64_intdigest(tokens)
-
-
-def dropped_run(node: Node, tokens_per_block: int) -> DroppedRun:
-    """What a learner is told of the cached run ``node`` as it is dropped (its digest
-    covers token ids only: 0, unknown, for a run with multimodal extras). Pure."""
-    digest = 0 if node.extras else run_digest(
-        memoryview(node.tokens)[:node.num_blocks * tokens_per_block])
-    return DroppedRun(node.turn, node.prompt_end_block, digest)
-
-
 # The role of a released run in the releasing request (``ReuseLearner.reuse_class``).
 ROLE_SHARED = 0  # part of the prefix a first turn found cached: shared across sessions
 ROLE_BODY = 1    # the rest of the prompt: the session's history, its new blocks
@@ -179,21 +136,15 @@ class ReuseLearner(Protocol):
         ...
 
     def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
-               num_blocks: int, now: float, released_tick: int = 0,
-               run: DroppedRun = UNKNOWN_RUN) -> None:
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
         """The run ``node_uid``, released at ``released_s`` (tick ``released_tick``; 0 when
-        not known), was dropped at ``now``; it sat at ``ghost_key``. ``run``: its session
-        and digest, where known."""
+        not known), was dropped at ``now``; it sat at ``ghost_key``."""
         ...
 
-    def recall(self, ghost_key: object, now: float,
-               digest: Callable[[int], int] | None = None) -> Recalled | None:
-        """A request missed at ``ghost_key`` at ``now``. If a forgotten run sat there: what
-        it was (:class:`Recalled`), so the caller can look for the run's own extensions
-        (at the block after it) and learn the request's session; else None.
-        ``digest(n)``: ``run_digest`` of the request's ``n`` blocks from the miss on (-1
-        where it has fewer); where it differs from the run's, the request shares only the
-        run's head, and only its first block (the one the key matched) counts as reused."""
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        """A request missed at ``ghost_key`` at ``now``. If a forgotten run sat there:
+        ``(its uid, its blocks)``, so the caller can look for the run's own extensions
+        (at the block after it); else None."""
         ...
 
 

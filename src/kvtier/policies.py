@@ -31,10 +31,7 @@ from kvtier.config import EVICTION_POLICIES, CacheConfig
 from kvtier.eviction import (
     ROLE_SHARED,
     ROLE_TAIL,
-    UNKNOWN_RUN,
-    DroppedRun,
     EvictionPolicy,
-    Recalled,
     effective_priority,
     node_ghost_key,
 )
@@ -74,26 +71,8 @@ class LRU:
     rank = key
 
 
-# A dropped run: (reuse class, release time, blocks, its uid, its release tick, the turn
-# and prompt end of the request that stored it, its digest).
-GhostEntry = tuple[int, float, int, int, int, int, int, int]
-
-
-def _ghost_entry(reuse_class: int, released_s: float, num_blocks: int, node_uid: int,
-                 released_tick: int, run: DroppedRun) -> GhostEntry:
-    return (reuse_class, released_s, num_blocks, node_uid, released_tick, *run)
-
-
-def _recalled(entry: GhostEntry, digest: Callable[[int], int] | None) -> Recalled:
-    """The recall of ``entry`` by a request whose blocks from the miss on have ``digest``."""
-    whole = digest is None or not entry[7] or digest(entry[2]) == entry[7]
-    return Recalled(entry[3], entry[2], whole, entry[5], entry[6])
-
-
-def reused_blocks(recalled: Recalled) -> int:
-    """How many of a recalled run's blocks the request would have reused: all of a whole
-    match; of a partial one, the first (the one its ghost key matched)."""
-    return recalled.num_blocks if recalled.whole else 1
+# A dropped run: (reuse class, release time, blocks, its uid, its release tick).
+GhostEntry = tuple[int, float, int, int, int]
 
 
 class Ghosts:
@@ -164,11 +143,10 @@ class _ClassCounts:
         self.cached[reuse_class] = max(0, self.cached[reuse_class] - num_blocks)
 
     def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
-               num_blocks: int, now: float, released_tick: int = 0,
-               run: DroppedRun = UNKNOWN_RUN) -> None:
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
         self.record(reuse_class, now - released_s, num_blocks, False)
-        self.ghosts.add(ghost_key, _ghost_entry(reuse_class, released_s, num_blocks, node_uid,
-                                                released_tick, run))
+        self.ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid,
+                                    released_tick))
         self.ghosts.trim()
 
     def first_class(self) -> int:
@@ -213,13 +191,11 @@ class ARC(_ClassCounts):
         t1, t2 = self.cached
         return 0 if t1 > self.target or not t2 else 1
 
-    def recall(self, ghost_key: object, now: float,
-               digest: Callable[[int], int] | None = None) -> Recalled | None:
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         entry = self.ghosts.pop(ghost_key)
         if entry is None:
             return None
-        recalled = _recalled(entry, digest)
-        cls, n = entry[0], reused_blocks(recalled)
+        cls, _, n, uid, _ = entry
         ghost_blocks = self.ghosts.class_blocks
         b1, b2 = max(1, ghost_blocks.get(0, 0)), max(1, ghost_blocks.get(1, 0))
         total = sum(self.cached) + n
@@ -227,7 +203,7 @@ class ARC(_ClassCounts):
             self.target = min(float(total), self.target + n * max(1.0, b2 / b1))
         else:
             self.target = max(0.0, self.target - n * max(1.0, b1 / b2))
-        return recalled
+        return uid, n
 
 
 class S3FIFO(_ClassCounts):
@@ -264,15 +240,14 @@ class S3FIFO(_ClassCounts):
         small, main = self.cached
         return 0 if small >= self.SMALL_FRACTION * (small + main) or not main else 1
 
-    def recall(self, ghost_key: object, now: float,
-               digest: Callable[[int], int] | None = None) -> Recalled | None:
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         entry = self.ghosts.pop(ghost_key)
         if entry is None:
             return None
         if len(self._returning) > self.ghosts.max_entries:
             self._returning.clear()
         self._returning.add(hash(ghost_key))
-        return _recalled(entry, digest)
+        return entry[3], entry[2]
 
 
 # Ages in log2 bins: [0, 1), [1, 2), [2, 4), ... [2**16, inf) seconds.
@@ -425,28 +400,21 @@ class KvtierPredict:
         self.learner.record(reuse_class, age_s, num_blocks, reused)
 
     def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
-               num_blocks: int, now: float, released_tick: int = 0,
-               run: DroppedRun = UNKNOWN_RUN) -> None:
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
         ghosts = self.ghosts
-        ghosts.add(ghost_key, _ghost_entry(reuse_class, released_s, num_blocks, node_uid,
-                                           released_tick, run))
-        for entry in ghosts.trim():
-            self.learner.record(entry[0], now - entry[1], entry[2], False)
+        ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid, released_tick))
+        for cls, released, n, _, _ in ghosts.trim():
+            self.learner.record(cls, now - released, n, False)
 
-    def recall(self, ghost_key: object, now: float,
-               digest: Callable[[int], int] | None = None) -> Recalled | None:
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         entry = self.ghosts.pop(ghost_key)
         if entry is None:
             return None
-        recalled = _recalled(entry, digest)
-        cls, released_s, num_blocks, _, tick = entry[:5]
-        reused = reused_blocks(recalled)
-        self.learner.record(cls, now - released_s, reused, True)
-        if reused < num_blocks:  # the rest of the run ended unreused
-            self.learner.record(cls, now - released_s, num_blocks - reused, False)
+        cls, released_s, n, uid, tick = entry
+        self.learner.record(cls, now - released_s, n, True)
         if self.witness is not None:
-            self.witness.recalled(tick, reused)
-        return recalled
+            self.witness.recalled(tick, n)
+        return uid, n
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
         cls = node.reuse_class if node.reuse_class is not None else 1

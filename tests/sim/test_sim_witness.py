@@ -27,7 +27,8 @@ class _Blind(KvtierPredict):
 
 
 def _hits(monkeypatch: pytest.MonkeyPatch, factory: Callable[[], KvtierPredict] | None,
-          workload: Workload, gpu: int, host: int) -> tuple[SimReport, int]:
+          workload: Workload, gpu: int, host: int,
+          time_scale: float = 1.0) -> tuple[SimReport, int]:
     """The report and the blocks reused of ``workload`` under kvtier-predict (made by
     ``factory``), or under LRU without one."""
     name = "lru"
@@ -35,7 +36,8 @@ def _hits(monkeypatch: pytest.MonkeyPatch, factory: Callable[[], KvtierPredict] 
         monkeypatch.setitem(POLICIES, "kvtier-predict", factory)
         name = "kvtier-predict"
     report = simulate(workload, CacheConfig(tokens_per_block=32, num_gpu_blocks=gpu,
-                                            num_host_blocks=host, eviction_policy=name))
+                                            num_host_blocks=host, eviction_policy=name),
+                      time_scale=time_scale)
     gpu_reused, host_reused = report.gpu["reused_blocks"], report.host["reused_blocks"]
     assert isinstance(gpu_reused, int) and isinstance(host_reused, int)
     return report, gpu_reused + host_reused
@@ -66,14 +68,18 @@ def test_the_witness_counts_what_lru_would_hit(monkeypatch: pytest.MonkeyPatch, 
 def test_where_the_learned_order_loses_the_witness_falls_back_to_lru(
         monkeypatch: pytest.MonkeyPatch, trace_file: Callable[[str], Path]) -> None:
     """Azure code at 3 % of its distinct blocks: LRU is within 0.008 of Belady and the
-    learned order loses to it; with its witness kvtier comes back to LRU, within the
-    spread the default shows below LRU across this workload's seeds at this size
-    (0.0014-0.0036 measured on seeds 0 and 1)."""
+    learned order loses to it; with its witness kvtier comes back to LRU's level. A learned
+    order is chaotic (a 0.05 % change of the time scale moves it by up to 0.002 here, LRU
+    by nothing), so its hit rate is the mean over three such time scales."""
     workload = AzureTrace(trace_file("azure_llm_2023_code.csv"), limit=2000)
     lru = _hits(monkeypatch, None, workload, 625, 1878)[0].token_hit_rate
-    blind = _hits(monkeypatch, lambda: _Blind(cost_aware=True), workload, 625,
-                  1878)[0].token_hit_rate
-    guarded = _hits(monkeypatch, lambda: KvtierPredict(cost_aware=True), workload, 625,
-                    1878)[0].token_hit_rate
+    scales = (0.9995, 1.0, 1.0005)
+
+    def mean_hits(factory: Callable[[], KvtierPredict]) -> float:
+        return sum(_hits(monkeypatch, factory, workload, 625, 1878, s)[0].token_hit_rate
+                   for s in scales) / len(scales)
+
+    blind = mean_hits(lambda: _Blind(cost_aware=True))
+    guarded = mean_hits(lambda: KvtierPredict(cost_aware=True))
     assert blind < lru - 0.008, (blind, lru)
-    assert guarded > lru - 0.004, (guarded, lru, blind)
+    assert guarded > lru - 0.002, (guarded, lru, blind)
