@@ -366,6 +366,8 @@ class BlockCache:
             done = 0
             while done < num_offload:
                 end = min(num_swap if done < num_swap else num_offload, done + host.num_free)
+                # Never empty: each piece gives back the host slots it took (the path's).
+                assert end > done, (done, num_swap, num_offload)
                 piece = host.take(end - done)
                 self.journal.host_slots_filled(piece)
                 ops.record_run(OpKind.OFFLOAD, Tier.GPU, old[done:end], Tier.HOST, piece,
