@@ -78,7 +78,8 @@ def simulate(
     (:class:`~kvtier.scheduled_step.StepPhases`, a debug counter) and reports where the
     full steps' time went (``SimReport.step_phases_us``). ``policy`` replaces the eviction
     policy ``cache`` names (e.g. :class:`~kvtier.sim.clairvoyant.Clairvoyant`, which must
-    see the stream); the report names the one used. Raises ValueError for a bad argument
+    see the stream; a policy object serves one cache, so pass a new one to every call);
+    the report names the one used. Raises ValueError for a bad argument
     and :class:`SimulationStalled` if waiting requests can never be admitted.
     """
     sched = sched if sched is not None else SchedulerConfig()
