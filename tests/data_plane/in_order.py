@@ -26,3 +26,14 @@ def in_order(storages: Mapping[Tier, KVStorage], ops: Iterable[TransferOp],
             expected[op.dst_tier][i][op.dst_slot, :, :n] = \
                 expected[op.src_tier][i][op.src_slot, :, :n]
     return expected
+
+
+def assert_matches(storages: Mapping[Tier, KVStorage], expected: Mapping[Tier, list[Tensor]],
+                   context: object) -> None:
+    """Every layer of every tier holds exactly what ``in_order`` gave; ``context`` (the
+    trial, the ops) goes into the failure message."""
+    import torch  # the copy paths' tests run only where torch is installed
+
+    for tier, s in storages.items():
+        for i, layer in enumerate(expected[tier]):
+            assert torch.equal(s.layer(i), layer), (context, tier, i)

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
                                             "pip install 'kvtier[torch]'")
 
-from data_plane.in_order import in_order  # noqa: E402
+from data_plane.in_order import assert_matches, in_order  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
 from kvtier.transfer.dma_batch import (  # noqa: E402
@@ -195,9 +195,7 @@ def test_random_plans_match_in_order_copies(gpu_kind: str, spanned: bool) -> Non
         expected = in_order(storages, ops, NUM_LAYERS)
         plan = copier.prepare(TransferPlan(tuple(ops)), NUM_BLOCKS)
         run_in_any_allowed_order(copier, plan, rng)
-        for tier, s in storages.items():
-            for i in range(NUM_LAYERS):
-                assert torch.equal(s.layer(i), expected[tier][i]), (trial, tier, i, ops)
+        assert_matches(storages, expected, (trial, ops))
 
 
 class ColumnsOnly(TransferPlan):
@@ -293,9 +291,7 @@ def test_steps_staged_through_the_fast_keys_match_in_order_copies() -> None:
         expected = in_order(storages, ops, NUM_LAYERS)
         plan = copier.prepare(TransferPlan(tuple(ops)), NUM_BLOCKS)
         run_in_any_allowed_order(copier, plan, rng)
-        for tier, s in storages.items():
-            for i in range(NUM_LAYERS):
-                assert torch.equal(s.layer(i), expected[tier][i]), (trial, tier, i, ops)
+        assert_matches(storages, expected, (trial, ops))
 
 
 def test_queue_order_is_a_stable_sort_by_batch_then_host_slot() -> None:

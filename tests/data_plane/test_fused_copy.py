@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
                                             "pip install 'kvtier[torch]'")
 
-from data_plane.in_order import in_order  # noqa: E402
+from data_plane.in_order import assert_matches, in_order  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
 from kvtier.transfer.fused import (  # noqa: E402
@@ -188,6 +188,4 @@ def test_fused_kernel_matches_plain_indexing(gpu_kind: str, host_kind: str) -> N
         prepared = copier.prepare(TransferPlan(tuple(ops)), {G: 12, H: 10}, torch.device("cpu"))
         for layer in (None,) if trial % 2 else range(NUM_LAYERS):
             copier.launch(prepared, layer)
-        for tier, s in storages.items():
-            for i in range(NUM_LAYERS):
-                assert torch.equal(s.layer(i), expected[tier][i]), (trial, tier, i, ops)
+        assert_matches(storages, expected, (trial, ops))
