@@ -84,17 +84,17 @@ def test_joined_output_run_reports_each_block_once_with_its_chained_hash() -> No
 
 
 def test_an_eviction_round_ranks_at_one_instant() -> None:
-    """hold_clock freezes the evictor's now for one round (nested holds change nothing);
-    release_clock returns to the live clock."""
+    """An eviction round freezes the evictor's now at its start (a nested round changes
+    nothing, and its end releases nothing); after it, now is the live clock again."""
     ticks = iter(range(100))
     cache = BlockCache(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8),
                        clock=lambda: float(next(ticks)))
     evictor = cache.evictor
     assert (evictor.now(), evictor.now()) == (0.0, 1.0)
-    assert evictor.hold_clock()
-    assert not evictor.hold_clock()  # inside a round: the outer one holds
-    assert (evictor.now(), evictor.now()) == (2.0, 2.0)
-    evictor.release_clock()
+    with evictor.eviction_round():
+        with evictor.eviction_round():  # inside a round: the outer one holds
+            assert (evictor.now(), evictor.now()) == (2.0, 2.0)
+        assert evictor.now() == 2.0
     assert evictor.now() == 3.0
 
 

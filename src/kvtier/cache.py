@@ -308,9 +308,7 @@ class BlockCache:
     def _evict_gpu(self, num_blocks: int, ops: PlanRecorder) -> None:
         """Free ``num_blocks`` GPU slots from unreferenced runs, tails first."""
         evictor = self.evictor
-        held = evictor.hold_clock()
-        try:
-            evictor.expire()
+        with evictor.eviction_round():
             batch = self._gpu_batch
             while num_blocks > 0:
                 victim = evictor.take_victim(Tier.GPU, max(num_blocks, batch))
@@ -321,9 +319,6 @@ class BlockCache:
                 assert parent is not None
                 self._evict_gpu_run(victim, ops)
                 evictor.refile(parent)
-        finally:
-            if held:
-                evictor.release_clock()
 
     def _evict_gpu_run(self, victim: Node, ops: PlanRecorder,
                        onboarding: _Onboarding | None = None) -> None:
@@ -484,9 +479,7 @@ class BlockCache:
             onboarding.copy_in(gpu.take(num_free))
         if onboarding.num_left:
             evictor = self.evictor
-            held = evictor.hold_clock()
-            try:
-                evictor.expire()
+            with evictor.eviction_round():
                 while onboarding.num_left:
                     victim = evictor.take_victim(
                         Tier.GPU, max(onboarding.num_left, self._gpu_batch))
@@ -499,9 +492,6 @@ class BlockCache:
                     num_free = min(gpu.num_free, onboarding.num_left)
                     if num_free:  # a victim dropped, or its tail
                         onboarding.copy_in(gpu.take(num_free))
-            finally:
-                if held:
-                    evictor.release_clock()
         gpu_slots = onboarding.gpu_slots
         pos = 0
         for node in nodes:

@@ -26,7 +26,8 @@ reuse it), and ``turn`` / ``prompt_end_block`` (the session of the request that 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 from kvtier.config import CacheConfig
@@ -173,18 +174,21 @@ class Evictor:
         held = self._held_now
         return self._clock() if held is None else held
 
-    def hold_clock(self) -> bool:
-        """Start an eviction round: until ``release_clock``, ``now`` is the time at its
-        start, so the round ranks its candidates at one instant and a queue head's rank
-        stays valid across its pops. False (and nothing held anew) inside a round."""
-        if self._held_now is not None:
-            return False
-        self._held_now = self._clock()
-        return True
-
-    def release_clock(self) -> None:
-        """End the eviction round ``hold_clock`` started."""
-        self._held_now = None
+    @contextmanager
+    def eviction_round(self) -> Iterator[None]:
+        """An eviction round: within it ``now`` is the time at its start, so the round
+        ranks its candidates at one instant and a queue head's rank stays valid across its
+        pops (a round inside a round keeps the outer one's time); retentions that ran out
+        by then are re-filed first (``expire``)."""
+        outer = self._held_now is not None
+        if not outer:
+            self._held_now = self._clock()
+        try:
+            self.expire()
+            yield
+        finally:
+            if not outer:
+                self._held_now = None
 
     def priority(self, node: Node) -> int:
         """``node``'s priority now. Pure."""
