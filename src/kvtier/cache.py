@@ -48,6 +48,10 @@ from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, PlanRecorder
 
+# What a policy object must have (``kvtier.eviction.EvictionPolicy``, a Protocol the
+# constructor checks by name: a wrong object fails at once, not at the first eviction).
+_POLICY_ATTRS = ("name", "ranks_soft_claims", "num_queue_fields", "key", "rank")
+
 MAX_EVICTION_BATCH = 32
 """The largest batch a GPU victim run gives (``eviction_batch``)."""
 
@@ -111,6 +115,10 @@ class BlockCache:
         self.tpb = config.tokens_per_block
         self.roots: dict[tuple[object, object], Root] = {}
         policy = policy if policy is not None else get_policy(config.eviction_policy)
+        missing = [a for a in _POLICY_ATTRS if not hasattr(policy, a)]
+        if missing:
+            raise ValueError(f"policy must be an eviction policy (kvtier.eviction."
+                             f"EvictionPolicy); {policy!r} has no {', '.join(missing)}")
         self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks, policy.num_queue_fields)
         self.host = TierPool(Tier.HOST, config.num_host_blocks, policy.num_queue_fields)
         self.stats = CacheStats()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 from kvtier.sim import SyntheticChat, simulate
 from kvtier.sim.clairvoyant import Clairvoyant
@@ -55,3 +57,12 @@ def test_it_leads_every_online_policy_on_an_unloaded_chat_stream() -> None:
     for name in ("priority-lru", "arc", "s3fifo", "kvtier-predict", "kvtier-predict-cost"):
         online = simulate(workload, replace(cache, eviction_policy=name), time_scale=3.0)
         assert online.token_hit_rate < clairvoyant.token_hit_rate, name
+
+
+def test_what_is_no_policy_is_refused_by_name() -> None:
+    """``simulate(policy=...)`` with something that is no eviction policy (a policy's name,
+    say) is a clear error naming what it lacks, before anything runs."""
+    with pytest.raises(ValueError, match=r"policy must be an eviction policy.*'lru' has no"
+                                         r" name, ranks_soft_claims, num_queue_fields"):
+        simulate(SyntheticChat(num_requests=5), CacheConfig(num_gpu_blocks=256),
+                 policy="lru")  # type: ignore[arg-type]
