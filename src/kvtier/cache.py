@@ -88,13 +88,20 @@ class _Onboarding:
     def copy_in(self, gpu_slots: list[int]) -> None:
         """Copy the path's next ``len(gpu_slots)`` blocks into ``gpu_slots`` (taken from
         the free list or from a victim: referenced from now on)."""
+        src = self.take_in(gpu_slots)
+        self._ops.record_run(OpKind.ONBOARD, Tier.HOST, src, Tier.GPU, gpu_slots, self._tpb)
+
+    def take_in(self, gpu_slots: list[int]) -> list[int]:
+        """``copy_in`` less the recording: the caller records the copies from the host
+        slots returned (a swap records its pieces at once, ``PlanRecorder.record_swap``)
+        before the plan's next op (their host slots are free from now on)."""
         start = len(self.gpu_slots)
         src = self.host_slots[start:start + len(gpu_slots)]
-        self._ops.record_run(OpKind.ONBOARD, Tier.HOST, src, Tier.GPU, gpu_slots, self._tpb)
         self._gpu.num_referenced += len(gpu_slots)
         self._host.num_referenced -= len(src)
         self._host.give_back(src)
         self.gpu_slots += gpu_slots
+        return src
 
 
 class StoredRun(NamedTuple):
@@ -366,21 +373,24 @@ class BlockCache:
         if num_swap:
             assert onboarding is not None
             host_slots: list[int] = []
+            path_slots: list[int] = []
+            piece_ends: list[int] = []
             done = 0
             while done < num_offload:
                 end = min(num_swap if done < num_swap else num_offload, done + host.num_free)
                 # Never empty: each piece gives back the host slots it took (the path's).
                 assert end > done, (done, num_swap, num_offload)
-                piece = host.take(end - done)
-                self.journal.host_slots_filled(piece)
-                ops.record_run(OpKind.OFFLOAD, Tier.GPU, old[done:end], Tier.HOST, piece,
-                               self.tpb)
-                host_slots += piece
+                host_slots += host.take(end - done)
                 if done < num_swap:
-                    onboarding.copy_in(old[done:end])
+                    path_slots += onboarding.take_in(old[done:end])
+                    piece_ends.append(end)
                 else:
                     self.gpu.give_back(old[done:end])
                 done = end
+            self.journal.host_slots_filled(host_slots)
+            # The pieces' copies in the order the loop made them (each piece's offload, then
+            # the onboard into its slots), recorded at once.
+            ops.record_swap(old, host_slots, path_slots, piece_ends, self.tpb)
         else:
             host_slots = host.take(num_offload)
             self.journal.host_slots_filled(host_slots)  # filled only when the plan runs

@@ -84,3 +84,43 @@ def test_of_columns_rejects_mismatched_kinds() -> None:
     columns = PlanColumns.of(EXPECTED)
     with pytest.raises(ValueError, match="kinds hold 1 ops, the columns 4"):
         TransferPlan.of_columns(array("b", [0]), columns)
+
+
+def test_a_swap_records_its_pieces_interleaved_in_one_call() -> None:
+    """record_swap gives the ops of a record_run per piece and kind, in the same order:
+    piece 1's offload, its onboard, piece 2's, then the offload of the run's rest::
+
+        GPU run  [10 11 | 12 | 13 14]   pieces end at 2, 3 (the path's 3 blocks)
+        host     [20 21 | 22 | 23 24]   path [30 31 | 32]
+    """
+    gpu, host, path = [10, 11, 12, 13, 14], [20, 21, 22, 23, 24], [30, 31, 32]
+    swapped = PlanRecorder()
+    swapped.record_run(OpKind.COPY, G, [1], G, [2], 3)  # what came before stays first
+    swapped.record_swap(gpu, host, path, [2, 3], 4)
+    one_by_one = PlanRecorder()
+    one_by_one.record_run(OpKind.COPY, G, [1], G, [2], 3)
+    for start, end in ((0, 2), (2, 3)):
+        one_by_one.record_run(OpKind.OFFLOAD, G, gpu[start:end], H, host[start:end], 4)
+        one_by_one.record_run(OpKind.ONBOARD, H, path[start:end], G, gpu[start:end], 4)
+    one_by_one.record_run(OpKind.OFFLOAD, G, gpu[3:], H, host[3:], 4)
+    plan, expected = swapped.take(), one_by_one.take()
+    assert plan == expected and plan.kinds == expected.kinds
+    assert [(op.kind.value, op.src_slot, op.dst_slot) for op in plan.ops[1:5]] == [
+        ("offload", 10, 20), ("offload", 11, 21), ("onboard", 30, 10), ("onboard", 31, 11)]
+
+
+@pytest.mark.parametrize(("host", "path", "ends", "message"), [
+    ([20, 21], [30], [1], "as many host slots as GPU slots"),
+    ([20, 21, 22], [30, 31], [1], "must end at the path's 2 slots"),
+    ([20, 21, 22], [30, 31], [2, 2], "must end at|must increase"),
+    ([20, 21, 22], [30, 31], [0, 2], "must increase"),
+])
+def test_a_bad_swap_is_refused_recording_nothing(
+        host: list[int], path: list[int], ends: list[int], message: str) -> None:
+    """Slot lists of other lengths or piece ends that do not increase to the path's end are
+    refused with the numbers, and the recorder keeps what it had."""
+    recorder = PlanRecorder()
+    recorder.record_run(OpKind.OFFLOAD, G, [0], H, [1], 4)
+    with pytest.raises(ValueError, match=message):
+        recorder.record_swap([10, 11, 12], host, path, ends, 4)
+    assert recorder.take().ops == (TransferOp(OpKind.OFFLOAD, G, 0, H, 1, 4),)

@@ -20,6 +20,11 @@ class OpKind(str, Enum):
 OP_KINDS = (OpKind.OFFLOAD, OpKind.ONBOARD, OpKind.COPY)
 _KIND_INDEX = {kind: i for i, kind in enumerate(OP_KINDS)}
 _TIERS = (Tier.GPU, Tier.HOST)
+# One op's entry in a tier column ('q') and in the kinds column ('b'), as bytes.
+_GPU_Q = array("q", [Tier.GPU]).tobytes()
+_HOST_Q = array("q", [Tier.HOST]).tobytes()
+_OFFLOAD_B = array("b", [_KIND_INDEX[OpKind.OFFLOAD]]).tobytes()
+_ONBOARD_B = array("b", [_KIND_INDEX[OpKind.ONBOARD]]).tobytes()
 
 
 class TransferOp(NamedTuple):
@@ -183,6 +188,64 @@ class PlanRecorder:
         """Record ``src_slots[i] -> dst_slots[i]`` for every ``i``, in order."""
         self.columns.extend(src_tier, src_slots, dst_tier, dst_slots, num_tokens)
         self.kinds.extend(array("b", [_KIND_INDEX[kind]]) * len(src_slots))
+
+    def record_swap(self, gpu_slots: list[int], host_slots: list[int], path_slots: list[int],
+                    piece_ends: Sequence[int], num_tokens: int) -> None:
+        """Record a GPU run swapped out a piece at a time for a path's host blocks coming in,
+        in one call: for each piece ``[start, end)`` (``piece_ends``, increasing, the last
+        ``len(path_slots)``), its offload, then the path's onboard into the slots it left;
+        then the offload of the rest of the run::
+
+            for each piece:  offload gpu_slots[start:end] -> host_slots[start:end]
+                             onboard path_slots[start:end] -> gpu_slots[start:end]
+            then:            offload gpu_slots[len(path_slots):] -> host_slots[len(path_slots):]
+
+        The same ops, in the same order, as a ``record_run`` per piece and kind: a piece's
+        onboard writes the GPU slots its offload reads, and the next piece's offload may
+        write the host slots this onboard reads (the order the hazards need)."""
+        num_swap = len(path_slots)
+        if len(gpu_slots) != len(host_slots) or num_swap > len(gpu_slots):
+            raise ValueError(f"a swap takes as many host slots as GPU slots and at most as "
+                             f"many path slots: {len(gpu_slots)} GPU, {len(host_slots)} host, "
+                             f"{num_swap} path")
+        if not piece_ends or piece_ends[-1] != num_swap:
+            raise ValueError(f"the last piece must end at the path's {num_swap} slots, got "
+                             f"piece ends {list(piece_ends)!r}")
+        src: list[int] = []
+        dst: list[int] = []
+        # NOTE: the tier and kind columns are repeated byte patterns, joined once: no Python
+        # object per op (a piece is n offloads, then n onboards).
+        src_tiers: list[bytes] = []
+        dst_tiers: list[bytes] = []
+        kinds: list[bytes] = []
+        start = 0
+        for end in piece_ends:
+            n = end - start
+            if n <= 0:
+                raise ValueError(f"piece ends must increase, got {list(piece_ends)!r}")
+            gpu = gpu_slots[start:end]
+            src += gpu
+            src += path_slots[start:end]
+            dst += host_slots[start:end]
+            dst += gpu
+            src_tiers.append(_GPU_Q * n + _HOST_Q * n)
+            dst_tiers.append(_HOST_Q * n + _GPU_Q * n)
+            kinds.append(_OFFLOAD_B * n + _ONBOARD_B * n)
+            start = end
+        n = len(gpu_slots) - num_swap
+        if n:
+            src += gpu_slots[num_swap:]
+            dst += host_slots[num_swap:]
+            src_tiers.append(_GPU_Q * n)
+            dst_tiers.append(_HOST_Q * n)
+            kinds.append(_OFFLOAD_B * n)
+        c = self.columns
+        c.src_tiers.frombytes(b"".join(src_tiers))
+        c.src_slots.fromlist(src)
+        c.dst_tiers.frombytes(b"".join(dst_tiers))
+        c.dst_slots.fromlist(dst)
+        c.num_tokens.extend(array("q", [num_tokens]) * len(src))
+        self.kinds.frombytes(b"".join(kinds))
 
     def take(self) -> TransferPlan:
         """The ops recorded since the last take, as one plan; the recorder starts empty."""
