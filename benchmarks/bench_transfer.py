@@ -231,6 +231,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="dma_gather: streams (and staging buffers) per direction")
     p.add_argument("--staging-mib", type=int, default=STAGING_BYTES >> 20,
                    help="dma_gather: MiB of one staging buffer")
+    p.add_argument("--submit-threads", default="1",
+                   help="dma_gather (and auto): 1 queues each stream's work from a thread of "
+                        "its own, 0 from the caller's; commas to compare")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -246,7 +249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def print_row(r: dict[str, Any]) -> None:
     print(f"{r['layout']:24} {r['block_kib']:>5} KiB {r['host_run']:>3} {r['direction']:>5} "
-          f"{r['method']:>10} {r['path']:>10} "
+          f"{r['method']:>10} {r['path']:>10} {r['submit_threads']:>3} "
           f"{r['num_blocks']:>7} {r['ms']:>8.2f} {r['GBps']:>7.1f} {r['ratio']:>6.2f} "
           f"{r['wall_ratio']:>6.2f} "
           f"{r['submit_ms']:>10.2f} {r['cpu_us_per_block']:>8.3f} "
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ceiling, one {args.total_mib} MiB pinned copy: h2d {ceiling['h2d']:.1f} GB/s, "
           f"d2h {ceiling['d2h']:.1f} GB/s, both at once {ceiling['both']:.1f} GB/s")
     print(f"{'layout (GPU/host)':24} {'block':>9} {'run':>3} {'dir':>5} {'method':>10} "
-          f"{'path':>10} {'blocks':>7} "
+          f"{'path':>10} {'thr':>3} {'blocks':>7} "
           f"{'ms':>8} {'GB/s':>7} {'ratio':>6} {'wall r':>6} {'submit ms':>10} {'CPU us/b':>8} "
           f"{'cols us/b':>8} {'copy us/b':>8} {'calls':>7}")
     rng = random.Random(0)
@@ -319,11 +322,13 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 plan = TransferPlan(ops, PlanColumns.of(ops))
                 columns_s = time.perf_counter() - t0
-                for method in args.methods.split(","):
+                for method, threads in ((m, int(t)) for m in args.methods.split(",")
+                                        for t in (args.submit_threads.split(",")
+                                                  if m in ("auto", "dma_gather") else "1")):
                     try:
                         engine = TorchTransferEngine(
                             gpu, host, method=method, gather_streams=args.gather_streams,
-                            staging_bytes=args.staging_mib * MIB)
+                            staging_bytes=args.staging_mib * MIB, submit_threads=bool(threads))
                     except ValueError as exc:
                         print(f"skip {kinds} {block_kib} KiB {method}: {exc}", file=sys.stderr)
                         continue
@@ -346,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({
                         "layout": f"{gpu_kind}/{host_kind}", "block_kib": block_kib,
                         "direction": direction, "host_run": host_run, "method": method,
+                        "submit_threads": threads,
                         "num_blocks": num_ops, "path": engine.plan_path(plan),
                         "bytes": nbytes, "ms": seconds * 1e3,
                         "GBps": gbps, "ratio": gbps / ceiling[CEILING[direction]],

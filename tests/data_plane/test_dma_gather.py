@@ -32,6 +32,7 @@ from kvtier.transfer.dma_gather import (  # noqa: E402
     host_runs,
     queue,
     queue_order,
+    staged_columns,
     staged_keys,
 )
 from kvtier.transfer.fused import LaunchTarget, plan_arrays  # noqa: E402
@@ -132,7 +133,7 @@ def test_host_runs_count_whole_offloads_and_onboards_in_plan_order() -> None:
     """Runs of consecutive host slots, one direction at a time, in plan order."""
     ops = (offload(0, 4), offload(1, 5), offload(2, 6), onboard(7, 3), onboard(8, 9),
            onboard(2, 8))
-    assert host_runs(plan_arrays(ops), TPB) == (6, 3)  # h4-6 | h7-8 | h2
+    assert host_runs(staged_columns(plan_arrays(ops), TPB)) == (6, 3)  # h4-6 | h7-8 | h2
 
 
 Action = tuple[str, object, tuple[int, int]]

@@ -345,3 +345,64 @@ def test_cuda_copies_start_after_the_callers_queued_work() -> None:
     engine.wait(h2)
     total = sum(float(gpu.layer(i)[6].sum()) for i in range(NUM_LAYERS))
     assert total == 7.0 * NUM_LAYERS * gpu.layer(0)[6].numel()
+
+
+def step_ops(rng: random.Random, num_gpu: int, num_host: int, num: int) -> list[TransferOp]:
+    """A serving step: ``num`` victims offloaded into runs of free host slots, then as many
+    blocks onboarded into the GPU slots they free (each onboard after its slot's offload)."""
+    gpu = rng.sample(range(num_gpu), num)
+    start = rng.randrange(num_host - num // 2)  # half the offloads' slots in one run
+    run = list(range(start, start + num // 2))
+    rest = rng.sample([h for h in range(num_host) if h not in run], 2 * num - len(run))
+    offload_to, onboard_from = run + rest[:num - len(run)], rest[num - len(run):]
+    return ([TransferOp(OpKind.OFFLOAD, G, g, H, h, TPB)
+             for g, h in zip(gpu, offload_to, strict=True)]
+            + [TransferOp(OpKind.ONBOARD, H, h, G, g, TPB)
+               for g, h in zip(gpu, onboard_from, strict=True)])
+
+
+@CUDA
+@pytest.mark.parametrize("submit_threads", [True, False], ids=["threads", "caller"])
+def test_staged_steps_match_in_order_from_submit_threads_or_the_callers(
+        submit_threads: bool) -> None:
+    """Steps on the staging path, queued from a thread per stream or from the caller's,
+    with buffers of 3 blocks (several chunks on each of the 2 streams a direction), give
+    exactly the in-order result, one plan after another."""
+    gpu, host = make_tiers("layer_major", "block_major", "cuda", num_gpu=40, num_host=64)
+    engine = TorchTransferEngine(gpu, host, method="dma_gather", submit_threads=submit_threads,
+                                 staging_bytes=3 * host.layout.bytes_per_block)
+    rng = random.Random(3)
+    for _ in range(8):
+        ops = step_ops(rng, gpu.num_blocks, host.num_blocks, 16)
+        poison(gpu, host, ops)
+        expected = reference(snapshot(gpu, host), ops)
+        run_plan(engine, ops)
+        assert_matches(gpu, host, expected)
+    assert engine.stats.num_gather_plans == 8
+    assert engine.stats.num_dma_batches >= 8 * 12  # 16 blocks a direction, 3 a chunk
+
+
+@CUDA
+def test_a_step_failing_on_a_submit_thread_fails_every_op() -> None:
+    """The third step of a staged plan raises on its submit thread: TransferError names
+    every op, nothing waits forever, and the engine runs the next plan exactly."""
+    gpu, host = make_tiers("layer_major", "block_major", "cuda", num_gpu=40, num_host=64)
+    engine = TorchTransferEngine(gpu, host, method="dma_gather",
+                                 staging_bytes=3 * host.layout.bytes_per_block)
+    ops = step_ops(random.Random(5), gpu.num_blocks, host.num_blocks, 16)
+    calls: list[int | None] = []
+
+    def fail_third(layer: int | None) -> None:
+        calls.append(layer)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure of a step")
+
+    engine.before_launch = fail_third
+    with pytest.raises(TransferError, match="32 of 32 copies not done") as info:
+        engine.submit(TransferPlan(tuple(ops)))
+    assert info.value.failed_indices == tuple(range(32))
+    engine.before_launch = None
+    torch.cuda.synchronize()
+    expected = reference(snapshot(gpu, host), ops)
+    run_plan(engine, ops)
+    assert_matches(gpu, host, expected)

@@ -212,18 +212,43 @@ def queue_order(batch: Ints, host: Ints) -> Ints:
     return np.repeat(starts - offset, run_len) + np.arange(n, dtype=np.int64)
 
 
-def host_runs(arrays: PlanArrays, tokens_per_block: int) -> tuple[int, int]:
-    """``(ops, runs)``: how many whole-block offloads and onboards ``arrays`` hold, and in
-    how many runs of consecutive host slots (same direction, plan order) they come: what
-    ``auto`` weighs before taking this path. Pure."""
+class StagedColumns(NamedTuple):
+    """A plan's arrays as the staging path reads them, per op: its ``flags`` (bit 0 source
+    on the host, bit 1 destination on the host), whether it is an offload (``to_host``),
+    whether staging takes it (``staged``: a whole offload or onboard), its host and GPU
+    slot (either slot of an op between two GPU slots); ``all_staged``: every op is."""
+
+    arrays: PlanArrays
+    flags: Ints
+    to_host: Bools
+    staged: Bools
+    all_staged: bool
+    host: Ints
+    gpu: Ints
+
+
+def staged_columns(arrays: PlanArrays, tokens_per_block: int) -> StagedColumns:
+    """``arrays`` read for the staging path (one pass each: ``auto``'s count of runs and
+    the planning share them). Pure."""
     flags = arrays.src_tier + 2 * arrays.dst_tier
-    staged = (arrays.num_tokens == tokens_per_block) & ((flags == D2H) | (flags == H2D))
-    host = np.where(flags == D2H, arrays.dst_slot, arrays.src_slot)[staged]
-    flags = flags[staged]
+    to_host = flags == D2H
+    staged = (arrays.num_tokens == tokens_per_block) & (to_host | (flags == H2D))
+    host = np.where(to_host, arrays.dst_slot, arrays.src_slot)
+    gpu = np.where(to_host, arrays.src_slot, arrays.dst_slot)
+    return StagedColumns(arrays, flags, to_host, staged, bool(staged.all()), host, gpu)
+
+
+def host_runs(columns: StagedColumns) -> tuple[int, int]:
+    """``(ops, runs)``: how many whole-block offloads and onboards a plan holds, and in how
+    many runs of consecutive host slots (same direction, plan order) they come: what
+    ``auto`` weighs before taking this path. Pure."""
+    host, flags = columns.host, columns.flags
+    if not columns.all_staged:
+        host, flags = host[columns.staged], flags[columns.staged]
     if not len(host):
         return 0, 0
     joined = (host[1:] == host[:-1] + 1) & (flags[1:] == flags[:-1])
-    return len(host), len(host) - int(joined.sum())
+    return len(host), len(host) - int(np.count_nonzero(joined))
 
 
 class DmaGatherCopier:
@@ -269,17 +294,15 @@ class DmaGatherCopier:
                                         dtype=part.dtype, device=part.device)
         return self._staging
 
-    def prepare(self, plan: TransferPlan, num_blocks: dict[Tier, int | None]) -> GatherPlan:
-        """Check ``plan`` (ValueError, nothing copied) and cut it into chunks. Pure."""
-        arrays = arrays_of(plan)
+    def prepare(self, plan: TransferPlan, num_blocks: dict[Tier, int | None],
+                columns: StagedColumns | None = None) -> GatherPlan:
+        """Check ``plan`` (ValueError, nothing copied) and cut it into chunks; ``columns``:
+        its ``staged_columns``, where the caller has them. Pure."""
+        if columns is None:
+            columns = staged_columns(arrays_of(plan), self.tokens_per_block)
+        arrays, flags, to_host, staged, all_staged, host, gpu = columns
         max_groups = min(MAX_GROUPS, max(
             1, len(arrays.src_slot) * self.block_bytes // GROUP_BYTES))
-        flags = arrays.src_tier + 2 * arrays.dst_tier
-        to_host = flags == D2H
-        staged = (arrays.num_tokens == self.tokens_per_block) & (to_host | (flags == H2D))
-        host = np.where(to_host, arrays.dst_slot, arrays.src_slot)
-        gpu = np.where(to_host, arrays.src_slot, arrays.dst_slot)
-        all_staged = bool(staged.all())
         # A plan of whole offloads and onboards is valid where its slots lie in their pools
         # (four reductions); any other is checked op by op, naming the first bad one.
         if not (all_staged and _in_pool(host, num_blocks.get(Tier.HOST))

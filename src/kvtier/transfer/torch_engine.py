@@ -44,15 +44,13 @@ from kvtier.transfer.batching import TransferBatch
 from kvtier.transfer.copy_streams import CopyStreams
 from kvtier.transfer.dma_batch import DmaBatchCopier, Executor, load_cudart_batch
 from kvtier.transfer.dma_gather import (
-    D2H,
     GATHER_COST,
-    H2D,
     STAGING_BYTES,
     DmaGatherCopier,
-    GatherChunk,
     GatherCost,
+    StagedColumns,
     host_runs,
-    queue,
+    staged_columns,
 )
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.fused import (
@@ -61,9 +59,10 @@ from kvtier.transfer.fused import (
     PlanArrays,
     arrays_of,
     fused_available,
-    to_device,
 )
+from kvtier.transfer.gather_submit import STREAM_OF_FLAGS, GatherSubmitter, StepFailed
 from kvtier.transfer.plan import TransferPlan
+from kvtier.transfer.stream_workers import StreamWorkers
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 from kvtier.transfer.torch_memory import (
     blocks_view,
@@ -85,7 +84,6 @@ METHODS = ("auto", "dma_batch", "dma_gather", "fused", "kernel", "dma", "staged"
 # (the fused kernel 0.80-0.84); with 16 KiB copies 0.68-0.72 (fused 0.79-0.83) and with
 # 4 KiB 0.04-0.16, when the driver took 1.5-6 us of CPU per copy.
 MIN_BATCH_COPY_BYTES = 64 << 10
-STREAM_OF_FLAGS = {0: "d2d", 1: "h2d", 2: "d2h", 3: "h2h"}  # fused flags: bit 0 src host
 
 
 class TorchTransferEngine:
@@ -95,9 +93,11 @@ class TorchTransferEngine:
     a CUDA machine, or ``None`` when there is no host tier. ``gather_streams`` and
     ``staging_bytes`` size the staging path: that many streams per direction, each with a
     GPU buffer of that many bytes (128 MiB of GPU memory in all by default, taken at its
-    first plan). ``before_batch`` is called with
-    each batch of the wave path before it runs, ``before_launch`` with each layer
-    (``None``: all) before the fused or batched path queues it (fault injection in tests).
+    first plan); ``submit_threads``: it queues each stream's work from a thread of its own
+    (``gather_submit``), else from the caller's. ``before_batch`` is called with each batch
+    of the wave path before it runs, ``before_launch`` with each layer (``None``: all)
+    before the fused or batched path queues it, and with ``None`` before each step of the
+    staging path (possibly on a submit thread) (fault injection in tests).
     """
 
     def __init__(
@@ -111,6 +111,7 @@ class TorchTransferEngine:
         gather_cost: GatherCost = GATHER_COST,
         gather_streams: int = 2,
         staging_bytes: int = STAGING_BYTES,
+        submit_threads: bool = True,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -165,15 +166,18 @@ class TorchTransferEngine:
         if method in ("dma_batch", "dma_gather") and self._dma is None:
             raise ValueError(f"method {method!r} needs CUDA 12.8+ (cudaMemcpyBatchAsync) and a "
                              "pinned host tier; use 'auto'")
-        self._gather: DmaGatherCopier | None = None
+        self._gather: GatherSubmitter | None = None
         if self._dma is not None and method in ("auto", "dma_gather") and host is not None \
                 and host.layout.layout == "block_major":
             assert self._kernel_views is not None
             gpu_views = views[Tier.GPU]
             spanned = blocks_view(gpu_views) if len(gpu_views) > 1 else None
-            self._gather = DmaGatherCopier([spanned] if spanned is not None else gpu_views,
-                                           views[Tier.HOST][0], self._dma[0], self._tpb,
-                                           gather_streams, staging_bytes)
+            copier = DmaGatherCopier([spanned] if spanned is not None else gpu_views,
+                                     views[Tier.HOST][0], self._dma[0], self._tpb,
+                                     gather_streams, staging_bytes)
+            workers = StreamWorkers(_device_setter(gpu.device)) if submit_threads else None
+            self._gather = GatherSubmitter(copier, self._dma[1], self._streams, gpu.device,
+                                           workers)
         if method == "dma_gather" and self._gather is None:
             raise ValueError("method 'dma_gather' needs a block-major host tier; use 'auto'")
         if self.has_uva and method in ("auto", "fused") and fused_available():
@@ -219,13 +223,22 @@ class TorchTransferEngine:
         its whole-block offloads and onboards come in runs of consecutive host slots long
         enough that staging pays (``gather_cost``). Pure."""
         path = self.path
-        if path in ("fused", "waves") and self._gather is not None and len(plan):
-            num_ops, num_runs = host_runs(arrays_of(plan), self._tpb)
-            gather = self._gather
-            if self.gather_cost.pays(num_ops, num_runs, gather.block_bytes,
-                                     gather.capacity * gather.block_bytes):
-                return "dma_gather"
+        if path in ("fused", "waves") and self._staged_if_it_pays(plan) is not None:
+            return "dma_gather"
         return path
+
+    def _staged_if_it_pays(self, plan: TransferPlan) -> StagedColumns | None:
+        """Under ``auto`` (fused or wave path), ``plan``'s columns for the staging path
+        where it pays (``gather_cost``), else ``None``. Pure."""
+        if self._gather is None or not len(plan):
+            return None
+        columns = staged_columns(arrays_of(plan), self._tpb)
+        num_ops, num_runs = host_runs(columns)
+        copier = self._gather.copier
+        if self.gather_cost.pays(num_ops, num_runs, copier.block_bytes,
+                                 copier.capacity * copier.block_bytes):
+            return columns
+        return None
 
     def _targets(self) -> tuple[list[LaunchTarget], LaunchTarget | None]:
         """Per layer, and for whole block-major blocks, what one launch copies between."""
@@ -285,9 +298,13 @@ class TorchTransferEngine:
             return TransferHandle(plan)
         if self._dma is not None and self.dma_batched:
             return self._submit_batched(plan, *self._dma)
-        if self._gather is not None and self._dma is not None \
-                and self.plan_path(plan) == "dma_gather":
-            return self._submit_gather(plan, self._gather, self._dma[1])
+        if self._gather is not None:
+            if self.method == "dma_gather":
+                return self._submit_gather(plan, self._gather, None)
+            if self.path in ("fused", "waves"):
+                columns = self._staged_if_it_pays(plan)
+                if columns is not None:
+                    return self._submit_gather(plan, self._gather, columns)
         if self._fused is not None:
             return self._submit_fused(plan, self._fused)
         return self._waves.submit(plan, self.layerwise, self.before_batch)
@@ -375,67 +392,20 @@ class TorchTransferEngine:
         done_event = self._streams.finish(layer_events)
         return TransferHandle(plan, 0, 0, done_event, layer_events if self.layerwise else None)
 
-    def _submit_gather(self, plan: TransferPlan, copier: DmaGatherCopier,
-                       execute: Executor) -> TransferHandle:
-        """``submit`` on the staging path: chunks and direct batches on the streams of
-        their direction (``dma_gather``'s docstring says what waits for what). Every
-        layer's event is the plan's."""
-        import torch
-
-        prepared = copier.prepare(plan, self._num_blocks)
-        self._count_arrays(prepared.arrays, prepared.num_components)
-        dsts, srcs, sizes = copier.runs(prepared)
-        # On the caller's stream, before the start event that every copy waits for.
-        gpu_slots = to_device(prepared.gpu_slots, self.device)
-        start = self._streams.start_events()
-        done: dict[tuple[int, int], list[Any]] = {}
-        last: dict[str, Any] = {}
-        queued: list[Any] = []
-        slot_streams: set[str] = set()  # where gpu_slots is read (the allocator must know)
+    def _submit_gather(self, plan: TransferPlan, submitter: GatherSubmitter,
+                       columns: StagedColumns | None) -> TransferHandle:
+        """``submit`` on the staging path (``gather_submit``; ``dma_gather``'s docstring
+        says what waits for what): the plan's stats are counted while the workers queue.
+        Every layer's event is the plan's."""
+        prepared = submitter.copier.prepare(plan, self._num_blocks, columns)
+        before = self.before_launch
         try:
-            with torch.cuda.device(self.device):
-                caller = torch.cuda.current_stream(self.device)
-                if self.before_launch is not None:
-                    self.before_launch(None)
-                try:
-                    for step in queue(copier, prepared):
-                        name = STREAM_OF_FLAGS[step.flags]
-                        deps = start if step.level == 0 else done[(step.group, step.level - 1)]
-                        if not isinstance(step, GatherChunk):
-                            stream = self._streams.stream(name)
-                            for event in deps:
-                                stream.wait_event(event)
-                            execute(step.dsts, step.srcs, step.sizes, stream.cuda_stream)
-                        else:
-                            if step.stream:
-                                name = f"{name}.{step.stream}"
-                            stream = self._streams.stream(name)
-                            if name not in slot_streams:
-                                slot_streams.add(name)
-                                gpu_slots.record_stream(stream)
-                            a, b = step.run_first, step.run_end
-                            for event in start if step.early else deps:
-                                stream.wait_event(event)
-                            # NOTE: set_stream, not a stream context per chunk (~10 us
-                            # each on the H200 host); the caller's is restored below.
-                            if step.flags == D2H:
-                                torch.cuda.set_stream(stream)
-                                copier.gather(step, gpu_slots)
-                            execute(dsts[a:b], srcs[a:b], sizes[a:b], stream.cuda_stream)
-                            if step.flags == H2D:
-                                for event in deps if step.early else ():
-                                    stream.wait_event(event)
-                                torch.cuda.set_stream(stream)
-                                copier.scatter(step, gpu_slots)
-                        self.stats.num_dma_batches += 1
-                        last[name] = _record(stream, done.setdefault((step.group, step.level),
-                                                                     []), queued)
-                finally:
-                    torch.cuda.set_stream(caller)
-        except Exception as exc:
-            self._streams.last_done = self._streams.join(queued or start)
-            raise self._failed(plan, None, exc) from exc
-        done_event = self._streams.finish([self._streams.join(list(last.values()))])
+            done_event, num_calls = submitter.submit(
+                prepared, None if before is None else lambda: before(None),
+                lambda: self._count_arrays(prepared.arrays, prepared.num_components))
+        except StepFailed as failed:
+            raise self._failed(plan, None, failed.cause) from failed.cause
+        self.stats.num_dma_batches += num_calls
         self.stats.num_gather_plans += 1
         return TransferHandle(plan, 0, 0, done_event,
                               [done_event] * self._num_layers if self.layerwise else None)
@@ -493,3 +463,14 @@ def _record(stream: Any, level_events: list[Any], queued: list[Any]) -> Any:
     level_events.append(event)
     queued.append(event)
     return event
+
+
+def _device_setter(device: torch.device) -> Callable[[], None]:
+    """What a submit thread runs first: select ``device`` (the runtime's calls and torch's
+    launches go to the thread's current device). Holds only the device: a thread that held
+    the engine would keep it alive."""
+    def select() -> None:
+        import torch
+
+        torch.cuda.set_device(device)
+    return select
