@@ -213,7 +213,7 @@ def test_lookup_answers_the_same_for_every_sequence_type(data: st.DataObject) ->
     tokens = tokens[: data.draw(st.integers(1, len(tokens)))]
     want = mgr.lookup(list(tokens), salt=salt, lora_id=lora_id)
     assert mgr.lookup(tuple(tokens), salt=salt, lora_id=lora_id) == want
-    adm = mgr.add_sequence(SequenceSpec("t", tuple(tokens), salt=salt,  # type: ignore[arg-type]
+    adm = mgr.add_sequence(SequenceSpec("t", tuple(tokens), salt=salt,
                                         lora_id=lora_id))
     assert adm.admitted and adm.num_reused_tokens == want.num_tokens
 

@@ -205,6 +205,31 @@ def test_a_spec_is_a_snapshot_of_its_tokens() -> None:
     assert adm.num_reused_tokens == 8 and len(adm.block_ids) == 3
 
 
+def test_a_specs_tokens_keep_only_the_packed_array_and_read_like_the_list() -> None:
+    """``spec.tokens`` holds the validation's ``array('Q')`` and nothing else (freeing a
+    long prompt frees one buffer, no int per id), yet reads like the list it came from."""
+    tokens = [5, 6, 7, 2**63 - 1]
+    spec = SequenceSpec("p", tokens)
+    ids = spec.tokens
+    assert [r for r in gc.get_referents(ids) if r is not TokenIds] == [spec.token_array]
+    assert ids == tokens and tokens == ids and (ids != tokens) is False
+    as_tuple: object = tuple(tokens)
+    assert ids != [5, 6, 7] and ids != as_tuple and ids != spec.token_array
+    assert (len(ids), ids[1], ids[-1], list(ids), list(reversed(ids))) == (
+        4, 6, 2**63 - 1, tokens, tokens[::-1])
+    assert ids[1:3] == [6, 7] and type(ids[1:3]) is list and type(ids[0]) is int
+    assert 7 in ids and 8 not in ids and ids.index(7) == 2 and ids.count(5) == 1
+    assert repr(ids) == f"TokenIds({tokens!r})" and hash(ids) == hash(tuple(tokens))
+    with pytest.raises(IndexError):
+        ids[4]
+    assert SequenceSpec("q", ids).token_array is spec.token_array  # shared, not copied
+    assert TokenIds(tokens) == ids == TokenIds(tuple(tokens)) == TokenIds(ids)
+    with pytest.raises(ValueError, match="tokens: token at index 1 is -1, outside"):
+        TokenIds([1, -1])
+    with pytest.raises(ValueError, match="tokens must be a sequence of ints"):
+        TokenIds(b"\x01")
+
+
 def test_decoding_grows_a_copy_never_the_specs_token_array() -> None:
     """The cache matches a spec's ``token_array``; a request decoding past its prompt grows
     an array of its own, so the spec (and a later lookup of it) still sees the prompt."""

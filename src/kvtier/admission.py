@@ -134,7 +134,7 @@ class BatchAdmission:
         cache = self._cache
         config = self.config
         tpb = self._tpb
-        extras_of = [block_extras(s.mm_items, len(s.tokens), tpb) for s in specs]
+        extras_of = [block_extras(s.mm_items, len(s.token_array), tpb) for s in specs]
         # The promises, on the untouched tree: exactly what lookup() reports.
         matches = [match_prompt(cache.root(s.lora_id, s.salt), s.token_array, e, config)
                    for s, e in zip(specs, extras_of, strict=True)]
@@ -173,7 +173,7 @@ class BatchAdmission:
             host_runs = [n for n in path_to_root(p.seq.last_node)
                          if n.tier is Tier.HOST and n.uid not in onboarding]
             num_onboard = sum(n.num_blocks for n in host_runs)
-            need = (cdiv(len(p.spec.tokens), tpb) - p.seq.num_path_blocks
+            need = (cdiv(len(p.spec.token_array), tpb) - p.seq.num_path_blocks
                     - (p.partial_mode == "in_place") + num_onboard + p.spec.num_reserved_blocks)
             # A GPU copy source that only this request holds is released right after its
             # copy, before the rest is allocated: it counts as room for that rest.
@@ -305,7 +305,7 @@ class BatchAdmission:
         total = 0
         shared: dict[int, int] = {}
         for spec, m in zip(specs, matches, strict=True):
-            num_blocks = cdiv(len(spec.tokens), tpb)
+            num_blocks = cdiv(len(spec.token_array), tpb)
             if num_blocks > capacity:
                 raise ValueError(
                     f"request {spec.request_id!r} needs {num_blocks} blocks "

@@ -649,7 +649,7 @@ class BlockCache:
     def _prefix_end(self, spec: SequenceSpec) -> Node | None:
         """The deepest run of ``spec``'s cached prefix (None: nothing cached). Pure."""
         root = self.root(spec.lora_id, spec.salt)
-        extras = block_extras(spec.mm_items, len(spec.tokens), self.tpb)
+        extras = block_extras(spec.mm_items, len(spec.token_array), self.tpb)
         m = match_prompt(root, spec.token_array, extras, self.config)
         if m.tail is not None:
             return m.tail[0]

@@ -34,7 +34,7 @@ from kvtier.sequence import (
     LiveSequence,
     MultimodalItem,
     SequenceSpec,
-    as_token_list,
+    as_token_sequence,
     block_extras,
     check_key,
     check_lora_id,
@@ -123,7 +123,7 @@ class KVCacheManager:
         """The reuse a request with these tokens would get if admitted now. Pure query.
 
         Arguments are checked exactly as ``SequenceSpec`` checks them (ValueError)."""
-        token_ids = checked_token_array(as_token_list(tokens, "tokens"), "tokens")
+        token_ids = checked_token_array(as_token_sequence(tokens, "tokens"), "tokens")
         check_key("salt", salt)
         check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "lookup")

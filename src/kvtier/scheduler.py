@@ -282,7 +282,7 @@ class Scheduler:
             if held and req.request_id in held:
                 continue
             spec = self._specs[req.request_id]
-            tokens = spec.tokens
+            tokens = spec.token_array
             m = self._lookup(spec)
             compute = len(tokens) - m.num_tokens
             n = min(compute, cap, budget)
@@ -349,7 +349,7 @@ class Scheduler:
         del self._queued_at[req.request_id]
         self._held.discard(req.request_id)
         self.running[req.request_id] = req
-        req.num_prefill_tokens = len(cand.spec.tokens)
+        req.num_prefill_tokens = len(cand.spec.token_array)
         req.num_computed_tokens = num_reused
         return ContextChunk(req.request_id, num_reused, num_tokens, num_reused)
 
