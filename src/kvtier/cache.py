@@ -490,8 +490,10 @@ class BlockCache:
         for node in nodes:
             assert node.tier is Tier.HOST and node.ref_count > 0, node
         gpu = self.gpu
-        onboarding = _Onboarding([slot for node in nodes for slot in node.slots], ops,
-                                 gpu, self.host, self.tpb)
+        host_slots: list[int] = []
+        for node in nodes:
+            host_slots += node.slots  # NOTE: a run at a time, at C speed (paths of 1,000s)
+        onboarding = _Onboarding(host_slots, ops, gpu, self.host, self.tpb)
         num_free = min(gpu.num_free, onboarding.num_left)
         if num_free:
             onboarding.copy_in(gpu.take(num_free))
