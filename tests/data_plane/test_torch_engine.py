@@ -3,6 +3,7 @@ slot-ordering hazards, poisoned destinations, errors and injected faults."""
 
 from __future__ import annotations
 
+import platform
 import random
 from typing import TYPE_CHECKING
 
@@ -15,9 +16,10 @@ from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
 from kvtier.transfer import OpKind, TransferError, TransferOp, TransferPlan  # noqa: E402
 from kvtier.transfer.batching import TransferBatch  # noqa: E402
-from kvtier.transfer.dma_gather import GatherCost  # noqa: E402
+from kvtier.transfer.dma_gather import GatherCost, staged_columns  # noqa: E402
 from kvtier.transfer.fused import plan_arrays  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
+from kvtier.transfer.torch_memory import HEAP_PAD_BYTES, retain_freed_heap  # noqa: E402
 
 G, H = Tier.GPU, Tier.HOST
 TPB = 4
@@ -406,3 +408,27 @@ def test_a_step_failing_on_a_submit_thread_fails_every_op() -> None:
     expected = reference(snapshot(gpu, host), ops)
     run_plan(engine, ops)
     assert_matches(gpu, host, expected)
+
+
+def test_staged_plans_are_counted_as_their_arrays_are() -> None:
+    """The staging path's count (one count of offloads for whole offloads and onboards)
+    gives the figures of the count over a plan's arrays; a plan with a partial copy is
+    counted over its arrays."""
+    gpu, host = make_tiers("block_major", "block_major", "cpu")
+    staged = [TransferOp(OpKind.OFFLOAD, G, 0, H, 0, TPB),
+              TransferOp(OpKind.ONBOARD, H, 1, G, 1, TPB),
+              TransferOp(OpKind.OFFLOAD, G, 2, H, 3, TPB)]
+    for ops in (staged, [*staged, TransferOp(OpKind.COPY, G, 2, G, 3, 1)]):
+        by_arrays, by_columns = TorchTransferEngine(gpu, host), TorchTransferEngine(gpu, host)
+        by_arrays._count_arrays(plan_arrays(ops), 3)
+        by_columns._count_staged(staged_columns(plan_arrays(ops), TPB), 3)
+        assert by_columns.stats == by_arrays.stats
+    assert by_columns.stats.bytes_d2h == 2 * TPB * gpu.layout.bytes_per_token
+
+
+def test_a_negative_heap_pad_is_refused_and_glibc_keeps_freed_heap() -> None:
+    """``heap_pad_bytes`` below 0 raises naming it; on glibc the pad is set."""
+    gpu, host = make_tiers("block_major", "block_major", "cpu")
+    with pytest.raises(ValueError, match="heap_pad_bytes must be >= 0 or None, got -1"):
+        TorchTransferEngine(gpu, host, heap_pad_bytes=-1)
+    assert retain_freed_heap(HEAP_PAD_BYTES) == (platform.libc_ver()[0] == "glibc")

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 # dsts, srcs, sizes (uint64, equal lengths), stream handle: queue the copies.
 Executor = Callable[["Addrs", "Addrs", "Addrs", int], None]
+EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
 PIPELINE_STAGES = 16  # groups x launches a plan is cut into, at least (fill and drain cost 1/17)
 
 
@@ -81,8 +82,10 @@ class DmaBatch(NamedTuple):
 
 class CudartBatch:
     """``cudaMemcpyBatchAsync`` of the CUDA runtime through ctypes (arrays passed as raw
-    pointers: no Python step per copy). Raises RuntimeError naming the code on failure
-    (and clears the runtime's last error, so torch does not report it later)."""
+    pointers: no Python step per copy), and the event calls that order such copies from a
+    thread that holds no torch objects (``new_event``, ``record_event``, ``wait_event``:
+    raw handles, the GIL released in each call). Raises RuntimeError naming the code on
+    failure (and clears the runtime's last error, so torch does not report it later)."""
 
     def __init__(self, lib: ctypes.CDLL, version: int) -> None:
         self._lib = lib
@@ -104,6 +107,31 @@ class CudartBatch:
             self._lib.cudaGetLastError()
             raise RuntimeError(f"cudaMemcpyBatchAsync of {len(sizes)} copies returned CUDA "
                                f"error {rc}")
+
+    def new_event(self) -> int:
+        """A new event of the current device, without timing (the caller keeps it)."""
+        event = ctypes.c_void_p(0)
+        self._check(self._lib.cudaEventCreateWithFlags(ctypes.byref(event),
+                                                       ctypes.c_uint(EVENT_DISABLE_TIMING)),
+                    "cudaEventCreateWithFlags")
+        assert event.value is not None
+        return event.value
+
+    def record_event(self, event: int, stream: int) -> None:
+        """Record ``event`` on ``stream`` (raw handles)."""
+        self._check(self._lib.cudaEventRecord(ctypes.c_void_p(event), ctypes.c_void_p(stream)),
+                    "cudaEventRecord")
+
+    def wait_event(self, stream: int, event: int) -> None:
+        """Make ``stream`` wait for ``event``'s last record (raw handles)."""
+        self._check(self._lib.cudaStreamWaitEvent(ctypes.c_void_p(stream),
+                                                  ctypes.c_void_p(event), ctypes.c_uint(0)),
+                    "cudaStreamWaitEvent")
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            self._lib.cudaGetLastError()
+            raise RuntimeError(f"{what} returned CUDA error {rc}")
 
 
 def load_cudart_batch() -> CudartBatch | None:

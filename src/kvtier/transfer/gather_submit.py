@@ -2,9 +2,16 @@
 scatter and every direct batch on the stream of its direction, each after the level
 before in its group (extra ``torch``).
 
-Two ways to issue the same steps: on the calling thread in queue order, or from one
-worker thread per stream (``stream_workers``), so that the driver's batched copies of
-different streams (~0.5 us of CPU a DMA run, with the GIL released) run side by side.
+The caller's thread plans, launches the gathers and scatters and makes the streams wait;
+the batched copies (the driver's ~0.5-1 us of CPU a DMA run) are posted to one thread per
+stream (``StreamWorkers``), or made on the caller's thread where there are none. A posted
+DMA records a raw event where another stream waits for it; the caller touches a stream
+again only after the DMA it posted there has been queued, and an onboard's scatter waits
+until then (it is queued when its stream is next needed, or at the end)::
+
+    caller   [gather c0][post c0][post c1]            [gather c2][post c2][scatter c1] ...
+    d2h.0              [DMA c0 ................][rec]
+    h2d.0                        [DMA c1 .................]
 """
 
 from __future__ import annotations
@@ -12,16 +19,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvtier.transfer.dma_batch import DmaBatch, Executor
+from kvtier.transfer.dma_batch import CudartBatch, DmaBatch
 from kvtier.transfer.dma_gather import D2H, H2D, DmaGatherCopier, GatherChunk, GatherPlan, queue
 from kvtier.transfer.fused import to_device
-from kvtier.transfer.stream_workers import StreamWorkers
 from kvtier.transfer.torch_memory import new_event
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
 
     from kvtier.transfer.copy_streams import CopyStreams
+    from kvtier.transfer.stream_workers import StreamWorkers
 
 STREAM_OF_FLAGS = {0: "d2d", 1: "h2d", 2: "d2h", 3: "h2h"}  # fused flags: bit 0 src host
 
@@ -44,103 +53,6 @@ def level_deps(steps: Sequence[GatherChunk | DmaBatch]) -> list[list[int]]:
     return [at.get((s.group, s.level - 1), []) if s.level else [] for s in steps]
 
 
-class GatherSubmitter:
-    """Queues prepared staging plans of ``copier`` with ``execute`` (the batched copy) on
-    ``streams``; ``workers``: issue from one thread per stream (``None``: the calling
-    thread)."""
-
-    def __init__(self, copier: DmaGatherCopier, execute: Executor, streams: CopyStreams,
-                 device: torch.device, workers: StreamWorkers | None) -> None:
-        self.copier = copier
-        self.execute = execute
-        self.streams = streams
-        self.device = device
-        self.workers = workers
-
-    def submit(self, prepared: GatherPlan, before_step: Callable[[], None] | None,
-               meanwhile: Callable[[], None]) -> tuple[Any, int]:
-        """Queue ``prepared``; ``before_step`` is called before each step is queued (fault
-        injection), ``meanwhile`` once on the calling thread (work that overlaps the
-        workers'). Returns the plan's completion event and how many batched copies were
-        queued. Raises ``StepFailed`` (its ``cause`` the error) after recording what was
-        queued as the last plan's end."""
-        import torch
-
-        copier, execute = self.copier, self.execute
-        dsts, srcs, sizes = copier.runs(prepared)
-        # On the caller's stream, before the start event that every copy waits for.
-        gpu_slots = to_device(prepared.gpu_slots, self.device)
-        start = self.streams.start_events()
-        steps = queue(copier, prepared)
-        names = [stream_name(step) for step in steps]
-        streams = [self.streams.stream(name) for name in names]
-        for name, stream in dict(zip(names, streams, strict=True)).items():
-            if not name.startswith(("d2d", "h2h")):  # where gpu_slots is read
-                gpu_slots.record_stream(stream)
-        deps = level_deps(steps)
-        events: list[Any] = [None] * len(steps)
-
-        def wait_events(stream: Any, i: int, wait: Callable[[Sequence[int]], None]) -> None:
-            if not steps[i].level:
-                for event in start:
-                    stream.wait_event(event)
-                return
-            wait(deps[i])
-            for j in deps[i]:
-                stream.wait_event(events[j])
-
-        def work(i: int, wait: Callable[[Sequence[int]], None]) -> None:
-            step, stream = steps[i], streams[i]
-            if before_step is not None:
-                before_step()
-            if not isinstance(step, GatherChunk):
-                wait_events(stream, i, wait)
-                execute(step.dsts, step.srcs, step.sizes, stream.cuda_stream)
-            else:
-                a, b = step.run_first, step.run_end
-                if step.early:  # its DMA into staging waits only for the start
-                    for event in start:
-                        stream.wait_event(event)
-                else:
-                    wait_events(stream, i, wait)
-                # NOTE: set_stream, not a stream context per chunk (~10 us each on the
-                # H200 host); the caller's is restored after the last step.
-                if step.flags == D2H:
-                    torch.cuda.set_stream(stream)
-                    copier.gather(step, gpu_slots)
-                execute(dsts[a:b], srcs[a:b], sizes[a:b], stream.cuda_stream)
-                if step.flags == H2D:
-                    if step.early:
-                        wait_events(stream, i, wait)
-                    torch.cuda.set_stream(stream)
-                    copier.scatter(step, gpu_slots)
-            event = new_event()
-            event.record(stream)
-            events[i] = event
-
-        try:
-            with torch.cuda.device(self.device):
-                caller = torch.cuda.current_stream(self.device)
-                try:
-                    if self.workers is not None:
-                        self.workers.run(names, work, meanwhile)
-                    else:
-                        for i in range(len(steps)):
-                            work(i, _no_wait)
-                        meanwhile()
-                finally:
-                    torch.cuda.set_stream(caller)
-        except Exception as exc:
-            self.streams.last_done = self.streams.join(
-                [e for e in events if e is not None] or start)
-            raise StepFailed(exc) from exc
-        last: dict[str, Any] = {}
-        for name, event in zip(names, events, strict=True):
-            last[name] = event
-        done = self.streams.finish([self.streams.join(list(last.values()))])
-        return done, len(steps)
-
-
 class StepFailed(Exception):
     """A step of a staged plan raised ``cause``; what was queued is the last plan's end."""
 
@@ -149,5 +61,202 @@ class StepFailed(Exception):
         self.cause = cause
 
 
-def _no_wait(steps: Sequence[int]) -> None:
-    del steps  # on one thread in queue order, every step waited for has run
+class GatherSubmitter:
+    """Queues prepared staging plans of ``copier`` with ``runtime`` (the batched copy and
+    raw events) on ``streams``; ``workers``: the threads the DMAs are posted to (``None``:
+    made on the calling thread). ``min_threaded_runs``: a plan with fewer DMA runs makes
+    them on the calling thread all the same (posting costs more than it hides)."""
+
+    def __init__(self, copier: DmaGatherCopier, runtime: CudartBatch, streams: CopyStreams,
+                 device: torch.device, workers: StreamWorkers | None,
+                 min_threaded_runs: int = 0) -> None:
+        self.copier = copier
+        self.runtime = runtime
+        self.streams = streams
+        self.device = device
+        self.workers = workers
+        self.min_threaded_runs = min_threaded_runs
+        self._raw_events: list[int] = []
+
+    def raw_event(self, index: int) -> int:
+        """Raw event ``index`` of those the plans record, created at first use.
+
+        NOTE: every plan reuses them: a stream's wait refers to the record before it, so
+        recording an event again never releases an earlier wait."""
+        events = self._raw_events
+        while len(events) <= index:
+            events.append(self.runtime.new_event())
+        return events[index]
+
+    def threaded(self, num_runs: int) -> bool:
+        """Whether a plan of ``num_runs`` DMA runs posts them to the workers. Pure."""
+        return self.workers is not None and num_runs >= self.min_threaded_runs
+
+    def submit(self, prepared: GatherPlan, before_step: Callable[[], None] | None,
+               meanwhile: Callable[[], None]) -> tuple[Any, int]:
+        """Queue ``prepared``; ``before_step`` is called before each step is queued (fault
+        injection), ``meanwhile`` once after the last DMA was posted (work that overlaps
+        the workers'). Returns the plan's completion event and how many batched copies
+        were queued. Raises ``StepFailed`` after recording what was queued as the last
+        plan's end."""
+        import torch
+
+        start = self.streams.start_events()
+        with torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+            q = _Queue(self, prepared, start, self.threaded(len(prepared.run_len)))
+            try:
+                for i in range(len(q.steps)):
+                    if before_step is not None:
+                        before_step()
+                    q.step(i)
+                meanwhile()
+                q.settle_all()
+            except Exception as exc:
+                q.drain()
+                self.streams.last_done = self.streams.join(q.record_all() or start)
+                raise StepFailed(exc) from exc
+            finally:
+                torch.cuda.set_stream(caller)
+            done = self.streams.finish([self.streams.join(q.record_all())])
+        return done, len(q.steps)
+
+
+class _Queue:
+    """One plan being queued (see the module docstring): per step its stream, the raw
+    event a posted DMA records, the future of the last DMA posted on each stream and the
+    onboard whose scatter waits for it."""
+
+    def __init__(self, submitter: GatherSubmitter, prepared: GatherPlan, start: list[Any],
+                 threaded: bool) -> None:
+        import torch
+
+        self.sub = submitter
+        self.copier = submitter.copier
+        self.runtime = submitter.runtime
+        self.threaded = threaded
+        self.start = start
+        self.steps = queue(self.copier, prepared)
+        self.names = [stream_name(step) for step in self.steps]
+        self.streams = {name: submitter.streams.stream(name) for name in self.names}
+        self.deps = level_deps(self.steps)
+        self.dsts, self.srcs, self.sizes = self.copier.runs(prepared)
+        # On the caller's stream, before the start event that every copy waits for.
+        self.gpu_slots = to_device(prepared.gpu_slots, submitter.device)
+        for name, stream in self.streams.items():
+            if self.gpu_slots.is_cuda and not name.startswith(("d2d", "h2h")):
+                self.gpu_slots.record_stream(stream)  # where gpu_slots is read
+        self.done: list[tuple[bool, Any] | None] = [None] * len(self.steps)  # (raw?, event)
+        self.posted: dict[str, Future[None]] = {}
+        self.scatter_due: dict[str, int] = {}
+        self.num_raw = 0
+        self._set_stream = torch.cuda.set_stream
+
+    def step(self, i: int) -> None:
+        """Queue step ``i`` (queue order)."""
+        step, name = self.steps[i], self.names[i]
+        stream = self.streams[name]
+        self.settle(name)
+        if isinstance(step, GatherChunk) and step.early:
+            self.wait_start(stream)
+        else:
+            self.wait_deps(stream, i)
+        if isinstance(step, GatherChunk):
+            a, b = step.run_first, step.run_end
+            dma = (self.dsts[a:b], self.srcs[a:b], self.sizes[a:b])
+            if step.flags == D2H:
+                self._set_stream(stream)
+                self.copier.gather(step, self.gpu_slots)
+        else:
+            dma = (step.dsts, step.srcs, step.sizes)
+        # An onboard chunk's scatter follows its DMA on the stream: no event needed.
+        recorded = None if isinstance(step, GatherChunk) and step.flags == H2D \
+            else self.raw_event()
+        self.post(name, stream.cuda_stream, dma, recorded)
+        if recorded is not None:
+            self.done[i] = (True, recorded)
+        else:
+            self.scatter_due[name] = i
+
+    def post(self, name: str, handle: int, dma: tuple[Any, Any, Any], event: int | None
+             ) -> None:
+        """The DMA ``dma`` on stream ``name`` (``handle``), then ``event`` recorded there:
+        posted to the stream's worker, or made now."""
+        runtime = self.runtime
+
+        def call() -> None:
+            runtime(*dma, handle)
+            if event is not None:
+                runtime.record_event(event, handle)
+
+        if self.threaded:
+            assert self.sub.workers is not None
+            self.posted[name] = self.sub.workers.post(name, call)
+        else:
+            call()
+
+    def settle(self, name: str) -> None:
+        """Make stream ``name`` the caller's again: the DMA posted there has been queued,
+        and the scatter that followed it too."""
+        future = self.posted.pop(name, None)
+        if future is not None:
+            future.result()
+        i = self.scatter_due.pop(name, None)
+        if i is not None:
+            step, stream = self.steps[i], self.streams[name]
+            assert isinstance(step, GatherChunk)
+            if step.early:  # its DMA waited only for the start; the scatter waits here
+                self.wait_deps(stream, i)
+            self._set_stream(stream)
+            self.copier.scatter(step, self.gpu_slots)
+            event = new_event()
+            event.record(stream)
+            self.done[i] = (False, event)
+
+    def settle_all(self) -> None:
+        for name in list(self.streams):
+            self.settle(name)
+
+    def wait_start(self, stream: Any) -> None:
+        for event in self.start:
+            stream.wait_event(event)
+
+    def wait_deps(self, stream: Any, i: int) -> None:
+        """Make ``stream`` wait for step ``i``'s deps (the start at level 0), each queued
+        first: a posted DMA until it has been, a due scatter queued now."""
+        if not self.steps[i].level:
+            self.wait_start(stream)
+            return
+        for j in self.deps[i]:
+            if self.done[j] is None:
+                self.settle(self.names[j])
+            done = self.done[j]
+            assert done is not None, f"step {j} ran without an event"
+            raw, event = done
+            if raw:
+                future = self.posted.get(self.names[j])
+                if future is not None:
+                    future.result()
+                self.runtime.wait_event(stream.cuda_stream, event)
+            else:
+                stream.wait_event(event)
+
+    def raw_event(self) -> int:
+        """The plan's next raw event."""
+        self.num_raw += 1
+        return self.sub.raw_event(self.num_raw - 1)
+
+    def drain(self) -> None:
+        """After a failure: wait until no posted DMA is still being made."""
+        for future in self.posted.values():
+            future.exception()
+        self.posted.clear()
+
+    def record_all(self) -> list[Any]:
+        """One event on each stream the plan used, recorded now: after all it queued."""
+        events = []
+        for stream in self.streams.values():
+            event = new_event()
+            event.record(stream)
+            events.append(event)
+        return events

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from kvtier.tier import Tier
 from kvtier.transfer.batching import TransferBatch
 from kvtier.transfer.copy_streams import CopyStreams
-from kvtier.transfer.dma_batch import DmaBatchCopier, Executor, load_cudart_batch
+from kvtier.transfer.dma_batch import CudartBatch, DmaBatchCopier, Executor, load_cudart_batch
 from kvtier.transfer.dma_gather import (
     GATHER_COST,
     STAGING_BYTES,
@@ -65,10 +65,12 @@ from kvtier.transfer.plan import TransferPlan
 from kvtier.transfer.stream_workers import StreamWorkers
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 from kvtier.transfer.torch_memory import (
+    HEAP_PAD_BYTES,
     blocks_view,
     copy_view,
     layer_view,
     new_event,
+    retain_freed_heap,
     uva_alias,
 )
 from kvtier.transfer.wave_copier import WaveCopier
@@ -93,11 +95,13 @@ class TorchTransferEngine:
     a CUDA machine, or ``None`` when there is no host tier. ``gather_streams`` and
     ``staging_bytes`` size the staging path: that many streams per direction, each with a
     GPU buffer of that many bytes (128 MiB of GPU memory in all by default, taken at its
-    first plan); ``submit_threads``: it queues each stream's work from a thread of its own
-    (``gather_submit``), else from the caller's. ``before_batch`` is called with each batch
-    of the wave path before it runs, ``before_launch`` with each layer (``None``: all)
-    before the fused or batched path queues it, and with ``None`` before each step of the
-    staging path (possibly on a submit thread) (fault injection in tests).
+    first plan); ``submit_threads``: its DMAs are made on a thread per stream while the
+    caller's thread goes on (``gather_submit``); ``heap_pad_bytes``: an engine with the
+    staging path asks glibc to keep that much freed heap, for the whole process
+    (``retain_freed_heap``; ``None``: malloc left alone). ``before_batch`` is called with
+    each batch of the wave path before it runs, ``before_launch`` with each layer
+    (``None``: all) before the fused or batched path queues it, and with ``None`` before
+    each step of the staging path (fault injection in tests).
     """
 
     def __init__(
@@ -112,9 +116,12 @@ class TorchTransferEngine:
         gather_streams: int = 2,
         staging_bytes: int = STAGING_BYTES,
         submit_threads: bool = True,
+        heap_pad_bytes: int | None = HEAP_PAD_BYTES,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if heap_pad_bytes is not None and heap_pad_bytes < 0:
+            raise ValueError(f"heap_pad_bytes must be >= 0 or None, got {heap_pad_bytes!r}")
         if host is not None:
             a, b = gpu.layout, host.layout
             if (a.num_layers, a.num_kv_heads, a.head_dim, a.tokens_per_block, a.dtype) != (
@@ -160,7 +167,7 @@ class TorchTransferEngine:
                                  self._num_layers, self._tpb, self._bytes_per_token, method,
                                  min_dma_copy_bytes, self._streams, self.stats)
         self._fused: FusedCopier | None = None
-        self._dma: tuple[DmaBatchCopier, Executor] | None = None
+        self._dma: tuple[DmaBatchCopier, CudartBatch] | None = None
         if self.has_uva and method in ("auto", "dma_batch", "dma_gather"):
             self._dma = self._dma_copier()
         if method in ("dma_batch", "dma_gather") and self._dma is None:
@@ -175,9 +182,14 @@ class TorchTransferEngine:
             copier = DmaGatherCopier([spanned] if spanned is not None else gpu_views,
                                      views[Tier.HOST][0], self._dma[0], self._tpb,
                                      gather_streams, staging_bytes)
-            workers = StreamWorkers(_device_setter(gpu.device)) if submit_threads else None
+            # The GPU tensors' device has its index ("cuda" alone means the current one).
+            index = gpu_views[0].device.index
+            workers = (StreamWorkers(_device_setter(index)) if submit_threads and index is not None
+                       else None)
             self._gather = GatherSubmitter(copier, self._dma[1], self._streams, gpu.device,
                                            workers)
+            if heap_pad_bytes is not None:
+                retain_freed_heap(heap_pad_bytes)
         if method == "dma_gather" and self._gather is None:
             raise ValueError("method 'dma_gather' needs a block-major host tier; use 'auto'")
         if self.has_uva and method in ("auto", "fused") and fused_available():
@@ -260,7 +272,7 @@ class TorchTransferEngine:
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         return FusedCopier(*self._targets(), self._tpb, 8 * num_sms)
 
-    def _dma_copier(self) -> tuple[DmaBatchCopier, Executor] | None:
+    def _dma_copier(self) -> tuple[DmaBatchCopier, CudartBatch] | None:
         """The copy-engine path, where the runtime has the batched copy and one probe copy
         through it (8 bytes on the GPU) arrives."""
         import numpy as np
@@ -395,14 +407,16 @@ class TorchTransferEngine:
     def _submit_gather(self, plan: TransferPlan, submitter: GatherSubmitter,
                        columns: StagedColumns | None) -> TransferHandle:
         """``submit`` on the staging path (``gather_submit``; ``dma_gather``'s docstring
-        says what waits for what): the plan's stats are counted while the workers queue.
+        says what waits for what): the plan's stats are counted while the DMAs are made.
         Every layer's event is the plan's."""
+        if columns is None:
+            columns = staged_columns(arrays_of(plan), self._tpb)
         prepared = submitter.copier.prepare(plan, self._num_blocks, columns)
         before = self.before_launch
         try:
             done_event, num_calls = submitter.submit(
                 prepared, None if before is None else lambda: before(None),
-                lambda: self._count_arrays(prepared.arrays, prepared.num_components))
+                lambda: self._count_staged(columns, prepared.num_components))
         except StepFailed as failed:
             raise self._failed(plan, None, failed.cause) from failed.cause
         self.stats.num_dma_batches += num_calls
@@ -438,6 +452,24 @@ class TorchTransferEngine:
 
             torch.cuda.synchronize(self.device)
 
+    def _count_staged(self, columns: StagedColumns, num_components: int) -> None:
+        """``_count_arrays`` of a plan the staging path takes: for whole offloads and
+        onboards only, one count of its offloads (its bytes follow)."""
+        if not columns.all_staged:
+            self._count_arrays(columns.arrays, num_components)
+            return
+        import numpy as np
+
+        stats = self.stats
+        num_ops = len(columns.flags)
+        num_offloads = int(np.count_nonzero(columns.to_host))
+        stats.num_plans += 1
+        stats.num_ops += num_ops
+        stats.num_components += num_components
+        block_bytes = self._tpb * self._bytes_per_token
+        stats.bytes_d2h += num_offloads * block_bytes
+        stats.bytes_h2d += (num_ops - num_offloads) * block_bytes
+
     def _count_arrays(self, a: PlanArrays, num_components: int) -> None:
         """What the fused and batched paths count, over the plan's arrays."""
         import numpy as np
@@ -465,12 +497,12 @@ def _record(stream: Any, level_events: list[Any], queued: list[Any]) -> Any:
     return event
 
 
-def _device_setter(device: torch.device) -> Callable[[], None]:
-    """What a submit thread runs first: select ``device`` (the runtime's calls and torch's
-    launches go to the thread's current device). Holds only the device: a thread that held
-    the engine would keep it alive."""
+def _device_setter(index: int) -> Callable[[], None]:
+    """What a submit thread runs first: select CUDA device ``index`` (the runtime's calls
+    and torch's launches go to the thread's current device). Holds only the index: a thread
+    that held the engine would keep it alive."""
     def select() -> None:
         import torch
 
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(index)
     return select
