@@ -88,15 +88,23 @@ class GatherCost(NamedTuple):
     cpu_us_per_run: float = 0.6
     cpu_us_per_chunk: float = 60.0
     link_bytes_per_us: float = 95_000.0
+    cpu_us_per_run_threaded: float = 0.3
 
-    def pays(self, num_ops: int, num_runs: int, block_bytes: int, chunk_bytes: int) -> bool:
+    def cpu_us(self, num_ops: int, num_runs: int, num_chunks: int, threaded: bool) -> float:
+        """The CPU time ``submit`` takes for such a plan, its DMAs made on threads
+        (``threaded``) or on the caller's. Pure."""
+        per_run = self.cpu_us_per_run_threaded if threaded else self.cpu_us_per_run
+        return (num_ops * self.cpu_us_per_op + num_runs * per_run
+                + num_chunks * self.cpu_us_per_chunk)
+
+    def pays(self, num_ops: int, num_runs: int, block_bytes: int, chunk_bytes: int,
+             threaded: bool = False) -> bool:
         """Whether ``num_ops`` blocks of ``block_bytes`` in ``num_runs`` runs, staged in
         chunks of up to ``chunk_bytes``, are worth staging (see the class docstring).
         Pure."""
         nbytes = num_ops * block_bytes
         num_chunks = max(2, -(-nbytes // chunk_bytes))
-        cpu_us = (num_ops * self.cpu_us_per_op + num_runs * self.cpu_us_per_run
-                  + num_chunks * self.cpu_us_per_chunk)
+        cpu_us = self.cpu_us(num_ops, num_runs, num_chunks, threaded)
         return (num_ops > 0 and nbytes >= num_runs * self.min_run_bytes
                 and cpu_us < nbytes / self.link_bytes_per_us)
 

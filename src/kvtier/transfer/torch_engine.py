@@ -248,7 +248,8 @@ class TorchTransferEngine:
         num_ops, num_runs = host_runs(columns)
         copier = self._gather.copier
         if self.gather_cost.pays(num_ops, num_runs, copier.block_bytes,
-                                 copier.capacity * copier.block_bytes):
+                                 copier.capacity * copier.block_bytes,
+                                 self._gather.threaded(num_runs)):
             return columns
         return None
 
