@@ -111,9 +111,10 @@ def test_a_swap_records_its_pieces_interleaved_in_one_call() -> None:
 
 @pytest.mark.parametrize(("host", "path", "ends", "message"), [
     ([20, 21], [30], [1], "as many host slots as GPU slots"),
-    ([20, 21, 22], [30, 31], [1], "must end at the path's 2 slots"),
-    ([20, 21, 22], [30, 31], [2, 2], "must end at|must increase"),
-    ([20, 21, 22], [30, 31], [0, 2], "must increase"),
+    ([20, 21, 22], [30, 31], [1], r"must increase to the path's 2 slots, got \[1\]"),
+    ([20, 21, 22], [30, 31], [2, 2], r"got \[2, 2\]"),
+    ([20, 21, 22], [30, 31], [0, 2], r"got \[0, 2\]"),
+    ([20, 21, 22], [30, 31], [], r"got \[\]"),
 ])
 def test_a_bad_swap_is_refused_recording_nothing(
         host: list[int], path: list[int], ends: list[int], message: str) -> None:

@@ -208,43 +208,45 @@ class PlanRecorder:
             raise ValueError(f"a swap takes as many host slots as GPU slots and at most as "
                              f"many path slots: {len(gpu_slots)} GPU, {len(host_slots)} host, "
                              f"{num_swap} path")
-        if not piece_ends or piece_ends[-1] != num_swap:
-            raise ValueError(f"the last piece must end at the path's {num_swap} slots, got "
-                             f"piece ends {list(piece_ends)!r}")
-        src: list[int] = []
-        dst: list[int] = []
-        # NOTE: the tier and kind columns are repeated byte patterns, joined once: no Python
-        # object per op (a piece is n offloads, then n onboards).
+        if not piece_ends or piece_ends[-1] != num_swap or any(
+                end <= start for start, end in zip([0, *piece_ends[:-1]], piece_ends,
+                                                   strict=True)):
+            raise ValueError(f"piece ends must increase to the path's {num_swap} slots, got "
+                             f"{list(piece_ends)!r}")
+        # NOTE: each slot list is packed once and the columns are built from array slices
+        # (memcpy); the tier and kind columns are repeated byte patterns, joined once: no
+        # Python object per op (a piece is n offloads, then n onboards).
+        gpu, host, path = array("q"), array("q"), array("q")
+        gpu.fromlist(gpu_slots)
+        host.fromlist(host_slots)
+        path.fromlist(path_slots)
+        c = self.columns
+        src, dst = c.src_slots, c.dst_slots
         src_tiers: list[bytes] = []
         dst_tiers: list[bytes] = []
         kinds: list[bytes] = []
         start = 0
         for end in piece_ends:
             n = end - start
-            if n <= 0:
-                raise ValueError(f"piece ends must increase, got {list(piece_ends)!r}")
-            gpu = gpu_slots[start:end]
-            src += gpu
-            src += path_slots[start:end]
-            dst += host_slots[start:end]
-            dst += gpu
+            piece = gpu[start:end]
+            src += piece
+            src += path[start:end]
+            dst += host[start:end]
+            dst += piece
             src_tiers.append(_GPU_Q * n + _HOST_Q * n)
             dst_tiers.append(_HOST_Q * n + _GPU_Q * n)
             kinds.append(_OFFLOAD_B * n + _ONBOARD_B * n)
             start = end
         n = len(gpu_slots) - num_swap
         if n:
-            src += gpu_slots[num_swap:]
-            dst += host_slots[num_swap:]
+            src += gpu[num_swap:]
+            dst += host[num_swap:]
             src_tiers.append(_GPU_Q * n)
             dst_tiers.append(_HOST_Q * n)
             kinds.append(_OFFLOAD_B * n)
-        c = self.columns
         c.src_tiers.frombytes(b"".join(src_tiers))
-        c.src_slots.fromlist(src)
         c.dst_tiers.frombytes(b"".join(dst_tiers))
-        c.dst_slots.fromlist(dst)
-        c.num_tokens.extend(array("q", [num_tokens]) * len(src))
+        c.num_tokens.extend(array("q", [num_tokens]) * (len(gpu_slots) + num_swap))
         self.kinds.frombytes(b"".join(kinds))
 
     def take(self) -> TransferPlan:
