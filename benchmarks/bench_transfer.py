@@ -231,9 +231,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="dma_gather: streams (and staging buffers) per direction")
     p.add_argument("--staging-mib", type=int, default=STAGING_BYTES >> 20,
                    help="dma_gather: MiB of one staging buffer")
-    p.add_argument("--submit-threads", default="1",
-                   help="dma_gather (and auto): 1 queues each stream's work from a thread of "
-                        "its own, 0 from the caller's; commas to compare")
+    p.add_argument("--submit-threads", default="0",
+                   help="dma_gather (and auto): 1 makes the DMAs on a thread per stream, 0 on "
+                        "the caller's; commas to compare")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 columns_s = time.perf_counter() - t0
                 for method, threads in ((m, int(t)) for m in args.methods.split(",")
                                         for t in (args.submit_threads.split(",")
-                                                  if m in ("auto", "dma_gather") else "1")):
+                                                  if m in ("auto", "dma_gather") else "0")):
                     try:
                         engine = TorchTransferEngine(
                             gpu, host, method=method, gather_streams=args.gather_streams,

@@ -113,20 +113,21 @@ def test_an_onboard_that_reads_a_host_slot_the_plan_writes_waits_for_it() -> Non
 
 def test_staging_pays_where_runs_are_long_and_the_cpu_keeps_up() -> None:
     """With the costs measured on an H200 host, 512 MiB plans in 32 MiB chunks: 64 KiB
-    blocks pay from runs of 2, 16 KiB blocks in runs of 12 (a real step's) but not of 8
-    (the CPU would fall behind the link); a 12.5 MiB step pays for its calls, not its
-    bytes; runs shorter than 64 KiB never pay."""
+    blocks pay from runs of 2, not at random slots (runs below 128 KiB never pay); 16 KiB
+    blocks in runs of 8 or more, not of 7 (the CPU would fall behind the link); a 12.5
+    MiB step pays for its calls, not its bytes."""
     cost = GatherCost()
     kib, chunk = 1024, 32 << 20
     assert cost.pays(8192, 4096, 64 * kib, chunk) and cost.pays(8192, 1024, 64 * kib, chunk)
-    assert not cost.pays(8192, 8192, 64 * kib, chunk)  # runs of 1: 6.5 ms of CPU, 5.7 copying
-    assert not cost.pays(32768, 4096, 16 * kib, chunk)  # runs of 8: 6.0 ms against 5.7
-    assert cost.pays(32768, 2731, 16 * kib, chunk)  # runs of 12: 5.2 ms
-    assert cost.pays(32768, 2048, 16 * kib, chunk)  # runs of 16
+    assert not cost.pays(8192, 8192, 64 * kib, chunk)  # runs of 1: 64 KiB each
+    assert not cost._replace(cpu_us_per_run=0.0).pays(8192, 8192, 64 * kib, chunk)
+    assert cost.pays(32768, 4096, 16 * kib, chunk)  # runs of 8: 5.47 ms against 5.65
+    assert not cost.pays(32768, 4682, 16 * kib, chunk)  # runs of 7: 5.76 ms
+    assert not cost._replace(min_run_bytes=0).pays(32768, 4682, 16 * kib, chunk)
+    assert cost.pays(32768, 2731, 16 * kib, chunk)  # runs of 12
     assert not cost.pays(200, 25, 64 * kib, chunk)  # two chunks' calls: 0.15 ms against 0.14
     assert not cost.pays(0, 0, 64 * kib, chunk)
-    # Long runs of tiny blocks: the CPU keeps up with a slow link, but runs are < 64 KiB.
-    assert not cost._replace(link_bytes_per_us=1.0).pays(100, 1, 512, chunk)
+    assert cost.cpu_us(32768, 4096, 16) == pytest.approx(32768 * 0.075 + 4096 * 0.5 + 960)
 
 
 def test_host_runs_count_whole_offloads_and_onboards_in_plan_order() -> None:

@@ -386,10 +386,11 @@ def test_staged_steps_match_in_order_from_submit_threads_or_the_callers(
 
 @CUDA
 def test_a_step_failing_on_a_submit_thread_fails_every_op() -> None:
-    """The third step of a staged plan raises on its submit thread: TransferError names
-    every op, nothing waits forever, and the engine runs the next plan exactly."""
+    """The third step of a staged plan raises while the DMAs before it are posted to the
+    DMA threads: TransferError names every op, nothing waits forever, and the engine runs
+    the next plan exactly."""
     gpu, host = make_tiers("layer_major", "block_major", "cuda", num_gpu=40, num_host=64)
-    engine = TorchTransferEngine(gpu, host, method="dma_gather",
+    engine = TorchTransferEngine(gpu, host, method="dma_gather", submit_threads=True,
                                  staging_bytes=3 * host.layout.bytes_per_block)
     ops = step_ops(random.Random(5), gpu.num_blocks, host.num_blocks, 16)
     calls: list[int | None] = []

@@ -71,40 +71,39 @@ NUM_STREAMS = 2  # per direction: while one stream's kernel runs, the other's DM
 
 class GatherCost(NamedTuple):
     """What ``auto`` weighs before staging a plan: staging pays where its DMA runs average
-    at least ``min_run_bytes`` (the copy engines' cost per copy) and the CPU keeps up with
-    the link: ``cpu_us_per_op`` of planning per op, ``cpu_us_per_run`` of the driver per
-    DMA run and ``cpu_us_per_chunk`` of calls per chunk (at least one per direction),
-    against the plan's bytes at ``link_bytes_per_us`` (both ways at once).
+    at least ``min_run_bytes`` and the CPU keeps up with the link: ``cpu_us_per_op`` of
+    planning per op, ``cpu_us_per_run`` of the driver per DMA run and ``cpu_us_per_chunk``
+    of calls per chunk (at least one per direction), against the plan's bytes at
+    ``link_bytes_per_us`` (both ways at once).
 
-    NOTE: the defaults come from ``submit`` timed part by part on an H200 host
-    (benchmarks/results/transfer.md, third session: 512 MiB plans of 16 KiB blocks; the
-    driver took 0.49-0.55 us a run, planning ~0.08 us an op and ~0.1 us a run, the calls
-    of a chunk ~60 us; the link moved 95-100 GB/s both ways). So 16 KiB blocks (0.17 us
-    each on the link) pay in runs of ~10 or more in a large plan, 64 KiB blocks from runs
-    of 2; a step of a few MiB stays with the fused kernel."""
+    NOTE: fitted to ``submit`` of 512 MiB plans on an H200 host (benchmarks/results/
+    transfer.md, fourth session, with 64 MiB of freed heap kept): 0.073 us an op and
+    0.4-0.6 us a DMA run of 128 KiB or more, but 0.7-1.2 us a run where runs are single
+    16 or 64 KiB blocks (the driver's batched copy took 0.5-1.0 us a copy, more for
+    64 KiB copies than 16 KiB ones), against 0.69 us that a 64 KiB run takes on the link:
+    so runs below 128 KiB never pay, whatever the plan. The link moved 95-98 GB/s both
+    ways. 16 KiB blocks (0.17 us each on the link) pay in runs of ~8 or more in a large
+    plan, 64 KiB blocks from runs of 2; a step of a few MiB stays with the fused kernel.
+    Measured CPU times scattered +-25 % around the fit from one run to the next."""
 
-    min_run_bytes: int = 64 << 10
-    cpu_us_per_op: float = 0.08
-    cpu_us_per_run: float = 0.6
+    min_run_bytes: int = 128 << 10
+    cpu_us_per_op: float = 0.075
+    cpu_us_per_run: float = 0.5
     cpu_us_per_chunk: float = 60.0
     link_bytes_per_us: float = 95_000.0
-    cpu_us_per_run_threaded: float = 0.3
 
-    def cpu_us(self, num_ops: int, num_runs: int, num_chunks: int, threaded: bool) -> float:
-        """The CPU time ``submit`` takes for such a plan, its DMAs made on threads
-        (``threaded``) or on the caller's. Pure."""
-        per_run = self.cpu_us_per_run_threaded if threaded else self.cpu_us_per_run
-        return (num_ops * self.cpu_us_per_op + num_runs * per_run
+    def cpu_us(self, num_ops: int, num_runs: int, num_chunks: int) -> float:
+        """The CPU time ``submit`` takes for such a plan. Pure."""
+        return (num_ops * self.cpu_us_per_op + num_runs * self.cpu_us_per_run
                 + num_chunks * self.cpu_us_per_chunk)
 
-    def pays(self, num_ops: int, num_runs: int, block_bytes: int, chunk_bytes: int,
-             threaded: bool = False) -> bool:
+    def pays(self, num_ops: int, num_runs: int, block_bytes: int, chunk_bytes: int) -> bool:
         """Whether ``num_ops`` blocks of ``block_bytes`` in ``num_runs`` runs, staged in
         chunks of up to ``chunk_bytes``, are worth staging (see the class docstring).
         Pure."""
         nbytes = num_ops * block_bytes
         num_chunks = max(2, -(-nbytes // chunk_bytes))
-        cpu_us = self.cpu_us(num_ops, num_runs, num_chunks, threaded)
+        cpu_us = self.cpu_us(num_ops, num_runs, num_chunks)
         return (num_ops > 0 and nbytes >= num_runs * self.min_run_bytes
                 and cpu_us < nbytes / self.link_bytes_per_us)
 

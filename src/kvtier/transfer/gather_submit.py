@@ -64,18 +64,15 @@ class StepFailed(Exception):
 class GatherSubmitter:
     """Queues prepared staging plans of ``copier`` with ``runtime`` (the batched copy and
     raw events) on ``streams``; ``workers``: the threads the DMAs are posted to (``None``:
-    made on the calling thread). ``min_threaded_runs``: a plan with fewer DMA runs makes
-    them on the calling thread all the same (posting costs more than it hides)."""
+    made on the calling thread)."""
 
     def __init__(self, copier: DmaGatherCopier, runtime: CudartBatch, streams: CopyStreams,
-                 device: torch.device, workers: StreamWorkers | None,
-                 min_threaded_runs: int = 0) -> None:
+                 device: torch.device, workers: StreamWorkers | None) -> None:
         self.copier = copier
         self.runtime = runtime
         self.streams = streams
         self.device = device
         self.workers = workers
-        self.min_threaded_runs = min_threaded_runs
         self._raw_events: list[int] = []
 
     def raw_event(self, index: int) -> int:
@@ -87,10 +84,6 @@ class GatherSubmitter:
         while len(events) <= index:
             events.append(self.runtime.new_event())
         return events[index]
-
-    def threaded(self, num_runs: int) -> bool:
-        """Whether a plan of ``num_runs`` DMA runs posts them to the workers. Pure."""
-        return self.workers is not None and num_runs >= self.min_threaded_runs
 
     def submit(self, prepared: GatherPlan, before_step: Callable[[], None] | None,
                meanwhile: Callable[[], None]) -> tuple[Any, int]:
@@ -104,7 +97,7 @@ class GatherSubmitter:
         start = self.streams.start_events()
         with torch.cuda.device(self.device):
             caller = torch.cuda.current_stream(self.device)
-            q = _Queue(self, prepared, start, self.threaded(len(prepared.run_len)))
+            q = _Queue(self, prepared, start, self.workers is not None)
             try:
                 for i in range(len(q.steps)):
                     if before_step is not None:

@@ -96,7 +96,9 @@ class TorchTransferEngine:
     ``staging_bytes`` size the staging path: that many streams per direction, each with a
     GPU buffer of that many bytes (128 MiB of GPU memory in all by default, taken at its
     first plan); ``submit_threads``: its DMAs are made on a thread per stream while the
-    caller's thread goes on (``gather_submit``); ``heap_pad_bytes``: an engine with the
+    caller's thread goes on (``gather_submit``; off by default: measured slower on an H200
+    host but for plans of single 16 KiB blocks, results/transfer.md); ``heap_pad_bytes``:
+    an engine with the
     staging path asks glibc to keep that much freed heap, for the whole process
     (``retain_freed_heap``; ``None``: malloc left alone). ``before_batch`` is called with
     each batch of the wave path before it runs, ``before_launch`` with each layer
@@ -115,7 +117,7 @@ class TorchTransferEngine:
         gather_cost: GatherCost = GATHER_COST,
         gather_streams: int = 2,
         staging_bytes: int = STAGING_BYTES,
-        submit_threads: bool = True,
+        submit_threads: bool = False,
         heap_pad_bytes: int | None = HEAP_PAD_BYTES,
     ) -> None:
         if method not in METHODS:
@@ -248,8 +250,7 @@ class TorchTransferEngine:
         num_ops, num_runs = host_runs(columns)
         copier = self._gather.copier
         if self.gather_cost.pays(num_ops, num_runs, copier.block_bytes,
-                                 copier.capacity * copier.block_bytes,
-                                 self._gather.threaded(num_runs)):
+                                 copier.capacity * copier.block_bytes):
             return columns
         return None
 
