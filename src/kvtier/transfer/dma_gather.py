@@ -79,9 +79,9 @@ class GatherCost(NamedTuple):
     NOTE: fitted to ``submit`` of 512 MiB plans on an H200 host (benchmarks/results/
     transfer.md, fourth session, with 64 MiB of freed heap kept): 0.073 us an op and
     0.4-0.6 us a DMA run of 128 KiB or more, but 0.7-1.2 us a run where runs are single
-    16 or 64 KiB blocks (the driver's batched copy took 0.5-1.0 us a copy, more for
-    64 KiB copies than 16 KiB ones), against 0.69 us that a 64 KiB run takes on the link:
-    so runs below 128 KiB never pay, whatever the plan. The link moved 95-98 GB/s both
+    16 or 64 KiB blocks (the driver's batched copy alone took 0.47-1.26 us a copy),
+    against 0.69 us that a 64 KiB run takes on the link: so runs below 128 KiB never pay,
+    whatever the plan. The link moved 95-98 GB/s both
     ways. 16 KiB blocks (0.17 us each on the link) pay in runs of ~8 or more in a large
     plan, 64 KiB blocks from runs of 2; a step of a few MiB stays with the fused kernel.
     Measured CPU times scattered +-25 % around the fit from one run to the next."""

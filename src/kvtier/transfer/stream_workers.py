@@ -6,10 +6,10 @@ Why: on the staging path (``dma_gather``) the CUDA runtime's batched copy costs 
 on the caller's thread the driver alone took as long as the copy (benchmarks/results/
 transfer.md). A ctypes call releases the GIL, so a call posted here runs beside the
 caller's Python. NOTE: measured on an H200 host, the driver's batched copies from 2 or 4
-threads at once moved no more copies a second than from one (0.46-0.54 us a copy of wall
-time), and the caller has little left to do once a plan is cut, so posting saved CPU only
-for plans of ~25,000 single 16 KiB blocks (-15 %) and cost 5-75 % elsewhere: the engine
-leaves it off unless asked (``submit_threads``).
+threads at once took 0.46-0.54 us of wall time a copy (each thread 0.75-1.5 us a copy:
+the calls serialize in the driver), and the caller has little left to do once a plan is
+cut, so posting saved CPU only for plans of ~25,000 single 16 KiB blocks (-15 %) and cost
+up to 75 % more elsewhere: the engine leaves it off unless asked (``submit_threads``).
 
 Only calls that hold the GIL for microseconds belong here (ctypes calls and the slicing
 around them): a worker that ran Python or torch launches would take turns with the
