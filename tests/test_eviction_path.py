@@ -13,8 +13,10 @@ from kvtier import (
     Tier,
     TransferOp,
 )
-from kvtier.cache import MAX_EVICTION_BATCH, BlockCache, eviction_batch
+from kvtier.cache import MAX_EVICTION_BATCH, BlockCache, Swap, _Onboarding, eviction_batch
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.pool import TierPool
+from kvtier.transfer.plan import PlanRecorder
 
 TPB = 4
 PROMPT = [1] * 4 + [2] * 4        # 2 blocks
@@ -219,3 +221,42 @@ def test_a_repeated_hint_claims_a_prefix_cached_since_for_a_request_that_had_non
     assert soft_claimed_runs(mgr) == [(0, 2), (0, 2)]
     assert {n.tokens[0] for n in mgr._cache.nodes() if n.soft_claimed} == {1, 20}
     mgr.check_invariants()
+
+
+def test_a_swap_in_closed_form_leaves_what_the_piece_by_piece_loop_leaves() -> None:
+    """``_Onboarding.swap_in`` gives the victim the host slots, the path's copies, the
+    piece ends and the free list the loop gives (a piece of the host's free room at a time,
+    each taking the slots the one before gave back), for rooms that divide the swap, that
+    leave a short last piece, and that hold it whole::
+
+        host  free [20 21 | 0 1 2 ...]   path [10 11 12 13 14]   victim GPU [5 6 7 8 9]
+        room 2:  pieces end at 2, 4, 5;  victim -> [20 21 10 11 12]
+    """
+
+    def run(room: int, closed_form: bool) -> tuple[object, ...]:
+        gpu, host = TierPool(Tier.GPU, 16), TierPool(Tier.HOST, 16)
+        path = list(range(10, 15))
+        host.take(16)
+        host.num_referenced = 16
+        host.give_back(list(range(20, 20 + room)))  # the room the swap found
+        host.num_referenced -= room
+        onboarding = _Onboarding(path, PlanRecorder(), gpu, host, TPB)
+        victim = [5, 6, 7, 8, 9]
+        if closed_form:
+            swap = onboarding.swap_in(victim)
+        else:  # the loop, piece by piece
+            host_slots: list[int] = []
+            path_slots: list[int] = []
+            ends: list[int] = []
+            while (done := len(path_slots)) < len(victim):
+                end = min(len(victim), done + host.num_free)
+                host_slots += host.take(end - done)
+                path_slots += onboarding.take_in(victim[done:end])
+                ends.append(end)
+            swap = Swap(host_slots, path_slots, ends)
+        return (swap, onboarding.gpu_slots, host.free_slots(), host.num_referenced,
+                gpu.num_referenced)
+
+    for room in (1, 2, 3, 5, 7):
+        assert run(room, True) == run(room, False), room
+    assert run(2, True)[0] == Swap([20, 21, 10, 11, 12], [10, 11, 12, 13, 14], [2, 4, 5])

@@ -93,15 +93,60 @@ class _Onboarding:
 
     def take_in(self, gpu_slots: list[int]) -> list[int]:
         """``copy_in`` less the recording: the caller records the copies from the host
-        slots returned (a swap records its pieces at once, ``PlanRecorder.record_swap``)
-        before the plan's next op (their host slots are free from now on)."""
+        slots returned before the plan's next op (their host slots are free from now on)."""
+        src = self._claim(gpu_slots)
+        self._host.give_back(src)
+        return src
+
+    def _claim(self, gpu_slots: list[int]) -> list[int]:
+        """The path's next ``len(gpu_slots)`` blocks go to ``gpu_slots``: return their host
+        slots, which the caller gives back."""
         start = len(self.gpu_slots)
         src = self.host_slots[start:start + len(gpu_slots)]
         self._gpu.num_referenced += len(gpu_slots)
         self._host.num_referenced -= len(src)
-        self._host.give_back(src)
         self.gpu_slots += gpu_slots
         return src
+
+    def swap_in(self, victim_slots: list[int]) -> Swap:
+        """Swap the path's next ``len(victim_slots)`` blocks with a GPU victim's blocks in
+        those slots, a piece as large as the host's free room ``r`` at a time: piece 1
+        leaves into ``r`` free host slots, the path's first ``r`` blocks take its GPU slots
+        and give their host slots back, piece 2 takes exactly those (the free list hands the
+        slots given back last out first), and so on. Done in closed form, with the free
+        list left as the piece-by-piece loop leaves it::
+
+            piece ends   r, 2r, ..., n            (n = len(victim_slots))
+            victim host  [first r free] + path[0 : n - r]
+            free list    ... + path[(m-2)r + a : (m-1)r] + path[(m-1)r : n]   (top last)
+                         (m pieces, the last of a blocks)
+        """
+        host = self._host
+        num = len(victim_slots)
+        room = host.num_free
+        assert room > 0, "a swap needs host room for a piece"
+        first = host.take(min(room, num))
+        path = self._claim(victim_slots)
+        if num > room:
+            last_start = (num - 1) // room * room
+            # What the last piece left of the one before it lies under what it gave back.
+            host.give_back(path[last_start - room + (num - last_start):last_start])
+            host.give_back(path[last_start:])
+            piece_ends = list(range(room, num, room))
+            piece_ends.append(num)
+        else:
+            host.give_back(path)
+            piece_ends = [num]
+        return Swap(first + path[:num - len(first)], path, piece_ends)
+
+
+class Swap(NamedTuple):
+    """What ``_Onboarding.swap_in`` did: the victim's blocks went to ``host_slots``, the
+    path's came from ``path_slots``, in pieces ending at ``piece_ends``."""
+
+    host_slots: list[int]
+    path_slots: list[int]
+    piece_ends: list[int]
 
 
 class StoredRun(NamedTuple):
@@ -372,25 +417,15 @@ class BlockCache:
         old = victim.slots
         if num_swap:
             assert onboarding is not None
-            host_slots: list[int] = []
-            path_slots: list[int] = []
-            piece_ends: list[int] = []
-            done = 0
-            while done < num_offload:
-                end = min(num_swap if done < num_swap else num_offload, done + host.num_free)
-                # Never empty: each piece gives back the host slots it took (the path's).
-                assert end > done, (done, num_swap, num_offload)
-                host_slots += host.take(end - done)
-                if done < num_swap:
-                    path_slots += onboarding.take_in(old[done:end])
-                    piece_ends.append(end)
-                else:
-                    self.gpu.give_back(old[done:end])
-                done = end
+            swap = onboarding.swap_in(old[:num_swap])
+            host_slots = swap.host_slots
+            if num_offload > num_swap:  # the rest leaves into the room made for it
+                assert num_offload - num_swap <= host.num_free, (num_offload, host.num_free)
+                host_slots += host.take(num_offload - num_swap)
+                self.gpu.give_back(old[num_swap:])
             self.journal.host_slots_filled(host_slots)
-            # The pieces' copies in the order the loop made them (each piece's offload, then
-            # the onboard into its slots), recorded at once.
-            ops.record_swap(old, host_slots, path_slots, piece_ends, self.tpb)
+            # Each piece's offload, then the onboard into its slots; then the rest.
+            ops.record_swap(old, host_slots, swap.path_slots, swap.piece_ends, self.tpb)
         else:
             host_slots = host.take(num_offload)
             self.journal.host_slots_filled(host_slots)  # filled only when the plan runs
