@@ -347,3 +347,27 @@ def test_import_blocks_without_host_room_imports_nothing() -> None:
     with pytest.raises(ValueError, match="num_blocks must be an int >= 0"):
         mgr.import_blocks([1], -1)
     mgr.check_invariants()
+
+
+def test_a_prompt_matched_on_an_unchanged_tree_is_not_matched_again() -> None:
+    """The lookup, admission and hint of one step match a spec's prompt once: the match is
+    kept while its key space's tree keeps its shape (``Root.num_changes``); a claim that
+    splits a run under it makes the next call match again::
+
+        a stored:  root ─ A [1-4|5-8|9-12]             b matches A whole (3 blocks)
+        c claims:  root ─ H [1-4|5-8] ─ A [9-12]       A is split: b matches H, A
+    """
+    mgr = make_manager(num_gpu_blocks=16)
+    mgr.add_sequence(SequenceSpec("a", list(range(1, 13))))
+    mgr.remove_sequence("a")
+    cache = mgr._cache
+    root = cache.root(None, None)
+    b = SequenceSpec("b", [*range(1, 13), 99])
+    first = cache.match_spec(root, b, None)
+    assert [n.num_blocks for n in first.path] == [3]
+    assert cache.match_spec(root, b, None) is first and mgr.lookup_spec(b).num_tokens == 12
+    mgr.add_sequence(SequenceSpec("c", [*range(1, 9), 50, 51, 52, 53, 54]))  # splits A
+    again = cache.match_spec(root, b, None)
+    assert again is not first and [n.num_blocks for n in again.path] == [2, 1]
+    assert mgr.lookup_spec(b).num_tokens == 12
+    mgr.check_invariants()

@@ -26,7 +26,7 @@ from kvtier.blocks import cdiv
 from kvtier.cache import BlockCache
 from kvtier.config import CacheConfig
 from kvtier.live import LiveTable
-from kvtier.matching import Match, PartialMatch, match, match_prompt
+from kvtier.matching import Match, PartialMatch, match
 from kvtier.radix import Node, path_to_root
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.tier import Tier
@@ -132,11 +132,10 @@ class BatchAdmission:
         """Admit ``specs`` (already checked for ids) and return one admission each; the
         copies this needs are appended to ``ops``, in program order."""
         cache = self._cache
-        config = self.config
         tpb = self._tpb
         extras_of = [block_extras(s.mm_items, len(s.token_array), tpb) for s in specs]
         # The promises, on the untouched tree: exactly what lookup() reports.
-        matches = [match_prompt(cache.root(s.lora_id, s.salt), s.token_array, e, config)
+        matches = [cache.match_spec(cache.root(s.lora_id, s.salt), s, e)
                    for s, e in zip(specs, extras_of, strict=True)]
         self._check_footprint(specs, matches)
         promises = [promise_of(m, self.config) for m in matches]
@@ -146,8 +145,7 @@ class BatchAdmission:
         pending: list[Pending] = []
         for i, spec in enumerate(specs):
             root = cache.join_root(spec.lora_id, spec.salt)
-            m = matches[i] if i == 0 else match_prompt(root, spec.token_array, extras_of[i],
-                                                       config)
+            m = matches[i] if i == 0 else cache.match_spec(root, spec, extras_of[i])
             priority = self.config.default_priority if spec.priority is None else spec.priority
             seq = LiveSequence(spec, root, extras_of[i], priority)
             self._claim_path(seq, m)

@@ -13,6 +13,7 @@ referenced node is never evicted, an offload target or detached.
 from __future__ import annotations
 
 import itertools
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter, is_
 from typing import NamedTuple
@@ -29,7 +30,7 @@ from kvtier.eviction import (
     node_ghost_key,
 )
 from kvtier.journal import Journal
-from kvtier.matching import match_prompt, num_common_blocks
+from kvtier.matching import Match, match_prompt, num_common_blocks
 from kvtier.metrics import CacheStats
 from kvtier.policies import get_policy
 from kvtier.pool import Key, TierPool
@@ -51,6 +52,9 @@ from kvtier.transfer.plan import OpKind, PlanRecorder
 # What a policy object must have (``kvtier.eviction.EvictionPolicy``, a Protocol the
 # constructor checks by name: a wrong object fails at once, not at the first eviction).
 _POLICY_ATTRS = ("name", "ranks_soft_claims", "num_queue_fields", "key", "rank")
+
+# The most prompt matches ``match_spec`` keeps (a hint is 64 requests).
+_MAX_MATCHES = 64
 
 MAX_EVICTION_BATCH = 32
 """The largest batch a GPU victim run gives (``eviction_batch``)."""
@@ -198,6 +202,9 @@ class BlockCache:
         # nothing cached (``set_soft_claims``).
         self._hinted_queue: tuple[list[SequenceSpec], list[Node], list[SequenceSpec]] = (
             [], [], [])
+        # Spec prompts matched since their root last changed (``match_spec``), by the id of
+        # the prompt's array: (the array, its root, the root's change count, the match).
+        self._matches: dict[int, tuple[array[int], Root, int, Match]] = {}
 
     # ---- key spaces and queries ------------------------------------------------------------
 
@@ -207,6 +214,30 @@ class BlockCache:
     def root(self, lora_id: object, salt: object) -> Root | None:
         """The root of this key space, if it holds blocks or users. Pure."""
         return self.roots.get((lora_id, salt))
+
+    def match_spec(self, root: Root | None, spec: SequenceSpec,
+                   extras: list[object] | None) -> Match:
+        """``match_prompt`` of ``spec``'s prompt under ``root`` (its key space), remembered
+        while the tree under the root keeps its shape and ids (``Root.num_changes``): a
+        scheduler looks a prompt up, admits it and hints it in one step, on one tree; a
+        long prompt's match is tens of microseconds. Pure (the memo aside)."""
+        if root is None or extras is not None:
+            return match_prompt(root, spec.token_array, extras, self.config)
+        tokens = spec.token_array  # a spec's array never changes (``SequenceSpec``)
+        matches = self._matches
+        known = matches.get(id(tokens))
+        if (known is not None and known[0] is tokens and known[1] is root
+                and known[2] == root.num_changes):
+            return known[3]
+        m = match_prompt(root, tokens, None, self.config)
+        if len(matches) >= _MAX_MATCHES:
+            # Keep those still current (the waiting queue's, mostly): the rest never will be.
+            self._matches = matches = {k: v for k, v in matches.items()
+                                       if v[2] == v[1].num_changes}
+            if len(matches) >= _MAX_MATCHES:
+                matches.clear()
+        matches[id(tokens)] = (tokens, root, root.num_changes, m)
+        return m
 
     def join_root(self, lora_id: object, salt: object) -> Root:
         """The root of this key space, created empty if new, with one more user: it stays
@@ -687,7 +718,7 @@ class BlockCache:
         """The deepest run of ``spec``'s cached prefix (None: nothing cached). Pure."""
         root = self.root(spec.lora_id, spec.salt)
         extras = block_extras(spec.mm_items, len(spec.token_array), self.tpb)
-        m = match_prompt(root, spec.token_array, extras, self.config)
+        m = self.match_spec(root, spec, extras)
         if m.tail is not None:
             return m.tail[0]
         return m.path[-1] if m.path else None

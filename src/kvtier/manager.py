@@ -131,7 +131,10 @@ class KVCacheManager:
 
     def lookup_spec(self, spec: SequenceSpec) -> PrefixMatch:
         """``lookup`` for a spec's prompt (validated when the spec was built). Pure query."""
-        return self._lookup(spec.token_array, spec.salt, spec.lora_id, spec.mm_items)
+        cache = self._cache
+        extras = block_extras(spec.mm_items, len(spec.token_array), self._tpb)
+        m = cache.match_spec(cache.root(spec.lora_id, spec.salt), spec, extras)
+        return promise_of(m, self.config).match
 
     def _lookup(self, tokens: Sequence[int], salt: object, lora_id: object,
                 mm_items: Sequence[MultimodalItem]) -> PrefixMatch:

@@ -136,19 +136,31 @@ class Node:
 class Root(Node):
     """The root of one key space: requests with other LoRA ids or salts never meet."""
 
-    __slots__ = ("lora_id", "num_users", "salt")
+    __slots__ = ("lora_id", "num_changes", "num_users", "salt")
 
     def __init__(self, lora_id: object, salt: object) -> None:
         super().__init__(None, [], [], Tier.GPU, None, 0, None)
         self.root = self
         self.lora_id = lora_id
         self.salt = salt
+        # Counts every change of the tree's shape or ids below (each function here that
+        # changes them counts it): a match found under this count still holds while it
+        # stays (``BlockCache.match``).
+        self.num_changes = 0
         # Live requests (and calls in progress) under this root: an empty root is dropped
         # only when it has none, so memory does not grow with the salts ever seen.
         self.num_users = 0
 
 
+def _changed(node: Node) -> None:
+    """The tree under ``node``'s root changes its shape or ids."""
+    root = node.root
+    assert root is not None, node
+    root.num_changes += 1
+
+
 def add_child(parent: Node, child: Node) -> None:
+    _changed(parent)
     parent.children[child.key] = child
     if child.tier is Tier.GPU:
         parent.num_gpu_children += 1
@@ -156,6 +168,7 @@ def add_child(parent: Node, child: Node) -> None:
 
 
 def remove_child(parent: Node, child: Node) -> None:
+    _changed(parent)
     del parent.children[child.key]
     if child.tier is Tier.GPU:
         parent.num_gpu_children -= 1
@@ -188,6 +201,7 @@ def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
     ``node`` still ends at the right object, and heap entries of ``node`` stay valid.
     """
     assert 0 < num_head_blocks < node.num_blocks, (num_head_blocks, node)
+    _changed(node)
     cut = num_head_blocks * tokens_per_block
     parent = node.parent
     assert parent is not None
@@ -231,6 +245,7 @@ def absorb_parent(node: Node) -> None:
     head = node.parent
     assert head is not None and head.parent is not None and len(head.children) == 1, node
     grand = head.parent
+    _changed(node)
     n = head.num_blocks
     # NOTE: the head is discarded, so its buffers are taken and extended: a host run that
     # grows by a cut tail at a time copies the tail, not the whole run, each time.
@@ -264,6 +279,7 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
     n = node.num_blocks
     assert 0 < num_tail_blocks < n and node.ref_count == 0, (num_tail_blocks, node)
     keep = n - num_tail_blocks
+    _changed(node)
     cut = keep * tokens_per_block
     tail = Node(
         node,
@@ -303,6 +319,7 @@ def extend_run(node: Node, tokens: Sequence[int], slots: list[int],
     place: the run a request is storing grows instead of gaining a one-block child per
     decode block."""
     assert not node.children and node.parent is not None, node
+    _changed(node)
     n = node.num_blocks
     node.tokens.extend(tokens if type(tokens) is array else array("Q", tokens))
     node.slots.extend(slots)
