@@ -13,6 +13,7 @@ referenced node is never evicted, an offload target or detached.
 from __future__ import annotations
 
 import itertools
+import weakref
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter, is_
@@ -53,8 +54,8 @@ from kvtier.transfer.plan import OpKind, PlanRecorder
 # constructor checks by name: a wrong object fails at once, not at the first eviction).
 _POLICY_ATTRS = ("name", "ranks_soft_claims", "num_queue_fields", "key", "rank")
 
-# The most prompt matches ``match_spec`` keeps (a hint is 64 requests).
-_MAX_MATCHES = 64
+# The most prompt matches ``match_spec`` keeps (a step looks up a few prompts and admits them).
+_MAX_MATCHES = 16
 
 MAX_EVICTION_BATCH = 32
 """The largest batch a GPU victim run gives (``eviction_batch``)."""
@@ -203,8 +204,9 @@ class BlockCache:
         self._hinted_queue: tuple[list[SequenceSpec], list[Node], list[SequenceSpec]] = (
             [], [], [])
         # Spec prompts matched since their root last changed (``match_spec``), by the id of
-        # the prompt's array: (the array, its root, the root's change count, the match).
-        self._matches: dict[int, tuple[array[int], Root, int, Match]] = {}
+        # the prompt's array: (a weak reference to the array, its root, the root's change
+        # count, the match). NOTE: weak, so a finished request's prompt is not kept alive.
+        self._matches: dict[int, tuple[weakref.ref[array[int]], Root, int, Match]] = {}
 
     # ---- key spaces and queries ------------------------------------------------------------
 
@@ -226,7 +228,7 @@ class BlockCache:
         tokens = spec.token_array  # a spec's array never changes (``SequenceSpec``)
         matches = self._matches
         known = matches.get(id(tokens))
-        if (known is not None and known[0] is tokens and known[1] is root
+        if (known is not None and known[0]() is tokens and known[1] is root
                 and known[2] == root.num_changes):
             return known[3]
         m = match_prompt(root, tokens, None, self.config)
@@ -236,7 +238,7 @@ class BlockCache:
                                        if v[2] == v[1].num_changes}
             if len(matches) >= _MAX_MATCHES:
                 matches.clear()
-        matches[id(tokens)] = (tokens, root, root.num_changes, m)
+        matches[id(tokens)] = (weakref.ref(tokens), root, root.num_changes, m)
         return m
 
     def join_root(self, lora_id: object, salt: object) -> Root:
