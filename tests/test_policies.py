@@ -155,22 +155,29 @@ def test_reuse_class_by_turn_and_role() -> None:
 
 
 def reference_value(events: list[float], censored: list[float], prior: list[float],
-                    weight: float) -> list[float]:
+                    weight: float, horizon_s: float = float("inf")) -> list[float]:
     """Hit density per age bin, the forward way (the policy lab's loop): from each bin on,
-    the chance of a reuse over the expected block-seconds spent waiting for it."""
+    the chance of a reuse over the expected block-seconds spent waiting for it; within
+    ``horizon_s`` seconds of the bin's start only (the bin it ends in counts in part)."""
     nb = len(events)
     risk = [sum(events[b:]) + sum(censored[b:]) for b in range(nb)]
     hazard = [(events[b] + weight * prior[b]) / (risk[b] + weight)
               if risk[b] + weight else 0.0 for b in range(nb)]
+    lows = [0.0] + [float(2 ** (b - 1)) for b in range(1, nb)]
     widths = [1.0] + [float(2 ** (b - 1)) for b in range(1, nb)]
     widths[-1] = 3.0 * 2 ** (nb - 2)
     out = []
     for start in range(nb):
         alive, hits, waited = 1.0, 0.0, 0.0
+        end = lows[start] + horizon_s
         for b in range(start, nb):
-            hits += alive * hazard[b]
-            waited += alive * widths[b] * (1 - hazard[b] / 2)
-            alive *= 1 - hazard[b]
+            if end <= lows[b]:
+                break
+            part = 1.0 if b == nb - 1 else min(1.0, (end - lows[b]) / widths[b])
+            p = hazard[b] * part
+            hits += alive * p
+            waited += alive * widths[b] * part * (1 - p / 2)
+            alive *= 1 - p
         out.append(hits / waited)
     return out
 
@@ -194,8 +201,54 @@ def test_hit_density_matches_the_forward_definition() -> None:
                   if risk[0][b] + risk[1][b] else 0.0 for b in range(NUM_AGE_BINS)]
         for c in (0, 1):
             assert h.value[c] == pytest.approx(reference_value(ev[c], ce[c], pooled, weight))
+            # No run dropped yet: the near term is the whole future.
+            assert h.near[c] == pytest.approx(h.value[c])
+        # The near term: 4x the mean age of a drop (here one, at 1.5 s), from each bin.
+        h.dropped(1.5)
+        assert h.horizon_s == 6.0
+        h.refresh()
+        for c in (0, 1):
+            assert h.near[c] == pytest.approx(
+                reference_value(ev[c], ce[c], pooled, weight, horizon_s=6.0))
     # Class 0, no shrinkage: reused at 1-2 s half the time, later only at 32-64 s.
     assert h.value[0][0] > h.value[0][2]
+    # Over the near term, a run of 4-8 s is worth little (its reuse at 32-64 s is past
+    # the horizon) and one of 32-64 s much: the value of that class rises with age.
+    assert h.near[0][3] < h.near[0][6]
+
+
+def test_hit_density_near_term_follows_the_drops() -> None:
+    """The horizon is 4x a moving mean of the drop ages, at least 1 s."""
+    h = HitDensity(1)
+    assert h.horizon_s == float("inf")
+    h.dropped(10.0)
+    assert h.horizon_s == 40.0
+    for _ in range(2000):
+        h.dropped(0.01)
+    assert h.horizon_s == 1.0
+
+
+def test_a_class_gives_its_youngest_run_where_the_near_term_values_it_less() -> None:
+    """Three first-turn prompts cached, released at 0, 10 and 20 s; at 21 s a request
+    needs one of them evicted. Where the class's near-term value rises with age (runs
+    come back some seconds after they leave, like agent steps), the youngest (c) goes;
+    where it is flat, the oldest (a), as LRU."""
+    a, b, c = [1] * 8, [2] * 8, [3] * 8
+    for near, lost in ((list(range(NUM_AGE_BINS)), c), ([1.0] * NUM_AGE_BINS, a)):
+        clock = [0.0]
+        policy = KvtierPredict(cost_aware=True)
+        mgr = make_manager(policy, num_gpu_blocks=8, clock=clock)
+        for t, (rid, tokens) in zip((0.0, 10.0, 20.0), (("a", a), ("b", b), ("c", c)),
+                                    strict=True):
+            clock[0] = t
+            admit_and_release(mgr, rid, [*tokens, 9])
+        cls = policy.reuse_class(make_node(), 1, ROLE_BODY)
+        policy.learner.near[cls][:] = [float(x) for x in near]
+        clock[0] = 21.0
+        assert mgr.add_sequence(SequenceSpec("n", list(range(100, 116)))).admitted
+        mgr.check_invariants()
+        kept = [t for t in (a, b, c) if t is not lost]
+        assert [mgr.lookup([*t, 0]).num_tokens for t in (*kept, lost)] == [8, 8, 0]
 
 
 def test_hit_density_decays_old_counts() -> None:

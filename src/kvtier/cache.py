@@ -176,8 +176,10 @@ class BlockCache:
         if missing:
             raise ValueError(f"policy must be an eviction policy (kvtier.eviction."
                              f"EvictionPolicy); {policy!r} has no {', '.join(missing)}")
-        self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks, policy.num_queue_fields)
-        self.host = TierPool(Tier.HOST, config.num_host_blocks, policy.num_queue_fields)
+        both_ends = callable(getattr(policy, "within", None))
+        self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks, policy.num_queue_fields, both_ends)
+        self.host = TierPool(Tier.HOST, config.num_host_blocks, policy.num_queue_fields,
+                             both_ends)
         self.stats = CacheStats()
         self.evictor = Evictor(config, clock, policy, self.gpu, self.host)
         self.journal = Journal(config)

@@ -62,6 +62,10 @@ class EvictionPolicy(Protocol):
     learned table refreshed, a verdict flipped). While it and the clock hold, a queue
     head's rank is kept, not computed again at every pop. A policy without it (or with
     ``None``) is ranked afresh at every pop.
+
+    Optional: ``within(node, now) -> float``, for a policy with queues: which run of the
+    queue that won goes, its head (oldest) or its youngest, the one ``within`` values less
+    (``TierPool``'s ``both_ends``). Without it a queue always gives its head.
     """
 
     name: str
@@ -168,6 +172,10 @@ class Evictor:
         # may lie on a claimed path, which the next soft_claim claims again.
         self._soft_cut = False
         self._held_now: float | None = None  # the clock's time, held for one eviction round
+        # Which end of the winning queue goes (``EvictionPolicy.within``), if the policy says.
+        within: Callable[[Node, float], float] | None = getattr(policy, "within", None)
+        self._policy_within = within
+        self._within = self._within_now if within is not None else None
 
     def now(self) -> float:
         """The clock's time now (the held time during an eviction round). Pure."""
@@ -201,6 +209,12 @@ class Evictor:
     def rank(self, node: Node) -> Key:
         """How ``node`` compares with any other candidate now. Pure."""
         return self.policy.rank(node, self.now(), self._default_priority)
+
+    def _within_now(self, node: Node) -> float:
+        """The policy's ``within`` of ``node`` now. Pure."""
+        within = self._policy_within
+        assert within is not None
+        return within(node, self.now())
 
     def _rank_run(self, node: Node) -> Key:
         """``rank`` of the run ``node`` is in all but name: a candidate is first rejoined
@@ -313,7 +327,8 @@ class Evictor:
                              else (self._host, self.host_candidate_key))
         version = getattr(self.policy, "rank_version", None)
         node = pool.pop_candidate(current_key, self._rank_run,
-                                  None if version is None else (self.now(), version))
+                                  None if version is None else (self.now(), version),
+                                  self._within)
         if node is None:
             return None
         _merge_up(node)

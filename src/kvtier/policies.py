@@ -255,6 +255,9 @@ NUM_AGE_BINS = 18
 # Session turn -> bucket: 1, 2, 3, 4, 5-7, 8+.
 _TURN_BUCKETS = (0, 1, 2, 3, 4, 4, 4, 5)
 NUM_TURN_BUCKETS = 6
+# The near term of ``HitDensity.near``: this many times the mean age of a run at its drop.
+NEAR_TERM_DROP_AGES = 4.0
+DROP_AGE_WEIGHT = 0.01  # of each drop in that mean
 
 
 def age_bin(age_s: float) -> int:
@@ -268,6 +271,10 @@ def _bin_widths() -> list[float]:
     return widths
 
 
+# Where each age bin starts, in seconds.
+_BIN_LOWS = [0.0] + [float(2 ** (b - 1)) for b in range(1, NUM_AGE_BINS)]
+
+
 class HitDensity:
     """Online hit density per class of run and age (LHD, Beckmann et al., NSDI '18).
 
@@ -277,10 +284,15 @@ class HitDensity:
     again) is censored at its age. Hazards are shrunk toward the pooled hazard
     (``prior_blocks`` pseudo-observations). A run of age ``a`` is worth its *hit density*:
     the chance it is reused at all from ``a`` on, over the expected block-seconds it waits
-    for that (the whole learned future: no horizon). Every ``refresh_every`` records the
-    value table is recomputed, O(classes x bins); counts halve past ``decay_blocks`` so the
-    learner follows a changing stream. Until the first refresh every value is equal and
-    the order is LRU's.
+    for that (the whole learned future: no horizon), in ``value``; and the same over the
+    *near term* only, the next ``horizon_s`` seconds, in ``near``: a few times the age at
+    which the cache drops runs now (``dropped``), as LHD bounds a lifetime by eviction.
+    ``value`` ranks classes against each other (whether a run comes back at all);
+    ``near`` picks within a class, where runs differ only by age (how soon it comes back
+    before the cache would drop it anyway). Every ``refresh_every`` records both tables are
+    recomputed, O(classes x bins^2); counts halve past ``decay_blocks`` so the learner
+    follows a changing stream. Until the first refresh every value is equal and the order
+    is LRU's.
     """
 
     def __init__(self, num_classes: int, refresh_every: int = 256, prior_blocks: float = 8.0,
@@ -292,6 +304,9 @@ class HitDensity:
         self.events = [[0.0] * NUM_AGE_BINS for _ in range(num_classes)]
         self.censored = [[0.0] * NUM_AGE_BINS for _ in range(num_classes)]
         self.value = [[1.0] * NUM_AGE_BINS for _ in range(num_classes)]
+        self.near = [[1.0] * NUM_AGE_BINS for _ in range(num_classes)]
+        self.drop_age_s: float | None = None  # a moving mean of the age at a drop
+        self.horizon_s = float("inf")  # the near term: NEAR_TERM_DROP_AGES x drop_age_s
         self.num_records = 0
         self.num_refreshes = 0  # the value table's version (``KvtierPredict.rank_version``)
         self._total = 0.0
@@ -304,6 +319,14 @@ class HitDensity:
         self.num_records += 1
         if self.num_records % self.refresh_every == 0:
             self.refresh()
+
+    def dropped(self, age_s: float) -> None:
+        """A run was dropped ``age_s`` after its release: the near term follows the age
+        at which the cache drops runs (a moving mean over the last ~100 drops)."""
+        mean = self.drop_age_s
+        mean = age_s if mean is None else mean + DROP_AGE_WEIGHT * (age_s - mean)
+        self.drop_age_s = mean
+        self.horizon_s = max(1.0, NEAR_TERM_DROP_AGES * mean)
 
     def refresh(self) -> None:
         """Recompute the value table from the histograms."""
@@ -329,14 +352,56 @@ class HitDensity:
         w = self.prior_blocks
         widths = _bin_widths()
         for c in range(self.num_classes):
-            ev, risk, value = self.events[c], at_risk[c], self.value[c]
+            ev, risk = self.events[c], at_risk[c]
+            hazard = []
+            for b in range(nb):
+                denom = risk[b] + w
+                hazard.append(min(1.0, (ev[b] + w * pooled[b]) / denom) if denom else 0.0)
+            value = self.value[c]
             hits = waited = 0.0
             for b in range(nb - 1, -1, -1):
-                denom = risk[b] + w
-                p = min(1.0, (ev[b] + w * pooled[b]) / denom) if denom else 0.0
+                p = hazard[b]
                 hits = p + (1.0 - p) * hits
                 waited = widths[b] * (1.0 - p / 2) + (1.0 - p) * waited
                 value[b] = hits / waited
+            _near_densities(hazard, widths, self.horizon_s, self.near[c])
+
+
+def _near_densities(hazard: list[float], widths: list[float], horizon_s: float,
+                    out: list[float]) -> None:
+    """``out[b]``: the hit density from the start of age bin ``b`` over the next
+    ``horizon_s`` seconds, given each bin's ``hazard`` of a reuse: the chance of a reuse
+    in the window over the expected block-seconds waited in it (a reuse waits half its
+    bin). The last bin is open; the bin the window ends in counts in part. O(bins): the
+    chance of no reuse before bin ``x`` (``alive``) and the wait up to it (``wait``) are
+    running products and sums, a window's the ratio and difference of its ends'."""
+    nb = len(hazard)
+    lows = _BIN_LOWS
+    alive, wait = [1.0], [0.0]
+    a = 1.0
+    s = 0.0
+    for p, width in zip(hazard, widths, strict=True):
+        s += a * width * (1.0 - p / 2)
+        a *= 1.0 - p
+        alive.append(a)
+        wait.append(s)
+    last = nb - 1
+    for b in range(nb):
+        start = alive[b]
+        if start <= 0.0:
+            out[b] = 2.0 * hazard[b] / widths[b]  # a reuse certain in this bin
+            continue
+        end = lows[b] + horizon_s
+        if end >= lows[last]:
+            e, part = last, 1.0
+        else:
+            e = max(b, int(end).bit_length())
+            part = (end - lows[e]) / widths[e]
+        p = hazard[e] * part
+        rest = alive[e] / start
+        hits = 1.0 - rest + rest * p
+        waited = (wait[e] - wait[b]) / start + rest * widths[e] * part * (1.0 - p / 2)
+        out[b] = hits / waited if waited else 0.0
 
 
 class KvtierPredict:
@@ -401,6 +466,7 @@ class KvtierPredict:
 
     def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
                num_blocks: int, now: float, released_tick: int = 0) -> None:
+        self.learner.dropped(now - released_s)
         ghosts = self.ghosts
         ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid, released_tick))
         for cls, released, n, _, _ in ghosts.trim():
@@ -433,6 +499,14 @@ class KvtierPredict:
             value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
         return (effective_priority(node, now, default_priority), int(node.soft_claimed),
                 value, node.last_used)
+
+    def within(self, node: Node, now: float) -> float:
+        """Which run of a class goes, its oldest or its youngest: the one with the
+        lower hit density over the near term at its age (``HitDensity.near``). Where a
+        class's runs come back within seconds of an age (a loop of agent sessions), the
+        youngest is the furthest from its next use. Pure."""
+        cls = node.reuse_class if node.reuse_class is not None else 1
+        return self.learner.near[cls][age_bin(now - node.last_used_s)]
 
     @property
     def rank_version(self) -> tuple[int, bool]:

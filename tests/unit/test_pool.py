@@ -179,3 +179,72 @@ def test_queue_heads_are_ranked_at_every_pop_without_a_version() -> None:
     pool.pop_candidate(current_key, rank)
     pool.pop_candidate(current_key, rank)
     assert sorted(ranked[:2]) == [a, b] and sorted(ranked[2:]) == [b, c]
+
+
+def make_two_ended(num_nodes: int) -> tuple[TierPool, list[Node], dict[int, Key]]:
+    """A pool with one queue of ``num_nodes`` one-block nodes filed oldest first, keeping
+    both ends; the nodes and their keys (queue 0, release order)."""
+    pool = TierPool(Tier.GPU, 8, num_queue_fields=1, both_ends=True)
+    nodes = [make_node(t) for t in range(num_nodes)]
+    current = {n.uid: (0, i) for i, n in enumerate(nodes)}
+    for n in nodes:
+        pool.push(n, current[n.uid])
+    return pool, nodes, current
+
+
+def test_a_two_ended_queue_gives_its_youngest_where_within_values_it_less() -> None:
+    """The winning queue gives its youngest run when ``within`` values it below the head,
+    else its head; a tail taken leaves its heap entry stale, skipped when met."""
+    pool, (a, b, c, d), current = make_two_ended(4)
+    current_key = keys_of(current)
+
+    def rank(node: Node) -> Key:
+        return current[node.uid]
+
+    value = {a.uid: 1.0, b.uid: 2.0, c.uid: 3.0, d.uid: 0.5}  # the youngest, d, least
+
+    def within(node: Node) -> float:
+        return value[node.uid]
+
+    def pop() -> Node | None:
+        node = pool.pop_candidate(current_key, rank, None, within)
+        if node is not None:
+            del current[node.uid]  # evicted: no candidate any more
+        return node
+
+    assert pop() is d  # youngest, valued below the head a
+    assert pop() is a  # the youngest now is c (3.0), above a (1.0): the head
+    assert pop() is b  # c above b: the head again
+    assert pop() is c  # d's stale heap entry was skipped on the way
+    assert pop() is None
+    # Without ``within`` the same pool gives heads only.
+    pool, nodes, current = make_two_ended(3)
+    assert [pool.pop_candidate(keys_of(current), lambda n: current[n.uid])
+            for _ in range(3)] == nodes
+
+
+def test_a_two_ended_queue_skips_stale_young_entries_and_stays_bounded() -> None:
+    """A youngest entry filed under a key the node no longer has is dropped, not taken;
+    and the filing-order stacks do not grow with the history: a compaction rebuilds them
+    (oldest release first) once they outnumber the live candidates."""
+    pool, (_, b, c), current = make_two_ended(3)
+    current[c.uid] = (0, 99)  # c's key moved without a re-file: its entry is stale
+    got = pool.pop_candidate(keys_of(current), lambda n: current[n.uid], None,
+                             lambda n: 0.0 if n is b else 1.0)
+    assert got is b  # the youngest entry still current, valued below the head a
+    # Many cycles of file and evict at the heads: the stacks keep only what is live.
+    pool = TierPool(Tier.GPU, 4, num_queue_fields=1, both_ends=True)
+    live: dict[int, Key] = {}
+    for t in range(2000):
+        n = make_node(t)
+        live[n.uid] = (0, t)
+        pool.push(n, live[n.uid])
+        pool.compact(keys_of(live))
+        if len(live) > 3:
+            head = pool.pop_candidate(keys_of(live), lambda n: live[n.uid])
+            assert head is not None
+            del live[head.uid]
+    assert pool._num_filed <= 2 * pool.capacity + 64 + 1
+    young = pool.pop_candidate(keys_of(live), lambda n: live[n.uid], None,
+                               lambda n: -live[n.uid][1])
+    assert young is not None and live[young.uid] == max(live.values())

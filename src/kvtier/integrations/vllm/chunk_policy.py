@@ -109,7 +109,10 @@ class PolicyChunks(Generic[C]):
             self._learner.bind(CacheConfig(tokens_per_block=1,
                                            num_gpu_blocks=max(1, self._capacity),
                                            eviction_policy=self._policy_name))
-        self._pool = TierPool(Tier.HOST, max(1, self._capacity), self.policy.num_queue_fields)
+        # A policy that picks within a queue (``EvictionPolicy.within``) gets both ends.
+        self._within = getattr(self.policy, "within", None)
+        self._pool = TierPool(Tier.HOST, max(1, self._capacity), self.policy.num_queue_fields,
+                              both_ends=self._within is not None)
 
     # -- queries ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -270,7 +273,8 @@ class PolicyChunks(Generic[C]):
         kept: list[_Chunk[C]] = []
         seen: set[int] = set()
         while len(chosen) < n:
-            node = self._pool.pop_candidate(self._current_key, self._rank)
+            node = self._pool.pop_candidate(self._current_key, self._rank, None,
+                                            self._within_now if self._within else None)
             if node is None:
                 break
             if node.uid in seen:  # a second entry of one chunk filed twice with one key
@@ -331,6 +335,10 @@ class PolicyChunks(Generic[C]):
 
     def _rank(self, node: Node) -> Key:
         return self.policy.rank(node, self._clock(), self._default_priority)
+
+    def _within_now(self, node: Node) -> float:
+        assert self._within is not None
+        return float(self._within(node, self._clock()))
 
     def _set_retention(self, node: Node, now: float, priority: int | None,
                        retention_s: float | None) -> None:
