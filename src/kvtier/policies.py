@@ -406,12 +406,16 @@ def _near_densities(hazard: list[float], widths: list[float], horizon_s: float,
 
 class KvtierPredict:
     """kvtier's own policy: priority, then soft queue claims, then the hit density of the
-    run's class at its age (:class:`HitDensity`), oldest first within a class.
+    run's class at its age (:class:`HitDensity`); within a class its oldest or its
+    youngest run, whichever is worth less over the near term (``within``).
 
     Key ``(priority, soft_claimed, class, last_used)``: one queue per (priority, soft,
     class), compared by ``rank = (priority, soft_claimed, value[class][age bin],
-    last_used)``. A released run's class is what the releasing request says of it: the
-    turn of its session (1, 2, 3, 4, 5-7, 8+: a request whose reused prefix covers an
+    last_used)``; the queue that wins gives its head or its youngest run (``within``:
+    where a class's runs come back seconds after they leave, a loop of agent steps, the
+    youngest is the furthest from its next use). A released run's class is what the
+    releasing request says of it: the turn of its session (1, 2, 3, 4, 5-7, 8+: a
+    request whose reused prefix covers an
     earlier request's whole prompt continues that session) and the run's role (``shared``:
     the prefix a first turn found cached, a system prompt or tool spec; ``body``: the rest
     of the prompt; ``tail``: output past the prompt). Later turns of a session are likelier
