@@ -3,8 +3,10 @@ everything a refused call must leave unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
+import io
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -124,11 +126,28 @@ def check_refused(call: Callable[[], object], fields: tuple[str, ...],
     raise AssertionError(f"accepted bad input: returned {result!r}")
 
 
-def is_finite_number(value: object) -> bool:
-    """A finite int or float that is not a bool."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """``kvtier.cli.main(argv)`` in process: (exit status, stderr)."""
+    from kvtier.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    # NOTE: with KVTIER_DEBUG=1 a defect (status 70 otherwise) raises with its traceback.
+    saved = os.environ.get("KVTIER_DEBUG")
+    os.environ["KVTIER_DEBUG"] = "1"
     try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            code = main(argv)
+    finally:
+        if saved is None:
+            del os.environ["KVTIER_DEBUG"]
+        else:
+            os.environ["KVTIER_DEBUG"] = saved
+    return code, err.getvalue()
+
+
+def assert_one_line_refusal(code: int, stderr: str, *fragments: str) -> None:
+    """Status 2, one line on stderr, no traceback, naming every one of ``fragments``."""
+    assert code == 2, (code, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert all(f in stderr for f in fragments), stderr

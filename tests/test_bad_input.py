@@ -11,11 +11,8 @@ A bool token id is an int (True is the id 1): the suite does not count it as gar
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
-import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,10 +31,12 @@ from bad_input_helpers import (
     NOT_A_NUMBER,
     REFUSALS,
     TPB,
+    assert_one_line_refusal,
     bad_token_lists,
     check_refused,
     make_manager,
     probe_prompts,
+    run_cli,
     snapshot,
 )
 from kvtier import (
@@ -615,32 +614,6 @@ def test_event_decoders_raise_only_value_error(text: str | bytes) -> None:
 
 
 # ---- the command line ---------------------------------------------------------------------
-
-
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    """``kvtier.cli.main(argv)`` in process: (exit status, stderr)."""
-    from kvtier.cli import main
-
-    err, out = io.StringIO(), io.StringIO()
-    # NOTE: with KVTIER_DEBUG=1 a defect (status 70 otherwise) raises with its traceback.
-    saved = os.environ.get("KVTIER_DEBUG")
-    os.environ["KVTIER_DEBUG"] = "1"
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            code = main(argv)
-    finally:
-        if saved is None:
-            del os.environ["KVTIER_DEBUG"]
-        else:
-            os.environ["KVTIER_DEBUG"] = saved
-    return code, err.getvalue()
-
-
-def assert_one_line_refusal(code: int, stderr: str, *fragments: str) -> None:
-    assert code == 2, (code, stderr)
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert all(f in stderr for f in fragments), stderr
 
 
 SMALL = ["--limit", "3", "--no-progress", "--gpu-blocks", "64", "--tokens-per-block", "16"]

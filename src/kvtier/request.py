@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvtier.config import check_priority
-from kvtier.sequence import check_key, check_lora_id, check_retention, token_list
+from kvtier.sequence import (
+    check_key,
+    check_lora_id,
+    check_retention,
+    is_finite_number,
+    token_list,
+)
 
 # NOTE: SequenceSpec's checks, run here so that a Request is refused when it is built,
 # naming the request, not when the scheduler first admits it.
@@ -64,16 +69,6 @@ def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> lis
     return list(ids) if ids is tokens else ids
 
 
-def _is_finite(value: object) -> bool:
-    """A finite int or float, never a bool (an int too large for a float is not finite)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def check_request(req: Request) -> tuple[list[int], list[int]]:
     """Validate every field of ``req``; return copies of its prompt and output. Pure."""
     rid = req.request_id
@@ -85,7 +80,7 @@ def check_request(req: Request) -> tuple[list[int], list[int]]:
     n = req.max_output_tokens
     if type(n) is not int or n < 1:
         raise ValueError(f"max_output_tokens of {rid!r} must be an integer >= 1, got {n!r}")
-    if not _is_finite(req.arrival_s):
+    if not is_finite_number(req.arrival_s):
         raise ValueError(f"arrival_s of {what} must be a finite number, got {req.arrival_s!r}")
     check_key(f"salt of {what}", req.salt)
     check_lora_id(req.lora_id, f"lora_id of {what}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from array import array
 from collections.abc import Iterator, Sequence
@@ -247,11 +248,11 @@ def checked_token_array(tokens: Sequence[int], what: str) -> array[int]:
     for index, token in enumerate(tokens):
         if not isinstance(token, int):
             raise ValueError(
-                f"{what}: token at index {index} must be an int, got {_short(token)} "
+                f"{what}: token at index {index} must be an int, got {short_repr(token)} "
                 f"({type(token).__name__})")
         if not 0 <= token <= MAX_TOKEN_ID:
             raise ValueError(
-                f"{what}: token at index {index} is {_short(token)}, outside the token id "
+                f"{what}: token at index {index} is {short_repr(token)}, outside the token id "
                 f"range 0..2**63-1")
     raise AssertionError(f"{what}: no bad id, yet the ids did not pack")
 
@@ -301,10 +302,22 @@ def _packed(tokens: Sequence[int]) -> array[int]:
 _TOP_BYTE = 7 if sys.byteorder == "little" else 0
 
 
+def is_finite_number(value: object) -> bool:
+    """A finite int or float, never a bool. Pure. NOTE: ``math.isfinite`` raises
+    OverflowError for an int too large for a float (a trace's ``1e400`` written out): such
+    an int is not finite here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_token(token: object, what: str) -> int:
     """One token id, validated like ``check_tokens``."""
     if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:
-        raise ValueError(f"{what} must be an int in 0..2**63-1, got {_short(token)}")
+        raise ValueError(f"{what} must be an int in 0..2**63-1, got {short_repr(token)}")
     return token
 
 
@@ -317,21 +330,22 @@ def check_key(what: str, value: object, allow_none: bool = True) -> None:
     if type(value) is int:
         if -MAX_KEY_INT < value < MAX_KEY_INT:
             return
-        raise ValueError(f"{what} must be an int of magnitude below 2**128, got {_short(value)}")
+        raise ValueError(
+            f"{what} must be an int of magnitude below 2**128, got {short_repr(value)}")
     if type(value) in (bytes, str):
         assert isinstance(value, (bytes, str))
         if len(value) <= MAX_KEY_LEN:
             return
         raise ValueError(f"{what} must be at most {MAX_KEY_LEN} long, got {len(value)}")
     allowed = "bytes, str, int" + (" or None" if allow_none else "")
-    raise ValueError(f"{what} must be {allowed}, got {_short(value)} ({type(value).__name__})")
+    raise ValueError(f"{what} must be {allowed}, got {short_repr(value)} ({type(value).__name__})")
 
 
 def check_lora_id(lora_id: object, what: str = "lora_id") -> None:
     """Raise ValueError naming ``what`` unless ``lora_id`` is ``None`` or an int in
     ``0 ..= MAX_TOKEN_ID``."""
     if lora_id is not None and (type(lora_id) is not int or not 0 <= lora_id <= MAX_TOKEN_ID):
-        raise ValueError(f"{what} must be an int in 0..2**63-1 or None, got {_short(lora_id)}")
+        raise ValueError(f"{what} must be an int in 0..2**63-1 or None, got {short_repr(lora_id)}")
 
 
 def check_retention(retention_s: object, what: str = "retention_s") -> float | None:
@@ -345,7 +359,7 @@ def check_retention(retention_s: object, what: str = "retention_s") -> float | N
             return float(retention_s)
     raise ValueError(
         f"{what} must be a finite number of seconds in 0..{MAX_RETENTION_S:.0e}, or None "
-        f"for no expiry, got {_short(retention_s)}")
+        f"for no expiry, got {short_repr(retention_s)}")
 
 
 def check_mm_items(items: object, num_tokens: int, request_id: str) -> tuple[MultimodalItem, ...]:
@@ -356,7 +370,7 @@ def check_mm_items(items: object, num_tokens: int, request_id: str) -> tuple[Mul
     items = tuple(items)
     for item in items:
         if not isinstance(item, MultimodalItem):
-            raise ValueError(f"mm_items must hold MultimodalItem, got {_short(item)}")
+            raise ValueError(f"mm_items must hold MultimodalItem, got {short_repr(item)}")
         if item.offset + item.length > num_tokens:
             raise ValueError(
                 f"MultimodalItem at offset {item.offset} with length {item.length} runs past "
@@ -364,7 +378,7 @@ def check_mm_items(items: object, num_tokens: int, request_id: str) -> tuple[Mul
     return items
 
 
-def _short(value: object) -> str:
+def short_repr(value: object) -> str:
     """``repr(value)``, cut short: a bad value may be a huge int or a long string."""
     if type(value) is int and value.bit_length() > 128:
         return f"an int of {value.bit_length()} bits"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from kvtier.sequence import is_finite_number
 
 
 def check_int(field: str, value: int, minimum: int) -> None:
@@ -14,9 +14,7 @@ def check_int(field: str, value: int, minimum: int) -> None:
 def check_float(field: str, value: float, low: float, high: float | None = None) -> None:
     """Raise ValueError naming ``field`` unless ``value`` is a finite number in [low, high]."""
     if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
+        not is_finite_number(value)
         or value < low
         or (high is not None and value > high)
     ):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
+import re
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from _csv import Reader as _CsvReader
 
 from kvtier.blocks import cdiv
+from kvtier.sequence import is_finite_number, short_repr
 from kvtier.sim.oracle import OracleRequest
 from kvtier.sim.synthetic import PrefixModel, SessionBuilder
 from kvtier.sim.workload import TraceRequest
@@ -186,6 +187,10 @@ class MooncakeTrace:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise fail("<json>", f"malformed JSON: {exc.msg}") from None
+        except ValueError:
+            # NOTE: json.loads raises a bare ValueError, not a JSONDecodeError, for a number
+            # past Python's limit on int parsing (4,300 digits).
+            raise fail("<json>", "malformed JSON: a number too long to read") from None
         except RecursionError:
             raise fail("<json>", "nested too deeply: not a Mooncake record") from None
         if not isinstance(obj, dict):
@@ -194,13 +199,8 @@ class MooncakeTrace:
             if field not in obj:
                 raise fail(field, "missing")
         timestamp = obj["timestamp"]
-        if (
-            isinstance(timestamp, bool)
-            or not isinstance(timestamp, (int, float))
-            or not math.isfinite(timestamp)
-            or timestamp < 0
-        ):
-            raise fail("timestamp", f"expected a number of ms >= 0, got {timestamp!r}")
+        if not is_finite_number(timestamp) or timestamp < 0:
+            raise fail("timestamp", f"expected a number of ms >= 0, got {short_repr(timestamp)}")
         lengths = []
         for field in ("input_length", "output_length"):
             value = obj[field]
@@ -234,6 +234,8 @@ class _AzureRecord(NamedTuple):
 
 
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_MAX_DIGITS = 20  # far past MAX_REQUEST_TOKENS: a longer number is refused unparsed
 
 
 def _parse_azure_timestamp(text: str) -> datetime:
@@ -365,12 +367,14 @@ class AzureTrace:
             previous_s = arrival_s
             lengths = []
             for column, text, minimum in zip(_AZURE_COLUMNS[1:], row[1:], (1, 0), strict=True):
-                try:
-                    value = int(text.strip())
-                except ValueError:
+                digits = text.strip()
+                # NOTE: not int() alone: it also takes '1_000' and non-ASCII digits ('١٢').
+                if _INTEGER.fullmatch(digits) is None or len(digits) > _MAX_DIGITS:
                     raise TraceFormatError(
-                        self.path, line_number, column, f"expected an integer, got {text!r}"
-                    ) from None
+                        self.path, line_number, column,
+                        f"expected an integer in {minimum}..{MAX_REQUEST_TOKENS}, "
+                        f"got {short_repr(digits)}")
+                value = int(digits)
                 if not minimum <= value <= MAX_REQUEST_TOKENS:
                     raise TraceFormatError(
                         self.path, line_number, column,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from kvtier.sequence import is_finite_number
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,12 +29,7 @@ class TraceRequest:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError(f"request_id must be a non-empty string, got {self.request_id!r}")
         arrival = self.arrival_s
-        if (
-            isinstance(arrival, bool)
-            or not isinstance(arrival, (int, float))
-            or not math.isfinite(arrival)
-            or arrival < 0
-        ):
+        if not is_finite_number(arrival) or arrival < 0:
             raise ValueError(f"arrival_s must be a finite number >= 0, got {arrival!r}")
         if not isinstance(self.prompt, list) or not self.prompt:
             raise ValueError(f"prompt must be a non-empty list of token ids, got {self.prompt!r}")
