@@ -441,10 +441,13 @@ def test_malformed_trace_names_file_line_field(
 def test_usage_errors_exit_2(
     capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
-    """argparse's own errors (unknown option, bad value, no command) exit 2 with usage."""
+    """argparse's own errors (unknown option, bad value, no command) exit 2 in one line, like
+    every other refusal: the message and where the options are listed, not the usage."""
     code, out, err = run_cli(capsys, *args)
     assert (code, out) == (2, "")
     assert message in err and "Traceback" not in err
+    assert err.startswith("kvtier: error: ") and err.endswith(" --help')\n"), err
+    assert len(err.splitlines()) == 1, err
 
 
 def test_replay_fleet_behind_a_router(capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,6 +26,7 @@ from kvtier.cli_options import (
     COMPARE_HOST_FACTOR,
     REPLAY_DESCRIPTION,
     SWEEP_DESCRIPTION,
+    OneLineParser,
     admission_option,
     common_options,
     eviction_policy_option,
@@ -73,7 +74,7 @@ _SCHED = SchedulerConfig()
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kvtier`` argument parser. Pure."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="kvtier",
         description="kvtier: a tiered KV-cache block manager with exact two-phase batch "
         "admission, and a serving simulator to measure it.",

@@ -6,7 +6,9 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
+from kvtier.cli_error import EXIT_USAGE
 from kvtier.cli_workload import WORKLOADS
 from kvtier.config import EVICTION_POLICIES, HASH_ALGOS, CacheConfig
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
@@ -49,9 +51,18 @@ rate line per policy (needs the 'plot' extra).
 {WORKLOAD_HELP}"""
 
 
-def common_options() -> argparse.ArgumentParser:
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other refusal of the
+    command: ``kvtier: error: <what>`` and where to look, then exit status 2 (argparse
+    prints its whole usage, 20 lines for ``replay``, before the line that matters)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"kvtier: error: {message} (see '{self.prog} --help')\n")
+
+
+def common_options() -> OneLineParser:
     """Workload, cache policy, scheduler, time model and output options of every command."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = OneLineParser(add_help=False)
     p.add_argument("trace", metavar="TRACE", nargs="?", type=Path,
                    help="a .jsonl (Mooncake) or .csv (Azure) trace; default: --workload")
     p.add_argument("--workload", choices=WORKLOADS, default="synthetic-chat",
