@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from bad_input_helpers import assert_one_line_refusal, run_cli
+from kvtier import CacheConfig
+from kvtier.cli_workload import num_requests, open_workload
 from kvtier.sim import AgenticWorkload, AzureTrace, MooncakeTrace, TraceFormatError
 from kvtier.sim.workload import TraceRequest
 
@@ -72,3 +74,24 @@ def test_an_int_past_float_range_is_a_value_error(field: str, build: Callable[[]
     naming the field (they raised OverflowError)."""
     with pytest.raises(ValueError, match=field):
         build()
+
+
+# ---- options that size work or are silently ignored ---------------------------------------
+
+
+@pytest.mark.parametrize("workload", ["synthetic-chat", "agentic"])
+def test_limit_past_a_built_in_workload_keeps_its_requests(workload: str) -> None:
+    """--limit N is the first N requests: past the built-in workload's 2,000 it keeps them
+    (it built a workload of N requests: --limit 10**20 never ended)."""
+    cache = CacheConfig(tokens_per_block=16, num_gpu_blocks=64)
+    for limit, expected in ((10**20, 2000), (2001, 2000), (7, 7)):
+        opened = open_workload(None, workload, seed=0, limit=limit, cache=cache,
+                               max_num_tokens=8192)
+        assert num_requests(opened) == expected
+
+
+def test_limit_with_the_race_workload_is_refused() -> None:
+    """The race workload is sized from the cache: a --limit it would ignore is refused."""
+    code, stderr = run_cli(["replay", "--workload", "race", "--limit", "3", "--no-progress",
+                            "--gpu-blocks", "64", "--host-blocks", "64"])
+    assert_one_line_refusal(code, stderr, "--limit does not apply to --workload race")

@@ -71,7 +71,8 @@ def common_options() -> OneLineParser:
                    "or 'race', sized from the cache options to provoke the admission race "
                    "(S1 at scale; needs --host-blocks) (default: %(default)s)")
     p.add_argument("--limit", metavar="N", type=int_in(1),
-                   help="replay only the first N requests")
+                   help="replay only the first N requests (of the trace, or of the built-in "
+                   "workload's 2,000)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the synthetic workload and of Azure prefixes (default: 0)")
     p.add_argument("--time-scale", metavar="X", type=positive_float, default=1.0,

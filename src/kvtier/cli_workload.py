@@ -3,6 +3,7 @@ checked before anything is simulated."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from kvtier.cli_error import CLIError
@@ -28,14 +29,18 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
     try:
         if trace is None:
             if workload == "race":
+                if limit is not None:
+                    raise CLIError("--limit does not apply to --workload race: its requests "
+                                   "are sized from --gpu-blocks, --host-blocks and "
+                                   "--max-num-tokens")
                 return RaceWorkload(cache, max_num_tokens=max_num_tokens)
-            if workload == "agentic":
-                if limit is None:
-                    return AgenticWorkload(seed=seed)
-                return AgenticWorkload(num_requests=limit, seed=seed)
+            built_in: SyntheticChat | AgenticWorkload = (
+                AgenticWorkload(seed=seed) if workload == "agentic" else SyntheticChat(seed=seed))
             if limit is None:
-                return SyntheticChat(seed=seed)
-            return SyntheticChat(num_requests=limit, seed=seed)
+                return built_in
+            # NOTE: the first ``limit`` of its requests, as for a trace: a larger limit would
+            # make the workload that many requests (10**20: a run that never ends).
+            return replace(built_in, num_requests=min(limit, built_in.num_requests))
         suffix = trace.suffix.lower()
         opened: MooncakeTrace | AzureTrace
         if suffix == ".jsonl":
