@@ -135,6 +135,7 @@ class TierPool:
         for q, heap in list(queues.items()):
             if not self._live_head(heap, current_key) and not heap:
                 del queues[q]
+                self._drop_filed(q)  # no live entry left there either
         ranked = self._ranked
         if rank_version is None or rank_version != self._rank_version:
             ranked.clear()
