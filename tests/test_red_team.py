@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bad_input_helpers import assert_one_line_refusal, run_cli
-from kvtier import CacheConfig
+from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
 from kvtier.cli_workload import num_requests, open_workload
 from kvtier.sim import AgenticWorkload, AzureTrace, MooncakeTrace, TraceFormatError
 from kvtier.sim.workload import TraceRequest
@@ -95,3 +95,96 @@ def test_limit_with_the_race_workload_is_refused() -> None:
     code, stderr = run_cli(["replay", "--workload", "race", "--limit", "3", "--no-progress",
                             "--gpu-blocks", "64", "--host-blocks", "64"])
     assert_one_line_refusal(code, stderr, "--limit does not apply to --workload race")
+
+
+# ---- the scheduler's step / update protocol -----------------------------------------------
+
+
+def make_decoding() -> tuple[KVCacheManager, Scheduler]:
+    """A scheduler whose request 'a' (5 prompt tokens, 3 to generate) sampled its first
+    token, 7."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=16))
+    sched.add_request(Request("a", [1, 2, 3, 4, 5], 3))
+    sched.update(sched.step(), {"a": 7})
+    return mgr, sched
+
+
+def test_a_second_step_before_update_is_refused() -> None:
+    """step(), step(): the second scheduled the same prefill chunk again and the manager
+    counted its tokens twice (a later step raised 'has 2 unscheduled prompt tokens');
+    now RuntimeError, and the first step still applies."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=4))
+    sched.add_request(Request("a", list(range(1, 11)), 2))
+    first = sched.step()
+    with pytest.raises(RuntimeError, match="before update"):
+        sched.step()
+    assert mgr.num_unscheduled_tokens("a") == 6
+    sched.update(first, {})
+    chunks = []
+    while sched.has_unfinished():
+        step = sched.step()
+        chunks += [(c.first_token, c.num_tokens) for c in step.context_chunks]
+        sampled = {rid: 9 for rid in step.decode_request_ids}
+        sampled.update({c.request_id: 8 for c in step.context_chunks
+                        if c.first_token + c.num_tokens == 10})
+        for req in sched.update(step, sampled):
+            assert req.output == [8, 9]
+        mgr.check_invariants()
+    assert chunks == [(4, 4), (8, 2)]
+
+
+def test_a_step_is_applied_once() -> None:
+    """update() of a step already applied appended its tokens a second time ([7, 8, 8]);
+    now RuntimeError, the output as it was."""
+    mgr, sched = make_decoding()
+    step = sched.step()
+    sched.update(step, {"a": 8})
+    with pytest.raises(RuntimeError, match="no step is waiting"):
+        sched.update(step, {"a": 8})
+    assert sched.running["a"].output == [7, 8]
+    latest = sched.step()
+    with pytest.raises(RuntimeError, match="another step is"):
+        sched.update(step, {"a": 8})
+    assert [r.output for r in sched.update(latest, {"a": 9})] == [[7, 8, 9]]
+    mgr.check_invariants()
+
+
+@pytest.mark.parametrize(("sampled", "stopped"), [
+    ({"a": 8}, None), ({"a": 8}, "a"), ({"a": 8}, 5), (None, ()), ([("a", 8)], ()),
+])
+def test_update_with_a_bad_argument_changes_nothing(sampled: object, stopped: object) -> None:
+    """update(step, {'a': 8}, stopped=None) appended 8 and then raised TypeError: now a
+    TypeError naming the argument before anything changes; the step still applies."""
+    _, sched = make_decoding()
+    step = sched.step()
+    with pytest.raises(TypeError, match=r"sampled|stopped"):
+        sched.update(step, sampled, stopped)  # type: ignore[arg-type]
+    assert sched.running["a"].output == [7]
+    assert sched.update(step, {"a": 8}) == []
+    assert sched.running["a"].output == [7, 8]
+
+
+def test_requeue_of_a_request_still_live_is_refused() -> None:
+    """requeue_failed(step, 'a') queued 'a' (a str is an iterable of ids) though the manager
+    still held it: its next admission raised 'already live'. Now refused, changing nothing."""
+    mgr, sched = make_decoding()
+    step = sched.step()
+    with pytest.raises(TypeError, match="request_ids"):
+        sched.requeue_failed(step, "a")
+    with pytest.raises(ValueError, match="still live in the manager"):
+        sched.requeue_failed(step, ["a"])
+    assert list(sched.running) == ["a"] and not sched.waiting
+    sched.update(step, {"a": 8})
+    mgr.check_invariants()
+
+
+@pytest.mark.parametrize(("manager", "config"), [
+    (None, None), ("mgr", None), (KVCacheManager(CacheConfig()), "claim"),
+])
+def test_scheduler_refuses_what_is_no_manager_or_config(manager: object, config: object,
+                                                         ) -> None:
+    """Scheduler(None) raised AttributeError deep inside; now TypeError naming it."""
+    with pytest.raises(TypeError, match=r"manager|config"):
+        Scheduler(manager, config)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from operator import attrgetter, ge
 from typing import cast
 
-from kvtier.sequence import MAX_TOKEN_ID, LiveSequence, SequenceSpec, check_token
+from kvtier.sequence import MAX_TOKEN_ID, LiveSequence, SequenceSpec, check_spec, check_token
 
 # The item types a decode batch's fast check accepts; any other goes the item-by-item way.
 _PAIR_TYPES = frozenset((tuple, list))
@@ -57,8 +57,7 @@ class LiveTable:
         batch = list(specs)
         seen: set[str] = set()
         for i, spec in enumerate(batch):
-            if not isinstance(spec, SequenceSpec):
-                raise TypeError(f"batch item {i} must be a SequenceSpec, got {spec!r}")
+            check_spec(spec, f"batch item {i}")
             rid = spec.request_id
             if rid in self.seqs:
                 raise ValueError(f"request_id {rid!r} (batch item {i}) is already live")

@@ -39,6 +39,7 @@ from kvtier.sequence import (
     check_key,
     check_lora_id,
     check_mm_items,
+    check_spec,
     checked_token_array,
     token_list,
 )
@@ -58,6 +59,8 @@ class KVCacheManager:
     ) -> None:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, got {config!r}")
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         self.config = config
         self._cache = BlockCache(config, clock, policy)
         self._live = LiveTable()
@@ -97,6 +100,13 @@ class KVCacheManager:
     def num_sequences(self) -> int:
         return len(self._live)
 
+    def has_sequence(self, request_id: str) -> bool:
+        """Whether ``request_id`` is live (admitted and not removed or aborted). Pure."""
+        try:
+            return request_id in self._live
+        except TypeError:  # an unhashable id is no live request's
+            return False
+
     @property
     def num_key_spaces(self) -> int:
         """Key spaces (LoRA id and salt pairs) holding cached blocks or live requests: it
@@ -131,6 +141,7 @@ class KVCacheManager:
 
     def lookup_spec(self, spec: SequenceSpec) -> PrefixMatch:
         """``lookup`` for a spec's prompt (validated when the spec was built). Pure query."""
+        check_spec(spec, "spec")
         cache = self._cache
         extras = block_extras(spec.mm_items, len(spec.token_array), self._tpb)
         m = cache.match_spec(cache.root(spec.lora_id, spec.salt), spec, extras)
@@ -174,7 +185,13 @@ class KVCacheManager:
         """The requests waiting to be admitted, first first (replacing the last hint):
         their cached prefixes are soft-claimed, ranked above the rest of their priority by a
         policy that ``ranks_soft_claims``, yet still evictable, so they yield before a
-        request is refused. Changes no lookup (``version`` stays)."""
+        request is refused. Changes no lookup (``version`` stays). Raises TypeError, changing
+        nothing, unless ``specs`` is a sequence of ``SequenceSpec``."""
+        if not isinstance(specs, Sequence) or isinstance(specs, (str, bytes)):
+            raise TypeError(f"specs must be a sequence of SequenceSpec, got "
+                            f"{type(specs).__name__}")
+        for i, spec in enumerate(specs):
+            check_spec(spec, f"specs[{i}]")
         if self.ranks_soft_claims:
             self._cache.set_soft_claims(specs)
 
@@ -236,6 +253,8 @@ class KVCacheManager:
     def num_blocks_to_append(self, request_id: str, num_tokens: int) -> int:
         """New GPU blocks ``append_tokens`` would need for ``num_tokens`` more tokens. Pure."""
         seq = self._live.get(request_id)
+        if type(num_tokens) is not int or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         return max(0, cdiv(len(seq.tokens) + num_tokens, self._tpb) - len(seq.block_table))
 
     def append_tokens(self, request_id: str, tokens: Sequence[int]) -> list[int] | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import ClassVar
 
 from kvtier.admission import PrefixMatch
@@ -67,7 +67,12 @@ class Scheduler:
     MAX_HINTED: ClassVar[int] = 64
 
     def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None) -> None:
+        if not isinstance(manager, KVCacheManager):
+            raise TypeError(f"manager must be a KVCacheManager, got {type(manager).__name__}")
         config = config if config is not None else SchedulerConfig()
+        if not isinstance(config, SchedulerConfig):
+            raise TypeError(f"config must be a SchedulerConfig or None, got "
+                            f"{type(config).__name__}")
         if config.admission != self.ADMISSION:
             raise ValueError(f"{type(self).__name__} admits by {self.ADMISSION!r}, got "
                              f"admission={config.admission!r} (probe admission is "
@@ -89,6 +94,10 @@ class Scheduler:
         self._hinted: tuple[int, tuple[str, ...]] | None = None
         # Set to a StepPhases to time each phase of a step (a debug counter; off: None).
         self.phases: StepPhases | None = None
+        # The step returned and not yet applied by ``update``: the next step is planned from
+        # what the last one computed, so a second step before it, or an update of another
+        # step, would schedule the same tokens twice or apply tokens twice.
+        self._unapplied: ScheduledStep | None = None
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -160,13 +169,17 @@ class Scheduler:
         self._enqueue(req, spec, first=False)
 
     def step(self) -> ScheduledStep:
-        """Schedule one forward pass."""
+        """Schedule one forward pass. Raises RuntimeError, changing nothing, while the last
+        step has not been applied by ``update``."""
+        if self._unapplied is not None:
+            raise RuntimeError("step() called before update() applied the previous step")
         phases = self.phases
         if phases is not None:
             phases.begin()
         self.manager.begin_step()
         try:
-            return self._step()
+            self._unapplied = self._step()
+            return self._unapplied
         finally:
             self.manager.end_step()
             if phases is not None:
@@ -358,8 +371,18 @@ class Scheduler:
         """Apply a finished forward pass: advance prefills, record sampled tokens (for every
         decode and every completed prefill), finish requests that reached their output
         length or whose sampled token ends them (``stopped``: an EOS or a stop string, the
-        token itself is kept). Returns the finished requests. Raises ValueError, changing
-        nothing, if a request that samples has no valid token in ``sampled``."""
+        token itself is kept). Returns the finished requests. Raises, changing nothing, for
+        a step that is not the last one ``step`` (or ``requeue_failed``) returned or was
+        already applied (RuntimeError), a ``sampled`` that is no mapping or a ``stopped``
+        that is no collection (TypeError), or a request that samples with no valid token in
+        ``sampled`` (ValueError)."""
+        self._check_unapplied(step, "update")
+        if not isinstance(sampled, Mapping):
+            raise TypeError(f"sampled must be a mapping of request id to token, got "
+                            f"{type(sampled).__name__}")
+        if not isinstance(stopped, Collection) or isinstance(stopped, (str, bytes)):
+            raise TypeError(f"stopped must be a collection of request ids, got "
+                            f"{type(stopped).__name__}")
         phases = self.phases
         if phases is not None:
             phases.resume()
@@ -392,6 +415,7 @@ class Scheduler:
         for req in finished:
             self.manager.remove_sequence(req.request_id)
             del self.running[req.request_id]
+        self._unapplied = None
         if phases is not None:
             phases.mark("update")
         return finished
@@ -399,11 +423,22 @@ class Scheduler:
     def requeue_failed(self, step: ScheduledStep, request_ids: Iterable[str]) -> ScheduledStep:
         """After ``manager.transfer_failed`` aborted ``request_ids``: put them back at the
         front of the queue, in the order they were admitted, to recompute, and return
-        ``step`` without their work."""
+        ``step`` without their work: the step ``update`` then applies. Raises, changing
+        nothing, for a step that is not the last one returned (RuntimeError), ids that are
+        no iterable (TypeError) or name a request the manager still holds (ValueError)."""
+        self._check_unapplied(step, "requeue_failed")
+        if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, Iterable):
+            raise TypeError(f"request_ids must be an iterable of request ids, got "
+                            f"{type(request_ids).__name__}")
         gone = set(request_ids)
         # NOTE: ordered by the running table (admission order), never by the set, whose
         # order depends on PYTHONHASHSEED: the queue order decides what is admitted next.
         requeued = [req for rid, req in self.running.items() if rid in gone]
+        for req in requeued:
+            if self.manager.has_sequence(req.request_id):
+                # Queued while the manager still holds it, it could never be admitted again.
+                raise ValueError(f"request {req.request_id!r} is still live in the manager: "
+                                 "requeue only what transfer_failed aborted")
         specs = [self._spec_of(req) for req in requeued]  # may raise: nothing changed yet
         for req, spec in zip(reversed(requeued), reversed(specs), strict=True):
             del self.running[req.request_id]
@@ -412,5 +447,13 @@ class Scheduler:
         chunks = tuple(c for c in step.context_chunks if c.request_id not in gone)
         decodes = tuple(r for r in step.decode_request_ids if r not in gone)
         num = len(decodes) + sum(c.num_tokens for c in chunks)
-        return step._replace(context_chunks=chunks, decode_request_ids=decodes,
-                             num_scheduled_tokens=num)
+        self._unapplied = step._replace(context_chunks=chunks, decode_request_ids=decodes,
+                                        num_scheduled_tokens=num)
+        return self._unapplied
+
+    def _check_unapplied(self, step: object, caller: str) -> None:
+        """Raise RuntimeError unless ``step`` is the step waiting for ``update``. Pure."""
+        if step is None or step is not self._unapplied:
+            what = "no step is waiting" if self._unapplied is None else "another step is"
+            raise RuntimeError(f"{caller}() takes the step the last step() returned, not yet "
+                               f"applied; {what}")

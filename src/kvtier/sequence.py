@@ -314,6 +314,13 @@ def is_finite_number(value: object) -> bool:
         return False
 
 
+def check_spec(spec: object, what: str) -> SequenceSpec:
+    """``spec`` itself; TypeError naming ``what`` unless it is a ``SequenceSpec``."""
+    if not isinstance(spec, SequenceSpec):
+        raise TypeError(f"{what} must be a SequenceSpec, got {short_repr(spec)}")
+    return spec
+
+
 def check_token(token: object, what: str) -> int:
     """One token id, validated like ``check_tokens``."""
     if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:
