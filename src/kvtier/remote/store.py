@@ -25,7 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from kvtier.remote.codec import PayloadError, RemoteNamespace
 from kvtier.remote.io_thread import IOThread
@@ -34,6 +34,10 @@ from kvtier.remote.options import check_count, check_number, describe
 PrefetchCallback = Callable[[dict[int, memoryview]], None]
 
 MAX_INFLIGHT = 1 << 20
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 @dataclass(slots=True)
@@ -184,8 +188,9 @@ class RemoteStoreBase(ABC):
         wanted = check_hashes(hashes)
         if not wanted:
             return {}
-        values = None if self._closed else self.read_values([self._key(h) for h in wanted])
-        if values is None or len(values) != len(wanted):
+        values = None if self._closed else self._batch(self.read_values,
+                                                       [self._key(h) for h in wanted])
+        if values is None:
             self._count(num_misses=len(wanted))
             return {}
         found: dict[int, memoryview] = {}
@@ -220,8 +225,8 @@ class RemoteStoreBase(ABC):
                  for h, payload in items.items()]
         if not pairs:
             return 0
-        results = None if self._closed else self.write_values(pairs)
-        if results is None or len(results) != len(pairs):
+        results = None if self._closed else self._batch(self.write_values, pairs)
+        if results is None:
             self._count(num_failed_puts=len(pairs))
             return 0
         num_written = sum(bool(ok) for ok in results)
@@ -234,10 +239,28 @@ class RemoteStoreBase(ABC):
         wanted = check_hashes(hashes)
         if not wanted or self._closed:
             return set()
-        present = self.has_keys([self._key(h) for h in wanted])
-        if present is None or len(present) != len(wanted):
+        present = self._batch(self.has_keys, [self._key(h) for h in wanted])
+        if present is None:
             return set()
         return {h for h, ok in zip(wanted, present, strict=True) if ok}
+
+    def _batch(self, operation: Callable[[list[_Item]], list[_Result] | None],
+               items: list[_Item]) -> list[_Result] | None:
+        """``operation(items)`` of the backend, or None for a failed batch: one the backend
+        failed (and counted), or where it broke its contract, counted here as an error: it
+        raised (a third-party backend's ConnectionError or timeout), or answered with no
+        list of one result per item. A fault of the store is a miss, never the caller's."""
+        try:
+            results = operation(items)
+        except Exception:
+            self._count(num_errors=1)
+            return None
+        if results is None:
+            return None
+        if not isinstance(results, list) or len(results) != len(items):
+            self._count(num_errors=1)
+            return None
+        return results
 
     # -- background I/O ------------------------------------------------------------------
     def prefetch(self, hashes: Iterable[int], callback: PrefetchCallback) -> bool:
