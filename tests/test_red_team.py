@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from bad_input_helpers import assert_one_line_refusal, run_cli
-from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier import (
+    CacheConfig,
+    KVCacheManager,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+    SequenceSpec,
+)
 from kvtier.cli_workload import num_requests, open_workload
 from kvtier.sim import AgenticWorkload, AzureTrace, MooncakeTrace, TraceFormatError
 from kvtier.sim.workload import TraceRequest
@@ -188,3 +195,43 @@ def test_scheduler_refuses_what_is_no_manager_or_config(manager: object, config:
     """Scheduler(None) raised AttributeError deep inside; now TypeError naming it."""
     with pytest.raises(TypeError, match=r"manager|config"):
         Scheduler(manager, config)  # type: ignore[arg-type]
+
+
+# ---- a consumer's fault -------------------------------------------------------------------
+
+
+def test_a_snapshot_source_that_raises_loses_no_other_update() -> None:
+    """A stale instance whose snapshot source raises (it is down): poll raised, the updates
+    of every other instance polled with it were lost, and every later poll raised too. Now
+    the instance stays stale, is asked again next poll, and resyncs once it answers."""
+    from kvtier.publisher import EventBatch, InMemoryEventBus, InstanceLost, manager_snapshot
+
+    def manager() -> KVCacheManager:
+        return KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16,
+                                          enable_events=True))
+
+    down, healthy = manager(), manager()
+    bus = InMemoryEventBus()
+    subscriber = bus.subscribe(max_events=3)  # the 5 events of 'down' overflow: a gap
+    up = False
+
+    def source() -> object:
+        if not up:
+            raise ConnectionError("instance down")
+        return manager_snapshot(down, "down", 5)
+
+    bus.register_snapshot("down", source)  # type: ignore[arg-type]
+    down.add_sequence(SequenceSpec("a", list(range(20))))
+    bus.publish("down", down.drain_events())
+    healthy.add_sequence(SequenceSpec("b", list(range(8))))
+    bus.publish("healthy", healthy.drain_events())
+    updates = subscriber.poll()
+    assert [type(u) for u in updates] == [InstanceLost, EventBatch]
+    batch = updates[1]
+    assert isinstance(batch, EventBatch)
+    assert batch.instance_id == "healthy" and len(batch.events) == 2
+    assert subscriber.num_failed_snapshots == 1 and subscriber.tracker.stale_instances() == [
+        "down"]
+    up = True
+    (snapshot,) = subscriber.poll()
+    assert snapshot.instance_id == "down" and not subscriber.tracker.stale_instances()

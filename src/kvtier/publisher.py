@@ -175,7 +175,8 @@ class InMemorySubscriber:
     """One subscriber of an :class:`InMemoryEventBus`: a bounded buffer and a tracker.
 
     When the buffer is full the oldest events are dropped (``num_dropped``); the hole shows
-    up as a gap when polled and is repaired from the bus's snapshot source.
+    up as a gap when polled and is repaired from the bus's snapshot source (a source that
+    raises is counted in ``num_failed_snapshots`` and asked again at the next poll).
     """
 
     def __init__(self, bus: InMemoryEventBus, max_events: int) -> None:
@@ -185,6 +186,7 @@ class InMemorySubscriber:
         self._buffer: deque[tuple[str, Event]] = deque(maxlen=max_events)
         self.tracker = SeqTracker()
         self.num_dropped = 0
+        self.num_failed_snapshots = 0  # snapshot sources that raised
 
     def push(self, instance_id: str, events: Sequence[Event]) -> None:
         buffer = self._buffer
@@ -209,7 +211,13 @@ class InMemorySubscriber:
             tracker.receive(instance_id, (e for _, e in items[i:j]), out)
             i = j
         for instance_id in tracker.stale_instances():
-            snapshot = self._bus.snapshot(instance_id)
+            try:
+                snapshot = self._bus.snapshot(instance_id)
+            except Exception:
+                # NOTE: the instance's source failed (it is down): it stays stale and is
+                # asked again at the next poll; the updates of the others are not lost.
+                self.num_failed_snapshots += 1
+                continue
             if snapshot is not None:
                 tracker.offer(snapshot, out)
         return out
