@@ -16,7 +16,9 @@ from kvtier.model import LlamaModel, ModelConfig, ModelEngine, RequestResult  # 
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.scheduler_config import CapacityPolicy  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
+from kvtier.transfer import OpKind, TransferError, TransferPlan  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
+from kvtier.transfer.torch_handle import TransferHandle  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TPB = 4
@@ -199,3 +201,28 @@ def test_cached_runs_equal_full_recompute_cuda(sc: Scenario, dtype: str) -> None
     assert_scenario_happened(sc, engine)
     assert_like_full_recompute(engine.model, results,
                                FP32_ATOL if dtype == "float32" else BF16_ATOL)
+
+
+@pytest.mark.parametrize("names", ["ops", "nothing"])
+def test_a_transfer_error_without_indices_degrades_to_recompute(names: str) -> None:
+    """An engine of another project may raise a TransferError naming only its failed ops,
+    or nothing. The first two plans with an onboard fail whole that way: before, the engine
+    read only ``failed_indices``, empty, so nothing was aborted and the step read unfilled
+    (NaN) slots; now they are recomputed and every answer equals a full recompute."""
+    sc = next(sc for sc in SCENARIOS if sc.name == "host_tier")
+    engine = make_engine(sc, "cpu")
+    submit = engine.transfer.submit
+    failures = [0]
+
+    def failing_submit(plan: TransferPlan) -> TransferHandle:
+        if failures[0] < 2 and OpKind.ONBOARD in {op.kind for op in plan.ops}:
+            failures[0] += 1
+            raise TransferError("injected", plan.ops if names == "ops" else ())
+        return submit(plan)
+
+    engine.transfer.submit = failing_submit  # type: ignore[method-assign]
+    results = run_workload(engine, sc)
+    assert failures[0] == 2 and engine.num_failed_steps == 2
+    assert engine.manager.stats.num_failed_transfers > 0
+    assert_like_full_recompute(engine.model, results, FP32_ATOL)
+    assert engine.manager.num_sequences == 0

@@ -165,7 +165,8 @@ class ModelEngine:
         except TransferError as exc:
             # Degrade to recompute: the manager drops what the failed copies would have
             # filled and aborts the requests that needed it; they go back to the queue.
-            aborted = self.manager.transfer_failed(step.transfer_plan, exc.failed_indices)
+            plan = step.transfer_plan
+            aborted = self.manager.transfer_failed(plan, exc.failed_in(plan))
             step = self.scheduler.requeue_failed(step, aborted)
             self.num_failed_steps += 1
             self.transfer.synchronize_all()

@@ -27,6 +27,19 @@ class TransferError(RuntimeError):
         self.failed_ops = tuple(failed_ops)
         self.failed_indices = tuple(failed_indices)  # positions in the plan's ops
 
+    def failed_in(self, plan: TransferPlan) -> list[int]:
+        """The positions in ``plan`` of the ops not done: ``failed_indices`` where given;
+        else the positions of the ops equal to one of ``failed_ops``; else, where the error
+        names nothing, every op. Pure. NOTE: an engine of another project may name only
+        the ops, or nothing: taken as nothing failed, the manager would serve blocks the
+        failed copies never filled; an op failed more than it did only costs a recompute."""
+        if self.failed_indices:
+            return list(self.failed_indices)
+        if not self.failed_ops:
+            return list(range(len(plan)))
+        failed = set(self.failed_ops)
+        return [i for i, op in enumerate(plan.ops) if op in failed]
+
 
 class RecordingTransferEngine:
     """Keeps the last ``max_plans`` plans and running totals; moves no bytes."""
