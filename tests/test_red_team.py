@@ -235,3 +235,42 @@ def test_a_snapshot_source_that_raises_loses_no_other_update() -> None:
     up = True
     (snapshot,) = subscriber.poll()
     assert snapshot.instance_id == "down" and not subscriber.tracker.stale_instances()
+
+
+def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RedisStreamPublisher.publish with Redis down raised redis' ConnectionError into the
+    serving loop. Now the batch is counted lost; the next one goes out, its seq showing the
+    hole to subscribers (which resync from a snapshot)."""
+    redis = pytest.importorskip("redis")
+    from kvtier import publisher
+    from kvtier.event_codec import decode_events
+
+    class Client:
+        """Down for its first command, then takes every entry."""
+
+        def __init__(self) -> None:
+            self.entries: list[dict[str, object]] = []
+
+        def xadd(self, stream: str, fields: dict[str, object], **options: object) -> None:
+            if not self.entries and not hasattr(self, "was_down"):
+                self.was_down = True
+                raise redis.exceptions.ConnectionError("Connection refused")
+            self.entries.append(fields)
+
+        def set(self, key: str, value: object) -> None:
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    client = Client()
+    monkeypatch.setattr(publisher, "_connect", lambda url: client)
+    pub = publisher.RedisStreamPublisher("redis://unused")
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16, enable_events=True))
+    mgr.add_sequence(SequenceSpec("a", list(range(8))))
+    pub.publish("i0", mgr.drain_events())
+    mgr.add_sequence(SequenceSpec("b", list(range(20, 24))))
+    pub.publish("i0", mgr.drain_events())
+    pub.publish_snapshot(publisher.manager_snapshot(mgr, "i0", 3))
+    assert pub.num_failed_batches == 2
+    (entry,) = client.entries
+    assert [e.seq for e in decode_events(str(entry["e"]))] == [2]

@@ -284,16 +284,31 @@ class RedisStreamPublisher:
         self.stream = stream
         self.maxlen = maxlen
         self._resync_id: str | bytes = "0-0"
+        self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
+        """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
+        ``num_failed_batches``, never raised into the serving loop: subscribers see the
+        hole in ``seq`` at the next batch and resync from a snapshot."""
         if events:
-            self._redis.xadd(self.stream, {"i": instance_id, "e": encode_events(events)},
-                             maxlen=self.maxlen, approximate=True)
+            self._send(lambda: self._redis.xadd(
+                self.stream, {"i": instance_id, "e": encode_events(events)},
+                maxlen=self.maxlen, approximate=True))
 
     def publish_snapshot(self, snapshot: Snapshot) -> None:
-        """Store ``snapshot``; publish every event before ``next_seq`` first."""
+        """Store ``snapshot``; publish every event before ``next_seq`` first. A snapshot
+        Redis does not take is counted in ``num_failed_batches``; a stale subscriber asks
+        again."""
         key = f"{self.stream}:snapshot:{snapshot.instance_id}"
-        self._redis.set(key, encode_snapshot(snapshot))
+        self._send(lambda: self._redis.set(key, encode_snapshot(snapshot)))
+
+    def _send(self, command: Callable[[], object]) -> None:
+        import redis
+
+        try:
+            command()
+        except (redis.RedisError, OSError):
+            self.num_failed_batches += 1
 
     def resync_requests(self) -> set[str]:
         """Instance ids that subscribers asked a snapshot of since the last call (the first
