@@ -253,11 +253,12 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
         def __init__(self) -> None:
             self.entries: list[dict[str, object]] = []
 
-        def xadd(self, stream: str, fields: dict[str, object], **options: object) -> None:
+        def xadd(self, stream: str, fields: dict[str, object], **options: object) -> bytes:
             if not self.entries and not hasattr(self, "was_down"):
                 self.was_down = True
                 raise redis.exceptions.ConnectionError("Connection refused")
             self.entries.append(fields)
+            return f"{len(self.entries)}-0".encode()  # the entry id, as Redis answers
 
         def set(self, key: str, value: object) -> None:
             raise redis.exceptions.TimeoutError("Timeout reading from socket")
@@ -274,3 +275,54 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
     assert pub.num_failed_batches == 2
     (entry,) = client.entries
     assert [e.seq for e in decode_events(str(entry["e"]))] == [2]
+
+
+def test_redis_subscriber_with_redis_down_returns_what_it_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RedisStreamSubscriber.poll raised redis' errors; where the read succeeded and the
+    resync request then failed, the updates read were lost (``last_id`` had moved past
+    them). Now poll returns them, and asks for the resync again at the next poll."""
+    redis = pytest.importorskip("redis")
+    from kvtier import publisher
+    from kvtier.event_codec import encode_events
+    from kvtier.publisher import EventBatch, InstanceLost
+
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16, enable_events=True))
+    mgr.add_sequence(SequenceSpec("a", list(range(12))))
+    events = mgr.drain_events()  # seq 0, 1, 2: the subscriber reads 0 and 2, a gap
+
+    class Client:
+        def __init__(self) -> None:
+            self.up = False
+            self.resyncs: list[object] = []
+
+        def xread(self, streams: object, **options: object) -> object:
+            if not self.up:
+                raise redis.exceptions.ConnectionError("Connection refused")
+            self.up = False  # down again right after this read
+            rows = [(b"1-0", {b"i": b"i0", b"e": encode_events(events[:1]).encode()}),
+                    (b"2-0", {b"i": b"i0", b"e": encode_events(events[2:]).encode()})]
+            return [(b"kvtier:events", rows)]
+
+        def xadd(self, stream: str, fields: object, **options: object) -> bytes:
+            if not self.up:
+                raise redis.exceptions.TimeoutError("Timeout writing to socket")
+            self.resyncs.append(fields)
+            return b"1-0"
+
+        def get(self, key: str) -> None:
+            if not self.up:
+                raise redis.exceptions.ConnectionError("Connection refused")
+
+    client = Client()
+    monkeypatch.setattr(publisher, "_connect", lambda url: client)
+    subscriber = publisher.RedisStreamSubscriber("redis://unused")
+    assert subscriber.poll() == []  # down
+    client.up = True
+    updates = subscriber.poll()
+    assert [type(u) for u in updates] == [EventBatch, InstanceLost]
+    assert subscriber.last_id == b"2-0" and client.resyncs == []
+    client.up = True
+    client.xread = lambda streams, **options: []  # type: ignore[method-assign]
+    assert subscriber.poll() == [] and client.resyncs == [{"i": "i0"}]

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from kvtier.event_codec import (
     Snapshot,
@@ -260,6 +260,21 @@ class InMemoryEventBus:
 # ---- Redis Streams ----------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
+def _attempt(command: Callable[..., _T], *args: Any, **options: Any) -> _T | None:
+    """``command(*args, **options)`` of redis-py, or None where Redis failed (down, timed
+    out): a fault of the event stream is a gap a resync repairs, never an exception in the
+    loop."""
+    import redis
+
+    try:
+        return command(*args, **options)
+    except (redis.RedisError, OSError):
+        return None
+
+
 def _connect(url: str) -> Any:
     try:
         import redis
@@ -290,24 +305,17 @@ class RedisStreamPublisher:
         """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
         ``num_failed_batches``, never raised into the serving loop: subscribers see the
         hole in ``seq`` at the next batch and resync from a snapshot."""
-        if events:
-            self._send(lambda: self._redis.xadd(
-                self.stream, {"i": instance_id, "e": encode_events(events)},
-                maxlen=self.maxlen, approximate=True))
+        if events and _attempt(self._redis.xadd, self.stream,
+                               {"i": instance_id, "e": encode_events(events)},
+                               maxlen=self.maxlen, approximate=True) is None:
+            self.num_failed_batches += 1
 
     def publish_snapshot(self, snapshot: Snapshot) -> None:
         """Store ``snapshot``; publish every event before ``next_seq`` first. A snapshot
         Redis does not take is counted in ``num_failed_batches``; a stale subscriber asks
         again."""
         key = f"{self.stream}:snapshot:{snapshot.instance_id}"
-        self._send(lambda: self._redis.set(key, encode_snapshot(snapshot)))
-
-    def _send(self, command: Callable[[], object]) -> None:
-        import redis
-
-        try:
-            command()
-        except (redis.RedisError, OSError):
+        if _attempt(self._redis.set, key, encode_snapshot(snapshot)) is None:
             self.num_failed_batches += 1
 
     def resync_requests(self) -> set[str]:
@@ -349,17 +357,20 @@ class RedisStreamSubscriber:
         out: list[Update] = []
         # NOTE: snapshots first: entries read while an instance is stale are skipped, and a
         # snapshot must cover every event read, so reading first could refuse a good one.
+        # With Redis down, each command is skipped and retried at the next poll: what was
+        # read is returned (``last_id`` has moved past it), nothing raised.
         self._try_snapshots(out)
-        reply = self._redis.xread({self.stream: self.last_id}, count=count, block=block_ms)
+        reply = _attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
+                         block=block_ms)
         for _, rows in reply or []:
             for entry_id, entry in rows:
                 self.last_id = entry_id  # never read a bad entry twice
                 self._receive(entry, out)
         self._try_snapshots(out)
         for instance_id in self.tracker.stale_instances():
-            if instance_id not in self._asked:
-                self._redis.xadd(f"{self.stream}:resync", {"i": instance_id}, maxlen=1000,
-                                 approximate=True)
+            if instance_id not in self._asked and _attempt(
+                    self._redis.xadd, f"{self.stream}:resync", {"i": instance_id},
+                    maxlen=1000, approximate=True) is not None:
                 self._asked.add(instance_id)
         return out
 
@@ -378,7 +389,7 @@ class RedisStreamSubscriber:
 
     def _try_snapshots(self, out: list[Update]) -> None:
         for instance_id in self.tracker.stale_instances():
-            raw = self._redis.get(f"{self.stream}:snapshot:{instance_id}")
+            raw = _attempt(self._redis.get, f"{self.stream}:snapshot:{instance_id}")
             if raw is None:
                 continue
             try:
