@@ -326,3 +326,16 @@ def test_redis_subscriber_with_redis_down_returns_what_it_read(
     client.up = True
     client.xread = lambda streams, **options: []  # type: ignore[method-assign]
     assert subscriber.poll() == [] and client.resyncs == [{"i": "i0"}]
+
+
+@pytest.mark.parametrize(("hash_ids", "shown"), [
+    ("[1, -2]", "got -2 at index 1"), ('[1, "2"]', "got '2' at index 1"),
+    ("[true, 2]", "got True at index 0"), ('"12"', "got '12'"),
+])
+def test_mooncake_hash_ids_name_the_bad_value(tmp_path: Path, hash_ids: str, shown: str,
+                                              ) -> None:
+    """A bad hash id is named with its index (the message named only the field)."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(GOOD_ROW.replace("[1, 2]", hash_ids) + "\n")
+    with pytest.raises(TraceFormatError, match=f"{path}:1: field 'hash_ids': .*{shown}"):
+        MooncakeTrace(path)

@@ -213,11 +213,15 @@ class MooncakeTrace:
                            "a request may have")
             lengths.append(value)
         hash_ids = obj["hash_ids"]
-        if not isinstance(hash_ids, list) or not all(
-            type(h) is int and 0 <= h <= MAX_HASH_ID for h in hash_ids
-        ):
-            raise fail("hash_ids", f"expected a list of integers in 0..{MAX_HASH_ID} (2**54 - 1: "
-                       "token ids h*512.. must stay below 2**63)")
+        expected_ids = (f"expected a list of integers in 0..{MAX_HASH_ID} (2**54 - 1: token ids "
+                        "h*512.. must stay below 2**63)")
+        if not isinstance(hash_ids, list):
+            raise fail("hash_ids", f"{expected_ids}, got {short_repr(hash_ids)}")
+        bad = next((i for i, h in enumerate(hash_ids)
+                    if type(h) is not int or not 0 <= h <= MAX_HASH_ID), None)
+        if bad is not None:
+            raise fail("hash_ids", f"{expected_ids}, got {short_repr(hash_ids[bad])} at "
+                       f"index {bad}")
         expected = cdiv(lengths[0], MOONCAKE_BLOCK_TOKENS)
         if len(hash_ids) != expected:
             raise fail(
