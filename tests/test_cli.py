@@ -380,7 +380,8 @@ def test_progress_without_tqdm(
         (["--set-profile", "pcie_bytes_per_s"], "--set-profile expects KEY=VALUE, got "
          "'pcie_bytes_per_s'"),
         (["--set-profile", "pcie_bytes_per_s=0"],
-         "invalid profile: pcie_bytes_per_s must be > 0, got 0.0"),
+         "invalid profile: pcie_bytes_per_s must be a finite number in [1.0, "
+         "1000000000000000.0], got 0.0"),
         (["no-such-trace.jsonl"],
          "cannot read trace no-such-trace.jsonl: No such file or directory"),
         (["trace.txt"],

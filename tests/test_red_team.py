@@ -339,3 +339,15 @@ def test_mooncake_hash_ids_name_the_bad_value(tmp_path: Path, hash_ids: str, sho
     path.write_text(GOOD_ROW.replace("[1, 2]", hash_ids) + "\n")
     with pytest.raises(TraceFormatError, match=f"{path}:1: field 'hash_ids': .*{shown}"):
         MooncakeTrace(path)
+
+
+@pytest.mark.parametrize("assignment", [
+    "step_overhead_s=1e300", "prefill_s_per_token=1e306", "decode_s_per_seq=1e200",
+    "pcie_bytes_per_s=1e-300", "kv_bytes_per_token=99999999999999999999999999999",
+])
+def test_profile_constants_that_overflow_the_clock_are_refused(assignment: str) -> None:
+    """Finite but absurd profile constants overflowed the virtual clock to inf and the
+    replay died in OverflowError (status 70); now refused by field before it runs."""
+    code, stderr = run_cli(["replay", "--no-progress", "--limit", "20",
+                            "--set-profile", assignment])
+    assert_one_line_refusal(code, stderr, "invalid profile", assignment.split("=")[0])

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from kvtier.sequence import is_finite_number
+from kvtier.sequence import is_finite_number, short_repr
 
 
-def check_int(field: str, value: int, minimum: int) -> None:
-    """Raise ValueError naming ``field`` unless ``value`` is an int >= ``minimum``."""
-    if type(value) is not int or value < minimum:
-        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+def check_int(field: str, value: int, minimum: int, maximum: int | None = None) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` is an int in
+    ``minimum..maximum``."""
+    if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise ValueError(f"{field} must be an integer {bounds}, got {short_repr(value)}")
 
 
 def check_float(field: str, value: float, low: float, high: float | None = None) -> None:

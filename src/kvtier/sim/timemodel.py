@@ -19,6 +19,10 @@ from typing import Any
 
 from kvtier.sim._checks import check_float, check_int
 
+MAX_KV_BYTES_PER_TOKEN = 1 << 30
+MAX_COST_S = 3600.0
+MAX_BYTES_PER_S = 1e15
+
 
 @dataclass(frozen=True, slots=True)
 class ModelProfile:
@@ -39,16 +43,13 @@ class ModelProfile:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
-        if type(self.kv_bytes_per_token) is not int or self.kv_bytes_per_token < 1:
-            raise ValueError(
-                f"kv_bytes_per_token must be an integer >= 1, got {self.kv_bytes_per_token!r}"
-            )
-        check_float("prefill_s_per_token", self.prefill_s_per_token, 0.0, None)
-        check_float("decode_s_per_seq", self.decode_s_per_seq, 0.0, None)
-        check_float("step_overhead_s", self.step_overhead_s, 0.0, None)
-        check_float("pcie_bytes_per_s", self.pcie_bytes_per_s, 0.0, None)
-        if self.pcie_bytes_per_s == 0:
-            raise ValueError(f"pcie_bytes_per_s must be > 0, got {self.pcie_bytes_per_s!r}")
+        # NOTE: upper (and PCIe's lower) bounds far past any machine keep a replay's
+        # virtual clock finite: 1e306 s a token overflowed it to inf (OverflowError).
+        check_int("kv_bytes_per_token", self.kv_bytes_per_token, 1, MAX_KV_BYTES_PER_TOKEN)
+        check_float("prefill_s_per_token", self.prefill_s_per_token, 0.0, MAX_COST_S)
+        check_float("decode_s_per_seq", self.decode_s_per_seq, 0.0, MAX_COST_S)
+        check_float("step_overhead_s", self.step_overhead_s, 0.0, MAX_COST_S)
+        check_float("pcie_bytes_per_s", self.pcie_bytes_per_s, 1.0, MAX_BYTES_PER_S)
         if type(self.overlap_transfers) is not bool:
             raise ValueError(f"overlap_transfers must be a bool, got {self.overlap_transfers!r}")
 
