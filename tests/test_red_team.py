@@ -351,3 +351,16 @@ def test_profile_constants_that_overflow_the_clock_are_refused(assignment: str) 
     code, stderr = run_cli(["replay", "--no-progress", "--limit", "20",
                             "--set-profile", assignment])
     assert_one_line_refusal(code, stderr, "invalid profile", assignment.split("=")[0])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_byte_order_mark_is_skipped(tmp_path: Path, suffix: str) -> None:
+    """A UTF-8 byte order mark (as Windows tools write) made line 1 malformed JSON or an
+    unknown CSV header; it is skipped, and the trace reads as without it."""
+    text = f"{GOOD_ROW}\n" if suffix == ".jsonl" else f"{AZURE_HEADER}{AZURE_ROW}"
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_text(text)
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    read = MooncakeTrace if suffix == ".jsonl" else AzureTrace
+    assert [r.prompt for r in read(marked)] == [r.prompt for r in read(plain)]
+    assert len(read(marked)) == 1

@@ -163,7 +163,8 @@ class MooncakeTrace:
                 if self.limit is not None and len(records) >= self.limit:
                     break
                 try:
-                    line = raw.decode("utf-8")
+                    # NOTE: a byte order mark (Windows tools write one) opens line 1 only.
+                    line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
                 except UnicodeDecodeError:
                     raise TraceFormatError(self.path, line_number, "<text>",
                                            "not UTF-8 text: not a Mooncake JSONL line") from None
@@ -318,7 +319,7 @@ class AzureTrace:
 
     def _parse(self) -> list[_AzureRecord]:
         try:
-            text = self.path.read_bytes().decode("utf-8")
+            text = self.path.read_bytes().decode("utf-8-sig")  # a byte order mark is skipped
         except UnicodeDecodeError as exc:
             raise TraceFormatError(self.path, 1, "<text>",
                                    f"not UTF-8 text (byte {exc.start}): not an Azure CSV "
