@@ -102,14 +102,15 @@ class TierPool:
         """Return slots to the free list so the first of ``slots`` is handed out first."""
         self._given_back.extend(reversed(slots))
 
-    def push(self, node: Node, key: Key) -> None:
-        """File ``node`` as an eviction candidate under ``key``."""
+    def push(self, node: Node, key: Key, young: bool = True) -> None:
+        """File ``node`` as an eviction candidate under ``key`` (with ``both_ends``, as
+        its queue's youngest unless ``young`` is False)."""
         nq = self._num_queue_fields
         heap = self._heap if not nq else self._queues.setdefault(key[:nq], [])
         entry = (key, node.uid, node)
         heapq.heappush(heap, entry)
         self._num_entries += 1
-        if self._both_ends:
+        if young and self._both_ends:
             self._filed.setdefault(key[:nq], []).append(entry)
             self._num_filed += 1
 
@@ -199,8 +200,9 @@ class TierPool:
             self._pop(heap)
             if key is not None:
                 # A key that changed without a re-file (a retention ran out, a learned
-                # policy's values moved): file it anew.
-                self.push(node, key)
+                # policy's values moved): file it anew in the heaps, not as the youngest
+                # of its queue (its filing-order place is where it was filed).
+                self.push(node, key, young=False)
         return False
 
     def _entries(self) -> list[_Entry]:

@@ -176,3 +176,28 @@ def test_evict_matches_a_reference_of_evictable_chunks(
         chunks.check_invariants()
         assert chunks.num_evictable == sum(cached.values())
         assert {j for j in range(10) if chunks.get(k(j)) is not None} == set(cached)
+
+
+def test_kvtier_predict_gives_a_class_youngest_chunk_where_the_near_term_says() -> None:
+    """Three chunks released at 100, 110 and 120 s; at 121 s one must go. Where the
+    policy's near-term value of their class rises with age (they come back seconds after
+    they leave), the youngest goes; where it is flat, the oldest, as LRU."""
+    from kvtier.policies import NUM_AGE_BINS, KvtierPredict
+
+    for near, first in ((list(range(NUM_AGE_BINS)), k(2)), ([1.0] * NUM_AGE_BINS, k(0))):
+        clock = Clock()
+        chunks = make_chunks("kvtier-predict-cost", capacity=8, clock=clock)
+        policy = chunks.policy
+        assert isinstance(policy, KvtierPredict)
+        for i in range(3):
+            clock.now = 100.0 + 10 * i
+            chunks.insert(k(i), f"c{i}", evictable=False, depth=16)
+            chunks.mark_evictable(k(i))
+            chunks.release([k(i)], reused=set())
+        classes = {entry.node.reuse_class for entry in chunks._chunks.values()}
+        cls = classes.pop()
+        assert not classes and cls is not None
+        policy.learner.near[cls][:] = [float(x) for x in near]
+        clock.now = 121.0
+        assert chunks.evict(1, set()) == [(first, f"c{first[31]}")]
+        chunks.check_invariants()
