@@ -364,3 +364,19 @@ def test_a_byte_order_mark_is_skipped(tmp_path: Path, suffix: str) -> None:
     read = MooncakeTrace if suffix == ".jsonl" else AzureTrace
     assert [r.prompt for r in read(marked)] == [r.prompt for r in read(plain)]
     assert len(read(marked)) == 1
+
+
+def test_add_request_refuses_an_id_the_manager_holds() -> None:
+    """A request admitted to the manager directly, then queued with the scheduler under the
+    same id: every step raised 'already live' and nothing was admitted again. Now
+    add_request refuses it, and the other requests run."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=64))
+    mgr.add_sequence(SequenceSpec("x", [1, 2, 3]))
+    with pytest.raises(ValueError, match="'x' is live in the manager"):
+        sched.add_request(Request("x", [4, 5, 6], 2))
+    sched.add_request(Request("y", [4, 5, 6], 1))
+    step = sched.step()
+    assert [c.request_id for c in step.context_chunks] == ["y"]
+    assert [r.request_id for r in sched.update(step, {"y": 9})] == ["y"]
+    mgr.check_invariants()

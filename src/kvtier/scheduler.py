@@ -150,14 +150,18 @@ class Scheduler:
 
     def add_request(self, req: Request) -> None:
         """Queue a request; raises ValueError, queueing nothing, if a field is invalid (see
-        :class:`Request`), its id is already queued or running, or it could never fit the
-        GPU pool."""
+        :class:`Request`), its id is already queued, running or live in the manager, or it
+        could never fit the GPU pool."""
         if not isinstance(req, Request):
             raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
         prompt, output = check_request(req)
         rid = req.request_id
         if rid in self.running or rid in self._specs:
             raise ValueError(f"request_id {rid!r} is already queued or running")
+        if self.manager.has_sequence(rid):
+            # Queued, its admission would raise at every step: no request admitted again.
+            raise ValueError(f"request_id {rid!r} is live in the manager (admitted there "
+                             "directly); remove it first")
         total = len(prompt) + req.max_output_tokens
         blocks = cdiv(total, self._tpb)
         capacity = self.manager.config.num_gpu_blocks
