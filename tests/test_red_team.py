@@ -380,3 +380,18 @@ def test_add_request_refuses_an_id_the_manager_holds() -> None:
     assert [c.request_id for c in step.context_chunks] == ["y"]
     assert [r.request_id for r in sched.update(step, {"y": 9})] == ["y"]
     mgr.check_invariants()
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("[" * 100_000 + "]" * 100_000, "is nested too deeply"),
+    ('{"prompt": "hi", "n": 1' + "0" * 5000 + "}", "holds a number too long to read"),
+])
+def test_generate_jsonl_json_errors_beyond_decode_errors(tmp_path: Path, line: str,
+                                                          problem: str) -> None:
+    """kvtier generate --jsonl caught only JSONDecodeError: deep nesting (RecursionError) and
+    a 5,000-digit number (a bare ValueError) ended as internal errors (status 70). Now one
+    line naming the line, before any model is loaded."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "hello"}\n' + line + "\n")
+    code, stderr = run_cli(["generate", "--jsonl", str(path)])
+    assert_one_line_refusal(code, stderr, f"{path} line 2 {problem}")

@@ -120,6 +120,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CLIError(f"{path} line {n} is not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise CLIError(f"{path} line {n} is nested too deeply") from None
+        except ValueError:  # NOTE: not a JSONDecodeError: a number past 4,300 digits
+            raise CLIError(f"{path} line {n} holds a number too long to read") from None
         ok = isinstance(item, dict) and (
             isinstance(item.get("prompt"), str) or (
                 isinstance(item.get("turns"), list) and item["turns"]
