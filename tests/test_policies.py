@@ -232,9 +232,12 @@ def test_a_class_gives_its_youngest_run_where_the_near_term_values_it_less() -> 
     """Three first-turn prompts cached, released at 0, 10 and 20 s; at 21 s a request
     needs one of them evicted. Where the class's near-term value rises with age (runs
     come back some seconds after they leave, like agent steps), the youngest (c) goes;
-    where it is flat, the oldest (a), as LRU."""
+    where it is flat, the oldest (a), as LRU; and the oldest while the witness says LRU is
+    ahead (its order, whole)."""
     a, b, c = [1] * 8, [2] * 8, [3] * 8
-    for near, lost in ((list(range(NUM_AGE_BINS)), c), ([1.0] * NUM_AGE_BINS, a)):
+    rising = list(range(NUM_AGE_BINS))
+    for near, lru_ahead, lost in ((rising, False, c), ([1.0] * NUM_AGE_BINS, False, a),
+                                  (rising, True, a)):
         clock = [0.0]
         policy = KvtierPredict(cost_aware=True)
         mgr = make_manager(policy, num_gpu_blocks=8, clock=clock)
@@ -244,6 +247,8 @@ def test_a_class_gives_its_youngest_run_where_the_near_term_values_it_less() -> 
             admit_and_release(mgr, rid, [*tokens, 9])
         cls = policy.reuse_class(make_node(), 1, ROLE_BODY)
         policy.learner.near[cls][:] = [float(x) for x in near]
+        assert policy.witness is not None
+        policy.witness.lru_ahead = lru_ahead
         clock[0] = 21.0
         assert mgr.add_sequence(SequenceSpec("n", list(range(100, 116)))).admitted
         mgr.check_invariants()

@@ -290,7 +290,7 @@ class HitDensity:
     ``value`` ranks classes against each other (whether a run comes back at all);
     ``near`` picks within a class, where runs differ only by age (how soon it comes back
     before the cache would drop it anyway). Every ``refresh_every`` records both tables are
-    recomputed, O(classes x bins^2); counts halve past ``decay_blocks`` so the learner
+    recomputed, O(classes x bins); counts halve past ``decay_blocks`` so the learner
     follows a changing stream. Until the first refresh every value is equal and the order
     is LRU's.
     """
@@ -415,8 +415,8 @@ class KvtierPredict:
     where a class's runs come back seconds after they leave, a loop of agent steps, the
     youngest is the furthest from its next use). A released run's class is what the
     releasing request says of it: the turn of its session (1, 2, 3, 4, 5-7, 8+: a
-    request whose reused prefix covers an
-    earlier request's whole prompt continues that session) and the run's role (``shared``:
+    request whose reused prefix covers an earlier request's whole prompt continues that
+    session) and the run's role (``shared``:
     the prefix a first turn found cached, a system prompt or tool spec; ``body``: the rest
     of the prompt; ``tail``: output past the prompt). Later turns of a session are likelier
     to continue, output that a next turn does not repeat is rarely reused, and shared
@@ -508,7 +508,11 @@ class KvtierPredict:
         """Which run of a class goes, its oldest or its youngest: the one with the
         lower hit density over the near term at its age (``HitDensity.near``). Where a
         class's runs come back within seconds of an age (a loop of agent sessions), the
-        youngest is the furthest from its next use. Pure."""
+        youngest is the furthest from its next use. While the witness says LRU is
+        ahead, no run is worth less than another (a queue gives its head, as LRU). Pure."""
+        witness = self.witness
+        if witness is not None and witness.lru_ahead:
+            return 0.0  # LRU's order, whole: every run alike, so a queue gives its head
         cls = node.reuse_class if node.reuse_class is not None else 1
         return self.learner.near[cls][age_bin(now - node.last_used_s)]
 
