@@ -203,12 +203,14 @@ def test_cached_runs_equal_full_recompute_cuda(sc: Scenario, dtype: str) -> None
                                FP32_ATOL if dtype == "float32" else BF16_ATOL)
 
 
-@pytest.mark.parametrize("names", ["ops", "nothing"])
+@pytest.mark.parametrize("names", ["ops", "nothing", "plain"])
 def test_a_transfer_error_without_indices_degrades_to_recompute(names: str) -> None:
     """An engine of another project may raise a TransferError naming only its failed ops,
-    or nothing. The first two plans with an onboard fail whole that way: before, the engine
-    read only ``failed_indices``, empty, so nothing was aborted and the step read unfilled
-    (NaN) slots; now they are recomputed and every answer equals a full recompute."""
+    or nothing, or a plain RuntimeError (a CUDA error). The first two plans with an onboard
+    fail whole that way: before, the engine read only ``failed_indices``, empty, so nothing
+    was aborted and the step read unfilled (NaN) slots, and a plain RuntimeError left the
+    scheduler between step and update, refusing every later step; now they are recomputed
+    and every answer equals a full recompute."""
     sc = next(sc for sc in SCENARIOS if sc.name == "host_tier")
     engine = make_engine(sc, "cpu")
     submit = engine.transfer.submit
@@ -217,6 +219,8 @@ def test_a_transfer_error_without_indices_degrades_to_recompute(names: str) -> N
     def failing_submit(plan: TransferPlan) -> TransferHandle:
         if failures[0] < 2 and OpKind.ONBOARD in {op.kind for op in plan.ops}:
             failures[0] += 1
+            if names == "plain":
+                raise RuntimeError("CUDA error: unspecified launch failure")
             raise TransferError("injected", plan.ops if names == "ops" else ())
         return submit(plan)
 

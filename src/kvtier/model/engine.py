@@ -162,11 +162,15 @@ class ModelEngine:
         try:
             handle = self.transfer.submit(step.transfer_plan)
             self._wait_layer = functools.partial(self.transfer.wait, handle)
-        except TransferError as exc:
+        except RuntimeError as exc:
             # Degrade to recompute: the manager drops what the failed copies would have
-            # filled and aborts the requests that needed it; they go back to the queue.
+            # filled and aborts the requests that needed it; they go back to the queue. A
+            # TransferError names what failed; any other runtime error of an engine (a CUDA
+            # error, a driver call refused) leaves every op of the plan in doubt.
             plan = step.transfer_plan
-            aborted = self.manager.transfer_failed(plan, exc.failed_in(plan))
+            failed = (exc.failed_in(plan) if isinstance(exc, TransferError)
+                      else list(range(len(plan))))
+            aborted = self.manager.transfer_failed(plan, failed)
             step = self.scheduler.requeue_failed(step, aborted)
             self.num_failed_steps += 1
             self.transfer.synchronize_all()
