@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Callable
 
 from kvtier.radix import Node
@@ -58,7 +59,7 @@ class TierPool:
         # Per queue, its entries in filing order (``both_ends``; stale ones dropped from
         # the top as met, all at a compaction).
         self._both_ends = both_ends and num_queue_fields > 0
-        self._filed: dict[Key, list[_Entry]] = {}
+        self._filed: dict[Key, deque[_Entry]] = {}
         self._num_filed = 0
         # Queue -> (its head entry when ranked, (rank, uid)), valid while the caller's
         # rank version is ``_rank_version``; a head entry is recognised by identity.
@@ -111,7 +112,7 @@ class TierPool:
         heapq.heappush(heap, entry)
         self._num_entries += 1
         if young and self._both_ends:
-            self._filed.setdefault(key[:nq], []).append(entry)
+            self._filed.setdefault(key[:nq], deque()).append(entry)
             self._num_filed += 1
 
     def _pop(self, heap: list[_Entry]) -> Node:
@@ -170,7 +171,24 @@ class TierPool:
                     self._filed[best_queue].pop()
                     self._num_filed -= 1
                     return young  # its heap entry goes stale: skipped when met
+            node = self._pop(best_heap)
+            self._trim_oldest(best_queue, current_key, node)
+            return node
         return self._pop(best_heap)
+
+    def _trim_oldest(self, queue: Key, current_key: Callable[[Node], Key | None],
+                     taken: Node) -> None:
+        """Drop stale entries from the bottom of ``queue``'s filing order, ``taken``
+        (popped from the heap, about to go) among them: the bottom holds the oldest
+        filings, the ones a head pop leaves behind. Without this an evicted run stayed
+        referenced there until a compaction, and with it everything it holds."""
+        filed = self._filed.get(queue)
+        while filed:
+            key, _, node = filed[0]
+            if node is not taken and current_key(node) == key:
+                return
+            filed.popleft()
+            self._num_filed -= 1
 
     def _youngest(self, queue: Key, current_key: Callable[[Node], Key | None]) -> Node | None:
         """The most recently filed live candidate of ``queue``; stale entries above it

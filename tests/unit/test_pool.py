@@ -248,3 +248,28 @@ def test_a_two_ended_queue_skips_stale_young_entries_and_stays_bounded() -> None
     young = pool.pop_candidate(keys_of(live), lambda n: live[n.uid], None,
                                lambda n: -live[n.uid][1])
     assert young is not None and live[young.uid] == max(live.values())
+
+
+def test_a_head_taken_leaves_no_reference_in_the_filing_order() -> None:
+    """A run popped at its queue's head (the oldest) leaves the filing order at once, with
+    the stale entries below the first live one: an evicted run kept referenced there kept
+    everything it holds alive until a compaction (on a long stream, a garbage collection
+    every few admissions walking the young token lists)."""
+    pool, (a, b, c, d), current = make_two_ended(4)
+    current[b.uid] = (0, 99)  # b's key moved without a re-file: its filing is stale
+
+    def pop() -> Node | None:
+        node = pool.pop_candidate(keys_of(current), lambda n: current[n.uid], None,
+                                  lambda n: 1.0)  # every run alike: the head goes
+        if node is not None:
+            del current[node.uid]
+        return node
+
+    def filed() -> list[Node]:
+        return [entry[2] for entry in pool._filed.get((0,), ())]
+
+    assert pop() is a and filed() == [c, d]  # a and b's stale filing below c gone
+    del current[c.uid]  # c claimed by a request: no candidate now
+    assert pop() is d and filed() == []  # c's stale filing trimmed with d
+    assert pool._num_filed == 0
+    assert pop() is b  # still a candidate, by its heap entry (repaired under its new key)
