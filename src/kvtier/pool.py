@@ -61,6 +61,7 @@ class TierPool:
         self._both_ends = both_ends and num_queue_fields > 0
         self._filed: dict[Key, deque[_Entry]] = {}
         self._num_filed = 0
+        self._num_repairs = 0  # stale heads re-filed under their current key, in all
         # Queue -> (its head entry when ranked, (rank, uid)), valid while the caller's
         # rank version is ``_rank_version``; a head entry is recognised by identity.
         self._ranked: dict[Key, tuple[_Entry, tuple[Key, int]]] = {}
@@ -134,35 +135,40 @@ class TierPool:
             return self._pop(heap) if self._live_head(heap, current_key) else None
         assert rank is not None
         queues = self._queues
-        for q, heap in list(queues.items()):
-            if not self._live_head(heap, current_key) and not heap:
-                del queues[q]
-                self._drop_filed(q)  # no live entry left there either
         ranked = self._ranked
         if rank_version is None or rank_version != self._rank_version:
             ranked.clear()
             self._rank_version = rank_version
-        # Re-filing may have moved entries to queues not seen above: their heads are fresh.
-        best: tuple[Key, int] | None = None
-        best_heap: list[_Entry] | None = None
-        best_queue: Key = ()
-        for q, heap in list(queues.items()):
-            if not heap:
-                del queues[q]
-                self._drop_filed(q)
-                continue
-            head = heap[0]
-            known = ranked.get(q)
-            if known is not None and known[0] is head:
-                score = known[1]
-            else:
-                node = head[2]
-                score = (rank(node), node.uid)
-                ranked[q] = (head, score)
-            if best is None or score < best:
-                best, best_heap, best_queue = score, heap, q
-        if best_heap is None:
+        while True:
+            # Re-filing a stale head (``_live_head``) may move a node to a queue already
+            # passed (or a new one), where it may be the head now: then pass again.
+            repairs = self._num_repairs
+            heads = []
+            for q, heap in list(queues.items()):
+                if self._live_head(heap, current_key):
+                    heads.append((q, heap))
+                else:
+                    del queues[q]
+                    self._drop_filed(q)  # no live entry left there either
+            if repairs == self._num_repairs:
+                break
+        if not heads:
             return None
+        if len(heads) == 1:
+            best_queue, best_heap = heads[0]  # nothing to rank against
+        else:
+            best: tuple[Key, int] | None = None
+            for q, heap in heads:
+                head = heap[0]
+                known = ranked.get(q)
+                if known is not None and known[0] is head:
+                    score = known[1]
+                else:
+                    node = head[2]
+                    score = (rank(node), node.uid)
+                    ranked[q] = (head, score)
+                if best is None or score < best:
+                    best, best_heap, best_queue = score, heap, q
         if within is not None and self._both_ends:
             young = self._youngest(best_queue, current_key)
             if young is not None:
@@ -221,6 +227,7 @@ class TierPool:
                 # policy's values moved): file it anew in the heaps, not as the youngest
                 # of its queue (its filing-order place is where it was filed).
                 self.push(node, key, young=False)
+                self._num_repairs += 1
         return False
 
     def _entries(self) -> list[_Entry]:
