@@ -178,20 +178,23 @@ class TierPool:
                     self._num_filed -= 1
                     return young  # its heap entry goes stale: skipped when met
             node = self._pop(best_heap)
-            self._trim_oldest(best_queue, current_key, node)
+            self._trim_oldest(best_queue, node)
             return node
         return self._pop(best_heap)
 
-    def _trim_oldest(self, queue: Key, current_key: Callable[[Node], Key | None],
-                     taken: Node) -> None:
-        """Drop stale entries from the bottom of ``queue``'s filing order, ``taken``
-        (popped from the heap, about to go) among them: the bottom holds the oldest
-        filings, the ones a head pop leaves behind. Without this an evicted run stayed
-        referenced there until a compaction, and with it everything it holds."""
+    def _trim_oldest(self, queue: Key, taken: Node) -> None:
+        """Drop from the bottom of ``queue``'s filing order ``taken`` (popped from the heap,
+        about to go) and the filings below the first that may be live: the bottom holds the
+        oldest filings, the ones a head pop leaves behind. Without this an evicted run
+        stayed referenced there until a compaction, and with it everything it holds. Only
+        filings that cannot be live are dropped (a node gone, in use or on another tier: a
+        node that comes back is filed anew), so no run's place in the order changes."""
         filed = self._filed.get(queue)
+        tier = self.tier
         while filed:
-            key, _, node = filed[0]
-            if node is not taken and current_key(node) == key:
+            node = filed[0][2]
+            if (node is not taken and node.parent is not None and not node.ref_count
+                    and node.tier is tier):
                 return
             filed.popleft()
             self._num_filed -= 1

@@ -252,24 +252,31 @@ def test_a_two_ended_queue_skips_stale_young_entries_and_stays_bounded() -> None
 
 def test_a_head_taken_leaves_no_reference_in_the_filing_order() -> None:
     """A run popped at its queue's head (the oldest) leaves the filing order at once, with
-    the stale entries below the first live one: an evicted run kept referenced there kept
-    everything it holds alive until a compaction (on a long stream, a garbage collection
-    every few admissions walking the young token lists)."""
-    pool, (a, b, c, d), current = make_two_ended(4)
-    current[b.uid] = (0, 99)  # b's key moved without a re-file: its filing is stale
+    the filings below the first that may be live (a node gone, in use or on another
+    tier): an evicted run kept referenced there kept everything it holds alive until a
+    compaction (on a long stream, a garbage collection every few admissions walking the
+    young token lists). A filing that may be live stays, whatever is above it."""
+    pool, (a, b, c, d, e), current = make_two_ended(5)
+    parent = make_node(100)
+    for n in (a, b, c, d, e):
+        n.parent = parent  # in a tree: cached
 
     def pop() -> Node | None:
         node = pool.pop_candidate(keys_of(current), lambda n: current[n.uid], None,
                                   lambda n: 1.0)  # every run alike: the head goes
         if node is not None:
             del current[node.uid]
+            node.parent = None  # evicted
         return node
 
     def filed() -> list[Node]:
         return [entry[2] for entry in pool._filed.get((0,), ())]
 
-    assert pop() is a and filed() == [c, d]  # a and b's stale filing below c gone
-    del current[c.uid]  # c claimed by a request: no candidate now
-    assert pop() is d and filed() == []  # c's stale filing trimmed with d
-    assert pool._num_filed == 0
-    assert pop() is b  # still a candidate, by its heap entry (repaired under its new key)
+    b.ref_count = 1  # claimed by a request: no candidate, its filing cannot be live
+    del current[b.uid]
+    assert pop() is a and filed() == [c, d, e]  # a and b's filing gone
+    d.parent = None  # gone some other way (its filing is in the middle: it waits)
+    del current[d.uid]
+    assert pop() is c and filed() == [e]  # c, then d's filing, now at the bottom
+    assert pool._num_filed == 1
+    assert pop() is e and filed() == [] and pop() is None
