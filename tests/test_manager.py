@@ -371,3 +371,14 @@ def test_a_prompt_matched_on_an_unchanged_tree_is_not_matched_again() -> None:
     assert again is not first and [n.num_blocks for n in again.path] == [2, 1]
     assert mgr.lookup_spec(b).num_tokens == 12
     mgr.check_invariants()
+
+
+def test_hint_waiting_names_the_first_item_that_is_no_spec() -> None:
+    """The queue is checked whole first; one holding something else is refused naming the
+    item's index."""
+    mgr = make_manager(eviction_policy="kvtier-predict-cost")
+    spec = SequenceSpec("a", [1, 2, 3, 4, 5])
+    with pytest.raises(TypeError, match=r"specs\[1\] must be a SequenceSpec, got \[1, 2\]"):
+        mgr.hint_waiting([spec, [1, 2], spec])
+    mgr.hint_waiting((spec,))  # any sequence of specs
+    mgr.check_invariants()

@@ -436,6 +436,20 @@ def test_update_with_a_missing_token_changes_nothing() -> None:
     assert s.running["a"].output == s.running["b"].output == [900]
 
 
+@pytest.mark.parametrize("bad", [True, 2**63, 1.0])
+def test_update_names_the_first_bad_token_of_a_batch(bad: object) -> None:
+    """A step's tokens are checked as one batch: a bool, an id past 2**63-1 or a float
+    among good ones is refused naming its request, and nothing is applied."""
+    s = make_scheduler()
+    for rid in ("a", "b", "c"):
+        s.add_request(Request(rid, [ord(rid), 1, 2], 2))
+    step = s.step()
+    with pytest.raises(ValueError, match=r"sampled token of 'b' must be an int in 0\.\.2\*\*63-1"):
+        s.update(step, {"a": 7, "b": bad, "c": 8})
+    assert [s.running[r].output for r in ("a", "b", "c")] == [[], [], []]
+    assert finish_step(s, step) == []
+
+
 @pytest.mark.parametrize("order", [["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"]])
 def test_requeue_failed_keeps_admission_order(order: list[str]) -> None:
     """Aborted requests go back to the queue front in admission order, whatever order (or

@@ -94,7 +94,7 @@ def partial_mode(partial: PartialMatch | None, config: CacheConfig) -> PartialMo
 def promise_of(m: Match, config: CacheConfig) -> Promise:
     """What admitting the request of ``m`` now would reuse, by tier. Pure."""
     tpb = config.tokens_per_block
-    host_blocks = sum(n.num_blocks for n in m.path if n.tier is Tier.HOST)
+    host_blocks = sum(len(n.slots) for n in m.path if n.tier is Tier.HOST)
     if m.tail is not None and m.tail[0].tier is Tier.HOST:
         host_blocks += m.tail[1]
     gpu_blocks = m.num_blocks - host_blocks
@@ -170,7 +170,7 @@ class BatchAdmission:
         for p in pending:
             host_runs = [n for n in path_to_root(p.seq.last_node)
                          if n.tier is Tier.HOST and n.uid not in onboarding]
-            num_onboard = sum(n.num_blocks for n in host_runs)
+            num_onboard = sum(len(n.slots) for n in host_runs)
             need = (cdiv(len(p.spec.token_array), tpb) - p.seq.num_path_blocks
                     - (p.partial_mode == "in_place") + num_onboard + p.spec.num_reserved_blocks)
             # A GPU copy source that only this request holds is released right after its

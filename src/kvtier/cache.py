@@ -409,7 +409,7 @@ class BlockCache:
                 victim = evictor.take_victim(Tier.GPU, max(num_blocks, batch))
                 assert victim is not None, (
                     f"GPU: {num_blocks} blocks short of eviction candidates")
-                num_blocks -= victim.num_blocks
+                num_blocks -= len(victim.slots)
                 parent = victim.parent
                 assert parent is not None
                 self._evict_gpu_run(victim, ops)
@@ -435,7 +435,7 @@ class BlockCache:
             host free   [r slots]  <- piece 2 ...
         """
         host = self.host
-        num_blocks = victim.num_blocks
+        num_blocks = len(victim.slots)
         num_swap = min(num_blocks, onboarding.num_left) if onboarding is not None else 0
         num_offload = 0
         if (host.capacity
@@ -479,13 +479,16 @@ class BlockCache:
         than it, then its own host extensions (lost anyway if it is dropped); return how
         many of them are free now."""
         host = self.host
-        if self.free_host(num_blocks, self.evictor.rank(victim)) >= num_blocks:
+        # NOTE: the victim's rank only where a host block must go (``rank`` is pure).
+        if host.num_free >= num_blocks or (
+                self.free_host(num_blocks, self.evictor.rank(victim)) >= num_blocks):
             return num_blocks
         # Below a GPU frontier run all is host and unreferenced: take its extensions, tails
         # first (children before their parent, the last child first), walking only as far
-        # as the room needed.
+        # as the room needed. Each leaf dropped frees what it gives up of ``short``.
+        short = num_blocks - host.num_free
         stack = [(victim, list(victim.children.values()))]
-        while stack and host.num_free < num_blocks:
+        while stack and short > 0:
             node, pending = stack[-1]
             if pending:
                 child = pending.pop()
@@ -493,7 +496,9 @@ class BlockCache:
                 continue
             stack.pop()
             if node is not victim and node.parent is not None and not node.children:
-                self.drop_from(node, max(0, node.num_blocks - (num_blocks - host.num_free)))
+                n = len(node.slots)
+                self.drop_from(node, max(0, n - short))
+                short -= min(n, short)
         return min(num_blocks, host.num_free)
 
     def free_host(self, num_blocks: int, below: Key | None) -> int:
@@ -501,14 +506,15 @@ class BlockCache:
         ``num_blocks`` host slots are free, stopping at blocks whose key is not below
         ``below`` (``None``: no limit). Returns the free host slots now."""
         host = self.host
+        evictor = self.evictor
         while host.num_free < num_blocks:
-            victim = self.evictor.take_victim(Tier.HOST, num_blocks - host.num_free, below)
+            victim = evictor.take_victim(Tier.HOST, num_blocks - host.num_free, below)
             if victim is None:
                 break
             parent = victim.parent
             assert parent is not None
             self.drop(victim)
-            self.evictor.refile(parent)
+            evictor.refile(parent)
         return host.num_free
 
     def drop_from(self, node: Node, index: int) -> None:
@@ -520,30 +526,32 @@ class BlockCache:
             self.drop(node)
             self.evictor.refile(parent)
         else:
-            self.drop(self.evictor.cut_tail(node, node.num_blocks - index))
+            self.drop(self.evictor.cut_tail(node, len(node.slots) - index))
             self.evictor.refile(node)
 
     def drop(self, node: Node) -> None:
         """Remove the unreferenced run ``node`` and everything below it from the cache."""
         parent = node.parent
         assert parent is not None and node.ref_count == 0, node
-        doomed = subtree(node)
+        doomed = subtree(node) if node.children else [node]  # most victims are leaves
         self.journal.removed(doomed)
         remove_child(parent, node)
         self._prune(parent)
         learner = self._learner
         now = self.evictor.now() if learner is not None else 0.0
+        stats = self.stats
         for n in doomed:
             assert n.ref_count == 0, n
             if learner is not None and n.reuse_class is not None:
                 assert n.parent is not None
                 learner.forget(node_ghost_key(n, self.tpb), n.uid, n.reuse_class, n.last_used_s,
                                len(n.slots), now, n.last_used)
-            self.pool(n.tier).give_back(n.slots)
             if n.tier is Tier.GPU:
-                self.stats.gpu.evicted_blocks += len(n.slots)
+                self.gpu.give_back(n.slots)
+                stats.gpu.evicted_blocks += len(n.slots)
             else:
-                self.stats.host.evicted_blocks += len(n.slots)
+                self.host.give_back(n.slots)
+                stats.host.evicted_blocks += len(n.slots)
             n.parent = None
 
     # ---- tier moves and stores -----------------------------------------------------------

@@ -98,7 +98,7 @@ def node_ghost_key(node: Node, tokens_per_block: int) -> object:
     assert parent is not None and node.root is not None, node
     prev: BlockKey = b""
     if parent.parent is not None:
-        last = parent.num_blocks - 1
+        last = len(parent.slots) - 1
         prev = block_key(parent.tokens, last * tokens_per_block, tokens_per_block,
                          parent.extras[last] if parent.extras else None)
     return ghost_key(node.root, node.start_block, prev, node.key)
@@ -176,6 +176,12 @@ class Evictor:
         within: Callable[[Node, float], float] | None = getattr(policy, "within", None)
         self._policy_within = within
         self._within = self._within_now if within is not None else None
+        # NOTE: the policy's key and rank, bound once: a pop checks every queue's head by
+        # its key, and a round takes tens of victims (each lookup of a bound method and
+        # each extra call is a measurable part of a step's eviction).
+        self._key = policy.key
+        self._rank = policy.rank
+        self._versioned = hasattr(policy, "rank_version")
 
     def now(self) -> float:
         """The clock's time now (the held time during an eviction round). Pure."""
@@ -200,41 +206,54 @@ class Evictor:
 
     def priority(self, node: Node) -> int:
         """``node``'s priority now. Pure."""
-        return effective_priority(node, self.now(), self._default_priority)
+        held = self._held_now
+        return effective_priority(node, self._clock() if held is None else held,
+                                  self._default_priority)
 
     def key(self, node: Node) -> Key:
         """``node``'s eviction key now. Pure."""
-        return self.policy.key(node, self.now(), self._default_priority)
+        held = self._held_now
+        return self._key(node, self._clock() if held is None else held,
+                         self._default_priority)
 
     def rank(self, node: Node) -> Key:
         """How ``node`` compares with any other candidate now. Pure."""
-        return self.policy.rank(node, self.now(), self._default_priority)
+        held = self._held_now
+        return self._rank(node, self._clock() if held is None else held,
+                          self._default_priority)
 
     def _within_now(self, node: Node) -> float:
         """The policy's ``within`` of ``node`` now. Pure."""
         within = self._policy_within
         assert within is not None
-        return within(node, self.now())
+        held = self._held_now
+        return within(node, self._clock() if held is None else held)
 
     def _rank_run(self, node: Node) -> Key:
         """``rank`` of the run ``node`` is in all but name: a candidate is first rejoined
         with parents a rolled-back claim split off (as ``take_victim`` does with the one it
         takes), so a split leaves no trace in the order (a rank may read the run's depth)."""
         _merge_up(node)
-        return self.rank(node)
+        held = self._held_now
+        return self._rank(node, self._clock() if held is None else held,
+                          self._default_priority)
 
     def gpu_candidate_key(self, node: Node) -> Key | None:
         """``node``'s key if it is a GPU eviction candidate now, else None. Pure."""
-        if (node.parent is None or node.tier is not Tier.GPU or node.ref_count
-                or node.num_gpu_children):
+        if (node.tier is not Tier.GPU or node.ref_count or node.num_gpu_children
+                or node.parent is None):
             return None
-        return self.key(node)
+        held = self._held_now
+        return self._key(node, self._clock() if held is None else held,
+                         self._default_priority)
 
     def host_candidate_key(self, node: Node) -> Key | None:
         """``node``'s key if it is a host eviction candidate now, else None. Pure."""
-        if node.parent is None or node.tier is not Tier.HOST or node.ref_count or node.children:
+        if node.tier is not Tier.HOST or node.ref_count or node.children or node.parent is None:
             return None
-        return self.key(node)
+        held = self._held_now
+        return self._key(node, self._clock() if held is None else held,
+                         self._default_priority)
 
     def refile(self, node: Node) -> None:
         """File ``node`` as a candidate of its tier if it is one now."""
@@ -325,17 +344,20 @@ class Evictor:
         candidate, or (with ``below``) when the best one's key is not below it."""
         pool, current_key = ((self._gpu, self.gpu_candidate_key) if tier is Tier.GPU
                              else (self._host, self.host_candidate_key))
-        version = getattr(self.policy, "rank_version", None)
-        node = pool.pop_candidate(current_key, self._rank_run,
-                                  None if version is None else (self.now(), version),
-                                  self._within)
+        ranked: object = None  # the rank version a queue head's kept rank holds under
+        if self._versioned:
+            version = self.policy.rank_version  # type: ignore[attr-defined]
+            if version is not None:
+                held = self._held_now
+                ranked = (self._clock() if held is None else held, version)
+        node = pool.pop_candidate(current_key, self._rank_run, ranked, self._within)
         if node is None:
             return None
         _merge_up(node)
         if below is not None and self.rank(node) >= below:
             pool.push(node, self.key(node))
             return None
-        if max_blocks >= node.num_blocks:
+        if max_blocks >= len(node.slots):
             return node
         return self.cut_tail(node, max_blocks)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 
 from kvtier.admission import Admission, BatchAdmission, PrefixMatch, promise_of
 from kvtier.blocks import cdiv
@@ -190,8 +191,11 @@ class KVCacheManager:
         if not isinstance(specs, Sequence) or isinstance(specs, (str, bytes)):
             raise TypeError(f"specs must be a sequence of SequenceSpec, got "
                             f"{type(specs).__name__}")
-        for i, spec in enumerate(specs):
-            check_spec(spec, f"specs[{i}]")
+        # NOTE: checked at C speed (a scheduler hints its queue's head at every step);
+        # only a queue holding something else is walked, to name it.
+        if not all(map(isinstance, specs, repeat(SequenceSpec))):
+            for i, spec in enumerate(specs):
+                check_spec(spec, f"specs[{i}]")
         if self.ranks_soft_claims:
             self._cache.set_soft_claims(specs)
 

@@ -276,7 +276,7 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
     place, so trimming a long run costs the size of the tail, not of the run. Only for
     unreferenced runs, which no request's path ends in.
     """
-    n = node.num_blocks
+    n = len(node.slots)
     assert 0 < num_tail_blocks < n and node.ref_count == 0, (num_tail_blocks, node)
     keep = n - num_tail_blocks
     _changed(node)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from kvtier.admission import PrefixMatch
 from kvtier.blocks import cdiv
@@ -34,7 +34,7 @@ from kvtier.scheduler_config import (
     CapacityPolicy,
     SchedulerConfig,
 )
-from kvtier.sequence import SequenceSpec, check_token
+from kvtier.sequence import MAX_TOKEN_ID, SequenceSpec, check_token
 
 __all__ = [
     "ADMISSIONS",
@@ -48,6 +48,9 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
 ]
+
+# The one type a sampled token may have (a bool is refused, as ``check_token`` refuses it).
+_INT_TYPE = frozenset({int})
 
 
 class Scheduler:
@@ -396,8 +399,14 @@ class Scheduler:
             req = running.get(chunk.request_id)
             if req is not None and chunk.first_token + chunk.num_tokens >= req.num_prefill_tokens:
                 samplers.append(chunk.request_id)
-        for rid in samplers:
-            check_token(sampled.get(rid), f"sampled token of {rid!r}")
+        tokens: list[object] = list(map(sampled.get, samplers))
+        ints = cast("list[int]", tokens)  # read as ints only once their types are checked
+        # NOTE: the step's tokens checked at C speed; only a bad batch is walked, to name
+        # the first bad token (each message built only then).
+        if not (set(map(type, tokens)) <= _INT_TYPE
+                and (not ints or (min(ints) >= 0 and max(ints) <= MAX_TOKEN_ID))):
+            for rid, token in zip(samplers, tokens, strict=True):
+                check_token(token, f"sampled token of {rid!r}")
         finished = []
         for chunk in step.context_chunks:
             req = running.get(chunk.request_id)
