@@ -379,6 +379,6 @@ def test_hint_waiting_names_the_first_item_that_is_no_spec() -> None:
     mgr = make_manager(eviction_policy="kvtier-predict-cost")
     spec = SequenceSpec("a", [1, 2, 3, 4, 5])
     with pytest.raises(TypeError, match=r"specs\[1\] must be a SequenceSpec, got \[1, 2\]"):
-        mgr.hint_waiting([spec, [1, 2], spec])
+        mgr.hint_waiting([spec, [1, 2], spec])  # type: ignore[list-item]
     mgr.hint_waiting((spec,))  # any sequence of specs
     mgr.check_invariants()

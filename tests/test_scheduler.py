@@ -445,7 +445,7 @@ def test_update_names_the_first_bad_token_of_a_batch(bad: object) -> None:
         s.add_request(Request(rid, [ord(rid), 1, 2], 2))
     step = s.step()
     with pytest.raises(ValueError, match=r"sampled token of 'b' must be an int in 0\.\.2\*\*63-1"):
-        s.update(step, {"a": 7, "b": bad, "c": 8})
+        s.update(step, {"a": 7, "b": bad, "c": 8})  # type: ignore[dict-item]
     assert [s.running[r].output for r in ("a", "b", "c")] == [[], [], []]
     assert finish_step(s, step) == []
 
