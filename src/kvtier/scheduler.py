@@ -394,7 +394,9 @@ class Scheduler:
         if phases is not None:
             phases.resume()
         running = self.running
-        samplers = [rid for rid in step.decode_request_ids if rid in running]
+        decoding = [req for req in map(running.get, step.decode_request_ids)
+                    if req is not None]
+        samplers = [req.request_id for req in decoding]
         for chunk in step.context_chunks:
             req = running.get(chunk.request_id)
             if req is not None and chunk.first_token + chunk.num_tokens >= req.num_prefill_tokens:
@@ -417,13 +419,11 @@ class Scheduler:
                 req.output.append(sampled[req.request_id])
                 if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
                     finished.append(req)
-        for rid in step.decode_request_ids:
-            req = running.get(rid)
-            if req is None:
-                continue
+        # The decoders' tokens come first in ``tokens`` (checked above).
+        for req, token in zip(decoding, ints, strict=False):
             output = req.output
-            output.append(sampled[rid])
-            if len(output) >= req.max_output_tokens or rid in stopped:
+            output.append(token)
+            if len(output) >= req.max_output_tokens or req.request_id in stopped:
                 finished.append(req)
         for req in finished:
             self.manager.remove_sequence(req.request_id)
