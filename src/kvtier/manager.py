@@ -20,6 +20,7 @@ from itertools import repeat
 from kvtier.admission import Admission, BatchAdmission, PrefixMatch, promise_of
 from kvtier.blocks import cdiv
 from kvtier.cache import BlockCache
+from kvtier.clock import CacheClock
 from kvtier.config import CacheConfig
 from kvtier.events import Event
 from kvtier.eviction import EvictionPolicy
@@ -60,10 +61,11 @@ class KVCacheManager:
     ) -> None:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, got {config!r}")
-        if not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         self.config = config
-        self._cache = BlockCache(config, clock, policy)
+        # Read through ``CacheClock``: a clock that raises or answers garbage mid-operation
+        # gives the last good time, never a half-done admission or release.
+        self.clock = CacheClock(clock)
+        self._cache = BlockCache(config, self.clock, policy)
         self._live = LiveTable()
         self._tpb = config.tokens_per_block
         self._version = 0

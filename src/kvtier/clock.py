@@ -1,0 +1,63 @@
+"""The cache's clock: the caller's time source, read so that its faults never reach the cache.
+
+The cache reads the time in the middle of its operations (a release stamps the runs it
+leaves cached, an eviction round ranks runs by age), after it has changed some state and
+before it has changed the rest. A clock that raised there left a request half admitted or
+half released (its claims counted, its path not), and a clock that answered ``None`` or
+NaN did the same or made every age NaN, so retentions never ran out. ``CacheClock`` makes
+every reading a finite number of seconds that never runs backwards: a reading that raises,
+is not a finite real number, or is below the last good one, gives the last good reading
+instead (0.0 before the first), is counted, and is logged once. Time then stands still
+for the cache until the clock recovers: ages stop growing, which costs eviction some
+order, never a block or a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+
+class CacheClock:
+    """A caller's clock (seconds, any epoch), read safely: see the module docstring."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        self._clock = clock
+        self.last = 0.0        # the last good reading
+        self._started = False  # whether there was one
+        self.num_faults = 0    # readings replaced by the last good one, in all
+        self.last_fault = ""   # what the last of them was
+
+    def __call__(self) -> float:
+        try:
+            t = self._clock()
+        except Exception as exc:  # any fault of the caller's clock
+            return self._fault(f"raised {type(exc).__name__}: {exc}")
+        if t.__class__ is not float:
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                return self._fault(f"returned {t!r}, not a number of seconds")
+            try:
+                t = float(t)
+            except OverflowError:
+                return self._fault(f"returned {t!r}, too large for seconds")
+        if not math.isfinite(t):
+            return self._fault(f"returned {t!r}")
+        if t < self.last and self._started:
+            return self._fault(f"went back from {self.last!r} to {t!r}")
+        self.last = t
+        self._started = True
+        return t
+
+    def _fault(self, what: str) -> float:
+        if not self.num_faults:
+            logger.warning("kvtier: the cache's clock %s; the last good time, %r, stands "
+                           "until it recovers (logged once; CacheClock.num_faults counts)",
+                           what, self.last)
+        self.num_faults += 1
+        self.last_fault = what
+        return self.last
