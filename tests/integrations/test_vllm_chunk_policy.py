@@ -106,7 +106,32 @@ def test_priority_and_retention_order_and_expire() -> None:
 def test_every_kvtier_policy_runs_the_vllm_call_order(policy: str) -> None:
     """Each policy of config.EVICTION_POLICIES survives vLLM's calls (store miss, insert,
     access, release with reuse, touch, pin, evict, remove, clear) with its books intact."""
-    clock = Clock()
+    run_the_vllm_call_order(policy, Clock())
+
+
+class FaultyClock(Clock):
+    """Every 13th reading raises, every 17th answers NaN (kvtier.clock.CacheClock gives the
+    last good time for them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_reads = 0
+
+    def __call__(self) -> float:
+        self.num_reads += 1
+        if self.num_reads % 13 == 0:
+            raise OSError("clock source gone")
+        return float("nan") if self.num_reads % 17 == 0 else self.now
+
+
+@pytest.mark.parametrize("policy", ["priority-lru", "kvtier-predict-cost"])
+def test_a_faulty_clock_fails_no_call(policy: str) -> None:
+    """The same calls under a clock that raises or answers NaN now and then: every call
+    succeeds and the books hold (a raise used to escape from the middle of a call)."""
+    run_the_vllm_call_order(policy, FaultyClock())
+
+
+def run_the_vllm_call_order(policy: str, clock: Clock) -> None:
     chunks = make_chunks(policy, capacity=8, clock=clock)
     rng = random.Random(policy)
     live: set[int] = set()

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
+from kvtier.clock import CacheClock
 from kvtier.config import DEFAULT_PRIORITY, EVICTION_POLICIES, CacheConfig, check_priority
 from kvtier.eviction import ROLE_BODY, ROLE_SHARED, ReuseLearner
 from kvtier.policies import get_policy
@@ -90,7 +91,9 @@ class PolicyChunks(Generic[C]):
         self._policy_name = policy_name
         self._capacity = capacity
         self._default_priority = default_priority
-        self._clock = clock
+        # A clock that raises or answers garbage gives the last good time: no call fails
+        # half done (``kvtier.clock``).
+        self._clock = CacheClock(clock)
         self._chunks: dict[bytes, _Chunk[C]] = {}
         self._by_uid: dict[int, _Chunk[C]] = {}
         self._expiries: list[float] = []  # retention ends, to re-file in time
