@@ -39,7 +39,9 @@ class TierPool:
     (its oldest run) or its most recently filed live run (its youngest, but for runs
     re-filed since), whichever ``within`` values less: for a policy whose value of a run
     rises with its age over the near term (a loop of sessions, each back a few seconds
-    after it left), the youngest is the one to give up. O(1) more per pop.
+    after it left), the youngest is the one to give up. O(1) more per pop, amortised: a
+    head taken leaves the bottom of the filing order with it (an evicted run must not stay
+    referenced there, with everything it holds, until a compaction).
     """
 
     def __init__(self, tier: Tier, capacity: int, num_queue_fields: int = 0,
@@ -57,7 +59,7 @@ class TierPool:
         self._queues: dict[Key, list[_Entry]] = {}
         self._num_entries = 0  # in every heap, stale ones included
         # Per queue, its entries in filing order (``both_ends``; stale ones dropped from
-        # the top as met, all at a compaction).
+        # the top as met, from the bottom as heads are taken, all at a compaction).
         self._both_ends = both_ends and num_queue_fields > 0
         self._filed: dict[Key, deque[_Entry]] = {}
         self._num_filed = 0
