@@ -31,7 +31,7 @@ from kvtier.eviction import (
     node_ghost_key,
 )
 from kvtier.journal import Journal
-from kvtier.matching import Match, match_prompt, num_common_blocks
+from kvtier.matching import Match, match_prompt, num_common_blocks, rematch
 from kvtier.metrics import CacheStats
 from kvtier.policies import get_policy
 from kvtier.pool import Key, TierPool
@@ -205,10 +205,12 @@ class BlockCache:
         # nothing cached (``set_soft_claims``).
         self._hinted_queue: tuple[list[SequenceSpec], list[Node], list[SequenceSpec]] = (
             [], [], [])
-        # Spec prompts matched since their root last changed (``match_spec``), by the id of
-        # the prompt's array: (a weak reference to the array, its root, the root's change
-        # count, the match). NOTE: weak, so a finished request's prompt is not kept alive.
-        self._matches: dict[int, tuple[weakref.ref[array[int]], Root, int, Match]] = {}
+        # Spec prompts matched lately (``match_spec``), by the id of the prompt's array: (a
+        # weak reference to the array, its root, the root's change count then, the match,
+        # the block count then of each run it went through, for ``rematch`` once the tree
+        # changed). NOTE: weak, so a finished request's prompt is not kept alive.
+        self._matches: dict[int, tuple[weakref.ref[array[int]], Root, int, Match,
+                                       list[int]]] = {}
 
     # ---- key spaces and queries ------------------------------------------------------------
 
@@ -224,23 +226,34 @@ class BlockCache:
         """``match_prompt`` of ``spec``'s prompt under ``root`` (its key space), remembered
         while the tree under the root keeps its shape and ids (``Root.num_changes``): a
         scheduler looks a prompt up, admits it and hints it in one step, on one tree; a
-        long prompt's match is tens of microseconds. Pure (the memo aside)."""
-        if root is None or extras is not None:
+        long prompt's match is tens of microseconds. Once the tree changed, the runs the
+        remembered match went through are checked and only what lies past them is walked
+        (``rematch``). Pure (the memo aside)."""
+        if root is None or extras is not None or not self.config.enable_block_reuse:
             return match_prompt(root, spec.token_array, extras, self.config)
         tokens = spec.token_array  # a spec's array never changes (``SequenceSpec``)
         matches = self._matches
         known = matches.get(id(tokens))
-        if (known is not None and known[0]() is tokens and known[1] is root
-                and known[2] == root.num_changes):
-            return known[3]
-        m = match_prompt(root, tokens, None, self.config)
+        m: Match | None = None
+        if known is not None and known[0]() is tokens and known[1] is root:
+            if known[2] == root.num_changes:
+                return known[3]
+            # NOTE: the tree changed somewhere (a decode block stored, a victim cut): the
+            # runs the match went through are checked, not compared again, and only what
+            # lies past them is walked (a long prompt's match reads ~100 KB of ids).
+            m = rematch(known[3], known[4], root, tokens, len(tokens) - 1, self.tpb,
+                        self.config.enable_partial_reuse)
+        if m is None:
+            m = match_prompt(root, tokens, None, self.config)
         if len(matches) >= _MAX_MATCHES:
-            # Keep those still current (the waiting queue's, mostly): the rest never will be.
+            # Keep those still current (the waiting queue's, mostly).
             self._matches = matches = {k: v for k, v in matches.items()
                                        if v[2] == v[1].num_changes}
             if len(matches) >= _MAX_MATCHES:
                 matches.clear()
-        matches[id(tokens)] = (weakref.ref(tokens), root, root.num_changes, m)
+        runs = m.path if m.tail is None else [*m.path, m.tail[0]]
+        matches[id(tokens)] = (weakref.ref(tokens), root, root.num_changes, m,
+                               [len(node.slots) for node in runs])
         return m
 
     def join_root(self, lora_id: object, salt: object) -> Root:

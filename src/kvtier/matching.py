@@ -115,14 +115,52 @@ def match(
         tokens   |b0 b0 b0 b0|b1 b1 b1 b1|b2 b2 b2 b2|b3 b3|
         reusable |<----- full blocks ---->|<partial>|       (num_reusable_tokens)
     """
-    tpb = tokens_per_block
     if type(tokens) is not array:
         tokens = array("Q", tokens)  # NOTE: an array equals only an array
+    return _walk(root, [], 0, tokens, num_reusable_tokens, tokens_per_block, req_extras,
+                 find_partial)
+
+
+def rematch(known: Match, num_blocks_then: Sequence[int], root: Root, tokens: array[int],
+            num_reusable_tokens: int, tokens_per_block: int, find_partial: bool
+            ) -> Match | None:
+    """``match`` of ``tokens`` (no extra keys) under ``root`` again, from ``known``, its
+    match on an earlier state of the tree, whose runs then held ``num_blocks_then`` blocks
+    (the path's, then the tail's). None where one of those runs moved since (split,
+    rejoined, cut, grown or dropped: its parent or its block count changed): match afresh.
+    Pure.
+
+    A run that kept its parent and its block count kept its key and its token ids (every
+    tree surgery that changes a run's ids changes one or the other), so a walk would meet
+    the same runs and compare the same ids: the path and the tail stand, only what lies
+    past a path that ended at a run's end may have grown (a new child), and the partial
+    match is found again. The runs are checked, not compared: no token is read.
+    """
+    path, tail = known.path, known.tail
+    parent: Node = root
+    for node, n in zip(path, num_blocks_then, strict=False):
+        if node.parent is not parent or len(node.slots) != n:
+            return None
+        parent = node
+    tpb = tokens_per_block
+    if tail is not None:
+        if tail[0].parent is not parent or len(tail[0].slots) != num_blocks_then[-1]:
+            return None
+        pos = known.num_blocks * tpb
+        partial = None
+        if find_partial and pos < num_reusable_tokens:
+            partial = _find_partial(parent, tail, tokens, pos, num_reusable_tokens, tpb, None)
+        return Match(path, tail, known.num_blocks, partial)
+    return _walk(parent, list(path), known.num_blocks * tpb, tokens, num_reusable_tokens, tpb,
+                 None, find_partial)
+
+
+def _walk(node: Node, path: list[Node], pos: int, tokens: array[int], num_reusable_tokens: int,
+          tokens_per_block: int, req_extras: list[object] | None, find_partial: bool) -> Match:
+    """``match`` from ``node``, the end of ``path``, which matches ``tokens[:pos]``."""
+    tpb = tokens_per_block
     limit = num_reusable_tokens // tpb * tpb
-    path: list[Node] = []
     tail: tuple[Node, int] | None = None
-    node: Node = root
-    pos = 0
     while pos < limit:
         b = pos // tpb
         child = node.children.get(

@@ -9,7 +9,7 @@ from array import array
 
 import pytest
 
-from kvtier.matching import PartialMatch, match
+from kvtier.matching import Match, PartialMatch, match, rematch
 from kvtier.radix import (
     Node,
     Root,
@@ -158,6 +158,86 @@ def test_match_is_pure() -> None:
     match(root, [1, 2, 3, 4, 5, 6, 7, 9, 0], 8, TPB, None, True)
     match(root, [1, 2, 3, 9], 3, TPB, None, True)
     assert [shape(n) for n in subtree(root)] == before and b.parent is a
+
+
+def counts(m: Match) -> list[int]:
+    """The block counts of the runs ``m`` went through (what ``rematch`` is given)."""
+    return [len(n.slots) for n in m.path] + ([len(m.tail[0].slots)] if m.tail else [])
+
+
+def same(m: Match, f: Match) -> bool:
+    """Whether two matches meet the same runs (by identity) and blocks."""
+    return (len(m.path) == len(f.path)
+            and all(a is b for a, b in zip(m.path, f.path, strict=True))
+            and m.tail == f.tail and m.num_blocks == f.num_blocks and m.partial == f.partial)
+
+
+def test_rematch_goes_on_past_a_path_whose_runs_stayed() -> None:
+    """A path that ended at a run's end goes on into a run stored since, without comparing
+    the runs it went through again; the answer is a fresh match's."""
+    # root ─ a[1 2 | 3 4] ─ b[5 6]   then   b ─ c[7 8]
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4], [0, 1])
+    b = make_run(a, [5, 6], [2])
+    tokens = array("Q", [1, 2, 3, 4, 5, 6, 7, 8, 9, 9])
+    m = match(root, tokens, 9, TPB, None, True)
+    then = counts(m)
+    c = make_run(b, [7, 8], [3])
+    a.tier = Tier.HOST  # a tier move keeps a run's ids: the match stands
+    again = rematch(m, then, root, tokens, 9, TPB, True)
+    assert again is not None and again.path == [a, b, c] and again.num_blocks == 4
+    assert same(again, match(root, tokens, 9, TPB, None, True))
+
+
+def test_rematch_keeps_a_tail_and_finds_the_partial_again() -> None:
+    """A tail whose run stayed is kept; the partial block is found on the tree as it is."""
+    # root ─ a[1 2 | 3 4 | 5 6]: the prompt leaves it after 2 blocks, with [3 4] then [9 9]
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4, 5, 6], [0, 1, 2])
+    tokens = array("Q", [1, 2, 3, 4, 5, 9, 9])
+    m = match(root, tokens, 6, TPB, None, True)
+    assert m.tail == (a, 2) and m.partial == PartialMatch(a, 2, 1)
+    again = rematch(m, counts(m), root, tokens, 6, TPB, True)
+    assert again is not None and same(again, match(root, tokens, 6, TPB, None, True))
+
+
+@pytest.mark.parametrize("surgery", ["split", "cut", "grow", "drop", "rejoin"])
+def test_rematch_gives_up_where_a_run_it_went_through_moved(surgery: str) -> None:
+    """A run split, cut, grown, dropped or rejoined since: None (match afresh)."""
+    # root ─ a[1 2 | 3 4] ─ b[5 6 | 7 8]
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4], [0, 1])
+    b = make_run(a, [5, 6, 7, 8], [2, 3])
+    tokens = array("Q", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    m = match(root, tokens, 8, TPB, None, True)
+    then = counts(m)
+    if surgery == "split":
+        split(b, 1, TPB)
+    elif surgery == "cut":
+        cut_tail(b, 1, TPB)
+    elif surgery == "grow":
+        b.tokens.extend(array("Q", [9, 9]))
+        b.slots.append(4)
+    elif surgery == "drop":
+        remove_child(a, b)
+        b.parent = None
+    else:
+        absorb_parent(b)  # b takes in a, its parent: one run of 4 blocks under the root
+    assert rematch(m, then, root, tokens, 8, TPB, True) is None
+
+
+def test_rematch_of_a_run_split_and_rejoined_stands() -> None:
+    """A split undone (the same run again, same ids, same parent) leaves the match standing."""
+    root = Root(None, None)
+    a = make_run(root, [1, 2, 3, 4], [0, 1])
+    b = make_run(a, [5, 6, 7, 8], [2, 3])
+    tokens = array("Q", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    m = match(root, tokens, 8, TPB, None, True)
+    then = counts(m)
+    split(b, 1, TPB)
+    absorb_parent(b)
+    again = rematch(m, then, root, tokens, 8, TPB, True)
+    assert again is not None and same(again, match(root, tokens, 8, TPB, None, True))
 
 
 def test_block_key_is_the_block_tokens_plus_its_extra() -> None:
