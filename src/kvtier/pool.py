@@ -63,6 +63,7 @@ class TierPool:
         self._both_ends = both_ends and num_queue_fields > 0
         self._filed: dict[Key, deque[_Entry]] = {}
         self._num_filed = 0
+        self._swept: dict[Key, int] = {}  # per queue, what its last sweep kept
         self._num_repairs = 0  # stale heads re-filed under their current key, in all
         # Queue -> (its head entry when ranked, (rank, uid)), valid while the caller's
         # rank version is ``_rank_version``; a head entry is recognised by identity.
@@ -115,8 +116,25 @@ class TierPool:
         heapq.heappush(heap, entry)
         self._num_entries += 1
         if young and self._both_ends:
-            self._filed.setdefault(key[:nq], deque()).append(entry)
+            filed = self._filed.setdefault(key[:nq], deque())
+            filed.append(entry)
             self._num_filed += 1
+            if len(filed) > 2 * max(len(heap), self._swept.get(key[:nq], 0)) + 64:
+                self._sweep(key[:nq], filed)
+
+    def _sweep(self, queue: Key, filed: deque[_Entry]) -> None:
+        """Drop the filings that cannot be live from all of ``filed`` (see ``_trim_oldest``):
+        runs dropped or taken in the middle of a queue's filing order (a parent rejoined into
+        its child, a run dropped with its subtree) stayed there, with all they hold, until
+        they reached an end. Called once the order outgrows twice its heap and twice what
+        the last sweep kept, so amortised O(1) a filing; no run's place changes."""
+        tier = self.tier
+        kept = [e for e in filed
+                if e[2].parent is not None and not e[2].ref_count and e[2].tier is tier]
+        self._num_filed -= len(filed) - len(kept)
+        filed.clear()
+        filed.extend(kept)
+        self._swept[queue] = len(kept)
 
     def _pop(self, heap: list[_Entry]) -> Node:
         self._num_entries -= 1
@@ -215,6 +233,7 @@ class TierPool:
 
     def _drop_filed(self, queue: Key) -> None:
         filed = self._filed.pop(queue, None)
+        self._swept.pop(queue, None)
         if filed is not None:
             self._num_filed -= len(filed)
 
@@ -254,6 +273,7 @@ class TierPool:
         self._num_entries = 0
         self._filed = {}
         self._num_filed = 0
+        self._swept = {}
         entries = live.values()
         if self._both_ends:
             # Oldest release first, so each queue's filing order starts as its age order.

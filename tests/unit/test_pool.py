@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import pytest
@@ -280,3 +281,38 @@ def test_a_head_taken_leaves_no_reference_in_the_filing_order() -> None:
     assert pop() is c and filed() == [e]  # c, then d's filing, now at the bottom
     assert pool._num_filed == 1
     assert pop() is e and filed() == [] and pop() is None
+
+
+def test_runs_gone_in_the_middle_of_the_filing_order_are_swept() -> None:
+    """Runs that leave a queue from the middle of its filing order (dropped with a
+    subtree, rejoined into a child) are dropped from it once it outgrows twice its heap:
+    they held their token arrays there until they reached an end (344 MB at the end of the
+    whole Mooncake trace at 1 M GPU blocks). Live filings and their order stay."""
+    pool = TierPool(Tier.GPU, 1 << 20, num_queue_fields=1, both_ends=True)
+    parent = make_node(100)
+    rng = random.Random(0)
+    keep = make_node(999)  # filed first, last in the heap: it holds the bottom
+    keep.parent = parent
+    current: dict[int, Key] = {keep.uid: (0, 10 ** 9)}
+    pool.push(keep, current[keep.uid])
+    live: list[Node] = []
+    for t in range(3000):
+        n = make_node(t)
+        n.parent = parent
+        current[n.uid] = (0, t)
+        pool.push(n, current[n.uid])
+        live.append(n)
+        if len(live) > 40:
+            gone = live.pop(rng.randrange(1, len(live) - 1))  # from the middle
+            gone.parent = None
+            del current[gone.uid]
+            head = pool.pop_candidate(keys_of(current), lambda m: current[m.uid], None,
+                                      lambda m: 1.0)
+            assert head is live[0]
+            live.pop(0)
+            head.parent = None
+            del current[head.uid]
+        filed = [e[2] for e in pool._filed[(0,)]]
+        assert len(filed) <= 2 * 60 + 64 + 1  # the heap holds at most ~60 entries here
+    assert [n for n in filed if n.parent is not None] == [keep, *live]  # in filing order
+    assert len(pool._filed[(0,)]) == pool._num_filed
