@@ -4,6 +4,7 @@ test run with kvtier-predict and random queue hints."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 from kvtier.eviction import ROLE_BODY, ROLE_SHARED, ROLE_TAIL, EvictionPolicy, ReuseLearner
 from kvtier.policies import (
+    _BIN_LOWS,
     ARC,
     LRU,
     NUM_AGE_BINS,
@@ -22,6 +24,7 @@ from kvtier.policies import (
     HitDensity,
     KvtierPredict,
     PriorityLRU,
+    _bin_widths,
     age_bin,
     get_policy,
 )
@@ -586,3 +589,78 @@ def test_switching_to_lru_and_back_keeps_the_books(monkeypatch: pytest.MonkeyPat
         max_examples=60, stateful_step_count=50, deadline=None, derandomize=True,
         database=None))
     assert flips[0] > 5, flips
+
+
+def refresh_by_bins(h: HitDensity) -> tuple[list[list[float]], list[list[float]]]:
+    """The value and near tables by plain bin-by-bin loops (the refresh as first written),
+    from ``h``'s histograms and horizon; what ``HitDensity.refresh`` must give bit for bit
+    (the tables order evictions: a last-bit change moves a learned order)."""
+    nb, w, widths = NUM_AGE_BINS, h.prior_blocks, _bin_widths()
+    at_risk = []
+    for ev, ce in zip(h.events, h.censored, strict=True):
+        risk, total = [0.0] * nb, 0.0
+        for b in range(nb - 1, -1, -1):
+            total += ev[b] + ce[b]
+            risk[b] = total
+        at_risk.append(risk)
+    pooled = []
+    for b in range(nb):
+        hits_b = sum(ev[b] for ev in h.events)
+        risk_b = sum(risk[b] for risk in at_risk)
+        pooled.append(hits_b / risk_b if risk_b else 0.0)
+    values, nears = [], []
+    for c in range(h.num_classes):
+        ev, risk = h.events[c], at_risk[c]
+        hazard = [min(1.0, (ev[b] + w * pooled[b]) / (risk[b] + w)) if risk[b] + w else 0.0
+                  for b in range(nb)]
+        value = [0.0] * nb
+        hits = waited = 0.0
+        for b in range(nb - 1, -1, -1):
+            p = hazard[b]
+            hits = p + (1.0 - p) * hits
+            waited = widths[b] * (1.0 - p / 2) + (1.0 - p) * waited
+            value[b] = hits / waited
+        alive, wait, a, s = [1.0], [0.0], 1.0, 0.0
+        for p, width in zip(hazard, widths, strict=True):
+            s += a * width * (1.0 - p / 2)
+            a *= 1.0 - p
+            alive.append(a)
+            wait.append(s)
+        near = [0.0] * nb
+        for b in range(nb):
+            start = alive[b]
+            if start <= 0.0:
+                near[b] = 2.0 * hazard[b] / widths[b]
+                continue
+            end = _BIN_LOWS[b] + h.horizon_s
+            if end >= _BIN_LOWS[nb - 1]:
+                last, part = nb - 1, 1.0
+            else:
+                last = max(b, int(end).bit_length())
+                part = (end - _BIN_LOWS[last]) / widths[last]
+            p = hazard[last] * part
+            rest = alive[last] / start
+            hits = 1.0 - rest + rest * p
+            spent = ((wait[last] - wait[b]) / start
+                     + rest * widths[last] * part * (1.0 - p / 2))
+            near[b] = hits / spent if spent else 0.0
+        values.append(value)
+        nears.append(near)
+    return values, nears
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_refresh_gives_the_bin_by_bin_tables_bit_for_bit(seed: int) -> None:
+    """The refresh (column sums, accumulated risks, each bin's window found once) gives
+    exactly the tables of the plain loops, on random histograms and horizons."""
+    rng = random.Random(seed)
+    h = HitDensity(13, refresh_every=1 << 30, prior_blocks=rng.choice([0.0, 8.0]))
+    for _ in range(rng.randrange(1, 3000)):
+        h.record(rng.randrange(13), rng.expovariate(rng.choice([0.05, 1.0])),
+                 rng.randrange(1, 300), rng.random() < 0.6)
+    if seed % 2:
+        for _ in range(rng.randrange(1, 50)):
+            h.dropped(rng.expovariate(0.2))
+    h.refresh()
+    values, nears = refresh_by_bins(h)
+    assert h.value == values and h.near == nears

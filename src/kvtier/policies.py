@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import accumulate
+from operator import add
 
 from kvtier.config import EVICTION_POLICIES, CacheConfig
 from kvtier.eviction import (
@@ -337,26 +339,27 @@ class HitDensity:
                     row[:] = [x / 2 for x in row]
             self._total /= 2
         nb = NUM_AGE_BINS
-        at_risk = []
-        for ev, ce in zip(self.events, self.censored, strict=True):
-            risk, total = [0.0] * nb, 0.0
-            for b in range(nb - 1, -1, -1):
-                total += ev[b] + ce[b]
-                risk[b] = total
-            at_risk.append(risk)
-        pooled = []
-        for b in range(nb):
-            e = sum(ev[b] for ev in self.events)
-            r = sum(risk[b] for risk in at_risk)
-            pooled.append(e / r if r else 0.0)
+        # NOTE: the same sums and products in the same order as bin-by-bin loops (the
+        # tables must come out bit for bit the same: they order evictions), with the
+        # per-bin work that no class changes done once: the bins each near-term window
+        # ends in, and the column sums of the pooled hazard.
+        at_risk = [list(accumulate(map(add, reversed(ev), reversed(ce))))[::-1]
+                   for ev, ce in zip(self.events, self.censored, strict=True)]
+        pooled = [e / r if r else 0.0
+                  for e, r in zip(map(sum, zip(*self.events, strict=True)),
+                                  map(sum, zip(*at_risk, strict=True)), strict=True)]
         w = self.prior_blocks
         widths = _bin_widths()
+        windows = _near_windows(widths, self.horizon_s)
         for c in range(self.num_classes):
-            ev, risk = self.events[c], at_risk[c]
             hazard = []
-            for b in range(nb):
-                denom = risk[b] + w
-                hazard.append(min(1.0, (ev[b] + w * pooled[b]) / denom) if denom else 0.0)
+            for e, p, r in zip(self.events[c], pooled, at_risk[c], strict=True):
+                denom = r + w
+                if denom:
+                    h = (e + w * p) / denom
+                    hazard.append(h if h < 1.0 else 1.0)
+                else:
+                    hazard.append(0.0)
             value = self.value[c]
             hits = waited = 0.0
             for b in range(nb - 1, -1, -1):
@@ -364,19 +367,33 @@ class HitDensity:
                 hits = p + (1.0 - p) * hits
                 waited = widths[b] * (1.0 - p / 2) + (1.0 - p) * waited
                 value[b] = hits / waited
-            _near_densities(hazard, widths, self.horizon_s, self.near[c])
+            _near_densities(hazard, widths, windows, self.near[c])
 
 
-def _near_densities(hazard: list[float], widths: list[float], horizon_s: float,
-                    out: list[float]) -> None:
+def _near_windows(widths: list[float], horizon_s: float) -> list[tuple[int, float]]:
+    """Per age bin ``b``: the bin a window of ``horizon_s`` seconds from ``b``'s start
+    ends in, and the part of that bin it covers (the last bin is open). Pure."""
+    lows = _BIN_LOWS
+    last = len(widths) - 1
+    out = []
+    for b in range(len(widths)):
+        end = lows[b] + horizon_s
+        if end >= lows[last]:
+            out.append((last, 1.0))
+        else:
+            e = max(b, int(end).bit_length())
+            out.append((e, (end - lows[e]) / widths[e]))
+    return out
+
+
+def _near_densities(hazard: list[float], widths: list[float],
+                    windows: list[tuple[int, float]], out: list[float]) -> None:
     """``out[b]``: the hit density from the start of age bin ``b`` over the next
-    ``horizon_s`` seconds, given each bin's ``hazard`` of a reuse: the chance of a reuse
-    in the window over the expected block-seconds waited in it (a reuse waits half its
-    bin). The last bin is open; the bin the window ends in counts in part. O(bins): the
+    ``horizon_s`` seconds (``windows``: where each bin's window ends, ``_near_windows``),
+    given each bin's ``hazard`` of a reuse: the chance of a reuse in the window over the
+    expected block-seconds waited in it (a reuse waits half its bin). O(bins): the
     chance of no reuse before bin ``x`` (``alive``) and the wait up to it (``wait``) are
     running products and sums, a window's the ratio and difference of its ends'."""
-    nb = len(hazard)
-    lows = _BIN_LOWS
     alive, wait = [1.0], [0.0]
     a = 1.0
     s = 0.0
@@ -385,18 +402,11 @@ def _near_densities(hazard: list[float], widths: list[float], horizon_s: float,
         a *= 1.0 - p
         alive.append(a)
         wait.append(s)
-    last = nb - 1
-    for b in range(nb):
+    for b, (e, part) in enumerate(windows):
         start = alive[b]
         if start <= 0.0:
             out[b] = 2.0 * hazard[b] / widths[b]  # a reuse certain in this bin
             continue
-        end = lows[b] + horizon_s
-        if end >= lows[last]:
-            e, part = last, 1.0
-        else:
-            e = max(b, int(end).bit_length())
-            part = (end - lows[e]) / widths[e]
         p = hazard[e] * part
         rest = alive[e] / start
         hits = 1.0 - rest + rest * p
