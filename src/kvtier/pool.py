@@ -64,6 +64,8 @@ class TierPool:
         self._filed: dict[Key, deque[_Entry]] = {}
         self._num_filed = 0
         self._swept: dict[Key, int] = {}  # per queue, what its last sweep kept
+        # Node uid -> the key of its newest heap entry, while that entry is in a heap.
+        self._newest: dict[int, Key] = {}
         self._num_repairs = 0  # stale heads re-filed under their current key, in all
         # Queue -> (its head entry when ranked, (rank, uid)), valid while the caller's
         # rank version is ``_rank_version``; a head entry is recognised by identity.
@@ -112,9 +114,16 @@ class TierPool:
         its queue's youngest unless ``young`` is False)."""
         nq = self._num_queue_fields
         heap = self._heap if not nq else self._queues.setdefault(key[:nq], [])
-        entry = (key, node.uid, node)
-        heapq.heappush(heap, entry)
-        self._num_entries += 1
+        uid = node.uid
+        entry = (key, uid, node)
+        newest = self._newest
+        if newest.get(uid) != key:
+            heapq.heappush(heap, entry)
+            self._num_entries += 1
+            newest[uid] = key
+        # Else its newest heap entry has this key and is still there (a run re-filed
+        # unchanged: a parent whose child left, a run put back): a second one would only
+        # pop as stale later. The filing order still takes it as the youngest.
         if young and self._both_ends:
             filed = self._filed.setdefault(key[:nq], deque())
             filed.append(entry)
@@ -138,7 +147,10 @@ class TierPool:
 
     def _pop(self, heap: list[_Entry]) -> Node:
         self._num_entries -= 1
-        return heapq.heappop(heap)[2]
+        key, uid, node = heapq.heappop(heap)
+        if self._newest.get(uid) == key:
+            del self._newest[uid]
+        return node
 
     def pop_candidate(self, current_key: Callable[[Node], Key | None],
                       rank: Callable[[Node], Key] | None = None,
@@ -270,6 +282,7 @@ class TierPool:
         self._heap = []
         self._queues = {}
         self._ranked = {}
+        self._newest = {}
         self._num_entries = 0
         self._filed = {}
         self._num_filed = 0

@@ -316,3 +316,28 @@ def test_runs_gone_in_the_middle_of_the_filing_order_are_swept() -> None:
         assert len(filed) <= 2 * 60 + 64 + 1  # the heap holds at most ~60 entries here
     assert [n for n in filed if n.parent is not None] == [keep, *live]  # in filing order
     assert len(pool._filed[(0,)]) == pool._num_filed
+
+
+def test_a_refile_under_the_same_key_adds_no_heap_entry_but_makes_the_run_youngest() -> None:
+    """A run filed again under the key its heap entry still has (a parent whose child
+    left, a run put back) gets no second heap entry, which would only pop as stale later;
+    the filing order still takes it as its queue's youngest. Once its entry has left the
+    heap, filing it again adds one."""
+    pool, (a, b, c), current = make_two_ended(3)
+    assert pool._num_entries == 3
+    pool.push(a, current[a.uid])  # a again, unchanged
+    assert pool._num_entries == 3 and pool._filed[(0,)][-1][2] is a
+
+    def within(node: Node) -> float:
+        return 0.0 if node is a else 1.0  # the youngest, a, valued least
+
+    assert pool.pop_candidate(keys_of(current), lambda n: current[n.uid], None, within) is a
+    # a's heap entry is still there (taken from the filing order); put back unchanged:
+    pool.push(a, current[a.uid])
+    assert pool._num_entries == 3
+    assert pool.pop_candidate(keys_of(current), lambda n: current[n.uid]) is a  # the head
+    assert pool._num_entries == 2
+    pool.push(a, current[a.uid])  # its entry left the heap: a new one
+    assert pool._num_entries == 3
+    assert [pool.pop_candidate(keys_of(current), lambda n: current[n.uid])
+            for _ in range(3)] == [a, b, c]
