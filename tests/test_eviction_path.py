@@ -260,3 +260,39 @@ def test_a_swap_in_closed_form_leaves_what_the_piece_by_piece_loop_leaves() -> N
     for room in (1, 2, 3, 5, 7):
         assert run(room, True) == run(room, False), room
     assert run(2, True)[0] == Swap([20, 21, 10, 11, 12], [10, 11, 12, 13, 14], [2, 4, 5])
+
+
+def test_a_queue_that_lost_its_head_is_hinted_as_a_fresh_one() -> None:
+    """A hint whose queue lost its first request and gained one at its end (a step admitted
+    the head) claims exactly what a fresh hint of that queue claims, without walking the
+    requests it kept; a request id twice makes it walk the queue again::
+
+        root ─ [A0 A1 | GPU]        hint a, b, c: A, B claimed (c: nothing cached)
+            ├─ [B0 B1 | GPU]        then b, c, d: B, D claimed
+            └─ [D0 D1 | GPU]
+    """
+    def cached(prompts: dict[str, list[int]]) -> KVCacheManager:
+        mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32,
+                                         eviction_policy="kvtier-predict-cost"))
+        for rid, tokens in prompts.items():
+            assert mgr.add_sequence(SequenceSpec(rid, tokens + [0])).admitted
+            mgr.remove_sequence(rid)
+        return mgr
+
+    prompts = {"A": [1] * 8, "B": [2] * 8, "D": [4] * 8}
+    a, b, c, d = (SequenceSpec(rid, tokens + [9]) for rid, tokens in
+                  (("a", [1] * 8), ("b", [2] * 8), ("c", [3] * 8), ("d", [4] * 8)))
+    mgr, fresh = cached(prompts), cached(prompts)
+    mgr.hint_waiting([a, b, c])
+    assert soft_claimed_runs(mgr) == [(0, 2), (0, 2)]
+    mgr.hint_waiting([b, c, d])
+    fresh.hint_waiting([b, c, d])
+    claimed = sorted(n.tokens[0] for n in mgr._cache.nodes() if n.soft_claimed)
+    assert claimed == sorted(n.tokens[0] for n in fresh._cache.nodes() if n.soft_claimed)
+    assert claimed == [2, 4]
+    assert [n.tokens[0] for n in mgr._cache._hinted_queue[1]] == [2, 4]
+    assert mgr._cache._hinted_queue[2] == [c]
+    mgr.hint_waiting([c, d, SequenceSpec("d", [5] * 8)])  # "d" twice: walked afresh
+    assert [n.tokens[0] for n in mgr._cache._hinted_queue[1]] == [4]
+    assert mgr._cache._hinted_rids is None
+    mgr.check_invariants()

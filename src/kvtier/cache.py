@@ -57,6 +57,9 @@ _POLICY_ATTRS = ("name", "ranks_soft_claims", "num_queue_fields", "key", "rank")
 # The most prompt matches ``match_spec`` keeps (a step looks up a few prompts and admits them).
 _MAX_MATCHES = 16
 
+# The most requests a hinted queue may have lost at its head for ``_shift_hint``.
+_MAX_SHIFT = 8
+
 MAX_EVICTION_BATCH = 32
 """The largest batch a GPU victim run gives (``eviction_batch``)."""
 
@@ -205,6 +208,8 @@ class BlockCache:
         # nothing cached (``set_soft_claims``).
         self._hinted_queue: tuple[list[SequenceSpec], list[Node], list[SequenceSpec]] = (
             [], [], [])
+        # The last hint's request ids, if distinct (None: not; ``_shift_hint`` needs them so).
+        self._hinted_rids: set[str] | None = set()
         # Spec prompts matched lately (``match_spec``), by the id of the prompt's array: (a
         # weak reference to the array, its root, the root's change count then, the match,
         # the block count then of each run it went through, for ``rematch`` once the tree
@@ -722,22 +727,88 @@ class BlockCache:
             # the loop below would find the same.
             self.evictor.soft_claim(lasts)
             return
+        if not self._shift_hint(specs):
+            self._hint_afresh(specs)
+        self.evictor.soft_claim(self._hinted_queue[1])
+
+    def _shift_hint(self, specs: Sequence[SequenceSpec]) -> bool:
+        """``_hint_afresh``'s result for a queue that lost its first few requests (at most
+        ``_MAX_SHIFT``) and gained some at its end, the usual change (a step admits the
+        head), without walking the rest of the queue again: False (nothing changed) where
+        that does not hold, or where the walk would find another run or a first one for a
+        request the queue kept, or the requests' ids are not distinct. The same dict, in
+        the same order, the same lists."""
+        last_specs, lasts, unmatched = self._hinted_queue
+        rids = self._hinted_rids
+        if rids is None or not specs or not last_specs:
+            return False
+        first = specs[0]
+        for m in range(min(_MAX_SHIFT, len(last_specs) - 1) + 1):
+            if last_specs[m] is first:
+                break
+        else:
+            return False
+        k = len(last_specs) - m
+        if len(specs) < k or not all(map(is_, itertools.islice(specs, k), last_specs[m:])):
+            return False
+        found = self._hinted
+        dropped = last_specs[:m]
+        num_dropped_unmatched = sum(1 for s in dropped if s.request_id not in found)
+        kept_lasts = lasts[m - num_dropped_unmatched:]
+        kept_unmatched = unmatched[num_dropped_unmatched:]
+        if None in map(_parent, kept_lasts) or any(
+                self._prefix_end(spec) is not None for spec in kept_unmatched):
+            return False
+        new_rids = rids.difference(s.request_id for s in dropped)
+        tail = specs[k:]
+        for spec in tail:
+            if spec.request_id in new_rids:
+                return False
+            new_rids.add(spec.request_id)
+        hinted = dict(found)
+        for spec in dropped:
+            hinted.pop(spec.request_id, None)
+        tail_lasts: list[Node] = []
+        tail_unmatched: list[SequenceSpec] = []
+        for spec in tail:
+            last = self._hint_of(spec, found)
+            if last is None:
+                tail_unmatched.append(spec)
+            else:
+                hinted[spec.request_id] = (spec, last)
+                tail_lasts.append(last)
+        self._hinted = hinted
+        self._hinted_rids = new_rids
+        self._hinted_queue = (list(specs), kept_lasts + tail_lasts,
+                              kept_unmatched + tail_unmatched)
+        return True
+
+    def _hint_of(self, spec: SequenceSpec,
+                 found: dict[str, tuple[SequenceSpec, Node]]) -> Node | None:
+        """The deepest run of ``spec``'s cached prefix: the one found at the last hint
+        (``found``) while it is cached, else matched now (None: nothing cached)."""
+        entry = found.get(spec.request_id)
+        last = entry[1] if entry is not None and entry[0] is spec else None
+        if last is None or last.parent is None:
+            return self._prefix_end(spec)
+        return last
+
+    def _hint_afresh(self, specs: Sequence[SequenceSpec]) -> None:
+        """Find the deepest cached run of each request of ``specs`` (``_hint_of``)."""
         found = self._hinted
         hinted: dict[str, tuple[SequenceSpec, Node]] = {}
         unmatched = []
         for spec in specs:
-            entry = found.get(spec.request_id)
-            last = entry[1] if entry is not None and entry[0] is spec else None
-            if last is None or last.parent is None:
-                last = self._prefix_end(spec)
-                if last is None:
-                    unmatched.append(spec)
-                    continue
-            hinted[spec.request_id] = (spec, last)
+            last = self._hint_of(spec, found)
+            if last is None:
+                unmatched.append(spec)
+            else:
+                hinted[spec.request_id] = (spec, last)
         self._hinted = hinted
+        rids = {spec.request_id for spec in specs}
+        self._hinted_rids = rids if len(rids) == len(specs) else None
         lasts = [last for _, last in hinted.values()]
         self._hinted_queue = (list(specs), lasts, unmatched)
-        self.evictor.soft_claim(lasts)
 
     def _prefix_end(self, spec: SequenceSpec) -> Node | None:
         """The deepest run of ``spec``'s cached prefix (None: nothing cached). Pure."""
@@ -755,6 +826,7 @@ class BlockCache:
                 self.drop(child)
         self.roots.clear()
         self._hinted = {}
+        self._hinted_rids = set()
         self._hinted_queue = ([], [], [])
         if self._witness is not None:
             self._witness.clear()
