@@ -664,3 +664,31 @@ def test_refresh_gives_the_bin_by_bin_tables_bit_for_bit(seed: int) -> None:
     h.refresh()
     values, nears = refresh_by_bins(h)
     assert h.value == values and h.near == nears
+
+
+def test_soft_claims_refile_runs_in_the_hints_order() -> None:
+    """Runs whose soft claim flips are re-filed in the hint's order (its requests, each
+    path from its deepest run up), claimed and released alike: the order runs are filed in
+    is what a policy that gives a queue's youngest reads, so it must not follow where the
+    allocator put the nodes (a set of nodes iterates by address)."""
+    mgr = make_manager(KvtierPredict(), num_gpu_blocks=200)
+    prompts = [[100 + i] * 8 + [1] for i in range(40)]
+    order = [3 * i % 40 for i in range(40)]  # not the order they were cached in
+    for i, tokens in enumerate(prompts):
+        admit_and_release(mgr, f"r{i}", tokens)
+    pool = mgr._cache.gpu
+
+    def filed(soft: int) -> list[int]:
+        """The first token of each live run filed in the soft-claimed (or not) queue."""
+        out = []
+        for queue, entries in pool._filed.items():
+            if queue[1] == soft:
+                out += [e[2].tokens[0] - 100 for e in entries
+                        if e[2].parent is not None and e[2].soft_claimed == bool(soft)]
+        return out
+
+    mgr.hint_waiting([SequenceSpec(f"w{i}", prompts[i]) for i in order])
+    assert filed(1) == order
+    mgr.hint_waiting([])
+    assert filed(0)[-40:] == order
+    mgr.check_invariants()

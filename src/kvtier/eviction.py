@@ -166,7 +166,7 @@ class Evictor:
         self._host = host
         self._expiries: list[tuple[float, int, Node]] = []
         self._num_live_expiries = 0  # entries that were current at the last purge
-        self._soft_claimed: set[Node] = set()  # every run soft-claimed now
+        self._soft_claimed: dict[Node, None] = {}  # every run soft-claimed now, in order
         self._soft_deepest: list[Node] = []  # the paths' ends at the last soft_claim
         # Whether a claimed run was cut since: its tail (unclaimed, see ``radix.cut_tail``)
         # may lie on a claimed path, which the next soft_claim claims again.
@@ -306,14 +306,17 @@ class Evictor:
             return
         self._soft_deepest = list(deepest)
         self._soft_cut = False
-        claimed: set[Node] = set()
+        # In walk order (a dict, not a set: a set of nodes iterates by address, and the
+        # order runs are re-filed in is their queue's filing order, which a policy reads:
+        # decisions must not hang on where the allocator put the nodes).
+        claimed: dict[Node, None] = {}
         for last in deepest:
             node = last
             while node.parent is not None and node not in claimed:
-                claimed.add(node)
+                claimed[node] = None
                 node = node.parent
-        for node in self._soft_claimed - claimed:
-            if node.soft_claimed:
+        for node in self._soft_claimed:
+            if node.soft_claimed and node not in claimed:
                 node.soft_claimed = False
                 self.refile(node)
         for node in claimed:
@@ -326,7 +329,7 @@ class Evictor:
         """``head`` was split off a run: it keeps the run's soft claim, released with the
         others; and its retention, tracked on its own."""
         if head.soft_claimed:
-            self._soft_claimed.add(head)
+            self._soft_claimed[head] = None
         self.track_retention(head)
 
     def cut_tail(self, node: Node, num_tail_blocks: int) -> Node:
