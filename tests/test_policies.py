@@ -346,7 +346,7 @@ def test_ghosts_see_reuse_after_eviction() -> None:
     events = policy.learner.events
     assert sum(map(sum, events)) == 2 + 3
     assert sum(events[c][age_bin(18.0)] for c in range(len(events))) == 3
-    assert [e[2] for e in policy.ghosts.entries.values()] == [4]  # x's run, evicted by b
+    assert [e[2] for e in policy.ghosts.values()] == [4]  # x's run, evicted by b
 
 
 def test_a_rejected_request_teaches_the_learner_nothing() -> None:
@@ -692,3 +692,20 @@ def test_soft_claims_refile_runs_in_the_hints_order() -> None:
     mgr.hint_waiting([])
     assert filed(0)[-40:] == order
     mgr.check_invariants()
+
+
+def test_ghost_entries_come_back_exactly() -> None:
+    """Ghost entries are kept packed (no object for the garbage collector to walk); what
+    comes back is exactly what went in, floats to the bit, and the counts follow."""
+    from kvtier.policies import Ghosts
+
+    ghosts = Ghosts(max_blocks=10)
+    ghosts.add(("k", 1), (3, 1234.5678901234567, 4, 2 ** 40 + 7, 2 ** 33 + 1))
+    ghosts.add(("k", 2), (0, 0.1, 5, 9, 10))
+    assert len(ghosts) == 2 and ghosts.class_blocks == {3: 4, 0: 5}
+    assert ghosts.values() == [(3, 1234.5678901234567, 4, 2 ** 40 + 7, 2 ** 33 + 1),
+                               (0, 0.1, 5, 9, 10)]
+    assert ghosts.pop(("k", 1)) == (3, 1234.5678901234567, 4, 2 ** 40 + 7, 2 ** 33 + 1)
+    assert ghosts.pop(("k", 1)) is None and ghosts.num_blocks == 5
+    ghosts.add(("k", 3), (1, 2.0, 6, 11, 12))  # 11 blocks: the oldest goes
+    assert ghosts.trim() == [(0, 0.1, 5, 9, 10)] and ghosts.values() == [(1, 2.0, 6, 11, 12)]
