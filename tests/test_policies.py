@@ -21,6 +21,7 @@ from kvtier.policies import (
     NUM_AGE_BINS,
     POLICIES,
     S3FIFO,
+    Ghosts,
     HitDensity,
     KvtierPredict,
     PriorityLRU,
@@ -697,8 +698,6 @@ def test_soft_claims_refile_runs_in_the_hints_order() -> None:
 def test_ghost_entries_come_back_exactly() -> None:
     """Ghost entries are kept packed (no object for the garbage collector to walk); what
     comes back is exactly what went in, floats to the bit, and the counts follow."""
-    from kvtier.policies import Ghosts
-
     ghosts = Ghosts(max_blocks=10)
     ghosts.add(("k", 1), (3, 1234.5678901234567, 4, 2 ** 40 + 7, 2 ** 33 + 1))
     ghosts.add(("k", 2), (0, 0.1, 5, 9, 10))
