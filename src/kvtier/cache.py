@@ -768,15 +768,7 @@ class BlockCache:
         hinted = dict(found)
         for spec in dropped:
             hinted.pop(spec.request_id, None)
-        tail_lasts: list[Node] = []
-        tail_unmatched: list[SequenceSpec] = []
-        for spec in tail:
-            last = self._hint_of(spec, found)
-            if last is None:
-                tail_unmatched.append(spec)
-            else:
-                hinted[spec.request_id] = (spec, last)
-                tail_lasts.append(last)
+        tail_lasts, tail_unmatched = self._hint_all(tail, found, hinted)
         self._hinted = hinted
         self._hinted_rids = new_rids
         self._hinted_queue = (list(specs), kept_lasts + tail_lasts,
@@ -793,21 +785,31 @@ class BlockCache:
             return self._prefix_end(spec)
         return last
 
-    def _hint_afresh(self, specs: Sequence[SequenceSpec]) -> None:
-        """Find the deepest cached run of each request of ``specs`` (``_hint_of``)."""
-        found = self._hinted
-        hinted: dict[str, tuple[SequenceSpec, Node]] = {}
-        unmatched = []
+    def _hint_all(self, specs: Sequence[SequenceSpec],
+                  found: dict[str, tuple[SequenceSpec, Node]],
+                  hinted: dict[str, tuple[SequenceSpec, Node]]
+                  ) -> tuple[list[Node], list[SequenceSpec]]:
+        """``_hint_of`` each of ``specs``, filed in ``hinted`` by request id; return the
+        runs found and the specs with nothing cached, in ``specs``' order."""
+        lasts: list[Node] = []
+        unmatched: list[SequenceSpec] = []
         for spec in specs:
             last = self._hint_of(spec, found)
             if last is None:
                 unmatched.append(spec)
             else:
                 hinted[spec.request_id] = (spec, last)
+                lasts.append(last)
+        return lasts, unmatched
+
+    def _hint_afresh(self, specs: Sequence[SequenceSpec]) -> None:
+        """Find the deepest cached run of each request of ``specs`` (``_hint_of``)."""
+        hinted: dict[str, tuple[SequenceSpec, Node]] = {}
+        _, unmatched = self._hint_all(specs, self._hinted, hinted)
         self._hinted = hinted
         rids = {spec.request_id for spec in specs}
         self._hinted_rids = rids if len(rids) == len(specs) else None
-        lasts = [last for _, last in hinted.values()]
+        lasts = [last for _, last in hinted.values()]  # one a request id, as claimed
         self._hinted_queue = (list(specs), lasts, unmatched)
 
     def _prefix_end(self, spec: SequenceSpec) -> Node | None:

@@ -201,15 +201,19 @@ def test_rematch_keeps_a_tail_and_finds_the_partial_again() -> None:
     assert again is not None and same(again, match(root, tokens, 6, TPB, None, True))
 
 
-@pytest.mark.parametrize("surgery", ["split", "cut", "grow", "drop", "rejoin"])
-def test_rematch_gives_up_where_a_run_it_went_through_moved(surgery: str) -> None:
-    """A run split, cut, grown, dropped or rejoined since: None (match afresh)."""
-    # root ─ a[1 2 | 3 4] ─ b[5 6 | 7 8]
+def two_runs_matched() -> tuple[Root, Node, Node, array[int], Match]:
+    """root ─ a[1 2 | 3 4] ─ b[5 6 | 7 8], and the match of 1..9 through both."""
     root = Root(None, None)
     a = make_run(root, [1, 2, 3, 4], [0, 1])
     b = make_run(a, [5, 6, 7, 8], [2, 3])
     tokens = array("Q", [1, 2, 3, 4, 5, 6, 7, 8, 9])
-    m = match(root, tokens, 8, TPB, None, True)
+    return root, a, b, tokens, match(root, tokens, 8, TPB, None, True)
+
+
+@pytest.mark.parametrize("surgery", ["split", "cut", "grow", "drop", "rejoin"])
+def test_rematch_gives_up_where_a_run_it_went_through_moved(surgery: str) -> None:
+    """A run split, cut, grown, dropped or rejoined since: None (match afresh)."""
+    root, a, b, tokens, m = two_runs_matched()
     then = counts(m)
     if surgery == "split":
         split(b, 1, TPB)
@@ -228,11 +232,7 @@ def test_rematch_gives_up_where_a_run_it_went_through_moved(surgery: str) -> Non
 
 def test_rematch_of_a_run_split_and_rejoined_stands() -> None:
     """A split undone (the same run again, same ids, same parent) leaves the match standing."""
-    root = Root(None, None)
-    a = make_run(root, [1, 2, 3, 4], [0, 1])
-    b = make_run(a, [5, 6, 7, 8], [2, 3])
-    tokens = array("Q", [1, 2, 3, 4, 5, 6, 7, 8, 9])
-    m = match(root, tokens, 8, TPB, None, True)
+    root, _, b, tokens, m = two_runs_matched()
     then = counts(m)
     split(b, 1, TPB)
     absorb_parent(b)
