@@ -34,6 +34,7 @@ from kvtier.journal import Journal
 from kvtier.matching import Match, match_prompt, num_common_blocks, rematch
 from kvtier.metrics import CacheStats
 from kvtier.policies import get_policy
+from kvtier.policy_guard import guard_policy
 from kvtier.pool import Key, TierPool
 from kvtier.radix import (
     BlockKey,
@@ -179,6 +180,10 @@ class BlockCache:
         if missing:
             raise ValueError(f"policy must be an eviction policy (kvtier.eviction."
                              f"EvictionPolicy); {policy!r} has no {', '.join(missing)}")
+        # A caller's policy behind a guard of its shape: a call that raises or answers
+        # nonsense mid-operation falls back to priority-LRU, never half-done (kvtier's own
+        # policies are used as they are).
+        policy = guard_policy(policy)
         both_ends = callable(getattr(policy, "within", None))
         self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks, policy.num_queue_fields, both_ends)
         self.host = TierPool(Tier.HOST, config.num_host_blocks, policy.num_queue_fields,

@@ -66,6 +66,16 @@ class EvictionPolicy(Protocol):
     Optional: ``within(node, now) -> float``, for a policy with queues: which run of the
     queue that won goes, its head (oldest) or its youngest, the one ``within`` values less
     (``TierPool``'s ``both_ends``). Without it a queue always gives its head.
+
+    Faults: a key or rank is a tuple of finite real numbers (a key has more fields than
+    ``num_queue_fields``), ``within`` a finite real number; a policy reads the node and
+    changes nothing of it. A policy that is not one of kvtier's own runs behind a
+    :class:`~kvtier.policy_guard.PolicyGuard`: its first call that raises (any
+    ``Exception``) or answers otherwise is logged once at ERROR, counted
+    (``KVCacheManager.num_policy_faults``), and from then on the cache evicts by priority,
+    then least recently released, without calling the policy again; the operation in
+    flight completes. ``name``, ``ranks_soft_claims`` (a bool) and ``num_queue_fields`` (an
+    int >= 0) are read once, when the cache is built: an unusable one is a ValueError.
     """
 
     name: str
@@ -122,7 +132,12 @@ class ReuseLearner(Protocol):
 
     A learner may keep a ``witness`` (:class:`kvtier.witness.LruWitness`): the cache then
     tells it of every release and admitted reuse, the learner of every recall, and the
-    learner may fall back to LRU's order while the witness says LRU would do better."""
+    learner may fall back to LRU's order while the witness says LRU would do better.
+
+    Faults, as ``EvictionPolicy``'s: a learner's call (its witness's included) that raises,
+    a ``reuse_class`` that is not an int, or a ``recall`` that is not None or ``(uid,
+    blocks >= 1)`` is its policy's fault; from then on the learner is told nothing and
+    recalls nothing."""
 
     witness: LruWitness | None
 

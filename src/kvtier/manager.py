@@ -31,6 +31,7 @@ from kvtier.journal import CachedBlock
 from kvtier.live import LiveTable
 from kvtier.matching import match_prompt
 from kvtier.metrics import CacheStats
+from kvtier.policy_guard import PolicyGuard
 from kvtier.recovery import check_failed_indices, fail_transfers
 from kvtier.sequence import (
     LiveSequence,
@@ -177,6 +178,21 @@ class KVCacheManager:
         """The name of the eviction policy in use (``config.eviction_policy`` unless the
         manager was given another policy). Pure."""
         return self._cache.evictor.policy.name
+
+    @property
+    def num_policy_faults(self) -> int:
+        """Faults of a caller's eviction policy (0 or 1): a call that raised or answered
+        something unusable, after which the cache evicts by priority, then least recently
+        released (``kvtier.policy_guard``; logged once at ERROR). Always 0 for kvtier's own
+        policies. Pure."""
+        policy = self._cache.evictor.policy
+        return policy.num_faults if isinstance(policy, PolicyGuard) else 0
+
+    @property
+    def policy_fault(self) -> Exception | None:
+        """The eviction policy's fault, if it had one (see ``num_policy_faults``). Pure."""
+        policy = self._cache.evictor.policy
+        return policy.first_fault if isinstance(policy, PolicyGuard) else None
 
     @property
     def ranks_soft_claims(self) -> bool:
