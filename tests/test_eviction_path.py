@@ -4,6 +4,8 @@ and an unchanged queue hint is not walked again."""
 
 from __future__ import annotations
 
+import copy
+
 from kvtier import (
     BlockStored,
     CacheConfig,
@@ -15,7 +17,9 @@ from kvtier import (
 )
 from kvtier.cache import MAX_EVICTION_BATCH, BlockCache, Swap, _Onboarding, eviction_batch
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.policies import KvtierPredict
 from kvtier.pool import TierPool
+from kvtier.radix import Node
 from kvtier.transfer.plan import PlanRecorder
 
 TPB = 4
@@ -273,7 +277,8 @@ def test_a_queue_that_lost_its_head_is_hinted_as_a_fresh_one() -> None:
     """
     def cached(prompts: dict[str, list[int]]) -> KVCacheManager:
         mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32,
-                                         eviction_policy="kvtier-predict-cost"))
+                                         eviction_policy="kvtier-predict-cost"),
+                             clock=lambda: 5.0)
         for rid, tokens in prompts.items():
             assert mgr.add_sequence(SequenceSpec(rid, tokens + [0])).admitted
             mgr.remove_sequence(rid)
@@ -296,3 +301,71 @@ def test_a_queue_that_lost_its_head_is_hinted_as_a_fresh_one() -> None:
     assert [n.tokens[0] for n in mgr._cache._hinted_queue[1]] == [4]
     assert mgr._cache._hinted_rids is None
     mgr.check_invariants()
+
+
+class _RecordingPredict(KvtierPredict):
+    """kvtier-predict-cost that keeps every ``forget`` call's arguments."""
+
+    def __init__(self) -> None:
+        super().__init__(cost_aware=True)
+        self.forgotten: list[tuple[object, ...]] = []
+
+    def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
+        self.forgotten.append((ghost_key, node_uid, reuse_class, released_s, num_blocks, now,
+                               released_tick))
+        super().forget(ghost_key, node_uid, reuse_class, released_s, num_blocks, now,
+                       released_tick)
+
+
+def test_a_leaf_tail_dropped_in_place_leaves_what_a_cut_tail_dropped_leaves() -> None:
+    """``BlockCache.drop_tail`` on a leaf (no node for the tail) leaves the run, the free
+    lists, the counts and the learner as ``drop(cut_tail(...))`` does, and forgets the
+    tail with the arguments its node would have given (its uid the next drawn: the next
+    node's is one later in both), on either tier::
+
+        root ─ [a0 .. a5 | tier]   drop the last 2:   root ─ [a0 .. a3 | tier]
+    """
+
+    def state(cache: BlockCache, node: Node, policy: _RecordingPredict,
+              uid0: int) -> tuple[object, ...]:
+        forgotten = [(f[0], f[1] - uid0, *f[2:]) for f in policy.forgotten]  # type: ignore[operator]
+        return (list(node.tokens), node.slots, node.children, node.by_first,
+                node.num_gpu_children, cache.gpu.free_slots(), cache.host.free_slots(),
+                cache.stats.gpu.evicted_blocks, cache.stats.host.evicted_blocks, forgotten,
+                policy.learner.censored, policy.learner.drop_age_s, cache.evictor._soft_cut,
+                Node(None, [], [], Tier.GPU, None, 0, None).uid - uid0)
+
+    for tier in (Tier.GPU, Tier.HOST):
+        policy = _RecordingPredict()
+        mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8,
+                                         num_host_blocks=64), clock=lambda: 5.0, policy=policy)
+        prompt = list(range(1, 1 + 6 * TPB))  # 6 blocks
+        assert mgr.add_sequence(SequenceSpec("a", prompt)).admitted
+        mgr.remove_sequence("a")
+        if tier is Tier.HOST:  # "b" takes the GPU: "a" leaves for the host
+            assert mgr.add_sequence(SequenceSpec("b", [99] * (8 * TPB))).admitted
+        mgr.take_plan()
+        results = []
+        for in_place in (True, False):
+            memo: dict[int, object] = {}
+            cache = copy.deepcopy(mgr._cache, memo)
+            recorder = memo[id(policy)]
+            assert isinstance(recorder, _RecordingPredict) and not recorder.forgotten
+            (node,) = [n for n in cache.nodes() if len(n.slots) == 6]
+            assert node.tier is tier and not node.children and node.reuse_class is not None
+            node.soft_claimed = True
+            uid0 = Node(None, [], [], Tier.GPU, None, 0, None).uid
+            if in_place:
+                cache.drop_tail(node, 2)
+            else:
+                cache.drop(cache.evictor.cut_tail(node, 2))
+            cache.evictor.refile(node)
+            results.append(state(cache, node, recorder, uid0))
+        assert results[0] == results[1], tier
+        # Four blocks stay; one forget, of the 2-block tail, whose uid was drawn right
+        # after uid0 (the probe's one later).
+        assert results[0][0] == prompt[:4 * TPB] and results[0][-1] == 2
+        forgotten = results[0][9]
+        assert isinstance(forgotten, list) and len(forgotten) == 1
+        assert forgotten[0][1] == 1 and forgotten[0][4] == 2

@@ -28,6 +28,7 @@ from kvtier.eviction import (
     Evictor,
     ReuseLearner,
     ghost_key,
+    ghost_key_below,
     node_ghost_key,
 )
 from kvtier.journal import Journal
@@ -471,7 +472,7 @@ class BlockCache:
             if not num_offload:
                 self.drop(victim)
                 return
-            self.drop(self.evictor.cut_tail(victim, num_blocks - num_offload))
+            self.drop_tail(victim, num_blocks - num_offload)
         old = victim.slots
         if num_swap:
             assert onboarding is not None
@@ -530,10 +531,17 @@ class BlockCache:
         ``below`` (``None``: no limit). Returns the free host slots now."""
         host = self.host
         evictor = self.evictor
-        while host.num_free < num_blocks:
-            victim = evictor.take_victim(Tier.HOST, num_blocks - host.num_free, below)
+        while True:
+            short = num_blocks - host.num_free
+            if short <= 0:
+                break
+            victim = evictor.take_victim(Tier.HOST, short, below, cut=False)
             if victim is None:
                 break
+            if len(victim.slots) > short:
+                self.drop_tail(victim, short)
+                evictor.refile(victim)
+                continue
             parent = victim.parent
             assert parent is not None
             self.drop(victim)
@@ -549,8 +557,32 @@ class BlockCache:
             self.drop(node)
             self.evictor.refile(parent)
         else:
-            self.drop(self.evictor.cut_tail(node, len(node.slots) - index))
+            self.drop_tail(node, len(node.slots) - index)
             self.evictor.refile(node)
+
+    def drop_tail(self, node: Node, num_tail_blocks: int) -> None:
+        """Drop the last ``num_tail_blocks`` blocks of the unreferenced run ``node`` and
+        everything below them: ``drop(evictor.cut_tail(node, num_tail_blocks))``. A leaf's
+        tail gets no node of its own where the journal needs none (``Evictor.trim_tail``:
+        no copy of its tokens), and is forgotten as that node would have been (the same
+        uid, ghost and counts)."""
+        journal = self.journal
+        if node.children or journal.events is not None or journal.spill_log is not None:
+            self.drop(self.evictor.cut_tail(node, num_tail_blocks))
+            return
+        evictor = self.evictor
+        tail = evictor.trim_tail(node, num_tail_blocks)
+        learner = self._learner
+        if learner is not None and node.reuse_class is not None:
+            learner.forget(ghost_key_below(node, tail.start_block, tail.key, self.tpb),
+                           tail.uid, node.reuse_class, node.last_used_s, num_tail_blocks,
+                           evictor.now(), node.last_used)
+        if node.tier is Tier.GPU:
+            self.gpu.give_back(tail.slots)
+            self.stats.gpu.evicted_blocks += num_tail_blocks
+        else:
+            self.host.give_back(tail.slots)
+            self.stats.host.evicted_blocks += num_tail_blocks
 
     def drop(self, node: Node) -> None:
         """Remove the unreferenced run ``node`` and everything below it from the cache."""

@@ -32,7 +32,16 @@ from typing import Protocol, runtime_checkable
 
 from kvtier.config import CacheConfig
 from kvtier.pool import Key, TierPool
-from kvtier.radix import BlockKey, Node, Root, absorb_parent, block_key, cut_tail
+from kvtier.radix import (
+    BlockKey,
+    Node,
+    Root,
+    TrimmedTail,
+    absorb_parent,
+    block_key,
+    cut_tail,
+    trim_tail,
+)
 from kvtier.tier import Tier
 from kvtier.witness import LruWitness
 
@@ -106,12 +115,20 @@ def node_ghost_key(node: Node, tokens_per_block: int) -> object:
     """``ghost_key`` of the cached run ``node``. Pure."""
     parent = node.parent
     assert parent is not None and node.root is not None, node
+    return ghost_key_below(parent, node.start_block, node.key, tokens_per_block)
+
+
+def ghost_key_below(parent: Node, block: int, key: BlockKey, tokens_per_block: int) -> object:
+    """``ghost_key`` of a run right below ``parent`` (a cached run or a root) that starts
+    at ``block`` with a block keyed ``key``. Pure."""
+    root = parent.root
+    assert root is not None, parent
     prev: BlockKey = b""
     if parent.parent is not None:
         last = len(parent.slots) - 1
         prev = block_key(parent.tokens, last * tokens_per_block, tokens_per_block,
                          parent.extras[last] if parent.extras else None)
-    return ghost_key(node.root, node.start_block, prev, node.key)
+    return ghost_key(root, block, prev, key)
 
 
 # The role of a released run in the releasing request (``ReuseLearner.reuse_class``).
@@ -355,11 +372,21 @@ class Evictor:
         self.track_retention(tail)
         return tail
 
-    def take_victim(self, tier: Tier, max_blocks: int, below: Key | None = None) -> Node | None:
+    def trim_tail(self, node: Node, num_tail_blocks: int) -> TrimmedTail:
+        """``cut_tail`` for a tail dropped at once, of a leaf: the blocks leave ``node`` in
+        place, with no node of their own (``radix.trim_tail``); no retention to track."""
+        if node.soft_claimed:
+            self._soft_cut = True
+        return trim_tail(node, num_tail_blocks, self._tpb)
+
+    def take_victim(self, tier: Tier, max_blocks: int, below: Key | None = None,
+                    cut: bool = True) -> Node | None:
         """The next run to evict from ``tier``: the best candidate, rejoined with parents
         that are the same run in all but name, cut to its last ``max_blocks`` blocks (the
-        rest stays, filed again once the victim is gone). ``None`` when there is no
-        candidate, or (with ``below``) when the best one's key is not below it."""
+        rest stays, filed again once the victim is gone; with ``cut`` False the run comes
+        whole, for a caller that drops its last ``max_blocks`` itself: ``trim_tail``).
+        ``None`` when there is no candidate, or (with ``below``) when the best one's key is
+        not below it."""
         pool, current_key = ((self._gpu, self.gpu_candidate_key) if tier is Tier.GPU
                              else (self._host, self.host_candidate_key))
         ranked: object = None  # the rank version a queue head's kept rank holds under
@@ -375,7 +402,7 @@ class Evictor:
         if below is not None and self.rank(node) >= below:
             pool.push(node, self.key(node))
             return None
-        if max_blocks >= len(node.slots):
+        if not cut or max_blocks >= len(node.slots):
             return node
         return self.cut_tail(node, max_blocks)
 

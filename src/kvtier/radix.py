@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from array import array
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from kvtier.tier import Tier
 
@@ -310,6 +311,41 @@ def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:
     node.children = {tail.key: tail}
     node.by_first = {tail.tokens[0]: [tail]}
     node.num_gpu_children = int(tail.tier is Tier.GPU)
+    return tail
+
+
+class TrimmedTail(NamedTuple):
+    """The blocks :func:`trim_tail` dropped, as the node :func:`cut_tail` would have made
+    of them: its uid, first block (absolute index), key and slots."""
+
+    uid: int
+    start_block: int
+    key: BlockKey
+    slots: list[int]
+
+
+def trim_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> TrimmedTail:
+    """Drop the last ``num_tail_blocks`` blocks of the unreferenced leaf ``node`` in place:
+    the tree :func:`cut_tail` and then removing the tail leave, without a node for the
+    tail (no copy of its tokens). The tail's uid is drawn as its node's would have been,
+    so the uids of later nodes (a tie-break of eviction keys) stay the same."""
+    n = len(node.slots)
+    assert 0 < num_tail_blocks < n and node.ref_count == 0 and not node.children, (
+        num_tail_blocks, node)
+    keep = n - num_tail_blocks
+    _changed(node)
+    cut = keep * tokens_per_block
+    extras = node.extras
+    tail = TrimmedTail(next(_uids), node.start_block + keep,
+                       block_key(node.tokens, cut, tokens_per_block,
+                                 extras[keep] if extras is not None else None),
+                       node.slots[keep:])
+    if node.hashes is not None:
+        del node.hashes[keep:]
+    del node.tokens[cut:]
+    del node.slots[keep:]
+    if extras is not None:
+        del extras[keep:]
     return tail
 
 

@@ -21,6 +21,7 @@ from kvtier.radix import (
     remove_child,
     split,
     subtree,
+    trim_tail,
 )
 from kvtier.tier import Tier
 
@@ -337,6 +338,34 @@ def test_absorb_parent_undoes_cut_tail() -> None:
     absorb_parent(tail)
     assert shape(tail) == before and tail.parent is root and root.children == {key(1, 2): tail}
     assert root.by_first == {1: [tail]} and c.parent is tail
+
+
+def test_trim_tail_leaves_what_cut_tail_then_removing_the_tail_leaves() -> None:
+    """trim_tail(n, k) of a leaf leaves n as cut_tail and remove_child do, and names the
+    blocks it dropped as the cut tail was named (first block, key, slots), with the uid
+    drawn right after the one before it."""
+    # root ─ n[1 2 | 3 4 | 5 6] (GPU 7 8 9, extras None e None, hashes 70 80 90)
+    for k in (1, 2):
+        shapes, tails = [], []
+        for trim in (True, False):
+            root = Root(None, None)
+            n = make_run(root, [1, 2, 3, 4, 5, 6], [7, 8, 9], extras=[None, "e", None])
+            n.hashes = [70, 80, 90]
+            before = Node(None, [], [], Tier.GPU, None, 0, None).uid
+            if trim:
+                got = trim_tail(n, k, TPB)
+                tails.append((got.uid - before, got.start_block, got.key, got.slots))
+            else:
+                tail = cut_tail(n, k, TPB)
+                remove_child(n, tail)
+                tails.append((tail.uid - before, tail.start_block, tail.key, tail.slots))
+            shapes.append(shape(n))
+        assert shapes[0] == shapes[1] and tails[0] == tails[1], k
+    assert tails[0] == (1, 1, (key(3, 4), "e"), [8, 9])  # k == 2
+    _, n, _ = make_three_block_run()
+    n.ref_count = 0
+    with pytest.raises(AssertionError):
+        trim_tail(n, 1, TPB)  # not a leaf: its child hangs below the tail
 
 
 def test_absorb_parent_fills_missing_extras_and_drops_half_hashes() -> None:
