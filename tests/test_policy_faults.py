@@ -388,3 +388,117 @@ def test_a_compaction_after_a_retention_ran_out_loses_no_candidate() -> None:
         assert mgr.add_sequence(SequenceSpec(f"h{i}", [7] * 8 + [i % 3])).admitted
         mgr.remove_sequence(f"h{i}")
         mgr.check_invariants()
+
+
+# ---- the other boundaries a caller plugs in ---------------------------------------------
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="RemoteShard keeps a store's value of the wrong size as found; the "
+                   "fill after import_blocks then fails: needs the remote/ranks.py change "
+                   "in the policy-guard report")
+def test_a_store_client_answering_a_short_value_leaves_no_unfilled_block_cached() -> None:
+    """A caller's store client (here a subclass overriding ``get_many``, past the codec's
+    checks) answers one block's value 4 bytes short. The fetch imported the run into host
+    blocks, then failed to write that block (an AssertionError out of ``fetch``, or out of
+    ``ModelEngine.step``), leaving it cached with bytes nobody wrote: a request onboarding
+    it read NaN (the engine-level probe's logits were NaN). A value the host cannot take
+    must be a miss, so no unfilled block is ever cached."""
+    torch = pytest.importorskip("torch", reason="the remote tier's storages need torch")
+    from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
+    from kvtier.remote.tier import RemoteTier
+    from kvtier.storage import KVLayout, KVStorage
+    from kvtier.tier import Tier
+
+    class ShortValues(InMemoryRemoteStore):
+        def get_many(self, hashes: Any) -> dict[int, memoryview]:
+            found = super().get_many(hashes)
+            second = sorted(found, key=list(hashes).index)[1]
+            found[second] = found[second][:-4]
+            return found
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=4)
+    manager = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8,
+                                         num_host_blocks=4, hash_algo="sha256"))
+    store = ShortValues(RemoteNamespace("m", layout))
+    host = KVStorage(layout, 4)
+    host.fill_(float("nan"))  # a slot nobody wrote reads NaN
+    tier = RemoteTier(store, manager, KVStorage(layout, 8, "cpu"), host)
+    prompt = list(range(1, 15))  # 3 reusable full blocks of 4 tokens
+    hashes = tier.block_hashes(prompt, None, None)[:3]
+    assert store.put_many({h: bytes(layout.bytes_per_block) for h in hashes}) == 3
+    tier.fetch(prompt)
+    manager.check_invariants()
+    cached = [b.slot for b in manager.cached_blocks() if b.tier is Tier.HOST]
+    assert all(not torch.isnan(host.block(slot)).any() for slot in cached), cached
+
+
+@pytest.mark.xfail(strict=True, raises=OSError,
+                   reason="ModelEngine.step catches only RuntimeError from its transfer "
+                   "engine's submit: needs the model/engine.py change in the policy-guard "
+                   "report")
+def test_a_transfer_engine_raising_any_exception_degrades_to_recompute() -> None:
+    """A caller's transfer engine whose ``submit`` raises an ``OSError`` (not a
+    RuntimeError) once: the step's copies degrade to recompute as for a RuntimeError.
+    Before, the error left ``step`` between the scheduler's step and update, and every
+    later step was refused ("step() called before update() applied the previous step")."""
+    pytest.importorskip("torch", reason="the model engine needs torch")
+    from kvtier.model import LlamaModel, ModelConfig, ModelEngine
+    from kvtier.scheduler import Request, Scheduler, SchedulerConfig
+    from kvtier.storage import KVStorage
+    from kvtier.transfer.plan import TransferPlan
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+    from kvtier.transfer.torch_handle import TransferHandle
+
+    class FailsOnce(TorchTransferEngine):
+        num_failed = 0
+
+        def submit(self, plan: TransferPlan) -> TransferHandle:
+            if len(plan) and not self.num_failed:
+                self.num_failed += 1
+                raise OSError("the copy engine's device went away")
+            return super().submit(plan)
+
+    model = LlamaModel(ModelConfig(), "cpu")
+    manager = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16,
+                                         num_host_blocks=16))
+    layout = model.config.kv_layout(4)
+    transfer = FailsOnce(KVStorage(layout, 16, "cpu"), KVStorage(layout, 16))
+    engine = ModelEngine(model, manager, Scheduler(manager, SchedulerConfig(max_num_tokens=32)),
+                         transfer)
+    prefix = [(5 * i + 1) % 97 for i in range(10)]  # 2 full blocks and a partial one
+    for i in range(6):
+        engine.add_request(Request(f"r{i}", prefix + [i, i + 1], 3))
+    engine.run()
+    assert transfer.num_failed == 1 and engine.num_failed_steps == 1
+    assert manager.num_sequences == 0
+    manager.check_invariants()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="PolicyChunks.evict re-files nothing it popped when a call raises "
+                   "mid-selection: needs the integrations/vllm/chunk_policy.py change in the "
+                   "policy-guard report")
+def test_an_eviction_of_vllms_cpu_tier_that_raises_midway_changes_nothing() -> None:
+    """``PolicyChunks.evict`` is atomic ("exactly n chunks, or no change"); a fault in the
+    middle of its selection (here vLLM's ``protected`` container raising at its third
+    membership test) left the chunks popped so far evictable but filed nowhere: never
+    evicted again, so the tier could never free them (``evict`` of every chunk: None)."""
+    from kvtier.integrations.vllm.chunk_policy import PolicyChunks
+
+    class Breaks(set[bytes]):
+        num_calls = 0
+
+        def __contains__(self, key: object) -> bool:
+            self.num_calls += 1
+            if self.num_calls == 3:
+                raise RuntimeError("protected set broke")
+            return super().__contains__(key)
+
+    chunks: PolicyChunks[int] = PolicyChunks("priority-lru", 16, clock=lambda: 0.0)
+    for i in range(8):
+        chunks.insert(bytes([i]), i, evictable=True)
+    with pytest.raises(RuntimeError, match="protected set broke"):
+        chunks.evict(4, Breaks())
+    chunks.check_invariants()
+    evicted = chunks.evict(8, set())
+    assert evicted is not None and sorted(k for k, _ in evicted) == [bytes([i]) for i in range(8)]
