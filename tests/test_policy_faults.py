@@ -337,6 +337,15 @@ def test_a_policy_of_an_unusable_shape_is_refused(attr: str, value: object,
         KVCacheManager(CacheConfig(num_gpu_blocks=8), policy=policy)
 
 
+def churn_without_eviction(mgr: KVCacheManager) -> None:
+    """100 admissions and releases of one 3-block prompt in a roomy pool: many re-files
+    (past a compaction of the GPU heap), no pop; the books checked after each."""
+    for i in range(100):
+        assert mgr.add_sequence(SequenceSpec(f"h{i}", [7] * 8 + [i % 3])).admitted
+        mgr.remove_sequence(f"h{i}")
+        mgr.check_invariants()
+
+
 @pytest.mark.xfail(strict=True, reason="TierPool.compact drops a candidate whose key changed "
                    "without a re-file (every key changes at a policy's fault): needs the "
                    "pool.py change in the policy-guard report")
@@ -359,10 +368,7 @@ def test_a_compaction_after_a_fault_loses_no_candidate() -> None:
     for i in range(8):
         mgr.remove_sequence(f"c{i}")
     switch.on = True
-    for i in range(100):  # no eviction: the 8 runs' stale entries never reach a pop
-        assert mgr.add_sequence(SequenceSpec(f"h{i}", [7] * 8 + [i % 3])).admitted
-        mgr.remove_sequence(f"h{i}")
-        mgr.check_invariants()
+    churn_without_eviction(mgr)  # the 8 runs' stale entries never reach a pop
     assert mgr.num_policy_faults == 1
     assert mgr.add_sequence(SequenceSpec("all", [9] * 4 * 16)).admitted
     mgr.check_invariants()
@@ -384,10 +390,7 @@ def test_a_compaction_after_a_retention_ran_out_loses_no_candidate() -> None:
     for i in range(8):
         mgr.remove_sequence(f"c{i}")
     now[0] = 5.0
-    for i in range(100):
-        assert mgr.add_sequence(SequenceSpec(f"h{i}", [7] * 8 + [i % 3])).admitted
-        mgr.remove_sequence(f"h{i}")
-        mgr.check_invariants()
+    churn_without_eviction(mgr)
 
 
 # ---- the other boundaries a caller plugs in ---------------------------------------------

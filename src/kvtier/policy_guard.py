@@ -15,7 +15,8 @@ The fallback's keys start with ``inf``, after every key the policy gave (those a
 and never name one of its queues: the heaps file keys lazily, so at the first pop after a
 fault every entry filed under the policy's keys reaches its heap's head (or its queue
 empties) and is re-filed under the fallback's key before any run filed under the fallback
-is taken. From that pop on the order is exactly the fallback's.
+is taken. From that pop on the order is exactly the fallback's. (A compaction of a heap
+before that pop meets those entries too: it must re-file them, not drop them.)
 
 kvtier's own policies (``kvtier.policies``) are not wrapped: they are tested with the cache,
 and the guard's checks would cost every pop on the hot path.
