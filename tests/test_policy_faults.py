@@ -21,6 +21,8 @@ from kvtier.policies import ARC, LRU, POLICIES, S3FIFO, KvtierPredict, PriorityL
 from kvtier.policy_guard import PolicyGuard, guard_policy
 from kvtier.pool import Key
 from kvtier.radix import Node
+from kvtier.sim.clairvoyant import Clairvoyant
+from kvtier.tier import Tier
 
 
 class Mru:
@@ -312,15 +314,33 @@ def test_kvtiers_own_policies_are_not_wrapped(name: str) -> None:
 @pytest.mark.parametrize("base", BASES)
 def test_the_guard_has_its_policys_shape(base: type) -> None:
     """``within`` and ``rank_version`` only where the inner has them; the learner's methods
-    only on a learner; the same name and queue fields."""
+    only on a learner; the same name, and its queues (one field more: the 0 in front)."""
     inner = type("Sub", (base,), {})()
     guard = guard_policy(inner)
     assert guard is not inner
-    assert guard.name == inner.name and guard.num_queue_fields == inner.num_queue_fields
+    nq = inner.num_queue_fields
+    assert guard.name == inner.name and guard.num_queue_fields == (nq + 1 if nq else 0)
     assert guard.ranks_soft_claims == inner.ranks_soft_claims
     for attr in ("within", "rank_version"):
         assert hasattr(guard, attr) == hasattr(inner, attr), attr
     assert isinstance(guard, ReuseLearner) == isinstance(inner, ReuseLearner)
+
+
+def test_infinite_key_fields_are_no_fault() -> None:
+    """A key may hold infinities (the simulator's ``Clairvoyant`` keys a run never needed
+    again at -inf); it is filed behind a 0, before every fallback key. NaN is a fault."""
+    policy = Mru()
+    guard = guard_policy(policy)
+    node = Node(None, [0], [0], Tier.GPU, None, 0, None)
+    node.priority, node.last_used = 35, 3
+    never = type("Never", (Mru,), {"key": lambda self, n, now, p: (p, -math.inf)})()
+    assert guard_policy(never).key(node, 0.0, 35) == (0, 35, -math.inf)
+    assert guard.key(node, 0.0, 35) == (0, 35, -3)
+    nan = guard_policy(type("NaN", (Mru,), {"key": lambda self, n, now, p: (p, math.nan)})())
+    assert nan.key(node, 0.0, 35) == (1, 35, 3)  # the fallback's
+    assert isinstance(nan, PolicyGuard) and nan.num_faults == 1
+    clairvoyant = Clairvoyant([], tokens_per_block=4)
+    assert guard_policy(clairvoyant) is clairvoyant  # kvtier's own: not wrapped
 
 
 @pytest.mark.parametrize(("attr", "value", "message"), [

@@ -76,8 +76,8 @@ class EvictionPolicy(Protocol):
     queue that won goes, its head (oldest) or its youngest, the one ``within`` values less
     (``TierPool``'s ``both_ends``). Without it a queue always gives its head.
 
-    Faults: a key or rank is a tuple of finite real numbers (a key has more fields than
-    ``num_queue_fields``), ``within`` a finite real number; a policy reads the node and
+    Faults: a key or rank is a tuple of real numbers, none NaN (a key has more fields than
+    ``num_queue_fields``), ``within`` a real number, not NaN; a policy reads the node and
     changes nothing of it. A policy that is not one of kvtier's own runs behind a
     :class:`~kvtier.policy_guard.PolicyGuard`: its first call that raises (any
     ``Exception``) or answers otherwise is logged once at ERROR, counted

@@ -4,53 +4,56 @@ The cache calls its policy from inside its operations (``key`` and ``rank`` in t
 of a pop, of an eviction round, of an admission's second phase, of a release), after it has
 changed some state and before it has changed the rest. A policy that raised there left
 claims counted on half-admitted paths, runs unfiled and slots lost; one that answered NaN
-or a key of another shape broke the heaps' order. ``PolicyGuard`` has exactly its inner
-policy's shape and passes every call on; the first call that raises, or answers something
-the cache cannot use, is a *fault*: logged once at ERROR (with the traceback), counted, and
-from then on every call is answered by the fallback, priority first, then least recently
-released (a learner's calls learn nothing), so the operation in flight completes and the
-cache keeps serving in a known order.
+or a key of another shape broke the heaps' order. ``PolicyGuard`` has its inner policy's
+shape (but for a queue field, below) and passes every call on; the first call that raises,
+or answers something the cache cannot use, is a *fault*: logged once at ERROR (with the
+traceback), counted, and from then on every call is answered by the fallback, priority
+first, then least recently released (a learner's calls learn nothing), so the operation in
+flight completes and the cache keeps serving in a known order.
 
-The fallback's keys start with ``inf``, after every key the policy gave (those are finite),
-and never name one of its queues: the heaps file keys lazily, so at the first pop after a
-fault every entry filed under the policy's keys reaches its heap's head (or its queue
-empties) and is re-filed under the fallback's key before any run filed under the fallback
-is taken. From that pop on the order is exactly the fallback's. (A compaction of a heap
-before that pop meets those entries too: it must re-file them, not drop them.)
+The guard files the inner's keys (and ranks) behind a 0 and the fallback's behind a 1 (so
+a guard has one queue field more than a policy with queues): every key the policy filed
+sorts before every fallback key, whatever its values (a run never needed again may key at
+-inf), and no fallback queue is one of the policy's. The heaps file keys lazily, so at the
+first pop after a fault every entry filed under the policy's keys reaches its heap's head
+(or its queue empties) and is re-filed under the fallback's key before any run filed under
+the fallback is taken. From that pop on the order is exactly the fallback's. (A compaction
+of a heap before that pop meets those entries too: it must re-file them, not drop them.)
 
-kvtier's own policies (``kvtier.policies``) are not wrapped: they are tested with the cache,
-and the guard's checks would cost every pop on the hot path.
+Policies of kvtier's own classes (``kvtier.policies``, the simulator's ``Clairvoyant``) are
+not wrapped: they are tested with the cache, and the guard's checks would cost every pop on
+the hot path.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import math
 from numbers import Integral, Real
 from typing import Any
 
 from kvtier.config import CacheConfig
 from kvtier.eviction import EvictionPolicy, effective_priority
-from kvtier.policies import ARC, LRU, S3FIFO, KvtierPredict, PriorityLRU
 from kvtier.pool import Key
 from kvtier.radix import Node
 from kvtier.witness import LruWitness
 
 logger = logging.getLogger(__name__)
 
-# kvtier's own policy classes: an instance of exactly one of them (no method replaced on
-# the instance) is used as it is.
-_OWN_POLICIES: frozenset[type] = frozenset({PriorityLRU, LRU, ARC, S3FIFO, KvtierPredict})
+# What the cache calls of a policy: an instance of a class of kvtier's own with none of
+# these replaced on the instance is used as it is.
 _CALLED = frozenset({"key", "rank", "within", "rank_version", "bind", "reuse_class",
                      "record", "forget", "recall"})
 
 
 def guard_policy(policy: EvictionPolicy) -> EvictionPolicy:
-    """``policy`` itself if it is one of kvtier's own, else a :class:`PolicyGuard` of the
-    same shape around it. Raises ValueError, naming the attribute, where ``name``,
-    ``ranks_soft_claims`` or ``num_queue_fields`` is unusable (they shape the pools)."""
-    if type(policy) in _OWN_POLICIES and not _CALLED & getattr(policy, "__dict__", {}).keys():
+    """``policy`` itself if its class is kvtier's own (``kvtier.policies``, the simulator's
+    ``Clairvoyant``), else a :class:`PolicyGuard` of its shape around it. Raises ValueError,
+    naming the attribute, where ``name``, ``ranks_soft_claims`` or ``num_queue_fields`` is
+    unusable (they shape the pools)."""
+    module = getattr(type(policy), "__module__", None) or ""
+    if (module.partition(".")[0] == "kvtier"
+            and not _CALLED & getattr(policy, "__dict__", {}).keys()):
         return policy
     if _has(policy, "rank_version"):
         return VersionedPolicyGuard(policy)
@@ -82,40 +85,46 @@ class PolicyFault(ValueError):
 
 
 def _real(x: object, method: str) -> float:
-    """``x`` as a finite real number. Raises PolicyFault."""
+    """``x`` as a plain int or float that is a number (infinities are: a policy may rank
+    a run that is never needed again at -inf). Raises PolicyFault."""
     if type(x) is int:
         return x
     if type(x) is float:
-        if math.isfinite(x):
+        if x == x:
             return x
     elif isinstance(x, Integral):
         return int(x)
     elif isinstance(x, Real):
         f = float(x)
-        if math.isfinite(f):
+        if f == f:
             return f
-    raise PolicyFault(f"{method} returned {x!r} where a finite real number belongs")
+    raise PolicyFault(f"{method} returned {x!r} where a real number (not NaN) belongs")
 
 
 def _checked_key(key: object, min_fields: int, method: str) -> Key:
-    """``key`` as a plain tuple of at least ``min_fields`` finite real numbers (ints and
-    floats only, so the heaps compare nothing of the policy's). Raises PolicyFault."""
+    """``key``, of at least ``min_fields`` real numbers, as the guard files it: a plain
+    tuple of ints and floats (the heaps compare nothing of the policy's) behind a 0, which
+    sorts it before every fallback key. Raises PolicyFault."""
     if not isinstance(key, tuple) or len(key) < min_fields:
         raise PolicyFault(f"{method} returned {key!r}, not a tuple of at least {min_fields} "
-                          f"finite real numbers")
+                          f"real numbers")
+    fields: list[float] = [0]
     try:
-        return tuple([_real(x, method) for x in key])
+        for x in key:
+            fields.append(_real(x, method))
     except PolicyFault:
-        raise PolicyFault(f"{method} returned {key!r}, not a tuple of finite real "
-                          f"numbers") from None
+        raise PolicyFault(f"{method} returned {key!r}, not a tuple of real numbers "
+                          f"(none NaN)") from None
+    return tuple(fields)
 
 
 class PolicyGuard:
     """A caller's eviction policy behind a guard (see the module docstring). It has the
-    inner policy's shape: its ``name``, ``ranks_soft_claims`` and ``num_queue_fields``;
-    ``within`` only if the inner has it; the learner's methods and ``witness`` only if the
-    inner is a ``ReuseLearner``. ``num_faults`` (0 or 1: after its fault the inner policy
-    is called no more) and ``first_fault`` say whether it faulted."""
+    inner policy's shape: its ``name`` and ``ranks_soft_claims``, its queues (one field
+    more, the 0 or 1 in front); ``within`` and ``rank_version`` only if the inner has them;
+    the learner's methods and ``witness`` only if the inner is a ``ReuseLearner``.
+    ``num_faults`` (0 or 1: after its fault the inner policy is called no more) and
+    ``first_fault`` say whether it faulted."""
 
     # Instance attributes, set only where the inner policy has them (its shape):
     within: Any  # (node, now) -> float
@@ -139,14 +148,15 @@ class PolicyGuard:
             raise ValueError(f"policy.num_queue_fields must be an int >= 0, got {nq!r}")
         self.name: str = name
         self.ranks_soft_claims: bool = ranks
-        self.num_queue_fields: int = nq
+        # Every key behind a 0 (the inner's) or a 1 (the fallback's): one queue field more.
+        self.num_queue_fields: int = nq + 1 if nq else 0
         self.num_faults = 0
         self.first_fault: Exception | None = None
         self._fallen = False
         self._min_key_fields = nq + 1  # a queue and an order in it
-        # The fallback's key: (inf, priority, 0 ... 0, last_used), its first
-        # ``num_queue_fields`` fields its queue (one per priority, or one in all).
-        self._pad = (0,) * max(0, nq - 2)
+        # The fallback's key: (1, priority, 0 ... 0, last_used), its first
+        # ``num_queue_fields`` fields its queue (one per priority).
+        self._pad = (0,) * max(0, self.num_queue_fields - 2)
         self._key = policy.key
         self._rank = policy.rank
         if _has(policy, "within"):
@@ -175,9 +185,9 @@ class PolicyGuard:
                      type(exc).__name__, exc, exc_info=(type(exc), exc, exc.__traceback__))
 
     def fallback_key(self, node: Node, now: float, default_priority: int) -> Key:
-        """The fallback's key (and rank) of ``node``: after every key the inner gave, then
-        priority, then least recently released. Pure."""
-        return (math.inf, effective_priority(node, now, default_priority), *self._pad,
+        """The fallback's key (and rank) of ``node``: after every key the inner gave (those
+        start with 0), then priority, then least recently released. Pure."""
+        return (1, effective_priority(node, now, default_priority), *self._pad,
                 node.last_used)
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
