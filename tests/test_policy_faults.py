@@ -23,6 +23,7 @@ from kvtier.pool import Key
 from kvtier.radix import Node
 from kvtier.sim.clairvoyant import Clairvoyant
 from kvtier.tier import Tier
+from kvtier.witness import LruWitness
 
 
 class Mru:
@@ -341,6 +342,36 @@ def test_infinite_key_fields_are_no_fault() -> None:
     assert isinstance(nan, PolicyGuard) and nan.num_faults == 1
     clairvoyant = Clairvoyant([], tokens_per_block=4)
     assert guard_policy(clairvoyant) is clairvoyant  # kvtier's own: not wrapped
+
+
+class RaisingWitness(LruWitness):
+    """A learner's witness that breaks at its first release."""
+
+    def released(self, old_tick: int, new_tick: int, num_blocks: int) -> None:
+        raise RuntimeError("witness broke")
+
+
+@pytest.mark.parametrize(("witness", "method"), [(RaisingWitness(8), "witness.released"),
+                                                 ("not a witness", "bind")])
+def test_a_learners_witness_that_raises_is_its_policys_fault(
+        witness: object, method: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The cache tells a learner's witness of releases through the guard: a witness that
+    raises (or is no ``LruWitness``) is the policy's one fault, and the cache serves on."""
+
+    class Learner(KvtierPredict):
+        def bind(self, config: CacheConfig) -> None:
+            super().bind(config)
+            self.witness = witness  # type: ignore[assignment]
+
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8), policy=Learner())
+    with caplog.at_level(logging.ERROR, logger="kvtier.policy_guard"):
+        for i in range(12):
+            assert mgr.add_sequence(SequenceSpec(f"r{i}", [i] * 8 + [1])).admitted
+            mgr.remove_sequence(f"r{i}")
+            mgr.check_invariants()
+    assert mgr.num_policy_faults == 1
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"kvtier: eviction policy 'kvtier-predict' faulted in {method}"]
 
 
 @pytest.mark.parametrize(("attr", "value", "message"), [

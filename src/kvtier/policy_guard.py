@@ -317,21 +317,23 @@ class _GuardedWitness(LruWitness):
     witness).
 
     NOTE: a subclass only so it types as the witness it stands for; it keeps none of an
-    ``LruWitness``'s state (``__init__`` does not call the base's), and the cache calls only
-    the three methods below (the inner learner holds the witness itself)."""
+    ``LruWitness``'s state (``__init__`` does not call the base's): every method the cache
+    may call is passed on (the inner learner holds the witness itself)."""
 
     def __init__(self, witness: LruWitness, guard: PolicyGuard) -> None:
         self._witness = witness
         self._guard = guard
 
-    def _call(self, method: str, *args: Any) -> None:
+    def _call(self, method: str, *args: Any) -> object:
         guard = self._guard
         if guard.faulted:
-            return
+            return None
         try:
-            getattr(self._witness, method)(*args)
+            result: object = getattr(self._witness, method)(*args)
         except Exception as exc:
             guard._fault(f"witness.{method}", exc)
+            return None
+        return result
 
     def clear(self) -> None:
         self._call("clear")
@@ -341,3 +343,12 @@ class _GuardedWitness(LruWitness):
 
     def admitted(self, num_prompt_blocks: int, runs: list[tuple[int, int]], room: int) -> None:
         self._call("admitted", num_prompt_blocks, runs, room)
+
+    def recalled(self, tick: int, num_blocks: int) -> None:
+        self._call("recalled", tick, num_blocks)
+
+    def settle(self, room: int) -> None:
+        self._call("settle", room)
+
+    def holds(self, tick: int) -> bool:
+        return self._call("holds", tick) is True
