@@ -589,9 +589,12 @@ class BlockCache:
         parent = node.parent
         assert parent is not None and node.ref_count == 0, node
         doomed = subtree(node) if node.children else [node]  # most victims are leaves
-        self.journal.removed(doomed)
+        journal = self.journal
+        if journal.events is not None or journal.spill_log is not None:
+            journal.removed(doomed)  # NOTE: else a no-op: not called for every victim
         remove_child(parent, node)
-        self._prune(parent)
+        if parent.parent is None:  # only a root is pruned
+            self._prune(parent)
         learner = self._learner
         now = self.evictor.now() if learner is not None else 0.0
         stats = self.stats

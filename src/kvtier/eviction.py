@@ -291,13 +291,11 @@ class Evictor:
         """File ``node`` as a candidate of its tier if it is one now."""
         if node.tier is Tier.GPU:
             key = self.gpu_candidate_key(node)
-            if key is not None:
-                self._gpu.push(node, key)
+            if key is not None and self._gpu.push(node, key):
                 self._gpu.compact(self.gpu_candidate_key)
         else:
             key = self.host_candidate_key(node)
-            if key is not None:
-                self._host.push(node, key)
+            if key is not None and self._host.push(node, key):
                 self._host.compact(self.host_candidate_key)
 
     def track_retention(self, node: Node) -> None:

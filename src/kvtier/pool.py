@@ -12,7 +12,10 @@ from kvtier.tier import Tier
 Key = tuple[float, ...]
 """An eviction key: the smallest is evicted first (see ``kvtier.eviction``)."""
 
-_Entry = tuple[Key, int, Node]
+_Order = float | Key
+_Entry = tuple[_Order, int, Node, Key]
+"""A heap entry: what orders it within its heap (see ``TierPool.push``), the node's uid
+(no two nodes tie), the node, and the key it was filed under."""
 
 
 class TierPool:
@@ -70,6 +73,11 @@ class TierPool:
         # rank version is ``_rank_version``; a head entry is recognised by identity.
         self._ranked: dict[Key, tuple[_Entry, tuple[Key, int]]] = {}
         self._rank_version: object = None
+        self._compact_bound = 2 * capacity + 64  # entries (or filings) that make a compaction due
+        # Whether a queue entry is ordered by the one key field after the queue fields, a
+        # number (True), or by the tuple of the fields after them (False; None: nothing
+        # filed yet). See ``push``.
+        self._scalar: bool | None = None
 
     @property
     def num_free(self) -> int:
@@ -108,13 +116,33 @@ class TierPool:
         """Return slots to the free list so the first of ``slots`` is handed out first."""
         self._given_back.extend(reversed(slots))
 
-    def push(self, node: Node, key: Key, young: bool = True) -> None:
+    def push(self, node: Node, key: Key, young: bool = True) -> bool:
         """File ``node`` as an eviction candidate under ``key`` (with ``both_ends``, as
-        its queue's youngest unless ``young`` is False)."""
+        its queue's youngest unless ``young`` is False). Returns whether stale entries
+        may outnumber the live ones now: then a ``compact`` is due (the check, without
+        a call per push)."""
         nq = self._num_queue_fields
-        heap = self._heap if not nq else self._queues.setdefault(key[:nq], [])
+        order: _Order
+        if not nq:
+            heap = self._heap
+            order = key
+        else:
+            heap = self._queues.setdefault(key[:nq], [])
+            # NOTE: within a queue every key's first ``nq`` fields are equal, so the rest
+            # orders it: one number where the rest is one field, so that a sift compares
+            # two numbers, not two tuples field by field (half a heap operation's time).
+            # A key of another length turns the pool to tuples (numbers and tuples do
+            # not compare).
+            if self._scalar is not False and len(key) == nq + 1:
+                self._scalar = True
+                order = key[nq]
+            else:
+                if self._scalar:
+                    self._to_tuple_order()
+                self._scalar = False
+                order = key[nq:]
         uid = node.uid
-        entry = (key, uid, node)
+        entry = (order, uid, node, key)
         newest = self._newest
         if newest.get(uid) != key:
             heapq.heappush(heap, entry)
@@ -127,10 +155,12 @@ class TierPool:
             filed = self._filed.setdefault(key[:nq], deque())
             filed.append(entry)
             self._num_filed += 1
+        bound = self._compact_bound
+        return self._num_entries > bound or self._num_filed > bound
 
     def _pop(self, heap: list[_Entry]) -> Node:
         self._num_entries -= 1
-        key, uid, node = heapq.heappop(heap)
+        _, uid, node, key = heapq.heappop(heap)
         if self._newest.get(uid) == key:
             del self._newest[uid]
         return node
@@ -160,6 +190,11 @@ class TierPool:
             repairs = self._num_repairs
             heads = []
             for q, heap in list(queues.items()):
+                if heap:
+                    _, _, node, filed = heap[0]
+                    if current_key(node) == filed:  # the head is live: the common case
+                        heads.append((q, heap))
+                        continue
                 if self._live_head(heap, current_key):
                     heads.append((q, heap))
                 else:
@@ -185,7 +220,11 @@ class TierPool:
                 if best is None or score < best:
                     best, best_heap, best_queue = score, heap, q
         if within is not None and self._both_ends:
-            young = self._youngest(best_queue, current_key)
+            order = self._filed.get(best_queue)
+            if order and current_key(order[-1][2]) == order[-1][3]:
+                young: Node | None = order[-1][2]  # the top filing is live: the common case
+            else:
+                young = self._youngest(best_queue, current_key)
             if young is not None:
                 oldest = best_heap[0][2]
                 if young is not oldest and within(young) < within(oldest):
@@ -215,7 +254,7 @@ class TierPool:
         tier = self.tier
         newest = self._newest
         while filed:
-            key, uid, node = filed[0]
+            _, uid, node, key = filed[0]
             if (node is not taken and node.parent is not None and not node.ref_count
                     and node.tier is tier and newest.get(uid) == key):
                 return
@@ -227,7 +266,7 @@ class TierPool:
         are dropped."""
         filed = self._filed.get(queue)
         while filed:
-            key, _, node = filed[-1]
+            _, _, node, key = filed[-1]
             if current_key(node) == key:
                 return node
             filed.pop()
@@ -243,7 +282,7 @@ class TierPool:
         """Drop stale entries from the top of ``heap`` until its head is current; False
         if none is left."""
         while heap:
-            filed, _, node = heap[0]
+            _, _, node, filed = heap[0]
             key = current_key(node)
             if key == filed:
                 return True
@@ -261,13 +300,13 @@ class TierPool:
 
     def compact(self, current_key: Callable[[Node], Key | None]) -> None:
         """Drop stale heap entries once they outnumber the live ones."""
-        bound = 2 * self.capacity + 64
+        bound = self._compact_bound
         if self._num_entries <= bound and self._num_filed <= bound:
             return
         live = {}
         for entry in self._entries():
             key = current_key(entry[2])
-            if key is not None and key == entry[0]:
+            if key is not None and key == entry[3]:
                 live[entry[2].uid] = entry
         self._heap = []
         self._queues = {}
@@ -280,8 +319,30 @@ class TierPool:
         if self._both_ends:
             # Oldest release first, so each queue's filing order starts as its age order.
             entries = sorted(entries, key=lambda e: e[2].last_used)  # type: ignore[assignment]
-        for key, _, node in entries:
+        for _, _, node, key in entries:
             self.push(node, key)
+
+    def _to_tuple_order(self) -> None:
+        """Order every queue entry by the tuple of its key's fields after the queue fields
+        (the same order), keeping which entries are one object (a heap's and a filing
+        order's, a kept rank's head)."""
+        nq = self._num_queue_fields
+        new: dict[int, _Entry] = {}
+
+        def convert(entry: _Entry) -> _Entry:
+            out = new.get(id(entry))
+            if out is None:
+                key = entry[3]
+                out = new[id(entry)] = (key[nq:], entry[1], entry[2], key)
+            return out
+
+        for heap in self._queues.values():
+            heap[:] = map(convert, heap)  # the same order: still a heap
+        for filed in self._filed.values():
+            for i, entry in enumerate(filed):
+                filed[i] = convert(entry)
+        for q, (head, score) in list(self._ranked.items()):
+            self._ranked[q] = (convert(head), score)
 
     def heap_nodes(self) -> list[Node]:
         """Nodes with an entry in the heap (stale or not); for invariant checks."""

@@ -330,3 +330,40 @@ def test_a_refile_under_the_same_key_adds_no_heap_entry_but_makes_the_run_younge
     assert pool._num_entries == 3
     assert [pool.pop_candidate(keys_of(current), lambda n: current[n.uid])
             for _ in range(3)] == [a, b, c]
+
+
+def test_a_queue_orders_by_the_fields_after_the_queue_fields_whatever_their_length() -> None:
+    """A queue's heap orders its runs as their whole keys order them, then by uid: by the
+    one field after the queue fields where keys have one (a number), and as before once a
+    key of another length is filed into the pool (every entry turned to a tuple, kept
+    heads and filing order with it: no number meets a tuple in a comparison)::
+
+        queue 0:  keys (0, 5) (0, 2) (0, 2) (0, 9)      then (0, 3, 1) (0, 3) (0, 3, 0)
+        pops:     2 (the lower uid first), 2, 5, ...     then 3, (3, 0), (3, 1), 5, 9
+    """
+    for mixed in (False, True):
+        pool = TierPool(Tier.GPU, 16, num_queue_fields=1, both_ends=True)
+        nodes = [make_node(t) for t in range(7)]
+        keys = [(0, 5), (0, 2), (0, 2), (0, 9), (0, 3, 1), (0, 3), (0, 3, 0)]
+        if not mixed:
+            keys = keys[:4] + [(0, 4), (0, 3), (0, 1)]
+        current: dict[int, tuple[int, ...]] = {}
+
+        def current_key(node: Node, current: dict[int, tuple[int, ...]] = current
+                        ) -> tuple[int, ...] | None:
+            return current.get(node.uid)
+
+        for i, (n, k) in enumerate(zip(nodes, keys, strict=True)):
+            current[n.uid] = k
+            pool.push(n, k)
+            if i == 3:  # a pop between the pushes: a kept head's rank, a filing order
+                assert pool.pop_candidate(current_key, lambda n: (0, n.uid), "v",
+                                          lambda n: 0.0) is nodes[1]
+                del current[nodes[1].uid]
+        popped = []
+        while (got := pool.pop_candidate(current_key, lambda n: (0, n.uid), "v",
+                                         lambda n: 0.0)) is not None:
+            popped.append(nodes.index(got))
+            del current[got.uid]
+        assert popped == sorted([0, 2, 3, 4, 5, 6], key=lambda i: (keys[i], nodes[i].uid))
+    assert popped == [2, 5, 6, 4, 0, 3]  # mixed: 2 (0, 2); 5 (0, 3); 6 (0, 3, 0); 4 (0, 3, 1)
