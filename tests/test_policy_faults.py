@@ -446,10 +446,6 @@ def test_a_compaction_after_a_retention_ran_out_loses_no_candidate() -> None:
 
 # ---- the other boundaries a caller plugs in ---------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="RemoteShard keeps a store's value of the wrong size as found; the "
-                   "fill after import_blocks then fails: needs the remote/ranks.py change "
-                   "in the policy-guard report")
 def test_a_store_client_answering_a_short_value_leaves_no_unfilled_block_cached() -> None:
     """A caller's store client (here a subclass overriding ``get_many``, past the codec's
     checks) answers one block's value 4 bytes short. The fetch imported the run into host
@@ -486,10 +482,6 @@ def test_a_store_client_answering_a_short_value_leaves_no_unfilled_block_cached(
     assert all(not torch.isnan(host.block(slot)).any() for slot in cached), cached
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="ModelEngine.step catches only RuntimeError from its transfer "
-                   "engine's submit: needs the model/engine.py change in the policy-guard "
-                   "report")
 def test_a_transfer_engine_raising_any_exception_degrades_to_recompute() -> None:
     """A caller's transfer engine whose ``submit`` raises an ``OSError`` (not a
     RuntimeError) once: the step's copies degrade to recompute as for a RuntimeError.
@@ -528,10 +520,6 @@ def test_a_transfer_engine_raising_any_exception_degrades_to_recompute() -> None
     manager.check_invariants()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="PolicyChunks.evict re-files nothing it popped when a call raises "
-                   "mid-selection: needs the integrations/vllm/chunk_policy.py change in the "
-                   "policy-guard report")
 def test_an_eviction_of_vllms_cpu_tier_that_raises_midway_changes_nothing() -> None:
     """``PolicyChunks.evict`` is atomic ("exactly n chunks, or no change"); a fault in the
     middle of its selection (here vLLM's ``protected`` container raising at its third

@@ -171,6 +171,27 @@ def test_an_op_failed_on_one_rank_fails_for_every_rank() -> None:
     sharded.close()
 
 
+def test_a_rank_whose_engine_raises_anything_fails_every_op_for_every_rank() -> None:
+    """A rank's engine that raises other than TransferError (an OSError of a caller's
+    engine) leaves all of that rank's ops in doubt: every op is reported failed, by the same
+    TransferError every rank sees, not an exception of one rank alone (which, on ranks in
+    processes of their own, would leave the others waiting in the agreement)."""
+    gpu, host = make_whole("block_major", "block_major", "cpu")
+
+    class Breaks(TorchTransferEngine):
+        def submit(self, plan: TransferPlan) -> Any:
+            raise OSError("the device went away")
+
+    engines = [TorchTransferEngine(make_shard(gpu, 0, 2), make_shard(host, 0, 2)),
+               Breaks(make_shard(gpu, 1, 2), make_shard(host, 1, 2))]
+    sharded = ShardedTransferEngine(engines)
+    plan = TransferPlan(tuple(make_ops(seed=7)))
+    with pytest.raises(TransferError, match=r"failed on rank\(s\) \[1\]") as got:
+        sharded.submit(plan)
+    assert got.value.failed_indices == tuple(range(len(plan.ops)))
+    sharded.close()
+
+
 def test_union_error_is_the_union_in_plan_order() -> None:
     """Failures of several ranks join, sorted, each op once; none anywhere is no error."""
     ops = make_ops(seed=1)[:6]

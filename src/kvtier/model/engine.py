@@ -162,11 +162,12 @@ class ModelEngine:
         try:
             handle = self.transfer.submit(step.transfer_plan)
             self._wait_layer = functools.partial(self.transfer.wait, handle)
-        except RuntimeError as exc:
+        except Exception as exc:
             # Degrade to recompute: the manager drops what the failed copies would have
             # filled and aborts the requests that needed it; they go back to the queue. A
-            # TransferError names what failed; any other runtime error of an engine (a CUDA
-            # error, a driver call refused) leaves every op of the plan in doubt.
+            # TransferError names what failed; any other fault of an engine (a CUDA error,
+            # a driver call refused, an OSError or a ValueError of a caller's engine)
+            # leaves every op of the plan in doubt.
             plan = step.transfer_plan
             failed = (exc.failed_in(plan) if isinstance(exc, TransferError)
                       else list(range(len(plan))))

@@ -115,6 +115,17 @@ class RemoteShard:
         self._arrive(fetch_id, {}, 0.0)
 
     def _arrive(self, fetch_id: int, found: dict[int, memoryview], elapsed_s: float) -> None:
+        # A caller's store client may answer past the codec's checks (a subclass's
+        # ``get_many``): a value the host slot cannot take whole is a miss, so no import
+        # ever counts a block that ``fill`` could not write.
+        size = self.host.layout.bytes_per_block
+        if not isinstance(found, dict):
+            found = {}
+        elif not all(type(v) is memoryview and v.nbytes == size and v.itemsize == 1
+                     for v in found.values()):
+            found = {h: v for h, v in found.items()
+                     if isinstance(v, memoryview | bytes | bytearray)
+                     and memoryview(v).nbytes == size and memoryview(v).itemsize == 1}
         with self._cond:
             self._found[fetch_id] = (found, elapsed_s)
             self._cond.notify_all()

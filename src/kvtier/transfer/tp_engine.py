@@ -147,10 +147,21 @@ class ShardedTransferEngine:
 
 
 def _submit(engine: TorchTransferEngine, plan: TransferPlan) -> TransferHandle | TransferError:
+    """``plan`` started on one rank's ``engine``, or the error that says which of its ops
+    failed there. ValueError (an op outside the pools, refused before any copy and alike on
+    every rank, whose pools have the same sizes) is raised; any other fault of the engine
+    leaves every op in doubt on that rank, and is reported as such, so that every rank
+    still joins the agreement on what failed."""
     try:
         return engine.submit(plan)
     except TransferError as exc:
         return exc
+    except ValueError:
+        raise
+    except Exception as exc:
+        ops = plan.ops
+        return TransferError(f"{len(ops)} of {len(ops)} copies not done: the engine raised "
+                             f"{type(exc).__name__}: {exc}", ops, range(len(ops)))
 
 
 class DistributedTransferEngine:

@@ -275,16 +275,25 @@ class PolicyChunks(Generic[C]):
         chosen: list[_Chunk[C]] = []
         kept: list[_Chunk[C]] = []
         seen: set[int] = set()
-        while len(chosen) < n:
-            node = self._pool.pop_candidate(self._current_key, self._rank, None,
-                                            self._within_now if self._within else None)
-            if node is None:
-                break
-            if node.uid in seen:  # a second entry of one chunk filed twice with one key
-                continue
-            seen.add(node.uid)
-            entry = self._by_uid[node.uid]
-            (kept if entry.key in protected else chosen).append(entry)
+        current: _Chunk[C] | None = None  # popped, not yet in chosen or kept
+        try:
+            while len(chosen) < n:
+                node = self._pool.pop_candidate(self._current_key, self._rank, None,
+                                                self._within_now if self._within else None)
+                if node is None:
+                    break
+                if node.uid in seen:  # a second entry of one chunk filed twice with one key
+                    continue
+                seen.add(node.uid)
+                current = self._by_uid[node.uid]
+                (kept if current.key in protected else chosen).append(current)
+                current = None
+        except BaseException:
+            # Whatever raised mid-selection (the caller's ``protected``, a clock), no chunk
+            # taken off the heap is lost: each is filed again, and the books are as before.
+            for entry in (*chosen, *kept, *([current] if current is not None else [])):
+                self._refile(entry)
+            raise
         for entry in kept:
             self._refile(entry)
         if len(chosen) < n:
