@@ -397,9 +397,6 @@ def churn_without_eviction(mgr: KVCacheManager) -> None:
         mgr.check_invariants()
 
 
-@pytest.mark.xfail(strict=True, reason="TierPool.compact drops a candidate whose key changed "
-                   "without a re-file (every key changes at a policy's fault): needs the "
-                   "pool.py change in the policy-guard report")
 def test_a_compaction_after_a_fault_loses_no_candidate() -> None:
     """After a fault every key the policy filed is stale; a compaction before the next pop
     (releases alone, 88 of them here) must re-file those runs, not drop them: dropped, 8
@@ -425,9 +422,6 @@ def test_a_compaction_after_a_fault_loses_no_candidate() -> None:
     mgr.check_invariants()
 
 
-@pytest.mark.xfail(strict=True, reason="TierPool.compact drops a candidate whose key changed "
-                   "without a re-file (a retention that ran out, before the next eviction "
-                   "round re-files it): needs the pool.py change in the policy-guard report")
 def test_a_compaction_after_a_retention_ran_out_loses_no_candidate() -> None:
     """The same loss under kvtier's own policy, no fault needed: runs whose retention ran
     out key under the default priority before ``expire`` re-files them (at the next

@@ -304,10 +304,20 @@ class TierPool:
         if self._num_entries <= bound and self._num_filed <= bound:
             return
         live = {}
+        changed: dict[int, tuple[Node, Key]] = {}
         for entry in self._entries():
-            key = current_key(entry[2])
-            if key is not None and key == entry[3]:
-                live[entry[2].uid] = entry
+            node = entry[2]
+            key = current_key(node)
+            if key is None:
+                continue
+            if key == entry[3]:
+                live[node.uid] = entry
+            else:
+                # A candidate whose key changed without a re-file (a retention that ran
+                # out before the next round's ``expire``; every key at a caller's policy's
+                # fault): filed again under its key now, as a pop would (``_live_head``),
+                # never dropped: dropped, its blocks could never be evicted again.
+                changed[node.uid] = (node, key)
         self._heap = []
         self._queues = {}
         self._ranked = {}
@@ -321,6 +331,9 @@ class TierPool:
             entries = sorted(entries, key=lambda e: e[2].last_used)  # type: ignore[assignment]
         for _, _, node, key in entries:
             self.push(node, key)
+        for uid, (node, key) in changed.items():
+            if uid not in live:
+                self.push(node, key, young=False)
 
     def _to_tuple_order(self) -> None:
         """Order every queue entry by the tuple of its key's fields after the queue fields
