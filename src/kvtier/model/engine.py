@@ -138,7 +138,18 @@ class ModelEngine:
                     stop: StopFn | None = None) -> None:
         """Queue ``request`` (see ``Scheduler.add_request``). Its tokens are greedy unless
         ``sampler`` picks them; it ends early at ``sampler``'s stop tokens or when ``stop``
-        says so (else after ``max_output_tokens``)."""
+        says so (else after ``max_output_tokens``). Raises ValueError or TypeError, queueing
+        nothing, for what the scheduler refuses, a token id the model has no embedding for
+        (past its ``vocab_size``), a ``sampler`` that is no :class:`Sampler` or a ``stop``
+        that is not callable."""
+        # NOTE: checked before anything is queued: past this point each fails in the middle
+        # of a step, between the scheduler's step and its update, and no later step runs.
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise TypeError(f"sampler must be a Sampler or None, got {type(sampler).__name__}")
+        if stop is not None and not callable(stop):
+            raise TypeError(f"stop must be a callable or None, got {type(stop).__name__}")
+        if isinstance(request, Request):
+            self._check_vocab(request)
         self.scheduler.add_request(request)
         rid = request.request_id
         self.results[rid] = RequestResult(rid, list(request.prompt),
@@ -147,6 +158,21 @@ class ModelEngine:
             self._samplers[rid] = sampler
         if stop is not None:
             self._stops[rid] = stop
+
+    def _check_vocab(self, request: Request) -> None:
+        """ValueError naming the request, the field and the index of the first token id
+        outside the model's vocabulary. Pure."""
+        vocab_size = self.model.config.vocab_size
+        for name in ("prompt", "output"):
+            tokens = getattr(request, name)
+            if not isinstance(tokens, Sequence) or isinstance(tokens, (str, bytes)):
+                continue  # not token ids at all: the scheduler's check names it
+            bad = next((i for i, t in enumerate(tokens)
+                        if type(t) is int and t >= vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} of request {request.request_id!r}: token id "
+                                 f"{tokens[bad]} at index {bad} is past the model's "
+                                 f"vocabulary of {vocab_size}")
 
     def step(self) -> tuple[ScheduledStep, list[Request]]:
         """Run one forward pass; returns the schedule and the requests it finished."""
@@ -213,6 +239,8 @@ class ModelEngine:
                 result.stop_reason = "length"
             self._samplers.pop(rid, None)
             self._stops.pop(rid, None)
+            # A finished id may be queued again (a new request): it fetches like any other.
+            self._fetched.discard(rid)
         if computed:
             self._write_through(computed)
         self.num_steps += 1

@@ -88,6 +88,20 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that holds data here; ValueError naming it for one
+    torch cannot parse or this machine cannot use (torch answers "cuda" on a build or a
+    machine without CUDA with an AssertionError, or a RuntimeError), or ``meta``."""
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        raise ValueError(f"device {str(device)[:40]!r} cannot be used here: {exc}") from None
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no data: a model cannot run on it")
+    return dev
+
+
 class LlamaModel:
     """A decoder on ``device``: ``weights`` if given (a checkpoint's, kept as they are when
     they already have the model's dtype and device: no second copy), else seeded random
@@ -96,7 +110,7 @@ class LlamaModel:
     def __init__(self, config: ModelConfig, device: str | torch.device = "cpu",
                  weights: LlamaWeights | None = None) -> None:
         self.config = config
-        self.device = torch.device(device)
+        self.device = usable_device(device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
         # The heads this model computes: all of them (a tensor-parallel shard holds its part).
         self.num_local_heads = config.num_heads

@@ -91,9 +91,14 @@ class RemoteShard:
         items = {h: _to_bytes(storage.block(slot)) for h, slot in blocks}
         if not items:
             return 0
-        if wait:
-            return self.store.put_many(items)
-        return len(items) if self.store.write_back(items) else 0
+        # NOTE: a store never raises on a fault of its backend (the contract); a caller's
+        # client that does anyway wrote nothing: the blocks stay local, the step goes on.
+        try:
+            if wait:
+                return self.store.put_many(items)
+            return len(items) if self.store.write_back(items) else 0
+        except Exception:
+            return 0
 
     def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
         """Look ``hashes`` up on the I/O thread; False if the store refused the job."""
@@ -102,12 +107,18 @@ class RemoteShard:
         def arrived(found: dict[int, memoryview]) -> None:
             self._arrive(fetch_id, found, time.monotonic() - started_s)
 
-        return self.store.prefetch(hashes, arrived)
+        try:
+            return bool(self.store.prefetch(hashes, arrived))
+        except Exception:  # a client past the contract (see put): the job was refused
+            return False
 
     def get(self, fetch_id: int, hashes: Sequence[int]) -> None:
-        """Look ``hashes`` up now (blocking)."""
+        """Look ``hashes`` up now (blocking); a store that raises found nothing."""
         started_s = time.monotonic()
-        found = self.store.get_many(hashes)
+        try:
+            found = self.store.get_many(hashes)
+        except Exception:  # a client past the contract (see put): a miss
+            found = {}
         self._arrive(fetch_id, found, time.monotonic() - started_s)
 
     def miss(self, fetch_id: int) -> None:

@@ -268,7 +268,19 @@ class RemoteStoreBase(ABC):
         False (and counts a dropped job) when ``max_inflight`` jobs are already queued or
         the store is closed; then ``callback`` is never called."""
         wanted = check_hashes(hashes)
-        return self._submit(lambda: callback(self.get_many(wanted)))
+
+        def job() -> None:
+            # NOTE: ``callback`` comes whatever ``get_many`` does: a subclass's that raises
+            # (its backend's error) is a miss, where no call would leave the caller waiting
+            # for this lookup for ever.
+            try:
+                found = self.get_many(wanted)
+            except Exception:
+                self._count(num_errors=1)
+                found = {}
+            callback(found)
+
+        return self._submit(job)
 
     def write_back(self, items: Mapping[int, bytes]) -> bool:
         """Queue a ``put_many`` on the I/O thread; False (counted) when refused."""

@@ -1,0 +1,201 @@
+"""Red-team inputs, second pass: each test names the input, fails on the code before its fix
+and asserts the exact refusal (or the exact state after it). A strict xfail marks a defect
+whose fix belongs to a module this pass does not change (its reason says which)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import pytest
+
+from bad_input_helpers import assert_one_line_refusal, run_cli
+from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
+
+if TYPE_CHECKING:
+    from kvtier.model import ModelEngine
+
+TPB = 4
+PREFIX = [(7 * i + 3) % 256 for i in range(22)]  # 5 full blocks of 4 tokens and a partial
+
+
+def make_engine(store: type[InMemoryRemoteStore] | None = None,
+                backend: dict[str, bytes] | None = None) -> ModelEngine:
+    """A tiny random-weight model engine on CPU (vocabulary 256), with a remote tier over
+    ``store`` (sharing ``backend``) if given."""
+    pytest.importorskip("torch", reason="the model engine needs torch")
+    from kvtier.model import LlamaModel, ModelConfig, ModelEngine
+    from kvtier.remote.tier import RemoteTier
+    from kvtier.storage import KVStorage
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+
+    model = LlamaModel(ModelConfig(), "cpu")
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32,
+                                         num_host_blocks=16, hash_algo="sha256"))
+    layout = model.config.kv_layout(TPB)
+    gpu, host = KVStorage(layout, 32, "cpu"), KVStorage(layout, 16)
+    remote = None
+    if store is not None:
+        remote = RemoteTier(store(RemoteNamespace("tiny-llama", layout), backend), manager,
+                            gpu, host, fetch_deadline_s=5.0)
+    return ModelEngine(model, manager, Scheduler(manager, SchedulerConfig(max_num_tokens=64)),
+                       TorchTransferEngine(gpu, host), remote=remote)
+
+
+# ---- the model engine: what it cannot run is refused when queued, not mid-step --------------
+
+
+@pytest.mark.parametrize(("field", "tokens", "shown"), [
+    ("prompt", [1, 2, 256], "token id 256 at index 2"),
+    ("prompt", [10**6, 1], "token id 1000000 at index 0"),
+    ("output", [3, 2**63 - 1], "token id 9223372036854775807 at index 1"),
+])
+def test_engine_refuses_token_ids_past_the_models_vocabulary(
+        field: str, tokens: list[int], shown: str) -> None:
+    """A token id the model has no embedding for was queued; the step that prefilled it
+    raised IndexError between the scheduler's step and update, and every later step was
+    refused ('step() called before update()'): no request ever ran again. Now ValueError
+    naming the field, the index and the id, nothing queued; the other requests run."""
+    engine = make_engine()
+    engine.add_request(Request("ok", [1, 2, 3], 2))
+    bad = Request("bad", [1, 2, 3], 2)
+    setattr(bad, field, tokens)
+    with pytest.raises(ValueError, match=f"{field} of request 'bad': {shown} is past the "
+                                         "model's vocabulary of 256"):
+        engine.add_request(bad)
+    assert [r.request_id for r in engine.scheduler.waiting] == ["ok"]
+    assert "bad" not in engine.results
+    results = engine.run()
+    assert results["ok"].finished and len(results["ok"].output) == 2
+    engine.manager.check_invariants()
+
+
+@pytest.mark.parametrize(("sampler", "stop", "message"), [
+    (object(), None, "sampler must be a Sampler or None, got object"),
+    ("greedy", None, "sampler must be a Sampler or None, got str"),
+    (None, 42, "stop must be a callable or None, got int"),
+])
+def test_engine_refuses_a_sampler_or_stop_it_cannot_call(
+        sampler: object, stop: object, message: str) -> None:
+    """A sampler that is no Sampler (or a stop that is no callable) was queued with its
+    request, which then raised AttributeError (TypeError) in the middle of the step that
+    sampled it, wedging the engine. Now TypeError, nothing queued."""
+    engine = make_engine()
+    with pytest.raises(TypeError, match=message):
+        engine.add_request(Request("a", [1, 2, 3], 2), sampler, stop)  # type: ignore[arg-type]
+    assert not engine.scheduler.waiting and not engine.results
+    engine.add_request(Request("a", [1, 2, 3], 2))
+    assert engine.run()["a"].finished
+
+
+def test_a_finished_request_id_queued_again_fetches_from_the_remote_tier() -> None:
+    """A request id queued again once its request finished (a new request) never looked
+    the remote tier up: the engine remembered the id as fetched for ever (and kept every id
+    it ever saw). Now the new request fetches the prefix a peer wrote."""
+    backend: dict[str, bytes] = {}
+    writer = make_engine(InMemoryRemoteStore, backend)
+    writer.add_request(Request("w", PREFIX, 2))
+    writer.run()
+    engine = make_engine(InMemoryRemoteStore, backend)
+    engine.add_request(Request("a", [200, 201, 202, 203, 204], 2))
+    engine.run()
+    assert engine.remote is not None and engine.remote.num_fetched_blocks == 0
+    engine.add_request(Request("a", PREFIX + [9], 2))
+    engine.run()
+    assert engine.remote.num_fetched_blocks == 5  # the whole prefix, from the store
+    assert engine.results["a"].num_remote_tokens == 5 * TPB
+    engine.manager.check_invariants()
+
+
+# ---- the remote tier: a store client that raises is a miss, never a wedge -------------------
+
+
+class RaisingStore(InMemoryRemoteStore):
+    """A caller's store client past the contract: every call raises its backend's error."""
+
+    def get_many(self, hashes: Iterable[int]) -> dict[int, memoryview]:
+        raise ConnectionError("the store is down")
+
+    def put_many(self, items: object) -> int:
+        raise TimeoutError("the store timed out")
+
+
+def test_a_prefetch_whose_lookup_raises_still_calls_back_with_a_miss() -> None:
+    """``prefetch`` queued ``callback(self.get_many(...))``: a ``get_many`` that raised
+    (a subclass's) skipped the callback, so the remote tier held that fetch pending for
+    ever (one per request). Now the callback gets ``{}`` and the error is counted."""
+    pytest.importorskip("torch", reason="a namespace's layout comes from the model package")
+    from kvtier.model import ModelConfig
+
+    store = RaisingStore(RemoteNamespace("tiny-llama", ModelConfig().kv_layout(TPB)))
+    got: list[dict[int, memoryview]] = []
+    assert store.prefetch([1, 2], got.append)
+    assert store.flush(10.0)
+    assert got == [{}]
+    assert store.stats.num_errors == 1
+    store.close()
+
+
+def test_a_store_client_that_raises_is_a_miss_on_every_path_of_the_tier() -> None:
+    """A remote tier over a store client that raises on every read and write (past the
+    contract): the blocking fetch raised ConnectionError, a write that waits raised
+    TimeoutError, and a background fetch never arrived (held pending for ever: its request
+    waited out the whole deadline). Now each is a miss or nothing written, at once, and
+    every request finishes by recompute."""
+    engine = make_engine(RaisingStore, {})
+    remote = engine.remote
+    assert remote is not None
+    remote.fetch_deadline_s = 3600.0  # a fetch that never arrives is never over
+    assert remote.fetch(PREFIX + [7]) == 0
+    assert remote.write(PREFIX, [0, 1, 2, 3, 4], wait=True) == 0
+    assert remote.start_fetch("r", PREFIX + [7])
+    assert remote.flush(10.0)
+    assert remote.poll() == ["r"] and remote.num_waiting == 0
+    for i in range(3):
+        engine.add_request(Request(f"r{i}", PREFIX + [i], 2))
+    results = engine.run()
+    assert all(results[f"r{i}"].finished for i in range(3))
+    assert remote.num_waiting == 0 and remote.num_fetched_blocks == 0
+    engine.manager.check_invariants()
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "shown"), [
+    ("meta", "device 'meta' holds no data"),
+    ("cuda:0", "device 'cuda:0' cannot be used here"),
+])
+def test_generate_on_a_device_this_machine_cannot_use_is_one_line(device: str,
+                                                                   shown: str) -> None:
+    """``kvtier generate --device cuda`` on a machine without CUDA ended in torch's
+    AssertionError ('Torch not compiled with CUDA enabled'), status 70; ``--device meta``
+    loaded the model and failed in its first forward pass. Now status 2 in one line, before
+    any weight is read."""
+    torch = pytest.importorskip("torch", reason="kvtier generate needs the model extra")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, stderr = run_cli(["generate", "--raw", "--device", device, "hi"])
+    assert_one_line_refusal(code, stderr, shown)
+
+
+# ---- the scheduler -------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="scheduler.py (not this pass's): add_request accepts "
+                   "a prompt no step can prefill without chunking; the fix is in the report")
+def test_a_prompt_past_the_budget_without_chunked_prefill_is_refused() -> None:
+    """Without chunked prefill a prompt of more than ``max_num_tokens`` tokens can never be
+    admitted; once it has waited ``max_wait_steps`` steps nothing behind it is admitted
+    either, and every request waits for ever (a replay ends 'made no progress'). It should
+    be refused when queued, naming the budget."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32))
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=8, max_wait_steps=1,
+                                                   enable_chunked_prefill=False))
+    scheduler.add_request(Request("small", [1, 2], 1))
+    with pytest.raises(ValueError, match=r"'long' .* 9 prompt tokens .* max_num_tokens is 8"):
+        scheduler.add_request(Request("long", list(range(9)), 1))
+    for _ in range(4):
+        scheduler.update(scheduler.step(), {"small": 5})
+    assert not scheduler.has_unfinished()
