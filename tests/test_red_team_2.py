@@ -4,13 +4,15 @@ whose fix belongs to a module this pass does not change (its reason says which).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
+from unittest.mock import ANY
 
 import pytest
 
 from bad_input_helpers import assert_one_line_refusal, run_cli
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier.integrations.vllm.store_tier import JobOutcome, StoreTier
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
 
 if TYPE_CHECKING:
@@ -199,3 +201,84 @@ def test_a_prompt_past_the_budget_without_chunked_prefill_is_refused() -> None:
     for _ in range(4):
         scheduler.update(scheduler.step(), {"small": 5})
     assert not scheduler.has_unfinished()
+
+
+# ---- vLLM's secondary tier (StoreTier, no vLLM needed): a store's answer of the wrong type --
+
+
+def make_store_tier(answers: dict[str, object]) -> tuple[StoreTier, memoryview]:
+    """A StoreTier of 8 pages of 64 bytes (pages 0 and 1 filled) over an in-memory store
+    whose methods named in ``answers`` answer that instead."""
+    from kvtier.integrations.vllm.keys import EngineLayout
+
+    layout = EngineLayout(model="m", kv_dtype="float16", page_bytes=64, tokens_per_hash=16,
+                          blocks_per_chunk=1, groups=((16, 2),), tp_size=1, pp_size=1,
+                          pcp_size=1, dcp_size=1, rank=0)
+    methods = {name: answering(value) for name, value in answers.items()}
+    store = type("Answers", (InMemoryRemoteStore,), methods)(layout.namespace())
+    view = memoryview(bytearray(64 * 8))
+    view[0:128] = bytes([7]) * 64 + bytes([8]) * 64
+    return StoreTier(store, view, 64, max_lookup_wait_s=60.0), view
+
+
+def answering(value: object) -> Callable[..., object]:
+    """A method that answers ``value`` whatever it is asked."""
+    return lambda self, *args: value
+
+
+def vllm_key(i: int) -> bytes:
+    return i.to_bytes(32, "big") + bytes(4)
+
+
+@pytest.mark.parametrize("present", [None, 7, "abc"])
+def test_a_probe_answered_with_no_set_is_a_miss_not_an_exception(present: object) -> None:
+    """``contains_many`` answering None (or any non-set) was queued as the probe's result,
+    and the next ``lookup`` raised TypeError ('argument of type NoneType is not iterable')
+    into vLLM's scheduler step. Now the probed keys are absent: MISS."""
+    tier, _ = make_store_tier({"contains_many": present})
+    assert tier.lookup(vllm_key(1), "r") == "retry"
+    tier.flush()
+    tier.drain()
+    assert tier.lookup(vllm_key(1), "r") == "miss"
+    assert not tier.has_pending_work()
+    tier.check_invariants()
+    tier.close()
+
+
+@pytest.mark.parametrize("found", [
+    None, [1, 2], {"x": 1},
+    {"any": 0},  # replaced below by each key's hash: a value that is no buffer
+    {"any": "a" * 64},  # a str of the page's length
+    {"any": memoryview(bytearray(256)).cast("I")},  # 64 items of 4 bytes: 256 bytes
+])
+def test_a_load_answered_with_garbage_fails_its_job_instead_of_losing_it(found: object) -> None:
+    """``get_many`` answering no dict, or values that are no page (an int, a str of the
+    page's length, a view of 64 wide items) raised on the I/O thread: the load job never
+    reported, stayed in flight for ever (``has_pending_work`` True: vLLM waits on it, its
+    CPU pages pinned). Now the job fails, every key a miss from then on, nothing pending."""
+    from kvtier.integrations.vllm.keys import fold_key
+
+    if isinstance(found, dict) and "any" in found:
+        found = {fold_key(vllm_key(1)): found["any"]}
+    tier, view = make_store_tier({"get_many": found})
+    tier.submit_load(5, [vllm_key(1)], [3])
+    tier.drain()
+    assert tier.finished_jobs() == [JobOutcome(5, False, [], ANY, 0)]
+    assert not tier.has_pending_work() and tier.stats.num_job_errors == 0
+    assert bytes(view[192:256]) == bytes(64)  # page 3 untouched
+    tier.check_invariants()
+    tier.close()
+
+
+@pytest.mark.parametrize("written", [None, "2", 3])
+def test_a_store_job_answered_with_no_count_fails_instead_of_being_lost(written: object) -> None:
+    """``put_many`` answering no count of the pages written (None, a str, more than it was
+    given) raised TypeError on the I/O thread (``max(None, 0)``) or counted pages
+    never written: the store job never reported. Now it fails, nothing pending."""
+    tier, _ = make_store_tier({"put_many": written, "contains_many": set()})
+    tier.submit_store(9, [vllm_key(1), vllm_key(2)], [0, 1])
+    tier.drain()
+    assert tier.finished_jobs() == [JobOutcome(9, False, None, ANY, 0)]
+    assert not tier.has_pending_work() and tier.stats.num_job_errors == 0
+    tier.check_invariants()
+    tier.close()

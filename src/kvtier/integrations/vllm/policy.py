@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from vllm.v1.kv_offload.base import OffloadKey, ReqContext
@@ -27,6 +28,7 @@ from vllm.v1.kv_offload.cpu.policies.base import CachePolicy, ChunkStatus, order
 
 from kvtier.config import EVICTION_POLICIES, MAX_PRIORITY, MIN_PRIORITY
 from kvtier.integrations.vllm.chunk_policy import PolicyChunks, kvtier_policy_name, vllm_policy_name
+from kvtier.sequence import short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +52,29 @@ class _RequestState:
 def request_retention(req_context: ReqContext) -> tuple[int | None, float | None]:
     """The request's (priority, retention seconds) from its kv_transfer_params; None for
     what it does not set or sets wrong (logged). Pure."""
-    params = req_context.kv_transfer_params or {}
+    params = req_context.kv_transfer_params
+    if params is None:
+        return None, None
+    if not isinstance(params, Mapping):
+        # NOTE: vLLM passes a request's kv_transfer_params on as they came (an offline
+        # caller's extra_args may hold anything): not ours to refuse, only to ignore.
+        logger.warning("request %s: kv_transfer_params must be a mapping, got %s; ignored",
+                       req_context.req_id, type(params).__name__)
+        return None, None
     priority = params.get(PRIORITY_PARAM)
     retention = params.get(RETENTION_PARAM)
     if priority is not None and (type(priority) is not int
                                  or not MIN_PRIORITY <= priority <= MAX_PRIORITY):
-        logger.warning("request %s: %s must be an int in %d..%d, got %r; ignored",
-                       req_context.req_id, PRIORITY_PARAM, MIN_PRIORITY, MAX_PRIORITY, priority)
+        logger.warning("request %s: %s must be an int in %d..%d, got %s; ignored",
+                       req_context.req_id, PRIORITY_PARAM, MIN_PRIORITY, MAX_PRIORITY,
+                       short_repr(priority))
         priority = None
+    # NOTE: bounded by the largest float, not inf: float() of a larger int overflows.
     if retention is not None and (isinstance(retention, bool)
                                   or not isinstance(retention, int | float)
-                                  or not 0 < retention < float("inf")):
-        logger.warning("request %s: %s must be a finite number of seconds > 0, got %r; "
-                       "ignored", req_context.req_id, RETENTION_PARAM, retention)
+                                  or not 0 < retention <= sys.float_info.max):
+        logger.warning("request %s: %s must be a finite number of seconds > 0, got %s; "
+                       "ignored", req_context.req_id, RETENTION_PARAM, short_repr(retention))
         retention = None
     return priority, None if retention is None else float(retention)
 

@@ -323,7 +323,7 @@ class StoreTier:
 
     def _run_probe(self, hashes: list[int], sent_s: float) -> None:
         try:
-            present = self._store.contains_many(hashes)
+            present = _as_set(self._store.contains_many(hashes))
         except Exception:  # a store must not raise; if one does, the keys are absent
             present = set()
         self._results.append(_ProbeDone(hashes, present, self._clock() - sent_s))
@@ -334,12 +334,15 @@ class StoreTier:
         items: dict[int, memoryview] = {}
         num_written = 0
         try:
-            present = self._store.contains_many([h for h in hashes if h not in rewrite])
+            present = _as_set(
+                self._store.contains_many([h for h in hashes if h not in rewrite]))
             items = {h: self._page(p) for h, p in zip(hashes, pages, strict=True)
                      if h not in present}
             # NOTE: pages go as views of the pinned chunks (the codec copies them once, into
             # the value); put_many takes any buffer though it is typed for bytes.
             num_written = self._store.put_many(cast("dict[int, bytes]", items)) if items else 0
+            if type(num_written) is not int or not 0 <= num_written <= len(items):
+                num_written = -1  # no count of the pages written: the job failed
         except Exception:  # a store fault is a failed job, never a crash
             num_written = -1
         ok = num_written == len(items)
@@ -354,11 +357,13 @@ class StoreTier:
             found = self._store.get_many(hashes)
         except Exception:  # a store fault is a failed job, never a crash
             found = {}
+        if not isinstance(found, dict):
+            found = {}  # an answer of no use: every key failed
         loaded: list[bytes] = []
         failed: list[int] = []
         for key, block_hash, page in zip(keys, hashes, pages, strict=True):
-            payload = found.get(block_hash)
-            if payload is None or len(payload) != self._page_bytes:
+            payload = _page_bytes(found.get(block_hash), self._page_bytes)
+            if payload is None:
                 failed.append(block_hash)
                 continue
             self._page(page)[:] = payload
@@ -421,3 +426,27 @@ class StoreTier:
                     s.bytes_loaded += outcome.transfer_bytes
                     s.load_s.append(outcome.transfer_s)
             self._finished.append(outcome)
+
+
+# NOTE: a job that raised on the I/O thread would never report: its job would stay in
+# flight for ever and vLLM would wait on it (a load pins its CPU pages). So what a store
+# answers is checked before use, as a caller's store client (a subclass, past the codec's
+# checks) may answer anything: an answer of the wrong type is a miss, never an exception.
+
+
+def _as_set(present: object) -> set[int]:
+    """``contains_many``'s answer, or no key present if it is no set."""
+    if isinstance(present, set):
+        return present
+    return set(present) if isinstance(present, frozenset) else set()
+
+
+def _page_bytes(payload: object, page_bytes: int) -> memoryview | None:
+    """``payload`` as the ``page_bytes`` bytes of one page, or None if it is not one."""
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        return None
+    try:
+        data = memoryview(payload).cast("B")  # NOTE: refuses a non-contiguous view
+    except (TypeError, ValueError):
+        return None
+    return data if data.nbytes == page_bytes else None
