@@ -17,6 +17,7 @@ from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
 
 if TYPE_CHECKING:
     from kvtier.model import ModelEngine
+    from kvtier.remote.tier import RemoteTier
 
 TPB = 4
 PREFIX = [(7 * i + 3) % 256 for i in range(22)]  # 5 full blocks of 4 tokens and a partial
@@ -160,6 +161,32 @@ def test_a_store_client_that_raises_is_a_miss_on_every_path_of_the_tier() -> Non
     assert all(results[f"r{i}"].finished for i in range(3))
     assert remote.num_waiting == 0 and remote.num_fetched_blocks == 0
     engine.manager.check_invariants()
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    # slot -1 read the last GPU slot: another block's bytes were stored under this
+    # prompt's hash, served to every engine that fetched it.
+    (lambda r: r.write(PREFIX, [0, 1, 2, 3, -1]), r"block_table\[4\] must be a GPU slot in "
+                                                   r"0..31, got -1"),
+    (lambda r: r.write(PREFIX, [32, 1, 2, 3, 4]), r"block_table\[0\] must be a GPU slot in "
+                                                   r"0..31, got 32"),  # IndexError
+    (lambda r: r.write(PREFIX, [0, True, 2, 3, 4]), r"block_table\[1\] .* got True"),
+    (lambda r: r.write(PREFIX, [0, 1, 2, 3, 4], wait="no"), "wait must be a bool, got 'no'"),
+    (lambda r: r.start_fetch(7, PREFIX), "request_id must be a non-empty str, got 7"),
+    (lambda r: r.num_blocks_to_fetch(-5), "num_missing must be an int >= 0, got -5"),
+])
+def test_remote_tier_calls_with_bad_arguments_are_refused_changing_nothing(
+        call: Callable[[RemoteTier], object], message: str) -> None:
+    """A block table slot that is no GPU slot, a wait that is no bool, a request id that
+    is no str, a negative count: ValueError naming it, nothing written to the store."""
+    backend: dict[str, bytes] = {}
+    engine = make_engine(InMemoryRemoteStore, backend)
+    assert engine.remote is not None
+    with pytest.raises(ValueError, match=message):
+        call(engine.remote)
+    assert engine.remote.flush(10.0)
+    assert backend == {} and engine.remote.num_written_blocks == 0
+    assert engine.remote.num_waiting == 0
 
 
 # ---- the command line ----------------------------------------------------------------------

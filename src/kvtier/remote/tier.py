@@ -203,6 +203,8 @@ class RemoteTier:
         NOTE: the rule assumes the store holds every one of them; where it holds fewer, the
         fetch saves less, and loses at most one ``fetch_latency_s`` against a recompute.
         Under tensor parallelism a block's bytes are a rank's shard: the ranks read at once."""
+        if type(num_missing) is not int or num_missing < 0:
+            raise ValueError(f"num_missing must be an int >= 0, got {num_missing!r}")
         if self.recompute_s_per_token is None:
             return num_missing
         bytes_per_block = self.store.namespace.layout.bytes_per_block
@@ -250,9 +252,18 @@ class RemoteTier:
               lora_id: int | None = None, wait: bool = False) -> int:
         """Write the full blocks of computed ``tokens`` from their GPU slots, every rank its
         shard (their bytes are copied now, the store is written on its I/O thread, or now
-        with ``wait``); returns how many blocks were handed to the store."""
+        with ``wait``); returns how many blocks were handed to the store. Raises ValueError,
+        writing nothing, for a slot of ``block_table`` that is no GPU slot (a negative one
+        would have written another block's bytes under this prompt's hash)."""
+        if type(wait) is not bool:
+            raise ValueError(f"wait must be a bool, got {wait!r}")
         hashes = self.block_hashes(tokens, salt, lora_id)
         blocks = list(zip(hashes, block_table, strict=False))
+        num_slots = self.gpu.num_blocks
+        for i, (_, slot) in enumerate(blocks):
+            if type(slot) is not int or not 0 <= slot < num_slots:
+                raise ValueError(f"block_table[{i}] must be a GPU slot in 0..{num_slots - 1}, "
+                                 f"got {slot!r}")
         if not blocks:
             return 0
         written = self.ranks.put(Tier.GPU, blocks, wait)
@@ -288,6 +299,8 @@ class RemoteTier:
                     salt: bytes | str | int | None = None, lora_id: int | None = None) -> bool:
         """Look the prompt's missing blocks up on the stores' I/O threads; False when there
         is nothing to look up or the store refused the job (then don't wait for it)."""
+        if type(request_id) is not str or not request_id:
+            raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
         if request_id in self._pending:
             return False
         hashes = self._reusable_hashes(tokens, salt, lora_id)
