@@ -4,7 +4,9 @@ whose fix belongs to a module this pass does not change (its reason says which).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 from unittest.mock import ANY
 
@@ -14,6 +16,8 @@ from bad_input_helpers import assert_one_line_refusal, run_cli
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
 from kvtier.integrations.vllm.store_tier import JobOutcome, StoreTier
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
+from kvtier.sim import AgenticWorkload
+from kvtier.sim.synthetic import PrefixModel, SyntheticChat
 
 if TYPE_CHECKING:
     from kvtier.model import ModelEngine
@@ -207,6 +211,62 @@ def test_generate_on_a_device_this_machine_cannot_use_is_one_line(device: str,
         pytest.skip("this machine has CUDA")
     code, stderr = run_cli(["generate", "--raw", "--device", device, "hi"])
     assert_one_line_refusal(code, stderr, shown)
+
+
+# ---- the simulator's workloads ----------------------------------------------------------------
+
+
+def test_a_zipf_exponent_past_the_float_range_picks_the_first_system_prompt() -> None:
+    """``PrefixModel(zipf_exponent=2000)``: ``2 ** 2000.0`` raised OverflowError when the
+    workload was first iterated. Now a weight past the float range is 0: every session
+    opens with system prompt 0 (token ids from 0)."""
+    chat = SyntheticChat(num_requests=20, prefix_model=PrefixModel(zipf_exponent=2000.0),
+                         max_prompt_tokens=10_000)
+    assert [r.prompt[0] for r in chat] == [0] * 20
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    # 10**6 system prompts of 1,000+ tokens were built before the first request
+    # (minutes and gigabytes); 10**9 tokens in one prompt, likewise.
+    (lambda: PrefixModel(num_system_prompts=10**6, min_system_prompt_tokens=1000),
+     "num_system_prompts x min_system_prompt_tokens must be at most 16,777,216 tokens"),
+    (lambda: PrefixModel(min_system_prompt_tokens=10**9, max_system_prompt_tokens=10**9),
+     "min_system_prompt_tokens must be an integer in 1..16777216, got 1000000000"),
+    (lambda: SyntheticChat(max_user_turn_tokens=10**9, max_prompt_tokens=2 * 10**9),
+     "max_user_turn_tokens must be an integer in 200..16777216"),
+    (lambda: AgenticWorkload(num_agent_types=10**5, min_tool_spec_tokens=3000),
+     "num_agent_types x min_tool_spec_tokens must be at most"),
+    (lambda: AgenticWorkload(max_tool_output_tokens=10**9),
+     "max_tool_output_tokens must be an integer in 50..16777216"),
+    # A rate this low drew an infinite gap (or one past any arrival a replay can time):
+    # refused mid-run as some request's arrival_s.
+    (lambda: SyntheticChat(arrival_rate_per_s=1e-320),
+     "arrival_rate_per_s must be at least 1e-10"),
+    (lambda: AgenticWorkload(session_rate_per_s=1e-12),
+     "session_rate_per_s must be at least 1e-10"),
+    (lambda: AgenticWorkload(max_step_gap_s=1e308), "max_step_gap_s must be at most 1e+10 s"),
+])
+def test_workload_sizes_and_rates_that_cannot_run_are_refused_when_made(
+        build: Callable[[], object], message: str) -> None:
+    """What no replay could run is refused naming the field, when the workload is made."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
+@pytest.mark.parametrize(("suffix", "text", "shown"), [
+    # Replayed with arrivals at 1e297 s: every latency came out 0.0 ms, exit 0.
+    (".jsonl", '{"timestamp": 1e300, "input_length": 600, "output_length": 4, '
+               '"hash_ids": [1, 2]}\n', "field 'timestamp': expected a number of ms in 0..1e+13"),
+    (".csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,10,5\n"
+             "9023-11-16 18:15:46.6805900,10,5\n", "is more than 1e+10 s after the first row"),
+])
+def test_trace_arrivals_past_the_virtual_clocks_precision_name_the_line(
+        tmp_path: Path, suffix: str, text: str, shown: str) -> None:
+    """A trace whose arrivals are past 1e10 s is refused by line, in one line (status 2)."""
+    trace = tmp_path / f"trace{suffix}"
+    trace.write_text(text)
+    code, stderr = run_cli(["replay", str(trace), "--no-progress", "--gpu-blocks", "64"])
+    assert_one_line_refusal(code, stderr, shown, ":3" if suffix == ".csv" else ":1")
 
 
 # ---- the scheduler -------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 from itertools import accumulate
 
 from kvtier.sim._checks import check_float, check_int
-from kvtier.sim.workload import TraceRequest
+from kvtier.sim.synthetic import check_held_tokens, check_rate
+from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
 
 @dataclass(slots=True)
@@ -77,15 +78,20 @@ class AgenticWorkload:
                           ("min_steps", "max_steps"),
                           ("min_output_tokens", "max_output_tokens"),
                           ("min_tool_output_tokens", "max_tool_output_tokens")):
-            check_int(low, getattr(self, low), 0 if "output" in low else 1)
-            check_int(high, getattr(self, high), getattr(self, low))
+            check_int(low, getattr(self, low), 0 if "output" in low else 1,
+                      None if low == "min_steps" else MAX_REQUEST_TOKENS)
+            check_int(high, getattr(self, high), getattr(self, low),
+                      None if high == "max_steps" else MAX_REQUEST_TOKENS)
+        check_held_tokens("num_agent_types", self.num_agent_types, "min_tool_spec_tokens",
+                          self.min_tool_spec_tokens)
         check_float("min_step_gap_s", self.min_step_gap_s, 0.0, None)
         check_float("max_step_gap_s", self.max_step_gap_s, self.min_step_gap_s, None)
+        if self.max_step_gap_s > MAX_ARRIVAL_S:  # a session's next step would arrive past it
+            raise ValueError(f"max_step_gap_s must be at most {MAX_ARRIVAL_S:.0e} s, got "
+                             f"{self.max_step_gap_s!r}")
         longest_first_step = self.max_tool_spec_tokens + self.max_task_tokens
         check_int("max_prompt_tokens", self.max_prompt_tokens, longest_first_step)
-        check_float("session_rate_per_s", self.session_rate_per_s, 0.0, None)
-        if self.session_rate_per_s == 0:
-            raise ValueError(f"session_rate_per_s must be > 0, got {self.session_rate_per_s!r}")
+        check_rate("session_rate_per_s", self.session_rate_per_s)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
 

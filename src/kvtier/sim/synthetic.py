@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from itertools import accumulate
 
 from kvtier.sim._checks import check_float, check_int
-from kvtier.sim.workload import TraceRequest
+from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,18 +51,54 @@ class PrefixModel:
 
     def __post_init__(self) -> None:
         check_int("num_system_prompts", self.num_system_prompts, 1)
-        check_int("min_system_prompt_tokens", self.min_system_prompt_tokens, 1)
-        check_int("max_system_prompt_tokens", self.max_system_prompt_tokens, 1)
+        check_int("min_system_prompt_tokens", self.min_system_prompt_tokens, 1,
+                  MAX_REQUEST_TOKENS)
+        check_int("max_system_prompt_tokens", self.max_system_prompt_tokens, 1,
+                  MAX_REQUEST_TOKENS)
         if self.max_system_prompt_tokens < self.min_system_prompt_tokens:
             raise ValueError(
                 f"max_system_prompt_tokens must be >= min_system_prompt_tokens "
                 f"({self.min_system_prompt_tokens}), got {self.max_system_prompt_tokens}"
             )
+        check_held_tokens("num_system_prompts", self.num_system_prompts,
+                          "min_system_prompt_tokens", self.min_system_prompt_tokens)
         check_float("zipf_exponent", self.zipf_exponent, 0.0, None)
         check_float("follow_up_fraction", self.follow_up_fraction, 0.0, 1.0)
         check_int("max_open_sessions", self.max_open_sessions, 1)
         check_int("max_turns_per_session", self.max_turns_per_session, 1)
-        check_int("min_user_turn_tokens", self.min_user_turn_tokens, 1)
+        check_int("min_user_turn_tokens", self.min_user_turn_tokens, 1, MAX_REQUEST_TOKENS)
+
+
+def check_held_tokens(count_field: str, count: int, tokens_field: str, tokens: int) -> None:
+    """Raise ValueError naming both fields when ``count`` prompts of at least ``tokens``
+    tokens each, built up front and held for the whole run, pass ``MAX_REQUEST_TOKENS``:
+    building them would take minutes and gigabytes before the first request."""
+    if count * tokens > MAX_REQUEST_TOKENS:
+        raise ValueError(f"{count_field} x {tokens_field} must be at most "
+                         f"{MAX_REQUEST_TOKENS:,} tokens (held for the whole run), got "
+                         f"{count:,} x {tokens:,}")
+
+
+def check_rate(field: str, rate: float) -> None:
+    """Raise ValueError naming ``field`` unless ``rate`` (arrivals per second) is a finite
+    number of at least one arrival per ``MAX_ARRIVAL_S`` seconds: a slower one drew gaps
+    past any arrival a replay can time (an infinite gap below 1e-308, refused mid-run as the
+    arrival_s of some request)."""
+    check_float(field, rate, 0.0, None)
+    if rate == 0:
+        raise ValueError(f"{field} must be > 0, got {rate!r}")
+    if rate < 1 / MAX_ARRIVAL_S:
+        raise ValueError(f"{field} must be at least {1 / MAX_ARRIVAL_S:.0e} (one arrival per "
+                         f"{MAX_ARRIVAL_S:.0e} s), got {rate!r}")
+
+
+def zipf_weight(rank: int, exponent: float) -> float:
+    """``1 / (rank + 1) ** exponent``: 0 where the power passes the float range (an exponent
+    in the thousands), where that raised OverflowError. Pure."""
+    try:
+        return 1.0 / float((rank + 1) ** exponent)
+    except OverflowError:
+        return 0.0  # NOTE: rank 0 weighs 1, so a draw always has a prompt to pick
 
 
 @dataclass(slots=True)
@@ -90,7 +126,7 @@ class SessionBuilder:
             for _ in range(model.num_system_prompts)
         ]
         exponent = model.zipf_exponent
-        weights = [1.0 / (rank + 1) ** exponent for rank in range(model.num_system_prompts)]
+        weights = [zipf_weight(rank, exponent) for rank in range(model.num_system_prompts)]
         self._cum_weights = list(accumulate(weights))
         # NOTE: ordered by last activity, idle longest first, so closing pops the front.
         self._open: OrderedDict[str, _Session] = OrderedDict()
@@ -204,15 +240,15 @@ class SyntheticChat:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.prefix_model, PrefixModel):
             raise ValueError(f"prefix_model must be a PrefixModel, got {self.prefix_model!r}")
-        check_int("min_user_turn_tokens", self.min_user_turn_tokens, 1)
-        check_int("max_user_turn_tokens", self.max_user_turn_tokens, self.min_user_turn_tokens)
-        check_int("min_output_tokens", self.min_output_tokens, 0)
-        check_int("max_output_tokens", self.max_output_tokens, self.min_output_tokens)
+        check_int("min_user_turn_tokens", self.min_user_turn_tokens, 1, MAX_REQUEST_TOKENS)
+        check_int("max_user_turn_tokens", self.max_user_turn_tokens, self.min_user_turn_tokens,
+                  MAX_REQUEST_TOKENS)
+        check_int("min_output_tokens", self.min_output_tokens, 0, MAX_REQUEST_TOKENS)
+        check_int("max_output_tokens", self.max_output_tokens, self.min_output_tokens,
+                  MAX_REQUEST_TOKENS)
         longest_first_turn = self.prefix_model.max_system_prompt_tokens + self.max_user_turn_tokens
         check_int("max_prompt_tokens", self.max_prompt_tokens, longest_first_turn)
-        check_float("arrival_rate_per_s", self.arrival_rate_per_s, 0.0, None)
-        if self.arrival_rate_per_s == 0:
-            raise ValueError(f"arrival_rate_per_s must be > 0, got {self.arrival_rate_per_s!r}")
+        check_rate("arrival_rate_per_s", self.arrival_rate_per_s)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
 

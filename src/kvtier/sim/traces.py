@@ -23,13 +23,10 @@ from kvtier.blocks import cdiv
 from kvtier.sequence import is_finite_number, short_repr
 from kvtier.sim.oracle import OracleRequest
 from kvtier.sim.synthetic import PrefixModel, SessionBuilder
-from kvtier.sim.workload import TraceRequest
+from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
 MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_PREFIX_MODEL = PrefixModel()
-# NOTE: a request longer than this could never fit a GPU pool the CLI accepts, and its
-# prompt alone would take gigabytes to build: refused when the trace is read, by line.
-MAX_REQUEST_TOKENS = 1 << 24
 # Hash id h stands for token ids h*512 .. h*512+511, which must stay int64.
 MAX_HASH_ID = (1 << 63) // MOONCAKE_BLOCK_TOKENS - 1
 
@@ -200,8 +197,9 @@ class MooncakeTrace:
             if field not in obj:
                 raise fail(field, "missing")
         timestamp = obj["timestamp"]
-        if not is_finite_number(timestamp) or timestamp < 0:
-            raise fail("timestamp", f"expected a number of ms >= 0, got {short_repr(timestamp)}")
+        if not is_finite_number(timestamp) or not 0 <= timestamp <= MAX_ARRIVAL_S * 1000:
+            raise fail("timestamp", f"expected a number of ms in 0..{MAX_ARRIVAL_S * 1000:.0e}, "
+                       f"got {short_repr(timestamp)}")
         lengths = []
         for field in ("input_length", "output_length"):
             value = obj[field]
@@ -368,6 +366,11 @@ class AzureTrace:
                 raise TraceFormatError(
                     self.path, line_number, "TIMESTAMP",
                     f"{row[0]!r} is earlier than the previous row",
+                )
+            if arrival_s > MAX_ARRIVAL_S:
+                raise TraceFormatError(
+                    self.path, line_number, "TIMESTAMP",
+                    f"{row[0]!r} is more than {MAX_ARRIVAL_S:.0e} s after the first row",
                 )
             previous_s = arrival_s
             lengths = []

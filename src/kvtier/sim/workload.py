@@ -8,6 +8,13 @@ from typing import Protocol, runtime_checkable
 
 from kvtier.sequence import is_finite_number
 
+# NOTE: a request longer than this could never fit a GPU pool the CLI accepts, and its
+# prompt alone would take gigabytes to build: refused when a workload is made or read.
+MAX_REQUEST_TOKENS = 1 << 24
+MAX_ARRIVAL_S = 1e10
+"""The latest arrival a workload may have (about 317 years): past it the replay's virtual
+clock, a float of seconds, no longer tells microseconds apart (every latency came out 0)."""
+
 
 @dataclass(frozen=True, slots=True)
 class TraceRequest:
@@ -29,8 +36,9 @@ class TraceRequest:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError(f"request_id must be a non-empty string, got {self.request_id!r}")
         arrival = self.arrival_s
-        if not is_finite_number(arrival) or arrival < 0:
-            raise ValueError(f"arrival_s must be a finite number >= 0, got {arrival!r}")
+        if not is_finite_number(arrival) or not 0 <= arrival <= MAX_ARRIVAL_S:
+            raise ValueError(f"arrival_s must be a finite number in 0..{MAX_ARRIVAL_S:.0e}, "
+                             f"got {arrival!r}")
         if not isinstance(self.prompt, list) or not self.prompt:
             raise ValueError(f"prompt must be a non-empty list of token ids, got {self.prompt!r}")
         if type(self.output_length) is not int or self.output_length < 0:
