@@ -115,6 +115,41 @@ def test_a_finished_request_id_queued_again_fetches_from_the_remote_tier() -> No
     engine.manager.check_invariants()
 
 
+@pytest.mark.parametrize(("logits", "token"), [
+    ([float("nan")] * 4, 0),
+    ([0.0, float("nan"), 5.0, 1.0], 2),  # NaN ranks lowest
+    ([0.0, float("inf"), float("nan"), 3.0], 1),  # +inf highest
+    ([float("-inf")] * 4, 0),
+])
+def test_sampling_logits_with_nan_or_inf_takes_the_greedy_token(logits: list[float],
+                                                                token: int) -> None:
+    """A sampler at temperature > 0 given logits with NaN or inf (a model's numbers
+    overflowed): ``torch.multinomial`` raised RuntimeError ('probability tensor contains
+    either inf, nan or element < 0'). Now the greedy token."""
+    torch = pytest.importorskip("torch", reason="sampling needs torch")
+    from kvtier.model.sampling import Sampler, SamplingParams
+
+    sampler = Sampler(SamplingParams(temperature=0.7, top_p=0.9, seed=1))
+    assert sampler.sample(torch.tensor(logits)) == token
+
+
+def test_an_engine_whose_model_computes_nan_still_finishes_every_request() -> None:
+    """A model whose weights hold NaN (its logits are NaN) under a sampling request: the
+    sampler raised in the middle of the step and every later step was refused. Now each
+    request finishes (with the greedy token 0), nothing left live."""
+    from kvtier.model.sampling import Sampler, SamplingParams
+
+    engine = make_engine()
+    engine.model.embed.fill_(float("nan"))
+    for i in range(2):
+        engine.add_request(Request(f"r{i}", [1, 2, 3 + i], 3),
+                           Sampler(SamplingParams(temperature=1.0, seed=i)))
+    results = engine.run()
+    assert [results[f"r{i}"].output for i in range(2)] == [[0, 0, 0]] * 2
+    assert engine.manager.num_sequences == 0
+    engine.manager.check_invariants()
+
+
 # ---- the remote tier: a store client that raises is a miss, never a wedge -------------------
 
 

@@ -64,6 +64,12 @@ class Sampler:
             return int(logits.argmax())
         # NOTE: on the CPU in float32, so a seed gives the same tokens on any device.
         probs = torch.softmax(logits.detach().float().cpu() / p.temperature, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # NOTE: logits holding NaN or inf (a model's numbers overflowed) have no
+            # distribution to draw from, where multinomial raised in the middle of the
+            # engine's step: the greedy token, NaN ranked lowest, +inf highest.
+            finite = torch.nan_to_num(logits.detach().float().cpu(), nan=-torch.inf)
+            return int(finite.argmax())
         if p.top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
             # Keep a token while the mass before it is below top_p (the first always stays).
