@@ -4,6 +4,7 @@ whose fix belongs to a module this pass does not change (its reason says which).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -246,6 +247,26 @@ def test_generate_on_a_device_this_machine_cannot_use_is_one_line(device: str,
         pytest.skip("this machine has CUDA")
     code, stderr = run_cli(["generate", "--raw", "--device", device, "hi"])
     assert_one_line_refusal(code, stderr, shown)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("argv", [
+    ["replay", "--no-progress", "{dir}/trace.jsonl"],
+    ["replay", "--no-progress", "{dir}/trace.csv"],
+    ["compare", "--no-progress", "{dir}/trace.jsonl"],
+    ["generate", "--jsonl", "{dir}/trace.jsonl"],
+])
+def test_a_fifo_for_an_input_file_is_refused_not_waited_on(tmp_path: Path,
+                                                           argv: list[str]) -> None:
+    """A FIFO named as the trace (or generate's --jsonl): the read blocked until a writer
+    came, for ever if none did (a device like /dev/zero never ended). Now status 2 in one
+    line, at once."""
+    for name in ("trace.jsonl", "trace.csv"):
+        os.mkfifo(tmp_path / name)
+    argv = [a.format(dir=tmp_path) for a in argv]
+    code, stderr = run_cli(argv)
+    assert_one_line_refusal(code, stderr, "not a regular file (a FIFO, socket or device)",
+                            str(tmp_path))
 
 
 # ---- the simulator's workloads ----------------------------------------------------------------

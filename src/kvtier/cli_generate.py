@@ -108,9 +108,14 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    from kvtier.sim.traces import check_regular_file
+
     try:
+        check_regular_file(path)
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
         raise CLIError(f"cannot read {path}: {exc}") from None
     items = []
     for n, line in enumerate(lines, 1):

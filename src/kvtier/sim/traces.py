@@ -7,9 +7,11 @@ only) and build token lists lazily, one request at a time, when iterated.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime
@@ -29,6 +31,15 @@ MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_PREFIX_MODEL = PrefixModel()
 # Hash id h stands for token ids h*512 .. h*512+511, which must stay int64.
 MAX_HASH_ID = (1 << 63) // MOONCAKE_BLOCK_TOKENS - 1
+
+
+def check_regular_file(path: Path) -> None:
+    """Raise OSError (``strerror`` saying why) unless ``path`` is a regular file or a
+    directory (whose open fails at once): a FIFO blocked the read until a writer came, for
+    ever if none did; a device such as /dev/zero never ends."""
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)")
 
 
 class TraceFormatError(ValueError):
@@ -155,6 +166,7 @@ class MooncakeTrace:
     def _parse(self) -> list[_MooncakeRecord]:
         records: list[_MooncakeRecord] = []
         previous_ms: float = 0.0
+        check_regular_file(self.path)
         with self.path.open("rb") as f:
             for line_number, raw in enumerate(f, start=1):
                 if self.limit is not None and len(records) >= self.limit:
@@ -316,6 +328,7 @@ class AzureTrace:
         }
 
     def _parse(self) -> list[_AzureRecord]:
+        check_regular_file(self.path)
         try:
             text = self.path.read_bytes().decode("utf-8-sig")  # a byte order mark is skipped
         except UnicodeDecodeError as exc:
