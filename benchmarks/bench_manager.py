@@ -4,7 +4,8 @@ The loop (the same one the peers in ``benchmarks/peers`` run): for each request 
 build its tokens (hash id ``h`` stands for tokens ``h*512 .. h*512+511``, the last block cut
 to ``input_length``; not timed), then time request creation + lookup + allocation
 (``add_sequence``) and, 16 requests later, its release (``remove_sequence``; full blocks stay
-cached). Prints a table, then one JSON line.
+cached). The cache's clock is the trace's timestamps (decisions do not depend on how fast
+the run goes). Prints a table, then one JSON line.
 
     python benchmarks/bench_manager.py                       # both settings
     python benchmarks/bench_manager.py --setting small --peers .venv-peers/bin/python
@@ -35,16 +36,32 @@ SETTINGS = {
 }
 
 
+def arrivals_s(path: Path, limit: int | None) -> Iterator[float]:
+    """The trace's arrival times in seconds (its ``timestamp``, ms), in request order."""
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if limit is not None and i >= limit:
+                return
+            yield json.loads(line)["timestamp"] / 1000
+
+
 def run_kvtier(prompts: Iterator[list[int]], num_gpu_blocks: int, tpb: int,
-               in_flight: int, policy: str) -> dict[str, object]:
+               in_flight: int, policy: str,
+               arrivals: Iterator[float] | None = None) -> dict[str, object]:
+    # The cache's clock is the trace's (each request at its arrival), not the machine's:
+    # a policy that learns from ages then makes the same decisions however fast the run
+    # goes, so two runs (and two versions of the code) do the same work.
+    now = [0.0]
     mgr = KVCacheManager(CacheConfig(tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks,
-                                     eviction_policy=policy))
+                                     eviction_policy=policy), clock=lambda: now[0])
+    times = arrivals if arrivals is not None else iter(())
     live: deque[tuple[str, list[int]]] = deque()
     seconds = cpu = 0.0
     num_blocks = num_tokens = num_reused = 0
     clock, cpu_clock = time.perf_counter, time.thread_time
     for i, tokens in enumerate(prompts):
         rid = str(i)
+        now[0] = next(times, now[0])
         t0, c0 = clock(), cpu_clock()
         a = mgr.add_sequence(SequenceSpec(rid, tokens))
         mgr.take_plan()  # what a caller submits to its transfer engine
@@ -100,7 +117,8 @@ def main() -> None:
         for policy in policies:
             prompts = mooncake_prompts(TRACE, setting["num_requests"])
             row = run_kvtier(prompts, int(setting["num_gpu_blocks"] or 0),
-                             args.tokens_per_block, args.in_flight, policy)
+                             args.tokens_per_block, args.in_flight, policy,
+                             arrivals_s(TRACE, setting["num_requests"]))
             row["setting"] = name
             ours = ours or row
             if row is not ours:
