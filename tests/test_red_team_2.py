@@ -269,6 +269,41 @@ def test_a_fifo_for_an_input_file_is_refused_not_waited_on(tmp_path: Path,
                             str(tmp_path))
 
 
+@pytest.mark.parametrize("call", ["encode", "encode_chat"])
+def test_text_of_bytes_that_were_not_utf8_is_a_value_error(call: str) -> None:
+    """A prompt or chat line read from bytes that are not UTF-8 (Python keeps them as lone
+    surrogates): the tokenizer raised TypeError ('TextInputSequence must be str') and
+    ``kvtier generate`` / ``chat`` ended in an internal error (status 70). Now ValueError,
+    which the commands report in one line (status 2)."""
+    tokenizers = pytest.importorskip("tokenizers", reason="the model extra")
+    from kvtier.model.tokenizer import Tokenizer
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"hi": 0, "?": 1},
+                                                               unk_token="?"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = Tokenizer(backend, [0], "{% for m in messages %}{{ m.content }} {% endfor %}")
+    text = "hi \udcff"
+    with pytest.raises(ValueError, match=r"is not valid Unicode text \(character \d+: bytes "
+                                         "that are not UTF-8\\?\\)"):
+        if call == "encode":
+            tokenizer.encode(text)
+        else:
+            tokenizer.encode_chat([{"role": "user", "content": text}])
+    assert tokenizer.encode("hi hi") == [0, 0]
+
+
+@pytest.mark.parametrize(("line", "current"), [
+    ("/switch \u00b2", 0),  # '²'.isdigit() is True; int('²') raised ValueError (status 70)
+    ("/switch -1", 0),
+    ("/switch 1", 1),
+])
+def test_chat_switch_takes_what_int_reads_as_a_conversation(line: str, current: int) -> None:
+    """``/switch ²`` in ``kvtier chat`` ended the session in an internal error."""
+    from kvtier.cli_generate import _switch
+
+    assert _switch(line, 2, 0) == current
+
+
 # ---- the simulator's workloads ----------------------------------------------------------------
 
 

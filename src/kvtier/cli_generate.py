@@ -240,8 +240,13 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
 
 def _switch(text: str, num_conversations: int, current: int) -> int:
     parts: Sequence[str] = text.split()
-    if len(parts) == 2 and parts[1].isdigit() and int(parts[1]) < num_conversations:
-        print(f"(conversation {parts[1]})")
-        return int(parts[1])
+    # NOTE: int() decides what a number is: str.isdigit() is True for '²', which it refuses.
+    try:
+        number = int(parts[1]) if len(parts) == 2 else None
+    except ValueError:
+        number = None
+    if number is not None and 0 <= number < num_conversations:
+        print(f"(conversation {number})")
+        return number
     print(f"(usage: /switch N with N in 0..{num_conversations - 1})")
     return current

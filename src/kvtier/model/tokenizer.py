@@ -57,8 +57,10 @@ class Tokenizer:
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens written in it are recognised). Pure."""
-        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text`` (special tokens written in it are recognised). Pure.
+        ValueError for text that is no valid Unicode (see ``check_text``)."""
+        ids: list[int] = self.backend.encode(check_text(text, "text"),
+                                             add_special_tokens=False).ids
         if self.add_bos and self.bos_token is not None:
             bos = self.backend.token_to_id(self.bos_token)
             if bos is not None and ids[:1] != [bos]:
@@ -83,8 +85,25 @@ class Tokenizer:
                     add_generation_prompt: bool = True) -> list[int]:
         """``encode(apply_chat_template(messages))``."""
         text = self.apply_chat_template(messages, add_generation_prompt)
-        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        ids: list[int] = self.backend.encode(check_text(text, "a message"),
+                                             add_special_tokens=False).ids
         return ids
+
+
+def check_text(text: str, what: str) -> str:
+    """``text``, if it is a str that UTF-8 can encode; ValueError naming ``what`` otherwise.
+
+    NOTE: Python reads bytes that are no UTF-8 (a command line, a terminal in another
+    encoding) as lone surrogates; the tokenizer refused them with a TypeError
+    ('TextInputSequence must be str') out of the middle of a command."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text (character {exc.start}: bytes "
+                         "that are not UTF-8?)") from None
+    return text
 
 
 def _render(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
