@@ -58,13 +58,17 @@ def make_engine(store: type[InMemoryRemoteStore] | None = None,
     ("prompt", [1, 2, 256], "token id 256 at index 2"),
     ("prompt", [10**6, 1], "token id 1000000 at index 0"),
     ("output", [3, 2**63 - 1], "token id 9223372036854775807 at index 1"),
+    ("prompt", [1, "numpy"], "token id 300 at index 1"),  # a numpy int64, replaced below
 ])
 def test_engine_refuses_token_ids_past_the_models_vocabulary(
-        field: str, tokens: list[int], shown: str) -> None:
+        field: str, tokens: list[object], shown: str) -> None:
     """A token id the model has no embedding for was queued; the step that prefilled it
     raised IndexError between the scheduler's step and update, and every later step was
     refused ('step() called before update()'): no request ever ran again. Now ValueError
     naming the field, the index and the id, nothing queued; the other requests run."""
+    if "numpy" in tokens:
+        np = pytest.importorskip("numpy")
+        tokens = [1, np.int64(300)]
     engine = make_engine()
     engine.add_request(Request("ok", [1, 2, 3], 2))
     bad = Request("bad", [1, 2, 3], 2)

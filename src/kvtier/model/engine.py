@@ -34,6 +34,7 @@ from kvtier.manager import KVCacheManager
 from kvtier.model.llama import LlamaModel
 from kvtier.model.sampling import Sampler
 from kvtier.remote.tier import RemoteTier
+from kvtier.request import check_request
 from kvtier.scheduler import Request, ScheduledStep, Scheduler
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.torch_engine import TorchTransferEngine
@@ -149,7 +150,8 @@ class ModelEngine:
         if stop is not None and not callable(stop):
             raise TypeError(f"stop must be a callable or None, got {type(stop).__name__}")
         if isinstance(request, Request):
-            self._check_vocab(request)
+            # The scheduler checks the request again; its token ids are ints from here.
+            self._check_vocab(request.request_id, *check_request(request))
         self.scheduler.add_request(request)
         rid = request.request_id
         self.results[rid] = RequestResult(rid, list(request.prompt),
@@ -159,20 +161,16 @@ class ModelEngine:
         if stop is not None:
             self._stops[rid] = stop
 
-    def _check_vocab(self, request: Request) -> None:
+    def _check_vocab(self, request_id: str, prompt: list[int], output: list[int]) -> None:
         """ValueError naming the request, the field and the index of the first token id
         outside the model's vocabulary. Pure."""
         vocab_size = self.model.config.vocab_size
-        for name in ("prompt", "output"):
-            tokens = getattr(request, name)
-            if not isinstance(tokens, Sequence) or isinstance(tokens, (str, bytes)):
-                continue  # not token ids at all: the scheduler's check names it
-            bad = next((i for i, t in enumerate(tokens)
-                        if type(t) is int and t >= vocab_size), None)
-            if bad is not None:
-                raise ValueError(f"{name} of request {request.request_id!r}: token id "
-                                 f"{tokens[bad]} at index {bad} is past the model's "
-                                 f"vocabulary of {vocab_size}")
+        for name, tokens in (("prompt", prompt), ("output", output)):
+            if tokens and max(tokens) >= vocab_size:
+                bad = next(i for i, t in enumerate(tokens) if t >= vocab_size)
+                raise ValueError(f"{name} of request {request_id!r}: token id {tokens[bad]} "
+                                 f"at index {bad} is past the model's vocabulary of "
+                                 f"{vocab_size}")
 
     def step(self) -> tuple[ScheduledStep, list[Request]]:
         """Run one forward pass; returns the schedule and the requests it finished."""
