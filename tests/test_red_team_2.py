@@ -12,9 +12,20 @@ from typing import TYPE_CHECKING
 from unittest.mock import ANY
 
 import pytest
+from hypothesis import assume, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from bad_input_helpers import assert_one_line_refusal, run_cli
-from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier import (
+    CacheConfig,
+    KVCacheManager,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+    SequenceSpec,
+    TransferPlan,
+)
 from kvtier.integrations.vllm.store_tier import JobOutcome, StoreTier
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
 from kvtier.sim import AgenticWorkload
@@ -464,3 +475,112 @@ def test_a_store_job_answered_with_no_count_fails_instead_of_being_lost(written:
     assert not tier.has_pending_work() and tier.stats.num_job_errors == 0
     tier.check_invariants()
     tier.close()
+
+
+# ---- a random sequence of public calls, good and bad, against the books ---------------------
+
+IDS = ("a", "b", "c", "d")
+NUM_GPU_BLOCKS = 12
+
+
+class ManagerCalls(RuleBasedStateMachine):
+    """Random public calls on a small manager, in any order, many of them refused (unknown
+    or finished ids, a second begin_step, bad counts, a batch with one id twice, a failed
+    plan reported twice): a refused call changes nothing; after every call the books hold,
+    and a fresh request that fits the free blocks is admitted with exactly its lookup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.manager = KVCacheManager(
+            CacheConfig(tokens_per_block=TPB, num_gpu_blocks=NUM_GPU_BLOCKS, num_host_blocks=6,
+                        enable_events=True), clock=lambda: 0.0)
+        self.plans: list[TransferPlan] = []
+        self.num_probes = 0
+
+    def snapshot(self) -> tuple[object, ...]:
+        m = self.manager
+        return (m.version, m.num_free_gpu_blocks, m.num_reserved_blocks, m.num_free_host_blocks,
+                [(b.block_hash, b.tier, b.slot) for b in m.cached_blocks()],
+                {rid: m.block_table(rid) for rid in IDS if m.has_sequence(rid)},
+                {rid: m.num_unscheduled_tokens(rid) for rid in IDS if m.has_sequence(rid)})
+
+    def call(self, op: Callable[[], object]) -> None:
+        """``op()``; if it refuses (the documented errors), nothing may have changed."""
+        before = self.snapshot()
+        try:
+            op()
+        except (ValueError, TypeError, KeyError, RuntimeError):
+            assert self.snapshot() == before
+
+    @rule(items=st.lists(st.tuples(st.sampled_from(IDS), st.lists(st.integers(0, 2),
+                                                                   max_size=14),
+                                   st.none() | st.integers(1, 14), st.integers(0, 3)),
+                         max_size=3))
+    def add_batch(self, items: list[tuple[str, list[int], int | None, int]]) -> None:
+        specs = [SequenceSpec(rid, tokens, num_new_tokens=num_new, num_reserved_blocks=reserve)
+                 for rid, tokens, num_new, reserve in items if tokens]
+        self.call(lambda: self.manager.add_sequence_batch(specs))
+
+    @rule(rid=st.sampled_from(IDS), num_tokens=st.integers(-1, 8))
+    def schedule_prefill(self, rid: str, num_tokens: int) -> None:
+        self.call(lambda: self.manager.schedule_prefill(rid, num_tokens))
+
+    @rule(rid=st.sampled_from(IDS), tokens=st.lists(st.integers(0, 2), max_size=6))
+    def append_tokens(self, rid: str, tokens: list[int]) -> None:
+        self.call(lambda: self.manager.append_tokens(rid, tokens))
+
+    @rule(items=st.lists(st.tuples(st.sampled_from(IDS), st.integers(0, 2)), max_size=4))
+    def append_token_batch(self, items: list[tuple[str, int]]) -> None:
+        self.call(lambda: self.manager.append_token_batch(items))
+
+    @rule(rid=st.sampled_from(IDS), store=st.booleans())
+    def remove(self, rid: str, store: bool) -> None:
+        self.call(lambda: self.manager.remove_sequence(rid, store))
+
+    @rule(begin=st.booleans())
+    def step_bound(self, begin: bool) -> None:
+        if begin:
+            self.call(self.manager.begin_step)
+        else:
+            self.call(lambda: self.plans.append(self.manager.end_step()))
+
+    @rule(data=st.data())
+    def fail_a_plan(self, data: st.DataObject) -> None:
+        self.plans.append(self.manager.take_plan())
+        plan = data.draw(st.sampled_from(self.plans))
+        if len(plan):
+            failed = data.draw(st.lists(st.integers(0, len(plan) - 1), max_size=3))
+            self.call(lambda: self.manager.transfer_failed(plan, failed))
+
+    @rule(tokens=st.lists(st.integers(0, 2), max_size=14), num_blocks=st.integers(0, 4))
+    def import_blocks(self, tokens: list[int], num_blocks: int) -> None:
+        self.call(lambda: self.manager.import_blocks(tokens, num_blocks))
+
+    @rule()
+    def reset(self) -> None:
+        self.manager.reset_cache()
+
+    @rule(num_blocks=st.integers(1, NUM_GPU_BLOCKS))
+    def probe(self, num_blocks: int) -> None:
+        """A fresh prompt (ids no other request has) that fits the free blocks is admitted,
+        reusing exactly what lookup promised (nothing), and leaves without a trace."""
+        m = self.manager
+        assume(num_blocks <= m.num_free_gpu_blocks)
+        self.num_probes += 1
+        tokens = [1000 + self.num_probes] * (num_blocks * TPB)
+        promised = m.lookup(tokens)
+        (admission,) = m.add_sequence_batch([SequenceSpec("probe", tokens)])
+        assert admission.admitted and len(admission.block_ids) == num_blocks
+        assert admission.num_reused_tokens == promised.num_tokens == 0
+        m.remove_sequence("probe", store_for_reuse=False)
+
+    @invariant()
+    def books_hold(self) -> None:
+        self.manager.check_invariants()
+        assert not self.manager.has_sequence("probe")
+
+
+def test_random_public_calls_keep_the_books_and_admit_what_fits() -> None:
+    """See ``ManagerCalls``."""
+    run_state_machine_as_test(ManagerCalls, settings=settings(
+        max_examples=60, stateful_step_count=40, deadline=None))
