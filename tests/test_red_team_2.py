@@ -414,6 +414,30 @@ def make_store_tier(answers: dict[str, object]) -> tuple[StoreTier, memoryview]:
     return StoreTier(store, view, 64, max_lookup_wait_s=60.0), view
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("groups", (), "groups must be a non-empty tuple"),
+    ("groups", "xx", "groups must be a non-empty tuple"),  # named a namespace of ['x'], ['x']
+    ("groups", ((0, 2),), "groups must be a non-empty tuple"),
+    ("groups", ((True, 2),), "groups must be a non-empty tuple"),
+    ("groups", ((16, object()),), "groups must be a non-empty tuple"),  # json.dumps raised
+    ("replicated_layout", "yes", "replicated_layout must be a bool, got 'yes'"),
+    ("kv_cache_layout", 5, "kv_cache_layout must be a str or None, got 5"),
+])
+def test_engine_layout_refuses_what_no_engine_has(field: str, value: object,
+                                                  message: str) -> None:
+    """Every field of a vLLM engine's layout is checked when it is built, as the counts
+    were: the groups and the layout flags were taken as they came (garbage named a
+    namespace of its own, or raised TypeError when the namespace was first named)."""
+    from kvtier.integrations.vllm.keys import EngineLayout
+
+    fields: dict[str, object] = dict(
+        model="m", kv_dtype="float16", page_bytes=64, tokens_per_hash=16, blocks_per_chunk=1,
+        groups=((16, 2),), tp_size=1, pp_size=1, pcp_size=1, dcp_size=1, rank=0)
+    fields[field] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EngineLayout(**fields)  # type: ignore[arg-type]
+
+
 def answering(value: object) -> Callable[..., object]:
     """A method that answers ``value`` whatever it is asked."""
     return lambda self, *args: value

@@ -74,6 +74,21 @@ class EngineLayout:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if type(self.rank) is not int or self.rank < 0:
             raise ValueError(f"rank must be an int >= 0, got {self.rank!r}")
+        groups = self.groups
+        if (not isinstance(groups, tuple) or not groups
+                or not all(isinstance(g, tuple) and len(g) == 2 and type(g[0]) is int
+                           and g[0] >= 1 and type(g[1]) is int and g[1] >= 0
+                           for g in groups)):
+            # NOTE: each group is part of the namespace: garbage here named a namespace
+            # no engine of the same layout would name, or failed in json.dumps later.
+            raise ValueError(f"groups must be a non-empty tuple of (tokens_per_block >= 1, "
+                             f"num_layers >= 0) pairs of ints, got {groups!r:.80}")
+        for name in ("replicated_layout", "canonical_layout"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.kv_cache_layout is not None and not isinstance(self.kv_cache_layout, str):
+            raise ValueError(f"kv_cache_layout must be a str or None, got "
+                             f"{self.kv_cache_layout!r:.80}")
         if self.page_bytes % _BYTES_PER_LANE:
             raise ValueError(f"page_bytes must be a multiple of {_BYTES_PER_LANE} (vLLM aligns "
                              f"its CPU pages), got {self.page_bytes}")
