@@ -319,6 +319,33 @@ def test_chat_switch_takes_what_int_reads_as_a_conversation(line: str, current: 
     assert _switch(line, 2, 0) == current
 
 
+@pytest.mark.parametrize(("argv", "shown"), [
+    # matplotlib's ValueError ('Format txt is not supported'), after the whole sweep: 70.
+    (["sweep", "--plot", "{dir}/hit.txt"], "--plot {dir}/hit.txt: matplotlib writes no '.txt'"),
+    # These failed after the run, the results lost (the table comes after the file).
+    (["sweep", "--plot", "{dir}/none/hit.png"],
+     "--plot {dir}/none/hit.png: cannot write it (there is no directory {dir}/none)"),
+    (["replay", "--json", "{dir}/none/out.json"],
+     "--json {dir}/none/out.json: cannot write it (there is no directory {dir}/none)"),
+    (["compare", "--json", "{dir}"], "--json {dir}: cannot write it (it is a directory)"),
+])
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_run(
+        tmp_path: Path, argv: list[str], shown: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--json / --plot files that cannot be written are refused in one line before anything
+    is simulated (the simulation is not even started)."""
+    if "--plot" in argv:
+        pytest.importorskip("matplotlib", reason="--plot needs the plot extra")
+    import kvtier.cli
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the simulation ran")
+
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    argv = [a.format(dir=tmp_path) for a in argv] + ["--no-progress", "--limit", "3"]
+    code, stderr = run_cli(argv)
+    assert_one_line_refusal(code, stderr, shown.format(dir=tmp_path))
+
+
 # ---- the simulator's workloads ----------------------------------------------------------------
 
 

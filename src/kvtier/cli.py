@@ -293,7 +293,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     if args.plot is not None:
-        _require_matplotlib()  # fail before the long part
+        _require_matplotlib(args.plot)  # fail before the long part
     caches = [make_cache(args, gpu, host, eviction_policy=policy)
               for policy in args.eviction_policy
               for gpu in args.gpu_blocks for host in args.host_blocks]
@@ -381,12 +381,22 @@ def _progress_bar(total: int | None, enabled: bool) -> Iterator[Callable[[int], 
 # ---- plot ----------------------------------------------------------------------------------
 
 
-def _require_matplotlib() -> None:
+def _require_matplotlib(path: Path | None = None) -> None:
+    """Refuse ``--plot`` without matplotlib, or to a ``path`` whose suffix names a format
+    matplotlib cannot write (its ValueError, after the whole sweep, was status 70)."""
     try:
         require_matplotlib()
     except ImportError:
         raise CLIError("--plot needs matplotlib; install it with: "
                        "pip install 'kvtier[plot]'") from None
+    if path is None or not path.suffix:
+        return  # no suffix: a PNG
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise CLIError(f"--plot {path}: matplotlib writes no {path.suffix!r} file; end the "
+                       f"name in one of {', '.join('.' + f for f in sorted(formats))}")
 
 
 def _plot_sweep(reports: list[SimReport], path: Path) -> None:

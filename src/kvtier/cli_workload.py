@@ -3,6 +3,7 @@ checked before anything is simulated."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,10 +73,24 @@ def num_requests(workload: Workload) -> int | None:
 
 def check_outputs(trace: Path | None, **outputs: Path | None) -> None:
     """Refuse an output file (``--json``, ``--plot``) that is the input trace: writing it
-    would destroy the trace. Paths are compared resolved (symlinks, ``..``)."""
-    if trace is None:
-        return
-    source = trace.resolve()
+    would destroy the trace (paths are compared resolved: symlinks, ``..``); or that cannot
+    be written: a directory, or in a directory that does not exist or refuses writes.
+
+    NOTE: checked before the run, which may take long: the write, after it, failed with the
+    run's results lost (the table is printed after the file is written)."""
+    source = trace.resolve() if trace is not None else None
     for option, path in outputs.items():
-        if path is not None and path.resolve() == source:
+        if path is None:
+            continue
+        if source is not None and path.resolve() == source:
             raise CLIError(f"--{option} {path} is the input trace; choose another file")
+        folder = path.parent
+        if path.is_dir():
+            problem = "it is a directory"
+        elif not folder.is_dir():
+            problem = f"there is no directory {folder}"
+        elif not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            problem = "permission denied"
+        else:
+            continue
+        raise CLIError(f"--{option} {path}: cannot write it ({problem})")
