@@ -94,6 +94,34 @@ def test_engine_refuses_token_ids_past_the_models_vocabulary(
     engine.manager.check_invariants()
 
 
+def test_generate_queues_no_prompt_when_one_is_refused() -> None:
+    """``Generator.generate([good, bad])`` with a token id past the vocabulary in the second
+    prompt: the first was queued before the engine refused the second, and stayed queued
+    (the next call ran it, its result never returned). Now ValueError naming the prompt,
+    nothing queued, and the next call runs only its own prompts."""
+    pytest.importorskip("torch", reason="the model needs torch")
+    from kvtier.model import LlamaModel, ModelConfig
+    from kvtier.model.generate import Generator, TierSizes
+    from kvtier.model.sampling import SamplingParams
+
+    class Decoder:
+        """All generate() asks of a tokenizer: the text of an answer."""
+
+        def decode(self, ids: list[int]) -> str:
+            return " ".join(map(str, ids))
+
+    generator = Generator(LlamaModel(ModelConfig(), "cpu"), Decoder(),  # type: ignore[arg-type]
+                          TierSizes(TPB, 32, 0, max_num_tokens=64))
+    params = SamplingParams(max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 1 holds token id 999, past the model's "
+                                         "vocabulary of 256"):
+        generator.generate([[1, 2, 3], [4, 999]], params)
+    assert not generator.engine.scheduler.has_unfinished()
+    (result,) = generator.generate([[5, 6, 7]], params)
+    assert result.num_prompt_tokens == 3
+    assert not generator.engine.results
+
+
 @pytest.mark.parametrize(("sampler", "stop", "message"), [
     (object(), None, "sampler must be a Sampler or None, got object"),
     ("greedy", None, "sampler must be a Sampler or None, got str"),

@@ -28,7 +28,7 @@ from kvtier.model.engine import ModelEngine, RequestResult
 from kvtier.model.llama import LlamaModel
 from kvtier.model.sampling import Sampler, SamplingParams, find_stop
 from kvtier.model.tokenizer import Tokenizer, load_tokenizer
-from kvtier.request import Request
+from kvtier.request import Request, check_token_ids
 from kvtier.scheduler import Scheduler, SchedulerConfig
 from kvtier.storage import KVStorage
 from kvtier.transfer.torch_engine import TorchTransferEngine
@@ -116,14 +116,24 @@ class Generator:
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams) -> list[TurnResult]:
         """Run the token prompts together until each stops; results in prompt order.
-        ValueError (nothing queued) if a prompt is empty or does not fit ``max_context``."""
+        ValueError (nothing queued) if a prompt is empty, does not fit ``max_context`` or
+        holds a token id that is no id of the model's vocabulary."""
         limit = self.max_context
-        for ids in prompts:
+        vocab_size = self.model.config.vocab_size
+        # NOTE: every prompt is checked before any is queued: the engine refuses a bad one
+        # too, but prompts queued before it would stay queued, run by the next call.
+        checked = [check_token_ids(ids, f"prompt {i}", allow_empty=True)
+                   for i, ids in enumerate(prompts)]
+        for i, ids in enumerate(checked):
             if not ids:
                 raise ValueError("a prompt is empty")
             if len(ids) >= limit:
                 raise ValueError(f"a prompt of {len(ids)} tokens does not fit the maximum "
                                  f"context of {limit} tokens (model context, GPU pool)")
+            if max(ids) >= vocab_size:
+                raise ValueError(f"prompt {i} holds token id {max(ids)}, past the model's "
+                                 f"vocabulary of {vocab_size}")
+        prompts = checked
         engine = self.engine
         rids = []
         for ids in prompts:
