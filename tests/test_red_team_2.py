@@ -94,6 +94,20 @@ def test_engine_refuses_token_ids_past_the_models_vocabulary(
     engine.manager.check_invariants()
 
 
+def test_run_returns_when_its_last_allowed_step_finishes_the_work() -> None:
+    """``run(max_steps=n)`` raised 'requests still unfinished after n steps' when its n-th
+    step finished the last request (it never checked after that step), and ``run(0)`` with
+    nothing queued raised too. Now both return the results; a bad ``max_steps`` is refused."""
+    engine = make_engine()
+    assert engine.run(0) == {}
+    engine.add_request(Request("a", [1, 2, 3], 2))  # a prefill step, then a decode step
+    with pytest.raises(RuntimeError, match="unfinished after 1 steps"):
+        engine.run(1)
+    assert engine.run(1)["a"].finished and engine.num_steps == 2
+    with pytest.raises(ValueError, match="max_steps must be an int >= 0, got -1"):
+        engine.run(-1)
+
+
 def test_generate_queues_no_prompt_when_one_is_refused() -> None:
     """``Generator.generate([good, bad])`` with a token id past the vocabulary in the second
     prompt: the first was queued before the engine refused the second, and stayed queued

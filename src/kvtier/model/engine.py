@@ -337,12 +337,19 @@ class ModelEngine:
 
     def run(self, max_steps: int = 100_000) -> dict[str, RequestResult]:
         """Step until every request finished (and, with a remote tier, its writes landed);
-        raises RuntimeError after ``max_steps``."""
-        for _ in range(max_steps):
+        raises RuntimeError after ``max_steps`` (ValueError, running nothing, unless it is an
+        int >= 0)."""
+        if type(max_steps) is not int or max_steps < 0:
+            raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
+        # NOTE: one check more than steps: what the last step finished is done, not
+        # "unfinished after max_steps steps".
+        for num_steps in range(max_steps + 1):
             if not self.scheduler.has_unfinished():
                 if self.remote is not None:
                     self.remote.flush(30.0)
                 return self.results
+            if num_steps == max_steps:
+                break
             self.step()
         raise RuntimeError(f"requests still unfinished after {max_steps} steps")
 
