@@ -94,6 +94,25 @@ def test_engine_refuses_token_ids_past_the_models_vocabulary(
     engine.manager.check_invariants()
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("rope_theta", "10000", "rope_theta must be a finite number > 0, got '10000'"),  # TypeError
+    ("norm_eps", None, "norm_eps must be a finite number > 0, got None"),  # TypeError
+    ("rope_theta", float("inf"), "rope_theta must be a finite number > 0, got inf"),
+    ("rope_theta", 10**400, "rope_theta must be a finite number > 0, got an int of 1329 bits"),
+    ("norm_eps", True, "norm_eps must be a finite number > 0, got True"),
+    ("seed", "7", "seed must be an integer, got '7'"),  # torch refused it when drawing weights
+])
+def test_model_config_refuses_numbers_that_are_no_finite_numbers(field: str, value: object,
+                                                                 message: str) -> None:
+    """ModelConfig checked its float fields with ``> 0`` only: a str or None raised
+    TypeError naming nothing, inf (or an int past the float range) was taken."""
+    pytest.importorskip("torch", reason="the model package needs torch")
+    from kvtier.model import ModelConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(**{field: value})  # type: ignore[arg-type]
+
+
 def test_run_returns_when_its_last_allowed_step_finishes_the_work() -> None:
     """``run(max_steps=n)`` raised 'requests still unfinished after n steps' when its n-th
     step finished the last request (it never checked after that step), and ``run(0)`` with
@@ -447,8 +466,6 @@ def test_trace_arrivals_past_the_virtual_clocks_precision_name_the_line(
 # ---- the scheduler -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler.py (not this pass's): add_request accepts "
-                   "a prompt no step can prefill without chunking; the fix is in the report")
 def test_a_prompt_past_the_budget_without_chunked_prefill_is_refused() -> None:
     """Without chunked prefill a prompt of more than ``max_num_tokens`` tokens can never be
     admitted; once it has waited ``max_wait_steps`` steps nothing behind it is admitted

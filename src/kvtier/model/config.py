@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.sequence import is_finite_number, short_repr
 from kvtier.storage import DTYPE_BYTES, KVLayout
 
 
@@ -74,9 +75,14 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
-        if not self.rope_theta > 0 or not self.norm_eps > 0:
-            raise ValueError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta!r} "
-                             f"and {self.norm_eps!r}")
+        for name in ("rope_theta", "norm_eps"):
+            # NOTE: finite floats: a str raised TypeError ('>' not supported), and inf or an
+            # int past the float range made RoPE or the norms silently degenerate.
+            value = getattr(self, name)
+            if not is_finite_number(value) or not value > 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {short_repr(value)}")
+        if type(self.seed) is not int:
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
