@@ -171,6 +171,13 @@ class Scheduler:
         if blocks > capacity:
             raise ValueError(f"request {rid!r} needs {blocks} blocks for {total} tokens, "
                              f"num_gpu_blocks is {capacity}")
+        budget = self.config.max_num_tokens
+        if not self.config.enable_chunked_prefill and len(prompt) > budget:
+            # No step could ever prefill it whole (a cached prefix is not promised), and
+            # once it has waited max_wait_steps nothing behind it is admitted either: every
+            # request would wait for ever. vLLM refuses this shape at its config.
+            raise ValueError(f"request {rid!r} has {len(prompt)} prompt tokens but "
+                             f"max_num_tokens is {budget} and chunked prefill is off")
         req.prompt, req.output = prompt, output  # private copies: the caller's lists may change
         spec = self._spec_of(req)
         self._enqueue(req, spec, first=False)
