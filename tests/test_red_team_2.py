@@ -210,6 +210,24 @@ def test_sampling_logits_with_nan_or_inf_takes_the_greedy_token(logits: list[flo
     assert sampler.sample(torch.tensor(logits)) == token
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    # math.isfinite(10**400) raised OverflowError.
+    ("temperature", 10**400, "temperature must be a finite number >= 0, got an int of 1329 bits"),
+    # Taken, then Sampler() raised torch's 'Overflow when unpacking long long' (kvtier
+    # generate --seed 10**23: that sentence, naming no option).
+    ("seed", 2**64, "seed must be an integer in -2**63..2**64-1 or None, got 18446744073709551616"),
+    ("seed", -(2**63) - 1, "seed must be an integer in -2**63..2**64-1 or None"),
+])
+def test_sampling_params_refuse_what_a_sampler_cannot_use(field: str, value: object,
+                                                          message: str) -> None:
+    """SamplingParams refuses, naming the field, what would fail later or unnamed."""
+    pytest.importorskip("torch", reason="sampling needs torch")
+    from kvtier.model.sampling import SamplingParams
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SamplingParams(**{field: value})  # type: ignore[arg-type]
+
+
 def test_an_engine_whose_model_computes_nan_still_finishes_every_request() -> None:
     """A model whose weights hold NaN (its logits are NaN) under a sampling request: the
     sampler raised in the middle of the step and every later step was refused. Now each

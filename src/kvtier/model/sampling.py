@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from kvtier.sequence import is_finite_number, short_repr
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +34,19 @@ class SamplingParams:
         if type(n) is not int or n < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
-                math.isfinite(t) and t >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        # NOTE: is_finite_number, not math.isfinite: that raised OverflowError for an int
+        # past the float range.
+        if not is_finite_number(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {short_repr(t)}")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
-        if self.seed is not None and type(self.seed) is not int:
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        seed = self.seed
+        # The seeds torch's generator takes: past them Sampler() raised torch's 'Overflow
+        # when unpacking long long', which names no field.
+        if seed is not None and (type(seed) is not int or not -(2**63) <= seed < 2**64):
+            raise ValueError(f"seed must be an integer in -2**63..2**64-1 or None, got "
+                             f"{short_repr(seed)}")
         if not isinstance(self.stop_token_ids, frozenset) or any(
                 type(i) is not int or i < 0 for i in self.stop_token_ids):
             raise ValueError("stop_token_ids must be a frozenset of integers >= 0, got "
