@@ -101,6 +101,7 @@ def test_engine_refuses_token_ids_past_the_models_vocabulary(
     ("rope_theta", 10**400, "rope_theta must be a finite number > 0, got an int of 1329 bits"),
     ("norm_eps", True, "norm_eps must be a finite number > 0, got True"),
     ("seed", "7", "seed must be an integer, got '7'"),  # torch refused it when drawing weights
+    ("rope_scaling", "factor=inf", "rope_scaling.factor must be a finite number > 0, got inf"),
 ])
 def test_model_config_refuses_numbers_that_are_no_finite_numbers(field: str, value: object,
                                                                  message: str) -> None:
@@ -108,8 +109,12 @@ def test_model_config_refuses_numbers_that_are_no_finite_numbers(field: str, val
     TypeError naming nothing, inf (or an int past the float range) was taken."""
     pytest.importorskip("torch", reason="the model package needs torch")
     from kvtier.model import ModelConfig
+    from kvtier.model.config import RopeScaling
 
     with pytest.raises(ValueError, match=re.escape(message)):
+        if field == "rope_scaling":
+            RopeScaling(factor=float("inf"), low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=8192)
         ModelConfig(**{field: value})  # type: ignore[arg-type]
 
 

@@ -22,8 +22,9 @@ class RopeScaling:
     def __post_init__(self) -> None:
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"rope_scaling.{name} must be a number > 0, got {value!r}")
+            if not is_finite_number(value) or not value > 0:  # inf: RoPE degenerate
+                raise ValueError(f"rope_scaling.{name} must be a finite number > 0, got "
+                                 f"{short_repr(value)}")
         if not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be "
                              f"> low_freq_factor ({self.low_freq_factor})")
