@@ -367,6 +367,11 @@ def test_progress_without_tqdm(
          "invalid configuration: max_num_tokens must be an integer >= 1, got 0"),
         (["--gpu-blocks", "4"],
          "all 3 requests are too large for 4 GPU blocks of 32 tokens; raise --gpu-blocks"),
+        # Without chunked prefill no step could prefill them (the scheduler refuses them).
+        (["--no-chunked-prefill", "--max-num-tokens", "16"],
+         "all 3 requests are too large for 1024 GPU blocks of 32 tokens or, without chunked "
+         "prefill, a step of 16 tokens; raise --gpu-blocks or --max-num-tokens, or drop "
+         "--no-chunked-prefill"),
         (["--set-profile", "warp_speed=9"],
          "--set-profile: unknown profile constant 'warp_speed'; known: decode_s_per_seq, "
          "kv_bytes_per_token, overlap_transfers, pcie_bytes_per_s, prefill_s_per_token, "

@@ -326,6 +326,12 @@ def _simulate(workload: Workload, cache: CacheConfig, sched: SchedulerConfig,
     except (ValueError, SimulationStalled) as exc:
         raise CLIError(f"cannot replay: {exc}") from None
     if report.num_requests == 0 and report.num_rejected_too_large:
+        if not sched.enable_chunked_prefill:
+            raise CLIError(
+                f"all {report.num_rejected_too_large} requests are too large for "
+                f"{cache.num_gpu_blocks} GPU blocks of {cache.tokens_per_block} tokens or, "
+                f"without chunked prefill, a step of {sched.max_num_tokens} tokens; raise "
+                "--gpu-blocks or --max-num-tokens, or drop --no-chunked-prefill")
         raise CLIError(
             f"all {report.num_rejected_too_large} requests are too large for "
             f"{cache.num_gpu_blocks} GPU blocks of {cache.tokens_per_block} tokens; "

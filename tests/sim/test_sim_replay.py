@@ -21,6 +21,7 @@ from kvtier.sim import (
     SyntheticChat,
     TraceRequest,
     Workload,
+    format_report,
     oracle_bounds,
     percentile,
     simulate,
@@ -255,6 +256,23 @@ def test_requests_too_large_are_skipped_and_counted() -> None:
                       SchedulerConfig(max_num_tokens=16), "tiny-test", progress=calls.append)
     assert (report.num_requests, report.num_rejected_too_large) == (2, 1)
     assert calls == [1, 1, 1]
+
+
+def test_without_chunked_prefill_prompts_past_the_budget_are_skipped_and_counted() -> None:
+    """Without chunked prefill a prompt longer than a step's budget can never be prefilled
+    (the scheduler refuses it): counted as too large, not a replay that stalls or stops;
+    the others run, and the report's line says what "too large" meant."""
+    workload = ListWorkload([
+        TraceRequest("small", 0.0, make_tokens(0, 10), 2),
+        TraceRequest("long", 0.5, make_tokens(100, 17), 2),  # 17 tokens > 16, 5 blocks
+        TraceRequest("small2", 1.0, make_tokens(200, 16), 2),
+    ])
+    report = simulate(workload, CacheConfig(tokens_per_block=4, num_gpu_blocks=8),
+                      SchedulerConfig(max_num_tokens=16, enable_chunked_prefill=False),
+                      "tiny-test")
+    assert (report.num_requests, report.num_rejected_too_large) == (2, 1)
+    assert any("1 too large for the GPU pool or a step's 16 tokens;" in line
+               for line in format_report(report))
 
 
 def test_oracle_bounds_at_gpu_plus_host_capacity() -> None:

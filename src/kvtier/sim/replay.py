@@ -210,8 +210,9 @@ class ReplayLoop:
                 f"{config.num_gpu_blocks} GPU blocks")
 
     def arrive(self, request: TraceRequest) -> None:
-        """Queue ``request`` at its (scaled) arrival time, or count it as too large for the
-        GPU pool. Raises ValueError if the scheduler refuses it for another reason."""
+        """Queue ``request`` at its (scaled) arrival time, or count it as too large (for
+        the GPU pool, or, without chunked prefill, for a step's token budget). Raises
+        ValueError if the scheduler refuses it for another reason."""
         config = self.manager.config
         arrival_s = request.arrival_s * self.time_scale
         if self.first_arrival_s is None:
@@ -221,7 +222,9 @@ class ReplayLoop:
         # The scheduler refuses these too (ValueError); checked here so that only they are
         # skipped and any other refusal still raises.
         num_blocks = cdiv(len(request.prompt) + max_output, config.tokens_per_block)
-        if num_blocks > config.num_gpu_blocks:
+        sched = self.scheduler.config
+        if num_blocks > config.num_gpu_blocks or (
+                not sched.enable_chunked_prefill and len(request.prompt) > sched.max_num_tokens):
             self.num_rejected += 1
             if self.progress is not None:
                 self.progress(1)

@@ -225,7 +225,8 @@ def format_report(report: SimReport) -> list[str]:
         ("model", f"{r.profile['name']} ({r.profile['kv_bytes_per_token']:,} B/token KV, "
                   f"PCIe {_float(r.profile['pcie_bytes_per_s']) / 1e9:g} GB/s)"),
         ("requests", f"{r.num_requests:,} finished, {r.num_rejected_too_large:,} too large for "
-                     f"the GPU pool; {r.num_steps:,} steps, {r.num_preemptions:,} preemptions"),
+                     f"the GPU pool{_or_a_step(r)}; {r.num_steps:,} steps, "
+                     f"{r.num_preemptions:,} preemptions"),
         ("hit rate", f"{r.token_hit_rate:.4f} of {r.num_prompt_tokens:,} prompt tokens: GPU "
                      f"{r.gpu_token_hit_rate:.4f}, host {r.host_token_hit_rate:.4f}"),
         ("reuse", f"credited {r.num_credited_tokens:,}, obtained {r.num_obtained_tokens:,}, "
@@ -315,3 +316,12 @@ def format_sweep(reports: Sequence[SimReport]) -> list[str]:
         ))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in table]
+
+
+def _or_a_step(r: SimReport) -> str:
+    """What else "too large" means: without chunked prefill, a prompt past the step's token
+    budget is refused too. Pure."""
+    sched = r.scheduler_config
+    if sched.get("enable_chunked_prefill", True):
+        return ""
+    return f" or a step's {sched.get('max_num_tokens')} tokens"
