@@ -547,6 +547,19 @@ def test_engine_layout_refuses_what_no_engine_has(field: str, value: object,
         EngineLayout(**fields)  # type: ignore[arg-type]
 
 
+def test_a_tenant_that_is_no_str_is_named() -> None:
+    """The tier's ``tenant`` option of another type was refused as 'salt_scope must be None
+    or a str', a name the tier's options do not have."""
+    from kvtier.integrations.vllm.keys import EngineLayout
+
+    layout = EngineLayout(model="m", kv_dtype="float16", page_bytes=64, tokens_per_hash=16,
+                          blocks_per_chunk=1, groups=((16, 2),), tp_size=1, pp_size=1,
+                          pcp_size=1, dcp_size=1, rank=0)
+    with pytest.raises(ValueError, match="tenant must be a str or None, got 5"):
+        layout.namespace(5)  # type: ignore[arg-type]
+    assert layout.namespace("a") != layout.namespace(None)
+
+
 def answering(value: object) -> Callable[..., object]:
     """A method that answers ``value`` whatever it is asked."""
     return lambda self, *args: value

@@ -107,7 +107,10 @@ class EngineLayout:
 
     def namespace(self, tenant: str | None = None) -> RemoteNamespace:
         """The remote namespace of this engine's pages; ``tenant`` scopes it further (two
-        tenants never share blocks). Pure."""
+        tenants never share blocks). Pure. ValueError naming ``tenant`` unless a str or
+        None."""
+        if tenant is not None and not isinstance(tenant, str):
+            raise ValueError(f"tenant must be a str or None, got {tenant!r:.80}")
         layout = KVLayout(num_layers=1, num_kv_heads=1,
                           head_dim=self.page_bytes // _BYTES_PER_LANE, tokens_per_block=1,
                           dtype=_PAGE_DTYPE)
