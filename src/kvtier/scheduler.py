@@ -313,7 +313,12 @@ class Scheduler:
             m = self._lookup(spec)
             compute = len(tokens) - m.num_tokens
             n = min(compute, cap, budget)
-            if n < compute and not self.config.enable_chunked_prefill:
+            if (n < compute and not self.config.enable_chunked_prefill
+                    and compute <= self.config.max_num_tokens):
+                # It fits one step: it waits for one with room for all of it. What no step
+                # could hold (a preempted request's prompt and output, recomputed; a prompt
+                # that long is refused when queued) is chunked, or it would wait for ever
+                # and hold up everything behind it.
                 n = 0
             blocks = cdiv(len(tokens), tpb)
             reserve = self._reserve(req, tokens)

@@ -16,6 +16,9 @@ class SchedulerConfig:
     """Budgets and policies of a :class:`Scheduler`.
 
     ``max_chunk_tokens`` caps one request's prefill chunk (``None``: the whole budget).
+    Without ``enable_chunked_prefill`` a prompt is prefilled in one step, so one longer
+    than ``max_num_tokens`` is refused when queued; a preempted request's recompute (its
+    prompt and output so far) that no step could hold is still chunked.
     A request that has waited ``max_wait_steps`` steps since it was queued stops later
     requests from being admitted ahead of it, which bounds its wait. ``admission`` names
     the scheduler class that runs it: ``claim`` (:class:`Scheduler`) or ``probe`` (the
