@@ -1,6 +1,5 @@
 """Red-team inputs, second pass: each test names the input, fails on the code before its fix
-and asserts the exact refusal (or the exact state after it). A strict xfail marks a defect
-whose fix belongs to a module this pass does not change (its reason says which)."""
+and asserts the exact refusal (or the exact state after it)."""
 
 from __future__ import annotations
 
@@ -492,8 +491,8 @@ def test_trace_arrivals_past_the_virtual_clocks_precision_name_the_line(
 def test_a_prompt_past_the_budget_without_chunked_prefill_is_refused() -> None:
     """Without chunked prefill a prompt of more than ``max_num_tokens`` tokens can never be
     admitted; once it has waited ``max_wait_steps`` steps nothing behind it is admitted
-    either, and every request waits for ever (a replay ends 'made no progress'). It should
-    be refused when queued, naming the budget."""
+    either, and every request waited for ever (a replay ended 'made no progress'). Now it
+    is refused when queued, naming the budget (the fix is scheduler.py's)."""
     manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32))
     scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=8, max_wait_steps=1,
                                                    enable_chunked_prefill=False))
