@@ -729,3 +729,29 @@ def test_random_public_calls_keep_the_books_and_admit_what_fits() -> None:
     """See ``ManagerCalls``."""
     run_state_machine_as_test(ManagerCalls, settings=settings(
         max_examples=60, stateful_step_count=40, deadline=None))
+
+
+# ---- abort: a client gone mid-request ------------------------------------------------------
+
+def test_an_engine_aborts_a_running_request_and_the_others_are_unchanged() -> None:
+    """``ModelEngine.abort`` of a request that shares its prefix with another, after its
+    first token: its result is finished ("abort", the output so far), the manager holds it
+    no more, and the other request's tokens are exactly what it makes alone."""
+    from kvtier import Request
+
+    alone = make_engine()
+    alone.add_request(Request("b", PREFIX + [9, 8], 4))
+    expected = alone.run()["b"].output
+
+    engine = make_engine()
+    engine.add_request(Request("a", PREFIX + [1, 2], 6))
+    engine.add_request(Request("b", PREFIX + [9, 8], 4))
+    engine.step()
+    result = engine.abort("a")
+    assert result is not None and result.finished and result.stop_reason == "abort"
+    assert len(result.output) == 1
+    assert not engine.manager.has_sequence("a") and engine.abort("a") is None
+    engine.manager.check_invariants()
+    results = engine.run()
+    assert results["b"].output == expected and results["b"].stop_reason == "length"
+    engine.manager.check_invariants()

@@ -465,3 +465,73 @@ def test_requeue_failed_keeps_admission_order(order: list[str]) -> None:
     #   waiting: [a, b, c, d]   running: {}
     assert [r.request_id for r in s.waiting] == ["a", "b", "c", "d"] and not s.running
     assert rest.context_chunks == () and rest.num_scheduled_tokens == 0
+
+
+# ---- abort --------------------------------------------------------------------------------
+
+def test_abort_a_queued_request_leaves_the_queue_and_nothing_else() -> None:
+    """A queued request aborted is gone (never admitted); the others run as before, and its
+    id may be queued again."""
+    s = make_scheduler(max_num_tokens=8)
+    s.add_request(Request("a", list(range(1, 9)), 2))
+    s.add_request(Request("b", list(range(20, 28)), 2))
+    gone = s.abort("b")
+    assert gone is not None and gone.request_id == "b"
+    assert [r.request_id for r in s.waiting] == ["a"]
+    step = s.step()
+    assert [c.request_id for c in step.context_chunks] == ["a"]
+    finish_step(s, step)
+    assert s.abort("b") is None  # no longer queued
+    s.add_request(Request("b", list(range(20, 28)), 1))
+    assert [r.request_id for r in s.waiting] == ["b"]
+
+
+def test_abort_a_running_request_keeps_what_it_computed_cached() -> None:
+    """A request aborted mid-prefill (chunks of 4 tokens) leaves the manager; the blocks of
+    the chunks already applied stay cached, exactly those, and nothing more is held."""
+    s = make_scheduler(num_gpu_blocks=8, max_num_tokens=4)
+    prompt = list(range(1, 14))  # 13 tokens: 4 chunks of at most 4
+    s.add_request(Request("a", prompt, 3))
+    for _ in range(2):
+        finish_step(s, s.step())
+    assert s.running["a"].num_computed_tokens == 8
+    gone = s.abort("a")
+    assert gone is not None and not s.has_unfinished()
+    assert not s.manager.has_sequence("a")
+    s.manager.check_invariants()
+    assert s.manager.lookup(prompt).num_tokens == 8  # the two computed blocks, no more
+    assert len(s.manager.cached_blocks()) == 2  # nothing else held or cached
+
+
+def test_abort_a_decoding_request_then_the_rest_run() -> None:
+    """Aborted while it decodes: its prompt's blocks stay cached for the next request with
+    the same prefix, which reuses exactly them."""
+    s = make_scheduler(num_gpu_blocks=8, max_num_tokens=16)
+    prompt = list(range(1, 10))  # 2 full blocks and a partial one
+    s.add_request(Request("a", prompt, 5))
+    finish_step(s, s.step())  # prefill and the first token
+    finish_step(s, s.step())  # one decode
+    assert s.abort("a") is not None
+    s.manager.check_invariants()
+    s.add_request(Request("b", prompt + [50], 1))
+    step = s.step()
+    assert [(c.request_id, c.num_reused_tokens) for c in step.context_chunks] == [("b", 8)]
+    finish_step(s, step)
+    assert not s.has_unfinished()
+
+
+def test_abort_is_refused_between_step_and_update_and_names_bad_ids() -> None:
+    """Between step and update the step's blocks are cached but not filled: refused,
+    nothing changed; an id that is no str is a TypeError; an unknown id is None."""
+    s = make_scheduler(max_num_tokens=8)
+    s.add_request(Request("a", list(range(1, 9)), 2))
+    step = s.step()
+    with pytest.raises(RuntimeError, match=r"abort\('a'\) between step\(\) and update\(\)"):
+        s.abort("a")
+    assert "a" in s.running and s.manager.has_sequence("a")
+    finish_step(s, step)
+    with pytest.raises(TypeError, match="request_id must be a str, got int"):
+        s.abort(7)  # type: ignore[arg-type]
+    assert s.abort("nobody") is None
+    assert s.abort("a") is not None and not s.has_unfinished()
+    s.manager.check_invariants()

@@ -182,6 +182,32 @@ class Scheduler:
         spec = self._spec_of(req)
         self._enqueue(req, spec, first=False)
 
+    def abort(self, request_id: str) -> Request | None:
+        """Drop a queued or running request (a client gone): a running one leaves the
+        manager as a finished one does (the blocks its applied steps computed stay cached
+        for others), a queued one leaves the queue. Returns it, or None where no request of
+        that id is queued or running (already finished, never added). Raises, changing
+        nothing, between ``step`` and ``update`` (RuntimeError: the step's blocks are
+        cached already and only its forward pass fills them; apply it, then abort) or for
+        an id that is no str (TypeError)."""
+        if type(request_id) is not str:
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        if self._unapplied is not None:
+            raise RuntimeError(f"abort({request_id!r}) between step() and update(): apply "
+                               "the step first")
+        req = self.running.pop(request_id, None)
+        if req is not None:
+            self.manager.remove_sequence(request_id)
+            return req
+        if request_id not in self._specs:
+            return None
+        req = next(r for r in self.waiting if r.request_id == request_id)
+        self.waiting.remove(req)
+        del self._specs[request_id], self._queued_at[request_id]
+        self._held.discard(request_id)
+        self._lookups.pop(request_id, None)
+        return req
+
     def step(self) -> ScheduledStep:
         """Schedule one forward pass. Raises RuntimeError, changing nothing, while the last
         step has not been applied by ``update``."""

@@ -41,7 +41,7 @@ from kvtier.transfer.torch_engine import TorchTransferEngine
 
 # Whether a request's output so far (the newest token last) ends it.
 StopFn = Callable[[Sequence[int]], bool]
-StopReason = Literal["length", "stop_token", "stop"]
+StopReason = Literal["length", "stop_token", "stop", "abort"]
 
 
 @dataclass(slots=True)
@@ -160,6 +160,25 @@ class ModelEngine:
             self._samplers[rid] = sampler
         if stop is not None:
             self._stops[rid] = stop
+
+    def abort(self, request_id: str) -> RequestResult | None:
+        """Drop a queued or running request (``Scheduler.abort``): what its applied steps
+        computed stays cached; its result is kept, finished with ``stop_reason`` "abort"
+        and the output so far. None where no request of that id is queued or running. A
+        remote fetch in flight for it lands in the cache for others. Raises TypeError for
+        an id that is no str."""
+        req = self.scheduler.abort(request_id)
+        if req is None:
+            return None
+        result = self.results[request_id]
+        result.output = list(req.output)
+        result.finished = True
+        result.stop_reason = "abort"
+        for table in (self._samplers, self._stops, self._promised, self._before_fetch,
+                      self._remote_tokens):
+            table.pop(request_id, None)
+        self._fetched.discard(request_id)
+        return result
 
     def _check_vocab(self, request_id: str, prompt: list[int], output: list[int]) -> None:
         """ValueError naming the request, the field and the index of the first token id
