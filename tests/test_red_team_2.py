@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from unittest.mock import ANY
 
 import pytest
@@ -754,4 +754,59 @@ def test_an_engine_aborts_a_running_request_and_the_others_are_unchanged() -> No
     engine.manager.check_invariants()
     results = engine.run()
     assert results["b"].output == expected and results["b"].stop_reason == "length"
+    engine.manager.check_invariants()
+
+
+# ---- a caller's sampler or stop function that faults mid-step ------------------------------
+
+@pytest.mark.parametrize("fault", ["raises", "no int", "past the vocabulary", "stop raises"])
+def test_a_faulting_sampler_or_stop_ends_its_request_and_the_engine_goes_on(
+    fault: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A caller's ``Sampler`` subclass whose ``sample`` raises or answers no token of the
+    vocabulary at its second token, or a ``stop`` that raises: that request ends there
+    ("error", its output so far and the greedy token, the reason kept), logged; the other
+    request's tokens are exactly what it makes alone, and later steps run. Before, the
+    fault came out between the scheduler's step and update: every later step was refused
+    ("step() called before update()")."""
+    import logging
+
+    from kvtier import Request
+    from kvtier.model.sampling import Sampler, SamplingParams
+
+    class Faulty(Sampler):
+        num_calls = 0
+
+        def sample(self, logits: Any) -> int:
+            self.num_calls += 1
+            if self.num_calls == 2:
+                if fault == "raises":
+                    raise RuntimeError("sampler broke")
+                return "x" if fault == "no int" else 10**6  # type: ignore[return-value]
+            return super().sample(logits)
+
+    def stop(output: Sequence[int]) -> bool:
+        if len(output) == 2:
+            raise RuntimeError("stop broke")
+        return False
+
+    alone = make_engine()
+    alone.add_request(Request("b", PREFIX + [9, 8], 4))
+    expected = alone.run()["b"].output
+
+    engine = make_engine()
+    if fault == "stop raises":
+        engine.add_request(Request("a", PREFIX + [1, 2], 6), stop=stop)
+    else:
+        engine.add_request(Request("a", PREFIX + [1, 2], 6),
+                           sampler=Faulty(SamplingParams(temperature=0.0)))
+    engine.add_request(Request("b", PREFIX + [9, 8], 4))
+    with caplog.at_level(logging.ERROR, logger="kvtier.model.engine"):
+        results = engine.run()
+    a = results["a"]
+    assert a.finished and a.stop_reason == "error" and len(a.output) == 2
+    assert a.error is not None and ("broke" in a.error or "sample returned" in a.error)
+    assert [r.getMessage().startswith("kvtier: request 'a' ends") for r in caplog.records] == [True]
+    assert results["b"].output == expected and results["b"].stop_reason == "length"
+    assert not engine.manager.has_sequence("a")
     engine.manager.check_invariants()

@@ -22,6 +22,7 @@ plan is executed here, once, as a whole.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ from kvtier.transfer.torch_engine import TorchTransferEngine
 
 # Whether a request's output so far (the newest token last) ends it.
 StopFn = Callable[[Sequence[int]], bool]
-StopReason = Literal["length", "stop_token", "stop", "abort"]
+StopReason = Literal["length", "stop_token", "stop", "abort", "error"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -72,6 +75,9 @@ class RequestResult:
     num_computed_tokens: int = 0
     added_s: float = 0.0
     first_token_s: float | None = None
+    # Why the request ended with ``stop_reason`` "error": its sampler or stop function
+    # raised or gave no token of the model's vocabulary (``ModelEngine._sample``).
+    error: str | None = None
 
     @property
     def num_reused_tokens(self) -> int:
@@ -124,6 +130,8 @@ class ModelEngine:
         self.results: dict[str, RequestResult] = {}
         self._samplers: dict[str, Sampler] = {}
         self._stops: dict[str, StopFn] = {}
+        # Requests whose sampler or stop function faulted this step: they end at its update.
+        self._faulted: dict[str, str] = {}
         # Per waiting request not admitted yet: the lookup before this step (what admission
         # will reuse, exactly), and the reuse it had before its remote fetch.
         self._promised: dict[str, PrefixMatch] = {}
@@ -276,26 +284,62 @@ class ModelEngine:
             self.remote.write(c.tokens, c.block_table, salt=c.salt, lora_id=c.lora_id)
 
     def _sample(self, last_logits: dict[str, torch.Tensor]) -> dict[str, int]:
-        """One token per request: its sampler's, else greedy (in one batched argmax)."""
+        """One token per request: its sampler's, else greedy (in one batched argmax). A
+        caller's sampler that raises or gives no token of the vocabulary ends its request
+        (``_fault``) with the greedy token, which the step applies: a fault between the
+        scheduler's step and its update would leave no later step able to run."""
         greedy = [rid for rid in last_logits if rid not in self._samplers]
         argmax: dict[str, int] = {}
         if greedy:
             tokens_out = torch.stack([last_logits[r] for r in greedy]).argmax(-1).tolist()
             argmax = dict(zip(greedy, tokens_out, strict=True))
-        return {rid: argmax[rid] if rid in argmax else self._samplers[rid].sample(logits)
-                for rid, logits in last_logits.items()}
+        out = {}
+        vocab_size = self.model.config.vocab_size
+        for rid, logits in last_logits.items():
+            if rid in argmax:
+                out[rid] = argmax[rid]
+                continue
+            try:
+                token = self._samplers[rid].sample(logits)
+                if isinstance(token, bool) or not isinstance(token, int | torch.Tensor):
+                    raise TypeError(f"sample returned {token!r}, not an int")
+                token = int(token)
+                if not 0 <= token < vocab_size:
+                    raise ValueError(f"sample returned {token}, outside the vocabulary of "
+                                     f"{vocab_size}")
+            except Exception as exc:
+                self._fault(rid, "sampler", exc)
+                token = int(logits.argmax().item())
+            out[rid] = token
+        return out
+
+    def _fault(self, request_id: str, what: str, exc: Exception) -> None:
+        """``request_id``'s ``what`` (a caller's code) raised: the request ends this step
+        with ``stop_reason`` "error" (its output so far kept); the others go on."""
+        self._faulted[request_id] = f"{what}: {type(exc).__name__}: {exc}"
+        logger.error("kvtier: request %r ends: its %s raised %s: %s", request_id, what,
+                     type(exc).__name__, exc, exc_info=(type(exc), exc, exc.__traceback__))
 
     def _stopped(self, sampled: dict[str, int]) -> set[str]:
-        """The requests whose new token is a stop token or completes a stop string."""
+        """The requests whose new token is a stop token or completes a stop string, and
+        those whose sampler or stop function faulted (``_fault``)."""
         running = self.scheduler.running
         stopped = set()
         for rid, token in sampled.items():
             sampler, stop = self._samplers.get(rid), self._stops.get(rid)
             reason: StopReason | None = None
-            if sampler is not None and sampler.stops_at(token):
-                reason = "stop_token"
-            elif stop is not None and stop([*running[rid].output, token]):
-                reason = "stop"
+            if rid not in self._faulted:
+                try:
+                    if sampler is not None and sampler.stops_at(token):
+                        reason = "stop_token"
+                    elif stop is not None and stop([*running[rid].output, token]):
+                        reason = "stop"
+                except Exception as exc:
+                    self._fault(rid, "stop check", exc)
+            error = self._faulted.pop(rid, None)
+            if error is not None:
+                reason = "error"
+                self.results[rid].error = error
             if reason is not None:
                 self.results[rid].stop_reason = reason
                 stopped.add(rid)
