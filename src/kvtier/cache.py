@@ -577,12 +577,7 @@ class BlockCache:
             learner.forget(ghost_key_below(node, tail.start_block, tail.key, self.tpb),
                            tail.uid, node.reuse_class, node.last_used_s, num_tail_blocks,
                            evictor.now(), node.last_used)
-        if node.tier is Tier.GPU:
-            self.gpu.give_back(tail.slots)
-            self.stats.gpu.evicted_blocks += num_tail_blocks
-        else:
-            self.host.give_back(tail.slots)
-            self.stats.host.evicted_blocks += num_tail_blocks
+        self._evicted(node.tier, tail.slots)
 
     def drop(self, node: Node) -> None:
         """Remove the unreferenced run ``node`` and everything below it from the cache."""
@@ -597,20 +592,23 @@ class BlockCache:
             self._prune(parent)
         learner = self._learner
         now = self.evictor.now() if learner is not None else 0.0
-        stats = self.stats
         for n in doomed:
             assert n.ref_count == 0, n
             if learner is not None and n.reuse_class is not None:
                 assert n.parent is not None
                 learner.forget(node_ghost_key(n, self.tpb), n.uid, n.reuse_class, n.last_used_s,
                                len(n.slots), now, n.last_used)
-            if n.tier is Tier.GPU:
-                self.gpu.give_back(n.slots)
-                stats.gpu.evicted_blocks += len(n.slots)
-            else:
-                self.host.give_back(n.slots)
-                stats.host.evicted_blocks += len(n.slots)
+            self._evicted(n.tier, n.slots)
             n.parent = None
+
+    def _evicted(self, tier: Tier, slots: list[int]) -> None:
+        """``slots`` of ``tier`` left the cache: free, and counted as evicted."""
+        if tier is Tier.GPU:
+            self.gpu.give_back(slots)
+            self.stats.gpu.evicted_blocks += len(slots)
+        else:
+            self.host.give_back(slots)
+            self.stats.host.evicted_blocks += len(slots)
 
     # ---- tier moves and stores -----------------------------------------------------------
 

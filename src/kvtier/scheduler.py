@@ -141,6 +141,15 @@ class Scheduler:
         return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
                             priority=req.priority, retention_s=req.retention_s)
 
+    def _dequeue(self, req: Request) -> None:
+        """Take the waiting ``req`` out of the queue and forget what was kept for it there
+        (``_enqueue``'s undo)."""
+        rid = req.request_id
+        self.waiting.remove(req)
+        self._lookups.pop(rid, None)
+        del self._specs[rid], self._queued_at[rid]
+        self._held.discard(rid)
+
     def _enqueue(self, req: Request, spec: SequenceSpec, first: bool) -> None:
         self._specs[req.request_id] = spec
         self._queued_at[req.request_id] = self._num_steps
@@ -202,10 +211,7 @@ class Scheduler:
         if request_id not in self._specs:
             return None
         req = next(r for r in self.waiting if r.request_id == request_id)
-        self.waiting.remove(req)
-        del self._specs[request_id], self._queued_at[request_id]
-        self._held.discard(request_id)
-        self._lookups.pop(request_id, None)
+        self._dequeue(req)
         return req
 
     def step(self) -> ScheduledStep:
@@ -401,11 +407,7 @@ class Scheduler:
         """Move an admitted candidate from ``waiting`` to ``running``: its first chunk
         computes ``num_tokens`` tokens past the ``num_reused`` the admission reused."""
         req = cand.request
-        self.waiting.remove(req)
-        self._lookups.pop(req.request_id, None)
-        del self._specs[req.request_id]
-        del self._queued_at[req.request_id]
-        self._held.discard(req.request_id)
+        self._dequeue(req)
         self.running[req.request_id] = req
         req.num_prefill_tokens = len(cand.spec.token_array)
         req.num_computed_tokens = num_reused

@@ -182,11 +182,16 @@ class ModelEngine:
         result.output = list(req.output)
         result.finished = True
         result.stop_reason = "abort"
+        self._forget(request_id)
+        return result
+
+    def _forget(self, request_id: str) -> None:
+        """Drop what the engine keeps for a request that is done (finished or aborted): a
+        finished id may be queued again, as a new request that fetches like any other."""
         for table in (self._samplers, self._stops, self._promised, self._before_fetch,
                       self._remote_tokens):
             table.pop(request_id, None)
         self._fetched.discard(request_id)
-        return result
 
     def _check_vocab(self, request_id: str, prompt: list[int], output: list[int]) -> None:
         """ValueError naming the request, the field and the index of the first token id
@@ -262,10 +267,7 @@ class ModelEngine:
             result.finished = True
             if result.stop_reason is None:
                 result.stop_reason = "length"
-            self._samplers.pop(rid, None)
-            self._stops.pop(rid, None)
-            # A finished id may be queued again (a new request): it fetches like any other.
-            self._fetched.discard(rid)
+            self._forget(rid)
         if computed:
             self._write_through(computed)
         self.num_steps += 1
