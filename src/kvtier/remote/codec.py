@@ -234,6 +234,20 @@ class RemoteNamespace:
         return decode_block(value, self.header(block_hash))
 
 
+def exact_bytes(value: object, num_bytes: int) -> memoryview | None:
+    """``value`` as exactly ``num_bytes`` contiguous bytes, or None where it is not that
+    (no bytes-like object, a strided view, another size). What a store answered is read
+    through this where a caller's client could answer past the codec's checks: a value a
+    slot cannot take whole is a miss, never an exception half way through a copy. Pure."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        return None
+    try:
+        data = memoryview(value).cast("B")  # NOTE: refuses a non-contiguous view
+    except (TypeError, ValueError):
+        return None
+    return data if data.nbytes == num_bytes else None
+
+
 def num_found_on_every_rank(wanted: Sequence[int],
                             found_by_rank: Sequence[Collection[int]]) -> int:
     """How many of ``wanted`` (a prompt's block hashes, in order) every rank found, counted

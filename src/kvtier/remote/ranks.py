@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+from kvtier.remote.codec import exact_bytes
 from kvtier.remote.store import RemoteStore
 from kvtier.tier import Tier
 
@@ -133,10 +134,9 @@ class RemoteShard:
         if not isinstance(found, dict):
             found = {}
         elif not all(type(v) is memoryview and v.nbytes == size and v.itemsize == 1
-                     for v in found.values()):
-            found = {h: v for h, v in found.items()
-                     if isinstance(v, memoryview | bytes | bytearray)
-                     and memoryview(v).nbytes == size and memoryview(v).itemsize == 1}
+                     and v.c_contiguous for v in found.values()):
+            found = {h: view for h, v in found.items()
+                     if (view := exact_bytes(v, size)) is not None}
         with self._cond:
             self._found[fetch_id] = (found, elapsed_s)
             self._cond.notify_all()

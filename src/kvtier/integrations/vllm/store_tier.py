@@ -29,6 +29,7 @@ from enum import Enum
 from typing import Literal, NamedTuple, cast
 
 from kvtier.integrations.vllm.keys import fold_key
+from kvtier.remote.codec import exact_bytes
 from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number
 from kvtier.remote.store import RemoteStore
@@ -362,7 +363,7 @@ class StoreTier:
         loaded: list[bytes] = []
         failed: list[int] = []
         for key, block_hash, page in zip(keys, hashes, pages, strict=True):
-            payload = _page_bytes(found.get(block_hash), self._page_bytes)
+            payload = exact_bytes(found.get(block_hash), self._page_bytes)
             if payload is None:
                 failed.append(block_hash)
                 continue
@@ -439,14 +440,3 @@ def _as_set(present: object) -> set[int]:
     if isinstance(present, set):
         return present
     return set(present) if isinstance(present, frozenset) else set()
-
-
-def _page_bytes(payload: object, page_bytes: int) -> memoryview | None:
-    """``payload`` as the ``page_bytes`` bytes of one page, or None if it is not one."""
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        return None
-    try:
-        data = memoryview(payload).cast("B")  # NOTE: refuses a non-contiguous view
-    except (TypeError, ValueError):
-        return None
-    return data if data.nbytes == page_bytes else None
