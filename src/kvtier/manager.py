@@ -32,7 +32,7 @@ from kvtier.live import LiveTable
 from kvtier.matching import match_prompt
 from kvtier.metrics import CacheStats
 from kvtier.policy_guard import PolicyGuard
-from kvtier.recovery import check_failed_indices, fail_transfers
+from kvtier.recovery import check_failed_indices, fail_computes, fail_transfers
 from kvtier.sequence import (
     LiveSequence,
     MultimodalItem,
@@ -407,6 +407,28 @@ class KVCacheManager:
         failed = check_failed_indices(plan, failed_indices)
         aborted = fail_transfers(self._cache, self._live, plan, failed)
         if failed:
+            self._version += 1
+        return aborted
+
+    def compute_failed(self, request_ids: Iterable[str]) -> list[str]:
+        """The forward passes of ``request_ids`` (live requests) in the step just scheduled
+        failed: degrade them to recompute (``kvtier.recovery.fail_computes``). What they
+        scheduled and did not compute leaves the cache; what earlier steps computed stays.
+        Returns the requests that must recompute (those, and any reading their garbage),
+        in admission order. Raises, changing nothing, for ids that are no iterable of str
+        (TypeError) or name no live request (KeyError)."""
+        if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, Iterable):
+            raise TypeError(f"request_ids must be an iterable of request ids, got "
+                            f"{request_ids!r}")
+        ids = list(request_ids)
+        for rid in ids:
+            if type(rid) is not str:
+                raise TypeError(f"request id {rid!r} is not a str")
+            self._live.get(rid)  # KeyError naming it
+        if self._live.in_step:
+            raise RuntimeError("compute_failed() is for the step ended, not one in progress")
+        aborted = fail_computes(self._cache, self._live, ids)
+        if aborted:
             self._version += 1
         return aborted
 

@@ -40,6 +40,7 @@ class CacheStats:
     num_partial_in_place: int = 0
     num_duplicate_stores: int = 0
     num_failed_transfers: int = 0
+    num_failed_computes: int = 0  # requests aborted by failed forward passes
     num_imported_blocks: int = 0
 
     @property
@@ -53,7 +54,8 @@ class CacheStats:
             for name in (
                 "num_admitted", "num_rejected", "num_prompt_tokens", "num_reused_tokens",
                 "num_partial_tokens", "num_partial_copies", "num_partial_in_place",
-                "num_duplicate_stores", "num_failed_transfers", "num_imported_blocks",
+                "num_duplicate_stores", "num_failed_transfers", "num_failed_computes",
+                "num_imported_blocks",
             )
         }
         out["token_hit_rate"] = self.token_hit_rate

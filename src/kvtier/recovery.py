@@ -1,4 +1,5 @@
-"""Failed copies degrade to recompute: nothing stale is ever served, nothing leaks.
+"""Failed copies and forward passes degrade to recompute: nothing stale is ever served,
+nothing leaks.
 
 ``fail_transfers`` runs when a transfer engine reports that some ops of a plan did not
 complete. Their destinations hold garbage, and so do the destinations of later ops that read
@@ -7,6 +8,10 @@ blocks it only scheduled (never computed) in its latest call; requests reading t
 aborted too. Then every bad block leaves the cache with its extensions, except where a live
 request follows it with a copy of its own: that copy takes its place. The caller requeues the
 aborted requests: a fresh lookup no longer finds the bad blocks.
+
+``fail_computes`` runs when the forward passes of some requests of a step fail: the blocks
+they scheduled in that step are garbage (stored for reuse at the step's end, never
+computed), and the same spreading and dropping follows from there.
 """
 
 from __future__ import annotations
@@ -54,21 +59,47 @@ def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
             damaged.discard((op.dst_tier, op.dst_slot))  # rewritten with good data
     if not damaged:
         return []
+    aborted = _abort_spreading(cache, live, damaged, [])
+    cache.stats.num_failed_transfers += len(failed)
+    return aborted
+
+
+def fail_computes(cache: BlockCache, live: LiveTable, request_ids: Iterable[str]) -> list[str]:
+    """Handle the failure of the forward passes of ``request_ids`` (live requests) in the
+    step just scheduled; return the ids of the requests aborted, in admission order, to
+    requeue: those, and any request reading what they were to compute.
+
+    Their KV past what earlier steps computed is garbage (a pass may fail halfway through
+    its layers): the blocks they scheduled but did not compute leave the cache, though
+    ``end_step`` stored them for reuse. What earlier steps computed stays cached.
+
+    Contract: as ``fail_transfers``."""
+    seqs = {rid: live.get(rid) for rid in request_ids}
+    aborted = _abort_spreading(cache, live, set(), list(seqs.values()))
+    cache.stats.num_failed_computes += len(aborted)
+    return aborted
+
+
+def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[Tier, int]],
+                     failed: list[LiveSequence]) -> list[str]:
+    """Abort ``failed`` and every live request reading a ``damaged`` block (garbage); drop
+    the garbage from the cache; return the aborted requests' ids in admission order."""
     tpb = cache.tpb
     # Garbage spreads: a request reading a bad slot is aborted, and the blocks it scheduled
     # but may not have computed (in its own slots) are bad too, for anyone reading them.
     bad = set(damaged)
     aborted: dict[str, LiveSequence] = {}
+    more = failed
     while True:
-        more = [seq for seq in live if seq.request_id not in aborted
-                and any((Tier.GPU, slot) in bad for slot in seq.block_table)]
-        if not more:
-            break
         for seq in more:
             aborted[seq.request_id] = seq
             valid_blocks = seq.num_valid_tokens // tpb
             bad.update((Tier.GPU, slot) for node in _uncomputed(seq, tpb)
                        for slot in node.slots[max(0, valid_blocks - node.start_block):])
+        more = [seq for seq in live if seq.request_id not in aborted
+                and any((Tier.GPU, slot) in bad for slot in seq.block_table)]
+        if not more:
+            break
     # In admission order, whatever order the loop above found them in.
     order = {seq.request_id: i for i, seq in enumerate(live)}
     ordered = sorted(aborted.values(), key=lambda seq: order[seq.request_id])
@@ -90,7 +121,6 @@ def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
             _replace_with_copy(cache, live, node, index)
         else:
             cache.drop_from(node, index)
-    cache.stats.num_failed_transfers += len(failed)
     return [seq.request_id for seq in ordered]
 
 

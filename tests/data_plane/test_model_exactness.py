@@ -4,7 +4,9 @@ give exactly the logits and greedy tokens of a full recompute without any cache.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,6 +21,9 @@ from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.transfer import OpKind, TransferError, TransferPlan  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 from kvtier.transfer.torch_handle import TransferHandle  # noqa: E402
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TPB = 4
@@ -230,3 +235,73 @@ def test_a_transfer_error_without_indices_degrades_to_recompute(names: str) -> N
     assert engine.manager.stats.num_failed_transfers > 0
     assert_like_full_recompute(engine.model, results, FP32_ATOL)
     assert engine.manager.num_sequences == 0
+
+
+def half_a_pass(engine: ModelEngine, fails: Callable[[Sequence[int], int], bool]) -> list[int]:
+    """Make the engine's forward passes for which ``fails(tokens, start_pos)`` says so
+    write NaN K/V over every position they were to compute (a pass dying halfway through
+    its layers), then raise as a CUDA out-of-memory would. Returns the list the faults are
+    counted in."""
+    forward_chunk = engine.model.forward_chunk
+    faults = [0]
+
+    def failing(kv: KVStorage, block_table: Sequence[int], tokens: Sequence[int],
+                start_pos: int, before_layer: Callable[[int], None] | None = None
+                ) -> Tensor:
+        if not fails(tokens, start_pos):
+            return forward_chunk(kv, block_table, tokens, start_pos, before_layer)
+        faults[0] += 1
+        for pos in range(start_pos, start_pos + len(tokens)):
+            for layer in range(kv.layout.num_layers):
+                kv.layer(layer)[block_table[pos // TPB], :, pos % TPB] = float("nan")
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    engine.model.forward_chunk = failing  # type: ignore[method-assign]
+    return faults
+
+
+@pytest.mark.parametrize("sc", SCENARIOS[1:], ids=lambda sc: sc.name)
+def test_failed_forward_passes_degrade_to_recompute_and_stay_exact(sc: Scenario) -> None:
+    """Forward passes (prefill chunks and decodes) that fail at random after writing NaN
+    over what they were to compute: the blocks they were to fill leave the cache, their
+    requests recompute, and every logit equals a full recompute. Before, the first fault
+    came out between the scheduler's step and update: every later step was refused, and
+    the blocks the step had stored for reuse held NaN for every later request."""
+    rng = random.Random(sc.seed)
+    engine = make_engine(sc, "cpu")
+    engine.max_forward_faults = 1_000  # the fault is transient: never give up here
+    faults = half_a_pass(engine, lambda tokens, start_pos: rng.random() < 0.2)
+    results = run_workload(engine, sc)
+    assert faults[0] == engine.num_failed_forwards > 5
+    assert engine.manager.stats.num_failed_computes == faults[0]
+    assert engine.manager.num_sequences == 0  # nothing leaked
+    engine.manager.check_invariants()
+    assert all(r.stop_reason == "length" for r in results.values())
+    assert_like_full_recompute(engine.model, results, FP32_ATOL)
+
+
+def test_a_request_whose_forward_pass_keeps_failing_ends_with_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A prompt whose pass always fails (here: a prompt no other request has) is tried
+    ``max_forward_faults`` times, then ends ("error", the fault kept, logged each time);
+    the others' answers equal a full recompute."""
+    import logging
+
+    sc = next(sc for sc in SCENARIOS if sc.name == "host_tier")
+    engine = make_engine(sc, "cpu")
+    prompt = [9, 8, 7, 6, 5, 4, 255, 3]
+    faults = half_a_pass(engine, lambda tokens, start_pos: list(tokens) == prompt)
+    engine.add_request(Request("bad", prompt, 4))
+    with caplog.at_level(logging.ERROR, logger="kvtier.model.engine"):
+        results = run_workload(engine, sc)
+    bad = results.pop("bad")
+    assert bad.finished and bad.stop_reason == "error" and bad.output == []
+    assert bad.num_forward_faults == faults[0] == engine.max_forward_faults == 3
+    assert bad.error == "forward pass: RuntimeError: CUDA out of memory (injected)"
+    assert [r.getMessage().startswith("kvtier: the forward pass of request 'bad' raised")
+            for r in caplog.records] == [True] * 3
+    assert engine.manager.num_sequences == 0
+    engine.manager.check_invariants()
+    assert all(r.stop_reason == "length" for r in results.values())
+    assert_like_full_recompute(engine.model, results, FP32_ATOL)

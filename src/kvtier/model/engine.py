@@ -75,8 +75,12 @@ class RequestResult:
     num_computed_tokens: int = 0
     added_s: float = 0.0
     first_token_s: float | None = None
+    # Forward passes of this request that raised; at ``ModelEngine.max_forward_faults`` it
+    # ends with ``stop_reason`` "error".
+    num_forward_faults: int = 0
     # Why the request ended with ``stop_reason`` "error": its sampler or stop function
-    # raised or gave no token of the model's vocabulary (``ModelEngine._sample``).
+    # raised or gave no token of the model's vocabulary (``ModelEngine._sample``), or its
+    # forward pass failed ``max_forward_faults`` times (``ModelEngine._forward_failed``).
     error: str | None = None
 
     @property
@@ -96,6 +100,7 @@ class RequestResult:
 class _Computed(NamedTuple):
     """A prompt computed to its end in this step, with the blocks that hold it."""
 
+    request_id: str
     tokens: list[int]
     block_table: list[int]
     salt: bytes | str | int | None
@@ -104,6 +109,12 @@ class _Computed(NamedTuple):
 
 class ModelEngine:
     """Drives ``model`` with ``scheduler`` over the GPU storage of ``transfer``."""
+
+    # A request whose forward pass raises this many times ends with an error (a fault that
+    # repeats, such as a prompt no memory can hold, must not requeue it for ever). NOTE:
+    # under tensor parallelism (``TensorParallelLeader``) a pass that fails on one rank
+    # leaves the ranks' collectives out of step: that is not recoverable here.
+    max_forward_faults = 3
 
     def __init__(self, model: LlamaModel, manager: KVCacheManager, scheduler: Scheduler,
                  transfer: TorchTransferEngine, record_logits: bool = False,
@@ -139,6 +150,7 @@ class ModelEngine:
         self._remote_tokens: dict[str, int] = {}
         self.num_steps = 0
         self.num_failed_steps = 0
+        self.num_failed_forwards = 0  # forward passes that raised (``_forward_failed``)
         # CPU seconds of the last step's scheduling and transfer submission.
         self.last_step_seconds: dict[str, float] = {}
         self._wait_layer: Callable[[int], None] | None = None
@@ -237,20 +249,36 @@ class ModelEngine:
         running = self.scheduler.running
         computed: list[_Computed] = []  # prompts completed here, to write through
         writes_through = self.remote is not None and self.remote.write_policy == "write-through"
+        broken: dict[str, Exception] = {}  # forward passes that raised
         for chunk in step.context_chunks:
             req = running[chunk.request_id]
             end = chunk.first_token + chunk.num_tokens
-            logits = self._forward(req, req.tokens[chunk.first_token:end], chunk.first_token)
+            try:
+                logits = self._forward(req, req.tokens[chunk.first_token:end],
+                                       chunk.first_token)
+            except Exception as exc:
+                broken[req.request_id] = exc
+                continue
             if end == req.num_prefill_tokens:
                 last_logits[req.request_id] = logits[-1]
                 if writes_through:
                     # The block table as of now: update may finish the request and free it.
-                    computed.append(_Computed(req.tokens[:end], list(
+                    computed.append(_Computed(req.request_id, req.tokens[:end], list(
                         self.manager.block_table(req.request_id)), req.salt, req.lora_id))
         for rid in step.decode_request_ids:
             req = running[rid]
             tokens = req.tokens
-            last_logits[rid] = self._forward(req, tokens[-1:], len(tokens) - 1)[-1]
+            try:
+                last_logits[rid] = self._forward(req, tokens[-1:], len(tokens) - 1)[-1]
+            except Exception as exc:
+                broken[rid] = exc
+        given_up: dict[str, str] = {}
+        if broken:
+            step, given_up = self._forward_failed(step, broken)
+            kept = set(step.decode_request_ids)
+            kept.update(c.request_id for c in step.context_chunks)
+            last_logits = {rid: x for rid, x in last_logits.items() if rid in kept}
+            computed = [c for c in computed if c.request_id in kept]
         sampled = self._sample(last_logits)
         for rid in step.preempted_request_ids:
             self.results[rid].num_preemptions += 1
@@ -268,10 +296,43 @@ class ModelEngine:
             if result.stop_reason is None:
                 result.stop_reason = "length"
             self._forget(rid)
+        for rid, error in given_up.items():
+            gone = self.scheduler.abort(rid)
+            assert gone is not None  # requeued above
+            result = self.results[rid]
+            result.output = list(gone.output)
+            result.finished = True
+            result.stop_reason = "error"
+            result.error = error
+            self._forget(rid)
+            finished.append(gone)
         if computed:
             self._write_through(computed)
         self.num_steps += 1
         return step, finished
+
+    def _forward_failed(self, step: ScheduledStep, failed: dict[str, Exception]
+                        ) -> tuple[ScheduledStep, dict[str, str]]:
+        """The forward passes of ``failed`` raised (a CUDA out-of-memory, a kernel fault):
+        degrade them to recompute. The manager drops what they were to compute (stored for
+        reuse at the step's end, never written) and the scheduler puts them back at the
+        front of the queue; the others' work goes on. A request whose forward pass has now
+        failed ``max_forward_faults`` times is given up: returns the step without the
+        requeued requests' work, and the given-up ones with their error, to end."""
+        given_up = {}
+        for rid, exc in failed.items():
+            result = self.results[rid]
+            result.num_forward_faults += 1
+            logger.error("kvtier: the forward pass of request %r raised %s: %s (fault %d of "
+                         "%d: %s)", rid, type(exc).__name__, exc, result.num_forward_faults,
+                         self.max_forward_faults,
+                         "given up" if result.num_forward_faults >= self.max_forward_faults
+                         else "it recomputes", exc_info=(type(exc), exc, exc.__traceback__))
+            if result.num_forward_faults >= self.max_forward_faults:
+                given_up[rid] = f"forward pass: {type(exc).__name__}: {exc}"
+        aborted = self.manager.compute_failed(list(failed))
+        self.num_failed_forwards += len(failed)
+        return self.scheduler.requeue_failed(step, aborted), given_up
 
     def _write_through(self, computed: list[_Computed]) -> None:
         """Write the full blocks of the prompts this step completed to the remote tier.
