@@ -154,13 +154,15 @@ def _turn_json(conversation: int, turn: int, r: TurnResult) -> dict[str, Any]:
 
 def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
             params: SamplingParams) -> list[TurnResult]:
+    from kvtier.model.generate import GenerationFailed
+
     try:
         if raw:
             prompts = [generator.tokenizer.encode(c[-1]["content"]) for c in conversations]
             return generator.generate(prompts, params)
         return generator.chat(conversations, params)
-    except ValueError as exc:  # too long for the context, a template that refuses
-        raise CLIError(str(exc)) from None
+    except (ValueError, GenerationFailed) as exc:  # too long for the context, a template
+        raise CLIError(str(exc)) from None               # that refuses, out of memory
 
 
 def run_generate(args: argparse.Namespace) -> int:

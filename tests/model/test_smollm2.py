@@ -141,3 +141,24 @@ def test_exact_through_the_tiers_vs_transformers(
                 assert torch.allclose(logits, expected, atol=tol, rtol=0), (r.request_id, pos)
             for i, token in enumerate(r.output):
                 assert token == int(ref[len(r.prompt) - 1 + i].argmax()), (r.request_id, i)
+
+
+def test_a_prompt_whose_forward_pass_keeps_failing_is_an_error_naming_it(
+    smollm2: tuple[LlamaModel, Tokenizer],
+) -> None:
+    """Out of device memory on every try: ``generate`` raises ``GenerationFailed`` naming
+    the prompt and the fault (``kvtier generate`` prints it and exits 2), where it used to
+    assert on a first token that never came."""
+    from kvtier.model.generate import GenerationFailed
+
+    gen = Generator(*smollm2, tiers=TierSizes(num_gpu_blocks=16, num_host_blocks=0))
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    gen.engine.model.forward_chunk = out_of_memory  # type: ignore[method-assign,assignment]
+    with pytest.raises(GenerationFailed, match=r"prompt 0 could not be answered: forward "
+                                               r"pass: RuntimeError: CUDA out of memory"):
+        gen.generate([[1, 2, 3]], gen.default_params(max_new_tokens=4))
+    assert gen.engine.num_failed_forwards == gen.engine.max_forward_faults
+    assert gen.engine.manager.num_sequences == 0

@@ -51,6 +51,11 @@ class TierSizes:
         SchedulerConfig(max_num_tokens=self.max_num_tokens)
 
 
+class GenerationFailed(RuntimeError):
+    """A prompt could not be answered: its forward pass failed every time it was tried
+    (``ModelEngine.max_forward_faults``), e.g. out of device memory."""
+
+
 class TurnResult(NamedTuple):
     """One request's outcome: its text and tokens, why it stopped, where its prompt's
     tokens came from, and its time to first token."""
@@ -144,7 +149,11 @@ class Generator:
             engine.add_request(Request(rid, list(ids), max_new), Sampler(params), stop)
             rids.append(rid)
         engine.run()
-        return [self._result(engine.results.pop(rid), params) for rid in rids]
+        results = [engine.results.pop(rid) for rid in rids]
+        for i, r in enumerate(results):
+            if r.stop_reason == "error":  # its forward pass kept failing (a CUDA OOM)
+                raise GenerationFailed(f"prompt {i} could not be answered: {r.error}")
+        return [self._result(r, params) for r in results]
 
     def chat(self, conversations: Sequence[Sequence[Message]],
              params: SamplingParams) -> list[TurnResult]:
