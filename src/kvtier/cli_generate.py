@@ -231,7 +231,14 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
             continue
         history = conversations[current]
         history.append({"role": "user", "content": text})
-        result = _answer(generator, [history], False, params)[0]
+        try:
+            result = _answer(generator, [history], False, params)[0]
+        except CLIError as exc:
+            # A turn that does not fit the context (or could not be computed) is refused;
+            # the conversation stays as it was, and the session goes on.
+            history.pop()
+            print(f"(not answered: {exc}; /new starts a new conversation)", flush=True)
+            continue
         history.append({"role": "assistant", "content": result.text})
         print(result.text)
         print(result.summary(), flush=True)

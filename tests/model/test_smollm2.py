@@ -162,3 +162,27 @@ def test_a_prompt_whose_forward_pass_keeps_failing_is_an_error_naming_it(
         gen.generate([[1, 2, 3]], gen.default_params(max_new_tokens=4))
     assert gen.engine.num_failed_forwards == gen.engine.max_forward_faults
     assert gen.engine.manager.num_sequences == 0
+
+
+def test_chat_refuses_a_turn_past_the_context_and_goes_on(
+    smollm2_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``kvtier chat`` with a 128-token context: a turn that would outgrow it is refused
+    with the reason, the conversation stays as it was and the next turn is answered. Before,
+    the refusal ended the whole session (exit 2, no summary)."""
+    import io
+    import json
+
+    from kvtier.cli import main
+
+    long_turn = "Tell me everything about " + "the history of France " * 40
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{long_turn}\nWhat is 2+2?\n/quit\n"))
+    code = main(["chat", "--model", str(smollm2_path), "--device", "cpu",
+                 "--tokens-per-block", "16", "--gpu-blocks", "8", "--host-blocks", "0",
+                 "--max-new-tokens", "4"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].startswith("(not answered: a prompt of ") and "/new" in out[0]
+    summary = json.loads(out[-1])
+    assert [(t["conversation"], t["turn"]) for t in summary["turns"]] == [(0, 0)]
+    assert summary["turns"][0]["num_output_tokens"] == 4
