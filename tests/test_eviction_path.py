@@ -19,7 +19,7 @@ from kvtier.cache import MAX_EVICTION_BATCH, BlockCache, Swap, _Onboarding, evic
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.policies import KvtierPredict
 from kvtier.pool import TierPool
-from kvtier.radix import Node
+from kvtier.radix import Node, add_child
 from kvtier.transfer.plan import PlanRecorder
 
 TPB = 4
@@ -369,3 +369,79 @@ def test_a_leaf_tail_dropped_in_place_leaves_what_a_cut_tail_dropped_leaves() ->
         forgotten = results[0][9]
         assert isinstance(forgotten, list) and len(forgotten) == 1
         assert forgotten[0][1] == 1 and forgotten[0][4] == 2
+
+
+class _CountingPredict(KvtierPredict):
+    """kvtier-predict-cost that counts its ``rank`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__(cost_aware=True)
+        self.num_ranks = 0
+
+    def rank(self, node: Node, now: float, default_priority: int) -> tuple[float, ...]:
+        self.num_ranks += 1
+        return super().rank(node, now, default_priority)
+
+
+def cached_run(cache: BlockCache, parent: Node, first_token: int, tier: Tier,
+               reuse_class: int, tick: int) -> Node:
+    """An unreferenced two-block run of ``tier`` below ``parent``, released at ``tick``
+    under ``reuse_class`` (its eviction queue), filed as a candidate."""
+    pool = cache.pool(tier)
+    root = parent.root
+    assert root is not None
+    node = Node(parent, [first_token] * (2 * TPB), pool.take(2), tier, None,
+                parent.start_block + len(parent.slots), root)
+    node.reuse_class, node.last_used = reuse_class, tick
+    add_child(parent, node)
+    cache.evictor.refile(node)
+    return node
+
+
+def test_a_victim_taken_below_a_bound_is_ranked_once() -> None:
+    """``take_victim``'s bound (``below``) and ``victim_rank`` read the rank the pop
+    computed for the victim: the policy ranks each queue head once (three calls before),
+    and ``victim_rank`` answers the kept rank once, then asks the policy::
+
+        root ─┬─ [h1 | host, class 1, tick 2]
+              └─ [h2 | host, class 3, tick 1]     two queues; h2 goes (older)
+    """
+    policy = _CountingPredict()
+    cache = BlockCache(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8, num_host_blocks=8),
+                       clock=lambda: 5.0, policy=policy)
+    root = cache.join_root(None, None)
+    cached_run(cache, root, 1, Tier.HOST, 1, 2)
+    h2 = cached_run(cache, root, 2, Tier.HOST, 3, 1)
+    evictor = cache.evictor
+    with evictor.eviction_round():
+        victim = evictor.take_victim(Tier.HOST, 2, below=(1000.0,))
+        assert victim is h2 and policy.num_ranks == 2
+        kept = evictor.victim_rank(h2)
+        assert policy.num_ranks == 2  # the pop's
+        assert kept == evictor.rank(h2) and policy.num_ranks == 3
+        evictor.victim_rank(h2)
+        assert policy.num_ranks == 4  # kept once: asked again
+
+
+def test_a_queue_head_dropped_below_a_victim_is_not_taken_again() -> None:
+    """A host run found live as a queue head at one pop and dropped below a victim
+    before the next (its GPU parent dropped whole) is not taken at the next pop: the
+    drop tells the evictor, whose pools check their heads again::
+
+        root ─┬─ [g | GPU] ─ [h1 | host, class 1, tick 2]
+              └─ [h2 | host, class 3, tick 1]
+    """
+    cache = BlockCache(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8, num_host_blocks=8,
+                                   eviction_policy="kvtier-predict-cost"), clock=lambda: 5.0)
+    root = cache.join_root(None, None)
+    g = cached_run(cache, root, 9, Tier.GPU, 1, 3)
+    h1 = cached_run(cache, g, 1, Tier.HOST, 1, 2)
+    h2 = cached_run(cache, root, 2, Tier.HOST, 3, 1)
+    evictor = cache.evictor
+    with evictor.eviction_round():
+        assert evictor.take_victim(Tier.HOST, 2) is h2  # h1 found live, not taken
+        cache.drop(h2)
+        cache.drop(g)  # and h1 with it
+        assert h1.parent is None
+        assert evictor.take_victim(Tier.HOST, 2) is None
+    assert cache.host.num_free == 8 and cache.gpu.num_free == 8

@@ -503,9 +503,10 @@ class BlockCache:
         than it, then its own host extensions (lost anyway if it is dropped); return how
         many of them are free now."""
         host = self.host
-        # NOTE: the victim's rank only where a host block must go (``rank`` is pure).
+        # NOTE: the victim's rank only where a host block must go (``rank`` is pure; the
+        # one its pop computed, where kept).
         if host.num_free >= num_blocks or (
-                self.free_host(num_blocks, self.evictor.rank(victim)) >= num_blocks):
+                self.free_host(num_blocks, self.evictor.victim_rank(victim)) >= num_blocks):
             return num_blocks
         # Below a GPU frontier run all is host and unreferenced: take its extensions, tails
         # first (children before their parent, the last child first), walking only as far
@@ -551,6 +552,7 @@ class BlockCache:
     def drop_from(self, node: Node, index: int) -> None:
         """Drop the unreferenced blocks ``index ..`` of ``node`` and everything below them,
         and file what stays as a candidate again."""
+        self.evictor.changed()  # no victim taken: a queue's head, maybe
         if index == 0:
             parent = node.parent
             assert parent is not None
@@ -583,7 +585,11 @@ class BlockCache:
         """Remove the unreferenced run ``node`` and everything below it from the cache."""
         parent = node.parent
         assert parent is not None and node.ref_count == 0, node
-        doomed = subtree(node) if node.children else [node]  # most victims are leaves
+        if node.children:
+            doomed = subtree(node)
+            self.evictor.changed()  # runs below a victim leave too: queue heads, maybe
+        else:
+            doomed = [node]  # most victims are leaves
         journal = self.journal
         if journal.events is not None or journal.spill_log is not None:
             journal.removed(doomed)  # NOTE: else a no-op: not called for every victim

@@ -45,6 +45,11 @@ from kvtier.radix import (
 from kvtier.tier import Tier
 from kvtier.witness import LruWitness
 
+# NOTE: the tiers as module globals: a pop checks every queue head's tier, and an enum
+# member read off its class costs several times a global's lookup.
+_GPU = Tier.GPU
+_HOST = Tier.HOST
+
 
 def effective_priority(node: Node, now: float, default_priority: int) -> int:
     """``node``'s priority at ``now``: its own until its retention runs out, then the
@@ -214,6 +219,17 @@ class Evictor:
         self._key = policy.key
         self._rank = policy.rank
         self._versioned = hasattr(policy, "rank_version")
+        # The ranks the pop in progress computed, by node (``_rank_run``): the victim's
+        # is its rank now, so ``take_victim``'s ``below`` needs no second call. Emptied at
+        # each ``take_victim``.
+        self._ranked_now: dict[Node, Key] = {}
+        # The victim ``take_victim`` last returned, whole, and its rank then, while nothing
+        # has changed it (``victim_rank``); None: none kept.
+        self._victim_rank: tuple[Node, Key] | None = None
+        # Counts the changes that may touch a candidate other than the one a pop takes
+        # (``changed``); with the round's held time, the pools' ``check_version``: a queue
+        # head found live stays so while it holds.
+        self._num_changes = 0
 
     def now(self) -> float:
         """The clock's time now (the held time during an eviction round). Pure."""
@@ -229,12 +245,21 @@ class Evictor:
         outer = self._held_now is not None
         if not outer:
             self._held_now = self._clock()
+        self._num_changes += 1
         try:
             self.expire()
             yield
         finally:
+            self._num_changes += 1
             if not outer:
                 self._held_now = None
+
+    def changed(self) -> None:
+        """A cached run other than the victim just taken may have changed what a policy
+        reads of it, or stopped being a candidate (dropped below a victim, rejoined): the
+        pools check every queue head again at their next pop. (A victim's cut moves its
+        children to the tail, which changes no field a policy reads.)"""
+        self._num_changes += 1
 
     def priority(self, node: Node) -> int:
         """``node``'s priority now. Pure."""
@@ -265,14 +290,26 @@ class Evictor:
         """``rank`` of the run ``node`` is in all but name: a candidate is first rejoined
         with parents a rolled-back claim split off (as ``take_victim`` does with the one it
         takes), so a split leaves no trace in the order (a rank may read the run's depth)."""
-        _merge_up(node)
+        if _merge_up(node):
+            self._num_changes += 1
         held = self._held_now
-        return self._rank(node, self._clock() if held is None else held,
+        rank = self._rank(node, self._clock() if held is None else held,
                           self._default_priority)
+        self._ranked_now[node] = rank
+        return rank
+
+    def victim_rank(self, victim: Node) -> Key:
+        """``rank(victim)`` for the run ``take_victim`` just returned, unchanged since: the
+        rank its pop computed where it kept it. Pure."""
+        kept = self._victim_rank
+        self._victim_rank = None
+        if kept is not None and kept[0] is victim:
+            return kept[1]
+        return self.rank(victim)
 
     def gpu_candidate_key(self, node: Node) -> Key | None:
         """``node``'s key if it is a GPU eviction candidate now, else None. Pure."""
-        if (node.tier is not Tier.GPU or node.ref_count or node.num_gpu_children
+        if (node.tier is not _GPU or node.ref_count or node.num_gpu_children
                 or node.parent is None):
             return None
         held = self._held_now
@@ -281,7 +318,7 @@ class Evictor:
 
     def host_candidate_key(self, node: Node) -> Key | None:
         """``node``'s key if it is a host eviction candidate now, else None. Pure."""
-        if node.tier is not Tier.HOST or node.ref_count or node.children or node.parent is None:
+        if node.tier is not _HOST or node.ref_count or node.children or node.parent is None:
             return None
         held = self._held_now
         return self._key(node, self._clock() if held is None else held,
@@ -289,7 +326,7 @@ class Evictor:
 
     def refile(self, node: Node) -> None:
         """File ``node`` as a candidate of its tier if it is one now."""
-        if node.tier is Tier.GPU:
+        if node.tier is _GPU:
             key = self.gpu_candidate_key(node)
             if key is not None and self._gpu.push(node, key):
                 self._gpu.compact(self.gpu_candidate_key)
@@ -393,21 +430,41 @@ class Evictor:
             if version is not None:
                 held = self._held_now
                 ranked = (self._clock() if held is None else held, version)
-        node = pool.pop_candidate(current_key, self._rank_run, ranked, self._within)
+        fresh = self._ranked_now
+        fresh.clear()
+        self._victim_rank = None
+        # NOTE: heads found live are not checked again within a round while no change
+        # (``changed``) may have touched them; outside a round ``now`` moves: no memo.
+        checks = self._num_changes if self._held_now is not None else None
+        node = pool.pop_candidate(current_key, self._rank_run, ranked, self._within, checks)
         if node is None:
             return None
-        _merge_up(node)
-        if below is not None and self.rank(node) >= below:
-            pool.push(node, self.key(node))
-            return None
+        # NOTE: a run the pop ranked was rejoined first (``_rank_run``) and is unchanged
+        # since: its rank is its rank now, no second call to the policy for the same
+        # answer, and no second look at its parents. A run taken from the young end was
+        # not ranked: it is rejoined here.
+        rank = fresh.get(node)
+        if rank is None and _merge_up(node):
+            self._num_changes += 1
+        fresh.clear()
+        if below is not None:
+            if rank is None:
+                rank = self.rank(node)
+            if rank >= below:
+                pool.push(node, self.key(node))
+                return None
         if not cut or max_blocks >= len(node.slots):
+            if rank is not None:
+                self._victim_rank = (node, rank)
             return node
         return self.cut_tail(node, max_blocks)
 
 
-def _merge_up(node: Node) -> None:
+def _merge_up(node: Node) -> bool:
     """Rejoin ``node`` with parents that are the same run in all but name (left split by a
-    claim that was rolled back or released), so eviction sees runs as if never split."""
+    claim that was rolled back or released), so eviction sees runs as if never split.
+    Returns whether it rejoined any."""
+    merged = False
     while True:
         head = node.parent
         if (head is None or head.parent is None or len(head.children) != 1
@@ -416,5 +473,6 @@ def _merge_up(node: Node) -> None:
                 or head.last_used != node.last_used or head.soft_claimed != node.soft_claimed
                 or head.reuse_class != node.reuse_class or head.turn != node.turn
                 or head.prompt_end_block != node.prompt_end_block):
-            return
+            return merged
         absorb_parent(node)
+        merged = True

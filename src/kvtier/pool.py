@@ -56,6 +56,9 @@ class TierPool:
         # never-used part is a counter, so a pool costs nothing per slot until it is used.
         self._given_back: list[int] = []
         self._num_fresh = 0
+        # NOTE: kept, not derived (``len(given back) + capacity - fresh``): an eviction
+        # round reads it after every victim, a property call each time.
+        self.num_free = capacity
         self.num_referenced = 0
         self._heap: list[_Entry] = []
         self._num_queue_fields = num_queue_fields
@@ -73,15 +76,15 @@ class TierPool:
         # rank version is ``_rank_version``; a head entry is recognised by identity.
         self._ranked: dict[Key, tuple[_Entry, tuple[Key, int]]] = {}
         self._rank_version: object = None
+        # Queue -> its head entry when found live, valid while the caller's
+        # ``check_version`` is ``_check_version`` (see ``pop_candidate``).
+        self._checked: dict[Key, _Entry] = {}
+        self._check_version: object = None
         self._compact_bound = 2 * capacity + 64  # entries (or filings) that make a compaction due
         # Whether a queue entry is ordered by the one key field after the queue fields, a
         # number (True), or by the tuple of the fields after them (False; None: nothing
         # filed yet). See ``push``.
         self._scalar: bool | None = None
-
-    @property
-    def num_free(self) -> int:
-        return len(self._given_back) + self.capacity - self._num_fresh
 
     @property
     def num_cached(self) -> int:
@@ -101,6 +104,7 @@ class TierPool:
         """Take ``num_blocks`` free slots: those given back last first, then never-used ones
         from the lowest id."""
         assert num_blocks <= self.num_free, (num_blocks, self.num_free)
+        self.num_free -= num_blocks
         back = self._given_back
         k = min(num_blocks, len(back))
         slots = back[len(back) - k:]
@@ -115,6 +119,7 @@ class TierPool:
     def give_back(self, slots: list[int]) -> None:
         """Return slots to the free list so the first of ``slots`` is handed out first."""
         self._given_back.extend(reversed(slots))
+        self.num_free += len(slots)
 
     def push(self, node: Node, key: Key, young: bool = True) -> bool:
         """File ``node`` as an eviction candidate under ``key`` (with ``both_ends``, as
@@ -168,13 +173,19 @@ class TierPool:
     def pop_candidate(self, current_key: Callable[[Node], Key | None],
                       rank: Callable[[Node], Key] | None = None,
                       rank_version: object = None,
-                      within: Callable[[Node], float] | None = None) -> Node | None:
+                      within: Callable[[Node], float] | None = None,
+                      check_version: object = None) -> Node | None:
         """Pop the best live candidate. ``current_key`` returns a node's key if it is a
         candidate now, else ``None``; entries of nodes that are no candidates are dropped.
         With queues, ``rank`` orders the queues' heads (the smallest goes); a head ranked
         before under the same ``rank_version`` (not None) is not ranked again. With
         ``both_ends`` and ``within``, the winning queue gives its youngest run instead of
-        its head where ``within`` values that one less."""
+        its head where ``within`` values that one less.
+
+        ``check_version`` (not None): a value the caller changes whenever a node that may
+        head a queue may have changed its key or stopped being a candidate other than by
+        leaving through this pool; while it holds, a head entry found live is not checked
+        again (a pop checks every queue's head: most are the same as at the last pop)."""
         if not self._num_queue_fields:
             heap = self._heap
             return self._pop(heap) if self._live_head(heap, current_key) else None
@@ -184,6 +195,10 @@ class TierPool:
         if rank_version is None or rank_version != self._rank_version:
             ranked.clear()
             self._rank_version = rank_version
+        checked = self._checked
+        if check_version is None or check_version != self._check_version:
+            checked.clear()
+            self._check_version = check_version
         while True:
             # Re-filing a stale head (``_live_head``) may move a node to a queue already
             # passed (or a new one), where it may be the head now: then pass again.
@@ -191,14 +206,20 @@ class TierPool:
             heads = []
             for q, heap in list(queues.items()):
                 if heap:
-                    _, _, node, filed = heap[0]
-                    if current_key(node) == filed:  # the head is live: the common case
+                    head = heap[0]
+                    if checked.get(q) is head:  # found live before, nothing changed since
+                        heads.append((q, heap))
+                        continue
+                    if current_key(head[2]) == head[3]:  # the head is live: the common case
+                        if check_version is not None:
+                            checked[q] = head
                         heads.append((q, heap))
                         continue
                 if self._live_head(heap, current_key):
                     heads.append((q, heap))
                 else:
                     del queues[q]
+                    checked.pop(q, None)
                     self._drop_filed(q)  # no live entry left there either
             if repairs == self._num_repairs:
                 break
@@ -321,6 +342,7 @@ class TierPool:
         self._heap = []
         self._queues = {}
         self._ranked = {}
+        self._checked = {}
         self._newest = {}
         self._num_entries = 0
         self._filed = {}
@@ -356,6 +378,7 @@ class TierPool:
                 filed[i] = convert(entry)
         for q, (head, score) in list(self._ranked.items()):
             self._ranked[q] = (convert(head), score)
+        self._checked.clear()
 
     def heap_nodes(self) -> list[Node]:
         """Nodes with an entry in the heap (stale or not); for invariant checks."""

@@ -367,3 +367,40 @@ def test_a_queue_orders_by_the_fields_after_the_queue_fields_whatever_their_leng
             del current[got.uid]
         assert popped == sorted([0, 2, 3, 4, 5, 6], key=lambda i: (keys[i], nodes[i].uid))
     assert popped == [2, 5, 6, 4, 0, 3]  # mixed: 2 (0, 2); 5 (0, 3); 6 (0, 3, 0); 4 (0, 3, 1)
+
+
+def test_queue_heads_found_live_are_checked_again_only_under_a_new_check_version() -> None:
+    """With a check version, a queue head found live is not checked again at a later pop
+    while the version holds (only a queue's new head is); a new version checks every
+    head again, so a head that stopped being a candidate meanwhile is dropped, not taken;
+    without a version every pop checks every head::
+
+        queue 0: a(1) c(3)     queue 1: b(2) d(4)     (rank: the number)
+    """
+    for version in (1, None):
+        pool = TierPool(Tier.GPU, 8, num_queue_fields=1)
+        a, b, c, d = (make_node(t) for t in range(4))
+        current = {a.uid: (0, 1), c.uid: (0, 3), b.uid: (1, 2), d.uid: (1, 4)}
+        for n in (a, b, c, d):
+            pool.push(n, current[n.uid])
+        checked: list[int] = []
+
+        def current_key(node: Node, current: dict[int, Key] = current,
+                        checked: list[int] = checked) -> Key | None:
+            checked.append(node.uid)
+            return current.get(node.uid)
+
+        def rank(node: Node, current: dict[int, Key] = current) -> Key:
+            return (current[node.uid][1], 0)
+
+        got = [pool.pop_candidate(current_key, rank, "r", check_version=version)
+               for _ in range(3)]
+        assert got == [a, b, c]
+        if version is None:  # every head at every pop
+            assert checked == [a.uid, b.uid, c.uid, b.uid, c.uid, d.uid]
+            continue
+        # Pop 1 checks both heads; pop 2 only c (b's queue kept its head); pop 3 only d.
+        assert checked == [a.uid, b.uid, c.uid, d.uid]
+        del current[d.uid]  # d stops being a candidate: its caller moves the version on
+        assert pool.pop_candidate(current_key, rank, "r", check_version=2) is None
+        assert set(checked[4:]) == {d.uid}
