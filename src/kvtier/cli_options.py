@@ -68,6 +68,7 @@ def common_options() -> OneLineParser:
     p.add_argument("--workload", choices=WORKLOADS, default="synthetic-chat",
                    help="the built-in workload when no TRACE is given: seeded multi-turn chat, "
                    "agentic tool loops over shared tool specs (seconds between steps), "
+                   "'mixed' (the two sharing one cache, merged by arrival), "
                    "or 'race', sized from the cache options to provoke the admission race "
                    "(S1 at scale; needs --host-blocks) (default: %(default)s)")
     p.add_argument("--limit", metavar="N", type=int_in(1),

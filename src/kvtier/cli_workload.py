@@ -12,6 +12,7 @@ from kvtier.config import CacheConfig
 from kvtier.sim import (
     AgenticWorkload,
     AzureTrace,
+    MixedWorkload,
     MooncakeTrace,
     RaceWorkload,
     SyntheticChat,
@@ -19,7 +20,7 @@ from kvtier.sim import (
     Workload,
 )
 
-WORKLOADS = ("synthetic-chat", "agentic", "race")
+WORKLOADS = ("synthetic-chat", "agentic", "mixed", "race")
 
 
 def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | None,
@@ -35,6 +36,9 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
                                    "are sized from --gpu-blocks, --host-blocks and "
                                    "--max-num-tokens")
                 return RaceWorkload(cache, max_num_tokens=max_num_tokens)
+            if workload == "mixed":  # chat and agents sharing one engine's cache
+                return MixedWorkload((SyntheticChat(seed=seed), AgenticWorkload(seed=seed)),
+                                     limit=limit)
             built_in: SyntheticChat | AgenticWorkload = (
                 AgenticWorkload(seed=seed) if workload == "agentic" else SyntheticChat(seed=seed))
             if limit is None:

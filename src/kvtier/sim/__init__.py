@@ -5,6 +5,7 @@ report."""
 from __future__ import annotations
 
 from kvtier.sim.agentic import AgenticWorkload
+from kvtier.sim.mixed import MixedWorkload
 from kvtier.sim.oracle import (
     OracleRequest,
     OracleResult,
@@ -39,6 +40,7 @@ __all__ = [
     "AgenticWorkload",
     "AzureTrace",
     "LoadEstimate",
+    "MixedWorkload",
     "ModelProfile",
     "MooncakeTrace",
     "OracleBounds",
