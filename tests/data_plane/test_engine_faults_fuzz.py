@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
                                             "pip install 'kvtier[torch]'")
 
 from data_plane.test_model_exactness import (  # noqa: E402
+    CUDA,
     FP32_ATOL,
     Scenario,
     half_a_pass,
@@ -66,9 +67,10 @@ def check_logits(engine: ModelEngine) -> int:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("sc", SCENARIOS, ids=lambda sc: sc.name)
-def test_every_fault_at_once_stays_exact(sc: Scenario, seed: int) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_every_fault_at_once_stays_exact(sc: Scenario, seed: int, device: str) -> None:
     rng = random.Random(seed)
-    engine = make_engine(sc, "cpu")
+    engine = make_engine(sc, device, layouts=("layer_major", "block_major"))
     prefixes = [[rng.randrange(256) for _ in range(rng.randrange(8, 30))] for _ in range(3)]
     half_a_pass(engine, lambda tokens, start_pos: rng.random() < 0.1)
     submit = engine.transfer.submit

@@ -261,14 +261,16 @@ def half_a_pass(engine: ModelEngine, fails: Callable[[Sequence[int], int], bool]
 
 
 @pytest.mark.parametrize("sc", SCENARIOS[1:], ids=lambda sc: sc.name)
-def test_failed_forward_passes_degrade_to_recompute_and_stay_exact(sc: Scenario) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_failed_forward_passes_degrade_to_recompute_and_stay_exact(sc: Scenario,
+                                                                   device: str) -> None:
     """Forward passes (prefill chunks and decodes) that fail at random after writing NaN
     over what they were to compute: the blocks they were to fill leave the cache, their
     requests recompute, and every logit equals a full recompute. Before, the first fault
     came out between the scheduler's step and update: every later step was refused, and
     the blocks the step had stored for reuse held NaN for every later request."""
     rng = random.Random(sc.seed)
-    engine = make_engine(sc, "cpu")
+    engine = make_engine(sc, device, layouts=("layer_major", "block_major"))
     engine.max_forward_faults = 1_000  # the fault is transient: never give up here
     faults = half_a_pass(engine, lambda tokens, start_pos: rng.random() < 0.2)
     results = run_workload(engine, sc)
