@@ -65,6 +65,9 @@ class EvictionPolicy(Protocol):
     re-files the node (on release, on expiry of its retention, on a tier change, on a soft
     claim); a key that changes otherwise is re-filed when its stale entry reaches the top
     of the heap, so it may go later than its new key says, never before it is a candidate.
+    (Within one eviction round a queue head found live is not checked again until the
+    cache changes a run other than the victims it takes: a key that changes by itself in
+    the middle of a round counts from the next round.)
 
     A policy whose order depends on a run's age (a learned value that changes as the run
     waits) sets ``num_queue_fields``: the key's first fields name a queue (a class of runs),
