@@ -8,6 +8,9 @@ LRU->Belady gap it closes, ``(p - lru) / (belady - lru)``, with ``lru`` kvtier's
 run and ``belady`` the offline optimum over the same GPU + host blocks
 (``kvtier.sim.oracle``, full blocks, arrival order); plus the scheduler's and manager's CPU
 microseconds per prompt block (``step()`` + ``update()``, as the replay times them).
+Workloads: the Mooncake conversation and synthetic traces, the Azure conversation and code
+traces (synthetic prefixes), the built-in chat and agentic workloads, and ``mixed``: chat
+and agents sharing one cache (``kvtier.sim.MixedWorkload``, until the first part ends).
 
 The offline Belady serves one request at a time; through the simulator requests overlap and
 what running requests hold is nobody's to evict (on a small GPU tier, half of it). So each
@@ -48,6 +51,7 @@ from kvtier.policies import POLICIES
 from kvtier.sim import (
     AgenticWorkload,
     AzureTrace,
+    MixedWorkload,
     MooncakeTrace,
     SimReport,
     SyntheticChat,
@@ -80,6 +84,9 @@ def workloads(names: Sequence[str], limit: int) -> dict[str, Workload]:
             out[name] = SyntheticChat(num_requests=limit)
         elif name == "agentic":
             out[name] = AgenticWorkload(num_requests=limit)
+        elif name == "mixed":  # both sharing one cache, until the first ends
+            out[name] = MixedWorkload((SyntheticChat(num_requests=limit),
+                                       AgenticWorkload(num_requests=limit)))
         else:
             raise SystemExit(f"unknown workload {name!r}")
     return out
@@ -125,7 +132,7 @@ def us_per_block(report: SimReport, tpb: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", default="mooncake-conv,mooncake-synth,azure-conv,"
-                        "azure-code,chat,agentic")
+                        "azure-code,chat,agentic,mixed")
     parser.add_argument("--limit", type=int, default=2000, help="requests per workload")
     parser.add_argument("--tokens-per-block", type=int, default=32)
     parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
