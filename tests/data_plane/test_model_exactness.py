@@ -282,6 +282,15 @@ def test_failed_forward_passes_degrade_to_recompute_and_stay_exact(sc: Scenario,
     assert_like_full_recompute(engine.model, results, FP32_ATOL)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
+def test_max_forward_faults_is_checked(bad: object) -> None:
+    sc = SCENARIOS[0]
+    engine = make_engine(sc, "cpu")
+    with pytest.raises(ValueError, match=r"max_forward_faults must be an int >= 1, got "):
+        ModelEngine(engine.model, engine.manager, engine.scheduler, engine.transfer,
+                    max_forward_faults=bad)  # type: ignore[arg-type]
+
+
 def test_a_request_whose_forward_pass_keeps_failing_ends_with_an_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -108,17 +108,20 @@ class _Computed(NamedTuple):
 
 
 class ModelEngine:
-    """Drives ``model`` with ``scheduler`` over the GPU storage of ``transfer``."""
+    """Drives ``model`` with ``scheduler`` over the GPU storage of ``transfer``.
 
-    # A request whose forward pass raises this many times ends with an error (a fault that
-    # repeats, such as a prompt no memory can hold, must not requeue it for ever). NOTE:
-    # under tensor parallelism (``TensorParallelLeader``) a pass that fails on one rank
-    # leaves the ranks' collectives out of step: that is not recoverable here.
-    max_forward_faults = 3
+    A request whose forward pass raises ``max_forward_faults`` times ends with an error (a
+    fault that repeats, such as a prompt no memory can hold, must not requeue it for ever;
+    an int >= 1). NOTE: under tensor parallelism (``TensorParallelLeader``) a pass that
+    fails on one rank leaves the ranks' collectives out of step: not recoverable there."""
 
     def __init__(self, model: LlamaModel, manager: KVCacheManager, scheduler: Scheduler,
                  transfer: TorchTransferEngine, record_logits: bool = False,
-                 remote: RemoteTier | None = None) -> None:
+                 remote: RemoteTier | None = None, max_forward_faults: int = 3) -> None:
+        if type(max_forward_faults) is not int or max_forward_faults < 1:
+            raise ValueError(f"max_forward_faults must be an int >= 1, got "
+                             f"{max_forward_faults!r}")
+        self.max_forward_faults = max_forward_faults
         if scheduler.manager is not manager:
             raise ValueError("scheduler must run on the given manager")
         layout = transfer.gpu.layout
