@@ -191,13 +191,19 @@ class ModelEngine:
         remote fetch in flight for it lands in the cache for others. Raises TypeError for
         an id that is no str."""
         req = self.scheduler.abort(request_id)
-        if req is None:
-            return None
-        result = self.results[request_id]
+        return None if req is None else self._finish(req, "abort")
+
+    def _finish(self, req: Request, reason: StopReason, error: str | None = None
+                ) -> RequestResult:
+        """``req`` is done (finished, aborted, given up): its result takes its output so
+        far, ``reason`` (and ``error``); the engine forgets what it kept for it."""
+        result = self.results[req.request_id]
         result.output = list(req.output)
         result.finished = True
-        result.stop_reason = "abort"
-        self._forget(request_id)
+        result.stop_reason = reason
+        if error is not None:
+            result.error = error
+        self._forget(req.request_id)
         return result
 
     def _forget(self, request_id: str) -> None:
@@ -292,22 +298,11 @@ class ModelEngine:
             if result.first_token_s is None:
                 result.first_token_s = now
         for req in finished:
-            rid = req.request_id
-            result = self.results[rid]
-            result.output = list(req.output)
-            result.finished = True
-            if result.stop_reason is None:
-                result.stop_reason = "length"
-            self._forget(rid)
+            self._finish(req, self.results[req.request_id].stop_reason or "length")
         for rid, error in given_up.items():
             gone = self.scheduler.abort(rid)
             assert gone is not None  # requeued above
-            result = self.results[rid]
-            result.output = list(gone.output)
-            result.finished = True
-            result.stop_reason = "error"
-            result.error = error
-            self._forget(rid)
+            self._finish(gone, "error", error)
             finished.append(gone)
         if computed:
             self._write_through(computed)

@@ -22,11 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvtier.sim._checks import check_int
+from kvtier.sim.replay import SAMPLED_TOKEN_BASE
 from kvtier.sim.workload import TraceRequest, Workload
-
-# Token ids a part's remapped id may not reach: the replay's sampled tokens start at
-# 1 << 62 (``replay.SAMPLED_TOKEN_BASE``), and nothing a workload builds may meet them.
-_TOKEN_LIMIT = 1 << 62
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +75,11 @@ class MixedWorkload:
     def _remap(self, req: TraceRequest, k: int, n: int) -> TraceRequest:
         part = self.parts[k].name
         top = max(req.prompt)
-        if top * n + k >= _TOKEN_LIMIT:
+        # NOTE: a remapped id must stay below the replay's sampled tokens, never meet them.
+        if top * n + k >= SAMPLED_TOKEN_BASE:
             raise ValueError(f"request {req.request_id!r} of part {part!r} holds token id "
                              f"{top}: past what {n} parts can share (ids below "
-                             f"{_TOKEN_LIMIT // n})")
+                             f"{SAMPLED_TOKEN_BASE // n})")
         session = None if req.session_id is None else f"{part}/{req.session_id}"
         return TraceRequest(f"{part}/{req.request_id}", req.arrival_s,
                             [t * n + k for t in req.prompt], req.output_length, session)
