@@ -53,6 +53,7 @@ from kvtier.sim import (
     format_sweep,
     oracle_bounds,
     simulate,
+    too_large,
 )
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import format_fleet_report
@@ -276,13 +277,13 @@ def _run_compare(args: argparse.Namespace) -> int:
     runs = [(admission, cache) for admission in admissions for cache in caches]
     total = num_requests(workload)
     reports = []
+    settings = [(cache, make_sched(args, admission)) for admission, cache in runs]
     with _progress_bar(None if total is None else total * len(runs),
                        not args.no_progress) as progress:
-        for admission, cache in runs:
-            sched = make_sched(args, admission)
+        for cache, sched in settings:
             reports.append(_simulate(workload, cache, sched, profile, args, progress, False))
     if args.oracle:
-        reports = _with_oracle(workload, reports)
+        reports = _with_oracle(workload, reports, settings)
     labels = [f"{a} {'GPU+host' if c.num_host_blocks else 'GPU only'}" for a, c in runs]
     document = {"command": "compare",
                 "runs": [{"label": label, "report": r.to_dict()}
@@ -308,7 +309,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         for cache in caches:
             reports.append(_simulate(workload, cache, sched, profile, args, progress, False))
     if args.oracle:
-        reports = _with_oracle(workload, reports)
+        reports = _with_oracle(workload, reports, [(cache, sched) for cache in caches])
     if args.plot is not None:
         _plot_sweep(reports, args.plot)
     document = {"command": "sweep", "runs": [r.to_dict() for r in reports]}
@@ -339,16 +340,28 @@ def _simulate(workload: Workload, cache: CacheConfig, sched: SchedulerConfig,
     return report
 
 
-def _with_oracle(workload: Workload, reports: list[SimReport]) -> list[SimReport]:
-    """The reports with the oracle bounds at each one's GPU + host capacity."""
+def _with_oracle(workload: Workload, reports: list[SimReport],
+                 runs: list[tuple[CacheConfig, SchedulerConfig]]) -> list[SimReport]:
+    """The reports with the oracle bounds at each one's GPU + host capacity, over the
+    requests it served (``runs``: each report's cache and scheduler settings)."""
     tpb = _int(reports[0].cache_config["tokens_per_block"])
-    capacities = [_int(r.cache_config["num_gpu_blocks"]) + _int(r.cache_config["num_host_blocks"])
-                  for r in reports]
+    # Runs that skipped the same requests (most often none) share one oracle pass.
+    groups: dict[frozenset[int], list[int]] = {}
     try:
-        bounds = oracle_bounds(workload, tpb, capacities)
+        for i, (report, (cache, sched)) in enumerate(zip(reports, runs, strict=True)):
+            skip = frozenset() if not report.num_rejected_too_large else frozenset(
+                pos for pos, request in enumerate(workload) if too_large(request, cache, sched))
+            groups.setdefault(skip, []).append(i)
+        with_bounds = list(reports)
+        for skip, members in groups.items():
+            capacities = [runs[i][0].num_gpu_blocks + runs[i][0].num_host_blocks
+                          for i in members]
+            bounds = oracle_bounds(workload, tpb, capacities, skip=skip)
+            for i, b in zip(members, bounds, strict=True):
+                with_bounds[i] = replace(reports[i], oracle=b)
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None
-    return [replace(r, oracle=b) for r, b in zip(reports, bounds, strict=True)]
+    return with_bounds
 
 
 def _int(value: object) -> int:

@@ -18,7 +18,13 @@ from kvtier.sim.oracle import (
 )
 from kvtier.sim.probe import ProbeScheduler, make_scheduler
 from kvtier.sim.race import RaceWorkload
-from kvtier.sim.replay import SAMPLED_TOKEN_BASE, ReplayLoop, SimulationStalled, simulate
+from kvtier.sim.replay import (
+    SAMPLED_TOKEN_BASE,
+    ReplayLoop,
+    SimulationStalled,
+    simulate,
+    too_large,
+)
 from kvtier.sim.report import (
     LoadEstimate,
     OracleBounds,
@@ -71,5 +77,6 @@ __all__ = [
     "percentile",
     "prefix_block_keys",
     "simulate",
+    "too_large",
     "unlimited_hit_tokens",
 ]

@@ -23,7 +23,7 @@ import hashlib
 import heapq
 from array import array
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from kvtier.sim.report import OracleBounds
@@ -208,10 +208,14 @@ def lru_hit_tokens(
     return OracleResult(num_hit_tokens, num_tokens, num_hit_blocks, num_requests)
 
 
-def oracle_bounds(workload: Workload, tokens_per_block: int,
-                  capacities: Iterable[int]) -> list[OracleBounds]:
-    """Unlimited, Belady and LRU hit rates of ``workload`` for each capacity in blocks. Pure.
+def oracle_bounds(workload: Workload, tokens_per_block: int, capacities: Iterable[int],
+                  skip: Collection[int] = ()) -> list[OracleBounds]:
+    """Unlimited, Belady and LRU hit rates of ``workload`` for each capacity in blocks,
+    leaving out the requests at the positions (0-based, in the workload's order) in
+    ``skip``. Pure.
 
+    NOTE: ``skip`` names the requests a replay did not serve (too large for its GPU pool):
+    a bound is a bound on the stream that was served, not on one with more reuse in it.
     A workload with an ``oracle_requests(tokens_per_block)`` method (a Mooncake trace) gives
     its block keys without building prompts; others are hashed prompt by prompt.
     """
@@ -221,7 +225,8 @@ def oracle_bounds(workload: Workload, tokens_per_block: int,
         source = method(tokens_per_block)
     else:
         source = oracle_requests(workload, tokens_per_block)
-    requests = list(source)
+    requests = ([r for i, r in enumerate(source) if i not in skip] if skip
+                else list(source))
     unlimited = unlimited_hit_tokens(requests, tokens_per_block).hit_rate
     # One replay per distinct capacity (a sweep repeats them).
     belady: dict[int, float] = {}

@@ -73,13 +73,14 @@ def simulate(
     ``progress`` is called with 1 as each request finishes or is skipped (a tqdm bar's
     ``update`` fits). Requests that could never fit the GPU pool are skipped and counted in
     ``num_rejected_too_large``. ``oracle`` adds :func:`oracle_bounds` at the cache's
-    capacity. ``check_every`` runs ``check_invariants`` every that many steps (for tests);
-    they always run once at the end. ``phases`` times each phase of every step
-    (:class:`~kvtier.scheduled_step.StepPhases`, a debug counter) and reports where the
-    full steps' time went (``SimReport.step_phases_us``). ``policy`` replaces the eviction
-    policy ``cache`` names (e.g. :class:`~kvtier.sim.clairvoyant.Clairvoyant`, which must
-    see the stream; a policy object serves one cache, so pass a new one to every call);
-    the report names the one used. Raises ValueError for a bad argument
+    capacity, over the requests served (the skipped ones left out). ``check_every`` runs
+    ``check_invariants`` every that many steps (for tests); they always run once at the end.
+    ``phases`` times each phase of every step (:class:`~kvtier.scheduled_step.StepPhases`,
+    a debug counter) and reports where the full steps' time went
+    (``SimReport.step_phases_us``). ``policy`` replaces the eviction policy ``cache`` names
+    (e.g. :class:`~kvtier.sim.clairvoyant.Clairvoyant`, which must see the stream; a policy
+    object serves one cache, so pass a new one to every call); the report names the one
+    used. Raises ValueError for a bad argument
     and :class:`SimulationStalled` if waiting requests can never be admitted.
     """
     sched = sched if sched is not None else SchedulerConfig()
@@ -98,9 +99,20 @@ def simulate(
     report = loop.report(workload, wall_s)
     if oracle:
         bounds = oracle_bounds(workload, cache.tokens_per_block,
-                               [cache.num_gpu_blocks + cache.num_host_blocks])
+                               [cache.num_gpu_blocks + cache.num_host_blocks],
+                               skip=frozenset(loop.skipped))
         report = replace(report, oracle=bounds[0])
     return report
+
+
+def too_large(request: TraceRequest, cache: CacheConfig, sched: SchedulerConfig) -> bool:
+    """Whether a replay skips ``request`` (and counts it in ``num_rejected_too_large``):
+    its prompt and output could never fit the GPU pool at once or, without chunked
+    prefill, its prompt is past one step's token budget. Pure."""
+    num_blocks = cdiv(len(request.prompt) + max(1, request.output_length),
+                      cache.tokens_per_block)
+    return num_blocks > cache.num_gpu_blocks or (
+        not sched.enable_chunked_prefill and len(request.prompt) > sched.max_num_tokens)
 
 
 @contextmanager
@@ -163,6 +175,9 @@ class ReplayLoop:
         self.scheduler.phases = self.phases
         self.full_step_phases: list[dict[str, float]] = []
         self.num_requests = self.num_rejected = self.num_output_tokens = 0
+        # Positions in the arrival stream of the requests skipped as too large.
+        self.num_arrived = 0
+        self.skipped: list[int] = []
         self.num_finished_prompt_tokens = 0
         self.first_arrival_s: float | None = None
         self.last_finish_s = 0.0
@@ -219,13 +234,13 @@ class ReplayLoop:
             self.first_arrival_s = arrival_s
         self.last_arrival_s = arrival_s
         max_output = max(1, request.output_length)
+        position = self.num_arrived
+        self.num_arrived += 1
         # The scheduler refuses these too (ValueError); checked here so that only they are
         # skipped and any other refusal still raises.
-        num_blocks = cdiv(len(request.prompt) + max_output, config.tokens_per_block)
-        sched = self.scheduler.config
-        if num_blocks > config.num_gpu_blocks or (
-                not sched.enable_chunked_prefill and len(request.prompt) > sched.max_num_tokens):
+        if too_large(request, config, self.scheduler.config):
             self.num_rejected += 1
+            self.skipped.append(position)
             if self.progress is not None:
                 self.progress(1)
             return
