@@ -7,6 +7,7 @@ from kvtier.eviction import EvictionPolicy
 from kvtier.journal import CachedBlock
 from kvtier.manager import KVCacheManager
 from kvtier.metrics import CacheStats, TierStats
+from kvtier.retention import Retention, RetentionRange
 from kvtier.scheduler import ContextChunk, Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.sequence import MultimodalItem, SequenceSpec, TokenIds
 from kvtier.tier import Tier
@@ -39,6 +40,8 @@ __all__ = [
     "PrefixMatch",
     "RecordingTransferEngine",
     "Request",
+    "Retention",
+    "RetentionRange",
     "ScheduledStep",
     "Scheduler",
     "SchedulerConfig",

@@ -351,7 +351,15 @@ class BlockCache:
         learner = self._learner if release is not None else None
         witness = self._witness if release is not None else None
         now = evictor.now() if release is not None else 0.0
+        per_block = release.retention if release is not None else None
         while node.parent is not None:
+            if per_block is not None and node.ref_count == 1 and len(node.slots) > 1:
+                # Only this request holds the run: cut it where its settings change, so
+                # each piece takes one priority and one expiry. ``node`` keeps the last
+                # piece; the walk goes on up through the others.
+                head = node
+                for k in reversed(per_block.cuts(node.start_block, len(node.slots), self.tpb)):
+                    head = self.split(head, k)
             node.ref_count -= 1
             if node.ref_count == 0:
                 self.pool(node.tier).num_referenced -= len(node.slots)
@@ -362,8 +370,11 @@ class BlockCache:
                     if witness is not None:
                         witness.released(old_tick, node.last_used, len(node.slots))
                     node.last_used_s = now
-                    node.priority = release.priority
-                    retention_s = release.retention_s
+                    if per_block is None:
+                        node.priority = release.priority
+                        retention_s = release.retention_s
+                    else:
+                        node.priority, retention_s = per_block.at(node.start_block, self.tpb)
                     node.expiry = None if retention_s is None else now + retention_s
                     if learner is not None:
                         node.reuse_class = learner.reuse_class(

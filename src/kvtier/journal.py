@@ -7,7 +7,7 @@ changes only the runs' cached ``hashes``, its event log and its spill log.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from kvtier.config import CacheConfig
@@ -25,7 +25,9 @@ from kvtier.tier import Tier
 
 class CachedBlock(NamedTuple):
     """One cached block: its chained hash and its parent's (as other processes name it),
-    where its KV lives, its key space and its own tokens."""
+    where its KV lives, its key space, its own tokens, and the priority eviction ranks it by
+    now (the one it was last released with until that retention runs out, then the
+    default; ``None`` while a request holds it: it cannot be evicted)."""
 
     block_hash: int
     parent_hash: int | None
@@ -34,6 +36,7 @@ class CachedBlock(NamedTuple):
     lora_id: int | None
     salt: bytes | str | int | None
     tokens: tuple[int, ...]
+    priority: int | None
 
 
 class Journal:
@@ -79,8 +82,10 @@ class Journal:
             return None
         return self.hashes(parent)[-1]
 
-    def report(self, nodes: Iterable[Node]) -> list[CachedBlock]:
-        """The blocks of ``nodes`` (parents before children) as ``CachedBlock``. Pure."""
+    def report(self, nodes: Iterable[Node],
+               priority: Callable[[Node], int]) -> list[CachedBlock]:
+        """The blocks of ``nodes`` (parents before children) as ``CachedBlock``, an
+        unreferenced one with ``priority(node)``. Pure."""
         tpb = self._tpb
         blocks = []
         for node in nodes:
@@ -90,9 +95,10 @@ class Journal:
             assert lora_id is None or type(lora_id) is int
             assert salt is None or isinstance(salt, (bytes, str, int))
             parent_hash = self.parent_hash(node)
+            rank = None if node.ref_count else priority(node)
             for i, (h, slot) in enumerate(zip(self.hashes(node), node.slots, strict=True)):
                 blocks.append(CachedBlock(h, parent_hash, node.tier, slot, lora_id, salt,
-                                          tuple(node.tokens[i * tpb:(i + 1) * tpb])))
+                                          tuple(node.tokens[i * tpb:(i + 1) * tpb]), rank))
                 parent_hash = h
         return blocks
 

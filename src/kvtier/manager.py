@@ -123,9 +123,10 @@ class KVCacheManager:
 
     def cached_blocks(self) -> list[CachedBlock]:
         """Every cached block with its chained hash, its parent's, its tier and slot, its
-        key space and its tokens; parents before children. Pure (hashes are computed once,
-        lazily)."""
-        return self._cache.journal.report(self._cache.nodes())
+        key space, its tokens and its priority now; parents before children. Pure (hashes
+        are computed once, lazily)."""
+        cache = self._cache
+        return cache.journal.report(cache.nodes(), cache.evictor.priority)
 
     def lookup(
         self,

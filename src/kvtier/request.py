@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvtier.config import check_priority
 from kvtier.sequence import (
     check_key,
     check_lora_id,
     check_retention,
+    check_retention_type,
     is_finite_number,
     token_list,
 )
+
+if TYPE_CHECKING:
+    from kvtier.retention import Retention
 
 # NOTE: SequenceSpec's checks, run here so that a Request is refused when it is built,
 # naming the request, not when the scheduler first admits it.
@@ -29,7 +34,8 @@ class Request:
     ``max_output_tokens`` an int >= 1, ``arrival_s`` a finite number; ``salt``, ``lora_id``,
     ``priority`` and ``retention_s`` as :class:`SequenceSpec` takes them (an int salt below
     2**128 in magnitude or a str / bytes one of at most 4096; ``lora_id`` in 0..2**63-1;
-    ``retention_s`` in 0..1e9 seconds). ``bool`` is never taken for a number.
+    ``retention_s`` in 0..1e9 seconds); ``retention`` a :class:`~kvtier.retention.Retention`
+    or None. ``bool`` is never taken for a number.
     """
 
     request_id: str
@@ -44,6 +50,8 @@ class Request:
     num_prefill_tokens: int = 0  # tokens its current admission prefills
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    # Priorities per token range and for decoded blocks (``SequenceSpec.retention``).
+    retention: Retention | None = None
 
     def __post_init__(self) -> None:
         self.prompt, self.output = check_request(self)
@@ -87,6 +95,8 @@ def check_request(req: Request) -> tuple[list[int], list[int]]:
     if req.priority is not None:
         check_priority(f"priority of {what}", req.priority)
     check_retention(req.retention_s, f"retention_s of {what}")
+    if req.retention is not None:
+        check_retention_type(req.retention, f"retention of {what}")
     for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
         value = getattr(req, name)
         if type(value) is not int or value < 0:

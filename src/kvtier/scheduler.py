@@ -139,7 +139,8 @@ class Scheduler:
         output so far. Raises ValueError (nothing changed) if the manager refuses it."""
         tokens = req.tokens if req.output else req.prompt
         return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
-                            priority=req.priority, retention_s=req.retention_s)
+                            priority=req.priority, retention_s=req.retention_s,
+                            retention=req.retention)
 
     def _dequeue(self, req: Request) -> None:
         """Take the waiting ``req`` out of the queue and forget what was kept for it there

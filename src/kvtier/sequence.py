@@ -7,11 +7,14 @@ import sys
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import NoReturn, overload
+from typing import TYPE_CHECKING, NoReturn, overload
 
 from kvtier.blocks import cdiv
 from kvtier.config import check_priority
 from kvtier.radix import Node, Root
+
+if TYPE_CHECKING:
+    from kvtier.retention import BlockRetention, Retention
 
 MAX_TOKEN_ID = 2**63 - 1
 """Token ids are ints in ``0 ..= MAX_TOKEN_ID`` (they hash as signed 64-bit integers)."""
@@ -131,8 +134,10 @@ class SequenceSpec:
     computes (a prefill chunk); ``None`` means the whole prompt. Only computed or scheduled
     blocks are ever stored for reuse. ``num_reserved_blocks`` GPU blocks are set aside for the
     request's later growth (``append_tokens`` draws on them first), so a scheduler can
-    guarantee that decoding never runs out of blocks. ``bool`` is refused wherever an int or
-    a float is meant.
+    guarantee that decoding never runs out of blocks. ``retention``
+    (:class:`~kvtier.retention.Retention`) sets priorities and retentions per token range and
+    for decoded blocks, TensorRT-LLM's way; ``priority`` / ``retention_s`` then apply to the
+    prompt blocks in no range. ``bool`` is refused wherever an int or a float is meant.
     """
 
     request_id: str
@@ -144,6 +149,7 @@ class SequenceSpec:
     mm_items: tuple[MultimodalItem, ...] = field(default=())
     num_new_tokens: int | None = None
     num_reserved_blocks: int = 0
+    retention: Retention | None = None
     token_array: array[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -168,6 +174,8 @@ class SequenceSpec:
         if self.priority is not None:
             check_priority("priority", self.priority)
         object.__setattr__(self, "retention_s", check_retention(self.retention_s))
+        if self.retention is not None:
+            check_retention_type(self.retention, f"retention of {self.request_id!r}")
         object.__setattr__(self, "mm_items",
                            check_mm_items(self.mm_items, len(ids), self.request_id))
         _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
@@ -355,6 +363,16 @@ def check_lora_id(lora_id: object, what: str = "lora_id") -> None:
         raise ValueError(f"{what} must be an int in 0..2**63-1 or None, got {short_repr(lora_id)}")
 
 
+def check_retention_type(retention: object, what: str) -> None:
+    """TypeError naming ``what`` unless ``retention`` is a
+    :class:`~kvtier.retention.Retention` (which checks its own fields)."""
+    # NOTE: imported here: the retention module builds on this one's checks.
+    from kvtier.retention import Retention
+
+    if type(retention) is not Retention:
+        raise TypeError(f"{what} must be a Retention or None, got {short_repr(retention)}")
+
+
 def check_retention(retention_s: object, what: str = "retention_s") -> float | None:
     """``retention_s`` as a float, or ``None``; ValueError naming ``what`` unless a finite
     number of seconds in ``0 ..= MAX_RETENTION_S`` (``None`` for no expiry; never a bool)."""
@@ -425,6 +443,7 @@ class LiveSequence:
         "priority",
         "private_slots",
         "request_id",
+        "retention",
         "retention_s",
         "root",
         "tokens",
@@ -441,6 +460,9 @@ class LiveSequence:
         self.extras = extras
         self.priority = priority
         self.retention_s = spec.retention_s
+        # Settings per block, where the spec sets them per token range (else None).
+        self.retention: BlockRetention | None = None if spec.retention is None else (
+            spec.retention.for_request(len(spec.token_array), priority, spec.retention_s))
         self.num_reserved_blocks = 0
         self.last_node: Node = root
         self.block_table: list[int] = []
