@@ -75,14 +75,17 @@ def test_overlapping_ranges_are_refused(ranges: list[tuple[int, int | None]],
     (lambda: R(True, 4, 50), ValueError, "start of a retention range must be an int >= 0"),
     (lambda: R(4, 4, 50), ValueError, "end of the retention range starting at 4 must be None "
      "or an int > 4, got 4"),
-    (lambda: R(0, 2.5, 50), ValueError, "must be None or an int > 0, got 2.5"),
+    (lambda: R(0, 2.5, 50), ValueError,  # type: ignore[arg-type]
+     "must be None or an int > 0, got 2.5"),
     (lambda: R(0, 4, 101), ValueError, "priority of the retention range at 0 must be an "
      "integer in 0..100, got 101"),
     (lambda: R(0, 4, True), ValueError, "priority of the retention range at 0"),
     (lambda: R(0, 4, 50, float("nan")), ValueError, "retention_s of the retention range at 0"),
     (lambda: R(0, 4, 50, -1), ValueError, "retention_s of the retention range at 0"),
-    (lambda: Retention("abc"), TypeError, "ranges must be an iterable of RetentionRange"),
-    (lambda: Retention(((0, 4, 50),)), TypeError, r"ranges\[0\] must be a RetentionRange"),
+    (lambda: Retention("abc"), TypeError,  # type: ignore[arg-type]
+     "ranges must be an iterable of RetentionRange"),
+    (lambda: Retention(((0, 4, 50),)), TypeError,  # type: ignore[arg-type]
+     r"ranges\[0\] must be a RetentionRange"),
     (lambda: Retention(decode_priority=-1), ValueError, "decode_priority must be an integer"),
     (lambda: Retention(decode_retention_s=5.0), ValueError,
      "decode_retention_s needs a decode_priority"),
