@@ -91,6 +91,9 @@ def test_overlapping_ranges_are_refused(ranges: list[tuple[int, int | None]],
      "decode_retention_s needs a decode_priority"),
     (lambda: Retention(decode_priority=10, decode_retention_s=float("inf")), ValueError,
      "decode_retention_s must be a finite number"),
+    (lambda: Retention(decode_start=0), ValueError, "decode_start must be None or an int >= 1"),
+    (lambda: SequenceSpec("a", [1, 2], retention=Retention(decode_start=3)), ValueError,
+     "retention of 'a': decode_start 3 lies past the 2 tokens admitted"),
     (lambda: SequenceSpec("a", [1, 2], retention=R(0, 4, 50)), TypeError,  # type: ignore[arg-type]
      "retention of 'a' must be a Retention or None, got RetentionRange"),
     (lambda: Request("a", [1, 2], 4, retention={"ranges": ()}), TypeError,  # type: ignore[arg-type]
@@ -280,3 +283,35 @@ def test_random_calls_keep_the_books_and_every_release_sets_the_reference_priori
                 if got is not None:  # cached, and no other request holds it
                     assert got == expected[block], (rid, block)
         mgr.check_invariants()
+
+
+def test_a_preempted_requests_output_stays_decoded_blocks() -> None:
+    """A request preempted mid-decode is admitted again with its output as tokens to
+    prefill; the scheduler marks where that output begins, so the block its later decoding
+    fills still takes ``decode_priority``, not the prompt's settings."""
+    mgr = make_manager(num_gpu_blocks=4)
+    s = Scheduler(mgr, SchedulerConfig(max_num_tokens=16, capacity_policy="max_utilization"))
+    s.add_request(Request("old", [1, 2, 3, 4, 5, 6, 7], 6))
+    s.add_request(Request("new", [9, 9, 9, 9, 8, 8, 8], 6,
+                          retention=Retention(decode_priority=5)))
+    preempted: list[str] = []
+    token = 11
+    while s.has_unfinished():
+        step = s.step()
+        preempted += step.preempted_request_ids
+        sampled = {c.request_id: token for c in step.context_chunks}
+        sampled.update({rid: token for rid in step.decode_request_ids})
+        s.update(step, sampled)
+        mgr.check_invariants()
+        token += 1
+    assert preempted == ["new"]
+    by_prefix: dict[tuple[int, ...], int | None] = {}
+    prefixes: dict[int, tuple[int, ...]] = {}
+    for b in mgr.cached_blocks():
+        prefix = (prefixes[b.parent_hash] if b.parent_hash is not None else ()) + b.tokens
+        prefixes[b.block_hash] = prefix
+        by_prefix[prefix] = b.priority
+    new = [p for prefix, p in by_prefix.items() if prefix[:4] == (9, 9, 9, 9)]
+    # Block 0 and block 1 (tokens 4..7: its first token is the prompt's) at the default,
+    # block 2 (tokens 8..11, all sampled, the last two after the preemption) at 5.
+    assert new == [35, 35, 5]

@@ -11,7 +11,9 @@ tokens at 10 for a minute. These are TensorRT-LLM's ``KvCacheRetentionConfig`` s
   belongs to the range it starts in;
 * prompt blocks in no range take the request's own ``priority`` / ``retention_s``;
 * blocks whose first token lies past the prompt (those decoding filled) take
-  ``decode_priority`` / ``decode_retention_s`` if given, else the request's own.
+  ``decode_priority`` / ``decode_retention_s`` if given, else the request's own. A request
+  admitted again with its output so far (after a preemption) says where that output begins
+  (``decode_start``; the scheduler sets it), so its decoded blocks stay decoded blocks.
 
 ::
 
@@ -75,6 +77,9 @@ class Retention:
     ranges: tuple[RetentionRange, ...] = ()
     decode_priority: int | None = None
     decode_retention_s: float | None = None
+    # Where decoded tokens begin, for a sequence admitted again with its output so far
+    # (after a preemption): ``None`` is the end of the tokens it is admitted with.
+    decode_start: int | None = None
 
     def __post_init__(self) -> None:
         ranges = self.ranges
@@ -99,12 +104,18 @@ class Retention:
                              "decoded blocks follow the request's priority and retention_s)")
         object.__setattr__(self, "decode_retention_s",
                            check_retention(self.decode_retention_s, "decode_retention_s"))
+        start = self.decode_start
+        if start is not None and (type(start) is not int or start < 1):
+            raise ValueError(f"decode_start must be None or an int >= 1, got "
+                             f"{short_repr(start)}")
 
-    def for_request(self, num_prompt_tokens: int, priority: int,
+    def for_request(self, num_tokens: int, priority: int,
                     retention_s: float | None) -> BlockRetention:
-        """The settings of each block of a request with a ``num_prompt_tokens``-token prompt
-        and its own ``priority`` / ``retention_s`` (for blocks in no range). Pure."""
-        return BlockRetention(self, num_prompt_tokens, priority, retention_s)
+        """The settings of each block of a request admitted with ``num_tokens`` tokens
+        (its prompt, unless ``decode_start`` says where it ends) and its own ``priority`` /
+        ``retention_s`` (for blocks in no range). Pure."""
+        prompt_end = num_tokens if self.decode_start is None else self.decode_start
+        return BlockRetention(self, prompt_end, priority, retention_s)
 
 
 class BlockRetention:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import ClassVar, cast
 
 from kvtier.admission import PrefixMatch
@@ -138,9 +139,12 @@ class Scheduler:
         """What ``req`` prefills when admitted: its prompt, and after a preemption the
         output so far. Raises ValueError (nothing changed) if the manager refuses it."""
         tokens = req.tokens if req.output else req.prompt
+        retention = req.retention
+        if retention is not None and req.output:  # its output stays decoded blocks
+            retention = replace(retention, decode_start=len(req.prompt))
         return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
                             priority=req.priority, retention_s=req.retention_s,
-                            retention=req.retention)
+                            retention=retention)
 
     def _dequeue(self, req: Request) -> None:
         """Take the waiting ``req`` out of the queue and forget what was kept for it there

@@ -175,7 +175,8 @@ class SequenceSpec:
             check_priority("priority", self.priority)
         object.__setattr__(self, "retention_s", check_retention(self.retention_s))
         if self.retention is not None:
-            check_retention_type(self.retention, f"retention of {self.request_id!r}")
+            check_retention_type(self.retention, f"retention of {self.request_id!r}",
+                                 len(ids))
         object.__setattr__(self, "mm_items",
                            check_mm_items(self.mm_items, len(ids), self.request_id))
         _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
@@ -363,14 +364,19 @@ def check_lora_id(lora_id: object, what: str = "lora_id") -> None:
         raise ValueError(f"{what} must be an int in 0..2**63-1 or None, got {short_repr(lora_id)}")
 
 
-def check_retention_type(retention: object, what: str) -> None:
+def check_retention_type(retention: object, what: str, num_tokens: int | None = None) -> None:
     """TypeError naming ``what`` unless ``retention`` is a
-    :class:`~kvtier.retention.Retention` (which checks its own fields)."""
+    :class:`~kvtier.retention.Retention` (which checks its own fields); ValueError if its
+    ``decode_start`` lies past the ``num_tokens`` it is admitted with."""
     # NOTE: imported here: the retention module builds on this one's checks.
     from kvtier.retention import Retention
 
     if type(retention) is not Retention:
         raise TypeError(f"{what} must be a Retention or None, got {short_repr(retention)}")
+    start = retention.decode_start
+    if num_tokens is not None and start is not None and start > num_tokens:
+        raise ValueError(f"{what}: decode_start {start} lies past the {num_tokens} tokens "
+                         "admitted")
 
 
 def check_retention(retention_s: object, what: str = "retention_s") -> float | None:
