@@ -20,6 +20,8 @@ from kvtier import (
     CacheConfig,
     KVCacheManager,
     Request,
+    Retention,
+    RetentionRange,
     Scheduler,
     SchedulerConfig,
     SequenceSpec,
@@ -626,6 +628,11 @@ def test_a_store_job_answered_with_no_count_fails_instead_of_being_lost(written:
 
 IDS = ("a", "b", "c", "d")
 NUM_GPU_BLOCKS = 12
+# Retention by token range: runs a release cuts where its blocks' priorities differ.
+RETENTIONS = st.builds(
+    lambda start, length, priority, decode: Retention(
+        (RetentionRange(start, start + length, priority),), decode_priority=decode),
+    st.integers(0, 8), st.integers(1, 8), st.integers(0, 100), st.none() | st.integers(0, 100))
 
 
 class ManagerCalls(RuleBasedStateMachine):
@@ -659,11 +666,14 @@ class ManagerCalls(RuleBasedStateMachine):
 
     @rule(items=st.lists(st.tuples(st.sampled_from(IDS), st.lists(st.integers(0, 2),
                                                                    max_size=14),
-                                   st.none() | st.integers(1, 14), st.integers(0, 3)),
+                                   st.none() | st.integers(1, 14), st.integers(0, 3),
+                                   st.none() | RETENTIONS),
                          max_size=3))
-    def add_batch(self, items: list[tuple[str, list[int], int | None, int]]) -> None:
-        specs = [SequenceSpec(rid, tokens, num_new_tokens=num_new, num_reserved_blocks=reserve)
-                 for rid, tokens, num_new, reserve in items if tokens]
+    def add_batch(self, items: list[tuple[str, list[int], int | None, int,
+                                          Retention | None]]) -> None:
+        specs = [SequenceSpec(rid, tokens, num_new_tokens=num_new, num_reserved_blocks=reserve,
+                              retention=retention)
+                 for rid, tokens, num_new, reserve, retention in items if tokens]
         self.call(lambda: self.manager.add_sequence_batch(specs))
 
     @rule(rid=st.sampled_from(IDS), num_tokens=st.integers(-1, 8))
