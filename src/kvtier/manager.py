@@ -9,6 +9,9 @@ calls need pile up, in program order, until the caller takes them as one ``Trans
 
 Contract: the manager owns a ``BlockCache`` (the tree, the tier pools and every move
 between them) and a ``LiveTable`` (the live requests); nothing outside it changes either.
+One thread owns a manager, as a serving engine's scheduler loop owns vLLM's or SGLang's:
+calls are not locked against each other, and an eviction policy (or clock) must not call
+back into the manager it serves. Share one across threads behind the caller's own lock.
 """
 
 from __future__ import annotations
