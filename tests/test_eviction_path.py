@@ -445,3 +445,44 @@ def test_a_queue_head_dropped_below_a_victim_is_not_taken_again() -> None:
         assert h1.parent is None
         assert evictor.take_victim(Tier.HOST, 2) is None
     assert cache.host.num_free == 8 and cache.gpu.num_free == 8
+
+
+def test_a_host_less_victim_loses_its_tail_in_place() -> None:
+    """With no host tier a GPU victim larger than the need is trimmed in place
+    (``drop_tail``): no node cut off only to be dropped, and the same blocks, ids and run
+    as a cut and a drop; with KV events on (the journal names the dropped run) it is cut
+    and dropped as before::
+
+        a: root ─ [a0 .. a249 | slots 0-249]   (6 slots free)
+        b needs 10: 6 free + 4 evicted   ->   root ─ [a0 .. a245 | slots 0-245]
+                                               b: slots 246-249, then 250-255
+    """
+    for events in (False, True):
+        _evict_host_less(events)
+
+
+def _evict_host_less(events: bool) -> None:
+    mgr = make_manager(num_gpu_blocks=256, num_host_blocks=0, enable_events=events)
+    prompt_a = list(range(250 * TPB))
+    assert mgr.add_sequence(SequenceSpec("a", prompt_a)).admitted
+    mgr.remove_sequence("a")
+    (run,) = mgr._cache.nodes()
+    uid = run.uid
+    evictor = mgr._cache.evictor
+    cuts: list[int] = []
+    cut_tail = evictor.cut_tail
+
+    def counting_cut(node: Node, num_tail_blocks: int) -> Node:
+        cuts.append(num_tail_blocks)
+        return cut_tail(node, num_tail_blocks)
+
+    evictor.cut_tail = counting_cut  # type: ignore[method-assign]
+    b = mgr.add_sequence(SequenceSpec("b", [10**6 + i for i in range(10 * TPB)]))
+    assert b.block_ids == (246, 247, 248, 249, *range(250, 256))
+    assert cuts == ([4] if events else []), events
+    a_run = [n for n in mgr._cache.nodes() if n.uid == uid]
+    assert len(a_run) == 1 and a_run[0].slots == list(range(246))
+    assert list(a_run[0].tokens) == prompt_a[:246 * TPB]
+    assert mgr.stats.gpu.evicted_blocks == 4
+    assert mgr.lookup(prompt_a).num_tokens == 246 * TPB
+    mgr.check_invariants()

@@ -230,6 +230,22 @@ def test_a_specs_tokens_keep_only_the_packed_array_and_read_like_the_list() -> N
         TokenIds(b"\x01")
 
 
+@pytest.mark.parametrize("index", [0, 4095, 4096, 8191, 9999])
+@pytest.mark.parametrize("bad", [2**63, 2**64 - 1])
+def test_a_long_prompts_ids_are_checked_in_every_chunk(index: int, bad: int) -> None:
+    """A long prompt's top bytes are read a chunk of 4,096 ids at a time: an id past
+    2**63-1 that packs as unsigned is refused, naming it, in any chunk, the first and the
+    last included; the largest good id packs anywhere."""
+    tokens = list(range(10_000))
+    tokens[index] = bad
+    with pytest.raises(ValueError, match=f"token at index {index} is {bad}, outside"):
+        SequenceSpec("long", tokens)
+    with pytest.raises(ValueError, match=f"token at index {index} is {bad}, outside"):
+        TokenIds(tuple(tokens))
+    tokens[index] = 2**63 - 1
+    assert list(SequenceSpec("long", tokens).token_array) == tokens
+
+
 def test_decoding_grows_a_copy_never_the_specs_token_array() -> None:
     """The cache matches a spec's ``token_array``; a request decoding past its prompt grows
     an array of its own, so the spec (and a later lookup of it) still sees the prompt."""

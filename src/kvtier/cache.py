@@ -438,12 +438,22 @@ class BlockCache:
     def _evict_gpu(self, num_blocks: int, ops: PlanRecorder) -> None:
         """Free ``num_blocks`` GPU slots from unreferenced runs, tails first."""
         evictor = self.evictor
+        # NOTE: with no host tier every victim is dropped: one larger than the need loses
+        # its tail in place (``drop_tail``), the tree a cut and a drop leave, without a node
+        # (and a copy of its ids) made only to be dropped.
+        trim = not self.host.capacity
         with evictor.eviction_round():
             batch = self._gpu_batch
             while num_blocks > 0:
-                victim = evictor.take_victim(Tier.GPU, max(num_blocks, batch))
+                need = max(num_blocks, batch)
+                victim = evictor.take_victim(Tier.GPU, need, cut=not trim)
                 assert victim is not None, (
                     f"GPU: {num_blocks} blocks short of eviction candidates")
+                if trim and len(victim.slots) > need:
+                    num_blocks -= need
+                    self.drop_tail(victim, need)
+                    evictor.refile(victim)
+                    continue
                 num_blocks -= len(victim.slots)
                 parent = victim.parent
                 assert parent is not None
