@@ -20,13 +20,40 @@ from __future__ import annotations
 import itertools
 from array import array
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from kvtier.tier import Tier
 
 _uids = itertools.count(1)
 
 BlockKey = bytes | tuple[bytes, object]
+
+
+class _NoEntries(dict[Any, Any]):
+    """The one empty ``children`` (and ``by_first``) every childless run shares until it
+    gets a child (``add_child``, ``split`` and ``cut_tail`` give it a dict of its own): most
+    runs are leaves, and a dict per leaf was two allocations per run, counted by the garbage
+    collector, whose collections (paced by allocations) scan the caller's prompts.
+    Refuses to change; copies and pickles as itself."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("the shared empty children of a leaf cannot change")
+
+    __setitem__ = __delitem__ = __ior__ = setdefault = update = pop = popitem = clear = _refuse
+
+    def __copy__(self) -> _NoEntries:
+        return self
+
+    def __deepcopy__(self, memo: object) -> _NoEntries:
+        return self
+
+    def __reduce__(self) -> str:
+        return "_NO_ENTRIES"
+
+
+_NO_ENTRIES = _NoEntries()
 
 
 def block_key(tokens: Sequence[int], start: int, tokens_per_block: int,
@@ -85,9 +112,9 @@ class Node:
         root: Root | None,
     ) -> None:
         self.parent = parent
-        self.children: dict[BlockKey, Node] = {}
+        self.children: dict[BlockKey, Node] = _NO_ENTRIES
         # The children again, by first token: the candidates of a partial match.
-        self.by_first: dict[int, list[Node]] = {}
+        self.by_first: dict[int, list[Node]] = _NO_ENTRIES
         # How many children are on the GPU: a GPU run is an eviction candidate only with
         # none. Kept, not derived, so a node with many children answers in O(1).
         self.num_gpu_children = 0
@@ -162,6 +189,9 @@ def _changed(node: Node) -> None:
 
 def add_child(parent: Node, child: Node) -> None:
     _changed(parent)
+    if parent.children is _NO_ENTRIES:
+        parent.children = {}
+        parent.by_first = {}
     parent.children[child.key] = child
     if child.tier is Tier.GPU:
         parent.num_gpu_children += 1
@@ -179,6 +209,8 @@ def remove_child(parent: Node, child: Node) -> None:
         del parent.by_first[first]
     else:
         bucket.remove(child)
+    if not parent.children:  # a leaf again: its dicts go
+        parent.children = parent.by_first = _NO_ENTRIES
 
 
 def copy_stats(src: Node, dst: Node) -> None:
@@ -231,8 +263,8 @@ def split(node: Node, num_head_blocks: int, tokens_per_block: int) -> Node:
     node.start_block += num_head_blocks
     node.key = block_key(node.tokens, 0, tokens_per_block,
                          node.extras[0] if node.extras is not None else None)
-    head.children[node.key] = node
-    head.by_first[node.tokens[0]] = [node]
+    head.children = {node.key: node}
+    head.by_first = {node.tokens[0]: [node]}
     head.num_gpu_children = int(node.tier is Tier.GPU)
     return head
 
@@ -266,8 +298,7 @@ def absorb_parent(node: Node) -> None:
     bucket = grand.by_first[head.tokens[0]]
     bucket[bucket.index(head)] = node
     head.parent = None
-    head.children = {}
-    head.by_first = {}
+    head.children = head.by_first = _NO_ENTRIES
 
 
 def cut_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Node:

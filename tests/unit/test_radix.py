@@ -6,6 +6,7 @@ Trees are built by hand with ``make_run``; ``tpb`` is 2 unless a test says other
 from __future__ import annotations
 
 from array import array
+from typing import Any
 
 import pytest
 
@@ -267,6 +268,53 @@ def test_add_and_remove_child_keep_the_buckets() -> None:
     remove_child(root, y)
     remove_child(root, z)
     assert root.children == {} and root.by_first == {} and root.num_gpu_children == 0
+
+
+def test_a_leaf_shares_one_empty_children_that_refuses_to_change() -> None:
+    """A childless run allocates no dicts: every leaf shares one empty mapping as its
+    ``children`` and ``by_first``, which refuses writes and copies as itself; the first
+    child gives a run dicts of its own, the last one leaving takes them away, and split,
+    cut_tail and absorb_parent keep the rule::
+
+        root ─ [1 2 | 3 4 | 5 6]  split 1:  root ─ [1 2] ─ [3 4 | 5 6]
+    """
+    import copy
+    import pickle
+
+    root = Root(None, None)
+    leaves = [make_run(root, [i, i], [i]) for i in range(3)]
+    shared: dict[Any, Any] = leaves[0].children
+
+    def shares(*maps: object) -> bool:
+        return all(m is shared for m in maps)
+
+    assert all(shares(n.children, n.by_first) for n in leaves)
+    assert shared == {} and not shared and len(shared) == 0
+    for write in (lambda: shared.__setitem__(b"k", root), lambda: shared.setdefault(1, []),
+                  lambda: shared.update({1: []}), lambda: shared.pop(1), lambda: shared.clear()):
+        with pytest.raises(TypeError, match="shared empty children"):
+            write()
+    assert shared == {}
+    assert shares(copy.deepcopy(leaves[0]).children, copy.copy(shared))
+    assert shares(pickle.loads(pickle.dumps(shared)))
+    child = make_run(leaves[0], [9, 9], [5])
+    assert type(leaves[0].children) is dict and leaves[0].children == {key(9, 9): child}
+    assert leaves[0].by_first == {9: [child]} and shares(leaves[1].children)
+    remove_child(leaves[0], child)
+    assert shares(leaves[0].children, leaves[0].by_first)
+    for leaf in leaves:
+        remove_child(root, leaf)
+    assert shares(root.children, root.by_first)
+    n = make_run(root, [1, 2, 3, 4, 5, 6], [0, 1, 2])
+    head = split(n, 1, TPB)
+    assert head.children == {key(3, 4): n} and head.by_first == {3: [n]}
+    assert shares(n.children)
+    tail = cut_tail(n, 1, TPB)
+    assert n.children == {key(5, 6): tail} and shares(tail.children)
+    remove_child(n, tail)
+    absorb_parent(n)
+    assert shares(head.children, head.by_first, n.children)
+    assert root.children == {key(1, 2): n}
 
 
 # ---- split, absorb_parent, cut_tail -------------------------------------------------------
