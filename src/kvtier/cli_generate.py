@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from kvtier.cli_error import CLIError
-from kvtier.cli_options import finite_float, int_in
+from kvtier.cli_options import eviction_policy_option, finite_float, int_in
 
 if TYPE_CHECKING:
     from kvtier.model.generate import Generator, Message, TurnResult
@@ -48,13 +48,23 @@ def add_model_commands(commands: Any) -> None:
                      help="prompts and conversations, one JSON object per line")
     gen.add_argument("--raw", action="store_true",
                      help="tokenize prompts as they are, without the chat template")
+    _system_priority_option(gen)
     _model_options(gen)
     gen.set_defaults(run=run_generate)
     chat = commands.add_parser("chat", formatter_class=raw, description=CHAT_DESCRIPTION,
                                help="multi-turn chat with a real model over the tiered cache")
     chat.add_argument("--system", metavar="TEXT", help="a system message for each conversation")
+    _system_priority_option(chat)
     _model_options(chat)
     chat.set_defaults(run=run_chat)
+
+
+def _system_priority_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system-priority", type=int_in(0, 100), metavar="P",
+                   help="keep the blocks of each conversation's system message at priority P "
+                   "(0..100; the rest of a prompt has the default 35): with 90 a system "
+                   "message shared by every conversation stays on the GPU while others go "
+                   "(default: the system message as the rest)")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -76,6 +86,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="GPU tier size in blocks (default: 64, small on purpose)")
     p.add_argument("--host-blocks", type=int_in(0, 1 << 24), default=1024, metavar="N",
                    help="host tier size in blocks (default: 1024)")
+    eviction_policy_option(p, several=False)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
@@ -92,7 +103,8 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
                        f"(pip install 'kvtier[model]'): {exc}") from None
     try:
         tiers = TierSizes(args.tokens_per_block, args.gpu_blocks, args.host_blocks,
-                          max_num_tokens=max(512, args.tokens_per_block))
+                          max_num_tokens=max(512, args.tokens_per_block),
+                          eviction_policy=args.eviction_policy)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,14 +165,14 @@ def _turn_json(conversation: int, turn: int, r: TurnResult) -> dict[str, Any]:
 
 
 def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
-            params: SamplingParams) -> list[TurnResult]:
+            params: SamplingParams, system_priority: int | None = None) -> list[TurnResult]:
     from kvtier.model.generate import GenerationFailed
 
     try:
         if raw:
             prompts = [generator.tokenizer.encode(c[-1]["content"]) for c in conversations]
             return generator.generate(prompts, params)
-        return generator.chat(conversations, params)
+        return generator.chat(conversations, params, system_priority)
     except (ValueError, GenerationFailed) as exc:  # too long for the context, a template
         raise CLIError(str(exc)) from None               # that refuses, out of memory
 
@@ -168,6 +180,8 @@ def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
 def run_generate(args: argparse.Namespace) -> int:
     if not args.prompts and args.jsonl is None:
         raise CLIError("give prompts or --jsonl FILE")
+    if args.raw and args.system_priority is not None:
+        raise CLIError("--system-priority needs the chat template, which --raw leaves out")
     items: list[dict[str, Any]] = [{"prompt": p} for p in args.prompts]
     if args.jsonl is not None:
         items += _read_jsonl(args.jsonl)
@@ -181,7 +195,8 @@ def run_generate(args: argparse.Namespace) -> int:
         active = [i for i, t in enumerate(turns) if turn < len(t)]
         for i in active:
             histories[i].append({"role": "user", "content": turns[i][turn]})
-        results = _answer(generator, [histories[i] for i in active], args.raw, params)
+        results = _answer(generator, [histories[i] for i in active], args.raw, params,
+                          args.system_priority)
         for i, r in zip(active, results, strict=True):
             histories[i].append({"role": "assistant", "content": r.text})
             print(f"--- conversation {i} turn {turn}: {turns[i][turn]}")
@@ -232,7 +247,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         history = conversations[current]
         history.append({"role": "user", "content": text})
         try:
-            result = _answer(generator, [history], False, params)[0]
+            result = _answer(generator, [history], False, params, args.system_priority)[0]
         except CLIError as exc:
             # A turn that does not fit the context (or could not be computed) is refused;
             # the conversation stays as it was, and the session goes on.

@@ -49,3 +49,17 @@ def test_bad_jsonl_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     bad.write_text('{"prompt": "ok"}\n{"turns": []}\n')
     assert main(["generate", "--jsonl", str(bad)]) == 2
     assert "line 2 needs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["generate", "--raw", "--system-priority", "90", "hi"],
+     "kvtier: error: --system-priority needs the chat template, which --raw leaves out"),
+    (["chat", "--system-priority", "101"], "--system-priority: must be an integer <= 100, got 101"),
+    (["chat", "--eviction-policy", "mru"], "--eviction-policy: invalid choice: 'mru'"),
+])
+def test_retention_and_policy_options_are_checked_before_a_model_loads(
+        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A system priority without a chat template, or out of range, and an unknown policy
+    end with one sentence and status 2 (no model is loaded)."""
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -186,3 +186,38 @@ def test_chat_refuses_a_turn_past_the_context_and_goes_on(
     summary = json.loads(out[-1])
     assert [(t["conversation"], t["turn"]) for t in summary["turns"]] == [(0, 0)]
     assert summary["turns"][0]["num_output_tokens"] == 4
+
+
+@pytest.mark.parametrize("system_priority", [None, 90])
+def test_a_system_message_at_priority_90_stays_on_the_gpu(
+        smollm2: tuple[LlamaModel, Tokenizer], system_priority: int | None) -> None:
+    """A conversation's system message, kept at priority 90 (``chat(system_priority=)``,
+    ``--system-priority``), stays on the GPU when a later prompt needs room: the blocks at
+    the default go instead, though they are newer. At the default it is the oldest:
+    priority-LRU offloads its tail, and the next conversation brings that back from the
+    host."""
+    from kvtier.model.generate import Generator, TierSizes
+
+    model, tokenizer = smollm2
+    gen = Generator(model, tokenizer, TierSizes(16, 8, 16, eviction_policy="priority-lru"))
+    params = gen.default_params(max_new_tokens=1)
+    with pytest.raises(ValueError, match="retentions has 0 items for 1 prompts"):
+        gen.generate([[1, 2]], params, [])
+    # The template writes this message in 32 tokens (two blocks), ahead of the user's 9.
+    system = {"role": "system", "content": "You are a terse assistant for a small family "
+              "bakery in Lyon. Answer in at most ten words, and never discuss prices."}
+    gen.chat([[system, {"role": "user", "content": "Hi"}]], params, system_priority)
+    num_system = 2 * 16
+    held = [b.priority for b in gen.engine.manager.cached_blocks()]
+    assert held == [35 if system_priority is None else system_priority] * 2
+    gen.generate([[1000 + i for i in range(2 * 16)]], params)  # 2 blocks, newer, at 35
+    gen.generate([[2000 + i for i in range(5 * 16)]], params)  # 5 blocks: one must go
+    second = gen.chat([[system, {"role": "user", "content": "Bye"}]], params, system_priority)
+    turn = second[0]
+    assert turn.num_gpu_tokens + turn.num_host_tokens == num_system
+    if system_priority is None:
+        assert (turn.num_gpu_tokens, turn.num_host_tokens, turn.num_onboarded_tokens) == (
+            16, 16, 16)
+    else:
+        assert turn.num_gpu_tokens == num_system and turn.num_onboarded_tokens == 0
+    gen.engine.manager.check_invariants()

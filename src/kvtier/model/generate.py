@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from kvtier.blocks import cdiv
-from kvtier.config import CacheConfig
+from kvtier.config import CacheConfig, check_priority
 from kvtier.manager import KVCacheManager
 from kvtier.model.checkpoint import load_model
 from kvtier.model.engine import ModelEngine, RequestResult
@@ -29,11 +29,13 @@ from kvtier.model.llama import LlamaModel
 from kvtier.model.sampling import Sampler, SamplingParams, find_stop
 from kvtier.model.tokenizer import Tokenizer, load_tokenizer
 from kvtier.request import Request, check_token_ids
+from kvtier.retention import Retention, RetentionRange
 from kvtier.scheduler import Scheduler, SchedulerConfig
 from kvtier.storage import KVStorage
 from kvtier.transfer.torch_engine import TorchTransferEngine
 
 Message = Mapping[str, str]
+_DEFAULT_POLICY = CacheConfig().eviction_policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +47,16 @@ class TierSizes:
     num_gpu_blocks: int = 64
     num_host_blocks: int = 1024
     max_num_tokens: int = 512
+    eviction_policy: str = _DEFAULT_POLICY
 
     def __post_init__(self) -> None:
-        CacheConfig(self.tokens_per_block, self.num_gpu_blocks, self.num_host_blocks)
+        self.cache_config()
         SchedulerConfig(max_num_tokens=self.max_num_tokens)
+
+    def cache_config(self) -> CacheConfig:
+        """The manager's settings (ValueError naming a bad one). Pure."""
+        return CacheConfig(self.tokens_per_block, self.num_gpu_blocks, self.num_host_blocks,
+                           eviction_policy=self.eviction_policy)
 
 
 class GenerationFailed(RuntimeError):
@@ -89,8 +97,7 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self.tiers = tiers
-        manager = KVCacheManager(CacheConfig(tiers.tokens_per_block, tiers.num_gpu_blocks,
-                                             tiers.num_host_blocks))
+        manager = KVCacheManager(tiers.cache_config())
         scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=tiers.max_num_tokens))
         layout = model.config.kv_layout(tiers.tokens_per_block)
         gpu = KVStorage(layout, tiers.num_gpu_blocks, model.device)
@@ -118,11 +125,16 @@ class Generator:
         fields.update(overrides)
         return SamplingParams(**fields)  # type: ignore[arg-type]
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams) -> list[TurnResult]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 retentions: Sequence[Retention | None] | None = None) -> list[TurnResult]:
         """Run the token prompts together until each stops; results in prompt order.
-        ValueError (nothing queued) if a prompt is empty, does not fit ``max_context`` or
-        holds a token id that is no id of the model's vocabulary."""
+        ``retentions`` (one per prompt, or None) keep parts of a prompt's blocks at other
+        priorities (:class:`~kvtier.retention.Retention`). ValueError (nothing queued) if a
+        prompt is empty, does not fit ``max_context`` or holds a token id that is no id of
+        the model's vocabulary, or if ``retentions`` does not match the prompts."""
+        if retentions is not None and len(retentions) != len(prompts):
+            raise ValueError(f"retentions has {len(retentions)} items for {len(prompts)} "
+                             "prompts")
         limit = self.max_context
         vocab_size = self.model.config.vocab_size
         # NOTE: every prompt is checked before any is queued: the engine refuses a bad one
@@ -141,12 +153,14 @@ class Generator:
         prompts = checked
         engine = self.engine
         rids = []
-        for ids in prompts:
+        for i, ids in enumerate(prompts):
             rid = f"req-{next(self._ids)}"
             # The answer may use what is left of the context, no more.
             max_new = min(params.max_new_tokens, limit - len(ids))
             stop = self._stop_fn(params.stop) if params.stop else None
-            engine.add_request(Request(rid, list(ids), max_new), Sampler(params), stop)
+            retention = retentions[i] if retentions is not None else None
+            engine.add_request(Request(rid, list(ids), max_new, retention=retention),
+                               Sampler(params), stop)
             rids.append(rid)
         engine.run()
         results = [engine.results.pop(rid) for rid in rids]
@@ -155,10 +169,34 @@ class Generator:
                 raise GenerationFailed(f"prompt {i} could not be answered: {r.error}")
         return [self._result(r, params) for r in results]
 
-    def chat(self, conversations: Sequence[Sequence[Message]],
-             params: SamplingParams) -> list[TurnResult]:
-        """The assistant's next turn in each conversation (run together)."""
-        return self.generate([self.tokenizer.encode_chat(c) for c in conversations], params)
+    def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingParams,
+             system_priority: int | None = None) -> list[TurnResult]:
+        """The assistant's next turn in each conversation (run together). With
+        ``system_priority`` (0..100) the blocks a conversation's system message fills are
+        kept at that priority (e.g. 90: they stay while other blocks at the default 35
+        go), the rest of the prompt at the default."""
+        prompts = [self.tokenizer.encode_chat(c) for c in conversations]
+        if system_priority is None:
+            return self.generate(prompts, params)
+        check_priority("system_priority", system_priority)
+        return self.generate(prompts, params, [
+            self._system_retention(c, ids, system_priority)
+            for c, ids in zip(conversations, prompts, strict=True)])
+
+    def _system_retention(self, conversation: Sequence[Message], ids: Sequence[int],
+                          priority: int) -> Retention | None:
+        """``priority`` for the tokens of ``conversation``'s system message, as its chat
+        template writes them ahead of the rest (the longest prefix the encoding of the
+        system message alone shares with ``ids``). None without a system message. Pure."""
+        if not conversation or conversation[0].get("role") != "system":
+            return None
+        alone = self.tokenizer.encode_chat(conversation[:1])
+        n = 0
+        for a, b in zip(alone, ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        return Retention((RetentionRange(0, n, priority),)) if n else None
 
     def _stop_fn(self, stop: Sequence[str]) -> StopCheck:
         return StopCheck(self.tokenizer, tuple(stop))
