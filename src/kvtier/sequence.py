@@ -292,6 +292,8 @@ def token_array(tokens: Sequence[int]) -> array[int] | None:
             ids = _packed(tokens)
     except (TypeError, OverflowError):
         return None
+    if len(ids) <= _CHECK_IDS:  # NOTE: a short prompt pays no call
+        return ids if ids.tobytes()[_TOP_BYTE::8].isascii() else None
     return ids if _below_top_bit(ids) else None
 
 
@@ -299,8 +301,6 @@ def _below_top_bit(ids: array[int]) -> bool:
     """Whether every id of the ``array('Q')`` ``ids`` is below 2**63 (its top byte below
     0x80). Pure, C-level: the bytes are read ``_CHECK_IDS`` ids at a time."""
     n = len(ids)
-    if n <= _CHECK_IDS:
-        return ids.tobytes()[_TOP_BYTE::8].isascii()
     with memoryview(ids) as view:
         for start in range(0, n, _CHECK_IDS):
             if not view[start:start + _CHECK_IDS].tobytes()[_TOP_BYTE::8].isascii():
