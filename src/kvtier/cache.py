@@ -438,26 +438,41 @@ class BlockCache:
     def _evict_gpu(self, num_blocks: int, ops: PlanRecorder) -> None:
         """Free ``num_blocks`` GPU slots from unreferenced runs, tails first."""
         evictor = self.evictor
-        # NOTE: with no host tier every victim is dropped: one larger than the need loses
-        # its tail in place (``drop_tail``), the tree a cut and a drop leave, without a node
-        # (and a copy of its ids) made only to be dropped.
-        trim = not self.host.capacity
         with evictor.eviction_round():
             batch = self._gpu_batch
+            if not self.host.capacity:
+                self._drop_gpu(num_blocks)
+                return
             while num_blocks > 0:
-                need = max(num_blocks, batch)
-                victim = evictor.take_victim(Tier.GPU, need, cut=not trim)
+                victim = evictor.take_victim(Tier.GPU, max(num_blocks, batch))
                 assert victim is not None, (
                     f"GPU: {num_blocks} blocks short of eviction candidates")
-                if trim and len(victim.slots) > need:
-                    num_blocks -= need
-                    self.drop_tail(victim, need)
-                    evictor.refile(victim)
-                    continue
                 num_blocks -= len(victim.slots)
                 parent = victim.parent
                 assert parent is not None
                 self._evict_gpu_run(victim, ops)
+                evictor.refile(parent)
+
+    def _drop_gpu(self, num_blocks: int) -> None:
+        """``_evict_gpu`` with no host tier, within its round: every victim is dropped, and
+        one larger than the need loses its tail in place (``drop_tail``): the tree, slots
+        and forgets a cut and a drop leave, without a node (and a copy of its ids) made only
+        to be dropped."""
+        evictor = self.evictor
+        batch = self._gpu_batch
+        while num_blocks > 0:
+            need = max(num_blocks, batch)
+            victim = evictor.take_victim(Tier.GPU, need, cut=False)
+            assert victim is not None, f"GPU: {num_blocks} blocks short of eviction candidates"
+            if len(victim.slots) > need:
+                num_blocks -= need
+                self.drop_tail(victim, need)
+                evictor.refile(victim)
+            else:
+                num_blocks -= len(victim.slots)
+                parent = victim.parent
+                assert parent is not None
+                self.drop(victim)
                 evictor.refile(parent)
 
     def _evict_gpu_run(self, victim: Node, ops: PlanRecorder,
