@@ -9,6 +9,7 @@ more reusable stream.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,43 @@ def test_replay_and_compare_print_bounds_on_what_they_served(
     runs = last_json(capsys.readouterr().out)["runs"]
     assert [r["report"]["oracle"]["unlimited_hit_rate"] for r in runs] == pytest.approx(
         [SERVED] * 4, abs=1e-12)
+
+
+def test_the_bounds_never_hash_a_skipped_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A skipped request may be millions of tokens: the bounds leave it unread (before,
+    every prompt was hashed, then the skipped ones dropped). A replay that served nothing
+    reads the stream no second time."""
+    import kvtier.sim.oracle as oracle
+    from kvtier.sim import TraceRequest
+
+    hashed: list[int] = []
+    real = oracle.prefix_block_keys
+
+    def counting(prompt: list[int], tokens_per_block: int) -> tuple[object, ...]:
+        hashed.append(len(prompt))
+        return real(prompt, tokens_per_block)
+
+    monkeypatch.setattr(oracle, "prefix_block_keys", counting)
+    class Stream:
+        name = "stream"
+
+        def __init__(self, *requests: TraceRequest) -> None:
+            self.requests = requests
+
+        def __iter__(self) -> Iterator[TraceRequest]:
+            return iter(self.requests)
+
+        def describe(self) -> dict[str, object]:
+            return {"name": "stream"}
+
+    giant = TraceRequest("giant", 0.0, list(range(5000)), 1)
+    small = TraceRequest("small", 1.0, list(range(10_000, 10_040)), 1)
+    cache = CacheConfig(tokens_per_block=16, num_gpu_blocks=64)
+    report = simulate(Stream(giant, small), cache, oracle=True)
+    assert (report.num_rejected_too_large, report.num_requests) == (1, 1)
+    assert hashed == [40]
+    hashed.clear()
+    nothing = simulate(Stream(giant), cache, oracle=True)
+    assert nothing.num_requests == 0 and hashed == []
+    assert nothing.oracle is not None and nothing.oracle.belady_hit_rate == 0.0

@@ -155,3 +155,31 @@ def test_synthetic_chat_validates_fields(field: str, value: object) -> None:
     """SyntheticChat names the offending field and value."""
     with pytest.raises(ValueError, match=f"{field} .*{re.escape(repr(value))}"):
         SyntheticChat(**{field: value})  # type: ignore[arg-type]
+
+
+
+def test_open_sessions_hold_at_most_max_held_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open sessions keep their histories, but never more than ``MAX_HELD_TOKENS`` tokens
+    together: the idle-longest close first (a trace of multi-million-token contexts held 32
+    of them, 19.7 GB for 31 requests a replay then skipped). Below the bound nothing
+    changes: every prompt is the one the count bound alone gives."""
+    import kvtier.sim.synthetic as synthetic
+
+    model = PrefixModel(follow_up_fraction=0.5, max_open_sessions=32, max_turns_per_session=99)
+    sizes = [300 + 50 * i for i in range(16)]
+    unbounded = SessionBuilder(model, seed=3)
+    expected, held = [], []
+    for n in sizes:
+        expected.append(unbounded.fixed_length_prompt(n, 10))
+        held.append(unbounded.num_held_tokens)
+    assert max(held) > 2_000  # the unbounded run passes the bound set below
+    monkeypatch.setattr(synthetic, "MAX_HELD_TOKENS", 2_000)
+    builder = SessionBuilder(model, seed=3)
+    got = []
+    for n in sizes:
+        got.append(builder.fixed_length_prompt(n, 10))
+        assert builder.num_held_tokens == sum(len(s.history) for s in builder._open.values())
+        assert builder.num_held_tokens <= 2_000
+    first_over = next(i for i, h in enumerate(held) if h > 2_000)
+    assert got[:first_over + 1] == expected[:first_over + 1]
+    assert len(builder._open) < len(unbounded._open)

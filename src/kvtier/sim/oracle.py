@@ -220,13 +220,15 @@ def oracle_bounds(workload: Workload, tokens_per_block: int, capacities: Iterabl
     its block keys without building prompts; others are hashed prompt by prompt.
     """
     method = getattr(workload, "oracle_requests", None)
-    source: Iterable[OracleRequest]
+    requests: list[OracleRequest]
     if callable(method):
-        source = method(tokens_per_block)
+        source: Iterable[OracleRequest] = method(tokens_per_block)
+        requests = [r for i, r in enumerate(source) if i not in skip] if skip else list(source)
     else:
-        source = oracle_requests(workload, tokens_per_block)
-    requests = ([r for i, r in enumerate(source) if i not in skip] if skip
-                else list(source))
+        # NOTE: a skipped request is not hashed at all: it may be the millions of tokens
+        # the replay skipped it for.
+        requests = [OracleRequest(prefix_block_keys(r.prompt, tokens_per_block), len(r.prompt))
+                    for i, r in enumerate(workload) if i not in skip]
     unlimited = unlimited_hit_tokens(requests, tokens_per_block).hit_rate
     # One replay per distinct capacity (a sweep repeats them).
     belady: dict[int, float] = {}

@@ -31,7 +31,7 @@ from kvtier.scheduled_step import STEP_PHASES, StepPhases
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.oracle import oracle_bounds
 from kvtier.sim.probe import make_scheduler
-from kvtier.sim.report import SimReport, Summary, estimate_load
+from kvtier.sim.report import OracleBounds, SimReport, Summary, estimate_load
 from kvtier.sim.timemodel import ModelProfile, TimeModel, get_profile
 from kvtier.sim.workload import TraceRequest, Workload
 from kvtier.tier import Tier
@@ -98,10 +98,12 @@ def simulate(
     wall_s = time.perf_counter() - wall_start
     report = loop.report(workload, wall_s)
     if oracle:
-        bounds = oracle_bounds(workload, cache.tokens_per_block,
-                               [cache.num_gpu_blocks + cache.num_host_blocks],
-                               skip=frozenset(loop.skipped))
-        report = replace(report, oracle=bounds[0])
+        capacity = cache.num_gpu_blocks + cache.num_host_blocks
+        # Nothing served, nothing to bound (and no stream of skipped giants to read again).
+        bounds = (oracle_bounds(workload, cache.tokens_per_block, [capacity],
+                                skip=frozenset(loop.skipped))[0] if loop.num_requests
+                  else OracleBounds(cache.tokens_per_block, capacity, 0.0, 0.0, 0.0))
+        report = replace(report, oracle=bounds)
     return report
 
 

@@ -108,11 +108,16 @@ class _Session:
     num_turns: int
 
 
+MAX_HELD_TOKENS = MAX_REQUEST_TOKENS
+"""The most tokens of history a :class:`SessionBuilder`'s open sessions hold together."""
+
+
 class SessionBuilder:
     """Builds the prompts of a request stream under a :class:`PrefixModel`; deterministic.
 
     The same model, seed and sequence of calls give the same prompts. Memory is bounded by
-    the open sessions' histories.
+    the open sessions' histories: at most ``max_open_sessions`` sessions, holding at most
+    ``MAX_HELD_TOKENS`` tokens together (the sessions idle longest close first).
     """
 
     def __init__(self, model: PrefixModel, seed: int) -> None:
@@ -131,6 +136,8 @@ class SessionBuilder:
         # NOTE: ordered by last activity, idle longest first, so closing pops the front.
         self._open: OrderedDict[str, _Session] = OrderedDict()
         self._num_sessions = 0
+        # Tokens of history the open sessions hold, together at most MAX_HELD_TOKENS.
+        self.num_held_tokens = 0
 
     def fixed_length_prompt(self, num_tokens: int, output_length: int) -> tuple[str, list[int]]:
         """Prompt of exactly ``num_tokens`` tokens (a trace's context length); returns session id.
@@ -190,14 +197,23 @@ class SessionBuilder:
             self._num_sessions += 1
             self._open[session.session_id] = session
             if len(self._open) > self._model.max_open_sessions:
-                self._open.popitem(last=False)
+                self._close(next(iter(self._open)))
+        self.num_held_tokens -= len(session.history)
         session.history = prompt + self._fresh(output_length)
+        self.num_held_tokens += len(session.history)
         session.num_turns += 1
         if session.num_turns >= self._model.max_turns_per_session:
-            self._open.pop(session.session_id, None)
-        elif session.session_id in self._open:
+            self._close(session.session_id)
+        else:
             self._open.move_to_end(session.session_id)
+        # NOTE: a trace of huge contexts (millions of tokens each) would otherwise keep
+        # max_open_sessions of them: tens of gigabytes for requests a replay may skip.
+        while self.num_held_tokens > MAX_HELD_TOKENS:
+            self._close(next(iter(self._open)))
         return session.session_id
+
+    def _close(self, session_id: str) -> None:
+        self.num_held_tokens -= len(self._open.pop(session_id).history)
 
 
 SYNTHETIC_CHAT_PREFIX_MODEL = PrefixModel(
