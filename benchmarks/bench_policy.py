@@ -28,6 +28,15 @@ Load: each workload runs at the time scale where priority-LRU's p50 TTFT is unde
 
     .venv/bin/python benchmarks/bench_policy.py                 # first 2,000 requests
     .venv/bin/python benchmarks/bench_policy.py --smoke         # tiny, for the tests
+    .venv/bin/python benchmarks/bench_policy.py --audit --jobs 2  # the held-out audit
+
+``--audit`` replays workloads no policy was tuned on (``benchmarks/policy_lab/audit.py``:
+memoryless sessions, scans with a hot set, Zipf system prompts, long-document QA,
+heavy-tailed gaps, a phase shift, flipping regimes; other windows and seeds of the traces;
+1 % and 30 % capacities, 16- and 512-token blocks) through the baselines, vLLM's LRU / ARC
+and the default at several time scales within +-0.05 % (its noise: a learned order is
+chaotic in the arrival times), and flags every row where the default falls below LRU or
+vLLM's best beyond that noise.
 
 Prints a table, then one JSON line.
 """
@@ -38,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,7 +149,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="capacities as fractions of the stream's distinct blocks")
     parser.add_argument("--no-peers", action="store_true", help="skip vLLM's policies")
     parser.add_argument("--smoke", action="store_true", help="tiny run (chat, 60 requests)")
+    parser.add_argument("--audit", action="store_true",
+                        help="the held-out audit (benchmarks/policy_lab/audit.py) instead")
+    parser.add_argument("--rows", default="", help="--audit: only rows whose label has one "
+                        "of these comma-separated substrings")
+    parser.add_argument("--jobs", type=int, default=1, help="--audit: processes")
+    parser.add_argument("--num-scales", type=int, default=3,
+                        help="--audit: time scales the default runs at (its noise)")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.num_scales < 1:
+        parser.error(f"--jobs and --num-scales must be >= 1, got {args.jobs}, {args.num_scales}")
+    if args.audit:
+        return audit_main(args.rows, args.jobs, args.num_scales, args.smoke, args.no_peers)
     names = args.workloads.split(",")
     limit = args.limit
     if args.smoke:
@@ -242,6 +263,164 @@ def print_table(rows: list[dict[str, object]], policies: list[str],
               + " |")
     if peers_reason is not None:
         print(f"vLLM columns skipped: {peers_reason}")
+
+
+# The audit (``--audit``): rows of (label, source, tokens per block, fractions). A source is
+# (kind, seed or first request, requests): an audit family, the built-in chat at a seed, or
+# a window of a trace.
+AuditSource = tuple[str, int, int]
+AUDIT_ROWS: list[tuple[str, AuditSource, int, tuple[float, ...]]] = [
+    *((f"{fam}", (fam, 0, 1500), 32, (0.03, 0.10))
+      for fam in ("memoryless", "scan-hot", "zipf-system", "doc-qa", "heavy-tail",
+                  "phase-shift", "flip")),
+    ("memoryless#1", ("memoryless", 1, 1500), 32, (0.01, 0.30)),
+    ("zipf-system#1", ("zipf-system", 1, 1500), 32, (0.01, 0.30)),
+    ("chat#3", ("chat", 3, 1500), 32, (0.01, 0.30)),
+    ("chat#4 16-token", ("chat", 4, 1500), 16, (0.03,)),
+    ("mooncake-conv 512-token", ("mooncake-conv", 0, 2000), 512, (0.03, 0.10)),
+    ("mooncake-conv@10000", ("mooncake-conv", 10000, 2000), 32, (0.03, 0.10)),
+    ("azure-conv@5000", ("azure-conv", 5000, 2000), 32, (0.03, 0.10)),
+    ("azure-code seed 1", ("azure-code#1", 0, 2000), 32, (0.03, 0.10)),
+]
+AUDIT_SMOKE_ROWS: list[tuple[str, AuditSource, int, tuple[float, ...]]] = [
+    ("memoryless", ("memoryless", 0, 80), 32, (0.03,)),
+]
+DEFAULT_POLICY = "kvtier-predict-cost"
+
+
+def audit_workload(source: AuditSource) -> Workload:
+    """The workload an audit row names."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.policy_lab.audit import FAMILIES, Window, family
+
+    kind, arg, n = source
+    if kind in FAMILIES:
+        return family(kind, arg, n)
+    if kind == "chat":
+        return SyntheticChat(num_requests=n, seed=arg)
+    if kind == "mooncake-conv":
+        return Window(MooncakeTrace(TRACES / "mooncake_conversation_trace.jsonl",
+                                    limit=arg + n), arg, n)
+    if kind == "azure-conv":
+        return Window(AzureTrace(TRACES / "azure_llm_2023_conv.csv", limit=arg + n), arg, n)
+    if kind == "azure-code#1":
+        return AzureTrace(TRACES / "azure_llm_2023_code.csv", seed=1, limit=n)
+    raise ValueError(f"unknown audit source {source!r}")
+
+
+def _audit_setup(job: tuple[AuditSource, int, tuple[float, ...], bool]) -> list[dict[str, object]]:
+    """Per capacity of one row: blocks, the time scale, Belady, vLLM's policies."""
+    source, tpb, fractions, peers = job
+    workload = audit_workload(source)
+    stream = list(oracle_requests(workload, tpb))
+    max_blocks = max(cdiv(r.num_tokens, tpb) for r in stream) + 16
+    caps = capacities(stream, tpb, max_blocks, fractions)
+    bounds = oracle_bounds(workload, tpb, [g + h for g, h in caps])
+    probe = simulate(workload, CacheConfig(tokens_per_block=tpb, num_gpu_blocks=caps[0][0],
+                                           num_host_blocks=caps[0][1],
+                                           eviction_policy="priority-lru"))
+    scale = 1.0
+    if (probe.ttft_s.p50 or 0.0) > TTFT_TARGET_S:
+        scale = max(1.0, (probe.load.utilization or 0.0) / 0.7)
+    out: list[dict[str, object]] = []
+    for f, (gpu, host), bound in zip(fractions, caps, bounds, strict=True):
+        row: dict[str, object] = {
+            "fraction": f, "num_requests": len(stream), "tokens_per_block": tpb,
+            "gpu_blocks": gpu, "host_blocks": host, "time_scale": round(scale, 4),
+            "belady": bound.belady_hit_rate, "block_lru": bound.lru_hit_rate}
+        if peers:
+            for peer in ("lru", "arc"):
+                row[f"vllm-{peer}"] = run_peer(stream, tpb, gpu + host, peer)
+        out.append(row)
+    return out
+
+
+def _audit_sim(job: tuple[AuditSource, int, int, int, float, str]) -> float:
+    source, tpb, gpu, host, scale, policy = job
+    config = CacheConfig(tokens_per_block=tpb, num_gpu_blocks=gpu, num_host_blocks=host,
+                         eviction_policy=policy)
+    return simulate(audit_workload(source), config, time_scale=scale).token_hit_rate
+
+
+def audit_main(only: str, jobs: int, num_scales: int, smoke: bool, no_peers: bool) -> int:
+    """Run the audit; print its table, then one JSON line."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    specs = AUDIT_SMOKE_ROWS if smoke else AUDIT_ROWS
+    if only:
+        wanted = only.split(",")
+        specs = [s for s in specs if any(w in s[0] for w in wanted)]
+    peers = not (smoke or no_peers) and PEER_PYTHON.exists()
+    policies = ["lru", "priority-lru", "s3fifo", "arc", "kvtier-predict"]
+    # Scales within +-0.05 % of the row's: a learned order's draws (baselines do not move).
+    steps = [k - (num_scales - 1) / 2 for k in range(num_scales)]
+    with ProcessPoolExecutor(jobs) as pool:
+        setups = list(pool.map(_audit_setup, [(src, tpb, fr, peers) for _, src, tpb, fr in specs]))
+        rows = [{"label": label, **cap} for (label, *_), caps in zip(specs, setups, strict=True)
+                for cap in caps]
+        sources = [(src, tpb) for (_, src, tpb, fr) in specs for _ in fr]
+        sims = [(src, tpb, int(str(r["gpu_blocks"])), int(str(r["host_blocks"])),
+                 float(str(r["time_scale"])) * (1 + 0.0005 * k), p)
+                for r, (src, tpb) in zip(rows, sources, strict=True)
+                for p, k in [*((p, 0.0) for p in policies),
+                             *((DEFAULT_POLICY, k) for k in steps)]]
+        hits = iter(pool.map(_audit_sim, sims))
+    for row in rows:
+        for p in policies:
+            row[p] = next(hits)
+        draws = [next(hits) for _ in steps]
+        row[DEFAULT_POLICY] = statistics.mean(draws)
+        row[f"{DEFAULT_POLICY} sd"] = statistics.pstdev(draws)
+        row[f"{DEFAULT_POLICY} draws"] = draws
+        judge_audit_row(row)
+    print_audit(rows, policies, peers)
+    print(json.dumps({
+        "benchmark": "bench_policy_audit", "smoke": smoke, "machine": platform.node(),
+        "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0],
+        "inputs": {"rows": [s[0] for s in specs], "traces": str(TRACES),
+                   "num_scales": num_scales, "source": "benchmarks/policy_lab/audit.py"},
+        "peers": "vllm 0.33.0 (.venv-peers)" if peers else "skipped",
+        "unix_time": int(time.time()), "rows": rows}, allow_nan=False))
+    return 0
+
+
+def judge_audit_row(row: dict[str, object]) -> None:
+    """Flag where the default falls below LRU, or vLLM's best (gap against the block-level
+    LRU, as in the main table), beyond its noise (2 sd of its draws, at least 0.0005)."""
+    mean = float(str(row[DEFAULT_POLICY]))
+    noise = max(0.0005, 2 * float(str(row[f"{DEFAULT_POLICY} sd"])))
+    lru, belady = float(str(row["lru"])), float(str(row["belady"]))
+    flags = []
+    if mean < lru - noise:
+        flags.append("below LRU")
+    best = max(float(str(row[k])) for k in ("vllm-lru", "vllm-arc") if k in row) \
+        if "vllm-lru" in row else None
+    mine = gap(mean, lru, belady)
+    if best is not None:
+        theirs = gap(best, float(str(row["block_lru"])), belady)
+        if mine is not None and theirs is not None and mine < theirs - noise / (belady - lru):
+            flags.append("below vLLM's best")
+    row["default gap"] = mine
+    row["flags"] = flags
+
+
+def print_audit(rows: list[dict[str, object]], policies: list[str], peers: bool) -> None:
+    cols = [*policies, DEFAULT_POLICY, *(["vllm-lru", "vllm-arc"] if peers else [])]
+    header = ["row", "tpb", "GPU+host", "scale", *cols, "belady", "default's gap", "flags"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [f"{row['label']} {float(str(row['fraction'])):.0%}", f"{row['tokens_per_block']}",
+                 f"{row['gpu_blocks']}+{row['host_blocks']}", f"{row['time_scale']}"]
+        for c in cols:
+            v = float(str(row[c]))
+            cells.append(f"{v:.4f} (sd {float(str(row[f'{c} sd'])):.4f})"
+                         if c == DEFAULT_POLICY else f"{v:.4f}")
+        g = row["default gap"]
+        cells += [f"{float(str(row['belady'])):.4f}",
+                  "n/a" if not isinstance(g, float) else f"{g:+.3f}",
+                  ", ".join(row["flags"]) if isinstance(row["flags"], list) else ""]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

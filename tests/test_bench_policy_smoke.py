@@ -28,3 +28,22 @@ def test_bench_policy_smoke_prints_a_table_then_json(monkeypatch: pytest.MonkeyP
         assert row["lru gap"] == 0.0  # lru is the gap's own zero
         assert row["lru sim gap"] in (0.0, None)  # None: the clairvoyant within 1e-3 of lru
         assert row["lru"] <= row["clairvoyant"] <= row["unlimited"]
+
+
+def test_bench_policy_audit_smoke(monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``--audit --smoke``: one held-out row, the default's draws over two time scales and
+    their mean, the verdict against LRU, the JSON line last."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = __import__("bench_policy")
+    assert module.main(["--audit", "--smoke", "--num-scales", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["benchmark"] == "bench_policy_audit" and result["peers"] == "skipped"
+    assert lines[0].startswith("| row | tpb |") and "memoryless 3%" in lines[2]
+    (row,) = result["rows"]
+    draws = row["kvtier-predict-cost draws"]
+    assert len(draws) == 2 and row["kvtier-predict-cost"] == pytest.approx(sum(draws) / 2)
+    assert row["lru"] <= row["belady"] and isinstance(row["flags"], list)
+    noise = max(0.0005, 2 * row["kvtier-predict-cost sd"])  # judge_audit_row's noise
+    assert ("below LRU" in row["flags"]) == (row["kvtier-predict-cost"] < row["lru"] - noise)
