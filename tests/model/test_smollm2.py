@@ -144,7 +144,7 @@ def test_exact_through_the_tiers_vs_transformers(
 
 
 def test_a_prompt_whose_forward_pass_keeps_failing_is_an_error_naming_it(
-    smollm2: tuple[LlamaModel, Tokenizer],
+    smollm2: tuple[LlamaModel, Tokenizer], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Out of device memory on every try: ``generate`` raises ``GenerationFailed`` naming
     the prompt and the fault (``kvtier generate`` prints it and exits 2), where it used to
@@ -156,7 +156,8 @@ def test_a_prompt_whose_forward_pass_keeps_failing_is_an_error_naming_it(
     def out_of_memory(*args: object, **kwargs: object) -> None:
         raise RuntimeError("CUDA out of memory (injected)")
 
-    gen.engine.model.forward_chunk = out_of_memory  # type: ignore[method-assign,assignment]
+    # NOTE: through monkeypatch: the model is the module's, shared with later tests.
+    monkeypatch.setattr(gen.engine.model, "forward_chunk", out_of_memory)
     with pytest.raises(GenerationFailed, match=r"prompt 0 could not be answered: forward "
                                                r"pass: RuntimeError: CUDA out of memory"):
         gen.generate([[1, 2, 3]], gen.default_params(max_new_tokens=4))
