@@ -30,6 +30,7 @@ where they change, so every cached run has one priority and one expiry.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -122,11 +123,14 @@ class BlockRetention:
     """A :class:`Retention` resolved for one request: the (priority, retention_s) of each of
     its blocks, and where along a run of blocks they change. Immutable."""
 
-    __slots__ = ("_decode", "_default", "_num_prompt_tokens", "_ranges")
+    __slots__ = ("_decode", "_default", "_num_prompt_tokens", "_ranges", "_starts")
 
     def __init__(self, retention: Retention, num_prompt_tokens: int, priority: int,
                  retention_s: float | None) -> None:
         self._ranges = retention.ranges
+        # NOTE: looked up by bisection: a request may name many ranges, and a release
+        # asks once per run of its path.
+        self._starts = [r.start for r in retention.ranges]
         self._num_prompt_tokens = num_prompt_tokens
         self._default = (priority, retention_s)
         self._decode = self._default if retention.decode_priority is None else (
@@ -138,18 +142,22 @@ class BlockRetention:
         token = block * tokens_per_block
         if token >= self._num_prompt_tokens:
             return self._decode
-        for r in self._ranges:
-            if r.contains(token):
-                return r.priority, r.retention_s
+        i = bisect_right(self._starts, token) - 1
+        if i >= 0 and self._ranges[i].contains(token):
+            r = self._ranges[i]
+            return r.priority, r.retention_s
         return self._default
 
     def cuts(self, start_block: int, num_blocks: int, tokens_per_block: int) -> list[int]:
         """Offsets ``k`` in ``1 .. num_blocks - 1``, ascending, where the settings of block
         ``start_block + k`` differ from those of the block before it. Pure."""
         # Settings change only at a block holding the first token at or past a range's
-        # start or end, or the prompt's end.
+        # start or end, or the prompt's end: those of the ranges that reach into the run.
+        first = start_block * tokens_per_block
+        last = (start_block + num_blocks) * tokens_per_block
         edges = {self._num_prompt_tokens}
-        for r in self._ranges:
+        for r in self._ranges[max(0, bisect_right(self._starts, first) - 1):
+                              bisect_right(self._starts, last)]:
             edges.add(r.start)
             if r.end is not None:
                 edges.add(r.end)
