@@ -32,6 +32,7 @@ from struct import Struct
 
 from kvtier.config import EVICTION_POLICIES, CacheConfig
 from kvtier.eviction import (
+    ROLE_BODY,
     ROLE_SHARED,
     ROLE_TAIL,
     EvictionPolicy,
@@ -445,7 +446,8 @@ class KvtierPredict:
     releasing request says of it: the turn of its session (1, 2, 3, 4, 5-7, 8+: a
     request whose reused prefix covers an earlier request's whole prompt continues that
     session) and the run's role (``shared``:
-    the prefix a first turn found cached, a system prompt or tool spec; ``body``: the rest
+    the prefix a first turn found cached, a system prompt or tool spec, and such a prefix
+    come back for at the head of a prompt once the cache dropped it; ``body``: the rest
     of the prompt; ``tail``: output past the prompt). Later turns of a session are likelier
     to continue, output that a next turn does not repeat is rarely reused, and shared
     prefixes come back across sessions: the learner finds out how much, per stream, online.
@@ -477,6 +479,7 @@ class KvtierPredict:
         self.learner = HitDensity(self.NUM_CLASSES)
         self.ghosts = Ghosts()
         self.witness: LruWitness | None = None
+        self._returning: set[int] = set()  # ghosts recalled lately, by hash of their key
         if cost_aware:
             self.name = "kvtier-predict-cost"
 
@@ -490,6 +493,21 @@ class KvtierPredict:
     def reuse_class(self, node: Node, turn: int, role: int) -> int:
         if role == ROLE_SHARED:
             return 0
+        returning = self._returning
+        if (returning and not node.start_block and role == ROLE_BODY and turn <= 1
+                and node.parent is not None):
+            # NOTE: a prompt's head that was shared (a system prompt, a tool spec, a hot
+            # prompt), dropped, and come back for by a first turn stays shared: the role
+            # is the stream's, not whether this cache kept the run. Filed as a first turn's
+            # body, it went back to the class that scans and one-off prompts make worth
+            # least, and was dropped again before its next use (S3-FIFO's ghost -> main
+            # queue, as a role). Heads only: below the head, what a first turn found
+            # cached is mostly its own session's history (the turn restarts at 1 once
+            # that was dropped), and keeping those shared cost the agentic rows ~0.008.
+            h = hash(node_ghost_key(node, self.tokens_per_block))
+            if h in returning:
+                returning.discard(h)
+                return 0
         bucket = _TURN_BUCKETS[min(max(turn, 1), len(_TURN_BUCKETS)) - 1]
         return 1 + 2 * bucket + int(role == ROLE_TAIL)
 
@@ -512,6 +530,11 @@ class KvtierPredict:
         self.learner.record(cls, now - released_s, n, True)
         if self.witness is not None:
             self.witness.recalled(tick, n)
+        if cls == 0:  # a shared run came back (``reuse_class`` files it shared again)
+            returning = self._returning
+            if len(returning) >= self.ghosts.max_entries:
+                returning.clear()  # bounded as the ghosts are; a stale hash misfiles one run
+            returning.add(hash(ghost_key))
         return uid, n
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
