@@ -374,8 +374,8 @@ def test_progress_without_tqdm(
          "--no-chunked-prefill"),
         (["--set-profile", "warp_speed=9"],
          "--set-profile: unknown profile constant 'warp_speed'; known: decode_s_per_seq, "
-         "kv_bytes_per_token, overlap_transfers, pcie_bytes_per_s, prefill_s_per_token, "
-         "step_overhead_s"),
+         "kv_bytes_per_token, overlap_transfers, pcie_bytes_per_s, pcie_duplex, "
+         "prefill_s_per_token, step_overhead_s"),
         (["--set-profile", "pcie_bytes_per_s=fast"],
          "--set-profile pcie_bytes_per_s: expected a number, got 'fast'"),
         (["--set-profile", "kv_bytes_per_token=1.5"],

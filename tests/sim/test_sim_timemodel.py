@@ -48,6 +48,28 @@ def test_overlapped_transfers_take_the_max() -> None:
     assert model.step_seconds(64, 4, 1 << 27, 0) == 0.25
 
 
+def test_both_directions_together_move_at_the_two_way_ceiling() -> None:
+    """Each direction moves at most ``pcie_bytes_per_s``; both at once at most
+    ``pcie_duplex`` times twice that: a step moving as much each way takes longer than one
+    direction alone (before, both ran at the one-way rate at once: a full-duplex link that
+    no PCIe host gives, a figure better than the hardware)."""
+    model = make_model(pcie_duplex=0.75)  # 2**30 B/s one way, 1.5 * 2**30 both ways
+    assert model.transfer_seconds(1 << 30, 0) == 1.0
+    assert model.transfer_seconds(1 << 29, 1 << 30) == 1.0  # the larger direction bounds it
+    assert model.transfer_seconds(1 << 30, 1 << 30) == 2 / 1.5  # the two-way ceiling does
+    assert model.step_seconds(0, 0, 1 << 30, 1 << 30) == 2 / 1.5
+    # Measured on the H200 host: 97.8 GB/s both ways against 55.4 + 55.3 one way.
+    assert get_profile("llama3-8b-h100").pcie_duplex == 0.88
+    assert make_model().transfer_seconds(1 << 30, 1 << 30) == 1.0  # tiny-test: ideal duplex
+
+
+@pytest.mark.parametrize("value", [0.4, 1.5, float("nan"), True])
+def test_pcie_duplex_is_a_fraction_from_half_to_one(value: object) -> None:
+    """Both directions at once move at least one direction's worth and at most two."""
+    with pytest.raises(ValueError, match="pcie_duplex"):
+        make_model(pcie_duplex=value)
+
+
 def test_empty_step_costs_nothing_and_pure_transfer_costs_only_pcie() -> None:
     """No work costs 0 s (no overhead); a copy-only step costs only its transfer."""
     model = make_model()
