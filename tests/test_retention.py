@@ -45,6 +45,18 @@ def priorities(mgr: KVCacheManager) -> list[tuple[int, int | None]]:
     return [(b.slot, b.priority) for b in mgr.cached_blocks()]
 
 
+def priority_by_prefix(mgr: KVCacheManager) -> dict[tuple[int, ...], int | None]:
+    """Every cached block's priority now, by the whole prefix it holds (its tokens and its
+    ancestors'), parents first."""
+    by_prefix: dict[tuple[int, ...], int | None] = {}
+    prefixes: dict[int, tuple[int, ...]] = {}
+    for b in mgr.cached_blocks():
+        prefix = (prefixes[b.parent_hash] if b.parent_hash is not None else ()) + b.tokens
+        prefixes[b.block_hash] = prefix
+        by_prefix[prefix] = b.priority
+    return by_prefix
+
+
 # ---- the settings themselves ----------------------------------------------------------------
 
 
@@ -270,12 +282,7 @@ def test_random_calls_keep_the_books_and_every_release_sets_the_reference_priori
         elif op == "remove" and rid in live:
             all_tokens, num_prompt, ranges, decode = live.pop(rid)
             mgr.remove_sequence(rid)
-            by_prefix: dict[tuple[int, ...], int | None] = {}
-            prefixes: dict[int, tuple[int, ...]] = {}
-            for b in mgr.cached_blocks():
-                prefix = (prefixes[b.parent_hash] if b.parent_hash is not None else ()) + b.tokens
-                prefixes[b.block_hash] = prefix
-                by_prefix[prefix] = b.priority
+            by_prefix = priority_by_prefix(mgr)
             num_full = len(all_tokens) // tpb
             expected = reference(ranges, num_prompt, num_full, tpb, 35, decode)
             for block in range(num_full):
@@ -305,12 +312,7 @@ def test_a_preempted_requests_output_stays_decoded_blocks() -> None:
         mgr.check_invariants()
         token += 1
     assert preempted == ["new"]
-    by_prefix: dict[tuple[int, ...], int | None] = {}
-    prefixes: dict[int, tuple[int, ...]] = {}
-    for b in mgr.cached_blocks():
-        prefix = (prefixes[b.parent_hash] if b.parent_hash is not None else ()) + b.tokens
-        prefixes[b.block_hash] = prefix
-        by_prefix[prefix] = b.priority
+    by_prefix = priority_by_prefix(mgr)
     new = [p for prefix, p in by_prefix.items() if prefix[:4] == (9, 9, 9, 9)]
     # Block 0 and block 1 (tokens 4..7: its first token is the prompt's) at the default,
     # block 2 (tokens 8..11, all sampled, the last two after the preemption) at 5.
