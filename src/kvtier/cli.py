@@ -345,13 +345,18 @@ def _with_oracle(workload: Workload, reports: list[SimReport],
     """The reports with the oracle bounds at each one's GPU + host capacity, over the
     requests it served (``runs``: each report's cache and scheduler settings)."""
     tpb = _int(reports[0].cache_config["tokens_per_block"])
+    skipped: list[set[int]] = [set() for _ in reports]
     # Runs that skipped the same requests (most often none) share one oracle pass.
     groups: dict[frozenset[int], list[int]] = {}
     try:
-        for i, (report, (cache, sched)) in enumerate(zip(reports, runs, strict=True)):
-            skip = frozenset() if not report.num_rejected_too_large else frozenset(
-                pos for pos, request in enumerate(workload) if too_large(request, cache, sched))
-            groups.setdefault(skip, []).append(i)
+        skipping = [i for i, report in enumerate(reports) if report.num_rejected_too_large]
+        if skipping:  # one pass over the stream finds what each of them skipped
+            for pos, request in enumerate(workload):
+                for i in skipping:
+                    if too_large(request, *runs[i]):
+                        skipped[i].add(pos)
+        for i, positions in enumerate(skipped):
+            groups.setdefault(frozenset(positions), []).append(i)
         with_bounds = list(reports)
         for skip, members in groups.items():
             capacities = [runs[i][0].num_gpu_blocks + runs[i][0].num_host_blocks
