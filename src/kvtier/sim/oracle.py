@@ -227,8 +227,8 @@ def oracle_bounds(workload: Workload, tokens_per_block: int, capacities: Iterabl
     else:
         # NOTE: a skipped request is not hashed at all: it may be the millions of tokens
         # the replay skipped it for.
-        requests = [OracleRequest(prefix_block_keys(r.prompt, tokens_per_block), len(r.prompt))
-                    for i, r in enumerate(workload) if i not in skip]
+        requests = list(oracle_requests((r for i, r in enumerate(workload) if i not in skip),
+                                        tokens_per_block))
     unlimited = unlimited_hit_tokens(requests, tokens_per_block).hit_rate
     # One replay per distinct capacity (a sweep repeats them).
     belady: dict[int, float] = {}
