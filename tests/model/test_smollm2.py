@@ -204,6 +204,10 @@ def test_a_system_message_at_priority_90_stays_on_the_gpu(
     params = gen.default_params(max_new_tokens=1)
     with pytest.raises(ValueError, match="retentions has 0 items for 1 prompts"):
         gen.generate([[1, 2]], params, [])
+    # Every retention is checked before any prompt is queued.
+    with pytest.raises(TypeError, match=r"retentions\[1\] must be a Retention or None"):
+        gen.generate([[1, 2], [3, 4]], params, [None, 90])  # type: ignore[list-item]
+    assert not gen.engine.scheduler.has_unfinished()
     # The template writes this message in 32 tokens (two blocks), ahead of the user's 9.
     system = {"role": "system", "content": "You are a terse assistant for a small family "
               "bakery in Lyon. Answer in at most ten words, and never discuss prices."}

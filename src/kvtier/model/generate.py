@@ -31,6 +31,7 @@ from kvtier.model.tokenizer import Tokenizer, load_tokenizer
 from kvtier.request import Request, check_token_ids
 from kvtier.retention import Retention, RetentionRange
 from kvtier.scheduler import Scheduler, SchedulerConfig
+from kvtier.sequence import check_retention_type
 from kvtier.storage import KVStorage
 from kvtier.transfer.torch_engine import TorchTransferEngine
 
@@ -132,9 +133,13 @@ class Generator:
         priorities (:class:`~kvtier.retention.Retention`). ValueError (nothing queued) if a
         prompt is empty, does not fit ``max_context`` or holds a token id that is no id of
         the model's vocabulary, or if ``retentions`` does not match the prompts."""
-        if retentions is not None and len(retentions) != len(prompts):
-            raise ValueError(f"retentions has {len(retentions)} items for {len(prompts)} "
-                             "prompts")
+        if retentions is not None:
+            if len(retentions) != len(prompts):
+                raise ValueError(f"retentions has {len(retentions)} items for "
+                                 f"{len(prompts)} prompts")
+            for i, retention in enumerate(retentions):
+                if retention is not None:
+                    check_retention_type(retention, f"retentions[{i}]")
         limit = self.max_context
         vocab_size = self.model.config.vocab_size
         # NOTE: every prompt is checked before any is queued: the engine refuses a bad one
