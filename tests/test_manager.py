@@ -3,6 +3,7 @@ priorities, partial reuse, isolation, events and hashing."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from kvtier import (
     SequenceSpec,
     Tier,
 )
-from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
+from kvtier.hashing import chain_hashes, encode_key, get_hash_fn, root_hash
 
 
 class FakeClock:
@@ -242,6 +243,29 @@ def test_events_follow_store_offload_onboard_and_removal() -> None:
     removed = [e for e in mgr.drain_events() if isinstance(e, BlockRemoved)]
     assert [(e.block_hash, e.tier) for e in removed] == [(h_b, Tier.HOST)]
     assert mgr.drain_events() == []
+
+
+def test_stored_events_carry_each_blocks_tokens_and_extra_key() -> None:
+    """A ``BlockStored`` names the block's own tokens and extra-key bytes: with them and the
+    LoRA id a consumer recomputes every hash of the chain as hashing.py documents it
+    (``H(parent || lora || tokens || extra)``), for stored prompts and decode growth."""
+    mgr = make_manager(num_gpu_blocks=16, enable_events=True)
+    toks = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    img = (MultimodalItem(4, 2, b"cat"),)  # tokens 4-5: block 1
+    mgr.add_sequence(SequenceSpec("a", toks, salt="s", lora_id=3, mm_items=img))
+    mgr.append_tokens("a", [10, 11, 12, 13])  # 13 tokens: blocks 2 and 3 complete
+    stored = [e for e in mgr.drain_events() if isinstance(e, BlockStored)]
+    assert [e.token_ids for e in stored] == [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12)]
+    assert [e.extra_key for e in stored] == [None, encode_key(((b"cat", 0),)), None]
+    h = get_hash_fn("xxh3_128")
+    prev = root_hash(h, 3, "s")
+    for e in stored:
+        assert e.parent_hash == (None if e is stored[0] else prev)
+        assert e.token_ids is not None and (e.num_tokens, e.lora_id) == (4, 3)
+        data = array("Q", e.token_ids).tobytes()  # as hashing.py packs them
+        prev = h(prev.to_bytes(16, "big") + encode_key(3) + data + (e.extra_key or b"n"))
+        assert e.block_hash == prev
+    mgr.check_invariants()
 
 
 def test_sha256_hashes_are_reproducible() -> None:

@@ -25,9 +25,21 @@ from kvtier.tier import Tier
 seqs = st.integers(0, (1 << 63) - 1)
 hashes = st.integers(0, (1 << 128) - 1)
 tiers = st.sampled_from(list(Tier))
+
+@st.composite
+def stored_events(draw: st.DrawFn) -> BlockStored:
+    """A stored block: its tokens, when reported (an older publisher did not), as many as
+    ``num_tokens``."""
+    num_tokens = draw(st.integers(1, 64))
+    tokens = st.lists(st.integers(0, (1 << 63) - 1), min_size=num_tokens, max_size=num_tokens)
+    return BlockStored(draw(seqs), draw(hashes), draw(st.none() | hashes), draw(tiers),
+                       num_tokens, draw(st.none() | st.integers(-(1 << 63), (1 << 63) - 1)),
+                       draw(st.none() | tokens.map(tuple)),
+                       draw(st.none() | st.binary(min_size=1, max_size=40)))
+
+
 events = st.one_of(
-    st.builds(BlockStored, seqs, hashes, st.none() | hashes, tiers, st.integers(1, 1 << 20),
-              st.none() | st.integers(-(1 << 63), (1 << 63) - 1)),
+    stored_events(),
     st.builds(BlockRemoved, seqs, hashes, tiers),
     st.builds(BlockTierChanged, seqs, hashes, tiers, tiers),
     st.builds(AllBlocksCleared, seqs),

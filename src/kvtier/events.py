@@ -9,7 +9,14 @@ from kvtier.tier import Tier
 
 
 class BlockStored(NamedTuple):
-    """A block became reusable in ``tier``."""
+    """A block became reusable in ``tier``.
+
+    ``token_ids`` are the block's own tokens and ``extra_key`` the canonical bytes of its
+    extra key (``hashing.encode_key``; ``None`` where it has none), what its hash covers
+    besides its parent's hash and the LoRA id: a consumer that indexes prefixes by tokens
+    (a router with its own hash, a KV-aware scheduler) needs no kvtier code. ``None`` for
+    both only in events decoded from a publisher older than these fields.
+    """
 
     seq: int
     block_hash: int
@@ -17,6 +24,8 @@ class BlockStored(NamedTuple):
     tier: Tier
     num_tokens: int
     lora_id: int | None
+    token_ids: tuple[int, ...] | None
+    extra_key: bytes | None
 
 
 class BlockRemoved(NamedTuple):

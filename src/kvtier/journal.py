@@ -18,7 +18,7 @@ from kvtier.events import (
     BlockTierChanged,
     EventLog,
 )
-from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
+from kvtier.hashing import chain_hashes, encode_key, get_hash_fn, root_hash
 from kvtier.radix import Node, Root
 from kvtier.tier import Tier
 
@@ -106,17 +106,8 @@ class Journal:
 
     def stored(self, node: Node) -> None:
         """``node``'s blocks were cached."""
-        events = self.events
-        if events is None:
-            return
-        parent_hash = self.parent_hash(node)
-        assert node.root is not None
-        lora = node.root.lora_id
-        assert lora is None or isinstance(lora, int)
-        for h in self.hashes(node):
-            events.append(BlockStored(events.next_seq(), h, parent_hash, node.tier,
-                                      self._tpb, lora))
-            parent_hash = h
+        if self.events is not None:
+            self._report_stored(node, 0)
 
     def extended(self, node: Node, num_old_blocks: int) -> None:
         """``node`` grew past its first ``num_old_blocks`` blocks (``radix.extend_run``):
@@ -128,17 +119,24 @@ class Journal:
             node.hashes += chain_hashes(self._hash_fn, node.hashes[-1],
                                         node.tokens[num_old_blocks * self._tpb:], self._tpb,
                                         root.lora_id, extras)
+        if self.events is not None:
+            self._report_stored(node, num_old_blocks)
+
+    def _report_stored(self, node: Node, first: int) -> None:
+        """A ``BlockStored`` for each of ``node``'s blocks from its ``first`` on."""
         events = self.events
-        if events is None:
-            return
-        assert node.root is not None
+        assert events is not None and node.root is not None
         lora = node.root.lora_id
         assert lora is None or isinstance(lora, int)
         hashes = self.hashes(node)
-        parent_hash = hashes[num_old_blocks - 1]
-        for h in hashes[num_old_blocks:]:
-            events.append(BlockStored(events.next_seq(), h, parent_hash, node.tier,
-                                      self._tpb, lora))
+        parent_hash = self.parent_hash(node) if first == 0 else hashes[first - 1]
+        tpb, tokens, extras = self._tpb, node.tokens, node.extras
+        for i in range(first, len(hashes)):
+            h = hashes[i]
+            extra = extras[i] if extras is not None else None
+            events.append(BlockStored(events.next_seq(), h, parent_hash, node.tier, tpb, lora,
+                                      tuple(tokens[i * tpb:(i + 1) * tpb]),
+                                      None if extra is None else encode_key(extra)))
             parent_hash = h
 
     def moved(self, node: Node, old: Tier) -> None:
