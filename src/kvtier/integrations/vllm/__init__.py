@@ -9,6 +9,9 @@ Two plug-ins, both named in ``--kv-transfer-config`` with this module as their p
   ``CachePolicy``, named ``kvtier-<policy>`` (``"eviction_policy": "kvtier-predict"``,
   ``"kvtier-arc"``, ...; ``"cache_policy_module_path": "kvtier.integrations.vllm"``).
 
+And for an engine that uses kvtier's own manager: ``events.VllmEventTranslator``, kvtier's
+KV events as vLLM's ``KVEventBatch`` for vLLM's event publishers and their consumers.
+
 vLLM is imported only when one of them is asked for, so the vLLM-free parts (``keys``,
 ``store_tier``, ``chunk_policy``) import without it.
 """

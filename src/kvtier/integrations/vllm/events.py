@@ -1,0 +1,173 @@
+"""kvtier's KV events in vLLM 0.33.0's wire types, for the consumers of vLLM's KV events
+(KV-aware routers and indexers that subscribe to ``ZmqEventPublisher``'s msgpack stream).
+
+``VllmEventTranslator.translate`` turns what ``KVCacheManager.drain_events`` returned into
+one ``KVEventBatch``, which any of vLLM's ``EventPublisher`` classes publishes::
+
+    kvtier event                          vLLM event(s)
+    BlockStored x n, one chain, one tier  BlockStored(block_hashes=[n], token_ids=n * B, medium)
+    BlockRemoved x n, one tier            BlockRemoved(block_hashes=[n], medium)
+    BlockTierChanged(h, old, new)         BlockRemoved([h], old) + BlockStored([h], new)
+    AllBlocksCleared                      AllBlocksCleared
+
+Media: ``Tier.GPU`` is vLLM's ``"GPU"``, ``Tier.HOST`` its ``"CPU"``. A block that changes
+tier is described again (its parent, tokens, LoRA id and extra key) from what the
+translator kept of its ``BlockStored``, as vLLM's own offloading events are; one stored
+before the translator existed gets vLLM's placeholder (no parent, no tokens, block size 0).
+Hashes are kvtier's 128-bit chained hashes as 16 big-endian bytes, or (``int_hashes``, as
+vLLM's ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``) their low 64 bits as an int.
+
+A hole in kvtier's sequence numbers (its bounded event buffer dropped some) means the
+consumer's view can no longer be repaired block by block: the batch starts with
+``AllBlocksCleared`` and the translator forgets what it kept, so a router under-reports
+this instance's cache rather than routing to blocks that are gone.
+
+Contract: ``translate`` changes only the translator's own record of the blocks it has seen
+stored and its ``num_resyncs``; it never raises on a well-formed event list.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+from vllm.distributed.kv_events import (
+    MEDIUM_CPU,
+    MEDIUM_GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVCacheEvent,
+    KVEventBatch,
+)
+
+from kvtier import events as kv
+from kvtier.tier import Tier
+
+_MEDIUM = {Tier.GPU: MEDIUM_GPU, Tier.HOST: MEDIUM_CPU}
+_LOW_64 = (1 << 64) - 1
+_Run = TypeVar("_Run", kv.BlockStored, kv.BlockRemoved)
+
+
+class _Stored(NamedTuple):
+    """What a ``BlockStored`` said of a block, to describe it again when it moves."""
+
+    parent_hash: int | None
+    token_ids: tuple[int, ...] | None
+    lora_id: int | None
+    extra_key: bytes | None
+
+
+class VllmEventTranslator:
+    """kvtier's events of one manager as vLLM ``KVEventBatch`` es (see the module's table).
+
+    ``block_size`` is the manager's ``tokens_per_block``; ``data_parallel_rank`` goes into
+    every batch as vLLM's engines set it; ``clock`` stamps the batches (``time.time``).
+    """
+
+    def __init__(self, block_size: int, *, int_hashes: bool = False,
+                 data_parallel_rank: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if type(block_size) is not int or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        self.block_size = block_size
+        self.int_hashes = int_hashes
+        self.data_parallel_rank = data_parallel_rank
+        self._clock = clock
+        self._stored: dict[int, _Stored] = {}
+        self._next_seq: int | None = None
+        # How many times a hole in the sequence numbers made a batch start over.
+        self.num_resyncs = 0
+
+    def translate(self, events: Sequence[kv.Event]) -> KVEventBatch:
+        """The vLLM batch that says what ``events`` (oldest first) say."""
+        out: list[KVCacheEvent] = []
+        i = 0
+        while i < len(events):
+            e = events[i]
+            if self._next_seq is not None and e.seq != self._next_seq:
+                self._resync(out)
+            if isinstance(e, kv.BlockStored):
+                stored = self._run(events, i, kv.BlockStored)
+                out.append(self._stored_event(stored))
+                i += len(stored)
+            elif isinstance(e, kv.BlockRemoved):
+                removed = self._run(events, i, kv.BlockRemoved)
+                for r in removed:
+                    self._stored.pop(r.block_hash, None)
+                out.append(BlockRemoved(block_hashes=[self._hash(r.block_hash) for r in removed],
+                                        medium=_MEDIUM[e.tier]))
+                i += len(removed)
+            elif isinstance(e, kv.BlockTierChanged):
+                out.append(BlockRemoved(block_hashes=[self._hash(e.block_hash)],
+                                        medium=_MEDIUM[e.old_tier]))
+                out.append(self._moved_event(e))
+                i += 1
+            else:
+                self._stored.clear()
+                out.append(AllBlocksCleared())
+                i += 1
+            self._next_seq = events[i - 1].seq + 1
+        return KVEventBatch(ts=self._clock(), events=out,
+                            data_parallel_rank=self.data_parallel_rank)
+
+    def _resync(self, out: list[KVCacheEvent]) -> None:
+        self.num_resyncs += 1
+        self._stored.clear()
+        out.append(AllBlocksCleared())
+
+    @staticmethod
+    def _run(events: Sequence[kv.Event], i: int, kind: type[_Run]) -> list[_Run]:
+        """The events of ``kind`` from ``events[i]`` that vLLM states as one: gapless
+        sequence numbers, one tier, and for stored blocks one chain (each the child of the
+        one before) under one LoRA id and block size."""
+        first = events[i]
+        assert isinstance(first, kind)
+        run = [first]
+        for e in events[i + 1:]:
+            prev = run[-1]
+            if not (isinstance(e, kind) and e.seq == prev.seq + 1 and e.tier is first.tier):
+                break
+            if isinstance(e, kv.BlockStored):
+                assert isinstance(prev, kv.BlockStored) and isinstance(first, kv.BlockStored)
+                if not (e.parent_hash == prev.block_hash and e.lora_id == first.lora_id
+                        and e.num_tokens == first.num_tokens
+                        and (e.token_ids is None) == (first.token_ids is None)):
+                    break
+            run.append(e)
+        return run
+
+    def _stored_event(self, run: list[kv.BlockStored]) -> BlockStored:
+        first = run[0]
+        tokens: list[int] = []
+        extra_keys: list[tuple[Any, ...] | None] = []
+        for e in run:
+            self._stored[e.block_hash] = _Stored(e.parent_hash, e.token_ids, e.lora_id,
+                                                 e.extra_key)
+            tokens += e.token_ids or ()
+            extra_keys.append(None if e.extra_key is None else (e.extra_key,))
+        return self._vllm_stored([e.block_hash for e in run], first.parent_hash, tokens,
+                                 first.num_tokens, first.lora_id, extra_keys, first.tier)
+
+    def _moved_event(self, e: kv.BlockTierChanged) -> BlockStored:
+        known = self._stored.get(e.block_hash)
+        if known is None:  # stored before this translator: vLLM's placeholder
+            return self._vllm_stored([e.block_hash], None, [], 0, None, [None], e.new_tier)
+        return self._vllm_stored([e.block_hash], known.parent_hash, list(known.token_ids or ()),
+                                 self.block_size, known.lora_id,
+                                 [None if known.extra_key is None else (known.extra_key,)],
+                                 e.new_tier)
+
+    def _vllm_stored(self, hashes: list[int], parent: int | None, tokens: list[int],
+                     block_size: int, lora_id: int | None,
+                     extra_keys: list[tuple[Any, ...] | None], tier: Tier) -> BlockStored:
+        return BlockStored(
+            block_hashes=[self._hash(h) for h in hashes],
+            parent_block_hash=None if parent is None else self._hash(parent),
+            token_ids=tokens, block_size=block_size, lora_id=lora_id,
+            medium=_MEDIUM[tier], lora_name=None,
+            extra_keys=extra_keys if any(k is not None for k in extra_keys) else None)
+
+    def _hash(self, h: int) -> bytes | int:
+        return h & _LOW_64 if self.int_hashes else h.to_bytes(16, "big")
