@@ -6,19 +6,22 @@ so that a peer's expected eviction order carries over."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvtier import Admission, CacheConfig, KVCacheManager, SequenceSpec
 
 
-def make_manager(tokens_per_block: int = 4, num_gpu_blocks: int = 8, **kw: Any) -> KVCacheManager:
-    """A manager with the peers' eviction order and no partial reuse unless told otherwise."""
+def make_manager(tokens_per_block: int = 4, num_gpu_blocks: int = 8,
+                 clock: Callable[[], float] | None = None, **kw: Any) -> KVCacheManager:
+    """A manager with the peers' eviction order and no partial reuse unless told otherwise
+    (and the caller's clock, if given)."""
     # Any: the options are CacheConfig's own fields, which it checks itself.
     cfg: dict[str, Any] = {"enable_partial_reuse": False, "eviction_policy": "priority-lru",
                            **kw}
-    return KVCacheManager(CacheConfig(tokens_per_block=tokens_per_block,
-                                      num_gpu_blocks=num_gpu_blocks, **cfg))
+    config = CacheConfig(tokens_per_block=tokens_per_block, num_gpu_blocks=num_gpu_blocks,
+                         **cfg)
+    return KVCacheManager(config) if clock is None else KVCacheManager(config, clock=clock)
 
 
 def blocks_of(*values: int, tokens_per_block: int = 4) -> list[int]:

@@ -11,6 +11,8 @@ vLLM's ``get_computed_blocks`` is ``lookup`` (a pure query here), ``allocate_slo
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from kvtier import (
@@ -31,7 +33,7 @@ BS = 16  # vLLM's block size in these tests
 COMMON = blocks_of(0, 1, 2, tokens_per_block=BS)  # three full blocks
 
 
-def vllm_manager(num_blocks: int, **kw: object) -> KVCacheManager:
+def vllm_manager(num_blocks: int, **kw: Any) -> KVCacheManager:
     """A kvtier pool as large as a vLLM pool of ``num_blocks`` (one is vLLM's null block)."""
     return make_manager(tokens_per_block=BS, num_gpu_blocks=num_blocks - 1, **kw)
 
