@@ -209,6 +209,24 @@ def test_cache_salt_separates_every_block() -> None:
     assert stored[:3] == salted and not set(salted) & set(plain)
 
 
+@pytest.mark.xfail(strict=True, reason="kvtier bug: a salted prompt's first BlockStored "
+                   "carries no trace of the salt (the salt seeds the hash via "
+                   "hashing.root_hash; extra_key is None), so two tenants' equal first blocks "
+                   "are indistinguishable to a consumer that indexes or rehashes by content")
+def test_a_salted_first_block_s_event_names_its_salt() -> None:
+    """Mirrors vllm test_prefix_caching.py::test_cache_key_salting (the salt is block 0's
+    extra key) with test_eagle_kv_events_publish_successor_hashes (a consumer rebuilds the
+    hashes from an event's tokens and extra keys): equal first blocks under two salts must
+    differ in what their stored events carry, not only in the hash."""
+    mgr = make_manager(num_gpu_blocks=8, enable_events=True)
+    contents = []
+    for salt in ("salt1", "salt2"):
+        admit(mgr, salt, [1, 2, 3, 4, 5], salt=salt)
+        (first,) = [e for e in mgr.drain_events() if isinstance(e, BlockStored)]
+        contents.append((first.parent_hash, first.token_ids, first.extra_key, first.lora_id))
+    assert contents[0] != contents[1]
+
+
 def test_a_refused_request_leaves_the_computed_blocks_untouched() -> None:
     """Mirrors vllm test_prefix_caching.py::test_prefill_not_enough_free_blocks_with_
     computed_blocks: a request hitting 6 blocks that cannot get 3 more is refused and the
