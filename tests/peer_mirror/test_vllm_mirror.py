@@ -388,3 +388,45 @@ def test_chunked_prefill_caches_each_chunk_s_full_blocks_as_it_is_scheduled() ->
     with pytest.raises(ValueError, match="0 unscheduled prompt tokens, asked 1"):
         mgr.schedule_prefill("a", 1)
     mgr.check_invariants()
+
+
+def test_cached_blocks_nobody_holds_count_against_the_free_pool() -> None:
+    """Mirrors vllm tests/v1/core/test_single_type_kv_cache_manager.py::test_get_num_blocks_
+    to_allocate: hit blocks that no request holds sit in the free queue, so reusing them
+    takes them from it; blocks another request holds cost nothing."""
+    mgr = make_manager(num_gpu_blocks=10)
+    admit(mgr, "other", [50] * 8)  # 2 blocks held by another request
+    admit(mgr, "0", [*range(16), 99])
+    release(mgr, "0")  # 4 cached, unheld: 8 free or evictable
+    assert mgr.num_free_gpu_blocks == 8
+    too_big = mgr.add_sequence(SequenceSpec("a", [*range(16), *range(100, 117)]))
+    assert not too_big.admitted  # 4 hits + 5 new > 8
+    mgr.check_invariants()
+    fits = admit(mgr, "b", [*range(16), *range(100, 116)])  # 4 hits + 4 new == 8
+    assert fits.num_reused_tokens == 16 and mgr.num_free_gpu_blocks == 0
+    release(mgr, "b")
+    admit(mgr, "holder", [*range(16), 7])  # holds the 4 (and 1 new): 3 free
+    assert mgr.num_free_gpu_blocks == 3
+    shared = admit(mgr, "c", [*range(16), *range(200, 211)])  # 4 held hits + 3 new
+    assert shared.num_reused_tokens == 16 and mgr.num_free_gpu_blocks == 0
+
+
+def test_an_aborted_request_keeps_only_what_its_applied_steps_computed() -> None:
+    """Mirrors vllm tests/v1/core/test_scheduler.py's finish/abort tests (a request
+    finished as aborted frees its blocks; the full blocks computed stay cached): aborted
+    after 2 of its 4 chunks, a request leaves its 3 computed full blocks cached and its
+    reservation and other blocks free."""
+    mgr = make_manager(num_gpu_blocks=8)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=6))
+    sched.add_request(Request("a", list(range(20)), max_output_tokens=4))
+    for _ in range(2):
+        step = sched.step()
+        assert sched.update(step, {}) == []
+        mgr.check_invariants()
+    assert mgr.num_free_gpu_blocks == 2 and mgr.num_reserved_blocks == 3
+    aborted = sched.abort("a")
+    mgr.check_invariants()
+    assert aborted is not None and aborted.num_computed_tokens == 12
+    assert mgr.num_free_gpu_blocks == 8 and mgr.num_reserved_blocks == 0
+    assert cached_slots(mgr) == [0, 1, 2] and hit(mgr, list(range(20))) == 12
+    assert sched.abort("a") is None and not sched.has_unfinished()
