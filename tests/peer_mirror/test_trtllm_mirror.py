@@ -17,9 +17,11 @@ from __future__ import annotations
 import pytest
 
 from kvtier import (
+    AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     BlockTierChanged,
+    MultimodalItem,
     OpKind,
     Retention,
     RetentionRange,
@@ -366,3 +368,34 @@ def test_a_reservation_that_can_never_fit_is_refused_with_numbers() -> None:
         mgr.add_sequence(SequenceSpec("r", list(range(20)), num_reserved_blocks=4))
     mgr.check_invariants()
     assert mgr.stats.num_rejected == 0
+
+
+def test_extra_ids_key_the_blocks_they_cover() -> None:
+    """Mirrors kvCacheManagerTest.cpp BlockManagerReuseWithExtraIdTest (multimodal tokens
+    carry an extra id): equal tokens with the same extra ids reuse the blocks, with other
+    extra ids only the blocks before the first differing one."""
+    mgr = make_manager(num_gpu_blocks=16)
+    image = (MultimodalItem(4, 4, 1),)  # tokens 4..7 (block 1) belong to image 1
+    assert admit(mgr, "0", list(range(9)), mm_items=image).block_ids == (0, 1, 2)
+    release(mgr, "0")
+    assert admit(mgr, "1", list(range(9)), mm_items=image).num_reused_tokens == 8
+    release(mgr, "1")
+    assert hit(mgr, list(range(9)), mm_items=(MultimodalItem(4, 4, 2),)) == 4
+    assert hit(mgr, list(range(9)), mm_items=(MultimodalItem(0, 4, 1),)) == 0
+    assert hit(mgr, list(range(9))) == 4
+
+
+def test_an_event_buffer_that_overflows_drops_the_oldest_and_leaves_a_gap() -> None:
+    """Mirrors TensorRT-LLM's bounded KV event buffer (KvCacheConfig
+    event_buffer_max_size, tests/unittest/llmapi/test_llm_kv_cache_events.py): past its
+    size the oldest events are dropped, and the sequence numbers show the hole so a
+    consumer knows to resync; the newest events, a clear last, are kept."""
+    mgr = make_manager(num_gpu_blocks=8, enable_events=True, max_events=2)
+    admit(mgr, "0", list(range(16)))  # 4 stored events: the first 2 are dropped
+    events = mgr.drain_events()
+    assert [e.seq for e in events] == [2, 3]
+    assert all(isinstance(e, BlockStored) for e in events)
+    release(mgr, "0")
+    assert mgr.reset_cache()
+    events = mgr.drain_events()
+    assert [e.seq for e in events] == [7, 8] and isinstance(events[-1], AllBlocksCleared)
