@@ -402,17 +402,31 @@ class BlockCache:
         tpb = self.tpb
         tokens, extras = seq.tokens, seq.extras
         num_full = len(tokens) // tpb
+        block = seq.num_path_blocks
+        if block >= num_full:
+            return  # every full block of the prompt was reused: nothing missed
         root = seq.last_node.root
         assert root is not None
-        block = seq.num_path_blocks
         now = self.evictor.now()
-
-        def key_at(i: int) -> BlockKey:
-            return block_key(tokens, i * tpb, tpb, extras[i] if extras is not None else None)
-
+        if extras is None and type(tokens) is array:
+            # NOTE: ``ghost_key`` and ``block_key`` written out (the same keys, a block's
+            # key its ids' bytes): a recall is asked at every admission that misses.
+            lora_id, salt = root.lora_id, root.salt
+            while block < num_full:
+                start = block * tpb
+                prev = tokens[start - tpb:start].tobytes() if block else b""
+                found = learner.recall(
+                    (lora_id, salt, block, prev, tokens[start:start + tpb].tobytes()), now)
+                if found is None:
+                    return
+                block += found[1]
+            return
         while block < num_full:
-            prev = key_at(block - 1) if block else b""
-            found = learner.recall(ghost_key(root, block, prev, key_at(block)), now)
+            before: BlockKey = (block_key(tokens, (block - 1) * tpb, tpb,
+                                          extras[block - 1] if extras is not None else None)
+                                if block else b"")
+            key = block_key(tokens, block * tpb, tpb, extras[block] if extras is not None else None)
+            found = learner.recall(ghost_key(root, block, before, key), now)
             if found is None:
                 return
             block += found[1]

@@ -221,6 +221,8 @@ class Evictor:
         # each extra call is a measurable part of a step's eviction).
         self._key = policy.key
         self._rank = policy.rank
+        self._gpu_key = self.gpu_candidate_key  # a pop's liveness check, bound once
+        self._host_key = self.host_candidate_key
         self._versioned = hasattr(policy, "rank_version")
         # The ranks the pop in progress computed, by node (``_rank_run``): the victim's
         # is its rank now, so ``take_victim``'s ``below`` needs no second call. Emptied at
@@ -425,8 +427,8 @@ class Evictor:
         whole, for a caller that drops its last ``max_blocks`` itself: ``trim_tail``).
         ``None`` when there is no candidate, or (with ``below``) when the best one's key is
         not below it."""
-        pool, current_key = ((self._gpu, self.gpu_candidate_key) if tier is Tier.GPU
-                             else (self._host, self.host_candidate_key))
+        pool, current_key = ((self._gpu, self._gpu_key) if tier is _GPU
+                             else (self._host, self._host_key))
         ranked: object = None  # the rank version a queue head's kept rank holds under
         if self._versioned:
             version = self.policy.rank_version  # type: ignore[attr-defined]

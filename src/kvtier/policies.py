@@ -25,7 +25,7 @@ to the host keeps its class). Each policy object serves one cache.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from operator import add
 from struct import Struct
@@ -90,13 +90,15 @@ class Ghosts:
     """Runs dropped lately, by where they sat (``kvtier.eviction.ghost_key``: by content),
     bounded in blocks: what lets a policy see that a request came back for a run it
     evicted. An entry maps ``hash(ghost_key)`` to a ``GhostEntry`` (kept packed). The
-    blocks held are counted in all and per reuse class (``class_blocks``), kept on every
-    change."""
+    blocks held are counted in all and, with ``count_classes``, per reuse class
+    (``class_blocks``), kept on every change."""
 
-    def __init__(self, max_blocks: int = 1 << 20, max_entries: int = 1 << 18) -> None:
+    def __init__(self, max_blocks: int = 1 << 20, max_entries: int = 1 << 18,
+                 count_classes: bool = True) -> None:
         self.max_blocks = max_blocks
         self.max_entries = max_entries
         self.num_blocks = 0
+        self.count_classes = count_classes
         self.class_blocks: dict[int, int] = {}
         self._entries: OrderedDict[int, bytes] = OrderedDict()
 
@@ -107,25 +109,46 @@ class Ghosts:
         """Every entry, oldest first. Pure; O(entries)."""
         return [_GHOST.unpack(v) for v in self._entries.values()]
 
-    def _count(self, entry: GhostEntry, sign: int) -> None:
-        self.num_blocks += sign * entry[2]
-        self.class_blocks[entry[0]] = self.class_blocks.get(entry[0], 0) + sign * entry[2]
+    def _count(self, reuse_class: int, num_blocks: int) -> None:
+        self.num_blocks += num_blocks
+        if self.count_classes:
+            class_blocks = self.class_blocks
+            class_blocks[reuse_class] = class_blocks.get(reuse_class, 0) + num_blocks
 
     def add(self, ghost_key: object, entry: GhostEntry) -> None:
         h = hash(ghost_key)
-        old = self._entries.pop(h, None)
+        entries = self._entries
+        old = entries.pop(h, None)
         if old is not None:
-            self._count(_GHOST.unpack(old), -1)
-        self._entries[h] = _GHOST.pack(*entry)
-        self._count(entry, 1)
+            cls, _, n, _, _ = _GHOST.unpack(old)
+            self._count(cls, -n)
+        entries[h] = _GHOST.pack(*entry)
+        self._count(entry[0], entry[2])
 
     def pop(self, ghost_key: object) -> GhostEntry | None:
         packed = self._entries.pop(hash(ghost_key), None)
         if packed is None:
             return None
         entry: GhostEntry = _GHOST.unpack(packed)
-        self._count(entry, -1)
+        self._count(entry[0], -entry[2])
         return entry
+
+    def add_trim(self, ghost_key: object, reuse_class: int, released_s: float,
+                 num_blocks: int, uid: int, released_tick: int) -> Sequence[GhostEntry]:
+        """``add`` of the entry ``(reuse_class, released_s, num_blocks, uid,
+        released_tick)``, then ``trim``: what a drop does, in one call (a drop is the
+        commonest eviction step, and each call and entry tuple counted in its cost)."""
+        h = hash(ghost_key)
+        entries = self._entries
+        old = entries.pop(h, None)
+        if old is not None:
+            cls, _, n, _, _ = _GHOST.unpack(old)
+            self._count(cls, -n)
+        entries[h] = _GHOST.pack(reuse_class, released_s, num_blocks, uid, released_tick)
+        self._count(reuse_class, num_blocks)
+        if self.num_blocks > self.max_blocks or len(entries) > self.max_entries:
+            return self.trim()
+        return _NO_GHOSTS
 
     def trim(self) -> list[GhostEntry]:
         """Forget the oldest entries past the bounds; return them."""
@@ -134,9 +157,12 @@ class Ghosts:
         while entries and (self.num_blocks > self.max_blocks
                            or len(entries) > self.max_entries):
             entry: GhostEntry = _GHOST.unpack(entries.popitem(last=False)[1])
-            self._count(entry, -1)
+            self._count(entry[0], -entry[2])
             out.append(entry)
         return out
+
+
+_NO_GHOSTS: tuple[GhostEntry, ...] = ()  # what ``add_trim`` trims while under the bounds
 
 
 class _ClassCounts:
@@ -281,9 +307,15 @@ NEAR_TERM_DROP_AGES = 4.0
 DROP_AGE_WEIGHT = 0.01  # of each drop in that mean
 
 
+# Where the open last age bin starts: an age at or past it is in the last bin.
+_LAST_BIN_S = float(2 ** (NUM_AGE_BINS - 2))
+
+
 def age_bin(age_s: float) -> int:
-    """The log2 bin of an age in seconds."""
-    return min(NUM_AGE_BINS - 1, int(age_s).bit_length()) if age_s > 0 else 0
+    """The log2 bin of an age in seconds. (Written out where a call per run counts:
+    ``HitDensity.record``, ``KvtierPredict.rank`` and ``within``; the same expression.)"""
+    return (NUM_AGE_BINS - 1 if age_s >= _LAST_BIN_S else int(age_s).bit_length()) \
+        if age_s > 0 else 0
 
 
 def _bin_widths() -> list[float]:
@@ -329,16 +361,23 @@ class HitDensity:
         self.drop_age_s: float | None = None  # a moving mean of the age at a drop
         self.horizon_s = float("inf")  # the near term: NEAR_TERM_DROP_AGES x drop_age_s
         self.num_records = 0
+        self._to_refresh = refresh_every  # records until the next refresh
         self.num_refreshes = 0  # the value table's version (``KvtierPredict.rank_version``)
         self._total = 0.0
 
     def record(self, reuse_class: int, age_s: float, num_blocks: int, reused: bool) -> None:
         """Count one ended release."""
+        # NOTE: ``age_bin`` written out: a record comes with every reused run and every
+        # ghost forgotten, and a call is a measurable part of the policy's cost per block.
         table = self.events if reused else self.censored
-        table[reuse_class][age_bin(age_s)] += num_blocks
+        table[reuse_class][
+            (NUM_AGE_BINS - 1 if age_s >= _LAST_BIN_S else int(age_s).bit_length())
+            if age_s > 0 else 0] += num_blocks
         self._total += num_blocks
         self.num_records += 1
-        if self.num_records % self.refresh_every == 0:
+        self._to_refresh -= 1
+        if not self._to_refresh:
+            self._to_refresh = self.refresh_every
             self.refresh()
 
     def dropped(self, age_s: float) -> None:
@@ -370,23 +409,35 @@ class HitDensity:
         w = self.prior_blocks
         widths = _bin_widths()
         windows = _near_windows(widths, self.horizon_s)
+        # NOTE: each product or difference that the loops took more than once (``w * p``
+        # per bin of every class; ``1 - p`` and ``1 - p / 2`` per bin, in the value's and
+        # the near term's loops) is taken once, the same operands: the same floats. A
+        # refresh sits in the step it falls in, and its time in that step's tail.
+        prior = [w * p for p in pooled]
+        backwards = list(zip(reversed(widths), range(nb - 1, -1, -1), strict=True))
+        # A class with nothing counted (no release of it yet: a stream without outputs
+        # never files a tail) has the same tables as any other such class: computed once.
+        unseen: int | None = None
         for c in range(self.num_classes):
-            hazard = []
-            for e, p, r in zip(self.events[c], pooled, at_risk[c], strict=True):
-                denom = r + w
-                if denom:
-                    h = (e + w * p) / denom
-                    hazard.append(h if h < 1.0 else 1.0)
-                else:
-                    hazard.append(0.0)
+            if not any(at_risk[c]):
+                if unseen is not None:
+                    self.value[c][:] = self.value[unseen]
+                    self.near[c][:] = self.near[unseen]
+                    continue
+                unseen = c
+            hazard = [(h if (h := (e + x) / denom) < 1.0 else 1.0) if (denom := r + w) else 0.0
+                      for e, x, r in zip(self.events[c], prior, at_risk[c], strict=True)]
+            missed = [1.0 - p for p in hazard]  # no reuse in the bin
+            halves = [1.0 - p / 2 for p in hazard]  # of the bin waited
             value = self.value[c]
             hits = waited = 0.0
-            for b in range(nb - 1, -1, -1):
+            for width, b in backwards:
                 p = hazard[b]
-                hits = p + (1.0 - p) * hits
-                waited = widths[b] * (1.0 - p / 2) + (1.0 - p) * waited
+                q = missed[b]
+                hits = p + q * hits
+                waited = width * halves[b] + q * waited
                 value[b] = hits / waited
-            _near_densities(hazard, widths, windows, self.near[c])
+            _near_densities(hazard, widths, windows, self.near[c], missed, halves)
 
 
 def _near_windows(widths: list[float], horizon_s: float) -> list[tuple[int, float]]:
@@ -406,19 +457,26 @@ def _near_windows(widths: list[float], horizon_s: float) -> list[tuple[int, floa
 
 
 def _near_densities(hazard: list[float], widths: list[float],
-                    windows: list[tuple[int, float]], out: list[float]) -> None:
+                    windows: list[tuple[int, float]], out: list[float],
+                    missed: list[float] | None = None, halves: list[float] | None = None,
+                    ) -> None:
     """``out[b]``: the hit density from the start of age bin ``b`` over the next
     ``horizon_s`` seconds (``windows``: where each bin's window ends, ``_near_windows``),
     given each bin's ``hazard`` of a reuse: the chance of a reuse in the window over the
     expected block-seconds waited in it (a reuse waits half its bin). O(bins): the
     chance of no reuse before bin ``x`` (``alive``) and the wait up to it (``wait``) are
-    running products and sums, a window's the ratio and difference of its ends'."""
+    running products and sums, a window's the ratio and difference of its ends'.
+    ``missed`` and ``halves``: ``1 - p`` and ``1 - p / 2`` of each bin's hazard, where the
+    caller has them."""
+    if missed is None or halves is None:
+        missed = [1.0 - p for p in hazard]
+        halves = [1.0 - p / 2 for p in hazard]
     alive, wait = [1.0], [0.0]
     a = 1.0
     s = 0.0
-    for p, width in zip(hazard, widths, strict=True):
-        s += a * width * (1.0 - p / 2)
-        a *= 1.0 - p
+    for width, half, q in zip(widths, halves, missed, strict=True):
+        s += a * width * half
+        a *= q
         alive.append(a)
         wait.append(s)
     for b, (e, part) in enumerate(windows):
@@ -477,7 +535,7 @@ class KvtierPredict:
         self.witnessed = witnessed
         self.tokens_per_block = 1
         self.learner = HitDensity(self.NUM_CLASSES)
-        self.ghosts = Ghosts()
+        self.ghosts = Ghosts(count_classes=False)  # nothing here reads blocks per class
         self.witness: LruWitness | None = None
         self._returning: set[int] = set()  # ghosts recalled lately, by hash of their key
         if cost_aware:
@@ -516,11 +574,11 @@ class KvtierPredict:
 
     def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
                num_blocks: int, now: float, released_tick: int = 0) -> None:
-        self.learner.dropped(now - released_s)
-        ghosts = self.ghosts
-        ghosts.add(ghost_key, (reuse_class, released_s, num_blocks, node_uid, released_tick))
-        for cls, released, n, _, _ in ghosts.trim():
-            self.learner.record(cls, now - released, n, False)
+        learner = self.learner
+        learner.dropped(now - released_s)
+        for cls, released, n, _, _ in self.ghosts.add_trim(
+                ghost_key, reuse_class, released_s, num_blocks, node_uid, released_tick):
+            learner.record(cls, now - released, n, False)
 
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         entry = self.ghosts.pop(ghost_key)
@@ -537,23 +595,31 @@ class KvtierPredict:
             returning.add(hash(ghost_key))
         return uid, n
 
+    # NOTE: ``key``, ``rank`` and ``within`` write ``effective_priority`` and ``age_bin``
+    # out (the same expressions): the cache calls them at every queue head it checks and
+    # ranks, and each call was a measurable part of the default policy's cost per block.
+
     def key(self, node: Node, now: float, default_priority: int) -> Key:
-        cls = node.reuse_class if node.reuse_class is not None else 1
-        return (effective_priority(node, now, default_priority), int(node.soft_claimed),
-                cls, node.last_used)
+        expiry = node.expiry
+        cls = node.reuse_class
+        return (default_priority if expiry is not None and now >= expiry else node.priority,
+                1 if node.soft_claimed else 0, 1 if cls is None else cls, node.last_used)
 
     def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        expiry = node.expiry
+        priority = default_priority if expiry is not None and now >= expiry else node.priority
         witness = self.witness
         if witness is not None and witness.lru_ahead:
             # LRU has done better lately: its order, until the learned one wins again.
-            return (effective_priority(node, now, default_priority), int(node.soft_claimed),
-                    0.0, node.last_used)
-        cls = node.reuse_class if node.reuse_class is not None else 1
-        value = self.learner.value[cls][age_bin(now - node.last_used_s)]
+            return (priority, 1 if node.soft_claimed else 0, 0.0, node.last_used)
+        cls = node.reuse_class
+        age = now - node.last_used_s
+        value = self.learner.value[1 if cls is None else cls][
+            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
+            if age > 0 else 0]
         if self.cost_aware:
             value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
-        return (effective_priority(node, now, default_priority), int(node.soft_claimed),
-                value, node.last_used)
+        return (priority, 1 if node.soft_claimed else 0, value, node.last_used)
 
     def within(self, node: Node, now: float) -> float:
         """Which run of a class goes, its oldest or its youngest: the one with the
@@ -564,8 +630,11 @@ class KvtierPredict:
         witness = self.witness
         if witness is not None and witness.lru_ahead:
             return 0.0  # LRU's order, whole: every run alike, so a queue gives its head
-        cls = node.reuse_class if node.reuse_class is not None else 1
-        return self.learner.near[cls][age_bin(now - node.last_used_s)]
+        cls = node.reuse_class
+        age = now - node.last_used_s
+        return self.learner.near[1 if cls is None else cls][
+            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
+            if age > 0 else 0]
 
     @property
     def rank_version(self) -> tuple[int, bool]:

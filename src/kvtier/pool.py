@@ -199,7 +199,22 @@ class TierPool:
         if check_version is None or check_version != self._check_version:
             checked.clear()
             self._check_version = check_version
-        while True:
+        heads: list[tuple[Key, list[_Entry]]] = []
+        # NOTE: first a pass that only reads: every head found live (the common case), no
+        # copy of the queues; at the first head that is not, the full pass below, which
+        # may change them.
+        all_live = True
+        for q, heap in queues.items():
+            if heap:
+                head = heap[0]
+                if checked.get(q) is head or current_key(head[2]) == head[3]:
+                    if check_version is not None:
+                        checked[q] = head
+                    heads.append((q, heap))
+                    continue
+            all_live = False
+            break
+        while not all_live:
             # Re-filing a stale head (``_live_head``) may move a node to a queue already
             # passed (or a new one), where it may be the head now: then pass again.
             repairs = self._num_repairs

@@ -102,16 +102,23 @@ class LruWitness:
         tick, blocks)`` each; they are in use until released again, and the cache holds
         ``room`` blocks that no request uses (as LRU's cache would: what is reserved or in
         use is not its to choose)."""
-        # Judged as the cache stood just before, when the runs were in its room.
-        self.settle(room + sum(n for _, n in runs))
-        for tick, num_blocks in runs:
-            won = num_blocks - self._num_held(tick, num_blocks)
-            if won:
-                self.num_won += won
-                self._count(won)
-        for tick, num_blocks in runs:
-            self._add(tick, -num_blocks)
-        self.settle(room)
+        if runs:
+            # Judged as the cache stood just before, when the runs were in its room.
+            reused = 0
+            for _, num_blocks in runs:
+                reused += num_blocks
+            self.settle(room + reused)
+            for tick, num_blocks in runs:
+                won = num_blocks - self._num_held(tick, num_blocks)
+                if won:
+                    self.num_won += won
+                    self._count(won)
+            for tick, num_blocks in runs:
+                self._add(tick, -num_blocks)
+        # NOTE: most admissions reuse no released run (a fresh prompt, or one whose prefix
+        # is in use): then the two settles are one, and the second finds nothing to do.
+        if self._held > room:
+            self.settle(room)
         self._traffic += num_prompt_blocks
         if self._traffic >= self.window_blocks:
             self._traffic = 0
