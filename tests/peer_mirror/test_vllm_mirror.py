@@ -21,6 +21,7 @@ from kvtier import (
     BlockStored,
     KVCacheManager,
     MultimodalItem,
+    OpKind,
     Request,
     Scheduler,
     SchedulerConfig,
@@ -430,3 +431,29 @@ def test_an_aborted_request_keeps_only_what_its_applied_steps_computed() -> None
     assert mgr.num_free_gpu_blocks == 8 and mgr.num_reserved_blocks == 0
     assert cached_slots(mgr) == [0, 1, 2] and hit(mgr, list(range(20))) == 12
     assert sched.abort("a") is None and not sched.has_unfinished()
+
+
+def test_a_failed_load_recomputes_from_the_first_bad_block_only() -> None:
+    """Mirrors vllm tests/v1/kv_connector/unit/test_kv_load_failure_recovery.py (a KV load
+    that fails for some blocks sends the request back to recompute from the first invalid
+    block; the valid prefix stays usable): the second of two onboards fails, the request
+    is aborted, the first block stays cached on the GPU and the retry reuses it alone."""
+    mgr = make_manager(num_gpu_blocks=4, num_host_blocks=4)
+    admit(mgr, "a", list(range(9)), priority=50)
+    release(mgr, "a")
+    admit(mgr, "big", list(range(200, 216)))  # pushes a's 2 blocks to the host
+    release(mgr, "big")
+    mgr.take_plan()
+    assert mgr.lookup(list(range(9))).num_host_tokens == 8
+    admit(mgr, "q", list(range(9)))
+    plan = mgr.take_plan()
+    onboards = [i for i, op in enumerate(plan.ops) if op.kind is OpKind.ONBOARD]
+    assert len(onboards) == 2
+    assert mgr.transfer_failed(plan, [onboards[1]]) == ["q"]
+    mgr.check_invariants()
+    assert not mgr.has_sequence("q") and mgr.num_free_gpu_blocks == 4
+    m = mgr.lookup(list(range(9)))
+    assert (m.num_tokens, m.num_gpu_tokens) == (4, 4)
+    retry = admit(mgr, "q", list(range(9)))
+    assert (retry.num_reused_tokens, retry.num_onboarded_tokens) == (4, 0)
+    assert mgr.take_plan().ops == () and mgr.stats.num_failed_transfers >= 1
