@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 from kvtier.config import CacheConfig
@@ -49,6 +50,12 @@ from kvtier.witness import LruWitness
 # member read off its class costs several times a global's lookup.
 _GPU = Tier.GPU
 _HOST = Tier.HOST
+
+
+class _Within(Protocol):
+    """A policy's ``within`` (see ``EvictionPolicy``)."""
+
+    def __call__(self, node: Node, now: float) -> float: ...
 
 
 def effective_priority(node: Node, now: float, default_priority: int) -> int:
@@ -213,7 +220,7 @@ class Evictor:
         self._soft_cut = False
         self._held_now: float | None = None  # the clock's time, held for one eviction round
         # Which end of the winning queue goes (``EvictionPolicy.within``), if the policy says.
-        within: Callable[[Node, float], float] | None = getattr(policy, "within", None)
+        within: _Within | None = getattr(policy, "within", None)
         self._policy_within = within
         self._within = self._within_now if within is not None else None
         # NOTE: the policy's key and rank, bound once: a pop checks every queue's head by
@@ -440,8 +447,16 @@ class Evictor:
         self._victim_rank = None
         # NOTE: heads found live are not checked again within a round while no change
         # (``changed``) may have touched them; outside a round ``now`` moves: no memo.
-        checks = self._num_changes if self._held_now is not None else None
-        node = pool.pop_candidate(current_key, self._rank_run, ranked, self._within, checks)
+        held = self._held_now
+        checks = self._num_changes if held is not None else None
+        within = self._within
+        policy_within = self._policy_within
+        if policy_within is not None and held is not None:
+            # NOTE: the round's time bound into the policy's ``within(node, now)`` (its
+            # documented parameter name; a caller's policy sits behind the guard's), no
+            # Python call of our own between the pool and the policy.
+            within = partial(policy_within, now=held)
+        node = pool.pop_candidate(current_key, self._rank_run, ranked, within, checks)
         if node is None:
             return None
         # NOTE: a run the pop ranked was rejoined first (``_rank_run``) and is unchanged
