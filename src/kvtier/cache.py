@@ -32,7 +32,7 @@ from kvtier.eviction import (
     node_ghost_key,
 )
 from kvtier.journal import Journal
-from kvtier.matching import Match, match_prompt, num_common_blocks, rematch
+from kvtier.matching import NO_MATCH, Match, match_prompt, num_common_blocks, rematch
 from kvtier.metrics import CacheStats
 from kvtier.policies import get_policy
 from kvtier.policy_guard import guard_policy
@@ -240,9 +240,15 @@ class BlockCache:
         long prompt's match is tens of microseconds. Once the tree changed, the runs the
         remembered match went through are checked and only what lies past them is walked
         (``rematch``). Pure (the memo aside)."""
-        if root is None or extras is not None or not self.config.enable_block_reuse:
-            return match_prompt(root, spec.token_array, extras, self.config)
         tokens = spec.token_array  # a spec's array never changes (``SequenceSpec``)
+        if root is None or (len(tokens) > 1 and tokens[0] not in root.by_first):
+            # NOTE: no cached run starts with the prompt's first id, so none of it is
+            # cached (a full or partial match starts there): the answer for a new prompt,
+            # and at every step for a waiting one with nothing cached (the scheduler's
+            # lookups and hints), without a walk or a rematch.
+            return NO_MATCH
+        if extras is not None or not self.config.enable_block_reuse:
+            return match_prompt(root, tokens, extras, self.config)
         matches = self._matches
         known = matches.get(id(tokens))
         m: Match | None = None
