@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from kvtier import (
     BlockStored,
     CacheConfig,
@@ -15,8 +17,10 @@ from kvtier import (
     Tier,
     TransferOp,
 )
+from kvtier import cache as cache_module
 from kvtier.cache import MAX_EVICTION_BATCH, BlockCache, Swap, _Onboarding, eviction_batch
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.matching import NO_MATCH
 from kvtier.policies import KvtierPredict
 from kvtier.pool import TierPool
 from kvtier.radix import Node, add_child
@@ -485,4 +489,69 @@ def _evict_host_less(events: bool) -> None:
     assert list(a_run[0].tokens) == prompt_a[:246 * TPB]
     assert mgr.stats.gpu.evicted_blocks == 4
     assert mgr.lookup(prompt_a).num_tokens == 246 * TPB
+    mgr.check_invariants()
+
+
+def test_a_prompt_whose_first_id_starts_no_cached_run_matches_nothing_without_a_walk(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt whose first id starts no run under its root matches nothing, answered
+    before any walk or rematch; a prompt sharing only that first id is still walked (a
+    partial match of 3 tokens)::
+
+        root ─ [1 1 1 1 | 2 2 2 2]      "x" = [5 ...]: nothing     "y" = [1 1 1 9 ...]: 3
+    """
+    mgr = make_manager()
+    assert mgr.add_sequence(SequenceSpec("a", PROMPT + [3])).admitted
+    mgr.remove_sequence("a")
+    cache = mgr._cache
+    root = cache.root(None, None)
+    assert root is not None
+    with monkeypatch.context() as mp:
+        def walked(*args: object, **kwargs: object) -> None:
+            raise AssertionError("walked")
+
+        mp.setattr(cache_module, "match_prompt", walked)
+        mp.setattr(cache_module, "rematch", walked)
+        assert cache.match_spec(root, SequenceSpec("x", [5] * 9), None) is NO_MATCH
+    assert mgr.lookup_spec(SequenceSpec("y", [1, 1, 1, 9, 9, 9, 9, 9, 9])).num_tokens == 3
+    mgr.check_invariants()
+
+
+def test_a_recall_asks_for_the_ghost_key_its_drop_left() -> None:
+    """The keys a miss is recalled at (written out in ``recall_miss``) are the ghost keys
+    the drop left (``node_ghost_key``): a run dropped below a cached prefix is found
+    again by the request that comes back for it, and its ghost leaves the table."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=6,
+                                     eviction_policy="kvtier-predict-cost"))
+    policy = mgr._cache.evictor.policy
+    assert isinstance(policy, KvtierPredict)
+    forgotten: list[object] = []
+    recalled: list[tuple[object, object]] = []
+    forget, recall = policy.forget, policy.recall
+
+    def spy_forget(ghost_key: object, *args: object) -> None:
+        forgotten.append(ghost_key)
+        forget(ghost_key, *args)  # type: ignore[arg-type]
+
+    def spy_recall(ghost_key: object, now: float) -> tuple[int, int] | None:
+        found = recall(ghost_key, now)
+        recalled.append((ghost_key, found))
+        return found
+
+    policy.forget = spy_forget  # type: ignore[method-assign, assignment]
+    policy.recall = spy_recall  # type: ignore[method-assign]
+    head, tail = [1] * TPB + [2] * TPB, [3] * TPB + [4] * TPB
+    assert mgr.add_sequence(SequenceSpec("a", head + [0])).admitted
+    mgr.remove_sequence("a")
+    assert mgr.add_sequence(SequenceSpec("b", head + tail + [0])).admitted
+    mgr.remove_sequence("b")  # cached: the head's 2 blocks, the tail's 2 below them
+    assert mgr.add_sequence(SequenceSpec("c", head + [0])).admitted  # the head, 1 more
+    assert mgr.add_sequence(SequenceSpec("d", [7] * TPB * 2 + [0])).admitted  # tail goes
+    assert len(forgotten) == 1 and len(policy.ghosts) == 1
+    mgr.remove_sequence("d")
+    mgr.remove_sequence("c")
+    recalled.clear()
+    assert mgr.add_sequence(SequenceSpec("e", head + tail + [0])).admitted
+    assert recalled and recalled[0][0] == forgotten[0] and recalled[0][1] is not None
+    assert policy.ghosts.pop(forgotten[0]) is None  # taken by the recall (d's is there)
     mgr.check_invariants()
