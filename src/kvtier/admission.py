@@ -304,10 +304,15 @@ class BatchAdmission:
         shared: dict[int, int] = {}
         for spec, m in zip(specs, matches, strict=True):
             num_blocks = cdiv(len(spec.token_array), tpb)
-            if num_blocks > capacity:
+            # A reservation is held beside the prompt's blocks: one that can never fit
+            # beside them is no shortage to wait out (the request would wait for ever).
+            if num_blocks + spec.num_reserved_blocks > capacity:
+                reserved = (f" + {spec.num_reserved_blocks} reserved"
+                            if spec.num_reserved_blocks else "")
                 raise ValueError(
                     f"request {spec.request_id!r} needs {num_blocks} blocks "
-                    f"({len(spec.tokens)} tokens / {tpb}) but num_gpu_blocks is {capacity}")
+                    f"({len(spec.tokens)} tokens / {tpb}){reserved} but num_gpu_blocks is "
+                    f"{capacity}")
             total += num_blocks - m.num_blocks
             for node in m.path:
                 shared[node.uid] = node.num_blocks
