@@ -246,9 +246,10 @@ def test_events_follow_store_offload_onboard_and_removal() -> None:
 
 
 def test_stored_events_carry_each_blocks_tokens_and_extra_key() -> None:
-    """A ``BlockStored`` names the block's own tokens and extra-key bytes: with them and the
-    LoRA id a consumer recomputes every hash of the chain as hashing.py documents it
-    (``H(parent || lora || tokens || extra)``), for stored prompts and decode growth."""
+    """A ``BlockStored`` names the block's own tokens, extra-key and salt bytes: with them and
+    the LoRA id a consumer recomputes every hash of the chain as hashing.py documents it
+    (the seed ``H(namespace || lora || salt)``, then ``H(parent || lora || tokens ||
+    extra)``), for stored prompts and decode growth."""
     mgr = make_manager(num_gpu_blocks=16, enable_events=True)
     toks = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     img = (MultimodalItem(4, 2, b"cat"),)  # tokens 4-5: block 1
@@ -257,8 +258,11 @@ def test_stored_events_carry_each_blocks_tokens_and_extra_key() -> None:
     stored = [e for e in mgr.drain_events() if isinstance(e, BlockStored)]
     assert [e.token_ids for e in stored] == [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12)]
     assert [e.extra_key for e in stored] == [None, encode_key(((b"cat", 0),)), None]
+    assert {e.salt_key for e in stored} == {encode_key("s")}
     h = get_hash_fn("xxh3_128")
-    prev = root_hash(h, 3, "s")
+    assert stored[0].salt_key is not None
+    prev = h(b"kvtier/v2" + encode_key(3) + stored[0].salt_key)
+    assert prev == root_hash(h, 3, "s")
     for e in stored:
         assert e.parent_hash == (None if e is stored[0] else prev)
         assert e.token_ids is not None and (e.num_tokens, e.lora_id) == (4, 3)

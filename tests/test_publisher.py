@@ -35,6 +35,7 @@ def stored_events(draw: st.DrawFn) -> BlockStored:
     return BlockStored(draw(seqs), draw(hashes), draw(st.none() | hashes), draw(tiers),
                        num_tokens, draw(st.none() | st.integers(-(1 << 63), (1 << 63) - 1)),
                        draw(st.none() | tokens.map(tuple)),
+                       draw(st.none() | st.binary(min_size=1, max_size=40)),
                        draw(st.none() | st.binary(min_size=1, max_size=40)))
 
 

@@ -38,7 +38,7 @@ G, H = Tier.GPU, Tier.HOST
 
 
 def stored(seq: int, h: int, tier: Tier = G, parent: int | None = None) -> BlockStored:
-    return BlockStored(seq, h, parent, tier, 4, None, (1, 2, 3, 4), None)
+    return BlockStored(seq, h, parent, tier, 4, None, (1, 2, 3, 4), None, None)
 
 
 def make_manager(**kw: Any) -> KVCacheManager:
@@ -210,24 +210,27 @@ def test_late_subscriber_resyncs_from_a_manager_snapshot() -> None:
 def test_wire_format_round_trips() -> None:
     """Events and snapshots survive encode/decode; malformed text raises ValueError."""
     big = (1 << 128) - 1
-    events: list[Event] = [BlockStored(0, big, None, G, 2, None, (0, (1 << 63) - 1), None),
-                           BlockStored(1, 5, big, H, 2, 7, (3, 4), b"t\x00\xff"),
-                           BlockStored(2, 6, 5, H, 2, None, None, None),
+    events: list[Event] = [BlockStored(0, big, None, G, 2, None, (0, (1 << 63) - 1), None,
+                                       b"s\x01"),
+                           BlockStored(1, 5, big, H, 2, 7, (3, 4), b"t\x00\xff", None),
+                           BlockStored(2, 6, 5, H, 2, None, None, None, None),
                            BlockTierChanged(3, 5, H, G), BlockRemoved(4, 5, G),
                            AllBlocksCleared(5)]
     assert decode_events(encode_events(events)) == events
     # A publisher older than the tokens and extra keys sent 7 values: still read.
     legacy = f'[["S",0,"{big:032x}",null,0,2,null]]'
-    assert decode_events(legacy) == [BlockStored(0, big, None, G, 2, None, None, None)]
+    assert decode_events(legacy) == [BlockStored(0, big, None, G, 2, None, None, None, None)]
     for tokens, extra, what in [("[1]", "null", "token ids"), ("[1,-1]", "null", "token id"),
                                 ("[1,true]", "null", "token id"), ('"ab"', "null", "token ids"),
                                 ("[1,2]", '"abc"', "extra key"), ("[1,2]", '""', "extra key"),
                                 ("[1,2]", "7", "extra key")]:
-        row = f'[["S",0,"{big:032x}",null,0,2,null,{tokens},{extra}]]'
+        row = f'[["S",0,"{big:032x}",null,0,2,null,{tokens},{extra},null]]'
         with pytest.raises(ValueError, match=f"malformed event batch: {what}"):
             decode_events(row)
-    with pytest.raises(ValueError, match="array of 9 values"):
-        decode_events(f'[["S",0,"{big:032x}",null,0,2,null,[1,2]]]')
+    with pytest.raises(ValueError, match="malformed event batch: salt key"):
+        decode_events(f'[["S",0,"{big:032x}",null,0,2,null,[1,2],null,"x"]]')
+    with pytest.raises(ValueError, match="array of 10 values"):
+        decode_events(f'[["S",0,"{big:032x}",null,0,2,null,[1,2],null]]')
     snap = Snapshot("i3", 9, frozenset({(big, G), (1, H)}))
     assert decode_snapshot(encode_snapshot(snap)) == snap
     with pytest.raises(ValueError, match="malformed"):

@@ -30,14 +30,15 @@ def _hex(value: int | None) -> str | None:
 
 def encode_events(events: Sequence[Event]) -> str:
     """Compact JSON of ``events``: one array each, hashes as 32 hex digits, tiers as ints,
-    a stored block's tokens as an array and its extra key as hex."""
+    a stored block's tokens as an array and its extra and salt keys as hex."""
     rows: list[list[object]] = []
     for e in events:
         if isinstance(e, BlockStored):
             rows.append(["S", e.seq, _hex(e.block_hash), _hex(e.parent_hash), int(e.tier),
                          e.num_tokens, e.lora_id,
                          None if e.token_ids is None else list(e.token_ids),
-                         None if e.extra_key is None else e.extra_key.hex()])
+                         None if e.extra_key is None else e.extra_key.hex(),
+                         None if e.salt_key is None else e.salt_key.hex()])
         elif isinstance(e, BlockRemoved):
             rows.append(["R", e.seq, _hex(e.block_hash), int(e.tier)])
         elif isinstance(e, BlockTierChanged):
@@ -76,10 +77,10 @@ def _token_ids(value: object, num_tokens: int) -> tuple[int, ...]:
     return tuple([_count(t, "token id") for t in value])
 
 
-def _extra_key(value: object) -> bytes:
+def _key_bytes(value: object, field: str) -> bytes:
     if not (isinstance(value, str) and value and len(value) % 2 == 0
             and _HEX_DIGITS.issuperset(value)):
-        raise ValueError(f"extra key must be lowercase hex digits, got {value!r:.40}")
+        raise ValueError(f"{field} must be lowercase hex digits, got {value!r:.40}")
     return bytes.fromhex(value)
 
 
@@ -92,17 +93,18 @@ def _row(row: object, kind: str, length: int) -> list[object]:
 def _event(row: object) -> Event:
     kind = row[0] if isinstance(row, list) and row else None
     if kind == "S":
-        # 7 values from a publisher older than the block's tokens and extra key.
-        fields = _row(row, kind, 9 if isinstance(row, list) and len(row) != 7 else 7)
+        # 7 values from a publisher older than the block's tokens and keys.
+        fields = _row(row, kind, 10 if isinstance(row, list) and len(row) != 7 else 7)
         _, seq, h, parent, tier, num_tokens, lora = fields[:7]
-        tokens, extra = fields[7:] or (None, None)
+        tokens, extra, salt = fields[7:] or (None, None, None)
         size = _count(num_tokens, "num_tokens", 1)
         return BlockStored(_count(seq, "seq"), _hash(h),
                            None if parent is None else _hash(parent, "parent hash"),
                            _tier(tier), size,
                            None if lora is None else _count(lora, "lora_id", -_MAX_SEQ),
                            None if tokens is None else _token_ids(tokens, size),
-                           None if extra is None else _extra_key(extra))
+                           None if extra is None else _key_bytes(extra, "extra key"),
+                           None if salt is None else _key_bytes(salt, "salt key"))
     if kind == "R":
         _, seq, h, tier = _row(row, kind, 4)
         return BlockRemoved(_count(seq, "seq"), _hash(h), _tier(tier))

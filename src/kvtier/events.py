@@ -11,11 +11,13 @@ from kvtier.tier import Tier
 class BlockStored(NamedTuple):
     """A block became reusable in ``tier``.
 
-    ``token_ids`` are the block's own tokens and ``extra_key`` the canonical bytes of its
-    extra key (``hashing.encode_key``; ``None`` where it has none), what its hash covers
-    besides its parent's hash and the LoRA id: a consumer that indexes prefixes by tokens
-    (a router with its own hash, a KV-aware scheduler) needs no kvtier code. ``None`` for
-    both only in events decoded from a publisher older than these fields.
+    ``token_ids`` are the block's own tokens, ``extra_key`` the canonical bytes of its
+    extra key (``hashing.encode_key``; ``None`` where it has none) and ``salt_key`` those of
+    its key space's salt (``None``: unsalted), what its hash covers besides its parent's
+    hash and the LoRA id (the salt through the root's seed, ``hashing.root_hash``): a
+    consumer that indexes prefixes by tokens (a router with its own hash, a KV-aware
+    scheduler) needs no kvtier code and never mixes two tenants' equal prompts. All three
+    are ``None`` only in events decoded from a publisher older than these fields.
     """
 
     seq: int
@@ -26,6 +28,7 @@ class BlockStored(NamedTuple):
     lora_id: int | None
     token_ids: tuple[int, ...] | None
     extra_key: bytes | None
+    salt_key: bytes | None
 
 
 class BlockRemoved(NamedTuple):

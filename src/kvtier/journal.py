@@ -126,8 +126,9 @@ class Journal:
         """A ``BlockStored`` for each of ``node``'s blocks from its ``first`` on."""
         events = self.events
         assert events is not None and node.root is not None
-        lora = node.root.lora_id
+        lora, salt = node.root.lora_id, node.root.salt
         assert lora is None or isinstance(lora, int)
+        salt_key = None if salt is None else encode_key(salt)
         hashes = self.hashes(node)
         parent_hash = self.parent_hash(node) if first == 0 else hashes[first - 1]
         tpb, tokens, extras = self._tpb, node.tokens, node.extras
@@ -136,7 +137,7 @@ class Journal:
             extra = extras[i] if extras is not None else None
             events.append(BlockStored(events.next_seq(), h, parent_hash, node.tier, tpb, lora,
                                       tuple(tokens[i * tpb:(i + 1) * tpb]),
-                                      None if extra is None else encode_key(extra)))
+                                      None if extra is None else encode_key(extra), salt_key))
             parent_hash = h
 
     def moved(self, node: Node, old: Tier) -> None:

@@ -27,7 +27,7 @@ from kvtier import (
     SchedulerConfig,
     SequenceSpec,
 )
-from kvtier.hashing import chain_hashes, get_hash_fn, root_hash
+from kvtier.hashing import chain_hashes, encode_key, get_hash_fn, root_hash
 from peer_mirror.mirror_helpers import admit, blocks_of, cached_slots, hit, make_manager, release
 
 BS = 16  # vLLM's block size in these tests
@@ -210,10 +210,6 @@ def test_cache_salt_separates_every_block() -> None:
     assert stored[:3] == salted and not set(salted) & set(plain)
 
 
-@pytest.mark.xfail(strict=True, reason="kvtier bug: a salted prompt's first BlockStored "
-                   "carries no trace of the salt (the salt seeds the hash via "
-                   "hashing.root_hash; extra_key is None), so two tenants' equal first blocks "
-                   "are indistinguishable to a consumer that indexes or rehashes by content")
 def test_a_salted_first_block_s_event_names_its_salt() -> None:
     """Mirrors vllm test_prefix_caching.py::test_cache_key_salting (the salt is block 0's
     extra key) with test_eagle_kv_events_publish_successor_hashes (a consumer rebuilds the
@@ -224,8 +220,10 @@ def test_a_salted_first_block_s_event_names_its_salt() -> None:
     for salt in ("salt1", "salt2"):
         admit(mgr, salt, [1, 2, 3, 4, 5], salt=salt)
         (first,) = [e for e in mgr.drain_events() if isinstance(e, BlockStored)]
-        contents.append((first.parent_hash, first.token_ids, first.extra_key, first.lora_id))
+        contents.append((first.parent_hash, first.token_ids, first.extra_key, first.lora_id,
+                         first.salt_key))
     assert contents[0] != contents[1]
+    assert [c[-1] for c in contents] == [encode_key("salt1"), encode_key("salt2")]
 
 
 def test_a_refused_request_leaves_the_computed_blocks_untouched() -> None:

@@ -16,7 +16,7 @@ G, H = Tier.GPU, Tier.HOST
 
 def stored(seq: int, h: int, tier: Tier = G) -> BlockStored:
     """A BlockStored event of one 4-token block."""
-    return BlockStored(seq, h, None, tier, 4, None, (1, 2, 3, 4), None)
+    return BlockStored(seq, h, None, tier, 4, None, (1, 2, 3, 4), None, None)
 
 
 def test_redis_stream_round_trip_and_resync_after_trim(redis_servers: RedisServers) -> None:

@@ -149,17 +149,21 @@ def test_lost_events_make_the_consumer_start_over_never_overclaim() -> None:
 
 
 def test_lora_extra_keys_placeholders_and_int_hashes() -> None:
-    """A block's extra key travels as vLLM's per-block extra key; a block stored before the
-    translator existed moves as vLLM's placeholder; int hashes are the low 64 bits."""
+    """The salt (on the chain's root block) and a block's extra key travel as vLLM's
+    per-block extra keys; a block stored before the translator existed moves as vLLM's
+    placeholder; int hashes are the low 64 bits."""
     mgr = make_manager(num_gpu_blocks=3, num_host_blocks=2)
     img = (MultimodalItem(4, 2, b"cat"),)
-    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], lora_id=5, mm_items=img))
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], lora_id=5, mm_items=img,
+                                  salt="tenant"))
     mgr.remove_sequence("a")
     stored = mgr.drain_events()
     tr = VllmEventTranslator(4, int_hashes=True)
     (event,) = wire(tr.translate(stored)).events
     assert isinstance(event, BlockStored) and event.lora_id == 5
-    assert event.extra_keys == [None, (encode_key(((b"cat", 0),)),)]
+    # (msgpack carries each (name, bytes) pair as an array.)
+    assert event.extra_keys == [(["salt", encode_key("tenant")],),
+                                (["extra", encode_key(((b"cat", 0),))],)]
     assert all(type(h) is int and 0 <= h < 1 << 64 for h in event.block_hashes)
     late = VllmEventTranslator(4)
     late.translate([])

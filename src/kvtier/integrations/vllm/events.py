@@ -10,7 +10,11 @@ one ``KVEventBatch``, which any of vLLM's ``EventPublisher`` classes publishes::
     BlockTierChanged(h, old, new)         BlockRemoved([h], old) + BlockStored([h], new)
     AllBlocksCleared                      AllBlocksCleared
 
-Media: ``Tier.GPU`` is vLLM's ``"GPU"``, ``Tier.HOST`` its ``"CPU"``. A block that changes
+A block's ``extra_keys`` entry names its kvtier keys, each as a (name, bytes) pair of the
+bytes its hash covers (``hashing.encode_key``): ``("salt", ...)`` on a block whose parent
+is the root (where vLLM puts ``cache_salt``), then ``("extra", ...)`` for its extra key
+(multimodal items); ``None`` where it has neither. Media: ``Tier.GPU`` is
+vLLM's ``"GPU"``, ``Tier.HOST`` its ``"CPU"``. A block that changes
 tier is described again (its parent, tokens, LoRA id and extra key) from what the
 translator kept of its ``BlockStored``, as vLLM's own offloading events are; one stored
 before the translator existed gets vLLM's placeholder (no parent, no tokens, block size 0).
@@ -56,7 +60,17 @@ class _Stored(NamedTuple):
     parent_hash: int | None
     token_ids: tuple[int, ...] | None
     lora_id: int | None
-    extra_key: bytes | None
+    keys: tuple[tuple[str, bytes], ...] | None  # its vLLM extra keys
+
+
+def _keys(e: kv.BlockStored) -> tuple[tuple[str, bytes], ...] | None:
+    """A stored block's vLLM extra keys (see the module's docstring). Pure."""
+    keys = []
+    if e.salt_key is not None and e.parent_hash is None:
+        keys.append(("salt", e.salt_key))
+    if e.extra_key is not None:
+        keys.append(("extra", e.extra_key))
+    return tuple(keys) or None
 
 
 class VllmEventTranslator:
@@ -143,10 +157,10 @@ class VllmEventTranslator:
         tokens: list[int] = []
         extra_keys: list[tuple[Any, ...] | None] = []
         for e in run:
-            self._stored[e.block_hash] = _Stored(e.parent_hash, e.token_ids, e.lora_id,
-                                                 e.extra_key)
+            keys = _keys(e)
+            self._stored[e.block_hash] = _Stored(e.parent_hash, e.token_ids, e.lora_id, keys)
             tokens += e.token_ids or ()
-            extra_keys.append(None if e.extra_key is None else (e.extra_key,))
+            extra_keys.append(keys)
         return self._vllm_stored([e.block_hash for e in run], first.parent_hash, tokens,
                                  first.num_tokens, first.lora_id, extra_keys, first.tier)
 
@@ -155,9 +169,7 @@ class VllmEventTranslator:
         if known is None:  # stored before this translator: vLLM's placeholder
             return self._vllm_stored([e.block_hash], None, [], 0, None, [None], e.new_tier)
         return self._vllm_stored([e.block_hash], known.parent_hash, list(known.token_ids or ()),
-                                 self.block_size, known.lora_id,
-                                 [None if known.extra_key is None else (known.extra_key,)],
-                                 e.new_tier)
+                                 self.block_size, known.lora_id, [known.keys], e.new_tier)
 
     def _vllm_stored(self, hashes: list[int], parent: int | None, tokens: list[int],
                      block_size: int, lora_id: int | None,
