@@ -688,6 +688,10 @@ class ManagerCalls(RuleBasedStateMachine):
     def append_token_batch(self, items: list[tuple[str, int]]) -> None:
         self.call(lambda: self.manager.append_token_batch(items))
 
+    @rule(rid=st.sampled_from(IDS), num_tokens=st.integers(-1, 9))
+    def reserve_lookahead(self, rid: str, num_tokens: int) -> None:
+        self.call(lambda: self.manager.reserve_lookahead(rid, num_tokens))
+
     @rule(rid=st.sampled_from(IDS), store=st.booleans())
     def remove(self, rid: str, store: bool) -> None:
         self.call(lambda: self.manager.remove_sequence(rid, store))

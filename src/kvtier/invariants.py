@@ -74,11 +74,13 @@ def check_books(store: BlockCache, live: LiveTable) -> None:
             expected_refs[node.uid] += 1
         assert seq.last_node.parent is not None or seq.last_node is seq.root, rid
         table = seq.block_table
-        # The table covers every scheduled token; the prompt's blocks past it are reserved
-        # (allocated as later chunks are scheduled).
-        assert cdiv(seq.num_scheduled_tokens, tpb) <= len(table) <= cdiv(len(seq.tokens), tpb), (
+        # The table covers every scheduled token, and past its tokens only the draft slots
+        # it reserved; the prompt's blocks past it are reserved (allocated as later chunks
+        # are scheduled).
+        covered = max(len(seq.tokens), seq.lookahead_end)
+        assert cdiv(seq.num_scheduled_tokens, tpb) <= len(table) <= cdiv(covered, tpb), (
             f"{rid}: block table of {len(table)} blocks for {seq.num_scheduled_tokens} "
-            f"scheduled of {len(seq.tokens)} tokens")
+            f"scheduled of {len(seq.tokens)} tokens (lookahead to {seq.lookahead_end})")
         assert seq.num_reserved_blocks >= cdiv(len(seq.tokens), tpb) - len(table), (
             f"{rid}: prompt blocks past its table not reserved")
         path_slots = [s for node in reversed(path) for s in node.slots]

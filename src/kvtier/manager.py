@@ -291,20 +291,55 @@ class KVCacheManager:
         seq.check_prefilled()
         return self._append(seq, token_ids)
 
+    def reserve_lookahead(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Make a decoding request's block table cover ``num_tokens`` slots past its tokens:
+        where a speculative step writes its draft tokens' KV (vLLM's lookahead slots).
+        Returns the new block ids (``[]`` if the table already covers them), or ``None``,
+        changing nothing, if the GPU pool cannot supply them.
+
+        ::
+
+            tokens   |t t t t|t t . .|. . . .|
+            table    [ 17    ][ 4    ][ 9    ]    reserve_lookahead(rid, 5): block 9 added
+                              len(tokens)=6 ^ ^ ^ ^ ^ drafts' slots
+
+        The blocks are the request's own. Only tokens that ``append_tokens`` adds (the
+        accepted drafts) fill them, and a block they fill is stored as any other: a
+        rejected draft's KV is never cached. Blocks no accepted token reached are freed
+        with the request.
+        """
+        seq = self._live.get(request_id)
+        if type(num_tokens) is not int or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        seq.check_prefilled()
+        end = len(seq.tokens) + num_tokens
+        new = self._grow_table(seq, end)
+        if new is not None:
+            seq.lookahead_end = max(seq.lookahead_end, end)
+        return new
+
+    def _grow_table(self, seq: LiveSequence, num_tokens: int) -> list[int] | None:
+        """Allocate the blocks ``seq``'s table lacks for ``num_tokens`` tokens (from its
+        reservation first); ``None``, changing nothing, if the pool cannot supply them."""
+        need = cdiv(num_tokens, self._tpb) - len(seq.block_table)
+        if need <= 0:
+            return []
+        live = self._live
+        others = live.num_reserved_blocks - seq.num_reserved_blocks
+        if need > self._cache.gpu.num_available - others:
+            return None
+        self._version += 1
+        new = self._cache.allocate_gpu(need, self._ops)
+        live.use_reserved(seq, need)
+        seq.block_table += new
+        return new
+
     def _append(self, seq: LiveSequence, tokens: list[int]) -> list[int] | None:
         tpb = self._tpb
         num_tokens = len(seq.tokens) + len(tokens)
-        need = cdiv(num_tokens, tpb) - len(seq.block_table)
-        new: list[int] = []
-        if need > 0:
-            live = self._live
-            others = live.num_reserved_blocks - seq.num_reserved_blocks
-            if need > self._cache.gpu.num_available - others:
-                return None
-            self._version += 1
-            new = self._cache.allocate_gpu(need, self._ops)
-            live.use_reserved(seq, need)
-            seq.block_table += new
+        new = self._grow_table(seq, num_tokens)
+        if new is None:
+            return None
         seq.grow_tokens(tokens)
         if seq.extras is not None:
             seq.extras += [None] * (cdiv(num_tokens, tpb) - len(seq.extras))

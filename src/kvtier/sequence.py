@@ -459,6 +459,7 @@ class LiveSequence:
         "block_table",
         "extras",
         "last_node",
+        "lookahead_end",
         "num_hit_blocks",
         "num_prompt_blocks",
         "num_reserved_blocks",
@@ -491,6 +492,9 @@ class LiveSequence:
         self.num_reserved_blocks = 0
         self.last_node: Node = root
         self.block_table: list[int] = []
+        # The most tokens its table was made to cover ahead of its tokens (speculative
+        # decoding's draft slots, ``KVCacheManager.reserve_lookahead``); 0: never.
+        self.lookahead_end = 0
         self.num_scheduled_tokens = 0
         # Tokens whose KV exists by the time this step's copies run: those scheduled before
         # the latest call (before the current step, inside begin_step/end_step).
