@@ -144,13 +144,17 @@ def test_replay_knobs_reach_the_report(capsys: pytest.CaptureFixture[str]) -> No
         "--max-batch-size", "8", "--max-chunk-tokens", "256", "--capacity-policy",
         "max_utilization", "--admission", "probe", "--host-blocks", "64", "--time-scale", "2",
         "--set-profile", "pcie_bytes_per_s=2.5e10", "--set-profile", "overlap_transfers=false",
-        "--oracle")
+        "--num-speculative-tokens", "2", "--draft-acceptance", "0.5", "--oracle")
     assert code == 0
     report = last_json(out)
     assert report["scheduler_config"] == {
         "max_num_tokens": 1024, "max_batch_size": 8, "enable_chunked_prefill": True,
         "max_chunk_tokens": 256, "capacity_policy": "max_utilization", "admission": "probe",
-        "max_wait_steps": 64}
+        "max_wait_steps": 64, "num_speculative_tokens": 2}
+    spec = report["speculative"]
+    assert spec["draft_acceptance"] == 0.5 and 0 < spec["num_accepted_draft_tokens"] < (
+        spec["num_draft_tokens"])
+    assert any(line.startswith("drafts      up to 2 a decode") for line in out.splitlines())
     assert report["cache_config"]["num_host_blocks"] == 64 and report["time_scale"] == 2.0
     assert report["profile"]["pcie_bytes_per_s"] == 2.5e10
     assert report["profile"]["overlap_transfers"] is False

@@ -321,7 +321,8 @@ def _simulate(workload: Workload, cache: CacheConfig, sched: SchedulerConfig,
               profile: ModelProfile, args: argparse.Namespace,
               progress: Callable[[int], object] | None, oracle: bool) -> SimReport:
     try:
-        report = simulate(workload, cache, sched, profile, args.time_scale, progress, oracle)
+        report = simulate(workload, cache, sched, profile, args.time_scale, progress, oracle,
+                          draft_acceptance=args.draft_acceptance)
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None
     except (ValueError, SimulationStalled) as exc:

@@ -62,6 +62,7 @@ def make_sched(args: argparse.Namespace, admission: AdmissionMode) -> SchedulerC
             capacity_policy=args.capacity_policy,
             admission=admission,
             max_wait_steps=args.max_wait_steps,
+            num_speculative_tokens=args.num_speculative_tokens,
         )
     except ValueError as exc:
         raise CLIError(f"invalid configuration: {exc}") from None

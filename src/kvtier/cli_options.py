@@ -12,7 +12,9 @@ from kvtier.cli_error import EXIT_USAGE
 from kvtier.cli_workload import WORKLOADS
 from kvtier.config import EVICTION_POLICIES, HASH_ALGOS, CacheConfig
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
+from kvtier.scheduler_config import MAX_SPECULATIVE_TOKENS
 from kvtier.sim import PROFILES
+from kvtier.sim.replay import DRAFT_ACCEPTANCE
 
 _CACHE = CacheConfig()
 _SCHED = SchedulerConfig()
@@ -101,6 +103,14 @@ def common_options() -> OneLineParser:
                    default=_SCHED.max_wait_steps,
                    help="a waiting request stops later ones from being admitted ahead of it "
                    "once it has waited this many steps (default: %(default)s)")
+    p.add_argument("--num-speculative-tokens", metavar="K", type=int_in(0, MAX_SPECULATIVE_TOKENS),
+                   default=_SCHED.num_speculative_tokens,
+                   help="speculative decoding: up to K draft tokens per decode and step, each "
+                   "with a KV slot and a token of the budget (default: %(default)s, off)")
+    p.add_argument("--draft-acceptance", metavar="P", type=unit_float,
+                   default=DRAFT_ACCEPTANCE,
+                   help="with --num-speculative-tokens: the chance the replay accepts each "
+                   "draft token, until one is refused (default: %(default)s)")
     p.add_argument("--capacity-policy", choices=CAPACITY_POLICIES, default=_SCHED.capacity_policy,
                    help="reserve decode blocks up front, or admit more and preempt "
                    "(default: %(default)s)")
@@ -195,6 +205,14 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """An argparse ``type`` accepting numbers in [0, 1]."""
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
     return value
 
 

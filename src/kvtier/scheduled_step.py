@@ -23,7 +23,9 @@ class ContextChunk(NamedTuple):
 
 
 class ScheduledStep(NamedTuple):
-    """One forward pass: what to compute, and the copies to run before it."""
+    """One forward pass: what to compute, and the copies to run before it. With
+    speculative decoding, ``num_draft_tokens[i]`` draft tokens follow the token of
+    ``decode_request_ids[i]`` (their KV slots reserved); empty without it."""
 
     context_chunks: tuple[ContextChunk, ...]
     decode_request_ids: tuple[str, ...]
@@ -33,6 +35,7 @@ class ScheduledStep(NamedTuple):
     num_credited_tokens: int  # reuse promised at admission, by lookup
     num_reused_tokens: int  # reuse the admissions got
     num_overflow_tokens: int  # tokens past max_num_tokens (probe mode only)
+    num_draft_tokens: tuple[int, ...] = ()
 
 
 class Candidate(NamedTuple):

@@ -102,6 +102,10 @@ class Scheduler:
         # what the last one computed, so a second step before it, or an update of another
         # step, would schedule the same tokens twice or apply tokens twice.
         self._unapplied: ScheduledStep | None = None
+        # With speculative decoding: per running request past its prefill, how many of its
+        # output tokens the manager does not hold yet (those the last update sampled; one
+        # where absent). Without it that is always one, ``output[-1]``.
+        self._num_unappended: dict[str, int] = {}
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -212,6 +216,7 @@ class Scheduler:
         req = self.running.pop(request_id, None)
         if req is not None:
             self.manager.remove_sequence(request_id)
+            self._num_unappended.pop(request_id, None)
             return req
         if request_id not in self._specs:
             return None
@@ -246,21 +251,22 @@ class Scheduler:
         chunks: list[ContextChunk] = []
 
         # 1. Decode: one token each, its block allocated before anything is admitted.
-        todo = [(req.request_id, req.output[-1]) for req in self.running.values()
-                if req.num_computed_tokens >= req.num_prefill_tokens][:min(budget, slots)]
-        while todo:
-            done = self.manager.append_token_batch(todo)
-            decodes += [rid for rid, _ in todo[:done]]
-            todo = todo[done:]
-            if todo:  # no block for todo[0]: preempt the newest running request
-                assert cfg.capacity_policy == "max_utilization", (
-                    f"{todo[0][0]!r} ran out of reserved blocks")
-                victim = next(reversed(self.running.values()))
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                todo = [item for item in todo if item[0] != victim.request_id]
-        budget -= len(decodes)
-        slots -= len(decodes)
+        drafts: list[int] = []
+        if cfg.num_speculative_tokens:
+            budget, slots = self._decode_speculative(budget, slots, decodes, drafts, preempted)
+        else:
+            todo = [(req.request_id, req.output[-1]) for req in self.running.values()
+                    if req.num_computed_tokens >= req.num_prefill_tokens][:min(budget, slots)]
+            while todo:
+                done = self.manager.append_token_batch(todo)
+                decodes += [rid for rid, _ in todo[:done]]
+                todo = todo[done:]
+                if todo:  # no block for todo[0]: preempt the newest running request
+                    victim = self._preempt_newest(todo[0][0])
+                    preempted.append(victim)
+                    todo = [item for item in todo if item[0] != victim]
+            budget -= len(decodes)
+            slots -= len(decodes)
         phases = self.phases
         if phases is not None:
             phases.mark("decode")
@@ -287,7 +293,7 @@ class Scheduler:
             admitted = self.admit(budget, slots)
             chunks += admitted.chunks
             credited, reused = admitted.num_credited_tokens, admitted.num_reused_tokens
-        num_tokens = len(decodes) + sum(c.num_tokens for c in chunks)
+        num_tokens = len(decodes) + sum(drafts) + sum(c.num_tokens for c in chunks)
         overflow = max(0, num_tokens - cfg.max_num_tokens)
         # Exact credit (claim admission) never overflows; probe admission counts it.
         assert not overflow or self.ADMISSION == "probe", (num_tokens, cfg.max_num_tokens)
@@ -298,7 +304,52 @@ class Scheduler:
         if phases is not None:
             phases.mark("hint")
         return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, plan,
-                             tuple(preempted), credited, reused, overflow)
+                             tuple(preempted), credited, reused, overflow, tuple(drafts))
+
+    def _decode_speculative(self, budget: int, slots: int, decodes: list[str],
+                            drafts: list[int], preempted: list[str]) -> tuple[int, int]:
+        """The decode phase with drafts: each running request past its prefill appends what
+        the last update sampled (the accepted drafts and the token after them), then gets
+        up to ``num_speculative_tokens`` draft slots, as the budget, its output length and
+        the pool allow (none where the pool has no block for them: it still decodes).
+        Fills ``decodes``, ``drafts`` and ``preempted``; returns the budget and slots left."""
+        k = self.config.num_speculative_tokens
+        manager = self.manager
+        for req in list(self.running.values()):
+            rid = req.request_id
+            if budget == 0 or slots == 0:
+                break
+            if rid not in self.running or req.num_computed_tokens < req.num_prefill_tokens:
+                continue  # preempted below, or still prefilling
+            num_new = self._num_unappended.get(rid, 1)
+            assert num_new >= 1, (rid, num_new)  # every decode's update samples
+            new = req.output[len(req.output) - num_new:]
+            while manager.append_tokens(rid, new) is None:
+                victim = self._preempt_newest(rid)
+                preempted.append(victim)
+                if victim == rid:
+                    break
+            if rid not in self.running:
+                continue
+            self._num_unappended[rid] = 0
+            num_drafts = max(0, min(k, budget - 1, req.max_output_tokens - len(req.output) - 1))
+            if num_drafts and manager.reserve_lookahead(rid, num_drafts) is None:
+                num_drafts = 0
+            decodes.append(rid)
+            drafts.append(num_drafts)
+            budget -= 1 + num_drafts
+            slots -= 1
+        return budget, slots
+
+    def _preempt_newest(self, request_id: str) -> str:
+        """``request_id`` found no block: preempt the newest running request (under
+        max_utilization; guaranteed_no_evict reserved every block it could need) and
+        return its id."""
+        assert self.config.capacity_policy == "max_utilization", (
+            f"{request_id!r} ran out of reserved blocks")
+        victim = next(reversed(self.running.values()))
+        self._preempt(victim)
+        return victim.request_id
 
     def _hint_queue(self) -> None:
         """Tell the manager the head of the waiting queue, if its policy ranks the queue's
@@ -320,6 +371,7 @@ class Scheduler:
         # The token it was about to decode is not computed: keep it out of the cache.
         self.manager.remove_sequence(req.request_id)
         del self.running[req.request_id]
+        self._num_unappended.pop(req.request_id, None)
         req.num_preemptions += 1
         req.num_computed_tokens = req.num_prefill_tokens = 0
         self._enqueue(req, spec, first=True)
@@ -418,16 +470,17 @@ class Scheduler:
         req.num_computed_tokens = num_reused
         return ContextChunk(req.request_id, num_reused, num_tokens, num_reused)
 
-    def update(self, step: ScheduledStep, sampled: dict[str, int],
+    def update(self, step: ScheduledStep, sampled: Mapping[str, int | Sequence[int]],
                stopped: Collection[str] = ()) -> list[Request]:
         """Apply a finished forward pass: advance prefills, record sampled tokens (for every
-        decode and every completed prefill), finish requests that reached their output
-        length or whose sampled token ends them (``stopped``: an EOS or a stop string, the
-        token itself is kept). Returns the finished requests. Raises, changing nothing, for
-        a step that is not the last one ``step`` (or ``requeue_failed``) returned or was
-        already applied (RuntimeError), a ``sampled`` that is no mapping or a ``stopped``
-        that is no collection (TypeError), or a request that samples with no valid token in
-        ``sampled`` (ValueError)."""
+        decode and every completed prefill; with speculative decoding a decode's accepted
+        drafts and the token after them, see ``_update_speculative``), finish requests that
+        reached their output length or whose sampled token ends them (``stopped``: an EOS or
+        a stop string, the token itself is kept). Returns the finished requests. Raises,
+        changing nothing, for a step that is not the last one ``step`` (or
+        ``requeue_failed``) returned or was already applied (RuntimeError), a ``sampled``
+        that is no mapping or a ``stopped`` that is no collection (TypeError), or a request
+        that samples with no valid token in ``sampled`` (ValueError)."""
         self._check_unapplied(step, "update")
         if not isinstance(sampled, Mapping):
             raise TypeError(f"sampled must be a mapping of request id to token, got "
@@ -438,6 +491,11 @@ class Scheduler:
         phases = self.phases
         if phases is not None:
             phases.resume()
+        if self.config.num_speculative_tokens:
+            finished = self._update_speculative(step, sampled, stopped)
+            if phases is not None:
+                phases.mark("update")
+            return finished
         running = self.running
         decoding = [req for req in map(running.get, step.decode_request_ids)
                     if req is not None]
@@ -461,7 +519,7 @@ class Scheduler:
                 continue
             req.num_computed_tokens = chunk.first_token + chunk.num_tokens
             if not req.in_prefill:
-                req.output.append(sampled[req.request_id])
+                req.output.append(cast(int, sampled[req.request_id]))  # an int: checked above
                 if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
                     finished.append(req)
         # The decoders' tokens come first in ``tokens`` (checked above).
@@ -476,6 +534,53 @@ class Scheduler:
         self._unapplied = None
         if phases is not None:
             phases.mark("update")
+        return finished
+
+    def _update_speculative(self, step: ScheduledStep, sampled: Mapping[str, object],
+                            stopped: Collection[str]) -> list[Request]:
+        """``update`` with drafts: a decoding request's value in ``sampled`` is its accepted
+        drafts and the token sampled after them (a token, or a list of 1 to its drafts + 1
+        tokens); a request completing its prefill samples one token. Every value is checked
+        before any is applied; output past ``max_output_tokens`` is dropped."""
+        running = self.running
+        num_drafts = dict(zip(step.decode_request_ids, step.num_draft_tokens, strict=True))
+        decoding = [req for req in map(running.get, step.decode_request_ids)
+                    if req is not None]
+        completing = [chunk.request_id for chunk in step.context_chunks
+                      if chunk.request_id in running and chunk.first_token + chunk.num_tokens
+                      >= running[chunk.request_id].num_prefill_tokens]
+        new: dict[str, list[int]] = {}
+        for rid, most in [(req.request_id, 1 + num_drafts[req.request_id])
+                          for req in decoding] + [(rid, 1) for rid in completing]:
+            value = sampled.get(rid)
+            tokens = [value] if type(value) is int else value
+            if not isinstance(tokens, (list, tuple)) or not 1 <= len(tokens) <= most:
+                raise ValueError(
+                    f"sampled tokens of {rid!r} must be a token or a list of 1..{most} "
+                    f"(accepted drafts, then the token sampled after them), got {value!r:.60}")
+            new[rid] = [check_token(t, f"sampled token of {rid!r}") for t in tokens]
+        finished = []
+        for chunk in step.context_chunks:
+            req = running.get(chunk.request_id)
+            if req is None:
+                continue
+            req.num_computed_tokens = chunk.first_token + chunk.num_tokens
+            if not req.in_prefill:
+                req.output += new[req.request_id]
+                self._num_unappended[req.request_id] = 1
+                if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
+                    finished.append(req)
+        for req in decoding:
+            tokens = new[req.request_id][:req.max_output_tokens - len(req.output)]
+            req.output += tokens
+            self._num_unappended[req.request_id] = len(tokens)
+            if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
+                finished.append(req)
+        for req in finished:
+            self.manager.remove_sequence(req.request_id)
+            del running[req.request_id]
+            self._num_unappended.pop(req.request_id, None)
+        self._unapplied = None
         return finished
 
     def requeue_failed(self, step: ScheduledStep, request_ids: Iterable[str]) -> ScheduledStep:
@@ -500,13 +605,18 @@ class Scheduler:
         specs = [self._spec_of(req) for req in requeued]  # may raise: nothing changed yet
         for req, spec in zip(reversed(requeued), reversed(specs), strict=True):
             del self.running[req.request_id]
+            self._num_unappended.pop(req.request_id, None)
             req.num_computed_tokens = req.num_prefill_tokens = 0
             self._enqueue(req, spec, first=True)
         chunks = tuple(c for c in step.context_chunks if c.request_id not in gone)
         decodes = tuple(r for r in step.decode_request_ids if r not in gone)
-        num = len(decodes) + sum(c.num_tokens for c in chunks)
+        drafts = step.num_draft_tokens
+        if drafts:  # with speculative decoding: one per decode
+            drafts = tuple(d for r, d in zip(step.decode_request_ids, drafts, strict=True)
+                           if r not in gone)
+        num = len(decodes) + sum(drafts) + sum(c.num_tokens for c in chunks)
         self._unapplied = step._replace(context_chunks=chunks, decode_request_ids=decodes,
-                                        num_scheduled_tokens=num)
+                                        num_scheduled_tokens=num, num_draft_tokens=drafts)
         return self._unapplied
 
     def _check_unapplied(self, step: object, caller: str) -> None:

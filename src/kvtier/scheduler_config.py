@@ -10,6 +10,9 @@ CapacityPolicy = Literal["guaranteed_no_evict", "max_utilization"]
 AdmissionMode = Literal["claim", "probe"]
 CAPACITY_POLICIES: tuple[CapacityPolicy, ...] = get_args(CapacityPolicy)
 ADMISSIONS: tuple[AdmissionMode, ...] = get_args(AdmissionMode)
+# Drafts per step beyond which a verification pass is mostly rejected work (EAGLE and
+# n-gram drafters propose a handful); a bound, so a typo cannot reserve a pool's worth.
+MAX_SPECULATIVE_TOKENS = 64
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -23,6 +26,10 @@ class SchedulerConfig:
     requests from being admitted ahead of it, which bounds its wait. ``admission`` names
     the scheduler class that runs it: ``claim`` (:class:`Scheduler`) or ``probe`` (the
     simulator's race-measuring :class:`kvtier.sim.probe.ProbeScheduler`).
+    ``num_speculative_tokens`` (speculative decoding): up to this many draft tokens per
+    decoding request and step, each with a KV slot (``KVCacheManager.reserve_lookahead``)
+    and a token of the budget; ``update`` then takes the accepted drafts and the token
+    sampled after them. 0 (the default): one token per decode.
     """
 
     max_num_tokens: int = 8192
@@ -32,8 +39,13 @@ class SchedulerConfig:
     capacity_policy: CapacityPolicy = "guaranteed_no_evict"
     admission: AdmissionMode = "claim"
     max_wait_steps: int = 64
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
+        k = self.num_speculative_tokens
+        if type(k) is not int or not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be an integer in 0.."
+                             f"{MAX_SPECULATIVE_TOKENS}, got {k!r}")
         for name in ("max_num_tokens", "max_batch_size", "max_wait_steps"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:

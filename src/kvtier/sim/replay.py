@@ -16,6 +16,7 @@ are timed in real CPU time: building prompts and the loop's own books are not.
 from __future__ import annotations
 
 import gc
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from kvtier.config import CacheConfig
 from kvtier.eviction import EvictionPolicy
 from kvtier.manager import KVCacheManager
 from kvtier.request import Request
-from kvtier.scheduled_step import STEP_PHASES, StepPhases
+from kvtier.scheduled_step import STEP_PHASES, ScheduledStep, StepPhases
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.oracle import oracle_bounds
 from kvtier.sim.probe import make_scheduler
@@ -44,6 +45,10 @@ SAMPLED_TOKEN_BASE = 1 << 62
 # A step counts as "full" for the CPU figures when it schedules at least this share of
 # max_num_tokens: the cost the scheduler's speed target is about.
 FULL_STEP_SHARE = 0.9
+
+# The chance that one draft token is accepted, where the caller gives none: the middle of
+# what EAGLE-style drafters report on chat (0.6-0.8 a token).
+DRAFT_ACCEPTANCE = 0.7
 
 
 _OFFLOAD = OP_KINDS.index(OpKind.OFFLOAD)
@@ -66,6 +71,7 @@ def simulate(
     check_every: int | None = None,
     phases: bool = False,
     policy: EvictionPolicy | None = None,
+    draft_acceptance: float = DRAFT_ACCEPTANCE,
 ) -> SimReport:
     """Replay ``workload`` through a fresh scheduler and manager; see the module docstring.
 
@@ -80,7 +86,10 @@ def simulate(
     (``SimReport.step_phases_us``). ``policy`` replaces the eviction policy ``cache`` names
     (e.g. :class:`~kvtier.sim.clairvoyant.Clairvoyant`, which must see the stream; a policy
     object serves one cache, so pass a new one to every call); the report names the one
-    used. Raises ValueError for a bad argument
+    used. With ``sched.num_speculative_tokens``, each draft is accepted with probability
+    ``draft_acceptance`` until one is not (a seeded draw: replays repeat), the drafts are
+    timed as tokens the step computes (the drafter's own cost is not modelled), and the
+    report's ``speculative`` counts them. Raises ValueError for a bad argument
     and :class:`SimulationStalled` if waiting requests can never be admitted.
     """
     sched = sched if sched is not None else SchedulerConfig()
@@ -90,8 +99,13 @@ def simulate(
         raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
     if check_every is not None and (type(check_every) is not int or check_every < 1):
         raise ValueError(f"check_every must be an integer >= 1 or None, got {check_every!r}")
+    if isinstance(draft_acceptance, bool) or not isinstance(draft_acceptance, (int, float)) or (
+            not 0 <= draft_acceptance <= 1):
+        raise ValueError(f"draft_acceptance must be a number in [0, 1], got "
+                         f"{draft_acceptance!r}")
 
-    loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every, phases, policy)
+    loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every, phases, policy,
+                      float(draft_acceptance))
     wall_start = time.perf_counter()
     with fewer_gc_passes():
         loop.run(iter(workload))
@@ -156,7 +170,8 @@ class ReplayLoop:
     def __init__(self, cache: CacheConfig, sched: SchedulerConfig, model: TimeModel,
                  time_scale: float, progress: Callable[[int], object] | None,
                  check_every: int | None, phases: bool = False,
-                 policy: EvictionPolicy | None = None) -> None:
+                 policy: EvictionPolicy | None = None,
+                 draft_acceptance: float = DRAFT_ACCEPTANCE) -> None:
         self.now_s = 0.0
         self.manager = KVCacheManager(cache, clock=lambda: self.now_s, policy=policy)
         self.scheduler = make_scheduler(self.manager, sched)
@@ -166,6 +181,10 @@ class ReplayLoop:
         self.progress = progress
         self.check_every = check_every
         self.sampled_ids = count(SAMPLED_TOKEN_BASE)
+        # Speculative decoding: which drafts are accepted (seeded), and how many were.
+        self.draft_acceptance = draft_acceptance
+        self.drafts_rng = random.Random(0)
+        self.num_draft_tokens = self.num_accepted_draft_tokens = 0
         self.live: dict[str, Request] = {}
         self.first_token_s: dict[str, float] = {}
         self.ttfts: list[float] = []
@@ -260,7 +279,7 @@ class ReplayLoop:
         cpu_s = time.perf_counter() - t0
 
         # Who samples: every decode, and every chunk that completes its prefill.
-        sampled: dict[str, int] = {}
+        sampled: dict[str, int | list[int]] = {}
         first: list[str] = []
         num_prefill = 0
         for chunk in step.context_chunks:
@@ -270,8 +289,11 @@ class ReplayLoop:
                 sampled[rid] = next(self.sampled_ids)
                 if rid not in self.first_token_s:
                     first.append(rid)
-        for rid in step.decode_request_ids:
-            sampled[rid] = next(self.sampled_ids)
+        if step.num_draft_tokens:
+            num_prefill += self._sample_drafts(step, sampled)
+        else:
+            for rid in step.decode_request_ids:
+                sampled[rid] = next(self.sampled_ids)
         t0 = time.perf_counter()
         finished = scheduler.update(step, sampled)
         cpu_s += time.perf_counter() - t0
@@ -315,6 +337,21 @@ class ReplayLoop:
         if self.check_every is not None and self.num_steps % self.check_every == 0:
             self.manager.check_invariants()
         return True
+
+    def _sample_drafts(self, step: ScheduledStep, sampled: dict[str, int | list[int]]) -> int:
+        """Each decode's accepted drafts and the token after them, into ``sampled``; returns
+        the step's draft tokens (computed as the verification pass's extra tokens)."""
+        rng, p, ids = self.drafts_rng, self.draft_acceptance, self.sampled_ids
+        num_drafts = 0
+        for rid, drafts in zip(step.decode_request_ids, step.num_draft_tokens, strict=True):
+            accepted = 0
+            while accepted < drafts and rng.random() < p:
+                accepted += 1
+            sampled[rid] = [next(ids) for _ in range(accepted + 1)]
+            num_drafts += drafts
+            self.num_accepted_draft_tokens += accepted
+        self.num_draft_tokens += num_drafts
+        return num_drafts
 
     def _transfers(self, plan: TransferPlan) -> tuple[int, int]:
         """Bytes H2D (onboards, copies from a host block) and D2H (offloads) of a plan."""
@@ -407,6 +444,10 @@ class ReplayLoop:
                                float(self.time_scale)),
             step_phases_us=(None if self.phases is None
                             else phase_breakdown(self.full_step_cpu_s, self.full_step_phases)),
+            speculative=(None if not self.sched.num_speculative_tokens else {
+                "draft_acceptance": self.draft_acceptance,
+                "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_draft_tokens": self.num_accepted_draft_tokens}),
         )
 
 

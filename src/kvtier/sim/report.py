@@ -132,7 +132,9 @@ class SimReport:
     block counters (hit rates per block, onboarded, offloaded, evicted). ``load`` says
     whether the arrivals exceed what the instance can serve (:class:`LoadEstimate`).
     ``step_phases_us`` (only when the replay timed phases) holds, for all full steps and
-    for their slowest 1 %, the mean microseconds of each phase of a step.
+    for their slowest 1 %, the mean microseconds of each phase of a step. ``speculative``
+    (only with speculative decoding): the draft acceptance modelled, the draft tokens the
+    steps verified and how many were accepted.
     """
 
     workload: dict[str, object]
@@ -177,6 +179,7 @@ class SimReport:
     load: LoadEstimate
     oracle: OracleBounds | None = None
     step_phases_us: dict[str, dict[str, float]] | None = None
+    speculative: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy of the report. Pure."""
@@ -246,6 +249,13 @@ def format_report(report: SimReport) -> list[str]:
                 f"{_us(cpu['us_per_step_p99'])}; full steps {_us(cpu['us_per_full_step_mean'])} "
                 f"mean, p99 {_us(cpu['us_per_full_step_p99'])}; wall {cpu['wall_s']:.2f} s"),
     ]
+    if r.speculative is not None:
+        spec = r.speculative
+        drafted = _float(spec["num_draft_tokens"])
+        accepted = _float(spec["num_accepted_draft_tokens"])
+        rows.append(("drafts", f"up to {sched['num_speculative_tokens']} a decode, each accepted "
+                               f"with p {_float(spec['draft_acceptance']):g}: {accepted:,.0f} of "
+                               f"{drafted:,.0f} accepted"))
     if r.step_phases_us is not None:
         for group, label in (("all", "full steps"), ("slowest_1pct", "slowest 1 %")):
             means = r.step_phases_us[group]
