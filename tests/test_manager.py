@@ -218,6 +218,22 @@ def test_salt_lora_and_multimodal_isolate_blocks() -> None:
     assert mgr.lookup(toks, salt="tenant-a", lora_id=3, mm_items=other).num_tokens == 4
 
 
+def test_multimodal_items_in_any_order_give_the_same_blocks() -> None:
+    """Items are keyed by position, whatever order the caller lists them in, even two at
+    one place with hashes of different types; a different image still misses."""
+    mgr = make_manager(num_gpu_blocks=16)
+    toks = [7] * 12 + [1]
+    items = (MultimodalItem(0, 3, b"a"), MultimodalItem(2, 4, "b"), MultimodalItem(2, 4, 9),
+             MultimodalItem(8, 2, 5))
+    mgr.add_sequence(SequenceSpec("a", toks, mm_items=items))
+    mgr.remove_sequence("a")
+    for order in (items[::-1], (items[2], items[0], items[3], items[1])):
+        assert mgr.lookup(toks, mm_items=order).num_tokens == 12
+    changed = (*items[:3], MultimodalItem(8, 2, 6))
+    assert mgr.lookup(toks, mm_items=changed).num_tokens == 8
+    mgr.check_invariants()
+
+
 def test_events_follow_store_offload_onboard_and_removal() -> None:
     """Events carry chained hashes and tiers in order, with gapless sequence numbers."""
     mgr = make_manager(num_gpu_blocks=2, num_host_blocks=1, enable_events=True)

@@ -439,14 +439,21 @@ def short_repr(value: object) -> str:
 def block_extras(
     mm_items: Sequence[MultimodalItem], num_tokens: int, tpb: int
 ) -> list[object] | None:
-    """Per block, the multimodal hashes (with offsets) of the items overlapping it."""
+    """Per block, the multimodal hashes (with offsets) of the items overlapping it, by
+    position: the same items listed in any order give the same keys (as vLLM orders them)."""
     if not mm_items:
         return None
     per_block: list[list[tuple[object, int]]] = [[] for _ in range(cdiv(num_tokens, tpb))]
-    for item in mm_items:
+    for item in sorted(mm_items, key=_position):
         for b in range(item.offset // tpb, (item.offset + item.length - 1) // tpb + 1):
             per_block[b].append((item.content_hash, item.offset - b * tpb))
     return [tuple(x) if x else None for x in per_block]
+
+
+def _position(item: MultimodalItem) -> tuple[int, int, str, bytes | str | int]:
+    """A total order of items: by offset, then length; two items at one place by their
+    hash (compared within its type: the type's name first)."""
+    return item.offset, item.length, type(item.content_hash).__name__, item.content_hash
 
 
 _NO_SLOTS: list[int] = []  # NOTE: shared by every request without private copies (most)

@@ -178,9 +178,6 @@ def test_multimodal_items_key_the_blocks_they_overlap() -> None:
     assert hit(mgr, req1) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="kvtier bug: sequence.block_extras keeps a block's "
-                   "multimodal items in the order the caller listed them, so the same "
-                   "images listed in another order miss (vLLM orders them by position)")
 def test_multimodal_items_listed_in_another_order_still_hit() -> None:
     """Mirrors vllm test_prefix_caching.py::test_mm_prefix_caching's hashing (per block the
     items' hashes with their offsets, in position order): two images in one block, listed
