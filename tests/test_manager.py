@@ -3,6 +3,7 @@ priorities, partial reuse, isolation, events and hashing."""
 
 from __future__ import annotations
 
+import random
 from array import array
 from collections.abc import Callable
 from typing import Any
@@ -232,6 +233,38 @@ def test_multimodal_items_in_any_order_give_the_same_blocks() -> None:
     changed = (*items[:3], MultimodalItem(8, 2, 6))
     assert mgr.lookup(toks, mm_items=changed).num_tokens == 8
     mgr.check_invariants()
+
+
+def test_common_prefix_blocks_are_the_ids_every_live_table_starts_with() -> None:
+    """Exact ids: two requests sharing 2 cached blocks share them; a third with only the
+    first block in common cuts it to 1; none live, 0. Against a block-by-block reference
+    after random admissions and releases."""
+    mgr = make_manager(num_gpu_blocks=16)
+    assert mgr.num_common_prefix_blocks() == 0
+    mgr.add_sequence(SequenceSpec("a", list(range(1, 14))))   # blocks 0-3
+    assert mgr.num_common_prefix_blocks() == 4
+    mgr.add_sequence(SequenceSpec("b", [*range(1, 9), 20, 21]))  # 0, 1, then 4
+    assert (mgr.block_table("b"), mgr.num_common_prefix_blocks()) == ([0, 1, 4], 2)
+    mgr.add_sequence(SequenceSpec("c", [1, 2, 3, 4, 9, 9]))  # 0, then 5
+    assert (mgr.block_table("c"), mgr.num_common_prefix_blocks()) == ([0, 5], 1)
+    for rid in "abc":
+        mgr.remove_sequence(rid)
+    assert mgr.num_common_prefix_blocks() == 0
+    rng = random.Random(5)
+    live: list[str] = []
+    for step in range(300):
+        if live and (len(live) > 3 or rng.random() < 0.4):
+            mgr.remove_sequence(live.pop(rng.randrange(len(live))))
+        else:
+            prompt = [rng.randrange(2) for _ in range(rng.randrange(1, 17))]
+            if mgr.add_sequence(SequenceSpec(f"r{step}", prompt)).admitted:
+                live.append(f"r{step}")
+        tables = [mgr.block_table(rid) for rid in live]
+        expected = 0
+        while tables and all(len(t) > expected and t[expected] == tables[0][expected]
+                             for t in tables):
+            expected += 1
+        assert mgr.num_common_prefix_blocks() == expected, step
 
 
 def test_events_follow_store_offload_onboard_and_removal() -> None:

@@ -124,6 +124,38 @@ class KVCacheManager:
         """A copy of the GPU block table of a live request."""
         return list(self._live.get(request_id).block_table)
 
+    def num_common_prefix_blocks(self) -> int:
+        """How many leading blocks every live request's block table shares, the same ids in
+        the same places: the prefix cascade attention computes once for the whole batch
+        (vLLM's ``get_num_common_prefix_blocks``). 0 with no live request. Pure.
+
+        ::
+
+            a  [ 3 ][ 8 ][ 5 ][ 9 ]
+            b  [ 3 ][ 8 ][ 5 ][ 2 ][ 7 ]      -> 2 (c's own copy of block 2 differs)
+            c  [ 3 ][ 8 ][ 6 ]
+        """
+        tables = [seq.block_table for seq in self._live]
+        if not tables:
+            return 0
+        first = tables[0]
+        n = len(first)
+        for table in tables[1:]:
+            n = min(n, len(table))
+            if table[:n] != first[:n]:
+                # The longest equal prefix, by bisection over C-level slice compares.
+                low, high = 0, n - 1  # table[:low] == first[:low]; table[:n] differs
+                while low < high:
+                    mid = (low + high + 1) // 2
+                    if table[:mid] == first[:mid]:
+                        low = mid
+                    else:
+                        high = mid - 1
+                n = low
+            if n == 0:
+                break
+        return n
+
     def cached_blocks(self) -> list[CachedBlock]:
         """Every cached block with its chained hash, its parent's, its tier and slot, its
         key space, its tokens and its priority now; parents before children. Pure (hashes
