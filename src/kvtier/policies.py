@@ -1,9 +1,9 @@
 """Eviction policies: key functions over what an online cache may know of a run.
 
 The candidate with the smallest key (``rank``, across queues) is evicted first; every key
-starts with the run's effective priority (TensorRT-LLM's semantics: lower goes first, a
-retention's priority holds until it expires), so priorities and retention override
-anything a policy learns.
+but the bare ``lru`` baseline's starts with the run's effective priority (TensorRT-LLM's
+semantics: lower goes first, a retention's priority holds until it expires), so priorities
+and retention override anything a policy learns.
 
     priority-lru         priority, then least recently released (the peers' policy)
     lru                  least recently released; priorities ignored
