@@ -302,7 +302,11 @@ class Evictor:
         """``rank`` of the run ``node`` is in all but name: a candidate is first rejoined
         with parents a rolled-back claim split off (as ``take_victim`` does with the one it
         takes), so a split leaves no trace in the order (a rank may read the run's depth)."""
-        if _merge_up(node):
+        parent = node.parent
+        # NOTE: ``_merge_up``'s first test here, no call: most candidates' parents are a
+        # root or have other children.
+        if (parent is not None and parent.parent is not None and len(parent.children) == 1
+                and _merge_up(node)):
             self._num_changes += 1
         held = self._held_now
         rank = self._rank(node, self._clock() if held is None else held,

@@ -637,12 +637,14 @@ class KvtierPredict:
             if age > 0 else 0]
 
     @property
-    def rank_version(self) -> tuple[int, bool]:
+    def rank_version(self) -> int:
         """What ``rank`` reads besides the node and ``now``: the value table (its refresh
-        count) and the witness's verdict. Any state ``rank`` reads must be folded in here:
+        count) and the witness's verdict, as one number (twice the count, plus one while
+        LRU is ahead; no tuple a pop). Any state ``rank`` reads must be folded in here:
         the pool keeps a queue head's rank while this and ``now`` hold."""
         witness = self.witness
-        return (self.learner.num_refreshes, witness is not None and witness.lru_ahead)
+        return 2 * self.learner.num_refreshes + (
+            1 if witness is not None and witness.lru_ahead else 0)
 
 
 def _kvtier_predict_cost() -> KvtierPredict:
