@@ -637,8 +637,35 @@ class BlockCache:
                            evictor.now(), node.last_used)
         self._evicted(node.tier, tail.slots)
 
-    def drop(self, node: Node) -> None:
-        """Remove the unreferenced run ``node`` and everything below it from the cache."""
+    def drop_key_space(self, lora_id: object, salt: object) -> int:
+        """Drop every run of the key space (``lora_id``, ``salt``) that no live request
+        holds, with everything below it, on every tier, never spilled to a write-back
+        remote tier; return how many blocks left. Runs live requests hold stay."""
+        root = self.roots.get((lora_id, salt))
+        if root is None:
+            return 0
+        doomed: list[Node] = []
+        stack = list(root.iter_children())
+        while stack:  # the unheld runs nearest the root: below a held run, held or not
+            node = stack.pop()
+            if node.ref_count:
+                stack.extend(node.iter_children())
+            else:
+                doomed.append(node)
+        num_blocks = 0
+        for node in doomed:
+            num_blocks += sum(n.num_blocks for n in subtree(node))
+            parent = node.parent
+            assert parent is not None
+            self.evictor.changed()
+            self.drop(node, spill=False)
+            self.evictor.refile(parent)
+        return num_blocks
+
+    def drop(self, node: Node, spill: bool = True) -> None:
+        """Remove the unreferenced run ``node`` and everything below it from the cache
+        (host blocks go to the spill log of a write-back remote tier unless ``spill`` is
+        False)."""
         parent = node.parent
         assert parent is not None and node.ref_count == 0, node
         if node.children:
@@ -648,7 +675,7 @@ class BlockCache:
             doomed = [node]  # most victims are leaves
         journal = self.journal
         if journal.events is not None or journal.spill_log is not None:
-            journal.removed(doomed)  # NOTE: else a no-op: not called for every victim
+            journal.removed(doomed, spill)  # NOTE: else a no-op: not called for every victim
         remove_child(parent, node)
         if parent.parent is None:  # only a root is pruned
             self._prune(parent)

@@ -148,14 +148,15 @@ class Journal:
         for h in self.hashes(node):
             events.append(BlockTierChanged(events.next_seq(), h, old, node.tier))
 
-    def removed(self, nodes: list[Node]) -> None:
-        """``nodes`` left the cache (their slots are about to be reused)."""
+    def removed(self, nodes: list[Node], spill: bool = True) -> None:
+        """``nodes`` left the cache (their slots are about to be reused); their host blocks
+        go to the spill log unless ``spill`` is False (a key space dropped on purpose)."""
         events = self.events
         if events is not None:
             for n in nodes:
                 for h in self.hashes(n):
                     events.append(BlockRemoved(events.next_seq(), h, n.tier))
-        if self.spill_log is not None:
+        if self.spill_log is not None and spill:
             fresh = self._fresh_host_slots
             self.spill_log.extend((h, slot) for n in nodes if n.tier is Tier.HOST
                                   for h, slot in zip(self.hashes(n), n.slots, strict=True)

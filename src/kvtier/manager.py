@@ -547,6 +547,22 @@ class KVCacheManager:
         self._cache.clear()
         return True
 
+    def drop_key_space(self, *, lora_id: int | None = None,
+                       salt: bytes | str | int | None = None) -> int:
+        """Drop every cached block of one key space (a tenant's ``salt``, a ``lora_id``
+        whose adapter is unloaded) on every tier; return how many blocks left (counted as
+        evicted). Blocks a live request holds stay, cached as usual when it is released:
+        call again after. The dropped blocks are reported removed (KV events) and never
+        spilled to a write-back remote tier; copies already in a remote store are the
+        store's to delete. Raises ValueError, changing nothing, for a salt or LoRA id no
+        request could carry. Another key space is never touched."""
+        check_key("salt", salt)
+        check_lora_id(lora_id)
+        num_blocks = self._cache.drop_key_space(lora_id, salt)
+        if num_blocks:
+            self._version += 1
+        return num_blocks
+
     def drain_events(self) -> list[Event]:
         """Events since the last drain, oldest first (empty unless ``enable_events``)."""
         events = self._cache.journal.events
