@@ -518,14 +518,22 @@ class BlockCache:
         num_blocks = len(victim.slots)
         num_swap = min(num_blocks, onboarding.num_left) if onboarding is not None else 0
         num_offload = 0
-        if (host.capacity
-                and self.evictor.priority(victim) >= self.config.offload_min_priority):
+        offloadable = bool(host.capacity) and (
+            self.evictor.priority(victim) >= self.config.offload_min_priority)
+        if offloadable:
             room = self._make_host_room(
                 victim, num_blocks - num_swap + min(num_swap, self._gpu_batch))
             if room:
                 num_offload = num_swap + min(num_blocks - num_swap, room)
         if num_offload < num_blocks:
             if not num_offload:
+                if offloadable and num_swap and num_blocks > 1:
+                    # NOTE: no host room now, but the path frees a host slot with every
+                    # block it takes in: drop only the victim's last block, so one comes in
+                    # and the rest of the victim can swap out into the slots it leaves.
+                    self.drop_tail(victim, 1)
+                    self.evictor.refile(victim)
+                    return
                 self.drop(victim)
                 return
             self.drop_tail(victim, num_blocks - num_offload)

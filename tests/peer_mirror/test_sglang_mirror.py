@@ -287,10 +287,6 @@ def test_host_blocks_a_request_onboards_are_not_evicted_for_its_own_offloads() -
     assert hit(mgr, [1, 2, 9, END]) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="kvtier bug: cache.BlockCache._evict_gpu_run drops a "
-                   "whole victim piece when the host has no free room while a host path is "
-                   "onboarded, though each block the path takes in frees a host slot: one "
-                   "block dropped would let the rest swap out (a host hit lost)")
 def test_onboarding_into_a_full_host_keeps_every_victim_block_the_freed_slots_can_hold() -> None:
     """Mirrors test_boundary_hiradix_cache_unit.py test_l1_evicts_... / load-back under a
     full host: onboarding 2 host blocks frees 2 host slots, so of the 3 GPU blocks evicted
