@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig
 from kvtier.sim import SyntheticChat, simulate
+from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.report import SimReport
 
 
@@ -320,3 +321,19 @@ def test_a_bad_acceptance_is_refused(acceptance: float) -> None:
     """draft_acceptance outside [0, 1] raises, naming it."""
     with pytest.raises(ValueError, match="draft_acceptance must be a number in"):
         chat_replay(2, acceptance)
+
+
+def test_a_fleet_takes_the_acceptance_and_sums_its_instances_drafts() -> None:
+    """Every instance of a fleet draws with the acceptance given (none accepted at 0, all at
+    1), and the fleet's report sums their drafts; a bad acceptance is refused, naming it."""
+    workload = SyntheticChat(num_requests=12, arrival_rate_per_s=20.0)
+    cache = CacheConfig(num_gpu_blocks=400, num_host_blocks=400)
+    sched = SchedulerConfig(max_num_tokens=2048, num_speculative_tokens=2)
+    for acceptance in (0.0, 1.0):
+        report = simulate_fleet(workload, cache, 2, sched=sched, draft_acceptance=acceptance)
+        spec = report.speculative
+        assert spec is not None and spec["num_draft_tokens"] > 0
+        assert spec["num_accepted_draft_tokens"] == acceptance * spec["num_draft_tokens"]
+    with pytest.raises(ValueError, match="draft_acceptance must be a number in"):
+        simulate_fleet(workload, cache, 2, sched=sched, draft_acceptance=2.0)
+    assert simulate_fleet(workload, cache, 2).speculative is None

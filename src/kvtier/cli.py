@@ -253,7 +253,8 @@ def _run_fleet(args: argparse.Namespace) -> int:
             report = simulate_fleet(workload, cache, args.instances, policy, sched, profile,
                                     args.time_scale, progress, remote=args.remote,
                                     remote_store=remote_store, remote_link=fetch.link,
-                                    fetch=fetch.fetch, fetch_deadline_s=fetch.deadline_s)
+                                    fetch=fetch.fetch, fetch_deadline_s=fetch.deadline_s,
+                                    draft_acceptance=args.draft_acceptance)
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None
     except (ValueError, SimulationStalled) as exc:

@@ -50,7 +50,14 @@ from kvtier.remote.tier import WRITE_POLICIES, WritePolicy, num_blocks_worth_fet
 from kvtier.router import CacheAware, InstanceLoad, Router, RoutingPolicy, make_policy
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.fleet_report import FleetReport, InstanceRun, fleet_report
-from kvtier.sim.replay import ReplayLoop, SimulationStalled, as_time_model, fewer_gc_passes
+from kvtier.sim.replay import (
+    DRAFT_ACCEPTANCE,
+    ReplayLoop,
+    SimulationStalled,
+    as_time_model,
+    check_draft_acceptance,
+    fewer_gc_passes,
+)
 from kvtier.sim.report import Summary
 from kvtier.sim.timemodel import ModelProfile, RemoteLink, TimeModel
 from kvtier.sim.workload import TraceRequest, Workload
@@ -256,6 +263,7 @@ def simulate_fleet(
     remote_link: RemoteLink | None = None,
     fetch: FetchMode = "beats-recompute",
     fetch_deadline_s: float = 1.0,
+    draft_acceptance: float = DRAFT_ACCEPTANCE,
 ) -> FleetReport:
     """Replay ``workload`` through ``num_instances`` engines of ``cache`` each behind a
     router with ``policy``; see the module docstring.
@@ -272,7 +280,8 @@ def simulate_fleet(
     profile's prefill cost (none when the link is slower than
     ``TimeModel.break_even_bytes_per_s``), with ``"whole-prefix"`` all of them; a request
     waits at most ``fetch_deadline_s`` (see the module docstring). Other arguments as in
-    :func:`kvtier.sim.simulate`. Raises ValueError for a bad argument and
+    :func:`kvtier.sim.simulate` (``draft_acceptance`` for every instance's drafts, with
+    ``sched.num_speculative_tokens``). Raises ValueError for a bad argument and
     :class:`SimulationStalled` if an instance can never admit its waiting requests.
     """
     if type(num_instances) is not int or num_instances < 1:
@@ -282,6 +291,7 @@ def simulate_fleet(
         raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
     sched = sched if sched is not None else SchedulerConfig()
     model = as_time_model(profile)
+    acceptance = check_draft_acceptance(draft_acceptance)
     policy = make_policy(policy) if isinstance(policy, str) else policy
     cache = replace(cache, enable_events=True)
 
@@ -309,7 +319,7 @@ def simulate_fleet(
                                   "num_fetched_blocks", "num_skipped_blocks"), 0)
     fetch_s: list[float] = []
     instances = [_Instance(f"i{k}", ReplayLoop(cache, sched, model, time_scale, progress,
-                                               check_every),
+                                               check_every, draft_acceptance=acceptance),
                            shared, remote == "write-through")
                  for k in range(num_instances)]
     by_id = {inst.instance_id: inst for inst in instances}

@@ -9,7 +9,14 @@ from typing import Any, NamedTuple
 from kvtier.router import CacheAware, Router, RoutingPolicy
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.replay import ReplayLoop
-from kvtier.sim.report import LoadEstimate, SimReport, Summary, estimate_load, load_text
+from kvtier.sim.report import (
+    LoadEstimate,
+    SimReport,
+    Summary,
+    drafts_text,
+    estimate_load,
+    load_text,
+)
 from kvtier.sim.timemodel import TimeModel
 from kvtier.sim.workload import Workload
 
@@ -83,6 +90,8 @@ class FleetReport:
     load: LoadEstimate
     # With a shared remote tier: its write policy, and what instances looked up and imported.
     remote: dict[str, object] | None = None
+    # With speculative decoding: the acceptance modelled, the fleet's drafts and accepted.
+    speculative: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy of the report. Pure."""
@@ -155,7 +164,17 @@ def fleet_report(workload: Workload, instances: list[InstanceRun], router: Route
         events=events,
         wall_s=wall_s,
         load=load,
+        speculative=_drafts([r.speculative for r in reports]),
     )
+
+
+def _drafts(runs: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """The instances' draft counts summed (``None`` without speculative decoding). Pure."""
+    if not runs or runs[0] is None:
+        return None
+    return {"draft_acceptance": runs[0]["draft_acceptance"],
+            **{key: sum(r[key] for r in runs if r is not None)
+               for key in ("num_draft_tokens", "num_accepted_draft_tokens")}}
 
 
 def _ms(value: float | None) -> str:
@@ -199,6 +218,8 @@ def format_fleet_report(report: FleetReport) -> list[str]:
         f"{r.events['num_resyncs']} resyncs",
     ]
     lines.append(f"load        {load_text(r.load, r.time_scale)}")
+    if r.speculative is not None:
+        lines.append(f"drafts      {drafts_text(r.scheduler_config, r.speculative)}")
     if r.remote is not None:
         lines += _remote_lines(r.remote)
         faults = ("num_store_errors", "num_store_timeouts", "num_failed_puts",

@@ -99,13 +99,8 @@ def simulate(
         raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
     if check_every is not None and (type(check_every) is not int or check_every < 1):
         raise ValueError(f"check_every must be an integer >= 1 or None, got {check_every!r}")
-    if isinstance(draft_acceptance, bool) or not isinstance(draft_acceptance, (int, float)) or (
-            not 0 <= draft_acceptance <= 1):
-        raise ValueError(f"draft_acceptance must be a number in [0, 1], got "
-                         f"{draft_acceptance!r}")
-
     loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every, phases, policy,
-                      float(draft_acceptance))
+                      check_draft_acceptance(draft_acceptance))
     wall_start = time.perf_counter()
     with fewer_gc_passes():
         loop.run(iter(workload))
@@ -119,6 +114,13 @@ def simulate(
                   else OracleBounds(cache.tokens_per_block, capacity, 0.0, 0.0, 0.0))
         report = replace(report, oracle=bounds)
     return report
+
+
+def check_draft_acceptance(value: object) -> float:
+    """``value`` as a draft acceptance: ValueError unless a number in [0, 1]. Pure."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"draft_acceptance must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def too_large(request: TraceRequest, cache: CacheConfig, sched: SchedulerConfig) -> bool:

@@ -208,6 +208,14 @@ def _gib(num_bytes: int) -> str:
     return f"{num_bytes / (1 << 30):,.1f} GiB"
 
 
+def drafts_text(sched: dict[str, object], speculative: dict[str, float]) -> str:
+    """The drafts line of a report with speculative decoding. Pure."""
+    return (f"up to {sched['num_speculative_tokens']} a decode, each accepted with p "
+            f"{speculative['draft_acceptance']:g}: "
+            f"{speculative['num_accepted_draft_tokens']:,.0f} of "
+            f"{speculative['num_draft_tokens']:,.0f} accepted")
+
+
 def format_report(report: SimReport) -> list[str]:
     """The human table of one simulation, one string per line. Pure."""
     r = report
@@ -250,12 +258,7 @@ def format_report(report: SimReport) -> list[str]:
                 f"mean, p99 {_us(cpu['us_per_full_step_p99'])}; wall {cpu['wall_s']:.2f} s"),
     ]
     if r.speculative is not None:
-        spec = r.speculative
-        drafted = _float(spec["num_draft_tokens"])
-        accepted = _float(spec["num_accepted_draft_tokens"])
-        rows.append(("drafts", f"up to {sched['num_speculative_tokens']} a decode, each accepted "
-                               f"with p {_float(spec['draft_acceptance']):g}: {accepted:,.0f} of "
-                               f"{drafted:,.0f} accepted"))
+        rows.append(("drafts", drafts_text(sched, r.speculative)))
     if r.step_phases_us is not None:
         for group, label in (("all", "full steps"), ("slowest_1pct", "slowest 1 %")):
             means = r.step_phases_us[group]
