@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import ClassVar, cast
 
@@ -474,7 +474,7 @@ class Scheduler:
                stopped: Collection[str] = ()) -> list[Request]:
         """Apply a finished forward pass: advance prefills, record sampled tokens (for every
         decode and every completed prefill; with speculative decoding a decode's accepted
-        drafts and the token after them, see ``_update_speculative``), finish requests that
+        drafts and the token after them, see ``_apply_speculative``), finish requests that
         reached their output length or whose sampled token ends them (``stopped``: an EOS or
         a stop string, the token itself is kept). Returns the finished requests. Raises,
         changing nothing, for a step that is not the last one ``step`` (or
@@ -492,10 +492,22 @@ class Scheduler:
         if phases is not None:
             phases.resume()
         if self.config.num_speculative_tokens:
-            finished = self._update_speculative(step, sampled, stopped)
-            if phases is not None:
-                phases.mark("update")
-            return finished
+            finished = self._apply_speculative(step, sampled, stopped)
+        else:
+            finished = self._apply(step, sampled, stopped)
+        for req in finished:
+            self.manager.remove_sequence(req.request_id)
+            del self.running[req.request_id]
+            self._num_unappended.pop(req.request_id, None)
+        self._unapplied = None
+        if phases is not None:
+            phases.mark("update")
+        return finished
+
+    def _apply(self, step: ScheduledStep, sampled: Mapping[str, object],
+               stopped: Collection[str]) -> list[Request]:
+        """``update``'s tokens, one a sampler: every token checked before any is applied;
+        returns the requests that finish."""
         running = self.running
         decoding = [req for req in map(running.get, step.decode_request_ids)
                     if req is not None]
@@ -512,36 +524,23 @@ class Scheduler:
                 and (not ints or (min(ints) >= 0 and max(ints) <= MAX_TOKEN_ID))):
             for rid, token in zip(samplers, tokens, strict=True):
                 check_token(token, f"sampled token of {rid!r}")
-        finished = []
-        for chunk in step.context_chunks:
-            req = running.get(chunk.request_id)
-            if req is None:
-                continue
-            req.num_computed_tokens = chunk.first_token + chunk.num_tokens
-            if not req.in_prefill:
-                req.output.append(cast(int, sampled[req.request_id]))  # an int: checked above
-                if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
-                    finished.append(req)
-        # The decoders' tokens come first in ``tokens`` (checked above).
+        # The decoders' tokens come first in ``ints``, the completed prefills' after them.
+        firsts = dict(zip(samplers[len(decoding):], ints[len(decoding):], strict=True))
+        finished = self._advance_chunks(step, stopped, lambda rid: [firsts[rid]])
         for req, token in zip(decoding, ints, strict=False):
             output = req.output
             output.append(token)
             if len(output) >= req.max_output_tokens or req.request_id in stopped:
                 finished.append(req)
-        for req in finished:
-            self.manager.remove_sequence(req.request_id)
-            del self.running[req.request_id]
-        self._unapplied = None
-        if phases is not None:
-            phases.mark("update")
         return finished
 
-    def _update_speculative(self, step: ScheduledStep, sampled: Mapping[str, object],
-                            stopped: Collection[str]) -> list[Request]:
+    def _apply_speculative(self, step: ScheduledStep, sampled: Mapping[str, object],
+                           stopped: Collection[str]) -> list[Request]:
         """``update`` with drafts: a decoding request's value in ``sampled`` is its accepted
         drafts and the token sampled after them (a token, or a list of 1 to its drafts + 1
         tokens); a request completing its prefill samples one token. Every value is checked
-        before any is applied; output past ``max_output_tokens`` is dropped."""
+        before any is applied; output past ``max_output_tokens`` is dropped. Returns the
+        requests that finish."""
         running = self.running
         num_drafts = dict(zip(step.decode_request_ids, step.num_draft_tokens, strict=True))
         decoding = [req for req in map(running.get, step.decode_request_ids)
@@ -559,28 +558,33 @@ class Scheduler:
                     f"sampled tokens of {rid!r} must be a token or a list of 1..{most} "
                     f"(accepted drafts, then the token sampled after them), got {value!r:.60}")
             new[rid] = [check_token(t, f"sampled token of {rid!r}") for t in tokens]
-        finished = []
-        for chunk in step.context_chunks:
-            req = running.get(chunk.request_id)
-            if req is None:
-                continue
-            req.num_computed_tokens = chunk.first_token + chunk.num_tokens
-            if not req.in_prefill:
-                req.output += new[req.request_id]
-                self._num_unappended[req.request_id] = 1
-                if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
-                    finished.append(req)
+        # A completed prefill's one token is unappended, as a request absent from
+        # ``_num_unappended`` is taken to have (its entry left at its admission).
+        finished = self._advance_chunks(step, stopped, new.__getitem__)
         for req in decoding:
             tokens = new[req.request_id][:req.max_output_tokens - len(req.output)]
             req.output += tokens
             self._num_unappended[req.request_id] = len(tokens)
             if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
                 finished.append(req)
-        for req in finished:
-            self.manager.remove_sequence(req.request_id)
-            del running[req.request_id]
-            self._num_unappended.pop(req.request_id, None)
-        self._unapplied = None
+        return finished
+
+    def _advance_chunks(self, step: ScheduledStep, stopped: Collection[str],
+                        first_tokens: Callable[[str], list[int]]) -> list[Request]:
+        """Advance the step's prefill chunks; a request whose prefill completed takes its
+        first output, ``first_tokens(request_id)`` (checked). Returns the requests that
+        finish with it."""
+        finished = []
+        running = self.running
+        for chunk in step.context_chunks:
+            req = running.get(chunk.request_id)
+            if req is None:
+                continue
+            req.num_computed_tokens = chunk.first_token + chunk.num_tokens
+            if not req.in_prefill:
+                req.output += first_tokens(req.request_id)
+                if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
+                    finished.append(req)
         return finished
 
     def requeue_failed(self, step: ScheduledStep, request_ids: Iterable[str]) -> ScheduledStep:
