@@ -116,14 +116,19 @@ class Ghosts:
             class_blocks[reuse_class] = class_blocks.get(reuse_class, 0) + num_blocks
 
     def add(self, ghost_key: object, entry: GhostEntry) -> None:
+        self._put(ghost_key, *entry)
+
+    def _put(self, ghost_key: object, reuse_class: int, released_s: float, num_blocks: int,
+             uid: int, released_tick: int) -> None:
+        """File the entry under ``ghost_key``, replacing one already there."""
         h = hash(ghost_key)
         entries = self._entries
         old = entries.pop(h, None)
         if old is not None:
             cls, _, n, _, _ = _GHOST.unpack(old)
             self._count(cls, -n)
-        entries[h] = _GHOST.pack(*entry)
-        self._count(entry[0], entry[2])
+        entries[h] = _GHOST.pack(reuse_class, released_s, num_blocks, uid, released_tick)
+        self._count(reuse_class, num_blocks)
 
     def pop(self, ghost_key: object) -> GhostEntry | None:
         packed = self._entries.pop(hash(ghost_key), None)
@@ -136,17 +141,10 @@ class Ghosts:
     def add_trim(self, ghost_key: object, reuse_class: int, released_s: float,
                  num_blocks: int, uid: int, released_tick: int) -> Sequence[GhostEntry]:
         """``add`` of the entry ``(reuse_class, released_s, num_blocks, uid,
-        released_tick)``, then ``trim``: what a drop does, in one call (a drop is the
-        commonest eviction step, and each call and entry tuple counted in its cost)."""
-        h = hash(ghost_key)
-        entries = self._entries
-        old = entries.pop(h, None)
-        if old is not None:
-            cls, _, n, _, _ = _GHOST.unpack(old)
-            self._count(cls, -n)
-        entries[h] = _GHOST.pack(reuse_class, released_s, num_blocks, uid, released_tick)
-        self._count(reuse_class, num_blocks)
-        if self.num_blocks > self.max_blocks or len(entries) > self.max_entries:
+        released_tick)``, then ``trim``: what a drop does, with no entry tuple built and the
+        trim called only past a bound (a drop is the commonest eviction step)."""
+        self._put(ghost_key, reuse_class, released_s, num_blocks, uid, released_tick)
+        if self.num_blocks > self.max_blocks or len(self._entries) > self.max_entries:
             return self.trim()
         return _NO_GHOSTS
 
