@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from fake_clock import FakeClock
 from kvtier import (
     BlockRemoved,
     BlockStored,
@@ -22,14 +23,6 @@ from kvtier import (
     Tier,
 )
 from kvtier.hashing import chain_hashes, encode_key, get_hash_fn, root_hash
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_manager(*, clock: Callable[[], float] | None = None, **kw: Any) -> KVCacheManager:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fake_clock import FakeClock
 from kvtier import (
     CacheConfig,
     KVCacheManager,
@@ -22,14 +23,6 @@ from kvtier import (
 )
 
 R = RetentionRange
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_manager(clock: FakeClock | None = None, **kw: Any) -> KVCacheManager:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 
+from fake_clock import FakeClock
 from kvtier import (
     AllBlocksCleared,
     BlockRemoved,
@@ -29,16 +30,6 @@ from kvtier import (
     Tier,
 )
 from peer_mirror.mirror_helpers import admit, cached_slots, hit, make_manager, release
-
-
-class FakeClock:
-    """A settable clock (seconds) for retentions that expire."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_reuse_of_full_blocks_and_release_counts() -> None:
