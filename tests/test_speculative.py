@@ -337,3 +337,11 @@ def test_a_fleet_takes_the_acceptance_and_sums_its_instances_drafts() -> None:
     with pytest.raises(ValueError, match="draft_acceptance must be a number in"):
         simulate_fleet(workload, cache, 2, sched=sched, draft_acceptance=2.0)
     assert simulate_fleet(workload, cache, 2).speculative is None
+
+
+@pytest.mark.parametrize("value", [-1, 65, True, 2.0, "3", None])
+def test_a_bad_draft_count_is_refused_naming_it(value: Any) -> None:
+    """num_speculative_tokens outside 0..64, or no int: ValueError naming the field."""
+    with pytest.raises(ValueError, match=f"num_speculative_tokens must be an integer in "
+                       f"0..64, got {value!r}"):
+        SchedulerConfig(num_speculative_tokens=value)

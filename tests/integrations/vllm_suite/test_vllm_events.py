@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 import msgspec
+import pytest
 from vllm.distributed.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -172,3 +173,10 @@ def test_lora_extra_keys_placeholders_and_int_hashes() -> None:
              if isinstance(e, BlockStored) and e.medium == "CPU"]
     assert moved and all(e.token_ids == [] and e.block_size == 0 for e in moved)
     assert late.num_resyncs == 0
+
+
+def test_a_block_size_that_is_no_positive_int_is_refused() -> None:
+    """The translator refuses a block size it could not describe blocks with."""
+    for bad in (0, -4, True, 4.0, "4"):
+        with pytest.raises(ValueError, match="block_size must be a positive int"):
+            VllmEventTranslator(bad)  # type: ignore[arg-type]
