@@ -11,7 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
+from kvtier.sequence import short_repr
 from kvtier.tier import Tier
+
+_MAX_SEQ = 1 << 63
+_MAX_HASH = 1 << 128  # every hash is 128 bits (hashing.get_hash_fn); 32 hex digits
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +26,24 @@ class Snapshot:
     next_seq: int
     blocks: frozenset[tuple[int, Tier]]
 
+    def __post_init__(self) -> None:
+        # NOTE: a snapshot source is a caller's callable: a wrong field here surfaced later,
+        # far away (a tier 7 as an IndexError in PrefixIndex.match, a str seq as a
+        # TypeError in SeqTracker.offer).
+        if not isinstance(self.instance_id, str):
+            raise TypeError(f"Snapshot.instance_id must be a str, got "
+                            f"{short_repr(self.instance_id)}")
+        if type(self.next_seq) is not int or not 0 <= self.next_seq < _MAX_SEQ:
+            raise ValueError(f"Snapshot.next_seq must be an int in [0, 2**63), got "
+                             f"{short_repr(self.next_seq)}")
+        if not isinstance(self.blocks, frozenset):
+            raise TypeError(f"Snapshot.blocks must be a frozenset of (hash, Tier), got "
+                            f"{short_repr(self.blocks)}")
+        for block in self.blocks:
+            if not (type(block) is tuple and len(block) == 2 and type(block[0]) is int
+                    and 0 <= block[0] < _MAX_HASH and isinstance(block[1], Tier)):
+                raise ValueError(f"Snapshot.blocks: a block is (hash in [0, 2**128), Tier), "
+                                 f"got {short_repr(block)}")
 
 
 def _hex(value: int | None) -> str | None:
@@ -48,7 +70,6 @@ def encode_events(events: Sequence[Event]) -> str:
     return json.dumps(rows, separators=(",", ":"))
 
 
-_MAX_SEQ = 1 << 63
 _HEX_DIGITS = frozenset("0123456789abcdef")
 
 

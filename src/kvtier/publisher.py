@@ -35,8 +35,9 @@ from kvtier.event_codec import (
     encode_events,
     encode_snapshot,
 )
-from kvtier.events import Event
+from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.manager import KVCacheManager
+from kvtier.sequence import short_repr
 
 __all__ = [
     "EventBatch",
@@ -94,6 +95,27 @@ def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -
     """
     blocks = {(b.block_hash, b.tier) for b in manager.cached_blocks()}
     return Snapshot(instance_id, next_seq, frozenset(blocks))
+
+
+_EVENT_TYPES = (BlockStored, BlockRemoved, BlockTierChanged, AllBlocksCleared)
+
+
+def check_batch(instance_id: object, events: object) -> None:
+    """Raise TypeError naming what is wrong unless ``instance_id`` is a str and ``events``
+    a sequence of events. Pure.
+
+    NOTE: a publisher checks a batch before it takes any of it: a bad event pushed on was
+    found only by a subscriber's poll, which raised with its buffer already drained (every
+    other instance's updates of that poll lost), or, on Redis, never: a hole in the stream.
+    """
+    if not isinstance(instance_id, str):
+        raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+    if not isinstance(events, Sequence) or isinstance(events, str | bytes):
+        raise TypeError(f"events must be a sequence of events, got {short_repr(events)}")
+    for i, event in enumerate(events):
+        if not isinstance(event, _EVENT_TYPES):
+            raise TypeError(f"events[{i}] must be a BlockStored, BlockRemoved, "
+                            f"BlockTierChanged or AllBlocksCleared, got {short_repr(event)}")
 
 
 @dataclass(slots=True)
@@ -218,8 +240,14 @@ class InMemorySubscriber:
                 # asked again at the next poll; the updates of the others are not lost.
                 self.num_failed_snapshots += 1
                 continue
-            if snapshot is not None:
-                tracker.offer(snapshot, out)
+            if snapshot is None:
+                continue
+            if not isinstance(snapshot, Snapshot) or snapshot.instance_id != instance_id:
+                # A source that answers garbage (or another instance's blocks) is as good
+                # as down: applying it would corrupt the consumer's view of the instance.
+                self.num_failed_snapshots += 1
+                continue
+            tracker.offer(snapshot, out)
         return out
 
 
@@ -242,6 +270,9 @@ class InMemoryEventBus:
         return subscriber
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
+        """Hand ``events`` to every subscriber. TypeError (nothing published) for a batch
+        that is not a str id and a sequence of events."""
+        check_batch(instance_id, events)
         if not events:
             return
         self.num_published += len(events)
@@ -249,6 +280,9 @@ class InMemoryEventBus:
             subscriber.push(instance_id, events)
 
     def register_snapshot(self, instance_id: str, source: Callable[[], Snapshot]) -> None:
+        if not isinstance(instance_id, str) or not callable(source):
+            raise TypeError(f"register_snapshot needs a str instance id and a callable, got "
+                            f"{short_repr(instance_id)} and {short_repr(source)}")
         self._snapshot_sources[instance_id] = source
 
     def snapshot(self, instance_id: str) -> Snapshot | None:
@@ -300,11 +334,14 @@ class RedisStreamPublisher:
         self.maxlen = maxlen
         self._resync_id: str | bytes = "0-0"
         self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
+        self.num_failed_reads = 0  # resync_requests calls Redis did not answer
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
         """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
         ``num_failed_batches``, never raised into the serving loop: subscribers see the
-        hole in ``seq`` at the next batch and resync from a snapshot."""
+        hole in ``seq`` at the next batch and resync from a snapshot. TypeError (nothing
+        sent) for a batch that is not a str id and a sequence of events."""
+        check_batch(instance_id, events)
         if events and _attempt(self._redis.xadd, self.stream,
                                {"i": instance_id, "e": encode_events(events)},
                                maxlen=self.maxlen, approximate=True) is None:
@@ -314,14 +351,20 @@ class RedisStreamPublisher:
         """Store ``snapshot``; publish every event before ``next_seq`` first. A snapshot
         Redis does not take is counted in ``num_failed_batches``; a stale subscriber asks
         again."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"snapshot must be a Snapshot, got {short_repr(snapshot)}")
         key = f"{self.stream}:snapshot:{snapshot.instance_id}"
         if _attempt(self._redis.set, key, encode_snapshot(snapshot)) is None:
             self.num_failed_batches += 1
 
     def resync_requests(self) -> set[str]:
         """Instance ids that subscribers asked a snapshot of since the last call (the first
-        call reads every request still in the capped resync stream)."""
-        reply = self._redis.xread({f"{self.stream}:resync": self._resync_id}, count=10_000)
+        call reads every request still in the capped resync stream). With Redis down: none,
+        counted in ``num_failed_reads``; the requests are read at a later call."""
+        reply = _attempt(self._redis.xread, {f"{self.stream}:resync": self._resync_id},
+                         count=10_000)
+        if reply is None:
+            self.num_failed_reads += 1
         asked: set[str] = set()
         for _, rows in reply or []:
             for entry_id, entry in rows:

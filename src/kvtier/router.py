@@ -23,7 +23,8 @@ from typing import NamedTuple, Protocol
 
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
-from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update
+from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update, check_batch
+from kvtier.sequence import check_lora_id, short_repr
 from kvtier.tier import Tier
 
 
@@ -86,7 +87,10 @@ class PrefixIndex:
     # ---- commands -----------------------------------------------------------------------------
 
     def apply(self, instance_id: str, events: Iterable[Event]) -> None:
-        """Apply ``events`` of ``instance_id`` in order."""
+        """Apply ``events`` of ``instance_id`` in order. TypeError, changing nothing, for a
+        batch that is not a str id and events."""
+        events = list(events)
+        check_batch(instance_id, events)
         blocks = self._blocks.setdefault(instance_id, {})
         for e in events:
             if isinstance(e, BlockStored):
@@ -112,13 +116,23 @@ class PrefixIndex:
 
     def resync(self, snapshot: Snapshot) -> None:
         """Replace ``snapshot.instance_id``'s blocks with the snapshot's."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"resync needs a Snapshot, got {short_repr(snapshot)}")
         self.clear(snapshot.instance_id)
         blocks = self._blocks[snapshot.instance_id]
         for h, tier in snapshot.blocks:
             self._set(snapshot.instance_id, blocks, h, tier)
 
     def apply_updates(self, updates: Iterable[Update]) -> None:
-        """Apply a subscriber's updates: event batches, lost instances and snapshots."""
+        """Apply a subscriber's updates: event batches, lost instances and snapshots.
+        TypeError, changing nothing, if one is none of them."""
+        updates = list(updates)
+        for update in updates:
+            if not isinstance(update, EventBatch | InstanceLost | Snapshot):
+                raise TypeError(f"an update is an EventBatch, InstanceLost or Snapshot, got "
+                                f"{short_repr(update)}")
+            if isinstance(update, EventBatch):
+                check_batch(update.instance_id, update.events)
         for update in updates:
             if isinstance(update, EventBatch):
                 self.apply(update.instance_id, update.events)
@@ -305,6 +319,11 @@ class Router:
         if type(tokens_per_block) is not int or tokens_per_block < 1:
             raise ValueError(f"tokens_per_block must be an integer >= 1, got "
                              f"{tokens_per_block!r}")
+        if not callable(getattr(policy, "choose", None)):
+            raise TypeError(f"policy must be a RoutingPolicy (with a choose method), got "
+                            f"{short_repr(policy)}")
+        if index is not None and not isinstance(index, PrefixIndex):
+            raise TypeError(f"index must be a PrefixIndex or None, got {short_repr(index)}")
         self.policy = policy
         self.tokens_per_block = tokens_per_block
         self._hash_fn = get_hash_fn(hash_algo)
@@ -319,11 +338,11 @@ class Router:
         return prompt_block_hashes(self._hash_fn, tokens, self.tokens_per_block, lora_id, salt,
                                    extras)
 
-    def route(self, tokens: Sequence[int], loads: Sequence[InstanceLoad], salt: object = None,
+    def route(self, tokens: Sequence[int], loads: Iterable[InstanceLoad], salt: object = None,
               lora_id: int | None = None) -> RouteDecision:
         """Pick an instance of ``loads`` for a prompt of ``tokens``."""
-        if not loads:
-            raise ValueError("route needs at least one instance in loads")
+        loads = check_loads(loads)
+        check_lora_id(lora_id)
         hashes = self.block_hashes(tokens, salt, lora_id)
         hits = self.index.match(hashes)
         choice = self.policy.choose(loads, hits, len(hashes))
@@ -338,6 +357,35 @@ class Router:
             stats.num_best_prefix += sum(hit) == best
         stats.per_instance[choice] = stats.per_instance.get(choice, 0) + 1
         return RouteDecision(choice, len(hashes), hit, best)
+
+
+def check_loads(loads: Iterable[InstanceLoad]) -> list[InstanceLoad]:
+    """``loads`` as a list, each an :class:`InstanceLoad` of a distinct str instance id, an int
+    queue depth >= 0 and an int capacity >= 1; ValueError or TypeError naming the first bad
+    one otherwise. Pure.
+
+    NOTE: a policy divides by the capacity and compares queue depths: a capacity of 0 was a
+    ZeroDivisionError from inside a policy, a str depth a TypeError from its arithmetic."""
+    if not isinstance(loads, Iterable) or isinstance(loads, str | bytes):
+        raise TypeError(f"loads must be an iterable of InstanceLoad, got {short_repr(loads)}")
+    loads = list(loads)
+    if not loads:
+        raise ValueError("route needs at least one instance in loads")
+    seen: set[str] = set()
+    for i, x in enumerate(loads):
+        if not isinstance(x, InstanceLoad) or not isinstance(x.instance_id, str):
+            raise TypeError(f"loads[{i}] must be an InstanceLoad with a str instance_id, got "
+                            f"{short_repr(x)}")
+        if type(x.queue_depth) is not int or x.queue_depth < 0:
+            raise ValueError(f"loads[{i}].queue_depth must be an int >= 0, got "
+                             f"{short_repr(x.queue_depth)}")
+        if type(x.capacity) is not int or x.capacity < 1:
+            raise ValueError(f"loads[{i}].capacity must be an int >= 1, got "
+                             f"{short_repr(x.capacity)}")
+        if x.instance_id in seen:
+            raise ValueError(f"loads[{i}]: instance {x.instance_id!r} is listed twice")
+        seen.add(x.instance_id)
+    return loads
 
 
 POLICIES = ("cache-aware", "round-robin", "least-loaded")

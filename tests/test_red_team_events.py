@@ -1,0 +1,189 @@
+"""Red team, eleventh pass: the event bus, its snapshots and the router fed by them, given
+garbage by a caller or a faulty peer."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier.event_codec import Snapshot
+from kvtier.events import BlockStored
+from kvtier.publisher import EventBatch, InMemoryEventBus, InstanceLost, manager_snapshot
+from kvtier.router import InstanceLoad, PrefixIndex, Router, make_policy
+from kvtier.tier import Tier
+
+G = Tier.GPU
+
+
+def make_manager() -> KVCacheManager:
+    return KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16, enable_events=True))
+
+
+def stored(seq: int, block_hash: int) -> BlockStored:
+    return BlockStored(seq, block_hash, None, G, 4, None, (1, 2, 3, 4), None, None)
+
+
+@pytest.mark.parametrize(("args", "error", "message"), [
+    (("a", 1, frozenset({(1, 7)})), ValueError, r"Snapshot.blocks: .* got \(1, 7\)"),
+    (("a", 1, frozenset({(1 << 128, G)})), ValueError, r"Snapshot.blocks"),
+    (("a", 1, frozenset({(True, G)})), ValueError, r"Snapshot.blocks"),
+    (("a", -1, frozenset()), ValueError, r"Snapshot.next_seq .* got -1"),
+    (("a", True, frozenset()), ValueError, r"Snapshot.next_seq .* got True"),
+    (("a", "3", frozenset()), ValueError, r"Snapshot.next_seq .* got '3'"),
+    ((5, 1, frozenset()), TypeError, r"Snapshot.instance_id must be a str, got 5"),
+    (("a", 1, {(1, G)}), TypeError, r"Snapshot.blocks must be a frozenset"),
+])
+def test_a_snapshot_with_a_bad_field_is_refused_when_made(args: tuple[object, ...],
+                                                          error: type[Exception],
+                                                          message: str) -> None:
+    """A Snapshot took any fields: a tier 7 became an IndexError in PrefixIndex.match much
+    later, a str next_seq a TypeError in SeqTracker.offer. Now it is refused when made."""
+    with pytest.raises(error, match=message):
+        Snapshot(*args)  # type: ignore[arg-type]
+
+
+def test_manager_snapshot_refuses_a_negative_next_seq() -> None:
+    """manager_snapshot(next_seq=-5) made a snapshot that every subscriber would accept."""
+    with pytest.raises(ValueError, match=r"next_seq .* got -5"):
+        manager_snapshot(make_manager(), "a", -5)
+
+
+@pytest.mark.parametrize("answer", ["garbage", None, "other"])
+def test_a_snapshot_source_answering_garbage_loses_no_update(answer: str | None) -> None:
+    """A snapshot source that answered a str raised AttributeError from poll, its drained
+    updates (other instances' too) lost; one that answered another instance's snapshot
+    resynced the wrong instance. Now either counts as a failed snapshot: the instance stays
+    stale, the other updates come back."""
+    down, healthy = make_manager(), make_manager()
+    bus = InMemoryEventBus()
+    subscriber = bus.subscribe(max_events=3)  # down's 5 events overflow: a gap
+
+    def source() -> object:
+        if answer == "other":
+            return manager_snapshot(healthy, "healthy", 2)
+        return answer
+
+    bus.register_snapshot("down", source)  # type: ignore[arg-type]
+    down.add_sequence(SequenceSpec("a", list(range(20))))
+    bus.publish("down", down.drain_events())
+    healthy.add_sequence(SequenceSpec("b", list(range(8))))
+    bus.publish("healthy", healthy.drain_events())
+    updates = subscriber.poll()
+    assert [type(u) for u in updates] == [InstanceLost, EventBatch]
+    assert updates[1].instance_id == "healthy"
+    assert subscriber.tracker.stale_instances() == ["down"]
+    assert subscriber.num_failed_snapshots == (0 if answer is None else 1)
+
+
+@pytest.mark.parametrize(("instance_id", "events", "message"), [
+    ("b", [1], r"events\[0\] must be a BlockStored"),
+    ("b", [stored(0, 1), None], r"events\[1\] must be a BlockStored"),
+    ("b", "abc", r"events must be a sequence of events"),
+    (7, [stored(0, 1)], r"instance_id must be a str, got 7"),
+])
+def test_a_batch_of_garbage_is_refused_when_published(instance_id: object, events: object,
+                                                      message: str) -> None:
+    """InMemoryEventBus.publish took any batch; the subscriber's next poll raised
+    AttributeError with its buffer drained, losing every other instance's updates. Now the
+    batch is refused when published and nothing of it reaches a subscriber."""
+    bus = InMemoryEventBus()
+    subscriber = bus.subscribe()
+    bus.publish("a", [stored(0, 1)])
+    with pytest.raises(TypeError, match=message):
+        bus.publish(instance_id, events)  # type: ignore[arg-type]
+    assert bus.num_published == 1
+    assert subscriber.poll() == [EventBatch("a", [stored(0, 1)])]
+
+
+def test_redis_resync_requests_with_redis_down_asks_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RedisStreamPublisher.resync_requests raised redis' ConnectionError into the
+    publisher's loop (publish and publish_snapshot already counted the fault). Now it
+    answers none, counted, and reads the requests at the next call."""
+    redis = pytest.importorskip("redis")
+    from kvtier import publisher
+
+    class Client:
+        """Down for its first read."""
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def xread(self, streams: dict[str, object], **options: object) -> object:
+            self.reads += 1
+            if self.reads == 1:
+                raise redis.exceptions.ConnectionError("Connection refused")
+            assert list(streams.values()) == ["0-0"]  # nothing was skipped
+            return [(b"kvtier:events:resync", [(b"1-0", {b"i": b"i0"})])]
+
+    monkeypatch.setattr(publisher, "_connect", lambda url: Client())
+    pub = publisher.RedisStreamPublisher("redis://unused")
+    assert pub.resync_requests() == set() and pub.num_failed_reads == 1
+    assert pub.resync_requests() == {"i0"} and pub.num_failed_reads == 1
+
+
+@pytest.mark.parametrize("policy", ["cache-aware", "round-robin", "least-loaded"])
+@pytest.mark.parametrize(("loads", "error", "message"), [
+    ([InstanceLoad("a", 1, 0)], ValueError, r"loads\[0\].capacity must be an int >= 1, got 0"),
+    ([InstanceLoad("a", 0, 1), InstanceLoad("b", -1, 1)], ValueError,
+     r"loads\[1\].queue_depth must be an int >= 0, got -1"),
+    ([InstanceLoad("a", "3", 1)], ValueError,  # type: ignore[arg-type]
+     r"loads\[0\].queue_depth .* got '3'"),
+    ([InstanceLoad("a", 0, 1), InstanceLoad("a", 0, 1)], ValueError,
+     r"loads\[1\]: instance 'a' is listed twice"),
+    ([("a", 0, 1)], TypeError, r"loads\[0\] must be an InstanceLoad"),
+    ([InstanceLoad(None, 0, 1)], TypeError, r"loads\[0\] must be an InstanceLoad"),  # type: ignore[arg-type]
+    ([], ValueError, r"at least one instance"),
+])
+def test_route_refuses_loads_a_policy_cannot_use(policy: str, loads: list[object],
+                                                 error: type[Exception], message: str) -> None:
+    """A capacity of 0 was a ZeroDivisionError from inside cache-aware and least-loaded
+    (round-robin routed it); a str depth a TypeError from their arithmetic. Now route
+    names the load, and its stats do not move."""
+    router = Router(make_policy(policy), 4)
+    with pytest.raises(error, match=message):
+        router.route(list(range(8)), loads)  # type: ignore[arg-type]
+    assert router.stats.num_routed == 0 and router.stats.per_instance == {}
+
+
+def test_route_takes_loads_from_any_iterable() -> None:
+    """A generator of loads: cache-aware called len() on it (TypeError)."""
+    router = Router(make_policy("cache-aware"), 4)
+    decision = router.route(list(range(8)), iter([InstanceLoad("a", 0, 1)]))
+    assert decision.instance_id == "a"
+
+
+@pytest.mark.parametrize("lora_id", ["x", -1, 1.0, True])
+def test_route_refuses_a_lora_id_the_manager_refuses(lora_id: object) -> None:
+    """route hashed lora_id='x' into the blocks' hashes (no manager can hold such a block).
+    Now it is refused as the manager refuses it."""
+    router = Router(make_policy("round-robin"), 4)
+    with pytest.raises(ValueError, match=r"lora_id must be an int"):
+        router.route(list(range(8)), [InstanceLoad("a", 0, 1)], lora_id=lora_id)  # type: ignore[arg-type]
+    assert router.stats.num_routed == 0
+
+
+def test_router_refuses_what_is_no_policy() -> None:
+    """Router(None, 4) was made; its first route raised AttributeError."""
+    with pytest.raises(TypeError, match=r"policy must be a RoutingPolicy"):
+        Router(None, 4)  # type: ignore[arg-type]
+
+
+def test_prefix_index_refuses_garbage_changing_nothing() -> None:
+    """PrefixIndex.apply of a batch with a non-event after good ones applied the good ones,
+    then raised AssertionError; apply_updates of a non-update AttributeError after applying
+    the updates before it. Now both refuse the whole call, changing nothing."""
+    index = PrefixIndex()
+    index.apply("a", [stored(0, 1)])
+    with pytest.raises(TypeError, match=r"events\[1\] must be a BlockStored"):
+        index.apply("a", [stored(1, 2), 3])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"an update is an EventBatch, InstanceLost or "
+                                        r"Snapshot, got 1"):
+        index.apply_updates([InstanceLost("a", 0, None), 1])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"events\[0\] must be"):
+        index.apply_updates([InstanceLost("a", 0, None), EventBatch("a", ["x"])])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"resync needs a Snapshot"):
+        index.resync(("a", 3, frozenset()))  # type: ignore[arg-type]
+    assert index.blocks("a") == {1: G} and index.instances() == ["a"]
+    index.check_invariants()
