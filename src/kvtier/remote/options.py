@@ -7,6 +7,12 @@ once made a retry's sleep overflow). Pure functions.
 
 from __future__ import annotations
 
+import math
+
+# A wait this long has no limit; it is within every platform's threading.TIMEOUT_MAX
+# (about 292 years on Linux, 49 days on Windows).
+LONGEST_WAIT_S = 3600.0 * 24 * 30
+
 
 def describe(value: object) -> str:
     """``repr(value)``, or a short description where repr itself fails (ints past 4300
@@ -33,6 +39,23 @@ def check_number(field: str, value: object, low: float, high: float, *,
         raise ValueError(f"{field} must be a finite number in {opening}{low:g}, {high:g}], got "
                          f"{describe(value)}")
     return float(value)  # type: ignore[arg-type]
+
+
+def check_timeout(field: str, value: object) -> float | None:
+    """``value`` as a wait's timeout in seconds: None (no limit) for None, for infinity and
+    for anything from :data:`LONGEST_WAIT_S` up (a month; past the platform's
+    ``threading.TIMEOUT_MAX`` a wait raised); else a float >= 0. ValueError naming
+    ``field`` for a negative number, NaN or a non-number.
+
+    NOTE: a condition's ``wait_for(pred, inf)`` raises OverflowError, and one with NaN returns
+    at once as if the wait were over. Pure."""
+    if value is None:
+        return None
+    if (not isinstance(value, int | float) or isinstance(value, bool)
+            or math.isnan(value) or value < 0):
+        raise ValueError(f"{field} must be a number of seconds >= 0 or None, got "
+                         f"{describe(value)}")
+    return None if value >= LONGEST_WAIT_S else float(value)
 
 
 def check_count(field: str, value: object, low: int, high: int) -> int:

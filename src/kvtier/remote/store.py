@@ -29,7 +29,7 @@ from typing import Protocol, TypeVar
 
 from kvtier.remote.codec import PayloadError, RemoteNamespace
 from kvtier.remote.io_thread import IOThread
-from kvtier.remote.options import check_count, check_number, describe
+from kvtier.remote.options import check_count, check_number, check_timeout, describe
 
 PrefetchCallback = Callable[[dict[int, memoryview]], None]
 
@@ -297,7 +297,9 @@ class RemoteStoreBase(ABC):
         return self._submit(lambda: self.put_many(snapshot))
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every accepted job has run; False if ``timeout`` seconds passed first."""
+        """Wait until every accepted job has run; False if ``timeout`` seconds passed first
+        (None or infinity: no limit). ValueError for a negative or NaN timeout."""
+        timeout = check_timeout("timeout", timeout)
         with self._state_lock:
             io = self._io
         return io is None or io.wait_idle(timeout)

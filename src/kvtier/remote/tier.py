@@ -46,9 +46,10 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.remote.codec import num_found_on_every_rank
-from kvtier.remote.options import check_number
+from kvtier.remote.options import LONGEST_WAIT_S, check_number, check_timeout
 from kvtier.remote.ranks import Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
+from kvtier.sequence import check_lora_id
 from kvtier.tier import Tier
 
 if TYPE_CHECKING:
@@ -157,14 +158,11 @@ class RemoteTier:
         if layout.tokens_per_block != config.tokens_per_block:
             raise ValueError(f"the store's blocks hold {layout.tokens_per_block} tokens, the "
                              f"manager's {config.tokens_per_block}")
-        self.fetch_deadline_s = check_number("fetch_deadline_s", fetch_deadline_s, 0.0, 3600.0)
+        self.fetch_deadline_s = fetch_deadline_s
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
-        self.recompute_s_per_token = None
-        if recompute_s_per_token is not None:
-            self.recompute_s_per_token = check_number(
-                "recompute_s_per_token", recompute_s_per_token, 0.0, 3600.0)
-        self.fetch_latency_s = check_number("fetch_latency_s", fetch_latency_s, 0.0, 3600.0)
+        self.recompute_s_per_token = recompute_s_per_token
+        self.fetch_latency_s = fetch_latency_s
         self._bytes_per_s = check_number("fetch_bytes_per_s", fetch_bytes_per_s, 0.0, 1e15,
                                          low_open=True)
         self.ranks = ranks
@@ -184,6 +182,38 @@ class RemoteTier:
         self.num_written_blocks = 0
         self.num_fetched_blocks = 0
         self.num_skipped_blocks = 0  # missing blocks cheaper to recompute than to fetch
+
+    # NOTE: the costs are checked when set, not only when made: a NaN deadline set later
+    # held every fetching request for ever (``now - started >= nan`` is never true), a NaN
+    # cost raised from the next ``start_fetch`` in the engine's step.
+
+    @property
+    def fetch_deadline_s(self) -> float:
+        """The longest a request is held back for its fetch, in seconds (0..3600)."""
+        return self._fetch_deadline_s
+
+    @fetch_deadline_s.setter
+    def fetch_deadline_s(self, value: float) -> None:
+        self._fetch_deadline_s = check_number("fetch_deadline_s", value, 0.0, 3600.0)
+
+    @property
+    def recompute_s_per_token(self) -> float | None:
+        """The model's prefill seconds per token (0..3600), or None: fetch every block."""
+        return self._recompute_s_per_token
+
+    @recompute_s_per_token.setter
+    def recompute_s_per_token(self, value: float | None) -> None:
+        self._recompute_s_per_token = None if value is None else check_number(
+            "recompute_s_per_token", value, 0.0, 3600.0)
+
+    @property
+    def fetch_latency_s(self) -> float:
+        """The fixed cost of one fetch in seconds (0..3600)."""
+        return self._fetch_latency_s
+
+    @fetch_latency_s.setter
+    def fetch_latency_s(self, value: float) -> None:
+        self._fetch_latency_s = check_number("fetch_latency_s", value, 0.0, 3600.0)
 
     @property
     def measured_bytes_per_s(self) -> float:
@@ -231,8 +261,10 @@ class RemoteTier:
             self._bytes_per_s += THROUGHPUT_EWMA_WEIGHT * (sample - self._bytes_per_s)
 
     def block_hashes(self, tokens: list[int], salt: object, lora_id: int | None) -> list[int]:
-        """The chained hashes of the full blocks of ``tokens``, as the manager names them.
-        Pure."""
+        """The chained hashes of the full blocks of ``tokens``, as the manager names them;
+        ValueError for a ``lora_id`` the manager refuses (its blocks could never be matched:
+        a write under it filled the shared store with garbage). Pure."""
+        check_lora_id(lora_id)
         return prompt_block_hashes(self._hash_fn, tokens, self._tpb, lora_id, salt)
 
     def _reusable_hashes(self, tokens: list[int], salt: object,
@@ -335,17 +367,20 @@ class RemoteTier:
 
     def wait(self, timeout_s: float) -> None:
         """Block until a fetch arrives on every rank or ``timeout_s`` passes (when nothing
-        else can run).
+        else can run). ValueError for a negative or NaN ``timeout_s``.
 
         NOTE: it waits for the oldest fetch in flight: each store runs its jobs in order,
         so on every rank that one arrives first."""
+        limit = check_timeout("timeout_s", timeout_s)
         if self._pending:
-            self.ranks.wait(next(iter(self._pending.values())).fetch_id, timeout_s)
+            self.ranks.wait(next(iter(self._pending.values())).fetch_id,
+                            LONGEST_WAIT_S if limit is None else limit)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until queued writes and fetches have run on every rank; False if
-        ``timeout_s`` passed."""
-        return self.ranks.flush(timeout_s)
+        ``timeout_s`` passed (None or infinity: no limit). ValueError for a negative or NaN
+        ``timeout_s``."""
+        return self.ranks.flush(check_timeout("timeout_s", timeout_s))
 
     @property
     def num_waiting(self) -> int:

@@ -1,0 +1,120 @@
+"""Red team, eleventh pass: the remote store's and tier's waits and settings, given values a
+caller may well pass (infinity for "no limit") or a hostile one."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kvtier import CacheConfig, KVCacheManager
+from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
+from kvtier.remote.tier import RemoteTier
+from kvtier.storage import KVLayout
+
+TPB = 4
+LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB)
+PROMPT = list(range(10, 31))  # 5 full blocks and one token
+
+
+@pytest.fixture
+def busy_store() -> Iterator[tuple[InMemoryRemoteStore, threading.Event]]:
+    """A store whose I/O thread runs a job until the event is set."""
+    store = InMemoryRemoteStore(RemoteNamespace("m", LAYOUT))
+    release, started = threading.Event(), threading.Event()
+
+    def callback(found: object) -> None:
+        started.set()
+        release.wait(10.0)
+
+    assert store.prefetch([1], callback)
+    assert started.wait(10.0)
+    yield store, release
+    release.set()
+    store.close()
+
+
+def test_flush_with_no_limit_waits_instead_of_overflowing(
+        busy_store: tuple[InMemoryRemoteStore, threading.Event]) -> None:
+    """store.flush(float('inf')) or flush(1e300) raised OverflowError ("timestamp out of
+    range") from the condition's wait. Now infinity means no limit, like None."""
+    store, release = busy_store
+    threading.Timer(0.05, release.set).start()
+    assert store.flush(float("inf")) is True
+    assert store.flush(1e300) is True
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1.0, "1", True])
+def test_flush_refuses_a_timeout_that_is_no_number_of_seconds(
+        busy_store: tuple[InMemoryRemoteStore, threading.Event], timeout: object) -> None:
+    """flush(nan) answered True at once, as if every job had run, while one was running;
+    flush('1') raised TypeError from the arithmetic inside. Now ValueError naming it."""
+    store, _ = busy_store
+    with pytest.raises(ValueError, match=r"timeout must be a number of seconds >= 0 or None"):
+        store.flush(timeout)  # type: ignore[arg-type]
+    assert store.flush(0.0) is False  # the job still runs: nothing was skipped
+
+
+def make_tier() -> RemoteTier:
+    """A remote tier over an in-memory store, on tiny CPU storages."""
+    pytest.importorskip("torch", reason="the remote tier moves real KV: needs torch")
+    from kvtier.storage import KVStorage
+
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8,
+                                         num_host_blocks=8, hash_algo="sha256"))
+    return RemoteTier(InMemoryRemoteStore(RemoteNamespace("m", LAYOUT)), manager,
+                      KVStorage(LAYOUT, 8, "cpu"), KVStorage(LAYOUT, 8), fetch_deadline_s=1.0)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("fetch_deadline_s", float("nan")), ("fetch_deadline_s", -1.0),
+    ("fetch_deadline_s", 1e9), ("recompute_s_per_token", float("nan")),
+    ("fetch_latency_s", float("inf")), ("fetch_latency_s", True),
+])
+def test_remote_tier_settings_are_checked_when_set(name: str, value: object) -> None:
+    """Checked only by the constructor: a NaN fetch_deadline_s set later held every fetching
+    request for ever (``now - started >= nan`` is never true); a NaN cost raised from the
+    next start_fetch, inside the engine's step. Now ValueError naming it, the old value
+    kept."""
+    tier = make_tier()
+    before = getattr(tier, name)
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number"):
+        setattr(tier, name, value)
+    assert getattr(tier, name) == before
+
+
+@pytest.mark.parametrize("call", ["wait", "flush"])
+def test_remote_tier_waits_check_their_timeout(call: str) -> None:
+    """RemoteTier.wait('x') and flush('x') went on to the ranks (flush: TypeError from its
+    arithmetic); wait(inf) with a fetch in flight: OverflowError. Now ValueError for what
+    is no number of seconds, and infinity is no limit."""
+    tier = make_tier()
+    with pytest.raises(ValueError, match=r"timeout_s must be a number of seconds >= 0"):
+        getattr(tier, call)("x")
+    with pytest.raises(ValueError, match=r"timeout_s must be a number of seconds >= 0"):
+        getattr(tier, call)(float("nan"))
+    assert getattr(tier, call)(float("inf")) in (None, True)
+
+
+def test_remote_tier_wait_without_limit_returns_when_the_fetch_arrives() -> None:
+    """wait(float('inf')) with a fetch in flight raised OverflowError."""
+    tier = make_tier()
+    tier.gpu.tensors[0].fill_(1.0)
+    assert tier.write(PROMPT, [0, 1, 2, 3, 4], wait=True) == 5
+    tier.manager.reset_cache()
+    assert tier.start_fetch("r", PROMPT)
+    tier.wait(float("inf"))
+    assert tier.poll() == ["r"]
+
+
+@pytest.mark.parametrize("lora_id", ["x", -1, 2.0])
+def test_a_write_under_a_lora_id_no_manager_takes_is_refused(lora_id: object) -> None:
+    """RemoteTier.write(lora_id='x') stored 5 blocks under hashes no manager can ever match
+    (its lookup refuses that lora_id): garbage in the shared store. Now ValueError, nothing
+    written."""
+    tier = make_tier()
+    with pytest.raises(ValueError, match=r"lora_id must be an int"):
+        tier.write(PROMPT, [0, 1, 2, 3, 4], lora_id=lora_id, wait=True)  # type: ignore[arg-type]
+    assert tier.num_written_blocks == 0
+    assert isinstance(tier.store, InMemoryRemoteStore) and tier.store.backend == {}
