@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier import __version__
-from kvtier.cli_config import MAX_INSTANCES, SIZE_HELP, make_cache, make_sched
+from kvtier.cli_config import MAX_INSTANCES, SIZE_HELP, check_sweep, make_cache, make_sched
 from kvtier.cli_error import EXIT_USAGE, CLIError
 from kvtier.cli_generate import add_model_commands
 from kvtier.cli_options import (
@@ -296,6 +296,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_sweep(args: argparse.Namespace) -> int:
     if args.plot is not None:
         _require_matplotlib(args.plot)  # fail before the long part
+    check_sweep(len(args.eviction_policy), len(args.gpu_blocks), len(args.host_blocks))
     caches = [make_cache(args, gpu, host, eviction_policy=policy)
               for policy in args.eviction_policy
               for gpu in args.gpu_blocks for host in args.host_blocks]

@@ -14,6 +14,9 @@ from kvtier.scheduler import AdmissionMode, SchedulerConfig
 # allocation instead of ending in MemoryError or the OOM killer.
 MAX_TOTAL_BLOCKS = 1 << 25
 MAX_INSTANCES = 1024
+# NOTE: a sweep builds every run's configuration before the first runs: 3,000 sizes of each
+# tier (9 M runs) took minutes and over a GB before anything was simulated.
+MAX_SWEEP_RUNS = 1024
 SIZE_HELP = (f"at most {MAX_TOTAL_BLOCKS:,} blocks in one run, over every tier and instance "
              "(about 40 bytes of memory each)")
 
@@ -28,6 +31,16 @@ def check_blocks(num_gpu_blocks: int, num_host_blocks: int, num_instances: int =
     raise CLIError(f"--gpu-blocks/--host-blocks{'/--instances' if fleet else ''}: {fleet}"
                    f"({num_gpu_blocks:,} GPU + {num_host_blocks:,} host) = {total:,} blocks "
                    f"is more than the {MAX_TOTAL_BLOCKS:,} one run may hold")
+
+
+def check_sweep(num_policies: int, num_gpu_sizes: int, num_host_sizes: int) -> None:
+    """Raise :class:`CLIError` naming the options when a sweep would make more than
+    :data:`MAX_SWEEP_RUNS` runs."""
+    total = num_policies * num_gpu_sizes * num_host_sizes
+    if total > MAX_SWEEP_RUNS:
+        raise CLIError(f"--eviction-policy/--gpu-blocks/--host-blocks: {num_policies:,} x "
+                       f"{num_gpu_sizes:,} x {num_host_sizes:,} = {total:,} runs is more than "
+                       f"the {MAX_SWEEP_RUNS:,} one sweep may make")
 
 
 def make_cache(args: argparse.Namespace, num_gpu_blocks: int, num_host_blocks: int,
