@@ -15,6 +15,7 @@ from kvtier.sequence import MAX_TOKEN_ID, LiveSequence, SequenceSpec, check_spec
 
 # The item types a decode batch's fast check accepts; any other goes the item-by-item way.
 _PAIR_TYPES = frozenset((tuple, list))
+_INT_TYPES = frozenset((int,))  # a token's one type (a bool is refused, as check_token does)
 _scheduled = attrgetter("num_scheduled_tokens")
 _tokens = attrgetter("tokens")
 
@@ -91,6 +92,27 @@ class LiveTable:
                     and all(map(ge, map(_scheduled, seqs), map(len, map(_tokens, seqs))))):
                 return list(zip(cast("list[LiveSequence]", seqs), tokens, strict=True))
         return self._decode_items_one_by_one(batch)
+
+    def decode_columns(self, request_ids: list[str],
+                       tokens: list[int]) -> list[LiveSequence] | None:
+        """The live requests of a decode batch given as two lists of equal length, the
+        form kvtier's scheduler builds from its running table: every check
+        ``decode_items`` makes of an item's values (the id live, the token an id in range,
+        the request past its prefill), or None where one fails (then ``decode_items``
+        names the first bad item). Pure.
+
+        NOTE: the lists' shape is the caller's to guarantee (ids are str, one token an
+        id): this skips only the checks of the pairs' shape, which cost most of
+        ``decode_items`` on a step's batch; every value is still checked at C speed.
+        """
+        if not request_ids:
+            return []
+        seqs = list(map(self.seqs.get, request_ids))
+        if (None in seqs or len(tokens) != len(seqs) or not _INT_TYPES.issuperset(map(type, tokens))
+                or min(tokens) < 0 or max(tokens) > MAX_TOKEN_ID
+                or not all(map(ge, map(_scheduled, seqs), map(len, map(_tokens, seqs))))):
+            return None
+        return cast("list[LiveSequence]", seqs)
 
     def _decode_items_one_by_one(self, items: list[object]) -> list[tuple[LiveSequence, int]]:
         """``decode_items``, each item checked in turn: raises naming the first bad one."""

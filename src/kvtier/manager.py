@@ -242,7 +242,8 @@ class KVCacheManager:
         policy that ``ranks_soft_claims``, yet still evictable, so they yield before a
         request is refused. Changes no lookup (``version`` stays). Raises TypeError, changing
         nothing, unless ``specs`` is a sequence of ``SequenceSpec``."""
-        if not isinstance(specs, Sequence) or isinstance(specs, (str, bytes)):
+        if type(specs) is not list and (  # a list, at once (not an ABC check a step)
+                not isinstance(specs, Sequence) or isinstance(specs, (str, bytes))):
             raise TypeError(f"specs must be a sequence of SequenceSpec, got "
                             f"{type(specs).__name__}")
         # NOTE: checked at C speed (a scheduler hints its queue's head at every step);
@@ -388,8 +389,24 @@ class KVCacheManager:
         The decode path of a step: one call, and no allocation for the many requests whose
         next token fits their last block.
         """
+        batch = self._live.decode_items(items)
+        return self._append_each(batch, len(batch))
+
+    def _append_decodes(self, request_ids: list[str], tokens: list[int]) -> int:
+        """``append_token_batch(list(zip(request_ids, tokens)))`` for the decode batch
+        kvtier's scheduler builds from its running table (two lists of equal length: ids,
+        and the token each sampled last): the same checks of every value, the same
+        errors (nothing applied), without the checks of the pairs' shape, which its
+        construction guarantees (``LiveTable.decode_columns``). Not part of the API."""
+        seqs = self._live.decode_columns(request_ids, tokens)
+        if seqs is None:  # a bad value: the checked path names it (and raises)
+            return self.append_token_batch(list(zip(request_ids, tokens, strict=True)))
+        return self._append_each(zip(seqs, tokens, strict=True), len(seqs))
+
+    def _append_each(self, batch: Iterable[tuple[LiveSequence, int]], num_items: int) -> int:
+        """Append each checked (request, token) of ``batch`` (``num_items`` of them) in
+        order, stopping at the first that finds no block; return how many were applied."""
         live = self._live
-        batch = live.decode_items(items)
         tpb = self._tpb
         touched = live.touched
         for i, (seq, token) in enumerate(batch):
@@ -407,7 +424,7 @@ class KVCacheManager:
                 seq.num_valid_tokens = n - 1
                 touched[seq.request_id] = seq
             seq.num_scheduled_tokens = n
-        return len(batch)
+        return num_items
 
     def import_blocks(
         self,

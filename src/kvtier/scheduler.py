@@ -21,6 +21,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
+from operator import attrgetter, eq
 from typing import ClassVar, cast
 
 from kvtier.admission import PrefixMatch
@@ -52,6 +53,7 @@ __all__ = [
 
 # The one type a sampled token may have (a bool is refused, as ``check_token`` refuses it).
 _INT_TYPE = frozenset({int})
+_request_id = attrgetter("request_id")
 
 
 class Scheduler:
@@ -94,8 +96,9 @@ class Scheduler:
         self._lookups: dict[str, tuple[int, PrefixMatch]] = {}
         self._tpb = manager.config.tokens_per_block
         self.num_lookups = 0
-        # What the manager was last told of the waiting queue (manager version, head ids).
-        self._hinted: tuple[int, tuple[str, ...]] | None = None
+        # What the manager was last told of the waiting queue: (manager version, the specs
+        # of its head).
+        self._hinted: tuple[int, list[SequenceSpec]] | None = None
         # Set to a StepPhases to time each phase of a step (a debug counter; off: None).
         self.phases: StepPhases | None = None
         # The step returned and not yet applied by ``update``: the next step is planned from
@@ -255,16 +258,23 @@ class Scheduler:
         if cfg.num_speculative_tokens:
             budget, slots = self._decode_speculative(budget, slots, decodes, drafts, preempted)
         else:
-            todo = [(req.request_id, req.output[-1]) for req in self.running.values()
-                    if req.num_computed_tokens >= req.num_prefill_tokens][:min(budget, slots)]
-            while todo:
-                done = self.manager.append_token_batch(todo)
-                decodes += [rid for rid, _ in todo[:done]]
-                todo = todo[done:]
-                if todo:  # no block for todo[0]: preempt the newest running request
-                    victim = self._preempt_newest(todo[0][0])
-                    preempted.append(victim)
-                    todo = [item for item in todo if item[0] != victim]
+            ready = [req for req in self.running.values()
+                     if req.num_computed_tokens >= req.num_prefill_tokens][:min(budget, slots)]
+            rids = [req.request_id for req in ready]
+            tokens = [req.output[-1] for req in ready]
+            while rids:
+                # NOTE: the manager's path for a batch built here (ids of running requests,
+                # tokens ``update`` checked): every value checked, not the pairs' shape.
+                done = self.manager._append_decodes(rids, tokens)
+                decodes += rids[:done]
+                if done == len(rids):
+                    break
+                # No block for rids[done]: preempt the newest running request.
+                victim = self._preempt_newest(rids[done])
+                preempted.append(victim)
+                keep = [i for i in range(done, len(rids)) if rids[i] != victim]
+                rids = [rids[i] for i in keep]
+                tokens = [tokens[i] for i in keep]
             budget -= len(decodes)
             slots -= len(decodes)
         phases = self.phases
@@ -354,14 +364,20 @@ class Scheduler:
     def _hint_queue(self) -> None:
         """Tell the manager the head of the waiting queue, if its policy ranks the queue's
         prefixes and the queue or the cache changed since the last hint."""
-        if not self.manager.ranks_soft_claims:
+        manager = self.manager
+        if not manager.ranks_soft_claims:
             return
-        head = [req.request_id for req in itertools.islice(self.waiting, self.MAX_HINTED)]
-        seen = (self.manager.version, tuple(head))
-        if seen == self._hinted:
+        specs = self._specs
+        head = [specs[req.request_id] for req in itertools.islice(self.waiting, self.MAX_HINTED)]
+        version = manager.version
+        hinted = self._hinted
+        # NOTE: the head's ids are compared only where the version is the last hint's (most
+        # steps change it: then the hint is due whatever the queue holds).
+        if (hinted is not None and hinted[0] == version and len(head) == len(hinted[1])
+                and all(map(eq, map(_request_id, head), map(_request_id, hinted[1])))):
             return
-        self._hinted = seen
-        self.manager.hint_waiting([self._specs[rid] for rid in head])
+        self._hinted = (version, head)
+        manager.hint_waiting(head)
 
     def _preempt(self, req: Request) -> None:
         """Release ``req`` (its computed blocks stay cached) and requeue it first."""
