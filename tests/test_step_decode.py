@@ -95,8 +95,12 @@ def test_the_queue_hint_is_skipped_exactly_when_nothing_it_names_changed() -> No
     calls: list[tuple[int, list[str]]] = []
     seen: list[tuple[int, list[str]]] = []
     hint = mgr.hint_waiting
-    mgr.hint_waiting = lambda specs: (  # type: ignore[method-assign]
-        calls.append((mgr.version, [s.request_id for s in specs])), hint(specs))[1]
+
+    def hint_waiting(specs: Sequence[SequenceSpec]) -> None:
+        calls.append((mgr.version, [s.request_id for s in specs]))
+        hint(specs)
+
+    mgr.hint_waiting = hint_waiting  # type: ignore[method-assign]
     original: Callable[[], None] = sched._hint_queue
 
     def hint_queue() -> None:
