@@ -187,3 +187,29 @@ def test_prefix_index_refuses_garbage_changing_nothing() -> None:
         index.resync(("a", 3, frozenset()))  # type: ignore[arg-type]
     assert index.blocks("a") == {1: G} and index.instances() == ["a"]
     index.check_invariants()
+
+
+@pytest.mark.parametrize(("salt", "shown"), [
+    ((1, 2), r"salt must be bytes, str, int or None, got \(1, 2\)"),
+    (1 << 200, r"salt must be an int of magnitude below 2\*\*128"),
+])
+def test_route_refuses_a_salt_the_manager_refuses(salt: object, shown: str) -> None:
+    """route hashed a tuple salt (the manager refuses it: no instance can hold such a
+    block). Now ValueError as the manager's, stats unchanged."""
+    router = Router(make_policy("round-robin"), 4)
+    with pytest.raises(ValueError, match=shown):
+        router.route(list(range(8)), [InstanceLoad("a", 0, 1)], salt=salt)
+    assert router.stats.num_routed == 0
+
+
+@pytest.mark.xfail(raises=RecursionError, strict=True,
+                   reason="sequence.short_repr calls repr(), which recurses: the lead's fix "
+                          "(this session's red-team report) makes it a ValueError")
+def test_a_salt_nested_deeply_is_a_value_error_not_a_recursion_error() -> None:
+    """A salt of 100,000 nested tuples: the refusal's message (short_repr) raised
+    RecursionError, in SequenceSpec, lookup, route and the remote tier alike."""
+    deep: object = ()
+    for _ in range(100_000):
+        deep = (deep,)
+    with pytest.raises(ValueError, match=r"salt must be"):
+        Router(make_policy("round-robin"), 4).block_hashes(list(range(8)), salt=deep)

@@ -118,3 +118,20 @@ def test_a_write_under_a_lora_id_no_manager_takes_is_refused(lora_id: object) ->
         tier.write(PROMPT, [0, 1, 2, 3, 4], lora_id=lora_id, wait=True)  # type: ignore[arg-type]
     assert tier.num_written_blocks == 0
     assert isinstance(tier.store, InMemoryRemoteStore) and tier.store.backend == {}
+
+
+@pytest.mark.parametrize(("salt", "shown"), [
+    ((1, 2), r"salt must be bytes, str, int or None, got \(1, 2\)"),
+    (1 << 200, r"salt must be an int of magnitude below 2\*\*128"),
+    ("s" * 5000, r"salt must be at most"),
+])
+def test_a_write_under_a_salt_no_manager_takes_is_refused(salt: object, shown: str) -> None:
+    """RemoteTier.write hashed a tuple salt (which the manager refuses) into blocks no
+    manager can match, and stored them in the shared store (fetch and start_fetch already
+    refused it, through the manager's lookup). Now ValueError as the manager's, nothing
+    written."""
+    tier = make_tier()
+    with pytest.raises(ValueError, match=shown):
+        tier.write(PROMPT, [0, 1, 2, 3, 4], salt=salt, wait=True)
+    assert tier.num_written_blocks == 0
+    assert isinstance(tier.store, InMemoryRemoteStore) and tier.store.backend == {}
