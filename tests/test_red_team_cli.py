@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 from bad_input_helpers import assert_one_line_refusal, run_cli
+from kvtier.cli import main
 from kvtier.cli_config import MAX_SWEEP_RUNS
 
 
@@ -26,3 +34,44 @@ def test_a_sweep_at_the_bound_is_not_refused_for_its_size() -> None:
                          "--gpu-blocks", sizes, "--host-blocks", "0", "--no-oracle",
                          "--no-progress"])
     assert_one_line_refusal(code, err, "too large for 1 GPU blocks")
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["replay", "--limit", "3"], "--json"),
+    (["sweep", "--limit", "3", "--gpu-blocks", "1024", "--host-blocks", "0", "--no-oracle"],
+     "--json"),
+    (["sweep", "--limit", "3", "--gpu-blocks", "1024", "--host-blocks", "0", "--no-oracle"],
+     "--plot"),
+])
+def test_an_output_that_fails_after_the_run_loses_no_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        argv: list[str], option: str) -> None:
+    """The disk fills up during a run: the --json (or --plot) write failed with the table
+    and the JSON line not printed yet, the run's results lost. Now the report is printed
+    first (its JSON line last on stdout), then the write fails in one line, status 2."""
+    if option == "--plot":
+        pytest.importorskip("matplotlib", reason="--plot needs the plot extra")
+        import kvtier.cli
+
+        def disk_full(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(kvtier.cli, "plot_sweep", disk_full)
+    else:
+        real_write = Path.write_text
+
+        def write_text(self: Path, *args: Any, **kwargs: Any) -> int:
+            if self.name == "out":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setenv("KVTIER_DEBUG", "1")
+    target = tmp_path / ("out" if option == "--json" else "out.png")
+    code = main([*argv, option, str(target), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert_one_line_refusal(code, err, f"cannot write {target}: No space left on device "
+                                       "(the report is on standard output)")
+    document = json.loads(out.strip().splitlines()[-1])
+    assert document.get("command", "replay") in ("replay", "sweep")
+    assert "hit rate" in out.lower()  # the table came before it

@@ -312,10 +312,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
             reports.append(_simulate(workload, cache, sched, profile, args, progress, False))
     if args.oracle:
         reports = _with_oracle(workload, reports, [(cache, sched) for cache in caches])
-    if args.plot is not None:
-        _plot_sweep(reports, args.plot)
     document = {"command": "sweep", "runs": [r.to_dict() for r in reports]}
     _emit(format_sweep(reports), document, args.json)
+    if args.plot is not None:  # after the report is out: a plot that fails loses nothing
+        _plot_sweep(reports, args.plot)
     return 0
 
 
@@ -378,16 +378,21 @@ def _int(value: object) -> int:
 
 
 def _emit(table: list[str], document: dict[str, Any], json_path: Path | None) -> None:
-    """Write ``document`` to ``json_path`` if given, then print the table and the JSON line."""
+    """Print the table and the JSON line, then write ``document`` to ``json_path`` if given.
+
+    NOTE: printed first, so a write that fails (the disk filled up during a long run) loses
+    no result. Written in place, not renamed over: ``--json /dev/stdout`` or a symlink must
+    be written through, never replaced."""
+    for row in table:
+        print(row)
+    print(json.dumps(document, allow_nan=False))
     if json_path is not None:
         try:
             json_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n",
                                  encoding="utf-8")
         except OSError as exc:
-            raise CLIError(f"cannot write {json_path}: {exc.strerror or exc}") from None
-    for row in table:
-        print(row)
-    print(json.dumps(document, allow_nan=False))
+            raise CLIError(f"cannot write {json_path}: {exc.strerror or exc} (the report is "
+                           "on standard output)") from None
 
 
 @contextmanager
@@ -431,4 +436,5 @@ def _plot_sweep(reports: list[SimReport], path: Path) -> None:
     try:
         plot_sweep(reports, path)
     except OSError as exc:
-        raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise CLIError(f"cannot write {path}: {exc.strerror or exc} (the report is on "
+                       "standard output)") from None
