@@ -116,6 +116,8 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     except (ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError
         raise CLIError(str(exc)) from None
+    except MemoryError as exc:  # the KV tiers (KVStorage) do not fit
+        raise CLIError(f"{exc}; use smaller --gpu-blocks/--host-blocks") from None
     return generator, params
 
 

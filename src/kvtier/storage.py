@@ -151,8 +151,17 @@ class KVStorage:
         dtype = layout.torch_dtype()
         shapes = layout.tensor_shapes(num_blocks)
         # One allocation either way (layer-major: its per-layer slices).
-        whole = torch.empty((len(shapes), *shapes[0]), dtype=dtype, device=self.device,
-                            pin_memory=self.pinned)
+        try:
+            whole = torch.empty((len(shapes), *shapes[0]), dtype=dtype, device=self.device,
+                                pin_memory=self.pinned)
+        except RuntimeError as exc:
+            # NOTE: torch's allocators say so in their own words (OutOfMemoryError on CUDA,
+            # "can't allocate memory" on CPU); a caller sees the sizes it chose.
+            if not (isinstance(exc, torch.OutOfMemoryError) or "allocate" in str(exc)):
+                raise
+            raise MemoryError(f"cannot allocate {num_blocks:,} blocks of "
+                              f"{layout.bytes_per_block:,} bytes ({self.nbytes / 1e9:,.1f} GB) "
+                              f"on {self.device}") from None
         self.tensors: list[torch.Tensor] = list(whole.unbind(0))
 
     @property
@@ -189,8 +198,13 @@ class KVStorage:
         return k, v
 
     def block(self, slot: int) -> torch.Tensor:
-        """A copy of one block, [num_layers, 2, tokens_per_block, kv_heads, head_dim]. Pure."""
+        """A copy of one block, [num_layers, 2, tokens_per_block, kv_heads, head_dim];
+        ValueError for a ``slot`` that is not one (-1 read the last block, True a stack of
+        every block). Pure."""
         import torch
+
+        if type(slot) is not int or not 0 <= slot < self.num_blocks:
+            raise ValueError(f"slot must be an int in 0..{self.num_blocks - 1}, got {slot!r}")
 
         return torch.stack([self.layer(i)[slot] for i in range(self.layout.num_layers)])
 
