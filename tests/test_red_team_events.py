@@ -213,3 +213,60 @@ def test_a_salt_nested_deeply_is_a_value_error_not_a_recursion_error() -> None:
         deep = (deep,)
     with pytest.raises(ValueError, match=r"salt must be"):
         Router(make_policy("round-robin"), 4).block_hashes(list(range(8)), salt=deep)
+
+
+class _RefusingRedis:
+    """Refuses what Redis refuses: XREAD's count and block, an unknown id."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def xread(self, streams: dict[str, object], **options: object) -> object:
+        redis = pytest.importorskip("redis")
+        self.reads += 1
+        count, block = options.get("count"), options.get("block")
+        if type(count) is not int or count < 1 or (block is not None and (
+                type(block) is not int or block < 0)):
+            raise redis.exceptions.DataError("XREAD count must be a positive integer")
+        return []
+
+    def get(self, key: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("options", "shown"), [
+    ({"count": 0}, r"count must be an int >= 1, got 0"),
+    ({"count": "10"}, r"count must be an int >= 1, got '10'"),
+    ({"block_ms": -5}, r"block_ms must be None or an int >= 0, got -5"),
+    ({"block_ms": 1.5}, r"block_ms must be None or an int >= 0, got 1.5"),
+])
+def test_a_subscriber_poll_with_options_redis_refuses_says_so(
+        monkeypatch: pytest.MonkeyPatch, options: dict[str, object], shown: str) -> None:
+    """RedisStreamSubscriber.poll(count=0): Redis refused the XREAD, and a refusal, like
+    any Redis fault, was a skipped read: every poll returned [] and the subscriber never
+    read anything, silently. Now ValueError, nothing asked of Redis."""
+    pytest.importorskip("redis")
+    from kvtier import publisher
+
+    client = _RefusingRedis()
+    monkeypatch.setattr(publisher, "_connect", lambda url: client)
+    subscriber = publisher.RedisStreamSubscriber("redis://unused")
+    with pytest.raises(ValueError, match=shown):
+        subscriber.poll(**options)  # type: ignore[arg-type]
+    assert client.reads == 0 and subscriber.last_id == "0-0"
+    assert subscriber.poll() == [] and client.reads == 1  # good options still read
+
+
+@pytest.mark.parametrize("start_id", ["garbage", "$", "-1", "1-2-3", f"{1 << 64}-0", "", 0])
+def test_a_subscriber_start_id_redis_refuses_is_refused_when_made(
+        monkeypatch: pytest.MonkeyPatch, start_id: object) -> None:
+    """RedisStreamSubscriber(start_id='garbage'): Redis refused every XREAD from it, each a
+    skipped read: the subscriber read nothing, ever ('$': nothing without block_ms). Now
+    ValueError naming it."""
+    pytest.importorskip("redis")
+    from kvtier import publisher
+
+    monkeypatch.setattr(publisher, "_connect", lambda url: _RefusingRedis())
+    with pytest.raises(ValueError, match=r"start_id must be a stream id 'ms' or 'ms-seq'"):
+        publisher.RedisStreamSubscriber("redis://unused", start_id=start_id)  # type: ignore[arg-type]
+    assert publisher.RedisStreamSubscriber("redis://unused", start_id="1700000000000-3")

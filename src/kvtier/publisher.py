@@ -23,6 +23,7 @@ subscriber only its own position and :class:`SeqTracker`; neither ever changes a
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -309,6 +310,27 @@ def _attempt(command: Callable[..., _T], *args: Any, **options: Any) -> _T | Non
         return None
 
 
+# A stream entry id as XREAD takes it: ms[-seq], each below 2**64. NOTE: not "$": a poll
+# without block_ms reads past it only what arrives during that very call, so nothing.
+_STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+
+
+def _check_stream(stream: object) -> None:
+    if not isinstance(stream, str) or not stream:
+        raise ValueError(f"stream must be a non-empty str, got {short_repr(stream)}")
+
+
+def _check_start_id(start_id: object) -> None:
+    """ValueError unless ``start_id`` is an id XREAD takes. NOTE: Redis refuses a bad one
+    with an error that, as any Redis fault, is a skipped read: the subscriber read nothing,
+    ever, and said nothing."""
+    text = start_id.decode("ascii", "replace") if isinstance(start_id, bytes) else start_id
+    ok = isinstance(text, str) and _STREAM_ID.fullmatch(text) is not None
+    if not (ok and isinstance(text, str) and all(int(n) < 1 << 64 for n in text.split("-"))):
+        raise ValueError(f"start_id must be a stream id 'ms' or 'ms-seq' (each below 2**64), "
+                         f"got {short_repr(start_id)}")
+
+
 def _connect(url: str) -> Any:
     try:
         import redis
@@ -329,6 +351,7 @@ class RedisStreamPublisher:
     def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000) -> None:
         if type(maxlen) is not int or maxlen < 1:
             raise ValueError(f"maxlen must be an integer >= 1, got {maxlen!r}")
+        _check_stream(stream)
         self._redis = _connect(url)
         self.stream = stream
         self.maxlen = maxlen
@@ -387,6 +410,8 @@ class RedisStreamSubscriber:
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0") -> None:
+        _check_stream(stream)
+        _check_start_id(start_id)
         self._redis = _connect(url)
         self.stream = stream
         self.last_id: str | bytes = start_id
@@ -396,7 +421,13 @@ class RedisStreamSubscriber:
         self._asked: set[str] = set()
 
     def poll(self, count: int = 10_000, block_ms: int | None = None) -> list[Update]:
-        """The updates of up to ``count`` entries after ``last_id``, with any resyncs."""
+        """The updates of up to ``count`` entries after ``last_id``, with any resyncs.
+        ValueError, reading nothing, unless ``count`` is an int >= 1 and ``block_ms`` None
+        or an int >= 0 (Redis refused them: every poll was a silent empty read)."""
+        if type(count) is not int or count < 1:
+            raise ValueError(f"count must be an int >= 1, got {short_repr(count)}")
+        if block_ms is not None and (type(block_ms) is not int or block_ms < 0):
+            raise ValueError(f"block_ms must be None or an int >= 0, got {short_repr(block_ms)}")
         out: list[Update] = []
         # NOTE: snapshots first: entries read while an instance is stale are skipped, and a
         # snapshot must cover every event read, so reading first could refuse a good one.
