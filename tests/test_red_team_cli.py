@@ -12,6 +12,7 @@ import pytest
 from bad_input_helpers import assert_one_line_refusal, run_cli
 from kvtier.cli import main
 from kvtier.cli_config import MAX_SWEEP_RUNS
+from kvtier.sim.report import estimate_load
 
 
 def test_a_sweep_of_millions_of_runs_is_refused_before_any() -> None:
@@ -75,3 +76,28 @@ def test_an_output_that_fails_after_the_run_loses_no_result(
     document = json.loads(out.strip().splitlines()[-1])
     assert document.get("command", "replay") in ("replay", "sweep")
     assert "hit rate" in out.lower()  # the table came before it
+
+
+def test_a_time_scale_that_packs_arrivals_into_no_time_is_every_request_at_once(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``replay --time-scale 1e-308``: the arrivals spanned 1e-309 s, a busy time over it
+    overflowed to inf and math.ceil(inf) raised OverflowError: status 70, the run lost.
+    Now the load reads as for a span of 0: every request arrives at once."""
+    code = main(["replay", "--limit", "5", "--time-scale", "1e-308", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "load        every request arrives at once" in out
+    load = json.loads(out.splitlines()[-1])["load"]
+    assert load["utilization"] is None and load["sustainable_instances"] is None
+
+
+@pytest.mark.parametrize(("busy_s", "span_s", "time_scale", "instances"), [
+    (2.0, 1e-309, 1e-308, 1), (1e308, 1e-10, 1.0, 4), (2.0, 1e-300, 1e300, 1),
+])
+def test_estimate_load_never_overflows(busy_s: float, span_s: float, time_scale: float,
+                                       instances: int) -> None:
+    """Quotients past the float range (OverflowError from math.ceil, or an inf that the
+    JSON report refuses) read as every request arriving at once."""
+    load = estimate_load(busy_s, span_s, time_scale, instances)
+    assert load.utilization is None and not load.overloaded
+    assert load.sustainable_time_scale is None and load.sustainable_instances is None

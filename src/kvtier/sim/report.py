@@ -94,14 +94,19 @@ def estimate_load(busy_s: float, arrival_span_s: float, time_scale: float,
                   num_instances: int = 1) -> LoadEstimate:
     """The :class:`LoadEstimate` of a replay that kept ``num_instances`` busy ``busy_s``
     virtual seconds over arrivals spanning ``arrival_span_s``. Pure."""
-    if arrival_span_s <= 0:
+    utilization = busy_s / (arrival_span_s * num_instances) if arrival_span_s > 0 else None
+    needed = None if utilization is None else utilization * num_instances
+    # NOTE: arrivals a --time-scale of 1e-300 packs into 1e-301 s span a positive time too
+    # short to divide by: the quotients overflow (math.ceil(inf) raised OverflowError). As
+    # for a span of 0, every request arrives at once.
+    if (utilization is None or needed is None or not math.isfinite(needed)
+            or not math.isfinite(time_scale * utilization)):
         return LoadEstimate(busy_s, arrival_span_s, num_instances, None, False, None, None)
-    utilization = busy_s / (arrival_span_s * num_instances)
     if utilization <= OVERLOAD_UTILIZATION:
         return LoadEstimate(busy_s, arrival_span_s, num_instances, utilization, False, None,
                             None)
     return LoadEstimate(busy_s, arrival_span_s, num_instances, utilization, True,
-                        time_scale * utilization, math.ceil(busy_s / arrival_span_s))
+                        time_scale * utilization, math.ceil(needed))
 
 
 def load_text(load: LoadEstimate, time_scale: float) -> str:
