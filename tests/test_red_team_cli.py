@@ -13,6 +13,7 @@ from bad_input_helpers import assert_one_line_refusal, run_cli
 from kvtier.cli import main
 from kvtier.cli_config import MAX_SWEEP_RUNS
 from kvtier.sim.report import estimate_load
+from kvtier.sim.workload import MAX_ARRIVAL_S, TraceRequest
 
 
 def test_a_sweep_of_millions_of_runs_is_refused_before_any() -> None:
@@ -101,3 +102,24 @@ def test_estimate_load_never_overflows(busy_s: float, span_s: float, time_scale:
     load = estimate_load(busy_s, span_s, time_scale, instances)
     assert load.utilization is None and not load.overloaded
     assert load.sustainable_time_scale is None and load.sustainable_instances is None
+
+
+def test_a_fleet_whose_scaled_arrivals_pass_the_clock_is_refused_naming_the_request() -> None:
+    """``replay --instances 2 --time-scale 1e300``: every arrival landed where the virtual
+    clock, a float of seconds, loses whole steps: the report said TTFT 0.0 ms. Now refused
+    in one line naming the request, its arrival and the scale."""
+    code, err = run_cli(["replay", "--workload", "agentic", "--limit", "5", "--instances", "2",
+                         "--time-scale", "1e300", "--no-progress"])
+    assert_one_line_refusal(code, err, "cannot replay: request 'agentic-0' arrives at",
+                            "x time scale 1e+300", "lower the time scale")
+
+
+def test_scaled_arrival_is_the_product_within_the_clock() -> None:
+    """The bound is on the product: the latest arrival a workload may have, scaled by 1,
+    is still fine; scaled past it (or to inf) it is refused."""
+    request = TraceRequest("r", MAX_ARRIVAL_S, [1], 1)
+    assert request.scaled_arrival_s(1.0) == MAX_ARRIVAL_S
+    assert TraceRequest("r", 2.0, [1], 1).scaled_arrival_s(0.5) == 1.0
+    for scale in (1.5, 1e308):
+        with pytest.raises(ValueError, match=r"request 'r' arrives at 1e\+10 s"):
+            request.scaled_arrival_s(scale)

@@ -332,7 +332,7 @@ def simulate_fleet(
     wall_start = time.perf_counter()
     with fewer_gc_passes():
         for request in workload:
-            t = request.arrival_s * time_scale
+            t = request.scaled_arrival_s(time_scale)
             _advance(instances, t)
             for inst in instances:
                 inst.publish_until(t, bus)

@@ -51,6 +51,21 @@ class TraceRequest:
         """Length of the prompt in tokens."""
         return len(self.prompt)
 
+    def scaled_arrival_s(self, time_scale: float) -> float:
+        """``arrival_s x time_scale``, the time a replay queues it; ValueError naming the
+        request past :data:`MAX_ARRIVAL_S`. Pure.
+
+        NOTE: ``arrival_s`` is bounded when made, the product was not: ``--time-scale
+        1e300`` put every arrival where the virtual clock loses whole steps, and the report
+        said TTFT 0.0 ms."""
+        arrival_s = self.arrival_s * time_scale
+        if not arrival_s <= MAX_ARRIVAL_S:
+            raise ValueError(f"request {self.request_id!r} arrives at {self.arrival_s:g} s x "
+                             f"time scale {time_scale:g} = {arrival_s:.3g} s, past the "
+                             f"{MAX_ARRIVAL_S:.0e} s a replay's virtual clock tells "
+                             "microseconds apart; lower the time scale")
+        return arrival_s
+
 
 @runtime_checkable
 class Workload(Protocol):
