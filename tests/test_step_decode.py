@@ -126,3 +126,16 @@ def test_the_queue_hint_is_skipped_exactly_when_nothing_it_names_changed() -> No
         sched.update(step, sampled)
     assert len(seen) > 200 and len(calls) < len(seen)  # some skipped, some not
     assert calls == expected
+
+
+def test_with_schedule_is_replace_of_the_two_scheduling_fields() -> None:
+    """``SequenceSpec.with_schedule`` (the scheduler's candidate spec, a copy field by field
+    from a name tuple built once) equals ``dataclasses.replace`` of its two fields; bad
+    values are refused as the constructor refuses them."""
+    spec = SequenceSpec("r", [1, 2, 3, 4, 5], salt="s", lora_id=3, priority=7,
+                        retention_s=2.5)
+    copy = spec.with_schedule(3, 2)
+    assert copy == dataclasses.replace(spec, num_new_tokens=3, num_reserved_blocks=2)
+    assert copy.token_array is spec.token_array
+    with pytest.raises(ValueError, match="num_reserved_blocks must be an int >= 0, got -1"):
+        spec.with_schedule(3, -1)

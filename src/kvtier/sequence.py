@@ -186,12 +186,14 @@ class SequenceSpec:
         validated when this spec was built (a scheduler re-admits the same prompt often)."""
         _check_schedule(num_new_tokens, num_reserved_blocks)
         spec = object.__new__(SequenceSpec)
-        for f in fields(self):
-            name = f.name
+        for name in _SPEC_FIELDS:  # NOTE: not ``fields(self)``, a tuple built each call
             object.__setattr__(spec, name, getattr(self, name))
         object.__setattr__(spec, "num_new_tokens", num_new_tokens)
         object.__setattr__(spec, "num_reserved_blocks", num_reserved_blocks)
         return spec
+
+
+_SPEC_FIELDS = tuple(f.name for f in fields(SequenceSpec))
 
 
 def _check_schedule(num_new_tokens: int | None, num_reserved_blocks: int) -> None:
