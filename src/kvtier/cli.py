@@ -183,7 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kvtier: error: out of memory; use smaller --gpu-blocks/--host-blocks/"
               "--instances or a shorter trace (--limit)", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as exc:
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        # NOTE: BaseException, not Exception: a Rust library's panic (pyo3's PanicException,
+        # from tokenizers or safetensors) is a BaseException, and went past this handler as
+        # a traceback.
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         print(f"kvtier: internal error: {type(exc).__name__}: {exc} (a defect in kvtier; "

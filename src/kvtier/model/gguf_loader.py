@@ -64,6 +64,28 @@ def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
+def gguf_int(reader: Any, key: str, origin: str) -> int | None:
+    """Metadata ``key`` as an int (None if absent); CheckpointError naming ``origin`` and the
+    key if it holds anything else (a string, an array, a bool, a float). Pure."""
+    value = gguf_field(reader, key)
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise CheckpointError(f"{origin}: {key} must be an integer, got {value!r:.60}")
+    return value
+
+
+def gguf_number(reader: Any, key: str, origin: str) -> float | None:
+    """Metadata ``key`` as a float (None if absent); CheckpointError naming ``origin`` and
+    the key if it is no real number. Pure."""
+    value = gguf_field(reader, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CheckpointError(f"{origin}: {key} must be a number, got {value!r:.60}")
+    return float(value)
+
+
 def hf_name(gguf_name: str) -> str:
     """The Hugging Face name of a GGUF tensor (unknown names are kept). Pure."""
     if gguf_name in _GLOBAL_NAMES:
@@ -78,42 +100,53 @@ def config_from_gguf(reader: Any, origin: str, dtype: str = "float32") -> ModelC
     """The :class:`ModelConfig` in a GGUF file's metadata. CheckpointError naming the key
     if one is missing or unsupported."""
     arch = gguf_field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{origin} holds a {arch!r} model; kvtier reads "
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise CheckpointError(f"{origin} holds a {arch!r:.60} model; kvtier reads "
                               f"{sorted(ARCHITECTURES)}")
 
-    def need(key: str) -> Any:
-        value = gguf_field(reader, f"{arch}.{key}")
+    # NOTE: every number is checked for its type here: int() of an array was a TypeError,
+    # of a string a ValueError that named no key.
+    def need(key: str) -> int:
+        value = gguf_int(reader, f"{arch}.{key}", origin)
         if value is None:
             raise CheckpointError(f"{origin} lacks the metadata key {arch}.{key}")
         return value
+
+    def optional(key: str, default: int) -> int:
+        value = gguf_int(reader, f"{arch}.{key}", origin)
+        return default if value is None else value
 
     scaling = gguf_field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise CheckpointError(f"{origin}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) "
                               "is not supported")
     names = {t.name for t in reader.tensors}
-    dim, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    vocab = gguf_field(reader, f"{arch}.vocab_size")
+    dim, heads = need("embedding_length"), need("attention.head_count")
+    vocab = gguf_int(reader, f"{arch}.vocab_size", origin)
     if vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         if tokens is None:
             raise CheckpointError(f"{origin} lacks {arch}.vocab_size and tokenizer.ggml.tokens")
         vocab = len(tokens.data)
+    norm_eps = gguf_number(reader, f"{arch}.attention.layer_norm_rms_epsilon", origin)
+    rope_theta = gguf_number(reader, f"{arch}.rope.freq_base", origin)
+    if norm_eps is None:
+        raise CheckpointError(f"{origin} lacks the metadata key "
+                              f"{arch}.attention.layer_norm_rms_epsilon")
+    # A head count of 0 is ModelConfig's to refuse (naming it), not a division's.
+    head_dim = optional("attention.key_length", dim // heads if heads > 0 else 0)
+    num_layers, ffn_dim = need("block_count"), need("feed_forward_length")
+    num_kv_heads = optional("attention.head_count_kv", heads)
+    context = need("context_length")
     try:
         return ModelConfig(
-            vocab_size=int(vocab), dim=dim, num_layers=int(need("block_count")),
-            num_heads=heads, num_kv_heads=int(gguf_field(reader,
-                                                         f"{arch}.attention.head_count_kv",
-                                                         heads)),
-            head_dim=int(gguf_field(reader, f"{arch}.attention.key_length", dim // heads)),
-            ffn_dim=int(need("feed_forward_length")),
-            rope_theta=float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-            norm_eps=float(need("attention.layer_norm_rms_epsilon")), dtype=dtype,
+            vocab_size=vocab, dim=dim, num_layers=num_layers, num_heads=heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, ffn_dim=ffn_dim,
+            rope_theta=10000.0 if rope_theta is None else rope_theta,
+            norm_eps=norm_eps, dtype=dtype,
             tie_word_embeddings="output.weight" not in names,
             qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
-            mlp_bias="blk.0.ffn_up.bias" in names,
-            max_position_embeddings=int(need("context_length")))
+            mlp_bias="blk.0.ffn_up.bias" in names, max_position_embeddings=context)
     except ValueError as exc:
         raise CheckpointError(f"{origin}: {exc}") from None
 

@@ -10,9 +10,9 @@ merges, token types and chat template (``tokenizer.ggml.*``), from which a byte-
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kvtier.model.checkpoint import CheckpointError, checkpoint_kind, read_json_object
 
@@ -29,6 +29,7 @@ _PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
     "refact": (True, _GPT2_PATTERN), "llama-bpe": (False, _LLAMA3_PATTERN),
     "llama3": (False, _LLAMA3_PATTERN), "qwen2": (False, _QWEN2_PATTERN),
 }
+_T = TypeVar("_T")
 _CONTROL = 3  # llama.cpp token type of special tokens (<|im_start|>, ...)
 _USER_DEFINED = 4
 
@@ -140,14 +141,12 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
         raise CheckpointError(f"{path}: tokenizer model {kind!r} (tokenizer.ggml.model) is not "
                               "supported; kvtier reads byte-level BPE ('gpt2') vocabularies")
     pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in _PRE_TOKENIZERS:
         raise CheckpointError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not "
                               f"supported; kvtier knows {sorted(_PRE_TOKENIZERS)}")
-    tokens: list[str] = gguf_field(reader, "tokenizer.ggml.tokens")
-    types: list[int] = gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges", [])]
+    tokens, types, merges = _gguf_vocabulary(reader, path)
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    backend = tk.Tokenizer(models.BPE(vocab, merges, ignore_merges=False))
+    backend = _built(path, lambda: tk.Tokenizer(models.BPE(vocab, merges, ignore_merges=False)))
     digits, pattern = _PRE_TOKENIZERS[pre]
     steps: list[Any] = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     if pattern is None:
@@ -162,18 +161,74 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
     backend.add_tokens([tk.AddedToken(tokens[i], normalized=False)
                         for i, t in enumerate(types) if t == _USER_DEFINED])
 
-    def token(key: str) -> str | None:
+    def token_id(key: str) -> int | None:
         i = gguf_field(reader, key)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+        if i is not None and type(i) is not int:
+            raise CheckpointError(f"{path}: {key} must be a token id, got {i!r:.60}")
+        return i
 
-    eos_id = gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    eos_ids = [int(eos_id)] if eos_id is not None else []
-    eot_id = gguf_field(reader, "tokenizer.ggml.eot_token_id")  # end of turn, if distinct
+    def token(key: str) -> str | None:
+        i = token_id(key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    eos_id = token_id("tokenizer.ggml.eos_token_id")
+    eos_ids = [eos_id] if eos_id is not None else []
+    eot_id = token_id("tokenizer.ggml.eot_token_id")  # end of turn, if distinct
     if eot_id is not None:
-        eos_ids.append(int(eot_id))
+        eos_ids.append(eot_id)
     return Tokenizer(backend, eos_ids, gguf_field(reader, "tokenizer.chat_template"),
                      token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"),
                      bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)))
+
+
+def _gguf_vocabulary(reader: Any, path: Path
+                     ) -> tuple[list[str], list[int], list[tuple[str, str]]]:
+    """The ``tokenizer.ggml`` tokens, token types and merges of a GGUF file, each checked:
+    CheckpointError naming the key otherwise. Pure.
+
+    NOTE: the tokenizers library takes them unchecked: a merge without its space, or tokens
+    that are no strings, was a TypeError from its Rust side (status 70)."""
+    from kvtier.model.gguf_loader import gguf_field
+
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+        raise CheckpointError(f"{path}: tokenizer.ggml.tokens must be a non-empty array of "
+                              f"strings, got {tokens!r:.60}")
+    types = gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    if not (isinstance(types, list) and len(types) == len(tokens)
+            and all(type(t) is int for t in types)):
+        raise CheckpointError(f"{path}: tokenizer.ggml.token_type must be an array of "
+                              f"{len(tokens)} integers, one per token, got {types!r:.60}")
+    merges = gguf_field(reader, "tokenizer.ggml.merges", [])
+    pairs = [tuple(m.split(" ", 1)) for m in merges if isinstance(m, str)] if isinstance(
+        merges, list) else []
+    if (not isinstance(merges, list) or len(pairs) != len(merges)
+            or not all(len(p) == 2 and all(p) for p in pairs)):
+        raise CheckpointError(f"{path}: tokenizer.ggml.merges must be an array of "
+                              f"'left right' strings, got {merges!r:.60}")
+    vocab = set(tokens)
+    for i, (left, right) in enumerate(pairs):
+        # NOTE: the library panics (Rust) on a merge of or into what is no token.
+        for part, role in ((left, "merges"), (right, "merges"), (left + right, "merges into")):
+            if part not in vocab:
+                raise CheckpointError(f"{path}: tokenizer.ggml.merges[{i}]: {merges[i]!r:.40} "
+                                      f"{role} {part!r:.40}, which is no token")
+    return tokens, types, [(left, right) for left, right in pairs]
+
+
+def _built(path: Path, build: Callable[[], _T]) -> _T:
+    """``build()`` of the tokenizers library; CheckpointError where it fails on what it
+    was given, even by a Rust panic.
+
+    NOTE: a panic is a pyo3 ``PanicException``, a BaseException: no ``except Exception``
+    stops it (a merge whose result is not a token panicked through every handler)."""
+    try:
+        return build()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        raise CheckpointError(f"{path} holds a tokenizer the tokenizers library refuses "
+                              f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
