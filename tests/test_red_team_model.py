@@ -167,3 +167,39 @@ def _with_run(parser: object, run: object) -> object:
         for sub in action.choices.values():  # type: ignore[union-attr]
             sub.set_defaults(run=run)
     return parser
+
+
+@pytest.mark.parametrize(("dtype", "fault", "shown"), [
+    ("int8", None, r"tensor 'model.norm.weight' of ckpt holds torch.int8, not floating-point"),
+    ("bool", None, r"holds torch.bool, not floating-point numbers"),
+    ("complex64", None, r"holds torch.complex64, not floating-point numbers"),
+    ("float32", OSError("file changed"),
+     r"tensor 'model.norm.weight' of ckpt cannot be read \(OSError: file changed\)"),
+])
+def test_a_checkpoint_tensor_that_is_no_float_or_cannot_be_read_is_named(
+        dtype: str, fault: Exception | None, shown: str) -> None:
+    """A checkpoint's int8, bool or complex tensor was cast to float without a word (int8
+    weights are quantized: their scales live elsewhere; complex lost its imaginary part);
+    a read that failed was the reader's own error (status 70). Now CheckpointError naming
+    the tensor."""
+    import torch
+
+    from kvtier.model.checkpoint import TensorEntry, build_model, expected_shapes
+    from kvtier.model.config import ModelConfig
+
+    config = ModelConfig(vocab_size=V, dim=H, num_layers=1, num_heads=2, num_kv_heads=2,
+                         head_dim=H // 2, ffn_dim=F, max_position_embeddings=64)
+
+    def entry(name: str, shape: tuple[int, ...]) -> TensorEntry:
+        def load() -> torch.Tensor:
+            if name != "model.norm.weight":
+                return torch.ones(shape)
+            if fault is not None:
+                raise fault
+            return torch.ones(shape, dtype=getattr(torch, dtype))
+
+        return TensorEntry(shape, load)
+
+    tensors = {name: entry(name, shape) for name, shape in expected_shapes(config).items()}
+    with pytest.raises(CheckpointError, match=shown):
+        build_model(config, tensors, "ckpt")

@@ -128,7 +128,17 @@ def build_model(config: ModelConfig, tensors: Mapping[str, TensorEntry], origin:
     dtype = getattr(torch, config.dtype)
 
     def read(name: str) -> torch.Tensor:
-        return tensors[name].load().to(device=device, dtype=dtype)
+        try:
+            tensor = tensors[name].load()
+        except Exception as exc:  # the readers' own errors: a shard changed since it was opened
+            raise CheckpointError(f"tensor {name!r} of {origin} cannot be read "
+                                  f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        # NOTE: a cast would take anything: int8 weights (quantized, their scales elsewhere)
+        # as small whole numbers, bools as 1.0, complex numbers without their imaginary part.
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"tensor {name!r} of {origin} holds {tensor.dtype}, not "
+                                  "floating-point numbers")
+        return tensor.to(device=device, dtype=dtype)
 
     def proj(name: str) -> torch.Tensor:
         return read(name).T  # [in, out]: the model computes x @ w; a view, not a copy
