@@ -203,3 +203,32 @@ def test_a_checkpoint_tensor_that_is_no_float_or_cannot_be_read_is_named(
     tensors = {name: entry(name, shape) for name, shape in expected_shapes(config).items()}
     with pytest.raises(CheckpointError, match=shown):
         build_model(config, tensors, "ckpt")
+
+
+HF_CONFIG = {"model_type": "llama", "hidden_size": H, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": F,
+             "vocab_size": V, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize(("changes", "shown"), [
+    ({"hidden_size": [8]}, r"hidden_size must be an integer, got \[8\]"),  # TypeError: 70
+    ({"num_attention_heads": 0}, r"num_heads must be an integer >= 1, got 0"),  # dim // 0
+    ({"hidden_size": True}, r"hidden_size must be an integer, got True"),
+    ({"vocab_size": 6.0}, r"vocab_size must be an integer, got 6.0"),  # int(6.0) taken
+    ({"head_dim": "x"}, r"head_dim must be an integer, got 'x'"),  # named no key
+    ({"tie_word_embeddings": "no"}, r"tie_word_embeddings must be true or false, got 'no'"),
+    ({"attention_bias": 1}, r"attention_bias must be true or false, got 1"),
+    ({"rope_scaling": [1]}, r"rope_scaling must be an object or null, got \[1\]"),  # ignored
+    ({"rope_theta": "x"}, r"rope_theta must be a number, got 'x'"),
+    ({"rms_norm_eps": "x"}, r"rms_norm_eps must be a number, got 'x'"),
+])
+def test_hf_config_values_of_the_wrong_type_name_the_key(changes: dict[str, object],
+                                                        shown: str) -> None:
+    """config.json values of the wrong type: a TypeError or ZeroDivisionError (status 70),
+    a ValueError naming no key, or taken as something else (bool('no') is True, a list of
+    rope_scaling ignored). Now CheckpointError naming the file and the key."""
+    from kvtier.model.safetensors_loader import config_from_hf
+
+    assert config_from_hf(dict(HF_CONFIG), "c.json").dim == H
+    with pytest.raises(CheckpointError, match=rf"^c.json: {shown}"):
+        config_from_hf({**HF_CONFIG, **changes}, "c.json")

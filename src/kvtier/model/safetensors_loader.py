@@ -19,6 +19,9 @@ from kvtier.model.llama import LlamaModel
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+_REQUIRED = object()  # value()'s default for a key that must be there
+
+
 def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> ModelConfig:
     """The :class:`ModelConfig` of a Hugging Face ``config.json`` (as a dict).
     CheckpointError naming the key if one is missing or unsupported."""
@@ -27,17 +30,33 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
         raise CheckpointError(f"{origin}: model_type {model_type!r} is not supported; kvtier "
                               f"reads {list(MODEL_TYPES)}")
 
-    def need(key: str) -> Any:
-        if key not in cfg:
-            raise CheckpointError(f"{origin} lacks the key {key!r}")
-        return cfg[key]
+    # NOTE: each value is checked for its type: int() of a list was a TypeError (status 70),
+    # bool("no") is True, int(3.7) is 3.
+    def value(key: str, kinds: tuple[type, ...], what: str, default: Any) -> Any:
+        found = cfg.get(key)
+        if found is None:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{origin} lacks the key {key!r}")
+            return default
+        if isinstance(found, bool) is not (bool in kinds) or not isinstance(found, kinds):
+            raise CheckpointError(f"{origin}: {key} must be {what}, got {found!r:.60}")
+        return found
+
+    def count(key: str, default: Any = _REQUIRED) -> Any:
+        return value(key, (int,), "an integer", default)
+
+    def flag(key: str) -> bool:
+        return bool(value(key, (bool,), "true or false", False))
 
     if cfg.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{origin}: hidden_act {cfg['hidden_act']!r} is not supported "
-                              "(the MLP is SwiGLU)")
+        raise CheckpointError(f"{origin}: hidden_act {cfg['hidden_act']!r:.60} is not "
+                              "supported (the MLP is SwiGLU)")
     scaling = None
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    rope_theta = cfg.get("rope_theta")
+    if rs is not None and not isinstance(rs, dict):
+        raise CheckpointError(f"{origin}: rope_scaling must be an object or null, got "
+                              f"{rs!r:.60}")
+    rope_theta = value("rope_theta", (int, float), "a number", None)
     if isinstance(rs, dict):
         rope_type = rs.get("rope_type", rs.get("type", "default"))
         rope_theta = rs.get("rope_theta", rope_theta)
@@ -50,24 +69,26 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
                 raise CheckpointError(f"{origin}: rope_scaling {rs!r} is not a llama3 "
                                       f"scaling ({exc})") from None
         elif rope_type != "default":
-            raise CheckpointError(f"{origin}: rope_scaling type {rope_type!r} is not "
+            raise CheckpointError(f"{origin}: rope_scaling type {rope_type!r:.60} is not "
                                   "supported (default or llama3)")
-    dim, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-    attention_bias = bool(cfg.get("attention_bias", False))
+    dim, heads = count("hidden_size"), count("num_attention_heads")
+    attention_bias = flag("attention_bias")
     qwen2 = model_type == "qwen2"
+    # A head count of 0 is ModelConfig's to refuse (naming it), not a division's.
+    head_dim = count("head_dim", None) or (dim // heads if heads > 0 else 0)
+    sizes = (count("vocab_size"), count("num_hidden_layers"),
+             count("num_key_value_heads", None) or heads, count("intermediate_size"),
+             count("max_position_embeddings", None))
+    norm_eps = value("rms_norm_eps", (int, float), "a number", 1e-6)
+    tie, mlp_bias = flag("tie_word_embeddings"), flag("mlp_bias")
     try:
         return ModelConfig(
-            vocab_size=int(need("vocab_size")), dim=dim,
-            num_layers=int(need("num_hidden_layers")), num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or dim // heads),
-            ffn_dim=int(need("intermediate_size")),
+            vocab_size=sizes[0], dim=dim, num_layers=sizes[1], num_heads=heads,
+            num_kv_heads=sizes[2], head_dim=head_dim, ffn_dim=sizes[3],
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), dtype=dtype,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            norm_eps=float(norm_eps), dtype=dtype, tie_word_embeddings=tie,
             qkv_bias=qwen2 or attention_bias, o_bias=attention_bias and not qwen2,
-            mlp_bias=bool(cfg.get("mlp_bias", False)), rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings"))
+            mlp_bias=mlp_bias, rope_scaling=scaling, max_position_embeddings=sizes[4])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{origin}: {exc}") from None
 
