@@ -270,3 +270,21 @@ def test_a_subscriber_start_id_redis_refuses_is_refused_when_made(
     with pytest.raises(ValueError, match=r"start_id must be a stream id 'ms' or 'ms-seq'"):
         publisher.RedisStreamSubscriber("redis://unused", start_id=start_id)  # type: ignore[arg-type]
     assert publisher.RedisStreamSubscriber("redis://unused", start_id="1700000000000-3")
+
+
+@pytest.mark.parametrize(("tokens_per_block", "extras", "shown"), [
+    (0, None, r"tokens_per_block must be an integer >= 1, got 0"),  # ZeroDivisionError
+    (-1, None, r"tokens_per_block must be an integer >= 1, got -1"),  # [] for any prompt
+    (True, None, r"tokens_per_block must be an integer >= 1, got True"),  # one hash a token
+    (2, [b"x"], r"extras must hold one extra key per full block \(2\), got 1"),  # IndexError
+])
+def test_a_prompts_hash_chain_refuses_a_block_size_or_extras_that_cannot_be(
+        tokens_per_block: object, extras: list[object] | None, shown: str) -> None:
+    """prompt_block_hashes, the one helper for a prompt's hash chain (the router's, the
+    remote tier's): a block size of 0 divided by zero, True hashed a block per token, too
+    few extras raised IndexError. Now ValueError naming it."""
+    from kvtier.hashing import get_hash_fn, prompt_block_hashes
+
+    with pytest.raises(ValueError, match=shown):
+        prompt_block_hashes(get_hash_fn("xxh3_128"), [1, 2, 3, 4], tokens_per_block,  # type: ignore[arg-type]
+                            extras=extras)

@@ -135,9 +135,16 @@ def prompt_block_hashes(
         hashes    [   h0      ,   h1      ,   h2      ]         (num_blocks=None)
                   [   h0      ,   h1      ]                     (num_blocks=2)
     """
+    # NOTE: checked here, where callers outside the manager (a router, a remote tier) come
+    # in: a block size of 0 divided by zero, a negative one or True hashed garbage.
+    if type(tokens_per_block) is not int or tokens_per_block < 1:
+        raise ValueError(f"tokens_per_block must be an integer >= 1, got {tokens_per_block!r}")
     if num_blocks is not None:
         if type(num_blocks) is not int or num_blocks < 0:
             raise ValueError(f"num_blocks must be None or an integer >= 0, got {num_blocks!r}")
         tokens = tokens[: num_blocks * tokens_per_block]
+    if extras is not None and len(extras) < len(tokens) // tokens_per_block:
+        raise ValueError(f"extras must hold one extra key per full block "
+                         f"({len(tokens) // tokens_per_block}), got {len(extras)}")
     return chain_hashes(hash_fn, root_hash(hash_fn, lora_id, salt), tokens, tokens_per_block,
                         lora_id, extras)
