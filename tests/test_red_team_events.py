@@ -288,3 +288,32 @@ def test_a_prompts_hash_chain_refuses_a_block_size_or_extras_that_cannot_be(
     with pytest.raises(ValueError, match=shown):
         prompt_block_hashes(get_hash_fn("xxh3_128"), [1, 2, 3, 4], tokens_per_block,  # type: ignore[arg-type]
                             extras=extras)
+
+
+def test_a_subscriber_on_a_resp3_connection_reads_its_entries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``?protocol=3`` in the URL redis-py answers XREAD as ``{stream: [entries]}``,
+    not RESP2's ``[[stream, entries]]``: every poll (and resync_requests) raised ValueError
+    ("too many values to unpack"). Now both shapes read alike."""
+    pytest.importorskip("redis")
+    from kvtier import publisher
+    from kvtier.event_codec import encode_events
+
+    rows = [(b"1-0", {b"i": b"a", b"e": encode_events([stored(0, 1)]).encode()}),
+            (b"2-0", {b"i": b"a", b"e": encode_events([stored(1, 2)]).encode()}),
+            (b"3-0", {b"i": b"a", b"e": encode_events([stored(2, 3)]).encode()})]
+
+    class Resp3:
+        def xread(self, streams: dict[str, object], **options: object) -> object:
+            (name,) = streams
+            return {name.encode(): [rows]}
+
+        def get(self, key: str) -> None:
+            return None
+
+    monkeypatch.setattr(publisher, "_connect", lambda url: Resp3())
+    subscriber = publisher.RedisStreamSubscriber("redis://unused?protocol=3")
+    assert subscriber.poll() == [EventBatch("a", [stored(0, 1)]), EventBatch("a", [stored(1, 2)]),
+                                 EventBatch("a", [stored(2, 3)])]
+    assert subscriber.last_id == b"3-0"
+    assert publisher.RedisStreamPublisher("redis://unused?protocol=3").resync_requests() == {"a"}

@@ -389,12 +389,11 @@ class RedisStreamPublisher:
         if reply is None:
             self.num_failed_reads += 1
         asked: set[str] = set()
-        for _, rows in reply or []:
-            for entry_id, entry in rows:
-                self._resync_id = entry_id
-                instance_id = _field(entry, b"i")
-                if instance_id is not None:  # a malformed request is skipped
-                    asked.add(instance_id)
+        for entry_id, entry in _stream_entries(reply):
+            self._resync_id = entry_id
+            instance_id = _field(entry, b"i")
+            if instance_id is not None:  # a malformed request is skipped
+                asked.add(instance_id)
         return asked
 
 
@@ -436,10 +435,9 @@ class RedisStreamSubscriber:
         self._try_snapshots(out)
         reply = _attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
                          block=block_ms)
-        for _, rows in reply or []:
-            for entry_id, entry in rows:
-                self.last_id = entry_id  # never read a bad entry twice
-                self._receive(entry, out)
+        for entry_id, entry in _stream_entries(reply):
+            self.last_id = entry_id  # never read a bad entry twice
+            self._receive(entry, out)
         self._try_snapshots(out)
         for instance_id in self.tracker.stale_instances():
             if instance_id not in self._asked and _attempt(
@@ -476,6 +474,21 @@ class RedisStreamSubscriber:
                 continue
             if self.tracker.offer(snapshot, out):
                 self._asked.discard(instance_id)
+
+
+def _stream_entries(reply: object) -> list[tuple[str | bytes, object]]:
+    """The (entry id, fields) of an XREAD reply of one stream, in order, in either of
+    redis-py's shapes: RESP2's ``[[stream, entries]]`` or RESP3's ``{stream: [entries]}``
+    (a URL's ``?protocol=3``). Pure.
+
+    NOTE: the RESP3 shape, read as RESP2's, raised ValueError from every poll."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        groups = [entries for value in reply.values() for entries in value]
+    else:
+        groups = [item[1] for item in reply]  # type: ignore[attr-defined]
+    return [(entry[0], entry[1]) for entries in groups for entry in entries]
 
 
 def _field(entry: object, name: bytes) -> str | None:
