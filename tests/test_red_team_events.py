@@ -317,3 +317,20 @@ def test_a_subscriber_on_a_resp3_connection_reads_its_entries(
                                  EventBatch("a", [stored(2, 3)])]
     assert subscriber.last_id == b"3-0"
     assert publisher.RedisStreamPublisher("redis://unused?protocol=3").resync_requests() == {"a"}
+
+
+def test_buffer_sizes_past_what_a_deque_or_redis_takes_are_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """subscribe(max_events=10**30): OverflowError from the deque; a publisher's maxlen
+    past 2**63: Redis refused every XADD, each counted as a failed batch, silently. Now
+    ValueError naming the bound; the bound itself is taken."""
+    with pytest.raises(ValueError, match=r"max_events must be an integer in 1..2\*\*40"):
+        InMemoryEventBus().subscribe(max_events=10**30)
+    assert InMemoryEventBus().subscribe(max_events=1 << 40).poll() == []
+    pytest.importorskip("redis")
+    from kvtier import publisher
+
+    monkeypatch.setattr(publisher, "_connect", lambda url: object())
+    with pytest.raises(ValueError, match=r"maxlen must be an integer in 1..2\*\*40, got an "
+                                         r"int of 200 bits"):
+        publisher.RedisStreamPublisher("redis://unused", maxlen=1 << 199)

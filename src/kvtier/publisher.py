@@ -98,6 +98,7 @@ def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -
     return Snapshot(instance_id, next_seq, frozenset(blocks))
 
 
+_MAX_BUFFER = 1 << 40  # events a subscriber's buffer or a stream may hold
 _EVENT_TYPES = (BlockStored, BlockRemoved, BlockTierChanged, AllBlocksCleared)
 
 
@@ -203,8 +204,11 @@ class InMemorySubscriber:
     """
 
     def __init__(self, bus: InMemoryEventBus, max_events: int) -> None:
-        if type(max_events) is not int or max_events < 1:
-            raise ValueError(f"max_events must be an integer >= 1, got {max_events!r}")
+        # NOTE: bounded as CacheConfig.max_events: past a C ssize_t the deque raised
+        # OverflowError.
+        if type(max_events) is not int or not 1 <= max_events <= _MAX_BUFFER:
+            raise ValueError(f"max_events must be an integer in 1..2**40, got "
+                             f"{short_repr(max_events)}")
         self._bus = bus
         self._buffer: deque[tuple[str, Event]] = deque(maxlen=max_events)
         self.tracker = SeqTracker()
@@ -349,8 +353,9 @@ class RedisStreamPublisher:
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000) -> None:
-        if type(maxlen) is not int or maxlen < 1:
-            raise ValueError(f"maxlen must be an integer >= 1, got {maxlen!r}")
+        # NOTE: Redis refuses a MAXLEN past 2**63 - 1: every XADD failed, counted, silently.
+        if type(maxlen) is not int or not 1 <= maxlen <= _MAX_BUFFER:
+            raise ValueError(f"maxlen must be an integer in 1..2**40, got {short_repr(maxlen)}")
         _check_stream(stream)
         self._redis = _connect(url)
         self.stream = stream
