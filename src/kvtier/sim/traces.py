@@ -31,6 +31,38 @@ MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_PREFIX_MODEL = PrefixModel()
 # Hash id h stands for token ids h*512 .. h*512+511, which must stay int64.
 MAX_HASH_ID = (1 << 63) // MOONCAKE_BLOCK_TOKENS - 1
+# NOTE: the longest sound row (2**24 tokens: 32,768 hash ids of up to 17 digits) is under
+# 1 MB. A longer line is refused unread: a 60 MB line took 380 MB to parse, so a file of one
+# line of gigabytes ended in the OOM killer.
+MAX_LINE_BYTES = 1 << 22
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape made of a byte
+
+
+class _Lines:
+    """A text file's lines, each checked: at most :data:`MAX_LINE_BYTES` characters
+    (read no further), no NUL; ``num_read`` counts those read so far."""
+
+    def __init__(self) -> None:
+        self.num_read = 0
+
+    def of(self, f: io.TextIOBase, path: Path) -> Iterator[str]:
+        for line in iter(lambda: f.readline(MAX_LINE_BYTES + 1), ""):
+            self.num_read += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise TraceFormatError(path, self.num_read, "<text>",
+                                       f"the line is longer than {MAX_LINE_BYTES:,} "
+                                       "characters, more than any trace row")
+            bad = _NOT_UTF8.search(line)
+            if bad is not None:
+                raise TraceFormatError(path, self.num_read, "<text>",
+                                       f"not UTF-8 text (byte {bad.start()}): not an Azure "
+                                       "CSV trace")
+            if "\0" in line:
+                raise TraceFormatError(path, self.num_read, "<text>",
+                                       "contains a NUL byte: not an Azure CSV trace")
+            yield line
 
 
 def check_regular_file(path: Path) -> None:
@@ -168,9 +200,14 @@ class MooncakeTrace:
         previous_ms: float = 0.0
         check_regular_file(self.path)
         with self.path.open("rb") as f:
-            for line_number, raw in enumerate(f, start=1):
+            lines = iter(lambda: f.readline(MAX_LINE_BYTES + 1), b"")
+            for line_number, raw in enumerate(lines, start=1):
                 if self.limit is not None and len(records) >= self.limit:
                     break
+                if len(raw) > MAX_LINE_BYTES:
+                    raise TraceFormatError(self.path, line_number, "<text>",
+                                           f"the line is longer than {MAX_LINE_BYTES:,} bytes, "
+                                           "more than any Mooncake row")
                 try:
                     # NOTE: a byte order mark (Windows tools write one) opens line 1 only.
                     line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
@@ -328,22 +365,22 @@ class AzureTrace:
         }
 
     def _parse(self) -> list[_AzureRecord]:
+        """The records, read a line at a time.
+
+        NOTE: not the whole file at once: it took three times the file's size in memory
+        (bytes, text, the reader's copy) even with --limit, and a line of gigabytes without
+        a newline was read whole. A line longer than :data:`MAX_LINE_BYTES` is refused
+        unread."""
         check_regular_file(self.path)
-        try:
-            text = self.path.read_bytes().decode("utf-8-sig")  # a byte order mark is skipped
-        except UnicodeDecodeError as exc:
-            raise TraceFormatError(self.path, 1, "<text>",
-                                   f"not UTF-8 text (byte {exc.start}): not an Azure CSV "
-                                   "trace") from None
-        if "\0" in text:
-            line_number = text.count("\n", 0, text.index("\0")) + 1
-            raise TraceFormatError(self.path, line_number, "<text>",
-                                   "contains a NUL byte: not an Azure CSV trace")
-        reader = csv.reader(io.StringIO(text, newline=""))
-        try:
-            return self._parse_rows(reader)
-        except csv.Error as exc:
-            raise TraceFormatError(self.path, reader.line_num, "<row>", str(exc)) from None
+        lines = _Lines()
+        # A byte order mark (Windows tools write one) is skipped; bytes that are not UTF-8
+        # come through as lone surrogates, for _Lines to name their line.
+        with self.path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            reader = csv.reader(lines.of(f, self.path))
+            try:
+                return self._parse_rows(reader)
+            except csv.Error as exc:
+                raise TraceFormatError(self.path, reader.line_num, "<row>", str(exc)) from None
 
     def _parse_rows(self, reader: _CsvReader) -> list[_AzureRecord]:
         records: list[_AzureRecord] = []
