@@ -123,3 +123,29 @@ def test_scaled_arrival_is_the_product_within_the_clock() -> None:
     for scale in (1.5, 1e308):
         with pytest.raises(ValueError, match=r"request 'r' arrives at 1e\+10 s"):
             request.scaled_arrival_s(scale)
+
+
+def test_a_fleet_that_serves_no_request_says_why_in_one_line() -> None:
+    """``replay --instances 2 --gpu-blocks 1``: every request too large, and the fleet's
+    report of nothing came out with status 0 (one engine's replay refused it). Now the
+    same one line, status 2."""
+    code, err = run_cli(["replay", "--instances", "2", "--gpu-blocks", "1", "--limit", "5",
+                         "--no-progress"])
+    assert_one_line_refusal(code, err, "all 5 requests are too large for 1 GPU blocks of 32 "
+                                       "tokens; raise --gpu-blocks")
+
+
+def test_a_fleet_report_of_no_finished_request_has_no_negative_makespan() -> None:
+    """With no request finished the last finish (0) came before the first arrival: the
+    report said makespan_s -0.78. Now 0."""
+    from kvtier.config import CacheConfig
+    from kvtier.router import make_policy
+    from kvtier.scheduler import SchedulerConfig
+    from kvtier.sim import SyntheticChat, get_profile
+    from kvtier.sim.fleet import simulate_fleet
+
+    report = simulate_fleet(SyntheticChat(num_requests=5), CacheConfig(num_gpu_blocks=1), 2,
+                            make_policy("round-robin"), SchedulerConfig(),
+                            get_profile("llama3-8b-h100"))
+    assert report.num_requests == 0 and report.num_rejected_too_large == 5
+    assert report.makespan_s == 0.0

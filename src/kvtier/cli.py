@@ -267,6 +267,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
     finally:
         if remote_store is not None:
             remote_store.close()
+    _check_served(report.num_requests, report.num_rejected_too_large, cache, sched)
     _emit(format_fleet_report(report), report.to_dict(), args.json)
     return 0
 
@@ -334,18 +335,24 @@ def _simulate(workload: Workload, cache: CacheConfig, sched: SchedulerConfig,
         raise CLIError(f"malformed trace: {exc}") from None
     except (ValueError, SimulationStalled) as exc:
         raise CLIError(f"cannot replay: {exc}") from None
-    if report.num_requests == 0 and report.num_rejected_too_large:
-        if not sched.enable_chunked_prefill:
-            raise CLIError(
-                f"all {report.num_rejected_too_large} requests are too large for "
-                f"{cache.num_gpu_blocks} GPU blocks of {cache.tokens_per_block} tokens or, "
-                f"without chunked prefill, a step of {sched.max_num_tokens} tokens; raise "
-                "--gpu-blocks or --max-num-tokens, or drop --no-chunked-prefill")
-        raise CLIError(
-            f"all {report.num_rejected_too_large} requests are too large for "
-            f"{cache.num_gpu_blocks} GPU blocks of {cache.tokens_per_block} tokens; "
-            "raise --gpu-blocks")
+    _check_served(report.num_requests, report.num_rejected_too_large, cache, sched)
     return report
+
+
+def _check_served(num_served: int, num_too_large: int, cache: CacheConfig,
+                  sched: SchedulerConfig) -> None:
+    """:class:`CLIError` when a run skipped every request as too large (a fleet's report of
+    nothing, every latency n/a, came out with status 0). Pure."""
+    if num_served or not num_too_large:
+        return
+    if not sched.enable_chunked_prefill:
+        raise CLIError(
+            f"all {num_too_large} requests are too large for {cache.num_gpu_blocks} GPU "
+            f"blocks of {cache.tokens_per_block} tokens or, without chunked prefill, a step "
+            f"of {sched.max_num_tokens} tokens; raise --gpu-blocks or --max-num-tokens, or "
+            "drop --no-chunked-prefill")
+    raise CLIError(f"all {num_too_large} requests are too large for {cache.num_gpu_blocks} GPU "
+                   f"blocks of {cache.tokens_per_block} tokens; raise --gpu-blocks")
 
 
 def _with_oracle(workload: Workload, reports: list[SimReport],

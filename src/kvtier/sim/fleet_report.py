@@ -132,7 +132,10 @@ def fleet_report(workload: Workload, instances: list[InstanceRun], router: Route
     span_s = max(inst.loop.last_arrival_s for inst in instances) - min(starts, default=0.0)
     load = estimate_load(sum(inst.loop.busy_s for inst in instances), span_s,
                          float(time_scale), len(instances))
-    makespan_s = max(inst.loop.last_finish_s for inst in instances) - min(starts, default=0.0)
+    # NOTE: at least 0: with no request finished (every one too large) the last finish is
+    # 0, before the first arrival, and the report said a makespan of -0.78 s.
+    makespan_s = max(0.0, max(inst.loop.last_finish_s for inst in instances)
+                     - min(starts, default=0.0))
     router_info: dict[str, object] = {"policy": policy.name}
     if isinstance(policy, CacheAware):
         router_info.update(alpha=policy.alpha, host_weight=policy.host_weight,
