@@ -43,3 +43,16 @@ def test_generate_with_tiers_too_large_for_memory_names_the_options(
     code, err = run_cli(["generate", "hi", "--gpu-blocks", "16777216", "--device", "cpu"])
     assert_one_line_refusal(code, err, "cannot allocate 1,000,000,000,000,000 blocks of",
                             "use smaller --gpu-blocks/--host-blocks")
+
+
+@pytest.mark.parametrize(("call", "shown"), [
+    ("submit", r"plan must be a TransferPlan, got str"),  # AttributeError: 'str'.ops
+    ("wait", r"handle must be a TransferHandle, got str"),  # AttributeError: 'str'.event
+])
+def test_a_transfer_engine_refuses_what_is_no_plan_or_handle(call: str, shown: str) -> None:
+    """TorchTransferEngine.submit('x') and wait('x') raised AttributeError from inside."""
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+
+    engine = TorchTransferEngine(KVStorage(LAYOUT, 2), KVStorage(LAYOUT, 2))
+    with pytest.raises(TypeError, match=shown):
+        getattr(engine, call)("x")

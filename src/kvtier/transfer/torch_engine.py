@@ -307,7 +307,10 @@ class TorchTransferEngine:
         Raises ValueError (copying nothing) for an op outside the tiers. When a copy fails,
         TransferError names the ops not done (or not surely done): on the wave path the
         failing batch's and every later one's, on the fused and batched paths every op.
+        TypeError, copying nothing, for what is no TransferPlan.
         """
+        if not isinstance(plan, TransferPlan):
+            raise TypeError(f"plan must be a TransferPlan, got {type(plan).__name__}")
         if not len(plan):
             return TransferHandle(plan)
         if self._dma is not None and self.dma_batched:
@@ -428,7 +431,9 @@ class TorchTransferEngine:
 
     def wait(self, handle: TransferHandle, layer: int | None = None) -> None:
         """Make the caller's current stream wait for ``handle``'s copies, or only for those
-        of ``layer`` (CPU: no-op)."""
+        of ``layer`` (CPU: no-op). TypeError for what is no TransferHandle of this engine's."""
+        if not isinstance(handle, TransferHandle):
+            raise TypeError(f"handle must be a TransferHandle, got {type(handle).__name__}")
         event = handle.event
         if layer is not None and handle.layer_events is not None:
             event = handle.layer_events[layer]
