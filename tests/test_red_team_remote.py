@@ -135,3 +135,37 @@ def test_a_write_under_a_salt_no_manager_takes_is_refused(salt: object, shown: s
         tier.write(PROMPT, [0, 1, 2, 3, 4], salt=salt, wait=True)
     assert tier.num_written_blocks == 0
     assert isinstance(tier.store, InMemoryRemoteStore) and tier.store.backend == {}
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://127.0.0.1:1/0?password=hunter2", "redis://127.0.0.1:1/0?password=***"),
+    ("redis://h/0?db=2&Password=hunter2", "redis://h/0?db=2&Password=***"),
+    ("redis://:hunter2@127.0.0.1:99999/0", "redis://:***@127.0.0.1:99999/0"),  # ValueError
+    ("rediss://:hunter2@[::1]:1/0", "rediss://:***@[::1]:1/0"),  # was ::1:1
+    ("unix:///tmp/s.sock?password=hunter2", "unix:///tmp/s.sock?password=***"),
+    ("redis://user:hunter2@h:1/0", "redis://user:***@h:1/0"),
+    ("redis://[::1/0", "<a URL that does not parse>"),
+])
+def test_a_url_is_shown_without_its_password_wherever_it_is(url: str, shown: str) -> None:
+    """redact_url showed a password given as a query parameter (redis-py takes it there
+    too) in every error message, raised ValueError for a port out of range (status 70 in
+    place of the message) and dropped an IPv6 host's brackets."""
+    from kvtier.remote.redis_store import redact_url
+
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://127.0.0.1:1/0?password=hunter2", "redis at redis://127.0.0.1:1/0?password=***"),
+    ("redis://:hunter2@127.0.0.1:99999/0", "Port out of range"),
+])
+def test_the_command_line_never_shows_a_remote_urls_password(url: str, shown: str) -> None:
+    """``--remote-url redis://...?password=...``: the password was in the one-line error;
+    with a port out of range the error itself was an internal error (status 70)."""
+    pytest.importorskip("redis")
+    from bad_input_helpers import assert_one_line_refusal, run_cli
+
+    code, err = run_cli(["replay", "--limit", "3", "--instances", "2", "--remote", "write-back",
+                         "--host-blocks", "64", "--remote-url", url, "--no-progress"])
+    assert_one_line_refusal(code, err, "cannot use --remote-url", shown)
+    assert "hunter2" not in err

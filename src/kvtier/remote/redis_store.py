@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
@@ -57,14 +57,28 @@ _WHOLE = ""  # breaker key of the standalone server, and of the cluster's topolo
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``. Pure."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``url`` with its password replaced by ``***``: in its user info and in a
+    ``password`` query parameter (redis-py takes both). Never raises. Pure.
+
+    NOTE: the text is edited, not rebuilt from ``urlsplit``'s fields: its ``port`` raised
+    ValueError for a port out of range (a status 70 in place of the error being reported),
+    and ``hostname`` dropped an IPv6 address's brackets; a query's password was shown."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced "[" in the host: nothing of it is shown
+        return "<a URL that does not parse>"
+    netloc = parts.netloc
+    user_info, at, host = netloc.rpartition("@")
+    if at and ":" in user_info:
+        netloc = f"{user_info.split(':', 1)[0]}:***@{host}"
+    query = "&".join(
+        f"{name}=***" if unquote(name).lower() == "password" else f"{name}{sep}{value}"
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
+    ) if parts.query else ""
+    # Spliced into the text (urlunsplit drops the "//" of "unix:///path").
+    redacted = url.replace(parts.netloc, netloc, 1) if netloc != parts.netloc else url
+    return redacted.replace("?" + parts.query, "?" + query, 1) if query != parts.query else (
+        redacted)
 
 
 class RedisRemoteStore(RemoteStoreBase):
