@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier import CacheConfig, KVCacheManager
 from kvtier.event_codec import Snapshot
 from kvtier.events import BlockStored
 from kvtier.publisher import EventBatch, InMemoryEventBus, InstanceLost, manager_snapshot
@@ -54,20 +54,12 @@ def test_a_snapshot_source_answering_garbage_loses_no_update(answer: str | None)
     updates (other instances' too) lost; one that answered another instance's snapshot
     resynced the wrong instance. Now either counts as a failed snapshot: the instance stays
     stale, the other updates come back."""
-    down, healthy = make_manager(), make_manager()
     bus = InMemoryEventBus()
-    subscriber = bus.subscribe(max_events=3)  # down's 5 events overflow: a gap
-
-    def source() -> object:
-        if answer == "other":
-            return manager_snapshot(healthy, "healthy", 2)
-        return answer
-
-    bus.register_snapshot("down", source)  # type: ignore[arg-type]
-    down.add_sequence(SequenceSpec("a", list(range(20))))
-    bus.publish("down", down.drain_events())
-    healthy.add_sequence(SequenceSpec("b", list(range(8))))
-    bus.publish("healthy", healthy.drain_events())
+    subscriber = bus.subscribe(max_events=3)
+    other = Snapshot("healthy", 2, frozenset({(1, G)}))
+    bus.register_snapshot("down", lambda: other if answer == "other" else answer)  # type: ignore[arg-type,return-value]
+    bus.publish("down", [stored(seq, 10 + seq) for seq in range(5)])  # 5 into 3: a gap
+    bus.publish("healthy", [stored(0, 1), stored(1, 2)])
     updates = subscriber.poll()
     assert [type(u) for u in updates] == [InstanceLost, EventBatch]
     assert updates[1].instance_id == "healthy"
