@@ -1,5 +1,5 @@
 """The step's fast paths equal the checked ones: the scheduler's decode batch
-(``KVCacheManager._append_decodes``, two lists) against ``append_token_batch`` (pairs), and
+(``KVCacheManager.append_token_columns``, two lists) against ``append_token_batch`` (pairs), and
 the queue hint skipped exactly where the manager's version and the head's ids are the last
 hint's."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ def observe(mgr: KVCacheManager, rids: Sequence[str]) -> tuple[object, ...]:
 @pytest.mark.parametrize("seed", range(12))
 def test_the_scheduler_decode_path_equals_the_checked_batch(seed: int) -> None:
     """Random admissions, decode batches (some short of blocks), releases: each batch
-    through ``_append_decodes`` on one manager and ``append_token_batch`` on its twin gives
+    through ``append_token_columns`` on one manager and ``append_token_batch`` on its twin gives
     the same count applied and the same observable state after every operation."""
     rng = random.Random(seed)
     fast, checked = make_manager(), make_manager()
@@ -51,7 +52,7 @@ def test_the_scheduler_decode_path_equals_the_checked_batch(seed: int) -> None:
         elif op < 0.85:
             rids = rng.sample(live, rng.randint(1, len(live)))
             tokens = [rng.randint(0, 3) for _ in rids]
-            done = fast._append_decodes(rids, tokens)
+            done = fast.append_token_columns(rids, tokens)
             assert done == checked.append_token_batch(list(zip(rids, tokens, strict=True)))
         else:
             rid = live.pop(rng.randrange(len(live)))
@@ -67,12 +68,17 @@ def test_the_scheduler_decode_path_equals_the_checked_batch(seed: int) -> None:
     (["live", "other"], [6, True], ValueError, "item 1: the token appended to 'other'"),
     (["live", "other"], [6, 1.0], ValueError, "item 1: the token appended to 'other'"),
     (["live", "chunked"], [6, 1], ValueError, "'chunked' still has 2 unscheduled prompt"),
-    (["live", "other"], [6], ValueError, "zip"),
+    (["live", "other"], [6], ValueError, "request_ids has 2 ids but tokens has 1 tokens"),
+    (["live", ["other"]], [6, 1], KeyError, "item 1: unknown request_id \\[.other.\\]"),
+    ([], [6], ValueError, "request_ids has 0 ids but tokens has 1 tokens"),
+    ("live", [6], ValueError, "request_ids must be a list, got 'live'"),
+    (["live"], 6, ValueError, "tokens must be a list, got 6"),
+    (("live", "ghost"), (6, 1), KeyError, "item 1: unknown request_id 'ghost'"),
 ])
 def test_the_scheduler_decode_path_refuses_what_the_checked_batch_refuses(
-        rids: list[str], tokens: list[int], error: type[Exception], message: str) -> None:
-    """A bad value in the scheduler's lists raises the checked path's error naming the
-    item, and nothing is applied (item 0 stays unappended)."""
+        rids: Any, tokens: Any, error: type[Exception], message: str) -> None:
+    """A bad value or shape in the two columns raises the checked path's error naming the
+    item (or the column), and nothing is applied (item 0 stays unappended)."""
     mgr = make_manager()
     for rid, spec in [("live", SequenceSpec("live", [1, 2, 3, 4, 5])),
                       ("other", SequenceSpec("other", [9, 9])),
@@ -80,7 +86,7 @@ def test_the_scheduler_decode_path_refuses_what_the_checked_batch_refuses(
         assert mgr.add_sequence(spec).admitted, rid
     before = observe(mgr, ["live", "other", "chunked"])
     with pytest.raises(error, match=message):
-        mgr._append_decodes(rids, tokens)
+        mgr.append_token_columns(rids, tokens)
     assert observe(mgr, ["live", "other", "chunked"]) == before
 
 

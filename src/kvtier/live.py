@@ -7,7 +7,7 @@ its private slots, and the cache counts them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from operator import attrgetter, ge
 from typing import cast
 
@@ -105,14 +105,31 @@ class LiveTable:
         id): this skips only the checks of the pairs' shape, which cost most of
         ``decode_items`` on a step's batch; every value is still checked at C speed.
         """
+        if len(tokens) != len(request_ids):
+            return None
         if not request_ids:
             return []
         seqs = list(map(self.seqs.get, request_ids))
-        if (None in seqs or len(tokens) != len(seqs) or not _INT_TYPES.issuperset(map(type, tokens))
+        if (None in seqs or not _INT_TYPES.issuperset(map(type, tokens))
                 or min(tokens) < 0 or max(tokens) > MAX_TOKEN_ID
                 or not all(map(ge, map(_scheduled, seqs), map(len, map(_tokens, seqs))))):
             return None
         return cast("list[LiveSequence]", seqs)
+
+    @staticmethod
+    def column_pairs(request_ids: object, tokens: object) -> list[tuple[object, object]]:
+        """A decode batch given as two columns, as ``decode_items``'s pairs: ValueError
+        naming the column that is no sequence, or the two lengths where they differ. The
+        values are ``decode_items``'s to check. Pure."""
+        columns = []
+        for name, column in (("request_ids", request_ids), ("tokens", tokens)):
+            if isinstance(column, (str, bytes)) or not isinstance(column, Sequence):
+                raise ValueError(f"{name} must be a list, got {column!r}")
+            columns.append(column)
+        if len(columns[0]) != len(columns[1]):
+            raise ValueError(f"request_ids has {len(columns[0])} ids but tokens has "
+                             f"{len(columns[1])} tokens")
+        return list(zip(columns[0], columns[1], strict=True))
 
     def _decode_items_one_by_one(self, items: list[object]) -> list[tuple[LiveSequence, int]]:
         """``decode_items``, each item checked in turn: raises naming the first bad one."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
+from typing import cast
 
 from kvtier.admission import Admission, BatchAdmission, PrefixMatch, promise_of
 from kvtier.blocks import cdiv
@@ -392,15 +393,25 @@ class KVCacheManager:
         batch = self._live.decode_items(items)
         return self._append_each(batch, len(batch))
 
-    def _append_decodes(self, request_ids: list[str], tokens: list[int]) -> int:
-        """``append_token_batch(list(zip(request_ids, tokens)))`` for the decode batch
-        kvtier's scheduler builds from its running table (two lists of equal length: ids,
-        and the token each sampled last): the same checks of every value, the same
-        errors (nothing applied), without the checks of the pairs' shape, which its
-        construction guarantees (``LiveTable.decode_columns``). Not part of the API."""
-        seqs = self._live.decode_columns(request_ids, tokens)
-        if seqs is None:  # a bad value: the checked path names it (and raises)
-            return self.append_token_batch(list(zip(request_ids, tokens, strict=True)))
+    def append_token_columns(self, request_ids: list[str], tokens: list[int]) -> int:
+        """``append_token_batch`` for a batch given as two lists of equal length (the ids,
+        and the token each request sampled last), the form a scheduler builds from its
+        running table: the same checks of every value and the same errors (a bad value
+        raises, changing nothing), the same count returned.
+
+        NOTE: two lists skip the checks of the pairs' shape, most of ``decode_items``'s
+        cost on a step's batch; every value is still checked at C speed
+        (``LiveTable.decode_columns``). Anything else goes the pairs' checked way.
+        """
+        seqs = None
+        if type(request_ids) is list and type(tokens) is list:
+            try:
+                seqs = self._live.decode_columns(request_ids, tokens)
+            except TypeError:  # an unhashable id: the checked path below names it
+                seqs = None
+        if seqs is None:  # a bad value or shape: the checked path names it (and raises)
+            pairs = LiveTable.column_pairs(request_ids, tokens)  # values checked there
+            return self.append_token_batch(cast("list[tuple[str, int]]", pairs))
         return self._append_each(zip(seqs, tokens, strict=True), len(seqs))
 
     def _append_each(self, batch: Iterable[tuple[LiveSequence, int]], num_items: int) -> int:

@@ -263,9 +263,8 @@ class Scheduler:
             rids = [req.request_id for req in ready]
             tokens = [req.output[-1] for req in ready]
             while rids:
-                # NOTE: the manager's path for a batch built here (ids of running requests,
-                # tokens ``update`` checked): every value checked, not the pairs' shape.
-                done = self.manager._append_decodes(rids, tokens)
+                # NOTE: two lists, not pairs: every value is checked, not the pairs' shape.
+                done = self.manager.append_token_columns(rids, tokens)
                 decodes += rids[:done]
                 if done == len(rids):
                     break
