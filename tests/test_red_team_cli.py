@@ -151,9 +151,6 @@ def test_a_fleet_report_of_no_finished_request_has_no_negative_makespan() -> Non
     assert report.makespan_s == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="sim/replay.py is not this pass's: the lead applies "
-                   "the proposed fix (ReplayLoop.report: makespan at least 0; ReplayLoop.arrive:"
-                   " TraceRequest.scaled_arrival_s)")
 def test_a_single_replay_has_no_negative_makespan_nor_arrivals_past_the_clock() -> None:
     """simulate() with every request too large: makespan_s -0.78; with time_scale 1e300:
     every latency 0.0 (the clock lost whole steps), where the fleet now refuses."""

@@ -194,9 +194,6 @@ def test_route_refuses_a_salt_the_manager_refuses(salt: object, shown: str) -> N
     assert router.stats.num_routed == 0
 
 
-@pytest.mark.xfail(raises=RecursionError, strict=True,
-                   reason="sequence.short_repr calls repr(), which recurses: the lead's fix "
-                          "(this session's red-team report) makes it a ValueError")
 def test_a_salt_nested_deeply_is_a_value_error_not_a_recursion_error() -> None:
     """A salt of 100,000 nested tuples: the refusal's message (short_repr) raised
     RecursionError, in SequenceSpec, lookup, route and the remote tier alike."""

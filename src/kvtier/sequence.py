@@ -434,7 +434,10 @@ def short_repr(value: object) -> str:
     """``repr(value)``, cut short: a bad value may be a huge int or a long string."""
     if type(value) is int and value.bit_length() > 128:
         return f"an int of {value.bit_length()} bits"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested past the recursion limit, or an int past
+        return f"a {type(value).__name__} too deep or too long to print"  # str's digits
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -252,7 +252,7 @@ class ReplayLoop:
         the GPU pool, or, without chunked prefill, for a step's token budget). Raises
         ValueError if the scheduler refuses it for another reason."""
         config = self.manager.config
-        arrival_s = request.arrival_s * self.time_scale
+        arrival_s = request.scaled_arrival_s(self.time_scale)
         if self.first_arrival_s is None:
             self.first_arrival_s = arrival_s
         self.last_arrival_s = arrival_s
@@ -379,7 +379,8 @@ class ReplayLoop:
         num_prompt = stats.num_prompt_tokens
         num_reused = stats.num_reused_tokens
         num_gpu_hit = num_reused - self.num_host_hit_tokens
-        makespan_s = self.last_finish_s - (self.first_arrival_s or 0.0)
+        # NOTE: at least 0: with no request served the last finish is the clock's start.
+        makespan_s = max(0.0, self.last_finish_s - (self.first_arrival_s or 0.0))
 
         def per_s(n: int) -> float:
             return n / makespan_s if makespan_s > 0 else 0.0
