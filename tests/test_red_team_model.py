@@ -205,6 +205,35 @@ def test_a_checkpoint_tensor_that_is_no_float_or_cannot_be_read_is_named(
         build_model(config, tensors, "ckpt")
 
 
+@pytest.mark.parametrize(("value", "dtype", "shown"), [
+    (float("nan"), "float32", r"tensor 'model.norm.weight' of ckpt holds NaN or infinite"),
+    (float("-inf"), "float32", r"holds NaN or infinite values"),
+    (1e6, "float16", r"holds values past the range of float16"),
+])
+def test_a_checkpoint_tensor_with_values_that_are_no_numbers_is_named(
+        value: float, dtype: str, shown: str) -> None:
+    """A NaN weight made every logit NaN without a word (the sampler fell back to a fixed
+    token), and a float32 weight past float16's range became inf in the cast: now
+    CheckpointError naming the tensor."""
+    import torch
+
+    from kvtier.model.checkpoint import TensorEntry, build_model, expected_shapes
+    from kvtier.model.config import ModelConfig
+
+    config = ModelConfig(vocab_size=V, dim=H, num_layers=1, num_heads=2, num_kv_heads=2,
+                         head_dim=H // 2, ffn_dim=F, max_position_embeddings=64, dtype=dtype)
+
+    def entry(name: str, shape: tuple[int, ...]) -> TensorEntry:
+        fill = value if name == "model.norm.weight" else 1.0
+        return TensorEntry(shape, lambda: torch.full(shape, fill))
+
+    tensors = {name: entry(name, shape) for name, shape in expected_shapes(config).items()}
+    with pytest.raises(CheckpointError, match=shown):
+        build_model(config, tensors, "ckpt")
+    tensors["model.norm.weight"] = entry("other", (H,))
+    assert build_model(config, tensors, "ckpt") is not None  # the same, finite: loads
+
+
 HF_CONFIG = {"model_type": "llama", "hidden_size": H, "num_hidden_layers": 1,
              "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": F,
              "vocab_size": V, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}

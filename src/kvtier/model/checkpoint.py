@@ -138,7 +138,14 @@ def build_model(config: ModelConfig, tensors: Mapping[str, TensorEntry], origin:
         if not tensor.is_floating_point():
             raise CheckpointError(f"tensor {name!r} of {origin} holds {tensor.dtype}, not "
                                   "floating-point numbers")
-        return tensor.to(device=device, dtype=dtype)
+        out = tensor.to(device=device, dtype=dtype)
+        # NOTE: one NaN weight makes every logit NaN, silently (the sampler then falls back
+        # to a fixed token): a file's corruption, or a cast past the model dtype's range.
+        if not bool(torch.isfinite(out).all()):
+            why = ("NaN or infinite values" if not bool(torch.isfinite(tensor).all())
+                   else f"values past the range of {config.dtype}")
+            raise CheckpointError(f"tensor {name!r} of {origin} holds {why}")
+        return out
 
     def proj(name: str) -> torch.Tensor:
         return read(name).T  # [in, out]: the model computes x @ w; a view, not a copy
