@@ -85,16 +85,13 @@ class LiveTable:
                 rids, tokens = zip(*batch, strict=True)
             except ValueError:
                 return self._decode_items_one_by_one(batch)
-            seqs = (list(map(self.seqs.get, rids)) if set(map(type, rids)) == {str}
-                    else [None])
-            if (None not in seqs and set(map(type, tokens)) == {int}
-                    and min(tokens) >= 0 and max(tokens) <= MAX_TOKEN_ID
-                    and all(map(ge, map(_scheduled, seqs), map(len, map(_tokens, seqs))))):
-                return list(zip(cast("list[LiveSequence]", seqs), tokens, strict=True))
+            seqs = self.decode_columns(rids, tokens) if set(map(type, rids)) == {str} else None
+            if seqs is not None:
+                return list(zip(seqs, tokens, strict=True))
         return self._decode_items_one_by_one(batch)
 
-    def decode_columns(self, request_ids: list[str],
-                       tokens: list[int]) -> list[LiveSequence] | None:
+    def decode_columns(self, request_ids: Sequence[str],
+                       tokens: Sequence[int]) -> list[LiveSequence] | None:
         """The live requests of a decode batch given as two lists of equal length, the
         form kvtier's scheduler builds from its running table: every check
         ``decode_items`` makes of an item's values (the id live, the token an id in range,
