@@ -91,6 +91,10 @@ class PrefixIndex:
         batch that is not a str id and events."""
         events = list(events)
         check_batch(instance_id, events)
+        self._apply(instance_id, events)
+
+    def _apply(self, instance_id: str, events: Sequence[Event]) -> None:
+        """``apply`` of a batch ``check_batch`` passed."""
         blocks = self._blocks.setdefault(instance_id, {})
         for e in events:
             if isinstance(e, BlockStored):
@@ -135,7 +139,7 @@ class PrefixIndex:
                 check_batch(update.instance_id, update.events)
         for update in updates:
             if isinstance(update, EventBatch):
-                self.apply(update.instance_id, update.events)
+                self._apply(update.instance_id, update.events)  # checked above
             elif isinstance(update, InstanceLost):
                 self.clear(update.instance_id)
             else:
