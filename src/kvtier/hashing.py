@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import xxhash
 
-from kvtier.sequence import packed_token_ids
+from kvtier.sequence import check_key, check_lora_id, packed_token_ids
 
 HashFn = Callable[[bytes], int]
 
@@ -127,7 +127,8 @@ def prompt_block_hashes(
     num_blocks: int | None = None,
 ) -> list[int]:
     """The chained hashes of a prompt's first ``num_blocks`` full blocks (all full blocks
-    when None), as the local cache names them: the one helper for a prompt's hash chain. Pure.
+    when None), as the local cache names them: the one helper for a prompt's hash chain.
+    ValueError for a salt, lora_id, block size or extras the manager refuses. Pure.
 
     ::
 
@@ -136,7 +137,11 @@ def prompt_block_hashes(
                   [   h0      ,   h1      ]                     (num_blocks=2)
     """
     # NOTE: checked here, where callers outside the manager (a router, a remote tier) come
-    # in: a block size of 0 divided by zero, a negative one or True hashed garbage.
+    # in: a block size of 0 divided by zero, a negative one or True hashed garbage; a salt
+    # or lora_id the manager refuses named blocks no instance could hold (a remote write
+    # under one filled the shared store with garbage).
+    check_key("salt", salt)
+    check_lora_id(lora_id)
     if type(tokens_per_block) is not int or tokens_per_block < 1:
         raise ValueError(f"tokens_per_block must be an integer >= 1, got {tokens_per_block!r}")
     if num_blocks is not None:

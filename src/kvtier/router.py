@@ -24,7 +24,7 @@ from typing import NamedTuple, Protocol
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update, check_batch
-from kvtier.sequence import check_key, check_lora_id, short_repr
+from kvtier.sequence import short_repr
 from kvtier.tier import Tier
 
 
@@ -340,8 +340,6 @@ class Router:
         """The chained hashes of the full blocks of ``tokens``, as the manager computes them;
         ValueError for a ``salt`` or ``lora_id`` the manager refuses (no instance could hold
         such a block; a tuple salt nested deeply was a RecursionError). Pure."""
-        check_key("salt", salt)
-        check_lora_id(lora_id)
         return prompt_block_hashes(self._hash_fn, tokens, self.tokens_per_block, lora_id, salt,
                                    extras)
 

@@ -49,7 +49,6 @@ from kvtier.remote.codec import num_found_on_every_rank
 from kvtier.remote.options import LONGEST_WAIT_S, check_number, check_timeout
 from kvtier.remote.ranks import Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
-from kvtier.sequence import check_key, check_lora_id
 from kvtier.tier import Tier
 
 if TYPE_CHECKING:
@@ -264,14 +263,10 @@ class RemoteTier:
         """The chained hashes of the full blocks of ``tokens``, as the manager names them;
         ValueError for a ``salt`` or ``lora_id`` the manager refuses (its blocks could never
         be matched: a write under it filled the shared store with garbage). Pure."""
-        check_key("salt", salt)
-        check_lora_id(lora_id)
         return prompt_block_hashes(self._hash_fn, tokens, self._tpb, lora_id, salt)
 
     def _reusable_hashes(self, tokens: list[int], salt: object,
                          lora_id: int | None) -> list[int]:
-        check_key("salt", salt)
-        check_lora_id(lora_id)
         # The last prompt token is never reused, so neither is a block that ends with it.
         num_blocks = max(len(tokens) - 1, 0) // self._tpb
         return prompt_block_hashes(self._hash_fn, tokens, self._tpb, lora_id, salt,
