@@ -1,5 +1,5 @@
 """Run the ``kvtier`` command: ``python -m kvtier``."""
 
-from kvtier.cli import main
+from kvtier.launcher import main
 
 raise SystemExit(main())
