@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.sequence import short_repr
@@ -44,6 +45,126 @@ class Snapshot:
                     and 0 <= block[0] < _MAX_HASH and isinstance(block[1], Tier)):
                 raise ValueError(f"Snapshot.blocks: a block is (hash in [0, 2**128), Tier), "
                                  f"got {short_repr(block)}")
+
+
+_EVENT_TYPES = (BlockStored, BlockRemoved, BlockTierChanged, AllBlocksCleared)
+_INT = frozenset((int,))
+
+
+def check_events(events: object, *, token_ids: bool = True) -> None:
+    """Raise TypeError unless ``events`` is a sequence of events, ValueError naming the
+    event, its field and the value unless each field is one the wire format carries: what
+    ``decode_events`` accepts (ints that are no bools in range, hashes in [0, 2**128),
+    ``Tier`` s, a stored block's ``num_tokens`` token ids as a tuple, non-empty key bytes).
+    An event that passes is encoded and decoded to itself. ``token_ids=False`` leaves the
+    ids themselves (not their tuple and count) to a consumer that reads them. Pure.
+
+    NOTE: events are a caller's NamedTuples, built with any fields: a tier 7 surfaced as
+    an IndexError in a later ``PrefixIndex.match``, an unhashable hash as a TypeError with
+    half the batch applied, a str ``seq`` as a TypeError in a subscriber's poll (its buffer
+    drained: every instance's updates lost), a hash past 128 bits as an entry no Redis
+    subscriber could read (a hole).
+    """
+    if not isinstance(events, Sequence) or isinstance(events, str | bytes):
+        raise TypeError(f"events must be a sequence of events, got {short_repr(events)}")
+    # NOTE: the in-memory bus and the router check every event of a fleet replay (~1 M a
+    # minute), which reads no token id: each event passes one quick test (``_event_ok``),
+    # and only a batch with a doubt is walked to name it.
+    if all(map(_event_ok, events)) and (not token_ids or all(
+            e.token_ids is None or _ids_ok(e.token_ids)
+            for e in events if type(e) is BlockStored)):
+        return
+    for i, event in enumerate(events):
+        if not isinstance(event, _EVENT_TYPES):
+            raise TypeError(f"events[{i}] must be a BlockStored, BlockRemoved, "
+                            f"BlockTierChanged or AllBlocksCleared, got {short_repr(event)}")
+        problem = _event_problem(event, token_ids)
+        if problem is not None:
+            field, rule = problem
+            raise ValueError(f"events[{i}].{field} must be {rule}, got "
+                             f"{short_repr(getattr(event, field))}")
+
+
+def _ids_ok(ids: tuple[object, ...]) -> bool:
+    """Whether every one of ``ids`` (a tuple) is an int in [0, 2**63). Pure."""
+    if not ids:
+        return True
+    if not _INT.issuperset(map(type, ids)):
+        return False
+    ints = cast("tuple[int, ...]", ids)
+    return min(ints) >= 0 and max(ints) < _MAX_SEQ
+
+
+def _event_ok(e: object) -> bool:
+    """Whether ``e`` is an event ``_event_problem`` passes without its token ids (False: it
+    may still pass; it is then asked). Pure.
+
+    NOTE: one quick test per kind, so a batch of kvtier's own events passes at about C
+    speed; ``_event_problem``, which names the field, runs only on a batch with a doubt.
+    """
+    kind = type(e)
+    if kind is BlockStored:
+        seq, h, parent, tier, n, lora, ids, extra, salt = cast("tuple[object, ...]", e)
+        return (type(seq) is int and 0 <= seq < _MAX_SEQ and type(h) is int
+                and 0 <= h < _MAX_HASH
+                and (parent is None or (type(parent) is int and 0 <= parent < _MAX_HASH))
+                and type(tier) is Tier and type(n) is int and 1 <= n < _MAX_SEQ
+                and (lora is None or (type(lora) is int and -_MAX_SEQ <= lora < _MAX_SEQ))
+                and (ids is None or (type(ids) is tuple and len(ids) == n))
+                and (extra is None or (type(extra) is bytes and len(extra) > 0))
+                and (salt is None or (type(salt) is bytes and len(salt) > 0)))
+    if kind is BlockRemoved:
+        seq, h, tier = cast("tuple[object, ...]", e)
+        return (type(seq) is int and 0 <= seq < _MAX_SEQ and type(h) is int
+                and 0 <= h < _MAX_HASH and type(tier) is Tier)
+    if kind is BlockTierChanged:
+        seq, h, old, new = cast("tuple[object, ...]", e)
+        return (type(seq) is int and 0 <= seq < _MAX_SEQ and type(h) is int
+                and 0 <= h < _MAX_HASH and type(old) is Tier and type(new) is Tier)
+    if kind is AllBlocksCleared:
+        (seq,) = cast("tuple[object, ...]", e)
+        return type(seq) is int and 0 <= seq < _MAX_SEQ
+    return False
+
+
+def _is_count(value: object, low: int = 0, high: int = _MAX_SEQ) -> bool:
+    return type(value) is int and low <= value < high
+
+
+def _event_problem(e: Event, token_ids: bool) -> tuple[str, str] | None:
+    """The first field of ``e`` the wire format cannot carry, and what it must be. Pure."""
+    seq = "an int in [0, 2**63)"
+    h = "an int in [0, 2**128)"
+    if not _is_count(e.seq):
+        return "seq", seq
+    if isinstance(e, AllBlocksCleared):
+        return None
+    if not _is_count(e.block_hash, 0, _MAX_HASH):
+        return "block_hash", h
+    if isinstance(e, BlockTierChanged):
+        for field in ("old_tier", "new_tier"):
+            if not isinstance(getattr(e, field), Tier):
+                return field, "a Tier"
+        return None
+    if not isinstance(e.tier, Tier):
+        return "tier", "a Tier"
+    if isinstance(e, BlockRemoved):
+        return None
+    if e.parent_hash is not None and not _is_count(e.parent_hash, 0, _MAX_HASH):
+        return "parent_hash", f"None or {h}"
+    if not _is_count(e.num_tokens, 1):
+        return "num_tokens", "an int in [1, 2**63)"
+    if e.lora_id is not None and not _is_count(e.lora_id, -_MAX_SEQ):
+        return "lora_id", "None or an int in [-2**63, 2**63)"
+    ids = e.token_ids
+    if ids is not None and not (type(ids) is tuple and len(ids) == e.num_tokens
+                                and (not token_ids or _ids_ok(ids))):
+        return "token_ids", f"None or a tuple of num_tokens ({e.num_tokens}) ids in [0, 2**63)"
+    for field in ("extra_key", "salt_key"):
+        key = getattr(e, field)
+        if key is not None and not (type(key) is bytes and key):
+            return field, "None or non-empty bytes"
+    return None
 
 
 def _hex(value: int | None) -> str | None:

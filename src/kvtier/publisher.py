@@ -31,12 +31,13 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from kvtier.event_codec import (
     Snapshot,
+    check_events,
     decode_events,
     decode_snapshot,
     encode_events,
     encode_snapshot,
 )
-from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
+from kvtier.events import Event
 from kvtier.manager import KVCacheManager
 from kvtier.sequence import short_repr
 
@@ -99,12 +100,13 @@ def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -
 
 
 _MAX_BUFFER = 1 << 40  # events a subscriber's buffer or a stream may hold
-_EVENT_TYPES = (BlockStored, BlockRemoved, BlockTierChanged, AllBlocksCleared)
 
 
-def check_batch(instance_id: object, events: object) -> None:
+def check_batch(instance_id: object, events: object, *, token_ids: bool = True) -> None:
     """Raise TypeError naming what is wrong unless ``instance_id`` is a str and ``events``
-    a sequence of events. Pure.
+    a sequence of events, ValueError naming the event and field the wire format cannot
+    carry (``event_codec.check_events``; ``token_ids=False`` for a consumer that reads no
+    token id). Pure.
 
     NOTE: a publisher checks a batch before it takes any of it: a bad event pushed on was
     found only by a subscriber's poll, which raised with its buffer already drained (every
@@ -112,12 +114,7 @@ def check_batch(instance_id: object, events: object) -> None:
     """
     if not isinstance(instance_id, str):
         raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
-    if not isinstance(events, Sequence) or isinstance(events, str | bytes):
-        raise TypeError(f"events must be a sequence of events, got {short_repr(events)}")
-    for i, event in enumerate(events):
-        if not isinstance(event, _EVENT_TYPES):
-            raise TypeError(f"events[{i}] must be a BlockStored, BlockRemoved, "
-                            f"BlockTierChanged or AllBlocksCleared, got {short_repr(event)}")
+    check_events(events, token_ids=token_ids)
 
 
 @dataclass(slots=True)
@@ -276,8 +273,9 @@ class InMemoryEventBus:
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
         """Hand ``events`` to every subscriber. TypeError (nothing published) for a batch
-        that is not a str id and a sequence of events."""
-        check_batch(instance_id, events)
+        that is not a str id and a sequence of events, ValueError for an event with a field
+        ``check_batch`` refuses (its token ids are the consumers' to check)."""
+        check_batch(instance_id, events, token_ids=False)
         if not events:
             return
         self.num_published += len(events)
@@ -368,7 +366,8 @@ class RedisStreamPublisher:
         """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
         ``num_failed_batches``, never raised into the serving loop: subscribers see the
         hole in ``seq`` at the next batch and resync from a snapshot. TypeError (nothing
-        sent) for a batch that is not a str id and a sequence of events."""
+        sent) for a batch that is not a str id and a sequence of events, ValueError for an
+        event the wire format cannot carry (``check_batch``)."""
         check_batch(instance_id, events)
         if events and _attempt(self._redis.xadd, self.stream,
                                {"i": instance_id, "e": encode_events(events)},

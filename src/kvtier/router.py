@@ -88,9 +88,10 @@ class PrefixIndex:
 
     def apply(self, instance_id: str, events: Iterable[Event]) -> None:
         """Apply ``events`` of ``instance_id`` in order. TypeError, changing nothing, for a
-        batch that is not a str id and events."""
+        batch that is not a str id and events; ValueError for an event with a field
+        ``check_batch`` refuses (the token ids, which the index never reads, unchecked)."""
         events = list(events)
-        check_batch(instance_id, events)
+        check_batch(instance_id, events, token_ids=False)
         self._apply(instance_id, events)
 
     def _apply(self, instance_id: str, events: Sequence[Event]) -> None:
@@ -129,14 +130,15 @@ class PrefixIndex:
 
     def apply_updates(self, updates: Iterable[Update]) -> None:
         """Apply a subscriber's updates: event batches, lost instances and snapshots.
-        TypeError, changing nothing, if one is none of them."""
+        TypeError, changing nothing, if one is none of them; ValueError, changing nothing,
+        for an event ``apply`` refuses."""
         updates = list(updates)
         for update in updates:
             if not isinstance(update, EventBatch | InstanceLost | Snapshot):
                 raise TypeError(f"an update is an EventBatch, InstanceLost or Snapshot, got "
                                 f"{short_repr(update)}")
             if isinstance(update, EventBatch):
-                check_batch(update.instance_id, update.events)
+                check_batch(update.instance_id, update.events, token_ids=False)
         for update in updates:
             if isinstance(update, EventBatch):
                 self._apply(update.instance_id, update.events)  # checked above

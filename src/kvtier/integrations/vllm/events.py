@@ -27,7 +27,8 @@ consumer's view can no longer be repaired block by block: the batch starts with
 this instance's cache rather than routing to blocks that are gone.
 
 Contract: ``translate`` changes only the translator's own record of the blocks it has seen
-stored and its ``num_resyncs``; it never raises on a well-formed event list.
+stored and its ``num_resyncs``; it raises only for events that are no well-formed event
+list (``event_codec.check_events``), changing nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from vllm.distributed.kv_events import (
 )
 
 from kvtier import events as kv
+from kvtier.event_codec import check_events
 from kvtier.tier import Tier
 
 _MEDIUM = {Tier.GPU: MEDIUM_GPU, Tier.HOST: MEDIUM_CPU}
@@ -95,7 +97,9 @@ class VllmEventTranslator:
         self.num_resyncs = 0
 
     def translate(self, events: Sequence[kv.Event]) -> KVEventBatch:
-        """The vLLM batch that says what ``events`` (oldest first) say."""
+        """The vLLM batch that says what ``events`` (oldest first) say. Raises TypeError or
+        ValueError, changing nothing, for events ``event_codec.check_events`` refuses."""
+        check_events(events)
         out: list[KVCacheEvent] = []
         i = 0
         while i < len(events):

@@ -1,0 +1,154 @@
+"""Red team, twelfth pass: the newest surfaces (events with tokens and keys as a caller builds
+them, the lazy package ``__init__``), given what an adversary would. Each test fails on the
+code before its fix and asserts the exact refusal and that nothing changed."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier.event_codec import check_events, decode_events, encode_events
+from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
+from kvtier.publisher import EventBatch, InMemoryEventBus
+from kvtier.router import PrefixHit, PrefixIndex
+from kvtier.tier import Tier
+
+G, H = Tier.GPU, Tier.HOST
+TOKENS = (1, 2, 3, 4)
+
+
+def stored(seq: object, block_hash: object, **fields: object) -> BlockStored:
+    """A stored block's event, any of its fields (even one of the wrong type) replaced."""
+    values = {"seq": seq, "block_hash": block_hash, "parent_hash": None, "tier": G,
+              "num_tokens": 4, "lora_id": None, "token_ids": TOKENS, "extra_key": None,
+              "salt_key": None, **fields}
+    return BlockStored._make(values[name] for name in BlockStored._fields)
+
+
+# ---- events whose fields the wire format cannot carry ----------------------------------------
+
+IDS = r"None or a tuple of num_tokens \(4\) ids in \[0, 2\*\*63\), "
+# (the bad event at events[1], the field and the rule its message names)
+BAD_EVENTS: list[tuple[Event, str, str]] = [
+    (stored(1, 2, tier=7), "tier", "a Tier, got 7"),
+    (stored(1, [2]), "block_hash", r"an int in \[0, 2\*\*128\), got \[2\]"),
+    (stored(1, "x"), "block_hash", r"an int in \[0, 2\*\*128\), got 'x'"),
+    (stored(1, -1), "block_hash", r"an int in \[0, 2\*\*128\), got -1"),
+    (stored(1, 1 << 128), "block_hash", r"an int in \[0, 2\*\*128\), got an int of 129 bits"),
+    (stored(1, True), "block_hash", r"an int in \[0, 2\*\*128\), got True"),
+    (stored("1", 2), "seq", r"an int in \[0, 2\*\*63\), got '1'"),
+    (stored(-1, 2), "seq", r"an int in \[0, 2\*\*63\), got -1"),
+    (stored(1, 2, parent_hash=-3), "parent_hash", r"None or an int in \[0, 2\*\*128\), got -3"),
+    (stored(1, 2, num_tokens=0), "num_tokens", r"an int in \[1, 2\*\*63\), got 0"),
+    (stored(1, 2, lora_id=1.5), "lora_id", r"None or an int in \[-2\*\*63, 2\*\*63\), got 1.5"),
+    (stored(1, 2, token_ids=(1, 2, 3)), "token_ids", IDS + r"got \(1, 2, 3\)"),
+    (stored(1, 2, token_ids=[1, 2, 3, 4]), "token_ids", IDS + r"got \[1, 2, 3, 4\]"),
+    (stored(1, 2, extra_key=b""), "extra_key", "None or non-empty bytes, got b''"),
+    (stored(1, 2, salt_key="s"), "salt_key", "None or non-empty bytes, got 's'"),
+    (BlockRemoved(1, 2, 1), "tier", "a Tier, got 1"),  # type: ignore[arg-type]
+    (BlockRemoved(1, None, G), "block_hash",  # type: ignore[arg-type]
+     r"an int in \[0, 2\*\*128\), got None"),
+    (BlockTierChanged(1, 2, G, 5), "new_tier", "a Tier, got 5"),  # type: ignore[arg-type]
+    (BlockTierChanged(1, 2, "gpu", H), "old_tier",  # type: ignore[arg-type]
+     "a Tier, got 'gpu'"),
+    (AllBlocksCleared(1 << 63), "seq", r"an int in \[0, 2\*\*63\), got 9223372036854775808"),
+]
+
+# Token ids that are no ids: refused where they are read (the wire, vLLM's events), left
+# to those consumers by the in-memory bus and the router's index, which read none.
+BAD_TOKEN_IDS = [(1, 2, 3, -4), (1, 2, 3, 4.0), (1, 2, 3, True), (1, 2, 3, 1 << 63)]
+
+
+def message_of(field: str, rule: str) -> str:
+    return rf"^events\[1\]\.{field} must be {rule}$"
+
+
+@pytest.mark.parametrize(("event", "field", "rule"), BAD_EVENTS)
+def test_a_bad_event_is_refused_by_the_index_changing_nothing(event: Event, field: str,
+                                                              rule: str) -> None:
+    """PrefixIndex.apply checked only each event's type: a tier 7 was stored and raised
+    IndexError from a later match; an unhashable hash raised TypeError with the batch's
+    first event applied; a str hash matched a str. Now ValueError names the event, its
+    field and value, and the index is as it was."""
+    index = PrefixIndex()
+    index.apply("a", [stored(0, 9)])
+    with pytest.raises(ValueError, match=message_of(field, rule)):
+        index.apply("a", [stored(1, 10), event])
+    assert index.blocks("a") == {9: G}
+    assert index.match([9, 10]) == {"a": PrefixHit(1, 0)}
+    index.check_invariants()
+    with pytest.raises(ValueError, match=message_of(field, rule)):
+        index.apply_updates([EventBatch("b", [stored(0, 3)]), EventBatch("a", [stored(1, 10),
+                                                                               event])])
+    assert index.instances() == ["a"] and index.blocks("a") == {9: G}
+
+
+@pytest.mark.parametrize(("event", "field", "rule"), BAD_EVENTS)
+def test_a_bad_event_is_refused_when_published_and_loses_no_update(event: Event, field: str,
+                                                                   rule: str) -> None:
+    """InMemoryEventBus.publish took it: a str seq raised TypeError from the subscriber's
+    next poll with its buffer drained (every instance's updates lost), the others reached
+    every consumer. Now publish refuses the batch; the other updates still come."""
+    bus = InMemoryEventBus()
+    subscriber = bus.subscribe()
+    bus.publish("a", [stored(0, 1)])
+    with pytest.raises(ValueError, match=message_of(field, rule)):
+        bus.publish("b", [stored(0, 2), event])
+    assert bus.num_published == 1
+    assert subscriber.poll() == [EventBatch("a", [stored(0, 1)])]
+
+
+@pytest.mark.parametrize("ids", BAD_TOKEN_IDS)
+def test_token_ids_that_are_no_ids_are_refused_by_the_redis_publisher(
+        ids: tuple[object, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """RedisStreamPublisher.publish encoded them: a -4, a 4.0, a True or an id past 2**63
+    made an entry no subscriber could decode (a hole in the stream, every subscriber
+    resyncing). Now ValueError names the event, and nothing is sent."""
+    from kvtier import publisher
+
+    class Client:
+        def xadd(self, *args: object, **options: object) -> bytes:
+            raise AssertionError("nothing is sent")
+
+    monkeypatch.setattr(publisher, "_connect", lambda url: Client())
+    pub = publisher.RedisStreamPublisher("redis://unused")
+    with pytest.raises(ValueError, match=message_of("token_ids", IDS + r"got \(1, 2, 3, .*\)")):
+        pub.publish("a", [stored(0, 1), stored(1, 2, token_ids=ids)])
+    assert pub.num_failed_batches == 0
+    bus = InMemoryEventBus()
+    bus.publish("a", [stored(0, 1), stored(1, 2, token_ids=ids)])  # read by no one here
+    assert bus.num_published == 2
+
+
+def test_an_event_that_passes_encodes_and_decodes_to_itself() -> None:
+    """What check_events accepts is exactly what the wire carries: each field at its
+    bounds survives encode and decode unchanged (so a Redis subscriber never sees a hole
+    where a publisher accepted a batch)."""
+    top = (1 << 128) - 1
+    events: list[Event] = [
+        stored(0, 0, parent_hash=top, num_tokens=1, token_ids=((1 << 63) - 1,),
+               lora_id=-(1 << 63), extra_key=b"\x00", salt_key=b"s"),
+        stored(1, top, lora_id=(1 << 63) - 1, token_ids=None),
+        BlockRemoved(2, top, H), BlockTierChanged(3, 5, H, G),
+        AllBlocksCleared((1 << 63) - 1)]
+    check_events(events)
+    assert decode_events(encode_events(events)) == events
+
+
+def test_a_managers_events_pass_the_check() -> None:
+    """Every event a manager emits (salted, LoRA, multimodal, offloaded, removed, cleared)
+    passes: the check refuses only what no manager makes."""
+    from kvtier import MultimodalItem
+
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=4, num_host_blocks=2,
+                                     enable_events=True), clock=lambda: 0.0)
+    for i, (salt, lora, mm) in enumerate([(None, None, ()), ("t", 3, ()),
+                                          (b"", None, (MultimodalItem(1, 2, b"img"),))]):
+        mgr.add_sequence(SequenceSpec(f"r{i}", [i] * 9, salt=salt, lora_id=lora, mm_items=mm))
+        mgr.remove_sequence(f"r{i}")
+    mgr.reset_cache()
+    events = mgr.drain_events()
+    assert {type(e) for e in events} == {BlockStored, BlockTierChanged, BlockRemoved,
+                                         AllBlocksCleared}
+    check_events(events)
+    assert decode_events(encode_events(events)) == events
