@@ -4,6 +4,10 @@ code before its fix and asserts the exact refusal and that nothing changed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
@@ -152,3 +156,42 @@ def test_a_managers_events_pass_the_check() -> None:
                                          AllBlocksCleared}
     check_events(events)
     assert decode_events(encode_events(events)) == events
+
+
+# ---- the lazy package __init__ ------------------------------------------------------------
+
+
+def run_child(code: str) -> list[str]:
+    """``code`` in a new interpreter (nothing of kvtier imported yet); its stdout lines."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.splitlines()
+
+
+def test_submodules_are_attributes_of_the_package_as_before() -> None:
+    """Before the lazy ``__init__``, ``import kvtier`` imported ``kvtier.manager``,
+    ``kvtier.events``... and so made them attributes: ``kvtier.events.BlockStored`` after
+    ``import kvtier`` raised AttributeError ("module 'kvtier' has no attribute 'events'")
+    once the imports became lazy. Now a submodule is imported on its first use as an
+    attribute (any of them: ``kvtier.sim`` too); a name that is none, or private, is still
+    an AttributeError naming it, and imports nothing."""
+    lines = run_child("""
+        import sys
+        import kvtier
+        print(kvtier.events.BlockStored.__name__, kvtier.manager.KVCacheManager.__name__,
+              kvtier.transfer.TransferPlan.__name__, kvtier.sim.__name__,
+              "events" in dir(kvtier))
+        for name in ("no_such_module", "_private", "__wrapped__"):
+            try:
+                getattr(kvtier, name)
+            except AttributeError as exc:
+                print(exc)
+        print(sorted(m for m in sys.modules if "no_such" in m or "_private" in m))
+    """)
+    assert lines == [
+        "BlockStored KVCacheManager TransferPlan kvtier.sim True",
+        "module 'kvtier' has no attribute 'no_such_module'",
+        "module 'kvtier' has no attribute '_private'",
+        "module 'kvtier' has no attribute '__wrapped__'",
+        "[]"]

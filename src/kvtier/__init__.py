@@ -102,9 +102,19 @@ __all__ = [
 if not TYPE_CHECKING:
     def __getattr__(name: str) -> Any:
         home = _HOMES.get(name)
-        if home is None:
+        if home is not None:
+            value = getattr(importlib.import_module(f"kvtier.{home}"), name)
+        elif name.isidentifier() and not name.startswith("_"):
+            # A submodule (``kvtier.events``): the eager imports made each an attribute of
+            # the package, and code reads them so after a bare ``import kvtier``.
+            try:
+                value = importlib.import_module(f"kvtier.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"kvtier.{name}":
+                    raise  # a module it imports is missing: not this name's fault
+                raise AttributeError(f"module 'kvtier' has no attribute {name!r}") from None
+        else:
             raise AttributeError(f"module 'kvtier' has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"kvtier.{home}"), name)
         globals()[name] = value  # the next lookup is a plain module attribute
         return value
 
