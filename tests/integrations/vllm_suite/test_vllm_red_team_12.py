@@ -35,3 +35,41 @@ def test_a_bad_event_is_refused_changing_nothing(bad: Event, message: str) -> No
     batch = translator.translate([GOOD])
     assert msgspec.msgpack.encode(batch) == msgspec.msgpack.encode(fresh.translate([GOOD]))
     assert translator.num_resyncs == 0
+
+
+def test_a_clock_that_fails_stamps_the_last_good_time_and_loses_no_event() -> None:
+    """The clock was read after the batch was built: one that raised lost the batch's
+    events (the translator's record and next sequence number already moved on, so no
+    resync told the routers), one that answered None or NaN sent that as the batch's ts.
+    Now it is read first, as a cache reads its clock: the last good time stamps the batch."""
+    readings: list[object] = [5.0, RuntimeError("clock down"), None, float("nan"), 7.5]
+
+    def clock() -> float:
+        value = readings.pop(0)
+        if isinstance(value, Exception):
+            raise value
+        return value  # type: ignore[return-value]
+
+    translator = VllmEventTranslator(4, clock=clock)
+    chain = [GOOD._replace(seq=i, block_hash=10 + i, parent_hash=9 + i if i else None)
+             for i in range(5)]
+    batches = [translator.translate([e]) for e in chain]
+    assert [b.ts for b in batches] == [5.0, 5.0, 5.0, 5.0, 7.5]
+    assert [b.events[0].block_hashes for b in batches] == [
+        [(10 + i).to_bytes(16, "big")] for i in range(5)]
+    assert translator.num_resyncs == 0
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"int_hashes": "no"}, "int_hashes must be a bool, got 'no'"),
+    ({"int_hashes": 1}, "int_hashes must be a bool, got 1"),
+    ({"data_parallel_rank": -1}, r"data_parallel_rank must be None or an int in \[0, 2\*\*31\), "
+                                 "got -1"),
+    ({"data_parallel_rank": "0"}, r"data_parallel_rank .* got '0'"),
+])
+def test_options_a_batch_cannot_carry_are_refused(options: dict[str, object],
+                                                  message: str) -> None:
+    """int_hashes='no' was true (every hash cut to 64 bits), a str rank went into every
+    batch (vLLM's routers read it as an int). Now ValueError names the option."""
+    with pytest.raises(ValueError, match=message):
+        VllmEventTranslator(4, **options)  # type: ignore[arg-type]

@@ -48,7 +48,9 @@ from vllm.distributed.kv_events import (
 )
 
 from kvtier import events as kv
+from kvtier.clock import CacheClock
 from kvtier.event_codec import check_events
+from kvtier.sequence import short_repr
 from kvtier.tier import Tier
 
 _MEDIUM = {Tier.GPU: MEDIUM_GPU, Tier.HOST: MEDIUM_CPU}
@@ -79,7 +81,9 @@ class VllmEventTranslator:
     """kvtier's events of one manager as vLLM ``KVEventBatch`` es (see the module's table).
 
     ``block_size`` is the manager's ``tokens_per_block``; ``data_parallel_rank`` goes into
-    every batch as vLLM's engines set it; ``clock`` stamps the batches (``time.time``).
+    every batch as vLLM's engines set it; ``clock`` stamps the batches (``time.time``;
+    read as ``CacheClock`` reads a cache's clock: a reading that raises or is no finite
+    number stamps the last good time).
     """
 
     def __init__(self, block_size: int, *, int_hashes: bool = False,
@@ -87,10 +91,19 @@ class VllmEventTranslator:
                  clock: Callable[[], float] = time.time) -> None:
         if type(block_size) is not int or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if type(int_hashes) is not bool:
+            raise ValueError(f"int_hashes must be a bool, got {short_repr(int_hashes)}")
+        if data_parallel_rank is not None and (type(data_parallel_rank) is not int
+                                               or not 0 <= data_parallel_rank < 1 << 31):
+            raise ValueError(f"data_parallel_rank must be None or an int in [0, 2**31), got "
+                             f"{short_repr(data_parallel_rank)}")
         self.block_size = block_size
         self.int_hashes = int_hashes
         self.data_parallel_rank = data_parallel_rank
-        self._clock = clock
+        # NOTE: read through CacheClock, before the batch changes anything: a clock that
+        # raised after the loop lost the batch's events with the translator's record moved
+        # on (no resync followed), and one that answered None sent ts=None to the routers.
+        self._clock = CacheClock(clock)
         self._stored: dict[int, _Stored] = {}
         self._next_seq: int | None = None
         # How many times a hole in the sequence numbers made a batch start over.
@@ -100,6 +113,7 @@ class VllmEventTranslator:
         """The vLLM batch that says what ``events`` (oldest first) say. Raises TypeError or
         ValueError, changing nothing, for events ``event_codec.check_events`` refuses."""
         check_events(events)
+        ts = self._clock()
         out: list[KVCacheEvent] = []
         i = 0
         while i < len(events):
@@ -127,7 +141,7 @@ class VllmEventTranslator:
                 out.append(AllBlocksCleared())
                 i += 1
             self._next_seq = events[i - 1].seq + 1
-        return KVEventBatch(ts=self._clock(), events=out,
+        return KVEventBatch(ts=ts, events=out,
                             data_parallel_rank=self.data_parallel_rank)
 
     def _resync(self, out: list[KVCacheEvent]) -> None:
