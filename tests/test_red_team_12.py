@@ -195,3 +195,19 @@ def test_submodules_are_attributes_of_the_package_as_before() -> None:
         "module 'kvtier' has no attribute '_private'",
         "module 'kvtier' has no attribute '__wrapped__'",
         "[]"]
+
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    ("--version", "'--version'"), (b"replay", "b'replay'"), (123, "123"),
+    (["replay", 1], r"\['replay', 1\]"), (iter(["--version"]), "<list_iterator"),
+])
+def test_the_launcher_refuses_an_argv_that_is_no_list_of_arguments(argv: object,
+                                                                   shown: str) -> None:
+    """main("--version") read the str as its characters ("invalid choice: '-'", status 2),
+    main(123) and main(["replay", 1]) raised argparse's own TypeError from inside. Now
+    TypeError names the argv, before anything runs."""
+    from kvtier.launcher import main
+
+    with pytest.raises(TypeError, match=f"^argv must be a sequence of str \\(the arguments\\) "
+                                        f"or None, got {shown}"):
+        main(argv)  # type: ignore[arg-type]

@@ -42,6 +42,7 @@ from kvtier.config import CacheConfig
 from kvtier.router import POLICIES as ROUTER_POLICIES
 from kvtier.router import make_policy
 from kvtier.scheduler import AdmissionMode, SchedulerConfig
+from kvtier.sequence import short_repr
 from kvtier.sim import (
     ModelProfile,
     SimReport,
@@ -155,11 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+    TypeError, before anything runs, for an ``argv`` that is no sequence of str.
 
     Bad input ends in one sentence on stderr and status 2. NOTE: any other exception is a
     defect in kvtier, not in the input: it is reported in one line with status 70, or, with
     ``KVTIER_DEBUG=1`` in the environment (as the tests set it), raised with its traceback.
     """
+    if argv is not None and (isinstance(argv, str | bytes) or not isinstance(argv, Sequence)
+                             or not all(isinstance(arg, str) for arg in argv)):
+        # NOTE: argparse read a str as its characters ("invalid choice: '-'" for
+        # main("--version")) and raised its own TypeError from inside for ints.
+        raise TypeError(f"argv must be a sequence of str (the arguments) or None, got "
+                        f"{short_repr(argv)}")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
