@@ -7,10 +7,22 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier import (
+    CacheConfig,
+    KVCacheManager,
+    MultimodalItem,
+    Retention,
+    RetentionRange,
+    SequenceSpec,
+    TransferPlan,
+)
 from kvtier.event_codec import check_events, decode_events, encode_events
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.publisher import EventBatch, InMemoryEventBus
@@ -142,8 +154,6 @@ def test_an_event_that_passes_encodes_and_decodes_to_itself() -> None:
 def test_a_managers_events_pass_the_check() -> None:
     """Every event a manager emits (salted, LoRA, multimodal, offloaded, removed, cleared)
     passes: the check refuses only what no manager makes."""
-    from kvtier import MultimodalItem
-
     mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=4, num_host_blocks=2,
                                      enable_events=True), clock=lambda: 0.0)
     for i, (salt, lora, mm) in enumerate([(None, None, ()), ("t", 3, ()),
@@ -211,3 +221,186 @@ def test_the_launcher_refuses_an_argv_that_is_no_list_of_arguments(argv: object,
     with pytest.raises(TypeError, match=f"^argv must be a sequence of str \\(the arguments\\) "
                                         f"or None, got {shown}"):
         main(argv)  # type: ignore[arg-type]
+
+
+# ---- every newer call in random order, against a consumer of the events ------------------
+
+RIDS = ["a", "b", "c"]
+SALTS = [None, "t1", b"t2", 3]
+LORAS = [None, 1]
+RANGES = st.none() | st.builds(
+    lambda start, length, priority: Retention((RetentionRange(start, start + length, priority),),
+                                              decode_priority=priority),
+    st.integers(0, 8), st.integers(1, 8), st.integers(0, 100))
+REFUSED = (ValueError, TypeError, KeyError, RuntimeError)
+
+
+class NewerCalls(RuleBasedStateMachine):
+    """Random calls on a manager with events, salts, LoRA ids, multimodal items and
+    retention ranges, mixing what the eleven passes' machines left out (append_token_columns,
+    compute_failed, drop_key_space, hint_waiting, plans of another manager, spills) with the
+    rest; many are refused (unknown ids, a second begin_step, bad counts), and a refused call
+    changes nothing. After every call the books hold, and the reference model, a consumer
+    that knows the cache only from the drained events (through the wire codec, each batch
+    passing check_events, seqs gapless) and a router's index fed the same events, holds
+    exactly the blocks and tiers the manager reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = CacheConfig(tokens_per_block=4, num_gpu_blocks=10, num_host_blocks=5,
+                             enable_events=True)
+        self.manager = KVCacheManager(config, clock=lambda: 0.0)
+        self.other = KVCacheManager(config, clock=lambda: 0.0)
+        self.plans: list[TransferPlan] = []
+        self.view: dict[int, Tier] = {}
+        self.index = PrefixIndex()
+        self.next_seq = 0
+
+    def state(self) -> tuple[object, ...]:
+        m = self.manager
+        return (m.version, m.num_free_gpu_blocks, m.num_reserved_blocks, m.num_free_host_blocks,
+                sorted((b.block_hash, b.tier, b.slot) for b in m.cached_blocks()),
+                {rid: (m.block_table(rid), m.num_unscheduled_tokens(rid))
+                 for rid in RIDS if m.has_sequence(rid)})
+
+    def call(self, op: Callable[[], object]) -> None:
+        before = self.state()
+        try:
+            op()
+        except REFUSED:
+            assert self.state() == before
+
+    @rule(items=st.lists(st.tuples(st.sampled_from(RIDS), st.lists(st.integers(0, 2), min_size=1,
+                                                                   max_size=14),
+                                   st.none() | st.integers(1, 14), st.integers(0, 3),
+                                   st.sampled_from(SALTS), st.sampled_from(LORAS),
+                                   st.booleans(), RANGES), max_size=3,
+                         unique_by=lambda item: item[0]))
+    def add(self, items: list[tuple[str, list[int], int | None, int, object, int | None, bool,
+                                    Retention | None]]) -> None:
+        specs = [SequenceSpec(rid, tokens, salt=salt, lora_id=lora,  # type: ignore[arg-type]
+                              num_new_tokens=num_new, num_reserved_blocks=reserve,
+                              mm_items=(MultimodalItem(0, min(2, len(tokens)), b"i"),) if mm
+                              else (), retention=retention)
+                 for rid, tokens, num_new, reserve, salt, lora, mm, retention in items]
+        self.call(lambda: self.manager.add_sequence_batch(specs))
+
+    def pick(self, data: st.DataObject) -> str:
+        """A request id: mostly a live one (a call on it is not refused for that)."""
+        live = [rid for rid in RIDS if self.manager.has_sequence(rid)]
+        if data.draw(st.integers(0, 9)) and live:
+            return data.draw(st.sampled_from(live))
+        return data.draw(st.sampled_from([*RIDS, "gone"]))
+
+    @rule(data=st.data(), n=st.integers(-1, 8))
+    def prefill(self, data: st.DataObject, n: int) -> None:
+        rid = self.pick(data)
+        if n > 0 and self.manager.has_sequence(rid):
+            n = min(n, max(1, self.manager.num_unscheduled_tokens(rid)))
+        self.call(lambda: self.manager.schedule_prefill(rid, n))
+
+    @rule(data=st.data(), tokens=st.lists(st.integers(0, 2), max_size=6))
+    def append(self, data: st.DataObject, tokens: list[int]) -> None:
+        rid = self.pick(data)
+        self.call(lambda: self.manager.append_tokens(rid, tokens))
+
+    @rule(data=st.data(), tokens=st.lists(st.integers(0, 2), max_size=4))
+    def append_columns(self, data: st.DataObject, tokens: list[int]) -> None:
+        ids = [self.pick(data) for _ in tokens]
+        self.call(lambda: self.manager.append_token_columns(ids, tokens))
+
+    @rule(data=st.data(), n=st.integers(-1, 9))
+    def lookahead(self, data: st.DataObject, n: int) -> None:
+        rid = self.pick(data)
+        self.call(lambda: self.manager.reserve_lookahead(rid, n))
+
+    @rule(data=st.data(), store=st.booleans())
+    def remove(self, data: st.DataObject, store: bool) -> None:
+        rid = self.pick(data)
+        self.call(lambda: self.manager.remove_sequence(rid, store))
+
+    @rule(begin=st.booleans())
+    def step_bound(self, begin: bool) -> None:
+        if begin:
+            self.call(self.manager.begin_step)
+        else:
+            self.call(lambda: self.plans.append(self.manager.end_step()))
+
+    @rule(data=st.data())
+    def fail_a_plan(self, data: st.DataObject) -> None:
+        self.plans += [self.manager.take_plan(), self.other.take_plan()]
+        plan = data.draw(st.sampled_from(self.plans))
+        if len(plan):
+            failed = data.draw(st.lists(st.integers(-1, len(plan)), max_size=3))
+            self.call(lambda: self.manager.transfer_failed(plan, failed))
+
+    @rule(data=st.data(), n=st.integers(0, 2))
+    def fail_passes(self, data: st.DataObject, n: int) -> None:
+        ids = [self.pick(data) for _ in range(n)]
+        self.call(lambda: self.manager.compute_failed(ids))
+
+    @rule(data=st.data())
+    def drop(self, data: st.DataObject) -> None:
+        """Mostly a key space that holds cached blocks, some of them held."""
+        cached = sorted({(b.lora_id, b.salt) for b in self.manager.cached_blocks()}, key=repr)
+        if data.draw(st.booleans()) and cached:
+            lora, salt = data.draw(st.sampled_from(cached))
+        else:
+            lora, salt = data.draw(st.sampled_from(LORAS)), data.draw(st.sampled_from(SALTS))
+        self.call(lambda: self.manager.drop_key_space(lora_id=lora, salt=salt))
+
+    @rule()
+    def reset(self) -> None:
+        self.manager.reset_cache()
+
+    @rule(tokens=st.lists(st.integers(0, 2), max_size=14), n=st.integers(0, 4),
+          salt=st.sampled_from(SALTS))
+    def import_blocks(self, tokens: list[int], n: int, salt: object) -> None:
+        self.call(lambda: self.manager.import_blocks(tokens, n, salt=salt))  # type: ignore[arg-type]
+
+    @rule(items=st.lists(st.tuples(st.sampled_from([*RIDS, "q"]),
+                                   st.lists(st.integers(0, 2), min_size=1, max_size=14)),
+                         max_size=3))
+    def hint(self, items: list[tuple[str, list[int]]]) -> None:
+        self.call(lambda: self.manager.hint_waiting([SequenceSpec(r, t) for r, t in items]))
+
+    @rule()
+    def spills(self) -> None:
+        self.manager.record_spills()
+        self.manager.drain_spills()
+
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=14))
+    def another_manager(self, tokens: list[int]) -> None:
+        if self.other.has_sequence("x"):
+            self.other.remove_sequence("x")
+        else:
+            self.other.add_sequence(SequenceSpec("x", tokens))
+
+    @invariant()
+    def books_and_events_hold(self) -> None:
+        m = self.manager
+        m.check_invariants()
+        events = m.drain_events()
+        check_events(events)
+        events = decode_events(encode_events(events))
+        self.index.apply("i", events)
+        for e in events:
+            assert e.seq == self.next_seq, (e, self.next_seq)
+            self.next_seq += 1
+            if isinstance(e, BlockStored):
+                self.view[e.block_hash] = e.tier
+            elif isinstance(e, BlockRemoved):
+                assert self.view.pop(e.block_hash) is e.tier, e
+            elif isinstance(e, BlockTierChanged):
+                assert self.view[e.block_hash] is e.old_tier, e
+                self.view[e.block_hash] = e.new_tier
+            else:
+                self.view.clear()
+        held = {b.block_hash: b.tier for b in m.cached_blocks()}
+        assert self.view == held == self.index.blocks("i")
+
+
+def test_newer_calls_in_random_order_keep_the_books_and_the_events_exact() -> None:
+    """See ``NewerCalls``."""
+    run_state_machine_as_test(NewerCalls, settings=settings(
+        max_examples=30, stateful_step_count=40, deadline=None))
