@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -404,3 +405,88 @@ def test_newer_calls_in_random_order_keep_the_books_and_the_events_exact() -> No
     """See ``NewerCalls``."""
     run_state_machine_as_test(NewerCalls, settings=settings(
         max_examples=30, stateful_step_count=40, deadline=None))
+
+
+# ---- a clock or eviction policy that calls back into the manager it serves ------------------
+
+REENTRANT_CALLS: dict[str, Callable[[KVCacheManager], object]] = {
+    "add_sequence_batch": lambda m: m.add_sequence(SequenceSpec("z", [9] * 9)),
+    "drop_key_space": lambda m: m.drop_key_space(),
+    "remove_sequence": lambda m: m.remove_sequence("a"),
+    "take_plan": lambda m: m.take_plan(),
+    "reset_cache": lambda m: m.reset_cache(),
+}
+
+
+def reentrant_manager(call: Callable[[KVCacheManager], object],
+                      via: str) -> tuple[KVCacheManager, list[Exception]]:
+    """A manager with cached history and a live request ``a``, whose eviction policy's
+    ``key`` (via "policy") or clock (via "clock") makes ``call`` on it once armed; the
+    exceptions the call raised are collected."""
+    from kvtier.policies import PriorityLRU
+
+    box: dict[str, KVCacheManager] = {}
+    raised: list[Exception] = []
+
+    def call_back() -> None:
+        manager = box.pop("armed", None)
+        if manager is not None:
+            try:
+                call(manager)
+            except Exception as exc:
+                raised.append(exc)
+                raise
+
+    class CallingBack(PriorityLRU):
+        def key(self, *args: Any) -> Any:
+            if via == "policy":
+                call_back()
+            return super().key(*args)
+
+    def clock() -> float:
+        if via == "clock":
+            call_back()
+        return 0.0
+
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8, num_host_blocks=4),
+                         policy=CallingBack(), clock=clock)
+    for i in range(3):
+        mgr.add_sequence(SequenceSpec(f"old{i}", [i] * 9))
+        mgr.remove_sequence(f"old{i}")
+    mgr.add_sequence(SequenceSpec("a", [7] * 5))
+    mgr.take_plan()
+    box["armed"] = mgr
+    return mgr, raised
+
+
+@pytest.mark.parametrize("via", ["policy", "clock"])
+@pytest.mark.parametrize("name", sorted(REENTRANT_CALLS))
+def test_a_call_back_from_the_policy_or_clock_is_refused_and_the_operation_completes(
+        name: str, via: str) -> None:
+    """A policy's key() or a clock that called add_sequence or drop_key_space on the
+    manager mid-eviction broke its books (AssertionError "blocks short of eviction
+    candidates", a run with users recorded and none holding it); take_plan handed the
+    operation's copies to the callback; remove_sequence released a request under the
+    admission in flight. Now the call is refused (RuntimeError naming it), which the
+    policy's guard takes as its fault (the fallback evicts) and the clock's reader as a
+    bad reading (the last good time): the admission in flight completes, the books hold,
+    and the live request is untouched."""
+    mgr, raised = reentrant_manager(REENTRANT_CALLS[name], via)
+    admission = mgr.add_sequence(SequenceSpec("b", [8] * 17))
+    assert [str(e) for e in raised] == [
+        f"KVCacheManager.{name}() called from inside the manager's own clock or eviction "
+        "policy, while an operation is in flight: refused (they must not call back into the "
+        "manager they serve)"]
+    assert admission.admitted and mgr.block_table("a") and not mgr.has_sequence("z")
+    assert mgr.num_policy_faults == (via == "policy")
+    assert mgr.clock.num_faults == (via == "clock")
+    # The admission's copies are all in the caller's plan, exactly those of a manager whose
+    # policy and clock never called back (the fallback evicts in PriorityLRU's order).
+    calm, _ = reentrant_manager(REENTRANT_CALLS[name], "neither")
+    assert calm.add_sequence(SequenceSpec("b", [8] * 17)) == admission
+    assert mgr.take_plan().ops == calm.take_plan().ops
+    assert mgr.cached_blocks() == calm.cached_blocks()
+    mgr.check_invariants()
+    mgr.remove_sequence("b")
+    mgr.remove_sequence("a")
+    mgr.check_invariants()

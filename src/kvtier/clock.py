@@ -21,23 +21,42 @@ from collections.abc import Callable
 logger = logging.getLogger(__name__)
 
 
-class CacheClock:
-    """A caller's clock (seconds, any epoch), read safely: see the module docstring."""
+class CallerCode:
+    """How many calls into a caller's code (its clock, its eviction policy) a manager's
+    operation is inside now: while any is, the manager refuses every call that changes it
+    (RuntimeError), so a clock or policy that calls back into the manager it serves faults
+    (a guarded fault: the last good time, the fallback policy) instead of changing the cache
+    under the operation in flight, which broke its books (an AssertionError, blocks lost)."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    __slots__ = ("depth",)
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+class CacheClock:
+    """A caller's clock (seconds, any epoch), read safely: see the module docstring.
+    ``calls`` counts the readings in progress (see :class:`CallerCode`)."""
+
+    def __init__(self, clock: Callable[[], float], calls: CallerCode | None = None) -> None:
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         self._clock = clock
+        self.calls = CallerCode() if calls is None else calls
         self.last = 0.0        # the last good reading
         self._started = False  # whether there was one
         self.num_faults = 0    # readings replaced by the last good one, in all
         self.last_fault = ""   # what the last of them was
 
     def __call__(self) -> float:
+        calls = self.calls
+        calls.depth += 1
         try:
             t = self._clock()
         except Exception as exc:  # any fault of the caller's clock
             return self._fault(f"raised {type(exc).__name__}: {exc}")
+        finally:
+            calls.depth -= 1
         if t.__class__ is not float:
             if isinstance(t, bool) or not isinstance(t, (int, float)):
                 return self._fault(f"returned {t!r}, not a number of seconds")

@@ -11,7 +11,9 @@ Contract: the manager owns a ``BlockCache`` (the tree, the tier pools and every 
 between them) and a ``LiveTable`` (the live requests); nothing outside it changes either.
 One thread owns a manager, as a serving engine's scheduler loop owns vLLM's or SGLang's:
 calls are not locked against each other, and an eviction policy (or clock) must not call
-back into the manager it serves. Share one across threads behind the caller's own lock.
+back into the manager it serves: a call that would change it is refused then (RuntimeError,
+which the policy's guard or the clock's reader takes as the fault it is). Share one across
+threads behind the caller's own lock.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import cast
 from kvtier.admission import Admission, BatchAdmission, PrefixMatch, promise_of
 from kvtier.blocks import cdiv
 from kvtier.cache import BlockCache
-from kvtier.clock import CacheClock
+from kvtier.clock import CacheClock, CallerCode
 from kvtier.config import CacheConfig
 from kvtier.events import Event
 from kvtier.eviction import EvictionPolicy
@@ -55,6 +57,13 @@ from kvtier.transfer.plan import PlanRecorder, TransferPlan
 _NO_COPIES = TransferPlan(())
 
 
+def _reentered(method: str) -> RuntimeError:
+    """The error of a call back into a manager from its clock or eviction policy."""
+    return RuntimeError(f"KVCacheManager.{method}() called from inside the manager's own "
+                        "clock or eviction policy, while an operation is in flight: refused "
+                        "(they must not call back into the manager they serve)")
+
+
 class KVCacheManager:
     """A tiered, prefix-reusing KV block manager. See the module docstring."""
 
@@ -67,10 +76,16 @@ class KVCacheManager:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, got {config!r}")
         self.config = config
+        # The caller's code (clock, eviction policy) running inside an operation: a call
+        # back into this manager then is refused (``_reentered``), never applied.
+        self._caller_code = CallerCode()
         # Read through ``CacheClock``: a clock that raises or answers garbage mid-operation
         # gives the last good time, never a half-done admission or release.
-        self.clock = CacheClock(clock)
+        self.clock = CacheClock(clock, self._caller_code)
         self._cache = BlockCache(config, self.clock, policy)
+        guard = self._cache.evictor.policy
+        if isinstance(guard, PolicyGuard):
+            guard.calls = self._caller_code
         self._live = LiveTable()
         self._tpb = config.tokens_per_block
         self._version = 0
@@ -243,6 +258,8 @@ class KVCacheManager:
         policy that ``ranks_soft_claims``, yet still evictable, so they yield before a
         request is refused. Changes no lookup (``version`` stays). Raises TypeError, changing
         nothing, unless ``specs`` is a sequence of ``SequenceSpec``."""
+        if self._caller_code.depth:
+            raise _reentered("hint_waiting")
         if type(specs) is not list and (  # a list, at once (not an ABC check a step)
                 not isinstance(specs, Sequence) or isinstance(specs, (str, bytes))):
             raise TypeError(f"specs must be a sequence of SequenceSpec, got "
@@ -261,6 +278,8 @@ class KVCacheManager:
         """The copies of every call since the last take, in program order, as one plan;
         the caller submits it to a transfer engine before it reads the blocks involved
         (before the next forward pass). Empty when the calls moved nothing."""
+        if self._caller_code.depth:
+            raise _reentered("take_plan")
         if not self._ops:
             return _NO_COPIES  # NOTE: most calls move nothing: no allocation for them
         return self._ops.take()
@@ -276,6 +295,8 @@ class KVCacheManager:
         per spec, in order. Raises (TypeError for an item that is no ``SequenceSpec``,
         ValueError on a duplicate or live request id, or a batch that could not fit even in
         an empty GPU pool) changing nothing: not even ``version``."""
+        if self._caller_code.depth:
+            raise _reentered("add_sequence_batch")
         batch = self._live.new_batch(specs)
         admission = BatchAdmission(self._cache, self._live, self.config, self._store_blocks)
         results = admission.run(batch, self._ops)
@@ -289,6 +310,8 @@ class KVCacheManager:
         """Mark the next ``num_tokens`` prompt tokens as scheduled (a later prefill chunk);
         full blocks they complete become reusable. Their new blocks come from the request's
         reservation (allocating them may evict, never fails)."""
+        if self._caller_code.depth:
+            raise _reentered("schedule_prefill")
         seq = self._live.get(request_id)
         if type(num_tokens) is not int or num_tokens < 1:
             raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
@@ -320,6 +343,8 @@ class KVCacheManager:
     def append_tokens(self, request_id: str, tokens: Sequence[int]) -> list[int] | None:
         """Grow a request by decode tokens; returns the new block ids, or ``None`` (and
         changes nothing) if the GPU pool cannot supply them. Blocks that fill are stored."""
+        if self._caller_code.depth:
+            raise _reentered("append_tokens")
         seq = self._live.get(request_id)
         token_ids = token_list(tokens, f"tokens appended to {request_id!r}")
         seq.check_prefilled()
@@ -342,6 +367,8 @@ class KVCacheManager:
         rejected draft's KV is never cached. Blocks no accepted token reached are freed
         with the request.
         """
+        if self._caller_code.depth:
+            raise _reentered("reserve_lookahead")
         seq = self._live.get(request_id)
         if type(num_tokens) is not int or num_tokens < 0:
             raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
@@ -390,6 +417,8 @@ class KVCacheManager:
         The decode path of a step: one call, and no allocation for the many requests whose
         next token fits their last block.
         """
+        if self._caller_code.depth:
+            raise _reentered("append_token_batch")
         batch = self._live.decode_items(items)
         return self._append_each(batch, len(batch))
 
@@ -403,6 +432,8 @@ class KVCacheManager:
         cost on a step's batch; every value is still checked at C speed
         (``LiveTable.decode_columns``). Anything else goes the pairs' checked way.
         """
+        if self._caller_code.depth:
+            raise _reentered("append_token_columns")
         seqs = None
         if type(request_ids) is list and type(tokens) is list:
             try:
@@ -452,6 +483,8 @@ class KVCacheManager:
         hits, and admission onboards them like any other. The caller must write the slots
         before the next manager call that may read them (an admission's plan).
         """
+        if self._caller_code.depth:
+            raise _reentered("import_blocks")
         token_ids = token_list(tokens, "tokens")
         if type(num_blocks) is not int or num_blocks < 0:
             raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
@@ -465,6 +498,8 @@ class KVCacheManager:
     def record_spills(self) -> None:
         """Start logging host blocks as they leave the cache, for a write-back remote tier:
         see ``drain_spills``."""
+        if self._caller_code.depth:
+            raise _reentered("record_spills")
         journal = self._cache.journal
         if journal.spill_log is None:
             journal.spill_log = []
@@ -474,6 +509,8 @@ class KVCacheManager:
         is still in its slot: read it before executing the plan holding those calls'
         copies (it may reuse the slot). Blocks offloaded and dropped between two drains are
         not listed. Requires ``record_spills``."""
+        if self._caller_code.depth:
+            raise _reentered("drain_spills")
         journal = self._cache.journal
         if journal.spill_log is None:
             raise RuntimeError("drain_spills() needs record_spills() first")
@@ -482,6 +519,8 @@ class KVCacheManager:
     def remove_sequence(self, request_id: str, store_for_reuse: bool = True) -> None:
         """Release a request, tail first. Its full scheduled blocks stay cached for reuse
         (unless ``store_for_reuse`` is False: then only blocks already stored do)."""
+        if self._caller_code.depth:
+            raise _reentered("remove_sequence")
         seq = self._live.get(request_id)
         if type(store_for_reuse) is not bool:
             raise ValueError(f"store_for_reuse must be a bool, got {store_for_reuse!r}")
@@ -503,6 +542,8 @@ class KVCacheManager:
         """The ops at ``failed_indices`` of ``plan`` (taken from this manager) did not
         complete: degrade them to recompute (see ``kvtier.recovery``). Returns the requests
         that must recompute, in admission order."""
+        if self._caller_code.depth:
+            raise _reentered("transfer_failed")
         failed = check_failed_indices(plan, failed_indices)
         aborted = fail_transfers(self._cache, self._live, plan, failed)
         if failed:
@@ -516,6 +557,8 @@ class KVCacheManager:
         Returns the requests that must recompute (those, and any reading their garbage),
         in admission order. Raises, changing nothing, for ids that are no iterable of str
         (TypeError) or name no live request (KeyError)."""
+        if self._caller_code.depth:
+            raise _reentered("compute_failed")
         if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, Iterable):
             raise TypeError(f"request_ids must be an iterable of request ids, got "
                             f"{request_ids!r}")
@@ -534,11 +577,15 @@ class KVCacheManager:
     def begin_step(self) -> None:
         """Until ``end_step``, blocks scheduled by admissions, prefill chunks and appends
         are not stored: no request of a step reuses blocks that the same step computes."""
+        if self._caller_code.depth:
+            raise _reentered("begin_step")
         self._live.begin_step()
 
     def end_step(self) -> TransferPlan:
         """Store the blocks scheduled since ``begin_step``; return the step's plan (every
         copy not yet taken, see ``take_plan``)."""
+        if self._caller_code.depth:
+            raise _reentered("end_step")
         for seq in self._live.end_step():
             self._store_blocks(seq)
         return self.take_plan()
@@ -569,6 +616,8 @@ class KVCacheManager:
     def reset_cache(self) -> bool:
         """Drop every cached block of every tier. Refused (returns False) while any request
         is live."""
+        if self._caller_code.depth:
+            raise _reentered("reset_cache")
         if len(self._live):
             return False
         self._version += 1
@@ -584,6 +633,8 @@ class KVCacheManager:
         spilled to a write-back remote tier; copies already in a remote store are the
         store's to delete. Raises ValueError, changing nothing, for a salt or LoRA id no
         request could carry. Another key space is never touched."""
+        if self._caller_code.depth:
+            raise _reentered("drop_key_space")
         check_key("salt", salt)
         check_lora_id(lora_id)
         num_blocks = self._cache.drop_key_space(lora_id, salt)
@@ -593,6 +644,8 @@ class KVCacheManager:
 
     def drain_events(self) -> list[Event]:
         """Events since the last drain, oldest first (empty unless ``enable_events``)."""
+        if self._caller_code.depth:
+            raise _reentered("drain_events")
         events = self._cache.journal.events
         return events.drain() if events is not None else []
 

@@ -32,6 +32,7 @@ import logging
 from numbers import Integral, Real
 from typing import Any
 
+from kvtier.clock import CallerCode
 from kvtier.config import CacheConfig
 from kvtier.eviction import EvictionPolicy, effective_priority
 from kvtier.pool import Key
@@ -153,6 +154,8 @@ class PolicyGuard:
         self.num_faults = 0
         self.first_fault: Exception | None = None
         self._fallen = False
+        # The inner's calls in progress: the manager shares its own (``clock.CallerCode``).
+        self.calls = CallerCode()
         self._min_key_fields = nq + 1  # a queue and an order in it
         # The fallback's key: (1, priority, 0 ... 0, last_used), its first
         # ``num_queue_fields`` fields its queue (one per priority).
@@ -192,27 +195,36 @@ class PolicyGuard:
 
     def key(self, node: Node, now: float, default_priority: int) -> Key:
         if not self._fallen:
+            self.calls.depth += 1
             try:
                 return _checked_key(self._key(node, now, default_priority),
                                     self._min_key_fields, "key")
             except Exception as exc:
                 self._fault("key", exc)
+            finally:
+                self.calls.depth -= 1
         return self.fallback_key(node, now, default_priority)
 
     def rank(self, node: Node, now: float, default_priority: int) -> Key:
         if not self._fallen:
+            self.calls.depth += 1
             try:
                 return _checked_key(self._rank(node, now, default_priority), 1, "rank")
             except Exception as exc:
                 self._fault("rank", exc)
+            finally:
+                self.calls.depth -= 1
         return self.fallback_key(node, now, default_priority)
 
     def _guarded_within(self, node: Node, now: float) -> float:
         if not self._fallen:
+            self.calls.depth += 1
             try:
                 return _real(self.inner.within(node, now), "within")  # type: ignore[attr-defined]
             except Exception as exc:
                 self._fault("within", exc)
+            finally:
+                self.calls.depth -= 1
         return 0.0  # every run alike: the winning queue gives its head
 
     # ---- ReuseLearner, where the inner is one ------------------------------------------
@@ -221,6 +233,7 @@ class PolicyGuard:
         if self._fallen:
             return
         learner: Any = self.inner
+        self.calls.depth += 1
         try:
             learner.bind(config)
             witness = learner.witness
@@ -229,10 +242,13 @@ class PolicyGuard:
         except Exception as exc:
             self._fault("bind", exc)
             return
+        finally:
+            self.calls.depth -= 1
         self.witness = None if witness is None else _GuardedWitness(witness, self)
 
     def _reuse_class(self, node: Node, turn: int, role: int) -> int:
         if not self._fallen:
+            self.calls.depth += 1
             try:
                 cls = self.inner.reuse_class(node, turn, role)  # type: ignore[attr-defined]
                 if isinstance(cls, Integral) and not isinstance(cls, bool):
@@ -240,26 +256,35 @@ class PolicyGuard:
                 raise PolicyFault(f"reuse_class returned {cls!r}, not an int")
             except Exception as exc:
                 self._fault("reuse_class", exc)
+            finally:
+                self.calls.depth -= 1
         return 0
 
     def _record(self, reuse_class: int, age_s: float, num_blocks: int, reused: bool) -> None:
         if not self._fallen:
+            self.calls.depth += 1
             try:
                 self.inner.record(reuse_class, age_s, num_blocks, reused)  # type: ignore[attr-defined]
             except Exception as exc:
                 self._fault("record", exc)
+            finally:
+                self.calls.depth -= 1
 
     def _forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
                 num_blocks: int, now: float, released_tick: int = 0) -> None:
         if not self._fallen:
+            self.calls.depth += 1
             try:
                 self.inner.forget(ghost_key, node_uid, reuse_class,  # type: ignore[attr-defined]
                                   released_s, num_blocks, now, released_tick)
             except Exception as exc:
                 self._fault("forget", exc)
+            finally:
+                self.calls.depth -= 1
 
     def _recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         if not self._fallen:
+            self.calls.depth += 1
             try:
                 found = self.inner.recall(ghost_key, now)  # type: ignore[attr-defined]
                 if found is None:
@@ -272,6 +297,8 @@ class PolicyGuard:
                 raise PolicyFault(f"recall returned {found!r}, not None or (uid, blocks >= 1)")
             except Exception as exc:
                 self._fault("recall", exc)
+            finally:
+                self.calls.depth -= 1
         return None
 
 
@@ -288,6 +315,7 @@ class VersionedPolicyGuard(PolicyGuard):
         """A count of the inner's ``rank_version`` changes (None where it says None): the
         pools compare only ints, never an object of the policy's."""
         if not self._fallen:
+            self.calls.depth += 1
             try:
                 version = self.inner.rank_version  # type: ignore[attr-defined]
                 if version is None:
@@ -298,6 +326,8 @@ class VersionedPolicyGuard(PolicyGuard):
                 return self._num_versions
             except Exception as exc:
                 self._fault("rank_version", exc)
+            finally:
+                self.calls.depth -= 1
         # One version for the fallback, which no rank kept before the fault holds.
         return self._num_versions + 1
 
@@ -328,11 +358,14 @@ class _GuardedWitness(LruWitness):
         guard = self._guard
         if guard.faulted:
             return None
+        guard.calls.depth += 1
         try:
             result: object = getattr(self._witness, method)(*args)
         except Exception as exc:
             guard._fault(f"witness.{method}", exc)
             return None
+        finally:
+            guard.calls.depth -= 1
         return result
 
     def clear(self) -> None:
