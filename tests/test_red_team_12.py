@@ -490,3 +490,24 @@ def test_a_call_back_from_the_policy_or_clock_is_refused_and_the_operation_compl
     mgr.remove_sequence("b")
     mgr.remove_sequence("a")
     mgr.check_invariants()
+
+
+@pytest.mark.parametrize("request_id", [["h"], None, 5, b"h"])
+@pytest.mark.parametrize("method", ["hold", "release"])
+def test_hold_and_release_refuse_an_id_that_is_no_str(method: str, request_id: object) -> None:
+    """hold(['h']) raised set's own TypeError ("unhashable type: 'list'"); hold(None),
+    hold(5) and hold(b'h') were silently ignored, the request the caller meant never held.
+    Now TypeError names the id, as abort does; the queue is as it was."""
+    from kvtier import Request, Scheduler
+
+    sched = Scheduler(KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8)))
+    sched.add_request(Request("h", [1, 2, 3], 2))
+    sched.hold("h")
+    with pytest.raises(TypeError, match=rf"^request_id must be a str, got {request_id!r}$"
+                       .replace("[", r"\[").replace("]", r"\]")):
+        getattr(sched, method)(request_id)
+    step = sched.step()
+    assert step.context_chunks == ()  # still held
+    sched.update(step, {})
+    sched.release("h")
+    assert [c.request_id for c in sched.step().context_chunks] == ["h"]

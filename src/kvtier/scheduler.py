@@ -36,7 +36,7 @@ from kvtier.scheduler_config import (
     CapacityPolicy,
     SchedulerConfig,
 )
-from kvtier.sequence import MAX_TOKEN_ID, SequenceSpec, check_token
+from kvtier.sequence import MAX_TOKEN_ID, SequenceSpec, check_token, short_repr
 
 __all__ = [
     "ADMISSIONS",
@@ -134,12 +134,17 @@ class Scheduler:
 
     def hold(self, request_id: str) -> None:
         """Keep a waiting request out of admission until ``release`` (e.g. while its prefix
-        is fetched from a remote tier)."""
+        is fetched from a remote tier); an id queued nowhere is ignored. TypeError for an id
+        that is no str."""
+        if type(request_id) is not str:
+            raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
         if request_id in self._specs:
             self._held.add(request_id)
 
     def release(self, request_id: str) -> None:
-        """Let a held request be admitted again."""
+        """Let a held request be admitted again. TypeError for an id that is no str."""
+        if type(request_id) is not str:
+            raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
         self._held.discard(request_id)
 
     def _spec_of(self, req: Request) -> SequenceSpec:
