@@ -55,10 +55,12 @@ MANAGER_CALLS: dict[str, tuple[object, ...]] = {
     "block_table": ("live",),
     "append_tokens": ("live", [1, 2]),
     "append_token_batch": ([("live", 3)],),
+    "append_token_columns": (["live"], [3]),
     "reserve_lookahead": ("live", 5),
     "import_blocks": ([3, 3, 3, 3, 3, 3, 3, 3, 3], 2, None, None),
     "remove_sequence": ("live", True),
     "transfer_failed": (TransferPlan([]), []),
+    "compute_failed": (["live"],),
 }
 POLICIES = ["priority-lru", "kvtier-predict-cost"]
 
