@@ -511,3 +511,51 @@ def test_hold_and_release_refuse_an_id_that_is_no_str(method: str, request_id: o
     sched.update(step, {})
     sched.release("h")
     assert [c.request_id for c in sched.step().context_chunks] == ["h"]
+
+
+# ---- prompts given to the router and the remote tier as what is no sequence of ids ----------
+
+NOT_A_PROMPT = [
+    ({i: 0 for i in range(9)}, "dict"), (set(range(9)), "set"), (iter(range(9)), "range_iterator"),
+    (None, "NoneType"), (bytes(range(9)), "bytes"), (bytearray(range(9)), "bytearray"),
+    (memoryview(bytes(range(9))), "memoryview"),
+]
+
+
+@pytest.mark.parametrize(("tokens", "kind"), NOT_A_PROMPT)
+def test_the_router_refuses_a_prompt_that_is_no_sequence_of_ids(tokens: object,
+                                                                 kind: str) -> None:
+    """Router.route and block_hashes hashed a dict's keys and a set's members as a prompt,
+    and bytes or a bytearray as raw memory (hashes of blocks no instance holds, routed on);
+    an iterator or None raised TypeError ("has no len()", "not iterable"). Now the prompt
+    is checked as the manager checks it (ValueError naming it), and the router's stats do
+    not move."""
+    from kvtier.router import InstanceLoad, Router, make_policy
+
+    router = Router(make_policy("cache-aware"), 4)
+    with pytest.raises(ValueError, match=rf"^tokens must be a sequence of ints \(a list or "
+                                         rf"tuple\), got {kind}$"):
+        router.route(tokens, [InstanceLoad("a", 0, 1)])  # type: ignore[arg-type]
+    assert router.stats.num_routed == 0 and router.stats.per_instance == {}
+
+
+@pytest.mark.parametrize(("tokens", "kind"), NOT_A_PROMPT)
+@pytest.mark.parametrize("call", ["write", "fetch", "start_fetch"])
+def test_the_remote_tier_refuses_a_prompt_that_is_no_sequence_of_ids(
+        call: str, tokens: object, kind: str) -> None:
+    """RemoteTier.write wrote KV under the hashes of a dict's keys, a set or raw bytes
+    (entries no manager could match, in a store the fleet shares); fetch and start_fetch
+    raised TypeError from inside for a dict, a set, None or an iterator ("unhashable type:
+    'slice'", "has no len()"; bytes they refused already). Now ValueError names the
+    prompt, and nothing is written or fetched."""
+    from test_red_team_remote import make_tier
+
+    tier = make_tier()
+    with pytest.raises(ValueError, match=rf"^tokens must be a sequence of ints \(a list or "
+                                         rf"tuple\), got {kind}$"):
+        if call == "write":
+            tier.write(tokens, [0, 1], wait=True)  # type: ignore[arg-type]
+        else:
+            getattr(tier, call)(*(["r"] if call == "start_fetch" else []), tokens)
+    assert tier.flush(10.0)
+    assert (tier.num_written_blocks, tier.num_fetched_blocks, tier.num_waiting) == (0, 0, 0)

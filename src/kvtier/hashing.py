@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import xxhash
 
-from kvtier.sequence import check_key, check_lora_id, packed_token_ids
+from kvtier.sequence import as_token_sequence, check_key, check_lora_id, packed_token_ids
 
 HashFn = Callable[[bytes], int]
 
@@ -128,7 +128,8 @@ def prompt_block_hashes(
 ) -> list[int]:
     """The chained hashes of a prompt's first ``num_blocks`` full blocks (all full blocks
     when None), as the local cache names them: the one helper for a prompt's hash chain.
-    ValueError for a salt, lora_id, block size or extras the manager refuses. Pure.
+    ValueError for tokens (a container of them: the ids are checked as they are hashed), a
+    salt, lora_id, block size or extras the manager refuses. Pure.
 
     ::
 
@@ -140,6 +141,10 @@ def prompt_block_hashes(
     # in: a block size of 0 divided by zero, a negative one or True hashed garbage; a salt
     # or lora_id the manager refuses named blocks no instance could hold (a remote write
     # under one filled the shared store with garbage).
+    # A str, bytes, a mapping, a set, an iterator or None is refused as the manager refuses
+    # it: bytes were hashed as raw memory (names of blocks no instance holds), a dict's
+    # keys or a set's members as if they were a prompt.
+    tokens = as_token_sequence(tokens, "tokens")
     check_key("salt", salt)
     check_lora_id(lora_id)
     if type(tokens_per_block) is not int or tokens_per_block < 1:

@@ -49,6 +49,7 @@ from kvtier.remote.codec import num_found_on_every_rank
 from kvtier.remote.options import LONGEST_WAIT_S, check_number, check_timeout
 from kvtier.remote.ranks import Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
+from kvtier.sequence import as_token_sequence
 from kvtier.tier import Tier
 
 if TYPE_CHECKING:
@@ -268,8 +269,9 @@ class RemoteTier:
     def _reusable_hashes(self, tokens: list[int], salt: object,
                          lora_id: int | None) -> list[int]:
         # The last prompt token is never reused, so neither is a block that ends with it.
-        num_blocks = max(len(tokens) - 1, 0) // self._tpb
-        return prompt_block_hashes(self._hash_fn, tokens, self._tpb, lora_id, salt,
+        ids = as_token_sequence(tokens, "tokens")  # before len(): None, an iterator
+        num_blocks = max(len(ids) - 1, 0) // self._tpb
+        return prompt_block_hashes(self._hash_fn, ids, self._tpb, lora_id, salt,
                                    num_blocks=num_blocks)
 
     def _num_local_blocks(self, tokens: list[int], salt: bytes | str | int | None,
