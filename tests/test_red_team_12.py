@@ -4,6 +4,7 @@ code before its fix and asserts the exact refusal and that nothing changed."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -559,3 +560,26 @@ def test_the_remote_tier_refuses_a_prompt_that_is_no_sequence_of_ids(
             getattr(tier, call)(*(["r"] if call == "start_fetch" else []), tokens)
     assert tier.flush(10.0)
     assert (tier.num_written_blocks, tier.num_fetched_blocks, tier.num_waiting) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("answer", ["zzz", None, 5, ["a"], "A"])
+def test_a_routing_policy_choosing_no_instance_offered_is_refused(answer: object) -> None:
+    """A caller's RoutingPolicy answering None, 5 or an unknown id had it returned as the
+    decision (the request sent nowhere) and counted in the stats as an instance; a list
+    raised 'unhashable type'. Now ValueError names the policy's answer and the instances,
+    and the stats do not move."""
+    from kvtier.router import InstanceLoad, Router
+
+    class Answers:
+        def choose(self, *args: object) -> object:
+            return answer
+
+        def __repr__(self) -> str:
+            return "Answers()"
+
+    router = Router(Answers(), 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"^routing policy Answers\(\) chose "
+                                         rf"{re.escape(repr(answer))}, none of the instances "
+                                         rf"offered \('a', 'b'\)$"):
+        router.route([1] * 8, [InstanceLoad("a", 0, 1), InstanceLoad("b", 0, 1)])
+    assert router.stats.num_routed == 0 and router.stats.per_instance == {}

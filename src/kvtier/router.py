@@ -347,11 +347,18 @@ class Router:
 
     def route(self, tokens: Sequence[int], loads: Iterable[InstanceLoad], salt: object = None,
               lora_id: int | None = None) -> RouteDecision:
-        """Pick an instance of ``loads`` for a prompt of ``tokens``."""
+        """Pick an instance of ``loads`` for a prompt of ``tokens``. ValueError, changing no
+        stats, where the policy (a caller's) chooses an instance not among ``loads``."""
         loads = check_loads(loads)
         hashes = self.block_hashes(tokens, salt, lora_id)
         hits = self.index.match(hashes)
         choice = self.policy.choose(loads, hits, len(hashes))
+        if not any(type(choice) is str and choice == load.instance_id for load in loads):
+            # NOTE: a caller's policy answering None, 5 or an unknown id was returned as the
+            # decision (a request sent nowhere) and counted in the stats as an instance.
+            raise ValueError(f"routing policy {short_repr(self.policy)} chose "
+                             f"{short_repr(choice)}, none of the instances offered "
+                             f"({', '.join(repr(load.instance_id) for load in loads)})")
         hit = hits.get(choice, PrefixHit(0, 0))
         best = max((sum(h) for h in hits.values()), default=0)
         stats = self.stats
