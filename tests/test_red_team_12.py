@@ -583,3 +583,76 @@ def test_a_routing_policy_choosing_no_instance_offered_is_refused(answer: object
                                          rf"offered \('a', 'b'\)$"):
         router.route([1] * 8, [InstanceLoad("a", 0, 1), InstanceLoad("b", 0, 1)])
     assert router.stats.num_routed == 0 and router.stats.per_instance == {}
+
+
+# ---- a scheduler whose running requests the manager dropped behind its back -------------------
+
+
+def decoding_scheduler(num_speculative_tokens: int) -> tuple[KVCacheManager, Any]:
+    """A scheduler with ``a`` (2 output tokens) and ``b`` (5) both decoding."""
+    from kvtier import Request, Scheduler, SchedulerConfig
+
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32,
+                                           num_speculative_tokens=num_speculative_tokens))
+    sched.add_request(Request("a", [1, 2, 3, 4, 5], 2))
+    sched.add_request(Request("b", [1, 2, 3, 4, 9], 5))
+    sched.update(sched.step(), {"a": 6, "b": 6})
+    return mgr, sched
+
+
+def run_to_the_end(sched: Any) -> None:
+    while sched.has_unfinished():
+        step = sched.step()
+        sched.update(step, {rid: 7 for rid in [*step.decode_request_ids,
+                                               *(c.request_id for c in step.context_chunks)]})
+
+
+@pytest.mark.parametrize("drafts", [0, 2])
+def test_update_of_a_step_the_manager_aborted_a_request_of_is_refused_changing_nothing(
+        drafts: int) -> None:
+    """After compute_failed (or transfer_failed) aborted a request, an update without
+    requeue_failed appended every sampled token, then removing the finished request raised
+    KeyError ("unknown request_id 'a'") with the step never marked applied: a second update
+    appended the tokens twice, and every step() was refused. Now update refuses first,
+    naming the requests and requeue_failed, changing nothing; after requeue_failed the run
+    finishes with every request's output."""
+    mgr, sched = decoding_scheduler(drafts)
+    step = sched.step()
+    assert mgr.compute_failed(["a"]) == ["a"]
+    before = ([(r.request_id, list(r.output), r.num_computed_tokens)
+               for r in sched.running.values()], mgr.num_sequences)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "update(): the manager no longer holds ['a'] (transfer_failed or compute_failed "
+            "aborted them): call requeue_failed(step, ['a']) first and update the step it "
+            "returns")):
+        sched.update(step, {"a": 7, "b": 7})
+    assert ([(r.request_id, list(r.output), r.num_computed_tokens)
+             for r in sched.running.values()], mgr.num_sequences) == before
+    sched.update(sched.requeue_failed(step, ["a"]), {"b": 7})
+    assert [r.request_id for r in sched.waiting] == ["a"]
+    run_to_the_end(sched)
+    mgr.check_invariants()
+    assert mgr.num_sequences == 0
+
+
+@pytest.mark.parametrize("drafts", [0, 2])
+@pytest.mark.parametrize("how", ["compute_failed", "remove_sequence"])
+def test_a_request_the_manager_dropped_between_steps_recomputes(drafts: int, how: str) -> None:
+    """compute_failed called after update (the manager allows it between steps), or a
+    direct manager.remove_sequence of a running request: every later step() raised KeyError
+    from the manager's decode ("unknown request_id 'a'"; with drafts, after the requests
+    before it had appended), and no call could requeue it. Now the next step puts it back
+    at the front of the queue to recompute (its output so far kept), and the run ends."""
+    mgr, sched = decoding_scheduler(drafts)
+    getattr(mgr, how)(["a"] if how == "compute_failed" else "a")
+    step = sched.step()
+    assert step.decode_request_ids == ("b",)
+    # Its prompt and its one output token, past what the cache still holds of them (the
+    # first block, which earlier steps computed), recomputed.
+    assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
+        ("a", 4, 2)]
+    sched.update(step, {"a": 7, "b": [7] if drafts else 7})
+    run_to_the_end(sched)
+    mgr.check_invariants()
+    assert mgr.num_sequences == 0

@@ -109,6 +109,10 @@ class Scheduler:
         # output tokens the manager does not hold yet (those the last update sampled; one
         # where absent). Without it that is always one, ``output[-1]``.
         self._num_unappended: dict[str, int] = {}
+        # The manager's live requests when the scheduler last changed them (a step, an
+        # update, a requeue, an abort): where that changed, the caller may have aborted or
+        # removed running requests (``_lost``), which a step or update must not meet blind.
+        self._num_live = manager.num_sequences
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -225,6 +229,7 @@ class Scheduler:
         if req is not None:
             self.manager.remove_sequence(request_id)
             self._num_unappended.pop(request_id, None)
+            self._num_live = self.manager.num_sequences
             return req
         if request_id not in self._specs:
             return None
@@ -237,6 +242,12 @@ class Scheduler:
         step has not been applied by ``update``."""
         if self._unapplied is not None:
             raise RuntimeError("step() called before update() applied the previous step")
+        lost = self._lost()
+        if lost:
+            # Aborted in the manager outside a step (``compute_failed`` after ``update``, a
+            # direct ``remove_sequence``): no step could decode them (a KeyError from the
+            # manager at every step, the scheduler stuck). They recompute, as requeued.
+            self._requeue([self.running[rid] for rid in lost])
         phases = self.phases
         if phases is not None:
             phases.begin()
@@ -246,8 +257,19 @@ class Scheduler:
             return self._unapplied
         finally:
             self.manager.end_step()
+            self._num_live = self.manager.num_sequences
             if phases is not None:
                 phases.mark("store")
+
+    def _lost(self) -> list[str]:
+        """The running requests the manager no longer holds, in admission order. Pure.
+
+        NOTE: walked only where the manager holds another number of requests than when the
+        scheduler last changed them (a step or update compares two ints)."""
+        manager = self.manager
+        if manager.num_sequences == self._num_live:
+            return []
+        return [rid for rid in self.running if not manager.has_sequence(rid)]
 
     def _step(self) -> ScheduledStep:
         cfg = self.config
@@ -502,6 +524,14 @@ class Scheduler:
         that is no mapping or a ``stopped`` that is no collection (TypeError), or a request
         that samples with no valid token in ``sampled`` (ValueError)."""
         self._check_unapplied(step, "update")
+        lost = self._lost()
+        if lost:
+            # NOTE: applied, the step appended their tokens, then removing a finished one
+            # raised KeyError halfway (the step never marked applied: the scheduler stuck).
+            raise RuntimeError(
+                f"update(): the manager no longer holds {lost!r} (transfer_failed or "
+                f"compute_failed aborted them): call requeue_failed(step, {lost!r}) first and "
+                "update the step it returns")
         if not isinstance(sampled, Mapping):
             raise TypeError(f"sampled must be a mapping of request id to token, got "
                             f"{type(sampled).__name__}")
@@ -520,6 +550,7 @@ class Scheduler:
             del self.running[req.request_id]
             self._num_unappended.pop(req.request_id, None)
         self._unapplied = None
+        self._num_live = self.manager.num_sequences
         if phases is not None:
             phases.mark("update")
         return finished
@@ -626,12 +657,8 @@ class Scheduler:
                 # Queued while the manager still holds it, it could never be admitted again.
                 raise ValueError(f"request {req.request_id!r} is still live in the manager: "
                                  "requeue only what transfer_failed aborted")
-        specs = [self._spec_of(req) for req in requeued]  # may raise: nothing changed yet
-        for req, spec in zip(reversed(requeued), reversed(specs), strict=True):
-            del self.running[req.request_id]
-            self._num_unappended.pop(req.request_id, None)
-            req.num_computed_tokens = req.num_prefill_tokens = 0
-            self._enqueue(req, spec, first=True)
+        self._requeue(requeued)  # may raise (a spec the manager refuses): nothing changed
+        self._num_live = self.manager.num_sequences
         chunks = tuple(c for c in step.context_chunks if c.request_id not in gone)
         decodes = tuple(r for r in step.decode_request_ids if r not in gone)
         drafts = step.num_draft_tokens
@@ -642,6 +669,17 @@ class Scheduler:
         self._unapplied = step._replace(context_chunks=chunks, decode_request_ids=decodes,
                                         num_scheduled_tokens=num, num_draft_tokens=drafts)
         return self._unapplied
+
+    def _requeue(self, requeued: list[Request]) -> None:
+        """Put running requests the manager no longer holds back at the front of the queue,
+        in their order, to recompute. Raises ValueError, changing nothing, for a request
+        whose spec the manager refuses."""
+        specs = [self._spec_of(req) for req in requeued]  # may raise: nothing changed yet
+        for req, spec in zip(reversed(requeued), reversed(specs), strict=True):
+            del self.running[req.request_id]
+            self._num_unappended.pop(req.request_id, None)
+            req.num_computed_tokens = req.num_prefill_tokens = 0
+            self._enqueue(req, spec, first=True)
 
     def _check_unapplied(self, step: object, caller: str) -> None:
         """Raise RuntimeError unless ``step`` is the step waiting for ``update``. Pure."""
