@@ -656,3 +656,26 @@ def test_a_request_the_manager_dropped_between_steps_recomputes(drafts: int, how
     run_to_the_end(sched)
     mgr.check_invariants()
     assert mgr.num_sequences == 0
+
+
+def test_a_dropped_request_is_found_past_a_partial_requeue_or_an_abort() -> None:
+    """The check follows the manager's live count: requeue_failed of only some of the
+    requests compute_failed aborted, or an abort of another request, must not make the
+    scheduler take the count as its own and miss the rest."""
+    from kvtier import Request
+
+    mgr, sched = decoding_scheduler(0)
+    sched.add_request(Request("c", [3, 3, 3, 3, 3], 5))
+    sched.update(sched.step(), {"a": 6, "b": 6, "c": 6})  # a finishes
+    step = sched.step()
+    assert mgr.compute_failed(["b", "c"]) == ["b", "c"]
+    step = sched.requeue_failed(step, ["b"])
+    with pytest.raises(RuntimeError, match=re.escape("the manager no longer holds ['c']")):
+        sched.update(step, {})
+    sched.update(sched.requeue_failed(step, ["c"]), {})
+    step = sched.step()
+    assert [c.request_id for c in step.context_chunks] == ["c", "b"]  # each to the front
+    sched.update(step, {"b": 7, "c": 7})
+    mgr.remove_sequence("b")  # behind the scheduler's back, then an abort of another
+    assert sched.abort("c") is not None
+    assert [c.request_id for c in sched.step().context_chunks] == ["b"]

@@ -229,7 +229,7 @@ class Scheduler:
         if req is not None:
             self.manager.remove_sequence(request_id)
             self._num_unappended.pop(request_id, None)
-            self._num_live = self.manager.num_sequences
+            self._num_live -= 1  # one less, not the count now: that may hide a lost one
             return req
         if request_id not in self._specs:
             return None
@@ -657,8 +657,9 @@ class Scheduler:
                 # Queued while the manager still holds it, it could never be admitted again.
                 raise ValueError(f"request {req.request_id!r} is still live in the manager: "
                                  "requeue only what transfer_failed aborted")
+        # NOTE: the count is not taken here: a request the caller left out of
+        # ``request_ids`` that the manager dropped too is still found by ``update``.
         self._requeue(requeued)  # may raise (a spec the manager refuses): nothing changed
-        self._num_live = self.manager.num_sequences
         chunks = tuple(c for c in step.context_chunks if c.request_id not in gone)
         decodes = tuple(r for r in step.decode_request_ids if r not in gone)
         drafts = step.num_draft_tokens
