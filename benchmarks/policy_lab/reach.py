@@ -1,0 +1,120 @@
+"""What an order that knows only the past reaches on the built-in agentic workload.
+
+The in-simulator clairvoyant (``kvtier.sim.clairvoyant.Clairvoyant``) knows when every run
+comes back. Part of what it knows an online policy could know in principle (when each
+session's last step arrived, the law its step gaps are drawn from), part it could not (the
+gap each step draws, whether the session goes on). ``PastAware`` is Belady's rule on the
+*expected* next use instead of the true one, from the past alone:
+
+    a run's next use = its session's last arrival (a request whose prompt held the run's
+    last block) + E[gap | gap > time since that arrival], the gap law uniform over
+    ``min_gap_s .. max_gap_s``; past ``max_gap_s`` the session has ended (never again);
+    a run two sessions used less than ``min_gap_s`` apart (a tool spec) goes last.
+
+With ``knows_ends`` it is also told the one future bit per session (whether its last step
+has come: then never again), as the sixth session's oracle. The rest of the clairvoyant's
+gain is the draws. This is a reference order, not a bound: a better rule on the same
+knowledge could do a little better (kvtier-predict, with less, is within 0.002 of it).
+
+    .venv/bin/python benchmarks/policy_lab/reach.py             # seven scales, ~5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from bisect import bisect_right
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from kvtier.config import CacheConfig
+from kvtier.radix import Node
+from kvtier.sim import AgenticWorkload, simulate
+from kvtier.sim.clairvoyant import Clairvoyant
+from kvtier.sim.workload import TraceRequest
+
+_NEVER = float("inf")
+
+
+class PastAware(Clairvoyant):
+    """Belady's rule on the expected next use, from past arrivals and the gap law (see the
+    module docstring). A policy object serves one cache."""
+
+    name = "past-aware"
+
+    def __init__(self, requests: Iterable[TraceRequest], tokens_per_block: int,
+                 time_scale: float, min_gap_s: float, max_gap_s: float,
+                 knows_ends: bool = False) -> None:
+        super().__init__(requests, tokens_per_block, time_scale)
+        if not 0 < min_gap_s <= max_gap_s:
+            raise ValueError(f"need 0 < min_gap_s <= max_gap_s, got {min_gap_s!r}, {max_gap_s!r}")
+        self.min_gap_s = min_gap_s * time_scale
+        self.max_gap_s = max_gap_s * time_scale
+        self.knows_ends = knows_ends
+
+    def next_use(self, node: Node, now: float) -> float:
+        """The expected next arrival of a request that needs ``node``'s last block, from the
+        arrivals up to ``now`` (and, with ``knows_ends``, whether any comes after). Pure but
+        for the memo."""
+        arrivals = self._uses.get(self._end_key(node))
+        if not arrivals:
+            return _NEVER
+        i = bisect_right(arrivals, now)
+        if i == 0:  # stored by a request still to come: not a state a cached run is in
+            return now
+        if self.knows_ends and i == len(arrivals):
+            return _NEVER
+        last = arrivals[i - 1]
+        if i >= 2 and last - arrivals[i - 2] < self.min_gap_s:
+            return now  # two sessions' use apart by less than one gap: shared, soonest
+        waited = now - last
+        if waited > self.max_gap_s:
+            return _NEVER
+        return last + (max(self.min_gap_s, waited) + self.max_gap_s) / 2
+
+
+def hit_rate(args: tuple[str, float, int]) -> float:
+    """One replay of agentic without a host tier (``bench_policy``'s 3 % row: 2,698 GPU
+    blocks) under ``order``: a kvtier policy's name, ``past``, ``past+ends`` or
+    ``clairvoyant``."""
+    order, scale, num_requests = args
+    workload = AgenticWorkload(num_requests=num_requests)
+    kvtier_policy = order not in ("past", "past+ends", "clairvoyant")
+    config = CacheConfig(tokens_per_block=32, num_gpu_blocks=2698, num_host_blocks=0,
+                         eviction_policy=order if kvtier_policy else "lru")
+    policy = None
+    if order == "clairvoyant":
+        policy = Clairvoyant(workload, 32, scale)
+    elif not kvtier_policy:
+        policy = PastAware(workload, 32, scale, workload.min_step_gap_s,
+                           workload.max_step_gap_s, knows_ends=order == "past+ends")
+    return simulate(workload, config, time_scale=scale, policy=policy).token_hit_rate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--orders", default="lru,kvtier-predict-cost,past,past+ends,clairvoyant")
+    parser.add_argument("--num-scales", type=int, default=7)
+    parser.add_argument("--scale", type=float, default=4.1317,
+                        help="bench_policy's time scale for the agentic rows")
+    parser.add_argument("--limit", type=int, default=2000)
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    n = args.num_scales
+    scales = [args.scale * (1 + 0.0005 * (k - (n - 1) / 2)) for k in range(n)]
+    orders = args.orders.split(",")
+    with ProcessPoolExecutor(args.jobs) as pool:
+        hits = list(pool.map(hit_rate, [(o, s, args.limit) for o in orders for s in scales]))
+    print("| order | hit rate, mean (sd) over scales |")
+    print("|---|---:|")
+    for i, order in enumerate(orders):
+        draws = hits[i * n:(i + 1) * n]
+        print(f"| {order} | {statistics.mean(draws):.4f} ({statistics.pstdev(draws):.4f}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    raise SystemExit(main())
