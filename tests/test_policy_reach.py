@@ -14,7 +14,7 @@ from kvtier.sim.workload import TraceRequest
 from kvtier.tier import Tier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.policy_lab.reach import PastAware, hit_rate
+from benchmarks.policy_lab.reach import PastAware, PastDensity, hit_rate
 
 SPEC = list(range(8))  # 2 blocks of 4 tokens, every session's head
 
@@ -67,9 +67,27 @@ def test_the_future_is_not_read_but_for_the_one_bit() -> None:
         PastAware(stream(30.0), 4, 1.0, 3.0, 2.0)
 
 
+def test_density_weighs_the_chance_the_session_ended() -> None:
+    """Hit density: the chance the session goes on (gap law and a 4 % chance a step is the
+    last, by Bayes) over the expected wait, rising as the next step nears; a run silent past
+    the longest gap is worth 0, a shared run most."""
+    spec, a, _ = nodes()
+    order = PastDensity(stream(30.0), 4, 1.0, 2.0, 20.0, 0.04)
+    going_on = 0.96 * (20.0 - 5.0) / 18.0  # silent 5 s of a gap of 2-20 s, not the last step
+    assert order.density(a, 5.0) == pytest.approx(going_on / (going_on + 0.04) / 7.5, rel=1e-12)
+    assert order.density(a, 1.0) == pytest.approx(0.96 / (11.0 - 1.0), rel=1e-12)  # < least gap
+    assert order.density(a, 3.0) < order.density(a, 5.0) < order.density(a, 9.9)  # sooner back
+    assert order.density(a, 31.0) == 0.0
+    assert order.density(spec, 5.0) == float("inf")
+    assert order.key(a, 31.0, 0) == (0, 0.0, 0)
+    with pytest.raises(ValueError, match="end_chance"):
+        PastDensity(stream(30.0), 4, 1.0, 2.0, 20.0, 1.0)
+
+
 def test_more_knowledge_more_hits_on_a_short_replay() -> None:
     """The first 200 agentic steps through the simulator (2,698 GPU blocks, full after
-    ~100): each order that knows more does better, LRU < past < past+ends < clairvoyant
-    (0.7611, 0.8211, 0.8455, 0.8652 on this code)."""
-    rates = [hit_rate((o, 4.1317, 200)) for o in ("lru", "past", "past+ends", "clairvoyant")]
-    assert [round(r, 4) for r in rates] == [0.7611, 0.8211, 0.8455, 0.8652]
+    ~100): each order that knows more does better, LRU < past < past-density < past+ends
+    < clairvoyant (0.7611, 0.8211, 0.8226, 0.8455, 0.8652 on this code)."""
+    orders = ("lru", "past", "past-density", "past+ends", "clairvoyant")
+    rates = [hit_rate((o, 4.1317, 200, 0)) for o in orders]
+    assert [round(r, 4) for r in rates] == [0.7611, 0.8211, 0.8226, 0.8455, 0.8652]

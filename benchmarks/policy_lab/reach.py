@@ -12,11 +12,15 @@ gap each step draws, whether the session goes on). ``PastAware`` is Belady's rul
     a run two sessions used less than ``min_gap_s`` apart (a tool spec) goes last.
 
 With ``knows_ends`` it is also told the one future bit per session (whether its last step
-has come: then never again), as the sixth session's oracle. The rest of the clairvoyant's
-gain is the draws. This is a reference order, not a bound: a better rule on the same
-knowledge could do a little better (kvtier-predict, with less, is within 0.002 of it).
+has come: then never again), as the sixth session's oracle. ``PastDensity`` ranks by hit
+density instead (the chance the session comes back over the expected wait), the chance of
+an end from the step-count law: a session silent for long is likelier to have ended. The
+rest of the clairvoyant's gain is the draws. These are reference orders, not bounds: a
+better rule on the same knowledge could do better; with a host tier (runs outlive the
+longest gap) both fall well below the learned default, so they say nothing there.
 
-    .venv/bin/python benchmarks/policy_lab/reach.py             # seven scales, ~5 min
+    .venv/bin/python benchmarks/policy_lab/reach.py             # seven scales, ~8 min
+    .venv/bin/python benchmarks/policy_lab/reach.py --host-blocks 2896  # the host row
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from kvtier.config import CacheConfig
+from kvtier.pool import Key
 from kvtier.radix import Node
 from kvtier.sim import AgenticWorkload, simulate
 from kvtier.sim.clairvoyant import Clairvoyant
@@ -75,18 +80,67 @@ class PastAware(Clairvoyant):
         return last + (max(self.min_gap_s, waited) + self.max_gap_s) / 2
 
 
-def hit_rate(args: tuple[str, float, int]) -> float:
-    """One replay of agentic without a host tier (``bench_policy``'s 3 % row: 2,698 GPU
-    blocks) under ``order``: a kvtier policy's name, ``past``, ``past+ends`` or
+class PastDensity(PastAware):
+    """``PastAware`` weighing the chance that the session has ended: a run is worth the
+    chance its session comes back over the expected wait for it (hit density, as LHD), the
+    chance from the gap law and a fixed chance ``end_chance`` that a step is its session's
+    last (Bayes: a session silent for longer is likelier to have ended). Smaller goes
+    first; a shared run (see ``PastAware``) last."""
+
+    name = "past-density"
+
+    def __init__(self, requests: Iterable[TraceRequest], tokens_per_block: int,
+                 time_scale: float, min_gap_s: float, max_gap_s: float,
+                 end_chance: float) -> None:
+        super().__init__(requests, tokens_per_block, time_scale, min_gap_s, max_gap_s)
+        if not 0 <= end_chance < 1:
+            raise ValueError(f"end_chance must be in [0, 1), got {end_chance!r}")
+        self.end_chance = end_chance
+
+    def density(self, node: Node, now: float) -> float:
+        """The chance ``node`` is needed again over the expected seconds until then. Pure
+        but for the memo."""
+        arrivals = self._uses.get(self._end_key(node))
+        if not arrivals:
+            return 0.0
+        i = bisect_right(arrivals, now)
+        if i == 0:
+            return _NEVER
+        last = arrivals[i - 1]
+        if i >= 2 and last - arrivals[i - 2] < self.min_gap_s:
+            return _NEVER
+        waited = now - last
+        lo, hi = self.min_gap_s, self.max_gap_s
+        if waited >= hi:
+            return 0.0
+        alive = (hi - max(lo, waited)) / (hi - lo) if hi > lo else 1.0  # P(gap > waited)
+        going_on = (1 - self.end_chance) * alive
+        chance = going_on / (going_on + self.end_chance)
+        return chance / max((max(lo, waited) + hi) / 2 - waited, 1e-9)
+
+    def key(self, node: Node, now: float, default_priority: int) -> Key:
+        return (int(node.soft_claimed), self.density(node, now), node.last_used)
+
+    rank = key
+
+
+def hit_rate(args: tuple[str, float, int, int]) -> float:
+    """One replay of agentic on 2,698 GPU blocks and ``num_host_blocks`` (``bench_policy``'s
+    rows: 0 and 2,896) under ``order``: a kvtier policy's name, ``past``, ``past+ends`` or
     ``clairvoyant``."""
-    order, scale, num_requests = args
+    order, scale, num_requests, num_host_blocks = args
     workload = AgenticWorkload(num_requests=num_requests)
-    kvtier_policy = order not in ("past", "past+ends", "clairvoyant")
-    config = CacheConfig(tokens_per_block=32, num_gpu_blocks=2698, num_host_blocks=0,
+    kvtier_policy = order not in ("past", "past+ends", "past-density", "clairvoyant")
+    config = CacheConfig(tokens_per_block=32, num_gpu_blocks=2698,
+                         num_host_blocks=num_host_blocks,
                          eviction_policy=order if kvtier_policy else "lru")
     policy = None
     if order == "clairvoyant":
         policy = Clairvoyant(workload, 32, scale)
+    elif order == "past-density":  # a step is the last with 1 / the mean step count
+        policy = PastDensity(workload, 32, scale, workload.min_step_gap_s,
+                             workload.max_step_gap_s,
+                             2 / (workload.min_steps + workload.max_steps))
     elif not kvtier_policy:
         policy = PastAware(workload, 32, scale, workload.min_step_gap_s,
                            workload.max_step_gap_s, knows_ends=order == "past+ends")
@@ -95,18 +149,21 @@ def hit_rate(args: tuple[str, float, int]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--orders", default="lru,kvtier-predict-cost,past,past+ends,clairvoyant")
+    parser.add_argument("--orders", default="lru,kvtier-predict-cost,past,past-density,"
+                        "past+ends,clairvoyant")
     parser.add_argument("--num-scales", type=int, default=7)
     parser.add_argument("--scale", type=float, default=4.1317,
                         help="bench_policy's time scale for the agentic rows")
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--host-blocks", type=int, default=0, help="2896: the host row")
     args = parser.parse_args(argv)
     n = args.num_scales
     scales = [args.scale * (1 + 0.0005 * (k - (n - 1) / 2)) for k in range(n)]
     orders = args.orders.split(",")
     with ProcessPoolExecutor(args.jobs) as pool:
-        hits = list(pool.map(hit_rate, [(o, s, args.limit) for o in orders for s in scales]))
+        hits = list(pool.map(hit_rate, [(o, s, args.limit, args.host_blocks)
+                                           for o in orders for s in scales]))
     print("| order | hit rate, mean (sd) over scales |")
     print("|---|---:|")
     for i, order in enumerate(orders):
