@@ -70,7 +70,8 @@ def test_the_future_is_not_read_but_for_the_one_bit() -> None:
 def test_density_weighs_the_chance_the_session_ended() -> None:
     """Hit density: the chance the session goes on (gap law and a 4 % chance a step is the
     last, by Bayes) over the expected wait, rising as the next step nears; a run silent past
-    the longest gap is worth 0, a shared run most."""
+    the longest gap is worth 0, a shared run most; with the release clock, counted from the
+    run's release."""
     spec, a, _ = nodes()
     order = PastDensity(stream(30.0), 4, 1.0, 2.0, 20.0, 0.04)
     going_on = 0.96 * (20.0 - 5.0) / 18.0  # silent 5 s of a gap of 2-20 s, not the last step
@@ -80,6 +81,10 @@ def test_density_weighs_the_chance_the_session_ended() -> None:
     assert order.density(a, 31.0) == 0.0
     assert order.density(spec, 5.0) == float("inf")
     assert order.key(a, 31.0, 0) == (0, 0.0, 0)
+    a.last_used_s = 3.0  # released 3 s after a1 arrived: the release clock waits 2 s at 5 s
+    released = PastDensity(stream(30.0), 4, 1.0, 2.0, 20.0, 0.04, release_clock=True)
+    assert released.density(a, 5.0) == pytest.approx(0.96 / 9.0, rel=1e-12)
+    assert released.density(a, 5.0) != order.density(a, 5.0)
     with pytest.raises(ValueError, match="end_chance"):
         PastDensity(stream(30.0), 4, 1.0, 2.0, 20.0, 1.0)
 

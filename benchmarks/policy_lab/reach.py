@@ -85,17 +85,20 @@ class PastDensity(PastAware):
     chance its session comes back over the expected wait for it (hit density, as LHD), the
     chance from the gap law and a fixed chance ``end_chance`` that a step is its session's
     last (Bayes: a session silent for longer is likelier to have ended). Smaller goes
-    first; a shared run (see ``PastAware``) last."""
+    first; a shared run (see ``PastAware``) last. With ``release_clock`` the time waited
+    counts from the run's release, not its session's last arrival: all an online policy
+    has where the next step follows the completion (closed loop), as in serving."""
 
     name = "past-density"
 
     def __init__(self, requests: Iterable[TraceRequest], tokens_per_block: int,
                  time_scale: float, min_gap_s: float, max_gap_s: float,
-                 end_chance: float) -> None:
+                 end_chance: float, release_clock: bool = False) -> None:
         super().__init__(requests, tokens_per_block, time_scale, min_gap_s, max_gap_s)
         if not 0 <= end_chance < 1:
             raise ValueError(f"end_chance must be in [0, 1), got {end_chance!r}")
         self.end_chance = end_chance
+        self.release_clock = release_clock
 
     def density(self, node: Node, now: float) -> float:
         """The chance ``node`` is needed again over the expected seconds until then. Pure
@@ -109,7 +112,7 @@ class PastDensity(PastAware):
         last = arrivals[i - 1]
         if i >= 2 and last - arrivals[i - 2] < self.min_gap_s:
             return _NEVER
-        waited = now - last
+        waited = now - (node.last_used_s if self.release_clock else last)
         lo, hi = self.min_gap_s, self.max_gap_s
         if waited >= hi:
             return 0.0
@@ -124,23 +127,25 @@ class PastDensity(PastAware):
     rank = key
 
 
-def hit_rate(args: tuple[str, float, int, int]) -> float:
+def hit_rate(args: tuple[str, float, int, int] | tuple[str, float, int, int, int]) -> float:
     """One replay of agentic on 2,698 GPU blocks and ``num_host_blocks`` (``bench_policy``'s
     rows: 0 and 2,896) under ``order``: a kvtier policy's name, ``past``, ``past+ends`` or
-    ``clairvoyant``."""
-    order, scale, num_requests, num_host_blocks = args
-    workload = AgenticWorkload(num_requests=num_requests)
-    kvtier_policy = order not in ("past", "past+ends", "past-density", "clairvoyant")
+    ``clairvoyant``; a fifth field names the workload's seed (0 by default)."""
+    order, scale, num_requests, num_host_blocks, *seed = args
+    workload = AgenticWorkload(num_requests=num_requests, seed=seed[0] if seed else 0)
+    kvtier_policy = order not in ("past", "past+ends", "past-density", "past-density-release",
+                                  "clairvoyant")
     config = CacheConfig(tokens_per_block=32, num_gpu_blocks=2698,
                          num_host_blocks=num_host_blocks,
                          eviction_policy=order if kvtier_policy else "lru")
     policy = None
     if order == "clairvoyant":
         policy = Clairvoyant(workload, 32, scale)
-    elif order == "past-density":  # a step is the last with 1 / the mean step count
+    elif order.startswith("past-density"):  # a step is the last with 1 / the mean steps
         policy = PastDensity(workload, 32, scale, workload.min_step_gap_s,
                              workload.max_step_gap_s,
-                             2 / (workload.min_steps + workload.max_steps))
+                             2 / (workload.min_steps + workload.max_steps),
+                             release_clock=order == "past-density-release")
     elif not kvtier_policy:
         policy = PastAware(workload, 32, scale, workload.min_step_gap_s,
                            workload.max_step_gap_s, knows_ends=order == "past+ends")
@@ -150,19 +155,20 @@ def hit_rate(args: tuple[str, float, int, int]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--orders", default="lru,kvtier-predict-cost,past,past-density,"
-                        "past+ends,clairvoyant")
+                        "past-density-release,past+ends,clairvoyant")
     parser.add_argument("--num-scales", type=int, default=7)
     parser.add_argument("--scale", type=float, default=4.1317,
                         help="bench_policy's time scale for the agentic rows")
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--host-blocks", type=int, default=0, help="2896: the host row")
+    parser.add_argument("--seed", type=int, default=0, help="the agentic workload's seed")
     args = parser.parse_args(argv)
     n = args.num_scales
     scales = [args.scale * (1 + 0.0005 * (k - (n - 1) / 2)) for k in range(n)]
     orders = args.orders.split(",")
     with ProcessPoolExecutor(args.jobs) as pool:
-        hits = list(pool.map(hit_rate, [(o, s, args.limit, args.host_blocks)
+        hits = list(pool.map(hit_rate, [(o, s, args.limit, args.host_blocks, args.seed)
                                            for o in orders for s in scales]))
     print("| order | hit rate, mean (sd) over scales |")
     print("|---|---:|")
