@@ -14,7 +14,7 @@ from kvtier.sim.workload import TraceRequest
 from kvtier.tier import Tier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.policy_lab.reach import PastAware, PastDensity, hit_rate
+from benchmarks.policy_lab.reach import MruDead, PastAware, PastDensity, hit_rate
 
 SPEC = list(range(8))  # 2 blocks of 4 tokens, every session's head
 
@@ -89,10 +89,34 @@ def test_density_weighs_the_chance_the_session_ended() -> None:
         PastDensity(stream(30.0), 4, 1.0, 2.0, 20.0, 1.0)
 
 
+def test_mru_dead_drops_the_silent_then_the_youngest() -> None:
+    """Runs silent past the longest gap since their release go first (oldest first), then
+    the youngest; a shared run last."""
+    spec, a, b = nodes()
+    a.last_used, a.last_used_s = 7, 3.0
+    b.last_used, b.last_used_s = 9, 4.0
+    order = MruDead(stream(30.0), 4, 1.0, 2.0, 20.0)
+    assert order.key(a, 10.0, 0) == (0, 1, -7)
+    assert order.key(b, 10.0, 0) == (0, 1, -9)  # younger: goes before a
+    assert order.key(a, 23.5, 0) == (0, 0, 7)  # silent 20.5 s since its release
+    assert order.key(spec, 5.0, 0) == (0, 2, 0)  # a1 and b1 1 s apart: shared
+    b.soft_claimed = True
+    assert order.key(b, 10.0, 0) == (1, 1, -9)
+
+
+def test_an_unknown_variant_is_refused() -> None:
+    """Only kvtier's learned policies run ``/unwitnessed``."""
+    with pytest.raises(ValueError, match="unknown order"):
+        hit_rate(("lru/unwitnessed", 4.1317, 10, 0))
+
+
 def test_more_knowledge_more_hits_on_a_short_replay() -> None:
     """The first 200 agentic steps through the simulator (2,698 GPU blocks, full after
     ~100): each order that knows more does better, LRU < past < past-density < past+ends
-    < clairvoyant (0.7611, 0.8211, 0.8226, 0.8455, 0.8652 on this code)."""
-    orders = ("lru", "past", "past-density", "past+ends", "clairvoyant")
+    < clairvoyant (0.7611, 0.8211, 0.8226, 0.8455, 0.8652 on this code); the plain rule
+    0.8027, the learned order without its witness 0.7897 (with it 0.7457: its cold start)."""
+    orders = ("lru", "past", "past-density", "past+ends", "clairvoyant", "mru-dead",
+              "kvtier-predict-cost/unwitnessed", "kvtier-predict-cost")
     rates = [hit_rate((o, 4.1317, 200, 0)) for o in orders]
-    assert [round(r, 4) for r in rates] == [0.7611, 0.8211, 0.8226, 0.8455, 0.8652]
+    assert [round(r, 4) for r in rates] == [0.7611, 0.8211, 0.8226, 0.8455, 0.8652, 0.8027,
+                                            0.7897, 0.7457]

@@ -34,6 +34,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from kvtier.config import CacheConfig
+from kvtier.eviction import EvictionPolicy
+from kvtier.policies import KvtierPredict
 from kvtier.pool import Key
 from kvtier.radix import Node
 from kvtier.sim import AgenticWorkload, simulate
@@ -127,19 +129,53 @@ class PastDensity(PastAware):
     rank = key
 
 
+class MruDead(PastAware):
+    """The plain rule: runs silent past the longest gap since their release first (oldest
+    first), then the youngest; a shared run (see ``PastAware``) last. Reads the past only
+    to tell a shared run."""
+
+    name = "mru-dead"
+
+    def key(self, node: Node, now: float, default_priority: int) -> Key:
+        soft = int(node.soft_claimed)
+        arrivals = self._uses.get(self._end_key(node))
+        if arrivals:
+            i = bisect_right(arrivals, now)
+            if i >= 2 and arrivals[i - 1] - arrivals[i - 2] < self.min_gap_s:
+                return (soft, 2, node.last_used)
+            if now - node.last_used_s < self.max_gap_s:
+                return (soft, 1, -node.last_used)
+        return (soft, 0, node.last_used)
+
+    rank = key
+
+
+# Orders of the reference besides kvtier's policies by name (a kvtier policy's name with
+# ``/unwitnessed`` runs it without its LRU witness).
+REFERENCE_ORDERS = ("past", "past+ends", "past-density", "past-density-release", "mru-dead",
+                    "clairvoyant")
+
+
 def hit_rate(args: tuple[str, float, int, int] | tuple[str, float, int, int, int]) -> float:
     """One replay of agentic on 2,698 GPU blocks and ``num_host_blocks`` (``bench_policy``'s
-    rows: 0 and 2,896) under ``order``: a kvtier policy's name, ``past``, ``past+ends`` or
-    ``clairvoyant``; a fifth field names the workload's seed (0 by default)."""
+    rows: 0 and 2,896) under ``order``: a kvtier policy's name (``/unwitnessed``: without
+    its witness) or one of ``REFERENCE_ORDERS``; a fifth field names the workload's seed
+    (0 by default)."""
     order, scale, num_requests, num_host_blocks, *seed = args
     workload = AgenticWorkload(num_requests=num_requests, seed=seed[0] if seed else 0)
-    kvtier_policy = order not in ("past", "past+ends", "past-density", "past-density-release",
-                                  "clairvoyant")
+    name, _, variant = order.partition("/")
+    kvtier_policy = order not in REFERENCE_ORDERS
     config = CacheConfig(tokens_per_block=32, num_gpu_blocks=2698,
                          num_host_blocks=num_host_blocks,
-                         eviction_policy=order if kvtier_policy else "lru")
-    policy = None
-    if order == "clairvoyant":
+                         eviction_policy=name if kvtier_policy else "lru")
+    policy: EvictionPolicy | None = None
+    if kvtier_policy and variant:
+        if variant != "unwitnessed" or not name.startswith("kvtier-predict"):
+            raise ValueError(f"unknown order {order!r}")
+        policy = KvtierPredict(cost_aware=name.endswith("-cost"), witnessed=False)
+    elif order == "mru-dead":
+        policy = MruDead(workload, 32, scale, workload.min_step_gap_s, workload.max_step_gap_s)
+    elif order == "clairvoyant":
         policy = Clairvoyant(workload, 32, scale)
     elif order.startswith("past-density"):  # a step is the last with 1 / the mean steps
         policy = PastDensity(workload, 32, scale, workload.min_step_gap_s,
@@ -155,7 +191,7 @@ def hit_rate(args: tuple[str, float, int, int] | tuple[str, float, int, int, int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--orders", default="lru,kvtier-predict-cost,past,past-density,"
-                        "past-density-release,past+ends,clairvoyant")
+                        "past-density-release,mru-dead,past+ends,clairvoyant")
     parser.add_argument("--num-scales", type=int, default=7)
     parser.add_argument("--scale", type=float, default=4.1317,
                         help="bench_policy's time scale for the agentic rows")
