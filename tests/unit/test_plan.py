@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import random
 from array import array
 
 import pytest
@@ -125,3 +126,59 @@ def test_a_bad_swap_is_refused_recording_nothing(
     with pytest.raises(ValueError, match=message):
         recorder.record_swap([10, 11, 12], host, path, ends, 4)
     assert recorder.take().ops == (TransferOp(OpKind.OFFLOAD, G, 0, H, 1, 4),)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_swaps_and_runs_of_any_length_record_the_ops_one_by_one(seed: int) -> None:
+    """Runs and swaps of 1-300 slots (short ones appended per slot, long ones packed at
+    once) in pieces of any sizes, or of one size but the last (interleaved by strided
+    slices), record exactly the ops written out one at a time, in order, with the
+    columns of those ops."""
+    rng = random.Random(seed)
+    recorder = PlanRecorder()
+    expected: list[TransferOp] = []
+    for _ in range(40):
+        num = rng.randint(1, 300)
+        gpu = rng.sample(range(1 << 20), num)
+        host = [rng.randrange(1 << 40) for _ in range(num)]
+        if rng.random() < 0.3:
+            recorder.record_run(OpKind.OFFLOAD, G, gpu, H, host, 16)
+            expected += [TransferOp(OpKind.OFFLOAD, G, g, H, h, 16)
+                         for g, h in zip(gpu, host, strict=True)]
+            continue
+        num_swap = rng.randint(1, num)
+        path = [rng.randrange(1 << 32) for _ in range(num_swap)]
+        if rng.random() < 0.5:  # as the cache cuts them: the host's room, the last less
+            room = rng.choice([1, 2, 3, rng.randint(1, num_swap)])
+            ends = [*range(room, num_swap, room), num_swap]
+        else:
+            ends = sorted(rng.sample(range(1, num_swap), rng.randint(0, num_swap - 1)))
+            ends.append(num_swap)
+        recorder.record_swap(gpu, host, path, ends, 32)
+        start = 0
+        for end in ends:
+            expected += [TransferOp(OpKind.OFFLOAD, G, gpu[i], H, host[i], 32)
+                         for i in range(start, end)]
+            expected += [TransferOp(OpKind.ONBOARD, H, path[i], G, gpu[i], 32)
+                         for i in range(start, end)]
+            start = end
+        expected += [TransferOp(OpKind.OFFLOAD, G, gpu[i], H, host[i], 32)
+                     for i in range(num_swap, num)]
+    plan = recorder.take()
+    assert plan.columns == PlanColumns.of(expected)
+    assert plan.ops == tuple(expected)
+
+
+@pytest.mark.parametrize(("bad", "error"), [
+    ("x", TypeError), (1.0, TypeError), (2**63, OverflowError), (None, TypeError)])
+def test_a_long_run_with_a_bad_slot_raises_as_a_short_one(bad: object, error: type) -> None:
+    """A slot that is no int64 raises the same error in a run of 40 slots (packed at
+    once) as in a run of 2 (appended per slot), and a swap records nothing."""
+    for num in (2, 40):
+        slots: list[object] = [*range(num - 1), bad]
+        with pytest.raises(error):
+            PlanRecorder().record_run(OpKind.OFFLOAD, G, slots, H, list(range(num)), 4)  # type: ignore[arg-type]
+        recorder = PlanRecorder()
+        with pytest.raises(error):
+            recorder.record_swap(list(range(num)), slots, list(range(num)), [num], 4)  # type: ignore[arg-type]
+        assert len(recorder) == 0 and recorder.take().ops == ()
