@@ -128,11 +128,18 @@ class TierPool:
         a call per push)."""
         nq = self._num_queue_fields
         order: _Order
+        queue: Key = ()
         if not nq:
             heap = self._heap
             order = key
         else:
-            heap = self._queues.setdefault(key[:nq], [])
+            # NOTE: looked up, not ``setdefault``: its default (a new list, and a new deque
+            # below) was built and thrown away at every push of a queue that exists.
+            queue = key[:nq]
+            found = self._queues.get(queue)
+            if found is None:
+                found = self._queues[queue] = []
+            heap = found
             # NOTE: within a queue every key's first ``nq`` fields are equal, so the rest
             # orders it: one number where the rest is one field, so that a sift compares
             # two numbers, not two tuples field by field (half a heap operation's time).
@@ -157,7 +164,9 @@ class TierPool:
         # unchanged: a parent whose child left, a run put back): a second one would only
         # pop as stale later. The filing order still takes it as the youngest.
         if young and self._both_ends:
-            filed = self._filed.setdefault(key[:nq], deque())
+            filed = self._filed.get(queue)
+            if filed is None:
+                filed = self._filed[queue] = deque()
             filed.append(entry)
             self._num_filed += 1
         bound = self._compact_bound
