@@ -555,3 +555,36 @@ def test_a_recall_asks_for_the_ghost_key_its_drop_left() -> None:
     assert recalled and recalled[0][0] == forgotten[0] and recalled[0][1] is not None
     assert policy.ghosts.pop(forgotten[0]) is None  # taken by the recall (d's is there)
     mgr.check_invariants()
+
+
+class _WithinAtTimes(KvtierPredict):
+    """The default policy, noting the time every ``within`` call is asked at."""
+
+    def __init__(self) -> None:
+        super().__init__(cost_aware=True)
+        self.asked_at: list[float] = []
+
+    def within(self, node: Node, now: float) -> float:
+        self.asked_at.append(now)
+        return super().within(node, now)
+
+
+def test_each_eviction_round_asks_within_at_its_own_time() -> None:
+    """A pop asks the policy's ``within`` at its round's held time (bound once a round):
+    a round at a later time binds that time anew, so no call answers for a round before
+    (one bound kept across rounds would)."""
+    now = [0.0]
+    policy = _WithinAtTimes()
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=16,
+                                     num_host_blocks=0), clock=lambda: now[0], policy=policy)
+    for i in range(4):  # four 3-block runs of one class, released in turn: one queue
+        now[0] = float(i)
+        assert mgr.add_sequence(SequenceSpec(f"r{i}", [100 * i + 1] * 12)).admitted
+        mgr.remove_sequence(f"r{i}")
+    for t in (10.0, 20.0, 30.0):  # each admission evicts in one round at its time
+        now[0] = t
+        del policy.asked_at[:]
+        assert mgr.add_sequence(SequenceSpec(f"n{t}", [int(t)] * 28)).admitted
+        mgr.remove_sequence(f"n{t}")
+        mgr.check_invariants()
+        assert policy.asked_at and set(policy.asked_at) == {t}, (t, policy.asked_at)

@@ -521,8 +521,10 @@ class BlockCache:
         offloadable = bool(host.capacity) and (
             self.evictor.priority(victim) >= self.config.offload_min_priority)
         if offloadable:
-            room = self._make_host_room(
-                victim, num_blocks - num_swap + min(num_swap, self._gpu_batch))
+            need = num_blocks - num_swap + min(num_swap, self._gpu_batch)
+            # NOTE: ``_make_host_room``'s first test, no call: an onboarding's path gives
+            # back the host room its swaps need (most of its victims find it free).
+            room = need if host.num_free >= need else self._make_host_room(victim, need)
             if room:
                 num_offload = num_swap + min(num_blocks - num_swap, room)
         if num_offload < num_blocks:
@@ -718,11 +720,10 @@ class BlockCache:
         the path leaves (``_evict_gpu_run``). So a long path is one round with victims as
         large as it needs, and needs the host room of a piece, not of every victim.
         """
-        for node in nodes:
-            assert node.tier is Tier.HOST and node.ref_count > 0, node
         gpu = self.gpu
         host_slots: list[int] = []
         for node in nodes:
+            assert node.tier is Tier.HOST and node.ref_count > 0, node
             host_slots += node.slots  # NOTE: a run at a time, at C speed (paths of 1,000s)
         onboarding = _Onboarding(host_slots, ops, gpu, self.host, self.tpb)
         num_free = min(gpu.num_free, onboarding.num_left)
@@ -744,16 +745,21 @@ class BlockCache:
                     if num_free:  # a victim dropped, or its tail
                         onboarding.copy_in(gpu.take(num_free))
         gpu_slots = onboarding.gpu_slots
+        journal = self.journal
+        events = journal.events is not None  # NOTE: else ``moved`` is a no-op: no call a run
+        gpu_tier = Tier.GPU
         pos = 0
         for node in nodes:
-            n = node.num_blocks
+            n = len(node.slots)
             node.slots = gpu_slots[pos:pos + n]
             pos += n
-            node.tier = Tier.GPU
-            assert node.parent is not None
-            node.parent.num_gpu_children += 1
-            self.stats.host.onboarded_blocks += n
-            self.journal.moved(node, Tier.HOST)
+            node.tier = gpu_tier
+            parent = node.parent
+            assert parent is not None
+            parent.num_gpu_children += 1
+            if events:
+                journal.moved(node, Tier.HOST)
+        self.stats.host.onboarded_blocks += pos
         return pos
 
     def insert_run(

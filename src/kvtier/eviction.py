@@ -245,6 +245,9 @@ class Evictor:
         # (``changed``); with the round's held time, the pools' ``check_version``: a queue
         # head found live stays so while it holds.
         self._num_changes = 0
+        # The policy's ``within`` with the held time bound in, and that time (a pop of the
+        # same round reuses it: one object a round, not one a pop).
+        self._within_held: tuple[float, Callable[[Node], float]] | None = None
 
     def now(self) -> float:
         """The clock's time now (the held time during an eviction round). Pure."""
@@ -345,14 +348,22 @@ class Evictor:
 
     def refile(self, node: Node) -> None:
         """File ``node`` as a candidate of its tier if it is one now."""
+        # NOTE: ``gpu_candidate_key`` / ``host_candidate_key`` written out (the same
+        # tests): a release refiles every run of its path, an eviction two runs a victim.
+        if node.ref_count or node.parent is None:
+            return
         if node.tier is _GPU:
-            key = self.gpu_candidate_key(node)
-            if key is not None and self._gpu.push(node, key):
-                self._gpu.compact(self.gpu_candidate_key)
+            if node.num_gpu_children:
+                return
+            pool = self._gpu
+        elif node.children:
+            return
         else:
-            key = self.host_candidate_key(node)
-            if key is not None and self._host.push(node, key):
-                self._host.compact(self.host_candidate_key)
+            pool = self._host
+        held = self._held_now
+        if pool.push(node, self._key(node, self._clock() if held is None else held,
+                                     self._default_priority)):
+            pool.compact(self._gpu_key if pool is self._gpu else self._host_key)
 
     def track_retention(self, node: Node) -> None:
         """Note when ``node``'s retention runs out, if it has one. Entries of nodes released
@@ -456,13 +467,16 @@ class Evictor:
         # (``changed``) may have touched them; outside a round ``now`` moves: no memo.
         held = self._held_now
         checks = self._num_changes if held is not None else None
-        within = self._within
+        within: Callable[[Node], float] | None = self._within
         policy_within = self._policy_within
         if policy_within is not None and held is not None:
             # NOTE: the round's time bound into the policy's ``within(node, now)`` (its
             # documented parameter name; a caller's policy sits behind the guard's), no
             # Python call of our own between the pool and the policy.
-            within = partial(policy_within, now=held)
+            bound = self._within_held
+            if bound is None or bound[0] != held:
+                bound = self._within_held = (held, partial(policy_within, now=held))
+            within = bound[1]
         node = pool.pop_candidate(current_key, self._rank_run, ranked, within, checks)
         if node is None:
             return None
