@@ -485,8 +485,11 @@ class Evictor:
         # answer, and no second look at its parents. A run taken from the young end was
         # not ranked: it is rejoined here.
         rank = fresh.get(node)
-        if rank is None and _merge_up(node):
-            self._num_changes += 1
+        if rank is None:
+            parent = node.parent  # NOTE: ``_merge_up``'s first test, no call (as ``_rank_run``)
+            if (parent is not None and parent.parent is not None
+                    and len(parent.children) == 1 and _merge_up(node)):
+                self._num_changes += 1
         fresh.clear()
         if below is not None:
             if rank is None:
