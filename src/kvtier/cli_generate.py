@@ -98,6 +98,7 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
 
         from kvtier.model.checkpoint import default_model_path
         from kvtier.model.generate import Generator, TierSizes
+        from kvtier.model.llama import usable_device
     except ImportError as exc:
         raise CLIError(f"kvtier {args.command} needs the model extra "
                        f"(pip install 'kvtier[model]'): {exc}") from None
@@ -109,6 +110,9 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
         raise CLIError(str(exc)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        # NOTE: the device first: a bad --device is refused before the model is looked for
+        # (whether or not the default model's package is installed), no weight read.
+        usable_device(device)
         path = args.model if args.model is not None else default_model_path()
         generator = Generator.load(path, tiers, args.dtype, device)
         params = generator.default_params(
