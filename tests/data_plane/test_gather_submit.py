@@ -6,6 +6,7 @@ The result must be exactly the in-order one, with DMAs made on threads or not.""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -102,7 +103,10 @@ class Streams:
         return self._streams[name]
 
     def start_events(self) -> list[Event]:
-        return [] if self.last_done is None else [self.last_done]
+        """The caller's stream now (stream 0), and the plan before, as ``CopyStreams``."""
+        start = Event(self.device)
+        start.record(Stream(self.device, 0))
+        return [start] if self.last_done is None else [start, self.last_done]
 
     def join(self, deps: list[Event]) -> Event:
         stream = self.stream("join")
@@ -163,7 +167,16 @@ def make_submitter(monkeypatch: pytest.MonkeyPatch, copier: DmaGatherCopier, str
     monkeypatch.setattr(torch.cuda, "device", on_device)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda _: Stream(device, 0))
     monkeypatch.setattr(torch.cuda, "set_stream", set_stream)
+    def to_device_later(a: Any, target: Any) -> Any:
+        # An upload is queued on the current stream, as a non-blocking copy is: until the
+        # stream runs it, the tensor holds slots no tier has (a read then fails the test).
+        values = torch.as_tensor(a).clone()
+        uploaded = torch.full_like(values, -(1 << 40))
+        device.add(device.current, "call", lambda: uploaded.copy_(values))
+        return uploaded
+
     monkeypatch.setattr(gather_submit, "new_event", lambda: Event(device))
+    monkeypatch.setattr(gather_submit, "to_device", to_device_later)
     monkeypatch.setattr(copier, "gather", queued(copier.gather))
     monkeypatch.setattr(copier, "scatter", queued(copier.scatter))
     return GatherSubmitter(copier, runtime, streams,  # type: ignore[arg-type]
@@ -220,8 +233,12 @@ def test_a_failing_dma_fails_the_plan_and_the_next_plan_starts_after_it(
     before = {stream: len(q) for stream, q in device.queues.items()}
     submitter.submit(copier.prepare(TransferPlan(tuple(ops)), NUM_BLOCKS), None, lambda: None)
     join = streams.stream("join").cuda_stream
-    used = {s: q[before.get(s, 0):] for s, q in device.queues.items() if s != join}
-    assert all(q[0] == ("wait", (failed_end.id, 0)) for q in used.values() if q)
+    # The copy streams (not the caller's, stream 0, nor the join's): each starts by waiting
+    # for the caller's stream and for the failed plan's end.
+    used = {s: q[before.get(s, 0):] for s, q in device.queues.items() if s not in (join, 0)}
+    for q in used.values():
+        waits = list(itertools.takewhile(lambda op: op[0] == "wait", q))
+        assert q and ("wait", (failed_end.id, 0)) in waits, q[:3]
     assert sum(map(len, used.values())) > 10
     device.run(random.Random(0))
     assert_matches(storages, expected, ops)

@@ -94,10 +94,14 @@ class GatherSubmitter:
         plan's end."""
         import torch
 
-        start = self.streams.start_events()
         with torch.cuda.device(self.device):
             caller = torch.cuda.current_stream(self.device)
-            q = _Queue(self, prepared, start, self.workers is not None)
+            q = _Queue(self, prepared, self.workers is not None)
+            # NOTE: recorded after the queue uploaded its GPU slot index on the caller's
+            # stream: every copy waits for the upload too. Recorded before it (as it was),
+            # a gather or scatter could read the index before it had arrived whenever the
+            # caller's stream ran behind (a busy GPU): garbage slots, an index assertion.
+            start = q.start = self.streams.start_events()
             try:
                 for i in range(len(q.steps)):
                     if before_step is not None:
@@ -120,15 +124,15 @@ class _Queue:
     event a posted DMA records, the future of the last DMA posted on each stream and the
     onboard whose scatter waits for it."""
 
-    def __init__(self, submitter: GatherSubmitter, prepared: GatherPlan, start: list[Any],
-                 threaded: bool) -> None:
+    def __init__(self, submitter: GatherSubmitter, prepared: GatherPlan, threaded: bool
+                 ) -> None:
         import torch
 
         self.sub = submitter
         self.copier = submitter.copier
         self.runtime = submitter.runtime
         self.threaded = threaded
-        self.start = start
+        self.start: list[Any] = []  # the plan's start events: set once the slots are up
         self.steps = queue(self.copier, prepared)
         self.names = [stream_name(step) for step in self.steps]
         self.streams = {name: submitter.streams.stream(name) for name in self.names}
