@@ -251,8 +251,13 @@ def half_a_pass(engine: ModelEngine, fails: Callable[[Sequence[int], int], bool]
         if not fails(tokens, start_pos):
             return forward_chunk(kv, block_table, tokens, start_pos, before_layer)
         faults[0] += 1
-        for pos in range(start_pos, start_pos + len(tokens)):
-            for layer in range(kv.layout.num_layers):
+        for layer in range(kv.layout.num_layers):
+            # NOTE: as a real pass, each layer after its copies (``before_layer``): the
+            # step's plan may still be offloading the blocks these slots held. Written
+            # without it, the NaN raced the offload on a busy GPU and reached the host copy.
+            if before_layer is not None:
+                before_layer(layer)
+            for pos in range(start_pos, start_pos + len(tokens)):
                 kv.layer(layer)[block_table[pos // TPB], :, pos % TPB] = float("nan")
         raise RuntimeError("CUDA out of memory (injected)")
 
