@@ -27,3 +27,26 @@ def test_readme_opens_with_the_two_setup_commands() -> None:
     assert lines[1].endswith(".venv/bin/python -m pytest -q")
     ci = (README.parent / ".ci" / "run").read_text()
     assert lines[1] in ci
+
+
+def test_the_first_command_replays_to_its_pinned_figures(capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """``kvtier replay`` on its embedded default (the README's first command) gives exactly
+    the figures of this code: the reuse by tier and the references beside it. A change of
+    any eviction decision moves them: update them only with a measured reason (BENCHMARKS.md
+    and docs/policy-lab.md say what each figure was, and why it moved)."""
+    import json
+
+    from kvtier.cli import main
+
+    assert main(["replay", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["cache_config"]["eviction_policy"] == "kvtier-predict-cost"
+    assert (report["cache_config"]["num_gpu_blocks"], report["cache_config"]["num_host_blocks"]
+            ) == (1024, 2048)
+    assert (report["num_prompt_tokens"], report["num_gpu_hit_tokens"],
+            report["num_host_hit_tokens"]) == (7_440_009, 3_699_071, 1_625_413)
+    assert round(report["token_hit_rate"], 4) == 0.7157
+    oracle = report["oracle"]
+    assert (round(oracle["lru_hit_rate"], 4), round(oracle["belady_hit_rate"], 4)) == (
+        0.7171, 0.7194)
