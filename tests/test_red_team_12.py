@@ -153,6 +153,52 @@ def test_an_event_that_passes_encodes_and_decodes_to_itself() -> None:
     assert decode_events(encode_events(events)) == events
 
 
+def test_the_fast_check_and_the_naming_check_agree_on_random_events() -> None:
+    """``check_events`` passes a batch on its fast path (``_event_ok``) or walks it with the
+    check that names the field (``_event_problem``): the two state the rules twice, so over
+    random events mixing good and bad values of every field they must agree: a batch of one
+    event is refused exactly when the naming check finds a problem, and one that passes
+    round-trips through the wire."""
+    import random
+
+    from kvtier.event_codec import _event_ok, _event_problem
+
+    rng = random.Random(12)
+    ints = [0, 1, 7, (1 << 63) - 1, 1 << 63, (1 << 128) - 1, 1 << 128, -1, True, 2.0, "3", None]
+    tiers = [G, H, 0, 7, None]
+    keys = [None, b"k", b"", "s", 5]
+    ids_of = [None, (), (1, 2), (1, -2), (1, 2.0), (True, 1), [1, 2], ((1 << 63) - 1, 0)]
+
+    def pick(values: list[Any]) -> Any:
+        return rng.choice(values)
+
+    for _ in range(4_000):
+        kind = rng.randrange(4)
+        event: Any
+        if kind == 0:
+            ids = pick(ids_of)
+            event = BlockStored(pick(ints), pick(ints), pick([None, *ints]), pick(tiers),
+                                len(ids) if isinstance(ids, (tuple, list)) and rng.random() < 0.8
+                                else pick(ints), pick([None, *ints]), ids, pick(keys),
+                                pick(keys))
+        elif kind == 1:
+            event = BlockRemoved(pick(ints), pick(ints), pick(tiers))
+        elif kind == 2:
+            event = BlockTierChanged(pick(ints), pick(ints), pick(tiers), pick(tiers))
+        else:
+            event = AllBlocksCleared(pick(ints))
+        problem = _event_problem(event, True)
+        if _event_ok(event):
+            assert _event_problem(event, False) is None, event
+        try:
+            check_events([event])
+        except ValueError:
+            assert problem is not None, event
+        else:
+            assert problem is None, event
+            assert decode_events(encode_events([event])) == [event]
+
+
 def test_a_managers_events_pass_the_check() -> None:
     """Every event a manager emits (salted, LoRA, multimodal, offloaded, removed, cleared)
     passes: the check refuses only what no manager makes."""
