@@ -39,6 +39,7 @@ from kvtier.cli_profile import make_profile
 from kvtier.cli_remote import connect_redis, remote_fetch, remote_fetch_options
 from kvtier.cli_workload import check_outputs, num_requests, open_workload
 from kvtier.config import CacheConfig
+from kvtier.launcher import interrupted
 from kvtier.router import POLICIES as ROUTER_POLICIES
 from kvtier.router import make_policy
 from kvtier.scheduler import AdmissionMode, SchedulerConfig
@@ -180,8 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvtier: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("kvtier: interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
     except BrokenPipeError:
         # NOTE: the reader left (``kvtier replay | head``); point stdout at devnull so the
         # interpreter's final flush does not raise again.

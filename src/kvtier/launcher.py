@@ -14,6 +14,13 @@ from collections.abc import Sequence
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
+def interrupted() -> int:
+    """The command's answer to a Ctrl-C, wherever it came (here or in :func:`kvtier.cli.main`):
+    one line on stderr; returns the exit status."""
+    print("kvtier: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run :func:`kvtier.cli.main` on ``argv``, a Ctrl-C at any point (the CLI's import, its
     argument parsing, the run) ending in one line and status 130."""
@@ -22,5 +29,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run(argv)
     except KeyboardInterrupt:
-        print("kvtier: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return interrupted()
