@@ -123,7 +123,7 @@ def test_a_resumed_request_counts_in_the_same_hit_rate_as_a_new_one() -> None:
                                            capacity_policy="max_utilization"))
     sched.add_request(Request("a", list(range(8)), max_output_tokens=6))
     sched.add_request(Request("b", list(range(100, 108)), max_output_tokens=6))
-    preempted = []
+    preempted: list[str] = []
     for i in range(12):
         step = sched.step()
         preempted += step.preempted_request_ids
