@@ -113,6 +113,8 @@ class Scheduler:
         # update, a requeue, an abort): where that changed, the caller may have aborted or
         # removed running requests (``_lost``), which a step or update must not meet blind.
         self._num_live = manager.num_sequences
+        # Running requests ``reset_prefix_cache`` preempted, for the next step to list.
+        self._reset_preempted: list[str] = []
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -237,6 +239,45 @@ class Scheduler:
         self._dequeue(req)
         return req
 
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Drop every cached block of every tier (``manager.reset_cache``), as vLLM's
+        ``Scheduler.reset_prefix_cache`` does after a weight update has made all cached KV
+        stale. Without ``reset_running_requests`` it is refused (False, nothing changed)
+        while any request is live. With it, every running request is preempted first,
+        newest first, so that the queue gets them back at its front in admission order; each
+        recomputes its prompt and output from scratch (its blocks are not stored for reuse)
+        and the next step lists it in ``preempted_request_ids``. Returns False, changing
+        nothing, where the manager holds requests this scheduler does not run (admitted
+        there directly). Raises, changing nothing, between ``step`` and ``update``
+        (RuntimeError: apply the step first) or for a flag that is no bool (TypeError)."""
+        if type(reset_running_requests) is not bool:
+            raise TypeError(f"reset_running_requests must be a bool, got "
+                            f"{short_repr(reset_running_requests)}")
+        if self._unapplied is not None:
+            raise RuntimeError("reset_prefix_cache() between step() and update(): apply the "
+                               "step first")
+        manager = self.manager
+        if not reset_running_requests or not self.running:
+            return manager.reset_cache()
+        running = list(self.running.values())
+        live = [req for req in running if manager.has_sequence(req.request_id)]
+        if manager.num_sequences != len(live):
+            return False  # another caller's requests hold blocks: nothing to preempt them
+        specs = [self._spec_of(req) for req in running]  # may raise: nothing changed yet
+        for req in live:
+            manager.remove_sequence(req.request_id, store_for_reuse=False)
+        for req, spec in zip(reversed(running), reversed(specs), strict=True):
+            del self.running[req.request_id]
+            self._num_unappended.pop(req.request_id, None)
+            req.num_preemptions += 1
+            req.num_computed_tokens = req.num_prefill_tokens = 0
+            self._enqueue(req, spec, first=True)
+        self._reset_preempted += [req.request_id for req in running]
+        self._num_live = manager.num_sequences
+        done = manager.reset_cache()
+        assert done, "no request is live, yet the manager refused to reset"
+        return done
+
     def step(self) -> ScheduledStep:
         """Schedule one forward pass. Raises RuntimeError, changing nothing, while the last
         step has not been applied by ``update``."""
@@ -276,7 +317,8 @@ class Scheduler:
         self._num_steps += 1
         budget = cfg.max_num_tokens
         slots = cfg.max_batch_size
-        preempted: list[str] = []
+        preempted = self._reset_preempted
+        self._reset_preempted = []
         decodes: list[str] = []
         chunks: list[ContextChunk] = []
 
