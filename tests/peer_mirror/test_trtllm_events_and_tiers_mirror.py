@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 
+from fake_clock import FakeClock
 from kvtier import (
     BlockRemoved,
     BlockStored,
@@ -252,3 +253,31 @@ def test_blocks_are_found_by_hash_while_cached_and_a_longer_prompt_reuses_them()
     r1 = admit(mgr, "1", list(range(1000, 1020)))
     assert (r1.num_reused_tokens, r1.block_ids) == (16, (0, 1, 2, 3, 4))
     assert {b.block_hash for b in mgr.cached_blocks()} == set(chain(list(range(1000, 1020))))
+
+
+def test_a_timed_priority_runs_from_the_release() -> None:
+    """Mirrors evictionPolicyTest.cpp LRUPolicyTest.TimedBlockTest: a block at 80 for 1 ms
+    released at 0 is still at 80 then and at the default 35 at 2 ms; of a block at 80 for
+    3 ms and one at 50 for 8 ms, both released at 5 ms, the 50 goes first at 5 ms, and at
+    9 ms (the 80 expired at 8 ms, now 35) the other one does."""
+    clock = FakeClock()
+    mgr = make_manager(num_gpu_blocks=2, clock=clock)
+    admit(mgr, "b0", [0] * 4, priority=80, retention_s=0.001)
+    release(mgr, "b0")
+    assert [b.priority for b in mgr.cached_blocks()] == [80]
+    clock.now = 0.002
+    assert [b.priority for b in mgr.cached_blocks()] == [35]
+
+    def survivor(now: float) -> list[int]:
+        clock = FakeClock()
+        mgr = make_manager(num_gpu_blocks=2, clock=clock)
+        clock.now = 0.005
+        admit(mgr, "b1", [1] * 4, priority=80, retention_s=0.003)
+        admit(mgr, "b2", [2] * 4, priority=50, retention_s=0.008)
+        release(mgr, "b1", "b2")
+        clock.now = now
+        admit(mgr, "x", [9] * 4)  # one eviction
+        return [b.tokens[0] for b in mgr.cached_blocks() if b.tokens[0] != 9]
+
+    assert survivor(0.005) == [1]
+    assert survivor(0.009) == [2]
