@@ -12,6 +12,7 @@ import pytest
 
 from kvtier import BlockRemoved, BlockStored, MultimodalItem, Request, Scheduler, SchedulerConfig
 from kvtier.hashing import encode_key, get_hash_fn, prompt_block_hashes
+from kvtier.sequence import block_extras
 from peer_mirror.mirror_helpers import admit, blocks_of, hit, make_manager, release
 
 BS = 16  # vLLM's block size in these tests
@@ -158,3 +159,37 @@ def test_each_block_of_a_lora_request_is_keyed_by_its_adapter(lora_id: int | Non
     theirs = prompt_block_hashes(fn, prompt, 4, lora_id=other)
     assert [e.block_hash for e in stored] == mine
     assert all(a != b for a, b in zip(mine, theirs, strict=True))
+
+
+def test_a_block_s_extra_keys_are_its_items_with_their_offsets() -> None:
+    """Mirrors vllm tests/v1/core/test_kv_cache_utils.py::test_generate_block_hash_extra_
+    keys and _no_mm_inputs: with images at tokens 0..4 ("hash1") and 10..14 ("hash2"),
+    blocks of 5 are keyed ``(("hash1", 0),)``, none, ``(("hash2", 0),)``, none; one block
+    of 15 holds both, ``(("hash1", 0), ("hash2", 10))``; an image from token 3 to 6 keys
+    block 0 at offset 3 and block 1 at -2; without images no block has a key."""
+    items = (MultimodalItem(0, 5, "hash1"), MultimodalItem(10, 5, "hash2"))
+    assert block_extras(items, 20, 5) == [(("hash1", 0),), None, (("hash2", 0),), None]
+    assert block_extras(items, 20, 15) == [(("hash1", 0), ("hash2", 10)), None]
+    assert block_extras((MultimodalItem(3, 4, "x"),), 10, 5) == [(("x", 3),), (("x", -2),)]
+    assert block_extras((), 6, 5) is None
+
+
+def test_another_image_in_the_first_block_changes_every_block_s_hash() -> None:
+    """Mirrors vllm test_kv_cache_utils.py::test_hash_tokens_different_mm_input and
+    test_request_block_hasher (blocks of 3 there, of 4 here: kvtier's are powers of two):
+    two 2-block prompts with images ("hash1", "hash2") and ("hash3", "hash2") share no
+    block hash (block 1's differs through its parent), and each hash is the chain over the
+    blocks' keys ``((first, 0),)``, ``(("hash2", 0),)``."""
+    mgr = make_manager(num_gpu_blocks=8, enable_events=True)
+    hashes = []
+    for rid, first in (("1", "hash1"), ("2", "hash3")):
+        items = (MultimodalItem(0, 4, first), MultimodalItem(4, 4, "hash2"))
+        admit(mgr, rid, list(range(8)), mm_items=items)
+        stored = [e for e in mgr.drain_events() if isinstance(e, BlockStored)]
+        assert [e.block_hash for e in stored] == prompt_block_hashes(
+            get_hash_fn("xxh3_128"), list(range(8)), 4,
+            extras=[((first, 0),), (("hash2", 0),)])
+        hashes.append([e.block_hash for e in stored])
+    assert hashes[0][0] != hashes[1][0] and hashes[0][1] != hashes[1][1]
+    assert hit(mgr, [*range(8), 9], mm_items=(MultimodalItem(0, 4, "hash3"),
+                                                MultimodalItem(4, 4, "hash2"))) == 8

@@ -1,0 +1,97 @@
+"""More of SGLang's own radix-cache and HiCache tests, mirrored against kvtier: extra-key
+namespaces, and which host block goes when the host is full.
+
+Each test names the test it mirrors (sgl-project/sglang,
+``test/registered/unit/mem_cache/test_radix_cache_unit.py`` and
+``test_boundary_hiradix_cache_unit.py``); the mapping is ``test_sglang_mirror.py``'s (an
+extra key is kvtier's ``salt``; one token per block mirrors ``page_size=1``; queries carry
+one token more, ``END``, since kvtier's ``lookup`` keeps the last prompt token out).
+"""
+
+from __future__ import annotations
+
+from kvtier import AllBlocksCleared, BlockRemoved, BlockStored, Tier
+from peer_mirror.mirror_helpers import admit, hit, make_manager, release
+
+END = 999  # the prompt token past what SGLang's match would cover
+
+
+def test_an_empty_extra_key_is_a_namespace_of_its_own() -> None:
+    """Mirrors test_radix_cache_unit.py TestRadixKey.test_hash_page_includes_extra_key:
+    the same page under no extra key, the empty key, and keys "key1" / "key2" hash four
+    ways; kvtier also tells the empty str from empty bytes: five key spaces, each matching
+    only its own blocks."""
+    mgr = make_manager(num_gpu_blocks=16, enable_events=True)
+    keys: tuple[str | bytes | None, ...] = (None, "", b"", "key1", "key2")
+    hashes = []
+    for i, key in enumerate(keys):
+        admit(mgr, f"r{i}", [1, 2, 3, 4, END], salt=key)
+        release(mgr, f"r{i}")
+        (stored,) = [e for e in mgr.drain_events() if isinstance(e, BlockStored)]
+        hashes.append(stored.block_hash)
+    assert len(set(hashes)) == 5 and mgr.num_key_spaces == 5
+    for key in keys:
+        assert hit(mgr, [1, 2, 3, 4, END], salt=key) == 4
+    assert hit(mgr, [1, 2, 3, 4, END], salt="key3") == 0
+
+
+def test_host_eviction_takes_the_leaf_and_keeps_its_host_parent() -> None:
+    """Mirrors test_boundary_hiradix_cache_unit.py test_l2_preserves_boundary_host_value_
+    when_h_descendant_exists / test_l2_deletes_h_leaves_after_duplicates_are_gone: with a
+    host path [1] -> [2] and the host full, one more offload drops the host leaf [2] (a
+    removed event on the host) and keeps its parent [1], which still hits.
+
+        before:  host [1] -> [2]        GPU [5] -> [6]   (all unheld, all at 50)
+        r = [7]: GPU leaf [6] -> host, into the slot of the host leaf [2], dropped first
+        after:   host [1]   GPU [5] -> host [6]   GPU [7]
+    """
+    mgr = make_manager(tokens_per_block=1, num_gpu_blocks=2, num_host_blocks=2,
+                       enable_events=True)
+    admit(mgr, "p", [1, 2], priority=50)  # 2 blocks: the whole pool
+    release(mgr, "p")
+    admit(mgr, "q", [5, 6], priority=50)  # p's [1] -> [2] to the host
+    release(mgr, "q")
+    mgr.take_plan()
+    tokens = {b.block_hash: b.tokens for b in mgr.cached_blocks()}
+    assert sorted((b.tokens, b.tier.name) for b in mgr.cached_blocks()) == [
+        ((1,), "HOST"), ((2,), "HOST"), ((5,), "GPU"), ((6,), "GPU")]
+    mgr.drain_events()
+    admit(mgr, "r", [7])  # one block: q's leaf [6] leaves the GPU
+    events = mgr.drain_events()
+    assert [(type(e).__name__, tokens.get(e.block_hash)) for e in events
+            if not isinstance(e, AllBlocksCleared)] == [
+        ("BlockRemoved", (2,)), ("BlockTierChanged", (6,)), ("BlockStored", None)]
+    assert isinstance(events[0], BlockRemoved) and events[0].tier is Tier.HOST
+    assert sorted((b.tokens, b.tier.name) for b in mgr.cached_blocks()) == [
+        ((1,), "HOST"), ((5,), "GPU"), ((6,), "HOST"), ((7,), "GPU")]
+    assert hit(mgr, [1, END]) == 1 and hit(mgr, [1, 2, END]) == 1
+    assert hit(mgr, [5, 6, END]) == 2
+    mgr.check_invariants()
+
+
+def test_an_onboarded_block_keeps_no_host_copy() -> None:
+    """Mirrors test_boundary_hiradix_cache_unit.py test_l2_evicts_duplicate_dh_host_leaf_
+    before_h_only_leaf and test_boundary_becomes_duplicate_after_last_h_descendant_removed
+    (HiCache keeps a device block's host copy, a "duplicate" evicted first). Differs by
+    design: kvtier's tiers are exclusive (a block lives in one tier: offload frees its GPU
+    slot, onboard its host slot), so there is never a duplicate to evict: the host slots
+    the two onboards free take the two GPU blocks they displace, and every block is in one
+    tier only.
+
+        before r:  host [1] -> [2] (full)          GPU [5] -> [6] -> [7]
+        r = [1, 2, 999]: drop [7] (no host slot free yet); [1] in; [6] -> the slot [1]
+                         freed; [2] in; [5] -> the slot [2] freed
+    """
+    mgr = make_manager(tokens_per_block=1, num_gpu_blocks=3, num_host_blocks=2)
+    admit(mgr, "p", [1, 2], priority=50)
+    release(mgr, "p")
+    admit(mgr, "q", [5, 6, 7])  # p's two blocks to the host
+    release(mgr, "q")
+    mgr.take_plan()
+    r = admit(mgr, "r", [1, 2, END])
+    assert (r.num_reused_tokens, r.num_onboarded_tokens) == (2, 2)
+    kinds = [op.kind.name for op in mgr.take_plan().ops]
+    assert kinds == ["ONBOARD", "OFFLOAD", "ONBOARD", "OFFLOAD"]
+    assert sorted((b.tokens, b.tier.name) for b in mgr.cached_blocks()) == [
+        ((1,), "GPU"), ((2,), "GPU"), ((5,), "HOST"), ((6,), "HOST"), ((END,), "GPU")]
+    mgr.check_invariants()
