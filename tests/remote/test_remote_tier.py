@@ -113,7 +113,8 @@ WRITER = textwrap.dedent("""
     from kvtier.remote import RedisRemoteStore
     engine = make_engine(lambda ns: RedisRemoteStore({url!r}, ns))
     run(engine, FIRST, "a")
-    print(json.dumps({{"written": engine.remote.num_written_blocks}}))
+    print(json.dumps({{"written": engine.remote.num_written_blocks,
+                      "fetched": engine.remote.num_fetched_blocks}}))
 """)
 
 
@@ -126,7 +127,10 @@ def test_two_processes_share_one_redis(redis_servers: RedisServers) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, check=True, env={"PYTHONPATH": str(SRC),
                                                       "PATH": "/usr/bin:/bin"})
-    assert json.loads(out.stdout.strip().splitlines()[-1])["written"] >= len(PREFIX) // TPB
+    # Written, or found there already (a server a run before this one wrote to): a prompt
+    # writes through only the blocks it computed.
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["written"] + counts["fetched"] >= len(PREFIX) // TPB
     b = make_engine(lambda ns: RedisRemoteStore(redis_servers.url, ns))
     run(b, SECOND, "b")
     assert b.remote is not None and b.remote.num_fetched_blocks >= 4
@@ -356,3 +360,27 @@ def test_write_through_reads_the_blocks_before_the_next_plan_reuses_their_slots(
     run(roomy, [y], "a")
     assert len(reference) == 5
     assert [key for key, value in reference.items() if backend.get(key) != value] == []
+
+
+def test_write_through_skips_the_prefix_a_request_reused() -> None:
+    """A prompt's blocks are written once, when computed: a second request sharing 22
+    tokens with the first (5 full blocks reused from the GPU, 2 tokens of the sixth by a
+    partial copy) writes its sixth block alone, and a third with the first's prompt writes
+    nothing. Before, every completed prompt wrote all its full blocks again (the shared
+    prefix copied out of the GPU and rewritten by every request); LMCache's store and
+    vLLM's offloading store skip what they hold."""
+    backend: dict[str, bytes] = {}
+    engine = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
+    calls = spy_on_writes(engine)
+    assert engine.remote is not None
+    for rid, prompt in (("a", PREFIX + [11, 12, 13]), ("b", PREFIX + [90, 91, 92, 93]),
+                        ("c", PREFIX + [11, 12, 13])):
+        engine.add_request(Request(rid, prompt, 3))
+        engine.run()
+    assert [len(table) for _, table in calls] == [7, 7, 7]  # the tables as computed
+    assert engine.remote.num_written_blocks == 6 + 1 + 0
+    assert len(backend) == 7
+    reused = [engine.results[r].num_reused_tokens for r in "abc"]
+    assert reused == [0, 22, 24]
+    engine.manager.check_invariants()
+    assert_exact(engine)

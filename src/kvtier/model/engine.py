@@ -98,13 +98,15 @@ class RequestResult:
 
 
 class _Computed(NamedTuple):
-    """A prompt computed to its end in this step, with the blocks that hold it."""
+    """A prompt computed to its end in this step, with the blocks that hold it; those
+    before ``first_block`` it reused (they are in the remote store already)."""
 
     request_id: str
     tokens: list[int]
     block_table: list[int]
     salt: bytes | str | int | None
     lora_id: int | None
+    first_block: int
 
 
 class ModelEngine:
@@ -151,6 +153,9 @@ class ModelEngine:
         self._promised: dict[str, PrefixMatch] = {}
         self._before_fetch: dict[str, int] = {}
         self._remote_tokens: dict[str, int] = {}
+        # Per running request in prefill: the full blocks its admission reused (with
+        # write-through, the store has them: only the blocks after them are written).
+        self._reused_blocks: dict[str, int] = {}
         self.num_steps = 0
         self.num_failed_steps = 0
         self.num_failed_forwards = 0  # forward passes that raised (``_forward_failed``)
@@ -210,7 +215,7 @@ class ModelEngine:
         """Drop what the engine keeps for a request that is done (finished or aborted): a
         finished id may be queued again, as a new request that fetches like any other."""
         for table in (self._samplers, self._stops, self._promised, self._before_fetch,
-                      self._remote_tokens):
+                      self._remote_tokens, self._reused_blocks):
             table.pop(request_id, None)
         self._fetched.discard(request_id)
 
@@ -259,9 +264,13 @@ class ModelEngine:
         computed: list[_Computed] = []  # prompts completed here, to write through
         writes_through = self.remote is not None and self.remote.write_policy == "write-through"
         broken: dict[str, Exception] = {}  # forward passes that raised
+        tpb = self.manager.config.tokens_per_block
         for chunk in step.context_chunks:
             req = running[chunk.request_id]
             end = chunk.first_token + chunk.num_tokens
+            if writes_through and chunk.first_token == chunk.num_reused_tokens:
+                # An admission's first chunk (a later chunk starts past a reuse of 0).
+                self._reused_blocks[req.request_id] = chunk.num_reused_tokens // tpb
             try:
                 logits = self._forward(req, req.tokens[chunk.first_token:end],
                                        chunk.first_token)
@@ -272,8 +281,10 @@ class ModelEngine:
                 last_logits[req.request_id] = logits[-1]
                 if writes_through:
                     # The block table as of now: update may finish the request and free it.
-                    computed.append(_Computed(req.request_id, req.tokens[:end], list(
-                        self.manager.block_table(req.request_id)), req.salt, req.lora_id))
+                    computed.append(_Computed(
+                        req.request_id, req.tokens[:end],
+                        list(self.manager.block_table(req.request_id)), req.salt, req.lora_id,
+                        self._reused_blocks.pop(req.request_id, 0)))
         for rid in step.decode_request_ids:
             req = running[rid]
             tokens = req.tokens
@@ -333,7 +344,9 @@ class ModelEngine:
         return self.scheduler.requeue_failed(step, aborted), given_up
 
     def _write_through(self, computed: list[_Computed]) -> None:
-        """Write the full blocks of the prompts this step completed to the remote tier.
+        """Write the full blocks of the prompts this step completed to the remote tier,
+        but for the prefix each reused: it was written when it was computed, or fetched
+        from the store (a shared system prompt is not written again by every request).
 
         NOTE: after the first tokens are stamped, so the copy out of the GPU is not part of
         TTFT. Their bytes are still the ones this step computed: a finished request's
@@ -342,7 +355,8 @@ class ModelEngine:
         bytes out now (the store is written on its I/O thread)."""
         assert self.remote is not None
         for c in computed:
-            self.remote.write(c.tokens, c.block_table, salt=c.salt, lora_id=c.lora_id)
+            self.remote.write(c.tokens, c.block_table, salt=c.salt, lora_id=c.lora_id,
+                              first_block=c.first_block)
 
     def _sample(self, last_logits: dict[str, torch.Tensor]) -> dict[str, int]:
         """One token per request: its sampler's, else greedy (in one batched argmax). A

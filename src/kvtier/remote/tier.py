@@ -281,18 +281,29 @@ class RemoteTier:
         return (m.num_tokens - m.num_partial_tokens) // self._tpb
 
     def write(self, tokens: list[int], block_table: list[int], salt: object = None,
-              lora_id: int | None = None, wait: bool = False) -> int:
+              lora_id: int | None = None, wait: bool = False, first_block: int = 0) -> int:
         """Write the full blocks of computed ``tokens`` from their GPU slots, every rank its
         shard (their bytes are copied now, the store is written on its I/O thread, or now
-        with ``wait``); returns how many blocks were handed to the store. Raises ValueError,
-        writing nothing, for a slot of ``block_table`` that is no GPU slot (a negative one
-        would have written another block's bytes under this prompt's hash)."""
+        with ``wait``), from block ``first_block`` on: the blocks before it are a prefix the
+        caller reused, which the store has already (LMCache's and vLLM's offloading stores
+        skip what they hold); their hashes still chain the later ones. Returns how many
+        blocks were handed to the store. Raises ValueError, writing nothing, for a slot of
+        ``block_table`` that is no GPU slot (a negative one would have written another
+        block's bytes under this prompt's hash) or a ``first_block`` that is no int >= 0.
+
+        ::
+
+            tokens       | b0 | b1 | b2 | b3 |..|     first_block=2: b2, b3 written
+            hashes       [ h0   h1   h2   h3 ]       (h2 chains on h1 all the same)
+        """
         if type(wait) is not bool:
             raise ValueError(f"wait must be a bool, got {wait!r}")
+        if type(first_block) is not int or first_block < 0:
+            raise ValueError(f"first_block must be an int >= 0, got {first_block!r}")
         hashes = self.block_hashes(tokens, salt, lora_id)
-        blocks = list(zip(hashes, block_table, strict=False))
+        blocks = list(zip(hashes, block_table, strict=False))[first_block:]
         num_slots = self.gpu.num_blocks
-        for i, (_, slot) in enumerate(blocks):
+        for i, (_, slot) in enumerate(blocks, first_block):
             if type(slot) is not int or not 0 <= slot < num_slots:
                 raise ValueError(f"block_table[{i}] must be a GPU slot in 0..{num_slots - 1}, "
                                  f"got {slot!r}")
