@@ -95,3 +95,39 @@ def test_an_onboarded_block_keeps_no_host_copy() -> None:
     assert sorted((b.tokens, b.tier.name) for b in mgr.cached_blocks()) == [
         ((1,), "GPU"), ((2,), "GPU"), ((5,), "HOST"), ((6,), "HOST"), ((END,), "GPU")]
     mgr.check_invariants()
+
+
+def test_expiring_a_salt_frees_only_its_blocks() -> None:
+    """Mirrors test_cache_salt_ttl.py TestCacheSaltExpiry.test_expiry_frees_only_the_named_
+    salt (``expire_cache_salts`` is kvtier's ``drop_key_space(salt=...)``): [1, 2, 3] under
+    "salt-a", "salt-b" and no salt; expiring "salt-a" frees its 3 blocks, and the others
+    still match all 3 tokens."""
+    mgr = make_manager(tokens_per_block=1, num_gpu_blocks=16)
+    for rid, salt in (("a", "salt-a"), ("b", "salt-b"), ("n", None)):
+        admit(mgr, rid, [1, 2, 3], salt=salt)  # SGLang's insert: 3 blocks cached
+        release(mgr, rid)
+    assert mgr.drop_key_space(salt="salt-a") == 3
+    mgr.check_invariants()
+    assert [hit(mgr, [1, 2, 3, END], salt=s) for s in ("salt-a", "salt-b", None)] == [0, 3, 3]
+    assert len(mgr.cached_blocks()) == 6 and mgr.num_key_spaces == 2
+
+
+def test_a_held_prefix_outlives_the_expiry_of_its_salt() -> None:
+    """Mirrors test_cache_salt_ttl.py TestCacheSaltExpiry.test_a_locked_node_defers_until_
+    the_lock_drops: with [1, 2] and [1, 2, 7] under "salt-a" and a request holding [1, 2],
+    expiring the salt drops the unheld branch [7] at once and keeps the held prefix.
+    Differs by design: SGLang drops the prefix when its lock drops; kvtier keeps it cached
+    (a released request's blocks are cached as usual) until ``drop_key_space`` is called
+    again."""
+    mgr = make_manager(tokens_per_block=1, num_gpu_blocks=16)
+    for rid, prompt in (("a", [1, 2]), ("b", [1, 2, 7])):
+        admit(mgr, rid, prompt, salt="salt-a")
+        release(mgr, rid)
+    admit(mgr, "held", [1, 2, 5], salt="salt-a")  # holds [1, 2]
+    assert mgr.drop_key_space(salt="salt-a") == 1  # [7]; [1, 2] is held, [5] too
+    mgr.check_invariants()
+    assert hit(mgr, [1, 2, 7, END], salt="salt-a") == 2
+    release(mgr, "held")
+    assert hit(mgr, [1, 2, END], salt="salt-a") == 2  # cached again, as released
+    assert mgr.drop_key_space(salt="salt-a") == 3  # [1, 2] and held's [5]
+    assert hit(mgr, [1, 2, END], salt="salt-a") == 0 and mgr.cached_blocks() == []
