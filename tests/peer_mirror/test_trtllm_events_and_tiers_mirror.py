@@ -281,3 +281,39 @@ def test_a_timed_priority_runs_from_the_release() -> None:
 
     assert survivor(0.005) == [1]
     assert survivor(0.009) == [2]
+
+
+def test_a_block_too_low_to_offload_is_dropped_with_its_host_child() -> None:
+    """Mirrors kvCacheManagerTest.cpp KVCacheManagerLeafBlockWithDependentTest (4 primary
+    blocks, 1 secondary): request 0's middle block is at priority 0, below what is
+    offloaded; request 1 decodes. Its first new block takes request 0's leaf [8..11],
+    offloaded to the host; its second takes the middle block, which is dropped, not
+    offloaded, and its host child goes with it (TensorRT-LLM frees and detaches it).
+
+        released:   [0..3] 35 -> [4..7] 0 -> [8..11] 35        GPU, request 1 holds 1 block
+        1st block:  [0..3] -> [4..7] -> host [8..11]
+        2nd block:  [0..3]                                     [4..7] and [8..11] removed
+    """
+    mgr = make_manager(num_gpu_blocks=4, num_host_blocks=1, enable_events=True)
+    ranges = (RetentionRange(0, 4, 35), RetentionRange(4, 8, 0), RetentionRange(8, None, 35))
+    admit(mgr, "0", list(range(12)), retention=Retention(ranges))
+    admit(mgr, "1", [100, 101, 102, 103])
+    release(mgr, "0")
+    tokens = {b.block_hash: b.tokens for b in mgr.cached_blocks()}
+    assert sorted((b.tokens[0], b.priority) for b in mgr.cached_blocks()) == [
+        (0, 35), (4, 0), (8, 35), (100, None)]
+    mgr.drain_events()
+    assert mgr.append_tokens("1", [104]) == [2]
+    (moved,) = mgr.drain_events()
+    assert isinstance(moved, BlockTierChanged) and tokens[moved.block_hash] == (8, 9, 10, 11)
+    (op,) = mgr.take_plan().ops
+    assert (op.kind, op.src_slot, op.dst_tier) == (OpKind.OFFLOAD, 2, Tier.HOST)
+    assert mgr.append_tokens("1", [105, 106, 107]) == []  # fills block [104..107]
+    mgr.drain_events()
+    assert mgr.append_tokens("1", [108]) == [1]
+    assert [(tokens[e.block_hash], e.tier) for e in mgr.drain_events()
+            if isinstance(e, BlockRemoved)] == [((4, 5, 6, 7), Tier.GPU),
+                                               ((8, 9, 10, 11), Tier.HOST)]
+    assert mgr.take_plan().ops == ()
+    assert [b.tokens[0] for b in mgr.cached_blocks()] == [0, 100, 104]
+    assert hit(mgr, [*range(12), 0]) == 4
