@@ -193,3 +193,34 @@ def test_another_image_in_the_first_block_changes_every_block_s_hash() -> None:
     assert hashes[0][0] != hashes[1][0] and hashes[0][1] != hashes[1][1]
     assert hit(mgr, [*range(8), 9], mm_items=(MultimodalItem(0, 4, "hash3"),
                                                 MultimodalItem(4, 4, "hash2"))) == 8
+
+
+def test_two_requests_with_one_new_prompt_in_one_step_both_compute_it() -> None:
+    """Mirrors vllm tests/v1/core/test_async_scheduler.py::test_prefix_caching_for_prefill_
+    dedup (blocks of 16, five requests with one 100-token prompt: the later ones each
+    schedule ``100 % 16`` = 4 tokens). Differs by design: vLLM also dedups the first two,
+    scheduled in one step (the second reads blocks the first writes in the same pass);
+    kvtier's reuse is only of what earlier steps computed (a request's blocks are stored at
+    the end of the step that schedules them), so both compute the prompt and the second's
+    6 full blocks are duplicates; the three later requests reuse 96 tokens and compute 4."""
+    mgr = make_manager(tokens_per_block=BS, num_gpu_blocks=64)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=1000))
+    prompt = [7] * 100
+    for rid in ("0", "1"):
+        sched.add_request(Request(rid, prompt, max_output_tokens=3))
+    chunks = []
+    for i in range(10):
+        if 1 <= i <= 3:
+            sched.add_request(Request(str(i + 1), prompt, max_output_tokens=3))
+        step = sched.step()
+        chunks += [(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+                   for c in step.context_chunks]
+        ids = [*step.decode_request_ids, *(c.request_id for c in step.context_chunks)]
+        sched.update(step, dict.fromkeys(ids, 5))
+        mgr.check_invariants()
+        if not sched.has_unfinished():
+            break
+    assert chunks == [("0", 0, 100, 0), ("1", 0, 100, 0),
+                      ("2", 96, 4, 96), ("3", 96, 4, 96), ("4", 96, 4, 96)]
+    assert (mgr.stats.num_duplicate_stores, mgr.stats.num_reused_tokens) == (6, 3 * 96)
+    assert mgr.num_sequences == 0 and len(mgr.cached_blocks()) == 6
