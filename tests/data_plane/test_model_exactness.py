@@ -321,3 +321,30 @@ def test_a_request_whose_forward_pass_keeps_failing_ends_with_an_error(
     engine.manager.check_invariants()
     assert all(r.stop_reason == "length" for r in results.values())
     assert_like_full_recompute(engine.model, results, FP32_ATOL)
+
+
+def test_resets_of_the_prefix_cache_with_running_requests_stay_exact() -> None:
+    """``scheduler.reset_prefix_cache(reset_running_requests=True)`` every third step (as
+    vLLM's after a weight update): the running requests are preempted and recompute from
+    scratch over NaN-poisoned pools, every logit matches a full recompute, and the greedy
+    outputs are those of a run without resets."""
+    sc = SCENARIOS[1]
+    truth = {rid: r.output for rid, r in run_workload(make_engine(sc, "cpu"), sc).items()}
+    engine = make_engine(sc, "cpu")
+    pending = [Request(f"r{i}", prompt, sc.max_output_tokens, salt=salt)
+               for i, (prompt, salt) in enumerate(make_prompts(sc))]
+    num_resets = 0
+    while pending or engine.scheduler.has_unfinished():
+        for req in pending[:2]:
+            engine.add_request(req)
+        del pending[:2]
+        if engine.num_steps % 3 == 2 and engine.scheduler.running:
+            assert engine.scheduler.reset_prefix_cache(reset_running_requests=True)
+            assert engine.manager.cached_blocks() == []
+            num_resets += 1
+        engine.step()
+        engine.manager.check_invariants()
+    assert num_resets >= 3
+    assert sum(r.num_preemptions for r in engine.results.values()) >= num_resets
+    assert {rid: r.output for rid, r in engine.results.items()} == truth
+    assert_like_full_recompute(engine.model, engine.results, FP32_ATOL)
