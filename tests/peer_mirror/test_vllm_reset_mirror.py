@@ -176,3 +176,27 @@ def test_a_reset_is_refused_between_step_and_update_and_for_foreign_requests() -
     assert not sched.reset_prefix_cache(reset_running_requests=True)
     assert (mgr.version, list(sched.running), mgr.num_sequences) == (version, ["a"], 2)
     mgr.check_invariants()
+
+
+def test_a_running_request_the_manager_already_dropped_is_requeued_by_the_reset() -> None:
+    """A running request whose forward pass failed after its step was applied
+    (``manager.compute_failed``: the manager no longer holds it) does not stop the reset:
+    the other running request is preempted, both are requeued in admission order, and
+    the next step lists both and starts the first over."""
+    mgr = make_manager(num_gpu_blocks=24)
+    sched = make_scheduler(mgr)
+    add_requests(sched)
+    for _ in range(2):
+        step = sched.step()
+        reqs = {rid: sched.running[rid] for rid in
+                [*step.decode_request_ids, *(c.request_id for c in step.context_chunks)]}
+        sched.update(step, {rid: greedy([*r.prompt, *r.output]) for rid, r in reqs.items()})
+    assert list(sched.running) == ["r0", "r1", "r2"]
+    assert mgr.compute_failed(["r1"]) == ["r1"]
+    assert sched.reset_prefix_cache(reset_running_requests=True)
+    mgr.check_invariants()
+    assert [r.request_id for r in sched.waiting] == ["r0", "r1", "r2"]
+    assert (mgr.num_sequences, mgr.cached_blocks()) == (0, [])
+    step = sched.step()
+    assert step.preempted_request_ids == ("r0", "r1", "r2")
+    assert [c.request_id for c in step.context_chunks] == ["r0"]
