@@ -15,7 +15,7 @@ from kvtier.tier import Tier
 
 
 def import_prefix(cache: BlockCache, tokens: list[int], num_blocks: int, lora_id: object,
-                  salt: object) -> list[int]:
+                  salt: object, extras: list[object] | None = None) -> list[int]:
     """Cache up to ``num_blocks`` full blocks of ``tokens`` (validated) past what the tiers
     already hold, as host blocks; return their host slots, in order (fewer, or none, when
     the host has less room). Only the first ``len(tokens) - 1`` tokens are reusable."""
@@ -24,7 +24,7 @@ def import_prefix(cache: BlockCache, tokens: list[int], num_blocks: int, lora_id
     tpb = cache.tpb
     root = cache.join_root(lora_id, salt)
     try:
-        m = match_prompt(root, tokens, None, cache.config)
+        m = match_prompt(root, tokens, extras, cache.config)
         start = m.num_blocks
         end = min(start + num_blocks, (len(tokens) - 1) // tpb)
         if end <= start:
@@ -41,7 +41,8 @@ def import_prefix(cache: BlockCache, tokens: list[int], num_blocks: int, lora_id
         if num == 0:
             return []
         node = Node(parent, tokens[start * tpb:(start + num) * tpb], cache.host.take(num),
-                    Tier.HOST, None, parent.start_block + parent.num_blocks, parent.root)
+                    Tier.HOST, extras[start:start + num] if extras is not None else None,
+                    parent.start_block + parent.num_blocks, parent.root)
         node.priority = cache.config.default_priority
         node.last_used = cache.next_tick()
         node.created_s = node.last_used_s = cache.evictor.now()

@@ -214,15 +214,21 @@ class KVCacheManager:
         tokens: Sequence[int],
         salt: bytes | str | int | None = None,
         lora_id: int | None = None,
+        mm_items: Sequence[MultimodalItem] = (),
     ) -> list[int]:
         """Chained hashes of the prompt's reusable full blocks past what the tiers hold
-        now, in order: what a remote tier could supply (``import_blocks``). Pure query."""
+        now, in order: what a remote tier could supply (``import_blocks``); a block holding
+        part of a multimodal item is named by the item's hash too, as the cache names it.
+        Pure query."""
         token_ids = token_list(tokens, "tokens")
         check_key("salt", salt)
         check_lora_id(lora_id)
-        m = self._lookup(token_ids, salt, lora_id, ())
+        items = check_mm_items(mm_items, len(token_ids), "missing_block_hashes")
+        m = self._lookup(token_ids, salt, lora_id, items)
         hashes = prompt_block_hashes(get_hash_fn(self.config.hash_algo), token_ids, self._tpb,
-                                     lora_id, salt, num_blocks=(len(token_ids) - 1) // self._tpb)
+                                     lora_id, salt,
+                                     block_extras(items, len(token_ids), self._tpb),
+                                     num_blocks=(len(token_ids) - 1) // self._tpb)
         return hashes[(m.num_tokens - m.num_partial_tokens) // self._tpb:]
 
     @property
@@ -474,10 +480,13 @@ class KVCacheManager:
         num_blocks: int,
         salt: bytes | str | int | None = None,
         lora_id: int | None = None,
+        mm_items: Sequence[MultimodalItem] = (),
     ) -> list[int]:
         """Cache up to ``num_blocks`` full blocks of ``tokens`` past what the tiers already
         hold, as host blocks whose KV the caller fills from elsewhere (a remote store);
         returns their host slots, in order: fewer (or none) when the host has less room.
+        ``mm_items`` are the prompt's multimodal items, keying its blocks as admission keys
+        them (without them, the blocks of an image prompt would be cached as text).
 
         For a request waiting in the queue: a later ``lookup`` counts these blocks as host
         hits, and admission onboards them like any other. The caller must write the slots
@@ -490,7 +499,9 @@ class KVCacheManager:
             raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
         check_key("salt", salt)
         check_lora_id(lora_id)
-        slots = import_prefix(self._cache, token_ids, num_blocks, lora_id, salt)
+        items = check_mm_items(mm_items, len(token_ids), "import_blocks")
+        slots = import_prefix(self._cache, token_ids, num_blocks, lora_id, salt,
+                              block_extras(items, len(token_ids), self._tpb))
         if slots:
             self._version += 1
         return slots

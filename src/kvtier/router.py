@@ -24,7 +24,13 @@ from typing import NamedTuple, Protocol
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update, check_batch
-from kvtier.sequence import short_repr
+from kvtier.sequence import (
+    MultimodalItem,
+    as_token_sequence,
+    block_extras,
+    check_mm_items,
+    short_repr,
+)
 from kvtier.tier import Tier
 
 
@@ -346,11 +352,17 @@ class Router:
                                    extras)
 
     def route(self, tokens: Sequence[int], loads: Iterable[InstanceLoad], salt: object = None,
-              lora_id: int | None = None) -> RouteDecision:
-        """Pick an instance of ``loads`` for a prompt of ``tokens``. ValueError, changing no
-        stats, where the policy (a caller's) chooses an instance not among ``loads``."""
+              lora_id: int | None = None,
+              mm_items: Sequence[MultimodalItem] = ()) -> RouteDecision:
+        """Pick an instance of ``loads`` for a prompt of ``tokens`` (with its multimodal
+        ``mm_items``: the blocks holding them are named by their content too, so another
+        image behind the same placeholder tokens is no hit). ValueError, changing no stats,
+        where the policy (a caller's) chooses an instance not among ``loads``."""
         loads = check_loads(loads)
-        hashes = self.block_hashes(tokens, salt, lora_id)
+        tokens = as_token_sequence(tokens, "tokens")  # before len(): None, an iterator
+        items = check_mm_items(mm_items, len(tokens), "route")
+        hashes = self.block_hashes(tokens, salt, lora_id,
+                                   block_extras(items, len(tokens), self.tokens_per_block))
         hits = self.index.match(hashes)
         choice = self.policy.choose(loads, hits, len(hashes))
         if not any(type(choice) is str and choice == load.instance_id for load in loads):

@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -49,7 +50,7 @@ from kvtier.remote.codec import num_found_on_every_rank
 from kvtier.remote.options import LONGEST_WAIT_S, check_number, check_timeout
 from kvtier.remote.ranks import Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
-from kvtier.sequence import as_token_sequence
+from kvtier.sequence import MultimodalItem, as_token_sequence, block_extras, check_mm_items
 from kvtier.tier import Tier
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class _Fetch:
     tokens: list[int]
     salt: bytes | str | int | None
     lora_id: int | None
+    mm_items: tuple[MultimodalItem, ...]
     hashes: list[int]  # of the prompt's reusable full blocks, computed once
     started_s: float
     fetch_id: int  # the ranks' name for it
@@ -244,10 +246,10 @@ class RemoteTier:
             recompute_s_per_block=self._tpb * self.recompute_s_per_token,
             max_wait_s=self.fetch_deadline_s)
 
-    def _wanted(self, hashes: list[int], tokens: list[int], salt: bytes | str | int | None,
-                lora_id: int | None) -> list[int]:
+    def _wanted(self, hashes: list[int], tokens: Sequence[int], salt: bytes | str | int | None,
+                lora_id: int | None, mm_items: tuple[MultimodalItem, ...]) -> list[int]:
         """The hashes to fetch: past the local tiers, as many as are worth it."""
-        missing = hashes[self._num_local_blocks(tokens, salt, lora_id):]
+        missing = hashes[self._num_local_blocks(tokens, salt, lora_id, mm_items):]
         k = self.num_blocks_to_fetch(len(missing))
         self.num_skipped_blocks += len(missing) - k
         return missing[:k]
@@ -260,34 +262,50 @@ class RemoteTier:
         with self._lock:
             self._bytes_per_s += THROUGHPUT_EWMA_WEIGHT * (sample - self._bytes_per_s)
 
-    def block_hashes(self, tokens: list[int], salt: object, lora_id: int | None) -> list[int]:
-        """The chained hashes of the full blocks of ``tokens``, as the manager names them;
-        ValueError for a ``salt`` or ``lora_id`` the manager refuses (its blocks could never
-        be matched: a write under it filled the shared store with garbage). Pure."""
-        return prompt_block_hashes(self._hash_fn, tokens, self._tpb, lora_id, salt)
-
-    def _reusable_hashes(self, tokens: list[int], salt: object,
-                         lora_id: int | None) -> list[int]:
-        # The last prompt token is never reused, so neither is a block that ends with it.
+    def block_hashes(self, tokens: list[int], salt: object, lora_id: int | None,
+                     mm_items: Sequence[MultimodalItem] = ()) -> list[int]:
+        """The chained hashes of the full blocks of ``tokens``, as the manager names them (a
+        block holding part of a multimodal item of ``mm_items`` by the item's hash too);
+        ValueError for a ``salt``, ``lora_id`` or ``mm_items`` the manager refuses (its
+        blocks could never be matched: a write under it filled the shared store with
+        garbage). Pure."""
         ids = as_token_sequence(tokens, "tokens")  # before len(): None, an iterator
-        num_blocks = max(len(ids) - 1, 0) // self._tpb
+        items = check_mm_items(mm_items, len(ids), "remote tier")
         return prompt_block_hashes(self._hash_fn, ids, self._tpb, lora_id, salt,
+                                   block_extras(items, len(ids), self._tpb))
+
+    def _reusable_hashes(self, tokens: Sequence[int], salt: object, lora_id: int | None,
+                         mm_items: tuple[MultimodalItem, ...]) -> list[int]:
+        # The last prompt token is never reused, so neither is a block that ends with it.
+        num_blocks = max(len(tokens) - 1, 0) // self._tpb
+        return prompt_block_hashes(self._hash_fn, tokens, self._tpb, lora_id, salt,
+                                   block_extras(mm_items, len(tokens), self._tpb),
                                    num_blocks=num_blocks)
 
-    def _num_local_blocks(self, tokens: list[int], salt: bytes | str | int | None,
-                          lora_id: int | None) -> int:
+    def _checked_prompt(self, tokens: list[int], mm_items: Sequence[MultimodalItem]
+                        ) -> tuple[Sequence[int], tuple[MultimodalItem, ...]]:
+        """``tokens`` and ``mm_items`` checked as the manager checks a prompt (ValueError)."""
+        ids = as_token_sequence(tokens, "tokens")  # before len(): None, an iterator
+        return ids, check_mm_items(mm_items, len(ids), "remote tier")
+
+    def _num_local_blocks(self, tokens: Sequence[int], salt: bytes | str | int | None,
+                          lora_id: int | None, mm_items: tuple[MultimodalItem, ...]) -> int:
         """Full blocks of the prompt the local tiers hold now (a pure lookup, no hashing)."""
-        m = self.manager.lookup(tokens, salt=salt, lora_id=lora_id)
+        m = self.manager.lookup(tokens, salt=salt, lora_id=lora_id, mm_items=mm_items)
         return (m.num_tokens - m.num_partial_tokens) // self._tpb
 
     def write(self, tokens: list[int], block_table: list[int], salt: object = None,
-              lora_id: int | None = None, wait: bool = False, first_block: int = 0) -> int:
+              lora_id: int | None = None, wait: bool = False, first_block: int = 0,
+              mm_items: Sequence[MultimodalItem] = ()) -> int:
         """Write the full blocks of computed ``tokens`` from their GPU slots, every rank its
         shard (their bytes are copied now, the store is written on its I/O thread, or now
         with ``wait``), from block ``first_block`` on: the blocks before it are a prefix the
         caller reused, which the store has already (LMCache's and vLLM's offloading stores
-        skip what they hold); their hashes still chain the later ones. Returns how many
-        blocks were handed to the store. Raises ValueError, writing nothing, for a slot of
+        skip what they hold); their hashes still chain the later ones. A prompt with
+        multimodal items must name them (``mm_items``, as admitted): the blocks holding them
+        are keyed by their content too, and without it another image behind the same
+        placeholder tokens would be served this one's KV. Returns how many blocks were
+        handed to the store. Raises ValueError, writing nothing, for a slot of
         ``block_table`` that is no GPU slot (a negative one would have written another
         block's bytes under this prompt's hash) or a ``first_block`` that is no int >= 0.
 
@@ -300,7 +318,7 @@ class RemoteTier:
             raise ValueError(f"wait must be a bool, got {wait!r}")
         if type(first_block) is not int or first_block < 0:
             raise ValueError(f"first_block must be an int >= 0, got {first_block!r}")
-        hashes = self.block_hashes(tokens, salt, lora_id)
+        hashes = self.block_hashes(tokens, salt, lora_id, mm_items)
         blocks = list(zip(hashes, block_table, strict=False))[first_block:]
         num_slots = self.gpu.num_blocks
         for i, (_, slot) in enumerate(blocks, first_block):
@@ -325,32 +343,36 @@ class RemoteTier:
         return written
 
     def fetch(self, tokens: list[int], salt: bytes | str | int | None = None,
-              lora_id: int | None = None) -> int:
-        """Fetch now (blocking) and import the blocks of ``tokens`` that the store has past
-        the local tiers' prefix into host blocks; returns how many were imported."""
-        hashes = self._reusable_hashes(tokens, salt, lora_id)
-        wanted = self._wanted(hashes, tokens, salt, lora_id)
+              lora_id: int | None = None, mm_items: Sequence[MultimodalItem] = ()) -> int:
+        """Fetch now (blocking) and import the blocks of ``tokens`` (with its multimodal
+        ``mm_items``) that the store has past the local tiers' prefix into host blocks;
+        returns how many were imported."""
+        ids, items = self._checked_prompt(tokens, mm_items)
+        hashes = self._reusable_hashes(ids, salt, lora_id, items)
+        wanted = self._wanted(hashes, ids, salt, lora_id, items)
         if not wanted:
             return 0
-        fetch = _Fetch(list(tokens), salt, lora_id, hashes, 0.0, next(self._fetch_ids))
+        fetch = _Fetch(list(ids), salt, lora_id, items, hashes, 0.0, next(self._fetch_ids))
         self.ranks.get(fetch.fetch_id, wanted)
         arrival = self.ranks.collect([fetch.fetch_id])[fetch.fetch_id]
         self._measured(arrival)
         return self._import(fetch, arrival)
 
     def start_fetch(self, request_id: str, tokens: list[int],
-                    salt: bytes | str | int | None = None, lora_id: int | None = None) -> bool:
+                    salt: bytes | str | int | None = None, lora_id: int | None = None,
+                    mm_items: Sequence[MultimodalItem] = ()) -> bool:
         """Look the prompt's missing blocks up on the stores' I/O threads; False when there
         is nothing to look up or the store refused the job (then don't wait for it)."""
         if type(request_id) is not str or not request_id:
             raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
         if request_id in self._pending:
             return False
-        hashes = self._reusable_hashes(tokens, salt, lora_id)
-        wanted = self._wanted(hashes, tokens, salt, lora_id)
+        ids, items = self._checked_prompt(tokens, mm_items)
+        hashes = self._reusable_hashes(ids, salt, lora_id, items)
+        wanted = self._wanted(hashes, ids, salt, lora_id, items)
         if not wanted:
             return False
-        fetch = _Fetch(list(tokens), salt, lora_id, hashes, time.monotonic(),
+        fetch = _Fetch(list(ids), salt, lora_id, items, hashes, time.monotonic(),
                        next(self._fetch_ids))
         if not self.ranks.start_get(fetch.fetch_id, wanted):
             return False
@@ -401,10 +423,12 @@ class RemoteTier:
     def _import(self, fetch: _Fetch, arrival: Arrival) -> int:
         manager = self.manager
         # The local tiers may have changed since the lookup: import from where they end now.
-        wanted = fetch.hashes[self._num_local_blocks(fetch.tokens, fetch.salt, fetch.lora_id):]
+        wanted = fetch.hashes[self._num_local_blocks(fetch.tokens, fetch.salt, fetch.lora_id,
+                                                     fetch.mm_items):]
         run = num_found_on_every_rank(wanted, arrival.found_by_rank)
         slots = (manager.import_blocks(fetch.tokens, run, salt=fetch.salt,
-                                       lora_id=fetch.lora_id) if run else [])
+                                       lora_id=fetch.lora_id, mm_items=fetch.mm_items)
+                 if run else [])
         if run and self.write_policy == "write-back":
             self.write_spilled()  # the import may reuse their slots: read them first
         self.ranks.fill(fetch.fetch_id, list(zip(wanted, slots, strict=False)))
