@@ -140,3 +140,67 @@ def test_random_drops_leave_exactly_the_other_and_the_held_blocks() -> None:
         mgr.take_plan()
         mgr.check_invariants()
     assert any(isinstance(e, BlockStored) for e in mgr.drain_events())
+
+
+def cache_under(mgr: KVCacheManager, spaces: list[tuple[int | None, str | None]],
+                prompt: list[int]) -> None:
+    """Cache ``prompt`` (2 full blocks) under each (lora_id, salt) of ``spaces``."""
+    for i, (lora, salt) in enumerate(spaces):
+        assert mgr.add_sequence(SequenceSpec(f"r{i}", prompt, salt=salt, lora_id=lora)).admitted
+        mgr.remove_sequence(f"r{i}")
+
+
+SPACES: list[tuple[int | None, str | None]] = [
+    (None, None), (None, "a"), (7, None), (7, "a"), (7, "b"), (8, "a")]
+
+
+def test_drop_lora_takes_the_adapter_under_every_salt_and_nothing_else() -> None:
+    """An adapter unloaded (or reloaded with new weights under its id) must leave no block
+    of it under any tenant: drop_key_space(lora_id=7) takes only the unsalted ones (2
+    blocks), drop_lora(7) the salted ones too (4 more); the base model's and adapter 8's
+    stay exactly."""
+    mgr = make_manager(num_gpu_blocks=16, num_host_blocks=0)
+    cache_under(mgr, SPACES, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    keep = [b for b in blocks_of(mgr) if b[1] != 7]
+    assert mgr.drop_key_space(lora_id=7) == 2
+    assert sorted({(b[1], b[0]) for b in blocks_of(mgr)}, key=repr) == sorted(
+        [(None, None), (None, "a"), (7, "a"), (7, "b"), (8, "a")], key=repr)
+    version = mgr.version
+    assert mgr.drop_lora(7) == 4 and mgr.version > version
+    assert blocks_of(mgr) == keep
+    assert mgr.drop_lora(7) == 0 and mgr.drop_lora(99) == 0
+    for lora, salt in SPACES:
+        assert mgr.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9], salt=salt, lora_id=lora).num_tokens == (
+            0 if lora == 7 else 8)
+    mgr.check_invariants()
+
+
+def test_drop_salt_takes_the_tenant_under_every_adapter_and_nothing_else() -> None:
+    """A tenant expired leaves no block under any adapter: drop_salt("a") takes its
+    base-model, adapter-7 and adapter-8 blocks (6), not "b"'s nor the unsalted ones."""
+    mgr = make_manager(num_gpu_blocks=16, num_host_blocks=0)
+    cache_under(mgr, SPACES, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    keep = [b for b in blocks_of(mgr) if b[0] != "a"]
+    mgr.drain_events()
+    assert mgr.drop_salt("a") == 6
+    assert blocks_of(mgr) == keep
+    assert len([e for e in mgr.drain_events() if isinstance(e, BlockRemoved)]) == 6
+    assert mgr.drop_salt("a") == 0 and mgr.drop_salt(b"a") == 0
+    mgr.check_invariants()
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda m: m.drop_lora(None), "drop_lora needs an adapter's lora_id, got None"),
+    (lambda m: m.drop_lora(-1), "lora_id must be an int"),
+    (lambda m: m.drop_lora(True), "lora_id must be an int"),
+    (lambda m: m.drop_salt(None), "salt"),
+    (lambda m: m.drop_salt(1.5), "salt"),
+    (lambda m: m.drop_salt(True), "salt")])
+def test_drop_lora_and_salt_refuse_what_no_request_could_carry(call: Any, message: str) -> None:
+    """ValueError naming the field; every block stays, the version too."""
+    mgr = make_manager(num_gpu_blocks=16, num_host_blocks=0)
+    cache_under(mgr, SPACES, [1, 2, 3, 4, 5])
+    before = (blocks_of(mgr), mgr.version)
+    with pytest.raises(ValueError, match=message):
+        call(mgr)
+    assert (blocks_of(mgr), mgr.version) == before

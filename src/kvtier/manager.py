@@ -648,7 +648,35 @@ class KVCacheManager:
             raise _reentered("drop_key_space")
         check_key("salt", salt)
         check_lora_id(lora_id)
-        num_blocks = self._cache.drop_key_space(lora_id, salt)
+        return self._drop_key_spaces([(lora_id, salt)])
+
+    def drop_lora(self, lora_id: int) -> int:
+        """``drop_key_space`` for every key space of the LoRA adapter ``lora_id``, whatever
+        its salt: what unloading (or reloading new weights under) an adapter needs, where
+        ``drop_key_space(lora_id=k)`` drops only the unsalted tenants' blocks of it.
+        Raises ValueError, changing nothing, for an id that is no adapter's (``None``
+        included: the base model's blocks are every tenant's; see ``reset_cache``)."""
+        if self._caller_code.depth:
+            raise _reentered("drop_lora")
+        if lora_id is None:
+            raise ValueError("drop_lora needs an adapter's lora_id, got None (the base model's "
+                             "blocks: drop_key_space per salt, or reset_cache)")
+        check_lora_id(lora_id)
+        return self._drop_key_spaces([key for key in self._cache.roots if key[0] == lora_id])
+
+    def drop_salt(self, salt: bytes | str | int) -> int:
+        """``drop_key_space`` for every key space of the tenant ``salt``, whatever its LoRA
+        adapter (``drop_key_space(salt=s)`` drops only its base-model blocks). Raises
+        ValueError, changing nothing, for a salt no request could carry (``None``
+        included: the unsalted blocks are no one tenant's)."""
+        if self._caller_code.depth:
+            raise _reentered("drop_salt")
+        check_key("salt", salt, allow_none=False)
+        return self._drop_key_spaces([key for key in self._cache.roots if key[1] == salt])
+
+    def _drop_key_spaces(self, keys: list[tuple[object, object]]) -> int:
+        """Drop the key spaces ``keys`` (checked); how many blocks left."""
+        num_blocks = sum(self._cache.drop_key_space(lora_id, salt) for lora_id, salt in keys)
         if num_blocks:
             self._version += 1
         return num_blocks
