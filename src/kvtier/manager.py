@@ -626,7 +626,9 @@ class KVCacheManager:
 
     def reset_cache(self) -> bool:
         """Drop every cached block of every tier. Refused (returns False) while any request
-        is live."""
+        is live (``Scheduler.reset_prefix_cache`` preempts them first). A remote store is
+        not a tier of this cache and keeps its blocks: after a weight update, give the
+        remote tier a new ``RemoteNamespace`` (its name), or the store serves the old KV."""
         if self._caller_code.depth:
             raise _reentered("reset_cache")
         if len(self._live):

@@ -248,7 +248,8 @@ class Scheduler:
         recomputes its prompt and output from scratch (its blocks are not stored for reuse)
         and the next step lists it in ``preempted_request_ids``. Returns False, changing
         nothing, where the manager holds requests this scheduler does not run (admitted
-        there directly). Raises, changing nothing, between ``step`` and ``update``
+        there directly). A remote store keeps its blocks (``KVCacheManager.reset_cache``).
+        Raises, changing nothing, between ``step`` and ``update``
         (RuntimeError: apply the step first) or for a flag that is no bool (TypeError)."""
         if type(reset_running_requests) is not bool:
             raise TypeError(f"reset_running_requests must be a bool, got "
