@@ -241,11 +241,13 @@ class BlockCache:
         remembered match went through are checked and only what lies past them is walked
         (``rematch``). Pure (the memo aside)."""
         tokens = spec.token_array  # a spec's array never changes (``SequenceSpec``)
-        if root is None or (len(tokens) > 1 and tokens[0] not in root.by_first):
+        if (root is None or (len(tokens) > 1 and tokens[0] not in root.by_first)
+                or spec.skip_reading_prefix_cache):
             # NOTE: no cached run starts with the prompt's first id, so none of it is
             # cached (a full or partial match starts there): the answer for a new prompt,
             # and at every step for a waiting one with nothing cached (the scheduler's
-            # lookups and hints), without a walk or a rematch.
+            # lookups and hints), without a walk or a rematch. A request that skips reading
+            # the cache is admitted as if nothing were cached.
             return NO_MATCH
         if extras is not None or not self.config.enable_block_reuse:
             return match_prompt(root, tokens, extras, self.config)

@@ -13,6 +13,7 @@ from kvtier.sequence import (
     check_retention,
     check_retention_type,
     is_finite_number,
+    short_repr,
     token_list,
 )
 
@@ -35,7 +36,9 @@ class Request:
     ``priority`` and ``retention_s`` as :class:`SequenceSpec` takes them (an int salt below
     2**128 in magnitude or a str / bytes one of at most 4096; ``lora_id`` in 0..2**63-1;
     ``retention_s`` in 0..1e9 seconds); ``retention`` a :class:`~kvtier.retention.Retention`
-    or None. ``bool`` is never taken for a number.
+    or None; ``skip_reading_prefix_cache`` a bool (:class:`SequenceSpec`: the request reuses
+    no cached block, e.g. for prompt logprobs, and stores its own). ``bool`` is never taken
+    for a number.
     """
 
     request_id: str
@@ -52,6 +55,7 @@ class Request:
     num_preemptions: int = 0
     # Priorities per token range and for decoded blocks (``SequenceSpec.retention``).
     retention: Retention | None = None
+    skip_reading_prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         self.prompt, self.output = check_request(self)
@@ -97,6 +101,9 @@ def check_request(req: Request) -> tuple[list[int], list[int]]:
     check_retention(req.retention_s, f"retention_s of {what}")
     if req.retention is not None:
         check_retention_type(req.retention, f"retention of {what}")
+    if type(req.skip_reading_prefix_cache) is not bool:
+        raise ValueError(f"skip_reading_prefix_cache of {what} must be a bool, got "
+                         f"{short_repr(req.skip_reading_prefix_cache)}")
     for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
         value = getattr(req, name)
         if type(value) is not int or value < 0:

@@ -162,7 +162,8 @@ class Scheduler:
             retention = replace(retention, decode_start=len(req.prompt))
         return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
                             priority=req.priority, retention_s=req.retention_s,
-                            retention=retention)
+                            retention=retention,
+                            skip_reading_prefix_cache=req.skip_reading_prefix_cache)
 
     def _dequeue(self, req: Request) -> None:
         """Take the waiting ``req`` out of the queue and forget what was kept for it there

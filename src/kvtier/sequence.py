@@ -137,7 +137,10 @@ class SequenceSpec:
     guarantee that decoding never runs out of blocks. ``retention``
     (:class:`~kvtier.retention.Retention`) sets priorities and retentions per token range and
     for decoded blocks, TensorRT-LLM's way; ``priority`` / ``retention_s`` then apply to the
-    prompt blocks in no range. ``bool`` is refused wherever an int or a float is meant.
+    prompt blocks in no range. ``skip_reading_prefix_cache`` admits the request as if
+    nothing were cached (vLLM's flag of that name: a request that needs every prompt
+    position's logits, e.g. prompt logprobs, computes them all); its blocks are still stored
+    for others as they fill. ``bool`` is refused wherever an int or a float is meant.
     """
 
     request_id: str
@@ -150,6 +153,7 @@ class SequenceSpec:
     num_new_tokens: int | None = None
     num_reserved_blocks: int = 0
     retention: Retention | None = None
+    skip_reading_prefix_cache: bool = False
     token_array: array[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -179,6 +183,9 @@ class SequenceSpec:
                                  len(ids))
         object.__setattr__(self, "mm_items",
                            check_mm_items(self.mm_items, len(ids), self.request_id))
+        if type(self.skip_reading_prefix_cache) is not bool:
+            raise ValueError(f"skip_reading_prefix_cache of {self.request_id!r} must be a bool, "
+                             f"got {short_repr(self.skip_reading_prefix_cache)}")
         _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
 
     def with_schedule(self, num_new_tokens: int | None, num_reserved_blocks: int) -> SequenceSpec:

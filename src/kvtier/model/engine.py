@@ -451,6 +451,8 @@ class ModelEngine:
         for req in scheduler.waiting:
             if req.request_id not in self._fetched:
                 self._fetched.add(req.request_id)
+                if req.skip_reading_prefix_cache:
+                    continue  # it reuses nothing: a fetch would only fill the host
                 if remote.start_fetch(req.request_id, req.tokens, req.salt, req.lora_id):
                     scheduler.hold(req.request_id)
                     self._before_fetch[req.request_id] = self._num_cached(req)
