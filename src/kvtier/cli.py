@@ -35,6 +35,7 @@ from kvtier.cli_options import (
     int_list,
     oracle_option,
 )
+from kvtier.cli_output import OutputFailed, checked_stdout, discard_stdout
 from kvtier.cli_profile import make_profile
 from kvtier.cli_remote import connect_redis, remote_fetch, remote_fetch_options
 from kvtier.cli_workload import check_outputs, num_requests, open_workload
@@ -171,12 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{short_repr(argv)}")
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help, --version, or a usage error (status 2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    run: Callable[[argparse.Namespace], int] = args.run
-    try:
-        return run(args)
+        with checked_stdout():  # a write that fails is OutputFailed, not a defect's OSError
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as exc:  # argparse: --help, --version, or a usage error
+                return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+            run: Callable[[argparse.Namespace], int] = args.run
+            return run(args)
     except CLIError as exc:
         print(f"kvtier: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -185,8 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # NOTE: the reader left (``kvtier replay | head``); point stdout at devnull so the
         # interpreter's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        discard_stdout()
         return 1
+    except OutputFailed as exc:  # a full disk, a closed descriptor: the user's to fix
+        print(f"kvtier: error: cannot write to standard output: {exc}", file=sys.stderr)
+        discard_stdout()
+        return EXIT_USAGE
     except MemoryError:
         print("kvtier: error: out of memory; use smaller --gpu-blocks/--host-blocks/"
               "--instances or a shorter trace (--limit)", file=sys.stderr)

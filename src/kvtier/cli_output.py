@@ -1,0 +1,82 @@
+"""The ``kvtier`` command's standard output, whose failures are the user's to fix (a full
+disk, a file too large for its limit, a closed descriptor), told apart from kvtier's own
+defects.
+
+An ``OSError`` from a ``print`` was reported as an internal error (status 70, "a defect in
+kvtier"); one at the interpreter's final flush as a traceback-like "Exception ignored" line
+and status 120; argparse swallowed it (``--help > /dev/full``: status 0, nothing written); a
+closed standard output (``kvtier replay >&-``) dropped the report without a word, status 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO, TypeVar
+
+T = TypeVar("T")
+
+
+class OutputFailed(Exception):
+    """Standard output cannot be written; the message says why, in one sentence.
+
+    NOTE: not an OSError, which argparse's ``--help`` and ``--version`` swallow."""
+
+
+class _CheckedOutput:
+    """``sys.stdout`` while a command runs: a write or flush that fails raises
+    :class:`OutputFailed`; a reader that left (``BrokenPipeError``) is let through, for the
+    command's quiet exit."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._checked(lambda stream: stream.write(text))
+
+    def flush(self) -> None:
+        self._checked(lambda stream: stream.flush())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _checked(self, call: Callable[[TextIO], T]) -> T:
+        if self._stream is None:  # the interpreter found descriptor 1 closed
+            raise OutputFailed(os.strerror(errno.EBADF) + " (standard output is closed)")
+        try:
+            return call(self._stream)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputFailed(exc.strerror or str(exc)) from None
+
+
+@contextmanager
+def checked_stdout() -> Iterator[None]:
+    """Run the body with ``sys.stdout`` checked: every write of the command, and a final
+    flush (a write still in the buffer fails here, not at the interpreter's exit), raises
+    :class:`OutputFailed` if standard output cannot take it."""
+    stream = sys.stdout
+    checked = _CheckedOutput(stream)
+    sys.stdout = checked
+    try:
+        yield
+        checked.flush()
+    finally:
+        if sys.stdout is checked:
+            sys.stdout = stream
+
+
+def discard_stdout() -> None:
+    """Point descriptor 1 at /dev/null, so the interpreter's final flush of what could not
+    be written (a reader gone, a full disk) does not fail again at exit."""
+    stream = sys.stdout
+    try:
+        fd = stream.fileno() if stream is not None else None
+    except (OSError, ValueError, AttributeError):  # a StringIO in tests: nothing to flush
+        fd = None
+    if fd is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)

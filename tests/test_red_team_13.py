@@ -1,0 +1,117 @@
+"""Red team, thirteenth pass: the command line end to end as a user's shell runs it, its
+standard streams and the paths it is given included. Each test fails on the code before its
+fix and asserts the exact refusal."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bad_input_helpers import assert_one_line_refusal
+from kvtier.cli import main
+
+SMALL = ["--limit", "2", "--no-progress"]
+LONG_NAME = "a" * 300  # past NAME_MAX (255) on every file system kvtier runs on
+ENOSPC = os.strerror(errno.ENOSPC)
+
+
+class FullDisk(io.StringIO):
+    """Standard output on a full disk: every write fails (``flush_only``: only the flush,
+    as when the text still fits the buffer and the interpreter's exit writes it)."""
+
+    def __init__(self, flush_only: bool = False) -> None:
+        super().__init__()
+        self.flush_only = flush_only
+
+    def write(self, text: str) -> int:
+        if not self.flush_only:
+            raise OSError(errno.ENOSPC, ENOSPC)
+        return super().write(text)
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, ENOSPC)
+
+
+def run_main(argv: list[str]) -> tuple[int, str]:
+    """``main(argv)`` with the standard output the caller set: (status, stderr)."""
+    err = io.StringIO()
+    saved = sys.stderr
+    sys.stderr = err
+    try:
+        code = main(argv)
+    finally:
+        sys.stderr = saved
+    return code, err.getvalue()
+
+
+# ---- standard output that cannot be written --------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["replay", *SMALL], ["--version"], ["--help"],
+                                  ["sweep", "--help"]])
+@pytest.mark.parametrize("flush_only", [False, True])
+def test_standard_output_on_a_full_disk_is_one_line_and_status_2(
+        monkeypatch: pytest.MonkeyPatch, argv: list[str], flush_only: bool) -> None:
+    """``kvtier replay > /dev/full``: an internal error (status 70, "a defect in kvtier"),
+    or, with the report still in the buffer, status 0 and an error at the interpreter's
+    exit; ``--help`` and ``--version`` (argparse swallows OSError) status 0, nothing
+    written. Now one line naming standard output and the reason, status 2."""
+    monkeypatch.delenv("KVTIER_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "stdout", FullDisk(flush_only))
+    code, err = run_main(argv)
+    assert_one_line_refusal(code, err, f"kvtier: error: cannot write to standard output: "
+                                       f"{ENOSPC}")
+
+
+@pytest.mark.parametrize("argv", [["replay", *SMALL], ["--version"]])
+def test_a_closed_standard_output_is_one_line_and_status_2(
+        monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    """``kvtier replay >&-``: Python makes sys.stdout None, print writes nowhere, and the
+    report was lost with status 0. Now refused in one line."""
+    monkeypatch.setattr(sys, "stdout", None)
+    code, err = run_main(argv)
+    assert_one_line_refusal(code, err, "cannot write to standard output: Bad file "
+                                       "descriptor (standard output is closed)")
+
+
+def test_dev_full_as_the_shell_redirects_it() -> None:
+    """The real thing, in a subprocess: ``python -m kvtier --version > /dev/full`` says so
+    in one line with status 2, no "Exception ignored" line from the interpreter's exit."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    env.pop("KVTIER_DEBUG", None)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "kvtier", "--version"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=60,
+                              check=False)
+    assert (done.returncode, done.stderr) == (
+        2, f"kvtier: error: cannot write to standard output: {ENOSPC}\n")
+
+
+def test_a_reader_that_leaves_is_still_a_quiet_status_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kvtier replay | head -1`` stays a quiet status 1 through the check of standard
+    output (and its handler no longer needs a descriptor: a StringIO's fileno raised)."""
+
+    class Gone(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert run_main(["replay", *SMALL]) == (1, "")
+
+
+def test_a_good_run_prints_the_same_report_through_the_check(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The checked standard output passes every line through, flushed, and is put back."""
+    stdout = sys.stdout
+    assert main(["replay", *SMALL]) == 0
+    assert sys.stdout is stdout
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("workload") and lines[-1].startswith('{"')
