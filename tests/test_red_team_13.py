@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bad_input_helpers import assert_one_line_refusal
+from bad_input_helpers import assert_one_line_refusal, run_cli
 from kvtier.cli import main
 
 SMALL = ["--limit", "2", "--no-progress"]
@@ -115,3 +115,73 @@ def test_a_good_run_prints_the_same_report_through_the_check(
     assert sys.stdout is stdout
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("workload") and lines[-1].startswith('{"')
+
+
+# ---- paths the operating system refuses to look up -------------------------------------------
+
+def test_a_trace_that_is_a_symlink_loop_is_one_line(tmp_path: Path) -> None:
+    """A TRACE that links to itself: Path.resolve raised RuntimeError("Symlink loop"),
+    status 70, before the trace's open could say what is wrong."""
+    for name in ("loop.jsonl", "loop.csv"):
+        loop = tmp_path / name
+        loop.symlink_to(loop)
+        code, err = run_cli(["replay", str(loop), *SMALL])
+        assert_one_line_refusal(code, err, f"cannot read trace {loop}: "
+                                           f"{os.strerror(errno.ELOOP)}")
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_an_output_name_too_long_is_refused_before_the_run(
+        tmp_path: Path, option: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--json <300 characters>.json``: Path.is_dir raised OSError (ENAMETOOLONG), status
+    70. Now refused in one line before anything is simulated."""
+    if option == "--plot":
+        pytest.importorskip("matplotlib", reason="--plot needs the plot extra")
+    import kvtier.cli
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the simulation ran")
+
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    path = tmp_path / f"{LONG_NAME}.png"
+    code, err = run_cli(["sweep", "--gpu-blocks", "512", "--host-blocks", "0", "--no-oracle",
+                         option, str(path), *SMALL])
+    assert_one_line_refusal(code, err, f"{option} {path}: cannot write it "
+                                       f"({os.strerror(errno.ENAMETOOLONG)})")
+
+
+def make_path(folder: Path, kind: str) -> Path:
+    """A path in ``folder`` that is no file a model can be read from."""
+    if kind == "long":
+        return folder / f"{LONG_NAME}.gguf"
+    if kind == "device":
+        return Path("/dev/zero")
+    path = folder / f"{kind}.gguf"
+    if kind == "loop":
+        path.symlink_to(path)
+    else:
+        os.mkfifo(path)
+    return path
+
+
+NOT_REGULAR = "is not a regular file (a FIFO, socket or device)"
+
+
+@pytest.mark.parametrize(("kind", "problem"), [
+    ("long", os.strerror(errno.ENAMETOOLONG)),  # is_dir raised OSError: status 70
+    ("loop", os.strerror(errno.ELOOP)),  # these three "did not exist"
+    ("fifo", NOT_REGULAR), ("device", NOT_REGULAR),
+])
+def test_a_model_path_that_is_no_file_says_what_it_is(tmp_path: Path, kind: str,
+                                                       problem: str) -> None:
+    """``--model`` given a name too long, a symlink loop, a FIFO or a device: one sentence
+    naming the path and what it is (CheckpointError, which the command prints)."""
+    pytest.importorskip("torch", reason="the model needs torch")
+    from kvtier.model.checkpoint import CheckpointError, checkpoint_kind
+
+    path = make_path(tmp_path, kind)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint_kind(path)
+    assert str(path) in str(info.value) and problem in str(info.value)
+    code, err = run_cli(["generate", "hi", "--model", str(path), "--device", "cpu"])
+    assert_one_line_refusal(code, err, str(path), problem)

@@ -82,19 +82,32 @@ def check_outputs(trace: Path | None, **outputs: Path | None) -> None:
 
     NOTE: checked before the run, which may take long: the write, after it, failed with the
     run's results lost (the table is printed after the file is written)."""
-    source = trace.resolve() if trace is not None else None
+    # NOTE: os.path.realpath, not Path.resolve, which raised RuntimeError for a symlink loop
+    # (status 70) before the trace's own open could say so.
+    source = os.path.realpath(trace) if trace is not None else None
     for option, path in outputs.items():
         if path is None:
             continue
-        if source is not None and path.resolve() == source:
+        if source is not None and os.path.realpath(path) == source:
             raise CLIError(f"--{option} {path} is the input trace; choose another file")
-        folder = path.parent
+        problem = _unwritable(path)
+        if problem is not None:
+            raise CLIError(f"--{option} {path}: cannot write it ({problem})")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written as a new or replaced file, or None. Pure.
+
+    NOTE: Path.is_dir raises what it does not take for "no" (a name too long, a parent
+    that refuses search): an OSError, status 70; it is the answer here."""
+    folder = path.parent
+    try:
         if path.is_dir():
-            problem = "it is a directory"
-        elif not folder.is_dir():
-            problem = f"there is no directory {folder}"
-        elif not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            problem = "permission denied"
-        else:
-            continue
-        raise CLIError(f"--{option} {path}: cannot write it ({problem})")
+            return "it is a directory"
+        if not folder.is_dir():
+            return f"there is no directory {folder}"
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            return "permission denied"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -176,16 +177,28 @@ def build_model(config: ModelConfig, tensors: Mapping[str, TensorEntry], origin:
 def checkpoint_kind(path: Path) -> str:
     """``"gguf"`` or ``"safetensors"`` (a directory with config.json); CheckpointError
     otherwise. Reads at most four bytes."""
-    if path.is_dir():
+    # NOTE: one stat, its error the answer: is_dir/is_file raised OSError for a name too
+    # long (status 70), and a symlink loop, a FIFO or a device "did not exist".
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"model path {path} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read model path {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is a directory without a config.json (a Hugging "
                                   "Face checkpoint directory has config.json, *.safetensors "
                                   "and tokenizer.json)")
         return "safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"model path {path} does not exist")
-    with path.open("rb") as f:
-        magic = f.read(4)
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"model path {path} is not a regular file (a FIFO, socket or "
+                              "device)")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read model path {path}: {exc.strerror or exc}") from None
     if magic != b"GGUF":
         raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory")
     return "gguf"
