@@ -185,3 +185,49 @@ def test_a_model_path_that_is_no_file_says_what_it_is(tmp_path: Path, kind: str,
     assert str(path) in str(info.value) and problem in str(info.value)
     code, err = run_cli(["generate", "hi", "--model", str(path), "--device", "cpu"])
     assert_one_line_refusal(code, err, str(path), problem)
+
+
+# ---- kvtier chat's standard input ------------------------------------------------------------
+
+def test_chat_with_standard_input_closed_is_refused_before_loading(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kvtier chat <&-``: sys.stdin is None, and ``stdin.isatty()`` raised AttributeError
+    (status 70) after the model had loaded. Now one line, before any loading."""
+    pytest.importorskip("torch", reason="kvtier chat needs torch")
+    from kvtier.model.generate import Generator
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Generator, "load", never)
+    monkeypatch.setattr(sys, "stdin", None)
+    code, err = run_cli(["chat", "--model", "unused.gguf", "--device", "cpu"])
+    assert_one_line_refusal(code, err, "kvtier chat reads its messages from standard input, "
+                                       "which is closed")
+
+
+def test_chat_refuses_a_line_that_is_no_utf8_and_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Under a UTF-8 locale sys.stdin decodes strictly: a line with a stray byte raised
+    UnicodeDecodeError (status 70) and the session's answers and summary were lost. Now that
+    message alone is not answered; the lines before and after it are."""
+    pytest.importorskip("gguf", reason="GGUF files need the model extra")
+    pytest.importorskip("torch", reason="the model needs torch")
+    import json
+
+    from test_red_team_model import make_gguf
+
+    path = make_gguf(tmp_path / "chat.gguf", tokenizer__chat_template=(
+        "str", "{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+    stdin = io.TextIOWrapper(io.BytesIO(b"ab\nab\xff\nab\n"), encoding="utf-8",
+                             errors="strict")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code = main(["chat", "--model", str(path), "--device", "cpu", "--max-new-tokens", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    # (character 5 of the rendered conversation "abab\udcff": the template joins the turns)
+    assert ("(not answered: a message is not valid Unicode text (character 5: bytes that are "
+            "not UTF-8?); /new starts a new conversation)") in out
+    summary = json.loads(out[-1])
+    assert [(t["conversation"], t["turn"]) for t in summary["turns"]] == [(0, 0), (0, 1)]

@@ -224,6 +224,8 @@ def _summary(rows: list[dict[str, Any]], generator: Generator) -> dict[str, Any]
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     stdin = stdin if stdin is not None else sys.stdin
+    if stdin is None:  # the interpreter found descriptor 0 closed (``kvtier chat <&-``)
+        raise CLIError("kvtier chat reads its messages from standard input, which is closed")
     generator, params = _load(args)
     system: list[Message] = ([{"role": "system", "content": args.system}]
                              if args.system else [])
@@ -234,7 +236,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     while True:
         if interactive:
             print(f"[{current}]> ", end="", flush=True)
-        line = stdin.readline()
+        line = _read_line(stdin)
         if not line:
             break
         text = line.strip()
@@ -266,6 +268,21 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         rows.append(_turn_json(current, sum(m["role"] == "user" for m in history) - 1, result))
     print(json.dumps(_summary(rows, generator)))
     return 0
+
+
+def _read_line(stdin: TextIO) -> str:
+    """The next line of ``stdin`` ('' at its end); bytes that are no text in its encoding
+    kept as surrogates, as in the command's arguments, for the tokenizer to refuse that
+    message alone.
+
+    NOTE: under a UTF-8 locale ``sys.stdin`` decodes strictly: one stray byte raised
+    UnicodeDecodeError from ``readline`` (status 70, the session's summary lost, the rest of
+    the chunk read with it)."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:
+        return stdin.readline()
+    line: bytes = raw.readline()
+    return line.decode(stdin.encoding or "utf-8", "surrogateescape")
 
 
 def _switch(text: str, num_conversations: int, current: int) -> int:
