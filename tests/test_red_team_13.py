@@ -231,3 +231,63 @@ def test_chat_refuses_a_line_that_is_no_utf8_and_goes_on(
             "not UTF-8?); /new starts a new conversation)") in out
     summary = json.loads(out[-1])
     assert [(t["conversation"], t["turn"]) for t in summary["turns"]] == [(0, 0), (0, 1)]
+
+
+# ---- the progress bar's settings from the environment ---------------------------------------
+
+class FakeTqdm:
+    """A tqdm whose constructor or ``update`` fails as tqdm does on bad TQDM_* settings."""
+
+    fail_in = "init"
+
+    def __init__(self, **kwargs: object) -> None:
+        if self.fail_in == "init":
+            raise ZeroDivisionError("integer division or modulo by zero")
+
+    def update(self, n: int) -> None:
+        raise KeyError("nope")
+
+    def close(self) -> None:
+        raise KeyError("nope")
+
+    def __enter__(self) -> FakeTqdm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.mark.parametrize(("fail_in", "shown"), [
+    ("init", "ZeroDivisionError: integer division or modulo by zero"),  # TQDM_ASCII=5
+    ("update", "KeyError: 'nope'"),  # TQDM_BAR_FORMAT={nope}
+])
+def test_a_progress_bar_failing_on_its_environment_names_the_settings(
+        monkeypatch: pytest.MonkeyPatch, fail_in: str, shown: str) -> None:
+    """tqdm reads a default for each argument from TQDM_<NAME>, unchecked, and failed in
+    the constructor or at a redraw (status 70). Now one line naming the settings."""
+    import types
+
+    module = types.ModuleType("tqdm")
+    monkeypatch.setattr(FakeTqdm, "fail_in", fail_in)
+    module.tqdm = FakeTqdm  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tqdm", module)
+    monkeypatch.setenv("TQDM_ASCII", "5")
+    code, err = run_cli(["replay", "--limit", "2"])
+    assert_one_line_refusal(code, err, f"the progress bar (tqdm) failed on its settings "
+                                       f"(TQDM_ASCII='5'): {shown}; fix them or pass "
+                                       "--no-progress")
+
+
+def test_a_tqdm_setting_that_fails_its_import_is_one_line() -> None:
+    """``TQDM_MININTERVAL=abc kvtier replay``: tqdm's import converts the settings, and
+    raised ValueError (status 70); a subprocess, as tqdm is imported once per process."""
+    pytest.importorskip("tqdm", reason="the progress bar needs tqdm")
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "TQDM_MININTERVAL": "abc"}
+    env.pop("KVTIER_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "kvtier", "replay", "--limit", "1"],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", (
+        "kvtier: error: the progress bar (tqdm) failed on its settings "
+        "(TQDM_MININTERVAL='abc'): ValueError: could not convert string to float: 'abc'; "
+        "fix them or pass --no-progress\n"))

@@ -11,8 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from kvtier.cli_options import (
     int_list,
     oracle_option,
 )
-from kvtier.cli_output import OutputFailed, checked_stdout, discard_stdout
+from kvtier.cli_output import OutputFailed, checked_stdout, discard_stdout, progress_bar
 from kvtier.cli_profile import make_profile
 from kvtier.cli_remote import connect_redis, remote_fetch, remote_fetch_options
 from kvtier.cli_workload import check_outputs, num_requests, open_workload
@@ -229,7 +228,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     sched = make_sched(args, args.admission)
     profile = make_profile(args.profile, args.set_profile)
     workload = _open(args, cache)
-    with _progress_bar(num_requests(workload), not args.no_progress) as progress:
+    with progress_bar(num_requests(workload), not args.no_progress) as progress:
         report = _simulate(workload, cache, sched, profile, args, progress,
                            args.oracle is not False)
     _emit(format_report(report), report.to_dict(), args.json)
@@ -268,7 +267,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
     if args.remote_url is not None:
         remote_store = connect_redis(args.remote_url, cache.tokens_per_block)
     try:
-        with _progress_bar(num_requests(workload), not args.no_progress) as progress:
+        with progress_bar(num_requests(workload), not args.no_progress) as progress:
             report = simulate_fleet(workload, cache, args.instances, policy, sched, profile,
                                     args.time_scale, progress, remote=args.remote,
                                     remote_store=remote_store, remote_link=fetch.link,
@@ -299,7 +298,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     total = num_requests(workload)
     reports = []
     settings = [(cache, make_sched(args, admission)) for admission, cache in runs]
-    with _progress_bar(None if total is None else total * len(runs),
+    with progress_bar(None if total is None else total * len(runs),
                        not args.no_progress) as progress:
         for cache, sched in settings:
             reports.append(_simulate(workload, cache, sched, profile, args, progress, False))
@@ -326,7 +325,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     workload = _open(args, max(caches, key=lambda c: c.num_host_blocks))
     total = num_requests(workload)
     reports = []
-    with _progress_bar(None if total is None else total * len(caches),
+    with progress_bar(None if total is None else total * len(caches),
                        not args.no_progress) as progress:
         for cache in caches:
             reports.append(_simulate(workload, cache, sched, profile, args, progress, False))
@@ -419,21 +418,6 @@ def _emit(table: list[str], document: dict[str, Any], json_path: Path | None) ->
         except OSError as exc:
             raise CLIError(f"cannot write {json_path}: {exc.strerror or exc} (the report is "
                            "on standard output)") from None
-
-
-@contextmanager
-def _progress_bar(total: int | None, enabled: bool) -> Iterator[Callable[[int], object] | None]:
-    """A tqdm bar's ``update`` on stderr; ``None`` when disabled or tqdm is not installed."""
-    if not enabled:
-        yield None
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        yield None
-        return
-    with tqdm(total=total, unit="req", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
-        yield bar.update
 
 
 # ---- plot ----------------------------------------------------------------------------------

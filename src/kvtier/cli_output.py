@@ -1,6 +1,6 @@
-"""The ``kvtier`` command's standard output, whose failures are the user's to fix (a full
-disk, a file too large for its limit, a closed descriptor), told apart from kvtier's own
-defects.
+"""The ``kvtier`` command's output: standard output, whose failures are the user's to fix (a
+full disk, a file too large for its limit, a closed descriptor), told apart from kvtier's own
+defects; and the progress bar on standard error.
 
 An ``OSError`` from a ``print`` was reported as an internal error (status 70, "a defect in
 kvtier"); one at the interpreter's final flush as a traceback-like "Exception ignored" line
@@ -14,8 +14,10 @@ import errno
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TextIO, TypeVar
+
+from kvtier.cli_error import CLIError
 
 T = TypeVar("T")
 
@@ -80,3 +82,46 @@ def discard_stdout() -> None:
         fd = None
     if fd is not None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+
+
+@contextmanager
+def progress_bar(total: int | None, enabled: bool) -> Iterator[Callable[[int], object] | None]:
+    """A tqdm bar's ``update`` on stderr; ``None`` when disabled or tqdm is not installed.
+    :class:`CLIError` naming the ``TQDM_*`` settings if the bar fails on them.
+
+    NOTE: tqdm takes a default for any of its arguments from ``TQDM_<NAME>`` in the
+    environment, unchecked: ``TQDM_MININTERVAL=abc`` raised ValueError (from the import),
+    ``TQDM_ASCII=5`` ZeroDivisionError and ``TQDM_BAR_FORMAT={x}`` KeyError from the bar,
+    all status 70. The last redraw's fault at the end is ignored: the run's outcome stands."""
+    if not enabled:
+        yield None
+        return
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="req", file=sys.stderr, leave=False, dynamic_ncols=True)
+    except ImportError:
+        yield None
+        return
+    except Exception as exc:  # the import too reads TQDM_* settings (into its defaults)
+        raise _bar_failed(exc) from None
+
+    def update(n: int) -> object:
+        try:
+            return bar.update(n)
+        except Exception as exc:
+            raise _bar_failed(exc) from None
+
+    try:
+        yield update
+    finally:
+        with suppress(Exception):
+            bar.close()
+
+
+def _bar_failed(exc: Exception) -> CLIError:
+    settings = ", ".join(f"{name}={value!r}" for name, value in sorted(os.environ.items())
+                         if name.startswith("TQDM_"))
+    return CLIError(f"the progress bar (tqdm) failed on its settings"
+                    f"{f' ({settings})' if settings else ''}: {type(exc).__name__}: {exc}; "
+                    "fix them or pass --no-progress")
