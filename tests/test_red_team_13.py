@@ -291,3 +291,50 @@ def test_a_tqdm_setting_that_fails_its_import_is_one_line() -> None:
         "kvtier: error: the progress bar (tqdm) failed on its settings "
         "(TQDM_MININTERVAL='abc'): ValueError: could not convert string to float: 'abc'; "
         "fix them or pass --no-progress\n"))
+
+
+# ---- kvtier generate --jsonl, in the encodings and line ends files come in ---------------------
+
+@pytest.mark.parametrize(("data", "prompts"), [
+    # A byte order mark: "line 1 is not JSON (Unexpected UTF-8 BOM)", where a trace's is
+    # skipped.
+    (b'\xef\xbb\xbf{"prompt": "ab"}\n', ["ab"]),
+    # str.splitlines split a JSON string holding a raw U+2028 or U+0085 (JSON allows them)
+    # and refused the halves as "not JSON".
+    ('{"prompt": "a\u2028b"}\n{"prompt": "c\x85d"}\n'.encode(), ["a\u2028b", "c\x85d"]),
+    (b'{"prompt": "ab"}\r\n{"prompt": "cd"}', ["ab", "cd"]),  # CRLF, no final newline
+])
+def test_a_prompts_file_reads_as_json_lines(tmp_path: Path, data: bytes,
+                                            prompts: list[str]) -> None:
+    """Prompt files that are sound JSON Lines read as their prompts."""
+    from kvtier.cli_generate import _read_jsonl
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(data)
+    assert [item["prompt"] for item in _read_jsonl(path)] == prompts
+
+
+@pytest.mark.parametrize(("data", "argv", "shown"), [
+    # 'utf-8' codec can't decode byte 0xff in position 0 ...: now the line and its byte.
+    ('{"prompt": "ab"}\n'.encode("utf-16"), [], "line 1 is not UTF-8 text (byte 0 of the line)"),
+    (b'{"prompt": "ab"}\n{"prompt": "a\xffb"}\n', [],
+     "line 2 is not UTF-8 text (byte 13 of the line)"),
+    # With --raw a conversation's "system" message was dropped without a word.
+    (b'{"prompt": "ab"}\n{"turns": ["ab"], "system": "be brief"}\n', ["--raw"],
+     'line 2 has a "system" message, which --raw leaves out'),
+])
+def test_a_prompts_file_refused_names_the_line_before_loading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, argv: list[str],
+        shown: str) -> None:
+    """A prompts file kvtier cannot use is refused naming its line, before any model is
+    looked for."""
+    import kvtier.cli_generate
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(kvtier.cli_generate, "_load", never)
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(data)
+    code, err = run_cli(["generate", "--jsonl", str(path), *argv])
+    assert_one_line_refusal(code, err, f"{path} {shown}")

@@ -125,18 +125,30 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
     return generator, params
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
+    """The prompts and conversations of ``path``, one JSON object per line; CLIError naming
+    the line of the first that is not one (or holds a "system" message ``raw`` leaves out).
+
+    NOTE: lines end at "\n" only, as JSON Lines and the traces' readers have them:
+    str.splitlines also split at U+2028 and U+0085, which JSON strings may hold raw, and
+    refused such a prompt as "not JSON". A byte order mark is skipped, as the
+    traces skip it."""
     from kvtier.sim.traces import check_regular_file
 
     try:
         check_regular_file(path)
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as exc:
         raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise CLIError(f"cannot read {path}: {exc}") from None
+        start = data.rfind(b"\n", 0, exc.start) + 1  # of the line holding the bad byte
+        number = data.count(b"\n", 0, start) + 1
+        raise CLIError(f"{path} line {number} is not UTF-8 text (byte {exc.start - start} of "
+                       "the line)") from None
     items = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -154,6 +166,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         if not ok or not isinstance(item.get("system", ""), str):
             raise CLIError(f"{path} line {n} needs a \"prompt\" string or a non-empty "
                            "\"turns\" list of strings (and an optional \"system\" string)")
+        if raw and item.get("system"):  # NOTE: answered without it, silently, before
+            raise CLIError(f"{path} line {n} has a \"system\" message, which --raw leaves "
+                           "out (it tokenizes each prompt as it is)")
         items.append(item)
     if not items:
         raise CLIError(f"{path} holds no prompt")
@@ -190,7 +205,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError("--system-priority needs the chat template, which --raw leaves out")
     items: list[dict[str, Any]] = [{"prompt": p} for p in args.prompts]
     if args.jsonl is not None:
-        items += _read_jsonl(args.jsonl)
+        items += _read_jsonl(args.jsonl, args.raw)
     generator, params = _load(args)
     turns = [[item["prompt"]] if "prompt" in item else list(item["turns"]) for item in items]
     histories: list[list[Message]] = [
