@@ -338,3 +338,52 @@ def test_a_prompts_file_refused_names_the_line_before_loading(
     path.write_bytes(data)
     code, err = run_cli(["generate", "--jsonl", str(path), *argv])
     assert_one_line_refusal(code, err, f"{path} {shown}")
+
+
+# ---- SIGTERM ---------------------------------------------------------------------------------
+
+# The child sends itself a SIGTERM from inside the run (the simulation's first call), so the
+# signal lands there deterministically.
+_TERMINATE_IN_RUN = """
+    import os, signal, sys
+    import kvtier.cli
+
+    def simulate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the SIGTERM did not stop the run")
+
+    kvtier.cli.simulate = simulate
+    {ignore}
+    from kvtier.launcher import main
+    status = main(["replay", "--limit", "5", "--no-progress"])
+    print(status, signal.getsignal(signal.SIGTERM) is {handler})
+"""
+
+
+def run_child(code: str) -> subprocess.CompletedProcess[str]:
+    import textwrap
+
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    env.pop("KVTIER_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+
+
+def test_sigterm_during_a_run_is_one_line_and_status_143() -> None:
+    """``kill <kvtier>``: the process ended where it stood, nothing on stderr, no finally
+    block run (a remote store's writes not flushed, the bar left on the terminal). Now the
+    run unwinds as from a Ctrl-C: ``kvtier: terminated``, status 143, and the default
+    handler is back after the command."""
+    done = run_child(_TERMINATE_IN_RUN.format(ignore="", handler="signal.SIG_DFL"))
+    assert (done.stdout, done.stderr) == ("143 True\n", "kvtier: terminated\n")
+
+
+def test_a_sigterm_the_parent_ignores_stays_ignored() -> None:
+    """``nohup``-like parents set SIGTERM to be ignored: the launcher leaves that alone (the
+    run is not stopped; here it then fails on the stand-in simulation, status 70)."""
+    done = run_child(_TERMINATE_IN_RUN.format(
+        ignore="signal.signal(signal.SIGTERM, signal.SIG_IGN)", handler="signal.SIG_IGN"))
+    assert done.stdout == "70 True\n"
+    assert done.stderr.startswith("kvtier: internal error: AssertionError: the SIGTERM did "
+                                  "not stop the run")

@@ -181,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"kvtier: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return interrupted()
+    except KeyboardInterrupt as exc:  # a Ctrl-C, or the launcher's SIGTERM (Terminated)
+        return interrupted(exc)
     except BrokenPipeError:
         # NOTE: the reader left (``kvtier replay | head``); point stdout at devnull so the
         # interpreter's final flush does not raise again.
