@@ -206,6 +206,14 @@ def test_chat_with_standard_input_closed_is_refused_before_loading(
                                        "which is closed")
 
 
+def make_chat_gguf(folder: Path) -> Path:
+    """The tiny GGUF model of ``test_red_team_model`` with a chat template."""
+    from test_red_team_model import make_gguf
+
+    return make_gguf(folder / "chat.gguf", tokenizer__chat_template=(
+        "str", "{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+
+
 def test_chat_refuses_a_line_that_is_no_utf8_and_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,10 +224,7 @@ def test_chat_refuses_a_line_that_is_no_utf8_and_goes_on(
     pytest.importorskip("torch", reason="the model needs torch")
     import json
 
-    from test_red_team_model import make_gguf
-
-    path = make_gguf(tmp_path / "chat.gguf", tokenizer__chat_template=(
-        "str", "{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+    path = make_chat_gguf(tmp_path)
     stdin = io.TextIOWrapper(io.BytesIO(b"ab\nab\xff\nab\n"), encoding="utf-8",
                              errors="strict")
     monkeypatch.setattr(sys, "stdin", stdin)
@@ -387,3 +392,46 @@ def test_a_sigterm_the_parent_ignores_stays_ignored() -> None:
     assert done.stdout == "70 True\n"
     assert done.stderr.startswith("kvtier: internal error: AssertionError: the SIGTERM did "
                                   "not stop the run")
+
+
+# ---- lines longer than any message -----------------------------------------------------------
+
+def test_chat_stops_at_a_line_longer_than_any_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``kvtier chat < /dev/zero`` read one line until memory ran out (or the OOM killer
+    came). A line is now read only as far as MAX_MESSAGE_BYTES: past it the session ends
+    with the summary of what was answered, then one line naming the line, status 2."""
+    pytest.importorskip("gguf", reason="GGUF files need the model extra")
+    pytest.importorskip("torch", reason="the model needs torch")
+    import json
+
+    from kvtier.cli_generate import MAX_MESSAGE_BYTES
+
+    path = make_chat_gguf(tmp_path)
+    data = b"ab\n" + b"a" * (MAX_MESSAGE_BYTES + 1) + b"\nab\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    code, err = run_main(["chat", "--model", str(path), "--device", "cpu",
+                          "--max-new-tokens", "2"])
+    assert_one_line_refusal(code, err, "standard input line 2 is longer than 4,194,304 "
+                                       "bytes, more than any message; the session ends there")
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [(t["conversation"], t["turn"]) for t in summary["turns"]] == [(0, 0)]
+
+
+def test_a_prompts_file_line_longer_than_any_message_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``generate --jsonl`` read the whole file at once, a 2 GB line too. Now each line is
+    read only as far as MAX_MESSAGE_BYTES, and one past it is refused naming it."""
+    import kvtier.cli_generate
+    from kvtier.cli_generate import MAX_MESSAGE_BYTES
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(kvtier.cli_generate, "_load", never)
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "ab"}\n{"prompt": "' + b"a" * MAX_MESSAGE_BYTES + b'"}\n')
+    code, err = run_cli(["generate", "--jsonl", str(path)])
+    assert_one_line_refusal(code, err, f"{path} line 2 is longer than 4,194,304 bytes, more "
+                                       "than any message")

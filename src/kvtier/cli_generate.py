@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from kvtier.cli_error import CLIError
 from kvtier.cli_options import eviction_policy_option, finite_float, int_in
@@ -22,6 +22,16 @@ from kvtier.cli_options import eviction_policy_option, finite_float, int_in
 if TYPE_CHECKING:
     from kvtier.model.generate import Generator, Message, TurnResult
     from kvtier.model.sampling import SamplingParams
+
+# The longest message (a chat line, a --jsonl line) read: more text than any model's context
+# holds (a million tokens of 4 bytes). NOTE: reading stops there; an unbounded readline of
+# /dev/zero, or of a 2 GB line, ran until memory did.
+MAX_MESSAGE_BYTES = 1 << 22
+
+
+class _MessageTooLong(Exception):
+    """A line of standard input is longer than :data:`MAX_MESSAGE_BYTES`."""
+
 
 GENERATE_DESCRIPTION = """\
 Generate answers with a real model, its prompts' KV blocks cached across a GPU and a host
@@ -131,24 +141,18 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
 
     NOTE: lines end at "\n" only, as JSON Lines and the traces' readers have them:
     str.splitlines also split at U+2028 and U+0085, which JSON strings may hold raw, and
-    refused such a prompt as "not JSON". A byte order mark is skipped, as the
-    traces skip it."""
+    refused such a prompt as "not JSON". A byte order mark is skipped, as the traces skip
+    it. A line is read only as far as MAX_MESSAGE_BYTES: the whole file was read at once."""
     from kvtier.sim.traces import check_regular_file
 
     try:
         check_regular_file(path)
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            lines = list(_text_lines(f, str(path)))
     except OSError as exc:
         raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        start = data.rfind(b"\n", 0, exc.start) + 1  # of the line holding the bad byte
-        number = data.count(b"\n", 0, start) + 1
-        raise CLIError(f"{path} line {number} is not UTF-8 text (byte {exc.start - start} of "
-                       "the line)") from None
     items = []
-    for n, line in enumerate(text.split("\n"), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -173,6 +177,21 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
     if not items:
         raise CLIError(f"{path} holds no prompt")
     return items
+
+
+def _text_lines(f: BinaryIO, origin: str) -> Iterator[str]:
+    """The lines of the binary stream ``f`` as text (a byte order mark skipped, the line
+    end kept), each read only as far as :data:`MAX_MESSAGE_BYTES`; CLIError naming
+    ``origin``'s line past that, or not UTF-8 (the byte of the line)."""
+    for number, data in enumerate(iter(lambda: f.readline(MAX_MESSAGE_BYTES + 1), b""), 1):
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise CLIError(f"{origin} line {number} is longer than {MAX_MESSAGE_BYTES:,} bytes, "
+                           "more than any message")
+        try:
+            yield data.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise CLIError(f"{origin} line {number} is not UTF-8 text (byte {exc.start} of "
+                           "the line)") from None
 
 
 def _turn_json(conversation: int, turn: int, r: TurnResult) -> dict[str, Any]:
@@ -248,10 +267,18 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     current = 0
     rows: list[dict[str, Any]] = []
     interactive = stdin.isatty()
+    num_lines, too_long = 0, ""
     while True:
         if interactive:
             print(f"[{current}]> ", end="", flush=True)
-        line = _read_line(stdin)
+        try:
+            line = _read_line(stdin)
+        except _MessageTooLong:  # the summary of what was answered first, then the refusal
+            too_long = (f"standard input line {num_lines + 1} is longer than "
+                        f"{MAX_MESSAGE_BYTES:,} bytes, more than any message; the session "
+                        "ends there")
+            break
+        num_lines += 1
         if not line:
             break
         text = line.strip()
@@ -282,6 +309,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         print(result.summary(), flush=True)
         rows.append(_turn_json(current, sum(m["role"] == "user" for m in history) - 1, result))
     print(json.dumps(_summary(rows, generator)))
+    if too_long:
+        raise CLIError(too_long)
     return 0
 
 
@@ -292,12 +321,18 @@ def _read_line(stdin: TextIO) -> str:
 
     NOTE: under a UTF-8 locale ``sys.stdin`` decodes strictly: one stray byte raised
     UnicodeDecodeError from ``readline`` (status 70, the session's summary lost, the rest of
-    the chunk read with it)."""
+    the chunk read with it). A line past :data:`MAX_MESSAGE_BYTES` raises
+    :class:`_MessageTooLong`, read no further: ``kvtier chat < /dev/zero`` read one line
+    until memory ran out."""
     raw = getattr(stdin, "buffer", None)
     if raw is None:
-        return stdin.readline()
-    line: bytes = raw.readline()
-    return line.decode(stdin.encoding or "utf-8", "surrogateescape")
+        line = stdin.readline(MAX_MESSAGE_BYTES + 1)
+    else:
+        data: bytes = raw.readline(MAX_MESSAGE_BYTES + 1)
+        line = data.decode(stdin.encoding or "utf-8", "surrogateescape")
+    if len(line) > MAX_MESSAGE_BYTES:
+        raise _MessageTooLong
+    return line
 
 
 def _switch(text: str, num_conversations: int, current: int) -> int:
