@@ -435,3 +435,29 @@ def test_a_prompts_file_line_longer_than_any_message_is_refused(
     code, err = run_cli(["generate", "--jsonl", str(path)])
     assert_one_line_refusal(code, err, f"{path} line 2 is longer than 4,194,304 bytes, more "
                                        "than any message")
+
+
+# ---- options that conflict, or that the rest of the command line leaves without effect --------
+
+def test_json_and_plot_naming_one_file_are_refused_before_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sweep --json out.png --plot out.png`` (or a symlink to it): the plot overwrote the
+    JSON report without a word. Now refused before anything is simulated; /dev/null may
+    take both."""
+    pytest.importorskip("matplotlib", reason="--plot needs the plot extra")
+    import kvtier.cli
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the simulation ran")
+
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    out = tmp_path / "out.png"
+    link = tmp_path / "link.json"
+    link.symlink_to(out)
+    sweep = ["sweep", "--gpu-blocks", "512", "--host-blocks", "0", "--no-oracle", *SMALL]
+    for json_path in (out, link):
+        code, err = run_cli([*sweep, "--json", str(json_path), "--plot", str(out)])
+        assert_one_line_refusal(code, err, f"--json and --plot name the same file, {out}; "
+                                           "the second would overwrite the first")
+    with pytest.raises(AssertionError, match="the simulation ran"):  # past the checks
+        run_cli([*sweep, "--json", os.devnull, "--plot", os.devnull])

@@ -77,19 +77,26 @@ def num_requests(workload: Workload) -> int | None:
 
 def check_outputs(trace: Path | None, **outputs: Path | None) -> None:
     """Refuse an output file (``--json``, ``--plot``) that is the input trace: writing it
-    would destroy the trace (paths are compared resolved: symlinks, ``..``); or that cannot
-    be written: a directory, or in a directory that does not exist or refuses writes.
+    would destroy the trace (paths are compared resolved: symlinks, ``..``), or that another
+    output names too; or that cannot be written: a directory, or in a directory that does
+    not exist or refuses writes.
 
     NOTE: checked before the run, which may take long: the write, after it, failed with the
     run's results lost (the table is printed after the file is written)."""
     # NOTE: os.path.realpath, not Path.resolve, which raised RuntimeError for a symlink loop
     # (status 70) before the trace's own open could say so.
     source = os.path.realpath(trace) if trace is not None else None
+    written: dict[str, str] = {}  # real path -> the option writing it
     for option, path in outputs.items():
         if path is None:
             continue
-        if source is not None and os.path.realpath(path) == source:
+        real = os.path.realpath(path)
+        if source is not None and real == source:
             raise CLIError(f"--{option} {path} is the input trace; choose another file")
+        if real in written and real != os.devnull:  # NOTE: the plot overwrote the JSON
+            raise CLIError(f"--{written[real]} and --{option} name the same file, {path}; "
+                           "the second would overwrite the first")
+        written[real] = option
         problem = _unwritable(path)
         if problem is not None:
             raise CLIError(f"--{option} {path}: cannot write it ({problem})")
