@@ -461,3 +461,50 @@ def test_json_and_plot_naming_one_file_are_refused_before_the_run(
                                            "the second would overwrite the first")
     with pytest.raises(AssertionError, match="the simulation ran"):  # past the checks
         run_cli([*sweep, "--json", os.devnull, "--plot", os.devnull])
+
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    (["replay", "--router", "round-robin"],
+     "--router and --router-alpha need --instances > 1 (a fleet behind a router)"),
+    (["replay", "--router-alpha", "2"], "--router and --router-alpha need --instances > 1"),
+    (["sweep", "--no-chunked-prefill", "--max-chunk-tokens", "256"],
+     "--max-chunk-tokens caps a prefill chunk, and --no-chunked-prefill prefills each "
+     "prompt in one step"),
+    (["compare", "--draft-acceptance", "0.3"],
+     "--draft-acceptance needs --num-speculative-tokens > 0 (drafts to accept)"),
+    (["generate", "hi", "--system-priority", "90"],
+     '--system-priority needs a system message to keep: a "system" of a --jsonl conversation'),
+    (["chat", "--system-priority", "90"],
+     "--system-priority needs --system, the message whose blocks it keeps"),
+])
+def test_an_option_left_without_effect_is_refused_before_the_run(
+        monkeypatch: pytest.MonkeyPatch, argv: list[str], shown: str) -> None:
+    """Each of these was ignored without a word (the run as without it), where the
+    command already refused ``--remote-latency-ms`` without ``--remote``. Now one line
+    naming what the option needs, before anything runs or loads."""
+    import kvtier.cli
+    import kvtier.cli_generate
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    monkeypatch.setattr(kvtier.cli_generate, "_load", never)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code, err = run_cli([*argv, "--no-progress"] if argv[0] in ("replay", "compare", "sweep")
+                        else argv)
+    assert_one_line_refusal(code, err, shown)
+
+
+def test_the_defaults_of_the_settled_options_reach_the_report(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Unset, --router, --router-alpha and --draft-acceptance still take their defaults
+    (cache-aware, 1.0, 0.7) where they have an effect."""
+    import json
+
+    assert main(["replay", "--limit", "4", "--no-progress", "--num-speculative-tokens", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["speculative"]["draft_acceptance"] == 0.7
+    assert main(["replay", "--limit", "4", "--no-progress", "--instances", "2"]) == 0
+    fleet = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (fleet["router"]["policy"], fleet["router"]["alpha"]) == ("cache-aware", 1.0)

@@ -24,6 +24,8 @@ from kvtier.cli_options import (
     COMPARE_DESCRIPTION,
     COMPARE_HOST_FACTOR,
     REPLAY_DESCRIPTION,
+    ROUTER_ALPHA_DEFAULT,
+    ROUTER_DEFAULT,
     SWEEP_DESCRIPTION,
     OneLineParser,
     admission_option,
@@ -33,6 +35,7 @@ from kvtier.cli_options import (
     int_in,
     int_list,
     oracle_option,
+    settle_options,
 )
 from kvtier.cli_output import OutputFailed, checked_stdout, discard_stdout, progress_bar
 from kvtier.cli_profile import make_profile
@@ -103,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--instances", metavar="N", type=int_in(1, MAX_INSTANCES), default=1,
                         help="simulate N engine instances, each with --gpu-blocks and "
                         f"--host-blocks, behind a router; at most {MAX_INSTANCES} (default: 1)")
-    replay.add_argument("--router", choices=ROUTER_POLICIES, default="cache-aware",
-                        help="how --instances share the requests (default: %(default)s)")
-    replay.add_argument("--router-alpha", metavar="X", type=finite_float, default=1.0,
+    replay.add_argument("--router", choices=ROUTER_POLICIES,
+                        help=f"how --instances share the requests (default: {ROUTER_DEFAULT})")
+    replay.add_argument("--router-alpha", metavar="X", type=finite_float,
                         help="cache-aware: weight of load (queue depth / max batch size) "
-                        "against the cached share of the prompt (default: %(default)s)")
+                        f"against the cached share of the prompt (default: "
+                        f"{ROUTER_ALPHA_DEFAULT})")
     replay.add_argument("--remote", choices=("write-back", "write-through"),
                         help="with --instances: a shared remote tier (content-addressed, "
                         "unbounded, every fetch charged: --remote-latency-ms, "
@@ -177,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except SystemExit as exc:  # argparse: --help, --version, or a usage error
                 return exc.code if isinstance(exc.code, int) else EXIT_USAGE
             run: Callable[[argparse.Namespace], int] = args.run
+            settle_options(args)
             return run(args)
     except CLIError as exc:
         print(f"kvtier: error: {exc}", file=sys.stderr)

@@ -225,6 +225,10 @@ def run_generate(args: argparse.Namespace) -> int:
     items: list[dict[str, Any]] = [{"prompt": p} for p in args.prompts]
     if args.jsonl is not None:
         items += _read_jsonl(args.jsonl, args.raw)
+    if args.system_priority is not None and not any(item.get("system") for item in items):
+        # NOTE: kept no block at that priority, without a word (it keeps a system message's)
+        raise CLIError("--system-priority needs a system message to keep: a \"system\" of a "
+                       "--jsonl conversation")
     generator, params = _load(args)
     turns = [[item["prompt"]] if "prompt" in item else list(item["turns"]) for item in items]
     histories: list[list[Message]] = [
@@ -260,6 +264,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     stdin = stdin if stdin is not None else sys.stdin
     if stdin is None:  # the interpreter found descriptor 0 closed (``kvtier chat <&-``)
         raise CLIError("kvtier chat reads its messages from standard input, which is closed")
+    if args.system_priority is not None and not args.system:
+        raise CLIError("--system-priority needs --system, the message whose blocks it keeps")
     generator, params = _load(args)
     system: list[Message] = ([{"role": "system", "content": args.system}]
                              if args.system else [])

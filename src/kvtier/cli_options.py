@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from kvtier.cli_error import EXIT_USAGE
+from kvtier.cli_error import EXIT_USAGE, CLIError
 from kvtier.cli_workload import WORKLOADS
 from kvtier.config import EVICTION_POLICIES, HASH_ALGOS, CacheConfig
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
@@ -19,6 +19,8 @@ from kvtier.sim.replay import DRAFT_ACCEPTANCE
 _CACHE = CacheConfig()
 _SCHED = SchedulerConfig()
 COMPARE_HOST_FACTOR = 4
+ROUTER_DEFAULT = "cache-aware"
+ROUTER_ALPHA_DEFAULT = 1.0
 
 WORKLOAD_HELP = """\
 TRACE is a Mooncake trace (.jsonl, with prefix hash ids) or an Azure 2023 trace (.csv,
@@ -108,9 +110,8 @@ def common_options() -> OneLineParser:
                    help="speculative decoding: up to K draft tokens per decode and step, each "
                    "with a KV slot and a token of the budget (default: %(default)s, off)")
     p.add_argument("--draft-acceptance", metavar="P", type=unit_float,
-                   default=DRAFT_ACCEPTANCE,
                    help="with --num-speculative-tokens: the chance the replay accepts each "
-                   "draft token, until one is refused (default: %(default)s)")
+                   f"draft token, until one is refused (default: {DRAFT_ACCEPTANCE})")
     p.add_argument("--capacity-policy", choices=CAPACITY_POLICIES, default=_SCHED.capacity_policy,
                    help="reserve decode blocks up front, or admit more and preempt "
                    "(default: %(default)s)")
@@ -123,6 +124,29 @@ def common_options() -> OneLineParser:
                    help="also write the full report to FILE as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
+
+
+def settle_options(args: argparse.Namespace) -> None:
+    """Refuse (:class:`CLIError`) an option the rest of the command line leaves without
+    effect, naming what it needs; then give the options left unset their defaults.
+
+    NOTE: each was ignored without a word: ``--router``/``--router-alpha`` of a single
+    replay, ``--max-chunk-tokens`` with ``--no-chunked-prefill``, ``--draft-acceptance``
+    without drafts (``--remote-latency-ms`` without ``--remote`` was already refused)."""
+    if getattr(args, "instances", 2) == 1 and (args.router is not None
+                                               or args.router_alpha is not None):
+        raise CLIError("--router and --router-alpha need --instances > 1 (a fleet behind a "
+                       "router)")
+    if getattr(args, "max_chunk_tokens", None) is not None and args.no_chunked_prefill:
+        raise CLIError("--max-chunk-tokens caps a prefill chunk, and --no-chunked-prefill "
+                       "prefills each prompt in one step")
+    if getattr(args, "draft_acceptance", None) is not None and not args.num_speculative_tokens:
+        raise CLIError("--draft-acceptance needs --num-speculative-tokens > 0 (drafts to "
+                       "accept)")
+    for name, default in (("router", ROUTER_DEFAULT), ("router_alpha", ROUTER_ALPHA_DEFAULT),
+                          ("draft_acceptance", DRAFT_ACCEPTANCE)):
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def eviction_policy_option(parser: argparse.ArgumentParser, several: bool) -> None:
