@@ -508,3 +508,36 @@ def test_the_defaults_of_the_settled_options_reach_the_report(
     assert main(["replay", "--limit", "4", "--no-progress", "--instances", "2"]) == 0
     fleet = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert (fleet["router"]["policy"], fleet["router"]["alpha"]) == ("cache-aware", 1.0)
+
+
+# ---- standard error closed or full -----------------------------------------------------------
+
+@pytest.mark.parametrize("stderr", ["closed", "full"])
+def test_a_run_whose_stderr_cannot_take_the_bar_still_reports(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        stderr: str) -> None:
+    """``kvtier replay 2>/dev/full``: the bar's OSError became a CLIError whose own line
+    failed too, out of main as a traceback, status 1, the run lost; ``2>&-``: refused as a
+    bar failing on its settings. Now the bar stops drawing and the report comes out whole,
+    status 0 (with the progress bar on, as by default)."""
+    pytest.importorskip("tqdm", reason="the progress bar needs tqdm")
+    import json
+
+    monkeypatch.delenv("KVTIER_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "stderr", None if stderr == "closed" else FullDisk())
+    assert main(["replay", "--limit", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("workload") and json.loads(out[-1])["num_requests"] == 3
+
+
+@pytest.mark.parametrize("stderr", ["closed", "full"])
+def test_a_refusal_whose_stderr_cannot_take_its_line_is_still_status_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        stderr: str) -> None:
+    """With stderr closed, ``print(file=sys.stderr)`` printed the refusal to stdout (into
+    a report a reader parses); with it full, its OSError went out of main (status 1). Now
+    the line goes to stderr or nowhere; the status says it."""
+    monkeypatch.delenv("KVTIER_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "stderr", None if stderr == "closed" else FullDisk())
+    assert main(["replay", "--router-alpha", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().out == ""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -42,7 +41,7 @@ from kvtier.cli_profile import make_profile
 from kvtier.cli_remote import connect_redis, remote_fetch, remote_fetch_options
 from kvtier.cli_workload import check_outputs, num_requests, open_workload
 from kvtier.config import CacheConfig
-from kvtier.launcher import interrupted
+from kvtier.launcher import interrupted, tell
 from kvtier.router import POLICIES as ROUTER_POLICIES
 from kvtier.router import make_policy
 from kvtier.scheduler import AdmissionMode, SchedulerConfig
@@ -184,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settle_options(args)
             return run(args)
     except CLIError as exc:
-        print(f"kvtier: error: {exc}", file=sys.stderr)
+        tell(f"kvtier: error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt as exc:  # a Ctrl-C, or the launcher's SIGTERM (Terminated)
         return interrupted(exc)
@@ -194,12 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         discard_stdout()
         return 1
     except OutputFailed as exc:  # a full disk, a closed descriptor: the user's to fix
-        print(f"kvtier: error: cannot write to standard output: {exc}", file=sys.stderr)
+        tell(f"kvtier: error: cannot write to standard output: {exc}")
         discard_stdout()
         return EXIT_USAGE
     except MemoryError:
-        print("kvtier: error: out of memory; use smaller --gpu-blocks/--host-blocks/"
-              "--instances or a shorter trace (--limit)", file=sys.stderr)
+        tell("kvtier: error: out of memory; use smaller --gpu-blocks/--host-blocks/"
+             "--instances or a shorter trace (--limit)")
         return EXIT_USAGE
     except (SystemExit, GeneratorExit):
         raise
@@ -209,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a traceback.
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        print(f"kvtier: internal error: {type(exc).__name__}: {exc} (a defect in kvtier; "
-              f"run with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        tell(f"kvtier: internal error: {type(exc).__name__}: {exc} (a defect in kvtier; "
+             f"run with {DEBUG_ENV}=1 for the traceback)")
         return EXIT_INTERNAL
 
 

@@ -92,8 +92,9 @@ def progress_bar(total: int | None, enabled: bool) -> Iterator[Callable[[int], o
     NOTE: tqdm takes a default for any of its arguments from ``TQDM_<NAME>`` in the
     environment, unchecked: ``TQDM_MININTERVAL=abc`` raised ValueError (from the import),
     ``TQDM_ASCII=5`` ZeroDivisionError and ``TQDM_BAR_FORMAT={x}`` KeyError from the bar,
-    all status 70. The last redraw's fault at the end is ignored: the run's outcome stands."""
-    if not enabled:
+    all status 70. A bar that standard error cannot take (closed, full) stops drawing, and
+    the last redraw's fault at the end is ignored: the run's outcome stands."""
+    if not enabled or sys.stderr is None:  # stderr closed: nowhere to draw
         yield None
         return
     try:
@@ -103,12 +104,21 @@ def progress_bar(total: int | None, enabled: bool) -> Iterator[Callable[[int], o
     except ImportError:
         yield None
         return
+    except OSError:  # stderr refuses the first drawing (full, broken): the run goes on
+        yield None
+        return
     except Exception as exc:  # the import too reads TQDM_* settings (into its defaults)
         raise _bar_failed(exc) from None
+    drawing = True
 
-    def update(n: int) -> object:
+    def update(n: int) -> None:
+        nonlocal drawing
+        if not drawing:
+            return
         try:
-            return bar.update(n)
+            bar.update(n)
+        except OSError:  # NOTE: stderr full: a CLIError whose own line failed, status 1
+            drawing = False
         except Exception as exc:
             raise _bar_failed(exc) from None
 

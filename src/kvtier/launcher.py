@@ -13,6 +13,7 @@ flushed, the progress bar left on the terminal). A second SIGTERM ends it at onc
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -30,14 +31,27 @@ class Terminated(KeyboardInterrupt):
     (nor a library's cleanup that spares KeyboardInterrupt) takes it for a fault."""
 
 
+def tell(line: str) -> None:
+    """Write the command's one ``line`` to standard error, if it can take it.
+
+    NOTE: with stderr closed (``2>&-``), ``print(file=sys.stderr)`` printed to stdout, into
+    the report; with it full (``2>/dev/full``), the OSError of the refusal's own line went
+    out of ``main`` as a traceback, status 1. The exit status says what happened."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):  # full, broken, or closed under us
+        print(line, file=stream)
+
+
 def interrupted(exc: BaseException | None = None) -> int:
     """The command's answer to a Ctrl-C or a SIGTERM (``exc`` a :class:`Terminated`),
     wherever it came (here or in :func:`kvtier.cli.main`): one line on stderr; returns the
     exit status."""
     if isinstance(exc, Terminated):
-        print("kvtier: terminated", file=sys.stderr)
+        tell("kvtier: terminated")
         return EXIT_TERMINATED
-    print("kvtier: interrupted", file=sys.stderr)
+    tell("kvtier: interrupted")
     return EXIT_INTERRUPTED
 
 
