@@ -472,13 +472,21 @@ def test_json_and_plot_naming_one_file_are_refused_before_the_run(
      "prompt in one step"),
     (["compare", "--draft-acceptance", "0.3"],
      "--draft-acceptance needs --num-speculative-tokens > 0 (drafts to accept)"),
+    (["replay", "{trace}", "--workload", "agentic"],
+     "--workload agentic is a built-in workload, and TRACE {trace} is given too; replay one "
+     "of them"),
+    (["replay", "{trace}", "--seed", "3"],
+     "--seed draws the built-in workloads and an Azure trace's prefixes; a Mooncake trace "
+     "has its own"),
+    (["compare", "--workload", "race", "--seed", "1"],
+     "--seed does not apply to --workload race"),
     (["generate", "hi", "--system-priority", "90"],
      '--system-priority needs a system message to keep: a "system" of a --jsonl conversation'),
     (["chat", "--system-priority", "90"],
      "--system-priority needs --system, the message whose blocks it keeps"),
 ])
 def test_an_option_left_without_effect_is_refused_before_the_run(
-        monkeypatch: pytest.MonkeyPatch, argv: list[str], shown: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], shown: str) -> None:
     """Each of these was ignored without a word (the run as without it), where the
     command already refused ``--remote-latency-ms`` without ``--remote``. Now one line
     naming what the option needs, before anything runs or loads."""
@@ -491,6 +499,11 @@ def test_an_option_left_without_effect_is_refused_before_the_run(
     monkeypatch.setattr(kvtier.cli, "simulate", never)
     monkeypatch.setattr(kvtier.cli_generate, "_load", never)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 600, "output_length": 4, '
+                     '"hash_ids": [1, 2]}\n')
+    argv = [a.format(trace=trace) for a in argv]
+    shown = shown.format(trace=trace)
     code, err = run_cli([*argv, "--no-progress"] if argv[0] in ("replay", "compare", "sweep")
                         else argv)
     assert_one_line_refusal(code, err, shown)

@@ -20,6 +20,7 @@ _CACHE = CacheConfig()
 _SCHED = SchedulerConfig()
 COMPARE_HOST_FACTOR = 4
 ROUTER_DEFAULT = "cache-aware"
+WORKLOAD_DEFAULT = WORKLOADS[0]
 ROUTER_ALPHA_DEFAULT = 1.0
 
 WORKLOAD_HELP = """\
@@ -69,16 +70,16 @@ def common_options() -> OneLineParser:
     p = OneLineParser(add_help=False)
     p.add_argument("trace", metavar="TRACE", nargs="?", type=Path,
                    help="a .jsonl (Mooncake) or .csv (Azure) trace; default: --workload")
-    p.add_argument("--workload", choices=WORKLOADS, default="synthetic-chat",
+    p.add_argument("--workload", choices=WORKLOADS,
                    help="the built-in workload when no TRACE is given: seeded multi-turn chat, "
                    "agentic tool loops over shared tool specs (seconds between steps), "
                    "'mixed' (the two sharing one cache, merged by arrival), "
                    "or 'race', sized from the cache options to provoke the admission race "
-                   "(S1 at scale; needs --host-blocks) (default: %(default)s)")
+                   f"(S1 at scale; needs --host-blocks) (default: {WORKLOAD_DEFAULT})")
     p.add_argument("--limit", metavar="N", type=int_in(1),
                    help="replay only the first N requests (of the trace, or of the built-in "
                    "workload's 2,000)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int,
                    help="seed of the synthetic workload and of Azure prefixes (default: 0)")
     p.add_argument("--time-scale", metavar="X", type=positive_float, default=1.0,
                    help="multiply arrival times by X; > 1 lowers the load (default: 1)")
@@ -132,7 +133,10 @@ def settle_options(args: argparse.Namespace) -> None:
 
     NOTE: each was ignored without a word: ``--router``/``--router-alpha`` of a single
     replay, ``--max-chunk-tokens`` with ``--no-chunked-prefill``, ``--draft-acceptance``
-    without drafts (``--remote-latency-ms`` without ``--remote`` was already refused)."""
+    without drafts, ``--workload`` beside a TRACE, ``--seed`` of a Mooncake trace or of
+    the race (``--remote-latency-ms`` without ``--remote`` was already refused)."""
+    if hasattr(args, "workload"):  # the simulator's commands
+        _check_workload_options(args.trace, args.workload, args.seed)
     if getattr(args, "instances", 2) == 1 and (args.router is not None
                                                or args.router_alpha is not None):
         raise CLIError("--router and --router-alpha need --instances > 1 (a fleet behind a "
@@ -144,9 +148,26 @@ def settle_options(args: argparse.Namespace) -> None:
         raise CLIError("--draft-acceptance needs --num-speculative-tokens > 0 (drafts to "
                        "accept)")
     for name, default in (("router", ROUTER_DEFAULT), ("router_alpha", ROUTER_ALPHA_DEFAULT),
-                          ("draft_acceptance", DRAFT_ACCEPTANCE)):
+                          ("draft_acceptance", DRAFT_ACCEPTANCE), ("workload", WORKLOAD_DEFAULT),
+                          ("seed", 0)):
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, default)
+
+
+def _check_workload_options(trace: Path | None, workload: str | None, seed: int | None) -> None:
+    """CLIError for ``--workload`` beside a TRACE (the trace was replayed, the workload
+    ignored), or ``--seed`` where nothing is drawn from it: a Mooncake trace, the race."""
+    if trace is not None and workload is not None:
+        raise CLIError(f"--workload {workload} is a built-in workload, and TRACE {trace} is "
+                       "given too; replay one of them")
+    if seed is None:
+        return
+    if trace is not None and trace.suffix.lower() == ".jsonl":
+        raise CLIError("--seed draws the built-in workloads and an Azure trace's prefixes; a "
+                       "Mooncake trace has its own")
+    if trace is None and workload == "race":
+        raise CLIError("--seed does not apply to --workload race: its requests are sized from "
+                       "--gpu-blocks, --host-blocks and --max-num-tokens")
 
 
 def eviction_policy_option(parser: argparse.ArgumentParser, several: bool) -> None:
