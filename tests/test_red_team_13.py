@@ -554,3 +554,45 @@ def test_a_refusal_whose_stderr_cannot_take_its_line_is_still_status_2(
     monkeypatch.setattr(sys, "stderr", None if stderr == "closed" else FullDisk())
     assert main(["replay", "--router-alpha", "2", "--no-progress"]) == 2
     assert capsys.readouterr().out == ""
+
+
+# ---- --plot formats that need an outside program ---------------------------------------------
+
+def test_a_pgf_plot_without_its_tex_is_refused_before_the_sweep(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sweep --plot out.pgf`` without xelatex: matplotlib's RuntimeError after the whole
+    sweep, status 70. Now refused before the run, naming the program."""
+    pytest.importorskip("matplotlib", reason="--plot needs the plot extra")
+    import shutil
+
+    import kvtier.cli
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the simulation ran")
+
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code, err = run_cli(["sweep", "--gpu-blocks", "512", "--host-blocks", "0", "--no-oracle",
+                         "--plot", "out.PGF", *SMALL])
+    assert_one_line_refusal(code, err, "--plot out.PGF: matplotlib writes a .pgf file with "
+                                       "xelatex, which is not installed; choose another format")
+
+
+def test_a_plot_whose_writer_fails_after_the_sweep_loses_no_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A format's outside program failing at the write (matplotlib's RuntimeError) was an
+    internal error, status 70. Now one line, status 2, the report out first."""
+    pytest.importorskip("matplotlib", reason="--plot needs the plot extra")
+    import kvtier.cli
+
+    def fails(*args: object) -> None:
+        raise RuntimeError("'gs' not found")
+
+    monkeypatch.setattr(kvtier.cli, "plot_sweep", fails)
+    path = tmp_path / "out.eps"
+    code, err = run_main(["sweep", "--gpu-blocks", "512", "--host-blocks", "0", "--no-oracle",
+                          "--plot", str(path), *SMALL])
+    assert_one_line_refusal(code, err, f"cannot write {path}: matplotlib: 'gs' not found (the "
+                                       "report is on standard output)")
+    assert capsys.readouterr().out.splitlines()[-1].startswith('{"command": "sweep"')

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -443,6 +444,13 @@ def _require_matplotlib(path: Path | None = None) -> None:
     if path.suffix[1:].lower() not in formats:
         raise CLIError(f"--plot {path}: matplotlib writes no {path.suffix!r} file; end the "
                        f"name in one of {', '.join('.' + f for f in sorted(formats))}")
+    if path.suffix.lower() == ".pgf":  # NOTE: its RuntimeError came after the whole sweep
+        import matplotlib
+
+        texsystem = matplotlib.rcParams["pgf.texsystem"]
+        if shutil.which(texsystem) is None:
+            raise CLIError(f"--plot {path}: matplotlib writes a .pgf file with {texsystem}, "
+                           "which is not installed; choose another format")
 
 
 def _plot_sweep(reports: list[SimReport], path: Path) -> None:
@@ -452,3 +460,6 @@ def _plot_sweep(reports: list[SimReport], path: Path) -> None:
     except OSError as exc:
         raise CLIError(f"cannot write {path}: {exc.strerror or exc} (the report is on "
                        "standard output)") from None
+    except RuntimeError as exc:  # matplotlib's, for an outside tool a format needs
+        raise CLIError(f"cannot write {path}: matplotlib: {exc} (the report is on standard "
+                       "output)") from None
