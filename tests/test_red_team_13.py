@@ -596,3 +596,27 @@ def test_a_plot_whose_writer_fails_after_the_sweep_loses_no_result(
     assert_one_line_refusal(code, err, f"cannot write {path}: matplotlib: 'gs' not found (the "
                                        "report is on standard output)")
     assert capsys.readouterr().out.splitlines()[-1].startswith('{"command": "sweep"')
+
+
+def test_matplotlib_refusing_its_environment_is_one_line_before_the_sweep(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MPLBACKEND=foo kvtier sweep --plot p.png``: matplotlib's import raised ValueError
+    ("Key backend: 'foo' is not a valid value"), status 70. Now one line naming the
+    setting, before the run. (matplotlib reads it once per process, so its error is
+    stood in for here.)"""
+    import kvtier.cli
+
+    def refuses() -> None:
+        raise ValueError("Key backend: 'foo' is not a valid value for backend")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the simulation ran")
+
+    monkeypatch.setattr(kvtier.cli, "require_matplotlib", refuses)
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    monkeypatch.setenv("MPLBACKEND", "foo")
+    code, err = run_cli(["sweep", "--gpu-blocks", "512", "--host-blocks", "0", "--no-oracle",
+                         "--plot", "p.png", *SMALL])
+    assert_one_line_refusal(code, err, "--plot: matplotlib refuses its settings "
+                                       "(MPLBACKEND='foo'): Key backend: 'foo' is not a valid "
+                                       "value for backend")

@@ -436,6 +436,11 @@ def _require_matplotlib(path: Path | None = None) -> None:
     except ImportError:
         raise CLIError("--plot needs matplotlib; install it with: "
                        "pip install 'kvtier[plot]'") from None
+    except ValueError as exc:  # NOTE: its import checks MPLBACKEND: status 70 before
+        settings = ", ".join(f"{name}={value!r}" for name, value in sorted(os.environ.items())
+                             if name.startswith("MPL"))
+        raise CLIError(f"--plot: matplotlib refuses its settings"
+                       f"{f' ({settings})' if settings else ''}: {exc}") from None
     if path is None or not path.suffix:
         return  # no suffix: a PNG
     from matplotlib.backend_bases import FigureCanvasBase
