@@ -620,3 +620,18 @@ def test_matplotlib_refusing_its_environment_is_one_line_before_the_sweep(
     assert_one_line_refusal(code, err, "--plot: matplotlib refuses its settings "
                                        "(MPLBACKEND='foo'): Key backend: 'foo' is not a valid "
                                        "value for backend")
+
+
+@pytest.mark.parametrize(("prompts", "shown"), [
+    (["ab", "zzz"], "prompt 'zzz' has no token in this model's vocabulary"),
+    (["ab", ""], "prompt 1 is empty: no token to answer"),
+])
+def test_a_prompt_of_no_token_is_named(tmp_path: Path, prompts: list[str], shown: str) -> None:
+    """``generate --raw zzz`` on a vocabulary without z: "a prompt is empty", of a prompt
+    that is not, and naming none of several. Now the prompt (or its index)."""
+    pytest.importorskip("gguf", reason="GGUF files need the model extra")
+    pytest.importorskip("torch", reason="the model needs torch")
+    path = make_chat_gguf(tmp_path)
+    code, err = run_cli(["generate", *prompts, "--raw", "--model", str(path), "--device",
+                         "cpu", "--max-new-tokens", "2"])
+    assert_one_line_refusal(code, err, shown)

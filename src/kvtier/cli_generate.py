@@ -210,7 +210,12 @@ def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
 
     try:
         if raw:
-            prompts = [generator.tokenizer.encode(c[-1]["content"]) for c in conversations]
+            texts = [c[-1]["content"] for c in conversations]
+            prompts = [generator.tokenizer.encode(text) for text in texts]
+            for text, ids in zip(texts, prompts, strict=True):
+                if text and not ids:  # NOTE: was "a prompt is empty", of a prompt that is not
+                    raise CLIError(f"prompt {text!r:.60} has no token in this model's "
+                                   "vocabulary")
             return generator.generate(prompts, params)
         return generator.chat(conversations, params, system_priority)
     except (ValueError, GenerationFailed) as exc:  # too long for the context, a template

@@ -148,7 +148,7 @@ class Generator:
                    for i, ids in enumerate(prompts)]
         for i, ids in enumerate(checked):
             if not ids:
-                raise ValueError("a prompt is empty")
+                raise ValueError(f"prompt {i} is empty: no token to answer")
             if len(ids) >= limit:
                 raise ValueError(f"a prompt of {len(ids)} tokens does not fit the maximum "
                                  f"context of {limit} tokens (model context, GPU pool)")
