@@ -635,3 +635,46 @@ def test_a_prompt_of_no_token_is_named(tmp_path: Path, prompts: list[str], shown
     code, err = run_cli(["generate", *prompts, "--raw", "--model", str(path), "--device",
                          "cpu", "--max-new-tokens", "2"])
     assert_one_line_refusal(code, err, shown)
+
+
+# ---- Hugging Face checkpoint files that lie ----------------------------------------------------
+
+HF_CONFIG = ('{"model_type": "llama", "vocab_size": 96, "hidden_size": 32, '
+             '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, '
+             '"intermediate_size": 48, "rms_norm_eps": 1e-6, "max_position_embeddings": 64}')
+
+
+@pytest.mark.parametrize(("config", "index", "shown"), [
+    # RecursionError and the int-digits ValueError said neither file nor JSON.
+    ("[" * 100_000 + "]" * 100_000, None,
+     "config.json is not valid JSON (maximum recursion depth exceeded"),
+    ('{"vocab_size": ' + "1" * 5000 + "}", None,
+     "config.json is not valid JSON (Exceeds the limit (4300 digits)"),
+    (HF_CONFIG, '{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "model.safetensors.index.json is not a safetensors index (maximum recursion depth"),
+    # AttributeError and TypeError, status 70; a name outside the directory was read.
+    (HF_CONFIG, '{"weight_map": 5}', "weight_map must be an object mapping each tensor to "
+                                     "its shard, got 5"),
+    (HF_CONFIG, '{"weight_map": {"lm_head.weight": 5}}',
+     "weight_map must map each tensor to the name of a shard file in {dir}, got 5"),
+    (HF_CONFIG, '{"weight_map": {"lm_head.weight": "../model.safetensors"}}',
+     "weight_map must map each tensor to the name of a shard file in {dir}, got "
+     "'../model.safetensors'"),
+])
+def test_a_checkpoint_json_file_that_lies_is_named(tmp_path: Path, config: str,
+                                                   index: str | None, shown: str) -> None:
+    """config.json, tokenizer_config.json and the safetensors index, nested too deeply,
+    with a number too long to read, or an index whose weight_map is no map of shard names:
+    a CheckpointError naming the file (the command prints it)."""
+    pytest.importorskip("torch", reason="the model needs torch")
+    pytest.importorskip("safetensors", reason="the model extra reads safetensors")
+    from kvtier.model.checkpoint import CheckpointError, load_model
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    if index is not None:
+        (folder / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError) as info:
+        load_model(folder)
+    assert shown.format(dir=folder) in str(info.value) and str(folder) in str(info.value)

@@ -41,8 +41,10 @@ def read_json_object(path: Path) -> dict[str, Any]:
     read or holds something else."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        # NOTE: ValueError beyond JSONDecodeError (a number past 4,300 digits) and
+        # RecursionError (arrays nested 100,000 deep) came out without the file's name.
+        raise CheckpointError(f"{path} is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return data

@@ -98,9 +98,19 @@ def _shards(path: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a safetensors index ({exc})") from None
-        return [path / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index "
+                                  f"({str(exc)[:200]})") from None
+        # NOTE: a weight_map of 5 raised AttributeError, a shard name of 5 TypeError (70).
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must be an object mapping each tensor "
+                                  f"to its shard, got {weight_map!r:.60}")
+        names = list(weight_map.values())
+        for name in names:
+            if not isinstance(name, str) or not name or Path(name).name != name:
+                raise CheckpointError(f"{index}: weight_map must map each tensor to the name "
+                                      f"of a shard file in {path}, got {name!r:.60}")
+        return [path / name for name in sorted(set(names))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors file")
