@@ -678,3 +678,24 @@ def test_a_checkpoint_json_file_that_lies_is_named(tmp_path: Path, config: str,
     with pytest.raises(CheckpointError) as info:
         load_model(folder)
     assert shown.format(dir=folder) in str(info.value) and str(folder) in str(info.value)
+
+
+def test_an_output_that_is_the_trace_through_a_hard_link_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``replay t.jsonl --json t-link.json``, a hard link to the trace: realpath tells the
+    two apart, and the JSON report overwrote the trace. Now the same inode is the same
+    file, between the outputs too."""
+    import kvtier.cli
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the simulation ran")
+
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 600, "output_length": 4, '
+                     '"hash_ids": [1, 2]}\n')
+    link = tmp_path / "t-link.json"
+    os.link(trace, link)
+    code, err = run_cli(["replay", str(trace), "--json", str(link), *SMALL])
+    assert_one_line_refusal(code, err, f"--json {link} is the input trace; choose another file")
+    assert trace.read_text().startswith('{"timestamp": 0')

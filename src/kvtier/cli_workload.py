@@ -77,29 +77,41 @@ def num_requests(workload: Workload) -> int | None:
 
 def check_outputs(trace: Path | None, **outputs: Path | None) -> None:
     """Refuse an output file (``--json``, ``--plot``) that is the input trace: writing it
-    would destroy the trace (paths are compared resolved: symlinks, ``..``), or that another
-    output names too; or that cannot be written: a directory, or in a directory that does
+    would destroy the trace (:func:`_same_file`: symlinks, ``..``, hard links), or that
+    another output names too; or that cannot be written: a directory, or in a directory that does
     not exist or refuses writes.
 
     NOTE: checked before the run, which may take long: the write, after it, failed with the
     run's results lost (the table is printed after the file is written)."""
-    # NOTE: os.path.realpath, not Path.resolve, which raised RuntimeError for a symlink loop
-    # (status 70) before the trace's own open could say so.
-    source = os.path.realpath(trace) if trace is not None else None
-    written: dict[str, str] = {}  # real path -> the option writing it
+    written: list[tuple[str, Path]] = []  # the options checked so far, and their files
     for option, path in outputs.items():
         if path is None:
             continue
-        real = os.path.realpath(path)
-        if source is not None and real == source:
+        if trace is not None and _same_file(path, trace):
             raise CLIError(f"--{option} {path} is the input trace; choose another file")
-        if real in written and real != os.devnull:  # NOTE: the plot overwrote the JSON
-            raise CLIError(f"--{written[real]} and --{option} name the same file, {path}; "
-                           "the second would overwrite the first")
-        written[real] = option
+        for earlier, earlier_path in written:  # NOTE: the plot overwrote the JSON
+            if _same_file(path, earlier_path) and os.path.realpath(path) != os.devnull:
+                raise CLIError(f"--{earlier} and --{option} name the same file, {path}; the "
+                               "second would overwrite the first")
+        written.append((option, path))
         problem = _unwritable(path)
         if problem is not None:
             raise CLIError(f"--{option} {path}: cannot write it ({problem})")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same real path, or, both existing, the
+    same inode (a hard link, a bind mount, /proc/self/fd/N, which realpath leaves apart:
+    ``--json`` through a hard link overwrote the trace). Pure.
+
+    NOTE: os.path.realpath, not Path.resolve, which raised RuntimeError for a symlink loop
+    (status 70) before the trace's own open could say so."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one does not exist (yet), or cannot be looked up
+        return False
 
 
 def _unwritable(path: Path) -> str | None:
