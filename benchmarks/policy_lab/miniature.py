@@ -40,7 +40,8 @@ from collections import OrderedDict
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from kvtier import policies
@@ -140,6 +141,11 @@ class MiniCache:
             turn = parent.turn + 1
         n = len(keys)
         for i in range(m, n):
+            b = blocks.get(keys[i])
+            if b is not None:  # the last block, past the reusable tokens: held as it is
+                b.pins += 1
+                parent = b
+                continue
             self._make_room(now)
             b = _Block(keys[i], parent, i, turn, n)
             b.space = space
@@ -400,11 +406,11 @@ class MiniWitness(LruWitness):
         self.lru.release(rid, out, now, data)
 
 
-def install_hooks() -> None:
-    """Route the cache's admissions and releases to a ``MiniWitness`` where the policy
-    asks for one (``mini_rate`` set on a ``KvtierPredict``)."""
-    if getattr(BlockCache, "_mini_hooked", False):
-        return
+@contextmanager
+def hooked() -> Iterator[None]:
+    """Within: the cache routes admissions and releases to a ``MiniWitness`` where the
+    policy asks for one (``mini_rate`` set on a ``KvtierPredict``); restored on the way
+    out."""
     init, note, unref = BlockCache.__init__, BlockCache.note_reuse, BlockCache.unref_path
 
     def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
@@ -436,7 +442,12 @@ def install_hooks() -> None:
     BlockCache.__init__ = __init__  # type: ignore[method-assign]
     BlockCache.note_reuse = note_reuse  # type: ignore[method-assign]
     BlockCache.unref_path = unref_path  # type: ignore[method-assign]
-    BlockCache._mini_hooked = True  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        BlockCache.__init__ = init  # type: ignore[method-assign]
+        BlockCache.note_reuse = note   # type: ignore[method-assign]
+        BlockCache.unref_path = unref  # type: ignore[method-assign]
 
 
 def make_policy(variant: str) -> KvtierPredict:
@@ -502,7 +513,6 @@ def _row(name: str) -> tuple[Callable[[], Workload], CacheConfig, float]:
 
 
 def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
-    install_hooks()
     make, config, scale = _row(name)
     if config is None:  # an audit row: its 10 % capacity
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -516,8 +526,9 @@ def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
                              eviction_policy="kvtier-predict-cost")
     policy = make_policy(variant)
     t0 = time.process_time()
-    report = simulate(make(), config, time_scale=scale * (1 + 0.0005 * scale_step),
-                      policy=policy)
+    with hooked():
+        report = simulate(make(), config, time_scale=scale * (1 + 0.0005 * scale_step),
+                          policy=policy)
     out = {"hit_rate": report.token_hit_rate, "cpu_s": time.process_time() - t0}
     w = getattr(policy, "mini", None)
     if w is not None:
