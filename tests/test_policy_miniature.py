@@ -13,7 +13,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.policy_lab.miniature import MiniCache, age_bin, block_keys, run
 
-from kvtier.policies import NUM_AGE_BINS, _TURN_BUCKETS
+from kvtier.policies import _TURN_BUCKETS, NUM_AGE_BINS
 
 TPB = 2
 SPACE = (None, None)

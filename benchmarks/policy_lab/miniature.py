@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import argparse
 import heapq
-from collections import OrderedDict
 import statistics
 import sys
 import time
+import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +50,7 @@ from kvtier.cache import BlockCache
 from kvtier.config import CacheConfig
 from kvtier.policies import _LAST_BIN_S, _TURN_BUCKETS, NUM_AGE_BINS, KvtierPredict
 from kvtier.sim import Workload, simulate
-from kvtier.witness import Z, LruWitness
+from kvtier.witness import LruWitness, Z
 
 SAMPLE_SPACE = 1 << 24
 
@@ -160,6 +161,25 @@ class MiniCache:
         self._live[rid] = (keys, m, turn, n)
         self.num_hits += m
         return m * tpb + partial
+
+    def touch(self, keys: list[int], now: float) -> None:
+        """A request outside the sample reused the cached prefix of ``keys``: its blocks
+        are referenced now (released again at once, deepest first), nothing is stored."""
+        blocks = self.blocks
+        chain = []
+        for k in keys:
+            b = blocks.get(k)
+            if b is None:
+                break
+            chain.append(b)
+        for b in reversed(chain):
+            if b.pins:
+                continue
+            self._tick += 1
+            b.tick = self._tick
+            b.released_s = now
+            if not b.children:
+                self._file(b)
 
     def release(self, rid: str, out_keys: list[int], now: float,
                 out_data: Sequence[bytes] = ()) -> None:
@@ -330,7 +350,7 @@ class MiniWitness(LruWitness):
 
     def _judge(self) -> None:  # the real cache's own count: the old verdict
         self.old_ahead = self.lead < -Z * self.volume ** 0.5
-        if self.mode == "and":
+        if self.mode in ("and", "oldcold"):
             self._mjudge()
 
     def _mjudge(self) -> None:
@@ -345,6 +365,9 @@ class MiniWitness(LruWitness):
             # LRU's order until the learner has refreshed its tables once (a learned order
             # that has learned nothing yet is the prior's guess), then the miniatures'.
             ahead = ahead or self.mine.learned.learner.num_refreshes < 1  # type: ignore
+        elif self.mode == "oldcold":
+            # the old witness's verdict, and LRU's order until the learner's first refresh
+            ahead = self.old_ahead or self.mine.learned.learner.num_refreshes < 1  # type: ignore
         elif self.mode == "watch":
             ahead = False  # counts, never acts: the learned order alone
         elif self.mode == "lruwatch":
@@ -355,14 +378,26 @@ class MiniWitness(LruWitness):
                 self.first_verdict = self.num_admissions
         self.lru_ahead = ahead
 
-    def in_sample(self, keys: list[int]) -> bool:
+    sessions: dict[str, object] | None = None  # request id -> the trace's session id
+    touch_all = False  # requests outside the sample touch what the miniatures hold
+
+    def in_sample(self, rid: str, keys: list[int]) -> bool:
         if self.rate >= 1.0:
             return True
-        if not keys:
-            return False
-        # unit "root": the request's first block (a prefix root: its whole tree together)
-        unit = keys[0] if self.unit == "root" else keys[min(len(keys) - 1, 3)]
-        return (hash((unit, 0x5EED)) % SAMPLE_SPACE) < self.rate * SAMPLE_SPACE
+        # unit "root": the request's first block (a prefix root: its whole tree together);
+        # "session": the trace's session id where it has one (a probe's partition of the
+        # stream, not a signal the cache sees), else the first block.
+        unit: object = None
+        if self.unit == "session" and self.sessions is not None:
+            unit = self.sessions.get(rid)
+        if unit is None:
+            if not keys:
+                return False
+            unit = self._first_block
+        # NOTE: a stable digest (``hash`` of a str or bytes changes with every process).
+        digest = zlib.crc32(repr(unit).encode()) if not isinstance(unit, bytes) else \
+            zlib.crc32(unit)
+        return (digest % SAMPLE_SPACE) < self.rate * SAMPLE_SPACE
 
     def on_admit(self, seq: object, now: float) -> None:
         self.num_admissions += 1
@@ -373,7 +408,13 @@ class MiniWitness(LruWitness):
         n = seq.num_prompt_blocks  # type: ignore[attr-defined]
         space = (root.lora_id, root.salt)
         keys = block_keys(tokens[:n * self.tpb], self.tpb, space)
-        if not self.in_sample(keys):
+        self._first_block = repr(space).encode() + bytes(memoryview(tokens[:self.tpb]))
+        if not self.in_sample(rid, keys):
+            if self.touch_all:
+                self.mine.touch(keys, now)
+                self.lru.touch(keys, now)
+            if self.mode in ("cold", "oldcold"):
+                self._mjudge()
             return
         self.num_sampled += 1
         self.sampled[rid] = keys
@@ -424,6 +465,8 @@ def hooked() -> Iterator[None]:
                             cfg.tokens_per_block, rate, getattr(learner, "mini_unit", "root"),
                             getattr(learner, "mini_min_evictions", 0))
             w.mode = getattr(learner, "mini_mode", "mini")
+            w.sessions = getattr(learner, "mini_sessions", None)
+            w.touch_all = getattr(learner, "mini_touch", False)
             learner.witness = w
             self._witness = w
             self._mini = w
@@ -452,17 +495,26 @@ def hooked() -> Iterator[None]:
 
 def make_policy(variant: str) -> KvtierPredict:
     """``main`` (the default as it is), ``blind`` (its witness never acts), ``mini@R``
-    (the miniature witness at rate R), ``mini@R/e`` (no verdict before e evictions)."""
+    (the miniature witness at rate R), ``mini@R/e`` (no verdict before e evictions),
+    ``mini@R:session`` (sampled by the trace's session id); ``and@``, ``cold@``, ``watch@``,
+    ``lruwatch@`` the same with ``MiniWitness.mode`` so named."""
     p = policies.KvtierPredict(cost_aware=True)
     if variant == "main":
         return p
     if variant == "blind":
         p.witnessed = False
         return p
-    if variant.startswith(("mini@", "and@", "watch@", "lruwatch@", "cold@")):
+    if variant.startswith(("mini@", "and@", "watch@", "lruwatch@", "cold@",
+                                   "oldcold@")):
         mode, _, spec = variant.partition("@")
         p.mini_mode = mode  # type: ignore[attr-defined]
         rate, _, rest = spec.partition("/")
+        rate, _, unit = rate.partition(":")
+        if unit.endswith("+touch"):
+            unit = unit[:-6]
+            p.mini_touch = True  # type: ignore[attr-defined]
+        if unit:
+            p.mini_unit = unit  # type: ignore[attr-defined]
         p.mini_rate = float(rate)  # type: ignore[attr-defined]
         if rest:
             p.mini_min_evictions = int(rest)  # type: ignore[attr-defined]
@@ -475,6 +527,7 @@ def make_policy(variant: str) -> KvtierPredict:
 def _row(name: str) -> tuple[Callable[[], Workload], CacheConfig, float]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import bench_policy as bp
+
     from kvtier.sim import AgenticWorkload, AzureTrace, MooncakeTrace, SyntheticChat
 
     def cfg(g: int, h: int) -> CacheConfig:
@@ -517,6 +570,7 @@ def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
     if config is None:  # an audit row: its 10 % capacity
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from benchmarks import bench_policy as bp
+
         from kvtier.blocks import cdiv
         from kvtier.sim import oracle_requests
         stream = list(oracle_requests(make(), 32))
@@ -525,6 +579,9 @@ def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
         config = CacheConfig(tokens_per_block=32, num_gpu_blocks=g, num_host_blocks=h,
                              eviction_policy="kvtier-predict-cost")
     policy = make_policy(variant)
+    if getattr(policy, "mini_unit", None) == "session":
+        policy.mini_sessions = {r.request_id: r.session_id  # type: ignore[attr-defined]
+                                for r in make()}
     t0 = time.process_time()
     with hooked():
         report = simulate(make(), config, time_scale=scale * (1 + 0.0005 * scale_step),
@@ -556,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "adm" in r:
                     extra += (f" [LRU-order {r['lru_adm']}/{r['adm']}, sampled {r['sampled']},"
                               f" sw {r['switches']}, first {r['first']}, mini hits "
-                              f"{r['mini_mine']}/{r['mini_lru']} real {r['real_tok']:.0f}, cpu {r['cpu_s']:.1f}s]")
+                              f"{r['mini_mine']}/{r['mini_lru']} real {r['real_tok']:.0f},"
+                              f" cpu {r['cpu_s']:.1f}s]")
                 else:
                     extra += f" [cpu {r['cpu_s']:.1f}s]"
             sd = statistics.stdev(hs) if len(hs) > 1 else 0.0
