@@ -16,20 +16,34 @@ halved every two turnovers of the miniatures' prompt blocks), as the witness doe
 on books where neither order ever stops running.
 
 A miniature is block-level: a block's key chains its ids to its prefix's key (per key
-space), a request's hit is its longest cached prefix of full prompt blocks, its blocks
-(prompt, then the full blocks of its output at release) are pinned while it runs, and only
-unpinned leaves are evicted (a prefix is never dropped before its extensions). The
-learned miniature files a released block under the class the real policy's rules give it
-in *that* miniature (the session turn as the miniature counted it, the role), ranks each
-class's oldest leaf by ``value[class][age bin]`` x the cost weight of its depth and gives
-the winning class's oldest or youngest leaf by ``near`` (``KvtierPredict.rank`` and
-``within``, without priorities or soft claims). Not modelled: partial hits, the two tiers
-(one pool of GPU + host blocks, as the witness counts it), the shared head's return rule.
+space), a request's hit is its longest cached prefix of full blocks among its first
+``len - 1`` tokens plus the longest common head of a cached child with the next block
+(a partial hit, as ``match_prompt``), in tokens; its blocks (prompt, then the full blocks
+of its output at release) are pinned while it runs, and only unpinned leaves are evicted
+(a prefix is never dropped before its extensions). The learned miniature files a released
+block under the class the real policy's rules give it in *that* miniature (the session
+turn as the miniature counted it, the role; a head dropped while shared and stored again
+by a first turn is shared again), ranks each class's oldest leaf by ``value[class][age
+bin]`` x the cost weight of its depth and gives the winning class's oldest or youngest
+leaf by ``near`` (``KvtierPredict.rank`` and ``within``, without priorities or soft
+claims). Not modelled: the two tiers (one pool of GPU + host blocks, as the witness counts
+it), soft claims, runs (a block is the unit).
 
-The probe hooks the cache (``BlockCache.__init__``, ``note_reuse``, ``unref_path``) for
-``KvtierPredict`` objects that carry a ``mini_rate`` attribute; nothing in ``src/`` changes.
+Variants (``make_policy``): ``mini@R`` the miniatures decide; ``cold@R`` the same, and
+LRU's order until the learner's first refresh (no verdict on an order that has learned
+nothing); ``and@R`` LRU's order only where the miniatures and the old count agree;
+``oldcold@0`` the old witness with the cold-start rule; ``watch@R`` / ``lruwatch@R`` the
+books kept while the cache runs the learned order / LRU's order throughout (the
+miniatures' error). ``R:session`` samples by the trace's session id (a probe's partition,
+not a signal the cache sees), else by the first block; ``+touch``: requests outside the
+sample refresh what the miniatures hold.
 
-    .venv/bin/python benchmarks/policy_lab/miniature.py --rows agentic200,azure-code --rates 1
+The probe hooks the cache (``BlockCache.__init__``, ``note_reuse``, ``unref_path``, inside
+``hooked()``) for ``KvtierPredict`` objects that carry a ``mini_rate``; nothing in ``src/``
+changes.
+
+    .venv/bin/python benchmarks/policy_lab/miniature.py --rows agentic200,azure-code \
+        --variants main,cold@1 --num-scales 3
 """
 
 from __future__ import annotations
