@@ -225,9 +225,10 @@ class MiniCache:
                 del ret[keys[head_returning]]
                 head_returning += 1
         for i in range(len(chain) - 1, -1, -1):
-            b = chain[i]
-            if b is None:
+            held = chain[i]
+            if held is None:
                 continue
+            b = held
             b.pins -= 1
             if b.pins:
                 continue
@@ -455,7 +456,7 @@ class MiniWitness(LruWitness):
         tokens = seq.tokens  # type: ignore[attr-defined]
         tpb = self.tpb
         out = block_keys(tokens, tpb, None, len(keys), keys[-1]) if keys else []
-        data = [bytes(memoryview(tokens[i * tpb:(i + 1) * tpb]))  # type: ignore[arg-type]
+        data = [bytes(memoryview(tokens[i * tpb:(i + 1) * tpb]))
                 for i in range(len(keys), len(keys) + len(out))]
         self.mine.release(rid, out, now, data)
         self.lru.release(rid, out, now, data)
