@@ -75,7 +75,7 @@ def age_bin(age: float) -> int:
 
 class _Block:
     __slots__ = ("children", "cls", "data", "depth", "key", "kids", "parent", "pins",
-                 "prompt_end", "released_s", "space", "tick", "turn")
+                 "prompt_end", "released_s", "space", "tick", "turn", "weight")
 
     def __init__(self, key: int, parent: _Block | None, depth: int, turn: int,
                  prompt_end: int) -> None:
@@ -92,6 +92,7 @@ class _Block:
         self.kids: list[_Block] = []
         self.data = b""
         self.space: object = None
+        self.weight = 1.0
 
 
 class MiniCache:
@@ -116,6 +117,10 @@ class MiniCache:
         # for a shared head come back for, the S3-FIFO ghost -> main move).
         self.returning: OrderedDict[int, None] = OrderedDict()
         self._roots: dict[object, list[_Block]] = {}
+        # The room a block takes: 1, or ``shared_weight`` once a request outside the sample
+        # touched it (a key-sampled miniature would hold such a block with that chance).
+        self.shared_weight = 1.0
+        self.used = 0.0
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -169,6 +174,7 @@ class MiniCache:
                 (parent.kids if parent is not None else self._roots.setdefault(space, [])
                  ).append(b)
             blocks[keys[i]] = b
+            self.used += 1.0
             if parent is not None:
                 parent.children += 1
             parent = b
@@ -186,7 +192,11 @@ class MiniCache:
             if b is None:
                 break
             chain.append(b)
+        w = self.shared_weight
         for b in reversed(chain):
+            if b.weight != w:
+                self.used += w - b.weight
+                b.weight = w
             if b.pins:
                 continue
             self._tick += 1
@@ -214,6 +224,7 @@ class MiniCache:
                 b.data = out_data[j]
                 parent.kids.append(b)
             blocks[k] = b
+            self.used += 1.0
             parent.children += 1
             parent = b
             chain.append(b)
@@ -269,7 +280,7 @@ class MiniCache:
         return None
 
     def _make_room(self, now: float) -> None:
-        while len(self.blocks) >= self.capacity:
+        while self.used >= self.capacity:
             if not self._evict(now):
                 return  # everything pinned: the miniature overflows, as a GPU would stall
 
@@ -304,6 +315,7 @@ class MiniCache:
         if victim is None:
             return False
         del self.blocks[victim.key]
+        self.used -= victim.weight
         self.num_evictions += 1
         if learned is not None and victim.cls == 0:
             ret = self.returning
@@ -482,6 +494,9 @@ def hooked() -> Iterator[None]:
             w.mode = getattr(learner, "mini_mode", "mini")
             w.sessions = getattr(learner, "mini_sessions", None)
             w.touch_all = getattr(learner, "mini_touch", False)
+            if getattr(learner, "mini_share", False):
+                w.touch_all = True
+                w.lru.shared_weight = w.mine.shared_weight = rate
             learner.witness = w
             self._witness = w
             self._mini = w
@@ -528,6 +543,9 @@ def make_policy(variant: str) -> KvtierPredict:
         if unit.endswith("+touch"):
             unit = unit[:-6]
             p.mini_touch = True  # type: ignore[attr-defined]
+        if unit.endswith("+share"):
+            unit = unit[:-6]
+            p.mini_share = True  # type: ignore[attr-defined]
         if unit:
             p.mini_unit = unit  # type: ignore[attr-defined]
         p.mini_rate = float(rate)  # type: ignore[attr-defined]
