@@ -52,6 +52,27 @@ def test_a_partial_hit_counts_the_common_head_of_a_cached_child() -> None:
     assert mini.admit("e", keys_of(e), 2.0, array("Q", e), SPACE) == 3
 
 
+def test_a_touch_from_outside_the_sample_refreshes_and_shares_the_room() -> None:
+    """Room 3, a touched block taking half a block (``shared_weight``, the rate): A's two
+    blocks, touched after their release, take 1.0; B stores two more (3.0); C's block
+    needs room and LRU drops A's tail, touched before B's release (2.5, then 3.5)."""
+    mini = MiniCache(3, None, TPB)
+    mini.shared_weight = 0.5
+    a, b, c = [1, 2, 3, 4, 5], [7, 7, 8, 8, 9], [5, 5, 1]
+    ka, kb, kc = keys_of(a), keys_of(b), keys_of(c)
+    mini.admit("a", ka, 0.0, array("Q", a), SPACE)
+    mini.release("a", [], 1.0)
+    assert mini.used == 2.0
+    mini.touch(ka, 2.0)
+    assert mini.used == 1.0
+    mini.admit("b", kb, 3.0, array("Q", b), SPACE)
+    mini.release("b", [], 4.0)
+    assert mini.used == 3.0 and mini.num_evictions == 0
+    mini.admit("c", kc, 5.0, array("Q", c), SPACE)
+    assert set(mini.blocks) == {ka[0], kb[0], kb[1], kc[0]}
+    assert mini.used == 3.5
+
+
 class Reference:
     """The same books kept plainly: sets and scans, no heaps, no lazy deletion."""
 

@@ -36,7 +36,8 @@ nothing); ``and@R`` LRU's order only where the miniatures and the old count agre
 books kept while the cache runs the learned order / LRU's order throughout (the
 miniatures' error). ``R:session`` samples by the trace's session id (a probe's partition,
 not a signal the cache sees), else by the first block; ``+touch``: requests outside the
-sample refresh what the miniatures hold.
+sample refresh what the miniatures hold; ``+share``: and a block so touched takes the
+rate's share of the room (``MiniCache.shared_weight``).
 
 The probe hooks the cache (``BlockCache.__init__``, ``note_reuse``, ``unref_path``, inside
 ``hooked()``) for ``KvtierPredict`` objects that carry a ``mini_rate``; nothing in ``src/``
