@@ -4,6 +4,8 @@ and an unchanged queue hint is not walked again."""
 
 from __future__ import annotations
 
+from array import array
+
 import pytest
 
 from kvtier import (
@@ -241,18 +243,18 @@ def test_a_swap_in_closed_form_leaves_what_the_piece_by_piece_loop_leaves() -> N
 
     def run(room: int, closed_form: bool) -> tuple[object, ...]:
         gpu, host = TierPool(Tier.GPU, 16), TierPool(Tier.HOST, 16)
-        path = list(range(10, 15))
+        path = array("q", range(10, 15))
         host.take(16)
         host.num_referenced = 16
         host.give_back(list(range(20, 20 + room)))  # the room the swap found
         host.num_referenced -= room
         onboarding = _Onboarding(path, PlanRecorder(), gpu, host, TPB)
-        victim = [5, 6, 7, 8, 9]
+        victim = array("q", [5, 6, 7, 8, 9])
         if closed_form:
             swap = onboarding.swap_in(victim)
         else:  # the loop, piece by piece
-            host_slots: list[int] = []
-            path_slots: list[int] = []
+            host_slots = array("q")
+            path_slots = array("q")
             ends: list[int] = []
             while (done := len(path_slots)) < len(victim):
                 end = min(len(victim), done + host.num_free)
@@ -260,12 +262,13 @@ def test_a_swap_in_closed_form_leaves_what_the_piece_by_piece_loop_leaves() -> N
                 path_slots += onboarding.take_in(victim[done:end])
                 ends.append(end)
             swap = Swap(host_slots, path_slots, ends)
-        return (swap, onboarding.gpu_slots, host.free_slots(), host.num_referenced,
+        return (swap.host_slots.tolist(), swap.path_slots.tolist(), swap.piece_ends,
+                onboarding.gpu_slots.tolist(), host.free_slots(), host.num_referenced,
                 gpu.num_referenced)
 
     for room in (1, 2, 3, 5, 7):
         assert run(room, True) == run(room, False), room
-    assert run(2, True)[0] == Swap([20, 21, 10, 11, 12], [10, 11, 12, 13, 14], [2, 4, 5])
+    assert run(2, True)[:3] == ([20, 21, 10, 11, 12], [10, 11, 12, 13, 14], [2, 4, 5])
 
 
 def test_a_queue_that_lost_its_head_is_hinted_as_a_fresh_one() -> None:
@@ -487,7 +490,7 @@ def _evict_host_less(events: bool) -> None:
     assert b.block_ids == (246, 247, 248, 249, *range(250, 256))
     assert cuts == ([4] if events else []), events
     a_run = [n for n in mgr._cache.nodes() if n.uid == uid]
-    assert len(a_run) == 1 and a_run[0].slots == list(range(246))
+    assert len(a_run) == 1 and a_run[0].slots.tolist() == list(range(246))
     assert list(a_run[0].tokens) == prompt_a[:246 * TPB]
     assert mgr.stats.gpu.evicted_blocks == 4
     assert mgr.lookup(prompt_a).num_tokens == 246 * TPB

@@ -19,6 +19,7 @@ on, so each admitted request gets exactly the reuse ``lookup`` promised it.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
@@ -29,6 +30,7 @@ from kvtier.live import LiveTable
 from kvtier.matching import Match, PartialMatch, match
 from kvtier.radix import Node, path_to_root
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
+from kvtier.slots import SLOT_TYPECODE
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, PlanRecorder
 
@@ -244,7 +246,7 @@ class BatchAdmission:
         # Onboard the claimed host runs (the deepest part of the path), top down.
         host_nodes = [n for n in path_to_root(seq.last_node) if n.tier is Tier.HOST]
         num_onboarded = cache.onboard_path(host_nodes[::-1], ops) * tpb if host_nodes else 0
-        table: list[int] = []
+        table = array(SLOT_TYPECODE)  # NOTE: each run's slots joined by memcpy
         for node in reversed(list(path_to_root(seq.last_node))):
             table += node.slots
         num_partial = 0

@@ -49,6 +49,7 @@ from kvtier.radix import (
 )
 from kvtier.radix import split as split_run
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
+from kvtier.slots import SLOT_TYPECODE, slot_array
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, PlanRecorder
 
@@ -81,10 +82,10 @@ class _Onboarding:
     path order into GPU slots as they come free; each copy frees its host slots at once
     (the plan orders a later write into them after the copy)."""
 
-    def __init__(self, host_slots: list[int], ops: PlanRecorder, gpu: TierPool,
+    def __init__(self, host_slots: array[int], ops: PlanRecorder, gpu: TierPool,
                  host: TierPool, tokens_per_block: int) -> None:
         self.host_slots = host_slots
-        self.gpu_slots: list[int] = []
+        self.gpu_slots: array[int] = array(SLOT_TYPECODE)
         self._ops = ops
         self._gpu = gpu
         self._host = host
@@ -95,20 +96,20 @@ class _Onboarding:
         """Blocks still on the host. Pure."""
         return len(self.host_slots) - len(self.gpu_slots)
 
-    def copy_in(self, gpu_slots: list[int]) -> None:
+    def copy_in(self, gpu_slots: array[int]) -> None:
         """Copy the path's next ``len(gpu_slots)`` blocks into ``gpu_slots`` (taken from
         the free list or from a victim: referenced from now on)."""
         src = self.take_in(gpu_slots)
         self._ops.record_run(OpKind.ONBOARD, Tier.HOST, src, Tier.GPU, gpu_slots, self._tpb)
 
-    def take_in(self, gpu_slots: list[int]) -> list[int]:
+    def take_in(self, gpu_slots: array[int]) -> array[int]:
         """``copy_in`` less the recording: the caller records the copies from the host
         slots returned before the plan's next op (their host slots are free from now on)."""
         src = self._claim(gpu_slots)
         self._host.give_back(src)
         return src
 
-    def _claim(self, gpu_slots: list[int]) -> list[int]:
+    def _claim(self, gpu_slots: array[int]) -> array[int]:
         """The path's next ``len(gpu_slots)`` blocks go to ``gpu_slots``: return their host
         slots, which the caller gives back."""
         start = len(self.gpu_slots)
@@ -118,7 +119,7 @@ class _Onboarding:
         self.gpu_slots += gpu_slots
         return src
 
-    def swap_in(self, victim_slots: list[int]) -> Swap:
+    def swap_in(self, victim_slots: array[int]) -> Swap:
         """Swap the path's next ``len(victim_slots)`` blocks with a GPU victim's blocks in
         those slots, a piece as large as the host's free room ``r`` at a time: piece 1
         leaves into ``r`` free host slots, the path's first ``r`` blocks take its GPU slots
@@ -154,8 +155,8 @@ class Swap(NamedTuple):
     """What ``_Onboarding.swap_in`` did: the victim's blocks went to ``host_slots``, the
     path's came from ``path_slots``, in pieces ending at ``piece_ends``."""
 
-    host_slots: list[int]
-    path_slots: list[int]
+    host_slots: array[int]
+    path_slots: array[int]
     piece_ends: list[int]
 
 
@@ -441,7 +442,7 @@ class BlockCache:
 
     # ---- allocation and eviction -------------------------------------------------------------
 
-    def allocate_gpu(self, num_blocks: int, ops: PlanRecorder) -> list[int]:
+    def allocate_gpu(self, num_blocks: int, ops: PlanRecorder) -> array[int]:
         """Take ``num_blocks`` GPU slots for a request's private use, evicting as needed.
 
         The caller has checked ``gpu.num_available``; the slots count as referenced.
@@ -452,7 +453,7 @@ class BlockCache:
         gpu.num_referenced += num_blocks
         return gpu.take(num_blocks)
 
-    def free_gpu(self, slots: list[int]) -> None:
+    def free_gpu(self, slots: Sequence[int]) -> None:
         """Give a request's private (uncached) slots back; they are handed out first."""
         self.gpu.num_referenced -= len(slots)
         self.gpu.give_back(slots)
@@ -702,7 +703,7 @@ class BlockCache:
             self._evicted(n.tier, n.slots)
             n.parent = None
 
-    def _evicted(self, tier: Tier, slots: list[int]) -> None:
+    def _evicted(self, tier: Tier, slots: Sequence[int]) -> None:
         """``slots`` of ``tier`` left the cache: free, and counted as evicted."""
         if tier is Tier.GPU:
             self.gpu.give_back(slots)
@@ -723,10 +724,10 @@ class BlockCache:
         large as it needs, and needs the host room of a piece, not of every victim.
         """
         gpu = self.gpu
-        host_slots: list[int] = []
+        host_slots = array(SLOT_TYPECODE)
         for node in nodes:
             assert node.tier is Tier.HOST and node.ref_count > 0, node
-            host_slots += node.slots  # NOTE: a run at a time, at C speed (paths of 1,000s)
+            host_slots += node.slots  # NOTE: a run at a time, a copy (paths of 1,000s)
         onboarding = _Onboarding(host_slots, ops, gpu, self.host, self.tpb)
         num_free = min(gpu.num_free, onboarding.num_left)
         if num_free:
@@ -765,7 +766,8 @@ class BlockCache:
         return pos
 
     def insert_run(
-        self, parent: Node, tokens: Sequence[int], slots: list[int], extras: list[object] | None,
+        self, parent: Node, tokens: Sequence[int], slots: Sequence[int],
+        extras: list[object] | None,
         turn: int = 0, prompt_end_block: int = 0,
     ) -> StoredRun:
         """Store a request's computed full blocks below ``parent``, the request's claimed
@@ -822,14 +824,14 @@ class BlockCache:
             pos += k
         return StoredRun(node, pos, private)
 
-    def _adopt(self, node: Node, gpu_slots: list[int]) -> None:
+    def _adopt(self, node: Node, gpu_slots: Sequence[int]) -> None:
         """Give the unreferenced run ``node`` the slots ``gpu_slots``, a request's private
         copies of the same blocks, and claim it once for that request; its own slots are
         free again. A host run thus moves to the GPU without a copy. Claiming a cached run
         in place would take blocks from what is available; this takes none."""
         assert not node.ref_count and node.parent is not None
         self.pool(node.tier).give_back(node.slots)
-        node.slots = list(gpu_slots)
+        node.slots = array(SLOT_TYPECODE, slot_array(gpu_slots))  # a copy: the node's own
         node.ref_count = 1  # the GPU slots stay referenced: the pool's books don't change
         if node.tier is Tier.HOST:
             node.tier = Tier.GPU

@@ -5,12 +5,14 @@ Kept apart from the manager so the hot paths stay small; tests call it after eve
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 
 from kvtier.blocks import cdiv
 from kvtier.cache import BlockCache
 from kvtier.live import LiveTable
 from kvtier.radix import Node, block_key, path_to_root
+from kvtier.slots import SLOT_TYPECODE
 from kvtier.tier import Tier
 
 
@@ -50,6 +52,7 @@ def check_books(store: BlockCache, live: LiveTable) -> None:
         if parent.parent is not None:
             assert node.tier >= parent.tier, f"{node} is closer to the GPU than its parent"
             assert parent.ref_count >= node.ref_count, f"{node} outranks its parent in refs"
+        assert _is_slot_array(node.slots), f"{node}: slots not an array('q')"
         for slot in node.slots:
             own(node.tier, slot, f"node {node.uid}")
         assert node.num_gpu_children == sum(
@@ -74,6 +77,7 @@ def check_books(store: BlockCache, live: LiveTable) -> None:
             expected_refs[node.uid] += 1
         assert seq.last_node.parent is not None or seq.last_node is seq.root, rid
         table = seq.block_table
+        assert _is_slot_array(table), f"{rid}: block table not an array('q')"
         # The table covers every scheduled token, and past its tokens only the draft slots
         # it reserved; the prompt's blocks past it are reserved (allocated as later chunks
         # are scheduled).
@@ -130,3 +134,8 @@ def check_books(store: BlockCache, live: LiveTable) -> None:
         pool = store.pool(tier)
         assert num_owned[tier] == pool.capacity, (
             f"{tier.name}: {num_owned[tier]} slots accounted for, capacity {pool.capacity}")
+
+
+def _is_slot_array(slots: object) -> bool:
+    """Whether ``slots`` is a slot list as nodes and tables hold it (``kvtier.slots``). Pure."""
+    return type(slots) is array and slots.typecode == SLOT_TYPECODE

@@ -7,7 +7,7 @@ changes only the runs' cached ``hashes``, its event log and its spill log.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 from kvtier.config import CacheConfig
@@ -169,7 +169,7 @@ class Journal:
 
     # ---- the spill log ----------------------------------------------------------------------
 
-    def host_slots_filled(self, slots: list[int]) -> None:
+    def host_slots_filled(self, slots: Sequence[int]) -> None:
         """``slots`` get their KV only when the current plan runs (an offload into them)."""
         if self.spill_log is not None:
             self._fresh_host_slots.update(slots)

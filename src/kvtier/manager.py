@@ -399,7 +399,7 @@ class KVCacheManager:
         new = self._cache.allocate_gpu(need, self._ops)
         live.use_reserved(seq, need)
         seq.block_table += new
-        return new
+        return new.tolist()
 
     def _append(self, seq: LiveSequence, tokens: list[int]) -> list[int] | None:
         tpb = self._tpb

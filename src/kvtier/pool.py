@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import heapq
+from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvtier.radix import Node
+from kvtier.slots import SLOT_TYPECODE, slot_array, slot_range
 from kvtier.tier import Tier
 
 Key = tuple[float, ...]
@@ -54,7 +56,8 @@ class TierPool:
         # The free slots form a stack: slots given back sit on top, above the never-used
         # slots ``num_fresh .. capacity-1``, which are handed out lowest id first. The
         # never-used part is a counter, so a pool costs nothing per slot until it is used.
-        self._given_back: list[int] = []
+        # Slots move as ``array('q')`` (``kvtier.slots``): a take or a give-back is a copy.
+        self._given_back: array[int] = array(SLOT_TYPECODE)
         self._num_fresh = 0
         # NOTE: kept, not derived (``len(given back) + capacity - fresh``): an eviction
         # round reads it after every victim, a property call each time.
@@ -98,11 +101,11 @@ class TierPool:
 
     def free_slots(self) -> list[int]:
         """The free slots, the next one handed out last. Pure; O(free slots)."""
-        return list(range(self.capacity - 1, self._num_fresh - 1, -1)) + self._given_back
+        return list(range(self.capacity - 1, self._num_fresh - 1, -1)) + self._given_back.tolist()
 
-    def take(self, num_blocks: int) -> list[int]:
+    def take(self, num_blocks: int) -> array[int]:
         """Take ``num_blocks`` free slots: those given back last first, then never-used ones
-        from the lowest id."""
+        from the lowest id (a new ``array('q')``)."""
         assert num_blocks <= self.num_free, (num_blocks, self.num_free)
         self.num_free -= num_blocks
         back = self._given_back
@@ -113,12 +116,12 @@ class TierPool:
         if k < num_blocks:
             first = self._num_fresh
             self._num_fresh = first + num_blocks - k
-            slots += range(first, self._num_fresh)
+            slots += slot_range(first, self._num_fresh)
         return slots
 
-    def give_back(self, slots: list[int]) -> None:
+    def give_back(self, slots: Sequence[int]) -> None:
         """Return slots to the free list so the first of ``slots`` is handed out first."""
-        self._given_back.extend(reversed(slots))
+        self._given_back += slot_array(slots)[::-1]
         self.num_free += len(slots)
 
     def push(self, node: Node, key: Key, young: bool = True) -> bool:

@@ -22,6 +22,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, NoReturn
 
+from kvtier.slots import slot_array
 from kvtier.tier import Tier
 
 _uids = itertools.count(1)
@@ -105,7 +106,7 @@ class Node:
         self,
         parent: Node | None,
         tokens: Sequence[int],
-        slots: list[int],
+        slots: Sequence[int],
         tier: Tier,
         extras: list[object] | None,
         start_block: int,
@@ -119,7 +120,9 @@ class Node:
         # none. Kept, not derived, so a node with many children answers in O(1).
         self.num_gpu_children = 0
         self.tokens: array[int] = tokens if type(tokens) is array else array("Q", tokens)
-        self.slots = slots
+        # NOTE: an ``array('q')`` (``kvtier.slots``): a run's slots are sliced, joined and
+        # recorded into plans by memcpy, never an int object each.
+        self.slots: array[int] = slot_array(slots)
         self.tier = tier
         self.extras = extras
         self.key: BlockKey = block_key(self.tokens, 0, len(tokens) // max(len(slots), 1),
@@ -157,7 +160,7 @@ class Node:
     def __repr__(self) -> str:
         return (
             f"Node(uid={self.uid}, blocks={self.start_block}+{self.num_blocks}, "
-            f"tier={self.tier.name}, slots={self.slots}, ref={self.ref_count})"
+            f"tier={self.tier.name}, slots={self.slots.tolist()}, ref={self.ref_count})"
         )
 
 
@@ -352,7 +355,7 @@ class TrimmedTail(NamedTuple):
     uid: int
     start_block: int
     key: BlockKey
-    slots: list[int]
+    slots: array[int]
 
 
 def trim_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> TrimmedTail:
@@ -380,7 +383,7 @@ def trim_tail(node: Node, num_tail_blocks: int, tokens_per_block: int) -> Trimme
     return tail
 
 
-def extend_run(node: Node, tokens: Sequence[int], slots: list[int],
+def extend_run(node: Node, tokens: Sequence[int], slots: Sequence[int],
                extras: list[object] | None) -> None:
     """Append full blocks (``tokens``, one slot and extra each) to the leaf ``node``, in
     place: the run a request is storing grows instead of gaining a one-block child per
@@ -389,7 +392,7 @@ def extend_run(node: Node, tokens: Sequence[int], slots: list[int],
     _changed(node)
     n = node.num_blocks
     node.tokens.extend(tokens if type(tokens) is array else array("Q", tokens))
-    node.slots.extend(slots)
+    node.slots.extend(slot_array(slots))
     if node.extras is not None or extras is not None:
         node.extras = ((node.extras if node.extras is not None else [None] * n)
                        + (extras if extras is not None else [None] * len(slots)))

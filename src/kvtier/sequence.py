@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NoReturn, overload
 from kvtier.blocks import cdiv
 from kvtier.config import check_priority
 from kvtier.radix import Node, Root
+from kvtier.slots import SLOT_TYPECODE, slot_array
 
 if TYPE_CHECKING:
     from kvtier.retention import BlockRetention, Retention
@@ -510,7 +511,7 @@ class LiveSequence:
             spec.retention.for_request(len(spec.token_array), priority, spec.retention_s))
         self.num_reserved_blocks = 0
         self.last_node: Node = root
-        self.block_table: list[int] = []
+        self.block_table: array[int] = array(SLOT_TYPECODE)  # ``kvtier.slots``
         # The most tokens its table was made to cover ahead of its tokens (speculative
         # decoding's draft slots, ``KVCacheManager.reserve_lookahead``); 0: never.
         self.lookahead_end = 0
@@ -547,7 +548,8 @@ class LiveSequence:
             self.owns_tokens = True
         self.tokens.extend(tokens)
 
-    def own_slots(self) -> list[int]:
+    def own_slots(self) -> array[int]:
         """The GPU slots only this request holds: its copies of blocks stored first by
-        another request, then the blocks past its path. Pure."""
-        return self.private_slots + self.block_table[self.num_path_blocks:]
+        another request, then the blocks past its path (a new array). Pure."""
+        past = self.block_table[self.num_path_blocks:]
+        return slot_array(self.private_slots) + past if self.private_slots else past

@@ -337,12 +337,12 @@ def test_split_keeps_the_tail_in_the_original_object() -> None:
     head = split(n, 1, TPB)
     assert head.parent is root and root.children == {key(1, 2): head} and root.by_first == {
         1: [head]}
-    assert (list(head.tokens), head.slots, head.extras, head.hashes, head.start_block) == (
+    assert (list(head.tokens), head.slots.tolist(), head.extras, head.hashes, head.start_block) == (
         [1, 2], [7], [None], [70], 0)
     assert (head.ref_count, head.priority, head.last_used) == (2, 60, 5)
     assert head.children == {(key(3, 4), "e"): n} and head.by_first == {3: [n]}
     assert head.num_gpu_children == 1
-    assert (list(n.tokens), n.slots, n.extras, n.hashes, n.start_block, n.key) == (
+    assert (list(n.tokens), n.slots.tolist(), n.extras, n.hashes, n.start_block, n.key) == (
         [3, 4, 5, 6], [8, 9], ["e", None], [80, 90], 1, (key(3, 4), "e"))
     assert n.parent is head and n.children == {key(7, 8): c} and c.parent is n
     assert list(path_to_root(c)) == [c, n, head]
@@ -367,10 +367,10 @@ def test_cut_tail_keeps_the_head_in_the_original_object() -> None:
     n.ref_count = 0
     tail = cut_tail(n, 2, TPB)
     assert root.children == {key(1, 2): n} and n.parent is root
-    assert (list(n.tokens), n.slots, n.extras, n.hashes) == ([1, 2], [7], [None], [70])
+    assert (list(n.tokens), n.slots.tolist(), n.extras, n.hashes) == ([1, 2], [7], [None], [70])
     assert n.children == {(key(3, 4), "e"): tail} and n.by_first == {3: [tail]}
     assert n.num_gpu_children == 1
-    assert (list(tail.tokens), tail.slots, tail.extras, tail.hashes, tail.start_block) == (
+    assert (list(tail.tokens), tail.slots.tolist(), tail.extras, tail.hashes, tail.start_block) == (
         [3, 4, 5, 6], [8, 9], ["e", None], [80, 90], 1)
     assert (tail.priority, tail.last_used, tail.ref_count) == (60, 5, 0)
     assert tail.children == {key(7, 8): c} and tail.by_first == {7: [c]} and c.parent is tail
@@ -402,11 +402,11 @@ def test_trim_tail_leaves_what_cut_tail_then_removing_the_tail_leaves() -> None:
             before = Node(None, [], [], Tier.GPU, None, 0, None).uid
             if trim:
                 got = trim_tail(n, k, TPB)
-                tails.append((got.uid - before, got.start_block, got.key, got.slots))
+                tails.append((got.uid - before, got.start_block, got.key, got.slots.tolist()))
             else:
                 tail = cut_tail(n, k, TPB)
                 remove_child(n, tail)
-                tails.append((tail.uid - before, tail.start_block, tail.key, tail.slots))
+                tails.append((tail.uid - before, tail.start_block, tail.key, tail.slots.tolist()))
             shapes.append(shape(n))
         assert shapes[0] == shapes[1] and tails[0] == tails[1], k
     assert tails[0] == (1, 1, (key(3, 4), "e"), [8, 9])  # k == 2
@@ -425,7 +425,8 @@ def test_absorb_parent_fills_missing_extras_and_drops_half_hashes() -> None:
     node = make_run(head, [3, 4, 5, 6], [1, 2], extras=["a", None])
     absorb_parent(node)
     assert node.extras == [None, "a", None] and node.hashes is None
-    assert (list(node.tokens), node.slots, node.key) == ([1, 2, 3, 4, 5, 6], [0, 1, 2], key(1, 2))
+    assert (list(node.tokens), node.slots.tolist(), node.key) == (
+        [1, 2, 3, 4, 5, 6], [0, 1, 2], key(1, 2))
 
 
 def test_split_and_cut_tail_refuse_empty_halves() -> None:

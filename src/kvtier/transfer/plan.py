@@ -6,10 +6,10 @@ import itertools
 from array import array
 from collections.abc import Sequence
 from enum import Enum
-from struct import Struct
-from struct import error as StructError
 from typing import NamedTuple
 
+from kvtier.slots import _MIN_PACKED, SLOT_TYPECODE, slot_array
+from kvtier.slots import packed_slots as _packed
 from kvtier.tier import Tier
 
 
@@ -76,10 +76,10 @@ class PlanColumns(NamedTuple):
 
 
 def _append(column: array[int], slots: Sequence[int]) -> None:
-    """Append ``slots`` to ``column``: a list by ``fromlist`` (half the time of ``extend``,
-    which iterates; the cache's slot lists are lists), or past ``_MIN_PACKED`` slots packed
-    (``_packed``: a third of that a slot, a little more a call); anything else by
-    ``extend``."""
+    """Append ``slots`` to ``column``: an ``array('q')`` (the cache's slot lists,
+    ``kvtier.slots``) by ``extend``, a copy; a list by ``fromlist`` (half the time of
+    ``extend``, which iterates), or past ``_MIN_PACKED`` slots packed (``_packed``: a third
+    of that a slot, a little more a call); anything else by ``extend``."""
     if type(slots) is list:
         if len(slots) > _MIN_PACKED:
             column.frombytes(_packed(slots))
@@ -87,28 +87,6 @@ def _append(column: array[int], slots: Sequence[int]) -> None:
             column.fromlist(slots)
     else:
         column.extend(slots)
-
-
-# ``_packed``'s packers, by slot count (cleared past a bound: any length is fine).
-_PACKERS: dict[int, Struct] = {}
-_MAX_PACKERS = 4096
-_MIN_PACKED = 16  # below this many slots ``fromlist`` is the faster (measured: ~20 slots even)
-
-
-def _packed(slots: list[int]) -> bytes:
-    """``slots`` as an ``array('q')``'s bytes: one ``Struct.pack`` call (a third of
-    ``array.fromlist``'s time a slot; the cache packs runs of tens to thousands). A value
-    that is no int in range raises as ``fromlist`` raises it (TypeError, OverflowError)."""
-    n = len(slots)
-    packer = _PACKERS.get(n)
-    if packer is None:
-        if len(_PACKERS) >= _MAX_PACKERS:
-            _PACKERS.clear()
-        packer = _PACKERS[n] = Struct(f"{n}q")
-    try:
-        return packer.pack(*slots)
-    except StructError:
-        return array("q", slots).tobytes()  # raises fromlist's error, or packs what it takes
 
 
 def _swap_pattern(num_blocks: int) -> tuple[bytes, bytes, bytes]:
@@ -132,17 +110,18 @@ def _num_even_pieces(piece_ends: Sequence[int]) -> int:
     return num if piece_ends[:num] == list(range(size, size * num + 1, size)) else 0
 
 
-def _interleaved(first: list[int], second: list[int], size: int, num: int) -> list[int]:
+def _interleaved(first: array[int], second: array[int], size: int, num: int) -> array[int]:
     """``first[0:size] + second[0:size] + first[size:2 size] + ...`` for ``num`` pieces of
-    ``size``: by strided slices where pieces are small (``size`` rounds, not ``num``). Pure."""
+    ``size`` (``array('q')``): by strided slices where pieces are small (``size`` rounds, not
+    ``num``). Pure."""
     end = size * num
+    out = array(SLOT_TYPECODE)
     if size > num:
-        out: list[int] = []
         for start in range(0, end, size):
             out += first[start:start + size]
             out += second[start:start + size]
         return out
-    out = [0] * (2 * end)
+    out.frombytes(bytes(16 * end))
     step = 2 * size
     for j in range(size):
         out[j::step] = first[j:end:size]
@@ -258,8 +237,9 @@ class PlanRecorder:
         self.columns.extend(src_tier, src_slots, dst_tier, dst_slots, num_tokens)
         self.kinds.extend(array("b", [_KIND_INDEX[kind]]) * len(src_slots))
 
-    def record_swap(self, gpu_slots: list[int], host_slots: list[int], path_slots: list[int],
-                    piece_ends: Sequence[int], num_tokens: int) -> None:
+    def record_swap(self, gpu_slots: Sequence[int], host_slots: Sequence[int],
+                    path_slots: Sequence[int], piece_ends: Sequence[int],
+                    num_tokens: int) -> None:
         """Record a GPU run swapped out a piece at a time for a path's host blocks coming in,
         in one call: for each piece ``[start, end)`` (``piece_ends``, increasing, the last
         ``len(path_slots)``), its offload, then the path's onboard into the slots it left;
@@ -277,15 +257,22 @@ class PlanRecorder:
             raise ValueError(f"a swap takes as many host slots as GPU slots and at most as "
                              f"many path slots: {len(gpu_slots)} GPU, {len(host_slots)} host, "
                              f"{num_swap} path")
-        # NOTE: the slot columns are built as lists (slices and concatenations at C speed),
-        # each packed once, before anything is recorded (a slot that is no int raises with
-        # the recorder as it was); the tier and kind columns are repeated byte patterns,
-        # one per piece size, joined once: no Python object per op. The cache's pieces
+        # NOTE: the slot columns are built as ``array('q')`` (the cache's slot lists are:
+        # slices and concatenations are copies) before anything is recorded (a slot that is
+        # no int raises, as packing raises it, with the recorder as it was); the tier and
+        # kind columns are repeated byte patterns, one per piece size, joined once: no
+        # Python object per op. The cache's pieces
         # are all as large as the host's room but the last (``swap_in``): those are
         # interleaved by strided slices, not a piece at a time (a full host gives pieces
         # of a few blocks: a run of 100 blocks in 50 pieces).
+        gpu_slots = slot_array(gpu_slots)
+        host_slots = slot_array(host_slots)
+        path_slots = slot_array(path_slots)
         num_even = _num_even_pieces(piece_ends)
         start = 0
+        src_tiers: list[bytes]
+        dst_tiers: list[bytes]
+        kinds: list[bytes]
         if num_even:
             size = piece_ends[0]
             start = size * num_even
@@ -296,7 +283,8 @@ class PlanRecorder:
             dst_tiers = [dst_tier * num_even]
             kinds = [kind * num_even]
         else:
-            src, dst, src_tiers, dst_tiers, kinds = [], [], [], [], []
+            src, dst, src_tiers, dst_tiers, kinds = (
+                array(SLOT_TYPECODE), array(SLOT_TYPECODE), [], [], [])
         increasing = True
         for end in itertools.islice(piece_ends, num_even, None):
             n = end - start
@@ -323,10 +311,9 @@ class PlanRecorder:
             src_tiers.append(_GPU_Q * n)
             dst_tiers.append(_HOST_Q * n)
             kinds.append(_OFFLOAD_B * n)
-        src_bytes, dst_bytes = _packed(src), _packed(dst)
         c = self.columns
-        c.src_slots.frombytes(src_bytes)
-        c.dst_slots.frombytes(dst_bytes)
+        c.src_slots.extend(src)
+        c.dst_slots.extend(dst)
         c.src_tiers.frombytes(b"".join(src_tiers))
         c.dst_tiers.frombytes(b"".join(dst_tiers))
         c.num_tokens.extend(array("q", [num_tokens]) * len(src))
