@@ -283,7 +283,8 @@ class BatchAdmission:
         self._live.add(seq)
         self._record_admission(seq, promise)
         self._store_blocks(seq)
-        return Admission(seq.request_id, True, num_reused, num_onboarded, tuple(table))
+        return Admission(seq.request_id, True, num_reused, num_onboarded,
+                         tuple(table.tolist()))  # NOTE: tolist makes the ints faster
 
     def _record_admission(self, seq: LiveSequence, promise: Promise) -> None:
         stats = self._cache.stats

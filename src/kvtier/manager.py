@@ -138,7 +138,7 @@ class KVCacheManager:
 
     def block_table(self, request_id: str) -> list[int]:
         """A copy of the GPU block table of a live request."""
-        return list(self._live.get(request_id).block_table)
+        return self._live.get(request_id).block_table.tolist()
 
     def num_common_prefix_blocks(self) -> int:
         """How many leading blocks every live request's block table shares, the same ids in

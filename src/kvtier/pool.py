@@ -121,7 +121,7 @@ class TierPool:
 
     def give_back(self, slots: Sequence[int]) -> None:
         """Return slots to the free list so the first of ``slots`` is handed out first."""
-        self._given_back += slot_array(slots)[::-1]
+        self._given_back += (slots if type(slots) is array else slot_array(slots))[::-1]
         self.num_free += len(slots)
 
     def push(self, node: Node, key: Key, young: bool = True) -> bool:
