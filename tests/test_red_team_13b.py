@@ -88,12 +88,13 @@ class NewCallsUnderScheduling(RuleBasedStateMachine):
         self.n = 0
 
     @initialize(drafts=st.sampled_from([0, 0, 2]), gpu=st.integers(8, 14),
-                host=st.sampled_from([0, 6]))
-    def build(self, drafts: int, gpu: int, host: int) -> None:
+                host=st.sampled_from([0, 6]), evict=st.booleans(), chunked=st.booleans())
+    def build(self, drafts: int, gpu: int, host: int, evict: bool, chunked: bool) -> None:
         self.mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=gpu,
                                               num_host_blocks=host, enable_events=True))
         self.sched = Scheduler(self.mgr, SchedulerConfig(
-            max_num_tokens=12, capacity_policy="max_utilization",
+            max_num_tokens=12 if chunked else 16, enable_chunked_prefill=chunked,
+            capacity_policy="max_utilization" if evict else "guaranteed_no_evict",
             num_speculative_tokens=drafts))
         self.gpu = {s: [None] * TPB for s in range(gpu)}
         self.host = {s: [None] * TPB for s in range(host)}
@@ -224,6 +225,15 @@ class NewCallsUnderScheduling(RuleBasedStateMachine):
         if self.sched.abort(rid) is not None:
             del self.requests[rid]
 
+    @precondition(lambda self: self.sched.running)
+    @rule(data=st.data())
+    def fail_between_steps(self, data: st.DataObject) -> None:
+        """compute_failed after the update (allowed between steps): the scheduler finds
+        the requests it dropped at the next call."""
+        live = [rid for rid in self.sched.running if self.mgr.has_sequence(rid)]
+        if live:
+            self.mgr.compute_failed([data.draw(st.sampled_from(live))])
+
     @rule(running=st.booleans())
     def reset(self, running: bool) -> None:
         sched = self.sched
@@ -243,7 +253,8 @@ class NewCallsUnderScheduling(RuleBasedStateMachine):
     def drop(self, which: str, lora: int, salt: object) -> None:
         held = set()
         for rid in self.sched.running:
-            held.update(self.mgr.block_table(rid))
+            if self.mgr.has_sequence(rid):
+                held.update(self.mgr.block_table(rid))
         if which == "key_space":
             self.mgr.drop_key_space(lora_id=lora, salt=salt)  # type: ignore[arg-type]
         elif which == "lora":
@@ -315,3 +326,53 @@ def test_new_calls_in_random_order_keep_outputs_blocks_and_events_exact() -> Non
     run_state_machine_as_test(NewCallsUnderScheduling, settings=settings(
         max_examples=100, stateful_step_count=30, deadline=None,
         suppress_health_check=list(HealthCheck)))
+
+
+# ---- defects the state machine found: a running request the manager dropped between steps --
+
+
+def dropped_between_steps() -> tuple[KVCacheManager, Scheduler]:
+    """Two requests decoding; then ``compute_failed`` (allowed between steps) drops 'a'."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32))
+    sched.add_request(Request("a", [1, 2, 3, 4, 5], 3))
+    sched.add_request(Request("b", [1, 2, 3, 4, 9], 3))
+    sched.update(sched.step(), {"a": 6, "b": 6})
+    assert mgr.compute_failed(["a"]) == ["a"]
+    return mgr, sched
+
+
+def test_abort_of_a_request_the_manager_dropped_returns_it() -> None:
+    """abort('a') took 'a' out of ``running``, then the manager's remove_sequence raised
+    KeyError ("unknown request_id 'a'"): the caller saw the abort fail, yet 'a' was in
+    neither queue and never finished. Now the abort returns it, as for any running request,
+    and 'b' runs to its end with every block released."""
+    mgr, sched = dropped_between_steps()
+    req = sched.abort("a")
+    assert req is not None and req.request_id == "a" and req.output == [6]
+    assert list(sched.running) == ["b"] and not sched.waiting
+    step = sched.step()
+    assert step.decode_request_ids == ("b",) and step.context_chunks == ()
+    sched.update(step, {"b": 7})
+    assert [r.output for r in sched.update(sched.step(), {"b": 8})] == [[6, 7, 8]]
+    mgr.check_invariants()
+    assert mgr.num_sequences == 0 and mgr.num_free_gpu_blocks == 16
+
+
+def test_a_plain_reset_is_refused_while_a_dropped_request_still_runs() -> None:
+    """reset_prefix_cache() without reset_running_requests is refused while a request runs
+    (vLLM's rule), but asked the manager only: with 'a' dropped by the manager and 'b'
+    aborted, it cleared the cache under the running 'a'. Now it is refused (False, the
+    cache kept); with the flag 'a' is requeued and recomputes."""
+    mgr, sched = dropped_between_steps()
+    sched.abort("b")
+    cached = mgr.cached_blocks()
+    assert [b.tokens for b in cached] == [(1, 2, 3, 4)]  # the one full block they share
+    assert sched.reset_prefix_cache() is False
+    assert mgr.cached_blocks() == cached and list(sched.running) == ["a"]
+    assert sched.reset_prefix_cache(True) is True
+    assert mgr.cached_blocks() == [] and [r.request_id for r in sched.waiting] == ["a"]
+    step = sched.step()
+    assert step.preempted_request_ids == ("a",)
+    assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
+        ("a", 0, 6)]

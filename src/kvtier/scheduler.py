@@ -230,9 +230,13 @@ class Scheduler:
                                "the step first")
         req = self.running.pop(request_id, None)
         if req is not None:
-            self.manager.remove_sequence(request_id)
             self._num_unappended.pop(request_id, None)
-            self._num_live -= 1  # one less, not the count now: that may hide a lost one
+            # NOTE: one the manager dropped already (compute_failed between steps) has
+            # nothing to release there: removing it raised KeyError with the request out
+            # of ``running`` and in no queue.
+            if self.manager.has_sequence(request_id):
+                self.manager.remove_sequence(request_id)
+                self._num_live -= 1  # one less, not the count now: that may hide a lost one
             return req
         if request_id not in self._specs:
             return None
@@ -259,7 +263,11 @@ class Scheduler:
             raise RuntimeError("reset_prefix_cache() between step() and update(): apply the "
                                "step first")
         manager = self.manager
-        if not reset_running_requests or not self.running:
+        if not reset_running_requests and self.running:
+            # NOTE: by the scheduler's books, not the manager's: a running request the
+            # manager dropped (compute_failed between steps) still runs here.
+            return False
+        if not self.running:
             return manager.reset_cache()
         running = list(self.running.values())
         live = [req for req in running if manager.has_sequence(req.request_id)]
