@@ -43,6 +43,14 @@ def add_requests(sched: Scheduler) -> None:
                                   max_output_tokens=6))
 
 
+def greedy_step(sched: Scheduler) -> list[Request]:
+    """One step, each scheduled request sampling ``greedy`` of its tokens; the finished."""
+    step = sched.step()
+    ids = [*step.decode_request_ids, *(c.request_id for c in step.context_chunks)]
+    reqs = {rid: sched.running[rid] for rid in ids}
+    return sched.update(step, {rid: greedy([*r.prompt, *r.output]) for rid, r in reqs.items()})
+
+
 def run(sched: Scheduler, reset_at: int | None = None,
         queue_r3_at: int | None = 2) -> tuple[dict[str, list[int]], list[tuple[str, ...]]]:
     """Run to the end, with a fourth request queued before step ``queue_r3_at`` and a reset
@@ -92,10 +100,7 @@ def test_a_reset_with_running_requests_recomputes_them_to_the_same_outputs() -> 
     sched = make_scheduler(mgr)
     add_requests(sched)
     for _ in range(2):
-        step = sched.step()
-        reqs = {rid: sched.running[rid] for rid in
-                [*step.decode_request_ids, *(c.request_id for c in step.context_chunks)]}
-        sched.update(step, {rid: greedy([*r.prompt, *r.output]) for rid, r in reqs.items()})
+        greedy_step(sched)
     sched.add_request(Request("r3", [*SYSTEM, 7, 7], max_output_tokens=3))
     assert {rid: (r.num_computed_tokens, r.num_prefill_tokens, len(r.output))
             for rid, r in sched.running.items()} == {
@@ -187,10 +192,7 @@ def test_a_running_request_the_manager_already_dropped_is_requeued_by_the_reset(
     sched = make_scheduler(mgr)
     add_requests(sched)
     for _ in range(2):
-        step = sched.step()
-        reqs = {rid: sched.running[rid] for rid in
-                [*step.decode_request_ids, *(c.request_id for c in step.context_chunks)]}
-        sched.update(step, {rid: greedy([*r.prompt, *r.output]) for rid, r in reqs.items()})
+        greedy_step(sched)
     assert list(sched.running) == ["r0", "r1", "r2"]
     assert mgr.compute_failed(["r1"]) == ["r1"]
     assert sched.reset_prefix_cache(reset_running_requests=True)
