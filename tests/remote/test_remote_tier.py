@@ -384,3 +384,51 @@ def test_write_through_skips_the_prefix_a_request_reused() -> None:
     assert reused == [0, 22, 24]
     engine.manager.check_invariants()
     assert_exact(engine)
+
+
+def test_write_through_writes_a_reused_answer_it_never_wrote() -> None:
+    """A conversation's second turn reuses its first answer's blocks (decoded, never
+    written through) from the GPU: they are written with the turn's new blocks, so another
+    engine fetches the whole second prompt (6 blocks). Writing only the blocks past the
+    reused prefix left the answer's 2 blocks out of the store and cut the chain there: the
+    other engine fetched 3. The first turn's prompt blocks, which the tier wrote, are not
+    written again."""
+    backend: dict[str, bytes] = {}
+    a = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
+    assert a.remote is not None
+    first = PREFIX[:13]  # 3 full blocks and a token
+    a.add_request(Request("t1", first, 8))
+    a.run()
+    answer = a.results["t1"].output
+    assert len(answer) == 8 and a.remote.num_written_blocks == 3
+    second = first + answer + [61, 62, 63, 64, 65, 66]  # 27 tokens: 6 full blocks
+    a.add_request(Request("t2", second, 2))
+    a.run()
+    assert a.results["t2"].num_reused_tokens == 20  # blocks 0-4: the prompt's and the answer's
+    assert a.remote.num_written_blocks == 3 + 3 and len(backend) == 6  # blocks 3, 4 and 5
+    b = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
+    assert b.remote is not None
+    assert b.remote.fetch(second + a.results["t2"].output + [70]) == 6
+    run(b, [second + [71, 72]], "b")
+    assert b.results["b0"].num_reused_tokens == 24
+    assert_exact(a)
+    assert_exact(b)
+
+
+@pytest.mark.parametrize(("known", "rewritten"), [(1 << 16, 0), (3, 2)])
+def test_a_reused_prefix_is_skipped_only_where_the_tier_remembers_it(
+        monkeypatch: pytest.MonkeyPatch, known: int, rewritten: int) -> None:
+    """The tier remembers the newest ``KNOWN_BLOCKS`` blocks it wrote or fetched: a prompt
+    of 5 full blocks written, a write of the same blocks as reused skips all 5, or, with
+    room for 3 names, writes the 2 it forgot (the oldest)."""
+    import kvtier.remote.tier as tier_module
+
+    monkeypatch.setattr(tier_module, "KNOWN_BLOCKS", known)
+    engine = make_engine(lambda ns: InMemoryRemoteStore(ns))
+    prompt = PREFIX + [1]  # 23 tokens: 5 full blocks
+    run(engine, [prompt], "a")
+    assert engine.remote is not None and engine.remote.num_written_blocks == 5
+    assert engine.remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == (
+        rewritten)
+    assert engine.remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == (
+        0 if known > 5 else 2)

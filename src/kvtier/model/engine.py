@@ -98,15 +98,16 @@ class RequestResult:
 
 
 class _Computed(NamedTuple):
-    """A prompt computed to its end in this step, with the blocks that hold it; those
-    before ``first_block`` it reused (they are in the remote store already)."""
+    """A prompt computed to its end in this step, with the blocks that hold it; the first
+    ``reused_blocks`` it reused (in the remote store already where the tier wrote or
+    fetched them: ``RemoteTier.write``)."""
 
     request_id: str
     tokens: list[int]
     block_table: list[int]
     salt: bytes | str | int | None
     lora_id: int | None
-    first_block: int
+    reused_blocks: int
 
 
 class ModelEngine:
@@ -345,8 +346,9 @@ class ModelEngine:
 
     def _write_through(self, computed: list[_Computed]) -> None:
         """Write the full blocks of the prompts this step completed to the remote tier,
-        but for the prefix each reused: it was written when it was computed, or fetched
-        from the store (a shared system prompt is not written again by every request).
+        but for the blocks of the prefix each reused that the tier wrote when they were
+        computed or fetched from the store (a shared system prompt is not written again by
+        every request; a conversation's last answer, decoded and never written, is).
 
         NOTE: after the first tokens are stamped, so the copy out of the GPU is not part of
         TTFT. Their bytes are still the ones this step computed: a finished request's
@@ -356,7 +358,7 @@ class ModelEngine:
         assert self.remote is not None
         for c in computed:
             self.remote.write(c.tokens, c.block_table, salt=c.salt, lora_id=c.lora_id,
-                              first_block=c.first_block)
+                              reused_blocks=c.reused_blocks)
 
     def _sample(self, last_logits: dict[str, torch.Tensor]) -> dict[str, int]:
         """One token per request: its sampler's, else greedy (in one batched argmax). A

@@ -41,7 +41,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -77,6 +78,9 @@ class _Fetch:
 # (4 MiB blocks from one Redis on loopback; benchmarks/results/remote.md). The tier replaces
 # the throughput with what its own fetches take.
 DEFAULT_FETCH_LATENCY_S = 0.1e-3
+# How many block hashes the tier remembers handing to the store or finding there (about 100
+# bytes each): write-through skips a reused prefix's blocks only where it remembers them.
+KNOWN_BLOCKS = 1 << 16
 DEFAULT_FETCH_BYTES_PER_S = 0.25e9
 # Weight of the newest fetch in the tier's running estimate of the store's read throughput.
 THROUGHPUT_EWMA_WEIGHT = 0.25
@@ -177,6 +181,8 @@ class RemoteTier:
             manager.record_spills()
         self._pending: dict[str, _Fetch] = {}
         self._fetch_ids = itertools.count()
+        # Hashes of blocks this tier wrote or fetched, most recent last (``KNOWN_BLOCKS``).
+        self._known: OrderedDict[int, None] = OrderedDict()
         self._lock = threading.Lock()
         self.manager = manager
         self._hash_fn = get_hash_fn(config.hash_algo)
@@ -296,40 +302,60 @@ class RemoteTier:
 
     def write(self, tokens: list[int], block_table: list[int], salt: object = None,
               lora_id: int | None = None, wait: bool = False, first_block: int = 0,
-              mm_items: Sequence[MultimodalItem] = ()) -> int:
+              mm_items: Sequence[MultimodalItem] = (), reused_blocks: int = 0) -> int:
         """Write the full blocks of computed ``tokens`` from their GPU slots, every rank its
         shard (their bytes are copied now, the store is written on its I/O thread, or now
-        with ``wait``), from block ``first_block`` on: the blocks before it are a prefix the
-        caller reused, which the store has already (LMCache's and vLLM's offloading stores
-        skip what they hold); their hashes still chain the later ones. A prompt with
-        multimodal items must name them (``mm_items``, as admitted): the blocks holding them
-        are keyed by their content too, and without it another image behind the same
-        placeholder tokens would be served this one's KV. Returns how many blocks were
-        handed to the store. Raises ValueError, writing nothing, for a slot of
-        ``block_table`` that is no GPU slot (a negative one would have written another
-        block's bytes under this prompt's hash) or a ``first_block`` that is no int >= 0.
+        with ``wait``), from block ``first_block`` on: the caller says the blocks before it
+        are in the store already (LMCache's masked store; their hashes still chain the
+        later ones). The first ``reused_blocks`` are a prefix the caller reused from its own
+        tiers: skipped where this tier wrote or fetched them lately (it remembers
+        ``KNOWN_BLOCKS``), as LMCache's and vLLM's offloading stores skip what they hold,
+        and written where it did not (a conversation's next turn reuses its last answer's
+        blocks, decoded and never written through, whose absence would cut the chain for
+        every other engine). A prompt with multimodal items must name them
+        (``mm_items``, as admitted): the blocks holding them are keyed by their content
+        too, and without it another image behind the same placeholder tokens would be
+        served this one's KV. Returns how many blocks were handed to the store. Raises
+        ValueError, writing nothing, for a slot of ``block_table`` that is no GPU slot (a
+        negative one would have written another block's bytes under this prompt's hash) or
+        a ``first_block`` or ``reused_blocks`` that is no int >= 0.
 
         ::
 
             tokens       | b0 | b1 | b2 | b3 |..|     first_block=2: b2, b3 written
-            hashes       [ h0   h1   h2   h3 ]       (h2 chains on h1 all the same)
+            hashes       [ h0   h1   h2   h3 ]       reused_blocks=2: b2, b3 written, and
+                                                     b0, b1 unless this tier knows them
         """
         if type(wait) is not bool:
             raise ValueError(f"wait must be a bool, got {wait!r}")
-        if type(first_block) is not int or first_block < 0:
-            raise ValueError(f"first_block must be an int >= 0, got {first_block!r}")
+        for name, value in (("first_block", first_block), ("reused_blocks", reused_blocks)):
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         hashes = self.block_hashes(tokens, salt, lora_id, mm_items)
-        blocks = list(zip(hashes, block_table, strict=False))[first_block:]
+        known = self._known
+        picked = [(i, h, slot) for i, (h, slot) in enumerate(zip(hashes, block_table,
+                                                                  strict=False))
+                  if i >= first_block and (i >= reused_blocks or h not in known)]
         num_slots = self.gpu.num_blocks
-        for i, (_, slot) in enumerate(blocks, first_block):
+        for i, _, slot in picked:
             if type(slot) is not int or not 0 <= slot < num_slots:
                 raise ValueError(f"block_table[{i}] must be a GPU slot in 0..{num_slots - 1}, "
                                  f"got {slot!r}")
-        if not blocks:
-            return 0
-        written = self.ranks.put(Tier.GPU, blocks, wait)
+        blocks = [(h, slot) for _, h, slot in picked]
+        written = self.ranks.put(Tier.GPU, blocks, wait) if blocks else 0
+        self._remember(hashes[:len(block_table)])  # the skipped refreshed, the written new
         self.num_written_blocks += written
         return written
+
+    def _remember(self, hashes: Iterable[int]) -> None:
+        """Note blocks the store holds (written or found there), the newest last."""
+        known = self._known
+        with self._lock:  # NOTE: the I/O threads' fetches import through ``_import`` too
+            for h in hashes:
+                known[h] = None
+                known.move_to_end(h)
+            while len(known) > KNOWN_BLOCKS:
+                known.popitem(last=False)
 
     def write_spilled(self) -> int:
         """Write-back: hand the store the host blocks that left the cache since the last
@@ -432,5 +458,6 @@ class RemoteTier:
         if run and self.write_policy == "write-back":
             self.write_spilled()  # the import may reuse their slots: read them first
         self.ranks.fill(fetch.fetch_id, list(zip(wanted, slots, strict=False)))
+        self._remember(wanted[:run])  # found on every rank: the store holds them
         self.num_fetched_blocks += len(slots)
         return len(slots)
