@@ -24,13 +24,7 @@ from typing import NamedTuple, Protocol
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update, check_batch
-from kvtier.sequence import (
-    MultimodalItem,
-    as_token_sequence,
-    block_extras,
-    check_mm_items,
-    short_repr,
-)
+from kvtier.sequence import MultimodalItem, block_extras, checked_prompt, short_repr
 from kvtier.tier import Tier
 
 
@@ -359,10 +353,9 @@ class Router:
         image behind the same placeholder tokens is no hit). ValueError, changing no stats,
         where the policy (a caller's) chooses an instance not among ``loads``."""
         loads = check_loads(loads)
-        tokens = as_token_sequence(tokens, "tokens")  # before len(): None, an iterator
-        items = check_mm_items(mm_items, len(tokens), "route")
-        hashes = self.block_hashes(tokens, salt, lora_id,
-                                   block_extras(items, len(tokens), self.tokens_per_block))
+        ids, items = checked_prompt(tokens, mm_items, "route")
+        hashes = self.block_hashes(ids, salt, lora_id,
+                                   block_extras(items, len(ids), self.tokens_per_block))
         hits = self.index.match(hashes)
         choice = self.policy.choose(loads, hits, len(hashes))
         if not any(type(choice) is str and choice == load.instance_id for load in loads):

@@ -438,6 +438,15 @@ def check_mm_items(items: object, num_tokens: int, request_id: str) -> tuple[Mul
     return items
 
 
+def checked_prompt(tokens: object, mm_items: object, what: str
+                   ) -> tuple[Sequence[int], tuple[MultimodalItem, ...]]:
+    """``tokens`` as a sequence (its ids checked later, as they are hashed) and ``mm_items``
+    as :func:`check_mm_items` gives them, for a caller that names a prompt's blocks outside
+    the manager (a router, a remote tier); ValueError naming ``what`` otherwise."""
+    ids = as_token_sequence(tokens, "tokens")  # before len(): None, an iterator
+    return ids, check_mm_items(mm_items, len(ids), what)
+
+
 def short_repr(value: object) -> str:
     """``repr(value)``, cut short: a bad value may be a huge int or a long string."""
     if type(value) is int and value.bit_length() > 128:

@@ -51,7 +51,7 @@ from kvtier.remote.codec import num_found_on_every_rank
 from kvtier.remote.options import LONGEST_WAIT_S, check_number, check_timeout
 from kvtier.remote.ranks import Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
-from kvtier.sequence import MultimodalItem, as_token_sequence, block_extras, check_mm_items
+from kvtier.sequence import MultimodalItem, block_extras, checked_prompt
 from kvtier.tier import Tier
 
 if TYPE_CHECKING:
@@ -275,24 +275,23 @@ class RemoteTier:
         ValueError for a ``salt``, ``lora_id`` or ``mm_items`` the manager refuses (its
         blocks could never be matched: a write under it filled the shared store with
         garbage). Pure."""
-        ids = as_token_sequence(tokens, "tokens")  # before len(): None, an iterator
-        items = check_mm_items(mm_items, len(ids), "remote tier")
-        return prompt_block_hashes(self._hash_fn, ids, self._tpb, lora_id, salt,
-                                   block_extras(items, len(ids), self._tpb))
+        ids, items = checked_prompt(tokens, mm_items, "remote tier")
+        return self._hashes(ids, salt, lora_id, items)
 
     def _reusable_hashes(self, tokens: Sequence[int], salt: object, lora_id: int | None,
                          mm_items: tuple[MultimodalItem, ...]) -> list[int]:
         # The last prompt token is never reused, so neither is a block that ends with it.
-        num_blocks = max(len(tokens) - 1, 0) // self._tpb
+        return self._hashes(tokens, salt, lora_id, mm_items,
+                            max(len(tokens) - 1, 0) // self._tpb)
+
+    def _hashes(self, tokens: Sequence[int], salt: object, lora_id: int | None,
+                mm_items: tuple[MultimodalItem, ...], num_blocks: int | None = None
+                ) -> list[int]:
+        """The chained hashes of the first ``num_blocks`` full blocks (all when None) of a
+        checked prompt (``checked_prompt``)."""
         return prompt_block_hashes(self._hash_fn, tokens, self._tpb, lora_id, salt,
                                    block_extras(mm_items, len(tokens), self._tpb),
                                    num_blocks=num_blocks)
-
-    def _checked_prompt(self, tokens: list[int], mm_items: Sequence[MultimodalItem]
-                        ) -> tuple[Sequence[int], tuple[MultimodalItem, ...]]:
-        """``tokens`` and ``mm_items`` checked as the manager checks a prompt (ValueError)."""
-        ids = as_token_sequence(tokens, "tokens")  # before len(): None, an iterator
-        return ids, check_mm_items(mm_items, len(ids), "remote tier")
 
     def _num_local_blocks(self, tokens: Sequence[int], salt: bytes | str | int | None,
                           lora_id: int | None, mm_items: tuple[MultimodalItem, ...]) -> int:
@@ -373,7 +372,7 @@ class RemoteTier:
         """Fetch now (blocking) and import the blocks of ``tokens`` (with its multimodal
         ``mm_items``) that the store has past the local tiers' prefix into host blocks;
         returns how many were imported."""
-        ids, items = self._checked_prompt(tokens, mm_items)
+        ids, items = checked_prompt(tokens, mm_items, "remote tier")
         hashes = self._reusable_hashes(ids, salt, lora_id, items)
         wanted = self._wanted(hashes, ids, salt, lora_id, items)
         if not wanted:
@@ -393,7 +392,7 @@ class RemoteTier:
             raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
         if request_id in self._pending:
             return False
-        ids, items = self._checked_prompt(tokens, mm_items)
+        ids, items = checked_prompt(tokens, mm_items, "remote tier")
         hashes = self._reusable_hashes(ids, salt, lora_id, items)
         wanted = self._wanted(hashes, ids, salt, lora_id, items)
         if not wanted:
