@@ -432,3 +432,27 @@ def test_a_reused_prefix_is_skipped_only_where_the_tier_remembers_it(
         rewritten)
     assert engine.remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == (
         0 if known > 5 else 2)
+
+
+def test_a_write_the_store_refused_is_not_remembered() -> None:
+    """With the store down a write hands it nothing, and the tier does not count those
+    blocks as held: once the store is back, a write of them as reused writes them all.
+    Before, the refused write was remembered and the reused blocks were never written."""
+    from kvtier.remote import FaultyRemoteStore
+
+    backend: dict[str, bytes] = {}
+    stores: list[FaultyRemoteStore] = []
+
+    def faulty(ns: RemoteNamespace) -> FaultyRemoteStore:
+        stores.append(FaultyRemoteStore(InMemoryRemoteStore(ns, backend)))
+        return stores[-1]
+
+    engine = make_engine(faulty)
+    assert engine.remote is not None
+    prompt = PREFIX + [1]  # 23 tokens: 5 full blocks
+    stores[0].down = True
+    assert engine.remote.write(prompt, [0, 1, 2, 3, 4], wait=True) == 0
+    stores[0].down = False
+    assert engine.remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 5
+    assert len(backend) == 5
+    assert engine.remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 0

@@ -305,19 +305,20 @@ class RemoteTier:
         """Write the full blocks of computed ``tokens`` from their GPU slots, every rank its
         shard (their bytes are copied now, the store is written on its I/O thread, or now
         with ``wait``), from block ``first_block`` on: the caller says the blocks before it
-        are in the store already (LMCache's masked store; their hashes still chain the
-        later ones). The first ``reused_blocks`` are a prefix the caller reused from its own
+        are in the store already (LMCache's masked store; their hashes still chain the later
+        ones). The first ``reused_blocks`` are a prefix the caller reused from its own
         tiers: skipped where this tier wrote or fetched them lately (it remembers
         ``KNOWN_BLOCKS``), as LMCache's and vLLM's offloading stores skip what they hold,
         and written where it did not (a conversation's next turn reuses its last answer's
         blocks, decoded and never written through, whose absence would cut the chain for
-        every other engine). A prompt with multimodal items must name them
-        (``mm_items``, as admitted): the blocks holding them are keyed by their content
-        too, and without it another image behind the same placeholder tokens would be
-        served this one's KV. Returns how many blocks were handed to the store. Raises
-        ValueError, writing nothing, for a slot of ``block_table`` that is no GPU slot (a
-        negative one would have written another block's bytes under this prompt's hash) or
-        a ``first_block`` or ``reused_blocks`` that is no int >= 0.
+        every other engine). A write the store refuses is not remembered; one its I/O thread
+        accepts and then loses is (nothing reports that back). A prompt with multimodal
+        items must name them (``mm_items``, as admitted): the blocks holding them are keyed
+        by their content too, and without it another image behind the same placeholder
+        tokens would be served this one's KV. Returns how many blocks were handed to the
+        store. Raises ValueError, writing nothing, for a slot of ``block_table`` that is no
+        GPU slot (a negative one would have written another block's bytes under this
+        prompt's hash) or a ``first_block`` or ``reused_blocks`` that is no int >= 0.
 
         ::
 
@@ -342,7 +343,10 @@ class RemoteTier:
                                  f"got {slot!r}")
         blocks = [(h, slot) for _, h, slot in picked]
         written = self.ranks.put(Tier.GPU, blocks, wait) if blocks else 0
-        self._remember(hashes[:len(block_table)])  # the skipped refreshed, the written new
+        if written == len(blocks):
+            self._remember(hashes[:len(block_table)])  # the skipped refreshed, the written new
+        else:  # NOTE: the store took less (down, refused): what it holds is not known
+            self._remember(h for h in hashes[:len(block_table)] if h in known)
         self.num_written_blocks += written
         return written
 
