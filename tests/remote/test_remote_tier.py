@@ -456,3 +456,18 @@ def test_a_write_the_store_refused_is_not_remembered() -> None:
     assert engine.remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 5
     assert len(backend) == 5
     assert engine.remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 0
+
+
+def test_a_request_that_skips_reading_reports_no_reuse() -> None:
+    """A request with ``skip_reading_prefix_cache`` computes its whole prompt although the
+    prompt is cached: its result says 0 tokens reused and all 23 computed, and its logits
+    are a full recompute's. Before, the engine's promise was the plain lookup's, and the
+    result claimed the 20 cached tokens as GPU hits."""
+    engine = make_engine(lambda ns: InMemoryRemoteStore(ns))
+    prompt = PREFIX + [1]
+    run(engine, [prompt], "a")
+    engine.add_request(Request("b", prompt, 2, skip_reading_prefix_cache=True))
+    engine.run()
+    result = engine.results["b"]
+    assert (result.num_reused_tokens, result.num_computed_tokens) == (0, 23)
+    assert_exact(engine)

@@ -97,6 +97,10 @@ class RequestResult:
         return None if self.first_token_s is None else self.first_token_s - self.added_s
 
 
+# What admission promises a request that skips reading the cache (``Request``).
+_NO_REUSE = PrefixMatch(0, 0, 0, 0)
+
+
 class _Computed(NamedTuple):
     """A prompt computed to its end in this step, with the blocks that hold it; the first
     ``reused_blocks`` it reused (in the remote store already where the tier wrote or
@@ -284,7 +288,7 @@ class ModelEngine:
                     # The block table as of now: update may finish the request and free it.
                     computed.append(_Computed(
                         req.request_id, req.tokens[:end],
-                        list(self.manager.block_table(req.request_id)), req.salt, req.lora_id,
+                        self.manager.block_table(req.request_id), req.salt, req.lora_id,
                         self._reused_blocks.pop(req.request_id, 0)))
         for rid in step.decode_request_ids:
             req = running[rid]
@@ -429,8 +433,9 @@ class ModelEngine:
             rid = req.request_id
             result = self.results.get(rid)
             if result is not None and result.first_token_s is None and not req.output:
-                self._promised[rid] = manager.lookup(req.prompt, salt=req.salt,
-                                                     lora_id=req.lora_id)
+                self._promised[rid] = (_NO_REUSE if req.skip_reading_prefix_cache else
+                                       manager.lookup(req.prompt, salt=req.salt,
+                                                      lora_id=req.lora_id))
 
     def _note_admissions(self, step: ScheduledStep) -> None:
         """Record where the prompt of each newly admitted request came from."""
