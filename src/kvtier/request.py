@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 
 from kvtier.config import check_priority
 from kvtier.sequence import (
+    MultimodalItem,
     check_key,
     check_lora_id,
+    check_mm_items,
     check_retention,
     check_retention_type,
     is_finite_number,
@@ -37,8 +39,10 @@ class Request:
     2**128 in magnitude or a str / bytes one of at most 4096; ``lora_id`` in 0..2**63-1;
     ``retention_s`` in 0..1e9 seconds); ``retention`` a :class:`~kvtier.retention.Retention`
     or None; ``skip_reading_prefix_cache`` a bool (:class:`SequenceSpec`: the request reuses
-    no cached block, e.g. for prompt logprobs, and stores its own). ``bool`` is never taken
-    for a number.
+    no cached block, e.g. for prompt logprobs, and stores its own); ``mm_items`` a tuple or
+    list of :class:`~kvtier.sequence.MultimodalItem` lying within the prompt (kept as a
+    tuple: a block holding part of an image is keyed by the image too, as
+    :class:`SequenceSpec` keys it). ``bool`` is never taken for a number.
     """
 
     request_id: str
@@ -56,9 +60,10 @@ class Request:
     # Priorities per token range and for decoded blocks (``SequenceSpec.retention``).
     retention: Retention | None = None
     skip_reading_prefix_cache: bool = False
+    mm_items: tuple[MultimodalItem, ...] = ()
 
     def __post_init__(self) -> None:
-        self.prompt, self.output = check_request(self)
+        self.prompt, self.output, self.mm_items = check_request(self)
 
     @property
     def tokens(self) -> list[int]:
@@ -81,8 +86,9 @@ def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> lis
     return list(ids) if ids is tokens else ids
 
 
-def check_request(req: Request) -> tuple[list[int], list[int]]:
-    """Validate every field of ``req``; return copies of its prompt and output. Pure."""
+def check_request(req: Request) -> tuple[list[int], list[int], tuple[MultimodalItem, ...]]:
+    """Validate every field of ``req``; return copies of its prompt and output and its
+    multimodal items as a tuple. Pure."""
     rid = req.request_id
     if type(rid) is not str or not rid:
         raise ValueError(f"request_id must be a non-empty str, got {rid!r}")
@@ -104,8 +110,9 @@ def check_request(req: Request) -> tuple[list[int], list[int]]:
     if type(req.skip_reading_prefix_cache) is not bool:
         raise ValueError(f"skip_reading_prefix_cache of {what} must be a bool, got "
                          f"{short_repr(req.skip_reading_prefix_cache)}")
+    mm_items = check_mm_items(req.mm_items, len(prompt), rid)
     for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
         value = getattr(req, name)
         if type(value) is not int or value < 0:
             raise ValueError(f"{name} of {what} must be an integer >= 0, got {value!r}")
-    return prompt, output
+    return prompt, output, mm_items

@@ -163,7 +163,8 @@ class Scheduler:
         return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
                             priority=req.priority, retention_s=req.retention_s,
                             retention=retention,
-                            skip_reading_prefix_cache=req.skip_reading_prefix_cache)
+                            skip_reading_prefix_cache=req.skip_reading_prefix_cache,
+                            mm_items=req.mm_items)
 
     def _dequeue(self, req: Request) -> None:
         """Take the waiting ``req`` out of the queue and forget what was kept for it there
@@ -190,7 +191,7 @@ class Scheduler:
         could never fit the GPU pool."""
         if not isinstance(req, Request):
             raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
-        prompt, output = check_request(req)
+        prompt, output, mm_items = check_request(req)
         rid = req.request_id
         if rid in self.running or rid in self._specs:
             raise ValueError(f"request_id {rid!r} is already queued or running")
@@ -211,7 +212,8 @@ class Scheduler:
             # request would wait for ever. vLLM refuses this shape at its config.
             raise ValueError(f"request {rid!r} has {len(prompt)} prompt tokens but "
                              f"max_num_tokens is {budget} and chunked prefill is off")
-        req.prompt, req.output = prompt, output  # private copies: the caller's lists may change
+        # Private copies: the caller's lists may change.
+        req.prompt, req.output, req.mm_items = prompt, output, mm_items
         spec = self._spec_of(req)
         self._enqueue(req, spec, first=False)
 

@@ -18,7 +18,14 @@ torch = pytest.importorskip("torch", reason="the remote tier tests move real KV:
 
 from remote_helpers import PrivateRedis, RedisServers  # noqa: E402
 
-from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig  # noqa: E402
+from kvtier import (  # noqa: E402
+    CacheConfig,
+    KVCacheManager,
+    MultimodalItem,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+)
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
 from kvtier.remote.store import RemoteStore  # noqa: E402
@@ -471,3 +478,29 @@ def test_a_request_that_skips_reading_reports_no_reuse() -> None:
     result = engine.results["b"]
     assert (result.num_reused_tokens, result.num_computed_tokens) == (0, 23)
     assert_exact(engine)
+
+
+def test_an_image_prompt_is_written_and_fetched_under_its_image() -> None:
+    """Engine A writes through a prompt whose block 2 holds an image (placeholder tokens 8..11,
+    image A): 6 full blocks. Engine B serves the same tokens with image B and fetches only
+    the 2 blocks before the image (8 tokens reused); engine C with image A fetches all 6.
+    Before, a request carried no items: A wrote its blocks under the tokens' keys, B was
+    served A's image's KV for its own image and C's image admission matched nothing A
+    wrote."""
+    backend: dict[str, bytes] = {}
+    prompt = PREFIX + [11, 12, 13]
+
+    def serve(tag: str, image: str) -> ModelEngine:
+        engine = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
+        engine.add_request(Request(tag, prompt, 3, mm_items=(MultimodalItem(8, 4, image),)))
+        engine.run()
+        engine.manager.check_invariants()
+        assert_exact(engine)
+        return engine
+
+    a = serve("a", "image-a")
+    assert a.remote is not None and a.remote.num_written_blocks == 6
+    b, c = serve("b", "image-b"), serve("c", "image-a")
+    assert b.remote is not None and c.remote is not None
+    assert (b.remote.num_fetched_blocks, b.results["b"].num_reused_tokens) == (2, 8)
+    assert (c.remote.num_fetched_blocks, c.results["c"].num_reused_tokens) == (6, 24)

@@ -37,6 +37,7 @@ from kvtier.model.sampling import Sampler
 from kvtier.remote.tier import RemoteTier
 from kvtier.request import check_request
 from kvtier.scheduler import Request, ScheduledStep, Scheduler
+from kvtier.sequence import MultimodalItem
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.torch_engine import TorchTransferEngine
 
@@ -111,6 +112,7 @@ class _Computed(NamedTuple):
     block_table: list[int]
     salt: bytes | str | int | None
     lora_id: int | None
+    mm_items: tuple[MultimodalItem, ...]
     reused_blocks: int
 
 
@@ -184,7 +186,7 @@ class ModelEngine:
             raise TypeError(f"stop must be a callable or None, got {type(stop).__name__}")
         if isinstance(request, Request):
             # The scheduler checks the request again; its token ids are ints from here.
-            self._check_vocab(request.request_id, *check_request(request))
+            self._check_vocab(request.request_id, *check_request(request)[:2])
         self.scheduler.add_request(request)
         rid = request.request_id
         self.results[rid] = RequestResult(rid, list(request.prompt),
@@ -289,7 +291,7 @@ class ModelEngine:
                     computed.append(_Computed(
                         req.request_id, req.tokens[:end],
                         self.manager.block_table(req.request_id), req.salt, req.lora_id,
-                        self._reused_blocks.pop(req.request_id, 0)))
+                        req.mm_items, self._reused_blocks.pop(req.request_id, 0)))
         for rid in step.decode_request_ids:
             req = running[rid]
             tokens = req.tokens
@@ -362,7 +364,7 @@ class ModelEngine:
         assert self.remote is not None
         for c in computed:
             self.remote.write(c.tokens, c.block_table, salt=c.salt, lora_id=c.lora_id,
-                              reused_blocks=c.reused_blocks)
+                              mm_items=c.mm_items, reused_blocks=c.reused_blocks)
 
     def _sample(self, last_logits: dict[str, torch.Tensor]) -> dict[str, int]:
         """One token per request: its sampler's, else greedy (in one batched argmax). A
@@ -435,7 +437,8 @@ class ModelEngine:
             if result is not None and result.first_token_s is None and not req.output:
                 self._promised[rid] = (_NO_REUSE if req.skip_reading_prefix_cache else
                                        manager.lookup(req.prompt, salt=req.salt,
-                                                      lora_id=req.lora_id))
+                                                      lora_id=req.lora_id,
+                                                      mm_items=req.mm_items))
 
     def _note_admissions(self, step: ScheduledStep) -> None:
         """Record where the prompt of each newly admitted request came from."""
@@ -460,7 +463,8 @@ class ModelEngine:
                 self._fetched.add(req.request_id)
                 if req.skip_reading_prefix_cache:
                     continue  # it reuses nothing: a fetch would only fill the host
-                if remote.start_fetch(req.request_id, req.tokens, req.salt, req.lora_id):
+                if remote.start_fetch(req.request_id, req.tokens, req.salt, req.lora_id,
+                                      req.mm_items):
                     scheduler.hold(req.request_id)
                     self._before_fetch[req.request_id] = self._num_cached(req)
         for rid in remote.poll():
@@ -472,7 +476,8 @@ class ModelEngine:
                 self._release(rid)
 
     def _num_cached(self, req: Request) -> int:
-        return self.manager.lookup(req.tokens, salt=req.salt, lora_id=req.lora_id).num_tokens
+        return self.manager.lookup(req.tokens, salt=req.salt, lora_id=req.lora_id,
+                                   mm_items=req.mm_items).num_tokens
 
     def _release(self, rid: str) -> None:
         """Release a held request; what its fetch added to the cache counts as remote."""
