@@ -43,16 +43,21 @@ class Engine:
         store = InMemoryRemoteStore(RemoteNamespace("lmcache-mirror", LAYOUT), backend)
         self.tier = RemoteTier(store, self.manager, self.gpu, self.host)
 
-    def store(self, rid: str, tokens: list[int], first_block: int = 0) -> int:
-        """Compute ``tokens`` (each block's KV is its first token id) and write its blocks
-        from ``first_block`` on; returns how many were written."""
+    def store(self, rid: str, tokens: list[int], first_block: int = 0,
+              skip_reused: bool = False, wait: bool = True) -> int:
+        """Compute ``tokens`` (each block's KV is its first token id; blocks reused from
+        the local tiers keep theirs) and write its blocks from ``first_block`` on (with
+        ``skip_reused``, naming the reused prefix to the tier); returns how many were
+        handed to the store."""
         adm = self.manager.add_sequence(SequenceSpec(rid, tokens))
         assert adm.admitted
         for i, slot in enumerate(adm.block_ids):
-            for layer in range(LAYOUT.num_layers):
-                self.gpu.layer(layer)[slot].fill_(float(tokens[i * TPB]))
-        written = self.tier.write(tokens, list(adm.block_ids), wait=True,
-                                  first_block=first_block)
+            if i * TPB >= adm.num_reused_tokens:
+                for layer in range(LAYOUT.num_layers):
+                    self.gpu.layer(layer)[slot].fill_(float(tokens[i * TPB]))
+        reused = adm.num_reused_tokens // TPB if skip_reused else 0
+        written = self.tier.write(tokens, list(adm.block_ids), wait=wait,
+                                  first_block=first_block, reused_blocks=reused)
         self.manager.remove_sequence(rid)
         return written
 
@@ -143,3 +148,61 @@ def test_a_store_past_a_stored_prefix_writes_only_the_new_chunks() -> None:
     assert len(backend) == 10 and all(backend[k] == v for k, v in before.items())
     assert Engine(backend).retrieve(PROMPT) == 40
     assert Engine(backend).store("c", PROMPT) == 10
+
+
+def test_a_store_that_skips_existing_chunks_writes_only_the_new_ones() -> None:
+    """Mirrors tests/test_cache_engine.py::test_skipping (two engines store a prompt, then
+    the prompt with new tokens, one with ``skip_existing=True``): the engine that stored
+    the prompt and skips its reused prefix writes the 7 new full blocks only; the engine
+    that does not skip writes all 17. Differs by design: kvtier skips what its tier wrote
+    or fetched lately, not what the store holds (LMCache asks the store), so an engine
+    that reused the prefix from its own cache without writing or fetching it writes all
+    17 even when it skips."""
+    backend: dict[str, bytes] = {}
+    first, second = Engine(backend), Engine(backend)
+    assert first.store("a", PROMPT) == 10 and second.store("a", PROMPT) == 10
+    assert first.store("aa", PROMPT + NEW, skip_reused=True) == 7
+    assert second.store("aa", PROMPT + NEW) == 17
+    third = Engine(backend)
+    third.manager.add_sequence(SequenceSpec("local", PROMPT))  # computed, never written
+    third.manager.remove_sequence("local")
+    assert third.store("aa", PROMPT + NEW, skip_reused=True) == 17  # all 17 are stored
+    assert len(backend) == 17
+
+
+def test_a_store_of_another_chunk_size_is_refused() -> None:
+    """Mirrors tests/test_cache_engine.py::test_builder (an engine config of another
+    chunk size for the same instance raises ValueError): a tier over a store of 8-token
+    blocks refuses storages of 4-token blocks, naming both layouts."""
+    layout8 = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, tokens_per_block=8,
+                       dtype="float32")
+    engine = Engine({})
+    store = InMemoryRemoteStore(RemoteNamespace("lmcache-mirror", layout8), {})
+    with pytest.raises(ValueError, match=r"tokens_per_block=8, .* tokens_per_block=4, .*misread"):
+        RemoteTier(store, engine.manager, engine.gpu, engine.host)
+
+
+def test_the_local_tiers_prefix_is_not_fetched_again() -> None:
+    """Mirrors LMCache's hybrid backend (tests/data/test_creation_from_file/hybrid.yaml: a
+    local cache in front of the remote one; a retrieve takes what the local cache holds and
+    reads only the rest remotely): an engine holding the first 5 blocks on its GPU fetches
+    the other 5 from the store, and then holds all 10."""
+    backend: dict[str, bytes] = {}
+    Engine(backend).store("a", PROMPT)
+    engine = Engine(backend)
+    engine.store("half", PROMPT[:21])  # 5 full blocks computed locally
+    assert engine.tier.fetch(PROMPT) == 5 and engine.tier.num_fetched_blocks == 5
+    m = engine.manager.lookup(PROMPT)
+    assert (m.num_tokens, m.num_gpu_tokens, m.num_host_tokens) == (40, 20, 20)
+
+
+def test_a_nonblocking_store_lands_once_flushed() -> None:
+    """Mirrors tests/test_backends.py::test_nonblocking_put (a put that does not wait is
+    found after the engine's pending writes are done): a write without ``wait`` hands 10
+    blocks to the store's I/O thread; after ``flush`` all 10 are there and another engine
+    retrieves them."""
+    backend: dict[str, bytes] = {}
+    engine = Engine(backend)
+    assert engine.store("a", PROMPT, wait=False) == 10
+    assert engine.tier.flush(5.0) and len(backend) == 10
+    assert Engine(backend).retrieve(PROMPT) == 40
