@@ -131,3 +131,31 @@ def test_a_held_prefix_outlives_the_expiry_of_its_salt() -> None:
     assert hit(mgr, [1, 2, END], salt="salt-a") == 2  # cached again, as released
     assert mgr.drop_key_space(salt="salt-a") == 3  # [1, 2] and held's [5]
     assert hit(mgr, [1, 2, END], salt="salt-a") == 0 and mgr.cached_blocks() == []
+
+
+def test_a_device_block_goes_to_the_host_keeping_its_host_child() -> None:
+    """Mirrors test_boundary_hiradix_cache_unit.py test_l1_evicts_dh_leaf_to_h_without_
+    deleting_children (a device block whose child is on the host only is evicted to the
+    host, and the child stays attached): [1] -> [2] go to the host; r reuses [1] (onboarded
+    to the GPU, [2] stays on the host below it); s pushes [1] back to the host, and [1, 2]
+    still hits both blocks.
+
+        after r:  GPU [1] -> host [2]        after s:  host [1] -> host [2]
+    """
+    mgr = make_manager(tokens_per_block=1, num_gpu_blocks=2, num_host_blocks=8)
+    admit(mgr, "p", [1, 2])
+    release(mgr, "p")
+    admit(mgr, "q", [5, 6])  # [1], [2] to the host
+    release(mgr, "q")
+    r = admit(mgr, "r", [1, END])
+    assert (r.num_reused_tokens, r.num_onboarded_tokens) == (1, 1)
+    release(mgr, "r")
+    tiers = {b.tokens: b.tier for b in mgr.cached_blocks()}
+    assert (tiers[(1,)], tiers[(2,)]) == (Tier.GPU, Tier.HOST)
+    mgr.take_plan()
+    admit(mgr, "s", [7, 8])  # the GPU's two unheld blocks, [1] and END, to the host
+    assert [op.kind.name for op in mgr.take_plan().ops] == ["OFFLOAD", "OFFLOAD"]
+    tiers = {b.tokens: b.tier for b in mgr.cached_blocks()}
+    assert (tiers[(1,)], tiers[(2,)], tiers[(END,)]) == (Tier.HOST, Tier.HOST, Tier.HOST)
+    m = mgr.lookup([1, 2, END])
+    assert (m.num_tokens, m.num_host_tokens) == (2, 2)

@@ -27,6 +27,9 @@ from kvtier import (
     KVCacheManager,
     MultimodalItem,
     OpKind,
+    Request,
+    Scheduler,
+    SchedulerConfig,
     SequenceSpec,
     Tier,
 )
@@ -281,3 +284,70 @@ def test_arc_evicts_the_blocks_seen_once_before_the_blocks_reused() -> None:
 
     assert evicted("arc") == [3, 4, 1]
     assert evicted("lru") == evicted("priority-lru") == [1, 2, 3]
+
+
+def test_a_duplicate_of_a_held_block_stays_private_and_pins_both_copies() -> None:
+    """Mirrors vllm test_prefix_caching.py::test_block_lookup_cache_multi_blocks_per_key
+    and test_maybe_evict_cached_block (vLLM's lookup cache keeps several blocks under one
+    hash; evicting one leaves the others found): two requests of one batch compute the
+    same 2 new blocks; a's are cached, b's are duplicates kept private to b. Differs by
+    design: b's path follows the cached run (its later blocks are stored below it), so
+    while b lives the cached run is held too: after a is released only 3 blocks are free
+    or evictable (vLLM: 5, a's cached blocks being evictable); b's copies are freed with
+    it, and the cached run is the one that stays."""
+    mgr = make_manager(num_gpu_blocks=8, enable_events=True)
+    a, b = mgr.add_sequence_batch([SequenceSpec("a", [*range(8), 0]),
+                                   SequenceSpec("b", [*range(8), 1])])
+    mgr.check_invariants()
+    assert (a.block_ids, b.block_ids) == ((0, 1, 2), (3, 4, 5))
+    assert cached_slots(mgr) == [0, 1] and mgr.stats.num_duplicate_stores == 2
+    assert len([e for e in mgr.drain_events() if isinstance(e, BlockStored)]) == 2
+    release(mgr, "a")
+    assert mgr.num_free_gpu_blocks == 3
+    assert admit(mgr, "big", [9] * 12).block_ids == (2, 6, 7)  # no cached block evicted
+    mgr.drain_events()
+    release(mgr, "b")
+    assert mgr.drain_events() == []  # the private copies were never cached
+    assert cached_slots(mgr) == [0, 1, 2, 6, 7] and mgr.num_free_gpu_blocks == 5
+    assert hit(mgr, [*range(8), 5]) == 8
+
+
+def test_a_preempted_request_resumes_in_chunks_from_what_survived_of_its_blocks() -> None:
+    """Mirrors vllm tests/v1/core/test_scheduler.py's preemption with prefix caching and
+    chunked prefill (a preempted request frees its blocks tail first, keeps them cached,
+    and on resumption is scheduled from its cache hit in chunks of the token budget): 6
+    blocks of 4, a budget of 6 tokens. b's 16-token prompt is prefilled in chunks 2, 5, 5,
+    4 beside a's decodes; b's first decode finds no block and b (the newest) is preempted,
+    its 4 blocks cached. a's decodes take 2 of them, b's tail first; once a finishes, b
+    resumes with 8 tokens reused and recomputes 9 (its 8 lost prompt tokens and its first
+    output) in chunks of 6 and 3.
+
+        step 0:  a 0..3 | b 0..1          steps 1-3: a decodes, b 2..6, 7..11, 12..15
+        step 4:  a decodes, b preempted   steps 5-11: a decodes (evicts b's 2 tail blocks)
+        step 12: b 8..13 (8 reused)       step 13: b 14..16, then it samples its last
+    """
+    mgr = make_manager(num_gpu_blocks=6)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=6,
+                                           capacity_policy="max_utilization"))
+    sched.add_request(Request("a", list(range(4)), max_output_tokens=12))
+    sched.add_request(Request("b", list(range(100, 116)), max_output_tokens=2))
+    log: list[tuple[object, ...]] = []
+    for _ in range(30):
+        step = sched.step()
+        mgr.check_invariants()
+        log.append(([(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+                     for c in step.context_chunks], step.decode_request_ids,
+                    step.preempted_request_ids))
+        ids = [*step.decode_request_ids, *(c.request_id for c in step.context_chunks)]
+        sched.update(step, dict.fromkeys(ids, 7))
+        mgr.check_invariants()
+        if not sched.has_unfinished():
+            break
+    assert log[:5] == [([("a", 0, 4, 0), ("b", 0, 2, 0)], (), ()),
+                       ([("b", 2, 5, 0)], ("a",), ()),
+                       ([("b", 7, 5, 0)], ("a",), ()),
+                       ([("b", 12, 4, 0)], ("a",), ()),
+                       ([], ("a",), ("b",))]
+    assert log[5:12] == [([], ("a",), ())] * 7
+    assert log[12:] == [([("b", 8, 6, 8)], (), ()), ([("b", 14, 3, 0)], (), ())]
+    assert mgr.num_sequences == 0 and mgr.num_free_gpu_blocks == 6
