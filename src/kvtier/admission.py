@@ -281,20 +281,25 @@ class BatchAdmission:
         seq.num_scheduled_tokens = num_scheduled
         seq.num_reserved_blocks = p.spec.num_reserved_blocks + num_blocks - num_now
         self._live.add(seq)
-        self._record_admission(seq, promise)
+        self._record_admission(seq, promise, p.spec.skip_reading_prefix_cache)
         self._store_blocks(seq)
         return Admission(seq.request_id, True, num_reused, num_onboarded,
                          tuple(table.tolist()))  # NOTE: tolist makes the ints faster
 
-    def _record_admission(self, seq: LiveSequence, promise: Promise) -> None:
+    def _record_admission(self, seq: LiveSequence, promise: Promise,
+                          skipped_lookup: bool) -> None:
+        """Count an admission; a request that skipped the cache lookup is no query (vLLM's
+        rule): its prompt counts neither as queried nor as missed."""
         stats = self._cache.stats
+        stats.num_admitted += 1
+        if skipped_lookup:
+            return
         num_full = len(seq.tokens) // self._tpb
         gpu_blocks, host_blocks = promise.num_gpu_blocks, promise.num_host_blocks
         stats.gpu.reused_blocks += gpu_blocks
         stats.gpu.missed_blocks += num_full - gpu_blocks
         stats.host.reused_blocks += host_blocks
         stats.host.missed_blocks += num_full - gpu_blocks - host_blocks
-        stats.num_admitted += 1
         stats.num_prompt_tokens += len(seq.tokens)
         stats.num_reused_tokens += promise.match.num_tokens
         stats.num_partial_tokens += promise.num_partial_tokens

@@ -27,7 +27,10 @@ class TierStats:
 
 @dataclass(slots=True)
 class CacheStats:
-    """Counters since the manager was created; ``token_hit_rate`` is reused/prompt tokens."""
+    """Counters since the manager was created; ``token_hit_rate`` is reused/prompt tokens.
+    The prompt tokens and the reused and missed blocks are those of the admitted requests
+    that looked the cache up: one that skips reading it (``skip_reading_prefix_cache``) is
+    counted in ``num_admitted`` only, as vLLM's prefix-cache stats leave it out."""
 
     gpu: TierStats = field(default_factory=TierStats)
     host: TierStats = field(default_factory=TierStats)

@@ -351,3 +351,25 @@ def test_a_preempted_request_resumes_in_chunks_from_what_survived_of_its_blocks(
     assert log[5:12] == [([], ("a",), ())] * 7
     assert log[12:] == [([("b", 8, 6, 8)], (), ()), ([("b", 14, 3, 0)], (), ())]
     assert mgr.num_sequences == 0 and mgr.num_free_gpu_blocks == 6
+
+
+def test_a_request_that_skips_reading_is_no_query_of_the_prefix_cache_stats() -> None:
+    """Mirrors vllm test_prefix_caching.py::test_prefill_plp with vLLM's prefix-cache
+    counters (``KVCacheManager.record_prefix_cache_stats``: "Don't count a request that
+    skipped the cache lookup"): request 0 misses its 13 tokens; request 1 wants prompt
+    logprobs (``skip_reading_prefix_cache``) and looks nothing up, so it is admitted but
+    neither queried nor missed, though its 3 blocks were cached; request 2 hits 12. The
+    counters read 26 tokens queried, 12 hit, 3 blocks reused and 3 missed (before: 39
+    queried and 6 missed, the blocks request 1 never looked for counted as misses)."""
+    mgr = make_manager(num_gpu_blocks=16)
+    admit(mgr, "0", [*range(12), 99])
+    release(mgr, "0")
+    admit(mgr, "1", [*range(12), 98], skip_reading_prefix_cache=True)
+    s = mgr.stats
+    assert (s.num_admitted, s.num_prompt_tokens, s.num_reused_tokens) == (2, 13, 0)
+    assert (s.gpu.reused_blocks, s.gpu.missed_blocks, s.host.missed_blocks) == (0, 3, 3)
+    assert admit(mgr, "2", [*range(12), 97]).num_reused_tokens == 12
+    s = mgr.stats
+    assert (s.num_admitted, s.num_prompt_tokens, s.num_reused_tokens) == (3, 26, 12)
+    assert (s.gpu.reused_blocks, s.gpu.missed_blocks) == (3, 3)
+    assert s.token_hit_rate == 12 / 26
