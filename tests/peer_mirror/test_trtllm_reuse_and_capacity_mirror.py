@@ -17,7 +17,7 @@ Test``: kvtier keeps every block of a sequence) and the per-window event streams
 
 from __future__ import annotations
 
-from kvtier import OpKind, Request, Scheduler, SchedulerConfig, SequenceSpec
+from kvtier import BlockStored, OpKind, Request, Scheduler, SchedulerConfig, SequenceSpec, Tier
 from peer_mirror.mirror_helpers import admit, cached_slots, hit, make_manager, release
 
 
@@ -178,3 +178,33 @@ def test_a_cache_filled_with_guaranteed_requests_completes_them_all() -> None:
         preempted += len(step.preempted_request_ids)
     assert (finished, preempted, mgr.num_sequences) == (20, 0, 0)
     assert mgr.num_free_gpu_blocks == 64 and hit(mgr, [1] * 8 + [0]) == 8
+
+
+def test_a_full_host_keeps_the_highest_priorities_across_both_tiers() -> None:
+    """Mirrors kvCacheManagerTest.cpp's secondary-pool offload (a primary victim is moved
+    into a secondary block that the secondary pool frees by its own eviction order) with
+    evictionPolicyTest.cpp LRUPolicyTest.PriorityTest (lower priority is evicted first):
+    1 GPU block, a 2-block host holding priorities 90 and 40. A GPU victim at 50 replaces
+    the 40 on the host (a removed event on the host, then the move); a GPU victim at 35,
+    below every host block, is dropped rather than offloaded. Differs by design:
+    TensorRT-LLM frees the secondary pool's own lowest block for any offload (the 40 would
+    give way to the 35 too); kvtier keeps the highest priorities of both tiers cached."""
+    def after_one_more(victim_priority: int) -> tuple[list[tuple[str, int]], list[OpKind],
+                                                      list[int]]:
+        mgr = make_manager(num_gpu_blocks=1, num_host_blocks=2, enable_events=True)
+        for rid, value, priority in (("hi", 1, 90), ("lo", 2, 40), ("v", 3, victim_priority)):
+            admit(mgr, rid, [value] * 4, priority=priority)
+            release(mgr, rid)
+        mgr.take_plan()
+        first = {b.block_hash: b.tokens[0] for b in mgr.cached_blocks()}
+        mgr.drain_events()
+        admit(mgr, "new", [4] * 4)  # the GPU block's victim: v
+        ops = [op.kind for op in mgr.take_plan().ops]
+        moved = [(type(e).__name__, first[e.block_hash]) for e in mgr.drain_events()
+                 if not isinstance(e, BlockStored)]
+        host = sorted(b.tokens[0] for b in mgr.cached_blocks() if b.tier is Tier.HOST)
+        return moved, ops, host
+
+    assert after_one_more(50) == ([("BlockRemoved", 2), ("BlockTierChanged", 3)],
+                                  [OpKind.OFFLOAD], [1, 3])
+    assert after_one_more(35) == ([("BlockRemoved", 3)], [], [1, 2])
