@@ -17,7 +17,16 @@ Test``: kvtier keeps every block of a sequence) and the per-window event streams
 
 from __future__ import annotations
 
-from kvtier import BlockStored, OpKind, Request, Scheduler, SchedulerConfig, SequenceSpec, Tier
+from kvtier import (
+    BlockRemoved,
+    BlockTierChanged,
+    OpKind,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+    SequenceSpec,
+    Tier,
+)
 from peer_mirror.mirror_helpers import admit, cached_slots, hit, make_manager, release
 
 
@@ -201,7 +210,7 @@ def test_a_full_host_keeps_the_highest_priorities_across_both_tiers() -> None:
         admit(mgr, "new", [4] * 4)  # the GPU block's victim: v
         ops = [op.kind for op in mgr.take_plan().ops]
         moved = [(type(e).__name__, first[e.block_hash]) for e in mgr.drain_events()
-                 if not isinstance(e, BlockStored)]
+                 if isinstance(e, (BlockRemoved, BlockTierChanged))]
         host = sorted(b.tokens[0] for b in mgr.cached_blocks() if b.tier is Tier.HOST)
         return moved, ops, host
 
