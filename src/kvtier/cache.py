@@ -187,9 +187,10 @@ class BlockCache:
         # policies are used as they are).
         policy = guard_policy(policy)
         both_ends = callable(getattr(policy, "within", None))
-        self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks, policy.num_queue_fields, both_ends)
+        self.gpu = TierPool(Tier.GPU, config.num_gpu_blocks, policy.num_queue_fields, both_ends,
+                            tree=True)
         self.host = TierPool(Tier.HOST, config.num_host_blocks, policy.num_queue_fields,
-                             both_ends)
+                             both_ends, tree=True)
         self.stats = CacheStats()
         self.evictor = Evictor(config, clock, policy, self.gpu, self.host)
         self.journal = Journal(config)

@@ -50,8 +50,12 @@ class TierPool:
     """
 
     def __init__(self, tier: Tier, capacity: int, num_queue_fields: int = 0,
-                 both_ends: bool = False) -> None:
+                 both_ends: bool = False, tree: bool = False) -> None:
         self.tier = tier
+        # Whether the candidates are a cache tree's runs (``BlockCache``'s pools): then a
+        # run gone (no parent), in use or on another tier is no candidate, which a pop
+        # tests itself before asking the caller's ``current_key``.
+        self._tree = tree
         self.capacity = capacity
         # The free slots form a stack: slots given back sit on top, above the never-used
         # slots ``num_fresh .. capacity-1``, which are handed out lowest id first. The
@@ -313,9 +317,14 @@ class TierPool:
         """The most recently filed live candidate of ``queue``; stale entries above it
         are dropped."""
         filed = self._filed.get(queue)
+        tier = self.tier if self._tree else None
         while filed:
             _, _, node, key = filed[-1]
-            if current_key(node) == key:
+            # NOTE: a tree's run gone, in use or on another tier is no candidate (the
+            # first tests of ``current_key``), no call: stale filings pile up at the young
+            # end where a long path was onboarded or a host run's extensions dropped.
+            if (tier is None or (node.parent is not None and not node.ref_count
+                                 and node.tier is tier)) and current_key(node) == key:
                 return node
             filed.pop()
             self._num_filed -= 1
@@ -329,8 +338,15 @@ class TierPool:
     def _live_head(self, heap: list[_Entry], current_key: Callable[[Node], Key | None]) -> bool:
         """Drop stale entries from the top of ``heap`` until its head is current; False
         if none is left."""
+        tier = self.tier if self._tree else None
         while heap:
             _, _, node, filed = heap[0]
+            # NOTE: as in ``_youngest``: a tree's run gone, in use or on another tier is
+            # no candidate of this pool (``current_key`` None), no call.
+            if tier is not None and (node.parent is None or node.ref_count
+                                     or node.tier is not tier):
+                self._pop(heap)
+                continue
             key = current_key(node)
             if key == filed:
                 return True

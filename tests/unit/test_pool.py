@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 
@@ -404,3 +406,84 @@ def test_queue_heads_found_live_are_checked_again_only_under_a_new_check_version
         del current[d.uid]  # d stops being a candidate: its caller moves the version on
         assert pool.pop_candidate(current_key, rank, "r", check_version=2) is None
         assert set(checked[4:]) == {d.uid}
+
+
+def test_a_tree_pool_drops_gone_used_or_moved_runs_without_asking_and_pops_the_same() -> None:
+    """A pool of a cache tree's runs (``tree``) drops an entry whose run is gone (no
+    parent), in use or on another tier without calling ``current_key`` (whose answer
+    for such a run is None), at a heap's head and at a queue's young end; and over
+    random filings, changes and pops it takes exactly the runs, in exactly the order, of
+    a pool that asks for every entry (as the vLLM chunk pool, whose nodes have no
+    parent, does), with fewer calls."""
+    rng = random.Random(7)
+    calls = [0, 0]  # calls to current_key, in all: the asking pool's, the tree pool's
+    for trial in range(30):
+        root = Node(None, [], [], Tier.GPU, None, 0, None)
+        nodes = [Node(root, [t], [t], Tier.GPU, None, 0, None) for t in range(40)]
+        pools = [TierPool(Tier.GPU, 64, num_queue_fields=1, both_ends=True, tree=tree)
+                 for tree in (False, True)]
+        current: dict[int, Key] = {}
+
+        def current_key(node: Node, side: int,
+                        current: dict[int, Key] = current) -> Key | None:
+            calls[side] += 1
+            if node.parent is None or node.ref_count or node.tier is not Tier.GPU:
+                return None
+            return current.get(node.uid)
+
+        def rank(node: Node, current: dict[int, Key]) -> Key:
+            return (current[node.uid][1], 0)
+
+        popped: list[list[int]] = [[], []]
+        for _ in range(300):
+            op = rng.random()
+            n = rng.choice(nodes)
+            if op < 0.45:  # (re-)file under a key, maybe a new one
+                if n.parent is None:
+                    n.parent = root
+                n.ref_count, n.tier = 0, Tier.GPU
+                current[n.uid] = (rng.randrange(3), rng.randrange(50))
+                for pool in pools:
+                    pool.push(n, current[n.uid])
+            elif op < 0.55:
+                n.parent = None  # dropped
+            elif op < 0.65:
+                n.ref_count = 1  # claimed
+            elif op < 0.72:
+                n.tier = Tier.HOST  # offloaded
+            elif op < 0.76:
+                current[n.uid] = (rng.randrange(3), rng.randrange(50))  # changed, no re-file
+            else:
+                for side, pool in enumerate(pools):
+                    got = pool.pop_candidate(
+                        partial(current_key, side=side), partial(rank, current=current),
+                        None, lambda x: float(x.uid % 5), None)
+                    popped[side].append(-1 if got is None else got.uid)
+                if popped[0][-1] >= 0:
+                    current.pop(popped[0][-1], None)
+        assert popped[0] == popped[1], trial
+        assert calls[1] <= calls[0], (trial, calls)
+    assert calls[1] < calls[0], calls
+    # At a heap's head and at the young end: no call for a run gone, used or moved.
+    root = Node(None, [], [], Tier.GPU, None, 0, None)
+    a, b, c, d = (Node(root, [t], [t], Tier.GPU, None, 0, None) for t in range(4))
+    pool = TierPool(Tier.GPU, 8, num_queue_fields=1, both_ends=True, tree=True)
+    keys = {x.uid: (0, i) for i, x in enumerate((a, b, c, d))}
+    for x in (a, b, c, d):
+        pool.push(x, keys[x.uid])
+    asked: list[Node] = []
+
+    def ask(node: Node) -> Key | None:
+        asked.append(node)
+        if node.parent is None or node.ref_count or node.tier is not Tier.GPU:
+            return None
+        return keys[node.uid]
+
+    a.parent = None
+    b.ref_count = 1
+    d.tier = Tier.HOST  # the youngest
+    assert pool.pop_candidate(ask, lambda x: keys[x.uid], None, lambda x: 0.0) is c
+    # The head pass asks for the head a (twice: the reading pass, then the full one); the
+    # heap's stale top then goes without a call (a, b: was a, a, b), c is asked; the young
+    # end's top d is asked, then dropped without a second call (was d, d), c asked.
+    assert asked == [a, a, c, d, c]
