@@ -108,6 +108,39 @@ def test_an_eviction_round_ranks_at_one_instant() -> None:
     assert evictor.now() == 3.0
 
 
+def test_an_eviction_round_ends_when_its_body_or_its_expire_raises() -> None:
+    """A round left by an exception, from its body or from the ``expire`` it opens with,
+    lets the clock run again, and moves the check version on at its start and at its end
+    (a pool re-checks its queue heads); a nested round that raises keeps the outer one's
+    time."""
+    ticks = iter(range(100))
+    cache = BlockCache(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8),
+                       clock=lambda: float(next(ticks)))
+    evictor = cache.evictor
+    changes = evictor._num_changes
+    with pytest.raises(ZeroDivisionError), evictor.eviction_round():
+        assert evictor._num_changes == changes + 1
+        assert (evictor.now(), evictor.now()) == (0.0, 0.0)
+        1 / 0  # noqa: B018
+    assert evictor._num_changes == changes + 2
+    assert (evictor.now(), evictor.now()) == (1.0, 2.0)
+    with evictor.eviction_round():
+        with pytest.raises(ZeroDivisionError), evictor.eviction_round():
+            1 / 0  # noqa: B018
+        assert evictor.now() == 3.0  # the outer round's time still holds
+    assert evictor.now() == 4.0
+
+    def expire() -> None:
+        raise RuntimeError("expire")
+
+    evictor.expire = expire  # type: ignore[method-assign]
+    changes = evictor._num_changes
+    with pytest.raises(RuntimeError, match="expire"), evictor.eviction_round():
+        raise AssertionError("the body must not run")  # pragma: no cover
+    assert evictor._num_changes == changes + 2
+    assert (evictor.now(), evictor.now()) == (6.0, 7.0)  # 5.0 was the failed round's
+
+
 def soft_claimed_runs(mgr: KVCacheManager) -> list[tuple[int, int]]:
     """(first block, blocks) of every soft-claimed run, in tree order."""
     return [(n.start_block, n.num_blocks) for n in mgr._cache.nodes() if n.soft_claimed]

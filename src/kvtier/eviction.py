@@ -26,8 +26,7 @@ reuse it), and ``turn`` / ``prompt_end_block`` (the session of the request that 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from operator import attrgetter
 from typing import Protocol, runtime_checkable
@@ -254,23 +253,12 @@ class Evictor:
         held = self._held_now
         return self._clock() if held is None else held
 
-    @contextmanager
-    def eviction_round(self) -> Iterator[None]:
-        """An eviction round: within it ``now`` is the time at its start, so the round
-        ranks its candidates at one instant and a queue head's rank stays valid across its
-        pops (a round inside a round keeps the outer one's time); retentions that ran out
-        by then are re-filed first (``expire``)."""
-        outer = self._held_now is not None
-        if not outer:
-            self._held_now = self._clock()
-        self._num_changes += 1
-        try:
-            self.expire()
-            yield
-        finally:
-            self._num_changes += 1
-            if not outer:
-                self._held_now = None
+    def eviction_round(self) -> _Round:
+        """An eviction round, a context manager: within it ``now`` is the time at its
+        start, so the round ranks its candidates at one instant and a queue head's rank
+        stays valid across its pops (a round inside a round keeps the outer one's time);
+        retentions that ran out by then are re-filed first (``expire``)."""
+        return _Round(self)
 
     def changed(self) -> None:
         """A cached run other than the victim just taken may have changed what a policy
@@ -502,6 +490,37 @@ class Evictor:
                 self._victim_rank = (node, rank)
             return node
         return self.cut_tail(node, max_blocks)
+
+
+class _Round:
+    """``Evictor.eviction_round``'s context. NOTE: a class, not a ``contextmanager``
+    generator: a round opens at every allocation that evicts, and the generator's
+    machinery (its frame, the helper object, ``__exit__``'s ``next``) was ~4 % of the
+    slowest steps by sampling."""
+
+    __slots__ = ("_evictor", "_outer")
+
+    def __init__(self, evictor: Evictor) -> None:
+        self._evictor = evictor
+        self._outer = False
+
+    def __enter__(self) -> None:
+        evictor = self._evictor
+        outer = self._outer = evictor._held_now is not None
+        if not outer:
+            evictor._held_now = evictor._clock()
+        evictor._num_changes += 1
+        try:
+            evictor.expire()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        evictor = self._evictor
+        evictor._num_changes += 1
+        if not self._outer:
+            evictor._held_now = None
 
 
 def _merge_up(node: Node) -> bool:
