@@ -295,20 +295,26 @@ class TierPool:
         stayed referenced there, with everything it holds, until a compaction (at 1 M GPU
         blocks, never: 344 MB of dropped runs' token arrays at the end of the whole Mooncake
         trace). A filing cannot be live where its node is gone, in use or on another tier
-        (a node that comes back is filed anew) or was filed since under another key (its
-        newest heap entry's key, no call to the policy); only those go, so no run's place
-        in the order changes. A run filed again under another key leaves a stale filing
-        behind it: checking the key here keeps such filings from holding the bottom, and
-        with it every run dropped above them."""
+        (a tree's run: a node that comes back is filed anew) or was filed since under
+        another key (its newest heap entry's key, no call to the policy); only those go, so
+        no run's place in the order changes. A run filed again under another key leaves a
+        stale filing behind it: checking the key here keeps such filings from holding the
+        bottom, and with it every run dropped above them."""
         filed = self._filed.get(queue)
         if not filed:
             return
         tier = self.tier
+        tree = self._tree
         newest = self._newest
         while filed:
             _, uid, node, key = filed[0]
-            if (node is not taken and node.parent is not None and not node.ref_count
-                    and node.tier is tier and newest.get(uid) == key):
+            # NOTE: the tree's test only for a tree's runs: the nodes of a pool outside a
+            # tree (the vLLM chunk pool's) have no parent, and trimming them all left the
+            # young end empty after the first head pop.
+            if (node is not taken and (not tree or (node.parent is not None
+                                                    and not node.ref_count
+                                                    and node.tier is tier))
+                    and newest.get(uid) == key):
                 return
             filed.popleft()
             self._num_filed -= 1

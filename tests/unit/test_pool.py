@@ -183,10 +183,12 @@ def test_queue_heads_are_ranked_at_every_pop_without_a_version() -> None:
     assert sorted(ranked[:2]) == [a, b] and sorted(ranked[2:]) == [b, c]
 
 
-def make_two_ended(num_nodes: int) -> tuple[TierPool, list[Node], dict[int, Key]]:
+def make_two_ended(num_nodes: int, tree: bool = False
+                   ) -> tuple[TierPool, list[Node], dict[int, Key]]:
     """A pool with one queue of ``num_nodes`` one-block nodes filed oldest first, keeping
-    both ends; the nodes and their keys (queue 0, release order)."""
-    pool = TierPool(Tier.GPU, 8, num_queue_fields=1, both_ends=True)
+    both ends (of a cache tree's runs with ``tree``); the nodes and their keys (queue 0,
+    release order)."""
+    pool = TierPool(Tier.GPU, 8, num_queue_fields=1, both_ends=True, tree=tree)
     nodes = [make_node(t) for t in range(num_nodes)]
     current = {n.uid: (0, i) for i, n in enumerate(nodes)}
     for n in nodes:
@@ -225,6 +227,30 @@ def test_a_two_ended_queue_gives_its_youngest_where_within_values_it_less() -> N
             for _ in range(3)] == nodes
 
 
+def test_a_head_taken_keeps_the_young_end_of_a_pool_of_plain_nodes() -> None:
+    """In a pool of nodes outside a cache tree (``tree=False``: the vLLM chunk pool's, none
+    with a parent), a head taken trims only itself from the filing order: the live filings
+    above it stay, so a later pop can still give the youngest. Before, the tree's test
+    (no parent: a run gone) trimmed every filing, and the pool gave heads only after its
+    first head pop."""
+    pool, (a, b, c, d), current = make_two_ended(4)
+    value = {a.uid: 0.0, b.uid: 2.0, c.uid: 3.0, d.uid: 5.0}  # first the head a goes
+
+    def pop() -> Node | None:
+        node = pool.pop_candidate(keys_of(current), lambda n: current[n.uid], None,
+                                  lambda n: value[n.uid])
+        if node is not None:
+            del current[node.uid]
+        return node
+
+    assert pop() is a
+    value[d.uid] = 1.0  # now the youngest, d, is worth less than the head b
+    assert pop() is d
+    assert pop() is b  # c (3.0) above b (2.0)
+    assert pop() is c
+    assert pop() is None
+
+
 def test_a_two_ended_queue_skips_stale_young_entries_and_stays_bounded() -> None:
     """A youngest entry filed under a key the node no longer has is dropped, not taken;
     and the filing-order stacks do not grow with the history: a compaction rebuilds them
@@ -258,7 +284,7 @@ def test_a_head_taken_leaves_no_reference_in_the_filing_order() -> None:
     tier): an evicted run kept referenced there kept everything it holds alive until a
     compaction (on a long stream, a garbage collection every few admissions walking the
     young token lists). A filing that may be live stays, whatever is above it."""
-    pool, (a, b, c, d, e), current = make_two_ended(5)
+    pool, (a, b, c, d, e), current = make_two_ended(5, tree=True)
     parent = make_node(100)
     for n in (a, b, c, d, e):
         n.parent = parent  # in a tree: cached
@@ -290,7 +316,7 @@ def test_a_run_filed_again_under_another_key_does_not_hold_the_bottom() -> None:
     next head taken, and so do the runs dropped above it. Before, it held the bottom while
     the run lived, and every run dropped above it stayed referenced there (7,988 at the peak
     of Mooncake 3,000 at 16,384 + 65,536 GPU + host blocks, 2,205 now)."""
-    pool, (a, b, c, d), current = make_two_ended(4)
+    pool, (a, b, c, d), current = make_two_ended(4, tree=True)
     parent = make_node(100)
     for n in (a, b, c, d):
         n.parent = parent
