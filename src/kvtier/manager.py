@@ -90,6 +90,12 @@ class KVCacheManager:
         self._tpb = config.tokens_per_block
         self._version = 0
         self._ops = PlanRecorder()
+        # ``transfer_failed`` takes only the latest plan handed out: its ``issuer`` names this
+        # manager (``_plan_key``) and its number (``_num_plans``); ``_plan_closed`` says why
+        # that plan can no longer be reported (None while it can).
+        self._plan_key = object()
+        self._num_plans = 0
+        self._plan_closed: str | None = None
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -288,7 +294,11 @@ class KVCacheManager:
             raise _reentered("take_plan")
         if not self._ops:
             return _NO_COPIES  # NOTE: most calls move nothing: no allocation for them
-        return self._ops.take()
+        plan = self._ops.take()
+        self._num_plans += 1
+        plan.issuer = (self._plan_key, self._num_plans)
+        self._plan_closed = None
+        return plan
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -550,16 +560,39 @@ class KVCacheManager:
         cache.leave_root(seq.root)
 
     def transfer_failed(self, plan: TransferPlan, failed_indices: Iterable[int]) -> list[str]:
-        """The ops at ``failed_indices`` of ``plan`` (taken from this manager) did not
-        complete: degrade them to recompute (see ``kvtier.recovery``). Returns the requests
-        that must recompute, in admission order."""
+        """The ops at ``failed_indices`` of ``plan`` did not complete: degrade them to
+        recompute (see ``kvtier.recovery``). Returns the requests that must recompute, in
+        admission order. ``plan`` must be the latest plan this manager handed out
+        (``take_plan``, ``end_step``, a scheduler step's), reported once, before the next
+        one is taken and not across a ``reset_cache``: its slots name this pool's blocks as
+        they are now, and no later plan read what it failed to write. Raises, changing
+        nothing, for any other plan with ops (ValueError naming it) or a bad index."""
         if self._caller_code.depth:
             raise _reentered("transfer_failed")
         failed = check_failed_indices(plan, failed_indices)
+        if len(plan):
+            self._check_latest_plan(plan)
         aborted = fail_transfers(self._cache, self._live, plan, failed)
         if failed:
             self._version += 1
+            self._plan_closed = "had its failed copies reported already"
         return aborted
+
+    def _check_latest_plan(self, plan: TransferPlan) -> None:
+        """ValueError unless ``plan`` is the latest plan handed out and still open. Pure."""
+        issuer = plan.issuer
+        if issuer is None or issuer[0] is not self._plan_key:
+            raise ValueError("transfer_failed: plan was not handed out by this manager (its "
+                             "take_plan, end_step or a scheduler step over it): its slots name "
+                             "another pool's blocks")
+        number = issuer[1]
+        if number != self._num_plans:
+            raise ValueError(f"transfer_failed: plan {number} is not the latest this manager "
+                             f"handed out ({self._num_plans}): report a plan's failed copies "
+                             f"before taking the next (a later plan may have read what it "
+                             f"failed to write)")
+        if self._plan_closed is not None:
+            raise ValueError(f"transfer_failed: plan {number} {self._plan_closed}")
 
     def compute_failed(self, request_ids: Iterable[str]) -> list[str]:
         """The forward passes of ``request_ids`` (live requests) in the step just scheduled
@@ -635,6 +668,8 @@ class KVCacheManager:
             return False
         self._version += 1
         self._cache.clear()
+        self._plan_closed = ("was taken before reset_cache() dropped every block: its slots "
+                             "hold other blocks now")
         return True
 
     def drop_key_space(self, *, lora_id: int | None = None,

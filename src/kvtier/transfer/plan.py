@@ -142,15 +142,20 @@ class TransferPlan:
     hands out is recorded as columns only (``of_columns``): its ``ops`` are built from them
     on first use, so a consumer that reads the columns (the simulator, the copy paths) never
     pays for a Python object per block. ``len(plan)`` and ``plan.op(i)`` read the columns.
+
+    ``issuer`` is set by the manager that hands the plan out (which manager, which of its
+    plans), for ``KVCacheManager.transfer_failed`` to tell its own latest plan from another
+    manager's, an older one or a copy; None for a plan built by hand (or unpickled).
     """
 
-    __slots__ = ("_kinds", "_ops", "columns")
+    __slots__ = ("_kinds", "_ops", "columns", "issuer")
 
     def __init__(self, ops: Sequence[TransferOp] = (), columns: PlanColumns | None = None
                  ) -> None:
         self._ops: tuple[TransferOp, ...] | None = tuple(ops)
         self._kinds: array[int] | None = None
         self.columns = columns
+        self.issuer: tuple[object, int] | None = None
 
     @classmethod
     def of_columns(cls, kinds: array[int], columns: PlanColumns) -> TransferPlan:

@@ -1,0 +1,129 @@
+"""Red team, fourteenth pass: the library as an engine developer calls it (calls out of
+order or twice, values of the right type and the wrong meaning, the remote tier's faults).
+Each test fails on the code before its fix and asserts the exact refusal (or the exact
+state after it) and that nothing else changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from kvtier import CacheConfig, KVCacheManager, OpKind, SequenceSpec, TransferPlan
+
+TPB = 4
+PROMPT = list(range(9))  # two full blocks and one token
+ONBOARD_0 = 2
+
+
+def onboarding_manager() -> tuple[KVCacheManager, TransferPlan]:
+    """A manager whose request ``q`` has just been admitted onboarding its prompt's two
+    blocks from the host, and the plan of those onboards (taken): its op ``ONBOARD_0``
+    fills q's first block."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=4,
+                                     num_host_blocks=4), clock=lambda: 0.0)
+    mgr.add_sequence(SequenceSpec("a", PROMPT, priority=50))
+    mgr.remove_sequence("a")
+    mgr.add_sequence(SequenceSpec("big", list(range(200, 216))))  # pushes a's to the host
+    mgr.remove_sequence("big")
+    mgr.take_plan()
+    assert mgr.lookup(PROMPT).num_host_tokens == 8
+    assert mgr.add_sequence(SequenceSpec("q", PROMPT)).admitted
+    plan = mgr.take_plan()
+    # Two offloads make room, two onboards (ops 2, 3) fill q's blocks, one more offload.
+    assert [op.kind for op in plan.ops][2:4] == [OpKind.ONBOARD, OpKind.ONBOARD]
+    return mgr, plan
+
+
+def snapshot(mgr: KVCacheManager) -> tuple[object, ...]:
+    """Everything a refused call must leave as it was (checking the invariants too)."""
+    mgr.check_invariants()
+    live = [rid for rid in ("a", "b", "q", "r", "big") if mgr.has_sequence(rid)]
+    return ([mgr.lookup(p) for p in (PROMPT, list(range(200, 216)), list(range(300, 306)))],
+            dataclasses.asdict(mgr.stats), mgr.version, mgr.num_free_gpu_blocks,
+            mgr.num_free_host_blocks, [(rid, mgr.block_table(rid)) for rid in live],
+            mgr.cached_blocks(), mgr.take_plan().ops)
+
+
+def refused_changing_nothing(mgr: KVCacheManager, plan: TransferPlan, message: str) -> None:
+    before = snapshot(mgr)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        mgr.transfer_failed(plan, [ONBOARD_0])
+    assert snapshot(mgr) == before
+
+
+# ---- transfer_failed: only the latest plan this manager handed out, once -----------------
+
+
+def test_a_plan_of_another_manager_is_refused() -> None:
+    """``transfer_failed`` took any plan: another manager's failed onboard (same slot
+    numbers, another pool) aborted this manager's ``q`` and dropped its cached prefix,
+    which held good KV. Now refused, naming the plan, with nothing changed."""
+    mgr, _ = onboarding_manager()
+    _, foreign = onboarding_manager()
+    refused_changing_nothing(
+        mgr, foreign, "transfer_failed: plan was not handed out by this manager (its "
+        "take_plan, end_step or a scheduler step over it): its slots name another pool's "
+        "blocks")
+    assert mgr.has_sequence("q") and mgr.lookup(PROMPT).num_gpu_tokens == 8
+
+
+def test_a_plan_built_by_hand_or_copied_is_not_the_managers() -> None:
+    """A plan rebuilt from the ops (a copy, an unpickled one) is no plan this manager
+    handed out: refused as another manager's; an empty one changes nothing either way."""
+    mgr, plan = onboarding_manager()
+    message = ("transfer_failed: plan was not handed out by this manager (its take_plan, "
+               "end_step or a scheduler step over it): its slots name another pool's blocks")
+    refused_changing_nothing(mgr, TransferPlan(plan.ops), message)
+    assert mgr.transfer_failed(TransferPlan(()), []) == []
+    assert mgr.transfer_failed(plan, [ONBOARD_0]) == ["q"]  # the plan itself still is
+
+
+def test_a_plan_older_than_the_latest_is_refused() -> None:
+    """A failure reported for a plan after the next plan was taken: that plan may have read
+    the garbage (here: nothing reads it, but the manager cannot know), so its damage was
+    not followed. Now refused, naming both plans' numbers."""
+    mgr, plan = onboarding_manager()
+    mgr.remove_sequence("q")
+    assert mgr.add_sequence(SequenceSpec("r", list(range(200, 216)))).admitted
+    assert mgr.take_plan().ops  # big's blocks come back, q's go to the host
+    refused_changing_nothing(
+        mgr, plan, "transfer_failed: plan 2 is not the latest this manager handed out (3): "
+        "report a plan's failed copies before taking the next (a later plan may have read "
+        "what it failed to write)")
+
+
+def test_an_empty_take_in_between_keeps_the_plan_reportable() -> None:
+    """Taking an empty plan (a call that moved nothing) leaves the last plan the latest."""
+    mgr, plan = onboarding_manager()
+    assert mgr.take_plan().ops == ()
+    assert mgr.transfer_failed(plan, [ONBOARD_0]) == ["q"]
+    mgr.check_invariants()
+
+
+def test_a_plan_reported_twice_is_refused_the_second_time() -> None:
+    """The second report of one plan's failure dropped whatever the bad slots held by then
+    (after the first report freed them): a request given one since was aborted for
+    nothing. Now the second report is refused."""
+    mgr, plan = onboarding_manager()
+    assert mgr.transfer_failed(plan, [ONBOARD_0]) == ["q"]
+    assert mgr.add_sequence(SequenceSpec("q", PROMPT)).admitted  # requeued: recomputes
+    refused_changing_nothing(
+        mgr, plan, "transfer_failed: plan 2 had its failed copies reported already")
+    assert mgr.has_sequence("q")
+
+
+def test_a_plan_taken_before_a_reset_is_refused() -> None:
+    """A plan taken before ``reset_cache``: its slots hold other blocks since. Reporting it
+    dropped a block cached after the reset. Now refused."""
+    mgr, plan = onboarding_manager()
+    mgr.remove_sequence("q")
+    assert mgr.reset_cache()
+    mgr.add_sequence(SequenceSpec("b", PROMPT))
+    mgr.remove_sequence("b")
+    assert mgr.take_plan().ops == ()
+    refused_changing_nothing(
+        mgr, plan, "transfer_failed: plan 2 was taken before reset_cache() dropped every "
+        "block: its slots hold other blocks now")
+    assert mgr.lookup(PROMPT).num_gpu_tokens == 8
