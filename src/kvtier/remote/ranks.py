@@ -31,7 +31,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from kvtier.remote.codec import exact_bytes
-from kvtier.remote.store import RemoteStore
+from kvtier.remote.store import RemoteStore, RemoteStoreBase
 from kvtier.tier import Tier
 
 if TYPE_CHECKING:
@@ -83,6 +83,8 @@ class RemoteShard:
         # By fetch id: what it found (views into the values read) and how long it took.
         self._found: dict[int, tuple[dict[int, memoryview], float]] = {}
         self._cond = threading.Condition()
+        # Hashes of background writes the store reported lost (its I/O thread adds them).
+        self._lost: set[int] = set()
 
     def put(self, tier: Tier, blocks: Sequence[tuple[int, int]], wait: bool) -> int:
         """Hand the store the blocks ``(hash, slot)`` of the ``tier`` storage, their bytes
@@ -97,9 +99,25 @@ class RemoteShard:
         try:
             if wait:
                 return self.store.put_many(items)
-            return len(items) if self.store.write_back(items) else 0
+            # A store of the base class reports a background write it lost (``lost``):
+            # else the tier would count those blocks held and never write them again.
+            accepted = (self.store.write_back(items, on_lost=self._on_lost)
+                        if isinstance(self.store, RemoteStoreBase)
+                        else self.store.write_back(items))
+            return len(items) if accepted else 0
         except Exception:
             return 0
+
+    def _on_lost(self, hashes: list[int]) -> None:
+        with self._cond:
+            self._lost.update(hashes)
+
+    def lost(self) -> set[int]:
+        """The hashes of background writes the store lost since the last call (a store of
+        :class:`RemoteStoreBase` reports them; another store's losses are not known)."""
+        with self._cond:
+            lost, self._lost = self._lost, set()
+        return lost
 
     def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
         """Look ``hashes`` up on the I/O thread; False if the store refused the job."""
@@ -208,6 +226,12 @@ class RemoteRanks(ABC):
         """Wait until every rank's queued writes and fetches ran; False if ``timeout_s``
         passed on any rank."""
 
+    def lost(self) -> set[int]:
+        """:meth:`RemoteShard.lost`: the hashes of background writes lost since the last
+        call, on the leader (a rank that keeps its own shards in another process reports
+        none here)."""
+        return self.leader.lost()
+
 
 class LocalRanks(RemoteRanks):
     """Every rank's shard in this process (one rank without tensor parallelism): ``shards[r]``
@@ -252,6 +276,9 @@ class LocalRanks(RemoteRanks):
     def fill(self, fetch_id: int, blocks: Sequence[tuple[int, int]]) -> None:
         for shard in self.shards:
             shard.fill(fetch_id, blocks)
+
+    def lost(self) -> set[int]:
+        return set().union(*(s.lost() for s in self.shards))
 
     def flush(self, timeout_s: float | None) -> bool:
         if timeout_s is None:

@@ -32,6 +32,9 @@ from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number, check_timeout, describe
 
 PrefetchCallback = Callable[[dict[int, memoryview]], None]
+# Called on the I/O thread with the hashes of a background write the store did not take
+# whole (its backend down, a batch refused, a subclass's put_many raised).
+LostCallback = Callable[[list[int]], None]
 
 MAX_INFLIGHT = 1 << 20
 
@@ -91,7 +94,8 @@ class RemoteStore(Protocol):
         ...
 
     def write_back(self, items: Mapping[int, bytes]) -> bool:
-        """Queue a ``put_many``; False (counted) if refused."""
+        """Queue a ``put_many``; False (counted) if refused. (A :class:`RemoteStoreBase`
+        also takes ``on_lost``: told, on the I/O thread, of a write it did not take whole.)"""
         ...
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -282,8 +286,14 @@ class RemoteStoreBase(ABC):
 
         return self._submit(job)
 
-    def write_back(self, items: Mapping[int, bytes]) -> bool:
-        """Queue a ``put_many`` on the I/O thread; False (counted) when refused."""
+    def write_back(self, items: Mapping[int, bytes], on_lost: LostCallback | None = None
+                   ) -> bool:
+        """Queue a ``put_many`` on the I/O thread; False (counted) when refused. Once it
+        has run, ``on_lost`` (if given) gets the hashes of ``items`` when the store did not
+        write them all (every hash: which of them it wrote is not known), on that thread;
+        it is not called for a write that succeeded, nor for one refused here."""
+        if on_lost is not None and not callable(on_lost):
+            raise ValueError(f"on_lost must be callable, got {describe(on_lost)[:40]}")
         if not isinstance(items, Mapping):
             raise ValueError(f"items must be a mapping of block hashes to payloads, got "
                              f"{describe(items)[:40]}")
@@ -294,7 +304,21 @@ class RemoteStoreBase(ABC):
             if not isinstance(payload, bytes | bytearray | memoryview) or len(payload) != size:
                 raise ValueError(f"payload must be {size} bytes (one block of "
                                  f"{self._namespace.layout}), got {describe(payload)[:40]}")
-        return self._submit(lambda: self.put_many(snapshot))
+        if on_lost is None:
+            return self._submit(lambda: self.put_many(snapshot))
+
+        def job() -> None:
+            # NOTE: ``on_lost`` comes whatever ``put_many`` does: a subclass's that raises
+            # (its backend's error) wrote nothing the caller may count on.
+            try:
+                written = self.put_many(snapshot)
+            except Exception:
+                self._count(num_errors=1)
+                written = 0
+            if written != len(snapshot):
+                on_lost(list(snapshot))
+
+        return self._submit(job)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every accepted job has run; False if ``timeout`` seconds passed first

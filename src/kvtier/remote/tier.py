@@ -311,8 +311,10 @@ class RemoteTier:
         ``KNOWN_BLOCKS``), as LMCache's and vLLM's offloading stores skip what they hold,
         and written where it did not (a conversation's next turn reuses its last answer's
         blocks, decoded and never written through, whose absence would cut the chain for
-        every other engine). A write the store refuses is not remembered; one its I/O thread
-        accepts and then loses is (nothing reports that back). A prompt with multimodal
+        every other engine). A write the store refuses is not remembered, and one its I/O
+        thread accepts and then loses is forgotten at the next write (a
+        :class:`~kvtier.remote.store.RemoteStoreBase` reports it; on a rank in another
+        process, or with another store, such a loss is not known). A prompt with multimodal
         items must name them (``mm_items``, as admitted): the blocks holding them are keyed
         by their content too, and without it another image behind the same placeholder
         tokens would be served this one's KV. Returns how many blocks were handed to the
@@ -332,6 +334,7 @@ class RemoteTier:
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         hashes = self.block_hashes(tokens, salt, lora_id, mm_items)
+        self._forget(self.ranks.lost())
         known = self._known
         picked = [(i, h, slot) for i, (h, slot) in enumerate(zip(hashes, block_table,
                                                                   strict=False))
@@ -359,6 +362,14 @@ class RemoteTier:
                 known.move_to_end(h)
             while len(known) > KNOWN_BLOCKS:
                 known.popitem(last=False)
+
+    def _forget(self, hashes: Iterable[int]) -> None:
+        """Forget blocks a background write lost: a later write of them as a reused prefix
+        writes them (else never, for as long as the tier remembered them)."""
+        known = self._known
+        with self._lock:
+            for h in hashes:
+                known.pop(h, None)
 
     def write_spilled(self) -> int:
         """Write-back: hand the store the host blocks that left the cache since the last
