@@ -358,3 +358,4 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
                              f"no remote tier (pass its RemoteShard to serve)")
         else:
             run_remote(remote, command, channel.group)
+            remote.lost()  # NOTE: nobody reads a worker's lost writes: let them not pile up
