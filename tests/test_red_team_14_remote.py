@@ -5,14 +5,20 @@ on the code before its fix and asserts the exact state after it."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import pytest
 
 pytest.importorskip("torch", reason="the remote tier moves real KV: needs torch")
 
-from kvtier import CacheConfig, KVCacheManager
+from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier.model import LlamaModel, ModelConfig, ModelEngine
 from kvtier.remote import FaultyRemoteStore, InMemoryRemoteStore, RemoteNamespace
+from kvtier.remote.store import RemoteStore
 from kvtier.remote.tier import RemoteTier
 from kvtier.storage import KVLayout, KVStorage
+from kvtier.transfer.torch_engine import TorchTransferEngine
 
 TPB = 4
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB)
@@ -88,3 +94,97 @@ def test_a_background_write_whose_put_raises_is_lost_too() -> None:
     store.raising = False
     assert tier.write(PROMPT, TABLE, wait=True, reused_blocks=5) == 5
     assert len(store.backend) == 5
+
+
+# ---- a fetch in flight for a request that is gone ----------------------------------------
+
+
+class GatedStore(InMemoryRemoteStore):
+    """A store whose reads wait until ``gate`` is set (a slow server)."""
+
+    def __init__(self, namespace: RemoteNamespace, backend: dict[str, bytes]) -> None:
+        super().__init__(namespace, backend)
+        self.gate = threading.Event()
+
+    def read_values(self, keys: list[str]) -> list[bytes | None]:
+        self.gate.wait(30.0)
+        return super().read_values(keys)
+
+
+def make_engine(store_for: Callable[[RemoteNamespace], RemoteStore]) -> ModelEngine:
+    """A model engine on CPU with a remote tier over ``store_for(namespace)``."""
+    model = LlamaModel(ModelConfig(), "cpu")
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32,
+                                         num_host_blocks=16, hash_algo="sha256"))
+    layout = model.config.kv_layout(TPB)
+    gpu, host = KVStorage(layout, 32, "cpu"), KVStorage(layout, 16)
+    remote = RemoteTier(store_for(RemoteNamespace("tiny-llama", layout)), manager, gpu, host,
+                        fetch_deadline_s=60.0)
+    return ModelEngine(model, manager, Scheduler(manager, SchedulerConfig(max_num_tokens=64)),
+                       TorchTransferEngine(gpu, host), remote=remote)
+
+
+SHARED = [(7 * i + 3) % 256 for i in range(22)]  # 5 full blocks and two tokens
+
+
+def test_an_aborted_requests_fetch_holds_nobody() -> None:
+    """A request aborted while its fetch was in flight: the fetch still counted as held
+    (``num_waiting``), so the idle engine, whose waiting requests all wait for fetches,
+    no longer blocked for them and spun (5,000 empty steps in half a second, then ``run``
+    raised), and a new request of that id started no fetch (one was in flight). Now the
+    fetch holds nobody, lands in the cache when it comes, and the new request fetches."""
+    backend: dict[str, bytes] = {}
+    writer = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
+    writer.add_request(Request("w", SHARED + [1], 2))
+    writer.run()
+    assert len(backend) == 5
+    stores: list[GatedStore] = []
+
+    def gated(ns: RemoteNamespace) -> GatedStore:
+        stores.append(GatedStore(ns, backend))
+        return stores[-1]
+
+    engine = make_engine(gated)
+    assert engine.remote is not None
+    engine.add_request(Request("other", [200, 201, 202], 4))  # nothing to fetch
+    engine.step()  # running: the engine does not block on fetches
+    engine.add_request(Request("r", SHARED + [2], 2))
+    engine.step()
+    assert engine.remote.num_waiting == 1
+    assert engine.abort("r") is not None
+    assert engine.remote.num_waiting == 0
+    engine.add_request(Request("r", SHARED + [3], 2))
+    engine.step()
+    assert engine.remote.num_waiting == 1  # its own fetch
+    stores[0].gate.set()
+    engine.run(max_steps=200)
+    result = engine.results["r"]
+    assert result.stop_reason == "length" and result.num_remote_tokens == 20
+    assert engine.remote.num_fetched_blocks == 5  # the aborted one's import, then reused
+    engine.manager.check_invariants()
+
+
+def test_a_request_id_whose_late_fetch_is_in_flight_fetches_again() -> None:
+    """A fetch past its deadline (its request went on without it) and still in flight kept
+    the id: a later request of that id (the first one done, the id reused) started no
+    fetch of its own (``start_fetch`` False). Now it does; the late one still lands."""
+    backend: dict[str, bytes] = {}
+    assert make_tier(InMemoryRemoteStore(RemoteNamespace("m", LAYOUT), backend)).write(
+        PROMPT, TABLE, wait=True) == 5
+    store = GatedStore(RemoteNamespace("m", LAYOUT), backend)
+    tier = make_tier(store)
+    tier.fetch_deadline_s = 0.0
+    assert tier.start_fetch("r", PROMPT)
+    assert tier.poll() == ["r"]  # past its deadline: released, still in flight
+    assert tier.num_waiting == 0
+    assert tier.start_fetch("r", PROMPT)
+    assert tier.num_waiting == 1
+    with pytest.raises(TypeError, match="request_id must be a str, got int"):
+        tier.cancel_fetch(7)  # type: ignore[arg-type]
+    assert tier.cancel_fetch("r") and not tier.cancel_fetch("r")
+    assert tier.num_waiting == 0
+    store.gate.set()
+    assert tier.flush(10.0)
+    assert tier.poll() == []
+    assert tier.num_fetched_blocks == 5  # imported once: the second found them local
+    assert tier.manager.lookup(PROMPT).num_host_tokens == 20

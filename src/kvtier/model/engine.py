@@ -225,6 +225,10 @@ class ModelEngine:
                       self._remote_tokens, self._reused_blocks):
             table.pop(request_id, None)
         self._fetched.discard(request_id)
+        if self.remote is not None:
+            # NOTE: an aborted request's fetch in flight held nobody, yet counted as held
+            # (``num_waiting``): the engine no longer waited for fetches when idle, it spun.
+            self.remote.cancel_fetch(request_id)
 
     def _check_vocab(self, request_id: str, prompt: list[int], output: list[int]) -> None:
         """ValueError naming the request, the field and the index of the first token id

@@ -180,6 +180,9 @@ class RemoteTier:
         if write_policy == "write-back":
             manager.record_spills()
         self._pending: dict[str, _Fetch] = {}
+        # Fetches in flight that hold no request (``cancel_fetch``), by fetch id: what they
+        # find is still imported when it arrives.
+        self._orphans: dict[int, _Fetch] = {}
         self._fetch_ids = itertools.count()
         # Hashes of blocks this tier wrote or fetched, most recent last (``KNOWN_BLOCKS``).
         self._known: OrderedDict[int, None] = OrderedDict()
@@ -405,8 +408,13 @@ class RemoteTier:
         is nothing to look up or the store refused the job (then don't wait for it)."""
         if type(request_id) is not str or not request_id:
             raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
-        if request_id in self._pending:
-            return False
+        old = self._pending.get(request_id)
+        if old is not None:
+            if not old.released:
+                return False  # still waiting for it
+            # NOTE: a fetch past its deadline, still in flight, of an earlier request of
+            # that id: it lands in the cache for anyone, this request fetches its own.
+            self.cancel_fetch(request_id)
         ids, items = checked_prompt(tokens, mm_items, "remote tier")
         hashes = self._reusable_hashes(ids, salt, lora_id, items)
         wanted = self._wanted(hashes, ids, salt, lora_id, items)
@@ -419,18 +427,33 @@ class RemoteTier:
         self._pending[request_id] = fetch
         return True
 
+    def cancel_fetch(self, request_id: str) -> bool:
+        """The request ``request_id`` no longer waits for its fetch in flight (aborted, or
+        done): the fetch holds nobody (``num_waiting``) and a new request of that id may
+        start its own; what it finds still lands in the cache for others when it arrives.
+        False where none of that id is in flight. TypeError for an id that is no str."""
+        if type(request_id) is not str:
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        fetch = self._pending.pop(request_id, None)
+        if fetch is None:
+            return False
+        fetch.released = True
+        self._orphans[fetch.fetch_id] = fetch
+        return True
+
     def poll(self) -> list[str]:
         """Import what arrived on every rank; return the requests whose wait is over: fetch
         done, or past ``fetch_deadline_s`` (a late result is still imported when it comes)."""
         over = []
-        if self._pending:
+        if self._pending or self._orphans:
             by_id = {f.fetch_id: rid for rid, f in self._pending.items()}
-            for fid, arrival in self.ranks.collect(by_id.keys()).items():
-                fetch = self._pending.pop(by_id[fid])
+            for fid, arrival in self.ranks.collect([*by_id, *self._orphans]).items():
+                rid = by_id.get(fid)
+                fetch = self._orphans.pop(fid) if rid is None else self._pending.pop(rid)
                 self._measured(arrival)
                 self._import(fetch, arrival)
-                if not fetch.released:
-                    over.append(by_id[fid])
+                if rid is not None and not fetch.released:
+                    over.append(rid)
         now = time.monotonic()
         for rid, fetch in self._pending.items():
             if not fetch.released and now - fetch.started_s >= self.fetch_deadline_s:
