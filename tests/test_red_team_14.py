@@ -9,10 +9,21 @@ import dataclasses
 import re
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import rule, run_state_machine_as_test
 
-from kvtier import CacheConfig, KVCacheManager, OpKind, SequenceSpec, TransferPlan
+from kvtier import (
+    CacheConfig,
+    KVCacheManager,
+    OpKind,
+    Request,
+    ScheduledStep,
+    SequenceSpec,
+    TransferPlan,
+)
+from test_red_team_13b import PROMPTS, TPB, NewCallsUnderScheduling
 
-TPB = 4
 PROMPT = list(range(9))  # two full blocks and one token
 ONBOARD_0 = 2
 
@@ -127,3 +138,108 @@ def test_a_plan_taken_before_a_reset_is_refused() -> None:
         mgr, plan, "transfer_failed: plan 2 was taken before reset_cache() dropped every "
         "block: its slots hold other blocks now")
     assert mgr.lookup(PROMPT).num_gpu_tokens == 8
+
+
+# ---- calls out of order, at random, among everything the scheduler and manager do --------
+
+
+class OutOfOrderCalls(NewCallsUnderScheduling):
+    """``test_red_team_13b``'s machine (steps with failed copies and passes, aborts,
+    resets, drops, imports, speculative decoding over a fake data plane that checks every
+    KV position read), plus calls out of order: a failure reported for an older plan or
+    another manager's, a second ``step`` before ``update``, an ``update`` of a step
+    applied already, a finished request's id reused, a running one's added again, an
+    abort of an id nobody knows. Each refused call changes nothing; the outputs stay a
+    cacheless run's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plans: list[TransferPlan] = []
+        self.last_applied: ScheduledStep | None = None
+        other = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=2,
+                                           num_host_blocks=2))
+        other.add_sequence(SequenceSpec("x", [1, 2, 3, 4, 5]))
+        other.remove_sequence("x")
+        other.add_sequence(SequenceSpec("y", [6, 7, 8, 9, 5]))
+        self.foreign = other.take_plan()  # x's block offloaded: [OFFLOAD GPU 0 -> host 0]
+        assert len(self.foreign) == 1
+
+    def state(self) -> tuple[object, ...]:
+        mgr = self.mgr
+        return (mgr.version, mgr.cached_blocks(), mgr.num_sequences, mgr.num_free_gpu_blocks,
+                mgr.num_free_host_blocks, dataclasses.asdict(mgr.stats),
+                {rid: mgr.block_table(rid) for rid in self.sched.running
+                 if mgr.has_sequence(rid)},
+                [r.request_id for r in self.sched.waiting], list(self.sched.running))
+
+    def run_plan(self, step: ScheduledStep, skip: set[int]) -> None:
+        if len(step.transfer_plan):
+            self.plans.append(step.transfer_plan)
+        super().run_plan(step, skip)
+
+    def apply(self, step: ScheduledStep) -> None:
+        super().apply(step)
+        self.last_applied = step
+
+    @rule(data=st.data(), foreign=st.booleans())
+    def report_a_stale_plan(self, data: st.DataObject, foreign: bool) -> None:
+        if not foreign and len(self.plans) < 2:
+            return
+        plan = self.foreign if foreign else data.draw(st.sampled_from(self.plans[:-1]))
+        before = self.state()
+        with pytest.raises(ValueError, match=r"^transfer_failed: plan "):
+            self.mgr.transfer_failed(plan, [data.draw(st.integers(0, len(plan) - 1))])
+        assert self.state() == before
+
+    @rule()
+    def step_twice_and_update_the_old(self) -> None:
+        sched = self.sched
+        step = sched.step()
+        before = self.state()
+        with pytest.raises(RuntimeError, match=r"step\(\) called before update\(\)"):
+            sched.step()
+        if self.last_applied is not None:
+            with pytest.raises(RuntimeError, match=r"another step is"):
+                sched.update(self.last_applied, {})
+        assert self.state() == before
+        self.guesses = {}
+        work = self.work(step)
+        self.run_plan(step, set())
+        self.check_reads_and_write(work, set())
+        self.apply(step)
+        with pytest.raises(RuntimeError, match=r"no step is waiting"):
+            sched.update(step, {})
+
+    @rule(data=st.data(), prompt=PROMPTS, out=st.integers(1, 4))
+    def reuse_an_id(self, data: st.DataObject, prompt: list[int], out: int) -> None:
+        sched = self.sched
+        if not self.requests:
+            return
+        rid = data.draw(st.sampled_from(sorted(self.requests)))
+        busy = rid in sched.running or any(r.request_id == rid for r in sched.waiting)
+        before = self.state()
+        if busy:
+            with pytest.raises(ValueError, match=f"request_id '{rid}' is already queued or "
+                                                 f"running"):
+                sched.add_request(Request(rid, prompt, out))
+            assert self.state() == before
+            return
+        try:
+            sched.add_request(Request(rid, prompt, out))
+        except ValueError as e:
+            assert "needs" in str(e), e  # too long for the pool
+            return
+        self.requests[rid] = sched.waiting[-1]
+        self.finished.pop(rid, None)
+
+    @rule()
+    def abort_an_unknown_id(self) -> None:
+        before = self.state()
+        assert self.sched.abort("nobody") is None
+        assert self.state() == before
+
+
+def test_calls_out_of_order_are_refused_and_outputs_stay_exact() -> None:
+    run_state_machine_as_test(OutOfOrderCalls, settings=settings(
+        max_examples=40, stateful_step_count=25, deadline=None,
+        suppress_health_check=list(HealthCheck)))
