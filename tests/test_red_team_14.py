@@ -243,3 +243,37 @@ def test_calls_out_of_order_are_refused_and_outputs_stay_exact() -> None:
     run_state_machine_as_test(OutOfOrderCalls, settings=settings(
         max_examples=40, stateful_step_count=25, deadline=None,
         suppress_health_check=list(HealthCheck)))
+
+
+# ---- a block a failed copy left garbage is never spilled to a write-back remote tier -----
+
+
+def test_a_host_block_a_failed_offload_left_garbage_is_not_spilled() -> None:
+    """An offload to the host failed: the host block holds garbage and leaves the cache.
+    It went to the spill log of a write-back remote tier like any evicted host block, so
+    the tier (which drains the log before each plan runs, then again at the next step)
+    wrote the garbage to the shared store under the block's hash, for every engine to
+    fetch. Now a block dropped for a failure is never spilled; an evicted one still is."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=2, num_host_blocks=1),
+                         clock=lambda: 0.0)
+    mgr.record_spills()
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3]))
+    mgr.remove_sequence("a")
+    assert mgr.add_sequence(SequenceSpec("b", [5, 6, 7])).admitted  # [1 2] to host 0
+    plan = mgr.take_plan()
+    assert [(op.kind, op.dst_slot) for op in plan.ops] == [(OpKind.OFFLOAD, 0)]
+    assert mgr.drain_spills() == []  # the engine's, before it submits the plan
+    assert mgr.transfer_failed(plan, [0]) == []
+    assert mgr.drain_spills() == []
+    assert mgr.lookup([1, 2, 3]).num_tokens == 0 and mgr.num_free_host_blocks == 1
+    mgr.check_invariants()
+    # A good block offloaded to host 0, then evicted from there: spilled.
+    mgr.remove_sequence("b")
+    mgr.add_sequence(SequenceSpec("c", [1, 2, 3]))  # [5 6] to host 0
+    mgr.remove_sequence("c")
+    assert mgr.take_plan().ops and mgr.drain_spills() == []
+    (hash56,) = [b.block_hash for b in mgr.cached_blocks() if b.tokens == (5, 6)]
+    mgr.add_sequence(SequenceSpec("d", [8, 9, 3]))  # [1 2] to host 0: [5 6] evicted
+    assert mgr.take_plan().ops
+    assert mgr.drain_spills() == [(hash56, 0)]
+    mgr.check_invariants()

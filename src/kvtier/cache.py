@@ -619,20 +619,20 @@ class BlockCache:
             evictor.refile(parent)
         return host.num_free
 
-    def drop_from(self, node: Node, index: int) -> None:
+    def drop_from(self, node: Node, index: int, spill: bool = True) -> None:
         """Drop the unreferenced blocks ``index ..`` of ``node`` and everything below them,
-        and file what stays as a candidate again."""
+        and file what stays as a candidate again (``spill``: as ``drop``)."""
         self.evictor.changed()  # no victim taken: a queue's head, maybe
         if index == 0:
             parent = node.parent
             assert parent is not None
-            self.drop(node)
+            self.drop(node, spill)
             self.evictor.refile(parent)
         else:
-            self.drop_tail(node, len(node.slots) - index)
+            self.drop_tail(node, len(node.slots) - index, spill)
             self.evictor.refile(node)
 
-    def drop_tail(self, node: Node, num_tail_blocks: int) -> None:
+    def drop_tail(self, node: Node, num_tail_blocks: int, spill: bool = True) -> None:
         """Drop the last ``num_tail_blocks`` blocks of the unreferenced run ``node`` and
         everything below them: ``drop(evictor.cut_tail(node, num_tail_blocks))``. A leaf's
         tail gets no node of its own where the journal needs none (``Evictor.trim_tail``:
@@ -640,7 +640,7 @@ class BlockCache:
         uid, ghost and counts)."""
         journal = self.journal
         if node.children or journal.events is not None or journal.spill_log is not None:
-            self.drop(self.evictor.cut_tail(node, num_tail_blocks))
+            self.drop(self.evictor.cut_tail(node, num_tail_blocks), spill)
             return
         evictor = self.evictor
         tail = evictor.trim_tail(node, num_tail_blocks)

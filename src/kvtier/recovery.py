@@ -5,8 +5,9 @@ nothing leaks.
 complete. Their destinations hold garbage, and so do the destinations of later ops that read
 them. Every live request whose block table holds such a block is aborted, and with it the
 blocks it only scheduled (never computed) in its latest call; requests reading those are
-aborted too. Then every bad block leaves the cache with its extensions, except where a live
-request follows it with a copy of its own: that copy takes its place. The caller requeues the
+aborted too. Then every bad block leaves the cache with its extensions (never spilled to a
+write-back remote tier), except where a live request follows it with a copy of its own:
+that copy takes its place. The caller requeues the
 aborted requests: a fresh lookup no longer finds the bad blocks.
 
 ``fail_computes`` runs when the forward passes of some requests of a step fail: the blocks
@@ -120,7 +121,9 @@ def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[Tier
         if node.ref_count:
             _replace_with_copy(cache, live, node, index)
         else:
-            cache.drop_from(node, index)
+            # Never spilled: a write-back remote tier would write the garbage to the shared
+            # store under the block's hash, for every engine to fetch.
+            cache.drop_from(node, index, spill=False)
     return [seq.request_id for seq in ordered]
 
 
