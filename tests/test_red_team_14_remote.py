@@ -188,3 +188,61 @@ def test_a_request_id_whose_late_fetch_is_in_flight_fetches_again() -> None:
     assert tier.poll() == []
     assert tier.num_fetched_blocks == 5  # imported once: the second found them local
     assert tier.manager.lookup(PROMPT).num_host_tokens == 20
+
+
+# ---- an engine over parts that do not belong together --------------------------------------
+
+
+def engine_parts(num_host: int = 16) -> tuple[LlamaModel, KVCacheManager, Scheduler,
+                                              KVStorage, KVStorage]:
+    model = LlamaModel(ModelConfig(), "cpu")
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=32,
+                                         num_host_blocks=num_host, hash_algo="sha256"))
+    layout = model.config.kv_layout(TPB)
+    return (model, manager, Scheduler(manager, SchedulerConfig(max_num_tokens=64)),
+            KVStorage(layout, 32), KVStorage(layout, 16))
+
+
+def test_a_remote_tier_over_other_storages_is_refused() -> None:
+    """A remote tier built over other tensors than the transfer engine's: write-through
+    stored those tensors' bytes (garbage) under the prompts' hashes, for every engine to
+    fetch, and a fetch filled host slots the engine never read from (its onboards served
+    garbage). Now refused, as is a remote tier of another manager."""
+    model, manager, scheduler, gpu, host = engine_parts()
+    store = InMemoryRemoteStore(RemoteNamespace("tiny-llama", gpu.layout))
+    other_gpu, other_host = KVStorage(gpu.layout, 32), KVStorage(gpu.layout, 16)
+    with pytest.raises(ValueError, match=r"^the remote tier must move the transfer engine's "
+                                         r"own gpu and host storages, not other tensors$"):
+        ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
+                    remote=RemoteTier(store, manager, other_gpu, other_host))
+    other = KVCacheManager(manager.config)
+    with pytest.raises(ValueError, match=r"^the remote tier must run on the given manager"):
+        ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
+                    remote=RemoteTier(store, other, gpu, host))
+    engine = ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, host),
+                         remote=RemoteTier(store, manager, gpu, host))
+    assert engine.remote is not None
+
+
+def test_a_host_storage_short_of_the_host_pool_is_refused() -> None:
+    """A host storage of 8 slots under a manager of 16 host blocks: every plan offloading
+    past slot 7 failed in the transfer engine, its requests requeued, step after step. Now
+    refused when the engine is built, as a GPU storage too small was."""
+    model, manager, scheduler, gpu, _ = engine_parts()
+    with pytest.raises(ValueError, match=r"^host storage \(8 blocks of 4 tokens\) does not fit "
+                                         r"the manager's 16 blocks of 4$"):
+        ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, KVStorage(gpu.layout,
+                                                                                  8)))
+    with pytest.raises(ValueError, match=r"^the manager has 16 host blocks but the transfer "
+                                         r"engine no host storage$"):
+        ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, None))
+
+
+def test_a_storage_of_another_models_shape_is_refused() -> None:
+    """Storages of another model's shape (1 layer of head_dim 4, the model 2 of 16): every
+    forward pass raised, each request ended with an error after three. Now refused."""
+    model, manager, scheduler, _, _ = engine_parts(num_host=0)
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB)
+    with pytest.raises(ValueError, match=r"^GPU storage holds 1 layers of head_dim 4, the "
+                                         r"model 2 of 16$"):
+        ModelEngine(model, manager, scheduler, TorchTransferEngine(KVStorage(layout, 32), None))

@@ -133,13 +133,37 @@ class ModelEngine:
         self.max_forward_faults = max_forward_faults
         if scheduler.manager is not manager:
             raise ValueError("scheduler must run on the given manager")
-        layout = transfer.gpu.layout
-        if (layout.tokens_per_block != manager.config.tokens_per_block
-                or transfer.gpu.num_blocks < manager.config.num_gpu_blocks):
-            raise ValueError(f"GPU storage ({transfer.gpu.num_blocks} blocks of "
-                             f"{layout.tokens_per_block} tokens) does not fit the manager's "
-                             f"{manager.config.num_gpu_blocks} blocks of "
-                             f"{manager.config.tokens_per_block}")
+        config = manager.config
+        for name, storage, num_blocks in (("GPU", transfer.gpu, config.num_gpu_blocks),
+                                          ("host", transfer.host, config.num_host_blocks)):
+            # NOTE: a host storage short of the manager's host pool failed every plan that
+            # offloaded past its end (each step's requests requeued); one of another model's
+            # shape failed every forward pass.
+            if not num_blocks:
+                continue
+            if storage is None:
+                raise ValueError(f"the manager has {num_blocks} {name} blocks but the "
+                                 f"transfer engine no {name} storage")
+            layout = storage.layout
+            if (layout.tokens_per_block != config.tokens_per_block
+                    or storage.num_blocks < num_blocks):
+                raise ValueError(f"{name} storage ({storage.num_blocks} blocks of "
+                                 f"{layout.tokens_per_block} tokens) does not fit the "
+                                 f"manager's {num_blocks} blocks of {config.tokens_per_block}")
+            shape = (model.config.num_layers, model.config.head_dim)
+            if (layout.num_layers, layout.head_dim) != shape:
+                raise ValueError(f"{name} storage holds {layout.num_layers} layers of "
+                                 f"head_dim {layout.head_dim}, the model {shape[0]} of "
+                                 f"{shape[1]}")
+        if remote is not None and remote.manager is not manager:
+            raise ValueError("the remote tier must run on the given manager (it imports into "
+                             "that manager's host tier)")
+        if remote is not None and (remote.gpu is not transfer.gpu
+                                   or remote.host is not transfer.host):
+            # NOTE: a write stored the other storage's bytes under this prompt's hashes, for
+            # every engine to fetch; a fetch filled host slots the engine never read.
+            raise ValueError("the remote tier must move the transfer engine's own gpu and "
+                             "host storages, not other tensors")
         self.model = model
         self.manager = manager
         self.scheduler = scheduler
