@@ -246,3 +246,19 @@ def test_a_storage_of_another_models_shape_is_refused() -> None:
     with pytest.raises(ValueError, match=r"^GPU storage holds 1 layers of head_dim 4, the "
                                          r"model 2 of 16$"):
         ModelEngine(model, manager, scheduler, TorchTransferEngine(KVStorage(layout, 32), None))
+
+
+@pytest.mark.parametrize(("gpu", "host", "message"), [
+    (8, 2, "the host storage holds 2 blocks, the manager's host pool 8"),
+    (4, 8, "the gpu storage holds 4 blocks, the manager's gpu pool 8"),
+])
+def test_a_remote_tier_over_storages_short_of_the_pools_is_refused(
+        gpu: int, host: int, message: str) -> None:
+    """A host storage of 2 slots under a host pool of 8: a fetch imported 5 blocks into the
+    manager, then its fill raised IndexError at slot 2, leaving the manager with hits on
+    slots never written (garbage served). Now refused when the tier is built."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8,
+                                         num_host_blocks=8, hash_algo="sha256"))
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        RemoteTier(InMemoryRemoteStore(RemoteNamespace("m", LAYOUT)), manager,
+                   KVStorage(LAYOUT, gpu), KVStorage(LAYOUT, host))

@@ -164,6 +164,14 @@ class RemoteTier:
         if layout.tokens_per_block != config.tokens_per_block:
             raise ValueError(f"the store's blocks hold {layout.tokens_per_block} tokens, the "
                              f"manager's {config.tokens_per_block}")
+        for name, storage, num_blocks in (("gpu", ranks.leader.gpu, config.num_gpu_blocks),
+                                          ("host", ranks.leader.host, config.num_host_blocks)):
+            # NOTE: a host storage short of the pool failed a fetch's fill half way with an
+            # IndexError, after the manager had imported every block: hits on slots never
+            # written.
+            if storage.num_blocks < num_blocks:
+                raise ValueError(f"the {name} storage holds {storage.num_blocks} blocks, the "
+                                 f"manager's {name} pool {num_blocks}")
         self.fetch_deadline_s = fetch_deadline_s
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
