@@ -18,6 +18,7 @@ from kvtier.remote import FaultyRemoteStore, InMemoryRemoteStore, RemoteNamespac
 from kvtier.remote.store import RemoteStore
 from kvtier.remote.tier import RemoteTier
 from kvtier.storage import KVLayout, KVStorage
+from kvtier.transfer.plan import TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
 
 TPB = 4
@@ -262,3 +263,17 @@ def test_a_remote_tier_over_storages_short_of_the_pools_is_refused(
     with pytest.raises(ValueError, match=f"^{message}$"):
         RemoteTier(InMemoryRemoteStore(RemoteNamespace("m", LAYOUT)), manager,
                    KVStorage(LAYOUT, gpu), KVStorage(LAYOUT, host))
+
+
+@pytest.mark.parametrize("layer", [-1, 2, True, 1.0])
+def test_waiting_for_a_layer_the_storage_lacks_is_refused(layer: object) -> None:
+    """``wait(handle, -1)`` waited for the last layer's copies only (the caller's layer 0
+    read before its copies landed), ``wait(handle, 2)`` of a 2-layer storage raised
+    IndexError, on CUDA; on CPU both passed. Now ValueError naming the layers."""
+    layout = ModelConfig().kv_layout(TPB)  # 2 layers
+    engine = TorchTransferEngine(KVStorage(layout, 4), KVStorage(layout, 4))
+    handle = engine.submit(TransferPlan(()))
+    with pytest.raises(ValueError, match=r"^layer must be None or an int in 0..1, got "):
+        engine.wait(handle, layer)  # type: ignore[arg-type]
+    engine.wait(handle, 1)
+    engine.wait(handle)

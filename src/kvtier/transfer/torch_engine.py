@@ -431,9 +431,15 @@ class TorchTransferEngine:
 
     def wait(self, handle: TransferHandle, layer: int | None = None) -> None:
         """Make the caller's current stream wait for ``handle``'s copies, or only for those
-        of ``layer`` (CPU: no-op). TypeError for what is no TransferHandle of this engine's."""
+        of ``layer`` (CPU: no-op). TypeError for what is no TransferHandle of this engine's;
+        ValueError for a layer that is none of the storage's (-1 waited for the last layer's
+        copies only, a layer past the last raised IndexError, on CUDA)."""
         if not isinstance(handle, TransferHandle):
             raise TypeError(f"handle must be a TransferHandle, got {type(handle).__name__}")
+        if layer is not None and (type(layer) is not int
+                                  or not 0 <= layer < self._num_layers):
+            raise ValueError(f"layer must be None or an int in 0..{self._num_layers - 1}, "
+                             f"got {layer!r}")
         event = handle.event
         if layer is not None and handle.layer_events is not None:
             event = handle.layer_events[layer]
