@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the remote tier moves real KV: needs torch")
 
-from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig, SequenceSpec
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine
 from kvtier.remote import FaultyRemoteStore, InMemoryRemoteStore, RemoteNamespace
 from kvtier.remote.store import RemoteStore
@@ -277,3 +277,23 @@ def test_waiting_for_a_layer_the_storage_lacks_is_refused(layer: object) -> None
         engine.wait(handle, layer)  # type: ignore[arg-type]
     engine.wait(handle, 1)
     engine.wait(handle)
+
+
+def test_lost_spills_do_not_pile_up_under_write_back() -> None:
+    """Under write-back only ``write_spilled`` writes: the lost writes' hashes the store
+    reported were drained only by ``write``, so with the store down they piled up for
+    ever. Now each ``write_spilled`` drains those reported so far."""
+    backend: dict[str, bytes] = {}
+    store = FaultyRemoteStore(InMemoryRemoteStore(RemoteNamespace("m", LAYOUT), backend))
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=2,
+                                         num_host_blocks=1, hash_algo="sha256"))
+    tier = RemoteTier(store, manager, KVStorage(LAYOUT, 2), KVStorage(LAYOUT, 1),
+                      write_policy="write-back")
+    store.down = True
+    for first in (10, 20, 30, 40):  # each pushes an older block off the host
+        manager.add_sequence(SequenceSpec("r", list(range(first, first + 5))))
+        manager.remove_sequence("r")
+        tier.write_spilled()
+        assert tier.flush(10.0)
+    assert store.stats.num_failed_puts == 2  # the first two blocks' spills
+    assert len(tier.ranks.lost()) == 1  # the first drained by the last write_spilled

@@ -386,6 +386,7 @@ class RemoteTier:
         """Write-back: hand the store the host blocks that left the cache since the last
         call, every rank its shard, read from their slots now (call it before executing the
         step's plan, which may reuse them). Returns how many blocks were handed over."""
+        self._forget(self.ranks.lost())  # NOTE: else they piled up under write-back
         blocks = list(self.manager.drain_spills())
         if not blocks:
             return 0
