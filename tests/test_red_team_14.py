@@ -20,6 +20,7 @@ from kvtier import (
     Request,
     ScheduledStep,
     SequenceSpec,
+    Tier,
     TransferPlan,
 )
 from test_red_team_13b import PROMPTS, TPB, NewCallsUnderScheduling
@@ -276,4 +277,27 @@ def test_a_host_block_a_failed_offload_left_garbage_is_not_spilled() -> None:
     mgr.add_sequence(SequenceSpec("d", [8, 9, 3]))  # [1 2] to host 0: [5 6] evicted
     assert mgr.take_plan().ops
     assert mgr.drain_spills() == [(hash56, 0)]
+    mgr.check_invariants()
+
+
+def test_a_reset_spills_nothing_to_a_write_back_remote_tier() -> None:
+    """``reset_cache`` (after a weight update: every cached KV stale) put every host block
+    in the spill log, and so a write-back remote tier wrote that stale KV to the shared
+    store at the next step (under the new weights' namespace, where the caller had given
+    the tier one as the docs ask). Now a reset spills nothing, and drops with the blocks
+    the spills not drained yet (KV of before it): here [4 5]'s host block and the pending
+    spill of [1 2], pushed off the host by the last admission."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=2, num_host_blocks=2),
+                         clock=lambda: 0.0)
+    mgr.record_spills()
+    for i, prompt in enumerate(([1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12])):
+        mgr.add_sequence(SequenceSpec(f"r{i}", prompt))
+        mgr.remove_sequence(f"r{i}")
+        assert len(mgr.take_plan()) == (i > 0)  # each pushes the last block to the host
+        if i < 3:
+            assert mgr.drain_spills() == []  # the engine drains before each plan runs
+    assert [(b.tokens, b.tier, b.slot) for b in mgr.cached_blocks()] == [
+        ((4, 5), Tier.HOST, 1), ((7, 8), Tier.HOST, 0), ((10, 11), Tier.GPU, 0)]
+    assert mgr.reset_cache()
+    assert mgr.drain_spills() == []
     mgr.check_invariants()

@@ -968,10 +968,11 @@ class BlockCache:
         return m.path[-1] if m.path else None
 
     def clear(self) -> None:
-        """Drop every cached block of every tier (no request may be live)."""
+        """Drop every cached block of every tier (no request may be live), none spilled:
+        their KV is stale (a reset follows a weight update)."""
         for root in list(self.roots.values()):
             for child in list(root.iter_children()):
-                self.drop(child)
+                self.drop(child, spill=False)
         self.roots.clear()
         self._hinted = {}
         self._hinted_rids = set()

@@ -163,9 +163,13 @@ class Journal:
                                   if slot not in fresh)
 
     def cleared(self) -> None:
-        """Every block of every tier left the cache."""
+        """Every block of every tier left the cache; so do the spills not drained yet (KV of
+        before a reset, which a write-back remote tier must not write after it)."""
         if self.events is not None:
             self.events.append(AllBlocksCleared(self.events.next_seq()))
+        if self.spill_log is not None:
+            self.spill_log.clear()
+            self._fresh_host_slots.clear()
 
     # ---- the spill log ----------------------------------------------------------------------
 

@@ -661,7 +661,9 @@ class KVCacheManager:
         """Drop every cached block of every tier. Refused (returns False) while any request
         is live (``Scheduler.reset_prefix_cache`` preempts them first). A remote store is
         not a tier of this cache and keeps its blocks: after a weight update, give the
-        remote tier a new ``RemoteNamespace`` (its name), or the store serves the old KV."""
+        remote tier a new ``RemoteNamespace`` (its name), or the store serves the old KV.
+        Nothing is spilled to a write-back remote tier (the spills not drained yet are
+        dropped too): the KV is stale."""
         if self._caller_code.depth:
             raise _reentered("reset_cache")
         if len(self._live):
