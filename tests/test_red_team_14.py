@@ -19,6 +19,8 @@ from kvtier import (
     OpKind,
     Request,
     ScheduledStep,
+    Scheduler,
+    SchedulerConfig,
     SequenceSpec,
     Tier,
     TransferPlan,
@@ -301,3 +303,23 @@ def test_a_reset_spills_nothing_to_a_write_back_remote_tier() -> None:
     assert mgr.reset_cache()
     assert mgr.drain_spills() == []
     mgr.check_invariants()
+
+
+def test_a_finished_request_queued_again_is_refused() -> None:
+    """The same Request object queued again once finished (its output at its 2 tokens):
+    accepted, prefilled again and given a third token, past its max_output_tokens. Now
+    refused naming both counts; its id with a new Request is queued as any other."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32))
+    req = Request("a", [1, 2, 3, 4, 5], 2)
+    sched.add_request(req)
+    sched.update(sched.step(), {"a": 7})
+    assert [r.output for r in sched.update(sched.step(), {"a": 8})] == [[7, 8]]
+    with pytest.raises(ValueError, match=r"^request 'a' already holds 2 output tokens, its "
+                                         r"max_output_tokens is 2: nothing to generate"):
+        sched.add_request(req)
+    assert not sched.has_unfinished() and mgr.num_sequences == 0
+    sched.add_request(Request("a", [1, 2, 3, 4, 5], 2, output=[7]))  # resumed: 1 to go
+    step = sched.step()
+    assert [(c.first_token, c.num_tokens) for c in step.context_chunks] == [(4, 2)]
+    assert [r.output for r in sched.update(step, {"a": 8})] == [[7, 8]]

@@ -188,11 +188,16 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         """Queue a request; raises ValueError, queueing nothing, if a field is invalid (see
         :class:`Request`), its id is already queued, running or live in the manager, or it
-        could never fit the GPU pool."""
+        could never fit the GPU pool, or its ``output`` already holds its
+        ``max_output_tokens`` (a finished request queued again: it sampled past them)."""
         if not isinstance(req, Request):
             raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
         prompt, output, mm_items = check_request(req)
         rid = req.request_id
+        if len(output) >= req.max_output_tokens:
+            raise ValueError(f"request {rid!r} already holds {len(output)} output tokens, its "
+                             f"max_output_tokens is {req.max_output_tokens}: nothing to "
+                             f"generate (a finished request queued again?)")
         if rid in self.running or rid in self._specs:
             raise ValueError(f"request_id {rid!r} is already queued or running")
         if self.manager.has_sequence(rid):
