@@ -30,9 +30,11 @@ from kvtier.live import LiveTable
 from kvtier.matching import Match, PartialMatch, match
 from kvtier.radix import Node, path_to_root
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
-from kvtier.slots import SLOT_TYPECODE
+from kvtier.slots import SLOT_TYPECODE, BlockIds
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, PlanRecorder
+
+_NO_BLOCK_IDS = BlockIds()  # a refused request's (a snapshot: one serves all)
 
 PartialMode = Literal["in_place", "copy"]
 """How a partial match is reused: the source block itself (an unclaimed GPU leaf), or a
@@ -51,14 +53,16 @@ class PrefixMatch(NamedTuple):
 
 class Admission(NamedTuple):
     """The outcome of one request of a batch. ``block_ids`` is its block table (GPU slots)
-    for the tokens scheduled now; the rest of the prompt's blocks are reserved and join the
-    table as later chunks are scheduled (``KVCacheManager.schedule_prefill``)."""
+    for the tokens scheduled now, read like a tuple (``kvtier.slots.BlockIds``: kept
+    packed, an int made per slot only when read); the rest of the prompt's blocks are
+    reserved and join the table as later chunks are scheduled
+    (``KVCacheManager.schedule_prefill``)."""
 
     request_id: str
     admitted: bool
     num_reused_tokens: int
     num_onboarded_tokens: int
-    block_ids: tuple[int, ...]
+    block_ids: Sequence[int]  # a BlockIds
     reason: str | None = None
 
 
@@ -195,7 +199,7 @@ class BatchAdmission:
                 results.append(self._admit(p, ops))
             else:
                 cache.stats.num_rejected += 1
-                results.append(Admission(p.spec.request_id, False, 0, 0, (),
+                results.append(Admission(p.spec.request_id, False, 0, 0, _NO_BLOCK_IDS,
                                          "not enough free or evictable GPU blocks"))
         return results
 
@@ -283,8 +287,9 @@ class BatchAdmission:
         self._live.add(seq)
         self._record_admission(seq, promise, p.spec.skip_reading_prefix_cache)
         self._store_blocks(seq)
+        # NOTE: a copy of memory, no int a block (the table grows in place later).
         return Admission(seq.request_id, True, num_reused, num_onboarded,
-                         tuple(table.tolist()))  # NOTE: tolist makes the ints faster
+                         BlockIds.of_array(table[:]))
 
     def _record_admission(self, seq: LiveSequence, promise: Promise,
                           skipped_lookup: bool) -> None:

@@ -10,9 +10,10 @@ plan's columns are appended without reading a Python object per block.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from struct import Struct
 from struct import error as StructError
+from typing import Any, overload
 
 SLOT_TYPECODE = "q"
 """The arrays' typecode: a plan's columns are ``array('q')``, appended from these by memcpy."""
@@ -68,3 +69,84 @@ def slot_range(start: int, stop: int) -> array[int]:
         with memoryview(array("Q", range(len(_iota), size))) as grown:
             _iota.frombytes(grown.cast("B"))
     return _iota[start:stop]
+
+
+class BlockIds(Sequence[int]):
+    """A block table as an admission hands it out (``Admission.block_ids``): a snapshot that
+    reads like the tuple of its slots, kept packed. Its ints are made only when read (an
+    index, an iteration, a comparison with a tuple): a caller that only takes its length,
+    or passes it on unread, pays a copy of memory, not an int object per block.
+
+    ``len``, an index (an int), a slice (a tuple), iteration, ``in``, ``count``, ``index``,
+    ``+`` with a tuple (a tuple); it equals a tuple of the same slots (and another
+    ``BlockIds``), hashes like that tuple and prints like it. Never a list, like a tuple.
+    """
+
+    __slots__ = ("_slots",)
+    _slots: array[int]
+
+    def __init__(self, slots: Sequence[int] = ()) -> None:
+        self._slots = array(SLOT_TYPECODE, slot_array(slots))  # a copy: the snapshot's own
+
+    @classmethod
+    def of_array(cls, slots: array[int]) -> BlockIds:
+        """The snapshot of the ``array('q')`` ``slots``, handed over (never changed after)."""
+        ids = object.__new__(cls)
+        ids._slots = slots
+        return ids
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[int, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> int | tuple[int, ...]:
+        if type(index) is slice:
+            return tuple(self._slots[index].tolist())
+        return self._slots[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._slots)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._slots
+
+    def count(self, value: Any) -> int:
+        return self._slots.count(value)
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        return self._slots.index(value, start, len(self._slots) if stop is None else stop)
+
+    def as_tuple(self) -> tuple[int, ...]:
+        """The slots as a tuple (an int each, made now)."""
+        return tuple(self._slots.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is BlockIds:
+            return self._slots == other._slots
+        if isinstance(other, tuple):
+            return len(other) == len(self._slots) and self.as_tuple() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.as_tuple())  # equal to its tuple, so hashed like it
+
+    def __add__(self, other: object) -> tuple[int, ...]:
+        if isinstance(other, (tuple, BlockIds)):
+            return self.as_tuple() + tuple(other)
+        return NotImplemented
+
+    def __radd__(self, other: object) -> tuple[int, ...]:
+        if isinstance(other, tuple):
+            return other + self.as_tuple()
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self.as_tuple())
+
+    def __reduce__(self) -> tuple[type[BlockIds], tuple[tuple[int, ...]]]:
+        return (BlockIds, (self.as_tuple(),))

@@ -13,6 +13,7 @@ SGLang's scheduler, not its cache, keeps the last prompt token out of a match; k
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ from peer_mirror.mirror_helpers import admit, cached_slots, hit, make_manager, r
 END = 999  # the prompt token past what SGLang's match would cover
 
 
-def insert(mgr: KVCacheManager, rid: str, tokens: list[int], **kw: Any) -> tuple[int, ...]:
+def insert(mgr: KVCacheManager, rid: str, tokens: list[int], **kw: Any) -> Sequence[int]:
     """SGLang's insert: compute ``tokens`` and release them to the cache; returns the block
     ids of their full blocks (those that stay cached)."""
     adm = admit(mgr, rid, tokens, **kw)

@@ -3,13 +3,15 @@ held as one (its order against a list model)."""
 
 from __future__ import annotations
 
+import pickle
 import random
 from array import array
 
 import pytest
 
+from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 from kvtier.pool import TierPool
-from kvtier.slots import packed_slots, slot_array, slot_range
+from kvtier.slots import BlockIds, packed_slots, slot_array, slot_range
 from kvtier.tier import Tier
 from kvtier.transfer.plan import PlanRecorder
 
@@ -105,3 +107,42 @@ def test_a_swap_of_arrays_records_what_a_swap_of_lists_records() -> None:
             rec.record_swap(convert(gpu), convert(host), convert(path), ends, 16)
             plans.append((rec.kinds.tolist(), [c.tolist() for c in rec.columns]))
         assert plans[0] == plans[1]
+
+
+@pytest.mark.parametrize("slots", [(), (7,), (3, 1, 2, 1), tuple(range(100, 140))])
+def test_block_ids_read_as_the_tuple_of_their_slots(slots: tuple[int, ...]) -> None:
+    """``BlockIds`` answers every read a tuple answers, with the tuple's values: length,
+    truth, indexes (negative too), slices (tuples), iteration, ``in``, ``count``,
+    ``index``, ``+`` on either side, equality (a tuple, not a list), hash, repr, pickle."""
+    ids = BlockIds(list(slots))
+    packed = BlockIds.of_array(array("q", slots))
+    for got in (ids, packed):
+        assert len(got) == len(slots) and bool(got) == bool(slots)
+        assert [got[i] for i in range(-len(slots), len(slots))] == [
+            slots[i] for i in range(-len(slots), len(slots))]
+        for cut in (slice(None), slice(1, None), slice(None, -1), slice(None, None, -2)):
+            assert got[cut] == slots[cut] and type(got[cut]) is tuple
+        assert list(got) == list(slots) and tuple(reversed(got)) == slots[::-1]
+        for value in (1, 7, 120, 999):
+            assert (value in got) == (value in slots)
+            assert got.count(value) == slots.count(value)
+        if slots:
+            assert got.index(slots[-1]) == slots.index(slots[-1])
+        with pytest.raises(ValueError):
+            got.index(-5)
+        assert got == slots and slots == got and got != list(slots) and got != (*slots, 0)
+        assert got == ids and hash(got) == hash(slots) and repr(got) == repr(slots)
+        assert got + (5,) == (*slots, 5) and (5,) + got == (5, *slots)
+        assert got + got == slots + slots
+        assert pickle.loads(pickle.dumps(got)) == slots
+
+
+def test_an_admissions_block_ids_stay_what_they_were() -> None:
+    """``Admission.block_ids`` is a snapshot: the request's table growing in place (a later
+    prefill chunk) leaves the ids the admission gave unchanged."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    a = mgr.add_sequence(SequenceSpec("a", list(range(20)), num_new_tokens=8))
+    assert a.block_ids == (0, 1) and mgr.block_table("a") == [0, 1]
+    mgr.schedule_prefill("a", 12)
+    assert mgr.block_table("a") == [0, 1, 2, 3, 4]
+    assert a.block_ids == (0, 1) and len(a.block_ids) == 2
