@@ -710,3 +710,33 @@ def test_ghost_entries_come_back_exactly() -> None:
     assert ghosts.pop(("k", 1)) is None and ghosts.num_blocks == 5
     ghosts.add(("k", 3), (1, 2.0, 6, 11, 12))  # 11 blocks: the oldest goes
     assert ghosts.trim() == [(0, 0.1, 5, 9, 10)] and ghosts.values() == [(1, 2.0, 6, 11, 12)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_forget_does_what_dropped_add_trim_and_record_do(seed: int) -> None:
+    """``KvtierPredict.forget`` (written out for speed) leaves the learner and the ghosts
+    exactly as the calls it stands for: ``HitDensity.dropped``, ``Ghosts.add_trim``, and a
+    censored ``record`` of every ghost trimmed; random forgets, keys that repeat (a ghost
+    replaced), bounds small enough to trim, recalls between them."""
+    rng = random.Random(seed)
+    fast, ref = KvtierPredict(cost_aware=True), KvtierPredict(cost_aware=True)
+    for policy in (fast, ref):
+        policy.bind(CacheConfig(num_gpu_blocks=8 + seed * 20))
+        policy.ghosts.max_entries = 5 + seed * 7
+    now = 0.0
+    for _ in range(2000):
+        now += rng.expovariate(1.0)
+        key = ("k", rng.randrange(60))
+        if rng.random() < 0.2:
+            assert fast.recall(key, now) == ref.recall(key, now)
+            continue
+        args = (rng.randrange(13), now - rng.expovariate(0.1), rng.randrange(1, 40),
+                rng.randrange(1 << 40), rng.randrange(1 << 20))
+        cls, released_s, n, uid, tick = args
+        fast.forget(key, uid, cls, released_s, n, now, tick)
+        ref.learner.dropped(now - released_s)
+        for c, released, m, _, _ in ref.ghosts.add_trim(key, cls, released_s, n, uid, tick):
+            ref.learner.record(c, now - released, m, False)
+        for a, b in ((fast.learner, ref.learner), (fast.ghosts, ref.ghosts)):
+            assert vars(a) == vars(b)
+    assert fast.learner.num_records > 100 and fast.learner.num_refreshes > 0

@@ -84,6 +84,7 @@ GhostEntry = tuple[int, float, int, int, int]
 # collection walk them and set off more of them: ~8 % of the manager's time on the whole
 # Mooncake trace under the default policy).
 _GHOST = Struct("<qdqqq")
+_pack_ghost, _unpack_ghost = _GHOST.pack, _GHOST.unpack
 
 
 class Ghosts:
@@ -125,16 +126,20 @@ class Ghosts:
         entries = self._entries
         old = entries.pop(h, None)
         if old is not None:
-            cls, _, n, _, _ = _GHOST.unpack(old)
+            cls, _, n, _, _ = _unpack_ghost(old)
             self._count(cls, -n)
-        entries[h] = _GHOST.pack(reuse_class, released_s, num_blocks, uid, released_tick)
-        self._count(reuse_class, num_blocks)
+        entries[h] = _pack_ghost(reuse_class, released_s, num_blocks, uid, released_tick)
+        # NOTE: ``_count`` written out (the same sums): a put comes with every drop.
+        self.num_blocks += num_blocks
+        if self.count_classes:
+            class_blocks = self.class_blocks
+            class_blocks[reuse_class] = class_blocks.get(reuse_class, 0) + num_blocks
 
     def pop(self, ghost_key: object) -> GhostEntry | None:
         packed = self._entries.pop(hash(ghost_key), None)
         if packed is None:
             return None
-        entry: GhostEntry = _GHOST.unpack(packed)
+        entry: GhostEntry = _unpack_ghost(packed)
         self._count(entry[0], -entry[2])
         return entry
 
@@ -154,7 +159,7 @@ class Ghosts:
         entries = self._entries
         while entries and (self.num_blocks > self.max_blocks
                            or len(entries) > self.max_entries):
-            entry: GhostEntry = _GHOST.unpack(entries.popitem(last=False)[1])
+            entry: GhostEntry = _unpack_ghost(entries.popitem(last=False)[1])
             self._count(entry[0], -entry[2])
             out.append(entry)
         return out
@@ -573,10 +578,18 @@ class KvtierPredict:
     def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
                num_blocks: int, now: float, released_tick: int = 0) -> None:
         learner = self.learner
-        learner.dropped(now - released_s)
-        for cls, released, n, _, _ in self.ghosts.add_trim(
-                ghost_key, reuse_class, released_s, num_blocks, node_uid, released_tick):
-            learner.record(cls, now - released, n, False)
+        # NOTE: ``HitDensity.dropped`` and ``Ghosts.add_trim`` written out (the same
+        # expressions, in the same order): a forget comes with every run dropped.
+        age_s = now - released_s
+        mean = learner.drop_age_s
+        mean = age_s if mean is None else mean + DROP_AGE_WEIGHT * (age_s - mean)
+        learner.drop_age_s = mean
+        learner.horizon_s = max(1.0, NEAR_TERM_DROP_AGES * mean)
+        ghosts = self.ghosts
+        ghosts._put(ghost_key, reuse_class, released_s, num_blocks, node_uid, released_tick)
+        if ghosts.num_blocks > ghosts.max_blocks or len(ghosts._entries) > ghosts.max_entries:
+            for cls, released, n, _, _ in ghosts.trim():
+                learner.record(cls, now - released, n, False)
 
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
         entry = self.ghosts.pop(ghost_key)
