@@ -335,3 +335,32 @@ def test_huge_pools_are_refused_or_built_lazily() -> None:
     tracemalloc.stop()
     assert used < 1_000_000, used
     assert mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5])).block_ids == (0, 1)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("salt", True), ("salt", 2**128), ("salt", 1.5), ("lora_id", True), ("lora_id", -1),
+    ("retention_s", -1.0), ("retention_s", True), ("mm_items", None), ("mm_items", "x"),
+    ("num_new_tokens", 0), ("num_new_tokens", True), ("num_reserved_blocks", False),
+    ("num_reserved_blocks", 0.0), ("num_reserved_blocks", -1), ("num_reserved_blocks", None),
+])
+def test_a_spec_checks_every_field_it_is_given(field: str, value: object) -> None:
+    """A spec skips the checks of the fields left at their defaults (None, (), 0), and
+    only those: any other value, falsy ones and ones equal to a default included
+    (``False``, ``0.0``), is checked and refused as before."""
+    with pytest.raises(ValueError):
+        SequenceSpec("a", [1, 2], **{field: value})  # type: ignore[arg-type]
+
+
+def test_a_spec_converts_what_it_is_given_as_before() -> None:
+    """The conversions the checks make still happen for values other than the defaults:
+    an int retention becomes a float, a list of items a tuple."""
+    spec = SequenceSpec("a", [1, 2], retention_s=5, mm_items=[],  # type: ignore[arg-type]
+                        num_reserved_blocks=2)
+    assert type(spec.retention_s) is float and spec.retention_s == 5.0
+    assert type(spec.mm_items) is tuple and spec.mm_items == ()
+    item = MultimodalItem(0, 2, "img")
+    listed = SequenceSpec("a", [1, 2], mm_items=[item])  # type: ignore[arg-type]
+    assert listed.mm_items == (item,)
+    plain = SequenceSpec("a", [1, 2])
+    assert (plain.salt, plain.lora_id, plain.retention_s, plain.mm_items,
+            plain.num_new_tokens, plain.num_reserved_blocks) == (None, None, None, (), None, 0)

@@ -172,22 +172,32 @@ class SequenceSpec:
                 packed = checked_token_array(as_token_sequence(tokens, what), what)
             ids = packed
             tokens = TokenIds.of_array(ids)
-        object.__setattr__(self, "token_array", ids)
-        object.__setattr__(self, "tokens", tokens)
-        check_key("salt", self.salt)
-        check_lora_id(self.lora_id)
+        setattr_ = object.__setattr__
+        setattr_(self, "token_array", ids)
+        setattr_(self, "tokens", tokens)
+        # NOTE: each check is called only for a value other than its default (None, (), 0:
+        # what they let through as they are): a spec is made per request, most with
+        # nothing but an id and a prompt.
+        if self.salt is not None:
+            check_key("salt", self.salt)
+        if self.lora_id is not None:
+            check_lora_id(self.lora_id)
         if self.priority is not None:
             check_priority("priority", self.priority)
-        object.__setattr__(self, "retention_s", check_retention(self.retention_s))
+        if self.retention_s is not None:
+            setattr_(self, "retention_s", check_retention(self.retention_s))
         if self.retention is not None:
             check_retention_type(self.retention, f"retention of {self.request_id!r}",
                                  len(ids))
-        object.__setattr__(self, "mm_items",
-                           check_mm_items(self.mm_items, len(ids), self.request_id))
+        if type(self.mm_items) is not tuple or self.mm_items:
+            setattr_(self, "mm_items",
+                     check_mm_items(self.mm_items, len(ids), self.request_id))
         if type(self.skip_reading_prefix_cache) is not bool:
             raise ValueError(f"skip_reading_prefix_cache of {self.request_id!r} must be a bool, "
                              f"got {short_repr(self.skip_reading_prefix_cache)}")
-        _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
+        if (self.num_new_tokens is not None or type(self.num_reserved_blocks) is not int
+                or self.num_reserved_blocks):
+            _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
 
     def with_schedule(self, num_new_tokens: int | None, num_reserved_blocks: int) -> SequenceSpec:
         """A copy with other scheduling fields. Only those are checked: the rest was
