@@ -53,7 +53,9 @@ class LiveTable:
     def new_batch(self, specs: object) -> list[SequenceSpec]:
         """``specs`` as a list of specs of new requests; TypeError for a batch that is no
         iterable of ``SequenceSpec``, ValueError naming a duplicate or live request id."""
-        if isinstance(specs, (SequenceSpec, str, bytes)) or not isinstance(specs, Iterable):
+        # NOTE: a list (``add_sequence``'s, a scheduler's) skips the ABC's isinstance.
+        if type(specs) is not list and (isinstance(specs, (SequenceSpec, str, bytes))
+                                        or not isinstance(specs, Iterable)):
             raise TypeError(f"specs must be an iterable of SequenceSpec, got {specs!r}")
         batch = list(specs)
         seen: set[str] = set()

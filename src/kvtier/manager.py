@@ -316,8 +316,10 @@ class KVCacheManager:
         batch = self._live.new_batch(specs)
         admission = BatchAdmission(self._cache, self._live, self.config, self._store_blocks)
         results = admission.run(batch, self._ops)
-        if any(r.admitted for r in results):
-            self._version += 1
+        for r in results:  # NOTE: no generator for ``any`` (a call per request admitted)
+            if r.admitted:
+                self._version += 1
+                break
         return results
 
     # ---- growth and release --------------------------------------------------------------
