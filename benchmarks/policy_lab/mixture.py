@@ -1,0 +1,267 @@
+"""A mixture of eviction orders by regret (issue 10, fourteenth session): a probe.
+
+kvtier's default ranks by its learned order unless its LRU witness says LRU leads beyond
+chance, a switch on one-sided evidence (docs/policy-lab.md, twelfth session: in LRU's
+order only the learned order's losses can still show). The literature's answer to two
+experts each right on some workloads is a mixture weighted by regret (LeCaR, Vietri et al.,
+HotStorage '18; CACHEUS, Rodriguez et al., FAST '21): each eviction is made by one expert,
+drawn with its weight; a dropped run's ghost remembers which expert dropped it; a request
+that comes back for it is that expert's regret. Both experts keep choosing victims, so
+both keep paying for their mistakes: the evidence is two-sided.
+
+Here, deterministic and on runs:
+
+- **Experts**: LRU's order (priority and soft claims first, as always; then the oldest
+  release; a queue gives its head) and the learned order (``KvtierPredict``'s rank and
+  ``within``, cost-aware, without its witness).
+- **The draw**: a low-discrepancy sequence of LRU's weight ``w``: an accumulator adds
+  ``w`` at every drop and LRU's order rules while it is past 1 (a Sturmian word: over any
+  ``k`` drops LRU's order makes ``k w`` of them, +-1). The expert holds from one drop to the
+  next, so what a pop ranks and what an offload may displace are judged in one order.
+- **Regret**: a ghost carries its expert and that expert's weight when it dropped the run
+  (packed into its class field). A recall adds ``blocks / weight`` to the expert's loss
+  (inverse propensity: an expert that makes a tenth of the drops is charged ten times per
+  block recalled, so the losses estimate what each order alone would have lost per drop,
+  not how often it was drawn), and ``(blocks / weight)^2`` to the volume; both halve every
+  two turnovers of the capacity in blocks dropped.
+- **The weight**: ``w = Phi(z)`` with ``z = (loss_learned - loss_lru) / sqrt(volume)``:
+  the sign test the witness uses, read as a chance instead of a verdict (no evidence:
+  half and half; LRU's weight falls to Phi(-1) = 0.16 where the witness would have
+  switched to the learned order at once, and 0.84 where it would have switched to LRU).
+  ``sharp`` scales ``z`` (``Phi(sharp z)``): 1 the plain reading, larger nearer a switch.
+  ``floor`` bounds each weight below (exploration; LeCaR has none, the fading stands in).
+
+Variants (``make_policy``): ``main`` (the default as it is), ``mix`` (the mixture, no
+witness), ``mix-s2`` / ``mix-s4`` (sharper), ``mix-w`` (the witness's verdict still rules
+where it says LRU is ahead; the mixture elsewhere), ``lecar`` (no inverse propensity:
+LeCaR's charge, the regret per recall, not per drop).
+
+    PYTHONPATH=src .venv/bin/python benchmarks/policy_lab/mixture.py \
+        --rows azure-code,mcc3 --variants main,mix --num-scales 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from kvtier.config import CacheConfig
+from kvtier.policies import KvtierPredict
+from kvtier.pool import Key
+from kvtier.radix import Node
+from kvtier.sim import simulate
+
+_LRU, _LEARNED = 0, 1
+_CLASS_BITS = 6         # a reuse class fits in 6 bits (13 classes)
+_WEIGHT_SCALE = 1 << 20  # an expert's weight at the drop, in the ghost's class field
+
+
+def phi(z: float) -> float:
+    """The standard normal CDF. Pure."""
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+def pack_class(reuse_class: int, expert: int, weight: float) -> int:
+    """A ghost's class field: the run's reuse class, the expert that dropped it and that
+    expert's weight then (to 2^-20). Pure."""
+    q = max(1, min(_WEIGHT_SCALE, round(weight * _WEIGHT_SCALE)))
+    return reuse_class | (expert << _CLASS_BITS) | (q << (_CLASS_BITS + 1))
+
+
+def unpack_class(code: int) -> tuple[int, int, float]:
+    """``(reuse class, expert, weight)`` of a packed class field. Pure."""
+    return (code & ((1 << _CLASS_BITS) - 1), (code >> _CLASS_BITS) & 1,
+            (code >> (_CLASS_BITS + 1)) / _WEIGHT_SCALE)
+
+
+class RegretMixture(KvtierPredict):
+    """``kvtier-predict-cost`` whose every drop is made by LRU's order or the learned
+    one, drawn by a low-discrepancy sequence of LRU's weight, the weight set by each
+    order's regret (its dropped runs come back for, per drop). See the module."""
+
+    def __init__(self, sharp: float = 1.0, floor: float = 0.0, ipw: bool = True,
+                 witnessed: bool = False) -> None:
+        super().__init__(cost_aware=True, witnessed=witnessed)
+        self.name = "kvtier-mix"
+        self.sharp = sharp
+        self.floor = floor
+        self.ipw = ipw
+        self.w_lru = 0.5
+        self.lru_now = False
+        self._acc = 0.0
+        self.loss = [0.0, 0.0]
+        self.volume = 0.0
+        self.window_blocks = 1
+        self._dropped = 0
+        self.num_drops = [0, 0]     # drops per expert, in all
+        self.num_recalled = [0, 0]  # blocks recalled per expert, in all
+
+    def bind(self, config: CacheConfig) -> None:
+        super().bind(config)
+        self.window_blocks = 2 * max(1, config.num_gpu_blocks + config.num_host_blocks)
+
+    # The order: LRU's while ``lru_now`` (or the witness says LRU is ahead), else learned.
+
+    def _lru_rules(self) -> bool:
+        if self.lru_now:
+            return True
+        witness = self.witness
+        return witness is not None and witness.lru_ahead
+
+    def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        if self.lru_now:
+            expiry = node.expiry
+            priority = (default_priority if expiry is not None and now >= expiry
+                        else node.priority)
+            return (priority, 1 if node.soft_claimed else 0, 0.0, node.last_used)
+        return super().rank(node, now, default_priority)
+
+    def within(self, node: Node, now: float) -> float:
+        if self.lru_now:
+            return 0.0
+        return super().within(node, now)
+
+    @property
+    def rank_version(self) -> int:
+        return 2 * super().rank_version + (1 if self.lru_now else 0)
+
+    # The books.
+
+    def _expert(self) -> tuple[int, float]:
+        if self._lru_rules():
+            return _LRU, (self.w_lru if self.lru_now else 1.0)
+        return _LEARNED, 1.0 - self.w_lru
+
+    def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
+        expert, weight = self._expert()
+        self.num_drops[expert] += 1
+        learner = self.learner
+        learner.dropped(now - released_s)
+        code = pack_class(reuse_class, expert, weight)
+        for cls, released, n, _, _ in self.ghosts.add_trim(
+                ghost_key, code, released_s, num_blocks, node_uid, released_tick):
+            learner.record(unpack_class(cls)[0], now - released, n, False)
+        self._dropped += num_blocks
+        if self._dropped >= self.window_blocks:
+            self._dropped = 0
+            self.loss = [x / 2 for x in self.loss]
+            self.volume /= 2
+            self._weigh()
+        self._draw()
+
+    def _draw(self) -> None:
+        self._acc += self.w_lru
+        if self._acc >= 1.0:
+            self._acc -= 1.0
+            self.lru_now = True
+        else:
+            self.lru_now = False
+
+    def _weigh(self) -> None:
+        volume = self.volume
+        z = (self.loss[_LEARNED] - self.loss[_LRU]) / math.sqrt(volume) if volume > 0 else 0.0
+        w = phi(self.sharp * z)
+        lo = self.floor
+        self.w_lru = min(1.0 - lo, max(lo, w))
+
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        entry = self.ghosts.pop(ghost_key)
+        if entry is None:
+            return None
+        code, released_s, n, uid, tick = entry
+        cls, expert, weight = unpack_class(code)
+        self.learner.record(cls, now - released_s, n, True)
+        if self.witness is not None:
+            self.witness.recalled(tick, n)
+        if cls == 0:
+            returning = self._returning
+            if len(returning) >= self.ghosts.max_entries:
+                returning.clear()
+            returning.add(hash(ghost_key))
+        self.num_recalled[expert] += n
+        charge = n / weight if self.ipw else float(n)
+        self.loss[expert] += charge
+        self.volume += charge * charge
+        self._weigh()
+        return uid, n
+
+
+def make_policy(variant: str) -> KvtierPredict:
+    if variant == "main":
+        return KvtierPredict(cost_aware=True)
+    if variant == "blind":
+        return KvtierPredict(cost_aware=True, witnessed=False)
+    if variant == "mix":
+        return RegretMixture()
+    if variant.startswith("mix-s"):
+        return RegretMixture(sharp=float(variant[5:]))
+    if variant == "mix-w":
+        return RegretMixture(witnessed=True)
+    if variant.startswith("mix-ws"):
+        return RegretMixture(sharp=float(variant[6:]), witnessed=True)
+    if variant == "lecar":
+        return RegretMixture(ipw=False)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
+    from benchmarks.policy_lab.miniature import _row
+
+    make, config, scale = _row(name)
+    if config is None:  # an audit row: its 10 % capacity
+        from benchmarks import bench_policy as bp
+
+        from kvtier.blocks import cdiv
+        from kvtier.sim import oracle_requests
+        stream = list(oracle_requests(make(), 32))
+        mb = max(cdiv(r.num_tokens, 32) for r in stream) + 16
+        g, h = bp.capacities(stream, 32, mb, (0.10,))[0]
+        config = CacheConfig(tokens_per_block=32, num_gpu_blocks=g, num_host_blocks=h,
+                             eviction_policy="kvtier-predict-cost")
+    policy = make_policy(variant)
+    t0 = time.process_time()
+    report = simulate(make(), config, time_scale=scale * (1 + 0.0005 * scale_step),
+                      policy=policy)
+    out: dict[str, float] = {"hit_rate": report.token_hit_rate,
+                             "cpu_s": time.process_time() - t0}
+    if isinstance(policy, RegretMixture):
+        out.update(w_lru=policy.w_lru, drops_lru=policy.num_drops[_LRU],
+                   drops_learned=policy.num_drops[_LEARNED],
+                   rec_lru=policy.num_recalled[_LRU], rec_learned=policy.num_recalled[_LEARNED])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="azure-code")
+    ap.add_argument("--variants", default="main,mix")
+    ap.add_argument("--num-scales", type=int, default=1)
+    args = ap.parse_args(argv)
+    steps = [k - (args.num_scales - 1) / 2 for k in range(args.num_scales)]
+    for name in args.rows.split(","):
+        for variant in args.variants.split(","):
+            hs = []
+            extra = ""
+            for s in steps:
+                r = run(name, variant, s)
+                hs.append(r["hit_rate"])
+                if "w_lru" in r:
+                    extra += (f" [w {r['w_lru']:.2f} drops {r['drops_lru']:.0f}/"
+                              f"{r['drops_learned']:.0f} rec {r['rec_lru']:.0f}/"
+                              f"{r['rec_learned']:.0f} cpu {r['cpu_s']:.1f}s]")
+                else:
+                    extra += f" [cpu {r['cpu_s']:.1f}s]"
+            sd = statistics.stdev(hs) if len(hs) > 1 else 0.0
+            print(f"{name:12s} {variant:10s} {statistics.mean(hs):.4f} (sd {sd:.4f})"
+                  f" {' '.join(f'{h:.4f}' for h in hs)}{extra}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    raise SystemExit(main())
