@@ -50,10 +50,11 @@ import time
 from pathlib import Path
 
 from kvtier.config import CacheConfig
-from kvtier.policies import KvtierPredict
+from kvtier.policies import _LAST_BIN_S, NUM_AGE_BINS, KvtierPredict
 from kvtier.pool import Key
 from kvtier.radix import Node
 from kvtier.sim import simulate
+from kvtier.witness import Z as WITNESS_Z
 
 _LRU, _LEARNED = 0, 1
 _CLASS_BITS = 6         # a reuse class fits in 6 bits (13 classes)
@@ -84,13 +85,18 @@ class RegretMixture(KvtierPredict):
     order's regret (its dropped runs come back for, per drop). See the module."""
 
     def __init__(self, sharp: float = 1.0, floor: float = 0.0, ipw: bool = True,
-                 witnessed: bool = False) -> None:
+                 witnessed: bool = False, fixed: float | None = None,
+                 epoch: float = 0.0) -> None:
         super().__init__(cost_aware=True, witnessed=witnessed)
         self.name = "kvtier-mix"
         self.sharp = sharp
         self.floor = floor
         self.ipw = ipw
-        self.w_lru = 0.5
+        self.fixed = fixed    # a constant weight of LRU's order (nothing learned)
+        self.epoch = epoch    # the draw holds for this many capacities of dropped blocks
+        self.epoch_blocks = 0
+        self._since_draw = 0
+        self.w_lru = 0.5 if fixed is None else fixed
         self.lru_now = False
         self._acc = 0.0
         self.loss = [0.0, 0.0]
@@ -102,7 +108,9 @@ class RegretMixture(KvtierPredict):
 
     def bind(self, config: CacheConfig) -> None:
         super().bind(config)
-        self.window_blocks = 2 * max(1, config.num_gpu_blocks + config.num_host_blocks)
+        capacity = max(1, config.num_gpu_blocks + config.num_host_blocks)
+        self.window_blocks = 2 * capacity
+        self.epoch_blocks = int(self.epoch * capacity)
 
     # The order: LRU's while ``lru_now`` (or the witness says LRU is ahead), else learned.
 
@@ -152,7 +160,10 @@ class RegretMixture(KvtierPredict):
             self.loss = [x / 2 for x in self.loss]
             self.volume /= 2
             self._weigh()
-        self._draw()
+        self._since_draw += num_blocks
+        if self._since_draw >= self.epoch_blocks:
+            self._since_draw = 0
+            self._draw()
 
     def _draw(self) -> None:
         self._acc += self.w_lru
@@ -163,6 +174,8 @@ class RegretMixture(KvtierPredict):
             self.lru_now = False
 
     def _weigh(self) -> None:
+        if self.fixed is not None:
+            return
         volume = self.volume
         z = (self.loss[_LEARNED] - self.loss[_LRU]) / math.sqrt(volume) if volume > 0 else 0.0
         w = phi(self.sharp * z)
@@ -191,6 +204,132 @@ class RegretMixture(KvtierPredict):
         return uid, n
 
 
+class RegretVeto(KvtierPredict):
+    """The default with its witness, whose switch to LRU's order is vetoed while LRU's
+    own drops come back more often than the learned order's, beyond chance: each order
+    judged on its own drops (two-sided), the witness's exact books kept for the rest.
+
+    A ghost carries the order that dropped it (LRU's while the cache ranks by it). Per
+    order: blocks dropped ``D``, of them come back for ``R``, runs dropped ``N``; the
+    order in force halves its three every two capacities of its own dropped blocks (it
+    follows the stream), the other's stay as its last tenure left them, plus the recalls
+    of its ghosts that come in late (they are outcomes of its drops). Veto: ``R_L / D_L -
+    R_P / D_P > Z * se``, ``se`` the two-proportion standard error over runs (Z = 1, as
+    the witness). ``symmetric``: the learned order's rule is vetoed too, where its drops
+    come back more often than LRU's beyond chance (LRU's order then, witness or not)."""
+
+    def __init__(self, symmetric: bool = False) -> None:
+        super().__init__(cost_aware=True, witnessed=True)
+        self.name = "kvtier-veto"
+        self.symmetric = symmetric
+        self.dropped = [0.0, 0.0]
+        self.recalled = [0.0, 0.0]
+        self.runs = [0.0, 0.0]
+        self._since = [0, 0]
+        self.window_blocks = 1
+        self.lru_now = False
+        self.veto = 0  # +1: LRU's rule vetoed; -1: the learned order's; 0: none
+        self.num_vetoed_drops = 0
+
+    def bind(self, config: CacheConfig) -> None:
+        super().bind(config)
+        self.window_blocks = 2 * max(1, config.num_gpu_blocks + config.num_host_blocks)
+
+    def _judge(self) -> None:
+        d, r, n = self.dropped, self.recalled, self.runs
+        veto = 0
+        if n[_LRU] >= 1 and n[_LEARNED] >= 1 and d[_LRU] > 0 and d[_LEARNED] > 0:
+            rl, rp = r[_LRU] / d[_LRU], r[_LEARNED] / d[_LEARNED]
+            pooled = (r[_LRU] + r[_LEARNED]) / (d[_LRU] + d[_LEARNED])
+            var = max(pooled * (1.0 - pooled), 1e-12) * (1.0 / n[_LRU] + 1.0 / n[_LEARNED])
+            z = (rl - rp) / math.sqrt(var)
+            if z > WITNESS_Z:
+                veto = 1
+            elif self.symmetric and z < -WITNESS_Z:
+                veto = -1
+        self.veto = veto
+        witness = self.witness
+        ahead = witness is not None and witness.lru_ahead
+        self.lru_now = (ahead and veto != 1) or veto == -1
+
+    def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        self._judge_if_witness_moved()
+        expiry = node.expiry
+        priority = default_priority if expiry is not None and now >= expiry else node.priority
+        if self.lru_now:
+            return (priority, 1 if node.soft_claimed else 0, 0.0, node.last_used)
+        cls = node.reuse_class
+        age = now - node.last_used_s
+        value = self.learner.value[1 if cls is None else cls][
+            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
+            if age > 0 else 0]
+        value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
+        return (priority, 1 if node.soft_claimed else 0, value, node.last_used)
+
+    def within(self, node: Node, now: float) -> float:
+        if self.lru_now:
+            return 0.0
+        cls = node.reuse_class
+        age = now - node.last_used_s
+        return self.learner.near[1 if cls is None else cls][
+            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
+            if age > 0 else 0]
+
+    def _judge_if_witness_moved(self) -> None:
+        witness = self.witness
+        ahead = witness is not None and witness.lru_ahead
+        if ahead != self._ahead_seen:
+            self._ahead_seen = ahead
+            self._judge()
+
+    _ahead_seen = False
+
+    @property
+    def rank_version(self) -> int:
+        self._judge_if_witness_moved()
+        return 2 * self.learner.num_refreshes + (1 if self.lru_now else 0)
+
+    def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
+        self._judge_if_witness_moved()
+        expert = _LRU if self.lru_now else _LEARNED
+        if self.veto == 1 and self.witness is not None and self.witness.lru_ahead:
+            self.num_vetoed_drops += 1
+        learner = self.learner
+        learner.dropped(now - released_s)
+        code = pack_class(reuse_class, expert, 1.0)
+        for cls, released, n, _, _ in self.ghosts.add_trim(
+                ghost_key, code, released_s, num_blocks, node_uid, released_tick):
+            learner.record(unpack_class(cls)[0], now - released, n, False)
+        self.dropped[expert] += num_blocks
+        self.runs[expert] += 1
+        self._since[expert] += num_blocks
+        if self._since[expert] >= self.window_blocks:
+            self._since[expert] = 0
+            self.dropped[expert] /= 2
+            self.recalled[expert] /= 2
+            self.runs[expert] /= 2
+        self._judge()
+
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        entry = self.ghosts.pop(ghost_key)
+        if entry is None:
+            return None
+        code, released_s, n, uid, tick = entry
+        cls, expert, _ = unpack_class(code)
+        self.learner.record(cls, now - released_s, n, True)
+        if self.witness is not None:
+            self.witness.recalled(tick, n)
+        if cls == 0:
+            returning = self._returning
+            if len(returning) >= self.ghosts.max_entries:
+                returning.clear()
+            returning.add(hash(ghost_key))
+        self.recalled[expert] += n
+        self._judge()
+        return uid, n
+
+
 def make_policy(variant: str) -> KvtierPredict:
     if variant == "main":
         return KvtierPredict(cost_aware=True)
@@ -204,6 +343,15 @@ def make_policy(variant: str) -> KvtierPredict:
         return RegretMixture(witnessed=True)
     if variant.startswith("mix-ws"):
         return RegretMixture(sharp=float(variant[6:]), witnessed=True)
+    if variant.startswith("fix"):
+        return RegretMixture(fixed=float(variant[3:]))
+    if variant.startswith("ep"):  # ep<capacities>[-s<sharp>]
+        epoch, _, sharp = variant[2:].partition("-s")
+        return RegretMixture(epoch=float(epoch), sharp=float(sharp or 1.0))
+    if variant == "veto":
+        return RegretVeto()
+    if variant == "veto2":
+        return RegretVeto(symmetric=True)
     if variant == "lecar":
         return RegretMixture(ipw=False)
     raise ValueError(f"unknown variant {variant!r}")
@@ -229,6 +377,10 @@ def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
                       policy=policy)
     out: dict[str, float] = {"hit_rate": report.token_hit_rate,
                              "cpu_s": time.process_time() - t0}
+    if isinstance(policy, RegretVeto):
+        out.update(w_lru=float(policy.veto), drops_lru=policy.runs[_LRU],
+                   drops_learned=policy.runs[_LEARNED], rec_lru=policy.num_vetoed_drops,
+                   rec_learned=policy.witness.num_switches if policy.witness else 0)
     if isinstance(policy, RegretMixture):
         out.update(w_lru=policy.w_lru, drops_lru=policy.num_drops[_LRU],
                    drops_learned=policy.num_drops[_LEARNED],

@@ -1,0 +1,147 @@
+"""The regret-weighted mixture of LRU's and the learned order (fourteenth session): the
+draw, the ghosts' tags and the weights on scripted drops and recalls, against a plain
+reference; and on a small replay, that the mixture at a constant weight of 0 is the
+learned order to the decision and at 1 never lets the learned order drop a run."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.policy_lab.mixture import (
+    _LEARNED,
+    _LRU,
+    RegretMixture,
+    pack_class,
+    phi,
+    unpack_class,
+)
+
+from kvtier.config import CacheConfig
+from kvtier.policies import KvtierPredict
+from kvtier.sim import SyntheticChat, simulate
+
+
+def bound(policy: RegretMixture, gpu: int = 8, host: int = 0) -> RegretMixture:
+    policy.bind(CacheConfig(tokens_per_block=4, num_gpu_blocks=gpu, num_host_blocks=host))
+    return policy
+
+
+def test_the_class_field_carries_the_class_the_expert_and_its_weight() -> None:
+    for cls in (0, 1, 12, 63):
+        for expert in (_LRU, _LEARNED):
+            for w in (0.5, 0.25, 1.0, 2.0 ** -20):
+                assert unpack_class(pack_class(cls, expert, w)) == (cls, expert, w)
+    # Below 2^-20 a weight is kept as 2^-20 (a charge is never infinite).
+    assert unpack_class(pack_class(3, _LRU, 0.0)) == (3, _LRU, 2.0 ** -20)
+
+
+def test_the_draw_is_a_sturmian_word_of_the_weight() -> None:
+    """At a constant weight w (dyadic: the accumulator is exact), the k-th drop (from 1)
+    is LRU's exactly where floor((k - 1) w) steps up: over any k drops LRU makes k w of
+    them, +-1."""
+    for w in (0.25, 0.375, 0.75):
+        policy = bound(RegretMixture(fixed=w))
+        experts = []
+        for k in range(1, 41):
+            experts.append(_LRU if policy.lru_now else _LEARNED)
+            policy.forget(("g", k), k, 1, 0.0, 1, 1.0)
+        reference = [_LRU if k >= 2 and math.floor((k - 1) * w) > math.floor((k - 2) * w)
+                     else _LEARNED for k in range(1, 41)]
+        assert experts == reference
+        assert policy.num_drops == [reference.count(_LRU), reference.count(_LEARNED)]
+
+
+def reference_weights(script: list[tuple[str, int, int]], window: int) -> list[float]:
+    """The mixture's rules written plainly: ``("drop", key, blocks)`` drops a run under
+    the expert drawn now, ``("recall", key, 0)`` recalls it. Returns LRU's weight after
+    each step."""
+    w, acc, lru_now = 0.5, 0.0, False
+    loss = {_LRU: 0.0, _LEARNED: 0.0}
+    volume = 0.0
+    dropped = 0
+    ghosts: dict[int, tuple[int, float, int]] = {}
+    out = []
+
+    def weigh() -> float:
+        z = (loss[_LEARNED] - loss[_LRU]) / math.sqrt(volume) if volume > 0 else 0.0
+        return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+    for op, key, n in script:
+        if op == "drop":
+            expert = _LRU if lru_now else _LEARNED
+            ghosts[key] = (expert, w if lru_now else 1.0 - w, n)
+            dropped += n
+            if dropped >= window:
+                dropped = 0
+                loss = {e: x / 2 for e, x in loss.items()}
+                volume /= 2
+                w = weigh()
+            acc += w
+            lru_now = acc >= 1.0
+            if lru_now:
+                acc -= 1.0
+        else:
+            expert, weight, n = ghosts.pop(key)
+            # The weight as the ghost keeps it: to 2^-20.
+            weight = round(weight * 2 ** 20) / 2 ** 20
+            loss[expert] += n / weight
+            volume += (n / weight) ** 2
+            w = weigh()
+        out.append(w)
+    return out
+
+
+def test_weights_follow_each_experts_regret_per_drop() -> None:
+    """Runs dropped by one order and come back for charge that order blocks / its weight;
+    LRU's weight is Phi of the learned order's excess loss over its noise; every two
+    capacities of blocks dropped (here 16) the books halve. A hand-made script: the
+    learned order's drops come back (its weight falls), then LRU's (it recovers)."""
+    script = [("drop", 1, 3), ("drop", 2, 2), ("recall", 1, 0), ("drop", 3, 4),
+              ("drop", 4, 1), ("recall", 2, 0), ("drop", 5, 5), ("recall", 4, 0),
+              ("recall", 3, 0), ("drop", 6, 2), ("drop", 7, 3), ("recall", 6, 0),
+              ("recall", 7, 0), ("drop", 8, 6), ("recall", 5, 0), ("recall", 8, 0)]
+    policy = bound(RegretMixture())
+    got = []
+    for op, key, n in script:
+        if op == "drop":
+            policy.forget(("g", key), key, 1, 0.0, n, 1.0)
+        else:
+            assert policy.recall(("g", key), 2.0) == (key, n if n else policy_n(script, key))
+        got.append(policy.w_lru)
+    assert got == reference_weights(script, 16)
+    # The first recall is the learned order's (3 blocks at weight 1/2): z = 1, Phi(1).
+    assert got[2] == pytest.approx(phi(1.0), abs=0.0)
+
+
+def policy_n(script: list[tuple[str, int, int]], key: int) -> int:
+    return next(n for op, k, n in script if op == "drop" and k == key)
+
+
+def test_a_ghost_recalled_after_a_trim_is_gone_and_charges_no_one() -> None:
+    policy = bound(RegretMixture(), gpu=1)  # ghosts bounded to 4 blocks
+    policy.forget(("g", 1), 1, 1, 0.0, 3, 1.0)
+    policy.forget(("g", 2), 2, 1, 0.0, 3, 1.0)  # the first is trimmed
+    assert policy.recall(("g", 1), 2.0) is None
+    assert policy.loss == [0.0, 0.0]
+
+
+def replay(policy: KvtierPredict) -> float:
+    config = CacheConfig(tokens_per_block=32, num_gpu_blocks=96, num_host_blocks=160)
+    return simulate(SyntheticChat(num_requests=300), config, policy=policy).token_hit_rate
+
+
+def test_at_weight_0_the_mixture_is_the_learned_order_and_at_1_lrus() -> None:
+    """A small chat replay that drops runs: at a constant weight of 0 every drop is the
+    learned order's, and the hit rate is the witness-free learned order's to the bit; at
+    1 every drop but the first is LRU's order (the draw starts on the learned order)."""
+    learned = RegretMixture(fixed=0.0)
+    assert replay(learned) == replay(KvtierPredict(cost_aware=True, witnessed=False))
+    assert learned.num_drops[_LRU] == 0 and learned.num_drops[_LEARNED] > 50
+    lru = RegretMixture(fixed=1.0)
+    replay(lru)
+    assert lru.num_drops[_LEARNED] == 1 and lru.num_drops[_LRU] > 50
