@@ -1,7 +1,9 @@
 """The regret-weighted mixture of LRU's and the learned order (fourteenth session): the
 draw, the ghosts' tags and the weights on scripted drops and recalls, against a plain
-reference; and on a small replay, that the mixture at a constant weight of 0 is the
-learned order to the decision and at 1 never lets the learned order drop a run."""
+reference; on a small replay, that the mixture at a constant weight of 0 is the learned
+order to the decision and at 1 never lets the learned order drop a run. And the veto of
+the witness's LRU order by each order's own drops: its books against a plain
+two-proportion test, and its figure on the first 200 agentic steps."""
 
 from __future__ import annotations
 
@@ -16,17 +18,20 @@ from benchmarks.policy_lab.mixture import (
     _LEARNED,
     _LRU,
     RegretMixture,
+    RegretVeto,
     pack_class,
     phi,
+    run,
     unpack_class,
 )
 
 from kvtier.config import CacheConfig
 from kvtier.policies import KvtierPredict
 from kvtier.sim import SyntheticChat, simulate
+from kvtier.witness import Z
 
 
-def bound(policy: RegretMixture, gpu: int = 8, host: int = 0) -> RegretMixture:
+def bound(policy: KvtierPredict, gpu: int = 8, host: int = 0) -> KvtierPredict:
     policy.bind(CacheConfig(tokens_per_block=4, num_gpu_blocks=gpu, num_host_blocks=host))
     return policy
 
@@ -45,7 +50,8 @@ def test_the_draw_is_a_sturmian_word_of_the_weight() -> None:
     is LRU's exactly where floor((k - 1) w) steps up: over any k drops LRU makes k w of
     them, +-1."""
     for w in (0.25, 0.375, 0.75):
-        policy = bound(RegretMixture(fixed=w))
+        policy = RegretMixture(fixed=w)
+        bound(policy)
         experts = []
         for k in range(1, 41):
             experts.append(_LRU if policy.lru_now else _LEARNED)
@@ -105,7 +111,8 @@ def test_weights_follow_each_experts_regret_per_drop() -> None:
               ("drop", 4, 1), ("recall", 2, 0), ("drop", 5, 5), ("recall", 4, 0),
               ("recall", 3, 0), ("drop", 6, 2), ("drop", 7, 3), ("recall", 6, 0),
               ("recall", 7, 0), ("drop", 8, 6), ("recall", 5, 0), ("recall", 8, 0)]
-    policy = bound(RegretMixture())
+    policy = RegretMixture()
+    bound(policy)
     got = []
     for op, key, n in script:
         if op == "drop":
@@ -123,7 +130,8 @@ def policy_n(script: list[tuple[str, int, int]], key: int) -> int:
 
 
 def test_a_ghost_recalled_after_a_trim_is_gone_and_charges_no_one() -> None:
-    policy = bound(RegretMixture(), gpu=1)  # ghosts bounded to 4 blocks
+    policy = RegretMixture()
+    bound(policy, gpu=1)  # ghosts bounded to 4 blocks
     policy.forget(("g", 1), 1, 1, 0.0, 3, 1.0)
     policy.forget(("g", 2), 2, 1, 0.0, 3, 1.0)  # the first is trimmed
     assert policy.recall(("g", 1), 2.0) is None
@@ -145,3 +153,55 @@ def test_at_weight_0_the_mixture_is_the_learned_order_and_at_1_lrus() -> None:
     lru = RegretMixture(fixed=1.0)
     replay(lru)
     assert lru.num_drops[_LEARNED] == 1 and lru.num_drops[_LRU] > 50
+
+
+def two_proportion_veto(dropped: list[float], returned: list[float], runs: list[float]) -> bool:
+    """The veto written plainly: LRU's drops (index 0) come back more often per block than
+    the learned order's (1), beyond Z standard errors of a two-proportion test over runs."""
+    if min(runs) < 1 or min(dropped) <= 0:
+        return False
+    rate = [r / d for r, d in zip(returned, dropped, strict=True)]
+    pooled = sum(returned) / sum(dropped)
+    se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / runs[0] + 1 / runs[1]))
+    return rate[0] - rate[1] > Z * se
+
+
+def test_lrus_own_drops_coming_back_veto_its_order() -> None:
+    """The learned order drops five 4-block runs, one comes back (0.2 a block). The
+    witness says LRU is ahead: LRU's order. It drops four 2-block runs; as they come back,
+    2 / 8 and 4 / 8 are within chance of 0.2 (0.05 against se 0.275, 0.30 against
+    0.303), 6 / 8 is not (0.55 against 0.321): LRU's order is vetoed, the witness's
+    verdict unchanged."""
+    policy = RegretVeto()
+    bound(policy, gpu=100)
+    witness = policy.witness
+    assert witness is not None
+    for k in range(5):
+        policy.forget(("p", k), k, 1, 0.0, 4, 1.0)
+    assert policy.recall(("p", 0), 2.0) == (0, 4)
+    witness.lru_ahead = True
+    assert policy.rank_version % 2 == 1 and policy.lru_now
+    for k in range(4):
+        policy.forget(("l", k), 10 + k, 1, 0.0, 2, 3.0)
+    lru_now, books = [], []
+    for k in range(3):
+        assert policy.recall(("l", k), 4.0) == (10 + k, 2)
+        lru_now.append(policy.lru_now)
+        books.append(two_proportion_veto(policy.dropped, policy.recalled, policy.runs))
+    assert lru_now == [True, True, False] and books == [False, False, True]
+    assert (policy.dropped, policy.recalled, policy.runs) == ([8.0, 20.0], [6.0, 4.0],
+                                                               [4.0, 5.0])
+    assert policy.rank_version % 2 == 0 and witness.lru_ahead  # the verdict stands
+    policy.forget(("n", 0), 20, 1, 0.0, 1, 5.0)
+    assert policy.runs == [4.0, 6.0]  # the next drop is the learned order's
+
+
+def test_the_veto_ends_the_agentic_cold_start_lock_in() -> None:
+    """First 200 agentic steps (2,698 GPU blocks): the witness switches to LRU's order at
+    the 97th admission (twelfth session: locked there for 80 admissions, 0.7457); LRU's
+    drops come back at once and the veto takes 52 drops from it: 0.7793 (the learned
+    order alone 0.7897)."""
+    assert round(run("agentic200", "main")["hit_rate"], 4) == 0.7457
+    r = run("agentic200", "veto")
+    assert round(r["hit_rate"], 4) == 0.7793
+    assert r["vetoed_drops"] == 52

@@ -31,13 +31,23 @@ Here, deterministic and on runs:
   ``sharp`` scales ``z`` (``Phi(sharp z)``): 1 the plain reading, larger nearer a switch.
   ``floor`` bounds each weight below (exploration; LeCaR has none, the fading stands in).
 
-Variants (``make_policy``): ``main`` (the default as it is), ``mix`` (the mixture, no
-witness), ``mix-s2`` / ``mix-s4`` (sharper), ``mix-w`` (the witness's verdict still rules
-where it says LRU is ahead; the mixture elsewhere), ``lecar`` (no inverse propensity:
-LeCaR's charge, the regret per recall, not per drop).
+Variants (``make_policy``): ``main`` (the default as it is), ``blind`` (its learned order
+without the witness), ``mix`` (the mixture, no witness), ``mix-s2`` / ``mix-s4``
+(sharper), ``mix-w`` (the witness's verdict still rules where it says LRU is ahead; the
+mixture elsewhere), ``lecar`` (no inverse propensity: LeCaR's charge, the regret per
+recall, not per drop), ``fix<w>`` (a constant weight, nothing learned: ``fix0`` is the
+learned order alone, ``fix1`` LRU's order with soft claims), ``ep<c>[-s<sharp>]`` (the
+draw held for ``c`` capacities of dropped blocks: coherent tenures).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/policy_lab/mixture.py \
+``veto`` (:class:`RegretVeto`) is what the mixture's books pointed to: the default with its
+witness, whose verdict for LRU's order is overruled while LRU's own drops come back more
+often than the learned order's, per block, beyond chance; ``veto2`` also the other way.
+Measured and written up in docs/policy-lab.md, "Fourteenth session"; not in ``src/``.
+
+    PYTHONPATH=src:. .venv/bin/python benchmarks/policy_lab/mixture.py \
         --rows azure-code,mcc3 --variants main,mix --num-scales 3
+    PYTHONPATH=src:. .venv/bin/python benchmarks/policy_lab/mixture.py \
+        --audit --rows memoryless --variants main,veto --num-scales 3
 """
 
 from __future__ import annotations
@@ -47,13 +57,14 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kvtier.config import CacheConfig
 from kvtier.policies import _LAST_BIN_S, NUM_AGE_BINS, KvtierPredict
 from kvtier.pool import Key
 from kvtier.radix import Node
-from kvtier.sim import simulate
+from kvtier.sim import Workload, simulate
 from kvtier.witness import Z as WITNESS_Z
 
 _LRU, _LEARNED = 0, 1
@@ -357,10 +368,20 @@ def make_policy(variant: str) -> KvtierPredict:
     raise ValueError(f"unknown variant {variant!r}")
 
 
+def _mixed_row(name: str) -> tuple[Callable[[], Workload], CacheConfig, float]:
+    """``bench_policy``'s mixed rows: chat and agents sharing one cache, scale 5.17."""
+    from kvtier.sim import AgenticWorkload, MixedWorkload, SyntheticChat
+
+    gpu, host = (2698, 573) if name == "mixed3" else (2726, 8180)
+    return ((lambda: MixedWorkload((SyntheticChat(num_requests=2000),
+                                    AgenticWorkload(num_requests=2000)))),
+            CacheConfig(tokens_per_block=32, num_gpu_blocks=gpu, num_host_blocks=host), 5.17)
+
+
 def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
     from benchmarks.policy_lab.miniature import _row
 
-    make, config, scale = _row(name)
+    make, config, scale = _mixed_row(name) if name.startswith("mixed") else _row(name)
     if config is None:  # an audit row: its 10 % capacity
         from benchmarks import bench_policy as bp
 
@@ -378,9 +399,8 @@ def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
     out: dict[str, float] = {"hit_rate": report.token_hit_rate,
                              "cpu_s": time.process_time() - t0}
     if isinstance(policy, RegretVeto):
-        out.update(w_lru=float(policy.veto), drops_lru=policy.runs[_LRU],
-                   drops_learned=policy.runs[_LEARNED], rec_lru=policy.num_vetoed_drops,
-                   rec_learned=policy.witness.num_switches if policy.witness else 0)
+        out.update(vetoed_drops=policy.num_vetoed_drops,
+                   switches=policy.witness.num_switches if policy.witness else 0)
     if isinstance(policy, RegretMixture):
         out.update(w_lru=policy.w_lru, drops_lru=policy.num_drops[_LRU],
                    drops_learned=policy.num_drops[_LEARNED],
@@ -388,12 +408,57 @@ def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
     return out
 
 
+def audit_vetoes(only: str, num_scales: int, variant: str = "veto") -> None:
+    """The audit's rows (``bench_policy.AUDIT_ROWS``) through ``variant``, with how many
+    drops the veto took from LRU's order (``veto``: where none, the row's decisions are
+    the default's, to the bit)."""
+    from benchmarks import bench_policy as bp
+
+    from kvtier.blocks import cdiv
+    from kvtier.sim import oracle_requests
+
+    steps = [k - (num_scales - 1) / 2 for k in range(num_scales)]
+    for label, source, tpb, fractions in bp.AUDIT_ROWS:
+        if only and not any(w in label for w in only.split(",")):
+            continue
+        workload = bp.audit_workload(source)
+        stream = list(oracle_requests(workload, tpb))
+        max_blocks = max(cdiv(r.num_tokens, tpb) for r in stream) + 16
+        caps = bp.capacities(stream, tpb, max_blocks, fractions)
+        probe = simulate(workload, CacheConfig(tokens_per_block=tpb, num_gpu_blocks=caps[0][0],
+                                               num_host_blocks=caps[0][1],
+                                               eviction_policy="priority-lru"))
+        scale = 1.0
+        if (probe.ttft_s.p50 or 0.0) > bp.TTFT_TARGET_S:
+            scale = max(1.0, (probe.load.utilization or 0.0) / 0.7)
+        scale = round(scale, 4)
+        for f, (gpu, host) in zip(fractions, caps, strict=True):
+            config = CacheConfig(tokens_per_block=tpb, num_gpu_blocks=gpu, num_host_blocks=host)
+            hs, vetoed = [], []
+            for k in steps:
+                policy = make_policy(variant)
+                hs.append(simulate(bp.audit_workload(source), config,
+                                   time_scale=scale * (1 + 0.0005 * k),
+                                   policy=policy).token_hit_rate)
+                if isinstance(policy, RegretVeto):
+                    vetoed.append(policy.num_vetoed_drops)
+            print(f"{label:26s} {f:5.2f} {variant:6s} {statistics.mean(hs):.4f} "
+                  f"{' '.join(f'{h:.4f}' for h in hs)} vetoed drops {vetoed}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="azure-code")
     ap.add_argument("--variants", default="main,mix")
     ap.add_argument("--num-scales", type=int, default=1)
+    ap.add_argument("--audit", action="store_true",
+                    help="the audit's rows (--rows: label substrings), vetoes counted")
     args = ap.parse_args(argv)
+    if args.audit:
+        for variant in args.variants.split(","):
+            audit_vetoes("" if args.rows == "azure-code" else args.rows, args.num_scales,
+                         variant)
+        return 0
     steps = [k - (args.num_scales - 1) / 2 for k in range(args.num_scales)]
     for name in args.rows.split(","):
         for variant in args.variants.split(","):
@@ -402,7 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             for s in steps:
                 r = run(name, variant, s)
                 hs.append(r["hit_rate"])
-                if "w_lru" in r:
+                if "vetoed_drops" in r:
+                    extra += (f" [vetoed drops {r['vetoed_drops']:.0f}, witness switches "
+                              f"{r['switches']:.0f}, cpu {r['cpu_s']:.1f}s]")
+                elif "w_lru" in r:
                     extra += (f" [w {r['w_lru']:.2f} drops {r['drops_lru']:.0f}/"
                               f"{r['drops_learned']:.0f} rec {r['rec_lru']:.0f}/"
                               f"{r['rec_learned']:.0f} cpu {r['cpu_s']:.1f}s]")
