@@ -19,6 +19,7 @@ from benchmarks.policy_lab.mixture import (
     _LRU,
     RegretMixture,
     RegretVeto,
+    StratifiedVeto,
     pack_class,
     phi,
     run,
@@ -205,3 +206,28 @@ def test_the_veto_ends_the_agentic_cold_start_lock_in() -> None:
     r = run("agentic200", "veto")
     assert round(r["hit_rate"], 4) == 0.7793
     assert r["vetoed_drops"] == 52
+
+
+def test_a_stratified_veto_does_not_read_what_each_order_drops_as_its_choice() -> None:
+    """The learned order drops five 4-block runs of class 1 (two come back: 0.4) and five
+    of class 2 (none: output tails, say). In LRU's order, four of class 1 (two come back:
+    0.5). Pooled, LRU's 0.5 against the learned order's 0.2 is beyond chance (0.30 against
+    se 0.267): vetoed. Within class 1, 0.5 against 0.4 is not (z = 0.3): the learned
+    order's advantage was only that it dropped class 2."""
+    for policy, vetoed in ((RegretVeto(), True), (StratifiedVeto(), False)):
+        bound(policy, gpu=100)
+        witness = policy.witness
+        assert witness is not None
+        for cls in (1, 2):
+            for k in range(5):
+                policy.forget(("p", cls, k), 10 * cls + k, cls, 0.0, 4, 1.0)
+        for k in range(2):
+            policy.recall(("p", 1, k), 2.0)
+        witness.lru_ahead = True
+        assert policy.rank_version % 2 == 1
+        for k in range(4):
+            policy.forget(("l", k), 100 + k, 1, 0.0, 4, 3.0)
+        for k in range(2):
+            policy.recall(("l", k), 4.0)
+        assert (policy.veto == 1, policy.lru_now) == (vetoed, not vetoed)
+        assert two_proportion_veto(policy.dropped, policy.recalled, policy.runs)

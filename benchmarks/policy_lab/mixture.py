@@ -41,7 +41,8 @@ draw held for ``c`` capacities of dropped blocks: coherent tenures).
 
 ``veto`` (:class:`RegretVeto`) is what the mixture's books pointed to: the default with its
 witness, whose verdict for LRU's order is overruled while LRU's own drops come back more
-often than the learned order's, per block, beyond chance; ``veto2`` also the other way.
+often than the learned order's, per block, beyond chance; ``veto2`` also the other way;
+``vstrat`` / ``vstrat2`` (:class:`StratifiedVeto`) the same test within each reuse class.
 Measured and written up in docs/policy-lab.md, "Fourteenth session"; not in ``src/``.
 
     PYTHONPATH=src:. .venv/bin/python benchmarks/policy_lab/mixture.py \
@@ -341,6 +342,60 @@ class RegretVeto(KvtierPredict):
         return uid, n
 
 
+class StratifiedVeto(RegretVeto):
+    """``RegretVeto`` with its test stratified by reuse class: within a class, the rate at
+    which LRU's drops come back against the learned order's, combined over the classes
+    both orders dropped from by inverse variance (``z = sum w_c d_c / sqrt(sum w_c)``,
+    ``w_c = 1 / var_c``), so that what each order drops (tails, one-off prompts) is not
+    read as how well it chooses."""
+
+    def __init__(self, symmetric: bool = False) -> None:
+        super().__init__(symmetric=symmetric)
+        self.name = "kvtier-veto-strat"
+        n = self.NUM_CLASSES
+        self.by_class = [[[0.0] * n for _ in range(3)] for _ in range(2)]  # [order][D,R,N][c]
+
+    def forget(self, ghost_key: object, node_uid: int, reuse_class: int, released_s: float,
+               num_blocks: int, now: float, released_tick: int = 0) -> None:
+        self._judge_if_witness_moved()
+        books = self.by_class[_LRU if self.lru_now else _LEARNED]
+        since = self._since[_LRU if self.lru_now else _LEARNED] + num_blocks
+        if since >= self.window_blocks:  # the base halves its totals now: so the classes
+            for row in books:
+                row[:] = [x / 2 for x in row]
+        books[0][reuse_class] += num_blocks
+        books[2][reuse_class] += 1
+        super().forget(ghost_key, node_uid, reuse_class, released_s, num_blocks, now,
+                       released_tick)
+
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        packed = self.ghosts._entries.get(hash(ghost_key))
+        if packed is not None:
+            from kvtier.policies import _GHOST
+            cls, expert, _ = unpack_class(_GHOST.unpack(packed)[0])
+            self.by_class[expert][1][cls] += _GHOST.unpack(packed)[2]
+        return super().recall(ghost_key, now)
+
+    def _judge(self) -> None:
+        super()._judge()
+        if not hasattr(self, "by_class"):
+            return
+        (dl, rl, nl), (dp, rp, np_) = self.by_class
+        num = den = 0.0
+        for c in range(self.NUM_CLASSES):
+            if nl[c] >= 1 and np_[c] >= 1 and dl[c] > 0 and dp[c] > 0:
+                pooled = (rl[c] + rp[c]) / (dl[c] + dp[c])
+                var = max(pooled * (1.0 - pooled), 1e-6) * (1.0 / nl[c] + 1.0 / np_[c])
+                num += (rl[c] / dl[c] - rp[c] / dp[c]) / var
+                den += 1.0 / var
+        z = num / math.sqrt(den) if den > 0 else 0.0
+        veto = 1 if z > WITNESS_Z else (-1 if self.symmetric and z < -WITNESS_Z else 0)
+        self.veto = veto
+        witness = self.witness
+        ahead = witness is not None and witness.lru_ahead
+        self.lru_now = (ahead and veto != 1) or veto == -1
+
+
 def make_policy(variant: str) -> KvtierPredict:
     if variant == "main":
         return KvtierPredict(cost_aware=True)
@@ -363,6 +418,10 @@ def make_policy(variant: str) -> KvtierPredict:
         return RegretVeto()
     if variant == "veto2":
         return RegretVeto(symmetric=True)
+    if variant == "vstrat":
+        return StratifiedVeto()
+    if variant == "vstrat2":
+        return StratifiedVeto(symmetric=True)
     if variant == "lecar":
         return RegretMixture(ipw=False)
     raise ValueError(f"unknown variant {variant!r}")
@@ -448,7 +507,8 @@ def audit_vetoes(only: str, num_scales: int, variant: str = "veto") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="azure-code")
+    ap.add_argument("--rows", default="", help="rows (default azure-code); --audit: "
+                    "label substrings (default every row)")
     ap.add_argument("--variants", default="main,mix")
     ap.add_argument("--num-scales", type=int, default=1)
     ap.add_argument("--audit", action="store_true",
@@ -456,11 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.audit:
         for variant in args.variants.split(","):
-            audit_vetoes("" if args.rows == "azure-code" else args.rows, args.num_scales,
-                         variant)
+            audit_vetoes(args.rows, args.num_scales, variant)
         return 0
     steps = [k - (args.num_scales - 1) / 2 for k in range(args.num_scales)]
-    for name in args.rows.split(","):
+    for name in (args.rows or "azure-code").split(","):
         for variant in args.variants.split(","):
             hs = []
             extra = ""
