@@ -433,3 +433,40 @@ def test_a_negative_heap_pad_is_refused_and_glibc_keeps_freed_heap() -> None:
     with pytest.raises(ValueError, match="heap_pad_bytes must be >= 0 or None, got -1"):
         TorchTransferEngine(gpu, host, heap_pad_bytes=-1)
     assert retain_freed_heap(HEAP_PAD_BYTES) == (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_managers_plan_runs_once(device: str) -> None:
+    """A plan a manager handed out is refused when submitted again (or after a later one),
+    copying nothing. a2's plan swaps: its onboard reads host slot 0 into GPU slot 1, then
+    b's block is offloaded into host slot 0. Run again (an engine retrying after a
+    TransferError), the onboard read b's KV into a's GPU block. A plan built by hand may
+    run again (benchmarks repeat theirs)."""
+    from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+
+    gpu, host = make_tiers("block_major", "block_major", device, num_gpu=2, num_host=2)
+    engine = TorchTransferEngine(gpu, host)
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=2,
+                                     num_host_blocks=2, enable_partial_reuse=False))
+    for rid, first, kv in (("a", 10, 1.0), ("b", 20, 2.0), ("a2", 10, None)):
+        mgr.add_sequence(SequenceSpec(rid, list(range(first, first + 5))))
+        plan = mgr.take_plan()
+        engine.submit(plan)
+        engine.synchronize_all()
+        if kv is not None:  # the forward pass writes the full block's KV
+            for i in range(NUM_LAYERS):
+                gpu.layer(i)[mgr.block_table(rid)[0]] = kv
+        mgr.remove_sequence(rid)
+    # a2 swaps a in for b: host slot 0 read, then written
+    assert [(op.kind, op.src_slot, op.dst_slot) for op in plan.ops] == [
+        (OpKind.ONBOARD, 0, 1), (OpKind.OFFLOAD, 0, 0)]
+    after = snapshot(gpu, host)
+    assert all(bool((after[G][i][1] == 1.0).all()) for i in range(NUM_LAYERS))  # a's
+    assert all(bool((after[H][i][0] == 2.0).all()) for i in range(NUM_LAYERS))  # b's
+    with pytest.raises(ValueError, match=r"^plan 2 of its manager was submitted to this "
+                                         r"engine already: a plan's copies run once"):
+        engine.submit(plan)
+    assert_matches(gpu, host, after)
+    engine.submit(TransferPlan(plan.ops))  # by hand: runs, and reads b's KV into a's block
+    engine.synchronize_all()
+    assert all(bool((gpu.layer(i)[1] == 2.0).all()) for i in range(NUM_LAYERS))

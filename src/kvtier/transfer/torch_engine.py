@@ -143,6 +143,9 @@ class TorchTransferEngine:
         self.stats = TransferStats()
         self.before_batch: Callable[[TransferBatch], None] | None = None
         self.before_launch: Callable[[int | None], None] | None = None
+        # Per issuing manager (``TransferPlan.issuer``), the number of the latest of its
+        # plans submitted here: ``submit`` runs each issued plan once.
+        self._submitted: dict[object, int] = {}
         self._tpb = gpu.layout.tokens_per_block
         self._num_layers = gpu.layout.num_layers
         self._bytes_per_token = gpu.layout.bytes_per_token
@@ -304,7 +307,8 @@ class TorchTransferEngine:
     def submit(self, plan: TransferPlan) -> TransferHandle:
         """Start the copies of ``plan``; on CPU they are done on return.
 
-        Raises ValueError (copying nothing) for an op outside the tiers. When a copy fails,
+        Raises ValueError (copying nothing) for an op outside the tiers, or for a plan a
+        manager handed out that was submitted here already (each runs once). When a copy fails,
         TransferError names the ops not done (or not surely done): on the wave path the
         failing batch's and every later one's, on the fused and batched paths every op.
         TypeError, copying nothing, for what is no TransferPlan.
@@ -313,6 +317,7 @@ class TorchTransferEngine:
             raise TypeError(f"plan must be a TransferPlan, got {type(plan).__name__}")
         if not len(plan):
             return TransferHandle(plan)
+        self._submit_once(plan)
         if self._dma is not None and self.dma_batched:
             return self._submit_batched(plan, *self._dma)
         if self._gather is not None:
@@ -325,6 +330,25 @@ class TorchTransferEngine:
         if self._fused is not None:
             return self._submit_fused(plan, self._fused)
         return self._waves.submit(plan, self.layerwise, self.before_batch)
+
+    def _submit_once(self, plan: TransferPlan) -> None:
+        """ValueError, copying nothing, for a plan a manager handed out (``issuer``) that
+        was submitted here already, or is older than one that was: its copies ran (or
+        failed: then ``transfer_failed`` is the way on), and run again a swap's offload
+        would read what its onboard wrote since, corrupting the host block. A plan built by
+        hand carries no issuer and may run as often as its caller likes (benchmarks)."""
+        issuer = plan.issuer
+        if issuer is None:
+            return
+        key, number = issuer
+        last = self._submitted.get(key)
+        if last is not None and number <= last:
+            raise ValueError(
+                f"plan {number} of its manager was submitted to this engine already"
+                f"{'' if number == last else f' (and plan {last} after it)'}: a plan's "
+                f"copies run once; after a TransferError report its failed ops with "
+                f"transfer_failed and go on with the next step's plan")
+        self._submitted[key] = number
 
     def _launches(self) -> list[int | None]:
         return list(range(self._num_layers)) if self.layerwise else [None]
