@@ -1,0 +1,69 @@
+"""vLLM's ``tests/v1/core/test_kv_cache_utils.py`` cases not mirrored yet, against kvtier:
+the free queue's ``popleft_n`` order for blocks that were never cached, and the request
+block hasher (``hash_request_tokens`` / ``get_request_block_hasher``) with a partial last
+block and blocks that fill as the request decodes.
+
+Each test names the vLLM test it mirrors (vllm-project/vllm) and asserts kvtier's exact
+answer. vLLM's ``test_prefix_caching.py::test_eagle*`` (a hit drops its last matched block
+so the drafter can recompute its hidden states) has no counterpart: kvtier knows no
+drafter; a spec-decode engine asks for one block less itself. Rejected draft tokens
+(``test_prefix_not_cached_if_spec_decode``-like) are mirrored in
+``test_trtllm_mirror.py::test_rejected_draft_tokens_are_never_stored_or_reused``.
+"""
+
+from __future__ import annotations
+
+from kvtier import BlockStored
+from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from peer_mirror.mirror_helpers import admit, cached_slots, hit, make_manager, release
+
+
+def test_blocks_nobody_cached_are_reused_last_freed_first() -> None:
+    """Mirrors test_kv_cache_utils.py::test_free_kv_cache_block_queue_popleft_n with vLLM's
+    ``BlockPool.free_blocks`` (blocks without a hash are prepended: LIFO reuse): with
+    caching off, request a holds slots (0, 1) and b (2, 3, 4); both are freed (b, then a,
+    each tail first) and the next two requests take slots in the order they were freed
+    last-first: (0, 1, 2) then (3, 4). vLLM would hand out (1, 0, 4) then (3, 2): its
+    ``prepend_n`` keeps one request's freed blocks in their (reversed) order, where kvtier's
+    free list is a plain stack and so gives a request's head back first (a deliberate
+    difference: which free slot a request gets changes no hit and no count)."""
+    mgr = make_manager(num_gpu_blocks=6, enable_block_reuse=False)
+    assert admit(mgr, "a", list(range(8))).block_ids == (0, 1)
+    assert admit(mgr, "b", list(range(8, 20))).block_ids == (2, 3, 4)
+    release(mgr, "b", "a")
+    assert mgr.num_free_gpu_blocks == 6 and mgr.cached_blocks() == []
+    assert admit(mgr, "c", list(range(100, 112))).block_ids == (0, 1, 2)
+    assert admit(mgr, "d", list(range(200, 208))).block_ids == (3, 4)
+    assert mgr.num_free_gpu_blocks == 1  # slot 5, never used, is still at the bottom
+    assert admit(mgr, "e", [7, 7]).block_ids == (5,)
+
+
+def test_a_request_s_block_hashes_cover_full_blocks_and_grow_as_it_decodes() -> None:
+    """Mirrors test_kv_cache_utils.py::test_hash_request_tokens and
+    test_request_block_hasher (a 10-token prompt of blocks of 4 under a LoRA hashes 2
+    blocks; the partial third gets its hash only once two decoded tokens fill it, chained on
+    the second; a thirteenth token starts a block and hashes nothing): kvtier's stored
+    blocks carry exactly the hash chain ``prompt_block_hashes`` gives for the tokens so far,
+    LoRA id included."""
+    mgr = make_manager(num_gpu_blocks=8, enable_events=True)
+    hash_fn = get_hash_fn(mgr.config.hash_algo)
+    prompt = list(range(10))
+    admit(mgr, "r", prompt, lora_id=3)
+    want = prompt_block_hashes(hash_fn, prompt, 4, lora_id=3)
+    assert len(want) == 2
+    stored = [e for e in mgr.drain_events() if isinstance(e, BlockStored)]
+    assert [(e.block_hash, e.parent_hash, e.token_ids, e.lora_id) for e in stored] == [
+        (want[0], None, (0, 1, 2, 3), 3), (want[1], want[0], (4, 5, 6, 7), 3)]
+    assert mgr.append_tokens("r", [10, 11]) == []  # fills block 2 in place
+    longer = prompt_block_hashes(hash_fn, [*prompt, 10, 11], 4, lora_id=3)
+    assert longer[:2] == want and len(longer) == 3
+    stored = [e for e in mgr.drain_events() if isinstance(e, BlockStored)]
+    assert [(e.block_hash, e.parent_hash, e.token_ids) for e in stored] == [
+        (longer[2], want[1], (8, 9, 10, 11))]
+    assert mgr.append_tokens("r", [12]) == [3]  # a new block, partial: no hash
+    assert mgr.drain_events() == []
+    assert [b.block_hash for b in mgr.cached_blocks()] == longer
+    assert cached_slots(mgr) == [0, 1, 2]
+    release(mgr, "r")
+    assert hit(mgr, [*prompt, 10, 11, 12, 0], lora_id=3) == 12
+    assert hit(mgr, [*prompt, 10, 11, 12, 0]) == 0  # another key space: no LoRA
