@@ -115,3 +115,19 @@ def test_a_lock_on_a_branch_protects_the_shared_prefix_after_a_split() -> None:
     assert sizes(mgr) == (0, 12) and hit(mgr, [1, 2, 3, END]) == 2
     release(mgr, "lock")
     assert hit(mgr, [1, 2, 9, 10, END, END]) == 5
+
+
+def test_a_lock_inside_a_node_protects_only_the_prefix_it_covers() -> None:
+    """Mirrors test_radix_cache_unit.py TestRadixCache.test_lock_ref_operations on a prefix
+    that ends inside a node (match_prefix splits the node [1..6] at 2, and inc_lock_ref
+    walks from the new node up): locking [1, 2] protects 2 tokens and leaves 4 evictable;
+    the total stays 6 (7 with the lock's own [70]); an eviction of everything evictable
+    then keeps [1, 2] and hands out [3..6]'s slots 2 to 5, then the free slot 7."""
+    mgr = make_manager(tokens_per_block=1, num_gpu_blocks=8)
+    insert(mgr, "a", [1, 2, 3, 4, 5, 6])
+    lock = admit(mgr, "lock", [1, 2, 70])
+    assert (lock.num_reused_tokens, lock.block_ids) == (2, (0, 1, 6))
+    assert sizes(mgr) == (4, 3) and len(mgr.cached_blocks()) == 7
+    assert admit(mgr, "big", list(range(100, 105))).block_ids == (2, 3, 4, 5, 7)
+    assert sizes(mgr) == (0, 8)  # the lock's 3 and "big"'s own 5
+    assert hit(mgr, [1, 2, 3, END]) == 2

@@ -13,6 +13,10 @@ drafter; a spec-decode engine asks for one block less itself. Rejected draft tok
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from kvtier import BlockStored
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from peer_mirror.mirror_helpers import admit, cached_slots, hit, make_manager, release
@@ -67,3 +71,25 @@ def test_a_request_s_block_hashes_cover_full_blocks_and_grow_as_it_decodes() -> 
     release(mgr, "r")
     assert hit(mgr, [*prompt, 10, 11, 12, 0], lora_id=3) == 12
     assert hit(mgr, [*prompt, 10, 11, 12, 0]) == 0  # another key space: no LoRA
+
+
+def test_block_hashes_are_the_same_in_every_process_and_differ_by_algorithm() -> None:
+    """Mirrors test_kv_cache_utils.py::test_none_hash and test_hash_block_tokens (the
+    chain's seed ``NONE_HASH`` is fixed only when PYTHONHASHSEED is set; sha256 and the
+    default hash name a block differently): kvtier's chain has no random seed, so a process
+    started with another PYTHONHASHSEED names a prompt's blocks exactly as this one does (a
+    deliberate difference: a router or a remote tier in another process must find the
+    blocks by name), and ``sha256`` gives another chain of the same length."""
+    prompt = list(range(10))
+    here = prompt_block_hashes(get_hash_fn("xxh3_128"), prompt, 4, salt="s")
+    code = ("from kvtier.hashing import get_hash_fn, prompt_block_hashes;"
+            "print(prompt_block_hashes(get_hash_fn('xxh3_128'), list(range(10)), 4, salt='s'))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == str(here)
+    other = prompt_block_hashes(get_hash_fn("sha256"), prompt, 4, salt="s")
+    assert len(other) == len(here) == 2 and not set(other) & set(here)
+    mgr = make_manager(num_gpu_blocks=4, hash_algo="sha256")
+    admit(mgr, "r", prompt, salt="s")
+    assert [b.block_hash for b in mgr.cached_blocks()] == other
