@@ -93,3 +93,27 @@ def test_block_hashes_are_the_same_in_every_process_and_differ_by_algorithm() ->
     mgr = make_manager(num_gpu_blocks=4, hash_algo="sha256")
     admit(mgr, "r", prompt, salt="s")
     assert [b.block_hash for b in mgr.cached_blocks()] == other
+
+
+def test_chunks_cache_the_full_blocks_they_complete_and_only_those() -> None:
+    """Mirrors test_prefix_caching.py::test_cache_blocks (a 14-token request with blocks of
+    4: ``cache_full_blocks`` from 0 to 2 full blocks caches 2, from 2 to 3 caches one more;
+    the 2-token tail block is never cached): kvtier's manager caches what each scheduled
+    chunk completes, the hashes being the prompt's chain."""
+    mgr = make_manager(num_gpu_blocks=5, enable_events=True)
+    hash_fn = get_hash_fn(mgr.config.hash_algo)
+    prompt = list(range(14))
+    want = prompt_block_hashes(hash_fn, prompt, 4)
+    adm = admit(mgr, "0", prompt, num_new_tokens=8)
+    assert adm.block_ids == (0, 1)  # the chunk's blocks, as vLLM allocates them
+    assert [b.block_hash for b in mgr.cached_blocks()] == want[:2]
+    mgr.schedule_prefill("0", 4)
+    mgr.check_invariants()
+    assert mgr.block_table("0") == [0, 1, 2]
+    assert [b.block_hash for b in mgr.cached_blocks()] == want
+    mgr.schedule_prefill("0", 2)  # the tail: no full block
+    assert mgr.block_table("0") == [0, 1, 2, 3]
+    assert [b.block_hash for b in mgr.cached_blocks()] == want
+    assert len(want) == 3 and cached_slots(mgr) == [0, 1, 2]
+    assert [e.token_ids for e in mgr.drain_events() if isinstance(e, BlockStored)] == [
+        (0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)]
