@@ -142,7 +142,19 @@ class SeqTracker:
         return [iid for iid, s in self.streams.items() if s.stale]
 
     def receive(self, instance_id: str, events: Iterable[Event], out: list[Update]) -> None:
-        """Append to ``out`` the updates that ``events`` (in seq order) make."""
+        """Append to ``out`` the updates that ``events`` (in seq order) make. TypeError or
+        ValueError as ``check_batch`` (token ids unchecked), changing nothing, for a batch
+        that is not a str id and events.
+
+        NOTE: a non-event was an AttributeError from the loop with the instance's stream
+        already made (and the batch's events before it taken), an int id made a stream
+        no batch of the wire could name."""
+        events = list(events)
+        check_batch(instance_id, events, token_ids=False)
+        self._receive(instance_id, events, out)
+
+    def _receive(self, instance_id: str, events: Iterable[Event], out: list[Update]) -> None:
+        """``receive`` of a batch already checked (a bus's, a decoded stream entry)."""
         stream = self.streams.setdefault(instance_id, _Stream())
         batch: list[Event] = []
         for event in events:
@@ -168,7 +180,10 @@ class SeqTracker:
 
     def lose(self, instance_id: str, out: list[Update]) -> None:
         """An entry of ``instance_id`` was unreadable: its events are a hole, the instance
-        is stale until a snapshot covers it."""
+        is stale until a snapshot covers it. TypeError, changing nothing, unless
+        ``instance_id`` is a str."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
         stream = self.streams.setdefault(instance_id, _Stream())
         if stream.stale:
             return
@@ -178,7 +193,11 @@ class SeqTracker:
         out.append(InstanceLost(instance_id, expected, None))
 
     def offer(self, snapshot: Snapshot, out: list[Update]) -> bool:
-        """Resync from ``snapshot`` if it covers every event seen; True if it was applied."""
+        """Resync from ``snapshot`` if it covers every event seen; True if it was applied.
+        TypeError, changing nothing, unless it is a :class:`Snapshot` (another object was
+        an AttributeError)."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"offer needs a Snapshot, got {short_repr(snapshot)}")
         stream = self.streams.setdefault(snapshot.instance_id, _Stream())
         if snapshot.next_seq <= stream.max_seen:
             return False
@@ -232,7 +251,8 @@ class InMemorySubscriber:
             j = i
             while j < len(items) and items[j][0] == instance_id:
                 j += 1
-            tracker.receive(instance_id, (e for _, e in items[i:j]), out)
+            # checked when published
+            tracker._receive(instance_id, (e for _, e in items[i:j]), out)
             i = j
         for instance_id in tracker.stale_instances():
             try:
@@ -461,7 +481,7 @@ class RedisStreamSubscriber:
             if instance_id is not None:
                 self.tracker.lose(instance_id, out)
             return
-        self.tracker.receive(instance_id, events, out)
+        self.tracker._receive(instance_id, events, out)  # decoded: checked
 
     def _try_snapshots(self, out: list[Update]) -> None:
         for instance_id in self.tracker.stale_instances():

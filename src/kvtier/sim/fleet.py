@@ -56,7 +56,9 @@ from kvtier.sim.replay import (
     SimulationStalled,
     as_time_model,
     check_draft_acceptance,
+    check_replay_args,
     fewer_gc_passes,
+    replay_requests,
 )
 from kvtier.sim.report import Summary
 from kvtier.sim.timemodel import ModelProfile, RemoteLink, TimeModel
@@ -289,7 +291,7 @@ def simulate_fleet(
     if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not (
             0 < time_scale < float("inf")):
         raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
-    sched = sched if sched is not None else SchedulerConfig()
+    sched = check_replay_args(workload, cache, sched, progress)
     model = as_time_model(profile)
     acceptance = check_draft_acceptance(draft_acceptance)
     policy = make_policy(policy) if isinstance(policy, str) else policy
@@ -331,7 +333,7 @@ def simulate_fleet(
 
     wall_start = time.perf_counter()
     with fewer_gc_passes():
-        for request in workload:
+        for request in replay_requests(workload):
             t = request.scaled_arrival_s(time_scale)
             _advance(instances, t)
             for inst in instances:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from itertools import count
@@ -30,6 +30,7 @@ from kvtier.manager import KVCacheManager
 from kvtier.request import Request
 from kvtier.scheduled_step import STEP_PHASES, ScheduledStep, StepPhases
 from kvtier.scheduler import SchedulerConfig
+from kvtier.sequence import short_repr
 from kvtier.sim.oracle import oracle_bounds
 from kvtier.sim.probe import make_scheduler
 from kvtier.sim.report import OracleBounds, SimReport, Summary, estimate_load
@@ -92,7 +93,7 @@ def simulate(
     report's ``speculative`` counts them. Raises ValueError for a bad argument
     and :class:`SimulationStalled` if waiting requests can never be admitted.
     """
-    sched = sched if sched is not None else SchedulerConfig()
+    sched = check_replay_args(workload, cache, sched, progress, oracle=oracle, phases=phases)
     model = as_time_model(profile)
     if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not (
             0 < time_scale < float("inf")):
@@ -103,7 +104,7 @@ def simulate(
                       check_draft_acceptance(draft_acceptance))
     wall_start = time.perf_counter()
     with fewer_gc_passes():
-        loop.run(iter(workload))
+        loop.run(replay_requests(workload))
     wall_s = time.perf_counter() - wall_start
     report = loop.report(workload, wall_s)
     if oracle:
@@ -114,6 +115,52 @@ def simulate(
                   else OracleBounds(cache.tokens_per_block, capacity, 0.0, 0.0, 0.0))
         report = replace(report, oracle=bounds)
     return report
+
+
+def check_replay_args(workload: object, cache: object, sched: object, progress: object,
+                      **flags: object) -> SchedulerConfig:
+    """``sched`` (a fresh :class:`SchedulerConfig` for None) once the arguments a replay
+    takes before its first step are of the right kind; TypeError naming the first that is
+    not. Pure.
+
+    NOTE: a list of requests (no ``name`` or ``describe``) failed with AttributeError only
+    after the whole replay had run, a ``sched`` of the wrong type and a ``progress`` that
+    cannot be called failed mid-run from deep inside, and ``phases="no"`` timed phases."""
+    if not isinstance(workload, Workload):
+        raise TypeError(f"workload must be a Workload (name, describe() and __iter__), got "
+                        f"{short_repr(workload)}")
+    if not isinstance(cache, CacheConfig):
+        raise TypeError(f"cache must be a CacheConfig, got {short_repr(cache)}")
+    if sched is not None and not isinstance(sched, SchedulerConfig):
+        raise TypeError(f"sched must be a SchedulerConfig or None, got {short_repr(sched)}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable or None, got {short_repr(progress)}")
+    for flag, value in flags.items():
+        if type(value) is not bool:
+            raise TypeError(f"{flag} must be a bool, got {short_repr(value)}")
+    return sched if sched is not None else SchedulerConfig()
+
+
+def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
+    """``workload``'s requests, each checked as it comes: ValueError naming its position
+    for one that is not a :class:`TraceRequest` or that arrives before the one before it.
+
+    NOTE: the trace readers refuse lines out of order, a workload of objects was not
+    checked: a request arriving earlier than the one before was queued late and its
+    latencies counted from its own earlier arrival, and a non-request was an
+    AttributeError from the loop."""
+    previous_s = 0.0
+    for position, request in enumerate(workload):
+        if not isinstance(request, TraceRequest):
+            raise ValueError(f"request {position} of the workload must be a TraceRequest, got "
+                             f"{short_repr(request)}")
+        if request.arrival_s < previous_s:
+            raise ValueError(f"request {position} of the workload ({request.request_id!r}) "
+                             f"arrives at {request.arrival_s!r} s, before the request before "
+                             f"it ({previous_s!r} s): a workload yields requests in arrival "
+                             "order")
+        previous_s = request.arrival_s
+        yield request
 
 
 def check_draft_acceptance(value: object) -> float:

@@ -1,0 +1,156 @@
+"""Red team, fifteenth pass: the simulator, router, events and publisher as a library
+(hostile configs and workloads given as objects, batches out of order, sinks that fail).
+Each test fails on the code before its fix and asserts the exact refusal and that nothing
+else changed (no progress call, no request served)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from kvtier import CacheConfig, SchedulerConfig
+from kvtier.event_codec import Snapshot
+from kvtier.events import BlockRemoved
+from kvtier.publisher import EventBatch, InstanceLost, SeqTracker, Update
+from kvtier.sim import TraceRequest, simulate
+from kvtier.sim.fleet import simulate_fleet
+from kvtier.tier import Tier
+
+CACHE = CacheConfig(tokens_per_block=16, num_gpu_blocks=64, num_host_blocks=0)
+
+
+class Objects:
+    """A workload of request objects given by the caller (a test's, a notebook's)."""
+
+    name = "objects"
+
+    def __init__(self, requests: list[object]) -> None:
+        self.requests = requests
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.requests)
+
+    def describe(self) -> dict[str, object]:
+        return {"num_requests": len(self.requests)}
+
+
+def req(request_id: str, arrival_s: float, token: int = 1) -> TraceRequest:
+    return TraceRequest(request_id, arrival_s, [token] * 20, 3)
+
+
+def fleet(workload: object, cache: object, **kwargs: object) -> object:
+    return simulate_fleet(workload, cache, 2, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("run", [simulate, fleet], ids=["simulate", "fleet"])
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    # before: AttributeError ('list' has no 'describe') after the whole replay had run
+    ({"workload": [req("a", 0.0)]}, TypeError,
+     "workload must be a Workload (name, describe() and __iter__), got "
+     "[TraceRequest(request_id='a', arrival_s=0.0, prompt=[1, 1, 1, 1, 1, 1, 1, 1, ..."),
+    # before: AttributeError 'int' object has no attribute 'admission', from deep inside
+    ({"sched": 5}, TypeError, "sched must be a SchedulerConfig or None, got 5"),
+    # before: TypeError 'int' object is not callable, after the first request was served
+    ({"progress": 5}, TypeError, "progress must be a callable or None, got 5"),
+    # before (fleet): TypeError from dataclasses.replace, naming no argument
+    ({"cache": 5}, TypeError, "cache must be a CacheConfig, got 5"),
+])
+def test_replay_arguments_of_the_wrong_kind_are_refused_before_any_step(
+        run: Callable[..., object], kwargs: dict[str, object], error: type[Exception],
+        message: str) -> None:
+    calls: list[int] = []
+    args: dict[str, object] = {"workload": Objects([req("a", 0.0)]), "cache": CACHE,
+                               "progress": calls.append}
+    args.update(kwargs)
+    workload, cache = args.pop("workload"), args.pop("cache")
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        run(workload, cache, **args)
+    assert calls == []  # not a request served
+
+
+@pytest.mark.parametrize("flag", ["oracle", "phases"])
+def test_simulate_flags_must_be_bools(flag: str) -> None:
+    """before: ``phases="no"`` timed every phase, ``oracle="no"`` ran the oracles."""
+    calls: list[int] = []
+    with pytest.raises(TypeError, match=f"^{flag} must be a bool, got 'no'$"):
+        options: dict[str, Any] = {flag: "no"}
+        simulate(Objects([req("a", 0.0)]), CACHE, progress=calls.append, **options)
+    assert calls == []
+
+
+@pytest.mark.parametrize("run", [simulate, fleet], ids=["simulate", "fleet"])
+def test_a_workload_yielding_a_non_request_names_its_position(run: Callable[..., object]) -> None:
+    """before: AttributeError 'int' object has no attribute 'arrival_s'."""
+    with pytest.raises(ValueError, match=r"^request 1 of the workload must be a TraceRequest, "
+                                         r"got 5$"):
+        run(Objects([req("a", 0.0), 5]), CACHE)
+
+
+@pytest.mark.parametrize("run", [simulate, fleet], ids=["simulate", "fleet"])
+def test_a_workload_out_of_arrival_order_is_refused(run: Callable[..., object]) -> None:
+    """before: "b" (arriving at 1 s) was queued after "a" at 5 s and its latencies counted
+    from 1 s: a TTFT of four seconds no engine took. The trace readers refuse such lines;
+    a workload of objects now meets the same contract."""
+    with pytest.raises(ValueError, match=re.escape(
+            "request 1 of the workload ('b') arrives at 1.0 s, before the request before it "
+            "(5.0 s): a workload yields requests in arrival order")):
+        run(Objects([req("a", 5.0), req("b", 1.0, token=2)]), CACHE)
+
+
+def test_a_workload_in_order_with_equal_arrivals_still_replays() -> None:
+    report = simulate(Objects([req("a", 1.0), req("b", 1.0, token=2), req("c", 2.0)]), CACHE,
+                      sched=SchedulerConfig())
+    assert report.num_requests == 3
+
+
+# ---- the subscriber's gap tracker, fed directly ----------------------------------------------
+
+
+def tracker_with_one_batch() -> tuple[SeqTracker, list[Update]]:
+    """A tracker that has taken seq 0 of instance "a"."""
+    tracker, out = SeqTracker(), []  # type: ignore[var-annotated]
+    tracker.receive("a", [BlockRemoved(0, 5, Tier.GPU)], out)
+    return tracker, out
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    # before: AttributeError 'int' object has no attribute 'seq', seq 1 already taken
+    (lambda t, out: t.receive("a", [BlockRemoved(1, 5, Tier.GPU), 5], out), TypeError,
+     "events[1] must be a BlockStored, BlockRemoved, BlockTierChanged or AllBlocksCleared, "
+     "got 5"),
+    # before: a stream for the int 7, which no wire batch can name
+    (lambda t, out: t.receive(7, [], out), TypeError, "instance_id must be a str, got 7"),
+    (lambda t, out: t.lose(7, out), TypeError, "instance_id must be a str, got 7"),
+    # before: AttributeError 'int' object has no attribute 'instance_id'
+    (lambda t, out: t.offer(5, out), TypeError, "offer needs a Snapshot, got 5"),
+])
+def test_a_tracker_fed_garbage_refuses_it_changing_nothing(
+        call: Callable[[SeqTracker, list[Update]], object], error: type[Exception],
+        message: str) -> None:
+    tracker, out = tracker_with_one_batch()
+    before = (dataclasses.replace(tracker.streams["a"]), dict(tracker.streams), len(out))
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        call(tracker, out)
+    assert (tracker.streams["a"], dict(tracker.streams), len(out)) == before
+    assert (tracker.num_gaps, tracker.num_skipped, tracker.num_resyncs) == (0, 0, 0)
+    # the next good event is taken as if the garbage had never come
+    tracker.receive("a", [BlockRemoved(1, 5, Tier.GPU)], out)
+    assert out[-1] == EventBatch("a", [BlockRemoved(1, 5, Tier.GPU)])
+    assert tracker.streams["a"].next_seq == 2
+
+
+def test_a_tracker_fed_a_reordered_batch_loses_the_instance_until_a_snapshot() -> None:
+    """What held: seq 2 before seq 1 is a hole (the instance is lost, its blocks
+    forgotten), seq 1 after it is skipped, and a snapshot covering both resyncs it."""
+    tracker, out = tracker_with_one_batch()
+    tracker.receive("a", [BlockRemoved(2, 5, Tier.GPU), BlockRemoved(1, 6, Tier.GPU)], out)
+    assert out[1:] == [InstanceLost("a", 1, 2)]
+    assert (tracker.num_gaps, tracker.num_skipped) == (1, 2)
+    assert not tracker.offer(Snapshot("a", 2, frozenset()), out)  # covers only seq 0 and 1
+    assert tracker.offer(Snapshot("a", 3, frozenset()), out)
+    tracker.receive("a", [BlockRemoved(3, 7, Tier.GPU)], out)
+    assert out[-1] == EventBatch("a", [BlockRemoved(3, 7, Tier.GPU)])
