@@ -33,6 +33,7 @@ from kvtier.remote.codec import exact_bytes
 from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number
 from kvtier.remote.store import RemoteStore
+from kvtier.sequence import short_repr
 
 Verdict = Literal["hit", "miss", "retry"]
 MAX_SAMPLES = 4096  # latency samples kept per kind, the most recent
@@ -171,9 +172,11 @@ class StoreTier:
 
     # -- lookups ---------------------------------------------------------------------------
     def lookup(self, key: bytes, request_id: str) -> Verdict:
-        """``key``'s verdict for ``request_id``; never waits on the store."""
-        self._drain()
+        """``key``'s verdict for ``request_id``; never waits on the store. ValueError,
+        changing nothing, for a key that is no OffloadKey or a request id that is no str."""
         block_hash = fold_key(key)
+        _check_request_id(request_id)
+        self._drain()
         with self._stats_lock:
             self._stats.num_lookups += 1
         verdict = self._verdict(block_hash, request_id)
@@ -226,7 +229,9 @@ class StoreTier:
             self._resolve(hashes, set())
 
     def request_finished(self, request_id: str) -> None:
-        """Forget ``request_id``'s verdicts (those no other request holds go)."""
+        """Forget ``request_id``'s verdicts (those no other request holds go); ValueError
+        for a request id that is no str."""
+        _check_request_id(request_id)
         for block_hash in self._keys_of_request.pop(request_id, ()):
             probe = self._probes.get(block_hash)
             if probe is None:
@@ -238,7 +243,7 @@ class StoreTier:
     # -- jobs ------------------------------------------------------------------------------
     def submit_store(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]) -> None:
         """Write the pages ``chunk_ids`` under ``keys`` (the ones the store lacks)."""
-        hashes, pages = self._check_job(keys, chunk_ids)
+        hashes, pages = self._check_job(job_id, keys, chunk_ids)
         rewrite = {h for h in hashes if h in self._bad}
         with self._stats_lock:
             self._stats.num_store_jobs += 1
@@ -249,7 +254,7 @@ class StoreTier:
 
     def submit_load(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]) -> None:
         """Copy the values of ``keys`` into the pages ``chunk_ids``."""
-        hashes, pages = self._check_job(keys, chunk_ids)
+        hashes, pages = self._check_job(job_id, keys, chunk_ids)
         with self._stats_lock:
             self._stats.num_load_jobs += 1
         if self._submit(lambda: self._run_load(job_id, list(keys), hashes, pages)):
@@ -293,15 +298,22 @@ class StoreTier:
         assert len(self._bad) <= MAX_BAD_KEYS
 
     # -- internals -------------------------------------------------------------------------
-    def _check_job(self, keys: Sequence[bytes], chunk_ids: Sequence[int]
+    def _check_job(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]
                    ) -> tuple[list[int], list[int]]:
+        # NOTE: ``int(c)`` took a chunk id of 1.9 as page 1, "2" as page 2 and True as
+        # page 1 (another request's page written or read), and a job id of "x" was handed
+        # back to the engine as such.
+        if type(job_id) is not int:
+            raise ValueError(f"job_id must be an int, got {short_repr(job_id)}")
         if len(keys) != len(chunk_ids):
             raise ValueError(f"a job has {len(keys)} keys but {len(chunk_ids)} chunk ids")
-        pages = [int(c) for c in chunk_ids]
-        for page in pages:
+        for i, page in enumerate(chunk_ids):
+            if type(page) is not int:
+                raise ValueError(f"chunk_ids[{i}] must be an int, got {short_repr(page)}")
             if not 0 <= page < self._num_pages:
-                raise ValueError(f"chunk id {page} is outside the {self._num_pages} pages")
-        return [fold_key(k) for k in keys], pages
+                raise ValueError(f"chunk id {page} is outside the {self._num_pages} pages "
+                                 f"(chunk_ids[{i}])")
+        return [fold_key(k) for k in keys], list(chunk_ids)
 
     def _page(self, chunk_id: int) -> memoryview:
         start = chunk_id * self._page_bytes
@@ -440,3 +452,12 @@ def _as_set(present: object) -> set[int]:
     if isinstance(present, set):
         return present
     return set(present) if isinstance(present, frozenset) else set()
+
+
+def _check_request_id(request_id: object) -> None:
+    """ValueError unless ``request_id`` is a str (vLLM's req_id). Pure.
+
+    NOTE: a list was a TypeError after the lookup was counted and its probe queued; None
+    or an int were kept as the key of a request's verdicts."""
+    if not isinstance(request_id, str):
+        raise ValueError(f"request_id must be a str, got {short_repr(request_id)}")
