@@ -14,8 +14,16 @@ import pytest
 
 from kvtier import CacheConfig, SchedulerConfig
 from kvtier.event_codec import Snapshot
-from kvtier.events import BlockRemoved
+from kvtier.events import BlockRemoved, BlockStored
 from kvtier.publisher import EventBatch, InstanceLost, SeqTracker, Update
+from kvtier.router import (
+    CacheAware,
+    InstanceLoad,
+    PrefixHit,
+    RouteDecision,
+    Router,
+    RouterStats,
+)
 from kvtier.sim import TraceRequest, simulate
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.tier import Tier
@@ -154,3 +162,30 @@ def test_a_tracker_fed_a_reordered_batch_loses_the_instance_until_a_snapshot() -
     assert tracker.offer(Snapshot("a", 3, frozenset()), out)
     tracker.receive("a", [BlockRemoved(3, 7, Tier.GPU)], out)
     assert out[-1] == EventBatch("a", [BlockRemoved(3, 7, Tier.GPU)])
+
+
+# ---- the router, an instance gone ----------------------------------------------------------
+
+
+def test_an_instance_gone_from_the_loads_sets_no_best_prefix() -> None:
+    """before: the index still held the blocks of "gone" (its InstanceLost not yet seen),
+    which the caller no longer offers: every decision said a prefix of 2 blocks existed
+    (best_hit_blocks 2) and the stats counted 3 routes that missed the best prefix."""
+    router = Router(CacheAware(), 4)
+    tokens = list(range(8))
+    hashes = router.block_hashes(tokens)
+    router.index.apply("gone", [
+        BlockStored(i, h, hashes[i - 1] if i else None, Tier.GPU, 4, None,
+                    tuple(tokens[4 * i:4 * i + 4]), None, None) for i, h in enumerate(hashes)])
+    offered = [InstanceLoad("a", 0, 4), InstanceLoad("b", 0, 4)]
+    decisions = [router.route(tokens, offered) for _ in range(3)]
+    assert decisions == [RouteDecision("a", 2, PrefixHit(0, 0), 0),
+                         RouteDecision("b", 2, PrefixHit(0, 0), 0),
+                         RouteDecision("a", 2, PrefixHit(0, 0), 0)]
+    assert router.stats == RouterStats(num_routed=3, num_with_prefix=0, num_best_prefix=0,
+                                       num_predicted_hit_blocks=0, num_prompt_blocks=6,
+                                       per_instance={"a": 2, "b": 1})
+    assert router.index.num_blocks("gone") == 2  # the index is the subscriber's to clear
+    # offered again, it is routed to for its prefix
+    back = router.route(tokens, [*offered, InstanceLoad("gone", 0, 4)])
+    assert back == RouteDecision("gone", 2, PrefixHit(2, 0), 2)

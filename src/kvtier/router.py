@@ -289,7 +289,7 @@ class RouteDecision(NamedTuple):
     instance_id: str
     num_prompt_blocks: int
     hit: PrefixHit
-    best_hit_blocks: int  # the longest prefix any instance held
+    best_hit_blocks: int  # the longest prefix any instance offered held
 
 
 @dataclass(slots=True)
@@ -356,7 +356,11 @@ class Router:
         ids, items = checked_prompt(tokens, mm_items, "route")
         hashes = self.block_hashes(ids, salt, lora_id,
                                    block_extras(items, len(ids), self.tokens_per_block))
-        hits = self.index.match(hashes)
+        # NOTE: only the instances offered: one the index still holds blocks of but the
+        # caller no longer offers (gone, drained) set ``best_hit_blocks``, and the stats
+        # counted a miss of the best prefix no instance offered had.
+        offered = {load.instance_id for load in loads}
+        hits = {iid: hit for iid, hit in self.index.match(hashes).items() if iid in offered}
         choice = self.policy.choose(loads, hits, len(hashes))
         if not any(type(choice) is str and choice == load.instance_id for load in loads):
             # NOTE: a caller's policy answering None, 5 or an unknown id was returned as the
