@@ -24,7 +24,15 @@ from kvtier.router import (
     Router,
     RouterStats,
 )
-from kvtier.sim import TraceRequest, simulate
+from kvtier.sim import (
+    OracleRequest,
+    RaceWorkload,
+    TraceRequest,
+    belady_hit_tokens,
+    lru_hit_tokens,
+    simulate,
+    unlimited_hit_tokens,
+)
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.tier import Tier
 
@@ -189,3 +197,44 @@ def test_an_instance_gone_from_the_loads_sets_no_best_prefix() -> None:
     # offered again, it is routed to for its prefix
     back = router.route(tokens, [*offered, InstanceLoad("gone", 0, 4)])
     assert back == RouteDecision("gone", 2, PrefixHit(2, 0), 2)
+
+
+@pytest.mark.parametrize("run", [simulate, fleet], ids=["simulate", "fleet"])
+def test_a_workload_repeating_a_request_id_is_refused(run: Callable[..., object]) -> None:
+    """before: the second "a" was refused by the scheduler while the first was queued
+    (simulate) or served beside it on another instance (a fleet: two requests counted)."""
+    calls: list[int] = []
+    with pytest.raises(ValueError, match=re.escape(
+            "request 1 of the workload has the id 'a' of an earlier request: a workload's "
+            "request ids are distinct")):
+        run(Objects([req("a", 0.0), req("a", 0.0, token=2)]), CACHE, progress=calls.append)
+    assert calls == []
+
+
+# ---- the oracles and the race workload ------------------------------------------------------
+
+
+@pytest.mark.parametrize("oracle", [
+    lambda rs: belady_hit_tokens(rs, 4, 16), lambda rs: lru_hit_tokens(rs, 4, 16),
+    lambda rs: unlimited_hit_tokens(rs, 16)], ids=["belady", "lru", "unlimited"])
+@pytest.mark.parametrize(("bad", "message"), [
+    # before: AttributeError 'tuple' object has no attribute 'block_keys'
+    (((1, 2), 20), "a request of the oracles must be an OracleRequest, got ((1, 2), 20)"),
+    (5, "a request of the oracles must be an OracleRequest, got 5"),
+    # before: an OracleResult with num_tokens 36.5
+    (OracleRequest((1,), 16.5),  # type: ignore[arg-type]
+     "num_tokens must be an integer >= 0, got 16.5"),
+    # before: TypeError 'int' has no len()
+    (OracleRequest(5, 16),  # type: ignore[arg-type]
+     "block_keys must be a tuple or list of keys, got 5"),
+])
+def test_an_oracle_fed_a_bad_request_names_it(
+        oracle: Callable[[list[object]], object], bad: object, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        oracle([OracleRequest((7, 8), 20), bad])
+
+
+def test_a_race_workload_needs_a_cache_config() -> None:
+    """before: taken, an AttributeError once iterated."""
+    with pytest.raises(ValueError, match=r"^cache must be a CacheConfig, got 5$"):
+        RaceWorkload(5)  # type: ignore[arg-type]

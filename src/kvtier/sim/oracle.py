@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
+from kvtier.sequence import short_repr
 from kvtier.sim.report import OracleBounds
 from kvtier.sim.workload import TraceRequest, Workload
 
@@ -78,6 +79,17 @@ def oracle_requests(
 
 
 def _check_request(request: OracleRequest, tokens_per_block: int) -> None:
+    # NOTE: a plain tuple or any other object was an AttributeError from the loop, a
+    # num_tokens of 16.5 came back as the result's num_tokens.
+    if not isinstance(request, OracleRequest):
+        raise ValueError(f"a request of the oracles must be an OracleRequest, got "
+                         f"{short_repr(request)}")
+    if not isinstance(request.block_keys, tuple | list):
+        raise ValueError(f"block_keys must be a tuple or list of keys, got "
+                         f"{short_repr(request.block_keys)}")
+    if type(request.num_tokens) is not int or request.num_tokens < 0:
+        raise ValueError(f"num_tokens must be an integer >= 0, got "
+                         f"{short_repr(request.num_tokens)}")
     num_keys = len(request.block_keys)
     if num_keys * tokens_per_block >= request.num_tokens + tokens_per_block:
         raise ValueError(

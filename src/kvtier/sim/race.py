@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvtier.config import CacheConfig
+from kvtier.sequence import short_repr
 from kvtier.sim.workload import TraceRequest
 
 
@@ -33,6 +34,9 @@ class RaceWorkload:
     name: str = "race"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cache, CacheConfig):
+            # NOTE: anything else was taken, and failed with AttributeError when iterated.
+            raise ValueError(f"cache must be a CacheConfig, got {short_repr(self.cache)}")
         for field in ("max_num_tokens", "max_prefixes"):
             value = getattr(self, field)
             if type(value) is not int or value < 1:

@@ -143,17 +143,25 @@ def check_replay_args(workload: object, cache: object, sched: object, progress: 
 
 def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
     """``workload``'s requests, each checked as it comes: ValueError naming its position
-    for one that is not a :class:`TraceRequest` or that arrives before the one before it.
+    for one that is not a :class:`TraceRequest`, that arrives before the one before it or
+    that repeats an earlier one's id.
 
     NOTE: the trace readers refuse lines out of order, a workload of objects was not
     checked: a request arriving earlier than the one before was queued late and its
-    latencies counted from its own earlier arrival, and a non-request was an
-    AttributeError from the loop."""
+    latencies counted from its own earlier arrival, a non-request was an AttributeError
+    from the loop, and an id repeated was refused by the scheduler while the first was
+    live and served twice (in a fleet, on two instances) once it had finished."""
     previous_s = 0.0
+    seen: set[str] = set()
     for position, request in enumerate(workload):
         if not isinstance(request, TraceRequest):
             raise ValueError(f"request {position} of the workload must be a TraceRequest, got "
                              f"{short_repr(request)}")
+        if request.request_id in seen:
+            raise ValueError(f"request {position} of the workload has the id "
+                             f"{request.request_id!r} of an earlier request: a workload's "
+                             "request ids are distinct")
+        seen.add(request.request_id)
         if request.arrival_s < previous_s:
             raise ValueError(f"request {position} of the workload ({request.request_id!r}) "
                              f"arrives at {request.arrival_s!r} s, before the request before "
