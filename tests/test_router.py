@@ -89,6 +89,18 @@ def test_match_counts_longest_chained_prefix_per_instance() -> None:
     assert index.match([7]) == {} and index.match([]) == {}
 
 
+@pytest.mark.parametrize("bad", ["abc", b"ab", None, 5, {1, 2}])
+def test_match_refuses_what_is_no_sequence_of_hashes(bad: object) -> None:
+    """A str, bytes, None or a set matched nothing before, as an uncached prompt does (a
+    caller's bug read as a cold cache); now TypeError naming the type."""
+    index = PrefixIndex()
+    index.apply("a", [stored(0, 1)])
+    with pytest.raises(TypeError, match=r"^block_hashes must be a sequence of block hashes, "
+                                        rf"got {type(bad).__name__}$"):
+        index.match(bad)  # type: ignore[arg-type]
+    assert index.match((1,)) == {"a": PrefixHit(1, 0)}
+
+
 def test_router_hashes_equal_manager_event_hashes() -> None:
     """The router's block hashes of a prompt are the hashes the manager's events carry."""
     mgr = make_manager()

@@ -64,7 +64,11 @@ class PrefixIndex:
 
     def match(self, block_hashes: Sequence[int]) -> dict[str, PrefixHit]:
         """Each instance's longest held prefix of ``block_hashes``; only instances holding
-        at least the first block appear. Pure."""
+        at least the first block appear. TypeError for what is no sequence of hashes (a
+        str, None: before, they matched nothing, as an uncached prompt does). Pure."""
+        if isinstance(block_hashes, (str, bytes)) or not isinstance(block_hashes, Sequence):
+            raise TypeError(f"block_hashes must be a sequence of block hashes, got "
+                            f"{type(block_hashes).__name__}")
         if not block_hashes:
             return {}
         first = self._holders.get(block_hashes[0])
