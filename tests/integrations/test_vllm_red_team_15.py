@@ -63,3 +63,22 @@ def test_a_call_vllm_never_makes_is_refused_changing_nothing(
     assert tier.finished_jobs() == []
     assert bytes(tier._view[PAGE:2 * PAGE]) == bytes([7]) * PAGE
     tier.check_invariants()
+
+
+def test_a_job_id_still_open_is_refused(tier: StoreTier) -> None:
+    """A second job under the id of one whose outcome ``finished_jobs`` has not handed
+    back: before, both were accepted and reported under one id (the engine took one's
+    outcome for the other's). Refused, nothing counted or queued; the id is free again
+    once its outcome is handed back."""
+    tier.submit_store(1, [make_key(3)], [1])
+    before = books(tier)
+    with pytest.raises(ValueError, match=r"^job 1 is still open \(its outcome not handed "
+                                         r"back by finished_jobs\)"):
+        tier.submit_load(1, [make_key(3)], [2])
+    assert books(tier) == before
+    tier.drain()
+    assert [(o.job_id, o.success) for o in tier.finished_jobs()] == [(1, True)]
+    tier.submit_load(1, [make_key(3)], [2])
+    tier.drain()
+    assert [(o.job_id, o.success) for o in tier.finished_jobs()] == [(1, True)]
+    assert tier.stats.num_store_jobs == 1 and tier.stats.num_load_jobs == 1

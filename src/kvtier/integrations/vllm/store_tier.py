@@ -153,6 +153,9 @@ class StoreTier:
         self._num_probes_in_flight = 0
         self._num_jobs_in_flight = 0
         self._finished: list[JobOutcome] = []
+        # Job ids submitted whose outcome ``finished_jobs`` has not handed back yet: a
+        # second job under one of them would be reported under the same id.
+        self._open_jobs: set[int] = set()
         self._stats = TierStats()
         self._stats_lock = threading.Lock()
         self._closed = False
@@ -266,6 +269,8 @@ class StoreTier:
         """The jobs that ended since the last call."""
         self._drain()
         out, self._finished = self._finished, []
+        for outcome in out:
+            self._open_jobs.discard(outcome.job_id)
         return out
 
     def drain(self) -> None:
@@ -305,6 +310,10 @@ class StoreTier:
         # back to the engine as such.
         if type(job_id) is not int:
             raise ValueError(f"job_id must be an int, got {short_repr(job_id)}")
+        if job_id in self._open_jobs:
+            raise ValueError(f"job {job_id} is still open (its outcome not handed back by "
+                             f"finished_jobs): a second job under its id would be reported "
+                             f"as it")
         if len(keys) != len(chunk_ids):
             raise ValueError(f"a job has {len(keys)} keys but {len(chunk_ids)} chunk ids")
         for i, page in enumerate(chunk_ids):
@@ -313,7 +322,9 @@ class StoreTier:
             if not 0 <= page < self._num_pages:
                 raise ValueError(f"chunk id {page} is outside the {self._num_pages} pages "
                                  f"(chunk_ids[{i}])")
-        return [fold_key(k) for k in keys], list(chunk_ids)
+        hashes = [fold_key(k) for k in keys]
+        self._open_jobs.add(job_id)  # NOTE: last: a refused job opens nothing
+        return hashes, list(chunk_ids)
 
     def _page(self, chunk_id: int) -> memoryview:
         start = chunk_id * self._page_bytes
