@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import NamedTuple
 
-from kvtier.slots import _MIN_PACKED, SLOT_TYPECODE, slot_array
-from kvtier.slots import packed_slots as _packed
+from kvtier.slots import SLOT_TYPECODE, extend_slots, slot_array
 from kvtier.tier import Tier
 
 
@@ -69,24 +68,10 @@ class PlanColumns(NamedTuple):
                              f"vs {len(dst_slots)}")
         n = len(src_slots)
         self.src_tiers.extend(array("q", [src_tier]) * n)
-        _append(self.src_slots, src_slots)
+        extend_slots(self.src_slots, src_slots)
         self.dst_tiers.extend(array("q", [dst_tier]) * n)
-        _append(self.dst_slots, dst_slots)
+        extend_slots(self.dst_slots, dst_slots)
         self.num_tokens.extend(array("q", [num_tokens]) * n)
-
-
-def _append(column: array[int], slots: Sequence[int]) -> None:
-    """Append ``slots`` to ``column``: an ``array('q')`` (the cache's slot lists,
-    ``kvtier.slots``) by ``extend``, a copy; a list by ``fromlist`` (half the time of
-    ``extend``, which iterates), or past ``_MIN_PACKED`` slots packed (``_packed``: a third
-    of that a slot, a little more a call); anything else by ``extend``."""
-    if type(slots) is list:
-        if len(slots) > _MIN_PACKED:
-            column.frombytes(_packed(slots))
-        else:
-            column.fromlist(slots)
-    else:
-        column.extend(slots)
 
 
 def _swap_pattern(num_blocks: int) -> tuple[bytes, bytes, bytes]:
