@@ -91,6 +91,40 @@ def unpack_class(code: int) -> tuple[int, int, float]:
             (code >> (_CLASS_BITS + 1)) / _WEIGHT_SCALE)
 
 
+def drop_tagged(policy: KvtierPredict, ghost_key: object, node_uid: int, reuse_class: int,
+                released_s: float, num_blocks: int, now: float, released_tick: int,
+                expert: int, weight: float) -> None:
+    """``KvtierPredict.forget``'s books with the run's ghost tagged by the order that
+    dropped it (``pack_class``): the learner's drop, the ghost, the releases it trims."""
+    learner = policy.learner
+    learner.dropped(now - released_s)
+    code = pack_class(reuse_class, expert, weight)
+    for cls, released, n, _, _ in policy.ghosts.add_trim(
+            ghost_key, code, released_s, num_blocks, node_uid, released_tick):
+        learner.record(unpack_class(cls)[0], now - released, n, False)
+
+
+def recall_tagged(policy: KvtierPredict, returning: set[int], ghost_key: object,
+                  now: float) -> tuple[int, float, int, int] | None:
+    """``KvtierPredict.recall``'s books for a ghost tagged by ``drop_tagged``: the reuse
+    learned, the witness told, a shared run's return remembered in ``returning``; the
+    order that dropped it, its weight then, its blocks and its node's uid (None for no
+    ghost)."""
+    entry = policy.ghosts.pop(ghost_key)
+    if entry is None:
+        return None
+    code, released_s, n, uid, tick = entry
+    cls, expert, weight = unpack_class(code)
+    policy.learner.record(cls, now - released_s, n, True)
+    if policy.witness is not None:
+        policy.witness.recalled(tick, n)
+    if cls == 0:
+        if len(returning) >= policy.ghosts.max_entries:
+            returning.clear()
+        returning.add(hash(ghost_key))
+    return expert, weight, n, uid
+
+
 class RegretMixture(KvtierPredict):
     """``kvtier-predict-cost`` whose every drop is made by LRU's order or the learned
     one, drawn by a low-discrepancy sequence of LRU's weight, the weight set by each
@@ -160,12 +194,8 @@ class RegretMixture(KvtierPredict):
                num_blocks: int, now: float, released_tick: int = 0) -> None:
         expert, weight = self._expert()
         self.num_drops[expert] += 1
-        learner = self.learner
-        learner.dropped(now - released_s)
-        code = pack_class(reuse_class, expert, weight)
-        for cls, released, n, _, _ in self.ghosts.add_trim(
-                ghost_key, code, released_s, num_blocks, node_uid, released_tick):
-            learner.record(unpack_class(cls)[0], now - released, n, False)
+        drop_tagged(self, ghost_key, node_uid, reuse_class, released_s, num_blocks, now,
+                    released_tick, expert, weight)
         self._dropped += num_blocks
         if self._dropped >= self.window_blocks:
             self._dropped = 0
@@ -195,19 +225,10 @@ class RegretMixture(KvtierPredict):
         self.w_lru = min(1.0 - lo, max(lo, w))
 
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
-        entry = self.ghosts.pop(ghost_key)
-        if entry is None:
+        recalled = recall_tagged(self, self._returning, ghost_key, now)
+        if recalled is None:
             return None
-        code, released_s, n, uid, tick = entry
-        cls, expert, weight = unpack_class(code)
-        self.learner.record(cls, now - released_s, n, True)
-        if self.witness is not None:
-            self.witness.recalled(tick, n)
-        if cls == 0:
-            returning = self._returning
-            if len(returning) >= self.ghosts.max_entries:
-                returning.clear()
-            returning.add(hash(ghost_key))
+        expert, weight, n, uid = recalled
         self.num_recalled[expert] += n
         charge = n / weight if self.ipw else float(n)
         self.loss[expert] += charge
@@ -307,12 +328,8 @@ class RegretVeto(KvtierPredict):
         expert = _LRU if self.lru_now else _LEARNED
         if self.veto == 1 and self.witness is not None and self.witness.lru_ahead:
             self.num_vetoed_drops += 1
-        learner = self.learner
-        learner.dropped(now - released_s)
-        code = pack_class(reuse_class, expert, 1.0)
-        for cls, released, n, _, _ in self.ghosts.add_trim(
-                ghost_key, code, released_s, num_blocks, node_uid, released_tick):
-            learner.record(unpack_class(cls)[0], now - released, n, False)
+        drop_tagged(self, ghost_key, node_uid, reuse_class, released_s, num_blocks, now,
+                    released_tick, expert, 1.0)
         self.dropped[expert] += num_blocks
         self.runs[expert] += 1
         self._since[expert] += num_blocks
@@ -324,19 +341,10 @@ class RegretVeto(KvtierPredict):
         self._judge()
 
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
-        entry = self.ghosts.pop(ghost_key)
-        if entry is None:
+        recalled = recall_tagged(self, self._returning, ghost_key, now)
+        if recalled is None:
             return None
-        code, released_s, n, uid, tick = entry
-        cls, expert, _ = unpack_class(code)
-        self.learner.record(cls, now - released_s, n, True)
-        if self.witness is not None:
-            self.witness.recalled(tick, n)
-        if cls == 0:
-            returning = self._returning
-            if len(returning) >= self.ghosts.max_entries:
-                returning.clear()
-            returning.add(hash(ghost_key))
+        expert, _, n, uid = recalled
         self.recalled[expert] += n
         self._judge()
         return uid, n
