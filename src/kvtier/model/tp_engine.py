@@ -53,6 +53,7 @@ from kvtier.transfer.plan import TransferOp, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 from kvtier.transfer.tp_engine import DistributedTransferEngine
+from kvtier.wiring import Wired
 
 
 class PlanCommand(NamedTuple):
@@ -297,11 +298,13 @@ def _min_over_ranks(value: int, group: Any) -> int:
     return int(t.item())
 
 
-class TensorParallelLeader:
+class TensorParallelLeader(Wired):
     """Rank 0: ``engine`` is a :class:`ModelEngine` over the one scheduler and manager,
     whose copies and forward passes run on every rank (and the ``remote`` tier's moves, over
     :class:`DistributedRanks` on ``channel``). Call :meth:`stop` when done (the
     workers' ``serve`` returns)."""
+
+    WIRED = frozenset({"engine", "transfer", "channel"})
 
     def __init__(self, shard: TensorParallelLlama, transfer: DistributedTransferEngine,
                  manager: KVCacheManager, scheduler: Scheduler, channel: CommandChannel,
