@@ -134,3 +134,13 @@ def test_the_first_200_agentic_steps() -> None:
     assert (round(held["hit_rate"], 4), held["switches"]) == (0.7590, 1)
     veto = run("agentic200", "hold-vstrat")
     assert (round(veto["hit_rate"], 4), veto["vetoed_drops"]) == (0.7500, 81)
+
+
+def test_the_swap_books_end_the_agentic_lock_in() -> None:
+    """Held, with the counterfactual books of LRU's drops as the exit (``swap``): in LRU's
+    tenure from the 97th admission, 8 of its drops differ from the learned order's choice;
+    the learned order leads those books beyond chance at once, and the tenure ends after
+    680 prompt blocks (0.7793, the pooled veto's figure)."""
+    r = run("agentic200", "swap")
+    assert (round(r["hit_rate"], 4), r["swaps"], r["exits"], r["held_blocks"]) == (
+        0.7793, 8, 1, 680)

@@ -24,7 +24,9 @@ Variants (``make_policy``; the rest are ``mixture.make_policy``'s): ``hold`` (th
 tenure alone), ``hold-vstrat`` (held, the stratified veto its way out besides the
 outcomes the witness still counts), ``hold-veto`` (the pooled veto instead),
 ``seal-vstrat`` / ``seal-veto`` (:class:`SealedWitness`: nothing counted in LRU's order,
-so the veto is the *only* exit).
+so the veto is the *only* exit), ``swap`` / ``swap-b`` (:class:`SwapShadow`: held, the
+exit the counterfactual books of LRU's own drops against the learned order's choice at
+each, both ways; ``swap-b`` counts X's return within one drop age only).
 
     PYTHONPATH=src:. .venv/bin/python benchmarks/policy_lab/tenure.py \
         --rows azure-code,agentic200 --variants main,hold,hold-vstrat
@@ -35,10 +37,13 @@ so the veto is the *only* exit).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -48,9 +53,12 @@ from benchmarks.policy_lab import mixture
 from benchmarks.policy_lab.mixture import RegretVeto, StratifiedVeto
 
 from kvtier.config import CacheConfig
-from kvtier.policies import KvtierPredict
+from kvtier.policies import _LAST_BIN_S, NUM_AGE_BINS, KvtierPredict
+from kvtier.pool import Key
+from kvtier.radix import Node
 from kvtier.sim import simulate
 from kvtier.witness import LruWitness
+from kvtier.witness import Z as WITNESS_Z
 
 
 class HeldWitness(LruWitness):
@@ -133,9 +141,198 @@ class HeldVeto(StratifiedVeto):
         self.witness = witness
 
 
+class SwapShadow(KvtierPredict):
+    """The default over a :class:`HeldWitness` whose LRU tenure ends on counterfactual
+    books of its own drops, both ways (variant ``swap``). At every drop LRU's order makes
+    (tier: the last the cache drops from), the learned order's choice among the same
+    queue heads is noted (``Evictor.take_victim`` wrapped: ``swapping``); where the two
+    differ, LRU dropped run X that the learned order would have kept, and kept run Y that
+    it would have dropped. X's ghost recalled is a win of the learned order (``|X|``
+    blocks); Y hit while cached (re-used: its release tick moved) is a loss (``|Y|``);
+    Y dropped unhit is neither. A first-order counterfactual: it assumes the learned order
+    would have kept X until its return (the twelfth session's shadow counted only the
+    first side, and overstated where reuses come minutes late). The tenure ends while the
+    learned order leads its books beyond chance (``lead > Z sqrt(volume)``, the witness's
+    test the other way); the books start empty at every tenure."""
+
+    def __init__(self, bounded: bool = False) -> None:
+        super().__init__(cost_aware=True, witnessed=True)
+        self.name = "kvtier-swap"
+        # ``bounded``: X's return counts only within one drop age (the learner's mean age
+        # of the runs dropped now) of its drop: kept instead of Y, X would itself be
+        # dropped about a turnover later.
+        self.bounded = bounded
+        self.exited = False   # the tenure ended on the books: the learned order ranks
+        self.cf_lead = 0.0
+        self.cf_volume = 0.0
+        self._tenure = 0      # the tenure the books belong to
+        self._ahead_seen = False
+        self._swapped: dict[int, tuple[int, float]] = {}  # X's tick -> tenure, deadline
+        self._kept: deque[tuple[Node, int, int, int]] = deque()  # Y, tick, first block, tenure
+        self.num_swaps = 0
+        self.num_exits = 0
+        self.drop_tier_is_host = False
+
+    def bind(self, config: CacheConfig) -> None:
+        super().bind(config)
+        witness = HeldWitness(max(1, config.num_gpu_blocks + config.num_host_blocks))
+        witness.ruling_lru = lambda: self.lru_now
+        self.witness = witness
+        self.drop_tier_is_host = config.num_host_blocks > 0
+
+    @property
+    def lru_now(self) -> bool:
+        witness = self.witness
+        ahead = witness is not None and witness.lru_ahead
+        if ahead != self._ahead_seen:
+            self._ahead_seen = ahead
+            if ahead:  # a new tenure: its own books
+                self._tenure += 1
+                self.exited = False
+                self.cf_lead = self.cf_volume = 0.0
+        return ahead and not self.exited
+
+    def rank(self, node: Node, now: float, default_priority: int) -> Key:
+        expiry = node.expiry
+        priority = default_priority if expiry is not None and now >= expiry else node.priority
+        if self.lru_now:
+            return (priority, 1 if node.soft_claimed else 0, 0.0, node.last_used)
+        return self.learned_rank(node, now, priority)
+
+    def learned_rank(self, node: Node, now: float, priority: int) -> Key:
+        cls = node.reuse_class
+        age = now - node.last_used_s
+        value = self.learner.value[1 if cls is None else cls][
+            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
+            if age > 0 else 0]
+        value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
+        return (priority, 1 if node.soft_claimed else 0, value, node.last_used)
+
+    def within(self, node: Node, now: float) -> float:
+        if self.lru_now:
+            return 0.0
+        return self.learned_within(node, now)
+
+    def learned_within(self, node: Node, now: float) -> float:
+        cls = node.reuse_class
+        age = now - node.last_used_s
+        return self.learner.near[1 if cls is None else cls][
+            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
+            if age > 0 else 0]
+
+    @property
+    def rank_version(self) -> int:
+        return 2 * self.learner.num_refreshes + (1 if self.lru_now else 0)
+
+    def swapped(self, x: Node, y: Node, now: float) -> None:
+        """LRU's order took ``x`` where the learned order would have taken ``y``."""
+        self.num_swaps += 1
+        age = self.learner.drop_age_s
+        self._swapped[x.last_used] = (
+            self._tenure, now + age if self.bounded and age is not None else math.inf)
+        self._kept.append((y, y.last_used, y.start_block, self._tenure))
+
+    def look_at_kept(self, num: int = 4) -> None:
+        """Settle up to ``num`` of the runs LRU kept against the learned order's choice:
+        hit since (a loss of the learned order), dropped unhit (nothing), or still
+        waiting (to the back)."""
+        kept = self._kept
+        for _ in range(min(num, len(kept))):
+            y, tick, start, tenure = kept.popleft()
+            if tenure != self._tenure:
+                continue
+            # A request that reused Y's head split it (``radix.split``: the object keeps
+            # the tail, a new node above it the head): Y's blocks are the nodes from its
+            # first block down to the object.
+            hit = 0
+            node: Node | None = y
+            while node is not None and node.parent is not None and node.start_block >= start:
+                if node.ref_count or node.last_used != tick:
+                    hit += len(node.slots)
+                node = node.parent
+            if hit:
+                self._book(-hit)
+            elif y.parent is not None:
+                kept.append((y, tick, start, tenure))
+
+    def _book(self, won: int) -> None:
+        self.cf_lead += won
+        self.cf_volume += won * won
+        if (self.lru_now and self.cf_lead > 0
+                and self.cf_lead > WITNESS_Z * math.sqrt(self.cf_volume)):
+            self.exited = True
+            self.num_exits += 1
+
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        entry = self.ghosts._entries.get(hash(ghost_key))
+        tick = n = 0
+        if entry is not None:
+            from kvtier.policies import _GHOST
+            _, _, n, _, tick = _GHOST.unpack(entry)
+        out = super().recall(ghost_key, now)
+        swap = self._swapped.pop(tick, None) if out is not None else None
+        if swap is not None and swap[0] == self._tenure and now <= swap[1]:
+            self._book(n)
+        return out
+
+
+@contextmanager
+def swapping() -> Iterator[None]:
+    """``Evictor.take_victim`` noting, for a :class:`SwapShadow` in LRU's tenure, the
+    learned order's choice among the same live queue heads (its rank, then its oldest or
+    youngest by ``within``, as the pool's pop) where the cache drops."""
+    from kvtier.eviction import Evictor
+    from kvtier.tier import Tier
+
+    original = Evictor.take_victim
+
+    def take_victim(self: Evictor, tier: Tier, max_blocks: int, below: Key | None = None,
+                    cut: bool = True) -> Node | None:
+        policy = getattr(self.policy, "inner", self.policy)  # behind the policy guard
+        if not isinstance(policy, SwapShadow) or not policy.lru_now or (
+                (tier is Tier.HOST) != policy.drop_tier_is_host):
+            return original(self, tier, max_blocks, below, cut)
+        pool, current_key = ((self._host, self._host_key) if tier is Tier.HOST
+                             else (self._gpu, self._gpu_key))
+        now = self.now()
+        best = None
+        best_q = None
+        for q, heap in pool._queues.items():
+            if heap and current_key(heap[0][2]) == heap[0][3]:
+                node = heap[0][2]
+                expiry = node.expiry
+                priority = (self._default_priority if expiry is not None and now >= expiry
+                            else node.priority)
+                score = (policy.learned_rank(node, now, priority), node.uid)
+                if best is None or score < best[0]:
+                    best, best_q = (score, node), q
+        y = None
+        if best is not None and best_q is not None:
+            y = best[1]
+            young = pool._youngest(best_q, current_key) if pool._both_ends else None
+            if young is not None and young is not y and (
+                    policy.learned_within(young, now) < policy.learned_within(y, now)):
+                y = young
+        x = original(self, tier, max_blocks, below, cut)
+        if x is not None and y is not None and y is not x and y.parent is not None:
+            policy.swapped(x, y, now)
+        policy.look_at_kept()
+        return x
+
+    Evictor.take_victim = take_victim  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Evictor.take_victim = original  # type: ignore[method-assign]
+
+
 def make_policy(variant: str) -> KvtierPredict:
     if variant == "hold":
         return HeldTenure()
+    if variant == "swap":
+        return SwapShadow()
+    if variant == "swap-b":
+        return SwapShadow(bounded=True)
     if variant == "hold-vstrat":
         return HeldVeto()
     if variant == "seal-vstrat":
@@ -167,8 +364,9 @@ def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
                              eviction_policy="kvtier-predict-cost")
     policy = make_policy(variant)
     t0 = time.process_time()
-    report = simulate(make(), config, time_scale=scale * (1 + 0.0005 * scale_step),
-                      policy=policy)
+    with swapping():
+        report = simulate(make(), config, time_scale=scale * (1 + 0.0005 * scale_step),
+                          policy=policy)
     out: dict[str, float] = {"hit_rate": report.token_hit_rate,
                              "cpu_s": time.process_time() - t0}
     witness = policy.witness
@@ -178,6 +376,8 @@ def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
         out["held_blocks"] = witness.num_held_blocks
     if isinstance(policy, RegretVeto):
         out["vetoed_drops"] = policy.num_vetoed_drops
+    if isinstance(policy, SwapShadow):
+        out.update(swaps=policy.num_swaps, exits=policy.num_exits)
     return out
 
 
