@@ -326,6 +326,9 @@ def swapping() -> Iterator[None]:
         Evictor.take_victim = original  # type: ignore[method-assign]
 
 
+_MIXTURE_VARIANTS = mixture.make_policy  # the mixture's own (``audit`` swaps it out)
+
+
 def make_policy(variant: str) -> KvtierPredict:
     if variant == "hold":
         return HeldTenure()
@@ -341,7 +344,7 @@ def make_policy(variant: str) -> KvtierPredict:
         return HeldPooledVeto()
     if variant == "seal-veto":
         return HeldPooledVeto(sealed=True)
-    return mixture.make_policy(variant)
+    return _MIXTURE_VARIANTS(variant)
 
 
 def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
@@ -384,12 +387,12 @@ def run(name: str, variant: str, scale_step: float = 0.0) -> dict[str, float]:
 def audit(only: str, num_scales: int, variant: str) -> None:
     """The audit's rows (``bench_policy.AUDIT_ROWS``) through ``variant``, as
     ``mixture.audit_vetoes`` (with this module's variants)."""
-    saved = mixture.make_policy
     mixture.make_policy = make_policy
     try:
-        mixture.audit_vetoes(only, num_scales, variant)
+        with swapping():
+            mixture.audit_vetoes(only, num_scales, variant)
     finally:
-        mixture.make_policy = saved
+        mixture.make_policy = _MIXTURE_VARIANTS
 
 
 def main(argv: list[str] | None = None) -> int:
