@@ -14,6 +14,7 @@ from benchmarks.policy_lab.tenure import (
     HeldTenure,
     HeldVeto,
     HeldWitness,
+    MissWitness,
     SealedWitness,
     run,
 )
@@ -144,3 +145,18 @@ def test_the_swap_books_end_the_agentic_lock_in() -> None:
     r = run("agentic200", "swap")
     assert (round(r["hit_rate"], 4), r["swaps"], r["exits"], r["held_blocks"]) == (
         0.7793, 8, 1, 680)
+
+
+def test_the_miss_witness_fades_with_lrus_own_misses() -> None:
+    """In LRU's order the fade counts the blocks of ghosts recalled (LRU's capacity
+    misses), not prompt blocks admitted: two runs lost switch it (-5 against 3.6; the
+    second's 3 blocks already count), two more (4 + 4) bring the count to 11 past the
+    window of 8: lead and volume halve (-6.5 against 4.7, still LRU's), and 100 prompt
+    blocks admitted after that fade nothing."""
+    script = [("rel", 1, 2), ("rel", 2, 3), ("rel", 3, 4), ("rel", 4, 4),
+              ("lost", 1, 2), ("lost", 2, 3), ("lost", 3, 4), ("lost", 4, 4), ("adm", 100, 0)]
+    witness = MissWitness(CAPACITY, WINDOW)
+    got = play(witness, script)
+    assert got[5:] == [(-5.0, 13.0, True), (-9.0, 29.0, True), (-6.5, 22.5, True),
+                       (-6.5, 22.5, True)]
+    assert witness.num_held_blocks == 100

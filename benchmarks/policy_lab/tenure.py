@@ -21,8 +21,10 @@ loss: LRU's order with the default's soft claims is 0.3182 there, the default 0.
   tenure. While the veto rules the learned order ranks, so the witness fades again.
 
 Variants (``make_policy``; the rest are ``mixture.make_policy``'s): ``hold`` (the held
-tenure alone), ``hold-vstrat`` (held, the stratified veto its way out besides the
-outcomes the witness still counts), ``hold-veto`` (the pooled veto instead),
+tenure alone), ``hold-miss`` (:class:`MissWitness`: in LRU's order the fade counts LRU's
+own capacity misses, its ghosts recalled), ``hold-vstrat`` (held, the stratified veto its
+way out besides the outcomes the witness still counts), ``hold-veto`` (the pooled veto
+instead),
 ``seal-vstrat`` / ``seal-veto`` (:class:`SealedWitness`: nothing counted in LRU's order,
 so the veto is the *only* exit), ``swap`` / ``swap-b`` (:class:`SwapShadow`: held, the
 exit the counterfactual books of LRU's own drops against the learned order's choice at
@@ -83,6 +85,24 @@ class HeldWitness(LruWitness):
         super().admitted(num_prompt_blocks, runs, room)
 
 
+class MissWitness(HeldWitness):
+    """A :class:`HeldWitness` whose fade, while LRU's order ranks, counts the blocks of
+    LRU's own drops come back for (its ghosts recalled: the cache *is* LRU then, so these
+    are LRU's capacity misses, what another order could have hit) instead of every prompt
+    block admitted: where LRU misses nothing it could have kept, nothing new could favour
+    the learned order and the tenure holds; where it misses much, it fades as main's."""
+
+    def recalled(self, tick: int, num_blocks: int) -> None:
+        super().recalled(tick, num_blocks)
+        if tick and self.ruling_lru():
+            self._traffic += num_blocks
+            if self._traffic >= self.window_blocks:
+                self._traffic = 0
+                self.lead /= 2
+                self.volume /= 2
+                self._judge()
+
+
 class SealedWitness(HeldWitness):
     """A :class:`HeldWitness` that also counts no outcome while LRU's order ranks (won or
     lost: the twelfth session's censor), so an LRU tenure has no exit of its own."""
@@ -95,15 +115,17 @@ class SealedWitness(HeldWitness):
 
 class HeldTenure(KvtierPredict):
     """The default (cost-aware, witnessed) with a :class:`HeldWitness`: LRU's tenure
-    lasts; no exit."""
+    lasts; no exit (``misses``: a :class:`MissWitness`, fading with LRU's misses)."""
 
-    def __init__(self) -> None:
+    def __init__(self, misses: bool = False) -> None:
         super().__init__(cost_aware=True, witnessed=True)
         self.name = "kvtier-hold"
+        self.misses = misses
 
     def bind(self, config: CacheConfig) -> None:
         super().bind(config)
-        self.witness = HeldWitness(max(1, config.num_gpu_blocks + config.num_host_blocks))
+        capacity = max(1, config.num_gpu_blocks + config.num_host_blocks)
+        self.witness = (MissWitness if self.misses else HeldWitness)(capacity)
 
 
 class HeldPooledVeto(RegretVeto):
@@ -332,6 +354,8 @@ _MIXTURE_VARIANTS = mixture.make_policy  # the mixture's own (``audit`` swaps it
 def make_policy(variant: str) -> KvtierPredict:
     if variant == "hold":
         return HeldTenure()
+    if variant == "hold-miss":
+        return HeldTenure(misses=True)
     if variant == "swap":
         return SwapShadow()
     if variant == "swap-b":
