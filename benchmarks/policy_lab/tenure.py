@@ -4,15 +4,16 @@ kvtier's default ranks by LRU's order while its witness says LRU leads beyond ch
 its evidence halves every two turnovers of prompt blocks admitted. While LRU's order rules
 the cache *is* LRU: nothing new can be learned of the learned order's choices, the
 evidence only fades, and the learned order is tried again once it has faded within chance
-(docs/policy-lab.md, twelfth session). On Azure code at 3 % those trials are the whole
-loss: LRU's order with the default's soft claims is 0.3182 there, the default 0.3117.
+(docs/policy-lab.md, twelfth session). On Azure code at 3 % LRU's order with the default's
+soft claims is 0.3182, the default 0.3117: the trials were taken for the whole loss there.
+Measured (fifteenth session): they are not, and the fade is what Mooncake conversation,
+scan-hot and phase-shift win by; nothing here passed the bar.
 
 - **The hold** (:class:`HeldWitness`): the evidence fades with the learned order's own
   tenure only: prompt blocks admitted count towards a fade only while the learned order
-  ranks. In LRU's order the lead stands where the learned order's tenure left it (plus
-  what still comes in: the learned order's kept runs hit or its ghosts recalled), so an
-  LRU tenure, once begun, lasts. Alone it locks every early switch for good (the agentic
-  cold start: the twelfth session's one-sided evidence).
+  ranks. In LRU's order the lead stands where the learned order's tenure left it, plus
+  what still comes in: the learned order's ghosts recalled (lost) and its kept runs hit
+  (won: the only way out of an LRU tenure, and the one Azure code leaves by).
 - **The exit** (:class:`HeldVeto`): the fourteenth session's stratified veto
   (``StratifiedVeto``): LRU's rule is overruled while LRU's own drops come back, per
   block within each reuse class, more often than the learned order's, beyond chance. That
@@ -24,9 +25,8 @@ Variants (``make_policy``; the rest are ``mixture.make_policy``'s): ``hold`` (th
 tenure alone), ``hold-miss`` (:class:`MissWitness`: in LRU's order the fade counts LRU's
 own capacity misses, its ghosts recalled), ``hold-vstrat`` (held, the stratified veto its
 way out besides the outcomes the witness still counts), ``hold-veto`` (the pooled veto
-instead),
-``seal-vstrat`` / ``seal-veto`` (:class:`SealedWitness`: nothing counted in LRU's order,
-so the veto is the *only* exit), ``swap`` / ``swap-b`` (:class:`SwapShadow`: held, the
+instead), ``seal-vstrat`` / ``seal-veto`` (:class:`SealedWitness`: nothing counted in LRU's order,
+so the veto is the *only* exit), ``swap`` / ``swap-b`` (:class:`SwapShadow`: held, its
 exit the counterfactual books of LRU's own drops against the learned order's choice at
 each, both ways; ``swap-b`` counts X's return within one drop age only).
 
