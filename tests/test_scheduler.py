@@ -90,6 +90,33 @@ def test_chunked_prefill_then_decode_exact_steps() -> None:
     assert not s.has_unfinished() and s.manager.num_sequences == 0
 
 
+def test_prefill_chunks_follow_running_order_past_decoding_requests() -> None:
+    """Chunks continue the requests still in their prefill in running order, skipping the
+    decoding ones between them, until the budget left after the decodes runs out."""
+    s = make_scheduler(num_gpu_blocks=64, max_num_tokens=8, max_batch_size=8,
+                       max_chunk_tokens=4)
+    s.add_request(Request("a", list(range(3)), 6))
+    s.add_request(Request("b", list(range(100, 120)), 2))
+    s.add_request(Request("c", list(range(200, 203)), 6))
+    s.add_request(Request("d", list(range(300, 320)), 2))
+    for _ in range(2):
+        finish_step(s, s.step())
+    #   running  a (decodes)  b (prefill 8/20)  c (decodes)  d (prefill 1/20)
+    #   budget   8 - 2 decodes = 6: b takes a chunk of 4 (the cap), d the 2 left
+    chunks = []
+    for _ in range(4):
+        step = s.step()
+        chunks.append((step.decode_request_ids,
+                       [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks]))
+        finish_step(s, step)
+    assert chunks == [
+        (("a", "c"), [("b", 8, 4), ("d", 1, 2)]),
+        (("a", "c"), [("b", 12, 4), ("d", 3, 2)]),
+        (("a", "c"), [("b", 16, 4), ("d", 5, 2)]),
+        (("a", "b", "c"), [("d", 7, 4)]),  # b decodes now; d alone takes its chunk
+    ]
+
+
 def test_step_phases_time_each_phase_only_when_turned_on() -> None:
     """The opt-in phase counter: each phase gets the clock's time since the last mark."""
     ticks = iter(range(100))
