@@ -247,6 +247,9 @@ class Evictor:
         # The policy's ``within`` with the held time bound in, and that time (a pop of the
         # same round reuses it: one object a round, not one a pop).
         self._within_held: tuple[float, Callable[[Node], float]] | None = None
+        # ``take_victim``'s bound while its pop asks ``_is_below``, and the rank that found.
+        self._below: Key = ()
+        self._below_rank: Key = ()
 
     def now(self) -> float:
         """The clock's time now (the held time during an eviction round). Pure."""
@@ -465,31 +468,52 @@ class Evictor:
             if bound is None or bound[0] != held:
                 bound = self._within_held = (held, partial(policy_within, now=held))
             within = bound[1]
-        node = pool.pop_candidate(current_key, self._rank_run, ranked, within, checks)
-        if node is None:
-            return None
-        # NOTE: a run the pop ranked was rejoined first (``_rank_run``) and is unchanged
-        # since: its rank is its rank now, no second call to the policy for the same
-        # answer, and no second look at its parents. A run taken from the young end was
-        # not ranked: it is rejoined here.
-        rank = fresh.get(node)
-        if rank is None:
-            parent = node.parent  # NOTE: ``_merge_up``'s first test, no call (as ``_rank_run``)
-            if (parent is not None and parent.parent is not None
-                    and len(parent.children) == 1 and _merge_up(node)):
-                self._num_changes += 1
-        fresh.clear()
         if below is not None:
-            if rank is None:
-                rank = self.rank(node)
-            if rank >= below:
-                pool.push(node, self.key(node))
+            # NOTE: the bound is judged before the run leaves the pool (``accept``): a run
+            # not below it stays, as its pop and push back left it, without them (the host
+            # room of a GPU victim finds none worth less about twice a full step).
+            self._below = below
+            node = pool.pop_candidate(current_key, self._rank_run, ranked, within, checks,
+                                      self._is_below)
+            fresh.clear()
+            if node is None:
                 return None
+            rank: Key | None = self._below_rank
+        else:
+            node = pool.pop_candidate(current_key, self._rank_run, ranked, within, checks)
+            if node is None:
+                return None
+            rank = self._rejoined_rank(node)
+            fresh.clear()
         if not cut or max_blocks >= len(node.slots):
             if rank is not None:
                 self._victim_rank = (node, rank)
             return node
         return self.cut_tail(node, max_blocks)
+
+    def _rejoined_rank(self, node: Node) -> Key | None:
+        """The rank the pop in progress computed for ``node``, None where it computed none
+        (then ``node`` is rejoined here with its parents, as ``_rank_run`` does)."""
+        # NOTE: a run the pop ranked was rejoined first (``_rank_run``) and is unchanged
+        # since: its rank is its rank now, no second call to the policy for the same
+        # answer, and no second look at its parents. A run taken from the young end was
+        # not ranked: it is rejoined here.
+        rank = self._ranked_now.get(node)
+        if rank is None:
+            parent = node.parent  # NOTE: ``_merge_up``'s first test, no call (as ``_rank_run``)
+            if (parent is not None and parent.parent is not None
+                    and len(parent.children) == 1 and _merge_up(node)):
+                self._num_changes += 1
+        return rank
+
+    def _is_below(self, node: Node) -> bool:
+        """Whether ``node``, the run a pop chose, ranks below ``take_victim``'s bound (its
+        rank kept in ``_below_rank``)."""
+        rank = self._rejoined_rank(node)
+        if rank is None:
+            rank = self.rank(node)
+        self._below_rank = rank
+        return not rank >= self._below
 
 
 class _Round:

@@ -190,7 +190,8 @@ class TierPool:
                       rank: Callable[[Node], Key] | None = None,
                       rank_version: object = None,
                       within: Callable[[Node], float] | None = None,
-                      check_version: object = None) -> Node | None:
+                      check_version: object = None,
+                      accept: Callable[[Node], bool] | None = None) -> Node | None:
         """Pop the best live candidate. ``current_key`` returns a node's key if it is a
         candidate now, else ``None``; entries of nodes that are no candidates are dropped.
         With queues, ``rank`` orders the queues' heads (the smallest goes); a head ranked
@@ -201,10 +202,21 @@ class TierPool:
         ``check_version`` (not None): a value the caller changes whenever a node that may
         head a queue may have changed its key or stopped being a candidate other than by
         leaving through this pool; while it holds, a head entry found live is not checked
-        again (a pop checks every queue's head: most are the same as at the last pop)."""
+        again (a pop checks every queue's head: most are the same as at the last pop).
+
+        ``accept`` (not None): asked of the run the pop chose before it leaves; where it
+        answers False the pop returns None and leaves the pool as a pop of the run followed
+        by its ``push`` under the same key would (a head taken leaves the bottom of its
+        filing order as ``_trim_oldest`` trims it and is filed as its queue's youngest; a
+        youngest stays where it is), without the heap's pop and push."""
         if not self._num_queue_fields:
             heap = self._heap
-            return self._pop(heap) if self._live_head(heap, current_key) else None
+            if not self._live_head(heap, current_key):
+                return None
+            if accept is not None and not accept(heap[0][2]):
+                self._newest[heap[0][1]] = heap[0][3]  # as the push after a pop leaves it
+                return None
+            return self._pop(heap)
         assert rank is not None
         queues = self._queues
         ranked = self._ranked
@@ -280,12 +292,35 @@ class TierPool:
             if young is not None:
                 oldest = best_heap[0][2]
                 if young is not oldest and within(young) < within(oldest):
+                    if accept is not None and not accept(young):
+                        # Its filing stays the youngest, where a push would put it; the
+                        # heap as that push leaves it (a new entry only where the newest
+                        # one has another key).
+                        self.push(young, self._filed[best_queue][-1][3], young=False)
+                        return None
                     self._filed[best_queue].pop()
                     self._num_filed -= 1
                     return young  # its heap entry goes stale: skipped when met
-            node = self._pop(best_heap)
+            entry = best_heap[0]
+            node = entry[2]
+            # NOTE: trimmed before ``accept`` is asked, as after a pop: ``accept`` may
+            # rejoin the run with its parent, which ends a filing the trim would meet.
             self._trim_oldest(best_queue, node)
-            return node
+            if accept is not None and not accept(node):
+                # What a push of the run under its key would leave after the pop: the same
+                # heap entry (its order and uid) as its newest, and a filing as the queue's
+                # youngest.
+                self._newest[entry[1]] = entry[3]
+                filed = self._filed.get(best_queue)
+                if filed is None:
+                    filed = self._filed[best_queue] = deque()
+                filed.append(entry)
+                self._num_filed += 1
+                return None
+            return self._pop(best_heap)
+        if accept is not None and not accept(best_heap[0][2]):
+            self._newest[best_heap[0][1]] = best_heap[0][3]  # as the push after a pop leaves it
+            return None
         return self._pop(best_heap)
 
     def _trim_oldest(self, queue: Key, taken: Node) -> None:

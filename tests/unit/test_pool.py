@@ -513,3 +513,111 @@ def test_a_tree_pool_drops_gone_used_or_moved_runs_without_asking_and_pops_the_s
     # heap's stale top then goes without a call (a, b: was a, a, b), c is asked; the young
     # end's top d is asked, then dropped without a second call (was d, d), c asked.
     assert asked == [a, a, c, d, c]
+
+
+def pool_state(pool: TierPool) -> tuple[object, ...]:
+    """Everything a later pop can depend on: each queue's heap entries (as a multiset: the
+    order in which equal heaps pop is the entries' order), filing orders, the newest key of
+    each node, and the counts that make a compaction due."""
+    heaps = {q: sorted((e[0], e[1], e[3]) for e in heap)
+             for q, heap in [((), pool._heap), *pool._queues.items()] if heap}
+    filed = {q: [(e[1], e[3]) for e in order] for q, order in pool._filed.items() if order}
+    return heaps, filed, dict(pool._newest), pool._num_entries, pool._num_filed
+
+
+@pytest.mark.parametrize(("num_queue_fields", "both_ends"), [(0, False), (1, False), (1, True)])
+def test_a_pop_refused_by_accept_leaves_the_pool_as_a_pop_and_push_back(
+        num_queue_fields: int, both_ends: bool) -> None:
+    """A pop whose run ``accept`` refuses returns None and leaves the pool exactly as the
+    pop of that run followed by its push under its key leaves it (what a bound on the host
+    room did): over random filings, changes without a re-file, drops, claims and bounded
+    pops, the two pools pop the same runs and hold the same heaps (as multisets), filing
+    orders, newest keys and counts after every operation."""
+    rng = random.Random(13 + num_queue_fields + 2 * both_ends)
+    refused = 0
+    for trial in range(30):
+        root = Node(None, [], [], Tier.GPU, None, 0, None)
+        nodes = [Node(root, [t], [t], Tier.GPU, None, 0, None) for t in range(30)]
+        # 0: with ``accept``; 1: the reference, a pop and a push back of a run not below.
+        pools = [TierPool(Tier.GPU, 64, num_queue_fields=num_queue_fields,
+                          both_ends=both_ends, tree=True) for _ in range(2)]
+        current: dict[int, Key] = {}
+        filed: dict[int, list[Key]] = {}  # every key a node was filed under
+
+        def current_key(node: Node, current: dict[int, Key] = current) -> Key | None:
+            if node.parent is None or node.ref_count or node.tier is not Tier.GPU:
+                return None
+            return current.get(node.uid)
+
+        def rank(node: Node, current: dict[int, Key] = current) -> Key:
+            return (current[node.uid][1], node.uid % 3)
+
+        for _ in range(250):
+            op = rng.random()
+            n = rng.choice(nodes)
+            if op < 0.4:  # (re-)file under a key, maybe a new one
+                n.parent, n.ref_count = root, 0
+                current[n.uid] = (rng.randrange(3), rng.randrange(40))
+                filed.setdefault(n.uid, []).append(current[n.uid])
+                for pool in pools:
+                    pool.push(n, current[n.uid])
+            elif op < 0.45:
+                n.parent = None  # dropped
+            elif op < 0.49:
+                n.ref_count = 1  # claimed
+            elif op < 0.53 and n.uid in current:  # changed without a re-file
+                current[n.uid] = (rng.randrange(3), rng.randrange(40))
+            elif op < 0.6 and n.uid in filed:  # back to a key filed before, no re-file
+                current[n.uid] = rng.choice(filed[n.uid])
+            else:
+                below = (rng.randrange(40), rng.randrange(3))
+                within = (lambda x: float(x.uid % 5)) if both_ends else None
+
+                def is_below(node: Node, below: Key = below) -> bool:
+                    return rank(node) < below
+
+                got = pools[0].pop_candidate(current_key, rank, None, within, None, is_below)
+                ref = pools[1].pop_candidate(current_key, rank, None, within, None)
+                if ref is not None and rank(ref) >= below:
+                    key = current_key(ref)
+                    assert key is not None
+                    pools[1].push(ref, key)
+                    ref = None
+                    refused += 1
+                assert got is ref, trial
+                if got is not None:
+                    current.pop(got.uid, None)
+                    got.parent = None  # it leaves
+            assert pool_state(pools[0]) == pool_state(pools[1]), trial
+    assert refused > 100, refused
+
+
+@pytest.mark.parametrize("both_ends", [False, True])
+def test_a_refused_head_filed_under_an_older_key_becomes_its_newest(both_ends: bool) -> None:
+    """A head whose key went back to one it was filed under before (no re-file since: its
+    newest entry, in another queue, has another key) and that ``accept`` refuses is left
+    with that key as its newest, as the push back after a pop left it."""
+    root = Node(None, [], [], Tier.GPU, None, 0, None)
+    x, y = (Node(root, [t], [t], Tier.GPU, None, 0, None) for t in range(2))
+    # 0: with ``accept``; 1: a pop and a push back.
+    pools = [TierPool(Tier.GPU, 8, num_queue_fields=1, both_ends=both_ends, tree=True)
+             for _ in range(2)]
+    current = {x.uid: (0, 5), y.uid: (1, 3)}
+    for pool in pools:
+        pool.push(x, (0, 5))
+        pool.push(y, (1, 3))
+        pool.push(x, (1, 7))  # x's newest entry: queue 1, behind y
+    current[x.uid] = (0, 5)  # back to its first key, not filed again
+    #   queue 0: [x (0, 5)]          queue 1: [y (1, 3), x (1, 7) stale]
+    rank = {x.uid: (0,), y.uid: (1,)}  # x's queue wins
+
+    def within(n: Node) -> float:
+        return 0.0
+
+    assert pools[0].pop_candidate(keys_of(current), lambda n: rank[n.uid], None,
+                                  within if both_ends else None, None, lambda n: False) is None
+    assert pools[1].pop_candidate(keys_of(current), lambda n: rank[n.uid], None,
+                                  within if both_ends else None, None) is x
+    pools[1].push(x, (0, 5))
+    assert pools[0]._newest[x.uid] == (0, 5)
+    assert pool_state(pools[0]) == pool_state(pools[1])
