@@ -717,7 +717,8 @@ def test_forget_does_what_dropped_add_trim_and_record_do(seed: int) -> None:
     """``KvtierPredict.forget`` (written out for speed) leaves the learner and the ghosts
     exactly as the calls it stands for: ``HitDensity.dropped``, ``Ghosts.add_trim``, and a
     censored ``record`` of every ghost trimmed; random forgets, keys that repeat (a ghost
-    replaced), bounds small enough to trim, recalls between them."""
+    replaced), bounds small enough to trim, recalls between them (``recall``, written out
+    too, against ``Ghosts.pop``, a reused ``record`` and the witness's ``recalled``)."""
     rng = random.Random(seed)
     fast, ref = KvtierPredict(cost_aware=True), KvtierPredict(cost_aware=True)
     for policy in (fast, ref):
@@ -728,7 +729,22 @@ def test_forget_does_what_dropped_add_trim_and_record_do(seed: int) -> None:
         now += rng.expovariate(1.0)
         key = ("k", rng.randrange(60))
         if rng.random() < 0.2:
-            assert fast.recall(key, now) == ref.recall(key, now)
+            # ``recall`` (``Ghosts.pop`` written out) against the calls it stands for.
+            got = fast.recall(key, now)
+            entry = ref.ghosts.pop(key)
+            if entry is None:
+                assert got is None
+                continue
+            c, released, m, uid, tick = entry
+            ref.learner.record(c, now - released, m, True)
+            assert ref.witness is not None
+            ref.witness.recalled(tick, m)
+            if c == 0:
+                if len(ref._returning) >= ref.ghosts.max_entries:
+                    ref._returning.clear()
+                ref._returning.add(hash(key))
+            assert got == (uid, m) and fast._returning == ref._returning
+            assert vars(fast.witness) == vars(ref.witness)
             continue
         args = (rng.randrange(13), now - rng.expovariate(0.1), rng.randrange(1, 40),
                 rng.randrange(1 << 40), rng.randrange(1 << 20))

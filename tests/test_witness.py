@@ -165,3 +165,101 @@ def test_a_run_is_found_again_after_its_parent_was_stored_again() -> None:
     run("c", parent + child)
     # The parent (dropped again) and then the child, whose ghost predates the new parent.
     assert [n for _, n in policy.recalled] == [2, 2, 2]
+
+
+class _ReferenceWitness(LruWitness):
+    """The witness's ``released`` and ``settle`` as they were before they were written out
+    (one ``_add`` a tick, the mark and count as attributes): the reference for the fast
+    ones."""
+
+    def released(self, old_tick: int, new_tick: int, num_blocks: int) -> None:
+        if old_tick:
+            self._add(old_tick, -num_blocks)
+        self._add(new_tick, num_blocks)
+
+    def settle(self, room: int) -> None:
+        blocks = self._blocks
+        while self._held > room:
+            n = blocks.get(self._mark, 0)
+            excess = self._held - room
+            if n > excess:
+                blocks[self._mark] = n - excess
+                self._held = room
+                return
+            self._held -= n
+            blocks.pop(self._mark, None)
+            self._mark += 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_written_out_release_and_settle_match_the_reference(seed: int) -> None:
+    """``released`` and ``settle`` (written out for speed) leave the witness exactly as the
+    steps they stand for: random releases (fresh ticks, ticks released again, ticks behind
+    the mark, blocks taken back past zero), admissions, recalls and settles to any room,
+    every attribute compared after each call."""
+    import random
+
+    rng = random.Random(seed)
+    fast, ref = LruWitness(capacity=40), _ReferenceWitness(capacity=40)
+    tick = 0
+    released: list[int] = []
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.45:
+            tick += 1
+            old = rng.choice(released) if released and rng.random() < 0.4 else 0
+            n = rng.randrange(1, 9)
+            for w in (fast, ref):
+                w.released(old, tick, n)
+            released.append(tick)
+        elif op < 0.55 and released:
+            old, new = rng.choice(released), rng.choice(released)
+            n = rng.randrange(1, 12)  # may take back more than is counted there
+            for w in (fast, ref):
+                w.released(old, new, n)
+        elif op < 0.8:
+            runs = [(rng.choice(released), rng.randrange(1, 6))
+                    for _ in range(rng.randrange(3))] if released else []
+            room, num_prompt_blocks = rng.randrange(0, 60), rng.randrange(1, 20)
+            for w in (fast, ref):
+                w.admitted(num_prompt_blocks, list(runs), room)
+        elif op < 0.9 and released:
+            t, n = rng.choice(released), rng.randrange(1, 6)
+            for w in (fast, ref):
+                w.recalled(t, n)
+        else:
+            room = rng.randrange(0, 60)
+            for w in (fast, ref):
+                w.settle(room)
+        assert vars(fast) == vars(ref)
+    assert fast._mark > 10 and fast.num_won and fast.num_lost
+
+
+def test_ghost_key_below_is_the_key_made_of_its_parts() -> None:
+    """``ghost_key_below`` (``block_key`` and ``ghost_key`` written out) gives the key made
+    from its parts: at a root, below a run without extras, and below runs whose last block
+    has an extra key or none (multimodal), in two key spaces."""
+    from kvtier.eviction import ghost_key, ghost_key_below, node_ghost_key
+    from kvtier.radix import Node, Root, block_key
+    from kvtier.tier import Tier
+
+    tpb = 4
+    for root in (Root(None, None), Root("lora", b"salt")):
+        plain = Node(root, list(range(12)), [0, 1, 2], Tier.GPU, None, 0, root)
+        extra_last = Node(root, list(range(50, 58)), [3, 4], Tier.GPU, [None, ("img", 7)], 0,
+                          root)
+        extra_first = Node(root, list(range(70, 78)), [5, 6], Tier.GPU, [("img", 8), None], 0,
+                           root)
+        child_key = block_key(list(range(90, 94)), 0, tpb, None)
+        for parent in (root, plain, extra_last, extra_first):
+            block = parent.start_block + parent.num_blocks
+            prev = b"" if parent is root else block_key(
+                parent.tokens, (parent.num_blocks - 1) * tpb, tpb,
+                parent.extras[-1] if parent.extras else None)
+            want = ghost_key(root, block, prev, child_key)
+            assert ghost_key_below(parent, block, child_key, tpb) == want
+            child = Node(parent, list(range(90, 94)), [9], Tier.GPU, None, block, root)
+            assert node_ghost_key(child, tpb) == want
+    below = ghost_key_below(extra_last, 2, child_key, tpb)
+    assert isinstance(below, tuple) and below[3] == (
+        block_key(list(range(54, 58)), 0, tpb, None), ("img", 7))

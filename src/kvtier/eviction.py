@@ -39,7 +39,6 @@ from kvtier.radix import (
     Root,
     TrimmedTail,
     absorb_parent,
-    block_key,
     cut_tail,
     trim_tail,
 )
@@ -140,12 +139,17 @@ def ghost_key_below(parent: Node, block: int, key: BlockKey, tokens_per_block: i
     at ``block`` with a block keyed ``key``. Pure."""
     root = parent.root
     assert root is not None, parent
-    prev: BlockKey = b""
-    if parent.parent is not None:
-        last = len(parent.slots) - 1
-        prev = block_key(parent.tokens, last * tokens_per_block, tokens_per_block,
-                         parent.extras[last] if parent.extras else None)
-    return ghost_key(root, block, prev, key)
+    if parent.parent is None:
+        return (root.lora_id, root.salt, block, b"", key)
+    # NOTE: ``block_key`` and ``ghost_key`` written out (the same key: the parent's last
+    # block's ids as bytes, paired with its extra key where it has one): a ghost key is
+    # made for every run dropped.
+    last = len(parent.slots) - 1
+    start = last * tokens_per_block
+    ids = parent.tokens[start:start + tokens_per_block].tobytes()
+    extras = parent.extras
+    extra = extras[last] if extras else None
+    return (root.lora_id, root.salt, block, ids if extra is None else (ids, extra), key)
 
 
 # The role of a released run in the releasing request (``ReuseLearner.reuse_class``).

@@ -587,15 +587,37 @@ class KvtierPredict:
         learner.horizon_s = max(1.0, NEAR_TERM_DROP_AGES * mean)
         ghosts = self.ghosts
         ghosts._put(ghost_key, reuse_class, released_s, num_blocks, node_uid, released_tick)
-        if ghosts.num_blocks > ghosts.max_blocks or len(ghosts._entries) > ghosts.max_entries:
-            for cls, released, n, _, _ in ghosts.trim():
-                learner.record(cls, now - released, n, False)
+        entries = ghosts._entries
+        if ghosts.num_blocks <= ghosts.max_blocks and len(entries) <= ghosts.max_entries:
+            return
+        # ``Ghosts.trim`` (this table counts no classes) and a censored
+        # ``HitDensity.record`` of each entry it forgets, written out, each entry recorded
+        # as it goes: the same records in the same order (a pop changes nothing the
+        # learner reads, a record nothing of the ghosts), no list, no call an entry.
+        censored = learner.censored
+        while entries and (ghosts.num_blocks > ghosts.max_blocks
+                           or len(entries) > ghosts.max_entries):
+            cls, released, n, _, _ = _unpack_ghost(entries.popitem(last=False)[1])
+            ghosts.num_blocks -= n
+            age_s = now - released
+            censored[cls][(NUM_AGE_BINS - 1 if age_s >= _LAST_BIN_S
+                           else int(age_s).bit_length()) if age_s > 0 else 0] += n
+            learner._total += n
+            learner.num_records += 1
+            learner._to_refresh -= 1
+            if not learner._to_refresh:
+                learner._to_refresh = learner.refresh_every
+                learner.refresh()
 
     def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
-        entry = self.ghosts.pop(ghost_key)
-        if entry is None:
+        # NOTE: ``Ghosts.pop`` written out (this table counts no classes): a recall is
+        # asked at every admission that misses, and most find nothing.
+        ghosts = self.ghosts
+        packed = ghosts._entries.pop(hash(ghost_key), None)
+        if packed is None:
             return None
-        cls, released_s, n, uid, tick = entry
+        cls, released_s, n, uid, tick = _unpack_ghost(packed)
+        ghosts.num_blocks -= n
         self.learner.record(cls, now - released_s, n, True)
         if self.witness is not None:
             self.witness.recalled(tick, n)

@@ -82,7 +82,18 @@ class LruWitness:
         under ``old_tick`` until now (0: nowhere, it was new or in use)."""
         if old_tick:
             self._add(old_tick, -num_blocks)
-        self._add(new_tick, num_blocks)
+        # NOTE: ``_add`` of the new tick written out (the same steps): a release comes
+        # with every run a request leaves.
+        if new_tick < self._mark:
+            return
+        blocks = self._blocks
+        left = blocks.get(new_tick, 0) + num_blocks
+        if left <= 0:
+            num_blocks -= left
+            blocks.pop(new_tick, None)
+        else:
+            blocks[new_tick] = left
+        self._held += num_blocks
 
     def holds(self, tick: int) -> bool:
         """Whether LRU would hold (at least the head of) a run released at ``tick``. Pure."""
@@ -150,15 +161,23 @@ class LruWitness:
 
     def settle(self, room: int) -> None:
         """Move the mark past the oldest ticks until what is counted fits in ``room``."""
+        # NOTE: the mark and the count in locals, stored once: a settle comes with every
+        # admission and passes a tick or two each time.
+        held = self._held
+        if held <= room:
+            return
         blocks = self._blocks
-        while self._held > room:
-            n = blocks.get(self._mark, 0)
-            excess = self._held - room
+        mark = self._mark
+        while held > room:
+            n = blocks.get(mark, 0)
+            excess = held - room
             if n > excess:
                 # LRU cuts the run from its tail: only its head is counted from now on.
-                blocks[self._mark] = n - excess
-                self._held = room
-                return
-            self._held -= n
-            blocks.pop(self._mark, None)
-            self._mark += 1
+                blocks[mark] = n - excess
+                held = room
+                break
+            held -= n
+            blocks.pop(mark, None)
+            mark += 1
+        self._held = held
+        self._mark = mark
