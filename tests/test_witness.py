@@ -263,3 +263,48 @@ def test_ghost_key_below_is_the_key_made_of_its_parts() -> None:
     below = ghost_key_below(extra_last, 2, child_key, tpb)
     assert isinstance(below, tuple) and below[3] == (
         block_key(list(range(54, 58)), 0, tpb, None), ("img", 7))
+
+
+def test_an_admission_tells_its_reuses_and_recalls_one_instant() -> None:
+    """An admission's reused runs and the ghost it recalls are told to the learner at one
+    reading of the clock (``note_reuse`` hands its time to ``recall_miss``): with a clock
+    that moves at every reading, the reuse's age and the recall's time still agree."""
+
+    class Recorder(KvtierPredict):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reuse_ages: list[float] = []
+            self.recall_times: list[float] = []
+
+        def record(self, reuse_class: int, age_s: float, num_blocks: int,
+                   reused: bool) -> None:
+            if reused:
+                self.reuse_ages.append(age_s)
+            super().record(reuse_class, age_s, num_blocks, reused)
+
+        def recall(self, key: object, now: float) -> tuple[int, int] | None:
+            found = super().recall(key, now)
+            self.recall_times.append(now if found is not None else -1.0)
+            return found
+
+    readings = iter(float(t) for t in range(1, 10_000))
+    policy = Recorder()
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=6),
+                         clock=lambda: next(readings), policy=policy)
+    head, tail = list(range(8)), list(range(100, 108))
+
+    def run(rid: str, tokens: list[int]) -> None:
+        assert mgr.add_sequence(SequenceSpec(rid, tokens)).admitted
+        mgr.remove_sequence(rid)
+
+    run("a0", head)              # the head: a 2-block run
+    run("a", head + tail)        # the tail below it, released before the head
+    run("flush", list(range(200, 216)))  # 4 blocks: the tail goes, the head stays
+    (head_run,) = [n for n in mgr._cache.nodes() if n.tokens.tolist() == head]
+    released_s = head_run.last_used_s
+    policy.reuse_ages.clear()
+    policy.recall_times.clear()
+    run("b", head + tail)        # the head reused, the tail recalled
+    assert len(policy.reuse_ages) == 1 and len(policy.recall_times) == 1  # the tail found
+    assert policy.recall_times[0] == released_s + policy.reuse_ages[0]
+    mgr.check_invariants()

@@ -347,7 +347,7 @@ class BlockCache:
         if witness is not None:
             witness.admitted(seq.num_prompt_blocks, runs,
                              self.gpu.num_cached + self.host.num_cached)
-        self.recall_miss(seq)
+        self.recall_miss(seq, now)
 
     def unref_path(self, node: Node, release: LiveSequence | None = None) -> None:
         """Drop one reference from ``node`` and its ancestors, deepest first.
@@ -403,9 +403,11 @@ class BlockCache:
             return node.turn + 1
         return 1
 
-    def recall_miss(self, seq: LiveSequence) -> None:
+    def recall_miss(self, seq: LiveSequence, now: float | None = None) -> None:
         """Tell the learner where ``seq``'s reused prefix ends: if runs dropped from there
-        are what it would have reused next, those releases end as reuses after all."""
+        are what it would have reused next, those releases end as reuses after all.
+        ``now``: the clock's time of the admission (``note_reuse``'s reading; None: read
+        it here)."""
         learner = self._learner
         if learner is None:
             return
@@ -417,7 +419,8 @@ class BlockCache:
             return  # every full block of the prompt was reused: nothing missed
         root = seq.last_node.root
         assert root is not None
-        now = self.evictor.now()
+        if now is None:
+            now = self.evictor.now()
         if extras is None and type(tokens) is array:
             # NOTE: ``ghost_key`` and ``block_key`` written out (the same keys, a block's
             # key its ids' bytes): a recall is asked at every admission that misses.
