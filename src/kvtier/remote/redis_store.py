@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
@@ -53,6 +53,18 @@ MAX_COUNT = 1 << 20
 MAX_BATCH_BYTES = 1 << 40
 MAX_CONNECTIONS = 64
 SOCKET_READ_BYTES = 1 << 20
+# Query parameters of a URL that redis-py would let override an option this class checks
+# (its query wins over keyword arguments), and the option to set instead.
+URL_OWNED_PARAMETERS = {
+    "socket_timeout": "timeout_s", "socket_connect_timeout": "timeout_s",
+    "timeout": "timeout_s", "retry_on_timeout": "max_retries", "retry_on_error": "max_retries",
+    "socket_read_size": "nothing (kvtier sets the read size)",
+    "max_connections": "num_connections",
+}
+# The query parameters passed on to redis-py, and whether each must be an integer >= 0.
+URL_PARAMETERS = {"db": True, "health_check_interval": True, "password": False,
+                  "username": False, "client_name": False, "socket_keepalive": False,
+                  "ssl_check_hostname": False}
 _WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
 
 
@@ -79,6 +91,32 @@ def redact_url(url: str) -> str:
     redacted = url.replace(parts.netloc, netloc, 1) if netloc != parts.netloc else url
     return redacted.replace("?" + parts.query, "?" + query, 1) if query != parts.query else (
         redacted)
+
+
+def check_url_query(url: str) -> None:
+    """ValueError naming the parameter (never a password) where the query or the database
+    path of ``url`` would not give the store it describes; else None. Pure.
+
+    NOTE: redis-py lets a query parameter win over the options this class checks:
+    ``?socket_timeout=3`` held a read of a paused server 3.9 s past ``max_blocking_s``
+    (0.41 s), and a parameter it cannot use (``?db=x``, ``?foo=bar``, ``?socket_timeout=nan``)
+    failed every batch for ever, as a fault, in place of this error at construction."""
+    parts = urlsplit(url)
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in URL_OWNED_PARAMETERS:
+            raise ValueError(f"url parameter {name!r} would override what the store checks: "
+                             f"set {URL_OWNED_PARAMETERS[name]}, got {redact_url(url)!r}")
+        if name not in URL_PARAMETERS:
+            raise ValueError(f"url parameter {name[:40]!r} is not one the store passes to "
+                             f"redis (it takes {', '.join(URL_PARAMETERS)}), got "
+                             f"{redact_url(url)!r}")
+        if URL_PARAMETERS[name] and not (value.isascii() and value.isdigit()):
+            raise ValueError(f"url parameter {name!r} must be an integer >= 0, got "
+                             f"{value[:40]!r}")
+    db = unquote(parts.path).replace("/", "")
+    if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
+        # NOTE: redis-py ignores a path that is no number: the store used database 0.
+        raise ValueError(f"url path must be a database number, got {parts.path[:40]!r}")
 
 
 class RedisRemoteStore(RemoteStoreBase):
@@ -113,6 +151,7 @@ class RedisRemoteStore(RemoteStoreBase):
         scheme = urlsplit(url).scheme
         if scheme not in URL_SCHEMES:
             raise ValueError(f"url must start with one of {URL_SCHEMES}, got {redact_url(url)!r}")
+        check_url_query(url)
         if type(cluster) is not bool:
             raise ValueError(f"cluster must be a bool, got {cluster!r}")
         self.timeout_s = check_number("timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S, low_open=True)

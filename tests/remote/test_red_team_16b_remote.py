@@ -1,0 +1,67 @@
+"""Red team, sixteenth pass (b): the Redis store against a real server. Each test fails on
+the code before its fix and asserts the exact refusal and that nothing changed."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from remote_helpers import RedisServers, make_blocks, make_namespace
+
+from kvtier.remote import RedisRemoteStore
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ("?socket_timeout=3", "url parameter 'socket_timeout' would override what the store "
+                          "checks: set timeout_s, got 'redis://127.0.0.1:1/0?socket_timeout=3'"),
+    ("?socket_connect_timeout=nan", "url parameter 'socket_connect_timeout' would override"),
+    ("?password=hunter2&timeout=1e9", "url parameter 'timeout' would override what the store "
+                                      "checks: set timeout_s, got "
+                                      "'redis://127.0.0.1:1/0?password=***&timeout=1e9'"),
+    ("?retry_on_timeout=yes", "set max_retries"),
+    ("?max_connections=0", "set num_connections"),
+    ("?socket_read_size=0", "set nothing (kvtier sets the read size)"),
+    ("?foo=bar", "url parameter 'foo' is not one the store passes to redis (it takes db, "
+                 "health_check_interval, password, username, client_name, socket_keepalive, "
+                 "ssl_check_hostname), got 'redis://127.0.0.1:1/0?foo=bar'"),
+    ("?db=x", "url parameter 'db' must be an integer >= 0, got 'x'"),
+    ("?health_check_interval=-1", "url parameter 'health_check_interval' must be an integer"),
+])
+def test_a_url_query_cannot_override_or_break_the_checked_options(query: str,
+                                                                  message: str) -> None:
+    """redis-py lets a URL's query win over the keyword options the store checks: with
+    ``?socket_timeout=3`` a read of a paused server took 3.9 s where ``max_blocking_s`` said
+    0.41 s; ``?socket_timeout=nan``, ``?db=x`` or ``?foo=bar`` were accepted and then failed
+    every batch for ever, as faults. Now each is refused at construction, by name, with the
+    password redacted, and no I/O thread or client is made."""
+    threads = threading.active_count()
+    with pytest.raises(ValueError) as refusal:
+        RedisRemoteStore("redis://127.0.0.1:1/0" + query, make_namespace(), timeout_s=0.2)
+    assert message in str(refusal.value)
+    assert "hunter2" not in str(refusal.value)
+    assert threading.active_count() == threads
+
+
+def test_a_database_path_that_is_no_number_is_refused() -> None:
+    """``redis://host/abc`` was read as database 0 (redis-py drops a path that is no number):
+    another deployment's database. Now refused, naming the path."""
+    with pytest.raises(ValueError, match=r"^url path must be a database number, got '/abc'$"):
+        RedisRemoteStore("redis://127.0.0.1:1/abc", make_namespace())
+
+
+def test_the_parameters_passed_on_still_work(redis_servers: RedisServers) -> None:
+    """A database given in the query and a client name reach the server: the blocks land in
+    database 3, not 0."""
+    namespace = make_namespace()
+    blocks = make_blocks(namespace, 2, first_hash=uuid.uuid4().int >> 72)
+    base = redis_servers.url.rsplit("/", 1)[0]
+    store = RedisRemoteStore(f"{base}/?db=3&client_name=kvtier-16b", namespace)
+    assert store.put_many(blocks) == 2, store.last_error
+    assert store.get_many(blocks) == blocks
+    for db, found in (("0", {}), ("3", blocks)):
+        other = RedisRemoteStore(f"{base}/{db}", namespace)
+        assert other.get_many(blocks) == found
+        other.close()
+    store.close()
+
