@@ -7,7 +7,7 @@ import threading
 import uuid
 
 import pytest
-from remote_helpers import RedisServers, make_blocks, make_namespace
+from remote_helpers import PrivateCluster, RedisServers, make_blocks, make_namespace
 
 from kvtier.remote import RedisRemoteStore
 
@@ -65,3 +65,33 @@ def test_the_parameters_passed_on_still_work(redis_servers: RedisServers) -> Non
         other.close()
     store.close()
 
+
+def test_a_key_of_another_type_on_a_cluster_misses_alone(redis_cluster: PrivateCluster) -> None:
+    """A hash under one block's key (another client of the server) made the node's GET
+    pipeline raise WRONGTYPE: every key of that node missed, and after two reads its breaker
+    opened, so the node's puts failed too for the cool-down (30 s here). Now that key alone
+    misses, counted as an error, and the node goes on serving and taking writes."""
+    namespace = make_namespace()
+    store = RedisRemoteStore(redis_cluster.url, namespace, cluster=True, timeout_s=0.3,
+                             max_retries=1, breaker_threshold=2, cooldown_s=30.0)
+    blocks = make_blocks(namespace, 30)
+    assert store.put_many(blocks) == 30, store.last_error
+    node = redis_cluster.node_of(namespace.key(1))
+    with node.client() as client:
+        client.delete(namespace.key(1))
+        client.hset(namespace.key(1), "field", "value")
+    rest = {h: b for h, b in blocks.items() if h != 1}
+    neighbours = {h: b for h, b in rest.items() if redis_cluster.node_of(namespace.key(h)) is node}
+    assert neighbours
+    for _ in range(3):
+        assert store.get_many(blocks) == rest
+    assert store.put_many(neighbours) == len(neighbours)
+    stats = store.stats
+    assert (stats.num_hits, stats.num_misses, stats.num_errors, stats.num_short_circuited,
+            stats.num_failed_puts, stats.num_retries) == (87, 3, 3, 0, 0, 0)
+    assert store.last_error == (
+        f"redis at {redis_cluster.url} (node 127.0.0.1:{node.port}): the server refused the "
+        "command (WRONGTYPE Operation against a key holding the wrong kind of value).")
+    assert store.put_many({1: blocks[1]}) == 1  # SET replaces the foreign value
+    assert store.get_many(blocks) == blocks
+    store.close()

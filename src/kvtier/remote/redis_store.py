@@ -369,14 +369,25 @@ class RedisRemoteStore(RemoteStoreBase):
                 else:
                     pipe.mget([keys[i] for i in chunk])
 
-            got = self._run(server, build)
+            # NOTE: a key's own refusal (WRONGTYPE: another client's hash or list under
+            # the key) raised for the whole pipeline: on a cluster every key of the chunk
+            # missed and the node's breaker opened, failing its puts too. It is that key's
+            # miss, counted, as MGET on a standalone server answers nil for it.
+            got = self._run(server, build, raise_on_error=False)
             if got is None:
                 return
             replies = got if self.cluster else (got[0] if got else [])
-            if len(replies) != len(chunk):
-                return  # a malformed reply: misses
+            if isinstance(replies, Exception) or len(replies) != len(chunk):
+                return  # a refused MGET, or a malformed reply: misses
+            refused = [r for r in replies if isinstance(r, Exception)]
+            if refused:
+                self.last_error = self._describe(refused[0], server)
+                self._count(num_errors=len(refused))
+                if self.cluster:
+                    self._refresh_topology(refused[0])  # a slot that moved: MOVED, ASK
             for i, value in zip(chunk, replies, strict=True):
-                values[i] = value  # each chunk writes its own indices
+                # each chunk writes its own indices
+                values[i] = None if isinstance(value, Exception) else value
 
         readers = self._reader_pool() if len(chunks) > 1 else None
         if readers is None:
