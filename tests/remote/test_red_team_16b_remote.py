@@ -95,3 +95,40 @@ def test_a_key_of_another_type_on_a_cluster_misses_alone(redis_cluster: PrivateC
     assert store.put_many({1: blocks[1]}) == 1  # SET replaces the foreign value
     assert store.get_many(blocks) == blocks
     store.close()
+
+
+def test_a_cluster_with_a_shard_gone_serves_the_rest(redis_cluster: PrivateCluster) -> None:
+    """A master killed and forgotten by the others leaves its slots served by no node;
+    ``cluster-require-full-coverage no`` keeps the rest serving. A store made afterwards
+    (an engine restarted) could not even start its client ("All slots are not covered"):
+    every read and write of every key failed, and its breaker opened. Now the keys of the
+    gone shard's slots miss alone, counted, and the live shards read and write as before."""
+    namespace = make_namespace()
+    blocks = make_blocks(namespace, 30)
+    writer = RedisRemoteStore(redis_cluster.url, namespace, cluster=True)
+    assert writer.put_many(blocks) == 30, writer.last_error
+    writer.close()
+    victim = redis_cluster.nodes[1]
+    gone = {h for h in blocks if redis_cluster.node_of(namespace.key(h)) is victim}
+    assert 0 < len(gone) < 30
+    with victim.client() as client:
+        victim_id = client.execute_command("CLUSTER", "MYID")
+    victim.kill()
+    for node in (redis_cluster.nodes[0], redis_cluster.nodes[2]):
+        with node.client() as client:
+            client.execute_command("CLUSTER", "FORGET", victim_id)
+    store = RedisRemoteStore(redis_cluster.url, namespace, cluster=True, timeout_s=0.3,
+                             max_retries=1, breaker_threshold=2, cooldown_s=30.0)
+    alive = {h: b for h, b in blocks.items() if h not in gone}
+    for _ in range(3):
+        assert store.get_many(blocks) == alive
+    assert store.contains_many(blocks) == set(alive)
+    assert store.put_many(blocks) == len(alive)
+    stats = store.stats
+    assert (stats.num_hits, stats.num_misses, stats.num_puts, stats.num_failed_puts,
+            stats.num_errors, stats.num_short_circuited, stats.num_retries) == (
+        3 * len(alive), 3 * len(gone), len(alive), len(gone), 5, 0, 0)
+    assert store.last_error == (
+        f"redis at {redis_cluster.url}: {len(gone)} of 30 keys are in slots no node of the "
+        "cluster serves (a shard gone): they miss.")
+    store.close()

@@ -214,7 +214,10 @@ class RedisRemoteStore(RemoteStoreBase):
         if self.cluster:
             from redis.cluster import RedisCluster
 
-            return RedisCluster.from_url(self.url, **options)
+            # NOTE: with full coverage required, a cluster with one shard gone (its slots
+            # served by no node; ``cluster-require-full-coverage no`` keeps the others
+            # serving) refused every client made afterwards: every key missed.
+            return RedisCluster.from_url(self.url, require_full_coverage=False, **options)
         return redis.Redis.from_url(self.url, **options)
 
     def _get_client(self) -> Any:
@@ -325,10 +328,23 @@ class RedisRemoteStore(RemoteStoreBase):
         if not self.cluster:
             return [(_WHOLE, list(range(len(keys))))]
 
+        from redis.exceptions import SlotNotCoveredError
+
         def group(client: Any) -> list[tuple[str, list[int]]]:
             groups: dict[str, list[int]] = {}
+            num_uncovered = 0
             for i, key in enumerate(keys):
-                groups.setdefault(client.get_node_from_key(key).name, []).append(i)
+                try:
+                    node = client.get_node_from_key(key)
+                except SlotNotCoveredError:  # its shard is gone: this key misses alone
+                    num_uncovered += 1
+                    continue
+                groups.setdefault(node.name, []).append(i)
+            if num_uncovered:
+                self.last_error = (f"redis at {redact_url(self.url)}: {num_uncovered} of "
+                                   f"{len(keys)} keys are in slots no node of the cluster "
+                                   f"serves (a shard gone): they miss.")
+                self._count(num_errors=1)
             return list(groups.items())
 
         return self._attempt(group)
