@@ -132,3 +132,38 @@ def test_a_cluster_with_a_shard_gone_serves_the_rest(redis_cluster: PrivateClust
         f"redis at {redis_cluster.url}: {len(gone)} of 30 keys are in slots no node of the "
         "cluster serves (a shard gone): they miss.")
     store.close()
+
+
+def test_a_write_to_a_resharded_slot_follows_it(redis_cluster: PrivateCluster) -> None:
+    """A slot moved to another master (resharding): its old owner answers MOVED. A write
+    counted that as a refusal and never read the slot map again, so every later write of
+    the slot's keys failed, for as long as no read happened to refresh it (a write-through
+    tier that rarely fetches lost them all). Now the moved keys are written once more, to
+    the new owner, after the map is read again: nothing fails and nothing is counted."""
+    namespace = make_namespace()
+    store = RedisRemoteStore(redis_cluster.url, namespace, cluster=True, timeout_s=0.3,
+                             max_retries=1, breaker_threshold=2, cooldown_s=30.0)
+    blocks = make_blocks(namespace, 4)
+    assert store.put_many(blocks) == 4, store.last_error
+    key = namespace.key(1)
+    old = redis_cluster.node_of(key)
+    new = next(node for node in redis_cluster.nodes if node is not old)
+    with old.client() as client:
+        slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+        for stale in client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+            client.delete(stale)
+    with new.client() as client:
+        new_id = client.execute_command("CLUSTER", "MYID")
+    for node in redis_cluster.nodes:
+        with node.client() as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", new_id)
+    for _ in range(2):
+        assert store.put_many({1: blocks[1]}) == 1, store.last_error
+    with new.client() as client:
+        assert client.exists(key) == 1
+    assert store.get_many(blocks) == blocks
+    stats = store.stats
+    assert (stats.num_puts, stats.num_failed_puts, stats.num_errors, stats.num_hits,
+            stats.num_misses) == (6, 0, 0, 4, 0)
+    assert store.last_error is None
+    store.close()

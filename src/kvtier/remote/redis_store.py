@@ -242,9 +242,18 @@ class RedisRemoteStore(RemoteStoreBase):
 
     # -- fault handling ------------------------------------------------------------------
     def _describe(self, exc: BaseException, where: str = _WHOLE) -> str:
-        from redis.exceptions import AuthenticationError, OutOfMemoryError, ResponseError
+        from redis.exceptions import (
+            AskError,
+            AuthenticationError,
+            MovedError,
+            OutOfMemoryError,
+            ResponseError,
+        )
 
         where = f"redis at {redact_url(self.url)}" + (f" (node {where})" if where else "")
+        if isinstance(exc, AskError):  # MOVED too: slot, then the node that serves it
+            kind = "MOVED" if isinstance(exc, MovedError) else "ASK"
+            return f"{where}: a key's slot is served elsewhere ({kind} {exc})."
         if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
             return f"{where}: authentication failed ({exc})."
         if isinstance(exc, OutOfMemoryError):
@@ -302,11 +311,15 @@ class RedisRemoteStore(RemoteStoreBase):
         from redis.exceptions import AskError, ClusterDownError, MovedError
 
         if isinstance(exc, MovedError | AskError | ClusterDownError):
-            with self._client_lock:
-                client = self._client
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.nodes_manager.initialize()
+            self._reload_slots()
+
+    def _reload_slots(self) -> None:
+        """Read the cluster's slot map again (a failure leaves the old one)."""
+        with self._client_lock:
+            client = self._client
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.nodes_manager.initialize()
 
     def _chunks(self, sizes: list[int], min_chunks: int = 1) -> Iterator[slice]:
         """Slices of at most ``max_batch_keys`` items and about ``max_batch_bytes``, and at
@@ -428,10 +441,22 @@ class RedisRemoteStore(RemoteStoreBase):
             return self._readers
 
     def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None:
+        return self._write(pairs, redirect=self.cluster)
+
+    def _write(self, pairs: list[tuple[str, bytes]], *, redirect: bool) -> list[bool] | None:
+        """``write_values``; with ``redirect``, the keys a node answered MOVED for are
+        written once more after the cluster's slot map is read again.
+
+        NOTE: a MOVED reply (a slot resharded to another node) was counted as a refusal and
+        the slot map was never read again on writes: every later write of the slot's keys
+        failed the same way, for as long as no read refreshed it."""
+        from redis.exceptions import MovedError
+
         groups = self._by_server([k for k, _ in pairs])
         if groups is None:
             return None
         results = [False] * len(pairs)
+        moved: list[int] = []
         for server, indices in groups:
             for part in self._chunks([len(pairs[i][1]) for i in indices]):
                 chunk = indices[part]
@@ -443,12 +468,24 @@ class RedisRemoteStore(RemoteStoreBase):
                 replies = self._run(server, build, raise_on_error=False)
                 if replies is None or len(replies) != len(chunk):
                     continue
-                refused = [r for r in replies if isinstance(r, Exception)]
+                if redirect:
+                    moved += [i for i, r in zip(chunk, replies, strict=True)
+                              if isinstance(r, MovedError)]
+                refused = [r for r in replies if isinstance(r, Exception)
+                           and not (redirect and isinstance(r, MovedError))]
                 if refused:  # e.g. OOM under maxmemory with noeviction
                     self.last_error = self._describe(refused[0], server)
                     self._count(num_errors=len(refused))
                 for i, reply in zip(chunk, replies, strict=True):
                     results[i] = not isinstance(reply, Exception) and bool(reply)
+        if moved:
+            self._reload_slots()
+            again = self._write([pairs[i] for i in moved], redirect=False)
+            if again is not None:
+                for i, ok in zip(moved, again, strict=True):
+                    results[i] = ok
+            else:
+                self._count(num_errors=len(moved))
         return results
 
     def has_keys(self, keys: list[str]) -> list[bool] | None:
