@@ -24,7 +24,11 @@ from kvtier.remote import RedisRemoteStore
     ("?socket_read_size=0", "set nothing (kvtier sets the read size)"),
     ("?foo=bar", "url parameter 'foo' is not one the store passes to redis (it takes db, "
                  "health_check_interval, password, username, client_name, socket_keepalive, "
-                 "ssl_check_hostname), got 'redis://127.0.0.1:1/0?foo=bar'"),
+                 "and ssl_check_hostname, ssl_cert_reqs, ssl_certfile, ssl_keyfile with "
+                 "rediss://), got 'redis://127.0.0.1:1/0?foo=bar'"),
+    ("?ssl_cert_reqs=none", "url parameter 'ssl_cert_reqs' is for TLS: the url must start "
+                            "with rediss://, got 'redis://127.0.0.1:1/0?ssl_cert_reqs=none'"),
+    ("?ssl_ca_certs=/ca.pem", "set ca_file"),
     ("?db=x", "url parameter 'db' must be an integer >= 0, got 'x'"),
     ("?health_check_interval=-1", "url parameter 'health_check_interval' must be an integer"),
 ])
@@ -41,6 +45,13 @@ def test_a_url_query_cannot_override_or_break_the_checked_options(query: str,
     assert message in str(refusal.value)
     assert "hunter2" not in str(refusal.value)
     assert threading.active_count() == threads
+
+
+def test_tls_parameters_pass_with_rediss() -> None:
+    """What a TLS connection takes in its query is still passed on with rediss://."""
+    store = RedisRemoteStore("rediss://127.0.0.1:1/0?ssl_cert_reqs=none&ssl_check_hostname=0",
+                             make_namespace())
+    store.close()
 
 
 def test_a_database_path_that_is_no_number_is_refused() -> None:

@@ -59,12 +59,13 @@ URL_OWNED_PARAMETERS = {
     "socket_timeout": "timeout_s", "socket_connect_timeout": "timeout_s",
     "timeout": "timeout_s", "retry_on_timeout": "max_retries", "retry_on_error": "max_retries",
     "socket_read_size": "nothing (kvtier sets the read size)",
-    "max_connections": "num_connections",
+    "max_connections": "num_connections", "ssl_ca_certs": "ca_file",
 }
 # The query parameters passed on to redis-py, and whether each must be an integer >= 0.
 URL_PARAMETERS = {"db": True, "health_check_interval": True, "password": False,
-                  "username": False, "client_name": False, "socket_keepalive": False,
-                  "ssl_check_hostname": False}
+                  "username": False, "client_name": False, "socket_keepalive": False}
+# Those passed on with rediss:// only (a plain connection takes none of them).
+URL_TLS_PARAMETERS = ("ssl_check_hostname", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
 _WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
 
 
@@ -106,9 +107,15 @@ def check_url_query(url: str) -> None:
         if name in URL_OWNED_PARAMETERS:
             raise ValueError(f"url parameter {name!r} would override what the store checks: "
                              f"set {URL_OWNED_PARAMETERS[name]}, got {redact_url(url)!r}")
+        if name in URL_TLS_PARAMETERS:
+            if parts.scheme != "rediss":
+                raise ValueError(f"url parameter {name!r} is for TLS: the url must start with "
+                                 f"rediss://, got {redact_url(url)!r}")
+            continue
         if name not in URL_PARAMETERS:
             raise ValueError(f"url parameter {name[:40]!r} is not one the store passes to "
-                             f"redis (it takes {', '.join(URL_PARAMETERS)}), got "
+                             f"redis (it takes {', '.join(URL_PARAMETERS)}, and "
+                             f"{', '.join(URL_TLS_PARAMETERS)} with rediss://), got "
                              f"{redact_url(url)!r}")
         if URL_PARAMETERS[name] and not (value.isascii() and value.isdigit()):
             raise ValueError(f"url parameter {name!r} must be an integer >= 0, got "
