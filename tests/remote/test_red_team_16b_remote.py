@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 
 import pytest
-from remote_helpers import PrivateCluster, RedisServers, make_blocks, make_namespace
+from remote_helpers import (
+    PrivateCluster,
+    PrivateRedis,
+    RedisServers,
+    make_blocks,
+    make_namespace,
+)
 
 from kvtier.remote import RedisRemoteStore
+
+MakeServer = Callable[[], PrivateRedis]
 
 
 @pytest.mark.parametrize(("query", "message"), [
@@ -177,4 +186,24 @@ def test_a_write_to_a_resharded_slot_follows_it(redis_cluster: PrivateCluster) -
     assert (stats.num_puts, stats.num_failed_puts, stats.num_errors, stats.num_hits,
             stats.num_misses) == (6, 0, 0, 4, 0)
     assert store.last_error is None
+    store.close()
+
+
+def test_a_refused_mget_is_still_a_failed_batch(make_redis_server: MakeServer) -> None:
+    """Reading replies one by one is for a cluster's GETs only: a standalone MGET refused
+    whole (an ACL user without it) stays one failed batch, counted and described."""
+    server = make_redis_server()
+    with server.client() as client:
+        client.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@all", "-mget")
+    namespace = make_namespace()
+    blocks = make_blocks(namespace, 3)
+    store = RedisRemoteStore(f"redis://reader:pw@127.0.0.1:{server.port}/0", namespace,
+                             timeout_s=0.2, breaker_threshold=1, cooldown_s=30.0)
+    assert store.put_many(blocks) == 3
+    assert store.get_many(blocks) == {}
+    assert store.get_many(blocks) == {}  # the breaker opened on the refusal
+    stats = store.stats
+    assert (stats.num_errors, stats.num_misses, stats.num_short_circuited) == (1, 6, 1)
+    assert store.last_error is not None
+    assert store.last_error.endswith("this user has no permissions to run the 'mget' command).")
     store.close()

@@ -408,13 +408,14 @@ class RedisRemoteStore(RemoteStoreBase):
             # NOTE: a key's own refusal (WRONGTYPE: another client's hash or list under
             # the key) raised for the whole pipeline: on a cluster every key of the chunk
             # missed and the node's breaker opened, failing its puts too. It is that key's
-            # miss, counted, as MGET on a standalone server answers nil for it.
-            got = self._run(server, build, raise_on_error=False)
+            # miss, counted, as MGET on a standalone server answers nil for it (a refused
+            # MGET, NOPERM say, still raises: a failed batch, as before).
+            got = self._run(server, build, raise_on_error=not self.cluster)
             if got is None:
                 return
             replies = got if self.cluster else (got[0] if got else [])
-            if isinstance(replies, Exception) or len(replies) != len(chunk):
-                return  # a refused MGET, or a malformed reply: misses
+            if len(replies) != len(chunk):
+                return  # a malformed reply: misses
             refused = [r for r in replies if isinstance(r, Exception)]
             if refused:
                 self.last_error = self._describe(refused[0], server)
