@@ -24,6 +24,10 @@ A fault (server down, slow, out of memory, auth) costs at most :attr:`max_blocki
 chunk and node, is counted in ``stats`` and turns into misses or failed puts; after
 ``breaker_threshold`` failed batches in a row to one server the breaker opens and its
 batches are skipped (counted as short-circuited) for ``cooldown_s``, then one batch probes.
+On a cluster a key's own fault stays that key's: a value of another type under it, or a
+slot that no node serves (a shard gone, with ``cluster-require-full-coverage no``), is its
+miss; a write answered MOVED (a resharded slot) is written again once the slot map is read
+again. The URL's query may not set what the options here check (redis-py lets it win).
 redis is imported lazily: ``import kvtier.remote`` works without it.
 """
 
