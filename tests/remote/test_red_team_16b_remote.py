@@ -56,6 +56,20 @@ def test_a_url_query_cannot_override_or_break_the_checked_options(query: str,
     assert threading.active_count() == threads
 
 
+@pytest.mark.parametrize(("suffix", "database"), [("/3", 3), ("/?db=2", 2), ("/0?db=07", 7)])
+def test_a_cluster_url_naming_another_database_is_refused(suffix: str, database: int) -> None:
+    """A Redis Cluster has database 0 only: ``cluster=True`` over ``redis://host/3`` was
+    accepted, then every batch failed ("A db querystring option can only be 0 in cluster
+    mode"), as a fault. Now refused at construction, naming the database."""
+    with pytest.raises(ValueError) as refusal:
+        RedisRemoteStore("redis://:hunter2@127.0.0.1:1" + suffix, make_namespace(),
+                         cluster=True)
+    assert str(refusal.value) == (
+        f"a Redis Cluster has database 0 only, the url names database {database}: "
+        f"'redis://:***@127.0.0.1:1{suffix}'")
+    RedisRemoteStore("redis://127.0.0.1:1/0?db=0", make_namespace(), cluster=True).close()
+
+
 def test_tls_parameters_pass_with_rediss() -> None:
     """What a TLS connection takes in its query is still passed on with rediss://."""
     store = RedisRemoteStore("rediss://127.0.0.1:1/0?ssl_cert_reqs=none&ssl_check_hostname=0",

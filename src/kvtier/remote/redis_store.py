@@ -98,7 +98,7 @@ def redact_url(url: str) -> str:
         redacted)
 
 
-def check_url_query(url: str) -> None:
+def check_url_query(url: str, cluster: bool = False) -> None:
     """ValueError naming the parameter (never a password) where the query or the database
     path of ``url`` would not give the store it describes; else None. Pure.
 
@@ -107,7 +107,10 @@ def check_url_query(url: str) -> None:
     (0.41 s), and a parameter it cannot use (``?db=x``, ``?foo=bar``, ``?socket_timeout=nan``)
     failed every batch for ever, as a fault, in place of this error at construction."""
     parts = urlsplit(url)
+    databases: list[str] = []
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "db":
+            databases.append(value)
         if name in URL_OWNED_PARAMETERS:
             raise ValueError(f"url parameter {name!r} would override what the store checks: "
                              f"set {URL_OWNED_PARAMETERS[name]}, got {redact_url(url)!r}")
@@ -128,6 +131,12 @@ def check_url_query(url: str) -> None:
     if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
         # NOTE: redis-py ignores a path that is no number: the store used database 0.
         raise ValueError(f"url path must be a database number, got {parts.path[:40]!r}")
+    # NOTE: redis-py takes the query's db before the path's. A cluster has database 0 only:
+    # another failed every batch with a RedisClusterException, as a fault.
+    database = databases[0] if databases else db if parts.scheme != "unix" else ""
+    if cluster and database and int(database) != 0:
+        raise ValueError(f"a Redis Cluster has database 0 only, the url names database "
+                         f"{int(database)}: {redact_url(url)!r}")
 
 
 class RedisRemoteStore(RemoteStoreBase):
@@ -162,9 +171,9 @@ class RedisRemoteStore(RemoteStoreBase):
         scheme = urlsplit(url).scheme
         if scheme not in URL_SCHEMES:
             raise ValueError(f"url must start with one of {URL_SCHEMES}, got {redact_url(url)!r}")
-        check_url_query(url)
         if type(cluster) is not bool:
             raise ValueError(f"cluster must be a bool, got {cluster!r}")
+        check_url_query(url, cluster)
         self.timeout_s = check_number("timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S, low_open=True)
         self.max_retries = check_count("max_retries", max_retries, 0, MAX_RETRIES)
         self.backoff_s = check_number("backoff_s", backoff_s, 0.0, MAX_BACKOFF_S)
