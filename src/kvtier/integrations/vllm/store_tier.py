@@ -59,7 +59,7 @@ class _ProbeDone(NamedTuple):
 
 class _StoreDone(NamedTuple):
     outcome: JobOutcome
-    stored: list[int]  # the job's hashes when it succeeded, else none
+    stored: list[int]  # the hashes it wrote when it succeeded (not those skipped), else none
     num_skipped: int  # pages the store already held
 
 
@@ -372,7 +372,10 @@ class StoreTier:
         ok = num_written == len(items)
         outcome = JobOutcome(job_id, ok, None, self._clock() - start,
                              max(num_written, 0) * self._page_bytes)
-        self._results.append(_StoreDone(outcome, hashes if ok else [], len(hashes) - len(items)))
+        # NOTE: only what it wrote: a key it skipped as present may have failed a load
+        # queued before it (a corrupt value); clearing that key's bad mark made it HIT again.
+        self._results.append(_StoreDone(outcome, list(items) if ok else [],
+                                        len(hashes) - len(items)))
 
     def _run_load(self, job_id: int, keys: list[bytes], hashes: list[int],
                   pages: list[int]) -> None:
