@@ -139,6 +139,13 @@ def check_url_query(url: str, cluster: bool = False) -> None:
                          f"{int(database)}: {redact_url(url)!r}")
 
 
+def _cluster_state_errors() -> tuple[type[Exception], ...]:
+    """The errors a cluster node answers about the cluster, not about one key."""
+    from redis.exceptions import AskError, ClusterDownError, ClusterError, TryAgainError
+
+    return (AskError, ClusterDownError, ClusterError, TryAgainError)
+
+
 class RedisRemoteStore(RemoteStoreBase):
     """A :class:`~kvtier.remote.store.RemoteStore` on one Redis server or cluster at ``url``
     (``redis://[user][:password]@host:port/db``, ``rediss://`` for TLS, or ``unix://``).
@@ -382,9 +389,11 @@ class RedisRemoteStore(RemoteStoreBase):
 
         return self._attempt(group)
 
-    def _run(self, server: str, build: Callable[[Any], None], *, raise_on_error: bool = True
-             ) -> list[Any] | None:
-        """One pipeline on ``server`` (``build`` adds its commands); its replies, or None."""
+    def _run(self, server: str, build: Callable[[Any], None], *, raise_on_error: bool = True,
+             fatal: tuple[type[Exception], ...] = ()) -> list[Any] | None:
+        """One pipeline on ``server`` (``build`` adds its commands); its replies, or None.
+        Without ``raise_on_error``, a reply that is one of ``fatal`` fails the pipeline
+        still (retried, counted by the breaker)."""
 
         def execute(client: Any) -> list[Any]:
             if server == _WHOLE:
@@ -395,7 +404,11 @@ class RedisRemoteStore(RemoteStoreBase):
                     raise ConnectionError(f"cluster node {server} is no longer known")
                 pipe = client.get_redis_connection(node).pipeline(transaction=False)
             build(pipe)
-            return list(pipe.execute(raise_on_error=raise_on_error))
+            replies = list(pipe.execute(raise_on_error=raise_on_error))
+            for reply in replies:
+                if isinstance(reply, fatal):
+                    raise reply
+            return replies
 
         return self._attempt(execute, server=server)
 
@@ -422,8 +435,12 @@ class RedisRemoteStore(RemoteStoreBase):
             # the key) raised for the whole pipeline: on a cluster every key of the chunk
             # missed and the node's breaker opened, failing its puts too. It is that key's
             # miss, counted, as MGET on a standalone server answers nil for it (a refused
-            # MGET, NOPERM say, still raises: a failed batch, as before).
-            got = self._run(server, build, raise_on_error=not self.cluster)
+            # MGET, NOPERM say, still raises: a failed batch, as before). A reply about the
+            # cluster's state rather than the key's (CLUSTERDOWN, MOVED, ASK, TRYAGAIN)
+            # fails the chunk as before: retried after the slot map is read again, and
+            # counted by the node's breaker.
+            got = self._run(server, build, raise_on_error=not self.cluster,
+                            fatal=_cluster_state_errors())
             if got is None:
                 return
             replies = got if self.cluster else (got[0] if got else [])
@@ -433,8 +450,6 @@ class RedisRemoteStore(RemoteStoreBase):
             if refused:
                 self.last_error = self._describe(refused[0], server)
                 self._count(num_errors=len(refused))
-                if self.cluster:
-                    self._refresh_topology(refused[0])  # a slot that moved: MOVED, ASK
             for i, value in zip(chunk, replies, strict=True):
                 # each chunk writes its own indices
                 values[i] = None if isinstance(value, Exception) else value
