@@ -145,6 +145,11 @@ def test_a_write_under_a_salt_no_manager_takes_is_refused(salt: object, shown: s
     ("unix:///tmp/s.sock?password=hunter2", "unix:///tmp/s.sock?password=***"),
     ("redis://user:hunter2@h:1/0", "redis://user:***@h:1/0"),
     ("redis://[::1/0", "<a URL that does not parse>"),
+    # a parameter not known to hold no secret is shown without its value (red team 16)
+    ("redis://h/0?passwd=hunter2&db=1", "redis://h/0?passwd=***&db=1"),
+    ("redis://h/0?pasword=hunter2&ssl_cert_reqs=none",
+     "redis://h/0?pasword=***&ssl_cert_reqs=none"),
+    ("redis://h/0?socket_timeout=3&flag", "redis://h/0?socket_timeout=3&flag"),
 ])
 def test_a_url_is_shown_without_its_password_wherever_it_is(url: str, shown: str) -> None:
     """redact_url showed a password given as a query parameter (redis-py takes it there

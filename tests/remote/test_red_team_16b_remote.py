@@ -34,7 +34,7 @@ MakeServer = Callable[[], PrivateRedis]
     ("?foo=bar", "url parameter 'foo' is not one the store passes to redis (it takes db, "
                  "health_check_interval, password, username, client_name, socket_keepalive, "
                  "and ssl_check_hostname, ssl_cert_reqs, ssl_certfile, ssl_keyfile with "
-                 "rediss://), got 'redis://127.0.0.1:1/0?foo=bar'"),
+                 "rediss://), got 'redis://127.0.0.1:1/0?foo=***'"),
     ("?ssl_cert_reqs=none", "url parameter 'ssl_cert_reqs' is for TLS: the url must start "
                             "with rediss://, got 'redis://127.0.0.1:1/0?ssl_cert_reqs=none'"),
     ("?ssl_ca_certs=/ca.pem", "set ca_file"),

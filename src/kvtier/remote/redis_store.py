@@ -70,12 +70,16 @@ URL_PARAMETERS = {"db": True, "health_check_interval": True, "password": False,
                   "username": False, "client_name": False, "socket_keepalive": False}
 # Those passed on with rediss:// only (a plain connection takes none of them).
 URL_TLS_PARAMETERS = ("ssl_check_hostname", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
+# The query parameters whose values a message may show (none is a secret).
+_SHOWN_PARAMETERS = frozenset({*URL_PARAMETERS, *URL_TLS_PARAMETERS, *URL_OWNED_PARAMETERS}
+                              - {"password"})
 _WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
 
 
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***``: in its user info and in a
-    ``password`` query parameter (redis-py takes both). Never raises. Pure.
+    ``password`` query parameter (redis-py takes both), and the value of every query
+    parameter not known to hold no secret. Never raises. Pure.
 
     NOTE: the text is edited, not rebuilt from ``urlsplit``'s fields: its ``port`` raised
     ValueError for a port out of range (a status 70 in place of the error being reported),
@@ -88,8 +92,12 @@ def redact_url(url: str) -> str:
     user_info, at, host = netloc.rpartition("@")
     if at and ":" in user_info:
         netloc = f"{user_info.split(':', 1)[0]}:***@{host}"
+    # NOTE: only the values of parameters known to hold no secret are shown: an unknown
+    # one (``?passwd=...``, a misspelt ``?pasword=...``) was shown whole in the refusal
+    # that named it.
     query = "&".join(
-        f"{name}=***" if unquote(name).lower() == "password" else f"{name}{sep}{value}"
+        f"{name}{sep}{value}" if not sep or unquote(name).lower() in _SHOWN_PARAMETERS
+        else f"{name}=***"
         for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
     ) if parts.query else ""
     # Spliced into the text (urlunsplit drops the "//" of "unix:///path").
