@@ -228,8 +228,11 @@ class StopCheck:
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
-        # Tokens of text that may hold a stop: at least one token per character.
-        self.window = max(len(s) for s in stop) + 8
+        # Tokens of text that may hold a stop: a token that decodes to text holds at least
+        # one of its UTF-8 bytes. NOTE: counted in characters, the window was too short for
+        # a stop of Cyrillic, CJK or emoji, which a byte-level vocabulary writes with up to
+        # four tokens a character: such a stop never ended an answer.
+        self.window = max(len(s.encode("utf-8", "surrogatepass")) for s in stop) + 8
 
     def __call__(self, output: Sequence[int]) -> bool:
         tail = self.tokenizer.decode(list(output[-self.window:]))
