@@ -86,3 +86,57 @@ def test_a_stop_string_of_cyrillic_ends_the_answer_there() -> None:
     engine.add_request(Request("r", [1, 2, 3], len(text)), Scripted(), check)
     result = engine.run()["r"]
     assert (result.stop_reason, bytes(result.output)) == ("stop", ("say " + stop).encode())
+
+
+# ---- two engines over one scheduler -------------------------------------------------------
+
+
+def engine_state(engine: ModelEngine) -> tuple[object, ...]:
+    """What a refused call must leave as it was."""
+    scheduler, manager = engine.scheduler, engine.manager
+    return (manager.version, manager.num_sequences, manager.stats.gpu,
+            [r.request_id for r in scheduler.waiting], list(scheduler.running),
+            engine.num_steps, sorted(engine.results))
+
+
+def test_a_request_queued_past_the_engine_is_refused_before_the_step_runs() -> None:
+    """A second ModelEngine over the same scheduler (or a Scheduler.add_request) queued a
+    request the first engine had no result for: the first engine's step ran it, raised
+    KeyError after the scheduler's update, and every later step raised it again (no request
+    of either engine ever finished). Now the step is refused before it runs, naming the
+    request, nothing changed; once its own engine aborts it, the step runs."""
+    from kvtier.model import ModelEngine
+
+    first = make_engine()
+    second = ModelEngine(first.model, first.manager, first.scheduler, first.transfer)
+    first.add_request(Request("a", [1, 2, 3, 4, 9], 3))
+    second.add_request(Request("b", [1, 2, 3, 4, 5, 6], 3))
+    message = ("request 'b' is queued on this engine's scheduler but was not added through "
+               "this engine (ModelEngine.add_request): another engine's, or "
+               "Scheduler.add_request's; abort it there")
+    before = engine_state(first)
+    for call in (first.step, first.run, lambda: first.abort("b")):
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert str(info.value) == message
+        assert engine_state(first) == before
+    assert second.abort("b") is not None
+    assert first.run()["a"].stop_reason == "length"
+    first.manager.check_invariants()
+
+
+def test_a_request_added_to_the_scheduler_directly_is_refused_by_the_engine() -> None:
+    """The same through Scheduler.add_request, and for an id the engine finished before
+    (its finished result is no result to fill): refused naming it, nothing changed."""
+    engine = make_engine()
+    engine.add_request(Request("done", [5, 6, 7], 1))
+    engine.run()
+    engine.scheduler.add_request(Request("done", [5, 6, 7, 8], 2))
+    before = engine_state(engine)
+    with pytest.raises(RuntimeError) as info:
+        engine.step()
+    assert str(info.value).startswith("request 'done' is queued on this engine's scheduler "
+                                      "but was not added through this engine")
+    assert engine_state(engine) == before
+    assert engine.scheduler.abort("done") is not None
+    assert engine.abort("done") is None  # finished, and queued nowhere now

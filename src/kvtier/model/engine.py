@@ -22,6 +22,7 @@ plan is executed here, once, as a whole.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -226,8 +227,31 @@ class ModelEngine:
         and the output so far. None where no request of that id is queued or running. A
         remote fetch in flight for it lands in the cache for others. Raises TypeError for
         an id that is no str."""
+        if type(request_id) is str and not self._owns(request_id):
+            self._refuse_foreign(request_id)
         req = self.scheduler.abort(request_id)
         return None if req is None else self._finish(req, "abort")
+
+    def _owns(self, request_id: str) -> bool:
+        """Whether ``request_id`` is a request this engine queued and has not finished. Pure."""
+        result = self.results.get(request_id)
+        return result is not None and not result.finished
+
+    def _refuse_foreign(self, request_id: str) -> None:
+        """RuntimeError if the scheduler holds ``request_id`` (which this engine did not
+        queue: ``_owns`` is False). Pure.
+
+        NOTE: a request queued on the scheduler past the engine (a second engine over the
+        same scheduler, ``Scheduler.add_request``) has no result here: a step ran it and
+        raised KeyError after the scheduler's update, and so did every later step; an abort
+        dropped it from the scheduler, then raised."""
+        scheduler = self.scheduler
+        if request_id in scheduler.running or any(
+                r.request_id == request_id for r in scheduler.waiting):
+            raise RuntimeError(f"request {request_id!r} is queued on this engine's scheduler "
+                               "but was not added through this engine (ModelEngine."
+                               "add_request): another engine's, or Scheduler.add_request's; "
+                               "abort it there")
 
     def _finish(self, req: Request, reason: StopReason, error: str | None = None
                 ) -> RequestResult:
@@ -266,7 +290,13 @@ class ModelEngine:
                                  f"{vocab_size}")
 
     def step(self) -> tuple[ScheduledStep, list[Request]]:
-        """Run one forward pass; returns the schedule and the requests it finished."""
+        """Run one forward pass; returns the schedule and the requests it finished. Raises
+        RuntimeError, running nothing, while the scheduler holds a request this engine did
+        not queue (``add_request``): it would have no result to fill."""
+        scheduler = self.scheduler
+        for req in itertools.chain(scheduler.waiting, scheduler.running.values()):
+            if not self._owns(req.request_id):
+                self._refuse_foreign(req.request_id)
         t0 = time.perf_counter()
         if self.remote is not None:
             self._fetch_remote()
