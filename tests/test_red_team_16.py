@@ -6,7 +6,7 @@ changed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import pytest
@@ -140,3 +140,101 @@ def test_a_request_added_to_the_scheduler_directly_is_refused_by_the_engine() ->
     assert engine_state(engine) == before
     assert engine.scheduler.abort("done") is not None
     assert engine.abort("done") is None  # finished, and queued nowhere now
+
+
+# ---- conversations and parameters of the wrong kind ----------------------------------------
+
+
+class Template:
+    """A checkpoint's tokenizer as far as chat() goes: a Jinja template over the messages."""
+
+    def __init__(self) -> None:
+        pytest.importorskip("jinja2", reason="chat templates need jinja2: kvtier[model]")
+        from kvtier.model.tokenizer import Tokenizer
+
+        class Backend:
+            def get_vocab_size(self, with_added_tokens: bool) -> int:
+                return 256
+
+            def encode(self, text: str, add_special_tokens: bool) -> object:
+                class Encoding:
+                    ids = list(text.encode())[:40]
+                return Encoding()
+
+            def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+                return bytes(ids).decode("utf-8", "replace")
+
+        self.tokenizer = Tokenizer(Backend(), [255], "{% for m in messages %}"
+                                   "{{ m['role'] + ': ' + m['content'] }}\n{% endfor %}")
+
+
+@pytest.mark.parametrize(("conversations", "message"), [
+    ([[{"role": "user", "content": 5}]],
+     "conversation 0: the 'content' of message 0 must be a str, got int"),
+    ([[{"role": "user", "content": "hi"}], [{"role": "user", "content": None}]],
+     "conversation 1: the 'content' of message 0 must be a str, got NoneType"),
+    ([[{"role": "user", "content": "hi"}, {"content": "hi"}]],
+     "conversation 0: the 'role' of message 1 must be a str, got nothing"),
+    ([[("user", "hi")]], 'conversation 0: message 0 must be a mapping with a "role" and a '
+                         '"content", got tuple'),
+    (["hello"], 'conversation 0 must be a sequence of messages (mappings with a "role" and a '
+                '"content"), got str'),
+    ([{"role": "user", "content": "hi"}], 'conversation 0 must be a sequence of messages '
+                                          '(mappings with a "role" and a "content"), got dict'),
+    ("hello", "conversations must be a sequence of conversations (each a sequence of "
+              "messages), got str"),
+])
+def test_a_conversation_that_is_no_messages_is_refused_naming_it(
+        conversations: object, message: str) -> None:
+    """Generator.chat put whatever it was given through the template: a content that is no
+    str raised TypeError from inside Jinja ('can only concatenate str (not "int") to str'),
+    naming neither conversation, message nor key; a conversation given as a str was read
+    one message a character. Now ValueError naming them, nothing queued or computed."""
+    pytest.importorskip("torch", reason="the model needs torch")
+    from kvtier.model import LlamaModel, ModelConfig
+    from kvtier.model.generate import Generator, TierSizes
+    from kvtier.model.sampling import SamplingParams
+
+    generator = Generator(LlamaModel(ModelConfig(), "cpu"), Template().tokenizer,
+                          TierSizes(TPB, 32, 0, max_num_tokens=64))
+    before = engine_state(generator.engine)
+    with pytest.raises(ValueError) as info:
+        generator.chat(conversations, SamplingParams(max_new_tokens=1))  # type: ignore[arg-type]
+    assert str(info.value) == message
+    assert engine_state(generator.engine) == before
+    (ok,) = generator.chat(iter([[{"role": "user", "content": "hi"}]]),  # type: ignore[arg-type]
+                           SamplingParams(max_new_tokens=1))
+    assert ok.num_prompt_tokens == len(b"user: hi\n")
+
+
+def test_the_chat_template_refuses_a_message_that_is_no_str_naming_it() -> None:
+    """The tokenizer's own apply_chat_template, as a caller of the library calls it."""
+    tokenizer = Template().tokenizer
+    with pytest.raises(ValueError) as info:
+        tokenizer.apply_chat_template([{"role": "user", "content": b"hi"}])  # type: ignore[dict-item]
+    assert str(info.value) == ("the conversation: the 'content' of message 0 must be a str, "
+                               "got bytes")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "user: hi\n"
+
+
+@pytest.mark.parametrize("params", [None, {"max_new_tokens": 2}, 2])
+def test_sampling_params_that_are_no_sampling_params_are_refused(params: object) -> None:
+    """generate() and chat() read params as a SamplingParams: a dict or None raised
+    AttributeError ('dict' object has no attribute 'max_new_tokens'). Now TypeError naming
+    the argument, before anything is queued."""
+    pytest.importorskip("torch", reason="the model needs torch")
+    from kvtier.model import LlamaModel, ModelConfig
+    from kvtier.model.generate import Generator, TierSizes
+
+    generator = Generator(LlamaModel(ModelConfig(), "cpu"), Template().tokenizer,
+                          TierSizes(TPB, 32, 0, max_num_tokens=64))
+    before = engine_state(generator.engine)
+    message = f"params must be a SamplingParams, got {type(params).__name__}"
+    calls: list[Callable[[], object]] = [
+        lambda: generator.generate([[1, 2, 3]], params),  # type: ignore[arg-type]
+        lambda: generator.chat([[{"role": "user", "content": "hi"}]], params)]  # type: ignore[arg-type]
+    for call in calls:
+        with pytest.raises(TypeError) as info:
+            call()
+        assert str(info.value) == message
+        assert engine_state(generator.engine) == before

@@ -13,7 +13,7 @@ and it is onboarded back when the conversation returns::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,7 +27,7 @@ from kvtier.model.checkpoint import load_model
 from kvtier.model.engine import ModelEngine, RequestResult
 from kvtier.model.llama import LlamaModel
 from kvtier.model.sampling import Sampler, SamplingParams, find_stop
-from kvtier.model.tokenizer import Tokenizer, load_tokenizer
+from kvtier.model.tokenizer import Tokenizer, check_messages, load_tokenizer
 from kvtier.request import Request, check_token_ids
 from kvtier.retention import Retention, RetentionRange
 from kvtier.scheduler import Scheduler, SchedulerConfig
@@ -133,6 +133,7 @@ class Generator:
         priorities (:class:`~kvtier.retention.Retention`). ValueError (nothing queued) if a
         prompt is empty, does not fit ``max_context`` or holds a token id that is no id of
         the model's vocabulary, or if ``retentions`` does not match the prompts."""
+        check_params(params)
         if retentions is not None:
             if len(retentions) != len(prompts):
                 raise ValueError(f"retentions has {len(retentions)} items for "
@@ -180,6 +181,8 @@ class Generator:
         ``system_priority`` (0..100) the blocks a conversation's system message fills are
         kept at that priority (e.g. 90: they stay while other blocks at the default 35
         go), the rest of the prompt at the default."""
+        check_params(params)
+        conversations = check_conversations(conversations)
         prompts = [self.tokenizer.encode_chat(c) for c in conversations]
         if system_priority is None:
             return self.generate(prompts, params)
@@ -219,6 +222,25 @@ class Generator:
 
     def num_blocks(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.tiers.tokens_per_block)
+
+
+def check_params(params: object) -> None:
+    """TypeError unless ``params`` is a :class:`SamplingParams`. Pure.
+
+    NOTE: a dict or None was read as one: AttributeError ('dict' object has no attribute
+    'max_new_tokens') out of the middle of ``generate``."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+
+
+def check_conversations(conversations: object) -> list[list[Mapping[str, str]]]:
+    """``conversations`` as lists of messages (``check_messages``); ValueError naming the
+    conversation, the message and the key of the first that is none. Pure."""
+    if isinstance(conversations, str | bytes | Mapping) or not isinstance(conversations,
+                                                                         Iterable):
+        raise ValueError(f"conversations must be a sequence of conversations (each a sequence "
+                         f"of messages), got {type(conversations).__name__}")
+    return [check_messages(c, f"conversation {i}") for i, c in enumerate(conversations)]
 
 
 class StopCheck:

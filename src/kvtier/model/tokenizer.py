@@ -10,7 +10,7 @@ merges, token types and chat template (``tokenizer.ggml.*``), from which a byte-
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,6 +77,7 @@ class Tokenizer:
                             add_generation_prompt: bool = True) -> str:
         """The conversation as the model was trained to read it. ValueError if the
         checkpoint has no chat template or the template refuses the messages."""
+        messages = check_messages(messages, "the conversation")
         if self.chat_template is None:
             raise ValueError("this checkpoint has no chat template")
         return _render(self.chat_template, messages, add_generation_prompt, self.bos_token,
@@ -105,6 +106,32 @@ def check_text(text: str, what: str) -> str:
         raise ValueError(f"{what} is not valid Unicode text (character {exc.start}: bytes "
                          "that are not UTF-8?)") from None
     return text
+
+
+def check_messages(messages: object, what: str) -> list[Mapping[str, str]]:
+    """``messages`` as a list, if it is a sequence (or other iterable) of mappings each with
+    a str "role" and "content"; ValueError naming ``what``, the message and the key
+    otherwise. Pure.
+
+    NOTE: the template took whatever it was given: a content that is no str raised
+    TypeError ('can only concatenate str (not "int") to str') from inside Jinja, naming
+    neither the message nor the key; a conversation given as a str was read as messages,
+    one a character."""
+    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Iterable):
+        raise ValueError(f"{what} must be a sequence of messages (mappings with a \"role\" "
+                         f"and a \"content\"), got {type(messages).__name__}")
+    messages = list(messages)
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"{what}: message {i} must be a mapping with a \"role\" and "
+                             f"a \"content\", got {type(message).__name__}")
+        for key in ("role", "content"):
+            value = message.get(key)
+            if not isinstance(value, str):
+                got = "nothing" if key not in message else type(value).__name__
+                raise ValueError(f"{what}: the {key!r} of message {i} must be a str, got "
+                                 f"{got}")
+    return messages
 
 
 def _render(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
