@@ -6,12 +6,23 @@ changed."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import pytest
 
-from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier import (
+    CacheConfig,
+    KVCacheManager,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+    SequenceSpec,
+)
+from kvtier.config import EVICTION_POLICIES
 
 if TYPE_CHECKING:
     import torch
@@ -238,3 +249,70 @@ def test_sampling_params_that_are_no_sampling_params_are_refused(params: object)
             call()
         assert str(info.value) == message
         assert engine_state(generator.engine) == before
+
+
+# ---- a manager pickled or copied ------------------------------------------------------------
+
+
+def test_a_manager_that_matched_a_prompt_pickles() -> None:
+    """A manager pickled after add_sequence raised TypeError ('cannot pickle
+    weakref.ReferenceType object': the memo of matched prompts holds weak references); one
+    that had matched nothing pickled. Now both pickle, and the copy answers as the
+    original."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=6,
+                                         num_host_blocks=2))
+    manager.add_sequence(SequenceSpec("a", list(range(1, 10))))
+    manager.remove_sequence("a")
+    manager.add_sequence(SequenceSpec("b", list(range(1, 7))))  # matched a cached prefix
+    copied = pickle.loads(pickle.dumps(manager))
+    copied.check_invariants()
+    probe = list(range(1, 12))
+    assert copied.lookup(probe) == manager.lookup(probe)
+    assert copied.block_table("b") == manager.block_table("b")
+
+
+def drive(scheduler: Scheduler, arrivals: list[list[Request]]) -> list[object]:
+    """Steps of ``scheduler`` with ``arrivals[i]`` added before step i, each token sampled
+    from the request's id and length: what each step decided, the books after it."""
+    seen: list[object] = []
+    for batch in arrivals:
+        for req in batch:
+            scheduler.add_request(copy.deepcopy(req))
+        step = scheduler.step()
+        sampled = {c.request_id: (len(c.request_id) * 7 + c.first_token) % 50 + 1
+                   for c in step.context_chunks}
+        sampled.update({rid: (len(scheduler.running[rid].output) * 3) % 50 + 1
+                        for rid in step.decode_request_ids})
+        finished = scheduler.update(step, sampled)
+        manager = scheduler.manager
+        manager.check_invariants()
+        seen.append((step.context_chunks, step.decode_request_ids, step.preempted_request_ids,
+                     step.transfer_plan.ops, [r.request_id for r in finished],
+                     manager.stats, manager.drain_events()))
+    return seen
+
+
+@pytest.mark.parametrize("policy", EVICTION_POLICIES)
+def test_a_pickled_or_copied_scheduler_decides_as_the_original(policy: str) -> None:
+    """A scheduler (and its manager) pickled, or deep-copied, in the middle of a run with
+    requests waiting and running, blocks offloaded, onboarded and evicted, then driven
+    exactly as the original: every step's chunks, decodes, preemptions, copies, finished
+    requests, stats and events are the original's (the memo a copy starts without changes
+    no decision)."""
+    rng = random.Random(16)
+    prefixes = [[rng.randrange(1, 50) for _ in range(rng.randrange(6, 14))] for _ in range(3)]
+    arrivals = [[Request(f"r{step}-{i}", rng.choice(prefixes) + [rng.randrange(1, 50) for _ in
+                                                                  range(rng.randrange(1, 9))],
+                         rng.randrange(1, 6)) for i in range(rng.randrange(0, 3))]
+                for step in range(40)]
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=12,
+                                         num_host_blocks=8, eviction_policy=policy,
+                                         enable_events=True))
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=24))
+    drive(scheduler, arrivals[:20])
+    assert scheduler.has_unfinished()
+    twins = [pickle.loads(pickle.dumps(scheduler)), copy.deepcopy(scheduler)]
+    expected = drive(scheduler, arrivals[20:])
+    assert manager.stats.host.onboarded_blocks and manager.stats.gpu.offloaded_blocks
+    for twin in twins:
+        assert drive(twin, arrivals[20:]) == expected
