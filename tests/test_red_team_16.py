@@ -27,24 +27,26 @@ from kvtier.config import EVICTION_POLICIES
 if TYPE_CHECKING:
     import torch
 
-    from kvtier.model import ModelEngine
+    from kvtier.model import LlamaModel, ModelEngine
 
 TPB = 4
 
 
-def make_engine(vocab_size: int = 256) -> ModelEngine:
-    """A tiny random-weight model engine on CPU, no host tier."""
+def make_engine(model: LlamaModel | None = None, num_gpu_blocks: int = 64,
+                num_host_blocks: int = 0) -> ModelEngine:
+    """A tiny random-weight model engine on CPU (vocabulary 256), or one of ``model``."""
     pytest.importorskip("torch", reason="the model engine needs torch")
     from kvtier.model import LlamaModel, ModelConfig, ModelEngine
     from kvtier.storage import KVStorage
     from kvtier.transfer.torch_engine import TorchTransferEngine
 
-    model = LlamaModel(ModelConfig(vocab_size=vocab_size), "cpu")
-    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=64,
-                                         num_host_blocks=0))
-    gpu = KVStorage(model.config.kv_layout(TPB), 64, "cpu")
+    model = model or LlamaModel(ModelConfig(), "cpu")
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=num_gpu_blocks,
+                                         num_host_blocks=num_host_blocks))
+    layout = model.config.kv_layout(TPB)
+    host = KVStorage(layout, num_host_blocks) if num_host_blocks else None
     return ModelEngine(model, manager, Scheduler(manager, SchedulerConfig(max_num_tokens=64)),
-                       TorchTransferEngine(gpu, None))
+                       TorchTransferEngine(KVStorage(layout, num_gpu_blocks, "cpu"), host))
 
 
 class ByteTokenizer:
@@ -316,3 +318,100 @@ def test_a_pickled_or_copied_scheduler_decides_as_the_original(policy: str) -> N
     assert manager.stats.host.onboarded_blocks and manager.stats.gpu.offloaded_blocks
     for twin in twins:
         assert drive(twin, arrivals[20:]) == expected
+
+
+# ---- a step interrupted between the scheduler's step and its update ------------------------
+
+
+def outputs(engine: ModelEngine) -> dict[str, list[int]]:
+    return {rid: r.output for rid, r in engine.results.items()}
+
+
+def test_a_forward_pass_interrupted_gives_the_step_up_and_the_engine_runs_on() -> None:
+    """A KeyboardInterrupt in a forward pass (Ctrl-C in a notebook) left the scheduler's
+    step unapplied: every later step raised 'step() called before update() applied the
+    previous step' and the engine never ran again. Now the interrupt still reaches the
+    caller, the step's requests are back in the queue to recompute (nothing they were to
+    compute stays cached), and the next run gives the outputs of a run never interrupted."""
+    reference = make_engine()
+    engine = make_engine(reference.model)
+    for e in (reference, engine):
+        e.add_request(Request("a", [1, 2, 3, 4, 5, 6, 7], 4))
+        e.add_request(Request("b", [1, 2, 3, 4, 9, 9], 4))
+    reference.run()
+    forward = engine.model.forward_chunk
+    calls = []
+
+    def interrupted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(args)
+        if len(calls) == 2:  # a's pass ran, b's is cut short
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    engine.model.forward_chunk = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    engine.manager.check_invariants()
+    assert [r.request_id for r in engine.scheduler.waiting] == ["a", "b"]
+    assert (engine.scheduler.running, engine.manager.num_sequences) == ({}, 0)
+    assert engine.manager.lookup([1, 2, 3, 4, 5, 6, 7]).num_tokens == 0
+    engine.model.forward_chunk = forward  # type: ignore[method-assign]
+    engine.run()
+    assert outputs(engine) == outputs(reference)
+
+
+def test_an_interrupted_submit_reports_the_plan_failed_and_recomputes() -> None:
+    """Interrupted while its copies are submitted (an onboard from the host): the plan is
+    reported failed (nothing it was to fill is served), the request recomputes, and its
+    output is a run never interrupted's."""
+    reference = make_engine(num_gpu_blocks=8, num_host_blocks=16)
+    engine = make_engine(reference.model, num_gpu_blocks=8, num_host_blocks=16)
+    first, other = [7 * i % 250 + 1 for i in range(20)], [3 * i % 250 + 2 for i in range(24)]
+    for e in (reference, engine):
+        for rid, prompt in (("first", first), ("other", other)):
+            e.add_request(Request(rid, prompt, 2))
+            e.run()
+    assert engine.manager.lookup(first + [5]).num_host_tokens > 0
+    submit = engine.transfer.submit
+
+    def interrupted(plan: object) -> object:
+        raise KeyboardInterrupt
+
+    engine.transfer.submit = interrupted  # type: ignore[assignment,method-assign]
+    for e in (reference, engine):
+        e.add_request(Request("again", first + [5], 3))
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    engine.manager.check_invariants()
+    assert [r.request_id for r in engine.scheduler.waiting] == ["again"]
+    assert engine.manager.stats.num_failed_transfers > 0
+    engine.transfer.submit = submit  # type: ignore[method-assign]
+    reference.run()
+    engine.run()
+    assert outputs(engine) == outputs(reference)
+
+
+def test_an_interrupted_generate_leaves_nothing_queued() -> None:
+    """Generator.generate interrupted left its prompts queued: the next call ran them too
+    and their results stayed in the engine. Now they are aborted; the next call runs only
+    its own prompt."""
+    pytest.importorskip("torch", reason="the model needs torch")
+    from kvtier.model import LlamaModel, ModelConfig
+    from kvtier.model.generate import Generator, TierSizes
+    from kvtier.model.sampling import SamplingParams
+
+    generator = Generator(LlamaModel(ModelConfig(), "cpu"), ByteTokenizer(),  # type: ignore[arg-type]
+                          TierSizes(TPB, 32, 0, max_num_tokens=64))
+    engine = generator.engine
+    forward = engine.model.forward_chunk
+
+    def interrupted(*args: object, **kwargs: object) -> torch.Tensor:
+        raise KeyboardInterrupt
+
+    engine.model.forward_chunk = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        generator.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_new_tokens=2))
+    assert (engine.scheduler.has_unfinished(), engine.results) == (False, {})
+    engine.model.forward_chunk = forward  # type: ignore[method-assign]
+    (result,) = generator.generate([[7, 8, 9]], SamplingParams(max_new_tokens=2))
+    assert (result.num_prompt_tokens, len(result.output_ids), engine.results) == (3, 2, {})

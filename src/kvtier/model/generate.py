@@ -12,6 +12,7 @@ and it is onboarded back when the conversation returns::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -168,7 +169,16 @@ class Generator:
             engine.add_request(Request(rid, list(ids), max_new, retention=retention),
                                Sampler(params), stop)
             rids.append(rid)
-        engine.run()
+        try:
+            engine.run()
+        except BaseException:
+            # NOTE: an interrupted call (a KeyboardInterrupt in a notebook) left its requests
+            # queued: the next call ran them too and their results stayed in the engine.
+            for rid in rids:
+                with contextlib.suppress(RuntimeError):  # a step the engine could not give up
+                    engine.abort(rid)
+                engine.results.pop(rid, None)
+            raise
         results = [engine.results.pop(rid) for rid in rids]
         for i, r in enumerate(results):
             if r.stop_reason == "error":  # its forward pass kept failing (a CUDA OOM)
