@@ -415,3 +415,20 @@ def test_an_interrupted_generate_leaves_nothing_queued() -> None:
     engine.model.forward_chunk = forward  # type: ignore[method-assign]
     (result,) = generator.generate([[7, 8, 9]], SamplingParams(max_new_tokens=2))
     assert (result.num_prompt_tokens, len(result.output_ids), engine.results) == (3, 2, {})
+
+
+# ---- sampling parameters at the edge of their range ----------------------------------------
+
+
+@pytest.mark.parametrize("top_p", [1e-50, 5e-324])
+def test_a_top_p_below_the_float32_range_samples_the_best_token(top_p: float) -> None:
+    """top_p is compared in float32, where 1e-50 is 0: no token was kept and multinomial
+    raised 'invalid multinomial distribution (sum of probabilities <= 0)', so a request
+    with a top_p in (0, 1] ended in an error after one token. Now the most likely token
+    always stays, as the nucleus of any top_p below its probability is that token."""
+    torch = pytest.importorskip("torch", reason="sampling needs torch")
+    from kvtier.model.sampling import Sampler, SamplingParams
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=top_p, seed=3))
+    assert [sampler.sample(logits) for _ in range(5)] == [1] * 5

@@ -80,6 +80,10 @@ class Sampler:
             sorted_probs, order = probs.sort(descending=True)
             # Keep a token while the mass before it is below top_p (the first always stays).
             keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+            # NOTE: compared in float32, a top_p below its smallest number (1e-50) is 0 and
+            # kept no token: multinomial raised 'invalid multinomial distribution' and the
+            # request ended in an error for a top_p in (0, 1].
+            keep[0] = True
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=self._generator))
 
