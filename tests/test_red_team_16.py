@@ -432,3 +432,29 @@ def test_a_top_p_below_the_float32_range_samples_the_best_token(top_p: float) ->
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
     sampler = Sampler(SamplingParams(temperature=1.0, top_p=top_p, seed=3))
     assert [sampler.sample(logits) for _ in range(5)] == [1] * 5
+
+
+def test_a_retention_its_prompt_cannot_take_queues_no_prompt() -> None:
+    """generate() checks every prompt before queueing any, but a retention whose
+    decode_start lies past its prompt was refused only by the scheduler, as that prompt
+    was queued: the prompts before it stayed queued (run by the next call, their results
+    left in the engine). Now ValueError naming the prompt, nothing queued, and the next
+    call runs only its own prompt."""
+    pytest.importorskip("torch", reason="the model needs torch")
+    from kvtier import Retention, RetentionRange
+    from kvtier.model import LlamaModel, ModelConfig
+    from kvtier.model.generate import Generator, TierSizes
+    from kvtier.model.sampling import SamplingParams
+
+    generator = Generator(LlamaModel(ModelConfig(), "cpu"), ByteTokenizer(),  # type: ignore[arg-type]
+                          TierSizes(TPB, 32, 0, max_num_tokens=64))
+    params = SamplingParams(max_new_tokens=2)
+    before = engine_state(generator.engine)
+    with pytest.raises(ValueError) as info:
+        generator.generate([[1, 2, 3], [4, 5, 6]], params, [
+            None, Retention((RetentionRange(0, 2, 90),), decode_start=10)])
+    assert str(info.value) == ("prompt 1: retention of 'req-1': decode_start 10 lies past the "
+                               "3 tokens admitted")
+    assert engine_state(generator.engine) == before
+    (result,) = generator.generate([[7, 8, 9]], params)
+    assert (result.num_prompt_tokens, generator.engine.results) == (3, {})

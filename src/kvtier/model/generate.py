@@ -133,7 +133,9 @@ class Generator:
         ``retentions`` (one per prompt, or None) keep parts of a prompt's blocks at other
         priorities (:class:`~kvtier.retention.Retention`). ValueError (nothing queued) if a
         prompt is empty, does not fit ``max_context`` or holds a token id that is no id of
-        the model's vocabulary, or if ``retentions`` does not match the prompts."""
+        the model's vocabulary, or if ``retentions`` does not match the prompts (or one a
+        prompt cannot take, e.g. a ``decode_start`` past it). A call that raises later (a
+        KeyboardInterrupt) leaves none of its prompts queued either."""
         check_params(params)
         if retentions is not None:
             if len(retentions) != len(prompts):
@@ -159,21 +161,26 @@ class Generator:
                                  f"vocabulary of {vocab_size}")
         prompts = checked
         engine = self.engine
-        rids = []
-        for i, ids in enumerate(prompts):
-            rid = f"req-{next(self._ids)}"
-            # The answer may use what is left of the context, no more.
-            max_new = min(params.max_new_tokens, limit - len(ids))
-            stop = self._stop_fn(params.stop) if params.stop else None
-            retention = retentions[i] if retentions is not None else None
-            engine.add_request(Request(rid, list(ids), max_new, retention=retention),
-                               Sampler(params), stop)
-            rids.append(rid)
+        rids: list[str] = []
         try:
+            for i, ids in enumerate(prompts):
+                rid = f"req-{next(self._ids)}"
+                # The answer may use what is left of the context, no more.
+                max_new = min(params.max_new_tokens, limit - len(ids))
+                stop = self._stop_fn(params.stop) if params.stop else None
+                retention = retentions[i] if retentions is not None else None
+                try:
+                    engine.add_request(Request(rid, list(ids), max_new, retention=retention),
+                                       Sampler(params), stop)
+                except ValueError as exc:  # a retention its prompt cannot take
+                    raise ValueError(f"prompt {i}: {exc}") from None
+                rids.append(rid)
             engine.run()
         except BaseException:
-            # NOTE: an interrupted call (a KeyboardInterrupt in a notebook) left its requests
-            # queued: the next call ran them too and their results stayed in the engine.
+            # NOTE: a call refused halfway (a retention whose decode_start lies past its
+            # prompt) or interrupted (a KeyboardInterrupt in a notebook) left the requests
+            # it had queued: the next call ran them too and their results stayed in the
+            # engine. They are aborted, and the call changes no queue.
             for rid in rids:
                 with contextlib.suppress(RuntimeError):  # a step the engine could not give up
                     engine.abort(rid)
