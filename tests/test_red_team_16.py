@@ -10,6 +10,7 @@ import copy
 import pickle
 import random
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -458,3 +459,37 @@ def test_a_retention_its_prompt_cannot_take_queues_no_prompt() -> None:
     assert engine_state(generator.engine) == before
     (result,) = generator.generate([[7, 8, 9]], params)
     assert (result.num_prompt_tokens, generator.engine.results) == (3, {})
+
+
+def test_a_stop_string_that_is_no_unicode_text_is_refused() -> None:
+    """A --stop of bytes that are no UTF-8 reaches Python as lone surrogates, which no
+    decoded answer holds: it was accepted and never stopped anything. Now refused naming
+    it, as the prompts' text is (``check_text``)."""
+    pytest.importorskip("torch", reason="sampling needs torch")
+    from kvtier.model.sampling import SamplingParams
+
+    with pytest.raises(ValueError) as info:
+        SamplingParams(stop=("END", "x\udcff"))
+    assert str(info.value) == ("stop[1] is not valid Unicode text (character 1: bytes that "
+                               "are not UTF-8?), so no answer could ever hold it")
+    assert SamplingParams(stop=("Ж", "🦜")).stop == ("Ж", "🦜")
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--top-p", "0"], "top_p must be a number in (0, 1], got 0.0"),
+    (["--seed", str(2**64)], "seed must be an integer in -2**63..2**64-1 or None, got "
+                             "18446744073709551616"),
+    (["--stop", "\udcff"], "stop[0] is not valid Unicode text (character 0: bytes that are "
+                           "not UTF-8?), so no answer could ever hold it"),
+])
+def test_sampling_options_are_refused_before_a_model_is_looked_for(
+        option: list[str], message: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The sampling options were checked only once the model had loaded (with the default
+    model, tens of seconds of reading weights), after the model path: a missing model was
+    named instead. Now they are refused first, in one sentence and status 2."""
+    pytest.importorskip("torch", reason="the model commands need torch")
+    from kvtier.cli import main
+
+    assert main(["generate", "--model", str(tmp_path / "none.gguf"), *option, "hi"]) == 2
+    assert capsys.readouterr().err == f"kvtier: error: {message}\n"

@@ -109,10 +109,17 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
         from kvtier.model.checkpoint import default_model_path
         from kvtier.model.generate import Generator, TierSizes
         from kvtier.model.llama import usable_device
+        from kvtier.model.sampling import SamplingParams
     except ImportError as exc:
         raise CLIError(f"kvtier {args.command} needs the model extra "
                        f"(pip install 'kvtier[model]'): {exc}") from None
+    sampling: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "top_p": args.top_p, "seed": args.seed, "stop": tuple(args.stop)}
     try:
+        # NOTE: checked before the model loads (a --top-p of 0 or a --seed past 2**64 was
+        # refused only once the weights were read), the EOS ids added after.
+        SamplingParams(**sampling)
         tiers = TierSizes(args.tokens_per_block, args.gpu_blocks, args.host_blocks,
                           max_num_tokens=max(512, args.tokens_per_block),
                           eviction_policy=args.eviction_policy)
@@ -125,9 +132,7 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
         usable_device(device)
         path = args.model if args.model is not None else default_model_path()
         generator = Generator.load(path, tiers, args.dtype, device)
-        params = generator.default_params(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+        params = generator.default_params(**sampling)
     except (ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError
         raise CLIError(str(exc)) from None
     except MemoryError as exc:  # the KV tiers (KVStorage) do not fit

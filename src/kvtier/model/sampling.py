@@ -54,6 +54,16 @@ class SamplingParams:
         if not isinstance(self.stop, tuple) or any(
                 not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        for i, s in enumerate(self.stop):
+            # NOTE: bytes that are no UTF-8 (a --stop of a terminal in another encoding)
+            # arrive as lone surrogates, which no decoded text holds: the stop never
+            # matched, without a word.
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"stop[{i}] is not valid Unicode text (character "
+                                 f"{exc.start}: bytes that are not UTF-8?), so no answer "
+                                 "could ever hold it") from None
 
 
 class Sampler:
