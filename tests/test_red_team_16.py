@@ -493,3 +493,36 @@ def test_sampling_options_are_refused_before_a_model_is_looked_for(
 
     assert main(["generate", "--model", str(tmp_path / "none.gguf"), *option, "hi"]) == 2
     assert capsys.readouterr().err == f"kvtier: error: {message}\n"
+
+
+# ---- a library's error text, many lines long, in a one-sentence refusal ---------------------
+
+
+def test_first_line_keeps_one_line_of_a_library_message() -> None:
+    """The helper every one-sentence refusal puts a library's text through."""
+    from kvtier.sequence import first_line
+
+    assert first_line("") == ""
+    assert first_line("\n  one  \n") == "one"
+    assert first_line("\nfirst\n\nsecond\n") == "first ..."
+    assert first_line("x" * 400) == "x" * 296 + " ..."
+    assert first_line(ValueError("bad\ntail"), 10) == "bad ..."
+
+
+def test_a_device_torch_has_no_kernels_for_is_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """torch refuses a tensor on 'xla' (no such backend built) with 55 lines, one per
+    dispatch key: `kvtier generate --device xla` printed all of them as its 'one sentence'
+    (and the library's ValueError held them). Now one line, status 2."""
+    pytest.importorskip("torch", reason="the model commands need torch")
+    from kvtier.cli import main
+    from kvtier.model.llama import usable_device
+
+    with pytest.raises(ValueError) as info:
+        usable_device("xla")
+    assert "\n" not in str(info.value)
+    assert str(info.value).startswith("device 'xla' cannot be used here: Could not run ")
+    assert main(["generate", "--device", "xla", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvtier: error: device 'xla' cannot be "
+                                                   "used here: Could not run ")
