@@ -526,3 +526,22 @@ def test_a_device_torch_has_no_kernels_for_is_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("kvtier: error: device 'xla' cannot be "
                                                    "used here: Could not run ")
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    ([5, -1], "ids: token at index 1 is -1, outside the token id range 0..2**63-1"),
+    ([1.5], "ids: token at index 0 must be an int, got 1.5 (float)"),
+    ([1, 2**32], "ids: token id 4294967296 at index 1 is past the tokenizer's id range "
+                 "(0..2**32-1)"),
+    ("hi", "ids must be a sequence of ints (a list or tuple), got str"),
+])
+def test_decode_refuses_what_is_no_token_id_naming_it(ids: object, message: str) -> None:
+    """Tokenizer.decode handed its ids to the library, which raised OverflowError ('number
+    too small to fit in target type') for -1 and TypeError for 1.5, naming neither the id
+    nor its index. Now ValueError naming both; tensors and arrays of ids still decode."""
+    torch = pytest.importorskip("torch", reason="the tokenizer's module needs torch")
+    tokenizer = Template().tokenizer
+    with pytest.raises(ValueError) as info:
+        tokenizer.decode(ids)  # type: ignore[arg-type]
+    assert str(info.value) == message
+    assert tokenizer.decode(torch.tensor([72, 105])) == tokenizer.decode((72, 105)) == "Hi"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvtier.model.checkpoint import CheckpointError, checkpoint_kind, read_json_object
+from kvtier.request import check_token_ids
 
 # GPT-2's split, with digits one by one first (llama.cpp's "smollm", "starcoder", ...).
 _GPT2_PATTERN = None  # the ByteLevel pre-tokenizer's own regex
@@ -69,8 +70,19 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """The text of ``ids``. Pure."""
-        text: str = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of ``ids`` (a sequence, a tensor or an array; an id past the vocabulary
+        has none). Pure. ValueError naming the index of an id that is no int in
+        ``0..2**32-1`` (what the library reads).
+
+        NOTE: the library raised OverflowError ('number too small to fit in target type')
+        for -1, TypeError for 1.5, naming neither the id nor its place."""
+        tolist = getattr(ids, "tolist", None)  # a torch tensor or numpy array of ids
+        checked = check_token_ids(ids if tolist is None else tolist(), "ids", allow_empty=True)
+        if checked and max(checked) >= 1 << 32:
+            bad = next(i for i, t in enumerate(checked) if t >= 1 << 32)
+            raise ValueError(f"ids: token id {checked[bad]} at index {bad} is past the "
+                             "tokenizer's id range (0..2**32-1)")
+        text: str = self.backend.decode(checked, skip_special_tokens=skip_special_tokens)
         return text
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
