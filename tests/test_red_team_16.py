@@ -545,3 +545,23 @@ def test_decode_refuses_what_is_no_token_id_naming_it(ids: object, message: str)
         tokenizer.decode(ids)  # type: ignore[arg-type]
     assert str(info.value) == message
     assert tokenizer.decode(torch.tensor([72, 105])) == tokenizer.decode((72, 105)) == "Hi"
+
+
+# ---- a checkpoint header that lies about its size -----------------------------------------
+
+
+def test_a_gguf_claiming_a_billion_layers_is_refused_at_once(tmp_path: Path) -> None:
+    """A GGUF whose block_count says 10**9 (one layer in the file): the check of names and
+    shapes built the dict of every tensor a billion layers need before naming the first
+    missing one, for hours and until memory ran out. Now it names the first missing one
+    (layer 1's) at once, no tensor read."""
+    pytest.importorskip("gguf", reason="GGUF files need the model extra")
+    pytest.importorskip("torch", reason="the model needs torch")
+    from kvtier.model.checkpoint import CheckpointError, load_model
+    from test_red_team_model import make_gguf
+
+    path = make_gguf(tmp_path / "lies.gguf", llama__block_count=("u32", 10**9))
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    assert str(info.value) == (f"{path} has no tensor 'model.layers.1.input_layernorm.weight' "
+                               "(shape [8])")
