@@ -565,3 +565,32 @@ def test_a_gguf_claiming_a_billion_layers_is_refused_at_once(tmp_path: Path) -> 
         load_model(path)
     assert str(info.value) == (f"{path} has no tensor 'model.layers.1.input_layernorm.weight' "
                                "(shape [8])")
+
+
+@pytest.mark.parametrize(("argv", "jsonl", "message"), [
+    (["chat", "--system", "be \udcff"], None,
+     "--system is not valid Unicode text (character 3: bytes that are not UTF-8?)"),
+    (["generate", "ok", "x\udcff"], None,
+     "prompt 1 is not valid Unicode text (character 1: bytes that are not UTF-8?)"),
+    (["generate"], '{"prompt": "ok"}\n{"turns": ["ok", "a\\udcffb"]}\n',
+     "{jsonl} line 2 is not valid Unicode text (character 1: bytes that are not UTF-8?)"),
+    (["generate"], '{"prompt": "ok", "system": "\\ud800"}\n',
+     "{jsonl} line 1 is not valid Unicode text (character 0: bytes that are not UTF-8?)"),
+])
+def test_text_that_is_no_unicode_is_refused_before_a_model_is_looked_for(
+        argv: list[str], jsonl: str | None, message: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Bytes that are no UTF-8 in an argument (or a lone surrogate a JSON string escapes)
+    reach Python as surrogates, which the tokenizer refuses: only once the model had
+    loaded (after the model path was looked for), and for a chat's --system at every
+    turn, each one 'not answered', for ever. Now refused first, naming the argument or
+    the line."""
+    from kvtier.cli import main
+
+    extra = []
+    path = tmp_path / "prompts.jsonl"
+    if jsonl is not None:
+        path.write_text(jsonl, encoding="utf-8")
+        extra = ["--jsonl", str(path)]
+    assert main([*argv, *extra, "--model", str(tmp_path / "none.gguf")]) == 2
+    assert capsys.readouterr().err == f"kvtier: error: {message.format(jsonl=path)}\n"
