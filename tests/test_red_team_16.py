@@ -594,3 +594,24 @@ def test_text_that_is_no_unicode_is_refused_before_a_model_is_looked_for(
         extra = ["--jsonl", str(path)]
     assert main([*argv, *extra, "--model", str(tmp_path / "none.gguf")]) == 2
     assert capsys.readouterr().err == f"kvtier: error: {message.format(jsonl=path)}\n"
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (("u32", 7), "7"), (("arr", ["a", "b"]), "['a', 'b']")])
+def test_a_gguf_chat_template_that_is_no_string_names_the_key(
+        value: tuple[str, object], shown: str, tmp_path: Path) -> None:
+    """A GGUF whose tokenizer.chat_template is a number or an array loaded, then Jinja
+    raised TypeError ("Can't compile non template nodes") at the first chat turn: `kvtier
+    chat` ended with an internal error (status 70). Now the tokenizer is refused when
+    loaded, naming the key."""
+    pytest.importorskip("gguf", reason="GGUF files need the model extra")
+    pytest.importorskip("tokenizers", reason="the tokenizer needs the model extra")
+    pytest.importorskip("torch", reason="the model package needs torch")
+    from kvtier.model.checkpoint import CheckpointError
+    from kvtier.model.tokenizer import load_tokenizer
+    from test_red_team_model import make_gguf
+
+    path = make_gguf(tmp_path / "template.gguf", tokenizer__chat_template=value)
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer(path)
+    assert str(info.value) == f"{path}: tokenizer.chat_template must be a string, got {shown}"

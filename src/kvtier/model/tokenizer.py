@@ -215,7 +215,13 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
     eot_id = token_id("tokenizer.ggml.eot_token_id")  # end of turn, if distinct
     if eot_id is not None:
         eos_ids.append(eot_id)
-    return Tokenizer(backend, eos_ids, gguf_field(reader, "tokenizer.chat_template"),
+    template = gguf_field(reader, "tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        # NOTE: Jinja raised TypeError ("Can't compile non template nodes") at the first
+        # chat turn: an internal error (status 70) of `kvtier chat`, not the file's.
+        raise CheckpointError(f"{path}: tokenizer.chat_template must be a string, got "
+                              f"{template!r:.60}")
+    return Tokenizer(backend, eos_ids, template,
                      token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"),
                      bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)))
 
