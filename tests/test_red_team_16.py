@@ -615,3 +615,24 @@ def test_a_gguf_chat_template_that_is_no_string_names_the_key(
     with pytest.raises(CheckpointError) as info:
         load_tokenizer(path)
     assert str(info.value) == f"{path}: tokenizer.chat_template must be a string, got {shown}"
+
+
+def test_a_chat_template_file_that_is_no_utf8_names_the_file(tmp_path: Path) -> None:
+    """A checkpoint directory's chat_template.jinja of bytes that are no UTF-8 raised the
+    codec's UnicodeDecodeError ("'utf-8' codec can't decode byte 0xff ..."), naming no
+    file (the command line printed only that). Now CheckpointError naming the file."""
+    tokenizers = pytest.importorskip("tokenizers", reason="the tokenizer needs the model extra")
+    pytest.importorskip("torch", reason="the model package needs torch")
+    from kvtier.model.checkpoint import CheckpointError
+    from kvtier.model.tokenizer import load_tokenizer
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1},
+                                                               unk_token="[UNK]"))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer(tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'chat_template.jinja'} is not readable UTF-8 "
+                               "text ('utf-8' codec can't decode byte 0xff in position 0: "
+                               "invalid start byte)")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from kvtier.model.checkpoint import CheckpointError, checkpoint_kind, read_json_object
 from kvtier.request import check_token_ids
+from kvtier.sequence import first_line
 
 # GPT-2's split, with digits one by one first (llama.cpp's "smollm", "starcoder", ...).
 _GPT2_PATTERN = None  # the ByteLevel pre-tokenizer's own regex
@@ -304,7 +305,11 @@ def tokenizer_from_directory(path: Path) -> Tokenizer:
                          if isinstance(t, dict) and t.get("name") == "default"), None)
     jinja = path / "chat_template.jinja"
     if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:  # NOTE: a codec error named no file
+            raise CheckpointError(f"{jinja} is not readable UTF-8 text ({first_line(exc)})"
+                                  ) from None
     bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
     eos_ids: list[int] = []
     for source in (_read_json(path / "generation_config.json"), _read_json(path / "config.json")):
