@@ -636,3 +636,35 @@ def test_a_chat_template_file_that_is_no_utf8_names_the_file(tmp_path: Path) -> 
     assert str(info.value) == (f"{tmp_path / 'chat_template.jinja'} is not readable UTF-8 "
                                "text ('utf-8' codec can't decode byte 0xff in position 0: "
                                "invalid start byte)")
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("{{ 'x' * 10**8 }}", "chat template: a repetition of 100,000,000 items, more than "
+                          "1,048,584"),
+    ("{% set n = 10 ** 6 %}{{ 10 ** n }}", "chat template: a power of about 4,000,000 bits, "
+                                          "more than 4,096"),
+    ("{% for i in range(100000) %}xxxxxxxxxxxxxxxxxxxx{% endfor %}",
+     "chat template: it writes more than 1,048,584 characters for these messages"),
+    ("{{ 1 // 0 }}", "chat template: ZeroDivisionError: integer division or modulo by zero"),
+    ("{{ messages + 1 }}", 'chat template: TypeError: can only concatenate list (not "int") '
+                           'to list'),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+     "chat template: RecursionError: maximum recursion depth exceeded"),
+])
+def test_a_chat_template_that_runs_away_or_raises_is_refused(template: str,
+                                                             message: str) -> None:
+    """A checkpoint's chat template is code from a file. A repetition or a power past any
+    prompt (10**8 characters, a million-digit number) was computed in full, a loop's
+    output grew without bound, and what the template raised went out as is (ZeroDivision,
+    TypeError, RecursionError: an internal error, status 70, of `kvtier chat`). Now each is
+    a ValueError naming the chat template, the runaways refused before they are computed
+    or where their output passes four times the messages' text and a MiB."""
+    pytest.importorskip("jinja2", reason="chat templates need jinja2: kvtier[model]")
+    tokenizer = Template().tokenizer
+    tokenizer.chat_template = template
+    with pytest.raises(ValueError) as info:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    got = str(info.value)
+    if "RecursionError" in message:  # Python words the rest by where the limit was hit
+        got = got[:len(message)]
+    assert got == message

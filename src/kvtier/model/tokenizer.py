@@ -147,25 +147,68 @@ def check_messages(messages: object, what: str) -> list[Mapping[str, str]]:
     return messages
 
 
+# The most bits an integer power in a chat template may have: templates count messages.
+_MAX_POWER_BITS = 4096
+
+
 def _render(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
             bos_token: str | None, eos_token: str | None) -> str:
+    """The chat template rendered over ``messages``; ValueError ("chat template: ...") for
+    a template that fails, whatever it raises, or that writes more than four times the
+    messages' text and a MiB.
+
+    NOTE: a checkpoint's template is code from a file: ``{{ 'x' * 10**12 }}`` asked for a
+    terabyte (a MemoryError the command line blamed on the tiers), ``{{ 10 ** 10 ** 9 }}``
+    computed for ever, ``{{ 1 // 0 }}`` was an internal error (status 70). A repetition
+    or a power past those bounds is refused before it is computed, the output cut where
+    it passes its bound; a template looping for long without output is not stopped."""
     import jinja2
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    limit = 4 * sum(len(m["content"]) for m in messages) + (1 << 20)
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if (isinstance(seq, str | list | tuple) and type(n) is int
+                            and len(seq) * n > limit):
+                        raise SecurityError(f"a repetition of {len(seq) * n:,} items, more "
+                                            f"than {limit:,}")
+            elif (type(left) is int and type(right) is int and right > 0
+                  and abs(left) > 1 and right * abs(left).bit_length() > _MAX_POWER_BITS):
+                raise SecurityError(f"a power of about {right * abs(left).bit_length():,} "
+                                    f"bits, more than {_MAX_POWER_BITS:,}")
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message: str) -> None:
         raise ValueError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
                                                               indent=indent)
     env.globals["raise_exception"] = raise_exception
+    parts: list[str] = []
+    size = 0
     try:
-        return env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token or "", eos_token=eos_token or "")
+        for part in env.from_string(template).generate(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=bos_token or "", eos_token=eos_token or ""):
+            size += len(part)
+            if size > limit:
+                raise ValueError(f"chat template: it writes more than {limit:,} characters "
+                                 "for these messages")
+            parts.append(part)
     except jinja2.TemplateError as exc:
-        raise ValueError(f"chat template: {exc}") from None
+        raise ValueError(f"chat template: {first_line(exc)}") from None
+    except Exception as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith("chat template: "):
+            raise  # the template's own raise_exception, or the bound above
+        raise ValueError(f"chat template: {type(exc).__name__}: {first_line(exc)}") from None
+    return "".join(parts)
 
 
 def tokenizer_from_gguf(path: Path) -> Tokenizer:
