@@ -668,3 +668,38 @@ def test_a_chat_template_that_runs_away_or_raises_is_refused(template: str,
     if "RecursionError" in message:  # Python words the rest by where the limit was hit
         got = got[:len(message)]
     assert got == message
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize(("rope", "shown"), [
+    ({**LLAMA3, "factor": "8"}, "rope_scaling.factor must be a number, got '8'"),
+    ({**LLAMA3, "low_freq_factor": True}, "rope_scaling.low_freq_factor must be a number, "
+                                          "got True"),
+    ({**LLAMA3, "original_max_position_embeddings": 8192.7},
+     "rope_scaling.original_max_position_embeddings must be an integer, got 8192.7"),
+    ({**LLAMA3, "original_max_position_embeddings": None},
+     "rope_scaling lacks the key 'original_max_position_embeddings'"),
+    ({"rope_type": "default", "rope_theta": [1e4]},
+     "rope_scaling.rope_theta must be a number, got [10000.0]"),
+    ({"rope_type": "default", "rope_theta": True},
+     "rope_scaling.rope_theta must be a number, got True"),
+])
+def test_hf_rope_scaling_values_of_the_wrong_type_name_the_key(
+        rope: dict[str, object], shown: str) -> None:
+    """config.json's rope_scaling (or rope_parameters) values were read with float() and
+    int(): "8" and true taken as 8.0 and 1.0, 8192.7 as 8192, a rope_theta of true as 1.0,
+    a list a TypeError naming no key. Now CheckpointError naming the file and the key, as
+    the top-level values are."""
+    pytest.importorskip("torch", reason="the model package needs torch")
+    from kvtier.model.checkpoint import CheckpointError
+    from kvtier.model.safetensors_loader import config_from_hf
+
+    config = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+    assert config_from_hf({**config, "rope_scaling": LLAMA3}, "c.json").rope_scaling
+    with pytest.raises(CheckpointError) as info:
+        config_from_hf({**config, "rope_scaling": rope}, "c.json")
+    assert str(info.value) == f"c.json: {shown}"
