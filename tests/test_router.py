@@ -348,3 +348,55 @@ def test_router_hashes_like_the_manager_with_one_helper() -> None:
     mgr.add_sequence(SequenceSpec("r", prompt, salt="s", lora_id=2))
     stored = [e.block_hash for e in mgr.drain_events() if isinstance(e, BlockStored)]
     assert stored == router.block_hashes(prompt, salt="s", lora_id=2)
+
+
+def test_a_restarted_instance_is_forgotten_and_read_again_from_seq_0() -> None:
+    """An instance whose manager restarts counts from seq 0 again: its old blocks are
+    lost (InstanceLost with got_seq 0) and the new stream applies from 0, events and
+    snapshot alike. Before, seq 0..4 were skipped as already read (the router kept the
+    old incarnation's blocks and never learnt the new ones), and the new incarnation's
+    snapshot was refused as older than the events read."""
+    tracker = SeqTracker()
+    out: list[Update] = []
+    tracker.receive("a", [stored(0, 1), stored(1, 2), stored(2, 3), stored(3, 4),
+                          stored(4, 5), stored(5, 6)], out)
+    tracker.receive("a", [stored(0, 7), stored(1, 8)], out)  # the restart
+    assert out[1:] == [InstanceLost("a", 6, 0), EventBatch("a", [stored(0, 7), stored(1, 8)])]
+    assert (tracker.num_restarts, tracker.num_gaps, tracker.num_skipped) == (1, 0, 0)
+    index = PrefixIndex()
+    index.apply_updates(out)
+    assert index.blocks("a") == {7: G, 8: G}
+    # a gap in the new stream is repaired by the new incarnation's snapshot
+    late: list[Update] = []
+    tracker.receive("a", [stored(3, 9)], late)
+    assert late == [InstanceLost("a", 2, 3)]
+    assert tracker.offer(Snapshot("a", 4, frozenset({(7, G), (8, G), (9, G)})), late)
+    index.apply_updates(late)
+    assert index.blocks("a") == {7: G, 8: G, 9: G}
+    index.check_invariants()
+
+
+def test_a_restart_in_the_middle_of_a_batch_applies_both_halves() -> None:
+    """seq 0 after seq 3 in one batch: the old incarnation's events apply, then it is
+    lost, then the new one's apply; a stale instance restarting is no longer stale."""
+    tracker = SeqTracker()
+    out: list[Update] = []
+    tracker.receive("a", [stored(0, 1), stored(2, 2)], out)  # a gap: stale
+    assert tracker.stale_instances() == ["a"]
+    out.clear()
+    tracker.receive("a", [stored(3, 3), stored(0, 4), stored(1, 5)], out)
+    assert out == [InstanceLost("a", 1, 0), EventBatch("a", [stored(0, 4), stored(1, 5)])]
+    assert tracker.stale_instances() == [] and tracker.num_skipped == 2
+    fresh = SeqTracker()
+    both: list[Update] = []
+    fresh.receive("b", [stored(0, 1), stored(1, 2), stored(0, 3)], both)
+    assert both == [EventBatch("b", [stored(0, 1), stored(1, 2)]), InstanceLost("b", 2, 0),
+                    EventBatch("b", [stored(0, 3)])]
+
+
+def test_seq_0_after_a_snapshot_at_0_is_the_first_event_not_a_restart() -> None:
+    tracker = SeqTracker()
+    out: list[Update] = []
+    assert tracker.offer(Snapshot("a", 0, frozenset()), out)
+    tracker.receive("a", [stored(0, 1)], out)
+    assert out[1:] == [EventBatch("a", [stored(0, 1)])] and tracker.num_restarts == 0

@@ -67,6 +67,12 @@ def _reentered(method: str) -> RuntimeError:
 class KVCacheManager:
     """A tiered, prefix-reusing KV block manager. See the module docstring."""
 
+    @property
+    def config(self) -> CacheConfig:
+        """The configuration the manager was built with (read-only: its pools, hashing and
+        plans follow from it; assigning another left them behind)."""
+        return self._config
+
     def __init__(
         self,
         config: CacheConfig,
@@ -75,7 +81,7 @@ class KVCacheManager:
     ) -> None:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, got {config!r}")
-        self.config = config
+        self._config = config
         # The caller's code (clock, eviction policy) running inside an operation: a call
         # back into this manager then is refused (``_reentered``), never applied.
         self._caller_code = CallerCode()

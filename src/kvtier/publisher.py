@@ -11,7 +11,9 @@ instance holds as of some ``next_seq``::
     snapshot(next_seq=11) ──────┘ ✓  ✓      resync; events < 11 are skipped
 
 A snapshot is accepted only if it covers every event already read from that instance
-(``next_seq > highest seq seen``), so the events after it are still to come.
+(``next_seq > highest seq seen``), so the events after it are still to come. An instance
+whose seq starts again from 0 has restarted (a new manager, an empty cache): its old
+blocks are forgotten and its new stream is read from 0.
 
 :class:`InMemoryEventBus` serves the simulator and tests; :class:`RedisStreamPublisher` and
 :class:`RedisStreamSubscriber` carry the same updates over Redis Streams (extra ``redis``).
@@ -78,8 +80,9 @@ class EventBatch(NamedTuple):
 class InstanceLost(NamedTuple):
     """Events of ``instance_id`` from ``expected_seq`` on were missed; forget its blocks.
 
-    ``got_seq`` is the seq that showed the hole, or None when an entry of the instance was
-    unreadable (so which events it held is unknown)."""
+    ``got_seq`` is the seq that showed the hole, None when an entry of the instance was
+    unreadable (so which events it held is unknown), or 0 when the instance restarted
+    (its seq counts from 0 again, its new cache starts empty)."""
 
     instance_id: str
     expected_seq: int
@@ -129,13 +132,19 @@ class SeqTracker:
     """Gap detection of one subscriber: turns raw (instance, events) into :data:`Update` s.
 
     ``num_gaps`` counts holes seen, ``num_resyncs`` snapshots applied, ``num_skipped``
-    events dropped as already covered by a snapshot or read while stale.
+    events dropped as already covered by a snapshot or read while stale,
+    ``num_restarts`` instances that counted from seq 0 again (a restarted publisher: its
+    old blocks are lost, ``InstanceLost(.., got_seq=0)``, and its new stream is read from
+    0). A restart whose seq 0 itself was lost is not seen until its counter passes the old
+    one: an instance that can restart without its subscribers seeing its first event
+    should come back under a new instance id.
     """
 
     streams: dict[str, _Stream] = field(default_factory=dict)
     num_gaps: int = 0
     num_resyncs: int = 0
     num_skipped: int = 0
+    num_restarts: int = 0
 
     def stale_instances(self) -> list[str]:
         """Instances waiting for a snapshot, in first-seen order. Pure."""
@@ -159,6 +168,23 @@ class SeqTracker:
         batch: list[Event] = []
         for event in events:
             seq = event.seq
+            if seq == 0 and stream.next_seq:  # 0 or None: seq 0 is the one expected
+                # A new incarnation: the instance restarted and counts from 0 again, with
+                # an empty cache. Its old blocks are forgotten and its stream starts over.
+                # NOTE: seq 0 was skipped as "already read", and so was every later event
+                # until the new counter passed the old one; a snapshot of the restarted
+                # instance was refused as older than the events read (a router kept the
+                # old incarnation's blocks and never learnt the new ones). A seq 0 that is
+                # a redelivered duplicate costs a resync, nothing else: the events after
+                # it show a gap.
+                if batch:
+                    out.append(EventBatch(instance_id, batch))
+                    batch = []
+                out.append(InstanceLost(instance_id, stream.next_seq, 0))
+                self.num_restarts += 1
+                stream.next_seq = None
+                stream.max_seen = -1
+                stream.stale = False
             stream.max_seen = max(stream.max_seen, seq)
             expected = 0 if stream.next_seq is None else stream.next_seq
             if stream.stale or seq < expected:

@@ -72,6 +72,18 @@ class Scheduler:
     # How many waiting requests, from the head of the queue, the queue hint names.
     MAX_HINTED: ClassVar[int] = 64
 
+    # NOTE: the manager and config are read-only: replacing either afterwards left the
+    # requests running on the old manager and the checks made at construction behind.
+    @property
+    def manager(self) -> KVCacheManager:
+        """The manager this scheduler admits into (fixed at construction)."""
+        return self._manager
+
+    @property
+    def config(self) -> SchedulerConfig:
+        """The scheduler's settings (fixed at construction)."""
+        return self._config
+
     def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None) -> None:
         if not isinstance(manager, KVCacheManager):
             raise TypeError(f"manager must be a KVCacheManager, got {type(manager).__name__}")
@@ -83,8 +95,8 @@ class Scheduler:
             raise ValueError(f"{type(self).__name__} admits by {self.ADMISSION!r}, got "
                              f"admission={config.admission!r} (probe admission is "
                              "kvtier.sim.probe.ProbeScheduler)")
-        self.manager = manager
-        self.config = config
+        self._manager = manager
+        self._config = config
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # admission order: newest last
         # Per waiting request: what it prefills when admitted (the prompt, and after a

@@ -504,3 +504,35 @@ def test_an_image_prompt_is_written_and_fetched_under_its_image() -> None:
     assert b.remote is not None and c.remote is not None
     assert (b.remote.num_fetched_blocks, b.results["b"].num_reused_tokens) == (2, 8)
     assert (c.remote.num_fetched_blocks, c.results["c"].num_reused_tokens) == (6, 24)
+
+
+@pytest.mark.parametrize("name", ["remote", "manager", "scheduler", "transfer", "kv", "model"])
+def test_an_engines_parts_cannot_be_replaced(name: str) -> None:
+    """Before, ``engine.remote = other`` was taken: requests held for the old tier's
+    fetches stayed held (released only by a poll of the old tier), and the new tier,
+    never checked against the engine's storages and manager, was written from them. Every
+    part the engine was built from and checked against is now refused, changing nothing;
+    the engine still serves exactly."""
+    engine = make_engine(lambda ns: InMemoryRemoteStore(ns))
+    other = make_engine(lambda ns: InMemoryRemoteStore(ns))
+    before = getattr(engine, name)
+    with pytest.raises(AttributeError, match=rf"^ModelEngine\.{name} is a part it was built "
+                                             r"from and checked against"):
+        setattr(engine, name, getattr(other, name))
+    with pytest.raises(AttributeError, match=rf"^ModelEngine\.{name} is a part"):
+        delattr(engine, name)
+    assert getattr(engine, name) is before
+    engine.record_logits = True  # other attributes are as usual
+    run(engine, FIRST, "a")
+    assert_exact(engine)
+
+
+@pytest.mark.parametrize("name", ["store", "ranks", "gpu", "host", "manager"])
+def test_a_remote_tiers_parts_cannot_be_replaced(name: str) -> None:
+    tier, other = make_tier(), make_tier()
+    before = getattr(tier, name)
+    with pytest.raises(AttributeError, match=rf"^RemoteTier\.{name} is a part"):
+        setattr(tier, name, getattr(other, name))
+    assert getattr(tier, name) is before
+    tier.fetch_deadline_s = 0.5  # a setting, not a part
+    assert tier.fetch_deadline_s == 0.5

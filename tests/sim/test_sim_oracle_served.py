@@ -19,6 +19,7 @@ from kvtier.cli import main
 from kvtier.config import CacheConfig
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim import MooncakeTrace, oracle_bounds, simulate, too_large
+from kvtier.sim.oracle import OracleRequest
 
 # 512-token hash ids, 32-token blocks (16 per hash id; the partial last one counts):
 #   r0  [1 | 2]  600 tokens, 5,000 output: 175 blocks, more than a 64-block GPU pool holds
@@ -136,3 +137,44 @@ def test_the_bounds_never_hash_a_skipped_request(
     nothing = simulate(Stream(giant), cache, oracle=True)
     assert nothing.num_requests == 0 and hashed == []
     assert nothing.oracle is not None and nothing.oracle.belady_hit_rate == 0.0
+
+
+class _CountingTrace(MooncakeTrace):
+    """A trace that counts how often it is opened: a refused call must not read it."""
+
+    opened = 0
+
+    def oracle_requests(self, tokens_per_block: int | None = None) -> Iterator[OracleRequest]:
+        type(self).opened += 1
+        return super().oracle_requests(tokens_per_block)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"skip": 5}, "skip must be a collection of request positions (ints), got 5"),
+    ({"skip": "01"}, "skip must be a collection of request positions (ints), got '01'"),
+    ({"skip": {1.0}}, "skip must be a collection of request positions (ints), got {1.0}"),
+    ({"capacities": 64}, "capacities must be an iterable of block counts, got 64"),
+    ({"capacities": [64, 0]}, "capacities[1] must be a block count >= 1, got 0"),
+    ({"capacities": [True]}, "capacities[0] must be a block count >= 1, got True"),
+    ({"capacities": [64.0]}, "capacities[0] must be a block count >= 1, got 64.0"),
+    ({"tokens_per_block": 0}, "tokens_per_block must be an integer >= 1, got 0"),
+])
+def test_oracle_bounds_refuses_bad_arguments_before_reading_the_workload(
+        trace: Path, kwargs: dict[str, Any], message: str) -> None:
+    """Before: ``skip=5`` was a TypeError from ``in`` once the trace was open, and a bad
+    capacity was found only after the whole workload had been hashed."""
+    args: dict[str, Any] = {"tokens_per_block": 32, "capacities": [64]} | kwargs
+    _CountingTrace.opened = 0
+    with pytest.raises(ValueError) as info:
+        oracle_bounds(_CountingTrace(trace), **args)
+    assert str(info.value) == message
+    assert _CountingTrace.opened == 0
+
+
+def test_oracle_bounds_takes_capacities_from_a_generator(trace: Path) -> None:
+    """Before, a generator was read once to fill the tables and then found empty: no
+    bounds at all."""
+    from_list = oracle_bounds(MooncakeTrace(trace), 32, [64, 8])
+    from_generator = oracle_bounds(MooncakeTrace(trace), 32, (c for c in (64, 8)))
+    assert len(from_list) == 2 and from_generator == from_list
+    assert [b.num_capacity_blocks for b in from_list] == [64, 8]

@@ -41,6 +41,7 @@ from kvtier.scheduler import Request, ScheduledStep, Scheduler
 from kvtier.sequence import MultimodalItem
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.torch_engine import TorchTransferEngine
+from kvtier.wiring import Wired
 
 # Whether a request's output so far (the newest token last) ends it.
 StopFn = Callable[[Sequence[int]], bool]
@@ -127,13 +128,15 @@ class _Executed(NamedTuple):
     computed: list[_Computed]
 
 
-class ModelEngine:
+class ModelEngine(Wired):
     """Drives ``model`` with ``scheduler`` over the GPU storage of ``transfer``.
 
     A request whose forward pass raises ``max_forward_faults`` times ends with an error (a
     fault that repeats, such as a prompt no memory can hold, must not requeue it for ever;
     an int >= 1). NOTE: under tensor parallelism (``TensorParallelLeader``) a pass that
     fails on one rank leaves the ranks' collectives out of step: not recoverable there."""
+
+    WIRED = frozenset({"model", "manager", "scheduler", "transfer", "kv", "remote"})
 
     def __init__(self, model: LlamaModel, manager: KVCacheManager, scheduler: Scheduler,
                  transfer: TorchTransferEngine, record_logits: bool = False,

@@ -34,6 +34,8 @@ ranks exist (it plans block ids; each rank's storage holds its heads of every bl
 from __future__ import annotations
 
 import functools
+import math
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -43,6 +45,7 @@ from kvtier.manager import KVCacheManager
 from kvtier.model.engine import ModelEngine
 from kvtier.model.llama import LlamaModel
 from kvtier.model.tensor_parallel import TensorParallelLlama
+from kvtier.remote.options import check_number
 from kvtier.remote.ranks import Arrival, RemoteRanks, RemoteShard, join_arrivals
 from kvtier.remote.tier import RemoteTier
 from kvtier.scheduler import Scheduler
@@ -53,6 +56,7 @@ from kvtier.transfer.plan import TransferOp, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 from kvtier.transfer.tp_engine import DistributedTransferEngine
+from kvtier.wiring import Wired
 
 
 class PlanCommand(NamedTuple):
@@ -121,12 +125,18 @@ class RemoteFlushCommand(NamedTuple):
     timeout_s: float | None
 
 
+class RemoteLostCommand(NamedTuple):
+    """Say which hashes your store's background writes lost since the last ask (an
+    all-gather; the leader forgets them, so a later write of them is not skipped)."""
+
+
 RemoteCommand = (RemoteHelloCommand | RemotePutCommand | RemoteGetCommand | RemoteWaitCommand
-                 | RemotePollCommand | RemoteFillCommand | RemoteFlushCommand)
+                 | RemotePollCommand | RemoteFillCommand | RemoteFlushCommand
+                 | RemoteLostCommand)
 Command = PlanCommand | ForwardCommand | StopCommand | RemoteCommand
 _COMMANDS = (PlanCommand, ForwardCommand, StopCommand, RemoteHelloCommand, RemotePutCommand,
              RemoteGetCommand, RemoteWaitCommand, RemotePollCommand, RemoteFillCommand,
-             RemoteFlushCommand)
+             RemoteFlushCommand, RemoteLostCommand)
 
 
 class CommandChannel:
@@ -201,10 +211,18 @@ class DistributedRanks(RemoteRanks):
     call goes to the workers over ``channel`` (their ``serve`` does it on their shard), then
     runs on the leader's ``shard``; what arrived is joined with one all-gather. Construction
     is a collective (the workers' ``serve`` must be running): every rank's store must be
-    its rank's namespace of one deployment, else every rank raises the same ValueError."""
+    its rank's namespace of one deployment, else every rank raises the same ValueError.
 
-    def __init__(self, shard: RemoteShard, channel: CommandChannel) -> None:
+    ``lost`` asks the workers for the writes their stores lost (one all-gather) at most
+    every ``lost_every_s`` seconds (0: at every call), the leader's own at every call: a
+    lost write is rare, and the tier asks at every write."""
+
+    def __init__(self, shard: RemoteShard, channel: CommandChannel,
+                 lost_every_s: float = 1.0) -> None:
         import torch.distributed as dist
+
+        self.lost_every_s = check_number("lost_every_s", lost_every_s, 0.0, 3600.0)
+        self._next_lost_s = -math.inf
 
         rank, size = dist.get_rank(channel.group), dist.get_world_size(channel.group)
         if rank != channel.src:
@@ -247,6 +265,18 @@ class DistributedRanks(RemoteRanks):
     def flush(self, timeout_s: float | None) -> bool:
         return bool(self._run(RemoteFlushCommand(timeout_s)))
 
+    def lost(self) -> set[int]:
+        # NOTE: a worker's lost writes stayed on the worker (dropped there after every
+        # command): the leader kept those blocks as held by the store and skipped them in
+        # every later write of their prefix, so the store never held them whole again.
+        now = time.monotonic()
+        if now < self._next_lost_s:
+            return self.leader.lost()
+        self._next_lost_s = now + self.lost_every_s
+        lost = self._run(RemoteLostCommand())
+        assert isinstance(lost, set)
+        return lost
+
 
 def run_remote(shard: RemoteShard, command: RemoteCommand, group: Any) -> object:
     """Do ``command`` on this rank's ``shard``, with the collectives every rank makes for
@@ -282,6 +312,10 @@ def run_remote(shard: RemoteShard, command: RemoteCommand, group: Any) -> object
         return join_arrivals(arrived)
     elif isinstance(command, RemoteFillCommand):
         shard.fill(command.fetch_id, command.blocks)
+    elif isinstance(command, RemoteLostCommand):
+        lost: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(lost, shard.lost(), group=group)
+        return set().union(*lost)
     else:
         return bool(_min_over_ranks(int(shard.store.flush(command.timeout_s)), group))
     return None
@@ -297,11 +331,13 @@ def _min_over_ranks(value: int, group: Any) -> int:
     return int(t.item())
 
 
-class TensorParallelLeader:
+class TensorParallelLeader(Wired):
     """Rank 0: ``engine`` is a :class:`ModelEngine` over the one scheduler and manager,
     whose copies and forward passes run on every rank (and the ``remote`` tier's moves, over
     :class:`DistributedRanks` on ``channel``). Call :meth:`stop` when done (the
     workers' ``serve`` returns)."""
+
+    WIRED = frozenset({"engine", "transfer", "channel"})
 
     def __init__(self, shard: TensorParallelLlama, transfer: DistributedTransferEngine,
                  manager: KVCacheManager, scheduler: Scheduler, channel: CommandChannel,
@@ -358,4 +394,3 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
                              f"no remote tier (pass its RemoteShard to serve)")
         else:
             run_remote(remote, command, channel.group)
-            remote.lost()  # NOTE: nobody reads a worker's lost writes: let them not pile up

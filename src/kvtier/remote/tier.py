@@ -53,6 +53,7 @@ from kvtier.remote.ranks import Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
 from kvtier.sequence import MultimodalItem, block_extras, checked_prompt
 from kvtier.tier import Tier
+from kvtier.wiring import Wired
 
 if TYPE_CHECKING:
     from kvtier.manager import KVCacheManager
@@ -134,10 +135,12 @@ when host blocks leave the cache (write-back)."""
 WRITE_POLICIES: tuple[WritePolicy, ...] = get_args(WritePolicy)
 
 
-class RemoteTier:
+class RemoteTier(Wired):
     """Moves whole blocks between ``manager``'s storages and a shared store: ``store`` with
     this process's ``gpu`` and ``host`` storages, or every rank's (:class:`RemoteRanks`,
     with ``gpu`` and ``host`` left out: each rank's :class:`RemoteShard` holds its own)."""
+
+    WIRED = frozenset({"store", "ranks", "gpu", "host", "manager"})
 
     def __init__(self, store: RemoteStore | RemoteRanks, manager: KVCacheManager,
                  gpu: KVStorage | None = None, host: KVStorage | None = None,

@@ -231,6 +231,23 @@ def oracle_bounds(workload: Workload, tokens_per_block: int, capacities: Iterabl
     A workload with an ``oracle_requests(tokens_per_block)`` method (a Mooncake trace) gives
     its block keys without building prompts; others are hashed prompt by prompt.
     """
+    # NOTE: every argument is checked before the workload is read: ``skip=5`` was a
+    # TypeError from ``in`` after the trace was opened, a generator of capacities gave
+    # no bounds at all (read once to fill the tables, then found empty), and a bad
+    # capacity was found only after the whole workload had been hashed.
+    _check_args(None, tokens_per_block)
+    capacities = list(capacities) if isinstance(capacities, Iterable) else capacities
+    if not isinstance(capacities, list):
+        raise ValueError(f"capacities must be an iterable of block counts, got "
+                         f"{short_repr(capacities)}")
+    for i, capacity in enumerate(capacities):
+        if type(capacity) is not int or capacity < 1:
+            raise ValueError(f"capacities[{i}] must be a block count >= 1, got "
+                             f"{short_repr(capacity)}")
+    if not isinstance(skip, Collection) or isinstance(skip, str | bytes) or any(
+            type(i) is not int for i in skip):
+        raise ValueError(f"skip must be a collection of request positions (ints), got "
+                         f"{short_repr(skip)}")
     method = getattr(workload, "oracle_requests", None)
     requests: list[OracleRequest]
     if callable(method):

@@ -106,6 +106,18 @@ class TorchTransferEngine:
     each step of the staging path (fault injection in tests).
     """
 
+    # NOTE: the storages are read-only: the engine's copiers, views and slot bounds are
+    # built from them, and a storage assigned afterwards was copied into past them.
+    @property
+    def gpu(self) -> KVStorage:
+        """The GPU storage the engine copies to and from (fixed at construction)."""
+        return self._gpu
+
+    @property
+    def host(self) -> KVStorage | None:
+        """The host storage, if any (fixed at construction)."""
+        return self._host
+
     def __init__(
         self,
         gpu: KVStorage,
@@ -131,8 +143,8 @@ class TorchTransferEngine:
                 raise ValueError(f"GPU and host layouts differ beyond the layout kind: {a} vs {b}")
             if host.device.type != "cpu":
                 raise ValueError(f"the host tier must be on the CPU, got {host.device}")
-        self.gpu = gpu
-        self.host = host
+        self._gpu = gpu
+        self._host = host
         self.method = method
         self.min_dma_copy_bytes = min_dma_copy_bytes
         self.min_batch_copy_bytes = min_batch_copy_bytes
