@@ -225,6 +225,16 @@ class BlockCache:
         self._matches: dict[int, tuple[weakref.ref[array[int]], Root, int, Match,
                                        list[int]]] = {}
 
+    def __getstate__(self) -> dict[str, object]:
+        """The cache without its memo of matches (``match_spec``), which holds weak
+        references: a copy or a pickle starts with none, and matches as the original does.
+
+        NOTE: a manager that had matched a spec could not be pickled ('cannot pickle
+        weakref.ReferenceType object'); one that had not could."""
+        state = self.__dict__.copy()
+        state["_matches"] = {}
+        return state
+
     # ---- key spaces and queries ------------------------------------------------------------
 
     def pool(self, tier: Tier) -> TierPool:

@@ -46,7 +46,7 @@ from kvtier.launcher import interrupted, tell
 from kvtier.router import POLICIES as ROUTER_POLICIES
 from kvtier.router import make_policy
 from kvtier.scheduler import AdmissionMode, SchedulerConfig
-from kvtier.sequence import short_repr
+from kvtier.sequence import first_line, short_repr
 from kvtier.sim import (
     ModelProfile,
     SimReport,
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settle_options(args)
             return run(args)
     except CLIError as exc:
-        tell(f"kvtier: error: {exc}")
+        tell(f"kvtier: error: {first_line(exc, 2000)}")
         return EXIT_USAGE
     except KeyboardInterrupt as exc:  # a Ctrl-C, or the launcher's SIGTERM (Terminated)
         return interrupted(exc)
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         discard_stdout()
         return 1
     except OutputFailed as exc:  # a full disk, a closed descriptor: the user's to fix
-        tell(f"kvtier: error: cannot write to standard output: {exc}")
+        tell(f"kvtier: error: cannot write to standard output: {first_line(exc)}")
         discard_stdout()
         return EXIT_USAGE
     except MemoryError:
@@ -209,8 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a traceback.
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        tell(f"kvtier: internal error: {type(exc).__name__}: {exc} (a defect in kvtier; "
-             f"run with {DEBUG_ENV}=1 for the traceback)")
+        tell(f"kvtier: internal error: {type(exc).__name__}: {first_line(exc)} (a defect in "
+             f"kvtier; run with {DEBUG_ENV}=1 for the traceback)")
         return EXIT_INTERNAL
 
 

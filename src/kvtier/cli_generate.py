@@ -109,10 +109,17 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
         from kvtier.model.checkpoint import default_model_path
         from kvtier.model.generate import Generator, TierSizes
         from kvtier.model.llama import usable_device
+        from kvtier.model.sampling import SamplingParams
     except ImportError as exc:
         raise CLIError(f"kvtier {args.command} needs the model extra "
                        f"(pip install 'kvtier[model]'): {exc}") from None
+    sampling: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "top_p": args.top_p, "seed": args.seed, "stop": tuple(args.stop)}
     try:
+        # NOTE: checked before the model loads (a --top-p of 0 or a --seed past 2**64 was
+        # refused only once the weights were read), the EOS ids added after.
+        SamplingParams(**sampling)
         tiers = TierSizes(args.tokens_per_block, args.gpu_blocks, args.host_blocks,
                           max_num_tokens=max(512, args.tokens_per_block),
                           eviction_policy=args.eviction_policy)
@@ -125,9 +132,7 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
         usable_device(device)
         path = args.model if args.model is not None else default_model_path()
         generator = Generator.load(path, tiers, args.dtype, device)
-        params = generator.default_params(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+        params = generator.default_params(**sampling)
     except (ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError
         raise CLIError(str(exc)) from None
     except MemoryError as exc:  # the KV tiers (KVStorage) do not fit
@@ -170,6 +175,10 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
         if not ok or not isinstance(item.get("system", ""), str):
             raise CLIError(f"{path} line {n} needs a \"prompt\" string or a non-empty "
                            "\"turns\" list of strings (and an optional \"system\" string)")
+        texts = [item.get("system", ""), *([item["prompt"]] if "prompt" in item
+                                           else item["turns"])]
+        for text in texts:
+            _check_text(text, f"{path} line {n}")
         if raw and item.get("system"):  # NOTE: answered without it, silently, before
             raise CLIError(f"{path} line {n} has a \"system\" message, which --raw leaves "
                            "out (it tokenizes each prompt as it is)")
@@ -177,6 +186,19 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
     if not items:
         raise CLIError(f"{path} holds no prompt")
     return items
+
+
+def _check_text(text: str, what: str) -> None:
+    """CLIError naming ``what`` if ``text`` is no Unicode text UTF-8 can encode. Pure.
+
+    NOTE: bytes that are no UTF-8 in an argument (or a lone surrogate a JSON string
+    escapes) reach Python as surrogates, which the tokenizer refuses: once the model had
+    loaded, and for a --system in every turn of the chat ("not answered"), for ever."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CLIError(f"{what} is not valid Unicode text (character {exc.start}: bytes "
+                       "that are not UTF-8?)") from None
 
 
 def _text_lines(f: BinaryIO, origin: str) -> Iterator[str]:
@@ -227,6 +249,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError("give prompts or --jsonl FILE")
     if args.raw and args.system_priority is not None:
         raise CLIError("--system-priority needs the chat template, which --raw leaves out")
+    for i, prompt in enumerate(args.prompts):
+        _check_text(prompt, f"prompt {i}")
     items: list[dict[str, Any]] = [{"prompt": p} for p in args.prompts]
     if args.jsonl is not None:
         items += _read_jsonl(args.jsonl, args.raw)
@@ -271,6 +295,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         raise CLIError("kvtier chat reads its messages from standard input, which is closed")
     if args.system_priority is not None and not args.system:
         raise CLIError("--system-priority needs --system, the message whose blocks it keeps")
+    if args.system:
+        _check_text(args.system, "--system")
     generator, params = _load(args)
     system: list[Message] = ([{"role": "system", "content": args.system}]
                              if args.system else [])

@@ -468,6 +468,21 @@ def short_repr(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def first_line(text: object, limit: int = 300) -> str:
+    """The first non-empty line of ``str(text)``, cut to ``limit`` characters (" ..."
+    marking what was left out): a library's error text inside a one-sentence message. Pure.
+
+    NOTE: torch's refusal of a device it has no kernels for is 55 lines long (every
+    dispatch key it tried), all of it printed as the command line's "one sentence"."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    head = lines[0]
+    if len(head) > limit:
+        return head[:limit - 4] + " ..."
+    return head + " ..." if len(lines) > 1 else head
+
+
 def block_extras(
     mm_items: Sequence[MultimodalItem], num_tokens: int, tpb: int
 ) -> list[object] | None:

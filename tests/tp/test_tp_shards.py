@@ -267,3 +267,22 @@ def test_a_block_is_found_only_when_every_rank_found_its_shard() -> None:
     assert num_found_on_every_rank([], [set()]) == 0
     with pytest.raises(ValueError, match="at least one rank"):
         num_found_on_every_rank(wanted, [])
+
+
+def test_a_closed_sharded_engine_still_runs_a_plan_on_every_rank() -> None:
+    """After close() (twice), a plan raised the thread pool's RuntimeError ('cannot schedule
+    new futures after shutdown'; red team, sixteenth pass), which a ModelEngine reads as
+    every op failed. Now the ranks run it one after another: the same shards as the whole
+    model's copy."""
+    gpu, host = make_whole("block_major", "block_major", "cpu")
+    shards = [(make_shard(gpu, r, 2), make_shard(host, r, 2)) for r in range(2)]
+    sharded = ShardedTransferEngine([TorchTransferEngine(g, h) for g, h in shards])
+    sharded.close()
+    sharded.close()
+    plan = TransferPlan(tuple(make_ops(seed=16)))
+    TorchTransferEngine(gpu, host).submit(plan)
+    sharded.synchronize(sharded.submit(plan))
+    for g, h in shards:
+        assert_shard_of(g, gpu)
+        assert_shard_of(h, host)
+    assert [s.num_ops for s in sharded.stats] == [len(plan.ops)] * 2

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -76,41 +76,51 @@ def default_model_path() -> Path:
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor ``config`` needs, by Hugging Face name, with its shape ([out, in] for a
     projection, as ``torch.nn.Linear`` stores it). Pure."""
+    return dict(_expected(config))
+
+
+def _expected(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """``expected_shapes`` one tensor at a time, the model's first layers first. Pure."""
     c = config
     q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.dim),
-                                          "model.norm.weight": (c.dim,)}
+    yield "model.embed_tokens.weight", (c.vocab_size, c.dim)
+    yield "model.norm.weight", (c.dim,)
     if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.dim)
+        yield "lm_head.weight", (c.vocab_size, c.dim)
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (c.dim,)
-        shapes[p + "post_attention_layernorm.weight"] = (c.dim,)
+        yield p + "input_layernorm.weight", (c.dim,)
+        yield p + "post_attention_layernorm.weight", (c.dim,)
         for name, out, inp in (("q", q_dim, c.dim), ("k", kv_dim, c.dim), ("v", kv_dim, c.dim),
                                ("o", c.dim, q_dim)):
-            shapes[f"{p}self_attn.{name}_proj.weight"] = (out, inp)
+            yield f"{p}self_attn.{name}_proj.weight", (out, inp)
             if (c.qkv_bias and name != "o") or (c.o_bias and name == "o"):
-                shapes[f"{p}self_attn.{name}_proj.bias"] = (out,)
+                yield f"{p}self_attn.{name}_proj.bias", (out,)
         for name, out, inp in (("gate", c.ffn_dim, c.dim), ("up", c.ffn_dim, c.dim),
                                ("down", c.dim, c.ffn_dim)):
-            shapes[f"{p}mlp.{name}_proj.weight"] = (out, inp)
+            yield f"{p}mlp.{name}_proj.weight", (out, inp)
             if c.mlp_bias:
-                shapes[f"{p}mlp.{name}_proj.bias"] = (out,)
-    return shapes
+                yield f"{p}mlp.{name}_proj.bias", (out,)
 
 
 def check_tensors(config: ModelConfig, tensors: Mapping[str, TensorEntry],
                   origin: str) -> None:
     """Raise CheckpointError naming the first tensor of ``tensors`` (from ``origin``) that
-    ``config`` lacks, has with another shape, or does not know. Pure."""
-    want = expected_shapes(config)
-    for name, shape in want.items():
+    ``config`` lacks, has with another shape, or does not know. Pure.
+
+    NOTE: the names the config needs are walked only as far as the checkpoint has them: a
+    header claiming a billion layers (a GGUF's block_count, a config's num_hidden_layers)
+    built a dict of nine billion names before the first missing one was named, for hours
+    and until memory ran out."""
+    want: dict[str, tuple[int, ...]] = {}
+    for name, shape in _expected(config):
         entry = tensors.get(name)
         if entry is None:
             raise CheckpointError(f"{origin} has no tensor {name!r} (shape {list(shape)})")
         if tuple(entry.shape) != shape:
             raise CheckpointError(f"tensor {name!r} of {origin} has shape {list(entry.shape)}, "
                                   f"the config needs {list(shape)}")
+        want[name] = shape
     for name in tensors:
         # A tied checkpoint may still carry its head: the embeddings are used instead.
         known = name in want or name.endswith(_IGNORED_SUFFIXES) or (

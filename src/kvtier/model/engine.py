@@ -22,6 +22,7 @@ plan is executed here, once, as a whole.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -115,6 +116,16 @@ class _Computed(NamedTuple):
     lora_id: int | None
     mm_items: tuple[MultimodalItem, ...]
     reused_blocks: int
+
+
+class _Executed(NamedTuple):
+    """A step's outcome up to the scheduler's update (``ModelEngine._execute``)."""
+
+    step: ScheduledStep
+    sampled: dict[str, int]
+    stopped: set[str]
+    given_up: dict[str, str]
+    computed: list[_Computed]
 
 
 class ModelEngine(Wired):
@@ -229,8 +240,31 @@ class ModelEngine(Wired):
         and the output so far. None where no request of that id is queued or running. A
         remote fetch in flight for it lands in the cache for others. Raises TypeError for
         an id that is no str."""
+        if type(request_id) is str and not self._owns(request_id):
+            self._refuse_foreign(request_id)
         req = self.scheduler.abort(request_id)
         return None if req is None else self._finish(req, "abort")
+
+    def _owns(self, request_id: str) -> bool:
+        """Whether ``request_id`` is a request this engine queued and has not finished. Pure."""
+        result = self.results.get(request_id)
+        return result is not None and not result.finished
+
+    def _refuse_foreign(self, request_id: str) -> None:
+        """RuntimeError if the scheduler holds ``request_id`` (which this engine did not
+        queue: ``_owns`` is False). Pure.
+
+        NOTE: a request queued on the scheduler past the engine (a second engine over the
+        same scheduler, ``Scheduler.add_request``) has no result here: a step ran it and
+        raised KeyError after the scheduler's update, and so did every later step; an abort
+        dropped it from the scheduler, then raised."""
+        scheduler = self.scheduler
+        if request_id in scheduler.running or any(
+                r.request_id == request_id for r in scheduler.waiting):
+            raise RuntimeError(f"request {request_id!r} is queued on this engine's scheduler "
+                               "but was not added through this engine (ModelEngine."
+                               "add_request): another engine's, or Scheduler.add_request's; "
+                               "abort it there")
 
     def _finish(self, req: Request, reason: StopReason, error: str | None = None
                 ) -> RequestResult:
@@ -269,78 +303,21 @@ class ModelEngine(Wired):
                                  f"{vocab_size}")
 
     def step(self) -> tuple[ScheduledStep, list[Request]]:
-        """Run one forward pass; returns the schedule and the requests it finished."""
+        """Run one forward pass; returns the schedule and the requests it finished. Raises
+        RuntimeError, running nothing, while the scheduler holds a request this engine did
+        not queue (``add_request``): it would have no result to fill."""
+        scheduler = self.scheduler
+        for req in itertools.chain(scheduler.waiting, scheduler.running.values()):
+            if not self._owns(req.request_id):
+                self._refuse_foreign(req.request_id)
         t0 = time.perf_counter()
         if self.remote is not None:
             self._fetch_remote()
         self._note_promises()
-        step = self.scheduler.step()
-        self._note_admissions(step)
-        t1 = time.perf_counter()
-        if self.remote is not None and self.remote.write_policy == "write-back":
-            self.remote.write_spilled()  # before the plan may overwrite their slots
-        try:
-            handle = self.transfer.submit(step.transfer_plan)
-            self._wait_layer = functools.partial(self.transfer.wait, handle)
-        except Exception as exc:
-            # Degrade to recompute: the manager drops what the failed copies would have
-            # filled and aborts the requests that needed it; they go back to the queue. A
-            # TransferError names what failed; any other fault of an engine (a CUDA error,
-            # a driver call refused, an OSError or a ValueError of a caller's engine)
-            # leaves every op of the plan in doubt.
-            plan = step.transfer_plan
-            failed = (exc.failed_in(plan) if isinstance(exc, TransferError)
-                      else list(range(len(plan))))
-            aborted = self.manager.transfer_failed(plan, failed)
-            step = self.scheduler.requeue_failed(step, aborted)
-            self.num_failed_steps += 1
-            self.transfer.synchronize_all()
-            self._wait_layer = None
-        self.last_step_seconds = {"schedule": t1 - t0, "submit": time.perf_counter() - t1}
-        last_logits: dict[str, torch.Tensor] = {}
-        running = self.scheduler.running
-        computed: list[_Computed] = []  # prompts completed here, to write through
-        writes_through = self.remote is not None and self.remote.write_policy == "write-through"
-        broken: dict[str, Exception] = {}  # forward passes that raised
-        tpb = self.manager.config.tokens_per_block
-        for chunk in step.context_chunks:
-            req = running[chunk.request_id]
-            end = chunk.first_token + chunk.num_tokens
-            if writes_through and chunk.first_token == chunk.num_reused_tokens:
-                # An admission's first chunk (a later chunk starts past a reuse of 0).
-                self._reused_blocks[req.request_id] = chunk.num_reused_tokens // tpb
-            try:
-                logits = self._forward(req, req.tokens[chunk.first_token:end],
-                                       chunk.first_token)
-            except Exception as exc:
-                broken[req.request_id] = exc
-                continue
-            if end == req.num_prefill_tokens:
-                last_logits[req.request_id] = logits[-1]
-                if writes_through:
-                    # The block table as of now: update may finish the request and free it.
-                    computed.append(_Computed(
-                        req.request_id, req.tokens[:end],
-                        self.manager.block_table(req.request_id), req.salt, req.lora_id,
-                        req.mm_items, self._reused_blocks.pop(req.request_id, 0)))
-        for rid in step.decode_request_ids:
-            req = running[rid]
-            tokens = req.tokens
-            try:
-                last_logits[rid] = self._forward(req, tokens[-1:], len(tokens) - 1)[-1]
-            except Exception as exc:
-                broken[rid] = exc
-        given_up: dict[str, str] = {}
-        if broken:
-            step, given_up = self._forward_failed(step, broken)
-            kept = set(step.decode_request_ids)
-            kept.update(c.request_id for c in step.context_chunks)
-            last_logits = {rid: x for rid, x in last_logits.items() if rid in kept}
-            computed = [c for c in computed if c.request_id in kept]
-        sampled = self._sample(last_logits)
+        step, sampled, stopped, given_up, computed = self._execute(self.scheduler.step(), t0)
         for rid in step.preempted_request_ids:
             self.results[rid].num_preemptions += 1
-        finished = self.scheduler.update(step, sampled, self._stopped(sampled))
+        finished = self.scheduler.update(step, sampled, stopped)
         now = time.perf_counter()
         for rid in sampled:
             result = self.results[rid]
@@ -357,6 +334,113 @@ class ModelEngine(Wired):
             self._write_through(computed)
         self.num_steps += 1
         return step, finished
+
+    def _execute(self, step: ScheduledStep, t0: float) -> _Executed:
+        """The scheduler's ``step`` up to its update: its copies submitted, its forward
+        passes run (those that raise degrade to recompute), its tokens sampled.
+
+        NOTE: anything raised here (a KeyboardInterrupt in a forward pass, a caller's
+        sampler or stop function raising a BaseException) left the step unapplied: every
+        later step was refused ('step() called before update()'), the engine (a notebook's
+        Generator) dead. The step is now given up first (``_abandon``), then it raises."""
+        plan_done = False
+        try:
+            self._note_admissions(step)
+            t1 = time.perf_counter()
+            if self.remote is not None and self.remote.write_policy == "write-back":
+                self.remote.write_spilled()  # before the plan may overwrite their slots
+            try:
+                handle = self.transfer.submit(step.transfer_plan)
+                self._wait_layer = functools.partial(self.transfer.wait, handle)
+            except Exception as exc:
+                # Degrade to recompute: the manager drops what the failed copies would have
+                # filled and aborts the requests that needed it; they go back to the queue. A
+                # TransferError names what failed; any other fault of an engine (a CUDA error,
+                # a driver call refused, an OSError or a ValueError of a caller's engine)
+                # leaves every op of the plan in doubt.
+                plan = step.transfer_plan
+                failed = (exc.failed_in(plan) if isinstance(exc, TransferError)
+                          else list(range(len(plan))))
+                aborted = self.manager.transfer_failed(plan, failed)
+                step = self.scheduler.requeue_failed(step, aborted)
+                self.num_failed_steps += 1
+                self.transfer.synchronize_all()
+                self._wait_layer = None
+            plan_done = True
+            self.last_step_seconds = {"schedule": t1 - t0,
+                                      "submit": time.perf_counter() - t1}
+            last_logits: dict[str, torch.Tensor] = {}
+            running = self.scheduler.running
+            computed: list[_Computed] = []  # prompts completed here, to write through
+            writes_through = (self.remote is not None
+                              and self.remote.write_policy == "write-through")
+            broken: dict[str, Exception] = {}  # forward passes that raised
+            tpb = self.manager.config.tokens_per_block
+            for chunk in step.context_chunks:
+                req = running[chunk.request_id]
+                end = chunk.first_token + chunk.num_tokens
+                if writes_through and chunk.first_token == chunk.num_reused_tokens:
+                    # An admission's first chunk (a later chunk starts past a reuse of 0).
+                    self._reused_blocks[req.request_id] = chunk.num_reused_tokens // tpb
+                try:
+                    logits = self._forward(req, req.tokens[chunk.first_token:end],
+                                           chunk.first_token)
+                except Exception as exc:
+                    broken[req.request_id] = exc
+                    continue
+                if end == req.num_prefill_tokens:
+                    last_logits[req.request_id] = logits[-1]
+                    if writes_through:
+                        # The block table as of now: update may finish the request and free
+                        # it.
+                        computed.append(_Computed(
+                            req.request_id, req.tokens[:end],
+                            self.manager.block_table(req.request_id), req.salt, req.lora_id,
+                            req.mm_items, self._reused_blocks.pop(req.request_id, 0)))
+            for rid in step.decode_request_ids:
+                req = running[rid]
+                tokens = req.tokens
+                try:
+                    last_logits[rid] = self._forward(req, tokens[-1:], len(tokens) - 1)[-1]
+                except Exception as exc:
+                    broken[rid] = exc
+            given_up: dict[str, str] = {}
+            if broken:
+                step, given_up = self._forward_failed(step, broken)
+                kept = set(step.decode_request_ids)
+                kept.update(c.request_id for c in step.context_chunks)
+                last_logits = {rid: x for rid, x in last_logits.items() if rid in kept}
+                computed = [c for c in computed if c.request_id in kept]
+            sampled = self._sample(last_logits)
+            stopped = self._stopped(sampled)
+        except BaseException:
+            self._abandon(step, plan_done)
+            raise
+        return _Executed(step, sampled, stopped, given_up, computed)
+
+    def _abandon(self, step: ScheduledStep, plan_done: bool) -> None:
+        """``step`` (the scheduler's latest, not applied) raised before its update: give it
+        up so the next step can run. Its copies, if not all submitted (``plan_done``), are
+        reported failed; its requests recompute as if their forward passes had failed
+        (``compute_failed``: what they were to compute leaves the cache), back at the front
+        of the queue; the step is applied without them. A fault in doing so is logged: the
+        exception the step raised is the one the caller sees."""
+        try:
+            self._wait_layer = None
+            self.transfer.synchronize_all()
+            if not plan_done:
+                plan = step.transfer_plan
+                aborted = self.manager.transfer_failed(plan, list(range(len(plan))))
+                step = self.scheduler.requeue_failed(step, aborted)
+            ids = [c.request_id for c in step.context_chunks]
+            ids += [rid for rid in step.decode_request_ids if rid not in ids]
+            aborted = self.manager.compute_failed(ids)
+            for rid in aborted:
+                self._faulted.pop(rid, None)
+            self.scheduler.update(self.scheduler.requeue_failed(step, aborted), {})
+        except Exception:
+            logger.exception("kvtier: a step that raised could not be given up; the "
+                             "scheduler may refuse the next")
 
     def _forward_failed(self, step: ScheduledStep, failed: dict[str, Exception]
                         ) -> tuple[ScheduledStep, dict[str, str]]:

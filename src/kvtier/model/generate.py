@@ -12,8 +12,9 @@ and it is onboarded back when the conversation returns::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,7 +28,7 @@ from kvtier.model.checkpoint import load_model
 from kvtier.model.engine import ModelEngine, RequestResult
 from kvtier.model.llama import LlamaModel
 from kvtier.model.sampling import Sampler, SamplingParams, find_stop
-from kvtier.model.tokenizer import Tokenizer, load_tokenizer
+from kvtier.model.tokenizer import Tokenizer, check_messages, load_tokenizer
 from kvtier.request import Request, check_token_ids
 from kvtier.retention import Retention, RetentionRange
 from kvtier.scheduler import Scheduler, SchedulerConfig
@@ -132,7 +133,10 @@ class Generator:
         ``retentions`` (one per prompt, or None) keep parts of a prompt's blocks at other
         priorities (:class:`~kvtier.retention.Retention`). ValueError (nothing queued) if a
         prompt is empty, does not fit ``max_context`` or holds a token id that is no id of
-        the model's vocabulary, or if ``retentions`` does not match the prompts."""
+        the model's vocabulary, or if ``retentions`` does not match the prompts (or one a
+        prompt cannot take, e.g. a ``decode_start`` past it). A call that raises later (a
+        KeyboardInterrupt) leaves none of its prompts queued either."""
+        check_params(params)
         if retentions is not None:
             if len(retentions) != len(prompts):
                 raise ValueError(f"retentions has {len(retentions)} items for "
@@ -157,17 +161,31 @@ class Generator:
                                  f"vocabulary of {vocab_size}")
         prompts = checked
         engine = self.engine
-        rids = []
-        for i, ids in enumerate(prompts):
-            rid = f"req-{next(self._ids)}"
-            # The answer may use what is left of the context, no more.
-            max_new = min(params.max_new_tokens, limit - len(ids))
-            stop = self._stop_fn(params.stop) if params.stop else None
-            retention = retentions[i] if retentions is not None else None
-            engine.add_request(Request(rid, list(ids), max_new, retention=retention),
-                               Sampler(params), stop)
-            rids.append(rid)
-        engine.run()
+        rids: list[str] = []
+        try:
+            for i, ids in enumerate(prompts):
+                rid = f"req-{next(self._ids)}"
+                # The answer may use what is left of the context, no more.
+                max_new = min(params.max_new_tokens, limit - len(ids))
+                stop = self._stop_fn(params.stop) if params.stop else None
+                retention = retentions[i] if retentions is not None else None
+                try:
+                    engine.add_request(Request(rid, list(ids), max_new, retention=retention),
+                                       Sampler(params), stop)
+                except ValueError as exc:  # a retention its prompt cannot take
+                    raise ValueError(f"prompt {i}: {exc}") from None
+                rids.append(rid)
+            engine.run()
+        except BaseException:
+            # NOTE: a call refused halfway (a retention whose decode_start lies past its
+            # prompt) or interrupted (a KeyboardInterrupt in a notebook) left the requests
+            # it had queued: the next call ran them too and their results stayed in the
+            # engine. They are aborted, and the call changes no queue.
+            for rid in rids:
+                with contextlib.suppress(RuntimeError):  # a step the engine could not give up
+                    engine.abort(rid)
+                engine.results.pop(rid, None)
+            raise
         results = [engine.results.pop(rid) for rid in rids]
         for i, r in enumerate(results):
             if r.stop_reason == "error":  # its forward pass kept failing (a CUDA OOM)
@@ -180,6 +198,8 @@ class Generator:
         ``system_priority`` (0..100) the blocks a conversation's system message fills are
         kept at that priority (e.g. 90: they stay while other blocks at the default 35
         go), the rest of the prompt at the default."""
+        check_params(params)
+        conversations = check_conversations(conversations)
         prompts = [self.tokenizer.encode_chat(c) for c in conversations]
         if system_priority is None:
             return self.generate(prompts, params)
@@ -221,6 +241,25 @@ class Generator:
         return cdiv(num_tokens, self.tiers.tokens_per_block)
 
 
+def check_params(params: object) -> None:
+    """TypeError unless ``params`` is a :class:`SamplingParams`. Pure.
+
+    NOTE: a dict or None was read as one: AttributeError ('dict' object has no attribute
+    'max_new_tokens') out of the middle of ``generate``."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+
+
+def check_conversations(conversations: object) -> list[list[Mapping[str, str]]]:
+    """``conversations`` as lists of messages (``check_messages``); ValueError naming the
+    conversation, the message and the key of the first that is none. Pure."""
+    if isinstance(conversations, str | bytes | Mapping) or not isinstance(conversations,
+                                                                         Iterable):
+        raise ValueError(f"conversations must be a sequence of conversations (each a sequence "
+                         f"of messages), got {type(conversations).__name__}")
+    return [check_messages(c, f"conversation {i}") for i, c in enumerate(conversations)]
+
+
 class StopCheck:
     """Whether the text of an output so far contains a stop string (decoding only the
     tail that a new stop could end in)."""
@@ -228,8 +267,11 @@ class StopCheck:
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
-        # Tokens of text that may hold a stop: at least one token per character.
-        self.window = max(len(s) for s in stop) + 8
+        # Tokens of text that may hold a stop: a token that decodes to text holds at least
+        # one of its UTF-8 bytes. NOTE: counted in characters, the window was too short for
+        # a stop of Cyrillic, CJK or emoji, which a byte-level vocabulary writes with up to
+        # four tokens a character: such a stop never ended an answer.
+        self.window = max(len(s.encode("utf-8", "surrogatepass")) for s in stop) + 8
 
     def __call__(self, output: Sequence[int]) -> bool:
         tail = self.tokenizer.decode(list(output[-self.window:]))

@@ -29,6 +29,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from kvtier.blocks import cdiv
 from kvtier.model.config import ModelConfig
+from kvtier.sequence import first_line
 from kvtier.storage import KVStorage
 
 # Where a layer's attention gets its K/V: (layer, k, v) -> (keys, values).
@@ -96,7 +97,8 @@ def usable_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
-        raise ValueError(f"device {str(device)[:40]!r} cannot be used here: {exc}") from None
+        raise ValueError(f"device {str(device)[:40]!r} cannot be used here: "
+                         f"{first_line(exc)}") from None
     if dev.type == "meta":
         raise ValueError("device 'meta' holds no data: a model cannot run on it")
     return dev

@@ -48,6 +48,18 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
     def flag(key: str) -> bool:
         return bool(value(key, (bool,), "true or false", False))
 
+    def nested(rs: dict[str, Any], key: str, kinds: tuple[type, ...], what: str,
+               default: Any = _REQUIRED) -> Any:
+        found = rs.get(key)
+        if found is None:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{origin}: rope_scaling lacks the key {key!r}")
+            return default
+        if isinstance(found, bool) or not isinstance(found, kinds):
+            raise CheckpointError(f"{origin}: rope_scaling.{key} must be {what}, got "
+                                  f"{found!r:.60}")
+        return found
+
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{origin}: hidden_act {cfg['hidden_act']!r:.60} is not "
                               "supported (the MLP is SwiGLU)")
@@ -59,15 +71,19 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
     rope_theta = value("rope_theta", (int, float), "a number", None)
     if isinstance(rs, dict):
         rope_type = rs.get("rope_type", rs.get("type", "default"))
-        rope_theta = rs.get("rope_theta", rope_theta)
+        # NOTE: the nested values are checked as the top-level ones: float() took "2.0"
+        # and true (1.0), int() took 8192.7 as 8192, and a list raised a TypeError that
+        # named no key.
+        rope_theta = nested(rs, "rope_theta", (int, float), "a number", rope_theta)
         if rope_type == "llama3":
+            factor, low, high = (float(nested(rs, key, (int, float), "a number"))
+                                 for key in ("factor", "low_freq_factor", "high_freq_factor"))
+            original = nested(rs, "original_max_position_embeddings", (int,), "an integer")
             try:
-                scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
-                                      float(rs["high_freq_factor"]),
-                                      int(rs["original_max_position_embeddings"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{origin}: rope_scaling {rs!r} is not a llama3 "
-                                      f"scaling ({exc})") from None
+                scaling = RopeScaling(factor, low, high, original)
+            except ValueError as exc:
+                raise CheckpointError(f"{origin}: rope_scaling is not a llama3 scaling "
+                                      f"({exc})") from None
         elif rope_type != "default":
             raise CheckpointError(f"{origin}: rope_scaling type {rope_type!r:.60} is not "
                                   "supported (default or llama3)")

@@ -54,6 +54,16 @@ class SamplingParams:
         if not isinstance(self.stop, tuple) or any(
                 not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        for i, s in enumerate(self.stop):
+            # NOTE: bytes that are no UTF-8 (a --stop of a terminal in another encoding)
+            # arrive as lone surrogates, which no decoded text holds: the stop never
+            # matched, without a word.
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"stop[{i}] is not valid Unicode text (character "
+                                 f"{exc.start}: bytes that are not UTF-8?), so no answer "
+                                 "could ever hold it") from None
 
 
 class Sampler:
@@ -80,6 +90,10 @@ class Sampler:
             sorted_probs, order = probs.sort(descending=True)
             # Keep a token while the mass before it is below top_p (the first always stays).
             keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+            # NOTE: compared in float32, a top_p below its smallest number (1e-50) is 0 and
+            # kept no token: multinomial raised 'invalid multinomial distribution' and the
+            # request ended in an error for a top_p in (0, 1].
+            keep[0] = True
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=self._generator))
 

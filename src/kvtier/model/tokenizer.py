@@ -10,11 +10,13 @@ merges, token types and chat template (``tokenizer.ggml.*``), from which a byte-
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kvtier.model.checkpoint import CheckpointError, checkpoint_kind, read_json_object
+from kvtier.request import check_token_ids
+from kvtier.sequence import first_line
 
 # GPT-2's split, with digits one by one first (llama.cpp's "smollm", "starcoder", ...).
 _GPT2_PATTERN = None  # the ByteLevel pre-tokenizer's own regex
@@ -69,14 +71,26 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """The text of ``ids``. Pure."""
-        text: str = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of ``ids`` (a sequence, a tensor or an array; an id past the vocabulary
+        has none). Pure. ValueError naming the index of an id that is no int in
+        ``0..2**32-1`` (what the library reads).
+
+        NOTE: the library raised OverflowError ('number too small to fit in target type')
+        for -1, TypeError for 1.5, naming neither the id nor its place."""
+        tolist = getattr(ids, "tolist", None)  # a torch tensor or numpy array of ids
+        checked = check_token_ids(ids if tolist is None else tolist(), "ids", allow_empty=True)
+        if checked and max(checked) >= 1 << 32:
+            bad = next(i for i, t in enumerate(checked) if t >= 1 << 32)
+            raise ValueError(f"ids: token id {checked[bad]} at index {bad} is past the "
+                             "tokenizer's id range (0..2**32-1)")
+        text: str = self.backend.decode(checked, skip_special_tokens=skip_special_tokens)
         return text
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
                             add_generation_prompt: bool = True) -> str:
         """The conversation as the model was trained to read it. ValueError if the
         checkpoint has no chat template or the template refuses the messages."""
+        messages = check_messages(messages, "the conversation")
         if self.chat_template is None:
             raise ValueError("this checkpoint has no chat template")
         return _render(self.chat_template, messages, add_generation_prompt, self.bos_token,
@@ -107,25 +121,94 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
+def check_messages(messages: object, what: str) -> list[Mapping[str, str]]:
+    """``messages`` as a list, if it is a sequence (or other iterable) of mappings each with
+    a str "role" and "content"; ValueError naming ``what``, the message and the key
+    otherwise. Pure.
+
+    NOTE: the template took whatever it was given: a content that is no str raised
+    TypeError ('can only concatenate str (not "int") to str') from inside Jinja, naming
+    neither the message nor the key; a conversation given as a str was read as messages,
+    one a character."""
+    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Iterable):
+        raise ValueError(f"{what} must be a sequence of messages (mappings with a \"role\" "
+                         f"and a \"content\"), got {type(messages).__name__}")
+    messages = list(messages)
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"{what}: message {i} must be a mapping with a \"role\" and "
+                             f"a \"content\", got {type(message).__name__}")
+        for key in ("role", "content"):
+            value = message.get(key)
+            if not isinstance(value, str):
+                got = "nothing" if key not in message else type(value).__name__
+                raise ValueError(f"{what}: the {key!r} of message {i} must be a str, got "
+                                 f"{got}")
+    return messages
+
+
+# The most bits an integer power in a chat template may have: templates count messages.
+_MAX_POWER_BITS = 4096
+
+
 def _render(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
             bos_token: str | None, eos_token: str | None) -> str:
+    """The chat template rendered over ``messages``; ValueError ("chat template: ...") for
+    a template that fails, whatever it raises, or that writes more than four times the
+    messages' text and a MiB.
+
+    NOTE: a checkpoint's template is code from a file: ``{{ 'x' * 10**12 }}`` asked for a
+    terabyte (a MemoryError the command line blamed on the tiers), ``{{ 10 ** 10 ** 9 }}``
+    computed for ever, ``{{ 1 // 0 }}`` was an internal error (status 70). A repetition
+    or a power past those bounds is refused before it is computed, the output cut where
+    it passes its bound; a template looping for long without output is not stopped."""
     import jinja2
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    limit = 4 * sum(len(m["content"]) for m in messages) + (1 << 20)
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if (isinstance(seq, str | list | tuple) and type(n) is int
+                            and len(seq) * n > limit):
+                        raise SecurityError(f"a repetition of {len(seq) * n:,} items, more "
+                                            f"than {limit:,}")
+            elif (type(left) is int and type(right) is int and right > 0
+                  and abs(left) > 1 and right * abs(left).bit_length() > _MAX_POWER_BITS):
+                raise SecurityError(f"a power of about {right * abs(left).bit_length():,} "
+                                    f"bits, more than {_MAX_POWER_BITS:,}")
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message: str) -> None:
         raise ValueError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
                                                               indent=indent)
     env.globals["raise_exception"] = raise_exception
+    parts: list[str] = []
+    size = 0
     try:
-        return env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token or "", eos_token=eos_token or "")
+        for part in env.from_string(template).generate(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=bos_token or "", eos_token=eos_token or ""):
+            size += len(part)
+            if size > limit:
+                raise ValueError(f"chat template: it writes more than {limit:,} characters "
+                                 "for these messages")
+            parts.append(part)
     except jinja2.TemplateError as exc:
-        raise ValueError(f"chat template: {exc}") from None
+        raise ValueError(f"chat template: {first_line(exc)}") from None
+    except Exception as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith("chat template: "):
+            raise  # the template's own raise_exception, or the bound above
+        raise ValueError(f"chat template: {type(exc).__name__}: {first_line(exc)}") from None
+    return "".join(parts)
 
 
 def tokenizer_from_gguf(path: Path) -> Tokenizer:
@@ -176,7 +259,13 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
     eot_id = token_id("tokenizer.ggml.eot_token_id")  # end of turn, if distinct
     if eot_id is not None:
         eos_ids.append(eot_id)
-    return Tokenizer(backend, eos_ids, gguf_field(reader, "tokenizer.chat_template"),
+    template = gguf_field(reader, "tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        # NOTE: Jinja raised TypeError ("Can't compile non template nodes") at the first
+        # chat turn: an internal error (status 70) of `kvtier chat`, not the file's.
+        raise CheckpointError(f"{path}: tokenizer.chat_template must be a string, got "
+                              f"{template!r:.60}")
+    return Tokenizer(backend, eos_ids, template,
                      token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"),
                      bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)))
 
@@ -259,7 +348,11 @@ def tokenizer_from_directory(path: Path) -> Tokenizer:
                          if isinstance(t, dict) and t.get("name") == "default"), None)
     jinja = path / "chat_template.jinja"
     if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:  # NOTE: a codec error named no file
+            raise CheckpointError(f"{jinja} is not readable UTF-8 text ({first_line(exc)})"
+                                  ) from None
     bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
     eos_ids: list[int] = []
     for source in (_read_json(path / "generation_config.json"), _read_json(path / "config.json")):

@@ -141,9 +141,15 @@ class ShardedTransferEngine:
             engine.synchronize_all()
 
     def close(self) -> None:
-        """Stop the CPU threads (idempotent)."""
-        if self._pool is not None:
-            self._pool.shutdown()
+        """Stop the CPU threads (idempotent); later plans run the ranks one after another
+        on the caller's thread.
+
+        NOTE: a plan submitted after close raised the thread pool's RuntimeError ('cannot
+        schedule new futures after shutdown'), which a ModelEngine took for a failed copy
+        of every op, every step."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
 
 
 def _submit(engine: TorchTransferEngine, plan: TransferPlan) -> TransferHandle | TransferError:
