@@ -44,7 +44,9 @@ from kvtier.radix import (
     add_child,
     block_key,
     extend_run,
+    next_uid,
     remove_child,
+    reserve_uids,
     subtree,
 )
 from kvtier.radix import split as split_run
@@ -231,9 +233,26 @@ class BlockCache:
 
         NOTE: a manager that had matched a spec could not be pickled ('cannot pickle
         weakref.ReferenceType object'); one that had not could."""
+        tick = next(self._tick)
+        self._tick = itertools.count(tick)  # as it was: the tick drawn is given back
         state = self.__dict__.copy()
         state["_matches"] = {}
+        # NOTE: counters travel as ints: an itertools.count is pickled or copied with a
+        # DeprecationWarning from Python 3.12 and not at all from 3.14. And the nodes'
+        # uids come from this process's counter: another process unpickling the tree
+        # must number its new nodes past them (a uid met twice confused the pools' books).
+        state["_tick"] = tick
+        state["_next_uid"] = next_uid()
         return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state = dict(state)
+        tick = state.pop("_tick")
+        next_node_uid = state.pop("_next_uid")
+        assert type(tick) is int and type(next_node_uid) is int
+        self.__dict__.update(state)
+        self._tick = itertools.count(tick)
+        reserve_uids(next_node_uid)
 
     # ---- key spaces and queries ------------------------------------------------------------
 

@@ -27,6 +27,21 @@ from kvtier.tier import Tier
 
 _uids = itertools.count(1)
 
+
+def next_uid() -> int:
+    """The uid the next node will get (none is drawn)."""
+    global _uids
+    uid = next(_uids)
+    _uids = itertools.count(uid)
+    return uid
+
+
+def reserve_uids(upto: int) -> None:
+    """Make every later uid at least ``upto``: a tree unpickled in another process (whose
+    nodes were numbered by that process's counter) meets no new node of the same uid."""
+    global _uids
+    _uids = itertools.count(max(next_uid(), upto))
+
 BlockKey = bytes | tuple[bytes, object]
 
 
