@@ -19,6 +19,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig
 
@@ -100,3 +102,24 @@ def test_a_manager_unpickled_in_another_process_numbers_new_nodes_past_its_own(
         print("ok", len(uids))
     """)
     assert out.startswith("ok")
+
+
+def test_a_shallow_copy_of_a_manager_or_scheduler_is_refused() -> None:
+    """``copy.copy`` gave a second manager (scheduler) sharing the original's tree, pools
+    and live table (queue and running table) with counters of its own: each one's calls
+    corrupted the other's books. Refused, naming deepcopy; the original works on."""
+    manager = busy_manager()
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=16))
+    scheduler.add_request(Request("q", list(range(30)), 3))
+    with pytest.raises(TypeError, match=r"^a KVCacheManager cannot be copied shallowly .*"
+                                        r"use copy\.deepcopy or pickle"):
+        copy.copy(manager)
+    with pytest.raises(TypeError, match=r"^a Scheduler cannot be copied shallowly .*"
+                                        r"use copy\.deepcopy or pickle"):
+        copy.copy(scheduler)
+    twin = copy.deepcopy(scheduler)
+    for s in (scheduler, twin):
+        step = s.step()
+        assert [c.request_id for c in step.context_chunks] == ["q"]
+        s.manager.check_invariants()
+    assert twin.manager is not manager

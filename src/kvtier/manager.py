@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
-from typing import cast
+from typing import NoReturn, cast
 
 from kvtier.admission import Admission, BatchAdmission, PrefixMatch, promise_of
 from kvtier.blocks import cdiv
@@ -66,6 +66,13 @@ def _reentered(method: str) -> RuntimeError:
 
 class KVCacheManager:
     """A tiered, prefix-reusing KV block manager. See the module docstring."""
+
+    def __copy__(self) -> NoReturn:
+        # NOTE: ``copy.copy`` made a second manager over the same tree, pools and live
+        # table with counters of its own: each one's calls corrupted the other's books.
+        raise TypeError("a KVCacheManager cannot be copied shallowly (the copy would share "
+                        "its blocks and requests with the original): use copy.deepcopy or "
+                        "pickle for an independent copy")
 
     @property
     def config(self) -> CacheConfig:

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from operator import attrgetter, eq
-from typing import ClassVar, cast
+from typing import ClassVar, NoReturn, cast
 
 from kvtier.admission import PrefixMatch
 from kvtier.blocks import cdiv
@@ -71,6 +71,13 @@ class Scheduler:
     ADMISSION: ClassVar[AdmissionMode] = "claim"
     # How many waiting requests, from the head of the queue, the queue hint names.
     MAX_HINTED: ClassVar[int] = 64
+
+    def __copy__(self) -> NoReturn:
+        # NOTE: ``copy.copy`` made a second scheduler sharing the original's queue, running
+        # table and manager: a step of either admitted the other's requests.
+        raise TypeError("a Scheduler cannot be copied shallowly (the copy would share its "
+                        "queue, running requests and manager with the original): use "
+                        "copy.deepcopy or pickle for an independent copy")
 
     # NOTE: the manager and config are read-only: replacing either afterwards left the
     # requests running on the old manager and the checks made at construction behind.
