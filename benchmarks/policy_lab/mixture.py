@@ -237,6 +237,28 @@ class RegretMixture(KvtierPredict):
         return uid, n
 
 
+def learned_rank(policy: KvtierPredict, node: Node, now: float, priority: int) -> Key:
+    """``KvtierPredict.rank`` of ``node`` in the learned order, cost-aware, whatever the
+    policy's witness says (the probes decide the order themselves). Pure."""
+    cls = node.reuse_class
+    age = now - node.last_used_s
+    value = policy.learner.value[1 if cls is None else cls][
+        (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
+        if age > 0 else 0]
+    value *= 1.0 + node.start_block * policy.tokens_per_block / policy.crossover_tokens
+    return (priority, 1 if node.soft_claimed else 0, value, node.last_used)
+
+
+def learned_within(policy: KvtierPredict, node: Node, now: float) -> float:
+    """``KvtierPredict.within`` of ``node`` in the learned order, whatever the witness
+    says. Pure."""
+    cls = node.reuse_class
+    age = now - node.last_used_s
+    return policy.learner.near[1 if cls is None else cls][
+        (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
+        if age > 0 else 0]
+
+
 class RegretVeto(KvtierPredict):
     """The default with its witness, whose switch to LRU's order is vetoed while LRU's
     own drops come back more often than the learned order's, beyond chance: each order
@@ -291,22 +313,10 @@ class RegretVeto(KvtierPredict):
         priority = default_priority if expiry is not None and now >= expiry else node.priority
         if self.lru_now:
             return (priority, 1 if node.soft_claimed else 0, 0.0, node.last_used)
-        cls = node.reuse_class
-        age = now - node.last_used_s
-        value = self.learner.value[1 if cls is None else cls][
-            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
-            if age > 0 else 0]
-        value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
-        return (priority, 1 if node.soft_claimed else 0, value, node.last_used)
+        return learned_rank(self, node, now, priority)
 
     def within(self, node: Node, now: float) -> float:
-        if self.lru_now:
-            return 0.0
-        cls = node.reuse_class
-        age = now - node.last_used_s
-        return self.learner.near[1 if cls is None else cls][
-            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
-            if age > 0 else 0]
+        return 0.0 if self.lru_now else learned_within(self, node, now)
 
     def _judge_if_witness_moved(self) -> None:
         witness = self.witness

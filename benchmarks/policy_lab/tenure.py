@@ -52,10 +52,15 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.policy_lab import mixture
-from benchmarks.policy_lab.mixture import RegretVeto, StratifiedVeto
+from benchmarks.policy_lab.mixture import (
+    RegretVeto,
+    StratifiedVeto,
+    learned_rank,
+    learned_within,
+)
 
 from kvtier.config import CacheConfig
-from kvtier.policies import _LAST_BIN_S, NUM_AGE_BINS, KvtierPredict
+from kvtier.policies import KvtierPredict
 from kvtier.pool import Key
 from kvtier.radix import Node
 from kvtier.sim import simulate
@@ -219,28 +224,10 @@ class SwapShadow(KvtierPredict):
         priority = default_priority if expiry is not None and now >= expiry else node.priority
         if self.lru_now:
             return (priority, 1 if node.soft_claimed else 0, 0.0, node.last_used)
-        return self.learned_rank(node, now, priority)
-
-    def learned_rank(self, node: Node, now: float, priority: int) -> Key:
-        cls = node.reuse_class
-        age = now - node.last_used_s
-        value = self.learner.value[1 if cls is None else cls][
-            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
-            if age > 0 else 0]
-        value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
-        return (priority, 1 if node.soft_claimed else 0, value, node.last_used)
+        return learned_rank(self, node, now, priority)
 
     def within(self, node: Node, now: float) -> float:
-        if self.lru_now:
-            return 0.0
-        return self.learned_within(node, now)
-
-    def learned_within(self, node: Node, now: float) -> float:
-        cls = node.reuse_class
-        age = now - node.last_used_s
-        return self.learner.near[1 if cls is None else cls][
-            (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
-            if age > 0 else 0]
+        return 0.0 if self.lru_now else learned_within(self, node, now)
 
     @property
     def rank_version(self) -> int:
@@ -325,7 +312,7 @@ def swapping() -> Iterator[None]:
                 expiry = node.expiry
                 priority = (self._default_priority if expiry is not None and now >= expiry
                             else node.priority)
-                score = (policy.learned_rank(node, now, priority), node.uid)
+                score = (learned_rank(policy, node, now, priority), node.uid)
                 if best is None or score < best[0]:
                     best, best_q = (score, node), q
         y = None
@@ -333,7 +320,7 @@ def swapping() -> Iterator[None]:
             y = best[1]
             young = pool._youngest(best_q, current_key) if pool._both_ends else None
             if young is not None and young is not y and (
-                    policy.learned_within(young, now) < policy.learned_within(y, now)):
+                    learned_within(policy, young, now) < learned_within(policy, y, now)):
                 y = young
         x = original(self, tier, max_blocks, below, cut)
         if x is not None and y is not None and y is not x and y.parent is not None:
