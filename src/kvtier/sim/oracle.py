@@ -236,10 +236,10 @@ def oracle_bounds(workload: Workload, tokens_per_block: int, capacities: Iterabl
     # no bounds at all (read once to fill the tables, then found empty), and a bad
     # capacity was found only after the whole workload had been hashed.
     _check_args(None, tokens_per_block)
-    capacities = list(capacities) if isinstance(capacities, Iterable) else capacities
-    if not isinstance(capacities, list):
+    if not isinstance(capacities, Iterable):
         raise ValueError(f"capacities must be an iterable of block counts, got "
                          f"{short_repr(capacities)}")
+    capacities = list(capacities)
     for i, capacity in enumerate(capacities):
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"capacities[{i}] must be a block count >= 1, got "
