@@ -143,3 +143,63 @@ def test_a_dead_cluster_node_costs_only_its_own_slots(redis_cluster: PrivateClus
     assert stats.num_failed_puts == len(on_victim)
     assert store.last_error is not None and f"node 127.0.0.1:{victim.port}" in store.last_error
     store.close()
+
+
+def test_a_restart_is_counted_as_a_reset(make_redis_server: MakeServer) -> None:
+    """A server restarted empty answers a new connection with another run id: the store
+    counts one reset (``num_resets``), which the remote tier reads as "forget what it was
+    given". A fault without a restart (a dropped connection) counts none."""
+    server = make_redis_server()
+    namespace = make_namespace()
+    store = make_store(server, namespace, num_connections=2)
+    blocks = make_blocks(namespace, 8)
+    assert store.put_many(blocks) == 8
+    with server.client() as client:
+        client.client_kill_filter(_type="normal", skipme=True)  # the same server: no reset
+    assert store.get_many(blocks) == blocks
+    assert store.stats.num_resets == 0
+    server.kill()
+    server.start()
+    assert store.get_many(blocks) == {}
+    assert store.put_many(blocks) == 8
+    assert store.get_many(blocks) == blocks
+    assert store.stats.num_resets == 1
+    store.close()
+
+
+def test_a_user_without_info_still_works(make_redis_server: MakeServer) -> None:
+    """An ACL user who may not run INFO: the store cannot tell a restart (no reset is ever
+    counted) but reads and writes as before, with no error counted."""
+    server = make_redis_server()
+    with server.client() as client:
+        client.execute_command("ACL", "SETUSER", "noinfo", "on", ">pw", "~*", "+@all", "-info")
+    namespace = make_namespace()
+    store = RedisRemoteStore(f"redis://noinfo:pw@127.0.0.1:{server.port}/0", namespace,
+                             timeout_s=0.2)
+    blocks = make_blocks(namespace, 3)
+    assert store.put_many(blocks) == 3
+    assert store.get_many(blocks) == blocks
+    stats = store.stats
+    assert (stats.num_errors, stats.num_resets) == (0, 0)
+    store.close()
+
+
+def test_a_restarted_cluster_node_is_counted_as_a_reset(redis_cluster: PrivateCluster) -> None:
+    """One of three masters restarted (its slots kept, its keys gone): a new connection to
+    it finds another run id, one reset; the keys of the other nodes still hit."""
+    namespace = make_namespace()
+    store = RedisRemoteStore(redis_cluster.url, namespace, cluster=True, timeout_s=0.3,
+                             max_retries=1, backoff_s=0.01, cooldown_s=0.0)
+    blocks = make_blocks(namespace, 30)
+    assert store.put_many(blocks) == 30, store.last_error
+    victim = redis_cluster.nodes[1]
+    on_victim = {h for h in blocks if redis_cluster.node_of(namespace.key(h)) is victim}
+    assert 0 < len(on_victim) < 30
+    victim.kill()
+    victim.start()  # its nodes.conf keeps its slots; its keys are gone
+    deadline = time.monotonic() + 10
+    while store.get_many(blocks).keys() != blocks.keys() - on_victim:
+        assert time.monotonic() < deadline, store.last_error
+        time.sleep(0.1)
+    assert store.stats.num_resets == 1
+    store.close()

@@ -536,3 +536,57 @@ def test_a_remote_tiers_parts_cannot_be_replaced(name: str) -> None:
     assert getattr(tier, name) is before
     tier.fetch_deadline_s = 0.5  # a setting, not a part
     assert tier.fetch_deadline_s == 0.5
+
+
+def test_a_restarted_redis_gets_a_reused_prefix_written_again(
+    make_redis_server: Callable[[], PrivateRedis],
+) -> None:
+    """A Redis restarted empty (another run id) lost every block the tier wrote to it:
+    the tier forgets them (``STORE_RESET``) and writes a reused prefix again. Before, it
+    skipped those 5 blocks as held for as long as it remembered them, so no engine of the
+    fleet found them again."""
+    from kvtier.remote import RedisRemoteStore
+
+    server = make_redis_server()
+    engine = make_engine(lambda ns: RedisRemoteStore(server.url, ns, timeout_s=0.2,
+                                                     cooldown_s=0.1))
+    remote = engine.remote
+    assert remote is not None
+    prompt = PREFIX + [1]  # 23 tokens: 5 full blocks
+    run(engine, [prompt], "a")
+    assert remote.num_written_blocks == 5
+    assert remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 0
+    server.kill()
+    server.start()  # no persistence: it comes back empty, with a new run id
+    time.sleep(0.15)  # past the circuit breaker's cool-down
+    # A write of only held blocks reaches no server: the restart is not seen yet.
+    assert remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 0
+    assert remote.store.stats.num_resets == 0
+    # The next request's new blocks find the server anew (a fault, then its run id).
+    run(engine, [[200 + t for t in range(9)]], "b")
+    assert remote.store.stats.num_resets == 1
+    assert remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 5
+    assert remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 0
+    assert len(remote.store.contains_many(remote.block_hashes(prompt, None, None))) == 5
+
+
+def test_a_fetch_that_misses_a_known_block_forgets_it() -> None:
+    """Blocks the tier wrote but the store no longer holds (evicted by the server, a TTL,
+    a flush): a fetch that looks them up and misses them forgets them, and the next write
+    of the prompt as a reused prefix writes them again. Before, the tier kept skipping
+    them for as long as it remembered them."""
+    backend: dict[str, bytes] = {}
+    a = make_engine(lambda ns: InMemoryRemoteStore(ns, backend))
+    remote = a.remote
+    assert remote is not None
+    prompt = PREFIX + [1]  # 23 tokens: 5 full blocks
+    run(a, [prompt], "a")
+    assert remote.num_written_blocks == 5 and len(backend) == 5
+    hashes = remote.block_hashes(prompt, None, None)
+    keys = [remote.store._key(h) for h in hashes]  # type: ignore[attr-defined]
+    del backend[keys[1]], backend[keys[3]]  # the server drops two of them
+    a.manager.reset_cache()  # nothing local: a fetch looks all 5 up
+    assert remote.fetch(prompt) == 1  # the run found from the first block: block 0
+    assert remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 2
+    assert sorted(backend) == sorted(keys)
+    assert remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 0

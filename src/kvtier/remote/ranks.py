@@ -41,6 +41,13 @@ if TYPE_CHECKING:
     from kvtier.storage import KVStorage
 
 
+STORE_RESET = -1
+"""What :meth:`RemoteShard.lost` holds, beside lost writes' hashes, when its store found its
+backend to be another incarnation than the one it wrote to (a server restarted or failed
+over: ``RemoteStats.num_resets``): every block written before is gone. No block's hash (they
+are unsigned), so it travels in the same set through every rank's gather."""
+
+
 class Arrival(NamedTuple):
     """What one fetch found: on one rank, or joined over every rank (:func:`join_arrivals`)."""
 
@@ -85,6 +92,7 @@ class RemoteShard:
         self._cond = threading.Condition()
         # Hashes of background writes the store reported lost (its I/O thread adds them).
         self._lost: set[int] = set()
+        self._num_resets = self._store_resets()  # the store's as last seen by ``lost``
 
     def put(self, tier: Tier, blocks: Sequence[tuple[int, int]], wait: bool) -> int:
         """Hand the store the blocks ``(hash, slot)`` of the ``tier`` storage, their bytes
@@ -114,10 +122,24 @@ class RemoteShard:
 
     def lost(self) -> set[int]:
         """The hashes of background writes the store lost since the last call (a store of
-        :class:`RemoteStoreBase` reports them; another store's losses are not known)."""
+        :class:`RemoteStoreBase` reports them; another store's losses are not known), and
+        ``STORE_RESET`` where the store has found its backend reset since (it held nothing
+        of what it was given before)."""
+        num_resets = self._store_resets()
         with self._cond:
             lost, self._lost = self._lost, set()
+            if num_resets != self._num_resets:
+                self._num_resets = num_resets
+                lost.add(STORE_RESET)
         return lost
+
+    def _store_resets(self) -> int:
+        """The store's ``num_resets`` (0 for a store whose stats do not count them)."""
+        try:
+            value = getattr(self.store.stats, "num_resets", 0)
+        except Exception:  # a client past the contract (see put): no reset is known
+            return 0
+        return value if type(value) is int else 0
 
     def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
         """Look ``hashes`` up on the I/O thread; False if the store refused the job."""

@@ -243,7 +243,8 @@ class RedisRemoteStore(RemoteStoreBase):
         options: dict[str, Any] = dict(socket_timeout=self.timeout_s,
                                        socket_connect_timeout=self.timeout_s,
                                        retry=Retry(NoBackoff(), 0),
-                                       socket_read_size=SOCKET_READ_BYTES)
+                                       socket_read_size=SOCKET_READ_BYTES,
+                                       redis_connect_func=self._on_connect)
         if self.ca_file is not None:
             options["ssl_ca_certs"] = self.ca_file  # verify the server against this CA
         if self.cluster:
@@ -339,6 +340,34 @@ class RedisRemoteStore(RemoteStoreBase):
             if failures >= self.breaker_threshold:
                 self._open_until[server] = time.monotonic() + self.cooldown_s
         return None
+
+    def _on_connect(self, connection: Any) -> None:
+        """redis-py's hook for every new connection (``redis_connect_func``): read the
+        server's run id (``INFO server``) and tell the base class (``_note_backend``): a
+        server restarted since the last connection to it lost every block written to it,
+        and the remote tier must not go on skipping them as held.
+
+        NOTE: redis-py reconnects a pooled connection the server closed without raising,
+        so a restart shows as no fault: a new connection is the one place it can be seen.
+        A standalone client's hook replaces its own setup (authentication, the database),
+        run first here; a cluster runs its own before this. A server that refuses INFO (an
+        ACL without it) is never known to restart."""
+        from redis.exceptions import ResponseError
+
+        if not self.cluster:
+            connection.on_connect()
+        try:
+            connection.send_command("INFO", "server")
+            reply = connection.read_response()
+        except ResponseError:
+            return
+        text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                name = (f"{connection.host}:{connection.port}" if self.cluster
+                        and hasattr(connection, "host") else "")
+                self._note_backend({name: line[len("run_id:"):].strip()})
+                return
 
     def _refresh_topology(self, exc: BaseException) -> None:
         """After a node's error: slots that moved (MOVED, ASK, CLUSTERDOWN) are looked up

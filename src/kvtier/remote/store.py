@@ -57,6 +57,9 @@ class RemoteStats:
     num_retries: int = 0
     num_short_circuited: int = 0  # batches skipped while a circuit breaker was open
     num_dropped_jobs: int = 0  # background jobs refused: the queue was full, or closed
+    # times the backend was found to be another incarnation than before (a server's run id
+    # changed: restarted or failed over): what was written to it before is gone
+    num_resets: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     bad_payload_reasons: dict[str, int] = field(default_factory=dict)
@@ -142,7 +145,8 @@ class RemoteStoreBase(ABC):
         self._namespace = namespace
         self._fingerprint = namespace.fingerprint
         self._stats = RemoteStats()
-        self._lock = threading.Lock()  # guards _stats
+        self._lock = threading.Lock()  # guards _stats and _backend_ids
+        self._backend_ids: dict[str, str] = {}  # each server's run id, as last read
         self._state_lock = threading.Lock()  # guards _io, _accepting and _closed
         self._io: IOThread | None = None
         self._accepting = True  # False from the start of close(): jobs are refused
@@ -167,6 +171,20 @@ class RemoteStoreBase(ABC):
 
     def _close_backend(self) -> None:  # noqa: B027 - optional hook
         pass
+
+    def _note_backend(self, run_ids: Mapping[str, str]) -> bool:
+        """Say which incarnation of each server answers now (a server's name -> its run
+        id, as far as read): one that answers with another run id than before was restarted
+        or replaced, and lost what it held: counted once per call (``num_resets``), which
+        the remote tier reads as "forget what this store was given". Returns whether a
+        reset was counted."""
+        with self._lock:
+            old = self._backend_ids
+            reset = any(old.get(name, run_id) != run_id for name, run_id in run_ids.items())
+            old.update(run_ids)
+            if reset:
+                self._stats.num_resets += 1
+        return reset
 
     # -- stats ---------------------------------------------------------------------------
     @property

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.remote.codec import num_found_on_every_rank
 from kvtier.remote.options import LONGEST_WAIT_S, check_number, check_timeout
-from kvtier.remote.ranks import Arrival, LocalRanks, RemoteRanks, RemoteShard
+from kvtier.remote.ranks import STORE_RESET, Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
 from kvtier.sequence import MultimodalItem, block_extras, checked_prompt
 from kvtier.tier import Tier
@@ -71,6 +71,7 @@ class _Fetch:
     hashes: list[int]  # of the prompt's reusable full blocks, computed once
     started_s: float
     fetch_id: int  # the ranks' name for it
+    asked: list[int]  # the hashes looked up: past the local tiers, as many as pay
     released: bool = False
 
 
@@ -327,8 +328,10 @@ class RemoteTier(Wired):
         blocks, decoded and never written through, whose absence would cut the chain for
         every other engine). A write the store refuses is not remembered, and one its I/O
         thread accepts and then loses is forgotten at the next write (a
-        :class:`~kvtier.remote.store.RemoteStoreBase` reports it; on a rank in another
-        process, or with another store, such a loss is not known). A prompt with multimodal
+        :class:`~kvtier.remote.store.RemoteStoreBase` reports it; with another store such a
+        loss is not known), as is a block a fetch looked up and missed (evicted by the
+        server, expired, flushed) and every block once the store saw its server restarted
+        (``RemoteStats.num_resets``). A prompt with multimodal
         items must name them (``mm_items``, as admitted): the blocks holding them are keyed
         by their content too, and without it another image behind the same placeholder
         tokens would be served this one's KV. Returns how many blocks were handed to the
@@ -378,12 +381,17 @@ class RemoteTier(Wired):
                 known.popitem(last=False)
 
     def _forget(self, hashes: Iterable[int]) -> None:
-        """Forget blocks a background write lost: a later write of them as a reused prefix
-        writes them (else never, for as long as the tier remembered them)."""
+        """Forget blocks the store no longer holds (a background write it lost, a fetch
+        that missed them; every block, where the hashes hold ``STORE_RESET``): a later write
+        of them as a reused prefix writes them (else never, for as long as the tier
+        remembered them)."""
         known = self._known
         with self._lock:
             for h in hashes:
-                known.pop(h, None)
+                if h == STORE_RESET:
+                    known.clear()
+                else:
+                    known.pop(h, None)
 
     def write_spilled(self) -> int:
         """Write-back: hand the store the host blocks that left the cache since the last
@@ -407,7 +415,8 @@ class RemoteTier(Wired):
         wanted = self._wanted(hashes, ids, salt, lora_id, items)
         if not wanted:
             return 0
-        fetch = _Fetch(list(ids), salt, lora_id, items, hashes, 0.0, next(self._fetch_ids))
+        fetch = _Fetch(list(ids), salt, lora_id, items, hashes, 0.0, next(self._fetch_ids),
+                       wanted)
         self.ranks.get(fetch.fetch_id, wanted)
         arrival = self.ranks.collect([fetch.fetch_id])[fetch.fetch_id]
         self._measured(arrival)
@@ -433,7 +442,7 @@ class RemoteTier(Wired):
         if not wanted:
             return False
         fetch = _Fetch(list(ids), salt, lora_id, items, hashes, time.monotonic(),
-                       next(self._fetch_ids))
+                       next(self._fetch_ids), wanted)
         if not self.ranks.start_get(fetch.fetch_id, wanted):
             return False
         self._pending[request_id] = fetch
@@ -508,5 +517,10 @@ class RemoteTier(Wired):
             self.write_spilled()  # the import may reuse their slots: read them first
         self.ranks.fill(fetch.fetch_id, list(zip(wanted, slots, strict=False)))
         self._remember(wanted[:run])  # found on every rank: the store holds them
+        # A block the tier remembered as held that some rank's store did not have (evicted
+        # by the server's maxmemory or TTL, flushed, a restart not seen, a shard gone):
+        # forgotten, so the next write of its prefix writes it again.
+        found = arrival.found_by_rank
+        self._forget(h for h in fetch.asked if not all(h in f for f in found))
         self.num_fetched_blocks += len(slots)
         return len(slots)
