@@ -670,6 +670,34 @@ def test_a_chat_template_that_runs_away_or_raises_is_refused(template: str,
     assert got == message
 
 
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{% macro f() %}{% for i in range(100000) %}{% endfor %}{{ f() }}{% endmacro %}{{ f() }}",
+])
+def test_a_chat_template_that_loops_without_output_is_stopped(
+        monkeypatch: pytest.MonkeyPatch, template: str) -> None:
+    """A loop that writes nothing passes every bound on output: 10**10 turns of an empty
+    loop ran for hours. Now the lines a template runs are counted and it is refused past
+    ``MAX_TEMPLATE_LINES`` (lowered here to keep the test fast); a real template, and the
+    caller's own trace function, are untouched."""
+    pytest.importorskip("jinja2", reason="chat templates need jinja2: kvtier[model]")
+    import sys
+
+    import kvtier.model.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "MAX_TEMPLATE_LINES", 20_000)
+    tokenizer = Template().tokenizer
+    before = sys.gettrace()
+    tokenizer.chat_template = template
+    with pytest.raises(ValueError) as info:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert str(info.value) == "chat template: it runs more than 20,000 lines of its code"
+    assert sys.gettrace() is before
+    tokenizer.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}"
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}] * 100) == (
+        "user: hi" * 100)
+
+
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 

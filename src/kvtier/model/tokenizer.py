@@ -149,6 +149,32 @@ def check_messages(messages: object, what: str) -> list[Mapping[str, str]]:
 
 # The most bits an integer power in a chat template may have: templates count messages.
 _MAX_POWER_BITS = 4096
+# The most lines of a chat template's code one rendering may run: SmolLM2's runs about 5 a
+# message (26 for one message, 521 for 100), templates with tools tens; at this bound a loop
+# that writes nothing stops after 2-3 s (2-core x86_64 VM).
+MAX_TEMPLATE_LINES = 5_000_000
+
+
+class _LineBudget:
+    """A trace function (``sys.settrace``) that counts the lines a template's code runs
+    (frames of Jinja's compiled ``<template>`` only; no other frame is traced line by line)
+    and raises ``error`` in the template once they pass ``limit``."""
+
+    __slots__ = ("error", "left")
+
+    def __init__(self, limit: int, error: Callable[[], Exception]) -> None:
+        self.left = limit
+        self.error = error
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:
+        return self._line if frame.f_code.co_filename == "<template>" else None
+
+    def _line(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            self.left -= 1
+            if self.left < 0:
+                raise self.error()
+        return self._line
 
 
 def _render(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
@@ -161,7 +187,12 @@ def _render(template: str, messages: Sequence[Mapping[str, str]], add_generation
     terabyte (a MemoryError the command line blamed on the tiers), ``{{ 10 ** 10 ** 9 }}``
     computed for ever, ``{{ 1 // 0 }}`` was an internal error (status 70). A repetition
     or a power past those bounds is refused before it is computed, the output cut where
-    it passes its bound; a template looping for long without output is not stopped."""
+    it passes its bound. A loop that writes nothing (``range(10**5)`` nested three deep:
+    10**15 turns) ran for ever; its lines are counted, and it stops at
+    ``MAX_TEMPLATE_LINES`` (not where a debugger or coverage tool traces this thread: a
+    thread has one trace function, theirs is left alone)."""
+    import sys
+
     import jinja2
     from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -193,6 +224,10 @@ def _render(template: str, messages: Sequence[Mapping[str, str]], add_generation
     env.globals["raise_exception"] = raise_exception
     parts: list[str] = []
     size = 0
+    guard = sys.gettrace() is None
+    if guard:
+        sys.settrace(_LineBudget(MAX_TEMPLATE_LINES, lambda: SecurityError(
+            f"it runs more than {MAX_TEMPLATE_LINES:,} lines of its code")))
     try:
         for part in env.from_string(template).generate(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,
@@ -208,6 +243,9 @@ def _render(template: str, messages: Sequence[Mapping[str, str]], add_generation
         if isinstance(exc, ValueError) and str(exc).startswith("chat template: "):
             raise  # the template's own raise_exception, or the bound above
         raise ValueError(f"chat template: {type(exc).__name__}: {first_line(exc)}") from None
+    finally:
+        if guard:
+            sys.settrace(None)
     return "".join(parts)
 
 
