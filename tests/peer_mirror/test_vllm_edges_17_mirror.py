@@ -44,8 +44,9 @@ def test_kv_cache_events_in_a_pool_the_prompt_fills_exactly(blocks_to_cache: int
     assert admit(mgr, "0", tokens).block_ids == tuple(range(n))
     assert mgr.num_free_gpu_blocks == 0
     stored = mgr.drain_events()
+    parents = [None, *hashes[:-1]]
     assert [(type(e), e.block_hash, e.parent_hash) for e in stored if isinstance(
-        e, BlockStored)] == [(BlockStored, h, p) for h, p in zip(hashes, [None, *hashes])]
+        e, BlockStored)] == [(BlockStored, h, p) for h, p in zip(hashes, parents, strict=True)]
     assert len(stored) == n
     assert [e.token_ids for e in stored if isinstance(e, BlockStored)] == [
         tuple(tokens[i * BS:(i + 1) * BS]) for i in range(n)]
