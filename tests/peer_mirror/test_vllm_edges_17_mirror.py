@@ -55,9 +55,10 @@ def test_kv_cache_events_in_a_pool_the_prompt_fills_exactly(blocks_to_cache: int
     r1 = admit(mgr, "1", tokens)
     assert (r1.num_reused_tokens, r1.block_ids) == ((n - 1) * BS, tuple(range(n)))
     again = mgr.drain_events()
-    assert [type(e) for e in again] == [BlockRemoved, BlockStored]
-    assert [e.block_hash for e in again] == [hashes[-1], hashes[-1]]
-    assert isinstance(again[1], BlockStored) and again[1].parent_hash == hashes[-2]
+    removed, restored = again
+    assert isinstance(removed, BlockRemoved) and isinstance(restored, BlockStored)
+    assert (removed.block_hash, restored.block_hash, restored.parent_hash) == (
+        hashes[-1], hashes[-1], hashes[-2])
     release(mgr, "1")
     assert mgr.reset_cache()
     cleared = mgr.drain_events()
