@@ -1,6 +1,7 @@
 """vLLM's KV-cache-manager and scheduler tests at their edges, mirrored against kvtier: an
 exactly full pool, the blocks an append predicts against those it takes, draft counts that
-shrink, a scheduler run to its end with nothing leaked, and equal tokens at another place.
+shrink, a scheduler run to its end with nothing leaked, equal tokens at another place, and
+ARC's adaptive target.
 
 Each test names the vLLM test it mirrors (vllm-project/vllm, ``tests/v1/core/...``) and
 asserts kvtier's exact answer. The id mapping is ``test_vllm_mirror.py``'s: vLLM's block
@@ -16,6 +17,7 @@ from kvtier import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    KVCacheManager,
     Request,
     Scheduler,
     SchedulerConfig,
@@ -187,3 +189,33 @@ def test_the_last_evictable_block_goes_to_a_request_whose_prefix_is_held() -> No
     assert mgr.num_free_gpu_blocks == 0
     release(mgr, "live", "div")
     assert mgr.num_free_gpu_blocks == 4
+
+
+def test_arc_ghost_hits_raise_the_recency_target_until_t2_gives_way() -> None:
+    """Mirrors tests/v1/kv_offload/test_cpu_manager.py::test_arc_manager_adaptive_target and
+    test_arc_manager_touch_ordering (a hit on a B1 ghost raises ``target_t1_size``; the
+    victim is T1's least recent while T1 is over its target, else T2's), in 3 blocks: [1]
+    is reused (T2), [2] and [3] seen once (T1). [4] evicts [2], T1's oldest (LRU would
+    evict [1]); [2] coming back is a B1 ghost hit, the target rises to 1 and [3] goes (T1
+    still above it); [3] coming back raises it to 2 and, T1 ([4], [2]) no longer above it,
+    the reused [1] goes. Differs by design: kvtier's ARC takes T1 while it holds more than
+    the target (Megiddo & Modha's rule for a B1 hit); vLLM's takes T1 while it holds at
+    least ``int(target)``, and would evict [4] there, keeping [1]."""
+    def cached(mgr: KVCacheManager) -> list[int]:
+        return sorted(b.tokens[0] for b in mgr.cached_blocks())
+
+    mgr = make_manager(num_gpu_blocks=3, eviction_policy="arc")
+    admit(mgr, "a", [1] * 4)
+    release(mgr, "a")
+    assert admit(mgr, "a2", [1] * 4 + [0]).num_reused_tokens == 4
+    release(mgr, "a2")
+    for v in (2, 3):
+        admit(mgr, f"s{v}", [v] * 4)
+        release(mgr, f"s{v}")
+    assert (cached(mgr), mgr.num_free_gpu_blocks) == ([1, 2, 3], 3)
+    steps = []
+    for rid, v in (("d", 4), ("b2", 2), ("c2", 3)):
+        admit(mgr, rid, [v] * 4)
+        release(mgr, rid)
+        steps.append(cached(mgr))
+    assert steps == [[1, 3, 4], [1, 2, 4], [2, 3, 4]]
