@@ -6,7 +6,9 @@ tokens at 10 for a minute. These are TensorRT-LLM's ``KvCacheRetentionConfig`` s
 
 * a :class:`RetentionRange` gives the tokens ``start .. end`` (``end`` excluded; ``None``:
   to the end of the prompt) a priority (0..100, lower is evicted first) and, optionally, a
-  retention in seconds after which the priority falls back to the cache's default;
+  retention in seconds after which the priority falls back to the cache's default (the
+  block then ranks among the default blocks by its release, its last use; TensorRT-LLM
+  re-queues it as if used when the retention ran out);
 * a block takes the range its *first token* lies in: a block that straddles a range's end
   belongs to the range it starts in;
 * prompt blocks in no range take the request's own ``priority`` / ``retention_s``;

