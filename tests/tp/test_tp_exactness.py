@@ -121,6 +121,21 @@ REMOTE_RUNS: tuple[tuple[str, WritePolicy, int, int, list[list[int]]], ...] = (
 )
 
 
+class InlineStore(InMemoryRemoteStore):
+    """An in-memory store whose lookups answer before ``prefetch`` returns: every fetch an
+    engine starts has arrived by its next poll, at TP 2 as on one device.
+
+    NOTE: with the I/O thread's lookups, which fetches a poll found arrived depended on the
+    machine's load; a request released a step later was admitted after other requests'
+    evictions had taken the host blocks its fetch imported, and its remote tokens (and the
+    reference's) differed (seen once, at load 9). Writes stay on the I/O thread: an
+    engine's ``run`` waits for them before the next engine starts."""
+
+    def prefetch(self, hashes: Any, callback: Any) -> bool:
+        callback(self.get_many(hashes))
+        return True
+
+
 def remote_engine_parts(model: LlamaModel, device: Any, num_gpu_blocks: int,
                         num_host_blocks: int, backend: dict[str, bytes]
                         ) -> tuple[RemoteShard, TorchTransferEngine, KVCacheManager, Scheduler]:
@@ -132,7 +147,7 @@ def remote_engine_parts(model: LlamaModel, device: Any, num_gpu_blocks: int,
     manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=num_gpu_blocks,
                                          num_host_blocks=num_host_blocks, hash_algo="sha256"))
     scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
-    return (RemoteShard(InMemoryRemoteStore(namespace, backend), gpu, host),
+    return (RemoteShard(InlineStore(namespace, backend), gpu, host),
             TorchTransferEngine(gpu, host), manager, scheduler)
 
 
