@@ -580,14 +580,17 @@ class KVCacheManager:
         admission order. ``plan`` must be the latest plan this manager handed out
         (``take_plan``, ``end_step``, a scheduler step's), reported once, before the next
         one is taken and not across a ``reset_cache``: its slots name this pool's blocks as
-        they are now, and no later plan read what it failed to write. Raises, changing
-        nothing, for any other plan with ops (ValueError naming it) or a bad index."""
+        they are now, and no later plan read what it failed to write. The copies recorded
+        since it was taken (not taken yet) run after it: one reading a slot it left garbage
+        spreads the damage (a request onboarding a bad host block is aborted too). Raises,
+        changing nothing, for any other plan with ops (ValueError naming it) or a bad
+        index."""
         if self._caller_code.depth:
             raise _reentered("transfer_failed")
         failed = check_failed_indices(plan, failed_indices)
         if len(plan):
             self._check_latest_plan(plan)
-        aborted = fail_transfers(self._cache, self._live, plan, failed)
+        aborted = fail_transfers(self._cache, self._live, plan, failed, self._ops.columns)
         if failed:
             self._version += 1
             self._plan_closed = "had its failed copies reported already"

@@ -24,7 +24,7 @@ from kvtier.live import LiveTable
 from kvtier.radix import Node, path_to_root
 from kvtier.sequence import LiveSequence
 from kvtier.tier import Tier
-from kvtier.transfer.plan import TransferPlan
+from kvtier.transfer.plan import PlanColumns, TransferPlan
 
 
 def check_failed_indices(plan: object, failed_indices: object) -> list[int]:
@@ -44,20 +44,34 @@ def check_failed_indices(plan: object, failed_indices: object) -> list[int]:
 
 
 def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
-                   failed_indices: Iterable[int]) -> list[str]:
+                   failed_indices: Iterable[int], later: PlanColumns | None = None
+                   ) -> list[str]:
     """Handle the failure of the ops at ``failed_indices`` of ``plan`` (a plan of this
     cache); return the ids of the requests aborted, in admission order, to requeue.
+    ``later`` are the ops recorded since ``plan`` was taken (not taken yet): they run after
+    it, so one reading a slot the failure left garbage writes garbage too.
 
     Contract: discards aborted requests from ``live`` and releases their blocks; drops
     damaged and never-computed blocks from ``cache``; changes nothing else.
     """
-    damaged: set[tuple[Tier, int]] = set()
+    damaged: set[tuple[int, int]] = set()
     failed = set(failed_indices)
     for i, op in enumerate(plan.ops):
         if i in failed or (op.src_tier, op.src_slot) in damaged:
             damaged.add((op.dst_tier, op.dst_slot))
         else:
             damaged.discard((op.dst_tier, op.dst_slot))  # rewritten with good data
+    if damaged and later is not None:
+        # NOTE: a failure reported late (after more calls) spreads through the copies those
+        # calls recorded: an offload of a garbage GPU block, an onboard of a garbage host
+        # block into a slot a new request reads, left garbage the report never named.
+        for src_tier, src_slot, dst_tier, dst_slot in zip(
+                later.src_tiers, later.src_slots, later.dst_tiers, later.dst_slots,
+                strict=True):
+            if (src_tier, src_slot) in damaged:
+                damaged.add((dst_tier, dst_slot))
+            else:
+                damaged.discard((dst_tier, dst_slot))
     if not damaged:
         return []
     aborted = _abort_spreading(cache, live, damaged, [])
@@ -81,14 +95,14 @@ def fail_computes(cache: BlockCache, live: LiveTable, request_ids: Iterable[str]
     return aborted
 
 
-def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[Tier, int]],
+def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[int, int]],
                      failed: list[LiveSequence]) -> list[str]:
     """Abort ``failed`` and every live request reading a ``damaged`` block (garbage); drop
     the garbage from the cache; return the aborted requests' ids in admission order."""
     tpb = cache.tpb
     # Garbage spreads: a request reading a bad slot is aborted, and the blocks it scheduled
     # but may not have computed (in its own slots) are bad too, for anyone reading them.
-    bad = set(damaged)
+    bad: set[tuple[int, int]] = set(damaged)  # (tier, slot): a Tier is its int
     aborted: dict[str, LiveSequence] = {}
     more = failed
     while True:
@@ -108,8 +122,9 @@ def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[Tier
         _release_unstored(cache, live, seq)
     # Bad blocks leave the cache with their extensions; one that a live request still
     # claims (reading its own copy of it instead) takes that copy in its place.
-    owners = {(node.tier, slot): (node, i) for node in cache.nodes()
-              for i, slot in enumerate(node.slots)}
+    owners: dict[tuple[int, int], tuple[Node, int]] = {
+        (node.tier, slot): (node, i) for node in cache.nodes()
+        for i, slot in enumerate(node.slots)}
     for key in sorted(bad):
         owner = owners.get(key)
         if owner is None:

@@ -1,0 +1,75 @@
+"""Red team, seventeenth pass: the modules no pass aimed at, reached the way an engine
+developer or an adversary reaches them (failures reported late, imports racing the
+requests that compute the same prefix, copied samplers, ...). Each test fails on the code
+before its fix and asserts the exact refusal (or the exact state after the fault, the books
+recounted) and that nothing else changed."""
+
+from __future__ import annotations
+
+from kvtier import CacheConfig, KVCacheManager, OpKind, SequenceSpec, TransferPlan
+
+TPB = 4
+PROMPT = list(range(9))  # two full blocks and one token
+
+
+def make_manager(num_gpu_blocks: int = 4, num_host_blocks: int = 4) -> KVCacheManager:
+    return KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=num_gpu_blocks,
+                                      num_host_blocks=num_host_blocks), clock=lambda: 0.0)
+
+
+def prompt_on_host(mgr: KVCacheManager) -> TransferPlan:
+    """Cache ``PROMPT``'s two blocks, push them to the host (host slots 0, 1) and return the
+    plan of those two offloads (taken, not yet reported)."""
+    mgr.add_sequence(SequenceSpec("a", PROMPT, priority=50))
+    mgr.remove_sequence("a")
+    mgr.add_sequence(SequenceSpec("big", list(range(200, 216))))  # pushes a's to the host
+    mgr.remove_sequence("big")
+    plan = mgr.take_plan()
+    assert [(op.kind, op.src_slot, op.dst_slot) for op in plan.ops] == [
+        (OpKind.OFFLOAD, 0, 0), (OpKind.OFFLOAD, 1, 1)]
+    assert mgr.lookup(PROMPT).num_host_tokens == 8
+    return plan
+
+
+# ---- transfer_failed reported late: the copies recorded since read the garbage ------------
+
+
+def test_a_late_failed_offload_aborts_the_request_onboarding_its_garbage() -> None:
+    """Both offloads of a plan fail, reported after ``q`` was admitted onto those host
+    blocks (its onboards recorded, not taken yet: the report is still of the latest plan).
+    The report looked at the failed plan only: it found the host slots free (onboarding had
+    moved the blocks to the GPU), aborted nobody, and ``q`` read the garbage the onboards
+    copied. Now the ops recorded since the plan was taken run the damage on: ``q``, whose
+    GPU blocks the onboards fill from the bad host slots, is aborted, and its prefix leaves
+    the cache."""
+    mgr = make_manager()
+    plan = prompt_on_host(mgr)
+    assert mgr.add_sequence(SequenceSpec("q", PROMPT)).num_onboarded_tokens == 8
+    assert mgr.transfer_failed(plan, [0, 1]) == ["q"]
+    mgr.check_invariants()
+    assert not mgr.has_sequence("q")
+    assert mgr.lookup(PROMPT).num_tokens == 0
+    assert mgr.stats.num_failed_transfers == 2
+
+
+def test_a_late_failed_onboard_drops_the_host_copy_offloaded_since() -> None:
+    """``q``'s first onboard fails (GPU slot 2 is garbage), reported after ``q`` finished
+    (its blocks stored on the GPU) and after ``big2`` pushed them to the host (offloads
+    recorded, not taken). The host copy of the garbage stayed cached: a later request would
+    onboard it. Now the offload of the bad GPU block makes its host copy bad: the prefix
+    leaves every tier."""
+    mgr = make_manager()
+    prompt_on_host(mgr)
+    assert mgr.add_sequence(SequenceSpec("q", PROMPT)).num_onboarded_tokens == 8
+    plan = mgr.take_plan()
+    onboards = [i for i, op in enumerate(plan.ops) if op.kind is OpKind.ONBOARD]
+    assert [(plan.ops[i].src_slot, plan.ops[i].dst_slot) for i in onboards] == [(0, 2), (1, 3)]
+    mgr.remove_sequence("q")
+    assert mgr.add_sequence(SequenceSpec("big2", list(range(300, 316)))).admitted
+    assert mgr.lookup(PROMPT).num_host_tokens == 8  # q's blocks went to the host
+    # big2 computes into GPU slot 2 itself; it is aborted too (the manager cannot tell a
+    # slot handed out again since the plan from one still holding its garbage): recompute.
+    assert mgr.transfer_failed(plan, [onboards[0]]) == ["big2"]
+    mgr.check_invariants()
+    assert mgr.lookup(PROMPT).num_tokens == 0
+    assert mgr.num_free_gpu_blocks == 4
