@@ -73,6 +73,16 @@ class Sampler:
         self.params = params
         self._generator = torch.Generator().manual_seed(params.seed or 0)
 
+    def __copy__(self) -> Sampler:
+        # NOTE: the shallow copy shared the original's generator: each one's draws moved
+        # the other's on, so neither repeated its seeded run. A copy draws what the
+        # original would draw from here on, on a generator of its own (as a deep copy, a
+        # pickle, and ``copy.copy`` of a ``random.Random`` or a NumPy generator do).
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        copied._generator = torch.Generator().set_state(self._generator.get_state())
+        return copied
+
     def sample(self, logits: torch.Tensor) -> int:
         """The next token from ``logits`` [vocab]."""
         p = self.params
