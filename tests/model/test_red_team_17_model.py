@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import copy
 import pickle
+from typing import TYPE_CHECKING
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="the sampler needs torch")
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch", reason="the sampler needs torch")
 
-from kvtier.model.sampling import Sampler, SamplingParams  # noqa: E402
+from kvtier.model.sampling import Sampler, SamplingParams
 
 LOGITS = torch.zeros(50)
 
