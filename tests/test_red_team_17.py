@@ -73,3 +73,64 @@ def test_a_late_failed_onboard_drops_the_host_copy_offloaded_since() -> None:
     mgr.check_invariants()
     assert mgr.lookup(PROMPT).num_tokens == 0
     assert mgr.num_free_gpu_blocks == 4
+
+
+# ---- a bad block of a claimed run: its successors were computed from it ------------------
+
+SHARED = [1, 2, 3, 9, 10, 11, 12, 13, 14]  # reuses 3 tokens of [1, 2, 3, 4] by a copy
+
+
+def twins_copying_a_partial_block() -> tuple[KVCacheManager, TransferPlan]:
+    """``a`` and ``b``, admitted in one step with one prompt, each copy the first 3 tokens
+    of cached block 0 into a block of their own (ops 0 and 1) and compute the rest. ``a``
+    stores its blocks first (slots 1, 2); ``b``'s (4, 5) are its private duplicates::
+
+        cached run  [1 2 3 9 | 10 11 12 13]   slots 1, 2 (a's)
+        b's table   slots 4, 5, 6             (its own copies of both, and its tail)
+    """
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8,
+                                     num_host_blocks=0, enable_partial_reuse=True),
+                         clock=lambda: 0.0)
+    mgr.add_sequence(SequenceSpec("c", [1, 2, 3, 4, 5]))
+    mgr.remove_sequence("c")
+    mgr.begin_step()
+    a, b = mgr.add_sequence_batch([SequenceSpec("a", SHARED), SequenceSpec("b", SHARED)])
+    assert (tuple(a.block_ids), tuple(b.block_ids)) == ((1, 2, 3), (4, 5, 6))
+    plan = mgr.end_step()
+    assert [(op.kind, op.src_slot, op.dst_slot) for op in plan.ops] == [
+        (OpKind.COPY, 0, 1), (OpKind.COPY, 0, 4)]
+    assert [b.slot for b in mgr.cached_blocks()] == [0, 1, 2]
+    return mgr, plan
+
+
+def test_a_late_failed_copy_leaves_no_block_computed_from_it_cached() -> None:
+    """``a``'s copy failed (slot 1 garbage, and slot 2, which its forward pass computed
+    from it), reported after ``a`` finished. ``b`` holds good copies of both: the report
+    gave the run ``b``'s copy of block 0 only, leaving ``a``'s block 1 (garbage) cached
+    after it, for every later request to reuse. Now the run takes ``b``'s copies of both,
+    and ``a``'s slots are free."""
+    mgr, plan = twins_copying_a_partial_block()
+    mgr.remove_sequence("a")
+    free = mgr.num_free_gpu_blocks
+    assert mgr.transfer_failed(plan, [0]) == []
+    mgr.check_invariants()
+    assert [(b.slot, b.tokens) for b in mgr.cached_blocks()] == [
+        (0, (1, 2, 3, 4)), (4, (1, 2, 3, 9)), (5, (10, 11, 12, 13))]
+    assert mgr.block_table("b") == [4, 5, 6]
+    assert mgr.num_free_gpu_blocks == free + 2  # slots 1 and 2
+
+
+def test_a_failed_copy_reported_after_an_empty_step_drops_what_was_computed_from_it() -> None:
+    """The same failure, reported after one more step that copied nothing (its empty plan
+    leaves this one the latest): ``a`` is aborted, but its valid tokens had moved past the
+    blocks computed from the garbage, so they were not marked bad and block 1 stayed. Now
+    the run takes ``b``'s copies of both."""
+    mgr, plan = twins_copying_a_partial_block()
+    mgr.begin_step()
+    mgr.append_tokens("a", [7])
+    assert mgr.end_step().ops == ()
+    assert mgr.transfer_failed(plan, [0]) == ["a"]
+    mgr.check_invariants()
+    assert [(b.slot, b.tokens) for b in mgr.cached_blocks()] == [
+        (0, (1, 2, 3, 4)), (4, (1, 2, 3, 9)), (5, (10, 11, 12, 13))]
+    assert mgr.block_table("b") == [4, 5, 6]

@@ -145,17 +145,33 @@ def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[int,
 def _replace_with_copy(cache: BlockCache, live: LiveTable, node: Node, index: int) -> None:
     """Block ``index`` of the claimed GPU run ``node`` is bad: every live request on it
     reads its own copy instead (or it would have been aborted). Give the run the first
-    such copy, and free the bad slot."""
+    such copy, and free the bad slot; the run's later blocks that its holder holds copies
+    of too (and no other live request reads) take those copies the same way."""
     position = node.start_block + index
     bad_slot = node.slots[index]
     for seq in live:
         if (position < len(seq.block_table) and seq.block_table[position] != bad_slot
                 and seq.block_table[position] in seq.private_slots
                 and any(n is node for n in path_to_root(seq.last_node))):
-            copy = seq.block_table[position]
-            seq.private_slots = [s for s in seq.private_slots if s != copy]
-            node.slots[index] = copy
-            cache.free_gpu([bad_slot])
+            # NOTE: the run's blocks after a bad one were computed reading it, by a request
+            # gone since (finished before the failure was reported) or whose valid tokens
+            # moved past them: nothing marked them bad, and swapping the bad block alone
+            # left its garbage successors cached under the good copy. The holder of the
+            # copy computed its own successors from it: those replace them.
+            table, private = seq.block_table, set(seq.private_slots)
+            swapped = []
+            for j in range(index, node.num_blocks):
+                pos, old = node.start_block + j, node.slots[j]
+                if pos >= len(table) or table[pos] not in private or table[pos] == old:
+                    break
+                if j > index and any(other is not seq and pos < len(other.block_table)
+                                     and other.block_table[pos] == old for other in live):
+                    break
+                node.slots[j] = table[pos]
+                swapped.append(old)
+            taken = {node.slots[j] for j in range(index, index + len(swapped))}
+            seq.private_slots = [s for s in seq.private_slots if s not in taken]
+            cache.free_gpu(swapped)
             return
     raise AssertionError(f"{node} block {index} is claimed, but nobody holds a copy")
 
