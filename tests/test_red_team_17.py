@@ -134,3 +134,22 @@ def test_a_failed_copy_reported_after_an_empty_step_drops_what_was_computed_from
     assert [(b.slot, b.tokens) for b in mgr.cached_blocks()] == [
         (0, (1, 2, 3, 4)), (4, (1, 2, 3, 9)), (5, (10, 11, 12, 13))]
     assert mgr.block_table("b") == [4, 5, 6]
+
+
+def test_a_run_computed_below_a_late_failed_copy_leaves_the_cache() -> None:
+    """``a`` decodes a third block (slot 3, from its garbage, stored below the run) in
+    steps that copy nothing, then finishes; then its failed copy is reported. The run took
+    ``b``'s copies, but the block below it, computed from the garbage and held by no live
+    request, stayed cached. Now it leaves: what stays is what ``b`` computed."""
+    mgr, plan = twins_copying_a_partial_block()
+    for token in (15, 16, 17):
+        mgr.begin_step()
+        mgr.append_tokens("a", [token])
+        assert mgr.end_step().ops == ()
+    assert [b.slot for b in mgr.cached_blocks()] == [0, 1, 2, 3]
+    mgr.remove_sequence("a")
+    assert mgr.transfer_failed(plan, [0]) == []
+    mgr.check_invariants()
+    assert [(b.slot, b.tokens) for b in mgr.cached_blocks()] == [
+        (0, (1, 2, 3, 4)), (4, (1, 2, 3, 9)), (5, (10, 11, 12, 13))]
+    assert mgr.lookup(SHARED[:8] + [14, 15, 16, 17, 0]).num_tokens == 8

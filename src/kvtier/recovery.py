@@ -146,7 +146,8 @@ def _replace_with_copy(cache: BlockCache, live: LiveTable, node: Node, index: in
     """Block ``index`` of the claimed GPU run ``node`` is bad: every live request on it
     reads its own copy instead (or it would have been aborted). Give the run the first
     such copy, and free the bad slot; the run's later blocks that its holder holds copies
-    of too (and no other live request reads) take those copies the same way."""
+    of too (and no other live request reads) take those copies the same way, and the runs
+    below it that no live request holds leave the cache."""
     position = node.start_block + index
     bad_slot = node.slots[index]
     for seq in live:
@@ -172,6 +173,11 @@ def _replace_with_copy(cache: BlockCache, live: LiveTable, node: Node, index: in
             taken = {node.slots[j] for j in range(index, index + len(swapped))}
             seq.private_slots = [s for s in seq.private_slots if s not in taken]
             cache.free_gpu(swapped)
+            if index + len(swapped) == node.num_blocks:
+                # The runs below that no live request holds were computed reading the old
+                # blocks (a live one holding them reads its own copies: it computed them).
+                for child in [c for c in node.iter_children() if not c.ref_count]:
+                    cache.drop_from(child, 0, spill=False)
             return
     raise AssertionError(f"{node} block {index} is claimed, but nobody holds a copy")
 
