@@ -6,7 +6,7 @@ recounted) and that nothing else changed."""
 
 from __future__ import annotations
 
-from kvtier import CacheConfig, KVCacheManager, OpKind, SequenceSpec, TransferPlan
+from kvtier import CacheConfig, KVCacheManager, OpKind, SequenceSpec, Tier, TransferPlan
 
 TPB = 4
 PROMPT = list(range(9))  # two full blocks and one token
@@ -73,6 +73,32 @@ def test_a_late_failed_onboard_drops_the_host_copy_offloaded_since() -> None:
     mgr.check_invariants()
     assert mgr.lookup(PROMPT).num_tokens == 0
     assert mgr.num_free_gpu_blocks == 4
+
+
+def test_a_host_block_a_late_failed_offload_left_garbage_is_not_spilled() -> None:
+    """The offload of ``PROMPT``'s first block fails (host slot 0 garbage); before it is
+    reported, ``big2`` pushes ``big``'s blocks to the host, which drops both of ``PROMPT``'s
+    host blocks to the spill log (a write-back remote tier reads them before the next plan
+    runs). The report left the garbage's entry there: the remote store got it under the
+    block's hash, for every engine to fetch. Now the report takes it out of the log; the
+    good block's entry stays."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=4,
+                                     num_host_blocks=2), clock=lambda: 0.0)
+    mgr.record_spills()
+    mgr.add_sequence(SequenceSpec("a", PROMPT))
+    mgr.remove_sequence("a")
+    mgr.add_sequence(SequenceSpec("big", list(range(200, 216))))  # pushes a's to the host
+    mgr.remove_sequence("big")
+    plan = mgr.take_plan()
+    assert [(op.kind, op.src_slot, op.dst_slot) for op in plan.ops] == [
+        (OpKind.OFFLOAD, 0, 0), (OpKind.OFFLOAD, 1, 1)]
+    _, second = (b.block_hash for b in mgr.cached_blocks() if b.tier == Tier.HOST)
+    assert mgr.drain_spills() == []
+    assert mgr.add_sequence(SequenceSpec("big2", list(range(300, 316)))).admitted
+    assert mgr.transfer_failed(plan, [0]) == []
+    mgr.check_invariants()
+    assert mgr.drain_spills() == [(second, 1)]
+    assert mgr.lookup(PROMPT).num_tokens == 0
 
 
 # ---- a bad block of a claimed run: its successors were computed from it ------------------

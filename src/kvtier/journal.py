@@ -178,6 +178,13 @@ class Journal:
         if self.spill_log is not None:
             self._fresh_host_slots.update(slots)
 
+    def forget_spills(self, host_slots: set[int]) -> None:
+        """The KV in ``host_slots`` is garbage (a failed copy wrote them): the spills not
+        drained yet that would read them are dropped, never written to the remote store."""
+        if self.spill_log:
+            self.spill_log = [(h, slot) for h, slot in self.spill_log
+                              if slot not in host_slots]
+
     def drain_spills(self) -> list[tuple[int, int]]:
         """The spill log since the last drain; the next plan may overwrite those slots."""
         assert self.spill_log is not None

@@ -61,6 +61,10 @@ def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
             damaged.add((op.dst_tier, op.dst_slot))
         else:
             damaged.discard((op.dst_tier, op.dst_slot))  # rewritten with good data
+    # NOTE: a host block the plan left garbage, dropped by a call since (an eviction
+    # before the failure was reported), is in the spill log, to be written to the remote
+    # store under its hash: its entry goes.
+    cache.journal.forget_spills({slot for tier, slot in damaged if tier == Tier.HOST})
     if damaged and later is not None:
         # NOTE: a failure reported late (after more calls) spreads through the copies those
         # calls recorded: an offload of a garbage GPU block, an onboard of a garbage host
