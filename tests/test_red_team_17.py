@@ -6,6 +6,10 @@ recounted) and that nothing else changed."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
 from kvtier import CacheConfig, KVCacheManager, OpKind, SequenceSpec, Tier, TransferPlan
 
 TPB = 4
@@ -99,6 +103,30 @@ def test_a_host_block_a_late_failed_offload_left_garbage_is_not_spilled() -> Non
     mgr.check_invariants()
     assert mgr.drain_spills() == [(second, 1)]
     assert mgr.lookup(PROMPT).num_tokens == 0
+
+
+class Index(int):
+    """An integer of another type, as NumPy's and torch's are to a caller."""
+
+
+@pytest.mark.parametrize(("index", "message"), [
+    (True, "failed_indices[1] is True, a bool, not an int"),
+    (Index(0), "failed_indices[1] is 0, a Index, not an int"),
+    (2, "failed op index 2 is not an index into the plan's 2 ops"),
+])
+def test_a_failed_index_of_another_type_is_refused_naming_its_type(index: object,
+                                                                    message: str) -> None:
+    """An index in range of another integer type (NumPy's ``int64`` from ``nonzero``, a
+    bool) was refused as "not an index into the plan's 2 ops": the wrong fault named. Now
+    the message names its position and type; nothing changes either way."""
+    mgr = make_manager()
+    plan = prompt_on_host(mgr)
+    before = (mgr.cached_blocks(), mgr.version, mgr.stats.num_failed_transfers)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        mgr.transfer_failed(plan, [1, index])
+    mgr.check_invariants()
+    assert (mgr.cached_blocks(), mgr.version, mgr.stats.num_failed_transfers) == before
+    assert mgr.transfer_failed(plan, [1]) == []  # still reportable
 
 
 # ---- a bad block of a claimed run: its successors were computed from it ------------------

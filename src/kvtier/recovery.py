@@ -36,8 +36,13 @@ def check_failed_indices(plan: object, failed_indices: object) -> list[int]:
         raise TypeError(f"failed_indices must be an iterable of op indices, got "
                         f"{failed_indices!r}")
     failed = list(failed_indices)
-    for index in failed:
-        if type(index) is not int or not 0 <= index < len(plan.ops):
+    for i, index in enumerate(failed):
+        if type(index) is not int:
+            # NOTE: a NumPy or torch integer, or a bool, was refused as "not an index into
+            # the plan's N ops" though it lay in range: the message named the wrong fault.
+            raise ValueError(f"failed_indices[{i}] is {index!r}, a {type(index).__name__}, "
+                             f"not an int")
+        if not 0 <= index < len(plan.ops):
             raise ValueError(f"failed op index {index!r} is not an index into the plan's "
                              f"{len(plan.ops)} ops")
     return failed
