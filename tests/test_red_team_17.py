@@ -123,7 +123,7 @@ def test_a_failed_index_of_another_type_is_refused_naming_its_type(index: object
     plan = prompt_on_host(mgr)
     before = (mgr.cached_blocks(), mgr.version, mgr.stats.num_failed_transfers)
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        mgr.transfer_failed(plan, [1, index])
+        mgr.transfer_failed(plan, [1, index])  # type: ignore[list-item]
     mgr.check_invariants()
     assert (mgr.cached_blocks(), mgr.version, mgr.stats.num_failed_transfers) == before
     assert mgr.transfer_failed(plan, [1]) == []  # still reportable
