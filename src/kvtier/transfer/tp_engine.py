@@ -22,12 +22,13 @@ nobody will read). Two ways to hold the ranks:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from kvtier.transfer.engine import TransferError
-from kvtier.transfer.plan import TransferPlan
+from kvtier.transfer.plan import PlanColumns, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 
@@ -176,9 +177,11 @@ class DistributedTransferEngine:
     group, the default one when ``None``) on the ops that failed anywhere.
 
     Every rank must ``submit`` the same plans in the same order (the leader sends them,
-    ``kvtier.model.tp_engine``). A plan with ops costs one all-reduce of a word per op (bit
-    ``r`` set where rank ``r`` failed it); a CPU (gloo) group keeps it off the GPU's
-    streams. Construction is a collective too: every rank's pools must have the same sizes.
+    ``kvtier.model.tp_engine``). A plan with ops costs one all-reduce of six words that
+    checks every rank ran the same plan and counts the ops that failed (``_agree_on``),
+    and where any did, one more of a word per op (bit ``r`` set where rank ``r`` failed
+    it); a CPU (gloo) group keeps them off the GPU's streams.
+    Construction is a collective too: every rank's pools must have the same sizes.
     Counts: ``num_failed_ops`` (ops reported failed), ``num_failed_elsewhere`` (of those,
     ops this rank had done).
     """
@@ -228,19 +231,67 @@ class DistributedTransferEngine:
     def submit(self, plan: TransferPlan) -> TransferHandle:
         """Start ``plan`` on this rank; raises TransferError (on every rank alike) naming
         every op that failed on any rank; ValueError, before copying, for an op outside the
-        pools (the same on every rank: the pools have the same sizes). A collective when the
+        pools (the same on every rank: the pools have the same sizes), and ValueError on
+        every rank alike where the ranks were given different plans. A collective when the
         plan has ops."""
         if not plan.ops:
             return self.engine.submit(plan)
-        outcome = _submit(self.engine, plan)
+        refused: ValueError | None = None
+        try:
+            outcome: TransferHandle | TransferError | None = _submit(self.engine, plan)
+        except ValueError as exc:  # still joins the agreement: no rank is left waiting
+            refused, outcome = exc, None
         local = outcome.failed_indices if isinstance(outcome, TransferError) else ()
-        error = union_error(plan, self._failed_by_rank(len(plan.ops), local))
-        if error is None:
+        num_failed = self._agree_on(plan, len(local), refused is not None)
+        if refused is not None:
+            raise refused
+        if not num_failed:
             assert isinstance(outcome, TransferHandle)
             return outcome
+        error = union_error(plan, self._failed_by_rank(len(plan.ops), local))
+        assert error is not None
         self.num_failed_ops += len(error.failed_indices)
         self.num_failed_elsewhere += len(error.failed_indices) - len(local)
         raise error
+
+    def _agree_on(self, plan: TransferPlan, num_failed: int, refused: bool) -> int:
+        """Check that every rank submitted this same plan, and return how many of its ops
+        failed over all ranks (0: none anywhere, and no further collective is needed): one
+        all-reduce of six words (the plan's length and a fingerprint of its ops, each with
+        its square: ``n`` equal values ``x`` sum to ``n x`` and ``n x**2``, and unequal
+        ones to ``n * sum(x**2) > sum(x)**2``; the failed ops; whether it refused the plan).
+        Raises ValueError on every rank alike where the plans differ.
+
+        NOTE: ranks given different plans (a leader's bug: a worker's plan stale, cut, or
+        one rank's refused as out of its pools) all-reduced masks of different lengths, or
+        one rank raised before the all-reduce: gloo answered one rank 'ok' and the other a
+        connection error, or left one waiting on a collective that never came."""
+        import torch
+        import torch.distributed as dist
+
+        digest = hashlib.blake2b(plan.kinds.tobytes(), digest_size=8)
+        for column in plan.columns or PlanColumns.of(plan.ops):  # at C speed
+            digest.update(column.tobytes())
+        # 20 bits: the squares' sums stay far inside an int64 for 63 ranks.
+        fingerprint = int.from_bytes(digest.digest(), "little") & 0xFFFFF
+        num_ops = len(plan.ops)
+        words = torch.tensor([num_ops, num_ops * num_ops, fingerprint,
+                              fingerprint * fingerprint, num_failed, int(refused)],
+                             dtype=torch.int64)
+        if self._on_device:
+            words = words.to(self.engine.device)
+        dist.all_reduce(words, op=dist.ReduceOp.SUM, group=self.group)
+        ops, ops_sq, fp, fp_sq, total_failed, num_refused = words.tolist()
+        n = self.tp_size
+        if (n * ops_sq != ops * ops or n * fp_sq != fp * fp
+                or num_refused not in (0, n)):
+            if not refused:
+                self.engine.synchronize_all()  # its own plan's copies: let them land
+            raise ValueError(f"the ranks were given different plans (rank {self.tp_rank}: "
+                             f"{num_ops} ops, fingerprint {fingerprint:#07x}; {ops} ops over "
+                             f"{n} ranks): every rank must submit the leader's plans, in "
+                             f"order; each ran its own, so their shards may differ now")
+        return int(total_failed)
 
     def _failed_by_rank(self, num_ops: int, local: Sequence[int]) -> list[list[int]]:
         """Every rank's failed op positions: one all-reduce, rank ``r`` adding bit ``r``
