@@ -207,3 +207,50 @@ def test_a_run_computed_below_a_late_failed_copy_leaves_the_cache() -> None:
     assert [(b.slot, b.tokens) for b in mgr.cached_blocks()] == [
         (0, (1, 2, 3, 4)), (4, (1, 2, 3, 9)), (5, (10, 11, 12, 13))]
     assert mgr.lookup(SHARED[:8] + [14, 15, 16, 17, 0]).num_tokens == 8
+
+
+# ---- host slots an offload not yet taken will write ---------------------------------------
+
+
+def offloaded_not_taken() -> KVCacheManager:
+    """``PROMPT``'s two blocks offloaded to host slots 0 and 1 (a full host of 2), the
+    offloads recorded and not yet taken: the slots get their KV when that plan runs."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=4,
+                                     num_host_blocks=2), clock=lambda: 0.0)
+    mgr.record_spills()
+    mgr.add_sequence(SequenceSpec("a", PROMPT))
+    mgr.remove_sequence("a")
+    mgr.add_sequence(SequenceSpec("big", list(range(200, 216))))  # pushes a's to the host
+    mgr.remove_sequence("big")
+    assert mgr.lookup(PROMPT).num_host_tokens == 8
+    return mgr
+
+
+def test_an_import_never_takes_a_host_slot_an_offload_not_yet_taken_writes() -> None:
+    """An import made host room by dropping ``PROMPT``'s host blocks, whose offloads were
+    recorded and not yet taken, and handed out their slots: the caller wrote the fetched
+    KV into them at once, and the offloads overwrote it when the plan ran (the imported
+    prefix then held ``PROMPT``'s KV, served as its own). Now those slots go back to the
+    free list: the import takes what else is free (nothing here), and the plan is as it
+    was."""
+    mgr = offloaded_not_taken()
+    other = list(range(500, 509))
+    assert mgr.import_blocks(other, 2) == []
+    mgr.check_invariants()
+    assert mgr.lookup(other).num_tokens == 0
+    assert [(op.kind, op.src_slot, op.dst_slot) for op in mgr.take_plan().ops] == [
+        (OpKind.OFFLOAD, 0, 0), (OpKind.OFFLOAD, 1, 1)]
+    assert mgr.import_blocks(other, 2) == [0, 1]  # once the plan is taken: it runs first
+    mgr.check_invariants()
+
+
+def test_a_block_dropped_before_its_offload_was_taken_is_not_spilled_after_a_drain() -> None:
+    """A drain between recording an offload and dropping its host block forgot that the
+    slot's KV was still to come: the drop logged the slot, and a write-back tier wrote its
+    old content (another block's KV, or nothing) to the store under the block's hash. Now
+    the slot stays pending until the plan is taken: nothing is spilled."""
+    mgr = offloaded_not_taken()
+    assert mgr.drain_spills() == []
+    mgr.import_blocks(list(range(500, 509)), 2)  # drops PROMPT's host blocks for room
+    assert mgr.lookup(PROMPT).num_tokens == 0
+    assert mgr.drain_spills() == []

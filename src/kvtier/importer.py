@@ -8,17 +8,24 @@ nothing beyond the call, and copies nothing: the caller writes the returned host
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from kvtier.cache import BlockCache
 from kvtier.matching import match_prompt
 from kvtier.radix import Node, add_child
+from kvtier.slots import slot_array
 from kvtier.tier import Tier
 
 
 def import_prefix(cache: BlockCache, tokens: list[int], num_blocks: int, lora_id: object,
-                  salt: object, extras: list[object] | None = None) -> list[int]:
+                  salt: object, extras: list[object] | None = None,
+                  pending_host_writes: Collection[int] = ()) -> list[int]:
     """Cache up to ``num_blocks`` full blocks of ``tokens`` (validated) past what the tiers
     already hold, as host blocks; return their host slots, in order (fewer, or none, when
-    the host has less room). Only the first ``len(tokens) - 1`` tokens are reusable."""
+    the host has less room). Only the first ``len(tokens) - 1`` tokens are reusable. No
+    slot of ``pending_host_writes`` (the host slots that copies recorded and not yet run
+    write) is handed out: the caller writes the slots now, and such a copy would overwrite
+    them when its plan runs."""
     if not cache.config.enable_block_reuse or not cache.config.num_host_blocks:
         return []
     tpb = cache.tpb
@@ -40,7 +47,19 @@ def import_prefix(cache: BlockCache, tokens: list[int], num_blocks: int, lora_id
             cache.unref_path(parent)
         if num == 0:
             return []
-        node = Node(parent, tokens[start * tpb:(start + num) * tpb], cache.host.take(num),
+        slots = cache.host.take(num)
+        if pending_host_writes:
+            # NOTE: a host block offloaded by a call whose plan is not taken yet, then
+            # dropped to make this room, left its slot free with the offload still to come:
+            # the imported KV written now was overwritten by it when the plan ran.
+            busy = [s for s in slots if s in pending_host_writes]
+            if busy:
+                cache.host.give_back(busy)
+                slots = slot_array([s for s in slots if s not in pending_host_writes])
+                num = len(slots)
+                if num == 0:
+                    return []
+        node = Node(parent, tokens[start * tpb:(start + num) * tpb], slots,
                     Tier.HOST, extras[start:start + num] if extras is not None else None,
                     parent.start_block + parent.num_blocks, parent.root)
         node.priority = cache.config.default_priority

@@ -174,7 +174,8 @@ class Journal:
     # ---- the spill log ----------------------------------------------------------------------
 
     def host_slots_filled(self, slots: Sequence[int]) -> None:
-        """``slots`` get their KV only when the current plan runs (an offload into them)."""
+        """``slots`` get their KV only when the current plan runs (an offload into them):
+        until it is taken (``plan_taken``), a block dropped from them is not spilled."""
         if self.spill_log is not None:
             self._fresh_host_slots.update(slots)
 
@@ -189,5 +190,13 @@ class Journal:
         """The spill log since the last drain; the next plan may overwrite those slots."""
         assert self.spill_log is not None
         spills, self.spill_log = self.spill_log, []
-        self._fresh_host_slots.clear()
         return spills
+
+    def plan_taken(self) -> None:
+        """The plan holding the offloads into the fresh host slots was handed out: they hold
+        their KV once it runs, before any later call drops them.
+
+        NOTE: a drain forgot them instead: a host block offloaded, drained over, then
+        dropped before its plan was taken was spilled from a slot its offload had not
+        reached yet (a write-back tier wrote the slot's old KV under its hash)."""
+        self._fresh_host_slots.clear()

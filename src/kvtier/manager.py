@@ -52,6 +52,7 @@ from kvtier.sequence import (
     checked_token_array,
     token_list,
 )
+from kvtier.tier import Tier
 from kvtier.transfer.plan import PlanRecorder, TransferPlan
 
 _NO_COPIES = TransferPlan(())
@@ -308,6 +309,7 @@ class KVCacheManager:
         if not self._ops:
             return _NO_COPIES  # NOTE: most calls move nothing: no allocation for them
         plan = self._ops.take()
+        self._cache.journal.plan_taken()
         self._num_plans += 1
         plan.issuer = (self._plan_key, self._num_plans)
         self._plan_closed = None
@@ -525,8 +527,11 @@ class KVCacheManager:
         check_key("salt", salt)
         check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "import_blocks")
+        columns = self._ops.columns
+        pending = {slot for tier, slot in zip(columns.dst_tiers, columns.dst_slots, strict=True)
+                   if tier == Tier.HOST} if len(self._ops) else ()
         slots = import_prefix(self._cache, token_ids, num_blocks, lora_id, salt,
-                              block_extras(items, len(token_ids), self._tpb))
+                              block_extras(items, len(token_ids), self._tpb), pending)
         if slots:
             self._version += 1
         return slots
