@@ -254,3 +254,21 @@ def test_a_block_dropped_before_its_offload_was_taken_is_not_spilled_after_a_dra
     mgr.import_blocks(list(range(500, 509)), 2)  # drops PROMPT's host blocks for room
     assert mgr.lookup(PROMPT).num_tokens == 0
     assert mgr.drain_spills() == []
+
+
+def test_an_import_never_takes_a_host_slot_an_onboard_not_yet_taken_reads() -> None:
+    """``q`` onboards ``PROMPT``'s blocks from host slots 0 and 1 (recorded, not taken),
+    which frees them; an import took slot 1 (slot 0 an offload writes): the caller wrote
+    the fetched KV there at once, and the onboard read it into ``q``'s GPU block when the
+    plan ran: ``q`` computed on another prompt's KV. Now neither slot is handed out."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=4,
+                                     num_host_blocks=4), clock=lambda: 0.0)
+    prompt_on_host(mgr)
+    assert mgr.add_sequence(SequenceSpec("q", PROMPT)).num_onboarded_tokens == 8
+    other = list(range(500, 509))
+    assert mgr.import_blocks(other, 2) == []
+    mgr.check_invariants()
+    ops = [(op.kind, op.src_tier, op.src_slot, op.dst_tier, op.dst_slot)
+           for op in mgr.take_plan().ops]
+    assert (OpKind.ONBOARD, Tier.HOST, 0, Tier.GPU, 2) in ops
+    assert (OpKind.ONBOARD, Tier.HOST, 1, Tier.GPU, 3) in ops

@@ -19,13 +19,13 @@ from kvtier.tier import Tier
 
 def import_prefix(cache: BlockCache, tokens: list[int], num_blocks: int, lora_id: object,
                   salt: object, extras: list[object] | None = None,
-                  pending_host_writes: Collection[int] = ()) -> list[int]:
+                  pending_host_slots: Collection[int] = ()) -> list[int]:
     """Cache up to ``num_blocks`` full blocks of ``tokens`` (validated) past what the tiers
     already hold, as host blocks; return their host slots, in order (fewer, or none, when
     the host has less room). Only the first ``len(tokens) - 1`` tokens are reusable. No
-    slot of ``pending_host_writes`` (the host slots that copies recorded and not yet run
-    write) is handed out: the caller writes the slots now, and such a copy would overwrite
-    them when its plan runs."""
+    slot of ``pending_host_slots`` (the host slots that copies recorded and not yet run
+    read or write) is handed out: the caller writes the slots now, and such a copy would
+    read the imported KV for another block's, or overwrite it, when its plan runs."""
     if not cache.config.enable_block_reuse or not cache.config.num_host_blocks:
         return []
     tpb = cache.tpb
@@ -48,14 +48,16 @@ def import_prefix(cache: BlockCache, tokens: list[int], num_blocks: int, lora_id
         if num == 0:
             return []
         slots = cache.host.take(num)
-        if pending_host_writes:
+        if pending_host_slots:
             # NOTE: a host block offloaded by a call whose plan is not taken yet, then
-            # dropped to make this room, left its slot free with the offload still to come:
-            # the imported KV written now was overwritten by it when the plan ran.
-            busy = [s for s in slots if s in pending_host_writes]
+            # dropped to make this room, left its slot free with the offload still to come
+            # (it overwrote the imported KV when the plan ran); a host block onboarded left
+            # its slot free with the onboard still to read it (it read the imported KV into
+            # the request's GPU block).
+            busy = [s for s in slots if s in pending_host_slots]
             if busy:
                 cache.host.give_back(busy)
-                slots = slot_array([s for s in slots if s not in pending_host_writes])
+                slots = slot_array([s for s in slots if s not in pending_host_slots])
                 num = len(slots)
                 if num == 0:
                     return []

@@ -527,9 +527,13 @@ class KVCacheManager:
         check_key("salt", salt)
         check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "import_blocks")
-        columns = self._ops.columns
-        pending = {slot for tier, slot in zip(columns.dst_tiers, columns.dst_slots, strict=True)
-                   if tier == Tier.HOST} if len(self._ops) else ()
+        # The host slots the copies recorded and not yet taken read or write: the caller
+        # writes the imported slots now, before those copies run.
+        c = self._ops.columns
+        pending = ({slot for tier, slot in zip(c.src_tiers, c.src_slots, strict=True)
+                    if tier == Tier.HOST}
+                   | {slot for tier, slot in zip(c.dst_tiers, c.dst_slots, strict=True)
+                      if tier == Tier.HOST}) if len(self._ops) else set()
         slots = import_prefix(self._cache, token_ids, num_blocks, lora_id, salt,
                               block_extras(items, len(token_ids), self._tpb), pending)
         if slots:
