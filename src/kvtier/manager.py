@@ -517,7 +517,9 @@ class KVCacheManager:
 
         For a request waiting in the queue: a later ``lookup`` counts these blocks as host
         hits, and admission onboards them like any other. The caller must write the slots
-        before the next manager call that may read them (an admission's plan).
+        before the next manager call that may read them (an admission's plan). No slot that
+        a copy recorded and not yet taken reads or writes is handed out (fewer come back):
+        that copy runs after the caller's write.
         """
         if self._caller_code.depth:
             raise _reentered("import_blocks")
