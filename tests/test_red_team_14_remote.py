@@ -293,6 +293,7 @@ def test_lost_spills_do_not_pile_up_under_write_back() -> None:
     for first in (10, 20, 30, 40):  # each pushes an older block off the host
         manager.add_sequence(SequenceSpec("r", list(range(first, first + 5))))
         manager.remove_sequence("r")
+        manager.take_plan()  # its offload runs: the host slot holds the block from here
         tier.write_spilled()
         assert tier.flush(10.0)
     assert store.stats.num_failed_puts == 2  # the first two blocks' spills
