@@ -272,3 +272,24 @@ def test_an_import_never_takes_a_host_slot_an_onboard_not_yet_taken_reads() -> N
            for op in mgr.take_plan().ops]
     assert (OpKind.ONBOARD, Tier.HOST, 0, Tier.GPU, 2) in ops
     assert (OpKind.ONBOARD, Tier.HOST, 1, Tier.GPU, 3) in ops
+
+
+def test_a_late_compute_failure_aborts_the_request_copying_its_garbage() -> None:
+    """``r``'s pass fails in a step; before it is reported, ``s`` is admitted (outside a
+    step) reusing 3 tokens of ``r``'s first block by a partial copy (recorded, not taken).
+    The report aborted ``r`` only: ``s`` kept its copy of the garbage, and its block was
+    cached for others. Now the copy spreads the damage: ``s`` is aborted too, and nothing
+    of either stays cached."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8,
+                                     num_host_blocks=0, enable_partial_reuse=True),
+                         clock=lambda: 0.0)
+    mgr.begin_step()
+    assert tuple(mgr.add_sequence(SequenceSpec("r", [1, 2, 3, 4, 5])).block_ids) == (0, 1)
+    assert mgr.end_step().ops == ()
+    s = mgr.add_sequence(SequenceSpec("s", [1, 2, 3, 9, 9]))
+    assert (s.num_reused_tokens, tuple(s.block_ids)) == (3, (2, 3))
+    assert mgr.compute_failed(["r"]) == ["r", "s"]
+    mgr.check_invariants()
+    assert mgr.cached_blocks() == []
+    assert mgr.num_free_gpu_blocks == 8
+    assert mgr.stats.num_failed_computes == 2

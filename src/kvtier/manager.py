@@ -642,7 +642,7 @@ class KVCacheManager:
             self._live.get(rid)  # KeyError naming it
         if self._live.in_step:
             raise RuntimeError("compute_failed() is for the step ended, not one in progress")
-        aborted = fail_computes(self._cache, self._live, ids)
+        aborted = fail_computes(self._cache, self._live, ids, self._ops.columns)
         if aborted:
             self._version += 1
         return aborted

@@ -83,12 +83,13 @@ def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
                 damaged.discard((dst_tier, dst_slot))
     if not damaged:
         return []
-    aborted = _abort_spreading(cache, live, damaged, [])
+    aborted = _abort_spreading(cache, live, damaged, [], later)
     cache.stats.num_failed_transfers += len(failed)
     return aborted
 
 
-def fail_computes(cache: BlockCache, live: LiveTable, request_ids: Iterable[str]) -> list[str]:
+def fail_computes(cache: BlockCache, live: LiveTable, request_ids: Iterable[str],
+                  later: PlanColumns | None = None) -> list[str]:
     """Handle the failure of the forward passes of ``request_ids`` (live requests) in the
     step just scheduled; return the ids of the requests aborted, in admission order, to
     requeue: those, and any request reading what they were to compute.
@@ -96,18 +97,21 @@ def fail_computes(cache: BlockCache, live: LiveTable, request_ids: Iterable[str]
     Their KV past what earlier steps computed is garbage (a pass may fail halfway through
     its layers): the blocks they scheduled but did not compute leave the cache, though
     ``end_step`` stored them for reuse. What earlier steps computed stays cached.
+    ``later`` are the ops recorded since the step ended, as for ``fail_transfers``.
 
     Contract: as ``fail_transfers``."""
     seqs = {rid: live.get(rid) for rid in request_ids}
-    aborted = _abort_spreading(cache, live, set(), list(seqs.values()))
+    aborted = _abort_spreading(cache, live, set(), list(seqs.values()), later)
     cache.stats.num_failed_computes += len(aborted)
     return aborted
 
 
 def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[int, int]],
-                     failed: list[LiveSequence]) -> list[str]:
+                     failed: list[LiveSequence], later: PlanColumns | None = None
+                     ) -> list[str]:
     """Abort ``failed`` and every live request reading a ``damaged`` block (garbage); drop
-    the garbage from the cache; return the aborted requests' ids in admission order."""
+    the garbage from the cache; return the aborted requests' ids in admission order. The
+    ``later`` ops (recorded, not taken) reading a bad slot make their destinations bad."""
     tpb = cache.tpb
     # Garbage spreads: a request reading a bad slot is aborted, and the blocks it scheduled
     # but may not have computed (in its own slots) are bad too, for anyone reading them.
@@ -120,6 +124,14 @@ def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[int,
             valid_blocks = seq.num_valid_tokens // tpb
             bad.update((Tier.GPU, slot) for node in _uncomputed(seq, tpb)
                        for slot in node.slots[max(0, valid_blocks - node.start_block):])
+        if later is not None and len(later.src_slots):
+            # NOTE: a request admitted after the failed step (before the report) copies
+            # what a failed pass left garbage into a slot of its own (a partial copy).
+            for src_tier, src_slot, dst_tier, dst_slot in zip(
+                    later.src_tiers, later.src_slots, later.dst_tiers, later.dst_slots,
+                    strict=True):
+                if (src_tier, src_slot) in bad:
+                    bad.add((dst_tier, dst_slot))
         more = [seq for seq in live if seq.request_id not in aborted
                 and any((Tier.GPU, slot) in bad for slot in seq.block_table)]
         if not more:
