@@ -412,6 +412,10 @@ def test_import_blocks_without_host_room_imports_nothing() -> None:
     mgr = make_manager(num_gpu_blocks=8, num_host_blocks=1)
     assert mgr.import_blocks([5, 5, 5, 5, 0], 1) == [0]
     mgr.add_sequence(SequenceSpec("x", [5, 5, 5, 5, 0]))  # claims and onboards it
+    # Until the onboard's plan is taken, slot 0 is not handed out (the onboard would read
+    # the imported KV): none imported.
+    assert mgr.import_blocks([6, 6, 6, 6, 6, 6, 6, 6, 0], 2) == []
+    mgr.take_plan()
     assert mgr.import_blocks([6, 6, 6, 6, 6, 6, 6, 6, 0], 2) == [0]  # 1 slot: block 0 only
     assert mgr.lookup([6, 6, 6, 6, 6, 6, 6, 6, 0]).num_host_tokens == 4
     with pytest.raises(ValueError, match="num_blocks must be an int >= 0"):
