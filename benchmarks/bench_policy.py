@@ -29,6 +29,7 @@ Load: each workload runs at the time scale where priority-LRU's p50 TTFT is unde
     .venv/bin/python benchmarks/bench_policy.py                 # first 2,000 requests
     .venv/bin/python benchmarks/bench_policy.py --smoke         # tiny, for the tests
     .venv/bin/python benchmarks/bench_policy.py --audit --jobs 2  # the held-out audit
+    .venv/bin/python benchmarks/bench_policy.py --heldout        # its sixteenth-session families
 
 ``--audit`` replays workloads no policy was tuned on (``benchmarks/policy_lab/audit.py``:
 memoryless sessions, scans with a hot set, Zipf system prompts, long-document QA,
@@ -36,7 +37,10 @@ heavy-tailed gaps, a phase shift, flipping regimes; other windows and seeds of t
 1 % and 30 % capacities, 16- and 512-token blocks) through the baselines, vLLM's LRU / ARC
 and the default at several time scales within +-0.05 % (its noise: a learned order is
 chaotic in the arrival times), and flags every row where the default falls below LRU or
-vLLM's best beyond that noise.
+vLLM's best beyond that noise. ``--heldout`` runs the same audit on the families of
+``kvtier.sim.heldout`` (multi-tenant LoRA key spaces, RAG documents at varying positions,
+reordered few-shot examples, long-document QA, bursts with idle gaps, parallel sampling,
+prompts below one block, a stationary control).
 
 Prints a table, then one JSON line.
 """
@@ -71,6 +75,8 @@ from kvtier.sim import (
     simulate,
 )
 from kvtier.sim.clairvoyant import Clairvoyant
+from kvtier.sim.heldout import FAMILIES as HELDOUT_FAMILIES
+from kvtier.sim.heldout import HeldOutWorkload
 from kvtier.sim.oracle import OracleRequest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny run (chat, 60 requests)")
     parser.add_argument("--audit", action="store_true",
                         help="the held-out audit (benchmarks/policy_lab/audit.py) instead")
+    parser.add_argument("--heldout", action="store_true",
+                        help="the audit on kvtier.sim.heldout's families instead")
     parser.add_argument("--rows", default="", help="--audit: only rows whose label has one "
                         "of these comma-separated substrings")
     parser.add_argument("--jobs", type=int, default=1, help="--audit: processes")
@@ -159,8 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.num_scales < 1:
         parser.error(f"--jobs and --num-scales must be >= 1, got {args.jobs}, {args.num_scales}")
-    if args.audit:
-        return audit_main(args.rows, args.jobs, args.num_scales, args.smoke, args.no_peers)
+    if args.audit or args.heldout:
+        if args.audit and args.heldout:
+            parser.error("--audit and --heldout: one at a time")
+        specs = (HELDOUT_SMOKE_ROWS if args.smoke else HELDOUT_ROWS) if args.heldout else \
+            (AUDIT_SMOKE_ROWS if args.smoke else AUDIT_ROWS)
+        return audit_main(specs, args.rows, args.jobs, args.num_scales, args.smoke,
+                          args.no_peers)
     names = args.workloads.split(",")
     limit = args.limit
     if args.smoke:
@@ -285,6 +298,16 @@ AUDIT_ROWS: list[tuple[str, AuditSource, int, tuple[float, ...]]] = [
 AUDIT_SMOKE_ROWS: list[tuple[str, AuditSource, int, tuple[float, ...]]] = [
     ("memoryless", ("memoryless", 0, 80), 32, (0.03,)),
 ]
+# The sixteenth session's families (kvtier.sim.heldout), at seed 0: book-qa's books fill
+# the GPU's floor (twice the largest request) at 3 %, so it runs at 10 % and 30 %.
+HELDOUT_ROWS: list[tuple[str, AuditSource, int, tuple[float, ...]]] = [
+    *((f"{fam}", (fam, 0, 1500), 32, (0.03, 0.10))
+      for fam in ("tenants", "rag", "fewshot", "bursty", "parallel", "tiny", "irm")),
+    ("book-qa", ("book-qa", 0, 600), 32, (0.10, 0.30)),
+]
+HELDOUT_SMOKE_ROWS: list[tuple[str, AuditSource, int, tuple[float, ...]]] = [
+    ("parallel", ("parallel", 0, 80), 32, (0.03,)),
+]
 DEFAULT_POLICY = "kvtier-predict-cost"
 
 
@@ -294,6 +317,8 @@ def audit_workload(source: AuditSource) -> Workload:
     from benchmarks.policy_lab.audit import FAMILIES, Window, family
 
     kind, arg, n = source
+    if kind in HELDOUT_FAMILIES:
+        return HeldOutWorkload(kind, arg, n)
     if kind in FAMILIES:
         return family(kind, arg, n)
     if kind == "chat":
@@ -342,11 +367,11 @@ def _audit_sim(job: tuple[AuditSource, int, int, int, float, str]) -> float:
     return simulate(audit_workload(source), config, time_scale=scale).token_hit_rate
 
 
-def audit_main(only: str, jobs: int, num_scales: int, smoke: bool, no_peers: bool) -> int:
-    """Run the audit; print its table, then one JSON line."""
+def audit_main(specs: list[tuple[str, AuditSource, int, tuple[float, ...]]], only: str,
+               jobs: int, num_scales: int, smoke: bool, no_peers: bool) -> int:
+    """Run the audit over ``specs``; print its table, then one JSON line."""
     from concurrent.futures import ProcessPoolExecutor
 
-    specs = AUDIT_SMOKE_ROWS if smoke else AUDIT_ROWS
     if only:
         wanted = only.split(",")
         specs = [s for s in specs if any(w in s[0] for w in wanted)]
@@ -378,7 +403,9 @@ def audit_main(only: str, jobs: int, num_scales: int, smoke: bool, no_peers: boo
         "benchmark": "bench_policy_audit", "smoke": smoke, "machine": platform.node(),
         "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0],
         "inputs": {"rows": [s[0] for s in specs], "traces": str(TRACES),
-                   "num_scales": num_scales, "source": "benchmarks/policy_lab/audit.py"},
+                   "num_scales": num_scales,
+                   "source": "kvtier.sim.heldout" if specs[0][1][0] in HELDOUT_FAMILIES
+                   else "benchmarks/policy_lab/audit.py"},
         "peers": "vllm 0.33.0 (.venv-peers)" if peers else "skipped",
         "unix_time": int(time.time()), "rows": rows}, allow_nan=False))
     return 0
