@@ -47,3 +47,19 @@ def test_bench_policy_audit_smoke(monkeypatch: pytest.MonkeyPatch,
     assert row["lru"] <= row["belady"] and isinstance(row["flags"], list)
     noise = max(0.0005, 2 * row["kvtier-predict-cost sd"])  # judge_audit_row's noise
     assert ("below LRU" in row["flags"]) == (row["kvtier-predict-cost"] < row["lru"] - noise)
+
+
+def test_bench_policy_heldout_smoke(monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``--heldout --smoke``: the audit's table on one kvtier.sim.heldout row (parallel
+    sampling, 80 requests), its source named in the JSON line."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = __import__("bench_policy")
+    assert module.main(["--heldout", "--smoke", "--num-scales", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["inputs"]["source"] == "kvtier.sim.heldout" and "parallel 3%" in lines[2]
+    (row,) = result["rows"]
+    assert row["num_requests"] == 80 and row["lru"] <= row["belady"]
+    with pytest.raises(SystemExit):
+        module.main(["--heldout", "--audit"])
