@@ -304,6 +304,9 @@ HELDOUT_ROWS: list[tuple[str, AuditSource, int, tuple[float, ...]]] = [
     *((f"{fam}", (fam, 0, 1500), 32, (0.03, 0.10))
       for fam in ("tenants", "rag", "fewshot", "bursty", "parallel", "tiny", "irm")),
     ("book-qa", ("book-qa", 0, 600), 32, (0.10, 0.30)),
+    # Seed 1's two rows below LRU at one scale (the sixteenth session's shortfalls).
+    ("book-qa#1", ("book-qa", 1, 600), 32, (0.30,)),
+    ("rag#1", ("rag", 1, 1500), 32, (0.10,)),
 ]
 HELDOUT_SMOKE_ROWS: list[tuple[str, AuditSource, int, tuple[float, ...]]] = [
     ("parallel", ("parallel", 0, 80), 32, (0.03,)),
