@@ -756,3 +756,96 @@ def test_forget_does_what_dropped_add_trim_and_record_do(seed: int) -> None:
         for a, b in ((fast.learner, ref.learner), (fast.ghosts, ref.ghosts)):
             assert vars(a) == vars(b)
     assert fast.learner.num_records > 100 and fast.learner.num_refreshes > 0
+
+
+class _AskedWithin(KvtierPredict):
+    """kvtier-predict-cost with ``within`` replaced by itself, counted: its ``within_flat``
+    is False, so eviction asks ``within`` at every pop that reaches the young end."""
+
+    def __init__(self) -> None:
+        super().__init__(cost_aware=True)
+        self.asked_while_flat = 0
+
+    def within(self, node: Node, now: float) -> float:
+        if self.witness is not None and self.witness.lru_ahead:
+            self.asked_while_flat += 1
+        return super().within(node, now)
+
+
+def test_within_flat_follows_the_witness_and_only_the_own_class() -> None:
+    """``within_flat`` is the witness's verdict (``within`` is then 0.0 for every run),
+    and False for a subclass that replaces ``within`` or ``rank_version``."""
+    policy = KvtierPredict(cost_aware=True)
+    assert policy.within_flat is False  # no witness before ``bind``
+    policy.bind(CacheConfig(tokens_per_block=4, num_gpu_blocks=8))
+    assert policy.witness is not None and policy.within_flat is False
+    policy.witness.lru_ahead = True
+    assert policy.within_flat is True
+    assert policy.within(make_node(reuse_class=3), 5.0) == 0.0
+
+    class NewVersion(KvtierPredict):
+        @property
+        def rank_version(self) -> int:
+            return 0
+
+    for other in (_AskedWithin(), NewVersion()):
+        other.bind(CacheConfig(tokens_per_block=4, num_gpu_blocks=8))
+        assert other.witness is not None
+        other.witness.lru_ahead = True
+        assert other.within_flat is False
+
+
+@pytest.mark.parametrize("num_host_blocks", [0, 12])
+def test_a_flat_within_evicts_as_the_asked_one(monkeypatch: pytest.MonkeyPatch,
+                                               num_host_blocks: int) -> None:
+    """The default policy, whose flat ``within`` eviction does not ask while the witness
+    says LRU is ahead, makes the decisions of the same policy asked at every pop: over a
+    random stream of growing sessions, with the verdict flipped at every judgement, the
+    same blocks, hits and plans, and the reference was asked while flat."""
+    flips = [0]
+
+    def flip(self: LruWitness) -> None:
+        self.lru_ahead = not self.lru_ahead
+        flips[0] += 1
+
+    monkeypatch.setattr(LruWitness, "_judge", flip)
+    fast, asked = KvtierPredict(cost_aware=True), _AskedWithin()
+    fast_asked = [0, 0]  # the fast policy's ``within`` asked while not flat, while flat
+    own = KvtierPredict.within
+
+    def counted(self: KvtierPredict, node: Node, now: float) -> float:
+        if self is fast:
+            assert self.witness is not None
+            fast_asked[self.witness.lru_ahead] += 1
+        return own(self, node, now)
+
+    monkeypatch.setattr(KvtierPredict, "within", counted)
+    now = [0.0]
+    mgrs = [KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=24,
+                                       num_host_blocks=num_host_blocks),
+                           clock=lambda: now[0], policy=p) for p in (fast, asked)]
+    rng = random.Random(7 + num_host_blocks)
+    sessions: list[list[int]] = [[] for _ in range(8)]
+    live: list[str] = []
+    for i in range(600):
+        now[0] += rng.choice([0.1, 0.5, 2.0, 9.0])
+        s = rng.randrange(len(sessions))
+        if rng.random() < 0.2:
+            sessions[s] = []
+        sessions[s] = sessions[s] + [rng.randrange(50) for _ in range(rng.randrange(1, 9))]
+        tokens = sessions[s][:40]
+        results = [m.add_sequence(SequenceSpec(str(i), tokens)) for m in mgrs]
+        plans = [m.take_plan() for m in mgrs]
+        assert results[0] == results[1], i
+        assert plans[0] == plans[1], i
+        if results[0].admitted:
+            live.append(str(i))
+        while len(live) > 2:
+            rid = live.pop(0)
+            for m in mgrs:
+                m.remove_sequence(rid)
+        if i % 50 == 0:
+            for m in mgrs:
+                m.check_invariants()
+    assert flips[0] > 20 and asked.asked_while_flat > 20, (flips, asked.asked_while_flat)
+    assert fast_asked[0] > 20 and fast_asked[1] == 0, fast_asked

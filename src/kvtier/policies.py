@@ -204,6 +204,17 @@ class _ClassCounts:
         raise NotImplementedError
 
     @property
+    def within_flat(self) -> bool:
+        """Whether ``within`` gives every run the same value now: while the witness says
+        LRU is ahead (the parity of ``rank_version``), where ``within`` and
+        ``rank_version`` are this class's own (a subclass that replaces either says
+        False: eviction then asks its ``within``)."""
+        witness = self.witness
+        return (witness is not None and witness.lru_ahead
+                and all(_defined_by(type(self), name) is KvtierPredict
+                        for name in ("within", "rank_version")))
+
+    @property
     def rank_version(self) -> int:
         """What ``rank`` reads besides the node and ``now``: the class that goes first."""
         return self.first_class()
@@ -670,6 +681,17 @@ class KvtierPredict:
             if age > 0 else 0]
 
     @property
+    def within_flat(self) -> bool:
+        """Whether ``within`` gives every run the same value now: while the witness says
+        LRU is ahead (the parity of ``rank_version``), where ``within`` and
+        ``rank_version`` are this class's own (a subclass that replaces either says
+        False: eviction then asks its ``within``)."""
+        witness = self.witness
+        return (witness is not None and witness.lru_ahead
+                and all(_defined_by(type(self), name) is KvtierPredict
+                        for name in ("within", "rank_version")))
+
+    @property
     def rank_version(self) -> int:
         """What ``rank`` reads besides the node and ``now``: the value table (its refresh
         count) and the witness's verdict, as one number (twice the count, plus one while
@@ -678,6 +700,11 @@ class KvtierPredict:
         witness = self.witness
         return 2 * self.learner.num_refreshes + (
             1 if witness is not None and witness.lru_ahead else 0)
+
+
+def _defined_by(cls: type, name: str) -> type | None:
+    """The class in ``cls``'s method order that defines ``name``. Pure."""
+    return next((k for k in cls.__mro__ if name in k.__dict__), None)
 
 
 def _kvtier_predict_cost() -> KvtierPredict:
