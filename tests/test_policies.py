@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from copy import deepcopy
 
 import pytest
 from hypothesis import settings
@@ -849,3 +850,54 @@ def test_a_flat_within_evicts_as_the_asked_one(monkeypatch: pytest.MonkeyPatch,
                 m.check_invariants()
     assert flips[0] > 20 and asked.asked_while_flat > 20, (flips, asked.asked_while_flat)
     assert fast_asked[0] > 20 and fast_asked[1] == 0, fast_asked
+
+
+class _OwnRecall(KvtierPredict):
+    """kvtier-predict-cost with ``recall`` replaced by itself: the cache asks it at every
+    miss, however empty its ghost table."""
+
+    def __init__(self) -> None:
+        super().__init__(cost_aware=True)
+
+    def recall(self, ghost_key: object, now: float) -> tuple[int, int] | None:
+        return super().recall(ghost_key, now)
+
+
+def test_a_miss_asks_no_recall_while_no_ghost_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the default policy's ghost table is empty a miss builds no key and asks no
+    recall (each would find nothing); the decisions are those of the same policy asked at
+    every miss, over a stream that fills the cache, drops runs and recalls some of them;
+    and a deep copy's cache reads its own policy's table."""
+    fast, asked = KvtierPredict(cost_aware=True), _OwnRecall()
+    recalls = [0, 0, 0]  # the fast policy's recalls asked with an empty table, a full one; found
+    own = KvtierPredict.recall
+
+    def counted(self: KvtierPredict, ghost_key: object, now: float) -> tuple[int, int] | None:
+        found = own(self, ghost_key, now)
+        if self is fast:
+            recalls[bool(self.ghosts._entries) or found is not None] += 1
+            recalls[2] += found is not None
+        return found
+
+    monkeypatch.setattr(KvtierPredict, "recall", counted)
+    now = [0.0]
+    mgrs = [make_manager(p, num_gpu_blocks=16, clock=now) for p in (fast, asked)]
+    assert mgrs[0]._cache._ghost_table is fast.ghosts._entries
+    assert mgrs[1]._cache._ghost_table is None
+    rng = random.Random(5)
+    sessions: list[list[int]] = [[] for _ in range(6)]
+    for i in range(300):
+        now[0] += 1.0
+        s = rng.randrange(len(sessions))
+        sessions[s] = sessions[s][:36] + [rng.randrange(30) for _ in range(rng.randrange(1, 7))]
+        results = [m.add_sequence(SequenceSpec(str(i), sessions[s])) for m in mgrs]
+        assert results[0] == results[1], i
+        assert mgrs[0].take_plan() == mgrs[1].take_plan(), i
+        if results[0].admitted:
+            for m in mgrs:
+                m.remove_sequence(str(i))
+        if i == 20:
+            copy = deepcopy(mgrs[0])
+            assert copy._cache._ghost_table is copy._cache._learner.ghosts._entries
+    assert mgrs[0].stats == mgrs[1].stats
+    assert recalls[0] == 0 and recalls[1] > 20 and recalls[2] > 5, recalls

@@ -34,7 +34,7 @@ from kvtier.eviction import (
 from kvtier.journal import Journal
 from kvtier.matching import NO_MATCH, Match, match_prompt, num_common_blocks, rematch
 from kvtier.metrics import CacheStats
-from kvtier.policies import get_policy
+from kvtier.policies import KvtierPredict, get_policy, recalls_by_its_ghosts
 from kvtier.policy_guard import guard_policy
 from kvtier.pool import Key, TierPool
 from kvtier.radix import (
@@ -204,6 +204,12 @@ class BlockCache:
         # What LRU would hold (the learner's evidence against it), kept from releases and
         # admissions here; the learner tells it of recalls (None: the policy keeps none).
         self._witness = self._learner.witness if self._learner is not None else None
+        # The table of dropped runs that the learner's ``recall`` alone reads, where the
+        # learner is kvtier's own and recalls as its class does (None: not known): while
+        # it is empty a recall finds nothing, and ``recall_miss`` builds no key to ask.
+        self._ghost_table = (self._learner.ghosts._entries
+                             if isinstance(self._learner, KvtierPredict)
+                             and recalls_by_its_ghosts(self._learner) else None)
         # NOTE: a GPU victim run gives at least this many blocks where it has them (the
         # spare slots serve the next allocations): decode growth allocates a block at a
         # time, and a victim cut to exactly that would move one block per run through the
@@ -440,6 +446,9 @@ class BlockCache:
         learner = self._learner
         if learner is None:
             return
+        table = self._ghost_table
+        if table is not None and not table:
+            return  # nothing dropped is remembered: every recall would find nothing
         tpb = self.tpb
         tokens, extras = seq.tokens, seq.extras
         num_full = len(tokens) // tpb

@@ -702,6 +702,12 @@ class KvtierPredict:
             1 if witness is not None and witness.lru_ahead else 0)
 
 
+def recalls_by_its_ghosts(policy: KvtierPredict) -> bool:
+    """Whether ``policy``'s ``recall`` is ``KvtierPredict``'s own, which finds nothing (and
+    changes nothing) while its ghost table is empty. Pure."""
+    return _defined_by(type(policy), "recall") is KvtierPredict
+
+
 def _defined_by(cls: type, name: str) -> type | None:
     """The class in ``cls``'s method order that defines ``name``. Pure."""
     return next((k for k in cls.__mro__ if name in k.__dict__), None)
