@@ -456,3 +456,74 @@ def test_hint_waiting_names_the_first_item_that_is_no_spec() -> None:
         mgr.hint_waiting([spec, [1, 2], spec])  # type: ignore[list-item]
     mgr.hint_waiting((spec,))  # any sequence of specs
     mgr.check_invariants()
+
+
+def test_a_prompt_matched_long_before_is_rematched_not_walked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiting prompt matched as it entered the hinted window is looked up again as it
+    reaches the head, after a match of every request ahead of it: its match is kept that
+    long (two hinted windows of other prompts), so the lookup after the tree changed checks
+    the runs it went through and walks none of its ids again; kept matches of prompts gone
+    are dropped first, and the memo stays bounded."""
+    import kvtier.cache as cache_module
+    from kvtier.matching import match_prompt as walk
+
+    walks: list[int] = []
+
+    def counted(root: Any, tokens: Any, extras: Any, config: Any) -> Any:
+        walks.append(len(tokens))
+        return walk(root, tokens, extras, config)
+
+    monkeypatch.setattr(cache_module, "match_prompt", counted)
+    mgr = make_manager(num_gpu_blocks=64)
+    mgr.add_sequence(SequenceSpec("a", list(range(1, 13))))
+    mgr.remove_sequence("a")
+    cache = mgr._cache
+    root = cache.root(None, None)
+    first = SequenceSpec("first", [*range(1, 13), 99])
+    assert [n.num_blocks for n in cache.match_spec(root, first, None).path] == [3]
+    others = [SequenceSpec(f"o{i}", [1, 2, 3, 4, 100 + i]) for i in range(128)]
+    for spec in others:
+        cache.match_spec(root, spec, None)
+    assert len(walks) == 1 + 128
+    mgr.add_sequence(SequenceSpec("b", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 7, 7, 7, 7]))
+    assert len(walks) == 1 + 128 + 1  # b's own
+    m = cache.match_spec(root, first, None)  # the tree changed: a rematch, no walk
+    assert len(walks) == 1 + 128 + 1
+    assert (m.num_blocks, m.tail) == (3, None) and [n.num_blocks for n in m.path] == [3]
+    # Filled: the matches of prompts gone go first, then the oldest, down to half.
+    del others
+    many = [SequenceSpec(f"m{i}", [1, 2, 3, 4, 200 + i]) for i in range(cache_module._MAX_MATCHES)]
+    for spec in many:
+        cache.match_spec(root, spec, None)
+    kept = cache._matches
+    assert len(kept) <= cache_module._MAX_MATCHES
+    assert all(v[0]() is not None for v in kept.values())
+    assert id(many[-1].token_array) in kept
+    mgr.check_invariants()
+
+
+def test_kept_matches_stay_exact_as_the_tree_changes() -> None:
+    """Over random admissions, releases and evictions (a small GPU tier, a host tier), the
+    match ``match_spec`` gives for each of many waiting prompts, kept across the changes,
+    is what a walk of the tree now finds (path, tail, blocks and partial match)."""
+    from kvtier.matching import match_prompt
+
+    rng = random.Random(11)
+    mgr = make_manager(num_gpu_blocks=24, num_host_blocks=16)
+    cache = mgr._cache
+    waiting = [SequenceSpec(f"w{i}", [rng.randrange(4) for _ in range(rng.randrange(1, 30))])
+               for i in range(80)]
+    for step in range(300):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 30))]
+        if mgr.add_sequence(SequenceSpec(f"r{step}", tokens)).admitted:
+            mgr.remove_sequence(f"r{step}")
+        root = cache.root(None, None)
+        for spec in rng.sample(waiting, 10):
+            got = cache.match_spec(root, spec, None)
+            if root is None:
+                continue
+            want = match_prompt(root, spec.token_array, None, cache.config)
+            assert (got.path, got.tail, got.num_blocks, got.partial) == (
+                want.path, want.tail, want.num_blocks, want.partial), (step, spec.request_id)
+    mgr.check_invariants()

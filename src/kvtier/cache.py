@@ -59,8 +59,13 @@ from kvtier.transfer.plan import OpKind, PlanRecorder
 # constructor checks by name: a wrong object fails at once, not at the first eviction).
 _POLICY_ATTRS = ("name", "ranks_soft_claims", "num_queue_fields", "key", "rank")
 
-# The most prompt matches ``match_spec`` keeps (a step looks up a few prompts and admits them).
-_MAX_MATCHES = 16
+# The most prompt matches ``match_spec`` keeps. A waiting request is matched as it enters
+# the hinted window (``Scheduler.MAX_HINTED``, 64) and looked up again as it reaches the
+# queue's head, after about a match per request ahead of it and one per lookup of those:
+# kept that long, its lookup is a ``rematch`` of the runs it went through, not a walk of
+# its whole prompt. When full, the matches of prompts gone are dropped, then the oldest
+# down to half.
+_MAX_MATCHES = 512
 
 # The most requests a hinted queue may have lost at its head for ``_shift_hint``.
 _MAX_SHIFT = 8
@@ -302,11 +307,10 @@ class BlockCache:
         if m is None:
             m = match_prompt(root, tokens, None, self.config)
         if len(matches) >= _MAX_MATCHES:
-            # Keep those still current (the waiting queue's, mostly).
-            self._matches = matches = {k: v for k, v in matches.items()
-                                       if v[2] == v[1].num_changes}
-            if len(matches) >= _MAX_MATCHES:
-                matches.clear()
+            # Keep those of prompts still alive, the newest half at most (a dict keeps the
+            # order of first insertion).
+            kept = [(k, v) for k, v in matches.items() if v[0]() is not None]
+            self._matches = matches = dict(kept[-(_MAX_MATCHES // 2):])
         runs = m.path if m.tail is None else [*m.path, m.tail[0]]
         matches[id(tokens)] = (weakref.ref(tokens), root, root.num_changes, m,
                                [len(node.slots) for node in runs])
