@@ -32,7 +32,7 @@ from operator import attrgetter
 from typing import Protocol, runtime_checkable
 
 from kvtier.config import CacheConfig
-from kvtier.pool import Key, TierPool, flat_within
+from kvtier.pool import Key, TierPool
 from kvtier.radix import (
     BlockKey,
     Node,
@@ -91,11 +91,6 @@ class EvictionPolicy(Protocol):
     Optional: ``within(node, now) -> float``, for a policy with queues: which run of the
     queue that won goes, its head (oldest) or its youngest, the one ``within`` values less
     (``TierPool``'s ``both_ends``). Without it a queue always gives its head.
-
-    Optional, with ``within`` and ``rank_version``: ``within_flat``, a bool, True while
-    ``within`` gives every run the same value at any ``now`` (a queue then gives its head,
-    and eviction does not call ``within``). It may change only when ``rank_version`` does:
-    it is read again only then.
 
     Faults: a key or rank is a tuple of real numbers, none NaN (a key has more fields than
     ``num_queue_fields``), ``within`` a real number, not NaN; a policy reads the node and
@@ -242,10 +237,6 @@ class Evictor:
         self._gpu_key = self.gpu_candidate_key  # a pop's liveness check, bound once
         self._host_key = self.host_candidate_key
         self._versioned = hasattr(policy, "rank_version")
-        # The policy's ``within_flat`` as read at ``_flat_version`` (the rank version it
-        # was read under; read again when that moves).
-        self._within_flat = False
-        self._flat_version: object = _UNREAD
         # The ranks the pop in progress computed, by node (``_rank_run``): the victim's
         # is its rank now, so ``take_victim``'s ``below`` needs no second call. Emptied at
         # each ``take_victim``.
@@ -464,9 +455,6 @@ class Evictor:
             if version is not None:
                 held = self._held_now
                 ranked = (self._clock() if held is None else held, version)
-                if version != self._flat_version:
-                    self._flat_version = version
-                    self._within_flat = getattr(self.policy, "within_flat", False) is True
         fresh = self._ranked_now
         fresh.clear()
         self._victim_rank = None
@@ -480,13 +468,10 @@ class Evictor:
             # NOTE: the round's time bound into the policy's ``within(node, now)`` (its
             # documented parameter name; a caller's policy sits behind the guard's), no
             # Python call of our own between the pool and the policy.
-            if self._within_flat:
-                within = flat_within  # the pool takes the head, asking nothing
-            else:
-                bound = self._within_held
-                if bound is None or bound[0] != held:
-                    bound = self._within_held = (held, partial(policy_within, now=held))
-                within = bound[1]
+            bound = self._within_held
+            if bound is None or bound[0] != held:
+                bound = self._within_held = (held, partial(policy_within, now=held))
+            within = bound[1]
         if below is not None:
             # NOTE: the bound is judged before the run leaves the pool (``accept``): a run
             # not below it stays, as its pop and push back left it, without them (the host
@@ -533,9 +518,6 @@ class Evictor:
             rank = self.rank(node)
         self._below_rank = rank
         return not rank >= self._below
-
-
-_UNREAD = object()  # no rank version read yet (``Evictor._flat_version``)
 
 
 class _Round:

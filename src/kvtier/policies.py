@@ -204,17 +204,6 @@ class _ClassCounts:
         raise NotImplementedError
 
     @property
-    def within_flat(self) -> bool:
-        """Whether ``within`` gives every run the same value now: while the witness says
-        LRU is ahead (the parity of ``rank_version``), where ``within`` and
-        ``rank_version`` are this class's own (a subclass that replaces either says
-        False: eviction then asks its ``within``)."""
-        witness = self.witness
-        return (witness is not None and witness.lru_ahead
-                and all(_defined_by(type(self), name) is KvtierPredict
-                        for name in ("within", "rank_version")))
-
-    @property
     def rank_version(self) -> int:
         """What ``rank`` reads besides the node and ``now``: the class that goes first."""
         return self.first_class()
@@ -679,17 +668,6 @@ class KvtierPredict:
         return self.learner.near[1 if cls is None else cls][
             (NUM_AGE_BINS - 1 if age >= _LAST_BIN_S else int(age).bit_length())
             if age > 0 else 0]
-
-    @property
-    def within_flat(self) -> bool:
-        """Whether ``within`` gives every run the same value now: while the witness says
-        LRU is ahead (the parity of ``rank_version``), where ``within`` and
-        ``rank_version`` are this class's own (a subclass that replaces either says
-        False: eviction then asks its ``within``)."""
-        witness = self.witness
-        return (witness is not None and witness.lru_ahead
-                and all(_defined_by(type(self), name) is KvtierPredict
-                        for name in ("within", "rank_version")))
 
     @property
     def rank_version(self) -> int:

@@ -14,12 +14,6 @@ from kvtier.tier import Tier
 Key = tuple[float, ...]
 """An eviction key: the smallest is evicted first (see ``kvtier.eviction``)."""
 
-
-def flat_within(node: Node) -> float:
-    """A ``within`` that values every run alike (``TierPool.pop_candidate``): the winning
-    queue gives its head. Passed as itself, it is known by identity and never called."""
-    return 0.0
-
 _Order = float | Key
 _Entry = tuple[_Order, int, Node, Key]
 """A heap entry: what orders it within its heap (see ``TierPool.push``), the node's uid
@@ -203,9 +197,7 @@ class TierPool:
         With queues, ``rank`` orders the queues' heads (the smallest goes); a head ranked
         before under the same ``rank_version`` (not None) is not ranked again. With
         ``both_ends`` and ``within``, the winning queue gives its youngest run instead of
-        its head where ``within`` values that one less (``flat_within``: never; its
-        youngest is still looked up, dropping the stale filings above it, so the filing
-        order is what any flat ``within`` leaves).
+        its head where ``within`` values that one less.
 
         ``check_version`` (not None): a value the caller changes whenever a node that may
         head a queue may have changed its key or stopped being a candidate other than by
@@ -297,9 +289,7 @@ class TierPool:
                 young: Node | None = order[-1][2]  # the top filing is live: the common case
             else:
                 young = self._youngest(best_queue, current_key)
-            # NOTE: a flat ``within`` (``flat_within``) values the youngest as the head:
-            # the head goes, with the young end's books kept as above and no call.
-            if young is not None and within is not flat_within:
+            if young is not None:
                 oldest = best_heap[0][2]
                 if young is not oldest and within(young) < within(oldest):
                     if accept is not None and not accept(young):

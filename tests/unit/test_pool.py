@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 
-from kvtier.pool import TierPool, flat_within
+from kvtier.pool import TierPool
 from kvtier.radix import Node
 from kvtier.tier import Tier
 
@@ -621,74 +621,3 @@ def test_a_refused_head_filed_under_an_older_key_becomes_its_newest(both_ends: b
     pools[1].push(x, (0, 5))
     assert pools[0]._newest[x.uid] == (0, 5)
     assert pool_state(pools[0]) == pool_state(pools[1])
-
-
-def test_a_flat_within_takes_the_head_with_the_young_ends_books_kept() -> None:
-    """``flat_within`` (known by identity, never called) pops what a ``within`` that
-    values every run alike pops, and leaves the pool exactly as that one does: over random
-    filings, changes without a re-file, drops, claims and pops (some refused by
-    ``accept``), the same runs and the same heaps, filing orders, newest keys and counts
-    after every operation. (A flat pop that skipped the young end's lookup left the stale
-    filings above the youngest in place: the filing orders differ.)"""
-    rng = random.Random(29)
-    num_stale_tops = 0
-    for trial in range(30):
-        root = Node(None, [], [], Tier.GPU, None, 0, None)
-        nodes = [Node(root, [t], [t], Tier.GPU, None, 0, None) for t in range(30)]
-        # 0: ``flat_within``; 1: the reference, a flat ``within`` that is called.
-        pools = [TierPool(Tier.GPU, 64, num_queue_fields=1, both_ends=True, tree=True)
-                 for _ in range(2)]
-        current: dict[int, Key] = {}
-        filed: dict[int, list[Key]] = {}
-
-        def current_key(node: Node, current: dict[int, Key] = current) -> Key | None:
-            if node.parent is None or node.ref_count or node.tier is not Tier.GPU:
-                return None
-            return current.get(node.uid)
-
-        def rank(node: Node, current: dict[int, Key] = current) -> Key:
-            return (current[node.uid][1], node.uid % 3)
-
-        calls = [0]
-
-        def flat(node: Node, calls: list[int] = calls) -> float:
-            calls[0] += 1
-            return 0.0
-
-        for _ in range(250):
-            op = rng.random()
-            n = rng.choice(nodes)
-            if op < 0.4:
-                n.parent, n.ref_count = root, 0
-                current[n.uid] = (rng.randrange(3), rng.randrange(40))
-                filed.setdefault(n.uid, []).append(current[n.uid])
-                for pool in pools:
-                    pool.push(n, current[n.uid])
-            elif op < 0.45:
-                n.parent = None
-            elif op < 0.49:
-                n.ref_count = 1
-            elif op < 0.53 and n.uid in current:
-                current[n.uid] = (rng.randrange(3), rng.randrange(40))
-            elif op < 0.6 and n.uid in filed:
-                current[n.uid] = rng.choice(filed[n.uid])
-            else:
-                accept = None
-                if rng.random() < 0.3:
-                    bound = rng.randrange(40)
-
-                    def accept(node: Node, bound: int = bound) -> bool:
-                        return rank(node)[0] < bound
-
-                tops = {q: order[-1] for q, order in pools[0]._filed.items() if order}
-                num_stale_tops += sum(current_key(e[2]) != e[3] for e in tops.values())
-                got = pools[0].pop_candidate(current_key, rank, None, flat_within, None,
-                                             accept)
-                ref = pools[1].pop_candidate(current_key, rank, None, flat, None, accept)
-                assert got is ref, trial
-                if got is not None:
-                    current.pop(got.uid, None)
-                    got.parent = None
-            assert pool_state(pools[0]) == pool_state(pools[1]), trial
-        assert calls[0] > 0, trial  # the reference was asked, the flat one never
-    assert num_stale_tops > 50, num_stale_tops
