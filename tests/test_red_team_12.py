@@ -642,7 +642,7 @@ def decoding_scheduler(num_speculative_tokens: int) -> tuple[KVCacheManager, Any
     sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32,
                                            num_speculative_tokens=num_speculative_tokens))
     sched.add_request(Request("a", [1, 2, 3, 4, 5], 2))
-    sched.add_request(Request("b", [1, 2, 3, 4, 9], 5))
+    sched.add_request(Request("b", [1, 2, 3, 5, 9], 5))  # not a's first block: no wait
     sched.update(sched.step(), {"a": 6, "b": 6})
     return mgr, sched
 
@@ -694,10 +694,11 @@ def test_a_request_the_manager_dropped_between_steps_recomputes(drafts: int, how
     getattr(mgr, how)(["a"] if how == "compute_failed" else "a")
     step = sched.step()
     assert step.decode_request_ids == ("b",)
-    # Its prompt and its one output token, past what the cache still holds of them (the
-    # first block, which earlier steps computed), recomputed.
+    # Its prompt and its one output token, past what the cache still holds of them,
+    # recomputed: removed, its first block (computed in the last step) stays cached; failed,
+    # that step's blocks are garbage and leave, and 3 tokens are found in b's first block.
     assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
-        ("a", 4, 2)]
+        ("a", 4, 2) if how == "remove_sequence" else ("a", 3, 3)]
     sched.update(step, {"a": 7, "b": [7] if drafts else 7})
     run_to_the_end(sched)
     mgr.check_invariants()

@@ -336,7 +336,7 @@ def dropped_between_steps() -> tuple[KVCacheManager, Scheduler]:
     mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
     sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32))
     sched.add_request(Request("a", [1, 2, 3, 4, 5], 3))
-    sched.add_request(Request("b", [1, 2, 3, 4, 9], 3))
+    sched.add_request(Request("b", [1, 2, 3, 5, 9], 3))  # not a's first block: no wait
     sched.update(sched.step(), {"a": 6, "b": 6})
     assert mgr.compute_failed(["a"]) == ["a"]
     return mgr, sched
@@ -367,7 +367,7 @@ def test_a_plain_reset_is_refused_while_a_dropped_request_still_runs() -> None:
     mgr, sched = dropped_between_steps()
     sched.abort("b")
     cached = mgr.cached_blocks()
-    assert [b.tokens for b in cached] == [(1, 2, 3, 4)]  # the one full block they share
+    assert [b.tokens for b in cached] == [(1, 2, 3, 5)]  # b's full block, released
     assert sched.reset_prefix_cache() is False
     assert mgr.cached_blocks() == cached and list(sched.running) == ["a"]
     assert sched.reset_prefix_cache(True) is True

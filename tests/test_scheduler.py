@@ -562,3 +562,40 @@ def test_abort_is_refused_between_step_and_update_and_names_bad_ids() -> None:
     assert s.abort("nobody") is None
     assert s.abort("a") is not None and not s.has_unfinished()
     s.manager.check_invariants()
+
+
+def test_branches_of_one_prompt_queued_at_once_compute_it_once() -> None:
+    """Parallel sampling's branches (one prompt queued 4 times at once): the first computes
+    the prompt, the others wait one step and reuse its 2 full blocks, as they would had they
+    come a step later. Before, all four computed the whole prompt in the first step (40
+    tokens, 0 reused). A prompt that shares no block with them is not held back."""
+    s = make_scheduler(num_gpu_blocks=32, max_num_tokens=64)
+    prompt = list(range(1, 11))  # 10 tokens: 2 full blocks and 2 tokens
+    for i in range(4):
+        s.add_request(Request(f"b{i}", prompt, 2))
+    s.add_request(Request("other", [50, *prompt[1:]], 2))  # another first block
+    step = s.step()
+    assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
+        ("b0", 0, 10), ("other", 0, 10)]
+    assert (step.num_credited_tokens, step.num_reused_tokens) == (0, 0)
+    finish_step(s, step)
+    step = s.step()
+    assert [(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [(f"b{i}", 8, 2, 8) for i in (1, 2, 3)]
+    assert (step.num_credited_tokens, step.num_reused_tokens) == (24, 24)
+    assert s.manager.stats.token_hit_rate == 24 / 50
+
+
+@pytest.mark.parametrize(("second", "admitted"), [
+    ([1, 2, 3, 4, 9, 9, 9, 9, 9], ["a"]),  # the same first block: it waits
+    ([1, 2, 3, 5, 9, 9, 9, 9, 9], ["a", "b"]),  # another first block
+    ([1, 2, 3, 4], ["a", "b"]),  # that block ends its prompt: never reused, so no wait
+])
+def test_only_a_request_that_would_reuse_the_block_waits(second: list[int],
+                                                         admitted: list[str]) -> None:
+    """A request waits only for a block it would reuse: the same prefix to the end of the
+    first block a request ahead computes this step, not ending its own prompt."""
+    s = make_scheduler(num_gpu_blocks=32, max_num_tokens=64)
+    s.add_request(Request("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], 2))
+    s.add_request(Request("b", second, 2))
+    assert [c.request_id for c in s.step().context_chunks] == admitted

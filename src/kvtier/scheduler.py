@@ -505,7 +505,9 @@ class Scheduler:
 
         A request that fits no budget left is skipped, not waited on (no head-of-line
         blocking), unless it has waited ``max_wait_steps`` steps: then nothing behind it is
-        tried until it is admitted.
+        tried until it is admitted. A request whose first block not cached a candidate ahead
+        of it computes this step (the same prefix, to the end of that block) waits for the
+        next step, where it reuses that block.
         """
         cap = self._chunk_cap()
         tpb = self._tpb
@@ -515,6 +517,11 @@ class Scheduler:
         free = self.manager.num_free_gpu_blocks
         out = []
         held = self._held
+        # The first block each candidate computes this step, by its whole prefix (and key
+        # space): a request that would compute that block too waits one step and reuses it,
+        # as it would had it come a step later. Parallel sampling's branches of one prompt
+        # (or a burst of one prompt) arrive at once, and each computed the whole prompt.
+        computing: set[tuple[object, ...]] = set()
         for req in self.waiting:
             if budget == 0 or slots == 0:
                 break
@@ -524,6 +531,15 @@ class Scheduler:
             tokens = spec.token_array
             m = self._lookup(spec)
             compute = len(tokens) - m.num_tokens
+            end = m.num_tokens - m.num_tokens % tpb + tpb  # its first block not cached whole
+            first_block = None
+            if end <= len(tokens):
+                first_block = (spec.salt, spec.lora_id, spec.mm_items, tokens[:end].tobytes())
+                # NOTE: a block ending with the prompt's last token is never reused, and a
+                # request that reads no cache would not reuse it: neither waits.
+                if (end < len(tokens) and first_block in computing
+                        and not spec.skip_reading_prefix_cache):
+                    continue
             n = min(compute, cap, budget)
             if (n < compute and not self.config.enable_chunked_prefill
                     and compute <= self.config.max_num_tokens):
@@ -537,6 +553,8 @@ class Scheduler:
             need = blocks - m.num_gpu_tokens // tpb + reserve
             if n > 0 and blocks <= footprint and need <= free:
                 out.append(Candidate(req, spec.with_schedule(n, reserve), m.num_tokens, n))
+                if first_block is not None and m.num_tokens + n >= end:
+                    computing.add(first_block)
                 budget -= n
                 slots -= 1
                 footprint -= blocks
