@@ -27,6 +27,7 @@ distinct blocks, 16, 32 and 512 tokens a block.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import random
@@ -71,15 +72,8 @@ class SessionRegime:
 
 
 def _zipf_pick(rng: random.Random, cum: list[float]) -> int:
-    x = rng.random() * cum[-1]
-    lo, hi = 0, len(cum) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cum[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    """An index drawn with the weights whose running sums ``cum`` holds."""
+    return bisect.bisect_left(cum, rng.random() * cum[-1], 0, len(cum) - 1)
 
 
 def _sessions(seed: int, num_requests: int, rate_per_s: float,

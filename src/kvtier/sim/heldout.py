@@ -36,6 +36,7 @@ follow-up turn's prompt holds its predecessor's output as fresh tokens, as in
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import random
@@ -67,15 +68,7 @@ def _zipf_table(num: int, exponent: float) -> list[float]:
 
 def _pick(rng: random.Random, cum: list[float]) -> int:
     """An index drawn with the weights whose running sums ``cum`` holds."""
-    x = rng.random() * cum[-1]
-    lo, hi = 0, len(cum) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cum[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    return bisect.bisect_left(cum, rng.random() * cum[-1], 0, len(cum) - 1)
 
 
 class _Sessions:
