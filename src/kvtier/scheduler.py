@@ -521,7 +521,9 @@ class Scheduler:
         # space): a request that would compute that block too waits one step and reuses it,
         # as it would had it come a step later. Parallel sampling's branches of one prompt
         # (or a burst of one prompt) arrive at once, and each computed the whole prompt.
-        computing: set[tuple[object, ...]] = set()
+        # Keyed by the block's own ids and end (a slice of one block per candidate); the
+        # prompts under a key are compared up to that end only where the key is met.
+        computing: dict[tuple[object, ...], list[Sequence[int]]] = {}
         for req in self.waiting:
             if budget == 0 or slots == 0:
                 break
@@ -534,11 +536,13 @@ class Scheduler:
             end = m.num_tokens - m.num_tokens % tpb + tpb  # its first block not cached whole
             first_block = None
             if end <= len(tokens):
-                first_block = (spec.salt, spec.lora_id, spec.mm_items, tokens[:end].tobytes())
+                first_block = (spec.salt, spec.lora_id, spec.mm_items, end,
+                               tokens[end - tpb:end].tobytes())
                 # NOTE: a block ending with the prompt's last token is never reused, and a
                 # request that reads no cache would not reuse it: neither waits.
-                if (end < len(tokens) and first_block in computing
-                        and not spec.skip_reading_prefix_cache):
+                if (end < len(tokens) and not spec.skip_reading_prefix_cache
+                        and any(ahead[:end] == tokens[:end]
+                                for ahead in computing.get(first_block, ()))):
                     continue
             n = min(compute, cap, budget)
             if (n < compute and not self.config.enable_chunked_prefill
@@ -554,7 +558,7 @@ class Scheduler:
             if n > 0 and blocks <= footprint and need <= free:
                 out.append(Candidate(req, spec.with_schedule(n, reserve), m.num_tokens, n))
                 if first_block is not None and m.num_tokens + n >= end:
-                    computing.add(first_block)
+                    computing.setdefault(first_block, []).append(tokens)
                 budget -= n
                 slots -= 1
                 footprint -= blocks
