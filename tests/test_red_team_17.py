@@ -86,13 +86,7 @@ def test_a_host_block_a_late_failed_offload_left_garbage_is_not_spilled() -> Non
     runs). The report left the garbage's entry there: the remote store got it under the
     block's hash, for every engine to fetch. Now the report takes it out of the log; the
     good block's entry stays."""
-    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=4,
-                                     num_host_blocks=2), clock=lambda: 0.0)
-    mgr.record_spills()
-    mgr.add_sequence(SequenceSpec("a", PROMPT))
-    mgr.remove_sequence("a")
-    mgr.add_sequence(SequenceSpec("big", list(range(200, 216))))  # pushes a's to the host
-    mgr.remove_sequence("big")
+    mgr = offloaded_not_taken()
     plan = mgr.take_plan()
     assert [(op.kind, op.src_slot, op.dst_slot) for op in plan.ops] == [
         (OpKind.OFFLOAD, 0, 0), (OpKind.OFFLOAD, 1, 1)]
