@@ -586,6 +586,61 @@ def test_branches_of_one_prompt_queued_at_once_compute_it_once() -> None:
     assert s.manager.stats.token_hit_rate == 24 / 50
 
 
+def test_a_branch_queued_during_a_chunked_prefill_waits_for_its_blocks() -> None:
+    """A request queued while another computes the same prompt chunk by chunk waits while
+    each step's chunk completes its next block, then reuses the whole prompt. Before, it
+    reused the 8 tokens stored so far and computed the other 12 beside the first."""
+    s = make_scheduler(num_gpu_blocks=32, max_num_tokens=64, max_chunk_tokens=8)
+    prompt = list(range(1, 21))  # 20 tokens: 5 blocks
+    s.add_request(Request("a", prompt, 2))
+    step = s.step()
+    assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
+        ("a", 0, 8)]
+    finish_step(s, step)
+    s.add_request(Request("b", [*prompt, 77, 78], 2))  # the prompt and a question of its own
+    s.add_request(Request("other", [50, *prompt[1:]], 2))  # another first block: no wait
+    step = s.step()
+    # b would reuse 8 and compute from token 8: a's chunk completes that block now.
+    assert [(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [("a", 8, 8, 0), ("other", 0, 8, 0)]
+    finish_step(s, step)
+    step = s.step()  # a's last chunk completes the block b computes from: b waits again
+    assert [(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [("a", 16, 4, 0), ("other", 8, 8, 0)]
+    finish_step(s, step)
+    step = s.step()
+    assert [(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [("other", 16, 4, 0), ("b", 20, 2, 20)]
+    assert (step.num_credited_tokens, step.num_reused_tokens) == (20, 20)
+
+
+def test_a_waiter_waits_on_a_candidate_admitted_in_an_earlier_round() -> None:
+    """Admission tries again for the budget a rejected candidate left; a request that
+    waited on a candidate admitted in the first round still waits in the next, and reuses
+    its block a step later (before, the next round admitted it to compute that block too).
+    Pool: 16 blocks of 4 tokens, 4 held by d, X's 4 cached. a (2 blocks) and r (7) fit the
+    12 free and evictable blocks as counted, but b's claim on X pins 4 of them: r, the
+    one past what is left, is rejected; b is admitted."""
+    s = make_scheduler(num_gpu_blocks=16, max_num_tokens=64, capacity_policy="max_utilization")
+    x = list(range(100, 116))
+    s.add_request(Request("x", x, 1))
+    s.add_request(Request("d", list(range(300, 313)), 50))  # decodes on, holding 4 blocks
+    finish_step(s, s.step())
+    assert list(s.running) == ["d"] and s.manager.num_free_gpu_blocks == 12
+    s.add_request(Request("a", [1, 2, 3, 4, 5, 6, 7, 8], 1))
+    s.add_request(Request("r", list(range(200, 228)), 1))
+    s.add_request(Request("b", [*x, 9], 1))
+    s.add_request(Request("c", [1, 2, 3, 4, 70], 1))  # a's first block: it waits on a
+    step = s.step()
+    assert [(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [("a", 0, 8, 0), ("b", 16, 1, 16)]
+    assert [r.request_id for r in s.waiting] == ["r", "c"]
+    finish_step(s, step)
+    step = s.step()
+    assert [(c.request_id, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks if c.request_id == "c"] == [("c", 1, 4)]
+
+
 @pytest.mark.parametrize(("second", "admitted"), [
     ([1, 2, 3, 4, 9, 9, 9, 9, 9], ["a"]),  # the same first block: it waits
     ([1, 2, 3, 5, 9, 9, 9, 9, 9], ["a", "b"]),  # another first block
