@@ -11,7 +11,8 @@
              the claims of the others
     phase 2  per admitted request: onboard its host runs, reuse in place or allocate and
              copy its partial block, allocate the new blocks of its scheduled tokens
-             (reserving the rest of its prompt), store what it schedules
+             (reserving the rest of its prompt), store what it schedules (a request
+             that skips reading the cache: after the whole batch)
 
 Phase 2 evicts only unreferenced blocks and every claimed block is referenced from phase 1
 on, so each admitted request gets exactly the reuse ``lookup`` promised it.
@@ -123,7 +124,8 @@ class BatchAdmission:
 
     Contract: claims and releases paths and allocates through ``cache``; adds the admitted
     requests to ``live``; hands each admitted request to ``store_blocks`` (which stores what
-    it schedules); changes nothing else. A request that is not admitted leaves no claim.
+    it schedules: a request that skips reading the cache only once the whole batch is
+    admitted); changes nothing else. A request that is not admitted leaves no claim.
     """
 
     def __init__(self, cache: BlockCache, live: LiveTable, config: CacheConfig,
@@ -194,13 +196,25 @@ class BatchAdmission:
 
         # Phase 2: onboard, allocate, copy. Evictions see only unreferenced blocks.
         results = []
+        skipped: list[LiveSequence] = []
         for p, ok in zip(pending, admitted, strict=True):
             if ok:
                 results.append(self._admit(p, ops))
+                if p.spec.skip_reading_prefix_cache:
+                    skipped.append(p.seq)
+                else:
+                    self._store_blocks(p.seq)
             else:
                 cache.stats.num_rejected += 1
                 results.append(Admission(p.spec.request_id, False, 0, 0, _NO_BLOCK_IDS,
                                          "not enough free or evictable GPU blocks"))
+        # NOTE: a request that skipped reading the cache claimed nothing, so its store
+        # walks the cached runs it ignored: before the batch is admitted it would join the
+        # claims of requests still in phase 2 (a partial source about to be reused in
+        # place grew its blocks below it, or a second holder). Its blocks are stored once
+        # every request of the batch has what phase 1 claimed for it.
+        for seq in skipped:
+            self._store_blocks(seq)
         return results
 
     def _claim_partial(self, p: Pending) -> Pending:
@@ -286,7 +300,6 @@ class BatchAdmission:
         seq.num_reserved_blocks = p.spec.num_reserved_blocks + num_blocks - num_now
         self._live.add(seq)
         self._record_admission(seq, promise, p.spec.skip_reading_prefix_cache)
-        self._store_blocks(seq)
         # NOTE: a copy of memory, no int a block (the table grows in place later).
         return Admission(seq.request_id, True, num_reused, num_onboarded,
                          BlockIds.of_array(table[:]))

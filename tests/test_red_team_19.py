@@ -1,0 +1,76 @@
+"""Red team, nineteenth pass: the core's admission, recovery and remote fetch rule, reached
+with mixed batches (a request that skips reading the cache beside one reusing a partial
+block), forward passes failing on runs two requests stored, and costs at the ends of their
+ranges. Each test fails on the code before its fix and asserts the exact state after (block
+ids, reuse, what stays cached), the books recounted."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+
+TPB = 4
+
+
+def make_manager(num_gpu_blocks: int = 8, num_host_blocks: int = 4,
+                 partial: bool = False) -> KVCacheManager:
+    return KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=num_gpu_blocks,
+                                      num_host_blocks=num_host_blocks,
+                                      enable_partial_reuse=partial), clock=lambda: 0.0)
+
+
+def cached(mgr: KVCacheManager) -> list[tuple[int, tuple[int, ...]]]:
+    """(GPU or host slot, tokens) of every cached block, parents first."""
+    return [(b.slot, tuple(b.tokens)) for b in mgr.cached_blocks()]
+
+
+# ---- admission: a skip-reading request's store inside its batch --------------------------
+
+X0, X1 = [0, 1, 2, 3], [4, 5, 6, 7]
+
+
+def x1_cached_as_a_leaf() -> KVCacheManager:
+    """``X0 X1`` cached as one GPU run (slots 0, 1), unreferenced: ``X1`` is a leaf block a
+    partial match can reuse in place."""
+    mgr = make_manager(partial=True)
+    mgr.add_sequence(SequenceSpec("p", X0 + X1 + [100]))
+    mgr.remove_sequence("p")
+    assert cached(mgr) == [(0, tuple(X0)), (1, tuple(X1))]
+    return mgr
+
+
+@pytest.mark.parametrize("tail", [[100], [100, 101, 102, 103, 104]])
+def test_a_skip_reading_request_does_not_store_under_a_partial_claimed_in_its_batch(
+        tail: list[int]) -> None:
+    """``b`` reuses 2 tokens of the leaf ``X1`` in place; ``a``, ahead of it in the same
+    batch, skips reading the cache and computes ``X0 X1`` again. ``a``'s blocks were stored
+    during phase 2, before ``b``'s: its store followed ``b``'s claimed source (a second
+    holder, or children grown below it), and ``b``'s in-place reuse detached a block that
+    was no longer its alone (AssertionError, or a live request on a detached node). Now
+    ``a`` stores after the whole batch: ``b`` takes ``X1``'s slot 1 in place and ``a``'s
+    own ``X1`` (slot 3) is cached in its stead::
+
+        before   root ─ X0(0) ─ X1(1)
+        after    root ─ X0(0) ─ X1(3) ─ [100..103](4)       b: [0, 1]   a: [2, 3, 4, ...]
+    """
+    mgr = x1_cached_as_a_leaf()
+    b_prompt = X0 + X1[:2] + [77]
+    assert mgr.lookup(b_prompt).num_partial_tokens == 2
+    a, b = mgr.add_sequence_batch([
+        SequenceSpec("a", X0 + X1 + tail, skip_reading_prefix_cache=True),
+        SequenceSpec("b", b_prompt)])
+    mgr.check_invariants()
+    assert (a.num_reused_tokens, list(a.block_ids)) == (0, [2, 3, 4, 5][:len(a.block_ids)])
+    assert len(a.block_ids) == (8 + len(tail) + TPB - 1) // TPB
+    assert (b.num_reused_tokens, list(b.block_ids)) == (6, [0, 1])
+    assert mgr.stats.num_partial_in_place == 1
+    want = [(0, tuple(X0)), (3, tuple(X1))]
+    if len(tail) > TPB:
+        want.append((4, tuple(tail[:TPB])))
+    assert cached(mgr) == want
+    mgr.remove_sequence("a")
+    mgr.remove_sequence("b")
+    mgr.check_invariants()
+    assert cached(mgr) == want
+    assert mgr.num_free_gpu_blocks == 8
