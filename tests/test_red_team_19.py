@@ -74,3 +74,38 @@ def test_a_skip_reading_request_does_not_store_under_a_partial_claimed_in_its_ba
     mgr.check_invariants()
     assert cached(mgr) == want
     assert mgr.num_free_gpu_blocks == 8
+
+
+# ---- recovery: a failed pass on a run another request stored first ----------------------
+
+
+def test_a_failed_pass_drops_its_block_grown_onto_a_run_another_request_stored() -> None:
+    """``o`` and ``f`` decode the same tokens: ``o`` stores decode block 2 (slot 4) first,
+    ``f`` follows it with a private copy (slot 5); ``o`` leaves, and ``f``'s next decode
+    block (slot 6) grows that run in place (``f`` holds it alone). ``f``'s pass computing
+    block 3 fails. Recovery judged a run by its first block, ``o``'s, so block 3, never
+    computed, stayed cached for the next request to read. Now it is judged block by block:
+    block 3 leaves, ``o``'s block 2 stays::
+
+        run      [ 50..53 (4, o's) | 54..57 (6, f's: garbage) ]
+        f table  [ 2 | 3 | 5 | 6 ]          valid through block 2
+    """
+    mgr = make_manager(num_gpu_blocks=16, num_host_blocks=0)
+    prompt = X0 + X1
+    mgr.add_sequence_batch([SequenceSpec("o", prompt), SequenceSpec("f", prompt)])
+    for t in (50, 51, 52, 53):
+        mgr.append_tokens("o", [t])
+        mgr.append_tokens("f", [t])
+    mgr.remove_sequence("o")
+    for t in (54, 55, 56):
+        mgr.append_tokens("f", [t])
+    mgr.begin_step()
+    mgr.append_tokens("f", [57])
+    mgr.end_step()
+    assert mgr.block_table("f") == [2, 3, 5, 6]
+    assert cached(mgr)[2:] == [(4, (50, 51, 52, 53)), (6, (54, 55, 56, 57))]
+    assert mgr.compute_failed(["f"]) == ["f"]
+    mgr.check_invariants()
+    assert cached(mgr) == [(0, tuple(X0)), (1, tuple(X1)), (4, (50, 51, 52, 53))]
+    assert mgr.lookup(prompt + list(range(50, 58)) + [9]).num_tokens == 12
+    assert mgr.num_free_gpu_blocks == 16

@@ -121,9 +121,7 @@ def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[int,
     while True:
         for seq in more:
             aborted[seq.request_id] = seq
-            valid_blocks = seq.num_valid_tokens // tpb
-            bad.update((Tier.GPU, slot) for node in _uncomputed(seq, tpb)
-                       for slot in node.slots[max(0, valid_blocks - node.start_block):])
+            bad.update((Tier.GPU, slot) for slot in _uncomputed(seq, tpb))
         if later is not None and len(later.src_slots):
             # NOTE: a request admitted after the failed step (before the report) copies
             # what a failed pass left garbage into a slot of its own (a partial copy).
@@ -203,18 +201,30 @@ def _replace_with_copy(cache: BlockCache, live: LiveTable, node: Node, index: in
     raise AssertionError(f"{node} block {index} is claimed, but nobody holds a copy")
 
 
-def _uncomputed(seq: LiveSequence, tpb: int) -> list[Node]:
-    """The runs of ``seq``'s path holding blocks it scheduled but may not have computed:
-    past its valid tokens, in its own slots (not runs another request stored first, which
-    its path only follows). Deepest first. Pure."""
+def _uncomputed(seq: LiveSequence, tpb: int) -> list[int]:
+    """The GPU slots of ``seq``'s path holding blocks it scheduled but may not have
+    computed: past its valid tokens, in its own slots (not blocks another request stored
+    first, which its path only follows), decided block by block. Deepest run first. Pure.
+
+    NOTE: a run is no unit of ownership: a decode run another request stored first, that
+    ``seq`` followed with a private copy and grew in place once it held the run alone
+    (``cache._grows``), starts with the other request's block and goes on with ``seq``'s.
+    Judged by its first block, the whole run was the other's, and ``seq``'s garbage past
+    it stayed cached::
+
+        run   [ other's block 2 | seq's block 3 ]     seq valid through block 2
+        table [ ... | private copy of 2 | 3 ]          -> block 3 bad, block 2 not
+    """
     valid_blocks = seq.num_valid_tokens // tpb
     table = seq.block_table
-    out = []
+    out: list[int] = []
     for node in path_to_root(seq.last_node):
-        if node.start_block + node.num_blocks <= valid_blocks:
+        start = node.start_block
+        if start + node.num_blocks <= valid_blocks:
             break
-        if node.slots[0] == table[node.start_block]:
-            out.append(node)
+        slots = node.slots
+        out.extend(slots[j] for j in range(max(0, valid_blocks - start), node.num_blocks)
+                   if slots[j] == table[start + j])
     return out
 
 
