@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier.remote.tier import num_blocks_worth_fetching
 
 TPB = 4
 
@@ -109,3 +110,52 @@ def test_a_failed_pass_drops_its_block_grown_onto_a_run_another_request_stored()
     assert cached(mgr) == [(0, tuple(X0)), (1, tuple(X1)), (4, (50, 51, 52, 53))]
     assert mgr.lookup(prompt + list(range(50, 58)) + [9]).num_tokens == 12
     assert mgr.num_free_gpu_blocks == 16
+
+
+# ---- the remote fetch rule at the ends of its costs' ranges -----------------------------
+
+
+def worth(num_blocks: int, **kw: object) -> int:
+    costs: dict[str, object] = dict(latency_s=1e-3, fetch_s_per_block=1e-3,
+                                    recompute_s_per_block=3e-3)
+    costs.update(kw)
+    return num_blocks_worth_fetching(num_blocks, **costs)  # type: ignore[arg-type]
+
+
+def test_the_fetch_rule_decides_on_costs_past_an_hour() -> None:
+    """A store queue of two hours ahead of the read (the fleet simulator adds it to the
+    latency), a store measured at a block per 4096 s, a recompute of 3 hours a block: each
+    raised ValueError (capped at 3600 s). Any finite cost decides."""
+    assert worth(10, latency_s=7200.0, recompute_s_per_block=10_800.0) == 10
+    assert worth(10, latency_s=7200.0) == 0  # 10 x 2 ms never pays two hours back
+    assert worth(3, fetch_s_per_block=4096.0, recompute_s_per_block=10_800.0) == 3
+    assert worth(3, fetch_s_per_block=4096.0, recompute_s_per_block=10_800.0,
+                 max_wait_s=3 * 3600.0) == 2  # the third arrives after 12,288 s
+    assert worth(10, max_wait_s=1e300) == 10
+
+
+def test_the_fetch_rule_takes_a_subnormal_fetch_cost() -> None:
+    """A fetch cost of 5e-324 s a block (a subnormal, from a huge measured throughput)
+    made ``int((wait - latency) / fetch)`` an ``int(inf)``: OverflowError. Every block
+    arrives within the wait."""
+    assert worth(10, fetch_s_per_block=5e-324, max_wait_s=1.0) == 10
+    assert worth(10, fetch_s_per_block=5e-324, recompute_s_per_block=1e-323,
+                 latency_s=0.0, max_wait_s=1.0) == 10
+    assert worth(10**400, max_wait_s=None) == 10**400  # no float of the count is made
+
+
+@pytest.mark.parametrize("field", ["latency_s", "fetch_s_per_block", "recompute_s_per_block",
+                                   "max_wait_s"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), -1e-300, True,
+                                   "1", None, pytest.param(10**400, id="10**400")])
+def test_the_fetch_rule_refuses_what_is_no_finite_cost(field: str, value: object) -> None:
+    """NaN, infinities, a negative, a bool, a non-number, an int past the float range: a
+    ValueError naming the field (``max_wait_s`` None is no limit, not a cost)."""
+    if field == "max_wait_s" and value is None:
+        assert worth(3, max_wait_s=None) == 3
+        return
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number >= 0, got "):
+        worth(3, **{field: value})
+    # Refused even where the answer needs no cost (nothing to fetch).
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number >= 0"):
+        worth(0, **{field: value})

@@ -8,6 +8,7 @@ once made a retry's sleep overflow). Pure functions.
 from __future__ import annotations
 
 import math
+import sys
 
 # A wait this long has no limit; it is within every platform's threading.TIMEOUT_MAX
 # (about 292 years on Linux, 49 days on Windows).
@@ -24,20 +25,23 @@ def describe(value: object) -> str:
         return f"an integer of {bits} bits"
 
 
-def check_number(field: str, value: object, low: float, high: float, *,
+def check_number(field: str, value: object, low: float, high: float | None, *,
                  low_open: bool = False) -> float:
     """``value`` as a float if it is an int or float (never a bool) in ``[low, high]``
-    (``(low, high]`` with ``low_open``); else ValueError naming ``field``. NaN and
-    infinities are out of every range. Pure."""
+    (``(low, high]`` with ``low_open``; ``high`` None: any finite number from ``low`` up);
+    else ValueError naming ``field``. NaN and infinities are out of every range. Pure."""
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if ok:
-        # NOTE: Python compares a huge int with a float exactly, without overflow.
+        # NOTE: Python compares a huge int with a float exactly, without overflow; an int
+        # past the largest float is out of every range (``float`` of it would overflow).
         above_low = low < value if low_open else low <= value  # type: ignore[operator]
-        ok = above_low and value <= high  # type: ignore[operator]
+        ok = above_low and value <= (  # type: ignore[operator]
+            sys.float_info.max if high is None else high)
     if not ok:
         opening = "(" if low_open else "["
-        raise ValueError(f"{field} must be a finite number in {opening}{low:g}, {high:g}], got "
-                         f"{describe(value)}")
+        where = (f"{'>' if low_open else '>='} {low:g}" if high is None
+                 else f"in {opening}{low:g}, {high:g}]")
+        raise ValueError(f"{field} must be a finite number {where}, got {describe(value)}")
     return float(value)  # type: ignore[arg-type]
 
 

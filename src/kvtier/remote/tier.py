@@ -44,6 +44,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Literal, get_args
 
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
@@ -111,23 +112,35 @@ def num_blocks_worth_fetching(num_blocks: int, *, latency_s: float, fetch_s_per_
     3. The fixed ``latency_s`` must be paid back: ``k x (recompute - fetch) > latency_s``.
        The saving grows with ``k``, so the answer is the most blocks rule 2 allows, or 0.
 
-    Raises ValueError for a negative count or a cost that is not a finite number >= 0.
+    Raises ValueError for a negative count or a cost that is not a finite number >= 0 (any
+    size: a store's queue in a loaded fleet, a stalled store's measured throughput).
     """
     if type(num_blocks) is not int or num_blocks < 0:
         raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
-    latency_s = check_number("latency_s", latency_s, 0.0, 3600.0)
-    fetch_s = check_number("fetch_s_per_block", fetch_s_per_block, 0.0, 3600.0)
-    recompute_s = check_number("recompute_s_per_block", recompute_s_per_block, 0.0, 3600.0)
+    # NOTE: the costs were capped at an hour: a fleet's store queue of more (the
+    # simulator adds it to the latency) or a store measured below bytes_per_block / 3600
+    # B/s raised from the step. Any finite cost decides.
+    latency_s = check_number("latency_s", latency_s, 0.0, None)
+    fetch_s = check_number("fetch_s_per_block", fetch_s_per_block, 0.0, None)
+    recompute_s = check_number("recompute_s_per_block", recompute_s_per_block, 0.0, None)
+    wait_s = None if max_wait_s is None else check_number("max_wait_s", max_wait_s, 0.0, None)
     if num_blocks == 0 or fetch_s >= recompute_s:
         return 0
     k = num_blocks
-    if max_wait_s is not None:
-        wait_s = check_number("max_wait_s", max_wait_s, 0.0, 3600.0)
+    if wait_s is not None:
         if latency_s >= wait_s:
             return 0
         if fetch_s > 0:
-            k = min(k, int((wait_s - latency_s) / fetch_s))
-    return k if k * (recompute_s - fetch_s) > latency_s else 0
+            # NOTE: the quotient is inf for a subnormal fetch cost (``int`` of it raised
+            # OverflowError): compared first, exactly, as a float with an int.
+            num_in_time = (wait_s - latency_s) / fetch_s
+            if num_in_time < k:
+                k = int(num_in_time)
+    saving_s = recompute_s - fetch_s
+    # A count past 2**53 is no float (past the float range ``k * saving_s`` overflowed):
+    # compared exactly there.
+    saved_s = k * saving_s if k <= 1 << 53 else Fraction(k) * Fraction(saving_s)
+    return k if saved_s > latency_s else 0
 
 
 WritePolicy = Literal["write-through", "write-back"]
