@@ -7,9 +7,12 @@ ids, reuse, what stays cached), the books recounted."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier import CacheConfig, KVCacheManager, SequenceSpec, Tier
 from kvtier.remote.tier import num_blocks_worth_fetching
+from test_faults import GARBAGE, Memory, check_cache_contents
 
 TPB = 4
 
@@ -159,3 +162,149 @@ def test_the_fetch_rule_refuses_what_is_no_finite_cost(field: str, value: object
     # Refused even where the answer needs no cost (nothing to fetch).
     with pytest.raises(ValueError, match=f"^{field} must be a finite number >= 0"):
         worth(0, **{field: value})
+
+
+# ---- mixed rounds against a slot-content model -------------------------------------------
+
+SALT_CHOICES: tuple[str | None, ...] = (None, "s")
+SELDOM = st.sampled_from([False, False, False, False, True])  # a request lives for rounds
+MOSTLY = st.sampled_from([True, True, True, False])
+
+
+def next_token(salt: object, tokens: list[int]) -> int:
+    """The model: a token of a tiny alphabet, a function of the key space and the tokens so
+    far, so requests of one prompt decode alike (runs stored first by one, followed and
+    grown by another)."""
+    return (sum(tokens) * 3 + len(tokens) + (salt == "s")) % 2
+
+
+def holds(held: object, salt: object, tokens: tuple[int, ...], end: int) -> bool:
+    """Whether a slot holding ``held`` has the KV of ``tokens[:end]`` (a partial copy holds
+    only the positions it copied)."""
+    return (isinstance(held, tuple) and held != GARBAGE and held[0] == salt
+            and len(held[1]) >= end and held[1][:end] == tokens[:end])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tpb=st.sampled_from([1, 2, 4]),
+    num_gpu_blocks=st.integers(8, 24),
+    num_host_blocks=st.sampled_from([0, 4, 16]),
+    partial=st.booleans(),
+    copy=st.booleans(),
+    prefixes=st.lists(st.lists(st.integers(0, 1), min_size=1, max_size=9), min_size=1,
+                      max_size=3),
+    num_rounds=st.integers(1, 25),
+    data=st.data(),
+)
+def test_mixed_rounds_never_serve_or_cache_garbage(
+    tpb: int, num_gpu_blocks: int, num_host_blocks: int, partial: bool, copy: bool,
+    prefixes: list[list[int]], num_rounds: int, data: st.DataObject,
+) -> None:
+    """Rounds, inside a step or not, of batches mixing requests that skip reading the cache
+    with partial reuse, host onboards and chunked prefills, prefill chunks, decodes of one
+    prompt alike, copies and forward passes failing at random, finishes: every admitted
+    request gets
+    the reuse ``lookup`` promised (none if it skips reading), every position a pass reads
+    holds its KV, every cached block its prefix, nothing leaks."""
+    mgr = KVCacheManager(CacheConfig(
+        tokens_per_block=tpb, num_gpu_blocks=num_gpu_blocks, num_host_blocks=num_host_blocks,
+        enable_partial_reuse=partial, copy_on_partial_reuse=copy), clock=lambda: 0.0)
+    mem = Memory()
+    tokens: dict[str, list[int]] = {}
+    salts: dict[str, object] = {}
+    prompt_len: dict[str, int] = {}
+    done: dict[str, int] = {}  # tokens its passes computed
+    history: list[list[int]] = []
+    n = 0
+    for _ in range(num_rounds):
+        in_step = data.draw(st.booleans(), label="in step")
+        specs: list[SequenceSpec] = []
+        for _ in range(data.draw(st.integers(0, 3), label="batch")):
+            n += 1
+            # A seed prefix or an earlier request's tokens (its decodes too), cut anywhere,
+            # then a few tokens: full, partial and no matches, in either key space.
+            twin = data.draw(st.booleans(), label="twin") if specs else False
+            if twin:
+                # The previous request's prompt again: the two decode alike.
+                prompt, salt = list(specs[-1].tokens), specs[-1].salt
+            else:
+                base = data.draw(st.sampled_from(prefixes + history[-6:]))
+                base = base[:data.draw(st.integers(0, len(base)), label="cut")]
+                prompt = (base + data.draw(st.lists(st.integers(0, 1), max_size=5))) or [0]
+                salt = data.draw(st.sampled_from(SALT_CHOICES))
+            specs.append(SequenceSpec(
+                f"r{n}", prompt, salt=salt,
+                skip_reading_prefix_cache=data.draw(st.booleans(), label="skip"),
+                num_new_tokens=data.draw(st.one_of(st.none(), st.integers(1, len(prompt))),
+                                         label="chunk")))
+        lookups = [mgr.lookup(s.tokens, salt=s.salt) for s in specs]
+        if in_step:
+            mgr.begin_step()
+        try:
+            admissions = mgr.add_sequence_batch(specs)
+        except ValueError as exc:
+            assert "num_gpu_blocks is" in str(exc)
+            specs, lookups, admissions = [], [], []
+        new = set()
+        for spec, found, adm in zip(specs, lookups, admissions, strict=True):
+            if not adm.admitted:
+                continue
+            rid = spec.request_id
+            want = 0 if spec.skip_reading_prefix_cache else found.num_tokens
+            assert adm.num_reused_tokens == want, (spec, found, adm)
+            new.add(rid)
+            tokens[rid], salts[rid] = list(spec.tokens), spec.salt
+            prompt_len[rid], done[rid] = len(spec.tokens), adm.num_reused_tokens
+        for rid in sorted(set(tokens) - new):
+            scheduled = len(tokens[rid]) - mgr.num_unscheduled_tokens(rid)
+            if scheduled < prompt_len[rid]:
+                if data.draw(st.booleans(), label=f"chunk {rid}"):
+                    mgr.schedule_prefill(rid, data.draw(
+                        st.integers(1, prompt_len[rid] - scheduled), label="chunk size"))
+            elif data.draw(MOSTLY, label=f"decode {rid}"):
+                token = next_token(salts[rid], tokens[rid])
+                if mgr.append_tokens(rid, [token]) is not None:
+                    tokens[rid].append(token)
+        plan = mgr.end_step() if in_step else mgr.take_plan()
+        bad_ops: set[int] = set()
+        if len(plan) and data.draw(SELDOM, label="copies fail"):
+            bad_ops = set(data.draw(st.lists(st.integers(0, len(plan) - 1), min_size=1),
+                                    label="failed copies"))
+        mem.apply(plan, bad_ops, tpb)
+        if bad_ops:
+            for rid in mgr.transfer_failed(plan, sorted(bad_ops)):
+                del tokens[rid], salts[rid], prompt_len[rid], done[rid]
+        # The passes: each request reads what it did not compute now, then writes.
+        stepped = {rid: len(tokens[rid]) - mgr.num_unscheduled_tokens(rid)
+                   for rid in tokens}
+        stepped = {rid: end for rid, end in stepped.items() if done[rid] < end}
+        failed = [rid for rid in tokens if rid in stepped
+                  and data.draw(SELDOM, label=f"fail {rid}")]
+        for rid, end in stepped.items():
+            toks, table, salt_of = tuple(tokens[rid]), mgr.block_table(rid), salts[rid]
+            first = done[rid]
+            for p in range(first):
+                assert holds(mem.slots.get((Tier.GPU, table[p // tpb])), salt_of, toks, p + 1), (
+                    rid, p, table)
+            for b in range(first // tpb, -(-end // tpb)):
+                mem.slots[(Tier.GPU, table[b])] = (
+                    GARBAGE if rid in failed else (salt_of, toks[:min((b + 1) * tpb, end)]))
+            done[rid] = end
+        aborted = mgr.compute_failed(failed) if failed else []
+        assert set(failed) <= set(aborted)
+        for rid in aborted:
+            del tokens[rid], salts[rid], prompt_len[rid], done[rid]
+        mgr.check_invariants()
+        check_cache_contents(mgr, mem, tpb)
+        for rid in sorted(tokens):
+            if data.draw(SELDOM, label=f"finish {rid}"):
+                history.append(tokens[rid])
+                mgr.remove_sequence(rid)
+                del tokens[rid], salts[rid], prompt_len[rid], done[rid]
+        mgr.check_invariants()
+        check_cache_contents(mgr, mem, tpb)
+    for rid in list(tokens):
+        mgr.remove_sequence(rid)
+    mgr.check_invariants()
+    assert mgr.num_free_gpu_blocks == num_gpu_blocks
