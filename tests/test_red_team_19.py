@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bad_input_helpers import run_cli
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec, Tier
 from kvtier.remote.tier import num_blocks_worth_fetching
 from test_faults import GARBAGE, Memory, check_cache_contents
@@ -308,3 +309,15 @@ def test_mixed_rounds_never_serve_or_cache_garbage(
         mgr.remove_sequence(rid)
     mgr.check_invariants()
     assert mgr.num_free_gpu_blocks == num_gpu_blocks
+
+
+def test_a_fleet_whose_blocks_take_over_an_hour_to_recompute_runs() -> None:
+    """``--set-profile prefill_s_per_token=200`` (a valid profile: at most 3600 s a token)
+    with 32-token blocks makes recomputing a block 6400 s: the fleet's fetch rule refused
+    it mid-run, ``cannot replay: recompute_s_per_block must be a finite number in [0,
+    3600], got 6400.0``, a cost the user never set under that name. Now it decides."""
+    code, err = run_cli(["replay", "--workload", "synthetic-chat", "--limit", "10",
+                         "--instances", "2", "--remote", "write-through", "--profile",
+                         "tiny-test", "--set-profile", "prefill_s_per_token=200",
+                         "--tokens-per-block", "32", "--no-progress", "--no-oracle"])
+    assert (code, err) == (0, "")
