@@ -15,6 +15,7 @@ from kvtier.sim.report import (
     Summary,
     drafts_text,
     estimate_load,
+    format_columns,
     load_text,
 )
 from kvtier.sim.timemodel import TimeModel
@@ -232,13 +233,11 @@ def format_fleet_report(report: FleetReport) -> list[str]:
                          f"{r.remote['num_store_timeouts']:,} timeouts, "
                          f"{r.remote['num_failed_puts']:,} failed writes, "
                          f"{r.remote['num_short_circuited']:,} batches skipped (breaker open)")
-    lines += [
-        "",
-        f"{'instance':<9}{'routed':>8}{'hit rate':>10}{'GPU':>8}{'host':>8}"
-        f"{'prefill tok':>13}{'TTFT p50':>11}{'TTFT p99':>11}",
-    ]
-    for s in r.instances:
-        lines.append(f"{s.instance_id:<9}{s.num_routed:>8,}{s.token_hit_rate:>10.4f}"
-                     f"{s.gpu_token_hit_rate:>8.4f}{s.host_token_hit_rate:>8.4f}"
-                     f"{s.num_prefill_tokens:>13,}{_ms(s.ttft_s.p50):>11}{_ms(s.ttft_s.p99):>11}")
+    table = [("instance", "routed", "hit rate", "GPU", "host", "prefill tok", "TTFT p50",
+              "TTFT p99")]
+    table += [(s.instance_id, f"{s.num_routed:,}", f"{s.token_hit_rate:.4f}",
+               f"{s.gpu_token_hit_rate:.4f}", f"{s.host_token_hit_rate:.4f}",
+               f"{s.num_prefill_tokens:,}", _ms(s.ttft_s.p50), _ms(s.ttft_s.p99))
+              for s in r.instances]
+    lines += ["", *format_columns(table, num_left=1)]
     return lines

@@ -332,8 +332,19 @@ def format_sweep(reports: Sequence[SimReport]) -> list[str]:
             "n/a" if bounds is None else f"{bounds.unlimited_hit_rate:.4f}",
             _seconds(r.ttft_s.p50), _seconds(r.ttft_s.p99), f"{r.throughput_tokens_per_s:,.0f}",
         ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in table]
+    return format_columns(table)
+
+
+def format_columns(table: Sequence[Sequence[str]], num_left: int = 0) -> list[str]:
+    """A table's rows as lines: each column as wide as its widest cell, two spaces between
+    columns; the first ``num_left`` columns aligned left, the rest right. Pure.
+
+    NOTE: widths come from the content, never fixed: a fixed width let a long cell (a TTFT
+    of 10^14 ms) run into its neighbour, ``1,504,851148582186414.0 ms298330283679.2 ms``."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(cell.ljust(w) if i < num_left else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in table]
 
 
 def _or_a_step(r: SimReport) -> str:

@@ -1,0 +1,52 @@
+"""Red team 19b, simulator surfaces: the fleet table with extreme values."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from kvtier.config import CacheConfig
+from kvtier.sim import SyntheticChat
+from kvtier.sim.fleet import simulate_fleet
+from kvtier.sim.fleet_report import FleetReport, format_fleet_report
+from kvtier.sim.report import Summary, format_columns
+
+
+def make_fleet_report() -> FleetReport:
+    """A 2-instance fleet over 20 chat requests (small pools of 32-token blocks)."""
+    return simulate_fleet(SyntheticChat(num_requests=20, seed=1),
+                          CacheConfig(tokens_per_block=32, num_gpu_blocks=256,
+                                      num_host_blocks=64), 2)
+
+
+def cells(line: str) -> list[str]:
+    return re.split(r" {2,}", line.strip())
+
+
+def test_fleet_table_columns_stay_apart_with_huge_values() -> None:
+    """With a TTFT of 1.5e11 s (1.5e14 ms) and 10^12 prefill tokens, as an hours-long
+    profile gives, each instance row still reads as 8 cells, each right under its header:
+    the fixed widths ran them together (``1,504,851148582186414.0 ms298330283679.2 ms``)."""
+    report = make_fleet_report()
+    huge = Summary(mean=1.5e11, p50=148582186414.0, p90=2e11, p99=298330283679.2)
+    instances = [replace(s, ttft_s=huge, num_prefill_tokens=10**12 + i)
+                 for i, s in enumerate(report.instances)]
+    lines = format_fleet_report(replace(report, instances=instances))
+    header, rows = lines[-3], lines[-2:]
+    assert cells(header) == ["instance", "routed", "hit rate", "GPU", "host", "prefill tok",
+                             "TTFT p50", "TTFT p99"]
+    for row, s in zip(rows, instances, strict=True):
+        assert cells(row) == [s.instance_id, f"{s.num_routed:,}", f"{s.token_hit_rate:.4f}",
+                              f"{s.gpu_token_hit_rate:.4f}", f"{s.host_token_hit_rate:.4f}",
+                              f"{s.num_prefill_tokens:,}", "148582186414000.0 ms",
+                              "298330283679200.0 ms"]
+        assert len(row) == len(header)  # right-aligned numbers end under their headers
+
+
+def test_format_columns_takes_widths_from_content() -> None:
+    """Each column is as wide as its widest cell, two spaces apart; left columns first."""
+    table = [("name", "n"), ("a", "12345"), ("longer", "7")]
+    assert format_columns(table, num_left=1) == ["name        n",
+                                                 "a       12345",
+                                                 "longer      7"]
+    assert format_columns(table) == ["  name      n", "     a  12345", "longer      7"]
