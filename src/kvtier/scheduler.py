@@ -280,6 +280,10 @@ class Scheduler:
             return None
         req = next(r for r in self.waiting if r.request_id == request_id)
         self._dequeue(req)
+        # NOTE: one a reset preempted is no longer the next step's to list (it listed a
+        # request gone, or a new one queued under its id, as preempted).
+        if request_id in self._reset_preempted:
+            self._reset_preempted.remove(request_id)
         return req
 
     def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
