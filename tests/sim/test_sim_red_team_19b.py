@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ from kvtier.config import CacheConfig
 from kvtier.sim import SyntheticChat
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import FleetReport, format_fleet_report
-from kvtier.sim.report import Summary, format_columns
+from kvtier.sim.report import Summary, estimate_load, format_columns, load_text
 
 
 def make_fleet_report() -> FleetReport:
@@ -50,3 +51,19 @@ def test_format_columns_takes_widths_from_content() -> None:
                                                  "a       12345",
                                                  "longer      7"]
     assert format_columns(table) == ["  name      n", "     a  12345", "longer      7"]
+
+
+def test_a_load_near_the_float_range_reads_in_a_few_digits() -> None:
+    """Arrivals a --time-scale of 1e-300 packs into 1e-301 s: the utilization (6e301) and
+    the instances it would need read in three digits, not 302 each; the estimate is
+    unchanged (the JSON keeps every digit)."""
+    load = estimate_load(busy_s=6.0, arrival_span_s=1e-301, time_scale=1e-300)
+    assert load.utilization == 6.0 / 1e-301
+    assert load.sustainable_instances == math.ceil(6.0 / 1e-301)
+    assert load_text(load, 1e-300) == (
+        "OVERLOADED: arrivals bring 6e+301 x what 1 instance can serve, so latencies are "
+        "mostly queueing; sustainable from at least --time-scale 60 (now 1e-300) or "
+        "--instances 6e+301")
+    small = estimate_load(busy_s=30.0, arrival_span_s=10.0, time_scale=1.0, num_instances=2)
+    assert load_text(small, 1.0).startswith("OVERLOADED: arrivals bring 1.50 x what 2 ")
+    assert load_text(small, 1.0).endswith("--instances 3")

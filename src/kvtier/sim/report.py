@@ -113,7 +113,7 @@ def load_text(load: LoadEstimate, time_scale: float) -> str:
     """The table's one line on load: the utilization, or what an overload would need."""
     if load.utilization is None:
         return f"every request arrives at once; busy {_seconds(load.busy_s)}"
-    share = (f"{load.utilization:.2f} x what {load.num_instances} instance"
+    share = (f"{_ratio(load.utilization)} x what {load.num_instances} instance"
              f"{'s' if load.num_instances > 1 else ''} can serve")
     if not load.overloaded:
         return (f"{share} (busy {_seconds(load.busy_s)} over {_seconds(load.arrival_span_s)} "
@@ -121,7 +121,17 @@ def load_text(load: LoadEstimate, time_scale: float) -> str:
     assert load.sustainable_time_scale is not None
     return (f"OVERLOADED: arrivals bring {share}, so latencies are mostly queueing; "
             f"sustainable from at least --time-scale {load.sustainable_time_scale:.3g} (now "
-            f"{time_scale:g}) or --instances {load.sustainable_instances}")
+            f"{time_scale:g}) or --instances {_count(load.sustainable_instances)}")
+
+
+# NOTE: a load is finite up to the float range: a --time-scale of 1e-300 made a ratio of
+# 6e301, printed to 302 digits (and the instance count too) on the table's one line.
+def _ratio(value: float) -> str:
+    return f"{value:.2f}" if value < 1e6 else f"{value:.3g}"
+
+
+def _count(value: int | None) -> str:
+    return str(value) if value is None or value < 10**9 else f"{float(value):.3g}"
 
 
 @dataclass(frozen=True, slots=True)
