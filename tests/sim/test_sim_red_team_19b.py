@@ -67,3 +67,18 @@ def test_a_load_near_the_float_range_reads_in_a_few_digits() -> None:
     small = estimate_load(busy_s=30.0, arrival_span_s=10.0, time_scale=1.0, num_instances=2)
     assert load_text(small, 1.0).startswith("OVERLOADED: arrivals bring 1.50 x what 2 ")
     assert load_text(small, 1.0).endswith("--instances 3")
+
+
+def test_fetch_costs_below_ten_megabytes_a_second_keep_their_digits() -> None:
+    """A break-even of 5.12 B/s (blocks of hours to recompute) and a link of 1e-300 GB/s
+    read in three digits (both read "0.00 GB/s", a link "above the break-even 0.00")."""
+    report = simulate_fleet(SyntheticChat(num_requests=4, seed=1),
+                            CacheConfig(tokens_per_block=32, num_gpu_blocks=256), 2,
+                            remote="write-through")
+    assert report.remote is not None
+    remote = {**report.remote, "bytes_per_s": 0.25e9, "break_even_bytes_per_s": 5.12}
+    text = "\n".join(format_fleet_report(replace(report, remote=remote)))
+    assert "bytes at 0.25 GB/s, above the break-even 5.12e-09 GB/s;" in text
+    remote = {**report.remote, "bytes_per_s": 1e-291, "break_even_bytes_per_s": 3.28e9}
+    text = "\n".join(format_fleet_report(replace(report, remote=remote)))
+    assert "bytes at 1e-300 GB/s, below the break-even 3.28 GB/s;" in text

@@ -185,6 +185,12 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 1e3:.1f} ms"
 
 
+def _gb_s(value: float) -> str:
+    # NOTE: a break-even of 5.12 B/s (an hour's recompute per block) read "0.00 GB/s",
+    # and a link above it "above the break-even 0.00".
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.3g}"
+
+
 def _remote_lines(remote: dict[str, Any]) -> list[str]:
     """What the shared tier served and what its fetches cost. Pure."""
     link_gb_s, even_gb_s = remote["bytes_per_s"] / 1e9, remote["break_even_bytes_per_s"] / 1e9
@@ -196,8 +202,8 @@ def _remote_lines(remote: dict[str, Any]) -> list[str]:
         f"{remote['num_fetches']:,} fetches ({remote['fetch']}; "
         f"{remote['num_skipped_blocks']:,} found left to recompute), "
         f"{remote['num_imported_blocks']:,} imported to host tiers",
-        f"fetch cost  {remote['latency_s'] * 1e3:g} ms + bytes at {link_gb_s:.2f} GB/s, "
-        f"{verdict} the break-even {even_gb_s:.2f} GB/s; fetch p50 {_ms(fetch_s['p50'])}, "
+        f"fetch cost  {remote['latency_s'] * 1e3:g} ms + bytes at {_gb_s(link_gb_s)} GB/s, "
+        f"{verdict} the break-even {_gb_s(even_gb_s)} GB/s; fetch p50 {_ms(fetch_s['p50'])}, "
         f"p99 {_ms(fetch_s['p99'])} (from arrival, store queue included); "
         f"{remote['num_written_blocks']:,} blocks written, {remote['num_dropped_writes']:,} "
         "dropped (store behind)",
