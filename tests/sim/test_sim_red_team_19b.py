@@ -7,9 +7,11 @@ import re
 from dataclasses import replace
 
 from kvtier.config import CacheConfig
+from kvtier.scheduler import SchedulerConfig
 from kvtier.sim import SyntheticChat
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import FleetReport, format_fleet_report
+from kvtier.sim.replay import simulate
 from kvtier.sim.report import Summary, estimate_load, format_columns, load_text
 
 
@@ -82,3 +84,14 @@ def test_fetch_costs_below_ten_megabytes_a_second_keep_their_digits() -> None:
     remote = {**report.remote, "bytes_per_s": 1e-291, "break_even_bytes_per_s": 3.28e9}
     text = "\n".join(format_fleet_report(replace(report, remote=remote)))
     assert "bytes at 1e-300 GB/s, below the break-even 3.28 GB/s;" in text
+
+
+def test_a_budget_past_the_float_range_replays() -> None:
+    """max_num_tokens=10**400 is a valid budget (an int >= 1): the replay finishes every
+    request, and no step counts as full (it raised OverflowError after the first step,
+    comparing each step with 0.9 x the budget as a float)."""
+    report = simulate(SyntheticChat(num_requests=5, seed=1),
+                      CacheConfig(tokens_per_block=32, num_gpu_blocks=512),
+                      SchedulerConfig(max_num_tokens=10**400), profile="tiny-test")
+    assert (report.num_requests, report.num_overflow_steps) == (5, 0)
+    assert report.cpu["us_per_full_step_mean"] is None

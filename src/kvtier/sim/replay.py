@@ -16,11 +16,13 @@ are timed in real CPU time: building prompts and the loop's own books are not.
 from __future__ import annotations
 
 import gc
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
+from fractions import Fraction
 from itertools import count
 
 from kvtier.blocks import cdiv
@@ -44,8 +46,10 @@ from kvtier.transfer.plan import OP_KINDS, OpKind, PlanColumns, TransferPlan
 SAMPLED_TOKEN_BASE = 1 << 62
 
 # A step counts as "full" for the CPU figures when it schedules at least this share of
-# max_num_tokens: the cost the scheduler's speed target is about.
-FULL_STEP_SHARE = 0.9
+# max_num_tokens: the cost the scheduler's speed target is about. NOTE: a fraction, so
+# that the threshold is an exact int for any budget (0.9 x a budget past the float range,
+# 10**400, raised OverflowError after the first step).
+FULL_STEP_SHARE = Fraction(9, 10)
 
 # The chance that one draft token is accepted, where the caller gives none: the middle of
 # what EAGLE-style drafters report on chat (0.6-0.8 a token).
@@ -233,6 +237,7 @@ class ReplayLoop:
         self.manager = KVCacheManager(cache, clock=lambda: self.now_s, policy=policy)
         self.scheduler = make_scheduler(self.manager, sched)
         self.sched = sched
+        self.num_full_step_tokens = math.ceil(FULL_STEP_SHARE * sched.max_num_tokens)
         self.model = model
         self.time_scale = time_scale
         self.progress = progress
@@ -361,7 +366,7 @@ class ReplayLoop:
         self.busy_s += step_s
 
         self.step_cpu_s.append(cpu_s)
-        if step.num_scheduled_tokens >= FULL_STEP_SHARE * self.sched.max_num_tokens:
+        if step.num_scheduled_tokens >= self.num_full_step_tokens:
             self.full_step_cpu_s.append(cpu_s)
             if self.phases is not None:
                 self.full_step_phases.append(self.phases.last)
