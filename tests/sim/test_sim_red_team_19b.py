@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import replace
@@ -13,6 +14,7 @@ from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import FleetReport, format_fleet_report
 from kvtier.sim.replay import simulate
 from kvtier.sim.report import Summary, estimate_load, format_columns, load_text
+from kvtier.sim.timemodel import RemoteLink, get_profile
 
 
 def make_fleet_report() -> FleetReport:
@@ -95,3 +97,28 @@ def test_a_budget_past_the_float_range_replays() -> None:
                       SchedulerConfig(max_num_tokens=10**400), profile="tiny-test")
     assert (report.num_requests, report.num_overflow_steps) == (5, 0)
     assert report.cpu["us_per_full_step_mean"] is None
+
+
+def test_a_fleet_report_with_infinite_costs_is_json_ready() -> None:
+    """Where prefill is free the break-even rate is infinite; on a link of 1e-320 GB/s a
+    whole-prefix fetch never lands. Both are valid options: the JSON form has them as null
+    (json.dumps refused them, and ``kvtier replay`` ended with an internal error, status
+    70, after the table); the other numbers are kept."""
+    profile = replace(get_profile("tiny-test"), prefill_s_per_token=0.0)
+    report = simulate_fleet(SyntheticChat(num_requests=6, seed=1),
+                            CacheConfig(tokens_per_block=32, num_gpu_blocks=256), 2,
+                            profile=profile, remote="write-through")
+    assert report.remote is not None and report.remote["break_even_bytes_per_s"] == math.inf
+    document = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert document["remote"]["break_even_bytes_per_s"] is None
+    assert document["remote"]["bytes_per_s"] == report.remote["bytes_per_s"]
+    slow = simulate_fleet(SyntheticChat(num_requests=12, seed=1),
+                          CacheConfig(tokens_per_block=32, num_gpu_blocks=256), 2,
+                          profile="tiny-test", remote="write-through", fetch="whole-prefix",
+                          remote_link=RemoteLink(bytes_per_s=1e-311))
+    assert slow.remote is not None
+    fetch_s = slow.remote["fetch_s"]
+    assert isinstance(fetch_s, dict) and fetch_s["p99"] == math.inf
+    document = json.loads(json.dumps(slow.to_dict(), allow_nan=False))
+    assert document["remote"]["fetch_s"]["p99"] is None
+    assert document["num_requests"] == slow.num_requests == 12

@@ -16,6 +16,7 @@ from kvtier.sim.report import (
     drafts_text,
     estimate_load,
     format_columns,
+    json_ready,
     load_text,
 )
 from kvtier.sim.timemodel import TimeModel
@@ -95,8 +96,8 @@ class FleetReport:
     speculative: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-ready copy of the report. Pure."""
-        return asdict(self)
+        """A JSON-ready copy of the report (an infinite number as None). Pure."""
+        return json_ready(asdict(self))
 
 
 def _max_over_mean(values: Sequence[int]) -> float:

@@ -197,8 +197,27 @@ class SimReport:
     speculative: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-ready copy of the report. Pure."""
-        return asdict(self)
+        """A JSON-ready copy of the report (an infinite number as None). Pure."""
+        return json_ready(asdict(self))
+
+
+def json_ready(document: dict[str, object]) -> dict[str, object]:
+    """``document`` with every infinite float in it, at any depth, as None: JSON has no
+    infinity. Pure.
+
+    NOTE: valid options give some: a fleet's break-even rate where prefill is free, the
+    fetch times of a link of 1e-320 GB/s (a fetch that never lands); the JSON line then
+    raised ValueError after the table (status 70). A NaN is left to fail: a defect."""
+    def ready(value: object) -> object:
+        if isinstance(value, float):
+            return None if math.isinf(value) else value
+        if isinstance(value, dict):
+            return {key: ready(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(map(ready, value))
+        return value
+
+    return {key: ready(item) for key, item in document.items()}
 
 
 # ---- tables ------------------------------------------------------------------------------
