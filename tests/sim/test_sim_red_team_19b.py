@@ -31,7 +31,8 @@ def cells(line: str) -> list[str]:
 def test_fleet_table_columns_stay_apart_with_huge_values() -> None:
     """With a TTFT of 1.5e11 s (1.5e14 ms) and 10^12 prefill tokens, as an hours-long
     profile gives, each instance row still reads as 8 cells, each right under its header:
-    the fixed widths ran them together (``1,504,851148582186414.0 ms298330283679.2 ms``)."""
+    the fixed widths ran them together (``1,504,851148582186414.0 ms298330283679.2 ms``).
+    Times from 1e9 ms read in three digits."""
     report = make_fleet_report()
     huge = Summary(mean=1.5e11, p50=148582186414.0, p90=2e11, p99=298330283679.2)
     instances = [replace(s, ttft_s=huge, num_prefill_tokens=10**12 + i)
@@ -43,8 +44,7 @@ def test_fleet_table_columns_stay_apart_with_huge_values() -> None:
     for row, s in zip(rows, instances, strict=True):
         assert cells(row) == [s.instance_id, f"{s.num_routed:,}", f"{s.token_hit_rate:.4f}",
                               f"{s.gpu_token_hit_rate:.4f}", f"{s.host_token_hit_rate:.4f}",
-                              f"{s.num_prefill_tokens:,}", "148582186414000.0 ms",
-                              "298330283679200.0 ms"]
+                              f"{s.num_prefill_tokens:,}", "1.49e+14 ms", "2.98e+14 ms"]
         assert len(row) == len(header)  # right-aligned numbers end under their headers
 
 
@@ -122,3 +122,23 @@ def test_a_fleet_report_with_infinite_costs_is_json_ready() -> None:
     document = json.loads(json.dumps(slow.to_dict(), allow_nan=False))
     assert document["remote"]["fetch_s"]["p99"] is None
     assert document["num_requests"] == slow.num_requests == 12
+
+
+def test_times_and_rates_past_a_billion_read_in_three_digits() -> None:
+    """A TTFT of 1.8e302 s (a fetch over a link of 1e-300 GB/s) and a break-even of 1e304
+    GB/s (prefill at 1e-300 s a token) read in three digits, not 300; smaller ones as
+    before."""
+    report = simulate_fleet(SyntheticChat(num_requests=4, seed=1),
+                            CacheConfig(tokens_per_block=32, num_gpu_blocks=256), 2,
+                            remote="write-through")
+    assert report.remote is not None
+    remote = {**report.remote, "bytes_per_s": 2.5e8, "break_even_bytes_per_s": 1.024e303,
+              "fetch_s": {"mean": 1.835e302, "p50": 1.835e302, "p90": 0.5, "p99": 2e-3}}
+    text = "\n".join(format_fleet_report(replace(report, remote=remote)))
+    assert ("bytes at 0.25 GB/s, below the break-even 1.02e+294 GB/s; fetch p50 1.83e+305 "
+            "ms, p99 2.0 ms") in text
+    load = estimate_load(busy_s=3e300, arrival_span_s=1e301, time_scale=1.0)
+    assert load_text(load, 1.0) == ("0.30 x what 1 instance can serve (busy 3e+300 s over "
+                                     "1e+301 s of arrivals)")
+    load = estimate_load(busy_s=12.5, arrival_span_s=9.99e8, time_scale=1.0)
+    assert load_text(load, 1.0).endswith("(busy 12.50 s over 999000000.00 s of arrivals)")

@@ -183,13 +183,16 @@ def _drafts(runs: list[dict[str, float] | None]) -> dict[str, float] | None:
 
 
 def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 1e3:.1f} ms"
+    if value is None:
+        return "n/a"
+    ms = value * 1e3
+    return f"{ms:.1f} ms" if ms < 1e9 else f"{ms:.3g} ms"  # 1.8e+305 ms, not 306 digits
 
 
 def _gb_s(value: float) -> str:
     # NOTE: a break-even of 5.12 B/s (an hour's recompute per block) read "0.00 GB/s",
-    # and a link above it "above the break-even 0.00".
-    return f"{value:.2f}" if value >= 0.01 else f"{value:.3g}"
+    # and a link above it "above the break-even 0.00"; one of 1e-300 s a token, 300 digits.
+    return f"{value:.2f}" if 0.01 <= value < 1e6 else f"{value:.3g}"
 
 
 def _remote_lines(remote: dict[str, Any]) -> list[str]:

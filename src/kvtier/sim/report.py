@@ -226,7 +226,9 @@ def json_ready(document: dict[str, object]) -> dict[str, object]:
 def _seconds(value: float | None) -> str:
     if value is None:
         return "n/a"
-    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+    if value < 1:
+        return f"{value * 1e3:.1f} ms"
+    return f"{value:.2f} s" if value < 1e9 else f"{value:.3g} s"  # 3e+300 s, not 301 digits
 
 
 def _us(value: float | None) -> str:
