@@ -23,26 +23,8 @@ MAX_DRAIN_STEPS = 5000
 
 
 def books_hold(sched: Scheduler) -> None:
-    """The scheduler's books between steps, recounted from its queues. Pure.
-
-    NOTE: reads private state (read only): the Scheduler has no ``check_invariants``."""
-    waiting = [r.request_id for r in sched.waiting]
-    assert len(set(waiting)) == len(waiting), waiting
-    assert not set(waiting) & set(sched.running), (waiting, list(sched.running))
-    assert set(sched._specs) == set(waiting) == set(sched._queued_at)
-    assert sched._held <= set(waiting), (sched._held, waiting)
-    # Preempted by a reset, for the next step to list: each still waits.
-    assert set(sched._reset_preempted) <= set(waiting), (sched._reset_preempted, waiting)
-    assert set(sched._lookups) <= set(waiting) | set(sched.running)
-    assert not sched._computing, sched._computing  # a step's waits end with its admission
-    prefilling = {rid for rid, r in sched.running.items()
-                  if r.num_computed_tokens < r.num_prefill_tokens}
-    assert set(sched._prefill_specs) <= set(sched.running)
-    assert prefilling <= set(sched._prefill_specs), (prefilling, sched._prefill_specs)
-    assert set(sched._num_unappended) <= set(sched.running)
-    for r in sched.waiting:
-        assert r.num_computed_tokens == r.num_prefill_tokens == 0, r
-        assert sched._queued_at[r.request_id] <= sched._num_steps
+    """The scheduler's books between steps (``Scheduler.check_invariants``)."""
+    sched.check_invariants()
 
 
 class SchedulerCallsBetweenSteps(NewCallsUnderScheduling):

@@ -654,3 +654,19 @@ def test_only_a_request_that_would_reuse_the_block_waits(second: list[int],
     s.add_request(Request("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], 2))
     s.add_request(Request("b", second, 2))
     assert [c.request_id for c in s.step().context_chunks] == admitted
+
+
+def test_check_invariants_holds_through_steps_and_names_a_broken_queue() -> None:
+    """The scheduler's books hold between the steps of a run, and a request put in both
+    queues (a caller editing ``waiting`` by hand) is caught, naming it."""
+    s = make_scheduler(max_num_tokens=8)
+    s.add_request(Request("a", list(range(10)), max_output_tokens=2))
+    s.add_request(Request("b", list(range(10)), max_output_tokens=2))
+    s.check_invariants()
+    step = s.step()
+    finish_step(s, step)
+    s.check_invariants()
+    running = next(iter(s.running.values()))
+    s.waiting.append(running)
+    with pytest.raises(AssertionError, match="waiting and running"):
+        s.check_invariants()

@@ -145,6 +145,32 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def check_invariants(self) -> None:
+        """Recount the scheduler's books from its queues and assert they hold (between
+        steps): each request in exactly one of ``waiting`` and ``running``, nothing kept
+        for one that left, no same-step wait outliving its step. Pure. The manager's own
+        books are ``manager.check_invariants``."""
+        waiting = [r.request_id for r in self.waiting]
+        running = set(self.running)
+        assert len(set(waiting)) == len(waiting), f"queued twice: {waiting}"
+        assert not running.intersection(waiting), f"waiting and running: {waiting}"
+        assert set(self._specs) == set(waiting) == set(self._queued_at), \
+            "a waiting request's spec or queue time is missing or outlived it"
+        assert self._held <= set(waiting), f"held but not waiting: {self._held}"
+        # Preempted by a reset, for the next step to list: each still waits.
+        assert set(self._reset_preempted) <= set(waiting), \
+            f"listed as preempted but not waiting: {self._reset_preempted}"
+        assert set(self._lookups) <= set(waiting) | running, "a lookup kept for one gone"
+        assert not self._computing, "a step's same-step waits outlived its admission"
+        prefilling = {rid for rid, r in self.running.items()
+                      if r.num_computed_tokens < r.num_prefill_tokens}
+        assert prefilling <= set(self._prefill_specs) <= running, \
+            "a prefill spec missing, or kept for a request not running"
+        assert set(self._num_unappended) <= running, "unappended tokens of one not running"
+        for r in self.waiting:
+            assert r.num_computed_tokens == r.num_prefill_tokens == 0, r
+            assert self._queued_at[r.request_id] <= self._num_steps, r
+
     def _chunk_cap(self) -> int:
         cfg = self.config
         if not cfg.enable_chunked_prefill:
