@@ -3,8 +3,9 @@ preemption, resets), mixed at random with parallel sampling's bursts of one prom
 that skip reading the cache, short ``max_wait_steps``, steps without chunked prefill, tiny
 budgets and speculative drafts, over test_red_team_13b's fake data plane (every KV position a
 step reads checked against a cacheless run). After every call the scheduler's own books hold
-(``books_hold``: each request in exactly one of its queues, nothing kept for one that left);
-at the end every request finishes within a bound of steps, with a cacheless run's output."""
+(``Scheduler.check_invariants``: each request in exactly one of its queues, nothing kept for
+one that left); at the end every request finishes within a bound of steps, with a cacheless
+run's output."""
 
 from __future__ import annotations
 
@@ -20,11 +21,6 @@ from test_red_team_13b import PROMPTS, TPB, NewCallsUnderScheduling
 
 # Steps to finish what is queued at the end: a 1-token budget takes one a token.
 MAX_DRAIN_STEPS = 5000
-
-
-def books_hold(sched: Scheduler) -> None:
-    """The scheduler's books between steps (``Scheduler.check_invariants``)."""
-    sched.check_invariants()
 
 
 class SchedulerCallsBetweenSteps(NewCallsUnderScheduling):
@@ -75,7 +71,7 @@ class SchedulerCallsBetweenSteps(NewCallsUnderScheduling):
     @invariant()
     def scheduler_books_hold(self) -> None:
         if hasattr(self, "sched") and self.sched._unapplied is None:
-            books_hold(self.sched)
+            self.sched.check_invariants()
 
     def teardown(self) -> None:
         if not hasattr(self, "sched") or self.sched._unapplied is not None:
@@ -115,7 +111,7 @@ def test_a_request_aborted_after_a_reset_preempted_it_is_not_listed_as_preempted
     assert [r.request_id for r in s.waiting] == ["A", "B"]
     aborted = s.abort("A")
     assert aborted is not None and aborted.num_preemptions == 1
-    books_hold(s)
+    s.check_invariants()
     s.add_request(Request("A", [1, 2, 3], 2))
     step = s.step()
     assert step.preempted_request_ids == ("B",)
@@ -123,5 +119,5 @@ def test_a_request_aborted_after_a_reset_preempted_it_is_not_listed_as_preempted
     assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
         ("B", 0, 6), ("A", 0, 3)]
     s.update(step, {"A": 13, "B": 14})
-    books_hold(s)
+    s.check_invariants()
     s.manager.check_invariants()
