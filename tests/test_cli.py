@@ -193,6 +193,50 @@ def test_replay_azure_csv(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     assert report["workload"]["kind"] == "azure"
 
 
+def test_replay_bailian_jsonl(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A Qwen-Bailian trace (chat ids, seconds, 16-token block hashes) is read as such:
+    with whole blocks only, the second turn reuses the first's one whole 32-token block
+    (the first turn's next block holds its last 8 prompt tokens, then its output)."""
+    rows = [
+        {"chat_id": 1, "parent_chat_id": -1, "timestamp": 0.5, "input_length": 40,
+         "output_length": 3, "type": "text", "turn": 1, "hash_ids": [10, 11, 12]},
+        {"chat_id": 2, "parent_chat_id": 1, "timestamp": 9.5, "input_length": 80,
+         "output_length": 3, "type": "text", "turn": 2, "hash_ids": [10, 11, 12, 13, 14]},
+    ]
+    path = make_mooncake(tmp_path, rows)
+    code, out, _ = run_cli(capsys, "replay", str(path), "--no-progress",
+                           "--no-partial-reuse")
+    assert code == 0
+    report = last_json(out)
+    assert (report["workload"]["kind"], report["workload"]["hash_block_tokens"]) == (
+        "bailian", 16)
+    assert report["workload"]["span_s"] == 9.0
+    assert report["num_reused_tokens"] == 32  # one whole 32-token block: tokens 0..31
+    code, _, err = run_cli(capsys, "replay", str(path), "--no-progress",
+                           "--trace-time-unit", "ms", "--trace-block-tokens", "32")
+    assert code == 2 and "has 3 ids, expected ceil(40/32) = 2" in err
+
+
+@pytest.mark.parametrize("option", [["--trace-block-tokens", "16"], ["--trace-time-unit", "s"]])
+def test_trace_options_need_a_jsonl_trace(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                          option: list[str]) -> None:
+    csv_path = tmp_path / "azure.csv"
+    csv_path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                        "2023-11-16 18:15:46.6805900,374,44\n", encoding="utf-8")
+    for trace in ([], [str(csv_path)]):
+        code, _, err = run_cli(capsys, "replay", *trace, "--no-progress", *option)
+        assert code == 2
+        assert f"{option[0]} applies to a .jsonl trace only" in err
+
+
+def test_trace_time_unit_rescales_a_mooncake_trace(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path) -> None:
+    path = make_mooncake(tmp_path, SHARED_PREFIX_TRACE)
+    code, out, _ = run_cli(capsys, "replay", str(path), "--no-progress",
+                           "--trace-time-unit", "s")
+    assert code == 0 and last_json(out)["workload"]["span_s"] == 20.0
+
+
 def test_compare_four_runs_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
     """compare runs claim and probe, GPU only and GPU + host (4 x GPU by default)."""
     code, out, _ = run_cli(capsys, "compare", "--limit", "15", "--no-progress",
@@ -394,7 +438,7 @@ def test_progress_without_tqdm(
         (["no-such-trace.jsonl"],
          "cannot read trace no-such-trace.jsonl: No such file or directory"),
         (["trace.txt"],
-         "TRACE must be a .jsonl (Mooncake) or .csv (Azure) file, got 'trace.txt'"),
+         "TRACE must be a .jsonl (Mooncake, Bailian) or .csv (Azure) file, got 'trace.txt'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(
@@ -622,7 +666,8 @@ MOONCAKE_OK = '{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_i
      ":2: field '<json>': nested too deeply: not a Mooncake record"),
     ("bighash.jsonl", b'{"timestamp": 0, "input_length": 600, "output_length": 5, '
      b'"hash_ids": [1, 36028797018963968]}\n',
-     ":1: field 'hash_ids': expected a list of integers in 0..18014398509481983"),
+     ":1: field 'hash_ids': id 36028797018963968 is too large: token ids h*512.. must stay "
+     "below 2**63"),
     ("huge.jsonl", b'{"timestamp": 0, "input_length": 10000000000, "output_length": 5, '
      b'"hash_ids": []}\n',
      ":1: field 'input_length': 10000000000 tokens is more than the 16777216"),

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from kvtier.cli_error import EXIT_USAGE, CLIError
-from kvtier.cli_workload import WORKLOADS
+from kvtier.cli_workload import TIME_UNITS, WORKLOADS
 from kvtier.config import EVICTION_POLICIES, HASH_ALGOS, CacheConfig
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
 from kvtier.scheduler_config import MAX_SPECULATIVE_TOKENS
 from kvtier.sim import PROFILES
 from kvtier.sim.replay import DRAFT_ACCEPTANCE
+from kvtier.sim.traces import HASH_BLOCK_SIZES
 
 _CACHE = CacheConfig()
 _SCHED = SchedulerConfig()
@@ -24,7 +25,9 @@ WORKLOAD_DEFAULT = WORKLOADS[0]
 ROUTER_ALPHA_DEFAULT = 1.0
 
 WORKLOAD_HELP = """\
-TRACE is a Mooncake trace (.jsonl, with prefix hash ids) or an Azure 2023 trace (.csv,
+TRACE is a trace of block hash ids (.jsonl: Mooncake's FAST'25 traces, 512-token prefix
+hashes, or Qwen-Bailian's, 16-token block hashes with chat ids; --trace-block-tokens and
+--trace-time-unit for one whose blocks or clock differ) or an Azure 2023 trace (.csv,
 prefixes synthesised from --seed). Without TRACE, the built-in --workload is used: synthetic
 chat or agentic tool loops (2,000 requests, seeded by --seed). Requests that could never fit
 the GPU pool are skipped and counted. Latencies are virtual: the time model of --profile."""
@@ -69,7 +72,14 @@ def common_options() -> OneLineParser:
     """Workload, cache policy, scheduler, time model and output options of every command."""
     p = OneLineParser(add_help=False)
     p.add_argument("trace", metavar="TRACE", nargs="?", type=Path,
-                   help="a .jsonl (Mooncake) or .csv (Azure) trace; default: --workload")
+                   help="a .jsonl (block hash ids: Mooncake, Qwen-Bailian) or .csv (Azure) "
+                   "trace; default: --workload")
+    p.add_argument("--trace-block-tokens", metavar="N", type=int, choices=HASH_BLOCK_SIZES,
+                   help="tokens per hash id of a .jsonl trace whose blocks are not its "
+                   "format's (Mooncake 512, Bailian 16); a power of two up to 512")
+    p.add_argument("--trace-time-unit", choices=tuple(TIME_UNITS),
+                   help="the unit of a .jsonl trace's timestamps where it is not its "
+                   "format's (Mooncake ms, Bailian s)")
     p.add_argument("--workload", choices=WORKLOADS,
                    help="the built-in workload when no TRACE is given: seeded multi-turn chat, "
                    "agentic tool loops over shared tool specs (seconds between steps), "

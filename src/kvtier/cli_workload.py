@@ -21,13 +21,23 @@ from kvtier.sim import (
 )
 
 WORKLOADS = ("synthetic-chat", "agentic", "mixed", "race")
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}  # --trace-time-unit: seconds per unit
 
 
 def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | None,
-                  cache: CacheConfig, max_num_tokens: int) -> Workload:
-    """The trace at ``trace`` (``.jsonl`` Mooncake, ``.csv`` Azure), else the built-in
-    ``workload``. Raises :class:`CLIError` in one sentence for an unreadable, malformed or
-    empty trace (an empty ``.jsonl`` and an empty ``.csv`` alike: no requests)."""
+                  cache: CacheConfig, max_num_tokens: int, block_tokens: int | None = None,
+                  time_unit: str | None = None) -> Workload:
+    """The trace at ``trace`` (``.jsonl`` block hash ids, ``.csv`` Azure), else the
+    built-in ``workload``; ``block_tokens`` and ``time_unit`` (a key of ``TIME_UNITS``)
+    read a ``.jsonl`` trace whose blocks or clock are not its format's. Raises
+    :class:`CLIError` in one sentence for an unreadable, malformed or empty trace (an
+    empty ``.jsonl`` and an empty ``.csv`` alike: no requests), or for those options
+    without a ``.jsonl`` trace."""
+    if (block_tokens is not None or time_unit is not None) and (
+            trace is None or trace.suffix.lower() != ".jsonl"):
+        given = "--trace-block-tokens" if block_tokens is not None else "--trace-time-unit"
+        raise CLIError(f"{given} applies to a .jsonl trace only, got "
+                       f"{'no TRACE' if trace is None else repr(str(trace))}")
     try:
         if trace is None:
             if workload == "race":
@@ -49,11 +59,13 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
         suffix = trace.suffix.lower()
         opened: MooncakeTrace | AzureTrace
         if suffix == ".jsonl":
-            opened = MooncakeTrace(trace, tokens_per_block=cache.tokens_per_block, limit=limit)
+            opened = MooncakeTrace(trace, tokens_per_block=cache.tokens_per_block, limit=limit,
+                                   block_tokens=block_tokens,
+                                   time_unit_s=None if time_unit is None else TIME_UNITS[time_unit])
         elif suffix == ".csv":
             opened = AzureTrace(trace, seed=seed, limit=limit)
         else:
-            raise CLIError(f"TRACE must be a .jsonl (Mooncake) or .csv (Azure) file, "
+            raise CLIError(f"TRACE must be a .jsonl (Mooncake, Bailian) or .csv (Azure) file, "
                            f"got {str(trace)!r}")
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None

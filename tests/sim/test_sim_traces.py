@@ -1,4 +1,4 @@
-"""Tests of the Mooncake and Azure trace readers."""
+"""Tests of the hash-id (Mooncake, Qwen-Bailian) and Azure trace readers."""
 
 from __future__ import annotations
 
@@ -61,12 +61,128 @@ def test_mooncake_limit_keeps_first_requests(tmp_path: Path) -> None:
     assert len(MooncakeTrace(path, limit=2)) == 2
 
 
-@pytest.mark.parametrize("tokens_per_block", [0, 48, 1024, "32"])
-def test_mooncake_block_size_must_divide_512(tmp_path: Path, tokens_per_block: object) -> None:
-    """tokens_per_block must divide 512."""
+@pytest.mark.parametrize("tokens_per_block", [0, -32, "32", 1.5, True])
+def test_mooncake_block_size_must_be_a_positive_integer(tmp_path: Path,
+                                                        tokens_per_block: object) -> None:
     path = make_file(tmp_path, "mc.jsonl", [MOONCAKE_OK])
     with pytest.raises(ValueError, match=f"tokens_per_block .*{re.escape(repr(tokens_per_block))}"):
         MooncakeTrace(path, tokens_per_block=tokens_per_block)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tokens_per_block", [48, 1024])
+def test_mooncake_blocks_that_do_not_divide_512_are_keyed_by_prefix(
+        tmp_path: Path, tokens_per_block: int) -> None:
+    """Blocks across hash blocks are keyed by the prefix of ids they end in and where in
+    its last hash block: two prompts share exactly the keys of the blocks they share."""
+    path = make_file(tmp_path, "mc.jsonl", [MOONCAKE_OK, mooncake_line(hash_ids=[3, 10])])
+    trace = MooncakeTrace(path, tokens_per_block=tokens_per_block)
+    first, second = trace.oracle_requests()
+    assert len(first.block_keys) == -(-600 // tokens_per_block)
+    shared = 512 // tokens_per_block  # blocks that end within hash block 3
+    assert first.block_keys[:shared] == second.block_keys[:shared]
+    assert not set(first.block_keys[shared:]) & set(second.block_keys)
+    assert len(set(first.block_keys)) == len(first.block_keys)
+
+
+BAILIAN_ROWS = [
+    # chat 159 opens, 160 continues it (its prompt holds 159's blocks first), 161 is new
+    # and its partial last block has no id; 162 continues 160.
+    '{"chat_id": 159, "parent_chat_id": -1, "timestamp": 61.114, "input_length": 40, '
+    '"output_length": 13, "type": "text", "turn": 1, "hash_ids": [1089, 1090, 1091]}',
+    '{"chat_id": 160, "parent_chat_id": 159, "timestamp": 62.5, "input_length": 70, '
+    '"output_length": 4, "type": "text", "turn": 2, "hash_ids": [1089, 1090, 1091, 7, 8]}',
+    '{"chat_id": 161, "parent_chat_id": -1, "timestamp": 62.5, "input_length": 20, '
+    '"output_length": 1, "type": "search", "turn": 1, "hash_ids": [1091]}',
+    '{"chat_id": 162, "parent_chat_id": 160, "timestamp": 70, "input_length": 16, '
+    '"output_length": 0, "type": "text", "turn": 3, "hash_ids": [1090]}',
+]
+
+
+def test_bailian_rows_become_requests_of_16_token_blocks(tmp_path: Path) -> None:
+    """A Qwen-Bailian trace: timestamps in seconds, 16-token blocks, sessions by chat
+    ids; a partial last block without an id is the request's own tokens."""
+    trace = MooncakeTrace(make_file(tmp_path, "qwen.jsonl", BAILIAN_ROWS))
+    requests = list(trace)
+    assert [r.arrival_s for r in requests] == [61.114, 62.5, 62.5, 70.0]
+    assert [len(r.prompt) for r in requests] == [40, 70, 20, 16]
+    assert [r.session_id for r in requests] == ["chat-159", "chat-159", "chat-161", "chat-159"]
+    first, second, third, fourth = (r.prompt for r in requests)
+    assert first == [*range(1089 * 16, 1092 * 16)][:40]
+    assert second[:40] == first and second[48:64] == list(range(7 * 16, 8 * 16))
+    # 1091's tokens, then 4 of its own past every id of the trace (1091): id 1092 + 2
+    assert third == [*range(1091 * 16, 1092 * 16), *range(1094 * 16, 1094 * 16 + 4)]
+    assert fourth == list(range(1090 * 16, 1091 * 16))
+    described = trace.describe()
+    assert (described["kind"], described["hash_block_tokens"]) == ("bailian", 16)
+    assert described["span_s"] == pytest.approx(70 - 61.114)
+
+
+def test_bailian_ids_are_block_content_not_prefix(tmp_path: Path) -> None:
+    """Ids hash a block's own content: the same id after another prefix is another
+    block, in the oracle's keys and in the unlimited hit rate alike."""
+    trace = MooncakeTrace(make_file(tmp_path, "qwen.jsonl", BAILIAN_ROWS), tokens_per_block=16)
+    keys = [r.block_keys for r in trace.oracle_requests()]
+    assert keys[1][:2] == keys[0][:2]  # 160 continues 159: its two whole blocks
+    assert keys[0][2] not in keys[1]  # 159's partial third block is no whole one
+    assert not set(keys[2]) & (set(keys[0]) | set(keys[1]))  # 1091 after nothing
+    assert not set(keys[3]) & set(keys[0])  # 1090 first: not 159's second block
+    # 160 finds 159's three ids (48 tokens, the trace's granularity); 161 and 162 nothing.
+    assert trace.unlimited_hit_rate() == 48 / (40 + 70 + 20 + 16)
+    coarse = MooncakeTrace(trace.path, tokens_per_block=32)
+    first, second = list(coarse.oracle_requests())[:2]
+    assert second.block_keys[:1] == first.block_keys[:1]  # tokens 0..31: blocks 1089, 1090
+    assert second.block_keys[1] != first.block_keys[1]  # 159's 40 end mid-block: partial
+
+
+def test_a_trace_in_other_units_and_blocks(tmp_path: Path) -> None:
+    """``block_tokens`` and ``time_unit_s`` read a trace whose blocks or clock are not its
+    format's; a row that fits the format's blocks only is refused naming the way."""
+    rows = [mooncake_line(timestamp=3, input_length=600, hash_ids=[1, 2, 3])]
+    path = make_file(tmp_path, "mc.jsonl", rows)
+    with pytest.raises(TraceFormatError, match=r"has 3 ids, expected ceil\(600/512\) = 2 .*"
+                       "--trace-block-tokens"):
+        MooncakeTrace(path)
+    trace = MooncakeTrace(path, block_tokens=256, time_unit_s=1.0)
+    (request,) = list(trace)
+    assert request.arrival_s == 3.0
+    assert request.prompt == [*range(256, 256 * 3), *range(768, 768 + 88)]
+    with pytest.raises(TraceFormatError, match=r"has 3 ids, expected ceil\(600/128\) = 5$"):
+        MooncakeTrace(path, block_tokens=128)
+    for bad in (0, 3, 1024, "16", None):
+        if bad is not None:
+            with pytest.raises(ValueError, match="block_tokens"):
+                MooncakeTrace(path, block_tokens=bad)  # type: ignore[arg-type]
+    for bad_unit in (0, -1.0, float("nan"), "1", 1e9):
+        with pytest.raises(ValueError, match="time_unit_s"):
+            MooncakeTrace(path, time_unit_s=bad_unit)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("field", "value"), [("chat_id", "7"), ("chat_id", -2),
+                                              ("parent_chat_id", 1.5), ("parent_chat_id", True)])
+def test_bailian_ids_of_the_wrong_type_are_named(tmp_path: Path, field: str,
+                                                 value: object) -> None:
+    row = json.loads(BAILIAN_ROWS[1])
+    row[field] = value
+    path = make_file(tmp_path, "qwen.jsonl", [BAILIAN_ROWS[0], json.dumps(row)])
+    with pytest.raises(TraceFormatError, match=f"^{path}:2: field {field!r}: expected an "
+                       "integer id"):
+        MooncakeTrace(path)
+
+
+def test_a_hash_id_too_large_for_its_blocks_is_named(tmp_path: Path) -> None:
+    """Token ids h*B.. stay below 2**63: a 16-token trace takes ids a 512-token one
+    refuses, and an id past its own bound is refused naming its line."""
+    big = (1 << 63) // 512 + 5  # past the 512-token bound, within the 16-token one
+    row = json.loads(BAILIAN_ROWS[3])  # 16 tokens: one id at 16 and at 512 tokens a block
+    row["hash_ids"] = [big]
+    path = make_file(tmp_path, "qwen.jsonl", [BAILIAN_ROWS[0], json.dumps(row)])
+    assert max(list(MooncakeTrace(path))[1].prompt) == big * 16 + 15
+    row["input_length"] = 40  # the first row's 40 tokens take 3 ids at 16, 1 at 512
+    path = make_file(tmp_path, "qwen.jsonl", [json.dumps(row | {"hash_ids": [1]}),
+                                               json.dumps(row | {"hash_ids": [big]})])
+    with pytest.raises(TraceFormatError, match=f"^{path}:2: field 'hash_ids': id {big} is too "
+                       "large"):
+        MooncakeTrace(path, block_tokens=512)
 
 
 @pytest.mark.parametrize(
