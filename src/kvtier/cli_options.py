@@ -143,7 +143,7 @@ def settle_options(args: argparse.Namespace) -> None:
 
     NOTE: each was ignored without a word: ``--router``/``--router-alpha`` of a single
     replay, ``--max-chunk-tokens`` with ``--no-chunked-prefill``, ``--draft-acceptance``
-    without drafts, ``--workload`` beside a TRACE, ``--seed`` of a Mooncake trace or of
+    without drafts, ``--workload`` beside a TRACE, ``--seed`` of a .jsonl trace or of
     the race (``--remote-latency-ms`` without ``--remote`` was already refused)."""
     if hasattr(args, "workload"):  # the simulator's commands
         _check_workload_options(args.trace, args.workload, args.seed)
@@ -166,7 +166,7 @@ def settle_options(args: argparse.Namespace) -> None:
 
 def _check_workload_options(trace: Path | None, workload: str | None, seed: int | None) -> None:
     """CLIError for ``--workload`` beside a TRACE (the trace was replayed, the workload
-    ignored), or ``--seed`` where nothing is drawn from it: a Mooncake trace, the race."""
+    ignored), or ``--seed`` where nothing is drawn from it: a .jsonl trace, the race."""
     if trace is not None and workload is not None:
         raise CLIError(f"--workload {workload} is a built-in workload, and TRACE {trace} is "
                        "given too; replay one of them")
@@ -174,7 +174,7 @@ def _check_workload_options(trace: Path | None, workload: str | None, seed: int 
         return
     if trace is not None and trace.suffix.lower() == ".jsonl":
         raise CLIError("--seed draws the built-in workloads and an Azure trace's prefixes; a "
-                       "Mooncake trace has its own")
+                       ".jsonl trace (Mooncake, Bailian) has its own")
     if trace is None and workload == "race":
         raise CLIError("--seed does not apply to --workload race: its requests are sized from "
                        "--gpu-blocks, --host-blocks and --max-num-tokens")
