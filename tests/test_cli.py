@@ -438,7 +438,8 @@ def test_progress_without_tqdm(
         (["no-such-trace.jsonl"],
          "cannot read trace no-such-trace.jsonl: No such file or directory"),
         (["trace.txt"],
-         "TRACE must be a .jsonl (Mooncake, Bailian) or .csv (Azure) file, got 'trace.txt'"),
+         "TRACE must be a .jsonl (Mooncake, Bailian) or .csv (Azure, BurstGPT) file, got "
+         "'trace.txt'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(

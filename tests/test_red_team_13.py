@@ -476,8 +476,8 @@ def test_json_and_plot_naming_one_file_are_refused_before_the_run(
      "--workload agentic is a built-in workload, and TRACE {trace} is given too; replay one "
      "of them"),
     (["replay", "{trace}", "--seed", "3"],
-     "--seed draws the built-in workloads and an Azure trace's prefixes; a Mooncake trace "
-     "has its own"),
+     "--seed draws the built-in workloads and an Azure trace's prefixes; a .jsonl trace "
+     "(Mooncake, Bailian) has its own"),
     (["compare", "--workload", "race", "--seed", "1"],
      "--seed does not apply to --workload race"),
     (["generate", "hi", "--system-priority", "90"],

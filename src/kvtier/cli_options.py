@@ -27,10 +27,11 @@ ROUTER_ALPHA_DEFAULT = 1.0
 WORKLOAD_HELP = """\
 TRACE is a trace of block hash ids (.jsonl: Mooncake's FAST'25 traces, 512-token prefix
 hashes, or Qwen-Bailian's, 16-token block hashes with chat ids; --trace-block-tokens and
---trace-time-unit for one whose blocks or clock differ) or an Azure 2023 trace (.csv,
-prefixes synthesised from --seed). Without TRACE, the built-in --workload is used: synthetic
-chat or agentic tool loops (2,000 requests, seeded by --seed). Requests that could never fit
-the GPU pool are skipped and counted. Latencies are virtual: the time model of --profile."""
+--trace-time-unit for one whose blocks or clock differ) or a trace of lengths alone (.csv:
+Azure's LLM inference traces, BurstGPT; prefixes synthesised from --seed). Without TRACE,
+the built-in --workload is used: synthetic chat or agentic tool loops (2,000 requests,
+seeded by --seed). Requests that could never fit the GPU pool are skipped and counted.
+Latencies are virtual: the time model of --profile."""
 
 REPLAY_DESCRIPTION = f"""\
 Simulate serving a workload: requests arrive at their trace times (x --time-scale), a step
@@ -72,8 +73,8 @@ def common_options() -> OneLineParser:
     """Workload, cache policy, scheduler, time model and output options of every command."""
     p = OneLineParser(add_help=False)
     p.add_argument("trace", metavar="TRACE", nargs="?", type=Path,
-                   help="a .jsonl (block hash ids: Mooncake, Qwen-Bailian) or .csv (Azure) "
-                   "trace; default: --workload")
+                   help="a .jsonl (block hash ids: Mooncake, Qwen-Bailian) or .csv (Azure, "
+                   "BurstGPT) trace; default: --workload")
     p.add_argument("--trace-block-tokens", metavar="N", type=int, choices=HASH_BLOCK_SIZES,
                    help="tokens per hash id of a .jsonl trace whose blocks are not its "
                    "format's (Mooncake 512, Bailian 16); a power of two up to 512")

@@ -27,7 +27,7 @@ TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}  # --trace-time-unit: seconds pe
 def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | None,
                   cache: CacheConfig, max_num_tokens: int, block_tokens: int | None = None,
                   time_unit: str | None = None) -> Workload:
-    """The trace at ``trace`` (``.jsonl`` block hash ids, ``.csv`` Azure), else the
+    """The trace at ``trace`` (``.jsonl`` block hash ids, ``.csv`` Azure or BurstGPT), else the
     built-in ``workload``; ``block_tokens`` and ``time_unit`` (a key of ``TIME_UNITS``)
     read a ``.jsonl`` trace whose blocks or clock are not its format's. Raises
     :class:`CLIError` in one sentence for an unreadable, malformed or empty trace (an
@@ -65,7 +65,8 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
         elif suffix == ".csv":
             opened = AzureTrace(trace, seed=seed, limit=limit)
         else:
-            raise CLIError(f"TRACE must be a .jsonl (Mooncake, Bailian) or .csv (Azure) file, "
+            raise CLIError(f"TRACE must be a .jsonl (Mooncake, Bailian) or .csv (Azure, BurstGPT) "
+                           f"file, "
                            f"got {str(trace)!r}")
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None

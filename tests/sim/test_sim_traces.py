@@ -307,3 +307,46 @@ def test_azure_real_trace_lengths_and_follow_ups(trace_file: Callable[[str], Pat
         last_prompt[request.session_id] = request.prompt
     assert num_follow_ups > 200
     assert AzureTrace(trace_file("azure_llm_2023_code.csv")).describe()["num_requests"] == 8819
+
+
+BURSTGPT_HEADER = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type"
+
+
+def test_burstgpt_rows_become_requests(tmp_path: Path) -> None:
+    """A BurstGPT CSV: arrivals in seconds from the first row, prompts of exactly
+    ``Request tokens`` tokens (prefixes synthesised as for Azure), other columns read past."""
+    rows = [BURSTGPT_HEADER, "5,ChatGPT,472,18,490,Conversation log",
+            "5.75,GPT-4,1021,0,1021,API log", "45.0,ChatGPT,3,7,10,Conversation log"]
+    trace = AzureTrace(make_file(tmp_path, "burst.csv", rows))
+    requests = list(trace)
+    assert [r.arrival_s for r in requests] == [0.0, 0.75, 40.0]
+    assert [len(r.prompt) for r in requests] == [472, 1021, 3]
+    assert [r.output_length for r in requests] == [18, 0, 7]
+    assert trace.describe()["kind"] == "burstgpt"
+    assert AzureTrace(make_file(tmp_path, "az.csv", [AZURE_HEADER, AZURE_OK])).describe()[
+        "kind"] == "azure"
+
+
+@pytest.mark.parametrize(("bad_row", "field"), [
+    ("4,ChatGPT,472,18,490,Conversation log", "Timestamp"),  # earlier than the row before
+    ("-6,ChatGPT,472,18,490,Conversation log", "Timestamp"),
+    ("nan,ChatGPT,472,18,490,Conversation log", "Timestamp"),
+    ("1e3,ChatGPT,472,18,490,Conversation log", "Timestamp"),
+    ("6,ChatGPT,0,18,490,Conversation log", "Request tokens"),
+    ("6,ChatGPT,47.2,18,490,Conversation log", "Request tokens"),
+    ("6,ChatGPT,472,-1,490,Conversation log", "Response tokens"),
+    ("6,ChatGPT,472,18,490", "<row>"),
+])
+def test_burstgpt_errors_name_line_and_column(tmp_path: Path, bad_row: str, field: str) -> None:
+    path = make_file(tmp_path, "burst.csv",
+                     [BURSTGPT_HEADER, "5,ChatGPT,472,18,490,Conversation log", bad_row])
+    with pytest.raises(TraceFormatError, match=f"^{path}:3: field {field!r}: "):
+        AzureTrace(path)
+
+
+@pytest.mark.parametrize("header", ["Timestamp,Request tokens,Model", "time,ctx,gen",
+                                    "Timestamp,Request tokens,Response tokens,Request tokens"])
+def test_a_csv_header_of_neither_format_is_refused(tmp_path: Path, header: str) -> None:
+    path = make_file(tmp_path, "x.csv", [header, "1,2,3"])
+    with pytest.raises(TraceFormatError, match=f"^{path}:1: field '<header>': "):
+        AzureTrace(path)

@@ -416,8 +416,37 @@ class _AzureRecord(NamedTuple):
 
 
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
+class _CsvFormat(NamedTuple):
+    """A CSV trace's columns: arrival time (a date and time, or seconds), prompt and output
+    lengths; other columns are read past."""
+
+    name: str
+    time: str
+    prompt: str
+    output: str
+    time_in_seconds: bool
+
+
+# The Azure LLM inference traces (2023, and 2024's, which kept the columns) and BurstGPT's
+# (Azure OpenAI GPT use: "Timestamp" in seconds, "Model", "Request tokens", "Response
+# tokens", "Total tokens", "Log Type"; in some releases more columns).
+_CSV_FORMATS = (_CsvFormat("azure", *_AZURE_COLUMNS, False),
+                _CsvFormat("burstgpt", "Timestamp", "Request tokens", "Response tokens", True))
 _INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _MAX_DIGITS = 20  # far past MAX_REQUEST_TOKENS: a longer number is refused unparsed
+
+
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
+
+
+def _parse_seconds(text: str) -> float:
+    """A number of seconds, written plainly (no sign, exponent, ``inf`` or ``_``)."""
+    digits = text.strip()
+    if _DECIMAL.fullmatch(digits) is None or len(digits) > 64:
+        raise ValueError("expected a number of seconds >= 0")
+    return float(digits)
 
 
 def _parse_azure_timestamp(text: str) -> datetime:
@@ -430,7 +459,8 @@ def _parse_azure_timestamp(text: str) -> datetime:
 
 
 class AzureTrace:
-    """An Azure LLM inference 2023 trace (CSV): arrivals and lengths, prefixes synthesised.
+    """An Azure LLM inference trace (CSV: 2023's, 2024's) or a BurstGPT trace: arrivals and
+    lengths, prefixes synthesised. The format is told by the header.
 
     ``arrival_s`` is measured from the first row. The file has no prefix information, so a
     :class:`~kvtier.sim.synthetic.PrefixModel` (deterministic for ``seed``) assigns each
@@ -457,6 +487,7 @@ class AzureTrace:
         self.prefix_model = prefix_model
         self.seed = seed
         self.limit = limit
+        self.format = _CSV_FORMATS[0]
         self._records = self._parse()
 
     @property
@@ -483,7 +514,7 @@ class AzureTrace:
         recs = self._records
         return {
             "name": self.name,
-            "kind": "azure",
+            "kind": self.format.name,
             "path": str(self.path),
             "num_requests": len(recs),
             "span_s": recs[-1].arrival_s if recs else 0.0,
@@ -517,11 +548,23 @@ class AzureTrace:
         header = next(reader, None)
         if header is None:
             return records  # an empty file: no requests, as an empty Mooncake trace
-        if tuple(h.strip() for h in header) != _AZURE_COLUMNS:
+        names = [h.strip() for h in header]
+        fmt = next((f for f in _CSV_FORMATS if {f.time, f.prompt, f.output} <= set(names)),
+                   None)
+        if fmt is None:
             raise TraceFormatError(
-                self.path, 1, "<header>", f"expected columns {_AZURE_COLUMNS}, got {header}"
-            )
+                self.path, 1, "<header>", f"expected columns {_AZURE_COLUMNS} (Azure) or "
+                f"{_CSV_FORMATS[1][1:4]} among others (BurstGPT), got {header}")
+        twice = next((n for n in (fmt.time, fmt.prompt, fmt.output) if names.count(n) > 1),
+                     None)
+        if twice is not None:
+            raise TraceFormatError(self.path, 1, "<header>", f"column {twice!r} twice")
+        self.format = fmt
+        columns = [(names.index(c), c, minimum)
+                   for c, minimum in ((fmt.prompt, 1), (fmt.output, 0))]
+        time_at = names.index(fmt.time)
         first: datetime | None = None
+        first_s: float | None = None
         previous_s = 0.0
         for row in reader:
             line_number = reader.line_num
@@ -529,33 +572,39 @@ class AzureTrace:
                 break
             if not row:
                 continue
-            if len(row) != len(_AZURE_COLUMNS):
+            if len(row) != len(names):
                 raise TraceFormatError(
                     self.path, line_number, "<row>",
-                    f"expected {len(_AZURE_COLUMNS)} columns, got {len(row)}",
+                    f"expected {len(names)} columns, got {len(row)}",
                 )
+            text = row[time_at]
             try:
-                moment = _parse_azure_timestamp(row[0])
+                if fmt.time_in_seconds:
+                    seconds = _parse_seconds(text)
+                    first_s = seconds if first_s is None else first_s
+                    arrival_s = seconds - first_s
+                else:
+                    moment = _parse_azure_timestamp(text)
+                    first = moment if first is None else first
+                    arrival_s = (moment - first).total_seconds()
             except ValueError as exc:
                 raise TraceFormatError(
-                    self.path, line_number, "TIMESTAMP", f"{row[0]!r}: {exc}"
+                    self.path, line_number, fmt.time, f"{text!r}: {exc}"
                 ) from None
-            first = moment if first is None else first
-            arrival_s = (moment - first).total_seconds()
             if arrival_s < previous_s:
                 raise TraceFormatError(
-                    self.path, line_number, "TIMESTAMP",
-                    f"{row[0]!r} is earlier than the previous row",
+                    self.path, line_number, fmt.time,
+                    f"{text!r} is earlier than the previous row",
                 )
             if arrival_s > MAX_ARRIVAL_S:
                 raise TraceFormatError(
-                    self.path, line_number, "TIMESTAMP",
-                    f"{row[0]!r} is more than {MAX_ARRIVAL_S:.0e} s after the first row",
+                    self.path, line_number, fmt.time,
+                    f"{text!r} is more than {MAX_ARRIVAL_S:.0e} s after the first row",
                 )
             previous_s = arrival_s
             lengths = []
-            for column, text, minimum in zip(_AZURE_COLUMNS[1:], row[1:], (1, 0), strict=True):
-                digits = text.strip()
+            for at, column, minimum in columns:
+                digits = row[at].strip()
                 # NOTE: not int() alone: it also takes '1_000' and non-ASCII digits ('١٢').
                 if _INTEGER.fullmatch(digits) is None or len(digits) > _MAX_DIGITS:
                     raise TraceFormatError(
