@@ -164,8 +164,8 @@ class MooncakeTrace:
         self.path = Path(path)
         self.tokens_per_block = tpb
         self.limit = limit
-        self.format = MOONCAKE
-        self.block_tokens = MOONCAKE_BLOCK_TOKENS
+        self.format = MOONCAKE  # till the first row tells
+        self.block_tokens = MOONCAKE_BLOCK_TOKENS if block_tokens is None else block_tokens
         self._records = self._parse(block_tokens, time_unit_s)
         self._chains: list[tuple[int, ...]] | None = None
 
@@ -284,14 +284,21 @@ class MooncakeTrace:
 
     def _parse(self, block_tokens: int | None, time_unit_s: float | None
                ) -> list[_MooncakeRecord]:
-        """The records; sets ``format``, ``block_tokens`` and the first id past the trace's
-        (``_first_tail_id``: the partial last blocks without an id are numbered from it)."""
-        rows: list[tuple[int, dict[str, object]]] = []
+        """The records, each row checked as it is read; sets ``format`` (by the first row),
+        ``block_tokens`` and the first id past the trace's (``_first_tail_id``: the partial
+        last blocks without an id are numbered from it)."""
+        records: list[_MooncakeRecord] = []
+        roots: dict[int, int] = {}  # Bailian: chat id -> its conversation's first chat id
+        previous = 0.0
+        max_id = -1
+        max_line = 0
+        fmt = self.format
+        block, ticks_per_s = self.block_tokens, fmt.ticks_per_s
         check_regular_file(self.path)
         with self.path.open("rb") as f:
             lines = iter(lambda: f.readline(MAX_LINE_BYTES + 1), b"")
             for line_number, raw in enumerate(lines, start=1):
-                if self.limit is not None and len(rows) >= self.limit:
+                if self.limit is not None and len(records) >= self.limit:
                     break
                 if len(raw) > MAX_LINE_BYTES:
                     raise TraceFormatError(self.path, line_number, "<text>",
@@ -306,57 +313,53 @@ class MooncakeTrace:
                 if not line.strip():
                     continue
                 obj = self._parse_line(line, line_number)
-                if not rows and _BAILIAN_KEY in obj:
-                    self.format = BAILIAN
-                rows.append((line_number, obj))
-        fmt = self.format
-        ticks_per_s = fmt.ticks_per_s if time_unit_s is None else 1.0 / time_unit_s
-        block = self.block_tokens = fmt.block_tokens if block_tokens is None else block_tokens
-        records: list[_MooncakeRecord] = []
-        roots: dict[int, int] = {}
-        previous = 0.0
-        max_id = -1
-        max_line = 0
-        for line_number, obj in rows:
-            def fail(field: str, problem: str, line_number: int = line_number) -> TraceFormatError:
-                return TraceFormatError(self.path, line_number, field, problem)
+                if not records:  # the first row tells the format
+                    fmt = self.format = BAILIAN if _BAILIAN_KEY in obj else MOONCAKE
+                    ticks_per_s = fmt.ticks_per_s if time_unit_s is None else 1.0 / time_unit_s
+                    block = self.block_tokens = (fmt.block_tokens if block_tokens is None
+                                                 else block_tokens)
 
-            timestamp = cast(float, obj["timestamp"])
-            if timestamp < previous:
-                raise fail("timestamp", f"{timestamp} is earlier than the previous line's "
-                           f"{previous}")
-            previous = timestamp
-            arrival_s = timestamp / ticks_per_s
-            if arrival_s > MAX_ARRIVAL_S:
-                raise fail("timestamp", f"{timestamp} is {arrival_s:.3g} s, more than the "
-                           f"{MAX_ARRIVAL_S:.0e} s a trace may span")
-            length = cast(int, obj["input_length"])
-            hash_ids = cast("tuple[int, ...]", obj["hash_ids"])
-            expected = cdiv(length, block)
-            if len(hash_ids) != expected and not (
-                    fmt.tail_without_id and len(hash_ids) == length // block):
-                shown = f"ceil({length}/{block}) = {expected}"
-                if fmt.tail_without_id and length % block:
-                    shown += f" (or {length // block}, the partial last block without one)"
-                raise fail("hash_ids", f"has {len(hash_ids)} ids, expected {shown}"
-                           f"{'' if block_tokens is not None else _OTHER_BLOCKS}")
-            if hash_ids and max(hash_ids) > max_id:
-                max_id, max_line = max(hash_ids), line_number
-            session_id = None
-            if fmt is BAILIAN:
-                chat = cast(int, obj[_BAILIAN_KEY])
-                parent = cast(int, obj.get("parent_chat_id", -1))
-                root = roots.get(parent, parent) if parent >= 0 else chat
-                roots[chat] = root
-                session_id = f"chat-{root}"
-            records.append(_MooncakeRecord(arrival_s, length, cast(int, obj["output_length"]),
-                                           hash_ids, session_id))
+                def fail(field: str, problem: str, line_number: int = line_number
+                         ) -> TraceFormatError:
+                    return TraceFormatError(self.path, line_number, field, problem)
+
+                timestamp = cast(float, obj["timestamp"])
+                if timestamp < previous:
+                    raise fail("timestamp", f"{timestamp} is earlier than the previous line's "
+                               f"{previous}")
+                previous = timestamp
+                arrival_s = timestamp / ticks_per_s
+                if arrival_s > MAX_ARRIVAL_S:
+                    raise fail("timestamp", f"{timestamp} is {arrival_s:.3g} s, more than the "
+                               f"{MAX_ARRIVAL_S:.0e} s a trace may span")
+                length = cast(int, obj["input_length"])
+                hash_ids = cast("tuple[int, ...]", obj["hash_ids"])
+                expected = cdiv(length, block)
+                if len(hash_ids) != expected and not (
+                        fmt.tail_without_id and len(hash_ids) == length // block):
+                    shown = f"ceil({length}/{block}) = {expected}"
+                    if fmt.tail_without_id and length % block:
+                        shown += f" (or {length // block}, the partial last block without one)"
+                    raise fail("hash_ids", f"has {len(hash_ids)} ids, expected {shown}"
+                               f"{'' if block_tokens is not None else _OTHER_BLOCKS}")
+                if hash_ids and max(hash_ids) > max_id:
+                    max_id, max_line = max(hash_ids), line_number
+                session_id = None
+                if fmt is BAILIAN:
+                    chat = cast(int, obj[_BAILIAN_KEY])
+                    parent = cast(int, obj.get("parent_chat_id", -1))
+                    root = roots.get(parent, parent) if parent >= 0 else chat
+                    roots[chat] = root
+                    session_id = f"chat-{root}"
+                records.append(_MooncakeRecord(arrival_s, length,
+                                               cast(int, obj["output_length"]), hash_ids,
+                                               session_id))
         # Token ids h*B .. must stay below 2**63, the tails' ids (one a request) too.
         self._first_tail_id = max_id + 1
-        if (max_id + 1 + len(records)) * block > 1 << 63:
+        if (max_id + 1 + len(records)) * self.block_tokens > 1 << 63:
             raise TraceFormatError(
-                self.path, max_line, "hash_ids",
-                f"id {max_id} is too large: token ids h*{block}.. must stay below 2**63")
+                self.path, max_line, "hash_ids", f"id {max_id} is too large: token ids "
+                f"h*{self.block_tokens}.. must stay below 2**63")
         return records
 
     def _parse_line(self, line: str, line_number: int) -> dict[str, object]:
