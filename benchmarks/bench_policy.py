@@ -30,6 +30,7 @@ Load: each workload runs at the time scale where priority-LRU's p50 TTFT is unde
     .venv/bin/python benchmarks/bench_policy.py --smoke         # tiny, for the tests
     .venv/bin/python benchmarks/bench_policy.py --audit --jobs 2  # the held-out audit
     .venv/bin/python benchmarks/bench_policy.py --heldout        # its sixteenth-session families
+    .venv/bin/python benchmarks/bench_policy.py --workloads PATH.jsonl,chat  # a trace file too
 
 ``--audit`` replays workloads no policy was tuned on (``benchmarks/policy_lab/audit.py``:
 memoryless sessions, scans with a hot set, Zipf system prompts, long-document QA,
@@ -103,8 +104,15 @@ def workloads(names: Sequence[str], limit: int) -> dict[str, Workload]:
         elif name == "mixed":  # both sharing one cache, until the first ends
             out[name] = MixedWorkload((SyntheticChat(num_requests=limit),
                                        AgenticWorkload(num_requests=limit)))
+        elif name.endswith((".jsonl", ".csv")):  # a trace file of any format kvtier reads
+            path = Path(name)
+            if not path.is_file():
+                raise SystemExit(f"trace not found: {name}")
+            out[path.stem] = (MooncakeTrace(path, limit=limit) if name.endswith(".jsonl")
+                              else AzureTrace(path, limit=limit))
         else:
-            raise SystemExit(f"unknown workload {name!r}")
+            raise SystemExit(f"unknown workload {name!r} (a built-in name, or a .jsonl / .csv "
+                             "trace file)")
     return out
 
 
@@ -148,7 +156,9 @@ def us_per_block(report: SimReport, tpb: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", default="mooncake-conv,mooncake-synth,azure-conv,"
-                        "azure-code,chat,agentic,mixed")
+                        "azure-code,chat,agentic,mixed",
+                        help="built-in names and trace files (.jsonl: Mooncake, Bailian; "
+                        ".csv: Azure, BurstGPT), comma-separated")
     parser.add_argument("--limit", type=int, default=2000, help="requests per workload")
     parser.add_argument("--tokens-per-block", type=int, default=32)
     parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),

@@ -63,3 +63,20 @@ def test_bench_policy_heldout_smoke(monkeypatch: pytest.MonkeyPatch,
     assert row["num_requests"] == 80 and row["lru"] <= row["belady"]
     with pytest.raises(SystemExit):
         module.main(["--heldout", "--audit"])
+
+
+def test_bench_policy_reads_trace_files(monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    """A ``--workloads`` entry ending in .jsonl or .csv is a trace file, keyed by its name;
+    one that does not exist, or an unknown name, stops the run naming it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = __import__("bench_policy")
+    trace = tmp_path / "qwen.jsonl"
+    trace.write_text(json.dumps({"chat_id": 1, "parent_chat_id": -1, "timestamp": 0.5,
+                                 "input_length": 40, "output_length": 3, "type": "text",
+                                 "turn": 1, "hash_ids": [10, 11, 12]}) + "\n")
+    opened = module.workloads([str(trace)], 10)
+    assert list(opened) == ["qwen"] and opened["qwen"].describe()["kind"] == "bailian"
+    for name in (str(tmp_path / "missing.jsonl"), "no-such-workload"):
+        with pytest.raises(SystemExit, match=name):
+            module.workloads([name], 10)
