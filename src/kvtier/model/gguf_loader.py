@@ -24,6 +24,7 @@ import torch
 from kvtier.model.checkpoint import CheckpointError, TensorEntry, build_model
 from kvtier.model.config import ModelConfig
 from kvtier.model.llama import LlamaModel
+from kvtier.sequence import first_line
 
 # Architectures whose GGUF tensors map onto this model, and whether Q/K rows are permuted.
 ARCHITECTURES = {"llama": True, "mistral": True, "qwen2": False}
@@ -58,16 +59,27 @@ def open_gguf(path: Path) -> Any:
         raise CheckpointError(f"{path} is not a readable GGUF file ({exc})") from None
 
 
-def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    """The value of metadata ``key`` (``default`` if absent). Pure."""
+def gguf_field(reader: Any, key: str, origin: str | Path, default: Any = None) -> Any:
+    """The value of metadata ``key`` (``default`` if absent); CheckpointError naming
+    ``origin`` and the key if a string in it is no UTF-8. Pure.
+
+    NOTE: the gguf package decodes a string only when its value is read: a flipped bit in
+    one raised UnicodeDecodeError, which the command line printed naming neither the file
+    nor the key."""
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    try:
+        return field.contents()
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{origin}: metadata key {key} is no UTF-8 text "
+                              f"({first_line(exc)})") from None
 
 
 def gguf_int(reader: Any, key: str, origin: str) -> int | None:
     """Metadata ``key`` as an int (None if absent); CheckpointError naming ``origin`` and the
     key if it holds anything else (a string, an array, a bool, a float). Pure."""
-    value = gguf_field(reader, key)
+    value = gguf_field(reader, key, origin)
     if value is None:
         return None
     if type(value) is not int:
@@ -78,7 +90,7 @@ def gguf_int(reader: Any, key: str, origin: str) -> int | None:
 def gguf_number(reader: Any, key: str, origin: str) -> float | None:
     """Metadata ``key`` as a float (None if absent); CheckpointError naming ``origin`` and
     the key if it is no real number. Pure."""
-    value = gguf_field(reader, key)
+    value = gguf_field(reader, key, origin)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -99,7 +111,7 @@ def hf_name(gguf_name: str) -> str:
 def config_from_gguf(reader: Any, origin: str, dtype: str = "float32") -> ModelConfig:
     """The :class:`ModelConfig` in a GGUF file's metadata. CheckpointError naming the key
     if one is missing or unsupported."""
-    arch = gguf_field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture", origin)
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise CheckpointError(f"{origin} holds a {arch!r:.60} model; kvtier reads "
                               f"{sorted(ARCHITECTURES)}")
@@ -116,7 +128,7 @@ def config_from_gguf(reader: Any, origin: str, dtype: str = "float32") -> ModelC
         value = gguf_int(reader, f"{arch}.{key}", origin)
         return default if value is None else value
 
-    scaling = gguf_field(reader, f"{arch}.rope.scaling.type")
+    scaling = gguf_field(reader, f"{arch}.rope.scaling.type", origin)
     if scaling not in (None, "none"):
         raise CheckpointError(f"{origin}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) "
                               "is not supported")
@@ -195,7 +207,7 @@ def load_gguf_model(path: Path, dtype: str = "float32",
     reader = open_gguf(path)
     origin = str(path)
     config = config_from_gguf(reader, origin, dtype)
-    arch = gguf_field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture", origin)
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     factors = None
     if freqs is not None:  # Llama 3's scaled RoPE, as llama.cpp stores it: per-pair divisors

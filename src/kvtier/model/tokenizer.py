@@ -257,11 +257,11 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
     from tokenizers import decoders, models, pre_tokenizers
 
     reader = open_gguf(path)
-    kind = gguf_field(reader, "tokenizer.ggml.model")
+    kind = gguf_field(reader, "tokenizer.ggml.model", path)
     if kind != "gpt2":
         raise CheckpointError(f"{path}: tokenizer model {kind!r} (tokenizer.ggml.model) is not "
                               "supported; kvtier reads byte-level BPE ('gpt2') vocabularies")
-    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
+    pre = gguf_field(reader, "tokenizer.ggml.pre", path, "default")
     if not isinstance(pre, str) or pre not in _PRE_TOKENIZERS:
         raise CheckpointError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not "
                               f"supported; kvtier knows {sorted(_PRE_TOKENIZERS)}")
@@ -283,7 +283,7 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
                         for i, t in enumerate(types) if t == _USER_DEFINED])
 
     def token_id(key: str) -> int | None:
-        i = gguf_field(reader, key)
+        i = gguf_field(reader, key, path)
         if i is not None and type(i) is not int:
             raise CheckpointError(f"{path}: {key} must be a token id, got {i!r:.60}")
         return i
@@ -297,7 +297,7 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
     eot_id = token_id("tokenizer.ggml.eot_token_id")  # end of turn, if distinct
     if eot_id is not None:
         eos_ids.append(eot_id)
-    template = gguf_field(reader, "tokenizer.chat_template")
+    template = gguf_field(reader, "tokenizer.chat_template", path)
     if template is not None and not isinstance(template, str):
         # NOTE: Jinja raised TypeError ("Can't compile non template nodes") at the first
         # chat turn: an internal error (status 70) of `kvtier chat`, not the file's.
@@ -305,7 +305,7 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
                               f"{template!r:.60}")
     return Tokenizer(backend, eos_ids, template,
                      token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"),
-                     bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)))
+                     bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", path, False)))
 
 
 def _gguf_vocabulary(reader: Any, path: Path
@@ -317,16 +317,16 @@ def _gguf_vocabulary(reader: Any, path: Path
     that are no strings, was a TypeError from its Rust side (status 70)."""
     from kvtier.model.gguf_loader import gguf_field
 
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens", path)
     if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
         raise CheckpointError(f"{path}: tokenizer.ggml.tokens must be a non-empty array of "
                               f"strings, got {tokens!r:.60}")
-    types = gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    types = gguf_field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
     if not (isinstance(types, list) and len(types) == len(tokens)
             and all(type(t) is int for t in types)):
         raise CheckpointError(f"{path}: tokenizer.ggml.token_type must be an array of "
                               f"{len(tokens)} integers, one per token, got {types!r:.60}")
-    merges = gguf_field(reader, "tokenizer.ggml.merges", [])
+    merges = gguf_field(reader, "tokenizer.ggml.merges", path, [])
     pairs = [tuple(m.split(" ", 1)) for m in merges if isinstance(m, str)] if isinstance(
         merges, list) else []
     if (not isinstance(merges, list) or len(pairs) != len(merges)
