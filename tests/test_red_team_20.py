@@ -55,3 +55,95 @@ def test_generate_on_a_gguf_with_a_spoilt_string_is_one_line_naming_the_key(
     code, err = run_cli(["generate", "ab", "--model", str(path), "--raw", "--device", "cpu"])
     assert_one_line_refusal(code, err, f"{path}: metadata key general.architecture is no "
                                        "UTF-8 text")
+
+
+# ---- tokenizer settings of the wrong type ------------------------------------------------------
+
+def make_tokenizer_dir(folder: Path, files: dict[str, str]) -> Path:
+    """A Hugging Face directory with a word-level tokenizer.json of tokens a..e (ids 0..4),
+    and ``files`` (name: JSON text) beside it."""
+    import tokenizers
+
+    folder.mkdir()
+    vocab = {token: i for i, token in enumerate("abcde")}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="e"))
+    backend.save(str(folder / "tokenizer.json"))
+    for name, text in {"config.json": "{}", **files}.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(("name", "text", "shown"), [
+    # bool("false") is True: a BOS was put before every prompt.
+    ("tokenizer_config.json", '{"add_bos_token": "false", "bos_token": "a"}',
+     "add_bos_token must be true or false, got 'false'"),
+    # taken as stop_token_ids: "stop_token_ids must be a frozenset of integers >= 0, got
+    # frozenset({-1})", naming neither the file nor the key.
+    ("config.json", '{"eos_token_id": -1}',
+     "eos_token_id must be a token id (an integer in 0..4294967295) or an array of them, "
+     "got -1"),
+    ("generation_config.json", '{"eos_token_id": [2, 99999999999]}',
+     "eos_token_id must be a token id (an integer in 0..4294967295) or an array of them, "
+     "got [2, 99999999999]"),
+    # dropped silently: the model never stopped at its end of text.
+    ("generation_config.json", '{"eos_token_id": "2"}',
+     "eos_token_id must be a token id (an integer in 0..4294967295) or an array of them, "
+     "got '2'"),
+    ("generation_config.json", '{"eos_token_id": [true]}',
+     "eos_token_id must be a token id (an integer in 0..4294967295) or an array of them, "
+     "got [True]"),
+    # dropped silently: `kvtier chat` said "this checkpoint has no chat template".
+    ("tokenizer_config.json", '{"chat_template": 5}',
+     "chat_template must be a string or an array of named templates, got 5"),
+    ("tokenizer_config.json", '{"eos_token": 3}',
+     'eos_token must be a string or an object with a string "content", got 3'),
+    ("tokenizer_config.json", '{"bos_token": {"content": ["a"]}}',
+     'bos_token must be a string or an object with a string "content", got '
+     "{'content': ['a']}"),
+])
+def test_hf_tokenizer_settings_of_the_wrong_type_name_the_file_and_the_key(
+        tmp_path: Path, name: str, text: str, shown: str) -> None:
+    """tokenizer_config.json, generation_config.json and config.json settings of the wrong
+    type were taken (bool of a string) or dropped without a word. Now CheckpointError naming
+    the file and the key."""
+    folder = make_tokenizer_dir(tmp_path / "ckpt", {name: text})
+    with pytest.raises(CheckpointError) as refused:
+        load_tokenizer(folder)
+    assert str(refused.value) == f"{folder / name}: {shown}"
+
+
+def test_hf_tokenizer_settings_of_the_right_type_still_load(tmp_path: Path) -> None:
+    """What a real checkpoint writes still loads: null for what is unset, an array of EOS
+    ids, special tokens as objects, named templates without a default."""
+    folder = make_tokenizer_dir(tmp_path / "ckpt", {
+        "config.json": '{"eos_token_id": null, "bos_token_id": 0}',
+        "generation_config.json": '{"eos_token_id": [3, 4]}',
+        "tokenizer_config.json": '{"add_bos_token": null, "bos_token": {"content": "a"}, '
+                                 '"eos_token": null, "chat_template": [{"name": "tool_use", '
+                                 '"template": "x"}]}'})
+    tokenizer = load_tokenizer(folder)
+    assert (tokenizer.eos_token_ids, tokenizer.bos_token, tokenizer.add_bos,
+            tokenizer.chat_template) == ({3, 4}, "a", False, None)
+
+
+@pytest.mark.parametrize(("changes", "shown"), [
+    # bool("false") is True.
+    ({"tokenizer__ggml__add_bos_token": ("str", "false")},
+     "tokenizer.ggml.add_bos_token must be true or false, got 'false'"),
+    # past the vocabulary: never sampled, so never a stop.
+    ({"tokenizer__ggml__eos_token_id": ("u32", 6)},
+     "tokenizer.ggml.eos_token_id must be a token id, got 6 (the vocabulary's ids are 0..5)"),
+    # past the vocabulary: no BOS was put before the prompt, without a word.
+    ({"tokenizer__ggml__bos_token_id": ("u32", 1000)},
+     "tokenizer.ggml.bos_token_id must be a token id, got 1000 (the vocabulary's ids "
+     "are 0..5)"),
+])
+def test_gguf_tokenizer_settings_that_lie_name_the_key(
+        tmp_path: Path, changes: dict[str, tuple[str, object]], shown: str) -> None:
+    """GGUF tokenizer settings of the wrong type or past the vocabulary were taken or
+    dropped silently. Now CheckpointError naming the file and the key."""
+    path = make_gguf(tmp_path / "t.gguf", **changes)
+    with pytest.raises(CheckpointError) as refused:
+        load_tokenizer(path)
+    assert str(refused.value) == f"{path}: {shown}"
+

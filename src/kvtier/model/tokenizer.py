@@ -32,6 +32,7 @@ _PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
     "llama3": (False, _LLAMA3_PATTERN), "qwen2": (False, _QWEN2_PATTERN),
 }
 _T = TypeVar("_T")
+MAX_TOKEN_ID = (1 << 32) - 1  # the tokenizers library's ids are u32
 _CONTROL = 3  # llama.cpp token type of special tokens (<|im_start|>, ...)
 _USER_DEFINED = 4
 
@@ -282,15 +283,18 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
     backend.add_tokens([tk.AddedToken(tokens[i], normalized=False)
                         for i, t in enumerate(types) if t == _USER_DEFINED])
 
+    # NOTE: an id past the vocabulary was taken as a stop that never came, or (a BOS)
+    # dropped without a word.
     def token_id(key: str) -> int | None:
         i = gguf_field(reader, key, path)
-        if i is not None and type(i) is not int:
-            raise CheckpointError(f"{path}: {key} must be a token id, got {i!r:.60}")
+        if i is not None and (type(i) is not int or not 0 <= i < len(tokens)):
+            raise CheckpointError(f"{path}: {key} must be a token id, got {i!r:.60} (the "
+                                  f"vocabulary's ids are 0..{len(tokens) - 1})")
         return i
 
     def token(key: str) -> str | None:
         i = token_id(key)
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+        return None if i is None else tokens[i]
 
     eos_id = token_id("tokenizer.ggml.eos_token_id")
     eos_ids = [eos_id] if eos_id is not None else []
@@ -303,9 +307,13 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
         # chat turn: an internal error (status 70) of `kvtier chat`, not the file's.
         raise CheckpointError(f"{path}: tokenizer.chat_template must be a string, got "
                               f"{template!r:.60}")
+    add_bos = gguf_field(reader, "tokenizer.ggml.add_bos_token", path, False)
+    if type(add_bos) is not bool:  # NOTE: bool() of the string "false" is True
+        raise CheckpointError(f"{path}: tokenizer.ggml.add_bos_token must be true or false, "
+                              f"got {add_bos!r:.60}")
     return Tokenizer(backend, eos_ids, template,
                      token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"),
-                     bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", path, False)))
+                     add_bos)
 
 
 def _gguf_vocabulary(reader: Any, path: Path
@@ -362,15 +370,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     return read_json_object(path) if path.is_file() else {}
 
 
-def _token_text(value: Any) -> str | None:
-    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
+def _token_text(cfg: Mapping[str, Any], file: Path, key: str) -> str | None:
+    """Special token ``key`` as tokenizer_config.json writes it: a string or
+    {"content": ...}, or None where unset; CheckpointError naming the file and the key
+    otherwise. Pure."""
+    value = cfg.get(key)
+    text = value.get("content") if isinstance(value, dict) else value
+    if value is not None and not isinstance(text, str):
+        raise CheckpointError(f'{file}: {key} must be a string or an object with a string '
+                              f'"content", got {value!r:.60}')
+    return text
 
 
 def tokenizer_from_directory(path: Path) -> Tokenizer:
-    """The tokenizer of a Hugging Face checkpoint directory (``tokenizer.json``)."""
+    """The tokenizer of a Hugging Face checkpoint directory (``tokenizer.json``).
+
+    NOTE: every setting beside it is checked for its type, CheckpointError naming the file
+    and the key: bool("false") was True (a BOS before every prompt), an EOS id of -1 was
+    refused later as the sampler's stop_token_ids (naming neither), and an EOS id or a
+    chat template of another type was dropped without a word."""
     tk = _import_tokenizers()
     file = path / "tokenizer.json"
     if not file.is_file():
@@ -379,11 +397,15 @@ def tokenizer_from_directory(path: Path) -> Tokenizer:
         backend = tk.Tokenizer.from_file(str(file))
     except Exception as exc:  # the Rust side raises a bare Exception
         raise CheckpointError(f"{file} is not a readable tokenizer ({exc})") from None
-    cfg = _read_json(path / "tokenizer_config.json")
+    settings = path / "tokenizer_config.json"
+    cfg = _read_json(settings)
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         template = next((t.get("template") for t in template
                          if isinstance(t, dict) and t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{settings}: chat_template must be a string or an array of "
+                              f"named templates, got {cfg.get('chat_template')!r:.60}")
     jinja = path / "chat_template.jinja"
     if template is None and jinja.is_file():
         try:
@@ -391,16 +413,22 @@ def tokenizer_from_directory(path: Path) -> Tokenizer:
         except (OSError, ValueError) as exc:  # NOTE: a codec error named no file
             raise CheckpointError(f"{jinja} is not readable UTF-8 text ({first_line(exc)})"
                                   ) from None
-    bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+    bos, eos = _token_text(cfg, settings, "bos_token"), _token_text(cfg, settings, "eos_token")
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is not None and type(add_bos) is not bool:
+        raise CheckpointError(f"{settings}: add_bos_token must be true or false, got "
+                              f"{add_bos!r:.60}")
     eos_ids: list[int] = []
-    for source in (_read_json(path / "generation_config.json"), _read_json(path / "config.json")):
-        value = source.get("eos_token_id")
-        ids = value if isinstance(value, list) else [value]
-        eos_ids += [i for i in ids if type(i) is int]
+    for source in (path / "generation_config.json", path / "config.json"):
+        value = _read_json(source).get("eos_token_id")
+        ids = value if isinstance(value, list) else [] if value is None else [value]
+        if not all(type(i) is int and 0 <= i <= MAX_TOKEN_ID for i in ids):
+            raise CheckpointError(f"{source}: eos_token_id must be a token id (an integer in "
+                                  f"0..{MAX_TOKEN_ID}) or an array of them, got {value!r:.60}")
+        eos_ids += ids
     if eos is not None and backend.token_to_id(eos) is not None:
         eos_ids.append(backend.token_to_id(eos))
-    return Tokenizer(backend, eos_ids, template if isinstance(template, str) else None, bos,
-                     eos, bool(cfg.get("add_bos_token", False)))
+    return Tokenizer(backend, eos_ids, template, bos, eos, bool(add_bos))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
