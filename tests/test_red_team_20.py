@@ -147,3 +147,29 @@ def test_gguf_tokenizer_settings_that_lie_name_the_key(
         load_tokenizer(path)
     assert str(refused.value) == f"{path}: {shown}"
 
+
+# ---- kvtier generate --jsonl lines whose keys contradict or go unread --------------------------
+
+@pytest.mark.parametrize(("line", "shown"), [
+    # "prompt" was read when present, "turns" checked in its place: 5.encode(), an
+    # internal error (status 70).
+    ('{"prompt": 5, "turns": ["hi"]}', 'has both "prompt" and "turns"'),
+    # The prompt was answered and the conversation dropped, without a word.
+    ('{"prompt": "a", "turns": ["hi", "there"]}', 'has both "prompt" and "turns"'),
+    # A misspelt key was ignored: the answer came without its system message.
+    ('{"turns": ["hi"], "sytem": "be brief"}', "has a key kvtier does not read: 'sytem'"),
+])
+def test_a_prompts_line_whose_keys_contradict_or_go_unread_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, shown: str) -> None:
+    """A --jsonl line is one prompt or one conversation: one with both, or with a key no
+    form has, is refused naming the line, before any model is looked for."""
+    import kvtier.cli_generate
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(kvtier.cli_generate, "_load", never)
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ab"}\n' + line + "\n")
+    code, err = run_cli(["generate", "--jsonl", str(path)])
+    assert_one_line_refusal(code, err, f"{path} line 2 {shown}")

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # holds (a million tokens of 4 bytes). NOTE: reading stops there; an unbounded readline of
 # /dev/zero, or of a 2 GB line, ran until memory did.
 MAX_MESSAGE_BYTES = 1 << 22
+_JSONL_KEYS = frozenset(("prompt", "turns", "system"))  # what a --jsonl line may hold
 
 
 class _MessageTooLong(Exception):
@@ -168,6 +169,16 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
             raise CLIError(f"{path} line {n} is nested too deeply") from None
         except ValueError:  # NOTE: not a JSONDecodeError: a number past 4,300 digits
             raise CLIError(f"{path} line {n} holds a number too long to read") from None
+        # NOTE: one form or the other, every key read: with both, "turns" was checked and
+        # "prompt" read (5.encode(): status 70, or a conversation dropped), and a misspelt
+        # "system" was ignored.
+        if isinstance(item, dict) and "prompt" in item and "turns" in item:
+            raise CLIError(f"{path} line {n} has both \"prompt\" and \"turns\": one line is "
+                           "one prompt or one conversation")
+        unread = sorted(set(item) - _JSONL_KEYS) if isinstance(item, dict) else []
+        if unread:
+            raise CLIError(f"{path} line {n} has a key kvtier does not read: "
+                           f"{unread[0]!r:.60} (it reads {', '.join(sorted(_JSONL_KEYS))})")
         ok = isinstance(item, dict) and (
             isinstance(item.get("prompt"), str) or (
                 isinstance(item.get("turns"), list) and item["turns"]
