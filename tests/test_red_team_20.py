@@ -173,3 +173,29 @@ def test_a_prompts_line_whose_keys_contradict_or_go_unread_is_refused(
     path.write_text('{"prompt": "ab"}\n' + line + "\n")
     code, err = run_cli(["generate", "--jsonl", str(path)])
     assert_one_line_refusal(code, err, f"{path} line 2 {shown}")
+
+
+# ---- an option naming one thing twice -----------------------------------------------------------
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    # Every run was made twice: two identical rows in the table, two points on the plot.
+    (["sweep", "--gpu-blocks", "4096,2048,4096"],
+     "argument --gpu-blocks: 4096 is given twice in '4096,2048,4096'"),
+    (["sweep", "--host-blocks", "0,0"], "argument --host-blocks: 0 is given twice in '0,0'"),
+    # The first value was dropped without a word.
+    (["replay", "--set-profile", "pcie_bytes_per_s=1e9", "--set-profile",
+      "pcie_bytes_per_s=2e9"],
+     "--set-profile pcie_bytes_per_s is set twice ('1e9', then '2e9')"),
+])
+def test_an_option_naming_one_value_twice_is_refused_before_any_run(
+        monkeypatch: pytest.MonkeyPatch, argv: list[str], shown: str) -> None:
+    """A sweep's size list naming a size twice, or a profile constant set twice: refused
+    in one line, before any run (as a policy named twice already was)."""
+    import kvtier.cli
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the simulation ran")
+
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    code, err = run_cli([*argv, "--limit", "2", "--no-progress"])
+    assert_one_line_refusal(code, err, shown)

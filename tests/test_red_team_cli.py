@@ -31,7 +31,7 @@ def test_a_sweep_of_millions_of_runs_is_refused_before_any() -> None:
 def test_a_sweep_at_the_bound_is_not_refused_for_its_size() -> None:
     """The bound refuses only what passes it: 2 policies x 512 x 1 sizes is allowed (it
     then fails on the one-block GPU tier, which proves it got past the check)."""
-    sizes = ",".join(["1"] * 512)
+    sizes = ",".join(str(n) for n in range(1, 513))
     code, err = run_cli(["sweep", "--limit", "2", "--eviction-policy", "lru,arc",
                          "--gpu-blocks", sizes, "--host-blocks", "0", "--no-oracle",
                          "--no-progress"])

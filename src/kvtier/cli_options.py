@@ -249,6 +249,10 @@ def int_list(minimum: int) -> Callable[[str], list[int]]:
                 f"expected comma-separated integers, got {text!r}") from None
         if any(v < minimum for v in values):
             raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {text!r}")
+        # NOTE: a value given twice made every run of it twice (as a policy named twice would).
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise argparse.ArgumentTypeError(f"{twice} is given twice in {text!r}")
         return values
 
     return parse

@@ -13,11 +13,12 @@ from kvtier.sim import ModelProfile, get_profile
 def make_profile(name: str, assignments: Sequence[str]) -> ModelProfile:
     """Profile ``name`` with each ``KEY=VALUE`` applied, parsed by the field's type.
 
-    Raises :class:`CLIError` naming the assignment for an unknown key, a value of the wrong
-    type, a value that is not finite, or one the profile refuses.
+    Raises :class:`CLIError` naming the assignment for an unknown key, a key set twice, a
+    value of the wrong type, a value that is not finite, or one the profile refuses.
     """
     types = {f.name: str(f.type) for f in fields(ModelProfile) if f.name != "name"}
     overrides: dict[str, object] = {}
+    given: dict[str, str] = {}
     for item in assignments:
         key, sep, text = item.partition("=")
         key, text = key.strip(), text.strip()
@@ -26,6 +27,9 @@ def make_profile(name: str, assignments: Sequence[str]) -> ModelProfile:
         if key not in types:
             raise CLIError(f"--set-profile: unknown profile constant {key!r}; "
                            f"known: {', '.join(sorted(types))}")
+        if key in given:  # NOTE: the first value was dropped without a word
+            raise CLIError(f"--set-profile {key} is set twice ({given[key]!r}, then {text!r})")
+        given[key] = text
         overrides[key] = parse_constant(key, types[key], text)
     try:
         return get_profile(name, **overrides)
