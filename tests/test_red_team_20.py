@@ -199,3 +199,21 @@ def test_an_option_naming_one_value_twice_is_refused_before_any_run(
     monkeypatch.setattr(kvtier.cli, "simulate", never)
     code, err = run_cli([*argv, "--limit", "2", "--no-progress"])
     assert_one_line_refusal(code, err, shown)
+
+
+@pytest.mark.parametrize(("changes", "shown"), [
+    # `or`: a 0 was taken as unset, the heads' own size or count put in its place.
+    ({"num_key_value_heads": 0}, "num_kv_heads must be an integer >= 1, got 0"),
+    ({"head_dim": 0}, "head_dim must be an integer >= 1, got 0"),
+])
+def test_hf_config_sizes_of_zero_are_refused_not_replaced(changes: dict[str, object],
+                                                          shown: str) -> None:
+    """config.json's num_key_value_heads or head_dim of 0 was read as absent: the model was
+    built with as many K/V heads as query heads (a checkpoint of that shape loaded), or
+    hidden_size / heads as the head size. Now refused naming the value, as GGUF's are."""
+    from kvtier.model.safetensors_loader import config_from_hf
+    from test_red_team_model import HF_CONFIG
+
+    with pytest.raises(CheckpointError) as refused:
+        config_from_hf({**HF_CONFIG, **changes}, "c.json")
+    assert str(refused.value) == f"c.json: {shown}"

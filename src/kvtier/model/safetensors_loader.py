@@ -91,9 +91,11 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
     attention_bias = flag("attention_bias")
     qwen2 = model_type == "qwen2"
     # A head count of 0 is ModelConfig's to refuse (naming it), not a division's.
-    head_dim = count("head_dim", None) or (dim // heads if heads > 0 else 0)
+    # NOTE: defaults only for what is unset: with `or`, a 0 was read as unset (as many K/V
+    # heads as query heads; hidden_size / heads as the head size).
+    head_dim = count("head_dim", dim // heads if heads > 0 else 0)
     sizes = (count("vocab_size"), count("num_hidden_layers"),
-             count("num_key_value_heads", None) or heads, count("intermediate_size"),
+             count("num_key_value_heads", heads), count("intermediate_size"),
              count("max_position_embeddings", None))
     norm_eps = value("rms_norm_eps", (int, float), "a number", 1e-6)
     tie, mlp_bias = flag("tie_word_embeddings"), flag("mlp_bias")
