@@ -217,3 +217,68 @@ def test_hf_config_sizes_of_zero_are_refused_not_replaced(changes: dict[str, obj
     with pytest.raises(CheckpointError) as refused:
         config_from_hf({**HF_CONFIG, **changes}, "c.json")
     assert str(refused.value) == f"c.json: {shown}"
+
+
+# ---- JSON objects with a key twice ---------------------------------------------------------------
+
+def test_a_mooncake_line_with_a_key_twice_names_the_line_and_the_key(tmp_path: Path) -> None:
+    """json.loads keeps the last of two values of one key: a line whose hash_ids were
+    given twice replayed the second list, without a word. Now TraceFormatError naming the
+    line and the key."""
+    from kvtier.sim.traces import MooncakeTrace, TraceFormatError
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 100, "output_length": 10, '
+                    '"hash_ids": [1]}\n'
+                    '{"timestamp": 5, "input_length": 100, "output_length": 10, '
+                    '"hash_ids": [1], "hash_ids": [2]}\n')
+    with pytest.raises(TraceFormatError) as refused:
+        MooncakeTrace(path)
+    assert str(refused.value) == f"{path}:2: field 'hash_ids': given twice in one object"
+
+
+def test_a_prompts_line_with_a_key_twice_is_refused_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --jsonl line with "prompt" twice answered the second, without a word."""
+    import kvtier.cli_generate
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(kvtier.cli_generate, "_load", never)
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ab", "prompt": "cd"}\n')
+    code, err = run_cli(["generate", "--jsonl", str(path)])
+    assert_one_line_refusal(code, err, f"{path} line 1 has the key 'prompt' twice")
+
+
+def test_a_checkpoint_config_with_a_key_twice_names_the_file_and_the_key(
+        tmp_path: Path) -> None:
+    """config.json with num_hidden_layers twice built the model of the last one."""
+    from test_red_team_model import HF_CONFIG
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    text = json_text(HF_CONFIG)
+    (folder / "config.json").write_text(text[:-1] + ', "num_hidden_layers": 2}')
+    with pytest.raises(CheckpointError) as refused:
+        load_model(folder)
+    assert str(refused.value) == (f"{folder / 'config.json'} is not valid JSON (the key "
+                                  "'num_hidden_layers' is given twice in one object)")
+
+
+def test_a_snapshot_with_a_key_twice_is_malformed() -> None:
+    """A snapshot {"i", "n", "n", "b"} resynced the router at the last next_seq."""
+    from kvtier.event_codec import decode_snapshot
+
+    with pytest.raises(ValueError) as refused:
+        decode_snapshot('{"i": "a", "n": 0, "n": 7, "b": []}')
+    assert str(refused.value) == ("malformed snapshot: the key 'n' is given twice in one "
+                                  "object")
+
+
+def json_text(obj: object) -> str:
+    """``obj`` as JSON text."""
+    import json
+
+    return json.dumps(obj)

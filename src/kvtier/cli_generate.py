@@ -16,8 +16,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
+from kvtier import json_text
 from kvtier.cli_error import CLIError
 from kvtier.cli_options import eviction_policy_option, finite_float, int_in
+from kvtier.json_text import DuplicateKeyError
 
 if TYPE_CHECKING:
     from kvtier.model.generate import Generator, Message, TurnResult
@@ -162,7 +164,9 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            item = json_text.loads(line)
+        except DuplicateKeyError as exc:
+            raise CLIError(f"{path} line {n} has the key {exc.key!r:.60} twice") from None
         except json.JSONDecodeError as exc:
             raise CLIError(f"{path} line {n} is not JSON ({exc.msg})") from None
         except RecursionError:

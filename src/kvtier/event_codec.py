@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from kvtier import json_text
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.sequence import short_repr
 from kvtier.tier import Tier
@@ -263,7 +264,7 @@ def _json(text: object, what: str) -> object:
     if not isinstance(text, str | bytes | bytearray):
         raise ValueError(f"malformed {what}: not text but {type(text).__name__}")
     try:
-        return json.loads(text)
+        return json_text.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, deep nesting
         raise ValueError(f"malformed {what}: {exc}"[:200]) from None
 

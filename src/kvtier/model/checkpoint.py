@@ -14,7 +14,6 @@ not fit is refused before gigabytes are read, with the offending tensor named.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from kvtier import json_text
 from kvtier.model.config import ModelConfig
 from kvtier.model.llama import LayerWeights, LlamaModel, LlamaWeights, usable_device
 
@@ -40,7 +40,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in file ``path``; CheckpointError naming the file if it cannot be
     read or holds something else."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
         # NOTE: ValueError beyond JSONDecodeError (a number past 4,300 digits) and
         # RecursionError (arrays nested 100,000 deep) came out without the file's name.

@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvtier import json_text
 from kvtier.model.checkpoint import CheckpointError, TensorEntry, build_model, read_json_object
 from kvtier.model.config import ModelConfig, RopeScaling
 from kvtier.model.llama import LlamaModel
@@ -115,7 +115,7 @@ def _shards(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = json_text.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CheckpointError(f"{index} is not a safetensors index "
                                   f"({str(exc)[:200]})") from None

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 if TYPE_CHECKING:
     from _csv import Reader as _CsvReader
 
+from kvtier import json_text
 from kvtier.blocks import cdiv
+from kvtier.json_text import DuplicateKeyError
 from kvtier.sequence import is_finite_number, short_repr
 from kvtier.sim.oracle import OracleRequest
 from kvtier.sim.synthetic import PrefixModel, SessionBuilder
@@ -368,7 +370,9 @@ class MooncakeTrace:
             return TraceFormatError(self.path, line_number, field, problem)
 
         try:
-            obj = json.loads(line)
+            obj = json_text.loads(line)
+        except DuplicateKeyError as exc:
+            raise fail(exc.key, "given twice in one object") from None
         except json.JSONDecodeError as exc:
             raise fail("<json>", f"malformed JSON: {exc.msg}") from None
         except ValueError:
