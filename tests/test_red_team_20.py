@@ -282,3 +282,31 @@ def json_text(obj: object) -> str:
     import json
 
     return json.dumps(obj)
+
+
+# ---- the time model's counts past any engine's -----------------------------------------------
+
+@pytest.mark.parametrize(("call", "shown"), [
+    (lambda tm: tm.compute_seconds(10**400, 0), "num_prefill_tokens"),
+    (lambda tm: tm.compute_seconds(0, 10**400), "num_decode_seqs"),
+    (lambda tm: tm.transfer_seconds(0, 10**400), "bytes_d2h"),
+    (lambda tm: tm.step_seconds(0, 0, 10**400, 0), "bytes_h2d"),
+    (lambda tm: tm.kv_bytes(2**63), "num_tokens"),
+])
+def test_time_model_counts_past_int64_name_the_field(call: object, shown: str) -> None:
+    """A count past the float range raised OverflowError ("int too large to convert to
+    float"), naming no field. Now ValueError naming it, for every count past 2**63 - 1."""
+    from kvtier.sim import TimeModel, get_profile
+
+    with pytest.raises(ValueError) as refused:
+        call(TimeModel(get_profile("llama3-8b-h100")))  # type: ignore[operator]
+    assert str(refused.value).startswith(f"{shown} must be an integer in 0..{2**63 - 1}, got")
+
+
+def test_a_remote_links_bytes_past_int64_name_the_field() -> None:
+    """The same for the fleet's remote link."""
+    from kvtier.sim.timemodel import RemoteLink
+
+    with pytest.raises(ValueError) as refused:
+        RemoteLink().transfer_seconds(10**400)
+    assert str(refused.value).startswith(f"num_bytes must be an integer in 0..{2**63 - 1}, got")

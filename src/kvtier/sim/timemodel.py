@@ -22,6 +22,7 @@ from kvtier.sim._checks import check_float, check_int
 MAX_KV_BYTES_PER_TOKEN = 1 << 30
 MAX_COST_S = 3600.0
 MAX_BYTES_PER_S = 1e15
+MAX_COUNT = (1 << 63) - 1  # tokens, sequences or bytes of one step or fetch
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +152,8 @@ class RemoteLink:
 
 
 def _check_count(field: str, value: int) -> None:
-    check_int(field, value, 0)
+    # NOTE: bounded: a count past the float range raised OverflowError, naming no field.
+    check_int(field, value, 0, MAX_COUNT)
 
 
 @dataclass(frozen=True, slots=True)
