@@ -310,3 +310,23 @@ def test_a_remote_links_bytes_past_int64_name_the_field() -> None:
     with pytest.raises(ValueError) as refused:
         RemoteLink().transfer_seconds(10**400)
     assert str(refused.value).startswith(f"num_bytes must be an integer in 0..{2**63 - 1}, got")
+
+
+@pytest.mark.parametrize(("policy", "load", "shown"), [
+    ("least-loaded", ("a", 10**400, 1), f"loads[0].queue_depth must be at most {2**63 - 1}"),
+    ("cache-aware", ("a", 10**400, 1), f"loads[0].queue_depth must be at most {2**63 - 1}"),
+    ("least-loaded", ("a", 1, 2**1100), f"loads[0].capacity must be at most {2**63 - 1}"),
+])
+def test_route_refuses_loads_past_int64_changing_no_stats(policy: str, load: tuple[str, int, int],
+                                                          shown: str) -> None:
+    """A queue depth (or capacity) past the float range was an OverflowError from inside
+    the policy's division ("integer division result too large for a float"). Now refused
+    with the other loads' checks, naming the load and the field; no stats counted."""
+    from kvtier.router import InstanceLoad, Router, make_policy
+
+    router = Router(make_policy(policy), 4)
+    loads = [InstanceLoad(*load), InstanceLoad("b", 10**400, 1)]
+    with pytest.raises(ValueError) as refused:
+        router.route([1, 2, 3, 4, 5], loads)
+    assert str(refused.value).startswith(shown)
+    assert router.stats.num_routed == 0 and router.stats.per_instance == {}

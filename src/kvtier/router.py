@@ -174,6 +174,9 @@ class PrefixIndex:
 # ---- policies -----------------------------------------------------------------------------------
 
 
+MAX_LOAD_COUNT = (1 << 63) - 1  # a queue depth or capacity: the policies divide them as floats
+
+
 class InstanceLoad(NamedTuple):
     """What a policy knows of an instance's load: requests queued or running, and how many it
     serves at once (``capacity``, e.g. its max batch size)."""
@@ -387,11 +390,12 @@ class Router:
 
 def check_loads(loads: Iterable[InstanceLoad]) -> list[InstanceLoad]:
     """``loads`` as a list, each an :class:`InstanceLoad` of a distinct str instance id, an int
-    queue depth >= 0 and an int capacity >= 1; ValueError or TypeError naming the first bad
-    one otherwise. Pure.
+    queue depth >= 0 and an int capacity >= 1, both at most ``MAX_LOAD_COUNT``; ValueError
+    or TypeError naming the first bad one otherwise. Pure.
 
     NOTE: a policy divides by the capacity and compares queue depths: a capacity of 0 was a
-    ZeroDivisionError from inside a policy, a str depth a TypeError from its arithmetic."""
+    ZeroDivisionError from inside a policy, a str depth a TypeError from its arithmetic, and
+    a depth or capacity past the float range an OverflowError."""
     if not isinstance(loads, Iterable) or isinstance(loads, str | bytes):
         raise TypeError(f"loads must be an iterable of InstanceLoad, got {short_repr(loads)}")
     loads = list(loads)
@@ -408,6 +412,10 @@ def check_loads(loads: Iterable[InstanceLoad]) -> list[InstanceLoad]:
         if type(x.capacity) is not int or x.capacity < 1:
             raise ValueError(f"loads[{i}].capacity must be an int >= 1, got "
                              f"{short_repr(x.capacity)}")
+        for name in ("queue_depth", "capacity"):
+            if getattr(x, name) > MAX_LOAD_COUNT:
+                raise ValueError(f"loads[{i}].{name} must be at most {MAX_LOAD_COUNT}, got "
+                                 f"{short_repr(getattr(x, name))}")
         if x.instance_id in seen:
             raise ValueError(f"loads[{i}]: instance {x.instance_id!r} is listed twice")
         seen.add(x.instance_id)
