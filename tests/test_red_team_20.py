@@ -330,3 +330,30 @@ def test_route_refuses_loads_past_int64_changing_no_stats(policy: str, load: tup
         router.route([1, 2, 3, 4, 5], loads)
     assert str(refused.value).startswith(shown)
     assert router.stats.num_routed == 0 and router.stats.per_instance == {}
+
+
+# ---- kvtier chat: a message that only starts like a command ------------------------------------
+
+def test_chat_answers_a_message_that_only_starts_with_switch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Any line starting with "/switch" was taken as the command: "/switchboard is down"
+    was not answered, the usage line printed in its place. Now only the word /switch is
+    the command (as /new and /quit are whole words); the rest are messages."""
+    import io
+    import json
+    import sys
+
+    from kvtier.cli import main
+    from test_red_team_13 import make_chat_gguf
+
+    path = make_chat_gguf(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(
+        b"/switchboard ab\n/new\n/switch 0\n/switch\n"), encoding="utf-8"))
+    code = main(["chat", "--model", str(path), "--device", "cpu", "--max-new-tokens", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out.count("(usage: /switch N with N in 0..1)") == 1  # the bare /switch only
+    assert "(conversation 0)" in out
+    summary = json.loads(out[-1])
+    assert [(t["conversation"], t["turn"]) for t in summary["turns"]] == [(0, 0)]

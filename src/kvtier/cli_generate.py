@@ -343,7 +343,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
             current = len(conversations) - 1
             print(f"(conversation {current})")
             continue
-        if text.startswith("/switch"):
+        if text.split()[0] == "/switch":  # NOTE: a word: "/switchboard ..." is a message
             current = _switch(text, len(conversations), current)
             continue
         history = conversations[current]
