@@ -357,3 +357,34 @@ def test_chat_answers_a_message_that_only_starts_with_switch(
     assert "(conversation 0)" in out
     summary = json.loads(out[-1])
     assert [(t["conversation"], t["turn"]) for t in summary["turns"]] == [(0, 0)]
+
+
+# ---- Mooncake hash ids that contradict the prefixes they name -----------------------------------
+
+@pytest.mark.parametrize(("rows", "shown"), [
+    # One id twice in a prompt: the replay ran in full, then "cannot replay: block_keys must
+    # be distinct within a request", naming neither the file, the line nor the field.
+    (['[1, 1]'], "1: field 'hash_ids': hash id 1 at index 1 follows hash id 1, but it opens "
+                 "the prompt before: a hash id names its whole prefix"),
+    # One id after two different prefixes: the oracles counted a hit the cache could never
+    # have (its tokens follow other tokens there).
+    (['[7, 8]', '[8]'], "2: field 'hash_ids': hash id 8 at index 0 opens the prompt, but it "
+                        "follows hash id 7 before: a hash id names its whole prefix"),
+    (['[7, 8]', '[9, 8]'], "2: field 'hash_ids': hash id 8 at index 1 follows hash id 9, but "
+                           "it follows hash id 7 before: a hash id names its whole prefix"),
+])
+def test_mooncake_hash_ids_that_contradict_their_prefixes_name_the_line(
+        tmp_path: Path, rows: list[str], shown: str) -> None:
+    """A Mooncake hash id names a whole prefix, so it always follows the same id (or opens
+    the prompt). A trace where it does not is refused when read, naming the line and the id;
+    the real traces keep the rule (their 226,714 ids)."""
+    from kvtier.sim.traces import MooncakeTrace, TraceFormatError
+
+    path = tmp_path / "t.jsonl"
+    lines = [f'{{"timestamp": {i}, "input_length": {512 * row.count(",") + 100}, '
+             f'"output_length": 4, "hash_ids": {row}}}' for i, row in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceFormatError) as refused:
+        MooncakeTrace(path)
+    assert str(refused.value) == f"{path}:{shown}"
+    assert len(MooncakeTrace(path, limit=len(rows) - 1)) == len(rows) - 1  # read no further

@@ -291,6 +291,7 @@ class MooncakeTrace:
         last blocks without an id are numbered from it)."""
         records: list[_MooncakeRecord] = []
         roots: dict[int, int] = {}  # Bailian: chat id -> its conversation's first chat id
+        parents: dict[int, int | None] = {}  # Mooncake: what each hash id follows
         previous = 0.0
         max_id = -1
         max_line = 0
@@ -344,6 +345,8 @@ class MooncakeTrace:
                         shown += f" (or {length // block}, the partial last block without one)"
                     raise fail("hash_ids", f"has {len(hash_ids)} ids, expected {shown}"
                                f"{'' if block_tokens is not None else _OTHER_BLOCKS}")
+                if fmt.prefix_ids:
+                    self._check_prefixes(hash_ids, parents, line_number)
                 if hash_ids and max(hash_ids) > max_id:
                     max_id, max_line = max(hash_ids), line_number
                 session_id = None
@@ -363,6 +366,29 @@ class MooncakeTrace:
                 self.path, max_line, "hash_ids", f"id {max_id} is too large: token ids "
                 f"h*{self.block_tokens}.. must stay below 2**63")
         return records
+
+    def _check_prefixes(self, hash_ids: tuple[int, ...], parents: dict[int, int | None],
+                        line_number: int) -> None:
+        """Record what each of ``hash_ids`` (prefix hashes) follows; TraceFormatError naming
+        the line and the id if it followed something else before (``parents``).
+
+        NOTE: a prefix hash names its whole prefix, so it always follows the same id. An
+        id twice in one prompt ran the whole replay, then failed in the oracles
+        ("block_keys must be distinct"), naming no line; one after two different prefixes
+        made the oracles count a hit the cache could never have. (Bailian ids hash their
+        block's content alone: they may repeat anywhere.)"""
+        previous = None
+        for index, h in enumerate(hash_ids):
+            before = parents.setdefault(h, previous)
+            if before != previous:
+                def where(p: int | None) -> str:
+                    return "opens the prompt" if p is None else f"follows hash id {p}"
+
+                raise TraceFormatError(self.path, line_number, "hash_ids",
+                                       f"hash id {h} at index {index} {where(previous)}, but "
+                                       f"it {where(before)} before: a hash id names its whole "
+                                       "prefix")
+            previous = h
 
     def _parse_line(self, line: str, line_number: int) -> dict[str, object]:
         """The row's fields, each checked alone (the hash ids as a tuple)."""
