@@ -186,3 +186,61 @@ def test_mooncake_hash_ids_that_contradict_their_prefixes_name_the_line(
     assert str(refused.value) == f"{path}:{shown}"
     assert len(MooncakeTrace(path, limit=len(rows) - 1)) == len(rows) - 1  # read no further
 
+
+
+# ---- options the rest of the line leaves without effect -----------------------------------------
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    # The round-robin and least-loaded routers never read alpha.
+    (["replay", "--instances", "2", "--router", "least-loaded", "--router-alpha", "2"],
+     "--router-alpha weighs load in the cache-aware router; --router least-loaded does not "
+     "read it"),
+    # Nothing is reused from a partial block at all.
+    (["replay", "--no-partial-reuse", "--no-copy-on-partial-reuse"],
+     "--no-copy-on-partial-reuse says how a partial block is reused, and --no-partial-reuse "
+     "reuses none"),
+    # A trace's replay has no host tier unless --host-blocks gives one: no block offloaded.
+    (["replay", "{trace}", "--offload-min-priority", "50"],
+     "--offload-min-priority picks the evicted GPU blocks that go to the host tier, and "
+     "there is none (--host-blocks 0)"),
+    (["sweep", "--host-blocks", "0", "--offload-min-priority", "50"],
+     "--offload-min-priority picks the evicted GPU blocks that go to the host tier, and "
+     "there is none (--host-blocks 0)"),
+])
+def test_an_option_left_without_effect_is_refused_before_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], shown: str) -> None:
+    """Siblings of the options test_red_team_13 refuses when the rest of the line leaves
+    them without effect: each was ignored without a word. Now one line naming why."""
+    import kvtier.cli
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    monkeypatch.setattr(kvtier.cli, "simulate_fleet", never)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 600, "output_length": 4, '
+                     '"hash_ids": [1, 2]}\n')
+    code, err = run_cli([*(a.format(trace=trace) for a in argv), "--limit", "2",
+                         "--no-progress"])
+    assert_one_line_refusal(code, err, shown)
+
+
+@pytest.mark.parametrize("argv", [
+    ["sweep", "--host-blocks", "0,64", "--offload-min-priority", "50"],  # the 64 run uses it
+    ["replay", "--offload-min-priority", "50"],  # the built-in chat has a host tier
+    ["compare", "--offload-min-priority", "50"],  # the GPU + host run uses it
+    ["replay", "--instances", "2", "--router-alpha", "2"],  # cache-aware, the default
+])
+def test_the_same_options_with_an_effect_still_run(monkeypatch: pytest.MonkeyPatch,
+                                                   argv: list[str]) -> None:
+    """Where the option has an effect, the run starts (and is stopped here)."""
+    import kvtier.cli
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(kvtier.cli, "simulate", never)
+    monkeypatch.setattr(kvtier.cli, "simulate_fleet", never)
+    with pytest.raises(AssertionError, match="the run started"):
+        run_cli([*argv, "--limit", "2", "--no-progress"])

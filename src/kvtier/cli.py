@@ -21,8 +21,11 @@ from kvtier.cli_config import MAX_INSTANCES, SIZE_HELP, check_sweep, make_cache,
 from kvtier.cli_error import EXIT_USAGE, CLIError
 from kvtier.cli_generate import add_model_commands
 from kvtier.cli_options import (
+    CHAT_GPU_BLOCKS,
+    CHAT_HOST_BLOCKS,
     COMPARE_DESCRIPTION,
     COMPARE_HOST_FACTOR,
+    DEFAULT_GPU_BLOCKS,
     REPLAY_DESCRIPTION,
     ROUTER_ALPHA_DEFAULT,
     ROUTER_DEFAULT,
@@ -35,6 +38,7 @@ from kvtier.cli_options import (
     int_in,
     int_list,
     oracle_option,
+    replay_sizes,
     settle_options,
 )
 from kvtier.cli_output import OutputFailed, checked_stdout, discard_stdout, progress_bar
@@ -64,12 +68,6 @@ from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import format_fleet_report
 from kvtier.sim.plot import plot_sweep, require_matplotlib
 
-DEFAULT_GPU_BLOCKS = 16384
-# The embedded default (`kvtier replay`: the built-in synthetic chat) runs where the tiers are
-# at work: a GPU tier that holds about a tenth of the stream's distinct blocks, a host tier
-# twice that; below it, hit rate and load fall off fast; at 16,384 GPU blocks it never evicts.
-CHAT_GPU_BLOCKS = 1024
-CHAT_HOST_BLOCKS = 2048
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a defect in kvtier, not in the input
 DEBUG_ENV = "KVTIER_DEBUG"
 _CACHE = CacheConfig()
@@ -230,7 +228,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     if args.remote is not None or args.remote_url is not None:
         raise CLIError("--remote needs --instances > 1 (a remote tier shared by a fleet)")
     remote_fetch(args)  # refuses fetch costs given without --remote
-    cache = make_cache(args, *_replay_sizes(args))
+    cache = make_cache(args, *replay_sizes(args))
     sched = make_sched(args, args.admission)
     profile = make_profile(args.profile, args.set_profile)
     workload = _open(args, cache)
@@ -241,22 +239,12 @@ def _run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_sizes(args: argparse.Namespace) -> tuple[int, int]:
-    """GPU and host blocks of a replay: as given, else the defaults of its workload."""
-    chat = args.trace is None and args.workload == "synthetic-chat"
-    gpu = args.gpu_blocks if args.gpu_blocks is not None else (
-        CHAT_GPU_BLOCKS if chat else DEFAULT_GPU_BLOCKS)
-    host = args.host_blocks if args.host_blocks is not None else (
-        CHAT_HOST_BLOCKS if chat else 0)
-    return gpu, host
-
-
 def _run_fleet(args: argparse.Namespace) -> int:
     if args.oracle:
         raise CLIError("--oracle is not supported with --instances > 1")
     if args.remote_url is not None and args.remote is None:
         raise CLIError("--remote-url needs --remote write-back or write-through")
-    gpu_blocks, host_blocks = _replay_sizes(args)
+    gpu_blocks, host_blocks = replay_sizes(args)
     if args.remote is not None and host_blocks == 0:
         raise CLIError("--remote needs --host-blocks > 0: blocks found in the shared tier "
                        "are imported into each instance's host tier")

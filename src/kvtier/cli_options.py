@@ -23,6 +23,12 @@ COMPARE_HOST_FACTOR = 4
 ROUTER_DEFAULT = "cache-aware"
 WORKLOAD_DEFAULT = WORKLOADS[0]
 ROUTER_ALPHA_DEFAULT = 1.0
+DEFAULT_GPU_BLOCKS = 16384
+# The embedded default (`kvtier replay`: the built-in synthetic chat) runs where the tiers are
+# at work: a GPU tier that holds about a tenth of the stream's distinct blocks, a host tier
+# twice that; below it, hit rate and load fall off fast; at 16,384 GPU blocks it never evicts.
+CHAT_GPU_BLOCKS = 1024
+CHAT_HOST_BLOCKS = 2048
 
 WORKLOAD_HELP = """\
 TRACE is a trace of block hash ids (.jsonl: Mooncake's FAST'25 traces, 512-token prefix
@@ -100,9 +106,8 @@ def common_options() -> OneLineParser:
     p.add_argument("--no-copy-on-partial-reuse", action="store_true",
                    help="reuse a partial block only in place, never by copying it")
     p.add_argument("--offload-min-priority", metavar="P", type=int,
-                   default=_CACHE.offload_min_priority,
                    help="evicted GPU blocks of at least this priority (0..100) go to the host "
-                   "tier (default: %(default)s)")
+                   f"tier (default: {_CACHE.offload_min_priority})")
     p.add_argument("--hash-algo", choices=HASH_ALGOS, default=_CACHE.hash_algo,
                    help="block hash (default: %(default)s)")
     p.add_argument("--max-num-tokens", metavar="N", type=int, default=_SCHED.max_num_tokens,
@@ -145,7 +150,9 @@ def settle_options(args: argparse.Namespace) -> None:
     NOTE: each was ignored without a word: ``--router``/``--router-alpha`` of a single
     replay, ``--max-chunk-tokens`` with ``--no-chunked-prefill``, ``--draft-acceptance``
     without drafts, ``--workload`` beside a TRACE, ``--seed`` of a .jsonl trace or of
-    the race (``--remote-latency-ms`` without ``--remote`` was already refused)."""
+    the race (``--remote-latency-ms`` without ``--remote`` was already refused); then
+    ``--router-alpha`` of a router that never reads it, ``--no-copy-on-partial-reuse`` with
+    ``--no-partial-reuse``, ``--offload-min-priority`` where no run has a host tier."""
     if hasattr(args, "workload"):  # the simulator's commands
         _check_workload_options(args.trace, args.workload, args.seed)
     if getattr(args, "instances", 2) == 1 and (args.router is not None
@@ -158,11 +165,42 @@ def settle_options(args: argparse.Namespace) -> None:
     if getattr(args, "draft_acceptance", None) is not None and not args.num_speculative_tokens:
         raise CLIError("--draft-acceptance needs --num-speculative-tokens > 0 (drafts to "
                        "accept)")
+    if getattr(args, "router_alpha", None) is not None and args.router not in (
+            None, "cache-aware"):
+        raise CLIError(f"--router-alpha weighs load in the cache-aware router; --router "
+                       f"{args.router} does not read it")
+    if getattr(args, "no_copy_on_partial_reuse", False) and args.no_partial_reuse:
+        raise CLIError("--no-copy-on-partial-reuse says how a partial block is reused, and "
+                       "--no-partial-reuse reuses none")
     for name, default in (("router", ROUTER_DEFAULT), ("router_alpha", ROUTER_ALPHA_DEFAULT),
                           ("draft_acceptance", DRAFT_ACCEPTANCE), ("workload", WORKLOAD_DEFAULT),
                           ("seed", 0)):
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, default)
+    if getattr(args, "offload_min_priority", None) is not None and not any(_host_sizes(args)):
+        raise CLIError("--offload-min-priority picks the evicted GPU blocks that go to the "
+                       "host tier, and there is none (--host-blocks 0)")
+    if hasattr(args, "offload_min_priority") and args.offload_min_priority is None:
+        args.offload_min_priority = _CACHE.offload_min_priority
+
+
+def replay_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """GPU and host blocks of a replay: as given, else the defaults of its workload."""
+    chat = args.trace is None and args.workload == "synthetic-chat"
+    gpu = args.gpu_blocks if args.gpu_blocks is not None else (
+        CHAT_GPU_BLOCKS if chat else DEFAULT_GPU_BLOCKS)
+    host = args.host_blocks if args.host_blocks is not None else (
+        CHAT_HOST_BLOCKS if chat else 0)
+    return gpu, host
+
+
+def _host_sizes(args: argparse.Namespace) -> list[int]:
+    """The host tier sizes of the command's runs (``compare``'s host run always has one)."""
+    if args.command == "sweep":
+        return list(args.host_blocks)
+    if args.command == "compare":
+        return [args.host_blocks or COMPARE_HOST_FACTOR * args.gpu_blocks]
+    return [replay_sizes(args)[1]]
 
 
 def _check_workload_options(trace: Path | None, workload: str | None, seed: int | None) -> None:
