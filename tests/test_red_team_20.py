@@ -6,6 +6,7 @@ The model's half is in test_red_team_20_model.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,87 @@ def test_the_same_options_with_an_effect_still_run(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(kvtier.cli, "simulate_fleet", never)
     with pytest.raises(AssertionError, match="the run started"):
         run_cli([*argv, "--limit", "2", "--no-progress"])
+
+
+# ---- refusals whose own message failed on an int past 4,300 digits -----------------------------
+
+HUGE = 10**5000  # repr() of it raises ValueError: Python's limit on int-to-str conversion
+
+
+def default_constructible_dataclasses() -> list[tuple[type, str]]:
+    """(class, field) for every init field of kvtier's dataclasses that build with their
+    defaults (the modules an extra's absence keeps out are left out)."""
+    import dataclasses
+    import importlib
+    import inspect
+    import pkgutil
+
+    import kvtier
+
+    found = []
+    for info in pkgutil.walk_packages(kvtier.__path__, "kvtier."):
+        if any(part in info.name for part in ("vllm", "launcher", "__main__")):
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:
+            continue
+        for cls in vars(module).values():
+            if not (inspect.isclass(cls) and dataclasses.is_dataclass(cls)
+                    and cls.__module__ == module.__name__):
+                continue
+            fields = [f for f in dataclasses.fields(cls) if f.init]
+            if all(f.default is not dataclasses.MISSING
+                   or f.default_factory is not dataclasses.MISSING for f in fields):
+                found += [(cls, f.name) for f in fields]
+    return found
+
+
+def test_every_config_refuses_an_int_past_4300_digits_naming_a_field() -> None:
+    """A refusal showed the bad value with {value!r} (or {value:,}, or str()): for an int
+    past 4,300 digits the message itself raised ValueError ("Exceeds the limit (4300
+    digits) for integer string conversion"), naming no field: CacheConfig(max_events=...),
+    SchedulerConfig, ModelConfig, SamplingParams, the router's CacheAware, the simulator's
+    workloads (50 fields). Now each is refused (or taken) with a message naming a field and
+    saying what the value is (kvtier.reprs.shown), in every message that shows a value."""
+    fields = default_constructible_dataclasses()
+    assert len(fields) > 150  # the walk found kvtier's configs
+    for cls, name in fields:
+        try:
+            cls(**{name: HUGE})
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            assert "Exceeds the limit" not in message, (cls.__name__, name, message)
+            assert any(f in message for f in cls.__dataclass_fields__), (cls.__name__, name,
+                                                                        message)
+
+
+def import_blocks_of_huge() -> object:
+    from kvtier import CacheConfig, KVCacheManager
+
+    return KVCacheManager(CacheConfig(num_gpu_blocks=8)).import_blocks([1, 2, 3], -HUGE)
+
+
+def router_of_huge() -> object:
+    from kvtier.router import RoundRobin, Router
+
+    return Router(RoundRobin(), -HUGE)
+
+
+def request_of_huge() -> object:
+    from kvtier.sim.workload import TraceRequest
+
+    return TraceRequest("r", 0.0, [1], -HUGE)
+
+
+@pytest.mark.parametrize(("call", "shown"), [
+    (import_blocks_of_huge, "num_blocks must be an int >= 0"),
+    (router_of_huge, "tokens_per_block must be an integer >= 1"),
+    (request_of_huge, "output_length must be an integer >= 0"),
+])
+def test_a_call_refusing_an_int_past_4300_digits_names_its_field(
+        call: Callable[[], object], shown: str) -> None:
+    """The same for the arguments of calls."""
+    with pytest.raises(ValueError) as refused:
+        call()
+    assert str(refused.value).startswith(shown) and "an int of 16610 bits" in str(refused.value)

@@ -30,6 +30,7 @@ from kvtier.config import CacheConfig
 from kvtier.live import LiveTable
 from kvtier.matching import Match, PartialMatch, match
 from kvtier.radix import Node, path_to_root
+from kvtier.reprs import shown
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.slots import SLOT_TYPECODE, BlockIds
 from kvtier.tier import Tier
@@ -336,7 +337,7 @@ class BatchAdmission:
                 reserved = (f" + {spec.num_reserved_blocks} reserved"
                             if spec.num_reserved_blocks else "")
                 raise ValueError(
-                    f"request {spec.request_id!r} needs {num_blocks} blocks "
+                    f"request {shown(spec.request_id)} needs {num_blocks} blocks "
                     f"({len(spec.tokens)} tokens / {tpb}){reserved} but num_gpu_blocks is "
                     f"{capacity}")
             total += num_blocks - m.num_blocks

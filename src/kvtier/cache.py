@@ -50,6 +50,7 @@ from kvtier.radix import (
     subtree,
 )
 from kvtier.radix import split as split_run
+from kvtier.reprs import shown
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
 from kvtier.slots import SLOT_TYPECODE, slot_array
 from kvtier.tier import Tier
@@ -188,7 +189,7 @@ class BlockCache:
         missing = [a for a in _POLICY_ATTRS if not hasattr(policy, a)]
         if missing:
             raise ValueError(f"policy must be an eviction policy (kvtier.eviction."
-                             f"EvictionPolicy); {policy!r} has no {', '.join(missing)}")
+                             f"EvictionPolicy); {shown(policy)} has no {', '.join(missing)}")
         # A caller's policy behind a guard of its shape: a call that raises or answers
         # nonsense mid-operation falls back to priority-LRU, never half-done (kvtier's own
         # policies are used as they are).

@@ -47,6 +47,7 @@ from kvtier.cli_remote import connect_redis, remote_fetch, remote_fetch_options
 from kvtier.cli_workload import check_outputs, num_requests, open_workload
 from kvtier.config import CacheConfig
 from kvtier.launcher import interrupted, tell
+from kvtier.reprs import shown
 from kvtier.router import POLICIES as ROUTER_POLICIES
 from kvtier.router import make_policy
 from kvtier.scheduler import AdmissionMode, SchedulerConfig
@@ -426,7 +427,7 @@ def _require_matplotlib(path: Path | None = None) -> None:
         raise CLIError("--plot needs matplotlib; install it with: "
                        "pip install 'kvtier[plot]'") from None
     except ValueError as exc:  # NOTE: its import checks MPLBACKEND: status 70 before
-        settings = ", ".join(f"{name}={value!r}" for name, value in sorted(os.environ.items())
+        settings = ", ".join(f"{name}={shown(value)}" for name, value in sorted(os.environ.items())
                              if name.startswith("MPL"))
         raise CLIError(f"--plot: matplotlib refuses its settings"
                        f"{f' ({settings})' if settings else ''}: {exc}") from None
@@ -436,7 +437,7 @@ def _require_matplotlib(path: Path | None = None) -> None:
 
     formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix[1:].lower() not in formats:
-        raise CLIError(f"--plot {path}: matplotlib writes no {path.suffix!r} file; end the "
+        raise CLIError(f"--plot {path}: matplotlib writes no {shown(path.suffix)} file; end the "
                        f"name in one of {', '.join('.' + f for f in sorted(formats))}")
     if path.suffix.lower() == ".pgf":  # NOTE: its RuntimeError came after the whole sweep
         import matplotlib

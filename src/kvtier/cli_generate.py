@@ -20,6 +20,7 @@ from kvtier import json_text
 from kvtier.cli_error import CLIError
 from kvtier.cli_options import eviction_policy_option, finite_float, int_in
 from kvtier.json_text import DuplicateKeyError
+from kvtier.reprs import shown
 
 if TYPE_CHECKING:
     from kvtier.model.generate import Generator, Message, TurnResult
@@ -166,7 +167,7 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
         try:
             item = json_text.loads(line)
         except DuplicateKeyError as exc:
-            raise CLIError(f"{path} line {n} has the key {exc.key!r:.60} twice") from None
+            raise CLIError(f"{path} line {n} has the key {shown(exc.key):.60} twice") from None
         except json.JSONDecodeError as exc:
             raise CLIError(f"{path} line {n} is not JSON ({exc.msg})") from None
         except RecursionError:
@@ -182,7 +183,7 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
         unread = sorted(set(item) - _JSONL_KEYS) if isinstance(item, dict) else []
         if unread:
             raise CLIError(f"{path} line {n} has a key kvtier does not read: "
-                           f"{unread[0]!r:.60} (it reads {', '.join(sorted(_JSONL_KEYS))})")
+                           f"{shown(unread[0]):.60} (it reads {', '.join(sorted(_JSONL_KEYS))})")
         ok = isinstance(item, dict) and (
             isinstance(item.get("prompt"), str) or (
                 isinstance(item.get("turns"), list) and item["turns"]
@@ -251,7 +252,7 @@ def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
             prompts = [generator.tokenizer.encode(text) for text in texts]
             for text, ids in zip(texts, prompts, strict=True):
                 if text and not ids:  # NOTE: was "a prompt is empty", of a prompt that is not
-                    raise CLIError(f"prompt {text!r:.60} has no token in this model's "
+                    raise CLIError(f"prompt {shown(text):.60} has no token in this model's "
                                    "vocabulary")
             return generator.generate(prompts, params)
         return generator.chat(conversations, params, system_priority)

@@ -11,6 +11,7 @@ from typing import NoReturn
 from kvtier.cli_error import EXIT_USAGE, CLIError
 from kvtier.cli_workload import TIME_UNITS, WORKLOADS
 from kvtier.config import EVICTION_POLICIES, HASH_ALGOS, CacheConfig
+from kvtier.reprs import shown
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
 from kvtier.scheduler_config import MAX_SPECULATIVE_TOKENS
 from kvtier.sim import PROFILES
@@ -239,9 +240,9 @@ def policy_list(text: str) -> list[str]:
     unknown = [name for name in names if name not in EVICTION_POLICIES]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown policy {unknown[0]!r}; choose from {', '.join(EVICTION_POLICIES)}")
+            f"unknown policy {shown(unknown[0])}; choose from {', '.join(EVICTION_POLICIES)}")
     if len(set(names)) < len(names):
-        raise argparse.ArgumentTypeError(f"a policy is named twice in {text!r}")
+        raise argparse.ArgumentTypeError(f"a policy is named twice in {shown(text)}")
     return names
 
 
@@ -266,7 +267,7 @@ def int_in(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {shown(text)}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -284,13 +285,13 @@ def int_list(minimum: int) -> Callable[[str], list[int]]:
             values = [int(part) for part in text.split(",")]
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected comma-separated integers, got {text!r}") from None
+                f"expected comma-separated integers, got {shown(text)}") from None
         if any(v < minimum for v in values):
-            raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {shown(text)}")
         # NOTE: a value given twice made every run of it twice (as a policy named twice would).
         twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if twice is not None:
-            raise argparse.ArgumentTypeError(f"{twice} is given twice in {text!r}")
+            raise argparse.ArgumentTypeError(f"{twice} is given twice in {shown(text)}")
         return values
 
     return parse
@@ -300,7 +301,7 @@ def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {shown(text)}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
@@ -319,7 +320,7 @@ def finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {shown(text)}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value

@@ -18,6 +18,7 @@ from contextlib import contextmanager, suppress
 from typing import Any, TextIO, TypeVar
 
 from kvtier.cli_error import CLIError
+from kvtier.reprs import shown
 
 T = TypeVar("T")
 
@@ -130,7 +131,7 @@ def progress_bar(total: int | None, enabled: bool) -> Iterator[Callable[[int], o
 
 
 def _bar_failed(exc: Exception) -> CLIError:
-    settings = ", ".join(f"{name}={value!r}" for name, value in sorted(os.environ.items())
+    settings = ", ".join(f"{name}={shown(value)}" for name, value in sorted(os.environ.items())
                          if name.startswith("TQDM_"))
     return CLIError(f"the progress bar (tqdm) failed on its settings"
                     f"{f' ({settings})' if settings else ''}: {type(exc).__name__}: {exc}; "

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from kvtier.cli_error import CLIError
+from kvtier.reprs import shown
 from kvtier.sim import ModelProfile, get_profile
 
 
@@ -23,12 +24,13 @@ def make_profile(name: str, assignments: Sequence[str]) -> ModelProfile:
         key, sep, text = item.partition("=")
         key, text = key.strip(), text.strip()
         if not sep or not key:
-            raise CLIError(f"--set-profile expects KEY=VALUE, got {item!r}")
+            raise CLIError(f"--set-profile expects KEY=VALUE, got {shown(item)}")
         if key not in types:
-            raise CLIError(f"--set-profile: unknown profile constant {key!r}; "
+            raise CLIError(f"--set-profile: unknown profile constant {shown(key)}; "
                            f"known: {', '.join(sorted(types))}")
         if key in given:  # NOTE: the first value was dropped without a word
-            raise CLIError(f"--set-profile {key} is set twice ({given[key]!r}, then {text!r})")
+            raise CLIError(f"--set-profile {key} is set twice ({shown(given[key])}, then "
+                           f"{shown(text)})")
         given[key] = text
         overrides[key] = parse_constant(key, types[key], text)
     try:
@@ -44,19 +46,19 @@ def parse_constant(key: str, type_name: str, text: str) -> bool | int | float:
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise CLIError(f"--set-profile {key}: expected true or false, got {text!r}")
+        raise CLIError(f"--set-profile {key}: expected true or false, got {shown(text)}")
     kind = "an integer" if type_name == "int" else "a number"
     try:
         number = float(text)
     except ValueError:
-        raise CLIError(f"--set-profile {key}: expected {kind}, got {text!r}") from None
+        raise CLIError(f"--set-profile {key}: expected {kind}, got {shown(text)}") from None
     if not math.isfinite(number):
-        raise CLIError(f"--set-profile {key}: expected a finite number, got {text!r}")
+        raise CLIError(f"--set-profile {key}: expected a finite number, got {shown(text)}")
     if type_name != "int":
         return number
     try:
         return int(text)
     except ValueError:
         if not number.is_integer():
-            raise CLIError(f"--set-profile {key}: expected an integer, got {text!r}") from None
+            raise CLIError(f"--set-profile {key}: expected an integer, got {shown(text)}") from None
         return int(number)  # written as a float: 1e6, 131072.0

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from kvtier.cli_error import CLIError
+from kvtier.reprs import shown
 from kvtier.sim.fleet import FETCH_MODES, FetchMode, stand_in_namespace
 from kvtier.sim.timemodel import DEFAULT_REMOTE_BYTES_PER_S, DEFAULT_REMOTE_LATENCY_S, RemoteLink
 
@@ -51,7 +52,7 @@ def number_in(low: float, high: float, *, low_open: bool = False
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a number, got {shown(text)}") from None
         above = low < value if low_open else low <= value
         if not (math.isfinite(value) and above and value <= high):
             bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"

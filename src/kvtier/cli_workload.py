@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvtier.cli_error import CLIError
 from kvtier.config import CacheConfig
+from kvtier.reprs import shown
 from kvtier.sim import (
     AgenticWorkload,
     AzureTrace,
@@ -65,9 +66,8 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
         elif suffix == ".csv":
             opened = AzureTrace(trace, seed=seed, limit=limit)
         else:
-            raise CLIError(f"TRACE must be a .jsonl (Mooncake, Bailian) or .csv (Azure, BurstGPT) "
-                           f"file, "
-                           f"got {str(trace)!r}")
+            raise CLIError(f"TRACE must be a .jsonl (Mooncake, Bailian) or .csv (Azure, "
+                           f"BurstGPT) file, got {shown(str(trace))}")
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None
     except OSError as exc:

@@ -18,6 +18,8 @@ import logging
 import math
 from collections.abc import Callable
 
+from kvtier.reprs import shown
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,7 +42,7 @@ class CacheClock:
 
     def __init__(self, clock: Callable[[], float], calls: CallerCode | None = None) -> None:
         if not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+            raise TypeError(f"clock must be a callable returning seconds, got {shown(clock)}")
         self._clock = clock
         self.calls = CallerCode() if calls is None else calls
         self.last = 0.0        # the last good reading
@@ -59,15 +61,15 @@ class CacheClock:
             calls.depth -= 1
         if t.__class__ is not float:
             if isinstance(t, bool) or not isinstance(t, (int, float)):
-                return self._fault(f"returned {t!r}, not a number of seconds")
+                return self._fault(f"returned {shown(t)}, not a number of seconds")
             try:
                 t = float(t)
             except OverflowError:
-                return self._fault(f"returned {t!r}, too large for seconds")
+                return self._fault(f"returned {shown(t)}, too large for seconds")
         if not math.isfinite(t):
-            return self._fault(f"returned {t!r}")
+            return self._fault(f"returned {shown(t)}")
         if t < self.last and self._started:
-            return self._fault(f"went back from {self.last!r} to {t!r}")
+            return self._fault(f"went back from {shown(self.last)} to {shown(t)}")
         self.last = t
         self._started = True
         return t

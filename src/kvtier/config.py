@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.reprs import shown
+
 HASH_ALGOS = ("xxh3_128", "sha256")
 EVICTION_POLICIES = (
     "priority-lru", "lru", "arc", "s3fifo", "kvtier-predict", "kvtier-predict-cost")
@@ -18,7 +20,7 @@ def check_priority(field: str, value: int) -> None:
     """Raise ValueError naming ``field`` unless ``value`` is an int in 0..100."""
     if type(value) is not int or not MIN_PRIORITY <= value <= MAX_PRIORITY:
         raise ValueError(
-            f"{field} must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}, got {value!r}"
+            f"{field} must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}, got {shown(value)}"
         )
 
 
@@ -29,8 +31,9 @@ MAX_BLOCKS = 2**32
 def _check_count(field: str, value: int, minimum: int, maximum: int | None = None) -> None:
     if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
         bound = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ValueError(f"{field} must be an integer {bound}, got {shown}")
+        text = shown(value)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        raise ValueError(f"{field} must be an integer {bound}, got {text}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,19 +64,20 @@ class CacheConfig:
     def __post_init__(self) -> None:
         tpb = self.tokens_per_block
         if type(tpb) is not int or not 1 <= tpb <= 2**16 or tpb & (tpb - 1):
+            text = shown(tpb) if isinstance(tpb, int) else str(tpb)
             raise ValueError(
-                f"tokens_per_block must be a power of two in 1..65536, got {str(tpb)[:40]}")
+                f"tokens_per_block must be a power of two in 1..65536, got {text[:40]}")
         _check_count("num_gpu_blocks", self.num_gpu_blocks, 1, MAX_BLOCKS)
         _check_count("num_host_blocks", self.num_host_blocks, 0, MAX_BLOCKS)
         _check_count("max_events", self.max_events, 1, 2**40)
         check_priority("offload_min_priority", self.offload_min_priority)
         check_priority("default_priority", self.default_priority)
         if self.hash_algo not in HASH_ALGOS:
-            raise ValueError(f"hash_algo must be one of {HASH_ALGOS}, got {self.hash_algo!r}")
+            raise ValueError(f"hash_algo must be one of {HASH_ALGOS}, got {shown(self.hash_algo)}")
         if self.eviction_policy not in EVICTION_POLICIES:
             raise ValueError(f"eviction_policy must be one of {sorted(EVICTION_POLICIES)}, "
-                             f"got {self.eviction_policy!r}")
+                             f"got {shown(self.eviction_policy)}")
         for name in ("enable_block_reuse", "enable_partial_reuse", "copy_on_partial_reuse",
                      "enable_events"):
             if type(getattr(self, name)) is not bool:
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a bool, got {shown(getattr(self, name))}")

@@ -13,6 +13,7 @@ from typing import cast
 
 from kvtier import json_text
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
+from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 from kvtier.tier import Tier
 
@@ -197,39 +198,40 @@ _HEX_DIGITS = frozenset("0123456789abcdef")
 
 def _count(value: object, field: str, low: int = 0, high: int = _MAX_SEQ) -> int:
     if type(value) is not int or not low <= value < high:
-        raise ValueError(f"{field} must be an integer in [{low}, {high}), got {value!r:.40}")
+        raise ValueError(f"{field} must be an integer in [{low}, {high}), got {shown(value):.40}")
     return value
 
 
 def _hash(value: object, field: str = "block hash") -> int:
     if not (isinstance(value, str) and len(value) == 32 and _HEX_DIGITS.issuperset(value)):
-        raise ValueError(f"{field} must be 32 lowercase hex digits, got {value!r:.40}")
+        raise ValueError(f"{field} must be 32 lowercase hex digits, got {shown(value):.40}")
     return int(value, 16)
 
 
 def _tier(value: object) -> Tier:
     if type(value) is not int or value not in {int(t) for t in Tier}:
-        raise ValueError(f"tier must be one of {[int(t) for t in Tier]}, got {value!r:.40}")
+        raise ValueError(f"tier must be one of {[int(t) for t in Tier]}, got {shown(value):.40}")
     return Tier(value)
 
 
 def _token_ids(value: object, num_tokens: int) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) != num_tokens:
         raise ValueError(f"token ids must be an array of num_tokens ({num_tokens}) ids, "
-                         f"got {value!r:.40}")
+                         f"got {shown(value):.40}")
     return tuple([_count(t, "token id") for t in value])
 
 
 def _key_bytes(value: object, field: str) -> bytes:
     if not (isinstance(value, str) and value and len(value) % 2 == 0
             and _HEX_DIGITS.issuperset(value)):
-        raise ValueError(f"{field} must be lowercase hex digits, got {value!r:.40}")
+        raise ValueError(f"{field} must be lowercase hex digits, got {shown(value):.40}")
     return bytes.fromhex(value)
 
 
 def _row(row: object, kind: str, length: int) -> list[object]:
     if not isinstance(row, list) or len(row) != length:
-        raise ValueError(f"a {kind!r} event is an array of {length} values, got {row!r:.60}")
+        raise ValueError(f"a {shown(kind)} event is an array of {length} values, got "
+                         f"{shown(row):.60}")
     return row
 
 
@@ -257,7 +259,7 @@ def _event(row: object) -> Event:
     if kind == "C":
         _, seq = _row(row, kind, 2)
         return AllBlocksCleared(_count(seq, "seq"))
-    raise ValueError(f"unknown event kind in {row!r:.60}")
+    raise ValueError(f"unknown event kind in {shown(row):.60}")
 
 
 def _json(text: object, what: str) -> object:
@@ -296,13 +298,13 @@ def decode_snapshot(text: str | bytes) -> Snapshot:
             raise ValueError("an object with exactly the keys i, n and b is expected")
         instance_id, next_seq, rows = doc["i"], doc["n"], doc["b"]
         if not isinstance(instance_id, str):
-            raise ValueError(f"instance id must be a string, got {instance_id!r:.40}")
+            raise ValueError(f"instance id must be a string, got {shown(instance_id):.40}")
         if not isinstance(rows, list):
-            raise ValueError(f"blocks must be an array, got {rows!r:.40}")
+            raise ValueError(f"blocks must be an array, got {shown(rows):.40}")
         blocks = []
         for row in rows:
             if not isinstance(row, list) or len(row) != 2:
-                raise ValueError(f"a block is [hash, tier], got {row!r:.60}")
+                raise ValueError(f"a block is [hash, tier], got {shown(row):.60}")
             blocks.append((_hash(row[0]), _tier(row[1])))
         return Snapshot(instance_id, _count(next_seq, "next_seq"), frozenset(blocks))
     except ValueError as exc:

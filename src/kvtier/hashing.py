@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import xxhash
 
+from kvtier.reprs import shown
 from kvtier.sequence import as_token_sequence, check_key, check_lora_id, packed_token_ids
 
 HashFn = Callable[[bytes], int]
@@ -48,7 +49,8 @@ def get_hash_fn(algo: str) -> HashFn:
     try:
         return _HASH_FNS[algo]
     except (KeyError, TypeError):
-        raise ValueError(f"hash_algo must be one of {sorted(_HASH_FNS)}, got {algo!r}") from None
+        raise ValueError(f"hash_algo must be one of {sorted(_HASH_FNS)}, got "
+                         f"{shown(algo)}") from None
 
 
 def _framed(tag: bytes, data: bytes) -> bytes:
@@ -64,7 +66,7 @@ def encode_key(value: object) -> bytes:
     if value is None:
         return b"n"
     if isinstance(value, bool):  # before int: bool is an int subclass
-        raise TypeError(f"extra key must not be a bool (True is not 1), got {value!r}")
+        raise TypeError(f"extra key must not be a bool (True is not 1), got {shown(value)}")
     if isinstance(value, bytes):
         return _framed(b"b", value)
     if isinstance(value, str):
@@ -77,7 +79,7 @@ def encode_key(value: object) -> bytes:
         return b"t" + len(value).to_bytes(_LENGTH_BYTES, "big") + _framed(b"", items)
     raise TypeError(
         f"extra key must be None, bytes, str, int or a tuple of them, got "
-        f"{type(value).__name__} {value!r}"
+        f"{type(value).__name__} {shown(value)}"
     )
 
 
@@ -91,7 +93,7 @@ def _token_bytes(tokens: Sequence[int]) -> bytes:
     if packed is not None:
         return packed
     bad = next((t for t in tokens if type(t) is not int or not 0 <= t < 1 << 63), None)
-    raise ValueError(f"token ids must be integers in [0, 2**63), got {bad!r}")
+    raise ValueError(f"token ids must be integers in [0, 2**63), got {shown(bad)}")
 
 
 def chain_hashes(
@@ -148,10 +150,10 @@ def prompt_block_hashes(
     check_key("salt", salt)
     check_lora_id(lora_id)
     if type(tokens_per_block) is not int or tokens_per_block < 1:
-        raise ValueError(f"tokens_per_block must be an integer >= 1, got {tokens_per_block!r}")
+        raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tokens_per_block)}")
     if num_blocks is not None:
         if type(num_blocks) is not int or num_blocks < 0:
-            raise ValueError(f"num_blocks must be None or an integer >= 0, got {num_blocks!r}")
+            raise ValueError(f"num_blocks must be None or an integer >= 0, got {shown(num_blocks)}")
         tokens = tokens[: num_blocks * tokens_per_block]
     if extras is not None and len(extras) < len(tokens) // tokens_per_block:
         raise ValueError(f"extras must hold one extra key per full block "

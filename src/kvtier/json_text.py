@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kvtier.reprs import shown
+
 
 class DuplicateKeyError(ValueError):
     """A JSON object gives ``key`` twice."""
 
     def __init__(self, key: str) -> None:
-        super().__init__(f"the key {key!r:.60} is given twice in one object")
+        super().__init__(f"the key {shown(key):.60} is given twice in one object")
         self.key = key
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import cast
 
+from kvtier.reprs import shown
 from kvtier.sequence import MAX_TOKEN_ID, LiveSequence, SequenceSpec, check_spec, check_token
 
 # The item types a decode batch's fast check accepts; any other goes the item-by-item way.
@@ -44,7 +45,7 @@ class LiveTable:
         """The live request ``request_id``; KeyError naming it if there is none."""
         seq = self.seqs.get(request_id) if type(request_id) is str else None
         if seq is None:
-            raise KeyError(f"unknown request_id {request_id!r}")
+            raise KeyError(f"unknown request_id {shown(request_id)}")
         return seq
 
     def new_batch(self, specs: object) -> list[SequenceSpec]:
@@ -53,16 +54,16 @@ class LiveTable:
         # NOTE: a list (``add_sequence``'s, a scheduler's) skips the ABC's isinstance.
         if type(specs) is not list and (isinstance(specs, (SequenceSpec, str, bytes))
                                         or not isinstance(specs, Iterable)):
-            raise TypeError(f"specs must be an iterable of SequenceSpec, got {specs!r}")
+            raise TypeError(f"specs must be an iterable of SequenceSpec, got {shown(specs)}")
         batch = list(specs)
         seen: set[str] = set()
         for i, spec in enumerate(batch):
             check_spec(spec, f"batch item {i}")
             rid = spec.request_id
             if rid in self.seqs:
-                raise ValueError(f"request_id {rid!r} (batch item {i}) is already live")
+                raise ValueError(f"request_id {shown(rid)} (batch item {i}) is already live")
             if rid in seen:
-                raise ValueError(f"request_id {rid!r} appears twice in the batch (item {i})")
+                raise ValueError(f"request_id {shown(rid)} appears twice in the batch (item {i})")
             seen.add(rid)
         return batch
 
@@ -75,7 +76,7 @@ class LiveTable:
         only a batch that fails is walked item by item, to name the first bad one.
         """
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-            raise ValueError(f"items must be (request_id, token) pairs, got {items!r}")
+            raise ValueError(f"items must be (request_id, token) pairs, got {shown(items)}")
         batch = items if type(items) is list else list(items)
         if not batch:
             return []
@@ -125,7 +126,7 @@ class LiveTable:
         columns = []
         for name, column in (("request_ids", request_ids), ("tokens", tokens)):
             if isinstance(column, (str, bytes)) or not isinstance(column, Sequence):
-                raise ValueError(f"{name} must be a list, got {column!r}")
+                raise ValueError(f"{name} must be a list, got {shown(column)}")
             columns.append(column)
         if len(columns[0]) != len(columns[1]):
             raise ValueError(f"request_ids has {len(columns[0])} ids but tokens has "
@@ -137,12 +138,12 @@ class LiveTable:
         batch: list[tuple[LiveSequence, int]] = []
         for i, item in enumerate(items):
             if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ValueError(f"item {i} must be a (request_id, token) pair, got {item!r}")
+                raise ValueError(f"item {i} must be a (request_id, token) pair, got {shown(item)}")
             rid, token = item
             seq = self.seqs.get(rid) if type(rid) is str else None
             if seq is None:
-                raise KeyError(f"item {i}: unknown request_id {rid!r}")
-            check_token(token, f"item {i}: the token appended to {rid!r}")
+                raise KeyError(f"item {i}: unknown request_id {shown(rid)}")
+            check_token(token, f"item {i}: the token appended to {shown(rid)}")
             seq.check_prefilled()
             batch.append((seq, token))
         return batch

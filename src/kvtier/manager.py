@@ -39,6 +39,7 @@ from kvtier.matching import match_prompt
 from kvtier.metrics import CacheStats
 from kvtier.policy_guard import PolicyGuard
 from kvtier.recovery import check_failed_indices, fail_computes, fail_transfers
+from kvtier.reprs import shown
 from kvtier.sequence import (
     LiveSequence,
     MultimodalItem,
@@ -88,7 +89,7 @@ class KVCacheManager:
         policy: EvictionPolicy | None = None,
     ) -> None:
         if not isinstance(config, CacheConfig):
-            raise TypeError(f"config must be a CacheConfig, got {config!r}")
+            raise TypeError(f"config must be a CacheConfig, got {shown(config)}")
         self._config = config
         # The caller's code (clock, eviction policy) running inside an operation: a call
         # back into this manager then is refused (``_reentered``), never applied.
@@ -347,11 +348,12 @@ class KVCacheManager:
             raise _reentered("schedule_prefill")
         seq = self._live.get(request_id)
         if type(num_tokens) is not int or num_tokens < 1:
-            raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
+            raise ValueError(f"num_tokens must be an int >= 1, got {shown(num_tokens)}")
         remaining = len(seq.tokens) - seq.num_scheduled_tokens
         if num_tokens > remaining:
             raise ValueError(
-                f"{request_id!r} has {remaining} unscheduled prompt tokens, asked {num_tokens}")
+                f"{shown(request_id)} has {remaining} unscheduled prompt tokens, asked "
+                f"{num_tokens}")
         num_scheduled = seq.num_scheduled_tokens + num_tokens
         need = cdiv(num_scheduled, self._tpb) - len(seq.block_table)
         if need > 0:
@@ -370,7 +372,7 @@ class KVCacheManager:
         """New GPU blocks ``append_tokens`` would need for ``num_tokens`` more tokens. Pure."""
         seq = self._live.get(request_id)
         if type(num_tokens) is not int or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+            raise ValueError(f"num_tokens must be an int >= 0, got {shown(num_tokens)}")
         return max(0, cdiv(len(seq.tokens) + num_tokens, self._tpb) - len(seq.block_table))
 
     def append_tokens(self, request_id: str, tokens: Sequence[int]) -> list[int] | None:
@@ -379,7 +381,7 @@ class KVCacheManager:
         if self._caller_code.depth:
             raise _reentered("append_tokens")
         seq = self._live.get(request_id)
-        token_ids = token_list(tokens, f"tokens appended to {request_id!r}")
+        token_ids = token_list(tokens, f"tokens appended to {shown(request_id)}")
         seq.check_prefilled()
         return self._append(seq, token_ids)
 
@@ -404,7 +406,7 @@ class KVCacheManager:
             raise _reentered("reserve_lookahead")
         seq = self._live.get(request_id)
         if type(num_tokens) is not int or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+            raise ValueError(f"num_tokens must be an int >= 0, got {shown(num_tokens)}")
         seq.check_prefilled()
         end = len(seq.tokens) + num_tokens
         new = self._grow_table(seq, end)
@@ -525,7 +527,7 @@ class KVCacheManager:
             raise _reentered("import_blocks")
         token_ids = token_list(tokens, "tokens")
         if type(num_blocks) is not int or num_blocks < 0:
-            raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
+            raise ValueError(f"num_blocks must be an int >= 0, got {shown(num_blocks)}")
         check_key("salt", salt)
         check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "import_blocks")
@@ -570,7 +572,7 @@ class KVCacheManager:
             raise _reentered("remove_sequence")
         seq = self._live.get(request_id)
         if type(store_for_reuse) is not bool:
-            raise ValueError(f"store_for_reuse must be a bool, got {store_for_reuse!r}")
+            raise ValueError(f"store_for_reuse must be a bool, got {shown(store_for_reuse)}")
         self._version += 1
         if store_for_reuse:
             # Inside a step, what this request scheduled in the step is not computed yet.
@@ -634,11 +636,11 @@ class KVCacheManager:
             raise _reentered("compute_failed")
         if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, Iterable):
             raise TypeError(f"request_ids must be an iterable of request ids, got "
-                            f"{request_ids!r}")
+                            f"{shown(request_ids)}")
         ids = list(request_ids)
         for rid in ids:
             if type(rid) is not str:
-                raise TypeError(f"request id {rid!r} is not a str")
+                raise TypeError(f"request id {shown(rid)} is not a str")
             self._live.get(rid)  # KeyError naming it
         if self._live.in_step:
             raise RuntimeError("compute_failed() is for the step ended, not one in progress")

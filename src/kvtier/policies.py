@@ -41,6 +41,7 @@ from kvtier.eviction import (
 )
 from kvtier.pool import Key
 from kvtier.radix import Node
+from kvtier.reprs import shown
 from kvtier.witness import LruWitness
 
 
@@ -708,6 +709,6 @@ def get_policy(name: str) -> EvictionPolicy:
         factory = POLICIES[name]
     except KeyError:
         raise ValueError(
-            f"eviction_policy must be one of {sorted(POLICIES)}, got {name!r}"
+            f"eviction_policy must be one of {sorted(POLICIES)}, got {shown(name)}"
         ) from None
     return factory()

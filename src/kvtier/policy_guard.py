@@ -37,6 +37,7 @@ from kvtier.config import CacheConfig
 from kvtier.eviction import EvictionPolicy, effective_priority
 from kvtier.pool import Key
 from kvtier.radix import Node
+from kvtier.reprs import shown
 from kvtier.witness import LruWitness
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _real(x: object, method: str) -> float:
         f = float(x)
         if f == f:
             return f
-    raise PolicyFault(f"{method} returned {x!r} where a real number (not NaN) belongs")
+    raise PolicyFault(f"{method} returned {shown(x)} where a real number (not NaN) belongs")
 
 
 def _checked_key(key: object, min_fields: int, method: str) -> Key:
@@ -107,14 +108,14 @@ def _checked_key(key: object, min_fields: int, method: str) -> Key:
     tuple of ints and floats (the heaps compare nothing of the policy's) behind a 0, which
     sorts it before every fallback key. Raises PolicyFault."""
     if not isinstance(key, tuple) or len(key) < min_fields:
-        raise PolicyFault(f"{method} returned {key!r}, not a tuple of at least {min_fields} "
+        raise PolicyFault(f"{method} returned {shown(key)}, not a tuple of at least {min_fields} "
                           f"real numbers")
     fields: list[float] = [0]
     try:
         for x in key:
             fields.append(_real(x, method))
     except PolicyFault:
-        raise PolicyFault(f"{method} returned {key!r}, not a tuple of real numbers "
+        raise PolicyFault(f"{method} returned {shown(key)}, not a tuple of real numbers "
                           f"(none NaN)") from None
     return tuple(fields)
 
@@ -140,13 +141,13 @@ class PolicyGuard:
         self.inner = policy
         name = _static(policy, "name")
         if not isinstance(name, str):
-            raise ValueError(f"policy.name must be a str, got {name!r}")
+            raise ValueError(f"policy.name must be a str, got {shown(name)}")
         ranks = _static(policy, "ranks_soft_claims")
         if not isinstance(ranks, bool):
-            raise ValueError(f"policy.ranks_soft_claims must be a bool, got {ranks!r}")
+            raise ValueError(f"policy.ranks_soft_claims must be a bool, got {shown(ranks)}")
         nq = _static(policy, "num_queue_fields")
         if isinstance(nq, bool) or not isinstance(nq, int) or nq < 0:
-            raise ValueError(f"policy.num_queue_fields must be an int >= 0, got {nq!r}")
+            raise ValueError(f"policy.num_queue_fields must be an int >= 0, got {shown(nq)}")
         self.name: str = name
         self.ranks_soft_claims: bool = ranks
         # Every key behind a 0 (the inner's) or a 1 (the fallback's): one queue field more.
@@ -238,7 +239,7 @@ class PolicyGuard:
             learner.bind(config)
             witness = learner.witness
             if witness is not None and not isinstance(witness, LruWitness):
-                raise PolicyFault(f"witness is {witness!r}, not an LruWitness or None")
+                raise PolicyFault(f"witness is {shown(witness)}, not an LruWitness or None")
         except Exception as exc:
             self._fault("bind", exc)
             return
@@ -253,7 +254,7 @@ class PolicyGuard:
                 cls = self.inner.reuse_class(node, turn, role)  # type: ignore[attr-defined]
                 if isinstance(cls, Integral) and not isinstance(cls, bool):
                     return int(cls)
-                raise PolicyFault(f"reuse_class returned {cls!r}, not an int")
+                raise PolicyFault(f"reuse_class returned {shown(cls)}, not an int")
             except Exception as exc:
                 self._fault("reuse_class", exc)
             finally:
@@ -294,7 +295,7 @@ class PolicyGuard:
                         and all(isinstance(x, Integral) and not isinstance(x, bool)
                                 for x in found) and found[1] >= 1):
                     return int(found[0]), int(found[1])
-                raise PolicyFault(f"recall returned {found!r}, not None or (uid, blocks >= 1)")
+                raise PolicyFault(f"recall returned {shown(found)}, not None or (uid, blocks >= 1)")
             except Exception as exc:
                 self._fault("recall", exc)
             finally:

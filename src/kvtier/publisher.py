@@ -41,6 +41,7 @@ from kvtier.event_codec import (
 )
 from kvtier.events import Event
 from kvtier.manager import KVCacheManager
+from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 
 __all__ = [
@@ -517,8 +518,8 @@ class RedisStreamSubscriber:
             try:
                 snapshot = decode_snapshot(raw)
                 if snapshot.instance_id != instance_id:
-                    raise ValueError(f"snapshot of {snapshot.instance_id!r} under the key of "
-                                     f"{instance_id!r}")
+                    raise ValueError(f"snapshot of {shown(snapshot.instance_id)} under the key of "
+                                     f"{shown(instance_id)}")
             except ValueError:
                 self.num_malformed_snapshots += 1
                 continue

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from kvtier.cache import BlockCache
 from kvtier.live import LiveTable
 from kvtier.radix import Node, path_to_root
+from kvtier.reprs import shown
 from kvtier.sequence import LiveSequence
 from kvtier.tier import Tier
 from kvtier.transfer.plan import PlanColumns, TransferPlan
@@ -31,19 +32,19 @@ def check_failed_indices(plan: object, failed_indices: object) -> list[int]:
     """``failed_indices`` as a list of indices into ``plan``'s ops; TypeError or ValueError
     naming what is wrong otherwise."""
     if not isinstance(plan, TransferPlan):
-        raise TypeError(f"plan must be a TransferPlan, got {plan!r}")
+        raise TypeError(f"plan must be a TransferPlan, got {shown(plan)}")
     if isinstance(failed_indices, (str, bytes)) or not isinstance(failed_indices, Iterable):
         raise TypeError(f"failed_indices must be an iterable of op indices, got "
-                        f"{failed_indices!r}")
+                        f"{shown(failed_indices)}")
     failed = list(failed_indices)
     for i, index in enumerate(failed):
         if type(index) is not int:
             # NOTE: a NumPy or torch integer, or a bool, was refused as "not an index into
             # the plan's N ops" though it lay in range: the message named the wrong fault.
-            raise ValueError(f"failed_indices[{i}] is {index!r}, a {type(index).__name__}, "
+            raise ValueError(f"failed_indices[{i}] is {shown(index)}, a {type(index).__name__}, "
                              f"not an int")
         if not 0 <= index < len(plan.ops):
-            raise ValueError(f"failed op index {index!r} is not an index into the plan's "
+            raise ValueError(f"failed op index {shown(index)} is not an index into the plan's "
                              f"{len(plan.ops)} ops")
     return failed
 

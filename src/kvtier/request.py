@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvtier.config import check_priority
+from kvtier.reprs import shown
 from kvtier.sequence import (
     MultimodalItem,
     check_key,
@@ -91,15 +92,16 @@ def check_request(req: Request) -> tuple[list[int], list[int], tuple[MultimodalI
     multimodal items as a tuple. Pure."""
     rid = req.request_id
     if type(rid) is not str or not rid:
-        raise ValueError(f"request_id must be a non-empty str, got {rid!r}")
-    what = f"request {rid!r}"
+        raise ValueError(f"request_id must be a non-empty str, got {shown(rid)}")
+    what = f"request {shown(rid)}"
     prompt = check_token_ids(req.prompt, f"prompt of {what}")
     output = check_token_ids(req.output, f"output of {what}", allow_empty=True)
     n = req.max_output_tokens
     if type(n) is not int or n < 1:
-        raise ValueError(f"max_output_tokens of {rid!r} must be an integer >= 1, got {n!r}")
+        raise ValueError(f"max_output_tokens of {shown(rid)} must be an integer >= 1, got "
+                         f"{shown(n)}")
     if not is_finite_number(req.arrival_s):
-        raise ValueError(f"arrival_s of {what} must be a finite number, got {req.arrival_s!r}")
+        raise ValueError(f"arrival_s of {what} must be a finite number, got {shown(req.arrival_s)}")
     check_key(f"salt of {what}", req.salt)
     check_lora_id(req.lora_id, f"lora_id of {what}")
     if req.priority is not None:
@@ -114,5 +116,5 @@ def check_request(req: Request) -> tuple[list[int], list[int], tuple[MultimodalI
     for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
         value = getattr(req, name)
         if type(value) is not int or value < 0:
-            raise ValueError(f"{name} of {what} must be an integer >= 0, got {value!r}")
+            raise ValueError(f"{name} of {what} must be an integer >= 0, got {shown(value)}")
     return prompt, output, mm_items

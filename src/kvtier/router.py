@@ -24,6 +24,7 @@ from typing import NamedTuple, Protocol
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update, check_batch
+from kvtier.reprs import shown
 from kvtier.sequence import MultimodalItem, block_extras, checked_prompt, short_repr
 from kvtier.tier import Tier
 
@@ -255,10 +256,10 @@ class CacheAware:
             if (not isinstance(value, int | float) or isinstance(value, bool)
                     or not low <= value <= high):
                 raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got "
-                                 f"{value!r}")
+                                 f"{shown(value)}")
         if type(self.load_slack) is not int or not 0 <= self.load_slack <= 1 << 31:
             raise ValueError(f"load_slack must be an integer in [0, 2**31], got "
-                             f"{self.load_slack!r}")
+                             f"{shown(self.load_slack)}")
 
     def bound(self, loads: Sequence[InstanceLoad]) -> float:
         """The largest queue depth an eligible instance may have. Pure."""
@@ -331,7 +332,7 @@ class Router:
                  hash_algo: str = "xxh3_128", index: PrefixIndex | None = None) -> None:
         if type(tokens_per_block) is not int or tokens_per_block < 1:
             raise ValueError(f"tokens_per_block must be an integer >= 1, got "
-                             f"{tokens_per_block!r}")
+                             f"{shown(tokens_per_block)}")
         if not callable(getattr(policy, "choose", None)):
             raise TypeError(f"policy must be a RoutingPolicy (with a choose method), got "
                             f"{short_repr(policy)}")
@@ -417,7 +418,7 @@ def check_loads(loads: Iterable[InstanceLoad]) -> list[InstanceLoad]:
                 raise ValueError(f"loads[{i}].{name} must be at most {MAX_LOAD_COUNT}, got "
                                  f"{short_repr(getattr(x, name))}")
         if x.instance_id in seen:
-            raise ValueError(f"loads[{i}]: instance {x.instance_id!r} is listed twice")
+            raise ValueError(f"loads[{i}]: instance {shown(x.instance_id)} is listed twice")
         seen.add(x.instance_id)
     return loads
 
@@ -433,4 +434,4 @@ def make_policy(name: str, alpha: float = 1.0) -> RoutingPolicy:
         return RoundRobin()
     if name == "least-loaded":
         return LeastLoaded()
-    raise ValueError(f"router must be one of {POLICIES}, got {name!r}")
+    raise ValueError(f"router must be one of {POLICIES}, got {shown(name)}")

@@ -27,6 +27,7 @@ from typing import ClassVar, NoReturn, cast
 from kvtier.admission import PrefixMatch
 from kvtier.blocks import cdiv
 from kvtier.manager import KVCacheManager
+from kvtier.reprs import shown
 from kvtier.request import Request, check_request
 from kvtier.scheduled_step import Admitted, Candidate, ContextChunk, ScheduledStep, StepPhases
 from kvtier.scheduler_config import (
@@ -99,8 +100,8 @@ class Scheduler:
             raise TypeError(f"config must be a SchedulerConfig or None, got "
                             f"{type(config).__name__}")
         if config.admission != self.ADMISSION:
-            raise ValueError(f"{type(self).__name__} admits by {self.ADMISSION!r}, got "
-                             f"admission={config.admission!r} (probe admission is "
+            raise ValueError(f"{type(self).__name__} admits by {shown(self.ADMISSION)}, got "
+                             f"admission={shown(config.admission)} (probe admission is "
                              "kvtier.sim.probe.ProbeScheduler)")
         self._manager = manager
         self._config = config
@@ -252,27 +253,27 @@ class Scheduler:
         prompt, output, mm_items = check_request(req)
         rid = req.request_id
         if len(output) >= req.max_output_tokens:
-            raise ValueError(f"request {rid!r} already holds {len(output)} output tokens, its "
+            raise ValueError(f"request {shown(rid)} already holds {len(output)} output tokens, its "
                              f"max_output_tokens is {req.max_output_tokens}: nothing to "
                              f"generate (a finished request queued again?)")
         if rid in self.running or rid in self._specs:
-            raise ValueError(f"request_id {rid!r} is already queued or running")
+            raise ValueError(f"request_id {shown(rid)} is already queued or running")
         if self.manager.has_sequence(rid):
             # Queued, its admission would raise at every step: no request admitted again.
-            raise ValueError(f"request_id {rid!r} is live in the manager (admitted there "
+            raise ValueError(f"request_id {shown(rid)} is live in the manager (admitted there "
                              "directly); remove it first")
         total = len(prompt) + req.max_output_tokens
         blocks = cdiv(total, self._tpb)
         capacity = self.manager.config.num_gpu_blocks
         if blocks > capacity:
-            raise ValueError(f"request {rid!r} needs {blocks} blocks for {total} tokens, "
+            raise ValueError(f"request {shown(rid)} needs {blocks} blocks for {total} tokens, "
                              f"num_gpu_blocks is {capacity}")
         budget = self.config.max_num_tokens
         if not self.config.enable_chunked_prefill and len(prompt) > budget:
             # No step could ever prefill it whole (a cached prefix is not promised), and
             # once it has waited max_wait_steps nothing behind it is admitted either: every
             # request would wait for ever. vLLM refuses this shape at its config.
-            raise ValueError(f"request {rid!r} has {len(prompt)} prompt tokens but "
+            raise ValueError(f"request {shown(rid)} has {len(prompt)} prompt tokens but "
                              f"max_num_tokens is {budget} and chunked prefill is off")
         # Private copies: the caller's lists may change.
         req.prompt, req.output, req.mm_items = prompt, output, mm_items
@@ -290,7 +291,7 @@ class Scheduler:
         if type(request_id) is not str:
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         if self._unapplied is not None:
-            raise RuntimeError(f"abort({request_id!r}) between step() and update(): apply "
+            raise RuntimeError(f"abort({shown(request_id)}) between step() and update(): apply "
                                "the step first")
         req = self.running.get(request_id)
         if req is not None:
@@ -512,7 +513,7 @@ class Scheduler:
         max_utilization; guaranteed_no_evict reserved every block it could need) and
         return its id."""
         assert self.config.capacity_policy == "max_utilization", (
-            f"{request_id!r} ran out of reserved blocks")
+            f"{shown(request_id)} ran out of reserved blocks")
         victim = next(reversed(self.running.values()))
         self._preempt(victim)
         return victim.request_id
@@ -706,8 +707,8 @@ class Scheduler:
             # NOTE: applied, the step appended their tokens, then removing a finished one
             # raised KeyError halfway (the step never marked applied: the scheduler stuck).
             raise RuntimeError(
-                f"update(): the manager no longer holds {lost!r} (transfer_failed or "
-                f"compute_failed aborted them): call requeue_failed(step, {lost!r}) first and "
+                f"update(): the manager no longer holds {shown(lost)} (transfer_failed or "
+                f"compute_failed aborted them): call requeue_failed(step, {shown(lost)}) first and "
                 "update the step it returns")
         if not isinstance(sampled, Mapping):
             raise TypeError(f"sampled must be a mapping of request id to token, got "
@@ -750,7 +751,7 @@ class Scheduler:
         if not (set(map(type, tokens)) <= _INT_TYPE
                 and (not ints or (min(ints) >= 0 and max(ints) <= MAX_TOKEN_ID))):
             for rid, token in zip(samplers, tokens, strict=True):
-                check_token(token, f"sampled token of {rid!r}")
+                check_token(token, f"sampled token of {shown(rid)}")
         # The decoders' tokens come first in ``ints``, the completed prefills' after them.
         firsts = dict(zip(samplers[len(decoding):], ints[len(decoding):], strict=True))
         finished = self._advance_chunks(step, stopped, lambda rid: [firsts[rid]])
@@ -782,9 +783,9 @@ class Scheduler:
             tokens = [value] if type(value) is int else value
             if not isinstance(tokens, (list, tuple)) or not 1 <= len(tokens) <= most:
                 raise ValueError(
-                    f"sampled tokens of {rid!r} must be a token or a list of 1..{most} "
-                    f"(accepted drafts, then the token sampled after them), got {value!r:.60}")
-            new[rid] = [check_token(t, f"sampled token of {rid!r}") for t in tokens]
+                    f"sampled tokens of {shown(rid)} must be a token or a list of 1..{most} "
+                    f"(accepted drafts, then the token sampled after them), got {shown(value):.60}")
+            new[rid] = [check_token(t, f"sampled token of {shown(rid)}") for t in tokens]
         # A completed prefill's one token is unappended, as a request absent from
         # ``_num_unappended`` is taken to have (its entry left at its admission).
         finished = self._advance_chunks(step, stopped, new.__getitem__)
@@ -832,7 +833,7 @@ class Scheduler:
         for req in requeued:
             if self.manager.has_sequence(req.request_id):
                 # Queued while the manager still holds it, it could never be admitted again.
-                raise ValueError(f"request {req.request_id!r} is still live in the manager: "
+                raise ValueError(f"request {shown(req.request_id)} is still live in the manager: "
                                  "requeue only what transfer_failed aborted")
         # NOTE: the count is not taken here: a request the caller left out of
         # ``request_ids`` that the manager dropped too is still found by ``update``.

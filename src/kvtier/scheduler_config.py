@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from kvtier.reprs import shown
+
 CapacityPolicy = Literal["guaranteed_no_evict", "max_utilization"]
 AdmissionMode = Literal["claim", "probe"]
 CAPACITY_POLICIES: tuple[CapacityPolicy, ...] = get_args(CapacityPolicy)
@@ -45,19 +47,19 @@ class SchedulerConfig:
         k = self.num_speculative_tokens
         if type(k) is not int or not 0 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens must be an integer in 0.."
-                             f"{MAX_SPECULATIVE_TOKENS}, got {k!r}")
+                             f"{MAX_SPECULATIVE_TOKENS}, got {shown(k)}")
         for name in ("max_num_tokens", "max_batch_size", "max_wait_steps"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"{name} must be an integer >= 1, got {shown(value)}")
         cap = self.max_chunk_tokens
         if cap is not None and (type(cap) is not int or cap < 1):
-            raise ValueError(f"max_chunk_tokens must be an integer >= 1 or None, got {cap!r}")
+            raise ValueError(f"max_chunk_tokens must be an integer >= 1 or None, got {shown(cap)}")
         if self.capacity_policy not in CAPACITY_POLICIES:
             raise ValueError(f"capacity_policy must be one of {CAPACITY_POLICIES}, "
-                             f"got {self.capacity_policy!r}")
+                             f"got {shown(self.capacity_policy)}")
         if self.admission not in ADMISSIONS:
-            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {shown(self.admission)}")
         if type(self.enable_chunked_prefill) is not bool:
             raise ValueError(
-                f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
+                f"enable_chunked_prefill must be a bool, got {shown(self.enable_chunked_prefill)}")

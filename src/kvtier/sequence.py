@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NoReturn, overload
 from kvtier.blocks import cdiv
 from kvtier.config import check_priority
 from kvtier.radix import Node, Root
+from kvtier.reprs import shown
 from kvtier.slots import SLOT_TYPECODE, slot_array
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class TokenIds(Sequence[int]):
         return hash(tuple(self._ids))  # it never changes, so it may be hashed like a tuple
 
     def __repr__(self) -> str:
-        return f"TokenIds({self._ids.tolist()!r})"
+        return f"TokenIds({shown(self._ids.tolist())})"
 
     def __reduce__(self) -> tuple[type[TokenIds], tuple[array[int]]]:
         return (TokenIds, (self._ids,))  # validated again when unpickled
@@ -111,9 +112,9 @@ class MultimodalItem:
 
     def __post_init__(self) -> None:
         if type(self.offset) is not int or self.offset < 0:
-            raise ValueError(f"MultimodalItem.offset must be an int >= 0, got {self.offset!r}")
+            raise ValueError(f"MultimodalItem.offset must be an int >= 0, got {shown(self.offset)}")
         if type(self.length) is not int or self.length < 1:
-            raise ValueError(f"MultimodalItem.length must be an int >= 1, got {self.length!r}")
+            raise ValueError(f"MultimodalItem.length must be an int >= 1, got {shown(self.length)}")
         check_key("MultimodalItem.content_hash", self.content_hash, allow_none=False)
 
 
@@ -159,7 +160,7 @@ class SequenceSpec:
 
     def __post_init__(self) -> None:
         if type(self.request_id) is not str or not self.request_id:
-            raise ValueError(f"request_id must be a non-empty str, got {self.request_id!r}")
+            raise ValueError(f"request_id must be a non-empty str, got {shown(self.request_id)}")
         tokens = self.tokens
         if type(tokens) is TokenIds:  # validated, and never changes: shared
             ids = tokens._ids
@@ -168,7 +169,7 @@ class SequenceSpec:
             # message (an f-string) is built only for the other cases.
             packed = token_array(tokens) if type(tokens) is list and tokens else None
             if packed is None:
-                what = f"tokens of {self.request_id!r}"
+                what = f"tokens of {shown(self.request_id)}"
                 packed = checked_token_array(as_token_sequence(tokens, what), what)
             ids = packed
             tokens = TokenIds.of_array(ids)
@@ -187,13 +188,14 @@ class SequenceSpec:
         if self.retention_s is not None:
             setattr_(self, "retention_s", check_retention(self.retention_s))
         if self.retention is not None:
-            check_retention_type(self.retention, f"retention of {self.request_id!r}",
+            check_retention_type(self.retention, f"retention of {shown(self.request_id)}",
                                  len(ids))
         if type(self.mm_items) is not tuple or self.mm_items:
             setattr_(self, "mm_items",
                      check_mm_items(self.mm_items, len(ids), self.request_id))
         if type(self.skip_reading_prefix_cache) is not bool:
-            raise ValueError(f"skip_reading_prefix_cache of {self.request_id!r} must be a bool, "
+            raise ValueError(f"skip_reading_prefix_cache of {shown(self.request_id)} must be a "
+                             f"bool, "
                              f"got {short_repr(self.skip_reading_prefix_cache)}")
         if (self.num_new_tokens is not None or type(self.num_reserved_blocks) is not int
                 or self.num_reserved_blocks):
@@ -217,10 +219,10 @@ _SPEC_FIELDS = tuple(f.name for f in fields(SequenceSpec))
 def _check_schedule(num_new_tokens: int | None, num_reserved_blocks: int) -> None:
     n = num_new_tokens
     if n is not None and (type(n) is not int or n < 1):
-        raise ValueError(f"num_new_tokens must be an int >= 1 or None, got {n!r}")
+        raise ValueError(f"num_new_tokens must be an int >= 1 or None, got {shown(n)}")
     r = num_reserved_blocks
     if type(r) is not int or r < 0:
-        raise ValueError(f"num_reserved_blocks must be an int >= 0, got {r!r}")
+        raise ValueError(f"num_reserved_blocks must be an int >= 0, got {shown(r)}")
 
 
 def token_list(tokens: object, what: str) -> list[int]:
@@ -444,7 +446,7 @@ def check_mm_items(items: object, num_tokens: int, request_id: str) -> tuple[Mul
         if item.offset + item.length > num_tokens:
             raise ValueError(
                 f"MultimodalItem at offset {item.offset} with length {item.length} runs past "
-                f"the {num_tokens} tokens of {request_id!r}")
+                f"the {num_tokens} tokens of {shown(request_id)}")
     return items
 
 
@@ -572,7 +574,8 @@ class LiveSequence:
         """Raise ValueError unless every prompt token is scheduled (decoding may start)."""
         if self.num_scheduled_tokens < len(self.tokens):
             raise ValueError(
-                f"{self.request_id!r} still has {len(self.tokens) - self.num_scheduled_tokens} "
+                f"{shown(self.request_id)} still has "
+                f"{len(self.tokens) - self.num_scheduled_tokens} "
                 "unscheduled prompt tokens; append only after its prefill")
 
     def grow_tokens(self, tokens: list[int]) -> None:

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from kvtier.reprs import shown
+
 if TYPE_CHECKING:
     import torch
 
@@ -36,7 +38,7 @@ LAYOUTS = ("block_major", "layer_major")
 
 def _check_positive(field: str, value: object) -> None:
     if type(value) is not int or value < 1:
-        raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"{field} must be an integer >= 1, got {shown(value)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +58,12 @@ class KVLayout:
         for name in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block", "tp_size"):
             _check_positive(name, getattr(self, name))
         if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {shown(self.dtype)}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {shown(self.layout)}")
         if type(self.tp_rank) is not int or not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank must be an integer in 0..{self.tp_size - 1} "
-                             f"(tp_size {self.tp_size}), got {self.tp_rank!r}")
+                             f"(tp_size {self.tp_size}), got {shown(self.tp_rank)}")
         if self.num_kv_heads % self.tp_size:
             raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must split evenly over "
                              f"tp_size ({self.tp_size}) ranks")
@@ -97,7 +99,7 @@ class KVLayout:
     def num_blocks_for_bytes(self, nbytes: int) -> int:
         """How many whole blocks fit in ``nbytes``. Pure."""
         if type(nbytes) is not int or nbytes < 0:
-            raise ValueError(f"nbytes must be an integer >= 0, got {nbytes!r}")
+            raise ValueError(f"nbytes must be an integer >= 0, got {shown(nbytes)}")
         return nbytes // self.bytes_per_block
 
     def torch_dtype(self) -> torch.dtype:
@@ -207,7 +209,7 @@ class KVStorage:
         import torch
 
         if type(slot) is not int or not 0 <= slot < self.num_blocks:
-            raise ValueError(f"slot must be an int in 0..{self.num_blocks - 1}, got {slot!r}")
+            raise ValueError(f"slot must be an int in 0..{self.num_blocks - 1}, got {shown(slot)}")
 
         return torch.stack([self.layer(i)[slot] for i in range(self.layout.num_layers)])
 
@@ -232,12 +234,13 @@ def num_gpu_blocks(
     (``torch.cuda.mem_get_info``). Exactly one of the two must be given."""
     if (gpu_cache_bytes is None) == (free_memory_fraction is None):
         raise ValueError("give exactly one of gpu_cache_bytes and free_memory_fraction, got "
-                         f"{gpu_cache_bytes!r} and {free_memory_fraction!r}")
+                         f"{shown(gpu_cache_bytes)} and {shown(free_memory_fraction)}")
     if gpu_cache_bytes is not None:
         return layout.num_blocks_for_bytes(gpu_cache_bytes)
     assert free_memory_fraction is not None
     if not 0.0 < free_memory_fraction <= 1.0:
-        raise ValueError(f"free_memory_fraction must be in (0, 1], got {free_memory_fraction!r}")
+        raise ValueError(f"free_memory_fraction must be in (0, 1], got "
+                         f"{shown(free_memory_fraction)}")
     import torch
 
     free_bytes, _ = torch.cuda.mem_get_info(device)

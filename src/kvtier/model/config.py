@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.reprs import shown
 from kvtier.sequence import is_finite_number, short_repr
 from kvtier.storage import DTYPE_BYTES, KVLayout
 
@@ -31,7 +32,7 @@ class RopeScaling:
         n = self.original_max_position_embeddings
         if type(n) is not int or n < 1:
             raise ValueError("rope_scaling.original_max_position_embeddings must be an integer "
-                             f">= 1, got {n!r}")
+                             f">= 1, got {shown(n)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +69,15 @@ class ModelConfig:
                      "head_dim", "ffn_dim"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"{name} must be an integer >= 1, got {shown(value)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
-                             f"num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(f"num_heads ({shown(self.num_heads)}) must be a multiple of "
+                             f"num_kv_heads ({shown(self.num_kv_heads)})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got "
+                             f"{shown(self.head_dim)}")
         if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {shown(self.dtype)}")
         for name in ("rope_theta", "norm_eps"):
             # NOTE: finite floats: a str raised TypeError ('>' not supported), and inf or an
             # int past the float range made RoPE or the norms silently degenerate.
@@ -83,17 +85,17 @@ class ModelConfig:
             if not is_finite_number(value) or not value > 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {short_repr(value)}")
         if type(self.seed) is not int:
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer, got {shown(self.seed)}")
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             if type(getattr(self, name)) is not bool:
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a bool, got {shown(getattr(self, name))}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"rope_scaling must be a RopeScaling or None, "
-                             f"got {self.rope_scaling!r}")
+                             f"got {shown(self.rope_scaling)}")
         n = self.max_position_embeddings
         if n is not None and (type(n) is not int or n < 1):
             raise ValueError(f"max_position_embeddings must be an integer >= 1 or None, "
-                             f"got {n!r}")
+                             f"got {shown(n)}")
 
     def kv_layout(self, tokens_per_block: int, layout: str = "block_major") -> KVLayout:
         """The KV block shape this model reads and writes. Pure."""

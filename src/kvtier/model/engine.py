@@ -36,6 +36,7 @@ from kvtier.manager import KVCacheManager
 from kvtier.model.llama import LlamaModel
 from kvtier.model.sampling import Sampler
 from kvtier.remote.tier import RemoteTier
+from kvtier.reprs import shown
 from kvtier.request import check_request
 from kvtier.scheduler import Request, ScheduledStep, Scheduler
 from kvtier.sequence import MultimodalItem
@@ -143,7 +144,7 @@ class ModelEngine(Wired):
                  remote: RemoteTier | None = None, max_forward_faults: int = 3) -> None:
         if type(max_forward_faults) is not int or max_forward_faults < 1:
             raise ValueError(f"max_forward_faults must be an int >= 1, got "
-                             f"{max_forward_faults!r}")
+                             f"{shown(max_forward_faults)}")
         self.max_forward_faults = max_forward_faults
         if scheduler.manager is not manager:
             raise ValueError("scheduler must run on the given manager")
@@ -261,7 +262,7 @@ class ModelEngine(Wired):
         scheduler = self.scheduler
         if request_id in scheduler.running or any(
                 r.request_id == request_id for r in scheduler.waiting):
-            raise RuntimeError(f"request {request_id!r} is queued on this engine's scheduler "
+            raise RuntimeError(f"request {shown(request_id)} is queued on this engine's scheduler "
                                "but was not added through this engine (ModelEngine."
                                "add_request): another engine's, or Scheduler.add_request's; "
                                "abort it there")
@@ -298,7 +299,7 @@ class ModelEngine(Wired):
         for name, tokens in (("prompt", prompt), ("output", output)):
             if tokens and max(tokens) >= vocab_size:
                 bad = next(i for i, t in enumerate(tokens) if t >= vocab_size)
-                raise ValueError(f"{name} of request {request_id!r}: token id {tokens[bad]} "
+                raise ValueError(f"{name} of request {shown(request_id)}: token id {tokens[bad]} "
                                  f"at index {bad} is past the model's vocabulary of "
                                  f"{vocab_size}")
 
@@ -500,7 +501,7 @@ class ModelEngine(Wired):
             try:
                 token = self._samplers[rid].sample(logits)
                 if isinstance(token, bool) or not isinstance(token, int | torch.Tensor):
-                    raise TypeError(f"sample returned {token!r}, not an int")
+                    raise TypeError(f"sample returned {shown(token)}, not an int")
                 token = int(token)
                 if not 0 <= token < vocab_size:
                     raise ValueError(f"sample returned {token}, outside the vocabulary of "
@@ -607,7 +608,7 @@ class ModelEngine(Wired):
         raises RuntimeError after ``max_steps`` (ValueError, running nothing, unless it is an
         int >= 0)."""
         if type(max_steps) is not int or max_steps < 0:
-            raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
+            raise ValueError(f"max_steps must be an int >= 0, got {shown(max_steps)}")
         # NOTE: one check more than steps: what the last step finished is done, not
         # "unfinished after max_steps steps".
         for num_steps in range(max_steps + 1):

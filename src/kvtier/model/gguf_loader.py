@@ -24,6 +24,7 @@ import torch
 from kvtier.model.checkpoint import CheckpointError, TensorEntry, build_model
 from kvtier.model.config import ModelConfig
 from kvtier.model.llama import LlamaModel
+from kvtier.reprs import shown
 from kvtier.sequence import first_line
 
 # Architectures whose GGUF tensors map onto this model, and whether Q/K rows are permuted.
@@ -83,7 +84,7 @@ def gguf_int(reader: Any, key: str, origin: str) -> int | None:
     if value is None:
         return None
     if type(value) is not int:
-        raise CheckpointError(f"{origin}: {key} must be an integer, got {value!r:.60}")
+        raise CheckpointError(f"{origin}: {key} must be an integer, got {shown(value):.60}")
     return value
 
 
@@ -94,7 +95,7 @@ def gguf_number(reader: Any, key: str, origin: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CheckpointError(f"{origin}: {key} must be a number, got {value!r:.60}")
+        raise CheckpointError(f"{origin}: {key} must be a number, got {shown(value):.60}")
     return float(value)
 
 
@@ -113,7 +114,7 @@ def config_from_gguf(reader: Any, origin: str, dtype: str = "float32") -> ModelC
     if one is missing or unsupported."""
     arch = gguf_field(reader, "general.architecture", origin)
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise CheckpointError(f"{origin} holds a {arch!r:.60} model; kvtier reads "
+        raise CheckpointError(f"{origin} holds a {shown(arch):.60} model; kvtier reads "
                               f"{sorted(ARCHITECTURES)}")
 
     # NOTE: every number is checked for its type here: int() of an array was a TypeError,
@@ -130,7 +131,7 @@ def config_from_gguf(reader: Any, origin: str, dtype: str = "float32") -> ModelC
 
     scaling = gguf_field(reader, f"{arch}.rope.scaling.type", origin)
     if scaling not in (None, "none"):
-        raise CheckpointError(f"{origin}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) "
+        raise CheckpointError(f"{origin}: RoPE scaling {shown(scaling)} ({arch}.rope.scaling.type) "
                               "is not supported")
     names = {t.name for t in reader.tensors}
     dim, heads = need("embedding_length"), need("attention.head_count")

@@ -29,6 +29,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from kvtier.blocks import cdiv
 from kvtier.model.config import ModelConfig
+from kvtier.reprs import shown
 from kvtier.sequence import first_line
 from kvtier.storage import KVStorage
 
@@ -97,7 +98,7 @@ def usable_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
-        raise ValueError(f"device {str(device)[:40]!r} cannot be used here: "
+        raise ValueError(f"device {shown(str(device)[:40])} cannot be used here: "
                          f"{first_line(exc)}") from None
     if dev.type == "meta":
         raise ValueError("device 'meta' holds no data: a model cannot run on it")

@@ -14,6 +14,7 @@ from kvtier import json_text
 from kvtier.model.checkpoint import CheckpointError, TensorEntry, build_model, read_json_object
 from kvtier.model.config import ModelConfig, RopeScaling
 from kvtier.model.llama import LlamaModel
+from kvtier.reprs import shown
 
 # config.json's model_type values whose weights this model computes exactly.
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -27,7 +28,7 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
     CheckpointError naming the key if one is missing or unsupported."""
     model_type = cfg.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{origin}: model_type {model_type!r} is not supported; kvtier "
+        raise CheckpointError(f"{origin}: model_type {shown(model_type)} is not supported; kvtier "
                               f"reads {list(MODEL_TYPES)}")
 
     # NOTE: each value is checked for its type: int() of a list was a TypeError (status 70),
@@ -36,10 +37,10 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
         found = cfg.get(key)
         if found is None:
             if default is _REQUIRED:
-                raise CheckpointError(f"{origin} lacks the key {key!r}")
+                raise CheckpointError(f"{origin} lacks the key {shown(key)}")
             return default
         if isinstance(found, bool) is not (bool in kinds) or not isinstance(found, kinds):
-            raise CheckpointError(f"{origin}: {key} must be {what}, got {found!r:.60}")
+            raise CheckpointError(f"{origin}: {key} must be {what}, got {shown(found):.60}")
         return found
 
     def count(key: str, default: Any = _REQUIRED) -> Any:
@@ -53,21 +54,21 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
         found = rs.get(key)
         if found is None:
             if default is _REQUIRED:
-                raise CheckpointError(f"{origin}: rope_scaling lacks the key {key!r}")
+                raise CheckpointError(f"{origin}: rope_scaling lacks the key {shown(key)}")
             return default
         if isinstance(found, bool) or not isinstance(found, kinds):
             raise CheckpointError(f"{origin}: rope_scaling.{key} must be {what}, got "
-                                  f"{found!r:.60}")
+                                  f"{shown(found):.60}")
         return found
 
     if cfg.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{origin}: hidden_act {cfg['hidden_act']!r:.60} is not "
+        raise CheckpointError(f"{origin}: hidden_act {shown(cfg['hidden_act']):.60} is not "
                               "supported (the MLP is SwiGLU)")
     scaling = None
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
     if rs is not None and not isinstance(rs, dict):
         raise CheckpointError(f"{origin}: rope_scaling must be an object or null, got "
-                              f"{rs!r:.60}")
+                              f"{shown(rs):.60}")
     rope_theta = value("rope_theta", (int, float), "a number", None)
     if isinstance(rs, dict):
         rope_type = rs.get("rope_type", rs.get("type", "default"))
@@ -85,7 +86,7 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
                 raise CheckpointError(f"{origin}: rope_scaling is not a llama3 scaling "
                                       f"({exc})") from None
         elif rope_type != "default":
-            raise CheckpointError(f"{origin}: rope_scaling type {rope_type!r:.60} is not "
+            raise CheckpointError(f"{origin}: rope_scaling type {shown(rope_type):.60} is not "
                                   "supported (default or llama3)")
     dim, heads = count("hidden_size"), count("num_attention_heads")
     attention_bias = flag("attention_bias")
@@ -122,12 +123,12 @@ def _shards(path: Path) -> list[Path]:
         # NOTE: a weight_map of 5 raised AttributeError, a shard name of 5 TypeError (70).
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map must be an object mapping each tensor "
-                                  f"to its shard, got {weight_map!r:.60}")
+                                  f"to its shard, got {shown(weight_map):.60}")
         names = list(weight_map.values())
         for name in names:
             if not isinstance(name, str) or not name or Path(name).name != name:
                 raise CheckpointError(f"{index}: weight_map must map each tensor to the name "
-                                      f"of a shard file in {path}, got {name!r:.60}")
+                                      f"of a shard file in {path}, got {shown(name):.60}")
         return [path / name for name in sorted(set(names))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -155,7 +156,7 @@ def safetensors_tensors(path: Path) -> dict[str, TensorEntry]:
                                   f"({exc})") from None
         for name in names:
             if name in entries:
-                raise CheckpointError(f"tensor {name!r} is in two shards of {path}")
+                raise CheckpointError(f"tensor {shown(name)} is in two shards of {path}")
 
             def load(shard: Path = shard, name: str = name) -> torch.Tensor:
                 with safe_open(str(shard), framework="pt") as f:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.reprs import shown
 from kvtier.sequence import is_finite_number, short_repr
 
 
@@ -32,7 +33,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         n = self.max_new_tokens
         if type(n) is not int or n < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {shown(n)}")
         t = self.temperature
         # NOTE: is_finite_number, not math.isfinite: that raised OverflowError for an int
         # past the float range.
@@ -40,7 +41,7 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {short_repr(t)}")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+            raise ValueError(f"top_p must be a number in (0, 1], got {shown(p)}")
         seed = self.seed
         # The seeds torch's generator takes: past them Sampler() raised torch's 'Overflow
         # when unpacking long long', which names no field.
@@ -50,10 +51,10 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, frozenset) or any(
                 type(i) is not int or i < 0 for i in self.stop_token_ids):
             raise ValueError("stop_token_ids must be a frozenset of integers >= 0, got "
-                             f"{self.stop_token_ids!r}")
+                             f"{shown(self.stop_token_ids)}")
         if not isinstance(self.stop, tuple) or any(
                 not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {shown(self.stop)}")
         for i, s in enumerate(self.stop):
             # NOTE: bytes that are no UTF-8 (a --stop of a terminal in another encoding)
             # arrive as lone surrogates, which no decoded text holds: the stop never

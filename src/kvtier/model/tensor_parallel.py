@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from kvtier.model.llama import LlamaModel
+from kvtier.reprs import shown
 from kvtier.storage import KVLayout
 
 
@@ -44,9 +45,10 @@ class TensorParallelLlama(LlamaModel):
         # fields, so the inherited forward_chunk and full_recompute work on the shard).
         c = full.config
         if type(tp_size) is not int or tp_size < 1:
-            raise ValueError(f"tp_size must be an integer >= 1, got {tp_size!r}")
+            raise ValueError(f"tp_size must be an integer >= 1, got {shown(tp_size)}")
         if type(tp_rank) is not int or not 0 <= tp_rank < tp_size:
-            raise ValueError(f"tp_rank must be an integer in 0..{tp_size - 1}, got {tp_rank!r}")
+            raise ValueError(f"tp_rank must be an integer in 0..{tp_size - 1}, got "
+                             f"{shown(tp_rank)}")
         for name in ("num_heads", "num_kv_heads", "ffn_dim"):
             if getattr(c, name) % tp_size:
                 raise ValueError(f"{name} ({getattr(c, name)}) must split evenly over "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvtier.model.checkpoint import CheckpointError, checkpoint_kind, read_json_object
+from kvtier.reprs import shown
 from kvtier.request import check_token_ids
 from kvtier.sequence import first_line
 
@@ -143,7 +144,7 @@ def check_messages(messages: object, what: str) -> list[Mapping[str, str]]:
             value = message.get(key)
             if not isinstance(value, str):
                 got = "nothing" if key not in message else type(value).__name__
-                raise ValueError(f"{what}: the {key!r} of message {i} must be a str, got "
+                raise ValueError(f"{what}: the {shown(key)} of message {i} must be a str, got "
                                  f"{got}")
     return messages
 
@@ -260,11 +261,12 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
     reader = open_gguf(path)
     kind = gguf_field(reader, "tokenizer.ggml.model", path)
     if kind != "gpt2":
-        raise CheckpointError(f"{path}: tokenizer model {kind!r} (tokenizer.ggml.model) is not "
+        raise CheckpointError(f"{path}: tokenizer model {shown(kind)} (tokenizer.ggml.model) "
+                              f"is not "
                               "supported; kvtier reads byte-level BPE ('gpt2') vocabularies")
     pre = gguf_field(reader, "tokenizer.ggml.pre", path, "default")
     if not isinstance(pre, str) or pre not in _PRE_TOKENIZERS:
-        raise CheckpointError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not "
+        raise CheckpointError(f"{path}: pre-tokenizer {shown(pre)} (tokenizer.ggml.pre) is not "
                               f"supported; kvtier knows {sorted(_PRE_TOKENIZERS)}")
     tokens, types, merges = _gguf_vocabulary(reader, path)
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -288,7 +290,7 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
     def token_id(key: str) -> int | None:
         i = gguf_field(reader, key, path)
         if i is not None and (type(i) is not int or not 0 <= i < len(tokens)):
-            raise CheckpointError(f"{path}: {key} must be a token id, got {i!r:.60} (the "
+            raise CheckpointError(f"{path}: {key} must be a token id, got {shown(i):.60} (the "
                                   f"vocabulary's ids are 0..{len(tokens) - 1})")
         return i
 
@@ -306,11 +308,11 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
         # NOTE: Jinja raised TypeError ("Can't compile non template nodes") at the first
         # chat turn: an internal error (status 70) of `kvtier chat`, not the file's.
         raise CheckpointError(f"{path}: tokenizer.chat_template must be a string, got "
-                              f"{template!r:.60}")
+                              f"{shown(template):.60}")
     add_bos = gguf_field(reader, "tokenizer.ggml.add_bos_token", path, False)
     if type(add_bos) is not bool:  # NOTE: bool() of the string "false" is True
         raise CheckpointError(f"{path}: tokenizer.ggml.add_bos_token must be true or false, "
-                              f"got {add_bos!r:.60}")
+                              f"got {shown(add_bos):.60}")
     return Tokenizer(backend, eos_ids, template,
                      token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"),
                      add_bos)
@@ -328,26 +330,26 @@ def _gguf_vocabulary(reader: Any, path: Path
     tokens = gguf_field(reader, "tokenizer.ggml.tokens", path)
     if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
         raise CheckpointError(f"{path}: tokenizer.ggml.tokens must be a non-empty array of "
-                              f"strings, got {tokens!r:.60}")
+                              f"strings, got {shown(tokens):.60}")
     types = gguf_field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
     if not (isinstance(types, list) and len(types) == len(tokens)
             and all(type(t) is int for t in types)):
         raise CheckpointError(f"{path}: tokenizer.ggml.token_type must be an array of "
-                              f"{len(tokens)} integers, one per token, got {types!r:.60}")
+                              f"{len(tokens)} integers, one per token, got {shown(types):.60}")
     merges = gguf_field(reader, "tokenizer.ggml.merges", path, [])
     pairs = [tuple(m.split(" ", 1)) for m in merges if isinstance(m, str)] if isinstance(
         merges, list) else []
     if (not isinstance(merges, list) or len(pairs) != len(merges)
             or not all(len(p) == 2 and all(p) for p in pairs)):
         raise CheckpointError(f"{path}: tokenizer.ggml.merges must be an array of "
-                              f"'left right' strings, got {merges!r:.60}")
+                              f"'left right' strings, got {shown(merges):.60}")
     vocab = set(tokens)
     for i, (left, right) in enumerate(pairs):
         # NOTE: the library panics (Rust) on a merge of or into what is no token.
         for part, role in ((left, "merges"), (right, "merges"), (left + right, "merges into")):
             if part not in vocab:
-                raise CheckpointError(f"{path}: tokenizer.ggml.merges[{i}]: {merges[i]!r:.40} "
-                                      f"{role} {part!r:.40}, which is no token")
+                raise CheckpointError(f"{path}: tokenizer.ggml.merges[{i}]: {shown(merges[i]):.40} "
+                                      f"{role} {shown(part):.40}, which is no token")
     return tokens, types, [(left, right) for left, right in pairs]
 
 
@@ -378,7 +380,7 @@ def _token_text(cfg: Mapping[str, Any], file: Path, key: str) -> str | None:
     text = value.get("content") if isinstance(value, dict) else value
     if value is not None and not isinstance(text, str):
         raise CheckpointError(f'{file}: {key} must be a string or an object with a string '
-                              f'"content", got {value!r:.60}')
+                              f'"content", got {shown(value):.60}')
     return text
 
 
@@ -405,7 +407,7 @@ def tokenizer_from_directory(path: Path) -> Tokenizer:
                          if isinstance(t, dict) and t.get("name") == "default"), None)
     if template is not None and not isinstance(template, str):
         raise CheckpointError(f"{settings}: chat_template must be a string or an array of "
-                              f"named templates, got {cfg.get('chat_template')!r:.60}")
+                              f"named templates, got {shown(cfg.get('chat_template')):.60}")
     jinja = path / "chat_template.jinja"
     if template is None and jinja.is_file():
         try:
@@ -417,14 +419,14 @@ def tokenizer_from_directory(path: Path) -> Tokenizer:
     add_bos = cfg.get("add_bos_token")
     if add_bos is not None and type(add_bos) is not bool:
         raise CheckpointError(f"{settings}: add_bos_token must be true or false, got "
-                              f"{add_bos!r:.60}")
+                              f"{shown(add_bos):.60}")
     eos_ids: list[int] = []
     for source in (path / "generation_config.json", path / "config.json"):
         value = _read_json(source).get("eos_token_id")
         ids = value if isinstance(value, list) else [] if value is None else [value]
         if not all(type(i) is int and 0 <= i <= MAX_TOKEN_ID for i in ids):
             raise CheckpointError(f"{source}: eos_token_id must be a token id (an integer in "
-                                  f"0..{MAX_TOKEN_ID}) or an array of them, got {value!r:.60}")
+                                  f"0..{MAX_TOKEN_ID}) or an array of them, got {shown(value):.60}")
         eos_ids += ids
     if eos is not None and backend.token_to_id(eos) is not None:
         eos_ids.append(backend.token_to_id(eos))

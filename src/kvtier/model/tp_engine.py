@@ -48,6 +48,7 @@ from kvtier.model.tensor_parallel import TensorParallelLlama
 from kvtier.remote.options import check_number
 from kvtier.remote.ranks import Arrival, RemoteRanks, RemoteShard, join_arrivals
 from kvtier.remote.tier import RemoteTier
+from kvtier.reprs import shown
 from kvtier.scheduler import Scheduler
 from kvtier.storage import KVStorage
 from kvtier.tier import Tier
@@ -159,7 +160,7 @@ class CommandChannel:
         dist.broadcast_object_list(box, src=self.src, group=self.group)
         command = box[0]
         if not isinstance(command, _COMMANDS):
-            raise TypeError(f"expected a command from rank {self.src}, got {command!r}")
+            raise TypeError(f"expected a command from rank {self.src}, got {shown(command)}")
         return command
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 
 import xxhash
 
+from kvtier.reprs import shown
 from kvtier.storage import DTYPE_BYTES, LAYOUTS, KVLayout
 
 MAGIC = b"KVTB"
@@ -75,12 +76,15 @@ class BlockHeader:
 
     def __post_init__(self) -> None:
         if len(self.namespace) != 32 or not all(c in "0123456789abcdef" for c in self.namespace):
-            raise ValueError(f"namespace must be 32 lowercase hex digits, got {self.namespace!r}")
+            raise ValueError(f"namespace must be 32 lowercase hex digits, got "
+                             f"{shown(self.namespace)}")
         if type(self.block_hash) is not int or not 0 <= self.block_hash < 1 << 128:
-            raise ValueError(f"block_hash must be a 128-bit unsigned int, got {self.block_hash!r}")
+            raise ValueError(f"block_hash must be a 128-bit unsigned int, got "
+                             f"{shown(self.block_hash)}")
         tpb = self.layout.tokens_per_block
         if type(self.num_tokens) is not int or not 1 <= self.num_tokens <= tpb:
-            raise ValueError(f"num_tokens must be an integer in 1..{tpb}, got {self.num_tokens!r}")
+            raise ValueError(f"num_tokens must be an integer in 1..{tpb}, got "
+                             f"{shown(self.num_tokens)}")
 
 
 def namespace_fingerprint(model_id: str, layout: KVLayout, salt_scope: str | None = None) -> str:
@@ -92,11 +96,11 @@ def namespace_fingerprint(model_id: str, layout: KVLayout, salt_scope: str | Non
     can pass for another field's, nor a list of fields for a longer one.
     """
     if not isinstance(model_id, str):
-        raise ValueError(f"model_id must be a str, got {model_id!r}")
+        raise ValueError(f"model_id must be a str, got {shown(model_id)}")
     if salt_scope is not None and not isinstance(salt_scope, str):
-        raise ValueError(f"salt_scope must be None or a str, got {salt_scope!r}")
+        raise ValueError(f"salt_scope must be None or a str, got {shown(salt_scope)}")
     if not isinstance(layout, KVLayout):
-        raise ValueError(f"layout must be a KVLayout, got {layout!r}")
+        raise ValueError(f"layout must be a KVLayout, got {shown(layout)}")
     parts: tuple[str, ...] = (
         "kvtier-remote/v2", model_id, str(layout.num_layers), str(layout.num_kv_heads),
         str(layout.head_dim), str(layout.tokens_per_block), layout.dtype, layout.layout,
@@ -156,7 +160,7 @@ def decode_block(data: object, expected: BlockHeader) -> memoryview:
     (magic, version, namespace, block_hash, num_tokens, num_layers, num_kv_heads, head_dim,
      tokens_per_block, dtype_code, layout_code, payload_len) = _FIELDS.unpack_from(data)
     if magic != MAGIC:
-        raise PayloadError("magic", f"got {magic!r}, want {MAGIC!r}")
+        raise PayloadError("magic", f"got {shown(magic)}, want {shown(MAGIC)}")
     if version != FORMAT_VERSION:
         raise PayloadError("version", f"got {version}, want {FORMAT_VERSION}")
     if len(data) != HEADER_BYTES + payload_len:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import sys
 
+from kvtier.reprs import shown
+
 # A wait this long has no limit; it is within every platform's threading.TIMEOUT_MAX
 # (about 292 years on Linux, 49 days on Windows).
 LONGEST_WAIT_S = 3600.0 * 24 * 30
@@ -17,12 +19,8 @@ LONGEST_WAIT_S = 3600.0 * 24 * 30
 
 def describe(value: object) -> str:
     """``repr(value)``, or a short description where repr itself fails (ints past 4300
-    digits). Pure."""
-    try:
-        return repr(value)
-    except ValueError:
-        bits = value.bit_length() if isinstance(value, int) else 0
-        return f"an integer of {bits} bits"
+    digits): ``kvtier.reprs.shown``. Pure."""
+    return shown(value)
 
 
 def check_number(field: str, value: object, low: float, high: float | None, *,

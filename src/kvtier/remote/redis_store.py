@@ -44,6 +44,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
 from kvtier.remote.store import RemoteStoreBase
+from kvtier.reprs import shown
 
 T = TypeVar("T")
 
@@ -120,31 +121,31 @@ def check_url_query(url: str, cluster: bool = False) -> None:
         if name == "db":
             databases.append(value)
         if name in URL_OWNED_PARAMETERS:
-            raise ValueError(f"url parameter {name!r} would override what the store checks: "
-                             f"set {URL_OWNED_PARAMETERS[name]}, got {redact_url(url)!r}")
+            raise ValueError(f"url parameter {shown(name)} would override what the store checks: "
+                             f"set {URL_OWNED_PARAMETERS[name]}, got {shown(redact_url(url))}")
         if name in URL_TLS_PARAMETERS:
             if parts.scheme != "rediss":
-                raise ValueError(f"url parameter {name!r} is for TLS: the url must start with "
-                                 f"rediss://, got {redact_url(url)!r}")
+                raise ValueError(f"url parameter {shown(name)} is for TLS: the url must start with "
+                                 f"rediss://, got {shown(redact_url(url))}")
             continue
         if name not in URL_PARAMETERS:
-            raise ValueError(f"url parameter {name[:40]!r} is not one the store passes to "
+            raise ValueError(f"url parameter {shown(name[:40])} is not one the store passes to "
                              f"redis (it takes {', '.join(URL_PARAMETERS)}, and "
                              f"{', '.join(URL_TLS_PARAMETERS)} with rediss://), got "
-                             f"{redact_url(url)!r}")
+                             f"{shown(redact_url(url))}")
         if URL_PARAMETERS[name] and not (value.isascii() and value.isdigit()):
-            raise ValueError(f"url parameter {name!r} must be an integer >= 0, got "
-                             f"{value[:40]!r}")
+            raise ValueError(f"url parameter {shown(name)} must be an integer >= 0, got "
+                             f"{shown(value[:40])}")
     db = unquote(parts.path).replace("/", "")
     if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
         # NOTE: redis-py ignores a path that is no number: the store used database 0.
-        raise ValueError(f"url path must be a database number, got {parts.path[:40]!r}")
+        raise ValueError(f"url path must be a database number, got {shown(parts.path[:40])}")
     # NOTE: redis-py takes the query's db before the path's. A cluster has database 0 only:
     # another failed every batch with a RedisClusterException, as a fault.
     database = databases[0] if databases else db if parts.scheme != "unix" else ""
     if cluster and database and int(database) != 0:
         raise ValueError(f"a Redis Cluster has database 0 only, the url names database "
-                         f"{int(database)}: {redact_url(url)!r}")
+                         f"{int(database)}: {shown(redact_url(url))}")
 
 
 def _cluster_state_errors() -> tuple[type[Exception], ...]:
@@ -185,9 +186,10 @@ class RedisRemoteStore(RemoteStoreBase):
             raise ValueError(f"url must be a str, got {type(url).__name__}")
         scheme = urlsplit(url).scheme
         if scheme not in URL_SCHEMES:
-            raise ValueError(f"url must start with one of {URL_SCHEMES}, got {redact_url(url)!r}")
+            raise ValueError(f"url must start with one of {URL_SCHEMES}, got "
+                             f"{shown(redact_url(url))}")
         if type(cluster) is not bool:
-            raise ValueError(f"cluster must be a bool, got {cluster!r}")
+            raise ValueError(f"cluster must be a bool, got {shown(cluster)}")
         check_url_query(url, cluster)
         self.timeout_s = check_number("timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S, low_open=True)
         self.max_retries = check_count("max_retries", max_retries, 0, MAX_RETRIES)
@@ -205,10 +207,10 @@ class RedisRemoteStore(RemoteStoreBase):
         self.num_connections = check_count("num_connections", num_connections, 1,
                                            MAX_CONNECTIONS)
         if ca_file is not None and not isinstance(ca_file, str):
-            raise ValueError(f"ca_file must be None or a path, got {ca_file!r}")
+            raise ValueError(f"ca_file must be None or a path, got {shown(ca_file)}")
         if ca_file is not None and scheme != "rediss":
             raise ValueError(f"ca_file is for TLS: the url must start with rediss://, got "
-                             f"{redact_url(url)!r}")
+                             f"{shown(redact_url(url))}")
         super().__init__(namespace, max_inflight=max_inflight)
         self.url = url
         self.ca_file = ca_file

@@ -30,6 +30,7 @@ from typing import Protocol, TypeVar
 from kvtier.remote.codec import PayloadError, RemoteNamespace
 from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number, check_timeout, describe
+from kvtier.reprs import shown
 
 PrefetchCallback = Callable[[dict[int, memoryview]], None]
 # Called on the I/O thread with the hashes of a background write the store did not take
@@ -141,7 +142,7 @@ class RemoteStoreBase(ABC):
     def __init__(self, namespace: RemoteNamespace, *, max_inflight: int = 64) -> None:
         self._max_inflight = check_count("max_inflight", max_inflight, 1, MAX_INFLIGHT)
         if not isinstance(namespace, RemoteNamespace):
-            raise ValueError(f"namespace must be a RemoteNamespace, got {namespace!r}")
+            raise ValueError(f"namespace must be a RemoteNamespace, got {shown(namespace)}")
         self._namespace = namespace
         self._fingerprint = namespace.fingerprint
         self._stats = RemoteStats()

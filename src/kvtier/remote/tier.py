@@ -52,6 +52,7 @@ from kvtier.remote.codec import num_found_on_every_rank
 from kvtier.remote.options import LONGEST_WAIT_S, check_number, check_timeout
 from kvtier.remote.ranks import STORE_RESET, Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
+from kvtier.reprs import shown
 from kvtier.sequence import MultimodalItem, block_extras, checked_prompt
 from kvtier.tier import Tier
 from kvtier.wiring import Wired
@@ -116,7 +117,7 @@ def num_blocks_worth_fetching(num_blocks: int, *, latency_s: float, fetch_s_per_
     size: a store's queue in a loaded fleet, a stalled store's measured throughput).
     """
     if type(num_blocks) is not int or num_blocks < 0:
-        raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
+        raise ValueError(f"num_blocks must be an integer >= 0, got {shown(num_blocks)}")
     # NOTE: the costs were capped at an hour: a fleet's store queue of more (the
     # simulator adds it to the latency) or a store measured below bytes_per_block / 3600
     # B/s raised from the step. Any finite cost decides.
@@ -165,7 +166,7 @@ class RemoteTier(Wired):
         config = manager.config
         if config.hash_algo != "sha256":
             raise ValueError("a shared remote tier needs hash_algo='sha256' (the same hash "
-                             f"in every process and machine), got {config.hash_algo!r}")
+                             f"in every process and machine), got {shown(config.hash_algo)}")
         if not config.num_host_blocks:
             raise ValueError("a remote tier imports into host blocks: num_host_blocks is 0")
         if isinstance(store, RemoteRanks):
@@ -191,7 +192,8 @@ class RemoteTier(Wired):
                                  f"manager's {name} pool {num_blocks}")
         self.fetch_deadline_s = fetch_deadline_s
         if write_policy not in WRITE_POLICIES:
-            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
+            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got "
+                             f"{shown(write_policy)}")
         self.recompute_s_per_token = recompute_s_per_token
         self.fetch_latency_s = fetch_latency_s
         self._bytes_per_s = check_number("fetch_bytes_per_s", fetch_bytes_per_s, 0.0, 1e15,
@@ -270,7 +272,7 @@ class RemoteTier(Wired):
         fetch saves less, and loses at most one ``fetch_latency_s`` against a recompute.
         Under tensor parallelism a block's bytes are a rank's shard: the ranks read at once."""
         if type(num_missing) is not int or num_missing < 0:
-            raise ValueError(f"num_missing must be an int >= 0, got {num_missing!r}")
+            raise ValueError(f"num_missing must be an int >= 0, got {shown(num_missing)}")
         if self.recompute_s_per_token is None:
             return num_missing
         bytes_per_block = self.store.namespace.layout.bytes_per_block
@@ -359,10 +361,10 @@ class RemoteTier(Wired):
                                                      b0, b1 unless this tier knows them
         """
         if type(wait) is not bool:
-            raise ValueError(f"wait must be a bool, got {wait!r}")
+            raise ValueError(f"wait must be a bool, got {shown(wait)}")
         for name, value in (("first_block", first_block), ("reused_blocks", reused_blocks)):
             if type(value) is not int or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+                raise ValueError(f"{name} must be an int >= 0, got {shown(value)}")
         hashes = self.block_hashes(tokens, salt, lora_id, mm_items)
         self._forget(self.ranks.lost())
         known = self._known
@@ -373,7 +375,7 @@ class RemoteTier(Wired):
         for i, _, slot in picked:
             if type(slot) is not int or not 0 <= slot < num_slots:
                 raise ValueError(f"block_table[{i}] must be a GPU slot in 0..{num_slots - 1}, "
-                                 f"got {slot!r}")
+                                 f"got {shown(slot)}")
         blocks = [(h, slot) for _, h, slot in picked]
         written = self.ranks.put(Tier.GPU, blocks, wait) if blocks else 0
         if written == len(blocks):
@@ -441,7 +443,7 @@ class RemoteTier(Wired):
         """Look the prompt's missing blocks up on the stores' I/O threads; False when there
         is nothing to look up or the store refused the job (then don't wait for it)."""
         if type(request_id) is not str or not request_id:
-            raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
+            raise ValueError(f"request_id must be a non-empty str, got {shown(request_id)}")
         old = self._pending.get(request_id)
         if old is not None:
             if not old.released:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvtier.reprs import shown
 from kvtier.sequence import is_finite_number, short_repr
 
 
@@ -9,7 +10,8 @@ def check_int(field: str, value: int, minimum: int, maximum: int | None = None) 
     """Raise ValueError naming ``field`` unless ``value`` is an int in
     ``minimum..maximum``."""
     if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
-        bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        bounds = (f">= {shown(minimum)}" if maximum is None
+                  else f"in {shown(minimum)}..{shown(maximum)}")
         raise ValueError(f"{field} must be an integer {bounds}, got {short_repr(value)}")
 
 
@@ -20,5 +22,5 @@ def check_float(field: str, value: float, low: float, high: float | None = None)
         or value < low
         or (high is not None and value > high)
     ):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{field} must be a finite number {bounds}, got {value!r}")
+        bounds = f">= {shown(low)}" if high is None else f"in [{shown(low)}, {shown(high)}]"
+        raise ValueError(f"{field} must be a finite number {bounds}, got {shown(value)}")

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 
+from kvtier.reprs import shown
 from kvtier.sim._checks import check_float, check_int
 from kvtier.sim.synthetic import check_held_tokens, check_rate
 from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
@@ -71,7 +72,7 @@ class AgenticWorkload:
     def __post_init__(self) -> None:
         check_int("num_requests", self.num_requests, 0)
         if type(self.seed) is not int:
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer, got {shown(self.seed)}")
         check_int("num_agent_types", self.num_agent_types, 1)
         for low, high in (("min_tool_spec_tokens", "max_tool_spec_tokens"),
                           ("min_task_tokens", "max_task_tokens"),
@@ -88,12 +89,12 @@ class AgenticWorkload:
         check_float("max_step_gap_s", self.max_step_gap_s, self.min_step_gap_s, None)
         if self.max_step_gap_s > MAX_ARRIVAL_S:  # a session's next step would arrive past it
             raise ValueError(f"max_step_gap_s must be at most {MAX_ARRIVAL_S:.0e} s, got "
-                             f"{self.max_step_gap_s!r}")
+                             f"{shown(self.max_step_gap_s)}")
         longest_first_step = self.max_tool_spec_tokens + self.max_task_tokens
         check_int("max_prompt_tokens", self.max_prompt_tokens, longest_first_step)
         check_rate("session_rate_per_s", self.session_rate_per_s)
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+            raise ValueError(f"name must be a non-empty string, got {shown(self.name)}")
 
     def __iter__(self) -> Iterator[TraceRequest]:
         """Yield the steps of all sessions in arrival order; each prompt built when reached."""

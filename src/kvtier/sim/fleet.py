@@ -47,6 +47,7 @@ from kvtier.publisher import InMemoryEventBus, Snapshot, manager_snapshot
 from kvtier.remote import RemoteStore
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.tier import WRITE_POLICIES, WritePolicy, num_blocks_worth_fetching
+from kvtier.reprs import shown
 from kvtier.router import CacheAware, InstanceLoad, Router, RoutingPolicy, make_policy
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.fleet_report import FleetReport, InstanceRun, fleet_report
@@ -287,10 +288,10 @@ def simulate_fleet(
     :class:`SimulationStalled` if an instance can never admit its waiting requests.
     """
     if type(num_instances) is not int or num_instances < 1:
-        raise ValueError(f"num_instances must be an integer >= 1, got {num_instances!r}")
+        raise ValueError(f"num_instances must be an integer >= 1, got {shown(num_instances)}")
     if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not (
             0 < time_scale < float("inf")):
-        raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+        raise ValueError(f"time_scale must be a finite number > 0, got {shown(time_scale)}")
     sched = check_replay_args(workload, cache, sched, progress)
     model = as_time_model(profile)
     acceptance = check_draft_acceptance(draft_acceptance)
@@ -301,18 +302,18 @@ def simulate_fleet(
     subscriber = bus.subscribe(max_bus_events)
     router = Router(policy, cache.tokens_per_block, cache.hash_algo)
     if remote is not None and remote not in WRITE_POLICIES:
-        raise ValueError(f"remote must be None or one of {WRITE_POLICIES}, got {remote!r}")
+        raise ValueError(f"remote must be None or one of {WRITE_POLICIES}, got {shown(remote)}")
     if remote_store is not None and remote is None:
         raise ValueError("remote_store needs a remote write policy")
     link = remote_link if remote_link is not None else RemoteLink()
     if not isinstance(link, RemoteLink):
-        raise ValueError(f"remote_link must be a RemoteLink or None, got {remote_link!r}")
+        raise ValueError(f"remote_link must be a RemoteLink or None, got {shown(remote_link)}")
     if fetch not in FETCH_MODES:
-        raise ValueError(f"fetch must be one of {FETCH_MODES}, got {fetch!r}")
+        raise ValueError(f"fetch must be one of {FETCH_MODES}, got {shown(fetch)}")
     if isinstance(fetch_deadline_s, bool) or not isinstance(fetch_deadline_s, (int, float)) \
             or not 0 <= fetch_deadline_s <= 3600:
         raise ValueError(f"fetch_deadline_s must be a number in [0, 3600], got "
-                         f"{fetch_deadline_s!r}")
+                         f"{shown(fetch_deadline_s)}")
     tpb = cache.tokens_per_block
     shared = (_SharedTier(remote_store, link, tpb * model.profile.kv_bytes_per_token)
               if remote else None)

@@ -43,6 +43,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from kvtier.reprs import shown
 from kvtier.sim._checks import check_int
 from kvtier.sim.workload import TraceRequest
 
@@ -304,7 +305,7 @@ class HeldOutWorkload:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {self.family!r}")
+            raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {shown(self.family)}")
         check_int("seed", self.seed, 0)
         check_int("num_requests", self.num_requests, 1)
         object.__setattr__(self, "_make", FAMILIES[self.family])

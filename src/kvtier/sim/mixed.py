@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from kvtier.reprs import shown
 from kvtier.sim._checks import check_int
 from kvtier.sim.replay import SAMPLED_TOKEN_BASE
 from kvtier.sim.workload import TraceRequest, Workload
@@ -39,19 +40,19 @@ class MixedWorkload:
     def __post_init__(self) -> None:
         if not isinstance(self.parts, tuple) or len(self.parts) < 2:
             raise ValueError(f"parts must be a tuple of at least two workloads, got "
-                             f"{self.parts!r}")
+                             f"{shown(self.parts)}")
         for i, part in enumerate(self.parts):
             if not isinstance(part, Workload):
                 raise ValueError(f"parts[{i}] is not a workload (name, __iter__, describe): "
-                                 f"{part!r}")
+                                 f"{shown(part)}")
         names = [part.name for part in self.parts]
         if len(set(names)) != len(names):
             raise ValueError(f"the parts' names must differ (request ids are prefixed with "
                              f"them), got {names}")
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+            raise ValueError(f"name must be a non-empty string, got {shown(self.name)}")
         if type(self.until_all) is not bool:
-            raise ValueError(f"until_all must be a bool, got {self.until_all!r}")
+            raise ValueError(f"until_all must be a bool, got {shown(self.until_all)}")
         if self.limit is not None:
             check_int("limit", self.limit, 0)
 
@@ -77,7 +78,8 @@ class MixedWorkload:
         top = max(req.prompt)
         # NOTE: a remapped id must stay below the replay's sampled tokens, never meet them.
         if top * n + k >= SAMPLED_TOKEN_BASE:
-            raise ValueError(f"request {req.request_id!r} of part {part!r} holds token id "
+            raise ValueError(f"request {shown(req.request_id)} of part {shown(part)} holds "
+                             f"token id "
                              f"{top}: past what {n} parts can share (ids below "
                              f"{SAMPLED_TOKEN_BASE // n})")
         session = None if req.session_id is None else f"{part}/{req.session_id}"

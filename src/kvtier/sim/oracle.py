@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
+from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 from kvtier.sim.report import OracleBounds
 from kvtier.sim.workload import TraceRequest, Workload
@@ -59,7 +60,7 @@ def prefix_block_keys(prompt: Sequence[int], tokens_per_block: int) -> tuple[byt
     to a 2**-128 collision chance).
     """
     if type(tokens_per_block) is not int or tokens_per_block < 1:
-        raise ValueError(f"tokens_per_block must be an integer >= 1, got {tokens_per_block!r}")
+        raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tokens_per_block)}")
     keys: list[bytes] = []
     parent = b""
     for start in range(0, len(prompt) - tokens_per_block + 1, tokens_per_block):
@@ -102,9 +103,9 @@ def _check_request(request: OracleRequest, tokens_per_block: int) -> None:
 
 def _check_args(num_blocks: int | None, tokens_per_block: int) -> None:
     if num_blocks is not None and (type(num_blocks) is not int or num_blocks < 1):
-        raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        raise ValueError(f"num_blocks must be an integer >= 1, got {shown(num_blocks)}")
     if type(tokens_per_block) is not int or tokens_per_block < 1:
-        raise ValueError(f"tokens_per_block must be an integer >= 1, got {tokens_per_block!r}")
+        raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tokens_per_block)}")
 
 
 def _hit_blocks(keys: Sequence[Hashable], cached: dict[Hashable, int] | set[Hashable]) -> int:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvtier.config import CacheConfig
+from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 from kvtier.sim.workload import TraceRequest
 
@@ -40,7 +41,7 @@ class RaceWorkload:
         for field in ("max_num_tokens", "max_prefixes"):
             value = getattr(self, field)
             if type(value) is not int or value < 1:
-                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"{field} must be an integer >= 1, got {shown(value)}")
 
     @property
     def num_prefixes(self) -> int:

@@ -29,6 +29,7 @@ from kvtier.blocks import cdiv
 from kvtier.config import CacheConfig
 from kvtier.eviction import EvictionPolicy
 from kvtier.manager import KVCacheManager
+from kvtier.reprs import shown
 from kvtier.request import Request
 from kvtier.scheduled_step import STEP_PHASES, ScheduledStep, StepPhases
 from kvtier.scheduler import SchedulerConfig
@@ -101,9 +102,9 @@ def simulate(
     model = as_time_model(profile)
     if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not (
             0 < time_scale < float("inf")):
-        raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+        raise ValueError(f"time_scale must be a finite number > 0, got {shown(time_scale)}")
     if check_every is not None and (type(check_every) is not int or check_every < 1):
-        raise ValueError(f"check_every must be an integer >= 1 or None, got {check_every!r}")
+        raise ValueError(f"check_every must be an integer >= 1 or None, got {shown(check_every)}")
     loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every, phases, policy,
                       check_draft_acceptance(draft_acceptance))
     wall_start = time.perf_counter()
@@ -163,13 +164,13 @@ def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
                              f"{short_repr(request)}")
         if request.request_id in seen:
             raise ValueError(f"request {position} of the workload has the id "
-                             f"{request.request_id!r} of an earlier request: a workload's "
+                             f"{shown(request.request_id)} of an earlier request: a workload's "
                              "request ids are distinct")
         seen.add(request.request_id)
         if request.arrival_s < previous_s:
-            raise ValueError(f"request {position} of the workload ({request.request_id!r}) "
-                             f"arrives at {request.arrival_s!r} s, before the request before "
-                             f"it ({previous_s!r} s): a workload yields requests in arrival "
+            raise ValueError(f"request {position} of the workload ({shown(request.request_id)}) "
+                             f"arrives at {shown(request.arrival_s)} s, before the request before "
+                             f"it ({shown(previous_s)} s): a workload yields requests in arrival "
                              "order")
         previous_s = request.arrival_s
         yield request
@@ -178,7 +179,7 @@ def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
 def check_draft_acceptance(value: object) -> float:
     """``value`` as a draft acceptance: ValueError unless a number in [0, 1]. Pure."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"draft_acceptance must be a number in [0, 1], got {value!r}")
+        raise ValueError(f"draft_acceptance must be a number in [0, 1], got {shown(value)}")
     return float(value)
 
 
@@ -304,7 +305,7 @@ class ReplayLoop:
             return text
         config = self.manager.config
         num_blocks = cdiv(len(head.prompt) + head.max_output_tokens, config.tokens_per_block)
-        return (f"{text}; the first waiting, {head.request_id!r}, needs {num_blocks} of "
+        return (f"{text}; the first waiting, {shown(head.request_id)}, needs {num_blocks} of "
                 f"{config.num_gpu_blocks} GPU blocks")
 
     def arrive(self, request: TraceRequest) -> None:

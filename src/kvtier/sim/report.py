@@ -10,12 +10,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from kvtier.reprs import shown
+
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     """The nearest-rank ``q``-th percentile (0 < q <= 100) of ascending values, or ``None``
     when there are none. Pure."""
     if not 0 < q <= 100:
-        raise ValueError(f"q must be in (0, 100], got {q!r}")
+        raise ValueError(f"q must be in (0, 100], got {shown(q)}")
     if not sorted_values:
         return None
     rank = math.ceil(q / 100 * len(sorted_values))

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 
+from kvtier.reprs import shown, shown_int
 from kvtier.sim._checks import check_float, check_int
 from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
@@ -76,7 +77,7 @@ def check_held_tokens(count_field: str, count: int, tokens_field: str, tokens: i
     if count * tokens > MAX_REQUEST_TOKENS:
         raise ValueError(f"{count_field} x {tokens_field} must be at most "
                          f"{MAX_REQUEST_TOKENS:,} tokens (held for the whole run), got "
-                         f"{count:,} x {tokens:,}")
+                         f"{shown_int(count)} x {shown_int(tokens)}")
 
 
 def check_rate(field: str, rate: float) -> None:
@@ -86,10 +87,10 @@ def check_rate(field: str, rate: float) -> None:
     arrival_s of some request)."""
     check_float(field, rate, 0.0, None)
     if rate == 0:
-        raise ValueError(f"{field} must be > 0, got {rate!r}")
+        raise ValueError(f"{field} must be > 0, got {shown(rate)}")
     if rate < 1 / MAX_ARRIVAL_S:
         raise ValueError(f"{field} must be at least {1 / MAX_ARRIVAL_S:.0e} (one arrival per "
-                         f"{MAX_ARRIVAL_S:.0e} s), got {rate!r}")
+                         f"{MAX_ARRIVAL_S:.0e} s), got {shown(rate)}")
 
 
 def zipf_weight(rank: int, exponent: float) -> float:
@@ -253,9 +254,9 @@ class SyntheticChat:
     def __post_init__(self) -> None:
         check_int("num_requests", self.num_requests, 0)
         if type(self.seed) is not int:
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer, got {shown(self.seed)}")
         if not isinstance(self.prefix_model, PrefixModel):
-            raise ValueError(f"prefix_model must be a PrefixModel, got {self.prefix_model!r}")
+            raise ValueError(f"prefix_model must be a PrefixModel, got {shown(self.prefix_model)}")
         check_int("min_user_turn_tokens", self.min_user_turn_tokens, 1, MAX_REQUEST_TOKENS)
         check_int("max_user_turn_tokens", self.max_user_turn_tokens, self.min_user_turn_tokens,
                   MAX_REQUEST_TOKENS)
@@ -266,7 +267,7 @@ class SyntheticChat:
         check_int("max_prompt_tokens", self.max_prompt_tokens, longest_first_turn)
         check_rate("arrival_rate_per_s", self.arrival_rate_per_s)
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+            raise ValueError(f"name must be a non-empty string, got {shown(self.name)}")
 
     def __iter__(self) -> Iterator[TraceRequest]:
         """Yield the requests in arrival order; each prompt is built when it is reached."""

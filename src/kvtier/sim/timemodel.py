@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from kvtier.reprs import shown
 from kvtier.sim._checks import check_float, check_int
 
 MAX_KV_BYTES_PER_TOKEN = 1 << 30
@@ -47,7 +48,7 @@ class ModelProfile:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+            raise ValueError(f"name must be a non-empty string, got {shown(self.name)}")
         # NOTE: upper (and PCIe's lower) bounds far past any machine keep a replay's
         # virtual clock finite: 1e306 s a token overflowed it to inf (OverflowError).
         check_int("kv_bytes_per_token", self.kv_bytes_per_token, 1, MAX_KV_BYTES_PER_TOKEN)
@@ -56,7 +57,8 @@ class ModelProfile:
         check_float("step_overhead_s", self.step_overhead_s, 0.0, MAX_COST_S)
         check_float("pcie_bytes_per_s", self.pcie_bytes_per_s, 1.0, MAX_BYTES_PER_S)
         if type(self.overlap_transfers) is not bool:
-            raise ValueError(f"overlap_transfers must be a bool, got {self.overlap_transfers!r}")
+            raise ValueError(f"overlap_transfers must be a bool, got "
+                             f"{shown(self.overlap_transfers)}")
         check_float("pcie_duplex", self.pcie_duplex, 0.5, 1.0)
 
 
@@ -106,12 +108,12 @@ PROFILES: dict[str, ModelProfile] = {
 def get_profile(name: str, **overrides: Any) -> ModelProfile:
     """The registered profile ``name``, with ``overrides`` replacing some of its fields."""
     if name not in PROFILES:
-        raise ValueError(f"unknown model profile {name!r}; known: {sorted(PROFILES)}")
+        raise ValueError(f"unknown model profile {shown(name)}; known: {sorted(PROFILES)}")
     known = {f.name for f in fields(ModelProfile)} - {"name"}
     for field in overrides:
         if field not in known:
             raise ValueError(
-                f"unknown ModelProfile field {field!r} in overrides; known: {sorted(known)}"
+                f"unknown ModelProfile field {shown(field)} in overrides; known: {sorted(known)}"
             )
     return replace(PROFILES[name], **overrides)
 
@@ -142,7 +144,7 @@ class RemoteLink:
         check_float("latency_s", self.latency_s, 0.0, 3600.0)
         check_float("bytes_per_s", self.bytes_per_s, 0.0, None)
         if self.bytes_per_s == 0:
-            raise ValueError(f"bytes_per_s must be > 0, got {self.bytes_per_s!r}")
+            raise ValueError(f"bytes_per_s must be > 0, got {shown(self.bytes_per_s)}")
         check_float("max_backlog_s", self.max_backlog_s, 0.0, 3600.0)
 
     def transfer_seconds(self, num_bytes: int) -> float:
@@ -164,7 +166,7 @@ class TimeModel:
 
     def __post_init__(self) -> None:
         if not isinstance(self.profile, ModelProfile):
-            raise ValueError(f"profile must be a ModelProfile, got {self.profile!r}")
+            raise ValueError(f"profile must be a ModelProfile, got {shown(self.profile)}")
 
     def kv_bytes(self, num_tokens: int) -> int:
         """Bytes of KV cache that ``num_tokens`` tokens occupy."""

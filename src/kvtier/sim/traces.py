@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, cast
 
+from kvtier.reprs import shown
+
 if TYPE_CHECKING:
     from _csv import Reader as _CsvReader
 
@@ -84,7 +86,7 @@ class TraceFormatError(ValueError):
     """A trace file is malformed; the message names the file, the 1-based line and the field."""
 
     def __init__(self, path: Path, line_number: int, field: str, problem: str) -> None:
-        super().__init__(f"{path}:{line_number}: field {field!r}: {problem}")
+        super().__init__(f"{path}:{line_number}: field {shown(field)}: {problem}")
         self.path = path
         self.line_number = line_number
         self.field = field
@@ -92,7 +94,7 @@ class TraceFormatError(ValueError):
 
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (type(limit) is not int or limit < 0):
-        raise ValueError(f"limit must be an integer >= 0 or None, got {limit!r}")
+        raise ValueError(f"limit must be an integer >= 0 or None, got {shown(limit)}")
 
 
 class _MooncakeRecord(NamedTuple):
@@ -153,11 +155,11 @@ class MooncakeTrace:
                  block_tokens: int | None = None, time_unit_s: float | None = None):
         tpb = tokens_per_block
         if type(tpb) is not int or tpb < 1:
-            raise ValueError(f"tokens_per_block must be an integer >= 1, got {tpb!r}")
+            raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tpb)}")
         if block_tokens is not None and (type(block_tokens) is not int
                                          or block_tokens not in HASH_BLOCK_SIZES):
             raise ValueError(f"block_tokens must be a power of two in 1..512 or None, got "
-                             f"{block_tokens!r}")
+                             f"{shown(block_tokens)}")
         if time_unit_s is not None and (not is_finite_number(time_unit_s)
                                         or not 1e-9 <= time_unit_s <= 3600):
             raise ValueError(f"time_unit_s must be a number of seconds in 1e-9..3600 or None, "
@@ -206,7 +208,7 @@ class MooncakeTrace:
         """
         tpb = self.tokens_per_block if tokens_per_block is None else tokens_per_block
         if type(tpb) is not int or tpb < 1:
-            raise ValueError(f"tokens_per_block must be an integer >= 1, got {tpb!r}")
+            raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tpb)}")
         block = self.block_tokens
         if self.format.prefix_ids and block % tpb == 0:
             per_hash = block // tpb
@@ -419,7 +421,7 @@ class MooncakeTrace:
         for field in ("input_length", "output_length"):
             value = obj[field]
             if type(value) is not int:
-                raise fail(field, f"expected an integer, got {value!r}")
+                raise fail(field, f"expected an integer, got {shown(value)}")
             if value < (1 if field == "input_length" else 0):
                 raise fail(field, f"length must not be negative or empty, got {value}")
             if value > MAX_REQUEST_TOKENS:
@@ -487,7 +489,7 @@ def _parse_azure_timestamp(text: str) -> datetime:
     whole, _, fraction = text.strip().partition(".")
     moment = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S")
     if fraction and not fraction.isdigit():
-        raise ValueError(f"bad fractional seconds {fraction!r}")
+        raise ValueError(f"bad fractional seconds {shown(fraction)}")
     return moment.replace(microsecond=int((fraction or "0")[:6].ljust(6, "0")))
 
 
@@ -512,9 +514,9 @@ class AzureTrace:
         limit: int | None = None,
     ) -> None:
         if not isinstance(prefix_model, PrefixModel):
-            raise ValueError(f"prefix_model must be a PrefixModel, got {prefix_model!r}")
+            raise ValueError(f"prefix_model must be a PrefixModel, got {shown(prefix_model)}")
         if type(seed) is not int:
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+            raise ValueError(f"seed must be an integer, got {shown(seed)}")
         _check_limit(limit)
         self.path = Path(path)
         self.prefix_model = prefix_model
@@ -591,7 +593,7 @@ class AzureTrace:
         twice = next((n for n in (fmt.time, fmt.prompt, fmt.output) if names.count(n) > 1),
                      None)
         if twice is not None:
-            raise TraceFormatError(self.path, 1, "<header>", f"column {twice!r} twice")
+            raise TraceFormatError(self.path, 1, "<header>", f"column {shown(twice)} twice")
         self.format = fmt
         columns = [(names.index(c), c, minimum)
                    for c, minimum in ((fmt.prompt, 1), (fmt.output, 0))]
@@ -622,17 +624,17 @@ class AzureTrace:
                     arrival_s = (moment - first).total_seconds()
             except ValueError as exc:
                 raise TraceFormatError(
-                    self.path, line_number, fmt.time, f"{text!r}: {exc}"
+                    self.path, line_number, fmt.time, f"{shown(text)}: {exc}"
                 ) from None
             if arrival_s < previous_s:
                 raise TraceFormatError(
                     self.path, line_number, fmt.time,
-                    f"{text!r} is earlier than the previous row",
+                    f"{shown(text)} is earlier than the previous row",
                 )
             if arrival_s > MAX_ARRIVAL_S:
                 raise TraceFormatError(
                     self.path, line_number, fmt.time,
-                    f"{text!r} is more than {MAX_ARRIVAL_S:.0e} s after the first row",
+                    f"{shown(text)} is more than {MAX_ARRIVAL_S:.0e} s after the first row",
                 )
             previous_s = arrival_s
             lengths = []

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from kvtier.reprs import shown
 from kvtier.sequence import is_finite_number
 
 # NOTE: a request longer than this could never fit a GPU pool the CLI accepts, and its
@@ -34,17 +35,19 @@ class TraceRequest:
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {self.request_id!r}")
+            raise ValueError(f"request_id must be a non-empty string, got {shown(self.request_id)}")
         arrival = self.arrival_s
         if not is_finite_number(arrival) or not 0 <= arrival <= MAX_ARRIVAL_S:
             raise ValueError(f"arrival_s must be a finite number in 0..{MAX_ARRIVAL_S:.0e}, "
-                             f"got {arrival!r}")
+                             f"got {shown(arrival)}")
         if not isinstance(self.prompt, list) or not self.prompt:
-            raise ValueError(f"prompt must be a non-empty list of token ids, got {self.prompt!r}")
+            raise ValueError(f"prompt must be a non-empty list of token ids, got "
+                             f"{shown(self.prompt)}")
         if type(self.output_length) is not int or self.output_length < 0:
-            raise ValueError(f"output_length must be an integer >= 0, got {self.output_length!r}")
+            raise ValueError(f"output_length must be an integer >= 0, got "
+                             f"{shown(self.output_length)}")
         if self.session_id is not None and not isinstance(self.session_id, str):
-            raise ValueError(f"session_id must be a string or None, got {self.session_id!r}")
+            raise ValueError(f"session_id must be a string or None, got {shown(self.session_id)}")
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -60,7 +63,7 @@ class TraceRequest:
         said TTFT 0.0 ms."""
         arrival_s = self.arrival_s * time_scale
         if not arrival_s <= MAX_ARRIVAL_S:
-            raise ValueError(f"request {self.request_id!r} arrives at {self.arrival_s:g} s x "
+            raise ValueError(f"request {shown(self.request_id)} arrives at {self.arrival_s:g} s x "
                              f"time scale {time_scale:g} = {arrival_s:.3g} s, past the "
                              f"{MAX_ARRIVAL_S:.0e} s a replay's virtual clock tells "
                              "microseconds apart; lower the time scale")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from kvtier.reprs import shown
 from kvtier.tier import Tier
 from kvtier.transfer.plan import TransferOp
 
@@ -154,7 +155,8 @@ def check_op(i: int, op: TransferOp, num_blocks: dict[Tier, int | None],
         if num is None:
             raise ValueError(f"op {i} {op} uses the {tier.name} tier, which has no storage")
         if not 0 <= slot < num:
-            raise ValueError(f"op {i} {op}: slot {slot!r} outside the {num} {tier.name} blocks")
+            raise ValueError(f"op {i} {op}: slot {shown(slot)} outside the {num} {tier.name} "
+                             f"blocks")
     if not 1 <= op.num_tokens <= tokens_per_block:
         raise ValueError(f"op {i} {op}: num_tokens must be in 1..{tokens_per_block}")
     if (op.src_tier, op.src_slot) == (op.dst_tier, op.dst_slot):

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from kvtier.reprs import shown
 from kvtier.tier import Tier
 from kvtier.transfer.dma_batch import (
     PIPELINE_STAGES,
@@ -271,7 +272,7 @@ class DmaGatherCopier:
                  direct: DmaBatchCopier, tokens_per_block: int,
                  num_streams: int = NUM_STREAMS, staging_bytes: int = STAGING_BYTES) -> None:
         if num_streams < 1:
-            raise ValueError(f"num_streams must be >= 1, got {num_streams!r}")
+            raise ValueError(f"num_streams must be >= 1, got {shown(num_streams)}")
         elem = host.element_size()
         self.block_bytes = host.stride(0) * elem
         if host[0].numel() * elem != self.block_bytes or not host[0].is_contiguous():

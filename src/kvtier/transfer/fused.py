@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from kvtier.reprs import shown
 from kvtier.tier import Tier
 from kvtier.transfer.batching import check_op
 from kvtier.transfer.plan import PlanColumns, TransferOp, TransferPlan
@@ -237,11 +238,11 @@ class FusedCopier:
         from kvtier.transfer import copy_kernel
 
         if block_bytes < 1 or block_bytes & (block_bytes - 1):
-            raise ValueError(f"block_bytes must be a power of two, got {block_bytes!r}")
+            raise ValueError(f"block_bytes must be a power of two, got {shown(block_bytes)}")
 
         if num_programs < 2 or num_programs % 2:
             raise ValueError(f"num_programs must be even and >= 2 (half take units from "
-                             f"each end), got {num_programs!r}")
+                             f"each end), got {shown(num_programs)}")
         for target in [*layers, *([whole] if whole is not None else [])]:
             if target.gpu.dtype != target.host.dtype:
                 raise ValueError(f"GPU and host views differ in element type: "

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import NamedTuple
 
+from kvtier.reprs import shown
 from kvtier.slots import SLOT_TYPECODE, extend_slots, slot_array
 from kvtier.tier import Tier
 
@@ -200,7 +201,7 @@ class TransferPlan:
         return hash(self.ops)
 
     def __repr__(self) -> str:
-        return f"TransferPlan(ops={self.ops!r}, columns={self.columns!r})"
+        return f"TransferPlan(ops={shown(self.ops)}, columns={shown(self.columns)})"
 
     def __reduce__(self) -> tuple[type[TransferPlan], tuple[tuple[TransferOp, ...],
                                                              PlanColumns | None]]:
@@ -293,7 +294,7 @@ class PlanRecorder:
             start = end
         if not increasing or start != num_swap or not piece_ends:
             raise ValueError(f"piece ends must increase to the path's {num_swap} slots, got "
-                             f"{list(piece_ends)!r}")
+                             f"{shown(list(piece_ends))}")
         n = len(gpu_slots) - num_swap
         if n:
             src += gpu_slots[num_swap:]

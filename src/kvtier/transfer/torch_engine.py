@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+from kvtier.reprs import shown
 from kvtier.tier import Tier
 from kvtier.transfer.batching import TransferBatch
 from kvtier.transfer.copy_streams import CopyStreams
@@ -133,9 +134,9 @@ class TorchTransferEngine:
         heap_pad_bytes: int | None = HEAP_PAD_BYTES,
     ) -> None:
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+            raise ValueError(f"method must be one of {METHODS}, got {shown(method)}")
         if heap_pad_bytes is not None and heap_pad_bytes < 0:
-            raise ValueError(f"heap_pad_bytes must be >= 0 or None, got {heap_pad_bytes!r}")
+            raise ValueError(f"heap_pad_bytes must be >= 0 or None, got {shown(heap_pad_bytes)}")
         if host is not None:
             a, b = gpu.layout, host.layout
             if (a.num_layers, a.num_kv_heads, a.head_dim, a.tokens_per_block, a.dtype) != (
@@ -177,7 +178,7 @@ class TorchTransferEngine:
             else:
                 self._kernel_views = None
         if method in ("kernel", "fused", "dma_batch", "dma_gather") and self._kernel_views is None:
-            raise ValueError(f"method {method!r} needs a pinned host tier visible to the GPU "
+            raise ValueError(f"method {shown(method)} needs a pinned host tier visible to the GPU "
                              "(unified addressing); use 'auto' or 'staged'")
         self._streams = CopyStreams(gpu.device)
         self._waves = WaveCopier(views, self._kernel_views, self._kinds, self._num_blocks,
@@ -188,7 +189,8 @@ class TorchTransferEngine:
         if self.has_uva and method in ("auto", "dma_batch", "dma_gather"):
             self._dma = self._dma_copier()
         if method in ("dma_batch", "dma_gather") and self._dma is None:
-            raise ValueError(f"method {method!r} needs CUDA 12.8+ (cudaMemcpyBatchAsync) and a "
+            raise ValueError(f"method {shown(method)} needs CUDA 12.8+ (cudaMemcpyBatchAsync) "
+                             f"and a "
                              "pinned host tier; use 'auto'")
         self._gather: GatherSubmitter | None = None
         if self._dma is not None and method in ("auto", "dma_gather") and host is not None \
@@ -475,7 +477,7 @@ class TorchTransferEngine:
         if layer is not None and (type(layer) is not int
                                   or not 0 <= layer < self._num_layers):
             raise ValueError(f"layer must be None or an int in 0..{self._num_layers - 1}, "
-                             f"got {layer!r}")
+                             f"got {shown(layer)}")
         event = handle.event
         if layer is not None and handle.layer_events is not None:
             event = handle.layer_events[layer]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvtier.integrations.vllm.chunk_policy import kvtier_policy_name
+from kvtier.reprs import shown
 
 __all__ = ["KvtierCachePolicy", "KvtierRedisTier", "policy_class"]
 
@@ -40,4 +41,4 @@ def __getattr__(name: str) -> Any:
         from kvtier.integrations.vllm.policy import policy_class
 
         return policy_class(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module {shown(__name__)} has no attribute {shown(name)}")

@@ -37,6 +37,7 @@ from kvtier.eviction import ROLE_BODY, ROLE_SHARED, ReuseLearner
 from kvtier.policies import get_policy
 from kvtier.pool import Key, TierPool
 from kvtier.radix import Node
+from kvtier.reprs import shown
 from kvtier.tier import Tier
 
 C = TypeVar("C")
@@ -87,7 +88,7 @@ class PolicyChunks(Generic[C]):
                  clock: Callable[[], float] = time.monotonic) -> None:
         check_priority("default_priority", default_priority)
         if type(capacity) is not int or not 0 <= capacity <= MAX_CAPACITY:
-            raise ValueError(f"capacity must be an int in 0..{MAX_CAPACITY}, got {capacity!r}")
+            raise ValueError(f"capacity must be an int in 0..{MAX_CAPACITY}, got {shown(capacity)}")
         self._policy_name = policy_name
         self._capacity = capacity
         self._default_priority = default_priority

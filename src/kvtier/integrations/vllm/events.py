@@ -50,6 +50,7 @@ from vllm.distributed.kv_events import (
 from kvtier import events as kv
 from kvtier.clock import CacheClock
 from kvtier.event_codec import check_events
+from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 from kvtier.tier import Tier
 
@@ -90,7 +91,7 @@ class VllmEventTranslator:
                  data_parallel_rank: int | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         if type(block_size) is not int or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+            raise ValueError(f"block_size must be a positive int, got {shown(block_size)}")
         if type(int_hashes) is not bool:
             raise ValueError(f"int_hashes must be a bool, got {short_repr(int_hashes)}")
         if data_parallel_rank is not None and (type(data_parallel_rank) is not int

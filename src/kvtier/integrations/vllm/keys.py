@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 
 from kvtier.remote.codec import RemoteNamespace
+from kvtier.reprs import shown
 from kvtier.storage import KVLayout
 
 OFFLOAD_KEY_BYTES = 36
@@ -38,7 +39,7 @@ def fold_key(key: bytes) -> int:
     blake2b, not a truncation: a truncated sha256 chain hash would do, but vLLM may hash
     blocks with xxhash, whose low bits are not meant to stand alone."""
     if not isinstance(key, bytes) or len(key) != OFFLOAD_KEY_BYTES:
-        raise ValueError(f"an OffloadKey is {OFFLOAD_KEY_BYTES} bytes, got {key!r:.80}")
+        raise ValueError(f"an OffloadKey is {OFFLOAD_KEY_BYTES} bytes, got {shown(key):.80}")
     return int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "big")
 
 
@@ -64,16 +65,16 @@ class EngineLayout:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a non-empty str, got {self.model!r}")
+            raise ValueError(f"model must be a non-empty str, got {shown(self.model)}")
         if not isinstance(self.kv_dtype, str) or not self.kv_dtype:
-            raise ValueError(f"kv_dtype must be a non-empty str, got {self.kv_dtype!r}")
+            raise ValueError(f"kv_dtype must be a non-empty str, got {shown(self.kv_dtype)}")
         for name in ("page_bytes", "tokens_per_hash", "blocks_per_chunk", "tp_size", "pp_size",
                      "pcp_size", "dcp_size"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise ValueError(f"{name} must be an int >= 1, got {shown(value)}")
         if type(self.rank) is not int or self.rank < 0:
-            raise ValueError(f"rank must be an int >= 0, got {self.rank!r}")
+            raise ValueError(f"rank must be an int >= 0, got {shown(self.rank)}")
         groups = self.groups
         if (not isinstance(groups, tuple) or not groups
                 or not all(isinstance(g, tuple) and len(g) == 2 and type(g[0]) is int
@@ -82,13 +83,13 @@ class EngineLayout:
             # NOTE: each group is part of the namespace: garbage here named a namespace
             # no engine of the same layout would name, or failed in json.dumps later.
             raise ValueError(f"groups must be a non-empty tuple of (tokens_per_block >= 1, "
-                             f"num_layers >= 0) pairs of ints, got {groups!r:.80}")
+                             f"num_layers >= 0) pairs of ints, got {shown(groups):.80}")
         for name in ("replicated_layout", "canonical_layout"):
             if type(getattr(self, name)) is not bool:
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a bool, got {shown(getattr(self, name))}")
         if self.kv_cache_layout is not None and not isinstance(self.kv_cache_layout, str):
             raise ValueError(f"kv_cache_layout must be a str or None, got "
-                             f"{self.kv_cache_layout!r:.80}")
+                             f"{shown(self.kv_cache_layout):.80}")
         if self.page_bytes % _BYTES_PER_LANE:
             raise ValueError(f"page_bytes must be a multiple of {_BYTES_PER_LANE} (vLLM aligns "
                              f"its CPU pages), got {self.page_bytes}")
@@ -110,7 +111,7 @@ class EngineLayout:
         tenants never share blocks). Pure. ValueError naming ``tenant`` unless a str or
         None."""
         if tenant is not None and not isinstance(tenant, str):
-            raise ValueError(f"tenant must be a str or None, got {tenant!r:.80}")
+            raise ValueError(f"tenant must be a str or None, got {shown(tenant):.80}")
         layout = KVLayout(num_layers=1, num_kv_heads=1,
                           head_dim=self.page_bytes // _BYTES_PER_LANE, tokens_per_block=1,
                           dtype=_PAGE_DTYPE)

@@ -28,6 +28,7 @@ from vllm.v1.kv_offload.cpu.policies.base import CachePolicy, ChunkStatus, order
 
 from kvtier.config import EVICTION_POLICIES, MAX_PRIORITY, MIN_PRIORITY
 from kvtier.integrations.vllm.chunk_policy import PolicyChunks, kvtier_policy_name, vllm_policy_name
+from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def policy_class(vllm_name: str) -> type[KvtierCachePolicy]:
     if policy is None:
         known = sorted(vllm_policy_name(p) for p in EVICTION_POLICIES)
         raise ValueError(f"eviction_policy must be one of {known} for kvtier, got "
-                         f"{vllm_name!r}")
+                         f"{shown(vllm_name)}")
     attrs: dict[str, Any] = {"policy_name": policy, "__module__": __name__,
-                             "__doc__": f"vLLM CPU-tier policy: kvtier's {policy!r}."}
+                             "__doc__": f"vLLM CPU-tier policy: kvtier's {shown(policy)}."}
     return type(f"KvtierCachePolicy[{vllm_name}]", (KvtierCachePolicy,), attrs)

@@ -33,6 +33,7 @@ from kvtier.integrations.vllm.keys import EngineLayout
 from kvtier.integrations.vllm.store_tier import StoreTier, TierStats
 from kvtier.remote.redis_store import RedisRemoteStore, redact_url
 from kvtier.remote.store import RemoteStore
+from kvtier.reprs import shown
 
 if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec
@@ -88,10 +89,10 @@ class KvtierRedisTier(SecondaryTierManager):  # type: ignore[misc]
             self.locality = Locality(locality)
         except ValueError:
             raise ValueError(f"locality must be one of {[m.value for m in Locality]}, "
-                             f"got {locality!r}") from None
+                             f"got {shown(locality)}") from None
         if (url is None) == (store is None):
             raise ValueError("KvtierRedisTier needs exactly one of url (a redis:// URL) and "
-                             f"store, got url={url!r} and store={store!r}")
+                             f"store, got url={shown(url)} and store={shown(store)}")
         if store is None:
             store = RedisRemoteStore(url, self.namespace, **redis_options)  # type: ignore[arg-type]
         elif redis_options:
