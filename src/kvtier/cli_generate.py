@@ -152,7 +152,7 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
     str.splitlines also split at U+2028 and U+0085, which JSON strings may hold raw, and
     refused such a prompt as "not JSON". A byte order mark is skipped, as the traces skip
     it. A line is read only as far as MAX_MESSAGE_BYTES: the whole file was read at once."""
-    from kvtier.sim.traces import check_regular_file
+    from kvtier.sim.trace_file import check_regular_file
 
     try:
         check_regular_file(path)

@@ -15,8 +15,8 @@ from kvtier.reprs import shown
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
 from kvtier.scheduler_config import MAX_SPECULATIVE_TOKENS
 from kvtier.sim import PROFILES
+from kvtier.sim.hash_trace import HASH_BLOCK_SIZES
 from kvtier.sim.replay import DRAFT_ACCEPTANCE
-from kvtier.sim.traces import HASH_BLOCK_SIZES
 
 _CACHE = CacheConfig()
 _SCHED = SchedulerConfig()

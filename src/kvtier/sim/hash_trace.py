@@ -1,0 +1,371 @@
+"""JSONL traces of block hash ids: Mooncake's FAST'25 traces and Qwen-Bailian's.
+
+The reader parses and validates the whole file when constructed (lengths and ids only) and
+builds token lists lazily, one request at a time, when iterated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple, cast
+
+from kvtier import json_text
+from kvtier.blocks import cdiv
+from kvtier.json_text import DuplicateKeyError
+from kvtier.reprs import shown
+from kvtier.sequence import is_finite_number, short_repr
+from kvtier.sim.oracle import OracleRequest
+from kvtier.sim.trace_file import MAX_LINE_BYTES, TraceFormatError, check_limit, check_regular_file
+from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
+
+MOONCAKE_BLOCK_TOKENS = 512
+MAX_HASH_ID_ANY = (1 << 63) - 1  # a row's ids, before its trace's block size is known
+
+
+class _MooncakeRecord(NamedTuple):
+    arrival_s: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+    session_id: str | None
+
+
+HASH_BLOCK_SIZES = tuple(1 << k for k in range(9, -1, -1))  # 512 .. 1 tokens, largest first
+_OTHER_BLOCKS = (" (for hash blocks of another size, give it: block_tokens, or kvtier's "
+                 "--trace-block-tokens)")
+# The JSONL formats read, by a key their rows carry: Qwen-Bailian rows have chat ids.
+_BAILIAN_KEY = "chat_id"
+
+
+class _Format(NamedTuple):
+    name: str
+    block_tokens: int  # the hash block the format documents
+    ticks_per_s: float  # timestamp units per second
+    prefix_ids: bool  # an id names its block with every block before it (else: its content)
+    tail_without_id: bool  # a partial last block may have no id (floor, not ceil)
+
+
+# NOTE: the Mooncake files give every block an id, the partial last one too (checked on
+# every row of both); the Bailian README says neither way: both are taken.
+MOONCAKE = _Format("mooncake", MOONCAKE_BLOCK_TOKENS, 1000.0, True, False)
+BAILIAN = _Format("bailian", 16, 1.0, False, True)
+
+
+class MooncakeTrace:
+    """A JSONL trace of block hash ids: arrivals, lengths and one id per block of a prompt.
+
+    Two public formats, told apart by their rows: Mooncake's FAST'25 traces (``timestamp``
+    in ms; ``hash_ids`` of 512-token blocks, *prefix* hashes: an id names its block with
+    every block before it) and Qwen-Bailian's (``chat_id``, ``parent_chat_id``, ``turn``,
+    ``type``; ``timestamp`` in seconds; ``hash_ids`` of 16-token blocks, each hashing its
+    block's own content). A row has ``ceil(input_length / B)`` ids for blocks of ``B``
+    tokens (a Bailian row may leave the partial last block without one). ``block_tokens``
+    is ``B`` where the trace's blocks are not its format's (a power of two up to 512).
+
+    Hash id ``h`` stands for tokens ``h*B .. h*B+B-1``; the last block is cut so the
+    prompt has ``input_length`` tokens (tokens past the last id are the request's own).
+    Equal prefixes of ids give equal token ids, so the cache reuses exactly the prefixes
+    the trace shares::
+
+        hash_ids   [ 7          | 8          | 9     ]   input_length = 1200, B = 512
+        tokens     [3584..4095  | 4096..4607 | 4608..4783]
+
+    A Bailian row's session is its conversation's first request (``parent_chat_id``
+    followed back). ``tokens_per_block`` is the block size of :meth:`oracle_requests`;
+    ``time_unit_s``, where given, the seconds one ``timestamp`` unit stands for (else the
+    format's). ``limit`` keeps only the first ``limit`` requests.
+    """
+
+    def __init__(self, path: str | Path, tokens_per_block: int = 32, limit: int | None = None,
+                 block_tokens: int | None = None, time_unit_s: float | None = None):
+        tpb = tokens_per_block
+        if type(tpb) is not int or tpb < 1:
+            raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tpb)}")
+        if block_tokens is not None and (type(block_tokens) is not int
+                                         or block_tokens not in HASH_BLOCK_SIZES):
+            raise ValueError(f"block_tokens must be a power of two in 1..512 or None, got "
+                             f"{shown(block_tokens)}")
+        if time_unit_s is not None and (not is_finite_number(time_unit_s)
+                                        or not 1e-9 <= time_unit_s <= 3600):
+            raise ValueError(f"time_unit_s must be a number of seconds in 1e-9..3600 or None, "
+                             f"got {short_repr(time_unit_s)}")
+        check_limit(limit)
+        self.path = Path(path)
+        self.tokens_per_block = tpb
+        self.limit = limit
+        self.format = MOONCAKE  # till the first row tells
+        self.block_tokens = MOONCAKE_BLOCK_TOKENS if block_tokens is None else block_tokens
+        self._records = self._parse(block_tokens, time_unit_s)
+        self._chains: list[tuple[int, ...]] | None = None
+
+    @property
+    def name(self) -> str:
+        """The file name without its suffix."""
+        return self.path.stem
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[TraceRequest]:
+        """Yield the requests in file (arrival) order, building each prompt when reached."""
+        block = self.block_tokens
+        tail_id = self._first_tail_id
+        for index, rec in enumerate(self._records):
+            prompt: list[int] = []
+            for h in rec.hash_ids:
+                prompt.extend(range(h * block, h * block + block))
+            if len(prompt) < rec.input_length:  # a partial last block without an id
+                prompt.extend(range((tail_id + index) * block,
+                                    (tail_id + index) * block + block))
+            del prompt[rec.input_length :]
+            yield TraceRequest(f"{self.name}-{index}", rec.arrival_s, prompt,
+                               rec.output_length, rec.session_id)
+
+    def oracle_requests(self, tokens_per_block: int | None = None) -> Iterator[OracleRequest]:
+        """Block keys of each request at ``tokens_per_block`` (default: the trace's setting).
+
+        No tokens are built. With prefix hashes (Mooncake) and blocks that divide the hash
+        block, sub-block ``j`` of hash id ``h`` is keyed ``(h, j)`` (or ``h`` itself at the
+        hash block's size): the id already names the whole prefix, so the key does too.
+        Otherwise a block is keyed by the prefix of ids it ends in (numbered once for the
+        trace) and where in that hash block it ends. The last, partial block is included,
+        following the Mooncake trace's convention that it is cacheable.
+        """
+        tpb = self.tokens_per_block if tokens_per_block is None else tokens_per_block
+        if type(tpb) is not int or tpb < 1:
+            raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tpb)}")
+        block = self.block_tokens
+        if self.format.prefix_ids and block % tpb == 0:
+            per_hash = block // tpb
+            for index, rec in enumerate(self._records):
+                num_blocks = cdiv(rec.input_length, tpb)
+                ids = self._ids_with_tail(rec, index)
+                if per_hash == 1:
+                    yield OracleRequest(ids, rec.input_length)
+                else:
+                    keys = tuple((h, j) for h in ids for j in range(per_hash))
+                    yield OracleRequest(keys[:num_blocks], rec.input_length)
+            return
+        for rec, chain in zip(self._records, self.chains(), strict=True):
+            ends = [min((k + 1) * tpb, rec.input_length)
+                    for k in range(cdiv(rec.input_length, tpb))]
+            yield OracleRequest(tuple((chain[(end - 1) // block], end - (end - 1) // block * block)
+                                      for end in ends), rec.input_length)
+
+    def chains(self) -> list[tuple[int, ...]]:
+        """Per request, its prefixes of hash ids numbered: equal numbers, equal prefixes
+        (the ids themselves where they are prefix hashes); a partial last block without
+        an id is the request's own. Built once. Pure."""
+        if self._chains is None:
+            numbered: dict[tuple[int, int], int] = {}
+            chains = []
+            for index, rec in enumerate(self._records):
+                chain = []
+                prev = -1
+                for h in self._ids_with_tail(rec, index):
+                    prev = numbered.setdefault((prev, h), len(numbered))
+                    chain.append(prev)
+                chains.append(tuple(chain))
+            self._chains = chains
+        return self._chains
+
+    def _ids_with_tail(self, rec: _MooncakeRecord, index: int) -> tuple[int, ...]:
+        if len(rec.hash_ids) * self.block_tokens < rec.input_length:
+            return (*rec.hash_ids, self._first_tail_id + index)
+        return rec.hash_ids
+
+    def unlimited_hit_rate(self) -> float:
+        """Token hit rate with an unlimited cache at the hash blocks' granularity (a query).
+
+        For each request in order, the longest prefix of its ids already seen counts
+        ``min(k * B, input_length)`` tokens as hits.
+        """
+        seen: set[int] = set()
+        num_hit_tokens = 0
+        num_tokens = 0
+        for rec, chain in zip(self._records, self.chains(), strict=True):
+            k = 0
+            for c in chain:
+                if c not in seen:
+                    break
+                k += 1
+            num_hit_tokens += min(k * self.block_tokens, rec.input_length)
+            num_tokens += rec.input_length
+            seen.update(chain)
+        return num_hit_tokens / num_tokens if num_tokens else 0.0
+
+    def describe(self) -> dict[str, object]:
+        """JSON-ready summary: file, format (``kind``: ``mooncake`` or ``bailian``), request
+        count, span, token totals and the hash blocks' size."""
+        recs = self._records
+        return {
+            "name": self.name,
+            "kind": self.format.name,
+            "path": str(self.path),
+            "num_requests": len(recs),
+            "span_s": recs[-1].arrival_s - recs[0].arrival_s if recs else 0.0,
+            "num_prompt_tokens": sum(r.input_length for r in recs),
+            "num_output_tokens": sum(r.output_length for r in recs),
+            "hash_block_tokens": self.block_tokens,
+            "tokens_per_block": self.tokens_per_block,
+            "limit": self.limit,
+        }
+
+    def _parse(self, block_tokens: int | None, time_unit_s: float | None
+               ) -> list[_MooncakeRecord]:
+        """The records, each row checked as it is read; sets ``format`` (by the first row),
+        ``block_tokens`` and the first id past the trace's (``_first_tail_id``: the partial
+        last blocks without an id are numbered from it)."""
+        records: list[_MooncakeRecord] = []
+        roots: dict[int, int] = {}  # Bailian: chat id -> its conversation's first chat id
+        parents: dict[int, int | None] = {}  # Mooncake: what each hash id follows
+        previous = 0.0
+        max_id = -1
+        max_line = 0
+        fmt = self.format
+        block, ticks_per_s = self.block_tokens, fmt.ticks_per_s
+        check_regular_file(self.path)
+        with self.path.open("rb") as f:
+            lines = iter(lambda: f.readline(MAX_LINE_BYTES + 1), b"")
+            for line_number, raw in enumerate(lines, start=1):
+                if self.limit is not None and len(records) >= self.limit:
+                    break
+                if len(raw) > MAX_LINE_BYTES:
+                    raise TraceFormatError(self.path, line_number, "<text>",
+                                           f"the line is longer than {MAX_LINE_BYTES:,} bytes, "
+                                           "more than any Mooncake row")
+                try:
+                    # NOTE: a byte order mark (Windows tools write one) opens line 1 only.
+                    line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise TraceFormatError(self.path, line_number, "<text>",
+                                           "not UTF-8 text: not a Mooncake JSONL line") from None
+                if not line.strip():
+                    continue
+                obj = self._parse_line(line, line_number)
+                if not records:  # the first row tells the format
+                    fmt = self.format = BAILIAN if _BAILIAN_KEY in obj else MOONCAKE
+                    ticks_per_s = fmt.ticks_per_s if time_unit_s is None else 1.0 / time_unit_s
+                    block = self.block_tokens = (fmt.block_tokens if block_tokens is None
+                                                 else block_tokens)
+
+                def fail(field: str, problem: str, line_number: int = line_number
+                         ) -> TraceFormatError:
+                    return TraceFormatError(self.path, line_number, field, problem)
+
+                timestamp = cast(float, obj["timestamp"])
+                if timestamp < previous:
+                    raise fail("timestamp", f"{timestamp} is earlier than the previous line's "
+                               f"{previous}")
+                previous = timestamp
+                arrival_s = timestamp / ticks_per_s
+                if arrival_s > MAX_ARRIVAL_S:
+                    raise fail("timestamp", f"{timestamp} is {arrival_s:.3g} s, more than the "
+                               f"{MAX_ARRIVAL_S:.0e} s a trace may span")
+                length = cast(int, obj["input_length"])
+                hash_ids = cast("tuple[int, ...]", obj["hash_ids"])
+                expected = cdiv(length, block)
+                if len(hash_ids) != expected and not (
+                        fmt.tail_without_id and len(hash_ids) == length // block):
+                    shown = f"ceil({length}/{block}) = {expected}"
+                    if fmt.tail_without_id and length % block:
+                        shown += f" (or {length // block}, the partial last block without one)"
+                    raise fail("hash_ids", f"has {len(hash_ids)} ids, expected {shown}"
+                               f"{'' if block_tokens is not None else _OTHER_BLOCKS}")
+                if fmt.prefix_ids:
+                    self._check_prefixes(hash_ids, parents, line_number)
+                if hash_ids and max(hash_ids) > max_id:
+                    max_id, max_line = max(hash_ids), line_number
+                session_id = None
+                if fmt is BAILIAN:
+                    chat = cast(int, obj[_BAILIAN_KEY])
+                    parent = cast(int, obj.get("parent_chat_id", -1))
+                    root = roots.get(parent, parent) if parent >= 0 else chat
+                    roots[chat] = root
+                    session_id = f"chat-{root}"
+                records.append(_MooncakeRecord(arrival_s, length,
+                                               cast(int, obj["output_length"]), hash_ids,
+                                               session_id))
+        # Token ids h*B .. must stay below 2**63, the tails' ids (one a request) too.
+        self._first_tail_id = max_id + 1
+        if (max_id + 1 + len(records)) * self.block_tokens > 1 << 63:
+            raise TraceFormatError(
+                self.path, max_line, "hash_ids", f"id {max_id} is too large: token ids "
+                f"h*{self.block_tokens}.. must stay below 2**63")
+        return records
+
+    def _check_prefixes(self, hash_ids: tuple[int, ...], parents: dict[int, int | None],
+                        line_number: int) -> None:
+        """Record what each of ``hash_ids`` (prefix hashes) follows; TraceFormatError naming
+        the line and the id if it followed something else before (``parents``).
+
+        NOTE: a prefix hash names its whole prefix, so it always follows the same id. An
+        id twice in one prompt ran the whole replay, then failed in the oracles
+        ("block_keys must be distinct"), naming no line; one after two different prefixes
+        made the oracles count a hit the cache could never have. (Bailian ids hash their
+        block's content alone: they may repeat anywhere.)"""
+        previous = None
+        for index, h in enumerate(hash_ids):
+            before = parents.setdefault(h, previous)
+            if before != previous:
+                def where(p: int | None) -> str:
+                    return "opens the prompt" if p is None else f"follows hash id {p}"
+
+                raise TraceFormatError(self.path, line_number, "hash_ids",
+                                       f"hash id {h} at index {index} {where(previous)}, but "
+                                       f"it {where(before)} before: a hash id names its whole "
+                                       "prefix")
+            previous = h
+
+    def _parse_line(self, line: str, line_number: int) -> dict[str, object]:
+        """The row's fields, each checked alone (the hash ids as a tuple)."""
+        def fail(field: str, problem: str) -> TraceFormatError:
+            return TraceFormatError(self.path, line_number, field, problem)
+
+        try:
+            obj = json_text.loads(line)
+        except DuplicateKeyError as exc:
+            raise fail(exc.key, "given twice in one object") from None
+        except json.JSONDecodeError as exc:
+            raise fail("<json>", f"malformed JSON: {exc.msg}") from None
+        except ValueError:
+            # NOTE: json.loads raises a bare ValueError, not a JSONDecodeError, for a number
+            # past Python's limit on int parsing (4,300 digits).
+            raise fail("<json>", "malformed JSON: a number too long to read") from None
+        except RecursionError:
+            raise fail("<json>", "nested too deeply: not a Mooncake record") from None
+        if not isinstance(obj, dict):
+            raise fail("<json>", f"expected an object, got {type(obj).__name__}")
+        for field in ("timestamp", "input_length", "output_length", "hash_ids"):
+            if field not in obj:
+                raise fail(field, "missing")
+        timestamp = obj["timestamp"]
+        if not is_finite_number(timestamp) or not 0 <= timestamp <= MAX_ARRIVAL_S * 1000:
+            raise fail("timestamp", f"expected a number in 0..{MAX_ARRIVAL_S * 1000:.0e} (ms, "
+                       f"or s in a Bailian trace), got {short_repr(timestamp)}")
+        for field in ("input_length", "output_length"):
+            value = obj[field]
+            if type(value) is not int:
+                raise fail(field, f"expected an integer, got {shown(value)}")
+            if value < (1 if field == "input_length" else 0):
+                raise fail(field, f"length must not be negative or empty, got {value}")
+            if value > MAX_REQUEST_TOKENS:
+                raise fail(field, f"{value} tokens is more than the {MAX_REQUEST_TOKENS} "
+                           "a request may have")
+        for field in (_BAILIAN_KEY, "parent_chat_id"):
+            value = obj.get(field, -1)
+            if type(value) is not int or not -1 <= value < 1 << 63:
+                raise fail(field, f"expected an integer id >= -1, got {short_repr(value)}")
+        hash_ids = obj["hash_ids"]
+        expected_ids = f"expected a list of integers in 0..{MAX_HASH_ID_ANY}"
+        if not isinstance(hash_ids, list):
+            raise fail("hash_ids", f"{expected_ids}, got {short_repr(hash_ids)}")
+        bad = next((i for i, h in enumerate(hash_ids)
+                    if type(h) is not int or not 0 <= h <= MAX_HASH_ID_ANY), None)
+        if bad is not None:
+            raise fail("hash_ids", f"{expected_ids}, got {short_repr(hash_ids[bad])} at "
+                       f"index {bad}")
+        obj["hash_ids"] = tuple(hash_ids)
+        return obj

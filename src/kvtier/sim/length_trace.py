@@ -1,0 +1,240 @@
+"""CSV traces of arrivals and lengths alone (Azure's LLM inference traces, BurstGPT's),
+prefixes synthesised by a seeded model.
+
+The reader parses and validates the whole file when constructed and builds token lists
+lazily, one request at a time, when iterated.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from kvtier.reprs import shown
+from kvtier.sequence import short_repr
+from kvtier.sim.synthetic import PrefixModel, SessionBuilder
+from kvtier.sim.trace_file import CheckedLines, TraceFormatError, check_limit, check_regular_file
+from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
+
+if TYPE_CHECKING:
+    from _csv import Reader as _CsvReader
+
+DEFAULT_PREFIX_MODEL = PrefixModel()
+
+
+class _AzureRecord(NamedTuple):
+    arrival_s: float
+    context_tokens: int
+    generated_tokens: int
+
+
+_AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
+class _CsvFormat(NamedTuple):
+    """A CSV trace's columns: arrival time (a date and time, or seconds), prompt and output
+    lengths; other columns are read past."""
+
+    name: str
+    time: str
+    prompt: str
+    output: str
+    time_in_seconds: bool
+
+
+# The Azure LLM inference traces (2023, and 2024's, which kept the columns) and BurstGPT's
+# (Azure OpenAI GPT use: "Timestamp" in seconds, "Model", "Request tokens", "Response
+# tokens", "Total tokens", "Log Type"; in some releases more columns).
+_CSV_FORMATS = (_CsvFormat("azure", *_AZURE_COLUMNS, False),
+                _CsvFormat("burstgpt", "Timestamp", "Request tokens", "Response tokens", True))
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_MAX_DIGITS = 20  # far past MAX_REQUEST_TOKENS: a longer number is refused unparsed
+
+
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
+
+
+def _parse_seconds(text: str) -> float:
+    """A number of seconds, written plainly (no sign, exponent, ``inf`` or ``_``)."""
+    digits = text.strip()
+    if _DECIMAL.fullmatch(digits) is None or len(digits) > 64:
+        raise ValueError("expected a number of seconds >= 0")
+    return float(digits)
+
+
+def _parse_azure_timestamp(text: str) -> datetime:
+    # NOTE: the files carry 7 fractional digits (100 ns), more than strptime's %f accepts.
+    whole, _, fraction = text.strip().partition(".")
+    moment = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S")
+    if fraction and not fraction.isdigit():
+        raise ValueError(f"bad fractional seconds {shown(fraction)}")
+    return moment.replace(microsecond=int((fraction or "0")[:6].ljust(6, "0")))
+
+
+class AzureTrace:
+    """An Azure LLM inference trace (CSV: 2023's, 2024's) or a BurstGPT trace: arrivals and
+    lengths, prefixes synthesised. The format is told by the header.
+
+    ``arrival_s`` is measured from the first row. The file has no prefix information, so a
+    :class:`~kvtier.sim.synthetic.PrefixModel` (deterministic for ``seed``) assigns each
+    request a Zipf-popular system prompt or makes it a follow-up turn of an open session.
+    The prompt always has exactly ``ContextTokens`` tokens: a follow-up's new user turn fills
+    whatever the history leaves (sessions whose history does not fit are not candidates), and
+    a first turn truncates its system prompt when the request is short
+    (see :meth:`SessionBuilder.fixed_length_prompt`). ``limit`` keeps the first rows only.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        prefix_model: PrefixModel = DEFAULT_PREFIX_MODEL,
+        seed: int = 0,
+        limit: int | None = None,
+    ) -> None:
+        if not isinstance(prefix_model, PrefixModel):
+            raise ValueError(f"prefix_model must be a PrefixModel, got {shown(prefix_model)}")
+        if type(seed) is not int:
+            raise ValueError(f"seed must be an integer, got {shown(seed)}")
+        check_limit(limit)
+        self.path = Path(path)
+        self.prefix_model = prefix_model
+        self.seed = seed
+        self.limit = limit
+        self.format = _CSV_FORMATS[0]
+        self._records = self._parse()
+
+    @property
+    def name(self) -> str:
+        """The file name without its suffix."""
+        return self.path.stem
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[TraceRequest]:
+        """Yield the requests in arrival order; each prompt is built when it is reached."""
+        builder = SessionBuilder(self.prefix_model, self.seed)
+        for index, rec in enumerate(self._records):
+            session_id, prompt = builder.fixed_length_prompt(
+                rec.context_tokens, rec.generated_tokens
+            )
+            yield TraceRequest(
+                f"{self.name}-{index}", rec.arrival_s, prompt, rec.generated_tokens, session_id
+            )
+
+    def describe(self) -> dict[str, object]:
+        """JSON-ready summary: file, request count, span, token totals and the prefix model."""
+        recs = self._records
+        return {
+            "name": self.name,
+            "kind": self.format.name,
+            "path": str(self.path),
+            "num_requests": len(recs),
+            "span_s": recs[-1].arrival_s if recs else 0.0,
+            "num_prompt_tokens": sum(r.context_tokens for r in recs),
+            "num_output_tokens": sum(r.generated_tokens for r in recs),
+            "seed": self.seed,
+            "limit": self.limit,
+            "prefix_model": asdict(self.prefix_model),
+        }
+
+    def _parse(self) -> list[_AzureRecord]:
+        """The records, read a line at a time.
+
+        NOTE: not the whole file at once: it took three times the file's size in memory
+        (bytes, text, the reader's copy) even with --limit, and a line of gigabytes without
+        a newline was read whole. A line longer than :data:`MAX_LINE_BYTES` is refused
+        unread."""
+        check_regular_file(self.path)
+        lines = CheckedLines()
+        # A byte order mark (Windows tools write one) is skipped; bytes that are not UTF-8
+        # come through as lone surrogates, for _Lines to name their line.
+        with self.path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            reader = csv.reader(lines.of(f, self.path))
+            try:
+                return self._parse_rows(reader)
+            except csv.Error as exc:
+                raise TraceFormatError(self.path, reader.line_num, "<row>", str(exc)) from None
+
+    def _parse_rows(self, reader: _CsvReader) -> list[_AzureRecord]:
+        records: list[_AzureRecord] = []
+        header = next(reader, None)
+        if header is None:
+            return records  # an empty file: no requests, as an empty Mooncake trace
+        names = [h.strip() for h in header]
+        fmt = next((f for f in _CSV_FORMATS if {f.time, f.prompt, f.output} <= set(names)),
+                   None)
+        if fmt is None:
+            raise TraceFormatError(
+                self.path, 1, "<header>", f"expected columns {_AZURE_COLUMNS} (Azure) or "
+                f"{_CSV_FORMATS[1][1:4]} among others (BurstGPT), got {header}")
+        twice = next((n for n in (fmt.time, fmt.prompt, fmt.output) if names.count(n) > 1),
+                     None)
+        if twice is not None:
+            raise TraceFormatError(self.path, 1, "<header>", f"column {shown(twice)} twice")
+        self.format = fmt
+        columns = [(names.index(c), c, minimum)
+                   for c, minimum in ((fmt.prompt, 1), (fmt.output, 0))]
+        time_at = names.index(fmt.time)
+        first: datetime | None = None
+        first_s: float | None = None
+        previous_s = 0.0
+        for row in reader:
+            line_number = reader.line_num
+            if self.limit is not None and len(records) >= self.limit:
+                break
+            if not row:
+                continue
+            if len(row) != len(names):
+                raise TraceFormatError(
+                    self.path, line_number, "<row>",
+                    f"expected {len(names)} columns, got {len(row)}",
+                )
+            text = row[time_at]
+            try:
+                if fmt.time_in_seconds:
+                    seconds = _parse_seconds(text)
+                    first_s = seconds if first_s is None else first_s
+                    arrival_s = seconds - first_s
+                else:
+                    moment = _parse_azure_timestamp(text)
+                    first = moment if first is None else first
+                    arrival_s = (moment - first).total_seconds()
+            except ValueError as exc:
+                raise TraceFormatError(
+                    self.path, line_number, fmt.time, f"{shown(text)}: {exc}"
+                ) from None
+            if arrival_s < previous_s:
+                raise TraceFormatError(
+                    self.path, line_number, fmt.time,
+                    f"{shown(text)} is earlier than the previous row",
+                )
+            if arrival_s > MAX_ARRIVAL_S:
+                raise TraceFormatError(
+                    self.path, line_number, fmt.time,
+                    f"{shown(text)} is more than {MAX_ARRIVAL_S:.0e} s after the first row",
+                )
+            previous_s = arrival_s
+            lengths = []
+            for at, column, minimum in columns:
+                digits = row[at].strip()
+                # NOTE: not int() alone: it also takes '1_000' and non-ASCII digits ('١٢').
+                if _INTEGER.fullmatch(digits) is None or len(digits) > _MAX_DIGITS:
+                    raise TraceFormatError(
+                        self.path, line_number, column,
+                        f"expected an integer in {minimum}..{MAX_REQUEST_TOKENS}, "
+                        f"got {short_repr(digits)}")
+                value = int(digits)
+                if not minimum <= value <= MAX_REQUEST_TOKENS:
+                    raise TraceFormatError(
+                        self.path, line_number, column,
+                        f"must be an integer in {minimum}..{MAX_REQUEST_TOKENS}, got {value}",
+                    )
+                lengths.append(value)
+            records.append(_AzureRecord(arrival_s, lengths[0], lengths[1]))
+        return records
