@@ -17,7 +17,13 @@ from kvtier.json_text import DuplicateKeyError
 from kvtier.reprs import shown
 from kvtier.sequence import is_finite_number, short_repr
 from kvtier.sim.oracle import OracleRequest
-from kvtier.sim.trace_file import MAX_LINE_BYTES, TraceFormatError, check_limit, check_regular_file
+from kvtier.sim.trace_file import (
+    MAX_LINE_BYTES,
+    TraceFormatError,
+    TraceRecords,
+    check_limit,
+    check_regular_file,
+)
 from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
 MOONCAKE_BLOCK_TOKENS = 512
@@ -53,7 +59,7 @@ MOONCAKE = _Format("mooncake", MOONCAKE_BLOCK_TOKENS, 1000.0, True, False)
 BAILIAN = _Format("bailian", 16, 1.0, False, True)
 
 
-class MooncakeTrace:
+class MooncakeTrace(TraceRecords[_MooncakeRecord]):
     """A JSONL trace of block hash ids: arrivals, lengths and one id per block of a prompt.
 
     Two public formats, told apart by their rows: Mooncake's FAST'25 traces (``timestamp``
@@ -99,14 +105,6 @@ class MooncakeTrace:
         self.block_tokens = MOONCAKE_BLOCK_TOKENS if block_tokens is None else block_tokens
         self._records = self._parse(block_tokens, time_unit_s)
         self._chains: list[tuple[int, ...]] | None = None
-
-    @property
-    def name(self) -> str:
-        """The file name without its suffix."""
-        return self.path.stem
-
-    def __len__(self) -> int:
-        return len(self._records)
 
     def __iter__(self) -> Iterator[TraceRequest]:
         """Yield the requests in file (arrival) order, building each prompt when reached."""

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, NamedTuple
 from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 from kvtier.sim.synthetic import PrefixModel, SessionBuilder
-from kvtier.sim.trace_file import CheckedLines, TraceFormatError, check_limit, check_regular_file
+from kvtier.sim.trace_file import (
+    CheckedLines,
+    TraceFormatError,
+    TraceRecords,
+    check_limit,
+    check_regular_file,
+)
 from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
 if TYPE_CHECKING:
@@ -76,7 +82,7 @@ def _parse_azure_timestamp(text: str) -> datetime:
     return moment.replace(microsecond=int((fraction or "0")[:6].ljust(6, "0")))
 
 
-class AzureTrace:
+class AzureTrace(TraceRecords[_AzureRecord]):
     """An Azure LLM inference trace (CSV: 2023's, 2024's) or a BurstGPT trace: arrivals and
     lengths, prefixes synthesised. The format is told by the header.
 
@@ -107,14 +113,6 @@ class AzureTrace:
         self.limit = limit
         self.format = _CSV_FORMATS[0]
         self._records = self._parse()
-
-    @property
-    def name(self) -> str:
-        """The file name without its suffix."""
-        return self.path.stem
-
-    def __len__(self) -> int:
-        return len(self._records)
 
     def __iter__(self) -> Iterator[TraceRequest]:
         """Yield the requests in arrival order; each prompt is built when it is reached."""

@@ -1,5 +1,6 @@
-"""What every trace reader shares: the error that names file, line and field, and the
-checks on a file and its lines before a row is parsed."""
+"""What every trace reader shares: the error that names file, line and field, the
+checks on a file and its lines before a row is parsed, and the file's name and length
+(``TraceRecords``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import errno
 import io
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from kvtier.reprs import shown
 
@@ -68,3 +70,22 @@ class TraceFormatError(ValueError):
 def check_limit(limit: int | None) -> None:
     if limit is not None and (type(limit) is not int or limit < 0):
         raise ValueError(f"limit must be an integer >= 0 or None, got {shown(limit)}")
+
+
+R = TypeVar("R")
+
+
+class TraceRecords(Generic[R]):
+    """What a trace reader is besides its format: the file (``path``) and its records, one
+    a request (``_records``, which the reader sets)."""
+
+    path: Path
+    _records: Sequence[R]
+
+    @property
+    def name(self) -> str:
+        """The file name without its suffix."""
+        return self.path.stem
+
+    def __len__(self) -> int:
+        return len(self._records)
