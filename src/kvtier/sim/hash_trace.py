@@ -243,15 +243,23 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
                 if not line.strip():
                     continue
                 obj = self._parse_line(line, line_number)
+
+                def fail(field: str, problem: str, line_number: int = line_number
+                         ) -> TraceFormatError:
+                    return TraceFormatError(self.path, line_number, field, problem)
+
                 if not records:  # the first row tells the format
                     fmt = self.format = BAILIAN if _BAILIAN_KEY in obj else MOONCAKE
                     ticks_per_s = fmt.ticks_per_s if time_unit_s is None else 1.0 / time_unit_s
                     block = self.block_tokens = (fmt.block_tokens if block_tokens is None
                                                  else block_tokens)
-
-                def fail(field: str, problem: str, line_number: int = line_number
-                         ) -> TraceFormatError:
-                    return TraceFormatError(self.path, line_number, field, problem)
+                elif (_BAILIAN_KEY in obj) != (fmt is BAILIAN):
+                    # NOTE: a Bailian file's row without a chat id raised KeyError, naming no
+                    # line; a Mooncake file's row with one was read as Mooncake's, the chat
+                    # id dropped. One file, one format.
+                    raise fail(_BAILIAN_KEY, f"{'missing' if fmt is BAILIAN else 'given'} in a "
+                               f"row of a {fmt.name} trace (told by the first row): not one "
+                               "format")
 
                 timestamp = cast(float, obj["timestamp"])
                 if timestamp < previous:
