@@ -4,11 +4,16 @@ lengths."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kvtier.blocks import cdiv
 from kvtier.sim.traces import MooncakeTrace, TraceFormatError
 
 
@@ -71,3 +76,130 @@ def test_a_timestamp_past_the_span_names_its_seconds(tmp_path: Path, unit_s: flo
     with pytest.raises(TraceFormatError, match="timestamp") as refused:
         MooncakeTrace(path, time_unit_s=unit_s)
     assert shown in str(refused.value)
+
+
+# ---- a block an id names at two lengths ----------------------------------------------------------
+
+@pytest.mark.parametrize("bailian", [False, True])
+def test_a_partial_last_block_seen_is_no_hit_for_the_whole_block(tmp_path: Path,
+                                                                  bailian: bool) -> None:
+    """After a prompt of 100 tokens, one of 512 with the same id had counted 512 hits with
+    an unlimited cache (0.84 for 100 + 512 tokens): only the first 100 were ever seen, and
+    no prefix of 512 tokens, so none at the hash blocks' granularity. The reverse (the
+    whole block first) hits the partial one."""
+    chat = [{"chat_id": 0}, {"chat_id": 1}] if bailian else [{}, {}]
+    path = write_rows(tmp_path / "t.jsonl", [row(0, 100, (5,), **chat[0]),
+                                             row(1, 512, (5,), **chat[1])])
+    assert MooncakeTrace(path, block_tokens=512).unlimited_hit_rate() == 0.0
+    path = write_rows(tmp_path / "t.jsonl", [row(0, 512, (5,), **chat[0]),
+                                             row(1, 100, (5,), **chat[1])])
+    assert MooncakeTrace(path, block_tokens=512).unlimited_hit_rate() == 100 / 612
+
+
+# ---- generated traces against a reference of what the prompts and keys must be ------------------
+
+B = 4  # the generated traces' hash block (block_tokens)
+
+
+@st.composite
+def mooncake_rows(draw: st.DrawFn) -> list[dict[str, object]]:
+    """Mooncake rows: prefix hash ids (each id always after the same id), ceil(L / B) ids,
+    timestamps in ms, equal or increasing."""
+    parents: dict[int, int | None] = {}
+    children: dict[int | None, list[int]] = {}
+    rows = []
+    timestamp = 0
+    for _ in range(draw(st.integers(1, 8))):
+        ids: list[int] = []
+        for _ in range(draw(st.integers(1, 4))):
+            parent = ids[-1] if ids else None
+            known = children.get(parent, [])
+            if known and draw(st.booleans()):
+                h = draw(st.sampled_from(known))
+            else:
+                h = len(parents) * 7 + draw(st.integers(0, 6))  # fresh, not dense
+                parents[h] = parent
+                children.setdefault(parent, []).append(h)
+            ids.append(h)
+        length = (len(ids) - 1) * B + draw(st.integers(1, B))
+        timestamp += draw(st.integers(0, 3))
+        rows.append(row(timestamp=timestamp, input_length=length, hash_ids=tuple(ids)))
+    return rows
+
+
+@st.composite
+def bailian_rows(draw: st.DrawFn) -> list[dict[str, object]]:
+    """Bailian rows: content hash ids from a small set (repeating anywhere), the partial
+    last block with or without an id, chat ids with earlier parents (or none)."""
+    rows = []
+    timestamp = 0.0
+    for chat in range(draw(st.integers(1, 8))):
+        num_blocks = draw(st.integers(0, 4))
+        tail = draw(st.integers(0, B - 1))
+        length = num_blocks * B + tail
+        if length == 0:
+            length, tail = 1, 1
+        num_ids = num_blocks + (1 if tail and draw(st.booleans()) else 0)
+        ids = tuple(draw(st.lists(st.integers(0, 3), min_size=num_ids, max_size=num_ids)))
+        parent = draw(st.integers(-1, chat - 1))
+        timestamp += draw(st.sampled_from([0.0, 0.25, 1.0]))
+        rows.append(row(timestamp=timestamp, input_length=length, hash_ids=ids,
+                        chat_id=chat, parent_chat_id=parent))
+    return rows
+
+
+def brute_unlimited_hit_rate(prompts: list[list[int]]) -> float:
+    """Per prompt, the longest prefix of min(k * B, L) tokens that an earlier prompt
+    began with, over all prompts' tokens."""
+    num_hits = 0
+    for index, prompt in enumerate(prompts):
+        ends = [min(k * B, len(prompt)) for k in range(cdiv(len(prompt), B) + 1)]
+        num_hits += max(end for end in ends
+                        if any(p[:end] == prompt[:end] and len(p) >= end
+                               for p in prompts[:index]) or end == 0)
+    return num_hits / sum(len(p) for p in prompts)
+
+
+def check_against_reference(trace: MooncakeTrace, rows: list[dict[str, object]],
+                            tokens_per_block: int) -> None:
+    prompts = [r.prompt for r in trace]
+    assert [len(p) for p in prompts] == [r["input_length"] for r in rows]
+    ids = [cast("list[int]", r["hash_ids"]) for r in rows]
+    for a, b in itertools.combinations(range(len(rows)), 2):
+        for k in range(1, min(len(ids[a]), len(ids[b])) + 1):
+            full = k * B <= min(len(prompts[a]), len(prompts[b]))
+            if full:  # equal id prefixes <=> equal token prefixes, block by block
+                assert (ids[a][:k] == ids[b][:k]) == (prompts[a][:k * B] == prompts[b][:k * B])
+    # A partial last block without an id: its tokens are the request's own.
+    for index, prompt in enumerate(prompts):
+        own = prompt[len(ids[index]) * B:]
+        others = {t for j, p in enumerate(prompts) if j != index for t in p}
+        assert not set(own) & others
+    # Oracle keys: distinct within a request; equal keys name equal token prefixes, but
+    # for a partial last block, keyed as the whole one (the oracles' convention, a bound:
+    # a cache reuses a prefix of a block it holds).
+    keyed: dict[object, list[int]] = {}
+    for request, prompt in zip(trace.oracle_requests(tokens_per_block), prompts, strict=True):
+        keys = request.block_keys
+        assert len(keys) == cdiv(len(prompt), tokens_per_block)
+        assert len(set(keys)) == len(keys)
+        for j, key in enumerate(keys):
+            tokens = prompt[:min((j + 1) * tokens_per_block, len(prompt))]
+            other = keyed.setdefault(key, tokens)
+            shorter, longer = sorted((other, tokens), key=len)
+            assert longer[:len(shorter)] == shorter, (key, j)
+            assert len(shorter) == len(longer) or len(shorter) % tokens_per_block, (key, j)
+    assert trace.unlimited_hit_rate() == pytest.approx(brute_unlimited_hit_rate(prompts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.one_of(mooncake_rows(), bailian_rows()), tokens_per_block=st.integers(1, 9))
+def test_generated_traces_match_the_reference(tmp_path_factory: pytest.TempPathFactory,
+                                              rows: list[dict[str, object]],
+                                              tokens_per_block: int) -> None:
+    """A generated Mooncake or Bailian trace: prompts share exactly what their ids share,
+    tails are their own, oracle keys name their token prefixes, and the unlimited hit rate
+    is the brute-force one over token prefixes at the hash blocks' granularity."""
+    path = write_rows(tmp_path_factory.mktemp("gen") / "t.jsonl", rows)
+    trace = MooncakeTrace(path, tokens_per_block=tokens_per_block, block_tokens=B)
+    check_against_reference(trace, rows, tokens_per_block)

@@ -126,8 +126,9 @@ def test_bailian_ids_are_block_content_not_prefix(tmp_path: Path) -> None:
     assert keys[0][2] not in keys[1]  # 159's partial third block is no whole one
     assert not set(keys[2]) & (set(keys[0]) | set(keys[1]))  # 1091 after nothing
     assert not set(keys[3]) & set(keys[0])  # 1090 first: not 159's second block
-    # 160 finds 159's three ids (48 tokens, the trace's granularity); 161 and 162 nothing.
-    assert trace.unlimited_hit_rate() == 48 / (40 + 70 + 20 + 16)
+    # 160 finds 159's two whole blocks (32 tokens, the trace's granularity: 159 had only 8
+    # tokens of the third); 161 and 162 nothing.
+    assert trace.unlimited_hit_rate() == 32 / (40 + 70 + 20 + 16)
     coarse = MooncakeTrace(trace.path, tokens_per_block=32)
     first, second = list(coarse.oracle_requests())[:2]
     assert second.block_keys[:1] == first.block_keys[:1]  # tokens 0..31: blocks 1089, 1090

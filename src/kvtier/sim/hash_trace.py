@@ -178,20 +178,28 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
         """Token hit rate with an unlimited cache at the hash blocks' granularity (a query).
 
         For each request in order, the longest prefix of its ids already seen counts
-        ``min(k * B, input_length)`` tokens as hits.
+        ``min(k * B, input_length)`` tokens as hits: a block seen, each with at least as
+        many of its tokens as the request has (a partial last block is seen by a prompt
+        that had it whole, not the reverse).
+
+        NOTE: a block seen only as a partial last block counted whole: after a request of
+        100 tokens, one of 512 with the same id counted 512 hits.
         """
-        seen: set[int] = set()
+        block = self.block_tokens
+        num_seen: dict[int, int] = {}  # prefix of ids (numbered) -> most of its tokens seen
         num_hit_tokens = 0
         num_tokens = 0
         for rec, chain in zip(self._records, self.chains(), strict=True):
-            k = 0
-            for c in chain:
-                if c not in seen:
-                    break
-                k += 1
-            num_hit_tokens += min(k * self.block_tokens, rec.input_length)
+            hitting = True
+            for k, c in enumerate(chain):
+                num_block_tokens = min(block, rec.input_length - k * block)
+                if hitting and num_seen.get(c, 0) < num_block_tokens:
+                    hitting = False
+                    num_hit_tokens += k * block
+                num_seen[c] = max(num_seen.get(c, 0), num_block_tokens)
+            if hitting:
+                num_hit_tokens += rec.input_length
             num_tokens += rec.input_length
-            seen.update(chain)
         return num_hit_tokens / num_tokens if num_tokens else 0.0
 
     def describe(self) -> dict[str, object]:
