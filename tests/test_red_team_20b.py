@@ -14,6 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.blocks import cdiv
+from kvtier.config import CacheConfig
+from kvtier.scheduler import SchedulerConfig
+from kvtier.sim import simulate
 from kvtier.sim.traces import MooncakeTrace, TraceFormatError
 
 
@@ -78,6 +81,44 @@ def test_a_timestamp_past_the_span_names_its_seconds(tmp_path: Path, unit_s: flo
     assert shown in str(refused.value)
 
 
+# ---- Bailian conversations: chat ids and their parents -------------------------------------------
+
+def chat_rows(*links: tuple[int, int]) -> list[dict[str, object]]:
+    return [row(timestamp=line, chat_id=chat, parent_chat_id=parent)
+            for line, (chat, parent) in enumerate(links)]
+
+
+def test_a_parent_read_after_its_child_gives_them_one_session(tmp_path: Path) -> None:
+    """Chat 2 names chat 1, which comes later and names chat 0: the three were sessions
+    chat-1, chat-0, chat-0 (the parent not yet read taken as the conversation's root);
+    now one conversation, chat-0's."""
+    path = write_rows(tmp_path / "t.jsonl", chat_rows((2, 1), (1, 0), (0, -1), (5, 9)))
+    sessions = [r.session_id for r in MooncakeTrace(path)]
+    assert sessions == ["chat-0", "chat-0", "chat-0", "chat-9"]  # 9: before the trace
+
+
+@pytest.mark.parametrize(("links", "line", "field", "shown"), [
+    # The second chat 1 took the first's place as a parent, without a word.
+    (((1, -1), (1, -1), (2, 1)), 2, "chat_id", "chat id 1 is given twice (first on line 1)"),
+    # A chat that follows itself, or two that follow each other: sessions named by
+    # whichever was read first.
+    (((3, 3),), 1, "parent_chat_id", "chat 3 follows itself (lines 1)"),
+    (((1, 2), (2, 1)), 1, "parent_chat_id", "chat 1 follows itself (lines 1, 2)"),
+    # -1 is no parent: a chat -1 was session 'chat--1', no chat's parent.
+    (((-1, -1),), 1, "chat_id", "expected an integer id >= 0, got -1"),
+])
+def test_chat_ids_that_contradict_are_refused_naming_the_line(
+        tmp_path: Path, links: tuple[tuple[int, int], ...], line: int, field: str,
+        shown: str) -> None:
+    """A chat id given twice, a chain of parents that comes back to a chat, a chat id of
+    -1: TraceFormatError naming the line and the field."""
+    path = write_rows(tmp_path / "t.jsonl", chat_rows(*links))
+    with pytest.raises(TraceFormatError) as refused:
+        MooncakeTrace(path)
+    assert (refused.value.line_number, refused.value.field) == (line, field)
+    assert shown in str(refused.value)
+
+
 # ---- a block an id names at two lengths ----------------------------------------------------------
 
 @pytest.mark.parametrize("bailian", [False, True])
@@ -130,10 +171,12 @@ def mooncake_rows(draw: st.DrawFn) -> list[dict[str, object]]:
 @st.composite
 def bailian_rows(draw: st.DrawFn) -> list[dict[str, object]]:
     """Bailian rows: content hash ids from a small set (repeating anywhere), the partial
-    last block with or without an id, chat ids with earlier parents (or none)."""
+    last block with or without an id, chat ids whose parents form a forest (a parent
+    before or after its child in the file, or none, or one before the trace's window)."""
     rows = []
     timestamp = 0.0
-    for chat in range(draw(st.integers(1, 8))):
+    num_chats = draw(st.integers(1, 8))
+    for chat in draw(st.permutations(range(num_chats))):
         num_blocks = draw(st.integers(0, 4))
         tail = draw(st.integers(0, B - 1))
         length = num_blocks * B + tail
@@ -141,7 +184,7 @@ def bailian_rows(draw: st.DrawFn) -> list[dict[str, object]]:
             length, tail = 1, 1
         num_ids = num_blocks + (1 if tail and draw(st.booleans()) else 0)
         ids = tuple(draw(st.lists(st.integers(0, 3), min_size=num_ids, max_size=num_ids)))
-        parent = draw(st.integers(-1, chat - 1))
+        parent = draw(st.sampled_from([-1, 100, *range(chat)]))
         timestamp += draw(st.sampled_from([0.0, 0.25, 1.0]))
         rows.append(row(timestamp=timestamp, input_length=length, hash_ids=ids,
                         chat_id=chat, parent_chat_id=parent))
@@ -190,6 +233,14 @@ def check_against_reference(trace: MooncakeTrace, rows: list[dict[str, object]],
             assert longer[:len(shorter)] == shorter, (key, j)
             assert len(shorter) == len(longer) or len(shorter) % tokens_per_block, (key, j)
     assert trace.unlimited_hit_rate() == pytest.approx(brute_unlimited_hit_rate(prompts))
+    if trace.format.name == "bailian":  # a session is its conversation's first chat
+        parent_of = {r["chat_id"]: r["parent_chat_id"] for r in rows}
+
+        def root(chat: object) -> object:
+            parent = parent_of[chat]
+            return chat if parent == -1 else root(parent) if parent in parent_of else parent
+
+        assert [r.session_id for r in trace] == [f"chat-{root(r['chat_id'])}" for r in rows]
 
 
 @settings(max_examples=300, deadline=None)
@@ -203,3 +254,22 @@ def test_generated_traces_match_the_reference(tmp_path_factory: pytest.TempPathF
     path = write_rows(tmp_path_factory.mktemp("gen") / "t.jsonl", rows)
     trace = MooncakeTrace(path, tokens_per_block=tokens_per_block, block_tokens=B)
     check_against_reference(trace, rows, tokens_per_block)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.one_of(mooncake_rows(), bailian_rows()),
+       sizes=st.sampled_from([(2, 16, 0), (2, 24, 8), (4, 12, 4), (1, 40, 0)]))
+def test_generated_traces_replay_without_lost_reuse(tmp_path_factory: pytest.TempPathFactory,
+                                                    rows: list[dict[str, object]],
+                                                    sizes: tuple[int, int, int]) -> None:
+    """Each generated trace replays through small caches with the invariants checked at
+    every step, and no reuse promised is lost."""
+    tokens_per_block, num_gpu_blocks, num_host_blocks = sizes
+    path = write_rows(tmp_path_factory.mktemp("gen") / "t.jsonl", rows)
+    trace = MooncakeTrace(path, tokens_per_block=tokens_per_block, block_tokens=B)
+    cache = CacheConfig(tokens_per_block=tokens_per_block, num_gpu_blocks=num_gpu_blocks,
+                        num_host_blocks=num_host_blocks)
+    report = simulate(trace, cache, SchedulerConfig(max_num_tokens=16), "tiny-test",
+                      check_every=1)
+    assert report.num_lost_reuse_tokens == 0
+    assert report.num_requests + report.num_rejected_too_large == len(rows)

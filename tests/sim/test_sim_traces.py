@@ -179,7 +179,7 @@ def test_a_hash_id_too_large_for_its_blocks_is_named(tmp_path: Path) -> None:
     path = make_file(tmp_path, "qwen.jsonl", [BAILIAN_ROWS[0], json.dumps(row)])
     assert max(list(MooncakeTrace(path))[1].prompt) == big * 16 + 15
     row["input_length"] = 40  # the first row's 40 tokens take 3 ids at 16, 1 at 512
-    path = make_file(tmp_path, "qwen.jsonl", [json.dumps(row | {"hash_ids": [1]}),
+    path = make_file(tmp_path, "qwen.jsonl", [json.dumps(row | {"hash_ids": [1], "chat_id": 1}),
                                                json.dumps(row | {"hash_ids": [big]})])
     with pytest.raises(TraceFormatError, match=f"^{path}:2: field 'hash_ids': id {big} is too "
                        "large"):

@@ -225,7 +225,8 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
         ``block_tokens`` and the first id past the trace's (``_first_tail_id``: the partial
         last blocks without an id are numbered from it)."""
         records: list[_MooncakeRecord] = []
-        roots: dict[int, int] = {}  # Bailian: chat id -> its conversation's first chat id
+        links: dict[int, tuple[int, int]] = {}  # Bailian: chat id -> (its parent, its line)
+        chats: list[int] = []  # Bailian: each record's chat id
         parents: dict[int, int | None] = {}  # Mooncake: what each hash id follows
         previous = 0.0
         max_id = -1
@@ -294,16 +295,20 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
                     self._check_prefixes(hash_ids, parents, line_number)
                 if hash_ids and max(hash_ids) > max_id:
                     max_id, max_line = max(hash_ids), line_number
-                session_id = None
                 if fmt is BAILIAN:
                     chat = cast(int, obj[_BAILIAN_KEY])
-                    parent = cast(int, obj.get("parent_chat_id", -1))
-                    root = roots.get(parent, parent) if parent >= 0 else chat
-                    roots[chat] = root
-                    session_id = f"chat-{root}"
+                    if chat in links:
+                        raise fail(_BAILIAN_KEY, f"chat id {chat} is given twice (first on "
+                                   f"line {links[chat][1]})")
+                    links[chat] = (cast(int, obj.get("parent_chat_id", -1)), line_number)
+                    chats.append(chat)
                 records.append(_MooncakeRecord(arrival_s, length,
                                                cast(int, obj["output_length"]), hash_ids,
-                                               session_id))
+                                               None))
+        if fmt is BAILIAN:
+            roots = self._roots(links)
+            records = [rec._replace(session_id=f"chat-{roots[chat]}")
+                       for rec, chat in zip(records, chats, strict=True)]
         # Token ids h*B .. must stay below 2**63, the tails' ids (one a request) too.
         self._first_tail_id = max_id + 1
         if (max_id + 1 + len(records)) * self.block_tokens > 1 << 63:
@@ -311,6 +316,33 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
                 self.path, max_line, "hash_ids", f"id {max_id} is too large: token ids "
                 f"h*{self.block_tokens}.. must stay below 2**63")
         return records
+
+    def _roots(self, links: dict[int, tuple[int, int]]) -> dict[int, int]:
+        """Each chat's conversation: the first chat of its chain of parents (a parent the
+        trace does not hold, before its window, is the root); TraceFormatError naming the
+        line of a chain that comes back to a chat.
+
+        NOTE: resolved once the rows are read: a parent read after its child (the chain
+        followed as far as it was read) split one conversation in two sessions."""
+        roots: dict[int, int] = {}
+        for start in links:
+            path: list[int] = []
+            chat = start
+            while chat not in roots:
+                if chat in path:
+                    lines = ", ".join(str(links[c][1]) for c in path[path.index(chat):])
+                    raise TraceFormatError(self.path, links[chat][1], "parent_chat_id",
+                                           f"chat {chat} follows itself (lines {lines})")
+                path.append(chat)
+                parent = links[chat][0]
+                if parent < 0 or parent not in links:
+                    roots[chat] = chat if parent < 0 else parent
+                    break
+                chat = parent
+            root = roots[chat]
+            for c in path:
+                roots[c] = root
+        return roots
 
     def _check_prefixes(self, hash_ids: tuple[int, ...], parents: dict[int, int | None],
                         line_number: int) -> None:
@@ -370,10 +402,12 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
             if value > MAX_REQUEST_TOKENS:
                 raise fail(field, f"{value} tokens is more than the {MAX_REQUEST_TOKENS} "
                            "a request may have")
-        for field in (_BAILIAN_KEY, "parent_chat_id"):
-            value = obj.get(field, -1)
-            if type(value) is not int or not -1 <= value < 1 << 63:
-                raise fail(field, f"expected an integer id >= -1, got {short_repr(value)}")
+        for field, lowest in ((_BAILIAN_KEY, 0), ("parent_chat_id", -1)):
+            if field in obj:
+                value = obj[field]
+                if type(value) is not int or not lowest <= value < 1 << 63:
+                    raise fail(field, f"expected an integer id >= {lowest}, got "
+                               f"{short_repr(value)}")
         hash_ids = obj["hash_ids"]
         expected_ids = f"expected a list of integers in 0..{MAX_HASH_ID_ANY}"
         if not isinstance(hash_ids, list):
