@@ -1,6 +1,7 @@
-"""Red team, pass 20b: the JSONL trace readers (Mooncake, Bailian) given files that mix
-their formats, timestamps in a unit the reader was told, and blocks an id names at two
-lengths."""
+"""Red team, pass 20b: the trace readers given files that mix their formats, timestamps in
+a unit the reader was told or past the clock's precision, blocks an id names at two
+lengths, chat ids that contradict; generated traces against a reference model of what
+their prompts, keys, sessions and unlimited hit rate must be, and replayed end to end."""
 
 from __future__ import annotations
 
@@ -273,3 +274,22 @@ def test_generated_traces_replay_without_lost_reuse(tmp_path_factory: pytest.Tem
                       check_every=1)
     assert report.num_lost_reuse_tokens == 0
     assert report.num_requests + report.num_rejected_too_large == len(rows)
+
+
+# ---- BurstGPT seconds past the clock's precision ------------------------------------------------
+
+def test_a_burstgpt_timestamp_past_the_span_is_refused(tmp_path: Path) -> None:
+    """Seconds of 21 digits were read as floats of 1e20, arrivals measured from the first
+    row: rows 1 s and 0.5 s apart all arrived at 0.0, without a word. A timestamp is
+    bounded as a JSONL trace's is: at most the 1e10 s a trace may span."""
+    from kvtier.sim.traces import AzureTrace
+
+    path = tmp_path / "b.csv"
+    path.write_text("Timestamp,Request tokens,Response tokens\n"
+                    f"{10**20},3,4\n{10**20}.5,3,4\n{10**20 + 1},3,4\n")
+    with pytest.raises(TraceFormatError, match="1e\\+10 s") as refused:
+        AzureTrace(path)
+    assert (refused.value.line_number, refused.value.field) == (2, "Timestamp")
+    path.write_text("Timestamp,Request tokens,Response tokens\n"
+                    "1700000000.25,3,4\n1700000001,3,4\n")  # seconds since 1970 still read
+    assert [r.arrival_s for r in AzureTrace(path)] == [0.0, 0.75]

@@ -66,11 +66,19 @@ _DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
 
 
 def _parse_seconds(text: str) -> float:
-    """A number of seconds, written plainly (no sign, exponent, ``inf`` or ``_``)."""
+    """A number of seconds, written plainly (no sign, exponent, ``inf`` or ``_``), at most
+    :data:`MAX_ARRIVAL_S`.
+
+    NOTE: bounded as a JSONL trace's timestamp is: past it, arrivals are measured from the
+    first row in floats that no longer tell the rows apart (seconds of 21 digits, rows a
+    second apart, all arrived at 0.0)."""
     digits = text.strip()
     if _DECIMAL.fullmatch(digits) is None or len(digits) > 64:
         raise ValueError("expected a number of seconds >= 0")
-    return float(digits)
+    seconds = float(digits)
+    if seconds > MAX_ARRIVAL_S:
+        raise ValueError(f"more than the {MAX_ARRIVAL_S:.0e} s a trace may span")
+    return seconds
 
 
 def _parse_azure_timestamp(text: str) -> datetime:
