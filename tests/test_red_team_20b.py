@@ -5,6 +5,8 @@ their prompts, keys, sessions and unlimited hit rate must be, and replayed end t
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
 from pathlib import Path
@@ -293,3 +295,51 @@ def test_a_burstgpt_timestamp_past_the_span_is_refused(tmp_path: Path) -> None:
     path.write_text("Timestamp,Request tokens,Response tokens\n"
                     "1700000000.25,3,4\n1700000001,3,4\n")  # seconds since 1970 still read
     assert [r.arrival_s for r in AzureTrace(path)] == [0.0, 0.75]
+
+
+Row = tuple[float, int, int]  # seconds, request and response tokens
+
+
+@st.composite
+def burstgpt_files(draw: st.DrawFn) -> tuple[str, list[Row]]:
+    """A BurstGPT CSV (its columns in any order among extra ones with quotes, commas and
+    line breaks; a byte order mark or not; CRLF or LF) and the rows it holds."""
+    extra = draw(st.lists(st.sampled_from(["Model", "Total tokens", "Log Type", 'a "b", c']),
+                          unique=True, max_size=3))
+    header = draw(st.permutations(["Timestamp", "Request tokens", "Response tokens", *extra]))
+    # NOTE: no lone CR: csv.writer leaves a cell with one unquoted under LF line ends.
+    cell = st.lists(st.sampled_from(["a", "b", " ", ",", '"', "\n", "\r\n"]),
+                    max_size=5).map("".join)
+    rows = []
+    seconds = 0.0
+    lines = []
+    for _ in range(draw(st.integers(0, 6))):
+        seconds += draw(st.sampled_from([0.0, 0.5, 1.25, 3.0]))
+        lengths = (draw(st.integers(1, 40)), draw(st.integers(0, 9)))
+        rows.append((seconds, *lengths))
+        values = {"Timestamp": repr(seconds), "Request tokens": str(lengths[0]),
+                  "Response tokens": str(lengths[1])}
+        lines.append([values.get(name) or draw(cell) for name in header])
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator=draw(st.sampled_from(["\n", "\r\n"])),
+                        quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])))
+    writer.writerows([header, *lines])
+    return ("\ufeff" if draw(st.booleans()) else "") + out.getvalue(), rows
+
+
+@settings(max_examples=200, deadline=None)
+@given(generated=burstgpt_files())
+def test_generated_burstgpt_files_read_their_rows(tmp_path_factory: pytest.TempPathFactory,
+                                                  generated: tuple[str, list[Row]]) -> None:
+    """Every row of a generated BurstGPT file is read: arrivals from the first row's,
+    prompts of exactly the request tokens, outputs of the response tokens."""
+    from kvtier.sim.traces import AzureTrace
+
+    text, rows = generated
+    path = tmp_path_factory.mktemp("gen") / "b.csv"
+    path.write_bytes(text.encode("utf-8"))
+    trace = AzureTrace(path)
+    assert trace.format.name == "burstgpt"
+    got = [(r.arrival_s, len(r.prompt), r.output_length) for r in trace]
+    first = rows[0][0] if rows else 0.0
+    assert got == [(s - first, prompt, output) for s, prompt, output in rows]
