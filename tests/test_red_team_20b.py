@@ -343,3 +343,17 @@ def test_generated_burstgpt_files_read_their_rows(tmp_path_factory: pytest.TempP
     got = [(r.arrival_s, len(r.prompt), r.output_length) for r in trace]
     first = rows[0][0] if rows else 0.0
     assert got == [(s - first, prompt, output) for s, prompt, output in rows]
+
+
+def test_a_csv_header_with_both_formats_columns_is_refused(tmp_path: Path) -> None:
+    """A header with Azure's columns and BurstGPT's was read as Azure's, the BurstGPT
+    lengths dropped without a word; which the file is, it does not say: refused naming
+    the header."""
+    from kvtier.sim.traces import AzureTrace
+
+    path = tmp_path / "both.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens,Timestamp,Request tokens,"
+                    "Response tokens\n2023-11-16 18:15:46,3,4,0,5,6\n")
+    with pytest.raises(TraceFormatError, match="both azure and burstgpt") as refused:
+        AzureTrace(path)
+    assert (refused.value.line_number, refused.value.field) == (1, "<header>")

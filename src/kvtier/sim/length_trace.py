@@ -173,8 +173,12 @@ class AzureTrace(TraceRecords[_AzureRecord]):
         if header is None:
             return records  # an empty file: no requests, as an empty Mooncake trace
         names = [h.strip() for h in header]
-        fmt = next((f for f in _CSV_FORMATS if {f.time, f.prompt, f.output} <= set(names)),
-                   None)
+        found = [f for f in _CSV_FORMATS if {f.time, f.prompt, f.output} <= set(names)]
+        if len(found) > 1:
+            # NOTE: was read as the first format's, the other's columns dropped unread.
+            raise TraceFormatError(self.path, 1, "<header>", "has the columns of both "
+                                   f"{' and '.join(f.name for f in found)}: not one format")
+        fmt = found[0] if found else None
         if fmt is None:
             raise TraceFormatError(
                 self.path, 1, "<header>", f"expected columns {_AZURE_COLUMNS} (Azure) or "
