@@ -88,32 +88,48 @@ TTFT_TARGET_S = 2.0
 
 
 def workloads(names: Sequence[str], limit: int) -> dict[str, Workload]:
+    """The workloads by name (a trace file's: its stem); SystemExit naming a name given
+    twice (the second replaced the first without a word), an unknown one, a missing or
+    malformed trace."""
     out: dict[str, Workload] = {}
+    given: dict[str, str] = {}
     for name in names:
-        if name == "mooncake-conv":
-            out[name] = MooncakeTrace(TRACES / "mooncake_conversation_trace.jsonl", limit=limit)
-        elif name == "mooncake-synth":
-            out[name] = MooncakeTrace(TRACES / "mooncake_synthetic_trace.jsonl", limit=limit)
-        elif name in ("azure-conv", "azure-code"):
-            # kvtier's default synthetic prefix model (seed 0): the CSVs carry no prompts.
-            out[name] = AzureTrace(TRACES / f"azure_llm_2023_{name[6:]}.csv", limit=limit)
-        elif name == "chat":
-            out[name] = SyntheticChat(num_requests=limit)
-        elif name == "agentic":
-            out[name] = AgenticWorkload(num_requests=limit)
-        elif name == "mixed":  # both sharing one cache, until the first ends
-            out[name] = MixedWorkload((SyntheticChat(num_requests=limit),
-                                       AgenticWorkload(num_requests=limit)))
-        elif name.endswith((".jsonl", ".csv")):  # a trace file of any format kvtier reads
-            path = Path(name)
-            if not path.is_file():
-                raise SystemExit(f"trace not found: {name}")
-            out[path.stem] = (MooncakeTrace(path, limit=limit) if name.endswith(".jsonl")
-                              else AzureTrace(path, limit=limit))
-        else:
-            raise SystemExit(f"unknown workload {name!r} (a built-in name, or a .jsonl / .csv "
-                             "trace file)")
+        key = Path(name).stem if name.endswith((".jsonl", ".csv")) else name
+        if key in given:
+            raise SystemExit(f"workload {key!r} given twice: {given[key]!r} and {name!r}")
+        given[key] = name
+        try:
+            out[key] = _workload(name, limit)
+        except ValueError as exc:  # TraceFormatError names the file, line and field
+            raise SystemExit(f"malformed trace: {exc}") from None
+        except OSError as exc:
+            raise SystemExit(f"cannot read trace {name}: {exc.strerror or exc}") from None
     return out
+
+
+def _workload(name: str, limit: int) -> Workload:
+    if name == "mooncake-conv":
+        return MooncakeTrace(TRACES / "mooncake_conversation_trace.jsonl", limit=limit)
+    if name == "mooncake-synth":
+        return MooncakeTrace(TRACES / "mooncake_synthetic_trace.jsonl", limit=limit)
+    if name in ("azure-conv", "azure-code"):
+        # kvtier's default synthetic prefix model (seed 0): the CSVs carry no prompts.
+        return AzureTrace(TRACES / f"azure_llm_2023_{name[6:]}.csv", limit=limit)
+    if name == "chat":
+        return SyntheticChat(num_requests=limit)
+    if name == "agentic":
+        return AgenticWorkload(num_requests=limit)
+    if name == "mixed":  # both sharing one cache, until the first ends
+        return MixedWorkload((SyntheticChat(num_requests=limit),
+                              AgenticWorkload(num_requests=limit)))
+    if name.endswith((".jsonl", ".csv")):  # a trace file of any format kvtier reads
+        path = Path(name)
+        if not path.is_file():
+            raise SystemExit(f"trace not found: {name}")
+        return (MooncakeTrace(path, limit=limit) if name.endswith(".jsonl")
+                else AzureTrace(path, limit=limit))
+    raise SystemExit(f"unknown workload {name!r} (a built-in name, or a .jsonl / .csv "
+                     "trace file)")
 
 
 def capacities(stream: list[OracleRequest], tpb: int, max_blocks: int,

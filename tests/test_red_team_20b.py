@@ -357,3 +357,38 @@ def test_a_csv_header_with_both_formats_columns_is_refused(tmp_path: Path) -> No
     with pytest.raises(TraceFormatError, match="both azure and burstgpt") as refused:
         AzureTrace(path)
     assert (refused.value.line_number, refused.value.field) == (1, "<header>")
+
+
+# ---- bench_policy --workloads ---------------------------------------------------------------
+
+@pytest.mark.parametrize("names", [
+    # Two traces of one name in two folders: the second replaced the first, one row set.
+    ["{a}/t.jsonl", "{b}/t.jsonl"],
+    # A trace named as a built-in workload: the built-in one was dropped.
+    ["chat", "{a}/chat.jsonl"],
+    ["chat", "chat"],
+])
+def test_bench_policy_refuses_two_workloads_of_one_name(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, names: list[str]) -> None:
+    """Workloads are keyed by name: two of one name stop the run naming both, where one
+    was replaced by the other without a word."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    module = __import__("bench_policy")
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for stem in ("t", "chat"):
+            write_rows(tmp_path / folder / f"{stem}.jsonl", [row()])
+    paths = [n.format(a=tmp_path / "a", b=tmp_path / "b") for n in names]
+    with pytest.raises(SystemExit, match="given twice"):
+        module.workloads(paths, 10)
+
+
+def test_bench_policy_names_a_malformed_trace(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """A malformed trace stops the run in one line naming the file and line (it was a
+    TraceFormatError traceback)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    module = __import__("bench_policy")
+    path = write_rows(tmp_path / "t.jsonl", [row(hash_ids=()) | {"hash_ids": "x"}])
+    with pytest.raises(SystemExit, match=f"malformed trace: {path}:1: field 'hash_ids'"):
+        module.workloads([str(path)], 10)
