@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.blocks import cdiv
-from kvtier.config import CacheConfig
+from kvtier.config import EVICTION_POLICIES, CacheConfig
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim import simulate
 from kvtier.sim.traces import MooncakeTrace, TraceFormatError
@@ -261,17 +261,19 @@ def test_generated_traces_match_the_reference(tmp_path_factory: pytest.TempPathF
 
 @settings(max_examples=60, deadline=None)
 @given(rows=st.one_of(mooncake_rows(), bailian_rows()),
-       sizes=st.sampled_from([(2, 16, 0), (2, 24, 8), (4, 12, 4), (1, 40, 0)]))
+       sizes=st.sampled_from([(2, 16, 0), (2, 24, 8), (4, 12, 4), (1, 40, 0)]),
+       policy=st.sampled_from(EVICTION_POLICIES))
 def test_generated_traces_replay_without_lost_reuse(tmp_path_factory: pytest.TempPathFactory,
                                                     rows: list[dict[str, object]],
-                                                    sizes: tuple[int, int, int]) -> None:
-    """Each generated trace replays through small caches with the invariants checked at
-    every step, and no reuse promised is lost."""
+                                                    sizes: tuple[int, int, int],
+                                                    policy: str) -> None:
+    """Each generated trace replays through small caches, under every eviction policy,
+    with the invariants checked at every step, and no reuse promised is lost."""
     tokens_per_block, num_gpu_blocks, num_host_blocks = sizes
     path = write_rows(tmp_path_factory.mktemp("gen") / "t.jsonl", rows)
     trace = MooncakeTrace(path, tokens_per_block=tokens_per_block, block_tokens=B)
     cache = CacheConfig(tokens_per_block=tokens_per_block, num_gpu_blocks=num_gpu_blocks,
-                        num_host_blocks=num_host_blocks)
+                        num_host_blocks=num_host_blocks, eviction_policy=policy)
     report = simulate(trace, cache, SchedulerConfig(max_num_tokens=16), "tiny-test",
                       check_every=1)
     assert report.num_lost_reuse_tokens == 0
