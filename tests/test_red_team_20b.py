@@ -158,7 +158,8 @@ def mooncake_rows(draw: st.DrawFn) -> list[dict[str, object]]:
         for _ in range(draw(st.integers(1, 4))):
             parent = ids[-1] if ids else None
             known = children.get(parent, [])
-            if known and draw(st.booleans()):
+            reuse: bool = draw(st.booleans())
+            if known and reuse:
                 h = draw(st.sampled_from(known))
             else:
                 h = len(parents) * 7 + draw(st.integers(0, 6))  # fresh, not dense
