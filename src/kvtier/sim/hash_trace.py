@@ -129,7 +129,8 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
         hash block's size): the id already names the whole prefix, so the key does too.
         Otherwise a block is keyed by the prefix of ids it ends in (numbered once for the
         trace) and where in that hash block it ends. The last, partial block is included,
-        following the Mooncake trace's convention that it is cacheable.
+        keyed as the whole block, following the Mooncake trace's convention that it is
+        cacheable (so the offline references stay upper bounds of what a cache reuses).
         """
         tpb = self.tokens_per_block if tokens_per_block is None else tokens_per_block
         if type(tpb) is not int or tpb < 1:
@@ -147,10 +148,13 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
                     yield OracleRequest(keys[:num_blocks], rec.input_length)
             return
         for rec, chain in zip(self._records, self.chains(), strict=True):
-            ends = [min((k + 1) * tpb, rec.input_length)
-                    for k in range(cdiv(rec.input_length, tpb))]
-            yield OracleRequest(tuple((chain[(end - 1) // block], end - (end - 1) // block * block)
-                                      for end in ends), rec.input_length)
+            keys = []
+            for k in range(cdiv(rec.input_length, tpb)):
+                i = (min((k + 1) * tpb, rec.input_length) - 1) // block  # its last hash block
+                # Where the block would end, within that hash block: a partial last block is
+                # keyed as the whole one (the Mooncake convention: the oracles stay bounds).
+                keys.append((chain[i], min((k + 1) * tpb, (i + 1) * block) - i * block))
+            yield OracleRequest(tuple(keys), rec.input_length)
 
     def chains(self) -> list[tuple[int, ...]]:
         """Per request, its prefixes of hash ids numbered: equal numbers, equal prefixes
