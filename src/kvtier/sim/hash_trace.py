@@ -148,13 +148,13 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
                     yield OracleRequest(keys[:num_blocks], rec.input_length)
             return
         for rec, chain in zip(self._records, self.chains(), strict=True):
-            keys = []
+            block_keys: list[tuple[int, int]] = []
             for k in range(cdiv(rec.input_length, tpb)):
                 i = (min((k + 1) * tpb, rec.input_length) - 1) // block  # its last hash block
                 # Where the block would end, within that hash block: a partial last block is
                 # keyed as the whole one (the Mooncake convention: the oracles stay bounds).
-                keys.append((chain[i], min((k + 1) * tpb, (i + 1) * block) - i * block))
-            yield OracleRequest(tuple(keys), rec.input_length)
+                block_keys.append((chain[i], min((k + 1) * tpb, (i + 1) * block) - i * block))
+            yield OracleRequest(tuple(block_keys), rec.input_length)
 
     def chains(self) -> list[tuple[int, ...]]:
         """Per request, its prefixes of hash ids numbered: equal numbers, equal prefixes
