@@ -59,6 +59,13 @@ MOONCAKE = _Format("mooncake", MOONCAKE_BLOCK_TOKENS, 1000.0, True, False)
 BAILIAN = _Format("bailian", 16, 1.0, False, True)
 
 
+def _checked_tokens_per_block(tpb: object) -> int:
+    """``tpb``, a block size of the oracle's keys; ValueError naming it unless an int >= 1."""
+    if type(tpb) is not int or tpb < 1:
+        raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tpb)}")
+    return tpb
+
+
 class MooncakeTrace(TraceRecords[_MooncakeRecord]):
     """A JSONL trace of block hash ids: arrivals, lengths and one id per block of a prompt.
 
@@ -86,9 +93,7 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
 
     def __init__(self, path: str | Path, tokens_per_block: int = 32, limit: int | None = None,
                  block_tokens: int | None = None, time_unit_s: float | None = None):
-        tpb = tokens_per_block
-        if type(tpb) is not int or tpb < 1:
-            raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tpb)}")
+        tpb = _checked_tokens_per_block(tokens_per_block)
         if block_tokens is not None and (type(block_tokens) is not int
                                          or block_tokens not in HASH_BLOCK_SIZES):
             raise ValueError(f"block_tokens must be a power of two in 1..512 or None, got "
@@ -132,9 +137,8 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
         keyed as the whole block, following the Mooncake trace's convention that it is
         cacheable (so the offline references stay upper bounds of what a cache reuses).
         """
-        tpb = self.tokens_per_block if tokens_per_block is None else tokens_per_block
-        if type(tpb) is not int or tpb < 1:
-            raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tpb)}")
+        tpb = (self.tokens_per_block if tokens_per_block is None
+               else _checked_tokens_per_block(tokens_per_block))
         block = self.block_tokens
         if self.format.prefix_ids and block % tpb == 0:
             per_hash = block // tpb
@@ -290,15 +294,16 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
                 expected = cdiv(length, block)
                 if len(hash_ids) != expected and not (
                         fmt.tail_without_id and len(hash_ids) == length // block):
-                    shown = f"ceil({length}/{block}) = {expected}"
+                    wanted = f"ceil({length}/{block}) = {expected}"
                     if fmt.tail_without_id and length % block:
-                        shown += f" (or {length // block}, the partial last block without one)"
-                    raise fail("hash_ids", f"has {len(hash_ids)} ids, expected {shown}"
+                        wanted += f" (or {length // block}, the partial last block without one)"
+                    raise fail("hash_ids", f"has {len(hash_ids)} ids, expected {wanted}"
                                f"{'' if block_tokens is not None else _OTHER_BLOCKS}")
                 if fmt.prefix_ids:
                     self._check_prefixes(hash_ids, parents, line_number)
-                if hash_ids and max(hash_ids) > max_id:
-                    max_id, max_line = max(hash_ids), line_number
+                row_max = max(hash_ids, default=-1)
+                if row_max > max_id:
+                    max_id, max_line = row_max, line_number
                 if fmt is BAILIAN:
                     chat = cast(int, obj[_BAILIAN_KEY])
                     if chat in links:

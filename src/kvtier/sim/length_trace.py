@@ -159,7 +159,7 @@ class AzureTrace(TraceRecords[_AzureRecord]):
         check_regular_file(self.path)
         lines = CheckedLines()
         # A byte order mark (Windows tools write one) is skipped; bytes that are not UTF-8
-        # come through as lone surrogates, for _Lines to name their line.
+        # come through as lone surrogates, for CheckedLines to name their line.
         with self.path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             reader = csv.reader(lines.of(f, self.path))
             try:
@@ -178,11 +178,11 @@ class AzureTrace(TraceRecords[_AzureRecord]):
             # NOTE: was read as the first format's, the other's columns dropped unread.
             raise TraceFormatError(self.path, 1, "<header>", "has the columns of both "
                                    f"{' and '.join(f.name for f in found)}: not one format")
-        fmt = found[0] if found else None
-        if fmt is None:
+        if not found:
             raise TraceFormatError(
                 self.path, 1, "<header>", f"expected columns {_AZURE_COLUMNS} (Azure) or "
                 f"{_CSV_FORMATS[1][1:4]} among others (BurstGPT), got {header}")
+        fmt = found[0]
         twice = next((n for n in (fmt.time, fmt.prompt, fmt.output) if names.count(n) > 1),
                      None)
         if twice is not None:
