@@ -38,11 +38,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
+from kvtier.remote.resp import ErrorReply, SocketReader, read_values_reply
 from kvtier.remote.store import RemoteStoreBase
 from kvtier.reprs import shown
 
@@ -242,11 +244,15 @@ class RedisRemoteStore(RemoteStoreBase):
         # NOTE: redis-py's own retries are off: this class retries, counts and backs off.
         # It reads 64 KiB per recv by default; a block value is often MiBs: larger reads
         # mean fewer calls into the parser (a few % of read throughput, bench_remote.py).
+        # RESP2 (redis-py 8 asks for RESP3 by default): a standalone server's MGET replies
+        # are read off the socket by ``kvtier.remote.resp``, and the store uses nothing of
+        # RESP3 (no push messages can then come between a command and its reply).
         options: dict[str, Any] = dict(socket_timeout=self.timeout_s,
                                        socket_connect_timeout=self.timeout_s,
                                        retry=Retry(NoBackoff(), 0),
                                        socket_read_size=SOCKET_READ_BYTES,
-                                       redis_connect_func=self._on_connect)
+                                       redis_connect_func=self._on_connect,
+                                       protocol=2)
         if self.ca_file is not None:
             options["ssl_ca_certs"] = self.ca_file  # verify the server against this CA
         if self.cluster:
@@ -464,11 +470,8 @@ class RedisRemoteStore(RemoteStoreBase):
 
         def read(server: str, chunk: list[int]) -> None:
             def build(pipe: Any) -> None:
-                if self.cluster:
-                    for i in chunk:  # GET per key: MGET across slots is refused
-                        pipe.get(keys[i])
-                else:
-                    pipe.mget([keys[i] for i in chunk])
+                for i in chunk:  # GET per key: MGET across slots is refused
+                    pipe.get(keys[i])
 
             # NOTE: a key's own refusal (WRONGTYPE: another client's hash or list under
             # the key) raised for the whole pipeline: on a cluster every key of the chunk
@@ -477,12 +480,17 @@ class RedisRemoteStore(RemoteStoreBase):
             # MGET, NOPERM say, still raises: a failed batch, as before). A reply about the
             # cluster's state rather than the key's (CLUSTERDOWN, MOVED, ASK, TRYAGAIN)
             # fails the chunk as before: retried after the slot map is read again, and
-            # counted by the node's breaker.
-            got = self._run(server, build, raise_on_error=not self.cluster,
-                            fatal=_cluster_state_errors())
-            if got is None:
+            # counted by the node's breaker. A standalone server's chunk is one MGET whose
+            # reply is read off the socket (``_mget``).
+            replies: list[Any] | None
+            if self.cluster:
+                replies = self._run(server, build, raise_on_error=False,
+                                    fatal=_cluster_state_errors())
+            else:
+                replies = self._attempt(partial(_mget, [keys[i] for i in chunk]),
+                                        server=server)
+            if replies is None:
                 return
-            replies = got if self.cluster else (got[0] if got else [])
             if len(replies) != len(chunk):
                 return  # a malformed reply: misses
             refused = [r for r in replies if isinstance(r, Exception)]
@@ -589,3 +597,57 @@ class RedisRemoteStore(RemoteStoreBase):
         if readers is not None:
             readers.shutdown(wait=True)
         self._drop_client()
+
+
+def _pool_connection(pool: Any) -> Any:
+    """A connection of redis-py's ``pool`` (``get_connection`` takes a command name before
+    redis-py 5.3, and warns at one from then on)."""
+    try:
+        return pool.get_connection()
+    except TypeError:
+        return pool.get_connection("MGET")
+
+
+def _refusal(text: str) -> Exception:
+    """redis-py's exception for the error line ``text`` (as its pipeline raises it: a
+    ``LOADING`` server is a connection error, retried; ``NOPERM`` a refusal, not)."""
+    try:
+        from redis._parsers.base import BaseParser
+    except ImportError:  # another layout of redis-py: every error line is a refusal
+        from redis.exceptions import ResponseError
+
+        return ResponseError(text)
+    exc: Exception = BaseParser.parse_error(text)  # type: ignore[no-untyped-call]
+    return exc
+
+
+def _mget(keys: list[str], client: Any) -> list[bytes | None]:
+    """The values of ``keys`` on a standalone server (None where absent): one ``MGET``, its
+    reply read off the connection's socket (``kvtier.remote.resp``: each value's bytes
+    copied once, not through redis-py's buffer), or by redis-py where its connection has no
+    socket to read. A connection that failed part way is closed, never pooled again."""
+    pool = client.connection_pool
+    conn = _pool_connection(pool)
+    try:
+        sock = getattr(conn, "_sock", None)
+        conn.send_command("MGET", *keys)
+        if sock is None or not hasattr(sock, "recv_into"):
+            return list(conn.read_response())
+        reader = SocketReader(sock)
+        try:
+            values = read_values_reply(reader, len(keys))
+        except ErrorReply as exc:
+            if not reader.drained:
+                conn.disconnect()
+            raise _refusal(str(exc)) from None
+        if not reader.drained:  # bytes past the reply: the stream is out of step
+            conn.disconnect()
+        return values
+    except BaseException as exc:
+        from redis.exceptions import ResponseError
+
+        if not isinstance(exc, ResponseError):
+            conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)

@@ -1,0 +1,161 @@
+"""A Redis server's reply to ``MGET`` read straight off the connection's socket.
+
+redis-py's parser reads a reply into its own buffer and copies every value out of it
+again (hiredis builds each value anew as well): with values of a KV block each (64 KiB to
+MiBs), that second pass over the bytes was about half of a read's time on the store's
+benchmark (``benchmarks/results/remote.md``). Here a value's bytes go from the socket
+into a buffer of the value's own size (``recv_into``), then once into the ``bytes`` the
+store hands out (a value must be immutable once its checksum is checked). The header lines
+between values go through a small buffer of the reader's own.
+
+The store's connections speak RESP2 (``RedisRemoteStore`` asks for it): an array of bulk
+strings, ``$-1`` for a key that holds nothing (or another type: ``MGET`` answers nil
+there), or one error line for the whole command. RESP3's null (``_``) is read as nil too;
+anything else (a push message, another type) is a :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# The longest header line read (``*<count>`` or ``$<length>``: a few digits); a longer one
+# is no reply of a server speaking RESP.
+MAX_LINE_BYTES = 1 << 10
+# The longest bulk string a Redis server sends (its ``proto-max-bulk-len`` default): a
+# longer length is a stream out of step, not a value.
+MAX_BULK_BYTES = 512 << 20
+
+
+class ProtocolError(ConnectionError):
+    """The bytes read are not the reply expected: the connection is out of step and must be
+    closed (a ``ConnectionError``, so the store's retries treat it as a lost connection)."""
+
+
+class ErrorReply(Exception):
+    """The server refused the whole command with an error line (its text, without ``-``)."""
+
+
+class _Socket(Protocol):
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int: ...
+
+
+class SocketReader:
+    """Reads a RESP reply from ``sock``: header lines through a small buffer, values
+    straight into buffers of their own. Never reads past the reply it is asked for except
+    into its own buffer, whose rest must be empty once the reply is read (``drained``)."""
+
+    __slots__ = ("_buf", "_end", "_sock", "_start", "_view")
+
+    def __init__(self, sock: _Socket, buffer_bytes: int = 1 << 16) -> None:
+        self._sock = sock
+        self._buf = bytearray(buffer_bytes)
+        self._view = memoryview(self._buf)
+        self._start = 0  # the unread bytes are _buf[_start:_end]
+        self._end = 0
+
+    @property
+    def drained(self) -> bool:
+        """Whether every byte read from the socket was taken (the connection is in step for
+        the next command). Pure."""
+        return self._start == self._end
+
+    def _fill(self) -> None:
+        """Read more from the socket after the unread bytes (moved to the front first)."""
+        start, end = self._start, self._end
+        if start:
+            self._buf[:end - start] = self._buf[start:end]
+            self._start, self._end = 0, end - start
+        if self._end == len(self._buf):
+            raise ProtocolError(f"a reply line longer than {MAX_LINE_BYTES} bytes")
+        n = self._sock.recv_into(self._view[self._end:])
+        if not n:
+            raise ConnectionError("the server closed the connection in the middle of a reply")
+        self._end += n
+
+    def line(self) -> bytes:
+        """The next line, without its CRLF."""
+        while True:
+            j = self._buf.find(b"\r\n", self._start, self._end)
+            if j >= 0:
+                out = bytes(self._buf[self._start:j])
+                self._start = j + 2
+                return out
+            if self._end - self._start > MAX_LINE_BYTES:
+                raise ProtocolError(f"a reply line longer than {MAX_LINE_BYTES} bytes")
+            self._fill()
+
+    def exactly(self, num_bytes: int) -> bytes:
+        """The next ``num_bytes`` bytes: what the buffer holds of them, the rest read from
+        the socket straight into the value's own buffer."""
+        have = min(self._end - self._start, num_bytes)
+        if have == num_bytes:  # a short value, all in the buffer already
+            out = bytes(self._buf[self._start:self._start + have])
+            self._start += have
+            return out
+        value = bytearray(num_bytes)
+        value[:have] = self._view[self._start:self._start + have]
+        self._start += have
+        view = memoryview(value)
+        recv_into = self._sock.recv_into
+        while have < num_bytes:
+            n = recv_into(view[have:])
+            if not n:
+                raise ConnectionError("the server closed the connection in the middle of a "
+                                      "value")
+            have += n
+        view.release()
+        return bytes(value)
+
+    def crlf(self) -> None:
+        """The CRLF that ends a value."""
+        while self._end - self._start < 2:
+            self._fill()
+        if self._buf[self._start:self._start + 2] != b"\r\n":
+            raise ProtocolError("a value not followed by CRLF")
+        self._start += 2
+
+
+def _length(line: bytes, what: str) -> int:
+    """The integer after a header line's type byte; ProtocolError naming ``what`` if it is
+    none."""
+    digits = line[1:]
+    negative = digits.startswith(b"-")
+    body = digits[1:] if negative else digits
+    if not body or not body.isdigit() or len(body) > 12:
+        raise ProtocolError(f"{what} {line[:40]!r} is no length")
+    return -int(body) if negative else int(body)
+
+
+def read_values_reply(reader: SocketReader, num_values: int) -> list[bytes | None]:
+    """The values of an ``MGET`` of ``num_values`` keys (None where a key holds none).
+    Raises :class:`ErrorReply` where the server refused the command (the reply read whole:
+    the connection stays in step), :class:`ProtocolError` where the bytes are not such a
+    reply, ``ConnectionError`` or ``TimeoutError`` where the socket fails; after any of
+    the last three the connection is out of step."""
+    head = reader.line()
+    kind = head[:1]
+    if kind == b"-":
+        raise ErrorReply(head[1:].decode("utf-8", "replace"))
+    if kind != b"*":
+        raise ProtocolError(f"an MGET reply that is no array: {head[:40]!r}")
+    count = _length(head, "array header")
+    if count != num_values:
+        raise ProtocolError(f"an MGET reply of {count} values for {num_values} keys")
+    values: list[bytes | None] = []
+    for _ in range(count):
+        line = reader.line()
+        if line == b"_":  # RESP3's null
+            values.append(None)
+            continue
+        if line[:1] != b"$":
+            raise ProtocolError(f"an MGET value that is no bulk string: {line[:40]!r}")
+        size = _length(line, "bulk header")
+        if size == -1:
+            values.append(None)
+            continue
+        if not 0 <= size <= MAX_BULK_BYTES:
+            raise ProtocolError(f"a bulk string of {size} bytes")
+        values.append(reader.exactly(size))
+        reader.crlf()
+    return values
+
