@@ -10,13 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from remote_helpers import make_namespace
 
-from kvtier.remote.redis_store import RedisRemoteStore, _mget
+from kvtier.remote.redis_store import RedisRemoteStore, _get_each, _mget
 from kvtier.remote.resp import (
     MAX_BULK_BYTES,
     MAX_LINE_BYTES,
     ErrorReply,
     ProtocolError,
     SocketReader,
+    read_get_replies,
     read_values_reply,
 )
 
@@ -117,10 +118,17 @@ class FakeConnection:
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self.sent: list[tuple[Any, ...]] = []
+        self.packed: list[Any] = []
         self.disconnected = False
 
     def send_command(self, *args: Any) -> None:
         self.sent.append(args)
+
+    def pack_commands(self, commands: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return commands
+
+    def send_packed_command(self, packed: Any) -> None:
+        self.packed.append(packed)
 
     def read_response(self) -> list[bytes | None]:
         return [b"from redis-py", None]
@@ -206,4 +214,81 @@ def test_values_of_every_size_round_trip_through_a_real_server(make_redis_server
     for _ in range(2):
         assert store.read_values(keys) == [*values.values(), None, None]
     assert store.stats.num_errors == 0
+    store.close()
+
+
+def encode_gets(replies: list[bytes | str | None]) -> bytes:
+    """The replies a server sends for pipelined GETs (a str is an error line)."""
+    out = []
+    for r in replies:
+        if isinstance(r, str):
+            out.append(b"-%s\r\n" % r.encode())
+        else:
+            out.append(encode([r])[4:])  # the element of a one-value array
+    return b"".join(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(replies=st.lists(st.one_of(st.none(), st.binary(max_size=200),
+                                  st.sampled_from(["WRONGTYPE Operation against a key",
+                                                   "MOVED 3999 127.0.0.1:6381"])),
+                        max_size=10),
+       chunks=st.lists(st.integers(1, 300), min_size=1, max_size=4))
+def test_pipelined_gets_read_as_the_reference_encodes_them(replies: list[bytes | str | None],
+                                                           chunks: list[int]) -> None:
+    """A key's error line is that key's reply alone; the rest come back exactly."""
+    reader = SocketReader(ChunkSocket(encode_gets(replies), chunks), 64)
+    got = read_get_replies(reader, len(replies))
+    assert [str(g) if isinstance(g, ErrorReply) else g for g in got] == replies
+    assert reader.drained
+
+
+def test_cluster_gets_map_each_refusal_to_redis_pys_exception() -> None:
+    """What the cluster read path needs to tell a key's refusal (counted, that key misses)
+    from the cluster's state (MOVED: the chunk fails and the slot map is read again)."""
+    from redis.exceptions import MovedError, ResponseError
+
+    client = FakeClient(ChunkSocket(encode_gets(
+        [b"v", "WRONGTYPE Operation against a key holding the wrong kind of value",
+         "MOVED 3999 127.0.0.1:6381", None])))
+    got = _get_each(["a", "b", "c", "d"], client)
+    assert got[0] == b"v" and got[3] is None
+    assert type(got[1]) is ResponseError and isinstance(got[2], MovedError)
+    conn = client.connection_pool.conn
+    assert conn.sent == [] and conn.packed == [[("GET", k) for k in "abcd"]]
+    assert not conn.disconnected and client.connection_pool.released == 1
+
+
+@pytest.mark.parametrize(("data", "disconnected"), [
+    (encode_gets([b"v"]) + b"$1\r\nx\r\n", True),  # a reply more than asked for
+    (b"$5\r\nab", None),  # closed mid value: raises
+])
+def test_cluster_gets_pool_a_connection_only_in_step(data: bytes,
+                                                     disconnected: bool | None) -> None:
+    client = FakeClient(ChunkSocket(data))
+    if disconnected is None:
+        with pytest.raises(ConnectionError):
+            _get_each(["a"], client)
+        assert client.connection_pool.conn.disconnected
+    else:
+        assert _get_each(["a"], client) == [b"v"]
+        assert client.connection_pool.conn.disconnected is disconnected
+    assert client.connection_pool.released == 1
+
+
+def test_values_round_trip_through_a_real_cluster(redis_cluster: Any) -> None:
+    """Values of 0 bytes to past the reader's buffer on every node, keys of another type
+    and absent ones: each key's own answer, on every node's connection."""
+    store = RedisRemoteStore(redis_cluster.url, make_namespace(), cluster=True)
+    sizes = [0, 1, 65_536, 65_537, 1 << 20]
+    values = {f"v{n}-{i}": (b"\r\n" + os.urandom(n))[:n] for n in sizes for i in range(4)}
+    for key, value in values.items():
+        with redis_cluster.node_of(key).client() as client:
+            client.set(key, value)
+    with redis_cluster.node_of("a-list").client() as client:
+        client.rpush("a-list", b"x")
+    keys = [*values, "absent", "a-list"]
+    for _ in range(2):
+        assert store.read_values(keys) == [*values.values(), None, None]
+    assert store.stats.num_errors == 2  # the list's WRONGTYPE, once a read
     store.close()

@@ -44,7 +44,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
-from kvtier.remote.resp import ErrorReply, SocketReader, read_values_reply
+from kvtier.remote.resp import ErrorReply, SocketReader, read_get_replies, read_values_reply
 from kvtier.remote.store import RemoteStoreBase
 from kvtier.reprs import shown
 
@@ -434,26 +434,15 @@ class RedisRemoteStore(RemoteStoreBase):
 
         return self._attempt(group)
 
-    def _run(self, server: str, build: Callable[[Any], None], *, raise_on_error: bool = True,
-             fatal: tuple[type[Exception], ...] = ()) -> list[Any] | None:
+    def _run(self, server: str, build: Callable[[Any], None], *,
+             raise_on_error: bool = True) -> list[Any] | None:
         """One pipeline on ``server`` (``build`` adds its commands); its replies, or None.
-        Without ``raise_on_error``, a reply that is one of ``fatal`` fails the pipeline
-        still (retried, counted by the breaker)."""
+        Without ``raise_on_error``, a command's refusal is its reply."""
 
         def execute(client: Any) -> list[Any]:
-            if server == _WHOLE:
-                pipe = client.pipeline(transaction=False)
-            else:
-                node = client.get_node(node_name=server)
-                if node is None:
-                    raise ConnectionError(f"cluster node {server} is no longer known")
-                pipe = client.get_redis_connection(node).pipeline(transaction=False)
+            pipe = _server_client(client, server).pipeline(transaction=False)
             build(pipe)
-            replies = list(pipe.execute(raise_on_error=raise_on_error))
-            for reply in replies:
-                if isinstance(reply, fatal):
-                    raise reply
-            return replies
+            return list(pipe.execute(raise_on_error=raise_on_error))
 
         return self._attempt(execute, server=server)
 
@@ -469,23 +458,29 @@ class RedisRemoteStore(RemoteStoreBase):
                   for part in self._chunks([block] * len(indices), self.num_connections)]
 
         def read(server: str, chunk: list[int]) -> None:
-            def build(pipe: Any) -> None:
-                for i in chunk:  # GET per key: MGET across slots is refused
-                    pipe.get(keys[i])
-
-            # NOTE: a key's own refusal (WRONGTYPE: another client's hash or list under
+            # NOTE: on a cluster, a GET per key (MGET across slots is refused). A key's own
+            # refusal (WRONGTYPE: another client's hash or list under
             # the key) raised for the whole pipeline: on a cluster every key of the chunk
             # missed and the node's breaker opened, failing its puts too. It is that key's
             # miss, counted, as MGET on a standalone server answers nil for it (a refused
             # MGET, NOPERM say, still raises: a failed batch, as before). A reply about the
             # cluster's state rather than the key's (CLUSTERDOWN, MOVED, ASK, TRYAGAIN)
             # fails the chunk as before: retried after the slot map is read again, and
-            # counted by the node's breaker. A standalone server's chunk is one MGET whose
-            # reply is read off the socket (``_mget``).
+            # counted by the node's breaker. Either way the replies are read off the socket
+            # (``_mget``, ``_get_each``).
             replies: list[Any] | None
             if self.cluster:
-                replies = self._run(server, build, raise_on_error=False,
-                                    fatal=_cluster_state_errors())
+                fatal = _cluster_state_errors()
+
+                def get_each(client: Any) -> list[Any]:
+                    replies = _get_each([keys[i] for i in chunk],
+                                        _server_client(client, server))
+                    for reply in replies:
+                        if isinstance(reply, fatal):
+                            raise reply
+                    return replies
+
+                replies = self._attempt(get_each, server=server)
             else:
                 replies = self._attempt(partial(_mget, [keys[i] for i in chunk]),
                                         server=server)
@@ -648,6 +643,49 @@ def _mget(keys: list[str], client: Any) -> list[bytes | None]:
 
         if not isinstance(exc, ResponseError):
             conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+
+
+def _server_client(client: Any, server: str) -> Any:
+    """The client of ``server``: the standalone client itself, or a cluster node's."""
+    if server == _WHOLE:
+        return client
+    node = client.get_node(node_name=server)
+    if node is None:
+        raise ConnectionError(f"cluster node {server} is no longer known")
+    return client.get_redis_connection(node)
+
+
+def _get_each(keys: list[str], client: Any) -> list[bytes | Exception | None]:
+    """A pipeline of one ``GET`` per key on ``client`` (a cluster node's): per key its value,
+    None where absent, or redis-py's exception for the error line that refused that key
+    alone. The replies are read off the connection's socket as ``_mget`` reads them (by
+    redis-py where the connection has no socket). A connection that failed part way is
+    closed, never pooled again."""
+    from redis.exceptions import ResponseError
+
+    pool = client.connection_pool
+    conn = _pool_connection(pool)
+    try:
+        sock = getattr(conn, "_sock", None)
+        conn.send_packed_command(conn.pack_commands([("GET", key) for key in keys]))
+        if sock is None or not hasattr(sock, "recv_into"):
+            out: list[bytes | Exception | None] = []
+            for _ in keys:
+                try:
+                    out.append(conn.read_response())
+                except ResponseError as exc:  # that key's refusal, read whole
+                    out.append(exc)
+            return out
+        reader = SocketReader(sock)
+        replies = read_get_replies(reader, len(keys))
+        if not reader.drained:  # bytes past the replies: the stream is out of step
+            conn.disconnect()
+        return [_refusal(str(r)) if isinstance(r, ErrorReply) else r for r in replies]
+    except BaseException:
+        conn.disconnect()
         raise
     finally:
         pool.release(conn)

@@ -144,18 +144,38 @@ def read_values_reply(reader: SocketReader, num_values: int) -> list[bytes | Non
     values: list[bytes | None] = []
     for _ in range(count):
         line = reader.line()
-        if line == b"_":  # RESP3's null
-            values.append(None)
-            continue
-        if line[:1] != b"$":
+        if line[:1] == b"-":  # no element of an MGET reply is an error
             raise ProtocolError(f"an MGET value that is no bulk string: {line[:40]!r}")
-        size = _length(line, "bulk header")
-        if size == -1:
-            values.append(None)
-            continue
-        if not 0 <= size <= MAX_BULK_BYTES:
-            raise ProtocolError(f"a bulk string of {size} bytes")
-        values.append(reader.exactly(size))
-        reader.crlf()
+        values.append(_value(reader, line, "an MGET value"))
     return values
 
+
+def read_get_replies(reader: SocketReader, num_replies: int) -> list[bytes | ErrorReply | None]:
+    """The replies of ``num_replies`` pipelined ``GET`` commands, in order: a value, None
+    where the key holds none, or the :class:`ErrorReply` that refused that key alone (a key
+    of another type, a slot served elsewhere). Raises as ``read_values_reply`` for bytes that
+    are no such replies or a socket that fails."""
+    replies: list[bytes | ErrorReply | None] = []
+    for _ in range(num_replies):
+        line = reader.line()
+        if line[:1] == b"-":
+            replies.append(ErrorReply(line[1:].decode("utf-8", "replace")))
+            continue
+        replies.append(_value(reader, line, "a GET reply"))
+    return replies
+
+
+def _value(reader: SocketReader, line: bytes, what: str) -> bytes | None:
+    """The bulk string (or nil) whose header ``line`` was just read."""
+    if line == b"_":  # RESP3's null
+        return None
+    if line[:1] != b"$":
+        raise ProtocolError(f"{what} that is no bulk string: {line[:40]!r}")
+    size = _length(line, "bulk header")
+    if size == -1:
+        return None
+    if not 0 <= size <= MAX_BULK_BYTES:
+        raise ProtocolError(f"a bulk string of {size} bytes")
+    value = reader.exactly(size)
+    reader.crlf()
+    return value
