@@ -573,7 +573,7 @@ class Scheduler:
         tried until it is admitted. A request whose first block not cached a chunk of this
         step computes (a running request's prefill, one admitted, or a candidate ahead of
         it: the same prefix, to the end of that block) waits for the next step, where it
-        reuses that block.
+        reuses that block (with block reuse on: else nothing is stored to reuse).
         """
         cap = self._chunk_cap()
         tpb = self._tpb
@@ -593,6 +593,9 @@ class Scheduler:
         # step's running chunks are in ``self._computing``, the candidates ahead here.
         in_step = self._computing
         computing: dict[tuple[object, ...], list[Sequence[int]]] = {}
+        # NOTE: without block reuse nothing computed is stored: a request that waited would
+        # reuse nothing a step later (TensorRT-LLM skips no request then either).
+        reuses = self.manager.config.enable_block_reuse
         for req in self.waiting:
             if budget == 0 or slots == 0:
                 break
@@ -606,7 +609,7 @@ class Scheduler:
             end = m.num_tokens - m.num_tokens % tpb + tpb  # its first block not cached whole
             # NOTE: a block ending with the prompt's last token is never reused, and a
             # request that reads no cache would not reuse it: neither waits.
-            if ((in_step or computing) and end < len(tokens)
+            if ((in_step or computing) and reuses and end < len(tokens)
                     and not spec.skip_reading_prefix_cache):
                 key = self._block_key(spec, end)
                 if any(ahead[:end] == tokens[:end] for chunks in (in_step, computing)
