@@ -97,6 +97,29 @@ def test_max_utilization_runs_both_then_preempts_the_newest() -> None:
                     (65, 95, ("1",), (), ())]
 
 
+def test_a_chunked_request_preempted_resumes_in_chunks_after_the_first() -> None:
+    """Mirrors SimpleDoesntFitMaxUtilizationInChunk (prompts of 30 in chunks of 20, 60 new
+    tokens, 10 blocks: both prefill in 2 iterations and decode until 22, where request 1 is
+    paused; it comes back at 61 with 51 tokens, chunked again; 100 iterations). Here
+    prompts of 24 in chunks of 16 with 48 new tokens: both prefill in steps 0 and 1, decode
+    until step 18, where request 1 (the newer) is preempted; request 0 finishes in step 48
+    and request 1 recomputes its 24 + 17 tokens in chunks of 16, 16 and 9 (reuse off), then
+    samples its last 30."""
+    steps, rows = run(make_manager(tokens_per_block=8, num_gpu_blocks=10,
+                                   enable_block_reuse=False),
+                      "max_utilization", [[1] * 24, [2] * 24], 48, max_chunk_tokens=16)
+    assert steps == 82
+    assert rows == [(0, 1, ("0", "1"), (), (("0", 0, 16, 0), ("1", 0, 16, 0))),
+                    (1, 2, ("0", "1"), (), (("0", 16, 8, 0), ("1", 16, 8, 0))),
+                    (2, 18, ("0", "1"), (), ()),
+                    (18, 19, ("0",), ("1",), ()),
+                    (19, 49, ("0",), (), ()),
+                    (49, 50, ("1",), (), (("1", 0, 16, 0),)),
+                    (50, 51, ("1",), (), (("1", 16, 16, 0),)),
+                    (51, 52, ("1",), (), (("1", 32, 9, 0),)),
+                    (52, 82, ("1",), (), ())]
+
+
 def test_guaranteed_no_evict_runs_the_second_request_after_the_first() -> None:
     """Mirrors SimpleDoesntFitGuaranteedCompletion (the two requests cannot both complete
     in the pool: request 0 runs iterations 0-79, request 1 80-159; 160 in all): request 0

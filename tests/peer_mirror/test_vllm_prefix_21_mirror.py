@@ -3,7 +3,7 @@
 that store nothing), ``tests/v1/core/test_scheduler.py`` (long prefills under a chunk cap,
 drafts beside prefill chunks and at the output length, prefix-cache queries counted once,
 chunked prefill off) and ``tests/v1/kv_offload/test_cpu_manager.py`` (a block whose store
-is in flight).
+is in flight, blocks already stored when the rest is stored).
 
 Each test names the vLLM test it mirrors and asserts kvtier's exact answer; where kvtier
 differs by design the test says so and asserts kvtier's. The mapping is the earlier
@@ -14,7 +14,15 @@ mirrors': ``get_computed_blocks`` is ``lookup``, ``allocate_slots`` is admission
 
 from __future__ import annotations
 
-from kvtier import BlockStored, MultimodalItem, Request, Scheduler, SchedulerConfig, SequenceSpec
+from kvtier import (
+    BlockRemoved,
+    BlockStored,
+    MultimodalItem,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+    SequenceSpec,
+)
 from kvtier.hashing import encode_key, get_hash_fn, prompt_block_hashes
 from kvtier.scheduled_step import ScheduledStep
 from kvtier.sequence import block_extras
@@ -249,3 +257,26 @@ def test_a_block_whose_offload_is_in_flight_is_found_and_onboarded_after_it() ->
     assert ops == [("OFFLOAD", "GPU", 0, "HOST", 0), ("OFFLOAD", "GPU", 1, "HOST", 1),
                    ("ONBOARD", "HOST", 0, "GPU", 3), ("OFFLOAD", "GPU", 2, "HOST", 0),
                    ("ONBOARD", "HOST", 1, "GPU", 2), ("OFFLOAD", "GPU", 1, "HOST", 1)]
+
+
+def test_blocks_already_stored_are_not_evicted_to_store_the_rest() -> None:
+    """Mirrors test_cpu_manager.py::test_already_stored_block_not_evicted_during_prepare_store
+    (storing [2, 3, 4, 5] when [2] is stored and the least recent must evict [1], not [2]):
+    the host holds the first 2 blocks of a prompt (the oldest) and 2 blocks of another;
+    importing the whole prompt evicts the other prompt's 2 blocks, never the prompt's own,
+    and stores its blocks 3 and 4 in the slots freed; its fifth finds no room and is not
+    imported. All 16 tokens are then host hits."""
+    mgr = make_manager(num_gpu_blocks=4, num_host_blocks=4, enable_events=True)
+    prompt = [*blocks_of(1, 2, 3, 4, 5), 0]
+    assert mgr.import_blocks(prompt, 2) == [0, 1]
+    assert mgr.import_blocks([*blocks_of(8, 9), 0], 2) == [2, 3]
+    mgr.drain_events()
+    assert mgr.import_blocks(prompt, 5) == [2, 3]
+    assert [(type(e).__name__, e.tier.name) for e in mgr.drain_events()
+            if isinstance(e, (BlockStored, BlockRemoved))] == [
+        ("BlockRemoved", "HOST"), ("BlockRemoved", "HOST"),
+        ("BlockStored", "HOST"), ("BlockStored", "HOST")]
+    assert sorted((b.slot, b.tokens[0]) for b in mgr.cached_blocks()) == [
+        (0, 1), (1, 2), (2, 3), (3, 4)]
+    m = mgr.lookup(prompt)
+    assert (m.num_tokens, m.num_host_tokens) == (16, 16)
