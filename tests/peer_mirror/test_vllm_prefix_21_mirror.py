@@ -2,8 +2,9 @@
 ``tests/v1/core/test_prefix_caching.py`` (a decoded block's extra keys, events of stores
 that store nothing), ``tests/v1/core/test_scheduler.py`` (long prefills under a chunk cap,
 drafts beside prefill chunks and at the output length, prefix-cache queries counted once,
-chunked prefill off) and ``tests/v1/kv_offload/test_cpu_manager.py`` (a block whose store
-is in flight, blocks already stored when the rest is stored).
+chunked prefill off), ``tests/v1/core/test_async_scheduler.py`` (tokens scheduled to the
+output length, a next turn's reuse) and ``tests/v1/kv_offload/test_cpu_manager.py`` (a
+block whose store is in flight, blocks already stored when the rest is stored).
 
 Each test names the vLLM test it mirrors and asserts kvtier's exact answer; where kvtier
 differs by design the test says so and asserts kvtier's. The mapping is the earlier
@@ -280,3 +281,56 @@ def test_blocks_already_stored_are_not_evicted_to_store_the_rest() -> None:
         (0, 1), (1, 2), (2, 3), (3, 4)]
     m = mgr.lookup(prompt)
     assert (m.num_tokens, m.num_host_tokens) == (16, 16)
+
+
+def run_to_the_end(sched: Scheduler) -> tuple[int, dict[str, list[int]]]:
+    """Serve every queued request to its end (each samples a token of its own); the tokens
+    the steps scheduled, and each request's output."""
+    scheduled = 0
+    outputs: dict[str, list[int]] = {}
+    n = 0
+    while sched.has_unfinished():
+        step = sched.step()
+        scheduled += step.num_scheduled_tokens
+        ids = [*step.decode_request_ids, *(c.request_id for c in step.context_chunks)]
+        for req in sched.update(step, {rid: (7 * n + len(rid)) % 997 for rid in ids}):
+            outputs[req.request_id] = req.output
+        sched.manager.check_invariants()
+        n += 1
+    return scheduled, outputs
+
+
+def test_no_step_schedules_a_token_past_the_output_length() -> None:
+    """Mirrors test_async_scheduler.py::test_stop_by_max_tokens (two requests run to
+    ``max_tokens``: the steps schedule exactly ``prompt + max_tokens - 1`` tokens each, the
+    last sampled token is never computed), for 1, 2, 3 and 5 new tokens."""
+    for max_tokens in (1, 2, 3, 5):
+        mgr = make_manager(tokens_per_block=16, num_gpu_blocks=32)
+        sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=1000))
+        for i in range(2):
+            sched.add_request(Request(str(i), list(range(100 * i, 100 * i + 20)),
+                                      max_output_tokens=max_tokens))
+        scheduled, outputs = run_to_the_end(sched)
+        assert scheduled == 2 * (20 + max_tokens - 1), max_tokens
+        assert sorted(len(o) for o in outputs.values()) == [max_tokens] * 2
+        assert mgr.num_sequences == 0
+
+
+def test_a_next_turn_reuses_the_prompt_and_the_output_of_the_last() -> None:
+    """Mirrors test_async_scheduler.py::test_prefix_caching_for_multi_turn (blocks of 16:
+    five 100-token prompts with 200 new tokens each; the next turn's prompts, each a prompt
+    and its whole output, compute only ``300 % 16`` = 12 tokens): the decoded blocks are
+    cached as they fill, so each next turn reuses 288 tokens and the five compute 60 in
+    one step."""
+    mgr = make_manager(tokens_per_block=16, num_gpu_blocks=200)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=1000))
+    prompts = {str(i): list(range(1000 * i, 1000 * i + 100)) for i in range(5)}
+    for rid, prompt in prompts.items():
+        sched.add_request(Request(rid, prompt, max_output_tokens=200))
+    _, outputs = run_to_the_end(sched)
+    for rid, prompt in prompts.items():
+        sched.add_request(Request("next" + rid, prompt + outputs[rid], max_output_tokens=4))
+    step = sched.step()
+    assert [(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [(f"next{i}", 288, 12, 288) for i in range(5)]
+    assert step.num_scheduled_tokens == 60
