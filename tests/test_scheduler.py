@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 from kvtier.scheduled_step import STEP_PHASES, StepPhases
 from kvtier.scheduler import ContextChunk, Request, ScheduledStep, Scheduler, SchedulerConfig
+from kvtier.scheduler_config import AdmissionMode
 from kvtier.sim.probe import ProbeScheduler
 from kvtier.sim.probe import make_scheduler as scheduler_for
 
@@ -670,3 +671,22 @@ def test_check_invariants_holds_through_steps_and_names_a_broken_queue() -> None
     s.waiting.append(running)
     with pytest.raises(AssertionError, match="waiting and running"):
         s.check_invariants()
+
+
+@pytest.mark.parametrize("admission", ["claim", "probe"])
+def test_without_block_reuse_no_request_waits_for_another_s_block(
+        admission: AdmissionMode) -> None:
+    """With block reuse off nothing computed is stored, so a request whose first block
+    another request computes this step does not wait a step for it (it would reuse nothing):
+    both branches of one prompt are admitted at once, under either admission. Before, the
+    second waited a step and then computed the whole prompt anyway."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16,
+                                     enable_block_reuse=False))
+    s = scheduler_for(mgr, SchedulerConfig(max_num_tokens=64, admission=admission))
+    prompt = list(range(1, 11))
+    s.add_request(Request("b0", prompt, 2))
+    s.add_request(Request("b1", prompt, 2))
+    step = s.step()
+    assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
+        ("b0", 0, 10), ("b1", 0, 10)]
+    assert step.num_scheduled_tokens == 20
