@@ -274,3 +274,21 @@ def test_five_requests_with_two_shared_prompts_reuse_three_blocks() -> None:
             (2, 3, ("0", "1", "2", "3", "4"), (), (("4", 16, 9, 16),))], policy
         assert rows[-2:] == [(64, 65, ("3", "4"), (), ()), (65, 66, ("4",), (), ())], policy
         assert mgr.stats.gpu.reused_blocks == 3, policy
+
+
+def test_reuse_lets_two_requests_share_a_tight_pool() -> None:
+    """Mirrors MaxUtilizationUnderMemoryPressureWithReuse (5 blocks: two requests of one
+    20-token prompt with 5 new tokens fit only because the second reuses the first's
+    blocks; it starts at iteration 1: 6 iterations) under both policies: each request needs
+    3 blocks to complete, the second reuses block 0 (or 15 tokens with partial reuse: the
+    last token of a block-aligned prompt is always computed), so both fit the 5 blocks."""
+    for policy in ("guaranteed_no_evict", "max_utilization"):
+        for partial, reused in ((False, 8), (True, 15)):
+            mgr = make_manager(tokens_per_block=8, num_gpu_blocks=5,
+                               enable_partial_reuse=partial)
+            steps, rows = run(mgr, policy, [list(range(16))] * 2, 5)
+            assert steps == 6, (policy, partial)
+            assert rows == [(0, 1, ("0",), (), (("0", 0, 16, 0),)),
+                            (1, 2, ("0", "1"), (), (("1", reused, 16 - reused, reused),)),
+                            (2, 5, ("0", "1"), (), ()),
+                            (5, 6, ("1",), (), ())], (policy, partial)
