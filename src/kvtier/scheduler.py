@@ -37,7 +37,7 @@ from kvtier.scheduler_config import (
     CapacityPolicy,
     SchedulerConfig,
 )
-from kvtier.sequence import MAX_TOKEN_ID, SequenceSpec, check_token, short_repr
+from kvtier.sequence import MAX_TOKEN_ID, SequenceSpec, check_token, items_before, short_repr
 
 __all__ = [
     "ADMISSIONS",
@@ -549,9 +549,12 @@ class Scheduler:
         self._enqueue(req, spec, first=True)
 
     def _block_key(self, spec: SequenceSpec, end: int) -> tuple[object, ...]:
-        """The key of ``spec``'s block that ends at token ``end``: its key space, end and
-        own ids (a slice of one block). Pure."""
-        return (spec.salt, spec.lora_id, spec.mm_items, end,
+        """The key of ``spec``'s block that ends at token ``end``: its key space, the
+        images keying the blocks up to it (as the cache keys them: not the order they were
+        listed in, nor the items past ``end``), its end and own ids (a slice of one
+        block). Pure."""
+        items = items_before(spec.mm_items, end) if spec.mm_items else ()
+        return (spec.salt, spec.lora_id, items, end,
                 spec.token_array[end - self._tpb:end].tobytes())
 
     def _note_computing(self, computing: dict[tuple[object, ...], list[Sequence[int]]],

@@ -499,6 +499,17 @@ def block_extras(
     return [tuple(x) if x else None for x in per_block]
 
 
+def items_before(mm_items: Sequence[MultimodalItem],
+                 end: int) -> tuple[tuple[bytes | str | int, int, int], ...]:
+    """What keys a prompt's blocks before token ``end`` (a block boundary) besides their
+    tokens: the items that begin before it, in ``block_extras``' order, each as its hash,
+    offset and the end of its part before ``end``. Two prompts with equal answers key those
+    blocks alike, in whatever order their items were listed and whatever follows ``end``.
+    Pure."""
+    return tuple((item.content_hash, item.offset, min(item.offset + item.length, end))
+                 for item in sorted(mm_items, key=_position) if item.offset < end)
+
+
 def _position(item: MultimodalItem) -> tuple[int, int, str, bytes | str | int]:
     """A total order of items: by offset, then length; two items at one place by their
     hash (compared within its type: the type's name first)."""
