@@ -31,6 +31,8 @@ class LiveTable:
         self.num_reserved_blocks = 0
         self.touched: dict[str, LiveSequence] | None = None
         self.pending_stores: dict[str, LiveSequence] = {}
+        # Requests discarded since the table was built (released or aborted): it only grows.
+        self.num_discarded = 0
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -156,6 +158,7 @@ class LiveTable:
     def discard(self, seq: LiveSequence) -> None:
         """Forget ``seq`` and its reservation (the caller releases its blocks)."""
         del self.seqs[seq.request_id]
+        self.num_discarded += 1
         self.num_reserved_blocks -= seq.num_reserved_blocks
         if self.touched is not None:
             self.touched.pop(seq.request_id, None)

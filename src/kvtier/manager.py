@@ -144,6 +144,14 @@ class KVCacheManager:
     def num_sequences(self) -> int:
         return len(self._live)
 
+    @property
+    def num_removed_sequences(self) -> int:
+        """How many requests have left the manager since it was built (``remove_sequence``,
+        or aborted by ``transfer_failed`` / ``compute_failed``); it only grows. A caller
+        holding requests (a scheduler) compares it with its last reading to learn whether
+        any of them may be gone, whatever was admitted since. Pure."""
+        return self._live.num_discarded
+
     def has_sequence(self, request_id: str) -> bool:
         """Whether ``request_id`` is live (admitted and not removed or aborted). Pure."""
         try:

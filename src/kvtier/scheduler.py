@@ -129,10 +129,14 @@ class Scheduler:
         # output tokens the manager does not hold yet (those the last update sampled; one
         # where absent). Without it that is always one, ``output[-1]``.
         self._num_unappended: dict[str, int] = {}
-        # The manager's live requests when the scheduler last changed them (a step, an
-        # update, a requeue, an abort): where that changed, the caller may have aborted or
-        # removed running requests (``_lost``), which a step or update must not meet blind.
-        self._num_live = manager.num_sequences
+        # The requests the manager had released when the scheduler last changed it (a step,
+        # an update, an abort, a reset): where more have left since, the caller may have
+        # aborted or removed running requests (``_lost``), which a step or update must not
+        # meet blind.
+        # NOTE: not the live count: a request the caller admitted directly (or another
+        # scheduler over the manager) after one of these was dropped left the count as it
+        # was, and every later step raised KeyError decoding the dropped one.
+        self._num_removed = manager.num_removed_sequences
         # Running requests ``reset_prefix_cache`` preempted, for the next step to list.
         self._reset_preempted: list[str] = []
         # Per running request still in its prefill: the spec it was admitted with (what its
@@ -301,7 +305,7 @@ class Scheduler:
             # of ``running`` and in no queue.
             if self.manager.has_sequence(request_id):
                 self.manager.remove_sequence(request_id)
-                self._num_live -= 1  # one less, not the count now: that may hide a lost one
+                self._num_removed += 1  # this one, not the count now: that may hide a lost one
             return req
         if request_id not in self._specs:
             return None
@@ -351,7 +355,7 @@ class Scheduler:
             req.num_computed_tokens = req.num_prefill_tokens = 0
             self._enqueue(req, spec, first=True)
         self._reset_preempted += [req.request_id for req in running]
-        self._num_live = manager.num_sequences
+        self._num_removed = manager.num_removed_sequences
         done = manager.reset_cache()
         assert done, "no request is live, yet the manager refused to reset"
         return done
@@ -376,17 +380,17 @@ class Scheduler:
             return self._unapplied
         finally:
             self.manager.end_step()
-            self._num_live = self.manager.num_sequences
+            self._num_removed = self.manager.num_removed_sequences
             if phases is not None:
                 phases.mark("store")
 
     def _lost(self) -> list[str]:
         """The running requests the manager no longer holds, in admission order. Pure.
 
-        NOTE: walked only where the manager holds another number of requests than when the
-        scheduler last changed them (a step or update compares two ints)."""
+        NOTE: walked only where requests left the manager since the scheduler last changed
+        it (a step or update compares two ints)."""
         manager = self.manager
-        if manager.num_sequences == self._num_live:
+        if manager.num_removed_sequences == self._num_removed:
             return []
         return [rid for rid in self.running if not manager.has_sequence(rid)]
 
@@ -733,7 +737,7 @@ class Scheduler:
             self.manager.remove_sequence(req.request_id)
             self._leave_running(req)
         self._unapplied = None
-        self._num_live = self.manager.num_sequences
+        self._num_removed = self.manager.num_removed_sequences
         if phases is not None:
             phases.mark("update")
         return finished

@@ -1,0 +1,143 @@
+"""Red team, twenty-first pass: the engine-facing core (manager, scheduler, plans, clock)
+under calls an integrator makes out of the scheduler's own order, copies taken between a
+step and its update, and readings of NumPy types at the boundary."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
+
+
+def next_token(tokens: list[int]) -> int:
+    """The model: a deterministic function of the tokens so far."""
+    return (sum(t * (i + 3) for i, t in enumerate(tokens)) + len(tokens)) % 5 + 1
+
+
+def sampled_for(sched: Scheduler, step: ScheduledStep) -> dict[str, int]:
+    """What the model samples for every request of ``step`` that samples."""
+    out = {}
+    for chunk in step.context_chunks:
+        req = sched.running[chunk.request_id]
+        if chunk.first_token + chunk.num_tokens >= req.num_prefill_tokens:
+            out[chunk.request_id] = next_token(req.tokens)
+    for rid in step.decode_request_ids:
+        out[rid] = next_token(sched.running[rid].tokens)
+    return out
+
+
+def drain(sched: Scheduler, max_steps: int = 100) -> dict[str, list[int]]:
+    """Run ``sched`` until nothing is queued or running; the outputs of what finished."""
+    done: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            return done
+        step = sched.step()
+        for req in sched.update(step, sampled_for(sched, step)):
+            done[req.request_id] = list(req.output)
+        sched.check_invariants()
+        sched.manager.check_invariants()
+    raise AssertionError(f"unfinished after {max_steps} steps")
+
+
+def cacheless(prompt: list[int], n: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(next_token(tokens))
+    return tokens[len(prompt):]
+
+
+# ---- a running request the manager dropped, met by a step whatever was admitted since ------
+
+
+def two_decoding() -> tuple[KVCacheManager, Scheduler]:
+    """'a' and 'b' past their prefills, decoding."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32))
+    sched.add_request(Request("a", [1, 2, 3, 4, 5], 4))
+    sched.add_request(Request("b", [9, 2, 3, 4, 5], 4))
+    step = sched.step()
+    sched.update(step, sampled_for(sched, step))
+    return mgr, sched
+
+
+def test_a_request_dropped_between_steps_is_requeued_after_a_direct_admission() -> None:
+    """``compute_failed`` between steps drops 'a' (allowed: the next step requeues it). The
+    scheduler told a drop by the manager's live count: the engine's own request admitted
+    directly after it left the count as it was, and every later step raised KeyError
+    ("unknown request_id 'a'") decoding 'a', the scheduler stuck for good. Now a step
+    requeues 'a', which recomputes, and both finish with a cacheless run's output."""
+    mgr, sched = two_decoding()
+    assert mgr.compute_failed(["a"]) == ["a"]
+    assert mgr.add_sequence(SequenceSpec("side", [7, 7, 7])).admitted
+    step = sched.step()
+    assert step.decode_request_ids == ("b",)
+    assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
+        ("a", 0, 6)]  # its prompt and its first output: what compute_failed dropped
+    sched.update(step, sampled_for(sched, step))
+    assert drain(sched) == {"a": cacheless([1, 2, 3, 4, 5], 4),
+                            "b": cacheless([9, 2, 3, 4, 5], 4)}
+    mgr.remove_sequence("side")
+    mgr.check_invariants()
+    assert mgr.num_sequences == 0 and mgr.num_free_gpu_blocks == 16
+
+
+def test_update_refuses_a_step_whose_request_was_removed_while_another_was_admitted() -> None:
+    """Between step and update, a request of the step removed directly and another admitted:
+    the update applied the step blind (the count unchanged), 'a' kept running though the
+    manager no longer held it, and every later step raised KeyError decoding it. Now
+    refused naming 'a', changing nothing; requeued, the step applies."""
+    mgr, sched = two_decoding()
+    step = sched.step()
+    mgr.remove_sequence("a")
+    assert mgr.add_sequence(SequenceSpec("side", [7, 7, 7])).admitted
+    output = list(sched.running["a"].output)
+    with pytest.raises(RuntimeError, match=r"no longer holds \['a'\]"):
+        sched.update(step, sampled_for(sched, step))
+    assert sched.running["a"].output == output
+    step = sched.requeue_failed(step, ["a"])
+    sched.update(step, sampled_for(sched, step))
+    assert [r.request_id for r in sched.waiting] == ["a"]
+    assert drain(sched) == {"a": cacheless([1, 2, 3, 4, 5], 4),
+                            "b": cacheless([9, 2, 3, 4, 5], 4)}
+
+
+def test_two_schedulers_over_one_manager_each_find_their_dropped_request() -> None:
+    """Two schedulers sharing a manager: a request of the second dropped by compute_failed,
+    then a step of the first admitting one of its own. The second's next step raised
+    KeyError (the manager's count was back where the second last saw it); now it requeues
+    its request and both run to the end."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=32))
+    first = Scheduler(mgr, SchedulerConfig(max_num_tokens=32))
+    second = Scheduler(mgr, SchedulerConfig(max_num_tokens=32))
+    first.add_request(Request("f1", [1, 1, 1], 3))
+    second.add_request(Request("s1", [2, 2, 2], 3))
+    for sched in (first, second):
+        step = sched.step()
+        sched.update(step, sampled_for(sched, step))
+    assert mgr.compute_failed(["s1"]) == ["s1"]
+    first.add_request(Request("f2", [3, 3, 3], 3))
+    step = first.step()
+    first.update(step, sampled_for(first, step))
+    assert mgr.num_sequences == 2  # f1, f2: as many as second last saw (f1, s1)
+    step = second.step()
+    assert [c.request_id for c in step.context_chunks] == ["s1"]
+    second.update(step, sampled_for(second, step))
+    assert drain(first) == {"f1": cacheless([1, 1, 1], 3), "f2": cacheless([3, 3, 3], 3)}
+    assert drain(second) == {"s1": cacheless([2, 2, 2], 3)}
+    assert mgr.num_sequences == 0
+
+
+def test_num_removed_sequences_counts_every_way_out() -> None:
+    """The manager's count of requests that left it: a removal and a fault's abort each add
+    one; a refused call adds none."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8))
+    assert mgr.num_removed_sequences == 0
+    mgr.add_sequence_batch([SequenceSpec("a", [1, 2, 3]), SequenceSpec("b", [4, 5, 6])])
+    mgr.remove_sequence("a")
+    with pytest.raises(KeyError):
+        mgr.remove_sequence("a")
+    assert mgr.num_removed_sequences == 1
+    assert mgr.compute_failed(["b"]) == ["b"]
+    assert mgr.num_removed_sequences == 2 and mgr.num_sequences == 0
