@@ -4,10 +4,14 @@ step and its update, and readings of NumPy types at the boundary."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
 from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
+from kvtier.transfer.plan import OpKind
 
 
 def next_token(tokens: list[int]) -> int:
@@ -141,3 +145,70 @@ def test_num_removed_sequences_counts_every_way_out() -> None:
     assert mgr.num_removed_sequences == 1
     assert mgr.compute_failed(["b"]) == ["b"]
     assert mgr.num_removed_sequences == 2 and mgr.num_sequences == 0
+
+
+# ---- a scheduler or manager copied between a step and its update -------------------------
+
+
+def onboarding_step() -> tuple[Scheduler, ScheduledStep]:
+    """A step whose plan onboards 'c''s cached prefix from the host (and offloads to make
+    room), not yet applied."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=4, num_host_blocks=8,
+                                     eviction_policy="lru", offload_min_priority=0))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=64))
+    for rid, prompt in (("a", list(range(1, 10))), ("b", list(range(100, 115)))):
+        sched.add_request(Request(rid, prompt, 1))
+        step = sched.step()
+        sched.update(step, sampled_for(sched, step))
+    sched.add_request(Request("c", list(range(1, 10)) + [50], 2))
+    step = sched.step()
+    assert step.transfer_plan.op(0).kind is OpKind.ONBOARD
+    assert step.context_chunks[0].num_reused_tokens == 8
+    return sched, step
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_scheduler_copied_between_step_and_update_goes_on(how: str) -> None:
+    """A copy of a scheduler taken between step and update refused every step ('step()
+    called before update()') and every update (the step it waits for is its own copy,
+    which nobody held): wedged for good. And the copied step's plan had lost its issuer,
+    so its manager refused the plan's failure as no plan of its own. Now the copy's
+    ``unapplied_step`` goes on: the failure of its onboard aborts 'c', which recomputes,
+    and the original, untouched, finishes as it would have."""
+    sched, step = onboarding_step()
+    twin = copy.deepcopy(sched) if how == "deepcopy" else pickle.loads(pickle.dumps(sched))
+    with pytest.raises(RuntimeError, match="another step is"):
+        twin.update(step, {"c": 1})  # the original's step: not the copy's
+    pending = twin.unapplied_step
+    assert pending is not None and pending == step and pending is not step
+    assert twin.manager.transfer_failed(pending.transfer_plan, [0]) == ["c"]
+    prefix = list(range(1, 10))
+    assert twin.manager.lookup(prefix).num_tokens == 0  # the bad block and what follows it
+    assert sched.manager.lookup(prefix).num_tokens == 8  # the original's: as it was
+    pending = twin.requeue_failed(pending, ["c"])
+    assert twin.update(pending, sampled_for(twin, pending)) == []
+    assert twin.unapplied_step is None
+    assert drain(twin) == {"c": cacheless(list(range(1, 10)) + [50], 2)}
+    # The original: its plan ran, its step applies.
+    assert sched.unapplied_step is step
+    sched.update(step, sampled_for(sched, step))
+    assert drain(sched) == {"c": cacheless(list(range(1, 10)) + [50], 2)}
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_plan_copied_with_its_manager_is_the_copys_latest(how: str) -> None:
+    """A manager and its latest plan copied together: the copy refused the copied plan
+    ('not handed out by this manager'). Now it takes it; a plan copied alone is still no
+    manager's, and the original still takes only its own."""
+    sched, step = onboarding_step()
+    mgr, plan = sched.manager, step.transfer_plan
+    both = (mgr, plan)
+    mgr2, plan2 = (copy.deepcopy(both) if how == "deepcopy"
+                   else pickle.loads(pickle.dumps(both)))
+    alone = copy.deepcopy(plan) if how == "deepcopy" else pickle.loads(pickle.dumps(plan))
+    for manager, other in ((mgr2, plan), (mgr2, alone), (mgr, plan2), (mgr, alone)):
+        with pytest.raises(ValueError, match="not handed out by this manager"):
+            manager.transfer_failed(other, [0])
+    assert mgr2.transfer_failed(plan2, [0]) == ["c"]
+    mgr2.check_invariants()
+    assert mgr.has_sequence("c") and not mgr2.has_sequence("c")

@@ -150,6 +150,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def unapplied_step(self) -> ScheduledStep | None:
+        """The step ``step`` (or ``requeue_failed``) returned that ``update`` has not applied
+        yet; None between steps. A copy of the scheduler made in between (``copy.deepcopy``,
+        pickle) holds its own copy of that step, whose plan is its manager's: the copy goes
+        on with ``update(copy.unapplied_step, ...)`` (it refuses the original's step)."""
+        return self._unapplied
+
     def check_invariants(self) -> None:
         """Recount the scheduler's books from its queues and assert they hold (between
         steps): each request in exactly one of ``waiting`` and ``running``, nothing kept

@@ -131,7 +131,10 @@ class TransferPlan:
 
     ``issuer`` is set by the manager that hands the plan out (which manager, which of its
     plans), for ``KVCacheManager.transfer_failed`` to tell its own latest plan from another
-    manager's, an older one or a copy; None for a plan built by hand (or unpickled).
+    manager's, an older one or a copy; None for a plan built by hand. A copy of a plan
+    (``copy.deepcopy``, pickle) names a copy of its issuer: made together with its manager
+    (one ``deepcopy`` or ``pickle.dumps`` of both, or of a scheduler and its step), it is
+    the copied manager's plan, as the original is the original's; made alone, no manager's.
     """
 
     __slots__ = ("_kinds", "_ops", "columns", "issuer")
@@ -204,8 +207,12 @@ class TransferPlan:
         return f"TransferPlan(ops={shown(self.ops)}, columns={shown(self.columns)})"
 
     def __reduce__(self) -> tuple[type[TransferPlan], tuple[tuple[TransferOp, ...],
-                                                             PlanColumns | None]]:
-        return (TransferPlan, (self.ops, self.columns))
+                                                             PlanColumns | None],
+                                  tuple[None, dict[str, object]]]:
+        # NOTE: the issuer travels too (its key copied as any object is, once per copy): a
+        # manager copied with its latest plan (a scheduler copied between step and update)
+        # refused that plan's transfer_failed as no plan of its own, for good.
+        return (TransferPlan, (self.ops, self.columns), (None, {"issuer": self.issuer}))
 
 
 class PlanRecorder:
