@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import pickle
+from typing import Any
 
+import numpy as np
 import pytest
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
@@ -212,3 +214,44 @@ def test_a_plan_copied_with_its_manager_is_the_copys_latest(how: str) -> None:
     assert mgr2.transfer_failed(plan2, [0]) == ["c"]
     mgr2.check_invariants()
     assert mgr.has_sequence("c") and not mgr2.has_sequence("c")
+
+
+# ---- readings and values of NumPy types ----------------------------------------------------
+
+
+class NumpyClock:
+    """A simulated clock kept as a NumPy scalar (of ``dtype``)."""
+
+    def __init__(self, dtype: Any) -> None:
+        self.dtype = dtype
+        self.now = dtype(0)
+
+    def __call__(self) -> Any:
+        return self.now
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.float16])
+def test_a_clock_reading_numpy_scalars_runs(dtype: Any) -> None:
+    """A clock answering a NumPy float32 or int64 (not a float subclass, as float64 is) was
+    a fault at every reading: the cache's time stood at 0.0 for good, so a retention never
+    ran out (the prompt kept priority 90 an hour later). Now read as the number it is."""
+    clock = NumpyClock(dtype)
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8), clock=clock)
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5], priority=90, retention_s=10.0))
+    clock.now = dtype(5)
+    mgr.remove_sequence("a")
+    assert [b.priority for b in mgr.cached_blocks()] == [90]
+    clock.now = dtype(1000)
+    assert [b.priority for b in mgr.cached_blocks()] == [35]  # expired: the default
+    assert mgr.clock.num_faults == 0 and mgr.clock.last == 1000.0
+
+
+def test_a_clock_reading_a_numpy_bool_or_nan_is_still_a_fault() -> None:
+    """What is no number of seconds stays a fault, whatever its type."""
+    readings: list[Any] = [np.bool_(True), np.float32("nan"), np.float64("inf")]
+    for reading in readings:
+        clock = NumpyClock(np.float32)
+        clock.now = reading
+        mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8), clock=clock)
+        assert mgr.clock() == 0.0 and mgr.clock.num_faults == 1
+

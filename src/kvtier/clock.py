@@ -6,10 +6,10 @@ before it has changed the rest. A clock that raised there left a request half ad
 half released (its claims counted, its path not), and a clock that answered ``None`` or
 NaN did the same or made every age NaN, so retentions never ran out. ``CacheClock`` makes
 every reading a finite number of seconds that never runs backwards: a reading that raises,
-is not a finite real number, or is below the last good one, gives the last good reading
-instead (0.0 before the first), is counted, and is logged once. Time then stands still
-for the cache until the clock recovers: ages stop growing, which costs eviction some
-order, never a block or a request.
+is not a finite real number (any ``numbers.Real`` but a bool, a NumPy scalar included), or
+is below the last good one, gives the last good reading instead (0.0 before the first), is
+counted, and is logged once. Time then stands still for the cache until the clock
+recovers: ages stop growing, which costs eviction some order, never a block or a request.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from numbers import Real
 
 from kvtier.reprs import shown
 
@@ -60,12 +61,17 @@ class CacheClock:
         finally:
             calls.depth -= 1
         if t.__class__ is not float:
-            if isinstance(t, bool) or not isinstance(t, (int, float)):
+            # NOTE: any real number but a bool: a NumPy float32 or int64 (a simulated clock
+            # kept in an array) was a fault, and the cache's time stood still for good.
+            if isinstance(t, bool) or not isinstance(t, Real):
                 return self._fault(f"returned {shown(t)}, not a number of seconds")
             try:
                 t = float(t)
             except OverflowError:
                 return self._fault(f"returned {shown(t)}, too large for seconds")
+            except Exception as exc:  # a number type of the caller's whose float() raises
+                return self._fault(f"returned {shown(t)}, whose float() raised "
+                                   f"{type(exc).__name__}: {exc}")
         if not math.isfinite(t):
             return self._fault(f"returned {shown(t)}")
         if t < self.last and self._started:
