@@ -255,3 +255,10 @@ def test_a_clock_reading_a_numpy_bool_or_nan_is_still_a_fault() -> None:
         mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8), clock=clock)
         assert mgr.clock() == 0.0 and mgr.clock.num_faults == 1
 
+
+def test_tokens_per_block_of_a_numpy_int_is_named_as_one() -> None:
+    """CacheConfig(tokens_per_block=np.int64(4)) said 'got 4': a valid value, as read."""
+    with pytest.raises(ValueError, match=r"power of two in 1\.\.65536, got np\.int64\(4\)$"):
+        CacheConfig(tokens_per_block=np.int64(4))
+    with pytest.raises(ValueError, match=r"got 'x'$"):
+        CacheConfig(tokens_per_block="x")  # type: ignore[arg-type]

@@ -64,9 +64,10 @@ class CacheConfig:
     def __post_init__(self) -> None:
         tpb = self.tokens_per_block
         if type(tpb) is not int or not 1 <= tpb <= 2**16 or tpb & (tpb - 1):
-            text = shown(tpb) if isinstance(tpb, int) else str(tpb)
-            raise ValueError(
-                f"tokens_per_block must be a power of two in 1..65536, got {text[:40]}")
+            # NOTE: shown, whatever the type: str() of a NumPy int64(4) read 'got 4'.
+            text = shown(tpb)
+            text = text if len(text) <= 40 else text[:37] + "..."
+            raise ValueError(f"tokens_per_block must be a power of two in 1..65536, got {text}")
         _check_count("num_gpu_blocks", self.num_gpu_blocks, 1, MAX_BLOCKS)
         _check_count("num_host_blocks", self.num_host_blocks, 0, MAX_BLOCKS)
         _check_count("max_events", self.max_events, 1, 2**40)
