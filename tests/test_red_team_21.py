@@ -262,3 +262,99 @@ def test_tokens_per_block_of_a_numpy_int_is_named_as_one() -> None:
         CacheConfig(tokens_per_block=np.int64(4))
     with pytest.raises(ValueError, match=r"got 'x'$"):
         CacheConfig(tokens_per_block="x")  # type: ignore[arg-type]
+
+
+# ---- a call back into the scheduler from the manager's clock or eviction policy -----------
+
+
+class HookedClock:
+    """A clock that runs ``hook`` (once) at its next reading: the caller's code, called
+    from inside the manager's operations; what the hook raised is kept."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.hook: Any = None
+        self.raised: list[Exception] = []
+
+    def __call__(self) -> float:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            try:
+                hook()
+            except Exception as exc:
+                self.raised.append(exc)
+                raise
+        return self.now
+
+
+def hooked_pair() -> tuple[HookedClock, KVCacheManager, Scheduler]:
+    """'a' and 'b' decoding (4 tokens each), 'c' waiting, over a hooked clock."""
+    clock = HookedClock()
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16), clock=clock)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32))
+    sched.add_request(Request("a", [1, 2, 3, 4, 5], 2))
+    sched.add_request(Request("b", [9, 2, 3, 4, 5], 4))
+    step = sched.step()
+    sched.update(step, sampled_for(sched, step))
+    sched.add_request(Request("c", [5, 5, 5, 5, 5, 5], 2))
+    return clock, mgr, sched
+
+
+def test_an_abort_from_inside_a_step_is_refused() -> None:
+    """The manager's clock (or eviction policy) aborting a running request in the middle of
+    a step: the scheduler took 'a' out of ``running``, then the manager refused to release
+    it (a call back into the manager): 'a' stayed live in the manager for ever, in neither
+    queue, its blocks never freed. Now the scheduler refuses the call first, changing
+    nothing, and every request finishes."""
+    clock, mgr, sched = hooked_pair()
+    clock.hook = lambda: sched.abort("a")
+    step = sched.step()
+    assert [str(e) for e in clock.raised] == [
+        "Scheduler.abort() called from inside its own step() (from the manager's clock or "
+        "eviction policy): refused (they must not call back into the scheduler they serve)"]
+    assert step.decode_request_ids == ("a", "b") and list(sched.running) == ["a", "b", "c"]
+    done = {r.request_id: r.output for r in sched.update(step, sampled_for(sched, step))}
+    assert done | drain(sched) == {"a": cacheless([1, 2, 3, 4, 5], 2),
+                            "b": cacheless([9, 2, 3, 4, 5], 4),
+                            "c": cacheless([5, 5, 5, 5, 5, 5], 2)}
+    assert mgr.num_sequences == 0 and mgr.num_free_gpu_blocks == 16
+
+
+def test_a_requeue_from_inside_an_update_is_refused() -> None:
+    """The clock requeueing 'a' while ``update`` released it (finished): the requeue moved
+    'a' to the queue, then the update raised KeyError taking it out of ``running``, the
+    step half applied. Now refused; the update finishes 'a'."""
+    clock, mgr, sched = hooked_pair()
+    step = sched.step()
+    clock.hook = lambda: sched.requeue_failed(step, ["a"])
+    finished = sched.update(step, sampled_for(sched, step))
+    assert [(r.request_id, r.output) for r in finished] == [
+        ("a", cacheless([1, 2, 3, 4, 5], 2))]
+    assert [type(e) for e in clock.raised] == [RuntimeError]
+    assert "requeue_failed() called from inside its own update()" in str(clock.raised[0])
+    sched.check_invariants()
+    mgr.check_invariants()
+    assert drain(sched)["b"] == cacheless([9, 2, 3, 4, 5], 4)
+    assert mgr.num_sequences == 0
+
+
+@pytest.mark.parametrize("call", ["step", "update", "add_request", "hold", "release",
+                                  "reset_prefix_cache"])
+def test_every_scheduler_call_from_inside_its_step_is_refused(call: str) -> None:
+    """Whatever the callback calls back, it is refused, the step goes on as without it."""
+    clock, mgr, sched = hooked_pair()
+    step: ScheduledStep | None = None  # not returned yet when the update is called back
+    calls = {"step": sched.step, "update": lambda: sched.update(step, {}),  # type: ignore[arg-type]
+             "add_request": lambda: sched.add_request(Request("x", [3, 3], 2)),
+             "hold": lambda: sched.hold("c"), "release": lambda: sched.release("c"),
+             "reset_prefix_cache": lambda: sched.reset_prefix_cache(True)}
+    clock.hook = calls[call]
+    step = sched.step()
+    assert [f"Scheduler.{call}() called from inside its own step()" in str(e)
+            for e in clock.raised] == [True]
+    assert step.decode_request_ids == ("a", "b")
+    assert [c.request_id for c in step.context_chunks] == ["c"]
+    assert not sched.waiting and list(sched.running) == ["a", "b", "c"]
+    sched.update(step, sampled_for(sched, step))
+    drain(sched)
+    assert mgr.num_sequences == 0

@@ -144,6 +144,10 @@ class Scheduler:
         # step completes, by ``_block_key`` (see ``candidates``).
         self._prefill_specs: dict[str, SequenceSpec] = {}
         self._computing: dict[tuple[object, ...], list[Sequence[int]]] = {}
+        # The call of this scheduler in flight (step, update, abort, reset_prefix_cache),
+        # which calls the manager, and so its clock and eviction policy: a call back into
+        # the scheduler from there is refused (``_check_not_in_call``).
+        self._in_call: str | None = None
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -157,6 +161,18 @@ class Scheduler:
         pickle) holds its own copy of that step, whose plan is its manager's: the copy goes
         on with ``update(copy.unapplied_step, ...)`` (it refuses the original's step)."""
         return self._unapplied
+
+    def _check_not_in_call(self, method: str) -> None:
+        """RuntimeError, changing nothing, while a call of this scheduler is in flight: the
+        manager's clock or eviction policy called back into it. Pure.
+
+        NOTE: unchecked, an ``abort`` from there took a request out of ``running`` before
+        the manager refused its release: live in the manager for ever, in no queue."""
+        if self._in_call is not None:
+            raise RuntimeError(
+                f"Scheduler.{method}() called from inside its own {self._in_call}() (from the "
+                f"manager's clock or eviction policy): refused (they must not call back into "
+                f"the scheduler they serve)")
 
     def check_invariants(self) -> None:
         """Recount the scheduler's books from its queues and assert they hold (between
@@ -205,6 +221,7 @@ class Scheduler:
         """Keep a waiting request out of admission until ``release`` (e.g. while its prefix
         is fetched from a remote tier); an id queued nowhere is ignored. TypeError for an id
         that is no str."""
+        self._check_not_in_call("hold")
         if type(request_id) is not str:
             raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
         if request_id in self._specs:
@@ -212,6 +229,7 @@ class Scheduler:
 
     def release(self, request_id: str) -> None:
         """Let a held request be admitted again. TypeError for an id that is no str."""
+        self._check_not_in_call("release")
         if type(request_id) is not str:
             raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
         self._held.discard(request_id)
@@ -260,6 +278,7 @@ class Scheduler:
         :class:`Request`), its id is already queued, running or live in the manager, or it
         could never fit the GPU pool, or its ``output`` already holds its
         ``max_output_tokens`` (a finished request queued again: it sampled past them)."""
+        self._check_not_in_call("add_request")
         if not isinstance(req, Request):
             raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
         prompt, output, mm_items = check_request(req)
@@ -300,11 +319,20 @@ class Scheduler:
         nothing, between ``step`` and ``update`` (RuntimeError: the step's blocks are
         cached already and only its forward pass fills them; apply it, then abort) or for
         an id that is no str (TypeError)."""
+        self._check_not_in_call("abort")
         if type(request_id) is not str:
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         if self._unapplied is not None:
             raise RuntimeError(f"abort({shown(request_id)}) between step() and update(): apply "
                                "the step first")
+        self._in_call = "abort"
+        try:
+            return self._abort(request_id)
+        finally:
+            self._in_call = None
+
+    def _abort(self, request_id: str) -> Request | None:
+        """``abort``, its arguments checked."""
         req = self.running.get(request_id)
         if req is not None:
             self._leave_running(req)
@@ -340,9 +368,18 @@ class Scheduler:
         if type(reset_running_requests) is not bool:
             raise TypeError(f"reset_running_requests must be a bool, got "
                             f"{short_repr(reset_running_requests)}")
+        self._check_not_in_call("reset_prefix_cache")
         if self._unapplied is not None:
             raise RuntimeError("reset_prefix_cache() between step() and update(): apply the "
                                "step first")
+        self._in_call = "reset_prefix_cache"
+        try:
+            return self._reset_prefix_cache(reset_running_requests)
+        finally:
+            self._in_call = None
+
+    def _reset_prefix_cache(self, reset_running_requests: bool) -> bool:
+        """``reset_prefix_cache``, its argument checked."""
         manager = self.manager
         if not reset_running_requests and self.running:
             # NOTE: by the scheduler's books, not the manager's: a running request the
@@ -371,8 +408,17 @@ class Scheduler:
     def step(self) -> ScheduledStep:
         """Schedule one forward pass. Raises RuntimeError, changing nothing, while the last
         step has not been applied by ``update``."""
+        self._check_not_in_call("step")
         if self._unapplied is not None:
             raise RuntimeError("step() called before update() applied the previous step")
+        self._in_call = "step"
+        try:
+            return self._schedule()
+        finally:
+            self._in_call = None
+
+    def _schedule(self) -> ScheduledStep:
+        """``step``, once it may run."""
         lost = self._lost()
         if lost:
             # Aborted in the manager outside a step (``compute_failed`` after ``update``, a
@@ -719,7 +765,17 @@ class Scheduler:
         ``requeue_failed``) returned or was already applied (RuntimeError), a ``sampled``
         that is no mapping or a ``stopped`` that is no collection (TypeError), or a request
         that samples with no valid token in ``sampled`` (ValueError)."""
+        self._check_not_in_call("update")
         self._check_unapplied(step, "update")
+        self._in_call = "update"
+        try:
+            return self._update(step, sampled, stopped)
+        finally:
+            self._in_call = None
+
+    def _update(self, step: ScheduledStep, sampled: Mapping[str, int | Sequence[int]],
+                stopped: Collection[str]) -> list[Request]:
+        """``update`` of the step waiting for it."""
         lost = self._lost()
         if lost:
             # NOTE: applied, the step appended their tokens, then removing a finished one
@@ -840,6 +896,7 @@ class Scheduler:
         ``step`` without their work: the step ``update`` then applies. Raises, changing
         nothing, for a step that is not the last one returned (RuntimeError), ids that are
         no iterable (TypeError) or name a request the manager still holds (ValueError)."""
+        self._check_not_in_call("requeue_failed")
         self._check_unapplied(step, "requeue_failed")
         if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, Iterable):
             raise TypeError(f"request_ids must be an iterable of request ids, got "
