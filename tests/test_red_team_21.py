@@ -358,3 +358,31 @@ def test_every_scheduler_call_from_inside_its_step_is_refused(call: str) -> None
     sched.update(step, sampled_for(sched, step))
     drain(sched)
     assert mgr.num_sequences == 0
+
+
+# ---- a request queued again -----------------------------------------------------------------
+
+
+def test_a_request_aborted_mid_prefill_and_queued_again_waits_with_no_progress() -> None:
+    """The Request ``abort`` returns, queued again (an engine moving it): it waited with its
+    last admission's progress (4 of 9 tokens computed), which the scheduler's own books
+    refuse for a waiting request (check_invariants raised). Now queued with none; its
+    admission reuses the block it computed and it finishes as a cacheless run."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=4))
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    req = Request("a", prompt, 3)
+    sched.add_request(req)
+    step = sched.step()
+    sched.update(step, sampled_for(sched, step))
+    assert (req.num_computed_tokens, req.num_prefill_tokens) == (4, 9)
+    assert sched.abort("a") is req
+    sched.add_request(req)
+    assert (req.num_computed_tokens, req.num_prefill_tokens) == (0, 0)
+    sched.check_invariants()
+    step = sched.step()
+    assert [(c.first_token, c.num_tokens, c.num_reused_tokens) for c in step.context_chunks] == [
+        (4, 4, 4)]
+    sched.update(step, sampled_for(sched, step))
+    assert drain(sched) == {"a": cacheless(prompt, 3)}
+    assert mgr.num_sequences == 0

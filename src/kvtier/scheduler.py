@@ -277,7 +277,9 @@ class Scheduler:
         """Queue a request; raises ValueError, queueing nothing, if a field is invalid (see
         :class:`Request`), its id is already queued, running or live in the manager, or it
         could never fit the GPU pool, or its ``output`` already holds its
-        ``max_output_tokens`` (a finished request queued again: it sampled past them)."""
+        ``max_output_tokens`` (a finished request queued again: it sampled past them). A
+        request queued again (aborted, or finished by a stop) keeps its output, which it
+        prefills with its prompt, and starts its progress fields (``num_*_tokens``) at 0."""
         self._check_not_in_call("add_request")
         if not isinstance(req, Request):
             raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
@@ -309,6 +311,10 @@ class Scheduler:
         # Private copies: the caller's lists may change.
         req.prompt, req.output, req.mm_items = prompt, output, mm_items
         spec = self._spec_of(req)
+        # NOTE: a request queued has computed nothing of its next admission: one aborted
+        # part way and queued again kept the last one's progress while it waited (its
+        # num_computed_tokens read 4 of 9, and check_invariants failed on it).
+        req.num_prefill_tokens = req.num_computed_tokens = 0
         self._enqueue(req, spec, first=False)
 
     def abort(self, request_id: str) -> Request | None:
