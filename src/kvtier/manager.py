@@ -54,7 +54,7 @@ from kvtier.sequence import (
     token_list,
 )
 from kvtier.tier import Tier
-from kvtier.transfer.plan import PlanRecorder, TransferPlan
+from kvtier.transfer.plan import PlanIssuer, PlanRecorder, TransferPlan
 
 _NO_COPIES = TransferPlan(())
 
@@ -108,7 +108,7 @@ class KVCacheManager:
         # ``transfer_failed`` takes only the latest plan handed out: its ``issuer`` names this
         # manager (``_plan_key``) and its number (``_num_plans``); ``_plan_closed`` says why
         # that plan can no longer be reported (None while it can).
-        self._plan_key = object()
+        self._plan_key = PlanIssuer()
         self._num_plans = 0
         self._plan_closed: str | None = None
 

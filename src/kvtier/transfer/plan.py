@@ -115,6 +115,15 @@ def _interleaved(first: array[int], second: array[int], size: int, num: int) -> 
     return out
 
 
+class PlanIssuer:
+    """The key a manager's plans name it by (``TransferPlan.issuer``): compared by identity,
+    and weakly referable, so that what an engine records of it (``TorchTransferEngine``'s
+    plans run) goes with the last manager or plan holding it. A copy of it (``deepcopy``,
+    pickle) is another issuer."""
+
+    __slots__ = ("__weakref__",)
+
+
 class TransferPlan:
     """The copies of one manager call, in program order.
 

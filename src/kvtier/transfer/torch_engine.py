@@ -36,6 +36,7 @@ the caller's stream wait (the CPU does not block). On CPU every copy is done whe
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -158,7 +159,9 @@ class TorchTransferEngine:
         self.before_launch: Callable[[int | None], None] | None = None
         # Per issuing manager (``TransferPlan.issuer``), the number of the latest of its
         # plans submitted here: ``submit`` runs each issued plan once.
-        self._submitted: dict[object, int] = {}
+        # NOTE: weak: a plan unpickled alone names an issuer of its own (one per plan), and
+        # a worker fed such plans kept an entry per plan for ever.
+        self._submitted: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
         self._tpb = gpu.layout.tokens_per_block
         self._num_layers = gpu.layout.num_layers
         self._bytes_per_token = gpu.layout.bytes_per_token
@@ -355,7 +358,10 @@ class TorchTransferEngine:
         if issuer is None:
             return
         key, number = issuer
-        last = self._submitted.get(key)
+        try:
+            last = self._submitted.get(key)
+        except TypeError:  # no weak reference takes it (an older manager's pickle's key)
+            return
         if last is not None and number <= last:
             raise ValueError(
                 f"plan {number} of its manager was submitted to this engine already"
