@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier.scheduled_step import StepPhases
 from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.transfer.plan import OpKind
 
@@ -386,3 +387,60 @@ def test_a_request_aborted_mid_prefill_and_queued_again_waits_with_no_progress()
     sched.update(step, sampled_for(sched, step))
     assert drain(sched) == {"a": cacheless(prompt, 3)}
     assert mgr.num_sequences == 0
+
+
+# ---- the step timer's clock ------------------------------------------------------------------
+
+
+class FailingTimer:
+    """A timer clock counting seconds that raises (or answers None) at reading ``fail_at``."""
+
+    def __init__(self, fault: str) -> None:
+        self.n = 0
+        self.fail_at = 0
+        self.fault = fault
+
+    def __call__(self) -> Any:
+        self.n += 1
+        if self.n == self.fail_at:
+            if self.fault == "raise":
+                raise OSError("clock_gettime failed")
+            return None
+        return float(self.n)
+
+
+@pytest.mark.parametrize("fault", ["raise", "none"])
+def test_a_step_timer_whose_clock_fails_never_fails_the_step(fault: str) -> None:
+    """``Scheduler.phases`` (a StepPhases over the caller's clock) marks the phases in the
+    middle of a step: a clock that raised there (or answered None) failed the step after
+    its decodes were appended, and the next step appended each decode's token again (the
+    manager held 1 2 3 4 5 7 7 for a request whose tokens were 1 2 3 4 5 7 8). Now the
+    reading counts as the last good one, and the step goes on."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32))
+    timer = FailingTimer(fault)
+    sched.phases = StepPhases(timer)
+    prompt = [1, 2, 3, 4, 5]
+    sched.add_request(Request("a", prompt, 4))
+    step = sched.step()
+    sched.update(step, sampled_for(sched, step))
+    timer.fail_at = timer.n + 2  # the step's begin reads, then its decode mark fails
+    step = sched.step()
+    assert step.decode_request_ids == ("a",)
+    assert sched.phases is not None and sched.phases.last["decode"] == 0.0
+    sched.update(step, sampled_for(sched, step))
+    assert drain(sched) == {"a": cacheless(prompt, 4)}
+    # What the manager cached is the request's own tokens (the last one sampled, never
+    # computed, aside), not a decode token twice.
+    tokens = prompt + cacheless(prompt, 4)
+    assert [b.tokens for b in mgr.cached_blocks()] == [tuple(tokens[:4]), tuple(tokens[4:8])]
+
+
+def test_phases_takes_only_a_step_timer() -> None:
+    """Another object there was called in the middle of every step; refused when set."""
+    sched = Scheduler(KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16)))
+    with pytest.raises(TypeError, match="phases must be a StepPhases or None, got object"):
+        sched.phases = object()  # type: ignore[assignment]
+    assert sched.phases is None
+    with pytest.raises(TypeError, match="clock must be a callable"):
+        StepPhases(None)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+from kvtier.clock import CacheClock
 from kvtier.request import Request
 from kvtier.sequence import SequenceSpec
 from kvtier.transfer.plan import TransferPlan
@@ -67,13 +68,18 @@ class StepPhases:
     ``update`` (``STEP_PHASES``), for the last step (``last``) and summed (``total``).
 
     Off by default: a scheduler whose ``phases`` is ``None`` reads no clock. On, it costs a
-    clock read per phase per step, never per request or per block.
+    clock read per phase per step, never per request or per block. ``clock`` is read as the
+    cache reads its own (:class:`~kvtier.clock.CacheClock`): a reading that raises or is no
+    number gives the last good one, so a phase counts 0 s, and never fails the step.
     """
 
     __slots__ = ("_clock", "_t", "last", "total")
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
-        self._clock = clock
+        # NOTE: read bare, a clock that raised (or answered None) in a mark failed the
+        # scheduler's step after its decodes were appended: the next step appended each
+        # decode's token again, a token in the manager's sequence the request never had.
+        self._clock = CacheClock(clock)  # TypeError for a clock that is not callable
         self._t = 0.0
         self.last = dict.fromkeys(STEP_PHASES, 0.0)
         self.total = dict.fromkeys(STEP_PHASES, 0.0)

@@ -119,8 +119,7 @@ class Scheduler:
         # What the manager was last told of the waiting queue: (manager version, the specs
         # of its head).
         self._hinted: tuple[int, list[SequenceSpec]] | None = None
-        # Set to a StepPhases to time each phase of a step (a debug counter; off: None).
-        self.phases: StepPhases | None = None
+        self._phases: StepPhases | None = None
         # The step returned and not yet applied by ``update``: the next step is planned from
         # what the last one computed, so a second step before it, or an update of another
         # step, would schedule the same tokens twice or apply tokens twice.
@@ -148,6 +147,19 @@ class Scheduler:
         # which calls the manager, and so its clock and eviction policy: a call back into
         # the scheduler from there is refused (``_check_not_in_call``).
         self._in_call: str | None = None
+
+    @property
+    def phases(self) -> StepPhases | None:
+        """A :class:`StepPhases` timing each phase of a step (a debug counter); off: None."""
+        return self._phases
+
+    @phases.setter
+    def phases(self, phases: StepPhases | None) -> None:
+        # NOTE: it is called in the middle of a step; an object of another kind that raised
+        # there failed the step after its decodes were appended (see StepPhases).
+        if phases is not None and not isinstance(phases, StepPhases):
+            raise TypeError(f"phases must be a StepPhases or None, got {type(phases).__name__}")
+        self._phases = phases
 
     # ---- queries ---------------------------------------------------------------------
 
