@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -444,3 +445,58 @@ def test_phases_takes_only_a_step_timer() -> None:
     assert sched.phases is None
     with pytest.raises(TypeError, match="clock must be a callable"):
         StepPhases(None)  # type: ignore[arg-type]
+
+
+# ---- a caller's collection of stopped requests ---------------------------------------------
+
+
+class AskedStops(Collection[str]):
+    """The engine's stop states, asked request by request: raises for an id it never saw."""
+
+    def __init__(self, ids: list[str], fail: str = "contains") -> None:
+        self.ids = ids
+        self.fail = fail
+
+    def __contains__(self, rid: object) -> bool:
+        if self.fail == "contains" and rid not in self.ids:
+            raise KeyError(f"no stop state for {rid!r}")
+        return rid in self.ids
+
+    def __iter__(self) -> Iterator[str]:
+        if self.fail == "iter":
+            raise OSError("the stop states are gone")
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def test_a_stopped_collection_is_read_once_before_anything_changes() -> None:
+    """``update`` asked ``stopped`` request by request while applying the step: a caller's
+    collection that raised for 'b' left 'a''s and 'b''s tokens appended and the step
+    unapplied; the update taken again appended them twice (outputs [7, 7] for one
+    sampled token). Now it is read whole first: asked nothing per request, applied once."""
+    mgr, sched = two_decoding()
+    step = sched.step()
+    outputs = {rid: list(r.output) for rid, r in sched.running.items()}
+    finished = sched.update(step, {"a": 7, "b": 7}, AskedStops(["a"]))
+    assert [(r.request_id, r.output) for r in finished] == [("a", outputs["a"] + [7])]
+    assert {rid: r.output for rid, r in sched.running.items()} == {"b": outputs["b"] + [7]}
+    assert not mgr.has_sequence("a")
+
+
+def test_a_stopped_collection_that_cannot_be_read_changes_nothing() -> None:
+    """A collection whose reading raises, or that holds an unhashable item, is a
+    TypeError naming ``stopped`` before anything changes (the first raised half way); the
+    step then applies once."""
+    _, sched = two_decoding()
+    step = sched.step()
+    outputs = {rid: list(r.output) for rid, r in sched.running.items()}
+    for stopped in (AskedStops([], fail="iter"), [["a"]]):
+        with pytest.raises(TypeError, match="stopped must be a collection of request ids: "
+                                            "reading it raised"):
+            sched.update(step, {"a": 7, "b": 7}, stopped)  # type: ignore[arg-type]
+        assert {rid: r.output for rid, r in sched.running.items()} == outputs
+    assert sched.update(step, {"a": 7, "b": 7}) == []
+    assert {rid: r.output for rid, r in sched.running.items()} == {
+        rid: out + [7] for rid, out in outputs.items()}

@@ -808,6 +808,16 @@ class Scheduler:
         if not isinstance(stopped, Collection) or isinstance(stopped, (str, bytes)):
             raise TypeError(f"stopped must be a collection of request ids, got "
                             f"{type(stopped).__name__}")
+        # NOTE: read once, before anything changes: a caller's collection asked request by
+        # request raised half way through the step's requests (their chunks advanced and
+        # tokens appended, the step not applied), and the update taken again appended them
+        # twice.
+        if type(stopped) is not frozenset:
+            try:
+                stopped = frozenset(stopped)
+            except Exception as exc:
+                raise TypeError(f"stopped must be a collection of request ids: reading it "
+                                f"raised {type(exc).__name__}: {exc}") from exc
         phases = self.phases
         if phases is not None:
             phases.resume()
