@@ -63,9 +63,13 @@ class Scheduler:
     Contract: the scheduler owns ``waiting`` and ``running`` and each queued
     :class:`Request`'s progress fields (``output``, ``num_*``); callers read them and change
     them only through ``add_request``, ``update``, ``requeue_failed``, ``hold``/``release``.
-    Of the manager it calls only the public admission, growth and release API, between
-    ``begin_step`` and ``end_step``. A request is always in exactly one of ``waiting`` and
-    ``running`` until it finishes; a call that raises leaves both unchanged.
+    Its other fields are read as it runs (``max_output_tokens`` sizes its reservation under
+    ``guaranteed_no_evict``): they must not change until it finishes. Of the manager it
+    calls only the public admission, growth and release API, between ``begin_step`` and
+    ``end_step``. A request is always in exactly one of ``waiting`` and
+    ``running`` until it finishes; a call that raises leaves both unchanged. A call that
+    changes it made from inside one of its own (the manager's clock or eviction policy
+    calling back) is refused (RuntimeError), as the manager refuses such calls.
     """
 
     # The admission mode this class implements; SchedulerConfig.admission must match.
