@@ -292,3 +292,37 @@ def test_values_round_trip_through_a_real_cluster(redis_cluster: Any) -> None:
         assert store.read_values(keys) == [*values.values(), None, None]
     assert store.stats.num_errors == 2  # the list's WRONGTYPE, once a read
     store.close()
+
+
+def test_the_socket_read_is_the_one_the_command_went_out_on() -> None:
+    """redis-py may reconnect inside ``send_command`` (a failed health check): the reply is
+    read from the new socket, not the one the pooled connection had before."""
+    client = FakeClient(ChunkSocket(b""))  # the old socket: closed, nothing to read
+    conn = client.connection_pool.conn
+    new = ChunkSocket(encode([b"a"]))
+
+    def reconnecting_send(*args: Any) -> None:
+        conn._sock = new
+        conn.sent.append(args)
+
+    conn.send_command = reconnecting_send  # type: ignore[method-assign]
+    assert _mget(["k"], client) == [b"a"]
+    assert not conn.disconnected
+
+
+def test_a_pool_that_needs_a_command_name_gets_one() -> None:
+    """redis-py before 5.3 takes a command name in ``get_connection``; later ones warn at
+    one, so it is passed only where it is needed."""
+    from kvtier.remote.redis_store import _pool_connection
+
+    class OldPool:
+        def get_connection(self, command_name: str, *keys: Any) -> str:
+            return f"conn for {command_name}"
+
+    class NewPool:
+        def get_connection(self, command_name: str | None = None, *keys: Any) -> str:
+            assert command_name is None
+            return "conn"
+
+    assert _pool_connection(OldPool()) == "conn for GET"
+    assert _pool_connection(NewPool()) == "conn"

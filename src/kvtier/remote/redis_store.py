@@ -34,6 +34,7 @@ redis is imported lazily: ``import kvtier.remote`` works without it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -459,15 +460,14 @@ class RedisRemoteStore(RemoteStoreBase):
 
         def read(server: str, chunk: list[int]) -> None:
             # NOTE: on a cluster, a GET per key (MGET across slots is refused). A key's own
-            # refusal (WRONGTYPE: another client's hash or list under
-            # the key) raised for the whole pipeline: on a cluster every key of the chunk
-            # missed and the node's breaker opened, failing its puts too. It is that key's
-            # miss, counted, as MGET on a standalone server answers nil for it (a refused
-            # MGET, NOPERM say, still raises: a failed batch, as before). A reply about the
-            # cluster's state rather than the key's (CLUSTERDOWN, MOVED, ASK, TRYAGAIN)
-            # fails the chunk as before: retried after the slot map is read again, and
-            # counted by the node's breaker. Either way the replies are read off the socket
-            # (``_mget``, ``_get_each``).
+            # refusal (WRONGTYPE: another client's hash or list under the key) raised for
+            # the whole pipeline: on a cluster every key of the chunk missed and the node's
+            # breaker opened, failing its puts too. It is that key's miss, counted, as MGET
+            # on a standalone server answers nil for it (a refused MGET, NOPERM say, still
+            # raises: a failed batch, as before). A reply about the cluster's state rather
+            # than the key's (CLUSTERDOWN, MOVED, ASK, TRYAGAIN) fails the chunk as before:
+            # retried after the slot map is read again, and counted by the node's breaker.
+            # Either way the replies are read off the socket (``_mget``, ``_get_each``).
             replies: list[Any] | None
             if self.cluster:
                 fatal = _cluster_state_errors()
@@ -594,13 +594,20 @@ class RedisRemoteStore(RemoteStoreBase):
         self._drop_client()
 
 
+# Per connection pool class: whether its ``get_connection`` needs a command name (redis-py
+# before 5.3; from then on it warns at one).
+_NEEDS_COMMAND_NAME: dict[type, bool] = {}
+
+
 def _pool_connection(pool: Any) -> Any:
-    """A connection of redis-py's ``pool`` (``get_connection`` takes a command name before
-    redis-py 5.3, and warns at one from then on)."""
-    try:
-        return pool.get_connection()
-    except TypeError:
-        return pool.get_connection("MGET")
+    """A connection of redis-py's ``pool``."""
+    kind = type(pool)
+    needs = _NEEDS_COMMAND_NAME.get(kind)
+    if needs is None:
+        param = inspect.signature(pool.get_connection).parameters.get("command_name")
+        needs = _NEEDS_COMMAND_NAME[kind] = (param is not None
+                                             and param.default is inspect.Parameter.empty)
+    return pool.get_connection("GET") if needs else pool.get_connection()
 
 
 def _refusal(text: str) -> Exception:
@@ -624,8 +631,8 @@ def _mget(keys: list[str], client: Any) -> list[bytes | None]:
     pool = client.connection_pool
     conn = _pool_connection(pool)
     try:
+        conn.send_command("MGET", *keys)  # may reconnect first: its socket is read after
         sock = getattr(conn, "_sock", None)
-        conn.send_command("MGET", *keys)
         if sock is None or not hasattr(sock, "recv_into"):
             return list(conn.read_response())
         reader = SocketReader(sock)
@@ -669,8 +676,8 @@ def _get_each(keys: list[str], client: Any) -> list[bytes | Exception | None]:
     pool = client.connection_pool
     conn = _pool_connection(pool)
     try:
-        sock = getattr(conn, "_sock", None)
         conn.send_packed_command(conn.pack_commands([("GET", key) for key in keys]))
+        sock = getattr(conn, "_sock", None)
         if sock is None or not hasattr(sock, "recv_into"):
             out: list[bytes | Exception | None] = []
             for _ in keys:
