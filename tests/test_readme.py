@@ -210,3 +210,13 @@ def test_the_readme_quotes_the_first_commands_pinned_figures() -> None:
     assert (f"on the first command above {FIRST_COMMAND_HIT_RATE} against priority-LRU's"
             in text)
     assert f"Belady {FIRST_COMMAND_BELADY})" in text
+
+
+def test_the_model_guide_shows_the_line_printed_after_each_turn() -> None:
+    """docs/models.md's line after an answer is ``TurnResult.summary``'s for its figures."""
+    pytest.importorskip("torch")
+    from kvtier.model.generate import TurnResult
+
+    turn = TurnResult("Paris", [0] * 8, "stop_token", 59, 32, 0, 0, 0, 27, 0.4123)
+    text = " ".join((DOCS / "models.md").read_text().split())
+    assert f"`{turn.summary()}`" in text
