@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -21,6 +22,10 @@ from kvtier.remote.resp import (
     read_values_reply,
 )
 
+# The store's side (``_mget``, ``_get_each``) maps refusals to redis-py's exceptions: those
+# tests need the redis extra; the reader's own do not.
+needs_redis = pytest.mark.skipif(importlib.util.find_spec("redis") is None,
+                                 reason="the store's tests need the redis extra")
 
 def encode(values: list[bytes | None], resp3_nulls: bool = False) -> bytes:
     """The RESP reply a server sends for an MGET of these values (the reference)."""
@@ -159,6 +164,7 @@ class FakeClient:
     (encode([b"a", None]), [b"a", None], False),
     (encode([b"a", None]) + b"+PONG\r\n", [b"a", None], True),  # more than one reply
 ])
+@needs_redis
 def test_the_store_pools_a_connection_only_in_step(data: bytes, values: list[bytes | None],
                                                    disconnected: bool) -> None:
     client = FakeClient(ChunkSocket(data))
@@ -173,6 +179,7 @@ def test_the_store_pools_a_connection_only_in_step(data: bytes, values: list[byt
     (b"*2\r\n$5\r\nab", ConnectionError),  # closed mid value
     (b"*2\r\n:1\r\n", ProtocolError),
 ])
+@needs_redis
 def test_a_connection_that_failed_part_way_is_closed(data: bytes, error: type[Exception]) -> None:
     client = FakeClient(ChunkSocket(data))
     with pytest.raises(error):
@@ -181,6 +188,7 @@ def test_a_connection_that_failed_part_way_is_closed(data: bytes, error: type[Ex
     assert client.connection_pool.released == 1
 
 
+@needs_redis
 def test_a_refusal_is_redis_pys_exception_and_keeps_the_connection() -> None:
     """An error line raises what redis-py's pipeline raised for it (the store's retries
     tell refusals from faults by it): NOPERM a refusal, LOADING a connection error."""
@@ -195,11 +203,13 @@ def test_a_refusal_is_redis_pys_exception_and_keeps_the_connection() -> None:
         _mget(["k"], client)
 
 
+@needs_redis
 def test_a_connection_without_a_socket_is_read_by_redis_py() -> None:
     client = FakeClient(None)
     assert _mget(["k1", "k2"], client) == [b"from redis-py", None]
 
 
+@needs_redis
 def test_values_of_every_size_round_trip_through_a_real_server(make_redis_server: Any) -> None:
     """Values of 0 bytes to past the reader's buffer, with CRLF inside, and keys that hold
     nothing or another type, read in one MGET each way, twice on the same connection."""
@@ -243,6 +253,7 @@ def test_pipelined_gets_read_as_the_reference_encodes_them(replies: list[bytes |
     assert reader.drained
 
 
+@needs_redis
 def test_cluster_gets_map_each_refusal_to_redis_pys_exception() -> None:
     """What the cluster read path needs to tell a key's refusal (counted, that key misses)
     from the cluster's state (MOVED: the chunk fails and the slot map is read again)."""
@@ -263,6 +274,7 @@ def test_cluster_gets_map_each_refusal_to_redis_pys_exception() -> None:
     (encode_gets([b"v"]) + b"$1\r\nx\r\n", True),  # a reply more than asked for
     (b"$5\r\nab", None),  # closed mid value: raises
 ])
+@needs_redis
 def test_cluster_gets_pool_a_connection_only_in_step(data: bytes,
                                                      disconnected: bool | None) -> None:
     client = FakeClient(ChunkSocket(data))
@@ -276,6 +288,7 @@ def test_cluster_gets_pool_a_connection_only_in_step(data: bytes,
     assert client.connection_pool.released == 1
 
 
+@needs_redis
 def test_values_round_trip_through_a_real_cluster(redis_cluster: Any) -> None:
     """Values of 0 bytes to past the reader's buffer on every node, keys of another type
     and absent ones: each key's own answer, on every node's connection."""
@@ -294,6 +307,7 @@ def test_values_round_trip_through_a_real_cluster(redis_cluster: Any) -> None:
     store.close()
 
 
+@needs_redis
 def test_the_socket_read_is_the_one_the_command_went_out_on() -> None:
     """redis-py may reconnect inside ``send_command`` (a failed health check): the reply is
     read from the new socket, not the one the pooled connection had before."""
@@ -310,6 +324,7 @@ def test_the_socket_read_is_the_one_the_command_went_out_on() -> None:
     assert not conn.disconnected
 
 
+@needs_redis
 def test_a_pool_that_needs_a_command_name_gets_one() -> None:
     """redis-py before 5.3 takes a command name in ``get_connection``; later ones warn at
     one, so it is passed only where it is needed."""
