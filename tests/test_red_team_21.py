@@ -313,7 +313,8 @@ def test_an_abort_from_inside_a_step_is_refused() -> None:
     step = sched.step()
     assert [str(e) for e in clock.raised] == [
         "Scheduler.abort() called from inside its own step() (from the manager's clock or "
-        "eviction policy): refused (they must not call back into the scheduler they serve)"]
+        "eviction policy, or another thread): refused (the scheduler serves one call at a "
+        "time; they must not call back into it)"]
     assert step.decode_request_ids == ("a", "b") and list(sched.running) == ["a", "b", "c"]
     done = {r.request_id: r.output for r in sched.update(step, sampled_for(sched, step))}
     assert done | drain(sched) == {"a": cacheless([1, 2, 3, 4, 5], 2),

@@ -166,8 +166,8 @@ class AroundTheScheduler(NewCallsUnderScheduling):
         if called:
             assert [str(e) for e in CLOCK.raised] == [
                 f"Scheduler.{call}() called from inside its own step() (from the manager's "
-                "clock or eviction policy): refused (they must not call back into the "
-                "scheduler they serve)"]
+                "clock or eviction policy, or another thread): refused (the scheduler serves "
+                "one call at a time; they must not call back into it)"]
         assert "late" not in sched._specs
         self.guesses = {}
         work = self.work(step)

@@ -180,15 +180,16 @@ class Scheduler:
 
     def _check_not_in_call(self, method: str) -> None:
         """RuntimeError, changing nothing, while a call of this scheduler is in flight: the
-        manager's clock or eviction policy called back into it. Pure.
+        manager's clock or eviction policy called back into it (or another thread called it:
+        the scheduler is not thread-safe). Pure.
 
         NOTE: unchecked, an ``abort`` from there took a request out of ``running`` before
         the manager refused its release: live in the manager for ever, in no queue."""
         if self._in_call is not None:
             raise RuntimeError(
                 f"Scheduler.{method}() called from inside its own {self._in_call}() (from the "
-                f"manager's clock or eviction policy): refused (they must not call back into "
-                f"the scheduler they serve)")
+                f"manager's clock or eviction policy, or another thread): refused (the "
+                f"scheduler serves one call at a time; they must not call back into it)")
 
     def check_invariants(self) -> None:
         """Recount the scheduler's books from its queues and assert they hold (between
