@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -22,27 +21,13 @@ from kvtier.scheduler import Request, Scheduler, SchedulerConfig
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind, TransferPlan
 from test_red_team_13b import PROMPTS, TPB, NewCallsUnderScheduling, content
+from test_red_team_21 import HookedClock
 
 
-class Clock:
+class Clock(HookedClock):
     """The manager's clock: runs ``hook`` (once) at its next reading, keeping what it
     raised. One instance for every manager and copy (``CLOCK``): a copy of a manager
     reads the same clock, so a hook armed after a copy reaches it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.hook: Any = None
-        self.raised: list[Exception] = []
-
-    def __call__(self) -> float:
-        hook, self.hook = self.hook, None
-        if hook is not None:
-            try:
-                hook()
-            except Exception as exc:
-                self.raised.append(exc)
-                raise
-        return self.now
 
     def __reduce__(self) -> str:
         return "CLOCK"  # copied and pickled as the module's one clock
