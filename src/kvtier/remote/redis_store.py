@@ -21,9 +21,10 @@ redis-py parses replies with hiredis when it is installed (a C parser: about 3x 
 throughput of the pure-Python one on large values; benchmarks/results/remote.md).
 
 A fault (server down, slow, out of memory, auth) costs at most :attr:`max_blocking_s` per
-chunk and node, is counted in ``stats`` and turns into misses or failed puts; after
-``breaker_threshold`` failed batches in a row to one server the breaker opens and its
-batches are skipped (counted as short-circuited) for ``cooldown_s``, then one batch probes.
+chunk and node (a read's whole reply is due within ``timeout_s``, however slowly it comes),
+is counted in ``stats`` and turns into misses or failed puts; after ``breaker_threshold``
+failed batches in a row to one server the breaker opens and its batches are skipped
+(counted as short-circuited) for ``cooldown_s``, then one batch probes.
 On a cluster a key's own fault stays that key's: a value of another type under it, or a
 slot that no node serves (a shard gone, with ``cluster-require-full-coverage no``), is its
 miss; a write answered MOVED (a resharded slot) is written again once the slot map is read
@@ -623,6 +624,16 @@ def _refusal(text: str) -> Exception:
     return exc
 
 
+def _reader(conn: Any, sock: Any) -> SocketReader:
+    """A reader of ``conn``'s reply off ``sock``, the whole reply due within the
+    connection's socket timeout (the store's ``timeout_s``).
+
+    NOTE: redis-py's parser bounds each ``recv`` by the socket timeout only: a server that
+    sent a few bytes now and then (a byte every 0.15 s, ``timeout_s`` 0.2) held one read
+    100 s, past ``max_blocking_s`` (0.4 s) many times over."""
+    return SocketReader(sock, timeout_s=getattr(conn, "socket_timeout", None))
+
+
 def _mget(keys: list[str], client: Any) -> list[bytes | None]:
     """The values of ``keys`` on a standalone server (None where absent): one ``MGET``, its
     reply read off the connection's socket (``kvtier.remote.resp``: each value's bytes
@@ -635,13 +646,15 @@ def _mget(keys: list[str], client: Any) -> list[bytes | None]:
         sock = getattr(conn, "_sock", None)
         if sock is None or not hasattr(sock, "recv_into"):
             return list(conn.read_response())
-        reader = SocketReader(sock)
+        reader = _reader(conn, sock)
         try:
             values = read_values_reply(reader, len(keys))
         except ErrorReply as exc:
             if not reader.drained:
                 conn.disconnect()
             raise _refusal(str(exc)) from None
+        finally:
+            reader.restore()
         if not reader.drained:  # bytes past the reply: the stream is out of step
             conn.disconnect()
         return values
@@ -686,8 +699,11 @@ def _get_each(keys: list[str], client: Any) -> list[bytes | Exception | None]:
                 except ResponseError as exc:  # that key's refusal, read whole
                     out.append(exc)
             return out
-        reader = SocketReader(sock)
-        replies = read_get_replies(reader, len(keys))
+        reader = _reader(conn, sock)
+        try:
+            replies = read_get_replies(reader, len(keys))
+        finally:
+            reader.restore()
         if not reader.drained:  # bytes past the replies: the stream is out of step
             conn.disconnect()
         return [_refusal(str(r)) if isinstance(r, ErrorReply) else r for r in replies]

@@ -16,6 +16,8 @@ anything else (a push message, another type) is a :class:`ProtocolError`.
 
 from __future__ import annotations
 
+import contextlib
+from time import monotonic
 from typing import Protocol
 
 # The longest header line read (``*<count>`` or ``$<length>``: a few digits); a longer one
@@ -24,6 +26,9 @@ MAX_LINE_BYTES = 1 << 10
 # The longest bulk string a Redis server sends (its ``proto-max-bulk-len`` default): a
 # longer length is a stream out of step, not a value.
 MAX_BULK_BYTES = 512 << 20
+# The largest value given a buffer of its whole size before its bytes come: a longer one
+# (no KV block is near it) takes memory as its bytes arrive, in pieces of this size.
+DIRECT_BULK_BYTES = 64 << 20
 
 
 class ProtocolError(ConnectionError):
@@ -42,16 +47,45 @@ class _Socket(Protocol):
 class SocketReader:
     """Reads a RESP reply from ``sock``: header lines through a small buffer, values
     straight into buffers of their own. Never reads past the reply it is asked for except
-    into its own buffer, whose rest must be empty once the reply is read (``drained``)."""
+    into its own buffer, whose rest must be empty once the reply is read (``drained``).
 
-    __slots__ = ("_buf", "_end", "_sock", "_start", "_view")
+    With ``timeout_s``, the whole reply must come within that many seconds of the reader's
+    making (a ``TimeoutError`` past it): the socket's own timeout bounds one ``recv`` only,
+    and a server that sent a byte now and then held a read for ever. The socket's timeout
+    is lowered to the time left before each ``recv``; ``restore`` puts it back."""
 
-    def __init__(self, sock: _Socket, buffer_bytes: int = 1 << 16) -> None:
+    __slots__ = ("_buf", "_deadline", "_end", "_sock", "_sock_timeout", "_start",
+                 "_timeout_s", "_view")
+
+    def __init__(self, sock: _Socket, buffer_bytes: int = 1 << 16, *,
+                 timeout_s: float | None = None) -> None:
         self._sock = sock
         self._buf = bytearray(buffer_bytes)
         self._view = memoryview(self._buf)
         self._start = 0  # the unread bytes are _buf[_start:_end]
         self._end = 0
+        self._timeout_s = timeout_s
+        self._deadline = None if timeout_s is None else monotonic() + timeout_s
+        gettimeout = getattr(sock, "gettimeout", None)
+        self._sock_timeout = gettimeout() if gettimeout is not None else None
+
+    def restore(self) -> None:
+        """Give the socket back its timeout (a closed socket's is left alone)."""
+        settimeout = getattr(self._sock, "settimeout", None)
+        if self._deadline is not None and settimeout is not None:
+            with contextlib.suppress(OSError):
+                settimeout(self._sock_timeout)
+
+    def _recv_into(self, view: memoryview) -> int:
+        """``sock.recv_into(view)`` within the reply's deadline."""
+        if self._deadline is not None:
+            left = self._deadline - monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the reply took longer than {self._timeout_s:g} s")
+            settimeout = getattr(self._sock, "settimeout", None)
+            if settimeout is not None:
+                settimeout(left)
+        return self._sock.recv_into(view)
 
     @property
     def drained(self) -> bool:
@@ -67,7 +101,7 @@ class SocketReader:
             self._start, self._end = 0, end - start
         if self._end == len(self._buf):
             raise ProtocolError(f"a reply line longer than {MAX_LINE_BYTES} bytes")
-        n = self._sock.recv_into(self._view[self._end:])
+        n = self._recv_into(self._view[self._end:])
         if not n:
             raise ConnectionError("the server closed the connection in the middle of a reply")
         self._end += n
@@ -86,19 +120,30 @@ class SocketReader:
 
     def exactly(self, num_bytes: int) -> bytes:
         """The next ``num_bytes`` bytes: what the buffer holds of them, the rest read from
-        the socket straight into the value's own buffer."""
+        the socket straight into the value's own buffer.
+
+        NOTE: a length past ``DIRECT_BULK_BYTES`` is only the server's word: its buffer
+        was allocated whole before a byte came (512 MiB for a length and a stall, per
+        connection and attempt), so such a value is read in pieces of that size."""
         have = min(self._end - self._start, num_bytes)
         if have == num_bytes:  # a short value, all in the buffer already
             out = bytes(self._buf[self._start:self._start + have])
             self._start += have
             return out
+        if num_bytes > DIRECT_BULK_BYTES:
+            parts = []
+            left = num_bytes
+            while left:
+                size = min(left, DIRECT_BULK_BYTES)
+                parts.append(self.exactly(size))
+                left -= size
+            return b"".join(parts)
         value = bytearray(num_bytes)
         value[:have] = self._view[self._start:self._start + have]
         self._start += have
         view = memoryview(value)
-        recv_into = self._sock.recv_into
         while have < num_bytes:
-            n = recv_into(view[have:])
+            n = self._recv_into(view[have:])
             if not n:
                 raise ConnectionError("the server closed the connection in the middle of a "
                                       "value")
