@@ -158,7 +158,7 @@ def test_items_keying_the_blocks_before_an_end_alike_key_those_blocks_alike(
     later = data.draw(st.lists(st.builds(MultimodalItem, st.integers(end, 23), st.just(1),
                                          HASHES), max_size=2))
     y = data.draw(st.permutations([*x, *later]))
-    assert items_before(y, end) == items_before(x, end)
+    assert items_before(y, end, 4) == items_before(x, end, 4)
     no_items = [None] * 6  # block_extras' answer for a prompt without items
     assert ((block_extras(x, 24, 4) or no_items)[:end // 4]
             == (block_extras(y, 24, 4) or no_items)[:end // 4])

@@ -634,7 +634,7 @@ class Scheduler:
         images keying the blocks up to it (as the cache keys them: not the order they were
         listed in, nor the items past ``end``), its end and own ids (a slice of one
         block). Pure."""
-        items = items_before(spec.mm_items, end) if spec.mm_items else ()
+        items = items_before(spec.mm_items, end, self._tpb) if spec.mm_items else ()
         return (spec.salt, spec.lora_id, items, end,
                 spec.token_array[end - self._tpb:end].tobytes())
 

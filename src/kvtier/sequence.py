@@ -499,14 +499,20 @@ def block_extras(
     return [tuple(x) if x else None for x in per_block]
 
 
-def items_before(mm_items: Sequence[MultimodalItem],
-                 end: int) -> tuple[tuple[bytes | str | int, int, int], ...]:
-    """What keys a prompt's blocks before token ``end`` (a block boundary) besides their
-    tokens: the items that begin before it, in ``block_extras``' order, each as its hash,
-    offset and the end of its part before ``end``. Two prompts with equal answers key those
-    blocks alike, in whatever order their items were listed and whatever follows ``end``.
-    Pure."""
-    return tuple((item.content_hash, item.offset, min(item.offset + item.length, end))
+def items_before(mm_items: Sequence[MultimodalItem], end: int,
+                 tpb: int) -> tuple[tuple[bytes | str | int, int, int], ...]:
+    """What keys a prompt's blocks of ``tpb`` tokens before token ``end`` (a block
+    boundary) besides their tokens: the items that begin before it, in ``block_extras``'
+    order, each as its hash, offset and the last of those blocks it overlaps. Two prompts'
+    answers are equal exactly where ``block_extras`` keys those blocks alike, in whatever
+    order their items were listed and whatever follows ``end``. Pure.
+
+    NOTE: by the block an item ends in, not its last token: the cache keys a block by the
+    items overlapping it (hash and offset), never by their lengths, so an image one token
+    shorter within the same block was another key here and the same block there (the
+    request computed beside the one computing it, reusing nothing)."""
+    return tuple((item.content_hash, item.offset,
+                  (min(item.offset + item.length, end) - 1) // tpb)
                  for item in sorted(mm_items, key=_position) if item.offset < end)
 
 
