@@ -50,3 +50,39 @@ def test_a_prompt_waits_for_a_block_the_cache_keys_alike_whatever_an_images_leng
     sched.update(step, {"x": 5, "y": 5})
     sched.check_invariants()
     mgr.check_invariants()
+
+
+def test_a_call_that_raised_leaves_no_guard_behind() -> None:
+    """A step whose manager raised, and an update refused for its sampled tokens, end their
+    call: the next step, update, abort and add_request run (the re-entrancy guard is no
+    false positive after an exception)."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16, num_host_blocks=0))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=64))
+    sched.add_request(Request("a", list(range(1, 10)), 3))
+
+    def broken() -> None:
+        raise RuntimeError("the manager broke")
+
+    mgr.begin_step = broken  # type: ignore[method-assign]
+    try:
+        sched.step()
+    except RuntimeError as exc:
+        assert str(exc) == "the manager broke"
+    else:
+        raise AssertionError("the step did not raise")
+    del mgr.begin_step
+    step = sched.step()
+    try:
+        sched.update(step, {"a": "no token"})  # type: ignore[dict-item]
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("the update took a str token")
+    assert sched.update(step, {"a": 1}) == []
+    sched.add_request(Request("b", [7, 7, 7, 7, 7], 2))
+    assert sched.abort("b") is not None
+    step = sched.step()
+    assert step.decode_request_ids == ("a",)
+    sched.update(step, {"a": 2})
+    sched.check_invariants()
+    mgr.check_invariants()

@@ -19,7 +19,13 @@ import pytest
 from remote_helpers import make_blocks, make_namespace
 
 from kvtier.remote import resp
-from kvtier.remote.resp import SocketReader, read_values_reply
+from kvtier.remote.resp import (
+    ErrorReply,
+    ProtocolError,
+    SocketReader,
+    read_replies,
+    read_values_reply,
+)
 
 pytest.importorskip("redis")
 
@@ -36,7 +42,7 @@ def bulk(value: bytes | None) -> bytes:
 
 class FakeRedis:
     """A loopback server speaking just enough RESP2 for redis-py's handshake (HELLO refused,
-    CLIENT, INFO, SELECT, PING), then SET and MGET on a dict. ``misreply(keys, n)`` (n: the
+    CLIENT, INFO, SELECT, PING), then SET, EXISTS and MGET on a dict. ``misreply(keys, n)`` (n: the
     server's n-th MGET, from 1) may answer an MGET in its place: pieces, None to close the
     connection, or HONEST for the honest reply."""
 
@@ -45,6 +51,7 @@ class FakeRedis:
         self.misreply: Callable[[list[bytes], int], Pieces | object] | None = None
         self.num_mgets = 0
         self.num_connections = 0
+        self.write_drip_s = 0.0  # the pause before each byte of a SET's reply
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
@@ -106,7 +113,11 @@ class FakeRedis:
         if command == b"SET":
             with self._lock:
                 self.data[args[1]] = args[2]
-            return [(b"+OK\r\n", 0.0)]
+            return [(b"+OK\r\n"[i:i + 1], self.write_drip_s) for i in range(5)]
+        if command == b"EXISTS":
+            with self._lock:
+                found = args[1] in self.data
+            return [(b":%d\r\n" % found, 0.0)]
         if command == b"MGET":
             with self._lock:
                 self.num_mgets += 1
@@ -158,6 +169,36 @@ def test_a_server_dripping_a_reply_is_cut_at_the_timeout(fake: FakeRedis) -> Non
     # The next read, on a new connection, is whole and right.
     assert {h: bytes(v) for h, v in store.get_many(list(blocks)).items()} == blocks
     store.close()
+
+
+def test_a_server_dripping_write_replies_is_cut_at_the_timeout(fake: FakeRedis) -> None:
+    """The write's pipeline too: a SET's ``+OK`` a byte every 0.06 s (four blocks, 1.2 s)
+    is a timeout at 0.2 s, the blocks counted as not written; on the old code (redis-py's
+    pipeline, each recv bounded alone) the write took the whole drip and succeeded."""
+    store, blocks = store_on(fake)
+    fake.write_drip_s = 0.06
+    more = make_blocks(store.namespace, 4, first_hash=10)
+    t0 = time.monotonic()
+    assert store.put_many(more) == 0
+    elapsed = time.monotonic() - t0
+    assert store.stats.num_timeouts == 1 and store.stats.num_failed_puts == 4
+    assert elapsed < 1.0  # generous: the old code's write took the 1.2 s of the drip
+    fake.write_drip_s = 0.0
+    assert store.put_many(more) == 4
+    assert store.contains_many([*blocks, *more, 99]) == {*blocks, *more}
+    store.close()
+
+
+def test_write_and_exists_replies_are_read_whole() -> None:
+    """``read_replies``: simple strings, integers, values, nils and error lines, in order,
+    in any split of the stream; a type of none of those is out of step."""
+    data = b"+OK\r\n:1\r\n:0\r\n$3\r\nabc\r\n$-1\r\n-OOM command not allowed\r\n+OK\r\n"
+    for piece in (1, 4, 64):
+        replies = read_replies(SocketReader(ClockSocket(data, piece, 0.0, [0.0]), 32), 7)
+        assert [str(r) if isinstance(r, ErrorReply) else r for r in replies] == [
+            b"OK", 1, 0, b"abc", None, "OOM command not allowed", b"OK"]
+    with pytest.raises(ProtocolError, match="no bulk string"):
+        read_replies(SocketReader(ClockSocket(b"*1\r\n:1\r\n", 64, 0.0, [0.0])), 1)
 
 
 @pytest.mark.parametrize(("name", "misreply", "timeouts"), [

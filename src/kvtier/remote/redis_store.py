@@ -17,8 +17,9 @@ at once too), so the server streams values while the client parses others::
                                                conn 3: MGET k17..k24  │ results in order
                                                conn 4: MGET k25..k32  ┘
 
-redis-py parses replies with hiredis when it is installed (a C parser: about 3x the read
-throughput of the pure-Python one on large values; benchmarks/results/remote.md).
+The replies of every batch (MGET, GETs, SETs, EXISTS) are read off the connection's
+socket by ``kvtier.remote.resp``, the whole of a pipeline's due within ``timeout_s``;
+redis-py (hiredis when it is installed) parses only a connection's handshake.
 
 A fault (server down, slow, out of memory, auth) costs at most :attr:`max_blocking_s` per
 chunk and node (a read's whole reply is due within ``timeout_s``, however slowly it comes),
@@ -46,7 +47,13 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
-from kvtier.remote.resp import ErrorReply, SocketReader, read_get_replies, read_values_reply
+from kvtier.remote.resp import (
+    ErrorReply,
+    SocketReader,
+    read_get_replies,
+    read_replies,
+    read_values_reply,
+)
 from kvtier.remote.store import RemoteStoreBase
 from kvtier.reprs import shown
 
@@ -436,15 +443,18 @@ class RedisRemoteStore(RemoteStoreBase):
 
         return self._attempt(group)
 
-    def _run(self, server: str, build: Callable[[Any], None], *,
+    def _run(self, server: str, commands: list[tuple[Any, ...]], *,
              raise_on_error: bool = True) -> list[Any] | None:
-        """One pipeline on ``server`` (``build`` adds its commands); its replies, or None.
-        Without ``raise_on_error``, a command's refusal is its reply."""
+        """One pipeline of ``commands`` on ``server``; its replies (as ``_pipeline`` gives
+        them), or None. Without ``raise_on_error``, a command's refusal is its reply."""
 
         def execute(client: Any) -> list[Any]:
-            pipe = _server_client(client, server).pipeline(transaction=False)
-            build(pipe)
-            return list(pipe.execute(raise_on_error=raise_on_error))
+            replies = _pipeline(commands, _server_client(client, server))
+            if raise_on_error:
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        raise reply  # the replies were read whole: the connection in step
+            return replies
 
         return self._attempt(execute, server=server)
 
@@ -539,12 +549,9 @@ class RedisRemoteStore(RemoteStoreBase):
         for server, indices in groups:
             for part in self._chunks([len(pairs[i][1]) for i in indices]):
                 chunk = indices[part]
-
-                def build(pipe: Any, chunk: list[int] = chunk) -> None:
-                    for i in chunk:
-                        pipe.set(pairs[i][0], pairs[i][1], px=self.ttl_ms)
-
-                replies = self._run(server, build, raise_on_error=False)
+                ttl = ("PX", self.ttl_ms) if self.ttl_ms is not None else ()
+                replies = self._run(server, [("SET", *pairs[i], *ttl) for i in chunk],
+                                    raise_on_error=False)
                 if replies is None or len(replies) != len(chunk):
                     continue
                 if redirect:
@@ -556,7 +563,7 @@ class RedisRemoteStore(RemoteStoreBase):
                     self.last_error = self._describe(refused[0], server)
                     self._count(num_errors=len(refused))
                 for i, reply in zip(chunk, replies, strict=True):
-                    results[i] = not isinstance(reply, Exception) and bool(reply)
+                    results[i] = reply == b"OK"
         if moved:
             self._reload_slots()
             again = self._write([pairs[i] for i in moved], redirect=False)
@@ -575,12 +582,7 @@ class RedisRemoteStore(RemoteStoreBase):
         for server, indices in groups:
             for part in self._chunks([1] * len(indices)):
                 chunk = indices[part]
-
-                def build(pipe: Any, chunk: list[int] = chunk) -> None:
-                    for i in chunk:
-                        pipe.exists(keys[i])
-
-                got = self._run(server, build)
+                got = self._run(server, [("EXISTS", keys[i]) for i in chunk])
                 if got is None or len(got) != len(chunk):
                     continue
                 for i, n in zip(chunk, got, strict=True):
@@ -676,6 +678,45 @@ def _server_client(client: Any, server: str) -> Any:
     if node is None:
         raise ConnectionError(f"cluster node {server} is no longer known")
     return client.get_redis_connection(node)
+
+
+def _pipeline(commands: list[tuple[Any, ...]],
+              client: Any) -> list[bytes | int | Exception | None]:
+    """``commands`` pipelined on ``client``; per command its reply (a simple string's bytes,
+    ``b"OK"``, an integer, a value or None) or redis-py's exception for the error line that
+    refused it. Read off the socket as ``_get_each`` reads (by redis-py where the connection
+    has no socket): the replies are due within the socket timeout as a whole, as a read's.
+
+    NOTE: redis-py's pipeline bounded each ``recv`` only: a server answering a byte every
+    0.08 s held a write of four blocks 1.8 s, past ``max_blocking_s`` (0.2 s)."""
+    from redis.exceptions import ResponseError
+
+    pool = client.connection_pool
+    conn = _pool_connection(pool)
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))
+        sock = getattr(conn, "_sock", None)
+        if sock is None or not hasattr(sock, "recv_into"):
+            out: list[bytes | int | Exception | None] = []
+            for _ in commands:
+                try:
+                    out.append(conn.read_response())
+                except ResponseError as exc:  # that command's refusal, read whole
+                    out.append(exc)
+            return out
+        reader = _reader(conn, sock)
+        try:
+            replies = read_replies(reader, len(commands))
+        finally:
+            reader.restore()
+        if not reader.drained:  # bytes past the replies: the stream is out of step
+            conn.disconnect()
+        return [_refusal(str(r)) if isinstance(r, ErrorReply) else r for r in replies]
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
 
 
 def _get_each(keys: list[str], client: Any) -> list[bytes | Exception | None]:

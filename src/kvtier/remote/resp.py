@@ -11,7 +11,9 @@ between values go through a small buffer of the reader's own.
 The store's connections speak RESP2 (``RedisRemoteStore`` asks for it): an array of bulk
 strings, ``$-1`` for a key that holds nothing (or another type: ``MGET`` answers nil
 there), or one error line for the whole command. RESP3's null (``_``) is read as nil too;
-anything else (a push message, another type) is a :class:`ProtocolError`.
+anything else (a push message, another type) is a :class:`ProtocolError`. The replies of
+pipelined writes and ``EXISTS`` (simple strings, integers) are read here too
+(``read_replies``), so that every batch's replies are due within the store's timeout.
 """
 
 from __future__ import annotations
@@ -207,6 +209,26 @@ def read_get_replies(reader: SocketReader, num_replies: int) -> list[bytes | Err
             replies.append(ErrorReply(line[1:].decode("utf-8", "replace")))
             continue
         replies.append(_value(reader, line, "a GET reply"))
+    return replies
+
+
+def read_replies(reader: SocketReader,
+                 num_replies: int) -> list[bytes | int | ErrorReply | None]:
+    """The replies of ``num_replies`` pipelined commands answered by a simple string (its
+    bytes: ``b"OK"``), an integer, a bulk string or nil, or an error line (``SET``,
+    ``EXISTS``): as ``read_get_replies`` reads them, with those two types besides."""
+    replies: list[bytes | int | ErrorReply | None] = []
+    for _ in range(num_replies):
+        line = reader.line()
+        kind = line[:1]
+        if kind == b"-":
+            replies.append(ErrorReply(line[1:].decode("utf-8", "replace")))
+        elif kind == b"+":
+            replies.append(line[1:])
+        elif kind == b":":
+            replies.append(_length(line, "integer reply"))
+        else:
+            replies.append(_value(reader, line, "a reply"))
     return replies
 
 
