@@ -52,6 +52,7 @@ class FakeRedis:
         self.num_mgets = 0
         self.num_connections = 0
         self.write_drip_s = 0.0  # the pause before each byte of a SET's reply
+        self.info_drip_s = 0.0  # the pause before each byte of INFO's reply
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
@@ -107,7 +108,10 @@ class FakeRedis:
         command = args[0].upper()
         simple = {b"HELLO": b"-ERR unknown command 'HELLO'\r\n", b"CLIENT": b"+OK\r\n",
                   b"SELECT": b"+OK\r\n", b"PING": b"+PONG\r\n",
-                  b"INFO": bulk(b"# Server\r\nrun_id:fake-21b\r\n")}
+                  b"INFO": bulk(b"# Server\r\nrun_id:fake-21b\r\n" + b"x" * 20)}
+        if command == b"INFO" and self.info_drip_s:
+            return [(simple[command][i:i + 1], self.info_drip_s)
+                    for i in range(len(simple[command]))]
         if command in simple:
             return [(simple[command], 0.0)]
         if command == b"SET":
@@ -186,6 +190,24 @@ def test_a_server_dripping_write_replies_is_cut_at_the_timeout(fake: FakeRedis) 
     fake.write_drip_s = 0.0
     assert store.put_many(more) == 4
     assert store.contains_many([*blocks, *more, 99]) == {*blocks, *more}
+    store.close()
+
+
+def test_a_server_dripping_its_info_reply_is_cut_at_the_timeout(fake: FakeRedis) -> None:
+    """A new connection's setup reads the server's INFO (its run id): dripped a byte every
+    0.03 s (1.6 s for the reply), the connection fails at the timeout (0.2 s), a
+    fault counted, and the next batch connects anew; on the old code (redis-py's read) the
+    read waited out the drip and succeeded."""
+    ns = make_namespace()
+    store = RedisRemoteStore(fake.url, ns, timeout_s=0.2, max_retries=0, backoff_s=0.0)
+    fake.info_drip_s = 0.03
+    t0 = time.monotonic()
+    assert store.put_many(make_blocks(ns, 2)) == 0
+    assert time.monotonic() - t0 < 1.2  # generous: the old code waited out the 1.6 s drip
+    assert store.stats.num_timeouts == 1
+    fake.info_drip_s = 0.0
+    assert store.put_many(make_blocks(ns, 2)) == 2
+    assert store.stats.num_errors == 1
     store.close()
 
 

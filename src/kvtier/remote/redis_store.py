@@ -49,6 +49,7 @@ from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
 from kvtier.remote.resp import (
     ErrorReply,
+    ProtocolError,
     SocketReader,
     read_get_replies,
     read_replies,
@@ -375,7 +376,7 @@ class RedisRemoteStore(RemoteStoreBase):
             connection.on_connect()
         try:
             connection.send_command("INFO", "server")
-            reply = connection.read_response()
+            reply = _read_reply(connection)
         except ResponseError:
             return
         text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
@@ -717,6 +718,32 @@ def _pipeline(commands: list[tuple[Any, ...]],
         raise
     finally:
         pool.release(conn)
+
+
+def _read_reply(conn: Any) -> Any:
+    """The reply of the one command just sent on ``conn`` (a connection being set up: the
+    store's ``_on_connect``), due within its socket timeout as a batch's are; redis-py's
+    exception for an error line. A reply that fails part way closes the connection.
+
+    NOTE: read by redis-py, a server sending its ``INFO`` reply (some 2 KiB) a byte at a
+    time, each inside the timeout, held every new connection, and so a batch, for minutes."""
+    sock = getattr(conn, "_sock", None)
+    if sock is None or not hasattr(sock, "recv_into"):
+        return conn.read_response()
+    try:
+        reader = _reader(conn, sock)
+        try:
+            (reply,) = read_replies(reader, 1)
+        finally:
+            reader.restore()
+        if not reader.drained:
+            raise ProtocolError("bytes past the reply of a connection's setup")
+    except BaseException:
+        conn.disconnect()  # redis-py closes one on its own errors only, not on these
+        raise
+    if isinstance(reply, ErrorReply):
+        raise _refusal(str(reply))
+    return reply
 
 
 def _get_each(keys: list[str], client: Any) -> list[bytes | Exception | None]:
