@@ -374,6 +374,29 @@ def test_the_reader_holds_a_reply_to_its_deadline(monkeypatch: pytest.MonkeyPatc
     assert fast.timeout == 0.5
 
 
+def test_a_large_reply_still_streaming_over_a_slow_link_is_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline grows by ``timeout_s`` per MiB that came: a 4 MiB value at 256 KiB per
+    0.1 s (a slow link, 1.8 s in all, timeout 0.5 s) is read whole; the same link
+    stalling for a timeout between two pieces is a TimeoutError."""
+    clock = [0.0]
+    monkeypatch.setattr(resp, "monotonic", lambda: clock[0])
+    value = bytes(range(256)) * (4 << 12)
+    data = b"*1\r\n" + bulk(value)
+    assert read_values_reply(SocketReader(ClockSocket(data, 256 << 10, 0.1, clock),
+                                          timeout_s=0.5), 1) == [value]
+    assert clock[0] == pytest.approx(1.8)  # 18 reads: 64 KiB, then 256 KiB each
+
+    class Stalling(ClockSocket):
+        def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int:
+            if self.pos > (2 << 20):
+                self.clock[0] += 1.0  # the server stalls part way: past any allowance
+            return super().recv_into(buffer, nbytes)
+
+    with pytest.raises(TimeoutError, match=r"took longer than 1\.5 s"):
+        read_values_reply(SocketReader(Stalling(data, 256 << 10, 0.1, clock), timeout_s=0.5), 1)
+
+
 def test_a_huge_length_takes_memory_only_as_its_bytes_come() -> None:
     """A length of 200 MiB and 1 KiB of it, then the end: a lost connection, without a
     200 MiB buffer allocated first (the old reader's peak was the whole length)."""

@@ -18,11 +18,11 @@ at once too), so the server streams values while the client parses others::
                                                conn 4: MGET k25..k32  ┘
 
 The replies of every batch (MGET, GETs, SETs, EXISTS) are read off the connection's
-socket by ``kvtier.remote.resp``, the whole of a pipeline's due within ``timeout_s``;
+socket by ``kvtier.remote.resp``, due within ``timeout_s`` (and as much per MiB that came);
 redis-py (hiredis when it is installed) parses only a connection's handshake.
 
 A fault (server down, slow, out of memory, auth) costs at most :attr:`max_blocking_s` per
-chunk and node (a read's whole reply is due within ``timeout_s``, however slowly it comes),
+chunk and node (a reply is due within ``timeout_s``, and as much again per MiB that came),
 is counted in ``stats`` and turns into misses or failed puts; after ``breaker_threshold``
 failed batches in a row to one server the breaker opens and its batches are skipped
 (counted as short-circuited) for ``cooldown_s``, then one batch probes.

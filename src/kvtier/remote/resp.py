@@ -28,6 +28,9 @@ MAX_LINE_BYTES = 1 << 10
 # The longest bulk string a Redis server sends (its ``proto-max-bulk-len`` default): a
 # longer length is a stream out of step, not a value.
 MAX_BULK_BYTES = 512 << 20
+# A reply's bytes that buy it another ``timeout_s`` (``SocketReader``): 1 MiB per timeout
+# (2 MB/s at 0.5 s) is a slow link still streaming, not a server stalled or dripping.
+PROGRESS_BYTES = 1 << 20
 # The largest value given a buffer of its whole size before its bytes come: a longer one
 # (no KV block is near it) takes memory as its bytes arrive, in pieces of this size.
 DIRECT_BULK_BYTES = 64 << 20
@@ -51,12 +54,14 @@ class SocketReader:
     straight into buffers of their own. Never reads past the reply it is asked for except
     into its own buffer, whose rest must be empty once the reply is read (``drained``).
 
-    With ``timeout_s``, the whole reply must come within that many seconds of the reader's
-    making (a ``TimeoutError`` past it): the socket's own timeout bounds one ``recv`` only,
-    and a server that sent a byte now and then held a read for ever. The socket's timeout
-    is lowered to the time left before each ``recv``; ``restore`` puts it back."""
+    With ``timeout_s``, the reply must come within that many seconds of the reader's making,
+    and ``timeout_s`` more for every ``PROGRESS_BYTES`` of it that came (a ``TimeoutError``
+    past that): the socket's own timeout bounds one ``recv`` only, and a server that sent a
+    byte now and then held a read for ever, while a large reply over a slow link (32 MiB at
+    15 MB/s) goes on as long as it keeps coming. The socket's timeout is lowered to the time
+    left before each ``recv``; ``restore`` puts it back."""
 
-    __slots__ = ("_buf", "_deadline", "_end", "_sock", "_sock_timeout", "_start",
+    __slots__ = ("_buf", "_end", "_received", "_sock", "_sock_timeout", "_start", "_started",
                  "_timeout_s", "_view")
 
     def __init__(self, sock: _Socket, buffer_bytes: int = 1 << 16, *,
@@ -67,27 +72,33 @@ class SocketReader:
         self._start = 0  # the unread bytes are _buf[_start:_end]
         self._end = 0
         self._timeout_s = timeout_s
-        self._deadline = None if timeout_s is None else monotonic() + timeout_s
+        self._started = monotonic() if timeout_s is not None else 0.0
+        self._received = 0  # bytes read off the socket
         gettimeout = getattr(sock, "gettimeout", None)
         self._sock_timeout = gettimeout() if gettimeout is not None else None
 
     def restore(self) -> None:
         """Give the socket back its timeout (a closed socket's is left alone)."""
         settimeout = getattr(self._sock, "settimeout", None)
-        if self._deadline is not None and settimeout is not None:
+        if self._timeout_s is not None and settimeout is not None:
             with contextlib.suppress(OSError):
                 settimeout(self._sock_timeout)
 
     def _recv_into(self, view: memoryview) -> int:
         """``sock.recv_into(view)`` within the reply's deadline."""
-        if self._deadline is not None:
-            left = self._deadline - monotonic()
+        timeout_s = self._timeout_s
+        if timeout_s is not None:
+            allowed = timeout_s * (1 + self._received // PROGRESS_BYTES)
+            left = self._started + allowed - monotonic()
             if left <= 0:
-                raise TimeoutError(f"the reply took longer than {self._timeout_s:g} s")
+                raise TimeoutError(f"the reply took longer than {allowed:g} s (timeout_s "
+                                   f"{timeout_s:g} s, and as much again per MiB that came)")
             settimeout = getattr(self._sock, "settimeout", None)
             if settimeout is not None:
                 settimeout(left)
-        return self._sock.recv_into(view)
+        n = self._sock.recv_into(view)
+        self._received += n
+        return n
 
     @property
     def drained(self) -> bool:
