@@ -39,7 +39,7 @@ import contextlib
 import inspect
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -681,12 +681,14 @@ def _server_client(client: Any, server: str) -> Any:
     return client.get_redis_connection(node)
 
 
-def _pipeline(commands: list[tuple[Any, ...]],
-              client: Any) -> list[bytes | int | Exception | None]:
+def _pipeline(commands: list[tuple[Any, ...]], client: Any,
+              read: Callable[[SocketReader, int], Sequence[object]] = read_replies,
+              ) -> list[Any]:
     """``commands`` pipelined on ``client``; per command its reply (a simple string's bytes,
-    ``b"OK"``, an integer, a value or None) or redis-py's exception for the error line that
-    refused it. Read off the socket as ``_get_each`` reads (by redis-py where the connection
-    has no socket): the replies are due within the socket timeout as a whole, as a read's.
+    ``b"OK"``, an integer, a value or None: as ``read`` reads them off the socket) or
+    redis-py's exception for the error line that refused it (by redis-py where the
+    connection has no socket). The replies are due within the socket timeout as a whole,
+    as a read's; a connection that failed part way is closed, never pooled again.
 
     NOTE: redis-py's pipeline bounded each ``recv`` only: a server answering a byte every
     0.08 s held a write of four blocks 1.8 s, past ``max_blocking_s`` (0.2 s)."""
@@ -698,7 +700,7 @@ def _pipeline(commands: list[tuple[Any, ...]],
         conn.send_packed_command(conn.pack_commands(commands))
         sock = getattr(conn, "_sock", None)
         if sock is None or not hasattr(sock, "recv_into"):
-            out: list[bytes | int | Exception | None] = []
+            out: list[Any] = []
             for _ in commands:
                 try:
                     out.append(conn.read_response())
@@ -707,7 +709,7 @@ def _pipeline(commands: list[tuple[Any, ...]],
             return out
         reader = _reader(conn, sock)
         try:
-            replies = read_replies(reader, len(commands))
+            replies = read(reader, len(commands))
         finally:
             reader.restore()
         if not reader.drained:  # bytes past the replies: the stream is out of step
@@ -749,34 +751,5 @@ def _read_reply(conn: Any) -> Any:
 def _get_each(keys: list[str], client: Any) -> list[bytes | Exception | None]:
     """A pipeline of one ``GET`` per key on ``client`` (a cluster node's): per key its value,
     None where absent, or redis-py's exception for the error line that refused that key
-    alone. The replies are read off the connection's socket as ``_mget`` reads them (by
-    redis-py where the connection has no socket). A connection that failed part way is
-    closed, never pooled again."""
-    from redis.exceptions import ResponseError
-
-    pool = client.connection_pool
-    conn = _pool_connection(pool)
-    try:
-        conn.send_packed_command(conn.pack_commands([("GET", key) for key in keys]))
-        sock = getattr(conn, "_sock", None)
-        if sock is None or not hasattr(sock, "recv_into"):
-            out: list[bytes | Exception | None] = []
-            for _ in keys:
-                try:
-                    out.append(conn.read_response())
-                except ResponseError as exc:  # that key's refusal, read whole
-                    out.append(exc)
-            return out
-        reader = _reader(conn, sock)
-        try:
-            replies = read_get_replies(reader, len(keys))
-        finally:
-            reader.restore()
-        if not reader.drained:  # bytes past the replies: the stream is out of step
-            conn.disconnect()
-        return [_refusal(str(r)) if isinstance(r, ErrorReply) else r for r in replies]
-    except BaseException:
-        conn.disconnect()
-        raise
-    finally:
-        pool.release(conn)
+    alone (``_pipeline``, its replies read as a GET's: a value, nil or an error line)."""
+    return _pipeline([("GET", key) for key in keys], client, read_get_replies)
