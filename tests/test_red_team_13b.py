@@ -30,7 +30,7 @@ from kvtier import CacheConfig, KVCacheManager, MultimodalItem
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.tier import Tier
-from kvtier.transfer.plan import OpKind
+from kvtier.transfer.plan import OpKind, TransferOp
 
 TPB = 4
 GARBAGE = ("garbage",)
@@ -90,8 +90,15 @@ class NewCallsUnderScheduling(RuleBasedStateMachine):
     @initialize(drafts=st.sampled_from([0, 0, 2]), gpu=st.integers(8, 14),
                 host=st.sampled_from([0, 6]), evict=st.booleans(), chunked=st.booleans())
     def build(self, drafts: int, gpu: int, host: int, evict: bool, chunked: bool) -> None:
-        self.mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=gpu,
-                                              num_host_blocks=host, enable_events=True))
+        self.make(drafts, gpu, host, evict, chunked)
+
+    def make(self, drafts: int, gpu: int, host: int, evict: bool, chunked: bool,
+             clock: Any = None) -> None:
+        """The manager, scheduler and fake data plane of a drawn setup."""
+        config = CacheConfig(tokens_per_block=TPB, num_gpu_blocks=gpu, num_host_blocks=host,
+                             enable_events=True)
+        self.mgr = (KVCacheManager(config) if clock is None
+                    else KVCacheManager(config, clock=clock))
         self.sched = Scheduler(self.mgr, SchedulerConfig(
             max_num_tokens=12 if chunked else 16, enable_chunked_prefill=chunked,
             capacity_policy="max_utilization" if evict else "guaranteed_no_evict",
@@ -103,16 +110,18 @@ class NewCallsUnderScheduling(RuleBasedStateMachine):
 
     def run_plan(self, step: ScheduledStep, skip: set[int]) -> None:
         for i in range(len(step.transfer_plan)):
-            if i in skip:
-                continue
-            op = step.transfer_plan.op(i)
-            src = self.gpu if op.src_tier is Tier.GPU else self.host
-            dst = self.gpu if op.dst_tier is Tier.GPU else self.host
-            data = list(src[op.src_slot])
-            if op.kind is OpKind.COPY:
-                dst[op.dst_slot][:op.num_tokens] = data[:op.num_tokens]
-            else:
-                dst[op.dst_slot] = data
+            if i not in skip:
+                self.run_op(step.transfer_plan.op(i))
+
+    def run_op(self, op: TransferOp) -> None:
+        """One copy on the fake data plane."""
+        src = self.gpu if op.src_tier is Tier.GPU else self.host
+        dst = self.gpu if op.dst_tier is Tier.GPU else self.host
+        data = list(src[op.src_slot])
+        if op.kind is OpKind.COPY:
+            dst[op.dst_slot][:op.num_tokens] = data[:op.num_tokens]
+        else:
+            dst[op.dst_slot] = data
 
     def work(self, step: ScheduledStep) -> dict[str, tuple[int, list[int], list[int], Any]]:
         """Per request of ``step``: the first position it computes and the tokens whose KV

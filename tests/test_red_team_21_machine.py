@@ -16,10 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, precondition, rule, run_state_machine_as_test
 
-from kvtier import CacheConfig, KVCacheManager, SequenceSpec
-from kvtier.scheduler import Request, Scheduler, SchedulerConfig
-from kvtier.tier import Tier
-from kvtier.transfer.plan import OpKind, TransferPlan
+from kvtier import SequenceSpec
+from kvtier.scheduler import Request
+from kvtier.transfer.plan import TransferPlan
 from test_red_team_13b import PROMPTS, TPB, NewCallsUnderScheduling, content
 from test_red_team_21 import HookedClock
 
@@ -43,27 +42,13 @@ class AroundTheScheduler(NewCallsUnderScheduling):
                 host=st.sampled_from([0, 6]), evict=st.booleans(), chunked=st.booleans())
     def build(self, drafts: int, gpu: int, host: int, evict: bool, chunked: bool) -> None:
         CLOCK.now, CLOCK.hook, CLOCK.raised = 0.0, None, []
-        self.mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=gpu,
-                                              num_host_blocks=host, enable_events=True),
-                                  clock=CLOCK)
-        self.sched = Scheduler(self.mgr, SchedulerConfig(
-            max_num_tokens=12 if chunked else 16, enable_chunked_prefill=chunked,
-            capacity_policy="max_utilization" if evict else "guaranteed_no_evict",
-            num_speculative_tokens=drafts))
-        self.gpu = {s: [None] * TPB for s in range(gpu)}
-        self.host = {s: [None] * TPB for s in range(host)}
+        self.make(drafts, gpu, host, evict, chunked, clock=CLOCK)
         self.sides: dict[str, tuple[list[int], int]] = {}  # the engine's own requests
 
     def run_ops(self, plan: TransferPlan) -> None:
         """Execute a plan taken outside a step on the data plane."""
         for op in plan.ops:
-            src = self.gpu if op.src_tier is Tier.GPU else self.host
-            dst = self.gpu if op.dst_tier is Tier.GPU else self.host
-            data = list(src[op.src_slot])
-            if op.kind is OpKind.COPY:
-                dst[op.dst_slot][:op.num_tokens] = data[:op.num_tokens]
-            else:
-                dst[op.dst_slot] = data
+            self.run_op(op)
 
     # ---- the engine's own calls on the manager, between steps ----------------------------
 
