@@ -207,12 +207,15 @@ def environment(url: str | None) -> dict[str, Any]:
 
     with redis.Redis.from_url(url) as client:
         server = client.info("server")
+    # NOTE: a batch's replies are read off the socket by kvtier.remote.resp; redis-py's
+    # parser (hiredis where installed) reads only a connection's handshake.
     try:
         import hiredis
 
-        parser: str | None = f"hiredis {hiredis.__version__}"
+        handshake = f"hiredis {hiredis.__version__}"
     except ImportError:
-        parser = "python (no hiredis)"
+        handshake = "python (no hiredis)"
+    parser = f"kvtier.remote.resp (handshake: redis-py, {handshake})"
     return {**env, "redis_py": redis.__version__, "reply_parser": parser,
             "redis_server": server.get("redis_version"),
             "server_io_threads": server.get("io_threads_active")}
@@ -239,7 +242,9 @@ def main() -> None:
     parser.add_argument("--import-only", action="store_true",
                         help="only the import section (no Redis)")
     parser.add_argument("--no-hiredis", action="store_true",
-                        help="parse replies in Python, as without the hiredis package")
+                        help="redis-py parses the connection handshake in Python, as "
+                        "without the hiredis package (a batch's replies are read by "
+                        "kvtier.remote.resp either way)")
     args = parser.parse_args()
     if args.no_hiredis:
         # NOTE: redis-py picks its parser when first imported; a None entry hides hiredis.
