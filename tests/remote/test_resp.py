@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from remote_helpers import make_namespace
 
-from kvtier.remote.redis_store import RedisRemoteStore, _get_each, _mget
+from kvtier.remote.redis_store import RedisRemoteStore, _mget, _pipeline
 from kvtier.remote.resp import (
     MAX_BULK_BYTES,
     MAX_LINE_BYTES,
@@ -22,7 +22,7 @@ from kvtier.remote.resp import (
     read_values_reply,
 )
 
-# The store's side (``_mget``, ``_get_each``) maps refusals to redis-py's exceptions: those
+# The store's side (``_mget``, ``_pipeline``) maps refusals to redis-py's exceptions: those
 # tests need the redis extra; the reader's own do not.
 needs_redis = pytest.mark.skipif(importlib.util.find_spec("redis") is None,
                                  reason="the store's tests need the redis extra")
@@ -119,6 +119,11 @@ def test_bytes_that_are_no_mget_reply_are_refused(data: bytes, match: str) -> No
         read_values_reply(reader, 2)
 
 
+def get_each(keys: list[str], client: Any) -> list[Any]:
+    """The cluster read's pipeline: one GET per key, read as a GET's replies."""
+    return _pipeline([("GET", key) for key in keys], client, read_get_replies)
+
+
 class FakeConnection:
     def __init__(self, sock: Any) -> None:
         self._sock = sock
@@ -170,7 +175,7 @@ def test_the_store_pools_a_connection_only_in_step(data: bytes, values: list[byt
     client = FakeClient(ChunkSocket(data))
     assert _mget(["k1", "k2"], client) == values
     conn = client.connection_pool.conn
-    assert conn.sent == [("MGET", "k1", "k2")]
+    assert conn.packed == [[("MGET", "k1", "k2")]]
     assert conn.disconnected is disconnected
     assert client.connection_pool.released == 1
 
@@ -262,7 +267,7 @@ def test_cluster_gets_map_each_refusal_to_redis_pys_exception() -> None:
     client = FakeClient(ChunkSocket(encode_gets(
         [b"v", "WRONGTYPE Operation against a key holding the wrong kind of value",
          "MOVED 3999 127.0.0.1:6381", None])))
-    got = _get_each(["a", "b", "c", "d"], client)
+    got = get_each(["a", "b", "c", "d"], client)
     assert got[0] == b"v" and got[3] is None
     assert type(got[1]) is ResponseError and isinstance(got[2], MovedError)
     conn = client.connection_pool.conn
@@ -280,10 +285,10 @@ def test_cluster_gets_pool_a_connection_only_in_step(data: bytes,
     client = FakeClient(ChunkSocket(data))
     if disconnected is None:
         with pytest.raises(ConnectionError):
-            _get_each(["a"], client)
+            get_each(["a"], client)
         assert client.connection_pool.conn.disconnected
     else:
-        assert _get_each(["a"], client) == [b"v"]
+        assert get_each(["a"], client) == [b"v"]
         assert client.connection_pool.conn.disconnected is disconnected
     assert client.connection_pool.released == 1
 
@@ -309,17 +314,17 @@ def test_values_round_trip_through_a_real_cluster(redis_cluster: Any) -> None:
 
 @needs_redis
 def test_the_socket_read_is_the_one_the_command_went_out_on() -> None:
-    """redis-py may reconnect inside ``send_command`` (a failed health check): the reply is
+    """redis-py may reconnect inside ``send_packed_command`` (a failed health check): the reply is
     read from the new socket, not the one the pooled connection had before."""
     client = FakeClient(ChunkSocket(b""))  # the old socket: closed, nothing to read
     conn = client.connection_pool.conn
     new = ChunkSocket(encode([b"a"]))
 
-    def reconnecting_send(*args: Any) -> None:
+    def reconnecting_send(packed: Any) -> None:
         conn._sock = new
-        conn.sent.append(args)
+        conn.packed.append(packed)
 
-    conn.send_command = reconnecting_send  # type: ignore[method-assign]
+    conn.send_packed_command = reconnecting_send  # type: ignore[method-assign]
     assert _mget(["k"], client) == [b"a"]
     assert not conn.disconnected
 

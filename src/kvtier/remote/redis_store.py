@@ -86,6 +86,8 @@ URL_TLS_PARAMETERS = ("ssl_check_hostname", "ssl_cert_reqs", "ssl_certfile", "ss
 # The query parameters whose values a message may show (none is a secret).
 _SHOWN_PARAMETERS = frozenset({*URL_PARAMETERS, *URL_TLS_PARAMETERS, *URL_OWNED_PARAMETERS}
                               - {"password"})
+# How ``_pipeline`` reads the replies of its commands off the socket (``kvtier.remote.resp``).
+_Read = Callable[[SocketReader, int], Sequence[object]]
 _WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
 
 
@@ -254,9 +256,9 @@ class RedisRemoteStore(RemoteStoreBase):
         # NOTE: redis-py's own retries are off: this class retries, counts and backs off.
         # It reads 64 KiB per recv by default; a block value is often MiBs: larger reads
         # mean fewer calls into the parser (a few % of read throughput, bench_remote.py).
-        # RESP2 (redis-py 8 asks for RESP3 by default): a standalone server's MGET replies
-        # are read off the socket by ``kvtier.remote.resp``, and the store uses nothing of
-        # RESP3 (no push messages can then come between a command and its reply).
+        # RESP2 (redis-py 8 asks for RESP3 by default): every batch's replies are read off
+        # the socket by ``kvtier.remote.resp``, and the store uses nothing of RESP3 (no
+        # push messages can then come between a command and its reply).
         options: dict[str, Any] = dict(socket_timeout=self.timeout_s,
                                        socket_connect_timeout=self.timeout_s,
                                        retry=Retry(NoBackoff(), 0),
@@ -445,16 +447,19 @@ class RedisRemoteStore(RemoteStoreBase):
         return self._attempt(group)
 
     def _run(self, server: str, commands: list[tuple[Any, ...]], *,
-             raise_on_error: bool = True) -> list[Any] | None:
-        """One pipeline of ``commands`` on ``server``; its replies (as ``_pipeline`` gives
-        them), or None. Without ``raise_on_error``, a command's refusal is its reply."""
+             raise_on_error: bool = True, read: _Read = read_replies,
+             fatal: tuple[type[Exception], ...] = ()) -> list[Any] | None:
+        """One pipeline of ``commands`` on ``server``, its replies read by ``read`` (as
+        ``_pipeline`` gives them), or None. Without ``raise_on_error``, a command's refusal
+        is its reply, but for one of ``fatal``, which fails the pipeline still (retried,
+        counted by the breaker)."""
 
         def execute(client: Any) -> list[Any]:
-            replies = _pipeline(commands, _server_client(client, server))
-            if raise_on_error:
-                for reply in replies:
-                    if isinstance(reply, Exception):
-                        raise reply  # the replies were read whole: the connection in step
+            replies = _pipeline(commands, _server_client(client, server), read)
+            for reply in replies:
+                if isinstance(reply, Exception) and (raise_on_error
+                                                     or isinstance(reply, fatal)):
+                    raise reply  # the replies were read whole: the connection in step
             return replies
 
         return self._attempt(execute, server=server)
@@ -479,20 +484,12 @@ class RedisRemoteStore(RemoteStoreBase):
             # raises: a failed batch, as before). A reply about the cluster's state rather
             # than the key's (CLUSTERDOWN, MOVED, ASK, TRYAGAIN) fails the chunk as before:
             # retried after the slot map is read again, and counted by the node's breaker.
-            # Either way the replies are read off the socket (``_mget``, ``_get_each``).
+            # Either way the replies are read off the socket (``_pipeline``).
             replies: list[Any] | None
             if self.cluster:
-                fatal = _cluster_state_errors()
-
-                def get_each(client: Any) -> list[Any]:
-                    replies = _get_each([keys[i] for i in chunk],
-                                        _server_client(client, server))
-                    for reply in replies:
-                        if isinstance(reply, fatal):
-                            raise reply
-                    return replies
-
-                replies = self._attempt(get_each, server=server)
+                replies = self._run(server, [("GET", keys[i]) for i in chunk],
+                                    raise_on_error=False, read=read_get_replies,
+                                    fatal=_cluster_state_errors())
             else:
                 replies = self._attempt(partial(_mget, [keys[i] for i in chunk]),
                                         server=server)
@@ -638,37 +635,23 @@ def _reader(conn: Any, sock: Any) -> SocketReader:
 
 
 def _mget(keys: list[str], client: Any) -> list[bytes | None]:
-    """The values of ``keys`` on a standalone server (None where absent): one ``MGET``, its
-    reply read off the connection's socket (``kvtier.remote.resp``: each value's bytes
-    copied once, not through redis-py's buffer), or by redis-py where its connection has no
-    socket to read. A connection that failed part way is closed, never pooled again."""
-    pool = client.connection_pool
-    conn = _pool_connection(pool)
-    try:
-        conn.send_command("MGET", *keys)  # may reconnect first: its socket is read after
-        sock = getattr(conn, "_sock", None)
-        if sock is None or not hasattr(sock, "recv_into"):
-            return list(conn.read_response())
-        reader = _reader(conn, sock)
-        try:
-            values = read_values_reply(reader, len(keys))
-        except ErrorReply as exc:
-            if not reader.drained:
-                conn.disconnect()
-            raise _refusal(str(exc)) from None
-        finally:
-            reader.restore()
-        if not reader.drained:  # bytes past the reply: the stream is out of step
-            conn.disconnect()
-        return values
-    except BaseException as exc:
-        from redis.exceptions import ResponseError
+    """The values of ``keys`` on a standalone server (None where absent): one ``MGET``
+    through ``_pipeline``; redis-py's exception for the error line that refused it."""
+    (values,) = _pipeline([("MGET", *keys)], client, partial(_read_mget, num_keys=len(keys)))
+    if isinstance(values, Exception):
+        raise values
+    return list(values)
 
-        if not isinstance(exc, ResponseError):
-            conn.disconnect()
-        raise
-    finally:
-        pool.release(conn)
+
+def _read_mget(reader: SocketReader, num_commands: int,
+               num_keys: int) -> list[list[bytes | None] | ErrorReply]:
+    """``_pipeline``'s ``read`` of one ``MGET`` of ``num_keys`` keys: its values, or the
+    error line that refused the whole command (read whole: the connection stays in step)."""
+    assert num_commands == 1, num_commands
+    try:
+        return [read_values_reply(reader, num_keys)]
+    except ErrorReply as exc:
+        return [exc]
 
 
 def _server_client(client: Any, server: str) -> Any:
@@ -682,7 +665,7 @@ def _server_client(client: Any, server: str) -> Any:
 
 
 def _pipeline(commands: list[tuple[Any, ...]], client: Any,
-              read: Callable[[SocketReader, int], Sequence[object]] = read_replies,
+              read: _Read = read_replies,
               ) -> list[Any]:
     """``commands`` pipelined on ``client``; per command its reply (a simple string's bytes,
     ``b"OK"``, an integer, a value or None: as ``read`` reads them off the socket) or
@@ -747,9 +730,3 @@ def _read_reply(conn: Any) -> Any:
         raise _refusal(str(reply))
     return reply
 
-
-def _get_each(keys: list[str], client: Any) -> list[bytes | Exception | None]:
-    """A pipeline of one ``GET`` per key on ``client`` (a cluster node's): per key its value,
-    None where absent, or redis-py's exception for the error line that refused that key
-    alone (``_pipeline``, its replies read as a GET's: a value, nil or an error line)."""
-    return _pipeline([("GET", key) for key in keys], client, read_get_replies)

@@ -1,4 +1,4 @@
-"""A Redis server's reply to ``MGET`` read straight off the connection's socket.
+"""A Redis server's replies (to MGET, pipelined GETs, SETs, EXISTS) read straight off the socket.
 
 redis-py's parser reads a reply into its own buffer and copies every value out of it
 again (hiredis builds each value anew as well): with values of a KV block each (64 KiB to
