@@ -1,6 +1,7 @@
 """Manager cost per admitted block, two versions paired per request in one process.
 
     python benchmarks/pairpol.py BEFORE AFTER [--limit 2000|all] [--policies a,b]
+    python benchmarks/pairpol.py BEFORE AFTER --runs before:priority-lru,after:kvtier-predict-cost
 
 ``BEFORE`` and ``AFTER`` are checkouts (each with ``src/kvtier``): an export of ``main``
 (``git archive main | tar -x -C /tmp/before``) and a worktree, say. Each is copied into a
@@ -18,7 +19,10 @@ equal across versions.
 
 Prints, per version and policy, microseconds per admitted block and the hit rate, then the
 after/before ratio per policy and each version's ratio of the second policy to the first
-(issue 10's CPU bound: the default against priority-LRU). The first 2,000 requests run
+(issue 10's CPU bound: the default against priority-LRU). ``--runs`` pairs chosen (version,
+policy) runs instead of every version with every policy, and prints each run's ratio to the
+first: an old checkout's priority-LRU against today's default, say (a checkout from before
+``take_plan`` existed runs without it). The first 2,000 requests run
 with 16,384 GPU blocks (eviction every few requests), the whole trace with 1,000,000 (none),
 as in ``bench_manager.py``.
 """
@@ -29,6 +33,8 @@ import argparse
 import gc
 import importlib
 import json
+import os
+import platform
 import re
 import shutil
 import sys
@@ -71,31 +77,49 @@ def main() -> None:
     ap.add_argument("after", type=Path)
     ap.add_argument("--limit", default="2000", help="requests (default 2000) or 'all'")
     ap.add_argument("--policies", default="priority-lru,kvtier-predict-cost")
+    ap.add_argument("--runs", default=None,
+                    help="VERSION:POLICY,... (VERSION before or after): only these runs, "
+                         "each one's ratio to the first printed")
     ap.add_argument("--in-flight", type=int, default=16)
     args = ap.parse_args()
     limit = None if args.limit == "all" else int(args.limit)
     policies = args.policies.split(",")
+    chosen: list[tuple[str, str]] | None = None
+    if args.runs is not None:
+        chosen = []
+        for item in args.runs.split(","):
+            version, sep, policy = item.partition(":")
+            if not sep or version not in ("before", "after") or not policy:
+                ap.error(f"--runs: {item!r} is not VERSION:POLICY with VERSION before or after")
+            chosen.append((version, policy))
     # NOTE: the copies stay until the end: the package imports its modules lazily.
     with tempfile.TemporaryDirectory(prefix="pairpol-") as tmp:
         versions = {"before": load_as(args.before, "kvtier_before", Path(tmp)),
                     "after": load_as(args.after, "kvtier_after", Path(tmp))}
-        run(versions, policies, limit, args.in_flight)
+        run(versions, policies, limit, args.in_flight, chosen)
 
 
 def run(versions: dict[str, ModuleType], policies: list[str], limit: int | None,
-        in_flight: int) -> None:
+        in_flight: int, chosen: list[tuple[str, str]] | None = None) -> None:
     num_gpu_blocks = 16_384 if limit is not None and limit <= 2000 else 1_000_000
     arrivals = arrivals_s(limit)
     runs = []
-    for version, mod in versions.items():
-        for policy in policies:
-            now = [0.0]
-            config = mod.CacheConfig(tokens_per_block=32, num_gpu_blocks=num_gpu_blocks,
-                                     eviction_policy=policy)
-            runs.append({"version": version, "policy": policy, "now": now,
-                         "mgr": mod.KVCacheManager(config, clock=lambda now=now: now[0]),
-                         "spec": mod.SequenceSpec, "live": deque(), "cpu": 0.0,
-                         "blocks": 0, "tokens": 0, "reused": 0})
+    pairs = chosen if chosen is not None else [
+        (version, policy) for version in versions for policy in policies]
+    for version, policy in pairs:
+        mod = versions[version]
+        now = [0.0]
+        config = mod.CacheConfig(tokens_per_block=32, num_gpu_blocks=num_gpu_blocks,
+                                 eviction_policy=policy)
+        mgr = mod.KVCacheManager(config, clock=lambda now=now: now[0])
+        runs.append({"version": version, "policy": policy, "now": now, "mgr": mgr,
+                     "take_plan": getattr(mgr, "take_plan", None),
+                     "spec": mod.SequenceSpec, "live": deque(), "cpu": 0.0,
+                     "blocks": 0, "tokens": 0, "reused": 0})
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}; python {platform.python_version()}; trace "
+          f"{TRACE.name}, {'all' if limit is None else limit} requests, {num_gpu_blocks:,} GPU "
+          f"blocks, {in_flight} in flight")
     gc.collect()
     gc.disable()
     clock = time.thread_time
@@ -108,7 +132,8 @@ def run(versions: dict[str, ModuleType], policies: list[str], limit: int | None,
                 mgr, live = r["mgr"], r["live"]
                 t0 = clock()
                 a = mgr.add_sequence(r["spec"](rid, tokens))
-                mgr.take_plan()
+                if r["take_plan"] is not None:
+                    r["take_plan"]()
                 live.append(rid)
                 if len(live) > in_flight:
                     mgr.remove_sequence(live.popleft())
@@ -119,6 +144,20 @@ def run(versions: dict[str, ModuleType], policies: list[str], limit: int | None,
                 del a
     finally:
         gc.enable()
+    rows = [{"version": r["version"], "policy": r["policy"],
+             "us_per_block": r["cpu"] / r["blocks"] * 1e6,
+             "hit_rate": r["reused"] / r["tokens"]} for r in runs]
+    summary = {"benchmark": "pairpol", "python": platform.python_version(),
+               "limit": limit, "num_gpu_blocks": num_gpu_blocks, "in_flight": in_flight,
+               "load": os.getloadavg()[0], "runs": rows}
+    if chosen is not None:
+        first = rows[0]["us_per_block"]
+        for row in rows:
+            print(f"{row['version']:6} {row['policy']:22} {row['us_per_block']:.4f} us/block "
+                  f"hit {row['hit_rate']:.4f} ratio to the first "
+                  f"{row['us_per_block'] / first:.3f}")
+        print(json.dumps(summary))
+        return
     us = {}
     for r in runs:
         us[r["version"], r["policy"]] = per_block = r["cpu"] / r["blocks"] * 1e6
@@ -130,6 +169,7 @@ def run(versions: dict[str, ModuleType], policies: list[str], limit: int | None,
         for version in versions:
             ratio = us[version, policies[1]] / us[version, policies[0]]
             print(f"{version} {policies[1]}/{policies[0]}: {ratio:.3f}")
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
