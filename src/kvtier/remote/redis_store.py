@@ -345,11 +345,12 @@ class RedisRemoteStore(RemoteStoreBase):
                     break
                 if self.cluster and server != _WHOLE:
                     self._refresh_topology(exc)
-                else:
-                    self._drop_client()
+                elif self.cluster:
+                    self._drop_client()  # the slot map: read again with a new client
                 # Auth errors and refusals come back the same on a retry.
                 if isinstance(exc, AuthenticationError | ResponseError):
                     break
+                self._drop_idle(server)
                 continue
             with self._breaker_lock:
                 self._num_failures_in_row[server] = 0
@@ -360,6 +361,24 @@ class RedisRemoteStore(RemoteStoreBase):
             if failures >= self.breaker_threshold:
                 self._open_until[server] = time.monotonic() + self.cooldown_s
         return None
+
+    def _drop_idle(self, server: str) -> None:
+        """After a fault of one of ``server``'s connections (that one closed by
+        ``_pipeline``, or by redis-py): close its idle pooled connections too, which
+        reconnect when next taken. Those in use by other threads are left to complete.
+
+        NOTE: the whole client was dropped here, its pool's connections in use closed with
+        it: one reader's fault (a reset, garbage, a timeout, even a refusal, which leaves
+        its connection in step) failed the reads and writes other threads had in flight on
+        connections that were sound. A server restarted or gone is found by each
+        connection on its own; the idle ones, which may be stale alike (a host gone
+        without closing them), are closed so that a retry does not wait on each."""
+        with self._client_lock:
+            client = self._client
+        if client is not None:
+            with contextlib.suppress(Exception):
+                _server_client(client, server).connection_pool.disconnect(
+                    inuse_connections=False)
 
     def _on_connect(self, connection: Any) -> None:
         """redis-py's hook for every new connection (``redis_connect_func``): read the

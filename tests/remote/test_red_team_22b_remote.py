@@ -1,0 +1,129 @@
+"""Red team 22b: the Redis store's connections under a fault of one of them (the others in
+flight complete), attacked through its public API by the misbehaving RESP2 server of
+``test_red_team_21b_remote``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from remote_helpers import make_blocks, make_namespace
+
+pytest.importorskip("redis")
+
+from test_red_team_21b_remote import HONEST, FakeRedis, Pieces
+
+from kvtier.remote.redis_store import RedisRemoteStore
+
+
+class Cut(bytes):
+    """A reply's first bytes, the connection closed after them."""
+
+
+class HoldingRedis(FakeRedis):
+    """``FakeRedis`` that holds its reply to a command on a key of ``held`` until ``release``
+    is set (each arrival counted on ``arrived``), and answers a command on a key of
+    ``faults`` with that reply (pieces, None to close the connection, or a ``Cut``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: set[bytes] = set()
+        self.faults: dict[bytes, Pieces | Cut] = {}
+        self.release = threading.Event()
+        self.arrived = threading.Semaphore(0)
+        self._local = threading.local()
+
+    def _serve(self, sock: socket.socket) -> None:
+        self._local.sock = sock
+        super()._serve(sock)
+
+    def _answer(self, args: list[bytes]) -> Pieces:
+        key = args[1] if len(args) > 1 else b""
+        fault = self.faults.get(key, HONEST)
+        if isinstance(fault, Cut):
+            self._local.sock.sendall(fault)
+            return None
+        if fault is not HONEST:
+            return fault  # type: ignore[return-value]
+        if key in self.held:
+            self.arrived.release()
+            self.release.wait(30)
+        return super()._answer(args)
+
+
+@pytest.fixture
+def holding() -> Iterator[HoldingRedis]:
+    server = HoldingRedis()
+    yield server
+    server.release.set()
+    server.close()
+
+
+# Each fault of one connection, as the server gives it.
+FAULTS: dict[str, Pieces | Cut] = {
+    "a reset": None,
+    "garbage": [(b"hello world\r\n", 0.0)],
+    "a cut mid value": Cut(b"*1\r\n$100\r\nabc"),
+    "a refusal": [(b"-NOPERM this user has no permissions to run the 'mget' command\r\n", 0.0)],
+    "a stall": [(b"*1\r\n", 0.0), (b"", 30.0)],
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_one_connections_fault_leaves_the_others_in_flight_alone(
+        holding: HoldingRedis, fault: str) -> None:
+    """Two reads (on the caller's threads) and a write (on the I/O thread) in flight on
+    their own connections while a fourth read's connection faults: exactly that read
+    misses; the others return their exact values and the write lands. On the old code the
+    fault closed the shared client, every connection of its pool with it: the reads in
+    flight missed and the write failed."""
+    ns = make_namespace()
+    # NOTE: a stall's read must time out before the held ones are let go, and each held one
+    # answered within its own timeout after: the held ones start 0.5 s after it.
+    timeout_s = 1.0 if fault == "a stall" else 5.0
+    store = RedisRemoteStore(holding.url, ns, timeout_s=timeout_s, max_retries=0,
+                             backoff_s=0.0, num_connections=4, breaker_threshold=100)
+    blocks = make_blocks(ns, 5)
+    assert store.put_many({h: v for h, v in blocks.items() if h <= 4}) == 4
+    holding.faults[ns.key(1).encode()] = FAULTS[fault]
+    holding.held = {ns.key(h).encode() for h in (2, 3, 5)}
+    got: dict[str, Any] = {}
+    lost: list[list[int]] = []
+
+    def faulted() -> None:
+        got["faulted"] = store.get_many([1])
+
+    stalled = threading.Thread(target=faulted)
+    if fault == "a stall":  # it reads first: its deadline comes before the others'
+        stalled.start()
+        threading.Event().wait(0.5)
+    readers = [threading.Thread(target=lambda: got.update(values=store.read_values([ns.key(2)]))),
+               threading.Thread(target=lambda: got.update(found=store.get_many([3])))]
+    for t in readers:
+        t.start()
+    assert store.write_back({5: blocks[5]}, on_lost=lost.append)
+    for _ in range(3):  # the two reads and the write are on the server, their replies held
+        assert holding.arrived.acquire(timeout=10)
+    if fault == "a stall":
+        stalled.join(timeout=10)
+    else:
+        faulted()
+    holding.release.set()
+    for t in readers:
+        t.join(timeout=10)
+    assert store.flush(timeout=10)
+    assert got["faulted"] == {}
+    assert got["values"] == [ns.encode(2, blocks[2])]
+    assert {h: bytes(v) for h, v in got["found"].items()} == {3: blocks[3]}
+    assert lost == []
+    stats = store.stats
+    assert (stats.num_errors, stats.num_failed_puts, stats.num_puts) == (1, 0, 5)
+    assert stats.num_timeouts == (fault == "a stall")
+    # The faulted read's connection was dropped alone; the store reads on.
+    holding.faults.clear()
+    found = store.get_many(list(blocks))
+    assert {h: bytes(v) for h, v in found.items()} == blocks
+    store.close()
