@@ -1,0 +1,52 @@
+"""Red team 22b: the fleet's shared tier and the command line, at their bounds."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+
+from kvtier.cli import main
+from kvtier.remote.tier import num_blocks_worth_fetching
+
+
+@pytest.mark.parametrize(("mode", "bandwidth"), [
+    ("write-through", "1e-315"),  # a block's fetch: an infinite time
+    ("write-through", "1e-310"),  # a write's queue ahead of a fetch: an infinite time
+    ("write-back", "1e-315"),
+])
+def test_a_link_too_slow_for_any_fetch_replays_fetching_nothing(mode: str,
+                                                                 bandwidth: str) -> None:
+    """Every rate of (0, 1e6] GB/s is a valid --remote-bandwidth-gb-s; on one so slow that a
+    block's transfer, or the store's queue ahead of a fetch, is an infinite time, no fetch
+    is worth it: the replay runs and fetches nothing. On the old code it ended with
+    "cannot replay: fetch_s_per_block (or latency_s) must be a finite number", status 2,
+    naming no option the user gave."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["replay", "--no-progress", "--limit", "40", "--instances", "2",
+                     "--remote", mode, "--remote-bandwidth-gb-s", bandwidth])
+    assert code == 0, err.getvalue()
+    remote = json.loads(out.getvalue().splitlines()[-1])["remote"]
+    assert (remote["num_fetched_blocks"], remote["num_imported_blocks"]) == (0, 0)
+    assert remote["num_lookups"] == 40
+
+
+def test_an_infinite_fetch_cost_fetches_nothing() -> None:
+    """A fetch that never lands (an infinite latency or cost per block) is worth no block,
+    with a deadline or without; NaN and negative infinity are still refused, naming the
+    cost."""
+    costs = dict(latency_s=1e-3, fetch_s_per_block=1e-3, recompute_s_per_block=4e-3)
+    assert num_blocks_worth_fetching(10, **costs) == 10
+    for field in ("latency_s", "fetch_s_per_block"):
+        for wait in (None, 1.0):
+            assert num_blocks_worth_fetching(10, **{**costs, field: math.inf},
+                                             max_wait_s=wait) == 0
+        for bad in (math.nan, -math.inf):
+            with pytest.raises(ValueError, match=f"^{field} must be a finite number"):
+                num_blocks_worth_fetching(10, **{**costs, field: bad})
+    with pytest.raises(ValueError, match=r"^recompute_s_per_block must be a finite number"):
+        num_blocks_worth_fetching(10, **{**costs, "recompute_s_per_block": math.inf})
