@@ -10,7 +10,11 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 
 from kvtier.cli import main
+from kvtier.config import CacheConfig
+from kvtier.remote.store import InMemoryRemoteStore
 from kvtier.remote.tier import num_blocks_worth_fetching
+from kvtier.sim import SyntheticChat
+from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
 
 
 @pytest.mark.parametrize(("mode", "bandwidth"), [
@@ -50,3 +54,27 @@ def test_an_infinite_fetch_cost_fetches_nothing() -> None:
                 num_blocks_worth_fetching(10, **{**costs, field: bad})
     with pytest.raises(ValueError, match=r"^recompute_s_per_block must be a finite number"):
         num_blocks_worth_fetching(10, **{**costs, "recompute_s_per_block": math.inf})
+
+
+class HalfStore(InMemoryRemoteStore):
+    """Writes every other block of a batch (the rest refused, as a server out of memory)."""
+
+    def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool]:
+        taken = pairs[::2]
+        self.backend.update(taken)
+        return [i % 2 == 0 for i in range(len(pairs))]
+
+
+def test_a_fleet_counts_the_blocks_its_store_wrote_not_those_it_was_given() -> None:
+    """A store that refuses half of each write: the report's written blocks are the
+    store's puts (its failed puts reported beside them). On the old code every block of a
+    batch the store took any of was counted written: 766 for the store's 416."""
+    cache = CacheConfig(num_gpu_blocks=768, num_host_blocks=256)
+    store = HalfStore(stand_in_namespace(cache.tokens_per_block))
+    report = simulate_fleet(SyntheticChat(num_requests=40, seed=0), cache, 2, "round-robin",
+                            remote="write-through", remote_store=store)
+    assert report.remote is not None
+    stats = store.stats
+    assert stats.num_failed_puts > 0
+    assert report.remote["num_written_blocks"] == stats.num_puts
+    assert report.remote["num_failed_puts"] == stats.num_failed_puts
