@@ -6,9 +6,11 @@ import io
 import json
 import math
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import pytest
 
+from bad_input_helpers import assert_one_line_refusal, run_cli
 from kvtier.cli import main
 from kvtier.config import CacheConfig
 from kvtier.remote.store import InMemoryRemoteStore
@@ -78,3 +80,18 @@ def test_a_fleet_counts_the_blocks_its_store_wrote_not_those_it_was_given() -> N
     assert stats.num_failed_puts > 0
     assert report.remote["num_written_blocks"] == stats.num_puts
     assert report.remote["num_failed_puts"] == stats.num_failed_puts
+
+
+@pytest.mark.parametrize("stamp", ["1e308", "+5", "1e3", "inf", "-1", "0x10"])
+def test_a_burstgpt_timestamp_not_written_plainly_is_refused_saying_so(
+        tmp_path: Path, stamp: str) -> None:
+    """BurstGPT's seconds are read as plain decimals only: the refusal names the field,
+    the value and the line, and says how it must be written (the old one said "expected a
+    number of seconds >= 0", which 1e308 and +5 are)."""
+    trace = tmp_path / "burst.csv"
+    trace.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                     "0,ChatGPT,10,20,30,Conversation log\n"
+                     f"{stamp},ChatGPT,10,20,30,Conversation log\n")
+    code, err = run_cli(["replay", "--no-progress", str(trace)])
+    assert_one_line_refusal(code, err, f"{trace}:3: field 'Timestamp': {stamp!r}",
+                            "written plainly (digits and a point: no sign, exponent or inf)")
