@@ -15,6 +15,7 @@ from kvtier.cli import main
 from kvtier.config import CacheConfig
 from kvtier.remote.store import InMemoryRemoteStore
 from kvtier.remote.tier import num_blocks_worth_fetching
+from kvtier.router import CacheAware, InstanceLoad, PrefixHit
 from kvtier.sim import SyntheticChat
 from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
 
@@ -95,3 +96,23 @@ def test_a_burstgpt_timestamp_not_written_plainly_is_refused_saying_so(
     code, err = run_cli(["replay", "--no-progress", str(trace)])
     assert_one_line_refusal(code, err, f"{trace}:3: field 'Timestamp': {stamp!r}",
                             "written plainly (digits and a point: no sign, exponent or inf)")
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("alpha", math.nan), ("alpha", -1.0), ("alpha", math.inf), ("host_weight", "x"),
+    ("host_weight", 1.5), ("load_factor", 0.5), ("load_factor", True), ("load_slack", -5),
+    ("load_slack", 2.0), ("load_slack", 1 << 40),
+])
+def test_a_cache_aware_option_set_later_is_checked_as_when_made(name: str,
+                                                                value: object) -> None:
+    """Each field of the cache-aware policy set after it was made: refused naming it, the
+    policy unchanged and still routing to the cached instance. On the old code the value
+    was taken: NaN alpha made every score NaN and a negative slack left no instance within
+    the bound, the router a silent round robin over the cache (or a TypeError in it)."""
+    policy = CacheAware()
+    before = repr(policy)
+    with pytest.raises(ValueError, match=f"^{name} must be a"):
+        setattr(policy, name, value)
+    assert repr(policy) == before
+    loads = [InstanceLoad("a", 0, 8), InstanceLoad("b", 0, 8)]
+    assert [policy.choose(loads, {"b": PrefixHit(3, 1)}, 4) for _ in range(4)] == ["b"] * 4
