@@ -4,6 +4,7 @@ flight complete), attacked through its public API by the misbehaving RESP2 serve
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 from collections.abc import Iterator
@@ -166,3 +167,66 @@ def test_one_chunks_fault_leaves_the_batchs_other_chunks_alone(holding: HoldingR
     assert {h: bytes(v) for h, v in found.items()} == {h: v for h, v in blocks.items() if h > 2}
     assert (store.stats.num_errors, store.stats.num_misses) == (1, 2)
     store.close()
+
+
+class MarkedRedis(FakeRedis):
+    """``FakeRedis`` whose ``MGET`` naming a key of ``faults`` gets that fault in place of
+    its reply (a key no block is written under marks one read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults: dict[bytes, Pieces] = {}
+
+    def _answer(self, args: list[bytes]) -> Pieces:
+        if args[0].upper() == b"MGET":
+            for key in args[1:]:
+                if key in self.faults:
+                    return self.faults[key]
+        return super()._answer(args)
+
+
+def test_readers_and_a_writer_under_faults_lose_only_the_faulted_reads() -> None:
+    """Four threads each making 30 reads of four blocks (and one marker key, never
+    written), one MGET each on a connection of its own, while the I/O thread writes 24 more
+    blocks; every fourth read's reply is garbage, a reset or a refusal. Exactly those reads
+    miss, every other read gets its exact blocks and every write lands. On the old code
+    each fault closed the connections of the reads and writes in flight beside it: they
+    missed or failed too."""
+    server = MarkedRedis()
+    ns = make_namespace()
+    store = RedisRemoteStore(server.url, ns, timeout_s=5.0, max_retries=0, backoff_s=0.0,
+                             breaker_threshold=10_000)
+    blocks = make_blocks(ns, 48)
+    first = {h: v for h, v in blocks.items() if h <= 24}
+    assert store.put_many(first) == 24
+    kinds: list[Pieces] = [[(b"hello world\r\n", 0.0)], None,
+                           [(b"-NOPERM no permissions to run the 'mget' command\r\n", 0.0)]]
+    faulted = {1000 + i for i in range(120) if i % 4 == 0}
+    server.faults = {ns.key(m).encode(): kinds[m % 3] for m in faulted}
+    wrong: list[tuple[int, dict[int, bytes]]] = []
+
+    def read(thread: int) -> None:
+        rnd = random.Random(thread)
+        for k in range(30):
+            marker = 1000 + thread * 30 + k
+            want = rnd.sample(sorted(first), 4)
+            got = {h: bytes(v) for h, v in store.get_many([*want, marker]).items()}
+            expected = {} if marker in faulted else {h: first[h] for h in want}
+            if got != expected:
+                wrong.append((marker, got))
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for h in range(25, 49):
+        assert store.write_back({h: blocks[h]})
+    for t in threads:
+        t.join(timeout=60)
+    assert store.flush(timeout=30)
+    assert wrong == []
+    stats = store.stats
+    assert (stats.num_errors, stats.num_failed_puts, stats.num_puts) == (len(faulted), 0, 48)
+    server.faults.clear()
+    assert {h: bytes(v) for h, v in store.get_many(list(blocks)).items()} == blocks
+    store.close()
+    server.close()
