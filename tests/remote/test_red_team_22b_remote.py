@@ -230,3 +230,28 @@ def test_readers_and_a_writer_under_faults_lose_only_the_faulted_reads() -> None
     assert {h: bytes(v) for h, v in store.get_many(list(blocks)).items()} == blocks
     store.close()
     server.close()
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:99999/0", "redis://127.0.0.1:abc/0", "redis://127.0.0.1:-1/0",
+    "rediss://h:65536", "redis://h:1:2/0", "redis://:secret@127.0.0.1:0/0", "redis://h:00/0",
+    "redis://127.0.0.1:/0", "unix://",
+])
+def test_a_url_whose_port_or_path_is_none_is_refused_when_made(url: str) -> None:
+    """A port out of range or no number, port 0 (redis-py connected to 6379 in its place:
+    another server than the url names) and a unix:// url without a path: refused at
+    construction, naming the url without its password. On the old code the store was made
+    and every batch failed for ever as a fault ("ValueError: Port out of range 0-65535."),
+    or went to port 6379."""
+    with pytest.raises(ValueError, match=r"url port must be an integer in 1\.\.65535|a unix:// "
+                                         r"url needs the socket's path") as info:
+        RedisRemoteStore(url, make_namespace())
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0", "redis://h:1", "redis://h:65535/0",
+                                 "redis:///0", "redis://[::1]:6379/0", "redis://[::1]/0",
+                                 "redis://u:p@h/0", "unix:///tmp/kvtier-22b.sock"])
+def test_a_url_with_a_port_in_range_or_none_is_made(url: str) -> None:
+    """What redis-py reads as the url says (no port: 6379) is made as before."""
+    RedisRemoteStore(url, make_namespace()).close()

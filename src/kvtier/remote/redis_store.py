@@ -130,6 +130,21 @@ def check_url_query(url: str, cluster: bool = False) -> None:
     (0.41 s), and a parameter it cannot use (``?db=x``, ``?foo=bar``, ``?socket_timeout=nan``)
     failed every batch for ever, as a fault, in place of this error at construction."""
     parts = urlsplit(url)
+    # NOTE: a port that is none (99999, abc, -1) made a store whose every batch failed for
+    # ever, as a fault ("ValueError: Port out of range"), and port 0 one that redis-py
+    # pointed at 6379, another server than the url names, without a word.
+    if parts.scheme == "unix":
+        if not unquote(parts.path):
+            raise ValueError(f"a unix:// url needs the socket's path, got "
+                             f"{shown(redact_url(url))}")
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0 or (port is None and parts.netloc.rpartition("@")[2].endswith(":")):
+            raise ValueError(f"url port must be an integer in 1..65535, got "
+                             f"{shown(redact_url(url))}")
     databases: list[str] = []
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name == "db":
