@@ -255,3 +255,18 @@ def test_a_url_whose_port_or_path_is_none_is_refused_when_made(url: str) -> None
 def test_a_url_with_a_port_in_range_or_none_is_made(url: str) -> None:
     """What redis-py reads as the url says (no port: 6379) is made as before."""
     RedisRemoteStore(url, make_namespace()).close()
+
+
+def test_a_fault_is_one_sentence_with_one_period() -> None:
+    """A server that refuses connections: the fault reads "... Connection refused." (the
+    old text doubled redis-py's own period: "Connection refused..")."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = RedisRemoteStore(f"redis://127.0.0.1:{port}/0", make_namespace(), timeout_s=0.5,
+                             max_retries=0)
+    problem = store.check_connection()
+    assert problem is not None and problem.startswith(f"redis at redis://127.0.0.1:{port}/0: "
+                                                      "ConnectionError: Error 111 connecting")
+    assert problem.endswith("Connection refused.") and not problem.endswith("..")
+    store.close()

@@ -331,7 +331,8 @@ class RedisRemoteStore(RemoteStoreBase):
             return f"{where}: out of memory, the server refused a write ({exc})."
         if isinstance(exc, ResponseError):
             return f"{where}: the server refused the command ({exc})."
-        return f"{where}: {type(exc).__name__}: {exc}."
+        # NOTE: redis-py's texts end with a period of their own ("Connection refused.").
+        return f"{where}: {type(exc).__name__}: {str(exc).rstrip('.')}."
 
     def _attempt(self, op: Callable[[Any], T], *, retry: bool = True,
                  server: str = _WHOLE) -> T | None:
