@@ -18,6 +18,7 @@ pytest.importorskip("redis")
 from test_red_team_21b_remote import HONEST, FakeRedis, Pieces
 
 from kvtier.remote.redis_store import RedisRemoteStore
+from kvtier.remote.resp import ProtocolError, SocketReader, read_get_replies, read_replies
 
 
 class Cut(bytes):
@@ -270,3 +271,24 @@ def test_a_fault_is_one_sentence_with_one_period() -> None:
                                                       "ConnectionError: Error 111 connecting")
     assert problem.endswith("Connection refused.") and not problem.endswith("..")
     store.close()
+
+
+@pytest.mark.parametrize("reply", [b"+OK\r\n", b":1\r\n", b"*1\r\n$1\r\na\r\n", b"%0\r\n"])
+def test_a_get_reply_is_a_value_a_nil_or_an_error_line_only(reply: bytes) -> None:
+    """``read_get_replies`` is ``read_replies`` without simple strings and integers: a GET
+    answered by one of those (or any other type) is out of step, where ``read_replies``
+    reads the first two as a write's or an EXISTS's reply."""
+    class Once:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int:
+            n = min(len(buffer), len(self.data))
+            buffer[:n], self.data = self.data[:n], self.data[n:]
+            return n
+
+    with pytest.raises(ProtocolError, match="a reply that is no bulk string"):
+        read_get_replies(SocketReader(Once(b"$1\r\nv\r\n" + reply)), 2)
+    if reply[:1] in b"+:":
+        got = read_replies(SocketReader(Once(b"$1\r\nv\r\n" + reply)), 2)
+        assert got == [b"v", b"OK" if reply[:1] == b"+" else 1]
