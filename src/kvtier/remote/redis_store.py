@@ -23,9 +23,11 @@ redis-py (hiredis when it is installed) parses only a connection's handshake.
 
 A fault (server down, slow, out of memory, auth) costs at most :attr:`max_blocking_s` per
 chunk and node (a reply is due within ``timeout_s``, and as much again per MiB that came),
-is counted in ``stats`` and turns into misses or failed puts; after ``breaker_threshold``
-failed batches in a row to one server the breaker opens and its batches are skipped
-(counted as short-circuited) for ``cooldown_s``, then one batch probes.
+is counted in ``stats`` and turns into misses or failed puts of that chunk alone (a
+connection that failed is closed, and the idle ones; another thread's batch in flight
+completes on its own); after ``breaker_threshold`` failed batches in a row to one server
+the breaker opens and its batches are skipped (counted as short-circuited) for
+``cooldown_s``, then one batch probes.
 On a cluster a key's own fault stays that key's: a value of another type under it, or a
 slot that no node serves (a shard gone, with ``cluster-require-full-coverage no``), is its
 miss; a write answered MOVED (a resharded slot) is written again once the slot map is read
