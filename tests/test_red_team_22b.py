@@ -116,3 +116,36 @@ def test_a_cache_aware_option_set_later_is_checked_as_when_made(name: str,
     assert repr(policy) == before
     loads = [InstanceLoad("a", 0, 8), InstanceLoad("b", 0, 8)]
     assert [policy.choose(loads, {"b": PrefixHit(3, 1)}, 4) for _ in range(4)] == ["b"] * 4
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()])
+def test_a_callback_raising_a_base_exception_leaves_the_io_thread_running(
+        error: BaseException) -> None:
+    """A prefetch callback (and a write's ``on_lost``) raising what is no Exception: counted
+    as an error, and every later job runs, ``close()`` included. On the old code it ended
+    the I/O thread: later jobs were accepted and never run, ``flush`` timed out (without a
+    timeout it waited for ever) and nothing was counted."""
+    store = InMemoryRemoteStore(stand_in_namespace(4))
+    size = store.namespace.layout.bytes_per_block
+
+    def fail(*args: object) -> None:
+        raise error
+
+    got: list[set[int]] = []
+    assert store.prefetch([1], fail)
+    assert store.put_many({2: bytes(size)}) == 1
+    assert store.prefetch([2], lambda found: got.append(set(found)))
+    assert store.flush(timeout=10)
+    assert got == [{2}] and store.stats.num_errors == 1
+    store.backend.clear()
+
+    class Refusing(InMemoryRemoteStore):
+        def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool]:
+            return [False] * len(pairs)
+
+    refusing = Refusing(stand_in_namespace(4))
+    assert refusing.write_back({3: bytes(size)}, on_lost=fail)
+    assert refusing.prefetch([3], lambda found: got.append(set(found)))
+    refusing.close()  # runs the accepted jobs
+    assert got == [{2}, set()] and refusing.stats.num_errors == 1
+    store.close()
