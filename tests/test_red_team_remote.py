@@ -161,8 +161,12 @@ def test_a_url_is_shown_without_its_password_wherever_it_is(url: str, shown: str
 
 
 @pytest.mark.parametrize(("url", "shown"), [
-    ("redis://127.0.0.1:1/0?password=hunter2", "redis at redis://127.0.0.1:1/0?password=***"),
-    ("redis://:hunter2@127.0.0.1:99999/0", "Port out of range"),
+    ("redis://127.0.0.1:1/0?password=hunter2",
+     "cannot use --remote-url: redis at redis://127.0.0.1:1/0?password=***"),
+    # refused when the store is made since red team 22b (a fault of every batch before)
+    ("redis://:hunter2@127.0.0.1:99999/0",
+     "invalid --remote-url: url port must be an integer in 1..65535, got "
+     "'redis://:***@127.0.0.1:99999/0'"),
 ])
 def test_the_command_line_never_shows_a_remote_urls_password(url: str, shown: str) -> None:
     """``--remote-url redis://...?password=...``: the password was in the one-line error;
@@ -172,5 +176,5 @@ def test_the_command_line_never_shows_a_remote_urls_password(url: str, shown: st
 
     code, err = run_cli(["replay", "--limit", "3", "--instances", "2", "--remote", "write-back",
                          "--host-blocks", "64", "--remote-url", url, "--no-progress"])
-    assert_one_line_refusal(code, err, "cannot use --remote-url", shown)
+    assert_one_line_refusal(code, err, shown)
     assert "hunter2" not in err

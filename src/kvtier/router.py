@@ -227,6 +227,10 @@ class LeastLoaded:
         return min(loads, key=lambda x: x.load).instance_id
 
 
+# The number fields of :class:`CacheAware` and their ranges.
+_CACHE_AWARE_BOUNDS = {"alpha": (0.0, 1e6), "host_weight": (0.0, 1.0), "load_factor": (1.0, 1e6)}
+
+
 @dataclass(slots=True)
 class CacheAware:
     """Best cached prefix against load, within a load bound.
@@ -248,18 +252,22 @@ class CacheAware:
     name: str = "cache-aware"
     _next: int = field(default=0, repr=False)
 
-    def __post_init__(self) -> None:
-        for name, low, high in (("alpha", 0.0, 1e6), ("host_weight", 0.0, 1.0),
-                                ("load_factor", 1.0, 1e6)):
-            value = getattr(self, name)
-            # bool is never a number here; NaN and infinities fail the range.
-            if (not isinstance(value, int | float) or isinstance(value, bool)
-                    or not low <= value <= high):
-                raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got "
-                                 f"{shown(value)}")
-        if type(self.load_slack) is not int or not 0 <= self.load_slack <= 1 << 31:
-            raise ValueError(f"load_slack must be an integer in [0, 2**31], got "
-                             f"{shown(self.load_slack)}")
+    def __setattr__(self, name: str, value: object) -> None:
+        """Set a field, checked: ValueError naming it, changing nothing, for a bad value.
+
+        NOTE: checked when set, not only when made: ``alpha`` set to NaN later made every
+        score NaN, and ``load_slack`` set below 0 left no instance within the bound: either
+        way the router went round robin over the cache without a word."""
+        bounds = _CACHE_AWARE_BOUNDS.get(name)
+        # bool is never a number here; NaN and infinities fail the range.
+        if bounds is not None and (not isinstance(value, int | float)
+                                   or isinstance(value, bool)
+                                   or not bounds[0] <= value <= bounds[1]):
+            raise ValueError(f"{name} must be a finite number in [{bounds[0]:g}, "
+                             f"{bounds[1]:g}], got {shown(value)}")
+        if name == "load_slack" and (type(value) is not int or not 0 <= value <= 1 << 31):
+            raise ValueError(f"load_slack must be an integer in [0, 2**31], got {shown(value)}")
+        object.__setattr__(self, name, value)
 
     def bound(self, loads: Sequence[InstanceLoad]) -> float:
         """The largest queue depth an eligible instance may have. Pure."""

@@ -52,7 +52,10 @@ class IOThread:
                 self._num_running = 1
             try:
                 job()
-            except Exception as exc:  # a caller's callback must not kill the I/O thread
+            # NOTE: a caller's callback must not kill the I/O thread, whatever it raises: one
+            # raising SystemExit (a BaseException) ended the thread, every later job was
+            # accepted and never run, and flush() without a timeout waited for ever.
+            except BaseException as exc:
                 self._on_error(exc)
             with self._cond:
                 self._num_running = 0

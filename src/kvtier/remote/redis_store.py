@@ -23,9 +23,11 @@ redis-py (hiredis when it is installed) parses only a connection's handshake.
 
 A fault (server down, slow, out of memory, auth) costs at most :attr:`max_blocking_s` per
 chunk and node (a reply is due within ``timeout_s``, and as much again per MiB that came),
-is counted in ``stats`` and turns into misses or failed puts; after ``breaker_threshold``
-failed batches in a row to one server the breaker opens and its batches are skipped
-(counted as short-circuited) for ``cooldown_s``, then one batch probes.
+is counted in ``stats`` and turns into misses or failed puts of that chunk alone (a
+connection that failed is closed, and the idle ones; another thread's batch in flight
+completes on its own); after ``breaker_threshold`` failed batches in a row to one server
+the breaker opens and its batches are skipped (counted as short-circuited) for
+``cooldown_s``, then one batch probes.
 On a cluster a key's own fault stays that key's: a value of another type under it, or a
 slot that no node serves (a shard gone, with ``cluster-require-full-coverage no``), is its
 miss; a write answered MOVED (a resharded slot) is written again once the slot map is read
@@ -130,6 +132,21 @@ def check_url_query(url: str, cluster: bool = False) -> None:
     (0.41 s), and a parameter it cannot use (``?db=x``, ``?foo=bar``, ``?socket_timeout=nan``)
     failed every batch for ever, as a fault, in place of this error at construction."""
     parts = urlsplit(url)
+    # NOTE: a port that is none (99999, abc, -1) made a store whose every batch failed for
+    # ever, as a fault ("ValueError: Port out of range"), and port 0 one that redis-py
+    # pointed at 6379, another server than the url names, without a word.
+    if parts.scheme == "unix":
+        if not unquote(parts.path):
+            raise ValueError(f"a unix:// url needs the socket's path, got "
+                             f"{shown(redact_url(url))}")
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0 or (port is None and parts.netloc.rpartition("@")[2].endswith(":")):
+            raise ValueError(f"url port must be an integer in 1..65535, got "
+                             f"{shown(redact_url(url))}")
     databases: list[str] = []
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name == "db":
@@ -316,7 +333,8 @@ class RedisRemoteStore(RemoteStoreBase):
             return f"{where}: out of memory, the server refused a write ({exc})."
         if isinstance(exc, ResponseError):
             return f"{where}: the server refused the command ({exc})."
-        return f"{where}: {type(exc).__name__}: {exc}."
+        # NOTE: redis-py's texts end with a period of their own ("Connection refused.").
+        return f"{where}: {type(exc).__name__}: {str(exc).rstrip('.')}."
 
     def _attempt(self, op: Callable[[Any], T], *, retry: bool = True,
                  server: str = _WHOLE) -> T | None:
@@ -345,11 +363,12 @@ class RedisRemoteStore(RemoteStoreBase):
                     break
                 if self.cluster and server != _WHOLE:
                     self._refresh_topology(exc)
-                else:
-                    self._drop_client()
+                elif self.cluster:
+                    self._drop_client()  # the slot map: read again with a new client
                 # Auth errors and refusals come back the same on a retry.
                 if isinstance(exc, AuthenticationError | ResponseError):
                     break
+                self._drop_idle(server)
                 continue
             with self._breaker_lock:
                 self._num_failures_in_row[server] = 0
@@ -360,6 +379,24 @@ class RedisRemoteStore(RemoteStoreBase):
             if failures >= self.breaker_threshold:
                 self._open_until[server] = time.monotonic() + self.cooldown_s
         return None
+
+    def _drop_idle(self, server: str) -> None:
+        """After a fault of one of ``server``'s connections (that one closed by
+        ``_pipeline``, or by redis-py): close its idle pooled connections too, which
+        reconnect when next taken. Those in use by other threads are left to complete.
+
+        NOTE: the whole client was dropped here, its pool's connections in use closed with
+        it: one reader's fault (a reset, garbage, a timeout, even a refusal, which leaves
+        its connection in step) failed the reads and writes other threads had in flight on
+        connections that were sound. A server restarted or gone is found by each
+        connection on its own; the idle ones, which may be stale alike (a host gone
+        without closing them), are closed so that a retry does not wait on each."""
+        with self._client_lock:
+            client = self._client
+        if client is not None:
+            with contextlib.suppress(Exception):
+                _server_client(client, server).connection_pool.disconnect(
+                    inuse_connections=False)
 
     def _on_connect(self, connection: Any) -> None:
         """redis-py's hook for every new connection (``redis_connect_func``): read the

@@ -19,6 +19,7 @@ pipelined writes and ``EXISTS`` (simple strings, integers) are read here too
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from time import monotonic
 from typing import Protocol
 
@@ -208,39 +209,30 @@ def read_values_reply(reader: SocketReader, num_values: int) -> list[bytes | Non
     return values
 
 
-def read_get_replies(reader: SocketReader, num_replies: int) -> list[bytes | ErrorReply | None]:
-    """The replies of ``num_replies`` pipelined ``GET`` commands, in order: a value, None
-    where the key holds none, or the :class:`ErrorReply` that refused that key alone (a key
-    of another type, a slot served elsewhere). Raises as ``read_values_reply`` for bytes that
-    are no such replies or a socket that fails."""
-    replies: list[bytes | ErrorReply | None] = []
-    for _ in range(num_replies):
-        line = reader.line()
-        if line[:1] == b"-":
-            replies.append(ErrorReply(line[1:].decode("utf-8", "replace")))
-            continue
-        replies.append(_value(reader, line, "a GET reply"))
-    return replies
-
-
-def read_replies(reader: SocketReader,
-                 num_replies: int) -> list[bytes | int | ErrorReply | None]:
-    """The replies of ``num_replies`` pipelined commands answered by a simple string (its
-    bytes: ``b"OK"``), an integer, a bulk string or nil, or an error line (``SET``,
-    ``EXISTS``): as ``read_get_replies`` reads them, with those two types besides."""
+def read_replies(reader: SocketReader, num_replies: int, *,
+                 scalars: bool = True) -> list[bytes | int | ErrorReply | None]:
+    """The replies of ``num_replies`` pipelined commands, in order: a value, None where the
+    key holds none, the :class:`ErrorReply` that refused that command alone (a key of
+    another type, a slot served elsewhere, a write out of memory), and with ``scalars`` a
+    simple string (its bytes: ``b"OK"``) or an integer (``SET``, ``EXISTS``). Raises as
+    ``read_values_reply`` for bytes that are no such replies or a socket that fails."""
     replies: list[bytes | int | ErrorReply | None] = []
     for _ in range(num_replies):
         line = reader.line()
         kind = line[:1]
         if kind == b"-":
             replies.append(ErrorReply(line[1:].decode("utf-8", "replace")))
-        elif kind == b"+":
+        elif scalars and kind == b"+":
             replies.append(line[1:])
-        elif kind == b":":
+        elif scalars and kind == b":":
             replies.append(_length(line, "integer reply"))
         else:
             replies.append(_value(reader, line, "a reply"))
     return replies
+
+
+# The replies of pipelined ``GET`` commands: values, nils and error lines only.
+read_get_replies = partial(read_replies, scalars=False)
 
 
 def _value(reader: SocketReader, line: bytes, what: str) -> bytes | None:

@@ -39,6 +39,7 @@ holds.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -90,6 +91,14 @@ DEFAULT_FETCH_BYTES_PER_S = 0.25e9
 THROUGHPUT_EWMA_WEIGHT = 0.25
 
 
+def _cost(field: str, value: object) -> float:
+    """``value`` as a cost in seconds: a finite number >= 0, or infinity; else ValueError
+    naming ``field``. Pure."""
+    if type(value) is float and value == math.inf:
+        return value
+    return check_number(field, value, 0.0, None)
+
+
 def num_blocks_worth_fetching(num_blocks: int, *, latency_s: float, fetch_s_per_block: float,
                               recompute_s_per_block: float,
                               max_wait_s: float | None = None) -> int:
@@ -113,16 +122,19 @@ def num_blocks_worth_fetching(num_blocks: int, *, latency_s: float, fetch_s_per_
     3. The fixed ``latency_s`` must be paid back: ``k x (recompute - fetch) > latency_s``.
        The saving grows with ``k``, so the answer is the most blocks rule 2 allows, or 0.
 
-    Raises ValueError for a negative count or a cost that is not a finite number >= 0 (any
-    size: a store's queue in a loaded fleet, a stalled store's measured throughput).
+    Raises ValueError for a negative count or a cost that is not a number >= 0 (any size:
+    a store's queue in a loaded fleet, a stalled store's measured throughput); a latency or
+    fetch cost of infinity (a fetch that never lands) fetches nothing.
     """
     if type(num_blocks) is not int or num_blocks < 0:
         raise ValueError(f"num_blocks must be an integer >= 0, got {shown(num_blocks)}")
     # NOTE: the costs were capped at an hour: a fleet's store queue of more (the
     # simulator adds it to the latency) or a store measured below bytes_per_block / 3600
-    # B/s raised from the step. Any finite cost decides.
-    latency_s = check_number("latency_s", latency_s, 0.0, None)
-    fetch_s = check_number("fetch_s_per_block", fetch_s_per_block, 0.0, None)
+    # B/s raised from the step. Any finite cost decides. So does infinity: a fleet's link
+    # of 1e-315 GB/s (an option it takes) gave a block's fetch, or a write's queue ahead of
+    # a fetch, an infinite time, and the replay ended in "latency_s must be a finite number".
+    latency_s = _cost("latency_s", latency_s)
+    fetch_s = _cost("fetch_s_per_block", fetch_s_per_block)
     recompute_s = check_number("recompute_s_per_block", recompute_s_per_block, 0.0, None)
     wait_s = None if max_wait_s is None else check_number("max_wait_s", max_wait_s, 0.0, None)
     if num_blocks == 0 or fetch_s >= recompute_s:

@@ -102,12 +102,16 @@ class _SharedTier:
         if self.free_s - now_s > self.link.max_backlog_s:
             self.num_dropped_writes += len(hashes)
             return
+        written = len(hashes)
         if self.store is not None:
             written = self.store.put_many(dict.fromkeys(hashes, self._value))
             if not written:
                 return
         done_s = self.reserve(now_s, len(hashes) * self.bytes_per_block)
-        self.num_written_blocks += len(hashes)
+        # NOTE: a real store's count: one that took some of a batch (a SET refused out of
+        # memory) had the whole batch counted written beside its failed puts. Which ones it
+        # took is not known: each is visible, and a read asks the store.
+        self.num_written_blocks += written
         visible = self.visible_s
         for h in hashes:
             if h not in visible:  # a rewrite of a block does not hide it meanwhile

@@ -74,7 +74,9 @@ def _parse_seconds(text: str) -> float:
     second apart, all arrived at 0.0)."""
     digits = text.strip()
     if _DECIMAL.fullmatch(digits) is None or len(digits) > 64:
-        raise ValueError("expected a number of seconds >= 0")
+        # NOTE: the refusal said only "a number of seconds >= 0", which 1e308 and +5 are.
+        raise ValueError("expected a number of seconds >= 0 written plainly (digits and a "
+                         "point: no sign, exponent or inf)")
     seconds = float(digits)
     if seconds > MAX_ARRIVAL_S:
         raise ValueError(f"more than the {MAX_ARRIVAL_S:.0e} s a trace may span")
