@@ -174,7 +174,15 @@ class KVStorage:
         return self.num_blocks * self.layout.bytes_per_block
 
     def layer(self, index: int) -> torch.Tensor:
-        """View [num_blocks, 2, tokens_per_block, kv_heads, head_dim] of one layer."""
+        """View [num_blocks, 2, tokens_per_block, kv_heads, head_dim] of one layer;
+        ValueError for an ``index`` that is no layer.
+
+        NOTE: as ``block``'s slot: -1 was the last layer, and True (block-major) a view with
+        one more axis, which ``write`` broadcast K and V into: another layer's KV, silently;
+        past the last layer, IndexError or TypeError in torch's or a list's words."""
+        if type(index) is not int or not 0 <= index < self.layout.num_layers:
+            raise ValueError(f"layer must be an int in 0..{self.layout.num_layers - 1}, got "
+                             f"{shown(index)}")
         if self.layout.layout == "block_major":
             return self.tensors[0][:, index]
         return self.tensors[index]

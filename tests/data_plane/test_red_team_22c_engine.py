@@ -1,0 +1,128 @@
+"""Red team 22c, the data plane on the CPU: hand-built plans whose ops hold what is no
+slot, tier or token count, the GPU paths' array check of tiers, and a storage's layer
+index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the data-plane tests need torch: pip install 'kvtier[torch]'")
+
+import torch
+
+from kvtier.storage import KVLayout, KVStorage
+from kvtier.tier import Tier
+from kvtier.transfer.fused import arrays_of, check_arrays
+from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
+from kvtier.transfer.torch_engine import TorchTransferEngine
+
+TPB = 4
+G, H = Tier.GPU, Tier.HOST
+OFF = OpKind.OFFLOAD
+
+
+def engine() -> TorchTransferEngine:
+    """A CPU engine of 4 GPU and 4 host blocks, every block numbered by its contents."""
+    layout = KVLayout(2, 1, 4, TPB, "float32", "block_major")
+    gpu, host = KVStorage(layout, 4), KVStorage(layout, 4)
+    for storage, base in ((gpu, 0.0), (host, 100.0)):
+        for slot in range(4):
+            storage.tensors[0][slot] = base + slot
+    return TorchTransferEngine(gpu, host)
+
+
+def contents(e: TorchTransferEngine) -> list[float]:
+    """Each block's number, GPU blocks then host blocks."""
+    assert e.host is not None
+    return [float(s.tensors[0][slot].mean()) for s in (e.gpu, e.host) for slot in range(4)]
+
+
+def op_of(*fields: object) -> TransferOp:
+    """An op with any fields, as a caller may build one."""
+    return TransferOp._make(fields)
+
+
+UNTOUCHED = [0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0, 103.0]
+
+
+@pytest.mark.parametrize(("op", "shown"), [
+    # A float slot was truncated by the index tensor: block 1 copied, no word said.
+    (op_of(OFF, G, 1.5, H, 0, TPB), r"op 1: src_slot must be an int, got 1\.5"),
+    (op_of(OFF, G, 1, H, 2.0, TPB), r"op 1: dst_slot must be an int, got 2\.0"),
+    (op_of(OFF, G, True, H, 0, TPB), r"op 1: src_slot must be an int, got True"),
+    (op_of(OFF, G, np.int64(1), H, 0, TPB),
+     r"op 1: src_slot must be an int, got np\.int64\(1\)"),
+    # A float or bool token count failed in torch's narrow: a TransferError, as a copy
+    # that failed, where the plan was at fault.
+    (op_of(OFF, G, 1, H, 0, 2.5), r"op 1: num_tokens must be an int, got 2\.5"),
+    (op_of(OFF, G, 1, H, 0, True), r"op 1: num_tokens must be an int, got True"),
+    # A tier that is none was an AttributeError ('int' object has no attribute 'name').
+    (op_of(OFF, 2, 1, H, 0, TPB), r"op 1: src_tier must be a Tier, got 2"),
+    (op_of(OFF, G, 1, -1, 0, TPB), r"op 1: dst_tier must be a Tier, got -1"),
+    # A str slot failed in the wave planner: "can only concatenate str (not "Tier") to str".
+    (op_of(OFF, G, "1", H, 0, TPB), r"op 1: src_slot must be an int, got '1'"),
+    (op_of(OFF, G, None, H, 0, TPB), r"op 1: src_slot must be an int, got None"),
+    # Three fields: "not enough values to unpack (expected 6, got 3)".
+    ((OFF, G, 1), r"op 1 must be a TransferOp, got \(<OpKind"),
+])
+def test_an_op_that_is_no_copy_is_refused_copying_nothing(op: object, shown: str) -> None:
+    """A plan built by hand with a slot, tier or token count that is none is refused with
+    ValueError naming the op and its field, and no block of either tier changes (not even
+    the good op before it)."""
+    e = engine()
+    plan = TransferPlan([TransferOp(OFF, G, 3, H, 3, TPB), op])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=shown):
+        e.submit(plan)
+    assert contents(e) == UNTOUCHED
+
+
+def test_an_op_of_plain_ints_and_tuples_still_copies() -> None:
+    """Tiers given as the ints 0 and 1, and an op given as a plain 6-tuple, are what they
+    say (their slots copied), as before."""
+    e = engine()
+    e.submit(TransferPlan([op_of(OFF, 0, 1, 1, 0, TPB),
+                           (OFF, G, 2, H, 3, TPB)]))  # type: ignore[list-item]
+    assert contents(e) == [0.0, 1.0, 2.0, 3.0, 1.0, 101.0, 102.0, 2.0]
+
+
+def test_a_failed_batch_of_int_tiers_is_a_transfer_error_naming_its_direction() -> None:
+    """A copy that fails in a batch whose tiers came as plain ints is a TransferError
+    naming its direction (the message read ``.name`` off the int: AttributeError)."""
+    from kvtier.transfer.engine import TransferError
+
+    e = engine()
+
+    def fail(batch: object) -> None:
+        raise RuntimeError("copy engine down")
+
+    e.before_batch = fail
+    with pytest.raises(TransferError, match=r"1 of 1 copies not done: a GPU->HOST batch"):
+        e.submit(TransferPlan([op_of(OFF, 0, 1, 1, 0, TPB)]))
+
+
+@pytest.mark.parametrize(("tier", "field"), [(2, "src_tier"), (-1, "src_tier")])
+def test_the_gpu_paths_array_check_refuses_a_tier_that_is_none(tier: int, field: str) -> None:
+    """``check_arrays`` (the fused, batched and staging paths' check) passed an op of tier
+    2 or -1: on neither tier's test, it was copied as the kernels read the number (a slot
+    key ``2 * slot + tier`` of another tier's block). Now ValueError naming the op."""
+    plan = TransferPlan([TransferOp(OFF, G, 0, H, 0, TPB),
+                         op_of(OFF, tier, 1, H, 1, TPB)])
+    with pytest.raises(ValueError, match=rf"op 1: {field} must be a Tier, got {tier}"):
+        check_arrays(arrays_of(plan), plan, {G: 4, H: 4}, TPB)
+
+
+@pytest.mark.parametrize("kind", ["block_major", "layer_major"])
+@pytest.mark.parametrize("index", [-1, 2, True, 1.0])
+def test_a_layer_that_is_none_is_refused(kind: str, index: object) -> None:
+    """``storage.layer(-1)`` was the last layer and (block-major) ``layer(True)`` a view
+    with one more axis that ``write`` broadcast into; past the last layer, torch's
+    IndexError. Now ValueError naming the index, as ``block`` does for a slot."""
+    storage = KVStorage(KVLayout(2, 1, 4, TPB, "float32", kind), 3)
+    storage.fill_(0.0)
+    k = torch.ones(1, 1, 4)
+    with pytest.raises(ValueError, match=r"layer must be an int in 0\.\.1, got"):
+        storage.write(index, torch.tensor([0]), torch.tensor([0]), k, k)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"layer must be an int in 0\.\.1, got"):
+        storage.layer(index)  # type: ignore[arg-type]
+    assert all(not bool(t.any()) for t in storage.tensors)
