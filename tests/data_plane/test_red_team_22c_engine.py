@@ -1,6 +1,6 @@
 """Red team 22c, the data plane on the CPU: hand-built plans whose ops hold what is no
 slot, tier or token count, the GPU paths' array check of tiers, and a storage's layer
-index."""
+index; the model's token ids and block tables."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ pytest.importorskip("torch", reason="the data-plane tests need torch: pip instal
 
 import torch
 
+from kvtier.model.config import ModelConfig
+from kvtier.model.llama import LlamaModel
 from kvtier.storage import KVLayout, KVStorage
 from kvtier.tier import Tier
 from kvtier.transfer.fused import arrays_of, check_arrays
@@ -126,3 +128,49 @@ def test_a_layer_that_is_none_is_refused(kind: str, index: object) -> None:
     with pytest.raises(ValueError, match=r"layer must be an int in 0\.\.1, got"):
         storage.layer(index)  # type: ignore[arg-type]
     assert all(not bool(t.any()) for t in storage.tensors)
+
+
+def tiny_model() -> tuple[LlamaModel, KVStorage]:
+    """The seeded tiny model and a zeroed pool of 4 blocks of its layout."""
+    model = LlamaModel(ModelConfig(), "cpu")
+    c = model.config
+    kv = KVStorage(KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, TPB), 4)
+    kv.fill_(0.0)
+    return model, kv
+
+
+@pytest.mark.parametrize(("tokens", "shown"), [
+    ([-1, 2], r"tokens\[0\] is -1, not an int in 0\.\.255"),  # was the last token's row
+    ([1.7, 2], r"tokens\[0\] is 1\.7, not an int in 0\.\.255"),  # was token 1
+    ([True, 2], r"tokens\[0\] is True, not an int in 0\.\.255"),
+    ([3, 256], r"tokens\[1\] is 256, not an int in 0\.\.255"),  # an IndexError (CUDA: assert)
+])
+def test_a_token_that_is_no_id_of_the_vocabulary_is_refused(tokens: list[object],
+                                                            shown: str) -> None:
+    """``full_recompute`` and ``forward_chunk`` embedded token -1 as the vocabulary's last
+    and 1.7 as 1, silently; now ValueError naming the token, and the pool is untouched."""
+    model, kv = tiny_model()
+    with pytest.raises(ValueError, match=shown):
+        model.full_recompute(tokens)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=shown):
+        model.forward_chunk(kv, [0], tokens, 0)  # type: ignore[arg-type]
+    assert not any(bool(t.any()) for t in kv.tensors)
+
+
+@pytest.mark.parametrize(("table", "shown"), [
+    ([-4, 1], r"block_table\[0\] is -4, not an int in 0\.\.3"),  # block 0 written, then IndexError
+    ([0, 9], r"block_table\[1\] is 9, not an int in 0\.\.3"),
+    ([0.5, 1], r"block_table\[0\] is 0\.5, not an int in 0\.\.3"),  # was block 0, silently
+])
+def test_a_block_table_naming_no_block_of_the_pool_is_refused(table: list[object],
+                                                              shown: str) -> None:
+    """``forward_chunk`` with a block id of -4 wrote the chunk's K/V into block 0 before
+    the gather raised IndexError, and took 0.5 as block 0; now ValueError naming the entry
+    before anything is written. Entries past the chunk's end are not read, nor checked."""
+    model, kv = tiny_model()
+    with pytest.raises(ValueError, match=shown):
+        model.forward_chunk(kv, table, [5, 6, 7, 8, 9], 0)  # type: ignore[arg-type]
+    assert not any(bool(t.any()) for t in kv.tensors)
+    with pytest.raises(ValueError, match=r"start_pos must be an int, got 1\.0"):
+        model.forward_chunk(kv, [0, 1], [5], 1.0)  # type: ignore[arg-type]
+    assert model.forward_chunk(kv, [2, 9], [5, 6], 0).shape == (2, 256)
