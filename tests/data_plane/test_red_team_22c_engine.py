@@ -174,3 +174,39 @@ def test_a_block_table_naming_no_block_of_the_pool_is_refused(table: list[object
     with pytest.raises(ValueError, match=r"start_pos must be an int, got 1\.0"):
         model.forward_chunk(kv, [0, 1], [5], 1.0)  # type: ignore[arg-type]
     assert model.forward_chunk(kv, [2, 9], [5, 6], 0).shape == (2, 256)
+
+
+@pytest.mark.parametrize("call", ["poll", "synchronize"])
+def test_an_engine_refuses_what_is_no_handle_of_its_own(call: str) -> None:
+    """``poll('x')`` and ``synchronize('x')`` raised AttributeError ('event') from inside
+    (``wait`` checked already): now TypeError naming what came."""
+    with pytest.raises(TypeError, match=r"handle must be a TransferHandle, got str"):
+        getattr(engine(), call)("x")
+
+
+@pytest.mark.parametrize("call", ["wait", "poll", "synchronize"])
+def test_a_sharded_engine_refuses_a_handle_of_other_ranks(call: str) -> None:
+    """A ShardedTransferEngine's ``wait``, ``poll`` and ``synchronize`` given a rank's own
+    TransferHandle raised AttributeError ('handles'), and a handle of an engine of one rank
+    zip's ValueError ('argument 2 is shorter than argument 1'): now TypeError and
+    ValueError naming them."""
+    from kvtier.transfer.tp_engine import ShardedTransferEngine
+
+    layout = KVLayout(1, 2, 4, TPB, "float32", "block_major")
+    engines = [TorchTransferEngine(KVStorage(layout.shard(r, 2), 2),
+                                   KVStorage(layout.shard(r, 2), 2)) for r in range(2)]
+    sharded = ShardedTransferEngine(engines)
+    one = ShardedTransferEngine([TorchTransferEngine(KVStorage(layout, 2), KVStorage(layout, 2))])
+    try:
+        plan = TransferPlan([TransferOp(OFF, G, 0, H, 1, TPB)])
+        handle = one.submit(plan)
+        with pytest.raises(ValueError, match=r"handle holds 1 ranks' handles, this engine 2 "
+                                             r"ranks"):
+            getattr(sharded, call)(handle)
+        with pytest.raises(TypeError, match=r"handle must be a ShardedHandle, got "
+                                            r"TransferHandle"):
+            getattr(sharded, call)(handle.handles[0])
+        assert sharded.poll(sharded.submit(plan))
+    finally:
+        sharded.close()
+        one.close()

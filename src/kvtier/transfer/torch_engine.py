@@ -478,8 +478,7 @@ class TorchTransferEngine:
         of ``layer`` (CPU: no-op). TypeError for what is no TransferHandle of this engine's;
         ValueError for a layer that is none of the storage's (-1 waited for the last layer's
         copies only, a layer past the last raised IndexError, on CUDA)."""
-        if not isinstance(handle, TransferHandle):
-            raise TypeError(f"handle must be a TransferHandle, got {type(handle).__name__}")
+        _check_handle(handle)
         if layer is not None and (type(layer) is not int
                                   or not 0 <= layer < self._num_layers):
             raise ValueError(f"layer must be None or an int in 0..{self._num_layers - 1}, "
@@ -493,11 +492,15 @@ class TorchTransferEngine:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def poll(self, handle: TransferHandle) -> bool:
-        """Whether every copy of ``handle`` is done. Pure."""
+        """Whether every copy of ``handle`` is done. Pure. TypeError for what is no
+        TransferHandle."""
+        _check_handle(handle)
         return handle.event is None or bool(handle.event.query())  # type: ignore[no-untyped-call]
 
     def synchronize(self, handle: TransferHandle) -> None:
-        """Block the CPU until ``handle``'s copies are done (before reading host blocks)."""
+        """Block the CPU until ``handle``'s copies are done (before reading host blocks).
+        TypeError for what is no TransferHandle."""
+        _check_handle(handle)
         if handle.event is not None:
             handle.event.synchronize()
 
@@ -542,6 +545,15 @@ class TorchTransferEngine:
         for flags, field in ((1, "bytes_h2d"), (2, "bytes_d2h"), (0, "bytes_d2d")):
             nbytes = int(tokens[flags]) * self._bytes_per_token
             setattr(stats, field, getattr(stats, field) + nbytes)
+
+
+def _check_handle(handle: object) -> None:
+    """TypeError unless ``handle`` is a TransferHandle. Pure.
+
+    NOTE: ``poll`` and ``synchronize`` read ``handle.event`` of anything: a str was an
+    AttributeError from inside, as ``wait``'s was before it checked."""
+    if not isinstance(handle, TransferHandle):
+        raise TypeError(f"handle must be a TransferHandle, got {type(handle).__name__}")
 
 
 def _record(stream: Any, level_events: list[Any], queued: list[Any]) -> Any:
