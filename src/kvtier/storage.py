@@ -203,7 +203,13 @@ class KVStorage:
     def gather(self, layer: int, block_ids: torch.Tensor,
                num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [num_tokens, kv_heads, head_dim] of the first ``num_tokens`` tokens held
-        by ``block_ids`` (a block table), in order. Pure."""
+        by ``block_ids`` (a block table), in order. Pure. ValueError for a ``num_tokens``
+        that is no int in ``0..len(block_ids) * tokens_per_block`` (-3 gave all but the
+        last 3 tokens, 20 of 8 the 8, without a word)."""
+        held = block_ids.numel() * self.layout.tokens_per_block
+        if type(num_tokens) is not int or not 0 <= num_tokens <= held:
+            raise ValueError(f"num_tokens must be an int in 0..{held} (the tokens of "
+                             f"{block_ids.numel()} blocks), got {shown(num_tokens)}")
         blocks = self.layer(layer).index_select(0, block_ids)  # [b, 2, tpb, H, D]
         tail = blocks.shape[3:]
         k = blocks[:, 0].reshape(-1, *tail)[:num_tokens]

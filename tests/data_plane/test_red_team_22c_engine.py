@@ -210,3 +210,19 @@ def test_a_sharded_engine_refuses_a_handle_of_other_ranks(call: str) -> None:
     finally:
         sharded.close()
         one.close()
+
+
+@pytest.mark.parametrize("num_tokens", [-3, 9, 2.5, True])
+def test_a_gather_of_more_or_fewer_tokens_than_its_blocks_hold_is_refused(
+        num_tokens: object) -> None:
+    """``storage.gather(layer, two blocks, -3)`` gave all but the last 3 tokens and 9
+    the 8 the blocks hold, without a word (2.5: slicing's TypeError); now ValueError naming
+    the count and what the blocks hold. The 8 they hold still come."""
+    storage = KVStorage(KVLayout(1, 1, 4, TPB), 3)
+    storage.fill_(1.0)
+    blocks = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"num_tokens must be an int in 0\.\.8 \(the tokens "
+                                         r"of 2 blocks\), got"):
+        storage.gather(0, blocks, num_tokens)  # type: ignore[arg-type]
+    k, v = storage.gather(0, blocks, 8)
+    assert k.shape == v.shape == (8, 1, 4)
