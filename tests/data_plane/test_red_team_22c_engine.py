@@ -226,3 +226,24 @@ def test_a_gather_of_more_or_fewer_tokens_than_its_blocks_hold_is_refused(
         storage.gather(0, blocks, num_tokens)  # type: ignore[arg-type]
     k, v = storage.gather(0, blocks, 8)
     assert k.shape == v.shape == (8, 1, 4)
+
+
+@pytest.mark.parametrize(("tiers", "shown"), [
+    ((2, 0), r"op 1: src_tier must be a Tier, got 2"),  # flags 2: an offload's
+    ((-1, 1), r"op 1: src_tier must be a Tier, got -1"),  # flags 1: an onboard's
+    ((3, -1), r"op 1: src_tier must be a Tier, got 3"),  # flags 1 too
+])
+def test_the_staging_paths_short_check_refuses_tiers_that_are_none(
+        tiers: tuple[int, int], shown: str) -> None:
+    """The staging path (``dma_gather``) took a plan of whole offloads and onboards, told
+    by their flags ``src_tier + 2 * dst_tier``, with a check of their slots only: an op of
+    tiers (2, 0) has an offload's flags, (-1, 1) an onboard's, and each was staged and
+    copied as one. Now the tiers decide what is staged, and the op is refused by name."""
+    from data_plane.test_dma_gather import NUM_BLOCKS, make_copier
+
+    _, copier = make_copier("block_major", capacity=4)
+    src_tier, dst_tier = tiers
+    plan = TransferPlan([TransferOp(OFF, G, 0, H, 0, TPB),
+                         op_of(OFF, src_tier, 1, dst_tier, 3, TPB)])
+    with pytest.raises(ValueError, match=shown):
+        copier.prepare(plan, NUM_BLOCKS)
