@@ -247,3 +247,32 @@ def test_the_staging_paths_short_check_refuses_tiers_that_are_none(
                          op_of(OFF, src_tier, 1, dst_tier, 3, TPB)])
     with pytest.raises(ValueError, match=shown):
         copier.prepare(plan, NUM_BLOCKS)
+
+
+def test_a_plan_the_engine_refused_is_not_recorded_as_run() -> None:
+    """A manager's plan refused for a slot outside the engine's pools (nothing copied) was
+    recorded as run all the same: submitted again it was refused as "submitted to this
+    engine already", and its manager's older plan, never submitted, as older than it. Now
+    the refusal records nothing: the same refusal again, and the older plan runs."""
+    from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+
+    layout = KVLayout(2, 2, 8, TPB, "float32", "block_major")
+    e = TorchTransferEngine(KVStorage(layout, 4), KVStorage(layout, 4))
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=4,
+                                     num_host_blocks=8, eviction_policy="lru",
+                                     offload_min_priority=0))
+    plans = []
+    for rid, start in (("x", 0), ("y", 1000), ("z", 2000)):
+        mgr.add_sequence(SequenceSpec(rid, list(range(start, start + 13))))
+        mgr.remove_sequence(rid)
+        if rid != "x":
+            plans.append(mgr.take_plan())
+    older, newer = plans
+    assert [op.dst_slot for op in older.ops] == [0, 1, 2]
+    assert [op.dst_slot for op in newer.ops] == [3, 4, 5]  # 4 and 5: past the engine's 4
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"op 1 .*slot 4 outside the 4 HOST blocks"):
+            e.submit(newer)
+    e.submit(older)
+    with pytest.raises(ValueError, match=r"submitted to this engine already"):
+        e.submit(older)

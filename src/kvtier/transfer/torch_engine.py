@@ -334,7 +334,18 @@ class TorchTransferEngine:
             raise TypeError(f"plan must be a TransferPlan, got {type(plan).__name__}")
         if not len(plan):
             return TransferHandle(plan)
-        self._submit_once(plan)
+        last = self._submit_once(plan)
+        try:
+            return self._submit_on_path(plan)
+        except ValueError:
+            # NOTE: refused, nothing copied (every path checks the plan before its first
+            # copy): the plan did not run here. Recorded as run, it was refused again as
+            # "submitted already", and an older plan of its manager as older than it.
+            self._unsubmit(plan, last)
+            raise
+
+    def _submit_on_path(self, plan: TransferPlan) -> TransferHandle:
+        """``submit`` of a non-empty plan on the path it takes."""
         if self._dma is not None and self.dma_batched:
             return self._submit_batched(plan, *self._dma)
         if self._gather is not None:
@@ -348,20 +359,21 @@ class TorchTransferEngine:
             return self._submit_fused(plan, self._fused)
         return self._waves.submit(plan, self.layerwise, self.before_batch)
 
-    def _submit_once(self, plan: TransferPlan) -> None:
+    def _submit_once(self, plan: TransferPlan) -> int | None:
         """ValueError, copying nothing, for a plan a manager handed out (``issuer``) that
         was submitted here already, or is older than one that was: its copies ran (or
         failed: then ``transfer_failed`` is the way on), and run again a swap's offload
         would read what its onboard wrote since, corrupting the host block. A plan built by
-        hand carries no issuer and may run as often as its caller likes (benchmarks)."""
+        hand carries no issuer and may run as often as its caller likes (benchmarks).
+        Returns the number recorded before (``None``: none), for ``_unsubmit``."""
         issuer = plan.issuer
         if issuer is None:
-            return
+            return None
         key, number = issuer
         try:
             last = self._submitted.get(key)
         except TypeError:  # no weak reference takes it (an older manager's pickle's key)
-            return
+            return None
         if last is not None and number <= last:
             raise ValueError(
                 f"plan {number} of its manager was submitted to this engine already"
@@ -369,6 +381,21 @@ class TorchTransferEngine:
                 f"copies run once; after a TransferError report its failed ops with "
                 f"transfer_failed and go on with the next step's plan")
         self._submitted[key] = number
+        return last
+
+    def _unsubmit(self, plan: TransferPlan, last: int | None) -> None:
+        """Undo ``_submit_once(plan)`` (which returned ``last``): the plan was refused."""
+        issuer = plan.issuer
+        if issuer is None:
+            return
+        key = issuer[0]
+        try:
+            if last is None:
+                self._submitted.pop(key, None)
+            else:
+                self._submitted[key] = last
+        except TypeError:  # not recorded: no weak reference takes it
+            pass
 
     def _launches(self) -> list[int | None]:
         return list(range(self._num_layers)) if self.layerwise else [None]
