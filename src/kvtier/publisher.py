@@ -393,8 +393,10 @@ class RedisStreamPublisher:
     """Publishes each batch as one entry of the stream ``stream`` (``XADD MAXLEN ~ maxlen``).
 
     Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`. Snapshots go to the key
-    ``<stream>:snapshot:<instance>``; subscribers that missed events add the instance id to
-    the stream ``<stream>:resync``, which :meth:`resync_requests` reads.
+    ``<stream>:snapshot:<instance>``; a batch starting at seq 0 (a new incarnation of the
+    instance) deletes it, so that no subscriber resyncs from the blocks of before a restart.
+    Subscribers that missed events add the instance id to the stream ``<stream>:resync``,
+    which :meth:`resync_requests` reads.
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000) -> None:
@@ -416,10 +418,27 @@ class RedisStreamPublisher:
         sent) for a batch that is not a str id and a sequence of events, ValueError for an
         event the wire format cannot carry (``check_batch``)."""
         check_batch(instance_id, events)
-        if events and _attempt(self._redis.xadd, self.stream,
-                               {"i": instance_id, "e": encode_events(events)},
-                               maxlen=self.maxlen, approximate=True) is None:
+        if not events:
+            return
+        fields = {"i": instance_id, "e": encode_events(events)}
+        if events[0].seq == 0:
+            # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
+            # snapshot its earlier one left under the key goes with the same transaction.
+            # A subscriber that saw the restart, then a gap, read that snapshot, which
+            # covered every seq of the new stream it had read: it was applied (the blocks
+            # of before the restart routed to) and the new events it claimed were skipped.
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.delete(self._snapshot_key(instance_id))
+            pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+            sent = _attempt(pipe.execute)
+        else:
+            sent = _attempt(self._redis.xadd, self.stream, fields, maxlen=self.maxlen,
+                            approximate=True)
+        if sent is None:
             self.num_failed_batches += 1
+
+    def _snapshot_key(self, instance_id: str) -> str:
+        return f"{self.stream}:snapshot:{instance_id}"
 
     def publish_snapshot(self, snapshot: Snapshot) -> None:
         """Store ``snapshot``; publish every event before ``next_seq`` first. A snapshot
@@ -427,7 +446,7 @@ class RedisStreamPublisher:
         again."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"snapshot must be a Snapshot, got {short_repr(snapshot)}")
-        key = f"{self.stream}:snapshot:{snapshot.instance_id}"
+        key = self._snapshot_key(snapshot.instance_id)
         if _attempt(self._redis.set, key, encode_snapshot(snapshot)) is None:
             self.num_failed_batches += 1
 

@@ -174,7 +174,15 @@ class KVStorage:
         return self.num_blocks * self.layout.bytes_per_block
 
     def layer(self, index: int) -> torch.Tensor:
-        """View [num_blocks, 2, tokens_per_block, kv_heads, head_dim] of one layer."""
+        """View [num_blocks, 2, tokens_per_block, kv_heads, head_dim] of one layer;
+        ValueError for an ``index`` that is no layer.
+
+        NOTE: as ``block``'s slot: -1 was the last layer, and True (block-major) a view with
+        one more axis, which ``write`` broadcast K and V into: another layer's KV, silently;
+        past the last layer, IndexError or TypeError in torch's or a list's words."""
+        if type(index) is not int or not 0 <= index < self.layout.num_layers:
+            raise ValueError(f"layer must be an int in 0..{self.layout.num_layers - 1}, got "
+                             f"{shown(index)}")
         if self.layout.layout == "block_major":
             return self.tensors[0][:, index]
         return self.tensors[index]
@@ -195,7 +203,13 @@ class KVStorage:
     def gather(self, layer: int, block_ids: torch.Tensor,
                num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [num_tokens, kv_heads, head_dim] of the first ``num_tokens`` tokens held
-        by ``block_ids`` (a block table), in order. Pure."""
+        by ``block_ids`` (a block table), in order. Pure. ValueError for a ``num_tokens``
+        that is no int in ``0..len(block_ids) * tokens_per_block`` (-3 gave all but the
+        last 3 tokens, 20 of 8 the 8, without a word)."""
+        held = block_ids.numel() * self.layout.tokens_per_block
+        if type(num_tokens) is not int or not 0 <= num_tokens <= held:
+            raise ValueError(f"num_tokens must be an int in 0..{held} (the tokens of "
+                             f"{block_ids.numel()} blocks), got {shown(num_tokens)}")
         blocks = self.layer(layer).index_select(0, block_ids)  # [b, 2, tpb, H, D]
         tail = blocks.shape[3:]
         k = blocks[:, 0].reshape(-1, *tail)[:num_tokens]

@@ -208,14 +208,17 @@ def test_cached_runs_equal_full_recompute_cuda(sc: Scenario, dtype: str) -> None
                                FP32_ATOL if dtype == "float32" else BF16_ATOL)
 
 
-@pytest.mark.parametrize("names", ["ops", "nothing", "plain"])
+@pytest.mark.parametrize("names", ["ops", "nothing", "plain", "other ops", "bad indices"])
 def test_a_transfer_error_without_indices_degrades_to_recompute(names: str) -> None:
     """An engine of another project may raise a TransferError naming only its failed ops,
     or nothing, or a plain RuntimeError (a CUDA error). The first two plans with an onboard
     fail whole that way: before, the engine read only ``failed_indices``, empty, so nothing
     was aborted and the step read unfilled (NaN) slots, and a plain RuntimeError left the
     scheduler between step and update, refusing every later step; now they are recomputed
-    and every answer equals a full recompute."""
+    and every answer equals a full recompute. So too (red team 22c) where the error names
+    ops the plan does not hold (``failed_in`` matched none: the plan counted as done, and
+    the step read the NaN) or indices past the plan (``transfer_failed`` refused them and
+    the step raised to the caller)."""
     sc = next(sc for sc in SCENARIOS if sc.name == "host_tier")
     engine = make_engine(sc, "cpu")
     submit = engine.transfer.submit
@@ -226,6 +229,11 @@ def test_a_transfer_error_without_indices_degrades_to_recompute(names: str) -> N
             failures[0] += 1
             if names == "plain":
                 raise RuntimeError("CUDA error: unspecified launch failure")
+            if names == "other ops":
+                raise TransferError("injected", [op._replace(num_tokens=op.num_tokens + 100)
+                                                 for op in plan.ops])
+            if names == "bad indices":
+                raise TransferError("injected", (), [len(plan) + 5])
             raise TransferError("injected", plan.ops if names == "ops" else ())
         return submit(plan)
 

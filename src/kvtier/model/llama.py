@@ -190,11 +190,14 @@ class LlamaModel:
         the chunk's own K/V there. ``before_layer(i)`` runs just before layer ``i`` touches
         the pool (to wait for that layer's copies)."""
         tpb = kv.layout.tokens_per_block
+        if type(start_pos) is not int:
+            raise ValueError(f"start_pos must be an int, got {shown(start_pos)}")
         end = start_pos + len(tokens)
         self.config.check_context(end)
         if start_pos < 0 or not tokens or end > len(block_table) * tpb:
             raise ValueError(f"tokens [{start_pos}, {end}) do not fit a block table of "
                              f"{len(block_table)} blocks of {tpb} tokens")
+        check_ids(block_table[:cdiv(end, tpb)], kv.num_blocks, "block_table")
         positions = torch.arange(start_pos, end, device=self.device)
         table = torch.tensor(block_table, dtype=torch.long, device=self.device)
         blocks, offsets = table[positions // tpb], positions % tpb
@@ -222,7 +225,9 @@ class LlamaModel:
                  kv_of: KVFn) -> torch.Tensor:
         c = self.config
         n = len(tokens)
-        x = self.embed[torch.tensor(list(tokens), dtype=torch.long, device=self.device)]
+        ids = list(tokens)
+        check_ids(ids, c.vocab_size, "tokens")
+        x = self.embed[torch.tensor(ids, dtype=torch.long, device=self.device)]
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
         lin = _linear
@@ -269,6 +274,24 @@ class LlamaModel:
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],
                                              attn_mask=mask)
         return out[0].transpose(0, 1).reshape(n, num_heads * head_dim)
+
+
+_INT = frozenset((int,))
+
+
+def check_ids(ids: Sequence[int], num: int, what: str) -> None:
+    """ValueError naming the first of ``ids`` that is no int in ``0..num - 1`` (a token of
+    the vocabulary, a block of the pool) before any of them indexes a tensor. Pure.
+
+    NOTE: torch's indexing took -1 as the last row (the last token's embedding, the pool's
+    last block: a negative block id was written before the gather refused it), truncated
+    1.7 to 1, and on CUDA an id past the end is a device-side assert that ends the
+    process's CUDA context."""
+    if not ids or (_INT.issuperset(map(type, ids)) and min(ids) >= 0 and max(ids) < num):
+        return
+    for i, x in enumerate(ids):
+        if type(x) is not int or not 0 <= x < num:
+            raise ValueError(f"{what}[{i}] is {shown(x)}, not an int in 0..{num - 1}")
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -27,6 +27,9 @@ from kvtier.reprs import shown
 from kvtier.tier import Tier
 from kvtier.transfer.plan import TransferOp
 
+_INT = frozenset((int,))
+_TIER_VALUES = frozenset(int(t) for t in Tier)
+
 
 class CopyGroup(NamedTuple):
     """Ops of one batch that copy the same number of tokens: ``src_slots[i]`` to
@@ -130,14 +133,19 @@ def merge_runs(src_slots: Sequence[int], dst_slots: Sequence[int],
 
 def check_batches(batches: Sequence[TransferBatch], ops: Sequence[TransferOp],
                   num_blocks: dict[Tier, int | None], tokens_per_block: int) -> None:
-    """Raise ValueError naming an op whose slot is outside its tier (``num_blocks[tier]``,
-    ``None`` for a tier without storage), whose token count is not in 1..tokens_per_block,
-    or that copies a slot onto itself. Checks whole slot lists at C speed and looks for
-    the op only on failure. Pure."""
+    """Raise ValueError naming an op that ``check_op`` refuses (a slot outside its tier,
+    a token count not in 1..tokens_per_block, a slot copied onto itself, a field that is
+    no int). Checks whole slot lists at C speed and looks for the op only on failure.
+    Pure."""
     for batch in batches:
         num_src, num_dst = num_blocks.get(batch.src_tier), num_blocks.get(batch.dst_tier)
         for group in batch.groups:
-            if (num_src is None or num_dst is None
+            # NOTE: the types first: a slot of 1.5 passed the range test and the index
+            # tensor truncated it (block 1 copied, silently), and a num_tokens of 2.5 or
+            # True failed in torch as a copy that failed (a TransferError, not a refusal).
+            if (num_src is None or num_dst is None or type(group.num_tokens) is not int
+                    or not _INT.issuperset(map(type, group.src_slots))
+                    or not _INT.issuperset(map(type, group.dst_slots))
                     or not 1 <= group.num_tokens <= tokens_per_block
                     or min(group.src_slots) < 0 or max(group.src_slots) >= num_src
                     or min(group.dst_slots) < 0 or max(group.dst_slots) >= num_dst
@@ -147,17 +155,43 @@ def check_batches(batches: Sequence[TransferBatch], ops: Sequence[TransferOp],
                     check_op(i, ops[i], num_blocks, tokens_per_block)
 
 
-def check_op(i: int, op: TransferOp, num_blocks: dict[Tier, int | None],
+def check_ops(ops: Sequence[object], num_blocks: dict[Tier, int | None],
+              tokens_per_block: int) -> None:
+    """``check_op`` of every op of ``ops``, in order. Pure."""
+    for i, op in enumerate(ops):
+        check_op(i, op, num_blocks, tokens_per_block)
+
+
+def check_op(i: int, op: object, num_blocks: dict[Tier, int | None],
              tokens_per_block: int) -> None:
-    """Raise ValueError naming op ``i`` if it is invalid (see ``check_batches``). Pure."""
-    for tier, slot in ((op.src_tier, op.src_slot), (op.dst_tier, op.dst_slot)):
+    """Raise ValueError naming op ``i`` if it is invalid: no ``TransferOp`` (a tuple of
+    six fields), a tier that is no ``Tier``, a slot or token count that is no int (bools
+    refused), a slot outside its tier (``num_blocks[tier]``, ``None`` for a tier without
+    storage), a token count not in 1..tokens_per_block, or a slot copied onto itself.
+    Pure.
+
+    NOTE: a tier of 2 raised AttributeError here (an int has no ``.name``), and passed the
+    GPU paths' array check (``fused.check_arrays``) to be copied as another tier's slot."""
+    if not (isinstance(op, tuple) and len(op) == len(TransferOp._fields)):
+        raise ValueError(f"op {i} must be a TransferOp, got {shown(op):.80}")
+    _, src_tier, src_slot, dst_tier, dst_slot, num_tokens = op
+    tiers = []
+    for field, tier in (("src_tier", src_tier), ("dst_tier", dst_tier)):
+        if type(tier) not in (Tier, int) or tier not in _TIER_VALUES:
+            raise ValueError(f"op {i}: {field} must be a Tier, got {shown(tier):.40}")
+        tiers.append(Tier(tier))
+    for field, slot in (("src_slot", src_slot), ("dst_slot", dst_slot),
+                        ("num_tokens", num_tokens)):
+        if type(slot) is not int:
+            raise ValueError(f"op {i}: {field} must be an int, got {shown(slot):.40}")
+    for tier, slot in ((tiers[0], src_slot), (tiers[1], dst_slot)):
         num = num_blocks.get(tier)
         if num is None:
             raise ValueError(f"op {i} {op} uses the {tier.name} tier, which has no storage")
         if not 0 <= slot < num:
             raise ValueError(f"op {i} {op}: slot {shown(slot)} outside the {num} {tier.name} "
                              f"blocks")
-    if not 1 <= op.num_tokens <= tokens_per_block:
+    if not 1 <= num_tokens <= tokens_per_block:
         raise ValueError(f"op {i} {op}: num_tokens must be in 1..{tokens_per_block}")
-    if (op.src_tier, op.src_slot) == (op.dst_tier, op.dst_slot):
+    if (tiers[0], src_slot) == (tiers[1], dst_slot):
         raise ValueError(f"op {i} {op} copies a slot onto itself")

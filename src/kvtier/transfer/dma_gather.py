@@ -239,8 +239,12 @@ def staged_columns(arrays: PlanArrays, tokens_per_block: int) -> StagedColumns:
     """``arrays`` read for the staging path (one pass each: ``auto``'s count of runs and
     the planning share them). Pure."""
     flags = arrays.src_tier + 2 * arrays.dst_tier
-    to_host = flags == D2H
-    staged = (arrays.num_tokens == tokens_per_block) & (to_host | (flags == H2D))
+    # NOTE: from both tiers, not from the flags: an op of tiers (2, 0), (-1, 1) or (3, -1)
+    # has the flags of an offload or an onboard, and a staged plan's short check reads
+    # only its slots, so it was staged as one, never refused.
+    to_host = (arrays.src_tier == Tier.GPU) & (arrays.dst_tier == Tier.HOST)
+    onboard = (arrays.src_tier == Tier.HOST) & (arrays.dst_tier == Tier.GPU)
+    staged = (arrays.num_tokens == tokens_per_block) & (to_host | onboard)
     host = np.where(to_host, arrays.dst_slot, arrays.src_slot)
     gpu = np.where(to_host, arrays.src_slot, arrays.dst_slot)
     return StagedColumns(arrays, flags, to_host, staged, bool(staged.all()), host, gpu)

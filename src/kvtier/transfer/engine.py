@@ -30,15 +30,33 @@ class TransferError(RuntimeError):
     def failed_in(self, plan: TransferPlan) -> list[int]:
         """The positions in ``plan`` of the ops not done: ``failed_indices`` where given;
         else the positions of the ops equal to one of ``failed_ops``; else, where the error
-        names nothing, every op. Pure. NOTE: an engine of another project may name only
-        the ops, or nothing: taken as nothing failed, the manager would serve blocks the
-        failed copies never filled; an op failed more than it did only costs a recompute."""
+        names nothing, or names what is no op of ``plan`` (an index out of its range or no
+        int, an op it does not hold), every op. Pure. NOTE: an engine of another project
+        may name only the ops, or nothing: taken as nothing failed, the manager would serve
+        blocks the failed copies never filled; an op failed more than it did only costs a
+        recompute."""
+        everything = list(range(len(plan)))
         if self.failed_indices:
-            return list(self.failed_indices)
+            indices = list(self.failed_indices)
+            # NOTE: an index past the plan (or a float) made transfer_failed raise inside
+            # the model engine's recovery, and the step raised to its caller instead of
+            # recomputing.
+            if all(type(i) is int and 0 <= i < len(plan) for i in indices):
+                return indices
+            return everything
         if not self.failed_ops:
-            return list(range(len(plan)))
-        failed = set(self.failed_ops)
-        return [i for i, op in enumerate(plan.ops) if op in failed]
+            return everything
+        try:
+            failed = set(self.failed_ops)
+        except TypeError:  # an unhashable "op": nothing says which ops it meant
+            return everything
+        positions = [i for i, op in enumerate(plan.ops) if op in failed]
+        # NOTE: an op named that the plan does not hold (another plan's, or a copy of one
+        # with a field changed) matched nothing: with none matched the plan counted as done,
+        # and the manager served blocks its copies never filled.
+        if len({plan.op(i) for i in positions}) < len(failed):
+            return everything
+        return positions
 
 
 class RecordingTransferEngine:

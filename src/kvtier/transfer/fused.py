@@ -112,6 +112,9 @@ def check_arrays(arrays: PlanArrays, ops: Sequence[TransferOp] | TransferPlan,
     bad = (arrays.num_tokens < 1) | (arrays.num_tokens > tokens_per_block)
     bad |= (arrays.src_tier == arrays.dst_tier) & (arrays.src_slot == arrays.dst_slot)
     for tiers, slots in ((arrays.src_tier, arrays.src_slot), (arrays.dst_tier, arrays.dst_slot)):
+        # NOTE: a tier that is none (2, -1) was on neither tier's test below: its op was
+        # copied as the kernels' flags and keys took it, another slot of another tier.
+        bad |= (tiers < 0) | (tiers >= len(Tier))
         for tier in Tier:
             num = num_blocks.get(tier)
             on_tier = tiers == tier

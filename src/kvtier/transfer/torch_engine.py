@@ -337,7 +337,18 @@ class TorchTransferEngine:
             raise TypeError(f"plan must be a TransferPlan, got {type(plan).__name__}")
         if not len(plan):
             return TransferHandle(plan)
-        self._submit_once(plan)
+        last = self._submit_once(plan)
+        try:
+            return self._submit_on_path(plan)
+        except ValueError:
+            # NOTE: refused, nothing copied (every path checks the plan before its first
+            # copy): the plan did not run here. Recorded as run, it was refused again as
+            # "submitted already", and an older plan of its manager as older than it.
+            self._unsubmit(plan, last)
+            raise
+
+    def _submit_on_path(self, plan: TransferPlan) -> TransferHandle:
+        """``submit`` of a non-empty plan on the path it takes."""
         if self._dma is not None and self.dma_batched:
             return self._submit_batched(plan, *self._dma)
         if self._gather is not None:
@@ -351,20 +362,21 @@ class TorchTransferEngine:
             return self._submit_fused(plan, self._fused)
         return self._waves.submit(plan, self.layerwise, self.before_batch)
 
-    def _submit_once(self, plan: TransferPlan) -> None:
+    def _submit_once(self, plan: TransferPlan) -> int | None:
         """ValueError, copying nothing, for a plan a manager handed out (``issuer``) that
         was submitted here already, or is older than one that was: its copies ran (or
         failed: then ``transfer_failed`` is the way on), and run again a swap's offload
         would read what its onboard wrote since, corrupting the host block. A plan built by
-        hand carries no issuer and may run as often as its caller likes (benchmarks)."""
+        hand carries no issuer and may run as often as its caller likes (benchmarks).
+        Returns the number recorded before (``None``: none), for ``_unsubmit``."""
         issuer = plan.issuer
         if issuer is None:
-            return
+            return None
         key, number = issuer
         try:
             last = self._submitted.get(key)
         except TypeError:  # no weak reference takes it (an older manager's pickle's key)
-            return
+            return None
         if last is not None and number <= last:
             raise ValueError(
                 f"plan {number} of its manager was submitted to this engine already"
@@ -372,6 +384,21 @@ class TorchTransferEngine:
                 f"copies run once; after a TransferError report its failed ops with "
                 f"transfer_failed and go on with the next step's plan")
         self._submitted[key] = number
+        return last
+
+    def _unsubmit(self, plan: TransferPlan, last: int | None) -> None:
+        """Undo ``_submit_once(plan)`` (which returned ``last``): the plan was refused."""
+        issuer = plan.issuer
+        if issuer is None:
+            return
+        key = issuer[0]
+        try:
+            if last is None:
+                self._submitted.pop(key, None)
+            else:
+                self._submitted[key] = last
+        except TypeError:  # not recorded: no weak reference takes it
+            pass
 
     def _launches(self) -> list[int | None]:
         return list(range(self._num_layers)) if self.layerwise else [None]
@@ -507,8 +534,7 @@ class TorchTransferEngine:
         of ``layer`` (CPU: no-op). TypeError for what is no TransferHandle of this engine's;
         ValueError for a layer that is none of the storage's (-1 waited for the last layer's
         copies only, a layer past the last raised IndexError, on CUDA)."""
-        if not isinstance(handle, TransferHandle):
-            raise TypeError(f"handle must be a TransferHandle, got {type(handle).__name__}")
+        _check_handle(handle)
         if layer is not None and (type(layer) is not int
                                   or not 0 <= layer < self._num_layers):
             raise ValueError(f"layer must be None or an int in 0..{self._num_layers - 1}, "
@@ -522,11 +548,15 @@ class TorchTransferEngine:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def poll(self, handle: TransferHandle) -> bool:
-        """Whether every copy of ``handle`` is done. Pure."""
+        """Whether every copy of ``handle`` is done. Pure. TypeError for what is no
+        TransferHandle."""
+        _check_handle(handle)
         return handle.event is None or bool(handle.event.query())  # type: ignore[no-untyped-call]
 
     def synchronize(self, handle: TransferHandle) -> None:
-        """Block the CPU until ``handle``'s copies are done (before reading host blocks)."""
+        """Block the CPU until ``handle``'s copies are done (before reading host blocks).
+        TypeError for what is no TransferHandle."""
+        _check_handle(handle)
         if handle.event is not None:
             handle.event.synchronize()
 
@@ -571,6 +601,15 @@ class TorchTransferEngine:
         for flags, field in ((1, "bytes_h2d"), (2, "bytes_d2h"), (0, "bytes_d2d")):
             nbytes = int(tokens[flags]) * self._bytes_per_token
             setattr(stats, field, getattr(stats, field) + nbytes)
+
+
+def _check_handle(handle: object) -> None:
+    """TypeError unless ``handle`` is a TransferHandle. Pure.
+
+    NOTE: ``poll`` and ``synchronize`` read ``handle.event`` of anything: a str was an
+    AttributeError from inside, as ``wait``'s was before it checked."""
+    if not isinstance(handle, TransferHandle):
+        raise TypeError(f"handle must be a TransferHandle, got {type(handle).__name__}")
 
 
 def _record(stream: Any, level_events: list[Any], queued: list[Any]) -> Any:

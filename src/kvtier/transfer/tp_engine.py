@@ -125,17 +125,34 @@ class ShardedTransferEngine:
         return ShardedHandle(plan, [o for o in outcomes if isinstance(o, TransferHandle)])
 
     def wait(self, handle: ShardedHandle, layer: int | None = None) -> None:
-        """Make each rank's device's current stream wait for its copies (of ``layer``)."""
-        for engine, h in zip(self.engines, handle.handles, strict=True):
+        """Make each rank's device's current stream wait for its copies (of ``layer``).
+        TypeError or ValueError, as ``poll``'s, for a handle that is none of this
+        engine's ranks'."""
+        for engine, h in zip(self.engines, self._handles(handle), strict=True):
             engine.wait(h, layer)
 
     def poll(self, handle: ShardedHandle) -> bool:
-        """Whether every rank's copies of ``handle`` are done. Pure."""
-        return all(e.poll(h) for e, h in zip(self.engines, handle.handles, strict=True))
+        """Whether every rank's copies of ``handle`` are done. Pure. TypeError for what is
+        no ShardedHandle, ValueError for one of another number of ranks."""
+        return all(e.poll(h) for e, h in zip(self.engines, self._handles(handle), strict=True))
 
     def synchronize(self, handle: ShardedHandle) -> None:
-        for engine, h in zip(self.engines, handle.handles, strict=True):
+        """Block the CPU until every rank's copies of ``handle`` are done. Errors as
+        ``poll``'s."""
+        for engine, h in zip(self.engines, self._handles(handle), strict=True):
             engine.synchronize(h)
+
+    def _handles(self, handle: object) -> list[TransferHandle]:
+        """``handle``'s per-rank handles, checked. Pure.
+
+        NOTE: a rank's TransferHandle (or a str) was an AttributeError ('handles'), and a
+        handle of an engine of fewer ranks zip's 'argument 2 is shorter than argument 1'."""
+        if not isinstance(handle, ShardedHandle):
+            raise TypeError(f"handle must be a ShardedHandle, got {type(handle).__name__}")
+        if len(handle.handles) != len(self.engines):
+            raise ValueError(f"handle holds {len(handle.handles)} ranks' handles, this engine "
+                             f"{len(self.engines)} ranks")
+        return handle.handles
 
     def synchronize_all(self) -> None:
         for engine in self.engines:

@@ -34,6 +34,7 @@ from kvtier.transfer.batching import (
     Run,
     TransferBatch,
     check_batches,
+    check_ops,
     merge_runs,
     plan_batches,
 )
@@ -79,7 +80,14 @@ class WaveCopier:
         can't be trusted (the failing one and every later one) are dropped, the others
         finish, and TransferError names the ops not done."""
         ops = plan.ops
-        batches = plan_batches(ops)
+        try:
+            batches = plan_batches(ops)
+        except (TypeError, ValueError, AttributeError):
+            # NOTE: an op of the wrong shape, or a tier or slot no arithmetic takes (a str),
+            # failed in the wave planner with Python's words ("can only concatenate str"):
+            # the op is named instead.
+            check_ops(ops, self.num_blocks, self.tokens_per_block)
+            raise
         check_batches(batches, ops, self.num_blocks, self.tokens_per_block)
         num_waves = batches[-1].wave + 1
         self._count(batches, len(ops), num_waves)
@@ -105,7 +113,8 @@ class WaveCopier:
                     except Exception as exc:
                         # Batches are sorted by wave: this one and all later ones are out.
                         failed.update(range(index, len(batches)))
-                        error = error or (f"a {batch.src_tier.name}->{batch.dst_tier.name} "
+                        error = error or (f"a {Tier(batch.src_tier).name}->"
+                                          f"{Tier(batch.dst_tier).name} "
                                           f"batch of {len(batch.positions)} ops in wave "
                                           f"{batch.wave} failed: {exc}", exc)
                         continue

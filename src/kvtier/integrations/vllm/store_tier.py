@@ -322,6 +322,16 @@ class StoreTier:
             if not 0 <= page < self._num_pages:
                 raise ValueError(f"chunk id {page} is outside the {self._num_pages} pages "
                                  f"(chunk_ids[{i}])")
+        if len(set(chunk_ids)) < len(chunk_ids):
+            # NOTE: one page under two keys: a store wrote it under both (one of them another
+            # chunk's bytes, in the store every engine reads), a load wrote both values into
+            # it and reported both loaded (one chunk's page holding the other's KV).
+            first: dict[int, int] = {}
+            for i, page in enumerate(chunk_ids):
+                if page in first:
+                    raise ValueError(f"chunk id {page} is given twice (chunk_ids[{first[page]}] "
+                                     f"and chunk_ids[{i}]): one page holds one chunk")
+                first[page] = i
         hashes = [fold_key(k) for k in keys]
         self._open_jobs.add(job_id)  # NOTE: last: a refused job opens nothing
         return hashes, list(chunk_ids)
