@@ -55,6 +55,7 @@ __all__ = [
 # The one type a sampled token may have (a bool is refused, as ``check_token`` refuses it).
 _INT_TYPE = frozenset({int})
 _request_id = attrgetter("request_id")
+_output = attrgetter("output")
 
 
 class Scheduler:
@@ -67,7 +68,8 @@ class Scheduler:
     ``guaranteed_no_evict``): they must not change until it finishes. Of the manager it
     calls only the public admission, growth and release API, between ``begin_step`` and
     ``end_step``. A request is always in exactly one of ``waiting`` and
-    ``running`` until it finishes; a call that raises leaves both unchanged. A call that
+    ``running`` until it finishes; a call refused leaves both unchanged, and a ``step`` or
+    ``update`` that raises part way is failed whole (its requests recompute, see each). A call that
     changes it made from inside one of its own (the manager's clock or eviction policy
     calling back) is refused (RuntimeError), as the manager refuses such calls.
     """
@@ -140,8 +142,14 @@ class Scheduler:
         # scheduler over the manager) after one of these was dropped left the count as it
         # was, and every later step raised KeyError decoding the dropped one.
         self._num_removed = manager.num_removed_sequences
-        # Running requests ``reset_prefix_cache`` preempted, for the next step to list.
-        self._reset_preempted: list[str] = []
+        # Requests preempted and not yet listed in a step's ``preempted_request_ids`` (by
+        # ``reset_prefix_cache``, or by a step that raised part way), for the next step to
+        # list; during a step, its own preemptions join them.
+        self._unlisted_preempted: list[str] = []
+        # During a step: the requests it has asked the manager to change (to decode, to
+        # prefill or to admit), in order; what a step that raises part way fails.
+        self._step_touched: list[str] = []
+        self._step_started: list[str] = []  # and those it admitted (the engine never ran)
         # Per running request still in its prefill: the spec it was admitted with (what its
         # chunks compute). And during a step's admission, the first block each chunk of the
         # step completes, by ``_block_key`` (see ``candidates``).
@@ -151,6 +159,8 @@ class Scheduler:
         # which calls the manager, and so its clock and eviction policy: a call back into
         # the scheduler from there is refused (``_check_not_in_call``).
         self._in_call: str | None = None
+        # Whether the update in flight has begun to apply its step (``_fail_update``).
+        self._update_started = False
 
     @property
     def phases(self) -> StepPhases | None:
@@ -204,8 +214,8 @@ class Scheduler:
             "a waiting request's spec or queue time is missing or outlived it"
         assert self._held <= set(waiting), f"held but not waiting: {self._held}"
         # Preempted by a reset, for the next step to list: each still waits.
-        assert set(self._reset_preempted) <= set(waiting), \
-            f"listed as preempted but not waiting: {self._reset_preempted}"
+        assert set(self._unlisted_preempted) <= set(waiting), \
+            f"listed as preempted but not waiting: {self._unlisted_preempted}"
         assert set(self._lookups) <= set(waiting) | running, "a lookup kept for one gone"
         assert not self._computing, "a step's same-step waits outlived its admission"
         prefilling = {rid for rid, r in self.running.items()
@@ -372,8 +382,8 @@ class Scheduler:
         self._dequeue(req)
         # NOTE: one a reset preempted is no longer the next step's to list (it listed a
         # request gone, or a new one queued under its id, as preempted).
-        if request_id in self._reset_preempted:
-            self._reset_preempted.remove(request_id)
+        if request_id in self._unlisted_preempted:
+            self._unlisted_preempted.remove(request_id)
         return req
 
     def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
@@ -422,7 +432,7 @@ class Scheduler:
             req.num_preemptions += 1
             req.num_computed_tokens = req.num_prefill_tokens = 0
             self._enqueue(req, spec, first=True)
-        self._reset_preempted += [req.request_id for req in running]
+        self._unlisted_preempted += [req.request_id for req in running]
         self._num_removed = manager.num_removed_sequences
         done = manager.reset_cache()
         assert done, "no request is live, yet the manager refused to reset"
@@ -430,7 +440,9 @@ class Scheduler:
 
     def step(self) -> ScheduledStep:
         """Schedule one forward pass. Raises RuntimeError, changing nothing, while the last
-        step has not been applied by ``update``."""
+        step has not been applied by ``update``. A step that raises part way (anything it
+        calls: the step timer, the manager, its clock or policy) is failed whole before the
+        exception goes on (``_fail_step``): its requests recompute, nothing is half done."""
         self._check_not_in_call("step")
         if self._unapplied is not None:
             raise RuntimeError("step() called before update() applied the previous step")
@@ -451,15 +463,65 @@ class Scheduler:
         phases = self.phases
         if phases is not None:
             phases.begin()
-        self.manager.begin_step()
+        manager = self.manager
+        self._step_touched = []
+        self._step_started = []
+        step = None
         try:
-            self._unapplied = self._step()
-            return self._unapplied
-        finally:
-            self.manager.end_step()
-            self._num_removed = self.manager.num_removed_sequences
+            manager.begin_step()
+            step = self._step()
+            manager.end_step()
             if phases is not None:
                 phases.mark("store")
+        except BaseException:
+            self._fail_step(step)
+            raise
+        finally:
+            self._step_touched = []
+            self._step_started = []
+            self._num_removed = manager.num_removed_sequences
+        self._unlisted_preempted = []  # the step lists them
+        self._unapplied = step
+        return step
+
+    def _fail_step(self, step: ScheduledStep | None) -> None:
+        """Undo a step that raised part way (the caller's clock, policy or step timer, the
+        manager, anything): the engine never saw it, so it is a step whose copies and
+        forward pass failed. The copies it recorded are reported failed
+        (``transfer_failed``: what they were to fill leaves the cache) and every request it
+        touched that the manager still holds is reported as a failed pass
+        (``compute_failed``: what the step scheduled leaves the cache, what earlier steps
+        computed stays); the running requests the manager dropped go back to the front of
+        the queue, in admission order, to recompute, and the next step lists those the
+        engine ran (and the step's own preemptions) as preempted. A waiting request the
+        step admitted in the manager and had not started yet stays waiting.
+
+        NOTE: degrade to recompute rather than undo: the manager's moves (evictions,
+        offloads, onboards, stores) have no inverse, while the recovery above is the one
+        the engine's own failures take, tested as it is. The cost is recomputing the
+        requests one failed step touched."""
+        manager = self.manager
+        plan = step.transfer_plan if step is not None else None
+        if manager.in_step:
+            # Its stores and copies not taken yet: taken here, the engine never runs them.
+            rest = manager.end_step()
+            if len(rest) or plan is None:
+                plan = rest
+        elif plan is None:
+            plan = manager.take_plan()
+        if len(plan):
+            manager.transfer_failed(plan, range(len(plan)))
+        # (A waiting request the manager holds was admitted there by this step.)
+        touched = [rid for rid in dict.fromkeys(
+            [*self._step_touched, *(req.request_id for req in self.waiting)])
+            if manager.has_sequence(rid)]
+        if touched:
+            manager.compute_failed(touched)
+        lost = [req for rid, req in self.running.items() if not manager.has_sequence(rid)]
+        self._requeue(lost)
+        unlisted = set(self._unlisted_preempted).union(self._step_started)
+        self._unlisted_preempted += [req.request_id for req in lost
+                                     if req.request_id not in unlisted]
 
     def _lost(self) -> list[str]:
         """The running requests the manager no longer holds, in admission order. Pure.
@@ -476,8 +538,8 @@ class Scheduler:
         self._num_steps += 1
         budget = cfg.max_num_tokens
         slots = cfg.max_batch_size
-        preempted = self._reset_preempted
-        self._reset_preempted = []
+        preempted = self._unlisted_preempted  # this step's preemptions join them
+        touched = self._step_touched
         decodes: list[str] = []
         chunks: list[ContextChunk] = []
 
@@ -490,6 +552,7 @@ class Scheduler:
                      if req.num_computed_tokens >= req.num_prefill_tokens][:min(budget, slots)]
             rids = [req.request_id for req in ready]
             tokens = [req.output[-1] for req in ready]
+            touched += rids
             while rids:
                 # NOTE: two lists, not pairs: every value is checked, not the pairs' shape.
                 done = self.manager.append_token_columns(rids, tokens)
@@ -522,6 +585,7 @@ class Scheduler:
                 break
             remaining = req.num_prefill_tokens - req.num_computed_tokens
             n = min(remaining, cap, budget)
+            touched.append(req.request_id)
             self.manager.schedule_prefill(req.request_id, n)
             chunks.append(ContextChunk(req.request_id, req.num_computed_tokens, n, 0))
             spec = self._prefill_specs.get(req.request_id)
@@ -547,10 +611,12 @@ class Scheduler:
         assert not overflow or self.ADMISSION == "probe", (num_tokens, cfg.max_num_tokens)
         # The step's copies; stores at end_step add none. (If the step raises, they stay
         # with the manager and come with the next step's plan.)
-        plan = self.manager.take_plan()
         self._hint_queue()
         if phases is not None:
             phases.mark("hint")
+        # NOTE: the plan is taken last: a step that raises before it leaves its copies with
+        # the manager, for ``_fail_step`` to report (the hint records none).
+        plan = self.manager.take_plan()
         return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, plan,
                              tuple(preempted), credited, reused, overflow, tuple(drafts))
 
@@ -569,6 +635,7 @@ class Scheduler:
                 break
             if rid not in self.running or req.num_computed_tokens < req.num_prefill_tokens:
                 continue  # preempted below, or still prefilling
+            self._step_touched.append(rid)
             num_new = self._num_unappended.get(rid, 1)
             assert num_new >= 1, (rid, num_new)  # every decode's update samples
             new = req.output[len(req.output) - num_new:]
@@ -747,6 +814,7 @@ class Scheduler:
                 phases.mark("lookup")
             if not candidates:
                 break
+            self._step_touched += [c.spec.request_id for c in candidates]
             admissions = self.manager.add_sequence_batch([c.spec for c in candidates])
             for cand, adm in zip(candidates, admissions, strict=True):
                 if not adm.admitted:
@@ -770,6 +838,7 @@ class Scheduler:
         """Move an admitted candidate from ``waiting`` to ``running``: its first chunk
         computes ``num_tokens`` tokens past the ``num_reused`` the admission reused."""
         req = cand.request
+        self._step_started.append(req.request_id)
         self._dequeue(req)
         self.running[req.request_id] = req
         self._prefill_specs[req.request_id] = cand.spec
@@ -787,7 +856,10 @@ class Scheduler:
         changing nothing, for a step that is not the last one ``step`` (or
         ``requeue_failed``) returned or was already applied (RuntimeError), a ``sampled``
         that is no mapping or a ``stopped`` that is no collection (TypeError), or a request
-        that samples with no valid token in ``sampled`` (ValueError)."""
+        that samples with no valid token in ``sampled`` (ValueError). An update that raises
+        once it began to apply the step (the step timer, the manager releasing a finished
+        request, anything) fails it whole before the exception goes on (``_fail_update``):
+        the step's requests recompute its tokens, and the step is applied."""
         self._check_not_in_call("update")
         self._check_unapplied(step, "update")
         self._in_call = "update"
@@ -823,21 +895,60 @@ class Scheduler:
             except Exception as exc:
                 raise TypeError(f"stopped must be a collection of request ids: reading it "
                                 f"raised {type(exc).__name__}: {exc}") from exc
-        phases = self.phases
-        if phases is not None:
-            phases.resume()
-        if self.config.num_speculative_tokens:
-            finished = self._apply_speculative(step, sampled, stopped)
-        else:
-            finished = self._apply(step, sampled, stopped)
-        for req in finished:
-            self.manager.remove_sequence(req.request_id)
-            self._leave_running(req)
+        # The step's requests and their output lengths before it, for ``_fail_update``.
+        running = self.running
+        reqs = [req for req in map(running.get, itertools.chain(
+            step.decode_request_ids, map(_request_id, step.context_chunks))) if req is not None]
+        lengths = list(map(len, map(_output, reqs)))
+        self._update_started = False
+        try:
+            phases = self.phases
+            if phases is not None:
+                phases.resume()
+            if self.config.num_speculative_tokens:
+                finished = self._apply_speculative(step, sampled, stopped)
+            else:
+                finished = self._apply(step, sampled, stopped)
+            for req in finished:
+                self.manager.remove_sequence(req.request_id)
+                self._leave_running(req)
+            if phases is not None:
+                phases.mark("update")
+        except BaseException:
+            if self._update_started:
+                self._fail_update(reqs, lengths)
+            raise  # else nothing changed: the step still waits for its update
+        finally:
+            self._num_removed = self.manager.num_removed_sequences
         self._unapplied = None
-        self._num_removed = self.manager.num_removed_sequences
-        if phases is not None:
-            phases.mark("update")
         return finished
+
+    def _fail_update(self, reqs: list[Request], lengths: list[int]) -> None:
+        """Undo an update that raised after it began to apply its step (the caller's step
+        timer, the manager releasing a finished request, anything): the caller never got
+        its finished requests, so the step is taken as lost. Each of its requests (``reqs``)
+        gets back its output as before it (``lengths``) and returns to the front of the
+        queue, to recompute the step's tokens: those the manager holds leave it, what the
+        step's pass computed staying cached (the pass ran). The step is applied (it is
+        gone); the next step lists the requests as preempted.
+
+        NOTE: degrade rather than finish the update: a finished request the manager failed
+        to release could be neither returned nor kept running past its end."""
+        manager = self.manager
+        for req, num_tokens in zip(reqs, lengths, strict=True):
+            del req.output[num_tokens:]
+        for req in reqs:
+            rid = req.request_id
+            if manager.has_sequence(rid):
+                manager.remove_sequence(rid)
+            if rid in self.running:
+                self._leave_running(req)
+        specs = [self._spec_of(req) for req in reqs]
+        for req, spec in zip(reversed(reqs), reversed(specs), strict=True):
+            req.num_computed_tokens = req.num_prefill_tokens = 0
+            self._enqueue(req, spec, first=True)
+        self._unlisted_preempted += [req.request_id for req in reqs]
+        self._unapplied = None
 
     def _apply(self, step: ScheduledStep, sampled: Mapping[str, object],
                stopped: Collection[str]) -> list[Request]:
@@ -861,6 +972,7 @@ class Scheduler:
                 check_token(token, f"sampled token of {shown(rid)}")
         # The decoders' tokens come first in ``ints``, the completed prefills' after them.
         firsts = dict(zip(samplers[len(decoding):], ints[len(decoding):], strict=True))
+        self._update_started = True  # every token checked: the step applies from here
         finished = self._advance_chunks(step, stopped, lambda rid: [firsts[rid]])
         for req, token in zip(decoding, ints, strict=False):
             output = req.output
@@ -895,6 +1007,7 @@ class Scheduler:
             new[rid] = [check_token(t, f"sampled token of {shown(rid)}") for t in tokens]
         # A completed prefill's one token is unappended, as a request absent from
         # ``_num_unappended`` is taken to have (its entry left at its admission).
+        self._update_started = True  # every token checked: the step applies from here
         finished = self._advance_chunks(step, stopped, new.__getitem__)
         for req in decoding:
             tokens = new[req.request_id][:req.max_output_tokens - len(req.output)]

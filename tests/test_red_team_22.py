@@ -1,0 +1,318 @@
+"""Red team 22: the scheduler's step and update when anything inside them raises part way
+(the caller's step timer, clock or policy, the manager, a fault after a manager call), and
+the room a max-utilization preemption frees.
+
+The engine of these tests runs every plan against the "physical memory" of
+``test_faults`` and writes what each forward pass computes there, so a block served from
+the cache is checked to hold its own prefix, and a step or update that raised is checked to
+have left nothing half done: every request finishes with the output the model gives, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvtier import CacheConfig, KVCacheManager, Tier
+from kvtier.scheduled_step import StepPhases
+from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
+from test_faults import Memory, check_cache_contents
+
+
+class Injected(Exception):
+    """The fault the tests inject."""
+
+
+def next_token(tokens: list[int]) -> int:
+    """The model: a deterministic function of the tokens so far (5 stops a request)."""
+    return (sum(t * (i + 3) for i, t in enumerate(tokens)) + len(tokens)) % 5 + 1
+
+
+def expected_output(prompt: list[int], max_output_tokens: int) -> list[int]:
+    """What the model generates for ``prompt``, whatever the scheduling."""
+    out: list[int] = []
+    while len(out) < max_output_tokens:
+        out.append(next_token(prompt + out))
+        if out[-1] == 5:
+            break
+    return out
+
+
+class Faults:
+    """Counts the calls of every hook; the ``k``-th raises ``Injected`` (once)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.num_calls = 0
+        self.fired: str | None = None
+
+    def tick(self, where: str) -> None:
+        self.num_calls += 1
+        if self.num_calls == self.k:
+            self.fired = where
+            raise Injected(where)
+
+
+class FaultyPhases(StepPhases):
+    """A step timer whose every call is a hook."""
+
+    def __init__(self, faults: Faults) -> None:
+        super().__init__(lambda: 0.0)
+        self.faults = faults
+
+    def begin(self) -> None:
+        self.faults.tick("phases.begin")
+        super().begin()
+
+    def resume(self) -> None:
+        self.faults.tick("phases.resume")
+        super().resume()
+
+    def mark(self, phase: str) -> None:
+        self.faults.tick(f"phases.mark({phase})")
+        super().mark(phase)
+
+
+# The manager's calls a scheduler makes in a step or update, each hooked before and after.
+# NOTE: take_plan is hooked before only: a fault after it took the copies (before the
+# step holds them) is the one window the scheduler cannot report them from.
+HOOKED = ("begin_step", "end_step", "append_token_columns", "append_tokens",
+          "reserve_lookahead", "schedule_prefill", "add_sequence_batch", "remove_sequence",
+          "hint_waiting", "lookup_spec")
+
+
+def hook_manager(mgr: KVCacheManager, faults: Faults) -> None:
+    """Patch the manager's methods (on the instance) to pass through ``faults``."""
+    for name in (*HOOKED, "take_plan"):
+        method = getattr(mgr, name)
+
+        def hooked(*args: Any, _m: Callable[..., Any] = method, _n: str = name,
+                   **kwargs: Any) -> Any:
+            faults.tick(f"{_n} (before)")
+            out = _m(*args, **kwargs)
+            if _n != "take_plan":
+                faults.tick(f"{_n} (after)")
+            return out
+
+        setattr(mgr, name, hooked)
+
+
+class Engine:
+    """Runs a scheduler's steps: each plan against the memory model, each forward pass
+    writing what it computes, the model's tokens sampled."""
+
+    def __init__(self, sched: Scheduler, tpb: int) -> None:
+        self.sched, self.mgr, self.tpb = sched, sched.manager, tpb
+        self.mem = Memory()
+
+    def write(self, rid: str, tokens: list[int], first: int, end: int) -> None:
+        """The pass of ``rid`` computes positions ``first..end-1`` of ``tokens``."""
+        table, tpb = self.mgr.block_table(rid), self.tpb
+        for b in range(first // tpb, (end - 1) // tpb + 1):
+            self.mem.slots[(Tier.GPU, table[b])] = (None, tuple(tokens[:min((b + 1) * tpb, end)]))
+
+    def run(self, step: ScheduledStep) -> tuple[dict[str, Any], set[str]]:
+        """Execute ``step``: its plan, its reuse checked, its passes; what it samples."""
+        assert not self.mem.apply(step.transfer_plan, set(), self.tpb)
+        sched, tpb = self.sched, self.tpb
+        sampled: dict[str, Any] = {}
+        for chunk in step.context_chunks:
+            req = sched.running[chunk.request_id]
+            tokens = req.tokens
+            table = self.mgr.block_table(chunk.request_id)
+            for b in range(chunk.num_reused_tokens // tpb):  # what it reuses is its own
+                assert self.mem.slots.get((Tier.GPU, table[b])) == (None, tuple(
+                    tokens[:(b + 1) * tpb])), (chunk, b)
+            end = chunk.first_token + chunk.num_tokens
+            self.write(chunk.request_id, tokens, chunk.first_token, end)
+            if end >= req.num_prefill_tokens:
+                sampled[chunk.request_id] = next_token(tokens)
+        drafts = step.num_draft_tokens or (0,) * len(step.decode_request_ids)
+        for rid, num_drafts in zip(step.decode_request_ids, drafts, strict=True):
+            req = sched.running[rid]
+            tokens = list(req.tokens)
+            # A perfect drafter: every draft is accepted, up to the request's end.
+            new = [next_token(tokens)]
+            for _ in range(num_drafts):
+                if new[-1] == 5 or len(req.output) + len(new) >= req.max_output_tokens:
+                    break
+                new.append(next_token(tokens + new))
+            self.write(rid, tokens + new[:-1], len(tokens) - 1, len(tokens) + len(new) - 1)
+            sampled[rid] = new if step.num_draft_tokens else new[0]
+        stopped = {rid for rid, value in sampled.items()
+                   if 5 in (value if isinstance(value, list) else [value])}
+        for rid, value in sampled.items():  # the tokens after a stop are not sampled
+            if isinstance(value, list) and 5 in value:
+                sampled[rid] = value[:value.index(5) + 1]
+        return sampled, stopped
+
+
+def check(sched: Scheduler, engine: Engine) -> None:
+    sched.check_invariants()
+    sched.manager.check_invariants()
+    check_cache_contents(sched.manager, engine.mem, engine.tpb)
+
+
+def drive(sched: Scheduler, engine: Engine, faults: Faults | None,
+          max_steps: int = 400) -> dict[str, list[int]]:
+    """Step ``sched`` to the end; a step or update that raised ``Injected`` is checked and
+    the run goes on (an update that changed nothing is taken again). The finished outputs,
+    each request's once."""
+    done: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            break
+        try:
+            step = sched.step()
+        except Injected:
+            assert sched.unapplied_step is None
+            check(sched, engine)
+            continue
+        sampled, stopped = engine.run(step)
+        try:
+            finished = sched.update(step, sampled, stopped)
+        except Injected:
+            check(sched, engine)
+            if sched.unapplied_step is None:
+                continue
+            finished = sched.update(step, sampled, stopped)  # it changed nothing
+        for req in finished:
+            assert req.request_id not in done, req
+            done[req.request_id] = list(req.output)
+        check(sched, engine)
+    assert not sched.has_unfinished()
+    return done
+
+
+REQUEST = st.tuples(st.sampled_from([[1, 2, 3, 4, 1, 2], [4, 4, 3, 3], [2]]),
+                    st.lists(st.integers(1, 4), max_size=6), st.integers(1, 6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    capacity=st.sampled_from(["guaranteed_no_evict", "max_utilization"]),
+    num_gpu_blocks=st.integers(10, 24),
+    num_host_blocks=st.sampled_from([0, 8]),
+    max_num_tokens=st.sampled_from([4, 7, 32]),
+    spec_tokens=st.sampled_from([0, 0, 2]),
+    requests=st.lists(REQUEST, min_size=1, max_size=6),
+    k=st.integers(1, 250),
+)
+def test_a_fault_anywhere_in_a_step_or_update_leaves_nothing_half_done(
+    capacity: Any, num_gpu_blocks: int, num_host_blocks: int, max_num_tokens: int,
+    spec_tokens: int, requests: list[tuple[list[int], list[int], int]], k: int,
+) -> None:
+    """The ``k``-th call of any hook (the step timer, the manager's clock, every manager
+    call a step or update makes, before it or after it) raises. After it both books hold,
+    every cached block holds its own prefix, every reused block too, and every request
+    finishes once with the model's output; nothing leaks. The old code appended a step's
+    decode tokens again after a step that raised past them (a token the request never
+    had), dropped the copies the step had recorded (a host block cached with no KV), and
+    lost or finished twice what an update that raised part way had applied."""
+    faults = Faults(k)
+
+    def clock() -> float:
+        faults.tick("clock")
+        return 0.0
+
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=num_gpu_blocks,
+                                     num_host_blocks=num_host_blocks,
+                                     eviction_policy="priority-lru"), clock=clock)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=max_num_tokens,
+                                           capacity_policy=capacity,
+                                           num_speculative_tokens=spec_tokens))
+    sched.phases = FaultyPhases(faults)
+    hook_manager(mgr, faults)
+    engine = Engine(sched, 2)
+    expected = {}
+    for i, (prefix, tail, max_out) in enumerate(requests):
+        prompt = prefix + tail
+        sched.add_request(Request(f"r{i}", prompt, max_out))
+        expected[f"r{i}"] = expected_output(prompt, max_out)
+    assert drive(sched, engine, faults) == expected
+    assert mgr.num_sequences == 0
+    assert mgr.num_free_gpu_blocks == num_gpu_blocks  # nothing leaked
+
+
+def two_decoding(capacity: Any = "guaranteed_no_evict") -> tuple[Scheduler, Engine, Faults]:
+    """'a' and 'b' decoding, 'c' waiting (tpb 2, 16 GPU blocks, 8 host)."""
+    faults = Faults(0)
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=16, num_host_blocks=8),
+                         clock=lambda: 0.0)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32, capacity_policy=capacity))
+    engine = Engine(sched, 2)
+    sched.add_request(Request("a", [1, 2, 3, 4, 1], 6))
+    sched.add_request(Request("b", [4, 4, 3, 3, 2], 6))
+    step = sched.step()
+    sched.update(step, *engine.run(step))
+    sched.add_request(Request("c", [1, 2, 3, 4, 2, 2], 3))
+    return sched, engine, faults
+
+
+def test_a_step_that_raises_after_its_decodes_appends_no_token_twice() -> None:
+    """The step timer raises at "prefill", after 'a' and 'b' appended their tokens in the
+    manager. The step fails whole: both go back to the front of the queue (admission
+    order) and the next step lists them as preempted and recomputes them, reusing the
+    blocks the earlier steps computed (their first two, [1 2] [3 4] and [4 4] [3 3]);
+    their outputs stay as they were. Before, the manager kept the appended tokens and the
+    next step appended them again: 'a' held 7 tokens of its 6."""
+    sched, engine, faults = two_decoding()
+    a, b = sched.running["a"], sched.running["b"]
+    outputs = (list(a.output), list(b.output))
+    sched.phases = FaultyPhases(faults)
+    faults.k = faults.num_calls + 3  # begin, mark(decode), mark(prefill)
+    with pytest.raises(Injected, match=r"phases.mark\(prefill\)"):
+        sched.step()
+    check(sched, engine)
+    assert [r.request_id for r in sched.waiting] == ["a", "b", "c"]
+    assert not sched.running and sched.unapplied_step is None
+    assert (a.output, b.output) == outputs
+    step = sched.step()
+    assert step.preempted_request_ids == ("a", "b")
+    assert [(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [("a", 4, 2, 4), ("b", 4, 2, 4), ("c", 4, 2, 4)]
+    done = {req.request_id: req.output for req in sched.update(step, *engine.run(step))}
+    check(sched, engine)
+    assert done | drive(sched, engine, None) == {
+        rid: expected_output(prompt, n)
+        for rid, prompt, n in [("a", [1, 2, 3, 4, 1], 6), ("b", [4, 4, 3, 3, 2], 6),
+                               ("c", [1, 2, 3, 4, 2, 2], 3)]
+    }
+
+
+def test_an_update_whose_release_raises_loses_no_finished_request() -> None:
+    """'a' is stopped; the manager raises releasing it. The update fails whole: 'a', 'b'
+    and 'c' (its prefill completed in the step) get their outputs back as before the step
+    and go back to the queue; the next step lists the three as preempted; each finishes
+    later, once, with the model's output.
+    Before, the step stayed unapplied with 'a''s token appended: the update taken again
+    appended every token a second time."""
+    sched, engine, _ = two_decoding()
+    a, b = sched.running["a"], sched.running["b"]
+    outputs = (list(a.output), list(b.output))
+    step = sched.step()
+    sampled, _ = engine.run(step)
+    remove = sched.manager.remove_sequence
+
+    def broken(request_id: str, store_for_reuse: bool = True) -> None:
+        sched.manager.remove_sequence = remove  # type: ignore[method-assign]
+        raise Injected("release")  # once
+
+    sched.manager.remove_sequence = broken  # type: ignore[method-assign]
+    with pytest.raises(Injected):
+        sched.update(step, sampled, {"a"})
+    check(sched, engine)
+    assert sched.unapplied_step is None
+    assert (a.output, b.output) == outputs
+    assert [r.request_id for r in sched.waiting] == ["a", "b", "c"]
+    assert [r.output for r in sched.waiting][2] == []
+    step = sched.step()
+    assert step.preempted_request_ids == ("a", "b", "c")
+    done = {req.request_id: req.output for req in sched.update(step, *engine.run(step))}
+    assert done | drive(sched, engine, None) == {
+        "a": expected_output([1, 2, 3, 4, 1], 6), "b": expected_output([4, 4, 3, 3, 2], 6),
+        "c": expected_output([1, 2, 3, 4, 2, 2], 3)}
