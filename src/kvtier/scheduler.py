@@ -479,6 +479,7 @@ class Scheduler:
         finally:
             self._step_touched = []
             self._step_started = []
+            self._computing.clear()  # a query between steps waits on no step's chunks
             self._num_removed = manager.num_removed_sequences
         self._unlisted_preempted = []  # the step lists them
         self._unapplied = step
