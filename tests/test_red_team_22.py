@@ -328,3 +328,41 @@ def test_an_update_whose_release_raises_loses_no_finished_request() -> None:
         "a": expected_output([1, 2, 3, 4, 1], 6), "b": expected_output([4, 4, 3, 3, 2], 6),
         "c": expected_output([1, 2, 3, 4, 2, 2], 3)}
 
+
+def test_a_step_that_preempts_admits_no_one_into_the_room_it_freed() -> None:
+    """max_utilization, tpb 2, 6 GPU blocks. 'a' (5 tokens) and 'b' (4) prefill, then
+    decode; 'c' (1 token) arrives after 'b'. In step 2 'a' needs a block and none is free:
+    'b', the newest, is preempted; its partial block (GPU 5) goes to 'a'; its full blocks
+    [5 6] [7 8] (GPU 3, 4) stay cached::
+
+        GPU   0    1    2    3    4    5
+        a   [1 2][3 4][1 1]           [1 1]     step 2: a = [0 1 2 5]
+        b                  [5 6][7 8]           cached, b waiting first, then c
+
+    The step admits nobody (vLLM's rule): 'c', queued after 'b', took GPU 4 in that very
+    step before, evicting 'b''s cached [7 8] as 'b' was requeued to reuse it."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=6, num_host_blocks=0),
+                         clock=lambda: 0.0)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32, capacity_policy="max_utilization"))
+    sched.add_request(Request("a", [1, 2, 3, 4, 1], 6))
+    sched.add_request(Request("b", [5, 6, 7, 8], 6))
+
+    def run(step: ScheduledStep) -> None:
+        sched.update(step, dict.fromkeys(
+            [*step.decode_request_ids, *(c.request_id for c in step.context_chunks)], 1))
+
+    run(sched.step())
+    assert (mgr.block_table("a"), mgr.block_table("b")) == ([0, 1, 2], [3, 4])
+    run(sched.step())
+    assert mgr.block_table("b") == [3, 4, 5]
+    sched.add_request(Request("c", [7], 1))
+    step = sched.step()
+    assert (step.decode_request_ids, step.preempted_request_ids, step.context_chunks) == (
+        ("a",), ("b",), ())
+    assert mgr.block_table("a") == [0, 1, 2, 5]
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]
+    assert mgr.lookup([5, 6, 7, 8, 1, 1]).num_gpu_tokens == 4
+    assert sorted(b.slot for b in mgr.cached_blocks() if b.tokens in ((5, 6), (7, 8))) == [3, 4]
+    run(step)
+    sched.check_invariants()
+    mgr.check_invariants()

@@ -4,7 +4,8 @@ Each ``step()`` fills one forward pass, in this order::
 
     1. decode    every running request past its prefill computes one token; its next block
                  is allocated first (guaranteed_no_evict: from its reservation; max_utilization:
-                 on shortage the newest running request is preempted and requeued)
+                 on shortage the newest running request is preempted and requeued, and
+                 the step admits nobody)
     2. prefill   requests part way through a chunked prefill get their next chunk
     3. admit     waiting requests, in arrival order, each credited with its lookup() reuse:
                  compute = min(prompt - reuse, chunk cap, budget left); then one two-phase
@@ -540,6 +541,7 @@ class Scheduler:
         budget = cfg.max_num_tokens
         slots = cfg.max_batch_size
         preempted = self._unlisted_preempted  # this step's preemptions join them
+        num_unlisted = len(preempted)
         touched = self._step_touched
         decodes: list[str] = []
         chunks: list[ContextChunk] = []
@@ -597,10 +599,14 @@ class Scheduler:
 
         if phases is not None:
             phases.mark("prefill")
-        # 3. Admit waiting requests.
+        # 3. Admit waiting requests, unless the decodes preempted (max_utilization).
+        # NOTE: the room a preemption frees is for the running requests it was made for:
+        # admitted into it, a request queued after the victim took its blocks (its cached
+        # prefix evicted) in the very step that requeued it. vLLM's scheduler admits nothing
+        # in a step that preempted, nor does this one.
         credited = reused = 0
         try:
-            if budget and slots and self.waiting:
+            if budget and slots and self.waiting and len(preempted) == num_unlisted:
                 admitted = self.admit(budget, slots)
                 chunks += admitted.chunks
                 credited, reused = admitted.num_credited_tokens, admitted.num_reused_tokens
