@@ -10,16 +10,20 @@ have left nothing half done: every request finishes with the output the model gi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier import CacheConfig, KVCacheManager, Tier
+from kvtier import CacheConfig, KVCacheManager, SequenceSpec, Tier
+from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.scheduled_step import StepPhases
 from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
+from kvtier.sequence import TokenIds, short_repr
 from test_faults import Memory, check_cache_contents
 
 
@@ -366,3 +370,149 @@ def test_a_step_that_preempts_admits_no_one_into_the_room_it_freed() -> None:
     run(step)
     sched.check_invariants()
     mgr.check_invariants()
+
+
+# ---- every entry that takes token ids takes the same values -----------------------------
+
+def manager_with_live() -> KVCacheManager:
+    """tpb 4; 'live' = [1 2 3] admitted and computed."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8, num_host_blocks=4),
+                         clock=lambda: 0.0)
+    mgr.add_sequence(SequenceSpec("live", [1, 2, 3]))
+    return mgr
+
+
+def pending_update(num_speculative_tokens: int = 0) -> tuple[Scheduler, ScheduledStep]:
+    """A scheduler whose step (decoding 'a') waits for its update."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8), clock=lambda: 0.0)
+    sched = Scheduler(mgr, SchedulerConfig(num_speculative_tokens=num_speculative_tokens))
+    sched.add_request(Request("a", [1, 2, 3], 4))
+    step = sched.step()
+    sched.update(step, {"a": 4})
+    return sched, sched.step()
+
+
+def state_of(obj: KVCacheManager | Scheduler) -> object:
+    """What an entry that refuses a token must leave as it was."""
+    mgr = obj if isinstance(obj, KVCacheManager) else obj.manager
+    sched = obj if isinstance(obj, Scheduler) else None
+    return (mgr.version, mgr.num_sequences, mgr.cached_blocks(),
+            [(r.request_id, list(r.output)) for r in sched.running.values()]
+            if sched is not None else None)
+
+
+def entry_request_prompt(v: object) -> object:
+    return Request("r", [1, v], 3).prompt  # type: ignore[list-item]
+
+
+def entry_request_output(v: object) -> object:
+    return Request("r", [1, 2], 3, output=[v]).output  # type: ignore[list-item]
+
+
+def entry_add_request(v: object) -> object:
+    sched = Scheduler(KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8)))
+    req = Request("r", [1, 2], 3)
+    req.prompt.append(v)  # type: ignore[arg-type]
+    sched.add_request(req)
+    return sched._specs["r"].tokens
+
+
+def entry_spec(v: object) -> object:
+    return SequenceSpec("r", [1, v]).tokens  # type: ignore[list-item]
+
+
+def entry_token_ids(v: object) -> object:
+    return TokenIds([1, v])  # type: ignore[list-item]
+
+
+def entry_hashes(v: object) -> object:
+    return prompt_block_hashes(get_hash_fn("xxh3_128"), [1, 2, 3, v], 4)  # type: ignore[list-item]
+
+
+def cached_tokens(mgr: KVCacheManager) -> list[int]:
+    """The tokens of every cached block, as the manager keeps them."""
+    return [t for b in mgr.cached_blocks() for t in b.tokens]
+
+
+def on_manager(call: Callable[[KVCacheManager, object], object]) -> Callable[[object], object]:
+    def entry(v: object) -> object:
+        mgr = manager_with_live()
+        before = state_of(mgr)
+        try:
+            return call(mgr, v)
+        except ValueError:
+            assert state_of(mgr) == before  # a refusal changes nothing
+            raise
+        finally:
+            mgr.check_invariants()
+    return entry
+
+
+def on_update(num_speculative_tokens: int, wrap: Callable[[object], object]
+              ) -> Callable[[object], object]:
+    def entry(v: object) -> object:
+        sched, step = pending_update(num_speculative_tokens)
+        before = state_of(sched)
+        try:
+            sched.update(step, {"a": wrap(v)})  # type: ignore[dict-item]
+        except ValueError:
+            assert state_of(sched) == before and sched.unapplied_step is step
+            raise
+        return sched.running["a"].output[-1:]
+    return entry
+
+
+ENTRIES: dict[str, Callable[[object], object]] = {
+    "Request prompt": entry_request_prompt,
+    "Request output": entry_request_output,
+    "add_request": entry_add_request,
+    "SequenceSpec": entry_spec,
+    "TokenIds": entry_token_ids,
+    "prompt_block_hashes": entry_hashes,
+    "lookup": on_manager(lambda mgr, v: mgr.lookup([1, 2, 3, v]).num_tokens),  # type: ignore[list-item]
+    "missing_block_hashes": on_manager(
+        lambda mgr, v: mgr.missing_block_hashes([1, 2, 3, v])),  # type: ignore[list-item]
+    "import_blocks": on_manager(lambda mgr, v: mgr.import_blocks([5, 6, 7, v], 1)),  # type: ignore[list-item]
+    # What the manager keeps: the block the token fills, [1 2 3 v], is cached.
+    "append_tokens": on_manager(lambda mgr, v: (mgr.append_tokens("live", [v]),  # type: ignore[list-item]
+                                                cached_tokens(mgr))),
+    "append_token_batch": on_manager(lambda mgr, v: (mgr.append_token_batch([("live", v)]),  # type: ignore[list-item]
+                                                     cached_tokens(mgr))),
+    "append_token_columns": on_manager(lambda mgr, v: (
+        mgr.append_token_columns(["live"], [v]), cached_tokens(mgr))),  # type: ignore[list-item]
+    "update": on_update(0, lambda v: v),
+    "update, speculative, one": on_update(2, lambda v: v),
+    "update, speculative, list": on_update(2, lambda v: [v]),
+}
+
+ACCEPTED = [5, np.int64(5), np.int32(5), np.uint8(5), np.uint64(5)]
+REFUSED = [True, False, np.bool_(True), -1, np.int64(-1), 2**63, np.uint64(2**63), 1.0,
+           np.float64(5.0), "5", 10**30]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("value", ACCEPTED, ids=repr)
+def test_every_token_entry_takes_integer_scalars_as_the_int_they_are(
+        entry: str, value: object) -> None:
+    """An int or a NumPy integer scalar: each entry answers as it does for the int 5, and
+    what it keeps is an int. Before, a sampled token, a decode batch's token or a
+    speculative one refused a NumPy int that every prompt took (and append_tokens kept it,
+    NumPy type and all, in the manager's tokens)."""
+    got, want = ENTRIES[entry](value), ENTRIES[entry](5)
+    assert got == want
+    kept = got[1] if isinstance(got, tuple) else got
+    if isinstance(kept, list) and entry != "Request prompt":  # kept as given (see there)
+        assert {type(t) for t in kept} <= {int}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("value", REFUSED, ids=repr)
+def test_every_token_entry_refuses_the_same_values_by_name(entry: str, value: object) -> None:
+    """A bool (Python's or NumPy's), a negative id, one past 2**63-1, a float, a str: each
+    entry refuses it with one message naming the value and its type, and changes nothing.
+    Before, a prompt took True as id 1 where a sampled token refused it, and the lists'
+    messages and the single tokens' differed."""
+    shown = re.escape(short_repr(value))
+    with pytest.raises(ValueError, match=rf"must be an int in 0\.\.2\*\*63-1, got {shown} "
+                                         rf"\({type(value).__name__}\)"):
+        ENTRIES[entry](value)

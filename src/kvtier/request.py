@@ -10,11 +10,13 @@ from kvtier.config import check_priority
 from kvtier.reprs import shown
 from kvtier.sequence import (
     MultimodalItem,
+    as_token_list,
     check_key,
     check_lora_id,
     check_mm_items,
     check_retention,
     check_retention_type,
+    check_tokens,
     is_finite_number,
     short_repr,
     token_list,
@@ -83,7 +85,14 @@ def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> lis
     if allow_empty and isinstance(tokens, Sequence) and not isinstance(tokens, (str, bytes)) \
             and not tokens:
         return []
-    ids = token_list(tokens, what)
+    # NOTE: a prompt is checked, not converted: a NumPy int in it stays as given (the specs
+    # the scheduler builds pack every id as an int); converting meant reading each id's
+    # type, 20 ns an id. The output, short and appended to, is converted.
+    if allow_empty:
+        ids = token_list(tokens, what)
+    else:
+        ids = as_token_list(tokens, what)
+        check_tokens(ids, what)
     return list(ids) if ids is tokens else ids
 
 

@@ -975,8 +975,8 @@ class Scheduler:
         # the first bad token (each message built only then).
         if not (set(map(type, tokens)) <= _INT_TYPE
                 and (not ints or (min(ints) >= 0 and max(ints) <= MAX_TOKEN_ID))):
-            for rid, token in zip(samplers, tokens, strict=True):
-                check_token(token, f"sampled token of {shown(rid)}")
+            ints = [check_token(token, f"sampled token of {shown(rid)}")  # NumPy ints: ints
+                    for rid, token in zip(samplers, tokens, strict=True)]
         # The decoders' tokens come first in ``ints``, the completed prefills' after them.
         firsts = dict(zip(samplers[len(decoding):], ints[len(decoding):], strict=True))
         self._update_started = True  # every token checked: the step applies from here
@@ -1006,7 +1006,8 @@ class Scheduler:
         for rid, most in [(req.request_id, 1 + num_drafts[req.request_id])
                           for req in decoding] + [(rid, 1) for rid in completing]:
             value = sampled.get(rid)
-            tokens = [value] if type(value) is int else value
+            # One token, unless a list: checked by check_token as every token is.
+            tokens = value if value is None or isinstance(value, (list, tuple)) else [value]
             if not isinstance(tokens, (list, tuple)) or not 1 <= len(tokens) <= most:
                 raise ValueError(
                     f"sampled tokens of {shown(rid)} must be a token or a list of 1..{most} "
