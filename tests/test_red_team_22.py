@@ -10,6 +10,7 @@ have left nothing half done: every request finishes with the output the model gi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -268,6 +269,11 @@ def two_decoding(capacity: Any = "guaranteed_no_evict") -> tuple[Scheduler, Engi
     return sched, engine, faults
 
 
+TWO_DECODING_OUTPUTS = {"a": expected_output([1, 2, 3, 4, 1], 6),
+                        "b": expected_output([4, 4, 3, 3, 2], 6),
+                        "c": expected_output([1, 2, 3, 4, 2, 2], 3)}
+
+
 def test_a_step_that_raises_after_its_decodes_appends_no_token_twice() -> None:
     """The step timer raises at "prefill", after 'a' and 'b' appended their tokens in the
     manager. The step fails whole: both go back to the front of the queue (admission
@@ -516,3 +522,72 @@ def test_every_token_entry_refuses_the_same_values_by_name(entry: str, value: ob
     with pytest.raises(ValueError, match=rf"must be an int in 0\.\.2\*\*63-1, got {shown} "
                                          rf"\({type(value).__name__}\)"):
         ENTRIES[entry](value)
+
+
+# ---- a request's fields while a scheduler holds it ---------------------------------------
+
+FIELD_VALUES: dict[str, object] = {
+    "request_id": "other", "prompt": [9, 9, 9], "max_output_tokens": 50, "arrival_s": 1.0,
+    "salt": "tenant", "lora_id": 3, "priority": 90, "retention_s": 5.0, "output": [],
+    "num_prefill_tokens": 0, "num_computed_tokens": 0, "num_preemptions": 7,
+    "retention": None, "skip_reading_prefix_cache": True, "mm_items": (),
+}
+
+
+def test_every_field_of_the_request_is_listed() -> None:
+    """The table below covers every field of Request."""
+    assert set(FIELD_VALUES) == {f.name for f in dataclasses.fields(Request)} - {"_held"}
+
+
+@pytest.mark.parametrize("name", FIELD_VALUES)
+def test_no_field_of_a_held_request_changes(name: str) -> None:
+    """While queued and while running, assigning any field is refused (AttributeError
+    naming it) and changes nothing; the request finishes with the model's output; then it
+    is the caller's again. Before, each was taken: a max_output_tokens raised past the
+    blocks guaranteed_no_evict reserved failed an assertion at the decode past them, a new
+    request_id raised KeyError when the request finished, a new salt or priority
+    recomputed it under another key."""
+    sched, engine, _ = two_decoding()
+    waiting = sched.waiting[0]
+    running = sched.running["a"]
+    for req in (waiting, running):
+        before = getattr(req, name)
+        with pytest.raises(AttributeError, match=f"{name} of request '{req.request_id}' cannot "
+                                                 "change while a scheduler holds it"):
+            setattr(req, name, FIELD_VALUES[name])
+        assert getattr(req, name) == before
+    check(sched, engine)
+    assert drive(sched, engine, None) == TWO_DECODING_OUTPUTS
+    setattr(running, name, FIELD_VALUES[name])  # finished: the caller's again
+    assert getattr(running, name) == FIELD_VALUES[name]
+
+
+def test_a_prompt_changed_in_place_is_not_what_the_request_recomputes() -> None:
+    """'a''s prompt list is changed in place while it runs; a reset preempts it: its
+    recompute prefills the prompt it was queued with and its output, 5 + 1 tokens, and
+    finishes with the model's output for that prompt. Before, it recomputed the changed
+    prompt, 8 tokens: another request's KV under its id."""
+    sched, engine, _ = two_decoding()
+    a = sched.running["a"]
+    a.prompt.extend([3, 3])  # in place: no assignment to refuse
+    assert sched.reset_prefix_cache(reset_running_requests=True)
+    step = sched.step()
+    assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks][:1] == [
+        ("a", 0, 6)]
+    del a.prompt[5:]  # the engine of these tests reads the request's own lists
+    done = {req.request_id: req.output for req in sched.update(step, *engine.run(step))}
+    assert done | drive(sched, engine, None) == TWO_DECODING_OUTPUTS
+
+
+def test_one_request_object_is_queued_once() -> None:
+    """A Request a scheduler holds is refused by another (they would share its output
+    list), and by the same one (as before, by its id)."""
+    sched, _, _ = two_decoding()
+    other = Scheduler(KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=16)))
+    with pytest.raises(ValueError, match="'a' is queued or running already"):
+        other.add_request(sched.running["a"])
+    assert not other.has_unfinished()
+    a = sched.running["a"]
+    assert sched.abort("a") is a
+    other.add_request(a)  # given back: it may be queued again
+    assert [r.request_id for r in other.waiting] == ["a"]

@@ -46,6 +46,11 @@ class Request:
     list of :class:`~kvtier.sequence.MultimodalItem` lying within the prompt (kept as a
     tuple: a block holding part of an image is keyed by the image too, as
     :class:`SequenceSpec` keys it). ``bool`` is never taken for a number.
+
+    While a scheduler holds it (from ``add_request`` until it finishes or is aborted) no
+    field may be assigned (AttributeError naming it): the scheduler sized its admission,
+    reservation and recompute by them, and keeps its own copy of the prompt (a change in
+    place to ``prompt`` is not seen). ``output`` is the scheduler's to append to.
     """
 
     request_id: str
@@ -64,9 +69,24 @@ class Request:
     retention: Retention | None = None
     skip_reading_prefix_cache: bool = False
     mm_items: tuple[MultimodalItem, ...] = ()
+    # Whether a scheduler holds it (``hold_request``): then its fields are frozen.
+    _held: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.prompt, self.output, self.mm_items = check_request(self)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # NOTE: a field changed while queued or running broke the scheduler's books: a
+        # max_output_tokens raised past the blocks guaranteed_no_evict reserved failed an
+        # assertion at the decode past them; one set to None raised in the middle of an
+        # update; a new request_id left the scheduler's tables keyed by the old one (a
+        # KeyError when it finished); a new salt or priority recomputed it elsewhere.
+        if getattr(self, "_held", False):
+            raise AttributeError(
+                f"{name} of request {shown(self.request_id)} cannot change while a scheduler "
+                f"holds it (queued or running: it was admitted and sized by its fields); abort "
+                f"it, change it, and queue it again")
+        object.__setattr__(self, name, value)
 
     @property
     def tokens(self) -> list[int]:
@@ -127,3 +147,15 @@ def check_request(req: Request) -> tuple[list[int], list[int], tuple[MultimodalI
         if type(value) is not int or value < 0:
             raise ValueError(f"{name} of {what} must be an integer >= 0, got {shown(value)}")
     return prompt, output, mm_items
+
+
+def hold_request(req: Request, held: bool) -> None:
+    """A scheduler takes ``req`` (its fields frozen) or gives it back."""
+    object.__setattr__(req, "_held", held)
+
+
+def set_progress(req: Request, **fields: int | list[int]) -> None:
+    """The scheduler's own writes of a held request's progress fields (``num_*``,
+    ``output``)."""
+    for name, value in fields.items():
+        object.__setattr__(req, name, value)

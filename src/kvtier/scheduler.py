@@ -19,6 +19,7 @@ and lives in the simulator (:class:`kvtier.sim.probe.ProbeScheduler`).
 from __future__ import annotations
 
 import itertools
+from array import array
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -29,7 +30,7 @@ from kvtier.admission import PrefixMatch
 from kvtier.blocks import cdiv
 from kvtier.manager import KVCacheManager
 from kvtier.reprs import shown
-from kvtier.request import Request, check_request
+from kvtier.request import Request, check_request, hold_request, set_progress
 from kvtier.scheduled_step import Admitted, Candidate, ContextChunk, ScheduledStep, StepPhases
 from kvtier.scheduler_config import (
     ADMISSIONS,
@@ -38,7 +39,14 @@ from kvtier.scheduler_config import (
     CapacityPolicy,
     SchedulerConfig,
 )
-from kvtier.sequence import MAX_TOKEN_ID, SequenceSpec, check_token, items_before, short_repr
+from kvtier.sequence import (
+    MAX_TOKEN_ID,
+    SequenceSpec,
+    TokenIds,
+    check_token,
+    items_before,
+    short_repr,
+)
 
 __all__ = [
     "ADMISSIONS",
@@ -66,7 +74,9 @@ class Scheduler:
     :class:`Request`'s progress fields (``output``, ``num_*``); callers read them and change
     them only through ``add_request``, ``update``, ``requeue_failed``, ``hold``/``release``.
     Its other fields are read as it runs (``max_output_tokens`` sizes its reservation under
-    ``guaranteed_no_evict``): they must not change until it finishes. Of the manager it
+    ``guaranteed_no_evict``): from ``add_request`` until it finishes or is aborted the
+    request refuses any assignment (AttributeError), and its prompt is the one queued (a
+    change in place to the list is not seen). Of the manager it
     calls only the public admission, growth and release API, between ``begin_step`` and
     ``end_step``. A request is always in exactly one of ``waiting`` and
     ``running`` until it finishes; a call refused leaves both unchanged, and a ``step`` or
@@ -117,6 +127,8 @@ class Scheduler:
         # Per waiting request: what it prefills when admitted (the prompt, and after a
         # preemption the output so far), validated once; and since when it waits.
         self._specs: dict[str, SequenceSpec] = {}
+        # Per request queued or running: its prompt as it was queued.
+        self._prompts: dict[str, array[int]] = {}
         self._queued_at: dict[str, int] = {}
         self._held: set[str] = set()  # waiting requests not to admit yet (see hold)
         self._num_steps = 0
@@ -224,6 +236,7 @@ class Scheduler:
         assert prefilling <= set(self._prefill_specs) <= running, \
             "a prefill spec missing, or kept for a request not running"
         assert set(self._num_unappended) <= running, "unappended tokens of one not running"
+        assert set(self._prompts) == set(waiting) | running, "a prompt kept for one gone"
         for r in self.waiting:
             assert r.num_computed_tokens == r.num_prefill_tokens == 0, r
             assert self._queued_at[r.request_id] <= self._num_steps, r
@@ -265,10 +278,21 @@ class Scheduler:
     def _spec_of(self, req: Request) -> SequenceSpec:
         """What ``req`` prefills when admitted: its prompt, and after a preemption the
         output so far. Raises ValueError (nothing changed) if the manager refuses it."""
-        tokens = req.tokens if req.output else req.prompt
+        prompt = self._prompts.get(req.request_id)
+        tokens: Sequence[int]
+        if prompt is None:  # being queued: its prompt was just checked
+            tokens = req.tokens if req.output else req.prompt
+            num_prompt = len(req.prompt)
+        else:
+            try:
+                tokens = TokenIds.of_array(prompt + array("Q", req.output) if req.output
+                                           else prompt)
+            except (TypeError, OverflowError):  # its output changed in place: named below
+                tokens = [*prompt, *req.output]
+            num_prompt = len(prompt)
         retention = req.retention
         if retention is not None and req.output:  # its output stays decoded blocks
-            retention = replace(retention, decode_start=len(req.prompt))
+            retention = replace(retention, decode_start=num_prompt)
         return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
                             priority=req.priority, retention_s=req.retention_s,
                             retention=retention,
@@ -283,6 +307,11 @@ class Scheduler:
         self._lookups.pop(rid, None)
         del self._specs[rid], self._queued_at[rid]
         self._held.discard(rid)
+
+    def _release_request(self, req: Request) -> None:
+        """``req`` leaves the scheduler (finished or aborted): the caller's again."""
+        del self._prompts[req.request_id]
+        hold_request(req, False)
 
     def _leave_running(self, req: Request) -> None:
         """Take ``req`` out of ``running`` and forget what was kept for it there."""
@@ -311,6 +340,9 @@ class Scheduler:
         self._check_not_in_call("add_request")
         if not isinstance(req, Request):
             raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
+        if req._held:
+            raise ValueError(f"request {shown(req.request_id)} is queued or running already (in "
+                             "this scheduler or another): one Request object is one request")
         prompt, output, mm_items = check_request(req)
         rid = req.request_id
         if len(output) >= req.max_output_tokens:
@@ -343,7 +375,10 @@ class Scheduler:
         # part way and queued again kept the last one's progress while it waited (its
         # num_computed_tokens read 4 of 9, and check_invariants failed on it).
         req.num_prefill_tokens = req.num_computed_tokens = 0
+        # The prompt as it was queued (the request's list may be changed in place).
+        self._prompts[rid] = spec.token_array[:len(prompt)]
         self._enqueue(req, spec, first=False)
+        hold_request(req, True)
 
     def abort(self, request_id: str) -> Request | None:
         """Drop a queued or running request (a client gone): a running one leaves the
@@ -376,6 +411,7 @@ class Scheduler:
             if self.manager.has_sequence(request_id):
                 self.manager.remove_sequence(request_id)
                 self._num_removed += 1  # this one, not the count now: that may hide a lost one
+            self._release_request(req)
             return req
         if request_id not in self._specs:
             return None
@@ -385,6 +421,7 @@ class Scheduler:
         # request gone, or a new one queued under its id, as preempted).
         if request_id in self._unlisted_preempted:
             self._unlisted_preempted.remove(request_id)
+        self._release_request(req)
         return req
 
     def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
@@ -430,8 +467,8 @@ class Scheduler:
             manager.remove_sequence(req.request_id, store_for_reuse=False)
         for req, spec in zip(reversed(running), reversed(specs), strict=True):
             self._leave_running(req)
-            req.num_preemptions += 1
-            req.num_computed_tokens = req.num_prefill_tokens = 0
+            set_progress(req, num_preemptions=req.num_preemptions + 1, num_computed_tokens=0,
+                         num_prefill_tokens=0)
             self._enqueue(req, spec, first=True)
         self._unlisted_preempted += [req.request_id for req in running]
         self._num_removed = manager.num_removed_sequences
@@ -699,8 +736,8 @@ class Scheduler:
         # The token it was about to decode is not computed: keep it out of the cache.
         self.manager.remove_sequence(req.request_id)
         self._leave_running(req)
-        req.num_preemptions += 1
-        req.num_computed_tokens = req.num_prefill_tokens = 0
+        set_progress(req, num_preemptions=req.num_preemptions + 1, num_computed_tokens=0,
+                     num_prefill_tokens=0)
         self._enqueue(req, spec, first=True)
 
     def _block_key(self, spec: SequenceSpec, end: int) -> tuple[object, ...]:
@@ -804,7 +841,7 @@ class Scheduler:
         """Blocks to set aside for ``req``'s decode (guaranteed_no_evict only)."""
         if self.config.capacity_policy != "guaranteed_no_evict":
             return 0
-        final = len(req.prompt) + req.max_output_tokens
+        final = len(self._prompts[req.request_id]) + req.max_output_tokens
         return cdiv(final, self._tpb) - cdiv(len(tokens), self._tpb)
 
     def admit(self, budget: int, slots: int) -> Admitted:
@@ -849,8 +886,8 @@ class Scheduler:
         self._dequeue(req)
         self.running[req.request_id] = req
         self._prefill_specs[req.request_id] = cand.spec
-        req.num_prefill_tokens = len(cand.spec.token_array)
-        req.num_computed_tokens = num_reused
+        set_progress(req, num_prefill_tokens=len(cand.spec.token_array),
+                     num_computed_tokens=num_reused)
         return ContextChunk(req.request_id, num_reused, num_tokens, num_reused)
 
     def update(self, step: ScheduledStep, sampled: Mapping[str, int | Sequence[int]],
@@ -927,6 +964,8 @@ class Scheduler:
             raise  # else nothing changed: the step still waits for its update
         finally:
             self._num_removed = self.manager.num_removed_sequences
+        for req in finished:
+            self._release_request(req)
         self._unapplied = None
         return finished
 
@@ -952,7 +991,7 @@ class Scheduler:
                 self._leave_running(req)
         specs = [self._spec_of(req) for req in reqs]
         for req, spec in zip(reversed(reqs), reversed(specs), strict=True):
-            req.num_computed_tokens = req.num_prefill_tokens = 0
+            set_progress(req, num_computed_tokens=0, num_prefill_tokens=0)
             self._enqueue(req, spec, first=True)
         self._unlisted_preempted += [req.request_id for req in reqs]
         self._unapplied = None
@@ -1019,7 +1058,7 @@ class Scheduler:
         finished = self._advance_chunks(step, stopped, new.__getitem__)
         for req in decoding:
             tokens = new[req.request_id][:req.max_output_tokens - len(req.output)]
-            req.output += tokens
+            req.output.extend(tokens)
             self._num_unappended[req.request_id] = len(tokens)
             if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
                 finished.append(req)
@@ -1036,10 +1075,10 @@ class Scheduler:
             req = running.get(chunk.request_id)
             if req is None:
                 continue
-            req.num_computed_tokens = chunk.first_token + chunk.num_tokens
+            set_progress(req, num_computed_tokens=chunk.first_token + chunk.num_tokens)
             if not req.in_prefill:
                 self._prefill_specs.pop(req.request_id, None)
-                req.output += first_tokens(req.request_id)
+                req.output.extend(first_tokens(req.request_id))
                 if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
                     finished.append(req)
         return finished
@@ -1085,7 +1124,7 @@ class Scheduler:
         specs = [self._spec_of(req) for req in requeued]  # may raise: nothing changed yet
         for req, spec in zip(reversed(requeued), reversed(specs), strict=True):
             self._leave_running(req)
-            req.num_computed_tokens = req.num_prefill_tokens = 0
+            set_progress(req, num_computed_tokens=0, num_prefill_tokens=0)
             self._enqueue(req, spec, first=True)
 
     def _check_unapplied(self, step: object, caller: str) -> None:
