@@ -941,8 +941,9 @@ class Scheduler:
                                 f"raised {type(exc).__name__}: {exc}") from exc
         # The step's requests and their output lengths before it, for ``_fail_update``.
         running = self.running
-        reqs = [req for req in map(running.get, itertools.chain(
-            step.decode_request_ids, map(_request_id, step.context_chunks))) if req is not None]
+        decoding = [req for req in map(running.get, step.decode_request_ids) if req is not None]
+        reqs = decoding + [req for req in map(running.get, map(_request_id, step.context_chunks))
+                           if req is not None]
         lengths = list(map(len, map(_output, reqs)))
         self._update_started = False
         try:
@@ -950,9 +951,9 @@ class Scheduler:
             if phases is not None:
                 phases.resume()
             if self.config.num_speculative_tokens:
-                finished = self._apply_speculative(step, sampled, stopped)
+                finished = self._apply_speculative(step, decoding, sampled, stopped)
             else:
-                finished = self._apply(step, sampled, stopped)
+                finished = self._apply(step, decoding, sampled, stopped)
             for req in finished:
                 self.manager.remove_sequence(req.request_id)
                 self._leave_running(req)
@@ -996,13 +997,11 @@ class Scheduler:
         self._unlisted_preempted += [req.request_id for req in reqs]
         self._unapplied = None
 
-    def _apply(self, step: ScheduledStep, sampled: Mapping[str, object],
-               stopped: Collection[str]) -> list[Request]:
+    def _apply(self, step: ScheduledStep, decoding: list[Request],
+               sampled: Mapping[str, object], stopped: Collection[str]) -> list[Request]:
         """``update``'s tokens, one a sampler: every token checked before any is applied;
-        returns the requests that finish."""
+        returns the requests that finish. ``decoding``: the step's decodes still running."""
         running = self.running
-        decoding = [req for req in map(running.get, step.decode_request_ids)
-                    if req is not None]
         samplers = [req.request_id for req in decoding]
         for chunk in step.context_chunks:
             req = running.get(chunk.request_id)
@@ -1027,7 +1026,8 @@ class Scheduler:
                 finished.append(req)
         return finished
 
-    def _apply_speculative(self, step: ScheduledStep, sampled: Mapping[str, object],
+    def _apply_speculative(self, step: ScheduledStep, decoding: list[Request],
+                           sampled: Mapping[str, object],
                            stopped: Collection[str]) -> list[Request]:
         """``update`` with drafts: a decoding request's value in ``sampled`` is its accepted
         drafts and the token sampled after them (a token, or a list of 1 to its drafts + 1
@@ -1036,8 +1036,6 @@ class Scheduler:
         requests that finish."""
         running = self.running
         num_drafts = dict(zip(step.decode_request_ids, step.num_draft_tokens, strict=True))
-        decoding = [req for req in map(running.get, step.decode_request_ids)
-                    if req is not None]
         completing = [chunk.request_id for chunk in step.context_chunks
                       if chunk.request_id in running and chunk.first_token + chunk.num_tokens
                       >= running[chunk.request_id].num_prefill_tokens]
