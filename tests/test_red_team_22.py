@@ -25,6 +25,7 @@ from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.scheduled_step import StepPhases
 from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.sequence import TokenIds, short_repr
+from kvtier.sim.probe import make_scheduler
 from test_faults import Memory, check_cache_contents
 
 
@@ -86,7 +87,8 @@ class FaultyPhases(StepPhases):
 # NOTE: take_plan is hooked before only: a fault after it took the copies (before the
 # step holds them) is the one window the scheduler cannot report them from.
 HOOKED = ("begin_step", "end_step", "append_token_columns", "append_tokens",
-          "reserve_lookahead", "schedule_prefill", "add_sequence_batch", "remove_sequence",
+          "reserve_lookahead", "schedule_prefill", "add_sequence_batch", "add_sequence",
+          "remove_sequence",
           "hint_waiting", "lookup_spec")
 
 
@@ -200,6 +202,7 @@ REQUEST = st.tuples(st.sampled_from([[1, 2, 3, 4, 1, 2], [4, 4, 3, 3], [2]]),
 @settings(max_examples=300, deadline=None)
 @given(
     capacity=st.sampled_from(["guaranteed_no_evict", "max_utilization"]),
+    admission=st.sampled_from(["claim", "claim", "probe"]),
     num_gpu_blocks=st.integers(10, 24),
     num_host_blocks=st.sampled_from([0, 8]),
     max_num_tokens=st.sampled_from([4, 7, 32]),
@@ -208,7 +211,7 @@ REQUEST = st.tuples(st.sampled_from([[1, 2, 3, 4, 1, 2], [4, 4, 3, 3], [2]]),
     seed=st.integers(0, 10**6),
 )
 def test_a_fault_anywhere_in_a_step_or_update_leaves_nothing_half_done(
-    capacity: Any, num_gpu_blocks: int, num_host_blocks: int, max_num_tokens: int,
+    capacity: Any, admission: Any, num_gpu_blocks: int, num_host_blocks: int, max_num_tokens: int,
     spec_tokens: int, requests: list[tuple[list[int], list[int], int]], seed: int,
 ) -> None:
     """The ``k``-th call of any hook (the step timer, the manager's clock, every manager
@@ -220,13 +223,13 @@ def test_a_fault_anywhere_in_a_step_or_update_leaves_nothing_half_done(
     lost or finished twice what an update that raised part way had applied. (``k`` is
     drawn uniformly from the calls of the run without the fault.)"""
     counted = Faults(0)
-    run_with_fault(capacity, num_gpu_blocks, num_host_blocks, max_num_tokens, spec_tokens,
-                   requests, counted)
-    run_with_fault(capacity, num_gpu_blocks, num_host_blocks, max_num_tokens, spec_tokens,
-                   requests, Faults(1 + seed % counted.num_calls))
+    run_with_fault(capacity, admission, num_gpu_blocks, num_host_blocks, max_num_tokens,
+                   spec_tokens, requests, counted)
+    run_with_fault(capacity, admission, num_gpu_blocks, num_host_blocks, max_num_tokens,
+                   spec_tokens, requests, Faults(1 + seed % counted.num_calls))
 
 
-def run_with_fault(capacity: Any, num_gpu_blocks: int, num_host_blocks: int,
+def run_with_fault(capacity: Any, admission: Any, num_gpu_blocks: int, num_host_blocks: int,
                    max_num_tokens: int, spec_tokens: int,
                    requests: list[tuple[list[int], list[int], int]], faults: Faults) -> None:
     """Run the requests to the end through ``faults``' hooks, checking every step."""
@@ -238,9 +241,9 @@ def run_with_fault(capacity: Any, num_gpu_blocks: int, num_host_blocks: int,
     mgr = KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=num_gpu_blocks,
                                      num_host_blocks=num_host_blocks,
                                      eviction_policy="priority-lru"), clock=clock)
-    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=max_num_tokens,
-                                           capacity_policy=capacity,
-                                           num_speculative_tokens=spec_tokens))
+    sched = make_scheduler(mgr, SchedulerConfig(max_num_tokens=max_num_tokens,
+                                                capacity_policy=capacity, admission=admission,
+                                                num_speculative_tokens=spec_tokens))
     sched.phases = FaultyPhases(faults)
     hook_manager(mgr, faults)
     engine = Engine(sched, 2)

@@ -550,9 +550,10 @@ class Scheduler:
             plan = manager.take_plan()
         if len(plan):
             manager.transfer_failed(plan, range(len(plan)))
-        # (A waiting request the manager holds was admitted there by this step.)
+        # (A waiting request the manager holds was admitted there by this step; those it
+        # started are listed too, for an ``admit`` of a subclass that names none.)
         touched = [rid for rid in dict.fromkeys(
-            [*self._step_touched, *(req.request_id for req in self.waiting)])
+            [*self._step_touched, *self._step_started, *(req.request_id for req in self.waiting)])
             if manager.has_sequence(rid)]
         if touched:
             manager.compute_failed(touched)
