@@ -594,3 +594,24 @@ def test_one_request_object_is_queued_once() -> None:
     assert sched.abort("a") is a
     other.add_request(a)  # given back: it may be queued again
     assert [r.request_id for r in other.waiting] == ["a"]
+
+
+def test_a_step_timer_calling_back_into_the_scheduler_fails_the_step_whole() -> None:
+    """The step timer aborts 'b' from inside the step, after the decodes were appended:
+    the call back is refused (RuntimeError), and the step fails whole, as for any fault:
+    'a' and 'b' recompute, each finishes once with the model's output, 'b' included."""
+    sched, engine, _ = two_decoding()
+
+    class Reentrant(StepPhases):
+        def mark(self, phase: str) -> None:
+            if phase == "prefill":
+                sched.abort("b")
+            super().mark(phase)
+
+    sched.phases = Reentrant(lambda: 0.0)
+    with pytest.raises(RuntimeError, match=r"abort\(\) called from inside its own step\(\)"):
+        sched.step()
+    sched.phases = None
+    check(sched, engine)
+    assert [r.request_id for r in sched.waiting] == ["a", "b", "c"]
+    assert drive(sched, engine, None) == TWO_DECODING_OUTPUTS
