@@ -89,6 +89,11 @@ class Request:
         object.__setattr__(self, name, value)
 
     @property
+    def held(self) -> bool:
+        """Whether a scheduler holds it (queued or running): then its fields are frozen."""
+        return self._held
+
+    @property
     def tokens(self) -> list[int]:
         """The prompt and the output so far (a new list). After a preemption this is what
         the request prefills again."""

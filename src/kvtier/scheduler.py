@@ -80,9 +80,9 @@ class Scheduler:
     calls only the public admission, growth and release API, between ``begin_step`` and
     ``end_step``. A request is always in exactly one of ``waiting`` and
     ``running`` until it finishes; a call refused leaves both unchanged, and a ``step`` or
-    ``update`` that raises part way is failed whole (its requests recompute, see each). A call that
-    changes it made from inside one of its own (the manager's clock or eviction policy
-    calling back) is refused (RuntimeError), as the manager refuses such calls.
+    ``update`` that raises part way is failed whole (its requests recompute, see each). A
+    call that changes it made from inside one of its own (the manager's clock or eviction
+    policy calling back) is refused (RuntimeError), as the manager refuses such calls.
     """
 
     # The admission mode this class implements; SchedulerConfig.admission must match.
@@ -340,7 +340,7 @@ class Scheduler:
         self._check_not_in_call("add_request")
         if not isinstance(req, Request):
             raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
-        if req._held:
+        if req.held:
             raise ValueError(f"request {shown(req.request_id)} is queued or running already (in "
                              "this scheduler or another): one Request object is one request")
         prompt, output, mm_items = check_request(req)
@@ -654,13 +654,12 @@ class Scheduler:
         overflow = max(0, num_tokens - cfg.max_num_tokens)
         # Exact credit (claim admission) never overflows; probe admission counts it.
         assert not overflow or self.ADMISSION == "probe", (num_tokens, cfg.max_num_tokens)
-        # The step's copies; stores at end_step add none. (If the step raises, they stay
-        # with the manager and come with the next step's plan.)
         self._hint_queue()
         if phases is not None:
             phases.mark("hint")
-        # NOTE: the plan is taken last: a step that raises before it leaves its copies with
-        # the manager, for ``_fail_step`` to report (the hint records none).
+        # The step's copies; stores at end_step add none.
+        # NOTE: taken last: a step that raises before it leaves its copies with the manager,
+        # for ``_fail_step`` to report failed (the hint records none).
         plan = self.manager.take_plan()
         return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, plan,
                              tuple(preempted), credited, reused, overflow, tuple(drafts))
