@@ -83,6 +83,26 @@ class FaultyPhases(StepPhases):
         super().mark(phase)
 
 
+class FaultyPolicy:
+    """A caller's eviction policy (least recently released first, soft claims ranked
+    higher) whose every call is a hook."""
+
+    name = "faulty-lru"
+    ranks_soft_claims = True
+    num_queue_fields = 0
+
+    def __init__(self, faults: Faults) -> None:
+        self.faults = faults
+
+    def key(self, node: Any, now: float, default_priority: int) -> tuple[float, ...]:
+        self.faults.tick("policy.key")
+        return (float(node.priority), float(node.soft_claimed), float(node.last_used))
+
+    def rank(self, node: Any, now: float, default_priority: int) -> tuple[float, ...]:
+        self.faults.tick("policy.rank")
+        return self.key(node, now, default_priority)
+
+
 # The manager's calls a scheduler makes in a step or update, each hooked before and after.
 # NOTE: take_plan is hooked before only: a fault after it took the copies (before the
 # step holds them) is the one window the scheduler cannot report them from.
@@ -214,14 +234,15 @@ def test_a_fault_anywhere_in_a_step_or_update_leaves_nothing_half_done(
     capacity: Any, admission: Any, num_gpu_blocks: int, num_host_blocks: int, max_num_tokens: int,
     spec_tokens: int, requests: list[tuple[list[int], list[int], int]], seed: int,
 ) -> None:
-    """The ``k``-th call of any hook (the step timer, the manager's clock, every manager
-    call a step or update makes, before it or after it) raises. After it both books hold,
-    every cached block holds its own prefix, every reused block too, and every request
-    finishes once with the model's output; nothing leaks. The old code appended a step's
-    decode tokens again after a step that raised past them (a token the request never
-    had), dropped the copies the step had recorded (a host block cached with no KV), and
-    lost or finished twice what an update that raised part way had applied. (``k`` is
-    drawn uniformly from the calls of the run without the fault.)"""
+    """The ``k``-th call of any hook (the step timer, the manager's clock and eviction
+    policy, every manager call a step or update makes, before it or after it) raises. After
+    it both books hold, every cached block holds its own prefix, every reused block too,
+    and every request finishes once with the model's output; nothing leaks. The old code
+    appended a step's decode tokens again after a step that raised past them (a token the
+    request never had), dropped the copies the step had recorded (a host block cached with
+    no KV), and lost or finished twice what an update that raised part way had applied.
+    (``k`` is drawn uniformly from the calls of the run without the fault; the clock and
+    the policy are read through the manager's guards, which take their faults.)"""
     counted = Faults(0)
     run_with_fault(capacity, admission, num_gpu_blocks, num_host_blocks, max_num_tokens,
                    spec_tokens, requests, counted)
@@ -239,8 +260,8 @@ def run_with_fault(capacity: Any, admission: Any, num_gpu_blocks: int, num_host_
         return 0.0
 
     mgr = KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=num_gpu_blocks,
-                                     num_host_blocks=num_host_blocks,
-                                     eviction_policy="priority-lru"), clock=clock)
+                                     num_host_blocks=num_host_blocks), clock=clock,
+                         policy=FaultyPolicy(faults))
     sched = make_scheduler(mgr, SchedulerConfig(max_num_tokens=max_num_tokens,
                                                 capacity_policy=capacity, admission=admission,
                                                 num_speculative_tokens=spec_tokens))
