@@ -80,8 +80,8 @@ def test_salt_types_never_share_a_root() -> None:
 @pytest.mark.parametrize("token", [-1, 1 << 63, 10**30])
 def test_out_of_range_tokens_raise_value_error(token: int) -> None:
     """A token id outside [0, 2**63) is a ValueError naming it, not an OverflowError."""
-    with pytest.raises(ValueError, match=f"token ids must be integers in \\[0, 2\\*\\*63\\), "
-                                         f"got {token}"):
+    with pytest.raises(ValueError, match=f"token ids: token at index 3 must be an int in "
+                                         f"0..2\\*\\*63-1, got {token} \\(int\\)"):
         prompt_block_hashes(XXH, [1, 2, 3, token], 4)
 
 

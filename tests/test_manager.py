@@ -58,7 +58,8 @@ def test_invalid_config_names_field_and_value(field: str, value: object, message
     [
         ({"request_id": "", "tokens": [1]}, "request_id must be a non-empty str"),
         ({"request_id": "r", "tokens": []}, "tokens of 'r' must not be empty"),
-        ({"request_id": "r", "tokens": [1, 2.5]}, "token at index 1 must be an int, got 2.5"),
+        ({"request_id": "r", "tokens": [1, 2.5]},
+         "token at index 1 must be an int in 0..2\\*\\*63-1, got 2.5 \\(float\\)"),
         ({"request_id": "r", "tokens": [1, "x", 3]}, "token at index 1 must be an int"),
         ({"request_id": "r", "tokens": "abc"}, "tokens of 'r' must be a sequence of ints"),
         ({"request_id": "r", "tokens": [1], "priority": 101}, "priority must be an integer"),

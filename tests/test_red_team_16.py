@@ -529,8 +529,8 @@ def test_a_device_torch_has_no_kernels_for_is_one_line(
 
 
 @pytest.mark.parametrize(("ids", "message"), [
-    ([5, -1], "ids: token at index 1 is -1, outside the token id range 0..2**63-1"),
-    ([1.5], "ids: token at index 0 must be an int, got 1.5 (float)"),
+    ([5, -1], "ids: token at index 1 must be an int in 0..2**63-1, got -1 (int)"),
+    ([1.5], "ids: token at index 0 must be an int in 0..2**63-1, got 1.5 (float)"),
     ([1, 2**32], "ids: token id 4294967296 at index 1 is past the tokenizer's id range "
                  "(0..2**32-1)"),
     ("hi", "ids must be a sequence of ints (a list or tuple), got str"),

@@ -23,7 +23,13 @@ from collections.abc import Callable, Sequence
 import xxhash
 
 from kvtier.reprs import shown
-from kvtier.sequence import as_token_sequence, check_key, check_lora_id, packed_token_ids
+from kvtier.sequence import (
+    as_token_sequence,
+    check_key,
+    check_lora_id,
+    check_token,
+    packed_token_ids,
+)
 
 HashFn = Callable[[bytes], int]
 
@@ -92,8 +98,9 @@ def _token_bytes(tokens: Sequence[int]) -> bytes:
     packed = packed_token_ids(tokens)
     if packed is not None:
         return packed
-    bad = next((t for t in tokens if type(t) is not int or not 0 <= t < 1 << 63), None)
-    raise ValueError(f"token ids must be integers in [0, 2**63), got {shown(bad)}")
+    for index, token in enumerate(tokens):  # names the first bad id, as every entry does
+        check_token(token, f"token ids: token at index {index}")
+    raise AssertionError("token ids: no bad id, yet the ids did not pack")
 
 
 def chain_hashes(

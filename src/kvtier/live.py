@@ -145,7 +145,7 @@ class LiveTable:
             seq = self.seqs.get(rid) if type(rid) is str else None
             if seq is None:
                 raise KeyError(f"item {i}: unknown request_id {shown(rid)}")
-            check_token(token, f"item {i}: the token appended to {shown(rid)}")
+            token = check_token(token, f"item {i}: the token appended to {shown(rid)}")
             seq.check_prefilled()
             batch.append((seq, token))
         return batch

@@ -152,6 +152,11 @@ class KVCacheManager:
         any of them may be gone, whatever was admitted since. Pure."""
         return self._live.num_discarded
 
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is open: ``begin_step`` called, its ``end_step`` not yet. Pure."""
+        return self._live.in_step
+
     def has_sequence(self, request_id: str) -> bool:
         """Whether ``request_id`` is live (admitted and not removed or aborted). Pure."""
         try:

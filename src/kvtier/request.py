@@ -10,11 +10,13 @@ from kvtier.config import check_priority
 from kvtier.reprs import shown
 from kvtier.sequence import (
     MultimodalItem,
+    as_token_list,
     check_key,
     check_lora_id,
     check_mm_items,
     check_retention,
     check_retention_type,
+    check_tokens,
     is_finite_number,
     short_repr,
     token_list,
@@ -44,6 +46,11 @@ class Request:
     list of :class:`~kvtier.sequence.MultimodalItem` lying within the prompt (kept as a
     tuple: a block holding part of an image is keyed by the image too, as
     :class:`SequenceSpec` keys it). ``bool`` is never taken for a number.
+
+    While a scheduler holds it (from ``add_request`` until it finishes or is aborted) no
+    field may be assigned (AttributeError naming it): the scheduler sized its admission,
+    reservation and recompute by them, and keeps its own copy of the prompt (a change in
+    place to ``prompt`` is not seen). ``output`` is the scheduler's to append to.
     """
 
     request_id: str
@@ -62,9 +69,36 @@ class Request:
     retention: Retention | None = None
     skip_reading_prefix_cache: bool = False
     mm_items: tuple[MultimodalItem, ...] = ()
+    # Whether a scheduler holds it (``hold_request``): then its fields are frozen.
+    _held: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __new__(cls, *args: object, **kwargs: object) -> Request:
+        # NOTE: the flag set first, so that ``__setattr__`` reads it as a slot: an unset
+        # slot read (an AttributeError caught) for each field made a Request 2.3x dearer.
+        self = object.__new__(cls)
+        object.__setattr__(self, "_held", False)
+        return self
 
     def __post_init__(self) -> None:
         self.prompt, self.output, self.mm_items = check_request(self)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # NOTE: a field changed while queued or running broke the scheduler's books: a
+        # max_output_tokens raised past the blocks guaranteed_no_evict reserved failed an
+        # assertion at the decode past them; one set to None raised in the middle of an
+        # update; a new request_id left the scheduler's tables keyed by the old one (a
+        # KeyError when it finished); a new salt or priority recomputed it elsewhere.
+        if self._held:
+            raise AttributeError(
+                f"{name} of request {shown(self.request_id)} cannot change while a scheduler "
+                f"holds it (queued or running: it was admitted and sized by its fields); abort "
+                f"it, change it, and queue it again")
+        object.__setattr__(self, name, value)
+
+    @property
+    def held(self) -> bool:
+        """Whether a scheduler holds it (queued or running): then its fields are frozen."""
+        return self._held
 
     @property
     def tokens(self) -> list[int]:
@@ -83,7 +117,14 @@ def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> lis
     if allow_empty and isinstance(tokens, Sequence) and not isinstance(tokens, (str, bytes)) \
             and not tokens:
         return []
-    ids = token_list(tokens, what)
+    # NOTE: a prompt is checked, not converted: a NumPy int in it stays as given (the specs
+    # the scheduler builds pack every id as an int); converting meant reading each id's
+    # type, 20 ns an id. The output, short and appended to, is converted.
+    if allow_empty:
+        ids = token_list(tokens, what)
+    else:
+        ids = as_token_list(tokens, what)
+        check_tokens(ids, what)
     return list(ids) if ids is tokens else ids
 
 
@@ -118,3 +159,15 @@ def check_request(req: Request) -> tuple[list[int], list[int], tuple[MultimodalI
         if type(value) is not int or value < 0:
             raise ValueError(f"{name} of {what} must be an integer >= 0, got {shown(value)}")
     return prompt, output, mm_items
+
+
+def hold_request(req: Request, held: bool) -> None:
+    """A scheduler takes ``req`` (its fields frozen) or gives it back."""
+    object.__setattr__(req, "_held", held)
+
+
+def set_progress(req: Request, **fields: int | list[int]) -> None:
+    """The scheduler's own writes of a held request's progress fields (``num_*``,
+    ``output``)."""
+    for name, value in fields.items():
+        object.__setattr__(req, name, value)

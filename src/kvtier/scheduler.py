@@ -4,7 +4,8 @@ Each ``step()`` fills one forward pass, in this order::
 
     1. decode    every running request past its prefill computes one token; its next block
                  is allocated first (guaranteed_no_evict: from its reservation; max_utilization:
-                 on shortage the newest running request is preempted and requeued)
+                 on shortage the newest running request is preempted and requeued, and
+                 the step admits nobody)
     2. prefill   requests part way through a chunked prefill get their next chunk
     3. admit     waiting requests, in arrival order, each credited with its lookup() reuse:
                  compute = min(prompt - reuse, chunk cap, budget left); then one two-phase
@@ -18,6 +19,7 @@ and lives in the simulator (:class:`kvtier.sim.probe.ProbeScheduler`).
 from __future__ import annotations
 
 import itertools
+from array import array
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -28,7 +30,7 @@ from kvtier.admission import PrefixMatch
 from kvtier.blocks import cdiv
 from kvtier.manager import KVCacheManager
 from kvtier.reprs import shown
-from kvtier.request import Request, check_request
+from kvtier.request import Request, check_request, hold_request, set_progress
 from kvtier.scheduled_step import Admitted, Candidate, ContextChunk, ScheduledStep, StepPhases
 from kvtier.scheduler_config import (
     ADMISSIONS,
@@ -37,7 +39,14 @@ from kvtier.scheduler_config import (
     CapacityPolicy,
     SchedulerConfig,
 )
-from kvtier.sequence import MAX_TOKEN_ID, SequenceSpec, check_token, items_before, short_repr
+from kvtier.sequence import (
+    MAX_TOKEN_ID,
+    SequenceSpec,
+    TokenIds,
+    check_token,
+    items_before,
+    short_repr,
+)
 
 __all__ = [
     "ADMISSIONS",
@@ -55,6 +64,7 @@ __all__ = [
 # The one type a sampled token may have (a bool is refused, as ``check_token`` refuses it).
 _INT_TYPE = frozenset({int})
 _request_id = attrgetter("request_id")
+_output = attrgetter("output")
 
 
 class Scheduler:
@@ -64,12 +74,15 @@ class Scheduler:
     :class:`Request`'s progress fields (``output``, ``num_*``); callers read them and change
     them only through ``add_request``, ``update``, ``requeue_failed``, ``hold``/``release``.
     Its other fields are read as it runs (``max_output_tokens`` sizes its reservation under
-    ``guaranteed_no_evict``): they must not change until it finishes. Of the manager it
+    ``guaranteed_no_evict``): from ``add_request`` until it finishes or is aborted the
+    request refuses any assignment (AttributeError), and its prompt is the one queued (a
+    change in place to the list is not seen). Of the manager it
     calls only the public admission, growth and release API, between ``begin_step`` and
     ``end_step``. A request is always in exactly one of ``waiting`` and
-    ``running`` until it finishes; a call that raises leaves both unchanged. A call that
-    changes it made from inside one of its own (the manager's clock or eviction policy
-    calling back) is refused (RuntimeError), as the manager refuses such calls.
+    ``running`` until it finishes; a call refused leaves both unchanged, and a ``step`` or
+    ``update`` that raises part way is failed whole (its requests recompute, see each). A
+    call that changes it made from inside one of its own (the manager's clock or eviction
+    policy calling back) is refused (RuntimeError), as the manager refuses such calls.
     """
 
     # The admission mode this class implements; SchedulerConfig.admission must match.
@@ -114,6 +127,8 @@ class Scheduler:
         # Per waiting request: what it prefills when admitted (the prompt, and after a
         # preemption the output so far), validated once; and since when it waits.
         self._specs: dict[str, SequenceSpec] = {}
+        # Per request queued or running: its prompt as it was queued.
+        self._prompts: dict[str, array[int]] = {}
         self._queued_at: dict[str, int] = {}
         self._held: set[str] = set()  # waiting requests not to admit yet (see hold)
         self._num_steps = 0
@@ -140,8 +155,14 @@ class Scheduler:
         # scheduler over the manager) after one of these was dropped left the count as it
         # was, and every later step raised KeyError decoding the dropped one.
         self._num_removed = manager.num_removed_sequences
-        # Running requests ``reset_prefix_cache`` preempted, for the next step to list.
-        self._reset_preempted: list[str] = []
+        # Requests preempted and not yet listed in a step's ``preempted_request_ids`` (by
+        # ``reset_prefix_cache``, or by a step that raised part way), for the next step to
+        # list; during a step, its own preemptions join them.
+        self._unlisted_preempted: list[str] = []
+        # During a step: the requests it has asked the manager to change (to decode, to
+        # prefill or to admit), in order; what a step that raises part way fails.
+        self._step_touched: list[str] = []
+        self._step_started: list[str] = []  # and those it admitted (the engine never ran)
         # Per running request still in its prefill: the spec it was admitted with (what its
         # chunks compute). And during a step's admission, the first block each chunk of the
         # step completes, by ``_block_key`` (see ``candidates``).
@@ -151,6 +172,8 @@ class Scheduler:
         # which calls the manager, and so its clock and eviction policy: a call back into
         # the scheduler from there is refused (``_check_not_in_call``).
         self._in_call: str | None = None
+        # Whether the update in flight has begun to apply its step (``_fail_update``).
+        self._update_started = False
 
     @property
     def phases(self) -> StepPhases | None:
@@ -204,8 +227,8 @@ class Scheduler:
             "a waiting request's spec or queue time is missing or outlived it"
         assert self._held <= set(waiting), f"held but not waiting: {self._held}"
         # Preempted by a reset, for the next step to list: each still waits.
-        assert set(self._reset_preempted) <= set(waiting), \
-            f"listed as preempted but not waiting: {self._reset_preempted}"
+        assert set(self._unlisted_preempted) <= set(waiting), \
+            f"listed as preempted but not waiting: {self._unlisted_preempted}"
         assert set(self._lookups) <= set(waiting) | running, "a lookup kept for one gone"
         assert not self._computing, "a step's same-step waits outlived its admission"
         prefilling = {rid for rid, r in self.running.items()
@@ -213,6 +236,7 @@ class Scheduler:
         assert prefilling <= set(self._prefill_specs) <= running, \
             "a prefill spec missing, or kept for a request not running"
         assert set(self._num_unappended) <= running, "unappended tokens of one not running"
+        assert set(self._prompts) == set(waiting) | running, "a prompt kept for one gone"
         for r in self.waiting:
             assert r.num_computed_tokens == r.num_prefill_tokens == 0, r
             assert self._queued_at[r.request_id] <= self._num_steps, r
@@ -254,10 +278,21 @@ class Scheduler:
     def _spec_of(self, req: Request) -> SequenceSpec:
         """What ``req`` prefills when admitted: its prompt, and after a preemption the
         output so far. Raises ValueError (nothing changed) if the manager refuses it."""
-        tokens = req.tokens if req.output else req.prompt
+        prompt = self._prompts.get(req.request_id)
+        tokens: Sequence[int]
+        if prompt is None:  # being queued: its prompt was just checked
+            tokens = req.tokens if req.output else req.prompt
+            num_prompt = len(req.prompt)
+        else:
+            try:
+                tokens = TokenIds.of_array(prompt + array("Q", req.output) if req.output
+                                           else prompt)
+            except (TypeError, OverflowError):  # its output changed in place: named below
+                tokens = [*prompt, *req.output]
+            num_prompt = len(prompt)
         retention = req.retention
         if retention is not None and req.output:  # its output stays decoded blocks
-            retention = replace(retention, decode_start=len(req.prompt))
+            retention = replace(retention, decode_start=num_prompt)
         return SequenceSpec(req.request_id, tokens, salt=req.salt, lora_id=req.lora_id,
                             priority=req.priority, retention_s=req.retention_s,
                             retention=retention,
@@ -272,6 +307,11 @@ class Scheduler:
         self._lookups.pop(rid, None)
         del self._specs[rid], self._queued_at[rid]
         self._held.discard(rid)
+
+    def _release_request(self, req: Request) -> None:
+        """``req`` leaves the scheduler (finished or aborted): the caller's again."""
+        del self._prompts[req.request_id]
+        hold_request(req, False)
 
     def _leave_running(self, req: Request) -> None:
         """Take ``req`` out of ``running`` and forget what was kept for it there."""
@@ -300,6 +340,9 @@ class Scheduler:
         self._check_not_in_call("add_request")
         if not isinstance(req, Request):
             raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
+        if req.held:
+            raise ValueError(f"request {shown(req.request_id)} is queued or running already (in "
+                             "this scheduler or another): one Request object is one request")
         prompt, output, mm_items = check_request(req)
         rid = req.request_id
         if len(output) >= req.max_output_tokens:
@@ -332,7 +375,10 @@ class Scheduler:
         # part way and queued again kept the last one's progress while it waited (its
         # num_computed_tokens read 4 of 9, and check_invariants failed on it).
         req.num_prefill_tokens = req.num_computed_tokens = 0
+        # The prompt as it was queued (the request's list may be changed in place).
+        self._prompts[rid] = spec.token_array[:len(prompt)]
         self._enqueue(req, spec, first=False)
+        hold_request(req, True)
 
     def abort(self, request_id: str) -> Request | None:
         """Drop a queued or running request (a client gone): a running one leaves the
@@ -365,6 +411,7 @@ class Scheduler:
             if self.manager.has_sequence(request_id):
                 self.manager.remove_sequence(request_id)
                 self._num_removed += 1  # this one, not the count now: that may hide a lost one
+            self._release_request(req)
             return req
         if request_id not in self._specs:
             return None
@@ -372,8 +419,9 @@ class Scheduler:
         self._dequeue(req)
         # NOTE: one a reset preempted is no longer the next step's to list (it listed a
         # request gone, or a new one queued under its id, as preempted).
-        if request_id in self._reset_preempted:
-            self._reset_preempted.remove(request_id)
+        if request_id in self._unlisted_preempted:
+            self._unlisted_preempted.remove(request_id)
+        self._release_request(req)
         return req
 
     def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
@@ -419,10 +467,10 @@ class Scheduler:
             manager.remove_sequence(req.request_id, store_for_reuse=False)
         for req, spec in zip(reversed(running), reversed(specs), strict=True):
             self._leave_running(req)
-            req.num_preemptions += 1
-            req.num_computed_tokens = req.num_prefill_tokens = 0
+            set_progress(req, num_preemptions=req.num_preemptions + 1, num_computed_tokens=0,
+                         num_prefill_tokens=0)
             self._enqueue(req, spec, first=True)
-        self._reset_preempted += [req.request_id for req in running]
+        self._unlisted_preempted += [req.request_id for req in running]
         self._num_removed = manager.num_removed_sequences
         done = manager.reset_cache()
         assert done, "no request is live, yet the manager refused to reset"
@@ -430,7 +478,9 @@ class Scheduler:
 
     def step(self) -> ScheduledStep:
         """Schedule one forward pass. Raises RuntimeError, changing nothing, while the last
-        step has not been applied by ``update``."""
+        step has not been applied by ``update``. A step that raises part way (anything it
+        calls: the step timer, the manager, its clock or policy) is failed whole before the
+        exception goes on (``_fail_step``): its requests recompute, nothing is half done."""
         self._check_not_in_call("step")
         if self._unapplied is not None:
             raise RuntimeError("step() called before update() applied the previous step")
@@ -451,15 +501,67 @@ class Scheduler:
         phases = self.phases
         if phases is not None:
             phases.begin()
-        self.manager.begin_step()
+        manager = self.manager
+        self._step_touched = []
+        self._step_started = []
+        step = None
         try:
-            self._unapplied = self._step()
-            return self._unapplied
-        finally:
-            self.manager.end_step()
-            self._num_removed = self.manager.num_removed_sequences
+            manager.begin_step()
+            step = self._step()
+            manager.end_step()
             if phases is not None:
                 phases.mark("store")
+        except BaseException:
+            self._fail_step(step)
+            raise
+        finally:
+            self._step_touched = []
+            self._step_started = []
+            self._computing.clear()  # a query between steps waits on no step's chunks
+            self._num_removed = manager.num_removed_sequences
+        self._unlisted_preempted = []  # the step lists them
+        self._unapplied = step
+        return step
+
+    def _fail_step(self, step: ScheduledStep | None) -> None:
+        """Undo a step that raised part way (the caller's clock, policy or step timer, the
+        manager, anything): the engine never saw it, so it is a step whose copies and
+        forward pass failed. The copies it recorded are reported failed
+        (``transfer_failed``: what they were to fill leaves the cache) and every request it
+        touched that the manager still holds is reported as a failed pass
+        (``compute_failed``: what the step scheduled leaves the cache, what earlier steps
+        computed stays); the running requests the manager dropped go back to the front of
+        the queue, in admission order, to recompute, and the next step lists those the
+        engine ran (and the step's own preemptions) as preempted. A waiting request the
+        step admitted in the manager and had not started yet stays waiting.
+
+        NOTE: degrade to recompute rather than undo: the manager's moves (evictions,
+        offloads, onboards, stores) have no inverse, while the recovery above is the one
+        the engine's own failures take, tested as it is. The cost is recomputing the
+        requests one failed step touched."""
+        manager = self.manager
+        plan = step.transfer_plan if step is not None else None
+        if manager.in_step:
+            # Its stores and copies not taken yet: taken here, the engine never runs them.
+            rest = manager.end_step()
+            if len(rest) or plan is None:
+                plan = rest
+        elif plan is None:
+            plan = manager.take_plan()
+        if len(plan):
+            manager.transfer_failed(plan, range(len(plan)))
+        # (A waiting request the manager holds was admitted there by this step; those it
+        # started are listed too, for an ``admit`` of a subclass that names none.)
+        touched = [rid for rid in dict.fromkeys(
+            [*self._step_touched, *self._step_started, *(req.request_id for req in self.waiting)])
+            if manager.has_sequence(rid)]
+        if touched:
+            manager.compute_failed(touched)
+        lost = [req for rid, req in self.running.items() if not manager.has_sequence(rid)]
+        self._requeue(lost)
+        unlisted = set(self._unlisted_preempted).union(self._step_started)
+        self._unlisted_preempted += [req.request_id for req in lost
+                                     if req.request_id not in unlisted]
 
     def _lost(self) -> list[str]:
         """The running requests the manager no longer holds, in admission order. Pure.
@@ -476,8 +578,9 @@ class Scheduler:
         self._num_steps += 1
         budget = cfg.max_num_tokens
         slots = cfg.max_batch_size
-        preempted = self._reset_preempted
-        self._reset_preempted = []
+        preempted = self._unlisted_preempted  # this step's preemptions join them
+        num_unlisted = len(preempted)
+        touched = self._step_touched
         decodes: list[str] = []
         chunks: list[ContextChunk] = []
 
@@ -490,6 +593,7 @@ class Scheduler:
                      if req.num_computed_tokens >= req.num_prefill_tokens][:min(budget, slots)]
             rids = [req.request_id for req in ready]
             tokens = [req.output[-1] for req in ready]
+            touched += rids
             while rids:
                 # NOTE: two lists, not pairs: every value is checked, not the pairs' shape.
                 done = self.manager.append_token_columns(rids, tokens)
@@ -522,6 +626,7 @@ class Scheduler:
                 break
             remaining = req.num_prefill_tokens - req.num_computed_tokens
             n = min(remaining, cap, budget)
+            touched.append(req.request_id)
             self.manager.schedule_prefill(req.request_id, n)
             chunks.append(ContextChunk(req.request_id, req.num_computed_tokens, n, 0))
             spec = self._prefill_specs.get(req.request_id)
@@ -532,10 +637,14 @@ class Scheduler:
 
         if phases is not None:
             phases.mark("prefill")
-        # 3. Admit waiting requests.
+        # 3. Admit waiting requests, unless the decodes preempted (max_utilization).
+        # NOTE: the room a preemption frees is for the running requests it was made for:
+        # admitted into it, a request queued after the victim took its blocks (its cached
+        # prefix evicted) in the very step that requeued it. vLLM's scheduler admits nothing
+        # in a step that preempted, nor does this one.
         credited = reused = 0
         try:
-            if budget and slots and self.waiting:
+            if budget and slots and self.waiting and len(preempted) == num_unlisted:
                 admitted = self.admit(budget, slots)
                 chunks += admitted.chunks
                 credited, reused = admitted.num_credited_tokens, admitted.num_reused_tokens
@@ -545,12 +654,13 @@ class Scheduler:
         overflow = max(0, num_tokens - cfg.max_num_tokens)
         # Exact credit (claim admission) never overflows; probe admission counts it.
         assert not overflow or self.ADMISSION == "probe", (num_tokens, cfg.max_num_tokens)
-        # The step's copies; stores at end_step add none. (If the step raises, they stay
-        # with the manager and come with the next step's plan.)
-        plan = self.manager.take_plan()
         self._hint_queue()
         if phases is not None:
             phases.mark("hint")
+        # The step's copies; stores at end_step add none.
+        # NOTE: taken last: a step that raises before it leaves its copies with the manager,
+        # for ``_fail_step`` to report failed (the hint records none).
+        plan = self.manager.take_plan()
         return ScheduledStep(tuple(chunks), tuple(decodes), num_tokens, plan,
                              tuple(preempted), credited, reused, overflow, tuple(drafts))
 
@@ -569,6 +679,7 @@ class Scheduler:
                 break
             if rid not in self.running or req.num_computed_tokens < req.num_prefill_tokens:
                 continue  # preempted below, or still prefilling
+            self._step_touched.append(rid)
             num_new = self._num_unappended.get(rid, 1)
             assert num_new >= 1, (rid, num_new)  # every decode's update samples
             new = req.output[len(req.output) - num_new:]
@@ -625,8 +736,8 @@ class Scheduler:
         # The token it was about to decode is not computed: keep it out of the cache.
         self.manager.remove_sequence(req.request_id)
         self._leave_running(req)
-        req.num_preemptions += 1
-        req.num_computed_tokens = req.num_prefill_tokens = 0
+        set_progress(req, num_preemptions=req.num_preemptions + 1, num_computed_tokens=0,
+                     num_prefill_tokens=0)
         self._enqueue(req, spec, first=True)
 
     def _block_key(self, spec: SequenceSpec, end: int) -> tuple[object, ...]:
@@ -730,7 +841,7 @@ class Scheduler:
         """Blocks to set aside for ``req``'s decode (guaranteed_no_evict only)."""
         if self.config.capacity_policy != "guaranteed_no_evict":
             return 0
-        final = len(req.prompt) + req.max_output_tokens
+        final = len(self._prompts[req.request_id]) + req.max_output_tokens
         return cdiv(final, self._tpb) - cdiv(len(tokens), self._tpb)
 
     def admit(self, budget: int, slots: int) -> Admitted:
@@ -747,6 +858,7 @@ class Scheduler:
                 phases.mark("lookup")
             if not candidates:
                 break
+            self._step_touched += [c.spec.request_id for c in candidates]
             admissions = self.manager.add_sequence_batch([c.spec for c in candidates])
             for cand, adm in zip(candidates, admissions, strict=True):
                 if not adm.admitted:
@@ -770,11 +882,12 @@ class Scheduler:
         """Move an admitted candidate from ``waiting`` to ``running``: its first chunk
         computes ``num_tokens`` tokens past the ``num_reused`` the admission reused."""
         req = cand.request
+        self._step_started.append(req.request_id)
         self._dequeue(req)
         self.running[req.request_id] = req
         self._prefill_specs[req.request_id] = cand.spec
-        req.num_prefill_tokens = len(cand.spec.token_array)
-        req.num_computed_tokens = num_reused
+        set_progress(req, num_prefill_tokens=len(cand.spec.token_array),
+                     num_computed_tokens=num_reused)
         return ContextChunk(req.request_id, num_reused, num_tokens, num_reused)
 
     def update(self, step: ScheduledStep, sampled: Mapping[str, int | Sequence[int]],
@@ -787,7 +900,10 @@ class Scheduler:
         changing nothing, for a step that is not the last one ``step`` (or
         ``requeue_failed``) returned or was already applied (RuntimeError), a ``sampled``
         that is no mapping or a ``stopped`` that is no collection (TypeError), or a request
-        that samples with no valid token in ``sampled`` (ValueError)."""
+        that samples with no valid token in ``sampled`` (ValueError). An update that raises
+        once it began to apply the step (the step timer, the manager releasing a finished
+        request, anything) fails it whole before the exception goes on (``_fail_update``):
+        the step's requests recompute its tokens, and the step is applied."""
         self._check_not_in_call("update")
         self._check_unapplied(step, "update")
         self._in_call = "update"
@@ -823,29 +939,69 @@ class Scheduler:
             except Exception as exc:
                 raise TypeError(f"stopped must be a collection of request ids: reading it "
                                 f"raised {type(exc).__name__}: {exc}") from exc
-        phases = self.phases
-        if phases is not None:
-            phases.resume()
-        if self.config.num_speculative_tokens:
-            finished = self._apply_speculative(step, sampled, stopped)
-        else:
-            finished = self._apply(step, sampled, stopped)
+        # The step's requests and their output lengths before it, for ``_fail_update``.
+        running = self.running
+        decoding = [req for req in map(running.get, step.decode_request_ids) if req is not None]
+        reqs = decoding + [req for req in map(running.get, map(_request_id, step.context_chunks))
+                           if req is not None]
+        lengths = list(map(len, map(_output, reqs)))
+        self._update_started = False
+        try:
+            phases = self.phases
+            if phases is not None:
+                phases.resume()
+            if self.config.num_speculative_tokens:
+                finished = self._apply_speculative(step, decoding, sampled, stopped)
+            else:
+                finished = self._apply(step, decoding, sampled, stopped)
+            for req in finished:
+                self.manager.remove_sequence(req.request_id)
+                self._leave_running(req)
+            if phases is not None:
+                phases.mark("update")
+        except BaseException:
+            if self._update_started:
+                self._fail_update(reqs, lengths)
+            raise  # else nothing changed: the step still waits for its update
+        finally:
+            self._num_removed = self.manager.num_removed_sequences
         for req in finished:
-            self.manager.remove_sequence(req.request_id)
-            self._leave_running(req)
+            self._release_request(req)
         self._unapplied = None
-        self._num_removed = self.manager.num_removed_sequences
-        if phases is not None:
-            phases.mark("update")
         return finished
 
-    def _apply(self, step: ScheduledStep, sampled: Mapping[str, object],
-               stopped: Collection[str]) -> list[Request]:
+    def _fail_update(self, reqs: list[Request], lengths: list[int]) -> None:
+        """Undo an update that raised after it began to apply its step (the caller's step
+        timer, the manager releasing a finished request, anything): the caller never got
+        its finished requests, so the step is taken as lost. Each of its requests (``reqs``)
+        gets back its output as before it (``lengths``) and returns to the front of the
+        queue, to recompute the step's tokens: those the manager holds leave it, what the
+        step's pass computed staying cached (the pass ran). The step is applied (it is
+        gone); the next step lists the requests as preempted.
+
+        NOTE: degrade rather than finish the update: a finished request the manager failed
+        to release could be neither returned nor kept running past its end."""
+        manager = self.manager
+        for req, num_tokens in zip(reqs, lengths, strict=True):
+            del req.output[num_tokens:]
+        for req in reqs:
+            rid = req.request_id
+            if manager.has_sequence(rid):
+                manager.remove_sequence(rid)
+            if rid in self.running:
+                self._leave_running(req)
+        specs = [self._spec_of(req) for req in reqs]
+        for req, spec in zip(reversed(reqs), reversed(specs), strict=True):
+            set_progress(req, num_computed_tokens=0, num_prefill_tokens=0)
+            self._enqueue(req, spec, first=True)
+        self._unlisted_preempted += [req.request_id for req in reqs]
+        self._unapplied = None
+
+    def _apply(self, step: ScheduledStep, decoding: list[Request],
+               sampled: Mapping[str, object], stopped: Collection[str]) -> list[Request]:
         """``update``'s tokens, one a sampler: every token checked before any is applied;
-        returns the requests that finish."""
+        returns the requests that finish. ``decoding``: the step's decodes still running."""
         running = self.running
-        decoding = [req for req in map(running.get, step.decode_request_ids)
-                    if req is not None]
         samplers = [req.request_id for req in decoding]
         for chunk in step.context_chunks:
             req = running.get(chunk.request_id)
@@ -857,10 +1013,11 @@ class Scheduler:
         # the first bad token (each message built only then).
         if not (set(map(type, tokens)) <= _INT_TYPE
                 and (not ints or (min(ints) >= 0 and max(ints) <= MAX_TOKEN_ID))):
-            for rid, token in zip(samplers, tokens, strict=True):
-                check_token(token, f"sampled token of {shown(rid)}")
+            ints = [check_token(token, f"sampled token of {shown(rid)}")  # NumPy ints: ints
+                    for rid, token in zip(samplers, tokens, strict=True)]
         # The decoders' tokens come first in ``ints``, the completed prefills' after them.
         firsts = dict(zip(samplers[len(decoding):], ints[len(decoding):], strict=True))
+        self._update_started = True  # every token checked: the step applies from here
         finished = self._advance_chunks(step, stopped, lambda rid: [firsts[rid]])
         for req, token in zip(decoding, ints, strict=False):
             output = req.output
@@ -869,7 +1026,8 @@ class Scheduler:
                 finished.append(req)
         return finished
 
-    def _apply_speculative(self, step: ScheduledStep, sampled: Mapping[str, object],
+    def _apply_speculative(self, step: ScheduledStep, decoding: list[Request],
+                           sampled: Mapping[str, object],
                            stopped: Collection[str]) -> list[Request]:
         """``update`` with drafts: a decoding request's value in ``sampled`` is its accepted
         drafts and the token sampled after them (a token, or a list of 1 to its drafts + 1
@@ -878,8 +1036,6 @@ class Scheduler:
         requests that finish."""
         running = self.running
         num_drafts = dict(zip(step.decode_request_ids, step.num_draft_tokens, strict=True))
-        decoding = [req for req in map(running.get, step.decode_request_ids)
-                    if req is not None]
         completing = [chunk.request_id for chunk in step.context_chunks
                       if chunk.request_id in running and chunk.first_token + chunk.num_tokens
                       >= running[chunk.request_id].num_prefill_tokens]
@@ -887,7 +1043,8 @@ class Scheduler:
         for rid, most in [(req.request_id, 1 + num_drafts[req.request_id])
                           for req in decoding] + [(rid, 1) for rid in completing]:
             value = sampled.get(rid)
-            tokens = [value] if type(value) is int else value
+            # One token, unless a list: checked by check_token as every token is.
+            tokens = value if value is None or isinstance(value, (list, tuple)) else [value]
             if not isinstance(tokens, (list, tuple)) or not 1 <= len(tokens) <= most:
                 raise ValueError(
                     f"sampled tokens of {shown(rid)} must be a token or a list of 1..{most} "
@@ -895,10 +1052,11 @@ class Scheduler:
             new[rid] = [check_token(t, f"sampled token of {shown(rid)}") for t in tokens]
         # A completed prefill's one token is unappended, as a request absent from
         # ``_num_unappended`` is taken to have (its entry left at its admission).
+        self._update_started = True  # every token checked: the step applies from here
         finished = self._advance_chunks(step, stopped, new.__getitem__)
         for req in decoding:
             tokens = new[req.request_id][:req.max_output_tokens - len(req.output)]
-            req.output += tokens
+            req.output.extend(tokens)
             self._num_unappended[req.request_id] = len(tokens)
             if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
                 finished.append(req)
@@ -915,10 +1073,10 @@ class Scheduler:
             req = running.get(chunk.request_id)
             if req is None:
                 continue
-            req.num_computed_tokens = chunk.first_token + chunk.num_tokens
+            set_progress(req, num_computed_tokens=chunk.first_token + chunk.num_tokens)
             if not req.in_prefill:
                 self._prefill_specs.pop(req.request_id, None)
-                req.output += first_tokens(req.request_id)
+                req.output.extend(first_tokens(req.request_id))
                 if len(req.output) >= req.max_output_tokens or req.request_id in stopped:
                     finished.append(req)
         return finished
@@ -964,7 +1122,7 @@ class Scheduler:
         specs = [self._spec_of(req) for req in requeued]  # may raise: nothing changed yet
         for req, spec in zip(reversed(requeued), reversed(specs), strict=True):
             self._leave_running(req)
-            req.num_computed_tokens = req.num_prefill_tokens = 0
+            set_progress(req, num_computed_tokens=0, num_prefill_tokens=0)
             self._enqueue(req, spec, first=True)
 
     def _check_unapplied(self, step: object, caller: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 import sys
 from array import array
 from collections.abc import Iterator, Sequence
@@ -234,6 +236,8 @@ def token_list(tokens: object, what: str) -> list[int]:
     """
     ids = as_token_list(tokens, what)
     check_tokens(ids, what)
+    if not _INT_TYPES.issuperset(map(type, ids)):  # NumPy ints: kept as ints
+        ids = [check_token(t, what) for t in ids]
     return ids
 
 
@@ -277,14 +281,7 @@ def checked_token_array(tokens: Sequence[int], what: str) -> array[int]:
     if ids is not None:
         return ids
     for index, token in enumerate(tokens):
-        if not isinstance(token, int):
-            raise ValueError(
-                f"{what}: token at index {index} must be an int, got {short_repr(token)} "
-                f"({type(token).__name__})")
-        if not 0 <= token <= MAX_TOKEN_ID:
-            raise ValueError(
-                f"{what}: token at index {index} is {short_repr(token)}, outside the token id "
-                f"range 0..2**63-1")
+        check_token(token, f"{what}: token at index {index}")
     raise AssertionError(f"{what}: no bad id, yet the ids did not pack")
 
 
@@ -298,7 +295,10 @@ def packed_token_ids(tokens: Sequence[int]) -> bytes | None:
     except (TypeError, OverflowError):
         return None
     packed = ids.tobytes()
-    return packed if packed[_TOP_BYTE::8].isascii() else None
+    if not packed[_TOP_BYTE::8].isascii() or (type(tokens) is not array
+                                              and _bool_in(tokens, packed, 0)):
+        return None
+    return packed
 
 
 def token_array(tokens: Sequence[int]) -> array[int] | None:
@@ -315,8 +315,40 @@ def token_array(tokens: Sequence[int]) -> array[int] | None:
     except (TypeError, OverflowError):
         return None
     if len(ids) <= _CHECK_IDS:  # NOTE: a short prompt pays no call
-        return ids if ids.tobytes()[_TOP_BYTE::8].isascii() else None
-    return ids if _below_top_bit(ids) else None
+        packed = ids.tobytes()
+        if not packed[_TOP_BYTE::8].isascii() or (
+                type(tokens) is not array and _bool_in(tokens, packed, 0)):
+            return None
+        return ids
+    if not _below_top_bit(ids):
+        return None
+    if type(tokens) is not array:
+        with memoryview(ids) as view:
+            for start in range(0, len(ids), _CHECK_IDS):
+                if _bool_in(tokens, view[start:start + _CHECK_IDS].tobytes(), start):
+                    return None
+    return ids
+
+
+def _bool_in(tokens: Sequence[int], packed: bytes, start: int) -> bool:
+    """Whether ``tokens`` holds a bool among the ids packed in ``packed``, from its index
+    ``start`` (a bool packs as the id 0 or 1). Pure.
+
+    NOTE: only the items whose id is 0 or 1 modulo 256 are looked at, found at C speed
+    (their low byte); where there are many, every item's type is read at once (20 ns an
+    id, three times the packing: too dear for every prompt, to refuse what none holds)."""
+    if type(tokens) is TokenIds or type(tokens) is range:
+        return False
+    flags = packed[_LOW_BYTE::8].translate(_NOT_0_OR_1)
+    num_low = flags.count(0)
+    if num_low > 8 + len(flags) // 32:
+        return bool in set(map(type, itertools.islice(tokens, start, start + len(flags))))
+    at = flags.find(0) if num_low else -1
+    while at >= 0:
+        if type(tokens[start + at]) is bool:
+            return True
+        at = flags.find(0, at + 1)
+    return False
 
 
 def _below_top_bit(ids: array[int]) -> bool:
@@ -344,6 +376,11 @@ def _packed(tokens: Sequence[int]) -> array[int]:
 
 # The most significant byte of a packed 64-bit id: below 0x80 for ids below 2**63.
 _TOP_BYTE = 7 if sys.byteorder == "little" else 0
+# A packed id's least significant byte, and a table mapping a byte 0 or 1 (what a bool
+# packs as) to 0 and any other to 1 (``_bool_in``).
+_LOW_BYTE = 0 if sys.byteorder == "little" else 7
+_NOT_0_OR_1 = bytes([0, 0] + [1] * 254)
+_INT_TYPES = frozenset((int,))
 
 # NOTE: ids checked per copy (32 KiB): a long prompt's ids copied at once are a buffer as
 # large as its array, fresh memory whose page faults cost more than the copy (measured in
@@ -372,10 +409,20 @@ def check_spec(spec: object, what: str) -> SequenceSpec:
 
 
 def check_token(token: object, what: str) -> int:
-    """One token id, validated like ``check_tokens``."""
-    if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:
-        raise ValueError(f"{what} must be an int in 0..2**63-1, got {short_repr(token)}")
-    return token
+    """One token id as an int; ValueError naming ``what``, the value and its type unless it
+    is an integer in ``0..2**63-1``: an ``int`` or an integer scalar of another kind (a
+    NumPy ``int64``, as engines sample them, read as the int it is), never a bool (nor a
+    NumPy bool), a float or a str. Every entry that takes token ids, one or a list, takes
+    exactly these (``checked_token_array``)."""
+    if type(token) is int:
+        if 0 <= token <= MAX_TOKEN_ID:
+            return token
+    elif isinstance(token, numbers.Integral) and not isinstance(token, bool):
+        value = int(token)
+        if 0 <= value <= MAX_TOKEN_ID:
+            return value
+    raise ValueError(f"{what} must be an int in 0..2**63-1, got {short_repr(token)} "
+                     f"({type(token).__name__})")
 
 
 def check_key(what: str, value: object, allow_none: bool = True) -> None:
