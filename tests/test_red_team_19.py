@@ -154,9 +154,15 @@ def test_the_fetch_rule_takes_a_subnormal_fetch_cost() -> None:
                                    "1", None, pytest.param(10**400, id="10**400")])
 def test_the_fetch_rule_refuses_what_is_no_finite_cost(field: str, value: object) -> None:
     """NaN, infinities, a negative, a bool, a non-number, an int past the float range: a
-    ValueError naming the field (``max_wait_s`` None is no limit, not a cost)."""
+    ValueError naming the field (``max_wait_s`` None is no limit, not a cost; an infinite
+    latency or fetch time is a fetch that never lands: none worth it)."""
     if field == "max_wait_s" and value is None:
         assert worth(3, max_wait_s=None) == 3
+        return
+    if field in ("latency_s", "fetch_s_per_block") and value == float("inf"):
+        # A fetch that never lands is a cost, and no block is worth it (22b: a link slow
+        # enough that the fleet's fetch times overflow to infinity fetches nothing).
+        assert worth(3, **{field: value}) == 0
         return
     with pytest.raises(ValueError, match=f"^{field} must be a finite number >= 0, got "):
         worth(3, **{field: value})
