@@ -263,6 +263,30 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
         def set(self, key: str, value: object) -> None:
             raise redis.exceptions.TimeoutError("Timeout reading from socket")
 
+        def delete(self, key: str) -> int:
+            return 0
+
+        def pipeline(self, transaction: bool = True) -> Pipeline:
+            return Pipeline(self)
+
+    class Pipeline:
+        """Queues the commands of a seq-0 batch (the old snapshot's delete, the entry) and
+        runs them on execute, as a MULTI/EXEC transaction does."""
+
+        def __init__(self, client: Client) -> None:
+            self.client = client
+            self.queued: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
+
+        def delete(self, *args: object, **options: object) -> None:
+            self.queued.append(("delete", args, options))
+
+        def xadd(self, *args: object, **options: object) -> None:
+            self.queued.append(("xadd", args, options))
+
+        def execute(self) -> list[object]:
+            return [getattr(self.client, name)(*args, **options)
+                    for name, args, options in self.queued]
+
     client = Client()
     monkeypatch.setattr(publisher, "_connect", lambda url: client)
     pub = publisher.RedisStreamPublisher("redis://unused")
