@@ -39,9 +39,14 @@ if TYPE_CHECKING:
     Ints = npt.NDArray[np.int64]
 
 ITEM_FIELDS = 4  # flags, src_slot, dst_slot, num_tokens (see copy_kernel)
+# The launch shape, from ``benchmarks/sweep_fused.py`` on an H200 (warps 4/8/16, turns of
+# 8-32 KiB, 1-2 turns a unit, 4-16 programs an SM): 8 warps moving 8 KiB turns, one turn a
+# unit, was at or near the best of every plan and block size (16-256 KiB, both layouts);
+# 4 warps and two turns a unit lost 8-12 % in step plans of 64-256 KiB blocks, where a
+# pair's onboard waits at a barrier for its offload's whole unit.
 BLOCK_BYTES = 8192  # bytes one program moves per loop turn
-CHUNK_BLOCKS = 2  # loop turns per unit of work (see copy_kernel)
-NUM_WARPS = 4
+CHUNK_BLOCKS = 1  # loop turns per unit of work (see copy_kernel)
+NUM_WARPS = 8
 DENSE_KEYS_PER_OP = 8  # components() indexes by slot key below this many keys per op
 
 
