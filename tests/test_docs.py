@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "kvtier"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # Docs whose code names are all kvtier's (docs/vllm.md names vLLM's too).
-KVTIER_DOCS = (ARCHITECTURE, ROOT / "README.md", ROOT / "docs" / "models.md")
+KVTIER_DOCS = (ARCHITECTURE, ROOT / "docs" / "contracts.md", ROOT / "README.md",
+               ROOT / "docs" / "models.md")
 SPAN = re.compile(r"`([^`]+)`")
 # A span that is one code name: `BlockCache`, `ref_path`, `Scheduler.phases`,
 # `take_plan()`, `RemoteStoreBase.write_back(on_lost=...)`.
