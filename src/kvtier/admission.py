@@ -327,6 +327,9 @@ class BatchAdmission:
         """Raise if the batch could not fit even in an empty GPU pool. Pure."""
         tpb = self._tpb
         capacity = self.config.num_gpu_blocks
+        # NOTE: one request's footprint is its own blocks, checked in the loop: the batch's
+        # sum (a walk of every matched run) only where there are two or more.
+        batch = len(specs) > 1
         total = 0
         shared: dict[int, int] = {}
         for spec, m in zip(specs, matches, strict=True):
@@ -340,6 +343,8 @@ class BatchAdmission:
                     f"request {shown(spec.request_id)} needs {num_blocks} blocks "
                     f"({len(spec.tokens)} tokens / {tpb}){reserved} but num_gpu_blocks is "
                     f"{capacity}")
+            if not batch:
+                return
             total += num_blocks - m.num_blocks
             for node in m.path:
                 shared[node.uid] = node.num_blocks

@@ -401,6 +401,9 @@ class BlockCache:
         learner = self._learner if release is not None else None
         witness = self._witness if release is not None else None
         now = evictor.now() if release is not None else 0.0
+        # NOTE: the runs a release files are keyed at its one reading of the clock; a
+        # rollback's at the evictor's own (its keys stay as they were).
+        filed_at = now if release is not None else None
         per_block = release.retention if release is not None else None
         while node.parent is not None:
             if per_block is not None and node.ref_count == 1 and len(node.slots) > 1:
@@ -430,7 +433,7 @@ class BlockCache:
                         node.reuse_class = learner.reuse_class(
                             node, release.turn, _role(node, release))
                     evictor.track_retention(node)
-                evictor.refile(node)
+                evictor.refile(node, filed_at)
             node = node.parent
 
     # ---- sessions ----------------------------------------------------------------------------

@@ -341,8 +341,9 @@ class Evictor:
         return self._key(node, self._clock() if held is None else held,
                          self._default_priority)
 
-    def refile(self, node: Node) -> None:
-        """File ``node`` as a candidate of its tier if it is one now."""
+    def refile(self, node: Node, now: float | None = None) -> None:
+        """File ``node`` as a candidate of its tier if it is one now (keyed at ``now``, a
+        reading of this evictor's ``now()`` the caller holds; None: read it here)."""
         # NOTE: ``gpu_candidate_key`` / ``host_candidate_key`` written out (the same
         # tests): a release refiles every run of its path, an eviction two runs a victim.
         if node.ref_count or node.parent is None:
@@ -355,9 +356,10 @@ class Evictor:
             return
         else:
             pool = self._host
-        held = self._held_now
-        if pool.push(node, self._key(node, self._clock() if held is None else held,
-                                     self._default_priority)):
+        if now is None:
+            held = self._held_now
+            now = self._clock() if held is None else held
+        if pool.push(node, self._key(node, now, self._default_priority)):
             pool.compact(self._gpu_key if pool is self._gpu else self._host_key)
 
     def track_retention(self, node: Node) -> None:
