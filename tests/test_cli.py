@@ -102,7 +102,7 @@ def test_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_replay_default_workload(capsys: pytest.CaptureFixture[str]) -> None:
-    """The built-in synthetic workload replays on its own tiers (1,024 GPU + 2,048 host
+    """The built-in synthetic workload replays on its own tiers (1,024 GPU + 1,024 host
     blocks) with the offline references: a table, then one JSON report line last."""
     code, out, err = run_cli(capsys, "replay", "--limit", "30", "--no-progress")
     assert (code, err) == (0, "")
@@ -110,8 +110,8 @@ def test_replay_default_workload(capsys: pytest.CaptureFixture[str]) -> None:
     assert_report_schema(report)
     assert report["num_requests"] == 30
     assert (report["cache_config"]["num_gpu_blocks"],
-            report["cache_config"]["num_host_blocks"]) == (1024, 2048)
-    assert report["oracle"]["num_capacity_blocks"] == 3072
+            report["cache_config"]["num_host_blocks"]) == (1024, 1024)
+    assert report["oracle"]["num_capacity_blocks"] == 2048
     assert isinstance(report["token_hit_rate"], float) and 0 < report["token_hit_rate"] < 1
     assert report["num_overflow_steps"] == report["num_lost_reuse_tokens"] == 0
     assert report["workload"] == SyntheticChat(num_requests=30).describe()
@@ -567,13 +567,13 @@ def assert_one_line_error(code: int, out: str, err: str, message: str) -> None:
     ("args", "message"),
     [
         (["replay", "--gpu-blocks", str(10**12)],
-         "--gpu-blocks/--host-blocks: (1,000,000,000,000 GPU + 2,048 host) = "
-         "1,000,000,002,048 blocks is more than the 33,554,432 one run may hold"),
+         "--gpu-blocks/--host-blocks: (1,000,000,000,000 GPU + 1,024 host) = "
+         "1,000,000,001,024 blocks is more than the 33,554,432 one run may hold"),
         (["replay", "--host-blocks", str(2**25)],
          "(1,024 GPU + 33,554,432 host) = 33,555,456 blocks is more than the 33,554,432"),
         (["replay", "--instances", "1024", "--gpu-blocks", "65536"],
-         "--gpu-blocks/--host-blocks/--instances: 1,024 instances x (65,536 GPU + 2,048 host) "
-         "= 69,206,016 blocks"),
+         "--gpu-blocks/--host-blocks/--instances: 1,024 instances x (65,536 GPU + 1,024 host) "
+         "= 68,157,440 blocks"),
         (["compare", "--gpu-blocks", str(2**24)],
          "(16,777,216 GPU + 67,108,864 host) = 83,886,080 blocks"),
         (["sweep", "--gpu-blocks", "64", "--host-blocks", f"0,{2**26}"],
