@@ -10,7 +10,9 @@
 
 A request's first token comes at the end of the step that completes its (first) prefill;
 TTFT and end-to-end latency are measured from its arrival. Only ``step()`` and ``update()``
-are timed in real CPU time: building prompts and the loop's own books are not.
+are timed, in the CPU time of the thread that runs them (``time.thread_time``: what a
+machine shared with other work takes from it between two readings does not count):
+building prompts and the loop's own books are not.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from kvtier.transfer.plan import OP_KINDS, OpKind, PlanColumns, TransferPlan
 # NOTE: sampled tokens are fresh ids from here up, far above the token ids any workload
 # builds (and still int64, as block hashing packs them), so output never matches a prompt.
 SAMPLED_TOKEN_BASE = 1 << 62
+
+# The clock of the CPU figures: the calling thread's CPU time, not the wall clock, so a step
+# the OS preempted (another job on a shared machine) does not read as slow.
+_cpu_clock = time.thread_time
 
 # A step counts as "full" for the CPU figures when it schedules at least this share of
 # max_num_tokens: the cost the scheduler's speed target is about. NOTE: a fraction, so
@@ -255,7 +261,7 @@ class ReplayLoop:
         self.step_cpu_s: list[float] = []
         self.full_step_cpu_s: list[float] = []
         # With ``phases``: each full step's seconds per phase, as the scheduler timed them.
-        self.phases = StepPhases() if phases else None
+        self.phases = StepPhases(_cpu_clock) if phases else None
         self.scheduler.phases = self.phases
         self.full_step_phases: list[dict[str, float]] = []
         self.num_requests = self.num_rejected = self.num_output_tokens = 0
@@ -337,9 +343,9 @@ class ReplayLoop:
         ``check_invariants`` every ``check_every`` steps."""
         scheduler = self.scheduler
         live = self.live
-        t0 = time.perf_counter()
+        t0 = _cpu_clock()
         step = scheduler.step()
-        cpu_s = time.perf_counter() - t0
+        cpu_s = _cpu_clock() - t0
 
         # Who samples: every decode, and every chunk that completes its prefill.
         sampled: dict[str, int | list[int]] = {}
@@ -357,9 +363,9 @@ class ReplayLoop:
         else:
             for rid in step.decode_request_ids:
                 sampled[rid] = next(self.sampled_ids)
-        t0 = time.perf_counter()
+        t0 = _cpu_clock()
         finished = scheduler.update(step, sampled)
-        cpu_s += time.perf_counter() - t0
+        cpu_s += _cpu_clock() - t0
         num_decode = len(step.decode_request_ids)
         bytes_h2d, bytes_d2h = self._transfers(step.transfer_plan)
         step_s = self.model.step_seconds(num_prefill, num_decode, bytes_h2d, bytes_d2h)
