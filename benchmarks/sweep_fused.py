@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-blocks", default="2")
     p.add_argument("--programs-per-sm", default="8")
     args, bench_args = p.parse_known_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_fused.py: the fused kernel needs a CUDA GPU (and Triton); none here",
+              file=sys.stderr)
+        return 2
     device = torch.device("cuda")
     shapes = [Shape(s) for s in itertools.product(
         *(tuple(int(x) for x in value.split(",")) for value in
