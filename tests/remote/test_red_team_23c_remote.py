@@ -1,0 +1,81 @@
+"""Red team 23c, the remote tier's data path: a resync request of an event stream that
+Redis lost, a tensor-parallel rank whose store refused its shards of a write, payloads
+whose size in bytes is not their length, and a background write of a buffer the caller
+reuses."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from remote_helpers import RedisServers
+
+from kvtier.events import BlockStored
+from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
+from kvtier.router import PrefixIndex
+from kvtier.tier import Tier
+
+G = Tier.GPU
+
+
+def stored(seq: int, h: int) -> BlockStored:
+    """A BlockStored event of one 4-token block."""
+    return BlockStored(seq, h, None, G, 4, None, (1, 2, 3, 4), None, None)
+
+
+# ---- a resync request that Redis lost --------------------------------------------------------
+
+
+def test_a_stale_subscriber_asks_again_when_its_resync_request_was_lost(
+        redis_servers: RedisServers) -> None:
+    """A subscriber that saw a gap asked for a snapshot once (one entry of the capped
+    resync stream) and never again: where that entry was lost before the publisher read
+    it (the stream trimmed past it by other requests, a server restarted without it), no
+    snapshot ever came and the instance stayed stale, its blocks never routed to. Now a
+    subscriber still stale ``resync_retry_s`` after its request asks again; the
+    publisher reads it and the snapshot resyncs the index."""
+    url = redis_servers.url
+    stream = f"kvtier:test:{uuid.uuid4().hex}"
+    pub = RedisStreamPublisher(url, stream)
+    sub = RedisStreamSubscriber(url, stream, resync_retry_s=0.0)
+    raw = pub._redis
+    index = PrefixIndex()
+    try:
+        pub.publish("a", [stored(0, 1)])
+        pub.publish("a", [stored(1, 2)])
+        raw.xtrim(stream, maxlen=0, approximate=False)  # seq 0 and 1 never reach it
+        pub.publish("a", [stored(2, 3)])
+        index.apply_updates(sub.poll())
+        assert sub.tracker.stale_instances() == ["a"] and sub.num_resync_requests == 1
+        raw.delete(f"{stream}:resync")  # the request is lost
+        assert pub.resync_requests() == set()
+        index.apply_updates(sub.poll())
+        assert sub.num_resync_requests == 2  # asked again
+        assert pub.resync_requests() == {"a"}
+        pub.publish_snapshot(Snapshot("a", 3, frozenset({(1, G), (2, G), (3, G)})))
+        index.apply_updates(sub.poll())
+        assert index.blocks("a") == {1: G, 2: G, 3: G} and sub.tracker.stale_instances() == []
+        index.apply_updates(sub.poll())
+        assert sub.num_resync_requests == 2  # resynced: nothing more asked
+    finally:
+        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+
+
+def test_a_subscriber_asks_at_most_once_per_retry_interval(
+        redis_servers: RedisServers) -> None:
+    """With the default interval (1 s) polls in a row ask once; a bad interval is refused
+    naming it, before any connection is made."""
+    url = redis_servers.url
+    stream = f"kvtier:test:{uuid.uuid4().hex}"
+    pub = RedisStreamPublisher(url, stream)
+    sub = RedisStreamSubscriber(url, stream)
+    try:
+        pub.publish("a", [stored(5, 1)])  # joined late: a gap
+        for _ in range(3):
+            sub.poll()
+        assert sub.num_resync_requests == 1
+    finally:
+        pub._redis.delete(stream, f"{stream}:resync")
+    for bad in (-1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="resync_retry_s must be"):
+            RedisStreamSubscriber(url, stream, resync_retry_s=bad)  # type: ignore[arg-type]
