@@ -8,6 +8,8 @@ Every refusal here is checked to name the field and value and to change nothing.
 
 from __future__ import annotations
 
+import pytest
+
 from kvtier import CacheConfig, KVCacheManager
 from kvtier.events import BlockStored, Event
 from kvtier.publisher import (
@@ -19,6 +21,7 @@ from kvtier.publisher import (
     Update,
 )
 from kvtier.router import PrefixIndex
+from kvtier.storage import KVLayout
 from kvtier.tier import Tier
 
 G = Tier.GPU
@@ -94,3 +97,40 @@ def test_a_fresh_stream_still_takes_seq_0_as_its_first_event() -> None:
     assert tracker.offer(Snapshot("b", 0, frozenset()), out)
     tracker.receive("b", [stored(0, 5)], out)
     assert out[1:] == _batch("b", [stored(0, 5)]) and tracker.num_restarts == 0
+
+
+# ---- a remote fetch refused after an earlier one of its id ---------------------------------
+
+
+def test_a_refused_start_fetch_keeps_the_earlier_fetch_of_its_id() -> None:
+    """A request's fetch passed its deadline (released, still in flight); a new
+    ``start_fetch`` of that id with a bad prompt (a str token) or a bad salt (a float) was
+    refused with ValueError, but only after it had cancelled the earlier fetch: a refused
+    call changed the tier (``cancel_fetch`` of the id then answered False). Now the
+    arguments are checked first: the earlier fetch is still the id's."""
+    torch = pytest.importorskip("torch", reason="the remote tier moves real KV")
+    from kvtier.remote import FaultyRemoteStore, InMemoryRemoteStore, RemoteNamespace
+    from kvtier.remote.tier import RemoteTier
+    from kvtier.storage import KVStorage
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB)
+    namespace = RemoteNamespace("rt23c", layout)
+    inner = InMemoryRemoteStore(namespace)
+    store = FaultyRemoteStore(inner)
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=4,
+                                         num_host_blocks=4, hash_algo="sha256"))
+    gpu, host = KVStorage(layout, 4), KVStorage(layout, 4)
+    gpu.fill_(1.0)
+    tier = RemoteTier(store, manager, gpu, host, fetch_deadline_s=0.0)
+    prompt = list(range(1, 3 * TPB + 2))
+    store.delay_s = 0.2  # the fetch is still in flight past its deadline of 0 s
+    assert tier.start_fetch("r", prompt)
+    assert tier.poll() == ["r"] and tier.num_waiting == 0  # released, in flight
+    for bad in ({"tokens": ["x", *prompt[1:]]}, {"salt": 1.5}):
+        kwargs = {"tokens": prompt, **bad}
+        with pytest.raises(ValueError, match=r"token|salt") as info:
+            tier.start_fetch("r", **kwargs)  # type: ignore[arg-type]
+        assert ("'x'" in str(info.value)) or ("1.5" in str(info.value))
+    assert tier.cancel_fetch("r")  # the earlier fetch is still the id's
+    assert tier.flush(5.0)
+    del torch

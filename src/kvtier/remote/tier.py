@@ -457,15 +457,17 @@ class RemoteTier(Wired):
         if type(request_id) is not str or not request_id:
             raise ValueError(f"request_id must be a non-empty str, got {shown(request_id)}")
         old = self._pending.get(request_id)
-        if old is not None:
-            if not old.released:
-                return False  # still waiting for it
-            # NOTE: a fetch past its deadline, still in flight, of an earlier request of
-            # that id: it lands in the cache for anyone, this request fetches its own.
-            self.cancel_fetch(request_id)
+        if old is not None and not old.released:
+            return False  # still waiting for it
+        # NOTE: the prompt is checked (and hashed, which checks the salt and LoRA id) before
+        # anything changes: a refused one cancelled the earlier fetch of that id first.
         ids, items = checked_prompt(tokens, mm_items, "remote tier")
         hashes = self._reusable_hashes(ids, salt, lora_id, items)
         wanted = self._wanted(hashes, ids, salt, lora_id, items)
+        if old is not None:
+            # NOTE: a fetch past its deadline, still in flight, of an earlier request of
+            # that id: it lands in the cache for anyone, this request fetches its own.
+            self.cancel_fetch(request_id)
         if not wanted:
             return False
         fetch = _Fetch(list(ids), salt, lora_id, items, hashes, time.monotonic(),
