@@ -111,7 +111,7 @@ def test_a_refused_start_fetch_keeps_the_earlier_fetch_of_its_id() -> None:
     torch = pytest.importorskip("torch", reason="the remote tier moves real KV")
     from kvtier.remote import FaultyRemoteStore, InMemoryRemoteStore, RemoteNamespace
     from kvtier.remote.tier import RemoteTier
-    from kvtier.storage import KVStorage
+    from kvtier.storage import KVLayout, KVStorage
 
     layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB)
     namespace = RemoteNamespace("rt23c", layout)
@@ -134,3 +134,61 @@ def test_a_refused_start_fetch_keeps_the_earlier_fetch_of_its_id() -> None:
     assert tier.cancel_fetch("r")  # the earlier fetch is still the id's
     assert tier.flush(5.0)
     del torch
+
+
+# ---- tensor-parallel transfer engines of shards that are not one deployment's ----------------
+
+
+def _shard_layout(rank: int, tp_size: int = 2, head_dim: int = 4) -> KVLayout:
+    """Rank ``rank``'s shard of a small model's blocks (4 KV heads)."""
+    return KVLayout(num_layers=2, num_kv_heads=4, head_dim=head_dim,
+                    tokens_per_block=TPB).shard(rank, tp_size)
+
+
+def test_an_engine_refuses_a_host_shard_of_another_rank() -> None:
+    """A TorchTransferEngine took a GPU shard of rank 0 with a host shard of rank 1 (as
+    many bytes per block: only the rank differs), so two ranks' engines could be wired
+    with their host shards swapped. Each engine's own offload and onboard round trip
+    agreed with itself, but a remote tier's fetch fills each rank's own host shard
+    (``RemoteShard``, checked against the store's namespace): rank 0 then onboarded rank
+    1's KV heads. Now the engine refuses it, naming the field, and the storages are
+    untouched."""
+    pytest.importorskip("torch", reason="the transfer engine copies torch tensors")
+    from kvtier.storage import KVStorage
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+
+    gpu, host = KVStorage(_shard_layout(0), 4), KVStorage(_shard_layout(1), 4)
+    gpu.fill_(1.0)
+    host.fill_(2.0)
+    with pytest.raises(ValueError, match=r"differ beyond the layout kind \(tp_rank\)"):
+        TorchTransferEngine(gpu, host)
+    assert bool((gpu.tensors[0] == 1.0).all()) and bool((host.tensors[0] == 2.0).all())
+    whole = _shard_layout(0, tp_size=1)
+    with pytest.raises(ValueError, match=r"\(tp_size\)"):
+        TorchTransferEngine(KVStorage(whole, 4), KVStorage(_shard_layout(0), 4))
+    TorchTransferEngine(gpu, KVStorage(_shard_layout(0), 4))  # its own rank's: taken
+
+
+def test_a_sharded_engine_refuses_ranks_of_two_models() -> None:
+    """ShardedTransferEngine compared only each engine's rank and TP size: rank 0 of one
+    model and rank 1 of another (another head_dim) ran every plan as one deployment's.
+    Now it refuses them with ValueError naming the engine and both layouts; ranks of one
+    model are taken as before."""
+    pytest.importorskip("torch", reason="the transfer engine copies torch tensors")
+    from kvtier.storage import KVStorage
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+    from kvtier.transfer.tp_engine import ShardedTransferEngine
+
+    def engine(rank: int, head_dim: int = 4) -> TorchTransferEngine:
+        layout = _shard_layout(rank, head_dim=head_dim)
+        return TorchTransferEngine(KVStorage(layout, 4), KVStorage(layout, 4))
+
+    with pytest.raises(ValueError, match=r"engine 1 holds a shard of .*head_dim=8.* engine 0 "
+                                         r"of .*head_dim=4"):
+        ShardedTransferEngine([engine(0), engine(1, head_dim=8)])
+    with pytest.raises(ValueError, match="engine 0 holds the shard of rank 1 of 2, expected "
+                                         "rank 0 of 2"):
+        ShardedTransferEngine([engine(1), engine(0)])
+    sharded = ShardedTransferEngine([engine(0), engine(1)])
+    assert sharded.tp_size == 2
+    sharded.close()
