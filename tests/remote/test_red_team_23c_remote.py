@@ -5,13 +5,17 @@ reuses."""
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from remote_helpers import RedisServers
 
 from kvtier.events import BlockStored
 from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
+from kvtier.remote import InMemoryRemoteStore
+from kvtier.remote.store import RemoteStoreBase
 from kvtier.router import PrefixIndex
 from kvtier.tier import Tier
 
@@ -79,3 +83,75 @@ def test_a_subscriber_asks_at_most_once_per_retry_interval(
     for bad in (-1.0, float("nan"), True, "1"):
         with pytest.raises(ValueError, match="resync_retry_s must be"):
             RedisStreamSubscriber(url, stream, resync_retry_s=bad)  # type: ignore[arg-type]
+
+
+# ---- a tensor-parallel rank whose store refused its shards of a write ------------------------
+
+
+@pytest.fixture
+def held_io() -> Iterator[list[threading.Event]]:
+    """Gates to hold a store's I/O thread busy; every one is opened at the end."""
+    gates: list[threading.Event] = []
+    yield gates
+    for gate in gates:
+        gate.set()
+
+
+def hold_io_thread(store: RemoteStoreBase, gates: list[threading.Event],
+                   fill_queue: bool = False) -> None:
+    """Keep ``store``'s I/O thread running one job until its gate (the last of ``gates``)
+    opens; with ``fill_queue`` fill its queue of one job too: its next background write is
+    refused."""
+    gate, running = threading.Event(), threading.Event()
+    gates.append(gate)
+
+    def hold(found: object) -> None:
+        running.set()
+        gate.wait(10)
+
+    assert store.prefetch([], hold)
+    assert running.wait(10)
+    if fill_queue:
+        assert store.prefetch([], lambda found: None)
+
+
+def test_a_ranks_refused_background_write_is_written_again(
+        held_io: list[threading.Event]) -> None:
+    """At TP 2, rank 1's store refused its shards of a write-through (its I/O queue full:
+    its server slow) while the leader's took them. The tier counts what the leader handed
+    over, so it held the prompt's blocks as written; the next write of that prefix (a
+    reused prefix: the next turn) skipped them, and no engine ever found them whole: rank
+    1's shards were missing, for as long as the tier remembered the blocks. Now a refused
+    write is a lost one (``RemoteShard.lost``): the next write hands every rank its shards
+    again, and another engine's fetch finds all five blocks."""
+    pytest.importorskip("torch", reason="the remote tier moves real KV")
+    from test_remote_tp import (
+        PROMPT,
+        gpu_blocks,
+        host_blocks,
+        make_ranks,
+        make_tier,
+    )
+    from test_remote_tp import (
+        make_namespace as rank_namespaces,
+    )
+
+    backend: dict[str, bytes] = {}
+    namespaces = rank_namespaces(2)
+    stores = [InMemoryRemoteStore(namespaces[0], backend),
+              InMemoryRemoteStore(namespaces[1], backend, max_inflight=1)]
+    ranks = make_ranks(2, backend, stores=list(stores))
+    tier = make_tier(ranks)
+    hold_io_thread(stores[1], held_io, fill_queue=True)
+    assert tier.write(PROMPT, list(range(5))) == 5  # the leader's count
+    assert stores[1].stats.num_dropped_jobs == 1
+    held_io[0].set()
+    assert tier.flush(10.0)
+    assert len(backend) == 5  # rank 0's shards only
+    assert tier.write(PROMPT, list(range(5)), reused_blocks=5) == 5  # written again
+    assert tier.flush(10.0) and len(backend) == 10
+    other = make_ranks(2, backend, fill=0.0)
+    reader = make_tier(other)
+    assert reader.fetch(PROMPT) == 5
+    for rank in range(2):  # each rank's own heads of the writer's blocks
+        assert host_blocks(other.shards[rank]) == gpu_blocks(ranks.shards[rank], 5)
