@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import threading
 import uuid
+from array import array
 from collections.abc import Iterator
 
 import pytest
-from remote_helpers import RedisServers
+from remote_helpers import RedisServers, make_blocks, make_namespace
 
 from kvtier.events import BlockStored
 from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
-from kvtier.remote import InMemoryRemoteStore
+from kvtier.remote import InMemoryRemoteStore, RemoteStats
 from kvtier.remote.store import RemoteStoreBase
 from kvtier.router import PrefixIndex
 from kvtier.tier import Tier
@@ -155,3 +156,64 @@ def test_a_ranks_refused_background_write_is_written_again(
     assert reader.fetch(PROMPT) == 5
     for rank in range(2):  # each rank's own heads of the writer's blocks
         assert host_blocks(other.shards[rank]) == gpu_blocks(ranks.shards[rank], 5)
+
+
+# ---- payloads whose size in bytes is not their length ---------------------------------------
+
+
+def typed_view(num_items: int) -> memoryview:
+    """A view of ``num_items`` 4-byte floats: its len() is ``num_items``, its bytes 4x."""
+    return memoryview(array("f", [1.0]) * num_items)
+
+
+@pytest.mark.parametrize("kind", ["typed", "strided", "rows"])
+def test_a_payload_is_measured_in_bytes_and_must_be_contiguous(kind: str) -> None:
+    """``put_many`` and ``write_back`` measured a payload by ``len()``: a view of 4-byte
+    floats (or of rows of 2 bytes) with as many items as a block has bytes passed, and its
+    value (four blocks of
+    bytes, the header saying one) was written to the shared store and counted as written,
+    then refused by every reader ('length'); a strided view raised BufferError, no
+    ValueError. Now each refuses a payload that is not exactly a block's contiguous
+    bytes, naming its size, and writes or queues nothing."""
+    namespace = make_namespace()
+    size = namespace.layout.bytes_per_block
+    payload = {"typed": typed_view(size),
+               "strided": memoryview(bytes(2 * size))[::2],
+               "rows": memoryview(bytes(2 * size)).cast("B", (size, 2))}[kind]
+    store = InMemoryRemoteStore(namespace)
+    described = {"typed": f"got {4 * size} bytes ({size} items of format 'f'",
+                 "strided": f"got {size} bytes (not contiguous)",
+                 "rows": f"got {2 * size} bytes ({size} items of format 'B', shape "
+                         f"({size}, 2))"}[kind]
+    for call in (store.put_many, store.write_back):
+        with pytest.raises(ValueError, match=rf"payload must be {size} bytes") as info:
+            call({1: payload})  # type: ignore[dict-item]
+        assert described in str(info.value)
+    assert store.flush(5.0)
+    assert store.backend == {} and store.stats == RemoteStats()
+    rows = memoryview(bytes(size)).cast("B", (size // 2, 2))
+    store.put_many({1: rows})  # type: ignore[dict-item]  # a block's bytes, as rows: taken
+    assert bytes(store.get_many([1])[1]) == bytes(size)
+
+
+def test_a_background_write_keeps_the_bytes_it_was_given(
+        held_io: list[threading.Event]) -> None:
+    """``write_back`` took a bytearray (or a view of the caller's memory) and read it
+    later, on the I/O thread: what the caller wrote there meanwhile (its staging buffer's
+    next block) was stored under the first block's hash, with a checksum of its own, and
+    every engine was served it as that block. Now a mutable payload is copied when the
+    write is queued: the store holds the bytes it was given."""
+    namespace = make_namespace()
+    size = namespace.layout.bytes_per_block
+    first, second = make_blocks(namespace, 2).values()
+    store = InMemoryRemoteStore(namespace)
+    hold_io_thread(store, held_io)
+    staging = bytearray(first)
+    view = memoryview(bytearray(first))
+    assert store.write_back({7: staging, 8: view})  # type: ignore[dict-item]
+    staging[:] = second  # the caller's next block, before the I/O thread ran
+    view[:] = second
+    held_io[0].set()
+    assert store.flush(5.0)
+    found = store.get_many([7, 8])
+    assert bytes(found[7]) == first and bytes(found[8]) == first and len(first) == size
