@@ -491,7 +491,7 @@ class RedisStreamSubscriber:
                  resync_retry_s: float = 1.0) -> None:
         _check_stream(stream)
         _check_start_id(start_id)
-        self.resync_retry_s = check_number("resync_retry_s", resync_retry_s, 0.0, 3600.0)
+        self.resync_retry_s = resync_retry_s
         self._redis = _connect(url)
         self.stream = stream
         self.last_id: str | bytes = start_id
@@ -501,6 +501,16 @@ class RedisStreamSubscriber:
         self.num_resync_requests = 0
         # Stale instances asked for, with when (time.monotonic()) the request was added.
         self._asked: dict[str, float] = {}
+
+    @property
+    def resync_retry_s(self) -> float:
+        """How long a stale instance's request stands before it is asked for again
+        (0..3600 s; checked when set, as when made)."""
+        return self._resync_retry_s
+
+    @resync_retry_s.setter
+    def resync_retry_s(self, value: float) -> None:
+        self._resync_retry_s = check_number("resync_retry_s", value, 0.0, 3600.0)
 
     def poll(self, count: int = 10_000, block_ms: int | None = None) -> list[Update]:
         """The updates of up to ``count`` entries after ``last_id``, with any resyncs.

@@ -69,7 +69,7 @@ def test_a_stale_subscriber_asks_again_when_its_resync_request_was_lost(
 def test_a_subscriber_asks_at_most_once_per_retry_interval(
         redis_servers: RedisServers) -> None:
     """With the default interval (1 s) polls in a row ask once; a bad interval is refused
-    naming it, before any connection is made."""
+    naming it, before any connection is made, and when set later (the interval kept)."""
     url = redis_servers.url
     stream = f"kvtier:test:{uuid.uuid4().hex}"
     pub = RedisStreamPublisher(url, stream)
@@ -84,6 +84,9 @@ def test_a_subscriber_asks_at_most_once_per_retry_interval(
     for bad in (-1.0, float("nan"), True, "1"):
         with pytest.raises(ValueError, match="resync_retry_s must be"):
             RedisStreamSubscriber(url, stream, resync_retry_s=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="resync_retry_s must be"):
+            sub.resync_retry_s = bad  # type: ignore[assignment]
+        assert sub.resync_retry_s == 1.0
 
 
 # ---- a tensor-parallel rank whose store refused its shards of a write ------------------------
