@@ -192,3 +192,32 @@ def test_a_sharded_engine_refuses_ranks_of_two_models() -> None:
     sharded = ShardedTransferEngine([engine(0), engine(1)])
     assert sharded.tp_size == 2
     sharded.close()
+
+
+# ---- a remote tier's write policy replaced after it was built ------------------------------
+
+
+def test_a_remote_tiers_write_policy_is_fixed_when_it_is_built() -> None:
+    """``RemoteTier.write_policy`` was a plain attribute: set to "write-back" on a
+    write-through tier (whose manager never logged spills), every engine step raised from
+    ``write_spilled`` ('drain_spills() needs record_spills() first'); set back to
+    "write-through", the manager's spill log grew for ever (nobody drained it); any other
+    string was taken, and the engine wrote nothing to the store at all. It is now a part
+    the tier is built from: replacing it raises AttributeError naming it, changing
+    nothing."""
+    pytest.importorskip("torch", reason="the remote tier moves real KV")
+    from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
+    from kvtier.remote.tier import RemoteTier
+    from kvtier.storage import KVStorage
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB)
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=4,
+                                         num_host_blocks=4, hash_algo="sha256"))
+    tier = RemoteTier(InMemoryRemoteStore(RemoteNamespace("rt23c", layout)), manager,
+                      KVStorage(layout, 4), KVStorage(layout, 4))
+    for value in ("write-back", "write-through", "bogus"):
+        with pytest.raises(AttributeError, match=r"RemoteTier\.write_policy is a part"):
+            tier.write_policy = value  # type: ignore[assignment]
+        assert tier.write_policy == "write-through"
+    with pytest.raises(AttributeError, match=r"RemoteTier\.write_policy is a part"):
+        del tier.write_policy

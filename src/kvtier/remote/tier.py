@@ -167,7 +167,11 @@ class RemoteTier(Wired):
     this process's ``gpu`` and ``host`` storages, or every rank's (:class:`RemoteRanks`,
     with ``gpu`` and ``host`` left out: each rank's :class:`RemoteShard` holds its own)."""
 
-    WIRED = frozenset({"store", "ranks", "gpu", "host", "manager"})
+    # NOTE: the write policy too: set to "write-back" later (the manager never asked to
+    # log spills), every engine step raised from write_spilled ("drain_spills() needs
+    # record_spills() first"); set back to "write-through", the spill log grew for ever
+    # (nobody drains it); any other string was taken, and nothing was written at all.
+    WIRED = frozenset({"store", "ranks", "gpu", "host", "manager", "write_policy"})
 
     def __init__(self, store: RemoteStore | RemoteRanks, manager: KVCacheManager,
                  gpu: KVStorage | None = None, host: KVStorage | None = None,
