@@ -220,3 +220,68 @@ def test_a_background_write_keeps_the_bytes_it_was_given(
     assert store.flush(5.0)
     found = store.get_many([7, 8])
     assert bytes(found[7]) == first and bytes(found[8]) == first and len(first) == size
+
+
+# ---- a store that was slow for a while ------------------------------------------------------
+
+
+class SteppedClock:
+    """``time.monotonic`` for the tier's fetches: each reading ``step_s`` after the last,
+    so a blocking fetch (two readings) takes exactly ``step_s``."""
+
+    def __init__(self, step_s: float) -> None:
+        self.now_s = 1000.0
+        self.step_s = step_s
+
+    def __call__(self) -> float:
+        self.now_s += self.step_s
+        return self.now_s
+
+
+def test_a_store_slow_for_a_while_is_measured_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tier decides each fetch under the read throughput it measured on its own
+    fetches. A store slow for a while (a stall: 50 ms a fetch) dragged the estimate below
+    the break-even; from then on every fetch was turned down, so none was made, nothing
+    was measured again, and every remote hit was lost for good once the store was fast
+    again. Now after ``PROBE_AFTER_SKIPS`` fetches in a row that only the measurement
+    turned down (the configured throughput would make them), the next is made: the probe
+    measures the fast store and fetching goes on."""
+    pytest.importorskip("torch", reason="the remote tier moves real KV")
+    from kvtier import CacheConfig, KVCacheManager
+    from kvtier.remote import RemoteNamespace
+    from kvtier.remote.tier import PROBE_AFTER_SKIPS, RemoteTier
+    from kvtier.storage import KVLayout, KVStorage
+
+    tpb = 16
+    layout = KVLayout(num_layers=1, num_kv_heads=8, head_dim=64, tokens_per_block=tpb)
+    assert layout.bytes_per_block == 1 << 16
+    namespace = RemoteNamespace(f"rt23c-{uuid.uuid4().hex}", layout)
+    backend: dict[str, bytes] = {}
+
+    def make_tier(recompute_s_per_token: float | None = None) -> RemoteTier:
+        manager = KVCacheManager(CacheConfig(tokens_per_block=tpb, num_gpu_blocks=8,
+                                             num_host_blocks=128, hash_algo="sha256"))
+        gpu, host = KVStorage(layout, 8), KVStorage(layout, 128)
+        gpu.fill_(1.0)
+        return RemoteTier(InMemoryRemoteStore(namespace, backend), manager, gpu, host,
+                          recompute_s_per_token=recompute_s_per_token, fetch_latency_s=0.0)
+
+    writer = make_tier()
+    prompts = [[1000 * p + i for i in range(3 * tpb + 1)] for p in range(40)]
+    for prompt in prompts:
+        assert writer.write(prompt, [0, 1, 2], wait=True) == 3
+    # Recomputing a block takes 1.6 ms; reading one at the configured 0.25 GB/s 0.26 ms:
+    # the break-even is 41 MB/s.
+    reader = make_tier(recompute_s_per_token=1e-4)
+    clock = SteppedClock(0.05)
+    monkeypatch.setattr("kvtier.remote.ranks.time.monotonic", clock)
+    fetched = [reader.fetch(prompt) for prompt in prompts[:8]]
+    assert fetched == [3] * 7 + [0]  # 3.9 MB/s a fetch: the estimate falls below it
+    assert reader.measured_bytes_per_s < (1 << 16) / 1.6e-3
+    clock.step_s = 1e-4  # the store is fast again: 1.97 GB/s
+    # The 8th fetch was the first turned down: PROBE_AFTER_SKIPS in a row, then a probe.
+    fetched = [reader.fetch(prompt) for prompt in prompts[8:8 + PROBE_AFTER_SKIPS + 1]]
+    assert fetched == [0] * (PROBE_AFTER_SKIPS - 1) + [3, 3]
+    assert reader.num_probes == 1
+    assert reader.measured_bytes_per_s > (1 << 16) / 1.6e-3
+    assert reader.num_fetched_blocks == 3 * 9

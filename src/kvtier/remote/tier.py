@@ -17,6 +17,10 @@
              the part of the missing prefix whose fetch beats its recompute is read
              (:func:`num_blocks_worth_fetching`), under the read throughput the tier
              measures on its own fetches (``measured_bytes_per_s``); without it, all of it.
+             Where the measured throughput alone turned down ``PROBE_AFTER_SKIPS`` fetches
+             in a row (the configured ``fetch_bytes_per_s`` would make them), the next is
+             made anyway, as the configured throughput decides it: a probe, which
+             measures the store again (``num_probes``).
 
 Under tensor parallelism every rank holds its share of each block's KV heads as its own
 value under that rank's namespace: the tier talks to every rank's side
@@ -89,6 +93,10 @@ KNOWN_BLOCKS = 1 << 16
 DEFAULT_FETCH_BYTES_PER_S = 0.25e9
 # Weight of the newest fetch in the tier's running estimate of the store's read throughput.
 THROUGHPUT_EWMA_WEIGHT = 0.25
+# Fetches in a row the measured throughput alone turns down before the next is made anyway
+# (a probe): only a fetch measures the store, so without one a store slow for a while (a
+# stall, a failover) was judged by that while for ever.
+PROBE_AFTER_SKIPS = 16
 
 
 def _cost(field: str, value: object) -> float:
@@ -214,6 +222,9 @@ class RemoteTier(Wired):
         self.fetch_latency_s = fetch_latency_s
         self._bytes_per_s = check_number("fetch_bytes_per_s", fetch_bytes_per_s, 0.0, 1e15,
                                          low_open=True)
+        self._configured_bytes_per_s = self._bytes_per_s
+        self._num_turned_down = 0  # fetches in a row the measured throughput alone turned down
+        self.num_probes = 0  # fetches made only to measure the store again
         self.ranks = ranks
         # The leader's (rank 0's) store and storages.
         self.store = ranks.leader.store
@@ -291,18 +302,39 @@ class RemoteTier(Wired):
             raise ValueError(f"num_missing must be an int >= 0, got {shown(num_missing)}")
         if self.recompute_s_per_token is None:
             return num_missing
+        return self._worth_fetching(num_missing, self.measured_bytes_per_s)
+
+    def _worth_fetching(self, num_missing: int, bytes_per_s: float) -> int:
+        """``num_blocks_worth_fetching`` of ``num_missing`` blocks read at ``bytes_per_s``
+        (with ``recompute_s_per_token`` set). Pure."""
+        assert self.recompute_s_per_token is not None
         bytes_per_block = self.store.namespace.layout.bytes_per_block
         return num_blocks_worth_fetching(
             num_missing, latency_s=self.fetch_latency_s,
-            fetch_s_per_block=bytes_per_block / self.measured_bytes_per_s,
+            fetch_s_per_block=bytes_per_block / bytes_per_s,
             recompute_s_per_block=self._tpb * self.recompute_s_per_token,
             max_wait_s=self.fetch_deadline_s)
 
     def _wanted(self, hashes: list[int], tokens: Sequence[int], salt: bytes | str | int | None,
                 lora_id: int | None, mm_items: tuple[MultimodalItem, ...]) -> list[int]:
-        """The hashes to fetch: past the local tiers, as many as are worth it."""
+        """The hashes to fetch: past the local tiers, as many as are worth it (or, every
+        ``PROBE_AFTER_SKIPS`` fetches the measured throughput alone turned down, as many
+        as the configured throughput finds worth it: a probe)."""
         missing = hashes[self._num_local_blocks(tokens, salt, lora_id, mm_items):]
         k = self.num_blocks_to_fetch(len(missing))
+        if k == 0 and missing and self.recompute_s_per_token is not None:
+            # NOTE: a store slow for a while (its measured throughput dragged below the
+            # break-even) was never read again: no fetch, no new measurement, every remote
+            # hit lost for good once the store was fast again.
+            configured = self._worth_fetching(len(missing), self._configured_bytes_per_s)
+            if configured:
+                self._num_turned_down += 1
+                if self._num_turned_down > PROBE_AFTER_SKIPS:
+                    self._num_turned_down = 0
+                    self.num_probes += 1
+                    k = configured
+        elif k:
+            self._num_turned_down = 0
         self.num_skipped_blocks += len(missing) - k
         return missing[:k]
 
