@@ -221,3 +221,30 @@ def test_a_remote_tiers_write_policy_is_fixed_when_it_is_built() -> None:
         assert tier.write_policy == "write-through"
     with pytest.raises(AttributeError, match=r"RemoteTier\.write_policy is a part"):
         del tier.write_policy
+
+
+# ---- a KV storage made of what is no layout, device or pin flag ---------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"layout": "block_major"}, TypeError, "layout must be a KVLayout, got 'block_major'"),
+    ({"device": "gpu0"}, ValueError, "device must name a torch device ('cpu', 'cuda:0', "
+                                     "...), got 'gpu0'"),
+    ({"device": 3.5}, ValueError, "device must name a torch device ('cpu', 'cuda:0', ...), "
+                                  "got 3.5"),
+    ({"pin_memory": "yes"}, ValueError, "pin_memory must be None or a bool, got 'yes'"),
+])
+def test_a_storage_refuses_what_is_no_layout_device_or_pin_flag(
+        kwargs: dict[str, object], error: type[Exception], message: str) -> None:
+    """KVStorage handed its arguments to torch unchecked: a str layout was an
+    AttributeError ('torch_dtype'), a device of 'gpu0' torch's RuntimeError listing its
+    device types, and a pin_memory of 'yes' was taken as True (pinning, or torch's error
+    where no accelerator is). Each is now refused naming the argument and the value."""
+    pytest.importorskip("torch", reason="KV storage is torch tensors")
+    from kvtier.storage import KVStorage
+
+    arguments: dict[str, object] = {"layout": _shard_layout(0, tp_size=1), "num_blocks": 2,
+                                    **kwargs}
+    with pytest.raises(error) as info:
+        KVStorage(**arguments)  # type: ignore[arg-type]
+    assert str(info.value) == message
