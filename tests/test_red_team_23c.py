@@ -248,3 +248,34 @@ def test_a_storage_refuses_what_is_no_layout_device_or_pin_flag(
     with pytest.raises(error) as info:
         KVStorage(**arguments)  # type: ignore[arg-type]
     assert str(info.value) == message
+
+
+# ---- a remote write of what is no block table ----------------------------------------------
+
+
+@pytest.mark.parametrize(("table", "shown"), [(None, "None"), ("ab", "'ab'"), (7, "7")])
+def test_a_remote_write_refuses_what_is_no_block_table(table: object, shown: str) -> None:
+    """``RemoteTier.write`` zipped the prompt's hashes with ``block_table`` unchecked:
+    None or an int raised TypeError from zip ('... is not iterable'), naming no argument,
+    after the tier had taken its stores' lost writes; a str was read slot by slot. Each is
+    now a ValueError naming ``block_table`` and the value, and nothing is written."""
+    pytest.importorskip("torch", reason="the remote tier moves real KV")
+    from kvtier.remote import InMemoryRemoteStore, RemoteNamespace, RemoteStats
+    from kvtier.remote.tier import RemoteTier
+    from kvtier.storage import KVStorage
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB)
+    store = InMemoryRemoteStore(RemoteNamespace("rt23c", layout))
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=4,
+                                         num_host_blocks=4, hash_algo="sha256"))
+    tier = RemoteTier(store, manager, KVStorage(layout, 4), KVStorage(layout, 4))
+    prompt = list(range(1, 3 * TPB + 2))
+    with pytest.raises(ValueError) as info:
+        tier.write(prompt, table, wait=True)  # type: ignore[arg-type]
+    assert str(info.value) == f"block_table must be a sequence of GPU slots, got {shown}"
+    with pytest.raises(ValueError, match=r"block_table\[2\] must be a GPU slot in 0\.\.3, "
+                                         r"got -1"):
+        tier.write(prompt, [0, 1, -1], wait=True, reused_blocks=3)  # a skipped slot too
+    assert store.backend == {} and store.stats == RemoteStats()
+    assert tier.num_written_blocks == 0
+    assert tier.write(prompt, [0, 1, 2], wait=True) == 3

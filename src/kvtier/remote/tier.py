@@ -398,9 +398,10 @@ class RemoteTier(Wired):
         items must name them (``mm_items``, as admitted): the blocks holding them are keyed
         by their content too, and without it another image behind the same placeholder
         tokens would be served this one's KV. Returns how many blocks were handed to the
-        store. Raises ValueError, writing nothing, for a slot of ``block_table`` that is no
-        GPU slot (a negative one would have written another block's bytes under this
-        prompt's hash) or a ``first_block`` or ``reused_blocks`` that is no int >= 0.
+        store. Raises ValueError, writing nothing, for a ``block_table`` that is no
+        sequence, a slot of it (of a full block, written or skipped) that is no GPU slot (a
+        negative one would have written another block's bytes under this prompt's hash) or
+        a ``first_block`` or ``reused_blocks`` that is no int >= 0.
 
         ::
 
@@ -414,22 +415,32 @@ class RemoteTier(Wired):
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {shown(value)}")
         hashes = self.block_hashes(tokens, salt, lora_id, mm_items)
-        self._forget(self.ranks.lost())
-        known = self._known
-        picked = [(i, h, slot) for i, (h, slot) in enumerate(zip(hashes, block_table,
-                                                                  strict=False))
-                  if i >= first_block and (i >= reused_blocks or h not in known)]
+        # NOTE: every slot of the full blocks is checked before anything changes: a table
+        # that was no sequence (None) raised TypeError from zip, naming nothing, and only
+        # after the tier had taken its stores' lost writes (and forgotten them).
+        try:
+            table = (list(block_table) if not isinstance(block_table, str | bytes)
+                     else None)
+        except TypeError:
+            table = None
+        if table is None:
+            raise ValueError(f"block_table must be a sequence of GPU slots, got "
+                             f"{shown(block_table)}")
+        table = table[:len(hashes)]
         num_slots = self.gpu.num_blocks
-        for i, _, slot in picked:
+        for i, slot in enumerate(table):
             if type(slot) is not int or not 0 <= slot < num_slots:
                 raise ValueError(f"block_table[{i}] must be a GPU slot in 0..{num_slots - 1}, "
                                  f"got {shown(slot)}")
-        blocks = [(h, slot) for _, h, slot in picked]
+        self._forget(self.ranks.lost())
+        known = self._known
+        blocks = [(h, slot) for i, (h, slot) in enumerate(zip(hashes, table, strict=False))
+                  if i >= first_block and (i >= reused_blocks or h not in known)]
         written = self.ranks.put(Tier.GPU, blocks, wait) if blocks else 0
         if written == len(blocks):
-            self._remember(hashes[:len(block_table)])  # the skipped refreshed, the written new
+            self._remember(hashes[:len(table)])  # the skipped refreshed, the written new
         else:  # NOTE: the store took less (down, refused): what it holds is not known
-            self._remember(h for h in hashes[:len(block_table)] if h in known)
+            self._remember(h for h in hashes[:len(table)] if h in known)
         self.num_written_blocks += written
         return written
 
