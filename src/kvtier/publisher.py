@@ -26,6 +26,7 @@ subscriber only its own position and :class:`SeqTracker`; neither ever changes a
 from __future__ import annotations
 
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from kvtier.event_codec import (
 )
 from kvtier.events import Event
 from kvtier.manager import KVCacheManager
+from kvtier.remote.options import check_number
 from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 
@@ -169,7 +171,7 @@ class SeqTracker:
         batch: list[Event] = []
         for event in events:
             seq = event.seq
-            if seq == 0 and stream.next_seq:  # 0 or None: seq 0 is the one expected
+            if seq == 0 and stream.max_seen >= 0:  # nothing read yet: seq 0 is expected
                 # A new incarnation: the instance restarted and counts from 0 again, with
                 # an empty cache. Its old blocks are forgotten and its stream starts over.
                 # NOTE: seq 0 was skipped as "already read", and so was every later event
@@ -177,11 +179,15 @@ class SeqTracker:
                 # instance was refused as older than the events read (a router kept the
                 # old incarnation's blocks and never learnt the new ones). A seq 0 that is
                 # a redelivered duplicate costs a resync, nothing else: the events after
-                # it show a gap.
+                # it show a gap. Whether the stream applied anything does not matter: one
+                # stale since its first event read (a subscriber that joined late) took a
+                # restart's seq 0 for the one it expected, skipped it as stale, and then
+                # refused every snapshot of the new incarnation until its counter passed
+                # the old one's.
                 if batch:
                     out.append(EventBatch(instance_id, batch))
                     batch = []
-                out.append(InstanceLost(instance_id, stream.next_seq, 0))
+                out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
                 self.num_restarts += 1
                 stream.next_seq = None
                 stream.max_seen = -1
@@ -475,19 +481,36 @@ class RedisStreamSubscriber:
     A malformed entry is skipped and counted (``num_malformed_entries``); its instance, when
     readable, is reported lost (a gap) and resynced; the entries after it are delivered. A
     malformed snapshot is skipped and counted (``num_malformed_snapshots``); the instance
-    stays stale until a sound one comes. May change: the resync stream, its own state.
+    stays stale until a sound one comes. An instance still stale ``resync_retry_s`` seconds
+    after its request is asked for again (``num_resync_requests`` counts them): a request
+    is one entry of a capped stream, which a trim or a restarted server may lose before
+    the publisher reads it. May change: the resync stream, its own state.
     """
 
-    def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0") -> None:
+    def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0",
+                 resync_retry_s: float = 1.0) -> None:
         _check_stream(stream)
         _check_start_id(start_id)
+        self.resync_retry_s = resync_retry_s
         self._redis = _connect(url)
         self.stream = stream
         self.last_id: str | bytes = start_id
         self.tracker = SeqTracker()
         self.num_malformed_entries = 0
         self.num_malformed_snapshots = 0
-        self._asked: set[str] = set()
+        self.num_resync_requests = 0
+        # Stale instances asked for, with when (time.monotonic()) the request was added.
+        self._asked: dict[str, float] = {}
+
+    @property
+    def resync_retry_s(self) -> float:
+        """How long a stale instance's request stands before it is asked for again
+        (0..3600 s; checked when set, as when made)."""
+        return self._resync_retry_s
+
+    @resync_retry_s.setter
+    def resync_retry_s(self, value: float) -> None:
+        self._resync_retry_s = check_number("resync_retry_s", value, 0.0, 3600.0)
 
     def poll(self, count: int = 10_000, block_ms: int | None = None) -> list[Update]:
         """The updates of up to ``count`` entries after ``last_id``, with any resyncs.
@@ -509,11 +532,20 @@ class RedisStreamSubscriber:
             self.last_id = entry_id  # never read a bad entry twice
             self._receive(entry, out)
         self._try_snapshots(out)
-        for instance_id in self.tracker.stale_instances():
-            if instance_id not in self._asked and _attempt(
-                    self._redis.xadd, f"{self.stream}:resync", {"i": instance_id},
-                    maxlen=1000, approximate=True) is not None:
-                self._asked.add(instance_id)
+        # NOTE: asked once, an instance waited for ever where its request was lost (the
+        # resync stream trimmed past it, a server restarted without it): no snapshot came,
+        # and the instance's blocks were never routed to again.
+        now = time.monotonic()
+        stale = self.tracker.stale_instances()
+        self._asked = {iid: self._asked[iid] for iid in stale if iid in self._asked}
+        for instance_id in stale:
+            asked_s = self._asked.get(instance_id)
+            if asked_s is not None and now - asked_s < self.resync_retry_s:
+                continue
+            if _attempt(self._redis.xadd, f"{self.stream}:resync", {"i": instance_id},
+                        maxlen=1000, approximate=True) is not None:
+                self._asked[instance_id] = now
+                self.num_resync_requests += 1
         return out
 
     def _receive(self, entry: object, out: list[Update]) -> None:
@@ -543,7 +575,7 @@ class RedisStreamSubscriber:
                 self.num_malformed_snapshots += 1
                 continue
             if self.tracker.offer(snapshot, out):
-                self._asked.discard(instance_id)
+                self._asked.pop(instance_id, None)
 
 
 def _stream_entries(reply: object) -> list[tuple[str | bytes, object]]:

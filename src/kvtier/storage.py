@@ -140,10 +140,21 @@ class KVStorage:
     ) -> None:
         import torch
 
+        # NOTE: checked before torch reads them: a str layout was an AttributeError
+        # ('torch_dtype'), a device "gpu" torch's RuntimeError listing its device types,
+        # and a pin_memory of "yes" pinned (or failed to) as True.
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout must be a KVLayout, got {shown(layout)}")
         _check_positive("num_blocks", num_blocks)
+        if pin_memory is not None and type(pin_memory) is not bool:
+            raise ValueError(f"pin_memory must be None or a bool, got {shown(pin_memory)}")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"device must name a torch device ('cpu', 'cuda:0', ...), got "
+                             f"{shown(device)}") from None
         self.layout = layout
         self.num_blocks = num_blocks
-        self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
         if pin_memory is None:
             pin_memory = on_cpu and cuda_available()

@@ -133,16 +133,21 @@ def encode_block(header: BlockHeader, payload: bytes | memoryview) -> bytes:
     layout = header.layout
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise ValueError(f"payload must be bytes, got {type(payload).__name__}")
-    if len(payload) != layout.bytes_per_block:
-        raise ValueError(f"payload must be {layout.bytes_per_block} bytes (one block of "
-                         f"{layout}), got {len(payload)}")
+    # NOTE: its bytes, not its len(): a view of 4-byte floats (or of rows) as long as a
+    # block has bytes passed, and its value (four times a block, the header saying one)
+    # was written to the shared store, counted as written, and refused by every reader;
+    # a strided view raised BufferError from the join.
+    data = exact_bytes(payload, layout.bytes_per_block)
+    if data is None:
+        raise ValueError(f"payload must be {layout.bytes_per_block} bytes (contiguous: one "
+                         f"block of {layout}), got {payload_size(payload)}")
     head = _FIELDS.pack(
         MAGIC, FORMAT_VERSION, bytes.fromhex(header.namespace),
         header.block_hash.to_bytes(16, "big"), header.num_tokens,
         layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.tokens_per_block,
-        _DTYPE_CODES[layout.dtype], _LAYOUT_CODES[layout.layout], len(payload),
+        _DTYPE_CODES[layout.dtype], _LAYOUT_CODES[layout.layout], len(data),
     )
-    return b"".join((head, _CHECKSUM.pack(_checksum(head, payload)), payload))
+    return b"".join((head, _CHECKSUM.pack(_checksum(head, data)), data))
 
 
 def decode_block(data: object, expected: BlockHeader) -> memoryview:
@@ -250,6 +255,23 @@ def exact_bytes(value: object, num_bytes: int) -> memoryview | None:
     except (TypeError, ValueError):
         return None
     return data if data.nbytes == num_bytes else None
+
+
+def payload_size(value: object) -> str:
+    """What a refusal says of a payload that is no block: its size in bytes, and where
+    its items are not bytes or it is not contiguous, that too. Pure."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        return type(value).__name__
+    try:
+        view = memoryview(value)
+    except ValueError:  # a released view
+        return "a released memoryview"
+    size = f"{view.nbytes} bytes"
+    if view.itemsize != 1 or view.ndim != 1:
+        size += f" ({len(view)} items of format {view.format!r}, shape {view.shape})"
+    if not view.c_contiguous:
+        size += " (not contiguous)"
+    return size
 
 
 def num_found_on_every_rank(wanted: Sequence[int],

@@ -112,17 +112,26 @@ class RemoteShard:
             accepted = (self.store.write_back(items, on_lost=self._on_lost)
                         if isinstance(self.store, RemoteStoreBase)
                         else self.store.write_back(items))
-            return len(items) if accepted else 0
         except Exception:
+            accepted = False
+        if not accepted:
+            # NOTE: a write refused (its queue full, the store closed) is lost too: the
+            # tier counts what the leader handed over, and a rank past the leader whose
+            # store refused its shards was never heard of: the tier held the blocks as
+            # written and skipped them in every later write of their prefix, so no engine
+            # ever found them whole (that rank's shards missing).
+            self._on_lost(list(items))
             return 0
+        return len(items)
 
     def _on_lost(self, hashes: list[int]) -> None:
         with self._cond:
             self._lost.update(hashes)
 
     def lost(self) -> set[int]:
-        """The hashes of background writes the store lost since the last call (a store of
-        :class:`RemoteStoreBase` reports them; another store's losses are not known), and
+        """The hashes of background writes the store refused or lost since the last call
+        (a store of :class:`RemoteStoreBase` reports a loss; another store's losses past
+        its acceptance are not known), and
         ``STORE_RESET`` where the store has found its backend reset since (it held nothing
         of what it was given before)."""
         num_resets = self._store_resets()

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from kvtier.remote.codec import PayloadError, RemoteNamespace
+from kvtier.remote.codec import PayloadError, RemoteNamespace, exact_bytes, payload_size
 from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number, check_timeout, describe
 from kvtier.reprs import shown
@@ -319,10 +319,19 @@ class RemoteStoreBase(ABC):
         snapshot = dict(items)
         check_hashes(snapshot)
         size = self._namespace.layout.bytes_per_block
-        for payload in snapshot.values():  # refuse a bad payload here, not on the thread
-            if not isinstance(payload, bytes | bytearray | memoryview) or len(payload) != size:
-                raise ValueError(f"payload must be {size} bytes (one block of "
-                                 f"{self._namespace.layout}), got {describe(payload)[:40]}")
+        for block_hash, payload in snapshot.items():  # refused here, not on the thread
+            # NOTE: as encode_block checks it: its bytes, contiguous (a view of floats as
+            # long as a block has bytes was taken, and failed on the thread, uncounted).
+            data = exact_bytes(payload, size)
+            if data is None:
+                raise ValueError(f"payload must be {size} bytes (contiguous: one block of "
+                                 f"{self._namespace.layout}), got {payload_size(payload)}")
+            if type(payload) is not bytes:
+                # NOTE: a mutable buffer (a bytearray, a view of the caller's staging
+                # memory) is copied now: the I/O thread read it later, and what the caller
+                # wrote there meanwhile (the next block) was stored under this block's hash,
+                # with a checksum of its own: every engine was served it as this block.
+                snapshot[block_hash] = bytes(data)
         if on_lost is None:
             return self._submit(lambda: self.put_many(snapshot))
 

@@ -17,6 +17,10 @@
              the part of the missing prefix whose fetch beats its recompute is read
              (:func:`num_blocks_worth_fetching`), under the read throughput the tier
              measures on its own fetches (``measured_bytes_per_s``); without it, all of it.
+             Where the measured throughput alone turned down ``PROBE_AFTER_SKIPS`` fetches
+             in a row (the configured ``fetch_bytes_per_s`` would make them), the next is
+             made anyway, as the configured throughput decides it: a probe, which
+             measures the store again (``num_probes``).
 
 Under tensor parallelism every rank holds its share of each block's KV heads as its own
 value under that rank's namespace: the tier talks to every rank's side
@@ -89,6 +93,10 @@ KNOWN_BLOCKS = 1 << 16
 DEFAULT_FETCH_BYTES_PER_S = 0.25e9
 # Weight of the newest fetch in the tier's running estimate of the store's read throughput.
 THROUGHPUT_EWMA_WEIGHT = 0.25
+# Fetches in a row the measured throughput alone turns down before the next is made anyway
+# (a probe): only a fetch measures the store, so without one a store slow for a while (a
+# stall, a failover) was judged by that while for ever.
+PROBE_AFTER_SKIPS = 16
 
 
 def _cost(field: str, value: object) -> float:
@@ -167,7 +175,11 @@ class RemoteTier(Wired):
     this process's ``gpu`` and ``host`` storages, or every rank's (:class:`RemoteRanks`,
     with ``gpu`` and ``host`` left out: each rank's :class:`RemoteShard` holds its own)."""
 
-    WIRED = frozenset({"store", "ranks", "gpu", "host", "manager"})
+    # NOTE: the write policy too: set to "write-back" later (the manager never asked to
+    # log spills), every engine step raised from write_spilled ("drain_spills() needs
+    # record_spills() first"); set back to "write-through", the spill log grew for ever
+    # (nobody drains it); any other string was taken, and nothing was written at all.
+    WIRED = frozenset({"store", "ranks", "gpu", "host", "manager", "write_policy"})
 
     def __init__(self, store: RemoteStore | RemoteRanks, manager: KVCacheManager,
                  gpu: KVStorage | None = None, host: KVStorage | None = None,
@@ -210,6 +222,9 @@ class RemoteTier(Wired):
         self.fetch_latency_s = fetch_latency_s
         self._bytes_per_s = check_number("fetch_bytes_per_s", fetch_bytes_per_s, 0.0, 1e15,
                                          low_open=True)
+        self._configured_bytes_per_s = self._bytes_per_s
+        self._num_turned_down = 0  # fetches in a row the measured throughput alone turned down
+        self.num_probes = 0  # fetches made only to measure the store again
         self.ranks = ranks
         # The leader's (rank 0's) store and storages.
         self.store = ranks.leader.store
@@ -287,18 +302,39 @@ class RemoteTier(Wired):
             raise ValueError(f"num_missing must be an int >= 0, got {shown(num_missing)}")
         if self.recompute_s_per_token is None:
             return num_missing
+        return self._worth_fetching(num_missing, self.measured_bytes_per_s)
+
+    def _worth_fetching(self, num_missing: int, bytes_per_s: float) -> int:
+        """``num_blocks_worth_fetching`` of ``num_missing`` blocks read at ``bytes_per_s``
+        (with ``recompute_s_per_token`` set). Pure."""
+        assert self.recompute_s_per_token is not None
         bytes_per_block = self.store.namespace.layout.bytes_per_block
         return num_blocks_worth_fetching(
             num_missing, latency_s=self.fetch_latency_s,
-            fetch_s_per_block=bytes_per_block / self.measured_bytes_per_s,
+            fetch_s_per_block=bytes_per_block / bytes_per_s,
             recompute_s_per_block=self._tpb * self.recompute_s_per_token,
             max_wait_s=self.fetch_deadline_s)
 
     def _wanted(self, hashes: list[int], tokens: Sequence[int], salt: bytes | str | int | None,
                 lora_id: int | None, mm_items: tuple[MultimodalItem, ...]) -> list[int]:
-        """The hashes to fetch: past the local tiers, as many as are worth it."""
+        """The hashes to fetch: past the local tiers, as many as are worth it (or, every
+        ``PROBE_AFTER_SKIPS`` fetches the measured throughput alone turned down, as many
+        as the configured throughput finds worth it: a probe)."""
         missing = hashes[self._num_local_blocks(tokens, salt, lora_id, mm_items):]
         k = self.num_blocks_to_fetch(len(missing))
+        if k == 0 and missing and self.recompute_s_per_token is not None:
+            # NOTE: a store slow for a while (its measured throughput dragged below the
+            # break-even) was never read again: no fetch, no new measurement, every remote
+            # hit lost for good once the store was fast again.
+            configured = self._worth_fetching(len(missing), self._configured_bytes_per_s)
+            if configured:
+                self._num_turned_down += 1
+                if self._num_turned_down > PROBE_AFTER_SKIPS:
+                    self._num_turned_down = 0
+                    self.num_probes += 1
+                    k = configured
+        elif k:
+            self._num_turned_down = 0
         self.num_skipped_blocks += len(missing) - k
         return missing[:k]
 
@@ -362,9 +398,10 @@ class RemoteTier(Wired):
         items must name them (``mm_items``, as admitted): the blocks holding them are keyed
         by their content too, and without it another image behind the same placeholder
         tokens would be served this one's KV. Returns how many blocks were handed to the
-        store. Raises ValueError, writing nothing, for a slot of ``block_table`` that is no
-        GPU slot (a negative one would have written another block's bytes under this
-        prompt's hash) or a ``first_block`` or ``reused_blocks`` that is no int >= 0.
+        store. Raises ValueError, writing nothing, for a ``block_table`` that is no
+        sequence, a slot of it (of a full block, written or skipped) that is no GPU slot (a
+        negative one would have written another block's bytes under this prompt's hash) or
+        a ``first_block`` or ``reused_blocks`` that is no int >= 0.
 
         ::
 
@@ -378,22 +415,32 @@ class RemoteTier(Wired):
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {shown(value)}")
         hashes = self.block_hashes(tokens, salt, lora_id, mm_items)
-        self._forget(self.ranks.lost())
-        known = self._known
-        picked = [(i, h, slot) for i, (h, slot) in enumerate(zip(hashes, block_table,
-                                                                  strict=False))
-                  if i >= first_block and (i >= reused_blocks or h not in known)]
+        # NOTE: every slot of the full blocks is checked before anything changes: a table
+        # that was no sequence (None) raised TypeError from zip, naming nothing, and only
+        # after the tier had taken its stores' lost writes (and forgotten them).
+        try:
+            table = (list(block_table) if not isinstance(block_table, str | bytes)
+                     else None)
+        except TypeError:
+            table = None
+        if table is None:
+            raise ValueError(f"block_table must be a sequence of GPU slots, got "
+                             f"{shown(block_table)}")
+        table = table[:len(hashes)]
         num_slots = self.gpu.num_blocks
-        for i, _, slot in picked:
+        for i, slot in enumerate(table):
             if type(slot) is not int or not 0 <= slot < num_slots:
                 raise ValueError(f"block_table[{i}] must be a GPU slot in 0..{num_slots - 1}, "
                                  f"got {shown(slot)}")
-        blocks = [(h, slot) for _, h, slot in picked]
+        self._forget(self.ranks.lost())
+        known = self._known
+        blocks = [(h, slot) for i, (h, slot) in enumerate(zip(hashes, table, strict=False))
+                  if i >= first_block and (i >= reused_blocks or h not in known)]
         written = self.ranks.put(Tier.GPU, blocks, wait) if blocks else 0
         if written == len(blocks):
-            self._remember(hashes[:len(block_table)])  # the skipped refreshed, the written new
+            self._remember(hashes[:len(table)])  # the skipped refreshed, the written new
         else:  # NOTE: the store took less (down, refused): what it holds is not known
-            self._remember(h for h in hashes[:len(block_table)] if h in known)
+            self._remember(h for h in hashes[:len(table)] if h in known)
         self.num_written_blocks += written
         return written
 
@@ -457,15 +504,17 @@ class RemoteTier(Wired):
         if type(request_id) is not str or not request_id:
             raise ValueError(f"request_id must be a non-empty str, got {shown(request_id)}")
         old = self._pending.get(request_id)
-        if old is not None:
-            if not old.released:
-                return False  # still waiting for it
-            # NOTE: a fetch past its deadline, still in flight, of an earlier request of
-            # that id: it lands in the cache for anyone, this request fetches its own.
-            self.cancel_fetch(request_id)
+        if old is not None and not old.released:
+            return False  # still waiting for it
+        # NOTE: the prompt is checked (and hashed, which checks the salt and LoRA id) before
+        # anything changes: a refused one cancelled the earlier fetch of that id first.
         ids, items = checked_prompt(tokens, mm_items, "remote tier")
         hashes = self._reusable_hashes(ids, salt, lora_id, items)
         wanted = self._wanted(hashes, ids, salt, lora_id, items)
+        if old is not None:
+            # NOTE: a fetch past its deadline, still in flight, of an earlier request of
+            # that id: it lands in the cache for anyone, this request fetches its own.
+            self.cancel_fetch(request_id)
         if not wanted:
             return False
         fetch = _Fetch(list(ids), salt, lora_id, items, hashes, time.monotonic(),

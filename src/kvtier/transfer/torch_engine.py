@@ -91,6 +91,9 @@ METHODS = ("auto", "dma_batch", "dma_gather", "fused", "kernel", "dma", "staged"
 # (the fused kernel 0.80-0.84); with 16 KiB copies 0.68-0.72 (fused 0.79-0.83) and with
 # 4 KiB 0.04-0.16, when the driver took 1.5-6 us of CPU per copy.
 MIN_BATCH_COPY_BYTES = 64 << 10
+# What an engine's GPU and host storages share: all of a KVLayout but the layout kind.
+_SHARED_LAYOUT_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block", "dtype",
+                         "tp_rank", "tp_size")
 
 
 class TorchTransferEngine:
@@ -143,9 +146,15 @@ class TorchTransferEngine:
             raise ValueError(f"heap_pad_bytes must be >= 0 or None, got {shown(heap_pad_bytes)}")
         if host is not None:
             a, b = gpu.layout, host.layout
-            if (a.num_layers, a.num_kv_heads, a.head_dim, a.tokens_per_block, a.dtype) != (
-                    b.num_layers, b.num_kv_heads, b.head_dim, b.tokens_per_block, b.dtype):
-                raise ValueError(f"GPU and host layouts differ beyond the layout kind: {a} vs {b}")
+            # NOTE: the shard too (tp_rank, tp_size): a host shard of another rank holds as
+            # many bytes per block, and was taken; a remote tier's fetch fills this rank's
+            # own host shard, which this engine never onboarded from: the GPU got the other
+            # rank's KV heads.
+            differ = [name for name in _SHARED_LAYOUT_FIELDS
+                      if getattr(a, name) != getattr(b, name)]
+            if differ:
+                raise ValueError(f"GPU and host layouts differ beyond the layout kind "
+                                 f"({', '.join(differ)}): {a} vs {b}")
             if host.device.type != "cpu":
                 raise ValueError(f"the host tier must be on the CPU, got {host.device}")
         self._gpu = gpu

@@ -33,7 +33,7 @@ from kvtier.transfer.torch_engine import TorchTransferEngine
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
 
 if TYPE_CHECKING:
-    from kvtier.storage import KVStorage
+    from kvtier.storage import KVLayout, KVStorage
 
 MAX_TP_SIZE = 63
 
@@ -51,11 +51,26 @@ def union_error(plan: TransferPlan,
                          f"(failed on rank(s) {ranks})", [plan.ops[i] for i in failed], failed)
 
 
-def _check_shards(layouts: Sequence[tuple[int, int]], tp_size: int) -> None:
-    for rank, (tp_rank, size) in enumerate(layouts):
-        if (tp_rank, size) != (rank, tp_size):
-            raise ValueError(f"engine {rank} holds the shard of rank {tp_rank} of {size}, "
-                             f"expected rank {rank} of {tp_size}")
+def _check_shards(layouts: Sequence[KVLayout], tp_size: int) -> None:
+    """ValueError unless ``layouts[r]`` is rank ``r``'s shard of one model's blocks (one
+    shape and dtype: the first's), split over ``tp_size`` ranks. Pure.
+
+    NOTE: only the ranks were compared: shards of two models (another head_dim, layer
+    count or dtype) ran one plan as one deployment's."""
+    first = layouts[0]
+    for rank, layout in enumerate(layouts):
+        if (layout.tp_rank, layout.tp_size) != (rank, tp_size):
+            raise ValueError(f"engine {rank} holds the shard of rank {layout.tp_rank} of "
+                             f"{layout.tp_size}, expected rank {rank} of {tp_size}")
+        if _model_shape(layout) != _model_shape(first):
+            raise ValueError(f"engine {rank} holds a shard of {layout}, engine 0 of {first}: "
+                             f"every rank must hold a shard of the same model's blocks")
+
+
+def _model_shape(layout: KVLayout) -> tuple[object, ...]:
+    """What every rank's shard of one model's blocks shares. Pure."""
+    return (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.tokens_per_block,
+            layout.dtype)
 
 
 class ShardedHandle:
@@ -82,8 +97,7 @@ class ShardedTransferEngine:
     def __init__(self, engines: Sequence[TorchTransferEngine]) -> None:
         if not engines:
             raise ValueError("engines must hold at least one rank's engine")
-        _check_shards([(e.gpu.layout.tp_rank, e.gpu.layout.tp_size) for e in engines],
-                      len(engines))
+        _check_shards([e.gpu.layout for e in engines], len(engines))
         sizes = {(e.gpu.num_blocks, None if e.host is None else e.host.num_blocks)
                  for e in engines}
         if len(sizes) != 1:

@@ -166,6 +166,7 @@ class PolicyChunks(Generic[C]):
         del self._by_uid[entry.node.uid]
         if entry.evictable:
             self._num_evictable -= 1
+        self._bound_expiries()
 
     def touch(self, keys: Iterable[bytes]) -> None:
         """Make ``keys`` most recent, the first most recent of all."""
@@ -311,6 +312,7 @@ class PolicyChunks(Generic[C]):
             if learner is not None and node.reuse_class is not None:
                 learner.forget(entry.key, node.uid, node.reuse_class, node.last_used_s, 1, now)
             out.append((entry.key, entry.chunk))
+        self._bound_expiries()
         return out
 
     def clear(self) -> None:
@@ -324,12 +326,13 @@ class PolicyChunks(Generic[C]):
 
     def check_invariants(self) -> None:
         """Recount the books: evictable count, a current pool entry per evictable chunk,
-        soft claims."""
+        soft claims, the retention heap's bound."""
         evictable = {e.node.uid for e in self._chunks.values() if e.evictable}
         assert len(evictable) == self._num_evictable, (len(evictable), self._num_evictable)
         assert self._by_uid.keys() == {e.node.uid for e in self._chunks.values()}
         filed = {n.uid for n in self._pool.heap_nodes()}
         assert evictable <= filed, evictable - filed
+        assert len(self._expiries) <= 2 * len(self._chunks) + 64, len(self._expiries)
         for key, entry in self._chunks.items():
             assert entry.key == key
             assert entry.claims >= 0 and entry.node.soft_claimed == (entry.claims > 0), key
@@ -357,8 +360,26 @@ class PolicyChunks(Generic[C]):
                        retention_s: float | None) -> None:
         node.priority = self._default_priority if priority is None else priority
         node.expiry = None if retention_s is None else now + retention_s
-        if node.expiry is not None:
-            heapq.heappush(self._expiries, node.expiry)
+        if node.expiry is None:
+            return
+        heapq.heappush(self._expiries, node.expiry)
+        self._bound_expiries(node)
+
+    def _bound_expiries(self, node: Node | None = None) -> None:
+        """Rebuild the retention heap from the chunks' expiries (and ``node``'s, which may
+        not be filed yet) once it holds more than twice as many entries as chunks.
+
+        NOTE: an entry per release, kept until it ran out (a chunk released again, evicted
+        or removed left its old ones): a tier whose requests set a retention held one
+        float per chunk release of the last retention period (4 chunks released 10,000
+        times: 40,004 entries). Bounded as the evictor's retention heap is."""
+        if len(self._expiries) <= 2 * len(self._chunks) + 64:
+            return
+        live = [e.node.expiry for e in self._chunks.values() if e.node.expiry is not None]
+        if node is not None and node.expiry is not None:
+            live.append(node.expiry)
+        heapq.heapify(live)
+        self._expiries = live
 
     def _refile(self, entry: _Chunk[C]) -> None:
         if not entry.evictable:

@@ -29,7 +29,7 @@ from enum import Enum
 from typing import Literal, NamedTuple, cast
 
 from kvtier.integrations.vllm.keys import fold_key
-from kvtier.remote.codec import exact_bytes
+from kvtier.remote.codec import RemoteNamespace, exact_bytes
 from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number
 from kvtier.remote.store import RemoteStore
@@ -139,6 +139,14 @@ class StoreTier:
             raise ValueError(f"view is {len(view)} bytes, not a whole number of "
                              f"{page_bytes}-byte pages")
         self._max_wait_s = check_number("max_lookup_wait_s", max_lookup_wait_s, 0.0, 3600.0)
+        namespace = getattr(store, "namespace", None)
+        if (isinstance(namespace, RemoteNamespace)
+                and namespace.layout.bytes_per_block != page_bytes):
+            # NOTE: taken, every store job failed (the codec refused each page's size) and
+            # every load missed, counted as the store's faults: nothing said why.
+            raise ValueError(f"the store's blocks are {namespace.layout.bytes_per_block} "
+                             f"bytes (namespace {namespace.fingerprint}), the pages "
+                             f"page_bytes={page_bytes}: no page could be stored or loaded")
         self._store = store
         self._view = view
         self._num_pages = len(view) // page_bytes
