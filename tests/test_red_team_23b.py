@@ -1,0 +1,149 @@
+"""Red team 23b: the ``kvtier`` command's output files and the agreement of its commands.
+
+A ``--json`` or ``--plot`` file is written whole or not at all (a full disk, a file size
+limit, a Ctrl-C part way left a truncated document under the name asked for);
+``--json /dev/stdout`` with standard output redirected to a file keeps the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtier.cli import main
+from kvtier.cli_output import output_file
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(autouse=True)
+def debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect (an unexpected exception) raises with its traceback instead of exit 70."""
+    monkeypatch.setenv("KVTIER_DEBUG", "1")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``kvtier args...`` in-process; return exit status, stdout and stderr."""
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def without_cpu(report: dict[str, Any]) -> dict[str, Any]:
+    """A report less its real-time group, the one part two equal runs differ in."""
+    return {key: value for key, value in report.items() if key != "cpu"}
+
+
+# A child that runs the command under a file size limit: a write past it fails (EFBIG), as
+# one on a full disk fails (ENOSPC), part way through the file.
+LIMITED = """\
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+from kvtier.launcher import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_limited(*args: str) -> subprocess.CompletedProcess[str]:
+    """``kvtier args...`` in a child whose files may not grow past 1,000 bytes."""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    env.pop("KVTIER_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", LIMITED, *args], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE, Linux")
+@pytest.mark.parametrize("before", [None, b"the old report\n"])
+def test_a_json_write_that_fails_leaves_no_partial_file(tmp_path: Path,
+                                                        before: bytes | None) -> None:
+    """--json whose write failed past 1,000 bytes left those 1,000 bytes of a JSON document
+    under the name asked for. Now the file is as it was (absent, or its old content), no
+    temporary file is left, and the error names it, status 2."""
+    target = tmp_path / "report.json"
+    if before is not None:
+        target.write_bytes(before)
+    done = run_limited("replay", "--limit", "5", "--no-progress", "--json", str(target))
+    assert done.returncode == 2
+    assert done.stderr == (f"kvtier: error: cannot write {target}: File too large (the "
+                           "report is on standard output)\n")
+    assert json.loads(done.stdout.splitlines()[-1])["num_requests"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if before is None
+                                                          else ["report.json"])
+    if before is not None:
+        assert target.read_bytes() == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE, Linux")
+@pytest.mark.parametrize("suffix", [".svg", ".pdf"])
+def test_a_plot_write_that_fails_leaves_no_partial_file(tmp_path: Path, suffix: str) -> None:
+    """--plot whose write failed part way left a truncated SVG, or a truncated PDF and
+    status 70 (matplotlib's PDF writer raises AttributeError from its cleanup after the
+    OSError). Now no file is left and the error names it, status 2."""
+    pytest.importorskip("matplotlib", reason="the 'plot' extra (matplotlib) is not installed")
+    target = tmp_path / f"sweep{suffix}"
+    done = run_limited("sweep", "--limit", "5", "--no-progress", "--host-blocks", "0,64",
+                       "--plot", str(target))
+    assert done.returncode == 2
+    assert done.stderr == (f"kvtier: error: cannot write {target}: File too large (the "
+                           "report is on standard output)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_output_leaves_the_old_file(tmp_path: Path) -> None:
+    """A Ctrl-C while the new content is written leaves the old file whole and removes
+    the temporary one."""
+    target = tmp_path / "report.json"
+    target.write_text("old\n", encoding="utf-8")
+    with pytest.raises(KeyboardInterrupt), output_file(target) as temporary:
+        temporary.write_text("half", encoding="utf-8")
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert target.read_text(encoding="utf-8") == "old\n"
+
+
+def test_json_through_a_symlink_replaces_its_target_and_keeps_the_mode(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--json through a symlink writes the link's target (the link stays a link), and a
+    file replaced keeps its permission bits."""
+    real = tmp_path / "real.json"
+    real.write_text("old\n", encoding="utf-8")
+    real.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    code, out, _ = run_cli(capsys, "replay", "--limit", "5", "--no-progress", "--json",
+                           str(link))
+    assert code == 0 and link.is_symlink()
+    assert json.loads(real.read_text(encoding="utf-8")) == json.loads(out.splitlines()[-1])
+    assert real.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+
+
+def test_json_to_dev_stdout_redirected_to_a_file_keeps_the_table(tmp_path: Path) -> None:
+    """--json /dev/stdout with standard output redirected to a file reopened it with
+    truncation: the table and the JSON line were lost, the file held the indented
+    document alone. Now the file holds what a pipe gets: the table, the JSON line, then
+    the indented document."""
+    out = tmp_path / "out.txt"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    args = [sys.executable, "-m", "kvtier", "replay", "--limit", "5", "--no-progress",
+            "--json", "/dev/stdout"]
+    with out.open("w", encoding="utf-8") as f:
+        done = subprocess.run(args, stdout=f, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=120, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    piped = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120,
+                           check=False)
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("workload    synthetic-chat")
+    lines = text.splitlines()
+    line = next(json.loads(x) for x in lines if x.startswith('{"workload"'))
+    indented = "\n".join(lines[lines.index("{"):])
+    assert without_cpu(json.loads(indented)) == without_cpu(line)
+    assert len(lines) == len(piped.stdout.splitlines())
