@@ -3,7 +3,8 @@
 A ``--json`` or ``--plot`` file is written whole or not at all (a full disk, a file size
 limit, a Ctrl-C part way left a truncated document under the name asked for);
 ``--json /dev/stdout`` with standard output redirected to a file keeps the table; each row
-of a sweep over the race workload is what ``kvtier replay`` gives at its settings.
+of a sweep over the race workload is what ``kvtier replay`` gives at its settings;
+``generate --raw`` refuses a conversation it would answer turn by turn, each turn alone.
 """
 
 from __future__ import annotations
@@ -167,3 +168,29 @@ def test_a_race_sweeps_rows_are_the_replays_at_their_settings(
         assert code == 0
         assert without_cpu(run) == without_cpu(json.loads(out.splitlines()[-1]))
     assert [round(run["token_hit_rate"], 4) for run in runs] == [0.1245, 0.1488]
+
+
+def test_a_raw_conversation_of_several_turns_is_refused_before_loading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """generate --raw --jsonl with {"turns": ["My name is Bob.", "What is my name?"]}
+    tokenized each turn alone: the second was answered from its own 5 tokens, without the
+    turn and answer before it, and no word said so. Now the line is refused, naming it,
+    status 2, before any model is looked for; one turn a line still reads."""
+    import kvtier.cli_generate
+    from kvtier.cli_generate import _read_jsonl
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(kvtier.cli_generate, "_load", never)
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ab"}\n{"turns": ["My name is Bob.", "What is my name?"]}\n',
+                    encoding="utf-8")
+    code, out, err = run_cli(capsys, "generate", "--raw", "--jsonl", str(path))
+    assert (code, out) == (2, "")
+    assert err == (f"kvtier: error: {path} line 2 is a conversation of 2 turns, which --raw "
+                   "cannot join (without the chat template each turn would be answered "
+                   "alone); give each prompt its own line\n")
+    path.write_text('{"turns": ["ab"]}\n', encoding="utf-8")
+    assert _read_jsonl(path, raw=True) == [{"turns": ["ab"]}]

@@ -198,6 +198,12 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
         if raw and item.get("system"):  # NOTE: answered without it, silently, before
             raise CLIError(f"{path} line {n} has a \"system\" message, which --raw leaves "
                            "out (it tokenizes each prompt as it is)")
+        if raw and len(item.get("turns", ())) > 1:
+            # NOTE: each turn was tokenized alone, and answered without the turns and
+            # answers before it ("What is my name?" after "My name is Bob.": 5 tokens).
+            raise CLIError(f"{path} line {n} is a conversation of {len(item['turns'])} turns, "
+                           "which --raw cannot join (without the chat template each turn "
+                           "would be answered alone); give each prompt its own line")
         items.append(item)
     if not items:
         raise CLIError(f"{path} holds no prompt")
