@@ -152,8 +152,9 @@ def output_file(path: Path) -> Iterator[Path]:
     (or image) under the name asked for. A symlink is written through (its target is
     replaced, the link kept), an existing file keeps its permission bits. Written in place,
     as before: a device, FIFO or socket (``--json /dev/stdout``, ``>(jq .)``), a path
-    under /dev or /proc, a file with other hard links or that is standard output or error
-    (redirected to a file), and a file whose folder takes no new file."""
+    under /dev or /proc, a file with other hard links, of another owner, or that is
+    standard output or error (redirected to a file), and a file whose folder takes no new
+    file."""
     if not _replaceable(path):
         yield path
         return
@@ -161,7 +162,9 @@ def output_file(path: Path) -> Iterator[Path]:
     try:
         fd, name = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.",
                                     suffix=f".part{real.suffix}")
-    except OSError:  # a folder that refuses new files; the write itself will say more
+    except OSError:  # a folder that refuses new files, a name too long: written in place
+        fd, name = -1, ""
+    if not name:
         yield path
         return
     temporary = Path(name)
@@ -172,13 +175,15 @@ def output_file(path: Path) -> Iterator[Path]:
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
         os.close(fd)
+        fd = -1
+        os.chmod(temporary, mode)
         yield temporary
         os.replace(temporary, real)
     except BaseException:
-        with suppress(OSError):
-            os.close(fd)
+        if fd >= 0:
+            with suppress(OSError):
+                os.close(fd)
         with suppress(OSError):
             temporary.unlink()
         raise
@@ -195,7 +200,8 @@ def _replaceable(path: Path) -> bool:
         return True
     except OSError:
         return False
-    if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+    if (not stat.S_ISREG(status.st_mode) or status.st_nlink > 1
+            or status.st_uid != os.geteuid()):  # a renamed file would change its owner
         return False
     for fd in (1, 2):  # NOTE: --json /dev/fd/1, or a name of the file stdout goes to
         with suppress(OSError):
