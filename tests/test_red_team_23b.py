@@ -5,7 +5,8 @@ limit, a Ctrl-C part way left a truncated document under the name asked for);
 ``--json /dev/stdout`` with standard output redirected to a file keeps the table; each row
 of a sweep over the race workload is what ``kvtier replay`` gives at its settings;
 ``generate --raw`` refuses a conversation it would answer turn by turn, each turn alone;
-the text of a special token in a chat message is encoded as text, never as the token.
+the text of a special token in a chat message is encoded as text, never as the token; a
+later turn past the context is refused naming its line, after the answered turns' JSON.
 """
 
 from __future__ import annotations
@@ -243,3 +244,33 @@ def test_a_raw_conversation_of_several_turns_is_refused_before_loading(
                    "alone); give each prompt its own line\n")
     path.write_text('{"turns": ["ab"]}\n', encoding="utf-8")
     assert _read_jsonl(path, raw=True) == [{"turns": ["ab"]}]
+
+
+def test_a_later_turn_past_the_context_names_its_line_after_the_answered_turns(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """generate --jsonl whose conversation outgrew the context at a later turn ended with
+    "a prompt of N tokens does not fit the maximum context", naming neither the
+    conversation nor its line, and with no JSON line for the turns answered before it.
+    Now the JSON line of those turns comes first, then the refusal names the line, the
+    conversation and the turn, status 2."""
+    for name in ("gguf", "numpy", "torch", "tokenizers"):
+        pytest.importorskip(name, reason="the model extra: pip install 'kvtier[model]'")
+    from kvtier.model.tokenizer import load_tokenizer
+    from test_red_team_model import make_gguf
+
+    model = make_gguf(tmp_path / "m.gguf", tokenizer__chat_template=(
+        "str", "{% for m in messages %}{{ m['content'] }}{% endfor %}"))  # context: 64
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"turns": ["ab", "a" * 70]}) + "\n"
+                    + json.dumps({"prompt": "b"}) + "\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, "generate", "--jsonl", str(path), "--model", str(model),
+                             "--max-new-tokens", "2", "--device", "cpu")
+    assert code == 2
+    turns = json.loads(out.splitlines()[-1])["turns"]
+    assert [(t["conversation"], t["turn"]) for t in turns] == [(0, 0), (1, 0)]
+    prompt = load_tokenizer(model).encode_chat([
+        {"role": "user", "content": "ab"}, {"role": "assistant", "content": turns[0]["text"]},
+        {"role": "user", "content": "a" * 70}])
+    assert err == (f"kvtier: error: {path} line 1 (conversation 0), turn 1: its prompt of "
+                   f"{len(prompt)} tokens does not fit the maximum context of 64 tokens "
+                   "(model context, GPU pool)\n")
