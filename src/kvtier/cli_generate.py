@@ -304,7 +304,8 @@ def run_generate(args: argparse.Namespace) -> int:
             # NOTE: the refusal named neither the conversation nor its line ("a prompt of
             # 1247 tokens does not fit"), and the turns answered before it had no JSON line.
             k, num_tokens = too_long
-            print(json.dumps(_summary(rows, generator)))
+            if rows:
+                print(json.dumps(_summary(rows, generator)))
             raise CLIError(f"{origins[active[k]]} (conversation {active[k]}), turn {turn}: its "
                            f"prompt of {num_tokens} tokens does not fit the maximum context "
                            f"of {generator.max_context} tokens (model context, GPU pool)")
