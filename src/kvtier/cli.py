@@ -41,7 +41,14 @@ from kvtier.cli_options import (
     replay_sizes,
     settle_options,
 )
-from kvtier.cli_output import OutputFailed, checked_stdout, discard_stdout, progress_bar
+from kvtier.cli_output import (
+    OutputFailed,
+    checked_stdout,
+    discard_stdout,
+    names_stdout,
+    output_file,
+    progress_bar,
+)
 from kvtier.cli_profile import make_profile
 from kvtier.cli_remote import connect_redis, remote_fetch, remote_fetch_options
 from kvtier.cli_workload import check_outputs, num_requests, open_workload
@@ -316,16 +323,25 @@ def _run_sweep(args: argparse.Namespace) -> int:
               for gpu in args.gpu_blocks for host in args.host_blocks]
     sched = make_sched(args, args.admission)
     profile = make_profile(args.profile, args.set_profile)
-    # The race workload is sized for a host tier: the largest one of the sweep.
-    workload = _open(args, max(caches, key=lambda c: c.num_host_blocks))
-    total = num_requests(workload)
+    # NOTE: the race is sized for each run's cache, as a replay sizes it: one race sized for
+    # the largest host tier (and the first GPU size) gave each other row another workload
+    # than `kvtier replay` at its settings (0.0326 against 0.1245 at 200 GPU + 50 host).
+    race = args.trace is None and args.workload == "race"
+    workloads = ([_open(args, cache) for cache in caches] if race
+                 else [_open(args, caches[0])] * len(caches))
+    total = num_requests(workloads[0])
     reports = []
     with progress_bar(None if total is None else total * len(caches),
                        not args.no_progress) as progress:
-        for cache in caches:
+        for workload, cache in zip(workloads, caches, strict=True):
             reports.append(_simulate(workload, cache, sched, profile, args, progress, False))
     if args.oracle:
-        reports = _with_oracle(workload, reports, [(cache, sched) for cache in caches])
+        runs = [(cache, sched) for cache in caches]
+        if race:  # the bounds of each run over its own race
+            reports = [_with_oracle(w, [r], [run])[0]
+                       for w, r, run in zip(workloads, reports, runs, strict=True)]
+        else:
+            reports = _with_oracle(workloads[0], reports, runs)
     document = {"command": "sweep", "runs": [r.to_dict() for r in reports]}
     _emit(format_sweep(reports), document, args.json)
     if args.plot is not None:  # after the report is out: a plot that fails loses nothing
@@ -401,15 +417,20 @@ def _emit(table: list[str], document: dict[str, Any], json_path: Path | None) ->
     """Print the table and the JSON line, then write ``document`` to ``json_path`` if given.
 
     NOTE: printed first, so a write that fails (the disk filled up during a long run) loses
-    no result. Written in place, not renamed over: ``--json /dev/stdout`` or a symlink must
-    be written through, never replaced."""
+    no result. Whole or not at all (:func:`output_file`): a write that fails leaves no
+    truncated document; ``--json /dev/stdout`` and a symlink are written through."""
     for row in table:
         print(row)
     print(json.dumps(document, allow_nan=False))
-    if json_path is not None:
+    if json_path is not None and names_stdout(json_path):
+        # NOTE: reopened, /dev/stdout redirected to a file truncated it: the table and the
+        # JSON line printed above were lost, the file held the indented document alone.
+        print(json.dumps(document, indent=2, allow_nan=False))
+    elif json_path is not None:
         try:
-            json_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n",
-                                 encoding="utf-8")
+            with output_file(json_path) as target:
+                target.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n",
+                                  encoding="utf-8")
         except OSError as exc:
             raise CLIError(f"cannot write {json_path}: {exc.strerror or exc} (the report is "
                            "on standard output)") from None
@@ -451,10 +472,30 @@ def _require_matplotlib(path: Path | None = None) -> None:
 def _plot_sweep(reports: list[SimReport], path: Path) -> None:
     _require_matplotlib()
     try:
-        plot_sweep(reports, path)
-    except OSError as exc:
-        raise CLIError(f"cannot write {path}: {exc.strerror or exc} (the report is on "
-                       "standard output)") from None
-    except RuntimeError as exc:  # matplotlib's, for an outside tool a format needs
-        raise CLIError(f"cannot write {path}: matplotlib: {exc} (the report is on standard "
-                       "output)") from None
+        with output_file(path) as target:
+            # The format of the name asked for (a PNG without a suffix), not the temporary's.
+            plot_sweep(reports, target, path.suffix[1:].lower() or "png")
+    except Exception as exc:
+        failed = _os_error(exc)
+        if failed is not None:
+            raise CLIError(f"cannot write {path}: {failed.strerror or failed} (the report is "
+                           "on standard output)") from None
+        if isinstance(exc, RuntimeError):  # matplotlib's, for an outside tool a format needs
+            raise CLIError(f"cannot write {path}: matplotlib: {exc} (the report is on "
+                           "standard output)") from None
+        raise
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """``exc`` if an OSError, else the OSError it was raised while handling, if any. Pure.
+
+    NOTE: matplotlib's PDF writer, its file failing part way (a full disk), raises
+    AttributeError ('Stream' object has no attribute 'pos') from its cleanup: status 70."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None

@@ -145,8 +145,14 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
 
 
 def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
-    """The prompts and conversations of ``path``, one JSON object per line; CLIError naming
-    the line of the first that is not one (or holds a "system" message ``raw`` leaves out).
+    """The prompts and conversations of ``path`` (see :func:`_read_jsonl_lines`)."""
+    return [item for _, item in _read_jsonl_lines(path, raw)]
+
+
+def _read_jsonl_lines(path: Path, raw: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """The prompts and conversations of ``path``, one JSON object per line, each with its
+    line number; CLIError naming the line of the first that is not one (or holds what
+    ``raw`` cannot answer: a "system" message, more than one turn).
 
     NOTE: lines end at "\n" only, as JSON Lines and the traces' readers have them:
     str.splitlines also split at U+2028 and U+0085, which JSON strings may hold raw, and
@@ -198,7 +204,13 @@ def _read_jsonl(path: Path, raw: bool = False) -> list[dict[str, Any]]:
         if raw and item.get("system"):  # NOTE: answered without it, silently, before
             raise CLIError(f"{path} line {n} has a \"system\" message, which --raw leaves "
                            "out (it tokenizes each prompt as it is)")
-        items.append(item)
+        if raw and len(item.get("turns", ())) > 1:
+            # NOTE: each turn was tokenized alone, and answered without the turns and
+            # answers before it ("What is my name?" after "My name is Bob.": 5 tokens).
+            raise CLIError(f"{path} line {n} is a conversation of {len(item['turns'])} turns, "
+                           "which --raw cannot join (without the chat template each turn "
+                           "would be answered alone); give each prompt its own line")
+        items.append((n, item))
     if not items:
         raise CLIError(f"{path} holds no prompt")
     return items
@@ -268,8 +280,11 @@ def run_generate(args: argparse.Namespace) -> int:
     for i, prompt in enumerate(args.prompts):
         _check_text(prompt, f"prompt {i}")
     items: list[dict[str, Any]] = [{"prompt": p} for p in args.prompts]
+    origins = [f"PROMPT {i}" for i in range(len(items))]  # where each conversation is given
     if args.jsonl is not None:
-        items += _read_jsonl(args.jsonl, args.raw)
+        for n, item in _read_jsonl_lines(args.jsonl, args.raw):
+            items.append(item)
+            origins.append(f"{args.jsonl} line {n}")
     if args.system_priority is not None and not any(item.get("system") for item in items):
         # NOTE: kept no block at that priority, without a word (it keeps a system message's)
         raise CLIError("--system-priority needs a system message to keep: a \"system\" of a "
@@ -284,6 +299,16 @@ def run_generate(args: argparse.Namespace) -> int:
         active = [i for i, t in enumerate(turns) if turn < len(t)]
         for i in active:
             histories[i].append({"role": "user", "content": turns[i][turn]})
+        too_long = _too_long(generator, [histories[i] for i in active], args.raw)
+        if too_long is not None:
+            # NOTE: the refusal named neither the conversation nor its line ("a prompt of
+            # 1247 tokens does not fit"), and the turns answered before it had no JSON line.
+            k, num_tokens = too_long
+            if rows:
+                print(json.dumps(_summary(rows, generator)))
+            raise CLIError(f"{origins[active[k]]} (conversation {active[k]}), turn {turn}: its "
+                           f"prompt of {num_tokens} tokens does not fit the maximum context "
+                           f"of {generator.max_context} tokens (model context, GPU pool)")
         results = _answer(generator, [histories[i] for i in active], args.raw, params,
                           args.system_priority)
         for i, r in zip(active, results, strict=True):
@@ -294,6 +319,23 @@ def run_generate(args: argparse.Namespace) -> int:
             rows.append(_turn_json(i, turn, r))
     print(json.dumps(_summary(rows, generator)))
     return 0
+
+
+def _too_long(generator: Generator, conversations: list[list[Message]],
+              raw: bool) -> tuple[int, int] | None:
+    """The first of ``conversations`` whose next prompt does not fit the generator's
+    context, and its length in tokens; None if all fit (or one cannot be encoded, which
+    the answer refuses in its own words). Pure."""
+    tokenizer = generator.tokenizer
+    for k, conversation in enumerate(conversations):
+        try:
+            ids = (tokenizer.encode(conversation[-1]["content"]) if raw
+                   else tokenizer.encode_chat(conversation))
+        except ValueError:
+            return None
+        if len(ids) >= generator.max_context:
+            return k, len(ids)
+    return None
 
 
 def _summary(rows: list[dict[str, Any]], generator: Generator) -> dict[str, Any]:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from kvtier.cli_error import CLIError
@@ -136,3 +139,87 @@ def _bar_failed(exc: Exception) -> CLIError:
     return CLIError(f"the progress bar (tqdm) failed on its settings"
                     f"{f' ({settings})' if settings else ''}: {type(exc).__name__}: {exc}; "
                     "fix them or pass --no-progress")
+
+
+@contextmanager
+def output_file(path: Path) -> Iterator[Path]:
+    """Where to write the whole new content of the output file ``path`` (``--json``,
+    ``--plot``): a temporary file beside it, which replaces it once the body is done, or
+    is removed if the body raises (a full disk, a file size limit, a Ctrl-C), leaving
+    ``path`` as it was; ``path`` itself where it is no plain file to replace.
+
+    NOTE: written in place, a write that failed part way left a truncated JSON document
+    (or image) under the name asked for. A symlink is written through (its target is
+    replaced, the link kept), an existing file keeps its permission bits. Written in place,
+    as before: a device, FIFO or socket (``--json /dev/stdout``, ``>(jq .)``), a path
+    under /dev or /proc, a file with other hard links, of another owner, or that is
+    standard output or error (redirected to a file), and a file whose folder takes no new
+    file."""
+    if not _replaceable(path):
+        yield path
+        return
+    real = Path(os.path.realpath(path))
+    try:
+        fd, name = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.",
+                                    suffix=f".part{real.suffix}")
+    except OSError:  # a folder that refuses new files, a name too long: written in place
+        fd, name = -1, ""
+    if not name:
+        yield path
+        return
+    temporary = Path(name)
+    try:
+        try:
+            mode = stat.S_IMODE(os.stat(real).st_mode)
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.close(fd)
+        fd = -1
+        os.chmod(temporary, mode)
+        yield temporary
+        os.replace(temporary, real)
+    except BaseException:
+        if fd >= 0:
+            with suppress(OSError):
+                os.close(fd)
+        with suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether ``path`` names a plain file (or none yet) that :func:`output_file` may
+    replace by a renamed one. Pure."""
+    if os.path.abspath(path).startswith(("/dev/", "/proc/")):
+        return False
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if (not stat.S_ISREG(status.st_mode) or status.st_nlink > 1
+            or status.st_uid != os.geteuid()):  # a renamed file would change its owner
+        return False
+    for fd in (1, 2):  # NOTE: --json /dev/fd/1, or a name of the file stdout goes to
+        with suppress(OSError):
+            other = os.fstat(fd)
+            if (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino):
+                return False
+    return True
+
+
+def names_stdout(path: Path) -> bool:
+    """Whether ``path`` is the file standard output writes to (``/dev/stdout``, ``/dev/fd/1``,
+    or the name of the file it is redirected to). Pure."""
+    stream = sys.stdout
+    try:
+        fd = stream.fileno() if stream is not None else None
+        if fd is None:
+            return False
+        status, out = os.stat(path), os.fstat(fd)
+    except (OSError, ValueError, AttributeError):  # a StringIO in tests: no descriptor
+        return False
+    return (status.st_dev, status.st_ino) == (out.st_dev, out.st_ino)

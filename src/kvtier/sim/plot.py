@@ -18,9 +18,9 @@ def require_matplotlib() -> Any:
     return plt
 
 
-def plot_sweep(reports: list[SimReport], path: Path) -> None:
+def plot_sweep(reports: list[SimReport], path: Path, file_format: str | None = None) -> None:
     """Hit rate (one line per eviction policy, with the oracle bounds) and TTFT against
-    GPU + host capacity, as a PNG."""
+    GPU + host capacity, as a PNG (or ``file_format``, else the one ``path`` names)."""
     plt = require_matplotlib()
     fig, (hits, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
     by_policy: dict[str, list[SimReport]] = {}
@@ -51,7 +51,7 @@ def plot_sweep(reports: list[SimReport], path: Path) -> None:
     fig.suptitle(str(reports[0].workload.get("name")))
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, format=file_format)
     finally:
         plt.close(fig)
 
