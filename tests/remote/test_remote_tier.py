@@ -590,3 +590,44 @@ def test_a_fetch_that_misses_a_known_block_forgets_it() -> None:
     assert remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 2
     assert sorted(backend) == sorted(keys)
     assert remote.write(prompt, [0, 1, 2, 3, 4], wait=True, reused_blocks=5) == 0
+
+
+def test_the_cpu_waits_for_the_last_plans_copies_before_the_tier_touches_host_slots() -> None:
+    """The remote tier reads host slots on the CPU (write-back spills) and writes them
+    (imports). The last plan's copies were waited for only by the GPU (a forward pass,
+    layer by layer) and by the CPU only where it read a result back: after a step whose
+    passes all failed, on CUDA, a spill read a block its offload had not finished writing.
+    Now a step that follows one that submitted copies synchronizes the transfer engine
+    before the tier runs (every such step here), and one that follows a plan without
+    copies does not."""
+    backend: dict[str, bytes] = {}
+    prompts = [[(13 * i + k) % 256 for i in range(18)] + [k] for k in range(6)]
+    engine = make_engine(lambda ns: InMemoryRemoteStore(ns, backend), 14, 4, "write-back")
+    events: list[str] = []
+    sync, fetch, submit = (engine.transfer.synchronize_all, engine._fetch_remote,
+                           engine.transfer.submit)
+
+    def logged_submit(plan: Any) -> Any:
+        events.append(f"submit {len(plan)}")
+        return submit(plan)
+
+    def logged_sync() -> None:
+        events.append("sync")
+        sync()
+
+    def logged_fetch() -> None:
+        events.append("fetch")
+        fetch()
+
+    engine.transfer.synchronize_all = logged_sync  # type: ignore[method-assign]
+    engine._fetch_remote = logged_fetch  # type: ignore[method-assign]
+    engine.transfer.submit = logged_submit  # type: ignore[method-assign]
+    run(engine, prompts, "a")
+    assert engine.remote is not None and engine.remote.num_written_blocks > 0
+    assert_exact(engine)
+    fetches = [i for i, e in enumerate(events) if e == "fetch"]
+    for i in fetches[1:]:
+        last_submit = max(j for j in range(i) if events[j].startswith("submit"))
+        copied = events[last_submit] != "submit 0"
+        assert (events[i - 1] == "sync") is copied, events[last_submit:i + 1]
+    assert any(events[i - 1] == "sync" for i in fetches)

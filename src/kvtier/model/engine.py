@@ -208,6 +208,8 @@ class ModelEngine(Wired):
         # CPU seconds of the last step's scheduling and transfer submission.
         self.last_step_seconds: dict[str, float] = {}
         self._wait_layer: Callable[[int], None] | None = None
+        # Whether the last step submitted copies the CPU has not waited for (see ``step``).
+        self._copies_unwaited = False
 
     def add_request(self, request: Request, sampler: Sampler | None = None,
                     stop: StopFn | None = None) -> None:
@@ -313,6 +315,17 @@ class ModelEngine(Wired):
                 self._refuse_foreign(req.request_id)
         t0 = time.perf_counter()
         if self.remote is not None:
+            if self._copies_unwaited:
+                # NOTE: the remote tier reads host slots on the CPU (write-back spills,
+                # whose offloads earlier plans ran) and writes them (imports, into slots an
+                # earlier plan's onboards may have read). Only the GPU waited for the last
+                # plan's copies (a forward pass, layer by layer); the CPU, only where it
+                # read a result back (sampling) and never after a step whose passes all
+                # failed or that ran none: on CUDA those copies could still be in flight,
+                # and the store was handed half-written blocks, an onboard read an
+                # imported block's bytes.
+                self.transfer.synchronize_all()
+                self._copies_unwaited = False
             self._fetch_remote()
         self._note_promises()
         step, sampled, stopped, given_up, computed = self._execute(self.scheduler.step(), t0)
@@ -353,6 +366,7 @@ class ModelEngine(Wired):
             try:
                 handle = self.transfer.submit(step.transfer_plan)
                 self._wait_layer = functools.partial(self.transfer.wait, handle)
+                self._copies_unwaited = len(step.transfer_plan) > 0
             except Exception as exc:
                 # Degrade to recompute: the manager drops what the failed copies would have
                 # filled and aborts the requests that needed it; they go back to the queue. A
