@@ -376,12 +376,14 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
     if shard.tp_rank == channel.src:
         raise ValueError(f"rank {shard.tp_rank} is the leader: it runs TensorParallelLeader")
     wait: Callable[[int], None] | None = None
+    copies_unwaited = False  # copies submitted that this CPU has not waited for
     while True:
         command = channel.receive()
         if isinstance(command, PlanCommand):
             try:
                 handle = transfer.submit(TransferPlan(command.ops))
                 wait = functools.partial(transfer.wait, handle)
+                copies_unwaited = bool(command.ops)
             except TransferError:
                 transfer.synchronize_all()
                 wait = None
@@ -394,4 +396,10 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
             raise ValueError(f"rank {shard.tp_rank} got {type(command).__name__} but serves "
                              f"no remote tier (pass its RemoteShard to serve)")
         else:
+            if copies_unwaited:
+                # NOTE: a remote command reads or writes this rank's host slots on the CPU
+                # (as ``ModelEngine.step`` waits on the leader): the last plan's copies
+                # first.
+                transfer.synchronize_all()
+                copies_unwaited = False
             run_remote(remote, command, channel.group)
