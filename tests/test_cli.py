@@ -745,3 +745,24 @@ def test_fleet_reports_overload(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     load = last_json(out)["load"]
     assert load["num_instances"] == 2 and load["overloaded"] is True
     assert "load        OVERLOADED: arrivals bring" in out
+
+
+@pytest.mark.parametrize("args", [
+    ["replay", "--workload", "race"],
+    ["replay", "--workload", "race", "--gpu-blocks", "200", "--host-blocks", "0"],
+    ["sweep", "--workload", "race", "--gpu-blocks", "200", "--host-blocks", "0"],
+])
+def test_the_race_without_a_host_tier_is_refused(capsys: pytest.CaptureFixture[str],
+                                                 args: list[str]) -> None:
+    """``--workload race`` onboards host blocks while other requests evict (its help says
+    it needs --host-blocks): without a host tier it replayed and reported a hit rate of 0
+    without a word. Now it is refused naming --host-blocks; a sweep with one host size
+    above 0 still runs its 0 row beside it."""
+    assert_one_line_error(*run_cli(capsys, *args, "--no-progress"),
+                          "--workload race needs --host-blocks > 0")
+    code, out, _ = run_cli(capsys, "sweep", "--workload", "race", "--gpu-blocks", "200",
+                           "--host-blocks", "0,50", "--no-progress")
+    assert code == 0
+    rows = json.loads(out.splitlines()[-1])["runs"]
+    assert [r["cache_config"]["num_host_blocks"] for r in rows] == [0, 50]
+    assert rows[0]["token_hit_rate"] == 0.0 < rows[1]["token_hit_rate"]

@@ -181,6 +181,12 @@ def settle_options(args: argparse.Namespace) -> None:
                           ("seed", 0)):
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, default)
+    if (getattr(args, "workload", None) == "race" and args.trace is None
+            and not any(_host_sizes(args))):
+        # NOTE: it replayed, and reported a hit rate of 0 without a word.
+        raise CLIError("--workload race needs --host-blocks > 0: it is sized to onboard host "
+                       "blocks while other requests evict, and without a host tier it has "
+                       "nothing to reuse")
     if getattr(args, "offload_min_priority", None) is not None and not any(_host_sizes(args)):
         raise CLIError("--offload-min-priority picks the evicted GPU blocks that go to the "
                        "host tier, and there is none (--host-blocks 0)")
