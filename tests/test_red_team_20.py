@@ -321,7 +321,7 @@ def request_of_huge() -> object:
 
 @pytest.mark.parametrize(("call", "shown"), [
     (import_blocks_of_huge, "num_blocks must be an int >= 0"),
-    (router_of_huge, "tokens_per_block must be an integer >= 1"),
+    (router_of_huge, "tokens_per_block must be a power of two in 1..65536"),
     (request_of_huge, "output_length must be an integer >= 0"),
 ])
 def test_a_call_refusing_an_int_past_4300_digits_names_its_field(

@@ -329,10 +329,11 @@ def test_cache_aware_options_are_checked(field: str, value: object) -> None:
         CacheAware(**{field: value})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("value", [0, True, 4.0, "4"], ids=repr)
+@pytest.mark.parametrize("value", [0, True, 4.0, "4", 3, 2**17], ids=repr)
 def test_router_tokens_per_block_is_checked(value: object) -> None:
-    """tokens_per_block is an integer >= 1, never a bool."""
-    with pytest.raises(ValueError, match=r"^tokens_per_block must be an integer >= 1"):
+    """tokens_per_block is a block size a cache takes (``CacheConfig``'s rule: a power of
+    two in 1..65536, never a bool): 3 made a router whose hashes matched no instance's."""
+    with pytest.raises(ValueError, match=r"^tokens_per_block must be a power of two"):
         Router(RoundRobin(), value)  # type: ignore[arg-type]
 
 

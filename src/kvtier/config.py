@@ -36,6 +36,16 @@ def _check_count(field: str, value: int, minimum: int, maximum: int | None = Non
         raise ValueError(f"{field} must be an integer {bound}, got {text}")
 
 
+def check_tokens_per_block(tpb: object) -> None:
+    """Raise ValueError unless ``tpb`` is a block size a cache takes: a power of two in
+    1..65536 (an int, never a bool). Pure."""
+    if type(tpb) is not int or not 1 <= tpb <= 2**16 or tpb & (tpb - 1):
+        # NOTE: shown, whatever the type: str() of a NumPy int64(4) read 'got 4'.
+        text = shown(tpb)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        raise ValueError(f"tokens_per_block must be a power of two in 1..65536, got {text}")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Sizes and policies of a :class:`~kvtier.manager.KVCacheManager`.
@@ -62,12 +72,7 @@ class CacheConfig:
     max_events: int = 1_000_000
 
     def __post_init__(self) -> None:
-        tpb = self.tokens_per_block
-        if type(tpb) is not int or not 1 <= tpb <= 2**16 or tpb & (tpb - 1):
-            # NOTE: shown, whatever the type: str() of a NumPy int64(4) read 'got 4'.
-            text = shown(tpb)
-            text = text if len(text) <= 40 else text[:37] + "..."
-            raise ValueError(f"tokens_per_block must be a power of two in 1..65536, got {text}")
+        check_tokens_per_block(self.tokens_per_block)
         _check_count("num_gpu_blocks", self.num_gpu_blocks, 1, MAX_BLOCKS)
         _check_count("num_host_blocks", self.num_host_blocks, 0, MAX_BLOCKS)
         _check_count("max_events", self.max_events, 1, 2**40)

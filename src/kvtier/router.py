@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from kvtier.config import check_tokens_per_block
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update, check_batch
@@ -338,9 +339,9 @@ class Router:
 
     def __init__(self, policy: RoutingPolicy, tokens_per_block: int,
                  hash_algo: str = "xxh3_128", index: PrefixIndex | None = None) -> None:
-        if type(tokens_per_block) is not int or tokens_per_block < 1:
-            raise ValueError(f"tokens_per_block must be an integer >= 1, got "
-                             f"{shown(tokens_per_block)}")
+        # NOTE: a cache's rule (``CacheConfig``): a size no instance can have (3) made a
+        # router whose hashes matched no instance's blocks, routing without affinity.
+        check_tokens_per_block(tokens_per_block)
         if not callable(getattr(policy, "choose", None)):
             raise TypeError(f"policy must be a RoutingPolicy (with a choose method), got "
                             f"{short_repr(policy)}")
