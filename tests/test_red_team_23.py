@@ -29,6 +29,7 @@ from kvtier import CacheConfig, KVCacheManager, MultimodalItem, SequenceSpec
 from kvtier.config import EVICTION_POLICIES
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.retention import Retention, RetentionRange
+from kvtier.scheduled_step import StepPhases
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig
 from kvtier.sequence import block_extras
 from kvtier.tier import Tier
@@ -132,20 +133,22 @@ class CoreUnderAttack(NewCallsUnderScheduling):
                 chunked=st.booleans(), policy=st.sampled_from(EVICTION_POLICIES),
                 partial=st.booleans(), copy=st.booleans(), mnt=st.sampled_from([4, 8, 12, 16]),
                 batch=st.sampled_from([1, 2, 256]), offload_min=st.sampled_from([0, 30, 100]),
-                chunk=st.sampled_from([None, None, 1, 3]), wait=st.sampled_from([1, 64]))
+                chunk=st.sampled_from([None, None, 1, 3]), wait=st.sampled_from([1, 64]),
+                reuse=st.sampled_from([True, True, True, False]))
     def build(self, drafts: int, gpu: int, host: int, evict: bool, chunked: bool,
               policy: str, partial: bool, copy: bool, mnt: int, batch: int,
-              offload_min: int, chunk: int | None, wait: int) -> None:
+              offload_min: int, chunk: int | None, wait: int, reuse: bool) -> None:
         self.setup(drafts, gpu, host, evict, chunked, policy, partial, copy, mnt, batch,
-                   offload_min, chunk, wait)
+                   offload_min, chunk, wait, reuse)
 
     def setup(self, drafts: int, gpu: int, host: int, evict: bool, chunked: bool,
               policy: str, partial: bool, copy: bool, mnt: int, batch: int,
-              offload_min: int, chunk: int | None, wait: int) -> None:
+              offload_min: int, chunk: int | None, wait: int, reuse: bool = True) -> None:
         """The manager, scheduler and fake data plane of a drawn setup."""
         CLOCK.now = 0.0
         config = CacheConfig(tokens_per_block=TPB, num_gpu_blocks=gpu, num_host_blocks=host,
                              enable_events=True, eviction_policy=policy,
+                             enable_block_reuse=reuse,
                              enable_partial_reuse=partial, copy_on_partial_reuse=copy,
                              offload_min_priority=offload_min)
         self.mgr = KVCacheManager(config, clock=CLOCK)
@@ -431,3 +434,70 @@ def test_check_invariants_still_finds_a_lost_or_doubly_held_slot() -> None:
     with pytest.raises(AssertionError, match=r"GPU slot 1048575 held by both the free "
                                              r"list \(never used\) and node"):
         mgr.check_invariants()
+
+
+# ---- a request queued under an id the caller then admitted in the manager itself ------------
+
+
+class RaisingPhases(StepPhases):
+    """A step timer that raises at the mark after admission (the step fails whole)."""
+
+    def mark(self, phase: str) -> None:
+        if phase == "admit":
+            raise RuntimeError("timer fault")
+        super().mark(phase)
+
+
+def engine_holds_a_queued_id(first: str | None = None
+                             ) -> tuple[KVCacheManager, Scheduler, list[int]]:
+    """'x' queued in the scheduler (behind ``first``, one request a step), then a sequence
+    of the engine's own admitted in the manager directly under the same id (add_request
+    refuses the other order)."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=16, max_batch_size=1))
+    if first is not None:
+        sched.add_request(Request(first, [5, 6, 7], 2))
+    sched.add_request(Request("x", [1, 2, 3, 4, 5], 2))
+    adm = mgr.add_sequence(SequenceSpec("x", [9, 9, 9, 9, 9, 9]))
+    return mgr, sched, list(adm.block_ids)
+
+
+def test_a_queued_request_whose_id_the_engine_holds_waits_for_it() -> None:
+    """The step put 'x' in its admission batch, the manager refused the live id
+    (ValueError) and the step failed whole, its recovery calling compute_failed on every
+    waiting id the manager held: the engine's own 'x' was dropped under its feet (its
+    blocks freed), and the scheduler's 'x' admitted in its place. Now the request waits
+    while the id is taken (the engine's sequence untouched) and runs once it is free."""
+    mgr, sched, table = engine_holds_a_queued_id()
+    step = sched.step()
+    assert step.context_chunks == () and step.decode_request_ids == ()
+    assert sched.update(step, {}) == []
+    assert mgr.has_sequence("x") and mgr.block_table("x") == table
+    assert [r.request_id for r in sched.waiting] == ["x"] and not sched.running
+    sched.check_invariants()
+    mgr.check_invariants()
+    mgr.remove_sequence("x")  # the engine is done with its own
+    step = sched.step()
+    assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
+        ("x", 0, 5)]
+    sched.update(step, {"x": 6})
+    (done,) = sched.update(sched.step(), {"x": 7})
+    assert done.output == [6, 7]
+    assert mgr.num_sequences == 0 and mgr.num_free_gpu_blocks == 8
+
+
+def test_a_failed_step_fails_only_what_it_admitted() -> None:
+    """A step failing for any reason (here its timer) failed every waiting request the
+    manager held, as if the step had admitted it: the engine's own 'x' was dropped. Now it
+    fails what its admission offered ('y', admitted, then failed and first in the queue
+    again; 'x' was no candidate, one request a step); the engine's 'x' keeps its
+    blocks."""
+    mgr, sched, table = engine_holds_a_queued_id(first="y")
+    sched.phases = RaisingPhases(lambda: 0.0)
+    with pytest.raises(RuntimeError, match="timer fault"):
+        sched.step()
+    assert mgr.has_sequence("x") and mgr.block_table("x") == table
+    assert not mgr.has_sequence("y")
+    assert [r.request_id for r in sched.waiting] == ["y", "x"] and not sched.running
+    sched.check_invariants()
+    mgr.check_invariants()
