@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from kvtier import CacheConfig, KVCacheManager, MultimodalItem, SequenceSpec
 from kvtier.config import EVICTION_POLICIES
@@ -162,6 +162,7 @@ class CoreUnderAttack(NewCallsUnderScheduling):
         self.gpu = {s: [None] * TPB for s in range(gpu)}
         self.host = {s: [None] * TPB for s in range(host)}
         self.keys: dict[str, tuple[Any, ...]] = {}
+        self.sides: list[str] = []  # the engine's own sequences, in the manager only
 
     # ---- the fake data plane, keyed by images too ----------------------------------------
 
@@ -255,6 +256,56 @@ class CoreUnderAttack(NewCallsUnderScheduling):
     def time_passes(self, seconds: float) -> None:
         CLOCK.now += seconds
 
+    @rule(prompt=PROMPT, steal=st.booleans())
+    def side_admission(self, prompt: list[int], steal: bool) -> None:
+        """A sequence of the engine's own, admitted in the manager directly and computed at
+        once; at times under the id of a request it queued in the scheduler (which waits
+        until the id is free)."""
+        waiting = [r.request_id for r in self.sched.waiting
+                   if not self.mgr.has_sequence(r.request_id)]
+        self.n += 1
+        rid = waiting[0] if steal and waiting else f"side{self.n}"
+        try:
+            adm = self.mgr.add_sequence(SequenceSpec(rid, prompt))
+        except ValueError as e:
+            assert "needs" in str(e), e  # too long for the pool
+            return
+        self.run_ops()
+        if not adm.admitted:
+            return
+        key = (None, None, ())
+        table = self.mgr.block_table(rid)
+        for p in range(adm.num_reused_tokens):  # what it reuses holds its KV
+            assert self.gpu[table[p // TPB]][p % TPB] == kv(key, prompt, p), (rid, p)
+        for p in range(adm.num_reused_tokens, len(prompt)):
+            self.gpu[table[p // TPB]][p % TPB] = kv(key, prompt, p)
+        self.sides.append(rid)
+
+    @precondition(lambda self: self.sides)
+    @rule(data=st.data())
+    def side_release(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(self.sides))
+        self.mgr.remove_sequence(rid)
+        self.run_ops()
+        self.sides.remove(rid)
+
+    @rule(running=st.booleans())
+    def reset(self, running: bool) -> None:
+        """A reset with the engine's own sequences live is refused, changing nothing."""
+        if not self.sides:
+            super().reset(running)
+            return
+        cached, order = self.mgr.cached_blocks(), list(self.sched.running)
+        assert self.sched.reset_prefix_cache(running) is False
+        assert self.mgr.cached_blocks() == cached and list(self.sched.running) == order
+
+    def run_ops(self) -> None:
+        """Execute a plan taken outside a step (the spills read first)."""
+        plan = self.mgr.take_plan()
+        self.check_spills()
+        for op in plan.ops:
+            self.run_op(op)
+
     @rule()
     def pickled(self) -> None:
         """The scheduler and its manager pickled and read back between calls."""
@@ -279,6 +330,10 @@ class CoreUnderAttack(NewCallsUnderScheduling):
 
     def teardown(self) -> None:
         if hasattr(self, "mgr") and self.sched.unapplied_step is None:
+            for rid in self.sides:
+                self.mgr.remove_sequence(rid)
+                self.run_ops()
+            self.sides = []
             for _ in range(3000):  # tiny pools, batches of one: many steps a request
                 if not self.sched.has_unfinished():
                     break
@@ -334,7 +389,7 @@ class CoreUnderAttack(NewCallsUnderScheduling):
         # another stored first holds both), reserved for one's growth, or free for a new
         # request (free, or cached and evictable); no host block is held between calls.
         used = {b.slot for b in cached if b.tier is Tier.GPU and b.priority is None}
-        for rid in self.sched.running:
+        for rid in [*self.sched.running, *self.sides]:
             if mgr.has_sequence(rid):
                 used.update(mgr.block_table(rid))
         assert (len(used) + mgr.num_reserved_blocks + mgr.num_free_gpu_blocks
