@@ -34,7 +34,7 @@ from kvtier.scheduler import Request, Scheduler, SchedulerConfig
 from kvtier.sequence import block_extras
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind
-from test_red_team_13b import GARBAGE, TPB, NewCallsUnderScheduling
+from test_red_team_13b import GARBAGE, TPB, NewCallsUnderScheduling, cacheless_output, next_token
 
 # An image's hash names its content, so its length too (as a real image's does).
 IMAGES = {"A": 2, "B": 3}
@@ -206,7 +206,42 @@ class CoreUnderAttack(NewCallsUnderScheduling):
     @rule(data=st.data(), fail=st.sampled_from(["none", "none", "compute", "transfer"]))
     def step(self, data: st.DataObject, fail: str) -> None:
         self.before = self.figures()
+        self.data: st.DataObject | None = data
         super().step(data, fail)
+        self.data = None
+
+    def apply(self, step: Any) -> None:
+        """The step's update, some of its sampling requests stopped at random (an EOS):
+        a stopped request finishes at once with the model's output so far."""
+        data = getattr(self, "data", None)
+        sampling = sorted({c.request_id for c in step.context_chunks
+                           if c.first_token + c.num_tokens
+                           >= self.sched.running[c.request_id].num_prefill_tokens}
+                          | set(step.decode_request_ids))
+        stopped = (set(data.draw(st.lists(st.sampled_from(sampling), unique=True,
+                                          max_size=1)))
+                   if data is not None and sampling else set())
+        sched = self.sched
+        sampled: dict[str, Any] = {}
+        for chunk in step.context_chunks:
+            req = sched.running[chunk.request_id]
+            if chunk.first_token + chunk.num_tokens >= req.num_prefill_tokens:
+                sampled[chunk.request_id] = next_token(req.tokens)
+        drafts = step.num_draft_tokens or (0,) * len(step.decode_request_ids)
+        for rid, d in zip(step.decode_request_ids, drafts, strict=True):
+            req = sched.running[rid]
+            good = self.guesses.get(rid, 0) if d else 0
+            tokens = cacheless_output(req.tokens, good + 1)
+            sampled[rid] = tokens if sched.config.num_speculative_tokens else tokens[0]
+        for req in sched.update(step, sampled, stopped):
+            rid = req.request_id
+            self.finished[rid] = list(req.output)
+            if rid in stopped:  # finished early, with the model's tokens so far
+                assert req.output == cacheless_output(req.prompt, len(req.output)), rid
+                assert req.output[-1:] == [sampled[rid] if isinstance(sampled[rid], int)
+                                           else sampled[rid][-1]], (rid, req.output)
+                del self.requests[rid]
+
 
     def step_plain(self) -> None:
         self.before = self.figures()
