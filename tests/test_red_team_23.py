@@ -14,6 +14,7 @@ hashes of a prompt."""
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import tracemalloc
@@ -591,3 +592,60 @@ def test_a_failed_step_fails_only_what_it_admitted() -> None:
     assert [r.request_id for r in sched.waiting] == ["y", "x"] and not sched.running
     sched.check_invariants()
     mgr.check_invariants()
+
+
+# ---- a copy of a request a scheduler holds ----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_a_copy_of_a_held_request_is_held_by_no_scheduler(how: str) -> None:
+    """A Request copied alone (an engine snapshotting it, or sending it to another
+    process) while a scheduler held it kept the scheduler's hold: the copy refused every
+    field assignment and every scheduler ('queued or running already (in this scheduler
+    or another)'), for good, though nothing held it. Now the copy is the caller's; the
+    original stays held."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=16))
+    req = Request("x", [1, 2, 3, 4, 5], 2)
+    sched.add_request(req)
+    copied = {"pickle": lambda r: pickle.loads(pickle.dumps(r)),
+              "deepcopy": copy.deepcopy, "copy": copy.copy}[how](req)
+    assert req.held and not copied.held
+    copied.priority = 90
+    other = Scheduler(KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8)))
+    other.add_request(copied)
+    assert copied.held and [r.request_id for r in other.waiting] == ["x"]
+    with pytest.raises(AttributeError, match="priority of request 'x' cannot change"):
+        req.priority = 90
+    assert req.priority is None
+    sched.check_invariants()
+    other.check_invariants()
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_copied_scheduler_holds_its_copies_of_its_requests(how: str) -> None:
+    """A scheduler copied with its requests (between steps or mid-step) still holds its
+    copies, waiting and running: their fields refuse to change, and each is the caller's
+    again once it finishes."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=8, enable_chunked_prefill=False))
+    sched.add_request(Request("x", [1, 2, 3, 4, 5], 2))
+    sched.add_request(Request("y", [7, 8, 9, 9, 9], 1))
+    sched.step()  # 'x' runs, 'y' waits (the budget)
+    twin = (pickle.loads(pickle.dumps(sched)) if how == "pickle" else copy.deepcopy(sched))
+    running, waiting = twin.running["x"], twin.waiting[0]
+    assert running.held and waiting.held
+    with pytest.raises(AttributeError, match="max_output_tokens of request 'y' cannot"):
+        waiting.max_output_tokens = 9
+    unapplied = twin.unapplied_step
+    assert unapplied is not None
+    twin.update(unapplied, {"x": 6})
+    done: list[Request] = []
+    for _ in range(3):
+        step = twin.step()
+        sampled = {c.request_id: 6 for c in step.context_chunks}
+        done += twin.update(step, sampled | dict.fromkeys(step.decode_request_ids, 7))
+    assert sorted(r.request_id for r in done) == ["x", "y"]
+    assert not running.held and not waiting.held
+    twin.check_invariants()
+    twin.manager.check_invariants()

@@ -97,6 +97,13 @@ class Scheduler:
                         "queue, running requests and manager with the original): use "
                         "copy.deepcopy or pickle for an independent copy")
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # A copy (deepcopy, pickle) holds its own copies of its requests, which a copy of
+        # a request alone is not (``Request.__getstate__``).
+        self.__dict__.update(state)
+        for req in (*self.running.values(), *self.waiting):
+            hold_request(req, True)
+
     # NOTE: the manager and config are read-only: replacing either afterwards left the
     # requests running on the old manager and the checks made at construction behind.
     @property
