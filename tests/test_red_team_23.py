@@ -164,6 +164,7 @@ class CoreUnderAttack(NewCallsUnderScheduling):
         self.host = {s: [None] * TPB for s in range(host)}
         self.keys: dict[str, tuple[Any, ...]] = {}
         self.sides: list[str] = []  # the engine's own sequences, in the manager only
+        self.holds: set[str] = set()  # waiting requests held back
 
     # ---- the fake data plane, keyed by images too ----------------------------------------
 
@@ -325,6 +326,21 @@ class CoreUnderAttack(NewCallsUnderScheduling):
         self.run_ops()
         self.sides.remove(rid)
 
+    @precondition(lambda self: self.sched.waiting)
+    @rule(data=st.data())
+    def hold(self, data: st.DataObject) -> None:
+        """A waiting request held back (its prefix fetched from a remote tier, say)."""
+        rid = data.draw(st.sampled_from([r.request_id for r in self.sched.waiting]))
+        self.sched.hold(rid)
+        self.holds.add(rid)
+
+    @precondition(lambda self: self.holds)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.holds)))
+        self.sched.release(rid)
+        self.holds.discard(rid)
+
     @rule(running=st.booleans())
     def reset(self, running: bool) -> None:
         """A reset with the engine's own sequences live is refused, changing nothing."""
@@ -370,6 +386,9 @@ class CoreUnderAttack(NewCallsUnderScheduling):
                 self.mgr.remove_sequence(rid)
                 self.run_ops()
             self.sides = []
+            for rid in self.holds:
+                self.sched.release(rid)
+            self.holds = set()
             for _ in range(3000):  # tiny pools, batches of one: many steps a request
                 if not self.sched.has_unfinished():
                     break
