@@ -488,6 +488,23 @@ class HostHeavy(CoreUnderAttack):
         self.setup(drafts, gpu, host, evict, chunked, policy, partial, copy, mnt, 256, 0,
                    None, 64)
 
+    @rule(reqs=st.lists(st.tuples(st.sampled_from(STEMS), st.lists(
+        st.sampled_from([1, 2, 3]), max_size=3), st.integers(1, 3),
+        st.sampled_from([None, 10, 90])), min_size=1, max_size=3))
+    def add_stems(self, reqs: list[tuple[list[int], list[int], int, int | None]]) -> None:
+        """Requests of the shared stems in one key space: their prefixes come back from
+        the host."""
+        for stem, tail, out, priority in reqs:
+            self.n += 1
+            req = Request(f"r{self.n}", stem + tail, out, priority=priority)
+            try:
+                self.sched.add_request(req)
+            except ValueError as e:
+                assert "needs" in str(e) or "prompt tokens but" in str(e), e
+                continue
+            self.requests[req.request_id] = req
+            self.keys[req.request_id] = (None, None, ())
+
 
 def test_core_under_attack_keeps_reuse_blocks_and_kv_exact() -> None:
     run_state_machine_as_test(CoreUnderAttack, settings=settings(
