@@ -10,7 +10,7 @@ books (``check_invariants``), that the reuse each step credited is the reuse its
 that the blocks in use and free add up to the pools, and a reference of which prefixes are
 cached: every cached block's slot holds exactly the KV of its tokens in its key space (the
 fake data plane of ``test_red_team_13b``), and ``lookup`` finds exactly the chain of cached
-hashes of a prompt."""
+hashes of a prompt. ``RT23_EXAMPLES`` sets the machines' examples (thousands, to explore)."""
 
 from __future__ import annotations
 
@@ -508,13 +508,13 @@ class HostHeavy(CoreUnderAttack):
 
 def test_core_under_attack_keeps_reuse_blocks_and_kv_exact() -> None:
     run_state_machine_as_test(CoreUnderAttack, settings=settings(
-        max_examples=int(os.environ.get("RT23_EXAMPLES", "60")), stateful_step_count=30,
+        max_examples=int(os.environ.get("RT23_EXAMPLES", "400")), stateful_step_count=30,
         deadline=None, suppress_health_check=list(HealthCheck)))
 
 
 def test_host_tier_under_attack_keeps_reuse_blocks_and_kv_exact() -> None:
     run_state_machine_as_test(HostHeavy, settings=settings(
-        max_examples=int(os.environ.get("RT23_EXAMPLES", "40")), stateful_step_count=30,
+        max_examples=int(os.environ.get("RT23_EXAMPLES", "200")), stateful_step_count=30,
         deadline=None, suppress_health_check=list(HealthCheck)))
 
 
