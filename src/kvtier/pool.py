@@ -107,6 +107,15 @@ class TierPool:
         """The free slots, the next one handed out last. Pure; O(free slots)."""
         return list(range(self.capacity - 1, self._num_fresh - 1, -1)) + self._given_back.tolist()
 
+    def never_used_slots(self) -> range:
+        """The free slots never handed out: ``num_fresh .. capacity-1``. Pure; O(1)."""
+        return range(self._num_fresh, self.capacity)
+
+    def given_back_slots(self) -> list[int]:
+        """The free slots handed out and given back, the next one handed out last. Pure;
+        O(those slots)."""
+        return self._given_back.tolist()
+
     def take(self, num_blocks: int) -> array[int]:
         """Take ``num_blocks`` free slots: those given back last first, then never-used ones
         from the lowest id (a new ``array('q')``)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from kvtier.config import check_priority
@@ -95,9 +95,22 @@ class Request:
                 f"it, change it, and queue it again")
         object.__setattr__(self, name, value)
 
+    def __getstate__(self) -> dict[str, object]:
+        # NOTE: a copy (``copy``, ``deepcopy``, pickle) is held by no scheduler: one taken
+        # of a queued or running request kept the flag, and refused every field assignment
+        # and every scheduler (as "queued or running already") for good. A scheduler
+        # copied with its requests holds its copies again (``Scheduler.__setstate__``).
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        object.__setattr__(self, "_held", False)
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
     @property
     def held(self) -> bool:
-        """Whether a scheduler holds it (queued or running): then its fields are frozen."""
+        """Whether a scheduler holds it (queued or running): then its fields are frozen.
+        A copy of it is held by none, but in a copy of its scheduler."""
         return self._held
 
     @property
@@ -109,6 +122,9 @@ class Request:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed_tokens < self.num_prefill_tokens
+
+
+_FIELDS = tuple(f.name for f in fields(Request) if f.name != "_held")
 
 
 def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> list[int]:

@@ -97,6 +97,13 @@ class Scheduler:
                         "queue, running requests and manager with the original): use "
                         "copy.deepcopy or pickle for an independent copy")
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # A copy (deepcopy, pickle) holds its own copies of its requests, which a copy of
+        # a request alone is not (``Request.__getstate__``).
+        self.__dict__.update(state)
+        for req in (*self.running.values(), *self.waiting):
+            hold_request(req, True)
+
     # NOTE: the manager and config are read-only: replacing either afterwards left the
     # requests running on the old manager and the checks made at construction behind.
     @property
@@ -163,6 +170,7 @@ class Scheduler:
         # prefill or to admit), in order; what a step that raises part way fails.
         self._step_touched: list[str] = []
         self._step_started: list[str] = []  # and those it admitted (the engine never ran)
+        self._step_candidates: list[str] = []  # and the waiting ones it may have admitted
         # Per running request still in its prefill: the spec it was admitted with (what its
         # chunks compute). And during a step's admission, the first block each chunk of the
         # step completes, by ``_block_key`` (see ``candidates``).
@@ -504,6 +512,7 @@ class Scheduler:
         manager = self.manager
         self._step_touched = []
         self._step_started = []
+        self._step_candidates = []
         step = None
         try:
             manager.begin_step()
@@ -517,6 +526,7 @@ class Scheduler:
         finally:
             self._step_touched = []
             self._step_started = []
+            self._step_candidates = []
             self._computing.clear()  # a query between steps waits on no step's chunks
             self._num_removed = manager.num_removed_sequences
         self._unlisted_preempted = []  # the step lists them
@@ -550,10 +560,14 @@ class Scheduler:
             plan = manager.take_plan()
         if len(plan):
             manager.transfer_failed(plan, range(len(plan)))
-        # (A waiting request the manager holds was admitted there by this step; those it
-        # started are listed too, for an ``admit`` of a subclass that names none.)
+        # (A candidate the manager holds was admitted there by this step: ``candidates``
+        # offers none the manager held; those it started are listed too, for an ``admit``
+        # of a subclass that names none.)
+        # NOTE: not every waiting request the manager holds: one the caller admitted in the
+        # manager directly, under the id of a request it had queued, is the caller's own
+        # sequence (it was dropped, under the caller's feet).
         touched = [rid for rid in dict.fromkeys(
-            [*self._step_touched, *self._step_started, *(req.request_id for req in self.waiting)])
+            [*self._step_touched, *self._step_started, *self._step_candidates])
             if manager.has_sequence(rid)]
         if touched:
             manager.compute_failed(touched)
@@ -822,6 +836,11 @@ class Scheduler:
             reserve = self._reserve(req, tokens)
             need = blocks - m.num_gpu_tokens // tpb + reserve
             if n > 0 and blocks <= footprint and need <= free:
+                if self.manager.has_sequence(rid):
+                    # The caller admitted a sequence of its own under this id in the
+                    # manager after queueing the request: it waits until the id is free
+                    # (admitted, the batch raised and the step failed whole).
+                    continue
                 # NOTE: one in ``exclude`` (rejected this step) keeps its place: the room
                 # it needs is not given to the requests behind it, though it computes
                 # nothing this step. (Given to them, agentic LRU lost 0.0034 of hit rate:
@@ -829,6 +848,7 @@ class Scheduler:
                 if not (exclude and rid in exclude):
                     out.append(Candidate(req, spec.with_schedule(n, reserve), m.num_tokens, n))
                     self._note_computing(computing, spec, m.num_tokens, n)
+                    self._step_candidates.append(rid)
                 budget -= n
                 slots -= 1
                 footprint -= blocks
