@@ -144,16 +144,20 @@ class NewCallsUnderScheduling(RuleBasedStateMachine):
                         (req.salt, req.lora_id))
         return out
 
+    def content_of(self, key: Any, tokens: list[int], p: int) -> Any:
+        """The KV position ``p`` of ``tokens`` holds in the key space ``key``."""
+        return content(key, tokens, p)
+
     def check_reads_and_write(self, work: dict[str, tuple[int, list[int], list[int], Any]],
                               failed: set[str]) -> None:
         for rid, (first, tokens, table, key) in work.items():
             if rid not in failed:
                 for p in range(first):
                     held = self.gpu[table[p // TPB]][p % TPB]
-                    assert held == content(key, tokens, p), (rid, p, held, tokens)
+                    assert held == self.content_of(key, tokens, p), (rid, p, held, tokens)
             for p in range(first, len(tokens)):
                 self.gpu[table[p // TPB]][p % TPB] = (
-                    GARBAGE if rid in failed else content(key, tokens, p))
+                    GARBAGE if rid in failed else self.content_of(key, tokens, p))
 
     # ---- rules ---------------------------------------------------------------------------
 
@@ -212,6 +216,12 @@ class NewCallsUnderScheduling(RuleBasedStateMachine):
         self.apply(step)
 
     def apply(self, step: ScheduledStep) -> None:
+        for req in self.sched.update(step, self.sampled_of(step)):
+            self.finished[req.request_id] = list(req.output)
+
+    def sampled_of(self, step: ScheduledStep) -> dict[str, Any]:
+        """What the model samples in ``step``: the cacheless run's next token of every
+        request whose prefill completes, and of every decode (its accepted drafts too)."""
         sched = self.sched
         sampled: dict[str, Any] = {}
         for chunk in step.context_chunks:
@@ -224,8 +234,7 @@ class NewCallsUnderScheduling(RuleBasedStateMachine):
             good = self.guesses.get(rid, 0) if d else 0
             tokens = cacheless_output(req.tokens, good + 1)
             sampled[rid] = tokens if sched.config.num_speculative_tokens else tokens[0]
-        for req in sched.update(step, sampled):
-            self.finished[req.request_id] = list(req.output)
+        return sampled
 
     @precondition(lambda self: self.requests)
     @rule(data=st.data())

@@ -35,7 +35,7 @@ from kvtier.scheduler import Request, Scheduler, SchedulerConfig
 from kvtier.sequence import block_extras
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OpKind
-from test_red_team_13b import GARBAGE, TPB, NewCallsUnderScheduling, cacheless_output, next_token
+from test_red_team_13b import TPB, NewCallsUnderScheduling, cacheless_output
 
 # An image's hash names its content, so its length too (as a real image's does).
 IMAGES = {"A": 2, "B": 3}
@@ -173,16 +173,8 @@ class CoreUnderAttack(NewCallsUnderScheduling):
         return {rid: (first, tokens, table, self.keys[rid])
                 for rid, (first, tokens, table, _) in out.items()}
 
-    def check_reads_and_write(self, work: dict[str, tuple[int, list[int], list[int], Any]],
-                              failed: set[str]) -> None:
-        for rid, (first, tokens, table, key) in work.items():
-            if rid not in failed:
-                for p in range(first):
-                    held = self.gpu[table[p // TPB]][p % TPB]
-                    assert held == kv(key, tokens, p), (rid, p, held, tokens)
-            for p in range(first, len(tokens)):
-                self.gpu[table[p // TPB]][p % TPB] = (
-                    GARBAGE if rid in failed else kv(key, tokens, p))
+    def content_of(self, key: Any, tokens: list[int], p: int) -> Any:
+        return kv(key, tokens, p)  # keyed by images too
 
     # ---- rules ---------------------------------------------------------------------------
 
@@ -196,14 +188,19 @@ class CoreUnderAttack(NewCallsUnderScheduling):
                           priority=priority, retention_s=None if priority is None else ret_s,
                           retention=retention, skip_reading_prefix_cache=skip,
                           mm_items=items)
-            try:
-                self.sched.add_request(req)
-            except ValueError as e:
-                assert "needs" in str(e) or "prompt tokens but" in str(e), e
-                continue
-            self.requests[req.request_id] = req
-            self.keys[req.request_id] = (salt, lora, tuple(
-                (i.offset, i.length, i.content_hash) for i in items))
+            self.queue(req, (salt, lora, tuple(
+                (i.offset, i.length, i.content_hash) for i in items)))
+
+    def queue(self, req: Request, keys: tuple[Any, ...]) -> None:
+        """Queue ``req`` (one too large for the pool is refused, and left out) and note
+        the key space and images its blocks are keyed by."""
+        try:
+            self.sched.add_request(req)
+        except ValueError as e:
+            assert "needs" in str(e) or "prompt tokens but" in str(e), e
+            return
+        self.requests[req.request_id] = req
+        self.keys[req.request_id] = keys
 
     @rule(data=st.data(), fail=st.sampled_from(["none", "none", "compute", "transfer"]))
     def step(self, data: st.DataObject, fail: str) -> None:
@@ -223,19 +220,8 @@ class CoreUnderAttack(NewCallsUnderScheduling):
         stopped = (set(data.draw(st.lists(st.sampled_from(sampling), unique=True,
                                           max_size=1)))
                    if data is not None and sampling else set())
-        sched = self.sched
-        sampled: dict[str, Any] = {}
-        for chunk in step.context_chunks:
-            req = sched.running[chunk.request_id]
-            if chunk.first_token + chunk.num_tokens >= req.num_prefill_tokens:
-                sampled[chunk.request_id] = next_token(req.tokens)
-        drafts = step.num_draft_tokens or (0,) * len(step.decode_request_ids)
-        for rid, d in zip(step.decode_request_ids, drafts, strict=True):
-            req = sched.running[rid]
-            good = self.guesses.get(rid, 0) if d else 0
-            tokens = cacheless_output(req.tokens, good + 1)
-            sampled[rid] = tokens if sched.config.num_speculative_tokens else tokens[0]
-        for req in sched.update(step, sampled, stopped):
+        sampled = self.sampled_of(step)
+        for req in self.sched.update(step, sampled, stopped):
             rid = req.request_id
             self.finished[rid] = list(req.output)
             if rid in stopped:  # finished early, with the model's tokens so far
@@ -496,14 +482,8 @@ class HostHeavy(CoreUnderAttack):
         the host."""
         for stem, tail, out, priority in reqs:
             self.n += 1
-            req = Request(f"r{self.n}", stem + tail, out, priority=priority)
-            try:
-                self.sched.add_request(req)
-            except ValueError as e:
-                assert "needs" in str(e) or "prompt tokens but" in str(e), e
-                continue
-            self.requests[req.request_id] = req
-            self.keys[req.request_id] = (None, None, ())
+            self.queue(Request(f"r{self.n}", stem + tail, out, priority=priority),
+                       (None, None, ()))
 
 
 def test_core_under_attack_keeps_reuse_blocks_and_kv_exact() -> None:
