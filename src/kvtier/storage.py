@@ -41,6 +41,10 @@ def _check_positive(field: str, value: object) -> None:
         raise ValueError(f"{field} must be an integer >= 1, got {shown(value)}")
 
 
+# The fields of a KVLayout that name the model's block, not how a tier or a rank holds it.
+MODEL_SHAPE_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block", "dtype")
+
+
 @dataclass(frozen=True, slots=True)
 class KVLayout:
     """The shape of one KV block, and how a tier lays blocks out in memory."""
@@ -67,6 +71,12 @@ class KVLayout:
         if self.num_kv_heads % self.tp_size:
             raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must split evenly over "
                              f"tp_size ({self.tp_size}) ranks")
+
+    @property
+    def model_shape(self) -> tuple[object, ...]:
+        """What every tier's and every rank's block of one model shares, whatever the
+        memory layout kind and the shard (``MODEL_SHAPE_FIELDS``). Pure."""
+        return tuple(getattr(self, name) for name in MODEL_SHAPE_FIELDS)
 
     @property
     def num_shard_kv_heads(self) -> int:

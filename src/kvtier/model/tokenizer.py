@@ -66,6 +66,9 @@ class Tokenizer:
         added: dict[int, Any] = getattr(backend, "get_added_tokens_decoder", dict)()
         texts = {token.content for token in added.values() if token.special and token.content}
         self.special_texts: tuple[str, ...] = tuple(sorted(texts, key=lambda t: (-len(t), t)))
+        # A regex matching any of them (the longest first), or None.
+        self._specials = (re.compile("|".join(re.escape(t) for t in self.special_texts))
+                          if self.special_texts else None)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (special tokens written in it are recognised). Pure.
@@ -115,7 +118,7 @@ class Tokenizer:
         is stood in for by a mark while the template renders (so what the template does
         to a content, a ``trim``, still applies), and the mark encoded as plain text."""
         messages = check_messages(messages, "the conversation")
-        found = self._special_pattern()
+        found = self._specials
         if found is None or not any(found.search(m["content"]) for m in messages):
             text = self.apply_chat_template(messages, add_generation_prompt)
             ids: list[int] = self.backend.encode(check_text(text, "a message"),
@@ -141,12 +144,6 @@ class Tokenizer:
             elif piece:
                 ids += self.backend.encode(piece, add_special_tokens=False).ids
         return ids
-
-    def _special_pattern(self) -> re.Pattern[str] | None:
-        """A regex matching the text of any special token (the longest first), or None."""
-        if not self.special_texts:
-            return None
-        return re.compile("|".join(re.escape(t) for t in self.special_texts))
 
     def _plain(self, text: str) -> list[int]:
         """The ids of ``text`` read as plain text, special tokens' texts included."""

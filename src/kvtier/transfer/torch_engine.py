@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from kvtier.reprs import shown
+from kvtier.storage import MODEL_SHAPE_FIELDS
 from kvtier.tier import Tier
 from kvtier.transfer.batching import TransferBatch
 from kvtier.transfer.copy_streams import CopyStreams
@@ -92,8 +93,7 @@ METHODS = ("auto", "dma_batch", "dma_gather", "fused", "kernel", "dma", "staged"
 # 4 KiB 0.04-0.16, when the driver took 1.5-6 us of CPU per copy.
 MIN_BATCH_COPY_BYTES = 64 << 10
 # What an engine's GPU and host storages share: all of a KVLayout but the layout kind.
-_SHARED_LAYOUT_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block", "dtype",
-                         "tp_rank", "tp_size")
+_SHARED_LAYOUT_FIELDS = (*MODEL_SHAPE_FIELDS, "tp_rank", "tp_size")
 
 
 class TorchTransferEngine:

@@ -62,15 +62,10 @@ def _check_shards(layouts: Sequence[KVLayout], tp_size: int) -> None:
         if (layout.tp_rank, layout.tp_size) != (rank, tp_size):
             raise ValueError(f"engine {rank} holds the shard of rank {layout.tp_rank} of "
                              f"{layout.tp_size}, expected rank {rank} of {tp_size}")
-        if _model_shape(layout) != _model_shape(first):
+        if layout.model_shape != first.model_shape:
             raise ValueError(f"engine {rank} holds a shard of {layout}, engine 0 of {first}: "
                              f"every rank must hold a shard of the same model's blocks")
 
-
-def _model_shape(layout: KVLayout) -> tuple[object, ...]:
-    """What every rank's shard of one model's blocks shares. Pure."""
-    return (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.tokens_per_block,
-            layout.dtype)
 
 
 class ShardedHandle:
