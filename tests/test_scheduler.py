@@ -226,6 +226,14 @@ def test_max_utilization_preempts_newest_and_resumes_from_cache() -> None:
             break
     assert not s.has_unfinished()
     assert resumed is not None and resumed.num_reused_tokens == 4  # its first full block
+    # Its recompute is no query (vLLM's preempted stats): the hit rate counts each prompt
+    # once, at its first admission (neither found anything); the resume is counted apart.
+    stats = s.manager.stats
+    assert (stats.num_admitted, stats.num_prompt_tokens, stats.num_reused_tokens) == (3, 14, 0)
+    assert (stats.num_resumed, stats.num_resumed_prompt_tokens,
+            stats.num_resumed_reused_tokens) == (1, 9, 4)  # prompt + 2 outputs, one block
+    assert (stats.gpu.reused_blocks, stats.gpu.missed_blocks) == (0, 2)
+    assert stats.token_hit_rate == 0.0
 
 
 def test_guaranteed_no_evict_reserves_decode_blocks() -> None:

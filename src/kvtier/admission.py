@@ -300,18 +300,25 @@ class BatchAdmission:
         seq.num_scheduled_tokens = num_scheduled
         seq.num_reserved_blocks = p.spec.num_reserved_blocks + num_blocks - num_now
         self._live.add(seq)
-        self._record_admission(seq, promise, p.spec.skip_reading_prefix_cache)
+        self._record_admission(seq, promise, p.spec, num_onboarded)
         # NOTE: a copy of memory, no int a block (the table grows in place later).
         return Admission(seq.request_id, True, num_reused, num_onboarded,
                          BlockIds.of_array(table[:]))
 
-    def _record_admission(self, seq: LiveSequence, promise: Promise,
-                          skipped_lookup: bool) -> None:
+    def _record_admission(self, seq: LiveSequence, promise: Promise, spec: SequenceSpec,
+                          num_onboarded: int) -> None:
         """Count an admission; a request that skipped the cache lookup is no query (vLLM's
-        rule): its prompt counts neither as queried nor as missed."""
+        rule): its prompt counts neither as queried nor as missed. A resumed one is counted
+        apart (vLLM's preempted stats): what it finds again is mostly what it computed
+        before its preemption, no hit a fresh request would get."""
         stats = self._cache.stats
         stats.num_admitted += 1
-        if skipped_lookup:
+        if spec.skip_reading_prefix_cache:
+            return
+        if spec.resumed:
+            stats.num_resumed += 1
+            stats.num_resumed_prompt_tokens += len(seq.tokens)
+            stats.num_resumed_reused_tokens += promise.match.num_tokens
             return
         num_full = len(seq.tokens) // self._tpb
         gpu_blocks, host_blocks = promise.num_gpu_blocks, promise.num_host_blocks
@@ -322,6 +329,7 @@ class BatchAdmission:
         stats.num_prompt_tokens += len(seq.tokens)
         stats.num_reused_tokens += promise.match.num_tokens
         stats.num_partial_tokens += promise.num_partial_tokens
+        stats.num_host_reused_tokens += num_onboarded
 
     def _check_footprint(self, specs: Sequence[SequenceSpec], matches: list[Match]) -> None:
         """Raise if the batch could not fit even in an empty GPU pool. Pure."""

@@ -30,7 +30,12 @@ class CacheStats:
     """Counters since the manager was created; ``token_hit_rate`` is reused/prompt tokens.
     The prompt tokens and the reused and missed blocks are those of the admitted requests
     that looked the cache up: one that skips reading it (``skip_reading_prefix_cache``) is
-    counted in ``num_admitted`` only, as vLLM's prefix-cache stats leave it out."""
+    counted in ``num_admitted`` only, as vLLM's prefix-cache stats leave it out.
+    ``num_host_reused_tokens`` are the reused tokens onboarded from the host tier (a partial
+    block copied from a host block included). A resumed request (``SequenceSpec.resumed``:
+    preempted or requeued, recomputing) is no query either: its prompt and reuse are counted
+    in ``num_resumed`` / ``num_resumed_prompt_tokens`` / ``num_resumed_reused_tokens``, as
+    vLLM counts preempted requests apart, and in no hit rate."""
 
     gpu: TierStats = field(default_factory=TierStats)
     host: TierStats = field(default_factory=TierStats)
@@ -39,6 +44,10 @@ class CacheStats:
     num_prompt_tokens: int = 0
     num_reused_tokens: int = 0
     num_partial_tokens: int = 0
+    num_host_reused_tokens: int = 0
+    num_resumed: int = 0
+    num_resumed_prompt_tokens: int = 0
+    num_resumed_reused_tokens: int = 0
     num_partial_copies: int = 0
     num_partial_in_place: int = 0
     num_duplicate_stores: int = 0
@@ -56,7 +65,9 @@ class CacheStats:
             name: getattr(self, name)
             for name in (
                 "num_admitted", "num_rejected", "num_prompt_tokens", "num_reused_tokens",
-                "num_partial_tokens", "num_partial_copies", "num_partial_in_place",
+                "num_partial_tokens", "num_host_reused_tokens", "num_resumed",
+                "num_resumed_prompt_tokens", "num_resumed_reused_tokens",
+                "num_partial_copies", "num_partial_in_place",
                 "num_duplicate_stores", "num_failed_transfers", "num_failed_computes",
                 "num_imported_blocks",
             )

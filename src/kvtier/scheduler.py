@@ -283,9 +283,10 @@ class Scheduler:
             raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
         self._held.discard(request_id)
 
-    def _spec_of(self, req: Request) -> SequenceSpec:
+    def _spec_of(self, req: Request, resumed: bool = False) -> SequenceSpec:
         """What ``req`` prefills when admitted: its prompt, and after a preemption the
-        output so far. Raises ValueError (nothing changed) if the manager refuses it."""
+        output so far; ``resumed`` for one admitted before (its recompute is no query).
+        Raises ValueError (nothing changed) if the manager refuses it."""
         prompt = self._prompts.get(req.request_id)
         tokens: Sequence[int]
         if prompt is None:  # being queued: its prompt was just checked
@@ -305,7 +306,7 @@ class Scheduler:
                             priority=req.priority, retention_s=req.retention_s,
                             retention=retention,
                             skip_reading_prefix_cache=req.skip_reading_prefix_cache,
-                            mm_items=req.mm_items)
+                            mm_items=req.mm_items, resumed=resumed)
 
     def _dequeue(self, req: Request) -> None:
         """Take the waiting ``req`` out of the queue and forget what was kept for it there
@@ -470,7 +471,8 @@ class Scheduler:
         live = [req for req in running if manager.has_sequence(req.request_id)]
         if manager.num_sequences != len(live):
             return False  # another caller's requests hold blocks: nothing to preempt them
-        specs = [self._spec_of(req) for req in running]  # may raise: nothing changed yet
+        # May raise: nothing changed yet.
+        specs = [self._spec_of(req, resumed=True) for req in running]
         for req in live:
             manager.remove_sequence(req.request_id, store_for_reuse=False)
         for req, spec in zip(reversed(running), reversed(specs), strict=True):
@@ -746,7 +748,7 @@ class Scheduler:
         """Release ``req`` (its computed blocks stay cached) and requeue it first."""
         # NOTE: the spec is built before anything changes, so a refusal leaves the request
         # running: a request is never in neither queue.
-        spec = self._spec_of(req)
+        spec = self._spec_of(req, resumed=True)
         # The token it was about to decode is not computed: keep it out of the cache.
         self.manager.remove_sequence(req.request_id)
         self._leave_running(req)
@@ -1010,7 +1012,7 @@ class Scheduler:
                 manager.remove_sequence(rid)
             if rid in self.running:
                 self._leave_running(req)
-        specs = [self._spec_of(req) for req in reqs]
+        specs = [self._spec_of(req, resumed=True) for req in reqs]
         for req, spec in zip(reversed(reqs), reversed(specs), strict=True):
             set_progress(req, num_computed_tokens=0, num_prefill_tokens=0)
             self._enqueue(req, spec, first=True)
@@ -1139,7 +1141,8 @@ class Scheduler:
         """Put running requests the manager no longer holds back at the front of the queue,
         in their order, to recompute. Raises ValueError, changing nothing, for a request
         whose spec the manager refuses."""
-        specs = [self._spec_of(req) for req in requeued]  # may raise: nothing changed yet
+        # May raise: nothing changed yet.
+        specs = [self._spec_of(req, resumed=True) for req in requeued]
         for req, spec in zip(reversed(requeued), reversed(specs), strict=True):
             self._leave_running(req)
             set_progress(req, num_computed_tokens=0, num_prefill_tokens=0)

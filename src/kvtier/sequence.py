@@ -144,7 +144,11 @@ class SequenceSpec:
     prompt blocks in no range. ``skip_reading_prefix_cache`` admits the request as if
     nothing were cached (vLLM's flag of that name: a request that needs every prompt
     position's logits, e.g. prompt logprobs, computes them all); its blocks are still stored
-    for others as they fill. ``bool`` is refused wherever an int or a float is meant.
+    for others as they fill. ``resumed`` marks a request admitted again after it was
+    admitted once (preempted, or requeued by a failed step) to recompute: its reuse is
+    counted apart from the queries (vLLM's preempted prefix-cache stats), since the blocks
+    it finds again are mostly its own, computed for it a moment ago, not reuse a fresh
+    request would get. ``bool`` is refused wherever an int or a float is meant.
     """
 
     request_id: str
@@ -158,6 +162,7 @@ class SequenceSpec:
     num_reserved_blocks: int = 0
     retention: Retention | None = None
     skip_reading_prefix_cache: bool = False
+    resumed: bool = False
     token_array: array[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -199,6 +204,9 @@ class SequenceSpec:
             raise ValueError(f"skip_reading_prefix_cache of {shown(self.request_id)} must be a "
                              f"bool, "
                              f"got {short_repr(self.skip_reading_prefix_cache)}")
+        if self.resumed is not False and self.resumed is not True:
+            raise ValueError(f"resumed of {shown(self.request_id)} must be a bool, "
+                             f"got {short_repr(self.resumed)}")
         if (self.num_new_tokens is not None or type(self.num_reserved_blocks) is not int
                 or self.num_reserved_blocks):
             _check_schedule(self.num_new_tokens, self.num_reserved_blocks)

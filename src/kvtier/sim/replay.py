@@ -274,7 +274,7 @@ class ReplayLoop:
         self.num_credited = self.num_obtained = self.num_lost = 0
         self.num_scheduled = self.num_overflow_steps = self.num_overflow = 0
         self.max_overflow = self.num_preemptions = 0
-        self.num_host_hit_tokens = self.bytes_h2d = self.bytes_d2h = 0
+        self.bytes_h2d = self.bytes_d2h = 0
         self.num_steps = 0
         self.busy_s = 0.0  # virtual time spent in steps
         self.last_arrival_s = 0.0
@@ -434,7 +434,6 @@ class ReplayLoop:
                     d2h += num_tokens
                 elif kind == _ONBOARD or src_tier == Tier.HOST:
                     h2d += num_tokens
-        self.num_host_hit_tokens += h2d
         kv = self.model.profile.kv_bytes_per_token
         self.bytes_h2d += h2d * kv
         self.bytes_d2h += d2h * kv
@@ -445,7 +444,10 @@ class ReplayLoop:
         stats = self.manager.stats
         num_prompt = stats.num_prompt_tokens
         num_reused = stats.num_reused_tokens
-        num_gpu_hit = num_reused - self.num_host_hit_tokens
+        # NOTE: the manager's count, not the plans' onboards: those include a resumed
+        # request's, whose recompute is no query.
+        num_host_hit = stats.num_host_reused_tokens
+        num_gpu_hit = num_reused - num_host_hit
         # NOTE: at least 0: with no request served the last finish is the clock's start.
         makespan_s = max(0.0, self.last_finish_s - (self.first_arrival_s or 0.0))
 
@@ -482,10 +484,10 @@ class ReplayLoop:
             num_output_tokens=self.num_output_tokens,
             num_reused_tokens=num_reused,
             num_gpu_hit_tokens=num_gpu_hit,
-            num_host_hit_tokens=self.num_host_hit_tokens,
+            num_host_hit_tokens=num_host_hit,
             token_hit_rate=share(num_reused),
             gpu_token_hit_rate=share(num_gpu_hit),
-            host_token_hit_rate=share(self.num_host_hit_tokens),
+            host_token_hit_rate=share(num_host_hit),
             gpu=dict(gpu),
             host=dict(host),
             num_credited_tokens=self.num_credited,
@@ -496,6 +498,8 @@ class ReplayLoop:
             num_overflow_tokens=self.num_overflow,
             max_overflow_tokens=self.max_overflow,
             num_preemptions=self.num_preemptions,
+            num_resumed_prompt_tokens=stats.num_resumed_prompt_tokens,
+            num_resumed_reused_tokens=stats.num_resumed_reused_tokens,
             ttft_s=Summary.of(self.ttfts),
             e2e_s=Summary.of(self.e2es),
             makespan_s=makespan_s,

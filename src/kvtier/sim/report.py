@@ -132,6 +132,13 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}" if value < 1e6 else f"{value:.3g}"
 
 
+def _recomputed(r: SimReport) -> str:
+    if not r.num_resumed_prompt_tokens:
+        return ""
+    return (f" (recomputing {r.num_resumed_prompt_tokens:,} tokens, "
+            f"{r.num_resumed_reused_tokens:,} found cached: in no hit rate)")
+
+
 def _count(value: int | None) -> str:
     return str(value) if value is None or value < 10**9 else f"{float(value):.3g}"
 
@@ -140,7 +147,10 @@ def _count(value: int | None) -> str:
 class SimReport:
     """What :func:`kvtier.sim.simulate` measured. ``to_dict`` gives the JSON-ready form.
 
-    Token counts are per admission: a preempted request admitted again counts again.
+    Prompt and hit counts are per query: a request's first admission. A preempted request
+    admitted again recomputes what it had (``num_resumed_prompt_tokens``), most of it found
+    cached again (``num_resumed_reused_tokens``): counted apart, as vLLM's preempted stats,
+    since that reuse is its own work coming back, not a hit the cache earned.
     ``num_host_hit_tokens`` are reused tokens that came from the host tier (onboarded, or
     copied from a host block); ``num_gpu_hit_tokens`` the rest of the reuse. Reuse
     ``credited`` is what the scheduler counted on when it filled the budget, ``obtained``
@@ -180,6 +190,8 @@ class SimReport:
     num_overflow_tokens: int
     max_overflow_tokens: int
     num_preemptions: int
+    num_resumed_prompt_tokens: int
+    num_resumed_reused_tokens: int
     ttft_s: Summary
     e2e_s: Summary
     makespan_s: float
@@ -275,7 +287,7 @@ def format_report(report: SimReport) -> list[str]:
                   f"PCIe {_float(r.profile['pcie_bytes_per_s']) / 1e9:g} GB/s)"),
         ("requests", f"{r.num_requests:,} finished, {r.num_rejected_too_large:,} too large for "
                      f"the GPU pool{_or_a_step(r)}; {r.num_steps:,} steps, "
-                     f"{r.num_preemptions:,} preemptions"),
+                     f"{r.num_preemptions:,} preemptions{_recomputed(r)}"),
         ("hit rate", f"{r.token_hit_rate:.4f} of {r.num_prompt_tokens:,} prompt tokens: GPU "
                      f"{r.gpu_token_hit_rate:.4f}, host {r.host_token_hit_rate:.4f}"),
         ("reuse", f"credited {r.num_credited_tokens:,}, obtained {r.num_obtained_tokens:,}, "
