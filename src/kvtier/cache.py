@@ -213,7 +213,7 @@ class BlockCache:
         # The table of dropped runs that the learner's ``recall`` alone reads, where the
         # learner is kvtier's own and recalls as its class does (None: not known): while
         # it is empty a recall finds nothing, and ``recall_miss`` builds no key to ask.
-        self._ghost_table = (self._learner.ghosts._entries
+        self._ghost_table = (self._learner.ghosts.live_view()
                              if isinstance(self._learner, KvtierPredict)
                              and recalls_by_its_ghosts(self._learner) else None)
         # NOTE: a GPU victim run gives at least this many blocks where it has them (the

@@ -25,7 +25,7 @@ to the host keeps its class). Each policy object serves one cache.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import accumulate
 from operator import add
 from struct import Struct
@@ -106,6 +106,11 @@ class Ghosts:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def live_view(self) -> Mapping[int, bytes]:
+        """The table itself, read-only to the caller, as it changes: what a hot path
+        tests for emptiness (``not view``) with no call per test. Pure."""
+        return self._entries
 
     def values(self) -> list[GhostEntry]:
         """Every entry, oldest first. Pure; O(entries)."""
