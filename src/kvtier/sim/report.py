@@ -151,8 +151,9 @@ class SimReport:
     admitted again recomputes what it had (``num_resumed_prompt_tokens``), most of it found
     cached again (``num_resumed_reused_tokens``): counted apart, as vLLM's preempted stats,
     since that reuse is its own work coming back, not a hit the cache earned.
-    ``num_host_hit_tokens`` are reused tokens that came from the host tier (onboarded, or
-    copied from a host block); ``num_gpu_hit_tokens`` the rest of the reuse. Reuse
+    ``num_host_hit_tokens`` are reused tokens the lookup found on the host tier (onboarded,
+    by the request or by another of its batch, or copied from a host block), as the host's
+    reused blocks count them; ``num_gpu_hit_tokens`` the rest of the reuse. Reuse
     ``credited`` is what the scheduler counted on when it filled the budget, ``obtained``
     what the admissions got; ``num_lost_reuse_tokens`` sums, step by step, credit that was
     not obtained (the probe-mode race). ``gpu`` and ``host`` are the manager's per-tier
