@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtier import CacheConfig, KVCacheManager, SequenceSpec
+from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig, SequenceSpec
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks of 4 and a last token
 FILLER = list(range(20, 36))  # 4 full blocks
@@ -24,6 +24,44 @@ def make_manager(num_gpu_blocks: int = 8, num_host_blocks: int = 0,
 
 class Injected(Exception):
     """The fault the tests inject."""
+
+
+def test_a_request_a_failed_step_admitted_and_left_waiting_is_one_query() -> None:
+    """The manager admits a (counted: 9 prompt tokens, a query), then the step raises (a
+    fault after add_sequence_batch, before the scheduler started it): the step fails
+    whole, a leaves the manager and stays waiting. Its next admission is a recompute, not
+    a second query: the queries' prompt tokens stay 9 (they read 18)."""
+    mgr = make_manager()
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=64))
+    real = mgr.add_sequence_batch
+    calls: list[int] = []
+
+    def faulty(specs: Any) -> Any:
+        result = real(specs)
+        calls.append(1)
+        if len(calls) == 1:
+            raise Injected("after add_sequence_batch")
+        return result
+
+    mgr.add_sequence_batch = faulty  # type: ignore[method-assign]
+    sched.add_request(Request("a", PROMPT, 1))
+    try:
+        sched.step()
+    except Injected:
+        pass
+    else:  # pragma: no cover
+        raise AssertionError("the step did not raise")
+    assert [r.request_id for r in sched.waiting] == ["a"] and not mgr.has_sequence("a")
+    assert (mgr.stats.num_admitted, mgr.stats.num_prompt_tokens) == (1, 9)
+    step = sched.step()
+    sched.update(step, {"a": 0})
+    assert not sched.has_unfinished()
+    s = mgr.stats
+    assert (s.num_admitted, s.num_prompt_tokens, s.num_resumed,
+            s.num_resumed_prompt_tokens) == (2, 9, 1, 9)
+    assert s.gpu.missed_blocks == 2  # the query's 2 full blocks, once
+    sched.check_invariants()
+    mgr.check_invariants()
 
 
 def test_a_host_prefix_two_requests_of_a_batch_find_is_a_host_hit_for_both() -> None:

@@ -545,7 +545,8 @@ class Scheduler:
         computed stays); the running requests the manager dropped go back to the front of
         the queue, in admission order, to recompute, and the next step lists those the
         engine ran (and the step's own preemptions) as preempted. A waiting request the
-        step admitted in the manager and had not started yet stays waiting.
+        step admitted in the manager and had not started yet stays waiting, resumed (its
+        admission was counted as its query).
 
         NOTE: degrade to recompute rather than undo: the manager's moves (evictions,
         offloads, onboards, stores) have no inverse, while the recovery above is the one
@@ -573,6 +574,12 @@ class Scheduler:
             if manager.has_sequence(rid)]
         if touched:
             manager.compute_failed(touched)
+        # NOTE: a waiting request the step admitted was counted as a query then: its next
+        # admission is a recompute (its prompt was counted twice in the hit rate).
+        for rid in touched:
+            spec = self._specs.get(rid)
+            if spec is not None and not spec.resumed:
+                self._specs[rid] = replace(spec, resumed=True)
         lost = [req for rid, req in self.running.items() if not manager.has_sequence(rid)]
         self._requeue(lost)
         unlisted = set(self._unlisted_preempted).union(self._step_started)
