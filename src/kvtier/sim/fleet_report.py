@@ -40,7 +40,11 @@ class InstanceSummary:
     num_requests: int
     num_prompt_tokens: int
     num_reused_tokens: int
-    num_prefill_tokens: int  # prompt tokens computed, not reused
+    # Tokens its prefill chunks computed: prompts less their reuse, and the recompute of
+    # preempted requests.
+    # NOTE: not the queries' prompt less reuse: since a resumed request's admission is no
+    # query, that left its recompute out, and an instance that preempted read as lighter.
+    num_prefill_tokens: int
     token_hit_rate: float
     gpu_token_hit_rate: float
     host_token_hit_rate: float
@@ -121,7 +125,7 @@ def fleet_report(workload: Workload, instances: list[InstanceRun], router: Route
         e2es += inst.loop.e2es
         summaries.append(InstanceSummary(
             inst.instance_id, inst.num_routed, r.num_requests, r.num_prompt_tokens,
-            r.num_reused_tokens, r.num_prompt_tokens - r.num_reused_tokens, r.token_hit_rate,
+            r.num_reused_tokens, inst.loop.num_context_tokens, r.token_hit_rate,
             r.gpu_token_hit_rate, r.host_token_hit_rate, r.num_preemptions, r.ttft_s))
     num_prompt = sum(r.num_prompt_tokens for r in reports)
     num_reused = sum(r.num_reused_tokens for r in reports)
