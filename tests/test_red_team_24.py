@@ -7,7 +7,19 @@ for both in the tokens as in the blocks."""
 
 from __future__ import annotations
 
+import os
+import pickle
 from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig, SequenceSpec
 
@@ -82,3 +94,164 @@ def test_a_host_prefix_two_requests_of_a_batch_find_is_a_host_hit_for_both() -> 
     assert (s.gpu.reused_blocks, s.host.reused_blocks) == (0, 4)
     assert (s.num_reused_tokens, s.num_host_reused_tokens) == (16, 16)
     mgr.check_invariants()
+
+
+# ---- a machine: every prompt one query, whatever the scheduler does to it -----------------
+
+class QueryBooks(RuleBasedStateMachine):
+    """Scheduler + manager under admissions, chunked prefill, drafts, preemption, failed
+    copies and passes, aborts, requests queued again and resets. A reference counts each
+    admission from the steps (a first chunk): the first after ``add_request`` is the
+    request's query, every later one a recompute. The manager's counters must say the
+    same after every operation, and its tiers' blocks agree with its tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mgr: KVCacheManager | None = None
+        self.sched: Scheduler | None = None
+        self.requests: dict[str, Request] = {}  # every request made, by id
+        self.fresh: set[str] = set()  # queued and not admitted since
+        self.num_query = self.num_resumed = self.num_resumed_tokens = self.num_reused = 0
+        self.num_admitted = 0
+
+    @initialize(num_gpu=st.integers(6, 12), num_host=st.sampled_from([0, 2, 8]),
+                partial=st.booleans(), copy_partial=st.booleans(),
+                policy=st.sampled_from(["priority-lru", "lru", "kvtier-predict-cost"]),
+                budget=st.integers(6, 40), chunked=st.booleans(),
+                capacity=st.sampled_from(["guaranteed_no_evict", "max_utilization"]),
+                drafts=st.sampled_from([0, 2]))
+    def setup(self, num_gpu: int, num_host: int, partial: bool, copy_partial: bool,
+              policy: str, budget: int, chunked: bool, capacity: Any, drafts: int) -> None:
+        self.mgr = KVCacheManager(CacheConfig(
+            tokens_per_block=4, num_gpu_blocks=num_gpu, num_host_blocks=num_host,
+            enable_partial_reuse=partial, copy_on_partial_reuse=copy_partial,
+            eviction_policy=policy))
+        self.sched = Scheduler(self.mgr, SchedulerConfig(
+            max_num_tokens=budget, enable_chunked_prefill=chunked, capacity_policy=capacity,
+            num_speculative_tokens=drafts))
+
+    @rule(n=st.integers(0, 7), prefix=st.integers(0, 2), length=st.integers(1, 14),
+          max_output=st.integers(1, 5), salt=st.sampled_from([None, None, "t"]),
+          lora_id=st.sampled_from([None, None, 1]),
+          priority=st.sampled_from([None, None, 10, 90]),
+          skip=st.sampled_from([False] * 5 + [True]))
+    def add(self, n: int, prefix: int, length: int, max_output: int, salt: str | None,
+            lora_id: int | None, priority: int | None, skip: bool) -> None:
+        assert self.sched is not None
+        rid = f"r{n}"
+        req = self.requests.get(rid)
+        if req is not None and req.held:
+            return  # queued or running
+        if req is None or len(req.output) >= req.max_output_tokens:
+            req = Request(rid, [prefix * 100 + i for i in range(length)], max_output,
+                          salt=salt, lora_id=lora_id, priority=priority,
+                          skip_reading_prefix_cache=skip)
+        # else: aborted part way, queued again (a new query of its prompt and output)
+        try:
+            self.sched.add_request(req)
+        except ValueError:
+            return  # too large, or finished already
+        self.requests[rid] = req
+        self.fresh.add(rid)
+
+    @rule(n=st.integers(0, 7))
+    def abort(self, n: int) -> None:
+        assert self.sched is not None
+        if self.sched.abort(f"r{n}") is not None:
+            self.fresh.discard(f"r{n}")
+
+    @rule(n=st.integers(0, 7), hold=st.booleans())
+    def hold(self, n: int, hold: bool) -> None:
+        assert self.sched is not None
+        if hold:
+            self.sched.hold(f"r{n}")
+        else:
+            self.sched.release(f"r{n}")
+
+    @rule(salt=st.sampled_from([None, "t"]), lora_id=st.sampled_from([None, 1]))
+    def drop_key_space(self, salt: str | None, lora_id: int | None) -> None:
+        assert self.mgr is not None
+        self.mgr.drop_key_space(salt=salt, lora_id=lora_id)
+
+    @rule(prefix=st.integers(0, 2), length=st.integers(4, 14), num_blocks=st.integers(1, 3))
+    def import_blocks(self, prefix: int, length: int, num_blocks: int) -> None:
+        assert self.mgr is not None
+        if self.mgr.config.num_host_blocks:
+            self.mgr.import_blocks([prefix * 100 + i for i in range(length)], num_blocks)
+
+    @precondition(lambda self: self.num_admitted % 4 == 3)
+    @rule()
+    def reset(self) -> None:
+        assert self.sched is not None
+        self.sched.reset_prefix_cache(reset_running_requests=True)
+
+    @rule(num_steps=st.integers(1, 10), data=st.data())
+    def run(self, num_steps: int, data: st.DataObject) -> None:
+        for _ in range(num_steps):
+            self.step(data.draw(st.integers(0, 9)) == 0, data.draw(st.integers(0, 9)) == 0,
+                      data)
+
+    def step(self, fail_copy: bool, fail_pass: bool, data: st.DataObject) -> None:
+        sched, mgr = self.sched, self.mgr
+        assert sched is not None and mgr is not None
+        if not sched.has_unfinished():
+            return
+        step = sched.step()
+        if data.draw(st.integers(0, 9)) == 0:  # the pair copied between step and update
+            sched = self.sched = pickle.loads(pickle.dumps(sched))
+            mgr = self.mgr = sched.manager
+            for req in (*sched.waiting, *sched.running.values()):
+                self.requests[req.request_id] = req
+            assert sched.unapplied_step is not None
+            step = sched.unapplied_step
+        for chunk in step.context_chunks:
+            if chunk.first_token != chunk.num_reused_tokens:
+                continue  # a later chunk
+            rid = chunk.request_id
+            req = sched.running[rid]
+            num_tokens = req.num_prefill_tokens
+            self.num_admitted += 1
+            if req.skip_reading_prefix_cache:  # no query, no recompute: counted nowhere
+                self.fresh.discard(rid)
+            elif rid in self.fresh:
+                self.fresh.discard(rid)
+                self.num_query += num_tokens
+                self.num_reused += chunk.num_reused_tokens
+            else:
+                self.num_resumed += num_tokens
+                self.num_resumed_tokens += chunk.num_reused_tokens
+        plan = step.transfer_plan
+        if fail_copy and len(plan):
+            failed = data.draw(st.lists(st.integers(0, len(plan) - 1), min_size=1))
+            step = sched.requeue_failed(step, mgr.transfer_failed(plan, failed))
+        ids = [c.request_id for c in step.context_chunks] + list(step.decode_request_ids)
+        if fail_pass and ids:
+            gone = mgr.compute_failed(data.draw(st.lists(st.sampled_from(ids), min_size=1,
+                                                         unique=True)))
+            step = sched.requeue_failed(step, gone)
+        sampled = {rid: 7 for rid in [c.request_id for c in step.context_chunks]
+                   + list(step.decode_request_ids)}
+        sched.update(step, sampled)
+
+    @invariant()
+    def books_agree(self) -> None:
+        mgr, sched = self.mgr, self.sched
+        if mgr is None or sched is None:
+            return
+        sched.check_invariants()
+        mgr.check_invariants()
+        s = mgr.stats
+        assert s.num_admitted == self.num_admitted
+        assert (s.num_prompt_tokens, s.num_reused_tokens) == (self.num_query, self.num_reused)
+        assert (s.num_resumed_prompt_tokens, s.num_resumed_reused_tokens) == (
+            self.num_resumed, self.num_resumed_tokens)
+        tpb = mgr.config.tokens_per_block
+        full = (s.gpu.reused_blocks + s.host.reused_blocks) * tpb
+        assert full + s.num_partial_tokens == s.num_reused_tokens
+        assert s.host.reused_blocks * tpb <= s.num_host_reused_tokens
+        assert s.num_host_reused_tokens <= s.host.reused_blocks * tpb + s.num_partial_tokens
+
+
+QueryBooks.TestCase.settings = settings(max_examples=int(os.environ.get("RT24_EXAMPLES", "150")),
+                                        stateful_step_count=50, deadline=None)
+test_every_prompt_is_one_query_and_the_tiers_agree = QueryBooks.TestCase
