@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -94,6 +96,32 @@ def test_a_host_prefix_two_requests_of_a_batch_find_is_a_host_hit_for_both() -> 
     assert (s.gpu.reused_blocks, s.host.reused_blocks) == (0, 4)
     assert (s.num_reused_tokens, s.num_host_reused_tokens) == (16, 16)
     mgr.check_invariants()
+
+
+
+@pytest.mark.parametrize("ids", [[b"b"], [1], [["b"]], ["b", None]])
+def test_requeue_failed_refuses_an_id_that_is_no_str_naming_it(ids: list[object]) -> None:
+    """b's onboard fails and the manager aborts it; requeue_failed given an id that is no
+    str (b's bytes, an int: ignored without a word; a list: a bare "unhashable type") is
+    refused naming its index and value, changing nothing: b still runs, the step waits."""
+    mgr = make_manager(num_gpu_blocks=4, num_host_blocks=8)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=64))
+    for rid, prompt in (("a", PROMPT), ("x", FILLER[:12])):
+        sched.add_request(Request(rid, prompt, 1))
+        step = sched.step()
+        sched.update(step, {rid: 0})
+    sched.add_request(Request("b", PROMPT, 2))
+    step = sched.step()
+    assert mgr.transfer_failed(step.transfer_plan, range(len(step.transfer_plan))) == ["b"]
+    index = len(ids) - 1
+    with pytest.raises(TypeError, match=rf"^request_ids\[{index}\] must be a str \(a request "
+                       rf"id\), got {re.escape(repr(ids[index]))}$"):
+        sched.requeue_failed(step, ids)  # type: ignore[arg-type]
+    assert list(sched.running) == ["b"] and not sched.waiting
+    assert sched.unapplied_step is step
+    sched.update(sched.requeue_failed(step, ["b"]), {})
+    assert [r.request_id for r in sched.waiting] == ["b"]
+    sched.check_invariants()
 
 
 # ---- a machine: every prompt one query, whatever the scheduler does to it -----------------

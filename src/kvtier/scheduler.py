@@ -1115,13 +1115,21 @@ class Scheduler:
         front of the queue, in the order they were admitted, to recompute, and return
         ``step`` without their work: the step ``update`` then applies. Raises, changing
         nothing, for a step that is not the last one returned (RuntimeError), ids that are
-        no iterable (TypeError) or name a request the manager still holds (ValueError)."""
+        no iterable of str (TypeError, naming the first that is none) or name a request the
+        manager still holds (ValueError). An id of no running request is ignored."""
         self._check_not_in_call("requeue_failed")
         self._check_unapplied(step, "requeue_failed")
         if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, Iterable):
             raise TypeError(f"request_ids must be an iterable of request ids, got "
                             f"{type(request_ids).__name__}")
-        gone = set(request_ids)
+        # NOTE: each id checked: one that is no str (an int, the bytes of an id) was
+        # ignored without a word, and an unhashable one raised a bare "unhashable type".
+        ids = list(request_ids)
+        for i, rid in enumerate(ids):
+            if type(rid) is not str:
+                raise TypeError(f"request_ids[{i}] must be a str (a request id), got "
+                                f"{short_repr(rid)}")
+        gone = set(ids)
         # NOTE: ordered by the running table (admission order), never by the set, whose
         # order depends on PYTHONHASHSEED: the queue order decides what is admitted next.
         requeued = [req for rid, req in self.running.items() if rid in gone]
