@@ -124,6 +124,25 @@ def test_requeue_failed_refuses_an_id_that_is_no_str_naming_it(ids: list[object]
     sched.check_invariants()
 
 
+
+@pytest.mark.parametrize("stopped", [{b"a"}, [1], ("b", None)])
+def test_update_refuses_a_stopped_id_that_is_no_str_naming_it(stopped: Any) -> None:
+    """a samples its stop token, the caller names it in ``stopped`` by its bytes: the
+    update took it, stopped nothing and a went on generating past its stop. Now refused
+    naming the value, the step still waiting for its update."""
+    mgr = make_manager()
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=64))
+    sched.add_request(Request("a", PROMPT, 3))
+    step = sched.step()
+    with pytest.raises(TypeError, match=r"^stopped must be a collection of request ids "
+                       r"\(str\), got (b'a'|1|None) in it$"):
+        sched.update(step, {"a": 0}, stopped)
+    assert sched.unapplied_step is step and sched.running["a"].output == []
+    assert sched.update(step, {"a": 0}, {"a"})[0].output == [0]
+    sched.check_invariants()
+    mgr.check_invariants()
+
+
 # ---- a machine: every prompt one query, whatever the scheduler does to it -----------------
 
 class QueryBooks(RuleBasedStateMachine):

@@ -928,8 +928,8 @@ class Scheduler:
         a stop string, the token itself is kept). Returns the finished requests. Raises,
         changing nothing, for a step that is not the last one ``step`` (or
         ``requeue_failed``) returned or was already applied (RuntimeError), a ``sampled``
-        that is no mapping or a ``stopped`` that is no collection (TypeError), or a request
-        that samples with no valid token in ``sampled`` (ValueError). An update that raises
+        that is no mapping or a ``stopped`` that is no collection of str (TypeError), or a
+        request that samples with no valid token in ``sampled`` (ValueError). An update that raises
         once it began to apply the step (the step timer, the manager releasing a finished
         request, anything) fails it whole before the exception goes on (``_fail_update``):
         the step's requests recompute its tokens, and the step is applied."""
@@ -968,6 +968,12 @@ class Scheduler:
             except Exception as exc:
                 raise TypeError(f"stopped must be a collection of request ids: reading it "
                                 f"raised {type(exc).__name__}: {exc}") from exc
+        # NOTE: an id that is no str (the bytes of one) stopped nothing, without a word:
+        # its request went on generating past its stop.
+        if stopped and not all(type(rid) is str for rid in stopped):
+            bad = next(rid for rid in stopped if type(rid) is not str)
+            raise TypeError(f"stopped must be a collection of request ids (str), got "
+                            f"{short_repr(bad)} in it")
         # The step's requests and their output lengths before it, for ``_fail_update``.
         running = self.running
         decoding = [req for req in map(running.get, step.decode_request_ids) if req is not None]
