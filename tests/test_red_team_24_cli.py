@@ -10,6 +10,8 @@ import pytest
 from kvtier import CacheConfig, Scheduler, SchedulerConfig
 from kvtier.sim import SyntheticChat
 from kvtier.sim.fleet import simulate_fleet
+from kvtier.sim.fleet_report import format_fleet_report
+from kvtier.sim.race import RaceWorkload
 
 
 def test_a_fleets_prefill_tokens_count_a_preempted_requests_recompute(
@@ -32,3 +34,38 @@ def test_a_fleets_prefill_tokens_count_a_preempted_requests_recompute(
                             sched=SchedulerConfig(capacity_policy="max_utilization"))
     assert all(s.num_preemptions for s in report.instances)
     assert sum(s.num_prefill_tokens for s in report.instances) == sum(computed)
+
+
+def test_a_fleet_reports_the_race_of_probe_admission() -> None:
+    """Probe admission in a fleet (``kvtier replay --admission probe --instances N``): one
+    instance's step lost 480 tokens of credited reuse and ran 480 past max_num_tokens,
+    which is what probe admission is run to show, yet the fleet's table and JSON had no
+    word of it (no reuse, overflow or preemption figure)."""
+    cache = CacheConfig(num_gpu_blocks=1024, num_host_blocks=16)
+    report = simulate_fleet(RaceWorkload(cache), cache, 1, policy="round-robin",
+                            sched=SchedulerConfig(admission="probe"))
+    figures = report.to_dict()
+    assert (figures["num_credited_tokens"], figures["num_obtained_tokens"],
+            figures["num_lost_reuse_tokens"]) == (512, 32, 480)
+    assert (figures["num_overflow_steps"], figures["num_overflow_tokens"],
+            figures["max_overflow_tokens"]) == (1, 480, 480)
+    lines = format_fleet_report(report)
+    assert "reuse       credited 512, obtained 32, lost 480 tokens" in lines
+    assert "overflow    1 steps over max_num_tokens, 480 tokens, worst 480" in lines
+
+
+def test_a_fleet_reports_its_preemptions_and_their_recompute() -> None:
+    """Instances that preempt: the fleet's requests line and JSON count the preemptions and
+    what they recomputed (in no hit rate), as one replay's do."""
+    report = simulate_fleet(SyntheticChat(num_requests=60, max_output_tokens=200),
+                            CacheConfig(tokens_per_block=32, num_gpu_blocks=112,
+                                        num_host_blocks=32), 2,
+                            sched=SchedulerConfig(capacity_policy="max_utilization"))
+    assert report.num_preemptions == sum(s.num_preemptions for s in report.instances) > 0
+    assert report.num_resumed_prompt_tokens >= report.num_resumed_reused_tokens > 0
+    requests = format_fleet_report(report)[1]
+    assert requests == (f"requests    {report.num_requests:,} finished, "
+                        f"{report.num_rejected_too_large} too large; "
+                        f"{report.num_preemptions:,} preemptions (recomputing "
+                        f"{report.num_resumed_prompt_tokens:,} tokens, "
+                        f"{report.num_resumed_reused_tokens:,} found cached: in no hit rate)")

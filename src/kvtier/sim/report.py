@@ -132,11 +132,13 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}" if value < 1e6 else f"{value:.3g}"
 
 
-def _recomputed(r: SimReport) -> str:
-    if not r.num_resumed_prompt_tokens:
+def recomputed_text(num_prompt_tokens: int, num_reused_tokens: int) -> str:
+    """What preempted requests recomputed (``num_resumed_*``), for a requests line; empty
+    where nothing was. Pure."""
+    if not num_prompt_tokens:
         return ""
-    return (f" (recomputing {r.num_resumed_prompt_tokens:,} tokens, "
-            f"{r.num_resumed_reused_tokens:,} found cached: in no hit rate)")
+    return (f" (recomputing {num_prompt_tokens:,} tokens, {num_reused_tokens:,} found "
+            "cached: in no hit rate)")
 
 
 def _count(value: int | None) -> str:
@@ -276,6 +278,7 @@ def format_report(report: SimReport) -> list[str]:
     chunk = (f"chunks <= {sched['max_chunk_tokens'] or sched['max_num_tokens']}"
              if sched["enable_chunked_prefill"] else "no chunking")
     ttft, e2e, cpu = r.ttft_s, r.e2e_s, r.cpu
+    recomputed = recomputed_text(r.num_resumed_prompt_tokens, r.num_resumed_reused_tokens)
     rows = [
         ("workload", f"{workload.get('name')} ({', '.join(source)}), time scale {r.time_scale:g}"),
         ("cache", f"{cache['tokens_per_block']} tokens/block, {cache['num_gpu_blocks']:,} GPU + "
@@ -288,7 +291,7 @@ def format_report(report: SimReport) -> list[str]:
                   f"PCIe {_float(r.profile['pcie_bytes_per_s']) / 1e9:g} GB/s)"),
         ("requests", f"{r.num_requests:,} finished, {r.num_rejected_too_large:,} too large for "
                      f"the GPU pool{_or_a_step(r)}; {r.num_steps:,} steps, "
-                     f"{r.num_preemptions:,} preemptions{_recomputed(r)}"),
+                     f"{r.num_preemptions:,} preemptions{recomputed}"),
         ("hit rate", f"{r.token_hit_rate:.4f} of {r.num_prompt_tokens:,} prompt tokens: GPU "
                      f"{r.gpu_token_hit_rate:.4f}, host {r.host_token_hit_rate:.4f}"),
         ("reuse", f"credited {r.num_credited_tokens:,}, obtained {r.num_obtained_tokens:,}, "
