@@ -3,15 +3,17 @@ against what the steps did (a preempted request's recompute is no query, yet it 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from kvtier import CacheConfig, Scheduler, SchedulerConfig
-from kvtier.sim import SyntheticChat
+from kvtier.sim import MixedWorkload, SyntheticChat
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import format_fleet_report
 from kvtier.sim.race import RaceWorkload
+from kvtier.sim.workload import TraceRequest
 
 
 def test_a_fleets_prefill_tokens_count_a_preempted_requests_recompute(
@@ -69,3 +71,30 @@ def test_a_fleet_reports_its_preemptions_and_their_recompute() -> None:
                         f"{report.num_preemptions:,} preemptions (recomputing "
                         f"{report.num_resumed_prompt_tokens:,} tokens, "
                         f"{report.num_resumed_reused_tokens:,} found cached: in no hit rate)")
+
+
+class _Part:
+    """A workload of two one-block requests, at 0 s and 1 s, with the given ids."""
+
+    def __init__(self, name: str, ids: list[str]) -> None:
+        self.name = name
+        self.ids = ids
+
+    def __iter__(self) -> Iterator[TraceRequest]:
+        for i, rid in enumerate(self.ids):
+            yield TraceRequest(rid, float(i), [1, 2, 3, 4, 5], 2, None)
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name}
+
+
+def test_a_mixed_workload_refuses_a_part_name_its_ids_could_not_tell_apart() -> None:
+    """Parts named "a" and "a/b" (distinct names, so taken) gave their requests "b/c" and
+    "c" one id, "a/b/c": the replay was refused at its second request, as a workload with
+    an id twice. A name holding "/" is refused when the mix is made, naming it."""
+    with pytest.raises(ValueError, match=r"^parts\[1\] has the name 'a/b': a part's name "
+                       r"must be a non-empty string without '/' \(it prefixes its "
+                       r"requests' ids, 'name/id'\)$"):
+        MixedWorkload((_Part("a", ["b/c", "x"]), _Part("a/b", ["c", "y"])))
+    mix = MixedWorkload((_Part("a", ["b/c", "x"]), _Part("b", ["c", "y"])))
+    assert [r.request_id for r in mix] == ["a/b/c", "b/c", "a/x"]  # until a part ends
