@@ -24,6 +24,7 @@ from hypothesis.stateful import (
 )
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig, SequenceSpec
+from kvtier.config import EVICTION_POLICIES
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks of 4 and a last token
 FILLER = list(range(20, 36))  # 4 full blocks
@@ -163,7 +164,7 @@ class QueryBooks(RuleBasedStateMachine):
 
     @initialize(num_gpu=st.integers(6, 12), num_host=st.sampled_from([0, 2, 8]),
                 partial=st.booleans(), copy_partial=st.booleans(),
-                policy=st.sampled_from(["priority-lru", "lru", "kvtier-predict-cost"]),
+                policy=st.sampled_from(EVICTION_POLICIES),
                 budget=st.integers(6, 40), chunked=st.booleans(),
                 capacity=st.sampled_from(["guaranteed_no_evict", "max_utilization"]),
                 drafts=st.sampled_from([0, 2]))
