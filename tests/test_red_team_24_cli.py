@@ -3,12 +3,14 @@ against what the steps did (a preempted request's recompute is no query, yet it 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from kvtier import CacheConfig, Scheduler, SchedulerConfig
+from kvtier.cli import main
 from kvtier.sim import MixedWorkload, SyntheticChat
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import format_fleet_report
@@ -98,3 +100,18 @@ def test_a_mixed_workload_refuses_a_part_name_its_ids_could_not_tell_apart() -> 
         MixedWorkload((_Part("a", ["b/c", "x"]), _Part("a/b", ["c", "y"])))
     mix = MixedWorkload((_Part("a", ["b/c", "x"]), _Part("b", ["c", "y"])))
     assert [r.request_id for r in mix] == ["a/b/c", "b/c", "a/x"]  # until a part ends
+
+
+def test_a_sweep_of_probe_admission_shows_its_race(capsys: pytest.CaptureFixture[str]) -> None:
+    """``kvtier sweep --workload race --admission probe``: each run lost credited reuse and
+    ran a step past max_num_tokens (the JSON says so), yet the table, the sweep's human
+    output, had no column for it. With a probe run it has both, each row its run's."""
+    assert main(["sweep", "--workload", "race", "--gpu-blocks", "1024", "--host-blocks",
+                 "16,32", "--admission", "probe", "--no-progress", "--no-oracle"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = json.loads(lines[-1])["runs"]
+    assert lines[0].split()[-5:] == ["tokens/s", "overflow", "steps", "lost", "reuse"]
+    for row, run in zip(lines[1:3], runs, strict=True):
+        assert run["num_overflow_steps"] == 1 and run["num_lost_reuse_tokens"] > 0
+        assert row.split()[-2:] == [f"{run['num_overflow_steps']:,}",
+                                    f"{run['num_lost_reuse_tokens']:,}"]

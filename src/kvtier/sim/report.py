@@ -362,7 +362,8 @@ def format_side_by_side(labels: Sequence[str], reports: Sequence[SimReport]) -> 
 
 def format_sweep(reports: Sequence[SimReport]) -> list[str]:
     """One row per run of a capacity sweep, with the oracle bounds where known; a policy
-    column first when the runs use more than one eviction policy. Pure."""
+    column first when the runs use more than one eviction policy; the race's columns
+    (steps over ``max_num_tokens``, reuse lost) last where a run admits by probe. Pure."""
     header: tuple[str, ...] = ("GPU blocks", "host blocks", "hit rate", "from host",
                                "LRU (offline)", "Belady", "unlimited", "TTFT p50", "TTFT p99",
                                "tokens/s")
@@ -370,6 +371,11 @@ def format_sweep(reports: Sequence[SimReport]) -> list[str]:
     several = len(set(policies)) > 1
     if several:
         header = ("policy", *header)
+    # NOTE: probe admission is run to measure its race: a sweep of it showed no sign of
+    # the steps it ran past the budget (only the JSON had them).
+    race = any(r.scheduler_config.get("admission") == "probe" for r in reports)
+    if race:
+        header = (*header, "overflow steps", "lost reuse")
     table = [header]
     for r, policy in zip(reports, policies, strict=True):
         bounds = r.oracle
@@ -380,7 +386,7 @@ def format_sweep(reports: Sequence[SimReport]) -> list[str]:
             "n/a" if bounds is None else f"{bounds.belady_hit_rate:.4f}",
             "n/a" if bounds is None else f"{bounds.unlimited_hit_rate:.4f}",
             _seconds(r.ttft_s.p50), _seconds(r.ttft_s.p99), f"{r.throughput_tokens_per_s:,.0f}",
-        ))
+        ) + ((f"{r.num_overflow_steps:,}", f"{r.num_lost_reuse_tokens:,}") if race else ()))
     return format_columns(table)
 
 
