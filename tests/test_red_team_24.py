@@ -79,6 +79,35 @@ def test_a_request_a_failed_step_admitted_and_left_waiting_is_one_query() -> Non
     mgr.check_invariants()
 
 
+
+def test_a_request_a_failed_step_admitted_onto_an_imported_block_is_one_query() -> None:
+    """As above, but a's admission onboards a host block (imported): the failed step
+    reports its copies failed first, which aborts a in the manager, and a was missed when
+    the step's admitted requests were marked to recompute: its next admission was counted
+    as a second query (10 prompt tokens for one prompt of 5)."""
+    mgr = make_manager(num_gpu_blocks=6, num_host_blocks=2, enable_partial_reuse=False)
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=6, enable_chunked_prefill=False))
+    sched.add_request(Request("a", [0, 1, 2, 3, 4], 1))
+    assert mgr.import_blocks([0, 1, 2, 3, 4], 1) == [0]
+    real = mgr.add_sequence_batch
+
+    def faulty(specs: Any) -> Any:
+        real(specs)
+        raise Injected("after add_sequence_batch")
+
+    mgr.add_sequence_batch = faulty  # type: ignore[method-assign]
+    with pytest.raises(Injected):
+        sched.step()
+    del mgr.add_sequence_batch
+    assert (mgr.stats.num_prompt_tokens, mgr.stats.num_host_reused_tokens) == (5, 4)
+    step = sched.step()
+    sched.update(step, {"a": 0})
+    assert not sched.has_unfinished()
+    s = mgr.stats
+    assert (s.num_admitted, s.num_prompt_tokens, s.num_reused_tokens, s.num_resumed,
+            s.num_resumed_prompt_tokens) == (2, 5, 4, 1, 5)
+    mgr.check_invariants()
+
 def test_a_host_prefix_two_requests_of_a_batch_find_is_a_host_hit_for_both() -> None:
     """a's 2 blocks are pushed to the host by x. b and c (one batch) both find them there:
     b's admission onboards them and c shares b's copies. The host's reused blocks count 2
@@ -244,7 +273,28 @@ class QueryBooks(RuleBasedStateMachine):
         assert sched is not None and mgr is not None
         if not sched.has_unfinished():
             return
-        step = sched.step()
+        # Admissions are counted where the manager makes them; with ``fault`` the step
+        # raises right after one (a fault the scheduler fails the step for, whole).
+        fault = data.draw(st.integers(0, 9)) == 0
+        real = mgr.add_sequence_batch
+
+        def counted(specs: Any) -> Any:
+            specs = list(specs)
+            admissions = real(specs)
+            for spec, adm in zip(specs, admissions, strict=True):
+                if adm.admitted:
+                    self.count_admission(spec, adm.num_reused_tokens)
+            if fault and any(adm.admitted for adm in admissions):
+                raise Injected("after add_sequence_batch")
+            return admissions
+
+        mgr.add_sequence_batch = counted  # type: ignore[method-assign]
+        try:
+            step = sched.step()
+        except Injected:
+            return  # failed whole: its requests recompute
+        finally:
+            del mgr.add_sequence_batch
         if data.draw(st.integers(0, 9)) == 0:  # the pair copied between step and update
             sched = self.sched = pickle.loads(pickle.dumps(sched))
             mgr = self.mgr = sched.manager
@@ -252,22 +302,6 @@ class QueryBooks(RuleBasedStateMachine):
                 self.requests[req.request_id] = req
             assert sched.unapplied_step is not None
             step = sched.unapplied_step
-        for chunk in step.context_chunks:
-            if chunk.first_token != chunk.num_reused_tokens:
-                continue  # a later chunk
-            rid = chunk.request_id
-            req = sched.running[rid]
-            num_tokens = req.num_prefill_tokens
-            self.num_admitted += 1
-            if req.skip_reading_prefix_cache:  # no query, no recompute: counted nowhere
-                self.fresh.discard(rid)
-            elif rid in self.fresh:
-                self.fresh.discard(rid)
-                self.num_query += num_tokens
-                self.num_reused += chunk.num_reused_tokens
-            else:
-                self.num_resumed += num_tokens
-                self.num_resumed_tokens += chunk.num_reused_tokens
         plan = step.transfer_plan
         if fail_copy and len(plan):
             failed = data.draw(st.lists(st.integers(0, len(plan) - 1), min_size=1))
@@ -280,6 +314,20 @@ class QueryBooks(RuleBasedStateMachine):
         sampled = {rid: 7 for rid in [c.request_id for c in step.context_chunks]
                    + list(step.decode_request_ids)}
         sched.update(step, sampled)
+
+    def count_admission(self, spec: SequenceSpec, num_reused: int) -> None:
+        """The reference: the first admission since ``add_request`` is the query."""
+        rid = spec.request_id
+        self.num_admitted += 1
+        if self.requests[rid].skip_reading_prefix_cache:  # no query, no recompute
+            self.fresh.discard(rid)
+        elif rid in self.fresh:
+            self.fresh.discard(rid)
+            self.num_query += len(spec.token_array)
+            self.num_reused += num_reused
+        else:
+            self.num_resumed += len(spec.token_array)
+            self.num_resumed_tokens += num_reused
 
     @invariant()
     def books_agree(self) -> None:

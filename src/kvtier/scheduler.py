@@ -553,6 +553,13 @@ class Scheduler:
         the engine's own failures take, tested as it is. The cost is recomputing the
         requests one failed step touched."""
         manager = self.manager
+        # The waiting requests this step admitted in the manager (``candidates`` offers
+        # none the manager held), before the failed copies below abort any of them: each
+        # admission was counted as its query, so its next one is a recompute.
+        # NOTE: one left out (aborted by its failed onboard, or dropped below) counted its
+        # prompt twice in the hit rate.
+        admitted = [rid for rid in dict.fromkeys(self._step_candidates)
+                    if rid in self._specs and manager.has_sequence(rid)]
         plan = step.transfer_plan if step is not None else None
         if manager.in_step:
             # Its stores and copies not taken yet: taken here, the engine never runs them.
@@ -574,11 +581,9 @@ class Scheduler:
             if manager.has_sequence(rid)]
         if touched:
             manager.compute_failed(touched)
-        # NOTE: a waiting request the step admitted was counted as a query then: its next
-        # admission is a recompute (its prompt was counted twice in the hit rate).
-        for rid in touched:
-            spec = self._specs.get(rid)
-            if spec is not None and not spec.resumed:
+        for rid in admitted:
+            spec = self._specs[rid]
+            if not spec.resumed:
                 self._specs[rid] = replace(spec, resumed=True)
         lost = [req for rid, req in self.running.items() if not manager.has_sequence(rid)]
         self._requeue(lost)
