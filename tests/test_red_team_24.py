@@ -313,7 +313,28 @@ class QueryBooks(RuleBasedStateMachine):
             step = sched.requeue_failed(step, gone)
         sampled = {rid: 7 for rid in [c.request_id for c in step.context_chunks]
                    + list(step.decode_request_ids)}
-        sched.update(step, sampled)
+        if data.draw(st.integers(0, 9)):
+            sched.update(step, sampled)
+            return
+        # The update fails where it first releases a request (once: the release that
+        # recovers from it goes through): its step's requests recompute.
+        release = mgr.remove_sequence
+        faults: list[int] = []
+
+        def faulty(*args: Any, **kwargs: Any) -> Any:
+            if not faults:
+                faults.append(1)
+                raise Injected("remove_sequence")
+            return release(*args, **kwargs)
+
+        mgr.remove_sequence = faulty  # type: ignore[method-assign]
+        try:
+            sched.update(step, sampled)
+        except Injected:
+            pass
+        finally:
+            del mgr.remove_sequence
+        assert mgr.remove_sequence == release
 
     def count_admission(self, spec: SequenceSpec, num_reused: int) -> None:
         """The reference: the first admission since ``add_request`` is the query."""
