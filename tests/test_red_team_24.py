@@ -12,6 +12,7 @@ import pickle
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -149,7 +150,7 @@ def test_requeue_failed_refuses_an_id_that_is_no_str_naming_it(ids: list[object]
         sched.requeue_failed(step, ids)  # type: ignore[arg-type]
     assert list(sched.running) == ["b"] and not sched.waiting
     assert sched.unapplied_step is step
-    sched.update(sched.requeue_failed(step, ["b"]), {})
+    sched.update(sched.requeue_failed(step, [np.str_("b")]), {})  # a str, as ever
     assert [r.request_id for r in sched.waiting] == ["b"]
     sched.check_invariants()
 
@@ -168,7 +169,7 @@ def test_update_refuses_a_stopped_id_that_is_no_str_naming_it(stopped: Any) -> N
                        r"\(str\), got (b'a'|1|None) in it$"):
         sched.update(step, {"a": 0}, stopped)
     assert sched.unapplied_step is step and sched.running["a"].output == []
-    assert sched.update(step, {"a": 0}, {"a"})[0].output == [0]
+    assert sched.update(step, {"a": 0}, {np.str_("a")})[0].output == [0]  # a str, as ever
     sched.check_invariants()
     mgr.check_invariants()
 

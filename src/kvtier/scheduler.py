@@ -974,9 +974,10 @@ class Scheduler:
                 raise TypeError(f"stopped must be a collection of request ids: reading it "
                                 f"raised {type(exc).__name__}: {exc}") from exc
         # NOTE: an id that is no str (the bytes of one) stopped nothing, without a word:
-        # its request went on generating past its stop.
-        if stopped and not all(type(rid) is str for rid in stopped):
-            bad = next(rid for rid in stopped if type(rid) is not str)
+        # its request went on generating past its stop. (A str of a subclass, NumPy's, is
+        # equal to its str and stops it.)
+        if stopped and not all(isinstance(rid, str) for rid in stopped):
+            bad = next(rid for rid in stopped if not isinstance(rid, str))
             raise TypeError(f"stopped must be a collection of request ids (str), got "
                             f"{short_repr(bad)} in it")
         # The step's requests and their output lengths before it, for ``_fail_update``.
@@ -1137,7 +1138,7 @@ class Scheduler:
         # ignored without a word, and an unhashable one raised a bare "unhashable type".
         ids = list(request_ids)
         for i, rid in enumerate(ids):
-            if type(rid) is not str:
+            if not isinstance(rid, str):  # NumPy's str_ is one, equal to its str
                 raise TypeError(f"request_ids[{i}] must be a str (a request id), got "
                                 f"{short_repr(rid)}")
         gone = set(ids)
