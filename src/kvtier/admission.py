@@ -300,17 +300,23 @@ class BatchAdmission:
         seq.num_scheduled_tokens = num_scheduled
         seq.num_reserved_blocks = p.spec.num_reserved_blocks + num_blocks - num_now
         self._live.add(seq)
-        self._record_admission(seq, promise, p.spec, num_onboarded)
+        self._record_admission(seq, promise, p.spec)
         # NOTE: a copy of memory, no int a block (the table grows in place later).
         return Admission(seq.request_id, True, num_reused, num_onboarded,
                          BlockIds.of_array(table[:]))
 
-    def _record_admission(self, seq: LiveSequence, promise: Promise, spec: SequenceSpec,
-                          num_onboarded: int) -> None:
+    def _record_admission(self, seq: LiveSequence, promise: Promise,
+                          spec: SequenceSpec) -> None:
         """Count an admission; a request that skipped the cache lookup is no query (vLLM's
         rule): its prompt counts neither as queried nor as missed. A resumed one is counted
         apart (vLLM's preempted stats): what it finds again is mostly what it computed
-        before its preemption, no hit a fresh request would get."""
+        before its preemption, no hit a fresh request would get. Every figure is the
+        promise's, tier by tier, as the tiers' blocks are counted.
+
+        NOTE: host hits are what the lookup found on the host, not what this admission
+        onboarded: a host prefix two requests of the batch reuse is onboarded by the first
+        alone, and the second's host blocks counted as GPU hit tokens (the GPU's reused
+        blocks said 0 where its hit tokens said 8)."""
         stats = self._cache.stats
         stats.num_admitted += 1
         if spec.skip_reading_prefix_cache:
@@ -329,7 +335,7 @@ class BatchAdmission:
         stats.num_prompt_tokens += len(seq.tokens)
         stats.num_reused_tokens += promise.match.num_tokens
         stats.num_partial_tokens += promise.num_partial_tokens
-        stats.num_host_reused_tokens += num_onboarded
+        stats.num_host_reused_tokens += promise.match.num_host_tokens
 
     def _check_footprint(self, specs: Sequence[SequenceSpec], matches: list[Match]) -> None:
         """Raise if the batch could not fit even in an empty GPU pool. Pure."""

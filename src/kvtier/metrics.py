@@ -31,8 +31,10 @@ class CacheStats:
     The prompt tokens and the reused and missed blocks are those of the admitted requests
     that looked the cache up: one that skips reading it (``skip_reading_prefix_cache``) is
     counted in ``num_admitted`` only, as vLLM's prefix-cache stats leave it out.
-    ``num_host_reused_tokens`` are the reused tokens onboarded from the host tier (a partial
-    block copied from a host block included). A resumed request (``SequenceSpec.resumed``:
+    ``num_host_reused_tokens`` are the reused tokens the queries' lookups found on the host
+    tier (a partial block copied from a host block included), as ``host.reused_blocks``
+    counts them: a host prefix that two requests of one batch reuse is a host hit for both,
+    though only the first one's admission onboards it. A resumed request (``SequenceSpec.resumed``:
     preempted or requeued, recomputing) is no query either: its prompt and reuse are counted
     in ``num_resumed`` / ``num_resumed_prompt_tokens`` / ``num_resumed_reused_tokens``, as
     vLLM counts preempted requests apart, and in no hit rate."""

@@ -545,13 +545,21 @@ class Scheduler:
         computed stays); the running requests the manager dropped go back to the front of
         the queue, in admission order, to recompute, and the next step lists those the
         engine ran (and the step's own preemptions) as preempted. A waiting request the
-        step admitted in the manager and had not started yet stays waiting.
+        step admitted in the manager and had not started yet stays waiting, resumed (its
+        admission was counted as its query).
 
         NOTE: degrade to recompute rather than undo: the manager's moves (evictions,
         offloads, onboards, stores) have no inverse, while the recovery above is the one
         the engine's own failures take, tested as it is. The cost is recomputing the
         requests one failed step touched."""
         manager = self.manager
+        # The waiting requests this step admitted in the manager (``candidates`` offers
+        # none the manager held), before the failed copies below abort any of them: each
+        # admission was counted as its query, so its next one is a recompute.
+        # NOTE: one left out (aborted by its failed onboard, or dropped below) counted its
+        # prompt twice in the hit rate.
+        admitted = [rid for rid in dict.fromkeys(self._step_candidates)
+                    if rid in self._specs and manager.has_sequence(rid)]
         plan = step.transfer_plan if step is not None else None
         if manager.in_step:
             # Its stores and copies not taken yet: taken here, the engine never runs them.
@@ -573,6 +581,10 @@ class Scheduler:
             if manager.has_sequence(rid)]
         if touched:
             manager.compute_failed(touched)
+        for rid in admitted:
+            spec = self._specs[rid]
+            if not spec.resumed:
+                self._specs[rid] = replace(spec, resumed=True)
         lost = [req for rid, req in self.running.items() if not manager.has_sequence(rid)]
         self._requeue(lost)
         unlisted = set(self._unlisted_preempted).union(self._step_started)
@@ -921,8 +933,8 @@ class Scheduler:
         a stop string, the token itself is kept). Returns the finished requests. Raises,
         changing nothing, for a step that is not the last one ``step`` (or
         ``requeue_failed``) returned or was already applied (RuntimeError), a ``sampled``
-        that is no mapping or a ``stopped`` that is no collection (TypeError), or a request
-        that samples with no valid token in ``sampled`` (ValueError). An update that raises
+        that is no mapping or a ``stopped`` that is no collection of str (TypeError), or a
+        request that samples with no valid token in ``sampled`` (ValueError). An update that raises
         once it began to apply the step (the step timer, the manager releasing a finished
         request, anything) fails it whole before the exception goes on (``_fail_update``):
         the step's requests recompute its tokens, and the step is applied."""
@@ -961,6 +973,13 @@ class Scheduler:
             except Exception as exc:
                 raise TypeError(f"stopped must be a collection of request ids: reading it "
                                 f"raised {type(exc).__name__}: {exc}") from exc
+        # NOTE: an id that is no str (the bytes of one) stopped nothing, without a word:
+        # its request went on generating past its stop. (A str of a subclass, NumPy's, is
+        # equal to its str and stops it.)
+        if stopped and not all(isinstance(rid, str) for rid in stopped):
+            bad = next(rid for rid in stopped if not isinstance(rid, str))
+            raise TypeError(f"stopped must be a collection of request ids (str), got "
+                            f"{short_repr(bad)} in it")
         # The step's requests and their output lengths before it, for ``_fail_update``.
         running = self.running
         decoding = [req for req in map(running.get, step.decode_request_ids) if req is not None]
@@ -1108,13 +1127,21 @@ class Scheduler:
         front of the queue, in the order they were admitted, to recompute, and return
         ``step`` without their work: the step ``update`` then applies. Raises, changing
         nothing, for a step that is not the last one returned (RuntimeError), ids that are
-        no iterable (TypeError) or name a request the manager still holds (ValueError)."""
+        no iterable of str (TypeError, naming the first that is none) or name a request the
+        manager still holds (ValueError). An id of no running request is ignored."""
         self._check_not_in_call("requeue_failed")
         self._check_unapplied(step, "requeue_failed")
         if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, Iterable):
             raise TypeError(f"request_ids must be an iterable of request ids, got "
                             f"{type(request_ids).__name__}")
-        gone = set(request_ids)
+        # NOTE: each id checked: one that is no str (an int, the bytes of an id) was
+        # ignored without a word, and an unhashable one raised a bare "unhashable type".
+        ids = list(request_ids)
+        for i, rid in enumerate(ids):
+            if not isinstance(rid, str):  # NumPy's str_ is one, equal to its str
+                raise TypeError(f"request_ids[{i}] must be a str (a request id), got "
+                                f"{short_repr(rid)}")
+        gone = set(ids)
         # NOTE: ordered by the running table (admission order), never by the set, whose
         # order depends on PYTHONHASHSEED: the queue order decides what is admitted next.
         requeued = [req for rid, req in self.running.items() if rid in gone]

@@ -18,6 +18,7 @@ from kvtier.sim.report import (
     format_columns,
     json_ready,
     load_text,
+    recomputed_text,
 )
 from kvtier.sim.timemodel import TimeModel
 from kvtier.sim.workload import Workload
@@ -40,7 +41,11 @@ class InstanceSummary:
     num_requests: int
     num_prompt_tokens: int
     num_reused_tokens: int
-    num_prefill_tokens: int  # prompt tokens computed, not reused
+    # Tokens its prefill chunks computed: prompts less their reuse, and the recompute of
+    # preempted requests.
+    # NOTE: not the queries' prompt less reuse: since a resumed request's admission is no
+    # query, that left its recompute out, and an instance that preempted read as lighter.
+    num_prefill_tokens: int
     token_hit_rate: float
     gpu_token_hit_rate: float
     host_token_hit_rate: float
@@ -86,6 +91,18 @@ class FleetReport:
     ttft_s: Summary
     e2e_s: Summary
     makespan_s: float
+    # The instances' reuse credited, obtained and lost, their steps over max_num_tokens
+    # (probe admission's race), and their preemptions with the recompute they caused
+    # (counted apart from the queries), as :class:`SimReport` gives them for one.
+    num_credited_tokens: int
+    num_obtained_tokens: int
+    num_lost_reuse_tokens: int
+    num_overflow_steps: int
+    num_overflow_tokens: int
+    max_overflow_tokens: int
+    num_preemptions: int
+    num_resumed_prompt_tokens: int
+    num_resumed_reused_tokens: int
     router_stats: dict[str, object]
     events: dict[str, int]
     wall_s: float
@@ -121,7 +138,7 @@ def fleet_report(workload: Workload, instances: list[InstanceRun], router: Route
         e2es += inst.loop.e2es
         summaries.append(InstanceSummary(
             inst.instance_id, inst.num_routed, r.num_requests, r.num_prompt_tokens,
-            r.num_reused_tokens, r.num_prompt_tokens - r.num_reused_tokens, r.token_hit_rate,
+            r.num_reused_tokens, inst.loop.num_context_tokens, r.token_hit_rate,
             r.gpu_token_hit_rate, r.host_token_hit_rate, r.num_preemptions, r.ttft_s))
     num_prompt = sum(r.num_prompt_tokens for r in reports)
     num_reused = sum(r.num_reused_tokens for r in reports)
@@ -165,6 +182,15 @@ def fleet_report(workload: Workload, instances: list[InstanceRun], router: Route
         ttft_s=Summary.of(ttfts),
         e2e_s=Summary.of(e2es),
         makespan_s=makespan_s,
+        num_credited_tokens=sum(r.num_credited_tokens for r in reports),
+        num_obtained_tokens=sum(r.num_obtained_tokens for r in reports),
+        num_lost_reuse_tokens=sum(r.num_lost_reuse_tokens for r in reports),
+        num_overflow_steps=sum(r.num_overflow_steps for r in reports),
+        num_overflow_tokens=sum(r.num_overflow_tokens for r in reports),
+        max_overflow_tokens=max(r.max_overflow_tokens for r in reports),
+        num_preemptions=sum(r.num_preemptions for r in reports),
+        num_resumed_prompt_tokens=sum(r.num_resumed_prompt_tokens for r in reports),
+        num_resumed_reused_tokens=sum(r.num_resumed_reused_tokens for r in reports),
         router_stats=router.stats.to_dict(),
         events=events,
         wall_s=wall_s,
@@ -221,9 +247,15 @@ def format_fleet_report(report: FleetReport) -> list[str]:
     lines = [
         f"workload    {r.workload.get('name')}, {r.num_instances} instances, router "
         f"{r.router['policy']}, time scale {r.time_scale:g}",
-        f"requests    {r.num_requests:,} finished, {r.num_rejected_too_large:,} too large",
+        f"requests    {r.num_requests:,} finished, {r.num_rejected_too_large:,} too large; "
+        f"{r.num_preemptions:,} preemptions"
+        f"{recomputed_text(r.num_resumed_prompt_tokens, r.num_resumed_reused_tokens)}",
         f"hit rate    {r.token_hit_rate:.4f} of {r.num_prompt_tokens:,} prompt tokens: GPU "
         f"{r.gpu_token_hit_rate:.4f}, host {r.host_token_hit_rate:.4f}",
+        f"reuse       credited {r.num_credited_tokens:,}, obtained {r.num_obtained_tokens:,}, "
+        f"lost {r.num_lost_reuse_tokens:,} tokens",
+        f"overflow    {r.num_overflow_steps:,} steps over max_num_tokens, "
+        f"{r.num_overflow_tokens:,} tokens, worst {r.max_overflow_tokens:,}",
         f"balance     requests max/mean {r.requests_max_over_mean:.2f}, prefill tokens "
         f"max/mean {r.prefill_tokens_max_over_mean:.2f}, worst excess depth "
         f"{r.max_excess_depth}, {r.num_over_load_bound} over the load bound",

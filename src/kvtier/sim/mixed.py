@@ -29,8 +29,8 @@ from kvtier.sim.workload import TraceRequest, Workload
 
 @dataclass(frozen=True, slots=True)
 class MixedWorkload:
-    """``parts`` (at least two workloads, distinct names) merged by arrival; at most
-    ``limit`` requests if given. Ties in arrival go to the earlier part."""
+    """``parts`` (at least two workloads, distinct names without '/') merged by arrival; at
+    most ``limit`` requests if given. Ties in arrival go to the earlier part."""
 
     parts: tuple[Workload, ...]
     name: str = "mixed"
@@ -46,6 +46,13 @@ class MixedWorkload:
                 raise ValueError(f"parts[{i}] is not a workload (name, __iter__, describe): "
                                  f"{shown(part)}")
         names = [part.name for part in self.parts]
+        for i, name in enumerate(names):
+            # NOTE: the prefix ends at the first "/": parts named "a" and "a/b" gave their
+            # requests "b/c" and "c" one id, "a/b/c", and the replay was refused.
+            if not isinstance(name, str) or not name or "/" in name:
+                raise ValueError(f"parts[{i}] has the name {shown(name)}: a part's name must "
+                                 f"be a non-empty string without '/' (it prefixes its "
+                                 f"requests' ids, 'name/id')")
         if len(set(names)) != len(names):
             raise ValueError(f"the parts' names must differ (request ids are prefixed with "
                              f"them), got {names}")

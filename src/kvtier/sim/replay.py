@@ -273,6 +273,9 @@ class ReplayLoop:
         self.last_finish_s = 0.0
         self.num_credited = self.num_obtained = self.num_lost = 0
         self.num_scheduled = self.num_overflow_steps = self.num_overflow = 0
+        # The tokens the steps' prefill chunks computed (a preempted request's recompute
+        # included): the prefill work done, which the queries' prompt less reuse is not.
+        self.num_context_tokens = 0
         self.max_overflow = self.num_preemptions = 0
         self.bytes_h2d = self.bytes_d2h = 0
         self.num_steps = 0
@@ -378,6 +381,7 @@ class ReplayLoop:
             if self.phases is not None:
                 self.full_step_phases.append(self.phases.last)
         self.num_scheduled += step.num_scheduled_tokens
+        self.num_context_tokens += sum(c.num_tokens for c in step.context_chunks)
         self.num_credited += step.num_credited_tokens
         self.num_obtained += step.num_reused_tokens
         self.num_lost += max(0, step.num_credited_tokens - step.num_reused_tokens)
@@ -445,7 +449,8 @@ class ReplayLoop:
         num_prompt = stats.num_prompt_tokens
         num_reused = stats.num_reused_tokens
         # NOTE: the manager's count, not the plans' onboards: those include a resumed
-        # request's, whose recompute is no query.
+        # request's, whose recompute is no query, and count a host prefix two requests of
+        # a batch reuse once.
         num_host_hit = stats.num_host_reused_tokens
         num_gpu_hit = num_reused - num_host_hit
         # NOTE: at least 0: with no request served the last finish is the clock's start.

@@ -132,11 +132,13 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}" if value < 1e6 else f"{value:.3g}"
 
 
-def _recomputed(r: SimReport) -> str:
-    if not r.num_resumed_prompt_tokens:
+def recomputed_text(num_prompt_tokens: int, num_reused_tokens: int) -> str:
+    """What preempted requests recomputed (``num_resumed_*``), for a requests line; empty
+    where nothing was. Pure."""
+    if not num_prompt_tokens:
         return ""
-    return (f" (recomputing {r.num_resumed_prompt_tokens:,} tokens, "
-            f"{r.num_resumed_reused_tokens:,} found cached: in no hit rate)")
+    return (f" (recomputing {num_prompt_tokens:,} tokens, {num_reused_tokens:,} found "
+            "cached: in no hit rate)")
 
 
 def _count(value: int | None) -> str:
@@ -151,8 +153,9 @@ class SimReport:
     admitted again recomputes what it had (``num_resumed_prompt_tokens``), most of it found
     cached again (``num_resumed_reused_tokens``): counted apart, as vLLM's preempted stats,
     since that reuse is its own work coming back, not a hit the cache earned.
-    ``num_host_hit_tokens`` are reused tokens that came from the host tier (onboarded, or
-    copied from a host block); ``num_gpu_hit_tokens`` the rest of the reuse. Reuse
+    ``num_host_hit_tokens`` are reused tokens the lookup found on the host tier (onboarded,
+    by the request or by another of its batch, or copied from a host block), as the host's
+    reused blocks count them; ``num_gpu_hit_tokens`` the rest of the reuse. Reuse
     ``credited`` is what the scheduler counted on when it filled the budget, ``obtained``
     what the admissions got; ``num_lost_reuse_tokens`` sums, step by step, credit that was
     not obtained (the probe-mode race). ``gpu`` and ``host`` are the manager's per-tier
@@ -275,6 +278,7 @@ def format_report(report: SimReport) -> list[str]:
     chunk = (f"chunks <= {sched['max_chunk_tokens'] or sched['max_num_tokens']}"
              if sched["enable_chunked_prefill"] else "no chunking")
     ttft, e2e, cpu = r.ttft_s, r.e2e_s, r.cpu
+    recomputed = recomputed_text(r.num_resumed_prompt_tokens, r.num_resumed_reused_tokens)
     rows = [
         ("workload", f"{workload.get('name')} ({', '.join(source)}), time scale {r.time_scale:g}"),
         ("cache", f"{cache['tokens_per_block']} tokens/block, {cache['num_gpu_blocks']:,} GPU + "
@@ -287,7 +291,7 @@ def format_report(report: SimReport) -> list[str]:
                   f"PCIe {_float(r.profile['pcie_bytes_per_s']) / 1e9:g} GB/s)"),
         ("requests", f"{r.num_requests:,} finished, {r.num_rejected_too_large:,} too large for "
                      f"the GPU pool{_or_a_step(r)}; {r.num_steps:,} steps, "
-                     f"{r.num_preemptions:,} preemptions{_recomputed(r)}"),
+                     f"{r.num_preemptions:,} preemptions{recomputed}"),
         ("hit rate", f"{r.token_hit_rate:.4f} of {r.num_prompt_tokens:,} prompt tokens: GPU "
                      f"{r.gpu_token_hit_rate:.4f}, host {r.host_token_hit_rate:.4f}"),
         ("reuse", f"credited {r.num_credited_tokens:,}, obtained {r.num_obtained_tokens:,}, "
@@ -358,7 +362,8 @@ def format_side_by_side(labels: Sequence[str], reports: Sequence[SimReport]) -> 
 
 def format_sweep(reports: Sequence[SimReport]) -> list[str]:
     """One row per run of a capacity sweep, with the oracle bounds where known; a policy
-    column first when the runs use more than one eviction policy. Pure."""
+    column first when the runs use more than one eviction policy; the race's columns
+    (steps over ``max_num_tokens``, reuse lost) last where a run admits by probe. Pure."""
     header: tuple[str, ...] = ("GPU blocks", "host blocks", "hit rate", "from host",
                                "LRU (offline)", "Belady", "unlimited", "TTFT p50", "TTFT p99",
                                "tokens/s")
@@ -366,6 +371,11 @@ def format_sweep(reports: Sequence[SimReport]) -> list[str]:
     several = len(set(policies)) > 1
     if several:
         header = ("policy", *header)
+    # NOTE: probe admission is run to measure its race: a sweep of it showed no sign of
+    # the steps it ran past the budget (only the JSON had them).
+    race = any(r.scheduler_config.get("admission") == "probe" for r in reports)
+    if race:
+        header = (*header, "overflow steps", "lost reuse")
     table = [header]
     for r, policy in zip(reports, policies, strict=True):
         bounds = r.oracle
@@ -376,7 +386,7 @@ def format_sweep(reports: Sequence[SimReport]) -> list[str]:
             "n/a" if bounds is None else f"{bounds.belady_hit_rate:.4f}",
             "n/a" if bounds is None else f"{bounds.unlimited_hit_rate:.4f}",
             _seconds(r.ttft_s.p50), _seconds(r.ttft_s.p99), f"{r.throughput_tokens_per_s:,.0f}",
-        ))
+        ) + ((f"{r.num_overflow_steps:,}", f"{r.num_lost_reuse_tokens:,}") if race else ()))
     return format_columns(table)
 
 
