@@ -235,6 +235,12 @@ class SeqTracker:
         if snapshot.next_seq <= stream.max_seen:
             return False
         stream.next_seq = snapshot.next_seq
+        # NOTE: the events the snapshot covers count as seen: a stream that knew its
+        # instance only from a snapshot (offered first, or after an unreadable entry, which
+        # reads no seq) took the instance's restart, seq 0, for an event the snapshot
+        # covered: skipped, with every later one until the new counter passed next_seq,
+        # while the consumer kept the old incarnation's blocks for good.
+        stream.max_seen = max(stream.max_seen, snapshot.next_seq - 1)
         stream.stale = False
         self.num_resyncs += 1
         out.append(snapshot)

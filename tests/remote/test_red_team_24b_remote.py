@@ -1,0 +1,54 @@
+"""Red team 24b, the data tiers over a real Redis server: an event stream whose first entry
+a subscriber read of an instance was unreadable, resynced from a snapshot, when that
+instance restarts, ..."""
+
+from __future__ import annotations
+
+import uuid
+
+from remote_helpers import RedisServers
+
+from kvtier.events import BlockStored
+from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
+from kvtier.router import PrefixIndex
+from kvtier.tier import Tier
+
+G = Tier.GPU
+
+
+def stored(seq: int, h: int) -> BlockStored:
+    """A BlockStored event of one 4-token block."""
+    return BlockStored(seq, h, None, G, 4, None, (1, 2, 3, 4), None, None)
+
+
+def test_a_restart_after_a_resync_from_an_unreadable_entry(redis_servers: RedisServers) -> None:
+    """A subscriber joined after seq 0..4 of instance "a"; the first entry of "a" it read
+    was unreadable (a gap of unknown seq), so it resynced from the snapshot (next_seq 5).
+    Then "a" restarted: its new seq 0 and 1 were skipped as covered by the snapshot of the
+    old incarnation, the router kept the old blocks (gone) and never learnt the new ones
+    until the new counter passed 5. Now the restart is seen: the index holds the new
+    incarnation's blocks only."""
+    url = redis_servers.url
+    stream = f"kvtier:test:{uuid.uuid4().hex}"
+    old = RedisStreamPublisher(url, stream)
+    raw = old._redis
+    index = PrefixIndex()
+    try:
+        old.publish("a", [stored(seq, 100 + seq) for seq in range(5)])
+        last_id = raw.xrevrange(stream, count=1)[0][0].decode()
+        raw.xadd(stream, {"i": "a", "e": "[[\"S\",5"})  # a truncated entry of "a"
+        sub = RedisStreamSubscriber(url, stream, start_id=last_id)
+        index.apply_updates(sub.poll())
+        assert sub.num_malformed_entries == 1 and sub.tracker.stale_instances() == ["a"]
+        old.publish_snapshot(Snapshot("a", 5, frozenset((100 + s, G) for s in range(5))))
+        index.apply_updates(sub.poll())
+        assert sub.tracker.stale_instances() == [] and len(index.blocks("a")) == 5
+        new = RedisStreamPublisher(url, stream)  # the restarted process
+        new.publish("a", [stored(0, 1), stored(1, 2)])
+        index.apply_updates(sub.poll())
+        assert index.blocks("a") == {1: G, 2: G} and sub.tracker.num_restarts == 1
+        new.publish("a", [stored(2, 3)])
+        index.apply_updates(sub.poll())
+        assert index.blocks("a") == {1: G, 2: G, 3: G}
+    finally:
+        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")

@@ -1,0 +1,76 @@
+"""Red team 24b: the data tiers without a Redis server: an event stream a subscriber knew
+only from a snapshot when its instance restarts, ...
+
+Every refusal here is checked to name the field and value and to change nothing.
+"""
+
+from __future__ import annotations
+
+from kvtier.events import BlockStored, Event
+from kvtier.publisher import EventBatch, InstanceLost, SeqTracker, Snapshot, Update
+from kvtier.router import PrefixIndex
+from kvtier.tier import Tier
+
+G = Tier.GPU
+TPB = 4
+
+
+def stored(seq: int, h: int) -> BlockStored:
+    """A BlockStored event of one 4-token block."""
+    return BlockStored(seq, h, None, G, TPB, None, (1, 2, 3, 4), None, None)
+
+
+def _batch(instance_id: str, events: list[BlockStored]) -> list[Update]:
+    return [EventBatch(instance_id, list[Event](events))]
+
+
+# ---- an event stream known only from a snapshot, whose instance restarts -----------------
+
+
+def test_a_stream_known_from_a_snapshot_sees_its_instances_restart() -> None:
+    """A subscriber that bootstraps from a snapshot (next_seq 5: the events 0..4 applied)
+    and then reads the stream: the instance restarts (seq 0 again, an empty cache). The
+    snapshot's events were not counted as seen, so seq 0 and 1 were skipped as covered by
+    it, and the consumer kept the old incarnation's blocks (routing to blocks that are
+    gone) and never learnt the new ones until the new counter passed 5. Now the restart is
+    seen: the old blocks are forgotten, the new events applied."""
+    tracker = SeqTracker()
+    index = PrefixIndex()
+    out: list[Update] = []
+    assert tracker.offer(Snapshot("a", 5, frozenset((100 + s, G) for s in range(5))), out)
+    tracker.receive("a", [stored(0, 1), stored(1, 2)], out)
+    assert out[1:] == [InstanceLost("a", 5, 0), *_batch("a", [stored(0, 1), stored(1, 2)])]
+    assert tracker.num_restarts == 1 and tracker.num_skipped == 0
+    index.apply_updates(out)
+    assert index.blocks("a") == {1: G, 2: G}
+    out.clear()
+    tracker.receive("a", [stored(2, 3)], out)
+    assert out == _batch("a", [stored(2, 3)])
+
+
+def test_an_unreadable_entry_then_a_snapshot_then_a_restart() -> None:
+    """The same through ``lose`` (an entry of the instance that could not be read: no seq
+    is known): stale, resynced from a snapshot (next_seq 5), then the instance restarts.
+    Its seq 0 was skipped as covered by the snapshot."""
+    tracker = SeqTracker()
+    out: list[Update] = []
+    tracker.lose("a", out)
+    assert out == [InstanceLost("a", 0, None)] and tracker.stale_instances() == ["a"]
+    out.clear()
+    assert tracker.offer(Snapshot("a", 5, frozenset({(105, G)})), out)
+    out.clear()
+    tracker.receive("a", [stored(0, 1)], out)
+    assert out == [InstanceLost("a", 5, 0), *_batch("a", [stored(0, 1)])]
+
+
+def test_a_snapshot_still_skips_what_it_covers_and_takes_what_follows() -> None:
+    """Valid streams unchanged: after a snapshot of next_seq 5 a redelivered seq 3 is
+    skipped (covered), seq 5 applied, and an older snapshot (next_seq 4) is refused."""
+    tracker = SeqTracker()
+    out: list[Update] = []
+    assert tracker.offer(Snapshot("a", 5, frozenset()), out)
+    out.clear()
+    tracker.receive("a", [stored(3, 3), stored(4, 4), stored(5, 5)], out)
+    assert out == _batch("a", [stored(5, 5)]) and tracker.num_skipped == 2
+    assert not tracker.offer(Snapshot("a", 4, frozenset()), out)
+    assert tracker.num_restarts == 0
