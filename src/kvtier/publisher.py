@@ -473,7 +473,7 @@ class RedisStreamPublisher:
         asked: set[str] = set()
         for entry_id, entry in _stream_entries(reply):
             self._resync_id = entry_id
-            instance_id = _field(entry, b"i")
+            instance_id = _field(entry, "i")
             if instance_id is not None:  # a malformed request is skipped
                 asked.add(instance_id)
         return asked
@@ -555,11 +555,11 @@ class RedisStreamSubscriber:
         return out
 
     def _receive(self, entry: object, out: list[Update]) -> None:
-        instance_id = _field(entry, b"i")
+        instance_id = _field(entry, "i")
         try:
             if instance_id is None:
                 raise ValueError("no readable instance id")
-            events = decode_events(entry[b"e"])  # type: ignore[index]
+            events = decode_events(_raw_field(entry, "e"))  # type: ignore[arg-type]
         except (ValueError, KeyError, TypeError):
             self.num_malformed_entries += 1
             if instance_id is not None:
@@ -599,9 +599,26 @@ def _stream_entries(reply: object) -> list[tuple[str | bytes, object]]:
     return [(entry[0], entry[1]) for entries in groups for entry in entries]
 
 
-def _field(entry: object, name: bytes) -> str | None:
-    """The UTF-8 text of field ``name`` of a stream entry, or None if it has none. Pure."""
-    value = entry.get(name) if isinstance(entry, dict) else None
+def _raw_field(entry: object, name: str) -> object:
+    """Field ``name`` of a stream entry as redis-py gave it (None if it has none), whether
+    the entry's names came as bytes or, from a connection whose URL set
+    ``decode_responses``, as str. Pure.
+
+    NOTE: looked up as bytes only, every entry of such a connection had no field: a
+    subscriber counted each one malformed and read nothing, ever (no instance even reported
+    lost), and a publisher's ``resync_requests`` never saw a request."""
+    if not isinstance(entry, dict):
+        return None
+    value = entry.get(name.encode())
+    return entry.get(name) if value is None else value
+
+
+def _field(entry: object, name: str) -> str | None:
+    """The UTF-8 text of field ``name`` of a stream entry (``_raw_field``), or None if it
+    has none. Pure."""
+    value = _raw_field(entry, name)
+    if isinstance(value, str):
+        return value
     if not isinstance(value, bytes):
         return None
     try:

@@ -52,3 +52,35 @@ def test_a_restart_after_a_resync_from_an_unreadable_entry(redis_servers: RedisS
         assert index.blocks("a") == {1: G, 2: G, 3: G}
     finally:
         raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+
+
+def test_a_subscriber_whose_url_decodes_responses_reads_its_entries(
+        redis_servers: RedisServers) -> None:
+    """With ``?decode_responses=true`` in the URL (a query redis-py takes, and lets win over
+    its keyword arguments) XREAD answers each entry's fields as str: looked up as bytes, the
+    subscriber found no field in any entry, counted each one malformed and read nothing, ever
+    (no instance even reported lost), and the publisher's ``resync_requests`` never saw a
+    request. Now the entries read alike on either connection, mixed with plain ones."""
+    url = redis_servers.url
+    decoding = f"{url}{'&' if '?' in url else '?'}decode_responses=true"
+    stream = f"kvtier:test:{uuid.uuid4().hex}"
+    plain = RedisStreamPublisher(url, stream)
+    publisher = RedisStreamPublisher(decoding, stream)
+    raw = plain._redis
+    try:
+        subscriber = RedisStreamSubscriber(decoding, stream)
+        publisher.publish("a", [stored(0, 1)])
+        plain.publish("a", [stored(1, 2)])
+        index = PrefixIndex()
+        index.apply_updates(subscriber.poll())
+        assert subscriber.num_malformed_entries == 0 and index.blocks("a") == {1: G, 2: G}
+        plain.publish("a", [stored(3, 4)])  # seq 2 lost: a gap, a resync request
+        index.apply_updates(subscriber.poll())
+        assert subscriber.tracker.stale_instances() == ["a"]
+        assert publisher.resync_requests() == {"a"}
+        publisher.publish_snapshot(Snapshot("a", 4, frozenset((h, G) for h in (1, 2, 3, 4))))
+        index.apply_updates(subscriber.poll())
+        assert index.blocks("a") == {1: G, 2: G, 3: G, 4: G}
+        assert subscriber.tracker.stale_instances() == []
+    finally:
+        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
