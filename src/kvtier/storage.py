@@ -216,10 +216,47 @@ class KVStorage:
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> None:
-        """Store K and V [n, kv_heads, head_dim] of ``n`` tokens at (block, offset) pairs."""
+        """Store K and V [n, kv_heads, head_dim] (this shard's heads) of ``n`` tokens at
+        (block, offset) pairs, ``block_ids`` and ``offsets`` 1-D integer tensors of ``n``.
+        ValueError naming the argument, writing nothing, for any other shape or index type,
+        and (index tensors on the CPU, where it costs no wait for a device) for a block or
+        offset outside the storage.
+
+        NOTE: torch's indexing took a block id or offset of -1 as the last block or token
+        (another block's KV overwritten, silently), broadcast a K of [n, head_dim] over
+        every head, read a bool tensor as a mask, and with K good and V of another shape
+        wrote K, then raised its own RuntimeError (the block half written)."""
         view = self.layer(layer)
+        self._check_write(block_ids, offsets, k, v)
         view[block_ids, 0, offsets] = k.to(view.dtype)
         view[block_ids, 1, offsets] = v.to(view.dtype)
+
+    def _check_write(self, block_ids: object, offsets: object, k: object, v: object) -> None:
+        """``write``'s checks of its arguments (see there). Pure."""
+        import torch
+
+        for name, index in (("block_ids", block_ids), ("offsets", offsets)):
+            if (not isinstance(index, torch.Tensor) or index.dim() != 1
+                    or index.dtype not in (torch.int64, torch.int32)):
+                raise ValueError(f"{name} must be a 1-D tensor of int64 or int32, got "
+                                 f"{_describe_tensor(index)}")
+        assert isinstance(block_ids, torch.Tensor) and isinstance(offsets, torch.Tensor)
+        n = block_ids.numel()
+        if offsets.numel() != n:
+            raise ValueError(f"offsets must hold one offset per block id ({n}), got "
+                             f"{offsets.numel()}")
+        shape = (n, self.layout.num_shard_kv_heads, self.layout.head_dim)
+        for name, tensor in (("k", k), ("v", v)):
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} must be a tensor of shape {list(shape)} (tokens, this "
+                                 f"storage's KV heads, head_dim), got {_describe_tensor(tensor)}")
+        for name, index, size in (("block_ids", block_ids, self.num_blocks),
+                                  ("offsets", offsets, self.layout.tokens_per_block)):
+            if n and index.device.type == "cpu":
+                low, high = int(index.min()), int(index.max())
+                if low < 0 or high >= size:
+                    raise ValueError(f"{name} must hold ints in 0..{size - 1}, got "
+                                     f"{low if low < 0 else high}")
 
     def gather(self, layer: int, block_ids: torch.Tensor,
                num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,6 +289,15 @@ class KVStorage:
         """Overwrite every block with ``value`` (tests poison storage with NaN)."""
         for t in self.tensors:
             t.fill_(value)
+
+
+def _describe_tensor(value: object) -> str:
+    """What a refusal says of a value given for a tensor: its shape and dtype, else its
+    repr. Pure."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"a tensor of shape {list(shape)} and dtype {dtype}"
+    return shown(value)
 
 
 def num_host_blocks(layout: KVLayout, host_cache_bytes: int) -> int:
