@@ -77,3 +77,19 @@ def test_a_valid_write_lands_where_its_pairs_say() -> None:
     view = storage.layer(0)
     assert torch.equal(view[2, 0, 3], k[0].half()) and torch.equal(view[0, 1, 1], -k[1].half())
     assert float(view.abs().sum()) == 2 * float(k.abs().sum())
+
+
+@pytest.mark.parametrize(("block_ids", "message"), [
+    (ids(0, -1), r"block_ids must hold ints in 0\.\.2, got -1"),  # torch's IndexError
+    (ids(3), r"block_ids must hold ints in 0\.\.2, got 3"),
+    (torch.tensor([True, False]), r"block_ids must be a 1-D tensor of int64 or int32, got a "
+                                  r"tensor of shape \[2\] and dtype torch\.bool"),
+])
+def test_a_gather_of_blocks_that_are_not_the_storages_is_refused(block_ids: torch.Tensor,
+                                                                 message: str) -> None:
+    """``gather`` read a block table of -1 or 3 (of 3 blocks) into torch's IndexError, a bool
+    one into a RuntimeError of ``index_select``: now ValueError naming ``block_ids``, as
+    ``write`` does."""
+    storage = KVStorage(KVLayout(1, 2, 4, TPB), 3)
+    with pytest.raises(ValueError, match=message):
+        storage.gather(0, block_ids, 4)
