@@ -1,5 +1,7 @@
 """Red team 24b: the data tiers without a Redis server: an event stream a subscriber knew
-only from a snapshot when its instance restarts, ...
+only from a snapshot when its instance restarts (and a reference model of a consumer's
+view through drops, unreadable entries, restarts and snapshots), a router's index given an
+InstanceLost of no instance id.
 
 Every refusal here is checked to name the field and value and to change nothing.
 """
@@ -7,6 +9,9 @@ Every refusal here is checked to name the field and value and to change nothing.
 from __future__ import annotations
 
 import random
+import re
+
+import pytest
 
 from kvtier.events import BlockRemoved, BlockStored, Event
 from kvtier.publisher import EventBatch, InstanceLost, SeqTracker, Snapshot, Update
@@ -124,3 +129,25 @@ def test_a_consumers_view_is_its_instances_after_drops_losses_restarts_and_snaps
             tracker.offer(Snapshot("a", seq + 1, frozenset((h, G) for h in truth)), out)
         index.apply_updates(out)
         assert tracker.stale_instances() == [] and set(index.blocks("a")) == truth
+
+
+# ---- a router's index given an InstanceLost of no instance id ------------------------------
+
+
+def test_an_instance_lost_of_no_str_id_is_refused_changing_nothing() -> None:
+    """``apply_updates`` checked every EventBatch before applying any update, but not an
+    InstanceLost's id: a list raised TypeError from the dict after the updates before it
+    were applied (instance "a" cleared), and an int made an instance no batch could name
+    (listed by ``instances()`` for good). Now TypeError naming it, the index unchanged."""
+    from kvtier.sequence import short_repr
+
+    index = PrefixIndex()
+    index.apply_updates([EventBatch("a", [stored(0, 5)])])
+    for bad in (["a"], 7, None):
+        with pytest.raises(TypeError, match=r"an InstanceLost's instance_id must be a str, "
+                                            rf"got {re.escape(short_repr(bad))}"):
+            index.apply_updates([InstanceLost("a", 1, 0), InstanceLost(bad, 0, None)])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"instance_id must be a str"):
+            index.clear(bad)  # type: ignore[arg-type]
+    assert index.instances() == ["a"] and index.blocks("a") == {5: G}
+    index.check_invariants()
