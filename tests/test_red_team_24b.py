@@ -1,7 +1,7 @@
 """Red team 24b: the data tiers without a Redis server: an event stream a subscriber knew
 only from a snapshot when its instance restarts (and a reference model of a consumer's
 view through drops, unreadable entries, restarts and snapshots), a router's index given an
-InstanceLost of no instance id.
+InstanceLost of no instance id, a remote store client whose write answers no count.
 
 Every refusal here is checked to name the field and value and to change nothing.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Mapping
 
 import pytest
 
@@ -151,3 +152,42 @@ def test_an_instance_lost_of_no_str_id_is_refused_changing_nothing() -> None:
             index.clear(bad)  # type: ignore[arg-type]
     assert index.instances() == ["a"] and index.blocks("a") == {5: G}
     index.check_invariants()
+
+
+# ---- a remote store client whose write answers no count --------------------------------------
+
+
+@pytest.mark.parametrize("answer", [None, "2", 2.0, -1, 99, True])
+def test_a_store_whose_write_answers_no_count_is_a_write_that_failed(answer: object) -> None:
+    """A caller's store client (a subclass past the contract) whose ``put_many`` answers
+    what is no count of the blocks written: ``RemoteTier.write(wait=True)`` took it as
+    written: None or "2" raised TypeError from the tier's count (out of the engine's step),
+    2.0 made ``num_written_blocks`` a float, 99 counted 99 blocks for 2, -1 took one off,
+    and True passed as 1. Now it is a write that failed: 0 written, nothing remembered as
+    held (a later write of the prompt as a reused prefix writes its blocks again)."""
+    pytest.importorskip("torch", reason="the remote tier moves real KV")
+    from kvtier import CacheConfig, KVCacheManager
+    from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
+    from kvtier.remote.tier import RemoteTier
+    from kvtier.storage import KVLayout, KVStorage
+
+    class OddCount(InMemoryRemoteStore):
+        answer: object = None
+
+        def put_many(self, items: Mapping[int, bytes]) -> int:
+            super().put_many(items)
+            return self.answer  # type: ignore[return-value]
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=2, tokens_per_block=2)
+    store = OddCount(RemoteNamespace("rt24b", layout))
+    manager = KVCacheManager(CacheConfig(tokens_per_block=2, num_gpu_blocks=4,
+                                         num_host_blocks=4, hash_algo="sha256"))
+    tier = RemoteTier(store, manager, KVStorage(layout, 4), KVStorage(layout, 4))
+    prompt = [1, 2, 3, 4, 5]  # two full blocks
+    store.answer = answer
+    assert tier.write(prompt, [0, 1, 2], wait=True) == 0
+    assert type(tier.num_written_blocks) is int and tier.num_written_blocks == 0
+    store.answer = 2
+    assert tier.write(prompt, [0, 1, 2], wait=True, reused_blocks=2) == 2
+    assert tier.num_written_blocks == 2
+    assert tier.write(prompt, [0, 1, 2], wait=True, reused_blocks=2) == 0  # known now
