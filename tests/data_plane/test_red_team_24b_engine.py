@@ -93,3 +93,58 @@ def test_a_gather_of_blocks_that_are_not_the_storages_is_refused(block_ids: torc
     storage = KVStorage(KVLayout(1, 2, 4, TPB), 3)
     with pytest.raises(ValueError, match=message):
         storage.gather(0, block_ids, 4)
+
+
+# ---- a transfer engine's tuning options ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("min_dma_copy_bytes", None, r"min_dma_copy_bytes must be an int >= 0, got None"),
+    ("min_dma_copy_bytes", "1", r"min_dma_copy_bytes must be an int >= 0, got '1'"),
+    ("min_dma_copy_bytes", -1, r"min_dma_copy_bytes must be an int >= 0, got -1"),
+    ("min_batch_copy_bytes", 2.5, r"min_batch_copy_bytes must be an int >= 0, got 2\.5"),
+    ("gather_streams", 0, r"gather_streams must be an int >= 1, got 0"),
+    ("staging_bytes", True, r"staging_bytes must be an int >= 1, got True"),
+    ("layerwise", "no", r"layerwise must be a bool, got 'no'"),
+    ("submit_threads", 1, r"submit_threads must be a bool, got 1"),
+    ("gather_cost", (1, 2), r"gather_cost must be a GatherCost, got \(1, 2\)"),
+    ("heap_pad_bytes", 1.5, r"heap_pad_bytes must be >= 0 or None, got 1\.5 \(an int of bytes\)"),
+])
+def test_a_transfer_engines_bad_option_is_refused_when_made(option: str, value: object,
+                                                            message: str) -> None:
+    """A layer-major pair of storages on the CPU: ``min_dma_copy_bytes=None`` (or "1") was
+    taken, and every plan then failed inside its batches' copies ("'<=' not supported"), a
+    TransferError of every op: an engine degrading every step to recompute, never reusing
+    a block, for a typo; ``layerwise="no"`` ran layer by layer. Now ValueError naming the
+    option when the engine is made."""
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+
+    layout = KVLayout(1, 1, 2, 2, "float32", "layer_major")
+    gpu, host = KVStorage(layout, 4), KVStorage(layout, 4)
+    with pytest.raises(ValueError, match=message):
+        TorchTransferEngine(gpu, host, **{option: value})  # type: ignore[arg-type]
+
+
+def test_a_transfer_engines_options_set_later_are_checked_and_seen() -> None:
+    """Set after construction, ``min_dma_copy_bytes`` was never seen by the wave path (it
+    kept its own copy: a run of slots still copied by gather/scatter), and a bad value was
+    taken. Now each option is checked when set, and the wave path copies with it."""
+    from kvtier.tier import Tier
+    from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+
+    layout = KVLayout(1, 1, 2, 2, "float32", "layer_major")
+    gpu, host = KVStorage(layout, 4), KVStorage(layout, 4)
+    engine = TorchTransferEngine(gpu, host)
+    plan = TransferPlan([TransferOp(OpKind.OFFLOAD, Tier.GPU, i, Tier.HOST, i, 2)
+                         for i in range(3)])
+    engine.submit(plan)
+    assert (engine.stats.num_dma_copies, engine.stats.num_kernel_groups) == (0, 1)
+    engine.min_dma_copy_bytes = 0  # every run of slots one DMA
+    engine.submit(plan)
+    assert (engine.stats.num_dma_copies, engine.stats.num_kernel_groups) == (1, 1)
+    for option, value in (("min_dma_copy_bytes", None), ("min_batch_copy_bytes", -1),
+                          ("layerwise", "no")):
+        with pytest.raises(ValueError, match=rf"{option} must be"):
+            setattr(engine, option, value)
+    assert (engine.min_dma_copy_bytes, engine.layerwise) == (0, True)
