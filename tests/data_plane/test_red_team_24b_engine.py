@@ -148,3 +148,25 @@ def test_a_transfer_engines_options_set_later_are_checked_and_seen() -> None:
         with pytest.raises(ValueError, match=rf"{option} must be"):
             setattr(engine, option, value)
     assert (engine.min_dma_copy_bytes, engine.layerwise) == (0, True)
+
+
+@pytest.mark.parametrize("bad", ["x", None, [1]])
+def test_a_sharded_engine_refuses_what_is_no_plan(bad: object) -> None:
+    """``ShardedTransferEngine.submit`` of what is no TransferPlan: each rank's engine
+    refused it (TypeError), ``_submit`` took that for a fault of the engine and built its
+    report of every op failed from ``plan.ops``: AttributeError ("'str' object has no
+    attribute 'ops'"). Now TypeError naming the type, as a rank's engine says."""
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+    from kvtier.transfer.tp_engine import ShardedTransferEngine
+
+    whole = KVLayout(1, 2, 2, 2)
+    engines = [TorchTransferEngine(KVStorage(whole.shard(r, 2), 4),
+                                   KVStorage(whole.shard(r, 2), 4)) for r in range(2)]
+    sharded = ShardedTransferEngine(engines)
+    try:
+        with pytest.raises(TypeError, match=rf"plan must be a TransferPlan, got "
+                                            rf"{type(bad).__name__}"):
+            sharded.submit(bad)  # type: ignore[arg-type]
+        assert [e.stats.num_plans for e in engines] == [0, 0]
+    finally:
+        sharded.close()
