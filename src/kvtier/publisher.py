@@ -521,7 +521,13 @@ class RedisStreamSubscriber:
     def poll(self, count: int = 10_000, block_ms: int | None = None) -> list[Update]:
         """The updates of up to ``count`` entries after ``last_id``, with any resyncs.
         ValueError, reading nothing, unless ``count`` is an int >= 1 and ``block_ms`` None
-        or an int >= 0 (Redis refused them: every poll was a silent empty read)."""
+        or an int >= 0 (Redis refused them: every poll was a silent empty read); a
+        ``block_ms`` of 0 waits for nothing, as None.
+
+        NOTE: 0 went to XREAD as ``BLOCK 0``, which Redis reads as "wait for ever": on a
+        quiet stream every poll of a loop that meant not to wait stalled until an entry
+        came or the connection's read timed out (5 s with redis-py's defaults, a fault
+        skipped without a word)."""
         if type(count) is not int or count < 1:
             raise ValueError(f"count must be an int >= 1, got {short_repr(count)}")
         if block_ms is not None and (type(block_ms) is not int or block_ms < 0):
@@ -533,7 +539,7 @@ class RedisStreamSubscriber:
         # read is returned (``last_id`` has moved past it), nothing raised.
         self._try_snapshots(out)
         reply = _attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
-                         block=block_ms)
+                         block=block_ms or None)
         for entry_id, entry in _stream_entries(reply):
             self.last_id = entry_id  # never read a bad entry twice
             self._receive(entry, out)

@@ -1,9 +1,11 @@
 """Red team 24b, the data tiers over a real Redis server: an event stream whose first entry
 a subscriber read of an instance was unreadable, resynced from a snapshot, when that
-instance restarts, ..."""
+instance restarts; a subscriber and a publisher whose URL makes redis-py decode responses;
+a poll that asks to wait 0 ms."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from remote_helpers import RedisServers
@@ -84,3 +86,28 @@ def test_a_subscriber_whose_url_decodes_responses_reads_its_entries(
         assert subscriber.tracker.stale_instances() == []
     finally:
         raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+
+
+def test_a_poll_of_block_ms_0_waits_for_nothing(redis_servers: RedisServers) -> None:
+    """``poll(block_ms=0)`` (an int >= 0, as the check asks) went to XREAD as ``BLOCK 0``,
+    which Redis reads as "wait for ever": on a quiet stream the poll stalled until the
+    connection's read timed out (5 s with redis-py's defaults), a fault skipped without a
+    word, at every poll of a loop that meant not to wait. Now 0 waits for nothing, as
+    None; a positive wait still waits and still reads what comes."""
+    url = redis_servers.url
+    stream = f"kvtier:test:{uuid.uuid4().hex}"
+    subscriber = RedisStreamSubscriber(url, stream)
+    publisher = RedisStreamPublisher(url, stream)
+    try:
+        started = time.monotonic()
+        assert subscriber.poll(block_ms=0) == []
+        assert time.monotonic() - started < 1.0
+        started = time.monotonic()
+        assert subscriber.poll(block_ms=200) == []
+        assert time.monotonic() - started >= 0.15
+        publisher.publish("a", [stored(0, 1)])
+        index = PrefixIndex()
+        index.apply_updates(subscriber.poll(block_ms=0))
+        assert index.blocks("a") == {1: G}
+    finally:
+        publisher._redis.delete(stream, f"{stream}:resync")
