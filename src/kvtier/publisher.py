@@ -235,6 +235,12 @@ class SeqTracker:
         if snapshot.next_seq <= stream.max_seen:
             return False
         stream.next_seq = snapshot.next_seq
+        # NOTE: the events the snapshot covers count as seen: a stream that knew its
+        # instance only from a snapshot (offered first, or after an unreadable entry, which
+        # reads no seq) took the instance's restart, seq 0, for an event the snapshot
+        # covered: skipped, with every later one until the new counter passed next_seq,
+        # while the consumer kept the old incarnation's blocks for good.
+        stream.max_seen = max(stream.max_seen, snapshot.next_seq - 1)
         stream.stale = False
         self.num_resyncs += 1
         out.append(snapshot)
@@ -467,7 +473,7 @@ class RedisStreamPublisher:
         asked: set[str] = set()
         for entry_id, entry in _stream_entries(reply):
             self._resync_id = entry_id
-            instance_id = _field(entry, b"i")
+            instance_id = _field(entry, "i")
             if instance_id is not None:  # a malformed request is skipped
                 asked.add(instance_id)
         return asked
@@ -515,7 +521,13 @@ class RedisStreamSubscriber:
     def poll(self, count: int = 10_000, block_ms: int | None = None) -> list[Update]:
         """The updates of up to ``count`` entries after ``last_id``, with any resyncs.
         ValueError, reading nothing, unless ``count`` is an int >= 1 and ``block_ms`` None
-        or an int >= 0 (Redis refused them: every poll was a silent empty read)."""
+        or an int >= 0 (Redis refused them: every poll was a silent empty read); a
+        ``block_ms`` of 0 waits for nothing, as None.
+
+        NOTE: 0 went to XREAD as ``BLOCK 0``, which Redis reads as "wait for ever": on a
+        quiet stream every poll of a loop that meant not to wait stalled until an entry
+        came or the connection's read timed out (5 s with redis-py's defaults, a fault
+        skipped without a word)."""
         if type(count) is not int or count < 1:
             raise ValueError(f"count must be an int >= 1, got {short_repr(count)}")
         if block_ms is not None and (type(block_ms) is not int or block_ms < 0):
@@ -527,7 +539,7 @@ class RedisStreamSubscriber:
         # read is returned (``last_id`` has moved past it), nothing raised.
         self._try_snapshots(out)
         reply = _attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
-                         block=block_ms)
+                         block=block_ms or None)
         for entry_id, entry in _stream_entries(reply):
             self.last_id = entry_id  # never read a bad entry twice
             self._receive(entry, out)
@@ -549,11 +561,11 @@ class RedisStreamSubscriber:
         return out
 
     def _receive(self, entry: object, out: list[Update]) -> None:
-        instance_id = _field(entry, b"i")
+        instance_id = _field(entry, "i")
         try:
             if instance_id is None:
                 raise ValueError("no readable instance id")
-            events = decode_events(entry[b"e"])  # type: ignore[index]
+            events = decode_events(_raw_field(entry, "e"))  # type: ignore[arg-type]
         except (ValueError, KeyError, TypeError):
             self.num_malformed_entries += 1
             if instance_id is not None:
@@ -593,9 +605,26 @@ def _stream_entries(reply: object) -> list[tuple[str | bytes, object]]:
     return [(entry[0], entry[1]) for entries in groups for entry in entries]
 
 
-def _field(entry: object, name: bytes) -> str | None:
-    """The UTF-8 text of field ``name`` of a stream entry, or None if it has none. Pure."""
-    value = entry.get(name) if isinstance(entry, dict) else None
+def _raw_field(entry: object, name: str) -> object:
+    """Field ``name`` of a stream entry as redis-py gave it (None if it has none), whether
+    the entry's names came as bytes or, from a connection whose URL set
+    ``decode_responses``, as str. Pure.
+
+    NOTE: looked up as bytes only, every entry of such a connection had no field: a
+    subscriber counted each one malformed and read nothing, ever (no instance even reported
+    lost), and a publisher's ``resync_requests`` never saw a request."""
+    if not isinstance(entry, dict):
+        return None
+    value = entry.get(name.encode())
+    return entry.get(name) if value is None else value
+
+
+def _field(entry: object, name: str) -> str | None:
+    """The UTF-8 text of field ``name`` of a stream entry (``_raw_field``), or None if it
+    has none. Pure."""
+    value = _raw_field(entry, name)
+    if isinstance(value, str):
+        return value
     if not isinstance(value, bytes):
         return None
     try:

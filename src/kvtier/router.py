@@ -120,7 +120,10 @@ class PrefixIndex:
                 self.clear(instance_id)
 
     def clear(self, instance_id: str) -> None:
-        """Forget every block of ``instance_id`` (it is still a known instance)."""
+        """Forget every block of ``instance_id`` (it is still a known instance). TypeError,
+        changing nothing, unless ``instance_id`` is a str."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
         blocks = self._blocks.setdefault(instance_id, {})
         for h in list(blocks):
             self._remove(instance_id, blocks, h)
@@ -145,6 +148,12 @@ class PrefixIndex:
                                 f"{short_repr(update)}")
             if isinstance(update, EventBatch):
                 check_batch(update.instance_id, update.events, token_ids=False)
+            elif isinstance(update, InstanceLost) and not isinstance(update.instance_id, str):
+                # NOTE: checked with the rest: an id that is no str (an int, a list) made an
+                # instance no batch names, or raised from the dict after the updates before
+                # it had been applied.
+                raise TypeError(f"an InstanceLost's instance_id must be a str, got "
+                                f"{short_repr(update.instance_id)}")
         for update in updates:
             if isinstance(update, EventBatch):
                 self._apply(update.instance_id, update.events)  # checked above

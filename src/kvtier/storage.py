@@ -216,17 +216,47 @@ class KVStorage:
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> None:
-        """Store K and V [n, kv_heads, head_dim] of ``n`` tokens at (block, offset) pairs."""
+        """Store K and V [n, kv_heads, head_dim] (this shard's heads) of ``n`` tokens at
+        (block, offset) pairs, ``block_ids`` and ``offsets`` 1-D integer tensors of ``n``.
+        ValueError naming the argument, writing nothing, for any other shape or index type,
+        and (index tensors on the CPU, where it costs no wait for a device) for a block or
+        offset outside the storage.
+
+        NOTE: torch's indexing took a block id or offset of -1 as the last block or token
+        (another block's KV overwritten, silently), broadcast a K of [n, head_dim] over
+        every head, read a bool tensor as a mask, and with K good and V of another shape
+        wrote K, then raised its own RuntimeError (the block half written)."""
         view = self.layer(layer)
+        self._check_write(block_ids, offsets, k, v)
         view[block_ids, 0, offsets] = k.to(view.dtype)
         view[block_ids, 1, offsets] = v.to(view.dtype)
+
+    def _check_write(self, block_ids: object, offsets: object, k: object, v: object) -> None:
+        """``write``'s checks of its arguments (see there). Pure."""
+        import torch
+
+        _check_index("block_ids", block_ids, self.num_blocks)
+        _check_index("offsets", offsets, self.layout.tokens_per_block)
+        assert isinstance(block_ids, torch.Tensor) and isinstance(offsets, torch.Tensor)
+        n = block_ids.numel()
+        if offsets.numel() != n:
+            raise ValueError(f"offsets must hold one offset per block id ({n}), got "
+                             f"{offsets.numel()}")
+        shape = (n, self.layout.num_shard_kv_heads, self.layout.head_dim)
+        for name, tensor in (("k", k), ("v", v)):
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} must be a tensor of shape {list(shape)} (tokens, this "
+                                 f"storage's KV heads, head_dim), got {_describe_tensor(tensor)}")
 
     def gather(self, layer: int, block_ids: torch.Tensor,
                num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [num_tokens, kv_heads, head_dim] of the first ``num_tokens`` tokens held
         by ``block_ids`` (a block table), in order. Pure. ValueError for a ``num_tokens``
         that is no int in ``0..len(block_ids) * tokens_per_block`` (-3 gave all but the
-        last 3 tokens, 20 of 8 the 8, without a word)."""
+        last 3 tokens, 20 of 8 the 8, without a word); ValueError, as ``write``'s, for
+        block ids that are no 1-D integer tensor or (on the CPU) no blocks of the storage
+        (torch's IndexError or RuntimeError, naming nothing)."""
+        _check_index("block_ids", block_ids, self.num_blocks)
         held = block_ids.numel() * self.layout.tokens_per_block
         if type(num_tokens) is not int or not 0 <= num_tokens <= held:
             raise ValueError(f"num_tokens must be an int in 0..{held} (the tokens of "
@@ -252,6 +282,32 @@ class KVStorage:
         """Overwrite every block with ``value`` (tests poison storage with NaN)."""
         for t in self.tensors:
             t.fill_(value)
+
+
+def _check_index(name: str, index: object, size: int) -> None:
+    """ValueError naming ``name`` unless ``index`` is a 1-D int64 or int32 tensor whose
+    values (checked where it is on the CPU: on a device that would wait for it) are in
+    ``0..size - 1``. Pure."""
+    import torch
+
+    if (not isinstance(index, torch.Tensor) or index.dim() != 1
+            or index.dtype not in (torch.int64, torch.int32)):
+        raise ValueError(f"{name} must be a 1-D tensor of int64 or int32, got "
+                         f"{_describe_tensor(index)}")
+    if index.numel() and index.device.type == "cpu":
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= size:
+            raise ValueError(f"{name} must hold ints in 0..{size - 1}, got "
+                             f"{low if low < 0 else high}")
+
+
+def _describe_tensor(value: object) -> str:
+    """What a refusal says of a value given for a tensor: its shape and dtype, else its
+    repr. Pure."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"a tensor of shape {list(shape)} and dtype {dtype}"
+    return shown(value)
 
 
 def num_host_blocks(layout: KVLayout, host_cache_bytes: int) -> int:

@@ -106,7 +106,12 @@ class RemoteShard:
         # client that does anyway wrote nothing: the blocks stay local, the step goes on.
         try:
             if wait:
-                return self.store.put_many(items)
+                written = self.store.put_many(items)
+                # NOTE: a caller's client may answer anything (a subclass's put_many): None
+                # or a str raised TypeError from the tier's count in the engine's step, 2.0
+                # made the count a float, 99 counted 99 blocks for 2, -1 took one off. No
+                # count of the blocks written is a write that failed: they stay unknown.
+                return written if type(written) is int and 0 <= written <= len(items) else 0
             # A store of the base class reports a background write it lost (``lost``):
             # else the tier would count those blocks held and never write them again.
             accepted = (self.store.write_back(items, on_lost=self._on_lost)

@@ -126,6 +126,36 @@ class TorchTransferEngine:
         """The host storage, if any (fixed at construction)."""
         return self._host
 
+    # NOTE: the tuning options are checked when set, as when made: set later, a bad value
+    # failed every plan as the one given at construction did, and min_dma_copy_bytes set
+    # on the engine was never seen by the wave path, which kept its own copy.
+    @property
+    def layerwise(self) -> bool:
+        """Whether plans run layer by layer, each layer with its own completion event."""
+        return self._layerwise
+
+    @layerwise.setter
+    def layerwise(self, value: bool) -> None:
+        self._layerwise = _check_bool("layerwise", value)
+
+    @property
+    def min_dma_copy_bytes(self) -> int:
+        """The wave path's bytes per call from which a run of slots is one DMA."""
+        return self._waves.min_dma_copy_bytes
+
+    @min_dma_copy_bytes.setter
+    def min_dma_copy_bytes(self, value: int) -> None:
+        self._waves.min_dma_copy_bytes = _check_int("min_dma_copy_bytes", value, 0)
+
+    @property
+    def min_batch_copy_bytes(self) -> int:
+        """The copy bytes from which ``auto`` takes the copy engines' batches."""
+        return self._min_batch_copy_bytes
+
+    @min_batch_copy_bytes.setter
+    def min_batch_copy_bytes(self, value: int) -> None:
+        self._min_batch_copy_bytes = _check_int("min_batch_copy_bytes", value, 0)
+
     def __init__(
         self,
         gpu: KVStorage,
@@ -142,8 +172,22 @@ class TorchTransferEngine:
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {shown(method)}")
-        if heap_pad_bytes is not None and heap_pad_bytes < 0:
-            raise ValueError(f"heap_pad_bytes must be >= 0 or None, got {shown(heap_pad_bytes)}")
+        if heap_pad_bytes is not None and (type(heap_pad_bytes) is not int or heap_pad_bytes < 0):
+            raise ValueError(f"heap_pad_bytes must be >= 0 or None, got {shown(heap_pad_bytes)} "
+                             f"(an int of bytes)")
+        # NOTE: checked here, not where a plan first reads them: a min_dma_copy_bytes of
+        # None or "1" raised TypeError inside every batch's copy, each plan a TransferError
+        # of every op (the engine degraded every step to recompute, reusing nothing), and a
+        # layerwise of "no" ran layer by layer as True.
+        for name, value, low in (("min_dma_copy_bytes", min_dma_copy_bytes, 0),
+                                 ("min_batch_copy_bytes", min_batch_copy_bytes, 0),
+                                 ("gather_streams", gather_streams, 1),
+                                 ("staging_bytes", staging_bytes, 1)):
+            _check_int(name, value, low)
+        _check_bool("layerwise", layerwise)
+        _check_bool("submit_threads", submit_threads)
+        if not isinstance(gather_cost, GatherCost):
+            raise ValueError(f"gather_cost must be a GatherCost, got {shown(gather_cost)}")
         if host is not None:
             a, b = gpu.layout, host.layout
             # NOTE: the shard too (tp_rank, tp_size): a host shard of another rank holds as
@@ -160,10 +204,9 @@ class TorchTransferEngine:
         self._gpu = gpu
         self._host = host
         self.method = method
-        self.min_dma_copy_bytes = min_dma_copy_bytes
-        self.min_batch_copy_bytes = min_batch_copy_bytes
+        self._min_batch_copy_bytes = min_batch_copy_bytes
         self.gather_cost = gather_cost
-        self.layerwise = layerwise
+        self._layerwise = layerwise
         self.device = gpu.device
         self.is_cuda = gpu.device.type == "cuda"
         self.stats = TransferStats()
@@ -610,6 +653,21 @@ class TorchTransferEngine:
         for flags, field in ((1, "bytes_h2d"), (2, "bytes_d2h"), (0, "bytes_d2d")):
             nbytes = int(tokens[flags]) * self._bytes_per_token
             setattr(stats, field, getattr(stats, field) + nbytes)
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    """``value`` if it is an int (never a bool) >= ``low``; else ValueError naming
+    ``name``. Pure."""
+    if type(value) is not int or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {shown(value)}")
+    return value
+
+
+def _check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool; else ValueError naming ``name``. Pure."""
+    if type(value) is not bool:
+        raise ValueError(f"{name} must be a bool, got {shown(value)}")
+    return value
 
 
 def _check_handle(handle: object) -> None:

@@ -122,7 +122,8 @@ class ShardedTransferEngine:
     def submit(self, plan: TransferPlan) -> ShardedHandle:
         """Start ``plan`` on every rank. Raises TransferError naming every op that failed on
         any rank (the others ran everywhere); ValueError (copying nothing anywhere) for an
-        op outside the pools."""
+        op outside the pools; TypeError, copying nothing, for what is no TransferPlan."""
+        _check_plan(plan)
         if self._pool is None:
             outcomes = [_submit(e, plan) for e in self.engines]
         else:
@@ -177,6 +178,16 @@ class ShardedTransferEngine:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown()
+
+
+def _check_plan(plan: object) -> None:
+    """TypeError unless ``plan`` is a TransferPlan. Pure.
+
+    NOTE: a rank's engine refused it (TypeError), which ``_submit`` took for an engine's
+    fault, and its report of every op failed read ``plan.ops``: an AttributeError ('str'
+    object has no attribute 'ops') out of ``submit``, naming nothing."""
+    if not isinstance(plan, TransferPlan):
+        raise TypeError(f"plan must be a TransferPlan, got {type(plan).__name__}")
 
 
 def _submit(engine: TorchTransferEngine, plan: TransferPlan) -> TransferHandle | TransferError:
@@ -259,7 +270,9 @@ class DistributedTransferEngine:
         every op that failed on any rank; ValueError, before copying, for an op outside the
         pools (the same on every rank: the pools have the same sizes), and ValueError on
         every rank alike where the ranks were given different plans. A collective when the
-        plan has ops."""
+        plan has ops. TypeError, copying nothing (and joining no collective), for what is
+        no TransferPlan."""
+        _check_plan(plan)
         if not plan.ops:
             return self.engine.submit(plan)
         refused: ValueError | None = None
