@@ -1,0 +1,87 @@
+"""Red team 24c, the model path's half: GGUF metadata and tensors that the loader took as
+they came (a RoPE over part of each head, ``rope_freqs`` of another length, type or
+value), and a model engine built over storages of another model or given requests past
+its context. Each test fails on the code before its fix and asserts the exact refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+gguf = pytest.importorskip("gguf", reason="GGUF files need the model extra")
+np = pytest.importorskip("numpy")
+torch = pytest.importorskip("torch", reason="the model needs torch")
+
+from kvtier.model.checkpoint import CheckpointError, load_model  # noqa: E402
+from kvtier.model.gguf_loader import open_gguf  # noqa: E402
+from test_red_team_model import METADATA, TENSORS  # noqa: E402
+
+HEAD_DIM = 4  # METADATA: an embedding of 8 over 2 heads
+
+
+def make_gguf(path: Path, metadata: dict[str, tuple[str, object]] | None = None,
+              extra: dict[str, object] | None = None) -> Path:
+    """test_red_team_model's tiny llama GGUF, with ``metadata`` added (or replaced) and the
+    ``extra`` tensors (numpy arrays) after its own."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    adders = {"u32": writer.add_uint32, "f32": writer.add_float32, "str": writer.add_string,
+              "arr": writer.add_array, "bool": writer.add_bool}
+    for key, (kind, value) in {**METADATA, **(metadata or {})}.items():
+        adders[kind](key, value)
+    rng = np.random.default_rng(0)
+    for name, shape in TENSORS.items():
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    open_gguf.cache_clear()  # a path reused by the next test is another file
+    return path
+
+
+def test_rope_over_part_of_each_head_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """llama.rope.dimension_count of half the head (GPT-NeoX's partial rotary) was ignored:
+    the model rotated every dimension, every logit past position 0 wrong, without a word.
+    Now refused naming the key and both sizes; the head's own size still loads."""
+    path = make_gguf(tmp_path / "partial.gguf", {"llama.rope.dimension_count": ("u32", 2)})
+    with pytest.raises(CheckpointError) as refused:
+        load_model(path)
+    assert str(refused.value) == (f"{path}: llama.rope.dimension_count is 2, the heads' size "
+                                  "4: RoPE over part of each head is not supported")
+    whole = make_gguf(tmp_path / "whole.gguf", {"llama.rope.dimension_count": ("u32", 4)})
+    assert load_model(whole).config.head_dim == HEAD_DIM
+
+
+@pytest.mark.parametrize(("array", "why"), [
+    # Broadcast over both pairs: the second pair's frequency divided too, silently.
+    (np.array([2.0], np.float32), "has shape [1], the config needs [2]"),
+    (np.ones(3, np.float32), "has shape [3], the config needs [2]"),  # RuntimeError, 70
+    (np.ones((2, 2), np.float32), "has shape [2, 2], the config needs [2]"),
+    (np.ones(2, np.int32), "cannot be read (NotImplementedError: "),  # the gguf package's
+    (np.array([1.0, 0.0], np.float32), "holds 0.0, not a RoPE frequency divisor"),  # inf
+    (np.array([np.nan, 1.0], np.float32), "holds nan, not a RoPE frequency divisor"),
+    (np.array([1.0, -2.0], np.float32), "holds -2.0, not a RoPE frequency divisor"),
+])
+def test_rope_freqs_that_are_no_divisor_per_pair_are_refused_naming_the_tensor(
+        tmp_path: Path, array: object, why: str) -> None:
+    """llama.cpp's rope_freqs.weight (Llama 3's scaled RoPE: one divisor per pair of a
+    head's dimensions) was read unchecked: one value was broadcast over every pair, another
+    length was torch's RuntimeError out of the model's constructor (status 70), an integer
+    tensor the gguf package's NotImplementedError, and a 0, a NaN or a negative divisor made
+    the angles infinite, NaN or turned the wrong way, silently. Now CheckpointError naming
+    the file, the tensor and what is wrong with it."""
+    path = make_gguf(tmp_path / "f.gguf", extra={"rope_freqs.weight": array})
+    with pytest.raises(CheckpointError) as refused:
+        load_model(path)
+    assert str(refused.value).startswith(f"tensor 'rope_freqs.weight' of {path} {why}")
+
+
+def test_sound_rope_freqs_still_divide_the_frequencies(tmp_path: Path) -> None:
+    """A divisor per pair, all > 0, still divides each pair's frequency, as before."""
+    plain = load_model(make_gguf(tmp_path / "plain.gguf"))
+    scaled = load_model(make_gguf(tmp_path / "scaled.gguf", extra={
+        "rope_freqs.weight": np.array([1.0, 8.0], np.float32)}))
+    assert torch.equal(scaled.inv_freq, plain.inv_freq / torch.tensor([1.0, 8.0]))
