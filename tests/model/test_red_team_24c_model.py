@@ -13,8 +13,13 @@ gguf = pytest.importorskip("gguf", reason="GGUF files need the model extra")
 np = pytest.importorskip("numpy")
 torch = pytest.importorskip("torch", reason="the model needs torch")
 
+from kvtier import CacheConfig, KVCacheManager  # noqa: E402
+from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.model.checkpoint import CheckpointError, load_model  # noqa: E402
 from kvtier.model.gguf_loader import open_gguf  # noqa: E402
+from kvtier.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from kvtier.storage import KVLayout, KVStorage  # noqa: E402
+from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 from test_red_team_model import METADATA, TENSORS  # noqa: E402
 
 HEAD_DIM = 4  # METADATA: an embedding of 8 over 2 heads
@@ -85,3 +90,40 @@ def test_sound_rope_freqs_still_divide_the_frequencies(tmp_path: Path) -> None:
     scaled = load_model(make_gguf(tmp_path / "scaled.gguf", extra={
         "rope_freqs.weight": np.array([1.0, 8.0], np.float32)}))
     assert torch.equal(scaled.inv_freq, plain.inv_freq / torch.tensor([1.0, 8.0]))
+
+
+def engine_over(model: LlamaModel, layout: KVLayout | None = None) -> ModelEngine:
+    """A ModelEngine of ``model`` over a GPU storage of ``layout`` (the model's own by
+    default): 32 blocks of 4 tokens, no host tier."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=32,
+                                         num_host_blocks=0))
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
+    gpu = KVStorage(layout or model.kv_layout(4), 32)
+    return ModelEngine(model, manager, scheduler, TorchTransferEngine(gpu, None),
+                       record_logits=True)
+
+
+@pytest.mark.parametrize(("config", "layout", "shown"), [
+    # Every forward pass raised (SDPA's dtype check): each request an error after three.
+    (ModelConfig(), KVLayout(2, 2, 16, 4, "bfloat16"),
+     "GPU storage holds 2 layers of 2 KV heads of head_dim 16 in bfloat16, the model "
+     "computes 2 layers of 2 KV heads of head_dim 16 in float32"),
+    (ModelConfig(), KVLayout(2, 1, 16, 4),  # K/V of 2 heads into 1: every pass raised
+     "GPU storage holds 2 layers of 1 KV heads of head_dim 16 in float32, the model "
+     "computes 2 layers of 2 KV heads of head_dim 16 in float32"),
+    (ModelConfig(num_kv_heads=1), KVLayout(2, 2, 16, 4),  # 1 head broadcast into 2, twice
+     "GPU storage holds 2 layers of 2 KV heads of head_dim 16 in float32, the model "
+     "computes 2 layers of 1 KV heads of head_dim 16 in float32"),
+    (ModelConfig(), KVLayout(2, 2, 16, 4).shard(0, 2),  # a TP rank's shard, one device
+     "GPU storage holds 2 layers of KV heads 0..0 of 2 KV heads (rank 0 of 2) of head_dim 16 "
+     "in float32, the model computes 2 layers of 2 KV heads of head_dim 16 in float32"),
+])
+def test_an_engine_refuses_a_storage_of_other_kv_heads_or_dtype(
+        config: ModelConfig, layout: KVLayout, shown: str) -> None:
+    """ModelEngine compared only the storage's layers and head_dim with the model's: a
+    bfloat16 storage under a float32 model, or one of another number of KV heads, was
+    taken, and every forward pass raised (each request ended with an error after three
+    tries) or wrote its K/V broadcast. Now refused when the engine is built, naming both."""
+    with pytest.raises(ValueError) as refused:
+        engine_over(LlamaModel(config), layout)
+    assert str(refused.value) == shown

@@ -40,6 +40,7 @@ from kvtier.reprs import shown
 from kvtier.request import check_request
 from kvtier.scheduler import Request, ScheduledStep, Scheduler
 from kvtier.sequence import MultimodalItem
+from kvtier.storage import KVLayout
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.torch_engine import TorchTransferEngine
 from kvtier.wiring import Wired
@@ -129,6 +130,27 @@ class _Executed(NamedTuple):
     computed: list[_Computed]
 
 
+def check_kv_layout(what: str, layout: KVLayout, model_layout: KVLayout) -> None:
+    """ValueError naming ``what`` and both unless a storage of ``layout`` holds the blocks a
+    model of ``model_layout`` reads and writes (``KVLayout.model_shape``, and the same
+    tensor-parallel shard). Pure."""
+    if (layout.model_shape != model_layout.model_shape
+            or (layout.tp_rank, layout.tp_size) != (model_layout.tp_rank, model_layout.tp_size)):
+        raise ValueError(f"{what} holds {_blocks(layout)}, the model computes "
+                         f"{_blocks(model_layout)}")
+
+
+def _blocks(layout: KVLayout) -> str:
+    """What a block of ``layout`` holds, in words. Pure."""
+    heads = layout.kv_head_slice
+    held = f"{layout.num_kv_heads} KV heads"
+    if layout.tp_size > 1:
+        held = (f"KV heads {heads.start}..{heads.stop - 1} of {held} (rank {layout.tp_rank} "
+                f"of {layout.tp_size})")
+    return (f"{layout.num_layers} layers of {held} of head_dim {layout.head_dim} in "
+            f"{layout.dtype}")
+
+
 class ModelEngine(Wired):
     """Drives ``model`` with ``scheduler`` over the GPU storage of ``transfer``.
 
@@ -170,6 +192,10 @@ class ModelEngine(Wired):
                 raise ValueError(f"{name} storage holds {layout.num_layers} layers of "
                                  f"head_dim {layout.head_dim}, the model {shape[0]} of "
                                  f"{shape[1]}")
+            # NOTE: the KV heads and the dtype were not compared: a bfloat16 storage under a
+            # float32 model failed every forward pass (each request ended with an error
+            # after three), one of more heads than the model's took its K/V broadcast.
+            check_kv_layout(f"{name} storage", layout, model.kv_layout(config.tokens_per_block))
         if remote is not None and remote.manager is not manager:
             raise ValueError("the remote tier must run on the given manager (it imports into "
                              "that manager's host tier)")

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, cast
 import torch
 
 from kvtier.manager import KVCacheManager
-from kvtier.model.engine import ModelEngine
+from kvtier.model.engine import ModelEngine, check_kv_layout
 from kvtier.model.llama import LlamaModel
 from kvtier.model.tensor_parallel import TensorParallelLlama
 from kvtier.remote.options import check_number
@@ -50,7 +50,7 @@ from kvtier.remote.ranks import Arrival, RemoteRanks, RemoteShard, join_arrivals
 from kvtier.remote.tier import RemoteTier
 from kvtier.reprs import shown
 from kvtier.scheduler import Scheduler
-from kvtier.storage import KVStorage
+from kvtier.storage import KVLayout, KVStorage
 from kvtier.tier import Tier
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.plan import TransferOp, TransferPlan
@@ -199,6 +199,9 @@ class _LeaderModel:
         self._channel = channel
         self.config = shard.config
         self.device = shard.device
+
+    def kv_layout(self, tokens_per_block: int, layout: str = "block_major") -> KVLayout:
+        return self._shard.kv_layout(tokens_per_block, layout)
 
     def forward_chunk(self, kv: KVStorage, block_table: Sequence[int], tokens: Sequence[int],
                       start_pos: int,
@@ -375,6 +378,12 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
     failed copies were to fill)."""
     if shard.tp_rank == channel.src:
         raise ValueError(f"rank {shard.tp_rank} is the leader: it runs TensorParallelLeader")
+    # NOTE: the leader's ModelEngine checks its own shard against its storage; a worker's
+    # shard of another model (or rank) than its storage failed its first forward pass
+    # alone, leaving the other ranks waiting in that pass's all-reduce.
+    layout = transfer.gpu.layout
+    check_kv_layout(f"rank {shard.tp_rank}'s GPU storage", layout,
+                    shard.kv_layout(layout.tokens_per_block))
     wait: Callable[[int], None] | None = None
     copies_unwaited = False  # copies submitted that this CPU has not waited for
     while True:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from kvtier.storage import MODEL_SHAPE_FIELDS
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.plan import PlanColumns, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
@@ -227,13 +228,24 @@ class DistributedTransferEngine:
         if size > MAX_TP_SIZE:
             raise ValueError(f"at most {MAX_TP_SIZE} ranks (one bit each in an int64), "
                              f"got {size}")
-        # Same pools, same block ids: then a bad op is refused on every rank alike.
-        sizes: list[Any] = [None] * size
-        mine = (engine.gpu.num_blocks, None if engine.host is None else engine.host.num_blocks)
-        dist.all_gather_object(sizes, mine, group=group)
+        # Same pools, same block ids: then a bad op is refused on every rank alike. Shards
+        # of one model's blocks (as ShardedTransferEngine's ``_check_shards``).
+        # NOTE: only the pools' sizes were compared: ranks holding shards of two models
+        # (another dtype, head_dim, layer count) ran every plan as one deployment's, and the
+        # first forward pass that failed on one rank alone left the others waiting in its
+        # all-reduce. Gathered in one collective, refused on every rank alike.
+        every: list[Any] = [None] * size
+        mine = ((engine.gpu.num_blocks, None if engine.host is None else engine.host.num_blocks),
+                layout.model_shape)
+        dist.all_gather_object(every, mine, group=group)
+        sizes = [pools for pools, _ in every]
         if len(set(sizes)) != 1:
             raise ValueError(f"every rank must hold pools of the same size (the same block "
                              f"ids), got (gpu, host) blocks by rank {sizes}")
+        shapes = [shape for _, shape in every]
+        if len(set(shapes)) != 1:
+            raise ValueError(f"every rank must hold a shard of the same model's blocks, got "
+                             f"({', '.join(MODEL_SHAPE_FIELDS)}) by rank {shapes}")
         self.engine = engine
         self.group = group
         self.tp_rank = rank

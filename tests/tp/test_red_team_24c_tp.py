@@ -1,0 +1,87 @@
+"""Red team 24c, tensor parallelism's half: ranks whose KV shards are not one model's.
+
+Two gloo ranks on the CPU. ``DistributedTransferEngine`` compared only the ranks' pool
+sizes, so rank 1 holding a bfloat16 (or another head_dim's) shard beside rank 0's float32
+one ran every plan as one deployment's; and a worker's ``serve`` took a model shard that
+does not fit its storage, whose first forward pass failed on that rank alone while the
+others waited in the pass's all-reduce."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the tensor-parallel tests need torch: "
+                                            "pip install 'kvtier[torch]'")
+import torch.distributed as dist  # noqa: E402
+
+from kvtier.model import LlamaModel, ModelConfig  # noqa: E402
+from kvtier.model.tensor_parallel import TensorParallelLlama  # noqa: E402
+from kvtier.model.tp_engine import CommandChannel, serve  # noqa: E402
+from kvtier.storage import KVLayout, KVStorage  # noqa: E402
+from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
+from kvtier.transfer.tp_engine import DistributedTransferEngine  # noqa: E402
+
+TP_SIZE = 2
+# Rank 1's shard in each case; rank 0's is always SOUND's.
+SOUND = KVLayout(2, 2, 16, 4, "float32")
+OTHERS = {"dtype": KVLayout(2, 2, 16, 4, "bfloat16"), "head_dim": KVLayout(2, 2, 8, 4),
+          "layers": KVLayout(3, 2, 16, 4)}
+
+
+def engine_of(layout: KVLayout, rank: int) -> DistributedTransferEngine:
+    shard = layout.shard(rank, TP_SIZE)
+    return DistributedTransferEngine(TorchTransferEngine(KVStorage(shard, 8),
+                                                         KVStorage(shard, 8)))
+
+
+def rank_main(rank: int, rendezvous: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    # NOTE: a collective one rank never joins fails after 20 s.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=TP_SIZE, timeout=timedelta(seconds=20))
+    outcomes: dict[str, Any] = {}
+    try:
+        for name, theirs in OTHERS.items():
+            try:
+                engine_of(SOUND if rank == 0 else theirs, rank)
+                outcomes[name] = "built"
+            except ValueError as exc:
+                outcomes[name] = str(exc)
+        transfer = engine_of(SOUND, rank)  # the ranks are still paired
+        outcomes["sound"] = "built"
+        if rank == 1:
+            # A bfloat16 model's shard over this rank's float32 storage: refused before
+            # its first command is awaited.
+            shard = TensorParallelLlama(LlamaModel(ModelConfig(dtype="bfloat16")), rank,
+                                        TP_SIZE)
+            try:
+                serve(shard, transfer, CommandChannel())
+                outcomes["serve"] = "served"
+            except ValueError as exc:
+                outcomes["serve"] = str(exc)
+        torch.save(outcomes, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_holding_shards_of_two_models_are_refused_alike(tmp_path: Path) -> None:
+    """Every rank raises the same ValueError listing each rank's block shape (layers, KV
+    heads, head_dim, tokens per block, dtype), whatever differs; a worker's serve refuses a
+    shard whose blocks its storage does not hold, naming both."""
+    args = (str(tmp_path / "rendezvous"), str(tmp_path))
+    torch.multiprocessing.spawn(rank_main, args=args, nprocs=TP_SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(TP_SIZE)]
+    for name, theirs in OTHERS.items():
+        shapes = [SOUND.model_shape, theirs.model_shape]
+        message = ("every rank must hold a shard of the same model's blocks, got (num_layers, "
+                   f"num_kv_heads, head_dim, tokens_per_block, dtype) by rank {shapes}")
+        assert [outcome[name] for outcome in ranks] == [message, message], name
+    assert [outcome["sound"] for outcome in ranks] == ["built", "built"]
+    assert ranks[1]["serve"] == (
+        "rank 1's GPU storage holds 2 layers of KV heads 1..1 of 2 KV heads (rank 1 of 2) of "
+        "head_dim 16 in float32, the model computes 2 layers of KV heads 1..1 of 2 KV heads "
+        "(rank 1 of 2) of head_dim 16 in bfloat16")
