@@ -5,6 +5,7 @@ its context. Each test fails on the code before its fix and asserts the exact re
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from kvtier import CacheConfig, KVCacheManager  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.model.checkpoint import CheckpointError, load_model  # noqa: E402
 from kvtier.model.gguf_loader import open_gguf  # noqa: E402
-from kvtier.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 from test_red_team_model import METADATA, TENSORS  # noqa: E402
@@ -127,3 +128,29 @@ def test_an_engine_refuses_a_storage_of_other_kv_heads_or_dtype(
     with pytest.raises(ValueError) as refused:
         engine_over(LlamaModel(config), layout)
     assert str(refused.value) == shown
+
+
+def test_a_request_past_the_models_context_is_refused_when_queued(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A request whose prompt and max_output_tokens pass max_position_embeddings was
+    queued: the pass that went past raised, the request recomputed twice more and ended
+    with stop_reason "error" (a prompt past the context: after three passes that all
+    raised). Now ModelEngine.add_request refuses it, queueing nothing; one that ends
+    exactly at the context runs to its length, exact."""
+    model = LlamaModel(ModelConfig(max_position_embeddings=16))
+    engine = engine_over(model)
+    for prompt, max_output, positions in ((list(range(1, 11)), 8, 17), (list(range(30)), 1, 30)):
+        with pytest.raises(ValueError) as refused:
+            engine.add_request(Request("a", prompt, max_output))
+        assert str(refused.value) == (
+            f"request 'a': a prompt of {len(prompt)} tokens and max_output_tokens "
+            f"{max_output} need {positions} positions, past the model's maximum context of 16")
+        assert not engine.scheduler.has_unfinished() and "a" not in engine.results
+    prompt = list(range(1, 11))
+    engine.add_request(Request("b", prompt, 7))  # positions 0..15
+    with caplog.at_level(logging.ERROR):
+        result = engine.run()["b"]
+    assert (result.stop_reason, len(result.output), engine.num_failed_forwards) == ("length", 7, 0)
+    assert not caplog.records
+    reference = model.full_recompute(prompt + result.output[:-1])
+    assert result.output == reference[len(prompt) - 1:].argmax(-1).tolist()

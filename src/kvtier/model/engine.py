@@ -243,7 +243,8 @@ class ModelEngine(Wired):
         ``sampler`` picks them; it ends early at ``sampler``'s stop tokens or when ``stop``
         says so (else after ``max_output_tokens``). Raises ValueError or TypeError, queueing
         nothing, for what the scheduler refuses, a token id the model has no embedding for
-        (past its ``vocab_size``), a ``sampler`` that is no :class:`Sampler` or a ``stop``
+        (past its ``vocab_size``), a prompt and ``max_output_tokens`` past the model's
+        context (``_check_context``), a ``sampler`` that is no :class:`Sampler` or a ``stop``
         that is not callable."""
         # NOTE: checked before anything is queued: past this point each fails in the middle
         # of a step, between the scheduler's step and its update, and no later step runs.
@@ -253,7 +254,9 @@ class ModelEngine(Wired):
             raise TypeError(f"stop must be a callable or None, got {type(stop).__name__}")
         if isinstance(request, Request):
             # The scheduler checks the request again; its token ids are ints from here.
-            self._check_vocab(request.request_id, *check_request(request)[:2])
+            prompt, output, _ = check_request(request)
+            self._check_vocab(request.request_id, prompt, output)
+            self._check_context(request.request_id, len(prompt), request.max_output_tokens)
         self.scheduler.add_request(request)
         rid = request.request_id
         self.results[rid] = RequestResult(rid, list(request.prompt),
@@ -330,6 +333,24 @@ class ModelEngine(Wired):
                 raise ValueError(f"{name} of request {shown(request_id)}: token id {tokens[bad]} "
                                  f"at index {bad} is past the model's vocabulary of "
                                  f"{vocab_size}")
+
+    def _check_context(self, request_id: str, num_prompt_tokens: int,
+                       max_output_tokens: int) -> None:
+        """ValueError naming the request and the numbers if its prompt and output would pass
+        the model's context (``max_position_embeddings``): the last output token is sampled
+        at position ``prompt + max_output_tokens - 2``. Pure.
+
+        NOTE: such a request was queued: the forward pass that passed the context raised,
+        the request recomputed its prompt and output twice more and then ended with
+        stop_reason "error"; under tensor parallelism the same refusal ended every worker's
+        ``serve``, and the leader's next command waited on ranks that were gone."""
+        limit = self.model.config.max_position_embeddings
+        num_positions = num_prompt_tokens + max_output_tokens - 1
+        if limit is not None and num_positions > limit:
+            raise ValueError(f"request {shown(request_id)}: a prompt of {num_prompt_tokens} "
+                             f"tokens and max_output_tokens {max_output_tokens} need "
+                             f"{num_positions} positions, past the model's maximum context "
+                             f"of {limit}")
 
     def step(self) -> tuple[ScheduledStep, list[Request]]:
         """Run one forward pass; returns the schedule and the requests it finished. Raises
