@@ -299,16 +299,16 @@ def run_generate(args: argparse.Namespace) -> int:
         active = [i for i, t in enumerate(turns) if turn < len(t)]
         for i in active:
             histories[i].append({"role": "user", "content": turns[i][turn]})
-        too_long = _too_long(generator, [histories[i] for i in active], args.raw)
-        if too_long is not None:
+        refused = _unanswerable(generator, [histories[i] for i in active], args.raw)
+        if refused is not None:
             # NOTE: the refusal named neither the conversation nor its line ("a prompt of
-            # 1247 tokens does not fit"), and the turns answered before it had no JSON line.
-            k, num_tokens = too_long
+            # 1247 tokens does not fit", "prompt 1 is empty" of line 3, a chat template's
+            # own words), and the turns answered before it had no JSON line.
+            k, why = refused
             if rows:
                 print(json.dumps(_summary(rows, generator)))
-            raise CLIError(f"{origins[active[k]]} (conversation {active[k]}), turn {turn}: its "
-                           f"prompt of {num_tokens} tokens does not fit the maximum context "
-                           f"of {generator.max_context} tokens (model context, GPU pool)")
+            raise CLIError(f"{origins[active[k]]} (conversation {active[k]}), turn {turn}: "
+                           f"{why}")
         results = _answer(generator, [histories[i] for i in active], args.raw, params,
                           args.system_priority)
         for i, r in zip(active, results, strict=True):
@@ -321,20 +321,30 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _too_long(generator: Generator, conversations: list[list[Message]],
-              raw: bool) -> tuple[int, int] | None:
-    """The first of ``conversations`` whose next prompt does not fit the generator's
-    context, and its length in tokens; None if all fit (or one cannot be encoded, which
-    the answer refuses in its own words). Pure."""
+def _unanswerable(generator: Generator, conversations: list[list[Message]],
+                  raw: bool) -> tuple[int, str] | None:
+    """The first of ``conversations`` whose next prompt the generator would refuse, and why
+    (its text cannot be encoded or the chat template refuses it, it holds no token, it does
+    not fit the context, it holds an id past the model's vocabulary); None if all can be
+    answered. Pure."""
     tokenizer = generator.tokenizer
+    vocab_size = generator.model.config.vocab_size
     for k, conversation in enumerate(conversations):
         try:
             ids = (tokenizer.encode(conversation[-1]["content"]) if raw
                    else tokenizer.encode_chat(conversation))
-        except ValueError:
-            return None
+        except ValueError as exc:
+            return k, str(exc)
+        if not ids:
+            text = conversation[-1]["content"]
+            return k, (f"prompt {shown(text):.60} has no token in this model's vocabulary"
+                       if text else "its prompt is empty: no token to answer")
         if len(ids) >= generator.max_context:
-            return k, len(ids)
+            return k, (f"its prompt of {len(ids)} tokens does not fit the maximum context of "
+                       f"{generator.max_context} tokens (model context, GPU pool)")
+        if max(ids) >= vocab_size:
+            return k, (f"its prompt holds token id {max(ids)}, past the model's vocabulary of "
+                       f"{vocab_size}")
     return None
 
 

@@ -1,0 +1,83 @@
+"""Red team 24c, the command line's half: ``kvtier generate`` refusing one prompt of many.
+
+Only a prompt too long for the context was refused naming its ``--jsonl`` line (or
+PROMPT), conversation and turn; every other refusal of one conversation's prompt (empty
+under ``--raw``, the chat template's own ``raise_exception``, an id past the model's
+vocabulary) came in the generator's words ("prompt 1 is empty", the index among the
+conversations still talking, not the line), and the turns answered before it had no JSON
+line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+for _name in ("gguf", "numpy", "torch", "tokenizers"):
+    pytest.importorskip(_name, reason="the model extra: pip install 'kvtier[model]'")
+
+from test_red_team_23b import run_cli  # noqa: E402
+from test_red_team_model import make_gguf  # noqa: E402
+
+# A template that joins the contents, and refuses one of them by its own raise_exception.
+TEMPLATE = ("{% for m in messages %}{% if m['content'] == 'stop' %}"
+            "{{ raise_exception('no stop here') }}{% endif %}{{ m['content'] }}{% endfor %}")
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """test_red_team_model's tiny GGUF (tokens a, b, ab, d, e, f; context 64)."""
+    return make_gguf(tmp_path / "m.gguf", tokenizer__chat_template=("str", TEMPLATE))
+
+
+def generate(capsys: pytest.CaptureFixture[str], model: Path, *args: str
+             ) -> tuple[int, str, str]:
+    return run_cli(capsys, "generate", *args, "--model", str(model), "--max-new-tokens", "2",
+                   "--device", "cpu")
+
+
+@pytest.mark.parametrize(("lines", "refusal"), [
+    # Line 3 is the second prompt: "prompt 1 is empty: no token to answer".
+    (['{"prompt": "ab"}', "", '{"prompt": ""}'],
+     "line 3 (conversation 1), turn 0: its prompt is empty: no token to answer"),
+    # "prompt 'zz' has no token in this model's vocabulary": which line's?
+    (['{"prompt": "ab"}', '{"prompt": "zz"}'],
+     "line 2 (conversation 1), turn 0: prompt 'zz' has no token in this model's vocabulary"),
+])
+def test_a_raw_prompt_without_a_token_names_its_line_before_any_answer(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], model: Path, lines: list[str],
+        refusal: str) -> None:
+    """Under --raw a prompt that gives no token is refused naming its line, conversation
+    and turn, before any prompt of the file is answered (status 2, nothing on stdout)."""
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, out, err = generate(capsys, model, "--raw", "--jsonl", str(path))
+    assert (code, out) == (2, "")
+    assert err == f"kvtier: error: {path} {refusal}\n"
+
+
+def test_a_prompt_argument_without_a_token_names_it(
+        capsys: pytest.CaptureFixture[str], model: Path) -> None:
+    """The same for a PROMPT on the command line: named by its position."""
+    code, out, err = generate(capsys, model, "--raw", "ab", "")
+    assert (code, out) == (2, "")
+    assert err == ("kvtier: error: PROMPT 1 (conversation 1), turn 0: its prompt is empty: no "
+                   "token to answer\n")
+
+
+def test_a_turn_the_chat_template_refuses_names_its_line_after_the_answered_turns(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], model: Path) -> None:
+    """A later turn the checkpoint's chat template refuses (its raise_exception) ended the
+    command with "chat template: no stop here", naming no line, conversation or turn, and
+    without the JSON line of the turns answered before. Now that JSON line comes first,
+    then the refusal names the line, the conversation and the turn, status 2."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "b"}) + "\n"
+                    + json.dumps({"turns": ["ab", "stop"]}) + "\n", encoding="utf-8")
+    code, out, err = generate(capsys, model, "--jsonl", str(path))
+    assert code == 2
+    turns = json.loads(out.splitlines()[-1])["turns"]
+    assert [(t["conversation"], t["turn"]) for t in turns] == [(0, 0), (1, 0)]
+    assert err == (f"kvtier: error: {path} line 2 (conversation 1), turn 1: chat template: "
+                   "no stop here\n")
