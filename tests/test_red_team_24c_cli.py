@@ -81,3 +81,30 @@ def test_a_turn_the_chat_template_refuses_names_its_line_after_the_answered_turn
     assert [(t["conversation"], t["turn"]) for t in turns] == [(0, 0), (1, 0)]
     assert err == (f"kvtier: error: {path} line 2 (conversation 1), turn 1: chat template: "
                    "no stop here\n")
+
+
+def test_chat_on_a_checkpoint_without_a_chat_template_is_refused_at_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kvtier chat`` on a checkpoint without a chat template read every line, answered
+    none ("(not answered: this checkpoint has no chat template; /new starts a new
+    conversation)", which /new cannot help) and ended with status 0. Now one sentence,
+    status 2, before a line is read; generate says --raw answers without one, and does."""
+    import io
+
+    bare = make_gguf(tmp_path / "bare.gguf")  # no tokenizer.chat_template
+    stdin = io.StringIO("ab\n/new\nb\n")
+    monkeypatch.setattr("sys.stdin", stdin)
+    code, out, err = run_cli(capsys, "chat", "--model", str(bare), "--device", "cpu")
+    assert (code, out) == (2, "")
+    assert err == (f"kvtier: error: {bare} has no chat template, which kvtier chat needs to put "
+                   "messages in the model's turns\n")
+    assert stdin.tell() == 0  # nothing read
+    code, out, err = generate(capsys, bare, "ab")
+    assert (code, out) == (2, "")
+    assert err == (f"kvtier: error: {bare} has no chat template, which kvtier generate needs "
+                   "to put messages in the model's turns (--raw tokenizes each prompt as it "
+                   "is)\n")
+    code, out, err = generate(capsys, bare, "--raw", "ab")
+    assert (code, err) == (0, "")
+    assert json.loads(out.splitlines()[-1])["total"]["num_prompt_tokens"] == 1

@@ -141,6 +141,14 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
         raise CLIError(str(exc)) from None
     except MemoryError as exc:  # the KV tiers (KVStorage) do not fit
         raise CLIError(f"{exc}; use smaller --gpu-blocks/--host-blocks") from None
+    if generator.tokenizer.chat_template is None and not getattr(args, "raw", False):
+        # NOTE: `kvtier chat` read every line and refused each ("not answered: this
+        # checkpoint has no chat template; /new starts a new conversation"), then ended
+        # with status 0, having answered nothing.
+        raise CLIError(f"{path} has no chat template, which kvtier {args.command} needs to "
+                       "put messages in the model's turns" + (
+                           " (--raw tokenizes each prompt as it is)"
+                           if args.command == "generate" else ""))
     return generator, params
 
 
