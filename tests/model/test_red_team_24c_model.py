@@ -154,3 +154,32 @@ def test_a_request_past_the_models_context_is_refused_when_queued(
     assert not caplog.records
     reference = model.full_recompute(prompt + result.output[:-1])
     assert result.output == reference[len(prompt) - 1:].argmax(-1).tolist()
+
+
+def test_a_system_priority_keeps_the_system_message_not_the_users_first_block(
+        smollm2_path: Path) -> None:
+    """``chat(system_priority=90)`` gave the range the longest prefix the system message
+    encoded alone shares with the prompt, but encoded alone with the generation prompt
+    ("<|im_start|>assistant"), whose "<|im_start|>" the user's turn starts with too: the
+    range took one token of the user's turn, and where the system message fills whole
+    blocks (32 tokens here) the user's first block was kept at 90 with it, a block no other
+    conversation shares held on the GPU. Now the range ends where the system message does."""
+    from kvtier.model.generate import Generator, TierSizes
+    from kvtier.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    gen = Generator(load_model(smollm2_path), tokenizer,
+                    TierSizes(16, 16, 0, eviction_policy="priority-lru"))
+    system = {"role": "system", "content": "You are a terse assistant for a small family "
+              "bakery in Lyon. Answer in at most ten words, and never discuss the prices."}
+    user = {"role": "user", "content": "Which of your breads keeps best for a long week of "
+            "hiking in the mountains?"}
+    ids = tokenizer.encode_chat([system, user])
+    assert len(tokenizer.encode_chat([system], add_generation_prompt=False)) == 32
+    assert len(ids) >= 48  # the user's turn fills a third block
+    retention = gen._system_retention([system, user], ids, 90)
+    assert retention is not None and [(r.start, r.end, r.priority)
+                                      for r in retention.ranges] == [(0, 32, 90)]
+    gen.chat([[system, user]], gen.default_params(max_new_tokens=1), 90)
+    held = [b.priority for b in gen.engine.manager.cached_blocks()]
+    assert held[:3] == [90, 90, 35]

@@ -215,7 +215,11 @@ class Generator:
         system message alone shares with ``ids``). None without a system message. Pure."""
         if not conversation or conversation[0].get("role") != "system":
             return None
-        alone = self.tokenizer.encode_chat(conversation[:1])
+        # NOTE: without the generation prompt: with it, the system message alone ended in
+        # "<|im_start|>assistant", whose first token the next turn's "<|im_start|>user"
+        # shares, so the range took one token of the user's turn (and, where the system
+        # message filled whole blocks, the first block of the user's turn at its priority).
+        alone = self.tokenizer.encode_chat(conversation[:1], add_generation_prompt=False)
         n = 0
         for a, b in zip(alone, ids, strict=False):
             if a != b:
