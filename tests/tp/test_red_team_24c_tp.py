@@ -4,7 +4,8 @@ Two gloo ranks on the CPU. ``DistributedTransferEngine`` compared only the ranks
 sizes, so rank 1 holding a bfloat16 (or another head_dim's) shard beside rank 0's float32
 one ran every plan as one deployment's; and a worker's ``serve`` took a model shard that
 does not fit its storage, whose first forward pass failed on that rank alone while the
-others waited in the pass's all-reduce."""
+others waited in the pass's all-reduce; and a ``TensorParallelLlama`` cut from a shard
+rather than the whole model (rank 1's: empty columns, its first pass failing alone)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def rank_main(rank: int, rendezvous: str, out_dir: str) -> None:
                 outcomes[name] = str(exc)
         transfer = engine_of(SOUND, rank)  # the ranks are still paired
         outcomes["sound"] = "built"
+        full = LlamaModel(ModelConfig())
+        try:
+            TensorParallelLlama(TensorParallelLlama(full, rank, TP_SIZE), rank, TP_SIZE)
+            outcomes["shard of a shard"] = "cut"
+        except ValueError as exc:
+            outcomes["shard of a shard"] = str(exc)
         if rank == 1:
             # A bfloat16 model's shard over this rank's float32 storage: refused before
             # its first command is awaited.
@@ -81,6 +88,10 @@ def test_ranks_holding_shards_of_two_models_are_refused_alike(tmp_path: Path) ->
                    f"num_kv_heads, head_dim, tokens_per_block, dtype) by rank {shapes}")
         assert [outcome[name] for outcome in ranks] == [message, message], name
     assert [outcome["sound"] for outcome in ranks] == ["built", "built"]
+    # Each rank cutting its shard out of its own shard (rank 1's: empty columns): refused.
+    assert [outcome["shard of a shard"] for outcome in ranks] == [
+        "full must be a whole model, got the shard of rank 0 of 2",
+        "full must be a whole model, got the shard of rank 1 of 2"]
     assert ranks[1]["serve"] == (
         "rank 1's GPU storage holds 2 layers of KV heads 1..1 of 2 KV heads (rank 1 of 2) of "
         "head_dim 16 in float32, the model computes 2 layers of KV heads 1..1 of 2 KV heads "
