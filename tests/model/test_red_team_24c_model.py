@@ -183,3 +183,36 @@ def test_a_system_priority_keeps_the_system_message_not_the_users_first_block(
     gen.chat([[system, user]], gen.default_params(max_new_tokens=1), 90)
     held = [b.priority for b in gen.engine.manager.cached_blocks()]
     assert held[:3] == [90, 90, 35]
+
+
+def tensor_offset_at(data: bytes | bytearray, name: str) -> int:
+    """Where the data offset of tensor ``name``'s info lies in a GGUF v3 file's bytes (its
+    name as a u64 length and the bytes, then n_dims u32, n_dims u64 dims, type u32, offset
+    u64)."""
+    key = len(name).to_bytes(8, "little") + name.encode()
+    at = data.index(key) + len(key)
+    num_dims = int.from_bytes(data[at:at + 4], "little")
+    return at + 4 + 8 * num_dims + 4
+
+
+def test_tensors_sharing_bytes_of_the_file_are_refused_naming_both(tmp_path: Path) -> None:
+    """The gguf reader checks each tensor lies inside the file, not that tensors lie apart:
+    a header whose tensors all point at the same bytes (one layer's data under thousands of
+    layers) was read tensor after tensor, each dequantized into memory of its own, a model
+    far past the file's size (until the process was killed). Here blk.0.attn_k.weight
+    points at blk.0.attn_q.weight's bytes: it loaded, K's weights a copy of Q's, without a
+    word. Now refused before any tensor is read, naming both."""
+    path = make_gguf(tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    q, k = (tensor_offset_at(data, f"blk.0.attn_{n}.weight") for n in ("q", "k"))
+    data[k:k + 8] = data[q:q + 8]
+    path.write_bytes(bytes(data))
+    open_gguf.cache_clear()
+    start = next(t.data_offset for t in open_gguf(path).tensors
+                 if t.name == "blk.0.attn_q.weight")
+    with pytest.raises(CheckpointError) as refused:
+        load_model(path)
+    assert str(refused.value) == (
+        f"{path}: tensors 'blk.0.attn_k.weight' and 'blk.0.attn_q.weight' share bytes of the "
+        f"file (256 bytes at offset {start:,}, the other at {start:,}): each tensor's data "
+        "must be its own")

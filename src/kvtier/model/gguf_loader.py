@@ -15,6 +15,7 @@ Qwen2 files are converted without that permutation (llama.cpp rotates them as ha
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -218,10 +219,28 @@ def load_gguf_model(path: Path, dtype: str = "float32",
     config = config_from_gguf(reader, origin, dtype)
     arch = gguf_field(reader, "general.architecture", origin)
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    check_tensor_data(reader, origin)
     tensors = gguf_tensors(reader, config, arch)
     check_tensors(config, tensors, origin)
     factors = None if freqs is None else rope_freq_factors(freqs, config, origin)
     return build_model(config, tensors, origin, device, factors)
+
+
+def check_tensor_data(reader: Any, origin: str) -> None:
+    """CheckpointError naming both if two tensors' data share bytes of the file. Pure.
+
+    NOTE: the reader checks that each tensor lies inside the file, not that they lie apart:
+    a file of one layer's data and a header of thousands of layers all pointing at it was
+    read layer after layer, each a new copy dequantized into memory, until the process ran
+    out of it (killed, no word said); the model's memory is now bounded by the file's size
+    (times the dequantization's growth)."""
+    spans = sorted((int(t.data_offset), int(t.n_bytes), t.name) for t in reader.tensors)
+    for (start, size, name), (next_start, _, next_name) in itertools.pairwise(spans):
+        if start + size > next_start:
+            raise CheckpointError(f"{origin}: tensors {shown(name)} and {shown(next_name)} "
+                                  f"share bytes of the file ({size:,} bytes at offset "
+                                  f"{start:,}, the other at {next_start:,}): each tensor's "
+                                  "data must be its own")
 
 
 def rope_freq_factors(tensor: Any, config: ModelConfig, origin: str) -> torch.Tensor:
