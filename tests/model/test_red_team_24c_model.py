@@ -216,3 +216,80 @@ def test_tensors_sharing_bytes_of_the_file_are_refused_naming_both(tmp_path: Pat
         f"{path}: tensors 'blk.0.attn_k.weight' and 'blk.0.attn_q.weight' share bytes of the "
         f"file (256 bytes at offset {start:,}, the other at {start:,}): each tensor's data "
         "must be its own")
+
+
+def hf_config(**kw: object) -> dict[str, object]:
+    """A tiny Llama config.json (test_checkpoint's), with ``kw``."""
+    return {"model_type": "llama", "vocab_size": 96, "hidden_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 48, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "max_position_embeddings": 64, "hidden_act": "silu", **kw}
+
+
+def hf_dir(path: Path, **kw: object) -> Path:
+    """A checkpoint directory of ``hf_config(**kw)`` with random weights."""
+    import json
+
+    pytest.importorskip("safetensors", reason="the model extra")
+    from safetensors.torch import save_file
+
+    from kvtier.model.checkpoint import expected_shapes
+    from kvtier.model.safetensors_loader import config_from_hf
+
+    cfg = hf_config(**kw)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {name: 0.2 * torch.randn(shape, generator=gen)
+               for name, shape in expected_shapes(config_from_hf(cfg, "test")).items()}
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize(("kw", "context"), [
+    ({"model_type": "mistral", "sliding_window": 8}, 8),
+    ({"model_type": "mistral"}, 64),  # transformers' default window, 4096: past the context
+    ({"model_type": "mistral", "sliding_window": None}, 64),
+    ({"model_type": "qwen2", "num_key_value_heads": 4, "use_sliding_window": True,
+      "sliding_window": 8, "max_window_layers": 1}, 8),  # layer 1 of 2 slides
+    ({"model_type": "qwen2", "num_key_value_heads": 4, "use_sliding_window": True,
+      "sliding_window": 8}, 64),  # max_window_layers 28: no layer of 2 slides
+    ({"model_type": "qwen2", "num_key_value_heads": 4, "sliding_window": 8}, 64),  # unused
+    ({"sliding_window": 8}, 64),  # llama has no sliding window
+], ids=["mistral", "mistral-default", "mistral-null", "qwen2-sliding", "qwen2-late-layers",
+        "qwen2-unused", "llama"])
+def test_a_sliding_window_caps_the_context_where_the_model_stays_exact(
+        tmp_path: Path, kw: dict[str, object], context: int) -> None:
+    """This model attends to every earlier position; a sliding-window model (Mistral's
+    config, Qwen2's with use_sliding_window) reads only the last ``sliding_window``: past
+    the window every logit differed from transformers' (by 0.2 here), without a word. Now
+    the context is capped at the window, where the logits are transformers' (1e-4), and a
+    longer prompt is refused; a window no layer uses (or past the context) changes nothing."""
+    transformers = pytest.importorskip("transformers", reason="the reference extra")
+    path = hf_dir(tmp_path / "ckpt", **kw)
+    model = load_model(path)
+    assert model.config.max_position_embeddings == context
+    tokens = [5, 17, 3, 90, 44, 12, 7, 61, 2, 33] * 2
+    if context < len(tokens):
+        with pytest.raises(ValueError, match=f"^20 tokens exceed the model's maximum context "
+                                             f"of {context} tokens$"):
+            model.full_recompute(tokens)
+    ours = model.full_recompute(tokens[:context])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(path),
+                                                                  dtype=torch.float32)
+    with torch.no_grad():
+        ref = reference(torch.tensor([tokens[:context]])).logits[0].float()
+    assert torch.allclose(ours, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+
+
+def test_a_sliding_window_that_is_no_size_is_named() -> None:
+    """A window of 0 or of another type is refused naming the key."""
+    from kvtier.model.safetensors_loader import config_from_hf
+
+    for window, shown in ((0, "sliding_window must be an integer >= 1 or null, got 0"),
+                          ("8", "sliding_window must be an integer, got '8'")):
+        with pytest.raises(CheckpointError, match=f"^c: {shown}$"):
+            config_from_hf(hf_config(model_type="mistral", sliding_window=window), "c")
+    with pytest.raises(CheckpointError, match=r"^c: layer_types must be an array of strings"):
+        config_from_hf(hf_config(model_type="qwen2", use_sliding_window=True,
+                                 layer_types="sliding_attention"), "c")
