@@ -108,3 +108,39 @@ def test_chat_on_a_checkpoint_without_a_chat_template_is_refused_at_once(
     code, out, err = generate(capsys, bare, "--raw", "ab")
     assert (code, err) == (0, "")
     assert json.loads(out.splitlines()[-1])["total"]["num_prompt_tokens"] == 1
+
+
+def test_text_standard_output_cannot_encode_is_escaped_not_an_internal_error(
+        tmp_path: Path) -> None:
+    """Standard output writes strictly: under an encoding that cannot hold a prompt's or an
+    answer's characters (a Windows console redirected to a file is cp1252, here
+    PYTHONIOENCODING=ascii) the first such line ended the command in an internal error
+    (status 70), the JSON line lost; a chat turn the template refused in words of its own
+    did the same. Now those characters are written as backslash escapes, status 0."""
+    import os
+    import subprocess
+    import sys
+
+    from test_red_team_23b import SRC
+
+    model = make_gguf(tmp_path / "m.gguf", tokenizer__chat_template=("str", (
+        "{% for m in messages %}{% if m['content'] != 'ab' %}"
+        "{{ raise_exception('refus\u00e9 ' + m['content']) }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}")))
+    env = {**os.environ, "PYTHONPATH": SRC, "PYTHONIOENCODING": "ascii"}
+    common = ["--model", str(model), "--device", "cpu", "--max-new-tokens", "2"]
+    prompt = "ab\u00e9\U0001f600"
+    done = subprocess.run([sys.executable, "-m", "kvtier", "generate", "--raw", prompt, *common],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    lines = done.stdout.splitlines()
+    assert lines[0] == "--- conversation 0 turn 0: ab\\xe9\\U0001f600"
+    assert json.loads(lines[-1])["turns"][0]["num_prompt_tokens"] == 1
+    done = subprocess.run([sys.executable, "-m", "kvtier", "chat", *common], env=env,
+                          input="x\nab\n", capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    lines = done.stdout.splitlines()
+    assert lines[0] == ("(not answered: chat template: refus\\xe9 x; /new starts a new "
+                        "conversation)")
+    assert [t["turn"] for t in json.loads(lines[-1])["turns"]] == [0]
