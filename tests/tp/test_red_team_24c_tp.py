@@ -21,8 +21,10 @@ import torch.distributed as dist  # noqa: E402
 
 from kvtier.model import LlamaModel, ModelConfig  # noqa: E402
 from kvtier.model.tensor_parallel import TensorParallelLlama  # noqa: E402
-from kvtier.model.tp_engine import CommandChannel, serve  # noqa: E402
+from kvtier.model.tp_engine import CommandChannel, PlanCommand, StopCommand, serve  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
+from kvtier.tier import Tier  # noqa: E402
+from kvtier.transfer import OpKind, TransferOp, TransferPlan  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 from kvtier.transfer.tp_engine import DistributedTransferEngine  # noqa: E402
 
@@ -96,3 +98,56 @@ def test_ranks_holding_shards_of_two_models_are_refused_alike(tmp_path: Path) ->
         "rank 1's GPU storage holds 2 layers of KV heads 1..1 of 2 KV heads (rank 1 of 2) of "
         "head_dim 16 in float32, the model computes 2 layers of KV heads 1..1 of 2 KV heads "
         "(rank 1 of 2) of head_dim 16 in bfloat16")
+
+
+# A plan every rank refuses alike (a GPU slot past the pools of 8), then a sound one.
+REFUSED = (TransferOp(OpKind.OFFLOAD, Tier.GPU, 99, Tier.HOST, 0, 4),)
+SOUND_PLAN = (TransferOp(OpKind.OFFLOAD, Tier.GPU, 1, Tier.HOST, 2, 4),)
+
+
+def refused_plan_main(rank: int, rendezvous: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=TP_SIZE, timeout=timedelta(seconds=20))
+    outcome: dict[Any, Any] = {}
+    try:
+        transfer = engine_of(SOUND, rank)
+        host = transfer.host
+        assert host is not None
+        transfer.gpu.fill_(1.0)
+        host.fill_(0.0)
+        channel = CommandChannel()
+        if rank == 0:  # the leader, as ModelEngine drives it: a refused plan degrades
+            for ops in (REFUSED, SOUND_PLAN):
+                channel.send(PlanCommand(ops))
+                try:
+                    transfer.synchronize(transfer.submit(TransferPlan(ops)))
+                    outcome[len(outcome)] = "done"
+                except ValueError as exc:
+                    outcome[len(outcome)] = f"ValueError: {exc}"
+            channel.send(StopCommand(7))
+        else:
+            try:
+                outcome["serve"] = serve(TensorParallelLlama(LlamaModel(ModelConfig()), rank,
+                                                             TP_SIZE), transfer, channel)
+            except Exception as exc:
+                outcome["serve"] = f"{type(exc).__name__}: {exc}"
+            outcome["host"] = float(host.layer(0)[2].abs().sum())
+        torch.save(outcome, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_plan_every_rank_refuses_leaves_the_workers_serving(tmp_path: Path) -> None:
+    """A plan every rank refuses alike (a slot out of the pools: ValueError on every rank,
+    agreed) was degraded by the leader's ModelEngine, which went on, but ended the worker's
+    serve (it caught only TransferError): the leader's next command waited on a rank that
+    was gone. Now the worker degrades it too: it runs the next plan and returns at stop."""
+    args = (str(tmp_path / "rendezvous"), str(tmp_path))
+    torch.multiprocessing.spawn(refused_plan_main, args=args, nprocs=TP_SIZE, join=True)
+    leader, worker = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+                      for r in range(TP_SIZE))
+    assert leader[0].startswith("ValueError: ") and "99" in leader[0]
+    assert leader[1] == "done"
+    assert worker["serve"] == 7
+    assert worker["host"] == 2 * 4 * 1 * 16  # the sound plan's offload: K and V of slot 1
