@@ -18,6 +18,7 @@ from kvtier import CacheConfig, KVCacheManager  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.model.checkpoint import CheckpointError, load_model  # noqa: E402
 from kvtier.model.gguf_loader import open_gguf  # noqa: E402
+from kvtier.model.sampling import Sampler, SamplingParams  # noqa: E402
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
@@ -293,3 +294,43 @@ def test_a_sliding_window_that_is_no_size_is_named() -> None:
     with pytest.raises(CheckpointError, match=r"^c: layer_types must be an array of strings"):
         config_from_hf(hf_config(model_type="qwen2", use_sliding_window=True,
                                  layer_types="sliding_attention"), "c")
+
+
+class FixedSampler(Sampler):
+    """A caller's sampler that answers ``value`` every time."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__(SamplingParams())
+        self.value = value
+
+    def sample(self, logits: object) -> int:
+        return self.value  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("value", "output", "error"), [
+    (np.int64(7), [7, 7], None),  # was: "sample returned np.int64(7), not an int"
+    (np.uint8(7), [7, 7], None),
+    (torch.tensor(7), [7, 7], None),
+    (torch.tensor([7]), [7, 7], None),
+    (torch.tensor(7.9), None, "sampler: TypeError: sample returned tensor(7.9000), not an int"),
+    (torch.tensor(True), None, "sampler: TypeError: sample returned tensor(True), not an int"),
+    (np.bool_(True), None, "sampler: TypeError: sample returned np.True_, not an int"),
+], ids=["np-int64", "np-uint8", "tensor", "tensor-1", "float-tensor", "bool-tensor", "np-bool"])
+def test_a_sampler_answering_an_integer_of_another_kind_is_read_as_it(
+        value: object, output: list[int] | None, error: str | None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A caller's sampler answering a NumPy integer (``np.argmax``'s answer, which every
+    other entry of kvtier takes as a token id) ended its request with an error; one
+    answering a tensor of any dtype went through int(): a float tensor of 7.9 sampled
+    token 7, a bool tensor token 1, without a word. Now integer scalars of any kind are read
+    as the int they are; floats and bools, tensors too, end the request naming them."""
+    model = LlamaModel(ModelConfig())
+    engine = engine_over(model)
+    engine.add_request(Request("a", [1, 2, 3], 2), FixedSampler(value))
+    with caplog.at_level(logging.CRITICAL):
+        result = engine.run()["a"]
+    if error is None:
+        assert (result.output, result.stop_reason, result.error) == (output, "length", None)
+    else:
+        greedy = int(model.full_recompute([1, 2, 3])[-1].argmax())
+        assert (result.output, result.stop_reason, result.error) == ([greedy], "error", error)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,23 @@ class _Executed(NamedTuple):
     stopped: set[str]
     given_up: dict[str, str]
     computed: list[_Computed]
+
+
+def sampled_token(token: object) -> int:
+    """What a sampler answered, as a token id: an integer scalar (an ``int``, a NumPy
+    integer, a one-element integer tensor); TypeError naming it otherwise (a bool, a float,
+    a float or bool tensor, a tensor of several values). Pure.
+
+    NOTE: a NumPy integer (``np.argmax``'s answer, which every other entry takes as a
+    token) ended the request with an error, while a tensor of any dtype went through
+    ``int()``: 7.9 sampled token 7, True token 1, without a word."""
+    if isinstance(token, torch.Tensor):
+        if token.numel() == 1 and not (token.is_floating_point() or token.is_complex()
+                                       or token.dtype == torch.bool):
+            return int(token.item())
+    elif isinstance(token, numbers.Integral) and not isinstance(token, bool):
+        return int(token)
+    raise TypeError(f"sample returned {shown(token)}, not an int")
 
 
 def check_kv_layout(what: str, layout: KVLayout, model_layout: KVLayout) -> None:
@@ -560,10 +578,7 @@ class ModelEngine(Wired):
                 out[rid] = argmax[rid]
                 continue
             try:
-                token = self._samplers[rid].sample(logits)
-                if isinstance(token, bool) or not isinstance(token, int | torch.Tensor):
-                    raise TypeError(f"sample returned {shown(token)}, not an int")
-                token = int(token)
+                token = sampled_token(self._samplers[rid].sample(logits))
                 if not 0 <= token < vocab_size:
                     raise ValueError(f"sample returned {token}, outside the vocabulary of "
                                      f"{vocab_size}")
