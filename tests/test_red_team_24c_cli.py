@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,3 +145,39 @@ def test_text_standard_output_cannot_encode_is_escaped_not_an_internal_error(
     assert lines[0] == ("(not answered: chat template: refus\\xe9 x; /new starts a new "
                         "conversation)")
     assert [t["turn"] for t in json.loads(lines[-1])["turns"]] == [0]
+
+
+def test_a_turn_whose_forward_pass_keeps_failing_names_its_line_after_the_answered_turns(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], model: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later turn whose forward pass failed every try (out of device memory) ended the
+    command with "prompt 0 could not be answered: ..." (the index among the conversations
+    still talking: line 2 of the file) and no JSON line of the turns answered before. Now
+    that JSON line comes first, then the refusal names the line, conversation and turn."""
+    import kvtier.cli_generate as cli_generate
+
+    load = cli_generate._load
+
+    def failing_long_chunks(args: Any) -> Any:
+        generator, params = load(args)
+        forward = generator.engine.model.forward_chunk
+
+        def chunk(kv: Any, table: Any, tokens: Any, start: int, *rest: Any) -> Any:
+            if len(tokens) >= 15:
+                raise RuntimeError("CUDA out of memory (injected)")
+            return forward(kv, table, tokens, start, *rest)
+
+        monkeypatch.setattr(generator.engine.model, "forward_chunk", chunk)
+        return generator, params
+
+    monkeypatch.setattr(cli_generate, "_load", failing_long_chunks)
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "b"}) + "\n"
+                    + json.dumps({"turns": ["ab", "a" * 20]}) + "\n", encoding="utf-8")
+    code, out, err = generate(capsys, model, "--jsonl", str(path))
+    assert code == 2
+    turns = json.loads(out.splitlines()[-1])["turns"]
+    assert [(t["conversation"], t["turn"]) for t in turns] == [(0, 0), (1, 0)]
+    assert err == (f"kvtier: error: {path} line 2 (conversation 1), turn 1: its prompt could "
+                   "not be answered: forward pass: RuntimeError: CUDA out of memory "
+                   "(injected)\n")

@@ -282,8 +282,8 @@ def _turn_json(conversation: int, turn: int, r: TurnResult) -> dict[str, Any]:
 
 def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
             params: SamplingParams, system_priority: int | None = None) -> list[TurnResult]:
-    from kvtier.model.generate import GenerationFailed
-
+    """The next answer of each conversation; CLIError for what the generator refuses,
+    ``GenerationFailed`` (its ``index``: which conversation) for one it could not compute."""
     try:
         if raw:
             texts = [c[-1]["content"] for c in conversations]
@@ -294,8 +294,8 @@ def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
                                    "vocabulary")
             return generator.generate(prompts, params)
         return generator.chat(conversations, params, system_priority)
-    except (ValueError, GenerationFailed) as exc:  # too long for the context, a template
-        raise CLIError(str(exc)) from None               # that refuses, out of memory
+    except ValueError as exc:  # too long for the context, a template that refuses
+        raise CLIError(str(exc)) from None
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -316,6 +316,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError("--system-priority needs a system message to keep: a \"system\" of a "
                        "--jsonl conversation")
     generator, params = _load(args)
+    from kvtier.model.generate import GenerationFailed
+
     turns = [[item["prompt"]] if "prompt" in item else list(item["turns"]) for item in items]
     histories: list[list[Message]] = [
         [{"role": "system", "content": item["system"]}] if item.get("system") else []
@@ -335,8 +337,17 @@ def run_generate(args: argparse.Namespace) -> int:
                 print(json.dumps(_summary(rows, generator)))
             raise CLIError(f"{origins[active[k]]} (conversation {active[k]}), turn {turn}: "
                            f"{why}")
-        results = _answer(generator, [histories[i] for i in active], args.raw, params,
-                          args.system_priority)
+        try:
+            results = _answer(generator, [histories[i] for i in active], args.raw, params,
+                              args.system_priority)
+        except GenerationFailed as exc:
+            # NOTE: "prompt 0 could not be answered" named the index among the conversations
+            # still talking, and the turns answered before had no JSON line.
+            if rows:
+                print(json.dumps(_summary(rows, generator)))
+            k = active[exc.index]
+            raise CLIError(f"{origins[k]} (conversation {k}), turn {turn}: its prompt could "
+                           f"not be answered: {exc.error}") from None
         for i, r in zip(active, results, strict=True):
             histories[i].append({"role": "assistant", "content": r.text})
             print(_printable(f"--- conversation {i} turn {turn}: {turns[i][turn]}"))
@@ -392,6 +403,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     if args.system:
         _check_text(args.system, "--system")
     generator, params = _load(args)
+    from kvtier.model.generate import GenerationFailed
+
     system: list[Message] = ([{"role": "system", "content": args.system}]
                              if args.system else [])
     conversations: list[list[Message]] = [list(system)]
@@ -429,7 +442,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         history.append({"role": "user", "content": text})
         try:
             result = _answer(generator, [history], False, params, args.system_priority)[0]
-        except CLIError as exc:
+        except (CLIError, GenerationFailed) as exc:
             # A turn that does not fit the context (or could not be computed) is refused;
             # the conversation stays as it was, and the session goes on.
             history.pop()
