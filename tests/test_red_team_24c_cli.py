@@ -181,3 +181,28 @@ def test_a_turn_whose_forward_pass_keeps_failing_names_its_line_after_the_answer
     assert err == (f"kvtier: error: {path} line 2 (conversation 1), turn 1: its prompt could "
                    "not be answered: forward pass: RuntimeError: CUDA out of memory "
                    "(injected)\n")
+
+
+def test_chat_with_a_system_message_past_the_context_is_refused_at_once(
+        capsys: pytest.CaptureFixture[str], model: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kvtier chat --system`` of a message that alone passes the context (64 tokens
+    here) read every line and refused each ("not answered: a prompt of 71 tokens does not
+    fit ...; /new starts a new conversation", which starts one with the same system
+    message), then ended with status 0. Now one sentence, status 2, before a line is read;
+    a system message that fits still chats."""
+    import io
+
+    stdin = io.StringIO("ab\nb\n")
+    monkeypatch.setattr("sys.stdin", stdin)
+    code, out, err = run_cli(capsys, "chat", "--system", "a" * 70, "--model", str(model),
+                             "--device", "cpu", "--max-new-tokens", "2")
+    assert (code, out) == (2, "")
+    assert err == ("kvtier: error: --system takes 70 tokens in the chat template, leaving no "
+                   "room in the maximum context of 64 tokens (model context, GPU pool)\n")
+    assert stdin.tell() == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("ab\n"))
+    code, out, err = run_cli(capsys, "chat", "--system", "a" * 8, "--model", str(model),
+                             "--device", "cpu", "--max-new-tokens", "2")
+    assert (code, err) == (0, "")
+    assert [t["turn"] for t in json.loads(out.splitlines()[-1])["turns"]] == [0]

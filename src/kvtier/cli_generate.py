@@ -407,6 +407,18 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
 
     system: list[Message] = ([{"role": "system", "content": args.system}]
                              if args.system else [])
+    if system:
+        # NOTE: a system message that alone passes the context had every line refused
+        # ("not answered: ...; /new starts a new conversation", which starts it with the
+        # same system message), then status 0.
+        try:
+            num_tokens = len(generator.tokenizer.encode_chat(system))
+        except ValueError:  # a template that wants a user message too: each turn says so
+            num_tokens = 0
+        if num_tokens >= generator.max_context:
+            raise CLIError(f"--system takes {num_tokens} tokens in the chat template, "
+                           f"leaving no room in the maximum context of "
+                           f"{generator.max_context} tokens (model context, GPU pool)")
     conversations: list[list[Message]] = [list(system)]
     current = 0
     rows: list[dict[str, Any]] = []
