@@ -9,6 +9,7 @@ rather than the whole model (rank 1's: empty columns, its first pass failing alo
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,41 @@ def test_a_plan_every_rank_refuses_leaves_the_workers_serving(tmp_path: Path) ->
     assert leader[1] == "done"
     assert worker["serve"] == 7
     assert worker["host"] == 2 * 4 * 1 * 16  # the sound plan's offload: K and V of slot 1
+
+
+def wrong_rank_main(rank: int, rendezvous: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    # NOTE: before, rank 0 waited in the gather for these 20 s (gloo's default: 30 min).
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=TP_SIZE, timeout=timedelta(seconds=20))
+    outcome: dict[str, Any] = {}
+    try:
+        shard = SOUND.shard(0, TP_SIZE)  # rank 1 too holds rank 0's shard
+        start = time.monotonic()
+        try:
+            DistributedTransferEngine(TorchTransferEngine(KVStorage(shard, 8),
+                                                          KVStorage(shard, 8)))
+            outcome["built"] = "built"
+        except Exception as exc:
+            outcome["built"] = f"{type(exc).__name__}: {exc}"
+        outcome["seconds"] = time.monotonic() - start
+        engine_of(SOUND, rank)  # still paired
+        outcome["then"] = "built"
+        torch.save(outcome, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_holding_another_ranks_shard_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """A rank whose storage holds another rank's shard raised at once, alone, before the
+    collective that checks the pools: every other rank waited in it until the group's
+    timeout (gloo's default: 30 minutes), then failed with a connection error. Now the
+    shards are gathered first and every rank raises the same ValueError at once, the
+    collectives still paired."""
+    args = (str(tmp_path / "rendezvous"), str(tmp_path))
+    torch.multiprocessing.spawn(wrong_rank_main, args=args, nprocs=TP_SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(TP_SIZE)]
+    message = "ValueError: rank 1 of 2 in the group holds the shard of rank 0 of 2"
+    assert [outcome["built"] for outcome in ranks] == [message, message]
+    assert all(outcome["seconds"] < 10 for outcome in ranks)
+    assert [outcome["then"] for outcome in ranks] == ["built", "built"]
