@@ -624,7 +624,7 @@ def test_matplotlib_refusing_its_environment_is_one_line_before_the_sweep(
 
 @pytest.mark.parametrize(("prompts", "shown"), [
     (["ab", "zzz"], "prompt 'zzz' has no token in this model's vocabulary"),
-    (["ab", ""], "prompt 1 is empty: no token to answer"),
+    (["ab", ""], "PROMPT 1 (conversation 1), turn 0: its prompt is empty: no token to answer"),
 ])
 def test_a_prompt_of_no_token_is_named(tmp_path: Path, prompts: list[str], shown: str) -> None:
     """``generate --raw zzz`` on a vocabulary without z: "a prompt is empty", of a prompt

@@ -141,6 +141,14 @@ def _load(args: argparse.Namespace) -> tuple[Generator, SamplingParams]:
         raise CLIError(str(exc)) from None
     except MemoryError as exc:  # the KV tiers (KVStorage) do not fit
         raise CLIError(f"{exc}; use smaller --gpu-blocks/--host-blocks") from None
+    if generator.tokenizer.chat_template is None and not getattr(args, "raw", False):
+        # NOTE: `kvtier chat` read every line and refused each ("not answered: this
+        # checkpoint has no chat template; /new starts a new conversation"), then ended
+        # with status 0, having answered nothing.
+        raise CLIError(f"{path} has no chat template, which kvtier {args.command} needs to "
+                       "put messages in the model's turns" + (
+                           " (--raw tokenizes each prompt as it is)"
+                           if args.command == "generate" else ""))
     return generator, params
 
 
@@ -244,6 +252,24 @@ def _text_lines(f: BinaryIO, origin: str) -> Iterator[str]:
                            "the line)") from None
 
 
+def _printable(text: str) -> str:
+    """``text`` as standard output's encoding can write it: what it cannot (an emoji or
+    CJK answer under cp1252 or ASCII) as a backslash escape. Pure.
+
+    NOTE: standard output writes strictly (stderr escapes on its own): an answer or a
+    prompt it could not encode, under a Windows console redirected to a file, ISO-8859-1
+    or PYTHONIOENCODING=ascii, ended the command in an internal error (status 70), the
+    answers still to come and the JSON line lost. The JSON line itself is ASCII."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:  # an encoding Python does not know: it will fail on its own
+        return text
+    return text
+
+
 def _turn_json(conversation: int, turn: int, r: TurnResult) -> dict[str, Any]:
     return {"conversation": conversation, "turn": turn, "text": r.text,
             "stop_reason": r.stop_reason, "num_prompt_tokens": r.num_prompt_tokens,
@@ -256,8 +282,8 @@ def _turn_json(conversation: int, turn: int, r: TurnResult) -> dict[str, Any]:
 
 def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
             params: SamplingParams, system_priority: int | None = None) -> list[TurnResult]:
-    from kvtier.model.generate import GenerationFailed
-
+    """The next answer of each conversation; CLIError for what the generator refuses,
+    ``GenerationFailed`` (its ``index``: which conversation) for one it could not compute."""
     try:
         if raw:
             texts = [c[-1]["content"] for c in conversations]
@@ -268,8 +294,8 @@ def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
                                    "vocabulary")
             return generator.generate(prompts, params)
         return generator.chat(conversations, params, system_priority)
-    except (ValueError, GenerationFailed) as exc:  # too long for the context, a template
-        raise CLIError(str(exc)) from None               # that refuses, out of memory
+    except ValueError as exc:  # too long for the context, a template that refuses
+        raise CLIError(str(exc)) from None
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -290,6 +316,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError("--system-priority needs a system message to keep: a \"system\" of a "
                        "--jsonl conversation")
     generator, params = _load(args)
+    from kvtier.model.generate import GenerationFailed
+
     turns = [[item["prompt"]] if "prompt" in item else list(item["turns"]) for item in items]
     histories: list[list[Message]] = [
         [{"role": "system", "content": item["system"]}] if item.get("system") else []
@@ -299,42 +327,61 @@ def run_generate(args: argparse.Namespace) -> int:
         active = [i for i, t in enumerate(turns) if turn < len(t)]
         for i in active:
             histories[i].append({"role": "user", "content": turns[i][turn]})
-        too_long = _too_long(generator, [histories[i] for i in active], args.raw)
-        if too_long is not None:
+        refused = _unanswerable(generator, [histories[i] for i in active], args.raw)
+        if refused is not None:
             # NOTE: the refusal named neither the conversation nor its line ("a prompt of
-            # 1247 tokens does not fit"), and the turns answered before it had no JSON line.
-            k, num_tokens = too_long
+            # 1247 tokens does not fit", "prompt 1 is empty" of line 3, a chat template's
+            # own words), and the turns answered before it had no JSON line.
+            k, why = refused
             if rows:
                 print(json.dumps(_summary(rows, generator)))
-            raise CLIError(f"{origins[active[k]]} (conversation {active[k]}), turn {turn}: its "
-                           f"prompt of {num_tokens} tokens does not fit the maximum context "
-                           f"of {generator.max_context} tokens (model context, GPU pool)")
-        results = _answer(generator, [histories[i] for i in active], args.raw, params,
-                          args.system_priority)
+            raise CLIError(f"{origins[active[k]]} (conversation {active[k]}), turn {turn}: "
+                           f"{why}")
+        try:
+            results = _answer(generator, [histories[i] for i in active], args.raw, params,
+                              args.system_priority)
+        except GenerationFailed as exc:
+            # NOTE: "prompt 0 could not be answered" named the index among the conversations
+            # still talking, and the turns answered before had no JSON line.
+            if rows:
+                print(json.dumps(_summary(rows, generator)))
+            k = active[exc.index]
+            raise CLIError(f"{origins[k]} (conversation {k}), turn {turn}: its prompt could "
+                           f"not be answered: {exc.error}") from None
         for i, r in zip(active, results, strict=True):
             histories[i].append({"role": "assistant", "content": r.text})
-            print(f"--- conversation {i} turn {turn}: {turns[i][turn]}")
-            print(r.text)
+            print(_printable(f"--- conversation {i} turn {turn}: {turns[i][turn]}"))
+            print(_printable(r.text))
             print(r.summary())
             rows.append(_turn_json(i, turn, r))
     print(json.dumps(_summary(rows, generator)))
     return 0
 
 
-def _too_long(generator: Generator, conversations: list[list[Message]],
-              raw: bool) -> tuple[int, int] | None:
-    """The first of ``conversations`` whose next prompt does not fit the generator's
-    context, and its length in tokens; None if all fit (or one cannot be encoded, which
-    the answer refuses in its own words). Pure."""
+def _unanswerable(generator: Generator, conversations: list[list[Message]],
+                  raw: bool) -> tuple[int, str] | None:
+    """The first of ``conversations`` whose next prompt the generator would refuse, and why
+    (its text cannot be encoded or the chat template refuses it, it holds no token, it does
+    not fit the context, it holds an id past the model's vocabulary); None if all can be
+    answered. Pure."""
     tokenizer = generator.tokenizer
+    vocab_size = generator.model.config.vocab_size
     for k, conversation in enumerate(conversations):
         try:
             ids = (tokenizer.encode(conversation[-1]["content"]) if raw
                    else tokenizer.encode_chat(conversation))
-        except ValueError:
-            return None
+        except ValueError as exc:
+            return k, str(exc)
+        if not ids:
+            text = conversation[-1]["content"]
+            return k, (f"prompt {shown(text):.60} has no token in this model's vocabulary"
+                       if text else "its prompt is empty: no token to answer")
         if len(ids) >= generator.max_context:
-            return k, len(ids)
+            return k, (f"its prompt of {len(ids)} tokens does not fit the maximum context of "
+                       f"{generator.max_context} tokens (model context, GPU pool)")
+        if max(ids) >= vocab_size:
+            return k, (f"its prompt holds token id {max(ids)}, past the model's vocabulary of "
+                       f"{vocab_size}")
     return None
 
 
@@ -356,8 +403,22 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     if args.system:
         _check_text(args.system, "--system")
     generator, params = _load(args)
+    from kvtier.model.generate import GenerationFailed
+
     system: list[Message] = ([{"role": "system", "content": args.system}]
                              if args.system else [])
+    if system:
+        # NOTE: a system message that alone passes the context had every line refused
+        # ("not answered: ...; /new starts a new conversation", which starts it with the
+        # same system message), then status 0.
+        try:
+            num_tokens = len(generator.tokenizer.encode_chat(system))
+        except ValueError:  # a template that wants a user message too: each turn says so
+            num_tokens = 0
+        if num_tokens >= generator.max_context:
+            raise CLIError(f"--system takes {num_tokens} tokens in the chat template, "
+                           f"leaving no room in the maximum context of "
+                           f"{generator.max_context} tokens (model context, GPU pool)")
     conversations: list[list[Message]] = [list(system)]
     current = 0
     rows: list[dict[str, Any]] = []
@@ -393,14 +454,15 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         history.append({"role": "user", "content": text})
         try:
             result = _answer(generator, [history], False, params, args.system_priority)[0]
-        except CLIError as exc:
+        except (CLIError, GenerationFailed) as exc:
             # A turn that does not fit the context (or could not be computed) is refused;
             # the conversation stays as it was, and the session goes on.
             history.pop()
-            print(f"(not answered: {exc}; /new starts a new conversation)", flush=True)
+            print(_printable(f"(not answered: {exc}; /new starts a new conversation)"),
+                  flush=True)
             continue
         history.append({"role": "assistant", "content": result.text})
-        print(result.text)
+        print(_printable(result.text))
         print(result.summary(), flush=True)
         rows.append(_turn_json(current, sum(m["role"] == "user" for m in history) - 1, result))
     print(json.dumps(_summary(rows, generator)))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from kvtier.reprs import shown
 from kvtier.request import check_request
 from kvtier.scheduler import Request, ScheduledStep, Scheduler
 from kvtier.sequence import MultimodalItem
+from kvtier.storage import KVLayout
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.torch_engine import TorchTransferEngine
 from kvtier.wiring import Wired
@@ -129,6 +131,44 @@ class _Executed(NamedTuple):
     computed: list[_Computed]
 
 
+def sampled_token(token: object) -> int:
+    """What a sampler answered, as a token id: an integer scalar (an ``int``, a NumPy
+    integer, a one-element integer tensor); TypeError naming it otherwise (a bool, a float,
+    a float or bool tensor, a tensor of several values). Pure.
+
+    NOTE: a NumPy integer (``np.argmax``'s answer, which every other entry takes as a
+    token) ended the request with an error, while a tensor of any dtype went through
+    ``int()``: 7.9 sampled token 7, True token 1, without a word."""
+    if isinstance(token, torch.Tensor):
+        if token.numel() == 1 and not (token.is_floating_point() or token.is_complex()
+                                       or token.dtype == torch.bool):
+            return int(token.item())
+    elif isinstance(token, numbers.Integral) and not isinstance(token, bool):
+        return int(token)
+    raise TypeError(f"sample returned {shown(token)}, not an int")
+
+
+def check_kv_layout(what: str, layout: KVLayout, model_layout: KVLayout) -> None:
+    """ValueError naming ``what`` and both unless a storage of ``layout`` holds the blocks a
+    model of ``model_layout`` reads and writes (``KVLayout.model_shape``, and the same
+    tensor-parallel shard). Pure."""
+    if (layout.model_shape != model_layout.model_shape
+            or (layout.tp_rank, layout.tp_size) != (model_layout.tp_rank, model_layout.tp_size)):
+        raise ValueError(f"{what} holds {_blocks(layout)}, the model computes "
+                         f"{_blocks(model_layout)}")
+
+
+def _blocks(layout: KVLayout) -> str:
+    """What a block of ``layout`` holds, in words. Pure."""
+    heads = layout.kv_head_slice
+    held = f"{layout.num_kv_heads} KV heads"
+    if layout.tp_size > 1:
+        held = (f"KV heads {heads.start}..{heads.stop - 1} of {held} (rank {layout.tp_rank} "
+                f"of {layout.tp_size})")
+    return (f"{layout.num_layers} layers of {held} of head_dim {layout.head_dim} in "
+            f"{layout.dtype}")
+
+
 class ModelEngine(Wired):
     """Drives ``model`` with ``scheduler`` over the GPU storage of ``transfer``.
 
@@ -170,6 +210,10 @@ class ModelEngine(Wired):
                 raise ValueError(f"{name} storage holds {layout.num_layers} layers of "
                                  f"head_dim {layout.head_dim}, the model {shape[0]} of "
                                  f"{shape[1]}")
+            # NOTE: the KV heads and the dtype were not compared: a bfloat16 storage under a
+            # float32 model failed every forward pass (each request ended with an error
+            # after three), one of more heads than the model's took its K/V broadcast.
+            check_kv_layout(f"{name} storage", layout, model.kv_layout(config.tokens_per_block))
         if remote is not None and remote.manager is not manager:
             raise ValueError("the remote tier must run on the given manager (it imports into "
                              "that manager's host tier)")
@@ -217,7 +261,8 @@ class ModelEngine(Wired):
         ``sampler`` picks them; it ends early at ``sampler``'s stop tokens or when ``stop``
         says so (else after ``max_output_tokens``). Raises ValueError or TypeError, queueing
         nothing, for what the scheduler refuses, a token id the model has no embedding for
-        (past its ``vocab_size``), a ``sampler`` that is no :class:`Sampler` or a ``stop``
+        (past its ``vocab_size``), a prompt and ``max_output_tokens`` past the model's
+        context (``_check_context``), a ``sampler`` that is no :class:`Sampler` or a ``stop``
         that is not callable."""
         # NOTE: checked before anything is queued: past this point each fails in the middle
         # of a step, between the scheduler's step and its update, and no later step runs.
@@ -227,7 +272,9 @@ class ModelEngine(Wired):
             raise TypeError(f"stop must be a callable or None, got {type(stop).__name__}")
         if isinstance(request, Request):
             # The scheduler checks the request again; its token ids are ints from here.
-            self._check_vocab(request.request_id, *check_request(request)[:2])
+            prompt, output, _ = check_request(request)
+            self._check_vocab(request.request_id, prompt, output)
+            self._check_context(request.request_id, len(prompt), request.max_output_tokens)
         self.scheduler.add_request(request)
         rid = request.request_id
         self.results[rid] = RequestResult(rid, list(request.prompt),
@@ -304,6 +351,24 @@ class ModelEngine(Wired):
                 raise ValueError(f"{name} of request {shown(request_id)}: token id {tokens[bad]} "
                                  f"at index {bad} is past the model's vocabulary of "
                                  f"{vocab_size}")
+
+    def _check_context(self, request_id: str, num_prompt_tokens: int,
+                       max_output_tokens: int) -> None:
+        """ValueError naming the request and the numbers if its prompt and output would pass
+        the model's context (``max_position_embeddings``): the last output token is sampled
+        at position ``prompt + max_output_tokens - 2``. Pure.
+
+        NOTE: such a request was queued: the forward pass that passed the context raised,
+        the request recomputed its prompt and output twice more and then ended with
+        stop_reason "error"; under tensor parallelism the same refusal ended every worker's
+        ``serve``, and the leader's next command waited on ranks that were gone."""
+        limit = self.model.config.max_position_embeddings
+        num_positions = num_prompt_tokens + max_output_tokens - 1
+        if limit is not None and num_positions > limit:
+            raise ValueError(f"request {shown(request_id)}: a prompt of {num_prompt_tokens} "
+                             f"tokens and max_output_tokens {max_output_tokens} need "
+                             f"{num_positions} positions, past the model's maximum context "
+                             f"of {limit}")
 
     def step(self) -> tuple[ScheduledStep, list[Request]]:
         """Run one forward pass; returns the schedule and the requests it finished. Raises
@@ -513,10 +578,7 @@ class ModelEngine(Wired):
                 out[rid] = argmax[rid]
                 continue
             try:
-                token = self._samplers[rid].sample(logits)
-                if isinstance(token, bool) or not isinstance(token, int | torch.Tensor):
-                    raise TypeError(f"sample returned {shown(token)}, not an int")
-                token = int(token)
+                token = sampled_token(self._samplers[rid].sample(logits))
                 if not 0 <= token < vocab_size:
                     raise ValueError(f"sample returned {token}, outside the vocabulary of "
                                      f"{vocab_size}")

@@ -63,7 +63,13 @@ class TierSizes:
 
 class GenerationFailed(RuntimeError):
     """A prompt could not be answered: its forward pass failed every time it was tried
-    (``ModelEngine.max_forward_faults``), e.g. out of device memory."""
+    (``ModelEngine.max_forward_faults``), e.g. out of device memory. ``index``: which of
+    the call's prompts; ``error``: why, as the engine says."""
+
+    def __init__(self, message: str, index: int = 0, error: str = "") -> None:
+        super().__init__(message)
+        self.index = index
+        self.error = error
 
 
 class TurnResult(NamedTuple):
@@ -189,7 +195,8 @@ class Generator:
         results = [engine.results.pop(rid) for rid in rids]
         for i, r in enumerate(results):
             if r.stop_reason == "error":  # its forward pass kept failing (a CUDA OOM)
-                raise GenerationFailed(f"prompt {i} could not be answered: {r.error}")
+                raise GenerationFailed(f"prompt {i} could not be answered: {r.error}", i,
+                                       r.error or "")
         return [self._result(r, params) for r in results]
 
     def chat(self, conversations: Sequence[Sequence[Message]], params: SamplingParams,
@@ -215,7 +222,11 @@ class Generator:
         system message alone shares with ``ids``). None without a system message. Pure."""
         if not conversation or conversation[0].get("role") != "system":
             return None
-        alone = self.tokenizer.encode_chat(conversation[:1])
+        # NOTE: without the generation prompt: with it, the system message alone ended in
+        # "<|im_start|>assistant", whose first token the next turn's "<|im_start|>user"
+        # shares, so the range took one token of the user's turn (and, where the system
+        # message filled whole blocks, the first block of the user's turn at its priority).
+        alone = self.tokenizer.encode_chat(conversation[:1], add_generation_prompt=False)
         n = 0
         for a, b in zip(alone, ids, strict=False):
             if a != b:

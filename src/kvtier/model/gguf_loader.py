@@ -15,13 +15,15 @@ Qwen2 files are converted without that permutation (llama.cpp rotates them as ha
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvtier.model.checkpoint import CheckpointError, TensorEntry, build_model
+from kvtier.model.checkpoint import CheckpointError, TensorEntry, build_model, check_tensors
 from kvtier.model.config import ModelConfig
 from kvtier.model.llama import LlamaModel
 from kvtier.reprs import shown
@@ -150,6 +152,13 @@ def config_from_gguf(reader: Any, origin: str, dtype: str = "float32") -> ModelC
     head_dim = optional("attention.key_length", dim // heads if heads > 0 else 0)
     num_layers, ffn_dim = need("block_count"), need("feed_forward_length")
     num_kv_heads = optional("attention.head_count_kv", heads)
+    # NOTE: a rotation of part of each head (GPT-NeoX style) was computed as one of all of
+    # it, without a word: every logit past the first position wrong.
+    rope_dims = gguf_int(reader, f"{arch}.rope.dimension_count", origin)
+    if rope_dims is not None and rope_dims != head_dim:
+        raise CheckpointError(f"{origin}: {arch}.rope.dimension_count is {rope_dims}, the "
+                              f"heads' size {head_dim}: RoPE over part of each head is not "
+                              "supported")
     context = need("context_length")
     try:
         return ModelConfig(
@@ -210,8 +219,55 @@ def load_gguf_model(path: Path, dtype: str = "float32",
     config = config_from_gguf(reader, origin, dtype)
     arch = gguf_field(reader, "general.architecture", origin)
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    factors = None
-    if freqs is not None:  # Llama 3's scaled RoPE, as llama.cpp stores it: per-pair divisors
-        factors = torch.from_numpy(np.array(_import_gguf().quants.dequantize(freqs.data,
-                                                                     freqs.tensor_type)))
-    return build_model(config, gguf_tensors(reader, config, arch), origin, device, factors)
+    check_tensor_data(reader, origin)
+    tensors = gguf_tensors(reader, config, arch)
+    check_tensors(config, tensors, origin)
+    factors = None if freqs is None else rope_freq_factors(freqs, config, origin)
+    return build_model(config, tensors, origin, device, factors)
+
+
+def check_tensor_data(reader: Any, origin: str) -> None:
+    """CheckpointError naming both if two tensors' data share bytes of the file. Pure.
+
+    NOTE: the reader checks that each tensor lies inside the file, not that they lie apart:
+    a file of one layer's data and a header of thousands of layers all pointing at it was
+    read layer after layer, each a new copy dequantized into memory, until the process ran
+    out of it (killed, no word said); the model's memory is now bounded by the file's size
+    (times the dequantization's growth)."""
+    spans = sorted((int(t.data_offset), int(t.n_bytes), t.name) for t in reader.tensors)
+    for (start, size, name), (next_start, _, next_name) in itertools.pairwise(spans):
+        if start + size > next_start:
+            raise CheckpointError(f"{origin}: tensors {shown(name)} and {shown(next_name)} "
+                                  f"share bytes of the file ({size:,} bytes at offset "
+                                  f"{start:,}, the other at {next_start:,}): each tensor's "
+                                  "data must be its own")
+
+
+def rope_freq_factors(tensor: Any, config: ModelConfig, origin: str) -> torch.Tensor:
+    """Llama 3's scaled RoPE as llama.cpp stores it: ``rope_freqs.weight``, one divisor per
+    pair of each head's dimensions (head_dim / 2 of them), float32. CheckpointError naming
+    the tensor if it has another shape, cannot be read as numbers, or holds a divisor that
+    is no finite number > 0.
+
+    NOTE: it was taken as it came: a tensor of 1 value was broadcast over every pair, one
+    of another length was torch's RuntimeError (status 70) when the model was built, an
+    integer one the gguf package's NotImplementedError, and a 0 or NaN made every angle
+    infinite or NaN, every logit past the first position garbage, without a word."""
+    name = "rope_freqs.weight"
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    want = (config.head_dim // 2,)
+    if shape != want:
+        raise CheckpointError(f"tensor {shown(name)} of {origin} has shape {list(shape)}, "
+                              f"the config needs {list(want)} (one divisor per pair of a "
+                              f"head's {config.head_dim} dimensions)")
+    try:
+        array = _import_gguf().quants.dequantize(tensor.data, tensor.tensor_type)
+        factors = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(want)
+    except Exception as exc:  # the gguf package's: a type it cannot dequantize
+        raise CheckpointError(f"tensor {shown(name)} of {origin} cannot be read "
+                              f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not bool((torch.isfinite(factors) & (factors > 0)).all()):
+        bad = next(float(x) for x in factors.tolist() if not (math.isfinite(x) and x > 0))
+        raise CheckpointError(f"tensor {shown(name)} of {origin} holds {bad}, not a RoPE "
+                              "frequency divisor (a finite number > 0)")
+    return factors

@@ -31,7 +31,7 @@ from kvtier.blocks import cdiv
 from kvtier.model.config import ModelConfig
 from kvtier.reprs import shown
 from kvtier.sequence import first_line
-from kvtier.storage import KVStorage
+from kvtier.storage import KVLayout, KVStorage
 
 # Where a layer's attention gets its K/V: (layer, k, v) -> (keys, values).
 KVFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -178,6 +178,11 @@ class LlamaModel:
         self.layers = [LayerWeights(*(own_opt(t) for t in w)) for w in weights.layers]  # type: ignore[arg-type]
         self.final_norm = own(weights.final_norm)
         self.lm_head = self.embed.T if weights.lm_head is None else own(weights.lm_head)
+
+    def kv_layout(self, tokens_per_block: int, layout: str = "block_major") -> KVLayout:
+        """The KV blocks this model reads and writes (a tensor-parallel shard: its heads).
+        Pure."""
+        return self.config.kv_layout(tokens_per_block, layout)
 
     # ---- the two entry points ----------------------------------------------------------
 

@@ -99,6 +99,12 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
              count("num_key_value_heads", heads), count("intermediate_size"),
              count("max_position_embeddings", None))
     norm_eps = value("rms_norm_eps", (int, float), "a number", 1e-6)
+    window = _sliding_window(cfg, model_type, sizes[1], count, flag, origin)
+    if window is not None:
+        # NOTE: this model attends to every earlier position: past the window a sliding
+        # window model (Mistral's 4096, Qwen2's when used) reads fewer, and every logit
+        # there differed from transformers', without a word. Exact up to it, refused past.
+        sizes = (*sizes[:4], window if sizes[4] is None else min(sizes[4], window))
     tie, mlp_bias = flag("tie_word_embeddings"), flag("mlp_bias")
     try:
         return ModelConfig(
@@ -110,6 +116,39 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
             mlp_bias=mlp_bias, rope_scaling=scaling, max_position_embeddings=sizes[4])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{origin}: {exc}") from None
+
+
+# transformers' defaults: Mistral's and Qwen2's sliding window where config.json names
+# none, and the first Qwen2 layer that slides.
+_DEFAULT_SLIDING_WINDOW = 4096
+_DEFAULT_MAX_WINDOW_LAYERS = 28
+
+
+def _sliding_window(cfg: dict[str, Any], model_type: str, num_layers: int,
+                    count: Any, flag: Any, origin: str) -> int | None:
+    """The attention window of some layer of the model, as transformers reads
+    ``config.json`` (``None``: every layer attends to the whole context). ``count`` and
+    ``flag`` read a key as config_from_hf does. Pure."""
+    if model_type == "llama":
+        return None  # LlamaConfig has no sliding window
+    if model_type == "qwen2" and not flag("use_sliding_window"):
+        return None
+    if "sliding_window" in cfg and cfg["sliding_window"] is None:
+        return None
+    window: int = count("sliding_window", _DEFAULT_SLIDING_WINDOW)
+    if window < 1:
+        raise CheckpointError(f"{origin}: sliding_window must be an integer >= 1 or null, "
+                              f"got {window}")
+    if model_type == "mistral":
+        return window
+    kinds = cfg.get("layer_types")
+    if kinds is not None:
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise CheckpointError(f"{origin}: layer_types must be an array of strings, got "
+                                  f"{shown(kinds):.60}")
+        return window if "sliding_attention" in kinds else None
+    first = count("max_window_layers", _DEFAULT_MAX_WINDOW_LAYERS)
+    return window if first < num_layers else None
 
 
 def _shards(path: Path) -> list[Path]:

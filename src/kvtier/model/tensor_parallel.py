@@ -38,12 +38,21 @@ class TensorParallelLlama(LlamaModel):
     ``torch.distributed`` group, the default one when ``None``; NCCL on GPUs, gloo on
     CPU): every rank must run the same forward passes in the same order."""
 
+    tp_rank: int
+    tp_size: int
+
     def __init__(self, full: LlamaModel, tp_rank: int, tp_size: int,
                  device: str | torch.device | None = None, group: Any = None) -> None:
         # NOTE: LlamaModel.__init__ is not called: it would draw a whole model of random
         # weights. The shard takes its slices of ``full``'s instead (same weights, same
         # fields, so the inherited forward_chunk and full_recompute work on the shard).
         c = full.config
+        if isinstance(full, TensorParallelLlama) and full.tp_size > 1:
+            # NOTE: a shard's weights were cut again as if whole: rank r > 0 took the empty
+            # columns past them, and its first forward pass raised on that rank alone while
+            # the others waited in the pass's all-reduce.
+            raise ValueError(f"full must be a whole model, got the shard of rank "
+                             f"{full.tp_rank} of {full.tp_size}")
         if type(tp_size) is not int or tp_size < 1:
             raise ValueError(f"tp_size must be an integer >= 1, got {shown(tp_size)}")
         if type(tp_rank) is not int or not 0 <= tp_rank < tp_size:

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, cast
 import torch
 
 from kvtier.manager import KVCacheManager
-from kvtier.model.engine import ModelEngine
+from kvtier.model.engine import ModelEngine, check_kv_layout
 from kvtier.model.llama import LlamaModel
 from kvtier.model.tensor_parallel import TensorParallelLlama
 from kvtier.remote.options import check_number
@@ -50,9 +50,8 @@ from kvtier.remote.ranks import Arrival, RemoteRanks, RemoteShard, join_arrivals
 from kvtier.remote.tier import RemoteTier
 from kvtier.reprs import shown
 from kvtier.scheduler import Scheduler
-from kvtier.storage import KVStorage
+from kvtier.storage import KVLayout, KVStorage
 from kvtier.tier import Tier
-from kvtier.transfer.engine import TransferError
 from kvtier.transfer.plan import TransferOp, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
 from kvtier.transfer.torch_handle import TransferHandle, TransferStats
@@ -199,6 +198,9 @@ class _LeaderModel:
         self._channel = channel
         self.config = shard.config
         self.device = shard.device
+
+    def kv_layout(self, tokens_per_block: int, layout: str = "block_major") -> KVLayout:
+        return self._shard.kv_layout(tokens_per_block, layout)
 
     def forward_chunk(self, kv: KVStorage, block_table: Sequence[int], tokens: Sequence[int],
                       start_pos: int,
@@ -370,11 +372,18 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
           channel: CommandChannel, remote: RemoteShard | None = None) -> int:
     """A worker rank: execute the leader's commands until it stops; returns the leader's
     step count. ``remote`` is this rank's shard of the leader's remote tier, if it has one.
-    A plan that failed anywhere raises here as on the leader: this rank waits for its own
-    copies and its next forward passes wait for nothing (the manager has dropped what the
-    failed copies were to fill)."""
+    A plan that failed (or was refused) anywhere raises here as on the leader, which
+    degrades it to recompute: this rank waits for its own copies and its next forward
+    passes wait for nothing (the manager has dropped what the failed copies were to
+    fill)."""
     if shard.tp_rank == channel.src:
         raise ValueError(f"rank {shard.tp_rank} is the leader: it runs TensorParallelLeader")
+    # NOTE: the leader's ModelEngine checks its own shard against its storage; a worker's
+    # shard of another model (or rank) than its storage failed its first forward pass
+    # alone, leaving the other ranks waiting in that pass's all-reduce.
+    layout = transfer.gpu.layout
+    check_kv_layout(f"rank {shard.tp_rank}'s GPU storage", layout,
+                    shard.kv_layout(layout.tokens_per_block))
     wait: Callable[[int], None] | None = None
     copies_unwaited = False  # copies submitted that this CPU has not waited for
     while True:
@@ -384,7 +393,11 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
                 handle = transfer.submit(TransferPlan(command.ops))
                 wait = functools.partial(transfer.wait, handle)
                 copies_unwaited = bool(command.ops)
-            except TransferError:
+            except Exception:
+                # NOTE: as the leader's ModelEngine degrades any fault of a submit (it
+                # raises alike on every rank: a TransferError, a plan refused as out of the
+                # pools or unlike the other ranks'); a ValueError ended this rank's serve
+                # while the leader went on, its next command waiting on a rank that was gone.
                 transfer.synchronize_all()
                 wait = None
         elif isinstance(command, ForwardCommand):

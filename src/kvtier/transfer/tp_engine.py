@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from kvtier.storage import MODEL_SHAPE_FIELDS
 from kvtier.transfer.engine import TransferError
 from kvtier.transfer.plan import PlanColumns, TransferPlan
 from kvtier.transfer.torch_engine import TorchTransferEngine
@@ -231,20 +232,34 @@ class DistributedTransferEngine:
                              "(init_process_group) in every rank's process")
         layout = engine.gpu.layout
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        if (layout.tp_rank, layout.tp_size) != (rank, size):
-            raise ValueError(f"this process is rank {rank} of {size} in its group, its "
-                             f"storage holds the shard of rank {layout.tp_rank} of "
-                             f"{layout.tp_size}")
-        if size > MAX_TP_SIZE:
+        if size > MAX_TP_SIZE:  # the same on every rank
             raise ValueError(f"at most {MAX_TP_SIZE} ranks (one bit each in an int64), "
                              f"got {size}")
-        # Same pools, same block ids: then a bad op is refused on every rank alike.
-        sizes: list[Any] = [None] * size
-        mine = (engine.gpu.num_blocks, None if engine.host is None else engine.host.num_blocks)
-        dist.all_gather_object(sizes, mine, group=group)
+        # Same pools, same block ids: then a bad op is refused on every rank alike. Shards
+        # of one model's blocks (as ShardedTransferEngine's ``_check_shards``).
+        # NOTE: only the pools' sizes were compared: ranks holding shards of two models
+        # (another dtype, head_dim, layer count) ran every plan as one deployment's, and the
+        # first forward pass that failed on one rank alone left the others waiting in its
+        # all-reduce. Gathered in one collective, refused on every rank alike.
+        # NOTE: a rank whose storage holds another rank's shard raised before the gather,
+        # alone: the others waited in it until the group's timeout (gloo's: 30 minutes).
+        # Its shard is gathered too, and every rank raises alike.
+        every: list[Any] = [None] * size
+        mine = ((engine.gpu.num_blocks, None if engine.host is None else engine.host.num_blocks),
+                layout.model_shape, (layout.tp_rank, layout.tp_size))
+        dist.all_gather_object(every, mine, group=group)
+        for r, (_, _, (held_rank, held_size)) in enumerate(every):
+            if (held_rank, held_size) != (r, size):
+                raise ValueError(f"rank {r} of {size} in the group holds the shard of rank "
+                                 f"{held_rank} of {held_size}")
+        sizes = [pools for pools, _, _ in every]
         if len(set(sizes)) != 1:
             raise ValueError(f"every rank must hold pools of the same size (the same block "
                              f"ids), got (gpu, host) blocks by rank {sizes}")
+        shapes = [shape for _, shape, _ in every]
+        if len(set(shapes)) != 1:
+            raise ValueError(f"every rank must hold a shard of the same model's blocks, got "
+                             f"({', '.join(MODEL_SHAPE_FIELDS)}) by rank {shapes}")
         self.engine = engine
         self.group = group
         self.tp_rank = rank
