@@ -237,10 +237,12 @@ class CoreUnderAttack(NewCallsUnderScheduling):
         self.cached_blocks_hold_their_kv()
 
     def figures(self) -> tuple[int, ...]:
-        """The stats a step moves (its plan's ops and its admissions' reuse)."""
+        """The stats a step moves (its plan's ops and its admissions' reuse, a resumed
+        request's counted apart from the queries')."""
         stats = self.mgr.stats
         return (stats.gpu.offloaded_blocks, stats.host.onboarded_blocks,
-                stats.num_partial_copies, stats.num_reused_tokens)
+                stats.num_partial_copies,
+                stats.num_reused_tokens + stats.num_resumed_reused_tokens)
 
     def run_plan(self, step: Any, skip: set[int]) -> None:
         """The step's figures are its plan's and its chunks': onboards and offloads

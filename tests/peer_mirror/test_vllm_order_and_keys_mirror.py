@@ -112,13 +112,12 @@ def test_a_full_prompt_hit_recomputes_the_last_token_s_block_through_the_schedul
     assert mgr.num_sequences == 0 and mgr.stats.num_reused_tokens == 80
 
 
-def test_a_resumed_request_counts_in_the_same_hit_rate_as_a_new_one() -> None:
+def test_a_resumed_request_is_counted_apart_from_the_hit_rate() -> None:
     """Mirrors vllm's PrefixCacheStats.record(preempted=...) (tests/v1/core/
     test_prefix_caching.py's stats and test_scheduler.py's preemption): vLLM counts a
-    preempted request's second lookup apart (preempted_requests / _queries / _hits).
-    Differs by design: kvtier's manager counts every admission alike (it does not know a
-    resumption from a new request; the scheduler reports preemptions apart), so the
-    resumed request's prompt and output (9 tokens, 4 reused) join the counters."""
+    preempted request's second lookup apart (preempted_requests / _queries / _hits), and
+    so does kvtier: the scheduler marks the requeued spec resumed, its recompute (prompt
+    and output so far, 9 tokens, 4 found cached) joins num_resumed*, not the queries."""
     mgr = make_manager(num_gpu_blocks=5)
     sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=64,
                                            capacity_policy="max_utilization"))
@@ -135,8 +134,11 @@ def test_a_resumed_request_counts_in_the_same_hit_rate_as_a_new_one() -> None:
             break
     assert preempted == ["b"]
     s = mgr.stats
-    assert (s.num_admitted, s.num_prompt_tokens, s.num_reused_tokens) == (3, 8 + 8 + 9, 4)
-    assert s.token_hit_rate == pytest.approx(4 / 25)
+    # num_admitted counts admissions (three); the queries are the two first ones.
+    assert (s.num_admitted, s.num_prompt_tokens, s.num_reused_tokens) == (3, 16, 0)
+    assert (s.num_resumed, s.num_resumed_prompt_tokens, s.num_resumed_reused_tokens) == (
+        1, 9, 4)
+    assert s.token_hit_rate == 0.0
 
 
 @pytest.mark.parametrize("lora_id", [None, 3])
