@@ -239,9 +239,8 @@ class ModelEngine(Wired):
         # Requests whose sampler or stop function faulted this step: they end at its update.
         self._faulted: dict[str, str] = {}
         # Per waiting request not admitted yet: the lookup before this step (what admission
-        # will reuse, exactly), and the reuse it had before its remote fetch.
+        # will reuse, exactly), and the tokens its own remote fetch imported.
         self._promised: dict[str, PrefixMatch] = {}
-        self._before_fetch: dict[str, int] = {}
         self._remote_tokens: dict[str, int] = {}
         # Per running request in prefill: the full blocks its admission reused (with
         # write-through, the store has them: only the blocks after them are written).
@@ -332,8 +331,8 @@ class ModelEngine(Wired):
     def _forget(self, request_id: str) -> None:
         """Drop what the engine keeps for a request that is done (finished or aborted): a
         finished id may be queued again, as a new request that fetches like any other."""
-        for table in (self._samplers, self._stops, self._promised, self._before_fetch,
-                      self._remote_tokens, self._reused_blocks):
+        for table in (self._samplers, self._stops, self._promised, self._remote_tokens,
+                      self._reused_blocks):
             table.pop(request_id, None)
         self._fetched.discard(request_id)
         if self.remote is not None:
@@ -658,26 +657,28 @@ class ModelEngine(Wired):
                 if remote.start_fetch(req.request_id, req.tokens, req.salt, req.lora_id,
                                       req.mm_items):
                     scheduler.hold(req.request_id)
-                    self._before_fetch[req.request_id] = self._num_cached(req)
-        for rid in remote.poll():
-            self._release(rid)
+        self._poll_remote()
         if not scheduler.running and remote.num_waiting and remote.num_waiting == len(
                 scheduler.waiting):
             remote.wait(remote.fetch_deadline_s)
-            for rid in remote.poll():
-                self._release(rid)
+            self._poll_remote()
 
-    def _num_cached(self, req: Request) -> int:
-        return self.manager.lookup(req.tokens, salt=req.salt, lora_id=req.lora_id,
-                                   mm_items=req.mm_items).num_tokens
+    def _poll_remote(self) -> None:
+        """Release the held requests whose fetch is over; what each one's own fetch
+        imported counts as its remote tokens (``_note_admissions`` caps them by the host
+        tokens its admission reuses).
 
-    def _release(self, rid: str) -> None:
-        """Release a held request; what its fetch added to the cache counts as remote."""
-        self.scheduler.release(rid)
-        before = self._before_fetch.pop(rid, None)
-        req = next((r for r in self.scheduler.waiting if r.request_id == rid), None)
-        if before is not None and req is not None:
-            self._remote_tokens[rid] = max(0, self._num_cached(req) - before)
+        NOTE: the cache's growth during a fetch was counted: what another request's fetch
+        imported (two prompts of one prefix each reported it fetched) or the host gained
+        otherwise."""
+        assert self.remote is not None
+        polled = self.remote.poll_imports()
+        tpb = self.manager.config.tokens_per_block
+        for rid, num_blocks in polled.imported.items():
+            if self._owns(rid):
+                self._remote_tokens[rid] = self._remote_tokens.get(rid, 0) + num_blocks * tpb
+        for rid in polled.released:
+            self.scheduler.release(rid)
 
     def run(self, max_steps: int = 100_000) -> dict[str, RequestResult]:
         """Step until every request finished (and, with a remote tier, its writes landed);

@@ -50,7 +50,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.remote.codec import num_found_on_every_rank
@@ -80,6 +80,14 @@ class _Fetch:
     fetch_id: int  # the ranks' name for it
     asked: list[int]  # the hashes looked up: past the local tiers, as many as pay
     released: bool = False
+
+
+class Polled(NamedTuple):
+    """What one :meth:`RemoteTier.poll_imports` found: the requests whose wait is over, and
+    per request the blocks its own fetch imported into host blocks (absent: none)."""
+
+    released: list[str]
+    imported: dict[str, int]
 
 
 # What a fetch costs before the first measurement: the simulator's RemoteLink defaults
@@ -540,15 +548,28 @@ class RemoteTier(Wired):
 
     def poll(self) -> list[str]:
         """Import what arrived on every rank; return the requests whose wait is over: fetch
-        done, or past ``fetch_deadline_s`` (a late result is still imported when it comes)."""
+        done, or past ``fetch_deadline_s`` (a late result is still imported when it comes).
+        ``poll_imports`` says what each one's fetch imported too."""
+        return self.poll_imports().released
+
+    def poll_imports(self) -> Polled:
+        """:meth:`poll`, with the blocks each request's own fetch imported (a late one past
+        its deadline included; a cancelled one's count for nobody).
+
+        NOTE: a caller counting the host's growth during a fetch as that request's remote
+        reuse counted what other fetches imported (two requests of one prefix: one fetch
+        imports it, both reported it fetched) and what the host gained otherwise."""
         over = []
+        imported: dict[str, int] = {}
         if self._pending or self._orphans:
             by_id = {f.fetch_id: rid for rid, f in self._pending.items()}
             for fid, arrival in self.ranks.collect([*by_id, *self._orphans]).items():
                 rid = by_id.get(fid)
                 fetch = self._orphans.pop(fid) if rid is None else self._pending.pop(rid)
                 self._measured(arrival)
-                self._import(fetch, arrival)
+                num_imported = self._import(fetch, arrival)
+                if rid is not None and num_imported:
+                    imported[rid] = num_imported
                 if rid is not None and not fetch.released:
                     over.append(rid)
         now = time.monotonic()
@@ -556,7 +577,7 @@ class RemoteTier(Wired):
             if not fetch.released and now - fetch.started_s >= self.fetch_deadline_s:
                 fetch.released = True
                 over.append(rid)
-        return over
+        return Polled(over, imported)
 
     def wait(self, timeout_s: float) -> None:
         """Block until a fetch arrives on every rank or ``timeout_s`` passes (when nothing
