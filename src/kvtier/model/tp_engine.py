@@ -320,7 +320,7 @@ def run_remote(shard: RemoteShard, command: RemoteCommand, group: Any) -> object
         dist.all_gather_object(lost, shard.lost(), group=group)
         return set().union(*lost)
     else:
-        return bool(_min_over_ranks(int(shard.store.flush(command.timeout_s)), group))
+        return bool(_min_over_ranks(int(shard.flush(command.timeout_s)), group))
     return None
 
 

@@ -155,6 +155,21 @@ class RemoteShard:
             return 0
         return value if type(value) is int else 0
 
+    def flush(self, timeout_s: float | None) -> bool:
+        """Wait until the store's queued jobs ran, at most ``timeout_s`` (None: no limit);
+        False where that is not known: the time passed, or the store answered anything but
+        a bool or raised (a client past the contract, see ``put``).
+
+        NOTE: a caller's client that answered None (no answer of its own) raised TypeError
+        out of a worker's ``serve`` (``int()`` of it) while the other ranks waited in the
+        flush's all-reduce; one that raised ended the engine's ``run`` after every request
+        had finished."""
+        try:
+            answer = self.store.flush(timeout_s)
+        except Exception:
+            return False
+        return answer if type(answer) is bool else False
+
     def start_get(self, fetch_id: int, hashes: Sequence[int]) -> bool:
         """Look ``hashes`` up on the I/O thread; False if the store refused the job."""
         started_s = time.monotonic()
@@ -318,10 +333,9 @@ class LocalRanks(RemoteRanks):
 
     def flush(self, timeout_s: float | None) -> bool:
         if timeout_s is None:
-            return all([s.store.flush(None) for s in self.shards])
+            return all([s.flush(None) for s in self.shards])
         deadline_s = time.monotonic() + timeout_s
-        return all([s.store.flush(max(0.0, deadline_s - time.monotonic()))
-                    for s in self.shards])
+        return all([s.flush(max(0.0, deadline_s - time.monotonic())) for s in self.shards])
 
 
 def check_rank_namespaces(namespaces: Sequence[RemoteNamespace]) -> None:

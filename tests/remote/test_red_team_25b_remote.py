@@ -1,0 +1,48 @@
+"""Red team 25b, the remote tier's answers from a store: what a caller's store client
+answers past the contract is a miss or a failure, never the caller's exception."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch", reason="the remote tier tests move real KV: needs torch")
+
+from kvtier import CacheConfig, KVCacheManager
+from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
+from kvtier.remote.tier import RemoteTier
+from kvtier.storage import KVLayout, KVStorage
+
+TPB = 4
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, tokens_per_block=TPB)
+
+
+class AnsweringStore(InMemoryRemoteStore):
+    """A store whose ``flush`` answers ``answer`` (or raises it, an exception)."""
+
+    answer: object = True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer  # type: ignore[return-value]
+
+
+def make_tier(store: InMemoryRemoteStore) -> RemoteTier:
+    """A tier over ``store`` with a fresh manager of 8 GPU and 8 host blocks."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=8,
+                                         num_host_blocks=8, hash_algo="sha256"))
+    return RemoteTier(store, manager, KVStorage(LAYOUT, 8), KVStorage(LAYOUT, 8))
+
+
+@pytest.mark.parametrize("answer", [None, "yes", 1, ConnectionError("gone")])
+def test_a_flush_answered_past_the_contract_is_not_flushed(answer: object) -> None:
+    """A store whose flush raised (a client's ConnectionError) ended ``RemoteTier.flush``
+    with it (the engine's ``run`` after every request had finished); one that answered
+    "yes" or 1 was taken as flushed. Now anything but a bool, or a raise, is False."""
+    store = AnsweringStore(RemoteNamespace("m", LAYOUT))
+    store.answer = answer
+    tier = make_tier(store)
+    assert tier.flush(1.0) is False
+    assert tier.flush(None) is False
+    store.answer = True
+    assert tier.flush(1.0) is True

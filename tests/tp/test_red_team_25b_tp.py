@@ -1,0 +1,84 @@
+"""Red team 25b, tensor parallelism's collectives: what one rank alone may skip or raise.
+
+Two gloo ranks on the CPU. A worker's store whose ``flush`` answered None raised TypeError
+out of the flush's collective (``int(None)``), alone, while the leader waited in it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the tensor-parallel tests need torch: "
+                                            "pip install 'kvtier[torch]'")
+import torch.distributed as dist  # noqa: E402
+
+from kvtier.model.tp_engine import RemoteFlushCommand, run_remote  # noqa: E402
+from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
+from kvtier.remote.ranks import RemoteShard  # noqa: E402
+from kvtier.storage import KVLayout, KVStorage  # noqa: E402
+
+TP_SIZE = 2
+LAYOUT = KVLayout(2, 2, 16, 4, "float32")
+
+
+class AnsweringStore(InMemoryRemoteStore):
+    """A store whose ``flush`` answers ``answer`` (or raises it, an exception)."""
+
+    answer: object = True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer  # type: ignore[return-value]
+
+
+def attempt(outcome: dict[str, Any], name: str, call: Any) -> None:
+    """Record ``call()``'s result, or its exception as 'Type: message'."""
+    try:
+        outcome[name] = call()
+    except Exception as exc:
+        outcome[name] = f"{type(exc).__name__}: {exc}"
+
+
+def rank_main(rank: int, rendezvous: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    # NOTE: a collective one rank never joins fails after 20 s.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=TP_SIZE, timeout=timedelta(seconds=20))
+    outcome: dict[str, Any] = {}
+    try:
+        shard = LAYOUT.shard(rank, TP_SIZE)
+        gpu, host = KVStorage(shard, 8), KVStorage(shard, 8)
+        namespace = RemoteNamespace("m", LAYOUT).for_rank(rank, TP_SIZE)
+        store = AnsweringStore(namespace)
+        remote = RemoteShard(store, gpu, host)
+        for name, answer in (("None", None), ("raised", ConnectionError("gone")),
+                             ("str", "yes"), ("True", True)):
+            store.answer = answer if rank == 1 else True  # the leader's store is sound
+            attempt(outcome, f"flush {name}",
+                    lambda: run_remote(remote, RemoteFlushCommand(1.0), None))
+        torch.save(outcome, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Each rank's outcomes of ``rank_main``, in rank order."""
+    tmp_path = tmp_path_factory.mktemp("rt25b_tp")
+    args = (str(tmp_path / "rendezvous"), str(tmp_path))
+    torch.multiprocessing.spawn(rank_main, args=args, nprocs=TP_SIZE, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(TP_SIZE)]
+
+
+def test_a_flush_answered_past_the_contract_is_false_on_every_rank(
+        outcomes: list[dict[str, Any]]) -> None:
+    """A worker's store whose flush answered None raised TypeError there (``int(None)``),
+    alone, while the leader waited in the all-reduce. Now an answer that is no bool, or a
+    raise, is "not known flushed": False on every rank; True where every store says so."""
+    for outcome in outcomes:
+        assert [outcome[f"flush {name}"] for name in ("None", "raised", "str", "True")] == [
+            False, False, False, True]
