@@ -1,6 +1,8 @@
 """Red team 25b, tensor parallelism's collectives: what one rank alone may skip or raise.
 
-Two gloo ranks on the CPU. A worker's store whose ``flush`` answered None raised TypeError
+Two gloo ranks on the CPU. ``DistributedTransferEngine.submit`` of an empty plan joined no
+agreement, so a rank given one returned while a rank given a plan with ops waited in the
+agreement's all-reduce; a worker's store whose ``flush`` answered None raised TypeError
 out of the flush's collective (``int(None)``), alone, while the leader waited in it."""
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from kvtier.model.tp_engine import RemoteFlushCommand, run_remote  # noqa: E402
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
 from kvtier.remote.ranks import RemoteShard  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
+from kvtier.tier import Tier  # noqa: E402
+from kvtier.transfer import OpKind, TransferOp, TransferPlan  # noqa: E402
+from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
+from kvtier.transfer.tp_engine import DistributedTransferEngine  # noqa: E402
 
 TP_SIZE = 2
 LAYOUT = KVLayout(2, 2, 16, 4, "float32")
+PLAN = TransferPlan((TransferOp(OpKind.OFFLOAD, Tier.GPU, 1, Tier.HOST, 2, 4),))
 
 
 class AnsweringStore(InMemoryRemoteStore):
@@ -52,6 +59,15 @@ def rank_main(rank: int, rendezvous: str, out_dir: str) -> None:
     try:
         shard = LAYOUT.shard(rank, TP_SIZE)
         gpu, host = KVStorage(shard, 8), KVStorage(shard, 8)
+        transfer = DistributedTransferEngine(TorchTransferEngine(gpu, host))
+        # Rank 0 is given an empty plan, rank 1 one with an op: a leader's bug.
+        attempt(outcome, "mismatched",
+                lambda: type(transfer.submit(TransferPlan(()) if rank == 0 else PLAN)).__name__)
+        transfer.synchronize_all()
+        attempt(outcome, "empty", lambda: type(transfer.submit(TransferPlan(()))).__name__)
+        attempt(outcome, "sound", lambda: type(transfer.submit(PLAN)).__name__)
+        transfer.synchronize_all()
+
         namespace = RemoteNamespace("m", LAYOUT).for_rank(rank, TP_SIZE)
         store = AnsweringStore(namespace)
         remote = RemoteShard(store, gpu, host)
@@ -72,6 +88,21 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     args = (str(tmp_path / "rendezvous"), str(tmp_path))
     torch.multiprocessing.spawn(rank_main, args=args, nprocs=TP_SIZE, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(TP_SIZE)]
+
+
+def test_an_empty_plan_on_one_rank_is_refused_on_every_rank(
+        outcomes: list[dict[str, Any]]) -> None:
+    """Rank 0's empty plan returned a handle at once; rank 1 waited for the agreement.
+    Now every rank joins it and raises the same kind of ValueError naming both plans'
+    sizes; the ranks stay paired (an empty plan, then a sound one, run on both)."""
+    leader, worker = outcomes
+    assert leader["mismatched"].startswith(
+        "ValueError: the ranks were given different plans (rank 0: 0 ops")
+    assert worker["mismatched"].startswith(
+        "ValueError: the ranks were given different plans (rank 1: 1 ops")
+    assert "1 ops over 2 ranks" in leader["mismatched"]
+    for outcome in outcomes:
+        assert (outcome["empty"], outcome["sound"]) == ("TransferHandle", "TransferHandle")
 
 
 def test_a_flush_answered_past_the_contract_is_false_on_every_rank(

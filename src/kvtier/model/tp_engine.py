@@ -178,8 +178,10 @@ class _LeaderTransfer:
         return self._transfer.stats
 
     def submit(self, plan: TransferPlan) -> TransferHandle:
-        if plan.ops:  # an empty plan is no work and no collective, on any rank
-            self._channel.send(PlanCommand(plan.ops))
+        if not plan.ops:
+            # No work and no collective, on any rank: no command, so no worker submits it.
+            return self._transfer.engine.submit(plan)
+        self._channel.send(PlanCommand(plan.ops))
         return self._transfer.submit(plan)
 
     def wait(self, handle: TransferHandle, layer: int | None = None) -> None:

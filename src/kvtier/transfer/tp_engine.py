@@ -215,10 +215,10 @@ class DistributedTransferEngine:
     group, the default one when ``None``) on the ops that failed anywhere.
 
     Every rank must ``submit`` the same plans in the same order (the leader sends them,
-    ``kvtier.model.tp_engine``). A plan with ops costs one all-reduce of six words that
-    checks every rank ran the same plan and counts the ops that failed (``_agree_on``),
-    and where any did, one more of a word per op (bit ``r`` set where rank ``r`` failed
-    it); a CPU (gloo) group keeps them off the GPU's streams.
+    ``kvtier.model.tp_engine``). Every plan, an empty one too, costs one all-reduce of six
+    words that checks every rank ran the same plan and counts the ops that failed
+    (``_agree_on``), and where any did, one more of a word per op (bit ``r`` set where rank
+    ``r`` failed it); a CPU (gloo) group keeps them off the GPU's streams.
     Construction is a collective too: every rank's pools must have the same sizes.
     Counts: ``num_failed_ops`` (ops reported failed), ``num_failed_elsewhere`` (of those,
     ops this rank had done).
@@ -284,12 +284,15 @@ class DistributedTransferEngine:
         """Start ``plan`` on this rank; raises TransferError (on every rank alike) naming
         every op that failed on any rank; ValueError, before copying, for an op outside the
         pools (the same on every rank: the pools have the same sizes), and ValueError on
-        every rank alike where the ranks were given different plans. A collective when the
-        plan has ops. TypeError, copying nothing (and joining no collective), for what is
-        no TransferPlan."""
+        every rank alike where the ranks were given different plans. A collective, an
+        empty plan's too (a caller that skips empty plans skips them on every rank, as
+        ``kvtier.model.tp_engine``'s leader and workers do). TypeError, copying nothing
+        (and joining no collective), for what is no TransferPlan.
+
+        NOTE: an empty plan joined no agreement: a rank given one returned at once while a
+        rank given a plan with ops waited in the agreement's all-reduce for a collective
+        that never came (or met the next, unlike one)."""
         _check_plan(plan)
-        if not plan.ops:
-            return self.engine.submit(plan)
         refused: ValueError | None = None
         try:
             outcome: TransferHandle | TransferError | None = _submit(self.engine, plan)
