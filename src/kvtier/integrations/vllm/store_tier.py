@@ -176,9 +176,14 @@ class StoreTier:
             return self._stats.copy()
 
     def has_pending_work(self) -> bool:
-        """Whether probes or jobs are unsent or in flight (the engine must keep stepping
-        to see them end). Pure."""
-        return bool(self._batch or self._num_probes_in_flight or self._num_jobs_in_flight
+        """Whether probes are unsent or in flight, or jobs open: in flight, or ended and
+        not handed back by ``finished_jobs`` (the engine must keep stepping to see them
+        end). Pure.
+
+        NOTE: a job's outcome applied by a ``lookup`` (or refused at once) and not handed
+        back yet was no pending work: an engine that steps while work is pending stopped,
+        and vLLM never learnt that the job ended (a load's CPU pages pinned for ever)."""
+        return bool(self._batch or self._num_probes_in_flight or self._open_jobs
                     or self._results)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -293,6 +298,11 @@ class StoreTier:
         self._closed = True
         self._io.stop()
         self._drain()
+        # NOTE: keys asked for and not sent yet were never resolved: pending work for ever.
+        hashes, self._batch = self._batch, []
+        for block_hash in hashes:
+            self._probes[block_hash].state = _State.IN_FLIGHT
+        self._resolve(hashes, set())
 
     def check_invariants(self) -> None:
         """Recount the verdict books from scratch."""
