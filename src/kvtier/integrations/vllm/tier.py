@@ -106,8 +106,16 @@ class KvtierRedisTier(SecondaryTierManager):  # type: ignore[misc]
         # file only when no exported view of it is left.
         view = primary_kv_view.cast("B")
         self._view = view
-        self.tier = StoreTier(store, view, page_bytes, max_lookup_wait_s=max_lookup_wait_s,
-                              max_queued_jobs=max_queued_jobs)
+        try:
+            self.tier = StoreTier(store, view, page_bytes, max_lookup_wait_s=max_lookup_wait_s,
+                                  max_queued_jobs=max_queued_jobs)
+        except BaseException:
+            # NOTE: an option refused here (max_lookup_wait_s, max_queued_jobs) left the
+            # store this tier opened open, and the CPU tier's file exported (never unlinked).
+            view.release()
+            if self._owns_store:
+                store.close()
+            raise
         logger.info("kvtier tier %s: %s, namespace %s, %d-byte pages", tier_type,
                     redact_url(url) if url else type(store).__name__,
                     self.namespace.fingerprint, page_bytes)
