@@ -46,3 +46,32 @@ def test_a_flush_answered_past_the_contract_is_not_flushed(answer: object) -> No
     assert tier.flush(None) is False
     store.answer = True
     assert tier.flush(1.0) is True
+
+
+class GarbageBackend(InMemoryRemoteStore):
+    """A backend whose per-item answers to writes and existence checks are ``answer``."""
+
+    answer: object = "no"
+
+    def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool]:
+        return [self.answer] * len(pairs)  # type: ignore[list-item]
+
+    def has_keys(self, keys: list[str]) -> list[bool]:
+        return [self.answer] * len(keys)  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("answer", ["no", 1, b"OK", None, 0])
+def test_per_item_answers_that_are_no_bool_count_as_no(answer: object) -> None:
+    """A backend answering a write's items with "no" (or 1, b"OK") had them counted
+    written (``bool(ok)``): ``put_many`` said 2 of 2, the stats ``num_puts`` 2, a tier
+    remembered the blocks as held and skipped them in later writes; ``contains_many`` said
+    a key answered "no" was there. Now only True is yes: 0 written, 2 failed, none held."""
+    store = GarbageBackend(RemoteNamespace("m", LAYOUT))
+    store.answer = answer
+    payload = bytes(LAYOUT.bytes_per_block)
+    assert store.put_many({1: payload, 2: payload}) == 0
+    stats = store.stats
+    assert (stats.num_puts, stats.num_failed_puts, stats.bytes_written) == (0, 2, 0)
+    assert store.contains_many([1, 2]) == set()
+    store.answer = True
+    assert store.put_many({1: payload}) == 1 and store.contains_many([1, 2]) == {1, 2}

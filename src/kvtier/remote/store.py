@@ -252,8 +252,10 @@ class RemoteStoreBase(ABC):
         if results is None:
             self._count(num_failed_puts=len(pairs))
             return 0
-        num_written = sum(bool(ok) for ok in results)
-        num_bytes = sum(len(v) for (_, v), ok in zip(pairs, results, strict=True) if ok)
+        # NOTE: an item's answer is True or a failure: "no", 1 or b"OK" (a subclass's
+        # backend past its contract) counted as written, and a tier held those blocks.
+        num_written = sum(ok is True for ok in results)
+        num_bytes = sum(len(v) for (_, v), ok in zip(pairs, results, strict=True) if ok is True)
         self._count(num_puts=num_written, num_failed_puts=len(pairs) - num_written,
                     bytes_written=num_bytes)
         return num_written
@@ -265,7 +267,7 @@ class RemoteStoreBase(ABC):
         present = self._batch(self.has_keys, [self._key(h) for h in wanted])
         if present is None:
             return set()
-        return {h for h, ok in zip(wanted, present, strict=True) if ok}
+        return {h for h, ok in zip(wanted, present, strict=True) if ok is True}
 
     def _batch(self, operation: Callable[[list[_Item]], list[_Result] | None],
                items: list[_Item]) -> list[_Result] | None:
