@@ -7,6 +7,7 @@ out of the flush's collective (``int(None)``), alone, while the leader waited in
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,15 @@ torch = pytest.importorskip("torch", reason="the tensor-parallel tests need torc
                                             "pip install 'kvtier[torch]'")
 import torch.distributed as dist  # noqa: E402
 
-from kvtier.model.tp_engine import RemoteFlushCommand, run_remote  # noqa: E402
+from kvtier.model import LlamaModel, ModelConfig  # noqa: E402
+from kvtier.model.tensor_parallel import TensorParallelLlama  # noqa: E402
+from kvtier.model.tp_engine import (  # noqa: E402
+    CommandChannel,
+    DistributedRanks,
+    RemoteFlushCommand,
+    run_remote,
+    serve,
+)
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
 from kvtier.remote.ranks import RemoteShard  # noqa: E402
 from kvtier.storage import KVLayout, KVStorage  # noqa: E402
@@ -113,3 +122,40 @@ def test_a_flush_answered_past_the_contract_is_false_on_every_rank(
     for outcome in outcomes:
         assert [outcome[f"flush {name}"] for name in ("None", "raised", "str", "True")] == [
             False, False, False, True]
+
+
+def no_remote_main(rank: int, rendezvous: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=TP_SIZE, timeout=timedelta(seconds=20))
+    outcome: dict[str, Any] = {}
+    try:
+        shard = TensorParallelLlama(LlamaModel(ModelConfig()), rank, TP_SIZE)
+        layout = shard.kv_layout(4)
+        gpu, host = KVStorage(layout, 8), KVStorage(layout, 8)
+        transfer = DistributedTransferEngine(TorchTransferEngine(gpu, host))
+        channel = CommandChannel()
+        start = time.monotonic()
+        if rank == 0:  # the leader starts a remote tier; the worker serves none
+            remote = RemoteShard(InMemoryRemoteStore(RemoteNamespace("m", layout)), gpu, host)
+            attempt(outcome, "started", lambda: type(DistributedRanks(remote, channel)).__name__)
+        else:
+            attempt(outcome, "started", lambda: serve(shard, transfer, channel))
+        outcome["seconds"] = time.monotonic() - start
+        torch.save(outcome, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_worker_serving_no_remote_tier_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """A worker whose ``serve`` was given no RemoteShard raised at the leader's first remote
+    command, alone: the leader's DistributedRanks waited in the hello's gather until the
+    group's timeout (gloo's default: 30 minutes). Now the worker joins the gather and every
+    rank raises the same ValueError naming the rank, at once."""
+    args = (str(tmp_path / "rendezvous"), str(tmp_path))
+    torch.multiprocessing.spawn(no_remote_main, args=args, nprocs=TP_SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(TP_SIZE)]
+    message = ("ValueError: rank 1 serves no remote tier (pass its RemoteShard to serve), "
+               "the leader's has one")
+    assert [outcome["started"] for outcome in ranks] == [message, message]
+    assert all(outcome["seconds"] < 10 for outcome in ranks)

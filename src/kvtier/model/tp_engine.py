@@ -290,17 +290,7 @@ def run_remote(shard: RemoteShard, command: RemoteCommand, group: Any) -> object
     import torch.distributed as dist
 
     if isinstance(command, RemoteHelloCommand):
-        namespace = shard.store.namespace
-        mine = (namespace.fingerprint, [ns.fingerprint for ns in namespace.every_rank()],
-                str(namespace))
-        every: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(every, mine, group=group)
-        expected = every[0][1]
-        for rank, (fingerprint, _, described) in enumerate(every):
-            if len(expected) != len(every) or fingerprint != expected[rank]:
-                raise ValueError(f"rank {rank}'s store has namespace {described}, not rank "
-                                 f"{rank} of {len(every)} of the leader's deployment "
-                                 f"({every[0][2]})")
+        _hello(shard, group)
     elif isinstance(command, RemotePutCommand):
         written = shard.put(command.tier, command.blocks, command.wait)
         return _min_over_ranks(written, group) if command.wait else written
@@ -324,6 +314,31 @@ def run_remote(shard: RemoteShard, command: RemoteCommand, group: Any) -> object
     else:
         return bool(_min_over_ranks(int(shard.flush(command.timeout_s)), group))
     return None
+
+
+def _hello(shard: RemoteShard | None, group: Any) -> None:
+    """Every rank's part of a remote tier's start: ValueError on every rank alike unless
+    each serves one (``shard`` None: this worker serves none) and each rank's store is its
+    rank's namespace of the leader's deployment."""
+    import torch.distributed as dist
+
+    mine: tuple[str, list[str], str] | None = None
+    if shard is not None:
+        namespace = shard.store.namespace
+        mine = (namespace.fingerprint, [ns.fingerprint for ns in namespace.every_rank()],
+                str(namespace))
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    for rank, entry in enumerate(every):
+        if entry is None:
+            raise ValueError(f"rank {rank} serves no remote tier (pass its RemoteShard to "
+                             f"serve), the leader's has one")
+    expected = every[0][1]
+    for rank, (fingerprint, _, described) in enumerate(every):
+        if len(expected) != len(every) or fingerprint != expected[rank]:
+            raise ValueError(f"rank {rank}'s store has namespace {described}, not rank "
+                             f"{rank} of {len(every)} of the leader's deployment "
+                             f"({every[0][2]})")
 
 
 def _min_over_ranks(value: int, group: Any) -> int:
@@ -408,6 +423,11 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
         elif isinstance(command, StopCommand):
             return command.num_steps
         elif remote is None:
+            if isinstance(command, RemoteHelloCommand):
+                # NOTE: raised here alone, the leader's DistributedRanks waited in the
+                # hello's gather for the group's timeout (gloo's: 30 minutes); joined, every
+                # rank raises alike.
+                _hello(None, channel.group)
             raise ValueError(f"rank {shard.tp_rank} got {type(command).__name__} but serves "
                              f"no remote tier (pass its RemoteShard to serve)")
         else:
