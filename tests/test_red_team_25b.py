@@ -160,3 +160,28 @@ def test_a_sound_tier_still_opens_and_shuts_down(tier_class: Any) -> None:
     assert store.closed
     primary.release()
     buffer.extend(b"x")
+
+
+@pytest.mark.parametrize("plan", ["x", None, [("offload", 0, 1, 1, 0, 4)]])
+def test_the_recording_engine_refuses_what_is_no_plan_recording_nothing(plan: object) -> None:
+    """``RecordingTransferEngine.submit`` kept a str (or None, a list of tuples) as a plan,
+    then raised AttributeError ('ops'), its totals half counted. Now TypeError naming the
+    type, as every engine refuses it; nothing recorded."""
+    from kvtier.transfer.engine import RecordingTransferEngine
+
+    engine = RecordingTransferEngine()
+    with pytest.raises(TypeError, match=r"^plan must be a TransferPlan, got "):
+        engine.submit(plan)  # type: ignore[arg-type]
+    assert len(engine.plans) == 0 and not any(engine.num_ops.values())
+
+
+@pytest.mark.parametrize(("max_plans", "shown"), [(-1, "-1"), (True, "True"), (2.0, "2.0"),
+                                                  ("8", "'8'")])
+def test_the_recording_engine_refuses_a_max_plans_that_is_no_count(max_plans: object,
+                                                                  shown: str) -> None:
+    """True kept one plan, -1 raised deque's 'maxlen must be non-negative', 2.0 'an integer
+    is required': now ValueError naming the field and the value."""
+    from kvtier.transfer.engine import RecordingTransferEngine
+
+    with pytest.raises(ValueError, match=rf"^max_plans must be an int >= 0, got {shown}"):
+        RecordingTransferEngine(max_plans)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
+from kvtier.reprs import shown
 from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
 
 
@@ -63,11 +64,20 @@ class RecordingTransferEngine:
     """Keeps the last ``max_plans`` plans and running totals; moves no bytes."""
 
     def __init__(self, max_plans: int = 1024) -> None:
+        # NOTE: True kept one plan, -1 raised deque's "maxlen must be non-negative".
+        if type(max_plans) is not int or max_plans < 0:
+            raise ValueError(f"max_plans must be an int >= 0, got {shown(max_plans)}")
         self.plans: deque[TransferPlan] = deque(maxlen=max_plans)
         self.num_ops = {kind: 0 for kind in OpKind}
         self.num_tokens = {kind: 0 for kind in OpKind}
 
     def submit(self, plan: TransferPlan) -> None:
+        """Record ``plan``; TypeError, recording nothing, for what is no TransferPlan (as
+        every engine refuses it).
+
+        NOTE: a str was kept as a plan, then raised AttributeError ('ops')."""
+        if not isinstance(plan, TransferPlan):
+            raise TypeError(f"plan must be a TransferPlan, got {type(plan).__name__}")
         self.plans.append(plan)
         for op in plan.ops:
             self.num_ops[op.kind] += 1
