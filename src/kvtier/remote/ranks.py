@@ -275,7 +275,7 @@ class RemoteRanks(ABC):
     @abstractmethod
     def flush(self, timeout_s: float | None) -> bool:
         """Wait until every rank's queued writes and fetches ran; False if ``timeout_s``
-        passed on any rank."""
+        passed on any rank, or a rank's store did not say they ran (``RemoteShard.flush``)."""
 
     def lost(self) -> set[int]:
         """:meth:`RemoteShard.lost`: the hashes of background writes lost since the last

@@ -592,7 +592,8 @@ class RemoteTier(Wired):
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until queued writes and fetches have run on every rank; False if
-        ``timeout_s`` passed (None or infinity: no limit). ValueError for a negative or NaN
+        ``timeout_s`` passed (None or infinity: no limit) or a store did not say they ran
+        (its flush answered no bool, or raised). ValueError for a negative or NaN
         ``timeout_s``."""
         return self.ranks.flush(check_timeout("timeout_s", timeout_s))
 
