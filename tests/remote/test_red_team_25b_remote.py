@@ -3,6 +3,9 @@ answers past the contract is a miss or a failure, never the caller's exception."
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 pytest.importorskip("torch", reason="the remote tier tests move real KV: needs torch")
@@ -75,3 +78,35 @@ def test_per_item_answers_that_are_no_bool_count_as_no(answer: object) -> None:
     assert store.contains_many([1, 2]) == set()
     store.answer = True
     assert store.put_many({1: payload}) == 1 and store.contains_many([1, 2]) == {1, 2}
+
+
+class GatedStore(InMemoryRemoteStore):
+    """A store whose lookups on the I/O thread wait for ``gate`` (at most 10 s)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+
+    def read_values(self, keys: list[str]) -> list[bytes | None]:
+        self.gate.wait(10)
+        return super().read_values(keys)
+
+
+def test_a_wait_ends_at_the_held_requests_deadline() -> None:
+    """A request held for a fetch that hangs, its deadline 1 s; the engine fell idle 0.7 s
+    into it and waited (``wait(fetch_deadline_s)``) a whole second more: the request was
+    released after 1.7 s, not 1. Now the wait ends at the deadline (0.3 s later), and the
+    poll then releases the request."""
+    store = GatedStore(RemoteNamespace("m", LAYOUT))
+    tier = make_tier(store)
+    tier.fetch_deadline_s = 1.0
+    try:
+        assert tier.start_fetch("r", list(range(1, 14)))
+        time.sleep(0.7)
+        start = time.monotonic()
+        tier.wait(tier.fetch_deadline_s)
+        assert time.monotonic() - start < 0.65  # 0.3 s; the whole deadline was 1 s
+        assert tier.poll() == ["r"] and tier.num_waiting == 0
+    finally:
+        store.gate.set()
+        store.close()

@@ -581,14 +581,21 @@ class RemoteTier(Wired):
 
     def wait(self, timeout_s: float) -> None:
         """Block until a fetch arrives on every rank or ``timeout_s`` passes (when nothing
-        else can run). ValueError for a negative or NaN ``timeout_s``.
+        else can run), and no longer than the oldest held request's ``fetch_deadline_s``
+        (``poll`` releases it then). ValueError for a negative or NaN ``timeout_s``.
 
-        NOTE: it waits for the oldest fetch in flight: each store runs its jobs in order,
-        so on every rank that one arrives first."""
+        NOTE: it waits for the oldest fetch in flight that holds a request (the oldest of
+        all where none does): each store runs its jobs in order, so on every rank that one
+        arrives before the later ones. A wait of the whole deadline, begun when the engine
+        fell idle part way into it, held the request up to twice its deadline."""
         limit = check_timeout("timeout_s", timeout_s)
-        if self._pending:
-            self.ranks.wait(next(iter(self._pending.values())).fetch_id,
-                            LONGEST_WAIT_S if limit is None else limit)
+        wait_s = LONGEST_WAIT_S if limit is None else limit
+        held = next((f for f in self._pending.values() if not f.released), None)
+        if held is not None:
+            left_s = self.fetch_deadline_s - (time.monotonic() - held.started_s)
+            self.ranks.wait(held.fetch_id, max(0.0, min(wait_s, left_s)))
+        elif self._pending:
+            self.ranks.wait(next(iter(self._pending.values())).fetch_id, wait_s)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until queued writes and fetches have run on every rank; False if
