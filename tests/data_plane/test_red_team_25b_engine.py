@@ -86,3 +86,37 @@ def test_poll_imports_says_what_each_requests_fetch_imported() -> None:
     assert polled.imported == {"x": 5}
     assert tier.poll_imports() == ([], {})
     assert tier.poll() == []
+
+
+def test_a_write_through_that_raises_degrades_to_not_writing() -> None:
+    """Reading a GPU block for the write-through raised out of ``ModelEngine.step`` after
+    the step was applied (its finished requests lost to the caller, ``run`` ended). Now
+    the blocks stay local: the step returns, the request finishes with the output a
+    healthy engine gives, the fault is counted, nothing reaches the store, and the next
+    write-through (the device healthy again) writes as before."""
+    backend: dict[str, bytes] = {}
+    healthy = make_engine({})
+    healthy.add_request(Request("w", PREFIX + [11, 12, 13], 3))
+    want = healthy.run()["w"].output
+
+    engine = make_engine(backend)
+    tier = engine.remote
+    assert tier is not None
+    gpu = engine.transfer.gpu
+    read = gpu.block
+
+    def broken(slot: int) -> object:
+        raise RuntimeError("device fault")
+
+    gpu.block = broken  # type: ignore[method-assign]
+    engine.add_request(Request("w", PREFIX + [11, 12, 13], 3))
+    results = engine.run()
+    assert results["w"].output == want
+    assert (engine.num_failed_writes, tier.num_written_blocks, len(backend)) == (1, 0, 0)
+    engine.manager.check_invariants()
+
+    gpu.block = read  # type: ignore[method-assign]
+    engine.add_request(Request("v", [200 + i for i in range(9)], 2))
+    engine.run()
+    assert engine.num_failed_writes == 1
+    assert tier.num_written_blocks == 2 and len(backend) == 2  # v's two full blocks

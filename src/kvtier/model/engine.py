@@ -248,6 +248,7 @@ class ModelEngine(Wired):
         self.num_steps = 0
         self.num_failed_steps = 0
         self.num_failed_forwards = 0  # forward passes that raised (``_forward_failed``)
+        self.num_failed_writes = 0  # write-throughs that raised (``_write_through``)
         # CPU seconds of the last step's scheduling and transfer submission.
         self.last_step_seconds: dict[str, float] = {}
         self._wait_layer: Callable[[int], None] | None = None
@@ -554,11 +555,22 @@ class ModelEngine(Wired):
         TTFT. Their bytes are still the ones this step computed: a finished request's
         blocks were only freed in the books, and no copy or forward pass writes a slot
         before the next step's plan, which may hand them to others. The tier copies the
-        bytes out now (the store is written on its I/O thread)."""
+        bytes out now (the store is written on its I/O thread).
+
+        A write that raises (reading a GPU block failed, a caller's store broke its
+        contract) degrades to not writing: the blocks stay local, logged and counted in
+        ``num_failed_writes``, and the other prompts are still written. It ran after the
+        step was applied: raising here lost the step's finished requests to the caller."""
         assert self.remote is not None
         for c in computed:
-            self.remote.write(c.tokens, c.block_table, salt=c.salt, lora_id=c.lora_id,
-                              mm_items=c.mm_items, reused_blocks=c.reused_blocks)
+            try:
+                self.remote.write(c.tokens, c.block_table, salt=c.salt, lora_id=c.lora_id,
+                                  mm_items=c.mm_items, reused_blocks=c.reused_blocks)
+            except Exception as exc:
+                self.num_failed_writes += 1
+                logger.error("kvtier: writing a prompt's blocks through to the remote tier "
+                             "raised %s: %s; they stay local", type(exc).__name__, exc,
+                             exc_info=(type(exc), exc, exc.__traceback__))
 
     def _sample(self, last_logits: dict[str, torch.Tensor]) -> dict[str, int]:
         """One token per request: its sampler's, else greedy (in one batched argmax). A
