@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("torch", reason="the data-plane tests need torch: pip install 'kvtier[torch]'")
+import torch
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine
@@ -105,7 +106,7 @@ def test_a_write_through_that_raises_degrades_to_not_writing() -> None:
     gpu = engine.transfer.gpu
     read = gpu.block
 
-    def broken(slot: int) -> object:
+    def broken(slot: int) -> torch.Tensor:
         raise RuntimeError("device fault")
 
     gpu.block = broken  # type: ignore[method-assign]
