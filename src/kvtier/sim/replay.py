@@ -255,6 +255,9 @@ class ReplayLoop:
         self.drafts_rng = random.Random(0)
         self.num_draft_tokens = self.num_accepted_draft_tokens = 0
         self.live: dict[str, Request] = {}
+        # Live requests whose trace gives no output: served as their prefill, whose one
+        # sampled token (an engine samples one to end the prefill) is no output.
+        self.prefill_only: set[str] = set()
         self.first_token_s: dict[str, float] = {}
         self.ttfts: list[float] = []
         self.e2es: list[float] = []
@@ -340,6 +343,8 @@ class ReplayLoop:
         req = Request(request.request_id, request.prompt, max_output, arrival_s)
         self.scheduler.add_request(req)
         self.live[req.request_id] = req
+        if not request.output_length:
+            self.prefill_only.add(req.request_id)
 
     def step(self) -> bool:
         """Run one step; False if it scheduled nothing (the clock did not move). Runs
@@ -399,7 +404,12 @@ class ReplayLoop:
             self.e2es.append(self.now_s - req.arrival_s)
             self.first_token_s.pop(rid, None)
             self.num_requests += 1
-            self.num_output_tokens += len(req.output)
+            # NOTE: a request of no output (a trace row of 0 tokens) was counted 1, the
+            # token it sampled to end its prefill: more output than the trace holds.
+            if rid in self.prefill_only:
+                self.prefill_only.discard(rid)
+            else:
+                self.num_output_tokens += len(req.output)
             self.num_finished_prompt_tokens += len(req.prompt)
             self.last_finish_s = self.now_s
             if self.progress is not None:

@@ -1,0 +1,40 @@
+"""Red team 25a, simulator: every figure a replay reports is what the trace and the
+replay hold."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from kvtier import CacheConfig, SchedulerConfig
+from kvtier.sim import simulate
+from kvtier.sim.workload import TraceRequest
+
+
+class ListWorkload:
+    """A workload of hand-built requests."""
+
+    name = "list"
+
+    def __init__(self, requests: list[TraceRequest]) -> None:
+        self.requests = requests
+
+    def __iter__(self) -> Iterator[TraceRequest]:
+        return iter(self.requests)
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "num_requests": len(self.requests)}
+
+
+def test_a_request_of_no_output_is_its_prefill_and_counts_no_output_token() -> None:
+    """A trace row of 0 output tokens is served as its prefill: the one token the step
+    samples to end it was counted as output (2 where the trace holds 1), and the output
+    throughput with it."""
+    workload = ListWorkload([TraceRequest("none", 0.0, list(range(10)), 0),
+                             TraceRequest("one", 0.0, list(range(100, 110)), 1)])
+    report = simulate(workload, CacheConfig(tokens_per_block=4, num_gpu_blocks=16),
+                      SchedulerConfig(max_num_tokens=64), "tiny-test")
+    # One step prefills both (20 tokens); each ends with it.
+    assert (report.num_requests, report.num_steps, report.num_scheduled_tokens) == (2, 1, 20)
+    assert report.num_output_tokens == 1
+    assert report.output_tokens_per_s == 1 / report.makespan_s
+    assert report.throughput_tokens_per_s == 21 / report.makespan_s
