@@ -3,10 +3,16 @@ replay hold."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from kvtier import CacheConfig, SchedulerConfig
 from kvtier.sim import simulate
+from kvtier.sim.trace_file import TraceFormatError
+from kvtier.sim.traces import AzureTrace
 from kvtier.sim.workload import TraceRequest
 
 
@@ -38,3 +44,25 @@ def test_a_request_of_no_output_is_its_prefill_and_counts_no_output_token() -> N
     assert report.num_output_tokens == 1
     assert report.output_tokens_per_s == 1 / report.makespan_s
     assert report.throughput_tokens_per_s == 21 / report.makespan_s
+
+
+BURSTGPT_HEADER = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type"
+
+
+@pytest.mark.parametrize(("total", "shown"), [("489", "'489'"), ("18", "'18'"), ("", "''"),
+                                               ("4.9e2", "'4.9e2'")])
+def test_a_burstgpt_total_other_than_request_and_response_is_refused(
+        tmp_path: Path, total: str, shown: str) -> None:
+    """BurstGPT's Total tokens is the request and response tokens summed: a row whose total
+    says otherwise (columns mixed up or cut) was replayed with lengths its own total
+    contradicts; refused naming the line, the field and the numbers."""
+    path = tmp_path / "burst.csv"
+    path.write_text(f"{BURSTGPT_HEADER}\n5,ChatGPT,10,0,10,API log\n"
+                    f"6,ChatGPT,472,18,{total},Conversation log\n")
+    with pytest.raises(TraceFormatError, match=re.escape(
+            f"{path}:3: field 'Total tokens': must be the request and response tokens summed, "
+            f"472 + 18 = 490, got {shown}")):
+        AzureTrace(path)
+    path.write_text(f"{BURSTGPT_HEADER}\n5,ChatGPT,10,0,10,API log\n"
+                    "6,ChatGPT,472,18, 490 ,Conversation log\n")
+    assert [(len(r.prompt), r.output_length) for r in AzureTrace(path)] == [(10, 0), (472, 18)]
