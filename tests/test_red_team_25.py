@@ -4,10 +4,28 @@ changes nothing, and every count reported is what happened."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
-from kvtier import SchedulerConfig
+from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier.sim.probe import ProbeScheduler
+
+
+def make_manager(num_gpu_blocks: int = 16, num_host_blocks: int = 0,
+                 **options: Any) -> KVCacheManager:
+    return KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=num_gpu_blocks,
+                                      num_host_blocks=num_host_blocks,
+                                      eviction_policy="priority-lru", **options))
+
+
+def books(sched: Scheduler) -> tuple[object, ...]:
+    """What a refused call must leave as it was: queues, progress, the manager's books."""
+    mgr = sched.manager
+    return ([r.request_id for r in sched.waiting], list(sched.running),
+            [(r.request_id, r.num_computed_tokens, r.num_prefill_tokens, list(r.output))
+             for r in (*sched.waiting, *sched.running.values())],
+            mgr.version, mgr.num_sequences, mgr.num_free_gpu_blocks, mgr.stats.as_dict())
 
 
 @pytest.mark.parametrize("cap", [1, 256])
@@ -19,3 +37,29 @@ def test_a_chunk_cap_without_chunked_prefill_is_refused_naming_both(cap: int) ->
         SchedulerConfig(enable_chunked_prefill=False, max_chunk_tokens=cap)
     assert SchedulerConfig(enable_chunked_prefill=False).max_chunk_tokens is None
     assert SchedulerConfig(max_chunk_tokens=cap).max_chunk_tokens == cap
+
+
+@pytest.mark.parametrize("kind", [Scheduler, ProbeScheduler])
+def test_the_admit_phase_called_between_steps_is_refused_changing_nothing(
+        kind: type[Scheduler]) -> None:
+    """admit() (and start(), a subclass's admit phase) between steps admitted in the
+    manager a request whose first chunk no step ran: the next step scheduled it again and
+    failed whole (a failed pass, a recompute), check_invariants failing in between."""
+    sched = kind(make_manager(), SchedulerConfig(max_num_tokens=16, admission=kind.ADMISSION))
+    sched.add_request(Request("a", list(range(10)), 3))
+    before = books(sched)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "Scheduler.admit() is the admit phase of step(): called outside one")):
+        sched.admit(16, 4)
+    (cand,) = sched.candidates(16, 4)
+    with pytest.raises(RuntimeError, match=re.escape("Scheduler.start() is the admit phase")):
+        sched.start(cand, 0, 10)
+    assert books(sched) == before
+    sched.check_invariants()
+    sched.manager.check_invariants()
+    step = sched.step()  # the request's one admission, a query
+    assert step.context_chunks == (("a", 0, 10, 0),)
+    sched.update(step, {"a": 7})
+    s = sched.manager.stats
+    assert (s.num_admitted, s.num_prompt_tokens, s.num_resumed, s.num_failed_computes) == (
+        1, 10, 0, 0)

@@ -222,6 +222,18 @@ class Scheduler:
                 f"manager's clock or eviction policy, or another thread): refused (the "
                 f"scheduler serves one call at a time; they must not call back into it)")
 
+    def check_in_step(self, method: str) -> None:
+        """RuntimeError, changing nothing, unless a ``step`` is in flight: ``admit`` and
+        ``start`` (a subclass's admit phase) run inside one. Pure.
+
+        NOTE: called between steps, ``admit`` admitted in the manager requests whose first
+        chunks no step returned: the next step scheduled them again and failed whole (a
+        failed pass counted, the request recomputed), and ``check_invariants`` failed on the
+        same-step waits it left behind."""
+        if self._in_call != "step":
+            raise RuntimeError(f"Scheduler.{method}() is the admit phase of step(): called "
+                               "outside one it starts requests no step runs; call step()")
+
     def check_invariants(self) -> None:
         """Recount the scheduler's books from its queues and assert they hold (between
         steps): each request in exactly one of ``waiting`` and ``running``, nothing kept
@@ -881,7 +893,9 @@ class Scheduler:
     def admit(self, budget: int, slots: int) -> Admitted:
         """Admit waiting requests within ``budget`` tokens and ``slots`` sequences, with
         exact credit: lookups, then one two-phase batch. Budget that a rejected request
-        leaves (no blocks for it) goes to the next candidates, for a few rounds."""
+        leaves (no blocks for it) goes to the next candidates, for a few rounds. Raises
+        RuntimeError, changing nothing, outside a ``step`` (``check_in_step``)."""
+        self.check_in_step("admit")
         chunks: list[ContextChunk] = []
         credited = reused = 0
         rejected: set[str] = set()
@@ -914,7 +928,9 @@ class Scheduler:
 
     def start(self, cand: Candidate, num_reused: int, num_tokens: int) -> ContextChunk:
         """Move an admitted candidate from ``waiting`` to ``running``: its first chunk
-        computes ``num_tokens`` tokens past the ``num_reused`` the admission reused."""
+        computes ``num_tokens`` tokens past the ``num_reused`` the admission reused. Raises
+        RuntimeError, changing nothing, outside a ``step`` (``check_in_step``)."""
+        self.check_in_step("start")
         req = cand.request
         self._step_started.append(req.request_id)
         self._dequeue(req)
