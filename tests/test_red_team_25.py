@@ -63,3 +63,27 @@ def test_the_admit_phase_called_between_steps_is_refused_changing_nothing(
     s = sched.manager.stats
     assert (s.num_admitted, s.num_prompt_tokens, s.num_resumed, s.num_failed_computes) == (
         1, 10, 0, 0)
+
+
+@pytest.mark.parametrize(("args", "error", "message"), [
+    ((float("nan"), 4), ValueError, "budget must be an integer >= 0, got nan"),
+    ((None, 4), ValueError, "budget must be an integer >= 0, got None"),
+    ((-1, 4), ValueError, "budget must be an integer >= 0, got -1"),
+    ((True, 4), ValueError, "budget must be an integer >= 0, got True"),
+    ((16, -1), ValueError, "slots must be an integer >= 0, got -1"),
+    ((16, 1.5), ValueError, "slots must be an integer >= 0, got 1.5"),
+    ((16, 4, "ab"), TypeError, "exclude must be a collection of request ids, got 'ab'"),
+    ((16, 4, 3), TypeError, "exclude must be a collection of request ids, got 3"),
+])
+def test_candidates_refuse_a_budget_slots_or_exclude_of_the_wrong_kind(
+        args: tuple[Any, ...], error: type[Exception], message: str) -> None:
+    """candidates() offered a request for a NaN budget or slots of -1 (past any budget or
+    batch), excluded 'a' for an exclude of 'ab', and raised bare TypeErrors for None."""
+    sched = Scheduler(make_manager(), SchedulerConfig(max_num_tokens=16))
+    sched.add_request(Request("a", list(range(10)), 3))
+    before = books(sched)
+    with pytest.raises(error, match=re.escape(message)):
+        sched.candidates(*args)
+    assert books(sched) == before
+    assert [c.request.request_id for c in sched.candidates(16, 4, ["b"])] == ["a"]
+    assert sched.candidates(16, 4, {"a"}) == [] and sched.candidates(0, 4) == []

@@ -809,7 +809,19 @@ class Scheduler:
         step computes (a running request's prefill, one admitted, or a candidate ahead of
         it: the same prefix, to the end of that block) waits for the next step, where it
         reuses that block (with block reuse on: else nothing is stored to reuse).
+
+        Raises, changing nothing, for a ``budget`` or ``slots`` that is no int >= 0
+        (ValueError) or an ``exclude`` that is no collection of ids (TypeError).
         """
+        # NOTE: unchecked, a budget of NaN or slots of -1 offered candidates past any
+        # budget or batch, and an ``exclude`` given as one id's str excluded every id
+        # found in it ("ab" excluded "a").
+        for name, value in (("budget", budget), ("slots", slots)):
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {shown(value)}")
+        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Collection):
+            raise TypeError(f"exclude must be a collection of request ids, got "
+                            f"{short_repr(exclude)}")
         cap = self._chunk_cap()
         tpb = self._tpb
         # A batch must fit an empty pool (else the manager refuses it); and there is no use
