@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig, SequenceSpec
+from kvtier.blocks import cdiv
+from kvtier.retention import Retention, RetentionRange
+from kvtier.sequence import MultimodalItem
 from kvtier.sim.probe import ProbeScheduler
 
 
@@ -87,3 +90,67 @@ def test_candidates_refuse_a_budget_slots_or_exclude_of_the_wrong_kind(
     assert books(sched) == before
     assert [c.request.request_id for c in sched.candidates(16, 4, ["b"])] == ["a"]
     assert sched.candidates(16, 4, {"a"}) == [] and sched.candidates(0, 4) == []
+
+
+# ---- an int past Python's 4,300 digits, shown in a refusal --------------------------------
+
+HUGE = 10**5000
+BITS = f"an int of {HUGE.bit_length()} bits"
+
+
+def huge_calls() -> list[tuple[str, Any, str]]:
+    """(name, call on a manager with 'a' admitted part way, what the refusal says)."""
+    return [
+        ("schedule_prefill", lambda m: m.schedule_prefill("a", HUGE),
+         f"'a' has 6 unscheduled prompt tokens, asked {BITS}"),
+        ("num_reserved_blocks", lambda m: m.add_sequence(
+            SequenceSpec("b", list(range(10)), num_reserved_blocks=HUGE)),
+         f"request 'b' needs 3 blocks (10 tokens / 4) + {BITS} reserved but num_gpu_blocks"),
+        ("decode_start", lambda m: m.add_sequence(
+            SequenceSpec("b", [1, 2], retention=Retention(decode_start=HUGE))),
+         f"retention of 'b': decode_start {BITS} lies past the 2 tokens admitted"),
+        ("mm offset", lambda m: m.lookup([1, 2], mm_items=[MultimodalItem(HUGE, 1, 7)]),
+         f"MultimodalItem at offset {BITS} with length 1 runs past the 2 tokens"),
+        ("mm length", lambda m: m.lookup([1, 2], mm_items=[MultimodalItem(0, HUGE, 7)]),
+         f"MultimodalItem at offset 0 with length {BITS} runs past the 2 tokens"),
+        ("max_output_tokens", lambda m: Scheduler(m).add_request(Request("b", [1], HUGE)),
+         f"request 'b' needs an int of {cdiv(HUGE + 1, 4).bit_length()} bits blocks for an "
+         f"int of {(HUGE + 1).bit_length()} bits tokens, num_gpu_blocks is 16"),
+        ("range end", lambda m: RetentionRange(HUGE, 3, 5),
+         f"end of the retention range starting at {BITS} must be None or an int > {BITS}"),
+        ("range priority", lambda m: RetentionRange(HUGE, None, 500),
+         f"priority of the retention range at {BITS} must be an integer in 0..100, got 500"),
+        ("ranges overlap", lambda m: Retention((RetentionRange(HUGE, None, 5),
+                                                RetentionRange(HUGE + 1, None, 5))),
+         f"retention ranges overlap: [{BITS}, the prompt end) and"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "call", "message"), huge_calls(),
+                         ids=[c[0] for c in huge_calls()])
+def test_a_refusal_of_an_int_past_4300_digits_names_it(name: str, call: Any,
+                                                       message: str) -> None:
+    """A refusal showing a caller's int of more than 4,300 digits with {value} raised a
+    bare 'Exceeds the limit (4300 digits) for integer string conversion', naming no field
+    (a retention range starting there could not be made at all: its messages are built
+    for every range); each is shown as reprs.shown shows it, nothing changed."""
+    mgr = make_manager()
+    mgr.add_sequence(SequenceSpec("a", list(range(10)), num_new_tokens=4))
+    before = (mgr.version, mgr.num_sequences, mgr.num_free_gpu_blocks, mgr.stats.as_dict())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(mgr)
+    assert (mgr.version, mgr.num_sequences, mgr.num_free_gpu_blocks,
+            mgr.stats.as_dict()) == before
+    mgr.check_invariants()
+
+
+def test_a_retention_range_starting_past_4300_digits_is_made_and_admitted() -> None:
+    """A range past any prompt is valid (it keeps no block): it could not be made, its
+    checks' messages raising as they were built."""
+    assert RetentionRange(HUGE, None, 5).start == HUGE
+    mgr = make_manager()
+    spec = SequenceSpec("b", [1, 2, 3, 4, 5],
+                        retention=Retention((RetentionRange(HUGE, None, 5),)))
+    assert mgr.add_sequence(spec).admitted
+    mgr.remove_sequence("b")
+    mgr.check_invariants()

@@ -366,7 +366,7 @@ class KVCacheManager:
         if num_tokens > remaining:
             raise ValueError(
                 f"{shown(request_id)} has {remaining} unscheduled prompt tokens, asked "
-                f"{num_tokens}")
+                f"{shown(num_tokens)}")
         num_scheduled = seq.num_scheduled_tokens + num_tokens
         need = cdiv(num_scheduled, self._tpb) - len(seq.block_table)
         if need > 0:

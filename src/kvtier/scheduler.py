@@ -380,8 +380,8 @@ class Scheduler:
         blocks = cdiv(total, self._tpb)
         capacity = self.manager.config.num_gpu_blocks
         if blocks > capacity:
-            raise ValueError(f"request {shown(rid)} needs {blocks} blocks for {total} tokens, "
-                             f"num_gpu_blocks is {capacity}")
+            raise ValueError(f"request {shown(rid)} needs {shown(blocks)} blocks for "
+                             f"{shown(total)} tokens, num_gpu_blocks is {capacity}")
         budget = self.config.max_num_tokens
         if not self.config.enable_chunked_prefill and len(prompt) > budget:
             # No step could ever prefill it whole (a cached prefix is not promised), and

@@ -11,6 +11,7 @@ import pytest
 
 from kvtier import CacheConfig, SchedulerConfig
 from kvtier.sim import simulate
+from kvtier.sim.mixed import MixedWorkload
 from kvtier.sim.trace_file import TraceFormatError
 from kvtier.sim.traces import AzureTrace
 from kvtier.sim.workload import TraceRequest
@@ -66,3 +67,23 @@ def test_a_burstgpt_total_other_than_request_and_response_is_refused(
     path.write_text(f"{BURSTGPT_HEADER}\n5,ChatGPT,10,0,10,API log\n"
                     "6,ChatGPT,472,18, 490 ,Conversation log\n")
     assert [(len(r.prompt), r.output_length) for r in AzureTrace(path)] == [(10, 0), (472, 18)]
+
+
+def test_a_mixed_part_holding_an_id_past_4300_digits_is_refused_naming_it() -> None:
+    """A part's token id of more than 4,300 digits raised a bare 'Exceeds the limit (4300
+    digits)' from the refusal's own message; it names the request, the part and the id."""
+    huge = 10**5000
+    mixed = MixedWorkload((ListWorkload([TraceRequest("r", 0.0, [huge], 1)]),
+                           NamedList("other", [TraceRequest("s", 0.0, [1], 1)])))
+    with pytest.raises(ValueError, match=re.escape(
+            f"request 'r' of part 'list' holds token id an int of {huge.bit_length()} bits: "
+            "past what 2 parts can share")):
+        list(mixed)
+
+
+class NamedList(ListWorkload):
+    """A list workload of another name."""
+
+    def __init__(self, name: str, requests: list[TraceRequest]) -> None:
+        super().__init__(requests)
+        self.name = name
