@@ -3,10 +3,14 @@ changes nothing, and every count reported is what happened."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig, SequenceSpec
 from kvtier.blocks import cdiv
@@ -154,3 +158,120 @@ def test_a_retention_range_starting_past_4300_digits_is_made_and_admitted() -> N
     assert mgr.add_sequence(spec).admitted
     mgr.remove_sequence("b")
     mgr.check_invariants()
+
+
+# ---- a machine: each tier's hit tokens are what lookup promised, batch by batch ------------
+
+class TierBooks(RuleBasedStateMachine):
+    """The manager alone under batches of queries, recomputes (``resumed``) and requests
+    that skip the cache, with partial reuse, host offload, imports, failed copies, key-space
+    drops and resets. A reference takes each spec's ``lookup_spec`` just before its batch
+    (what the admission promises, tier by tier) and counts the admitted ones as the stats
+    must: a query's reuse split GPU / host, a recompute's apart, a skip in neither. After
+    every operation the stats equal the reference exactly, and the tokens agree with the
+    blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mgr = make_manager()
+        self.num = 0
+        self.ref = dict.fromkeys(("prompt", "reused", "host", "partial", "resumed_prompt",
+                                  "resumed_reused", "admitted", "gpu_blocks", "host_blocks"), 0)
+
+    @initialize(num_gpu=st.integers(4, 12), num_host=st.sampled_from([0, 3, 8]),
+                partial=st.booleans(), copy_partial=st.booleans(),
+                policy=st.sampled_from(["priority-lru", "lru", "kvtier-predict-cost"]))
+    def setup(self, num_gpu: int, num_host: int, partial: bool, copy_partial: bool,
+              policy: str) -> None:
+        self.mgr = KVCacheManager(CacheConfig(
+            tokens_per_block=4, num_gpu_blocks=num_gpu, num_host_blocks=num_host,
+            enable_partial_reuse=partial, copy_on_partial_reuse=copy_partial,
+            eviction_policy=policy))
+
+    @rule(data=st.data(), size=st.integers(1, 3))
+    def batch(self, data: st.DataObject, size: int) -> None:
+        mgr = self.mgr
+        specs = []
+        for _ in range(size):
+            self.num += 1
+            prefix = data.draw(st.integers(0, 2))
+            length = data.draw(st.integers(1, 14))
+            specs.append(SequenceSpec(
+                f"r{self.num}", [prefix * 100 + i for i in range(length)],
+                salt=data.draw(st.sampled_from([None, None, "t"])),
+                num_new_tokens=data.draw(st.sampled_from([None, None, 1, 3])),
+                resumed=data.draw(st.booleans()),
+                skip_reading_prefix_cache=data.draw(st.sampled_from([False] * 4 + [True]))))
+        promised = [mgr.lookup_spec(spec) for spec in specs]
+        try:
+            admissions = mgr.add_sequence_batch(specs)
+        except ValueError:
+            return  # a batch no empty pool holds: refused, nothing changed
+        tpb = mgr.config.tokens_per_block
+        for spec, m, adm in zip(specs, promised, admissions, strict=True):
+            if not adm.admitted:
+                continue
+            self.ref["admitted"] += 1
+            assert adm.num_reused_tokens == (0 if spec.skip_reading_prefix_cache
+                                             else m.num_tokens), (spec, m, adm)
+            if spec.skip_reading_prefix_cache:
+                continue
+            if spec.resumed:
+                self.ref["resumed_prompt"] += len(spec.token_array)
+                self.ref["resumed_reused"] += m.num_tokens
+                continue
+            self.ref["prompt"] += len(spec.token_array)
+            self.ref["reused"] += m.num_tokens
+            self.ref["host"] += m.num_host_tokens
+            self.ref["partial"] += m.num_partial_tokens
+            partial_gpu = m.num_partial_tokens if m.num_gpu_tokens % tpb else 0
+            self.ref["gpu_blocks"] += (m.num_gpu_tokens - partial_gpu) // tpb
+            self.ref["host_blocks"] += (m.num_host_tokens - (
+                m.num_partial_tokens - partial_gpu)) // tpb
+        if data.draw(st.booleans()):
+            plan = mgr.take_plan()
+            if len(plan) and data.draw(st.booleans()):
+                mgr.transfer_failed(plan, [data.draw(st.integers(0, len(plan) - 1))])
+
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        mgr = self.mgr
+        live = [f"r{i}" for i in range(1, self.num + 1) if mgr.has_sequence(f"r{i}")]
+        if live:
+            rid = data.draw(st.sampled_from(live))
+            while mgr.num_unscheduled_tokens(rid):
+                mgr.schedule_prefill(rid, mgr.num_unscheduled_tokens(rid))
+            mgr.remove_sequence(rid)
+
+    @rule(prefix=st.integers(0, 2), length=st.integers(4, 14), num_blocks=st.integers(1, 3))
+    def import_blocks(self, prefix: int, length: int, num_blocks: int) -> None:
+        self.mgr.import_blocks([prefix * 100 + i for i in range(length)], num_blocks)
+
+    @rule(salt=st.sampled_from([None, "t"]))
+    def drop(self, salt: str | None) -> None:
+        self.mgr.drop_key_space(salt=salt)
+
+    @rule()
+    def reset(self) -> None:
+        self.mgr.reset_cache()
+
+    @invariant()
+    def books_agree(self) -> None:
+        mgr = self.mgr
+        mgr.check_invariants()
+        s, ref = mgr.stats, self.ref
+        assert (s.num_admitted, s.num_prompt_tokens, s.num_reused_tokens,
+                s.num_host_reused_tokens, s.num_partial_tokens) == (
+            ref["admitted"], ref["prompt"], ref["reused"], ref["host"], ref["partial"])
+        assert (s.num_resumed_prompt_tokens, s.num_resumed_reused_tokens) == (
+            ref["resumed_prompt"], ref["resumed_reused"])
+        assert (s.gpu.reused_blocks, s.host.reused_blocks) == (
+            ref["gpu_blocks"], ref["host_blocks"])
+        tpb = mgr.config.tokens_per_block
+        assert (s.gpu.reused_blocks + s.host.reused_blocks) * tpb + s.num_partial_tokens == \
+            s.num_reused_tokens
+
+
+TierBooks.TestCase.settings = settings(max_examples=int(os.environ.get("RT25_EXAMPLES", "150")),
+                                       stateful_step_count=40, deadline=None)
+test_each_tiers_hit_tokens_are_what_lookup_promised = TierBooks.TestCase
