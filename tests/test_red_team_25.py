@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -275,3 +276,18 @@ class TierBooks(RuleBasedStateMachine):
 TierBooks.TestCase.settings = settings(max_examples=int(os.environ.get("RT25_EXAMPLES", "150")),
                                        stateful_step_count=40, deadline=None)
 test_each_tiers_hit_tokens_are_what_lookup_promised = TierBooks.TestCase
+
+
+@pytest.mark.parametrize("rid", [np.str_("a"), type("Sub", (str,), {})("a"), ["a"], b"a", None])
+def test_has_sequence_answers_as_every_call_naming_a_live_request(rid: Any) -> None:
+    """has_sequence said True for NumPy's str_('a') while 'a' was live, and the calls
+    naming it (remove_sequence, block_table, num_unscheduled_tokens) raised KeyError
+    'unknown request_id' for it: a caller that checked first was refused anyway."""
+    mgr = make_manager()
+    mgr.add_sequence(SequenceSpec("a", list(range(10))))
+    assert mgr.has_sequence("a")
+    assert not mgr.has_sequence(rid)
+    for call in (mgr.block_table, mgr.num_unscheduled_tokens, mgr.remove_sequence):
+        with pytest.raises(KeyError, match="unknown request_id"):
+            call(rid)
+    assert mgr.has_sequence("a") and mgr.num_sequences == 1
