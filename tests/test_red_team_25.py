@@ -291,3 +291,28 @@ def test_has_sequence_answers_as_every_call_naming_a_live_request(rid: Any) -> N
         with pytest.raises(KeyError, match="unknown request_id"):
             call(rid)
     assert mgr.has_sequence("a") and mgr.num_sequences == 1
+
+
+def test_hold_release_and_abort_take_an_id_of_a_str_subclass_as_requeue_failed_does() -> None:
+    """hold, release and abort refused NumPy's str_('a') as 'no str' (TypeError "must be a
+    str, got str_"), while requeue_failed and update's stopped take it as the str it
+    equals; passed on as it is, the manager would not find the request it names."""
+    sched = Scheduler(make_manager(), SchedulerConfig(max_num_tokens=16))
+    sched.add_request(Request("a", list(range(10)), 3))
+    sched.add_request(Request("b", list(range(20, 30)), 3))
+    sched.hold(np.str_("a"))
+    step = sched.step()  # 'a' held: 'b' alone
+    assert [c.request_id for c in step.context_chunks] == ["b"]
+    sched.update(step, {"b": 7})
+    sched.release(np.str_("a"))
+    step = sched.step()
+    assert [c.request_id for c in step.context_chunks] == ["a"]
+    sched.update(step, {"a": 7, "b": 7})
+    aborted = sched.abort(np.str_("a"))
+    assert aborted is not None and aborted.request_id == "a"
+    assert list(sched.running) == ["b"] and not sched.manager.has_sequence("a")
+    assert sched.manager.num_sequences == 1
+    sched.check_invariants()
+    sched.manager.check_invariants()
+    with pytest.raises(TypeError, match=re.escape("request_id must be a str, got b'b'")):
+        sched.hold(b"b")  # type: ignore[arg-type]

@@ -64,6 +64,18 @@ __all__ = [
 # The one type a sampled token may have (a bool is refused, as ``check_token`` refuses it).
 _INT_TYPE = frozenset({int})
 _request_id = attrgetter("request_id")
+
+
+def _as_id(request_id: object) -> str:
+    """``request_id`` as the plain str of a request id; TypeError naming it unless a str.
+
+    NOTE: a str subclass (NumPy's ``str_``, equal to its str) names the request, as
+    ``requeue_failed`` and ``update``'s ``stopped`` take it: ``hold``, ``release`` and
+    ``abort`` refused it as 'no str', and passed on as it is, the manager (which reads
+    plain str ids) would not find the request it names."""
+    if not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
+    return str.__str__(request_id)
 _output = attrgetter("output")
 
 
@@ -281,19 +293,17 @@ class Scheduler:
     def hold(self, request_id: str) -> None:
         """Keep a waiting request out of admission until ``release`` (e.g. while its prefix
         is fetched from a remote tier); an id queued nowhere is ignored. TypeError for an id
-        that is no str."""
+        that is no str (one of a subclass, NumPy's ``str_``, names its str's request)."""
         self._check_not_in_call("hold")
-        if type(request_id) is not str:
-            raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
+        request_id = _as_id(request_id)
         if request_id in self._specs:
             self._held.add(request_id)
 
     def release(self, request_id: str) -> None:
-        """Let a held request be admitted again. TypeError for an id that is no str."""
+        """Let a held request be admitted again. TypeError for an id that is no str (one of
+        a subclass names its str's request)."""
         self._check_not_in_call("release")
-        if type(request_id) is not str:
-            raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
-        self._held.discard(request_id)
+        self._held.discard(_as_id(request_id))
 
     def _spec_of(self, req: Request, resumed: bool = False) -> SequenceSpec:
         """What ``req`` prefills when admitted: its prompt, and after a preemption the
@@ -408,10 +418,12 @@ class Scheduler:
         that id is queued or running (already finished, never added). Raises, changing
         nothing, between ``step`` and ``update`` (RuntimeError: the step's blocks are
         cached already and only its forward pass fills them; apply it, then abort) or for
-        an id that is no str (TypeError)."""
+        an id that is no str (TypeError; one of a subclass, NumPy's ``str_``, names its
+        str's request)."""
         self._check_not_in_call("abort")
-        if type(request_id) is not str:
+        if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        request_id = str.__str__(request_id)  # a subclass's: see ``_as_id``
         if self._unapplied is not None:
             raise RuntimeError(f"abort({shown(request_id)}) between step() and update(): apply "
                                "the step first")
