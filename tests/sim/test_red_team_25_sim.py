@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from kvtier import CacheConfig, SchedulerConfig
+from kvtier.reprs import shown
 from kvtier.sim import simulate
+from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.mixed import MixedWorkload
 from kvtier.sim.trace_file import TraceFormatError
 from kvtier.sim.traces import AzureTrace
@@ -87,3 +89,20 @@ class NamedList(ListWorkload):
     def __init__(self, name: str, requests: list[TraceRequest]) -> None:
         super().__init__(requests)
         self.name = name
+
+
+@pytest.mark.parametrize("scale", [10**400, 2**1024, 10**5000], ids=["e400", "2p1024", "e5000"])
+@pytest.mark.parametrize("fleet", [False, True])
+def test_a_time_scale_past_the_float_range_is_refused_naming_it(scale: int, fleet: bool) -> None:
+    """An int time scale past the float range passed the check (0 < scale < inf) and the
+    replay failed at its first arrival with a bare OverflowError naming nothing."""
+    workload = ListWorkload([TraceRequest("a", 0.0, [1, 2, 3], 2),
+                             TraceRequest("b", 1.0, [1, 2, 3, 4], 2)])
+    cache = CacheConfig(tokens_per_block=4, num_gpu_blocks=8)
+    with pytest.raises(ValueError, match=re.escape("time_scale must be a finite number > 0, "
+                                                   f"got {shown(scale)} (past the float")):
+        if fleet:
+            simulate_fleet(workload, cache, 2, time_scale=scale)
+        else:
+            simulate(workload, cache, time_scale=scale)
+    assert simulate(workload, cache, time_scale=10**3).time_scale == 1000.0  # an int, as ever

@@ -106,9 +106,7 @@ def simulate(
     """
     sched = check_replay_args(workload, cache, sched, progress, oracle=oracle, phases=phases)
     model = as_time_model(profile)
-    if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not (
-            0 < time_scale < float("inf")):
-        raise ValueError(f"time_scale must be a finite number > 0, got {shown(time_scale)}")
+    time_scale = check_time_scale(time_scale)
     if check_every is not None and (type(check_every) is not int or check_every < 1):
         raise ValueError(f"check_every must be an integer >= 1 or None, got {shown(check_every)}")
     loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every, phases, policy,
@@ -180,6 +178,23 @@ def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
                              "order")
         previous_s = request.arrival_s
         yield request
+
+
+def check_time_scale(value: object) -> float:
+    """``value`` as a time scale: ValueError unless a number > 0 that is finite as a float.
+    Pure.
+
+    NOTE: an int past the float range (10**400) passed ``0 < value < inf`` and the replay
+    then failed at its first arrival with a bare OverflowError ('int too large to convert
+    to float'), naming no argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value < float("inf")):
+        raise ValueError(f"time_scale must be a finite number > 0, got {shown(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"time_scale must be a finite number > 0, got {shown(value)} (past "
+                         "the float range)") from None
 
 
 def check_draft_acceptance(value: object) -> float:
