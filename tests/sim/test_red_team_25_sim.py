@@ -15,8 +15,8 @@ from kvtier.sim import simulate
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.mixed import MixedWorkload
 from kvtier.sim.trace_file import TraceFormatError
-from kvtier.sim.traces import AzureTrace
-from kvtier.sim.workload import TraceRequest
+from kvtier.sim.traces import AzureTrace, MooncakeTrace
+from kvtier.sim.workload import SAMPLED_TOKEN_BASE, TraceRequest
 
 
 class ListWorkload:
@@ -106,3 +106,34 @@ def test_a_time_scale_past_the_float_range_is_refused_naming_it(scale: int, flee
         else:
             simulate(workload, cache, time_scale=scale)
     assert simulate(workload, cache, time_scale=10**3).time_scale == 1000.0  # an int, as ever
+
+
+def test_a_prompt_holding_a_sampled_token_id_is_refused_naming_it() -> None:
+    """A replay samples output tokens from 2**62 up: a workload's prompt holding such ids
+    reused another request's output as its own prefix (8 of 9 tokens hit, 4 of them on
+    'a''s output), hits no trace holds. Refused, naming the request and the id."""
+    base = SAMPLED_TOKEN_BASE
+    workload = ListWorkload([TraceRequest("a", 0.0, [1, 2, 3, 4, 5], 9),
+                             TraceRequest("b", 100.0, [1, 2, 3, 4, 5, base, base + 1,
+                                                       base + 2, 9], 1)])
+    with pytest.raises(ValueError, match=re.escape(
+            f"request 1 of the workload ('b') holds token id {base + 2}: a workload's ids stay "
+            "below 2**62, where a replay's sampled tokens begin")):
+        simulate(workload, CacheConfig(tokens_per_block=4, num_gpu_blocks=16), None,
+                 "tiny-test")
+
+
+def test_a_hash_trace_whose_ids_reach_the_sampled_tokens_is_refused(tmp_path: Path) -> None:
+    """A hash trace's token ids h*B.. were bounded by 2**63 only: ids from 2**62 are the
+    replay's sampled tokens. Refused naming the line, as a larger id was."""
+    big = SAMPLED_TOKEN_BASE // 512  # h*512 == 2**62
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 1024, "output_length": 5, '
+                    f'"hash_ids": [1, {big}]}}\n')
+    with pytest.raises(TraceFormatError, match=re.escape(
+            f"{path}:1: field 'hash_ids': id {big} is too large: token ids h*512.. must stay "
+            "below 2**62, where a replay's sampled tokens begin")):
+        MooncakeTrace(path)
+    path.write_text('{"timestamp": 0, "input_length": 1024, "output_length": 5, '
+                    f'"hash_ids": [1, {big - 2}]}}\n')
+    assert max(next(iter(MooncakeTrace(path))).prompt) < SAMPLED_TOKEN_BASE

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from kvtier.reprs import shown
 from kvtier.sim._checks import check_int
-from kvtier.sim.replay import SAMPLED_TOKEN_BASE
-from kvtier.sim.workload import TraceRequest, Workload
+from kvtier.sim.workload import SAMPLED_TOKEN_BASE, TraceRequest, Workload
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,13 +40,13 @@ from kvtier.sim.oracle import oracle_bounds
 from kvtier.sim.probe import make_scheduler
 from kvtier.sim.report import OracleBounds, SimReport, Summary, estimate_load
 from kvtier.sim.timemodel import ModelProfile, TimeModel, get_profile
-from kvtier.sim.workload import TraceRequest, Workload
+from kvtier.sim.workload import SAMPLED_TOKEN_BASE, TraceRequest, Workload
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OP_KINDS, OpKind, PlanColumns, TransferPlan
 
-# NOTE: sampled tokens are fresh ids from here up, far above the token ids any workload
-# builds (and still int64, as block hashing packs them), so output never matches a prompt.
-SAMPLED_TOKEN_BASE = 1 << 62
+# NOTE: sampled tokens are fresh ids from SAMPLED_TOKEN_BASE up, above every token id a
+# workload may hold (and still int64, as block hashing packs them), so output never
+# matches a prompt.
 
 # The clock of the CPU figures: the calling thread's CPU time, not the wall clock, so a step
 # the OS preempted (another job on a shared machine) does not read as slow.
@@ -152,8 +152,10 @@ def check_replay_args(workload: object, cache: object, sched: object, progress: 
 
 def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
     """``workload``'s requests, each checked as it comes: ValueError naming its position
-    for one that is not a :class:`TraceRequest`, that arrives before the one before it or
-    that repeats an earlier one's id.
+    for one that is not a :class:`TraceRequest`, that arrives before the one before it,
+    that repeats an earlier one's id or whose prompt holds a token id from
+    :data:`SAMPLED_TOKEN_BASE` up (the replay's sampled tokens: a prompt holding them
+    reused another request's output as its own prefix, hits no trace holds).
 
     NOTE: the trace readers refuse lines out of order, a workload of objects was not
     checked: a request arriving earlier than the one before was queued late and its
@@ -171,6 +173,14 @@ def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
                              f"{shown(request.request_id)} of an earlier request: a workload's "
                              "request ids are distinct")
         seen.add(request.request_id)
+        try:
+            top = max(request.prompt)
+        except TypeError:  # a token that is no number: the scheduler's checks name it
+            top = None
+        if isinstance(top, int) and top >= SAMPLED_TOKEN_BASE:
+            raise ValueError(f"request {position} of the workload ({shown(request.request_id)}) "
+                             f"holds token id {shown(top)}: a workload's ids stay below "
+                             f"2**62, where a replay's sampled tokens begin")
         if request.arrival_s < previous_s:
             raise ValueError(f"request {position} of the workload ({shown(request.request_id)}) "
                              f"arrives at {shown(request.arrival_s)} s, before the request before "
