@@ -316,3 +316,25 @@ def test_hold_release_and_abort_take_an_id_of_a_str_subclass_as_requeue_failed_d
     sched.manager.check_invariants()
     with pytest.raises(TypeError, match=re.escape("request_id must be a str, got b'b'")):
         sched.hold(b"b")  # type: ignore[arg-type]
+
+
+def test_a_request_whose_decode_start_lies_past_its_tokens_is_refused_when_built() -> None:
+    """A Request took a retention whose decode_start lies past its prompt, and add_request
+    refused it only when building its spec, after replacing the request's prompt, output
+    and mm_items by copies (a refused call changed the caller's request)."""
+    with pytest.raises(ValueError, match=re.escape(
+            "retention of request 'a': decode_start 50 lies past the 5 tokens admitted")):
+        Request("a", [1, 2, 3, 4, 5], 3, retention=Retention(decode_start=50))
+    prompt = [1, 2, 3, 4, 5]
+    items: Any = [MultimodalItem(0, 2, 7)]  # a list, as a caller may give it
+    req = Request("a", [1, 2, 3, 4, 5], 3, mm_items=items)
+    req.prompt, req.mm_items = prompt, items
+    req.retention = Retention(decode_start=50)
+    sched = Scheduler(make_manager())
+    with pytest.raises(ValueError, match=re.escape("decode_start 50 lies past the 5 tokens")):
+        sched.add_request(req)
+    assert req.prompt is prompt and req.mm_items is items and not req.held
+    assert not sched.waiting and not sched.has_unfinished()
+    req.retention = Retention(decode_start=5)
+    sched.add_request(req)
+    assert [r.request_id for r in sched.waiting] == ["a"]
