@@ -64,6 +64,7 @@ __all__ = [
 # The one type a sampled token may have (a bool is refused, as ``check_token`` refuses it).
 _INT_TYPE = frozenset({int})
 _request_id = attrgetter("request_id")
+_output = attrgetter("output")
 
 
 def _as_id(request_id: object) -> str:
@@ -76,7 +77,6 @@ def _as_id(request_id: object) -> str:
     if not isinstance(request_id, str):
         raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
     return str.__str__(request_id)
-_output = attrgetter("output")
 
 
 class Scheduler:

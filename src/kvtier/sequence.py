@@ -500,9 +500,8 @@ def check_mm_items(items: object, num_tokens: int, request_id: str) -> tuple[Mul
             raise ValueError(f"mm_items must hold MultimodalItem, got {short_repr(item)}")
         if item.offset + item.length > num_tokens:
             raise ValueError(
-                f"MultimodalItem at offset {shown(item.offset)} with length {shown(item.length)} "
-                f"runs past "
-                f"the {num_tokens} tokens of {shown(request_id)}")
+                f"MultimodalItem at offset {shown(item.offset)} with length "
+                f"{shown(item.length)} runs past the {num_tokens} tokens of {shown(request_id)}")
     return items
 
 
