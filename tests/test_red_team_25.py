@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig, SequenceSpec
 from kvtier.blocks import cdiv
+from kvtier.policies import get_policy
 from kvtier.retention import Retention, RetentionRange
 from kvtier.sequence import MultimodalItem
 from kvtier.sim.probe import ProbeScheduler
@@ -338,3 +339,24 @@ def test_a_request_whose_decode_start_lies_past_its_tokens_is_refused_when_built
     req.retention = Retention(decode_start=5)
     sched.add_request(req)
     assert [r.request_id for r in sched.waiting] == ["a"]
+
+
+@pytest.mark.parametrize("name", ["kvtier-predict-cost", "kvtier-predict", "arc", "s3fifo"])
+def test_a_learning_policy_handed_to_a_second_manager_is_refused(name: str) -> None:
+    """A policy object serves one cache: handed to a second manager, a learner was bound
+    again (ghost bounds and LRU witness resized to the second cache, both caches' releases
+    learned as one stream), the first manager's eviction changed under it without a word.
+    Refused, naming the policy; the first manager's policy is as it was."""
+    policy = get_policy(name)
+    first = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8), policy=policy)
+    before = (policy.ghosts.max_blocks, getattr(policy, "witness", None))  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=re.escape(
+            f"this {name} policy object serves a cache already")):
+        KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=64, num_host_blocks=64),
+                       policy=policy)
+    assert (policy.ghosts.max_blocks, getattr(policy, "witness", None)) == before  # type: ignore[attr-defined]
+    assert first.add_sequence(SequenceSpec("a", list(range(9)))).admitted
+    first.check_invariants()
+    second = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=64),
+                            policy=get_policy(name))
+    assert second.eviction_policy_name == name
