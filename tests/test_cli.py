@@ -668,7 +668,7 @@ MOONCAKE_OK = '{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_i
     ("bighash.jsonl", b'{"timestamp": 0, "input_length": 600, "output_length": 5, '
      b'"hash_ids": [1, 36028797018963968]}\n',
      ":1: field 'hash_ids': id 36028797018963968 is too large: token ids h*512.. must stay "
-     "below 2**63"),
+     "below 2**62, where a replay's sampled tokens begin"),
     ("huge.jsonl", b'{"timestamp": 0, "input_length": 10000000000, "output_length": 5, '
      b'"hash_ids": []}\n',
      ":1: field 'input_length': 10000000000 tokens is more than the 16777216"),

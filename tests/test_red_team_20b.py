@@ -321,7 +321,7 @@ def burstgpt_files(draw: st.DrawFn) -> tuple[str, list[Row]]:
         lengths = (draw(st.integers(1, 40)), draw(st.integers(0, 9)))
         rows.append((seconds, *lengths))
         values = {"Timestamp": repr(seconds), "Request tokens": str(lengths[0]),
-                  "Response tokens": str(lengths[1])}
+                  "Response tokens": str(lengths[1]), "Total tokens": str(sum(lengths))}
         lines.append([values.get(name) or draw(cell) for name in header])
     out = io.StringIO()
     writer = csv.writer(out, lineterminator=draw(st.sampled_from(["\n", "\r\n"])),

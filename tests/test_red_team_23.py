@@ -157,7 +157,8 @@ class CoreUnderAttack(NewCallsUnderScheduling):
         self.known: dict[int, list[object]] = {}  # a cached block's hash -> its KV
         self.sched = Scheduler(self.mgr, SchedulerConfig(
             max_num_tokens=max(mnt, drafts + 1), enable_chunked_prefill=chunked,
-            max_batch_size=batch, max_chunk_tokens=chunk, max_wait_steps=wait,
+            max_batch_size=batch, max_chunk_tokens=chunk if chunked else None,
+            max_wait_steps=wait,
             capacity_policy="max_utilization" if evict else "guaranteed_no_evict",
             num_speculative_tokens=drafts))
         self.gpu = {s: [None] * TPB for s in range(gpu)}

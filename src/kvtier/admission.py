@@ -351,7 +351,7 @@ class BatchAdmission:
             # A reservation is held beside the prompt's blocks: one that can never fit
             # beside them is no shortage to wait out (the request would wait for ever).
             if num_blocks + spec.num_reserved_blocks > capacity:
-                reserved = (f" + {spec.num_reserved_blocks} reserved"
+                reserved = (f" + {shown(spec.num_reserved_blocks)} reserved"
                             if spec.num_reserved_blocks else "")
                 raise ValueError(
                     f"request {shown(spec.request_id)} needs {num_blocks} blocks "

@@ -158,11 +158,13 @@ class KVCacheManager:
         return self._live.in_step
 
     def has_sequence(self, request_id: str) -> bool:
-        """Whether ``request_id`` is live (admitted and not removed or aborted). Pure."""
-        try:
-            return request_id in self._live
-        except TypeError:  # an unhashable id is no live request's
-            return False
+        """Whether ``request_id`` is live (admitted and not removed or aborted): a str, as
+        every call naming a live request takes it. Pure.
+
+        NOTE: an id of a str subclass (NumPy's ``str_``) equal to a live one answered True,
+        while every call naming it (``remove_sequence``, ``block_table``, ...) raised
+        KeyError 'unknown request_id': a caller that checked first was refused anyway."""
+        return type(request_id) is str and request_id in self._live
 
     @property
     def num_key_spaces(self) -> int:
@@ -366,7 +368,7 @@ class KVCacheManager:
         if num_tokens > remaining:
             raise ValueError(
                 f"{shown(request_id)} has {remaining} unscheduled prompt tokens, asked "
-                f"{num_tokens}")
+                f"{shown(num_tokens)}")
         num_scheduled = seq.num_scheduled_tokens + num_tokens
         need = cdiv(num_scheduled, self._tpb) - len(seq.block_table)
         if need > 0:

@@ -174,6 +174,22 @@ class Ghosts:
 _NO_GHOSTS: tuple[GhostEntry, ...] = ()  # what ``add_trim`` trims while under the bounds
 
 
+def check_unbound(policy: _ClassCounts | KvtierPredict) -> None:
+    """ValueError, changing nothing, where ``policy`` serves a cache already; else mark it
+    as serving one (``bind`` is called once, by the cache it serves).
+
+    NOTE: a learner handed to a second manager was bound again: its ghost bounds and LRU
+    witness resized to the second cache, both caches' releases and recalls learned as one
+    stream (each evicting by the other's reuse), and the first manager changed under it,
+    without a word, where the module says each policy object serves one cache."""
+    if policy.bound:
+        name = getattr(policy, "name", type(policy).__name__)
+        raise ValueError(f"this {name} policy object serves a cache already (its "
+                         "learned reuse, ghosts and witness are that cache's): a policy "
+                         "object serves one cache; pass a new one (kvtier.policies.get_policy)")
+    policy.bound = True
+
+
 class _ClassCounts:
     """Cached blocks per reuse class, kept from the learner's hooks (a release files
     blocks under a class; its end, reuse or drop, takes them out), plus ghosts."""
@@ -185,8 +201,10 @@ class _ClassCounts:
         self.tokens_per_block = 1
         self.cached = [0] * self.num_classes
         self.ghosts = Ghosts()
+        self.bound = False
 
     def bind(self, config: CacheConfig) -> None:
+        check_unbound(self)
         capacity = config.num_gpu_blocks + config.num_host_blocks
         self.ghosts.max_blocks = max(1, capacity)
         self.tokens_per_block = config.tokens_per_block
@@ -547,10 +565,12 @@ class KvtierPredict:
         self.ghosts = Ghosts(count_classes=False)  # nothing here reads blocks per class
         self.witness: LruWitness | None = None
         self._returning: set[int] = set()  # ghosts recalled lately, by hash of their key
+        self.bound = False
         if cost_aware:
             self.name = "kvtier-predict-cost"
 
     def bind(self, config: CacheConfig) -> None:
+        check_unbound(self)
         capacity = max(1, config.num_gpu_blocks + config.num_host_blocks)
         self.tokens_per_block = config.tokens_per_block
         self.ghosts.max_blocks = 4 * capacity

@@ -165,7 +165,10 @@ def check_request(req: Request) -> tuple[list[int], list[int], tuple[MultimodalI
         check_priority(f"priority of {what}", req.priority)
     check_retention(req.retention_s, f"retention_s of {what}")
     if req.retention is not None:
-        check_retention_type(req.retention, f"retention of {what}")
+        # NOTE: with the tokens it is admitted with, as SequenceSpec checks it: unbounded
+        # here, a decode_start past the prompt was refused only by add_request's spec,
+        # after the request's prompt, output and mm_items had been replaced by copies.
+        check_retention_type(req.retention, f"retention of {what}", len(prompt) + len(output))
     if type(req.skip_reading_prefix_cache) is not bool:
         raise ValueError(f"skip_reading_prefix_cache of {what} must be a bool, got "
                          f"{short_repr(req.skip_reading_prefix_cache)}")

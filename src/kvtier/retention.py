@@ -39,6 +39,7 @@ from itertools import pairwise
 
 from kvtier.blocks import cdiv
 from kvtier.config import check_priority
+from kvtier.reprs import shown
 from kvtier.sequence import check_retention, short_repr
 
 
@@ -56,16 +57,20 @@ class RetentionRange:
         if type(self.start) is not int or self.start < 0:
             raise ValueError(f"start of a retention range must be an int >= 0, got "
                              f"{short_repr(self.start)}")
+        # NOTE: ``shown``, not ``{self.start}``: a start past Python's 4,300 digits made
+        # every message here raise a ValueError naming nothing (and the two below are built
+        # for every range: no such range could be made at all).
+        start = shown(self.start)
         if self.end is not None and (type(self.end) is not int or self.end <= self.start):
-            raise ValueError(f"end of the retention range starting at {self.start} must be "
-                             f"None or an int > {self.start}, got {short_repr(self.end)}")
-        check_priority(f"priority of the retention range at {self.start}", self.priority)
+            raise ValueError(f"end of the retention range starting at {start} must be "
+                             f"None or an int > {start}, got {short_repr(self.end)}")
+        check_priority(f"priority of the retention range at {start}", self.priority)
         object.__setattr__(self, "retention_s", check_retention(
-            self.retention_s, f"retention_s of the retention range at {self.start}"))
+            self.retention_s, f"retention_s of the retention range at {start}"))
 
     def span(self) -> str:
         """The tokens as text, ``[start, end)``. Pure."""
-        return f"[{self.start}, {'the prompt end' if self.end is None else self.end})"
+        return f"[{shown(self.start)}, {'the prompt end' if self.end is None else shown(self.end)})"
 
     def contains(self, token: int) -> bool:
         """Whether token index ``token`` lies in the range. Pure."""

@@ -67,6 +67,18 @@ _request_id = attrgetter("request_id")
 _output = attrgetter("output")
 
 
+def _as_id(request_id: object) -> str:
+    """``request_id`` as the plain str of a request id; TypeError naming it unless a str.
+
+    NOTE: a str subclass (NumPy's ``str_``, equal to its str) names the request, as
+    ``requeue_failed`` and ``update``'s ``stopped`` take it: ``hold``, ``release`` and
+    ``abort`` refused it as 'no str', and passed on as it is, the manager (which reads
+    plain str ids) would not find the request it names."""
+    if not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
+    return str.__str__(request_id)
+
+
 class Scheduler:
     """Admits, chunks, grows and preempts requests on top of a :class:`KVCacheManager`.
 
@@ -222,6 +234,18 @@ class Scheduler:
                 f"manager's clock or eviction policy, or another thread): refused (the "
                 f"scheduler serves one call at a time; they must not call back into it)")
 
+    def check_in_step(self, method: str) -> None:
+        """RuntimeError, changing nothing, unless a ``step`` is in flight: ``admit`` and
+        ``start`` (a subclass's admit phase) run inside one. Pure.
+
+        NOTE: called between steps, ``admit`` admitted in the manager requests whose first
+        chunks no step returned: the next step scheduled them again and failed whole (a
+        failed pass counted, the request recomputed), and ``check_invariants`` failed on the
+        same-step waits it left behind."""
+        if self._in_call != "step":
+            raise RuntimeError(f"Scheduler.{method}() is the admit phase of step(): called "
+                               "outside one it starts requests no step runs; call step()")
+
     def check_invariants(self) -> None:
         """Recount the scheduler's books from its queues and assert they hold (between
         steps): each request in exactly one of ``waiting`` and ``running``, nothing kept
@@ -269,19 +293,17 @@ class Scheduler:
     def hold(self, request_id: str) -> None:
         """Keep a waiting request out of admission until ``release`` (e.g. while its prefix
         is fetched from a remote tier); an id queued nowhere is ignored. TypeError for an id
-        that is no str."""
+        that is no str (one of a subclass, NumPy's ``str_``, names its str's request)."""
         self._check_not_in_call("hold")
-        if type(request_id) is not str:
-            raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
+        request_id = _as_id(request_id)
         if request_id in self._specs:
             self._held.add(request_id)
 
     def release(self, request_id: str) -> None:
-        """Let a held request be admitted again. TypeError for an id that is no str."""
+        """Let a held request be admitted again. TypeError for an id that is no str (one of
+        a subclass names its str's request)."""
         self._check_not_in_call("release")
-        if type(request_id) is not str:
-            raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
-        self._held.discard(request_id)
+        self._held.discard(_as_id(request_id))
 
     def _spec_of(self, req: Request, resumed: bool = False) -> SequenceSpec:
         """What ``req`` prefills when admitted: its prompt, and after a preemption the
@@ -368,8 +390,8 @@ class Scheduler:
         blocks = cdiv(total, self._tpb)
         capacity = self.manager.config.num_gpu_blocks
         if blocks > capacity:
-            raise ValueError(f"request {shown(rid)} needs {blocks} blocks for {total} tokens, "
-                             f"num_gpu_blocks is {capacity}")
+            raise ValueError(f"request {shown(rid)} needs {shown(blocks)} blocks for "
+                             f"{shown(total)} tokens, num_gpu_blocks is {capacity}")
         budget = self.config.max_num_tokens
         if not self.config.enable_chunked_prefill and len(prompt) > budget:
             # No step could ever prefill it whole (a cached prefix is not promised), and
@@ -396,10 +418,12 @@ class Scheduler:
         that id is queued or running (already finished, never added). Raises, changing
         nothing, between ``step`` and ``update`` (RuntimeError: the step's blocks are
         cached already and only its forward pass fills them; apply it, then abort) or for
-        an id that is no str (TypeError)."""
+        an id that is no str (TypeError; one of a subclass, NumPy's ``str_``, names its
+        str's request)."""
         self._check_not_in_call("abort")
-        if type(request_id) is not str:
+        if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        request_id = str.__str__(request_id)  # a subclass's: see ``_as_id``
         if self._unapplied is not None:
             raise RuntimeError(f"abort({shown(request_id)}) between step() and update(): apply "
                                "the step first")
@@ -797,7 +821,19 @@ class Scheduler:
         step computes (a running request's prefill, one admitted, or a candidate ahead of
         it: the same prefix, to the end of that block) waits for the next step, where it
         reuses that block (with block reuse on: else nothing is stored to reuse).
+
+        Raises, changing nothing, for a ``budget`` or ``slots`` that is no int >= 0
+        (ValueError) or an ``exclude`` that is no collection of ids (TypeError).
         """
+        # NOTE: unchecked, a budget of NaN or slots of -1 offered candidates past any
+        # budget or batch, and an ``exclude`` given as one id's str excluded every id
+        # found in it ("ab" excluded "a").
+        for name, value in (("budget", budget), ("slots", slots)):
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {shown(value)}")
+        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Collection):
+            raise TypeError(f"exclude must be a collection of request ids, got "
+                            f"{short_repr(exclude)}")
         cap = self._chunk_cap()
         tpb = self._tpb
         # A batch must fit an empty pool (else the manager refuses it); and there is no use
@@ -881,7 +917,9 @@ class Scheduler:
     def admit(self, budget: int, slots: int) -> Admitted:
         """Admit waiting requests within ``budget`` tokens and ``slots`` sequences, with
         exact credit: lookups, then one two-phase batch. Budget that a rejected request
-        leaves (no blocks for it) goes to the next candidates, for a few rounds."""
+        leaves (no blocks for it) goes to the next candidates, for a few rounds. Raises
+        RuntimeError, changing nothing, outside a ``step`` (``check_in_step``)."""
+        self.check_in_step("admit")
         chunks: list[ContextChunk] = []
         credited = reused = 0
         rejected: set[str] = set()
@@ -914,7 +952,9 @@ class Scheduler:
 
     def start(self, cand: Candidate, num_reused: int, num_tokens: int) -> ContextChunk:
         """Move an admitted candidate from ``waiting`` to ``running``: its first chunk
-        computes ``num_tokens`` tokens past the ``num_reused`` the admission reused."""
+        computes ``num_tokens`` tokens past the ``num_reused`` the admission reused. Raises
+        RuntimeError, changing nothing, outside a ``step`` (``check_in_step``)."""
+        self.check_in_step("start")
         req = cand.request
         self._step_started.append(req.request_id)
         self._dequeue(req)

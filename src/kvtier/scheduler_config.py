@@ -20,7 +20,8 @@ MAX_SPECULATIVE_TOKENS = 64
 class SchedulerConfig:
     """Budgets and policies of a :class:`Scheduler`.
 
-    ``max_chunk_tokens`` caps one request's prefill chunk (``None``: the whole budget).
+    ``max_chunk_tokens`` caps one request's prefill chunk (``None``: the whole budget;
+    refused without ``enable_chunked_prefill``, where it would cap nothing).
     Without ``enable_chunked_prefill`` a prompt is prefilled in one step, so one longer
     than ``max_num_tokens`` is refused when queued; a preempted request's recompute (its
     prompt and output so far) that no step could hold is still chunked.
@@ -55,6 +56,14 @@ class SchedulerConfig:
         cap = self.max_chunk_tokens
         if cap is not None and (type(cap) is not int or cap < 1):
             raise ValueError(f"max_chunk_tokens must be an integer >= 1 or None, got {shown(cap)}")
+        # NOTE: without chunked prefill the cap was taken and read by nothing (a prompt is
+        # prefilled whole, and a recompute no step holds is chunked by the budget alone):
+        # a config that said chunks <= 256 ran chunks of max_num_tokens. The CLI refuses
+        # the same pair of options.
+        if cap is not None and self.enable_chunked_prefill is False:
+            raise ValueError(f"max_chunk_tokens={shown(cap)} caps a prefill chunk, and "
+                             "enable_chunked_prefill=False prefills each prompt in one step: "
+                             "set max_chunk_tokens=None or enable chunked prefill")
         if self.capacity_policy not in CAPACITY_POLICIES:
             raise ValueError(f"capacity_policy must be one of {CAPACITY_POLICIES}, "
                              f"got {shown(self.capacity_policy)}")

@@ -471,7 +471,7 @@ def check_retention_type(retention: object, what: str, num_tokens: int | None = 
         raise TypeError(f"{what} must be a Retention or None, got {short_repr(retention)}")
     start = retention.decode_start
     if num_tokens is not None and start is not None and start > num_tokens:
-        raise ValueError(f"{what}: decode_start {start} lies past the {num_tokens} tokens "
+        raise ValueError(f"{what}: decode_start {shown(start)} lies past the {num_tokens} tokens "
                          "admitted")
 
 
@@ -500,8 +500,8 @@ def check_mm_items(items: object, num_tokens: int, request_id: str) -> tuple[Mul
             raise ValueError(f"mm_items must hold MultimodalItem, got {short_repr(item)}")
         if item.offset + item.length > num_tokens:
             raise ValueError(
-                f"MultimodalItem at offset {item.offset} with length {item.length} runs past "
-                f"the {num_tokens} tokens of {shown(request_id)}")
+                f"MultimodalItem at offset {shown(item.offset)} with length "
+                f"{shown(item.length)} runs past the {num_tokens} tokens of {shown(request_id)}")
     return items
 
 

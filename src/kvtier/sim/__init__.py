@@ -19,7 +19,6 @@ from kvtier.sim.oracle import (
 from kvtier.sim.probe import ProbeScheduler, make_scheduler
 from kvtier.sim.race import RaceWorkload
 from kvtier.sim.replay import (
-    SAMPLED_TOKEN_BASE,
     ReplayLoop,
     SimulationStalled,
     simulate,
@@ -38,7 +37,7 @@ from kvtier.sim.report import (
 from kvtier.sim.synthetic import PrefixModel, SessionBuilder, SyntheticChat
 from kvtier.sim.timemodel import PROFILES, ModelProfile, TimeModel, get_profile
 from kvtier.sim.traces import AzureTrace, MooncakeTrace, TraceFormatError
-from kvtier.sim.workload import TraceRequest, Workload
+from kvtier.sim.workload import SAMPLED_TOKEN_BASE, TraceRequest, Workload
 
 __all__ = [
     "PROFILES",

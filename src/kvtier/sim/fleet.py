@@ -58,6 +58,7 @@ from kvtier.sim.replay import (
     as_time_model,
     check_draft_acceptance,
     check_replay_args,
+    check_time_scale,
     fewer_gc_passes,
     replay_requests,
 )
@@ -293,9 +294,7 @@ def simulate_fleet(
     """
     if type(num_instances) is not int or num_instances < 1:
         raise ValueError(f"num_instances must be an integer >= 1, got {shown(num_instances)}")
-    if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not (
-            0 < time_scale < float("inf")):
-        raise ValueError(f"time_scale must be a finite number > 0, got {shown(time_scale)}")
+    time_scale = check_time_scale(time_scale)
     sched = check_replay_args(workload, cache, sched, progress)
     model = as_time_model(profile)
     acceptance = check_draft_acceptance(draft_acceptance)

@@ -24,7 +24,12 @@ from kvtier.sim.trace_file import (
     check_limit,
     check_regular_file,
 )
-from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
+from kvtier.sim.workload import (
+    MAX_ARRIVAL_S,
+    MAX_REQUEST_TOKENS,
+    SAMPLED_TOKEN_BASE,
+    TraceRequest,
+)
 
 MOONCAKE_BLOCK_TOKENS = 512
 MAX_HASH_ID_ANY = (1 << 63) - 1  # a row's ids, before its trace's block size is known
@@ -318,12 +323,15 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
             roots = self._roots(links)
             records = [rec._replace(session_id=f"chat-{roots[chat]}")
                        for rec, chat in zip(records, chats, strict=True)]
-        # Token ids h*B .. must stay below 2**63, the tails' ids (one a request) too.
+        # Token ids h*B .. must stay below 2**62, the tails' ids (one a request) too.
+        # NOTE: the bound was 2**63 (int64): ids from 2**62 are a replay's sampled tokens,
+        # and a prompt holding them reused another request's output as its prefix.
         self._first_tail_id = max_id + 1
-        if (max_id + 1 + len(records)) * self.block_tokens > 1 << 63:
+        if (max_id + 1 + len(records)) * self.block_tokens > SAMPLED_TOKEN_BASE:
             raise TraceFormatError(
                 self.path, max_line, "hash_ids", f"id {max_id} is too large: token ids "
-                f"h*{self.block_tokens}.. must stay below 2**63")
+                f"h*{self.block_tokens}.. must stay below 2**62, where a replay's sampled "
+                "tokens begin")
         return records
 
     def _roots(self, links: dict[int, tuple[int, int]]) -> dict[int, int]:

@@ -58,6 +58,10 @@ class _CsvFormat(NamedTuple):
 # tokens", "Total tokens", "Log Type"; in some releases more columns).
 _CSV_FORMATS = (_CsvFormat("azure", *_AZURE_COLUMNS, False),
                 _CsvFormat("burstgpt", "Timestamp", "Request tokens", "Response tokens", True))
+# BurstGPT's sum of the two lengths, checked where the file has it: a row whose total is
+# not request + response has its columns mixed up or cut (NOTE: read past unchecked, such
+# a row was replayed with lengths its own total contradicts).
+_BURSTGPT_TOTAL = "Total tokens"
 _INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _MAX_DIGITS = 20  # far past MAX_REQUEST_TOKENS: a longer number is refused unparsed
 
@@ -193,6 +197,8 @@ class AzureTrace(TraceRecords[_AzureRecord]):
         columns = [(names.index(c), c, minimum)
                    for c, minimum in ((fmt.prompt, 1), (fmt.output, 0))]
         time_at = names.index(fmt.time)
+        total_at = (names.index(_BURSTGPT_TOTAL) if fmt.name == "burstgpt"
+                    and names.count(_BURSTGPT_TOTAL) == 1 else None)
         first: datetime | None = None
         first_s: float | None = None
         previous_s = 0.0
@@ -248,5 +254,18 @@ class AzureTrace(TraceRecords[_AzureRecord]):
                         f"must be an integer in {minimum}..{MAX_REQUEST_TOKENS}, got {value}",
                     )
                 lengths.append(value)
+            if total_at is not None:
+                self._check_total(row[total_at], lengths, line_number)
             records.append(_AzureRecord(arrival_s, lengths[0], lengths[1]))
         return records
+
+    def _check_total(self, text: str, lengths: list[int], line_number: int) -> None:
+        """TraceFormatError naming the line unless BurstGPT's ``Total tokens`` cell is the
+        row's request and response tokens summed. Pure."""
+        digits = text.strip()
+        if (_INTEGER.fullmatch(digits) is None or len(digits) > _MAX_DIGITS
+                or int(digits) != sum(lengths)):
+            raise TraceFormatError(
+                self.path, line_number, _BURSTGPT_TOTAL,
+                f"must be the request and response tokens summed, {lengths[0]} + "
+                f"{lengths[1]} = {sum(lengths)}, got {short_repr(digits)}")

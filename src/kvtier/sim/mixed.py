@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from kvtier.reprs import shown
 from kvtier.sim._checks import check_int
-from kvtier.sim.replay import SAMPLED_TOKEN_BASE
-from kvtier.sim.workload import TraceRequest, Workload
+from kvtier.sim.workload import SAMPLED_TOKEN_BASE, TraceRequest, Workload
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +86,7 @@ class MixedWorkload:
         if top * n + k >= SAMPLED_TOKEN_BASE:
             raise ValueError(f"request {shown(req.request_id)} of part {shown(part)} holds "
                              f"token id "
-                             f"{top}: past what {n} parts can share (ids below "
+                             f"{shown(top)}: past what {n} parts can share (ids below "
                              f"{SAMPLED_TOKEN_BASE // n})")
         session = None if req.session_id is None else f"{part}/{req.session_id}"
         return TraceRequest(f"{part}/{req.request_id}", req.arrival_s,

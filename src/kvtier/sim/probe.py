@@ -27,6 +27,7 @@ class ProbeScheduler(Scheduler):
     ADMISSION: ClassVar[AdmissionMode] = "probe"
 
     def admit(self, budget: int, slots: int) -> Admitted:
+        self.check_in_step("admit")
         manager = self.manager
         chunks: list[ContextChunk] = []
         credited = reused = 0

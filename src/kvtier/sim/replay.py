@@ -40,13 +40,13 @@ from kvtier.sim.oracle import oracle_bounds
 from kvtier.sim.probe import make_scheduler
 from kvtier.sim.report import OracleBounds, SimReport, Summary, estimate_load
 from kvtier.sim.timemodel import ModelProfile, TimeModel, get_profile
-from kvtier.sim.workload import TraceRequest, Workload
+from kvtier.sim.workload import SAMPLED_TOKEN_BASE, TraceRequest, Workload
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OP_KINDS, OpKind, PlanColumns, TransferPlan
 
-# NOTE: sampled tokens are fresh ids from here up, far above the token ids any workload
-# builds (and still int64, as block hashing packs them), so output never matches a prompt.
-SAMPLED_TOKEN_BASE = 1 << 62
+# NOTE: sampled tokens are fresh ids from SAMPLED_TOKEN_BASE up, above every token id a
+# workload may hold (and still int64, as block hashing packs them), so output never
+# matches a prompt.
 
 # The clock of the CPU figures: the calling thread's CPU time, not the wall clock, so a step
 # the OS preempted (another job on a shared machine) does not read as slow.
@@ -106,9 +106,7 @@ def simulate(
     """
     sched = check_replay_args(workload, cache, sched, progress, oracle=oracle, phases=phases)
     model = as_time_model(profile)
-    if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not (
-            0 < time_scale < float("inf")):
-        raise ValueError(f"time_scale must be a finite number > 0, got {shown(time_scale)}")
+    time_scale = check_time_scale(time_scale)
     if check_every is not None and (type(check_every) is not int or check_every < 1):
         raise ValueError(f"check_every must be an integer >= 1 or None, got {shown(check_every)}")
     loop = ReplayLoop(cache, sched, model, time_scale, progress, check_every, phases, policy,
@@ -154,8 +152,10 @@ def check_replay_args(workload: object, cache: object, sched: object, progress: 
 
 def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
     """``workload``'s requests, each checked as it comes: ValueError naming its position
-    for one that is not a :class:`TraceRequest`, that arrives before the one before it or
-    that repeats an earlier one's id.
+    for one that is not a :class:`TraceRequest`, that arrives before the one before it,
+    that repeats an earlier one's id or whose prompt holds a token id from
+    :data:`SAMPLED_TOKEN_BASE` up (the replay's sampled tokens: a prompt holding them
+    reused another request's output as its own prefix, hits no trace holds).
 
     NOTE: the trace readers refuse lines out of order, a workload of objects was not
     checked: a request arriving earlier than the one before was queued late and its
@@ -173,6 +173,14 @@ def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
                              f"{shown(request.request_id)} of an earlier request: a workload's "
                              "request ids are distinct")
         seen.add(request.request_id)
+        try:
+            top = max(request.prompt)
+        except TypeError:  # a token that is no number: the scheduler's checks name it
+            top = None
+        if isinstance(top, int) and top >= SAMPLED_TOKEN_BASE:
+            raise ValueError(f"request {position} of the workload ({shown(request.request_id)}) "
+                             f"holds token id {shown(top)}: a workload's ids stay below "
+                             f"2**62, where a replay's sampled tokens begin")
         if request.arrival_s < previous_s:
             raise ValueError(f"request {position} of the workload ({shown(request.request_id)}) "
                              f"arrives at {shown(request.arrival_s)} s, before the request before "
@@ -180,6 +188,23 @@ def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
                              "order")
         previous_s = request.arrival_s
         yield request
+
+
+def check_time_scale(value: object) -> float:
+    """``value`` as a time scale: ValueError unless a number > 0 that is finite as a float.
+    Pure.
+
+    NOTE: an int past the float range (10**400) passed ``0 < value < inf`` and the replay
+    then failed at its first arrival with a bare OverflowError ('int too large to convert
+    to float'), naming no argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value < float("inf")):
+        raise ValueError(f"time_scale must be a finite number > 0, got {shown(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"time_scale must be a finite number > 0, got {shown(value)} (past "
+                         "the float range)") from None
 
 
 def check_draft_acceptance(value: object) -> float:
@@ -255,6 +280,9 @@ class ReplayLoop:
         self.drafts_rng = random.Random(0)
         self.num_draft_tokens = self.num_accepted_draft_tokens = 0
         self.live: dict[str, Request] = {}
+        # Live requests whose trace gives no output: served as their prefill, whose one
+        # sampled token (an engine samples one to end the prefill) is no output.
+        self.prefill_only: set[str] = set()
         self.first_token_s: dict[str, float] = {}
         self.ttfts: list[float] = []
         self.e2es: list[float] = []
@@ -340,6 +368,8 @@ class ReplayLoop:
         req = Request(request.request_id, request.prompt, max_output, arrival_s)
         self.scheduler.add_request(req)
         self.live[req.request_id] = req
+        if not request.output_length:
+            self.prefill_only.add(req.request_id)
 
     def step(self) -> bool:
         """Run one step; False if it scheduled nothing (the clock did not move). Runs
@@ -399,7 +429,12 @@ class ReplayLoop:
             self.e2es.append(self.now_s - req.arrival_s)
             self.first_token_s.pop(rid, None)
             self.num_requests += 1
-            self.num_output_tokens += len(req.output)
+            # NOTE: a request of no output (a trace row of 0 tokens) was counted 1, the
+            # token it sampled to end its prefill: more output than the trace holds.
+            if rid in self.prefill_only:
+                self.prefill_only.discard(rid)
+            else:
+                self.num_output_tokens += len(req.output)
             self.num_finished_prompt_tokens += len(req.prompt)
             self.last_finish_s = self.now_s
             if self.progress is not None:

@@ -149,7 +149,9 @@ def _count(value: int | None) -> str:
 class SimReport:
     """What :func:`kvtier.sim.simulate` measured. ``to_dict`` gives the JSON-ready form.
 
-    Prompt and hit counts are per query: a request's first admission. A preempted request
+    Prompt and hit counts are per query: a request's first admission. A request whose
+    trace gives it no output (``output_length`` 0) is served as its prefill, which samples
+    one token, counted in no output figure. A preempted request
     admitted again recomputes what it had (``num_resumed_prompt_tokens``), most of it found
     cached again (``num_resumed_reused_tokens``): counted apart, as vLLM's preempted stats,
     since that reuse is its own work coming back, not a hit the cache earned.

@@ -12,6 +12,9 @@ from kvtier.sequence import is_finite_number
 # NOTE: a request longer than this could never fit a GPU pool the CLI accepts, and its
 # prompt alone would take gigabytes to build: refused when a workload is made or read.
 MAX_REQUEST_TOKENS = 1 << 24
+SAMPLED_TOKEN_BASE = 1 << 62
+"""Where a replay's sampled tokens begin (fresh ids, one a token, counting up): a workload's
+token ids stay below it, so no prompt ever holds an output and reuses it as a prefix."""
 MAX_ARRIVAL_S = 1e10
 """The latest arrival a workload may have (about 317 years): past it the replay's virtual
 clock, a float of seconds, no longer tells microseconds apart (every latency came out 0)."""
