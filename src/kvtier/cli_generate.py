@@ -252,24 +252,6 @@ def _text_lines(f: BinaryIO, origin: str) -> Iterator[str]:
                            "the line)") from None
 
 
-def _printable(text: str) -> str:
-    """``text`` as standard output's encoding can write it: what it cannot (an emoji or
-    CJK answer under cp1252 or ASCII) as a backslash escape. Pure.
-
-    NOTE: standard output writes strictly (stderr escapes on its own): an answer or a
-    prompt it could not encode, under a Windows console redirected to a file, ISO-8859-1
-    or PYTHONIOENCODING=ascii, ended the command in an internal error (status 70), the
-    answers still to come and the JSON line lost. The JSON line itself is ASCII."""
-    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    try:
-        text.encode(encoding)
-    except UnicodeEncodeError:
-        return text.encode(encoding, "backslashreplace").decode(encoding)
-    except LookupError:  # an encoding Python does not know: it will fail on its own
-        return text
-    return text
-
-
 def _turn_json(conversation: int, turn: int, r: TurnResult) -> dict[str, Any]:
     return {"conversation": conversation, "turn": turn, "text": r.text,
             "stop_reason": r.stop_reason, "num_prompt_tokens": r.num_prompt_tokens,
@@ -350,8 +332,8 @@ def run_generate(args: argparse.Namespace) -> int:
                            f"not be answered: {exc.error}") from None
         for i, r in zip(active, results, strict=True):
             histories[i].append({"role": "assistant", "content": r.text})
-            print(_printable(f"--- conversation {i} turn {turn}: {turns[i][turn]}"))
-            print(_printable(r.text))
+            print(f"--- conversation {i} turn {turn}: {turns[i][turn]}")
+            print(r.text)
             print(r.summary())
             rows.append(_turn_json(i, turn, r))
     print(json.dumps(_summary(rows, generator)))
@@ -458,11 +440,10 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
             # A turn that does not fit the context (or could not be computed) is refused;
             # the conversation stays as it was, and the session goes on.
             history.pop()
-            print(_printable(f"(not answered: {exc}; /new starts a new conversation)"),
-                  flush=True)
+            print(f"(not answered: {exc}; /new starts a new conversation)", flush=True)
             continue
         history.append({"role": "assistant", "content": result.text})
-        print(_printable(result.text))
+        print(result.text)
         print(result.summary(), flush=True)
         rows.append(_turn_json(current, sum(m["role"] == "user" for m in history) - 1, result))
     print(json.dumps(_summary(rows, generator)))

@@ -11,6 +11,7 @@ from typing import NoReturn
 from kvtier.cli_error import EXIT_USAGE, CLIError
 from kvtier.cli_workload import TIME_UNITS, WORKLOADS
 from kvtier.config import EVICTION_POLICIES, HASH_ALGOS, CacheConfig
+from kvtier.launcher import tell
 from kvtier.reprs import shown
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
 from kvtier.scheduler_config import MAX_SPECULATIVE_TOKENS
@@ -73,10 +74,13 @@ rate line per policy (needs the 'plot' extra).
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line, like every other refusal of the
     command: ``kvtier: error: <what>`` and where to look, then exit status 2 (argparse
-    prints its whole usage, 20 lines for ``replay``, before the line that matters)."""
+    prints its whole usage, 20 lines for ``replay``, before the line that matters), written
+    by :func:`~kvtier.launcher.tell` (argparse quotes an unrecognized argument as given: its
+    escape sequences reached the terminal)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"kvtier: error: {message} (see '{self.prog} --help')\n")
+        tell(f"kvtier: error: {message} (see '{self.prog} --help')")
+        self.exit(EXIT_USAGE)
 
 
 def common_options() -> OneLineParser:

@@ -1,0 +1,130 @@
+"""Red team 25c: the ``kvtier`` command line.
+
+Standard output writes what its encoding cannot hold, and on a terminal control characters,
+as backslash escapes, for every command (only ``generate`` and ``chat`` did: ``replay`` of a
+trace whose name is not ASCII ended in an internal error, status 70, under an ASCII
+standard output); the command's lines on standard error escape control characters on a
+terminal too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kvtier
+from kvtier.cli import main
+
+SRC = str(Path(kvtier.__file__).resolve().parents[1])  # the sources under test
+TRACE = ('{"timestamp": 0, "input_length": 100, "output_length": 4, "hash_ids": [0]}\n'
+         '{"timestamp": 5, "input_length": 100, "output_length": 4, "hash_ids": [0]}\n')
+
+
+@pytest.fixture(autouse=True)
+def debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect (an unexpected exception) raises with its traceback instead of exit 70."""
+    monkeypatch.setenv("KVTIER_DEBUG", "1")
+
+
+def make_trace(folder: Path, name: str) -> Path:
+    """A two-request Mooncake trace named ``name``."""
+    path = folder / name
+    path.write_text(TRACE, encoding="utf-8")
+    return path
+
+
+def run_ascii(*args: str, encoding: str = "ascii") -> subprocess.CompletedProcess[str]:
+    """``kvtier args...`` in a child whose standard streams are ``encoding``."""
+    env = {**os.environ, "PYTHONPATH": SRC, "PYTHONIOENCODING": encoding}
+    return subprocess.run([sys.executable, "-m", "kvtier", *args], env=env, capture_output=True,
+                          text=True, encoding="utf-8", timeout=300, check=False)
+
+
+@pytest.mark.parametrize(("command", "named"), [
+    (["replay"], True), (["replay", "--instances", "2"], True),
+    (["compare", "--gpu-blocks", "64", "--host-blocks", "64"], False),
+    (["sweep", "--gpu-blocks", "64", "--host-blocks", "0"], False)])
+def test_every_simulator_command_escapes_what_an_ascii_stdout_cannot_hold(
+        tmp_path: Path, command: list[str], named: bool) -> None:
+    """A trace named ``tr\u00e9\U0001f600.jsonl``: a replay's report names it, and under an
+    ASCII standard output its first table row ended the command in an internal error,
+    status 70, the report lost. Now the name is written escaped, and the JSON line is
+    whole, for every command."""
+    trace = make_trace(tmp_path, "tr\u00e9\U0001f600.jsonl")
+    done = run_ascii(*command, str(trace), "--no-progress")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert ("tr\\xe9\\U0001f600" in done.stdout) is named
+    assert "\u00e9" not in done.stdout
+    json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_file_name_that_is_no_utf8_is_escaped_under_a_utf8_stdout(tmp_path: Path) -> None:
+    """A trace whose name holds a byte that is no UTF-8 reaches Python as a lone surrogate,
+    which a UTF-8 standard output refused: status 70. Now it is written as its escape."""
+    raw = os.fsencode(tmp_path) + b"/t\xff.jsonl"
+    Path(os.fsdecode(raw)).write_text(TRACE, encoding="utf-8")
+    done = run_ascii("replay", os.fsdecode(raw), "--no-progress", encoding="utf-8")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "t\\udcff.jsonl" in done.stdout.splitlines()[0]
+
+
+def test_help_under_an_ascii_stdout_is_whole() -> None:
+    """``--help`` of every command, and ``--version``, under an ASCII standard output."""
+    for args in (["--help"], ["--version"], ["replay", "--help"], ["compare", "--help"],
+                 ["sweep", "--help"], ["generate", "--help"], ["chat", "--help"]):
+        done = run_ascii(*args)
+        assert (done.returncode, done.stderr) == (0, ""), args
+        assert done.stdout
+
+
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    encoding = "utf-8"
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_control_characters_reach_a_terminal_escaped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace named with an escape sequence (``ESC ]0;owned BEL`` retitles the window,
+    ``ESC [2J`` clears it): its name went to the terminal as it was, and drove it. Now
+    every control character but newline and tab is written as its ``\\xNN`` escape; to a
+    file or a pipe the report is as before."""
+    trace = make_trace(tmp_path, "t\x1b]0;owned\x07\x1b[2J\x9b.jsonl")
+    out = _Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["replay", str(trace), "--no-progress"]) == 0
+    text = out.getvalue()
+    assert "t\\x1b]0;owned\\x07\\x1b[2J\\x9b.jsonl" in text
+    assert not any(c in text for c in "\x1b\x07\x9b\r")
+    assert text.count("\n") == len(text.splitlines())  # newlines kept
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", piped)
+    assert main(["replay", str(trace), "--no-progress"]) == 0
+    assert f"path {trace}" in piped.getvalue()  # a file gets the name as it is
+
+
+def test_an_error_line_reaches_a_terminal_escaped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command's one line on standard error names the file or argument as given:
+    ``cannot read trace <name>``, argparse's ``unrecognized arguments: <arg>``; an escape
+    sequence in it drove the terminal. Now it is escaped there, as on standard output."""
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    missing = tmp_path / "m\x1b[2J.jsonl"
+    assert main(["replay", str(missing), "--no-progress"]) == 2
+    assert err.getvalue() == (f"kvtier: error: cannot read trace {tmp_path}/m\\x1b[2J.jsonl: "
+                              "No such file or directory\n")
+    err.seek(0)
+    err.truncate()
+    assert main(["replay", "--no-progress", "--x\x1b]0;t\x07"]) == 2
+    assert err.getvalue() == ("kvtier: error: unrecognized arguments: --x\\x1b]0;t\\x07 (see "
+                              "'kvtier --help')\n")
