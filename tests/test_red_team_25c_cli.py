@@ -128,3 +128,90 @@ def test_an_error_line_reaches_a_terminal_escaped(
     assert main(["replay", "--no-progress", "--x\x1b]0;t\x07"]) == 2
     assert err.getvalue() == ("kvtier: error: unrecognized arguments: --x\\x1b]0;t\\x07 (see "
                               "'kvtier --help')\n")
+
+
+# ---- numbers on the command line -------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "message"), [
+    # int() took each of these for 1,000, 512, 5 or 16.
+    (["replay", "--limit", "1_000"], "argument --limit: expected an integer, got '1_000'"),
+    (["replay", "--max-num-tokens", " 512"],
+     "argument --max-num-tokens: expected an integer, got ' 512'"),
+    (["replay", "--max-num-tokens", "512\n"],
+     "argument --max-num-tokens: expected an integer, got '512\\n'"),
+    (["replay", "--seed", "+5"], "argument --seed: expected an integer, got '+5'"),
+    (["replay", "--max-batch-size", "\u0665"],
+     "argument --max-batch-size: expected an integer, got '\u0665'"),
+    (["replay", "--tokens-per-block", "\uff11\uff16"],
+     "argument --tokens-per-block: expected an integer, got '\uff11\uff16'"),
+    (["replay", "--trace-block-tokens", "+16"],
+     "argument --trace-block-tokens: expected an integer, got '+16'"),
+    (["replay", "--offload-min-priority", "3_0"],
+     "argument --offload-min-priority: expected an integer, got '3_0'"),
+    (["replay", "--max-chunk-tokens", "1_024"],
+     "argument --max-chunk-tokens: expected an integer, got '1_024'"),
+    (["replay", "--instances", "0x2"], "argument --instances: expected an integer, got '0x2'"),
+    (["sweep", "--gpu-blocks", "1_0,20"],
+     "argument --gpu-blocks: expected comma-separated integers, got '1_0,20'"),
+    (["sweep", "--host-blocks", "0, 20"],
+     "argument --host-blocks: expected comma-separated integers, got '0, 20'"),
+    # float() took these.
+    (["replay", "--time-scale", "1_0"], "argument --time-scale: expected a number, got '1_0'"),
+    (["replay", "--time-scale", "nan"], "argument --time-scale: must be a finite number, got nan"),
+    (["replay", "--time-scale", "\u0661.5"],
+     "argument --time-scale: expected a number, got '\u0661.5'"),
+    (["replay", "--router-alpha", "+inf", "--instances", "2"],
+     "argument --router-alpha: must be a finite number, got +inf"),
+    (["replay", "--remote-latency-ms", "1_0", "--instances", "2", "--remote", "write-back"],
+     "argument --remote-latency-ms: expected a number, got '1_0'"),
+    (["replay", "--remote-deadline-ms", " 5"],
+     "argument --remote-deadline-ms: expected a number, got ' 5'"),
+    (["replay", "--draft-acceptance", "0_5"],
+     "argument --draft-acceptance: expected a number, got '0_5'"),
+    (["generate", "--seed", "1_0", "x"], "argument --seed: expected an integer, got '1_0'"),
+    (["generate", "--max-new-tokens", "\u0665", "x"],
+     "argument --max-new-tokens: expected an integer, got '\u0665'"),
+    (["generate", "--temperature", "0_5", "x"],
+     "argument --temperature: expected a number, got '0_5'"),
+    (["chat", "--top-p", "Infinity"], "argument --top-p: must be a finite number, got Infinity"),
+])
+def test_a_number_option_takes_plain_ascii_digits_only(
+        capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    """An integer option takes ASCII digits with an optional leading -, a number option a
+    finite decimal: what else ``int()`` or ``float()`` took (``1_000``, spaces, ``+5``,
+    digits of other scripts, ``nan``) is refused naming the option and the value, before
+    anything runs."""
+    code = main([*args, "--no-progress"] if args[0] != "generate" and args[0] != "chat"
+                else args)
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (2, "")
+    assert captured.err == f"kvtier: error: {message} (see 'kvtier {args[0]} --help')\n"
+
+
+@pytest.mark.parametrize(("assignment", "message"), [
+    ("pcie_bytes_per_s=2_5e10", "expected a number, got '2_5e10'"),
+    ("kv_bytes_per_token=+5", "expected an integer, got '+5'"),
+    ("kv_bytes_per_token=\u0665", "expected an integer, got '\u0665'"),
+    ("pcie_bytes_per_s=NaN", "expected a finite number, got 'NaN'"),
+])
+def test_a_profile_constant_takes_the_same_numbers(
+        capsys: pytest.CaptureFixture[str], assignment: str, message: str) -> None:
+    """``--set-profile KEY=VALUE`` reads its value by the same rule."""
+    code = main(["replay", "--no-progress", "--limit", "1", "--set-profile", assignment])
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (2, "")
+    key = assignment.partition("=")[0]
+    assert captured.err == f"kvtier: error: --set-profile {key}: {message}\n"
+
+
+def test_numbers_written_plainly_still_read(capsys: pytest.CaptureFixture[str]) -> None:
+    """Negative integers, fractions, exponents, and an integer constant written as a float."""
+    code = main(["replay", "--no-progress", "--limit", "5", "--seed", "-3", "--time-scale",
+                 ".5e1", "--set-profile", "kv_bytes_per_token=1.31072e5",
+                 "--set-profile", "pcie_bytes_per_s=5.", "--max-num-tokens", "0512"])
+    captured = capsys.readouterr()
+    assert (code, captured.err) == (0, "")
+    report = json.loads(captured.out.splitlines()[-1])
+    assert report["time_scale"] == 5.0
+    assert report["profile"]["kv_bytes_per_token"] == 131072
+    assert report["scheduler_config"]["max_num_tokens"] == 512

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from kvtier import json_text
 from kvtier.cli_error import CLIError
-from kvtier.cli_options import eviction_policy_option, finite_float, int_in
+from kvtier.cli_numbers import finite_float, int_in, parse_int
+from kvtier.cli_options import eviction_policy_option
 from kvtier.json_text import DuplicateKeyError
 from kvtier.reprs import shown
 
@@ -91,7 +92,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="0 is greedy (default); above, sampled")
     p.add_argument("--top-p", type=finite_float, default=1.0, metavar="P",
                    help="nucleus sampling mass in (0, 1] (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=int_in(), default=0, help="sampling seed (default: 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop an answer at this text (repeatable)")
     p.add_argument("--tokens-per-block", type=int_in(1, 1 << 16), default=16, metavar="N",
@@ -475,9 +476,9 @@ def _read_line(stdin: TextIO) -> str:
 
 def _switch(text: str, num_conversations: int, current: int) -> int:
     parts: Sequence[str] = text.split()
-    # NOTE: int() decides what a number is: str.isdigit() is True for '²', which it refuses.
+    # NOTE: the command line's rule decides what a number is: str.isdigit() is True for '²'.
     try:
-        number = int(parts[1]) if len(parts) == 2 else None
+        number = parse_int(parts[1]) if len(parts) == 2 else None
     except ValueError:
         number = None
     if number is not None and 0 <= number < num_conversations:
