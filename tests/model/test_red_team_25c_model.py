@@ -1,0 +1,92 @@
+"""Red team 25c, the model's half: ``generate --raw`` of a Llama 3 checkpoint without its
+BOS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+gguf = pytest.importorskip("gguf", reason="GGUF files need the model extra")
+pytest.importorskip("torch", reason="the model needs torch")
+tokenizers = pytest.importorskip("tokenizers", reason="the tokenizer needs the model extra")
+
+from kvtier.cli import main  # noqa: E402
+from kvtier.model.tokenizer import load_tokenizer  # noqa: E402
+from test_red_team_model import make_gguf  # noqa: E402
+
+# GPT-2's byte-level alphabet writes the byte ESC (0x1b) as this character.
+ESC_TOKEN = "\u011b"
+
+
+@pytest.fixture(autouse=True)
+def debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect (an unexpected exception) raises with its traceback instead of exit 70."""
+    monkeypatch.setenv("KVTIER_DEBUG", "1")
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---- the BOS of a Llama 3 checkpoint -------------------------------------------------------------
+
+@pytest.mark.parametrize(("pre", "add_bos", "ids"), [
+    ("llama-bpe", None, [3, 2]),  # Llama 3's files: no key, and llama.cpp puts a BOS
+    ("llama3", None, [3, 2]),
+    ("llama-bpe", False, [2]),  # the file says no
+    ("default", None, [2]),  # GPT-2's: none unless the file says so
+    ("default", True, [3, 2]),
+])
+def test_a_gguf_of_llama3s_pre_tokenizer_puts_a_bos_unless_it_says_not(
+        tmp_path: Path, pre: str, add_bos: bool | None, ids: list[int]) -> None:
+    """A Llama 3 GGUF file has no ``tokenizer.ggml.add_bos_token``: llama.cpp puts the BOS
+    before a text for its pre-tokenizer unless the file says otherwise; kvtier took the
+    missing key for false, and ``generate --raw`` prompts had no BOS."""
+    changes: dict[str, tuple[str, object] | None] = {
+        "tokenizer__ggml__pre": ("str", pre), "tokenizer__ggml__bos_token_id": ("u32", 3)}
+    if add_bos is not None:
+        changes["tokenizer__ggml__add_bos_token"] = ("bool", add_bos)
+    tokenizer = load_tokenizer(make_gguf(tmp_path / "m.gguf", **changes))
+    assert tokenizer.encode("ab") == ids
+
+
+def make_hf_tokenizer(folder: Path, config: dict[str, object], bos_processor: bool) -> Path:
+    """A Hugging Face directory with a word-level tokenizer of a, b, c, <|begin_of_text|>
+    (id 3), whose post-processor (``bos_processor``) puts that token before a text, as
+    Llama 3's does."""
+    from tokenizers import processors
+
+    folder.mkdir()
+    vocab = {token: i for i, token in enumerate(["a", "b", "c", "<|begin_of_text|>", "e"])}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="e"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.add_special_tokens([tokenizers.AddedToken("<|begin_of_text|>", special=True)])
+    if bos_processor:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 3)])
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize(("config", "bos_processor", "ids"), [
+    # Llama 3: no add_bos_token; the post-processor puts <|begin_of_text|> first.
+    ({"bos_token": "<|begin_of_text|>"}, True, [3, 0, 1]),
+    ({"bos_token": "<|begin_of_text|>", "add_bos_token": False}, True, [0, 1]),
+    ({"bos_token": "<|begin_of_text|>"}, False, [0, 1]),
+    ({"bos_token": "<|begin_of_text|>", "add_bos_token": True}, False, [3, 0, 1]),
+    ({}, True, [0, 1]),  # no BOS named: none
+])
+def test_a_hf_tokenizer_whose_post_processor_puts_a_bos_keeps_it(
+        tmp_path: Path, config: dict[str, object], bos_processor: bool, ids: list[int]) -> None:
+    """Llama 3's tokenizer_config.json has no ``add_bos_token``: its tokenizer.json's
+    post-processor puts the BOS first (transformers encodes with it), and kvtier encodes
+    without the post-processor: a raw prompt had no BOS. Now the post-processor's BOS is
+    kept where the config does not say."""
+    tokenizer = load_tokenizer(make_hf_tokenizer(tmp_path / "ckpt", config, bos_processor))
+    assert tokenizer.encode("a b") == ids
