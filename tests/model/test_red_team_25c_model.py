@@ -1,5 +1,5 @@
 """Red team 25c, the model's half: ``generate --raw`` of a Llama 3 checkpoint without its
-BOS."""
+BOS, and a ``--stop`` of a special token's text that never stopped."""
 
 from __future__ import annotations
 
@@ -90,3 +90,35 @@ def test_a_hf_tokenizer_whose_post_processor_puts_a_bos_keeps_it(
     kept where the config does not say."""
     tokenizer = load_tokenizer(make_hf_tokenizer(tmp_path / "ckpt", config, bos_processor))
     assert tokenizer.encode("a b") == ids
+
+
+# ---- a stop of a special token's text ------------------------------------------------------------
+
+@pytest.fixture
+def special_model(tmp_path: Path) -> Path:
+    """The tiny GGUF with token 3 a special (control) token ``<|x|>``: greedy from "a" it
+    answers e e e e e <|x|> a <|x|> ..."""
+    return make_gguf(tmp_path / "s.gguf",
+                     tokenizer__ggml__tokens=("arr", ["a", "b", "ab", "<|x|>", "e", "f"]),
+                     tokenizer__ggml__token_type=("arr", [1, 1, 1, 3, 1, 1]))
+
+
+@pytest.mark.parametrize(("stop", "num_tokens", "text"), [
+    ("<|x|>", 6, "eeeee"),
+    ("e<|x|>", 6, "eeee"),  # text before the special token is cut with the stop
+    ("<|x|>a<|x|>", 8, "eeeee"),
+    ("ea", 7, "eeee"),  # a stop in the text alone: across the special token, as before
+])
+def test_a_stop_of_a_special_tokens_text_ends_the_answer_there(
+        capsys: pytest.CaptureFixture[str], special_model: Path, stop: str, num_tokens: int,
+        text: str) -> None:
+    """``--stop '<|x|>'`` where the model emits the special token <|x|> (not its EOS): the
+    stop was looked for in the text, which leaves special tokens out, so it never matched
+    and the answer ran to --max-new-tokens. Now it stops there, its text cut before the
+    stop."""
+    code, out, err = run(capsys, "generate", "--raw", "a", "--model", str(special_model),
+                         "--device", "cpu", "--max-new-tokens", "12", "--stop", stop)
+    assert (code, err) == (0, "")
+    turn = json.loads(out.splitlines()[-1])["turns"][0]
+    assert (turn["stop_reason"], turn["num_output_tokens"], turn["text"]) == (
+        "stop", num_tokens, text)
