@@ -1,9 +1,12 @@
 """Red team 25c, the model's half: ``generate --raw`` of a Llama 3 checkpoint without its
-BOS, and a ``--stop`` of a special token's text that never stopped."""
+BOS, a ``--stop`` of a special token's text that never stopped, and a model's answer
+driving the terminal."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +125,49 @@ def test_a_stop_of_a_special_tokens_text_ends_the_answer_there(
     turn = json.loads(out.splitlines()[-1])["turns"][0]
     assert (turn["stop_reason"], turn["num_output_tokens"], turn["text"]) == (
         "stop", num_tokens, text)
+
+
+# ---- what reaches the terminal -------------------------------------------------------------------
+
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    encoding = "utf-8"
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_models_escape_sequences_reach_a_terminal_escaped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose answer holds ESC (here its token 3 is the byte 0x1b: greedy from "a"
+    it answers ``eeeee ESC a ESC``) and a prompt holding one were printed as they were: on
+    a terminal they move the cursor, recolour or retitle the window. Now every control
+    character but newline and tab reaches a terminal as its escape; the JSON line keeps
+    the text as it is."""
+    model = make_gguf(tmp_path / "m.gguf",
+                      tokenizer__ggml__tokens=("arr", ["a", "b", "ab", ESC_TOKEN, "e", "f"]))
+    out = _Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["generate", "--raw", "a", "b\x1b]0;t\x07", "--model", str(model), "--device",
+                 "cpu", "--max-new-tokens", "8"]) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == ["--- conversation 0 turn 0: a", "eeeee\\x1ba\\x1b"]
+    assert lines[3] == "--- conversation 1 turn 0: b\\x1b]0;t\\x07"
+    assert not any(c in out.getvalue() for c in "\x1b\x07")
+    assert json.loads(lines[-1])["turns"][0]["text"] == "eeeee\x1ba\x1b"
+
+
+def test_chat_switch_takes_the_command_lines_numbers(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/switch N`` reads N as every number of the command line: int() took '\u0661' (an
+    Arabic-Indic 1) and ' +1'-like forms for 1."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/new\n/switch \u0660\n/switch +0\n/quit\n"))
+    model = make_gguf(tmp_path / "c.gguf", tokenizer__chat_template=(
+        "str", "{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+    code, out, err = run(capsys, "chat", "--model", str(model), "--device", "cpu",
+                         "--max-new-tokens", "2")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[:3] == ["(conversation 1)", "(usage: /switch N with N in 0..1)",
+                                    "(usage: /switch N with N in 0..1)"]
