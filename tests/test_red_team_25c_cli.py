@@ -215,3 +215,62 @@ def test_numbers_written_plainly_still_read(capsys: pytest.CaptureFixture[str]) 
     assert report["time_scale"] == 5.0
     assert report["profile"]["kv_bytes_per_token"] == 131072
     assert report["scheduler_config"]["max_num_tokens"] == 512
+
+
+# ---- Azure's timestamps --------------------------------------------------------------------------
+
+AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+def make_azure(folder: Path, times: list[str]) -> Path:
+    """An Azure CSV trace of one row per time, each of 100 prompt and 4 output tokens."""
+    path = folder / "azure.csv"
+    path.write_text(AZURE_HEADER + "".join(f"{t},100,4\n" for t in times), encoding="utf-8")
+    return path
+
+
+def test_an_azure_2024_trace_with_utc_offsets_is_read(tmp_path: Path) -> None:
+    """Azure's 2024 traces write ``2024-05-10 00:00:00.009930+00:00`` (a UTC offset, the
+    fraction left out at whole seconds): the first row was refused as "bad fractional
+    seconds '009930+00:00'", the whole trace with it, though the reader names 2024's
+    traces. Now the offset is read: arrivals are measured in UTC."""
+    from kvtier.sim import AzureTrace
+
+    path = make_azure(tmp_path, ["2024-05-10 00:00:00.009930+00:00", "2024-05-10 00:00:01+00:00",
+                                 "2024-05-10 02:00:02.5+02:00", "2024-05-09 22:00:03-02:00"])
+    trace = AzureTrace(path)
+    assert [round(r.arrival_s, 6) for r in trace] == [0.0, 0.99007, 2.49007, 2.99007]
+
+
+@pytest.mark.parametrize(("times", "line", "problem"), [
+    # strptime took digits of other scripts, and one-digit fields.
+    (["2023-11-16 18:15:46.1", "\u0662\u0660\u0662\u0663-11-16 18:15:47"], 3,
+     "'\u0662\u0660\u0662\u0663-11-16 18:15:47': expected YYYY-MM-DD HH:MM:SS, an optional "
+     "fraction of a second and an optional UTC offset (+HH:MM)"),
+    (["2023-11-16 18:15:46.\u0663"], 2,
+     "'2023-11-16 18:15:46.\u0663': expected YYYY-MM-DD HH:MM:SS, an optional fraction of a "
+     "second and an optional UTC offset (+HH:MM)"),
+    (["2023-1-6 1:2:3"], 2, "'2023-1-6 1:2:3': expected YYYY-MM-DD HH:MM:SS, an optional "
+     "fraction of a second and an optional UTC offset (+HH:MM)"),
+    (["2023-13-16 18:15:46"], 2, "'2023-13-16 18:15:46': month must be in 1..12"),
+    (["2024-05-10 00:00:00+24:00"], 2, "'2024-05-10 00:00:00+24:00': UTC offset +24:00 is "
+     "no offset"),
+    (["0001-01-01 00:00:00+01:00"], 2, "'0001-01-01 00:00:00+01:00': out of the range of "
+     "dates"),
+    # UTC beside local time: which came first cannot be told.
+    (["2024-05-10 00:00:00+00:00", "2024-05-10 00:00:01"], 3,
+     "'2024-05-10 00:00:01': gives no UTC offset, where the first row does"),
+    (["2024-05-10 00:00:00", "2024-05-10 00:00:01+00:00"], 3,
+     "'2024-05-10 00:00:01+00:00': gives UTC offset, where the first row does not"),
+])
+def test_an_azure_timestamp_not_written_as_the_traces_write_it_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], times: list[str], line: int,
+        problem: str) -> None:
+    """A TIMESTAMP is read by the one pattern of Azure's files, ASCII digits, each field
+    its width; else refused naming the file, the line and the column."""
+    path = make_azure(tmp_path, times)
+    code = main(["replay", str(path), "--no-progress"])
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (2, "")
+    assert captured.err == (f"kvtier: error: malformed trace: {path}:{line}: field "
+                            f"'TIMESTAMP': {problem}\n")
