@@ -271,8 +271,9 @@ def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
         if raw:
             texts = [c[-1]["content"] for c in conversations]
             prompts = [generator.tokenizer.encode(text) for text in texts]
+            bare = generator.tokenizer.encode("")  # what any text is given: a BOS, or none
             for text, ids in zip(texts, prompts, strict=True):
-                if text and not ids:  # NOTE: was "a prompt is empty", of a prompt that is not
+                if text and ids == bare:  # NOTE: was "a prompt is empty", of one that is not
                     raise CLIError(f"prompt {shown(text):.60} has no token in this model's "
                                    "vocabulary")
             return generator.generate(prompts, params)
@@ -355,7 +356,9 @@ def _unanswerable(generator: Generator, conversations: list[list[Message]],
                    else tokenizer.encode_chat(conversation))
         except ValueError as exc:
             return k, str(exc)
-        if not ids:
+        # NOTE: under --raw, a prompt of no token but the BOS the tokenizer puts before any
+        # text ("zz" outside the vocabulary, or "") was answered from the BOS alone.
+        if not ids or (raw and ids == tokenizer.encode("")):
             text = conversation[-1]["content"]
             return k, (f"prompt {shown(text):.60} has no token in this model's vocabulary"
                        if text else "its prompt is empty: no token to answer")

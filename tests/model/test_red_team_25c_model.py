@@ -57,6 +57,30 @@ def test_a_gguf_of_llama3s_pre_tokenizer_puts_a_bos_unless_it_says_not(
     assert tokenizer.encode("ab") == ids
 
 
+@pytest.mark.parametrize(("prompt", "why"), [
+    ("zz", "prompt 'zz' has no token in this model's vocabulary"),
+    ("", "its prompt is empty: no token to answer"),
+])
+@pytest.mark.parametrize("changes", [
+    {"tokenizer__ggml__pre": ("str", "llama-bpe")},  # a BOS by llama.cpp's default
+    {"tokenizer__ggml__add_bos_token": ("bool", True)},  # a BOS the file asks for
+])
+def test_a_raw_prompt_of_no_token_but_the_bos_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, object],
+        prompt: str, why: str) -> None:
+    """Under --raw a prompt with no token of the vocabulary ("zz") or none at all was
+    refused by its empty list of ids; with a BOS put before every text that list is
+    [BOS], and the model answered from the BOS alone, the prompt lost without a word. Now
+    a prompt of nothing but what the tokenizer puts before any text is refused as
+    before."""
+    model = make_gguf(tmp_path / "m.gguf", tokenizer__ggml__bos_token_id=("u32", 3),
+                      **changes)  # type: ignore[arg-type]
+    code, out, err = run(capsys, "generate", "--raw", "ab", prompt, "--model", str(model),
+                         "--device", "cpu", "--max-new-tokens", "2")
+    assert (code, out) == (2, "")
+    assert err == f"kvtier: error: PROMPT 1 (conversation 1), turn 0: {why}\n"
+
+
 def make_hf_tokenizer(folder: Path, config: dict[str, object], bos_processor: bool) -> Path:
     """A Hugging Face directory with a word-level tokenizer of a, b, c, <|begin_of_text|>
     (id 3), whose post-processor (``bos_processor``) puts that token before a text, as
