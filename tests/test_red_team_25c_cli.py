@@ -274,3 +274,28 @@ def test_an_azure_timestamp_not_written_as_the_traces_write_it_is_refused(
     assert (code, captured.out) == (2, "")
     assert captured.err == (f"kvtier: error: malformed trace: {path}:{line}: field "
                             f"'TIMESTAMP': {problem}\n")
+
+
+# ---- the readers' arguments ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [None, 5, b"t.jsonl", ["t.jsonl"]])
+def test_a_trace_path_of_the_wrong_type_is_refused_naming_it(path: object) -> None:
+    """pathlib's TypeError ("expected str, bytes or os.PathLike object, not NoneType")
+    named neither the argument nor the reader. Now ValueError naming ``path``."""
+    from kvtier.reprs import shown
+    from kvtier.sim import AzureTrace, MooncakeTrace
+
+    for reader in (MooncakeTrace, AzureTrace):
+        with pytest.raises(ValueError) as refused:
+            reader(path)  # type: ignore[arg-type]
+        assert str(refused.value) == ("path must be a str or os.PathLike naming the trace "
+                                      f"file, got {shown(path)}")
+
+
+def test_a_held_out_family_of_the_wrong_type_is_refused_naming_it() -> None:
+    """``HeldOutWorkload(["rag"])`` raised TypeError (unhashable type: 'list')."""
+    from kvtier.sim.heldout import FAMILIES, HeldOutWorkload
+
+    with pytest.raises(ValueError) as refused:
+        HeldOutWorkload(["rag"])  # type: ignore[arg-type]
+    assert str(refused.value) == f"family must be one of {sorted(FAMILIES)}, got ['rag']"

@@ -24,6 +24,7 @@ from kvtier.sim.trace_file import (
     TraceRecords,
     check_limit,
     check_regular_file,
+    trace_path,
 )
 from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
@@ -141,7 +142,7 @@ class AzureTrace(TraceRecords[_AzureRecord]):
         if type(seed) is not int:
             raise ValueError(f"seed must be an integer, got {shown(seed)}")
         check_limit(limit)
-        self.path = Path(path)
+        self.path = trace_path(path)
         self.prefix_model = prefix_model
         self.seed = seed
         self.limit = limit
