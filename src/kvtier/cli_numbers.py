@@ -88,25 +88,33 @@ def int_list(minimum: int) -> Callable[[str], list[int]]:
     return parse
 
 
+def _number(text: str) -> float:
+    """``text`` as a decimal or a word of ``float`` for a number that is not finite (each
+    type says what range it takes); ArgumentTypeError otherwise. Pure."""
+    if _NUMBER.fullmatch(text) is None and _NOT_FINITE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(f"expected a number, got {shown(text):.80}")
+    return float(text)
+
+
 def finite_float(text: str) -> float:
     """An argparse ``type`` accepting finite numbers."""
-    try:
-        return parse_number(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    value = _number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text:.80}")
+    return value
 
 
 def positive_float(text: str) -> float:
     """An argparse ``type`` accepting finite numbers > 0."""
-    value = finite_float(text)
-    if not value > 0:
+    value = _number(text)
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text:.80}")
     return value
 
 
 def unit_float(text: str) -> float:
     """An argparse ``type`` accepting numbers in [0, 1]."""
-    value = finite_float(text)
+    value = _number(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text:.80}")
     return value
@@ -118,8 +126,9 @@ def number_in(low: float, high: float, *, low_open: bool = False
     with ``low_open``)."""
 
     def parse(text: str) -> float:
-        value = finite_float(text)
-        if not (low < value if low_open else low <= value) or value > high:
+        value = _number(text)
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and value <= high):
             bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
             raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got "
                                              f"{text:.80}")
