@@ -119,6 +119,40 @@ def test_a_hf_tokenizer_whose_post_processor_puts_a_bos_keeps_it(
     assert tokenizer.encode("a b") == ids
 
 
+# ---- config.json numbers past the float range --------------------------------------------------
+
+@pytest.mark.parametrize(("key", "where"), [
+    ("rope_theta", "rope_theta"), ("rms_norm_eps", "rms_norm_eps"),
+    ("factor", "rope_scaling.factor"), ("low_freq_factor", "rope_scaling.low_freq_factor"),
+    ("rope_theta_nested", "rope_scaling.rope_theta"),
+])
+def test_a_config_number_past_the_float_range_names_its_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, where: str) -> None:
+    """JSON writes an integer of any length: a config.json number of 400 digits (a
+    rope_theta, an rms_norm_eps, a llama3 rope_scaling factor) raised OverflowError from
+    float(), an internal error (status 70) of `kvtier generate` naming nothing. Now
+    refused naming the file and the key, before any tensor is looked for."""
+    from test_red_team_model import HF_CONFIG
+
+    huge = "1" + "0" * 400
+    config: dict[str, object] = {**HF_CONFIG, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}}
+    nested = key in ("factor", "low_freq_factor", "rope_theta_nested")
+    name = "rope_theta" if key == "rope_theta_nested" else key
+    target = config["rope_scaling"] if nested else config
+    assert isinstance(target, dict)
+    target[name] = "HUGE"
+    text = json.dumps(config).replace('"HUGE"', huge)
+    folder = make_hf_tokenizer(tmp_path / "ckpt", {"bos_token": "a"}, False)
+    (folder / "config.json").write_text(text)
+    code, out, err = run(capsys, "generate", "--raw", "a", "--model", str(folder), "--device",
+                         "cpu")
+    assert (code, out) == (2, "")
+    assert err == (f"kvtier: error: {folder / 'config.json'}: {where} must be a finite number, "
+                   f"got {huge[:60]}\n")
+
+
 # ---- a stop of a special token's text ------------------------------------------------------------
 
 @pytest.fixture
