@@ -300,3 +300,18 @@ def test_a_held_out_family_of_the_wrong_type_is_refused_naming_it() -> None:
     with pytest.raises(ValueError) as refused:
         HeldOutWorkload(["rag"])  # type: ignore[arg-type]
     assert str(refused.value) == f"family must be one of {sorted(FAMILIES)}, got ['rag']"
+
+
+def test_a_stream_that_writes_lone_surrogates_as_bytes_gets_the_file_names_bytes(
+        tmp_path: Path) -> None:
+    """Under the C locale standard output writes a lone surrogate as the byte it came from
+    (``surrogateescape``): a file name that is no UTF-8 is written back as it is, not
+    escaped, where it is no terminal."""
+    raw = os.fsencode(tmp_path) + b"/t\xff.jsonl"
+    Path(os.fsdecode(raw)).write_text(TRACE, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": SRC, "PYTHONIOENCODING": "utf-8:surrogateescape"}
+    done = subprocess.run([sys.executable, "-m", "kvtier", "replay", os.fsdecode(raw),
+                           "--no-progress"], env=env, capture_output=True, timeout=300,
+                          check=False)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert b"t\xff.jsonl" in done.stdout.splitlines()[0]

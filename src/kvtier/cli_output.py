@@ -43,10 +43,11 @@ class _CheckedOutput:
     def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream
         self._encoding: str | None = getattr(stream, "encoding", None)
+        self._errors: str | None = getattr(stream, "errors", None)
         self._terminal = is_terminal(stream)
 
     def write(self, text: str) -> int:
-        text = printable(text, self._encoding, self._terminal)
+        text = printable(text, self._encoding, self._terminal, self._errors)
         return self._checked(lambda stream: stream.write(text))
 
     def flush(self) -> None:

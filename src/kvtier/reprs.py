@@ -30,11 +30,13 @@ _CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0
              if chr(code) not in "\t\n"}
 
 
-def printable(text: str, encoding: str | None, terminal: bool) -> str:
-    """``text`` as a stream of ``encoding`` (None: UTF-8) can write it, the characters it
-    cannot hold (an emoji under ASCII, a lone surrogate from a file name that is no UTF-8)
-    as backslash escapes; with ``terminal``, control characters too, but tab and newline.
-    Pure.
+def printable(text: str, encoding: str | None, terminal: bool,
+              errors: str | None = None) -> str:
+    """``text`` as a stream of ``encoding`` (None: UTF-8) and error handler ``errors``
+    (None: strict) can write it, the characters it cannot hold (an emoji under ASCII, a
+    lone surrogate from a file name that is no UTF-8) as backslash escapes; with
+    ``terminal``, control characters too, but tab and newline, and lone surrogates
+    whatever ``errors`` (``surrogateescape`` writes them as the raw bytes). Pure.
 
     NOTE: standard output writes strictly: a trace path, a workload name or a model's
     answer it could not encode ended any command in an internal error (status 70); and a
@@ -46,9 +48,9 @@ def printable(text: str, encoding: str | None, terminal: bool) -> str:
         return text
     encoding = encoding or "utf-8"
     try:
-        text.encode(encoding)
+        text.encode(encoding, "strict" if terminal else errors or "strict")
     except UnicodeEncodeError:
         return text.encode(encoding, "backslashreplace").decode(encoding)
-    except LookupError:  # an encoding Python does not know: the stream fails on its own
+    except LookupError:  # an encoding or handler Python does not know: the stream fails
         return text
     return text
