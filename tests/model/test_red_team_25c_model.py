@@ -185,6 +185,41 @@ def test_a_stop_of_a_special_tokens_text_ends_the_answer_there(
         "stop", num_tokens, text)
 
 
+# ---- the tokens a generation ends at -------------------------------------------------------------
+
+@pytest.mark.parametrize(("changes", "ends"), [
+    # SmolLM2's file names <|im_end|> its EOS; llama.cpp also ends at <|endoftext|>.
+    ({"tokenizer__ggml__tokens": ("arr", ["a", "b", "ab", "<|endoftext|>", "e", "f"]),
+      "tokenizer__ggml__token_type": ("arr", [1, 1, 1, 3, 1, 1])}, {3, 5}),
+    ({"tokenizer__ggml__tokens": ("arr", ["a", "b", "ab", "<|eot_id|>", "e", "f"])}, {3, 5}),
+    ({"tokenizer__ggml__eom_token_id": ("u32", 3)}, {3, 5}),  # end of message
+    ({}, {5}),
+])
+def test_a_gguf_ends_a_generation_where_llama_cpp_does(
+        tmp_path: Path, changes: dict[str, tuple[str, object]], ends: set[int]) -> None:
+    """llama.cpp ends a generation at the EOS, the end-of-turn and end-of-message ids and
+    at every token whose text ends a turn (<|endoftext|>, <|eot_id|>, <|im_end|>, ...);
+    kvtier read the EOS and end-of-turn ids alone: a model that ended its answer with
+    <|endoftext|> (SmolLM2's, named by no key) had it skipped in the text and ran on."""
+    tokenizer = load_tokenizer(make_gguf(tmp_path / "m.gguf", **changes))
+    assert tokenizer.eos_token_ids == ends
+
+
+def test_generate_stops_at_a_token_that_ends_a_turn(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Greedy from "a" the tiny model answers e e e e e <|endoftext|> a ...: it ran on to
+    --max-new-tokens, the text "eeeeeaaa"; now it stops there, as at its EOS."""
+    model = make_gguf(tmp_path / "m.gguf",
+                      tokenizer__ggml__tokens=("arr", ["a", "b", "ab", "<|endoftext|>", "e", "f"]),
+                      tokenizer__ggml__token_type=("arr", [1, 1, 1, 3, 1, 1]))
+    code, out, err = run(capsys, "generate", "--raw", "a", "--model", str(model), "--device",
+                         "cpu", "--max-new-tokens", "12")
+    assert (code, err) == (0, "")
+    turn = json.loads(out.splitlines()[-1])["turns"][0]
+    assert (turn["stop_reason"], turn["num_output_tokens"], turn["text"]) == (
+        "stop_token", 6, "eeeee")
+
+
 # ---- what reaches the terminal -------------------------------------------------------------------
 
 class _Terminal(io.StringIO):

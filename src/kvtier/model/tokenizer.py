@@ -37,6 +37,11 @@ _PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
 # The pre-tokenizers before whose texts llama.cpp puts a BOS where the GGUF file has no
 # tokenizer.ggml.add_bos_token (its LLAMA3 group).
 _BOS_BY_DEFAULT = frozenset(("llama3", "llama-bpe"))
+# The texts of tokens llama.cpp ends a generation at, whatever the file names its EOS.
+_END_OF_GENERATION = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+    "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>",
+    "<end_of_utterance>"))
 _T = TypeVar("_T")
 MAX_TOKEN_ID = (1 << 32) - 1  # the tokenizers library's ids are u32
 _CONTROL = 3  # llama.cpp token type of special tokens (<|im_start|>, ...)
@@ -351,11 +356,13 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
         i = token_id(key)
         return None if i is None else tokens[i]
 
-    eos_id = token_id("tokenizer.ggml.eos_token_id")
-    eos_ids = [eos_id] if eos_id is not None else []
-    eot_id = token_id("tokenizer.ggml.eot_token_id")  # end of turn, if distinct
-    if eot_id is not None:
-        eos_ids.append(eot_id)
+    # End of generation, as llama.cpp reads it: the EOS, end-of-turn and end-of-message ids,
+    # and every token whose text ends a turn in some family's template.
+    # NOTE: SmolLM2's file names <|im_end|> its EOS; its <|endoftext|> (which llama.cpp
+    # stops at) was sampled, skipped in the text, and the answer ran on past it.
+    eos_ids = [i for i in (token_id(f"tokenizer.ggml.{key}_token_id")
+                           for key in ("eos", "eot", "eom")) if i is not None]
+    eos_ids += [i for i, text in enumerate(tokens) if text in _END_OF_GENERATION]
     template = gguf_field(reader, "tokenizer.chat_template", path)
     if template is not None and not isinstance(template, str):
         # NOTE: Jinja raised TypeError ("Can't compile non template nodes") at the first
