@@ -20,6 +20,7 @@ from kvtier import __version__
 from kvtier.cli_config import MAX_INSTANCES, SIZE_HELP, check_sweep, make_cache, make_sched
 from kvtier.cli_error import EXIT_USAGE, CLIError
 from kvtier.cli_generate import add_model_commands
+from kvtier.cli_numbers import finite_float, int_in, int_list
 from kvtier.cli_options import (
     CHAT_GPU_BLOCKS,
     CHAT_HOST_BLOCKS,
@@ -34,9 +35,6 @@ from kvtier.cli_options import (
     admission_option,
     common_options,
     eviction_policy_option,
-    finite_float,
-    int_in,
-    int_list,
     oracle_option,
     replay_sizes,
     settle_options,

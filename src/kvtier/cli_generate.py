@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from kvtier import json_text
 from kvtier.cli_error import CLIError
-from kvtier.cli_options import eviction_policy_option, finite_float, int_in
+from kvtier.cli_numbers import finite_float, int_in, parse_int
+from kvtier.cli_options import eviction_policy_option
 from kvtier.json_text import DuplicateKeyError
 from kvtier.reprs import shown
 
@@ -91,7 +92,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="0 is greedy (default); above, sampled")
     p.add_argument("--top-p", type=finite_float, default=1.0, metavar="P",
                    help="nucleus sampling mass in (0, 1] (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=int_in(), default=0, help="sampling seed (default: 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop an answer at this text (repeatable)")
     p.add_argument("--tokens-per-block", type=int_in(1, 1 << 16), default=16, metavar="N",
@@ -252,24 +253,6 @@ def _text_lines(f: BinaryIO, origin: str) -> Iterator[str]:
                            "the line)") from None
 
 
-def _printable(text: str) -> str:
-    """``text`` as standard output's encoding can write it: what it cannot (an emoji or
-    CJK answer under cp1252 or ASCII) as a backslash escape. Pure.
-
-    NOTE: standard output writes strictly (stderr escapes on its own): an answer or a
-    prompt it could not encode, under a Windows console redirected to a file, ISO-8859-1
-    or PYTHONIOENCODING=ascii, ended the command in an internal error (status 70), the
-    answers still to come and the JSON line lost. The JSON line itself is ASCII."""
-    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    try:
-        text.encode(encoding)
-    except UnicodeEncodeError:
-        return text.encode(encoding, "backslashreplace").decode(encoding)
-    except LookupError:  # an encoding Python does not know: it will fail on its own
-        return text
-    return text
-
-
 def _turn_json(conversation: int, turn: int, r: TurnResult) -> dict[str, Any]:
     return {"conversation": conversation, "turn": turn, "text": r.text,
             "stop_reason": r.stop_reason, "num_prompt_tokens": r.num_prompt_tokens,
@@ -288,8 +271,9 @@ def _answer(generator: Generator, conversations: list[list[Message]], raw: bool,
         if raw:
             texts = [c[-1]["content"] for c in conversations]
             prompts = [generator.tokenizer.encode(text) for text in texts]
+            bare = generator.tokenizer.encode("")  # what any text is given: a BOS, or none
             for text, ids in zip(texts, prompts, strict=True):
-                if text and not ids:  # NOTE: was "a prompt is empty", of a prompt that is not
+                if text and ids == bare:  # NOTE: was "a prompt is empty", of one that is not
                     raise CLIError(f"prompt {shown(text):.60} has no token in this model's "
                                    "vocabulary")
             return generator.generate(prompts, params)
@@ -350,8 +334,8 @@ def run_generate(args: argparse.Namespace) -> int:
                            f"not be answered: {exc.error}") from None
         for i, r in zip(active, results, strict=True):
             histories[i].append({"role": "assistant", "content": r.text})
-            print(_printable(f"--- conversation {i} turn {turn}: {turns[i][turn]}"))
-            print(_printable(r.text))
+            print(f"--- conversation {i} turn {turn}: {turns[i][turn]}")
+            print(r.text)
             print(r.summary())
             rows.append(_turn_json(i, turn, r))
     print(json.dumps(_summary(rows, generator)))
@@ -372,7 +356,9 @@ def _unanswerable(generator: Generator, conversations: list[list[Message]],
                    else tokenizer.encode_chat(conversation))
         except ValueError as exc:
             return k, str(exc)
-        if not ids:
+        # NOTE: under --raw, a prompt of no token but the BOS the tokenizer puts before any
+        # text ("zz" outside the vocabulary, or "") was answered from the BOS alone.
+        if not ids or (raw and ids == tokenizer.encode("")):
             text = conversation[-1]["content"]
             return k, (f"prompt {shown(text):.60} has no token in this model's vocabulary"
                        if text else "its prompt is empty: no token to answer")
@@ -458,11 +444,10 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
             # A turn that does not fit the context (or could not be computed) is refused;
             # the conversation stays as it was, and the session goes on.
             history.pop()
-            print(_printable(f"(not answered: {exc}; /new starts a new conversation)"),
-                  flush=True)
+            print(f"(not answered: {exc}; /new starts a new conversation)", flush=True)
             continue
         history.append({"role": "assistant", "content": result.text})
-        print(_printable(result.text))
+        print(result.text)
         print(result.summary(), flush=True)
         rows.append(_turn_json(current, sum(m["role"] == "user" for m in history) - 1, result))
     print(json.dumps(_summary(rows, generator)))
@@ -494,9 +479,9 @@ def _read_line(stdin: TextIO) -> str:
 
 def _switch(text: str, num_conversations: int, current: int) -> int:
     parts: Sequence[str] = text.split()
-    # NOTE: int() decides what a number is: str.isdigit() is True for '²', which it refuses.
+    # NOTE: the command line's rule decides what a number is: str.isdigit() is True for '²'.
     try:
-        number = int(parts[1]) if len(parts) == 2 else None
+        number = parse_int(parts[1]) if len(parts) == 2 else None
     except ValueError:
         number = None
     if number is not None and 0 <= number < num_conversations:

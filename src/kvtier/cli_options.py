@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from kvtier.cli_error import EXIT_USAGE, CLIError
+from kvtier.cli_numbers import int_in, positive_float, unit_float
 from kvtier.cli_workload import TIME_UNITS, WORKLOADS
 from kvtier.config import EVICTION_POLICIES, HASH_ALGOS, CacheConfig
+from kvtier.launcher import tell
 from kvtier.reprs import shown
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
 from kvtier.scheduler_config import MAX_SPECULATIVE_TOKENS
@@ -73,10 +73,13 @@ rate line per policy (needs the 'plot' extra).
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line, like every other refusal of the
     command: ``kvtier: error: <what>`` and where to look, then exit status 2 (argparse
-    prints its whole usage, 20 lines for ``replay``, before the line that matters)."""
+    prints its whole usage, 20 lines for ``replay``, before the line that matters), written
+    by :func:`~kvtier.launcher.tell` (argparse quotes an unrecognized argument as given: its
+    escape sequences reached the terminal)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"kvtier: error: {message} (see '{self.prog} --help')\n")
+        tell(f"kvtier: error: {message} (see '{self.prog} --help')")
+        self.exit(EXIT_USAGE)
 
 
 def common_options() -> OneLineParser:
@@ -85,7 +88,7 @@ def common_options() -> OneLineParser:
     p.add_argument("trace", metavar="TRACE", nargs="?", type=Path,
                    help="a .jsonl (block hash ids: Mooncake, Qwen-Bailian) or .csv (Azure, "
                    "BurstGPT) trace; default: --workload")
-    p.add_argument("--trace-block-tokens", metavar="N", type=int, choices=HASH_BLOCK_SIZES,
+    p.add_argument("--trace-block-tokens", metavar="N", type=int_in(), choices=HASH_BLOCK_SIZES,
                    help="tokens per hash id of a .jsonl trace whose blocks are not its "
                    "format's (Mooncake 512, Bailian 16); a power of two up to 512")
     p.add_argument("--trace-time-unit", choices=tuple(TIME_UNITS),
@@ -100,27 +103,28 @@ def common_options() -> OneLineParser:
     p.add_argument("--limit", metavar="N", type=int_in(1),
                    help="replay only the first N requests (of the trace, or of the built-in "
                    "workload's 2,000)")
-    p.add_argument("--seed", type=int,
+    p.add_argument("--seed", type=int_in(),
                    help="seed of the synthetic workload and of Azure prefixes (default: 0)")
     p.add_argument("--time-scale", metavar="X", type=positive_float, default=1.0,
                    help="multiply arrival times by X; > 1 lowers the load (default: 1)")
-    p.add_argument("--tokens-per-block", metavar="N", type=int, default=_CACHE.tokens_per_block,
+    p.add_argument("--tokens-per-block", metavar="N", type=int_in(),
+                   default=_CACHE.tokens_per_block,
                    help="tokens per KV block, a power of two (default: %(default)s)")
     p.add_argument("--no-partial-reuse", action="store_true", help="reuse full blocks only")
     p.add_argument("--no-copy-on-partial-reuse", action="store_true",
                    help="reuse a partial block only in place, never by copying it")
-    p.add_argument("--offload-min-priority", metavar="P", type=int,
+    p.add_argument("--offload-min-priority", metavar="P", type=int_in(),
                    help="evicted GPU blocks of at least this priority (0..100) go to the host "
                    f"tier (default: {_CACHE.offload_min_priority})")
     p.add_argument("--hash-algo", choices=HASH_ALGOS, default=_CACHE.hash_algo,
                    help="block hash (default: %(default)s)")
-    p.add_argument("--max-num-tokens", metavar="N", type=int, default=_SCHED.max_num_tokens,
+    p.add_argument("--max-num-tokens", metavar="N", type=int_in(), default=_SCHED.max_num_tokens,
                    help="token budget of one step (default: %(default)s)")
-    p.add_argument("--max-batch-size", metavar="N", type=int, default=_SCHED.max_batch_size,
+    p.add_argument("--max-batch-size", metavar="N", type=int_in(), default=_SCHED.max_batch_size,
                    help="requests in one step (default: %(default)s)")
     p.add_argument("--no-chunked-prefill", action="store_true",
                    help="prefill each prompt in one step")
-    p.add_argument("--max-chunk-tokens", metavar="N", type=int,
+    p.add_argument("--max-chunk-tokens", metavar="N", type=int_in(),
                    help="cap one request's prefill chunk (default: the step budget)")
     p.add_argument("--max-wait-steps", metavar="N", type=int_in(1),
                    default=_SCHED.max_wait_steps,
@@ -267,69 +271,3 @@ def oracle_option(parser: argparse.ArgumentParser, default: bool | None) -> None
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=default,
                         help="add the offline LRU, Belady and unlimited hit rates for the same "
                         f"capacity (default: {text})")
-
-
-def int_in(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers in ``minimum..maximum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {shown(text)}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be an integer <= {maximum}, got {value}")
-        return value
-
-    return parse
-
-
-def int_list(minimum: int) -> Callable[[str], list[int]]:
-    """An argparse ``type`` accepting comma-separated integers >= ``minimum``."""
-
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(part) for part in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated integers, got {shown(text)}") from None
-        if any(v < minimum for v in values):
-            raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {shown(text)}")
-        # NOTE: a value given twice made every run of it twice (as a policy named twice would).
-        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
-        if twice is not None:
-            raise argparse.ArgumentTypeError(f"{twice} is given twice in {shown(text)}")
-        return values
-
-    return parse
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {shown(text)}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    """An argparse ``type`` accepting numbers in [0, 1]."""
-    value = finite_float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """An argparse ``type`` accepting finite numbers."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {shown(text)}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from kvtier.cli_error import CLIError
-from kvtier.reprs import shown
+from kvtier.launcher import is_terminal
+from kvtier.reprs import printable, shown
 
 T = TypeVar("T")
 
@@ -33,14 +34,20 @@ class OutputFailed(Exception):
 
 
 class _CheckedOutput:
-    """``sys.stdout`` while a command runs: a write or flush that fails raises
-    :class:`OutputFailed`; a reader that left (``BrokenPipeError``) is let through, for the
-    command's quiet exit."""
+    """``sys.stdout`` while a command runs, the one writer of every command's output: text
+    is written as the stream can take it (:func:`~kvtier.reprs.printable`: what its
+    encoding cannot hold, and on a terminal control characters, as backslash escapes); a
+    write or flush that fails raises :class:`OutputFailed`; a reader that left
+    (``BrokenPipeError``) is let through, for the command's quiet exit."""
 
     def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream
+        self._encoding: str | None = getattr(stream, "encoding", None)
+        self._errors: str | None = getattr(stream, "errors", None)
+        self._terminal = is_terminal(stream)
 
     def write(self, text: str) -> int:
+        text = printable(text, self._encoding, self._terminal, self._errors)
         return self._checked(lambda stream: stream.write(text))
 
     def flush(self) -> None:

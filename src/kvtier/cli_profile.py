@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import fields
 
 from kvtier.cli_error import CLIError
+from kvtier.cli_numbers import parse_int, parse_number
 from kvtier.reprs import shown
 from kvtier.sim import ModelProfile, get_profile
 
@@ -49,15 +49,16 @@ def parse_constant(key: str, type_name: str, text: str) -> bool | int | float:
         raise CLIError(f"--set-profile {key}: expected true or false, got {shown(text)}")
     kind = "an integer" if type_name == "int" else "a number"
     try:
-        number = float(text)
-    except ValueError:
+        number = parse_number(text)
+    except ValueError as exc:  # NOTE: by the command line's rule: no 1_000, +5, nan
+        if str(exc).startswith("must be a finite"):
+            raise CLIError(f"--set-profile {key}: expected a finite number, got "
+                           f"{shown(text)}") from None
         raise CLIError(f"--set-profile {key}: expected {kind}, got {shown(text)}") from None
-    if not math.isfinite(number):
-        raise CLIError(f"--set-profile {key}: expected a finite number, got {shown(text)}")
     if type_name != "int":
         return number
     try:
-        return int(text)
+        return parse_int(text)
     except ValueError:
         if not number.is_integer():
             raise CLIError(f"--set-profile {key}: expected an integer, got {shown(text)}") from None

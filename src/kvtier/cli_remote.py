@@ -5,12 +5,10 @@ and what a fetch costs (``--remote-latency-ms``, ``--remote-bandwidth-gb-s``,
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from kvtier.cli_error import CLIError
-from kvtier.reprs import shown
+from kvtier.cli_numbers import number_in
 from kvtier.sim.fleet import FETCH_MODES, FetchMode, stand_in_namespace
 from kvtier.sim.timemodel import DEFAULT_REMOTE_BYTES_PER_S, DEFAULT_REMOTE_LATENCY_S, RemoteLink
 
@@ -41,25 +39,6 @@ def connect_redis(url: str, tokens_per_block: int) -> RedisRemoteStore:
         store.close()
         raise CLIError(f"cannot use --remote-url: {problem}")
     return store
-
-
-def number_in(low: float, high: float, *, low_open: bool = False
-              ) -> Callable[[str], float]:
-    """An argparse ``type`` accepting finite numbers in ``[low, high]`` (``(low, high]``
-    with ``low_open``)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {shown(text)}") from None
-        above = low < value if low_open else low <= value
-        if not (math.isfinite(value) and above and value <= high):
-            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {text}")
-        return value
-
-    return parse
 
 
 DEFAULT_DEADLINE_MS = 1000.0

@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import TextIO
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -36,12 +37,25 @@ def tell(line: str) -> None:
 
     NOTE: with stderr closed (``2>&-``), ``print(file=sys.stderr)`` printed to stdout, into
     the report; with it full (``2>/dev/full``), the OSError of the refusal's own line went
-    out of ``main`` as a traceback, status 1. The exit status says what happened."""
+    out of ``main`` as a traceback, status 1. The exit status says what happened. The line
+    is :func:`~kvtier.reprs.printable`: a file name or a library's words holding escape
+    sequences do not drive the terminal."""
+    from kvtier.reprs import printable  # NOTE: here, so the launcher imports no module
+
     stream = sys.stderr
     if stream is None:
         return
+    line = printable(line, getattr(stream, "encoding", None), is_terminal(stream))
     with contextlib.suppress(OSError, ValueError):  # full, broken, or closed under us
         print(line, file=stream)
+
+
+def is_terminal(stream: TextIO | None) -> bool:
+    """Whether ``stream`` is open on a terminal. Pure."""
+    try:
+        return stream is not None and bool(stream.isatty())
+    except (OSError, ValueError, AttributeError):  # closed, or no isatty
+        return False
 
 
 def interrupted(exc: BaseException | None = None) -> int:

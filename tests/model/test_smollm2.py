@@ -41,7 +41,9 @@ def test_tokenizer_matches_transformers_gguf_conversion(smollm2_path: Path,
     ids = tok.encode(TEXT)
     assert tok.decode(ids, skip_special_tokens=False) == TEXT
     assert ids[-5:] == [1, 4093, 198, 6004, 2]  # <|im_start|> user \n hi <|im_end|>
-    assert tok.eos_token_ids == {2}
+    # <|im_end|>, the file's EOS, and <|endoftext|>, which llama.cpp also ends a generation
+    # at (red team 25c: the answer ran on past it).
+    assert tok.eos_token_ids == {0, 2}
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
                                                     gguf_file=smollm2_path.name)

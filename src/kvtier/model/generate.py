@@ -239,10 +239,8 @@ class Generator:
 
     def _result(self, r: RequestResult, params: SamplingParams) -> TurnResult:
         output = list(r.output)
-        text = self.tokenizer.decode(output)
-        if r.stop_reason == "stop":
-            cut = find_stop(text, params.stop)
-            text = text if cut is None else text[:cut]
+        text = (_before_stop(self.tokenizer, output, params.stop) if r.stop_reason == "stop"
+                else self.tokenizer.decode(output))
         assert r.ttft_s is not None
         return TurnResult(text, output, r.stop_reason or "length", len(r.prompt),
                           r.num_gpu_tokens, r.num_host_tokens, r.num_remote_tokens,
@@ -271,9 +269,36 @@ def check_conversations(conversations: object) -> list[list[Mapping[str, str]]]:
     return [check_messages(c, f"conversation {i}") for i, c in enumerate(conversations)]
 
 
+def _before_stop(tokenizer: Tokenizer, output: list[int], stop: Sequence[str]) -> str:
+    """The text of ``output`` up to where its first stop string starts (read as
+    :class:`StopCheck` reads it: in the text, else with special tokens written). Pure."""
+    text = tokenizer.decode(output)
+    cut = find_stop(text, stop)
+    if cut is not None:
+        return text[:cut]
+    full = tokenizer.decode(output, skip_special_tokens=False)
+    cut = find_stop(full, stop)
+    if cut is None:
+        return text
+    # The stop starts in token k: the text of the tokens before it, and of token k's
+    # characters before the stop where token k is no special token.
+    for k in range(len(output), -1, -1):
+        head = tokenizer.decode(output[:k], skip_special_tokens=False)
+        if len(head) <= cut and full.startswith(head):
+            rest = full[len(head):cut]
+            special = k < len(output) and tokenizer.decode(output[k:k + 1]) == ""
+            return tokenizer.decode(output[:k]) + ("" if special else rest)
+    return ""
+
+
 class StopCheck:
     """Whether the text of an output so far contains a stop string (decoding only the
-    tail that a new stop could end in)."""
+    tail that a new stop could end in).
+
+    NOTE: a stop that holds a special token's text (``<|eot_id|>``, ``<|im_end|>``) is
+    looked for with special tokens written too: the text skips them, so a model that ended
+    its turn with such a token where it is none of the checkpoint's EOS ids ran on to
+    ``max_new_tokens``."""
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
@@ -283,7 +308,12 @@ class StopCheck:
         # a stop of Cyrillic, CJK or emoji, which a byte-level vocabulary writes with up to
         # four tokens a character: such a stop never ended an answer.
         self.window = max(len(s.encode("utf-8", "surrogatepass")) for s in stop) + 8
+        specials: tuple[str, ...] = getattr(tokenizer, "special_texts", ())  # a stand-in's: none
+        self.with_specials = any(t in s for s in stop for t in specials)
 
     def __call__(self, output: Sequence[int]) -> bool:
-        tail = self.tokenizer.decode(list(output[-self.window:]))
-        return find_stop(tail, self.stop) is not None
+        tail = list(output[-self.window:])
+        if find_stop(self.tokenizer.decode(tail), self.stop) is not None:
+            return True
+        return self.with_specials and find_stop(
+            self.tokenizer.decode(tail, skip_special_tokens=False), self.stop) is not None

@@ -15,6 +15,7 @@ from kvtier.model.checkpoint import CheckpointError, TensorEntry, build_model, r
 from kvtier.model.config import ModelConfig, RopeScaling
 from kvtier.model.llama import LlamaModel
 from kvtier.reprs import shown
+from kvtier.sequence import is_finite_number
 
 # config.json's model_type values whose weights this model computes exactly.
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -41,6 +42,7 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
             return default
         if isinstance(found, bool) is not (bool in kinds) or not isinstance(found, kinds):
             raise CheckpointError(f"{origin}: {key} must be {what}, got {shown(found):.60}")
+        _check_finite(found, kinds, key, origin)
         return found
 
     def count(key: str, default: Any = _REQUIRED) -> Any:
@@ -59,6 +61,7 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
         if isinstance(found, bool) or not isinstance(found, kinds):
             raise CheckpointError(f"{origin}: rope_scaling.{key} must be {what}, got "
                                   f"{shown(found):.60}")
+        _check_finite(found, kinds, f"rope_scaling.{key}", origin)
         return found
 
     if cfg.get("hidden_act", "silu") != "silu":
@@ -116,6 +119,16 @@ def config_from_hf(cfg: dict[str, Any], origin: str, dtype: str = "float32") -> 
             mlp_bias=mlp_bias, rope_scaling=scaling, max_position_embeddings=sizes[4])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{origin}: {exc}") from None
+
+
+def _check_finite(found: Any, kinds: tuple[type, ...], key: str, origin: str) -> None:
+    """CheckpointError naming ``key`` if ``found``, read as a number (``float`` among
+    ``kinds``), is none a float holds: NaN, infinite, or an integer past the float range.
+
+    NOTE: JSON writes an integer of any length: a rope_theta or rms_norm_eps of 400 digits
+    raised OverflowError from float() (status 70), naming nothing."""
+    if float in kinds and not is_finite_number(found):
+        raise CheckpointError(f"{origin}: {key} must be a finite number, got {shown(found):.60}")
 
 
 # transformers' defaults: Mistral's and Qwen2's sliding window where config.json names

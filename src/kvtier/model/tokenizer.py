@@ -34,6 +34,14 @@ _PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
     "refact": (True, _GPT2_PATTERN), "llama-bpe": (False, _LLAMA3_PATTERN),
     "llama3": (False, _LLAMA3_PATTERN), "qwen2": (False, _QWEN2_PATTERN),
 }
+# The pre-tokenizers before whose texts llama.cpp puts a BOS where the GGUF file has no
+# tokenizer.ggml.add_bos_token (its LLAMA3 group).
+_BOS_BY_DEFAULT = frozenset(("llama3", "llama-bpe"))
+# The texts of tokens llama.cpp ends a generation at, whatever the file names its EOS.
+_END_OF_GENERATION = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+    "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>",
+    "<end_of_utterance>"))
 _T = TypeVar("_T")
 MAX_TOKEN_ID = (1 << 32) - 1  # the tokenizers library's ids are u32
 _CONTROL = 3  # llama.cpp token type of special tokens (<|im_start|>, ...)
@@ -348,18 +356,22 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
         i = token_id(key)
         return None if i is None else tokens[i]
 
-    eos_id = token_id("tokenizer.ggml.eos_token_id")
-    eos_ids = [eos_id] if eos_id is not None else []
-    eot_id = token_id("tokenizer.ggml.eot_token_id")  # end of turn, if distinct
-    if eot_id is not None:
-        eos_ids.append(eot_id)
+    # End of generation, as llama.cpp reads it: the EOS, end-of-turn and end-of-message ids,
+    # and every token whose text ends a turn in some family's template.
+    # NOTE: SmolLM2's file names <|im_end|> its EOS; its <|endoftext|> (which llama.cpp
+    # stops at) was sampled, skipped in the text, and the answer ran on past it.
+    eos_ids = [i for i in (token_id(f"tokenizer.ggml.{key}_token_id")
+                           for key in ("eos", "eot", "eom")) if i is not None]
+    eos_ids += [i for i, text in enumerate(tokens) if text in _END_OF_GENERATION]
     template = gguf_field(reader, "tokenizer.chat_template", path)
     if template is not None and not isinstance(template, str):
         # NOTE: Jinja raised TypeError ("Can't compile non template nodes") at the first
         # chat turn: an internal error (status 70) of `kvtier chat`, not the file's.
         raise CheckpointError(f"{path}: tokenizer.chat_template must be a string, got "
                               f"{shown(template):.60}")
-    add_bos = gguf_field(reader, "tokenizer.ggml.add_bos_token", path, False)
+    # NOTE: llama.cpp puts a BOS before a text for Llama 3's pre-tokenizers unless the file
+    # says otherwise, and Llama 3's GGUF files do not say: `generate --raw` had no BOS.
+    add_bos = gguf_field(reader, "tokenizer.ggml.add_bos_token", path, pre in _BOS_BY_DEFAULT)
     if type(add_bos) is not bool:  # NOTE: bool() of the string "false" is True
         raise CheckpointError(f"{path}: tokenizer.ggml.add_bos_token must be true or false, "
                               f"got {shown(add_bos):.60}")
@@ -470,6 +482,8 @@ def tokenizer_from_directory(path: Path) -> Tokenizer:
     if add_bos is not None and type(add_bos) is not bool:
         raise CheckpointError(f"{settings}: add_bos_token must be true or false, got "
                               f"{shown(add_bos):.60}")
+    if add_bos is None:
+        add_bos = _post_processor_adds(backend, bos, file)
     eos_ids: list[int] = []
     for source in (path / "generation_config.json", path / "config.json"):
         value = _read_json(source).get("eos_token_id")
@@ -481,6 +495,20 @@ def tokenizer_from_directory(path: Path) -> Tokenizer:
     if eos is not None and backend.token_to_id(eos) is not None:
         eos_ids.append(backend.token_to_id(eos))
     return Tokenizer(backend, eos_ids, template, bos, eos, bool(add_bos))
+
+
+def _post_processor_adds(backend: Any, bos: str | None, file: Path) -> bool:
+    """Whether ``file``'s post-processor puts the token ``bos`` before a text. Pure.
+
+    NOTE: Llama 3's tokenizer_config.json has no add_bos_token: its tokenizer.json puts
+    <|begin_of_text|> before every text (what transformers does with
+    ``add_special_tokens=True``), and kvtier encodes without it: `generate --raw` prompts
+    went in without their BOS."""
+    bos_id = None if bos is None else backend.token_to_id(bos)
+    if bos_id is None:
+        return False
+    added: list[int] = _built(file, lambda: backend.encode("", add_special_tokens=True).ids)
+    return added[:1] == [bos_id]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

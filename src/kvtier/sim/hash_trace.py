@@ -23,6 +23,7 @@ from kvtier.sim.trace_file import (
     TraceRecords,
     check_limit,
     check_regular_file,
+    trace_path,
 )
 from kvtier.sim.workload import (
     MAX_ARRIVAL_S,
@@ -108,7 +109,7 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
             raise ValueError(f"time_unit_s must be a number of seconds in 1e-9..3600 or None, "
                              f"got {short_repr(time_unit_s)}")
         check_limit(limit)
-        self.path = Path(path)
+        self.path = trace_path(path)
         self.tokens_per_block = tpb
         self.limit = limit
         self.format = MOONCAKE  # till the first row tells

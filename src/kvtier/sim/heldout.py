@@ -304,7 +304,8 @@ class HeldOutWorkload:
     _make: Callable[[int, int], Iterator[Made]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
+        # NOTE: a str first: a list was a TypeError (unhashable) naming no field.
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {shown(self.family)}")
         check_int("seed", self.seed, 0)
         check_int("num_requests", self.num_requests, 1)

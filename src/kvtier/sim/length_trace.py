@@ -11,7 +11,7 @@ import csv
 import re
 from collections.abc import Iterator
 from dataclasses import asdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -24,6 +24,7 @@ from kvtier.sim.trace_file import (
     TraceRecords,
     check_limit,
     check_regular_file,
+    trace_path,
 )
 from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
@@ -87,13 +88,37 @@ def _parse_seconds(text: str) -> float:
     return seconds
 
 
-def _parse_azure_timestamp(text: str) -> datetime:
-    # NOTE: the files carry 7 fractional digits (100 ns), more than strptime's %f accepts.
-    whole, _, fraction = text.strip().partition(".")
-    moment = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S")
-    if fraction and not fraction.isdigit():
-        raise ValueError(f"bad fractional seconds {shown(fraction)}")
-    return moment.replace(microsecond=int((fraction or "0")[:6].ljust(6, "0")))
+# A TIMESTAMP of Azure's traces: 2023's "2023-11-16 18:17:03.9799600", 2024's
+# "2024-05-10 00:00:00.009930+00:00" (a UTC offset; the fraction left out at whole seconds).
+_AZURE_TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2}) ([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                         r"(?:\.([0-9]{1,9}))?(Z|[+-][0-9]{2}:[0-9]{2})?", re.ASCII)
+
+
+def _parse_azure_timestamp(text: str) -> tuple[datetime, bool]:
+    """A TIMESTAMP as a naive UTC moment where it gives a UTC offset (else as written),
+    and whether it gives one. ValueError saying what was expected. Pure.
+
+    NOTE: 2024's offsets ("+00:00") were refused as "bad fractional seconds", the whole
+    trace with them; and strptime took digits of any script ('٢٠٢٣') and fields of one
+    digit, as int() did for lengths."""
+    match = _AZURE_TIME.fullmatch(text.strip())
+    if match is None:
+        raise ValueError("expected YYYY-MM-DD HH:MM:SS, an optional fraction of a second "
+                         "and an optional UTC offset (+HH:MM)")
+    year, month, day, hour, minute, second = (int(f) for f in match.groups()[:6])
+    fraction, zone = match.group(7), match.group(8)
+    try:
+        moment = datetime(year, month, day, hour, minute, second,
+                          int((fraction or "0")[:6].ljust(6, "0")))
+        if zone is not None and zone != "Z":
+            hours, minutes = int(zone[1:3]), int(zone[4:6])
+            if hours > 23 or minutes > 59:
+                raise ValueError(f"UTC offset {zone} is no offset")
+            offset = timedelta(hours=hours, minutes=minutes)
+            moment = moment - offset if zone[0] == "+" else moment + offset
+    except OverflowError:  # an offset past year 1 or 9999
+        raise ValueError("out of the range of dates") from None
+    return moment, zone is not None
 
 
 class AzureTrace(TraceRecords[_AzureRecord]):
@@ -121,7 +146,7 @@ class AzureTrace(TraceRecords[_AzureRecord]):
         if type(seed) is not int:
             raise ValueError(f"seed must be an integer, got {shown(seed)}")
         check_limit(limit)
-        self.path = Path(path)
+        self.path = trace_path(path)
         self.prefix_model = prefix_model
         self.seed = seed
         self.limit = limit
@@ -200,6 +225,7 @@ class AzureTrace(TraceRecords[_AzureRecord]):
         total_at = (names.index(_BURSTGPT_TOTAL) if fmt.name == "burstgpt"
                     and names.count(_BURSTGPT_TOTAL) == 1 else None)
         first: datetime | None = None
+        zoned: bool | None = None  # whether the first row's TIMESTAMP gives a UTC offset
         first_s: float | None = None
         previous_s = 0.0
         for row in reader:
@@ -220,7 +246,12 @@ class AzureTrace(TraceRecords[_AzureRecord]):
                     first_s = seconds if first_s is None else first_s
                     arrival_s = seconds - first_s
                 else:
-                    moment = _parse_azure_timestamp(text)
+                    moment, with_offset = _parse_azure_timestamp(text)
+                    zoned = with_offset if zoned is None else zoned
+                    if with_offset != zoned:  # NOTE: UTC against local time: no order
+                        raise ValueError(f"{'gives' if with_offset else 'gives no'} UTC "
+                                         f"offset, where the first row "
+                                         f"{'does not' if with_offset else 'does'}")
                     first = moment if first is None else first
                     arrival_s = (moment - first).total_seconds()
             except ValueError as exc:

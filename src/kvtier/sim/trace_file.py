@@ -67,6 +67,19 @@ class TraceFormatError(ValueError):
         self.field = field
 
 
+def trace_path(path: object) -> Path:
+    """``path`` (a str or an ``os.PathLike`` of one) as a Path; ValueError naming it
+    otherwise. Pure.
+
+    NOTE: pathlib's TypeError ("expected str, bytes or os.PathLike object, not NoneType")
+    named neither the argument nor the reader."""
+    try:
+        return Path(path)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"path must be a str or os.PathLike naming the trace file, got "
+                         f"{shown(path):.60}") from None
+
+
 def check_limit(limit: int | None) -> None:
     if limit is not None and (type(limit) is not int or limit < 0):
         raise ValueError(f"limit must be an integer >= 0 or None, got {shown(limit)}")
