@@ -4,7 +4,6 @@ replay hold."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,7 @@ from kvtier.sim.mixed import MixedWorkload
 from kvtier.sim.trace_file import TraceFormatError
 from kvtier.sim.traces import AzureTrace, MooncakeTrace
 from kvtier.sim.workload import SAMPLED_TOKEN_BASE, TraceRequest
-
-
-class ListWorkload:
-    """A workload of hand-built requests."""
-
-    name = "list"
-
-    def __init__(self, requests: list[TraceRequest]) -> None:
-        self.requests = requests
-
-    def __iter__(self) -> Iterator[TraceRequest]:
-        return iter(self.requests)
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "num_requests": len(self.requests)}
+from list_workload import ListWorkload
 
 
 def test_a_request_of_no_output_is_its_prefill_and_counts_no_output_token() -> None:

@@ -4,7 +4,6 @@ moved them. Two instances, round-robin, llama3-8b-h100 (4 MiB blocks of 32 token
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,28 +13,12 @@ from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import FleetReport, format_fleet_report
 from kvtier.sim.timemodel import RemoteLink, TimeModel, get_profile
 from kvtier.sim.workload import TraceRequest
+from list_workload import ListWorkload
 
 MODEL = TimeModel(get_profile("llama3-8b-h100"))
 BLOCK_BYTES = 32 * MODEL.profile.kv_bytes_per_token  # 4 MiB
 PREFIX = list(range(1000, 1320))  # 10 full blocks
 SECOND_AT_S = 10.0
-
-
-class ListWorkload:
-    """A fixed list of requests."""
-
-    def __init__(self, requests: list[TraceRequest]) -> None:
-        self.requests = requests
-
-    @property
-    def name(self) -> str:
-        return "list"
-
-    def __iter__(self) -> Iterator[TraceRequest]:
-        return iter(self.requests)
-
-    def describe(self) -> dict[str, object]:
-        return {"name": "list"}
 
 
 def make_workload(second_at_s: float = SECOND_AT_S) -> ListWorkload:

@@ -26,21 +26,7 @@ from kvtier.sim import (
     percentile,
     simulate,
 )
-
-
-class ListWorkload:
-    """A workload of hand-built requests."""
-
-    name = "list"
-
-    def __init__(self, requests: list[TraceRequest]) -> None:
-        self.requests = requests
-
-    def __iter__(self) -> Iterator[TraceRequest]:
-        return iter(self.requests)
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "num_requests": len(self.requests)}
+from list_workload import ListWorkload
 
 
 class CappedOutputs:
