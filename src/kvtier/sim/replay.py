@@ -91,7 +91,8 @@ def simulate(
     ``progress`` is called with 1 as each request finishes or is skipped (a tqdm bar's
     ``update`` fits). Requests that could never fit the GPU pool are skipped and counted in
     ``num_rejected_too_large``. ``oracle`` adds :func:`oracle_bounds` at the cache's
-    capacity, over the requests served (the skipped ones left out). ``check_every`` runs
+    capacity, over the requests served (the skipped ones left out), under its partial
+    reuse rule. ``check_every`` runs
     ``check_invariants`` every that many steps (for tests); they always run once at the end.
     ``phases`` times each phase of every step (:class:`~kvtier.scheduled_step.StepPhases`,
     a debug counter) and reports where the full steps' time went
@@ -120,7 +121,9 @@ def simulate(
         capacity = cache.num_gpu_blocks + cache.num_host_blocks
         # Nothing served, nothing to bound (and no stream of skipped giants to read again).
         bounds = (oracle_bounds(workload, cache.tokens_per_block, [capacity],
-                                skip=frozenset(loop.skipped))[0] if loop.num_requests
+                                skip=frozenset(loop.skipped),
+                                partial_reuse=cache.enable_partial_reuse)[0]
+                  if loop.num_requests
                   else OracleBounds(cache.tokens_per_block, capacity, 0.0, 0.0, 0.0))
         report = replace(report, oracle=bounds)
     return report

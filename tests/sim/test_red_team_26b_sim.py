@@ -1,0 +1,103 @@
+"""Red team 26b, simulator: every figure a replay reports holds against a hand computation
+on a workload small enough to work out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from kvtier import CacheConfig
+from kvtier.sim import oracle_bounds, simulate
+from kvtier.sim.heldout import HeldOutWorkload
+from kvtier.sim.oracle import OracleRequest, unlimited_hit_tokens
+from kvtier.sim.workload import TraceRequest
+
+
+class ListWorkload:
+    """A workload of hand-built requests."""
+
+    name = "list"
+
+    def __init__(self, requests: list[TraceRequest]) -> None:
+        self.requests = requests
+
+    def __iter__(self) -> Iterator[TraceRequest]:
+        return iter(self.requests)
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "num_requests": len(self.requests)}
+
+
+# 4-token blocks: b shares a's first block and the head [5, 6, 7] of its second one.
+#   a  [1 2 3 4 | 5 6 7 8 | 9]
+#   b  [1 2 3 4 | 5 6 7 99 | 98]   reuses 4 whole + 3 partial = 7 of its 9 tokens
+PARTIAL = [TraceRequest("a", 0.0, [1, 2, 3, 4, 5, 6, 7, 8, 9], 1),
+           TraceRequest("b", 10.0, [1, 2, 3, 4, 5, 6, 7, 99, 98], 1)]
+
+
+def test_bounds_follow_the_replays_partial_reuse() -> None:
+    """A replay with partial reuse never reads above its unlimited (or Belady) bound."""
+    workload = ListWorkload(PARTIAL)
+    report = simulate(workload, CacheConfig(tokens_per_block=4, num_gpu_blocks=16),
+                      profile="tiny-test", oracle=True)
+    assert report.num_reused_tokens == 7 and report.num_prompt_tokens == 18
+    assert report.oracle is not None
+    # Before: whole blocks only, 4 / 18, below the replay's 7 / 18.
+    assert report.oracle.unlimited_hit_rate == 7 / 18
+    assert report.oracle.belady_hit_rate == 7 / 18
+    assert report.oracle.lru_hit_rate == 7 / 18
+    # Without partial reuse the replay reuses the whole block alone, and so do the bounds.
+    whole = simulate(workload, CacheConfig(tokens_per_block=4, num_gpu_blocks=16,
+                                           enable_partial_reuse=False),
+                     profile="tiny-test", oracle=True)
+    assert whole.num_reused_tokens == 4
+    assert whole.oracle is not None and whole.oracle.unlimited_hit_rate == 4 / 18
+    assert oracle_bounds(workload, 4, [16])[0].unlimited_hit_rate == 4 / 18
+
+
+def _reference_unlimited(prompts: list[list[int]], tokens_per_block: int) -> int:
+    """Hit tokens of an unlimited cache with partial reuse, by hand: each prompt's longest
+    common head with any earlier prompt."""
+    num_hit = 0
+    for i, prompt in enumerate(prompts):
+        best = 0
+        for earlier in prompts[:i]:
+            n = 0
+            while n < min(len(prompt), len(earlier)) and prompt[n] == earlier[n]:
+                n += 1
+            best = max(best, n)
+        num_hit += min(best, len(prompt))
+    return num_hit
+
+
+@pytest.mark.parametrize("family", ["tiny", "fewshot", "parallel"])
+def test_unlimited_with_partial_reuse_is_the_longest_common_head(family: str) -> None:
+    """The unlimited bound with partial reuse equals a brute-force longest common head."""
+    workload = HeldOutWorkload(family, 0, 60)
+    prompts = [r.prompt for r in workload]
+    num_tokens = sum(map(len, prompts))
+    bound = oracle_bounds(workload, 16, [4096], partial_reuse=True)[0]
+    assert bound.unlimited_hit_rate == _reference_unlimited(prompts, 16) / num_tokens
+
+
+@pytest.mark.parametrize("family", ["tiny", "fewshot", "parallel", "bursty"])
+def test_replay_stays_below_its_bounds_on_held_out_families(family: str) -> None:
+    """On the held-out families (partial reuse on, the default) a replay's hit rate stays
+    at or below the unlimited and Belady bounds beside it."""
+    workload = HeldOutWorkload(family, 0, 200)
+    report = simulate(workload, CacheConfig(tokens_per_block=16, num_gpu_blocks=4096),
+                      profile="tiny-test", oracle=True)
+    assert report.oracle is not None
+    assert report.token_hit_rate <= report.oracle.belady_hit_rate
+    assert report.oracle.belady_hit_rate <= report.oracle.unlimited_hit_rate
+
+
+def test_partial_tokens_are_checked() -> None:
+    """An oracle request whose partial counts are past a block is refused, naming them."""
+    bad = OracleRequest((b"k",), 6, (0, 5))
+    with pytest.raises(ValueError, match=r"partial_tokens must be a tuple .* in 0\.\.4, "
+                                         r"got \(0, 5\)"):
+        unlimited_hit_tokens([bad], 4)
+    with pytest.raises(ValueError, match="partial_reuse must be a bool, got 'yes'"):
+        oracle_bounds(ListWorkload(PARTIAL), 4, [16], partial_reuse="yes")  # type: ignore[arg-type]
