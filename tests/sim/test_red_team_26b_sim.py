@@ -3,12 +3,14 @@ on a workload small enough to work out."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import pytest
 
 from kvtier import CacheConfig
+from kvtier.remote.store import InMemoryRemoteStore
 from kvtier.sim import oracle_bounds, simulate
+from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
 from kvtier.sim.heldout import HeldOutWorkload
 from kvtier.sim.oracle import OracleRequest, unlimited_hit_tokens
 from kvtier.sim.workload import TraceRequest
@@ -101,3 +103,75 @@ def test_partial_tokens_are_checked() -> None:
         unlimited_hit_tokens([bad], 4)
     with pytest.raises(ValueError, match="partial_reuse must be a bool, got 'yes'"):
         oracle_bounds(ListWorkload(PARTIAL), 4, [16], partial_reuse="yes")  # type: ignore[arg-type]
+
+
+class AnsweringStore(InMemoryRemoteStore):
+    """A caller's store whose ``put_many`` / ``get_many`` answer ``put`` / ``get`` (a
+    callable of the batch) after doing their work, or raise."""
+
+    def __init__(self, put: Callable[[int], object], get: Callable[[object], object]) -> None:
+        super().__init__(stand_in_namespace(16))
+        self.put, self.get = put, get
+        self.num_taken = 0
+
+    def put_many(self, items: Mapping[int, bytes]) -> int:
+        self.num_taken += super().put_many(items)
+        return self.put(len(items))  # type: ignore[return-value]
+
+    def get_many(self, hashes: Iterable[int]) -> dict[int, memoryview]:
+        return self.get(super().get_many(hashes))  # type: ignore[return-value]
+
+
+def _raise(_: object) -> object:
+    raise RuntimeError("backend down")
+
+
+# Two sessions' turns on two instances, round robin: each turn's history is on the other.
+FLEET = [TraceRequest(f"r{i}", i * 1.0, list(range(64 + 16 * i)), 4) for i in range(6)]
+
+
+@pytest.mark.parametrize("put", [lambda n: None, lambda n: 99, lambda n: 2.0, lambda n: True,
+                                 lambda n: "2", lambda n: -1, _raise])
+def test_fleet_counts_only_the_writes_a_store_answers_for(put: Callable[[int], object]) -> None:
+    """A store's put_many that answers no count of the blocks written (None, 99 for 2,
+    2.0, True, a str, -1) or raises wrote nothing the fleet counts or fetches; the
+    simulation goes on."""
+    store = AnsweringStore(put, lambda found: found)
+    report = simulate_fleet(ListWorkload(FLEET), CacheConfig(tokens_per_block=16,
+                                                             num_gpu_blocks=64),
+                            2, "round-robin", profile="tiny-test", remote="write-through",
+                            remote_store=store)
+    assert report.num_requests == 6 and report.remote is not None
+    assert report.remote["num_written_blocks"] == 0
+    assert report.remote["num_fetched_blocks"] == 0
+    assert report.remote["num_imported_blocks"] == 0
+
+
+def test_fleet_counts_the_writes_of_a_store_that_answers_right() -> None:
+    """The same fleet with a store answering its true count: the written blocks counted,
+    fetched by the other instance (the reference for the test above)."""
+    store = AnsweringStore(lambda n: n, lambda found: found)
+    report = simulate_fleet(ListWorkload(FLEET), CacheConfig(tokens_per_block=16,
+                                                             num_gpu_blocks=64),
+                            2, "round-robin", profile="tiny-test", remote="write-through",
+                            remote_store=store)
+    assert report.remote is not None
+    assert report.remote["num_written_blocks"] == store.num_taken > 0
+    assert int(report.remote["num_fetched_blocks"]) > 0  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("get", [_raise, lambda found: None, lambda found: {**found, 7: b""},
+                                 lambda found: 5])
+def test_fleet_reads_only_what_a_store_answers_for(get: Callable[[object], object]) -> None:
+    """A store's get_many that raises, answers no mapping or adds a block not asked for:
+    a miss (or the blocks asked for alone), never a crash, never a block charged that was
+    not asked for."""
+    store = AnsweringStore(lambda n: n, get)
+    report = simulate_fleet(ListWorkload(FLEET), CacheConfig(tokens_per_block=16,
+                                                             num_gpu_blocks=64),
+                            2, "round-robin", profile="tiny-test", remote="write-through",
+                            remote_store=store)
+    assert report.num_requests == 6 and report.remote is not None
+    fetched = report.remote["num_fetched_blocks"]
+    assert isinstance(fetched, int)
+    assert fetched <= int(report.remote["num_hit_blocks"])  # type: ignore[call-overload]
