@@ -3,7 +3,10 @@ on a workload small enough to work out."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,8 @@ from kvtier.sim import oracle_bounds, simulate
 from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
 from kvtier.sim.heldout import HeldOutWorkload
 from kvtier.sim.oracle import OracleRequest, unlimited_hit_tokens
+from kvtier.sim.trace_file import TraceFormatError
+from kvtier.sim.traces import MooncakeTrace
 from kvtier.sim.workload import TraceRequest
 
 
@@ -175,3 +180,45 @@ def test_fleet_reads_only_what_a_store_answers_for(get: Callable[[object], objec
     fetched = report.remote["num_fetched_blocks"]
     assert isinstance(fetched, int)
     assert fetched <= int(report.remote["num_hit_blocks"])  # type: ignore[call-overload]
+
+
+BAILIAN_ROWS = [
+    {"chat_id": 1, "parent_chat_id": -1, "timestamp": 1.0, "input_length": 32,
+     "output_length": 4, "type": "text", "turn": 1, "hash_ids": [10, 11]},
+    {"chat_id": 2, "parent_chat_id": 1, "timestamp": 2.0, "input_length": 48,
+     "output_length": 4, "type": "text", "turn": 2, "hash_ids": [10, 11, 12]},
+]
+
+
+@pytest.mark.parametrize(("key", "meant"), [
+    ("parent_chatid", "parent_chat_id"), ("parentChatId", "parent_chat_id"),
+    ("Parent_Chat_ID", "parent_chat_id"), ("hash_id", "hash_ids"),
+    ("time_stamp", "timestamp"), ("chat_ids", "chat_id")])
+def test_a_misspelt_trace_key_is_refused(tmp_path: Path, key: str, meant: str) -> None:
+    """A row whose key is one letter (or case and separators) off a key the reader takes:
+    before, ignored, so a misspelt parent_chat_id split a conversation without a word;
+    now TraceFormatError naming the line, the key and the key it misses."""
+    rows = [dict(row) for row in BAILIAN_ROWS]
+    rows[1][key] = rows[1].get(meant, 1)
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(TraceFormatError, match=re.escape(
+            f"{path}:2: field {key!r}: unknown key; did you mean {meant!r}? (a misspelt key "
+            "would be ignored)")):
+        MooncakeTrace(path)
+
+
+def test_keys_no_reader_takes_are_still_ignored(tmp_path: Path) -> None:
+    """Other keys (far from any the reader takes) are ignored as before, and the two
+    sessions of the Bailian rows stay one conversation."""
+    rows = [{**row, "user": "u1", "session": 3, "turns": 1} for row in BAILIAN_ROWS]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert [r.session_id for r in MooncakeTrace(path)] == ["chat-1", "chat-1"]
+
+
+@pytest.mark.parametrize("name", ["mooncake_conversation_trace.jsonl",
+                                  "mooncake_synthetic_trace.jsonl"])
+def test_the_public_traces_still_read(trace_file: Callable[[str], Path], name: str) -> None:
+    """Every public trace passes the key rule."""
+    assert len(MooncakeTrace(trace_file(name))) > 0
