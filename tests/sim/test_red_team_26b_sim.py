@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from kvtier import CacheConfig
+from kvtier import CacheConfig, SchedulerConfig
 from kvtier.remote.store import InMemoryRemoteStore
-from kvtier.sim import oracle_bounds, simulate
+from kvtier.sim import oracle_bounds, replay, simulate
 from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
 from kvtier.sim.heldout import HeldOutWorkload
 from kvtier.sim.oracle import OracleRequest, unlimited_hit_tokens
+from kvtier.sim.replay import ReplayLoop, as_time_model
 from kvtier.sim.trace_file import TraceFormatError
 from kvtier.sim.traces import MooncakeTrace
 from kvtier.sim.workload import TraceRequest
@@ -222,3 +223,28 @@ def test_keys_no_reader_takes_are_still_ignored(tmp_path: Path) -> None:
 def test_the_public_traces_still_read(trace_file: Callable[[str], Path], name: str) -> None:
     """Every public trace passes the key rule."""
     assert len(MooncakeTrace(trace_file(name))) > 0
+
+
+def test_cpu_per_step_counts_the_steps_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler call that scheduled nothing (its one request held) is no step: its CPU
+    counts in scheduler_s, not in the per-step mean, which such cheap polls pulled down."""
+    now = [0.0]
+    tick = [0.25]  # CPU seconds between two readings: a poll is cheap
+
+    def clock() -> float:
+        now[0] += tick[0]
+        return now[0]
+
+    monkeypatch.setattr(replay, "_cpu_clock", clock)
+    loop = ReplayLoop(CacheConfig(tokens_per_block=4, num_gpu_blocks=16), SchedulerConfig(),
+                      as_time_model("tiny-test"), 1.0, None, None)
+    loop.arrive(TraceRequest("a", 0.0, [1, 2, 3, 4, 5], 2))
+    loop.scheduler.hold("a")
+    assert not loop.step()  # nothing to run: 0.5 s of CPU, no step
+    loop.scheduler.release("a")
+    tick[0] = 1.0  # a step that runs costs 2 s
+    loop.run(iter(()))
+    report = loop.report(ListWorkload([]), 0.0)
+    assert report.num_steps == 2 and len(loop.step_cpu_s) == 2
+    assert report.cpu["scheduler_s"] == 4.5  # the poll's 0.5 s and two steps of 2 s
+    assert report.cpu["us_per_step_mean"] == 2e6  # before: 1.5e6, the poll among them

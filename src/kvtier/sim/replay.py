@@ -289,7 +289,8 @@ class ReplayLoop:
         self.first_token_s: dict[str, float] = {}
         self.ttfts: list[float] = []
         self.e2es: list[float] = []
-        self.step_cpu_s: list[float] = []
+        self.step_cpu_s: list[float] = []  # per step that ran (``num_steps``)
+        self.scheduler_cpu_s = 0.0  # every call, a step or not
         self.full_step_cpu_s: list[float] = []
         # With ``phases``: each full step's seconds per phase, as the scheduler timed them.
         self.phases = StepPhases(_cpu_clock) if phases else None
@@ -408,7 +409,12 @@ class ReplayLoop:
         self.now_s += step_s
         self.busy_s += step_s
 
-        self.step_cpu_s.append(cpu_s)
+        # NOTE: a call that scheduled nothing (a request held for a fetch, nothing else to
+        # run) is no step (``num_steps``): its CPU counts in the total, not in the per-step
+        # figures, which such cheap polls pulled down.
+        self.scheduler_cpu_s += cpu_s
+        if num_prefill or num_decode:
+            self.step_cpu_s.append(cpu_s)
         if step.num_scheduled_tokens >= self.num_full_step_tokens:
             self.full_step_cpu_s.append(cpu_s)
             if self.phases is not None:
@@ -507,7 +513,7 @@ class ReplayLoop:
         full = Summary.of(self.full_step_cpu_s)
         cpu: dict[str, float | None] = {
             "wall_s": wall_s,
-            "scheduler_s": sum(self.step_cpu_s),
+            "scheduler_s": self.scheduler_cpu_s,
             "us_per_step_mean": _us(steps.mean),
             "us_per_step_p99": _us(steps.p99),
             "us_per_full_step_mean": _us(full.mean),
