@@ -14,7 +14,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # The first command's hit rate and Belady bound (rounded to 4 places), pinned below and
 # quoted in the README.
 FIRST_COMMAND_HIT_RATE = 0.6522
-FIRST_COMMAND_BELADY = 0.7194
+# (0.7194 and the offline LRU 0.6508 counting whole blocks: since red team 26b the bounds
+# follow the cache's partial reuse, BENCHMARKS.md)
+FIRST_COMMAND_BELADY = 0.7231
 
 
 def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,7 +58,7 @@ def test_the_first_command_replays_to_its_pinned_figures(capsys: pytest.CaptureF
     assert round(report["token_hit_rate"], 4) == FIRST_COMMAND_HIT_RATE
     oracle = report["oracle"]
     assert (round(oracle["lru_hit_rate"], 4), round(oracle["belady_hit_rate"], 4)) == (
-        0.6508, FIRST_COMMAND_BELADY)
+        0.6551, FIRST_COMMAND_BELADY)
 
 
 # ---- the options and commands the docs name ------------------------------------------------

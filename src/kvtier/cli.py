@@ -384,7 +384,7 @@ def _with_oracle(workload: Workload, reports: list[SimReport],
     tpb = _int(reports[0].cache_config["tokens_per_block"])
     skipped: list[set[int]] = [set() for _ in reports]
     # Runs that skipped the same requests (most often none) share one oracle pass.
-    groups: dict[frozenset[int], list[int]] = {}
+    groups: dict[tuple[frozenset[int], bool], list[int]] = {}
     try:
         skipping = [i for i, report in enumerate(reports) if report.num_rejected_too_large]
         if skipping:  # one pass over the stream finds what each of them skipped
@@ -393,12 +393,13 @@ def _with_oracle(workload: Workload, reports: list[SimReport],
                     if too_large(request, *runs[i]):
                         skipped[i].add(pos)
         for i, positions in enumerate(skipped):
-            groups.setdefault(frozenset(positions), []).append(i)
+            key = (frozenset(positions), runs[i][0].enable_partial_reuse)
+            groups.setdefault(key, []).append(i)
         with_bounds = list(reports)
-        for skip, members in groups.items():
+        for (skip, partial), members in groups.items():
             capacities = [runs[i][0].num_gpu_blocks + runs[i][0].num_host_blocks
                           for i in members]
-            bounds = oracle_bounds(workload, tpb, capacities, skip=skip)
+            bounds = oracle_bounds(workload, tpb, capacities, skip=skip, partial_reuse=partial)
             for i, b in zip(members, bounds, strict=True):
                 with_bounds[i] = replace(reports[i], oracle=b)
     except TraceFormatError as exc:

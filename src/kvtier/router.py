@@ -310,7 +310,9 @@ class CacheAware:
 
 
 class RouteDecision(NamedTuple):
-    """Where a request went and what the index promised there."""
+    """Where a request went and what the index promised there: ``hit`` and
+    ``best_hit_blocks`` count the blocks a manager reuses whole, never the block holding
+    the prompt's last token (which it computes)."""
 
     instance_id: str
     num_prompt_blocks: int
@@ -394,8 +396,14 @@ class Router:
             raise ValueError(f"routing policy {short_repr(self.policy)} chose "
                              f"{short_repr(choice)}, none of the instances offered "
                              f"({', '.join(repr(load.instance_id) for load in loads)})")
-        hit = hits.get(choice, PrefixHit(0, 0))
-        best = max((sum(h) for h in hits.values()), default=0)
+        # NOTE: the policy weighs every block an instance holds, but a manager reuses
+        # whole only the blocks before the one holding the prompt's last token: a
+        # block-aligned prompt held whole was promised one block more than any instance
+        # reuses (the stats' num_predicted_hit_blocks too). Cut off the deepest, host
+        # blocks first (a path's tiers never get faster going down).
+        reusable = (len(ids) - 1) // self.tokens_per_block
+        hit = _reusable(hits.get(choice, PrefixHit(0, 0)), reusable)
+        best = max((sum(_reusable(h, reusable)) for h in hits.values()), default=0)
         stats = self.stats
         stats.num_routed += 1
         stats.num_prompt_blocks += len(hashes)
@@ -405,6 +413,12 @@ class Router:
             stats.num_best_prefix += sum(hit) == best
         stats.per_instance[choice] = stats.per_instance.get(choice, 0) + 1
         return RouteDecision(choice, len(hashes), hit, best)
+
+
+def _reusable(hit: PrefixHit, num_blocks: int) -> PrefixHit:
+    """``hit`` cut to its first ``num_blocks`` blocks (GPU ones first). Pure."""
+    num_gpu = min(hit.num_gpu_blocks, num_blocks)
+    return PrefixHit(num_gpu, min(hit.num_host_blocks, num_blocks - num_gpu))
 
 
 def check_loads(loads: Iterable[InstanceLoad]) -> list[InstanceLoad]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
@@ -105,8 +105,15 @@ class _SharedTier:
             return
         written = len(hashes)
         if self.store is not None:
-            written = self.store.put_many(dict.fromkeys(hashes, self._value))
-            if not written:
+            # NOTE: a caller's store may raise or answer anything (a subclass's put_many):
+            # a str or an exception stopped the fleet, 99 for 2 blocks counted 99 written,
+            # 2.0 made the count a float, -1 took one off. No count of the blocks written is
+            # a write that failed, as the engine's tier reads it (remote/ranks.py).
+            try:
+                written = self.store.put_many(dict.fromkeys(hashes, self._value))
+            except Exception:
+                written = 0
+            if type(written) is not int or not 0 < written <= len(hashes):
                 return
         done_s = self.reserve(now_s, len(hashes) * self.bytes_per_block)
         # NOTE: a real store's count: one that took some of a batch (a SET refused out of
@@ -139,7 +146,14 @@ class _SharedTier:
         a real store, those it still answers for (a fault is a miss)."""
         if self.store is None or not hashes:
             return set(hashes)
-        return set(self.store.get_many(hashes))
+        # NOTE: a caller's store that raises or answers no mapping is a miss (it stopped
+        # the fleet), and a block it answers that was not asked for is not fetched (it was
+        # charged and counted fetched).
+        try:
+            found = self.store.get_many(hashes)
+            return set(hashes).intersection(found) if isinstance(found, Mapping) else set()
+        except Exception:
+            return set()
 
 
 @dataclass(slots=True)

@@ -51,6 +51,37 @@ _OTHER_BLOCKS = (" (for hash blocks of another size, give it: block_tokens, or k
 _BAILIAN_KEY = "chat_id"
 
 
+# The keys the readers take (the other Bailian keys, ``turn`` and ``type``, are known and
+# ignored), as spelt in the published files.
+_READ_KEYS = ("timestamp", "input_length", "output_length", "hash_ids", _BAILIAN_KEY,
+              "parent_chat_id")
+_KNOWN_KEYS = frozenset((*_READ_KEYS, "turn", "type"))
+
+
+def _near_miss(key: str) -> str | None:
+    """The key the readers take that ``key`` (not one of them) misspells, if any: equal
+    once case, ``_``, ``-`` and spaces are dropped, or one letter off. Pure."""
+    def plain(text: str) -> str:
+        return "".join(c for c in text.lower() if c not in "_- ")
+
+    typed = plain(key)
+    for known in _READ_KEYS:
+        target = plain(known)
+        if typed == target or (abs(len(typed) - len(target)) <= 1 and _one_edit(typed, target)):
+            return known
+    return None
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``a`` becomes ``b`` by one insertion, deletion or substitution. Pure."""
+    if len(a) > len(b):
+        a, b = b, a
+    i = 0
+    while i < len(a) and a[i] == b[i]:
+        i += 1
+    return a[i + (len(a) == len(b)):] == b[i + 1:]
+
+
 class _Format(NamedTuple):
     name: str
     block_tokens: int  # the hash block the format documents
@@ -404,6 +435,14 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
             raise fail("<json>", "nested too deeply: not a Mooncake record") from None
         if not isinstance(obj, dict):
             raise fail("<json>", f"expected an object, got {type(obj).__name__}")
+        # NOTE: a key the readers do not know is ignored, so a misspelt one was too: a
+        # Bailian row's "parent_chatid" split its conversation in two sessions without a
+        # word. A key one letter (or only case and separators) off one they read is refused.
+        for key in obj.keys() - _KNOWN_KEYS:
+            meant = _near_miss(key)
+            if meant is not None:
+                raise fail(key, f"unknown key; did you mean {meant!r}? (a misspelt key would "
+                           "be ignored)")
         for field in ("timestamp", "input_length", "output_length", "hash_ids"):
             if field not in obj:
                 raise fail(field, "missing")

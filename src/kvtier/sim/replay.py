@@ -91,7 +91,8 @@ def simulate(
     ``progress`` is called with 1 as each request finishes or is skipped (a tqdm bar's
     ``update`` fits). Requests that could never fit the GPU pool are skipped and counted in
     ``num_rejected_too_large``. ``oracle`` adds :func:`oracle_bounds` at the cache's
-    capacity, over the requests served (the skipped ones left out). ``check_every`` runs
+    capacity, over the requests served (the skipped ones left out), under its partial
+    reuse rule. ``check_every`` runs
     ``check_invariants`` every that many steps (for tests); they always run once at the end.
     ``phases`` times each phase of every step (:class:`~kvtier.scheduled_step.StepPhases`,
     a debug counter) and reports where the full steps' time went
@@ -120,7 +121,9 @@ def simulate(
         capacity = cache.num_gpu_blocks + cache.num_host_blocks
         # Nothing served, nothing to bound (and no stream of skipped giants to read again).
         bounds = (oracle_bounds(workload, cache.tokens_per_block, [capacity],
-                                skip=frozenset(loop.skipped))[0] if loop.num_requests
+                                skip=frozenset(loop.skipped),
+                                partial_reuse=cache.enable_partial_reuse)[0]
+                  if loop.num_requests
                   else OracleBounds(cache.tokens_per_block, capacity, 0.0, 0.0, 0.0))
         report = replace(report, oracle=bounds)
     return report
@@ -286,7 +289,8 @@ class ReplayLoop:
         self.first_token_s: dict[str, float] = {}
         self.ttfts: list[float] = []
         self.e2es: list[float] = []
-        self.step_cpu_s: list[float] = []
+        self.step_cpu_s: list[float] = []  # per step that ran (``num_steps``)
+        self.scheduler_cpu_s = 0.0  # every call, a step or not
         self.full_step_cpu_s: list[float] = []
         # With ``phases``: each full step's seconds per phase, as the scheduler timed them.
         self.phases = StepPhases(_cpu_clock) if phases else None
@@ -405,7 +409,12 @@ class ReplayLoop:
         self.now_s += step_s
         self.busy_s += step_s
 
-        self.step_cpu_s.append(cpu_s)
+        # NOTE: a call that scheduled nothing (a request held for a fetch, nothing else to
+        # run) is no step (``num_steps``): its CPU counts in the total, not in the per-step
+        # figures, which such cheap polls pulled down.
+        self.scheduler_cpu_s += cpu_s
+        if num_prefill or num_decode:
+            self.step_cpu_s.append(cpu_s)
         if step.num_scheduled_tokens >= self.num_full_step_tokens:
             self.full_step_cpu_s.append(cpu_s)
             if self.phases is not None:
@@ -504,7 +513,7 @@ class ReplayLoop:
         full = Summary.of(self.full_step_cpu_s)
         cpu: dict[str, float | None] = {
             "wall_s": wall_s,
-            "scheduler_s": sum(self.step_cpu_s),
+            "scheduler_s": self.scheduler_cpu_s,
             "us_per_step_mean": _us(steps.mean),
             "us_per_step_p99": _us(steps.p99),
             "us_per_full_step_mean": _us(full.mean),
