@@ -1,0 +1,73 @@
+"""Red team 26a, the vLLM secondary tier's mechanics (``StoreTier``, no vLLM needed): what
+the tier answers after its own jobs, in the orders vLLM's tiering manager calls it. Each
+test fails on the code before its fix and asserts the books after it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from kvtier.integrations.vllm.keys import EngineLayout
+from kvtier.integrations.vllm.store_tier import StoreTier
+from kvtier.remote import InMemoryRemoteStore
+
+PAGE = 64
+
+
+def make_key(i: int) -> bytes:
+    return i.to_bytes(32, "big") + bytes(4)
+
+
+@pytest.fixture
+def parts() -> Iterator[tuple[StoreTier, InMemoryRemoteStore]]:
+    layout = EngineLayout(model="m", kv_dtype="float16", page_bytes=PAGE, tokens_per_hash=16,
+                          blocks_per_chunk=1, groups=((16, 2),), tp_size=1, pp_size=1,
+                          pcp_size=1, dcp_size=1, rank=0)
+    store = InMemoryRemoteStore(layout.namespace())
+    tier = StoreTier(store, memoryview(bytearray(PAGE * 8)), PAGE)
+    yield tier, store
+    tier.close()
+    store.close()
+
+
+def probe(tier: StoreTier, request_id: str, *keys: int) -> list[str]:
+    """One step's lookups, the probe's round trip, and the next step's lookups."""
+    tier.lookup(make_key(keys[0]), request_id)
+    for k in keys:
+        tier.lookup(make_key(k), request_id)
+    tier.flush()
+    tier.drain()
+    return [tier.lookup(make_key(k), request_id) for k in keys]
+
+
+def test_a_key_this_tier_stored_is_a_hit_while_the_request_that_missed_it_lives(
+        parts: tuple[StoreTier, InMemoryRemoteStore]) -> None:
+    """Request A misses keys 1-2 (the store lacks them), computes them and its store job
+    writes them. Before, the MISS that A's probe learnt stayed the verdict of every request
+    while A lived: B, asking after the write (its CPU tier had evicted them), was told
+    MISS for pages the store held, and recomputed them. Now a store job that succeeds
+    makes its keys HIT for every request, A's included; a failed one changes nothing."""
+    tier, store = parts
+    assert probe(tier, "A", 1, 2) == ["miss", "miss"]
+    tier.submit_store(1, [make_key(1), make_key(2)], [0, 1])
+    tier.drain()
+    assert [(o.job_id, o.success) for o in tier.finished_jobs()] == [(1, True)]
+    tier.check_invariants()
+    assert [tier.lookup(make_key(k), "B") for k in (1, 2)] == ["hit", "hit"]
+    assert [tier.lookup(make_key(k), "A") for k in (1, 2)] == ["hit", "hit"]
+    assert not tier.has_pending_work()
+    tier.check_invariants()
+    # A store job that fails (the store refused its write) teaches nothing.
+    assert probe(tier, "C", 3) == ["miss"]
+    store.close()
+    tier.submit_store(2, [make_key(3)], [2])
+    tier.drain()
+    assert [(o.job_id, o.success) for o in tier.finished_jobs()] == [(2, False)]
+    assert tier.lookup(make_key(3), "D") == "miss"
+    tier.check_invariants()
+    for request_id in "ABCD":
+        tier.request_finished(request_id)
+    assert tier._probes == {} and tier._keys_of_request == {}
+    stats = tier.stats
+    assert (stats.num_hits, stats.num_misses, stats.num_stored_pages) == (4, 4, 2)

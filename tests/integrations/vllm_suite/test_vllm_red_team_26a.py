@@ -1,0 +1,94 @@
+"""Red team 26a: kvtier's Redis tier and policies driven through vLLM 0.33.0's own
+TieringOffloadingManager (configured as a user's ``--kv-transfer-config`` configures it),
+over a real redis-server, in the call orders vLLM's connector uses. Each test fails on the
+code before its fix."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from remote_helpers import RedisServers
+from vllm.v1.kv_offload.base import OffloadKey, ReqContext, ScheduleEndContext, make_offload_key
+
+from integrations.vllm_suite.engine_harness import kv_transfer_config, make_scheduler
+from kvtier.integrations.vllm.tier import KvtierRedisTier
+
+END = ScheduleEndContext(new_req_ids=[], preempted_req_ids=())
+_SCHEDULERS: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def shut_schedulers_down() -> Iterator[None]:
+    """Every scheduler a test made is shut down (its CPU tier's file unlinked)."""
+    yield
+    while _SCHEDULERS:
+        _SCHEDULERS.pop().shutdown()
+
+
+def make_manager(url: str, cpu_chunks: int = 4, **options: Any) -> tuple[Any, KvtierRedisTier]:
+    """vLLM's tiering manager with one KvtierRedisTier, in a namespace of its own."""
+    tier = {"type": "KvtierRedisTier", "module_path": "kvtier.integrations.vllm", "url": url,
+            "tenant": f"test-{uuid.uuid4().hex}", "max_lookup_wait_s": 5.0, **options}
+    scheduler = make_scheduler(kv_transfer_config(cpu_chunks, tiers=[tier]))
+    _SCHEDULERS.append(scheduler)
+    manager = scheduler.connector.connector_scheduler.manager
+    [redis_tier] = manager.secondary_tiers
+    assert isinstance(redis_tier, KvtierRedisTier)
+    return manager, redis_tier
+
+
+def keys(*ints: int) -> list[OffloadKey]:
+    return [make_offload_key(i.to_bytes(32, "big"), 0) for i in ints]
+
+
+def settle(manager: Any) -> None:
+    """End steps until the tier's probes and jobs are done and handed back."""
+    for _ in range(500):
+        manager.on_schedule_end(END)
+        if not manager.has_pending_work():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the tiering manager still has pending work after 500 steps")
+
+
+def look(manager: Any, ks: list[OffloadKey], ctx: ReqContext) -> list[str]:
+    return [manager.lookup(k, ctx).name for k in ks]
+
+
+def test_pages_stored_while_the_request_that_missed_them_lives_are_found(
+        redis_servers: RedisServers) -> None:
+    """A's lookups miss keys 1-4 (Redis lacks them); A computes and stores them, and the
+    cascade writes them to Redis; B's store evicts them from the 4-chunk CPU tier. C asks
+    while A still decodes: before, the MISS A's probe learnt was C's answer too, and C
+    recomputed 4 pages Redis held. Now C's lookups find them (RETRY is the CPU tier's
+    promotion starting, HIT_PENDING it in flight), and C loads all 4."""
+    manager, tier = make_manager(redis_servers.url)
+    a, b, c = (ReqContext(req_id=r) for r in "ABC")
+    for ctx in (a, b, c):
+        manager.on_new_request(ctx)
+    assert look(manager, keys(1, 2, 3, 4), a) == ["RETRY"] * 4
+    settle(manager)
+    assert look(manager, keys(1, 2, 3, 4), a) == ["MISS"] * 4
+    manager.prepare_store(keys(1, 2, 3, 4), a)
+    manager.complete_store(keys(1, 2, 3, 4), a)
+    settle(manager)
+    out = manager.prepare_store(keys(5, 6, 7, 8), b)
+    assert sorted(out.evicted_keys) == keys(1, 2, 3, 4)
+    manager.complete_store(keys(5, 6, 7, 8), b)
+    manager.on_request_finished(b)
+    settle(manager)
+    assert look(manager, keys(1, 2, 3, 4), c) == ["HIT_PENDING"] * 4
+    settle(manager)
+    assert look(manager, keys(1, 2, 3, 4), c) == ["HIT"] * 4
+    stats = tier.stats
+    assert (stats.num_stored_pages, stats.num_load_jobs, stats.num_loaded_pages,
+            stats.num_failed_load_jobs) == (8, 1, 4, 0)
+    for ctx in (a, c):
+        manager.on_request_finished(ctx)
+    settle(manager)
+    tier.tier.check_invariants()
+    assert tier.tier._probes == {} and tier.tier._keys_of_request == {}
