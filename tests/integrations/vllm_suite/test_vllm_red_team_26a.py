@@ -92,3 +92,22 @@ def test_pages_stored_while_the_request_that_missed_them_lives_are_found(
     settle(manager)
     tier.tier.check_invariants()
     assert tier.tier._probes == {} and tier.tier._keys_of_request == {}
+
+
+def make_tier_config(**options: Any) -> dict[str, Any]:
+    """A ``--kv-transfer-config`` with one KvtierRedisTier of ``options``."""
+    tier = {"type": "KvtierRedisTier", "module_path": "kvtier.integrations.vllm", **options}
+    return kv_transfer_config(4, tiers=[tier])
+
+
+def test_a_refused_tier_config_never_shows_the_urls_password() -> None:
+    """A tier's JSON object with both a url and a store was refused with the url whole in
+    the message, password included, for vLLM to log and raise to the operator. The url is
+    now shown redacted and the store by its type."""
+    url = "redis://kvtier:s3cret-pw@127.0.0.1:6379/0"
+    with pytest.raises(ValueError) as refused:
+        make_scheduler(make_tier_config(url=url, store={"password": "s3cret-pw"}))
+    message = str(refused.value)
+    assert message == ("KvtierRedisTier needs exactly one of url (a redis:// URL) and store, "
+                       "got url='redis://kvtier:***@127.0.0.1:6379/0' and store=dict")
+    assert "s3cret" not in message

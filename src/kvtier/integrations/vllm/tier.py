@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 _VERDICTS = {"hit": LookupResult.HIT, "miss": LookupResult.MISS, "retry": LookupResult.RETRY}
 
 
+def _shown_url(url: object) -> str:
+    """``url`` for a message: a str with its password redacted. Pure."""
+    return shown(redact_url(url)) if isinstance(url, str) else shown(url)
+
+
 def engine_layout(offloading_spec: OffloadingSpec, page_bytes: int) -> EngineLayout:
     """The namespace inputs of the engine ``offloading_spec`` configures. Pure."""
     config = offloading_spec.config
@@ -91,8 +96,11 @@ class KvtierRedisTier(SecondaryTierManager):  # type: ignore[misc]
             raise ValueError(f"locality must be one of {[m.value for m in Locality]}, "
                              f"got {shown(locality)}") from None
         if (url is None) == (store is None):
+            # NOTE: the URL redacted, the store by its type: the URL's password was in the
+            # message, which vLLM logs, and a store's repr may hold its URL.
             raise ValueError("KvtierRedisTier needs exactly one of url (a redis:// URL) and "
-                             f"store, got url={shown(url)} and store={shown(store)}")
+                             f"store, got url={_shown_url(url)} and store="
+                             f"{'None' if store is None else type(store).__name__}")
         if store is None:
             store = RedisRemoteStore(url, self.namespace, **redis_options)  # type: ignore[arg-type]
         elif redis_options:
