@@ -111,3 +111,12 @@ def test_a_refused_tier_config_never_shows_the_urls_password() -> None:
     assert message == ("KvtierRedisTier needs exactly one of url (a redis:// URL) and store, "
                        "got url='redis://kvtier:***@127.0.0.1:6379/0' and store=dict")
     assert "s3cret" not in message
+
+
+def test_a_store_that_is_no_remote_store_is_refused_naming_the_option() -> None:
+    """``"store"`` in the tier's JSON object (a dict; a store is Python only) raised
+    AttributeError ('dict' object has no attribute 'namespace'), naming no option. Now
+    ValueError naming ``store`` and what it got."""
+    with pytest.raises(ValueError, match=r"^store must be a kvtier RemoteStore \(Python only; "
+                                         r"a JSON config names a url\), got dict$"):
+        make_scheduler(make_tier_config(store={"url": "redis://127.0.0.1:6379/0"}))

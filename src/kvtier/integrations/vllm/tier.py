@@ -31,6 +31,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.integrations.vllm.keys import EngineLayout
 from kvtier.integrations.vllm.store_tier import StoreTier, TierStats
+from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.redis_store import RedisRemoteStore, redact_url
 from kvtier.remote.store import RemoteStore
 from kvtier.reprs import shown
@@ -101,6 +102,12 @@ class KvtierRedisTier(SecondaryTierManager):  # type: ignore[misc]
             raise ValueError("KvtierRedisTier needs exactly one of url (a redis:// URL) and "
                              f"store, got url={_shown_url(url)} and store="
                              f"{'None' if store is None else type(store).__name__}")
+        if store is not None and not isinstance(getattr(store, "namespace", None),
+                                                RemoteNamespace):
+            # NOTE: a "store" in the tier's JSON object raised AttributeError ('dict' object
+            # has no attribute 'namespace'), naming no option.
+            raise ValueError(f"store must be a kvtier RemoteStore (Python only; a JSON "
+                             f"config names a url), got {type(store).__name__}")
         if store is None:
             store = RedisRemoteStore(url, self.namespace, **redis_options)  # type: ignore[arg-type]
         elif redis_options:
