@@ -120,3 +120,16 @@ def test_a_store_that_is_no_remote_store_is_refused_naming_the_option() -> None:
     with pytest.raises(ValueError, match=r"^store must be a kvtier RemoteStore \(Python only; "
                                          r"a JSON config names a url\), got dict$"):
         make_scheduler(make_tier_config(store={"url": "redis://127.0.0.1:6379/0"}))
+
+
+def test_an_unknown_tier_option_is_refused_naming_it_and_the_options() -> None:
+    """A misspelt option (``ttl`` for ``ttl_s``) was a TypeError from RedisRemoteStore's
+    signature ("got an unexpected keyword argument 'ttl'"), naming none of the tier's
+    options. Now ValueError naming it and every option the tier takes."""
+    with pytest.raises(ValueError) as refused:
+        make_scheduler(make_tier_config(url="redis://127.0.0.1:6379/0", ttl=60))
+    message = str(refused.value)
+    assert message.startswith("unknown KvtierRedisTier option(s) ['ttl']; the options are [")
+    for option in ("backoff_s", "ca_file", "cluster", "locality", "max_lookup_wait_s",
+                   "max_queued_jobs", "tenant", "timeout_s", "ttl_s", "url"):
+        assert repr(option) in message

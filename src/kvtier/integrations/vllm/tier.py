@@ -13,6 +13,7 @@ without waiting on the network.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +44,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _VERDICTS = {"hit": LookupResult.HIT, "miss": LookupResult.MISS, "retry": LookupResult.RETRY}
+# The options of the tier's JSON object: the tier's own (``backpressure`` is vLLM's), then
+# those it hands to RedisRemoteStore.
+_TIER_OPTIONS = frozenset({"url", "tenant", "max_lookup_wait_s", "max_queued_jobs",
+                           "locality", "backpressure"})
+_REDIS_OPTIONS = frozenset(inspect.signature(RedisRemoteStore).parameters) - {"url",
+                                                                              "namespace"}
 
 
 def _shown_url(url: object) -> str:
@@ -109,6 +116,12 @@ class KvtierRedisTier(SecondaryTierManager):  # type: ignore[misc]
             raise ValueError(f"store must be a kvtier RemoteStore (Python only; a JSON "
                              f"config names a url), got {type(store).__name__}")
         if store is None:
+            unknown = sorted(set(redis_options) - _REDIS_OPTIONS)
+            if unknown:
+                # NOTE: was a TypeError from RedisRemoteStore's signature, naming the
+                # misspelt option but none of the tier's.
+                raise ValueError(f"unknown KvtierRedisTier option(s) {unknown}; the options "
+                                 f"are {sorted(_TIER_OPTIONS | _REDIS_OPTIONS)}")
             store = RedisRemoteStore(url, self.namespace, **redis_options)  # type: ignore[arg-type]
         elif redis_options:
             raise ValueError(f"options {sorted(redis_options)} are for a url, not a store")
