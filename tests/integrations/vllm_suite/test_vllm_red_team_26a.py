@@ -133,3 +133,19 @@ def test_an_unknown_tier_option_is_refused_naming_it_and_the_options() -> None:
     for option in ("backoff_s", "ca_file", "cluster", "locality", "max_lookup_wait_s",
                    "max_queued_jobs", "tenant", "timeout_s", "ttl_s", "url"):
         assert repr(option) in message
+
+
+def test_an_unknown_kvtier_policy_is_refused_naming_the_policies() -> None:
+    """``"eviction_policy": "kvtier-lfu"`` reached the operator as vLLM's import of an
+    attribute the module lacks ("no attribute 'kvtier-lfu'"), naming none of kvtier's
+    policies. The refusal now lists them (still an AttributeError: vLLM's getattr)."""
+    from kvtier.config import EVICTION_POLICIES
+    from kvtier.integrations.vllm.chunk_policy import vllm_policy_name
+
+    known = sorted(vllm_policy_name(p) for p in EVICTION_POLICIES)
+    with pytest.raises(AttributeError) as refused:
+        make_scheduler(kv_transfer_config(4, eviction_policy="kvtier-lfu"))
+    assert str(refused.value) == (
+        "module 'kvtier.integrations.vllm' has no attribute 'kvtier-lfu': eviction_policy "
+        f"must be one of {known} for kvtier")
+    assert "kvtier-predict" in known and "kvtier-lru" in known
