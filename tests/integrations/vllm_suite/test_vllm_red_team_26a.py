@@ -149,3 +149,28 @@ def test_an_unknown_kvtier_policy_is_refused_naming_the_policies() -> None:
         "module 'kvtier.integrations.vllm' has no attribute 'kvtier-lfu': eviction_policy "
         f"must be one of {known} for kvtier")
     assert "kvtier-predict" in known and "kvtier-lru" in known
+
+
+def test_events_of_another_block_size_are_refused_changing_nothing() -> None:
+    """A translator made with block_size 16 for a manager of 4-token blocks published a
+    block as 4 tokens of block_size 4 when stored, and as the same 4 tokens of block_size
+    16 when it moved to the CPU: one block, two sizes for a router (which slices a
+    BlockStored's tokens by its block_size). Now ValueError naming the event and both
+    sizes; the translator's next batch is what it would have been."""
+    import msgspec
+
+    from kvtier import events as kv
+    from kvtier.integrations.vllm.events import VllmEventTranslator
+    from kvtier.tier import Tier
+
+    stored = kv.BlockStored(0, 9, None, Tier.GPU, 4, None, (1, 2, 3, 4), None, None)
+    moved = kv.BlockTierChanged(1, 9, Tier.GPU, Tier.HOST)
+    translator = VllmEventTranslator(16, clock=lambda: 0.0)
+    with pytest.raises(ValueError, match=r"^events\[0\]\.num_tokens must be the translator's "
+                                         r"block_size 16, got 4$"):
+        translator.translate([stored, moved])
+    good = stored._replace(num_tokens=16, token_ids=tuple(range(16)))
+    fresh = VllmEventTranslator(16, clock=lambda: 0.0)
+    assert (msgspec.msgpack.encode(translator.translate([good, moved]))
+            == msgspec.msgpack.encode(fresh.translate([good, moved])))
+    assert translator.num_resyncs == 0

@@ -28,7 +28,7 @@ this instance's cache rather than routing to blocks that are gone.
 
 Contract: ``translate`` changes only the translator's own record of the blocks it has seen
 stored and its ``num_resyncs``; it raises only for events that are no well-formed event
-list (``event_codec.check_events``), changing nothing.
+list (``event_codec.check_events``) or hold a block of another size, changing nothing.
 """
 
 from __future__ import annotations
@@ -112,8 +112,15 @@ class VllmEventTranslator:
 
     def translate(self, events: Sequence[kv.Event]) -> KVEventBatch:
         """The vLLM batch that says what ``events`` (oldest first) say. Raises TypeError or
-        ValueError, changing nothing, for events ``event_codec.check_events`` refuses."""
+        ValueError, changing nothing, for events ``event_codec.check_events`` refuses and
+        for a stored block of another size than ``block_size``."""
         check_events(events)
+        for i, e in enumerate(events):
+            if isinstance(e, kv.BlockStored) and e.num_tokens != self.block_size:
+                # NOTE: taken, the block was published with its own size when stored and
+                # with the translator's when it moved: one block, two sizes for a router.
+                raise ValueError(f"events[{i}].num_tokens must be the translator's "
+                                 f"block_size {self.block_size}, got {e.num_tokens}")
         ts = self._clock()
         out: list[KVCacheEvent] = []
         i = 0
