@@ -71,3 +71,32 @@ def test_a_key_this_tier_stored_is_a_hit_while_the_request_that_missed_it_lives(
     assert tier._probes == {} and tier._keys_of_request == {}
     stats = tier.stats
     assert (stats.num_hits, stats.num_misses, stats.num_stored_pages) == (4, 4, 2)
+
+
+class RaisingStore(InMemoryRemoteStore):
+    """A caller's store client that raises where a kvtier store would answer a fault."""
+
+    def contains_many(self, hashes: object) -> set[int]:
+        raise ConnectionError("store down")
+
+
+def test_a_store_job_that_never_asked_the_store_counts_no_page_skipped() -> None:
+    """A store job whose existence check raised (the store down) counted every page of the
+    job as skipped, "already in the store": 3 pages the store never held reported as held.
+    Now a failed check counts none skipped; the job fails, nothing written."""
+    layout = EngineLayout(model="m", kv_dtype="float16", page_bytes=PAGE, tokens_per_hash=16,
+                          blocks_per_chunk=1, groups=((16, 2),), tp_size=1, pp_size=1,
+                          pcp_size=1, dcp_size=1, rank=0)
+    store = RaisingStore(layout.namespace())
+    tier = StoreTier(store, memoryview(bytearray(PAGE * 8)), PAGE)
+    tier.submit_store(1, [make_key(1), make_key(2), make_key(3)], [0, 1, 2])
+    tier.drain()
+    assert [(o.job_id, o.success, o.transfer_bytes) for o in tier.finished_jobs()] == [
+        (1, False, 0)]
+    stats = tier.stats
+    assert (stats.num_store_jobs, stats.num_failed_store_jobs, stats.num_stored_pages,
+            stats.num_skipped_pages, stats.bytes_stored) == (1, 1, 0, 0, 0)
+    assert store.backend == {}
+    tier.check_invariants()
+    tier.close()
+    store.close()

@@ -387,11 +387,15 @@ class StoreTier:
         start = self._clock()
         items: dict[int, memoryview] = {}
         num_written = 0
+        # NOTE: counted once the store answered: a check that raised counted every page of
+        # the job as one the store already held.
+        num_skipped = 0
         try:
             present = _as_set(
                 self._store.contains_many([h for h in hashes if h not in rewrite]))
             items = {h: self._page(p) for h, p in zip(hashes, pages, strict=True)
                      if h not in present}
+            num_skipped = len(hashes) - len(items)
             # NOTE: pages go as views of the pinned chunks (the codec copies them once, into
             # the value); put_many takes any buffer though it is typed for bytes.
             num_written = self._store.put_many(cast("dict[int, bytes]", items)) if items else 0
@@ -405,7 +409,7 @@ class StoreTier:
         # NOTE: only what it wrote: a key it skipped as present may have failed a load
         # queued before it (a corrupt value); clearing that key's bad mark made it HIT again.
         self._results.append(_StoreDone(outcome, list(items) if ok else [],
-                                        hashes if ok else [], len(hashes) - len(items)))
+                                        hashes if ok else [], num_skipped))
 
     def _run_load(self, job_id: int, keys: list[bytes], hashes: list[int],
                   pages: list[int]) -> None:
