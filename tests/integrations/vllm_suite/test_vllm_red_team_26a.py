@@ -174,3 +174,24 @@ def test_events_of_another_block_size_are_refused_changing_nothing() -> None:
     assert (msgspec.msgpack.encode(translator.translate([good, moved]))
             == msgspec.msgpack.encode(fresh.translate([good, moved])))
     assert translator.num_resyncs == 0
+
+
+def test_blocks_without_tokens_are_published_as_vllms_placeholder() -> None:
+    """A stored block whose event carries no tokens (decoded from a publisher older than
+    token ids) was published as block_size 4 with no token ids, stored or moved: a router
+    slicing 4 ids per block read none, one checking the sizes refused the event. Such a
+    block is now vLLM's placeholder, block size 0 and no tokens, as the translator already
+    publishes a block stored before it existed."""
+    from kvtier import events as kv
+    from kvtier.integrations.vllm.events import VllmEventTranslator
+    from kvtier.tier import Tier
+
+    stored = [kv.BlockStored(i, 9 + i, 8 + i if i else None, Tier.GPU, 4, None, None, None,
+                             None) for i in range(2)]
+    moved = kv.BlockTierChanged(2, 10, Tier.GPU, Tier.HOST)
+    batch = VllmEventTranslator(4, clock=lambda: 0.0).translate([*stored, moved])
+    published = [(type(e).__name__, e.medium, getattr(e, "block_size", None),
+                  getattr(e, "token_ids", None)) for e in batch.events]
+    assert published == [("BlockStored", "GPU", 0, []), ("BlockRemoved", "GPU", None, None),
+                         ("BlockStored", "CPU", 0, [])]
+    assert batch.events[2].parent_block_hash == (9).to_bytes(16, "big")
