@@ -100,3 +100,36 @@ def test_a_store_job_that_never_asked_the_store_counts_no_page_skipped() -> None
     tier.check_invariants()
     tier.close()
     store.close()
+
+
+def test_a_clock_that_fails_never_loses_a_job_nor_raises_into_a_lookup(
+        parts: tuple[StoreTier, InMemoryRemoteStore]) -> None:
+    """The tier's clock was read raw: one that raised on the I/O thread ended the job
+    before it reported (vLLM waited on it for ever: a load's CPU pages pinned, the engine
+    stepping with pending work, never done), and one that raised in a flush or lookup raised into
+    vLLM's step. Now it is read as a cache reads its clock (``CacheClock``): the last good
+    time stands in, every job reports, and lookups answer."""
+    _, store = parts
+    ticks = iter(range(1, 1_000_000))
+
+    def clock() -> float:
+        value = next(ticks)
+        if value > 2:  # good twice (the tier's start), then down for good
+            raise OSError("clock down")
+        return float(value)
+
+    tier = StoreTier(store, memoryview(bytearray(PAGE * 8)), PAGE, clock=clock)
+    tier._view[0:PAGE] = bytes([5]) * PAGE
+    tier.submit_store(1, [make_key(1)], [0])
+    tier.drain()
+    assert [(o.job_id, o.success, o.transfer_bytes) for o in tier.finished_jobs()] == [
+        (1, True, PAGE)]
+    assert probe(tier, "A", 1) == ["hit"]
+    tier.submit_load(2, [make_key(1)], [3])
+    tier.drain()
+    assert [(o.job_id, o.success, o.transfer_bytes) for o in tier.finished_jobs()] == [
+        (2, True, PAGE)]
+    assert bytes(tier._view[3 * PAGE:4 * PAGE]) == bytes([5]) * PAGE
+    assert not tier.has_pending_work() and tier.stats.num_job_errors == 0
+    tier.check_invariants()
+    tier.close()

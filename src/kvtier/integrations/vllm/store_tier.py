@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, NamedTuple, cast
 
+from kvtier.clock import CacheClock
 from kvtier.integrations.vllm.keys import fold_key
 from kvtier.remote.codec import RemoteNamespace, exact_bytes
 from kvtier.remote.io_thread import IOThread
@@ -152,7 +153,10 @@ class StoreTier:
         self._store = store
         self._view = view
         self._num_pages = len(view) // page_bytes
-        self._clock = clock
+        # NOTE: read as a cache reads its clock (the last good time when it fails): one that
+        # raised on the I/O thread ended a job before it reported (vLLM waited on it for
+        # ever, a load's pages pinned), and in a lookup or flush raised into vLLM's step.
+        self._clock = CacheClock(clock)
         self._io = IOThread(check_count("max_queued_jobs", max_queued_jobs, 1, 1 << 20),
                             self._on_job_error)
         self._results: deque[_ProbeDone | _StoreDone | _LoadDone] = deque()  # by the I/O thread
