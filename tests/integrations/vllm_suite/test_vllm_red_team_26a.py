@@ -195,3 +195,31 @@ def test_blocks_without_tokens_are_published_as_vllms_placeholder() -> None:
     assert published == [("BlockStored", "GPU", 0, []), ("BlockRemoved", "GPU", None, None),
                          ("BlockStored", "CPU", 0, [])]
     assert batch.events[2].parent_block_hash == (9).to_bytes(16, "big")
+
+
+def test_a_bad_kv_transfer_param_is_logged_once_per_request(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A request's bad ``kvtier_priority`` was logged at every chunk its store inserted and
+    again at its finish: 9 warnings for 8 chunks, a thousand for a long prompt, for every
+    request a client sent so. Now once per request; the request keeps the default
+    priority, and a good request logs nothing."""
+    import logging
+
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+
+    manager = CPUOffloadingManager(num_chunks=16, cache_policy="kvtier-priority-lru",
+                                   cache_policy_module_path="kvtier.integrations.vllm")
+    bad = ReqContext(req_id="bad", kv_transfer_params={"kvtier_priority": "high"})
+    good = ReqContext(req_id="good", kv_transfer_params={"kvtier_priority": 90})
+    with caplog.at_level(logging.WARNING, logger="kvtier.integrations.vllm.policy"):
+        for ctx, first in ((bad, 1), (good, 20)):
+            manager.on_new_request(ctx)
+            for part in (keys(*range(first, first + 4)), keys(*range(first + 4, first + 8))):
+                assert manager.prepare_store(part, ctx) is not None
+                manager.complete_store(part, ctx)
+            manager.on_request_finished(ctx)
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "kvtier.integrations.vllm.policy"] == [
+        "request bad: kvtier_priority must be an int in 0..100, got 'high'; ignored"]
+    chunks = manager._policy.chunks
+    assert [chunks.node(k).priority for k in keys(1, 8, 20, 27)] == [35, 35, 90, 90]
