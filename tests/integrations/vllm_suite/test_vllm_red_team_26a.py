@@ -223,3 +223,42 @@ def test_a_bad_kv_transfer_param_is_logged_once_per_request(
         "request bad: kvtier_priority must be an int in 0..100, got 'high'; ignored"]
     chunks = manager._policy.chunks
     assert [chunks.node(k).priority for k in keys(1, 8, 20, 27)] == [35, 35, 90, 90]
+
+
+def test_an_engine_hashing_with_xxhash_stores_and_loads_through_redis(
+        redis_servers: RedisServers) -> None:
+    """vLLM's xxhash block hashes are 16 bytes, so its offload keys are 20 (sha256's are
+    36). The tier took only 36-byte keys: the first lookup of an engine started with
+    ``--prefix-caching-hash-algo xxhash`` raised ValueError into vLLM's step (every
+    request failed), though docs/vllm.md names xxhash. Now both sizes fold; engine 2 loads
+    engine 1's 4 blocks from Redis and computes only its own 16 tokens."""
+    from vllm import SamplingParams
+    from vllm.utils.hashing import xxhash
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher
+    from vllm.v1.request import Request
+
+    from integrations.vllm_suite.engine_harness import BLOCK_SIZE, EOS, Engine
+
+    def xxhash_request(request_id: str, tokens: list[int]) -> Request:
+        params = SamplingParams(max_tokens=1)
+        params.update_from_generation_config({}, EOS)
+        return Request(request_id=request_id, prompt_token_ids=tokens, sampling_params=params,
+                       pooling_params=None,
+                       block_hasher=get_request_block_hasher(BLOCK_SIZE, xxhash))
+
+    tier = {"type": "KvtierRedisTier", "module_path": "kvtier.integrations.vllm",
+            "url": redis_servers.url, "tenant": f"test-{uuid.uuid4().hex}",
+            "max_lookup_wait_s": 5.0}
+    engines = [Engine(make_scheduler(kv_transfer_config(16, tiers=[tier]))) for _ in range(2)]
+    _SCHEDULERS.extend(e.scheduler for e in engines)
+    prompt = list(range(1000, 1000 + 4 * BLOCK_SIZE))
+    first = xxhash_request("A", prompt)
+    assert len(first.block_hashes[0]) == 16
+    engines[0].scheduler.add_request(first)
+    engines[0].run()
+    engines[1].scheduler.add_request(xxhash_request("B", prompt + list(range(5000, 5016))))
+    engines[1].run()
+    assert [step["B"] for step in engines[1].scheduled if "B" in step] == [16]
+    stats = [e.manager.secondary_tiers[0].stats for e in engines]
+    assert (stats[0].num_stored_pages, stats[1].num_loaded_pages,
+            stats[1].num_failed_load_jobs) == (4, 4, 0)
