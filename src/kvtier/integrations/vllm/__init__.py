@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtier.integrations.vllm.chunk_policy import kvtier_policy_name
+from kvtier.config import EVICTION_POLICIES
+from kvtier.integrations.vllm.chunk_policy import VLLM_PREFIX, kvtier_policy_name, vllm_policy_name
 from kvtier.reprs import shown
 
 __all__ = ["KvtierCachePolicy", "KvtierRedisTier", "policy_class"]
@@ -41,4 +42,10 @@ def __getattr__(name: str) -> Any:
         from kvtier.integrations.vllm.policy import policy_class
 
         return policy_class(name)
+    if name.startswith(VLLM_PREFIX):
+        # NOTE: a misspelt eviction_policy ("kvtier-lfu") reached vLLM's operator as "no
+        # attribute 'kvtier-lfu'", naming none of the policies there are.
+        known = sorted(vllm_policy_name(p) for p in EVICTION_POLICIES)
+        raise AttributeError(f"module {shown(__name__)} has no attribute {shown(name)}: "
+                             f"eviction_policy must be one of {known} for kvtier")
     raise AttributeError(f"module {shown(__name__)} has no attribute {shown(name)}")

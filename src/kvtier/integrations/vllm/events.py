@@ -17,7 +17,8 @@ is the root (where vLLM puts ``cache_salt``), then ``("extra", ...)`` for its ex
 vLLM's ``"GPU"``, ``Tier.HOST`` its ``"CPU"``. A block that changes
 tier is described again (its parent, tokens, LoRA id and extra key) from what the
 translator kept of its ``BlockStored``, as vLLM's own offloading events are; one stored
-before the translator existed gets vLLM's placeholder (no parent, no tokens, block size 0).
+before the translator existed gets vLLM's placeholder (no parent, no tokens, block size 0);
+a block whose event carried no tokens has block size 0 too.
 Hashes are kvtier's 128-bit chained hashes as 16 big-endian bytes, or (``int_hashes``, as
 vLLM's ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``) their low 64 bits as an int.
 
@@ -28,7 +29,7 @@ this instance's cache rather than routing to blocks that are gone.
 
 Contract: ``translate`` changes only the translator's own record of the blocks it has seen
 stored and its ``num_resyncs``; it raises only for events that are no well-formed event
-list (``event_codec.check_events``), changing nothing.
+list (``event_codec.check_events``) or hold a block of another size, changing nothing.
 """
 
 from __future__ import annotations
@@ -112,8 +113,15 @@ class VllmEventTranslator:
 
     def translate(self, events: Sequence[kv.Event]) -> KVEventBatch:
         """The vLLM batch that says what ``events`` (oldest first) say. Raises TypeError or
-        ValueError, changing nothing, for events ``event_codec.check_events`` refuses."""
+        ValueError, changing nothing, for events ``event_codec.check_events`` refuses and
+        for a stored block of another size than ``block_size``."""
         check_events(events)
+        for i, e in enumerate(events):
+            if isinstance(e, kv.BlockStored) and e.num_tokens != self.block_size:
+                # NOTE: taken, the block was published with its own size when stored and
+                # with the translator's when it moved: one block, two sizes for a router.
+                raise ValueError(f"events[{i}].num_tokens must be the translator's "
+                                 f"block_size {self.block_size}, got {e.num_tokens}")
         ts = self._clock()
         out: list[KVCacheEvent] = []
         i = 0
@@ -180,15 +188,19 @@ class VllmEventTranslator:
             self._stored[e.block_hash] = _Stored(e.parent_hash, e.token_ids, e.lora_id, keys)
             tokens += e.token_ids or ()
             extra_keys.append(keys)
+        # NOTE: no tokens (an event from a publisher older than token ids) is vLLM's
+        # placeholder, block size 0: a size with no ids read as blocks of no tokens.
+        block_size = 0 if first.token_ids is None else first.num_tokens
         return self._vllm_stored([e.block_hash for e in run], first.parent_hash, tokens,
-                                 first.num_tokens, first.lora_id, extra_keys, first.tier)
+                                 block_size, first.lora_id, extra_keys, first.tier)
 
     def _moved_event(self, e: kv.BlockTierChanged) -> BlockStored:
         known = self._stored.get(e.block_hash)
         if known is None:  # stored before this translator: vLLM's placeholder
             return self._vllm_stored([e.block_hash], None, [], 0, None, [None], e.new_tier)
+        block_size = 0 if known.token_ids is None else self.block_size
         return self._vllm_stored([e.block_hash], known.parent_hash, list(known.token_ids or ()),
-                                 self.block_size, known.lora_id, [known.keys], e.new_tier)
+                                 block_size, known.lora_id, [known.keys], e.new_tier)
 
     def _vllm_stored(self, hashes: list[int], parent: int | None, tokens: list[int],
                      block_size: int, lora_id: int | None,

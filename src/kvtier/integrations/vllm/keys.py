@@ -1,10 +1,10 @@
 """vLLM's offload keys in kvtier's remote store: folding and namespacing. Pure; no vLLM import.
 
-vLLM 0.33.0 names an offloaded chunk by an ``OffloadKey``: the 32-byte hash of the chunk's
-last block (chained over the whole prefix, so it names the prefix) and a 4-byte KV-cache
-group index::
+vLLM 0.33.0 names an offloaded chunk by an ``OffloadKey``: the hash of the chunk's last
+block (32 bytes with sha256, 16 with xxhash; chained over the whole prefix, so it names the
+prefix) and a 4-byte KV-cache group index::
 
-    OffloadKey   = block_hash (32 B) | group_idx (4 B, big-endian)
+    OffloadKey   = block_hash (32 B; 16 B with xxhash) | group_idx (4 B, big-endian)
     fold_key     = blake2b-128(OffloadKey)  ->  kvtier block hash (128-bit int)
     Redis key    = kvtier:{namespace fingerprint}:{folded hash as 32 hex digits}
 
@@ -25,7 +25,8 @@ from kvtier.remote.codec import RemoteNamespace
 from kvtier.reprs import shown
 from kvtier.storage import KVLayout
 
-OFFLOAD_KEY_BYTES = 36
+# A 32-byte (sha256, sha256_cbor) or 16-byte (xxhash, xxhash_cbor) block hash and the group.
+OFFLOAD_KEY_SIZES = (20, 36)
 # The codec describes a payload as layers x heads x head_dim x tokens of a dtype; a vLLM page
 # is opaque bytes, so it is described as one float16 "token" of page_bytes / 4 lanes (K and V
 # of 2 bytes each per lane). The real identity lives in the namespace's model id.
@@ -38,8 +39,12 @@ def fold_key(key: bytes) -> int:
 
     blake2b, not a truncation: a truncated sha256 chain hash would do, but vLLM may hash
     blocks with xxhash, whose low bits are not meant to stand alone."""
-    if not isinstance(key, bytes) or len(key) != OFFLOAD_KEY_BYTES:
-        raise ValueError(f"an OffloadKey is {OFFLOAD_KEY_BYTES} bytes, got {shown(key):.80}")
+    # NOTE: 36 bytes only were taken before: an engine hashing with xxhash (16-byte hashes)
+    # raised ValueError into vLLM's step at its first lookup.
+    if not isinstance(key, bytes) or len(key) not in OFFLOAD_KEY_SIZES:
+        raise ValueError(f"an OffloadKey is 20 or 36 bytes (a 16-byte xxhash or 32-byte "
+                         f"sha256 block hash, then a 4-byte group index), got "
+                         f"{shown(key):.80}")
     return int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "big")
 
 

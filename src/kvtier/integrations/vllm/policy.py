@@ -38,15 +38,19 @@ RETENTION_PARAM = "kvtier_retention_s"
 
 
 class _RequestState:
-    """Per request (in its ReqContext): its recency tick, and the chunks it soft-claimed
-    (ended at its finish)."""
+    """Per request (in its ReqContext): its recency tick, its (priority, retention) read
+    once from its kv_transfer_params, and the chunks it soft-claimed (ended at its
+    finish)."""
 
-    __slots__ = ("generation", "keys", "owner", "rank")
+    __slots__ = ("generation", "keys", "owner", "rank", "retention")
 
-    def __init__(self, owner: object, generation: int, rank: int) -> None:
+    def __init__(self, owner: object, generation: int, rank: int,
+                 retention: tuple[int | None, float | None]) -> None:
         self.owner = owner
         self.generation = generation
         self.rank = rank
+        # NOTE: read once: a bad value was logged at every chunk the request inserted.
+        self.retention = retention
         self.keys: list[bytes] = []
 
 
@@ -99,16 +103,17 @@ class KvtierCachePolicy(CachePolicy):  # type: ignore[misc]
         # one would rank it below every request since.
         if (state is None or state.owner is not self
                 or state.generation != self.chunks.generation):
-            state = _RequestState(self, self.chunks.generation, self.chunks.new_rank())
+            state = _RequestState(self, self.chunks.generation, self.chunks.new_rank(),
+                                  request_retention(req_context))
             req_context.set_state(state)
         return state
 
     def insert(self, key: OffloadKey, chunk: ChunkStatus, req_context: ReqContext) -> None:
-        priority, retention_s = request_retention(req_context)
+        state = self._state(req_context)
+        priority, retention_s = state.retention
         self.chunks.insert(key, chunk, evictable=chunk.ref_cnt == 0,
                            depth=req_context.get_offload_key_position(key),
-                           rank=self._state(req_context).rank,
-                           priority=priority, retention_s=retention_s)
+                           rank=state.rank, priority=priority, retention_s=retention_s)
 
     def remove(self, key: OffloadKey) -> None:
         self.chunks.remove(key)
@@ -135,7 +140,9 @@ class KvtierCachePolicy(CachePolicy):  # type: ignore[misc]
                 and state.generation == self.chunks.generation):
             self.chunks.unclaim(state.keys)
             state.keys = []
-        priority, retention_s = request_retention(req_context)
+            priority, retention_s = state.retention
+        else:
+            priority, retention_s = request_retention(req_context)
         self.chunks.release(order_request_keys(key_groups, req_context), set(reused_keys),
                             priority=priority, retention_s=retention_s)
 

@@ -10,8 +10,9 @@ A key's existence is probed once, in a batch with the step's other unknown keys:
         │                  RETRY                               RETRY          (HIT)  or absent
         └─ known ──> HIT / MISS                   in flight longer than max_lookup_wait_s: MISS
 
-Verdicts belong to the requests that asked: a request sees one answer per key for its life,
-and a verdict no live request holds is forgotten (another engine may store the key later).
+Verdicts belong to the requests that asked: a request sees one answer per key for its life
+(but a store of ours makes the key a HIT, and a failed load a MISS), and a verdict no live
+request holds is forgotten (another engine may store the key later).
 A load that fails marks its keys bad: they are MISSes from then on (so a corrupt value is
 not promoted again and again) until a store of ours overwrites them. Every fault of the
 store (down, slow, full, corrupt) is a MISS or a failed job; nothing raises to the caller.
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, NamedTuple, cast
 
+from kvtier.clock import CacheClock
 from kvtier.integrations.vllm.keys import fold_key
 from kvtier.remote.codec import RemoteNamespace, exact_bytes
 from kvtier.remote.io_thread import IOThread
@@ -60,6 +62,7 @@ class _ProbeDone(NamedTuple):
 class _StoreDone(NamedTuple):
     outcome: JobOutcome
     stored: list[int]  # the hashes it wrote when it succeeded (not those skipped), else none
+    present: list[int]  # every hash of the job when it succeeded (the store holds each)
     num_skipped: int  # pages the store already held
 
 
@@ -150,7 +153,10 @@ class StoreTier:
         self._store = store
         self._view = view
         self._num_pages = len(view) // page_bytes
-        self._clock = clock
+        # NOTE: read as a cache reads its clock (the last good time when it fails): one that
+        # raised on the I/O thread ended a job before it reported (vLLM waited on it for
+        # ever, a load's pages pinned), and in a lookup or flush raised into vLLM's step.
+        self._clock = CacheClock(clock)
         self._io = IOThread(check_count("max_queued_jobs", max_queued_jobs, 1, 1 << 20),
                             self._on_job_error)
         self._results: deque[_ProbeDone | _StoreDone | _LoadDone] = deque()  # by the I/O thread
@@ -385,11 +391,15 @@ class StoreTier:
         start = self._clock()
         items: dict[int, memoryview] = {}
         num_written = 0
+        # NOTE: counted once the store answered: a check that raised counted every page of
+        # the job as one the store already held.
+        num_skipped = 0
         try:
             present = _as_set(
                 self._store.contains_many([h for h in hashes if h not in rewrite]))
             items = {h: self._page(p) for h, p in zip(hashes, pages, strict=True)
                      if h not in present}
+            num_skipped = len(hashes) - len(items)
             # NOTE: pages go as views of the pinned chunks (the codec copies them once, into
             # the value); put_many takes any buffer though it is typed for bytes.
             num_written = self._store.put_many(cast("dict[int, bytes]", items)) if items else 0
@@ -403,7 +413,7 @@ class StoreTier:
         # NOTE: only what it wrote: a key it skipped as present may have failed a load
         # queued before it (a corrupt value); clearing that key's bad mark made it HIT again.
         self._results.append(_StoreDone(outcome, list(items) if ok else [],
-                                        len(hashes) - len(items)))
+                                        hashes if ok else [], num_skipped))
 
     def _run_load(self, job_id: int, keys: list[bytes], hashes: list[int],
                   pages: list[int]) -> None:
@@ -437,6 +447,22 @@ class StoreTier:
             if not probe.request_ids:
                 del self._probes[block_hash]
 
+    def _learn_present(self, hashes: list[int]) -> None:
+        """A store job of ours left ``hashes`` in the store: probes that learnt otherwise
+        (or are still on their way) answer HIT from now on.
+
+        NOTE: the MISS a request's probe learnt stayed every request's verdict while that
+        request lived: the pages it then computed and stored were a MISS for every other
+        request (a long decode's whole prompt, recomputed by each request sharing it)."""
+        for block_hash in hashes:
+            probe = self._probes.get(block_hash)
+            if probe is None or probe.state is _State.PENDING:
+                continue  # a pending probe is sent at the step's end and finds it
+            if probe.request_ids:
+                probe.state = _State.PRESENT
+            else:
+                del self._probes[block_hash]  # in flight, asked for by no live request
+
     def _mark_bad(self, hashes: list[int]) -> None:
         for block_hash in hashes:
             self._bad[block_hash] = None
@@ -465,6 +491,7 @@ class StoreTier:
             if isinstance(done, _StoreDone):
                 for block_hash in done.stored:
                     self._bad.pop(block_hash, None)
+                self._learn_present(done.present)
                 with self._stats_lock:
                     s = self._stats
                     s.num_failed_store_jobs += not outcome.success

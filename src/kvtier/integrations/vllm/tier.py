@@ -13,6 +13,7 @@ without waiting on the network.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +32,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.integrations.vllm.keys import EngineLayout
 from kvtier.integrations.vllm.store_tier import StoreTier, TierStats
+from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.redis_store import RedisRemoteStore, redact_url
 from kvtier.remote.store import RemoteStore
 from kvtier.reprs import shown
@@ -42,6 +44,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _VERDICTS = {"hit": LookupResult.HIT, "miss": LookupResult.MISS, "retry": LookupResult.RETRY}
+# The options of the tier's JSON object: the tier's own (``backpressure`` is vLLM's), then
+# those it hands to RedisRemoteStore.
+_TIER_OPTIONS = frozenset({"url", "tenant", "max_lookup_wait_s", "max_queued_jobs",
+                           "locality", "backpressure"})
+_REDIS_OPTIONS = frozenset(inspect.signature(RedisRemoteStore).parameters) - {"url",
+                                                                              "namespace"}
+
+
+def _shown_url(url: object) -> str:
+    """``url`` for a message: a str with its password redacted. Pure."""
+    return shown(redact_url(url)) if isinstance(url, str) else shown(url)
 
 
 def engine_layout(offloading_spec: OffloadingSpec, page_bytes: int) -> EngineLayout:
@@ -91,9 +104,24 @@ class KvtierRedisTier(SecondaryTierManager):  # type: ignore[misc]
             raise ValueError(f"locality must be one of {[m.value for m in Locality]}, "
                              f"got {shown(locality)}") from None
         if (url is None) == (store is None):
+            # NOTE: the URL redacted, the store by its type: the URL's password was in the
+            # message, which vLLM logs, and a store's repr may hold its URL.
             raise ValueError("KvtierRedisTier needs exactly one of url (a redis:// URL) and "
-                             f"store, got url={shown(url)} and store={shown(store)}")
+                             f"store, got url={_shown_url(url)} and store="
+                             f"{'None' if store is None else type(store).__name__}")
+        if store is not None and not isinstance(getattr(store, "namespace", None),
+                                                RemoteNamespace):
+            # NOTE: a "store" in the tier's JSON object raised AttributeError ('dict' object
+            # has no attribute 'namespace'), naming no option.
+            raise ValueError(f"store must be a kvtier RemoteStore (Python only; a JSON "
+                             f"config names a url), got {type(store).__name__}")
         if store is None:
+            unknown = sorted(set(redis_options) - _REDIS_OPTIONS)
+            if unknown:
+                # NOTE: was a TypeError from RedisRemoteStore's signature, naming the
+                # misspelt option but none of the tier's.
+                raise ValueError(f"unknown KvtierRedisTier option(s) {unknown}; the options "
+                                 f"are {sorted(_TIER_OPTIONS | _REDIS_OPTIONS)}")
             store = RedisRemoteStore(url, self.namespace, **redis_options)  # type: ignore[arg-type]
         elif redis_options:
             raise ValueError(f"options {sorted(redis_options)} are for a url, not a store")
