@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import pytest
@@ -20,22 +20,7 @@ from kvtier.sim.replay import ReplayLoop, as_time_model
 from kvtier.sim.trace_file import TraceFormatError
 from kvtier.sim.traces import MooncakeTrace
 from kvtier.sim.workload import TraceRequest
-
-
-class ListWorkload:
-    """A workload of hand-built requests."""
-
-    name = "list"
-
-    def __init__(self, requests: list[TraceRequest]) -> None:
-        self.requests = requests
-
-    def __iter__(self) -> Iterator[TraceRequest]:
-        return iter(self.requests)
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "num_requests": len(self.requests)}
-
+from list_workload import ListWorkload
 
 # 4-token blocks: b shares a's first block and the head [5, 6, 7] of its second one.
 #   a  [1 2 3 4 | 5 6 7 8 | 9]
