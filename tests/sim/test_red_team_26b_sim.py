@@ -17,6 +17,7 @@ from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
 from kvtier.sim.heldout import HeldOutWorkload
 from kvtier.sim.oracle import OracleRequest, unlimited_hit_tokens
 from kvtier.sim.replay import ReplayLoop, as_time_model
+from kvtier.sim.report import format_report
 from kvtier.sim.trace_file import TraceFormatError
 from kvtier.sim.traces import MooncakeTrace
 from kvtier.sim.workload import TraceRequest
@@ -47,6 +48,21 @@ def test_bounds_follow_the_replays_partial_reuse() -> None:
     assert whole.num_reused_tokens == 4
     assert whole.oracle is not None and whole.oracle.unlimited_hit_rate == 4 / 18
     assert oracle_bounds(workload, 4, [16])[0].unlimited_hit_rate == 4 / 18
+
+
+def test_the_report_says_which_rule_its_bounds_count_by() -> None:
+    """The oracle line said "full 4-token blocks" for bounds that count a block's head
+    too; the bounds now carry their rule (``partial_reuse``), in the JSON and the line."""
+    workload = ListWorkload(PARTIAL)
+    for partial, text in ((True, "offline, 4-token blocks and the heads partial reuse takes,"),
+                          (False, "offline, full 4-token blocks,")):
+        report = simulate(workload, CacheConfig(tokens_per_block=4, num_gpu_blocks=16,
+                                                enable_partial_reuse=partial),
+                          profile="tiny-test", oracle=True)
+        assert report.oracle is not None and report.oracle.partial_reuse is partial
+        assert report.to_dict()["oracle"]["partial_reuse"] is partial  # type: ignore[index]
+        [line] = [x for x in format_report(report) if x.startswith("oracle")]
+        assert text in line, line
 
 
 def _reference_unlimited(prompts: list[list[int]], tokens_per_block: int) -> int:

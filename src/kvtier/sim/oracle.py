@@ -311,6 +311,7 @@ def oracle_bounds(workload: Workload, tokens_per_block: int, capacities: Iterabl
         raise ValueError(f"partial_reuse must be a bool, got {short_repr(partial_reuse)}")
     method = getattr(workload, "oracle_requests", None)
     requests: list[OracleRequest]
+    heads = partial_reuse and not callable(method)  # a hash trace's keys count none apart
     if callable(method):
         source: Iterable[OracleRequest] = method(tokens_per_block)
         requests = [r for i, r in enumerate(source) if i not in skip] if skip else list(source)
@@ -327,5 +328,6 @@ def oracle_bounds(workload: Workload, tokens_per_block: int, capacities: Iterabl
         if capacity not in belady:
             belady[capacity] = belady_hit_tokens(requests, capacity, tokens_per_block).hit_rate
             lru[capacity] = lru_hit_tokens(requests, capacity, tokens_per_block).hit_rate
-    return [OracleBounds(tokens_per_block, capacity, unlimited, belady[capacity], lru[capacity])
+    return [OracleBounds(tokens_per_block, capacity, unlimited, belady[capacity], lru[capacity],
+                         heads)
             for capacity in capacities]

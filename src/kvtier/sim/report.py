@@ -51,7 +51,10 @@ class OracleBounds:
     reused farthest in the future; ``lru_hit_rate`` the same cache evicting the least
     recently used block (the peers' policy, in the same model). All count whole prompts in
     arrival order, not scheduling or live-request pinning: they frame a simulated hit rate,
-    they do not reproduce it.
+    they do not reproduce it. ``partial_reuse``: whether a hit also counts the head of the
+    first block missed that an earlier block behind the same prefix shares, as a cache with
+    partial reuse reuses it (``oracle_bounds(..., partial_reuse=True)``), or whole blocks
+    only.
     """
 
     tokens_per_block: int
@@ -59,6 +62,7 @@ class OracleBounds:
     unlimited_hit_rate: float
     belady_hit_rate: float
     lru_hit_rate: float
+    partial_reuse: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +330,10 @@ def format_report(report: SimReport) -> list[str]:
 
 
 def _oracle_text(bounds: OracleBounds) -> str:
-    return (f"offline, full {bounds.tokens_per_block}-token blocks, arrival order: at "
+    # NOTE: "full blocks" was printed for bounds that count a block's head too.
+    blocks = (f"{bounds.tokens_per_block}-token blocks and the heads partial reuse takes"
+              if bounds.partial_reuse else f"full {bounds.tokens_per_block}-token blocks")
+    return (f"offline, {blocks}, arrival order: at "
             f"{bounds.num_capacity_blocks:,} blocks LRU {bounds.lru_hit_rate:.4f}, Belady "
             f"{bounds.belady_hit_rate:.4f}; unlimited {bounds.unlimited_hit_rate:.4f}")
 
