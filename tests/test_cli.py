@@ -24,7 +24,7 @@ SUMMARY_KEYS = {"mean", "p50", "p90", "p99"}
 CPU_KEYS = {"wall_s", "scheduler_s", "us_per_step_mean", "us_per_step_p99",
             "us_per_full_step_mean", "us_per_full_step_p99"}
 ORACLE_KEYS = {"tokens_per_block", "num_capacity_blocks", "unlimited_hit_rate",
-               "belady_hit_rate", "lru_hit_rate"}
+               "belady_hit_rate", "lru_hit_rate", "partial_reuse"}
 LOAD_KEYS = {"busy_s", "arrival_span_s", "num_instances", "utilization", "overloaded",
              "sustainable_time_scale", "sustainable_instances"}
 
