@@ -210,16 +210,21 @@ def _find_partial(
         have = cand.tokens[start : start + len(want)]
         if not _extras_equal_one(cand, index, req_extras, pos // tpb):
             continue
-        n = 0
-        # NOTE: strict=False: ``have`` may be shorter than ``want`` (a partial block); the
-        # common prefix is what is counted.
-        for a, b in zip(have, want, strict=False):
-            if a != b:
-                break
-            n += 1
+        n = num_common_tokens(have, want)
         if n and (best is None or n > best.num_tokens):
             best = PartialMatch(cand, index, n)
     return best
+
+
+def num_common_tokens(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens ``a`` and ``b`` share (either may be the shorter: a partial
+    block). Pure."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _extras_equal_one(

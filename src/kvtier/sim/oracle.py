@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
+from kvtier.matching import num_common_tokens
 from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 from kvtier.sim.report import OracleBounds
@@ -110,21 +111,11 @@ def oracle_requests(
                 walked = children[parent] = []
             block = tuple(prompt[start:start + tokens_per_block])
             at = bisect.bisect_left(walked, block)
-            partial.append(max((_common_head(block, other)
+            partial.append(max((num_common_tokens(block, other)
                                 for other in walked[max(0, at - 1):at + 1]), default=0))
             if at == len(walked) or walked[at] != block:
                 walked.insert(at, block)
         yield OracleRequest(keys, len(prompt), tuple(partial))
-
-
-def _common_head(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """How many first tokens ``a`` and ``b`` share. Pure."""
-    n = 0
-    for x, y in zip(a, b, strict=False):  # blocks of two lengths: the shorter's
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _check_request(request: OracleRequest, tokens_per_block: int) -> None:
