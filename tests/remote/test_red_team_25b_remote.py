@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the remote tier tests move real KV: needs torch")
 
+from answering_store import AnsweringStore
 from kvtier import CacheConfig, KVCacheManager
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
 from kvtier.remote.tier import RemoteTier
@@ -17,17 +18,6 @@ from kvtier.storage import KVLayout, KVStorage
 
 TPB = 4
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, tokens_per_block=TPB)
-
-
-class AnsweringStore(InMemoryRemoteStore):
-    """A store whose ``flush`` answers ``answer`` (or raises it, an exception)."""
-
-    answer: object = True
-
-    def flush(self, timeout: float | None = None) -> bool:
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer  # type: ignore[return-value]
 
 
 def make_tier(store: InMemoryRemoteStore) -> RemoteTier:

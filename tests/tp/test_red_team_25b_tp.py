@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch", reason="the tensor-parallel tests need torc
                                             "pip install 'kvtier[torch]'")
 import torch.distributed as dist  # noqa: E402
 
+from answering_store import AnsweringStore  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig  # noqa: E402
 from kvtier.model.tensor_parallel import TensorParallelLlama  # noqa: E402
 from kvtier.model.tp_engine import (  # noqa: E402
@@ -38,17 +39,6 @@ from kvtier.transfer.tp_engine import DistributedTransferEngine  # noqa: E402
 TP_SIZE = 2
 LAYOUT = KVLayout(2, 2, 16, 4, "float32")
 PLAN = TransferPlan((TransferOp(OpKind.OFFLOAD, Tier.GPU, 1, Tier.HOST, 2, 4),))
-
-
-class AnsweringStore(InMemoryRemoteStore):
-    """A store whose ``flush`` answers ``answer`` (or raises it, an exception)."""
-
-    answer: object = True
-
-    def flush(self, timeout: float | None = None) -> bool:
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer  # type: ignore[return-value]
 
 
 def attempt(outcome: dict[str, Any], name: str, call: Any) -> None:
