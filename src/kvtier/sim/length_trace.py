@@ -271,14 +271,12 @@ class AzureTrace(TraceRecords[_AzureRecord]):
             previous_s = arrival_s
             lengths = []
             for at, column, minimum in columns:
-                digits = row[at].strip()
-                # NOTE: not int() alone: it also takes '1_000' and non-ASCII digits ('١٢').
-                if _INTEGER.fullmatch(digits) is None or len(digits) > _MAX_DIGITS:
+                value = _integer_cell(row[at])
+                if value is None:
                     raise TraceFormatError(
                         self.path, line_number, column,
                         f"expected an integer in {minimum}..{MAX_REQUEST_TOKENS}, "
-                        f"got {short_repr(digits)}")
-                value = int(digits)
+                        f"got {short_repr(row[at].strip())}")
                 if not minimum <= value <= MAX_REQUEST_TOKENS:
                     raise TraceFormatError(
                         self.path, line_number, column,
@@ -293,10 +291,19 @@ class AzureTrace(TraceRecords[_AzureRecord]):
     def _check_total(self, text: str, lengths: list[int], line_number: int) -> None:
         """TraceFormatError naming the line unless BurstGPT's ``Total tokens`` cell is the
         row's request and response tokens summed. Pure."""
-        digits = text.strip()
-        if (_INTEGER.fullmatch(digits) is None or len(digits) > _MAX_DIGITS
-                or int(digits) != sum(lengths)):
+        if _integer_cell(text) != sum(lengths):
             raise TraceFormatError(
                 self.path, line_number, _BURSTGPT_TOTAL,
                 f"must be the request and response tokens summed, {lengths[0]} + "
-                f"{lengths[1]} = {sum(lengths)}, got {short_repr(digits)}")
+                f"{lengths[1]} = {sum(lengths)}, got {short_repr(text.strip())}")
+
+
+def _integer_cell(text: str) -> int | None:
+    """The integer a cell holds (ASCII digits, an optional sign, at most ``_MAX_DIGITS``,
+    spaces around), else None. Pure.
+
+    NOTE: not int() alone: it also takes '1_000' and non-ASCII digits ('١٢')."""
+    digits = text.strip()
+    if _INTEGER.fullmatch(digits) is None or len(digits) > _MAX_DIGITS:
+        return None
+    return int(digits)
