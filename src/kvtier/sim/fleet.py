@@ -179,7 +179,13 @@ class _Instance:
         self.instance_id = instance_id
         self.loop = loop
         self.remote = remote  # the shared remote tier's block hashes, if there is one
-        self.written = (BlockStored, BlockRemoved) if write_through else (BlockRemoved,)
+        # NOTE: as the engine's tier writes: write-through a block computed here (stored),
+        # write-back one that left (removed). Write-through wrote removed blocks again, and
+        # a block imported from the store back to it (its BlockStored): neither write is
+        # one the engine makes (it skips a reused prefix it fetched), yet both took the
+        # store's queue, ahead of every instance's next fetch.
+        self.written = BlockStored if write_through else BlockRemoved
+        self.imported: set[int] = set()  # fetched blocks whose BlockStored is not drained
         self.pending: deque[tuple[float, list[Event]]] = deque()
         self.next_seq = 0  # one past the last event drained
         self.num_routed = 0
@@ -247,18 +253,28 @@ class _Instance:
             while run < len(missing) and missing[run] in item.found:
                 run += 1
             if run:
-                self.num_imported_blocks += len(manager.import_blocks(item.prompt, run))
+                num_imported = len(manager.import_blocks(item.prompt, run))
+                self.num_imported_blocks += num_imported
+                if self.written is BlockStored:  # else nothing stored is written
+                    self.imported.update(missing[:num_imported])
             loop.scheduler.release(item.request_id)
 
     def _collect(self) -> None:
         events = self.loop.manager.drain_events()
         if self.remote is not None:
             # Write-back: a block that leaves this instance's last tier goes to the shared
-            # tier (write-through: every block stored), where every instance can fetch it,
+            # tier (write-through: every block computed here), where every instance can fetch it,
             # content-addressed by its chained hash.
-            written = self.written
-            self.remote.add([e.block_hash for e in events if isinstance(e, written)],
-                            self.loop.now_s)
+            written, imported = self.written, self.imported
+            hashes = []
+            for e in events:
+                if not isinstance(e, written):
+                    continue
+                if e.block_hash in imported:
+                    imported.discard(e.block_hash)  # its import: read from the store
+                    continue
+                hashes.append(e.block_hash)
+            self.remote.add(hashes, self.loop.now_s)
         if events:
             self.next_seq = events[-1].seq + 1
             self.pending.append((self.loop.now_s, events))
