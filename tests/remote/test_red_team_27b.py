@@ -3,7 +3,18 @@ engine's), faults on the wire, and what each fetch is charged."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import select
+import signal
+import warnings
+from collections.abc import Callable
+
+import pytest
+from remote_helpers import make_blocks, make_namespace
+
 from kvtier.config import CacheConfig
+from kvtier.remote import InMemoryRemoteStore
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.timemodel import RemoteLink
 from kvtier.sim.workload import TraceRequest
@@ -49,3 +60,88 @@ def test_a_fleet_writing_through_never_writes_a_block_as_it_leaves() -> None:
     assert report.events["num_published"] > 6  # blocks were stored and removed
     assert remote["num_written_blocks"] == 6
 
+
+def in_a_fork(work: Callable[[], object], timeout_s: float = 10.0) -> object:
+    """What ``work()`` returns in a child forked now (or its exception's repr), or
+    "timed out" where it gave nothing within ``timeout_s`` (the child is killed)."""
+    read_fd, write_fd = os.pipe()
+    with warnings.catch_warnings():  # Python 3.12 warns of a fork with threads running
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            data = pickle.dumps(work())
+        except BaseException as exc:
+            data = pickle.dumps(repr(exc))
+        os.write(write_fd, data)
+        os._exit(0)
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], timeout_s)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            return "timed out"
+        chunks = []
+        while chunk := os.read(read_fd, 1 << 16):
+            chunks.append(chunk)
+        return pickle.loads(b"".join(chunks))
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+@needs_fork
+def test_a_store_forked_after_its_io_thread_started_still_runs_its_jobs() -> None:
+    """An engine forked from the process whose store had started its I/O thread: in the
+    child the thread is gone. Every job was accepted and never run (a fetch found nothing,
+    a background write was lost and never reported lost, a flush timed out); now the thread
+    is started again in the child."""
+    ns = make_namespace()
+    store = InMemoryRemoteStore(ns)
+    blocks = make_blocks(ns, 3)
+    store.put_many({1: blocks[1]})
+    got: list[dict[int, memoryview]] = []
+    assert store.prefetch([1], got.append) and store.flush(5.0)  # the thread is running
+
+    def child() -> object:
+        found: list[list[int]] = []
+        lost: list[list[int]] = []
+        accepted = (store.prefetch([1, 2], lambda f: found.append(sorted(f))),
+                    store.write_back({2: blocks[2]}, on_lost=lost.append))
+        flushed = store.flush(5.0)
+        return accepted, flushed, found, lost, sorted(store.contains_many([1, 2]))
+
+    assert in_a_fork(child) == ((True, True), True, [[1]], [], [1, 2])
+    store.close()
+
+
+@needs_fork
+def test_a_redis_store_forked_after_reading_on_several_connections_reads_in_the_child(
+) -> None:
+    """With ``num_connections`` 2 a read of several chunks runs on a pool of reader threads,
+    made at the first such read; a child forked after it has none of those threads, and
+    the pool made no more: every read of the child waited for ever on its first chunk."""
+    pytest.importorskip("redis")
+    from test_red_team_21b_remote import FakeRedis
+
+    from kvtier.remote.redis_store import RedisRemoteStore
+
+    server = FakeRedis()
+    try:
+        ns = make_namespace()
+        store = RedisRemoteStore(server.url, ns, timeout_s=0.5, max_retries=0,
+                                 num_connections=2)
+        blocks = make_blocks(ns, 4)
+        assert store.put_many(blocks) == 4, store.last_error
+        assert sorted(store.get_many(blocks)) == [1, 2, 3, 4]  # on two reader threads
+
+        def child() -> object:
+            return sorted(store.get_many(blocks))
+
+        assert in_a_fork(child) == [1, 2, 3, 4]
+        store.close()
+    finally:
+        server.close()

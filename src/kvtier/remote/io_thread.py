@@ -19,19 +19,38 @@ class IOThread:
         self._cond = threading.Condition()
         self._num_running = 0
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="kvtier-remote-io", daemon=True)
-        self._thread.start()
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="kvtier-remote-io", daemon=True)
+        thread.start()
+        return thread
+
+    def _revive(self) -> None:
+        """(Under the condition.) Start the thread again where it is found dead while not
+        stopping: this process is a fork of the one that started it (no thread but the
+        forking one carries over). What is queued runs; a job it was running then is lost.
+
+        NOTE: in a forked engine every job was accepted and never run: each fetch held its
+        request to the deadline and found nothing, each background write was lost without
+        ``on_lost`` (the tier skipped those blocks as written for good), and a flush
+        without a timeout waited for ever."""
+        if not self._stopping and not self._thread.is_alive():
+            self._num_running = 0
+            self._thread = self._start()
 
     def submit(self, job: Job) -> bool:
         with self._cond:
             if self._stopping or len(self._jobs) >= self._maxsize:
                 return False
+            self._revive()
             self._jobs.append(job)
             self._cond.notify_all()
         return True
 
     def wait_idle(self, timeout: float | None) -> bool:
         with self._cond:
+            self._revive()
             return self._cond.wait_for(lambda: not self._jobs and not self._num_running, timeout)
 
     def stop(self) -> None:

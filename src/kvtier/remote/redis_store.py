@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -253,6 +254,7 @@ class RedisRemoteStore(RemoteStoreBase):
         self._num_failures_in_row: dict[str, int] = {}
         self._open_until: dict[str, float] = {}
         self._readers: ThreadPoolExecutor | None = None  # num_connections > 1, lazily
+        self._readers_pid: int | None = None  # the process that made them
 
     def _backoff(self, attempt: int) -> float:
         """The sleep before retry ``attempt`` (1-based): doubling, capped. Pure."""
@@ -559,9 +561,13 @@ class RedisRemoteStore(RemoteStoreBase):
         with self._client_lock:
             if self.closed:
                 return None
-            if self._readers is None:
+            # NOTE: a pool made before this process forked has no threads here (none but
+            # the forking one carries over) and makes no more once it made them all: every
+            # read of several chunks waited for ever on its first chunk.
+            if self._readers is None or self._readers_pid != os.getpid():
                 self._readers = ThreadPoolExecutor(self.num_connections,
                                                    thread_name_prefix="kvtier-redis-read")
+                self._readers_pid = os.getpid()
             return self._readers
 
     def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None:
