@@ -8,7 +8,8 @@ import pickle
 import select
 import signal
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import pytest
 from remote_helpers import make_blocks, make_namespace
@@ -145,3 +146,114 @@ def test_a_redis_store_forked_after_reading_on_several_connections_reads_in_the_
         store.close()
     finally:
         server.close()
+
+
+class _Node(NamedTuple):
+    name: str
+
+
+class FakeCluster:
+    """Two loopback servers as a Redis Cluster's nodes, behind a stand-in for redis-py's
+    cluster client: ``owner`` is the client's slot map (key -> node), ``moved`` what
+    reloading it (``nodes_manager.initialize``) makes it; a node answers GET of a key in
+    ``asked`` with ASK (its slot migrating, the key gone to the other node) and of a key
+    it does not own with MOVED."""
+
+    def __init__(self) -> None:
+        import redis
+        from test_red_team_21b_remote import FakeRedis, bulk
+
+        cluster = self
+
+        class ClusterNode(FakeRedis):
+            def _answer(self, args: list[bytes]) -> list[tuple[bytes, float]] | None:
+                if args[0].upper() != b"GET":
+                    return super()._answer(args)
+                key = args[1].decode()
+                if key in cluster.asked:
+                    return [(b"-ASK 1 %s\r\n" % cluster.other(self).encode(), 0.0)]
+                if cluster.serving.get(key, cluster.a) is not self:
+                    return [(b"-MOVED 1 %s\r\n" % cluster.other(self).encode(), 0.0)]
+                with self._lock:
+                    return [(bulk(self.data.get(args[1])), 0.0)]
+
+        self.a, self.b = ClusterNode(), ClusterNode()
+        self.serving: dict[str, FakeRedis] = {}  # where a key is; absent: on a
+        self.owner: dict[str, str] = {}  # the client's slot map; absent: a
+        self.moved: dict[str, str] = {}
+        self.asked: set[str] = set()
+        self.nodes_manager = self
+        self._clients = {name: redis.Redis.from_url(node.url, protocol=2)
+                         for name, node in (("a", self.a), ("b", self.b))}
+
+    def other(self, node: object) -> str:
+        return (self.b if node is self.a else self.a).url.split("//")[1].split("/")[0]
+
+    def get_node_from_key(self, key: str) -> _Node:
+        return _Node(self.owner.get(key, "a"))
+
+    def get_node(self, node_name: str) -> _Node:
+        return _Node(node_name)
+
+    def get_redis_connection(self, node: _Node) -> Any:
+        return self._clients[node.name]
+
+    def initialize(self) -> None:
+        self.owner.update(self.moved)
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self.a.close()
+        self.b.close()
+
+
+@pytest.fixture
+def fake_cluster() -> Iterator[FakeCluster]:
+    pytest.importorskip("redis")
+    cluster = FakeCluster()
+    yield cluster
+    cluster.close()
+
+
+def cluster_store(cluster: FakeCluster) -> tuple[Any, dict[int, bytes]]:
+    """A cluster store whose client is ``cluster``, with four blocks on node a."""
+    from kvtier.remote.redis_store import RedisRemoteStore
+
+    ns = make_namespace()
+    store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, timeout_s=0.5,
+                             max_retries=0, breaker_threshold=3, cooldown_s=60.0)
+    store._client = cluster  # the stand-in for redis-py's RedisCluster
+    blocks = make_blocks(ns, 4)
+    for h, payload in blocks.items():
+        cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)
+    return store, blocks
+
+
+def test_a_key_of_a_migrating_slot_misses_alone(fake_cluster: FakeCluster) -> None:
+    """Block 2's slot is being migrated and its key has gone to node b: node a answers ASK
+    for it. Only block 2 misses; before, each read of the four failed whole (every block
+    missed), and three in a row opened node a's breaker: for its cooldown every read and
+    write of node a was skipped."""
+    store, blocks = cluster_store(fake_cluster)
+    fake_cluster.asked.add(store.namespace.key(2))
+    for _ in range(4):
+        assert sorted(store.get_many(blocks)) == [1, 3, 4], store.last_error
+    assert store.stats.num_short_circuited == 0
+    assert store.put_many({9: make_blocks(store.namespace, 1, first_hash=9)[9]}) == 1
+    store.close()
+
+
+def test_a_read_answered_moved_is_read_again_after_the_slot_map(
+        fake_cluster: FakeCluster) -> None:
+    """Block 3's slot was resharded to node b; the client's slot map still says a, which
+    answers MOVED. The map is read again and block 3 read from b in the same call, as a
+    write answered MOVED is written again; before, the whole read missed."""
+    store, blocks = cluster_store(fake_cluster)
+    key = store.namespace.key(3)
+    fake_cluster.b.data[key.encode()] = fake_cluster.a.data.pop(key.encode())
+    fake_cluster.serving[key] = fake_cluster.b
+    fake_cluster.moved[key] = "b"
+    assert sorted(store.get_many(blocks)) == [1, 2, 3, 4], store.last_error
+    assert fake_cluster.owner == {key: "b"}
+    store.close()

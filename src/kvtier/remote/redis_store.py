@@ -30,8 +30,9 @@ the breaker opens and its batches are skipped (counted as short-circuited) for
 ``cooldown_s``, then one batch probes.
 On a cluster a key's own fault stays that key's: a value of another type under it, or a
 slot that no node serves (a shard gone, with ``cluster-require-full-coverage no``), is its
-miss; a write answered MOVED (a resharded slot) is written again once the slot map is read
-again. The URL's query may not set what the options here check (redis-py lets it win).
+miss; a read or write answered MOVED (a resharded slot) is read or written again once the
+slot map is read again, and a key answered ASK (its slot migrating) misses alone. The URL's
+query may not set what the options here check (redis-py lets it win).
 redis is imported lazily: ``import kvtier.remote`` works without it.
 """
 
@@ -181,10 +182,11 @@ def check_url_query(url: str, cluster: bool = False) -> None:
 
 
 def _cluster_state_errors() -> tuple[type[Exception], ...]:
-    """The errors a cluster node answers about the cluster, not about one key."""
-    from redis.exceptions import AskError, ClusterDownError, ClusterError, TryAgainError
+    """The errors a cluster node answers about the cluster, not about one key (a redirect,
+    MOVED or ASK, is about its key)."""
+    from redis.exceptions import ClusterDownError, ClusterError, TryAgainError
 
-    return (AskError, ClusterDownError, ClusterError, TryAgainError)
+    return (ClusterDownError, ClusterError, TryAgainError)
 
 
 class RedisRemoteStore(RemoteStoreBase):
@@ -505,10 +507,18 @@ class RedisRemoteStore(RemoteStoreBase):
 
     # -- backend -------------------------------------------------------------------------
     def read_values(self, keys: list[str]) -> list[bytes | None] | None:
+        return self._read(keys, redirect=self.cluster)
+
+    def _read(self, keys: list[str], *, redirect: bool) -> list[bytes | None] | None:
+        """``read_values``; with ``redirect``, the keys a node answered MOVED for are read
+        once more after the cluster's slot map is read again (as ``_write`` writes them)."""
+        from redis.exceptions import MovedError
+
         groups = self._by_server(keys)
         if groups is None:
             return None
         values: list[bytes | None] = [None] * len(keys)
+        moved: list[int] = []
         # NOTE: a chunk's reply size is unknown up front; assume a block per key.
         block = self.namespace.layout.bytes_per_block
         chunks = [(server, indices[part]) for server, indices in groups
@@ -521,8 +531,12 @@ class RedisRemoteStore(RemoteStoreBase):
             # breaker opened, failing its puts too. It is that key's miss, counted, as MGET
             # on a standalone server answers nil for it (a refused MGET, NOPERM say, still
             # raises: a failed batch, as before). A reply about the cluster's state rather
-            # than the key's (CLUSTERDOWN, MOVED, ASK, TRYAGAIN) fails the chunk as before:
-            # retried after the slot map is read again, and counted by the node's breaker.
+            # than the key's (CLUSTERDOWN, TRYAGAIN) fails the chunk as before, counted by
+            # the node's breaker. A redirect is the key's: MOVED (its slot resharded) is read
+            # again once the slot map is, ASK (its slot migrating, the key moved on) misses.
+            # They failed the chunk, never retried (redis-py's ResponseErrors), every key of
+            # it missed, and three in a row opened the node's breaker for its cooldown: a
+            # resharding took every key of the node off the store while it ran.
             # Either way the replies are read off the socket (``_pipeline``).
             replies: list[Any] | None
             if self.cluster:
@@ -536,13 +550,16 @@ class RedisRemoteStore(RemoteStoreBase):
                 return
             if len(replies) != len(chunk):
                 return  # a malformed reply: misses
-            refused = [r for r in replies if isinstance(r, Exception)]
+            refused = [r for r in replies if isinstance(r, Exception)
+                       and not (redirect and isinstance(r, MovedError))]
             if refused:
                 self.last_error = self._describe(refused[0], server)
                 self._count(num_errors=len(refused))
             for i, value in zip(chunk, replies, strict=True):
                 # each chunk writes its own indices
                 values[i] = None if isinstance(value, Exception) else value
+                if redirect and isinstance(value, MovedError):
+                    moved.append(i)  # NOTE: list.append is atomic: chunks run on threads
 
         readers = self._reader_pool() if len(chunks) > 1 else None
         if readers is None:
@@ -552,6 +569,13 @@ class RedisRemoteStore(RemoteStoreBase):
             # Every chunk runs, even if one raised: a fault is a miss, never a crash.
             for future in [readers.submit(read, server, chunk) for server, chunk in chunks]:
                 future.result()
+        if moved:
+            moved.sort()
+            self._reload_slots()
+            again = self._read([keys[i] for i in moved], redirect=False)
+            if again is not None:
+                for i, value in zip(moved, again, strict=True):
+                    values[i] = value
         return values
 
     def _reader_pool(self) -> ThreadPoolExecutor | None:
