@@ -25,6 +25,7 @@ subscriber only its own position and :class:`SeqTracker`; neither ever changes a
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections import deque
@@ -211,6 +212,27 @@ class SeqTracker:
         if batch:
             out.append(EventBatch(instance_id, batch))
 
+    def restart(self, instance_id: str, out: list[Update]) -> None:
+        """``instance_id`` counted from seq 0 again, and that event was lost with what
+        followed it (a bounded buffer dropped them): where any of its events was read, its
+        old blocks are forgotten (``InstanceLost(.., got_seq=0)``) and it is stale until a
+        snapshot of the new incarnation (else nothing: its hole is one as any other).
+        TypeError, changing nothing, unless ``instance_id`` is a str.
+
+        NOTE: the restart was not seen: the new incarnation's later events read as ones
+        already applied and were skipped until its counter passed the old one, while the
+        consumer kept the old incarnation's blocks (routed to, gone) and its snapshots were
+        refused as older than the events read."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        stream = self.streams.get(instance_id)
+        if stream is None or stream.max_seen < 0:
+            return  # nothing of it read: the hole is one as any other
+        out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
+        self.num_restarts += 1
+        self.num_gaps += 1
+        self.streams[instance_id] = _Stream(stale=True)
+
     def lose(self, instance_id: str, out: list[Update]) -> None:
         """An entry of ``instance_id`` was unreadable: its events are a hole, the instance
         is stale until a snapshot covers it. TypeError, changing nothing, unless
@@ -253,9 +275,10 @@ class SeqTracker:
 class InMemorySubscriber:
     """One subscriber of an :class:`InMemoryEventBus`: a bounded buffer and a tracker.
 
-    When the buffer is full the oldest events are dropped (``num_dropped``); the hole shows
-    up as a gap when polled and is repaired from the bus's snapshot source (a source that
-    raises is counted in ``num_failed_snapshots`` and asked again at the next poll).
+    When the buffer is full the oldest events are dropped (``num_dropped``); at the next poll
+    their instances are stale (one whose seq 0 was dropped restarted: its old blocks are
+    forgotten) and repaired from the bus's snapshot source (a source that raises is counted
+    in ``num_failed_snapshots`` and asked again at the next poll).
     """
 
     def __init__(self, bus: InMemoryEventBus, max_events: int) -> None:
@@ -266,6 +289,9 @@ class InMemorySubscriber:
                              f"{short_repr(max_events)}")
         self._bus = bus
         self._buffer: deque[tuple[str, Event]] = deque(maxlen=max_events)
+        # Instances whose events the buffer dropped since the last poll, in order; True
+        # where their seq 0 was one: a restart, unless nothing of theirs was read yet.
+        self._dropped: dict[str, bool] = {}
         self.tracker = SeqTracker()
         self.num_dropped = 0
         self.num_failed_snapshots = 0  # snapshot sources that raised
@@ -274,7 +300,15 @@ class InMemorySubscriber:
         buffer = self._buffer
         maxlen = buffer.maxlen
         assert maxlen is not None
-        self.num_dropped += max(0, len(buffer) + len(events) - maxlen)
+        num_dropped = max(0, len(buffer) + len(events) - maxlen)
+        if num_dropped:
+            # The oldest go: those of the buffer first, then of ``events``.
+            dropped = itertools.chain(itertools.islice(buffer, min(num_dropped, len(buffer))),
+                                      ((instance_id, e) for e in
+                                       events[:max(0, num_dropped - len(buffer))]))
+            for iid, event in dropped:
+                self._dropped[iid] = self._dropped.get(iid, False) or event.seq == 0
+        self.num_dropped += num_dropped
         buffer.extend((instance_id, e) for e in events)
 
     def poll(self) -> list[Update]:
@@ -284,6 +318,16 @@ class InMemorySubscriber:
         items = list(self._buffer)
         self._buffer.clear()
         tracker = self.tracker
+        # NOTE: an instance whose events were dropped is stale after this poll: its hole
+        # showed only at its next event, so a quiet one's dropped BlockRemoved was routed
+        # to for as long as it stayed quiet. One whose dropped seq 0 was a restart is
+        # stale before what the buffer kept of it (all of the new incarnation): that was
+        # never seen (its new events read as already applied, or applied onto the old
+        # incarnation's blocks, which were kept; its snapshots refused).
+        dropped, self._dropped = self._dropped, {}
+        for instance_id, restarted in dropped.items():
+            if restarted:
+                tracker.restart(instance_id, out)
         i = 0
         while i < len(items):  # group runs of one instance into one batch
             instance_id = items[i][0]
@@ -293,6 +337,8 @@ class InMemorySubscriber:
             # checked when published
             tracker._receive(instance_id, (e for _, e in items[i:j]), out)
             i = j
+        for instance_id in dropped:
+            tracker.lose(instance_id, out)  # stale already where the buffer showed the hole
         for instance_id in tracker.stale_instances():
             try:
                 snapshot = self._bus.snapshot(instance_id)
