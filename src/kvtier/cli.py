@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--remote", choices=("write-back", "write-through"),
                         help="with --instances: a shared remote tier (content-addressed, "
                         "unbounded, every fetch charged: --remote-latency-ms, "
-                        "--remote-bandwidth-gb-s) that blocks leaving an instance "
-                        "(write-back) or every stored block (write-through) go to, and "
+                        "--remote-bandwidth-gb-s) that blocks leaving an instance's host "
+                        "tier (write-back) or every block it computes (write-through) go "
+                        "to, and "
                         "arriving requests import their prefix from")
     replay.add_argument("--remote-url", metavar="URL",
                         help="with --remote: keep the shared tier's blocks in this Redis "

@@ -257,3 +257,21 @@ def test_a_read_answered_moved_is_read_again_after_the_slot_map(
     assert sorted(store.get_many(blocks)) == [1, 2, 3, 4], store.last_error
     assert fake_cluster.owner == {key: "b"}
     store.close()
+
+
+def test_a_fleet_writing_back_writes_only_the_blocks_that_leave_the_host() -> None:
+    """Write-back writes a host block as it leaves (the engine's spill log). With
+    ``offload_min_priority`` above every request's priority no GPU block goes to the host:
+    r0's and r1's blocks are dropped from the GPU with their KV, and nothing can be written
+    (before, each such drop was written, and served remote hits no engine could have)."""
+    workload = ListWorkload([TraceRequest("r0", 0.0, list(range(65)), 1),
+                             TraceRequest("r1", 1.0, list(range(100, 165)), 1),
+                             TraceRequest("r2", 2.0, list(range(200, 265)), 1)])
+    cache = CacheConfig(tokens_per_block=32, num_gpu_blocks=4, num_host_blocks=2,
+                        offload_min_priority=100)
+    report = simulate_fleet(workload, cache, 1, "round-robin", remote="write-back",
+                            remote_link=RemoteLink(latency_s=1e-3, bytes_per_s=32e9))
+    remote = report.remote
+    assert remote is not None
+    assert report.events["num_published"] > 6  # blocks were stored and removed
+    assert remote["num_written_blocks"] == 0

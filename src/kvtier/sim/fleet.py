@@ -26,8 +26,9 @@ With a shared remote tier, every fetch is charged (:class:`~kvtier.sim.timemodel
                 at done: the consecutive run found is imported into the instance's host
                 tier and the request released (at t + fetch_deadline_s at the latest,
                 without what has not arrived); admission onboards the run over PCIe
-    every step  the blocks it writes (write-through: stored, write-back: evicted) queue on
-                the same store and become visible to fetches when their write is done
+    every step  the blocks it writes (write-through: computed, write-back: evicted from the
+                host tier, as the engine's tier writes them) queue on the same store and
+                become visible to fetches when their write is done
 
 so a remote hit is never cheaper than its fetch: the request's TTFT includes the wait.
 """
@@ -66,6 +67,7 @@ from kvtier.sim.report import Summary
 from kvtier.sim.timemodel import ModelProfile, RemoteLink, TimeModel
 from kvtier.sim.workload import TraceRequest, Workload
 from kvtier.storage import KVLayout
+from kvtier.tier import Tier
 
 FetchMode = Literal["beats-recompute", "whole-prefix"]
 """Which missing blocks a fetch reads: those whose fetch beats their recompute, or all."""
@@ -180,11 +182,12 @@ class _Instance:
         self.loop = loop
         self.remote = remote  # the shared remote tier's block hashes, if there is one
         # NOTE: as the engine's tier writes: write-through a block computed here (stored),
-        # write-back one that left (removed). Write-through wrote removed blocks again, and
-        # a block imported from the store back to it (its BlockStored): neither write is
-        # one the engine makes (it skips a reused prefix it fetched), yet both took the
-        # store's queue, ahead of every instance's next fetch.
-        self.written = BlockStored if write_through else BlockRemoved
+        # write-back a host block that left (removed from the host tier, the spill log).
+        # Write-through wrote removed blocks again, and a block imported from the store back
+        # to it (its BlockStored); write-back a GPU block dropped with no host copy (its
+        # KV gone with its slot): none is a write the engine makes, yet each took the
+        # store's queue, ahead of every instance's next fetch, and the last served hits.
+        self.write_through = write_through
         self.imported: set[int] = set()  # fetched blocks whose BlockStored is not drained
         self.pending: deque[tuple[float, list[Event]]] = deque()
         self.next_seq = 0  # one past the last event drained
@@ -255,23 +258,26 @@ class _Instance:
             if run:
                 num_imported = len(manager.import_blocks(item.prompt, run))
                 self.num_imported_blocks += num_imported
-                if self.written is BlockStored:  # else nothing stored is written
+                if self.write_through:  # else nothing stored is written
                     self.imported.update(missing[:num_imported])
             loop.scheduler.release(item.request_id)
 
     def _collect(self) -> None:
         events = self.loop.manager.drain_events()
         if self.remote is not None:
-            # Write-back: a block that leaves this instance's last tier goes to the shared
-            # tier (write-through: every block computed here), where every instance can fetch it,
-            # content-addressed by its chained hash.
-            written, imported = self.written, self.imported
+            # Write-back: a block that leaves this instance's host tier goes to the shared
+            # tier (write-through: every block computed here), where every instance can
+            # fetch it, content-addressed by its chained hash.
+            imported = self.imported
             hashes = []
             for e in events:
-                if not isinstance(e, written):
-                    continue
-                if e.block_hash in imported:
-                    imported.discard(e.block_hash)  # its import: read from the store
+                if self.write_through:
+                    if not isinstance(e, BlockStored):
+                        continue
+                    if e.block_hash in imported:
+                        imported.discard(e.block_hash)  # its import: read from the store
+                        continue
+                elif not (isinstance(e, BlockRemoved) and e.tier is Tier.HOST):
                     continue
                 hashes.append(e.block_hash)
             self.remote.add(hashes, self.loop.now_s)
@@ -309,8 +315,8 @@ def simulate_fleet(
     Every instance gets ``cache`` with events on. ``max_bus_events`` bounds the router's
     subscriber buffer (a smaller one forces gaps and resyncs). With ``remote`` (``write-back``
     or ``write-through``), the fleet shares an unbounded remote tier: blocks leaving an
-    instance (or, write-through, every block it stores) are written to it (to a set, or
-    to ``remote_store`` as small stand-in values keyed by block hash: see
+    instance's host tier (or, write-through, every block it computes) are written to it (to a
+    set, or to ``remote_store`` as small stand-in values keyed by block hash: see
     ``stand_in_namespace``), and a request's prefix found there past what its instance
     holds is fetched, charged on ``remote_link`` (default: :class:`RemoteLink`'s measured
     figures), into that instance's host tier while the request is held: with ``fetch``
