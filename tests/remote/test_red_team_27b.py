@@ -167,7 +167,8 @@ class FakeCluster:
 
         class ClusterNode(FakeRedis):
             def _answer(self, args: list[bytes]) -> list[tuple[bytes, float]] | None:
-                if args[0].upper() != b"GET":
+                command = args[0].upper()
+                if command not in (b"GET", b"EXISTS"):
                     return super()._answer(args)
                 key = args[1].decode()
                 if key in cluster.asked:
@@ -175,7 +176,10 @@ class FakeCluster:
                 if cluster.serving.get(key, cluster.a) is not self:
                     return [(b"-MOVED 1 %s\r\n" % cluster.other(self).encode(), 0.0)]
                 with self._lock:
-                    return [(bulk(self.data.get(args[1])), 0.0)]
+                    value = self.data.get(args[1])
+                if command == b"EXISTS":
+                    return [(b":%d\r\n" % (value is not None), 0.0)]
+                return [(bulk(value), 0.0)]
 
         self.a, self.b = ClusterNode(), ClusterNode()
         self.serving: dict[str, FakeRedis] = {}  # where a key is; absent: on a
@@ -256,6 +260,23 @@ def test_a_read_answered_moved_is_read_again_after_the_slot_map(
     fake_cluster.moved[key] = "b"
     assert sorted(store.get_many(blocks)) == [1, 2, 3, 4], store.last_error
     assert fake_cluster.owner == {key: "b"}
+    store.close()
+
+
+def test_a_probe_answered_moved_or_ask_costs_only_its_key(fake_cluster: FakeCluster) -> None:
+    """``contains_many`` (the vLLM tier's probe of a step's keys) on the same cluster:
+    block 3 answered MOVED is asked again after the slot map is read, block 2 answered ASK
+    is absent alone. Before, each failed the chunk: every block absent, and three probes
+    in a row opened node a's breaker."""
+    store, blocks = cluster_store(fake_cluster)
+    key = store.namespace.key(3)
+    fake_cluster.b.data[key.encode()] = fake_cluster.a.data.pop(key.encode())
+    fake_cluster.serving[key] = fake_cluster.b
+    fake_cluster.moved[key] = "b"
+    fake_cluster.asked.add(store.namespace.key(2))
+    for _ in range(4):
+        assert store.contains_many(blocks) == {1, 3, 4}, store.last_error
+    assert store.stats.num_short_circuited == 0
     store.close()
 
 

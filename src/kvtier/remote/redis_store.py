@@ -30,8 +30,8 @@ the breaker opens and its batches are skipped (counted as short-circuited) for
 ``cooldown_s``, then one batch probes.
 On a cluster a key's own fault stays that key's: a value of another type under it, or a
 slot that no node serves (a shard gone, with ``cluster-require-full-coverage no``), is its
-miss; a read or write answered MOVED (a resharded slot) is read or written again once the
-slot map is read again, and a key answered ASK (its slot migrating) misses alone. The URL's
+miss; a read, probe or write answered MOVED (a resharded slot) is made again once the slot
+map is read again, and a key answered ASK (its slot migrating) misses alone. The URL's
 query may not set what the options here check (redis-py lets it win).
 redis is imported lazily: ``import kvtier.remote`` works without it.
 """
@@ -640,18 +640,45 @@ class RedisRemoteStore(RemoteStoreBase):
         return results
 
     def has_keys(self, keys: list[str]) -> list[bool] | None:
+        return self._has(keys, redirect=self.cluster)
+
+    def _has(self, keys: list[str], *, redirect: bool) -> list[bool] | None:
+        """``has_keys``; on a cluster a redirect is its key's, as in ``_read``: a key
+        answered MOVED is asked again once the slot map is read again (with ``redirect``),
+        one answered ASK is absent.
+
+        NOTE: either failed the chunk, never retried: every key of it absent, and the
+        node's breaker counting it."""
+        from redis.exceptions import MovedError
+
         groups = self._by_server(keys)
         if groups is None:
             return None
         present = [False] * len(keys)
+        moved: list[int] = []
         for server, indices in groups:
             for part in self._chunks([1] * len(indices)):
                 chunk = indices[part]
-                got = self._run(server, [("EXISTS", keys[i]) for i in chunk])
+                got = self._run(server, [("EXISTS", keys[i]) for i in chunk],
+                                raise_on_error=not self.cluster,
+                                fatal=_cluster_state_errors())
                 if got is None or len(got) != len(chunk):
                     continue
+                refused = [r for r in got if isinstance(r, Exception)
+                           and not (redirect and isinstance(r, MovedError))]
+                if refused:
+                    self.last_error = self._describe(refused[0], server)
+                    self._count(num_errors=len(refused))
                 for i, n in zip(chunk, got, strict=True):
                     present[i] = n == 1
+                    if redirect and isinstance(n, MovedError):
+                        moved.append(i)
+        if moved:
+            self._reload_slots()
+            again = self._has([keys[i] for i in moved], redirect=False)
+            if again is not None:
+                for i, ok in zip(moved, again, strict=True):
+                    present[i] = ok
         return present
 
     def _close_backend(self) -> None:
