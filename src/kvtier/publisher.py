@@ -529,7 +529,9 @@ class RedisStreamSubscriber:
     """Reads a :class:`RedisStreamPublisher` stream from the last id read (``XREAD``).
 
     Gaps (the stream was trimmed past us, or we started late) make an instance stale: a
-    resync request is added and the stored snapshot is used once it covers what was read.
+    resync request is added and the stored snapshot is used once it covers what was read
+    (a stream trimmed past the last entry read makes every instance read stale at once,
+    ``num_trims``: which instances' entries went is not known).
     A malformed entry is skipped and counted (``num_malformed_entries``); its instance, when
     readable, is reported lost (a gap) and resynced; the entries after it are delivered. A
     malformed snapshot is skipped and counted (``num_malformed_snapshots``); the instance
@@ -551,6 +553,7 @@ class RedisStreamSubscriber:
         self.num_malformed_entries = 0
         self.num_malformed_snapshots = 0
         self.num_resync_requests = 0
+        self.num_trims = 0  # polls that found the stream trimmed past what was read
         # Stale instances asked for, with when (time.monotonic()) the request was added.
         self._asked: dict[str, float] = {}
 
@@ -584,6 +587,7 @@ class RedisStreamSubscriber:
         # With Redis down, each command is skipped and retried at the next poll: what was
         # read is returned (``last_id`` has moved past it), nothing raised.
         self._try_snapshots(out)
+        self._check_trimmed(out)
         reply = _attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
                          block=block_ms or None)
         for entry_id, entry in _stream_entries(reply):
@@ -605,6 +609,27 @@ class RedisStreamSubscriber:
                 self._asked[instance_id] = now
                 self.num_resync_requests += 1
         return out
+
+    def _check_trimmed(self, out: list[Update]) -> None:
+        """Every instance read so far is lost (stale until a snapshot) where the stream
+        was trimmed past ``last_id``: its oldest entry is newer than the last one read, so
+        entries never read are gone, of instances unknown (``num_trims``).
+
+        NOTE: a trimmed entry showed as a hole only at its instance's next entry: a quiet
+        instance's trimmed BlockRemoved was routed to for as long as it stayed quiet. A
+        trim that cut exactly where the subscriber stood costs a resync; one between this
+        check and the read shows, as before, at each instance's next entry."""
+        if not self.tracker.streams:
+            return  # nothing read yet: a hole shows as any other
+        info = _attempt(self._redis.xinfo_stream, self.stream)
+        first = _stream_id(info.get("recorded-first-entry-id")) if isinstance(info, dict) \
+            else None
+        last = _stream_id(self.last_id)
+        if first is None or last is None or first <= last:
+            return
+        self.num_trims += 1
+        for instance_id in list(self.tracker.streams):
+            self.tracker.lose(instance_id, out)
 
     def _receive(self, entry: object, out: list[Update]) -> None:
         instance_id = _field(entry, "i")
@@ -634,6 +659,16 @@ class RedisStreamSubscriber:
                 continue
             if self.tracker.offer(snapshot, out):
                 self._asked.pop(instance_id, None)
+
+
+def _stream_id(value: object) -> tuple[int, int] | None:
+    """A stream entry id (``ms-seq`` or ``ms``, bytes or str) as numbers that order as
+    Redis orders ids, or None where it is none. Pure."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    if not isinstance(text, str) or _STREAM_ID.fullmatch(text) is None:
+        return None
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _stream_entries(reply: object) -> list[tuple[str | bytes, object]]:

@@ -7,14 +7,16 @@ import os
 import pickle
 import select
 import signal
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import pytest
-from remote_helpers import make_blocks, make_namespace
+from remote_helpers import RedisServers, make_blocks, make_namespace
 
 from kvtier.config import CacheConfig
+from kvtier.events import BlockStored
 from kvtier.remote import InMemoryRemoteStore
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.timemodel import RemoteLink
@@ -296,3 +298,40 @@ def test_a_fleet_writing_back_writes_only_the_blocks_that_leave_the_host() -> No
     assert remote is not None
     assert report.events["num_published"] > 6  # blocks were stored and removed
     assert remote["num_written_blocks"] == 0
+
+
+def test_a_stream_trimmed_past_a_quiet_instances_removal_is_never_routed_to(
+        redis_servers: RedisServers) -> None:
+    """Instance a stores block 10, then removes it and goes quiet; b publishes on; the
+    stream is trimmed to b's last entry before the subscriber reads again. a's removal is
+    gone: the subscriber sees the stream's oldest entry past what it read, and every
+    instance it read is stale until resynced. Before, a's hole showed only at its next
+    entry, and block 10 was routed to for as long as a stayed quiet."""
+    from kvtier.events import BlockRemoved
+    from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
+    from kvtier.router import PrefixHit, PrefixIndex
+    from kvtier.tier import Tier
+
+    def stored(seq: int, h: int) -> BlockStored:
+        return BlockStored(seq, h, None, Tier.GPU, 4, None, (1, 2, 3, 4), None, None)
+
+    stream = f"kvtier:test:{uuid.uuid4().hex}"
+    publisher = RedisStreamPublisher(redis_servers.url, stream)
+    raw = publisher._redis
+    subscriber = RedisStreamSubscriber(redis_servers.url, stream)
+    index = PrefixIndex()
+    try:
+        publisher.publish("a", [stored(0, 10)])
+        publisher.publish("b", [stored(0, 20)])
+        index.apply_updates(subscriber.poll())
+        assert index.match([10]) == {"a": PrefixHit(1, 0)}
+        publisher.publish("a", [BlockRemoved(1, 10, Tier.GPU)])
+        publisher.publish("b", [stored(1, 21)])
+        raw.xtrim(stream, maxlen=1, approximate=False)  # only b's seq 1 is left
+        publisher.publish_snapshot(Snapshot("a", 2, frozenset()))
+        index.apply_updates(subscriber.poll())
+        assert index.match([10]) == {}
+        assert subscriber.num_trims == 1
+        assert subscriber.tracker.stale_instances() == ["b"]  # no snapshot of b stored
+    finally:
+        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
