@@ -619,9 +619,10 @@ class RedisStreamSubscriber:
         instance's trimmed BlockRemoved was routed to for as long as it stayed quiet. A
         trim that cut exactly where the subscriber stood costs a resync; one between this
         check and the read shows, as before, at each instance's next entry."""
-        if not self.tracker.streams:
-            return  # nothing read yet: a hole shows as any other
-        info = _attempt(self._redis.xinfo_stream, self.stream)
+        xinfo_stream = getattr(self._redis, "xinfo_stream", None)
+        if not self.tracker.streams or xinfo_stream is None:
+            return  # nothing read yet (a hole shows as any other), or a client without XINFO
+        info = _attempt(xinfo_stream, self.stream)
         first = _stream_id(info.get("recorded-first-entry-id")) if isinstance(info, dict) \
             else None
         last = _stream_id(self.last_id)
