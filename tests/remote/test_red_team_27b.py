@@ -10,6 +10,7 @@ import signal
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import pytest
@@ -17,7 +18,7 @@ from remote_helpers import RedisServers, make_blocks, make_namespace
 
 from kvtier.config import CacheConfig
 from kvtier.events import BlockStored
-from kvtier.remote import InMemoryRemoteStore
+from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.timemodel import RemoteLink
 from kvtier.sim.workload import TraceRequest
@@ -335,3 +336,25 @@ def test_a_stream_trimmed_past_a_quiet_instances_removal_is_never_routed_to(
         assert subscriber.tracker.stale_instances() == ["b"]  # no snapshot of b stored
     finally:
         raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+
+
+def test_engines_on_one_backend_share_within_a_namespace_only() -> None:
+    """Four engines' stores on one backend: a second engine of the same namespace reads
+    the first's block; one of another tenant scope or block size never does, even under
+    the same hash; and a value copied under another namespace's key (a writer past the
+    contract) is refused by its header, counted, not served."""
+    backend: dict[str, bytes] = {}
+    ns = make_namespace()
+    layout = ns.layout
+    writer = InMemoryRemoteStore(ns, backend)
+    payload = make_blocks(ns, 1, first_hash=7)[7]
+    assert writer.put_many({7: payload}) == 1
+    same = InMemoryRemoteStore(RemoteNamespace(ns.model_id, layout), backend)
+    assert bytes(same.get_many([7])[7]) == payload
+    tenant = InMemoryRemoteStore(RemoteNamespace(ns.model_id, layout, "tenant-b"), backend)
+    wider = RemoteNamespace(ns.model_id, replace(layout, tokens_per_block=32))
+    other_size = InMemoryRemoteStore(wider, backend)
+    assert tenant.get_many([7]) == {} and other_size.get_many([7]) == {}
+    backend[tenant.namespace.key(7)] = backend[ns.key(7)]  # copied under tenant b's key
+    assert tenant.get_many([7]) == {}
+    assert tenant.stats.bad_payload_reasons == {"namespace": 1}
