@@ -21,6 +21,7 @@ plan is executed here, once, as a whole.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -423,6 +424,7 @@ class ModelEngine(Wired):
         later step was refused ('step() called before update()'), the engine (a notebook's
         Generator) dead. The step is now given up first (``_abandon``), then it raises."""
         plan_done = False
+        drawn: dict[str, Sampler] = {}  # each sampler as it was before this step drew
         try:
             self._note_admissions(step)
             t1 = time.perf_counter()
@@ -491,20 +493,29 @@ class ModelEngine(Wired):
                 kept.update(c.request_id for c in step.context_chunks)
                 last_logits = {rid: x for rid, x in last_logits.items() if rid in kept}
                 computed = [c for c in computed if c.request_id in kept]
-            sampled = self._sample(last_logits)
+            sampled = self._sample(last_logits, drawn)
             stopped = self._stopped(sampled)
         except BaseException:
-            self._abandon(step, plan_done)
+            self._abandon(step, plan_done, drawn)
             raise
         return _Executed(step, sampled, stopped, given_up, computed)
 
-    def _abandon(self, step: ScheduledStep, plan_done: bool) -> None:
+    def _abandon(self, step: ScheduledStep, plan_done: bool,
+                 drawn: dict[str, Sampler]) -> None:
         """``step`` (the scheduler's latest, not applied) raised before its update: give it
         up so the next step can run. Its copies, if not all submitted (``plan_done``), are
         reported failed; its requests recompute as if their forward passes had failed
         (``compute_failed``: what they were to compute leaves the cache), back at the front
-        of the queue; the step is applied without them. A fault in doing so is logged: the
-        exception the step raised is the one the caller sees."""
+        of the queue; the step is applied without them, and the samplers that drew in it
+        are put back as they were before (``drawn``). A fault in doing so is logged: the
+        exception the step raised is the one the caller sees.
+
+        NOTE: a seeded sampler kept the draw of the step given up: the recomputed position
+        drew the next number, and every later token of the request was another than a run
+        never interrupted gives."""
+        for rid, sampler in drawn.items():
+            if rid in self._samplers:
+                self._samplers[rid] = sampler
         try:
             self._wait_layer = None
             self.transfer.synchronize_all()
@@ -572,11 +583,14 @@ class ModelEngine(Wired):
                              "raised %s: %s; they stay local", type(exc).__name__, exc,
                              exc_info=(type(exc), exc, exc.__traceback__))
 
-    def _sample(self, last_logits: dict[str, torch.Tensor]) -> dict[str, int]:
+    def _sample(self, last_logits: dict[str, torch.Tensor],
+                drawn: dict[str, Sampler]) -> dict[str, int]:
         """One token per request: its sampler's, else greedy (in one batched argmax). A
         caller's sampler that raises or gives no token of the vocabulary ends its request
         (``_fault``) with the greedy token, which the step applies: a fault between the
-        scheduler's step and its update would leave no later step able to run."""
+        scheduler's step and its update would leave no later step able to run. Each sampler
+        that may draw is copied into ``drawn`` first (a copy draws what it would have), for
+        a step given up to put back (``_abandon``)."""
         greedy = [rid for rid in last_logits if rid not in self._samplers]
         argmax: dict[str, int] = {}
         if greedy:
@@ -588,8 +602,11 @@ class ModelEngine(Wired):
             if rid in argmax:
                 out[rid] = argmax[rid]
                 continue
+            sampler = self._samplers[rid]
+            if type(sampler) is not Sampler or sampler.params.temperature:
+                drawn[rid] = copy.copy(sampler)  # a greedy Sampler draws nothing
             try:
-                token = sampled_token(self._samplers[rid].sample(logits))
+                token = sampled_token(sampler.sample(logits))
                 if not 0 <= token < vocab_size:
                     raise ValueError(f"sample returned {token}, outside the vocabulary of "
                                      f"{vocab_size}")

@@ -1,0 +1,114 @@
+"""Red team 27c, the model engine end to end on the CPU: a cache, a fault or a step given
+up never changes what the model outputs (greedy tokens, logits within fp32 tolerance,
+seeded samples)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the model tests need torch: "
+                                            "pip install 'kvtier[torch]'")
+
+from kvtier import CacheConfig, KVCacheManager  # noqa: E402
+from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
+from kvtier.model.sampling import Sampler, SamplingParams  # noqa: E402
+from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
+from kvtier.storage import KVStorage  # noqa: E402
+from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+TPB = 4
+MODEL = LlamaModel(ModelConfig(), "cpu")
+
+
+def make_engine(num_gpu_blocks: int = 32, num_host_blocks: int = 0,
+                max_num_tokens: int = 64) -> ModelEngine:
+    """The tiny random model over NaN-poisoned pools."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=num_gpu_blocks,
+                                         num_host_blocks=num_host_blocks))
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=max_num_tokens))
+    layout = MODEL.config.kv_layout(TPB)
+    gpu = KVStorage(layout, num_gpu_blocks, "cpu")
+    host = KVStorage(layout, num_host_blocks) if num_host_blocks else None
+    for storage in (gpu, host):
+        if storage is not None:
+            storage.fill_(float("nan"))
+    return ModelEngine(MODEL, manager, scheduler, TorchTransferEngine(gpu, host),
+                       record_logits=True)
+
+
+PROMPTS = {"a": list(range(1, 11)), "b": list(range(20, 31)), "c": list(range(1, 8)) + [99]}
+SEEDED = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
+
+
+def run_seeded(interrupt_at: int | None) -> dict[str, list[int]]:
+    """Three requests drawing seeded samples; request b's stop check raises a
+    KeyboardInterrupt (Ctrl-C) at its ``interrupt_at``-th call, and the engine runs on."""
+    engine = make_engine()
+    calls = [0]
+
+    def stop(output: Sequence[int]) -> bool:
+        calls[0] += 1
+        if calls[0] == interrupt_at:
+            raise KeyboardInterrupt
+        return False
+
+    for rid, prompt in PROMPTS.items():
+        engine.add_request(Request(rid, prompt, SEEDED.max_new_tokens), Sampler(SEEDED),
+                           stop if rid == "b" else None)
+    if interrupt_at is not None:
+        with pytest.raises(KeyboardInterrupt):
+            engine.run()
+    results = engine.run()
+    engine.manager.check_invariants()
+    assert engine.manager.num_sequences == 0
+    return {rid: r.output for rid, r in results.items()}
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 3, 6])
+def test_a_step_given_up_after_sampling_draws_the_same_samples_again(interrupt_at: int) -> None:
+    """A step interrupted after its samplers drew (a Ctrl-C in a stop check) is given up:
+    its requests recompute and sample those positions again. Their seeded samplers had
+    moved on by the draws of the step given up, so every request's answer from there on
+    was another than a run never interrupted gives (a: [200, 80, 179, 87, ...] became
+    [200, 80, 87, 118, ...]). Now each sampler is put back as it was before the step."""
+    assert run_seeded(interrupt_at) == run_seeded(None)
+
+
+class InterruptedOnce(Sampler):
+    """A seeded sampler interrupted (Ctrl-C) in its ``when``-th draw, after the draw."""
+
+    def __init__(self, params: SamplingParams, when: int | None) -> None:
+        super().__init__(params)
+        self.when = when
+        self.calls = [0]  # shared by its copies: the interrupt comes once
+
+    def sample(self, logits: Tensor) -> int:
+        token = super().sample(logits)
+        self.calls[0] += 1
+        if self.calls[0] == self.when:
+            raise KeyboardInterrupt
+        return token
+
+
+@pytest.mark.parametrize("when", [2, 5])
+def test_a_sampler_interrupted_in_its_draw_draws_the_same_samples_again(when: int) -> None:
+    """The interrupt raised inside a sampler's own draw (after the samplers before it in
+    the step drew): every request's answer equals a run never interrupted."""
+    outputs = []
+    for interrupt in (when, None):
+        engine = make_engine()
+        for rid, prompt in PROMPTS.items():
+            sampler = InterruptedOnce(SEEDED, interrupt if rid == "c" else None)
+            engine.add_request(Request(rid, prompt, SEEDED.max_new_tokens), sampler)
+        if interrupt is not None:
+            with pytest.raises(KeyboardInterrupt):
+                engine.run()
+        outputs.append({rid: r.output for rid, r in engine.run().items()})
+        assert engine.manager.num_sequences == 0
+    assert outputs[0] == outputs[1]
