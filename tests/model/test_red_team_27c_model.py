@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="the model tests need torch: "
 from kvtier import CacheConfig, KVCacheManager  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.model.sampling import Sampler, SamplingParams  # noqa: E402
-from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
+from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
 
@@ -112,3 +112,48 @@ def test_a_sampler_interrupted_in_its_draw_draws_the_same_samples_again(when: in
         outputs.append({rid: r.output for rid, r in engine.run().items()})
         assert engine.manager.num_sequences == 0
     assert outputs[0] == outputs[1]
+
+
+def test_a_preemption_in_a_step_given_up_is_counted() -> None:
+    """A step that preempted a request (a pool of 10 blocks, three requests growing to 19
+    tokens each) and was then interrupted in its forward pass was given up after the
+    scheduler had preempted it: the request recomputed, yet its result counted no
+    preemption. Now each result counts every step that preempted it, and the answers are
+    a full recompute's."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=10))
+    scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=32,
+                                                   capacity_policy="max_utilization"))
+    gpu = KVStorage(MODEL.config.kv_layout(TPB), 10, "cpu")
+    gpu.fill_(float("nan"))
+    engine = ModelEngine(MODEL, manager, scheduler, TorchTransferEngine(gpu, None))
+    preempted: dict[str, int] = {}
+    scheduler_step = scheduler.step
+    forward_chunk = MODEL.forward_chunk
+
+    def interrupted(*args: object, **kwargs: object) -> Tensor:
+        raise KeyboardInterrupt
+
+    def step() -> ScheduledStep:
+        scheduled = scheduler_step()
+        if scheduled.preempted_request_ids and not preempted:  # interrupted once
+            engine.model.forward_chunk = interrupted  # type: ignore[method-assign]
+        for rid in scheduled.preempted_request_ids:
+            preempted[rid] = preempted.get(rid, 0) + 1
+        return scheduled
+
+    scheduler.step = step  # type: ignore[method-assign]
+    for i in range(3):
+        engine.add_request(Request(f"r{i}", [i * 50 + j for j in range(9)], 10))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.run()
+    finally:
+        del engine.model.forward_chunk
+    results = engine.run()
+    assert preempted and engine.model.forward_chunk == forward_chunk
+    assert {rid: r.num_preemptions for rid, r in results.items() if r.num_preemptions} == (
+        preempted)
+    for r in results.values():
+        tokens = r.prompt + r.output
+        ref = MODEL.full_recompute(tokens[:-1])
+        assert r.output == ref[len(r.prompt) - 1:].argmax(-1).tolist()

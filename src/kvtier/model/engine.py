@@ -394,9 +394,12 @@ class ModelEngine(Wired):
                 self._copies_unwaited = False
             self._fetch_remote()
         self._note_promises()
-        step, sampled, stopped, given_up, computed = self._execute(self.scheduler.step(), t0)
-        for rid in step.preempted_request_ids:
+        scheduled = self.scheduler.step()
+        # NOTE: counted before the step runs: one given up (``_abandon``) has preempted them
+        # too, and its requests' results counted nothing.
+        for rid in scheduled.preempted_request_ids:
             self.results[rid].num_preemptions += 1
+        step, sampled, stopped, given_up, computed = self._execute(scheduled, t0)
         finished = self.scheduler.update(step, sampled, stopped)
         now = time.perf_counter()
         for rid in sampled:
