@@ -4,6 +4,7 @@ seeded samples)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -157,3 +158,81 @@ def test_a_preemption_in_a_step_given_up_is_counted() -> None:
         tokens = r.prompt + r.output
         ref = MODEL.full_recompute(tokens[:-1])
         assert r.output == ref[len(r.prompt) - 1:].argmax(-1).tolist()
+
+
+def shared_prefix_prompts(seed: int, num: int) -> list[list[int]]:
+    """Prompts over three prefixes cut at any token (none a multiple of the block size by
+    design), each with its own tail."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(256) for _ in range(rng.randrange(5, 23))] for _ in range(3)]
+    prompts = []
+    for _ in range(num):
+        prefix = rng.choice(prefixes)
+        cut = rng.randrange(1, len(prefix) + 1)
+        prompts.append(prefix[:cut] + [rng.randrange(256) for _ in range(rng.randrange(0, 6))])
+    return prompts
+
+
+def run_prompts(engine: ModelEngine, prompts: list[list[int]], max_output_tokens: int,
+                params: SamplingParams | None = None) -> dict[str, list[int]]:
+    """Two requests arrive per step; the books are checked after every step."""
+    pending = [Request(f"r{i}", p, max_output_tokens) for i, p in enumerate(prompts)]
+    while pending or engine.scheduler.has_unfinished():
+        for req in pending[:2]:
+            engine.add_request(req, None if params is None else Sampler(params))
+        del pending[:2]
+        engine.step()
+        engine.manager.check_invariants()
+    assert engine.manager.num_sequences == 0
+    return {rid: r.output for rid, r in engine.results.items()}
+
+
+def tight_engine(max_chunk_tokens: int | None, num_speculative_tokens: int = 0,
+                 enable_block_reuse: bool = True) -> ModelEngine:
+    """A GPU pool of 9 blocks over a host tier of 32, preemption allowed: every few steps
+    a block is evicted, offloaded, onboarded or reused in part."""
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=9,
+                                         num_host_blocks=32,
+                                         enable_block_reuse=enable_block_reuse))
+    scheduler = Scheduler(manager, SchedulerConfig(
+        max_num_tokens=16, max_batch_size=4, capacity_policy="max_utilization",
+        max_chunk_tokens=max_chunk_tokens, num_speculative_tokens=num_speculative_tokens))
+    layout = MODEL.config.kv_layout(TPB)
+    gpu, host = KVStorage(layout, 9, "cpu"), KVStorage(layout, 32)
+    gpu.fill_(float("nan"))
+    host.fill_(float("nan"))
+    return ModelEngine(MODEL, manager, scheduler, TorchTransferEngine(gpu, host),
+                       record_logits=True)
+
+
+@pytest.mark.parametrize(("max_chunk_tokens", "num_speculative_tokens"),
+                         [(1, 0), (TPB - 1, 2), (TPB + 1, 0), (None, 1)])
+def test_chunks_drafts_and_a_tight_pool_give_a_full_recomputes_logits(
+        max_chunk_tokens: int | None, num_speculative_tokens: int) -> None:
+    """Chunks of 1, a block - 1 and a block + 1 tokens, draft slots reserved (the engine
+    decodes one token), a pool that evicts, offloads, onboards and preempts: every logit
+    the engine computed is within 1e-4 of a cacheless recompute and every greedy token
+    is its argmax, and the run reused from both tiers."""
+    engine = tight_engine(max_chunk_tokens, num_speculative_tokens)
+    run_prompts(engine, shared_prefix_prompts(3, 14), 5)
+    stats = engine.manager.stats
+    assert stats.num_reused_tokens > 0 and stats.host.onboarded_blocks > 0
+    for r in engine.results.values():
+        tokens = r.prompt + r.output
+        ref = MODEL.full_recompute(tokens[:-1])
+        assert r.output == ref[len(r.prompt) - 1:].argmax(-1).tolist(), r.request_id
+        for pos, row in r.logits.items():
+            assert (row - ref[pos]).abs().max().item() < 1e-4, (r.request_id, pos)
+
+
+def test_seeded_samples_do_not_depend_on_the_cache() -> None:
+    """Seeded temperature sampling through a tight pool (reuse, offloading, preemption,
+    1-token chunks) draws the tokens an engine with block reuse off and whole prompts draws."""
+    params = SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=11)
+    prompts = shared_prefix_prompts(5, 8)
+    tight = tight_engine(1)
+    cached = run_prompts(tight, prompts, 6, params)
+    assert tight.manager.stats.num_reused_tokens > 0
+    assert sum(r.num_preemptions for r in tight.results.values()) > 0
+    assert cached == run_prompts(tight_engine(None, enable_block_reuse=False), prompts, 6,
+                                 params)
