@@ -236,3 +236,21 @@ def test_seeded_samples_do_not_depend_on_the_cache() -> None:
     assert sum(r.num_preemptions for r in tight.results.values()) > 0
     assert cached == run_prompts(tight_engine(None, enable_block_reuse=False), prompts, 6,
                                  params)
+
+
+class Uncopyable(Sampler):
+    """A caller's sampler that refuses to be copied."""
+
+    def __copy__(self) -> Uncopyable:
+        raise TypeError("no copies")
+
+
+def test_a_sampler_that_cannot_be_copied_still_samples() -> None:
+    """The engine copies a sampler before it draws (to put it back if the step is given
+    up); one whose copy raises samples as before, its answer the seeded run's."""
+    engine = make_engine()
+    engine.add_request(Request("a", PROMPTS["a"], 6), Uncopyable(SEEDED))
+    plain = make_engine()
+    plain.add_request(Request("a", PROMPTS["a"], 6), Sampler(SEEDED))
+    result = engine.run()["a"]
+    assert result.stop_reason == "length" and result.output == plain.run()["a"].output

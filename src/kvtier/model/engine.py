@@ -21,6 +21,7 @@ plan is executed here, once, as a whole.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -607,7 +608,10 @@ class ModelEngine(Wired):
                 continue
             sampler = self._samplers[rid]
             if type(sampler) is not Sampler or sampler.params.temperature:
-                drawn[rid] = copy.copy(sampler)  # a greedy Sampler draws nothing
+                # A greedy Sampler draws nothing; a caller's that cannot be copied is only
+                # not put back.
+                with contextlib.suppress(Exception):
+                    drawn[rid] = copy.copy(sampler)
             try:
                 token = sampled_token(sampler.sample(logits))
                 if not 0 <= token < vocab_size:
