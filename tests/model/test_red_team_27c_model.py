@@ -254,3 +254,43 @@ def test_a_sampler_that_cannot_be_copied_still_samples() -> None:
     plain.add_request(Request("a", PROMPTS["a"], 6), Sampler(SEEDED))
     result = engine.run()["a"]
     assert result.stop_reason == "length" and result.output == plain.run()["a"].output
+
+
+def test_a_request_preempted_in_its_prefill_reports_its_first_admission() -> None:
+    """A request preempted part way into its chunked prefill is admitted again, reusing
+    the blocks it computed itself. Its result reported that second admission (here
+    "reused gpu 12, computed 9" of 21 tokens the cache had none of), where its docstring,
+    and the manager's hit counts (a resumed admission is no query), say the first. Now
+    the figures are the first admission's: the results' reuse sums to the manager's."""
+    rng = random.Random(0)
+    num_gpu_blocks = rng.randrange(6, 14)
+    manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=num_gpu_blocks))
+    scheduler = Scheduler(manager, SchedulerConfig(
+        max_num_tokens=rng.randrange(4, 10), capacity_policy="max_utilization",
+        max_chunk_tokens=rng.choice((2, 3, 4))))
+    gpu = KVStorage(MODEL.config.kv_layout(TPB), num_gpu_blocks, "cpu")
+    gpu.fill_(float("nan"))
+    engine = ModelEngine(MODEL, manager, scheduler, TorchTransferEngine(gpu, None))
+    admissions: dict[str, list[int]] = {}
+    scheduler_step = scheduler.step
+
+    def step() -> ScheduledStep:
+        scheduled = scheduler_step()
+        for c in scheduled.context_chunks:
+            if (c.first_token == c.num_reused_tokens
+                    and engine.results[c.request_id].first_token_s is None):
+                admissions.setdefault(c.request_id, []).append(c.num_reused_tokens)
+        return scheduled
+
+    scheduler.step = step  # type: ignore[method-assign]
+    for i in range(3):
+        n = rng.randrange(4, (num_gpu_blocks - 2) * TPB - 10)
+        engine.add_request(Request(f"r{i}", [rng.randrange(256) for _ in range(n)],
+                                   rng.randrange(1, 10)))
+    results = engine.run()
+    assert any(len(a) > 1 and a[-1] > a[0] for a in admissions.values())  # it happened
+    for rid, r in results.items():
+        assert r.num_reused_tokens == admissions[rid][0], rid
+        assert r.num_computed_tokens == len(r.prompt) - r.num_reused_tokens, rid
+    assert sum(r.num_reused_tokens for r in results.values()) == (
+        manager.stats.num_reused_tokens)

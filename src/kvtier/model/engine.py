@@ -60,7 +60,8 @@ class RequestResult:
     """What a request produced. ``logits`` maps each position the engine computed (prompt
     positions not reused, and every decode) to its logits, when recording is on.
 
-    The prompt's first admission, split by where its tokens came from::
+    The prompt's first admission (not a readmission after a preemption in its prefill,
+    which reuses what it computed itself), split by where its tokens came from::
 
         prompt  [ reused from GPU | host | remote | computed ]
                                     '-- onboarded -'
@@ -243,6 +244,7 @@ class ModelEngine(Wired):
         # Per waiting request not admitted yet: the lookup before this step (what admission
         # will reuse, exactly), and the tokens its own remote fetch imported.
         self._promised: dict[str, PrefixMatch] = {}
+        self._admitted: set[str] = set()  # requests whose first admission is recorded
         self._remote_tokens: dict[str, int] = {}
         # Per running request in prefill: the full blocks its admission reused (with
         # write-through, the store has them: only the blocks after them are written).
@@ -338,6 +340,7 @@ class ModelEngine(Wired):
                       self._reused_blocks):
             table.pop(request_id, None)
         self._fetched.discard(request_id)
+        self._admitted.discard(request_id)
         if self.remote is not None:
             # NOTE: an aborted request's fetch in flight held nobody, yet counted as held
             # (``num_waiting``): the engine no longer waited for fetches when idle, it spun.
@@ -656,12 +659,18 @@ class ModelEngine(Wired):
         return stopped
 
     def _note_promises(self) -> None:
-        """Look up each waiting request not yet admitted: admission reuses exactly that."""
+        """Look up each waiting request never admitted: admission reuses exactly that.
+
+        NOTE: a request preempted (or requeued) in its prefill was looked up again, and
+        its result took that admission's figures: reuse of the blocks it had computed
+        itself, where the result (and the manager's hits: a resumed admission is no query)
+        counts the first."""
         manager = self.manager
         for req in self.scheduler.waiting:
             rid = req.request_id
             result = self.results.get(rid)
-            if result is not None and result.first_token_s is None and not req.output:
+            if (result is not None and result.first_token_s is None and not req.output
+                    and rid not in self._admitted):
                 self._promised[rid] = (_NO_REUSE if req.skip_reading_prefix_cache else
                                        manager.lookup(req.prompt, salt=req.salt,
                                                       lora_id=req.lora_id,
@@ -673,6 +682,7 @@ class ModelEngine(Wired):
             match = self._promised.pop(chunk.request_id, None)
             if match is None or chunk.first_token != chunk.num_reused_tokens:
                 continue
+            self._admitted.add(chunk.request_id)
             result = self.results[chunk.request_id]
             remote = min(self._remote_tokens.pop(chunk.request_id, 0), match.num_host_tokens)
             result.num_gpu_tokens = match.num_gpu_tokens
