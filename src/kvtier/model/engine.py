@@ -21,6 +21,8 @@ plan is executed here, once, as a whole.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import itertools
 import logging
@@ -58,7 +60,8 @@ class RequestResult:
     """What a request produced. ``logits`` maps each position the engine computed (prompt
     positions not reused, and every decode) to its logits, when recording is on.
 
-    The prompt's first admission, split by where its tokens came from::
+    The prompt's first admission (not a readmission after a preemption in its prefill,
+    which reuses what it computed itself), split by where its tokens came from::
 
         prompt  [ reused from GPU | host | remote | computed ]
                                     '-- onboarded -'
@@ -241,6 +244,7 @@ class ModelEngine(Wired):
         # Per waiting request not admitted yet: the lookup before this step (what admission
         # will reuse, exactly), and the tokens its own remote fetch imported.
         self._promised: dict[str, PrefixMatch] = {}
+        self._admitted: set[str] = set()  # requests whose first admission is recorded
         self._remote_tokens: dict[str, int] = {}
         # Per running request in prefill: the full blocks its admission reused (with
         # write-through, the store has them: only the blocks after them are written).
@@ -336,6 +340,7 @@ class ModelEngine(Wired):
                       self._reused_blocks):
             table.pop(request_id, None)
         self._fetched.discard(request_id)
+        self._admitted.discard(request_id)
         if self.remote is not None:
             # NOTE: an aborted request's fetch in flight held nobody, yet counted as held
             # (``num_waiting``): the engine no longer waited for fetches when idle, it spun.
@@ -393,9 +398,12 @@ class ModelEngine(Wired):
                 self._copies_unwaited = False
             self._fetch_remote()
         self._note_promises()
-        step, sampled, stopped, given_up, computed = self._execute(self.scheduler.step(), t0)
-        for rid in step.preempted_request_ids:
+        scheduled = self.scheduler.step()
+        # NOTE: counted before the step runs: one given up (``_abandon``) has preempted them
+        # too, and its requests' results counted nothing.
+        for rid in scheduled.preempted_request_ids:
             self.results[rid].num_preemptions += 1
+        step, sampled, stopped, given_up, computed = self._execute(scheduled, t0)
         finished = self.scheduler.update(step, sampled, stopped)
         now = time.perf_counter()
         for rid in sampled:
@@ -423,6 +431,7 @@ class ModelEngine(Wired):
         later step was refused ('step() called before update()'), the engine (a notebook's
         Generator) dead. The step is now given up first (``_abandon``), then it raises."""
         plan_done = False
+        drawn: dict[str, Sampler] = {}  # each sampler as it was before this step drew
         try:
             self._note_admissions(step)
             t1 = time.perf_counter()
@@ -491,20 +500,29 @@ class ModelEngine(Wired):
                 kept.update(c.request_id for c in step.context_chunks)
                 last_logits = {rid: x for rid, x in last_logits.items() if rid in kept}
                 computed = [c for c in computed if c.request_id in kept]
-            sampled = self._sample(last_logits)
+            sampled = self._sample(last_logits, drawn)
             stopped = self._stopped(sampled)
         except BaseException:
-            self._abandon(step, plan_done)
+            self._abandon(step, plan_done, drawn)
             raise
         return _Executed(step, sampled, stopped, given_up, computed)
 
-    def _abandon(self, step: ScheduledStep, plan_done: bool) -> None:
+    def _abandon(self, step: ScheduledStep, plan_done: bool,
+                 drawn: dict[str, Sampler]) -> None:
         """``step`` (the scheduler's latest, not applied) raised before its update: give it
         up so the next step can run. Its copies, if not all submitted (``plan_done``), are
         reported failed; its requests recompute as if their forward passes had failed
         (``compute_failed``: what they were to compute leaves the cache), back at the front
-        of the queue; the step is applied without them. A fault in doing so is logged: the
-        exception the step raised is the one the caller sees."""
+        of the queue; the step is applied without them, and the samplers that drew in it
+        are put back as they were before (``drawn``). A fault in doing so is logged: the
+        exception the step raised is the one the caller sees.
+
+        NOTE: a seeded sampler kept the draw of the step given up: the recomputed position
+        drew the next number, and every later token of the request was another than a run
+        never interrupted gives."""
+        for rid, sampler in drawn.items():
+            if rid in self._samplers:
+                self._samplers[rid] = sampler
         try:
             self._wait_layer = None
             self.transfer.synchronize_all()
@@ -572,11 +590,14 @@ class ModelEngine(Wired):
                              "raised %s: %s; they stay local", type(exc).__name__, exc,
                              exc_info=(type(exc), exc, exc.__traceback__))
 
-    def _sample(self, last_logits: dict[str, torch.Tensor]) -> dict[str, int]:
+    def _sample(self, last_logits: dict[str, torch.Tensor],
+                drawn: dict[str, Sampler]) -> dict[str, int]:
         """One token per request: its sampler's, else greedy (in one batched argmax). A
         caller's sampler that raises or gives no token of the vocabulary ends its request
         (``_fault``) with the greedy token, which the step applies: a fault between the
-        scheduler's step and its update would leave no later step able to run."""
+        scheduler's step and its update would leave no later step able to run. Each sampler
+        that may draw is copied into ``drawn`` first (a copy draws what it would have), for
+        a step given up to put back (``_abandon``)."""
         greedy = [rid for rid in last_logits if rid not in self._samplers]
         argmax: dict[str, int] = {}
         if greedy:
@@ -588,8 +609,14 @@ class ModelEngine(Wired):
             if rid in argmax:
                 out[rid] = argmax[rid]
                 continue
+            sampler = self._samplers[rid]
+            if type(sampler) is not Sampler or sampler.params.temperature:
+                # A greedy Sampler draws nothing; a caller's that cannot be copied is only
+                # not put back.
+                with contextlib.suppress(Exception):
+                    drawn[rid] = copy.copy(sampler)
             try:
-                token = sampled_token(self._samplers[rid].sample(logits))
+                token = sampled_token(sampler.sample(logits))
                 if not 0 <= token < vocab_size:
                     raise ValueError(f"sample returned {token}, outside the vocabulary of "
                                      f"{vocab_size}")
@@ -632,12 +659,18 @@ class ModelEngine(Wired):
         return stopped
 
     def _note_promises(self) -> None:
-        """Look up each waiting request not yet admitted: admission reuses exactly that."""
+        """Look up each waiting request never admitted: admission reuses exactly that.
+
+        NOTE: a request preempted (or requeued) in its prefill was looked up again, and
+        its result took that admission's figures: reuse of the blocks it had computed
+        itself, where the result (and the manager's hits: a resumed admission is no query)
+        counts the first."""
         manager = self.manager
         for req in self.scheduler.waiting:
             rid = req.request_id
             result = self.results.get(rid)
-            if result is not None and result.first_token_s is None and not req.output:
+            if (result is not None and result.first_token_s is None and not req.output
+                    and rid not in self._admitted):
                 self._promised[rid] = (_NO_REUSE if req.skip_reading_prefix_cache else
                                        manager.lookup(req.prompt, salt=req.salt,
                                                       lora_id=req.lora_id,
@@ -649,6 +682,7 @@ class ModelEngine(Wired):
             match = self._promised.pop(chunk.request_id, None)
             if match is None or chunk.first_token != chunk.num_reused_tokens:
                 continue
+            self._admitted.add(chunk.request_id)
             result = self.results[chunk.request_id]
             remote = min(self._remote_tokens.pop(chunk.request_id, 0), match.num_host_tokens)
             result.num_gpu_tokens = match.num_gpu_tokens
