@@ -258,13 +258,20 @@ _CONTAINERS = (dict, set, frozenset, list, deque, array, bytearray)
 def _container_sizes(root: object) -> dict[str, int]:
     """Every container reachable from ``root`` through attributes, by attribute path (a
     path through a dict's values or a list's items is one path), its size the largest met
-    there. Tree nodes are not walked into (the tree is bounded by the cache's blocks)."""
-    sizes: dict[str, int] = {}
+    there; and how many tree nodes (``"<nodes>"``), not walked into (the tree is bounded by
+    the cache's blocks)."""
+    sizes: dict[str, int] = {"<nodes>": 0}
     seen: set[int] = set()
     stack: list[tuple[str, object]] = [("", root)]
     while stack:
         path, obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type, Node)):
+        if id(obj) in seen:
+            continue
+        if isinstance(obj, Node):
+            sizes["<nodes>"] += 1
+            seen.add(id(obj))
+            continue
+        if isinstance(obj, (str, bytes, int, float, type)):
             continue
         seen.add(id(obj))
         if isinstance(obj, _CONTAINERS):
@@ -365,7 +372,9 @@ def test_no_container_grows_with_the_requests_ever_seen(policy: str,
     scheduler = _long_run(policy, num_host_blocks, 1500)
     assert not scheduler.has_unfinished()
     num_blocks = 48 + num_host_blocks
-    for path, size in _container_sizes(scheduler).items():
+    sizes = _container_sizes(scheduler)
+    del sizes["<nodes>"]  # the tree's, and the matches' (bounded by the memo's 512)
+    for path, size in sizes.items():
         bound = _FIXED_BOUNDS.get(path, 4 * num_blocks + 128)
         assert size <= bound, (path, size, bound)
     for books in ("_specs", "_prompts", "_queued_at", "_held", "_lookups", "_num_unappended",
@@ -373,3 +382,27 @@ def test_no_container_grows_with_the_requests_ever_seen(policy: str,
         assert not getattr(scheduler, books), books
     # Key spaces (a new salt per request too) only while they hold blocks.
     assert scheduler.manager.num_key_spaces <= len(scheduler.manager.cached_blocks())
+
+
+@pytest.mark.parametrize(("policy", "num_host_blocks"), [
+    ("kvtier-predict-cost", 32), ("arc", 0), ("priority-lru", 32),
+])
+def test_a_reset_cache_keeps_no_dropped_run_alive(policy: str, num_host_blocks: int) -> None:
+    """After ``reset_cache`` no container of the cache still names a run it dropped: the
+    memo of matched prompts, the pools' heaps, the expiry heap and soft claims are as a
+    new cache's (the learner keeps what it learned, its ghosts bounded).
+
+    Before: the memo held up to 512 matches through the old tree and the lazy heaps up to
+    twice the pool's entries, each keeping a dropped run and its token ids alive."""
+    scheduler = _long_run(policy, num_host_blocks, 300)
+    manager = scheduler.manager
+    assert manager.reset_cache()
+    _books(manager)
+    cache = manager._cache
+    assert not cache._matches
+    assert _container_sizes(cache.evictor)["<nodes>"] == 0  # its pools' heaps too
+    # And it serves as before.
+    scheduler.add_request(Request("again", list(range(13)), 2))
+    _drive_to_idle_step(scheduler)
+    scheduler.add_request(Request("again2", list(range(13)), 2))
+    assert scheduler.step().num_reused_tokens == 12
