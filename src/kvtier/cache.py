@@ -1023,6 +1023,11 @@ class BlockCache:
             for child in list(root.iter_children()):
                 self.drop(child, spill=False)
         self.roots.clear()
+        # NOTE: what still named the dropped runs kept them alive (their token ids too)
+        # after a reset: the memo of matches until 512 prompts later, the pools' stale
+        # heap entries until a compaction (twice the pool's filings).
+        self._matches = {}
+        self.evictor.cleared()
         self._hinted = {}
         self._hinted_rids = set()
         self._hinted_queue = ([], [], [])

@@ -29,12 +29,38 @@ class CallerCode:
     operation is inside now: while any is, the manager refuses every call that changes it
     (RuntimeError), so a clock or policy that calls back into the manager it serves faults
     (a guarded fault: the last good time, the fallback policy) instead of changing the cache
-    under the operation in flight, which broke its books (an AssertionError, blocks lost)."""
+    under the operation in flight, which broke its books (an AssertionError, blocks lost).
 
-    __slots__ = ("depth",)
+    ``num_operations`` counts the manager's operations in flight: inside one, an exception
+    of the caller's code that is no ``Exception`` (a ``KeyboardInterrupt`` or
+    ``SystemExit`` raised in the clock or a policy) is held (``defer``), that call answered
+    as a fault's, and raised when the operation has completed (``raise_deferred``).
+
+    NOTE: raised where it came, a Ctrl-C in the clock left an admission half done (a key
+    space's user counted, the request not live) and every book check after it failed."""
+
+    __slots__ = ("deferred", "depth", "num_operations")
 
     def __init__(self) -> None:
         self.depth = 0
+        self.num_operations = 0
+        self.deferred: BaseException | None = None
+
+    def defer(self, exc: BaseException) -> bool:
+        """Hold ``exc`` (the first held wins) until the operation in flight completes;
+        False, holding nothing, where none is in flight: the caller raises it at once."""
+        if not self.num_operations:
+            return False
+        if self.deferred is None:
+            self.deferred = exc
+        return True
+
+    def raise_deferred(self) -> None:
+        """Raise the exception held, once no operation is in flight."""
+        exc = self.deferred
+        if exc is not None and not self.num_operations:
+            self.deferred = None
+            raise exc
 
 
 class CacheClock:
@@ -58,6 +84,10 @@ class CacheClock:
             t = self._clock()
         except Exception as exc:  # any fault of the caller's clock
             return self._fault(f"raised {type(exc).__name__}: {exc}")
+        except BaseException as exc:  # a Ctrl-C: raised once the operation completes
+            if not calls.defer(exc):
+                raise
+            return self.last
         finally:
             calls.depth -= 1
         if t.__class__ is not float:

@@ -379,6 +379,19 @@ class Evictor:
             heapq.heapify(self._expiries)
             self._num_live_expiries = len(self._expiries)
 
+    def cleared(self) -> None:
+        """The cache dropped every run: forget every candidate, expiry and soft claim
+        (stale, they kept the dropped runs, with their token ids, alive)."""
+        self._expiries = []
+        self._num_live_expiries = 0
+        self._soft_claimed = {}
+        self._soft_deepest = []
+        self._soft_cut = False
+        self._ranked_now = {}
+        self._victim_rank = None
+        self._gpu.forget_candidates()
+        self._host.forget_candidates()
+
     def expire(self) -> None:
         """Re-file nodes whose retention ran out, so they sort by the default priority."""
         now = self.now()

@@ -18,10 +18,11 @@ threads behind the caller's own lock.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
-from typing import NoReturn, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from kvtier.admission import Admission, BatchAdmission, PrefixMatch, promise_of
 from kvtier.blocks import cdiv
@@ -57,6 +58,32 @@ from kvtier.tier import Tier
 from kvtier.transfer.plan import PlanIssuer, PlanRecorder, TransferPlan
 
 _NO_COPIES = TransferPlan(())
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _operation(method: _Method) -> _Method:
+    """``method`` as one operation of the manager: an exception that is no ``Exception``
+    (a ``KeyboardInterrupt``, ``SystemExit``) raised inside it by the caller's clock or
+    eviction policy is held until it has completed, then raised
+    (``clock.CallerCode.defer``): the operation is never left half done.
+
+    NOTE: raised where it came, a Ctrl-C in the clock in the middle of an admission left a
+    key space's user counted for a request never made live (a book check failed at every
+    later step), and one in a release left a path half released."""
+
+    @functools.wraps(method)
+    def run(self: KVCacheManager, *args: Any, **kwargs: Any) -> Any:
+        calls = self._caller_code
+        calls.num_operations += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            calls.num_operations -= 1
+            if calls.deferred is not None:
+                calls.raise_deferred()
+
+    return cast(_Method, run)
 
 
 def _reentered(method: str) -> RuntimeError:
@@ -208,6 +235,7 @@ class KVCacheManager:
                 break
         return n
 
+    @_operation
     def cached_blocks(self) -> list[CachedBlock]:
         """Every cached block with its chained hash, its parent's, its tier and slot, its
         key space, its tokens and its priority now; parents before children. Pure (hashes
@@ -294,6 +322,7 @@ class KVCacheManager:
         scheduler should call ``hint_waiting``. Pure."""
         return self._cache.evictor.policy.ranks_soft_claims
 
+    @_operation
     def hint_waiting(self, specs: Sequence[SequenceSpec]) -> None:
         """The requests waiting to be admitted, first first (replacing the last hint):
         their cached prefixes are soft-claimed, ranked above the rest of their priority by a
@@ -337,6 +366,7 @@ class KVCacheManager:
         """Admit one request now (the sequential path)."""
         return self.add_sequence_batch([spec])[0]
 
+    @_operation
     def add_sequence_batch(self, specs: Iterable[SequenceSpec]) -> list[Admission]:
         """Admit a batch in two phases (see ``kvtier.admission``). Returns one admission
         per spec, in order. Raises (TypeError for an item that is no ``SequenceSpec``,
@@ -355,6 +385,7 @@ class KVCacheManager:
 
     # ---- growth and release --------------------------------------------------------------
 
+    @_operation
     def schedule_prefill(self, request_id: str, num_tokens: int) -> None:
         """Mark the next ``num_tokens`` prompt tokens as scheduled (a later prefill chunk);
         full blocks they complete become reusable. Their new blocks come from the request's
@@ -390,6 +421,7 @@ class KVCacheManager:
             raise ValueError(f"num_tokens must be an int >= 0, got {shown(num_tokens)}")
         return max(0, cdiv(len(seq.tokens) + num_tokens, self._tpb) - len(seq.block_table))
 
+    @_operation
     def append_tokens(self, request_id: str, tokens: Sequence[int]) -> list[int] | None:
         """Grow a request by decode tokens; returns the new block ids, or ``None`` (and
         changes nothing) if the GPU pool cannot supply them. Blocks that fill are stored."""
@@ -400,6 +432,7 @@ class KVCacheManager:
         seq.check_prefilled()
         return self._append(seq, token_ids)
 
+    @_operation
     def reserve_lookahead(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Make a decoding request's block table cover ``num_tokens`` slots past its tokens:
         where a speculative step writes its draft tokens' KV (vLLM's lookahead slots).
@@ -459,6 +492,7 @@ class KVCacheManager:
             self._store_blocks(seq)
         return new
 
+    @_operation
     def append_token_batch(self, items: Sequence[tuple[str, int]]) -> int:
         """``append_tokens(rid, [token])`` for each item in order, stopping at the first
         that finds no block: returns how many were applied (``len(items)`` if all were).
@@ -472,6 +506,7 @@ class KVCacheManager:
         batch = self._live.decode_items(items)
         return self._append_each(batch, len(batch))
 
+    @_operation
     def append_token_columns(self, request_ids: list[str], tokens: list[int]) -> int:
         """``append_token_batch`` for a batch given as two lists of equal length (the ids,
         and the token each request sampled last), the form a scheduler builds from its
@@ -518,6 +553,7 @@ class KVCacheManager:
             seq.num_scheduled_tokens = n
         return num_items
 
+    @_operation
     def import_blocks(
         self,
         tokens: Sequence[int],
@@ -580,6 +616,7 @@ class KVCacheManager:
             raise RuntimeError("drain_spills() needs record_spills() first")
         return journal.drain_spills()
 
+    @_operation
     def remove_sequence(self, request_id: str, store_for_reuse: bool = True) -> None:
         """Release a request, tail first. Its full scheduled blocks stay cached for reuse
         (unless ``store_for_reuse`` is False: then only blocks already stored do)."""
@@ -602,6 +639,7 @@ class KVCacheManager:
         cache.unref_path(seq.last_node, seq)
         cache.leave_root(seq.root)
 
+    @_operation
     def transfer_failed(self, plan: TransferPlan, failed_indices: Iterable[int]) -> list[str]:
         """The ops at ``failed_indices`` of ``plan`` did not complete: degrade them to
         recompute (see ``kvtier.recovery``). Returns the requests that must recompute, in
@@ -640,6 +678,7 @@ class KVCacheManager:
         if self._plan_closed is not None:
             raise ValueError(f"transfer_failed: plan {number} {self._plan_closed}")
 
+    @_operation
     def compute_failed(self, request_ids: Iterable[str]) -> list[str]:
         """The forward passes of ``request_ids`` (live requests) in the step just scheduled
         failed: degrade them to recompute (``kvtier.recovery.fail_computes``). What they
@@ -664,6 +703,7 @@ class KVCacheManager:
             self._version += 1
         return aborted
 
+    @_operation
     def begin_step(self) -> None:
         """Until ``end_step``, blocks scheduled by admissions, prefill chunks and appends
         are not stored: no request of a step reuses blocks that the same step computes."""
@@ -671,6 +711,7 @@ class KVCacheManager:
             raise _reentered("begin_step")
         self._live.begin_step()
 
+    @_operation
     def end_step(self) -> TransferPlan:
         """Store the blocks scheduled since ``begin_step``; return the step's plan (every
         copy not yet taken, see ``take_plan``)."""
@@ -703,6 +744,7 @@ class KVCacheManager:
         if run.private_slots:
             seq.private_slots = seq.private_slots + run.private_slots
 
+    @_operation
     def reset_cache(self) -> bool:
         """Drop every cached block of every tier. Refused (returns False) while any request
         is live (``Scheduler.reset_prefix_cache`` preempts them first). A remote store is
@@ -720,6 +762,7 @@ class KVCacheManager:
                              "hold other blocks now")
         return True
 
+    @_operation
     def drop_key_space(self, *, lora_id: int | None = None,
                        salt: bytes | str | int | None = None) -> int:
         """Drop every cached block of one key space (a tenant's ``salt``, a ``lora_id``
@@ -735,6 +778,7 @@ class KVCacheManager:
         check_lora_id(lora_id)
         return self._drop_key_spaces([(lora_id, salt)])
 
+    @_operation
     def drop_lora(self, lora_id: int) -> int:
         """``drop_key_space`` for every key space of the LoRA adapter ``lora_id``, whatever
         its salt: what unloading (or reloading new weights under) an adapter needs, where
@@ -749,6 +793,7 @@ class KVCacheManager:
         check_lora_id(lora_id)
         return self._drop_key_spaces([key for key in self._cache.roots if key[0] == lora_id])
 
+    @_operation
     def drop_salt(self, salt: bytes | str | int) -> int:
         """``drop_key_space`` for every key space of the tenant ``salt``, whatever its LoRA
         adapter (``drop_key_space(salt=s)`` drops only its base-model blocks). Raises

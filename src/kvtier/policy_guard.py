@@ -188,6 +188,14 @@ class PolicyGuard:
                      "KVCacheManager.num_policy_faults counts)", self.name, method,
                      type(exc).__name__, exc, exc_info=(type(exc), exc, exc.__traceback__))
 
+    def _interrupted(self, exc: BaseException) -> None:
+        """The inner policy raised ``exc``, no ``Exception`` (a Ctrl-C in the middle of
+        it): inside a manager's operation it is held until the operation completes
+        (``CallerCode.defer``), and this one call is answered by the fallback (no fault:
+        the inner policy answers the next); anywhere else it goes on at once."""
+        if not self.calls.defer(exc):
+            raise exc
+
     def fallback_key(self, node: Node, now: float, default_priority: int) -> Key:
         """The fallback's key (and rank) of ``node``: after every key the inner gave (those
         start with 0), then priority, then least recently released. Pure."""
@@ -202,6 +210,8 @@ class PolicyGuard:
                                     self._min_key_fields, "key")
             except Exception as exc:
                 self._fault("key", exc)
+            except BaseException as exc:
+                self._interrupted(exc)
             finally:
                 self.calls.depth -= 1
         return self.fallback_key(node, now, default_priority)
@@ -213,6 +223,8 @@ class PolicyGuard:
                 return _checked_key(self._rank(node, now, default_priority), 1, "rank")
             except Exception as exc:
                 self._fault("rank", exc)
+            except BaseException as exc:
+                self._interrupted(exc)
             finally:
                 self.calls.depth -= 1
         return self.fallback_key(node, now, default_priority)
@@ -224,6 +236,8 @@ class PolicyGuard:
                 return _real(self.inner.within(node, now), "within")  # type: ignore[attr-defined]
             except Exception as exc:
                 self._fault("within", exc)
+            except BaseException as exc:
+                self._interrupted(exc)
             finally:
                 self.calls.depth -= 1
         return 0.0  # every run alike: the winning queue gives its head
@@ -257,6 +271,8 @@ class PolicyGuard:
                 raise PolicyFault(f"reuse_class returned {shown(cls)}, not an int")
             except Exception as exc:
                 self._fault("reuse_class", exc)
+            except BaseException as exc:
+                self._interrupted(exc)
             finally:
                 self.calls.depth -= 1
         return 0
@@ -268,6 +284,8 @@ class PolicyGuard:
                 self.inner.record(reuse_class, age_s, num_blocks, reused)  # type: ignore[attr-defined]
             except Exception as exc:
                 self._fault("record", exc)
+            except BaseException as exc:
+                self._interrupted(exc)
             finally:
                 self.calls.depth -= 1
 
@@ -280,6 +298,8 @@ class PolicyGuard:
                                   released_s, num_blocks, now, released_tick)
             except Exception as exc:
                 self._fault("forget", exc)
+            except BaseException as exc:
+                self._interrupted(exc)
             finally:
                 self.calls.depth -= 1
 
@@ -298,6 +318,8 @@ class PolicyGuard:
                 raise PolicyFault(f"recall returned {shown(found)}, not None or (uid, blocks >= 1)")
             except Exception as exc:
                 self._fault("recall", exc)
+            except BaseException as exc:
+                self._interrupted(exc)
             finally:
                 self.calls.depth -= 1
         return None
@@ -327,6 +349,9 @@ class VersionedPolicyGuard(PolicyGuard):
                 return self._num_versions
             except Exception as exc:
                 self._fault("rank_version", exc)
+            except BaseException as exc:
+                self._interrupted(exc)
+                return None  # no rank kept across the interrupted call
             finally:
                 self.calls.depth -= 1
         # One version for the fallback, which no rank kept before the fault holds.
@@ -364,6 +389,9 @@ class _GuardedWitness(LruWitness):
             result: object = getattr(self._witness, method)(*args)
         except Exception as exc:
             guard._fault(f"witness.{method}", exc)
+            return None
+        except BaseException as exc:
+            guard._interrupted(exc)
             return None
         finally:
             guard.calls.depth -= 1

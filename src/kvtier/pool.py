@@ -412,6 +412,18 @@ class TierPool:
     def _entries(self) -> list[_Entry]:
         return [e for heap in (self._heap, *self._queues.values()) for e in heap]
 
+    def forget_candidates(self) -> None:
+        """Drop every heap entry, once no run of the pool is cached (the cache was
+        cleared): stale, each kept a dropped run alive until a compaction."""
+        self._heap = []
+        self._queues = {}
+        self._ranked = {}
+        self._checked = {}
+        self._newest = {}
+        self._num_entries = 0
+        self._filed = {}
+        self._num_filed = 0
+
     def compact(self, current_key: Callable[[Node], Key | None]) -> None:
         """Drop stale heap entries once they outnumber the live ones."""
         bound = self._compact_bound

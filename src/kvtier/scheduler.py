@@ -438,13 +438,18 @@ class Scheduler:
         req = self.running.get(request_id)
         if req is not None:
             self._leave_running(req)
-            # NOTE: one the manager dropped already (compute_failed between steps) has
-            # nothing to release there: removing it raised KeyError with the request out
-            # of ``running`` and in no queue.
-            if self.manager.has_sequence(request_id):
-                self.manager.remove_sequence(request_id)
-                self._num_removed += 1  # this one, not the count now: that may hide a lost one
-            self._release_request(req)
+            try:
+                # NOTE: one the manager dropped already (compute_failed between steps) has
+                # nothing to release there: removing it raised KeyError with the request out
+                # of ``running`` and in no queue.
+                if self.manager.has_sequence(request_id):
+                    self._num_removed += 1  # this one, not the count now: that may hide a lost one
+                    self.manager.remove_sequence(request_id)
+            finally:
+                # NOTE: also where the removal raised as it returned (a Ctrl-C its clock
+                # took, held until it completed): the request had left the manager and
+                # ``running``, yet the scheduler kept its prompt.
+                self._release_request(req)
             return req
         if request_id not in self._specs:
             return None
