@@ -364,7 +364,8 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         """Queue a request; raises ValueError, queueing nothing, if a field is invalid (see
         :class:`Request`), its id is already queued, running or live in the manager, or it
-        could never fit the GPU pool, or its ``output`` already holds its
+        could never fit the GPU pool, or chunked prefill is off and its prompt and output
+        (what it prefills) pass ``max_num_tokens``, or its ``output`` already holds its
         ``max_output_tokens`` (a finished request queued again: it sampled past them). A
         request queued again (aborted, or finished by a stop) keeps its output, which it
         prefills with its prompt, and starts its progress fields (``num_*_tokens``) at 0."""
@@ -393,11 +394,15 @@ class Scheduler:
             raise ValueError(f"request {shown(rid)} needs {shown(blocks)} blocks for "
                              f"{shown(total)} tokens, num_gpu_blocks is {capacity}")
         budget = self.config.max_num_tokens
-        if not self.config.enable_chunked_prefill and len(prompt) > budget:
+        if not self.config.enable_chunked_prefill and len(prompt) + len(output) > budget:
             # No step could ever prefill it whole (a cached prefix is not promised), and
             # once it has waited max_wait_steps nothing behind it is admitted either: every
             # request would wait for ever. vLLM refuses this shape at its config.
-            raise ValueError(f"request {shown(rid)} has {len(prompt)} prompt tokens but "
+            # NOTE: its output too, which it prefills with its prompt (a conversation
+            # resumed, a request queued again): counting the prompt alone, such a request
+            # was admitted and chunked, chunks an engine that turned them off cannot run.
+            held = f" and {len(output)} output tokens to prefill" if output else ""
+            raise ValueError(f"request {shown(rid)} has {len(prompt)} prompt tokens{held} but "
                              f"max_num_tokens is {budget} and chunked prefill is off")
         # Private copies: the caller's lists may change.
         req.prompt, req.output, req.mm_items = prompt, output, mm_items

@@ -23,7 +23,8 @@ class SchedulerConfig:
     ``max_chunk_tokens`` caps one request's prefill chunk (``None``: the whole budget;
     refused without ``enable_chunked_prefill``, where it would cap nothing).
     Without ``enable_chunked_prefill`` a prompt is prefilled in one step, so one longer
-    than ``max_num_tokens`` is refused when queued; a preempted request's recompute (its
+    than ``max_num_tokens`` (with any output it is queued with) is refused when queued; a
+    preempted request's recompute (its
     prompt and output so far) that no step could hold is still chunked.
     A request that has waited ``max_wait_steps`` steps since it was queued stops later
     requests from being admitted ahead of it, which bounds its wait. ``admission`` names
