@@ -190,3 +190,138 @@ def test_an_engine_loop_at_random_reads_only_what_it_computed_and_leaks_nothing(
             sched.update(step, sampled, stopped)
             engine.check()
     engine.drain(400)
+
+
+# ---- stop conditions and lengths ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt_len", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("max_tokens", [1, 2, 4, 5])
+def test_a_stop_or_the_length_ends_a_request_and_its_computed_blocks_serve_the_next(
+        prompt_len: int, max_tokens: int) -> None:
+    """Prompts of one token, a block -1, a block, a block +1 and two blocks; outputs of 1
+    to a block +1 tokens, or a stop on the very first token: the request ends with exactly
+    its tokens, every slot comes back, and an identical prompt + output then reuses every
+    full block whose KV was computed (all but the last sampled token's), credited exactly."""
+    for stop_first in (False, True):
+        engine = FakeEngine(max_num_tokens=8)
+        prompt = list(range(1, prompt_len + 1))
+        engine.sched.add_request(Request("a", prompt, max_tokens))
+        step = engine.step(frozenset({"a"}) if stop_first else frozenset())
+        assert step.context_chunks[0].num_tokens == prompt_len
+        engine.drain()
+        output = engine.finished["a"]
+        assert len(output) == (1 if stop_first else max_tokens)
+        computed = prompt + output[:-1]
+        num_full = len(computed) // 4 * 4
+        assert engine.mgr.lookup([*computed, 999]).num_tokens == num_full
+        engine.sched.add_request(Request("b", [*computed, 999], 1))
+        step = engine.step()
+        assert step.num_reused_tokens == step.num_credited_tokens == num_full
+        engine.drain()
+
+
+def test_update_refusals_change_nothing_and_extra_ids_are_ignored() -> None:
+    """update() refuses a missing token, a bool, a NumPy bool, a float, a list and a
+    negative id (ValueError naming the request) and a stop id that is no str (TypeError),
+    the step still waiting and nothing changed; a token for a request outside the step or
+    mid-prefill, and a stop for one that sampled nothing, are ignored (a batch sampled
+    row by row, as vLLM discards a partial prefill's sample); a NumPy int is its int."""
+    np = pytest.importorskip("numpy")
+    engine = FakeEngine(max_num_tokens=8)
+    engine.sched.add_request(Request("a", [1, 2, 3, 4, 5], 4))
+    engine.sched.add_request(Request("b", list(range(10, 22)), 4))
+    step = engine.sched.step()
+    engine.run_plan(step)
+    sampled = engine.forward(step)
+    assert set(sampled) == {"a"}  # 'b' computes 3 of its 12 prompt tokens
+    version = engine.mgr.version
+    for bad, match in (({}, "got None"), ({"a": True}, "got True"), ({"a": np.bool_(1)}, "bool"),
+                       ({"a": 5.0}, "got 5.0"), ({"a": [5]}, r"got \[5\]"),
+                       ({"a": -1}, "got -1")):
+        with pytest.raises(ValueError, match=rf"sampled token of 'a' .*{match}"):
+            engine.sched.update(step, bad)
+        assert engine.sched.unapplied_step is step and engine.mgr.version == version
+        assert engine.sched.running["a"].output == []
+    with pytest.raises(TypeError, match="b'a'"):
+        engine.sched.update(step, sampled, {b"a"})
+    assert engine.sched.unapplied_step is step
+    finished = engine.sched.update(step, {"a": np.int64(sampled["a"]), "b": 7, "zz": 8},
+                                   {"b", "zz"})
+    assert finished == []
+    assert engine.sched.running["a"].output == [sampled["a"]]
+    assert type(engine.sched.running["a"].output[0]) is int
+    assert engine.sched.running["b"].output == [] and engine.sched.running["b"].in_prefill
+    engine.check()
+    engine.drain()
+    assert len(engine.finished["a"]) == len(engine.finished["b"]) == 4
+
+
+# ---- call order ---------------------------------------------------------------------------
+
+
+def test_call_order_misuse_is_refused_and_the_loop_goes_on_exactly() -> None:
+    """step twice, update with no step, an old step's update, an abort and a reset between
+    step and update are refused (RuntimeError), nothing changed; a request queued between
+    step and update is admitted by the next step; aborting a finished id returns None and
+    queuing its Request again (it stopped early) resumes it from its cached blocks."""
+    engine = FakeEngine(max_num_tokens=8)
+    sched = engine.sched
+    first = Request("a", [1, 2, 3, 4, 5, 6], 6)
+    sched.add_request(first)
+    with pytest.raises(RuntimeError, match="no step is waiting"):
+        sched.update(ScheduledStep((), (), 0, engine.mgr.take_plan(), (), 0, 0, 0), {})
+    step = sched.step()
+    version = engine.mgr.version
+    with pytest.raises(RuntimeError, match="before update"):
+        sched.step()
+    with pytest.raises(RuntimeError, match="between step"):
+        sched.abort("a")
+    with pytest.raises(RuntimeError, match="between step"):
+        sched.reset_prefix_cache(True)
+    assert engine.mgr.version == version and sched.unapplied_step is step
+    sched.add_request(Request("b", [1, 2, 3, 4, 5, 6, 7], 2))  # queued between: fine
+    engine.run_plan(step)
+    sched.update(step, engine.forward(step))
+    with pytest.raises(RuntimeError, match="no step is waiting"):
+        sched.update(step, {"a": 1})
+    engine.check()
+    step = engine.step(frozenset({"a"}))  # 'a' decodes and stops; 'b' reuses its block
+    assert step.decode_request_ids == ("a",)
+    assert [(c.request_id, c.first_token, c.num_reused_tokens) for c in step.context_chunks] \
+        == [("b", 4, 4)]
+    assert engine.finished["a"] == first.output and len(first.output) == 2
+    assert sched.abort("a") is None
+    # Queued again: it prefills 6 prompt + 2 output tokens; the KV of 7 was computed, one
+    # full block of it (|1 2 3 4|5 6 o o|) is cached.
+    sched.add_request(first)
+    step = engine.step()
+    chunk = next(c for c in step.context_chunks if c.request_id == "a")
+    assert chunk.first_token == chunk.num_reused_tokens == step.num_credited_tokens == 4
+    engine.drain()
+    assert len(engine.finished["a"]) == 6 and engine.finished["a"][:2] == first.output[:2]
+
+
+# ---- budgets ------------------------------------------------------------------------------
+
+
+def test_a_preempted_request_resumes_from_the_host_tier_credited_exactly() -> None:
+    """Under max_utilization two requests outgrow an 8-block pool: the newest is preempted
+    and its blocks, offloaded to the host tier, are onboarded for its recompute: it reuses
+    all 16 tokens whose KV was computed, credited exactly, counted as resumed."""
+    engine = FakeEngine(tpb=4, gpu=8, host=8, max_num_tokens=16,
+                        capacity_policy="max_utilization")
+    engine.sched.add_request(Request("a", list(range(1, 9)), 12))
+    engine.sched.add_request(Request("b", list(range(20, 28)), 12))
+    resumed = []
+    for _ in range(60):
+        if not engine.sched.has_unfinished():
+            break
+        step = engine.step()
+        resumed += [c for c in step.context_chunks if c.request_id == "b" and c.first_token]
+    engine.drain()
+    assert [(c.first_token, c.num_reused_tokens) for c in resumed] == [(16, 16)]
+    stats = engine.mgr.stats
+    assert (stats.num_resumed, stats.num_resumed_reused_tokens) == (1, 16)
+    assert stats.host.onboarded_blocks >= 1
+    assert len(engine.finished["a"]) == len(engine.finished["b"]) == 12
