@@ -236,15 +236,16 @@ def test_update_refusals_change_nothing_and_extra_ids_are_ignored() -> None:
     sampled = engine.forward(step)
     assert set(sampled) == {"a"}  # 'b' computes 3 of its 12 prompt tokens
     version = engine.mgr.version
-    for bad, match in (({}, "got None"), ({"a": True}, "got True"), ({"a": np.bool_(1)}, "bool"),
-                       ({"a": 5.0}, "got 5.0"), ({"a": [5]}, r"got \[5\]"),
-                       ({"a": -1}, "got -1")):
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({}, "got None"), ({"a": True}, "got True"), ({"a": np.bool_(1)}, "bool"),
+        ({"a": 5.0}, "got 5.0"), ({"a": [5]}, r"got \[5\]"), ({"a": -1}, "got -1")]
+    for bad, match in cases:
         with pytest.raises(ValueError, match=rf"sampled token of 'a' .*{match}"):
             engine.sched.update(step, bad)
         assert engine.sched.unapplied_step is step and engine.mgr.version == version
         assert engine.sched.running["a"].output == []
     with pytest.raises(TypeError, match="b'a'"):
-        engine.sched.update(step, sampled, {b"a"})
+        engine.sched.update(step, sampled, {b"a"})  # type: ignore[arg-type]
     assert engine.sched.unapplied_step is step
     finished = engine.sched.update(step, {"a": np.int64(sampled["a"]), "b": 7, "zz": 8},
                                    {"b", "zz"})
