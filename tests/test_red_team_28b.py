@@ -326,3 +326,19 @@ def test_a_preempted_request_resumes_from_the_host_tier_credited_exactly() -> No
     assert (stats.num_resumed, stats.num_resumed_reused_tokens) == (1, 16)
     assert stats.host.onboarded_blocks >= 1
     assert len(engine.finished["a"]) == len(engine.finished["b"]) == 12
+
+
+def test_num_computed_tokens_is_the_prefills_progress_not_the_decodes() -> None:
+    """As the Request docstring says: num_computed_tokens stops at the tokens the
+    admission prefills (unlike vLLM's, it does not count decodes); a decode's position is
+    len(tokens) - 1, which the block table covers."""
+    engine = FakeEngine(max_num_tokens=4)
+    req = Request("a", [1, 2, 3, 4, 5, 6], 5)
+    engine.sched.add_request(req)
+    progress = []
+    for _ in range(6):
+        step = engine.step()
+        progress.append((req.num_computed_tokens, req.num_prefill_tokens, len(req.output)))
+        if step.decode_request_ids and "a" in engine.sched.running:
+            assert len(engine.mgr.block_table("a")) * 4 >= len(req.tokens) - 1
+    assert progress == [(4, 6, 0), (6, 6, 1), (6, 6, 2), (6, 6, 3), (6, 6, 4), (6, 6, 5)]

@@ -51,6 +51,12 @@ class Request:
     field may be assigned (AttributeError naming it): the scheduler sized its admission,
     reservation and recompute by them, and keeps its own copy of the prompt (a change in
     place to ``prompt`` is not seen). ``output`` is the scheduler's to append to.
+
+    ``num_prefill_tokens`` and ``num_computed_tokens`` are the progress of the current
+    admission's prefill (its prompt, and after a preemption or when queued with output,
+    the output so far): decoded tokens are not counted, unlike vLLM's
+    ``num_computed_tokens``. A decode computes the KV of ``tokens[-1]``, at position
+    ``len(tokens) - 1``; a chunk's positions are its ``ContextChunk``'s.
     """
 
     request_id: str
