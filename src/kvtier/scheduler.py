@@ -980,7 +980,9 @@ class Scheduler:
         decode and every completed prefill; with speculative decoding a decode's accepted
         drafts and the token after them, see ``_apply_speculative``), finish requests that
         reached their output length or whose sampled token ends them (``stopped``: an EOS or
-        a stop string, the token itself is kept). Returns the finished requests. Raises,
+        a stop string, the token itself is kept). A token or a stop for a request that
+        samples nothing in this step (mid-prefill, not in the step, unknown) is ignored, as
+        vLLM discards a partial prefill's sample. Returns the finished requests. Raises,
         changing nothing, for a step that is not the last one ``step`` (or
         ``requeue_failed``) returned or was already applied (RuntimeError), a ``sampled``
         that is no mapping or a ``stopped`` that is no collection of str (TypeError), or a
