@@ -1,0 +1,93 @@
+"""Red team round 28a: the figures of ``replay``, ``compare`` and ``sweep`` agree with each
+other and with themselves (tables, JSON lines, ``--json`` files, plots)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtier.cli import main
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``kvtier ARGV``: its status, stdout and stderr."""
+    code = main([*argv, "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(out: str) -> Any:
+    return json.loads(out.splitlines()[-1])
+
+
+def write_trace(path: Path, rows: list[tuple[int, int, list[int]]]) -> Path:
+    """A Mooncake-style trace of ``(timestamp ms, input length, hash ids)`` rows."""
+    path.write_text("".join(json.dumps({"timestamp": t, "input_length": n, "output_length": 10,
+                                        "hash_ids": ids}) + "\n" for t, n, ids in rows))
+    return path
+
+
+def mixed_trace(tmp_path: Path) -> Path:
+    """Twelve requests, every third of 95 blocks (32 tokens each) and too large for 64 GPU
+    blocks, the others of 32 blocks: what a run serves depends on its GPU size."""
+    return write_trace(tmp_path / "mixed.jsonl", [
+        (i * 100, 3000, [1, 2, 3, 4, 5, 6]) if i % 3 == 2 else (i * 100, 1000, [1, 2])
+        for i in range(12)])
+
+
+def plotted_lines(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[float], list[Any]]]:
+    """Every ``Axes.plot`` call from now on, as (label, x, y)."""
+    import matplotlib.axes
+
+    lines: list[tuple[str, list[float], list[Any]]] = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self: Any, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+        lines.append((str(kwargs.get("label")), list(x), list(y)))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    return lines
+
+
+def test_sweep_plot_draws_every_runs_bounds_where_gpu_sizes_share_a_capacity(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 GPU + 64 host and 128 GPU + 0 are both 128 blocks, but the first skips the large
+    requests, so their bounds differ (Belady 0.8750 and 0.8512): the plot kept one per
+    capacity, dropping the other run's, and joined the two runs' hit rates by a vertical
+    stroke. Every run's hit rate and bounds are now points of a line, no line has two
+    points at one capacity, and every line of a split is labelled with its GPU size."""
+    pytest.importorskip("matplotlib", reason="--plot needs the plot extra")
+    lines = plotted_lines(monkeypatch)
+    target = tmp_path / "sweep.png"
+    code, out, err = run_cli(capsys, "sweep", str(mixed_trace(tmp_path)), "--gpu-blocks",
+                             "64,128", "--host-blocks", "0,64", "--eviction-policy", "lru,arc",
+                             "--plot", str(target))
+    assert code == 0, err
+    runs = last_json(out)["runs"]
+    belady = {(r["cache_config"]["num_gpu_blocks"], r["oracle"]["belady_hit_rate"])
+              for r in runs}
+    assert len({b for _, b in belady}) == 2  # the premise: the bounds differ by GPU size
+    for label, x, _ in lines:
+        assert len(set(x)) == len(x), f"{label}: two points at one capacity, {x}"
+
+    def drawn(prefix: str, capacity: int, value: float) -> bool:
+        return any(label.startswith(prefix) and (capacity, value) in zip(x, y, strict=True)
+                   for label, x, y in lines)
+
+    for r in runs:
+        cache, oracle = r["cache_config"], r["oracle"]
+        capacity = cache["num_gpu_blocks"] + cache["num_host_blocks"]
+        gpu = f"{cache['num_gpu_blocks']:,} GPU"
+        policy = cache["eviction_policy"]
+        assert drawn(f"kvtier {policy} {gpu}", capacity, r["token_hit_rate"])
+        assert drawn(f"{policy} {gpu} p50", capacity, r["ttft_s"]["p50"])
+        assert drawn(f"{policy} {gpu} p99", capacity, r["ttft_s"]["p99"])
+        for prefix, key in (("Belady (offline", "belady_hit_rate"),
+                            ("LRU (offline", "lru_hit_rate"), ("unlimited", "unlimited_hit_rate")):
+            assert drawn(prefix, capacity, oracle[key]), (prefix, capacity)
+            assert any(label.startswith(prefix) and gpu in label for label, _, _ in lines)
