@@ -91,3 +91,39 @@ def test_sweep_plot_draws_every_runs_bounds_where_gpu_sizes_share_a_capacity(
                             ("LRU (offline", "lru_hit_rate"), ("unlimited", "unlimited_hit_rate")):
             assert drawn(prefix, capacity, oracle[key]), (prefix, capacity)
             assert any(label.startswith(prefix) and gpu in label for label, _, _ in lines)
+
+
+def test_sweep_table_shows_the_requests_a_run_skipped_as_too_large(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """At 64 GPU blocks a third of the requests are skipped, and the hit rate over the rest
+    (0.8680) read better than 128 blocks serving all (0.8488), the table giving no sign of
+    them: a last column counts them, equal to the JSON's."""
+    code, out, err = run_cli(capsys, "sweep", str(mixed_trace(tmp_path)), "--gpu-blocks",
+                             "64,128", "--host-blocks", "0")
+    assert code == 0, err
+    table, runs = out.splitlines()[:-1], last_json(out)["runs"]
+    assert table[0].split()[-2:] == ["too", "large"]
+    assert [int(row.split()[-1]) for row in table[1:]] == [
+        r["num_rejected_too_large"] for r in runs] == [4, 0]
+
+
+def test_sweep_table_has_no_too_large_column_where_nothing_was_skipped(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The column appears only where a run skipped a request."""
+    code, out, err = run_cli(capsys, "sweep", str(mixed_trace(tmp_path)), "--gpu-blocks",
+                             "128", "--host-blocks", "0,64")
+    assert code == 0, err
+    assert "too large" not in out.splitlines()[0]
+
+
+def test_compare_table_shows_the_requests_skipped_as_too_large(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """compare's columns at 64 GPU blocks leave 4 of 12 requests out of their hit rates: a
+    row says so, as the JSON does."""
+    code, out, err = run_cli(capsys, "compare", str(mixed_trace(tmp_path)), "--gpu-blocks",
+                             "64")
+    assert code == 0, err
+    rows = [line for line in out.splitlines()[:-1] if line.startswith("too large")]
+    assert [row.split()[2:] for row in rows] == [["4", "4", "4", "4"]]
+    assert [run["report"]["num_rejected_too_large"]
+            for run in last_json(out)["runs"]] == [4, 4, 4, 4]
