@@ -127,3 +127,38 @@ def test_compare_table_shows_the_requests_skipped_as_too_large(
     assert [row.split()[2:] for row in rows] == [["4", "4", "4", "4"]]
     assert [run["report"]["num_rejected_too_large"]
             for run in last_json(out)["runs"]] == [4, 4, 4, 4]
+
+
+def served_alone_and_with_a_giant(tmp_path: Path, giant_at_ms: int) -> tuple[Path, Path]:
+    """Forty requests of 32 blocks 10 ms apart from 600 s on, alone and with one of 95
+    blocks (too large for 64 GPU blocks) arriving at ``giant_at_ms``."""
+    served = [(600_000 + i * 10, 1000, [1, 2]) for i in range(40)]
+    giant = (giant_at_ms, 3000, [1, 2, 3, 4, 5, 6])
+    rows = sorted([*served, giant], key=lambda row: row[0])
+    return (write_trace(tmp_path / "alone.jsonl", served),
+            write_trace(tmp_path / "giant.jsonl", rows))
+
+
+@pytest.mark.parametrize("giant_at_ms", [0, 1_200_000])
+@pytest.mark.parametrize("instances", ["1", "2"])
+def test_a_request_skipped_as_too_large_stretches_no_span(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, giant_at_ms: int,
+        instances: str) -> None:
+    """A request skipped as too large, 600 s before or after the forty served, counted in
+    the arrival span and the makespan: the load read 0.02 x capacity for a replay 27 x over
+    it, the throughput 79 tokens/s for 4,488. The figures now equal a replay of the
+    served requests alone."""
+    alone, giant = served_alone_and_with_a_giant(tmp_path, giant_at_ms)
+    figures = []
+    for trace in (alone, giant):
+        code, out, err = run_cli(capsys, "replay", str(trace), "--gpu-blocks", "64",
+                                 "--instances", instances)
+        assert code == 0, err
+        document = last_json(out)
+        figures.append({key: document.get(key) for key in (
+            "load", "makespan_s", "throughput_tokens_per_s", "requests_per_s", "ttft_s",
+            "e2e_s")})  # a fleet's report has no throughput
+        figures[-1]["load"] = {**document["load"], "busy_s": round(document["load"]["busy_s"],
+                                                                    9)}
+    assert figures[0]["load"]["overloaded"]
+    assert figures[1] == figures[0]

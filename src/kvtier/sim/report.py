@@ -70,7 +70,8 @@ class LoadEstimate:
     """Offered work against capacity, from the time model.
 
     ``busy_s`` is the virtual time the instances spent in steps, ``arrival_span_s`` the time
-    from the first arrival to the last (after the time scale). ``utilization`` is
+    from the first arrival to the last (after the time scale) of the requests served, not
+    of those skipped as too large. ``utilization`` is
     ``busy_s / (arrival_span_s x num_instances)`` (``None`` when every request arrives at
     once): past 1.0 the arrivals bring more work per second than the instances serve, so
     queues grow for the whole trace and latencies measure queueing (flagged past
