@@ -162,3 +162,72 @@ def test_a_request_skipped_as_too_large_stretches_no_span(
                                                                     9)}
     assert figures[0]["load"]["overloaded"]
     assert figures[1] == figures[0]
+
+
+def without_cpu(report: dict[str, Any]) -> dict[str, Any]:
+    """A report's JSON less its real-time ``cpu`` group (every other field is virtual)."""
+    return {key: value for key, value in report.items() if key != "cpu"}
+
+
+def test_compare_and_sweep_runs_equal_the_replays_at_their_settings(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Each column of ``compare --oracle`` and each row of a sweep (two policies, two host
+    sizes) is the report ``replay`` gives at its settings, oracle bounds included; the
+    ``--json`` file holds what the last stdout line holds."""
+    base = ["--limit", "60", "--gpu-blocks", "256"]
+    json_path = tmp_path / "compare.json"
+    code, out, err = run_cli(capsys, "compare", *base, "--host-blocks", "512", "--oracle",
+                             "--json", str(json_path))
+    assert code == 0, err
+    document = last_json(out)
+    assert json.loads(json_path.read_text()) == document
+    for run in document["runs"]:
+        admission, tier = run["label"].split(" ", 1)
+        host = "512" if tier == "GPU+host" else "0"
+        code, out, err = run_cli(capsys, "replay", *base, "--host-blocks", host,
+                                 "--admission", admission)
+        assert code == 0, err
+        assert without_cpu(last_json(out)) == without_cpu(run["report"]), run["label"]
+    code, out, err = run_cli(capsys, "sweep", *base, "--host-blocks", "0,512",
+                             "--eviction-policy", "lru,s3fifo")
+    assert code == 0, err
+    rows = last_json(out)["runs"]
+    settings = [(policy, host) for policy in ("lru", "s3fifo") for host in ("0", "512")]
+    for row, (policy, host) in zip(rows, settings, strict=True):
+        code, out, err = run_cli(capsys, "replay", *base, "--host-blocks", host,
+                                 "--eviction-policy", policy)
+        assert code == 0, err
+        assert without_cpu(last_json(out)) == without_cpu(row), (policy, host)
+
+
+def test_a_sweeps_figures_hold_together(capsys: pytest.CaptureFixture[str]) -> None:
+    """Over host sizes at one GPU size: the offline bounds never fall as capacity grows,
+    LRU <= Belady <= unlimited, the hit rate at most the unlimited one, GPU + host hit
+    tokens the reused ones, percentiles ordered, finished + skipped the requests read;
+    the table's hit rates and bounds are the JSON's, rounded."""
+    code, out, err = run_cli(capsys, "sweep", "--limit", "80", "--gpu-blocks", "256",
+                             "--host-blocks", "1024,0,128,512")  # unsorted on purpose
+    assert code == 0, err
+    table, runs = out.splitlines()[1:-1], last_json(out)["runs"]
+    by_capacity = sorted(runs, key=lambda r: r["cache_config"]["num_host_blocks"])
+    for key in ("lru_hit_rate", "belady_hit_rate", "unlimited_hit_rate"):
+        values = [r["oracle"][key] for r in by_capacity]
+        assert values == sorted(values), key
+    for row, r in zip(table, runs, strict=True):
+        oracle = r["oracle"]
+        assert oracle["lru_hit_rate"] <= oracle["belady_hit_rate"] <= oracle[
+            "unlimited_hit_rate"]
+        assert r["token_hit_rate"] <= oracle["unlimited_hit_rate"]
+        assert r["num_gpu_hit_tokens"] + r["num_host_hit_tokens"] == r["num_reused_tokens"]
+        assert r["num_gpu_hit_tokens"] >= 0 and r["num_host_hit_tokens"] >= 0
+        for summary in (r["ttft_s"], r["e2e_s"]):
+            assert 0 < summary["p50"] <= summary["p90"] <= summary["p99"]
+        assert r["ttft_s"]["p50"] <= r["e2e_s"]["p50"]
+        assert r["num_requests"] + r["num_rejected_too_large"] == r["workload"][
+            "num_requests"] == 80
+        cells = row.split()
+        assert cells[:2] == [f"{r['cache_config']['num_gpu_blocks']}",
+                             f"{r['cache_config']['num_host_blocks']:,}"]
+        assert cells[2:7] == [f"{value:.4f}" for value in (
+            r["token_hit_rate"], r["host_token_hit_rate"], oracle["lru_hit_rate"],
+            oracle["belady_hit_rate"], oracle["unlimited_hit_rate"])]
