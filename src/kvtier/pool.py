@@ -413,8 +413,9 @@ class TierPool:
         return [e for heap in (self._heap, *self._queues.values()) for e in heap]
 
     def forget_candidates(self) -> None:
-        """Drop every heap entry, once no run of the pool is cached (the cache was
-        cleared): stale, each kept a dropped run alive until a compaction."""
+        """Drop every heap entry: where no run of the pool is cached (the cache was
+        cleared; stale, each kept a dropped run alive until a compaction), or before
+        ``compact`` files the live ones again."""
         self._heap = []
         self._queues = {}
         self._ranked = {}
@@ -444,14 +445,7 @@ class TierPool:
                 # fault): filed again under its key now, as a pop would (``_live_head``),
                 # never dropped: dropped, its blocks could never be evicted again.
                 changed[node.uid] = (node, key)
-        self._heap = []
-        self._queues = {}
-        self._ranked = {}
-        self._checked = {}
-        self._newest = {}
-        self._num_entries = 0
-        self._filed = {}
-        self._num_filed = 0
+        self.forget_candidates()
         entries = live.values()
         if self._both_ends:
             # Oldest release first, so each queue's filing order starts as its age order.

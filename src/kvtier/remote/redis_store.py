@@ -550,11 +550,7 @@ class RedisRemoteStore(RemoteStoreBase):
                 return
             if len(replies) != len(chunk):
                 return  # a malformed reply: misses
-            refused = [r for r in replies if isinstance(r, Exception)
-                       and not (redirect and isinstance(r, MovedError))]
-            if refused:
-                self.last_error = self._describe(refused[0], server)
-                self._count(num_errors=len(refused))
+            self._count_refused(replies, server, redirect)
             for i, value in zip(chunk, replies, strict=True):
                 # each chunk writes its own indices
                 values[i] = None if isinstance(value, Exception) else value
@@ -577,6 +573,18 @@ class RedisRemoteStore(RemoteStoreBase):
                 for i, value in zip(moved, again, strict=True):
                     values[i] = value
         return values
+
+    def _count_refused(self, replies: list[Any], server: str, redirect: bool) -> None:
+        """Count the per-key refusals among a batch's ``replies`` from ``server`` as errors
+        (the first one described in ``last_error``), but a MOVED where ``redirect`` makes
+        the key again once the slot map is read."""
+        from redis.exceptions import MovedError
+
+        refused = [r for r in replies if isinstance(r, Exception)
+                   and not (redirect and isinstance(r, MovedError))]
+        if refused:
+            self.last_error = self._describe(refused[0], server)
+            self._count(num_errors=len(refused))
 
     def _reader_pool(self) -> ThreadPoolExecutor | None:
         """The threads that read chunks at once (None with one connection, or closed)."""
@@ -622,11 +630,7 @@ class RedisRemoteStore(RemoteStoreBase):
                 if redirect:
                     moved += [i for i, r in zip(chunk, replies, strict=True)
                               if isinstance(r, MovedError)]
-                refused = [r for r in replies if isinstance(r, Exception)
-                           and not (redirect and isinstance(r, MovedError))]
-                if refused:  # e.g. OOM under maxmemory with noeviction
-                    self.last_error = self._describe(refused[0], server)
-                    self._count(num_errors=len(refused))
+                self._count_refused(replies, server, redirect)  # e.g. OOM, noeviction
                 for i, reply in zip(chunk, replies, strict=True):
                     results[i] = reply == b"OK"
         if moved:
@@ -664,11 +668,7 @@ class RedisRemoteStore(RemoteStoreBase):
                                 fatal=_cluster_state_errors())
                 if got is None or len(got) != len(chunk):
                     continue
-                refused = [r for r in got if isinstance(r, Exception)
-                           and not (redirect and isinstance(r, MovedError))]
-                if refused:
-                    self.last_error = self._describe(refused[0], server)
-                    self._count(num_errors=len(refused))
+                self._count_refused(got, server, redirect)
                 for i, n in zip(chunk, got, strict=True):
                     present[i] = n == 1
                     if redirect and isinstance(n, MovedError):
