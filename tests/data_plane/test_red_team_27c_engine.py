@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the data-plane tests need torch: "
                                             "pip install 'kvtier[torch]'")
 
+from exact_engine import assert_exact  # noqa: E402
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
@@ -62,16 +63,6 @@ def make_engine(backend: dict[str, bytes], corrupt: frozenset[int] = frozenset()
     remote = RemoteTier(store, manager, gpu, host)
     return ModelEngine(MODEL, manager, scheduler, TorchTransferEngine(gpu, host),
                        record_logits=True, remote=remote)
-
-
-def assert_exact(engine: ModelEngine) -> None:
-    """Every logit within 1e-4 of a cacheless recompute, every token its argmax."""
-    for r in engine.results.values():
-        tokens = r.prompt + r.output
-        ref = MODEL.full_recompute(tokens[:-1])
-        assert r.output == ref[len(r.prompt) - 1:].argmax(-1).tolist(), r.request_id
-        for pos, row in r.logits.items():
-            assert (row - ref[pos]).abs().max().item() < 1e-4, (r.request_id, pos)
 
 
 @pytest.mark.parametrize("corrupt_block", [None, 0, 2])

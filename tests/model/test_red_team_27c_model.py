@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the model tests need torch: "
                                             "pip install 'kvtier[torch]'")
 
+from exact_engine import assert_exact  # noqa: E402
 from kvtier import CacheConfig, KVCacheManager  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.model.sampling import Sampler, SamplingParams  # noqa: E402
@@ -217,12 +218,7 @@ def test_chunks_drafts_and_a_tight_pool_give_a_full_recomputes_logits(
     run_prompts(engine, shared_prefix_prompts(3, 14), 5)
     stats = engine.manager.stats
     assert stats.num_reused_tokens > 0 and stats.host.onboarded_blocks > 0
-    for r in engine.results.values():
-        tokens = r.prompt + r.output
-        ref = MODEL.full_recompute(tokens[:-1])
-        assert r.output == ref[len(r.prompt) - 1:].argmax(-1).tolist(), r.request_id
-        for pos, row in r.logits.items():
-            assert (row - ref[pos]).abs().max().item() < 1e-4, (r.request_id, pos)
+    assert_exact(engine)
 
 
 def test_seeded_samples_do_not_depend_on_the_cache() -> None:
