@@ -567,12 +567,22 @@ class RedisRemoteStore(RemoteStoreBase):
                 future.result()
         if moved:
             moved.sort()
-            self._reload_slots()
-            again = self._read([keys[i] for i in moved], redirect=False)
-            if again is not None:
-                for i, value in zip(moved, again, strict=True):
-                    values[i] = value
+            self._redo_moved(moved, values,
+                             lambda idx: self._read([keys[i] for i in idx], redirect=False))
         return values
+
+    def _redo_moved(self, moved: list[int], answers: list[Any],
+                    redo: Callable[[list[int]], list[Any] | None]) -> bool:
+        """The keys at ``moved`` (answered MOVED: their slot resharded) made again by
+        ``redo`` once the cluster's slot map is read again, their new answers put in
+        ``answers``; False, changing nothing, where ``redo`` failed as a whole (None)."""
+        self._reload_slots()
+        again = redo(moved)
+        if again is None:
+            return False
+        for i, answer in zip(moved, again, strict=True):
+            answers[i] = answer
+        return True
 
     def _count_refused(self, replies: list[Any], server: str, redirect: bool) -> None:
         """Count the per-key refusals among a batch's ``replies`` from ``server`` as errors
@@ -633,14 +643,9 @@ class RedisRemoteStore(RemoteStoreBase):
                 self._count_refused(replies, server, redirect)  # e.g. OOM, noeviction
                 for i, reply in zip(chunk, replies, strict=True):
                     results[i] = reply == b"OK"
-        if moved:
-            self._reload_slots()
-            again = self._write([pairs[i] for i in moved], redirect=False)
-            if again is not None:
-                for i, ok in zip(moved, again, strict=True):
-                    results[i] = ok
-            else:
-                self._count(num_errors=len(moved))
+        if moved and not self._redo_moved(
+                moved, results, lambda idx: self._write([pairs[i] for i in idx], redirect=False)):
+            self._count(num_errors=len(moved))
         return results
 
     def has_keys(self, keys: list[str]) -> list[bool] | None:
@@ -674,11 +679,8 @@ class RedisRemoteStore(RemoteStoreBase):
                     if redirect and isinstance(n, MovedError):
                         moved.append(i)
         if moved:
-            self._reload_slots()
-            again = self._has([keys[i] for i in moved], redirect=False)
-            if again is not None:
-                for i, ok in zip(moved, again, strict=True):
-                    present[i] = ok
+            self._redo_moved(moved, present,
+                             lambda idx: self._has([keys[i] for i in idx], redirect=False))
         return present
 
     def _close_backend(self) -> None:
