@@ -37,3 +37,16 @@ def random_ops(rng: random.Random, max_ops: int) -> list[TransferOp]:
             slot = rng.choice([x for x in range(src[1]) if (src[0], x) != (G, dst)])
             ops.append(TransferOp(OpKind.COPY, src[0], slot, G, dst, rng.randrange(1, TPB + 1)))
     return ops
+
+
+def apply_op(op: TransferOp, gpu: dict[int, list[object]], host: dict[int, list[object]]
+             ) -> None:
+    """One copy on a fake data plane whose slots are lists of token markers: a partial copy
+    (``COPY``) writes the head of its destination, the others the whole slot."""
+    src = gpu if op.src_tier is G else host
+    dst = gpu if op.dst_tier is G else host
+    data = list(src[op.src_slot])
+    if op.kind is OpKind.COPY:
+        dst[op.dst_slot][:op.num_tokens] = data[:op.num_tokens]
+    else:
+        dst[op.dst_slot] = data

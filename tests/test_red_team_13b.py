@@ -30,7 +30,8 @@ from kvtier import CacheConfig, KVCacheManager, MultimodalItem
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.tier import Tier
-from kvtier.transfer.plan import OpKind, TransferOp
+from kvtier.transfer.plan import TransferOp
+from plan_ops import apply_op
 
 TPB = 4
 GARBAGE = ("garbage",)
@@ -115,13 +116,7 @@ class NewCallsUnderScheduling(RuleBasedStateMachine):
 
     def run_op(self, op: TransferOp) -> None:
         """One copy on the fake data plane."""
-        src = self.gpu if op.src_tier is Tier.GPU else self.host
-        dst = self.gpu if op.dst_tier is Tier.GPU else self.host
-        data = list(src[op.src_slot])
-        if op.kind is OpKind.COPY:
-            dst[op.dst_slot][:op.num_tokens] = data[:op.num_tokens]
-        else:
-            dst[op.dst_slot] = data
+        apply_op(op, self.gpu, self.host)
 
     def work(self, step: ScheduledStep) -> dict[str, tuple[int, list[int], list[int], Any]]:
         """Per request of ``step``: the first position it computes and the tokens whose KV

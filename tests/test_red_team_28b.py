@@ -16,8 +16,7 @@ import pytest
 from kvtier import CacheConfig, KVCacheManager
 from kvtier.invariants import check_books
 from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
-from kvtier.tier import Tier
-from kvtier.transfer.plan import OpKind
+from plan_ops import apply_op
 
 
 def next_token(tokens: list[int]) -> int:
@@ -40,14 +39,7 @@ class FakeEngine:
     def run_plan(self, step: ScheduledStep) -> None:
         plan = step.transfer_plan
         for i in range(len(plan)):
-            op = plan.op(i)
-            src = self.gpu if op.src_tier is Tier.GPU else self.host
-            dst = self.gpu if op.dst_tier is Tier.GPU else self.host
-            data = list(src[op.src_slot])
-            if op.kind is OpKind.COPY:
-                dst[op.dst_slot][:op.num_tokens] = data[:op.num_tokens]
-            else:
-                dst[op.dst_slot] = data
+            apply_op(plan.op(i), self.gpu, self.host)
 
     def forward(self, step: ScheduledStep) -> dict[str, int]:
         """Check every position the step reads, write those it computes, sample."""
