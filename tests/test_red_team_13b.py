@@ -26,8 +26,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from event_view import replay
 from kvtier import CacheConfig, KVCacheManager, MultimodalItem
-from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.scheduler import Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.tier import Tier
 from kvtier.transfer.plan import TransferOp
@@ -52,23 +52,6 @@ def cacheless_output(prompt: list[int], n: int) -> list[int]:
 def content(key: tuple[object, object], tokens: list[int], position: int) -> tuple[object, ...]:
     """What the KV of ``position`` holds: its key space and every token up to it."""
     return (key, tuple(tokens[:position + 1]))
-
-
-def replay(events: list[Event], tiers: dict[int, Tier]) -> None:
-    """Apply ``events`` to a consumer's view (block hash -> tier), checking each."""
-    for event in events:
-        if isinstance(event, BlockStored):
-            assert event.block_hash not in tiers, event
-            assert event.parent_hash is None or event.parent_hash in tiers, event
-            tiers[event.block_hash] = event.tier
-        elif isinstance(event, BlockRemoved):
-            assert tiers.pop(event.block_hash, None) is event.tier, event
-        elif isinstance(event, BlockTierChanged):
-            assert tiers.get(event.block_hash) is event.old_tier, event
-            tiers[event.block_hash] = event.new_tier
-        else:
-            assert isinstance(event, AllBlocksCleared), event
-            tiers.clear()
 
 
 PROMPTS = st.lists(st.sampled_from([1, 2, 3]), min_size=1, max_size=14)

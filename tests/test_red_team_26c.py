@@ -18,14 +18,10 @@ import random
 
 import pytest
 
+from event_view import replay
 from fake_clock import FakeClock
 from kvtier import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    BlockTierChanged,
     CacheConfig,
-    Event,
     KVCacheManager,
     Retention,
     RetentionRange,
@@ -33,23 +29,6 @@ from kvtier import (
     Tier,
 )
 from kvtier.config import EVICTION_POLICIES
-
-
-def _replay(index: dict[int, Tier], events: list[Event]) -> None:
-    """Apply ``events`` to ``index`` (block hash -> tier), asserting each is possible."""
-    for ev in events:
-        if isinstance(ev, BlockStored):
-            assert ev.block_hash not in index, ev
-            assert ev.parent_hash is None or ev.parent_hash in index, ev
-            index[ev.block_hash] = ev.tier
-        elif isinstance(ev, BlockRemoved):
-            assert index.pop(ev.block_hash, None) is ev.tier, ev
-        elif isinstance(ev, BlockTierChanged):
-            assert index.get(ev.block_hash) is ev.old_tier, ev
-            index[ev.block_hash] = ev.new_tier
-        else:
-            assert isinstance(ev, AllBlocksCleared)
-            index.clear()
 
 
 def _random_spec(rng: random.Random, rid: str, prefixes: list[list[int]],
@@ -164,7 +143,7 @@ def _soak(seed: int, num_calls: int) -> None:
             mgr.hint_waiting([SequenceSpec(f"h{i}", rng.choice(prefixes) + [1])])
         live = {rid for rid in live if mgr.has_sequence(rid)}
         mgr.check_invariants()
-        _replay(index, mgr.drain_events())
+        replay(mgr.drain_events(), index)
         assert index == {b.block_hash: b.tier for b in mgr.cached_blocks()}, (seed, i)
     for rid in sorted(live):
         mgr.remove_sequence(rid)
