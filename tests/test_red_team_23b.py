@@ -2,8 +2,8 @@
 
 A ``--json`` or ``--plot`` file is written whole or not at all (a full disk, a file size
 limit, a Ctrl-C part way left a truncated document under the name asked for);
-``--json /dev/stdout`` with standard output redirected to a file keeps the table; each row
-of a sweep over the race workload is what ``kvtier replay`` gives at its settings;
+``--json /dev/stdout`` with standard output redirected to a file keeps the table; the row
+of a race sweep the race is sized for is what ``kvtier replay`` gives at its settings;
 ``generate --raw`` refuses a conversation it would answer turn by turn, each turn alone;
 the text of a special token in a chat message is encoded as text, never as the token; a
 later turn past the context is refused naming its line, after the answered turns' JSON.
@@ -153,23 +153,24 @@ def test_json_to_dev_stdout_redirected_to_a_file_keeps_the_table(tmp_path: Path)
     assert len(lines) == len(piped.stdout.splitlines())
 
 
-def test_a_race_sweeps_rows_are_the_replays_at_their_settings(
+def test_a_race_sweeps_sizing_row_is_the_replay_at_its_settings(
         capsys: pytest.CaptureFixture[str]) -> None:
     """A sweep over --workload race sized one race for the largest host tier (and the first
-    GPU size) and ran every row on it: the row of 200 GPU + 50 host blocks read hit rate
-    0.0326 where `kvtier replay` at those settings reads 0.1245. Now each row is sized for
-    its own cache, and equals the replay at its settings, oracle bounds included."""
+    GPU size): the row of 200 GPU + 50 host blocks read hit rate 0.0326 where `kvtier
+    replay` at those settings reads 0.1245. The race is now sized for the smallest GPU and
+    host sizes (red team 29d: one request stream for every row), and that row equals the
+    replay at its settings, oracle bounds included; the larger host tier replays the same
+    race and keeps every prefix too."""
     code, out, _ = run_cli(capsys, "sweep", "--workload", "race", "--gpu-blocks", "200",
-                           "--host-blocks", "50,100", "--no-progress")
+                           "--host-blocks", "100,50", "--no-progress")
     assert code == 0
     runs = json.loads(out.splitlines()[-1])["runs"]
-    for run in runs:
-        host = str(run["cache_config"]["num_host_blocks"])
-        code, out, _ = run_cli(capsys, "replay", "--workload", "race", "--gpu-blocks", "200",
-                               "--host-blocks", host, "--no-progress")
-        assert code == 0
-        assert without_cpu(run) == without_cpu(json.loads(out.splitlines()[-1]))
-    assert [round(run["token_hit_rate"], 4) for run in runs] == [0.1245, 0.1488]
+    code, out, _ = run_cli(capsys, "replay", "--workload", "race", "--gpu-blocks", "200",
+                           "--host-blocks", "50", "--no-progress")
+    assert code == 0
+    assert without_cpu(runs[1]) == without_cpu(json.loads(out.splitlines()[-1]))
+    assert runs[0]["workload"] == runs[1]["workload"]
+    assert [round(run["token_hit_rate"], 4) for run in runs] == [0.1245, 0.1245]
 
 
 @pytest.fixture(scope="module")

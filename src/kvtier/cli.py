@@ -322,30 +322,39 @@ def _run_sweep(args: argparse.Namespace) -> int:
               for gpu in args.gpu_blocks for host in args.host_blocks]
     sched = make_sched(args, args.admission)
     profile = make_profile(args.profile, args.set_profile)
-    # NOTE: the race is sized for each run's cache, as a replay sizes it: one race sized for
-    # the largest host tier (and the first GPU size) gave each other row another workload
-    # than `kvtier replay` at its settings (0.0326 against 0.1245 at 200 GPU + 50 host).
     race = args.trace is None and args.workload == "race"
-    workloads = ([_open(args, cache) for cache in caches] if race
-                 else [_open(args, caches[0])] * len(caches))
-    total = num_requests(workloads[0])
+    workload = _open(args, _race_cache(args) if race else caches[0])
+    total = num_requests(workload)
     reports = []
     with progress_bar(None if total is None else total * len(caches),
                        not args.no_progress) as progress:
-        for workload, cache in zip(workloads, caches, strict=True):
+        for cache in caches:
             reports.append(_simulate(workload, cache, sched, profile, args, progress, False))
     if args.oracle:
-        runs = [(cache, sched) for cache in caches]
-        if race:  # the bounds of each run over its own race
-            reports = [_with_oracle(w, [r], [run])[0]
-                       for w, r, run in zip(workloads, reports, runs, strict=True)]
-        else:
-            reports = _with_oracle(workloads[0], reports, runs)
+        reports = _with_oracle(workload, reports, [(cache, sched) for cache in caches])
     document = {"command": "sweep", "runs": [r.to_dict() for r in reports]}
     _emit(format_sweep(reports), document, args.json)
     if args.plot is not None:  # after the report is out: a plot that fails loses nothing
         _plot_sweep(reports, args.plot)
     return 0
+
+
+def _race_cache(args: argparse.Namespace) -> CacheConfig:
+    """The cache a sweep's race is sized for: the smallest ``--gpu-blocks`` and the smallest
+    ``--host-blocks`` above 0 (the race needs a host tier; ``settle_options`` refused a
+    sweep without one).
+
+    NOTE: one race for every row, as the sweep compares capacities on one workload. Sized
+    for each row's cache, each row replayed another request stream (200 GPU blocks: 104
+    requests and hit rate 0.1245 at 50 host blocks, 135 and 0.1208 at 200; 400 + 50:
+    0.0661), so the table read as if a larger cache did worse. The smallest, because its
+    requests fit every larger GPU pool (the largest's fillers were too large for a smaller
+    one), and the race is tightest there: a larger cache keeps more of its prefixes. Its
+    row is what ``kvtier replay`` gives at its settings; the others replay the same race
+    (each run's ``workload`` in the JSON line names the sizes it was built for)."""
+    gpu = min(args.gpu_blocks)
+    host = min(size for size in args.host_blocks if size > 0)
+    return make_cache(args, gpu, host, eviction_policy=args.eviction_policy[0])
 
 
 def _simulate(workload: Workload, cache: CacheConfig, sched: SchedulerConfig,

@@ -67,6 +67,11 @@ and TTFT against capacity beside the offline bounds for the same capacity (unlim
 Belady's optimal eviction over GPU + host blocks). --plot FILE draws them as a PNG, one hit
 rate line per policy (needs the 'plot' extra).
 
+Every row replays the same requests. --workload race is sized once, for the smallest
+--gpu-blocks and the smallest --host-blocks above 0: its race is at that size (the row that
+`kvtier replay` gives at those settings), and the larger caches show what capacity does
+to the same requests.
+
 {WORKLOAD_HELP}"""
 
 

@@ -1,0 +1,85 @@
+"""Red team round 29d: every row of ``kvtier sweep`` replays the same requests (the race,
+sized from the cache, included), and a size where nothing fits is refused before any run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kvtier.cli import main
+
+# The race sized for 200 GPU + 50 host blocks (32-token blocks, a step of 8,192 tokens):
+# 50 prefixes of one block, fillers, then 50 follow-ups; 104 requests, 12,850 prompt
+# tokens, of which the follow-ups can reuse 50 x 32 = 1,600.
+RACE_200_50 = {"name": "race", "kind": "race", "num_prefixes": 50, "max_num_tokens": 8192,
+               "num_gpu_blocks": 200, "num_host_blocks": 50}
+REUSABLE = 1600 / 12850
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``kvtier ARGV --no-progress``: its status, stdout and stderr."""
+    code = main([*argv, "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def runs_of(out: str) -> list[dict[str, Any]]:
+    """The runs of a sweep's JSON line (the last line)."""
+    runs: list[dict[str, Any]] = json.loads(out.splitlines()[-1])["runs"]
+    return runs
+
+
+def test_a_race_sweep_replays_one_race_on_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each row replayed a race sized for its own cache: at 200 GPU blocks, 104 requests
+    and hit rate 0.1245 with 50 host blocks, 135 and 0.1208 with 200, at 400 + 50 0.0661,
+    so a larger cache read as a worse one. Now one race, sized for the smallest GPU and the
+    smallest host tier above 0 (in whatever order they are given), runs on every row: the
+    hit rate never falls as the cache grows, and 0 host blocks lose the race's reuse."""
+    code, out, _ = run_cli(capsys, "sweep", "--workload", "race", "--gpu-blocks", "400,200",
+                           "--host-blocks", "200,0,50")
+    assert code == 0
+    runs = runs_of(out)
+    sizes = [(r["cache_config"]["num_gpu_blocks"], r["cache_config"]["num_host_blocks"])
+             for r in runs]
+    assert sizes == [(400, 200), (400, 0), (400, 50), (200, 200), (200, 0), (200, 50)]
+    assert all(r["workload"] == RACE_200_50 for r in runs)
+    assert [(r["num_requests"], r["num_prompt_tokens"]) for r in runs] == [(104, 12850)] * 6
+    assert [r["token_hit_rate"] for r in runs] == [REUSABLE] * 4 + [0.0, REUSABLE]
+    # 400 GPU blocks keep every prefix on the GPU; 200 + 200 keep them on the host.
+    assert [r["host_token_hit_rate"] for r in runs] == [0.0] * 3 + [REUSABLE, 0.0, REUSABLE]
+    assert {r["oracle"]["unlimited_hit_rate"] for r in runs} == {REUSABLE}
+    table = out.splitlines()[1:7]
+    assert [line.split()[:3] for line in table] == [
+        ["400", "200", "0.1245"], ["400", "0", "0.1245"], ["400", "50", "0.1245"],
+        ["200", "200", "0.1245"], ["200", "0", "0.0000"], ["200", "50", "0.1245"]]
+
+
+def test_the_race_sweeps_sizing_row_is_kvtier_replay(capsys: pytest.CaptureFixture[str]) -> None:
+    """The row the race is sized for is the replay at its settings, bounds included."""
+    code, out, _ = run_cli(capsys, "sweep", "--workload", "race", "--gpu-blocks", "300,200",
+                           "--host-blocks", "50")
+    assert code == 0
+    sweep = runs_of(out)[1]
+    code, out, _ = run_cli(capsys, "replay", "--workload", "race", "--gpu-blocks", "200",
+                           "--host-blocks", "50")
+    assert code == 0
+    replay = json.loads(out.splitlines()[-1])
+    assert {k: v for k, v in sweep.items() if k != "cpu"} == {
+        k: v for k, v in replay.items() if k != "cpu"}
+
+
+def test_a_probe_sweep_of_the_race_shows_what_capacity_does_to_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Probe admission on the race sized for 200 + 50: at that size it loses 1,568 credited
+    tokens (hit rate 32 / 12,850); a host tier of 200 holds every prefix, so the same
+    requests lose none. Sized per row, the 200 row was another race (64 prefixes, 2,016
+    tokens lost), so the rows compared two workloads."""
+    code, out, _ = run_cli(capsys, "sweep", "--workload", "race", "--gpu-blocks", "200",
+                           "--host-blocks", "200,50", "--admission", "probe", "--no-oracle")
+    assert code == 0
+    runs = runs_of(out)
+    assert [r["num_lost_reuse_tokens"] for r in runs] == [0, 1568]
+    assert [r["token_hit_rate"] for r in runs] == [REUSABLE, 32 / 12850]
+    assert all(r["workload"] == RACE_200_50 for r in runs)
