@@ -1,5 +1,5 @@
 """Red team round 29d: every row of ``kvtier sweep`` replays the same requests (the race,
-sized from the cache, included), and a size where nothing fits is refused before any run."""
+sized from the cache, included); the race's requests fit a small step budget."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
+from kvtier import CacheConfig
 from kvtier.cli import main
+from kvtier.scheduler import SchedulerConfig
+from kvtier.sim import RaceWorkload, simulate
 
 # The race sized for 200 GPU + 50 host blocks (32-token blocks, a step of 8,192 tokens):
 # 50 prefixes of one block, fillers, then 50 follow-ups; 104 requests, 12,850 prompt
@@ -83,3 +86,24 @@ def test_a_probe_sweep_of_the_race_shows_what_capacity_does_to_it(
     assert [r["num_lost_reuse_tokens"] for r in runs] == [0, 1568]
     assert [r["token_hit_rate"] for r in runs] == [REUSABLE, 32 / 12850]
     assert all(r["workload"] == RACE_200_50 for r in runs)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_race_fits_a_small_step_budget(chunked: bool) -> None:
+    """A step of 1,024 tokens without chunked prefill skipped the race's fillers (8,192
+    tokens each) as too large: 4 of 132 requests, nothing offloaded, no follow-up onboarded,
+    and probe admission lost nothing (hit rate 0.3951, all of it on the GPU). Each filler
+    is now within the step: probe loses 2,016 of the 2,048 credited tokens and overflows,
+    claim obtains them all; with chunked prefill the outcome is what it was."""
+    cache = CacheConfig(num_gpu_blocks=1024, num_host_blocks=64)
+    workload = RaceWorkload(cache, max_num_tokens=1024)
+    assert max(len(r.prompt) for r in workload) == 1024
+    runs = {adm: simulate(workload, cache, SchedulerConfig(
+        max_num_tokens=1024, enable_chunked_prefill=chunked, admission=adm), check_every=50)
+        for adm in ("claim", "probe")}
+    claim, probe = runs["claim"], runs["probe"]
+    assert (claim.num_requests, claim.num_rejected_too_large) == (160, 0)
+    assert claim.num_credited_tokens == claim.num_obtained_tokens == 2048
+    assert claim.num_host_hit_tokens == 2048 and claim.num_overflow_steps == 0
+    assert (probe.num_credited_tokens, probe.num_obtained_tokens) == (2048, 32)
+    assert (probe.num_lost_reuse_tokens, probe.num_overflow_steps) == (2016, 1)

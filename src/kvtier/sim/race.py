@@ -70,8 +70,11 @@ class RaceWorkload:
             t += 1.0
         # Fillers of whole blocks (all stored), each small enough to be admitted with room
         # for its one output token, enough to fill the GPU and the rest of the host.
+        # NOTE: and each within one step's budget: without chunked prefill a longer prompt
+        # is skipped as too large, and the fillers of 8,192 tokens in a step of 1,024 were
+        # (64 of 192 requests): nothing was offloaded, no follow-up onboarded, no race.
         blocks_left = cache.num_gpu_blocks + max(0, cache.num_host_blocks - n)
-        chunk = max(1, min(256, cache.num_gpu_blocks // 4))
+        chunk = max(1, min(256, cache.num_gpu_blocks // 4, self.max_num_tokens // tpb))
         j = 0
         while blocks_left:
             size = min(blocks_left, chunk)
