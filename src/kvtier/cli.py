@@ -324,6 +324,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     profile = make_profile(args.profile, args.set_profile)
     race = args.trace is None and args.workload == "race"
     workload = _open(args, _race_cache(args) if race else caches[0])
+    _check_fits(workload, min(caches, key=lambda cache: cache.num_gpu_blocks), sched)
     total = num_requests(workload)
     reports = []
     with progress_bar(None if total is None else total * len(caches),
@@ -369,6 +370,24 @@ def _simulate(workload: Workload, cache: CacheConfig, sched: SchedulerConfig,
         raise CLIError(f"cannot replay: {exc}") from None
     _check_served(report.num_requests, report.num_rejected_too_large, cache, sched)
     return report
+
+
+def _check_fits(workload: Workload, cache: CacheConfig, sched: SchedulerConfig) -> None:
+    """:class:`CLIError`, as :func:`_check_served` words it, when no request of ``workload``
+    fits ``cache`` (a sweep's smallest GPU tier: what fits it fits every larger one).
+
+    NOTE: checked before the first run: a sweep ran every row before it (``--gpu-blocks
+    128,16``: the 128 run) and then refused them all for the one that fit nothing. Reads
+    up to the first request that fits, most often the first."""
+    num_too_large = 0
+    try:
+        for request in workload:
+            if not too_large(request, cache, sched):
+                return
+            num_too_large += 1
+    except TraceFormatError as exc:
+        raise CLIError(f"malformed trace: {exc}") from None
+    _check_served(0, num_too_large, cache, sched)
 
 
 def _check_served(num_served: int, num_too_large: int, cache: CacheConfig,

@@ -1,14 +1,16 @@
 """Red team round 29d: every row of ``kvtier sweep`` replays the same requests (the race,
-sized from the cache, included); the race's requests fit a small step budget."""
+sized from the cache, included); a size where nothing fits is refused before any run; the
+race's requests fit a small step budget."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvtier import CacheConfig
+from kvtier import CacheConfig, cli
 from kvtier.cli import main
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim import RaceWorkload, simulate
@@ -107,3 +109,32 @@ def test_the_race_fits_a_small_step_budget(chunked: bool) -> None:
     assert claim.num_host_hit_tokens == 2048 and claim.num_overflow_steps == 0
     assert (probe.num_credited_tokens, probe.num_obtained_tokens) == (2048, 32)
     assert (probe.num_lost_reuse_tokens, probe.num_overflow_steps) == (2016, 1)
+
+
+def test_a_sweep_refuses_a_size_that_fits_nothing_before_any_run(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """Twelve requests of 32 and 95 blocks, none within 16 GPU blocks: ``--gpu-blocks
+    128,16`` ran the 128 row, then refused the whole sweep for the 16 one. Now refused
+    before the first run, naming the size; 128,64 runs both rows (4 skipped at 64)."""
+    trace = tmp_path / "mixed.jsonl"
+    trace.write_text("".join(json.dumps({
+        "timestamp": i * 100, "input_length": 3000 if i % 3 == 2 else 1000,
+        "output_length": 10, "hash_ids": [1, 2, 3, 4, 5, 6] if i % 3 == 2 else [1, 2]}) + "\n"
+        for i in range(12)))
+    calls: list[int] = []
+
+    def counted(workload: object, cache: CacheConfig, *args: Any, **kwargs: Any) -> Any:
+        calls.append(cache.num_gpu_blocks)
+        return simulate(workload, cache, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli, "simulate", counted)
+    code, out, err = run_cli(capsys, "sweep", str(trace), "--gpu-blocks", "128,16",
+                             "--host-blocks", "0")
+    assert (code, out, calls) == (2, "", [])
+    assert err == ("kvtier: error: all 12 requests are too large for 16 GPU blocks of 32 "
+                   "tokens; raise --gpu-blocks\n")
+    code, out, _ = run_cli(capsys, "sweep", str(trace), "--gpu-blocks", "128,64",
+                           "--host-blocks", "0")
+    assert (code, calls) == (0, [128, 64])
+    assert [r["num_rejected_too_large"] for r in runs_of(out)] == [0, 4]
