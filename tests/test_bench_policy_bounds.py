@@ -251,3 +251,20 @@ def test_the_audit_table_shows_a_peer_without_a_result_as_skipped(
     cells = [c.strip() for c in capsys.readouterr().out.splitlines()[2].strip("|").split("|")]
     assert cells == ["scan 3%", "4", "34+30", "1.0", "0.5000 (sd 0.0000)", "skipped", "0.4500",
                      "0.6000", "+0.500", "below vLLM's best"]
+
+
+def test_the_gpu_tier_serves_a_request_of_a_long_output(
+        bench: ModuleType, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """x, y and a request of 4 prompt tokens and 400 output tokens: 101 blocks, past the
+    floor of twice the largest prompt (2 x (1 + 16) = 34 GPU blocks), so every replay
+    skipped it while the bounds counted it. The GPU tier is now at least those 101."""
+    long_output = TraceRequest("long", 2.0, [21, 22, 23, 24], 400)
+    workload = ListWorkload([*make_workload([X, Y]).requests, long_output])
+    monkeypatch.setattr(bench, "workloads", lambda names, limit: {"long": workload})
+    argv = ["--workloads", "long", "--tokens-per-block", str(TPB), "--fractions", "0.5",
+            "--no-peers"]
+    assert bench.main(argv) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert (row["gpu_blocks"], row["host_blocks"], row["num_requests"]) == (101, 0, 3)
+    assert bench.blocks_to_serve(workload, TPB) == 101
