@@ -3,10 +3,11 @@
 Every workload is replayed through ``kvtier.sim.simulate`` (scheduler, two-phase admission,
 GPU + host tiers, virtual clock) once per kvtier policy, at two capacities: 3 % and 10 % of
 the stream's distinct full blocks, a quarter on the GPU (at least twice the largest
-prompt, and every request with its output) and the rest on the host. Per policy: token hit rate and the fraction of the
-LRU->Belady gap it closes, ``(p - lru) / (belady - lru)``, with ``lru`` kvtier's own ``lru``
-run and ``belady`` the offline optimum over the same GPU + host blocks
-(``kvtier.sim.oracle``, full blocks, arrival order); plus the scheduler's and manager's CPU
+prompt, and every request with its output) and the rest on the host. Per policy: token
+hit rate and the fraction of the LRU->Belady gap it closes, ``(p - lru) / (belady - lru)``,
+with ``lru`` kvtier's own ``lru`` run and ``belady`` the offline optimum over the same
+GPU + host blocks (``kvtier.sim.oracle``, counting the heads partial reuse takes, as the
+replays count hits; arrival order); plus the scheduler's and manager's CPU
 microseconds per prompt block (``step()`` + ``update()``, as the replay times them).
 Workloads: the Mooncake conversation and synthetic traces, the Azure conversation and code
 traces (synthetic prefixes), the built-in chat and agentic workloads, and ``mixed``: chat
