@@ -17,11 +17,13 @@ otherwise)::
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from remote_helpers import PrivateCluster, make_blocks, make_namespace
+from remote_helpers import PrivateCluster, PrivateRedis, make_blocks, make_namespace
 
 pytest.importorskip("redis")
 
@@ -91,7 +93,8 @@ class MigratingCluster:
     The cluster's state per key (a key is its own slot here): ``owner`` (absent: a), the
     node its slot migrates to (``migrating``), and ``faults``, the error line a node
     answers for a key whatever else holds. The client's slot map (``slot_map``, absent:
-    a) becomes ``owner`` when reloaded (``nodes_manager.initialize``, counted)."""
+    a) becomes ``owner`` when reloaded (``nodes_manager.initialize``, counted); it lists
+    the nodes in ``listed`` (redis-py's lists those that serve a slot)."""
 
     def __init__(self) -> None:
         import redis
@@ -104,6 +107,7 @@ class MigratingCluster:
         self.num_reloads = 0
         self.nodes_manager = self
         self.nodes = {n.address: n for n in (self.a, self.b, self.c)}
+        self.listed = set(self.nodes)
         self._clients = {name: redis.Redis.from_url(node.url, protocol=2, socket_timeout=5)
                          for name, node in self.nodes.items()}
         self.pipelines: list[tuple[str, list[str]]] = []  # (node, its commands) per pipeline
@@ -134,10 +138,19 @@ class MigratingCluster:
         return _Node(self.slot_map.get(key, self.a).address)
 
     def get_node(self, node_name: str) -> _Node | None:
-        return _Node(node_name) if node_name in self._clients else None
+        return _Node(node_name) if node_name in self.listed else None
 
     def get_redis_connection(self, node: _Node) -> Any:
         return self._clients[node.name]
+
+    def create_redis_connections(self, nodes: list[Any]) -> None:
+        """A client of each of ``nodes`` (redis-py's ``ClusterNode``s) set on it."""
+        import redis
+
+        for node in nodes:
+            node.redis_connection = redis.Redis(host=node.host, port=node.port, protocol=2,
+                                                socket_timeout=5)
+            self._clients[node.name] = node.redis_connection  # closed with the others
 
     def initialize(self) -> None:
         self.num_reloads += 1
@@ -343,12 +356,12 @@ def test_a_malformed_redirect_costs_its_key_alone(cluster: MigratingCluster) -> 
     store.close()
 
 
-def test_an_ask_to_a_node_down_or_unknown_misses_and_trips_only_its_breaker(
+def test_an_ask_to_a_node_down_or_unreachable_misses_and_trips_only_its_breaker(
         cluster: MigratingCluster) -> None:
-    """Block 2 is asked on b, which is down; block 3 on a node the slot map does not know.
-    Both miss, counted; b's breaker opens after three reads (then its asks are skipped,
-    short-circuited), a's never does: blocks 1 and 4 hit throughout, and writes to a go
-    on. No exception reaches the caller."""
+    """Block 2 is asked on b, which is down; block 3 on an address nothing listens on,
+    not in the slot map. Both miss, counted; the breakers of both open after three reads
+    (then their asks are skipped, short-circuited), a's never does: blocks 1 and 4 hit
+    throughout, and writes to a go on. No exception reaches the caller."""
     store, blocks = cluster_store(cluster)
     key = store.namespace.key
     cluster.migrate(key(2), cluster.b)
@@ -357,16 +370,61 @@ def test_an_ask_to_a_node_down_or_unknown_misses_and_trips_only_its_breaker(
     for _ in range(5):
         assert sorted(store.get_many(blocks)) == [1, 4], store.last_error
     stats = store.stats
-    assert (stats.num_asked, stats.num_short_circuited) == (10, 2)
-    assert stats.num_errors == 3 + 5  # b's three failed pipelines, the unknown node's five
+    assert (stats.num_asked, stats.num_short_circuited, stats.num_errors) == (10, 4, 6)
     assert store.put_many(make_blocks(store.namespace, 1, first_hash=9)) == 1
     store.close()
 
 
+def test_an_ask_to_a_node_the_slot_map_does_not_list_is_followed(
+        cluster: MigratingCluster) -> None:
+    """Node c was just added: it serves no slot yet, so the slot map does not list it
+    (redis-py's lists the nodes of ``CLUSTER SLOTS``), and block 2's slot, the first to
+    move to it, is migrating there. Block 2 is read from c after ASKING, on a connection
+    made for it, as is block 3 written there; the slot map is not read again. Before,
+    block 2 missed (no connection to a node it does not list)."""
+    store, blocks = cluster_store(cluster)
+    key = store.namespace.key
+    cluster.listed.discard(cluster.c.address)
+    cluster.migrate(key(2), cluster.c)
+    cluster.migrate(key(5), cluster.c)
+    assert got(store, blocks) == blocks, store.last_error
+    assert store.put_many(make_blocks(store.namespace, 1, first_hash=5)) == 1
+    assert cluster.c.commands == [(b"ASKING", b""), (b"GET", key(2).encode()),
+                                  (b"ASKING", b""), (b"SET", key(5).encode())]
+    assert (store.stats.num_asked, store.stats.num_errors, cluster.num_reloads) == (2, 0, 0)
+    store.close()
+
+
+def join_new_node(cluster: PrivateCluster, tmp_path: Path) -> PrivateRedis:
+    """A fourth master met by ``cluster``'s nodes, serving no slot (not in CLUSTER SLOTS)."""
+    node = PrivateRedis(tmp_path / "node3", cluster=True)
+    with node.client() as new:
+        new.execute_command("CLUSTER", "MEET", "127.0.0.1", cluster.nodes[0].port)
+        new_id = new.execute_command("CLUSTER", "MYID").decode()
+
+    def knows_it(other: PrivateRedis) -> bool:
+        with other.client() as client:
+            return new_id in str(client.execute_command("CLUSTER", "NODES"))
+
+    def is_up() -> bool:
+        with node.client() as client:
+            info = client.execute_command("CLUSTER", "INFO")
+        return "cluster_state:ok" in str(info) or (
+            isinstance(info, dict) and info.get("cluster_state") == "ok")
+
+    deadline = time.monotonic() + 20
+    while not (all(knows_it(n) for n in cluster.nodes) and is_up()):
+        assert time.monotonic() < deadline, "the new node was not met in 20 s"
+        time.sleep(0.1)
+    return node
+
+
+@pytest.mark.parametrize("target_kind", ["listed", "new"])
 def test_a_real_cluster_migrating_a_slot_serves_its_keys_from_both_nodes(
-        redis_cluster: PrivateCluster) -> None:
-    """A real three-node cluster with one slot set MIGRATING on its owner and IMPORTING on
-    another, two of its four keys migrated: all four are read and probed (two after
+        redis_cluster: PrivateCluster, tmp_path: Path, target_kind: str) -> None:
+    """A real cluster with one slot set MIGRATING on its owner and IMPORTING on the target
+    (another master, or one just added, which serves no slot and so is not in the client's
+    slot map), two of its four keys migrated: all four are read and probed (two after
     ASK); a new key of the slot is written to the target (the source answers ASK for a
     key it does not hold); nothing is left to write again. Before, the two migrated keys
     missed and the new key's write failed."""
@@ -376,26 +434,31 @@ def test_a_real_cluster_migrating_a_slot_serves_its_keys_from_both_nodes(
     tag = "{29c}"  # one slot for every key
     keys = [f"{tag}:{i}" for i in range(5)]
     source = redis_cluster.node_of(keys[0])
-    target = next(n for n in redis_cluster.nodes if n is not source)
     payloads = {k: f"value of {k}".encode() for k in keys[:4]}
-    assert store.write_values(list(payloads.items())) == [True] * 4
-    with source.client() as src, target.client() as dst:
-        slot = int(src.execute_command("CLUSTER", "KEYSLOT", keys[0]))
-        source_id = src.execute_command("CLUSTER", "MYID")
-        target_id = dst.execute_command("CLUSTER", "MYID")
-        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-        src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS",
-                            keys[1], keys[3])
-    assert store.read_values(keys) == [*payloads.values(), None]
-    assert store.has_keys(keys) == [True, True, True, True, False]
-    assert store.write_values([(keys[4], b"new")]) == [True]
-    with target.client() as dst:
-        assert dst.execute_command("ASKING") in (b"OK", "OK", True)
-        assert dst.get(keys[4]) == b"new"
-    stats = store.stats
-    assert (stats.num_asked, stats.num_errors, stats.num_redirects_given_up) == (7, 0, 0)
-    store.close()
+    assert store.write_values(list(payloads.items())) == [True] * 4  # the slot map read
+    target = (join_new_node(redis_cluster, tmp_path) if target_kind == "new"
+              else next(n for n in redis_cluster.nodes if n is not source))
+    try:
+        with source.client() as src, target.client() as dst:
+            slot = int(src.execute_command("CLUSTER", "KEYSLOT", keys[0]))
+            source_id = src.execute_command("CLUSTER", "MYID")
+            target_id = dst.execute_command("CLUSTER", "MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS",
+                                keys[1], keys[3])
+        assert store.read_values(keys) == [*payloads.values(), None], store.last_error
+        assert store.has_keys(keys) == [True, True, True, True, False]
+        assert store.write_values([(keys[4], b"new")]) == [True]
+        with target.client() as dst:
+            assert dst.execute_command("ASKING") in (b"OK", "OK", True)
+            assert dst.get(keys[4]) == b"new"
+        stats = store.stats
+        assert (stats.num_asked, stats.num_errors, stats.num_redirects_given_up) == (7, 0, 0)
+    finally:
+        store.close()
+        if target_kind == "new":
+            target.kill()
 
 
 def test_asking_replies_are_read_in_pairs_and_checked() -> None:

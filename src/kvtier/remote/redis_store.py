@@ -33,8 +33,9 @@ that no node serves (a shard gone, with ``cluster-require-full-coverage no``), T
 CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's. A
 redirect is followed once per key, in the same call: a read, probe or write answered
 MOVED (a resharded slot) is made again once the slot map is read again, one answered ASK
-(its slot migrating) on the node the ASK names, right after ``ASKING``, in one pipeline per
-node, the slot map unchanged::
+(its slot migrating) on the node the ASK names (one the slot map does not list too: a
+node just added serves no slot yet), right after ``ASKING``, in one pipeline per node, the
+slot map unchanged::
 
     GET k1 k2 k3 ──node A──> v1, ASK B (k2), MOVED C (k3)
     k2: ASKING, GET k2 ──node B──> v2          a redirect again: given up
@@ -85,6 +86,9 @@ MAX_RETRIES = 100
 MAX_COUNT = 1 << 20
 MAX_BATCH_BYTES = 1 << 40
 MAX_CONNECTIONS = 64
+# The most nodes ASK may name that the slot map does not list (each a client kept): past
+# it, a server naming a new address at every reply would be a new client each time.
+MAX_UNLISTED_NODES = 16
 SOCKET_READ_BYTES = 1 << 20
 # Query parameters of a URL that redis-py would let override an option this class checks
 # (its query wins over keyword arguments), and the option to set instead.
@@ -281,6 +285,7 @@ class RedisRemoteStore(RemoteStoreBase):
         self._num_failures_in_row: dict[str, int] = {}
         self._open_until: dict[str, float] = {}
         self._readers: ThreadPoolExecutor | None = None  # num_connections > 1, lazily
+        self._unlisted: dict[str, Any] = {}  # clients of ASK targets the slot map lacks
         self._readers_pid: int | None = None  # the process that made them
 
     def _backoff(self, attempt: int) -> float:
@@ -333,9 +338,33 @@ class RedisRemoteStore(RemoteStoreBase):
     def _drop_client(self) -> None:
         with self._client_lock:
             client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
+            unlisted, self._unlisted = self._unlisted, {}
+        for dropped in [client, *unlisted.values()]:
+            if dropped is not None:
+                with contextlib.suppress(Exception):
+                    dropped.close()
+
+    def _node_client(self, client: Any, server: str, *, asked: bool = False) -> Any:
+        """The client of ``server``: the standalone ``client`` itself, or a cluster node's;
+        with ``asked`` (a node an ASK named) one the slot map does not list too, made once
+        and kept until the cluster's client is dropped. ConnectionError for another node
+        the slot map no longer lists.
+
+        NOTE: redis-py's slot map lists the nodes that serve a slot (``CLUSTER SLOTS``): a
+        node just added, to which its first slot is migrating, serves none yet, and every
+        key of that slot gone to it missed."""
+        if server == _WHOLE:
+            return client
+        node = client.get_node(node_name=server)
+        if node is not None:
+            return client.get_redis_connection(node)
+        with self._client_lock:
+            made = self._unlisted.get(server)
+            if made is None and asked and len(self._unlisted) < MAX_UNLISTED_NODES:
+                made = self._unlisted[server] = _unlisted_client(client, server)
+        if made is None:
+            raise ConnectionError(f"cluster node {server} is not in the slot map")
+        return made
 
     def check_connection(self) -> str | None:
         """None when the server answers PING, else one sentence saying why not. Never raises."""
@@ -424,7 +453,7 @@ class RedisRemoteStore(RemoteStoreBase):
             client = self._client
         if client is not None:
             with contextlib.suppress(Exception):
-                _server_client(client, server).connection_pool.disconnect(
+                self._node_client(client, server).connection_pool.disconnect(
                     inuse_connections=False)
 
     def _on_connect(self, connection: Any) -> None:
@@ -514,13 +543,16 @@ class RedisRemoteStore(RemoteStoreBase):
         return self._attempt(group)
 
     def _run(self, server: str, commands: list[tuple[Any, ...]], *,
-             raise_on_error: bool = True, read: _Read = read_replies) -> list[Any] | None:
-        """One pipeline of ``commands`` on ``server``, its replies read by ``read`` (as
-        ``_pipeline`` gives them), or None. Without ``raise_on_error``, a command's refusal
-        is its reply."""
+             raise_on_error: bool = True, read: _Read = read_replies,
+             asked: bool = False) -> list[Any] | None:
+        """One pipeline of ``commands`` on ``server`` (with ``asked``, a node an ASK named,
+        listed in the slot map or not), its replies read by ``read`` (as ``_pipeline``
+        gives them), or None. Without ``raise_on_error``, a command's refusal is its
+        reply."""
 
         def execute(client: Any) -> list[Any]:
-            replies = _pipeline(commands, _server_client(client, server), read)
+            replies = _pipeline(commands, self._node_client(client, server, asked=asked),
+                                read)
             if raise_on_error:
                 for reply in replies:
                     if isinstance(reply, Exception):
@@ -636,34 +668,22 @@ class RedisRemoteStore(RemoteStoreBase):
         NOTE: the slot map is left as it is (the slot is still its source's until the
         migration ends: a MOVED tells then). Each key is asked once: a redirect in reply
         (MOVED back to the source, another ASK) is given up, a miss or not written,
-        counted, never followed round a loop. A node down fails its own pipelines (its
-        own breaker); one the slot map does not list (a new node with no slot yet: redis-py
-        keeps no connection to it) costs its keys, counted, without a connection tried."""
+        counted, never followed round a loop. A node the slot map does not list (one just
+        added, its first slot migrating to it) is asked all the same (``_node_client``); a
+        node down fails its own pipelines (its own breaker)."""
         for target, indices in asked.items():
             self._count(num_asked=len(indices))
-            if not self._knows(target):
-                self.last_error = (f"redis at {redact_url(self.url)}: {len(indices)} keys "
-                                   f"were answered ASK to node {target}, which the "
-                                   f"cluster's slot map does not list: they miss.")
-                self._count(num_errors=1)
-                continue
             read = partial(read_asking_replies, scalars=scalars)
             for part in self._chunks([sizes[i] for i in indices]):
                 chunk = indices[part]
                 commands = [c for i in chunk for c in (("ASKING",), command(i))]
-                replies = self._run(target, commands, raise_on_error=False, read=read)
+                replies = self._run(target, commands, raise_on_error=False, read=read,
+                                    asked=True)
                 if replies is None or len(replies) != len(commands):
                     continue
                 # replies[0::2] are ASKING's: one refused leaves its command answered MOVED
                 self._take(chunk, replies[1::2], answers, answer, target, _Redirects([], {}),
                            follow_moved=False, follow_ask=False)
-
-    def _knows(self, node: str) -> bool:
-        """Whether the cluster client's slot map lists ``node`` (true with no client yet:
-        one made for the batch will say). Pure."""
-        with self._client_lock:
-            client = self._client
-        return client is None or client.get_node(node_name=node) is not None
 
     def _redo_moved(self, moved: list[int], answers: list[Any],
                     redo: Callable[[list[int]], list[Any] | None]) -> bool:
@@ -856,14 +876,16 @@ def _read_mget(reader: SocketReader, num_commands: int,
         return [exc]
 
 
-def _server_client(client: Any, server: str) -> Any:
-    """The client of ``server``: the standalone client itself, or a cluster node's."""
-    if server == _WHOLE:
-        return client
-    node = client.get_node(node_name=server)
-    if node is None:
-        raise ConnectionError(f"cluster node {server} is no longer known")
-    return client.get_redis_connection(node)
+def _unlisted_client(client: Any, server: str) -> Any:
+    """A client of the cluster node ``server`` (``host:port``) that the slot map of
+    ``client`` (redis-py's ``RedisCluster``) does not list, made as redis-py makes each
+    node's: the cluster's options (timeouts, auth, TLS, the store's connection hook)."""
+    from redis.cluster import ClusterNode
+
+    host, _, port = server.rpartition(":")
+    node = ClusterNode(host, int(port))  # type: ignore[no-untyped-call]
+    client.nodes_manager.create_redis_connections([node])
+    return node.redis_connection
 
 
 def _pipeline(commands: list[tuple[Any, ...]], client: Any,
