@@ -45,6 +45,8 @@ class MigratingNode(FakeRedis):
         super().__init__()
         self.cluster = cluster
         self.address = self.url.split("//")[1].split("/")[0]  # host:port, redis-py's name
+        self.host, port = self.address.rsplit(":", 1)
+        self.port = int(port)
         self.commands: list[tuple[bytes, bytes]] = []
         self.down = False
         self._connection = threading.local()  # FakeRedis serves a connection per thread
@@ -83,6 +85,16 @@ class MigratingNode(FakeRedis):
             return sum(c == command for c, _ in self.commands)
 
 
+def node_client(host: str, port: int) -> Any:
+    """A client of one node, configured as the store's are (RESP2, no retries of its own)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis(host=host, port=port, protocol=2, socket_timeout=5,
+                       retry=Retry(NoBackoff(), 0))
+
+
 class _Node(NamedTuple):
     name: str
 
@@ -97,7 +109,6 @@ class MigratingCluster:
     the nodes in ``listed`` (redis-py's lists those that serve a slot)."""
 
     def __init__(self) -> None:
-        import redis
 
         self.a, self.b, self.c = (MigratingNode(self) for _ in range(3))
         self.owner: dict[str, MigratingNode] = {}
@@ -108,7 +119,8 @@ class MigratingCluster:
         self.nodes_manager = self
         self.nodes = {n.address: n for n in (self.a, self.b, self.c)}
         self.listed = set(self.nodes)
-        self._clients = {name: redis.Redis.from_url(node.url, protocol=2, socket_timeout=5)
+        self.made: list[str] = []  # the nodes a client was made for (an unlisted ASK target)
+        self._clients = {name: node_client(node.host, node.port)
                          for name, node in self.nodes.items()}
         self.pipelines: list[tuple[str, list[str]]] = []  # (node, its commands) per pipeline
 
@@ -145,11 +157,9 @@ class MigratingCluster:
 
     def create_redis_connections(self, nodes: list[Any]) -> None:
         """A client of each of ``nodes`` (redis-py's ``ClusterNode``s) set on it."""
-        import redis
-
         for node in nodes:
-            node.redis_connection = redis.Redis(host=node.host, port=node.port, protocol=2,
-                                                socket_timeout=5)
+            self.made.append(node.name)
+            node.redis_connection = node_client(node.host, node.port)
             self._clients[node.name] = node.redis_connection  # closed with the others
 
     def initialize(self) -> None:
@@ -417,6 +427,20 @@ def join_new_node(cluster: PrivateCluster, tmp_path: Path) -> PrivateRedis:
         assert time.monotonic() < deadline, "the new node was not met in 20 s"
         time.sleep(0.1)
     return node
+
+
+def test_asks_naming_ever_new_nodes_make_a_bounded_number_of_clients(
+        cluster: MigratingCluster) -> None:
+    """Node a answers each of 20 blocks with ASK to another address nothing listens on:
+    a client is made for the first 16 (``MAX_UNLISTED_NODES``), each tried once and
+    refused; the other 4 miss without one. Every block misses, counted, none raises."""
+    store, blocks = cluster_store(cluster, num_blocks=20)
+    for h in blocks:
+        cluster.faults[cluster.a, store.namespace.key(h)] = b"-ASK 1 127.0.0.1:%d\r\n" % h
+    assert store.get_many(blocks) == {}
+    assert cluster.made == [f"127.0.0.1:{h}" for h in range(1, 17)]
+    assert (store.stats.num_asked, store.stats.num_errors) == (20, 20)
+    store.close()
 
 
 @pytest.mark.parametrize("target_kind", ["listed", "new"])
