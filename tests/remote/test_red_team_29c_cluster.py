@@ -280,6 +280,11 @@ def test_a_write_answered_ask_is_written_on_the_target_once(
     assert (stats.num_puts, stats.num_failed_puts, stats.num_asked, stats.num_errors) == (
         3, 0, 1, 0)
     assert got(store, new) == new  # block 6 read back from b, after an ASK
+    lost: list[list[int]] = []
+    cluster.migrate(key(8), cluster.b)
+    assert store.write_back(make_blocks(store.namespace, 1, first_hash=8), on_lost=lost.append)
+    assert store.flush(10.0) and lost == []  # a background write: not reported lost
+    assert key(8).encode() in cluster.b.data
     store.close()
 
 
