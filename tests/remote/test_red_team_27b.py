@@ -160,7 +160,10 @@ class FakeCluster:
     cluster client: ``owner`` is the client's slot map (key -> node), ``moved`` what
     reloading it (``nodes_manager.initialize``) makes it; a node answers GET of a key in
     ``asked`` with ASK (its slot migrating, the key gone to the other node) and of a key
-    it does not own with MOVED."""
+    it does not own with MOVED. Its slot map lists nodes a and b by those names only: the
+    node an ASK names by address is one it does not list (``get_node`` gives None, as
+    redis-py's does), reached on a client made for it. The node asked knows no ASKING and
+    answers ASK again (a faithful migration: test_red_team_29c_cluster)."""
 
     def __init__(self) -> None:
         import redis
@@ -199,8 +202,14 @@ class FakeCluster:
     def get_node_from_key(self, key: str) -> _Node:
         return _Node(self.owner.get(key, "a"))
 
-    def get_node(self, node_name: str) -> _Node:
-        return _Node(node_name)
+    def get_node(self, node_name: str) -> _Node | None:
+        return _Node(node_name) if node_name in self._clients else None
+
+    def create_redis_connections(self, nodes: list[Any]) -> None:
+        import redis
+
+        for node in nodes:  # redis-py's ClusterNodes, the store closes their clients
+            node.redis_connection = redis.Redis(host=node.host, port=node.port, protocol=2)
 
     def get_redis_connection(self, node: _Node) -> Any:
         return self._clients[node.name]
@@ -239,9 +248,10 @@ def cluster_store(cluster: FakeCluster) -> tuple[Any, dict[int, bytes]]:
 
 def test_a_key_of_a_migrating_slot_misses_alone(fake_cluster: FakeCluster) -> None:
     """Block 2's slot is being migrated and its key has gone to node b: node a answers ASK
-    for it. Only block 2 misses; before, each read of the four failed whole (every block
-    missed), and three in a row opened node a's breaker: for its cooldown every read and
-    write of node a was skipped."""
+    for it, and node b answers ASK again (it is given up: test_red_team_29c_cluster follows
+    a migration whole). Only block 2 misses; before, each read of the four failed
+    whole (every block missed), and three in a row opened node a's breaker: for its
+    cooldown every read and write of node a was skipped."""
     store, blocks = cluster_store(fake_cluster)
     fake_cluster.asked.add(store.namespace.key(2))
     for _ in range(4):
@@ -269,8 +279,8 @@ def test_a_read_answered_moved_is_read_again_after_the_slot_map(
 def test_a_probe_answered_moved_or_ask_costs_only_its_key(fake_cluster: FakeCluster) -> None:
     """``contains_many`` (the vLLM tier's probe of a step's keys) on the same cluster:
     block 3 answered MOVED is asked again after the slot map is read, block 2 answered ASK
-    is absent alone. Before, each failed the chunk: every block absent, and three probes
-    in a row opened node a's breaker."""
+    (asked on b, which answers ASK again) is absent alone. Before, each failed the chunk:
+    every block absent, and three probes in a row opened node a's breaker."""
     store, blocks = cluster_store(fake_cluster)
     key = store.namespace.key(3)
     fake_cluster.b.data[key.encode()] = fake_cluster.a.data.pop(key.encode())

@@ -28,11 +28,23 @@ connection that failed is closed, and the idle ones; another thread's batch in f
 completes on its own); after ``breaker_threshold`` failed batches in a row to one server
 the breaker opens and its batches are skipped (counted as short-circuited) for
 ``cooldown_s``, then one batch probes.
-On a cluster a key's own fault stays that key's: a value of another type under it, or a
-slot that no node serves (a shard gone, with ``cluster-require-full-coverage no``), is its
-miss; a read, probe or write answered MOVED (a resharded slot) is made again once the slot
-map is read again, and a key answered ASK (its slot migrating) misses alone. The URL's
-query may not set what the options here check (redis-py lets it win).
+On a cluster a key's own fault stays that key's: a value of another type under it, a slot
+that no node serves (a shard gone, with ``cluster-require-full-coverage no``), TRYAGAIN or
+CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's. A
+redirect is followed once per key, in the same call: a read, probe or write answered
+MOVED (a resharded slot) is made again once the slot map is read again, one answered ASK
+(its slot migrating) on the node the ASK names (one the slot map does not list too: a
+node just added serves no slot yet), right after ``ASKING``, in one pipeline per node, the
+slot map unchanged::
+
+    GET k1 k2 k3 ──node A──> v1, ASK B (k2), MOVED C (k3)
+    k2: ASKING, GET k2 ──node B──> v2          a redirect again: given up
+    k3: slot map read again, GET k3 ──node C──> v3, or an ASK: followed as k2's;
+                                                a MOVED again: given up
+
+A redirect answered by another (an ASK answered MOVED or ASK, a MOVED again) is given up:
+a miss, counted (``num_redirects_given_up``). The URL's query may not set what the options
+here check (redis-py lets it win).
 redis is imported lazily: ``import kvtier.remote`` works without it.
 """
 
@@ -46,7 +58,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kvtier.remote.codec import RemoteNamespace
@@ -55,6 +67,7 @@ from kvtier.remote.resp import (
     ErrorReply,
     ProtocolError,
     SocketReader,
+    read_asking_replies,
     read_get_replies,
     read_replies,
     read_values_reply,
@@ -73,6 +86,9 @@ MAX_RETRIES = 100
 MAX_COUNT = 1 << 20
 MAX_BATCH_BYTES = 1 << 40
 MAX_CONNECTIONS = 64
+# The most nodes ASK may name that the slot map does not list (each a client kept): past
+# it, a server naming a new address at every reply would be a new client each time.
+MAX_UNLISTED_NODES = 16
 SOCKET_READ_BYTES = 1 << 20
 # Query parameters of a URL that redis-py would let override an option this class checks
 # (its query wins over keyword arguments), and the option to set instead.
@@ -181,12 +197,25 @@ def check_url_query(url: str, cluster: bool = False) -> None:
                          f"{int(database)}: {shown(redact_url(url))}")
 
 
-def _cluster_state_errors() -> tuple[type[Exception], ...]:
-    """The errors a cluster node answers about the cluster, not about one key (a redirect,
-    MOVED or ASK, is about its key)."""
-    from redis.exceptions import ClusterDownError, ClusterError, TryAgainError
+class _Redirects(NamedTuple):
+    """The keys of a batch (their indices) a cluster redirected: answered MOVED (their slot
+    resharded), and per node an ASK named, answered ASK (their slot migrating to it)."""
 
-    return (ClusterDownError, ClusterError, TryAgainError)
+    moved: list[int]
+    asked: dict[str, list[int]]
+
+    @classmethod
+    def merged(cls, parts: Sequence[_Redirects]) -> _Redirects:
+        """The redirects of ``parts`` (a batch's chunks) together. Pure."""
+        whole = cls([], {})
+        for part in parts:
+            whole.moved.extend(part.moved)
+            for node, indices in part.asked.items():
+                whole.asked.setdefault(node, []).extend(indices)
+        whole.moved.sort()
+        for indices in whole.asked.values():
+            indices.sort()
+        return whole
 
 
 class RedisRemoteStore(RemoteStoreBase):
@@ -256,6 +285,7 @@ class RedisRemoteStore(RemoteStoreBase):
         self._num_failures_in_row: dict[str, int] = {}
         self._open_until: dict[str, float] = {}
         self._readers: ThreadPoolExecutor | None = None  # num_connections > 1, lazily
+        self._unlisted: dict[str, Any] = {}  # clients of ASK targets the slot map lacks
         self._readers_pid: int | None = None  # the process that made them
 
     def _backoff(self, attempt: int) -> float:
@@ -308,9 +338,33 @@ class RedisRemoteStore(RemoteStoreBase):
     def _drop_client(self) -> None:
         with self._client_lock:
             client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
+            unlisted, self._unlisted = self._unlisted, {}
+        for dropped in [client, *unlisted.values()]:
+            if dropped is not None:
+                with contextlib.suppress(Exception):
+                    dropped.close()
+
+    def _node_client(self, client: Any, server: str, *, asked: bool = False) -> Any:
+        """The client of ``server``: the standalone ``client`` itself, or a cluster node's;
+        with ``asked`` (a node an ASK named) one the slot map does not list too, made once
+        and kept until the cluster's client is dropped. ConnectionError for another node
+        the slot map no longer lists.
+
+        NOTE: redis-py's slot map lists the nodes that serve a slot (``CLUSTER SLOTS``): a
+        node just added, to which its first slot is migrating, serves none yet, and every
+        key of that slot gone to it missed."""
+        if server == _WHOLE:
+            return client
+        node = client.get_node(node_name=server)
+        if node is not None:
+            return client.get_redis_connection(node)
+        with self._client_lock:
+            made = self._unlisted.get(server)
+            if made is None and asked and len(self._unlisted) < MAX_UNLISTED_NODES:
+                made = self._unlisted[server] = _unlisted_client(client, server)
+        if made is None:
+            raise ConnectionError(f"cluster node {server} is not in the slot map")
+        return made
 
     def check_connection(self) -> str | None:
         """None when the server answers PING, else one sentence saying why not. Never raises."""
@@ -399,7 +453,7 @@ class RedisRemoteStore(RemoteStoreBase):
             client = self._client
         if client is not None:
             with contextlib.suppress(Exception):
-                _server_client(client, server).connection_pool.disconnect(
+                self._node_client(client, server).connection_pool.disconnect(
                     inuse_connections=False)
 
     def _on_connect(self, connection: Any) -> None:
@@ -431,11 +485,12 @@ class RedisRemoteStore(RemoteStoreBase):
                 return
 
     def _refresh_topology(self, exc: BaseException) -> None:
-        """After a node's error: slots that moved (MOVED, ASK, CLUSTERDOWN) are looked up
-        again; a node that is down keeps its slots, so the other nodes go on."""
-        from redis.exceptions import AskError, ClusterDownError, MovedError
+        """After a node's error: slots that moved (MOVED, CLUSTERDOWN) are looked up again;
+        a node that is down keeps its slots, so the other nodes go on. (An ASK changes no
+        slot's owner: ``_follow_asks``.)"""
+        from redis.exceptions import ClusterDownError, MovedError
 
-        if isinstance(exc, MovedError | AskError | ClusterDownError):
+        if isinstance(exc, MovedError | ClusterDownError):
             self._reload_slots()
 
     def _reload_slots(self) -> None:
@@ -489,87 +544,146 @@ class RedisRemoteStore(RemoteStoreBase):
 
     def _run(self, server: str, commands: list[tuple[Any, ...]], *,
              raise_on_error: bool = True, read: _Read = read_replies,
-             fatal: tuple[type[Exception], ...] = ()) -> list[Any] | None:
-        """One pipeline of ``commands`` on ``server``, its replies read by ``read`` (as
-        ``_pipeline`` gives them), or None. Without ``raise_on_error``, a command's refusal
-        is its reply, but for one of ``fatal``, which fails the pipeline still (retried,
-        counted by the breaker)."""
+             asked: bool = False) -> list[Any] | None:
+        """One pipeline of ``commands`` on ``server`` (with ``asked``, a node an ASK named,
+        listed in the slot map or not), its replies read by ``read`` (as ``_pipeline``
+        gives them), or None. Without ``raise_on_error``, a command's refusal is its
+        reply."""
 
         def execute(client: Any) -> list[Any]:
-            replies = _pipeline(commands, _server_client(client, server), read)
-            for reply in replies:
-                if isinstance(reply, Exception) and (raise_on_error
-                                                     or isinstance(reply, fatal)):
-                    raise reply  # the replies were read whole: the connection in step
+            replies = _pipeline(commands, self._node_client(client, server, asked=asked),
+                                read)
+            if raise_on_error:
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        raise reply  # the replies were read whole: the connection in step
             return replies
 
         return self._attempt(execute, server=server)
 
     # -- backend -------------------------------------------------------------------------
     def read_values(self, keys: list[str]) -> list[bytes | None] | None:
-        return self._read(keys, redirect=self.cluster)
+        return self._read(keys, follow_moved=self.cluster)
 
-    def _read(self, keys: list[str], *, redirect: bool) -> list[bytes | None] | None:
-        """``read_values``; with ``redirect``, the keys a node answered MOVED for are read
-        once more after the cluster's slot map is read again (as ``_write`` writes them)."""
-        from redis.exceptions import MovedError
-
+    def _read(self, keys: list[str], *, follow_moved: bool) -> list[bytes | None] | None:
+        """``read_values``; on a cluster the keys answered ASK are read on the node it
+        named (``_follow_asks``), and with ``follow_moved`` those answered MOVED once more
+        after the slot map is read again (as ``_write`` writes them)."""
         groups = self._by_server(keys)
         if groups is None:
             return None
         values: list[bytes | None] = [None] * len(keys)
-        moved: list[int] = []
         # NOTE: a chunk's reply size is unknown up front; assume a block per key.
         block = self.namespace.layout.bytes_per_block
         chunks = [(server, indices[part]) for server, indices in groups
                   for part in self._chunks([block] * len(indices), self.num_connections)]
 
-        def read(server: str, chunk: list[int]) -> None:
+        def read(server: str, chunk: list[int]) -> _Redirects:
             # NOTE: on a cluster, a GET per key (MGET across slots is refused). A key's own
             # refusal (WRONGTYPE: another client's hash or list under the key) raised for
             # the whole pipeline: on a cluster every key of the chunk missed and the node's
             # breaker opened, failing its puts too. It is that key's miss, counted, as MGET
             # on a standalone server answers nil for it (a refused MGET, NOPERM say, still
-            # raises: a failed batch, as before). A reply about the cluster's state rather
-            # than the key's (CLUSTERDOWN, TRYAGAIN) fails the chunk as before, counted by
-            # the node's breaker. A redirect is the key's: MOVED (its slot resharded) is read
-            # again once the slot map is, ASK (its slot migrating, the key moved on) misses.
-            # They failed the chunk, never retried (redis-py's ResponseErrors), every key of
-            # it missed, and three in a row opened the node's breaker for its cooldown: a
-            # resharding took every key of the node off the store while it ran.
+            # raises: a failed batch, as before). So are TRYAGAIN (a slot mid-migration)
+            # and CLUSTERDOWN (a slot no node serves, a cluster down): they failed the
+            # chunk, every key of it missed, and three in a row opened the node's breaker
+            # for its cooldown, past the fault, while the node answered at once. A redirect
+            # is its key's: MOVED (its slot resharded) is read again once the slot map is,
+            # ASK (its slot migrating) on the node it names. Before, either failed the
+            # chunk, then ASK missed alone: a hit lost, the value in the cluster.
             # Either way the replies are read off the socket (``_pipeline``).
             replies: list[Any] | None
             if self.cluster:
                 replies = self._run(server, [("GET", keys[i]) for i in chunk],
-                                    raise_on_error=False, read=read_get_replies,
-                                    fatal=_cluster_state_errors())
+                                    raise_on_error=False, read=read_get_replies)
             else:
                 replies = self._attempt(partial(_mget, [keys[i] for i in chunk]),
                                         server=server)
-            if replies is None:
-                return
-            if len(replies) != len(chunk):
-                return  # a malformed reply: misses
-            self._count_refused(replies, server, redirect)
-            for i, value in zip(chunk, replies, strict=True):
+            redirects = _Redirects([], {})
+            if replies is not None and len(replies) == len(chunk):  # else misses
                 # each chunk writes its own indices
-                values[i] = None if isinstance(value, Exception) else value
-                if redirect and isinstance(value, MovedError):
-                    moved.append(i)  # NOTE: list.append is atomic: chunks run on threads
+                self._take(chunk, replies, values, _value, server, redirects,
+                           follow_moved=follow_moved, follow_ask=self.cluster)
+            return redirects
 
         readers = self._reader_pool() if len(chunks) > 1 else None
         if readers is None:
-            for server, chunk in chunks:
-                read(server, chunk)
+            parts = [read(server, chunk) for server, chunk in chunks]
         else:
             # Every chunk runs, even if one raised: a fault is a miss, never a crash.
-            for future in [readers.submit(read, server, chunk) for server, chunk in chunks]:
-                future.result()
-        if moved:
-            moved.sort()
-            self._redo_moved(moved, values,
-                             lambda idx: self._read([keys[i] for i in idx], redirect=False))
+            parts = [future.result() for future in
+                     [readers.submit(read, server, chunk) for server, chunk in chunks]]
+        redirects = _Redirects.merged(parts)
+        self._follow_asks(redirects.asked, values, lambda i: ("GET", keys[i]), _value,
+                          [block] * len(keys), scalars=False)
+        if redirects.moved:
+            self._redo_moved(redirects.moved, values,
+                             lambda idx: self._read([keys[i] for i in idx],
+                                                    follow_moved=False))
         return values
+
+    def _take(self, chunk: list[int], replies: Sequence[Any], answers: list[Any],
+              answer: Callable[[Any], Any], server: str, redirects: _Redirects, *,
+              follow_moved: bool, follow_ask: bool) -> None:
+        """Put the ``replies`` from ``server`` of the keys at ``chunk`` in ``answers``, as
+        ``answer`` makes each, but note in ``redirects`` those to follow (on a cluster: a
+        MOVED with ``follow_moved``, an ASK with ``follow_ask``). A refusal leaves its
+        key's answer as it was and is counted as an error (the first described in
+        ``last_error``); on a cluster a redirect not followed came in reply to a redirect
+        already (none follows another of its kind; none follows an ASK): given up,
+        counted too (``num_redirects_given_up``)."""
+        from redis.exceptions import AskError, MovedError
+
+        refused: list[Exception] = []
+        num_given_up = 0
+        for i, reply in zip(chunk, replies, strict=True):
+            if not isinstance(reply, Exception):
+                answers[i] = answer(reply)
+                continue
+            if self.cluster and isinstance(reply, AskError):  # MovedError is one too
+                if isinstance(reply, MovedError) and follow_moved:
+                    redirects.moved.append(i)
+                    continue
+                if not isinstance(reply, MovedError) and follow_ask:
+                    redirects.asked.setdefault(f"{reply.host}:{reply.port}", []).append(i)
+                    continue
+                num_given_up += 1
+            refused.append(reply)
+        if refused:
+            description = self._describe(refused[0], server)
+            if num_given_up:
+                description = (f"{description.removesuffix('.')}; {num_given_up} keys "
+                               f"redirected again after a redirect: given up.")
+            self.last_error = description
+            self._count(num_errors=len(refused), num_redirects_given_up=num_given_up)
+
+    def _follow_asks(self, asked: dict[str, list[int]], answers: list[Any],
+                     command: Callable[[int], tuple[Any, ...]], answer: Callable[[Any], Any],
+                     sizes: list[int], *, scalars: bool = True) -> None:
+        """The keys at ``asked`` (per node an ASK named: their slot migrating to it) made
+        there, each ``command`` right after an ``ASKING`` (which lets a node serve the
+        next command on a key of a slot it is importing), in one pipeline per node and
+        chunk (of ``sizes``); their answers put in ``answers`` as ``_take`` puts them.
+
+        NOTE: the slot map is left as it is (the slot is still its source's until the
+        migration ends: a MOVED tells then). Each key is asked once: a redirect in reply
+        (MOVED back to the source, another ASK) is given up, a miss or not written,
+        counted, never followed round a loop. A node the slot map does not list (one just
+        added, its first slot migrating to it) is asked all the same (``_node_client``); a
+        node down fails its own pipelines (its own breaker)."""
+        for target, indices in asked.items():
+            self._count(num_asked=len(indices))
+            read = partial(read_asking_replies, scalars=scalars)
+            for part in self._chunks([sizes[i] for i in indices]):
+                chunk = indices[part]
+                commands = [c for i in chunk for c in (("ASKING",), command(i))]
+                replies = self._run(target, commands, raise_on_error=False, read=read,
+                                    asked=True)
+                if replies is None or len(replies) != len(commands):
+                    continue
+                # replies[0::2] are ASKING's: one refused leaves its command answered MOVED
+                self._take(chunk, replies[1::2], answers, answer, target, _Redirects([], {}),
+                           follow_moved=False, follow_ask=False)
 
     def _redo_moved(self, moved: list[int], answers: list[Any],
                     redo: Callable[[list[int]], list[Any] | None]) -> bool:
@@ -583,18 +697,6 @@ class RedisRemoteStore(RemoteStoreBase):
         for i, answer in zip(moved, again, strict=True):
             answers[i] = answer
         return True
-
-    def _count_refused(self, replies: list[Any], server: str, redirect: bool) -> None:
-        """Count the per-key refusals among a batch's ``replies`` from ``server`` as errors
-        (the first one described in ``last_error``), but a MOVED where ``redirect`` makes
-        the key again once the slot map is read."""
-        from redis.exceptions import MovedError
-
-        refused = [r for r in replies if isinstance(r, Exception)
-                   and not (redirect and isinstance(r, MovedError))]
-        if refused:
-            self.last_error = self._describe(refused[0], server)
-            self._count(num_errors=len(refused))
 
     def _reader_pool(self) -> ThreadPoolExecutor | None:
         """The threads that read chunks at once (None with one connection, or closed)."""
@@ -613,74 +715,74 @@ class RedisRemoteStore(RemoteStoreBase):
             return self._readers
 
     def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None:
-        return self._write(pairs, redirect=self.cluster)
+        return self._write(pairs, follow_moved=self.cluster)
 
-    def _write(self, pairs: list[tuple[str, bytes]], *, redirect: bool) -> list[bool] | None:
-        """``write_values``; with ``redirect``, the keys a node answered MOVED for are
-        written once more after the cluster's slot map is read again.
+    def _write(self, pairs: list[tuple[str, bytes]], *,
+               follow_moved: bool) -> list[bool] | None:
+        """``write_values``; on a cluster the keys answered ASK (a slot migrating: a new
+        key goes to the target) are written on the node it named, and with
+        ``follow_moved`` those answered MOVED once more after the slot map is read again.
 
         NOTE: a MOVED reply (a slot resharded to another node) was counted as a refusal and
         the slot map was never read again on writes: every later write of the slot's keys
-        failed the same way, for as long as no read refreshed it."""
-        from redis.exceptions import MovedError
-
+        failed the same way, for as long as no read refreshed it. An ASK was counted as a
+        refusal too: the block was not written, and the tier wrote it again later."""
         groups = self._by_server([k for k, _ in pairs])
         if groups is None:
             return None
         results = [False] * len(pairs)
-        moved: list[int] = []
+        redirects = _Redirects([], {})
+        ttl = ("PX", self.ttl_ms) if self.ttl_ms is not None else ()
+        sizes = [len(value) for _, value in pairs]
         for server, indices in groups:
-            for part in self._chunks([len(pairs[i][1]) for i in indices]):
+            for part in self._chunks([sizes[i] for i in indices]):
                 chunk = indices[part]
-                ttl = ("PX", self.ttl_ms) if self.ttl_ms is not None else ()
                 replies = self._run(server, [("SET", *pairs[i], *ttl) for i in chunk],
                                     raise_on_error=False)
                 if replies is None or len(replies) != len(chunk):
                     continue
-                if redirect:
-                    moved += [i for i, r in zip(chunk, replies, strict=True)
-                              if isinstance(r, MovedError)]
-                self._count_refused(replies, server, redirect)  # e.g. OOM, noeviction
-                for i, reply in zip(chunk, replies, strict=True):
-                    results[i] = reply == b"OK"
+                # e.g. OOM, noeviction, TRYAGAIN, CLUSTERDOWN: that key's
+                self._take(chunk, replies, results, _written, server, redirects,
+                           follow_moved=follow_moved, follow_ask=self.cluster)
+        self._follow_asks(redirects.asked, results, lambda i: ("SET", *pairs[i], *ttl),
+                          _written, sizes)
+        moved = redirects.moved
         if moved and not self._redo_moved(
-                moved, results, lambda idx: self._write([pairs[i] for i in idx], redirect=False)):
+                moved, results,
+                lambda idx: self._write([pairs[i] for i in idx], follow_moved=False)):
             self._count(num_errors=len(moved))
         return results
 
     def has_keys(self, keys: list[str]) -> list[bool] | None:
-        return self._has(keys, redirect=self.cluster)
+        return self._has(keys, follow_moved=self.cluster)
 
-    def _has(self, keys: list[str], *, redirect: bool) -> list[bool] | None:
+    def _has(self, keys: list[str], *, follow_moved: bool) -> list[bool] | None:
         """``has_keys``; on a cluster a redirect is its key's, as in ``_read``: a key
-        answered MOVED is asked again once the slot map is read again (with ``redirect``),
-        one answered ASK is absent.
+        answered ASK is asked on the node it named, one answered MOVED again once the slot
+        map is read again (with ``follow_moved``); TRYAGAIN or CLUSTERDOWN, absent.
 
-        NOTE: either failed the chunk, never retried: every key of it absent, and the
-        node's breaker counting it."""
-        from redis.exceptions import MovedError
-
+        NOTE: each failed the chunk, never retried: every key of it absent, and the node's
+        breaker counting it; then an ASK was absent alone, though the key was held."""
         groups = self._by_server(keys)
         if groups is None:
             return None
         present = [False] * len(keys)
-        moved: list[int] = []
+        redirects = _Redirects([], {})
         for server, indices in groups:
             for part in self._chunks([1] * len(indices)):
                 chunk = indices[part]
                 got = self._run(server, [("EXISTS", keys[i]) for i in chunk],
-                                raise_on_error=not self.cluster,
-                                fatal=_cluster_state_errors())
+                                raise_on_error=not self.cluster)
                 if got is None or len(got) != len(chunk):
                     continue
-                self._count_refused(got, server, redirect)
-                for i, n in zip(chunk, got, strict=True):
-                    present[i] = n == 1
-                    if redirect and isinstance(n, MovedError):
-                        moved.append(i)
-        if moved:
-            self._redo_moved(moved, present,
-                             lambda idx: self._has([keys[i] for i in idx], redirect=False))
+                self._take(chunk, got, present, _exists, server, redirects,
+                           follow_moved=follow_moved, follow_ask=self.cluster)
+        self._follow_asks(redirects.asked, present, lambda i: ("EXISTS", keys[i]), _exists,
+                          [1] * len(keys))
+        if redirects.moved:
+            self._redo_moved(redirects.moved, present,
+                             lambda idx: self._has([keys[i] for i in idx],
+                                                   follow_moved=False))
         return present
 
     def _close_backend(self) -> None:
@@ -689,6 +791,21 @@ class RedisRemoteStore(RemoteStoreBase):
         if readers is not None:
             readers.shutdown(wait=True)
         self._drop_client()
+
+
+def _value(reply: bytes | None) -> bytes | None:
+    """A read's answer for a GET's (or MGET's) reply: the value, or None. Pure."""
+    return reply
+
+
+def _exists(reply: object) -> bool:
+    """A probe's answer for an EXISTS reply. Pure."""
+    return reply == 1
+
+
+def _written(reply: object) -> bool:
+    """A write's answer for a SET reply. Pure."""
+    return reply == b"OK"
 
 
 # Per connection pool class: whether its ``get_connection`` needs a command name (redis-py
@@ -709,14 +826,23 @@ def _pool_connection(pool: Any) -> Any:
 
 def _refusal(text: str) -> Exception:
     """redis-py's exception for the error line ``text`` (as its pipeline raises it: a
-    ``LOADING`` server is a connection error, retried; ``NOPERM`` a refusal, not)."""
+    ``LOADING`` server is a connection error, retried; ``NOPERM`` a refusal, not), or a
+    plain refusal where redis-py cannot make one of it.
+
+    NOTE: redis-py makes an ASK's or MOVED's exception by splitting its text into a slot
+    and a ``host:port``: a line without them (``-ASK nonsense``) raised ValueError here,
+    which failed the whole pipeline as a fault (every key of it missed, the node's breaker
+    counting it). It is that command's refusal."""
+    from redis.exceptions import ResponseError
+
     try:
         from redis._parsers.base import BaseParser
     except ImportError:  # another layout of redis-py: every error line is a refusal
-        from redis.exceptions import ResponseError
-
         return ResponseError(text)
-    exc: Exception = BaseParser.parse_error(text)  # type: ignore[no-untyped-call]
+    try:
+        exc: Exception = BaseParser.parse_error(text)  # type: ignore[no-untyped-call]
+    except Exception:
+        return ResponseError(text)
     return exc
 
 
@@ -750,14 +876,16 @@ def _read_mget(reader: SocketReader, num_commands: int,
         return [exc]
 
 
-def _server_client(client: Any, server: str) -> Any:
-    """The client of ``server``: the standalone client itself, or a cluster node's."""
-    if server == _WHOLE:
-        return client
-    node = client.get_node(node_name=server)
-    if node is None:
-        raise ConnectionError(f"cluster node {server} is no longer known")
-    return client.get_redis_connection(node)
+def _unlisted_client(client: Any, server: str) -> Any:
+    """A client of the cluster node ``server`` (``host:port``) that the slot map of
+    ``client`` (redis-py's ``RedisCluster``) does not list, made as redis-py makes each
+    node's: the cluster's options (timeouts, auth, TLS, the store's connection hook)."""
+    from redis.cluster import ClusterNode
+
+    host, _, port = server.rpartition(":")
+    node = ClusterNode(host, int(port))  # type: ignore[no-untyped-call]
+    client.nodes_manager.create_redis_connections([node])
+    return node.redis_connection
 
 
 def _pipeline(commands: list[tuple[Any, ...]], client: Any,

@@ -1,4 +1,5 @@
-"""A Redis server's replies (to MGET, pipelined GETs, SETs, EXISTS) read straight off the socket.
+"""A Redis server's replies (to MGET, pipelined GETs, SETs, EXISTS, ASKING) read straight off
+the socket.
 
 redis-py's parser reads a reply into its own buffer and copies every value out of it
 again (hiredis builds each value anew as well): with values of a KV block each (64 KiB to
@@ -233,6 +234,27 @@ def read_replies(reader: SocketReader, num_replies: int, *,
 
 # The replies of pipelined ``GET`` commands: values, nils and error lines only.
 read_get_replies = partial(read_replies, scalars=False)
+
+
+def read_asking_replies(reader: SocketReader, num_replies: int, *,
+                        scalars: bool = True) -> list[bytes | int | ErrorReply | None]:
+    """The replies of ``num_replies`` pipelined commands sent in pairs, ``ASKING`` then a
+    command (a cluster's ASK followed): per pair ``ASKING``'s (``b"OK"``, or the
+    :class:`ErrorReply` that refused it) then the command's, as ``read_replies`` reads it
+    (``scalars`` False for ``GET``). Raises as ``read_replies``, and ``ProtocolError`` for
+    an ``ASKING`` reply that is neither ``+OK`` nor an error line."""
+    assert num_replies % 2 == 0, num_replies
+    replies: list[bytes | int | ErrorReply | None] = []
+    for _ in range(num_replies // 2):
+        line = reader.line()
+        if line[:1] == b"-":
+            replies.append(ErrorReply(line[1:].decode("utf-8", "replace")))
+        elif line == b"+OK":
+            replies.append(b"OK")
+        else:
+            raise ProtocolError(f"an ASKING reply that is no +OK: {line[:40]!r}")
+        replies += read_replies(reader, 1, scalars=scalars)
+    return replies
 
 
 def _value(reader: SocketReader, line: bytes, what: str) -> bytes | None:

@@ -61,6 +61,12 @@ class RemoteStats:
     # times the backend was found to be another incarnation than before (a server's run id
     # changed: restarted or failed over): what was written to it before is gone
     num_resets: int = 0
+    # keys a cluster node answered ASK for (their slot migrating to the node it named),
+    # made on that node after ASKING
+    num_asked: int = 0
+    # keys whose one redirect was answered by another (an ASK answered ASK or MOVED, a
+    # MOVED answered MOVED once the slot map was read again): misses, or not written
+    num_redirects_given_up: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     bad_payload_reasons: dict[str, int] = field(default_factory=dict)
