@@ -9,7 +9,11 @@ the step's forward passes really read from cache."""
 
 from __future__ import annotations
 
-from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig
+from typing import Any
+
+import pytest
+
+from kvtier import CacheConfig, KVCacheManager, Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.metrics import CacheStats
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks of 4 and a last token
@@ -111,3 +115,83 @@ def test_a_failed_pass_after_the_first_chunk_keeps_the_reuse_that_chunk_read() -
     step = sched.requeue_failed(step, ["b"])
     assert (step.num_credited_tokens, step.num_reused_tokens) == (0, 0)
     assert (mgr.stats.num_reused_tokens, mgr.stats.num_lost_reused_tokens) == (8, 0)
+
+
+# ---- the model engine's per-request figures ----------------------------------------------
+
+
+def make_model_engine(num_gpu: int, num_host: int) -> Any:
+    """A ModelEngine of a tiny random Llama on the CPU (skips without torch)."""
+    pytest.importorskip("torch", reason="the model engine needs torch: pip install "
+                                        "'kvtier[torch]'")
+    from kvtier.model import LlamaModel, ModelConfig, ModelEngine
+    from kvtier.storage import KVStorage
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+
+    model = LlamaModel(ModelConfig(), "cpu")
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=num_gpu,
+                                     num_host_blocks=num_host, eviction_policy="priority-lru"))
+    layout = model.config.kv_layout(4)
+    gpu, host = KVStorage(layout, num_gpu, "cpu"), KVStorage(layout, max(1, num_host))
+    return ModelEngine(model, mgr, Scheduler(mgr, SchedulerConfig(max_num_tokens=64)),
+                       TorchTransferEngine(gpu, host))
+
+
+def drain_engine(engine: Any) -> list[ScheduledStep]:
+    steps = []
+    while engine.scheduler.has_unfinished():
+        steps.append(engine.step()[0])
+    return steps
+
+
+def split(result: Any) -> tuple[int, int, int, int]:
+    return (result.num_gpu_tokens, result.num_host_tokens, result.num_remote_tokens,
+            result.num_computed_tokens)
+
+
+def test_a_request_queued_with_output_reports_the_reuse_its_prefill_got() -> None:
+    """a finishes PROMPT with 3 tokens; b is queued with PROMPT and a's first 2 (11 tokens
+    to prefill): its admission reuses a's 2 full blocks and computes 3. Its result said 0
+    reused and 0 computed (a request with output was never looked up)."""
+    engine = make_model_engine(12, 0)
+    engine.add_request(Request("a", PROMPT, 3))
+    drain_engine(engine)
+    output = engine.results["a"].output
+    assert split(engine.results["a"]) == (0, 0, 0, 9)
+    engine.add_request(Request("b", PROMPT, 6, output=output[:2]))
+    steps = drain_engine(engine)
+    assert [(c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in steps[0].context_chunks] == [(8, 3, 8)]
+    assert split(engine.results["b"]) == (8, 0, 0, 3)
+    assert engine.results["b"].num_reused_tokens == 8
+
+
+def test_a_request_whose_onboard_fails_reports_the_readmission_that_ran() -> None:
+    """b's first admission promises 4 GPU + 4 host tokens; its plan fails (a CUDA error):
+    it is requeued and its readmission reuses the 4 GPU tokens and computes 5. Its result
+    said 4 GPU + 4 host reused, 1 computed: the admission that never ran."""
+    engine = make_model_engine(4, 8)
+    for rid, prompt in (("a", PROMPT), ("x", OTHER)):
+        engine.add_request(Request(rid, prompt, 1))
+        drain_engine(engine)
+    submit = engine.transfer.submit
+    failures: list[Any] = []
+
+    def failing_submit(plan: Any) -> Any:
+        if not failures and len(plan):
+            failures.append(plan)
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        return submit(plan)
+
+    engine.transfer.submit = failing_submit
+    engine.add_request(Request("b", PROMPT, 2))
+    steps = drain_engine(engine)
+    assert len(failures) == 1 and engine.num_failed_steps == 1
+    assert (steps[0].context_chunks, steps[0].num_credited_tokens,
+            steps[0].num_reused_tokens) == ((), 8, 0)
+    assert [(c.first_token, c.num_reused_tokens) for c in steps[1].context_chunks] == [(4, 4)]
+    assert split(engine.results["b"]) == (4, 0, 0, 5)
+    stats = engine.manager.stats
+    assert (stats.num_reused_tokens, stats.num_resumed_reused_tokens,
+            stats.num_lost_reused_tokens) == (0, 4, 8)
+
