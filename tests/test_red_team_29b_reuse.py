@@ -9,11 +9,16 @@ the step's forward passes really read from cache."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from kvtier import CacheConfig, KVCacheManager, Request, ScheduledStep, Scheduler, SchedulerConfig
+from kvtier.invariants import check_books
+from kvtier.tier import Tier
+from plan_ops import apply_op
 from kvtier.metrics import CacheStats
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks of 4 and a last token
@@ -195,3 +200,222 @@ def test_a_request_whose_onboard_fails_reports_the_readmission_that_ran() -> Non
     assert (stats.num_reused_tokens, stats.num_resumed_reused_tokens,
             stats.num_lost_reused_tokens) == (0, 4, 8)
 
+
+# ---- a seeded loop: reported reuse == the reuse the data plane saw read -------------------
+
+BAD = "garbage"  # a position a failed copy or pass left, or an unaccepted draft's
+
+
+def next_token(tokens: list[int]) -> int:
+    """The token the fake model samples after ``tokens`` (its drafts are the same)."""
+    return (sum(tokens) * 31 + len(tokens)) % 7 + 1
+
+
+class ReuseLoop:
+    """An engine loop over a scheduler and manager whose data plane keeps, per slot and
+    position, the prefix whose KV it holds. Copies and passes fail at random. Each step's
+    forward passes check every position they read; a first chunk's reads below its first
+    token are the reuse its admission obtained, counted here from the data plane and the
+    step's final chunks, against every figure kvtier reports."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        tpb = self.tpb = 4
+        gpu, host = rng.randint(5, 12), rng.choice([0, 6, 12])
+        self.mgr = KVCacheManager(CacheConfig(
+            tokens_per_block=tpb, num_gpu_blocks=gpu, num_host_blocks=host,
+            enable_partial_reuse=rng.random() < 0.7, copy_on_partial_reuse=rng.random() < 0.7,
+            eviction_policy=rng.choice(["lru", "priority-lru"])))
+        self.sched = Scheduler(self.mgr, SchedulerConfig(
+            max_num_tokens=rng.choice([6, 9, 16, 32]), max_batch_size=rng.choice([2, 8]),
+            enable_chunked_prefill=rng.random() < 0.7,
+            capacity_policy=rng.choice(["guaranteed_no_evict", "max_utilization"]),
+            num_speculative_tokens=rng.choice([0, 0, 2])))
+        self.gpu: dict[int, list[object]] = {s: [None] * tpb for s in range(gpu)}
+        self.host: dict[int, list[object]] = {s: [None] * tpb for s in range(host)}
+        self.fresh: set[str] = set()  # queued, not yet admitted: the next admission's a query
+        self.requests: dict[str, Request] = {}
+        self.num_batches = 0
+        self.totals = {"reused": 0, "host": 0, "lost": 0, "failed": 0, "multi": 0}
+
+    # -- the data plane --
+
+    def run_plan(self, plan: Any, failed: set[int]) -> set[int]:
+        """Run the plan's ops (a failed one writes garbage); return the GPU slots that
+        hold a host block's copy now (onboarded, or copied from one)."""
+        from_host: set[int] = set()
+        for i in range(len(plan)):
+            op = plan.op(i)
+            dst = self.gpu if op.dst_tier is Tier.GPU else self.host
+            if i in failed:
+                dst[op.dst_slot] = [BAD] * self.tpb
+            else:
+                apply_op(op, self.gpu, self.host)
+            if op.dst_tier is Tier.GPU:
+                via_host = op.src_tier is Tier.HOST or (op.src_slot in from_host)
+                (from_host.add if via_host else from_host.discard)(op.dst_slot)
+        return from_host
+
+    def read(self, rid: str, tokens: list[int], end: int) -> None:
+        table = self.mgr.block_table(rid)
+        tpb = self.tpb
+        for p in range(end):
+            assert self.gpu[table[p // tpb]][p % tpb] == tuple(tokens[:p + 1]), (rid, p)
+
+    def write(self, rid: str, tokens: list[int], start: int, end: int,
+              marker: object = None) -> None:
+        table = self.mgr.block_table(rid)
+        tpb = self.tpb
+        for p in range(start, end):
+            self.gpu[table[p // tpb]][p % tpb] = (tuple(tokens[:p + 1]) if marker is None
+                                                  else marker)
+
+    # -- the loop --
+
+    def add(self, i: int) -> None:
+        rng = self.rng
+        known = [q for q in self.requests.values()
+                 if not q.held and len(q.output) < q.max_output_tokens]
+        if known and rng.random() < 0.3:
+            req = rng.choice(known)  # stopped or aborted: queued again with its output
+        else:
+            base = rng.choice([[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 7, 7], [5] * 8])
+            output = [rng.randint(1, 7) for _ in range(rng.choice([0, 0, 0, 2, 5]))]
+            req = Request(f"r{i}", base[:rng.randint(1, len(base))] + [rng.randint(1, 3)],
+                          len(output) + rng.randint(1, 8), output=output,
+                          skip_reading_prefix_cache=rng.random() < 0.1)
+        try:
+            self.sched.add_request(req)
+        except ValueError:
+            assert not req.held
+            return
+        self.requests[req.request_id] = req
+        if not req.skip_reading_prefix_cache:
+            self.fresh.add(req.request_id)
+
+    def step(self) -> None:
+        rng, sched, mgr = self.rng, self.sched, self.mgr
+        before = replace(mgr.stats, gpu=replace(mgr.stats.gpu), host=replace(mgr.stats.host))
+        real = mgr.add_sequence_batch
+        batches = []
+
+        def counted(specs: Any) -> Any:
+            batches.append(1)
+            return real(specs)
+
+        mgr.add_sequence_batch = counted  # type: ignore[method-assign]
+        try:
+            step = sched.step()
+        finally:
+            del mgr.add_sequence_batch
+        assert step.num_credited_tokens == step.num_reused_tokens, step
+        admitted = {c.request_id: c for c in step.context_chunks
+                    if c.first_token == c.num_reused_tokens}
+        queries = {rid for rid in admitted if rid in self.fresh}
+        self.fresh -= set(admitted)
+        plan = step.transfer_plan
+        failed = ({i for i in range(len(plan)) if rng.random() < 0.4}
+                  if len(plan) and rng.random() < 0.2 else set())
+        from_host = self.run_plan(plan, failed)
+        if failed:
+            self.totals["failed"] += 1
+            step = sched.requeue_failed(step, mgr.transfer_failed(plan, sorted(failed)))
+        ids = [c.request_id for c in step.context_chunks] + list(step.decode_request_ids)
+        if ids and rng.random() < 0.1:
+            rid = rng.choice(ids)  # its pass dies halfway: garbage where it was to write
+            running = sched.running[rid]
+            chunk = next((c for c in step.context_chunks if c.request_id == rid), None)
+            if chunk is not None:
+                self.write(rid, running.tokens, chunk.first_token,
+                           chunk.first_token + chunk.num_tokens, BAD)
+            else:
+                self.write(rid, running.tokens, len(running.tokens) - 1,
+                           len(running.tokens), BAD)
+            self.totals["failed"] += 1
+            step = sched.requeue_failed(step, mgr.compute_failed([rid]))
+        # The forward passes: what each first chunk read from the cache is its reuse.
+        obtained: dict[str, int] = {}
+        host_read = 0
+        sampled: dict[str, int | list[int]] = {}
+        tpb = self.tpb
+        for chunk in step.context_chunks:
+            req = sched.running[chunk.request_id]
+            tokens = req.tokens
+            self.read(chunk.request_id, tokens, chunk.first_token)
+            if chunk.request_id in admitted:
+                obtained[chunk.request_id] = chunk.first_token
+                if chunk.request_id in queries:
+                    table = mgr.block_table(chunk.request_id)
+                    host_read += sum(1 for p in range(chunk.first_token)
+                                     if table[p // tpb] in from_host)
+            end = chunk.first_token + chunk.num_tokens
+            self.write(chunk.request_id, tokens, chunk.first_token, end)
+            if end >= len(tokens):
+                sampled[chunk.request_id] = next_token(tokens)
+        drafts = step.num_draft_tokens or (0,) * len(step.decode_request_ids)
+        for rid, num_drafts in zip(step.decode_request_ids, drafts, strict=True):
+            tokens = sched.running[rid].tokens
+            self.read(rid, tokens, len(tokens) - 1)
+            cont = list(tokens)
+            for _ in range(num_drafts + 1):
+                cont.append(next_token(cont))
+            accepted = rng.randint(0, num_drafts)
+            self.write(rid, cont, len(tokens) - 1, len(tokens) + accepted)
+            self.write(rid, cont, len(tokens) + accepted, len(tokens) + num_drafts, BAD)
+            new = cont[len(tokens):len(tokens) + accepted + 1]
+            sampled[rid] = new if num_drafts else new[0]
+        # Reported == obtained: per request, per step, in the manager's counters.
+        for rid, n in obtained.items():
+            assert admitted[rid].num_reused_tokens == n, (rid, admitted[rid], n)
+        assert step.num_reused_tokens == sum(obtained.values()), (step, obtained)
+        s = mgr.stats
+        got = sum(obtained.values())
+        got_queries = sum(n for rid, n in obtained.items() if rid in queries)
+        assert (s.num_reused_tokens + s.num_resumed_reused_tokens) - (
+            before.num_reused_tokens + before.num_resumed_reused_tokens) == got
+        assert s.num_reused_tokens - before.num_reused_tokens == got_queries
+        assert s.num_lost_reused_tokens - before.num_lost_reused_tokens == \
+            step.num_credited_tokens - step.num_reused_tokens
+        tier_blocks = (s.gpu.reused_blocks + s.host.reused_blocks) * tpb
+        assert tier_blocks + s.num_partial_tokens == s.num_reused_tokens
+        if len(batches) <= 1:  # one batch: its host blocks are the ones it onboarded
+            assert s.num_host_reused_tokens - before.num_host_reused_tokens == host_read
+        else:
+            self.totals["multi"] += 1
+        self.totals["reused"] += got
+        self.totals["host"] += host_read
+        self.totals["lost"] += step.num_credited_tokens - step.num_reused_tokens
+        stopped = frozenset(rid for rid in sampled if rng.random() < 0.15)
+        sched.update(step, sampled, stopped)
+        sched.check_invariants()
+        check_books(mgr._cache, mgr._live)
+
+    def run(self, num_ops: int) -> None:
+        rng, sched = self.rng, self.sched
+        for i in range(num_ops):
+            r = rng.random()
+            if r < 0.3:
+                self.add(i)
+            elif r < 0.36 and self.requests:
+                rid = rng.choice(list(self.requests))
+                if sched.abort(rid) is not None:
+                    self.fresh.discard(rid)
+            elif sched.has_unfinished():
+                self.step()
+        for _ in range(300):
+            if not sched.has_unfinished():
+                break
+            self.step()
+        assert not sched.has_unfinished() and self.mgr.num_sequences == 0
+        assert self.mgr.num_free_gpu_blocks == self.mgr.config.num_gpu_blocks
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_reuse_reported_is_the_reuse_the_data_plane_read(seed: int) -> None:
+    """Random adds (some with output, some skipping the cache, some queued again), aborts,
+    steps with failed copies and passes, stops, drafts, chunked prefill, partial reuse, a
+    host tier and preemption: every first chunk's reuse, every step's, and the manager's
+    counters (queries' and recomputes' reuse, host hits, lost reuse) equal what the
+    forward passes read from the cache."""
+    loop = ReuseLoop(random.Random(seed))
+    loop.run(40)
