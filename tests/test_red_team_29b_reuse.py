@@ -17,9 +17,9 @@ import pytest
 
 from kvtier import CacheConfig, KVCacheManager, Request, ScheduledStep, Scheduler, SchedulerConfig
 from kvtier.invariants import check_books
+from kvtier.metrics import CacheStats
 from kvtier.tier import Tier
 from plan_ops import apply_op
-from kvtier.metrics import CacheStats
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks of 4 and a last token
 OTHER = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]  # 3 full blocks
