@@ -100,13 +100,15 @@ def test_a_request_a_failed_step_admitted_onto_an_imported_block_is_one_query() 
     with pytest.raises(Injected):
         sched.step()
     del mgr.add_sequence_batch
-    assert (mgr.stats.num_prompt_tokens, mgr.stats.num_host_reused_tokens) == (5, 4)
+    # Its 4 host tokens never onboarded: taken back, lost (red team 29b).
+    assert (mgr.stats.num_prompt_tokens, mgr.stats.num_host_reused_tokens,
+            mgr.stats.num_lost_reused_tokens) == (5, 0, 4)
     step = sched.step()
     sched.update(step, {"a": 0})
     assert not sched.has_unfinished()
     s = mgr.stats
     assert (s.num_admitted, s.num_prompt_tokens, s.num_reused_tokens, s.num_resumed,
-            s.num_resumed_prompt_tokens) == (2, 5, 4, 1, 5)
+            s.num_resumed_prompt_tokens) == (2, 5, 0, 1, 5)
     mgr.check_invariants()
 
 def test_a_host_prefix_two_requests_of_a_batch_find_is_a_host_hit_for_both() -> None:
@@ -180,8 +182,10 @@ class QueryBooks(RuleBasedStateMachine):
     """Scheduler + manager under admissions, chunked prefill, drafts, preemption, failed
     copies and passes, aborts, requests queued again and resets. A reference counts each
     admission from the steps (a first chunk): the first after ``add_request`` is the
-    request's query, every later one a recompute. The manager's counters must say the
-    same after every operation, and its tiers' blocks agree with its tokens."""
+    request's query, every later one a recompute; one a failed copy or pass (or a step
+    failed whole) aborts in its own step obtained none of its reuse, which is taken back
+    and counted lost (red team 29b). The manager's counters must say the same after
+    every operation, and its tiers' blocks agree with its tokens."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -191,6 +195,9 @@ class QueryBooks(RuleBasedStateMachine):
         self.fresh: set[str] = set()  # queued and not admitted since
         self.num_query = self.num_resumed = self.num_resumed_tokens = self.num_reused = 0
         self.num_admitted = 0
+        self.num_lost = 0
+        # This step's admissions: request id -> (a query's?, its reuse).
+        self.admitted_now: dict[str, tuple[bool, int]] = {}
 
     @initialize(num_gpu=st.integers(6, 12), num_host=st.sampled_from([0, 2, 8]),
                 partial=st.booleans(), copy_partial=st.booleans(),
@@ -290,9 +297,11 @@ class QueryBooks(RuleBasedStateMachine):
             return admissions
 
         mgr.add_sequence_batch = counted  # type: ignore[method-assign]
+        self.admitted_now = {}
         try:
             step = sched.step()
         except Injected:
+            self.take_back(list(self.admitted_now))  # none of its work ran
             return  # failed whole: its requests recompute
         finally:
             del mgr.add_sequence_batch
@@ -306,11 +315,14 @@ class QueryBooks(RuleBasedStateMachine):
         plan = step.transfer_plan
         if fail_copy and len(plan):
             failed = data.draw(st.lists(st.integers(0, len(plan) - 1), min_size=1))
-            step = sched.requeue_failed(step, mgr.transfer_failed(plan, failed))
+            aborted = mgr.transfer_failed(plan, failed)
+            self.take_back(aborted)
+            step = sched.requeue_failed(step, aborted)
         ids = [c.request_id for c in step.context_chunks] + list(step.decode_request_ids)
         if fail_pass and ids:
             gone = mgr.compute_failed(data.draw(st.lists(st.sampled_from(ids), min_size=1,
                                                          unique=True)))
+            self.take_back(gone)
             step = sched.requeue_failed(step, gone)
         sampled = {rid: 7 for rid in [c.request_id for c in step.context_chunks]
                    + list(step.decode_request_ids)}
@@ -347,9 +359,21 @@ class QueryBooks(RuleBasedStateMachine):
             self.fresh.discard(rid)
             self.num_query += len(spec.token_array)
             self.num_reused += num_reused
+            self.admitted_now[rid] = (True, num_reused)
         else:
             self.num_resumed += len(spec.token_array)
             self.num_resumed_tokens += num_reused
+            self.admitted_now[rid] = (False, num_reused)
+
+    def take_back(self, aborted: list[str]) -> None:
+        """The reference: the requests of ``aborted`` admitted in this step never ran."""
+        for rid in aborted:
+            query, num_reused = self.admitted_now.pop(rid, (True, 0))
+            if query:
+                self.num_reused -= num_reused
+            else:
+                self.num_resumed_tokens -= num_reused
+            self.num_lost += num_reused
 
     @invariant()
     def books_agree(self) -> None:
@@ -361,8 +385,9 @@ class QueryBooks(RuleBasedStateMachine):
         s = mgr.stats
         assert s.num_admitted == self.num_admitted
         assert (s.num_prompt_tokens, s.num_reused_tokens) == (self.num_query, self.num_reused)
-        assert (s.num_resumed_prompt_tokens, s.num_resumed_reused_tokens) == (
-            self.num_resumed, self.num_resumed_tokens)
+        assert (s.num_resumed_prompt_tokens, s.num_resumed_reused_tokens,
+                s.num_lost_reused_tokens) == (self.num_resumed, self.num_resumed_tokens,
+                                              self.num_lost)
         tpb = mgr.config.tokens_per_block
         full = (s.gpu.reused_blocks + s.host.reused_blocks) * tpb
         assert full + s.num_partial_tokens == s.num_reused_tokens

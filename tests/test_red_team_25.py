@@ -169,8 +169,10 @@ class TierBooks(RuleBasedStateMachine):
     that skip the cache, with partial reuse, host offload, imports, failed copies, key-space
     drops and resets. A reference takes each spec's ``lookup_spec`` just before its batch
     (what the admission promises, tier by tier) and counts the admitted ones as the stats
-    must: a query's reuse split GPU / host, a recompute's apart, a skip in neither. After
-    every operation the stats equal the reference exactly, and the tokens agree with the
+    must: a query's reuse split GPU / host, a recompute's apart, a skip in neither; a
+    request a failed copy aborts computed nothing since its admission (no call here grows
+    one), so its reuse is taken back and counted lost (red team 29b). After every
+    operation the stats equal the reference exactly, and the tokens agree with the
     blocks."""
 
     def __init__(self) -> None:
@@ -178,7 +180,10 @@ class TierBooks(RuleBasedStateMachine):
         self.mgr = make_manager()
         self.num = 0
         self.ref = dict.fromkeys(("prompt", "reused", "host", "partial", "resumed_prompt",
-                                  "resumed_reused", "admitted", "gpu_blocks", "host_blocks"), 0)
+                                  "resumed_reused", "admitted", "gpu_blocks", "host_blocks",
+                                  "lost"), 0)
+        # Per live request that looked the cache up: what its admission counted.
+        self.counted: dict[str, dict[str, int]] = {}
 
     @initialize(num_gpu=st.integers(4, 12), num_host=st.sampled_from([0, 3, 8]),
                 partial=st.booleans(), copy_partial=st.booleans(),
@@ -218,22 +223,29 @@ class TierBooks(RuleBasedStateMachine):
                                              else m.num_tokens), (spec, m, adm)
             if spec.skip_reading_prefix_cache:
                 continue
+            self.ref["prompt" if not spec.resumed else "resumed_prompt"] += len(
+                spec.token_array)
             if spec.resumed:
-                self.ref["resumed_prompt"] += len(spec.token_array)
-                self.ref["resumed_reused"] += m.num_tokens
-                continue
-            self.ref["prompt"] += len(spec.token_array)
-            self.ref["reused"] += m.num_tokens
-            self.ref["host"] += m.num_host_tokens
-            self.ref["partial"] += m.num_partial_tokens
-            partial_gpu = m.num_partial_tokens if m.num_gpu_tokens % tpb else 0
-            self.ref["gpu_blocks"] += (m.num_gpu_tokens - partial_gpu) // tpb
-            self.ref["host_blocks"] += (m.num_host_tokens - (
-                m.num_partial_tokens - partial_gpu)) // tpb
+                counted = {"resumed_reused": m.num_tokens}
+            else:
+                partial_gpu = m.num_partial_tokens if m.num_gpu_tokens % tpb else 0
+                counted = {"reused": m.num_tokens, "host": m.num_host_tokens,
+                           "partial": m.num_partial_tokens,
+                           "gpu_blocks": (m.num_gpu_tokens - partial_gpu) // tpb,
+                           "host_blocks": (m.num_host_tokens - (
+                               m.num_partial_tokens - partial_gpu)) // tpb}
+            for name, n in counted.items():
+                self.ref[name] += n
+            self.counted[spec.request_id] = counted
         if data.draw(st.booleans()):
             plan = mgr.take_plan()
             if len(plan) and data.draw(st.booleans()):
-                mgr.transfer_failed(plan, [data.draw(st.integers(0, len(plan) - 1))])
+                aborted = mgr.transfer_failed(plan, [data.draw(st.integers(0, len(plan) - 1))])
+                for rid in aborted:
+                    counted = self.counted.pop(rid, {})
+                    for name, n in counted.items():
+                        self.ref[name] -= n
+                    self.ref["lost"] += counted.get("reused", counted.get("resumed_reused", 0))
 
     @rule(data=st.data())
     def remove(self, data: st.DataObject) -> None:
@@ -244,6 +256,7 @@ class TierBooks(RuleBasedStateMachine):
             while mgr.num_unscheduled_tokens(rid):
                 mgr.schedule_prefill(rid, mgr.num_unscheduled_tokens(rid))
             mgr.remove_sequence(rid)
+            self.counted.pop(rid, None)
 
     @rule(prefix=st.integers(0, 2), length=st.integers(4, 14), num_blocks=st.integers(1, 3))
     def import_blocks(self, prefix: int, length: int, num_blocks: int) -> None:
@@ -267,8 +280,8 @@ class TierBooks(RuleBasedStateMachine):
             ref["admitted"], ref["prompt"], ref["reused"], ref["host"], ref["partial"])
         assert (s.num_resumed_prompt_tokens, s.num_resumed_reused_tokens) == (
             ref["resumed_prompt"], ref["resumed_reused"])
-        assert (s.gpu.reused_blocks, s.host.reused_blocks) == (
-            ref["gpu_blocks"], ref["host_blocks"])
+        assert (s.gpu.reused_blocks, s.host.reused_blocks, s.num_lost_reused_tokens) == (
+            ref["gpu_blocks"], ref["host_blocks"], ref["lost"])
         tpb = mgr.config.tokens_per_block
         assert (s.gpu.reused_blocks + s.host.reused_blocks) * tpb + s.num_partial_tokens == \
             s.num_reused_tokens

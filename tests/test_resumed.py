@@ -81,8 +81,9 @@ def test_a_request_requeued_after_a_failed_onboard_is_one_query() -> None:
     """x pushes a's second block [5 6 7 8] to the host (a's first stays on the GPU). b's
     onboard of it fails: the manager aborts b (the block is gone) and the scheduler
     requeues it to recompute. Its second admission is resumed (4 tokens found again, on
-    the GPU): the queries are a's, x's and b's prompts, each once, b's first admission's
-    hit (4 GPU + 4 host tokens) as it was counted."""
+    the GPU): the queries are a's, x's and b's prompts, each once. b's first admission's
+    hit (4 GPU + 4 host tokens) is taken back when its onboard fails (it obtained none of
+    it) and counted lost; its recompute's 4 tokens are counted as resumed."""
     mgr = make_manager(num_gpu_blocks=4, num_host_blocks=8)
     sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=64))
     for rid, prompt in (("a", PROMPT), ("x", OTHER[:12])):
@@ -104,5 +105,5 @@ def test_a_request_requeued_after_a_failed_onboard_is_one_query() -> None:
         mgr.check_invariants()
     s = mgr.stats
     assert (s.num_admitted, s.num_prompt_tokens, s.num_resumed) == (4, 9 + 12 + 9, 1)
-    assert (s.num_reused_tokens, s.num_host_reused_tokens) == (8, 4)
+    assert (s.num_reused_tokens, s.num_host_reused_tokens, s.num_lost_reused_tokens) == (0, 0, 8)
     assert (s.num_resumed_prompt_tokens, s.num_resumed_reused_tokens) == (9, 4)

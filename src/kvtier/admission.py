@@ -29,6 +29,7 @@ from kvtier.cache import BlockCache
 from kvtier.config import CacheConfig
 from kvtier.live import LiveTable
 from kvtier.matching import Match, PartialMatch, match
+from kvtier.metrics import CountedReuse
 from kvtier.radix import Node, path_to_root
 from kvtier.reprs import shown
 from kvtier.sequence import LiveSequence, SequenceSpec, block_extras
@@ -321,6 +322,10 @@ class BatchAdmission:
         stats.num_admitted += 1
         if spec.skip_reading_prefix_cache:
             return
+        # Kept for a failure that aborts it before its work runs (``CacheStats.take_back``).
+        seq.counted = CountedReuse(spec.resumed, promise.match.num_tokens,
+                                   promise.num_partial_tokens, promise.match.num_host_tokens,
+                                   promise.num_gpu_blocks, promise.num_host_blocks)
         if spec.resumed:
             stats.num_resumed += 1
             stats.num_resumed_prompt_tokens += len(seq.tokens)

@@ -58,7 +58,9 @@ def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
     it, so one reading a slot the failure left garbage writes garbage too.
 
     Contract: discards aborted requests from ``live`` and releases their blocks; drops
-    damaged and never-computed blocks from ``cache``; changes nothing else.
+    damaged and never-computed blocks from ``cache``; takes back from its stats the reuse
+    of an aborted request that computed nothing since its admission (``_take_back_unrun``);
+    changes nothing else.
     """
     damaged: set[tuple[int, int]] = set()
     failed = set(failed_indices)
@@ -140,6 +142,7 @@ def _abort_spreading(cache: BlockCache, live: LiveTable, damaged: set[tuple[int,
     ordered = sorted(aborted.values(), key=lambda seq: order[seq.request_id])
     for seq in ordered:
         _release_unstored(cache, live, seq)
+        _take_back_unrun(cache, seq)
     # Bad blocks leave the cache with their extensions; one that a live request still
     # claims (reading its own copy of it instead) takes that copy in its place.
     owners: dict[tuple[int, int], tuple[Node, int]] = {
@@ -227,6 +230,20 @@ def _uncomputed(seq: LiveSequence, tpb: int) -> list[int]:
         out.extend(slots[j] for j in range(max(0, valid_blocks - start), node.num_blocks)
                    if slots[j] == table[start + j])
     return out
+
+
+def _take_back_unrun(cache: BlockCache, seq: LiveSequence) -> None:
+    """If the aborted ``seq`` computed nothing since its admission (its valid tokens are
+    still the ones it reused: no later call scheduled past them), its admission's reuse
+    was never obtained: the stats take it back (``CacheStats.take_back``).
+
+    NOTE: counted at admission, a request whose onboard failed kept its promised reuse
+    in the hit rate and host hits, though it recomputed all of it (4 GPU + 4 host tokens
+    counted, none obtained)."""
+    counted = seq.counted
+    if counted is not None and counted.num_reused_tokens and \
+            seq.num_valid_tokens == counted.num_reused_tokens:
+        cache.stats.take_back(counted)
 
 
 def _release_unstored(cache: BlockCache, live: LiveTable, seq: LiveSequence) -> None:

@@ -34,7 +34,7 @@ class ScheduledStep(NamedTuple):
     transfer_plan: TransferPlan
     preempted_request_ids: tuple[str, ...]
     num_credited_tokens: int  # reuse promised at admission, by lookup
-    num_reused_tokens: int  # reuse the admissions got
+    num_reused_tokens: int  # reuse the admissions got: its first chunks' (requeue_failed)
     num_overflow_tokens: int  # tokens past max_num_tokens (probe mode only)
     num_draft_tokens: tuple[int, ...] = ()
 

@@ -67,6 +67,17 @@ _request_id = attrgetter("request_id")
 _output = attrgetter("output")
 
 
+def _num_obtained(chunks: Iterable[ContextChunk]) -> int:
+    """The reuse the admissions of ``chunks`` get: each first chunk's (a later chunk's is
+    0). Pure.
+
+    NOTE: a step's reuse is its chunks', not its admissions' promises: a request that
+    ``requeue_failed`` took out of the step (its onboard or its pass failed) got nothing
+    of what it was credited, yet the step still reported it reused (its credit read as
+    obtained: no reuse lost)."""
+    return sum(c.num_reused_tokens for c in chunks)
+
+
 def _as_id(request_id: object) -> str:
     """``request_id`` as the plain str of a request id; TypeError naming it unless a str.
 
@@ -1213,7 +1224,8 @@ class Scheduler:
                            if r not in gone)
         num = len(decodes) + sum(drafts) + sum(c.num_tokens for c in chunks)
         self._unapplied = step._replace(context_chunks=chunks, decode_request_ids=decodes,
-                                        num_scheduled_tokens=num, num_draft_tokens=drafts)
+                                        num_scheduled_tokens=num, num_draft_tokens=drafts,
+                                        num_reused_tokens=_num_obtained(chunks))
         return self._unapplied
 
     def _requeue(self, requeued: list[Request]) -> None:

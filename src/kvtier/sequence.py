@@ -18,6 +18,7 @@ from kvtier.reprs import shown
 from kvtier.slots import SLOT_TYPECODE, slot_array
 
 if TYPE_CHECKING:
+    from kvtier.metrics import CountedReuse
     from kvtier.retention import BlockRetention, Retention
 
 MAX_TOKEN_ID = 2**63 - 1
@@ -585,6 +586,7 @@ class LiveSequence:
 
     __slots__ = (
         "block_table",
+        "counted",
         "extras",
         "last_node",
         "lookahead_end",
@@ -636,6 +638,9 @@ class LiveSequence:
         self.turn = 1
         self.num_hit_blocks = 0
         self.num_prompt_blocks = 0
+        # The reuse its admission counted in the stats (None: none counted, it skipped
+        # reading the cache), taken back if it is aborted before its work runs.
+        self.counted: CountedReuse | None = None
 
     @property
     def num_path_blocks(self) -> int:

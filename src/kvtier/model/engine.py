@@ -60,8 +60,11 @@ class RequestResult:
     """What a request produced. ``logits`` maps each position the engine computed (prompt
     positions not reused, and every decode) to its logits, when recording is on.
 
-    The prompt's first admission (not a readmission after a preemption in its prefill,
-    which reuses what it computed itself), split by where its tokens came from::
+    The prompt's first admission that ran (not a readmission after a preemption in its
+    prefill, which reuses what it computed itself; but the readmission of one whose
+    copies or forward pass failed in its admission's step, which got nothing), split by
+    where its tokens came from (for a request queued with output, what it prefills: its
+    prompt and that output)::
 
         prompt  [ reused from GPU | host | remote | computed ]
                                     '-- onboarded -'
@@ -433,7 +436,6 @@ class ModelEngine(Wired):
         plan_done = False
         drawn: dict[str, Sampler] = {}  # each sampler as it was before this step drew
         try:
-            self._note_admissions(step)
             t1 = time.perf_counter()
             if self.remote is not None and self.remote.write_policy == "write-back":
                 self.remote.write_spilled()  # before the plan may overwrite their slots
@@ -505,6 +507,11 @@ class ModelEngine(Wired):
         except BaseException:
             self._abandon(step, plan_done, drawn)
             raise
+        # NOTE: once the step's failed copies and passes took their requests out of it:
+        # noted as the step began, a request whose onboard failed kept its first
+        # admission's promised split (8 reused, 4 from the host) though it recomputed,
+        # and its readmission, the one that ran, was never noted.
+        self._note_admissions(step)
         return _Executed(step, sampled, stopped, given_up, computed)
 
     def _abandon(self, step: ScheduledStep, plan_done: bool,
@@ -659,25 +666,29 @@ class ModelEngine(Wired):
         return stopped
 
     def _note_promises(self) -> None:
-        """Look up each waiting request never admitted: admission reuses exactly that.
+        """Look up each waiting request whose admission is not recorded yet (none ran):
+        admission reuses exactly that, of what it prefills (its prompt, and the output it
+        was queued with).
 
         NOTE: a request preempted (or requeued) in its prefill was looked up again, and
         its result took that admission's figures: reuse of the blocks it had computed
         itself, where the result (and the manager's hits: a resumed admission is no query)
-        counts the first."""
+        counts the first. A request queued with output was never looked up (it had
+        output), nor its prompt's lookup what it prefills: it reported 0 reused, 0
+        computed, where its admission reused 8."""
         manager = self.manager
         for req in self.scheduler.waiting:
             rid = req.request_id
-            result = self.results.get(rid)
-            if (result is not None and result.first_token_s is None and not req.output
-                    and rid not in self._admitted):
+            if rid in self.results and rid not in self._admitted:
                 self._promised[rid] = (_NO_REUSE if req.skip_reading_prefix_cache else
-                                       manager.lookup(req.prompt, salt=req.salt,
+                                       manager.lookup(req.tokens, salt=req.salt,
                                                       lora_id=req.lora_id,
                                                       mm_items=req.mm_items))
 
     def _note_admissions(self, step: ScheduledStep) -> None:
-        """Record where the prompt of each newly admitted request came from."""
+        """Record where the prefill of each request admitted by ``step`` (its first chunk
+        ran) came from."""
+        running = self.scheduler.running
         for chunk in step.context_chunks:
             match = self._promised.pop(chunk.request_id, None)
             if match is None or chunk.first_token != chunk.num_reused_tokens:
@@ -688,7 +699,8 @@ class ModelEngine(Wired):
             result.num_gpu_tokens = match.num_gpu_tokens
             result.num_host_tokens = match.num_host_tokens - remote
             result.num_remote_tokens = remote
-            result.num_computed_tokens = len(result.prompt) - match.num_tokens
+            result.num_computed_tokens = running[chunk.request_id].num_prefill_tokens \
+                - match.num_tokens
 
     def _fetch_remote(self) -> None:
         """Start a remote fetch for each newly waiting request and hold it back; release
