@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ class _Stream:
     next_seq: int | None = None  # None: nothing known yet, accept seq 0 or a snapshot
     max_seen: int = -1
     stale: bool = False
+    incarnation: str | None = None  # the publisher's, where its batches name one
 
 
 @dataclass(slots=True)
@@ -139,9 +141,8 @@ class SeqTracker:
     events dropped as already covered by a snapshot or read while stale,
     ``num_restarts`` instances that counted from seq 0 again (a restarted publisher: its
     old blocks are lost, ``InstanceLost(.., got_seq=0)``, and its new stream is read from
-    0). A restart whose seq 0 itself was lost is not seen until its counter passes the old
-    one: an instance that can restart without its subscribers seeing its first event
-    should come back under a new instance id.
+    0), or whose batches name another incarnation than before (a restarted publisher
+    process, whether or not its seq 0 was read).
     """
 
     streams: dict[str, _Stream] = field(default_factory=dict)
@@ -166,9 +167,23 @@ class SeqTracker:
         check_batch(instance_id, events, token_ids=False)
         self._receive(instance_id, events, out)
 
-    def _receive(self, instance_id: str, events: Iterable[Event], out: list[Update]) -> None:
-        """``receive`` of a batch already checked (a bus's, a decoded stream entry)."""
+    def _receive(self, instance_id: str, events: Iterable[Event], out: list[Update],
+                 incarnation: str | None = None) -> None:
+        """``receive`` of a batch already checked (a bus's, a decoded stream entry), of
+        the publisher ``incarnation`` where it names one (None: a batch that names none,
+        read by its seq alone)."""
         stream = self.streams.setdefault(instance_id, _Stream())
+        if incarnation is not None and incarnation != stream.incarnation:
+            if stream.incarnation is not None:
+                # NOTE: a restart seen without its seq 0: a trimmed stream (MAXLEN) or a
+                # failed XADD lost it, and the new incarnation's events read as ones
+                # already applied (skipped, or a gap past what the old one had read, whose
+                # snapshots were refused as older than the events read) until its counter
+                # passed the old one's: the consumer kept the old blocks and never learnt
+                # the new ones. Forgotten as a restart; what the batch holds from seq 0 on
+                # is read as any new stream's (a gap and a resync where it starts later).
+                self._restarted(instance_id, stream, out)
+            stream.incarnation = incarnation
         batch: list[Event] = []
         for event in events:
             seq = event.seq
@@ -188,11 +203,7 @@ class SeqTracker:
                 if batch:
                     out.append(EventBatch(instance_id, batch))
                     batch = []
-                out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
-                self.num_restarts += 1
-                stream.next_seq = None
-                stream.max_seen = -1
-                stream.stale = False
+                self._restarted(instance_id, stream, out)
             stream.max_seen = max(stream.max_seen, seq)
             expected = 0 if stream.next_seq is None else stream.next_seq
             if stream.stale or seq < expected:
@@ -211,6 +222,14 @@ class SeqTracker:
             stream.next_seq = seq + 1
         if batch:
             out.append(EventBatch(instance_id, batch))
+
+    def _restarted(self, instance_id: str, stream: _Stream, out: list[Update]) -> None:
+        """``instance_id`` restarted: its old blocks are lost, its stream starts over."""
+        out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
+        self.num_restarts += 1
+        stream.next_seq = None
+        stream.max_seen = -1
+        stream.stale = False
 
     def restart(self, instance_id: str, out: list[Update]) -> None:
         """``instance_id`` counted from seq 0 again, and that event was lost with what
@@ -450,21 +469,35 @@ def _connect(url: str) -> Any:
 class RedisStreamPublisher:
     """Publishes each batch as one entry of the stream ``stream`` (``XADD MAXLEN ~ maxlen``).
 
-    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`. Snapshots go to the key
-    ``<stream>:snapshot:<instance>``; a batch starting at seq 0 (a new incarnation of the
-    instance) deletes it, so that no subscriber resyncs from the blocks of before a restart.
+    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`, ``n`` the publisher's
+    ``incarnation`` (by default a random id per publisher: a restarted process is a new
+    one, which subscribers see as a restart even where its seq 0 was trimmed; an entry
+    without ``n``, of an earlier publisher, is read by its seq alone). Snapshots go to the
+    key ``<stream>:snapshot:<instance>``; a batch starting at seq 0 (a new incarnation of
+    the instance) deletes it, so that no subscriber resyncs from the blocks of before a
+    restart (where that batch failed, with the next batch of the instance that is sent).
     Subscribers that missed events add the instance id to the stream ``<stream>:resync``,
     which :meth:`resync_requests` reads.
     """
 
-    def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000) -> None:
+    def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000,
+                 incarnation: str | None = None) -> None:
         # NOTE: Redis refuses a MAXLEN past 2**63 - 1: every XADD failed, counted, silently.
         if type(maxlen) is not int or not 1 <= maxlen <= _MAX_BUFFER:
             raise ValueError(f"maxlen must be an integer in 1..2**40, got {short_repr(maxlen)}")
         _check_stream(stream)
+        if incarnation is None:
+            incarnation = uuid.uuid4().hex
+        if not isinstance(incarnation, str) or not 1 <= len(incarnation) <= 64:
+            raise ValueError(f"incarnation must be None or a str of 1..64 characters, got "
+                             f"{short_repr(incarnation)}")
         self._redis = _connect(url)
         self.stream = stream
         self.maxlen = maxlen
+        self.incarnation = incarnation
+        # Instances whose seq 0 batch failed: the snapshot of their earlier incarnation
+        # may still be under its key, deleted with their next batch sent.
+        self._old_snapshots: set[str] = set()
         self._resync_id: str | bytes = "0-0"
         self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
         self.num_failed_reads = 0  # resync_requests calls Redis did not answer
@@ -478,17 +511,24 @@ class RedisStreamPublisher:
         check_batch(instance_id, events)
         if not events:
             return
-        fields = {"i": instance_id, "e": encode_events(events)}
-        if events[0].seq == 0:
+        fields = {"i": instance_id, "e": encode_events(events), "n": self.incarnation}
+        if events[0].seq == 0 or instance_id in self._old_snapshots:
             # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
             # snapshot its earlier one left under the key goes with the same transaction.
             # A subscriber that saw the restart, then a gap, read that snapshot, which
             # covered every seq of the new stream it had read: it was applied (the blocks
             # of before the restart routed to) and the new events it claimed were skipped.
+            # Where that batch failed, the key stayed, and a subscriber that saw the
+            # restart by the incarnation applied it: the delete goes with each batch of
+            # the instance until one is sent.
             pipe = self._redis.pipeline(transaction=True)
             pipe.delete(self._snapshot_key(instance_id))
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
             sent = _attempt(pipe.execute)
+            if sent is None:
+                self._old_snapshots.add(instance_id)
+            else:
+                self._old_snapshots.discard(instance_id)
         else:
             sent = _attempt(self._redis.xadd, self.stream, fields, maxlen=self.maxlen,
                             approximate=True)
@@ -507,6 +547,8 @@ class RedisStreamPublisher:
         key = self._snapshot_key(snapshot.instance_id)
         if _attempt(self._redis.set, key, encode_snapshot(snapshot)) is None:
             self.num_failed_batches += 1
+        else:
+            self._old_snapshots.discard(snapshot.instance_id)  # overwritten
 
     def resync_requests(self) -> set[str]:
         """Instance ids that subscribers asked a snapshot of since the last call (the first
@@ -643,7 +685,8 @@ class RedisStreamSubscriber:
             if instance_id is not None:
                 self.tracker.lose(instance_id, out)
             return
-        self.tracker._receive(instance_id, events, out)  # decoded: checked
+        # decoded: checked; an entry without a readable incarnation is read by its seq alone
+        self.tracker._receive(instance_id, events, out, _field(entry, "n") or None)
 
     def _try_snapshots(self, out: list[Update]) -> None:
         for instance_id in self.tracker.stale_instances():
