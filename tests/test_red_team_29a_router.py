@@ -8,13 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from fake_clock import FakeClock
 from kvtier import publisher
 from kvtier.cli import main
 from kvtier.config import CacheConfig
 from kvtier.event_codec import encode_events
-from kvtier.events import BlockStored
-from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
-from kvtier.router import PrefixIndex
+from kvtier.events import AllBlocksCleared, BlockStored, Event
+from kvtier.publisher import (
+    InMemoryEventBus,
+    RedisStreamPublisher,
+    RedisStreamSubscriber,
+    Snapshot,
+)
+from kvtier.router import CacheAware, InstanceLoad, PrefixHit, PrefixIndex, Router
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import format_fleet_report
@@ -98,6 +104,7 @@ class FakeRedis:
     def __init__(self) -> None:
         self.streams: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
         self.keys: dict[str, bytes] = {}
+        self.ttls: dict[str, int | None] = {}  # the EX of each SET
         self.next_id = 1
         self.down = 0
 
@@ -146,9 +153,10 @@ class FakeRedis:
         self._check()
         return self.keys.get(key)
 
-    def set(self, key: str, value: object) -> bool:
+    def set(self, key: str, value: object, ex: int | None = None) -> bool:
         self._check()
         self.keys[key] = value if isinstance(value, bytes) else str(value).encode()
+        self.ttls[key] = ex
         return True
 
     def delete(self, *keys: str) -> int:
@@ -272,3 +280,198 @@ def test_a_publisher_refuses_an_incarnation_it_cannot_send(fake_redis: FakeRedis
     with pytest.raises(ValueError, match=r"incarnation must be None or a str of 1\.\.64 "
                                          r"characters, got ''"):
         RedisStreamPublisher("redis://fake", incarnation="")
+
+
+# ---- per-instance state bounded by the live instances ------------------------------------------
+
+HORIZON_S = 15.0  # forget_after_s: pods are stepped 10 s apart, live ones publish each step
+LIVE = 4  # pods live at once: pod k joins at step k and leaves at step k + LIVE
+
+
+def _pod_prompt(k: int) -> list[int]:
+    """A shared 8-token system prompt, then 8 tokens of pod k's own (4 tokens a block)."""
+    return [1, 2, 3, 4, 5, 6, 7, 8] + [10_000 + 8 * k + t for t in range(8)]
+
+
+class _Pod:
+    """An engine as the router sees it: its id, seq counter and what it holds."""
+
+    def __init__(self, router: Router, k: int) -> None:
+        self.instance_id = f"pod-{k}"
+        self.next_seq = 0
+        self.held: set[int] = set()
+        self.own = router.block_hashes(_pod_prompt(k))
+        self.batches: list[list[Event]] = []  # every batch it published
+
+    def batch(self, hashes: list[int], clear: bool = False) -> list[Event]:
+        events: list[Event] = []
+        if clear:
+            events.append(AllBlocksCleared(self.next_seq))
+            self.next_seq += 1
+            self.held.clear()
+        for h in hashes:
+            events.append(stored(self.next_seq, h))
+            self.next_seq += 1
+            self.held.add(h)
+        self.batches.append(events)
+        return events
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.instance_id, self.next_seq, frozenset((h, G) for h in self.held))
+
+
+def test_a_thousand_pods_through_join_publish_leave_leave_nothing_behind() -> None:
+    """1,000 pod ids join, publish, take a request, and leave: a third by the bus's
+    ``forget``, a third clearing their cache and going quiet, a third quiet (a crash).
+    The router's index (an empty entry per cleared or lost id), its stats' per-instance
+    counts, the subscriber's streams and the bus's snapshot sources (the quiet ones' the
+    fleet's controller forgets 30 s on) each kept one entry per id ever seen (1,000
+    each). Now, after every step, each holds the 4 live pods and
+    at most the two that went quiet within 15 s (forgotten then); a pod back under an old id
+    is read as new; and the routing equals a fresh router's fed the live pods' events."""
+    clock = FakeClock()
+    bus = InMemoryEventBus()
+    sub = bus.subscribe(forget_after_s=HORIZON_S, clock=clock)
+    router = Router(CacheAware(), tokens_per_block=4)
+    pods: dict[str, _Pod] = {}
+    order: list[_Pod] = []
+    for k in range(1000):
+        clock.now = 10.0 * k
+        pod = _Pod(router, k)
+        pods[pod.instance_id] = pod
+        order.append(pod)
+        bus.register_snapshot(pod.instance_id, pod.snapshot)
+        bus.publish(pod.instance_id, pod.batch(pod.own))
+        if k >= LIVE:
+            gone = order[k - LIVE]
+            del pods[gone.instance_id]
+            if k % 3 == 0:
+                bus.forget(gone.instance_id)
+            elif k % 3 == 1:
+                bus.publish(gone.instance_id, gone.batch([], clear=True))
+        if k >= LIVE + 3 and k % 3 != 0:
+            # The fleet's controller sees later that one that went quiet is gone (by then
+            # forgotten by the subscriber: nothing more to forget there).
+            bus.forget(order[k - 3 - LIVE].instance_id)
+        for other in pods.values():  # the live ones are heard every step
+            if other is not pod:
+                bus.publish(other.instance_id, other.batch([10**9 + k]))
+        router.apply_updates(sub.poll())
+        loads = [InstanceLoad(iid, 0, 8) for iid in pods]
+        decision = router.route(_pod_prompt(k), loads)
+        assert decision.instance_id == pod.instance_id and decision.hit == PrefixHit(3, 0)
+        # Bounded by the live pods, plus those quiet within the horizon: the one that left
+        # this step (k - 4; last heard a step ago), and one that cleared its cache a step
+        # ago (heard then); none of the 1,000 ids before. The index forgets a cleared one
+        # at once.
+        quiet = [order[j - LIVE].instance_id for j in (k, k - 1)
+                 if j >= LIVE and (j % 3 == 1 or (j == k and j % 3 == 2))]
+        crashed = [order[k - LIVE].instance_id] if k >= LIVE and k % 3 == 2 else []
+        assert sorted(sub.tracker.streams) == sorted([*pods, *quiet]), k
+        assert sorted(router.stats.per_instance) == sorted([*pods, *quiet]), k
+        assert sorted(router.index.instances()) == sorted([*pods, *crashed]), k
+        registered = [order[j - LIVE].instance_id for j in (k, k - 1, k - 2)
+                      if j >= LIVE and j % 3 != 0]
+        assert sorted(bus._snapshot_sources) == sorted([*pods, *registered]), k
+    router.index.check_invariants()
+    assert router.stats.num_routed == 1000
+    assert sum(router.stats.per_instance.values()) + router.stats.num_routed_forgotten == 1000
+    clock.now += HORIZON_S + 1  # the last quiet one expires; the live ones speak
+    for pod in pods.values():
+        bus.publish(pod.instance_id, pod.batch([2 * 10**9]))
+    router.apply_updates(sub.poll())
+    live = sorted(pods)
+    assert sorted(sub.tracker.streams) == live and sorted(router.index.instances()) == live
+    assert sorted(router.stats.per_instance) == live
+    assert sub.tracker.num_forgotten == 996 and sub._dropped == {}
+    # Holders: the 2 shared blocks, each live pod's 2 own, and the blocks published since.
+    assert len(router.index._holders) == len({h for p in pods.values() for h in p.held})
+
+    # The same decisions as a fresh router fed only the live pods' events.
+    fresh_bus = InMemoryEventBus()
+    fresh_sub = fresh_bus.subscribe()
+    fresh = Router(CacheAware(), tokens_per_block=4)
+    for pod in pods.values():
+        for events in pod.batches:
+            fresh_bus.publish(pod.instance_id, events)
+    fresh.apply_updates(fresh_sub.poll())
+    assert fresh.index._blocks == router.index._blocks
+    assert fresh.index._holders == router.index._holders
+    loads = [InstanceLoad(iid, depth, 8) for depth, iid in enumerate(live)]
+    for k in [0, 500, *range(995, 1000)]:
+        fresh.policy._next = router.policy._next  # type: ignore[attr-defined]
+        assert router.route(_pod_prompt(k), loads) == fresh.route(_pod_prompt(k), loads)
+
+    # A pod back under a forgotten id is a new instance: from its seq 0 ...
+    again = _Pod(router, 0)
+    bus.publish(again.instance_id, again.batch(again.own))
+    router.apply_updates(sub.poll())
+    assert router.index.blocks("pod-0") == {h: G for h in again.own}
+    # ... or from a later seq (a gap), resynced from its snapshot source.
+    later = _Pod(router, 1)
+    later.next_seq = 7
+    later.held = set(later.own)
+    bus.register_snapshot(later.instance_id, later.snapshot)
+    bus.publish(later.instance_id, later.batch([3 * 10**9]))
+    router.apply_updates(sub.poll())
+    assert router.index.blocks("pod-1") == {h: G for h in [*later.own, 3 * 10**9]}
+
+
+def test_a_redis_subscriber_forgets_pods_gone_quiet_and_stops_asking_for_them(
+        fake_redis: FakeRedis) -> None:
+    """1,000 pod ids on a Redis stream, each publishing twice and going quiet; every
+    other one lost an entry (a gap: stale, a snapshot asked for, none ever comes). The
+    subscriber kept a stream per id (1,000) and asked again for the 500 stale ones' every
+    ``resync_retry_s`` for ever. Now one not heard from for ``forget_after_s`` is
+    forgotten, its request with it: after every poll the subscriber holds the pods heard
+    within 15 s, and a forgotten one is never asked for again."""
+    clock = FakeClock()
+    pub = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake", resync_retry_s=1.0, forget_after_s=HORIZON_S,
+                                clock=clock)
+    router = Router(CacheAware(), tokens_per_block=4)
+    for k in range(1000):
+        clock.now = 10.0 * k
+        iid = f"pod-{k}"
+        pub.publish(iid, [stored(0, 1000 * k)])
+        pub.publish(iid, [stored(2 if k % 2 else 1, 1000 * k + 1)])  # odd ones: a gap
+        router.apply_updates(sub.poll())
+        heard = [f"pod-{j}" for j in (k - 1, k) if j >= 0]
+        assert sorted(sub.tracker.streams) == sorted(heard), k
+        assert sorted(sub._asked) == [i for i in heard if int(i[4:]) % 2], k
+        assert router.index.instances() == [i for i in heard if int(i[4:]) % 2 == 0], k
+    asked = [f[b"i"].decode() for _, f in fake_redis.streams["kvtier:events:resync"]]
+    # Each stale pod asked for at its gap and once more 10 s on, never after it was forgotten.
+    assert asked == [f"pod-{j}" for k in range(1000) for j in (k - 1, k)
+                     if j >= 0 and j % 2][-1000:]
+    assert sub.tracker.num_forgotten == 998
+    clock.now += HORIZON_S + 1
+    router.apply_updates(sub.poll())
+    assert sub.tracker.streams == {} and sub._asked == {}
+    assert router.index.instances() == [] and router.index._holders == {}
+    assert router.stats.per_instance == {}
+    # A pod back under a forgotten id, from its seq 0 on, is read at once.
+    pub.publish("pod-2", [stored(0, 7)])
+    router.apply_updates(sub.poll())
+    assert router.index.blocks("pod-2") == {7: G}
+
+
+def test_a_retiring_publisher_leaves_no_snapshot_key(fake_redis: FakeRedis) -> None:
+    """Each instance's snapshot key stayed in Redis for good: one per id ever seen. Now
+    ``forget`` deletes it (a failure counted), and ``snapshot_ttl_s`` bounds one left by
+    an engine that never retired (a crash)."""
+    pub = RedisStreamPublisher("redis://fake", snapshot_ttl_s=600)
+    for k in range(100):
+        pub.publish_snapshot(Snapshot(f"pod-{k}", 1, frozenset([(k, G)])))
+    assert len(fake_redis.keys) == 100
+    assert set(fake_redis.ttls.values()) == {600}
+    for k in range(99):
+        pub.forget(f"pod-{k}")
+    assert list(fake_redis.keys) == ["kvtier:events:snapshot:pod-99"]
+    fake_redis.down = 1
+    pub.forget("pod-99")
+    assert pub.num_failed_batches == 1 and len(fake_redis.keys) == 1
+    with pytest.raises(ValueError, match=r"snapshot_ttl_s must be .*got 0"):
+        RedisStreamPublisher("redis://fake", snapshot_ttl_s=0)
+    with pytest.raises(TypeError, match=r"instance_id must be a str, got 5"):
+        pub.forget(5)  # type: ignore[arg-type]

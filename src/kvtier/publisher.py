@@ -12,8 +12,14 @@ instance holds as of some ``next_seq``::
 
 A snapshot is accepted only if it covers every event already read from that instance
 (``next_seq > highest seq seen``), so the events after it are still to come. An instance
-whose seq starts again from 0 has restarted (a new manager, an empty cache): its old
-blocks are forgotten and its new stream is read from 0.
+whose seq starts again from 0, or whose Redis entries name another publisher
+incarnation, has restarted (a new manager, an empty cache): its old blocks are forgotten
+and its new stream is read from 0.
+
+Instances come and go (a restarted pod gets a new id): a subscriber holds state only for
+instances heard from within its ``forget_after_s``, or until it is told one left
+(``forget``); it then forgets it entirely (:class:`InstanceGone`), and reads it as a new
+instance should it come back.
 
 :class:`InMemoryEventBus` serves the simulator and tests; :class:`RedisStreamPublisher` and
 :class:`RedisStreamSubscriber` carry the same updates over Redis Streams (extra ``redis``).
@@ -53,6 +59,7 @@ __all__ = [
     "EventPublisher",
     "InMemoryEventBus",
     "InMemorySubscriber",
+    "InstanceGone",
     "InstanceLost",
     "RedisStreamPublisher",
     "RedisStreamSubscriber",
@@ -94,7 +101,16 @@ class InstanceLost(NamedTuple):
     got_seq: int | None
 
 
-Update = EventBatch | Snapshot | InstanceLost
+class InstanceGone(NamedTuple):
+    """The subscriber forgot ``instance_id``: it left (``forget``), or was not heard from
+    (no event read, no snapshot applied) for the subscriber's ``forget_after_s``. Forget it
+    entirely; should it come back, it is read as a new instance (from its seq 0, or a gap
+    and a snapshot)."""
+
+    instance_id: str
+
+
+Update = EventBatch | Snapshot | InstanceLost | InstanceGone
 
 
 def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -> Snapshot:
@@ -131,6 +147,7 @@ class _Stream:
     max_seen: int = -1
     stale: bool = False
     incarnation: str | None = None  # the publisher's, where its batches name one
+    heard_s: float = 0.0  # the tracker's clock when an event was read or a snapshot applied
 
 
 @dataclass(slots=True)
@@ -143,6 +160,10 @@ class SeqTracker:
     old blocks are lost, ``InstanceLost(.., got_seq=0)``, and its new stream is read from
     0), or whose batches name another incarnation than before (a restarted publisher
     process, whether or not its seq 0 was read).
+
+    ``streams`` holds one entry per instance until it is forgotten (``forget``,
+    ``expire``: ``num_forgotten``), so that it is bounded by the instances live, not by
+    every id ever seen. ``clock`` (seconds) dates what was heard of each.
     """
 
     streams: dict[str, _Stream] = field(default_factory=dict)
@@ -150,6 +171,37 @@ class SeqTracker:
     num_resyncs: int = 0
     num_skipped: int = 0
     num_restarts: int = 0
+    num_forgotten: int = 0
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+
+    def _stream(self, instance_id: str) -> _Stream:
+        """``instance_id``'s stream, made (heard now) if it has none."""
+        stream = self.streams.get(instance_id)
+        if stream is None:
+            stream = self.streams[instance_id] = _Stream(heard_s=self.clock())
+        return stream
+
+    def forget(self, instance_id: str, out: list[Update]) -> None:
+        """Forget ``instance_id`` entirely (it left): its stream goes, ``InstanceGone``
+        tells the consumer. Nothing where it has no stream. TypeError, changing nothing,
+        unless it is a str."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        if self.streams.pop(instance_id, None) is not None:
+            self.num_forgotten += 1
+            out.append(InstanceGone(instance_id))
+
+    def expire(self, forget_after_s: float, out: list[Update]) -> None:
+        """Forget every instance not heard from (no event read, no snapshot applied) for
+        more than ``forget_after_s``: one gone without a word (a crashed pod), or stale and
+        never resynced, whose snapshot would be asked for ever.
+
+        NOTE: a subscriber kept an entry per instance id ever seen, and asked for the
+        snapshot of a stale one gone for ever."""
+        now = self.clock()
+        for instance_id in [iid for iid, stream in self.streams.items()
+                            if now - stream.heard_s > forget_after_s]:
+            self.forget(instance_id, out)
 
     def stale_instances(self) -> list[str]:
         """Instances waiting for a snapshot, in first-seen order. Pure."""
@@ -172,7 +224,8 @@ class SeqTracker:
         """``receive`` of a batch already checked (a bus's, a decoded stream entry), of
         the publisher ``incarnation`` where it names one (None: a batch that names none,
         read by its seq alone)."""
-        stream = self.streams.setdefault(instance_id, _Stream())
+        stream = self._stream(instance_id)
+        stream.heard_s = self.clock()
         if incarnation is not None and incarnation != stream.incarnation:
             if stream.incarnation is not None:
                 # NOTE: a restart seen without its seq 0: a trimmed stream (MAXLEN) or a
@@ -250,7 +303,7 @@ class SeqTracker:
         out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
         self.num_restarts += 1
         self.num_gaps += 1
-        self.streams[instance_id] = _Stream(stale=True)
+        self.streams[instance_id] = _Stream(stale=True, heard_s=self.clock())
 
     def lose(self, instance_id: str, out: list[Update]) -> None:
         """An entry of ``instance_id`` was unreadable: its events are a hole, the instance
@@ -258,7 +311,7 @@ class SeqTracker:
         ``instance_id`` is a str."""
         if not isinstance(instance_id, str):
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
-        stream = self.streams.setdefault(instance_id, _Stream())
+        stream = self._stream(instance_id)
         if stream.stale:
             return
         self.num_gaps += 1
@@ -272,9 +325,10 @@ class SeqTracker:
         an AttributeError)."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"offer needs a Snapshot, got {short_repr(snapshot)}")
-        stream = self.streams.setdefault(snapshot.instance_id, _Stream())
+        stream = self._stream(snapshot.instance_id)
         if snapshot.next_seq <= stream.max_seen:
             return False
+        stream.heard_s = self.clock()
         stream.next_seq = snapshot.next_seq
         # NOTE: the events the snapshot covers count as seen: a stream that knew its
         # instance only from a snapshot (offered first, or after an unreadable entry, which
@@ -297,23 +351,42 @@ class InMemorySubscriber:
     When the buffer is full the oldest events are dropped (``num_dropped``); at the next poll
     their instances are stale (one whose seq 0 was dropped restarted: its old blocks are
     forgotten) and repaired from the bus's snapshot source (a source that raises is counted
-    in ``num_failed_snapshots`` and asked again at the next poll).
+    in ``num_failed_snapshots`` and asked again at the next poll). An instance the bus
+    forgets (``InMemoryEventBus.forget``), or, with ``forget_after_s``, one not heard from
+    for that long on ``clock``, is forgotten (``InstanceGone``).
     """
 
-    def __init__(self, bus: InMemoryEventBus, max_events: int) -> None:
+    def __init__(self, bus: InMemoryEventBus, max_events: int,
+                 forget_after_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         # NOTE: bounded as CacheConfig.max_events: past a C ssize_t the deque raised
         # OverflowError.
         if type(max_events) is not int or not 1 <= max_events <= _MAX_BUFFER:
             raise ValueError(f"max_events must be an integer in 1..2**40, got "
                              f"{short_repr(max_events)}")
+        self.forget_after_s = _check_forget_after(forget_after_s)
         self._bus = bus
         self._buffer: deque[tuple[str, Event]] = deque(maxlen=max_events)
         # Instances whose events the buffer dropped since the last poll, in order; True
         # where their seq 0 was one: a restart, unless nothing of theirs was read yet.
         self._dropped: dict[str, bool] = {}
-        self.tracker = SeqTracker()
+        self.tracker = SeqTracker(clock=clock)
+        self._gone: list[Update] = []  # instances forgotten since the last poll
         self.num_dropped = 0
         self.num_failed_snapshots = 0  # snapshot sources that raised
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` left: its buffered events and its stream go, and the next poll
+        says so (``InstanceGone``). TypeError, changing nothing, unless it is a str."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        buffer = self._buffer
+        if any(iid == instance_id for iid, _ in buffer):
+            kept = [item for item in buffer if item[0] != instance_id]
+            buffer.clear()
+            buffer.extend(kept)
+        self._dropped.pop(instance_id, None)
+        self.tracker.forget(instance_id, self._gone)
 
     def push(self, instance_id: str, events: Sequence[Event]) -> None:
         buffer = self._buffer
@@ -333,7 +406,7 @@ class InMemorySubscriber:
     def poll(self) -> list[Update]:
         """Every update since the last poll, in arrival order; stale instances are resynced
         from the bus's snapshot source where it has one."""
-        out: list[Update] = []
+        out, self._gone = self._gone, []
         items = list(self._buffer)
         self._buffer.clear()
         tracker = self.tracker
@@ -358,6 +431,8 @@ class InMemorySubscriber:
             i = j
         for instance_id in dropped:
             tracker.lose(instance_id, out)  # stale already where the buffer showed the hole
+        if self.forget_after_s is not None:
+            tracker.expire(self.forget_after_s, out)
         for instance_id in tracker.stale_instances():
             try:
                 snapshot = self._bus.snapshot(instance_id)
@@ -389,9 +464,10 @@ class InMemoryEventBus:
         self._snapshot_sources: dict[str, Callable[[], Snapshot]] = {}
         self.num_published = 0
 
-    def subscribe(self, max_events: int = 1 << 20) -> InMemorySubscriber:
+    def subscribe(self, max_events: int = 1 << 20, forget_after_s: float | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> InMemorySubscriber:
         """A new subscriber that sees every event published from now on."""
-        subscriber = InMemorySubscriber(self, max_events)
+        subscriber = InMemorySubscriber(self, max_events, forget_after_s, clock)
         self._subscribers.append(subscriber)
         return subscriber
 
@@ -411,6 +487,18 @@ class InMemoryEventBus:
             raise TypeError(f"register_snapshot needs a str instance id and a callable, got "
                             f"{short_repr(instance_id)} and {short_repr(source)}")
         self._snapshot_sources[instance_id] = source
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` left the fleet: its snapshot source goes, and every subscriber
+        forgets it (``InMemorySubscriber.forget``). Publishing under the id again makes a
+        new instance. TypeError, changing nothing, unless it is a str.
+
+        NOTE: a source stayed registered per instance id ever seen."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        self._snapshot_sources.pop(instance_id, None)
+        for subscriber in self._subscribers:
+            subscriber.forget(instance_id)
 
     def snapshot(self, instance_id: str) -> Snapshot | None:
         """A fresh snapshot of ``instance_id``, or None if it registered no source."""
@@ -439,6 +527,11 @@ def _attempt(command: Callable[..., _T], *args: Any, **options: Any) -> _T | Non
 # A stream entry id as XREAD takes it: ms[-seq], each below 2**64. NOTE: not "$": a poll
 # without block_ms reads past it only what arrives during that very call, so nothing.
 _STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+
+
+def _check_forget_after(value: object) -> float | None:
+    """``forget_after_s`` checked: None (never), or seconds in [0, 1e9]."""
+    return None if value is None else check_number("forget_after_s", value, 0.0, 1e9)
 
 
 def _check_stream(stream: object) -> None:
@@ -471,17 +564,21 @@ class RedisStreamPublisher:
 
     Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`, ``n`` the publisher's
     ``incarnation`` (by default a random id per publisher: a restarted process is a new
-    one, which subscribers see as a restart even where its seq 0 was trimmed; an entry
+    one, which subscribers see as a restart even where its seq 0 was trimmed; publishers
+    of one engine's events on several connections share one; an entry
     without ``n``, of an earlier publisher, is read by its seq alone). Snapshots go to the
     key ``<stream>:snapshot:<instance>``; a batch starting at seq 0 (a new incarnation of
     the instance) deletes it, so that no subscriber resyncs from the blocks of before a
     restart (where that batch failed, with the next batch of the instance that is sent).
+    A snapshot key lives ``snapshot_ttl_s`` (None: until overwritten), and goes when its
+    instance retires (``forget``): a key per instance id ever seen stayed in Redis.
     Subscribers that missed events add the instance id to the stream ``<stream>:resync``,
     which :meth:`resync_requests` reads.
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000,
-                 incarnation: str | None = None) -> None:
+                 incarnation: str | None = None,
+                 snapshot_ttl_s: float | None = None) -> None:
         # NOTE: Redis refuses a MAXLEN past 2**63 - 1: every XADD failed, counted, silently.
         if type(maxlen) is not int or not 1 <= maxlen <= _MAX_BUFFER:
             raise ValueError(f"maxlen must be an integer in 1..2**40, got {short_repr(maxlen)}")
@@ -491,6 +588,10 @@ class RedisStreamPublisher:
         if not isinstance(incarnation, str) or not 1 <= len(incarnation) <= 64:
             raise ValueError(f"incarnation must be None or a str of 1..64 characters, got "
                              f"{short_repr(incarnation)}")
+        # NOTE: whole seconds, at least 1 (Redis refuses an EX of 0); a subscriber still
+        # stale when its key expired asks again (``resync_retry_s``), and is answered.
+        self._snapshot_ex = None if snapshot_ttl_s is None else max(1, round(
+            check_number("snapshot_ttl_s", snapshot_ttl_s, 1.0, 1e9)))
         self._redis = _connect(url)
         self.stream = stream
         self.maxlen = maxlen
@@ -545,10 +646,23 @@ class RedisStreamPublisher:
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"snapshot must be a Snapshot, got {short_repr(snapshot)}")
         key = self._snapshot_key(snapshot.instance_id)
-        if _attempt(self._redis.set, key, encode_snapshot(snapshot)) is None:
+        options = {} if self._snapshot_ex is None else {"ex": self._snapshot_ex}
+        if _attempt(self._redis.set, key, encode_snapshot(snapshot), **options) is None:
             self.num_failed_batches += 1
         else:
             self._old_snapshots.discard(snapshot.instance_id)  # overwritten
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` retires for good (its engine shuts down): its snapshot key goes,
+        so that Redis holds none per instance id ever seen (with Redis down, counted in
+        ``num_failed_batches``; ``snapshot_ttl_s`` bounds it then). Subscribers forget the
+        instance once it is quiet for their ``forget_after_s``. TypeError, changing
+        nothing, unless it is a str."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        self._old_snapshots.discard(instance_id)
+        if _attempt(self._redis.delete, self._snapshot_key(instance_id)) is None:
+            self.num_failed_batches += 1
 
     def resync_requests(self) -> set[str]:
         """Instance ids that subscribers asked a snapshot of since the last call (the first
@@ -580,24 +694,37 @@ class RedisStreamSubscriber:
     stays stale until a sound one comes. An instance still stale ``resync_retry_s`` seconds
     after its request is asked for again (``num_resync_requests`` counts them): a request
     is one entry of a capped stream, which a trim or a restarted server may lose before
-    the publisher reads it. May change: the resync stream, its own state.
+    the publisher reads it. An instance not heard from (no entry read, no snapshot applied)
+    for ``forget_after_s`` on ``clock`` (None: never), or one the caller ``forget`` s, is
+    forgotten (``InstanceGone``), its requests with it: one that comes back is read as new.
+    May change: the resync stream, its own state.
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0",
-                 resync_retry_s: float = 1.0) -> None:
+                 resync_retry_s: float = 1.0, forget_after_s: float | None = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         _check_stream(stream)
         _check_start_id(start_id)
         self.resync_retry_s = resync_retry_s
+        self.forget_after_s = _check_forget_after(forget_after_s)
+        self._clock = clock
         self._redis = _connect(url)
         self.stream = stream
         self.last_id: str | bytes = start_id
-        self.tracker = SeqTracker()
+        self.tracker = SeqTracker(clock=clock)
+        self._gone: list[Update] = []  # instances forgotten since the last poll
         self.num_malformed_entries = 0
         self.num_malformed_snapshots = 0
         self.num_resync_requests = 0
         self.num_trims = 0  # polls that found the stream trimmed past what was read
-        # Stale instances asked for, with when (time.monotonic()) the request was added.
+        # Stale instances asked for, with when (on ``clock``) the request was added.
         self._asked: dict[str, float] = {}
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` left: its stream and resync request go, and the next poll says
+        so (``InstanceGone``). TypeError, changing nothing, unless it is a str."""
+        self.tracker.forget(instance_id, self._gone)
+        self._asked.pop(instance_id, None)
 
     @property
     def resync_retry_s(self) -> float:
@@ -623,7 +750,7 @@ class RedisStreamSubscriber:
             raise ValueError(f"count must be an int >= 1, got {short_repr(count)}")
         if block_ms is not None and (type(block_ms) is not int or block_ms < 0):
             raise ValueError(f"block_ms must be None or an int >= 0, got {short_repr(block_ms)}")
-        out: list[Update] = []
+        out, self._gone = self._gone, []
         # NOTE: snapshots first: entries read while an instance is stale are skipped, and a
         # snapshot must cover every event read, so reading first could refuse a good one.
         # With Redis down, each command is skipped and retried at the next poll: what was
@@ -636,10 +763,12 @@ class RedisStreamSubscriber:
             self.last_id = entry_id  # never read a bad entry twice
             self._receive(entry, out)
         self._try_snapshots(out)
+        if self.forget_after_s is not None:
+            self.tracker.expire(self.forget_after_s, out)
         # NOTE: asked once, an instance waited for ever where its request was lost (the
         # resync stream trimmed past it, a server restarted without it): no snapshot came,
         # and the instance's blocks were never routed to again.
-        now = time.monotonic()
+        now = self._clock()
         stale = self.tracker.stale_instances()
         self._asked = {iid: self._asked[iid] for iid in stale if iid in self._asked}
         for instance_id in stale:

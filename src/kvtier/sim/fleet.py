@@ -379,7 +379,7 @@ def simulate_fleet(
             _advance(instances, t)
             for inst in instances:
                 inst.publish_until(t, bus)
-            router.index.apply_updates(subscriber.poll())
+            router.apply_updates(subscriber.poll())
             if too_large(request, cache, sched):
                 # NOTE: skipped before routing (every instance has the same pools and step
                 # budget, so none could serve it): routed first, it counted as routed to the
@@ -406,7 +406,7 @@ def simulate_fleet(
     for inst in instances:
         inst.loop.manager.check_invariants()
         inst.publish_until(float("inf"), bus)
-    router.index.apply_updates(subscriber.poll())
+    router.apply_updates(subscriber.poll())
     router.index.check_invariants()
     tracker = subscriber.tracker
     events = {"num_published": bus.num_published, "num_dropped": subscriber.num_dropped,
