@@ -204,6 +204,7 @@ class PrefixIndex:
             for h, tier in blocks.items():
                 holders.setdefault(h, {})[iid] = tier
         assert holders == self._holders, "holders map out of sync with per-instance blocks"
+        assert all(self._blocks.values()), "an instance holding no block kept its entry"
 
 
 # ---- policies -----------------------------------------------------------------------------------
