@@ -15,6 +15,7 @@ from kvtier.config import CacheConfig
 from kvtier.event_codec import encode_events
 from kvtier.events import AllBlocksCleared, BlockStored, Event
 from kvtier.publisher import (
+    EventBatch,
     InMemoryEventBus,
     RedisStreamPublisher,
     RedisStreamSubscriber,
@@ -326,9 +327,9 @@ def test_a_thousand_pods_through_join_publish_leave_leave_nothing_behind() -> No
     The router's index (an empty entry per cleared or lost id), its stats' per-instance
     counts, the subscriber's streams and the bus's snapshot sources (the quiet ones' the
     fleet's controller forgets 30 s on) each kept one entry per id ever seen (1,000
-    each). Now, after every step, each holds the 4 live pods and
-    at most the two that went quiet within 15 s (forgotten then); a pod back under an old id
-    is read as new; and the routing equals a fresh router's fed the live pods' events."""
+    each). Now, after every step, each holds the 4 live pods and at most the two that
+    went quiet within 15 s (forgotten then); a pod back under an old id is read as new;
+    and the routing equals a fresh router's fed the live pods' events."""
     clock = FakeClock()
     bus = InMemoryEventBus()
     sub = bus.subscribe(forget_after_s=HORIZON_S, clock=clock)
@@ -475,3 +476,23 @@ def test_a_retiring_publisher_leaves_no_snapshot_key(fake_redis: FakeRedis) -> N
         RedisStreamPublisher("redis://fake", snapshot_ttl_s=0)
     with pytest.raises(TypeError, match=r"instance_id must be a str, got 5"):
         pub.forget(5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "60", True, 2e9])
+def test_a_forget_horizon_a_clock_cannot_use_is_refused(fake_redis: FakeRedis,
+                                                        value: object) -> None:
+    with pytest.raises(ValueError, match=r"forget_after_s must be .*got"):
+        InMemoryEventBus().subscribe(forget_after_s=value)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"forget_after_s must be .*got"):
+        RedisStreamSubscriber("redis://fake", forget_after_s=value)  # type: ignore[arg-type]
+
+
+def test_forgetting_an_id_that_is_no_str_changes_nothing(fake_redis: FakeRedis) -> None:
+    bus = InMemoryEventBus()
+    sub = bus.subscribe()
+    bus.publish("a", [stored(0, 1)])
+    redis_sub = RedisStreamSubscriber("redis://fake")
+    for forget in (bus.forget, sub.forget, redis_sub.forget, Router(CacheAware(), 4).forget):
+        with pytest.raises(TypeError, match=r"instance_id must be a str, got 5"):
+            forget(5)  # type: ignore[arg-type]
+    assert sub.poll() == [EventBatch("a", [stored(0, 1)])]
