@@ -496,3 +496,73 @@ def test_forgetting_an_id_that_is_no_str_changes_nothing(fake_redis: FakeRedis) 
         with pytest.raises(TypeError, match=r"instance_id must be a str, got 5"):
             forget(5)  # type: ignore[arg-type]
     assert sub.poll() == [EventBatch("a", [stored(0, 1)])]
+
+
+# ---- state of an old incarnation never applied after the new one was seen -----------------------
+
+
+def test_a_late_snapshot_of_the_old_process_is_refused_after_a_restart(
+        fake_redis: FakeRedis) -> None:
+    """The old process (seq 0..9, blocks 100..109) writes its snapshot (next_seq 10) after
+    the restarted one's seq 0 deleted the key; the new one's seq 1 is lost (a gap at
+    seq 2: stale). The subscriber applied the old snapshot (it covered seq 2): the index
+    held blocks 100..109, gone with the old process, and the new seq 3..9 were skipped
+    as covered. Now the snapshot names its incarnation and is refused (counted); the
+    instance stays stale, asks again, and resyncs from the new one's snapshot."""
+    clock = FakeClock()
+    old = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake", clock=clock)
+    index = PrefixIndex()
+    old.publish("a", [stored(seq, 100 + seq) for seq in range(10)])
+    index.apply_updates(sub.poll())
+    new = RedisStreamPublisher("redis://fake")
+    new.publish("a", [stored(0, 1)])
+    old.publish_snapshot(Snapshot("a", 10, frozenset((100 + seq, G) for seq in range(10))))
+    new.publish("a", [stored(2, 3)])  # seq 1 lost
+    index.apply_updates(sub.poll())
+    assert index.blocks("a") == {}
+    assert sub.tracker.stale_instances() == ["a"] and sub.tracker.num_resyncs == 0
+    assert sub.tracker.num_other_incarnation == 1  # offered once stale
+    assert new.resync_requests() == {"a"}
+    clock.now += 1.0
+    index.apply_updates(sub.poll())  # still the old snapshot: refused, asked again
+    assert sub.tracker.stale_instances() == ["a"] and index.blocks("a") == {}
+    assert sub.tracker.num_other_incarnation == 3 and sub.num_resync_requests == 2
+    new.publish_snapshot(Snapshot("a", 3, frozenset([(1, G), (2, G), (3, G)])))
+    new.publish("a", [stored(3, 4)])
+    index.apply_updates(sub.poll())
+    assert index.blocks("a") == {1: G, 2: G, 3: G, 4: G}
+    assert sub.tracker.stale_instances() == [] and sub.tracker.num_resyncs == 1
+    index.check_invariants()
+
+
+def test_a_snapshot_names_its_publishers_incarnation_and_old_ones_read_as_before(
+        fake_redis: FakeRedis) -> None:
+    """A stored snapshot carries ``p``, its publisher's incarnation; one of another is
+    refused by the publisher, storing nothing. A snapshot without ``p`` (an earlier
+    publisher's) decodes as before and is applied by its seq alone."""
+    pub = RedisStreamPublisher("redis://fake", incarnation="run-1")
+    pub.publish_snapshot(Snapshot("a", 1, frozenset([(5, G)])))
+    assert json.loads(fake_redis.keys["kvtier:events:snapshot:a"]) == {
+        "i": "a", "n": 1, "b": [["0" * 31 + "5", 0]], "p": "run-1"}
+    with pytest.raises(ValueError, match=r"snapshot\.incarnation must be None or this "
+                                         r"publisher's 'run-1', got 'run-2'"):
+        pub.publish_snapshot(Snapshot("b", 1, frozenset(), "run-2"))
+    assert "kvtier:events:snapshot:b" not in fake_redis.keys
+    assert publisher.decode_snapshot(b'{"i":"a","n":1,"b":[]}') == Snapshot("a", 1, frozenset())
+    for bad in ('"p":""', '"p":null', '"p":7', '"q":"x"'):
+        with pytest.raises(ValueError, match=r"malformed snapshot: (incarnation must be a "
+                                             r"string of 1\.\.64|an object with exactly)"):
+            publisher.decode_snapshot('{"i":"a","n":1,"b":[],' + bad + "}")
+    with pytest.raises(ValueError, match=r"Snapshot\.incarnation must be None or a str of "
+                                         r"1\.\.64 characters, got ''"):
+        Snapshot("a", 1, frozenset(), "")
+    # an old-format snapshot resyncs a stream that names an incarnation, by its seq alone
+    sub = RedisStreamSubscriber("redis://fake")
+    pub.publish("a", [stored(0, 1), stored(2, 3)])  # a gap at seq 2
+    sub.poll()
+    fake_redis.keys["kvtier:events:snapshot:a"] = (
+        b'{"i":"a","n":3,"b":[["' + b"0" * 31 + b'3",0]]}')
+    updates = sub.poll()
+    assert updates == [Snapshot("a", 3, frozenset([(3, G)]))]
+    assert sub.tracker.num_other_incarnation == 0

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from kvtier.event_codec import (
@@ -47,6 +47,7 @@ from kvtier.event_codec import (
     decode_snapshot,
     encode_events,
     encode_snapshot,
+    is_incarnation,
 )
 from kvtier.events import Event
 from kvtier.manager import KVCacheManager
@@ -161,6 +162,9 @@ class SeqTracker:
     0), or whose batches name another incarnation than before (a restarted publisher
     process, whether or not its seq 0 was read).
 
+    ``num_other_incarnation`` counts snapshots refused as taken by another incarnation
+    than the one whose stream is read (``offer``).
+
     ``streams`` holds one entry per instance until it is forgotten (``forget``,
     ``expire``: ``num_forgotten``), so that it is bounded by the instances live, not by
     every id ever seen. ``clock`` (seconds) dates what was heard of each.
@@ -172,6 +176,7 @@ class SeqTracker:
     num_skipped: int = 0
     num_restarts: int = 0
     num_forgotten: int = 0
+    num_other_incarnation: int = 0
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
     def _stream(self, instance_id: str) -> _Stream:
@@ -320,15 +325,31 @@ class SeqTracker:
         out.append(InstanceLost(instance_id, expected, None))
 
     def offer(self, snapshot: Snapshot, out: list[Update]) -> bool:
-        """Resync from ``snapshot`` if it covers every event seen; True if it was applied.
-        TypeError, changing nothing, unless it is a :class:`Snapshot` (another object was
-        an AttributeError)."""
+        """Resync from ``snapshot`` if it covers every event seen and, where both name an
+        incarnation, was taken by the one whose stream is read (another is counted in
+        ``num_other_incarnation``); True if it was applied. A snapshot that names none,
+        or offered for a stream that knows none, is read by its seq alone (the stream then
+        takes its incarnation). TypeError, changing nothing, unless it is a
+        :class:`Snapshot` (another object was an AttributeError)."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"offer needs a Snapshot, got {short_repr(snapshot)}")
         stream = self._stream(snapshot.instance_id)
+        if snapshot.incarnation is not None and stream.incarnation is not None \
+                and snapshot.incarnation != stream.incarnation:
+            # NOTE: the old process wrote its snapshot after the new one's seq 0 deleted
+            # the key (a late writer): a subscriber stale on a gap in the new stream
+            # applied it, as it covered every seq read of the new one. The instance's
+            # old blocks were routed to, gone with the old process, and the new events
+            # it claimed skipped. Refused as a missing snapshot is: still stale, asked for
+            # again. Which of two incarnations is the later is not known, so one not yet
+            # read (a restart whose entries are still to come) waits for its entries too.
+            self.num_other_incarnation += 1
+            return False
         if snapshot.next_seq <= stream.max_seen:
             return False
         stream.heard_s = self.clock()
+        if snapshot.incarnation is not None:
+            stream.incarnation = snapshot.incarnation
         stream.next_seq = snapshot.next_seq
         # NOTE: the events the snapshot covers count as seen: a stream that knew its
         # instance only from a snapshot (offered first, or after an unreadable entry, which
@@ -567,7 +588,9 @@ class RedisStreamPublisher:
     one, which subscribers see as a restart even where its seq 0 was trimmed; publishers
     of one engine's events on several connections share one; an entry
     without ``n``, of an earlier publisher, is read by its seq alone). Snapshots go to the
-    key ``<stream>:snapshot:<instance>``; a batch starting at seq 0 (a new incarnation of
+    key ``<stream>:snapshot:<instance>``, naming the incarnation too (a subscriber refuses
+    one of another incarnation than the entries it read: a late write of an old
+    process); a batch starting at seq 0 (a new incarnation of
     the instance) deletes it, so that no subscriber resyncs from the blocks of before a
     restart (where that batch failed, with the next batch of the instance that is sent).
     A snapshot key lives ``snapshot_ttl_s`` (None: until overwritten), and goes when its
@@ -585,7 +608,7 @@ class RedisStreamPublisher:
         _check_stream(stream)
         if incarnation is None:
             incarnation = uuid.uuid4().hex
-        if not isinstance(incarnation, str) or not 1 <= len(incarnation) <= 64:
+        if not is_incarnation(incarnation):
             raise ValueError(f"incarnation must be None or a str of 1..64 characters, got "
                              f"{short_repr(incarnation)}")
         # NOTE: whole seconds, at least 1 (Redis refuses an EX of 0); a subscriber still
@@ -640,11 +663,18 @@ class RedisStreamPublisher:
         return f"{self.stream}:snapshot:{instance_id}"
 
     def publish_snapshot(self, snapshot: Snapshot) -> None:
-        """Store ``snapshot``; publish every event before ``next_seq`` first. A snapshot
-        Redis does not take is counted in ``num_failed_batches``; a stale subscriber asks
-        again."""
+        """Store ``snapshot``, named by this publisher's ``incarnation`` (a subscriber
+        refuses one of another incarnation than the stream it reads); publish every event
+        before ``next_seq`` first. A snapshot Redis does not take is counted in
+        ``num_failed_batches``; a stale subscriber asks again. TypeError unless it is a
+        :class:`Snapshot`, ValueError if it names another incarnation, storing nothing."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"snapshot must be a Snapshot, got {short_repr(snapshot)}")
+        if snapshot.incarnation is None:
+            snapshot = replace(snapshot, incarnation=self.incarnation)
+        elif snapshot.incarnation != self.incarnation:
+            raise ValueError(f"snapshot.incarnation must be None or this publisher's "
+                             f"{self.incarnation!r}, got {short_repr(snapshot.incarnation)}")
         key = self._snapshot_key(snapshot.instance_id)
         options = {} if self._snapshot_ex is None else {"ex": self._snapshot_ex}
         if _attempt(self._redis.set, key, encode_snapshot(snapshot), **options) is None:

@@ -73,7 +73,8 @@ def test_malformed_entries_are_skipped_counted_and_reported(redis_servers: Redis
         assert (sub.num_malformed_entries, sub.tracker.num_gaps) == (3, 1)
         assert pub.resync_requests() == {"a"}
         pub.publish_snapshot(Snapshot("a", 3, frozenset({(1, G), (3, G)})))
-        assert sub.poll() == [Snapshot("a", 3, frozenset({(1, G), (3, G)}))]
+        # stored naming its publisher's incarnation (red team 29a)
+        assert sub.poll() == [Snapshot("a", 3, frozenset({(1, G), (3, G)}), pub.incarnation)]
     finally:
         raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
 
