@@ -566,3 +566,40 @@ def test_a_snapshot_names_its_publishers_incarnation_and_old_ones_read_as_before
     updates = sub.poll()
     assert updates == [Snapshot("a", 3, frozenset([(3, G)]))]
     assert sub.tracker.num_other_incarnation == 0
+
+
+def test_late_entries_of_the_old_process_are_skipped_after_a_restart(
+        fake_redis: FakeRedis) -> None:
+    """The old process (seq 0..9, blocks 100..109) is still up after the restart: it
+    adds seq 10 (block 110) and its snapshot (next_seq 11) after the new one's seq 0..2
+    (blocks 1..3) were read. Its entry read as yet another restart (the new blocks
+    forgotten, a gap at seq 10: stale) and its snapshot, of the incarnation read last,
+    was applied: the index held the old blocks, then, at the new one's seq 3, none (a
+    restart again, a gap). Now an incarnation once replaced stays retired: its entries are
+    skipped (counted), its snapshot refused, and the new one's seq 3 applies."""
+    old = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake")
+    index = PrefixIndex()
+    old.publish("a", [stored(seq, 100 + seq) for seq in range(10)])
+    index.apply_updates(sub.poll())
+    new = RedisStreamPublisher("redis://fake")
+    new.publish("a", [stored(seq, 1 + seq) for seq in range(3)])
+    index.apply_updates(sub.poll())
+    assert index.blocks("a") == {1: G, 2: G, 3: G} and sub.tracker.num_restarts == 1
+    old.publish("a", [stored(10, 110)])
+    old.publish_snapshot(Snapshot("a", 11, frozenset((100 + seq, G) for seq in range(11))))
+    updates = sub.poll()
+    assert updates == []
+    index.apply_updates(updates)
+    assert index.blocks("a") == {1: G, 2: G, 3: G}
+    assert sub.tracker.stale_instances() == [] and sub.tracker.num_restarts == 1
+    assert (sub.tracker.num_other_incarnation, sub.tracker.num_skipped) == (1, 1)
+    new.publish("a", [stored(3, 4)])
+    index.apply_updates(sub.poll())
+    assert index.blocks("a") == {1: G, 2: G, 3: G, 4: G}
+    assert sub.tracker.num_gaps == 0 and sub.tracker.num_resyncs == 0
+    for k in range(10):  # ten restarts more: the last 8 replaced are remembered
+        RedisStreamPublisher("redis://fake", incarnation=f"run-{k}").publish("a", [stored(0, k)])
+    sub.poll()
+    assert sub.tracker.streams["a"].retired == tuple(f"run-{k}" for k in range(1, 9))
+    assert sub.tracker.streams["a"].incarnation == "run-9" and sub.tracker.num_restarts == 11

@@ -125,6 +125,7 @@ def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -
 
 
 _MAX_BUFFER = 1 << 40  # events a subscriber's buffer or a stream may hold
+_MAX_RETIRED = 8  # replaced incarnations a stream remembers (restarts while one lingers)
 
 
 def check_batch(instance_id: object, events: object, *, token_ids: bool = True) -> None:
@@ -148,6 +149,7 @@ class _Stream:
     max_seen: int = -1
     stale: bool = False
     incarnation: str | None = None  # the publisher's, where its batches name one
+    retired: tuple[str, ...] = ()  # incarnations it replaced, the latest last
     heard_s: float = 0.0  # the tracker's clock when an event was read or a snapshot applied
 
 
@@ -162,8 +164,10 @@ class SeqTracker:
     0), or whose batches name another incarnation than before (a restarted publisher
     process, whether or not its seq 0 was read).
 
-    ``num_other_incarnation`` counts snapshots refused as taken by another incarnation
-    than the one whose stream is read (``offer``).
+    An incarnation once replaced by another is retired (the last ``_MAX_RETIRED`` of each
+    instance): a batch naming it, from an old process still up, is skipped whole.
+    ``num_other_incarnation`` counts such batches, and snapshots refused as taken by
+    another incarnation than the one whose stream is read (``offer``).
 
     ``streams`` holds one entry per instance until it is forgotten (``forget``,
     ``expire``: ``num_forgotten``), so that it is bounded by the instances live, not by
@@ -230,9 +234,19 @@ class SeqTracker:
         the publisher ``incarnation`` where it names one (None: a batch that names none,
         read by its seq alone)."""
         stream = self._stream(instance_id)
+        if incarnation is not None and incarnation in stream.retired:
+            # NOTE: an old process still up after the restart (a rolling update, a late
+            # write) read as yet another restart: the new incarnation's blocks forgotten,
+            # the instance stale on its seq, and the old one's snapshot, of the incarnation
+            # read last, applied (its blocks routed to) until the new one spoke again.
+            # Not heard of the instance: the new incarnation's silence still counts.
+            self.num_skipped += sum(1 for _ in events)
+            self.num_other_incarnation += 1
+            return
         stream.heard_s = self.clock()
         if incarnation is not None and incarnation != stream.incarnation:
             if stream.incarnation is not None:
+                stream.retired = (*stream.retired, stream.incarnation)[-_MAX_RETIRED:]
                 # NOTE: a restart seen without its seq 0: a trimmed stream (MAXLEN) or a
                 # failed XADD lost it, and the new incarnation's events read as ones
                 # already applied (skipped, or a gap past what the old one had read, whose
