@@ -603,3 +603,71 @@ def test_late_entries_of_the_old_process_are_skipped_after_a_restart(
     sub.poll()
     assert sub.tracker.streams["a"].retired == tuple(f"run-{k}" for k in range(1, 9))
     assert sub.tracker.streams["a"].incarnation == "run-9" and sub.tracker.num_restarts == 11
+
+
+def test_one_subscribers_expiry_keeps_the_bus_snapshot_source_for_all() -> None:
+    """Two subscribers of one bus, one forgetting instances quiet for 10 s, one never.
+    Instance a (blocks 1, 2) goes quiet 11 s: the first forgets it (``InstanceGone``),
+    the second keeps its blocks, and the bus keeps its source: when a speaks again (seq
+    2, a gap for the first) the first resyncs from it to exactly a's blocks. Only
+    ``forget`` (a left, as its owner says) drops the source, for every subscriber."""
+    clock = FakeClock()
+    bus = InMemoryEventBus()
+    brief = bus.subscribe(forget_after_s=10.0, clock=clock)
+    patient = bus.subscribe(clock=clock)
+    held = {1: G, 2: G}
+    bus.register_snapshot("a", lambda: Snapshot("a", 3, frozenset({**held, 3: G}.items())))
+    bus.publish("a", [stored(0, 1), stored(1, 2)])
+    first, second = PrefixIndex(), PrefixIndex()
+    first.apply_updates(brief.poll())
+    second.apply_updates(patient.poll())
+    clock.now = 11.0
+    gone = brief.poll()
+    assert gone == [publisher.InstanceGone("a")] and patient.poll() == []
+    first.apply_updates(gone)
+    assert first.instances() == [] and second.blocks("a") == held
+    assert list(bus._snapshot_sources) == ["a"]
+    bus.publish("a", [stored(2, 3)])
+    updates = brief.poll()
+    assert updates == [publisher.InstanceLost("a", 0, 2),
+                       Snapshot("a", 3, frozenset({(1, G), (2, G), (3, G)}))]
+    first.apply_updates(updates)
+    second.apply_updates(patient.poll())
+    assert first.blocks("a") == second.blocks("a") == {1: G, 2: G, 3: G}
+    bus.forget("a")
+    assert bus._snapshot_sources == {}
+    assert brief.poll() == patient.poll() == [publisher.InstanceGone("a")]
+
+
+def test_an_instance_forgotten_holding_blocks_is_resynced_when_it_speaks_again(
+        fake_redis: FakeRedis) -> None:
+    """With the default horizon (an hour): instance a holds blocks 1..3 and goes quiet
+    for 3,601 s; the subscriber forgets it (the router drops its blocks, its stats). Its
+    next entry (seq 3) is a gap of a new stream: stale, asked for, and resynced from the
+    snapshot it answers, never from one it stored before (next_seq 2, covered)."""
+    clock = FakeClock()
+    pub = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake", clock=clock)
+    assert sub.forget_after_s == 3600.0
+    router = Router(CacheAware(), tokens_per_block=4)
+    pub.publish("a", [stored(0, 1), stored(1, 2)])
+    pub.publish_snapshot(Snapshot("a", 2, frozenset([(1, G), (2, G)])))
+    pub.publish("a", [stored(2, 3)])
+    router.apply_updates(sub.poll())
+    router.stats.per_instance["a"] = 5
+    clock.now = 3600.0
+    router.apply_updates(sub.poll())
+    assert router.index.blocks("a") == {1: G, 2: G, 3: G}  # an hour quiet: kept
+    clock.now = 3601.0
+    assert sub.poll() == [publisher.InstanceGone("a")]
+    router.apply_updates([publisher.InstanceGone("a")])
+    assert router.index.instances() == [] and router.stats.per_instance == {}
+    assert router.stats.num_routed_forgotten == 5
+    pub.publish("a", [stored(3, 4)])
+    router.apply_updates(sub.poll())
+    assert router.index.instances() == [] and sub.tracker.stale_instances() == ["a"]
+    assert pub.resync_requests() == {"a"}
+    pub.publish_snapshot(Snapshot("a", 4, frozenset((h, G) for h in (1, 2, 3, 4))))
+    router.apply_updates(sub.poll())
+    assert router.index.blocks("a") == {1: G, 2: G, 3: G, 4: G}
+    assert sub.tracker.num_resyncs == 1 and sub.tracker.stale_instances() == []

@@ -491,7 +491,16 @@ class InMemoryEventBus:
     """An :class:`EventPublisher` for one process: fan-out to bounded subscriber buffers.
 
     Instances may register a snapshot source (``register_snapshot``) that subscribers call
-    when they missed events.
+    when they missed events. A source stays until the instance registers another or
+    leaves (``forget``): a subscriber's expiry (``forget_after_s``) never drops it.
+
+    NOTE: the bus is shared: one subscriber's expiry means only that the instance was
+    quiet past that subscriber's horizon (another may hold its blocks, with a longer one
+    or none), not that it is gone for all. Dropped then, a quiet instance that speaks
+    again (a gap, its first event read after the expiry) could never be resynced: stale
+    for every subscriber, without a word. In one process the owner of an instance knows
+    when it crashes or leaves, and says so with ``forget``; the sources are bounded by the
+    instances registered and not forgotten, as ``register_snapshot`` made them.
     """
 
     def __init__(self) -> None:
@@ -518,6 +527,10 @@ class InMemoryEventBus:
             subscriber.push(instance_id, events)
 
     def register_snapshot(self, instance_id: str, source: Callable[[], Snapshot]) -> None:
+        """``source`` answers ``instance_id``'s snapshot (its blocks as of now: a restarted
+        instance registers its new manager's, replacing the old) until it registers
+        another or is forgotten (``forget``). TypeError, changing nothing, unless it is a
+        str id and a callable."""
         if not isinstance(instance_id, str) or not callable(source):
             raise TypeError(f"register_snapshot needs a str instance id and a callable, got "
                             f"{short_repr(instance_id)} and {short_repr(source)}")
@@ -739,9 +752,17 @@ class RedisStreamSubscriber:
     after its request is asked for again (``num_resync_requests`` counts them): a request
     is one entry of a capped stream, which a trim or a restarted server may lose before
     the publisher reads it. An instance not heard from (no entry read, no snapshot applied)
-    for ``forget_after_s`` on ``clock`` (None: never), or one the caller ``forget`` s, is
-    forgotten (``InstanceGone``), its requests with it: one that comes back is read as new.
+    for more than ``forget_after_s`` on ``clock`` (by default 3600 s, an hour; None:
+    never), or one the caller ``forget`` s, is forgotten (``InstanceGone``: the consumer
+    drops its blocks), its requests with it. One that comes back is read as new: from its
+    seq 0, or, an instance that was only quiet, from a gap at its next entry (stale, asked
+    for, resynced from its snapshot, which the publisher must answer).
     May change: the resync stream, its own state.
+
+    NOTE: unlike the in-memory bus's subscribers (None by default: their owner says when
+    an instance leaves), a stream names no departure: a crashed pod's id would stay, and
+    a stale one be asked for, for ever. An hour keeps an instance quiet that long
+    routed to; a fleet whose instances may stay quiet longer raises it.
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0",
