@@ -671,3 +671,33 @@ def test_an_instance_forgotten_holding_blocks_is_resynced_when_it_speaks_again(
     router.apply_updates(sub.poll())
     assert router.index.blocks("a") == {1: G, 2: G, 3: G, 4: G}
     assert sub.tracker.num_resyncs == 1 and sub.tracker.stale_instances() == []
+
+
+def test_an_unreadable_entry_of_a_new_incarnation_is_its_restart(
+        fake_redis: FakeRedis) -> None:
+    """The restarted process's first entry read is unreadable (its events garbled), and
+    the old process writes its snapshot (next_seq 10) late. The entry was a hole of the
+    old incarnation's stream: stale, the old snapshot (next_seq 10 > 9 read) applied, its
+    blocks 100..109 routed to. Now the entry's incarnation says the instance restarted:
+    the old one is retired, its snapshot refused, and the new one's applied."""
+    old = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake")
+    index = PrefixIndex()
+    old.publish("a", [stored(seq, 100 + seq) for seq in range(10)])
+    index.apply_updates(sub.poll())
+    fake_redis.xadd("kvtier:events", {"i": "a", "e": "garbled", "n": "run-2"})
+    old.publish_snapshot(Snapshot("a", 10, frozenset((100 + seq, G) for seq in range(10))))
+    updates = sub.poll()
+    assert updates == [publisher.InstanceLost("a", 10, 0), publisher.InstanceLost("a", 0, None)]
+    index.apply_updates(updates)
+    assert index.blocks("a") == {} and sub.tracker.stale_instances() == ["a"]
+    assert sub.tracker.streams["a"].incarnation == "run-2"
+    assert sub.num_malformed_entries == 1 and sub.tracker.num_other_incarnation == 1
+    new = RedisStreamPublisher("redis://fake", incarnation="run-2")
+    new.publish_snapshot(Snapshot("a", 2, frozenset([(1, G), (2, G)])))
+    index.apply_updates(sub.poll())
+    assert index.blocks("a") == {1: G, 2: G} and sub.tracker.stale_instances() == []
+    # an unreadable entry of the retired old process is no hole of the new one
+    fake_redis.xadd("kvtier:events", {"i": "a", "e": "garbled", "n": old.incarnation})
+    assert sub.poll() == [] and sub.num_malformed_entries == 2
+    assert sub.tracker.stale_instances() == [] and sub.tracker.num_other_incarnation == 2

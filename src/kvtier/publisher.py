@@ -233,29 +233,10 @@ class SeqTracker:
         """``receive`` of a batch already checked (a bus's, a decoded stream entry), of
         the publisher ``incarnation`` where it names one (None: a batch that names none,
         read by its seq alone)."""
-        stream = self._stream(instance_id)
-        if incarnation is not None and incarnation in stream.retired:
-            # NOTE: an old process still up after the restart (a rolling update, a late
-            # write) read as yet another restart: the new incarnation's blocks forgotten,
-            # the instance stale on its seq, and the old one's snapshot, of the incarnation
-            # read last, applied (its blocks routed to) until the new one spoke again.
-            # Not heard of the instance: the new incarnation's silence still counts.
+        stream = self._heard(instance_id, incarnation, out)
+        if stream is None:
             self.num_skipped += sum(1 for _ in events)
-            self.num_other_incarnation += 1
             return
-        stream.heard_s = self.clock()
-        if incarnation is not None and incarnation != stream.incarnation:
-            if stream.incarnation is not None:
-                stream.retired = (*stream.retired, stream.incarnation)[-_MAX_RETIRED:]
-                # NOTE: a restart seen without its seq 0: a trimmed stream (MAXLEN) or a
-                # failed XADD lost it, and the new incarnation's events read as ones
-                # already applied (skipped, or a gap past what the old one had read, whose
-                # snapshots were refused as older than the events read) until its counter
-                # passed the old one's: the consumer kept the old blocks and never learnt
-                # the new ones. Forgotten as a restart; what the batch holds from seq 0 on
-                # is read as any new stream's (a gap and a resync where it starts later).
-                self._restarted(instance_id, stream, out)
-            stream.incarnation = incarnation
         batch: list[Event] = []
         for event in events:
             seq = event.seq
@@ -295,6 +276,36 @@ class SeqTracker:
         if batch:
             out.append(EventBatch(instance_id, batch))
 
+    def _heard(self, instance_id: str, incarnation: str | None,
+               out: list[Update]) -> _Stream | None:
+        """``instance_id``'s stream, heard now from its publisher ``incarnation`` (None:
+        an entry that names none): a restart where that is another than the one read
+        before, which is retired. None, counted in ``num_other_incarnation``, for an
+        incarnation retired already: an old process's entry, to skip."""
+        stream = self._stream(instance_id)
+        if incarnation is not None and incarnation in stream.retired:
+            # NOTE: an old process still up after the restart (a rolling update, a late
+            # write) read as yet another restart: the new incarnation's blocks forgotten,
+            # the instance stale on its seq, and the old one's snapshot, of the incarnation
+            # read last, applied (its blocks routed to) until the new one spoke again.
+            # Not heard of the instance: the new incarnation's silence still counts.
+            self.num_other_incarnation += 1
+            return None
+        stream.heard_s = self.clock()
+        if incarnation is not None and incarnation != stream.incarnation:
+            if stream.incarnation is not None:
+                stream.retired = (*stream.retired, stream.incarnation)[-_MAX_RETIRED:]
+                # NOTE: a restart seen without its seq 0: a trimmed stream (MAXLEN) or a
+                # failed XADD lost it, and the new incarnation's events read as ones
+                # already applied (skipped, or a gap past what the old one had read, whose
+                # snapshots were refused as older than the events read) until its counter
+                # passed the old one's: the consumer kept the old blocks and never learnt
+                # the new ones. Forgotten as a restart; what the batch holds from seq 0 on
+                # is read as any new stream's (a gap and a resync where it starts later).
+                self._restarted(instance_id, stream, out)
+            stream.incarnation = incarnation
+        return stream
+
     def _restarted(self, instance_id: str, stream: _Stream, out: list[Update]) -> None:
         """``instance_id`` restarted: its old blocks are lost, its stream starts over."""
         out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
@@ -330,7 +341,22 @@ class SeqTracker:
         ``instance_id`` is a str."""
         if not isinstance(instance_id, str):
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
-        stream = self._stream(instance_id)
+        self._stale(instance_id, self._stream(instance_id), out)
+
+    def _lose(self, instance_id: str, incarnation: str | None, out: list[Update]) -> None:
+        """``lose`` of an unreadable entry read, of the publisher ``incarnation`` where it
+        names a readable one: a restart where that is new (as ``_receive``), nothing
+        where it is retired.
+
+        NOTE: the unreadable first entry of a restarted process was a hole of the old
+        incarnation's stream: stale, it applied the old process's snapshot written late,
+        as covering every seq read."""
+        stream = self._heard(instance_id, incarnation, out)
+        if stream is not None:
+            self._stale(instance_id, stream, out)
+
+    def _stale(self, instance_id: str, stream: _Stream, out: list[Update]) -> None:
+        """``instance_id`` missed events of unknown seq: stale, unless it is already."""
         if stream.stale:
             return
         self.num_gaps += 1
@@ -877,7 +903,7 @@ class RedisStreamSubscriber:
         except (ValueError, KeyError, TypeError):
             self.num_malformed_entries += 1
             if instance_id is not None:
-                self.tracker.lose(instance_id, out)
+                self.tracker._lose(instance_id, _field(entry, "n") or None, out)
             return
         # decoded: checked; an entry without a readable incarnation is read by its seq alone
         self.tracker._receive(instance_id, events, out, _field(entry, "n") or None)
