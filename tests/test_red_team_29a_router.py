@@ -701,3 +701,31 @@ def test_an_unreadable_entry_of_a_new_incarnation_is_its_restart(
     fake_redis.xadd("kvtier:events", {"i": "a", "e": "garbled", "n": old.incarnation})
     assert sub.poll() == [] and sub.num_malformed_entries == 2
     assert sub.tracker.stale_instances() == [] and sub.tracker.num_other_incarnation == 2
+
+
+class _TickingClock:
+    """A clock one second later at each reading, as a slow poll's."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_an_instance_heard_in_a_poll_is_not_forgotten_by_that_poll(
+        fake_redis: FakeRedis) -> None:
+    """``forget_after_s=0``: forget whatever was not heard since the last poll. The
+    clock read at the expiry is later than when the poll heard the instance, so a poll
+    returned its batch and then ``InstanceGone``: the consumer dropped blocks it had just
+    read. Now a poll forgets by the clock read as it started: the instance goes at the
+    next poll that does not hear it."""
+    bus = InMemoryEventBus()
+    sub = bus.subscribe(forget_after_s=0.0, clock=_TickingClock())
+    redis_sub = RedisStreamSubscriber("redis://fake", forget_after_s=0.0, clock=_TickingClock())
+    RedisStreamPublisher("redis://fake").publish("a", [stored(0, 1)])
+    bus.publish("a", [stored(0, 1)])
+    assert sub.poll() == [EventBatch("a", [stored(0, 1)])]
+    assert redis_sub.poll() == [EventBatch("a", [stored(0, 1)])]
+    assert sub.poll() == redis_sub.poll() == [publisher.InstanceGone("a")]

@@ -200,14 +200,19 @@ class SeqTracker:
             self.num_forgotten += 1
             out.append(InstanceGone(instance_id))
 
-    def expire(self, forget_after_s: float, out: list[Update]) -> None:
+    def expire(self, forget_after_s: float, out: list[Update],
+               now: float | None = None) -> None:
         """Forget every instance not heard from (no event read, no snapshot applied) for
-        more than ``forget_after_s``: one gone without a word (a crashed pod), or stale and
-        never resynced, whose snapshot would be asked for ever.
+        more than ``forget_after_s`` before ``now`` (None: the clock now): one gone
+        without a word (a crashed pod), or stale and never resynced, whose snapshot would
+        be asked for ever. A poll passes the clock read as it started.
 
         NOTE: a subscriber kept an entry per instance id ever seen, and asked for the
-        snapshot of a stale one gone for ever."""
-        now = self.clock()
+        snapshot of a stale one gone for ever. With the clock read at the expiry, an
+        instance the same poll heard (earlier on the clock) was forgotten with a short
+        horizon (0: always), its batch followed by ``InstanceGone``."""
+        if now is None:
+            now = self.clock()
         for instance_id in [iid for iid, stream in self.streams.items()
                             if now - stream.heard_s > forget_after_s]:
             self.forget(instance_id, out)
@@ -468,6 +473,7 @@ class InMemorySubscriber:
         """Every update since the last poll, in arrival order; stale instances are resynced
         from the bus's snapshot source where it has one."""
         out, self._gone = self._gone, []
+        started_s = self.tracker.clock()
         items = list(self._buffer)
         self._buffer.clear()
         tracker = self.tracker
@@ -493,7 +499,7 @@ class InMemorySubscriber:
         for instance_id in dropped:
             tracker.lose(instance_id, out)  # stale already where the buffer showed the hole
         if self.forget_after_s is not None:
-            tracker.expire(self.forget_after_s, out)
+            tracker.expire(self.forget_after_s, out, started_s)
         for instance_id in tracker.stale_instances():
             try:
                 snapshot = self._bus.snapshot(instance_id)
@@ -842,6 +848,7 @@ class RedisStreamSubscriber:
         if block_ms is not None and (type(block_ms) is not int or block_ms < 0):
             raise ValueError(f"block_ms must be None or an int >= 0, got {short_repr(block_ms)}")
         out, self._gone = self._gone, []
+        started_s = self._clock()
         # NOTE: snapshots first: entries read while an instance is stale are skipped, and a
         # snapshot must cover every event read, so reading first could refuse a good one.
         # With Redis down, each command is skipped and retried at the next poll: what was
@@ -855,7 +862,7 @@ class RedisStreamSubscriber:
             self._receive(entry, out)
         self._try_snapshots(out)
         if self.forget_after_s is not None:
-            self.tracker.expire(self.forget_after_s, out)
+            self.tracker.expire(self.forget_after_s, out, started_s)
         # NOTE: asked once, an instance waited for ever where its request was lost (the
         # resync stream trimmed past it, a server restarted without it): no snapshot came,
         # and the instance's blocks were never routed to again.
