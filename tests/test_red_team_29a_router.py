@@ -729,3 +729,26 @@ def test_an_instance_heard_in_a_poll_is_not_forgotten_by_that_poll(
     assert sub.poll() == [EventBatch("a", [stored(0, 1)])]
     assert redis_sub.poll() == [EventBatch("a", [stored(0, 1)])]
     assert sub.poll() == redis_sub.poll() == [publisher.InstanceGone("a")]
+
+
+def test_a_restart_seen_by_seq_0_forgets_the_incarnation_a_snapshot_named() -> None:
+    """In-memory batches name no incarnation; a snapshot source may (run-1). After a
+    restart seen by its seq 0, the stream kept run-1, and refused every snapshot of the
+    restarted instance's new source (run-2) as of another incarnation: stale for ever.
+    Now a restart the batch names no incarnation of forgets the one known."""
+    bus = InMemoryEventBus()
+    sub = bus.subscribe(max_events=1)
+    answer = Snapshot("a", 2, frozenset([(1, G), (2, G)]), "run-1")
+    bus.register_snapshot("a", lambda: answer)
+    bus.publish("a", [stored(0, 1), stored(1, 2)])  # seq 0 dropped: stale, resynced
+    index = PrefixIndex()
+    index.apply_updates(sub.poll())
+    assert index.blocks("a") == {1: G, 2: G} and sub.tracker.streams["a"].incarnation == "run-1"
+    bus.publish("a", [stored(0, 7)])  # the restart
+    index.apply_updates(sub.poll())
+    assert index.blocks("a") == {7: G} and sub.tracker.streams["a"].incarnation is None
+    answer = Snapshot("a", 3, frozenset([(7, G), (8, G), (9, G)]), "run-2")
+    bus.publish("a", [stored(1, 8), stored(2, 9)])  # seq 1 dropped: stale
+    index.apply_updates(sub.poll())
+    assert index.blocks("a") == {7: G, 8: G, 9: G} and sub.tracker.stale_instances() == []
+    assert sub.tracker.num_other_incarnation == 0

@@ -262,6 +262,7 @@ class SeqTracker:
                     out.append(EventBatch(instance_id, batch))
                     batch = []
                 self._restarted(instance_id, stream, out)
+                stream.incarnation = incarnation
             stream.max_seen = max(stream.max_seen, seq)
             expected = 0 if stream.next_seq is None else stream.next_seq
             if stream.stale or seq < expected:
@@ -312,8 +313,14 @@ class SeqTracker:
         return stream
 
     def _restarted(self, instance_id: str, stream: _Stream, out: list[Update]) -> None:
-        """``instance_id`` restarted: its old blocks are lost, its stream starts over."""
+        """``instance_id`` restarted: its old blocks are lost, its stream starts over, of
+        an incarnation not known (the caller sets the one its batch names).
+
+        NOTE: a restart seen by its seq 0 in batches that name no incarnation (the
+        in-memory bus's) kept the one a snapshot had named: every snapshot of the new
+        incarnation was refused as of another, the instance stale for ever."""
         out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
+        stream.incarnation = None
         self.num_restarts += 1
         stream.next_seq = None
         stream.max_seen = -1
