@@ -99,7 +99,7 @@ def _run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
 
 class FakeRedis:
     """The commands of the event stream, in memory: XADD with an exact MAXLEN, XREAD
-    (RESP2's shape), XINFO STREAM's first entry id, GET, SET, DEL and MULTI/EXEC; ``down``
+    (RESP2's shape), XINFO STREAM's first and last entry ids, GET, SET, DEL and MULTI/EXEC; ``down``
     commands fail with a ConnectionError first."""
 
     def __init__(self) -> None:
@@ -144,7 +144,8 @@ class FakeRedis:
     def xinfo_stream(self, stream: str) -> dict[str, object]:
         self._check()
         entries = self.streams.get(stream, [])
-        return {"recorded-first-entry-id": entries[0][0] if entries else b"0-0"}
+        return {"recorded-first-entry-id": entries[0][0] if entries else b"0-0",
+                "last-generated-id": f"{self.next_id - 1}-0".encode()}
 
     def xtrim(self, stream: str, maxlen: int) -> None:
         entries = self.streams.get(stream, [])
@@ -752,3 +753,38 @@ def test_a_restart_seen_by_seq_0_forgets_the_incarnation_a_snapshot_named() -> N
     index.apply_updates(sub.poll())
     assert index.blocks("a") == {7: G, 8: G, 9: G} and sub.tracker.stale_instances() == []
     assert sub.tracker.num_other_incarnation == 0
+
+
+def test_entries_read_after_an_instance_was_forgotten_do_not_bring_it_back(
+        fake_redis: FakeRedis) -> None:
+    """Engine b retires (``forget`` at its publisher and the subscriber) with entries the
+    subscriber had not read yet: its next poll read them as a new instance's, b's blocks
+    held for an hour (``forget_after_s``), or, from a gap, asked for every second. Now
+    the subscriber skips b's entries added before it was forgotten; b publishing again
+    is a new instance. With Redis down at ``forget`` (no last id known) it is as before."""
+    pub = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake")
+    index = PrefixIndex()
+    pub.publish("a", [stored(0, 1)])
+    pub.publish("b", [stored(0, 5)])
+    index.apply_updates(sub.poll())
+    pub.publish("b", [stored(1, 6)])
+    pub.publish("c", [stored(0, 9)])  # never read before c is forgotten
+    pub.publish("a", [stored(1, 2)])
+    for iid in ("b", "c"):
+        pub.forget(iid)
+        sub.forget(iid)
+    updates = sub.poll()
+    assert updates == [publisher.InstanceGone("b"), EventBatch("a", [stored(1, 2)])]
+    index.apply_updates(updates)
+    assert index.instances() == ["a"] and sorted(sub.tracker.streams) == ["a"]
+    assert sub.tracker.stale_instances() == [] and sub._forgotten == {}
+    back = RedisStreamPublisher("redis://fake")  # b again, a new instance
+    back.publish("b", [stored(0, 7)])
+    index.apply_updates(sub.poll())
+    assert index.blocks("b") == {7: G}
+    pub.publish("d", [stored(0, 3)])
+    fake_redis.down = 1
+    sub.forget("d")
+    index.apply_updates(sub.poll())
+    assert index.blocks("d") == {3: G}

@@ -823,12 +823,26 @@ class RedisStreamSubscriber:
         self.num_trims = 0  # polls that found the stream trimmed past what was read
         # Stale instances asked for, with when (on ``clock``) the request was added.
         self._asked: dict[str, float] = {}
+        # Instances forgotten with entries maybe still unread: the stream's last id then.
+        self._forgotten: dict[str, tuple[int, int]] = {}
 
     def forget(self, instance_id: str) -> None:
         """``instance_id`` left: its stream and resync request go, and the next poll says
-        so (``InstanceGone``). TypeError, changing nothing, unless it is a str."""
+        so (``InstanceGone``); its entries added before (XINFO's last id, where Redis
+        answers) are skipped when read, so that one publishing again is a new instance.
+        TypeError, changing nothing, unless it is a str.
+
+        NOTE: the entries it added before it left, still unread, were read at the next
+        poll as a new instance's: its blocks held until ``forget_after_s``, or, from a
+        gap, a snapshot asked for that long."""
         self.tracker.forget(instance_id, self._gone)
         self._asked.pop(instance_id, None)
+        xinfo_stream = getattr(self._redis, "xinfo_stream", None)
+        info = None if xinfo_stream is None else _attempt(xinfo_stream, self.stream)
+        last = _stream_id(info.get("last-generated-id")) if isinstance(info, dict) else None
+        read = _stream_id(self.last_id)
+        if last is not None and (read is None or last > read):
+            self._forgotten[instance_id] = last
 
     @property
     def resync_retry_s(self) -> float:
@@ -866,7 +880,11 @@ class RedisStreamSubscriber:
                          block=block_ms or None)
         for entry_id, entry in _stream_entries(reply):
             self.last_id = entry_id  # never read a bad entry twice
-            self._receive(entry, out)
+            self._receive(entry_id, entry, out)
+        if self._forgotten:  # kept until every entry added before the forget is read
+            read = _stream_id(self.last_id) or (0, 0)
+            self._forgotten = {iid: last for iid, last in self._forgotten.items()
+                               if last > read}
         self._try_snapshots(out)
         if self.forget_after_s is not None:
             self.tracker.expire(self.forget_after_s, out, started_s)
@@ -908,8 +926,12 @@ class RedisStreamSubscriber:
         for instance_id in list(self.tracker.streams):
             self.tracker.lose(instance_id, out)
 
-    def _receive(self, entry: object, out: list[Update]) -> None:
+    def _receive(self, entry_id: object, entry: object, out: list[Update]) -> None:
         instance_id = _field(entry, "i")
+        if instance_id in self._forgotten:
+            entry_seq = _stream_id(entry_id)
+            if entry_seq is not None and entry_seq <= self._forgotten[instance_id]:
+                return  # added before its instance left
         try:
             if instance_id is None:
                 raise ValueError("no readable instance id")
