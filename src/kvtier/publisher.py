@@ -14,7 +14,8 @@ A snapshot is accepted only if it covers every event already read from that inst
 (``next_seq > highest seq seen``), so the events after it are still to come. An instance
 whose seq starts again from 0, or whose Redis entries name another publisher
 incarnation, has restarted (a new manager, an empty cache): its old blocks are forgotten
-and its new stream is read from 0.
+and its new stream is read from 0. From then on what names the replaced incarnation (a
+late entry or snapshot of an old process still up) is refused, never applied.
 
 Instances come and go (a restarted pod gets a new id): a subscriber holds state only for
 instances heard from within its ``forget_after_s``, or until it is told one left
@@ -426,7 +427,8 @@ class InMemorySubscriber:
     forgotten) and repaired from the bus's snapshot source (a source that raises is counted
     in ``num_failed_snapshots`` and asked again at the next poll). An instance the bus
     forgets (``InMemoryEventBus.forget``), or, with ``forget_after_s``, one not heard from
-    for that long on ``clock``, is forgotten (``InstanceGone``).
+    for that long on ``clock``, is forgotten (``InstanceGone``); the bus keeps its snapshot
+    source for the other subscribers, and for this one should the instance speak again.
     """
 
     def __init__(self, bus: InMemoryEventBus, max_events: int,
@@ -549,7 +551,8 @@ class InMemoryEventBus:
 
     def subscribe(self, max_events: int = 1 << 20, forget_after_s: float | None = None,
                   clock: Callable[[], float] = time.monotonic) -> InMemorySubscriber:
-        """A new subscriber that sees every event published from now on."""
+        """A new subscriber that sees every event published from now on, forgetting an
+        instance not heard from for ``forget_after_s`` on ``clock`` (None: never)."""
         subscriber = InMemorySubscriber(self, max_events, forget_after_s, clock)
         self._subscribers.append(subscriber)
         return subscriber
