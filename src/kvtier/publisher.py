@@ -159,7 +159,8 @@ class SeqTracker:
     """Gap detection of one subscriber: turns raw (instance, events) into :data:`Update` s.
 
     ``num_gaps`` counts holes seen, ``num_resyncs`` snapshots applied, ``num_skipped``
-    events dropped as already covered by a snapshot or read while stale,
+    events dropped as already covered by a snapshot, read while stale or of a retired
+    incarnation,
     ``num_restarts`` instances that counted from seq 0 again (a restarted publisher: its
     old blocks are lost, ``InstanceLost(.., got_seq=0)``, and its new stream is read from
     0), or whose batches name another incarnation than before (a restarted publisher
