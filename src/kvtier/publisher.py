@@ -167,7 +167,8 @@ class SeqTracker:
     process, whether or not its seq 0 was read).
 
     An incarnation once replaced by another is retired (the last ``_MAX_RETIRED`` of each
-    instance): a batch naming it, from an old process still up, is skipped whole.
+    instance): a batch naming it, from an old process still up, is skipped whole (an
+    unreadable entry naming it is no hole).
     ``num_other_incarnation`` counts such batches, and snapshots refused as taken by
     another incarnation than the one whose stream is read (``offer``).
 

@@ -405,7 +405,9 @@ class Router:
     def forget(self, instance_id: str) -> None:
         """``instance_id`` left the fleet: its blocks, its entry and its count in
         ``stats.per_instance`` go (the count into ``stats.num_routed_forgotten``). TypeError,
-        changing nothing, unless it is a str.
+        changing nothing, unless it is a str. The router's side only: tell its subscriber
+        too (``forget`` of the bus or subscriber), whose later updates of the instance,
+        else, bring it back.
 
         NOTE: the router kept an entry per instance id ever routed to: with engines that
         restart under new ids, its stats grew without bound."""
