@@ -170,8 +170,8 @@ def test_prefix_index_refuses_garbage_changing_nothing() -> None:
     index.apply("a", [stored(0, 1)])
     with pytest.raises(TypeError, match=r"events\[1\] must be a BlockStored"):
         index.apply("a", [stored(1, 2), 3])  # type: ignore[list-item]
-    with pytest.raises(TypeError, match=r"an update is an EventBatch, InstanceLost or "
-                                        r"Snapshot, got 1"):
+    with pytest.raises(TypeError, match=r"an update is an EventBatch, InstanceLost, "
+                                        r"InstanceGone or Snapshot, got 1"):
         index.apply_updates([InstanceLost("a", 0, None), 1])  # type: ignore[list-item]
     with pytest.raises(TypeError, match=r"events\[0\] must be"):
         index.apply_updates([InstanceLost("a", 0, None), EventBatch("a", ["x"])])  # type: ignore[list-item]

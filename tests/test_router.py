@@ -57,7 +57,7 @@ def loads(*depths: int, capacity: int = 10) -> list[InstanceLoad]:
 
 
 def test_index_applies_store_move_remove_clear_exactly() -> None:
-    """Stored adds, tier change moves, removed drops, cleared empties one instance only."""
+    """Stored adds, tier change moves, removed drops, cleared forgets one instance only."""
     index = PrefixIndex()
     index.apply("a", [stored(0, 10), stored(1, 11, parent=10), stored(2, 12, parent=11)])
     index.apply("b", [stored(0, 10)])
@@ -69,7 +69,8 @@ def test_index_applies_store_move_remove_clear_exactly() -> None:
     index.apply("a", [AllBlocksCleared(5)])
     index.check_invariants()
     assert index.blocks("a") == {} and index.blocks("b") == {10: G}
-    assert index.instances() == ["a", "b"] and index.num_inconsistent == 0
+    # a cleared instance is forgotten entirely: no entry left (red team 29a)
+    assert index.instances() == ["b"] and index.num_inconsistent == 0
     index.apply("b", [BlockRemoved(1, 99, G)])
     assert index.num_inconsistent == 1
 

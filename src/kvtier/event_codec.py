@@ -23,11 +23,14 @@ _MAX_HASH = 1 << 128  # every hash is 128 bits (hashing.get_hash_fn); 32 hex dig
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The blocks ``instance_id`` holds after applying every event with ``seq < next_seq``."""
+    """The blocks ``instance_id`` holds after applying every event with ``seq < next_seq``,
+    taken by its publisher ``incarnation`` where it names one (None: a snapshot that names
+    none, as of an earlier publisher, read by its seq alone)."""
 
     instance_id: str
     next_seq: int
     blocks: frozenset[tuple[int, Tier]]
+    incarnation: str | None = None
 
     def __post_init__(self) -> None:
         # NOTE: a snapshot source is a caller's callable: a wrong field here surfaced later,
@@ -47,6 +50,15 @@ class Snapshot:
                     and 0 <= block[0] < _MAX_HASH and isinstance(block[1], Tier)):
                 raise ValueError(f"Snapshot.blocks: a block is (hash in [0, 2**128), Tier), "
                                  f"got {short_repr(block)}")
+        if self.incarnation is not None and not is_incarnation(self.incarnation):
+            raise ValueError(f"Snapshot.incarnation must be None or a str of 1..64 "
+                             f"characters, got {short_repr(self.incarnation)}")
+
+
+def is_incarnation(value: object) -> bool:
+    """Whether ``value`` is a publisher incarnation the wire carries: a str of 1..64
+    characters. Pure."""
+    return isinstance(value, str) and 1 <= len(value) <= 64
 
 
 _EVENT_TYPES = (BlockStored, BlockRemoved, BlockTierChanged, AllBlocksCleared)
@@ -284,9 +296,16 @@ def decode_events(text: str | bytes) -> list[Event]:
 
 
 def encode_snapshot(snapshot: Snapshot) -> str:
+    """Compact JSON of ``snapshot``: ``i`` its instance id, ``n`` its next seq, ``b`` its
+    blocks as ``[hash, tier]`` and, where it names one, ``p`` its publisher incarnation.
+
+    NOTE: a snapshot with ``p`` is refused as malformed by a decoder older than the field
+    (it asks for exactly ``i``, ``n`` and ``b``): upgrade subscribers before publishers."""
     blocks = sorted([_hex(h), int(t)] for h, t in snapshot.blocks)
-    return json.dumps({"i": snapshot.instance_id, "n": snapshot.next_seq, "b": blocks},
-                      separators=(",", ":"))
+    doc: dict[str, object] = {"i": snapshot.instance_id, "n": snapshot.next_seq, "b": blocks}
+    if snapshot.incarnation is not None:
+        doc["p"] = snapshot.incarnation
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def decode_snapshot(text: str | bytes) -> Snapshot:
@@ -294,9 +313,14 @@ def decode_snapshot(text: str | bytes) -> Snapshot:
     anything malformed, whatever the bytes. Pure."""
     doc = _json(text, "snapshot")
     try:
-        if not isinstance(doc, dict) or set(doc) != {"i", "n", "b"}:
-            raise ValueError("an object with exactly the keys i, n and b is expected")
+        if not isinstance(doc, dict) or set(doc) - {"p"} != {"i", "n", "b"}:
+            raise ValueError("an object with exactly the keys i, n, b and an optional p is "
+                             "expected")
         instance_id, next_seq, rows = doc["i"], doc["n"], doc["b"]
+        incarnation = doc.get("p")  # None: a snapshot of a publisher older than the field
+        if "p" in doc and not is_incarnation(incarnation):
+            raise ValueError(f"incarnation must be a string of 1..64 characters, got "
+                             f"{shown(incarnation):.40}")
         if not isinstance(instance_id, str):
             raise ValueError(f"instance id must be a string, got {shown(instance_id):.40}")
         if not isinstance(rows, list):
@@ -306,6 +330,7 @@ def decode_snapshot(text: str | bytes) -> Snapshot:
             if not isinstance(row, list) or len(row) != 2:
                 raise ValueError(f"a block is [hash, tier], got {shown(row):.60}")
             blocks.append((_hash(row[0]), _tier(row[1])))
-        return Snapshot(instance_id, _count(next_seq, "next_seq"), frozenset(blocks))
+        return Snapshot(instance_id, _count(next_seq, "next_seq"), frozenset(blocks),
+                        incarnation if isinstance(incarnation, str) else None)
     except ValueError as exc:
         raise ValueError(f"malformed snapshot: {exc}") from None

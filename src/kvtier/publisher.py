@@ -12,8 +12,15 @@ instance holds as of some ``next_seq``::
 
 A snapshot is accepted only if it covers every event already read from that instance
 (``next_seq > highest seq seen``), so the events after it are still to come. An instance
-whose seq starts again from 0 has restarted (a new manager, an empty cache): its old
-blocks are forgotten and its new stream is read from 0.
+whose seq starts again from 0, or whose Redis entries name another publisher
+incarnation, has restarted (a new manager, an empty cache): its old blocks are forgotten
+and its new stream is read from 0. From then on what names the replaced incarnation (a
+late entry or snapshot of an old process still up) is refused, never applied.
+
+Instances come and go (a restarted pod gets a new id): a subscriber holds state only for
+instances heard from within its ``forget_after_s``, or until it is told one left
+(``forget``); it then forgets it entirely (:class:`InstanceGone`), and reads it as a new
+instance should it come back.
 
 :class:`InMemoryEventBus` serves the simulator and tests; :class:`RedisStreamPublisher` and
 :class:`RedisStreamSubscriber` carry the same updates over Redis Streams (extra ``redis``).
@@ -28,9 +35,10 @@ from __future__ import annotations
 import itertools
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from kvtier.event_codec import (
@@ -40,6 +48,7 @@ from kvtier.event_codec import (
     decode_snapshot,
     encode_events,
     encode_snapshot,
+    is_incarnation,
 )
 from kvtier.events import Event
 from kvtier.manager import KVCacheManager
@@ -52,6 +61,7 @@ __all__ = [
     "EventPublisher",
     "InMemoryEventBus",
     "InMemorySubscriber",
+    "InstanceGone",
     "InstanceLost",
     "RedisStreamPublisher",
     "RedisStreamSubscriber",
@@ -93,7 +103,16 @@ class InstanceLost(NamedTuple):
     got_seq: int | None
 
 
-Update = EventBatch | Snapshot | InstanceLost
+class InstanceGone(NamedTuple):
+    """The subscriber forgot ``instance_id``: it left (``forget``), or was not heard from
+    (no event read, no snapshot applied) for the subscriber's ``forget_after_s``. Forget it
+    entirely; should it come back, it is read as a new instance (from its seq 0, or a gap
+    and a snapshot)."""
+
+    instance_id: str
+
+
+Update = EventBatch | Snapshot | InstanceLost | InstanceGone
 
 
 def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -> Snapshot:
@@ -107,6 +126,7 @@ def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -
 
 
 _MAX_BUFFER = 1 << 40  # events a subscriber's buffer or a stream may hold
+_MAX_RETIRED = 8  # replaced incarnations a stream remembers (restarts while one lingers)
 
 
 def check_batch(instance_id: object, events: object, *, token_ids: bool = True) -> None:
@@ -129,6 +149,9 @@ class _Stream:
     next_seq: int | None = None  # None: nothing known yet, accept seq 0 or a snapshot
     max_seen: int = -1
     stale: bool = False
+    incarnation: str | None = None  # the publisher's, where its batches name one
+    retired: tuple[str, ...] = ()  # incarnations it replaced, the latest last
+    heard_s: float = 0.0  # the tracker's clock when an event was read or a snapshot applied
 
 
 @dataclass(slots=True)
@@ -136,12 +159,22 @@ class SeqTracker:
     """Gap detection of one subscriber: turns raw (instance, events) into :data:`Update` s.
 
     ``num_gaps`` counts holes seen, ``num_resyncs`` snapshots applied, ``num_skipped``
-    events dropped as already covered by a snapshot or read while stale,
+    events dropped as already covered by a snapshot, read while stale or of a retired
+    incarnation,
     ``num_restarts`` instances that counted from seq 0 again (a restarted publisher: its
     old blocks are lost, ``InstanceLost(.., got_seq=0)``, and its new stream is read from
-    0). A restart whose seq 0 itself was lost is not seen until its counter passes the old
-    one: an instance that can restart without its subscribers seeing its first event
-    should come back under a new instance id.
+    0), or whose batches name another incarnation than before (a restarted publisher
+    process, whether or not its seq 0 was read).
+
+    An incarnation once replaced by another is retired (the last ``_MAX_RETIRED`` of each
+    instance): a batch naming it, from an old process still up, is skipped whole (an
+    unreadable entry naming it is no hole).
+    ``num_other_incarnation`` counts such batches, and snapshots refused as taken by
+    another incarnation than the one whose stream is read (``offer``).
+
+    ``streams`` holds one entry per instance until it is forgotten (``forget``,
+    ``expire``: ``num_forgotten``), so that it is bounded by the instances live, not by
+    every id ever seen. ``clock`` (seconds) dates what was heard of each.
     """
 
     streams: dict[str, _Stream] = field(default_factory=dict)
@@ -149,6 +182,43 @@ class SeqTracker:
     num_resyncs: int = 0
     num_skipped: int = 0
     num_restarts: int = 0
+    num_forgotten: int = 0
+    num_other_incarnation: int = 0
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+
+    def _stream(self, instance_id: str) -> _Stream:
+        """``instance_id``'s stream, made (heard now) if it has none."""
+        stream = self.streams.get(instance_id)
+        if stream is None:
+            stream = self.streams[instance_id] = _Stream(heard_s=self.clock())
+        return stream
+
+    def forget(self, instance_id: str, out: list[Update]) -> None:
+        """Forget ``instance_id`` entirely (it left): its stream goes, ``InstanceGone``
+        tells the consumer. Nothing where it has no stream. TypeError, changing nothing,
+        unless it is a str."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        if self.streams.pop(instance_id, None) is not None:
+            self.num_forgotten += 1
+            out.append(InstanceGone(instance_id))
+
+    def expire(self, forget_after_s: float, out: list[Update],
+               now: float | None = None) -> None:
+        """Forget every instance not heard from (no event read, no snapshot applied) for
+        more than ``forget_after_s`` before ``now`` (None: the clock now): one gone
+        without a word (a crashed pod), or stale and never resynced, whose snapshot would
+        be asked for ever. A poll passes the clock read as it started.
+
+        NOTE: a subscriber kept an entry per instance id ever seen, and asked for the
+        snapshot of a stale one gone for ever. With the clock read at the expiry, an
+        instance the same poll heard (earlier on the clock) was forgotten with a short
+        horizon (0: always), its batch followed by ``InstanceGone``."""
+        if now is None:
+            now = self.clock()
+        for instance_id in [iid for iid, stream in self.streams.items()
+                            if now - stream.heard_s > forget_after_s]:
+            self.forget(instance_id, out)
 
     def stale_instances(self) -> list[str]:
         """Instances waiting for a snapshot, in first-seen order. Pure."""
@@ -166,9 +236,15 @@ class SeqTracker:
         check_batch(instance_id, events, token_ids=False)
         self._receive(instance_id, events, out)
 
-    def _receive(self, instance_id: str, events: Iterable[Event], out: list[Update]) -> None:
-        """``receive`` of a batch already checked (a bus's, a decoded stream entry)."""
-        stream = self.streams.setdefault(instance_id, _Stream())
+    def _receive(self, instance_id: str, events: Iterable[Event], out: list[Update],
+                 incarnation: str | None = None) -> None:
+        """``receive`` of a batch already checked (a bus's, a decoded stream entry), of
+        the publisher ``incarnation`` where it names one (None: a batch that names none,
+        read by its seq alone)."""
+        stream = self._heard(instance_id, incarnation, out)
+        if stream is None:
+            self.num_skipped += sum(1 for _ in events)
+            return
         batch: list[Event] = []
         for event in events:
             seq = event.seq
@@ -188,11 +264,8 @@ class SeqTracker:
                 if batch:
                     out.append(EventBatch(instance_id, batch))
                     batch = []
-                out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
-                self.num_restarts += 1
-                stream.next_seq = None
-                stream.max_seen = -1
-                stream.stale = False
+                self._restarted(instance_id, stream, out)
+                stream.incarnation = incarnation
             stream.max_seen = max(stream.max_seen, seq)
             expected = 0 if stream.next_seq is None else stream.next_seq
             if stream.stale or seq < expected:
@@ -211,6 +284,50 @@ class SeqTracker:
             stream.next_seq = seq + 1
         if batch:
             out.append(EventBatch(instance_id, batch))
+
+    def _heard(self, instance_id: str, incarnation: str | None,
+               out: list[Update]) -> _Stream | None:
+        """``instance_id``'s stream, heard now from its publisher ``incarnation`` (None:
+        an entry that names none): a restart where that is another than the one read
+        before, which is retired. None, counted in ``num_other_incarnation``, for an
+        incarnation retired already: an old process's entry, to skip."""
+        stream = self._stream(instance_id)
+        if incarnation is not None and incarnation in stream.retired:
+            # NOTE: an old process still up after the restart (a rolling update, a late
+            # write) read as yet another restart: the new incarnation's blocks forgotten,
+            # the instance stale on its seq, and the old one's snapshot, of the incarnation
+            # read last, applied (its blocks routed to) until the new one spoke again.
+            # Not heard of the instance: the new incarnation's silence still counts.
+            self.num_other_incarnation += 1
+            return None
+        stream.heard_s = self.clock()
+        if incarnation is not None and incarnation != stream.incarnation:
+            if stream.incarnation is not None:
+                stream.retired = (*stream.retired, stream.incarnation)[-_MAX_RETIRED:]
+                # NOTE: a restart seen without its seq 0: a trimmed stream (MAXLEN) or a
+                # failed XADD lost it, and the new incarnation's events read as ones
+                # already applied (skipped, or a gap past what the old one had read, whose
+                # snapshots were refused as older than the events read) until its counter
+                # passed the old one's: the consumer kept the old blocks and never learnt
+                # the new ones. Forgotten as a restart; what the batch holds from seq 0 on
+                # is read as any new stream's (a gap and a resync where it starts later).
+                self._restarted(instance_id, stream, out)
+            stream.incarnation = incarnation
+        return stream
+
+    def _restarted(self, instance_id: str, stream: _Stream, out: list[Update]) -> None:
+        """``instance_id`` restarted: its old blocks are lost, its stream starts over, of
+        an incarnation not known (the caller sets the one its batch names).
+
+        NOTE: a restart seen by its seq 0 in batches that name no incarnation (the
+        in-memory bus's) kept the one a snapshot had named: every snapshot of the new
+        incarnation was refused as of another, the instance stale for ever."""
+        out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
+        stream.incarnation = None
+        self.num_restarts += 1
+        stream.next_seq = None
+        stream.max_seen = -1
+        stream.stale = False
 
     def restart(self, instance_id: str, out: list[Update]) -> None:
         """``instance_id`` counted from seq 0 again, and that event was lost with what
@@ -231,7 +348,7 @@ class SeqTracker:
         out.append(InstanceLost(instance_id, stream.next_seq or 0, 0))
         self.num_restarts += 1
         self.num_gaps += 1
-        self.streams[instance_id] = _Stream(stale=True)
+        self.streams[instance_id] = _Stream(stale=True, heard_s=self.clock())
 
     def lose(self, instance_id: str, out: list[Update]) -> None:
         """An entry of ``instance_id`` was unreadable: its events are a hole, the instance
@@ -239,7 +356,22 @@ class SeqTracker:
         ``instance_id`` is a str."""
         if not isinstance(instance_id, str):
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
-        stream = self.streams.setdefault(instance_id, _Stream())
+        self._stale(instance_id, self._stream(instance_id), out)
+
+    def _lose(self, instance_id: str, incarnation: str | None, out: list[Update]) -> None:
+        """``lose`` of an unreadable entry read, of the publisher ``incarnation`` where it
+        names a readable one: a restart where that is new (as ``_receive``), nothing
+        where it is retired.
+
+        NOTE: the unreadable first entry of a restarted process was a hole of the old
+        incarnation's stream: stale, it applied the old process's snapshot written late,
+        as covering every seq read."""
+        stream = self._heard(instance_id, incarnation, out)
+        if stream is not None:
+            self._stale(instance_id, stream, out)
+
+    def _stale(self, instance_id: str, stream: _Stream, out: list[Update]) -> None:
+        """``instance_id`` missed events of unknown seq: stale, unless it is already."""
         if stream.stale:
             return
         self.num_gaps += 1
@@ -248,14 +380,31 @@ class SeqTracker:
         out.append(InstanceLost(instance_id, expected, None))
 
     def offer(self, snapshot: Snapshot, out: list[Update]) -> bool:
-        """Resync from ``snapshot`` if it covers every event seen; True if it was applied.
-        TypeError, changing nothing, unless it is a :class:`Snapshot` (another object was
-        an AttributeError)."""
+        """Resync from ``snapshot`` if it covers every event seen and, where both name an
+        incarnation, was taken by the one whose stream is read (another is counted in
+        ``num_other_incarnation``); True if it was applied. A snapshot that names none,
+        or offered for a stream that knows none, is read by its seq alone (the stream then
+        takes its incarnation). TypeError, changing nothing, unless it is a
+        :class:`Snapshot` (another object was an AttributeError)."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"offer needs a Snapshot, got {short_repr(snapshot)}")
-        stream = self.streams.setdefault(snapshot.instance_id, _Stream())
+        stream = self._stream(snapshot.instance_id)
+        if snapshot.incarnation is not None and stream.incarnation is not None \
+                and snapshot.incarnation != stream.incarnation:
+            # NOTE: the old process wrote its snapshot after the new one's seq 0 deleted
+            # the key (a late writer): a subscriber stale on a gap in the new stream
+            # applied it, as it covered every seq read of the new one. The instance's
+            # old blocks were routed to, gone with the old process, and the new events
+            # it claimed skipped. Refused as a missing snapshot is: still stale, asked for
+            # again. Which of two incarnations is the later is not known, so one not yet
+            # read (a restart whose entries are still to come) waits for its entries too.
+            self.num_other_incarnation += 1
+            return False
         if snapshot.next_seq <= stream.max_seen:
             return False
+        stream.heard_s = self.clock()
+        if snapshot.incarnation is not None:
+            stream.incarnation = snapshot.incarnation
         stream.next_seq = snapshot.next_seq
         # NOTE: the events the snapshot covers count as seen: a stream that knew its
         # instance only from a snapshot (offered first, or after an unreadable entry, which
@@ -278,23 +427,43 @@ class InMemorySubscriber:
     When the buffer is full the oldest events are dropped (``num_dropped``); at the next poll
     their instances are stale (one whose seq 0 was dropped restarted: its old blocks are
     forgotten) and repaired from the bus's snapshot source (a source that raises is counted
-    in ``num_failed_snapshots`` and asked again at the next poll).
+    in ``num_failed_snapshots`` and asked again at the next poll). An instance the bus
+    forgets (``InMemoryEventBus.forget``), or, with ``forget_after_s``, one not heard from
+    for that long on ``clock``, is forgotten (``InstanceGone``); the bus keeps its snapshot
+    source for the other subscribers, and for this one should the instance speak again.
     """
 
-    def __init__(self, bus: InMemoryEventBus, max_events: int) -> None:
+    def __init__(self, bus: InMemoryEventBus, max_events: int,
+                 forget_after_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         # NOTE: bounded as CacheConfig.max_events: past a C ssize_t the deque raised
         # OverflowError.
         if type(max_events) is not int or not 1 <= max_events <= _MAX_BUFFER:
             raise ValueError(f"max_events must be an integer in 1..2**40, got "
                              f"{short_repr(max_events)}")
+        self.forget_after_s = _check_forget_after(forget_after_s)
         self._bus = bus
         self._buffer: deque[tuple[str, Event]] = deque(maxlen=max_events)
         # Instances whose events the buffer dropped since the last poll, in order; True
         # where their seq 0 was one: a restart, unless nothing of theirs was read yet.
         self._dropped: dict[str, bool] = {}
-        self.tracker = SeqTracker()
+        self.tracker = SeqTracker(clock=clock)
+        self._gone: list[Update] = []  # instances forgotten since the last poll
         self.num_dropped = 0
         self.num_failed_snapshots = 0  # snapshot sources that raised
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` left: its buffered events and its stream go, and the next poll
+        says so (``InstanceGone``). TypeError, changing nothing, unless it is a str."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        buffer = self._buffer
+        if any(iid == instance_id for iid, _ in buffer):
+            kept = [item for item in buffer if item[0] != instance_id]
+            buffer.clear()
+            buffer.extend(kept)
+        self._dropped.pop(instance_id, None)
+        self.tracker.forget(instance_id, self._gone)
 
     def push(self, instance_id: str, events: Sequence[Event]) -> None:
         buffer = self._buffer
@@ -314,7 +483,8 @@ class InMemorySubscriber:
     def poll(self) -> list[Update]:
         """Every update since the last poll, in arrival order; stale instances are resynced
         from the bus's snapshot source where it has one."""
-        out: list[Update] = []
+        out, self._gone = self._gone, []
+        started_s = self.tracker.clock()
         items = list(self._buffer)
         self._buffer.clear()
         tracker = self.tracker
@@ -339,6 +509,8 @@ class InMemorySubscriber:
             i = j
         for instance_id in dropped:
             tracker.lose(instance_id, out)  # stale already where the buffer showed the hole
+        if self.forget_after_s is not None:
+            tracker.expire(self.forget_after_s, out, started_s)
         for instance_id in tracker.stale_instances():
             try:
                 snapshot = self._bus.snapshot(instance_id)
@@ -362,7 +534,16 @@ class InMemoryEventBus:
     """An :class:`EventPublisher` for one process: fan-out to bounded subscriber buffers.
 
     Instances may register a snapshot source (``register_snapshot``) that subscribers call
-    when they missed events.
+    when they missed events. A source stays until the instance registers another or
+    leaves (``forget``): a subscriber's expiry (``forget_after_s``) never drops it.
+
+    NOTE: the bus is shared: one subscriber's expiry means only that the instance was
+    quiet past that subscriber's horizon (another may hold its blocks, with a longer one
+    or none), not that it is gone for all. Dropped then, a quiet instance that speaks
+    again (a gap, its first event read after the expiry) could never be resynced: stale
+    for every subscriber, without a word. In one process the owner of an instance knows
+    when it crashes or leaves, and says so with ``forget``; the sources are bounded by the
+    instances registered and not forgotten, as ``register_snapshot`` made them.
     """
 
     def __init__(self) -> None:
@@ -370,9 +551,11 @@ class InMemoryEventBus:
         self._snapshot_sources: dict[str, Callable[[], Snapshot]] = {}
         self.num_published = 0
 
-    def subscribe(self, max_events: int = 1 << 20) -> InMemorySubscriber:
-        """A new subscriber that sees every event published from now on."""
-        subscriber = InMemorySubscriber(self, max_events)
+    def subscribe(self, max_events: int = 1 << 20, forget_after_s: float | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> InMemorySubscriber:
+        """A new subscriber that sees every event published from now on, forgetting an
+        instance not heard from for ``forget_after_s`` on ``clock`` (None: never)."""
+        subscriber = InMemorySubscriber(self, max_events, forget_after_s, clock)
         self._subscribers.append(subscriber)
         return subscriber
 
@@ -388,10 +571,26 @@ class InMemoryEventBus:
             subscriber.push(instance_id, events)
 
     def register_snapshot(self, instance_id: str, source: Callable[[], Snapshot]) -> None:
+        """``source`` answers ``instance_id``'s snapshot (its blocks as of now: a restarted
+        instance registers its new manager's, replacing the old) until it registers
+        another or is forgotten (``forget``). TypeError, changing nothing, unless it is a
+        str id and a callable."""
         if not isinstance(instance_id, str) or not callable(source):
             raise TypeError(f"register_snapshot needs a str instance id and a callable, got "
                             f"{short_repr(instance_id)} and {short_repr(source)}")
         self._snapshot_sources[instance_id] = source
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` left the fleet: its snapshot source goes, and every subscriber
+        forgets it (``InMemorySubscriber.forget``). Publishing under the id again makes a
+        new instance. TypeError, changing nothing, unless it is a str.
+
+        NOTE: a source stayed registered per instance id ever seen."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        self._snapshot_sources.pop(instance_id, None)
+        for subscriber in self._subscribers:
+            subscriber.forget(instance_id)
 
     def snapshot(self, instance_id: str) -> Snapshot | None:
         """A fresh snapshot of ``instance_id``, or None if it registered no source."""
@@ -422,6 +621,11 @@ def _attempt(command: Callable[..., _T], *args: Any, **options: Any) -> _T | Non
 _STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
 
+def _check_forget_after(value: object) -> float | None:
+    """``forget_after_s`` checked: None (never), or seconds in [0, 1e9]."""
+    return None if value is None else check_number("forget_after_s", value, 0.0, 1e9)
+
+
 def _check_stream(stream: object) -> None:
     if not isinstance(stream, str) or not stream:
         raise ValueError(f"stream must be a non-empty str, got {short_repr(stream)}")
@@ -450,21 +654,45 @@ def _connect(url: str) -> Any:
 class RedisStreamPublisher:
     """Publishes each batch as one entry of the stream ``stream`` (``XADD MAXLEN ~ maxlen``).
 
-    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`. Snapshots go to the key
-    ``<stream>:snapshot:<instance>``; a batch starting at seq 0 (a new incarnation of the
-    instance) deletes it, so that no subscriber resyncs from the blocks of before a restart.
+    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`, ``n`` the publisher's
+    ``incarnation`` (by default a random id per publisher: a restarted process is a new
+    one, which subscribers see as a restart even where its seq 0 was trimmed; publishers
+    of one engine's events on several connections share one; an entry
+    without ``n``, of an earlier publisher, is read by its seq alone). Snapshots go to the
+    key ``<stream>:snapshot:<instance>``, naming the incarnation too (a subscriber refuses
+    one of another incarnation than the entries it read: a late write of an old
+    process); a batch starting at seq 0 (a new incarnation of
+    the instance) deletes it, so that no subscriber resyncs from the blocks of before a
+    restart (where that batch failed, with the next batch of the instance that is sent).
+    A snapshot key lives ``snapshot_ttl_s`` (None: until overwritten), and goes when its
+    instance retires (``forget``): a key per instance id ever seen stayed in Redis.
     Subscribers that missed events add the instance id to the stream ``<stream>:resync``,
     which :meth:`resync_requests` reads.
     """
 
-    def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000) -> None:
+    def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000,
+                 incarnation: str | None = None,
+                 snapshot_ttl_s: float | None = None) -> None:
         # NOTE: Redis refuses a MAXLEN past 2**63 - 1: every XADD failed, counted, silently.
         if type(maxlen) is not int or not 1 <= maxlen <= _MAX_BUFFER:
             raise ValueError(f"maxlen must be an integer in 1..2**40, got {short_repr(maxlen)}")
         _check_stream(stream)
+        if incarnation is None:
+            incarnation = uuid.uuid4().hex
+        if not is_incarnation(incarnation):
+            raise ValueError(f"incarnation must be None or a str of 1..64 characters, got "
+                             f"{short_repr(incarnation)}")
+        # NOTE: whole seconds, at least 1 (Redis refuses an EX of 0); a subscriber still
+        # stale when its key expired asks again (``resync_retry_s``), and is answered.
+        self._snapshot_ex = None if snapshot_ttl_s is None else max(1, round(
+            check_number("snapshot_ttl_s", snapshot_ttl_s, 1.0, 1e9)))
         self._redis = _connect(url)
         self.stream = stream
         self.maxlen = maxlen
+        self.incarnation = incarnation
+        # Instances whose seq 0 batch failed: the snapshot of their earlier incarnation
+        # may still be under its key, deleted with their next batch sent.
+        self._old_snapshots: set[str] = set()
         self._resync_id: str | bytes = "0-0"
         self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
         self.num_failed_reads = 0  # resync_requests calls Redis did not answer
@@ -478,17 +706,24 @@ class RedisStreamPublisher:
         check_batch(instance_id, events)
         if not events:
             return
-        fields = {"i": instance_id, "e": encode_events(events)}
-        if events[0].seq == 0:
+        fields = {"i": instance_id, "e": encode_events(events), "n": self.incarnation}
+        if events[0].seq == 0 or instance_id in self._old_snapshots:
             # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
             # snapshot its earlier one left under the key goes with the same transaction.
             # A subscriber that saw the restart, then a gap, read that snapshot, which
             # covered every seq of the new stream it had read: it was applied (the blocks
             # of before the restart routed to) and the new events it claimed were skipped.
+            # Where that batch failed, the key stayed, and a subscriber that saw the
+            # restart by the incarnation applied it: the delete goes with each batch of
+            # the instance until one is sent.
             pipe = self._redis.pipeline(transaction=True)
             pipe.delete(self._snapshot_key(instance_id))
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
             sent = _attempt(pipe.execute)
+            if sent is None:
+                self._old_snapshots.add(instance_id)
+            else:
+                self._old_snapshots.discard(instance_id)
         else:
             sent = _attempt(self._redis.xadd, self.stream, fields, maxlen=self.maxlen,
                             approximate=True)
@@ -499,13 +734,35 @@ class RedisStreamPublisher:
         return f"{self.stream}:snapshot:{instance_id}"
 
     def publish_snapshot(self, snapshot: Snapshot) -> None:
-        """Store ``snapshot``; publish every event before ``next_seq`` first. A snapshot
-        Redis does not take is counted in ``num_failed_batches``; a stale subscriber asks
-        again."""
+        """Store ``snapshot``, named by this publisher's ``incarnation`` (a subscriber
+        refuses one of another incarnation than the stream it reads); publish every event
+        before ``next_seq`` first. A snapshot Redis does not take is counted in
+        ``num_failed_batches``; a stale subscriber asks again. TypeError unless it is a
+        :class:`Snapshot`, ValueError if it names another incarnation, storing nothing."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"snapshot must be a Snapshot, got {short_repr(snapshot)}")
+        if snapshot.incarnation is None:
+            snapshot = replace(snapshot, incarnation=self.incarnation)
+        elif snapshot.incarnation != self.incarnation:
+            raise ValueError(f"snapshot.incarnation must be None or this publisher's "
+                             f"{self.incarnation!r}, got {short_repr(snapshot.incarnation)}")
         key = self._snapshot_key(snapshot.instance_id)
-        if _attempt(self._redis.set, key, encode_snapshot(snapshot)) is None:
+        options = {} if self._snapshot_ex is None else {"ex": self._snapshot_ex}
+        if _attempt(self._redis.set, key, encode_snapshot(snapshot), **options) is None:
+            self.num_failed_batches += 1
+        else:
+            self._old_snapshots.discard(snapshot.instance_id)  # overwritten
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` retires for good (its engine shuts down): its snapshot key goes,
+        so that Redis holds none per instance id ever seen (with Redis down, counted in
+        ``num_failed_batches``; ``snapshot_ttl_s`` bounds it then). Subscribers forget the
+        instance once it is quiet for their ``forget_after_s``. TypeError, changing
+        nothing, unless it is a str."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        self._old_snapshots.discard(instance_id)
+        if _attempt(self._redis.delete, self._snapshot_key(instance_id)) is None:
             self.num_failed_batches += 1
 
     def resync_requests(self) -> set[str]:
@@ -538,24 +795,59 @@ class RedisStreamSubscriber:
     stays stale until a sound one comes. An instance still stale ``resync_retry_s`` seconds
     after its request is asked for again (``num_resync_requests`` counts them): a request
     is one entry of a capped stream, which a trim or a restarted server may lose before
-    the publisher reads it. May change: the resync stream, its own state.
+    the publisher reads it. An instance not heard from (no entry read, no snapshot applied)
+    for more than ``forget_after_s`` on ``clock`` (by default 3600 s, an hour; None:
+    never), or one the caller ``forget`` s, is forgotten (``InstanceGone``: the consumer
+    drops its blocks), its requests with it. One that comes back is read as new: from its
+    seq 0, or, an instance that was only quiet, from a gap at its next entry (stale, asked
+    for, resynced from its snapshot, which the publisher must answer).
+    May change: the resync stream, its own state.
+
+    NOTE: unlike the in-memory bus's subscribers (None by default: their owner says when
+    an instance leaves), a stream names no departure: a crashed pod's id would stay, and
+    a stale one be asked for, for ever. An hour keeps an instance quiet that long
+    routed to; a fleet whose instances may stay quiet longer raises it.
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0",
-                 resync_retry_s: float = 1.0) -> None:
+                 resync_retry_s: float = 1.0, forget_after_s: float | None = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         _check_stream(stream)
         _check_start_id(start_id)
         self.resync_retry_s = resync_retry_s
+        self.forget_after_s = _check_forget_after(forget_after_s)
+        self._clock = clock
         self._redis = _connect(url)
         self.stream = stream
         self.last_id: str | bytes = start_id
-        self.tracker = SeqTracker()
+        self.tracker = SeqTracker(clock=clock)
+        self._gone: list[Update] = []  # instances forgotten since the last poll
         self.num_malformed_entries = 0
         self.num_malformed_snapshots = 0
         self.num_resync_requests = 0
         self.num_trims = 0  # polls that found the stream trimmed past what was read
-        # Stale instances asked for, with when (time.monotonic()) the request was added.
+        # Stale instances asked for, with when (on ``clock``) the request was added.
         self._asked: dict[str, float] = {}
+        # Instances forgotten with entries maybe still unread: the stream's last id then.
+        self._forgotten: dict[str, tuple[int, int]] = {}
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` left: its stream and resync request go, and the next poll says
+        so (``InstanceGone``); its entries added before (XINFO's last id, where Redis
+        answers) are skipped when read, so that one publishing again is a new instance.
+        TypeError, changing nothing, unless it is a str.
+
+        NOTE: the entries it added before it left, still unread, were read at the next
+        poll as a new instance's: its blocks held until ``forget_after_s``, or, from a
+        gap, a snapshot asked for that long."""
+        self.tracker.forget(instance_id, self._gone)
+        self._asked.pop(instance_id, None)
+        xinfo_stream = getattr(self._redis, "xinfo_stream", None)
+        info = None if xinfo_stream is None else _attempt(xinfo_stream, self.stream)
+        last = _stream_id(info.get("last-generated-id")) if isinstance(info, dict) else None
+        read = _stream_id(self.last_id)
+        if last is not None and (read is None or last > read):
+            self._forgotten[instance_id] = last
 
     @property
     def resync_retry_s(self) -> float:
@@ -581,7 +873,8 @@ class RedisStreamSubscriber:
             raise ValueError(f"count must be an int >= 1, got {short_repr(count)}")
         if block_ms is not None and (type(block_ms) is not int or block_ms < 0):
             raise ValueError(f"block_ms must be None or an int >= 0, got {short_repr(block_ms)}")
-        out: list[Update] = []
+        out, self._gone = self._gone, []
+        started_s = self._clock()
         # NOTE: snapshots first: entries read while an instance is stale are skipped, and a
         # snapshot must cover every event read, so reading first could refuse a good one.
         # With Redis down, each command is skipped and retried at the next poll: what was
@@ -592,12 +885,18 @@ class RedisStreamSubscriber:
                          block=block_ms or None)
         for entry_id, entry in _stream_entries(reply):
             self.last_id = entry_id  # never read a bad entry twice
-            self._receive(entry, out)
+            self._receive(entry_id, entry, out)
+        if self._forgotten:  # kept until every entry added before the forget is read
+            read = _stream_id(self.last_id) or (0, 0)
+            self._forgotten = {iid: last for iid, last in self._forgotten.items()
+                               if last > read}
         self._try_snapshots(out)
+        if self.forget_after_s is not None:
+            self.tracker.expire(self.forget_after_s, out, started_s)
         # NOTE: asked once, an instance waited for ever where its request was lost (the
         # resync stream trimmed past it, a server restarted without it): no snapshot came,
         # and the instance's blocks were never routed to again.
-        now = time.monotonic()
+        now = self._clock()
         stale = self.tracker.stale_instances()
         self._asked = {iid: self._asked[iid] for iid in stale if iid in self._asked}
         for instance_id in stale:
@@ -632,8 +931,12 @@ class RedisStreamSubscriber:
         for instance_id in list(self.tracker.streams):
             self.tracker.lose(instance_id, out)
 
-    def _receive(self, entry: object, out: list[Update]) -> None:
+    def _receive(self, entry_id: object, entry: object, out: list[Update]) -> None:
         instance_id = _field(entry, "i")
+        if instance_id in self._forgotten:
+            entry_seq = _stream_id(entry_id)
+            if entry_seq is not None and entry_seq <= self._forgotten[instance_id]:
+                return  # added before its instance left
         try:
             if instance_id is None:
                 raise ValueError("no readable instance id")
@@ -641,9 +944,10 @@ class RedisStreamSubscriber:
         except (ValueError, KeyError, TypeError):
             self.num_malformed_entries += 1
             if instance_id is not None:
-                self.tracker.lose(instance_id, out)
+                self.tracker._lose(instance_id, _field(entry, "n") or None, out)
             return
-        self.tracker._receive(instance_id, events, out)  # decoded: checked
+        # decoded: checked; an entry without a readable incarnation is read by its seq alone
+        self.tracker._receive(instance_id, events, out, _field(entry, "n") or None)
 
     def _try_snapshots(self, out: list[Update]) -> None:
         for instance_id in self.tracker.stale_instances():

@@ -24,7 +24,14 @@ from typing import NamedTuple, Protocol
 from kvtier.config import check_tokens_per_block
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
-from kvtier.publisher import EventBatch, InstanceLost, Snapshot, Update, check_batch
+from kvtier.publisher import (
+    EventBatch,
+    InstanceGone,
+    InstanceLost,
+    Snapshot,
+    Update,
+    check_batch,
+)
 from kvtier.reprs import shown
 from kvtier.sequence import MultimodalItem, block_extras, checked_prompt, short_repr
 from kvtier.tier import Tier
@@ -42,6 +49,10 @@ class PrefixIndex:
 
     ``num_inconsistent`` counts events that did not fit the index (removing or moving an
     unknown block): harmless, but a sign of a missed event.
+
+    An instance has an entry only while it holds blocks: one cleared, lost or gone leaves
+    nothing behind, so the index is bounded by the blocks the live instances hold, however
+    many instance ids came and went.
     """
 
     def __init__(self) -> None:
@@ -53,7 +64,7 @@ class PrefixIndex:
     # ---- queries ------------------------------------------------------------------------------
 
     def instances(self) -> list[str]:
-        """Instances the index has heard of, in first-heard order. Pure."""
+        """Instances holding blocks, in the order they came to hold them. Pure."""
         return list(self._blocks)
 
     def num_blocks(self, instance_id: str) -> int:
@@ -118,46 +129,59 @@ class PrefixIndex:
             else:
                 assert isinstance(e, AllBlocksCleared), e
                 self.clear(instance_id)
+                blocks = self._blocks.setdefault(instance_id, {})
+        self._drop_if_empty(instance_id)
 
     def clear(self, instance_id: str) -> None:
-        """Forget every block of ``instance_id`` (it is still a known instance). TypeError,
-        changing nothing, unless ``instance_id`` is a str."""
+        """Forget ``instance_id`` entirely: every block, and its entry. TypeError, changing
+        nothing, unless ``instance_id`` is a str.
+
+        NOTE: the instance's entry stayed, empty: a fleet whose engines restart under new
+        ids (a Kubernetes pod's) kept one per id ever seen."""
         if not isinstance(instance_id, str):
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
-        blocks = self._blocks.setdefault(instance_id, {})
+        blocks = self._blocks.pop(instance_id, {})
         for h in list(blocks):
             self._remove(instance_id, blocks, h)
+
+    def _drop_if_empty(self, instance_id: str) -> None:
+        """Drop ``instance_id``'s entry where it holds no block (a batch that removed
+        only unknown blocks, a snapshot of an empty cache)."""
+        if not self._blocks.get(instance_id, True):
+            del self._blocks[instance_id]
 
     def resync(self, snapshot: Snapshot) -> None:
         """Replace ``snapshot.instance_id``'s blocks with the snapshot's."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"resync needs a Snapshot, got {short_repr(snapshot)}")
         self.clear(snapshot.instance_id)
-        blocks = self._blocks[snapshot.instance_id]
+        blocks = self._blocks.setdefault(snapshot.instance_id, {})
         for h, tier in snapshot.blocks:
             self._set(snapshot.instance_id, blocks, h, tier)
+        self._drop_if_empty(snapshot.instance_id)
 
     def apply_updates(self, updates: Iterable[Update]) -> None:
-        """Apply a subscriber's updates: event batches, lost instances and snapshots.
-        TypeError, changing nothing, if one is none of them; ValueError, changing nothing,
-        for an event ``apply`` refuses."""
+        """Apply a subscriber's updates: event batches, lost and gone instances (both
+        forgotten) and snapshots. TypeError, changing nothing, if one is none of them;
+        ValueError, changing nothing, for an event ``apply`` refuses."""
         updates = list(updates)
         for update in updates:
-            if not isinstance(update, EventBatch | InstanceLost | Snapshot):
-                raise TypeError(f"an update is an EventBatch, InstanceLost or Snapshot, got "
-                                f"{short_repr(update)}")
+            if not isinstance(update, EventBatch | InstanceLost | InstanceGone | Snapshot):
+                raise TypeError(f"an update is an EventBatch, InstanceLost, InstanceGone or "
+                                f"Snapshot, got {short_repr(update)}")
             if isinstance(update, EventBatch):
                 check_batch(update.instance_id, update.events, token_ids=False)
-            elif isinstance(update, InstanceLost) and not isinstance(update.instance_id, str):
+            elif isinstance(update, InstanceLost | InstanceGone) \
+                    and not isinstance(update.instance_id, str):
                 # NOTE: checked with the rest: an id that is no str (an int, a list) made an
                 # instance no batch names, or raised from the dict after the updates before
                 # it had been applied.
-                raise TypeError(f"an InstanceLost's instance_id must be a str, got "
+                raise TypeError(f"an {type(update).__name__}'s instance_id must be a str, got "
                                 f"{short_repr(update.instance_id)}")
         for update in updates:
             if isinstance(update, EventBatch):
                 self._apply(update.instance_id, update.events)  # checked above
-            elif isinstance(update, InstanceLost):
+            elif isinstance(update, InstanceLost | InstanceGone):
                 self.clear(update.instance_id)
             else:
                 self.resync(update)
@@ -180,6 +204,7 @@ class PrefixIndex:
             for h, tier in blocks.items():
                 holders.setdefault(h, {})[iid] = tier
         assert holders == self._holders, "holders map out of sync with per-instance blocks"
+        assert all(self._blocks.values()), "an instance holding no block kept its entry"
 
 
 # ---- policies -----------------------------------------------------------------------------------
@@ -323,7 +348,9 @@ class RouteDecision(NamedTuple):
 @dataclass(slots=True)
 class RouterStats:
     """``num_best_prefix``: decisions that went to an instance holding the longest prefix
-    (of those with a prefix); ``num_predicted_hit_blocks``: blocks the index promised."""
+    (of those with a prefix); ``num_predicted_hit_blocks``: blocks the index promised;
+    ``per_instance``: decisions per instance not forgotten (``Router.forget``), those of
+    forgotten ones summed in ``num_routed_forgotten``."""
 
     num_routed: int = 0
     num_with_prefix: int = 0
@@ -331,13 +358,15 @@ class RouterStats:
     num_predicted_hit_blocks: int = 0
     num_prompt_blocks: int = 0
     per_instance: dict[str, int] = field(default_factory=dict)
+    num_routed_forgotten: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {"num_routed": self.num_routed, "num_with_prefix": self.num_with_prefix,
                 "num_best_prefix": self.num_best_prefix,
                 "num_predicted_hit_blocks": self.num_predicted_hit_blocks,
                 "num_prompt_blocks": self.num_prompt_blocks,
-                "per_instance": dict(self.per_instance)}
+                "per_instance": dict(self.per_instance),
+                "num_routed_forgotten": self.num_routed_forgotten}
 
 
 class Router:
@@ -363,6 +392,30 @@ class Router:
         self._hash_fn = get_hash_fn(hash_algo)
         self.index = index if index is not None else PrefixIndex()
         self.stats = RouterStats()
+
+    def apply_updates(self, updates: Iterable[Update]) -> None:
+        """``PrefixIndex.apply_updates``; an instance gone (``InstanceGone``) is forgotten
+        by the stats too (``forget``). Errors as the index's, changing nothing."""
+        updates = list(updates)
+        self.index.apply_updates(updates)
+        for update in updates:
+            if isinstance(update, InstanceGone):
+                self._forget_stats(update.instance_id)
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` left the fleet: its blocks, its entry and its count in
+        ``stats.per_instance`` go (the count into ``stats.num_routed_forgotten``). TypeError,
+        changing nothing, unless it is a str. The router's side only: tell its subscriber
+        too (``forget`` of the bus or subscriber), whose later updates of the instance,
+        else, bring it back.
+
+        NOTE: the router kept an entry per instance id ever routed to: with engines that
+        restart under new ids, its stats grew without bound."""
+        self.index.clear(instance_id)
+        self._forget_stats(instance_id)
+
+    def _forget_stats(self, instance_id: str) -> None:
+        self.stats.num_routed_forgotten += self.stats.per_instance.pop(instance_id, 0)
 
     def block_hashes(self, tokens: Sequence[int], salt: object = None,
                      lora_id: int | None = None,

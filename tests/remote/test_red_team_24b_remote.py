@@ -67,7 +67,8 @@ def test_a_subscriber_whose_url_decodes_responses_reads_its_entries(
     decoding = f"{url}{'&' if '?' in url else '?'}decode_responses=true"
     stream = f"kvtier:test:{uuid.uuid4().hex}"
     plain = RedisStreamPublisher(url, stream)
-    publisher = RedisStreamPublisher(decoding, stream)
+    # one engine on two connections: one incarnation (another is a restart, red team 29a)
+    publisher = RedisStreamPublisher(decoding, stream, incarnation=plain.incarnation)
     raw = plain._redis
     try:
         subscriber = RedisStreamSubscriber(decoding, stream)

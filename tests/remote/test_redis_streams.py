@@ -73,7 +73,8 @@ def test_malformed_entries_are_skipped_counted_and_reported(redis_servers: Redis
         assert (sub.num_malformed_entries, sub.tracker.num_gaps) == (3, 1)
         assert pub.resync_requests() == {"a"}
         pub.publish_snapshot(Snapshot("a", 3, frozenset({(1, G), (3, G)})))
-        assert sub.poll() == [Snapshot("a", 3, frozenset({(1, G), (3, G)}))]
+        # stored naming its publisher's incarnation (red team 29a)
+        assert sub.poll() == [Snapshot("a", 3, frozenset({(1, G), (3, G)}), pub.incarnation)]
     finally:
         raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
 
@@ -106,3 +107,35 @@ def test_malformed_snapshot_is_skipped_and_other_instances_go_on(redis_servers: 
         assert index.blocks("a") == {1: G} and sub.tracker.stale_instances() == []
     finally:
         raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a", f"{stream}:snapshot:b")
+
+
+def test_a_forgotten_instances_unread_entries_are_skipped_on_a_real_server(
+        redis_servers: RedisServers) -> None:
+    """Red team 29a: XINFO STREAM's last id, as a real server and redis-py give it (RESP2
+    and RESP3, decoded or not), marks where a forgotten instance's entries end: those
+    unread are skipped, the instance's later ones read as a new instance's, and a
+    snapshot of another incarnation than the one read (a late write) is refused."""
+    for query in ("", "?protocol=3", "?decode_responses=true"):
+        url = redis_servers.url + query
+        stream = f"kvtier:test:{uuid.uuid4().hex}"
+        pub = RedisStreamPublisher(url, stream)
+        sub = RedisStreamSubscriber(url, stream)
+        try:
+            index = PrefixIndex()
+            pub.publish("b", [stored(0, 5)])
+            pub.publish("b", [stored(1, 6)])
+            sub.forget("b")
+            pub.publish("a", [stored(0, 1)])
+            index.apply_updates(sub.poll())
+            assert index.instances() == ["a"] and sub._forgotten == {}, query
+            back = RedisStreamPublisher(url, stream)
+            back.publish("b", [stored(0, 7)])
+            old = RedisStreamPublisher(url, stream)  # another incarnation of a, writing late
+            old.publish_snapshot(Snapshot("a", 9, frozenset({(100, G)})))
+            pub.publish("a", [stored(2, 2)])  # seq 1 lost: stale
+            index.apply_updates(sub.poll())
+            assert index.blocks("b") == {7: G} and index.blocks("a") == {}, query
+            assert sub.tracker.stale_instances() == ["a"], query
+            assert sub.tracker.num_other_incarnation == 1, query
+        finally:
+            pub._redis.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")

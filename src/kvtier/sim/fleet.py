@@ -62,6 +62,7 @@ from kvtier.sim.replay import (
     check_time_scale,
     fewer_gc_passes,
     replay_requests,
+    too_large,
 )
 from kvtier.sim.report import Summary
 from kvtier.sim.timemodel import ModelProfile, RemoteLink, TimeModel
@@ -369,7 +370,7 @@ def simulate_fleet(
         bus.register_snapshot(inst.instance_id, inst.snapshot)
     # The cache-aware bound, measured for every policy so reports compare.
     bound_policy = policy if isinstance(policy, CacheAware) else CacheAware()
-    max_excess = num_over = 0
+    max_excess = num_over = num_too_large = 0
 
     wall_start = time.perf_counter()
     with fewer_gc_passes():
@@ -378,7 +379,16 @@ def simulate_fleet(
             _advance(instances, t)
             for inst in instances:
                 inst.publish_until(t, bus)
-            router.index.apply_updates(subscriber.poll())
+            router.apply_updates(subscriber.poll())
+            if too_large(request, cache, sched):
+                # NOTE: skipped before routing (every instance has the same pools and step
+                # budget, so none could serve it): routed first, it counted as routed to the
+                # instance that skipped it (per-instance counts, requests max/mean, the
+                # router's stats, the excess depth and the load bound), as served work.
+                num_too_large += 1
+                if progress is not None:
+                    progress(1)
+                continue
             loads = [InstanceLoad(inst.instance_id, inst.queue_depth(), sched.max_batch_size)
                      for inst in instances]
             decision = router.route(request.prompt, loads)
@@ -396,7 +406,7 @@ def simulate_fleet(
     for inst in instances:
         inst.loop.manager.check_invariants()
         inst.publish_until(float("inf"), bus)
-    router.index.apply_updates(subscriber.poll())
+    router.apply_updates(subscriber.poll())
     router.index.check_invariants()
     tracker = subscriber.tracker
     events = {"num_published": bus.num_published, "num_dropped": subscriber.num_dropped,
@@ -404,7 +414,7 @@ def simulate_fleet(
               "num_index_inconsistent": router.index.num_inconsistent}
     runs = [InstanceRun(inst.instance_id, inst.num_routed, inst.loop) for inst in instances]
     report = fleet_report(workload, runs, router, policy, sched, model, time_scale,
-                          max_excess, num_over, events, wall_s)
+                          max_excess, num_over, events, wall_s, num_too_large)
     if shared is None:
         return report
     return replace(report, remote={

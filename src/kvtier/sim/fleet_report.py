@@ -57,6 +57,9 @@ class InstanceSummary:
 class FleetReport:
     """What :func:`simulate_fleet` measured. ``to_dict`` gives the JSON-ready form.
 
+    Every figure counts what was served: ``num_rejected_too_large`` requests (too large
+    for any instance) are skipped before routing, never routed (``num_routed``, balance,
+    the router's stats, depths and the load bound leave them out).
     Balance is ``max / mean`` over instances (1.0 is perfect). ``max_excess_depth`` is the
     largest ``chosen queue depth - least queue depth`` at any decision;
     ``num_over_load_bound`` counts decisions past the cache-aware policy's bound (always 0
@@ -125,8 +128,9 @@ def _max_over_mean(values: Sequence[int]) -> float:
 def fleet_report(workload: Workload, instances: list[InstanceRun], router: Router,
                  policy: RoutingPolicy, sched: SchedulerConfig, model: TimeModel,
                  time_scale: float, max_excess: int, num_over: int, events: dict[str, int],
-                 wall_s: float) -> FleetReport:
-    """The report of a finished fleet replay. A query of the instances' loops."""
+                 wall_s: float, num_too_large: int = 0) -> FleetReport:
+    """The report of a finished fleet replay. A query of the instances' loops, with
+    ``num_too_large`` requests the fleet skipped before routing (never any instance's)."""
     summaries: list[InstanceSummary] = []
     reports: list[SimReport] = []
     ttfts: list[float] = []
@@ -169,7 +173,7 @@ def fleet_report(workload: Workload, instances: list[InstanceRun], router: Route
         time_scale=float(time_scale),
         instances=summaries,
         num_requests=sum(r.num_requests for r in reports),
-        num_rejected_too_large=sum(r.num_rejected_too_large for r in reports),
+        num_rejected_too_large=num_too_large + sum(r.num_rejected_too_large for r in reports),
         num_prompt_tokens=num_prompt,
         num_reused_tokens=num_reused,
         token_hit_rate=share(num_reused),
