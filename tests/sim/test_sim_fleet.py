@@ -15,6 +15,8 @@ from kvtier.sim import SyntheticChat
 from kvtier.sim.fleet import simulate_fleet, stand_in_namespace
 from kvtier.sim.fleet_report import FleetReport, format_fleet_report
 from kvtier.sim.timemodel import RemoteLink
+from kvtier.sim.workload import TraceRequest
+from list_workload import ListWorkload
 
 NUM_INSTANCES = 4
 
@@ -162,3 +164,17 @@ def test_in_memory_shared_tier_reports_no_store_errors() -> None:
     assert [report.remote[k] for k in ("num_store_errors", "num_store_timeouts",
                                        "num_failed_puts", "num_short_circuited")] == [0] * 4
     assert not any(r.startswith("store") for r in format_fleet_report(report))
+
+
+def test_an_instance_that_served_nothing_shows_no_hit_rate() -> None:
+    """One request on two instances: the idle one's table row says n/a for its hit rates
+    (it read 0.0000, a cache that missed everything), its JSON keeps 0.0 and routed 0."""
+    workload = ListWorkload([TraceRequest("r0", 0.0, list(range(100)), 4)])
+    report = simulate_fleet(workload, make_cache(), 2, "round-robin")
+    served, idle = report.instances
+    assert (served.num_routed, idle.num_routed) == (1, 0)
+    assert (idle.num_prompt_tokens, idle.token_hit_rate) == (0, 0.0)
+    rows = {line.split()[0]: line.split() for line in format_fleet_report(report)
+            if line.startswith(("i0 ", "i1 "))}
+    assert rows[idle.instance_id][2:5] == ["n/a", "n/a", "n/a"]
+    assert rows[served.instance_id][2:5] == ["0.0000", "0.0000", "0.0000"]

@@ -212,6 +212,16 @@ def _drafts(runs: list[dict[str, float] | None]) -> dict[str, float] | None:
                for key in ("num_draft_tokens", "num_accepted_draft_tokens")}}
 
 
+def _rates(num_prompt_tokens: int, *rates: float) -> tuple[str, ...]:
+    """Hit rates for the table: "n/a" for an instance that served no prompt token.
+
+    NOTE: an instance routed nothing (or only requests with empty prompts) read as hit rate
+    0.0000 beside the others, a cache that missed everything; the JSON keeps its 0.0."""
+    if not num_prompt_tokens:
+        return ("n/a",) * len(rates)
+    return tuple(f"{rate:.4f}" for rate in rates)
+
+
 def _ms(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -281,8 +291,9 @@ def format_fleet_report(report: FleetReport) -> list[str]:
                          f"{r.remote['num_short_circuited']:,} batches skipped (breaker open)")
     table = [("instance", "routed", "hit rate", "GPU", "host", "prefill tok", "TTFT p50",
               "TTFT p99")]
-    table += [(s.instance_id, f"{s.num_routed:,}", f"{s.token_hit_rate:.4f}",
-               f"{s.gpu_token_hit_rate:.4f}", f"{s.host_token_hit_rate:.4f}",
+    table += [(s.instance_id, f"{s.num_routed:,}",
+               *_rates(s.num_prompt_tokens, s.token_hit_rate, s.gpu_token_hit_rate,
+                       s.host_token_hit_rate),
                f"{s.num_prefill_tokens:,}", _ms(s.ttft_s.p50), _ms(s.ttft_s.p99))
               for s in r.instances]
     lines += ["", *format_columns(table, num_left=1)]
