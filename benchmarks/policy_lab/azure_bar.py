@@ -1,6 +1,7 @@
 """The bar for a change to the default on the twenty-ninth session's rows: a probe.
 
-Each variant is the default (``kvtier-predict-cost``) with a monkeypatch; each row is a
+Each variant is the default (``kvtier-predict-cost``; ``--policy``: another learned
+policy) with a monkeypatch; each row is a
 bench or audit row at its capacities (``bench_policy.capacities``) and time scale (the
 bench's rule), run at ``--num-scales`` scales within +-0.05 % a step as the audit does:
 mean and population sd of the draws per variant.
@@ -15,7 +16,18 @@ mean and population sd of the draws per variant.
   refresh each cached run not reused since its release, and each remembered ghost, is
   counted as censored at its age now (not kept: the next refresh counts them again), so
   the runs that have not come back *yet* weigh against the ones that did.
-- ``censored-lru``: until a refresh finds such a release in the books, LRU's order (as
+- ``class-only``: until a refresh finds a censored release, classes by their learned
+  value at release (age 0) and runs within a class by recency (the oldest goes): the
+  survivorship-only books are trusted for which classes come back, not for how a run's
+  chance changes with its age (there they say it only rises). The learned order whole
+  from then on.
+- ``lru-first``: before the learner's first refresh, LRU's order (with priority and soft
+  claims), as ``HitDensity`` says the order then is: with every value equal, the cost
+  weight alone ranks the class heads, the shallowest first whatever its age.
+- ``flat``: nothing learned, ever (the tables stay equal): LRU's order with soft claims,
+  the cost weight of depth over it under ``kvtier-predict-cost`` (a reference, not a
+  candidate: what the default's order is before its first refresh).
+- ``censored-lru``: until a refresh finds a censored release in the books, LRU's order (as
   while the witness rules: priority and soft claims first, no class value, no cost
   weight); the learned order from then on.
 
@@ -89,8 +101,35 @@ def _blind_rank(self: KvtierPredict, node: Node, now: float, default_priority: i
     return _rank(self, node, now, default_priority)
 
 
+def _class_rank(self: KvtierPredict, node: Node, now: float, default_priority: int) -> Key:
+    if getattr(self.learner, "blind", True):
+        expiry = node.expiry
+        priority = default_priority if expiry is not None and now >= expiry else node.priority
+        witness = self.witness
+        if witness is not None and witness.lru_ahead:
+            return (priority, 1 if node.soft_claimed else 0, 0.0, node.last_used)
+        cls = node.reuse_class
+        value = self.learner.value[1 if cls is None else cls][0]  # at release: no age
+        if self.cost_aware:
+            value *= 1.0 + node.start_block * self.tokens_per_block / self.crossover_tokens
+        return (priority, 1 if node.soft_claimed else 0, value, node.last_used)
+    return _rank(self, node, now, default_priority)
+
+
+def _first_rank(self: KvtierPredict, node: Node, now: float, default_priority: int) -> Key:
+    if not self.learner.num_refreshes:
+        expiry = node.expiry
+        priority = default_priority if expiry is not None and now >= expiry else node.priority
+        return (priority, 1 if node.soft_claimed else 0, 0.0, node.last_used)
+    return _rank(self, node, now, default_priority)
+
+
 def _blind_within(self: KvtierPredict, node: Node, now: float) -> float:
     return 0.0 if getattr(self.learner, "blind", True) else _within(self, node, now)
+
+
+def _flat_refresh(self: HitDensity) -> None:
+    self.num_refreshes += 1  # nothing learned, ever: LRU's order, weighed by depth if cost-aware
 
 
 def _open_refresh(self: HitDensity) -> None:
@@ -143,6 +182,9 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "censored-gate": lambda: _set(_gated_refresh, _rank, _within),
     "censored-lru": lambda: _set(_blind_refresh, _blind_rank, _blind_within),
     "open-at-risk": lambda: _set(_open_refresh, _rank, _within),
+    "class-only": lambda: _set(_blind_refresh, _class_rank, _blind_within),
+    "lru-first": lambda: _set(_refresh, _first_rank, _within),
+    "flat": lambda: _set(_flat_refresh, _rank, _within),
 }
 
 
@@ -190,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="main,censored-gate")
     parser.add_argument("--fractions", default="", help="only these capacities")
     parser.add_argument("--num-scales", type=int, default=5)
+    parser.add_argument("--policy", default=DEFAULT, help="the learned policy the variants patch")
     parser.add_argument("--lru", action="store_true", help="LRU once per row too")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
@@ -199,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(args.jobs) as pool:
         caps = [c for cs in pool.map(setup, args.rows.split(",")) for c in cs
                 if only is None or c[1] in only]
-        jobs = [(v, row, g, h, scale * (1 + 0.0005 * k), DEFAULT)
+        jobs = [(v, row, g, h, scale * (1 + 0.0005 * k), args.policy)
                 for row, _, g, h, scale in caps for v in variants for k in steps]
         if args.lru:
             jobs += [("main", row, g, h, scale, "lru") for row, _, g, h, scale in caps]
