@@ -16,6 +16,8 @@ mean and population sd of the draws per variant.
   refresh each cached run not reused since its release, and each remembered ghost, is
   counted as censored at its age now (not kept: the next refresh counts them again), so
   the runs that have not come back *yet* weigh against the ones that did.
+- ``open-early``: ``open-at-risk`` only while the books hold no censored release (the
+  cold start), the books as they are from then on.
 - ``class-only``: until a refresh finds a censored release, classes by their learned
   value at release (age 0) and runs within a class by recency (the oldest goes): the
   survivorship-only books are trusted for which classes come back, not for how a run's
@@ -156,6 +158,13 @@ def _open_refresh(self: HitDensity) -> None:
     self.censored = [[x / 2 for x in row] if halves else row for row in saved]
 
 
+def _open_early_refresh(self: HitDensity) -> None:
+    if any(map(any, self.censored)):
+        _refresh(self)  # censoring seen: the books as they are
+    else:
+        _open_refresh(self)
+
+
 _cache_init = BlockCache.__init__
 
 
@@ -184,6 +193,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "open-at-risk": lambda: _set(_open_refresh, _rank, _within),
     "class-only": lambda: _set(_blind_refresh, _class_rank, _blind_within),
     "lru-first": lambda: _set(_refresh, _first_rank, _within),
+    "open-early": lambda: _set(_open_early_refresh, _rank, _within),
     "flat": lambda: _set(_flat_refresh, _rank, _within),
 }
 

@@ -11,7 +11,9 @@ scales, with books kept by monkeypatches (nothing in ``src/`` changes):
 - **the witness's runs** (``LruWitness``): every run won (hit where LRU would have dropped
   it) and lost (a ghost recalled that LRU would still hold), with the run's class, depth
   (first block), the tier it was dropped from and its age at the drop and at the return;
-- **the witness over time**: admissions made while LRU's order ruled, the switches.
+- **the witness over time**: admissions made while LRU's order ruled, the switches;
+- with ``--tables``, the learner's books and values at the given refreshes (of the
+  default's replay; printed as they happen).
 
     PYTHONPATH=src:. .venv/bin/python benchmarks/policy_lab/azure_drops.py --seed 0 \
         --fraction 0.10 --scales 1.0,1.0005
@@ -35,7 +37,7 @@ from benchmarks.policy_lab.azure_code import TPB, setup, workload
 
 from kvtier import admission, cache
 from kvtier.config import CacheConfig
-from kvtier.policies import KvtierPredict
+from kvtier.policies import HitDensity, KvtierPredict
 from kvtier.sim import simulate
 from kvtier.tier import Tier
 from kvtier.witness import LruWitness
@@ -174,6 +176,25 @@ def patched(books: Books) -> Iterator[None]:
             setattr(owner, name, fn)
 
 
+def print_tables(refreshes: set[int]) -> None:
+    """Print the learner's books and values at the given refreshes of each replay."""
+    refresh = HitDensity.refresh
+
+    def _refresh(self: HitDensity) -> None:
+        refresh(self)
+        if self.num_refreshes in refreshes:
+            events, censored = sum(map(sum, self.events)), sum(map(sum, self.censored))
+            print(f"  refresh {self.num_refreshes}: blocks reused {events:.0f}, "
+                  f"censored {censored:.0f}")
+            for c in range(self.num_classes):
+                if any(self.events[c]) or any(self.censored[c]):
+                    values = " ".join(f"{v:.3g}" for v in self.value[c][:10])
+                    print(f"    {CLASS_NAMES[c]}: value by age bin (<1 s, 1-2 s, 2-4 s, ..) "
+                          f"{values}")
+
+    setattr(HitDensity, "refresh", _refresh)  # noqa: B010 (a probe's monkeypatch)
+
+
 def replay(seed: int, gpu: int, host: int, scale: float, policy: str) -> tuple[float, Books]:
     books = Books()
     config = CacheConfig(tokens_per_block=TPB, num_gpu_blocks=gpu, num_host_blocks=host,
@@ -196,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.10)
     parser.add_argument("--scales", default="1.0")
     parser.add_argument("--variant", default="main", help="one of azure_bar.VARIANTS")
+    parser.add_argument("--tables", default="", help="refreshes to print the learner at")
     parser.add_argument("--verbose", action="store_true", help="every run lost")
     args = parser.parse_args(argv)
     VARIANTS[args.variant]()
+    if args.tables:
+        print_tables({int(x) for x in args.tables.split(",")})
     row = setup(args.seed, (args.fraction,))[0]
     gpu, host = int(str(row["gpu_blocks"])), int(str(row["host_blocks"]))
     base = float(str(row["time_scale"]))
