@@ -282,3 +282,30 @@ def test_a_held_requests_fields_refuse_assignment_naming_it() -> None:
     with pytest.raises(ValueError):
         other.add_request(req)
     assert list(other.waiting) == []
+
+
+# ---- cli: every option's help ------------------------------------------------------------
+
+# Options whose absence is "off", so they have no default to state.
+OFF_WHEN_ABSENT = {"--json", "--plot", "--remote", "--remote-url", "--jsonl", "--system"}
+
+
+def test_every_valued_option_states_its_default_in_its_help() -> None:
+    """`kvtier <cmd> --help`: each option that takes a value states its default (or is off
+    when absent); `--dtype` had no help at all, `--limit` and the trace options none."""
+    import argparse
+
+    from kvtier.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if (not action.option_strings or action.nargs == 0
+                    or isinstance(action, argparse._AppendAction)
+                    or action.option_strings[0] in OFF_WHEN_ABSENT):
+                continue
+            if "default" not in (action.help or ""):
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert missing == []
