@@ -309,3 +309,24 @@ def test_every_valued_option_states_its_default_in_its_help() -> None:
             if "default" not in (action.help or ""):
                 missing.append(f"{name} {action.option_strings[0]}")
     assert missing == []
+
+
+def test_the_model_guides_option_defaults_are_the_parsers() -> None:
+    """docs/models.md gives `generate` / `chat` defaults in parentheses (`--tokens-per-block`
+    (16), ...): each is the parser's default, for both commands."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from kvtier.cli import build_parser
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "models.md")
+                    .read_text().split())
+    stated = dict(re.findall(r"`(--[a-z-]+)` \((\d+)\)", text))
+    assert stated == {"--tokens-per-block": "16", "--gpu-blocks": "64", "--host-blocks": "1024"}
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    for command in ("generate", "chat"):
+        defaults = {a.option_strings[0]: a.default for a in sub.choices[command]._actions
+                    if a.option_strings}
+        assert {opt: str(defaults[opt]) for opt in stated} == stated, command
