@@ -330,3 +330,20 @@ def test_the_model_guides_option_defaults_are_the_parsers() -> None:
         defaults = {a.option_strings[0]: a.default for a in sub.choices[command]._actions
                     if a.option_strings}
         assert {opt: str(defaults[opt]) for opt in stated} == stated, command
+
+
+# ---- hashing.py --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens_per_block", [3, 12, 1 << 17])
+def test_a_prompts_hash_chain_refuses_a_block_size_no_cache_takes(
+        tokens_per_block: int) -> None:
+    """`prompt_block_hashes` checks the block size for every caller as the manager does (a
+    power of two in 1..65536): a block size of 3 hashed a chain no cache could hold."""
+    from kvtier.hashing import get_hash_fn, prompt_block_hashes
+
+    with pytest.raises(ValueError, match=rf"tokens_per_block must be a power of two in "
+                                         rf"1\.\.65536, got {tokens_per_block}$"):
+        prompt_block_hashes(get_hash_fn("xxh3_128"), list(range(1, 40)), tokens_per_block)
+    with pytest.raises(ValueError, match="tokens_per_block must be a power of two"):
+        CacheConfig(tokens_per_block=tokens_per_block, num_gpu_blocks=8)
+    assert len(prompt_block_hashes(get_hash_fn("xxh3_128"), list(range(1, 40)), 4)) == 9
