@@ -347,3 +347,24 @@ def test_a_prompts_hash_chain_refuses_a_block_size_no_cache_takes(
     with pytest.raises(ValueError, match="tokens_per_block must be a power of two"):
         CacheConfig(tokens_per_block=tokens_per_block, num_gpu_blocks=8)
     assert len(prompt_block_hashes(get_hash_fn("xxh3_128"), list(range(1, 40)), 4)) == 9
+
+
+# ---- router.py (helper A's file: pinned as xfail until fixed there) -----------------------
+
+@pytest.mark.xfail(strict=True, reason="router.Router.route takes an empty prompt: its "
+                   "decision's hit is PrefixHit(num_gpu_blocks=-1) and the stats count -1 "
+                   "predicted blocks ((0 - 1) // tokens_per_block); the manager refuses an "
+                   "empty prompt")
+def test_route_refuses_an_empty_prompt_changing_no_stats() -> None:
+    """`route` checks its prompt first (a non-empty sequence of ids, as every entry point
+    takes one): an empty prompt is refused, ValueError naming the tokens, no stats
+    changed. Reproduction: Router(make_policy("cache-aware"), 4).route([],
+    [InstanceLoad("i0", 0, 4)]).hit == PrefixHit(-1, 0)."""
+    from kvtier.router import InstanceLoad, Router, make_policy
+
+    router = Router(make_policy("cache-aware"), 4)
+    loads = [InstanceLoad("i0", 0, 4), InstanceLoad("i1", 0, 4)]
+    before = router.stats.to_dict()
+    with pytest.raises(ValueError, match=r"tokens.*empty"):
+        router.route([], loads)
+    assert router.stats.to_dict() == before
