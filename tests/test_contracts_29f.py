@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 
 import pytest
 
@@ -315,7 +316,6 @@ def test_the_model_guides_option_defaults_are_the_parsers() -> None:
     """docs/models.md gives `generate` / `chat` defaults in parentheses (`--tokens-per-block`
     (16), ...): each is the parser's default, for both commands."""
     import argparse
-    import re
     from pathlib import Path
 
     from kvtier.cli import build_parser
@@ -368,3 +368,19 @@ def test_route_refuses_an_empty_prompt_changing_no_stats() -> None:
     with pytest.raises(ValueError, match=r"tokens.*empty"):
         router.route([], loads)
     assert router.stats.to_dict() == before
+
+
+# ---- cli_numbers.py / cli_profile.py -----------------------------------------------------
+
+@pytest.mark.parametrize("value", [" 5", "5 ", "5\n", "\t2.5e10"])
+def test_a_set_profile_number_with_spaces_is_refused(value: str) -> None:
+    """`--set-profile` values follow the command line's one rule for numbers: spaces
+    around one are refused naming the option and the value (they were stripped, so
+    `pcie_bytes_per_s= 5` set 5 bytes/s where `--time-scale ' 5'` is refused)."""
+    from kvtier.cli_error import CLIError
+    from kvtier.cli_profile import make_profile
+
+    with pytest.raises(CLIError, match=rf"^--set-profile pcie_bytes_per_s: expected a number, "
+                                       rf"got {re.escape(repr(value))}$"):
+        make_profile("llama3-8b-h100", [f"pcie_bytes_per_s={value}"])
+    assert make_profile("llama3-8b-h100", ["pcie_bytes_per_s=5"]).pcie_bytes_per_s == 5.0
