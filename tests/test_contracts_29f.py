@@ -384,3 +384,52 @@ def test_a_set_profile_number_with_spaces_is_refused(value: str) -> None:
                                        rf"got {re.escape(repr(value))}$"):
         make_profile("llama3-8b-h100", [f"pcie_bytes_per_s={value}"])
     assert make_profile("llama3-8b-h100", ["pcie_bytes_per_s=5"]).pcie_bytes_per_s == 5.0
+
+
+# ---- manager.py / recovery.py: compute_failed ---------------------------------------------
+
+def test_compute_failed_refusals_change_nothing() -> None:
+    """`compute_failed` raises, changing nothing, for ids that are no iterable of str
+    (TypeError) or name no live request (KeyError), and during a step (RuntimeError)."""
+    mgr = make_manager()
+    warm(mgr)
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    before = state_of(mgr)
+    with pytest.raises(TypeError, match="request_ids must be an iterable of request ids, "
+                                        "got 'a'"):
+        mgr.compute_failed("a")
+    with pytest.raises(TypeError, match="request id 1 is not a str"):
+        mgr.compute_failed(["a", 1])  # type: ignore[list-item]
+    with pytest.raises(KeyError, match="unknown request_id 'zz'"):
+        mgr.compute_failed(["a", "zz"])
+    assert state_of(mgr) == before and mgr.has_sequence("a")
+    mgr.begin_step()
+    with pytest.raises(RuntimeError, match=r"compute_failed\(\) is for the step ended"):
+        mgr.compute_failed(["a"])
+    mgr.end_step()
+    assert mgr.has_sequence("a")
+    assert mgr.compute_failed(["a"]) == ["a"]
+    assert not mgr.has_sequence("a") and mgr.num_removed_sequences == 2
+    mgr.check_invariants()
+
+
+def test_compute_failed_drops_what_the_failed_step_stored_and_keeps_earlier_chunks() -> None:
+    """`fail_computes`: the blocks a step stored for reuse that its failed passes were to
+    compute leave the cache; what earlier steps computed stays.
+
+        step 1: |1 2 3 4|           chunk 1 computed: block [1..4] stored
+        step 2: |1 2 3 4|5 6 7 8|9  chunk 2 fails: [5..8] leaves, [1..4] stays
+    """
+    mgr = make_manager()
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    mgr.begin_step()
+    mgr.add_sequence(SequenceSpec("a", prompt, num_new_tokens=4))
+    mgr.end_step()
+    mgr.begin_step()
+    mgr.schedule_prefill("a", 5)
+    mgr.end_step()
+    assert mgr.lookup(prompt).num_tokens == 8
+    assert mgr.compute_failed(["a"]) == ["a"]
+    assert mgr.lookup(prompt).num_tokens == 4
+    assert mgr.stats.num_failed_computes == 1
+    mgr.check_invariants()
