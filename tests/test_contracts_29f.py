@@ -9,6 +9,7 @@ import copy
 import math
 import pickle
 import re
+from pathlib import Path
 
 import pytest
 
@@ -316,7 +317,6 @@ def test_the_model_guides_option_defaults_are_the_parsers() -> None:
     """docs/models.md gives `generate` / `chat` defaults in parentheses (`--tokens-per-block`
     (16), ...): each is the parser's default, for both commands."""
     import argparse
-    from pathlib import Path
 
     from kvtier.cli import build_parser
 
@@ -433,3 +433,29 @@ def test_compute_failed_drops_what_the_failed_step_stored_and_keeps_earlier_chun
     assert mgr.lookup(prompt).num_tokens == 4
     assert mgr.stats.num_failed_computes == 1
     mgr.check_invariants()
+
+
+# ---- sim/trace_file.py, sim/hash_trace.py ------------------------------------------------
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("bailian.jsonl", b'{"chat_id": 1, "parent_chat_id": -1, "timestamp": 1.0, '
+     b'"input_length": 32, "output_length": 5, "type": "te\xffxt", "turn": 1, '
+     b'"hash_ids": [1, 2]}\n', ":1: field '<text>': not UTF-8 text: not a JSONL trace line$"),
+    ("burst.csv", b"Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+     b"5,ChatGPT,1\x00,1,2,Conversation log\n",
+     ":2: field '<text>': contains a NUL byte: not a CSV trace$"),
+])
+def test_a_trace_line_refused_as_text_names_no_other_format(
+        tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    """A line refused before it is parsed (not UTF-8, a NUL) names no format the file is
+    not: a Bailian row was 'not a Mooncake JSONL line', a BurstGPT one 'not an Azure CSV
+    trace'."""
+    from kvtier.sim.hash_trace import MooncakeTrace
+    from kvtier.sim.length_trace import AzureTrace
+    from kvtier.sim.trace_file import TraceFormatError
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    reader = MooncakeTrace if name.endswith(".jsonl") else AzureTrace
+    with pytest.raises(TraceFormatError, match=message):
+        list(reader(path))
