@@ -459,3 +459,23 @@ def test_a_trace_line_refused_as_text_names_no_other_format(
     reader = MooncakeTrace if name.endswith(".jsonl") else AzureTrace
     with pytest.raises(TraceFormatError, match=message):
         list(reader(path))
+
+
+# ---- journal.py: cached_blocks ------------------------------------------------------------
+
+def test_cached_blocks_rank_each_block_by_now_and_none_while_held() -> None:
+    """`cached_blocks()` rows carry the priority eviction ranks each block by now: `None`
+    while a request holds it, the request's priority once released, the default once its
+    retention expired (TensorRT-LLM's semantics)."""
+    now = [0.0]
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8),
+                         clock=lambda: now[0])
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], priority=80,
+                                  retention_s=10.0))
+    assert [(b.tokens, b.priority) for b in mgr.cached_blocks()] == [
+        ((1, 2, 3, 4), None), ((5, 6, 7, 8), None)]
+    mgr.remove_sequence("a")
+    assert [b.priority for b in mgr.cached_blocks()] == [80, 80]
+    now[0] = 10.5
+    assert [b.priority for b in mgr.cached_blocks()] == [35, 35]
+    mgr.check_invariants()
