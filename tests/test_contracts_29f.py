@@ -479,3 +479,17 @@ def test_cached_blocks_rank_each_block_by_now_and_none_while_held() -> None:
     now[0] = 10.5
     assert [b.priority for b in mgr.cached_blocks()] == [35, 35]
     mgr.check_invariants()
+
+
+def test_replays_oracle_help_says_a_fleet_refuses_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`kvtier replay --help` says what `--oracle` does with `--instances > 1` (refused),
+    where it read 'default: on for one instance', as if a fleet took it."""
+    from kvtier.cli import main
+
+    assert main(["replay", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: on; one instance only: --instances > 1 refuses --oracle)" in help_text
+    assert main(["replay", "--instances", "2", "--oracle", "--limit", "2",
+                 "--no-progress"]) == 2
+    assert "--oracle is not supported with --instances > 1" in capsys.readouterr().err

@@ -273,7 +273,10 @@ def admission_option(parser: argparse.ArgumentParser) -> None:
 
 def oracle_option(parser: argparse.ArgumentParser, default: bool | None) -> None:
     """``--oracle``/``--no-oracle``; ``default`` None: on for one instance, off for a fleet."""
-    text = {True: "on", False: "off", None: "on for one instance"}[default]
+    # NOTE: "on for one instance" read as if a fleet took --oracle, off by default; it
+    # refuses it.
+    text = {True: "on", False: "off",
+            None: "on; one instance only: --instances > 1 refuses --oracle"}[default]
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=default,
                         help="add the offline LRU, Belady and unlimited hit rates for the same "
                         f"capacity (default: {text})")
