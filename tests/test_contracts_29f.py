@@ -493,3 +493,19 @@ def test_replays_oracle_help_says_a_fleet_refuses_it(
     assert main(["replay", "--instances", "2", "--oracle", "--limit", "2",
                  "--no-progress"]) == 2
     assert "--oracle is not supported with --instances > 1" in capsys.readouterr().err
+
+
+def test_transfer_failed_aborts_exactly_the_requests_holding_a_bad_block() -> None:
+    """`transfer_failed(plan, failed_indices)` aborts exactly the requests whose block
+    tables hold a bad block: the one onboarding the failed copy, not a live request beside
+    it; nothing leaks."""
+    mgr = make_manager(num_gpu_blocks=10)
+    mgr.add_sequence(SequenceSpec("s", [300, 301, 302, 303, 304]))
+    plan = _plan_with_an_onboard(mgr)
+    onboard = next(i for i, op in enumerate(plan.ops) if op.kind.value == "onboard")
+    assert mgr.transfer_failed(plan, [onboard]) == ["r"]
+    assert not mgr.has_sequence("r") and mgr.has_sequence("s")
+    assert mgr.stats.num_failed_transfers == 1
+    mgr.check_invariants()
+    mgr.remove_sequence("s")
+    mgr.check_invariants()
