@@ -509,3 +509,26 @@ def test_transfer_failed_aborts_exactly_the_requests_holding_a_bad_block() -> No
     mgr.check_invariants()
     mgr.remove_sequence("s")
     mgr.check_invariants()
+
+
+@pytest.mark.parametrize("algo", ["xxh3_128", "sha256"])
+def test_block_hashes_agree_across_processes(algo: str) -> None:
+    """Both hash algorithms name a block alike in every process (the README said sha256
+    was the one 'to agree across processes'): a fresh interpreter, with another
+    PYTHONHASHSEED, gives the same chain."""
+    import os
+    import subprocess
+    import sys
+
+    from kvtier.hashing import get_hash_fn, prompt_block_hashes
+
+    code = ("from kvtier.hashing import get_hash_fn, prompt_block_hashes; "
+            f"print(prompt_block_hashes(get_hash_fn({algo!r}), [1, 2, 3, 4, 5, 6, 7, 8], 4, "
+            "salt='t', lora_id=3))")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": src}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    here = prompt_block_hashes(get_hash_fn(algo), [1, 2, 3, 4, 5, 6, 7, 8], 4, salt="t",
+                               lora_id=3)
+    assert out == str(here)
