@@ -659,12 +659,12 @@ MOONCAKE_OK = '{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_i
 
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("garbage.jsonl", MOONCAKE_OK.encode() + b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01",
-     ":2: field '<text>': not UTF-8 text: not a Mooncake JSONL line"),
+     ":2: field '<text>': not UTF-8 text: not a JSONL trace line"),
     ("garbage.csv", b"\xff\xfe\x00\x01binary", ":1: field '<text>': not UTF-8 text (byte 0)"),
     ("nul.csv", b"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1\x00,1\n",
-     ":2: field '<text>': contains a NUL byte: not an Azure CSV trace"),
+     ":2: field '<text>': contains a NUL byte: not a CSV trace"),
     ("deep.jsonl", (MOONCAKE_OK + "[" * 100_000 + "]" * 100_000 + "\n").encode(),
-     ":2: field '<json>': nested too deeply: not a Mooncake record"),
+     ":2: field '<json>': nested too deeply: not a trace record"),
     ("bighash.jsonl", b'{"timestamp": 0, "input_length": 600, "output_length": 5, '
      b'"hash_ids": [1, 36028797018963968]}\n',
      ":1: field 'hash_ids': id 36028797018963968 is too large: token ids h*512.. must stay "

@@ -262,9 +262,10 @@ def test_a_subscriber_start_id_redis_refuses_is_refused_when_made(
 
 
 @pytest.mark.parametrize(("tokens_per_block", "extras", "shown"), [
-    (0, None, r"tokens_per_block must be an integer >= 1, got 0"),  # ZeroDivisionError
-    (-1, None, r"tokens_per_block must be an integer >= 1, got -1"),  # [] for any prompt
-    (True, None, r"tokens_per_block must be an integer >= 1, got True"),  # one hash a token
+    (0, None, r"tokens_per_block must be a power of two in 1..65536, got 0"),  # ZeroDivisionError
+    (-1, None, r"tokens_per_block must be a power of two in 1..65536, got -1"),  # [] for any prompt
+    # one hash a token:
+    (True, None, r"tokens_per_block must be a power of two in 1..65536, got True"),
     (2, [b"x"], r"extras must hold one extra key per full block \(2\), got 1"),  # IndexError
 ])
 def test_a_prompts_hash_chain_refuses_a_block_size_or_extras_that_cannot_be(

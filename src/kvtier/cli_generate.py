@@ -102,7 +102,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-blocks", type=int_in(0, 1 << 24), default=1024, metavar="N",
                    help="host tier size in blocks (default: 1024)")
     eviction_policy_option(p, several=False)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the model's weights and KV blocks (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
 

@@ -95,10 +95,11 @@ def common_options() -> OneLineParser:
                    "BurstGPT) trace; default: --workload")
     p.add_argument("--trace-block-tokens", metavar="N", type=int_in(), choices=HASH_BLOCK_SIZES,
                    help="tokens per hash id of a .jsonl trace whose blocks are not its "
-                   "format's (Mooncake 512, Bailian 16); a power of two up to 512")
+                   "format's; a power of two up to 512 (default: the format's, Mooncake 512, "
+                   "Bailian 16)")
     p.add_argument("--trace-time-unit", choices=tuple(TIME_UNITS),
                    help="the unit of a .jsonl trace's timestamps where it is not its "
-                   "format's (Mooncake ms, Bailian s)")
+                   "format's (default: the format's, Mooncake ms, Bailian s)")
     p.add_argument("--workload", choices=WORKLOADS,
                    help="the built-in workload when no TRACE is given: seeded multi-turn chat, "
                    "agentic tool loops over shared tool specs (seconds between steps), "
@@ -107,7 +108,7 @@ def common_options() -> OneLineParser:
                    f"(S1 at scale; needs --host-blocks) (default: {WORKLOAD_DEFAULT})")
     p.add_argument("--limit", metavar="N", type=int_in(1),
                    help="replay only the first N requests (of the trace, or of the built-in "
-                   "workload's 2,000)")
+                   "workload's 2,000) (default: all)")
     p.add_argument("--seed", type=int_in(),
                    help="seed of the synthetic workload and of Azure prefixes (default: 0)")
     p.add_argument("--time-scale", metavar="X", type=positive_float, default=1.0,
@@ -272,7 +273,10 @@ def admission_option(parser: argparse.ArgumentParser) -> None:
 
 def oracle_option(parser: argparse.ArgumentParser, default: bool | None) -> None:
     """``--oracle``/``--no-oracle``; ``default`` None: on for one instance, off for a fleet."""
-    text = {True: "on", False: "off", None: "on for one instance"}[default]
+    # NOTE: "on for one instance" read as if a fleet took --oracle, off by default; it
+    # refuses it.
+    text = {True: "on", False: "off",
+            None: "on; one instance only: --instances > 1 refuses --oracle"}[default]
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=default,
                         help="add the offline LRU, Belady and unlimited hit rates for the same "
                         f"capacity (default: {text})")

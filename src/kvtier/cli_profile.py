@@ -21,8 +21,11 @@ def make_profile(name: str, assignments: Sequence[str]) -> ModelProfile:
     overrides: dict[str, object] = {}
     given: dict[str, str] = {}
     for item in assignments:
+        # NOTE: the value is read as given, by the command line's rule for numbers: a strip
+        # here took "pcie_bytes_per_s= 5" and "...=5\n" (spaces around a number), which
+        # every option refuses.
         key, sep, text = item.partition("=")
-        key, text = key.strip(), text.strip()
+        key = key.strip()
         if not sep or not key:
             raise CLIError(f"--set-profile expects KEY=VALUE, got {shown(item)}")
         if key not in types:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import xxhash
 
+from kvtier.config import check_tokens_per_block
 from kvtier.reprs import shown
 from kvtier.sequence import (
     as_token_sequence,
@@ -156,8 +157,10 @@ def prompt_block_hashes(
     tokens = as_token_sequence(tokens, "tokens")
     check_key("salt", salt)
     check_lora_id(lora_id)
-    if type(tokens_per_block) is not int or tokens_per_block < 1:
-        raise ValueError(f"tokens_per_block must be an integer >= 1, got {shown(tokens_per_block)}")
+    # NOTE: the cache's own rule (a power of two in 1..65536), not only >= 1: a block size
+    # of 3 hashed a chain no cache could hold, though this docstring said it refused what
+    # the manager refuses.
+    check_tokens_per_block(tokens_per_block)
     if num_blocks is not None:
         if type(num_blocks) is not int or num_blocks < 0:
             raise ValueError(f"num_blocks must be None or an integer >= 0, got {shown(num_blocks)}")

@@ -287,13 +287,13 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
                 if len(raw) > MAX_LINE_BYTES:
                     raise TraceFormatError(self.path, line_number, "<text>",
                                            f"the line is longer than {MAX_LINE_BYTES:,} bytes, "
-                                           "more than any Mooncake row")
+                                           "more than any trace row")
                 try:
                     # NOTE: a byte order mark (Windows tools write one) opens line 1 only.
                     line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
                 except UnicodeDecodeError:
                     raise TraceFormatError(self.path, line_number, "<text>",
-                                           "not UTF-8 text: not a Mooncake JSONL line") from None
+                                           "not UTF-8 text: not a JSONL trace line") from None
                 if not line.strip():
                     continue
                 obj = self._parse_line(line, line_number)
@@ -432,7 +432,7 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
             # past Python's limit on int parsing (4,300 digits).
             raise fail("<json>", "malformed JSON: a number too long to read") from None
         except RecursionError:
-            raise fail("<json>", "nested too deeply: not a Mooncake record") from None
+            raise fail("<json>", "nested too deeply: not a trace record") from None
         if not isinstance(obj, dict):
             raise fail("<json>", f"expected an object, got {type(obj).__name__}")
         # NOTE: a key the readers do not know is ignored, so a misspelt one was too: a

@@ -40,11 +40,11 @@ class CheckedLines:
             bad = _NOT_UTF8.search(line)
             if bad is not None:
                 raise TraceFormatError(path, self.num_read, "<text>",
-                                       f"not UTF-8 text (byte {bad.start()}): not an Azure "
-                                       "CSV trace")
+                                       f"not UTF-8 text (byte {bad.start()}): not a CSV "
+                                       "trace")
             if "\0" in line:
                 raise TraceFormatError(path, self.num_read, "<text>",
-                                       "contains a NUL byte: not an Azure CSV trace")
+                                       "contains a NUL byte: not a CSV trace")
             yield line
 
 
