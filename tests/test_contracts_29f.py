@@ -351,15 +351,10 @@ def test_a_prompts_hash_chain_refuses_a_block_size_no_cache_takes(
 
 # ---- router.py (helper A's file: pinned as xfail until fixed there) -----------------------
 
-@pytest.mark.xfail(strict=True, reason="router.Router.route takes an empty prompt: its "
-                   "decision's hit is PrefixHit(num_gpu_blocks=-1) and the stats count -1 "
-                   "predicted blocks ((0 - 1) // tokens_per_block); the manager refuses an "
-                   "empty prompt")
 def test_route_refuses_an_empty_prompt_changing_no_stats() -> None:
     """`route` checks its prompt first (a non-empty sequence of ids, as every entry point
     takes one): an empty prompt is refused, ValueError naming the tokens, no stats
-    changed. Reproduction: Router(make_policy("cache-aware"), 4).route([],
-    [InstanceLoad("i0", 0, 4)]).hit == PrefixHit(-1, 0)."""
+    changed. It was routed, its hit PrefixHit(-1, 0), the stats counting -1 blocks."""
     from kvtier.router import InstanceLoad, Router, make_policy
 
     router = Router(make_policy("cache-aware"), 4)

@@ -510,8 +510,14 @@ def checked_prompt(tokens: object, mm_items: object, what: str
                    ) -> tuple[Sequence[int], tuple[MultimodalItem, ...]]:
     """``tokens`` as a sequence (its ids checked later, as they are hashed) and ``mm_items``
     as :func:`check_mm_items` gives them, for a caller that names a prompt's blocks outside
-    the manager (a router, a remote tier); ValueError naming ``what`` otherwise."""
+    the manager (a router, a remote tier); ValueError naming ``what`` otherwise, and for
+    an empty prompt, which the manager refuses too.
+
+    NOTE: an empty prompt was routed: its reusable prefix, (0 - 1) // tokens_per_block
+    blocks, came out as -1, the decision's hit and the router's stats counting -1 blocks."""
     ids = as_token_sequence(tokens, "tokens")  # before len(): None, an iterator
+    if not len(ids):
+        raise ValueError(f"{what}: tokens must not be empty")
     return ids, check_mm_items(mm_items, len(ids), what)
 
 

@@ -624,3 +624,14 @@ def test_the_cpu_waits_for_the_last_plans_copies_before_the_tier_touches_host_sl
         copied = events[last_submit] != "submit 0"
         assert (events[i - 1] == "sync") is copied, events[last_submit:i + 1]
     assert any(events[i - 1] == "sync" for i in fetches)
+
+
+def test_an_empty_prompt_is_refused_naming_the_tier() -> None:
+    """The remote tier names a prompt's blocks as the manager does, and refuses an empty
+    prompt as the manager and the router do (the router routed one with -1 blocks)."""
+    tier = make_tier()
+    for call in (lambda: tier.fetch([]), lambda: tier.start_fetch("r", []),
+                 lambda: tier.block_hashes([], None, None)):
+        with pytest.raises(ValueError, match=r"^remote tier: tokens must not be empty$"):
+            call()
+    assert tier.num_waiting == 0
