@@ -244,7 +244,7 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
     serving loop. Now the batch is counted lost; the next one goes out, its seq showing the
     hole to subscribers (which resync from a snapshot)."""
     redis = pytest.importorskip("redis")
-    from kvtier import publisher
+    from kvtier import event_stream, publisher
     from kvtier.event_codec import decode_events
 
     class Client:
@@ -288,7 +288,7 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
                     for name, args, options in self.queued]
 
     client = Client()
-    monkeypatch.setattr(publisher, "_connect", lambda url: client)
+    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
     pub = publisher.RedisStreamPublisher("redis://unused")
     mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16, enable_events=True))
     mgr.add_sequence(SequenceSpec("a", list(range(8))))
@@ -308,7 +308,7 @@ def test_redis_subscriber_with_redis_down_returns_what_it_read(
     resync request then failed, the updates read were lost (``last_id`` had moved past
     them). Now poll returns them, and asks for the resync again at the next poll."""
     redis = pytest.importorskip("redis")
-    from kvtier import publisher
+    from kvtier import event_stream, publisher
     from kvtier.event_codec import encode_events
     from kvtier.publisher import EventBatch, InstanceLost
 
@@ -340,7 +340,7 @@ def test_redis_subscriber_with_redis_down_returns_what_it_read(
                 raise redis.exceptions.ConnectionError("Connection refused")
 
     client = Client()
-    monkeypatch.setattr(publisher, "_connect", lambda url: client)
+    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
     subscriber = publisher.RedisStreamSubscriber("redis://unused")
     assert subscriber.poll() == []  # down
     client.up = True

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fake_clock import FakeClock
-from kvtier import publisher
+from kvtier import event_stream, publisher
 from kvtier.cli import main
 from kvtier.config import CacheConfig
 from kvtier.event_codec import encode_events
@@ -197,7 +197,7 @@ def stored(seq: int, h: int) -> BlockStored:
 def fake_redis(monkeypatch: pytest.MonkeyPatch) -> FakeRedis:
     pytest.importorskip("redis")  # the publisher catches its errors
     client = FakeRedis()
-    monkeypatch.setattr(publisher, "_connect", lambda url: client)
+    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
     return client
 
 
