@@ -289,8 +289,8 @@ def format_fleet_report(report: FleetReport) -> list[str]:
                          f"{r.remote['num_store_timeouts']:,} timeouts, "
                          f"{r.remote['num_failed_puts']:,} failed writes, "
                          f"{r.remote['num_short_circuited']:,} batches skipped (breaker open)")
-    table = [("instance", "routed", "hit rate", "GPU", "host", "prefill tok", "TTFT p50",
-              "TTFT p99")]
+    table: list[tuple[str, ...]] = [("instance", "routed", "hit rate", "GPU", "host",
+                                      "prefill tok", "TTFT p50", "TTFT p99")]
     table += [(s.instance_id, f"{s.num_routed:,}",
                *_rates(s.num_prompt_tokens, s.token_hit_rate, s.gpu_token_hit_rate,
                        s.host_token_hit_rate),
