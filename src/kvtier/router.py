@@ -22,16 +22,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from kvtier.config import check_tokens_per_block
+from kvtier.event_codec import Snapshot
+from kvtier.event_updates import EventBatch, InstanceGone, InstanceLost, Update, check_batch
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
-from kvtier.publisher import (
-    EventBatch,
-    InstanceGone,
-    InstanceLost,
-    Snapshot,
-    Update,
-    check_batch,
-)
 from kvtier.reprs import shown
 from kvtier.sequence import MultimodalItem, block_extras, checked_prompt, short_repr
 from kvtier.tier import Tier

@@ -43,8 +43,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
 from kvtier.config import CacheConfig
+from kvtier.event_bus import InMemoryEventBus
+from kvtier.event_codec import Snapshot
+from kvtier.event_updates import manager_snapshot
 from kvtier.events import BlockRemoved, BlockStored, Event
-from kvtier.publisher import InMemoryEventBus, Snapshot, manager_snapshot
 from kvtier.remote import RemoteStore
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.tier import WRITE_POLICIES, WritePolicy, num_blocks_worth_fetching
