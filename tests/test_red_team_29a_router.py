@@ -99,8 +99,8 @@ def _run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
 
 class FakeRedis:
     """The commands of the event stream, in memory: XADD with an exact MAXLEN, XREAD
-    (RESP2's shape), XINFO STREAM's first and last entry ids, GET, SET, DEL and MULTI/EXEC; ``down``
-    commands fail with a ConnectionError first."""
+    (RESP2's shape), XINFO STREAM's first and last entry ids, GET, SET, DEL, the
+    publisher's EVAL and MULTI/EXEC; ``down`` commands fail with a ConnectionError first."""
 
     def __init__(self) -> None:
         self.streams: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
@@ -165,6 +165,20 @@ class FakeRedis:
         self._check()
         return sum(self.keys.pop(k, None) is not None for k in keys)
 
+    def eval(self, script: str, numkeys: int, *keys_and_args: str) -> int:
+        """The one script the publisher runs, ``_DELETE_UNLESS_OTHERS``, as Lua runs it:
+        the key goes unless its value ends with ``"}`` (names an incarnation) and not with
+        ``,"p":<ARGV[1]>}`` (this one's)."""
+        self._check()
+        assert script == event_stream._DELETE_UNLESS_OTHERS and numkeys == 1
+        key, incarnation = keys_and_args
+        raw = self.keys.get(key)
+        if raw is None:
+            return 0
+        if raw.endswith(b'"}') and not raw.endswith(f',"p":{incarnation}}}'.encode()):
+            return 0
+        return self.delete(key)
+
     def pipeline(self, transaction: bool = True) -> FakePipeline:
         return FakePipeline(self)
 
@@ -181,6 +195,9 @@ class FakePipeline:
 
     def xadd(self, *args: object, **options: object) -> None:
         self.queued.append(("xadd", args, options))
+
+    def eval(self, *args: object, **options: object) -> None:
+        self.queued.append(("eval", args, options))
 
     def execute(self) -> list[object]:
         self.client._check()
@@ -240,7 +257,9 @@ def test_a_restart_whose_seq_0_batch_failed_never_resyncs_from_the_old_snapshot(
     the old incarnation's snapshot (next_seq 10, blocks 100..109). The subscriber sees the
     restart at seq 1 by its incarnation and goes stale: the old snapshot covered seq 1, so
     it was applied (blocks gone with the old process routed to) and seq 1..9 skipped.
-    Now the delete goes with the instance's next batch sent."""
+    Now the delete goes with the instance's next batch sent, where the snapshot names no
+    other incarnation; this one names the old process's and stays (red team 29a, h-snap:
+    an old process's owed delete took the new one's), refused by the subscriber."""
     old = RedisStreamPublisher("redis://fake")
     sub = RedisStreamSubscriber("redis://fake")
     index = PrefixIndex()
@@ -254,7 +273,9 @@ def test_a_restart_whose_seq_0_batch_failed_never_resyncs_from_the_old_snapshot(
     new.publish("a", [stored(1, 2)])
     index.apply_updates(sub.poll())
     assert index.blocks("a") == {} and sub.tracker.stale_instances() == ["a"]
-    assert "kvtier:events:snapshot:a" not in fake_redis.keys
+    assert sub.tracker.num_other_incarnation == 1
+    assert publisher.decode_snapshot(fake_redis.keys["kvtier:events:snapshot:a"]).incarnation \
+        == old.incarnation
     new.publish_snapshot(Snapshot("a", 2, frozenset([(1, G), (2, G)])))
     new.publish("a", [stored(2, 3)])
     index.apply_updates(sub.poll())
@@ -477,6 +498,50 @@ def test_a_retiring_publisher_leaves_no_snapshot_key(fake_redis: FakeRedis) -> N
         RedisStreamPublisher("redis://fake", snapshot_ttl_s=0)
     with pytest.raises(TypeError, match=r"instance_id must be a str, got 5"):
         pub.forget(5)  # type: ignore[arg-type]
+
+
+def test_a_retiring_old_process_leaves_the_new_ones_snapshot(fake_redis: FakeRedis) -> None:
+    """Instance a restarted: the new process published its seq 0 and its snapshot; the
+    old one, retiring gracefully, then ``forget`` s a. Its delete took the new snapshot,
+    and a subscriber stale on a waited for another. Now the key goes only where its
+    snapshot names the retiring incarnation, or none (of a publisher older than ``p``)."""
+    key = "kvtier:events:snapshot:a"
+    old = RedisStreamPublisher("redis://fake", incarnation="old")
+    new = RedisStreamPublisher("redis://fake", incarnation="new")
+    new.publish("a", [stored(0, 1)])
+    new.publish_snapshot(Snapshot("a", 1, frozenset([(1, G)])))
+    old.forget("a")
+    assert old.num_failed_batches == 0
+    assert publisher.decode_snapshot(fake_redis.keys[key]).incarnation == "new"
+    new.forget("a")
+    assert key not in fake_redis.keys
+    fake_redis.keys[key] = b'{"i":"a","n":1,"b":[]}'  # an earlier publisher's: goes
+    old.forget("a")
+    assert key not in fake_redis.keys
+
+
+def test_an_old_process_retrying_its_seq_0_delete_leaves_the_new_ones_snapshot(
+        fake_redis: FakeRedis) -> None:
+    """The old process's seq 0 batch failed (its delete owed with its next batch); a new
+    process then published its seq 0 and snapshot, and the old one sent its seq 1: the
+    owed delete took the new snapshot. Now it leaves a snapshot of another incarnation,
+    and a seq 0 batch still deletes one of its own (an earlier manager of this process)
+    or of none."""
+    key = "kvtier:events:snapshot:a"
+    old = RedisStreamPublisher("redis://fake", incarnation="old")
+    new = RedisStreamPublisher("redis://fake", incarnation="new")
+    fake_redis.down = 1
+    old.publish("a", [stored(0, 100)])
+    new.publish("a", [stored(0, 1)])
+    new.publish_snapshot(Snapshot("a", 1, frozenset([(1, G)])))
+    old.publish("a", [stored(1, 101)])
+    assert old.num_failed_batches == 1 and len(fake_redis.streams["kvtier:events"]) == 2
+    assert publisher.decode_snapshot(fake_redis.keys[key]).incarnation == "new"
+    new.publish("a", [stored(0, 2)])  # its manager restarted: its own snapshot goes
+    assert key not in fake_redis.keys
+    fake_redis.keys[key] = b'{"i":"a","n":5,"b":[]}'
+    new.publish("a", [stored(0, 3)])
+    assert key not in fake_redis.keys and new.num_failed_batches == 0
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan"), "60", True, 2e9])

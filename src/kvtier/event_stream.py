@@ -10,6 +10,7 @@ its own position and :class:`~kvtier.seq_tracker.SeqTracker`.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -56,6 +57,23 @@ def _attempt(command: Callable[..., _T], *args: Any, **options: Any) -> _T | Non
         return None
 
 
+# Deletes KEYS[1] unless the snapshot under it names another publisher incarnation than
+# ARGV[1] (its JSON string): one naming this one goes, and so does one naming none (of a
+# publisher older than ``p``, read by its seq alone) or not a snapshot of ours at all.
+# NOTE: the tail is compared, not the JSON decoded: ``encode_snapshot`` writes ``p`` last,
+# compact, so a snapshot names one exactly where it ends with ``"}``; decoding a snapshot
+# of a million blocks would hold the server for every retiring instance.
+_DELETE_UNLESS_OTHERS = """
+local raw = redis.pcall('GET', KEYS[1])
+if not raw then return 0 end
+if type(raw) == 'string' and string.sub(raw, -2) == '"}' then
+  local mine = ',"p":' .. ARGV[1] .. '}'
+  if string.sub(raw, -#mine) ~= mine then return 0 end
+end
+return redis.call('DEL', KEYS[1])
+"""
+
+
 def _check_stream(stream: object) -> None:
     if not isinstance(stream, str) or not stream:
         raise ValueError(f"stream must be a non-empty str, got {short_repr(stream)}")
@@ -85,6 +103,12 @@ class RedisStreamPublisher:
     restart (where that batch failed, with the next batch of the instance that is sent).
     A snapshot key lives ``snapshot_ttl_s`` (None: until overwritten), and goes when its
     instance retires (``forget``): a key per instance id ever seen stayed in Redis.
+    Both deletes are conditional (one Lua script, ``EVAL``): a snapshot naming another
+    incarnation stays (subscribers refuse it where they read another's entries), one
+    naming this one or none (of a publisher older than ``p``) goes. NOTE: an old process
+    retiring, or retrying its failed seq 0 delete, deleted the new one's snapshot: a
+    stale subscriber waited for another. A crashed process's snapshot stays until the
+    new one writes its own, or ``snapshot_ttl_s``.
     Subscribers that missed events add the instance id to the stream ``<stream>:resync``,
     which :meth:`resync_requests` reads.
     """
@@ -134,9 +158,10 @@ class RedisStreamPublisher:
             # of before the restart routed to) and the new events it claimed were skipped.
             # Where that batch failed, the key stayed, and a subscriber that saw the
             # restart by the incarnation applied it: the delete goes with each batch of
-            # the instance until one is sent.
+            # the instance until one is sent. Only a snapshot naming this incarnation or
+            # none goes: an old process's owed delete took the new one's snapshot.
             pipe = self._redis.pipeline(transaction=True)
-            pipe.delete(self._snapshot_key(instance_id))
+            self._delete_own_snapshot(instance_id, pipe)
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
             sent = _attempt(pipe.execute)
             if sent is None:
@@ -151,6 +176,13 @@ class RedisStreamPublisher:
 
     def _snapshot_key(self, instance_id: str) -> str:
         return f"{self.stream}:snapshot:{instance_id}"
+
+    def _delete_own_snapshot(self, instance_id: str, client: Any) -> Any:
+        """Deletes ``instance_id``'s snapshot key on ``client`` (the connection or a
+        pipeline) unless it names another incarnation (``_DELETE_UNLESS_OTHERS``): 1 where
+        it went, 0 where not. Raises what redis-py raises: callers ``_attempt`` it."""
+        return client.eval(_DELETE_UNLESS_OTHERS, 1, self._snapshot_key(instance_id),
+                           json.dumps(self.incarnation))
 
     def publish_snapshot(self, snapshot: Snapshot) -> None:
         """Store ``snapshot``, named by this publisher's ``incarnation`` (a subscriber
@@ -175,13 +207,14 @@ class RedisStreamPublisher:
     def forget(self, instance_id: str) -> None:
         """``instance_id`` retires for good (its engine shuts down): its snapshot key goes,
         so that Redis holds none per instance id ever seen (with Redis down, counted in
-        ``num_failed_batches``; ``snapshot_ttl_s`` bounds it then). Subscribers forget the
-        instance once it is quiet for their ``forget_after_s``. TypeError, changing
-        nothing, unless it is a str."""
+        ``num_failed_batches``; ``snapshot_ttl_s`` bounds it then), unless the snapshot
+        names another incarnation (a new process of the instance already wrote its own:
+        it stays). Subscribers forget the instance once it is quiet for their
+        ``forget_after_s``. TypeError, changing nothing, unless it is a str."""
         if not isinstance(instance_id, str):
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
         self._old_snapshots.discard(instance_id)
-        if _attempt(self._redis.delete, self._snapshot_key(instance_id)) is None:
+        if _attempt(self._delete_own_snapshot, instance_id, self._redis) is None:
             self.num_failed_batches += 1
 
     def resync_requests(self) -> set[str]:

@@ -139,3 +139,39 @@ def test_a_forgotten_instances_unread_entries_are_skipped_on_a_real_server(
             assert sub.tracker.num_other_incarnation == 1, query
         finally:
             pub._redis.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+
+
+def test_a_publisher_deletes_only_its_own_snapshot_on_a_real_server(
+        redis_servers: RedisServers) -> None:
+    """Red team 29a (h-snap): the conditional delete's Lua script, on a real server, alone
+    (``forget``) and inside the seq 0 batch's MULTI/EXEC: a snapshot naming another
+    incarnation stays; one naming this one, or none, goes; so does an odd incarnation's
+    (quotes, non-ASCII), and a key of another type does not fail the batch."""
+    for query in ("", "?protocol=3", "?decode_responses=true"):
+        url = redis_servers.url + query
+        stream = f"kvtier:test:{uuid.uuid4().hex}"
+        key = f"{stream}:snapshot:a"
+        old = RedisStreamPublisher(url, stream, incarnation='old "é"}')
+        new = RedisStreamPublisher(url, stream, incarnation="new")
+        raw = new._redis
+        try:
+            new.publish("a", [stored(0, 1)])
+            new.publish_snapshot(Snapshot("a", 1, frozenset({(1, G)})))
+            old.forget("a")  # retiring after the restart: the new snapshot stays
+            old.publish("a", [stored(0, 100)])  # a seq 0 batch of the old process, too
+            assert raw.exists(key) == 1, query
+            new.forget("a")
+            assert raw.exists(key) == 0, query
+            old.publish_snapshot(Snapshot("a", 1, frozenset({(100, G)})))
+            old.publish("a", [stored(0, 101)])  # its own (an earlier manager's) goes
+            assert raw.exists(key) == 0, query
+            raw.set(key, '{"i":"a","n":1,"b":[]}')  # an earlier publisher's goes
+            new.forget("a")
+            assert raw.exists(key) == 0, query
+            raw.rpush(key, "x")  # not a string: deleted, nothing failed
+            new.publish("a", [stored(0, 2)])
+            assert raw.exists(key) == 0, query
+            assert (old.num_failed_batches, new.num_failed_batches) == (0, 0), query
+            assert raw.xlen(stream) == 4, query
+        finally:
+            raw.delete(stream, key)
