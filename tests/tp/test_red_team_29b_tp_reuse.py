@@ -1,0 +1,160 @@
+"""Red team 29b at TP 2: the reuse the tensor-parallel leader reports per request is the
+reuse its admission that ran got. Two gloo ranks on the CPU; the leader's ``ModelEngine``
+notes each request's figures, so the two defects ``c2fefac`` fixed there are checked here
+through the leader, with the fault on the worker rank only::
+
+    "output"  a computes PROMPT (3 tokens); b is queued with PROMPT and a's first 2 output
+              tokens (11 to prefill): it reuses a's 2 full blocks, computes 3
+    "onboard" a computes PROMPT, x pushes a's second block to the host; b's admission
+              promises 4 GPU + 4 host tokens, rank 1 fails its onboard: both ranks raise,
+              b recomputes; its readmission reuses the 4 GPU tokens, computes 5
+
+Before ``c2fefac`` the leader reported b 0 reused, 0 computed ("output"), and 4 GPU + 4
+host reused, 1 computed ("onboard"): the admission that never ran."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the tensor-parallel tests need torch: "
+                                            "pip install 'kvtier[torch]'")
+import torch.distributed as dist  # noqa: E402
+
+from kvtier import CacheConfig, KVCacheManager  # noqa: E402
+from kvtier.model import LlamaModel, ModelConfig, RequestResult  # noqa: E402
+from kvtier.model.tensor_parallel import TensorParallelLlama  # noqa: E402
+from kvtier.model.tp_engine import CommandChannel, TensorParallelLeader, serve  # noqa: E402
+from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
+from kvtier.storage import KVStorage  # noqa: E402
+from kvtier.tier import Tier  # noqa: E402
+from kvtier.transfer.batching import TransferBatch  # noqa: E402
+from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
+from kvtier.transfer.tp_engine import DistributedTransferEngine  # noqa: E402
+
+TP_SIZE = 2
+TPB = 4
+PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks of 4 and a last token
+OTHER = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]  # 3 full blocks
+# Per scenario: GPU blocks, host blocks, whether rank 1's first onboard batch fails.
+SCENARIOS = {"output": (12, 0, False), "onboard": (4, 8, True)}
+
+
+def split(result: RequestResult) -> tuple[int, int, int, int]:
+    return (result.num_gpu_tokens, result.num_host_tokens, result.num_remote_tokens,
+            result.num_computed_tokens)
+
+
+class FailFirstOnboard:
+    """Rank 1's fault: its first host->GPU batch fails."""
+
+    def __init__(self) -> None:
+        self.num_failed = 0
+
+    def __call__(self, batch: TransferBatch) -> None:
+        if batch.src_tier is Tier.HOST and batch.dst_tier is Tier.GPU and not self.num_failed:
+            self.num_failed += 1
+            raise RuntimeError("injected onboard fault on rank 1")
+
+
+def lead(name: str, engine: Any) -> dict[str, Any]:
+    """The leader's scenario ``name`` to the end; what the parent checks."""
+    def drain() -> list[tuple[tuple[int, int, int], ...]]:
+        chunks = []
+        while engine.scheduler.has_unfinished():
+            step = engine.step()[0]
+            chunks.append(tuple((c.first_token, c.num_tokens, c.num_reused_tokens)
+                                for c in step.context_chunks))
+        return chunks
+
+    if name == "output":
+        engine.add_request(Request("a", PROMPT, 3))
+        drain()
+        engine.add_request(Request("b", PROMPT, 6, output=engine.results["a"].output[:2]))
+    else:
+        for rid, prompt in (("a", PROMPT), ("x", OTHER)):
+            engine.add_request(Request(rid, prompt, 1))
+            drain()
+        engine.add_request(Request("b", PROMPT, 2))
+    chunks = drain()
+    engine.manager.check_invariants()
+    stats = engine.manager.stats
+    return {"splits": {rid: split(r) for rid, r in engine.results.items()},
+            "chunks": chunks, "num_failed_steps": engine.num_failed_steps,
+            "reused": (stats.num_reused_tokens, stats.num_resumed_reused_tokens,
+                       stats.num_lost_reused_tokens)}
+
+
+def rank_main(rank: int, rendezvous: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=TP_SIZE)
+    try:
+        shard = TensorParallelLlama(LlamaModel(ModelConfig(), "cpu"), rank, TP_SIZE)
+        layout = shard.kv_layout(TPB)
+        saved: dict[str, Any] = {}
+        for name, (num_gpu, num_host, faulty) in SCENARIOS.items():
+            faulty = faulty and rank == 1
+            engine = TorchTransferEngine(KVStorage(layout, num_gpu, "cpu"),
+                                         KVStorage(layout, max(1, num_host)),
+                                         method="kernel" if faulty else "auto")
+            if faulty:
+                engine.before_batch = FailFirstOnboard()
+            transfer = DistributedTransferEngine(engine)
+            channel = CommandChannel()
+            if rank == 0:
+                manager = KVCacheManager(CacheConfig(
+                    tokens_per_block=TPB, num_gpu_blocks=num_gpu, num_host_blocks=num_host,
+                    eviction_policy="priority-lru"))
+                scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
+                leader = TensorParallelLeader(shard, transfer, manager, scheduler, channel)
+                saved[name] = lead(name, leader.engine)
+                leader.stop()
+            else:
+                saved[name] = {"num_steps": serve(shard, transfer, channel)}
+            saved[name].update(num_failed_ops=transfer.num_failed_ops,
+                               num_failed_elsewhere=transfer.num_failed_elsewhere)
+        torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Spawn the ranks once for both scenarios; what each saved."""
+    tmp = tmp_path_factory.mktemp("tp_reuse")
+    args = (str(tmp / "rendezvous"), str(tmp))
+    torch.multiprocessing.spawn(rank_main, args=args, nprocs=TP_SIZE, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(TP_SIZE)]
+
+
+def test_a_request_queued_with_output_reports_the_reuse_its_prefill_got(
+        ranks: list[dict[str, Any]]) -> None:
+    """b, queued with PROMPT and 2 output tokens, reuses a's 2 full blocks (8 GPU tokens)
+    and computes 3; the leader reports exactly that (it said 0 reused, 0 computed)."""
+    out = ranks[0]["output"]
+    assert out["chunks"][0] == ((8, 3, 8),)
+    assert out["splits"] == {"a": (0, 0, 0, 9), "b": (8, 0, 0, 3)}
+    assert out["num_failed_steps"] == 0
+    assert out["num_failed_ops"] == ranks[1]["output"]["num_failed_ops"] == 0
+
+
+def test_an_onboard_failed_on_a_worker_reports_the_readmission_that_ran(
+        ranks: list[dict[str, Any]]) -> None:
+    """Rank 1 fails b's onboard (rank 0's succeeds): every rank drops the step's copies,
+    b is requeued and its readmission reuses 4 GPU tokens and computes 5; the leader
+    reports that (it said 4 GPU + 4 host reused, 1 computed) and the counters count the
+    8 promised tokens lost, the 4 resumed."""
+    out, worker = ranks[0]["onboard"], ranks[1]["onboard"]
+    assert out["num_failed_steps"] == 1
+    # The failed step's chunk was taken out; the readmission's first chunk starts at 4.
+    assert out["chunks"][0] == ()
+    assert out["chunks"][1] == ((4, 5, 4),)
+    assert out["splits"] == {"a": (0, 0, 0, 9), "x": (0, 0, 0, 12), "b": (4, 0, 0, 5)}
+    assert out["reused"] == (0, 4, 8)
+    # Rank 1's onboard batch failed, and with it the later wave (the offload into the
+    # onboard's source slot): 2 ops reported failed on both ranks, elsewhere on rank 0.
+    assert out["num_failed_ops"] == out["num_failed_elsewhere"] == 2
+    assert (worker["num_failed_ops"], worker["num_failed_elsewhere"]) == (2, 0)
