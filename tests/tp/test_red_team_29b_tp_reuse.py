@@ -8,9 +8,13 @@ through the leader, with the fault on the worker rank only::
     "onboard" a computes PROMPT, x pushes a's second block to the host; b's admission
               promises 4 GPU + 4 host tokens, rank 1 fails its onboard: both ranks raise,
               b recomputes; its readmission reuses the 4 GPU tokens, computes 5
+    "remote"  engine A writes LONG's 3 full blocks through to each rank's store; engine B
+              (a fresh manager) fetches them (12 tokens imported into the host), rank 1
+              fails their onboard: the host blocks are gone, b recomputes all 13
 
-Before ``c2fefac`` the leader reported b 0 reused, 0 computed ("output"), and 4 GPU + 4
-host reused, 1 computed ("onboard"): the admission that never ran."""
+Before ``c2fefac`` the leader reported b 0 reused, 0 computed ("output"), 4 GPU + 4 host
+reused, 1 computed ("onboard"), and 12 remote reused, 1 computed ("remote"): the admission
+that never ran."""
 
 from __future__ import annotations
 
@@ -26,7 +30,15 @@ import torch.distributed as dist  # noqa: E402
 from kvtier import CacheConfig, KVCacheManager  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, RequestResult  # noqa: E402
 from kvtier.model.tensor_parallel import TensorParallelLlama  # noqa: E402
-from kvtier.model.tp_engine import CommandChannel, TensorParallelLeader, serve  # noqa: E402
+from kvtier.model.tp_engine import (  # noqa: E402
+    CommandChannel,
+    DistributedRanks,
+    TensorParallelLeader,
+    serve,
+)
+from kvtier.remote import InMemoryRemoteStore, RemoteNamespace  # noqa: E402
+from kvtier.remote.ranks import RemoteShard  # noqa: E402
+from kvtier.remote.tier import RemoteTier  # noqa: E402
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.tier import Tier  # noqa: E402
@@ -38,6 +50,7 @@ TP_SIZE = 2
 TPB = 4
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks of 4 and a last token
 OTHER = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]  # 3 full blocks
+LONG = [(7 * i + 3) % 256 for i in range(13)]  # 3 full blocks and a last token
 # Per scenario: GPU blocks, host blocks, whether rank 1's first onboard batch fails.
 SCENARIOS = {"output": (12, 0, False), "onboard": (4, 8, True)}
 
@@ -59,6 +72,15 @@ class FailFirstOnboard:
             raise RuntimeError("injected onboard fault on rank 1")
 
 
+class InlineStore(InMemoryRemoteStore):
+    """An in-memory store whose lookups answer before ``prefetch`` returns (as in
+    test_tp_exactness: a fetch has arrived by the engine's next poll, whatever the load)."""
+
+    def prefetch(self, hashes: Any, callback: Any) -> bool:
+        callback(self.get_many(hashes))
+        return True
+
+
 def lead(name: str, engine: Any) -> dict[str, Any]:
     """The leader's scenario ``name`` to the end; what the parent checks."""
     def drain() -> list[tuple[tuple[int, int, int], ...]]:
@@ -73,18 +95,56 @@ def lead(name: str, engine: Any) -> dict[str, Any]:
         engine.add_request(Request("a", PROMPT, 3))
         drain()
         engine.add_request(Request("b", PROMPT, 6, output=engine.results["a"].output[:2]))
+    elif name in ("remote a", "remote b"):
+        engine.add_request(Request(name[-1], LONG, 2))
     else:
         for rid, prompt in (("a", PROMPT), ("x", OTHER)):
             engine.add_request(Request(rid, prompt, 1))
             drain()
         engine.add_request(Request("b", PROMPT, 2))
     chunks = drain()
+    engine.run()  # nothing left to step: with a remote tier, waits for its writes
     engine.manager.check_invariants()
     stats = engine.manager.stats
     return {"splits": {rid: split(r) for rid, r in engine.results.items()},
             "chunks": chunks, "num_failed_steps": engine.num_failed_steps,
             "reused": (stats.num_reused_tokens, stats.num_resumed_reused_tokens,
-                       stats.num_lost_reused_tokens)}
+                       stats.num_lost_reused_tokens),
+            "fetched": None if engine.remote is None else engine.remote.num_fetched_blocks}
+
+
+def remote_scenario(shard: TensorParallelLlama, rank: int) -> dict[str, Any]:
+    """Engines A and B over this rank's store (a dict of its own shards); rank 1 fails
+    B's first onboard. What each rank saw."""
+    backend: dict[str, bytes] = {}
+    namespace = RemoteNamespace("tiny-llama", shard.config.kv_layout(TPB)).for_rank(
+        rank, TP_SIZE)
+    out: dict[str, Any] = {}
+    for name in ("remote a", "remote b"):
+        faulty = name == "remote b" and rank == 1
+        layout = shard.kv_layout(TPB)
+        gpu, host = KVStorage(layout, 16, "cpu"), KVStorage(layout, 8)
+        engine = TorchTransferEngine(gpu, host, method="kernel" if faulty else "auto")
+        if faulty:
+            engine.before_batch = FailFirstOnboard()
+        remote = RemoteShard(InlineStore(namespace, backend), gpu, host)
+        transfer = DistributedTransferEngine(engine)
+        channel = CommandChannel()
+        if rank == 0:
+            manager = KVCacheManager(CacheConfig(tokens_per_block=TPB, num_gpu_blocks=16,
+                                                 num_host_blocks=8, hash_algo="sha256"))
+            scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
+            tier = RemoteTier(DistributedRanks(remote, channel), manager,
+                              write_policy="write-through", fetch_deadline_s=60.0)
+            leader = TensorParallelLeader(shard, transfer, manager, scheduler, channel,
+                                          remote=tier)
+            out[name] = lead(name, leader.engine)
+            leader.stop()
+        else:
+            out[name] = {"num_steps": serve(shard, transfer, channel, remote)}
+        out[name].update(num_failed_ops=transfer.num_failed_ops,
+                         num_failed_elsewhere=transfer.num_failed_elsewhere)
+    return out
 
 
 def rank_main(rank: int, rendezvous: str, out_dir: str) -> None:
@@ -116,6 +176,7 @@ def rank_main(rank: int, rendezvous: str, out_dir: str) -> None:
                 saved[name] = {"num_steps": serve(shard, transfer, channel)}
             saved[name].update(num_failed_ops=transfer.num_failed_ops,
                                num_failed_elsewhere=transfer.num_failed_elsewhere)
+        saved.update(remote_scenario(shard, rank))
         torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -158,3 +219,19 @@ def test_an_onboard_failed_on_a_worker_reports_the_readmission_that_ran(
     # onboard's source slot): 2 ops reported failed on both ranks, elsewhere on rank 0.
     assert out["num_failed_ops"] == out["num_failed_elsewhere"] == 2
     assert (worker["num_failed_ops"], worker["num_failed_elsewhere"]) == (2, 0)
+
+
+def test_remote_blocks_whose_onboard_failed_on_a_worker_are_not_reported_reused(
+        ranks: list[dict[str, Any]]) -> None:
+    """B fetches LONG's 3 blocks from the store (12 tokens imported into the host); rank 1
+    fails their onboard, which takes the host blocks too: b recomputes its 13 tokens and
+    the leader reports that (it said 12 remote reused, 1 computed). A computed its own."""
+    a, b = ranks[0]["remote a"], ranks[0]["remote b"]
+    assert (a["splits"], a["num_failed_steps"], a["fetched"]) == ({"a": (0, 0, 0, 13)}, 0, 0)
+    assert (b["fetched"], b["num_failed_steps"]) == (3, 1)
+    assert b["chunks"][:2] == [(), ((0, 13, 0),)]
+    assert b["splits"] == {"b": (0, 0, 0, 13)}
+    assert b["reused"] == (0, 0, 12)
+    assert b["num_failed_ops"] == b["num_failed_elsewhere"] == 3
+    assert (ranks[1]["remote b"]["num_failed_ops"],
+            ranks[1]["remote b"]["num_failed_elsewhere"]) == (3, 0)
