@@ -1,7 +1,7 @@
 """Red team 29b at TP 2: the reuse the tensor-parallel leader reports per request is the
 reuse its admission that ran got. Two gloo ranks on the CPU; the leader's ``ModelEngine``
-notes each request's figures, so the two defects ``c2fefac`` fixed there are checked here
-through the leader, with the fault on the worker rank only::
+notes each request's figures, so the defects ``c2fefac`` and 5fd1ea4 fixed there are checked
+here through the leader, with the fault on the worker rank only::
 
     "output"  a computes PROMPT (3 tokens); b is queued with PROMPT and a's first 2 output
               tokens (11 to prefill): it reuses a's 2 full blocks, computes 3
@@ -11,10 +11,13 @@ through the leader, with the fault on the worker rank only::
     "remote"  engine A writes LONG's 3 full blocks through to each rank's store; engine B
               (a fresh manager) fetches them (12 tokens imported into the host), rank 1
               fails their onboard: the host blocks are gone, b recomputes all 13
+    "partial" r5's lookup promises 6 GPU tokens, 2 of them a partial copy of r0's block;
+              its admission reuses the full block alone (4) and computes 3
 
 Before ``c2fefac`` the leader reported b 0 reused, 0 computed ("output"), 4 GPU + 4 host
 reused, 1 computed ("onboard"), and 12 remote reused, 1 computed ("remote"): the admission
-that never ran."""
+that never ran; and before 5fd1ea4, r5 6 reused, 1 computed ("partial"): the lookup's
+promise."""
 
 from __future__ import annotations
 
@@ -52,7 +55,16 @@ PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks of 4 and a last token
 OTHER = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]  # 3 full blocks
 LONG = [(7 * i + 3) % 256 for i in range(13)]  # 3 full blocks and a last token
 # Per scenario: GPU blocks, host blocks, whether rank 1's first onboard batch fails.
-SCENARIOS = {"output": (12, 0, False), "onboard": (4, 8, True)}
+SCENARIOS = {"output": (12, 0, False), "onboard": (4, 8, True), "partial": (9, 0, False)}
+# The "partial" scenario's arrivals, a list per step (test_red_team_29b_reuse's): r5's
+# lookup promises 6 GPU tokens (2 a partial copy), its admission reuses 4, computes 3.
+PARTIAL_ARRIVALS = (
+    [Request("r0", [*PROMPT, 2], 1), Request("r1", [5, 5, 5, 5, 5, 1], 5, output=[6, 7, 5])],
+    [Request("r2", [1, 2, 3, 1], 5, output=[7, 6, 1])],
+    [Request("r3", [1, 2, 3, 4, 7, 7, 3], 3), Request("r4", [1, 2, 3, 3], 6, output=[7, 3, 5])],
+    [],
+    [Request("r5", [1, 2, 3, 4, 5, 6, 1], 2)],
+)
 
 
 def split(result: RequestResult) -> tuple[int, int, int, int]:
@@ -91,7 +103,12 @@ def lead(name: str, engine: Any) -> dict[str, Any]:
                                 for c in step.context_chunks))
         return chunks
 
-    if name == "output":
+    if name == "partial":
+        for arrivals in PARTIAL_ARRIVALS:
+            for req in arrivals:
+                engine.add_request(req)
+            engine.step()
+    elif name == "output":
         engine.add_request(Request("a", PROMPT, 3))
         drain()
         engine.add_request(Request("b", PROMPT, 6, output=engine.results["a"].output[:2]))
@@ -165,10 +182,13 @@ def rank_main(rank: int, rendezvous: str, out_dir: str) -> None:
             transfer = DistributedTransferEngine(engine)
             channel = CommandChannel()
             if rank == 0:
+                partial = name == "partial"
                 manager = KVCacheManager(CacheConfig(
                     tokens_per_block=TPB, num_gpu_blocks=num_gpu, num_host_blocks=num_host,
+                    enable_partial_reuse=partial, copy_on_partial_reuse=partial,
                     eviction_policy="priority-lru"))
-                scheduler = Scheduler(manager, SchedulerConfig(max_num_tokens=64))
+                scheduler = Scheduler(manager, SchedulerConfig(
+                    max_num_tokens=32 if partial else 64, enable_chunked_prefill=not partial))
                 leader = TensorParallelLeader(shard, transfer, manager, scheduler, channel)
                 saved[name] = lead(name, leader.engine)
                 leader.stop()
@@ -235,3 +255,13 @@ def test_remote_blocks_whose_onboard_failed_on_a_worker_are_not_reported_reused(
     assert b["num_failed_ops"] == b["num_failed_elsewhere"] == 3
     assert (ranks[1]["remote b"]["num_failed_ops"],
             ranks[1]["remote b"]["num_failed_elsewhere"]) == (3, 0)
+
+
+def test_an_admission_that_reused_less_than_its_lookup_is_reported_as_it_ran(
+        ranks: list[dict[str, Any]]) -> None:
+    """r5's lookup promised 6 GPU tokens (2 by partial copy); its admission reused 4 and
+    computed 3: the leader reports that (it said 6 reused, 1 computed)."""
+    out = ranks[0]["partial"]
+    assert out["splits"] == {"r0": (0, 0, 0, 10), "r1": (0, 0, 0, 9), "r2": (3, 0, 0, 4),
+                             "r3": (4, 0, 0, 3), "r4": (3, 0, 0, 4), "r5": (4, 0, 0, 3)}
+    assert out["num_failed_steps"] == 0
