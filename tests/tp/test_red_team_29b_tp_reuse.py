@@ -58,7 +58,7 @@ LONG = [(7 * i + 3) % 256 for i in range(13)]  # 3 full blocks and a last token
 SCENARIOS = {"output": (12, 0, False), "onboard": (4, 8, True), "partial": (9, 0, False)}
 # The "partial" scenario's arrivals, a list per step (test_red_team_29b_reuse's): r5's
 # lookup promises 6 GPU tokens (2 a partial copy), its admission reuses 4, computes 3.
-PARTIAL_ARRIVALS = (
+PARTIAL_ARRIVALS: tuple[list[Request], ...] = (
     [Request("r0", [*PROMPT, 2], 1), Request("r1", [5, 5, 5, 5, 5, 1], 5, output=[6, 7, 5])],
     [Request("r2", [1, 2, 3, 1], 5, output=[7, 6, 1])],
     [Request("r3", [1, 2, 3, 4, 7, 7, 3], 3), Request("r4", [1, 2, 3, 3], 6, output=[7, 3, 5])],
