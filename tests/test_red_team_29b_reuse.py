@@ -201,6 +201,46 @@ def test_a_request_whose_onboard_fails_reports_the_readmission_that_ran() -> Non
             stats.num_lost_reused_tokens) == (0, 4, 8)
 
 
+def test_a_request_whose_admission_reused_less_than_its_lookup_reports_the_admission() -> None:
+    """r5's lookup before the step promises 6 GPU tokens (a full block and 2 of r0's
+    [5 6 7 8] by partial copy); its admission reuses the full block alone (4) and computes
+    3. Its result said 6 reused, 1 computed: the lookup's promise, not the admission."""
+    pytest.importorskip("torch", reason="the model engine needs torch: pip install "
+                                        "'kvtier[torch]'")
+    from kvtier.model import LlamaModel, ModelConfig, ModelEngine
+    from kvtier.storage import KVStorage
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+
+    model = LlamaModel(ModelConfig(), "cpu")
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=9, num_host_blocks=0,
+                                     enable_partial_reuse=True, copy_on_partial_reuse=True,
+                                     eviction_policy="priority-lru"))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=32, enable_chunked_prefill=False))
+    layout = model.config.kv_layout(4)
+    engine = ModelEngine(model, mgr, sched, TorchTransferEngine(KVStorage(layout, 9, "cpu"),
+                                                                KVStorage(layout, 1)))
+    chunks = []
+    for queued in ([Request("r0", [*PROMPT, 2], 1), Request("r1", [5, 5, 5, 5, 5, 1], 5,
+                                                           output=[6, 7, 5])],
+                   [Request("r2", [1, 2, 3, 1], 5, output=[7, 6, 1])],
+                   [Request("r3", [1, 2, 3, 4, 7, 7, 3], 3),
+                    Request("r4", [1, 2, 3, 3], 6, output=[7, 3, 5])],
+                   [],
+                   [Request("r5", [1, 2, 3, 4, 5, 6, 1], 2)]):
+        for req in queued:
+            engine.add_request(req)
+        step = engine.step()[0]
+        chunks.append([(c.request_id, c.first_token, c.num_tokens, c.num_reused_tokens)
+                       for c in step.context_chunks])
+    assert chunks[-1] == [("r5", 4, 3, 4)]
+    drain_engine(engine)
+    # r2 and r4 reused 3 of r0's [1 2 3 4] by partial copy; r5 nothing partially.
+    assert {rid: split(r) for rid, r in engine.results.items()} == {
+        "r0": (0, 0, 0, 10), "r1": (0, 0, 0, 9), "r2": (3, 0, 0, 4), "r3": (4, 0, 0, 3),
+        "r4": (3, 0, 0, 4), "r5": (4, 0, 0, 3)}
+    assert mgr.stats.num_partial_tokens == 3 + 3
+
+
 # ---- a seeded loop: reported reuse == the reuse the data plane saw read -------------------
 
 BAD = "garbage"  # a position a failed copy or pass left, or an unaccepted draft's

@@ -245,7 +245,7 @@ class ModelEngine(Wired):
         # Requests whose sampler or stop function faulted this step: they end at its update.
         self._faulted: dict[str, str] = {}
         # Per waiting request not admitted yet: the lookup before this step (what admission
-        # will reuse, exactly), and the tokens its own remote fetch imported.
+        # will reuse, or a prefix of it), and the tokens its own remote fetch imported.
         self._promised: dict[str, PrefixMatch] = {}
         self._admitted: set[str] = set()  # requests whose first admission is recorded
         self._remote_tokens: dict[str, int] = {}
@@ -667,8 +667,8 @@ class ModelEngine(Wired):
 
     def _note_promises(self) -> None:
         """Look up each waiting request whose admission is not recorded yet (none ran):
-        admission reuses exactly that, of what it prefills (its prompt, and the output it
-        was queued with).
+        where what it prefills (its prompt, and the output it was queued with) would come
+        from; its admission reuses that, or a prefix of it (``_note_admissions``).
 
         NOTE: a request preempted (or requeued) in its prefill was looked up again, and
         its result took that admission's figures: reuse of the blocks it had computed
@@ -695,12 +695,20 @@ class ModelEngine(Wired):
                 continue
             self._admitted.add(chunk.request_id)
             result = self.results[chunk.request_id]
-            remote = min(self._remote_tokens.pop(chunk.request_id, 0), match.num_host_tokens)
-            result.num_gpu_tokens = match.num_gpu_tokens
-            result.num_host_tokens = match.num_host_tokens - remote
+            # NOTE: the chunk's reuse, not the lookup's: an admission may reuse less than
+            # the lookup before the step promised (r5 of tests' test_red_team_29b_reuse:
+            # 6 tokens, a partial block's 2 among them, where admission reused 4 and 3
+            # were computed; it reported 6 reused, 1 computed). What it did not reuse is
+            # the promise's tail: a path is GPU blocks, then host blocks, then the partial.
+            num_reused = chunk.num_reused_tokens
+            num_gpu = min(match.num_gpu_tokens, num_reused)
+            num_host = min(match.num_host_tokens, num_reused - num_gpu)
+            remote = min(self._remote_tokens.pop(chunk.request_id, 0), num_host)
+            result.num_gpu_tokens = num_gpu
+            result.num_host_tokens = num_host - remote
             result.num_remote_tokens = remote
             result.num_computed_tokens = running[chunk.request_id].num_prefill_tokens \
-                - match.num_tokens
+                - num_gpu - num_host
 
     def _fetch_remote(self) -> None:
         """Start a remote fetch for each newly waiting request and hold it back; release
