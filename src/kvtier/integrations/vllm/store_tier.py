@@ -14,7 +14,14 @@ Verdicts belong to the requests that asked: a request sees one answer per key fo
 (but a store of ours makes the key a HIT, and a failed load a MISS), and a verdict no live
 request holds is forgotten (another engine may store the key later).
 A load that fails marks its keys bad: they are MISSes from then on (so a corrupt value is
-not promoted again and again) until a store of ours overwrites them. Every fault of the
+not promoted again and again) until a store of ours overwrites them. A load reports as
+arrived only what a request can use: a key past a failed one of its KV-cache group (in
+the job's order, the request's lookup order) is neither copied nor reported::
+
+    job (group 0)   k1   k2   k3          arrived: k1; failed: k2 (bad), k3 (not bad)
+    store           ok   --   ok
+
+Every fault of the
 store (down, slow, full, corrupt) is a MISS or a failed job; nothing raises to the caller.
 """
 
@@ -30,7 +37,7 @@ from enum import Enum
 from typing import Literal, NamedTuple, cast
 
 from kvtier.clock import CacheClock
-from kvtier.integrations.vllm.keys import fold_key
+from kvtier.integrations.vllm.keys import fold_key, key_group
 from kvtier.remote.codec import RemoteNamespace, exact_bytes
 from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number
@@ -275,7 +282,8 @@ class StoreTier:
             self._refused(job_id)
 
     def submit_load(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]) -> None:
-        """Copy the values of ``keys`` into the pages ``chunk_ids``."""
+        """Copy the values of ``keys`` into the pages ``chunk_ids``, each group's keys up to
+        its first that fails (``keys`` in the request's lookup order, as vLLM sends them)."""
         hashes, pages = self._check_job(job_id, keys, chunk_ids)
         with self._stats_lock:
             self._stats.num_load_jobs += 1
@@ -426,14 +434,24 @@ class StoreTier:
             found = {}  # an answer of no use: every key failed
         loaded: list[bytes] = []
         failed: list[int] = []
+        broken_groups: set[int] = set()
         for key, block_hash, page in zip(keys, hashes, pages, strict=True):
+            group = key_group(key)
+            if group in broken_groups:
+                # NOTE: a chunk past a failed one of its group, in the request's lookup
+                # order (its prefix): reported arrived, vLLM kept it in its CPU tier (the
+                # request's prefix ends at the gap), counted it promoted, and the request
+                # that computed it found it cached: a reuse that nothing used. Not bad: its
+                # value is sound, and a later lookup asks for it again.
+                continue
             payload = exact_bytes(found.get(block_hash), self._page_bytes)
             if payload is None:
                 failed.append(block_hash)
+                broken_groups.add(group)
                 continue
             self._page(page)[:] = payload
             loaded.append(key)
-        ok = not failed
+        ok = len(loaded) == len(keys)
         outcome = JobOutcome(job_id, ok, None if ok else loaded, self._clock() - start,
                              len(loaded) * self._page_bytes)
         self._results.append(_LoadDone(outcome, failed))
