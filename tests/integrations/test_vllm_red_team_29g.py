@@ -92,3 +92,22 @@ def test_a_load_whose_chunks_all_arrive_reports_success_with_every_page(
         True, None, 3 * PAGE)
     assert [page_of(view, p) for p in (5, 6, 7)] == [bytes([n]) * PAGE for n in (1, 2, 3)]
     assert tier.stats.num_loaded_pages == 3
+
+
+def test_a_refused_job_is_counted_failed_as_vllm_counts_it(
+        parts: tuple[StoreTier, InMemoryRemoteStore, memoryview]) -> None:
+    """A load (or store) the tier refuses (its I/O queue full, or the tier closed) is
+    reported failed to vLLM, which counts a failed promotion (cascade) and recomputes.
+    Before, the tier's own books counted it a job and a refusal, but not a failed job: of
+    num_load_jobs 1, num_failed_load_jobs 0, a load that never ran read as one that
+    succeeded. Now every job reported failed is counted failed."""
+    tier, _, _ = parts
+    tier.close()
+    tier.submit_load(1, [make_key(1)], [0])
+    tier.submit_store(2, [make_key(2)], [1])
+    assert [(o.job_id, o.success, o.successful_keys) for o in tier.finished_jobs()] == [
+        (1, False, None), (2, False, None)]
+    stats = tier.stats
+    assert (stats.num_load_jobs, stats.num_failed_load_jobs, stats.num_loaded_pages) == (1, 1, 0)
+    assert (stats.num_store_jobs, stats.num_failed_store_jobs, stats.num_stored_pages) == (1, 1, 0)
+    assert stats.num_refused_jobs == 2

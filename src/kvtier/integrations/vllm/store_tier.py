@@ -112,7 +112,9 @@ class TierStats:
     num_load_jobs: int = 0
     num_failed_load_jobs: int = 0
     num_loaded_pages: int = 0
-    num_refused_jobs: int = 0  # the I/O queue was full, or the tier closed
+    # Jobs and probes the I/O queue (full) or the closed tier refused; a refused job is
+    # also a failed one, as vLLM counts it.
+    num_refused_jobs: int = 0
     num_job_errors: int = 0  # a job raised past its own handler: a bug, counted
     bytes_stored: int = 0
     bytes_loaded: int = 0
@@ -279,7 +281,7 @@ class StoreTier:
         if self._submit(lambda: self._run_store(job_id, hashes, pages, rewrite)):
             self._num_jobs_in_flight += 1
         else:
-            self._refused(job_id)
+            self._refused(job_id, "store")
 
     def submit_load(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]) -> None:
         """Copy the values of ``keys`` into the pages ``chunk_ids``, each group's keys up to
@@ -290,7 +292,7 @@ class StoreTier:
         if self._submit(lambda: self._run_load(job_id, list(keys), hashes, pages)):
             self._num_jobs_in_flight += 1
         else:
-            self._refused(job_id)
+            self._refused(job_id, "load")
 
     def finished_jobs(self) -> list[JobOutcome]:
         """The jobs that ended since the last call."""
@@ -379,7 +381,15 @@ class StoreTier:
                 self._stats.num_refused_jobs += 1
         return accepted
 
-    def _refused(self, job_id: int) -> None:
+    def _refused(self, job_id: int, kind: Literal["store", "load"]) -> None:
+        # NOTE: counted failed: a refused job was counted a job but no failure, so of
+        # num_load_jobs 1, num_failed_load_jobs 0, a load that never ran read as one that
+        # succeeded (vLLM had counted a failed promotion and recomputed).
+        with self._stats_lock:
+            if kind == "load":
+                self._stats.num_failed_load_jobs += 1
+            else:
+                self._stats.num_failed_store_jobs += 1
         self._finished.append(JobOutcome(job_id, False, None, 0.0, 0))
 
     def _on_job_error(self, exc: BaseException) -> None:
