@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvtier.integrations.vllm.chunk_policy import PolicyChunks
 from kvtier.integrations.vllm.keys import EngineLayout, fold_key
 from kvtier.integrations.vllm.store_tier import StoreTier
 from kvtier.remote import InMemoryRemoteStore
@@ -111,3 +112,24 @@ def test_a_refused_job_is_counted_failed_as_vllm_counts_it(
     assert (stats.num_load_jobs, stats.num_failed_load_jobs, stats.num_loaded_pages) == (1, 1, 0)
     assert (stats.num_store_jobs, stats.num_failed_store_jobs, stats.num_stored_pages) == (1, 1, 0)
     assert stats.num_refused_jobs == 2
+
+
+def test_a_finished_request_ends_only_its_own_soft_claims() -> None:
+    """kvtier-predict ranks chunks live requests read (soft claims) after the rest. A read
+    chunk K, which was then evicted and stored again; B read the new K. When A finished,
+    its claim on the old K ended B's on the new one (claims were counted per key): K ranked
+    unclaimed while B lived, and went before chunks no one reads. Now a claim names the
+    chunk it was made on: A's end leaves B's claim, and B's end ends it."""
+    chunks: PolicyChunks[str] = PolicyChunks("kvtier-predict", 4)
+    chunks.insert(make_key(1), "old", evictable=True)
+    claimed_by_a = chunks.soft_claim([make_key(1)])
+    assert chunks.evict(1, set()) == [(make_key(1), "old")]
+    chunks.insert(make_key(1), "new", evictable=True)
+    claimed_by_b = chunks.soft_claim([make_key(1)])
+    chunks.unclaim(claimed_by_a)
+    chunks.check_invariants()
+    node = chunks.node(make_key(1))
+    assert node is not None and node.soft_claimed
+    chunks.unclaim(claimed_by_b)
+    chunks.check_invariants()
+    assert not node.soft_claimed
