@@ -99,6 +99,9 @@ class TierStats:
     """Counters of one tier; ``StoreTier.stats`` returns a copy."""
 
     num_lookups: int = 0
+    # Lookups answered HIT: what the tier reported, not what vLLM got (a HIT vLLM cannot
+    # promote, its CPU tier full, is asked again next step; a load may fail). The pages a
+    # request got are num_loaded_pages.
     num_hits: int = 0
     num_misses: int = 0
     num_retries: int = 0
