@@ -29,7 +29,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from kvtier.clock import CacheClock
 from kvtier.config import DEFAULT_PRIORITY, EVICTION_POLICIES, CacheConfig, check_priority
@@ -63,6 +63,14 @@ def kvtier_policy_name(vllm_name: str) -> str | None:
         if vllm_policy_name(policy) == vllm_name:
             return policy
     return None
+
+
+class Claim(NamedTuple):
+    """One soft claim: the chunk's key and its node's uid (the chunk stored under the key
+    when the claim was made)."""
+
+    key: bytes
+    uid: int
 
 
 class _Chunk(Generic[C]):
@@ -222,9 +230,9 @@ class PolicyChunks(Generic[C]):
         for key in keys:
             learner.recall(key, now)
 
-    def soft_claim(self, keys: Iterable[bytes]) -> list[bytes]:
+    def soft_claim(self, keys: Iterable[bytes]) -> list[Claim]:
         """A live request will read ``keys``: rank them later while it lives (policies that
-        ``ranks_soft_claims`` only; else a no-op). Returns the keys claimed, for
+        ``ranks_soft_claims`` only; else a no-op). Returns the claims made, for
         ``unclaim``."""
         if not self.policy.ranks_soft_claims:
             return []
@@ -234,17 +242,21 @@ class PolicyChunks(Generic[C]):
             if entry is None:
                 continue
             entry.claims += 1
-            claimed.append(key)
+            claimed.append(Claim(key, entry.node.uid))
             if entry.claims == 1:
                 entry.node.soft_claimed = True
                 self._refile(entry)
         return claimed
 
-    def unclaim(self, keys: Iterable[bytes]) -> None:
-        """End the soft claims ``soft_claim`` returned."""
-        for key in keys:
+    def unclaim(self, claims: Iterable[Claim]) -> None:
+        """End the soft claims ``soft_claim`` returned.
+
+        NOTE: a claim ends on the chunk it was made on: counted per key, a request's claim
+        on a chunk since evicted ended another request's claim on the chunk stored again
+        under that key (ranked unclaimed while that request read it)."""
+        for key, uid in claims:
             entry = self._chunks.get(key)
-            if entry is None or entry.claims == 0:
+            if entry is None or entry.node.uid != uid or entry.claims == 0:
                 continue
             entry.claims -= 1
             if entry.claims == 0:

@@ -48,6 +48,12 @@ def fold_key(key: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "big")
 
 
+def key_group(key: bytes) -> int:
+    """The KV-cache group index of a vLLM ``OffloadKey`` (its last 4 bytes, big-endian, as
+    vLLM's ``get_offload_group_idx``); the key is one ``fold_key`` takes. Pure."""
+    return int.from_bytes(key[-4:], "big")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLayout:
     """What makes one vLLM engine's offloaded pages readable by another: the namespace's

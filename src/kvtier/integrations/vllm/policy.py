@@ -27,7 +27,12 @@ from vllm.v1.kv_offload.base import OffloadKey, ReqContext
 from vllm.v1.kv_offload.cpu.policies.base import CachePolicy, ChunkStatus, order_request_keys
 
 from kvtier.config import EVICTION_POLICIES, MAX_PRIORITY, MIN_PRIORITY
-from kvtier.integrations.vllm.chunk_policy import PolicyChunks, kvtier_policy_name, vllm_policy_name
+from kvtier.integrations.vllm.chunk_policy import (
+    Claim,
+    PolicyChunks,
+    kvtier_policy_name,
+    vllm_policy_name,
+)
 from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 
@@ -51,7 +56,7 @@ class _RequestState:
         self.rank = rank
         # NOTE: read once: a bad value was logged at every chunk the request inserted.
         self.retention = retention
-        self.keys: list[bytes] = []
+        self.keys: list[Claim] = []
 
 
 def request_retention(req_context: ReqContext) -> tuple[int | None, float | None]:

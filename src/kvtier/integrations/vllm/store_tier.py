@@ -14,7 +14,14 @@ Verdicts belong to the requests that asked: a request sees one answer per key fo
 (but a store of ours makes the key a HIT, and a failed load a MISS), and a verdict no live
 request holds is forgotten (another engine may store the key later).
 A load that fails marks its keys bad: they are MISSes from then on (so a corrupt value is
-not promoted again and again) until a store of ours overwrites them. Every fault of the
+not promoted again and again) until a store of ours overwrites them. A load reports as
+arrived only what a request can use: a key past a failed one of its KV-cache group (in
+the job's order, the request's lookup order) is neither copied nor reported::
+
+    job (group 0)   k1   k2   k3          arrived: k1; failed: k2 (bad), k3 (not bad)
+    store           ok   --   ok
+
+Every fault of the
 store (down, slow, full, corrupt) is a MISS or a failed job; nothing raises to the caller.
 """
 
@@ -30,7 +37,7 @@ from enum import Enum
 from typing import Literal, NamedTuple, cast
 
 from kvtier.clock import CacheClock
-from kvtier.integrations.vllm.keys import fold_key
+from kvtier.integrations.vllm.keys import fold_key, key_group
 from kvtier.remote.codec import RemoteNamespace, exact_bytes
 from kvtier.remote.io_thread import IOThread
 from kvtier.remote.options import check_count, check_number
@@ -92,6 +99,9 @@ class TierStats:
     """Counters of one tier; ``StoreTier.stats`` returns a copy."""
 
     num_lookups: int = 0
+    # Lookups answered HIT: what the tier reported, not what vLLM got (a HIT vLLM cannot
+    # promote, its CPU tier full, is asked again next step; a load may fail). The pages a
+    # request got are num_loaded_pages.
     num_hits: int = 0
     num_misses: int = 0
     num_retries: int = 0
@@ -105,7 +115,9 @@ class TierStats:
     num_load_jobs: int = 0
     num_failed_load_jobs: int = 0
     num_loaded_pages: int = 0
-    num_refused_jobs: int = 0  # the I/O queue was full, or the tier closed
+    # Jobs and probes the I/O queue (full) or the closed tier refused; a refused job is
+    # also a failed one, as vLLM counts it.
+    num_refused_jobs: int = 0
     num_job_errors: int = 0  # a job raised past its own handler: a bug, counted
     bytes_stored: int = 0
     bytes_loaded: int = 0
@@ -272,17 +284,18 @@ class StoreTier:
         if self._submit(lambda: self._run_store(job_id, hashes, pages, rewrite)):
             self._num_jobs_in_flight += 1
         else:
-            self._refused(job_id)
+            self._refused(job_id, "store")
 
     def submit_load(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]) -> None:
-        """Copy the values of ``keys`` into the pages ``chunk_ids``."""
+        """Copy the values of ``keys`` into the pages ``chunk_ids``, each group's keys up to
+        its first that fails (``keys`` in the request's lookup order, as vLLM sends them)."""
         hashes, pages = self._check_job(job_id, keys, chunk_ids)
         with self._stats_lock:
             self._stats.num_load_jobs += 1
         if self._submit(lambda: self._run_load(job_id, list(keys), hashes, pages)):
             self._num_jobs_in_flight += 1
         else:
-            self._refused(job_id)
+            self._refused(job_id, "load")
 
     def finished_jobs(self) -> list[JobOutcome]:
         """The jobs that ended since the last call."""
@@ -371,7 +384,15 @@ class StoreTier:
                 self._stats.num_refused_jobs += 1
         return accepted
 
-    def _refused(self, job_id: int) -> None:
+    def _refused(self, job_id: int, kind: Literal["store", "load"]) -> None:
+        # NOTE: counted failed: a refused job was counted a job but no failure, so of
+        # num_load_jobs 1, num_failed_load_jobs 0, a load that never ran read as one that
+        # succeeded (vLLM had counted a failed promotion and recomputed).
+        with self._stats_lock:
+            if kind == "load":
+                self._stats.num_failed_load_jobs += 1
+            else:
+                self._stats.num_failed_store_jobs += 1
         self._finished.append(JobOutcome(job_id, False, None, 0.0, 0))
 
     def _on_job_error(self, exc: BaseException) -> None:
@@ -426,14 +447,24 @@ class StoreTier:
             found = {}  # an answer of no use: every key failed
         loaded: list[bytes] = []
         failed: list[int] = []
+        broken_groups: set[int] = set()
         for key, block_hash, page in zip(keys, hashes, pages, strict=True):
+            group = key_group(key)
+            if group in broken_groups:
+                # NOTE: a chunk past a failed one of its group, in the request's lookup
+                # order (its prefix): reported arrived, vLLM kept it in its CPU tier (the
+                # request's prefix ends at the gap), counted it promoted, and the request
+                # that computed it found it cached: a reuse that nothing used. Not bad: its
+                # value is sound, and a later lookup asks for it again.
+                continue
             payload = exact_bytes(found.get(block_hash), self._page_bytes)
             if payload is None:
                 failed.append(block_hash)
+                broken_groups.add(group)
                 continue
             self._page(page)[:] = payload
             loaded.append(key)
-        ok = not failed
+        ok = len(loaded) == len(keys)
         outcome = JobOutcome(job_id, ok, None if ok else loaded, self._clock() - start,
                              len(loaded) * self._page_bytes)
         self._results.append(_LoadDone(outcome, failed))
