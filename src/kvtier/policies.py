@@ -371,8 +371,11 @@ class HitDensity:
     ``near`` picks within a class, where runs differ only by age (how soon it comes back
     before the cache would drop it anyway). Every ``refresh_every`` records both tables are
     recomputed, O(classes x bins); counts halve past ``decay_blocks`` so the learner
-    follows a changing stream. Until the first refresh every value is equal and the order
-    is LRU's.
+    follows a changing stream. Until the first refresh every value is equal: the order is
+    LRU's within a class, and between the classes' queue heads LRU's too unless the policy
+    weighs values by depth (``KvtierPredict(cost_aware=True)``, the default), which then
+    ranks the shallowest head first whatever its age (measured both ways in
+    docs/policy-lab.md, thirtieth session: keeping LRU's order there loses more than it wins).
     """
 
     def __init__(self, num_classes: int, refresh_every: int = 256, prior_blocks: float = 8.0,
