@@ -30,7 +30,9 @@ the breaker opens and its batches are skipped (counted as short-circuited) for
 ``cooldown_s``, then one batch probes.
 On a cluster a key's own fault stays that key's: a value of another type under it, a slot
 that no node serves (a shard gone, with ``cluster-require-full-coverage no``), TRYAGAIN or
-CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's. A
+CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's; but
+CLUSTERDOWN for every command of a pipeline (the cluster down, as the node sees it) is the
+node's fault, as a connection's is: its breaker counts it. A
 redirect is followed once per key, in the same call: a read, probe or write answered
 MOVED (a resharded slot) is made again once the slot map is read again, one answered ASK
 (its slot migrating) on the node the ASK names (one the slot map does not list too: a
@@ -376,6 +378,7 @@ class RedisRemoteStore(RemoteStoreBase):
         from redis.exceptions import (
             AskError,
             AuthenticationError,
+            ClusterDownError,
             MovedError,
             OutOfMemoryError,
             ResponseError,
@@ -387,6 +390,8 @@ class RedisRemoteStore(RemoteStoreBase):
             return f"{where}: a key's slot is served elsewhere ({kind} {exc})."
         if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
             return f"{where}: authentication failed ({exc})."
+        if isinstance(exc, ClusterDownError):
+            return f"{where}: the node cannot serve (CLUSTERDOWN {exc})."
         if isinstance(exc, OutOfMemoryError):
             return f"{where}: out of memory, the server refused a write ({exc})."
         if isinstance(exc, ResponseError):
@@ -553,6 +558,9 @@ class RedisRemoteStore(RemoteStoreBase):
         def execute(client: Any) -> list[Any]:
             replies = _pipeline(commands, self._node_client(client, server, asked=asked),
                                 read)
+            fault = _node_fault(replies[1::2] if asked else replies)
+            if fault is not None:
+                raise fault  # the node's, as a connection's: retried, its breaker counts
             if raise_on_error:
                 for reply in replies:
                     if isinstance(reply, Exception):
@@ -791,6 +799,20 @@ class RedisRemoteStore(RemoteStoreBase):
         if readers is not None:
             readers.shutdown(wait=True)
         self._drop_client()
+
+
+def _node_fault(replies: Sequence[Any]) -> Exception | None:
+    """The refusal that says the node of ``replies`` (a pipeline's, ASKING's left out)
+    cannot serve at all, or None where they are each their own key's. Pure.
+
+    NOTE: CLUSTERDOWN for every command of a pipeline (the cluster down, as the node
+    sees it) was each key's miss: the node's breaker never opened, and every batch sent
+    it a pipeline, for as long as the cluster was down. One key's CLUSTERDOWN among
+    served ones (its slot served by no node) is still that key's."""
+    from redis.exceptions import ClusterDownError
+
+    faults = [r for r in replies if isinstance(r, ClusterDownError)]
+    return faults[0] if faults and len(faults) == len(replies) else None
 
 
 def _value(reply: bytes | None) -> bytes | None:

@@ -1,0 +1,119 @@
+"""Red team 30a: the remote tier's fault handling on a cluster node that answers but cannot
+serve (CLUSTERDOWN, LOADING, MASTERDOWN), one that answers TRYAGAIN while a slot moves, and
+the breaker's half-open probe.
+
+A reply that says the node cannot serve at all is the node's fault, as a connection's is:
+its pipeline fails, and ``breaker_threshold`` of them in a row open that node's breaker::
+
+    node a: GET k1..k4 ──> CLUSTERDOWN x4      a pipeline failed (1 of 3)
+    node a: GET k1..k4 ──> CLUSTERDOWN x4      (2 of 3)
+    node a: GET k1..k4 ──> CLUSTERDOWN x4      (3 of 3): a's breaker opens
+    node a: -- short-circuited --              until its cooldown passes
+
+One key's refusal among served ones (a slot no node serves) stays that key's miss
+(test_red_team_29c_cluster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from remote_helpers import make_blocks, make_namespace
+
+pytest.importorskip("redis")
+
+from test_red_team_29c_cluster import MigratingCluster
+
+import kvtier.remote.redis_store as redis_store
+from kvtier.remote.redis_store import RedisRemoteStore
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[MigratingCluster]:
+    """A fake cluster (three nodes, every key on a) whose pipelines are logged."""
+    fake = MigratingCluster()
+    pipeline = redis_store._pipeline
+
+    def logged(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
+        fake.pipelines.append((fake.name_of(client), [str(c[0]) for c in commands]))
+        return pipeline(commands, client, *args)
+
+    monkeypatch.setattr(redis_store, "_pipeline", logged)
+    yield fake
+    fake.close()
+
+
+def make_store(cluster: MigratingCluster, num_blocks: int = 4,
+               **options: Any) -> tuple[RedisRemoteStore, dict[int, bytes]]:
+    """A store whose client is ``cluster``, with ``num_blocks`` blocks on node a; no retries,
+    a breaker of three failures and a 60 s cooldown unless ``options`` say otherwise."""
+    ns = make_namespace()
+    settings: dict[str, Any] = dict(timeout_s=2.0, max_retries=0, breaker_threshold=3,
+                                    cooldown_s=60.0)
+    settings.update(options)
+    store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, **settings)
+    store._client = cluster  # the stand-in for redis-py's RedisCluster
+    blocks = make_blocks(ns, num_blocks)
+    for h, payload in blocks.items():
+        cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)
+    return store, blocks
+
+
+def refuse_all(cluster: MigratingCluster, store: RedisRemoteStore, hashes: range,
+               line: bytes) -> None:
+    """Node a answers ``line`` for every key of ``hashes``."""
+    for h in hashes:
+        cluster.faults[cluster.a, store.namespace.key(h)] = line
+
+
+def reopen_after_cooldown(store: RedisRemoteStore) -> None:
+    """Let the cooldown of every open breaker of ``store`` pass now."""
+    store._open_until = dict.fromkeys(store._open_until, 0.0)
+
+
+def test_clusterdown_for_a_whole_pipeline_trips_the_nodes_breaker(
+        fake_cluster: MigratingCluster) -> None:
+    """Node a answers CLUSTERDOWN to every GET (the cluster is down, as it sees it): each
+    read's pipeline is a's fault, so three in a row open a's breaker and the next two
+    reads are short-circuited: 3 pipelines, 3 errors (one a pipeline), 2 skipped. Once the
+    fault passes and the cooldown ends, the next read hits all four. Before, every read
+    sent its pipeline (5), each key an error (20), the breaker never opened."""
+    store, blocks = make_store(fake_cluster)
+    refuse_all(fake_cluster, store, range(1, 5), b"-CLUSTERDOWN The cluster is down\r\n")
+    for _ in range(5):
+        assert store.get_many(blocks) == {}
+    a = fake_cluster.a.address
+    assert fake_cluster.pipelines == [(a, ["GET"] * 4)] * 3
+    stats = store.stats
+    assert (stats.num_errors, stats.num_short_circuited, stats.num_misses) == (3, 2, 20)
+    assert store.last_error is not None and "CLUSTERDOWN" in store.last_error
+    fake_cluster.faults.clear()
+    reopen_after_cooldown(store)
+    assert sorted(store.get_many(blocks)) == [1, 2, 3, 4]
+    store.close()
+
+
+def test_clusterdown_on_one_node_leaves_the_other_nodes_serving(
+        fake_cluster: MigratingCluster) -> None:
+    """Blocks 3 and 4 live on node b (in the slot map too); a answers CLUSTERDOWN to all
+    its keys. a's breaker opens after three reads, b's never does: blocks 3 and 4 hit in
+    all five reads, and writes to b go on while writes to a are skipped."""
+    store, blocks = make_store(fake_cluster)
+    key = store.namespace.key
+    for h in (3, 4):
+        fake_cluster.owner[key(h)] = fake_cluster.slot_map[key(h)] = fake_cluster.b
+        fake_cluster.b.data[key(h).encode()] = fake_cluster.a.data.pop(key(h).encode())
+    refuse_all(fake_cluster, store, range(1, 3), b"-CLUSTERDOWN The cluster is down\r\n")
+    for _ in range(5):
+        assert sorted(store.get_many(blocks)) == [3, 4]
+    a, b = fake_cluster.a.address, fake_cluster.b.address
+    assert [p for p in fake_cluster.pipelines if p[0] == a] == [(a, ["GET"] * 2)] * 3
+    assert [p for p in fake_cluster.pipelines if p[0] == b] == [(b, ["GET"] * 2)] * 5
+    new = make_blocks(store.namespace, 2, first_hash=3, seed=1)
+    assert store.put_many(new) == 2
+    assert store.put_many(make_blocks(store.namespace, 2, first_hash=1, seed=1)) == 0
+    stats = store.stats
+    assert (stats.num_errors, stats.num_short_circuited, stats.num_failed_puts) == (3, 3, 2)
+    store.close()
