@@ -117,3 +117,59 @@ def test_clusterdown_on_one_node_leaves_the_other_nodes_serving(
     stats = store.stats
     assert (stats.num_errors, stats.num_short_circuited, stats.num_failed_puts) == (3, 3, 2)
     store.close()
+
+
+def tryagain_times(cluster: MigratingCluster, key: str, times: int | None) -> None:
+    """Node a answers TRYAGAIN for ``key`` its first ``times`` times (None: always)."""
+    line = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
+    refusal = cluster.refusal
+    left = {"n": times}
+
+    def answer(node: Any, asked: str, asking: bool) -> bytes | None:
+        if node is cluster.a and asked == key and (left["n"] is None or left["n"] > 0):
+            if left["n"] is not None:
+                left["n"] -= 1
+            return line
+        return refusal(node, asked, asking)
+
+    cluster.refusal = answer  # type: ignore[method-assign, assignment]
+
+
+def test_tryagain_is_retried_once_within_the_deadline(
+        fake_cluster: MigratingCluster) -> None:
+    """Block 2's slot answers TRYAGAIN once (a resharding step), block 3's every time. The
+    two are asked again once, in one pipeline after the backoff: block 2 hits, block 3
+    misses, counted (one error: its second TRYAGAIN). The same for a write and a probe.
+    Before, both missed (2 hits of 4), nothing was asked again."""
+    store, blocks = make_store(fake_cluster, max_retries=1, backoff_s=0.001)
+    key = store.namespace.key
+    tryagain_times(fake_cluster, key(2), 1)
+    tryagain_times(fake_cluster, key(3), None)
+    assert sorted(store.get_many(blocks)) == [1, 2, 4], store.last_error
+    a = fake_cluster.a.address
+    assert fake_cluster.pipelines == [(a, ["GET"] * 4), (a, ["GET"] * 2)]
+    stats = store.stats
+    assert (stats.num_hits, stats.num_tryagain_retries, stats.num_errors,
+            stats.num_short_circuited) == (3, 2, 1, 0)
+    assert store.last_error is not None and "Multiple keys" in store.last_error
+    tryagain_times(fake_cluster, key(5), 1)
+    assert store.put_many(make_blocks(store.namespace, 2, first_hash=5)) == 2
+    tryagain_times(fake_cluster, key(1), 1)
+    assert store.contains_many(range(1, 7)) == {1, 2, 4, 5, 6}
+    stats = store.stats
+    assert (stats.num_tryagain_retries, stats.num_errors, stats.num_puts) == (5, 2, 2)
+    store.close()
+
+
+def test_tryagain_is_not_retried_past_the_deadline(fake_cluster: MigratingCluster) -> None:
+    """With no retries (``max_blocking_s`` is one ``timeout_s``) a retry's worst case would
+    pass the batch's deadline: block 2's TRYAGAIN is its miss, counted, one pipeline."""
+    store, blocks = make_store(fake_cluster, max_retries=0)
+    tryagain_times(fake_cluster, store.namespace.key(2), 1)
+    assert sorted(store.get_many(blocks)) == [1, 3, 4]
+    assert len(fake_cluster.pipelines) == 1
+    stats = store.stats
+    assert (stats.num_tryagain_retries, stats.num_errors) == (0, 1)
+    assert store.last_error is not None and "TRYAGAIN" in store.last_error
+    assert sorted(store.get_many(blocks)) == [1, 2, 3, 4]  # the slot settled
+    store.close()

@@ -30,7 +30,9 @@ the breaker opens and its batches are skipped (counted as short-circuited) for
 ``cooldown_s``, then one batch probes.
 On a cluster a key's own fault stays that key's: a value of another type under it, a slot
 that no node serves (a shard gone, with ``cluster-require-full-coverage no``), TRYAGAIN or
-CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's; but
+CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's (a
+TRYAGAIN is asked again once first, after the backoff, where the batch's
+``max_blocking_s`` leaves time for it: ``num_tryagain_retries``); but
 CLUSTERDOWN for every command of a pipeline (the cluster down, as the node sees it) is the
 node's fault, as a connection's is: its breaker counts it. A
 redirect is followed once per key, in the same call: a read, probe or write answered
@@ -201,21 +203,30 @@ def check_url_query(url: str, cluster: bool = False) -> None:
 
 class _Redirects(NamedTuple):
     """The keys of a batch (their indices) a cluster redirected: answered MOVED (their slot
-    resharded), and per node an ASK named, answered ASK (their slot migrating to it)."""
+    resharded), per node an ASK named, answered ASK (their slot migrating to it), and per
+    node that answered it, TRYAGAIN (their slot mid-resharding: to be asked again)."""
 
     moved: list[int]
     asked: dict[str, list[int]]
+    tryagain: dict[str, list[int]]
+
+    @classmethod
+    def none(cls) -> _Redirects:
+        """No redirect yet. Pure."""
+        return cls([], {}, {})
 
     @classmethod
     def merged(cls, parts: Sequence[_Redirects]) -> _Redirects:
         """The redirects of ``parts`` (a batch's chunks) together. Pure."""
-        whole = cls([], {})
+        whole = cls.none()
         for part in parts:
             whole.moved.extend(part.moved)
             for node, indices in part.asked.items():
                 whole.asked.setdefault(node, []).extend(indices)
+            for node, indices in part.tryagain.items():
+                whole.tryagain.setdefault(node, []).extend(indices)
         whole.moved.sort()
-        for indices in whole.asked.values():
+        for indices in [*whole.asked.values(), *whole.tryagain.values()]:
             indices.sort()
         return whole
 
@@ -577,6 +588,7 @@ class RedisRemoteStore(RemoteStoreBase):
         """``read_values``; on a cluster the keys answered ASK are read on the node it
         named (``_follow_asks``), and with ``follow_moved`` those answered MOVED once more
         after the slot map is read again (as ``_write`` writes them)."""
+        deadline_s = time.monotonic() + self.max_blocking_s
         groups = self._by_server(keys)
         if groups is None:
             return None
@@ -607,11 +619,12 @@ class RedisRemoteStore(RemoteStoreBase):
             else:
                 replies = self._attempt(partial(_mget, [keys[i] for i in chunk]),
                                         server=server)
-            redirects = _Redirects([], {})
+            redirects = _Redirects.none()
             if replies is not None and len(replies) == len(chunk):  # else misses
                 # each chunk writes its own indices
                 self._take(chunk, replies, values, _value, server, redirects,
-                           follow_moved=follow_moved, follow_ask=self.cluster)
+                           follow_moved=follow_moved, follow_ask=self.cluster,
+                           follow_tryagain=self.cluster)
             return redirects
 
         readers = self._reader_pool() if len(chunks) > 1 else None
@@ -622,6 +635,8 @@ class RedisRemoteStore(RemoteStoreBase):
             parts = [future.result() for future in
                      [readers.submit(read, server, chunk) for server, chunk in chunks]]
         redirects = _Redirects.merged(parts)
+        self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]), _value,
+                             [block] * len(keys), deadline_s, read=read_get_replies)
         self._follow_asks(redirects.asked, values, lambda i: ("GET", keys[i]), _value,
                           [block] * len(keys), scalars=False)
         if redirects.moved:
@@ -632,21 +647,25 @@ class RedisRemoteStore(RemoteStoreBase):
 
     def _take(self, chunk: list[int], replies: Sequence[Any], answers: list[Any],
               answer: Callable[[Any], Any], server: str, redirects: _Redirects, *,
-              follow_moved: bool, follow_ask: bool) -> None:
+              follow_moved: bool, follow_ask: bool, follow_tryagain: bool = False) -> None:
         """Put the ``replies`` from ``server`` of the keys at ``chunk`` in ``answers``, as
         ``answer`` makes each, but note in ``redirects`` those to follow (on a cluster: a
-        MOVED with ``follow_moved``, an ASK with ``follow_ask``). A refusal leaves its
+        MOVED with ``follow_moved``, an ASK with ``follow_ask``, a TRYAGAIN with
+        ``follow_tryagain``). A refusal leaves its
         key's answer as it was and is counted as an error (the first described in
         ``last_error``); on a cluster a redirect not followed came in reply to a redirect
         already (none follows another of its kind; none follows an ASK): given up,
         counted too (``num_redirects_given_up``)."""
-        from redis.exceptions import AskError, MovedError
+        from redis.exceptions import AskError, MovedError, TryAgainError
 
         refused: list[Exception] = []
         num_given_up = 0
         for i, reply in zip(chunk, replies, strict=True):
             if not isinstance(reply, Exception):
                 answers[i] = answer(reply)
+                continue
+            if follow_tryagain and isinstance(reply, TryAgainError):
+                redirects.tryagain.setdefault(server, []).append(i)
                 continue
             if self.cluster and isinstance(reply, AskError):  # MovedError is one too
                 if isinstance(reply, MovedError) and follow_moved:
@@ -690,7 +709,42 @@ class RedisRemoteStore(RemoteStoreBase):
                 if replies is None or len(replies) != len(commands):
                     continue
                 # replies[0::2] are ASKING's: one refused leaves its command answered MOVED
-                self._take(chunk, replies[1::2], answers, answer, target, _Redirects([], {}),
+                self._take(chunk, replies[1::2], answers, answer, target, _Redirects.none(),
+                           follow_moved=False, follow_ask=False)
+
+    def _retry_tryagain(self, tryagain: dict[str, list[int]], answers: list[Any],
+                        command: Callable[[int], tuple[Any, ...]],
+                        answer: Callable[[Any], Any], sizes: list[int], deadline_s: float,
+                        *, read: _Read = read_replies) -> None:
+        """The keys at ``tryagain`` (per node that answered TRYAGAIN: their slot being
+        resharded) made there once more, each ``command``, after the backoff, their
+        answers put in ``answers`` as ``_take`` puts them; where the retry's worst case
+        (the backoff and a reply's ``timeout_s``) would end past ``deadline_s`` (the
+        batch's start and ``max_blocking_s``), not made: each its key's miss (or failed
+        write), counted.
+
+        NOTE: TRYAGAIN was each key's miss at once, though the node answers it for the
+        moment a slot's keys are split between two nodes: a value in the cluster lost to
+        a recompute. Once only: a TRYAGAIN again (or a redirect) is that key's refusal."""
+        num_keys = sum(len(indices) for indices in tryagain.values())
+        if not num_keys:
+            return
+        if time.monotonic() + self.backoff_s + self.timeout_s > deadline_s:
+            self.last_error = (f"redis at {redact_url(self.url)}: {num_keys} keys answered "
+                               f"TRYAGAIN (their slot being resharded) and the batch had no "
+                               f"time left to ask again: they miss.")
+            self._count(num_errors=num_keys)
+            return
+        time.sleep(self.backoff_s)
+        self._count(num_tryagain_retries=num_keys)
+        for server, indices in tryagain.items():
+            for part in self._chunks([sizes[i] for i in indices]):
+                chunk = indices[part]
+                replies = self._run(server, [command(i) for i in chunk],
+                                    raise_on_error=False, read=read)
+                if replies is None or len(replies) != len(chunk):
+                    continue
+                self._take(chunk, replies, answers, answer, server, _Redirects.none(),
                            follow_moved=False, follow_ask=False)
 
     def _redo_moved(self, moved: list[int], answers: list[Any],
@@ -735,11 +789,12 @@ class RedisRemoteStore(RemoteStoreBase):
         the slot map was never read again on writes: every later write of the slot's keys
         failed the same way, for as long as no read refreshed it. An ASK was counted as a
         refusal too: the block was not written, and the tier wrote it again later."""
+        deadline_s = time.monotonic() + self.max_blocking_s
         groups = self._by_server([k for k, _ in pairs])
         if groups is None:
             return None
         results = [False] * len(pairs)
-        redirects = _Redirects([], {})
+        redirects = _Redirects.none()
         ttl = ("PX", self.ttl_ms) if self.ttl_ms is not None else ()
         sizes = [len(value) for _, value in pairs]
         for server, indices in groups:
@@ -751,7 +806,10 @@ class RedisRemoteStore(RemoteStoreBase):
                     continue
                 # e.g. OOM, noeviction, TRYAGAIN, CLUSTERDOWN: that key's
                 self._take(chunk, replies, results, _written, server, redirects,
-                           follow_moved=follow_moved, follow_ask=self.cluster)
+                           follow_moved=follow_moved, follow_ask=self.cluster,
+                           follow_tryagain=self.cluster)
+        self._retry_tryagain(redirects.tryagain, results, lambda i: ("SET", *pairs[i], *ttl),
+                             _written, sizes, deadline_s)
         self._follow_asks(redirects.asked, results, lambda i: ("SET", *pairs[i], *ttl),
                           _written, sizes)
         moved = redirects.moved
@@ -771,11 +829,12 @@ class RedisRemoteStore(RemoteStoreBase):
 
         NOTE: each failed the chunk, never retried: every key of it absent, and the node's
         breaker counting it; then an ASK was absent alone, though the key was held."""
+        deadline_s = time.monotonic() + self.max_blocking_s
         groups = self._by_server(keys)
         if groups is None:
             return None
         present = [False] * len(keys)
-        redirects = _Redirects([], {})
+        redirects = _Redirects.none()
         for server, indices in groups:
             for part in self._chunks([1] * len(indices)):
                 chunk = indices[part]
@@ -784,7 +843,10 @@ class RedisRemoteStore(RemoteStoreBase):
                 if got is None or len(got) != len(chunk):
                     continue
                 self._take(chunk, got, present, _exists, server, redirects,
-                           follow_moved=follow_moved, follow_ask=self.cluster)
+                           follow_moved=follow_moved, follow_ask=self.cluster,
+                           follow_tryagain=self.cluster)
+        self._retry_tryagain(redirects.tryagain, present, lambda i: ("EXISTS", keys[i]),
+                             _exists, [1] * len(keys), deadline_s)
         self._follow_asks(redirects.asked, present, lambda i: ("EXISTS", keys[i]), _exists,
                           [1] * len(keys))
         if redirects.moved:

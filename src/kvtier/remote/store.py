@@ -67,6 +67,9 @@ class RemoteStats:
     # keys whose one redirect was answered by another (an ASK answered ASK or MOVED, a
     # MOVED answered MOVED once the slot map was read again): misses, or not written
     num_redirects_given_up: int = 0
+    # keys a cluster node answered TRYAGAIN (their slot being resharded), made again once
+    # on it (where the batch's deadline left time for it)
+    num_tryagain_retries: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     bad_payload_reasons: dict[str, int] = field(default_factory=dict)
