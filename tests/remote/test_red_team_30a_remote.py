@@ -173,3 +173,62 @@ def test_tryagain_is_not_retried_past_the_deadline(fake_cluster: MigratingCluste
     assert store.last_error is not None and "TRYAGAIN" in store.last_error
     assert sorted(store.get_many(blocks)) == [1, 2, 3, 4]  # the slot settled
     store.close()
+
+
+@pytest.mark.parametrize("line", [
+    b"-LOADING Redis is loading the dataset in memory\r\n",
+    b"-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n",
+])
+def test_loading_or_masterdown_is_the_nodes_fault(fake_cluster: MigratingCluster,
+                                                  line: bytes) -> None:
+    """Node a answers every GET with LOADING (restarted, reading its data set) or
+    MASTERDOWN (a replica cut off from its master): the node cannot serve any key, so each
+    pipeline is its fault. LOADING is retried as a connection fault is (one retry: two
+    errors a read), MASTERDOWN not (a refusal comes back the same); either way three
+    failed reads open a's breaker and the fourth is short-circuited. Before, each key was
+    its own error (16) and the breaker never opened."""
+    store, blocks = make_store(fake_cluster, max_retries=1, backoff_s=0.001)
+    refuse_all(fake_cluster, store, range(1, 5), line)
+    for _ in range(4):
+        assert store.get_many(blocks) == {}
+    loading = line.startswith(b"-LOADING")
+    stats = store.stats
+    assert (stats.num_errors, stats.num_retries, stats.num_short_circuited) == (
+        (6, 3, 1) if loading else (3, 0, 1))
+    assert len(fake_cluster.pipelines) == (6 if loading else 3)
+    fake_cluster.faults.clear()
+    reopen_after_cooldown(store)
+    assert sorted(store.get_many(blocks)) == [1, 2, 3, 4]
+    store.close()
+
+
+def test_one_loading_reply_fails_the_pipeline(fake_cluster: MigratingCluster) -> None:
+    """LOADING for one key of four (a node answers it for every key while it loads; one
+    reply of it is enough to know): the pipeline is a's fault, not three hits and one
+    error; with no retries three reads open the breaker."""
+    store, blocks = make_store(fake_cluster)
+    refuse_all(fake_cluster, store, range(2, 3), b"-LOADING Redis is loading\r\n")
+    for _ in range(4):
+        assert store.get_many(blocks) == {}
+    stats = store.stats
+    assert (stats.num_errors, stats.num_short_circuited, stats.num_hits) == (3, 1, 0)
+    store.close()
+
+
+def test_loading_fails_a_standalone_servers_writes_as_a_fault() -> None:
+    """A standalone server (node a of a fake cluster, alone) answers every SET with
+    LOADING: each write is the server's fault, so the third opens its breaker and the
+    fourth is skipped. Before, each SET was its own refusal: 16 errors, no breaker."""
+    fake = MigratingCluster()
+    ns = make_namespace()
+    store = RedisRemoteStore(fake.a.url, ns, timeout_s=2.0, max_retries=0,
+                             breaker_threshold=3, cooldown_s=60.0)
+    blocks = make_blocks(ns, 4)
+    refuse_all(fake, store, range(1, 5), b"-LOADING Redis is loading\r\n")
+    for _ in range(4):
+        assert store.put_many(blocks) == 0
+    stats = store.stats
+    assert (stats.num_errors, stats.num_short_circuited, stats.num_failed_puts) == (3, 1, 16)
+    assert store.last_error is not None and "loading" in store.last_error
+    store.close()
+    fake.close()

@@ -34,7 +34,8 @@ CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's brea
 TRYAGAIN is asked again once first, after the backoff, where the batch's
 ``max_blocking_s`` leaves time for it: ``num_tryagain_retries``); but
 CLUSTERDOWN for every command of a pipeline (the cluster down, as the node sees it) is the
-node's fault, as a connection's is: its breaker counts it. A
+node's fault, as a connection's is: its breaker counts it; so is one LOADING or MASTERDOWN
+reply, on any server (it cannot serve any key). A
 redirect is followed once per key, in the same call: a read, probe or write answered
 MOVED (a resharded slot) is made again once the slot map is read again, one answered ASK
 (its slot migrating) on the node the ASK names (one the slot map does not list too: a
@@ -390,6 +391,7 @@ class RedisRemoteStore(RemoteStoreBase):
             AskError,
             AuthenticationError,
             ClusterDownError,
+            MasterDownError,
             MovedError,
             OutOfMemoryError,
             ResponseError,
@@ -401,8 +403,9 @@ class RedisRemoteStore(RemoteStoreBase):
             return f"{where}: a key's slot is served elsewhere ({kind} {exc})."
         if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
             return f"{where}: authentication failed ({exc})."
-        if isinstance(exc, ClusterDownError):
-            return f"{where}: the node cannot serve (CLUSTERDOWN {exc})."
+        if isinstance(exc, ClusterDownError):  # MASTERDOWN too
+            kind = "MASTERDOWN" if isinstance(exc, MasterDownError) else "CLUSTERDOWN"
+            return f"{where}: the node cannot serve ({kind} {exc})."
         if isinstance(exc, OutOfMemoryError):
             return f"{where}: out of memory, the server refused a write ({exc})."
         if isinstance(exc, ResponseError):
@@ -870,9 +873,15 @@ def _node_fault(replies: Sequence[Any]) -> Exception | None:
     NOTE: CLUSTERDOWN for every command of a pipeline (the cluster down, as the node
     sees it) was each key's miss: the node's breaker never opened, and every batch sent
     it a pipeline, for as long as the cluster was down. One key's CLUSTERDOWN among
-    served ones (its slot served by no node) is still that key's."""
-    from redis.exceptions import ClusterDownError
+    served ones (its slot served by no node) is still that key's. LOADING (a server
+    reading its data set after a restart) and MASTERDOWN (a replica cut off from its
+    master) say so of the node whatever the key: one such reply fails the pipeline (on a
+    standalone server too, whose writes took them as refusals, key by key)."""
+    from redis.exceptions import BusyLoadingError, ClusterDownError, MasterDownError
 
+    for reply in replies:
+        if isinstance(reply, BusyLoadingError | MasterDownError):
+            return reply
     faults = [r for r in replies if isinstance(r, ClusterDownError)]
     return faults[0] if faults and len(faults) == len(replies) else None
 
