@@ -16,6 +16,7 @@ One key's refusal among served ones (a slot no node serves) stays that key's mis
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -232,3 +233,79 @@ def test_loading_fails_a_standalone_servers_writes_as_a_fault() -> None:
     assert store.last_error is not None and "loading" in store.last_error
     store.close()
     fake.close()
+
+
+def open_breaker_of_a(cluster: MigratingCluster, store: RedisRemoteStore,
+                      blocks: dict[int, bytes]) -> None:
+    """Three reads that node a fails (CLUSTERDOWN) open its breaker; then the fault and
+    the cooldown pass (the breaker half-open) and the pipeline log is cleared."""
+    refuse_all(cluster, store, range(1, len(blocks) + 1), b"-CLUSTERDOWN The cluster is down\r\n")
+    for _ in range(3):
+        assert store.get_many(blocks) == {}
+    cluster.faults.clear()
+    reopen_after_cooldown(store)
+    cluster.pipelines.clear()
+
+
+def hold_next_pipeline(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """The next pipeline sent waits for the second event; the first is set once it waits.
+    Later pipelines run at once."""
+    entered, release = threading.Event(), threading.Event()
+    pipeline = redis_store._pipeline
+    held = threading.Lock()
+
+    def holding(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
+        if held.acquire(blocking=False):
+            entered.set()
+            assert release.wait(10)
+        return pipeline(commands, client, *args)
+
+    monkeypatch.setattr(redis_store, "_pipeline", holding)
+    return entered, release
+
+
+def test_a_half_open_breaker_lets_one_batch_probe(fake_cluster: MigratingCluster,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """a's breaker is half-open (its cooldown passed). The first read probes a and is held
+    there; three reads meanwhile are refused, counted as probes refused (not as
+    short-circuited: the breaker is not open), and send nothing. The probe answers: the
+    breaker closes, and the next read is served. Before, all four reads probed a (four
+    pipelines) while it had not answered."""
+    store, blocks = make_store(fake_cluster)
+    open_breaker_of_a(fake_cluster, store, blocks)
+    entered, release = hold_next_pipeline(monkeypatch)
+    probe: list[dict[int, Any]] = []
+    thread = threading.Thread(target=lambda: probe.append(store.get_many(blocks)))
+    thread.start()
+    assert entered.wait(10)
+    for _ in range(3):
+        assert store.get_many(blocks) == {}
+    release.set()
+    thread.join(10)
+    assert sorted(probe[0]) == [1, 2, 3, 4]
+    a = fake_cluster.a.address
+    assert fake_cluster.pipelines == [(a, ["GET"] * 4)]
+    stats = store.stats
+    assert (stats.num_refused_probes, stats.num_short_circuited, stats.num_errors) == (3, 0, 3)
+    assert sorted(store.get_many(blocks)) == [1, 2, 3, 4]
+    assert len(fake_cluster.pipelines) == 2
+    store.close()
+
+
+def test_a_failed_probe_opens_the_breaker_again(fake_cluster: MigratingCluster,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe of a half-open breaker fails (a still down): the breaker opens for another
+    cooldown (the next read short-circuited, not refused as a probe), and once that passes
+    one batch probes again, and closes it."""
+    store, blocks = make_store(fake_cluster)
+    open_breaker_of_a(fake_cluster, store, blocks)
+    refuse_all(fake_cluster, store, range(1, 5), b"-CLUSTERDOWN The cluster is down\r\n")
+    assert store.get_many(blocks) == {}  # the probe
+    assert store.get_many(blocks) == {}  # open again
+    stats = store.stats
+    assert (stats.num_errors, stats.num_short_circuited, stats.num_refused_probes) == (4, 1, 0)
+    fake_cluster.faults.clear()
+    reopen_after_cooldown(store)
+    assert sorted(store.get_many(blocks)) == [1, 2, 3, 4]
+    assert len(fake_cluster.pipelines) == 2
+    store.close()

@@ -27,7 +27,8 @@ is counted in ``stats`` and turns into misses or failed puts of that chunk alone
 connection that failed is closed, and the idle ones; another thread's batch in flight
 completes on its own); after ``breaker_threshold`` failed batches in a row to one server
 the breaker opens and its batches are skipped (counted as short-circuited) for
-``cooldown_s``, then one batch probes.
+``cooldown_s``, then one batch probes (the others refused until it answers, counted as
+``num_refused_probes``): its success closes the breaker, its failure opens it again.
 On a cluster a key's own fault stays that key's: a value of another type under it, a slot
 that no node serves (a shard gone, with ``cluster-require-full-coverage no``), TRYAGAIN or
 CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's (a
@@ -295,9 +296,10 @@ class RedisRemoteStore(RemoteStoreBase):
         self.last_error: str | None = None
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._breaker_lock = threading.Lock()  # guards the two maps below
+        self._breaker_lock = threading.Lock()  # guards the three books below
         self._num_failures_in_row: dict[str, int] = {}
-        self._open_until: dict[str, float] = {}
+        self._open_until: dict[str, float] = {}  # open, then half-open once it passed
+        self._probing: set[str] = set()  # half-open breakers whose one probe is out
         self._readers: ThreadPoolExecutor | None = None  # num_connections > 1, lazily
         self._unlisted: dict[str, Any] = {}  # clients of ASK targets the slot map lacks
         self._readers_pid: int | None = None  # the process that made them
@@ -415,16 +417,46 @@ class RedisRemoteStore(RemoteStoreBase):
 
     def _attempt(self, op: Callable[[Any], T], *, retry: bool = True,
                  server: str = _WHOLE) -> T | None:
-        """``op(client)`` with retries and backoff; None (counted) if it failed or the
-        breaker of ``server`` (a cluster node's name, or the whole) is open."""
+        """``op(client)`` with retries and backoff; None (counted) if it failed, or the
+        breaker of ``server`` (a cluster node's name, or the whole) is open, or half-open
+        with its one probe out. The breaker::
+
+            closed ──breaker_threshold failures in a row──> open (cooldown_s: short-circuited)
+              ^                                               │ cooldown passed
+              └──────── the probe succeeds ── half-open: the first batch probes, the
+                        the probe fails: open again ──>      others are refused (probes)
+
+        NOTE: once the cooldown passed, every batch that came probed the node at once (four
+        pipelines to a node that had not answered yet, each a wait of up to
+        ``max_blocking_s``): one does; the others are refused until it answers."""
+        with self._breaker_lock:
+            open_until = self._open_until.get(server)
+            refusal: str | None = None
+            if open_until is not None:
+                if time.monotonic() < open_until:
+                    refusal = "num_short_circuited"
+                elif server in self._probing:
+                    refusal = "num_refused_probes"
+                else:
+                    self._probing.add(server)
+        if refusal is not None:
+            self._count(**{refusal: 1})
+            return None
+        try:
+            return self._attempt_closed(op, retry=retry, server=server)
+        finally:
+            if open_until is not None:
+                with self._breaker_lock:
+                    self._probing.discard(server)
+
+    def _attempt_closed(self, op: Callable[[Any], T], *, retry: bool,
+                        server: str) -> T | None:
+        """``_attempt`` past its breaker: ``op(client)`` with retries and backoff, the
+        breaker closed when it succeeds, and opened at ``breaker_threshold`` failures in
+        a row (again at once where it was half-open)."""
         from redis.exceptions import AuthenticationError, ResponseError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        with self._breaker_lock:
-            is_open = time.monotonic() < self._open_until.get(server, 0.0)
-        if is_open:
-            self._count(num_short_circuited=1)
-            return None
         num_attempts = 1 + (self.max_retries if retry else 0)
         for attempt in range(num_attempts):
             if attempt > 0:
@@ -449,6 +481,7 @@ class RedisRemoteStore(RemoteStoreBase):
                 continue
             with self._breaker_lock:
                 self._num_failures_in_row[server] = 0
+                self._open_until.pop(server, None)
             return result
         with self._breaker_lock:
             failures = self._num_failures_in_row.get(server, 0) + 1

@@ -57,6 +57,9 @@ class RemoteStats:
     num_timeouts: int = 0
     num_retries: int = 0
     num_short_circuited: int = 0  # batches skipped while a circuit breaker was open
+    # batches skipped while a breaker was half-open (its cooldown passed), its one probe
+    # out: not yet answered
+    num_refused_probes: int = 0
     num_dropped_jobs: int = 0  # background jobs refused: the queue was full, or closed
     # times the backend was found to be another incarnation than before (a server's run id
     # changed: restarted or failed over): what was written to it before is gone
