@@ -80,6 +80,13 @@ class RemoteStats:
     def copy(self) -> RemoteStats:
         return dataclasses.replace(self, bad_payload_reasons=dict(self.bad_payload_reasons))
 
+    @property
+    def num_faults(self) -> int:
+        """Batches the backend failed or refused, or skipped for a breaker: what a caller
+        compares before and after a call to tell a miss of an outage (which says nothing
+        of the key) from a key the store lacks. Pure."""
+        return self.num_errors + self.num_short_circuited + self.num_refused_probes
+
 
 class RemoteStore(Protocol):
     """A shared, content-addressed store of full KV blocks of one ``namespace``.

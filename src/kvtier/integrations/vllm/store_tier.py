@@ -14,7 +14,10 @@ Verdicts belong to the requests that asked: a request sees one answer per key fo
 (but a store of ours makes the key a HIT, and a failed load a MISS), and a verdict no live
 request holds is forgotten (another engine may store the key later).
 A load that fails marks its keys bad: they are MISSes from then on (so a corrupt value is
-not promoted again and again) until a store of ours overwrites them. A load reports as
+not promoted again and again) until a store of ours overwrites them; but a load the store
+failed (down, a breaker open: its ``stats.num_faults`` grew during the load) says nothing
+of its keys: they are MISSes for the requests that held them, and probed afresh for any
+other. A load reports as
 arrived only what a request can use: a key past a failed one of its KV-cache group (in
 the job's order, the request's lookup order) is neither copied nor reported::
 
@@ -76,6 +79,7 @@ class _StoreDone(NamedTuple):
 class _LoadDone(NamedTuple):
     outcome: JobOutcome
     failed: list[int]
+    outage: bool  # the store failed while loading: ``failed`` are unknown, not bad
 
 
 class _State(Enum):
@@ -176,6 +180,9 @@ class StoreTier:
         self._keys_of_request: dict[str, list[int]] = {}
         self._batch: list[int] = []
         self._bad: OrderedDict[int, None] = OrderedDict()  # loads failed: MISS until stored
+        # Per request, keys it was told MISS because of an outage: its answer for its life,
+        # kept apart from the probes (whose verdicts later requests share).
+        self._outage_misses: dict[str, set[int]] = {}
         self._num_probes_in_flight = 0
         self._num_jobs_in_flight = 0
         self._finished: list[JobOutcome] = []
@@ -227,6 +234,8 @@ class StoreTier:
     def _verdict(self, block_hash: int, request_id: str) -> Verdict:
         if self._closed or block_hash in self._bad:
             return "miss"
+        if block_hash in self._outage_misses.get(request_id, ()):
+            return "miss"
         probe = self._probes.get(block_hash)
         if probe is None:
             probe = self._probes[block_hash] = _Probe()
@@ -266,6 +275,7 @@ class StoreTier:
         """Forget ``request_id``'s verdicts (those no other request holds go); ValueError
         for a request id that is no str."""
         _check_request_id(request_id)
+        self._outage_misses.pop(request_id, None)
         for block_hash in self._keys_of_request.pop(request_id, ()):
             probe = self._probes.get(block_hash)
             if probe is None:
@@ -336,6 +346,8 @@ class StoreTier:
                 assert probe.state in (_State.PENDING, _State.IN_FLIGHT), block_hash
         assert set(self._batch) == {h for h, p in self._probes.items()
                                     if p.state is _State.PENDING}
+        for request_id, missed in self._outage_misses.items():
+            assert not missed & set(self._keys_of_request.get(request_id, ())), request_id
         assert self._num_probes_in_flight >= 0 and self._num_jobs_in_flight >= 0
         assert len(self._bad) <= MAX_BAD_KEYS
 
@@ -436,15 +448,25 @@ class StoreTier:
         self._results.append(_StoreDone(outcome, list(items) if ok else [],
                                         hashes if ok else [], num_skipped))
 
+    def _num_faults(self) -> int:
+        """The store's count of faults so far (``RemoteStats.num_faults``), 0 where it
+        keeps none that reads."""
+        try:
+            return int(self._store.stats.num_faults)
+        except Exception:
+            return 0
+
     def _run_load(self, job_id: int, keys: list[bytes], hashes: list[int],
                   pages: list[int]) -> None:
         start = self._clock()
+        num_faults = self._num_faults()
         try:
             found = self._store.get_many(hashes)
+            outage = self._num_faults() > num_faults
         except Exception:  # a store fault is a failed job, never a crash
-            found = {}
+            found, outage = {}, True
         if not isinstance(found, dict):
-            found = {}  # an answer of no use: every key failed
+            found, outage = {}, True  # an answer of no use: every key failed
         loaded: list[bytes] = []
         failed: list[int] = []
         broken_groups: set[int] = set()
@@ -467,7 +489,7 @@ class StoreTier:
         ok = len(loaded) == len(keys)
         outcome = JobOutcome(job_id, ok, None if ok else loaded, self._clock() - start,
                              len(loaded) * self._page_bytes)
-        self._results.append(_LoadDone(outcome, failed))
+        self._results.append(_LoadDone(outcome, failed, outage))
 
     def _resolve(self, hashes: list[int], present: set[int]) -> None:
         for block_hash in hashes:
@@ -493,6 +515,23 @@ class StoreTier:
                 probe.state = _State.PRESENT
             else:
                 del self._probes[block_hash]  # in flight, asked for by no live request
+
+    def _forget_unknown(self, hashes: list[int]) -> None:
+        """An outage of the store left ``hashes`` unknown: the requests holding a verdict on
+        one are told MISS for their life (they compute), and its probe is dropped, so a
+        later request probes it afresh.
+
+        NOTE: a load that failed because the store was down marked its keys bad: MISSes
+        for every request, for good (until this engine stored them again), though the
+        values were sound and the store came back."""
+        for block_hash in hashes:
+            probe = self._probes.get(block_hash)
+            if probe is None or probe.state is _State.PENDING:
+                continue  # a pending probe is sent at the step's end and asks afresh
+            for request_id in probe.request_ids:
+                self._outage_misses.setdefault(request_id, set()).add(block_hash)
+                self._keys_of_request[request_id].remove(block_hash)
+            del self._probes[block_hash]
 
     def _mark_bad(self, hashes: list[int]) -> None:
         for block_hash in hashes:
@@ -531,7 +570,10 @@ class StoreTier:
                     s.bytes_stored += outcome.transfer_bytes
                     s.store_s.append(outcome.transfer_s)
             else:
-                self._mark_bad(done.failed)
+                if done.outage:
+                    self._forget_unknown(done.failed)
+                else:
+                    self._mark_bad(done.failed)
                 with self._stats_lock:
                     s = self._stats
                     s.num_failed_load_jobs += not outcome.success
