@@ -14,6 +14,7 @@ stored the key again), and B's outage MISS was every live request's answer.
 from __future__ import annotations
 
 from integrations.test_vllm_store_tier import (
+    fill,
     make_key,
     make_layout,
     make_tier,
@@ -24,6 +25,7 @@ from integrations.test_vllm_store_tier import (
 from kvtier.integrations.vllm.keys import fold_key
 from kvtier.integrations.vllm.store_tier import StoreTier
 from kvtier.remote import FaultyRemoteStore, InMemoryRemoteStore, RemoteNamespace
+from kvtier.remote.store import RemoteStoreBase
 
 PAGE = 64
 
@@ -99,3 +101,57 @@ def test_a_corrupt_value_still_marks_its_key_bad() -> None:
     tier.close()
     faulty.close()
     inner.close()
+
+
+def test_an_outage_miss_is_not_shared_with_later_requests() -> None:
+    """The store is down when A's probe runs: A MISSes (it computes) and keeps that
+    answer for its life. B asks while A lives, the store back up: B's key is probed again
+    and HITs. Before, B got A's MISS (the probe's verdict, kept while A held it)."""
+    inner, faulty = stored_store()
+    tier = make_tier(faulty)
+    faulty.down = True
+    assert look(tier, 1, "A") == "retry"
+    probe(tier)
+    assert look(tier, 1, "A") == "miss"
+    faulty.down = False
+    assert look(tier, 1, "B") == "retry"
+    probe(tier)
+    assert (look(tier, 1, "B"), look(tier, 1, "A")) == ("hit", "miss")
+    tier.request_finished("A")
+    tier.request_finished("B")
+    tier.check_invariants()
+    stats = tier.stats
+    assert (stats.num_hits, stats.num_misses, stats.num_probe_batches) == (1, 2, 2)
+    tier.close()
+    faulty.close()
+    inner.close()
+
+
+class HalfDown(InMemoryRemoteStore):
+    """A store of two nodes, one down: keys of odd hash are never found, counted as the
+    store counts a node's fault (one error per batch); the others are served."""
+
+    def has_keys(self, keys: list[str]) -> list[bool]:
+        self._count(num_errors=1)
+        return [k in self.backend and int(k[-1], 16) % 2 == 0 for k in keys]
+
+
+def test_keys_found_during_a_partial_outage_are_shared() -> None:
+    """One node down: its keys are unknown (not shared: a later request probes them
+    again), the others found are HITs for every request, as a probe's answer is."""
+    store: RemoteStoreBase = HalfDown(make_layout().namespace())
+    tier = make_tier(store)
+    hashes = {i: fold_key(make_key(i)) for i in range(1, 7)}
+    view = make_view()
+    for i in hashes:
+        fill(view, 0, i)
+        store.put_many({hashes[i]: page_of(view, 0)})
+    even = sorted(i for i, h in hashes.items() if h % 2 == 0)
+    for i in hashes:
+        look(tier, i, "A")
+    probe(tier)
+    assert sorted(i for i in hashes if look(tier, i, "A") == "hit") == even
+    assert {i: look(tier, i, "B") for i in hashes} == {
+        i: "hit" if i in even else "retry" for i in hashes}
+    tier.close()
+    store.close()

@@ -13,6 +13,9 @@ A key's existence is probed once, in a batch with the step's other unknown keys:
 Verdicts belong to the requests that asked: a request sees one answer per key for its life
 (but a store of ours makes the key a HIT, and a failed load a MISS), and a verdict no live
 request holds is forgotten (another engine may store the key later).
+A probe the store failed (its ``stats.num_faults`` grew: down, a breaker open) finds the
+keys it found present, but says nothing of the others: a MISS for the requests that asked
+(they compute), never a verdict for a later request, which probes afresh.
 A load that fails marks its keys bad: they are MISSes from then on (so a corrupt value is
 not promoted again and again) until a store of ours overwrites them; but a load the store
 failed (down, a breaker open: its ``stats.num_faults`` grew during the load) says nothing
@@ -67,6 +70,7 @@ class _ProbeDone(NamedTuple):
     hashes: list[int]
     present: set[int]
     probe_s: float
+    outage: bool  # the store failed while probing: the keys not present are unknown
 
 
 class _StoreDone(NamedTuple):
@@ -269,7 +273,7 @@ class StoreTier:
         if self._submit(lambda: self._run_probe(hashes, now)):
             self._num_probes_in_flight += 1
         else:
-            self._resolve(hashes, set())
+            self._resolve(hashes, set(), outage=True)  # never asked: nothing known
 
     def request_finished(self, request_id: str) -> None:
         """Forget ``request_id``'s verdicts (those no other request holds go); ValueError
@@ -413,11 +417,13 @@ class StoreTier:
             self._stats.num_job_errors += 1
 
     def _run_probe(self, hashes: list[int], sent_s: float) -> None:
+        num_faults = self._num_faults()
         try:
             present = _as_set(self._store.contains_many(hashes))
-        except Exception:  # a store must not raise; if one does, the keys are absent
-            present = set()
-        self._results.append(_ProbeDone(hashes, present, self._clock() - sent_s))
+            outage = self._num_faults() > num_faults
+        except Exception:  # a store must not raise; if one does, nothing is known
+            present, outage = set(), True
+        self._results.append(_ProbeDone(hashes, present, self._clock() - sent_s, outage))
 
     def _run_store(self, job_id: int, hashes: list[int], pages: list[int],
                    rewrite: set[int]) -> None:
@@ -491,14 +497,28 @@ class StoreTier:
                              len(loaded) * self._page_bytes)
         self._results.append(_LoadDone(outcome, failed, outage))
 
-    def _resolve(self, hashes: list[int], present: set[int]) -> None:
+    def _resolve(self, hashes: list[int], present: set[int], *, outage: bool = False) -> None:
+        """The answer of the probe of ``hashes``: those in ``present`` are PRESENT, the
+        others ABSENT, but with ``outage`` (the store failed while probing) unknown.
+
+        NOTE: a probe that failed in an outage made its keys ABSENT, the verdict of every
+        request that asked while one that held it lived: the MISS of a store down was
+        shared with requests that came after it was back."""
+        unknown: list[int] = []
         for block_hash in hashes:
             probe = self._probes.get(block_hash)
             if probe is None or probe.state is not _State.IN_FLIGHT:
                 continue
-            probe.state = _State.PRESENT if block_hash in present else _State.ABSENT
+            if block_hash in present:
+                probe.state = _State.PRESENT
+            elif outage:
+                unknown.append(block_hash)
+                continue
+            else:
+                probe.state = _State.ABSENT
             if not probe.request_ids:
                 del self._probes[block_hash]
+        self._forget_unknown(unknown)
 
     def _learn_present(self, hashes: list[int]) -> None:
         """A store job of ours left ``hashes`` in the store: probes that learnt otherwise
@@ -550,7 +570,7 @@ class StoreTier:
             done = results.popleft()
             if isinstance(done, _ProbeDone):
                 self._num_probes_in_flight -= 1
-                self._resolve(done.hashes, done.present)
+                self._resolve(done.hashes, done.present, outage=done.outage)
                 with self._stats_lock:
                     self._stats.num_probe_batches += 1
                     self._stats.num_probed_keys += len(done.hashes)
