@@ -17,11 +17,12 @@ One key's refusal among served ones (a slot no node serves) stays that key's mis
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from remote_helpers import make_blocks, make_namespace
+from remote_helpers import PrivateCluster, PrivateRedis, make_blocks, make_namespace
 
 pytest.importorskip("redis")
 
@@ -308,4 +309,49 @@ def test_a_failed_probe_opens_the_breaker_again(fake_cluster: MigratingCluster,
     reopen_after_cooldown(store)
     assert sorted(store.get_many(blocks)) == [1, 2, 3, 4]
     assert len(fake_cluster.pipelines) == 2
+    store.close()
+
+
+def wait_cluster_state(node: PrivateRedis, state: str) -> None:
+    """Until ``node`` reports ``cluster_state:<state>``, at most 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        with node.client() as client:
+            info = client.execute_command("CLUSTER", "INFO")
+        if f"cluster_state:{state}" in str(info) or (
+                isinstance(info, dict) and info.get("cluster_state") == state):
+            return
+        assert time.monotonic() < deadline, f"cluster_state never became {state}: {info}"
+        time.sleep(0.1)
+
+
+def test_a_real_cluster_down_opens_the_breaker_and_recovers(
+        redis_cluster: PrivateCluster) -> None:
+    """A real cluster that requires full coverage loses a master: the live masters answer
+    CLUSTERDOWN to every command. Six blocks on node 0 miss in five reads; node 0's
+    breaker opens after two failed pipelines (2 errors, 3 reads short-circuited). Before,
+    each read sent its pipeline and counted six errors (30). The lost master restarts, the
+    cluster is ok again: after the cooldown one read probes node 0 and every block hits."""
+    for node in redis_cluster.nodes:
+        with node.client() as client:
+            client.config_set("cluster-require-full-coverage", "yes")
+    ns = make_namespace()
+    store = RedisRemoteStore(redis_cluster.url, ns, cluster=True, timeout_s=1.0,
+                             max_retries=0, breaker_threshold=2, cooldown_s=60.0)
+    home, victim = redis_cluster.nodes[0], redis_cluster.nodes[1]
+    blocks = {h: b for h, b in make_blocks(ns, 40).items()
+              if redis_cluster.node_of(ns.key(h)) is home}
+    blocks = dict(list(blocks.items())[:6])
+    assert len(blocks) == 6 and store.put_many(blocks) == 6, store.last_error
+    victim.kill()
+    wait_cluster_state(home, "fail")
+    for _ in range(5):
+        assert store.get_many(blocks) == {}
+    stats = store.stats
+    assert (stats.num_errors, stats.num_short_circuited) == (2, 3), store.last_error
+    assert store.last_error is not None and "CLUSTERDOWN" in store.last_error
+    victim.start()
+    wait_cluster_state(home, "ok")
+    reopen_after_cooldown(store)
+    assert {h: bytes(v) for h, v in store.get_many(blocks).items()} == blocks, store.last_error
     store.close()
