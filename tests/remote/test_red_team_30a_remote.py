@@ -16,9 +16,10 @@ One key's refusal among served ones (a slot no node serves) stays that key's mis
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -354,4 +355,59 @@ def test_a_real_cluster_down_opens_the_breaker_and_recovers(
     wait_cluster_state(home, "ok")
     reopen_after_cooldown(store)
     assert {h: bytes(v) for h, v in store.get_many(blocks).items()} == blocks, store.last_error
+    store.close()
+
+
+def test_a_paused_server_does_not_poison_the_vllm_tiers_keys(
+        make_redis_server: Callable[[], PrivateRedis]) -> None:
+    """The vLLM store tier on a real server that is paused (SIGSTOP) while A loads two
+    keys it was told HIT: the load times out and fails; B, asking during the pause, is
+    told RETRY, then MISS (its probe timed out: it computes); the server resumes
+    (SIGCONT) and C's lookups HIT, its load bringing the pages. Before, the failed load
+    marked both keys bad: C's lookups were MISSes, the values in the store."""
+    from kvtier.integrations.vllm.keys import EngineLayout
+    from kvtier.integrations.vllm.store_tier import StoreTier
+
+    page = 64
+    layout = EngineLayout(model="m", kv_dtype="float16", page_bytes=page, tokens_per_hash=16,
+                          blocks_per_chunk=1, groups=((16, 2),), tp_size=1, pp_size=1,
+                          pcp_size=1, dcp_size=1, rank=0)
+    server = make_redis_server()
+    store = RedisRemoteStore(server.url, layout.namespace(), timeout_s=0.2, max_retries=0,
+                             breaker_threshold=10)  # C's probe is not short-circuited
+    view = memoryview(bytearray(page * 8))
+    tier = StoreTier(store, view, page, max_lookup_wait_s=60.0)
+    keys = [i.to_bytes(32, "big") + bytes(4) for i in (1, 2)]
+    view[:2 * page] = b"\x01" * page + b"\x02" * page
+    tier.submit_store(1, keys, [0, 1])
+
+    def step(request_id: str) -> list[str]:
+        verdicts: list[str] = [tier.lookup(k, request_id) for k in keys]
+        tier.flush()
+        tier.drain()
+        tier.check_invariants()
+        return verdicts
+
+    assert step("A") == ["retry", "retry"]
+    assert [tier.lookup(k, "A") for k in keys] == ["hit", "hit"]
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        tier.submit_load(2, keys[:1], [2])
+        tier.submit_load(3, keys[1:], [3])
+        tier.drain()  # both time out
+        assert step("B") == ["retry", "retry"]
+        assert [tier.lookup(k, "B") for k in keys] == ["miss", "miss"]
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert [(o.job_id, o.success) for o in tier.finished_jobs()] == [
+        (1, True), (2, False), (3, False)]
+    assert step("C") == ["retry", "retry"]
+    assert [tier.lookup(k, "C") for k in keys] == ["hit", "hit"]
+    tier.submit_load(4, keys, [4, 5])
+    tier.drain()
+    assert [o.success for o in tier.finished_jobs()] == [True]
+    assert bytes(view[4 * page:6 * page]) == b"\x01" * page + b"\x02" * page
+    assert store.stats.num_timeouts == 3
+    tier.close()
     store.close()
