@@ -411,3 +411,30 @@ def test_a_paused_server_does_not_poison_the_vllm_tiers_keys(
     assert store.stats.num_timeouts == 3
     tier.close()
     store.close()
+
+
+def test_a_tryagain_retry_is_one_pipeline_whatever_befalls_it(
+        fake_cluster: MigratingCluster) -> None:
+    """Block 4 (last of the pipeline) is answered TRYAGAIN, then node a goes down: the
+    retry's pipeline fails, and is not retried in turn (with two retries, each up to
+    ``timeout_s`` more, it would end past the deadline the retry was checked against):
+    two pipelines, no retry counted, block 4 a miss. Before, the retry was retried twice:
+    four pipelines."""
+    store, blocks = make_store(fake_cluster, max_retries=2, backoff_s=0.001)
+    line = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
+    refusal = fake_cluster.refusal
+    key4 = store.namespace.key(4)
+
+    def answer(node: Any, asked: str, asking: bool) -> bytes | None:
+        if node is fake_cluster.a and asked == key4:
+            node.down = True  # from the next command on
+            return line
+        return refusal(node, asked, asking)
+
+    fake_cluster.refusal = answer  # type: ignore[method-assign, assignment]
+    assert sorted(store.get_many(blocks)) == [1, 2, 3]
+    a = fake_cluster.a.address
+    assert fake_cluster.pipelines == [(a, ["GET"] * 4), (a, ["GET"])]
+    stats = store.stats
+    assert (stats.num_tryagain_retries, stats.num_retries, stats.num_errors) == (1, 0, 1)
+    store.close()

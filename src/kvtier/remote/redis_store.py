@@ -596,11 +596,11 @@ class RedisRemoteStore(RemoteStoreBase):
 
     def _run(self, server: str, commands: list[tuple[Any, ...]], *,
              raise_on_error: bool = True, read: _Read = read_replies,
-             asked: bool = False) -> list[Any] | None:
+             asked: bool = False, retry: bool = True) -> list[Any] | None:
         """One pipeline of ``commands`` on ``server`` (with ``asked``, a node an ASK named,
         listed in the slot map or not), its replies read by ``read`` (as ``_pipeline``
-        gives them), or None. Without ``raise_on_error``, a command's refusal is its
-        reply."""
+        gives them), or None; without ``retry``, a failed pipeline is not sent again.
+        Without ``raise_on_error``, a command's refusal is its reply."""
 
         def execute(client: Any) -> list[Any]:
             replies = _pipeline(commands, self._node_client(client, server, asked=asked),
@@ -614,7 +614,7 @@ class RedisRemoteStore(RemoteStoreBase):
                         raise reply  # the replies were read whole: the connection in step
             return replies
 
-        return self._attempt(execute, server=server)
+        return self._attempt(execute, retry=retry, server=server)
 
     # -- backend -------------------------------------------------------------------------
     def read_values(self, keys: list[str]) -> list[bytes | None] | None:
@@ -754,30 +754,34 @@ class RedisRemoteStore(RemoteStoreBase):
                         *, read: _Read = read_replies) -> None:
         """The keys at ``tryagain`` (per node that answered TRYAGAIN: their slot being
         resharded) made there once more, each ``command``, after the backoff, their
-        answers put in ``answers`` as ``_take`` puts them; where the retry's worst case
-        (the backoff and a reply's ``timeout_s``) would end past ``deadline_s`` (the
-        batch's start and ``max_blocking_s``), not made: each its key's miss (or failed
-        write), counted.
+        answers put in ``answers`` as ``_take`` puts them, one pipeline each, never sent
+        again; a pipeline whose worst case (a reply's ``timeout_s``, after the backoff)
+        would end past ``deadline_s`` (the batch's start and ``max_blocking_s``) is not
+        sent: each of its keys a miss (or failed write), counted.
 
         NOTE: TRYAGAIN was each key's miss at once, though the node answers it for the
         moment a slot's keys are split between two nodes: a value in the cluster lost to
         a recompute. Once only: a TRYAGAIN again (or a redirect) is that key's refusal."""
-        num_keys = sum(len(indices) for indices in tryagain.values())
-        if not num_keys:
+        if not tryagain:
             return
-        if time.monotonic() + self.backoff_s + self.timeout_s > deadline_s:
-            self.last_error = (f"redis at {redact_url(self.url)}: {num_keys} keys answered "
-                               f"TRYAGAIN (their slot being resharded) and the batch had no "
-                               f"time left to ask again: they miss.")
-            self._count(num_errors=num_keys)
-            return
-        time.sleep(self.backoff_s)
-        self._count(num_tryagain_retries=num_keys)
+        slept = False
         for server, indices in tryagain.items():
             for part in self._chunks([sizes[i] for i in indices]):
                 chunk = indices[part]
+                backoff_s = 0.0 if slept else self.backoff_s
+                if time.monotonic() + backoff_s + self.timeout_s > deadline_s:
+                    self.last_error = (
+                        f"redis at {redact_url(self.url)} (node {server}): {len(chunk)} keys "
+                        f"answered TRYAGAIN (their slot being resharded) and the batch had "
+                        f"no time left to ask again: they miss.")
+                    self._count(num_errors=len(chunk))
+                    continue
+                if not slept:
+                    time.sleep(self.backoff_s)
+                    slept = True
+                self._count(num_tryagain_retries=len(chunk))
                 replies = self._run(server, [command(i) for i in chunk],
-                                    raise_on_error=False, read=read)
+                                    raise_on_error=False, read=read, retry=False)
                 if replies is None or len(replies) != len(chunk):
                     continue
                 self._take(chunk, replies, answers, answer, server, _Redirects.none(),
