@@ -32,16 +32,15 @@ the breaker opens and its batches are skipped (counted as short-circuited) for
 On a cluster a key's own fault stays that key's: a value of another type under it, a slot
 that no node serves (a shard gone, with ``cluster-require-full-coverage no``), TRYAGAIN or
 CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's (a
-TRYAGAIN is asked again once first, after the backoff, where the batch's
-``max_blocking_s`` leaves time for it: ``num_tryagain_retries``); but
-CLUSTERDOWN for every command of a pipeline (the cluster down, as the node sees it) is the
-node's fault, as a connection's is: its breaker counts it; so is one LOADING or MASTERDOWN
-reply, on any server (it cannot serve any key). A
-redirect is followed once per key, in the same call: a read, probe or write answered
-MOVED (a resharded slot) is made again once the slot map is read again, one answered ASK
-(its slot migrating) on the node the ASK names (one the slot map does not list too: a
-node just added serves no slot yet), right after ``ASKING``, in one pipeline per node, the
-slot map unchanged::
+TRYAGAIN is asked again once first, after the backoff, where the batch's ``max_blocking_s``
+leaves time for it: ``num_tryagain_retries``); but CLUSTERDOWN for every command of a
+pipeline (the cluster down, as the node sees it) is the node's fault, as a connection's
+is: its breaker counts it; so is one LOADING or MASTERDOWN reply, on any server (it cannot
+serve any key). A redirect is followed once per key, in the same call: a read, probe or
+write answered MOVED (a resharded slot) is made again once the slot map is read again, one
+answered ASK (its slot migrating) on the node the ASK names (one the slot map does not
+list too: a node just added serves no slot yet), right after ``ASKING``, in one pipeline
+per node, the slot map unchanged::
 
     GET k1 k2 k3 ──node A──> v1, ASK B (k2), MOVED C (k3)
     k2: ASKING, GET k2 ──node B──> v2          a redirect again: given up
@@ -421,10 +420,12 @@ class RedisRemoteStore(RemoteStoreBase):
         breaker of ``server`` (a cluster node's name, or the whole) is open, or half-open
         with its one probe out. The breaker::
 
-            closed ──breaker_threshold failures in a row──> open (cooldown_s: short-circuited)
-              ^                                               │ cooldown passed
-              └──────── the probe succeeds ── half-open: the first batch probes, the
-                        the probe fails: open again ──>      others are refused (probes)
+            closed ──breaker_threshold failures in a row──> open: short-circuited
+              ^                                              │ cooldown_s passed
+              │ the probe succeeds                           v
+              └───────────────────────────── half-open: the first batch probes, the
+                                             others are refused (num_refused_probes);
+                                             the probe fails: open again
 
         NOTE: once the cooldown passed, every batch that came probed the node at once (four
         pipelines to a node that had not answered yet, each a wait of up to
