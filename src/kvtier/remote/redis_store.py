@@ -27,15 +27,20 @@ is counted in ``stats`` and turns into misses or failed puts of that chunk alone
 connection that failed is closed, and the idle ones; another thread's batch in flight
 completes on its own); after ``breaker_threshold`` failed batches in a row to one server
 the breaker opens and its batches are skipped (counted as short-circuited) for
-``cooldown_s``, then one batch probes.
+``cooldown_s``, then one batch probes (the others refused until it answers, counted as
+``num_refused_probes``): its success closes the breaker, its failure opens it again.
 On a cluster a key's own fault stays that key's: a value of another type under it, a slot
 that no node serves (a shard gone, with ``cluster-require-full-coverage no``), TRYAGAIN or
-CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's. A
-redirect is followed once per key, in the same call: a read, probe or write answered
-MOVED (a resharded slot) is made again once the slot map is read again, one answered ASK
-(its slot migrating) on the node the ASK names (one the slot map does not list too: a
-node just added serves no slot yet), right after ``ASKING``, in one pipeline per node, the
-slot map unchanged::
+CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's (a
+TRYAGAIN is asked again once first, after the backoff, where the batch's ``max_blocking_s``
+leaves time for it: ``num_tryagain_retries``); but CLUSTERDOWN for every command of a
+pipeline (the cluster down, as the node sees it) is the node's fault, as a connection's
+is: its breaker counts it; so is one LOADING or MASTERDOWN reply, on any server (it cannot
+serve any key). A redirect is followed once per key, in the same call: a read, probe or
+write answered MOVED (a resharded slot) is made again once the slot map is read again, one
+answered ASK (its slot migrating) on the node the ASK names (one the slot map does not
+list too: a node just added serves no slot yet), right after ``ASKING``, in one pipeline
+per node, the slot map unchanged::
 
     GET k1 k2 k3 ──node A──> v1, ASK B (k2), MOVED C (k3)
     k2: ASKING, GET k2 ──node B──> v2          a redirect again: given up
@@ -199,21 +204,30 @@ def check_url_query(url: str, cluster: bool = False) -> None:
 
 class _Redirects(NamedTuple):
     """The keys of a batch (their indices) a cluster redirected: answered MOVED (their slot
-    resharded), and per node an ASK named, answered ASK (their slot migrating to it)."""
+    resharded), per node an ASK named, answered ASK (their slot migrating to it), and per
+    node that answered it, TRYAGAIN (their slot mid-resharding: to be asked again)."""
 
     moved: list[int]
     asked: dict[str, list[int]]
+    tryagain: dict[str, list[int]]
+
+    @classmethod
+    def none(cls) -> _Redirects:
+        """No redirect yet. Pure."""
+        return cls([], {}, {})
 
     @classmethod
     def merged(cls, parts: Sequence[_Redirects]) -> _Redirects:
         """The redirects of ``parts`` (a batch's chunks) together. Pure."""
-        whole = cls([], {})
+        whole = cls.none()
         for part in parts:
             whole.moved.extend(part.moved)
             for node, indices in part.asked.items():
                 whole.asked.setdefault(node, []).extend(indices)
+            for node, indices in part.tryagain.items():
+                whole.tryagain.setdefault(node, []).extend(indices)
         whole.moved.sort()
-        for indices in whole.asked.values():
+        for indices in [*whole.asked.values(), *whole.tryagain.values()]:
             indices.sort()
         return whole
 
@@ -281,9 +295,10 @@ class RedisRemoteStore(RemoteStoreBase):
         self.last_error: str | None = None
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._breaker_lock = threading.Lock()  # guards the two maps below
+        self._breaker_lock = threading.Lock()  # guards the three books below
         self._num_failures_in_row: dict[str, int] = {}
-        self._open_until: dict[str, float] = {}
+        self._open_until: dict[str, float] = {}  # open, then half-open once it passed
+        self._probing: set[str] = set()  # half-open breakers whose one probe is out
         self._readers: ThreadPoolExecutor | None = None  # num_connections > 1, lazily
         self._unlisted: dict[str, Any] = {}  # clients of ASK targets the slot map lacks
         self._readers_pid: int | None = None  # the process that made them
@@ -376,6 +391,8 @@ class RedisRemoteStore(RemoteStoreBase):
         from redis.exceptions import (
             AskError,
             AuthenticationError,
+            ClusterDownError,
+            MasterDownError,
             MovedError,
             OutOfMemoryError,
             ResponseError,
@@ -387,6 +404,9 @@ class RedisRemoteStore(RemoteStoreBase):
             return f"{where}: a key's slot is served elsewhere ({kind} {exc})."
         if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
             return f"{where}: authentication failed ({exc})."
+        if isinstance(exc, ClusterDownError):  # MASTERDOWN too
+            kind = "MASTERDOWN" if isinstance(exc, MasterDownError) else "CLUSTERDOWN"
+            return f"{where}: the node cannot serve ({kind} {exc})."
         if isinstance(exc, OutOfMemoryError):
             return f"{where}: out of memory, the server refused a write ({exc})."
         if isinstance(exc, ResponseError):
@@ -396,16 +416,48 @@ class RedisRemoteStore(RemoteStoreBase):
 
     def _attempt(self, op: Callable[[Any], T], *, retry: bool = True,
                  server: str = _WHOLE) -> T | None:
-        """``op(client)`` with retries and backoff; None (counted) if it failed or the
-        breaker of ``server`` (a cluster node's name, or the whole) is open."""
+        """``op(client)`` with retries and backoff; None (counted) if it failed, or the
+        breaker of ``server`` (a cluster node's name, or the whole) is open, or half-open
+        with its one probe out. The breaker::
+
+            closed ──breaker_threshold failures in a row──> open: short-circuited
+              ^                                              │ cooldown_s passed
+              │ the probe succeeds                           v
+              └───────────────────────────── half-open: the first batch probes, the
+                                             others are refused (num_refused_probes);
+                                             the probe fails: open again
+
+        NOTE: once the cooldown passed, every batch that came probed the node at once (four
+        pipelines to a node that had not answered yet, each a wait of up to
+        ``max_blocking_s``): one does; the others are refused until it answers."""
+        with self._breaker_lock:
+            open_until = self._open_until.get(server)
+            refusal: str | None = None
+            if open_until is not None:
+                if time.monotonic() < open_until:
+                    refusal = "num_short_circuited"
+                elif server in self._probing:
+                    refusal = "num_refused_probes"
+                else:
+                    self._probing.add(server)
+        if refusal is not None:
+            self._count(**{refusal: 1})
+            return None
+        try:
+            return self._attempt_closed(op, retry=retry, server=server)
+        finally:
+            if open_until is not None:
+                with self._breaker_lock:
+                    self._probing.discard(server)
+
+    def _attempt_closed(self, op: Callable[[Any], T], *, retry: bool,
+                        server: str) -> T | None:
+        """``_attempt`` past its breaker: ``op(client)`` with retries and backoff, the
+        breaker closed when it succeeds, and opened at ``breaker_threshold`` failures in
+        a row (again at once where it was half-open)."""
         from redis.exceptions import AuthenticationError, ResponseError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        with self._breaker_lock:
-            is_open = time.monotonic() < self._open_until.get(server, 0.0)
-        if is_open:
-            self._count(num_short_circuited=1)
-            return None
         num_attempts = 1 + (self.max_retries if retry else 0)
         for attempt in range(num_attempts):
             if attempt > 0:
@@ -430,6 +482,7 @@ class RedisRemoteStore(RemoteStoreBase):
                 continue
             with self._breaker_lock:
                 self._num_failures_in_row[server] = 0
+                self._open_until.pop(server, None)
             return result
         with self._breaker_lock:
             failures = self._num_failures_in_row.get(server, 0) + 1
@@ -544,22 +597,25 @@ class RedisRemoteStore(RemoteStoreBase):
 
     def _run(self, server: str, commands: list[tuple[Any, ...]], *,
              raise_on_error: bool = True, read: _Read = read_replies,
-             asked: bool = False) -> list[Any] | None:
+             asked: bool = False, retry: bool = True) -> list[Any] | None:
         """One pipeline of ``commands`` on ``server`` (with ``asked``, a node an ASK named,
         listed in the slot map or not), its replies read by ``read`` (as ``_pipeline``
-        gives them), or None. Without ``raise_on_error``, a command's refusal is its
-        reply."""
+        gives them), or None; without ``retry``, a failed pipeline is not sent again.
+        Without ``raise_on_error``, a command's refusal is its reply."""
 
         def execute(client: Any) -> list[Any]:
             replies = _pipeline(commands, self._node_client(client, server, asked=asked),
                                 read)
+            fault = _node_fault(replies[1::2] if asked else replies)
+            if fault is not None:
+                raise fault  # the node's, as a connection's: retried, its breaker counts
             if raise_on_error:
                 for reply in replies:
                     if isinstance(reply, Exception):
                         raise reply  # the replies were read whole: the connection in step
             return replies
 
-        return self._attempt(execute, server=server)
+        return self._attempt(execute, retry=retry, server=server)
 
     # -- backend -------------------------------------------------------------------------
     def read_values(self, keys: list[str]) -> list[bytes | None] | None:
@@ -569,6 +625,7 @@ class RedisRemoteStore(RemoteStoreBase):
         """``read_values``; on a cluster the keys answered ASK are read on the node it
         named (``_follow_asks``), and with ``follow_moved`` those answered MOVED once more
         after the slot map is read again (as ``_write`` writes them)."""
+        deadline_s = time.monotonic() + self.max_blocking_s
         groups = self._by_server(keys)
         if groups is None:
             return None
@@ -599,11 +656,12 @@ class RedisRemoteStore(RemoteStoreBase):
             else:
                 replies = self._attempt(partial(_mget, [keys[i] for i in chunk]),
                                         server=server)
-            redirects = _Redirects([], {})
+            redirects = _Redirects.none()
             if replies is not None and len(replies) == len(chunk):  # else misses
                 # each chunk writes its own indices
                 self._take(chunk, replies, values, _value, server, redirects,
-                           follow_moved=follow_moved, follow_ask=self.cluster)
+                           follow_moved=follow_moved, follow_ask=self.cluster,
+                           follow_tryagain=self.cluster)
             return redirects
 
         readers = self._reader_pool() if len(chunks) > 1 else None
@@ -614,6 +672,8 @@ class RedisRemoteStore(RemoteStoreBase):
             parts = [future.result() for future in
                      [readers.submit(read, server, chunk) for server, chunk in chunks]]
         redirects = _Redirects.merged(parts)
+        self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]), _value,
+                             [block] * len(keys), deadline_s, read=read_get_replies)
         self._follow_asks(redirects.asked, values, lambda i: ("GET", keys[i]), _value,
                           [block] * len(keys), scalars=False)
         if redirects.moved:
@@ -624,21 +684,25 @@ class RedisRemoteStore(RemoteStoreBase):
 
     def _take(self, chunk: list[int], replies: Sequence[Any], answers: list[Any],
               answer: Callable[[Any], Any], server: str, redirects: _Redirects, *,
-              follow_moved: bool, follow_ask: bool) -> None:
+              follow_moved: bool, follow_ask: bool, follow_tryagain: bool = False) -> None:
         """Put the ``replies`` from ``server`` of the keys at ``chunk`` in ``answers``, as
         ``answer`` makes each, but note in ``redirects`` those to follow (on a cluster: a
-        MOVED with ``follow_moved``, an ASK with ``follow_ask``). A refusal leaves its
+        MOVED with ``follow_moved``, an ASK with ``follow_ask``, a TRYAGAIN with
+        ``follow_tryagain``). A refusal leaves its
         key's answer as it was and is counted as an error (the first described in
         ``last_error``); on a cluster a redirect not followed came in reply to a redirect
         already (none follows another of its kind; none follows an ASK): given up,
         counted too (``num_redirects_given_up``)."""
-        from redis.exceptions import AskError, MovedError
+        from redis.exceptions import AskError, MovedError, TryAgainError
 
         refused: list[Exception] = []
         num_given_up = 0
         for i, reply in zip(chunk, replies, strict=True):
             if not isinstance(reply, Exception):
                 answers[i] = answer(reply)
+                continue
+            if follow_tryagain and isinstance(reply, TryAgainError):
+                redirects.tryagain.setdefault(server, []).append(i)
                 continue
             if self.cluster and isinstance(reply, AskError):  # MovedError is one too
                 if isinstance(reply, MovedError) and follow_moved:
@@ -682,7 +746,46 @@ class RedisRemoteStore(RemoteStoreBase):
                 if replies is None or len(replies) != len(commands):
                     continue
                 # replies[0::2] are ASKING's: one refused leaves its command answered MOVED
-                self._take(chunk, replies[1::2], answers, answer, target, _Redirects([], {}),
+                self._take(chunk, replies[1::2], answers, answer, target, _Redirects.none(),
+                           follow_moved=False, follow_ask=False)
+
+    def _retry_tryagain(self, tryagain: dict[str, list[int]], answers: list[Any],
+                        command: Callable[[int], tuple[Any, ...]],
+                        answer: Callable[[Any], Any], sizes: list[int], deadline_s: float,
+                        *, read: _Read = read_replies) -> None:
+        """The keys at ``tryagain`` (per node that answered TRYAGAIN: their slot being
+        resharded) made there once more, each ``command``, after the backoff, their
+        answers put in ``answers`` as ``_take`` puts them, one pipeline each, never sent
+        again; a pipeline whose worst case (a reply's ``timeout_s``, after the backoff)
+        would end past ``deadline_s`` (the batch's start and ``max_blocking_s``) is not
+        sent: each of its keys a miss (or failed write), counted.
+
+        NOTE: TRYAGAIN was each key's miss at once, though the node answers it for the
+        moment a slot's keys are split between two nodes: a value in the cluster lost to
+        a recompute. Once only: a TRYAGAIN again (or a redirect) is that key's refusal."""
+        if not tryagain:
+            return
+        slept = False
+        for server, indices in tryagain.items():
+            for part in self._chunks([sizes[i] for i in indices]):
+                chunk = indices[part]
+                backoff_s = 0.0 if slept else self.backoff_s
+                if time.monotonic() + backoff_s + self.timeout_s > deadline_s:
+                    self.last_error = (
+                        f"redis at {redact_url(self.url)} (node {server}): {len(chunk)} keys "
+                        f"answered TRYAGAIN (their slot being resharded) and the batch had "
+                        f"no time left to ask again: they miss.")
+                    self._count(num_errors=len(chunk))
+                    continue
+                if not slept:
+                    time.sleep(self.backoff_s)
+                    slept = True
+                self._count(num_tryagain_retries=len(chunk))
+                replies = self._run(server, [command(i) for i in chunk],
+                                    raise_on_error=False, read=read, retry=False)
+                if replies is None or len(replies) != len(chunk):
+                    continue
+                self._take(chunk, replies, answers, answer, server, _Redirects.none(),
                            follow_moved=False, follow_ask=False)
 
     def _redo_moved(self, moved: list[int], answers: list[Any],
@@ -727,11 +830,12 @@ class RedisRemoteStore(RemoteStoreBase):
         the slot map was never read again on writes: every later write of the slot's keys
         failed the same way, for as long as no read refreshed it. An ASK was counted as a
         refusal too: the block was not written, and the tier wrote it again later."""
+        deadline_s = time.monotonic() + self.max_blocking_s
         groups = self._by_server([k for k, _ in pairs])
         if groups is None:
             return None
         results = [False] * len(pairs)
-        redirects = _Redirects([], {})
+        redirects = _Redirects.none()
         ttl = ("PX", self.ttl_ms) if self.ttl_ms is not None else ()
         sizes = [len(value) for _, value in pairs]
         for server, indices in groups:
@@ -743,7 +847,10 @@ class RedisRemoteStore(RemoteStoreBase):
                     continue
                 # e.g. OOM, noeviction, TRYAGAIN, CLUSTERDOWN: that key's
                 self._take(chunk, replies, results, _written, server, redirects,
-                           follow_moved=follow_moved, follow_ask=self.cluster)
+                           follow_moved=follow_moved, follow_ask=self.cluster,
+                           follow_tryagain=self.cluster)
+        self._retry_tryagain(redirects.tryagain, results, lambda i: ("SET", *pairs[i], *ttl),
+                             _written, sizes, deadline_s)
         self._follow_asks(redirects.asked, results, lambda i: ("SET", *pairs[i], *ttl),
                           _written, sizes)
         moved = redirects.moved
@@ -763,11 +870,12 @@ class RedisRemoteStore(RemoteStoreBase):
 
         NOTE: each failed the chunk, never retried: every key of it absent, and the node's
         breaker counting it; then an ASK was absent alone, though the key was held."""
+        deadline_s = time.monotonic() + self.max_blocking_s
         groups = self._by_server(keys)
         if groups is None:
             return None
         present = [False] * len(keys)
-        redirects = _Redirects([], {})
+        redirects = _Redirects.none()
         for server, indices in groups:
             for part in self._chunks([1] * len(indices)):
                 chunk = indices[part]
@@ -776,7 +884,10 @@ class RedisRemoteStore(RemoteStoreBase):
                 if got is None or len(got) != len(chunk):
                     continue
                 self._take(chunk, got, present, _exists, server, redirects,
-                           follow_moved=follow_moved, follow_ask=self.cluster)
+                           follow_moved=follow_moved, follow_ask=self.cluster,
+                           follow_tryagain=self.cluster)
+        self._retry_tryagain(redirects.tryagain, present, lambda i: ("EXISTS", keys[i]),
+                             _exists, [1] * len(keys), deadline_s)
         self._follow_asks(redirects.asked, present, lambda i: ("EXISTS", keys[i]), _exists,
                           [1] * len(keys))
         if redirects.moved:
@@ -791,6 +902,26 @@ class RedisRemoteStore(RemoteStoreBase):
         if readers is not None:
             readers.shutdown(wait=True)
         self._drop_client()
+
+
+def _node_fault(replies: Sequence[Any]) -> Exception | None:
+    """The refusal that says the node of ``replies`` (a pipeline's, ASKING's left out)
+    cannot serve at all, or None where they are each their own key's. Pure.
+
+    NOTE: CLUSTERDOWN for every command of a pipeline (the cluster down, as the node
+    sees it) was each key's miss: the node's breaker never opened, and every batch sent
+    it a pipeline, for as long as the cluster was down. One key's CLUSTERDOWN among
+    served ones (its slot served by no node) is still that key's. LOADING (a server
+    reading its data set after a restart) and MASTERDOWN (a replica cut off from its
+    master) say so of the node whatever the key: one such reply fails the pipeline (on a
+    standalone server too, whose writes took them as refusals, key by key)."""
+    from redis.exceptions import BusyLoadingError, ClusterDownError, MasterDownError
+
+    for reply in replies:
+        if isinstance(reply, BusyLoadingError | MasterDownError):
+            return reply
+    faults = [r for r in replies if isinstance(r, ClusterDownError)]
+    return faults[0] if faults and len(faults) == len(replies) else None
 
 
 def _value(reply: bytes | None) -> bytes | None:

@@ -57,6 +57,9 @@ class RemoteStats:
     num_timeouts: int = 0
     num_retries: int = 0
     num_short_circuited: int = 0  # batches skipped while a circuit breaker was open
+    # batches skipped while a breaker was half-open (its cooldown passed), its one probe
+    # out: not yet answered
+    num_refused_probes: int = 0
     num_dropped_jobs: int = 0  # background jobs refused: the queue was full, or closed
     # times the backend was found to be another incarnation than before (a server's run id
     # changed: restarted or failed over): what was written to it before is gone
@@ -67,12 +70,22 @@ class RemoteStats:
     # keys whose one redirect was answered by another (an ASK answered ASK or MOVED, a
     # MOVED answered MOVED once the slot map was read again): misses, or not written
     num_redirects_given_up: int = 0
+    # keys a cluster node answered TRYAGAIN (their slot being resharded), made again once
+    # on it (where the batch's deadline left time for it)
+    num_tryagain_retries: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     bad_payload_reasons: dict[str, int] = field(default_factory=dict)
 
     def copy(self) -> RemoteStats:
         return dataclasses.replace(self, bad_payload_reasons=dict(self.bad_payload_reasons))
+
+    @property
+    def num_faults(self) -> int:
+        """Batches the backend failed or refused, or skipped for a breaker: what a caller
+        compares before and after a call to tell a miss of an outage (which says nothing
+        of the key) from a key the store lacks. Pure."""
+        return self.num_errors + self.num_short_circuited + self.num_refused_probes
 
 
 class RemoteStore(Protocol):

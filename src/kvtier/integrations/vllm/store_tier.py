@@ -13,8 +13,14 @@ A key's existence is probed once, in a batch with the step's other unknown keys:
 Verdicts belong to the requests that asked: a request sees one answer per key for its life
 (but a store of ours makes the key a HIT, and a failed load a MISS), and a verdict no live
 request holds is forgotten (another engine may store the key later).
+A probe the store failed (its ``stats.num_faults`` grew: down, a breaker open) finds the
+keys it found present, but says nothing of the others: a MISS for the requests that asked
+(they compute), never a verdict for a later request, which probes afresh.
 A load that fails marks its keys bad: they are MISSes from then on (so a corrupt value is
-not promoted again and again) until a store of ours overwrites them. A load reports as
+not promoted again and again) until a store of ours overwrites them; but a load the store
+failed (down, a breaker open: its ``stats.num_faults`` grew during the load) says nothing
+of its keys: they are MISSes for the requests that held them, and probed afresh for any
+other. A load reports as
 arrived only what a request can use: a key past a failed one of its KV-cache group (in
 the job's order, the request's lookup order) is neither copied nor reported::
 
@@ -64,6 +70,7 @@ class _ProbeDone(NamedTuple):
     hashes: list[int]
     present: set[int]
     probe_s: float
+    outage: bool  # the store failed while probing: the keys not present are unknown
 
 
 class _StoreDone(NamedTuple):
@@ -76,6 +83,7 @@ class _StoreDone(NamedTuple):
 class _LoadDone(NamedTuple):
     outcome: JobOutcome
     failed: list[int]
+    outage: bool  # the store failed while loading: ``failed`` are unknown, not bad
 
 
 class _State(Enum):
@@ -176,6 +184,9 @@ class StoreTier:
         self._keys_of_request: dict[str, list[int]] = {}
         self._batch: list[int] = []
         self._bad: OrderedDict[int, None] = OrderedDict()  # loads failed: MISS until stored
+        # Per request, keys it was told MISS because of an outage: its answer for its life,
+        # kept apart from the probes (whose verdicts later requests share).
+        self._outage_misses: dict[str, set[int]] = {}
         self._num_probes_in_flight = 0
         self._num_jobs_in_flight = 0
         self._finished: list[JobOutcome] = []
@@ -227,6 +238,8 @@ class StoreTier:
     def _verdict(self, block_hash: int, request_id: str) -> Verdict:
         if self._closed or block_hash in self._bad:
             return "miss"
+        if block_hash in self._outage_misses.get(request_id, ()):
+            return "miss"
         probe = self._probes.get(block_hash)
         if probe is None:
             probe = self._probes[block_hash] = _Probe()
@@ -260,12 +273,13 @@ class StoreTier:
         if self._submit(lambda: self._run_probe(hashes, now)):
             self._num_probes_in_flight += 1
         else:
-            self._resolve(hashes, set())
+            self._resolve(hashes, set(), outage=True)  # never asked: nothing known
 
     def request_finished(self, request_id: str) -> None:
         """Forget ``request_id``'s verdicts (those no other request holds go); ValueError
         for a request id that is no str."""
         _check_request_id(request_id)
+        self._outage_misses.pop(request_id, None)
         for block_hash in self._keys_of_request.pop(request_id, ()):
             probe = self._probes.get(block_hash)
             if probe is None:
@@ -336,6 +350,8 @@ class StoreTier:
                 assert probe.state in (_State.PENDING, _State.IN_FLIGHT), block_hash
         assert set(self._batch) == {h for h, p in self._probes.items()
                                     if p.state is _State.PENDING}
+        for request_id, missed in self._outage_misses.items():
+            assert not missed & set(self._keys_of_request.get(request_id, ())), request_id
         assert self._num_probes_in_flight >= 0 and self._num_jobs_in_flight >= 0
         assert len(self._bad) <= MAX_BAD_KEYS
 
@@ -401,11 +417,13 @@ class StoreTier:
             self._stats.num_job_errors += 1
 
     def _run_probe(self, hashes: list[int], sent_s: float) -> None:
+        num_faults = self._num_faults()
         try:
             present = _as_set(self._store.contains_many(hashes))
-        except Exception:  # a store must not raise; if one does, the keys are absent
-            present = set()
-        self._results.append(_ProbeDone(hashes, present, self._clock() - sent_s))
+            outage = self._num_faults() > num_faults
+        except Exception:  # a store must not raise; if one does, nothing is known
+            present, outage = set(), True
+        self._results.append(_ProbeDone(hashes, present, self._clock() - sent_s, outage))
 
     def _run_store(self, job_id: int, hashes: list[int], pages: list[int],
                    rewrite: set[int]) -> None:
@@ -436,15 +454,25 @@ class StoreTier:
         self._results.append(_StoreDone(outcome, list(items) if ok else [],
                                         hashes if ok else [], num_skipped))
 
+    def _num_faults(self) -> int:
+        """The store's count of faults so far (``RemoteStats.num_faults``), 0 where it
+        keeps none that reads."""
+        try:
+            return int(self._store.stats.num_faults)
+        except Exception:
+            return 0
+
     def _run_load(self, job_id: int, keys: list[bytes], hashes: list[int],
                   pages: list[int]) -> None:
         start = self._clock()
+        num_faults = self._num_faults()
         try:
             found = self._store.get_many(hashes)
+            outage = self._num_faults() > num_faults
         except Exception:  # a store fault is a failed job, never a crash
-            found = {}
+            found, outage = {}, True
         if not isinstance(found, dict):
-            found = {}  # an answer of no use: every key failed
+            found, outage = {}, True  # an answer of no use: every key failed
         loaded: list[bytes] = []
         failed: list[int] = []
         broken_groups: set[int] = set()
@@ -467,16 +495,30 @@ class StoreTier:
         ok = len(loaded) == len(keys)
         outcome = JobOutcome(job_id, ok, None if ok else loaded, self._clock() - start,
                              len(loaded) * self._page_bytes)
-        self._results.append(_LoadDone(outcome, failed))
+        self._results.append(_LoadDone(outcome, failed, outage))
 
-    def _resolve(self, hashes: list[int], present: set[int]) -> None:
+    def _resolve(self, hashes: list[int], present: set[int], *, outage: bool = False) -> None:
+        """The answer of the probe of ``hashes``: those in ``present`` are PRESENT, the
+        others ABSENT, but with ``outage`` (the store failed while probing) unknown.
+
+        NOTE: a probe that failed in an outage made its keys ABSENT, the verdict of every
+        request that asked while one that held it lived: the MISS of a store down was
+        shared with requests that came after it was back."""
+        unknown: list[int] = []
         for block_hash in hashes:
             probe = self._probes.get(block_hash)
             if probe is None or probe.state is not _State.IN_FLIGHT:
                 continue
-            probe.state = _State.PRESENT if block_hash in present else _State.ABSENT
+            if block_hash in present:
+                probe.state = _State.PRESENT
+            elif outage:
+                unknown.append(block_hash)
+                continue
+            else:
+                probe.state = _State.ABSENT
             if not probe.request_ids:
                 del self._probes[block_hash]
+        self._forget_unknown(unknown)
 
     def _learn_present(self, hashes: list[int]) -> None:
         """A store job of ours left ``hashes`` in the store: probes that learnt otherwise
@@ -493,6 +535,23 @@ class StoreTier:
                 probe.state = _State.PRESENT
             else:
                 del self._probes[block_hash]  # in flight, asked for by no live request
+
+    def _forget_unknown(self, hashes: list[int]) -> None:
+        """An outage of the store left ``hashes`` unknown: the requests holding a verdict on
+        one are told MISS for their life (they compute), and its probe is dropped, so a
+        later request probes it afresh.
+
+        NOTE: a load that failed because the store was down marked its keys bad: MISSes
+        for every request, for good (until this engine stored them again), though the
+        values were sound and the store came back."""
+        for block_hash in hashes:
+            probe = self._probes.get(block_hash)
+            if probe is None or probe.state is _State.PENDING:
+                continue  # a pending probe is sent at the step's end and asks afresh
+            for request_id in probe.request_ids:
+                self._outage_misses.setdefault(request_id, set()).add(block_hash)
+                self._keys_of_request[request_id].remove(block_hash)
+            del self._probes[block_hash]
 
     def _mark_bad(self, hashes: list[int]) -> None:
         for block_hash in hashes:
@@ -511,7 +570,7 @@ class StoreTier:
             done = results.popleft()
             if isinstance(done, _ProbeDone):
                 self._num_probes_in_flight -= 1
-                self._resolve(done.hashes, done.present)
+                self._resolve(done.hashes, done.present, outage=done.outage)
                 with self._stats_lock:
                     self._stats.num_probe_batches += 1
                     self._stats.num_probed_keys += len(done.hashes)
@@ -531,7 +590,10 @@ class StoreTier:
                     s.bytes_stored += outcome.transfer_bytes
                     s.store_s.append(outcome.transfer_s)
             else:
-                self._mark_bad(done.failed)
+                if done.outage:
+                    self._forget_unknown(done.failed)
+                else:
+                    self._mark_bad(done.failed)
                 with self._stats_lock:
                     s = self._stats
                     s.num_failed_load_jobs += not outcome.success
