@@ -13,6 +13,9 @@ from kvtier import (
     CacheConfig,
     KVCacheManager,
     OpKind,
+    Request,
+    Scheduler,
+    SchedulerConfig,
     SequenceSpec,
     Tier,
     TransferOp,
@@ -129,3 +132,117 @@ def test_a_torch_engine_counts_only_the_copies_that_landed() -> None:
     assert (s.num_plans, s.num_ops, s.bytes_h2d, s.bytes_d2h, s.bytes_d2d) == (
         1, 2, block, block, 0)
     assert block == 2 * 2 * 8 * 4 * 2 * 4  # layers, K and V, heads, dim, tokens, float32
+
+
+# ---- 2. a pass failing after its step's update ------------------------------------------
+
+PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks of 4 and a last token
+
+
+def reused_setup() -> tuple[KVCacheManager, Scheduler]:
+    """GPU 16 blocks of 4: a computed PROMPT and finished; PROMPT's lookup finds 8 tokens."""
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16))
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=64))
+    sched.add_request(Request("a", PROMPT, 1))
+    step = sched.step()
+    sched.update(step, {"a": 0})
+    assert not sched.has_unfinished() and mgr.lookup(PROMPT).num_tokens == 8
+    return mgr, sched
+
+
+def kept_reuse(stats: CacheStats) -> int:
+    return stats.num_reused_tokens + stats.num_resumed_reused_tokens
+
+
+def test_a_pass_failing_after_the_update_reports_its_lost_reuse_next_step() -> None:
+    """b reuses 8 tokens; its pass is reported failed after the step's update: the manager
+    takes the 8 back (lost), the readmission reuses 8 again. The steps said 8 + 8 = 16
+    reused where the manager kept 8: the next step reports the 8 lost."""
+    mgr, sched = reused_setup()
+    sched.add_request(Request("b", PROMPT, 3))
+    steps = [sched.step()]
+    assert [(c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in steps[0].context_chunks] == [(8, 1, 8)]
+    sched.update(steps[0], {"b": 77})
+    assert mgr.compute_failed(["b"]) == ["b"]
+    assert (mgr.stats.num_reused_tokens, mgr.stats.num_lost_reused_tokens) == (0, 8)
+    steps.append(sched.step())
+    assert (steps[1].num_reused_tokens, steps[1].num_lost_reused_tokens) == (8, 8)
+    sched.update(steps[1], {"b": 78})
+    while sched.has_unfinished():
+        steps.append(sched.step())
+        sched.update(steps[-1], {"b": 79})
+    assert sum(s.num_reused_tokens for s in steps) == 16
+    assert sum(s.num_reused_tokens - s.num_lost_reused_tokens for s in steps) == \
+        kept_reuse(mgr.stats) == 8
+    assert [s.num_lost_reused_tokens for s in steps] == [0, 8, 0, 0]
+    mgr.check_invariants()
+
+
+def test_the_token_a_failed_pass_sampled_is_dropped() -> None:
+    """The failed pass's token 77 was appended by the update: the readmission prefilled it
+    (a chunk of (8, 2) past the reuse), and b's output kept it. It is dropped: (8, 1), and
+    b's output is what its good passes sampled."""
+    mgr, sched = reused_setup()
+    sched.add_request(Request("b", PROMPT, 2))
+    step = sched.step()
+    sched.update(step, {"b": 77})
+    assert sched.running["b"].output == [77]
+    mgr.compute_failed(["b"])
+    step = sched.step()
+    assert [(c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [(8, 1, 8)]
+    sched.update(step, {"b": 78})
+    step = sched.step()
+    assert step.decode_request_ids == ("b",)
+    (done,) = sched.update(step, {"b": 79})
+    assert done.output == [78, 79]
+    sched.check_invariants()
+
+
+def test_a_decode_failing_after_the_update_drops_its_token() -> None:
+    """b decoded 78 then 79; the pass of 79 is reported failed after its update: b
+    recomputes its prompt and 78 (8 reused, 2 computed), never 79."""
+    mgr, sched = reused_setup()
+    sched.add_request(Request("b", PROMPT, 4))
+    step = sched.step()
+    sched.update(step, {"b": 77})
+    step = sched.step()
+    sched.update(step, {"b": 78})
+    assert sched.running["b"].output == [77, 78]
+    assert mgr.compute_failed(["b"]) == ["b"]
+    step = sched.step()
+    assert [(c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [(8, 2, 8)]
+    assert step.num_lost_reused_tokens == 0  # b's reuse was read by its first pass
+    assert sched.running["b"].output == [77]
+
+
+def test_a_request_removed_without_a_failure_keeps_its_token() -> None:
+    """A direct remove_sequence after the update is no failed pass: b's token 77 stays,
+    its readmission prefills it (8, 2), and no reuse is lost."""
+    mgr, sched = reused_setup()
+    sched.add_request(Request("b", PROMPT, 3))
+    step = sched.step()
+    sched.update(step, {"b": 77})
+    mgr.remove_sequence("b")
+    step = sched.step()
+    assert [(c.first_token, c.num_tokens, c.num_reused_tokens)
+            for c in step.context_chunks] == [(8, 2, 8)]
+    assert step.num_lost_reused_tokens == 0
+    assert sched.running["b"].output == [77]
+
+
+def test_a_failure_inside_the_step_is_not_reported_lost_again() -> None:
+    """b's pass fails before the update (requeue_failed): the step reports 0 reused of
+    8 credited, and the next step reports nothing lost: the 8 were never reported."""
+    mgr, sched = reused_setup()
+    sched.add_request(Request("b", PROMPT, 2))
+    step = sched.step()
+    assert mgr.compute_failed(["b"]) == ["b"]
+    step = sched.requeue_failed(step, ["b"])
+    assert (step.num_credited_tokens, step.num_reused_tokens) == (8, 0)
+    sched.update(step, {})
+    step = sched.step()
+    assert (step.num_reused_tokens, step.num_lost_reused_tokens) == (8, 0)
+    assert kept_reuse(mgr.stats) == 8 and mgr.stats.num_lost_reused_tokens == 8
