@@ -246,3 +246,54 @@ def test_a_failure_inside_the_step_is_not_reported_lost_again() -> None:
     step = sched.step()
     assert (step.num_reused_tokens, step.num_lost_reused_tokens) == (8, 0)
     assert kept_reuse(mgr.stats) == 8 and mgr.stats.num_lost_reused_tokens == 8
+
+
+# ---- 3. the model engine's split is the admission's ------------------------------------
+
+
+def test_the_engines_split_is_the_admissions_not_a_lookup_before_the_step() -> None:
+    """GPU 7 blocks of 4, host 8. a caches PROMPT's 2 blocks, f 2 more, d runs with 3.
+    b=PROMPT is looked up before its step: 8 GPU tokens. The step's own evictions offload
+    a's second block and b's admission onboards it back: 4 GPU + 4 host tokens. b's result
+    said (8, 0, 0, 1) (gpu, host, remote, computed), the lookup's; it is (4, 4, 0, 1)."""
+    pytest.importorskip("torch", reason="the model engine needs torch")
+    from kvtier.model import LlamaModel, ModelConfig, ModelEngine
+    from kvtier.storage import KVStorage
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+
+    model = LlamaModel(ModelConfig(), "cpu")
+    mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=7, num_host_blocks=8,
+                                     eviction_policy="priority-lru"))
+    layout = model.config.kv_layout(4)
+    engine = ModelEngine(model, mgr, Scheduler(mgr, SchedulerConfig(max_num_tokens=64)),
+                         TorchTransferEngine(KVStorage(layout, 7, "cpu"), KVStorage(layout, 8)))
+    for rid, prompt, num_out in (("a", PROMPT, 1), ("f", list(range(30, 39)), 1),
+                                 ("d", [*range(20, 30), 40], 4)):
+        engine.add_request(Request(rid, prompt, num_out))
+        engine.step()
+    engine.step()  # d decodes
+    assert mgr.lookup(PROMPT) == (8, 8, 0, 0)  # (tokens, GPU, host, partial)
+    engine.add_request(Request("b", PROMPT, 2))
+    step = engine.step()[0]
+    assert [(c.request_id, c.first_token, c.num_reused_tokens)
+            for c in step.context_chunks] == [("b", 8, 8)]
+    assert sorted(op.kind.value for op in step.transfer_plan.ops) == [
+        "offload", "offload", "offload", "onboard"]
+    b = engine.results["b"]
+    assert (b.num_gpu_tokens, b.num_host_tokens, b.num_remote_tokens,
+            b.num_computed_tokens) == (4, 4, 0, 1)
+    assert b.num_onboarded_tokens == 4
+    assert (mgr.stats.num_reused_tokens, mgr.stats.num_host_reused_tokens) == (8, 4)
+
+
+def test_admitted_reuse_is_the_admissions_split_and_refuses_unknown_ids() -> None:
+    """The manager's query answers what the admission counted; nothing for a request that
+    skipped reading the cache; KeyError for an id of no live request."""
+    mgr, sched = reused_setup()
+    sched.add_request(Request("b", PROMPT, 2))
+    sched.add_request(Request("c", PROMPT, 2, skip_reading_prefix_cache=True))
+    sched.step()
+    assert mgr.admitted_reuse("b") == (8, 8, 0, 0)
+    assert mgr.admitted_reuse("c") == (0, 0, 0, 0)
+    with pytest.raises(KeyError, match="zz"):
+        mgr.admitted_reuse("zz")
