@@ -226,7 +226,8 @@ def _open(args: argparse.Namespace, cache: CacheConfig) -> Workload:
     check_outputs(args.trace, json=args.json, plot=getattr(args, "plot", None))
     return open_workload(args.trace, args.workload, seed=args.seed, limit=args.limit,
                          cache=cache, max_num_tokens=args.max_num_tokens,
-                         block_tokens=args.trace_block_tokens, time_unit=args.trace_time_unit)
+                         block_tokens=args.trace_block_tokens, time_unit=args.trace_time_unit,
+                         chunked_prefill=not args.no_chunked_prefill)
 
 
 def _run_replay(args: argparse.Namespace) -> int:
