@@ -477,9 +477,10 @@ def test_a_stop_string_that_is_no_unicode_text_is_refused() -> None:
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    (["--top-p", "0"], "top_p must be a number in (0, 1], got 0.0"),
-    (["--seed", str(2**64)], "seed must be an integer in -2**63..2**64-1 or None, got "
-                             "18446744073709551616"),
+    (["--top-p", "0"], "argument --top-p: must be a finite number in (0, 1], got 0 (see "
+                       "'kvtier generate --help')"),
+    (["--seed", str(2**64)], "argument --seed: must be an integer <= 18446744073709551615, got "
+                             "18446744073709551616 (see 'kvtier generate --help')"),
     (["--stop", "\udcff"], "stop[0] is not valid Unicode text (character 0: bytes that are "
                            "not UTF-8?), so no answer could ever hold it"),
 ])

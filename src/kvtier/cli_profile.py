@@ -36,6 +36,19 @@ def make_profile(name: str, assignments: Sequence[str]) -> ModelProfile:
                            f"{shown(text)})")
         given[key] = text
         overrides[key] = parse_constant(key, types[key], text)
+    for key, value in overrides.items():
+        # NOTE: each constant's range named by its option and the value as typed: the
+        # profile's own refusal named the field and its float ("invalid profile:
+        # pcie_bytes_per_s must be ..., got -1.0" for pcie_bytes_per_s=-1).
+        try:
+            get_profile(name, **{key: value})
+        except ValueError as exc:
+            reason = str(exc)
+            if reason.startswith(f"{key} ") and ", got " in reason:
+                reason = reason[len(key) + 1:].rpartition(", got ")[0]
+                raise CLIError(f"--set-profile {key}={given[key]}: {reason}, got "
+                               f"{given[key]}") from None
+            raise CLIError(f"--set-profile {key}={given[key]}: {reason}") from None
     try:
         return get_profile(name, **overrides)
     except ValueError as exc:

@@ -27,10 +27,11 @@ TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}  # --trace-time-unit: seconds pe
 
 def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | None,
                   cache: CacheConfig, max_num_tokens: int, block_tokens: int | None = None,
-                  time_unit: str | None = None) -> Workload:
+                  time_unit: str | None = None, chunked_prefill: bool = True) -> Workload:
     """The trace at ``trace`` (``.jsonl`` block hash ids, ``.csv`` Azure or BurstGPT), else the
     built-in ``workload``; ``block_tokens`` and ``time_unit`` (a key of ``TIME_UNITS``)
-    read a ``.jsonl`` trace whose blocks or clock are not its format's. Raises
+    read a ``.jsonl`` trace whose blocks or clock are not its format's; the race is sized
+    for a scheduler with or without ``chunked_prefill``. Raises
     :class:`CLIError` in one sentence for an unreadable, malformed or empty trace (an
     empty ``.jsonl`` and an empty ``.csv`` alike: no requests), or for those options
     without a ``.jsonl`` trace."""
@@ -46,7 +47,14 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
                     raise CLIError("--limit does not apply to --workload race: its requests "
                                    "are sized from --gpu-blocks, --host-blocks and "
                                    "--max-num-tokens")
-                return RaceWorkload(cache, max_num_tokens=max_num_tokens)
+                if not chunked_prefill and max_num_tokens <= cache.tokens_per_block:
+                    raise CLIError(f"--workload race with --no-chunked-prefill needs "
+                                   f"--max-num-tokens > --tokens-per-block "
+                                   f"({cache.tokens_per_block}): each prefix request, a block "
+                                   f"and a token, is prefilled in one step; got "
+                                   f"{max_num_tokens}")
+                return RaceWorkload(cache, max_num_tokens=max_num_tokens,
+                                    chunked_prefill=chunked_prefill)
             if workload == "mixed":  # chat and agents sharing one engine's cache
                 return MixedWorkload((SyntheticChat(seed=seed), AgenticWorkload(seed=seed)),
                                      limit=limit)

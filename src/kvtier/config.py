@@ -36,10 +36,13 @@ def _check_count(field: str, value: int, minimum: int, maximum: int | None = Non
         raise ValueError(f"{field} must be an integer {bound}, got {text}")
 
 
+MAX_TOKENS_PER_BLOCK = 2**16
+
+
 def check_tokens_per_block(tpb: object) -> None:
     """Raise ValueError unless ``tpb`` is a block size a cache takes: a power of two in
     1..65536 (an int, never a bool). Pure."""
-    if type(tpb) is not int or not 1 <= tpb <= 2**16 or tpb & (tpb - 1):
+    if type(tpb) is not int or not 1 <= tpb <= MAX_TOKENS_PER_BLOCK or tpb & (tpb - 1):
         # NOTE: shown, whatever the type: str() of a NumPy int64(4) read 'got 4'.
         text = shown(tpb)
         text = text if len(text) <= 40 else text[:37] + "..."

@@ -203,6 +203,17 @@ class KVCacheManager:
         """A copy of the GPU block table of a live request."""
         return self._live.get(request_id).block_table.tolist()
 
+    def admitted_reuse(self, request_id: str) -> PrefixMatch:
+        """The reuse the admission of a live request got, split by tier as that admission
+        found it (the figures its counters took: a host block is one it onboarded, or one
+        another request of its batch onboarded); nothing for one that skipped reading the
+        cache. KeyError naming an id of no live request. Pure."""
+        counted = self._live.get(request_id).counted
+        if counted is None:
+            return PrefixMatch(0, 0, 0, 0)
+        n, host = counted.num_reused_tokens, counted.num_host_reused_tokens
+        return PrefixMatch(n, n - host, host, counted.num_partial_tokens)
+
     def num_common_prefix_blocks(self) -> int:
         """How many leading blocks every live request's block table shares, the same ids in
         the same places: the prefix cascade attention computes once for the whole batch

@@ -25,7 +25,7 @@ from kvtier.radix import Node, path_to_root
 from kvtier.reprs import shown
 from kvtier.sequence import LiveSequence
 from kvtier.tier import Tier
-from kvtier.transfer.plan import PlanColumns, TransferPlan
+from kvtier.transfer.plan import OP_KINDS, OpKind, PlanColumns, TransferPlan
 
 
 def check_failed_indices(plan: object, failed_indices: object) -> list[int]:
@@ -59,11 +59,12 @@ def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
 
     Contract: discards aborted requests from ``live`` and releases their blocks; drops
     damaged and never-computed blocks from ``cache``; takes back from its stats the reuse
-    of an aborted request that computed nothing since its admission (``_take_back_unrun``);
-    changes nothing else.
+    of an aborted request that computed nothing since its admission (``_take_back_unrun``)
+    and the failed copies (``_uncount_copies``); changes nothing else.
     """
     damaged: set[tuple[int, int]] = set()
     failed = set(failed_indices)
+    _uncount_copies(cache, plan, failed)
     for i, op in enumerate(plan.ops):
         if i in failed or (op.src_tier, op.src_slot) in damaged:
             damaged.add((op.dst_tier, op.dst_slot))
@@ -89,6 +90,25 @@ def fail_transfers(cache: BlockCache, live: LiveTable, plan: TransferPlan,
     aborted = _abort_spreading(cache, live, damaged, [], later)
     cache.stats.num_failed_transfers += len(failed)
     return aborted
+
+
+def _uncount_copies(cache: BlockCache, plan: TransferPlan, failed: set[int]) -> None:
+    """Take the copies at ``failed`` of ``plan`` out of the counters that counted them when
+    they were recorded: onboarded and offloaded blocks, partial copies. They never landed.
+
+    NOTE: counted when recorded and never taken back, a step whose onboard and two of
+    its three offloads failed reported (1, 3, 0) onboarded, offloaded, partial-copied
+    blocks where (0, 1, 0) landed."""
+    if not failed:
+        return
+    kinds = plan.kinds
+    num = [0] * len(OP_KINDS)
+    for i in failed:
+        num[kinds[i]] += 1
+    stats = cache.stats
+    stats.gpu.offloaded_blocks -= num[OP_KINDS.index(OpKind.OFFLOAD)]
+    stats.host.onboarded_blocks -= num[OP_KINDS.index(OpKind.ONBOARD)]
+    stats.num_partial_copies -= num[OP_KINDS.index(OpKind.COPY)]
 
 
 def fail_computes(cache: BlockCache, live: LiveTable, request_ids: Iterable[str],

@@ -256,8 +256,11 @@ class LeastLoaded:
         return min(loads, key=lambda x: x.load).instance_id
 
 
+# The range of :class:`CacheAware`'s ``alpha`` (``kvtier replay --router-alpha``).
+ALPHA_BOUNDS = (0.0, 1e6)
 # The number fields of :class:`CacheAware` and their ranges.
-_CACHE_AWARE_BOUNDS = {"alpha": (0.0, 1e6), "host_weight": (0.0, 1.0), "load_factor": (1.0, 1e6)}
+_CACHE_AWARE_BOUNDS = {"alpha": ALPHA_BOUNDS, "host_weight": (0.0, 1.0),
+                       "load_factor": (1.0, 1e6)}
 
 
 @dataclass(slots=True)

@@ -37,6 +37,10 @@ class ScheduledStep(NamedTuple):
     num_reused_tokens: int  # reuse the admissions got: its first chunks' (requeue_failed)
     num_overflow_tokens: int  # tokens past max_num_tokens (probe mode only)
     num_draft_tokens: tuple[int, ...] = ()
+    # Reuse an earlier step reported obtained that the manager has since taken back (a
+    # pass that failed after its step's update: ``compute_failed``, ``transfer_failed``).
+    # Summed over steps, ``num_reused_tokens - num_lost_reused_tokens`` is the reuse kept.
+    num_lost_reused_tokens: int = 0
 
 
 class Candidate(NamedTuple):

@@ -78,6 +78,12 @@ def _num_obtained(chunks: Iterable[ContextChunk]) -> int:
     return sum(c.num_reused_tokens for c in chunks)
 
 
+def _num_failures(manager: KVCacheManager) -> int:
+    """The copies and forward passes the manager was told failed, so far. Pure."""
+    stats = manager.stats
+    return stats.num_failed_transfers + stats.num_failed_computes
+
+
 def _as_id(request_id: object) -> str:
     """``request_id`` as the plain str of a request id; TypeError naming it unless a str.
 
@@ -205,6 +211,16 @@ class Scheduler:
         self._in_call: str | None = None
         # Whether the update in flight has begun to apply its step (``_fail_update``).
         self._update_started = False
+        # The manager's lost reuse (``CacheStats.num_lost_reused_tokens``) that steps have
+        # accounted for: reported lost by a step, or never reported obtained (a request
+        # ``requeue_failed`` took out of its admission's step). The rest is the next step's
+        # ``num_lost_reused_tokens``.
+        self._num_lost_seen = manager.stats.num_lost_reused_tokens
+        # Per request of the last update: the output tokens it appended; and the manager's
+        # failed copies and passes then. A request the manager drops after that update, for
+        # a failure (``compute_failed``, ``transfer_failed``), got them from a failed pass.
+        self._appended: dict[str, int] = {}
+        self._num_failures_at_update = 0
 
     @property
     def phases(self) -> StepPhases | None:
@@ -552,7 +568,17 @@ class Scheduler:
             # Aborted in the manager outside a step (``compute_failed`` after ``update``, a
             # direct ``remove_sequence``): no step could decode them (a KeyError from the
             # manager at every step, the scheduler stuck). They recompute, as requeued.
-            self._requeue([self.running[rid] for rid in lost])
+            reqs = [self.running[rid] for rid in lost]
+            if _num_failures(self.manager) != self._num_failures_at_update:
+                # NOTE: the tokens the last update appended came from the pass that failed:
+                # kept, the request recomputed with a token its model never sampled (its
+                # chunk prefilled 2 tokens past its 8 reused where 1 is right).
+                for req in reqs:
+                    num = self._appended.get(req.request_id, 0)
+                    if num:
+                        del req.output[-num:]
+            self._requeue(reqs)
+        self._appended = {}
         phases = self.phases
         if phases is not None:
             phases.begin()
@@ -577,6 +603,9 @@ class Scheduler:
             self._computing.clear()  # a query between steps waits on no step's chunks
             self._num_removed = manager.num_removed_sequences
         self._unlisted_preempted = []  # the step lists them
+        lost_now = manager.stats.num_lost_reused_tokens
+        step = step._replace(num_lost_reused_tokens=lost_now - self._num_lost_seen)
+        self._num_lost_seen = lost_now
         self._unapplied = step
         return step
 
@@ -598,6 +627,7 @@ class Scheduler:
         the engine's own failures take, tested as it is. The cost is recomputing the
         requests one failed step touched."""
         manager = self.manager
+        lost_before = manager.stats.num_lost_reused_tokens
         # The waiting requests this step admitted in the manager (``candidates`` offers
         # none the manager held), before the failed copies below abort any of them: each
         # admission was counted as its query, so its next one is a recompute.
@@ -635,6 +665,9 @@ class Scheduler:
         unlisted = set(self._unlisted_preempted).union(self._step_started)
         self._unlisted_preempted += [req.request_id for req in lost
                                      if req.request_id not in unlisted]
+        # NOTE: the step was never returned: the reuse it takes back was reported by no
+        # step (its own admissions'), so no later step reports it lost either.
+        self._num_lost_seen += manager.stats.num_lost_reused_tokens - lost_before
 
     def _lost(self) -> list[str]:
         """The running requests the manager no longer holds, in admission order. Pure.
@@ -1072,6 +1105,9 @@ class Scheduler:
         for req in finished:
             self._release_request(req)
         self._unapplied = None
+        self._appended = {req.request_id: len(req.output) - n
+                          for req, n in zip(reqs, lengths, strict=True) if len(req.output) > n}
+        self._num_failures_at_update = _num_failures(self.manager)
         return finished
 
     def _fail_update(self, reqs: list[Request], lengths: list[int]) -> None:
@@ -1223,9 +1259,13 @@ class Scheduler:
             drafts = tuple(d for r, d in zip(step.decode_request_ids, drafts, strict=True)
                            if r not in gone)
         num = len(decodes) + sum(drafts) + sum(c.num_tokens for c in chunks)
+        num_reused = _num_obtained(chunks)
+        # The reuse taken out of this step was never reported obtained: the manager's
+        # loss of it is accounted for here, not reported lost by the next step.
+        self._num_lost_seen += step.num_reused_tokens - num_reused
         self._unapplied = step._replace(context_chunks=chunks, decode_request_ids=decodes,
                                         num_scheduled_tokens=num, num_draft_tokens=drafts,
-                                        num_reused_tokens=_num_obtained(chunks))
+                                        num_reused_tokens=num_reused)
         return self._unapplied
 
     def _requeue(self, requeued: list[Request]) -> None:

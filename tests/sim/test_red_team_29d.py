@@ -19,6 +19,7 @@ from kvtier.sim import RaceWorkload, simulate
 # 50 prefixes of one block, fillers, then 50 follow-ups; 104 requests, 12,850 prompt
 # tokens, of which the follow-ups can reuse 50 x 32 = 1,600.
 RACE_200_50 = {"name": "race", "kind": "race", "num_prefixes": 50, "max_num_tokens": 8192,
+               "chunked_prefill": True,
                "num_gpu_blocks": 200, "num_host_blocks": 50}
 REUSABLE = 1600 / 12850
 

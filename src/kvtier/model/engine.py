@@ -34,7 +34,6 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from kvtier.admission import PrefixMatch
 from kvtier.manager import KVCacheManager
 from kvtier.model.llama import LlamaModel
 from kvtier.model.sampling import Sampler
@@ -107,10 +106,6 @@ class RequestResult:
     def ttft_s(self) -> float | None:
         """Seconds from queueing to the first sampled token (``None``: none yet). Pure."""
         return None if self.first_token_s is None else self.first_token_s - self.added_s
-
-
-# What admission promises a request that skips reading the cache (``Request``).
-_NO_REUSE = PrefixMatch(0, 0, 0, 0)
 
 
 class _Computed(NamedTuple):
@@ -244,9 +239,7 @@ class ModelEngine(Wired):
         self._stops: dict[str, StopFn] = {}
         # Requests whose sampler or stop function faulted this step: they end at its update.
         self._faulted: dict[str, str] = {}
-        # Per waiting request not admitted yet: the lookup before this step (what admission
-        # will reuse, or a prefix of it), and the tokens its own remote fetch imported.
-        self._promised: dict[str, PrefixMatch] = {}
+        # Per waiting request not admitted yet: the tokens its own remote fetch imported.
         self._admitted: set[str] = set()  # requests whose first admission is recorded
         self._remote_tokens: dict[str, int] = {}
         # Per running request in prefill: the full blocks its admission reused (with
@@ -339,8 +332,7 @@ class ModelEngine(Wired):
     def _forget(self, request_id: str) -> None:
         """Drop what the engine keeps for a request that is done (finished or aborted): a
         finished id may be queued again, as a new request that fetches like any other."""
-        for table in (self._samplers, self._stops, self._promised, self._remote_tokens,
-                      self._reused_blocks):
+        for table in (self._samplers, self._stops, self._remote_tokens, self._reused_blocks):
             table.pop(request_id, None)
         self._fetched.discard(request_id)
         self._admitted.discard(request_id)
@@ -400,7 +392,6 @@ class ModelEngine(Wired):
                 self.transfer.synchronize_all()
                 self._copies_unwaited = False
             self._fetch_remote()
-        self._note_promises()
         scheduled = self.scheduler.step()
         # NOTE: counted before the step runs: one given up (``_abandon``) has preempted them
         # too, and its requests' results counted nothing.
@@ -665,50 +656,31 @@ class ModelEngine(Wired):
                 stopped.add(rid)
         return stopped
 
-    def _note_promises(self) -> None:
-        """Look up each waiting request whose admission is not recorded yet (none ran):
-        where what it prefills (its prompt, and the output it was queued with) would come
-        from; its admission reuses that, or a prefix of it (``_note_admissions``).
-
-        NOTE: a request preempted (or requeued) in its prefill was looked up again, and
-        its result took that admission's figures: reuse of the blocks it had computed
-        itself, where the result (and the manager's hits: a resumed admission is no query)
-        counts the first. A request queued with output was never looked up (it had
-        output), nor its prompt's lookup what it prefills: it reported 0 reused, 0
-        computed, where its admission reused 8."""
-        manager = self.manager
-        for req in self.scheduler.waiting:
-            rid = req.request_id
-            if rid in self.results and rid not in self._admitted:
-                self._promised[rid] = (_NO_REUSE if req.skip_reading_prefix_cache else
-                                       manager.lookup(req.tokens, salt=req.salt,
-                                                      lora_id=req.lora_id,
-                                                      mm_items=req.mm_items))
-
     def _note_admissions(self, step: ScheduledStep) -> None:
         """Record where the prefill of each request admitted by ``step`` (its first chunk
-        ran) came from."""
+        ran) came from: the admission's own split (``KVCacheManager.admitted_reuse``), for
+        the first admission of each request that ran.
+
+        NOTE: the engine looked each waiting request up before the step and split the
+        chunk's reuse by that lookup: the step's own evictions move blocks in between (b's
+        second block, on the GPU at the lookup, offloaded by the step and onboarded back:
+        it reported 8 GPU tokens where its admission reused 4 GPU + 4 host); and a
+        request queued with output, or preempted in its prefill, needed cases of its own."""
         running = self.scheduler.running
         for chunk in step.context_chunks:
-            match = self._promised.pop(chunk.request_id, None)
-            if match is None or chunk.first_token != chunk.num_reused_tokens:
+            rid = chunk.request_id
+            if rid in self._admitted or chunk.first_token != chunk.num_reused_tokens:
                 continue
-            self._admitted.add(chunk.request_id)
-            result = self.results[chunk.request_id]
-            # NOTE: the chunk's reuse, not the lookup's: an admission may reuse less than
-            # the lookup before the step promised (r5 of tests' test_red_team_29b_reuse:
-            # 6 tokens, a partial block's 2 among them, where admission reused 4 and 3
-            # were computed; it reported 6 reused, 1 computed). What it did not reuse is
-            # the promise's tail: a path is GPU blocks, then host blocks, then the partial.
-            num_reused = chunk.num_reused_tokens
-            num_gpu = min(match.num_gpu_tokens, num_reused)
-            num_host = min(match.num_host_tokens, num_reused - num_gpu)
-            remote = min(self._remote_tokens.pop(chunk.request_id, 0), num_host)
+            self._admitted.add(rid)
+            result = self.results[rid]
+            match = self.manager.admitted_reuse(rid)
+            assert match.num_tokens == chunk.num_reused_tokens, (chunk, match)
+            num_gpu, num_host = match.num_gpu_tokens, match.num_host_tokens
+            remote = min(self._remote_tokens.pop(rid, 0), num_host)
             result.num_gpu_tokens = num_gpu
             result.num_host_tokens = num_host - remote
             result.num_remote_tokens = remote
-            result.num_computed_tokens = running[chunk.request_id].num_prefill_tokens \
-                - num_gpu - num_host
+            result.num_computed_tokens = running[rid].num_prefill_tokens - num_gpu - num_host
 
     def _fetch_remote(self) -> None:
         """Start a remote fetch for each newly waiting request and hold it back; release

@@ -8,6 +8,9 @@ Sized from the cache and budget it will run on, so the race happens at any size:
     then, at once  q_i = P_i + max_num_tokens / n new tokens: each credited one host
                    block, together exactly the step's budget
 
+Without chunked prefill (``chunked_prefill=False``) every prompt is prefilled in one step,
+so each fits one: a follow-up's new tokens are at most ``max_num_tokens`` less its block.
+
 Sequential (probe) admission onboards P_1 by evicting a GPU filler, which is offloaded in
 place of the oldest host block, P_2: P_2's requester computes a block it was credited and
 the step overflows ``max_num_tokens``. Two-phase (claim) admission claims every P_i first.
@@ -26,13 +29,15 @@ from kvtier.sim.workload import TraceRequest
 
 @dataclass(frozen=True, slots=True)
 class RaceWorkload:
-    """S1 at scale for ``cache`` and a step budget of ``max_num_tokens``. The race needs a
-    host tier: without one, the fillers drop the prefixes and nothing is credited."""
+    """S1 at scale for ``cache`` and a step budget of ``max_num_tokens``, for a scheduler
+    with or without ``chunked_prefill``. The race needs a host tier: without one, the
+    fillers drop the prefixes and nothing is credited."""
 
     cache: CacheConfig
     max_num_tokens: int = 8192
     max_prefixes: int = 64
     name: str = "race"
+    chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.cache, CacheConfig):
@@ -42,6 +47,15 @@ class RaceWorkload:
             value = getattr(self, field)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{field} must be an integer >= 1, got {shown(value)}")
+        if type(self.chunked_prefill) is not bool:
+            raise ValueError(f"chunked_prefill must be a bool, got {shown(self.chunked_prefill)}")
+        tpb = self.cache.tokens_per_block
+        if not self.chunked_prefill and self.max_num_tokens <= tpb:
+            # NOTE: a prefix request is a block and a token: past one step's budget, every
+            # request was skipped as too large and the report said nothing of a race.
+            raise ValueError(f"without chunked_prefill, max_num_tokens must be > "
+                             f"tokens_per_block ({tpb}): a prefix request is a block and a "
+                             f"token, prefilled in one step; got {self.max_num_tokens}")
 
     @property
     def num_prefixes(self) -> int:
@@ -55,8 +69,13 @@ class RaceWorkload:
         return n
 
     def _new_tokens(self, n: int) -> int:
-        room = (self.cache.num_gpu_blocks // n - 2) * self.cache.tokens_per_block
-        return max(1, min(self.max_num_tokens // n, room))
+        tpb = self.cache.tokens_per_block
+        room = (self.cache.num_gpu_blocks // n - 2) * tpb
+        new = max(1, min(self.max_num_tokens // n, room))
+        # NOTE: without chunked prefill a follow-up (its block and its new tokens) past the
+        # step's budget was skipped as too large: with one prefix, its new tokens alone
+        # were the whole budget.
+        return new if self.chunked_prefill else min(new, self.max_num_tokens - tpb)
 
     def __iter__(self) -> Iterator[TraceRequest]:
         cache = self.cache
@@ -91,5 +110,6 @@ class RaceWorkload:
         """JSON-ready parameters of this workload."""
         return {"name": self.name, "kind": "race", "num_prefixes": self.num_prefixes,
                 "max_num_tokens": self.max_num_tokens,
+                "chunked_prefill": self.chunked_prefill,
                 "num_gpu_blocks": self.cache.num_gpu_blocks,
                 "num_host_blocks": self.cache.num_host_blocks}

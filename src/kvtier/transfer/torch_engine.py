@@ -392,6 +392,9 @@ class TorchTransferEngine:
         last = self._submit_once(plan)
         try:
             return self._submit_on_path(plan)
+        except TransferError as exc:
+            self._uncount(plan, exc.failed_in(plan))
+            raise
         except ValueError:
             # NOTE: refused, nothing copied (every path checks the plan before its first
             # copy): the plan did not run here. Recorded as run, it was refused again as
@@ -637,6 +640,27 @@ class TorchTransferEngine:
         block_bytes = self._tpb * self._bytes_per_token
         stats.bytes_d2h += num_offloads * block_bytes
         stats.bytes_h2d += (num_ops - num_offloads) * block_bytes
+
+    def _uncount(self, plan: TransferPlan, failed: list[int]) -> None:
+        """Take the ops at ``failed`` of ``plan``, counted when it was prepared, out of the
+        copies and bytes counted: they did not land (a launch counts as made).
+
+        NOTE: a plan whose copies failed was counted whole: the engine reported the
+        bytes of copies that never ran."""
+        stats = self.stats
+        per_token = self._bytes_per_token
+        for i in failed:
+            op = plan.op(i)
+            stats.num_ops -= 1
+            if op.num_tokens < self._tpb:
+                stats.num_partial_ops -= 1
+            nbytes = op.num_tokens * per_token
+            if op.dst_tier is Tier.HOST:
+                stats.bytes_d2h -= nbytes
+            elif op.src_tier is Tier.HOST:
+                stats.bytes_h2d -= nbytes
+            else:
+                stats.bytes_d2d -= nbytes
 
     def _count_arrays(self, a: PlanArrays, num_components: int) -> None:
         """What the fused and batched paths count, over the plan's arrays."""
