@@ -9,9 +9,25 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
+
+from fake_clock import FakeClock
+from kvtier import event_stream
 from kvtier.events import BlockStored
-from kvtier.publisher import EventBatch, InMemoryEventBus
+from kvtier.publisher import (
+    EventBatch,
+    InMemoryEventBus,
+    InstanceGone,
+    InstanceLost,
+    RedisStreamPublisher,
+    RedisStreamSubscriber,
+    SeqTracker,
+    Snapshot,
+    Update,
+)
+from kvtier.router import PrefixIndex
 from kvtier.tier import Tier
+from test_red_team_29a_router import FakeRedis
 
 G = Tier.GPU
 
@@ -19,6 +35,15 @@ G = Tier.GPU
 def stored(seq: int, h: int) -> BlockStored:
     """A BlockStored event of one 4-token block."""
     return BlockStored(seq, h, None, G, 4, None, (1, 2, 3, 4), None, None)
+
+
+@pytest.fixture
+def fake_redis(monkeypatch: pytest.MonkeyPatch) -> FakeRedis:
+    """The event stream's commands in memory, in place of every Redis client made."""
+    pytest.importorskip("redis")  # the publisher catches its errors
+    client = FakeRedis()
+    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
+    return client
 
 
 def test_a_bus_keeps_no_subscriber_its_owner_dropped() -> None:
@@ -33,3 +58,61 @@ def test_a_bus_keeps_no_subscriber_its_owner_dropped() -> None:
     assert sum(ref() is not None for ref in dropped) == 0  # before: 100
     assert bus.num_subscribers == 1  # before: 101
     assert live.poll() == [EventBatch("a", [stored(0, 1), stored(1, 2)])]
+
+
+def test_instances_expired_are_not_made_again_by_their_entries_read_late(
+        fake_redis: FakeRedis) -> None:
+    """a, b and c publish seq 0 and 1 and crash, their snapshots (next_seq 2) left under
+    their keys; the subscriber, behind (``count=1``), reads their seq 1 only after it
+    forgot them, quiet past ``forget_after_s``. Each was made again: a gap at seq 1, and
+    the crashed process's snapshot applied (its blocks routed to): 3 resurrections. Now
+    an expiry skips the entries added before it, as ``forget`` does: none."""
+    clock = FakeClock()
+    pub = RedisStreamPublisher("redis://fake", incarnation="run-1")
+    sub = RedisStreamSubscriber("redis://fake", forget_after_s=10.0, clock=clock)
+    index = PrefixIndex()
+    for k, iid in enumerate("abc"):
+        pub.publish(iid, [stored(0, 10 * k)])
+    index.apply_updates(sub.poll())
+    pub.publish("x", [stored(0, 99)])
+    for k, iid in enumerate("abc"):
+        pub.publish(iid, [stored(1, 10 * k + 1)])
+        pub.publish_snapshot(Snapshot(iid, 2, frozenset({(10 * k, G), (10 * k + 1, G)})))
+    clock.now = 11.0
+    updates = sub.poll(count=1)  # x's entry; a, b and c quiet for 11 s
+    assert updates == [EventBatch("x", [stored(0, 99)]), InstanceGone("a"),
+                       InstanceGone("b"), InstanceGone("c")]
+    index.apply_updates(updates)
+    for _ in range(2):
+        index.apply_updates(sub.poll())
+    made_again = [iid for iid in "abc" if iid in sub.tracker.streams or index.blocks(iid)]
+    assert made_again == []  # before: ['a', 'b', 'c']
+    assert index.instances() == ["x"] and sub.num_resync_requests == 0
+
+
+def test_a_forgotten_incarnations_past_does_not_make_it_again() -> None:
+    """Instance a (run-2, which replaced run-1) is forgotten. An entry of run-2 read
+    again (replayed), an unreadable one of it, a late one of run-1 and run-2's snapshot:
+    before, the first made a again (a gap), the late run-1 entry was read as a restart to
+    run-1 and run-1's snapshot applied: the old process's blocks routed to. Now each is
+    skipped or refused; a past what was read is back."""
+    clock = FakeClock()
+    tracker = SeqTracker(clock=clock)
+    out: list[Update] = []
+    tracker.receive_checked("a", [stored(0, 1)], out, "run-1")
+    tracker.receive_checked("a", [stored(0, 5), stored(1, 6)], out, "run-2")
+    tracker.forget("a", out)
+    assert out[-1] == InstanceGone("a")
+    out.clear()
+    tracker.receive_checked("a", [stored(1, 6)], out, "run-2")  # replayed
+    tracker.lose_entry("a", "run-2", out)  # an unreadable entry of run-2
+    tracker.receive_checked("a", [stored(2, 2)], out, "run-1")  # the old process, late
+    assert not tracker.offer(Snapshot("a", 2, frozenset({(5, G), (6, G)}), "run-2"), out)
+    assert not tracker.offer(Snapshot("a", 3, frozenset({(1, G)}), "run-1"), out)
+    assert out == [] and tracker.streams == {}  # before: a gap, then the snapshot applied
+    assert (tracker.num_past_entries, tracker.num_other_incarnation) == (3, 2)
+    # run-2 only quiet: its next seq brings it back, stale until its snapshot.
+    tracker.receive_checked("a", [stored(3, 7)], out, "run-2")
+    assert out == [InstanceLost("a", 0, 3)]
+    assert tracker.offer(Snapshot("a", 4, frozenset({(5, G), (7, G)}), "run-2"), out)
+    assert tracker.streams["a"].retired == ("run-1",) and tracker.gone == {}

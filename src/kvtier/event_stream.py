@@ -25,7 +25,7 @@ from kvtier.event_codec import (
     encode_snapshot,
     is_incarnation,
 )
-from kvtier.event_updates import MAX_BUFFER, Update, check_batch
+from kvtier.event_updates import MAX_BUFFER, InstanceGone, Update, check_batch
 from kvtier.events import Event
 from kvtier.remote.options import check_number
 from kvtier.reprs import shown
@@ -250,7 +250,9 @@ class RedisStreamSubscriber:
     the publisher reads it. An instance not heard from (no entry read, no snapshot applied)
     for more than ``forget_after_s`` on ``clock`` (by default 3600 s, an hour; None:
     never), or one the caller ``forget`` s, is forgotten (``InstanceGone``: the consumer
-    drops its blocks), its requests with it. One that comes back is read as new: from its
+    drops its blocks), its requests with it, and its entries added until then and still
+    unread are skipped (as is its past read again: ``SeqTracker``). One that comes back is
+    read as new: from its
     seq 0, or, an instance that was only quiet, from a gap at its next entry (stale, asked
     for, resynced from its snapshot, which the publisher must answer).
     May change: the resync stream, its own state.
@@ -294,12 +296,18 @@ class RedisStreamSubscriber:
         gap, a snapshot asked for that long."""
         self.tracker.forget(instance_id, self._gone)
         self._asked.pop(instance_id, None)
+        self._skip_unread([instance_id])
+
+    def _skip_unread(self, instance_ids: list[str]) -> None:
+        """The entries of ``instance_ids`` (forgotten) added until now and not yet read
+        are skipped when read (XINFO's last id, where Redis answers)."""
         xinfo_stream = getattr(self._redis, "xinfo_stream", None)
         info = None if xinfo_stream is None else _attempt(xinfo_stream, self.stream)
         last = stream_id(info.get("last-generated-id")) if isinstance(info, dict) else None
         read = stream_id(self.last_id)
         if last is not None and (read is None or last > read):
-            self._forgotten[instance_id] = last
+            for instance_id in instance_ids:
+                self._forgotten[instance_id] = last
 
     @property
     def resync_retry_s(self) -> float:
@@ -344,7 +352,14 @@ class RedisStreamSubscriber:
                                if last > read}
         self._try_snapshots(out)
         if self.forget_after_s is not None:
+            num_updates = len(out)
             self.tracker.expire(self.forget_after_s, out, started_s)
+            # NOTE: an instance expired with entries not yet read (a subscriber behind)
+            # was made again by them when read: a gap, and its crashed process's snapshot
+            # applied (routed to, gone). Expired, it is forgotten as ``forget`` does.
+            expired = [u.instance_id for u in out[num_updates:] if isinstance(u, InstanceGone)]
+            if expired:
+                self._skip_unread(expired)
         # NOTE: asked once, an instance waited for ever where its request was lost (the
         # resync stream trimmed past it, a server restarted without it): no snapshot came,
         # and the instance's blocks were never routed to again.

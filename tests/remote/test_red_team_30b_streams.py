@@ -1,0 +1,74 @@
+"""Red team 30b: KV events over a real Redis stream: forgotten instances, incarnations of
+one instance id, a publisher's goodbye, a stream trimmed to nothing.
+
+Every count here is exact; each test failed before its fix.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from remote_helpers import RedisServers
+
+from fake_clock import FakeClock
+from kvtier.events import BlockStored
+from kvtier.publisher import (
+    InstanceGone,
+    RedisStreamPublisher,
+    RedisStreamSubscriber,
+    Snapshot,
+)
+from kvtier.router import PrefixIndex
+from kvtier.tier import Tier
+
+G = Tier.GPU
+
+
+def stored(seq: int, h: int) -> BlockStored:
+    """A BlockStored event of one 4-token block."""
+    return BlockStored(seq, h, None, G, 4, None, (1, 2, 3, 4), None, None)
+
+
+@pytest.fixture
+def stream(redis_servers: RedisServers) -> Iterator[str]:
+    """A fresh stream name; its keys are deleted after the test."""
+    name = f"kvtier:test:{uuid.uuid4().hex}"
+    yield name
+    import redis
+
+    client = redis.Redis.from_url(redis_servers.url)
+    keys = list(client.scan_iter(match=f"{name}*"))
+    if keys:
+        client.delete(*keys)
+
+
+def test_entries_replayed_after_an_expiry_do_not_make_instances_again(
+        redis_servers: RedisServers, stream: str) -> None:
+    """a, b and c publish seq 0 and 1, store their snapshots (next_seq 2) and crash; the
+    subscriber forgets them, quiet past ``forget_after_s``. Their seq 1 entries are then
+    added again (a replay of the stream; a seq 0 replayed reads as a restart): each made
+    its instance again, a gap and the crashed process's snapshot applied (routed to): 3
+    resurrections. Now none."""
+    clock = FakeClock()
+    pub = RedisStreamPublisher(redis_servers.url, stream)
+    sub = RedisStreamSubscriber(redis_servers.url, stream, forget_after_s=10.0, clock=clock)
+    index = PrefixIndex()
+    for k, iid in enumerate("abc"):
+        pub.publish(iid, [stored(0, 10 * k)])
+        pub.publish(iid, [stored(1, 10 * k + 1)])
+        pub.publish_snapshot(Snapshot(iid, 2, frozenset({(10 * k, G), (10 * k + 1, G)})))
+    index.apply_updates(sub.poll())
+    assert index.instances() == ["a", "b", "c"]
+    clock.now = 11.0
+    assert sub.poll() == [InstanceGone("a"), InstanceGone("b"), InstanceGone("c")]
+    index.apply_updates([InstanceGone(iid) for iid in "abc"])
+    raw = pub._redis
+    for _, fields in raw.xrange(stream)[1::2]:  # the seq 1 entries, replayed
+        raw.xadd(stream, fields)
+    for _ in range(2):
+        index.apply_updates(sub.poll())
+    made_again = [iid for iid in "abc" if iid in sub.tracker.streams or index.blocks(iid)]
+    assert made_again == []  # before: ['a', 'b', 'c']
+    assert sub.tracker.num_past_entries == 3 and sub.num_resync_requests == 0
