@@ -260,24 +260,29 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
             self.entries.append(fields)
             return f"{len(self.entries)}-0".encode()  # the entry id, as Redis answers
 
-        def set(self, key: str, value: object) -> None:
-            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        def set(self, key: str, value: object, **options: object) -> None:
+            pass  # the instance's claim, set with its first entry
 
         def delete(self, key: str) -> int:
             return 0
 
-        def eval(self, *args: object) -> int:
+        def eval(self, script: str, *args: object) -> int:
+            if script == event_stream._SET_IF_CLAIMED:  # the snapshot's write
+                raise redis.exceptions.TimeoutError("Timeout reading from socket")
             return 0  # the conditional delete of the snapshot key: none is stored
 
         def pipeline(self, transaction: bool = True) -> Pipeline:
             return Pipeline(self)
 
     class Pipeline:
-        """Queues the commands of a seq-0 batch (the old snapshot's delete, the entry) and
-        runs them on execute, as a MULTI/EXEC transaction does."""
+        """Queues the commands of a first or seq-0 batch (the claim, the old snapshot's
+        delete, the entry) and runs them on execute, as a MULTI/EXEC transaction does."""
 
         def eval(self, *args: object, **options: object) -> None:
             self.queued.append(("eval", args, options))
+
+        def set(self, *args: object, **options: object) -> None:
+            self.queued.append(("set", args, options))
 
         def __init__(self, client: Client) -> None:
             self.client = client

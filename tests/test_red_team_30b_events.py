@@ -116,3 +116,32 @@ def test_a_forgotten_incarnations_past_does_not_make_it_again() -> None:
     assert out == [InstanceLost("a", 0, 3)]
     assert tracker.offer(Snapshot("a", 4, frozenset({(5, G), (7, G)}), "run-2"), out)
     assert tracker.streams["a"].retired == ("run-1",) and tracker.gone == {}
+
+
+def test_a_replaced_process_neither_writes_its_snapshot_nor_claims_again(
+        fake_redis: FakeRedis) -> None:
+    """old published a, then new did (its claim). old's snapshot is refused; old retiring
+    (``forget``) leaves new's claim; old publishing a again does not claim it back, so
+    new's snapshot is still written, and a subscriber reading old's entry first skips it
+    as replaced. Before: old's snapshot overwrote new's, which a subscriber reading new's
+    entries refused (stale, asked again for ever while old answered last)."""
+    claim = "kvtier:events:incarnation:a"
+    old = RedisStreamPublisher("redis://fake", incarnation="old")
+    new = RedisStreamPublisher("redis://fake", incarnation="new")
+    old.publish("a", [stored(0, 100)])
+    assert fake_redis.keys[claim] == b"old"
+    new.publish("a", [stored(0, 1)])
+    new.publish_snapshot(Snapshot("a", 1, frozenset({(1, G)})))
+    old.publish_snapshot(Snapshot("a", 5, frozenset({(100, G)})))
+    old.forget("a")
+    old.publish("a", [stored(0, 200)])
+    assert fake_redis.keys[claim] == b"new"
+    new.publish_snapshot(Snapshot("a", 1, frozenset({(1, G)})))
+    assert (old.num_refused_snapshots, new.num_refused_snapshots) == (1, 0)
+    assert b'"p":"new"' in fake_redis.keys["kvtier:events:snapshot:a"]
+    sub = RedisStreamSubscriber("redis://fake", start_id="2-0")  # from old's seq 0 again
+    assert sub.poll() == []  # old's entry: replaced
+    assert sub.tracker.streams["a"].incarnation == "new"
+    assert sub.tracker.streams["a"].retired == ("old",)
+    new.forget("a")
+    assert claim not in fake_redis.keys

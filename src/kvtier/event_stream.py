@@ -73,6 +73,33 @@ end
 return redis.call('DEL', KEYS[1])
 """
 
+# Sets the snapshot KEYS[1] to ARGV[1] (with an EX of ARGV[3] seconds unless it is '0')
+# unless the instance's claim KEYS[2] names another incarnation than ARGV[2]: 1 where it
+# was set, 0 where refused. The claim's EX is renewed with the snapshot's.
+_SET_IF_CLAIMED = """
+local claim = redis.call('GET', KEYS[2])
+if claim and claim ~= ARGV[2] then return 0 end
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+  if claim then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+end
+return 1
+"""
+
+# Deletes the claim KEYS[1] where it names ARGV[1]: 1 where it went, 0 where not.
+_DELETE_CLAIM_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def claim_key(stream: str, instance_id: str) -> str:
+    """The key naming the incarnation that publishes ``instance_id`` on ``stream`` now
+    (its claim: ``RedisStreamPublisher``). Pure."""
+    return f"{stream}:incarnation:{instance_id}"
+
 
 def _check_stream(stream: object) -> None:
     if not isinstance(stream, str) or not stream:
@@ -111,6 +138,19 @@ class RedisStreamPublisher:
     new one writes its own, or ``snapshot_ttl_s``.
     Subscribers that missed events add the instance id to the stream ``<stream>:resync``,
     which :meth:`resync_requests` reads.
+
+    Two processes may publish one instance id (a restarted engine re-using its name while
+    the old process still publishes): the later claims it. With its first batch of the
+    instance, in one transaction, a publisher sets the claim key
+    ``<stream>:incarnation:<instance>`` (``claim_key``) to its incarnation, once; a
+    snapshot is written only where no other incarnation holds that claim (one Lua script:
+    refused ones counted in ``num_refused_snapshots``), and subscribers that read an
+    incarnation new to them follow the claim (``RedisStreamSubscriber``). NOTE: the old
+    process's snapshot, written after the new one's (both answering one resync request),
+    overwrote it: subscribers reading the new entries refused it and waited, for ever
+    where the old one answered last each time. A claim lives as its snapshot key does
+    (``snapshot_ttl_s``, renewed with each snapshot; none: until ``forget``); where it is
+    gone, snapshots are written unconditionally, as before claims.
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000,
@@ -136,9 +176,13 @@ class RedisStreamPublisher:
         # Instances whose seq 0 batch failed: the snapshot of their earlier incarnation
         # may still be under its key, deleted with their next batch sent.
         self._old_snapshots: set[str] = set()
+        # Instances this publisher claimed (``claim_key``): claimed once, never again,
+        # unless its ``forget`` took its own claim.
+        self._claimed: set[str] = set()
         self._resync_id: str | bytes = "0-0"
         self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
         self.num_failed_reads = 0  # resync_requests calls Redis did not answer
+        self.num_refused_snapshots = 0  # snapshots refused: another incarnation claims
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
         """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
@@ -150,7 +194,9 @@ class RedisStreamPublisher:
         if not events:
             return
         fields = {"i": instance_id, "e": encode_events(events), "n": self.incarnation}
-        if events[0].seq == 0 or instance_id in self._old_snapshots:
+        owes_delete = events[0].seq == 0 or instance_id in self._old_snapshots
+        claims = instance_id not in self._claimed
+        if owes_delete or claims:
             # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
             # snapshot its earlier one left under the key goes with the same transaction.
             # A subscriber that saw the restart, then a gap, read that snapshot, which
@@ -160,14 +206,22 @@ class RedisStreamPublisher:
             # restart by the incarnation applied it: the delete goes with each batch of
             # the instance until one is sent. Only a snapshot naming this incarnation or
             # none goes: an old process's owed delete took the new one's snapshot.
+            # NOTE: the claim goes with the first entry, so that no subscriber reads an
+            # entry of this incarnation before its claim (a later claim is a later one's).
             pipe = self._redis.pipeline(transaction=True)
-            self._delete_own_snapshot(instance_id, pipe)
+            if claims:
+                pipe.set(claim_key(self.stream, instance_id), self.incarnation,
+                         **self._ex_option())
+            if owes_delete:
+                self._delete_own_snapshot(instance_id, pipe)
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
             sent = _attempt(pipe.execute)
             if sent is None:
-                self._old_snapshots.add(instance_id)
+                if owes_delete:
+                    self._old_snapshots.add(instance_id)
             else:
                 self._old_snapshots.discard(instance_id)
+                self._claimed.add(instance_id)
         else:
             sent = _attempt(self._redis.xadd, self.stream, fields, maxlen=self.maxlen,
                             approximate=True)
@@ -176,6 +230,9 @@ class RedisStreamPublisher:
 
     def _snapshot_key(self, instance_id: str) -> str:
         return f"{self.stream}:snapshot:{instance_id}"
+
+    def _ex_option(self) -> dict[str, int]:
+        return {} if self._snapshot_ex is None else {"ex": self._snapshot_ex}
 
     def _delete_own_snapshot(self, instance_id: str, client: Any) -> Any:
         """Deletes ``instance_id``'s snapshot key on ``client`` (the connection or a
@@ -186,7 +243,8 @@ class RedisStreamPublisher:
 
     def publish_snapshot(self, snapshot: Snapshot) -> None:
         """Store ``snapshot``, named by this publisher's ``incarnation`` (a subscriber
-        refuses one of another incarnation than the stream it reads); publish every event
+        refuses one of another incarnation than the stream it reads), unless another
+        incarnation claims the instance (``num_refused_snapshots``); publish every event
         before ``next_seq`` first. A snapshot Redis does not take is counted in
         ``num_failed_batches``; a stale subscriber asks again. TypeError unless it is a
         :class:`Snapshot`, ValueError if it names another incarnation, storing nothing."""
@@ -197,12 +255,17 @@ class RedisStreamPublisher:
         elif snapshot.incarnation != self.incarnation:
             raise ValueError(f"snapshot.incarnation must be None or this publisher's "
                              f"{self.incarnation!r}, got {short_repr(snapshot.incarnation)}")
-        key = self._snapshot_key(snapshot.instance_id)
-        options = {} if self._snapshot_ex is None else {"ex": self._snapshot_ex}
-        if _attempt(self._redis.set, key, encode_snapshot(snapshot), **options) is None:
+        instance_id = snapshot.instance_id
+        written = _attempt(self._redis.eval, _SET_IF_CLAIMED, 2,
+                           self._snapshot_key(instance_id), claim_key(self.stream, instance_id),
+                           encode_snapshot(snapshot), self.incarnation,
+                           str(self._snapshot_ex or 0))
+        if written is None:
             self.num_failed_batches += 1
+        elif not written:
+            self.num_refused_snapshots += 1  # another incarnation claims the instance
         else:
-            self._old_snapshots.discard(snapshot.instance_id)  # overwritten
+            self._old_snapshots.discard(instance_id)  # overwritten
 
     def forget(self, instance_id: str) -> None:
         """``instance_id`` retires for good (its engine shuts down): its snapshot key goes,
@@ -216,6 +279,12 @@ class RedisStreamPublisher:
         self._old_snapshots.discard(instance_id)
         if _attempt(self._delete_own_snapshot, instance_id, self._redis) is None:
             self.num_failed_batches += 1
+        released = _attempt(self._redis.eval, _DELETE_CLAIM_IF_MINE, 1,
+                            claim_key(self.stream, instance_id), self.incarnation)
+        if released is None:
+            self.num_failed_batches += 1
+        elif released:
+            self._claimed.discard(instance_id)  # publishing again claims it again
 
     def resync_requests(self) -> set[str]:
         """Instance ids that subscribers asked a snapshot of since the last call (the first
@@ -247,7 +316,10 @@ class RedisStreamSubscriber:
     stays stale until a sound one comes. An instance still stale ``resync_retry_s`` seconds
     after its request is asked for again (``num_resync_requests`` counts them): a request
     is one entry of a capped stream, which a trim or a restarted server may lose before
-    the publisher reads it. An instance not heard from (no entry read, no snapshot applied)
+    the publisher reads it. An entry of an incarnation new to the subscriber is read as
+    the instance's only where the instance's claim (``claim_key``, one GET) names it or
+    none: one of another is skipped as replaced (``SeqTracker.supersede``).
+    An instance not heard from (no entry read, no snapshot applied)
     for more than ``forget_after_s`` on ``clock`` (by default 3600 s, an hour; None:
     never), or one the caller ``forget`` s, is forgotten (``InstanceGone``: the consumer
     drops its blocks), its requests with it, and its entries added until then and still
@@ -404,6 +476,19 @@ class RedisStreamSubscriber:
             entry_seq = stream_id(entry_id)
             if entry_seq is not None and entry_seq <= self._forgotten[instance_id]:
                 return  # added before its instance left
+        incarnation = field(entry, "n") or None
+        if instance_id is not None and incarnation is not None \
+                and not self.tracker.knows(instance_id, incarnation):
+            # NOTE: an incarnation new to this subscriber is taken as the instance's
+            # current one only where its claim does not name another (``claim_key``): the
+            # incarnation read last was taken for it, and an old process's late entry,
+            # read after the new one's, replaced the new one.
+            claim = _attempt(self._redis.get, claim_key(self.stream, instance_id))
+            current = claim.decode(errors="replace") if isinstance(claim, bytes) else claim
+            if is_incarnation(current) and current != incarnation:
+                assert isinstance(current, str)
+                self.tracker.supersede(instance_id, incarnation, current, out)
+                return
         try:
             if instance_id is None:
                 raise ValueError("no readable instance id")
@@ -411,10 +496,10 @@ class RedisStreamSubscriber:
         except (ValueError, KeyError, TypeError):
             self.num_malformed_entries += 1
             if instance_id is not None:
-                self.tracker.lose_entry(instance_id, field(entry, "n") or None, out)
+                self.tracker.lose_entry(instance_id, incarnation, out)
             return
         # decoded: checked; an entry without a readable incarnation is read by its seq alone
-        self.tracker.receive_checked(instance_id, events, out, field(entry, "n") or None)
+        self.tracker.receive_checked(instance_id, events, out, incarnation)
 
     def _try_snapshots(self, out: list[Update]) -> None:
         for instance_id in self.tracker.stale_instances():

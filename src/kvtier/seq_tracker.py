@@ -162,6 +162,38 @@ class SeqTracker:
                             if now - stream.heard_s > forget_after_s]:
             self.forget(instance_id, out)
 
+    def knows(self, instance_id: str, incarnation: str) -> bool:
+        """Whether ``incarnation`` is one this tracker read of ``instance_id`` (its current
+        or a retired one, or of its past where it was forgotten). Pure."""
+        stream = self.streams.get(instance_id)
+        if stream is not None:
+            return incarnation == stream.incarnation or incarnation in stream.retired
+        gone = self.gone.get(instance_id)
+        return gone is not None and (incarnation == gone.incarnation
+                                     or incarnation in gone.retired)
+
+    def supersede(self, instance_id: str, stale: str, current: str,
+                  out: list[Update]) -> None:
+        """``instance_id``'s publisher is ``current`` (its claim says so), not ``stale``,
+        whose batch read is skipped (``num_other_incarnation``): ``stale`` is retired, and
+        the incarnation read before, where it is another than ``current``, too (a restart:
+        the instance's blocks are lost). ``current``'s entries, its snapshot, are the
+        instance's from now on, read from its seq 0 or a gap.
+
+        NOTE: the tracker took the incarnation read last for the current one: a
+        subscriber that read the new process's entries first (it joined late, or the
+        seq 0 was trimmed) read the old one's late entry as a restart, retired the new
+        incarnation, skipped its entries and applied the old one's snapshot."""
+        self.num_other_incarnation += 1
+        stream = self._stream(instance_id, current)
+        if stream.incarnation is not None and stream.incarnation != current:
+            retired = stream.incarnation
+            self._restarted(instance_id, stream, out)
+            stream.retired = (*stream.retired, retired)[-_MAX_RETIRED:]
+        stream.incarnation = current
+        stream.retired = tuple(i for i in (*stream.retired, stale)
+                               if i != current)[-_MAX_RETIRED:]
+
     def stale_instances(self) -> list[str]:
         """Instances waiting for a snapshot, in first-seen order. Pure."""
         return [iid for iid, s in self.streams.items() if s.stale]

@@ -72,3 +72,40 @@ def test_entries_replayed_after_an_expiry_do_not_make_instances_again(
     made_again = [iid for iid in "abc" if iid in sub.tracker.streams or index.blocks(iid)]
     assert made_again == []  # before: ['a', 'b', 'c']
     assert sub.tracker.num_past_entries == 3 and sub.num_resync_requests == 0
+
+
+@pytest.mark.parametrize("query", ["", "?protocol=3", "?decode_responses=true"])
+def test_two_incarnations_of_one_instance_do_not_mix(redis_servers: RedisServers,
+                                                     stream: str, query: str) -> None:
+    """Engine a restarts (new) while its old process still publishes (old). A subscriber
+    that joined after the new one's seq 0 reads new's seq 1 (a gap: stale), then old's
+    late seq 1: before, read as another restart, new retired, its seq 2 and 3 skipped (2
+    events lost for good), and both processes answering the resync, old's snapshot,
+    written last, overwrote new's and was applied: the index held old's blocks 100, 101.
+    Now new claims a with its first entry: old's entry is skipped, its snapshot refused
+    when written (``num_refused_snapshots``), and new's applied."""
+    url = redis_servers.url + query
+    old = RedisStreamPublisher(url, stream, incarnation="old")
+    new = RedisStreamPublisher(url, stream, incarnation="new")
+    old.publish("a", [stored(0, 100)])
+    new.publish("a", [stored(0, 1)])
+    first_read = old._redis.xrevrange(stream, count=1)[0][0]
+    new.publish("a", [stored(1, 2)])
+    start_id = first_read.decode() if isinstance(first_read, bytes) else first_read
+    sub = RedisStreamSubscriber(url, stream, start_id=start_id)
+    index = PrefixIndex()
+    index.apply_updates(sub.poll())  # new's seq 1: a gap
+    old.publish("a", [stored(1, 101)])  # the old process, still up
+    new.publish("a", [stored(2, 3)])
+    new.publish("a", [stored(3, 4)])
+    index.apply_updates(sub.poll())
+    assert old.resync_requests() == new.resync_requests() == {"a"}
+    new.publish_snapshot(Snapshot("a", 4, frozenset({(1, G), (2, G), (3, G), (4, G)})))
+    old.publish_snapshot(Snapshot("a", 2, frozenset({(100, G), (101, G)})))
+    new.publish("a", [stored(4, 5)])
+    index.apply_updates(sub.poll())
+    assert index.blocks("a") == {1: G, 2: G, 3: G, 4: G, 5: G}  # before: {100: G, 101: G}
+    assert (old.num_refused_snapshots, new.num_refused_snapshots) == (1, 0)
+    assert sub.tracker.streams["a"].retired == ("old",)
+    assert (sub.tracker.num_other_incarnation, sub.tracker.num_restarts) == (1, 0)
+    assert sub.tracker.stale_instances() == [] and sub.tracker.num_resyncs == 1
