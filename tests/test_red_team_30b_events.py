@@ -145,3 +145,34 @@ def test_a_replaced_process_neither_writes_its_snapshot_nor_claims_again(
     assert sub.tracker.streams["a"].retired == ("old",)
     new.forget("a")
     assert claim not in fake_redis.keys
+
+
+def test_a_publishers_goodbye_makes_subscribers_forget_its_instance_at_once(
+        fake_redis: FakeRedis) -> None:
+    """a, b and c retire (``forget`` at their publisher): their subscribers held all 3,
+    and routed to them, until ``forget_after_s`` (an hour by default). Now ``forget``
+    adds a final entry (``g``) and the next poll says ``InstanceGone`` for each. An old
+    process's goodbye, of a replaced incarnation, leaves the new one; the entry's events
+    are ``[]``, which a subscriber older than ``g`` reads as an empty batch."""
+    pub = RedisStreamPublisher("redis://fake", incarnation="run-1")
+    sub = RedisStreamSubscriber("redis://fake")
+    index = PrefixIndex()
+    for k, iid in enumerate("abc"):
+        pub.publish(iid, [stored(0, k)])
+    index.apply_updates(sub.poll())
+    for iid in "abc":
+        pub.forget(iid)
+    updates = sub.poll()
+    assert updates == [InstanceGone("a"), InstanceGone("b"), InstanceGone("c")]  # before: []
+    index.apply_updates(updates)
+    assert index.instances() == [] and sub.tracker.streams == {}
+    *_, (_, goodbye) = fake_redis.streams["kvtier:events"]
+    assert goodbye == {b"i": b"c", b"e": b"[]", b"n": b"run-1", b"g": b"1"}
+    # The old process of d retires after the new one took d over: d stays.
+    old = RedisStreamPublisher("redis://fake", incarnation="old")
+    new = RedisStreamPublisher("redis://fake", incarnation="new")
+    old.publish("d", [stored(0, 100)])
+    new.publish("d", [stored(0, 1)])
+    old.forget("d")
+    index.apply_updates(sub.poll())
+    assert index.blocks("d") == {1: G} and sub.tracker.streams["d"].incarnation == "new"

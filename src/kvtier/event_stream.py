@@ -118,7 +118,8 @@ def _connect(url: str) -> Any:
 class RedisStreamPublisher:
     """Publishes each batch as one entry of the stream ``stream`` (``XADD MAXLEN ~ maxlen``).
 
-    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`, ``n`` the publisher's
+    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`, ``g`` on a goodbye
+    only (``forget``: no events), ``n`` the publisher's
     ``incarnation`` (by default a random id per publisher: a restarted process is a new
     one, which subscribers see as a restart even where its seq 0 was trimmed; publishers
     of one engine's events on several connections share one; an entry
@@ -268,22 +269,32 @@ class RedisStreamPublisher:
             self._old_snapshots.discard(instance_id)  # overwritten
 
     def forget(self, instance_id: str) -> None:
-        """``instance_id`` retires for good (its engine shuts down): its snapshot key goes,
-        so that Redis holds none per instance id ever seen (with Redis down, counted in
-        ``num_failed_batches``; ``snapshot_ttl_s`` bounds it then), unless the snapshot
-        names another incarnation (a new process of the instance already wrote its own:
-        it stays). Subscribers forget the instance once it is quiet for their
-        ``forget_after_s``. TypeError, changing nothing, unless it is a str."""
+        """``instance_id`` retires for good (its engine shuts down): a final entry says so
+        (its goodbye: ``g`` set, no events), on which subscribers forget the instance at
+        once (``InstanceGone``), where this is the incarnation they read; its snapshot key
+        goes, so that Redis holds none per instance id ever seen, unless the snapshot names
+        another incarnation (a new process of the instance already wrote its own: it
+        stays), and so does its claim, where it is still this publisher's. One
+        transaction: with Redis down, none of it, counted in ``num_failed_batches``
+        (subscribers forget the instance at their ``forget_after_s``, ``snapshot_ttl_s``
+        bounds the key). TypeError, changing nothing, unless it is a str.
+
+        NOTE: without a goodbye, subscribers held a retired instance, routed to, until
+        their ``forget_after_s`` (an hour by default). A subscriber older than ``g`` reads
+        the goodbye as an empty batch: nothing, as before."""
         if not isinstance(instance_id, str):
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
         self._old_snapshots.discard(instance_id)
-        if _attempt(self._delete_own_snapshot, instance_id, self._redis) is None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xadd(self.stream, {"i": instance_id, "e": "[]", "n": self.incarnation, "g": "1"},
+                  maxlen=self.maxlen, approximate=True)
+        self._delete_own_snapshot(instance_id, pipe)
+        pipe.eval(_DELETE_CLAIM_IF_MINE, 1, claim_key(self.stream, instance_id),
+                  self.incarnation)
+        done = _attempt(pipe.execute)
+        if done is None:
             self.num_failed_batches += 1
-        released = _attempt(self._redis.eval, _DELETE_CLAIM_IF_MINE, 1,
-                            claim_key(self.stream, instance_id), self.incarnation)
-        if released is None:
-            self.num_failed_batches += 1
-        elif released:
+        elif done[-1]:
             self._claimed.discard(instance_id)  # publishing again claims it again
 
     def resync_requests(self) -> set[str]:
@@ -489,6 +500,10 @@ class RedisStreamSubscriber:
                 assert isinstance(current, str)
                 self.tracker.supersede(instance_id, incarnation, current, out)
                 return
+        if instance_id is not None and raw_field(entry, "g") is not None:
+            if self.tracker.farewell(instance_id, incarnation, out):
+                self._asked.pop(instance_id, None)
+            return
         try:
             if instance_id is None:
                 raise ValueError("no readable instance id")

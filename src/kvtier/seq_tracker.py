@@ -145,6 +145,22 @@ class SeqTracker:
             if len(self.gone) > _MAX_GONE:
                 del self.gone[next(iter(self.gone))]
 
+    def farewell(self, instance_id: str, incarnation: str | None,
+                 out: list[Update]) -> bool:
+        """``instance_id``'s publisher ``incarnation`` said goodbye: the instance is
+        forgotten (``forget``) unless the stream reads another incarnation (a replaced
+        process retiring after the new one took over: ``num_other_incarnation``). True
+        where it was forgotten."""
+        stream = self.streams.get(instance_id)
+        if stream is None:
+            return False
+        if incarnation is not None and (incarnation in stream.retired or (
+                stream.incarnation is not None and incarnation != stream.incarnation)):
+            self.num_other_incarnation += 1
+            return False
+        self.forget(instance_id, out)
+        return True
+
     def expire(self, forget_after_s: float, out: list[Update],
                now: float | None = None) -> None:
         """Forget every instance not heard from (no event read, no snapshot applied) for

@@ -109,3 +109,27 @@ def test_two_incarnations_of_one_instance_do_not_mix(redis_servers: RedisServers
     assert sub.tracker.streams["a"].retired == ("old",)
     assert (sub.tracker.num_other_incarnation, sub.tracker.num_restarts) == (1, 0)
     assert sub.tracker.stale_instances() == [] and sub.tracker.num_resyncs == 1
+
+
+def test_a_publishers_goodbye_on_a_real_server(redis_servers: RedisServers,
+                                               stream: str) -> None:
+    """``forget`` at the publisher: before, the subscriber held a and b, routed to, until
+    ``forget_after_s``; now the goodbye entry (one MULTI/EXEC with the deletes of the
+    snapshot and the claim) makes the next poll forget both. Its events, ``[]``, decode
+    as an empty batch, so a subscriber older than the ``g`` field reads nothing."""
+    from kvtier.publisher import decode_events
+
+    pub = RedisStreamPublisher(redis_servers.url, stream)
+    sub = RedisStreamSubscriber(redis_servers.url, stream)
+    for k, iid in enumerate("ab"):
+        pub.publish(iid, [stored(0, k)])
+        pub.publish_snapshot(Snapshot(iid, 1, frozenset({(k, G)})))
+    sub.poll()
+    for iid in "ab":
+        pub.forget(iid)
+    assert sub.poll() == [InstanceGone("a"), InstanceGone("b")]  # before: []
+    raw = pub._redis
+    assert raw.exists(f"{stream}:snapshot:a", f"{stream}:incarnation:a") == 0
+    (_, goodbye), = raw.xrevrange(stream, count=1)
+    assert goodbye[b"g"] == b"1" and decode_events(goodbye[b"e"]) == []
+    assert pub.num_failed_batches == 0
