@@ -108,6 +108,7 @@ class FakeRedis:
         self.keys: dict[str, bytes] = {}
         self.ttls: dict[str, int | None] = {}  # the EX of each SET
         self.next_id = 1
+        self.last_ids: dict[str, bytes] = {}  # each stream's last-generated-id
         self.down = 0
 
     def _check(self) -> None:
@@ -123,6 +124,7 @@ class FakeRedis:
         entry_id = f"{self.next_id}-0".encode()
         self.next_id += 1
         entries = self.streams.setdefault(stream, [])
+        self.last_ids[stream] = entry_id
         entries.append((entry_id, {k.encode(): (v if isinstance(v, bytes) else str(v).encode())
                                    for k, v in fields.items()}))
         if maxlen is not None:
@@ -146,7 +148,7 @@ class FakeRedis:
         self._check()
         entries = self.streams.get(stream, [])
         return {"recorded-first-entry-id": entries[0][0] if entries else b"0-0",
-                "last-generated-id": f"{self.next_id - 1}-0".encode()}
+                "last-generated-id": self.last_ids.get(stream, b"0-0")}
 
     def xtrim(self, stream: str, maxlen: int) -> None:
         entries = self.streams.get(stream, [])

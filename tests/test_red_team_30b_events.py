@@ -176,3 +176,24 @@ def test_a_publishers_goodbye_makes_subscribers_forget_its_instance_at_once(
     old.forget("d")
     index.apply_updates(sub.poll())
     assert index.blocks("d") == {1: G} and sub.tracker.streams["d"].incarnation == "new"
+
+
+def test_a_stream_trimmed_to_nothing_makes_every_instance_read_stale(
+        fake_redis: FakeRedis) -> None:
+    """a and b add seq 1 (a block each) and go quiet; the stream is trimmed to nothing
+    (MAXLEN 0) before the subscriber reads them. Its first entry id is then 0-0, read as
+    "nothing trimmed past us": a and b were never stale, their lost blocks never learnt
+    (0 instances lost, 0 resync requests). Now an empty stream whose last id is past the
+    last one read is a trim past it: both lost, and asked for (2, 2)."""
+    pub = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake")
+    for k, iid in enumerate("ab"):
+        pub.publish(iid, [stored(0, k)])
+    sub.poll()
+    for k, iid in enumerate("ab"):
+        pub.publish(iid, [stored(1, 10 + k)])
+    fake_redis.xtrim("kvtier:events", maxlen=0)
+    assert sub.poll() == [InstanceLost("a", 1, None), InstanceLost("b", 1, None)]  # before: []
+    assert sub.tracker.stale_instances() == ["a", "b"]
+    assert (sub.num_trims, sub.num_resync_requests) == (1, 2)
+    assert sub.poll() == [] and sub.num_trims == 1  # said once

@@ -319,8 +319,9 @@ class RedisStreamSubscriber:
 
     Gaps (the stream was trimmed past us, or we started late) make an instance stale: a
     resync request is added and the stored snapshot is used once it covers what was read
-    (a stream trimmed past the last entry read makes every instance read stale at once,
-    ``num_trims``: which instances' entries went is not known).
+    (a stream trimmed past the last entry read, to nothing, or deleted makes every instance
+    read stale at once, ``num_trims``: which instances' entries went is not known; one
+    deleted or made again behind the last id read is read again from its start).
     A malformed entry is skipped and counted (``num_malformed_entries``); its instance, when
     readable, is reported lost (a gap) and resynced; the entries after it are delivered. A
     malformed snapshot is skipped and counted (``num_malformed_snapshots``); the instance
@@ -461,25 +462,48 @@ class RedisStreamSubscriber:
 
     def _check_trimmed(self, out: list[Update]) -> None:
         """Every instance read so far is lost (stale until a snapshot) where the stream
-        was trimmed past ``last_id``: its oldest entry is newer than the last one read, so
-        entries never read are gone, of instances unknown (``num_trims``).
+        lost entries past ``last_id`` (``num_trims``), of instances unknown: trimmed past
+        it (its oldest entry is newer than the last one read, or, trimmed to nothing, its
+        last id is), or deleted. A stream deleted, or made again behind ``last_id`` (its
+        last id older), is read again from its start.
 
         NOTE: a trimmed entry showed as a hole only at its instance's next entry: a quiet
         instance's trimmed BlockRemoved was routed to for as long as it stayed quiet. A
         trim that cut exactly where the subscriber stood costs a resync; one between this
-        check and the read shows, as before, at each instance's next entry."""
+        check and the read shows, as before, at each instance's next entry. A stream
+        trimmed to nothing (first id 0-0) or deleted (no XINFO) read as nothing lost, and
+        one made again behind ``last_id`` was read from there: never an entry again."""
         xinfo_stream = getattr(self._redis, "xinfo_stream", None)
-        if not self.tracker.streams or xinfo_stream is None:
-            return  # nothing read yet (a hole shows as any other), or a client without XINFO
+        read = stream_id(self.last_id)
+        if xinfo_stream is None or read is None or read == (0, 0):
+            return  # a client without XINFO, or nothing read yet (a hole shows as any other)
         info = _attempt(xinfo_stream, self.stream)
-        first = stream_id(info.get("recorded-first-entry-id")) if isinstance(info, dict) \
-            else None
-        last = stream_id(self.last_id)
-        if first is None or last is None or first <= last:
+        if not isinstance(info, dict):  # Redis down, or no such stream
+            exists = getattr(self._redis, "exists", None)
+            if self.tracker.streams and exists is not None \
+                    and _attempt(exists, self.stream) == 0:
+                self._lose_all(out, read_again=True)
             return
+        first = stream_id(info.get("recorded-first-entry-id"))
+        newest = stream_id(info.get("last-generated-id"))
+        if newest is not None and newest < read:
+            self._lose_all(out, read_again=True)
+        elif first == (0, 0):  # empty: trimmed past us where entries came after ours
+            if newest is not None and newest > read:
+                self._lose_all(out)
+                self.last_id = f"{newest[0]}-{newest[1]}"  # nothing left before it
+        elif first is not None and first > read:
+            self._lose_all(out)
+
+    def _lose_all(self, out: list[Update], read_again: bool = False) -> None:
+        """Every instance read is lost (``num_trims``); ``read_again``: the stream is
+        read from its start (what was forgotten with it is forgotten)."""
         self.num_trims += 1
         for instance_id in list(self.tracker.streams):
             self.tracker.lose(instance_id, out)
+        if read_again:
+            self.last_id = "0-0"
+            self._forgotten.clear()
 
     def _receive(self, entry_id: object, entry: object, out: list[Update]) -> None:
         instance_id = field(entry, "i")

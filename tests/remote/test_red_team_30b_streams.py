@@ -16,9 +16,11 @@ from fake_clock import FakeClock
 from kvtier.events import BlockStored
 from kvtier.publisher import (
     InstanceGone,
+    InstanceLost,
     RedisStreamPublisher,
     RedisStreamSubscriber,
     Snapshot,
+    encode_events,
 )
 from kvtier.router import PrefixIndex
 from kvtier.tier import Tier
@@ -133,3 +135,34 @@ def test_a_publishers_goodbye_on_a_real_server(redis_servers: RedisServers,
     (_, goodbye), = raw.xrevrange(stream, count=1)
     assert goodbye[b"g"] == b"1" and decode_events(goodbye[b"e"]) == []
     assert pub.num_failed_batches == 0
+
+
+def test_a_deleted_stream_is_a_resync_and_one_made_again_is_read(
+        redis_servers: RedisServers, stream: str) -> None:
+    """The stream is deleted with a's seq 1 unread (a server flushed, a DEL), then made
+    again by an entry with an id behind the last one read (a stream restored, or a
+    server whose clock is behind). Before: nothing was lost for the subscriber (0
+    instances), and it read the new stream from its old last id: never an entry again
+    (b's seq 0 unread after 3 polls). Now a deleted stream loses every instance read and
+    reads the stream again from its start; so does one whose last id is behind ours."""
+    pub = RedisStreamPublisher(redis_servers.url, stream)
+    sub = RedisStreamSubscriber(redis_servers.url, stream)
+    pub.publish("a", [stored(0, 1)])
+    sub.poll()
+    pub.publish("a", [stored(1, 2)])
+    raw = pub._redis
+    raw.delete(stream)
+    assert sub.poll() == [InstanceLost("a", 1, None)]  # before: []
+    assert sub.num_trims == 1 and sub.last_id == "0-0"
+    assert sub.poll() == [] and sub.num_trims == 1
+    raw.xadd(stream, {"i": "b", "e": encode_events([stored(0, 7)]), "n": "run-b"}, id="1-0")
+    index = PrefixIndex()
+    for _ in range(3):
+        index.apply_updates(sub.poll())
+    assert index.blocks("b") == {7: G}  # before: {}
+    # Made again behind the last id read, without a poll between: lost, read from 0.
+    sub.poll()
+    raw.delete(stream)
+    raw.xadd(stream, {"i": "b", "e": encode_events([stored(1, 8)]), "n": "run-b"}, id="0-5")
+    updates = sub.poll()
+    assert updates[0] == InstanceLost("b", 1, None) and sub.num_trims == 2
