@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fake_clock import FakeClock
-from kvtier import event_stream, publisher
+from kvtier import publisher, stream_client, stream_publisher
 from kvtier.cli import main
 from kvtier.config import CacheConfig
 from kvtier.event_codec import encode_events
@@ -175,19 +175,19 @@ class FakeRedis:
         the claim names another incarnation. ``_DELETE_CLAIM_IF_MINE``: the claim goes
         where it names this one."""
         self._check()
-        if script == event_stream._SET_IF_CLAIMED:
+        if script == stream_publisher._SET_IF_CLAIMED:
             key, claim_key, snapshot, incarnation, ex = keys_and_args
             claim = self.keys.get(claim_key)
             if claim is not None and claim != incarnation.encode():
                 return 0
             self.set(key, snapshot, ex=None if ex == "0" else int(ex))
             return 1
-        if script == event_stream._DELETE_CLAIM_IF_MINE:
+        if script == stream_publisher._DELETE_CLAIM_IF_MINE:
             claim_key, incarnation = keys_and_args
             if self.keys.get(claim_key) != incarnation.encode():
                 return 0
             return self.delete(claim_key)
-        assert script == event_stream._DELETE_UNLESS_OTHERS and numkeys == 1
+        assert script == stream_publisher._DELETE_UNLESS_OTHERS and numkeys == 1
         key, incarnation = keys_and_args
         raw = self.keys.get(key)
         if raw is None:
@@ -234,7 +234,7 @@ def stored(seq: int, h: int) -> BlockStored:
 def fake_redis(monkeypatch: pytest.MonkeyPatch) -> FakeRedis:
     pytest.importorskip("redis")  # the publisher catches its errors
     client = FakeRedis()
-    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url: client)
     return client
 
 

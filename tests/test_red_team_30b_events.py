@@ -12,7 +12,7 @@ import weakref
 import pytest
 
 from fake_clock import FakeClock
-from kvtier import event_stream
+from kvtier import stream_client
 from kvtier.events import BlockStored
 from kvtier.publisher import (
     EventBatch,
@@ -42,7 +42,7 @@ def fake_redis(monkeypatch: pytest.MonkeyPatch) -> FakeRedis:
     """The event stream's commands in memory, in place of every Redis client made."""
     pytest.importorskip("redis")  # the publisher catches its errors
     client = FakeRedis()
-    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url: client)
     return client
 
 
