@@ -215,7 +215,10 @@ class RedisStreamSubscriber:
 
     def _lose_all(self, out: list[Update], read_again: bool = False) -> None:
         """Every instance read is lost (``num_trims``); ``read_again``: the stream is
-        read from its start (what was forgotten with it is forgotten)."""
+        read from its start (what was forgotten with it is forgotten). A trim of nothing
+        read (every instance forgotten) is no loss: not counted."""
+        if not self.tracker.streams and not read_again:
+            return
         self.num_trims += 1
         for instance_id in list(self.tracker.streams):
             self.tracker.lose(instance_id, out)
