@@ -244,7 +244,7 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
     serving loop. Now the batch is counted lost; the next one goes out, its seq showing the
     hole to subscribers (which resync from a snapshot)."""
     redis = pytest.importorskip("redis")
-    from kvtier import event_stream, publisher
+    from kvtier import publisher, stream_client, stream_publisher
     from kvtier.event_codec import decode_events
 
     class Client:
@@ -260,24 +260,29 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
             self.entries.append(fields)
             return f"{len(self.entries)}-0".encode()  # the entry id, as Redis answers
 
-        def set(self, key: str, value: object) -> None:
-            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        def set(self, key: str, value: object, **options: object) -> None:
+            pass  # the instance's claim, set with its first entry
 
         def delete(self, key: str) -> int:
             return 0
 
-        def eval(self, *args: object) -> int:
+        def eval(self, script: str, *args: object) -> int:
+            if script == stream_publisher._SET_IF_CLAIMED:  # the snapshot's write
+                raise redis.exceptions.TimeoutError("Timeout reading from socket")
             return 0  # the conditional delete of the snapshot key: none is stored
 
         def pipeline(self, transaction: bool = True) -> Pipeline:
             return Pipeline(self)
 
     class Pipeline:
-        """Queues the commands of a seq-0 batch (the old snapshot's delete, the entry) and
-        runs them on execute, as a MULTI/EXEC transaction does."""
+        """Queues the commands of a first or seq-0 batch (the claim, the old snapshot's
+        delete, the entry) and runs them on execute, as a MULTI/EXEC transaction does."""
 
         def eval(self, *args: object, **options: object) -> None:
             self.queued.append(("eval", args, options))
+
+        def set(self, *args: object, **options: object) -> None:
+            self.queued.append(("set", args, options))
 
         def __init__(self, client: Client) -> None:
             self.client = client
@@ -294,7 +299,7 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
                     for name, args, options in self.queued]
 
     client = Client()
-    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url: client)
     pub = publisher.RedisStreamPublisher("redis://unused")
     mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16, enable_events=True))
     mgr.add_sequence(SequenceSpec("a", list(range(8))))
@@ -314,7 +319,7 @@ def test_redis_subscriber_with_redis_down_returns_what_it_read(
     resync request then failed, the updates read were lost (``last_id`` had moved past
     them). Now poll returns them, and asks for the resync again at the next poll."""
     redis = pytest.importorskip("redis")
-    from kvtier import event_stream, publisher
+    from kvtier import publisher, stream_client
     from kvtier.event_codec import encode_events
     from kvtier.publisher import EventBatch, InstanceLost
 
@@ -346,7 +351,7 @@ def test_redis_subscriber_with_redis_down_returns_what_it_read(
                 raise redis.exceptions.ConnectionError("Connection refused")
 
     client = Client()
-    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url: client)
     subscriber = publisher.RedisStreamSubscriber("redis://unused")
     assert subscriber.poll() == []  # down
     client.up = True

@@ -122,13 +122,13 @@ def test_token_ids_that_are_no_ids_are_refused_by_the_redis_publisher(
     """RedisStreamPublisher.publish encoded them: a -4, a 4.0, a True or an id past 2**63
     made an entry no subscriber could decode (a hole in the stream, every subscriber
     resyncing). Now ValueError names the event, and nothing is sent."""
-    from kvtier import event_stream, publisher
+    from kvtier import publisher, stream_client
 
     class Client:
         def xadd(self, *args: object, **options: object) -> bytes:
             raise AssertionError("nothing is sent")
 
-    monkeypatch.setattr(event_stream, "_connect", lambda url: Client())
+    monkeypatch.setattr(stream_client, "connect", lambda url: Client())
     pub = publisher.RedisStreamPublisher("redis://unused")
     with pytest.raises(ValueError, match=message_of("token_ids", IDS + r"got \(1, 2, 3, .*\)")):
         pub.publish("a", [stored(0, 1), stored(1, 2, token_ids=ids)])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fake_clock import FakeClock
-from kvtier import event_stream, publisher
+from kvtier import publisher, stream_client, stream_publisher
 from kvtier.cli import main
 from kvtier.config import CacheConfig
 from kvtier.event_codec import encode_events
@@ -100,13 +100,15 @@ def _run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
 class FakeRedis:
     """The commands of the event stream, in memory: XADD with an exact MAXLEN, XREAD
     (RESP2's shape), XINFO STREAM's first and last entry ids, GET, SET, DEL, the
-    publisher's EVAL and MULTI/EXEC; ``down`` commands fail with a ConnectionError first."""
+    publisher's EVAL (each script as Lua runs it) and MULTI/EXEC; ``down`` commands fail
+    with a ConnectionError first."""
 
     def __init__(self) -> None:
         self.streams: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
         self.keys: dict[str, bytes] = {}
         self.ttls: dict[str, int | None] = {}  # the EX of each SET
         self.next_id = 1
+        self.last_ids: dict[str, bytes] = {}  # each stream's last-generated-id
         self.down = 0
 
     def _check(self) -> None:
@@ -122,6 +124,7 @@ class FakeRedis:
         entry_id = f"{self.next_id}-0".encode()
         self.next_id += 1
         entries = self.streams.setdefault(stream, [])
+        self.last_ids[stream] = entry_id
         entries.append((entry_id, {k.encode(): (v if isinstance(v, bytes) else str(v).encode())
                                    for k, v in fields.items()}))
         if maxlen is not None:
@@ -145,7 +148,7 @@ class FakeRedis:
         self._check()
         entries = self.streams.get(stream, [])
         return {"recorded-first-entry-id": entries[0][0] if entries else b"0-0",
-                "last-generated-id": f"{self.next_id - 1}-0".encode()}
+                "last-generated-id": self.last_ids.get(stream, b"0-0")}
 
     def xtrim(self, stream: str, maxlen: int) -> None:
         entries = self.streams.get(stream, [])
@@ -166,11 +169,25 @@ class FakeRedis:
         return sum(self.keys.pop(k, None) is not None for k in keys)
 
     def eval(self, script: str, numkeys: int, *keys_and_args: str) -> int:
-        """The one script the publisher runs, ``_DELETE_UNLESS_OTHERS``, as Lua runs it:
-        the key goes unless its value ends with ``"}`` (names an incarnation) and not with
-        ``,"p":<ARGV[1]>}`` (this one's)."""
+        """The publisher's scripts as Lua runs them. ``_DELETE_UNLESS_OTHERS``: the key
+        goes unless its value ends with ``"}`` (names an incarnation) and not with
+        ``,"p":<ARGV[1]>}`` (this one's). ``_SET_IF_CLAIMED``: the snapshot is set unless
+        the claim names another incarnation. ``_DELETE_CLAIM_IF_MINE``: the claim goes
+        where it names this one."""
         self._check()
-        assert script == event_stream._DELETE_UNLESS_OTHERS and numkeys == 1
+        if script == stream_publisher._SET_IF_CLAIMED:
+            key, claim_key, snapshot, incarnation, ex = keys_and_args
+            claim = self.keys.get(claim_key)
+            if claim is not None and claim != incarnation.encode():
+                return 0
+            self.set(key, snapshot, ex=None if ex == "0" else int(ex))
+            return 1
+        if script == stream_publisher._DELETE_CLAIM_IF_MINE:
+            claim_key, incarnation = keys_and_args
+            if self.keys.get(claim_key) != incarnation.encode():
+                return 0
+            return self.delete(claim_key)
+        assert script == stream_publisher._DELETE_UNLESS_OTHERS and numkeys == 1
         key, incarnation = keys_and_args
         raw = self.keys.get(key)
         if raw is None:
@@ -193,6 +210,9 @@ class FakePipeline:
     def delete(self, *args: object, **options: object) -> None:
         self.queued.append(("delete", args, options))
 
+    def set(self, *args: object, **options: object) -> None:
+        self.queued.append(("set", args, options))
+
     def xadd(self, *args: object, **options: object) -> None:
         self.queued.append(("xadd", args, options))
 
@@ -214,7 +234,7 @@ def stored(seq: int, h: int) -> BlockStored:
 def fake_redis(monkeypatch: pytest.MonkeyPatch) -> FakeRedis:
     pytest.importorskip("redis")  # the publisher catches its errors
     client = FakeRedis()
-    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url: client)
     return client
 
 
@@ -574,7 +594,9 @@ def test_a_late_snapshot_of_the_old_process_is_refused_after_a_restart(
     seq 2: stale). The subscriber applied the old snapshot (it covered seq 2): the index
     held blocks 100..109, gone with the old process, and the new seq 3..9 were skipped
     as covered. Now the snapshot names its incarnation and is refused (counted); the
-    instance stays stale, asks again, and resyncs from the new one's snapshot."""
+    instance stays stale, asks again, and resyncs from the new one's snapshot. (Red team
+    30b: the new process claims the instance, so the old one's write is refused at the
+    source, ``num_refused_snapshots``, and no subscriber is offered it.)"""
     clock = FakeClock()
     old = RedisStreamPublisher("redis://fake")
     sub = RedisStreamSubscriber("redis://fake", clock=clock)
@@ -584,16 +606,16 @@ def test_a_late_snapshot_of_the_old_process_is_refused_after_a_restart(
     new = RedisStreamPublisher("redis://fake")
     new.publish("a", [stored(0, 1)])
     old.publish_snapshot(Snapshot("a", 10, frozenset((100 + seq, G) for seq in range(10))))
+    assert old.num_refused_snapshots == 1 and "kvtier:events:snapshot:a" not in fake_redis.keys
     new.publish("a", [stored(2, 3)])  # seq 1 lost
     index.apply_updates(sub.poll())
     assert index.blocks("a") == {}
     assert sub.tracker.stale_instances() == ["a"] and sub.tracker.num_resyncs == 0
-    assert sub.tracker.num_other_incarnation == 1  # offered once stale
     assert new.resync_requests() == {"a"}
     clock.now += 1.0
-    index.apply_updates(sub.poll())  # still the old snapshot: refused, asked again
+    index.apply_updates(sub.poll())  # still no snapshot: asked again
     assert sub.tracker.stale_instances() == ["a"] and index.blocks("a") == {}
-    assert sub.tracker.num_other_incarnation == 3 and sub.num_resync_requests == 2
+    assert sub.tracker.num_other_incarnation == 0 and sub.num_resync_requests == 2
     new.publish_snapshot(Snapshot("a", 3, frozenset([(1, G), (2, G), (3, G)])))
     new.publish("a", [stored(3, 4)])
     index.apply_updates(sub.poll())
@@ -668,7 +690,9 @@ def test_late_entries_of_the_old_process_are_skipped_after_a_restart(
         RedisStreamPublisher("redis://fake", incarnation=f"run-{k}").publish("a", [stored(0, k)])
     sub.poll()
     assert sub.tracker.streams["a"].retired == tuple(f"run-{k}" for k in range(1, 9))
-    assert sub.tracker.streams["a"].incarnation == "run-9" and sub.tracker.num_restarts == 11
+    # Red team 30b: run-9 claims the instance last, so run-0..8 are skipped as replaced
+    # when read: one restart, not ten.
+    assert sub.tracker.streams["a"].incarnation == "run-9" and sub.tracker.num_restarts == 2
 
 
 def test_one_subscribers_expiry_keeps_the_bus_snapshot_source_for_all() -> None:
@@ -745,20 +769,24 @@ def test_an_unreadable_entry_of_a_new_incarnation_is_its_restart(
     the old process writes its snapshot (next_seq 10) late. The entry was a hole of the
     old incarnation's stream: stale, the old snapshot (next_seq 10 > 9 read) applied, its
     blocks 100..109 routed to. Now the entry's incarnation says the instance restarted:
-    the old one is retired, its snapshot refused, and the new one's applied."""
+    the old one is retired, its snapshot refused, and the new one's applied. (Red team
+    30b: the new process claims the instance with its first entry, so the old one's
+    snapshot is refused at the source and never offered.)"""
     old = RedisStreamPublisher("redis://fake")
     sub = RedisStreamSubscriber("redis://fake")
     index = PrefixIndex()
     old.publish("a", [stored(seq, 100 + seq) for seq in range(10)])
     index.apply_updates(sub.poll())
+    fake_redis.set("kvtier:events:incarnation:a", "run-2")  # its claim, with its entry
     fake_redis.xadd("kvtier:events", {"i": "a", "e": "garbled", "n": "run-2"})
     old.publish_snapshot(Snapshot("a", 10, frozenset((100 + seq, G) for seq in range(10))))
+    assert old.num_refused_snapshots == 1
     updates = sub.poll()
     assert updates == [publisher.InstanceLost("a", 10, 0), publisher.InstanceLost("a", 0, None)]
     index.apply_updates(updates)
     assert index.blocks("a") == {} and sub.tracker.stale_instances() == ["a"]
     assert sub.tracker.streams["a"].incarnation == "run-2"
-    assert sub.num_malformed_entries == 1 and sub.tracker.num_other_incarnation == 1
+    assert sub.num_malformed_entries == 1 and sub.tracker.num_other_incarnation == 0
     new = RedisStreamPublisher("redis://fake", incarnation="run-2")
     new.publish_snapshot(Snapshot("a", 2, frozenset([(1, G), (2, G)])))
     index.apply_updates(sub.poll())
@@ -766,7 +794,7 @@ def test_an_unreadable_entry_of_a_new_incarnation_is_its_restart(
     # an unreadable entry of the retired old process is no hole of the new one
     fake_redis.xadd("kvtier:events", {"i": "a", "e": "garbled", "n": old.incarnation})
     assert sub.poll() == [] and sub.num_malformed_entries == 2
-    assert sub.tracker.stale_instances() == [] and sub.tracker.num_other_incarnation == 2
+    assert sub.tracker.stale_instances() == [] and sub.tracker.num_other_incarnation == 1
 
 
 class _TickingClock:

@@ -94,7 +94,7 @@ def test_redis_resync_requests_with_redis_down_asks_again_later(
     publisher's loop (publish and publish_snapshot already counted the fault). Now it
     answers none, counted, and reads the requests at the next call."""
     redis = pytest.importorskip("redis")
-    from kvtier import event_stream, publisher
+    from kvtier import publisher, stream_client
 
     class Client:
         """Down for its first read."""
@@ -109,7 +109,7 @@ def test_redis_resync_requests_with_redis_down_asks_again_later(
             assert list(streams.values()) == ["0-0"]  # nothing was skipped
             return [(b"kvtier:events:resync", [(b"1-0", {b"i": b"i0"})])]
 
-    monkeypatch.setattr(event_stream, "_connect", lambda url: Client())
+    monkeypatch.setattr(stream_client, "connect", lambda url: Client())
     pub = publisher.RedisStreamPublisher("redis://unused")
     assert pub.resync_requests() == set() and pub.num_failed_reads == 1
     assert pub.resync_requests() == {"i0"} and pub.num_failed_reads == 1
@@ -235,10 +235,10 @@ def test_a_subscriber_poll_with_options_redis_refuses_says_so(
     any Redis fault, was a skipped read: every poll returned [] and the subscriber never
     read anything, silently. Now ValueError, nothing asked of Redis."""
     pytest.importorskip("redis")
-    from kvtier import event_stream, publisher
+    from kvtier import publisher, stream_client
 
     client = _RefusingRedis()
-    monkeypatch.setattr(event_stream, "_connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url: client)
     subscriber = publisher.RedisStreamSubscriber("redis://unused")
     with pytest.raises(ValueError, match=shown):
         subscriber.poll(**options)  # type: ignore[arg-type]
@@ -253,9 +253,9 @@ def test_a_subscriber_start_id_redis_refuses_is_refused_when_made(
     skipped read: the subscriber read nothing, ever ('$': nothing without block_ms). Now
     ValueError naming it."""
     pytest.importorskip("redis")
-    from kvtier import event_stream, publisher
+    from kvtier import publisher, stream_client
 
-    monkeypatch.setattr(event_stream, "_connect", lambda url: _RefusingRedis())
+    monkeypatch.setattr(stream_client, "connect", lambda url: _RefusingRedis())
     with pytest.raises(ValueError, match=r"start_id must be a stream id 'ms' or 'ms-seq'"):
         publisher.RedisStreamSubscriber("redis://unused", start_id=start_id)  # type: ignore[arg-type]
     assert publisher.RedisStreamSubscriber("redis://unused", start_id="1700000000000-3")
@@ -286,7 +286,7 @@ def test_a_subscriber_on_a_resp3_connection_reads_its_entries(
     not RESP2's ``[[stream, entries]]``: every poll (and resync_requests) raised ValueError
     ("too many values to unpack"). Now both shapes read alike."""
     pytest.importorskip("redis")
-    from kvtier import event_stream, publisher
+    from kvtier import publisher, stream_client
     from kvtier.event_codec import encode_events
 
     rows = [(b"1-0", {b"i": b"a", b"e": encode_events([stored(0, 1)]).encode()}),
@@ -301,7 +301,7 @@ def test_a_subscriber_on_a_resp3_connection_reads_its_entries(
         def get(self, key: str) -> None:
             return None
 
-    monkeypatch.setattr(event_stream, "_connect", lambda url: Resp3())
+    monkeypatch.setattr(stream_client, "connect", lambda url: Resp3())
     subscriber = publisher.RedisStreamSubscriber("redis://unused?protocol=3")
     assert subscriber.poll() == [EventBatch("a", [stored(0, 1)]), EventBatch("a", [stored(1, 2)]),
                                  EventBatch("a", [stored(2, 3)])]
@@ -318,9 +318,9 @@ def test_buffer_sizes_past_what_a_deque_or_redis_takes_are_refused(
         InMemoryEventBus().subscribe(max_events=10**30)
     assert InMemoryEventBus().subscribe(max_events=1 << 40).poll() == []
     pytest.importorskip("redis")
-    from kvtier import event_stream, publisher
+    from kvtier import publisher, stream_client
 
-    monkeypatch.setattr(event_stream, "_connect", lambda url: object())
+    monkeypatch.setattr(stream_client, "connect", lambda url: object())
     with pytest.raises(ValueError, match=r"maxlen must be an integer in 1..2\*\*40, got an "
                                          r"int of 200 bits"):
         publisher.RedisStreamPublisher("redis://unused", maxlen=1 << 199)

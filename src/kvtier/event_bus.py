@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -146,20 +147,30 @@ class InMemoryEventBus:
     for every subscriber, without a word. In one process the owner of an instance knows
     when it crashes or leaves, and says so with ``forget``; the sources are bounded by the
     instances registered and not forgotten, as ``register_snapshot`` made them.
+
+    NOTE: the subscribers are held weakly (a ``WeakSet``): held in a list, one its owner
+    dropped (a request handler's, a test's) stayed alive for the bus's lifetime, every
+    batch pushed into its buffer of up to ``max_events`` events that nobody polled.
     """
 
     def __init__(self) -> None:
-        self._subscribers: list[InMemorySubscriber] = []
+        self._subscribers: weakref.WeakSet[InMemorySubscriber] = weakref.WeakSet()
         self._snapshot_sources: dict[str, Callable[[], Snapshot]] = {}
         self.num_published = 0
 
     def subscribe(self, max_events: int = 1 << 20, forget_after_s: float | None = None,
                   clock: Callable[[], float] = time.monotonic) -> InMemorySubscriber:
         """A new subscriber that sees every event published from now on, forgetting an
-        instance not heard from for ``forget_after_s`` on ``clock`` (None: never)."""
+        instance not heard from for ``forget_after_s`` on ``clock`` (None: never). The
+        bus holds it weakly: it reads for as long as the caller keeps it."""
         subscriber = InMemorySubscriber(self, max_events, forget_after_s, clock)
-        self._subscribers.append(subscriber)
+        self._subscribers.add(subscriber)
         return subscriber
+
+    @property
+    def num_subscribers(self) -> int:
+        """The subscribers still held by their owners, which every batch reaches. Pure."""
+        return len(self._subscribers)
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
         """Hand ``events`` to every subscriber. TypeError (nothing published) for a batch
@@ -169,7 +180,7 @@ class InMemoryEventBus:
         if not events:
             return
         self.num_published += len(events)
-        for subscriber in self._subscribers:
+        for subscriber in list(self._subscribers):
             subscriber.push(instance_id, events)
 
     def register_snapshot(self, instance_id: str, source: Callable[[], Snapshot]) -> None:
@@ -191,7 +202,7 @@ class InMemoryEventBus:
         if not isinstance(instance_id, str):
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
         self._snapshot_sources.pop(instance_id, None)
-        for subscriber in self._subscribers:
+        for subscriber in list(self._subscribers):
             subscriber.forget(instance_id)
 
     def snapshot(self, instance_id: str) -> Snapshot | None:

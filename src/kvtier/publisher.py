@@ -28,7 +28,8 @@ instance should it come back.
 This module holds the :class:`EventPublisher` protocol and gathers every name of the
 transport, each from its own module: the updates and ``check_batch`` (``event_updates``),
 :class:`SeqTracker` (``seq_tracker``), the in-memory bus (``event_bus``), Redis Streams
-(``event_stream``, whose entries ``stream_entries`` reads) and the wire format
+(``stream_publisher`` writes, ``event_stream`` reads, both through ``stream_client``;
+``stream_entries`` reads their entries) and the wire format
 (``event_codec``).
 
 Contracts: a publisher changes only its transport (buffers, a stream, snapshot keys); a
@@ -49,7 +50,7 @@ from kvtier.event_codec import (
     encode_events,
     encode_snapshot,
 )
-from kvtier.event_stream import RedisStreamPublisher, RedisStreamSubscriber
+from kvtier.event_stream import RedisStreamSubscriber
 from kvtier.event_updates import (
     EventBatch,
     InstanceGone,
@@ -60,6 +61,7 @@ from kvtier.event_updates import (
 )
 from kvtier.events import Event
 from kvtier.seq_tracker import SeqTracker
+from kvtier.stream_publisher import RedisStreamPublisher
 
 __all__ = [
     "EventBatch",

@@ -21,6 +21,7 @@ from kvtier.sequence import short_repr
 __all__ = ["SeqTracker", "check_forget_after"]
 
 _MAX_RETIRED = 8  # replaced incarnations a stream remembers (restarts while one lingers)
+_MAX_GONE = 4096  # forgotten instances a tracker remembers (``_Gone``), the latest kept
 
 
 def check_forget_after(value: object) -> float | None:
@@ -36,6 +37,36 @@ class _Stream:
     incarnation: str | None = None  # the publisher's, where its batches name one
     retired: tuple[str, ...] = ()  # incarnations it replaced, the latest last
     heard_s: float = 0.0  # the tracker's clock when an event was read or a snapshot applied
+
+
+@dataclass(frozen=True, slots=True)
+class _Gone:
+    """What a tracker keeps of a forgotten instance: the incarnation it read last (None:
+    none named), the highest seq read of it, and the incarnations that one replaced."""
+
+    incarnation: str | None
+    max_seen: int
+    retired: tuple[str, ...]
+
+    def is_past(self, incarnation: str | None, seqs: tuple[int, int] | None) -> bool:
+        """Whether a batch naming ``incarnation`` whose lowest and highest seq are
+        ``seqs`` (None: unknown, an unreadable entry) is of the instance's past: of an
+        incarnation it had retired, or of its last one and read before (no seq past
+        ``max_seen``). A batch that names none, or holds a seq 0 (its manager restarted),
+        is never known to be. Pure."""
+        if incarnation is None:
+            return False
+        if incarnation in self.retired:
+            return True
+        return incarnation == self.incarnation and (
+            seqs is None or (seqs[0] > 0 and seqs[1] <= self.max_seen))
+
+    def retired_by(self, incarnation: str | None) -> tuple[str, ...]:
+        """The incarnations a new stream of the instance, of ``incarnation``, starts with
+        retired: these, and the one read last where ``incarnation`` names another. Pure."""
+        if incarnation is None or self.incarnation in (None, incarnation):
+            return self.retired
+        return (*self.retired, self.incarnation)[-_MAX_RETIRED:]
 
 
 @dataclass(slots=True)
@@ -59,6 +90,13 @@ class SeqTracker:
     ``streams`` holds one entry per instance until it is forgotten (``forget``,
     ``expire``: ``num_forgotten``), so that it is bounded by the instances live, not by
     every id ever seen. ``clock`` (seconds) dates what was heard of each.
+
+    Of a forgotten instance the tracker keeps (``gone``, the last ``_MAX_GONE``) the
+    incarnation read last, its highest seq and the incarnations it retired: a batch of
+    that past read later (an entry replayed or read late, naming that incarnation with no
+    seq past the one read, or a retired one) is skipped (``num_past_entries``), and a
+    snapshot naming one of those incarnations refused (``num_other_incarnation``). A
+    batch past it, or of another incarnation, or naming none, is the instance back.
     """
 
     streams: dict[str, _Stream] = field(default_factory=dict)
@@ -68,14 +106,26 @@ class SeqTracker:
     num_restarts: int = 0
     num_forgotten: int = 0
     num_other_incarnation: int = 0
+    num_past_entries: int = 0
+    gone: dict[str, _Gone] = field(default_factory=dict)
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
-    def _stream(self, instance_id: str) -> _Stream:
-        """``instance_id``'s stream, made (heard now) if it has none."""
+    def _stream(self, instance_id: str, incarnation: str | None = None) -> _Stream:
+        """``instance_id``'s stream, made (heard now) if it has none: back from being
+        forgotten, of ``incarnation``, it starts with what that one retired."""
         stream = self.streams.get(instance_id)
         if stream is None:
-            stream = self.streams[instance_id] = _Stream(heard_s=self.clock())
+            gone = self.gone.pop(instance_id, None)
+            stream = self.streams[instance_id] = _Stream(
+                heard_s=self.clock(), retired=() if gone is None else gone.retired_by(incarnation))
         return stream
+
+    def _is_past(self, instance_id: str, incarnation: str | None,
+                 seqs: tuple[int, int] | None) -> bool:
+        """Whether a batch of ``instance_id`` (``_Gone.is_past``) is of the past of an
+        instance forgotten and not back since. Pure."""
+        gone = self.gone.get(instance_id) if instance_id not in self.streams else None
+        return gone is not None and gone.is_past(incarnation, seqs)
 
     def forget(self, instance_id: str, out: list[Update]) -> None:
         """Forget ``instance_id`` entirely (it left): its stream goes, ``InstanceGone``
@@ -83,9 +133,33 @@ class SeqTracker:
         unless it is a str."""
         if not isinstance(instance_id, str):
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
-        if self.streams.pop(instance_id, None) is not None:
+        stream = self.streams.pop(instance_id, None)
+        if stream is not None:
             self.num_forgotten += 1
             out.append(InstanceGone(instance_id))
+            # NOTE: forgotten without a trace, the instance was made again by its own past:
+            # an entry read late (a subscriber behind) or replayed, a gap, and the snapshot
+            # its crashed process left under its key applied: routed to, gone.
+            self.gone.pop(instance_id, None)
+            self.gone[instance_id] = _Gone(stream.incarnation, stream.max_seen, stream.retired)
+            if len(self.gone) > _MAX_GONE:
+                del self.gone[next(iter(self.gone))]
+
+    def farewell(self, instance_id: str, incarnation: str | None,
+                 out: list[Update]) -> bool:
+        """``instance_id``'s publisher ``incarnation`` said goodbye: the instance is
+        forgotten (``forget``) unless the stream reads another incarnation (a replaced
+        process retiring after the new one took over: ``num_other_incarnation``). True
+        where it was forgotten."""
+        stream = self.streams.get(instance_id)
+        if stream is None:
+            return False
+        if incarnation is not None and (incarnation in stream.retired or (
+                stream.incarnation is not None and incarnation != stream.incarnation)):
+            self.num_other_incarnation += 1
+            return False
+        self.forget(instance_id, out)
+        return True
 
     def expire(self, forget_after_s: float, out: list[Update],
                now: float | None = None) -> None:
@@ -103,6 +177,38 @@ class SeqTracker:
         for instance_id in [iid for iid, stream in self.streams.items()
                             if now - stream.heard_s > forget_after_s]:
             self.forget(instance_id, out)
+
+    def knows(self, instance_id: str, incarnation: str) -> bool:
+        """Whether ``incarnation`` is one this tracker read of ``instance_id`` (its current
+        or a retired one, or of its past where it was forgotten). Pure."""
+        stream = self.streams.get(instance_id)
+        if stream is not None:
+            return incarnation == stream.incarnation or incarnation in stream.retired
+        gone = self.gone.get(instance_id)
+        return gone is not None and (incarnation == gone.incarnation
+                                     or incarnation in gone.retired)
+
+    def supersede(self, instance_id: str, stale: str, current: str,
+                  out: list[Update]) -> None:
+        """``instance_id``'s publisher is ``current`` (its claim says so), not ``stale``,
+        whose batch read is skipped (``num_other_incarnation``): ``stale`` is retired, and
+        the incarnation read before, where it is another than ``current``, too (a restart:
+        the instance's blocks are lost). ``current``'s entries, its snapshot, are the
+        instance's from now on, read from its seq 0 or a gap.
+
+        NOTE: the tracker took the incarnation read last for the current one: a
+        subscriber that read the new process's entries first (it joined late, or the
+        seq 0 was trimmed) read the old one's late entry as a restart, retired the new
+        incarnation, skipped its entries and applied the old one's snapshot."""
+        self.num_other_incarnation += 1
+        stream = self._stream(instance_id, current)
+        if stream.incarnation is not None and stream.incarnation != current:
+            retired = stream.incarnation
+            self._restarted(instance_id, stream, out)
+            stream.retired = (*stream.retired, retired)[-_MAX_RETIRED:]
+        stream.incarnation = current
+        stream.retired = tuple(i for i in (*stream.retired, stale)
+                               if i != current)[-_MAX_RETIRED:]
 
     def stale_instances(self) -> list[str]:
         """Instances waiting for a snapshot, in first-seen order. Pure."""
@@ -125,6 +231,14 @@ class SeqTracker:
         """``receive`` of a batch already checked (a bus's, a decoded stream entry), of
         the publisher ``incarnation`` where it names one (None: a batch that names none,
         read by its seq alone)."""
+        if instance_id not in self.streams and instance_id in self.gone:
+            events = list(events)
+            seqs = [e.seq for e in events]
+            if self._is_past(instance_id, incarnation,
+                             (min(seqs), max(seqs)) if seqs else None):
+                self.num_past_entries += 1
+                self.num_skipped += len(events)
+                return
         stream = self._heard(instance_id, incarnation, out)
         if stream is None:
             self.num_skipped += sum(1 for _ in events)
@@ -175,7 +289,7 @@ class SeqTracker:
         an entry that names none): a restart where that is another than the one read
         before, which is retired. None, counted in ``num_other_incarnation``, for an
         incarnation retired already: an old process's entry, to skip."""
-        stream = self._stream(instance_id)
+        stream = self._stream(instance_id, incarnation)
         if incarnation is not None and incarnation in stream.retired:
             # NOTE: an old process still up after the restart (a rolling update, a late
             # write) read as yet another restart: the new incarnation's blocks forgotten,
@@ -250,6 +364,9 @@ class SeqTracker:
         NOTE: the unreadable first entry of a restarted process was a hole of the old
         incarnation's stream: stale, it applied the old process's snapshot written late,
         as covering every seq read."""
+        if self._is_past(instance_id, incarnation, None):
+            self.num_past_entries += 1
+            return
         stream = self._heard(instance_id, incarnation, out)
         if stream is not None:
             self._stale(instance_id, stream, out)
@@ -268,13 +385,21 @@ class SeqTracker:
         incarnation, was taken by the one whose stream is read (another is counted in
         ``num_other_incarnation``); True if it was applied. A snapshot that names none,
         or offered for a stream that knows none, is read by its seq alone (the stream then
-        takes its incarnation). TypeError, changing nothing, unless it is a
+        takes its incarnation); one naming a retired incarnation, or one of a forgotten
+        instance's past (``gone``), is refused. TypeError, changing nothing, unless it is a
         :class:`Snapshot` (another object was an AttributeError)."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"offer needs a Snapshot, got {short_repr(snapshot)}")
-        stream = self._stream(snapshot.instance_id)
-        if snapshot.incarnation is not None and stream.incarnation is not None \
-                and snapshot.incarnation != stream.incarnation:
+        if self._is_past(snapshot.instance_id, snapshot.incarnation, None):
+            # NOTE: a forgotten instance's snapshot (its crashed process's, left under its
+            # key) made it again: routed to, gone.
+            self.num_other_incarnation += 1
+            return False
+        stream = self._stream(snapshot.instance_id, snapshot.incarnation)
+        if snapshot.incarnation is not None and (
+                snapshot.incarnation in stream.retired or (
+                    stream.incarnation is not None
+                    and snapshot.incarnation != stream.incarnation)):
             # NOTE: the old process wrote its snapshot after the new one's seq 0 deleted
             # the key (a late writer): a subscriber stale on a gap in the new stream
             # applied it, as it covered every seq read of the new one. The instance's

@@ -1,0 +1,264 @@
+"""KV events to Redis Streams (extra ``redis``): :class:`RedisStreamPublisher` adds each
+batch as one stream entry, claims its instances, stores their snapshots under their own
+keys, says goodbye when one retires, and reads the resync requests of subscribers
+(``kvtier.event_stream`` reads the stream).
+
+A Redis fault is a lost batch a resync repairs (counted), never an exception in the
+serving loop. May change: its stream, snapshot and claim keys.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from kvtier import stream_client
+from kvtier.event_codec import Snapshot, encode_events, encode_snapshot, is_incarnation
+from kvtier.event_updates import MAX_BUFFER, check_batch
+from kvtier.events import Event
+from kvtier.remote.options import check_number
+from kvtier.sequence import short_repr
+from kvtier.stream_client import attempt, check_stream, claim_key, snapshot_key
+from kvtier.stream_entries import field, stream_entries
+
+__all__ = ["RedisStreamPublisher"]
+
+
+# Deletes KEYS[1] unless the snapshot under it names another publisher incarnation than
+# ARGV[1] (its JSON string): one naming this one goes, and so does one naming none (of a
+# publisher older than ``p``, read by its seq alone) or not a snapshot of ours at all.
+# NOTE: the tail is compared, not the JSON decoded: ``encode_snapshot`` writes ``p`` last,
+# compact, so a snapshot names one exactly where it ends with ``"}``; decoding a snapshot
+# of a million blocks would hold the server for every retiring instance.
+_DELETE_UNLESS_OTHERS = """
+local raw = redis.pcall('GET', KEYS[1])
+if not raw then return 0 end
+if type(raw) == 'string' and string.sub(raw, -2) == '"}' then
+  local mine = ',"p":' .. ARGV[1] .. '}'
+  if string.sub(raw, -#mine) ~= mine then return 0 end
+end
+return redis.call('DEL', KEYS[1])
+"""
+
+# Sets the snapshot KEYS[1] to ARGV[1] (with an EX of ARGV[3] seconds unless it is '0')
+# unless the instance's claim KEYS[2] names another incarnation than ARGV[2]: 1 where it
+# was set, 0 where refused. The claim's EX is renewed with the snapshot's.
+_SET_IF_CLAIMED = """
+local claim = redis.call('GET', KEYS[2])
+if claim and claim ~= ARGV[2] then return 0 end
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+  if claim then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+end
+return 1
+"""
+
+# Deletes the claim KEYS[1] where it names ARGV[1]: 1 where it went, 0 where not.
+_DELETE_CLAIM_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisStreamPublisher:
+    """Publishes each batch as one entry of the stream ``stream`` (``XADD MAXLEN ~ maxlen``).
+
+    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`, ``g`` on a goodbye
+    only (``forget``: no events), ``n`` the publisher's
+    ``incarnation`` (by default a random id per publisher: a restarted process is a new
+    one, which subscribers see as a restart even where its seq 0 was trimmed; publishers
+    of one engine's events on several connections share one; an entry
+    without ``n``, of an earlier publisher, is read by its seq alone). Snapshots go to the
+    key ``<stream>:snapshot:<instance>``, naming the incarnation too (a subscriber refuses
+    one of another incarnation than the entries it read: a late write of an old
+    process); a batch starting at seq 0 (a new incarnation of
+    the instance) deletes it, so that no subscriber resyncs from the blocks of before a
+    restart (where that batch failed, with the next batch of the instance that is sent).
+    A snapshot key lives ``snapshot_ttl_s`` (None: until overwritten), and goes when its
+    instance retires (``forget``): a key per instance id ever seen stayed in Redis.
+    Both deletes are conditional (one Lua script, ``EVAL``): a snapshot naming another
+    incarnation stays (subscribers refuse it where they read another's entries), one
+    naming this one or none (of a publisher older than ``p``) goes. NOTE: an old process
+    retiring, or retrying its failed seq 0 delete, deleted the new one's snapshot: a
+    stale subscriber waited for another. A crashed process's snapshot stays until the
+    new one writes its own, or ``snapshot_ttl_s``.
+    Subscribers that missed events add the instance id to the stream ``<stream>:resync``,
+    which :meth:`resync_requests` reads.
+
+    Two processes may publish one instance id (a restarted engine re-using its name while
+    the old process still publishes): the later claims it. With its first batch of the
+    instance, in one transaction, a publisher sets the claim key
+    ``<stream>:incarnation:<instance>`` (``claim_key``) to its incarnation, once; a
+    snapshot is written only where no other incarnation holds that claim (one Lua script:
+    refused ones counted in ``num_refused_snapshots``), and subscribers that read an
+    incarnation new to them follow the claim (``RedisStreamSubscriber``). NOTE: the old
+    process's snapshot, written after the new one's (both answering one resync request),
+    overwrote it: subscribers reading the new entries refused it and waited, for ever
+    where the old one answered last each time. A claim lives as its snapshot key does
+    (``snapshot_ttl_s``, renewed with each snapshot; none: until ``forget``); where it is
+    gone, snapshots are written unconditionally, as before claims.
+    """
+
+    def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000,
+                 incarnation: str | None = None,
+                 snapshot_ttl_s: float | None = None) -> None:
+        # NOTE: Redis refuses a MAXLEN past 2**63 - 1: every XADD failed, counted, silently.
+        if type(maxlen) is not int or not 1 <= maxlen <= MAX_BUFFER:
+            raise ValueError(f"maxlen must be an integer in 1..2**40, got {short_repr(maxlen)}")
+        check_stream(stream)
+        if incarnation is None:
+            incarnation = uuid.uuid4().hex
+        if not is_incarnation(incarnation):
+            raise ValueError(f"incarnation must be None or a str of 1..64 characters, got "
+                             f"{short_repr(incarnation)}")
+        # NOTE: whole seconds, at least 1 (Redis refuses an EX of 0); a subscriber still
+        # stale when its key expired asks again (``resync_retry_s``), and is answered.
+        self._snapshot_ex = None if snapshot_ttl_s is None else max(1, round(
+            check_number("snapshot_ttl_s", snapshot_ttl_s, 1.0, 1e9)))
+        self._redis = stream_client.connect(url)
+        self.stream = stream
+        self.maxlen = maxlen
+        self.incarnation = incarnation
+        # Instances whose seq 0 batch failed: the snapshot of their earlier incarnation
+        # may still be under its key, deleted with their next batch sent.
+        self._old_snapshots: set[str] = set()
+        # Instances this publisher claimed (``claim_key``): claimed once, never again,
+        # unless its ``forget`` took its own claim.
+        self._claimed: set[str] = set()
+        self._resync_id: str | bytes = "0-0"
+        self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
+        self.num_failed_reads = 0  # resync_requests calls Redis did not answer
+        self.num_refused_snapshots = 0  # snapshots refused: another incarnation claims
+
+    def publish(self, instance_id: str, events: Sequence[Event]) -> None:
+        """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
+        ``num_failed_batches``, never raised into the serving loop: subscribers see the
+        hole in ``seq`` at the next batch and resync from a snapshot. TypeError (nothing
+        sent) for a batch that is not a str id and a sequence of events, ValueError for an
+        event the wire format cannot carry (``check_batch``)."""
+        check_batch(instance_id, events)
+        if not events:
+            return
+        fields = {"i": instance_id, "e": encode_events(events), "n": self.incarnation}
+        owes_delete = events[0].seq == 0 or instance_id in self._old_snapshots
+        claims = instance_id not in self._claimed
+        if owes_delete or claims:
+            # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
+            # snapshot its earlier one left under the key goes with the same transaction.
+            # A subscriber that saw the restart, then a gap, read that snapshot, which
+            # covered every seq of the new stream it had read: it was applied (the blocks
+            # of before the restart routed to) and the new events it claimed were skipped.
+            # Where that batch failed, the key stayed, and a subscriber that saw the
+            # restart by the incarnation applied it: the delete goes with each batch of
+            # the instance until one is sent. Only a snapshot naming this incarnation or
+            # none goes: an old process's owed delete took the new one's snapshot.
+            # NOTE: the claim goes with the first entry, so that no subscriber reads an
+            # entry of this incarnation before its claim (a later claim is a later one's).
+            pipe = self._redis.pipeline(transaction=True)
+            if claims:
+                pipe.set(claim_key(self.stream, instance_id), self.incarnation,
+                         **self._ex_option())
+            if owes_delete:
+                self._delete_own_snapshot(instance_id, pipe)
+            pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+            sent = attempt(pipe.execute)
+            if sent is None:
+                if owes_delete:
+                    self._old_snapshots.add(instance_id)
+            else:
+                self._old_snapshots.discard(instance_id)
+                self._claimed.add(instance_id)
+        else:
+            sent = attempt(self._redis.xadd, self.stream, fields, maxlen=self.maxlen,
+                            approximate=True)
+        if sent is None:
+            self.num_failed_batches += 1
+
+    def _snapshot_key(self, instance_id: str) -> str:
+        return snapshot_key(self.stream, instance_id)
+
+    def _ex_option(self) -> dict[str, int]:
+        return {} if self._snapshot_ex is None else {"ex": self._snapshot_ex}
+
+    def _delete_own_snapshot(self, instance_id: str, client: Any) -> Any:
+        """Deletes ``instance_id``'s snapshot key on ``client`` (the connection or a
+        pipeline) unless it names another incarnation (``_DELETE_UNLESS_OTHERS``): 1 where
+        it went, 0 where not. Raises what redis-py raises: callers ``_attempt`` it."""
+        return client.eval(_DELETE_UNLESS_OTHERS, 1, self._snapshot_key(instance_id),
+                           json.dumps(self.incarnation))
+
+    def publish_snapshot(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot``, named by this publisher's ``incarnation`` (a subscriber
+        refuses one of another incarnation than the stream it reads), unless another
+        incarnation claims the instance (``num_refused_snapshots``); publish every event
+        before ``next_seq`` first. A snapshot Redis does not take is counted in
+        ``num_failed_batches``; a stale subscriber asks again. TypeError unless it is a
+        :class:`Snapshot`, ValueError if it names another incarnation, storing nothing."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"snapshot must be a Snapshot, got {short_repr(snapshot)}")
+        if snapshot.incarnation is None:
+            snapshot = replace(snapshot, incarnation=self.incarnation)
+        elif snapshot.incarnation != self.incarnation:
+            raise ValueError(f"snapshot.incarnation must be None or this publisher's "
+                             f"{self.incarnation!r}, got {short_repr(snapshot.incarnation)}")
+        instance_id = snapshot.instance_id
+        written = attempt(self._redis.eval, _SET_IF_CLAIMED, 2,
+                           self._snapshot_key(instance_id), claim_key(self.stream, instance_id),
+                           encode_snapshot(snapshot), self.incarnation,
+                           str(self._snapshot_ex or 0))
+        if written is None:
+            self.num_failed_batches += 1
+        elif not written:
+            self.num_refused_snapshots += 1  # another incarnation claims the instance
+        else:
+            self._old_snapshots.discard(instance_id)  # overwritten
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` retires for good (its engine shuts down): a final entry says so
+        (its goodbye: ``g`` set, no events), on which subscribers forget the instance at
+        once (``InstanceGone``), where this is the incarnation they read; its snapshot key
+        goes, so that Redis holds none per instance id ever seen, unless the snapshot names
+        another incarnation (a new process of the instance already wrote its own: it
+        stays), and so does its claim, where it is still this publisher's. One
+        transaction: with Redis down, none of it, counted in ``num_failed_batches``
+        (subscribers forget the instance at their ``forget_after_s``, ``snapshot_ttl_s``
+        bounds the key). TypeError, changing nothing, unless it is a str.
+
+        NOTE: without a goodbye, subscribers held a retired instance, routed to, until
+        their ``forget_after_s`` (an hour by default). A subscriber older than ``g`` reads
+        the goodbye as an empty batch: nothing, as before."""
+        if not isinstance(instance_id, str):
+            raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+        self._old_snapshots.discard(instance_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xadd(self.stream, {"i": instance_id, "e": "[]", "n": self.incarnation, "g": "1"},
+                  maxlen=self.maxlen, approximate=True)
+        self._delete_own_snapshot(instance_id, pipe)
+        pipe.eval(_DELETE_CLAIM_IF_MINE, 1, claim_key(self.stream, instance_id),
+                  self.incarnation)
+        done = attempt(pipe.execute)
+        if done is None:
+            self.num_failed_batches += 1
+        elif done[-1]:
+            self._claimed.discard(instance_id)  # publishing again claims it again
+
+    def resync_requests(self) -> set[str]:
+        """Instance ids that subscribers asked a snapshot of since the last call (the first
+        call reads every request still in the capped resync stream). With Redis down: none,
+        counted in ``num_failed_reads``; the requests are read at a later call."""
+        reply = attempt(self._redis.xread, {f"{self.stream}:resync": self._resync_id},
+                         count=10_000)
+        if reply is None:
+            self.num_failed_reads += 1
+        asked: set[str] = set()
+        for entry_id, entry in stream_entries(reply):
+            self._resync_id = entry_id
+            instance_id = field(entry, "i")
+            if instance_id is not None:  # a malformed request is skipped
+                asked.add(instance_id)
+        return asked
