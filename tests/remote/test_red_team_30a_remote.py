@@ -73,7 +73,7 @@ def refuse_all(cluster: MigratingCluster, store: RedisRemoteStore, hashes: range
 
 def reopen_after_cooldown(store: RedisRemoteStore) -> None:
     """Let the cooldown of every open breaker of ``store`` pass now."""
-    store._open_until = dict.fromkeys(store._open_until, 0.0)
+    store._breakers.end_cooldowns()
 
 
 def test_clusterdown_for_a_whole_pipeline_trips_the_nodes_breaker(

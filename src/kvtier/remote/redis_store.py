@@ -66,6 +66,7 @@ from functools import partial
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
+from kvtier.remote.breaker import Breakers, BreakerState
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
 from kvtier.remote.redis_url import URL_SCHEMES, check_url_query, redact_url
@@ -193,10 +194,7 @@ class RedisRemoteStore(RemoteStoreBase):
         self.last_error: str | None = None
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._breaker_lock = threading.Lock()  # guards the three books below
-        self._num_failures_in_row: dict[str, int] = {}
-        self._open_until: dict[str, float] = {}  # open, then half-open once it passed
-        self._probing: set[str] = set()  # half-open breakers whose one probe is out
+        self._breakers = Breakers(self.breaker_threshold, self.cooldown_s)
         self._readers: ThreadPoolExecutor | None = None  # num_connections > 1, lazily
         self._unlisted: dict[str, Any] = {}  # clients of ASK targets the slot map lacks
         self._readers_pid: int | None = None  # the process that made them
@@ -315,38 +313,21 @@ class RedisRemoteStore(RemoteStoreBase):
     def _attempt(self, op: Callable[[Any], T], *, retry: bool = True,
                  server: str = _WHOLE) -> T | None:
         """``op(client)`` with retries and backoff; None (counted) if it failed, or the
-        breaker of ``server`` (a cluster node's name, or the whole) is open, or half-open
-        with its one probe out. The breaker::
-
-            closed ──breaker_threshold failures in a row──> open: short-circuited
-              ^                                              │ cooldown_s passed
-              │ the probe succeeds                           v
-              └───────────────────────────── half-open: the first batch probes, the
-                                             others are refused (num_refused_probes);
-                                             the probe fails: open again
-
-        NOTE: once the cooldown passed, every batch that came probed the node at once (four
-        pipelines to a node that had not answered yet, each a wait of up to
-        ``max_blocking_s``): one does; the others are refused until it answers."""
-        with self._breaker_lock:
-            open_until = self._open_until.get(server)
-            refusal: str | None = None
-            if open_until is not None:
-                if time.monotonic() < open_until:
-                    refusal = "num_short_circuited"
-                elif server in self._probing:
-                    refusal = "num_refused_probes"
-                else:
-                    self._probing.add(server)
-        if refusal is not None:
-            self._count(**{refusal: 1})
+        breaker of ``server`` (a cluster node's name, or the whole: ``kvtier.remote.breaker``)
+        is open (``num_short_circuited``), or half-open with its one probe out
+        (``num_refused_probes``)."""
+        state = self._breakers.admit(server)
+        if state is BreakerState.OPEN:
+            self._count(num_short_circuited=1)
+            return None
+        if state is BreakerState.PROBING:
+            self._count(num_refused_probes=1)
             return None
         try:
             return self._attempt_closed(op, retry=retry, server=server)
         finally:
-            if open_until is not None:
-                with self._breaker_lock:
-                    self._probing.discard(server)
+            if state is BreakerState.HALF_OPEN:
+                self._breakers.end_probe(server)
 
     def _attempt_closed(self, op: Callable[[Any], T], *, retry: bool,
                         server: str) -> T | None:
@@ -378,15 +359,9 @@ class RedisRemoteStore(RemoteStoreBase):
                     break
                 self._drop_idle(server)
                 continue
-            with self._breaker_lock:
-                self._num_failures_in_row[server] = 0
-                self._open_until.pop(server, None)
+            self._breakers.record_success(server)
             return result
-        with self._breaker_lock:
-            failures = self._num_failures_in_row.get(server, 0) + 1
-            self._num_failures_in_row[server] = failures
-            if failures >= self.breaker_threshold:
-                self._open_until[server] = time.monotonic() + self.cooldown_s
+        self._breakers.record_failure(server)
         return None
 
     def _drop_idle(self, server: str) -> None:
