@@ -56,7 +56,6 @@ redis is imported lazily: ``import kvtier.remote`` works without it.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import threading
 import time
@@ -69,16 +68,18 @@ from urllib.parse import urlsplit
 from kvtier.remote.breaker import Breakers, BreakerState
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
-from kvtier.remote.redis_url import URL_SCHEMES, check_url_query, redact_url
-from kvtier.remote.resp import (
-    ErrorReply,
-    ProtocolError,
-    SocketReader,
-    read_asking_replies,
-    read_get_replies,
-    read_replies,
-    read_values_reply,
+from kvtier.remote.redis_pipeline import (
+    Read,
+    exists_answer,
+    get_answer,
+    mget,
+    node_fault,
+    pipeline,
+    read_reply,
+    set_answer,
 )
+from kvtier.remote.redis_url import URL_SCHEMES, check_url_query, redact_url
+from kvtier.remote.resp import read_asking_replies, read_get_replies, read_replies
 from kvtier.remote.store import RemoteStoreBase
 from kvtier.reprs import shown
 
@@ -96,8 +97,6 @@ MAX_CONNECTIONS = 64
 # it, a server naming a new address at every reply would be a new client each time.
 MAX_UNLISTED_NODES = 16
 SOCKET_READ_BYTES = 1 << 20
-# How ``_pipeline`` reads the replies of its commands off the socket (``kvtier.remote.resp``).
-_Read = Callable[[SocketReader, int], Sequence[object]]
 _WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
 
 
@@ -366,7 +365,7 @@ class RedisRemoteStore(RemoteStoreBase):
 
     def _drop_idle(self, server: str) -> None:
         """After a fault of one of ``server``'s connections (that one closed by
-        ``_pipeline``, or by redis-py): close its idle pooled connections too, which
+        ``pipeline``, or by redis-py): close its idle pooled connections too, which
         reconnect when next taken. Those in use by other threads are left to complete.
 
         NOTE: the whole client was dropped here, its pool's connections in use closed with
@@ -399,7 +398,7 @@ class RedisRemoteStore(RemoteStoreBase):
             connection.on_connect()
         try:
             connection.send_command("INFO", "server")
-            reply = _read_reply(connection)
+            reply = read_reply(connection)
         except ResponseError:
             return
         text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
@@ -469,17 +468,17 @@ class RedisRemoteStore(RemoteStoreBase):
         return self._attempt(group)
 
     def _run(self, server: str, commands: list[tuple[Any, ...]], *,
-             raise_on_error: bool = True, read: _Read = read_replies,
+             raise_on_error: bool = True, read: Read = read_replies,
              asked: bool = False, retry: bool = True) -> list[Any] | None:
         """One pipeline of ``commands`` on ``server`` (with ``asked``, a node an ASK named,
-        listed in the slot map or not), its replies read by ``read`` (as ``_pipeline``
+        listed in the slot map or not), its replies read by ``read`` (as ``pipeline``
         gives them), or None; without ``retry``, a failed pipeline is not sent again.
         Without ``raise_on_error``, a command's refusal is its reply."""
 
         def execute(client: Any) -> list[Any]:
-            replies = _pipeline(commands, self._node_client(client, server, asked=asked),
-                                read)
-            fault = _node_fault(replies[1::2] if asked else replies)
+            replies = pipeline(commands, self._node_client(client, server, asked=asked),
+                               read)
+            fault = node_fault(replies[1::2] if asked else replies)
             if fault is not None:
                 raise fault  # the node's, as a connection's: retried, its breaker counts
             if raise_on_error:
@@ -521,18 +520,18 @@ class RedisRemoteStore(RemoteStoreBase):
             # is its key's: MOVED (its slot resharded) is read again once the slot map is,
             # ASK (its slot migrating) on the node it names. Before, either failed the
             # chunk, then ASK missed alone: a hit lost, the value in the cluster.
-            # Either way the replies are read off the socket (``_pipeline``).
+            # Either way the replies are read off the socket (``pipeline``).
             replies: list[Any] | None
             if self.cluster:
                 replies = self._run(server, [("GET", keys[i]) for i in chunk],
                                     raise_on_error=False, read=read_get_replies)
             else:
-                replies = self._attempt(partial(_mget, [keys[i] for i in chunk]),
+                replies = self._attempt(partial(mget, [keys[i] for i in chunk]),
                                         server=server)
             redirects = _Redirects.none()
             if replies is not None and len(replies) == len(chunk):  # else misses
                 # each chunk writes its own indices
-                self._take(chunk, replies, values, _value, server, redirects,
+                self._take(chunk, replies, values, get_answer, server, redirects,
                            follow_moved=follow_moved, follow_ask=self.cluster,
                            follow_tryagain=self.cluster)
             return redirects
@@ -545,9 +544,10 @@ class RedisRemoteStore(RemoteStoreBase):
             parts = [future.result() for future in
                      [readers.submit(read, server, chunk) for server, chunk in chunks]]
         redirects = _Redirects.merged(parts)
-        self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]), _value,
-                             [block] * len(keys), deadline_s, read=read_get_replies)
-        self._follow_asks(redirects.asked, values, lambda i: ("GET", keys[i]), _value,
+        self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]),
+                             get_answer, [block] * len(keys), deadline_s,
+                             read=read_get_replies)
+        self._follow_asks(redirects.asked, values, lambda i: ("GET", keys[i]), get_answer,
                           [block] * len(keys), scalars=False)
         if redirects.moved:
             self._redo_moved(redirects.moved, values,
@@ -625,7 +625,7 @@ class RedisRemoteStore(RemoteStoreBase):
     def _retry_tryagain(self, tryagain: dict[str, list[int]], answers: list[Any],
                         command: Callable[[int], tuple[Any, ...]],
                         answer: Callable[[Any], Any], sizes: list[int], deadline_s: float,
-                        *, read: _Read = read_replies) -> None:
+                        *, read: Read = read_replies) -> None:
         """The keys at ``tryagain`` (per node that answered TRYAGAIN: their slot being
         resharded) made there once more, each ``command``, after the backoff, their
         answers put in ``answers`` as ``_take`` puts them, one pipeline each, never sent
@@ -719,13 +719,13 @@ class RedisRemoteStore(RemoteStoreBase):
                 if replies is None or len(replies) != len(chunk):
                     continue
                 # e.g. OOM, noeviction, TRYAGAIN, CLUSTERDOWN: that key's
-                self._take(chunk, replies, results, _written, server, redirects,
+                self._take(chunk, replies, results, set_answer, server, redirects,
                            follow_moved=follow_moved, follow_ask=self.cluster,
                            follow_tryagain=self.cluster)
         self._retry_tryagain(redirects.tryagain, results, lambda i: ("SET", *pairs[i], *ttl),
-                             _written, sizes, deadline_s)
+                             set_answer, sizes, deadline_s)
         self._follow_asks(redirects.asked, results, lambda i: ("SET", *pairs[i], *ttl),
-                          _written, sizes)
+                          set_answer, sizes)
         moved = redirects.moved
         if moved and not self._redo_moved(
                 moved, results,
@@ -756,13 +756,13 @@ class RedisRemoteStore(RemoteStoreBase):
                                 raise_on_error=not self.cluster)
                 if got is None or len(got) != len(chunk):
                     continue
-                self._take(chunk, got, present, _exists, server, redirects,
+                self._take(chunk, got, present, exists_answer, server, redirects,
                            follow_moved=follow_moved, follow_ask=self.cluster,
                            follow_tryagain=self.cluster)
         self._retry_tryagain(redirects.tryagain, present, lambda i: ("EXISTS", keys[i]),
-                             _exists, [1] * len(keys), deadline_s)
-        self._follow_asks(redirects.asked, present, lambda i: ("EXISTS", keys[i]), _exists,
-                          [1] * len(keys))
+                             exists_answer, [1] * len(keys), deadline_s)
+        self._follow_asks(redirects.asked, present, lambda i: ("EXISTS", keys[i]),
+                          exists_answer, [1] * len(keys))
         if redirects.moved:
             self._redo_moved(redirects.moved, present,
                              lambda idx: self._has([keys[i] for i in idx],
@@ -777,109 +777,6 @@ class RedisRemoteStore(RemoteStoreBase):
         self._drop_client()
 
 
-def _node_fault(replies: Sequence[Any]) -> Exception | None:
-    """The refusal that says the node of ``replies`` (a pipeline's, ASKING's left out)
-    cannot serve at all, or None where they are each their own key's. Pure.
-
-    NOTE: CLUSTERDOWN for every command of a pipeline (the cluster down, as the node
-    sees it) was each key's miss: the node's breaker never opened, and every batch sent
-    it a pipeline, for as long as the cluster was down. One key's CLUSTERDOWN among
-    served ones (its slot served by no node) is still that key's. LOADING (a server
-    reading its data set after a restart) and MASTERDOWN (a replica cut off from its
-    master) say so of the node whatever the key: one such reply fails the pipeline (on a
-    standalone server too, whose writes took them as refusals, key by key)."""
-    from redis.exceptions import BusyLoadingError, ClusterDownError, MasterDownError
-
-    for reply in replies:
-        if isinstance(reply, BusyLoadingError | MasterDownError):
-            return reply
-    faults = [r for r in replies if isinstance(r, ClusterDownError)]
-    return faults[0] if faults and len(faults) == len(replies) else None
-
-
-def _value(reply: bytes | None) -> bytes | None:
-    """A read's answer for a GET's (or MGET's) reply: the value, or None. Pure."""
-    return reply
-
-
-def _exists(reply: object) -> bool:
-    """A probe's answer for an EXISTS reply. Pure."""
-    return reply == 1
-
-
-def _written(reply: object) -> bool:
-    """A write's answer for a SET reply. Pure."""
-    return reply == b"OK"
-
-
-# Per connection pool class: whether its ``get_connection`` needs a command name (redis-py
-# before 5.3; from then on it warns at one).
-_NEEDS_COMMAND_NAME: dict[type, bool] = {}
-
-
-def _pool_connection(pool: Any) -> Any:
-    """A connection of redis-py's ``pool``."""
-    kind = type(pool)
-    needs = _NEEDS_COMMAND_NAME.get(kind)
-    if needs is None:
-        param = inspect.signature(pool.get_connection).parameters.get("command_name")
-        needs = _NEEDS_COMMAND_NAME[kind] = (param is not None
-                                             and param.default is inspect.Parameter.empty)
-    return pool.get_connection("GET") if needs else pool.get_connection()
-
-
-def _refusal(text: str) -> Exception:
-    """redis-py's exception for the error line ``text`` (as its pipeline raises it: a
-    ``LOADING`` server is a connection error, retried; ``NOPERM`` a refusal, not), or a
-    plain refusal where redis-py cannot make one of it.
-
-    NOTE: redis-py makes an ASK's or MOVED's exception by splitting its text into a slot
-    and a ``host:port``: a line without them (``-ASK nonsense``) raised ValueError here,
-    which failed the whole pipeline as a fault (every key of it missed, the node's breaker
-    counting it). It is that command's refusal."""
-    from redis.exceptions import ResponseError
-
-    try:
-        from redis._parsers.base import BaseParser
-    except ImportError:  # another layout of redis-py: every error line is a refusal
-        return ResponseError(text)
-    try:
-        exc: Exception = BaseParser.parse_error(text)  # type: ignore[no-untyped-call]
-    except Exception:
-        return ResponseError(text)
-    return exc
-
-
-def _reader(conn: Any, sock: Any) -> SocketReader:
-    """A reader of ``conn``'s reply off ``sock``, the whole reply due within the
-    connection's socket timeout (the store's ``timeout_s``).
-
-    NOTE: redis-py's parser bounds each ``recv`` by the socket timeout only: a server that
-    sent a few bytes now and then (a byte every 0.15 s, ``timeout_s`` 0.2) held one read
-    100 s, past ``max_blocking_s`` (0.4 s) many times over."""
-    return SocketReader(sock, timeout_s=getattr(conn, "socket_timeout", None))
-
-
-def _mget(keys: list[str], client: Any) -> list[bytes | None]:
-    """The values of ``keys`` on a standalone server (None where absent): one ``MGET``
-    through ``_pipeline``; redis-py's exception for the error line that refused it."""
-    (values,) = _pipeline([("MGET", *keys)], client, partial(_read_mget, num_keys=len(keys)))
-    if isinstance(values, Exception):
-        raise values
-    return list(values)
-
-
-def _read_mget(reader: SocketReader, num_commands: int,
-               num_keys: int) -> list[list[bytes | None] | ErrorReply]:
-    """``_pipeline``'s ``read`` of one ``MGET`` of ``num_keys`` keys: its values, or the
-    error line that refused the whole command (read whole: the connection stays in step)."""
-    assert num_commands == 1, num_commands
-    try:
-        return [read_values_reply(reader, num_keys)]
-    except ErrorReply as exc:
-        return [exc]
-
-
 def _unlisted_client(client: Any, server: str) -> Any:
     """A client of the cluster node ``server`` (``host:port``) that the slot map of
     ``client`` (redis-py's ``RedisCluster``) does not list, made as redis-py makes each
@@ -890,71 +787,3 @@ def _unlisted_client(client: Any, server: str) -> Any:
     node = ClusterNode(host, int(port))  # type: ignore[no-untyped-call]
     client.nodes_manager.create_redis_connections([node])
     return node.redis_connection
-
-
-def _pipeline(commands: list[tuple[Any, ...]], client: Any,
-              read: _Read = read_replies,
-              ) -> list[Any]:
-    """``commands`` pipelined on ``client``; per command its reply (a simple string's bytes,
-    ``b"OK"``, an integer, a value or None: as ``read`` reads them off the socket) or
-    redis-py's exception for the error line that refused it (by redis-py where the
-    connection has no socket). The replies are due within the socket timeout as a whole,
-    as a read's; a connection that failed part way is closed, never pooled again.
-
-    NOTE: redis-py's pipeline bounded each ``recv`` only: a server answering a byte every
-    0.08 s held a write of four blocks 1.8 s, past ``max_blocking_s`` (0.2 s)."""
-    from redis.exceptions import ResponseError
-
-    pool = client.connection_pool
-    conn = _pool_connection(pool)
-    try:
-        conn.send_packed_command(conn.pack_commands(commands))
-        sock = getattr(conn, "_sock", None)
-        if sock is None or not hasattr(sock, "recv_into"):
-            out: list[Any] = []
-            for _ in commands:
-                try:
-                    out.append(conn.read_response())
-                except ResponseError as exc:  # that command's refusal, read whole
-                    out.append(exc)
-            return out
-        reader = _reader(conn, sock)
-        try:
-            replies = read(reader, len(commands))
-        finally:
-            reader.restore()
-        if not reader.drained:  # bytes past the replies: the stream is out of step
-            conn.disconnect()
-        return [_refusal(str(r)) if isinstance(r, ErrorReply) else r for r in replies]
-    except BaseException:
-        conn.disconnect()
-        raise
-    finally:
-        pool.release(conn)
-
-
-def _read_reply(conn: Any) -> Any:
-    """The reply of the one command just sent on ``conn`` (a connection being set up: the
-    store's ``_on_connect``), due within its socket timeout as a batch's are; redis-py's
-    exception for an error line. A reply that fails part way closes the connection.
-
-    NOTE: read by redis-py, a server sending its ``INFO`` reply (some 2 KiB) a byte at a
-    time, each inside the timeout, held every new connection, and so a batch, for minutes."""
-    sock = getattr(conn, "_sock", None)
-    if sock is None or not hasattr(sock, "recv_into"):
-        return conn.read_response()
-    try:
-        reader = _reader(conn, sock)
-        try:
-            (reply,) = read_replies(reader, 1)
-        finally:
-            reader.restore()
-        if not reader.drained:
-            raise ProtocolError("bytes past the reply of a connection's setup")
-    except BaseException:
-        conn.disconnect()  # redis-py closes one on its own errors only, not on these
-        raise
-    if isinstance(reply, ErrorReply):
-        raise _refusal(str(reply))
-    return reply
-
