@@ -36,18 +36,8 @@ TRYAGAIN is asked again once first, after the backoff, where the batch's ``max_b
 leaves time for it: ``num_tryagain_retries``); but CLUSTERDOWN for every command of a
 pipeline (the cluster down, as the node sees it) is the node's fault, as a connection's
 is: its breaker counts it; so is one LOADING or MASTERDOWN reply, on any server (it cannot
-serve any key). A redirect is followed once per key, in the same call: a read, probe or
-write answered MOVED (a resharded slot) is made again once the slot map is read again, one
-answered ASK (its slot migrating) on the node the ASK names (one the slot map does not
-list too: a node just added serves no slot yet), right after ``ASKING``, in one pipeline
-per node, the slot map unchanged::
-
-    GET k1 k2 k3 ──node A──> v1, ASK B (k2), MOVED C (k3)
-    k2: ASKING, GET k2 ──node B──> v2          a redirect again: given up
-    k3: slot map read again, GET k3 ──node C──> v3, or an ASK: followed as k2's;
-                                                a MOVED again: given up
-
-A redirect answered by another (an ASK answered MOVED or ASK, a MOVED again) is given up:
+serve any key). A redirect (MOVED, ASK) is followed once per key, in the same call
+(``kvtier.remote.redis_redirects``); one answered by another is given up:
 a miss, counted (``num_redirects_given_up``). The URL's query may not set what the options
 here check (redis-py lets it win).
 redis is imported lazily: ``import kvtier.remote`` works without it.
@@ -62,7 +52,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from kvtier.remote.breaker import Breakers, BreakerState
@@ -78,6 +68,7 @@ from kvtier.remote.redis_pipeline import (
     read_reply,
     set_answer,
 )
+from kvtier.remote.redis_redirects import Redirects, take_replies
 from kvtier.remote.redis_url import URL_SCHEMES, check_url_query, redact_url
 from kvtier.remote.resp import read_asking_replies, read_get_replies, read_replies
 from kvtier.remote.store import RemoteStoreBase
@@ -98,36 +89,6 @@ MAX_CONNECTIONS = 64
 MAX_UNLISTED_NODES = 16
 SOCKET_READ_BYTES = 1 << 20
 _WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
-
-
-class _Redirects(NamedTuple):
-    """The keys of a batch (their indices) a cluster redirected: answered MOVED (their slot
-    resharded), per node an ASK named, answered ASK (their slot migrating to it), and per
-    node that answered it, TRYAGAIN (their slot mid-resharding: to be asked again)."""
-
-    moved: list[int]
-    asked: dict[str, list[int]]
-    tryagain: dict[str, list[int]]
-
-    @classmethod
-    def none(cls) -> _Redirects:
-        """No redirect yet. Pure."""
-        return cls([], {}, {})
-
-    @classmethod
-    def merged(cls, parts: Sequence[_Redirects]) -> _Redirects:
-        """The redirects of ``parts`` (a batch's chunks) together. Pure."""
-        whole = cls.none()
-        for part in parts:
-            whole.moved.extend(part.moved)
-            for node, indices in part.asked.items():
-                whole.asked.setdefault(node, []).extend(indices)
-            for node, indices in part.tryagain.items():
-                whole.tryagain.setdefault(node, []).extend(indices)
-        whole.moved.sort()
-        for indices in [*whole.asked.values(), *whole.tryagain.values()]:
-            indices.sort()
-        return whole
 
 
 class RedisRemoteStore(RemoteStoreBase):
@@ -507,7 +468,7 @@ class RedisRemoteStore(RemoteStoreBase):
         chunks = [(server, indices[part]) for server, indices in groups
                   for part in self._chunks([block] * len(indices), self.num_connections)]
 
-        def read(server: str, chunk: list[int]) -> _Redirects:
+        def read(server: str, chunk: list[int]) -> Redirects:
             # NOTE: on a cluster, a GET per key (MGET across slots is refused). A key's own
             # refusal (WRONGTYPE: another client's hash or list under the key) raised for
             # the whole pipeline: on a cluster every key of the chunk missed and the node's
@@ -528,7 +489,7 @@ class RedisRemoteStore(RemoteStoreBase):
             else:
                 replies = self._attempt(partial(mget, [keys[i] for i in chunk]),
                                         server=server)
-            redirects = _Redirects.none()
+            redirects = Redirects.none()
             if replies is not None and len(replies) == len(chunk):  # else misses
                 # each chunk writes its own indices
                 self._take(chunk, replies, values, get_answer, server, redirects,
@@ -543,7 +504,7 @@ class RedisRemoteStore(RemoteStoreBase):
             # Every chunk runs, even if one raised: a fault is a miss, never a crash.
             parts = [future.result() for future in
                      [readers.submit(read, server, chunk) for server, chunk in chunks]]
-        redirects = _Redirects.merged(parts)
+        redirects = Redirects.merged(parts)
         self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]),
                              get_answer, [block] * len(keys), deadline_s,
                              read=read_get_replies)
@@ -556,36 +517,14 @@ class RedisRemoteStore(RemoteStoreBase):
         return values
 
     def _take(self, chunk: list[int], replies: Sequence[Any], answers: list[Any],
-              answer: Callable[[Any], Any], server: str, redirects: _Redirects, *,
+              answer: Callable[[Any], Any], server: str, redirects: Redirects, *,
               follow_moved: bool, follow_ask: bool, follow_tryagain: bool = False) -> None:
-        """Put the ``replies`` from ``server`` of the keys at ``chunk`` in ``answers``, as
-        ``answer`` makes each, but note in ``redirects`` those to follow (on a cluster: a
-        MOVED with ``follow_moved``, an ASK with ``follow_ask``, a TRYAGAIN with
-        ``follow_tryagain``). A refusal leaves its
-        key's answer as it was and is counted as an error (the first described in
-        ``last_error``); on a cluster a redirect not followed came in reply to a redirect
-        already (none follows another of its kind; none follows an ASK): given up,
-        counted too (``num_redirects_given_up``)."""
-        from redis.exceptions import AskError, MovedError, TryAgainError
-
-        refused: list[Exception] = []
-        num_given_up = 0
-        for i, reply in zip(chunk, replies, strict=True):
-            if not isinstance(reply, Exception):
-                answers[i] = answer(reply)
-                continue
-            if follow_tryagain and isinstance(reply, TryAgainError):
-                redirects.tryagain.setdefault(server, []).append(i)
-                continue
-            if self.cluster and isinstance(reply, AskError):  # MovedError is one too
-                if isinstance(reply, MovedError) and follow_moved:
-                    redirects.moved.append(i)
-                    continue
-                if not isinstance(reply, MovedError) and follow_ask:
-                    redirects.asked.setdefault(f"{reply.host}:{reply.port}", []).append(i)
-                    continue
-                num_given_up += 1
-            refused.append(reply)
+        """``take_replies`` (``kvtier.remote.redis_redirects``), its refusals counted as
+        errors (the first described in ``last_error``) and its redirects given up in
+        ``num_redirects_given_up``."""
+        refused, num_given_up = take_replies(
+            chunk, replies, answers, answer, server, redirects, cluster=self.cluster,
+            follow_moved=follow_moved, follow_ask=follow_ask, follow_tryagain=follow_tryagain)
         if refused:
             description = self._describe(refused[0], server)
             if num_given_up:
@@ -619,7 +558,7 @@ class RedisRemoteStore(RemoteStoreBase):
                 if replies is None or len(replies) != len(commands):
                     continue
                 # replies[0::2] are ASKING's: one refused leaves its command answered MOVED
-                self._take(chunk, replies[1::2], answers, answer, target, _Redirects.none(),
+                self._take(chunk, replies[1::2], answers, answer, target, Redirects.none(),
                            follow_moved=False, follow_ask=False)
 
     def _retry_tryagain(self, tryagain: dict[str, list[int]], answers: list[Any],
@@ -658,7 +597,7 @@ class RedisRemoteStore(RemoteStoreBase):
                                     raise_on_error=False, read=read, retry=False)
                 if replies is None or len(replies) != len(chunk):
                     continue
-                self._take(chunk, replies, answers, answer, server, _Redirects.none(),
+                self._take(chunk, replies, answers, answer, server, Redirects.none(),
                            follow_moved=False, follow_ask=False)
 
     def _redo_moved(self, moved: list[int], answers: list[Any],
@@ -708,7 +647,7 @@ class RedisRemoteStore(RemoteStoreBase):
         if groups is None:
             return None
         results = [False] * len(pairs)
-        redirects = _Redirects.none()
+        redirects = Redirects.none()
         ttl = ("PX", self.ttl_ms) if self.ttl_ms is not None else ()
         sizes = [len(value) for _, value in pairs]
         for server, indices in groups:
@@ -748,7 +687,7 @@ class RedisRemoteStore(RemoteStoreBase):
         if groups is None:
             return None
         present = [False] * len(keys)
-        redirects = _Redirects.none()
+        redirects = Redirects.none()
         for server, indices in groups:
             for part in self._chunks([1] * len(indices)):
                 chunk = indices[part]
