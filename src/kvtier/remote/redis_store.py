@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 from kvtier.remote.breaker import Breakers, BreakerState
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
+from kvtier.remote.redis_connection import connect, read_run_id, unlisted_client
 from kvtier.remote.redis_pipeline import (
     Read,
     exists_answer,
@@ -65,7 +66,6 @@ from kvtier.remote.redis_pipeline import (
     mget,
     node_fault,
     pipeline,
-    read_reply,
     set_answer,
 )
 from kvtier.remote.redis_redirects import Redirects, take_replies
@@ -87,7 +87,6 @@ MAX_CONNECTIONS = 64
 # The most nodes ASK may name that the slot map does not list (each a client kept): past
 # it, a server naming a new address at every reply would be a new client each time.
 MAX_UNLISTED_NODES = 16
-SOCKET_READ_BYTES = 1 << 20
 _WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
 
 
@@ -171,32 +170,8 @@ class RedisRemoteStore(RemoteStoreBase):
 
     # -- connection ----------------------------------------------------------------------
     def _connect(self) -> Any:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        # NOTE: redis-py's own retries are off: this class retries, counts and backs off.
-        # It reads 64 KiB per recv by default; a block value is often MiBs: larger reads
-        # mean fewer calls into the parser (a few % of read throughput, bench_remote.py).
-        # RESP2 (redis-py 8 asks for RESP3 by default): every batch's replies are read off
-        # the socket by ``kvtier.remote.resp``, and the store uses nothing of RESP3 (no
-        # push messages can then come between a command and its reply).
-        options: dict[str, Any] = dict(socket_timeout=self.timeout_s,
-                                       socket_connect_timeout=self.timeout_s,
-                                       retry=Retry(NoBackoff(), 0),
-                                       socket_read_size=SOCKET_READ_BYTES,
-                                       redis_connect_func=self._on_connect,
-                                       protocol=2)
-        if self.ca_file is not None:
-            options["ssl_ca_certs"] = self.ca_file  # verify the server against this CA
-        if self.cluster:
-            from redis.cluster import RedisCluster
-
-            # NOTE: with full coverage required, a cluster with one shard gone (its slots
-            # served by no node; ``cluster-require-full-coverage no`` keeps the others
-            # serving) refused every client made afterwards: every key missed.
-            return RedisCluster.from_url(self.url, require_full_coverage=False, **options)
-        return redis.Redis.from_url(self.url, **options)
+        return connect(self.url, cluster=self.cluster, timeout_s=self.timeout_s,
+                       ca_file=self.ca_file, on_connect=self._on_connect)
 
     def _get_client(self) -> Any:
         with self._client_lock:
@@ -232,7 +207,7 @@ class RedisRemoteStore(RemoteStoreBase):
         with self._client_lock:
             made = self._unlisted.get(server)
             if made is None and asked and len(self._unlisted) < MAX_UNLISTED_NODES:
-                made = self._unlisted[server] = _unlisted_client(client, server)
+                made = self._unlisted[server] = unlisted_client(client, server)
         if made is None:
             raise ConnectionError(f"cluster node {server} is not in the slot map")
         return made
@@ -353,22 +328,10 @@ class RedisRemoteStore(RemoteStoreBase):
         A standalone client's hook replaces its own setup (authentication, the database),
         run first here; a cluster runs its own before this. A server that refuses INFO (an
         ACL without it) is never known to restart."""
-        from redis.exceptions import ResponseError
-
-        if not self.cluster:
-            connection.on_connect()
-        try:
-            connection.send_command("INFO", "server")
-            reply = read_reply(connection)
-        except ResponseError:
-            return
-        text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-        for line in text.splitlines():
-            if line.startswith("run_id:"):
-                name = (f"{connection.host}:{connection.port}" if self.cluster
-                        and hasattr(connection, "host") else "")
-                self._note_backend({name: line[len("run_id:"):].strip()})
-                return
+        found = read_run_id(connection, cluster=self.cluster)
+        if found is not None:
+            name, run_id = found
+            self._note_backend({name: run_id})
 
     def _refresh_topology(self, exc: BaseException) -> None:
         """After a node's error: slots that moved (MOVED, CLUSTERDOWN) are looked up again;
@@ -714,15 +677,3 @@ class RedisRemoteStore(RemoteStoreBase):
         if readers is not None:
             readers.shutdown(wait=True)
         self._drop_client()
-
-
-def _unlisted_client(client: Any, server: str) -> Any:
-    """A client of the cluster node ``server`` (``host:port``) that the slot map of
-    ``client`` (redis-py's ``RedisCluster``) does not list, made as redis-py makes each
-    node's: the cluster's options (timeouts, auth, TLS, the store's connection hook)."""
-    from redis.cluster import ClusterNode
-
-    host, _, port = server.rpartition(":")
-    node = ClusterNode(host, int(port))  # type: ignore[no-untyped-call]
-    client.nodes_manager.create_redis_connections([node])
-    return node.redis_connection
