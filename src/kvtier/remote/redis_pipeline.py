@@ -115,26 +115,6 @@ def read_reply(conn: Any) -> Any:
     return reply
 
 
-def node_fault(replies: Sequence[Any]) -> Exception | None:
-    """The refusal that says the node of ``replies`` (a pipeline's, ASKING's left out)
-    cannot serve at all, or None where they are each their own key's. Pure.
-
-    NOTE: CLUSTERDOWN for every command of a pipeline (the cluster down, as the node
-    sees it) was each key's miss: the node's breaker never opened, and every batch sent
-    it a pipeline, for as long as the cluster was down. One key's CLUSTERDOWN among
-    served ones (its slot served by no node) is still that key's. LOADING (a server
-    reading its data set after a restart) and MASTERDOWN (a replica cut off from its
-    master) say so of the node whatever the key: one such reply fails the pipeline (on a
-    standalone server too, whose writes took them as refusals, key by key)."""
-    from redis.exceptions import BusyLoadingError, ClusterDownError, MasterDownError
-
-    for reply in replies:
-        if isinstance(reply, BusyLoadingError | MasterDownError):
-            return reply
-    faults = [r for r in replies if isinstance(r, ClusterDownError)]
-    return faults[0] if faults and len(faults) == len(replies) else None
-
-
 def get_answer(reply: bytes | None) -> bytes | None:
     """A read's answer for a GET's (or MGET's) reply: the value, or None. Pure."""
     return reply

@@ -59,12 +59,12 @@ from kvtier.remote.breaker import Breakers, BreakerState
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
 from kvtier.remote.redis_connection import connect, read_run_id, unlisted_client
+from kvtier.remote.redis_faults import describe_fault, node_fault
 from kvtier.remote.redis_pipeline import (
     Read,
     exists_answer,
     get_answer,
     mget,
-    node_fault,
     pipeline,
     set_answer,
 )
@@ -219,31 +219,8 @@ class RedisRemoteStore(RemoteStoreBase):
 
     # -- fault handling ------------------------------------------------------------------
     def _describe(self, exc: BaseException, where: str = _WHOLE) -> str:
-        from redis.exceptions import (
-            AskError,
-            AuthenticationError,
-            ClusterDownError,
-            MasterDownError,
-            MovedError,
-            OutOfMemoryError,
-            ResponseError,
-        )
-
-        where = f"redis at {redact_url(self.url)}" + (f" (node {where})" if where else "")
-        if isinstance(exc, AskError):  # MOVED too: slot, then the node that serves it
-            kind = "MOVED" if isinstance(exc, MovedError) else "ASK"
-            return f"{where}: a key's slot is served elsewhere ({kind} {exc})."
-        if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
-            return f"{where}: authentication failed ({exc})."
-        if isinstance(exc, ClusterDownError):  # MASTERDOWN too
-            kind = "MASTERDOWN" if isinstance(exc, MasterDownError) else "CLUSTERDOWN"
-            return f"{where}: the node cannot serve ({kind} {exc})."
-        if isinstance(exc, OutOfMemoryError):
-            return f"{where}: out of memory, the server refused a write ({exc})."
-        if isinstance(exc, ResponseError):
-            return f"{where}: the server refused the command ({exc})."
-        # NOTE: redis-py's texts end with a period of their own ("Connection refused.").
-        return f"{where}: {type(exc).__name__}: {str(exc).rstrip('.')}."
+        """``describe_fault`` of ``exc`` at this store's url (``where``: a node). Pure."""
+        return describe_fault(exc, redact_url(self.url), where)
 
     def _attempt(self, op: Callable[[Any], T], *, retry: bool = True,
                  server: str = _WHOLE) -> T | None:
