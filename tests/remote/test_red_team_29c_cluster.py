@@ -199,7 +199,7 @@ def cluster_store(cluster: MigratingCluster, num_blocks: int = 4,
     store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, timeout_s=2.0,
                              max_retries=0, breaker_threshold=3, cooldown_s=60.0,
                              **options)
-    store._client = cluster  # the stand-in for redis-py's RedisCluster
+    store._clients._client = cluster  # the stand-in for redis-py's RedisCluster
     blocks = make_blocks(ns, num_blocks)
     for h, payload in blocks.items():
         cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)

@@ -58,7 +58,7 @@ def make_store(cluster: MigratingCluster, num_blocks: int = 4,
                                     cooldown_s=60.0)
     settings.update(options)
     store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, **settings)
-    store._client = cluster  # the stand-in for redis-py's RedisCluster
+    store._clients._client = cluster  # the stand-in for redis-py's RedisCluster
     blocks = make_blocks(ns, num_blocks)
     for h, payload in blocks.items():
         cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)

@@ -45,7 +45,6 @@ redis is imported lazily: ``import kvtier.remote`` works without it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -58,7 +57,8 @@ from urllib.parse import urlsplit
 from kvtier.remote.breaker import Breakers, BreakerState
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
-from kvtier.remote.redis_connection import connect, read_run_id, unlisted_client
+from kvtier.remote.redis_clients import WHOLE, RedisClients
+from kvtier.remote.redis_connection import connect, read_run_id
 from kvtier.remote.redis_faults import describe_fault, node_fault
 from kvtier.remote.redis_pipeline import (
     Read,
@@ -84,10 +84,6 @@ MAX_RETRIES = 100
 MAX_COUNT = 1 << 20
 MAX_BATCH_BYTES = 1 << 40
 MAX_CONNECTIONS = 64
-# The most nodes ASK may name that the slot map does not list (each a client kept): past
-# it, a server naming a new address at every reply would be a new client each time.
-MAX_UNLISTED_NODES = 16
-_WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
 
 
 class RedisRemoteStore(RemoteStoreBase):
@@ -151,11 +147,10 @@ class RedisRemoteStore(RemoteStoreBase):
         self.ca_file = ca_file
         self.cluster = cluster
         self.last_error: str | None = None
-        self._client: Any = None
-        self._client_lock = threading.Lock()
+        self._clients = RedisClients(self._connect, lambda: self.closed)
         self._breakers = Breakers(self.breaker_threshold, self.cooldown_s)
+        self._readers_lock = threading.Lock()  # guards the two below
         self._readers: ThreadPoolExecutor | None = None  # num_connections > 1, lazily
-        self._unlisted: dict[str, Any] = {}  # clients of ASK targets the slot map lacks
         self._readers_pid: int | None = None  # the process that made them
 
     def _backoff(self, attempt: int) -> float:
@@ -173,57 +168,18 @@ class RedisRemoteStore(RemoteStoreBase):
         return connect(self.url, cluster=self.cluster, timeout_s=self.timeout_s,
                        ca_file=self.ca_file, on_connect=self._on_connect)
 
-    def _get_client(self) -> Any:
-        with self._client_lock:
-            if self.closed:
-                raise ConnectionError("the store is closed")
-            if self._client is None:
-                self._client = self._connect()
-            return self._client
-
-    def _drop_client(self) -> None:
-        with self._client_lock:
-            client, self._client = self._client, None
-            unlisted, self._unlisted = self._unlisted, {}
-        for dropped in [client, *unlisted.values()]:
-            if dropped is not None:
-                with contextlib.suppress(Exception):
-                    dropped.close()
-
-    def _node_client(self, client: Any, server: str, *, asked: bool = False) -> Any:
-        """The client of ``server``: the standalone ``client`` itself, or a cluster node's;
-        with ``asked`` (a node an ASK named) one the slot map does not list too, made once
-        and kept until the cluster's client is dropped. ConnectionError for another node
-        the slot map no longer lists.
-
-        NOTE: redis-py's slot map lists the nodes that serve a slot (``CLUSTER SLOTS``): a
-        node just added, to which its first slot is migrating, serves none yet, and every
-        key of that slot gone to it missed."""
-        if server == _WHOLE:
-            return client
-        node = client.get_node(node_name=server)
-        if node is not None:
-            return client.get_redis_connection(node)
-        with self._client_lock:
-            made = self._unlisted.get(server)
-            if made is None and asked and len(self._unlisted) < MAX_UNLISTED_NODES:
-                made = self._unlisted[server] = unlisted_client(client, server)
-        if made is None:
-            raise ConnectionError(f"cluster node {server} is not in the slot map")
-        return made
-
     def check_connection(self) -> str | None:
         """None when the server answers PING, else one sentence saying why not. Never raises."""
         ok = self._attempt(lambda client: client.ping(), retry=False)
         return None if ok is not None else self.last_error
 
     # -- fault handling ------------------------------------------------------------------
-    def _describe(self, exc: BaseException, where: str = _WHOLE) -> str:
+    def _describe(self, exc: BaseException, where: str = WHOLE) -> str:
         """``describe_fault`` of ``exc`` at this store's url (``where``: a node). Pure."""
         return describe_fault(exc, redact_url(self.url), where)
 
     def _attempt(self, op: Callable[[Any], T], *, retry: bool = True,
-                 server: str = _WHOLE) -> T | None:
+                 server: str = WHOLE) -> T | None:
         """``op(client)`` with retries and backoff; None (counted) if it failed, or the
         breaker of ``server`` (a cluster node's name, or the whole: ``kvtier.remote.breaker``)
         is open (``num_short_circuited``), or half-open with its one probe out
@@ -255,44 +211,26 @@ class RedisRemoteStore(RemoteStoreBase):
                 self._count(num_retries=1)
                 time.sleep(self._backoff(attempt))
             try:
-                result = op(self._get_client())
+                result = op(self._clients.get())
             except Exception as exc:
                 self.last_error = self._describe(exc, server)
                 timed_out = isinstance(exc, RedisTimeoutError | TimeoutError)
                 self._count(num_errors=1, num_timeouts=int(timed_out))
                 if self.closed:
                     break
-                if self.cluster and server != _WHOLE:
+                if self.cluster and server != WHOLE:
                     self._refresh_topology(exc)
                 elif self.cluster:
-                    self._drop_client()  # the slot map: read again with a new client
+                    self._clients.drop()  # the slot map: read again with a new client
                 # Auth errors and refusals come back the same on a retry.
                 if isinstance(exc, AuthenticationError | ResponseError):
                     break
-                self._drop_idle(server)
+                self._clients.drop_idle(server)
                 continue
             self._breakers.record_success(server)
             return result
         self._breakers.record_failure(server)
         return None
-
-    def _drop_idle(self, server: str) -> None:
-        """After a fault of one of ``server``'s connections (that one closed by
-        ``pipeline``, or by redis-py): close its idle pooled connections too, which
-        reconnect when next taken. Those in use by other threads are left to complete.
-
-        NOTE: the whole client was dropped here, its pool's connections in use closed with
-        it: one reader's fault (a reset, garbage, a timeout, even a refusal, which leaves
-        its connection in step) failed the reads and writes other threads had in flight on
-        connections that were sound. A server restarted or gone is found by each
-        connection on its own; the idle ones, which may be stale alike (a host gone
-        without closing them), are closed so that a retry does not wait on each."""
-        with self._client_lock:
-            client = self._client
-        if client is not None:
-            with contextlib.suppress(Exception):
-                self._node_client(client, server).connection_pool.disconnect(
-                    inuse_connections=False)
 
     def _on_connect(self, connection: Any) -> None:
         """redis-py's hook for every new connection (``redis_connect_func``): read the
@@ -317,15 +255,7 @@ class RedisRemoteStore(RemoteStoreBase):
         from redis.exceptions import ClusterDownError, MovedError
 
         if isinstance(exc, MovedError | ClusterDownError):
-            self._reload_slots()
-
-    def _reload_slots(self) -> None:
-        """Read the cluster's slot map again (a failure leaves the old one)."""
-        with self._client_lock:
-            client = self._client
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.nodes_manager.initialize()
+            self._clients.reload_slots()
 
     def _chunks(self, sizes: list[int], min_chunks: int = 1) -> Iterator[slice]:
         """Slices of at most ``max_batch_keys`` items and about ``max_batch_bytes``, and at
@@ -345,7 +275,7 @@ class RedisRemoteStore(RemoteStoreBase):
         """The indices of ``keys`` per server: one group on a standalone server, one per
         slot owner on a cluster (None if the cluster's topology is unknown)."""
         if not self.cluster:
-            return [(_WHOLE, list(range(len(keys))))]
+            return [(WHOLE, list(range(len(keys))))]
 
         from redis.exceptions import SlotNotCoveredError
 
@@ -377,7 +307,7 @@ class RedisRemoteStore(RemoteStoreBase):
         Without ``raise_on_error``, a command's refusal is its reply."""
 
         def execute(client: Any) -> list[Any]:
-            replies = pipeline(commands, self._node_client(client, server, asked=asked),
+            replies = pipeline(commands, self._clients.node(client, server, asked=asked),
                                read)
             fault = node_fault(replies[1::2] if asked else replies)
             if fault is not None:
@@ -485,7 +415,7 @@ class RedisRemoteStore(RemoteStoreBase):
         migration ends: a MOVED tells then). Each key is asked once: a redirect in reply
         (MOVED back to the source, another ASK) is given up, a miss or not written,
         counted, never followed round a loop. A node the slot map does not list (one just
-        added, its first slot migrating to it) is asked all the same (``_node_client``); a
+        added, its first slot migrating to it) is asked all the same (``RedisClients.node``); a
         node down fails its own pipelines (its own breaker)."""
         for target, indices in asked.items():
             self._count(num_asked=len(indices))
@@ -545,7 +475,7 @@ class RedisRemoteStore(RemoteStoreBase):
         """The keys at ``moved`` (answered MOVED: their slot resharded) made again by
         ``redo`` once the cluster's slot map is read again, their new answers put in
         ``answers``; False, changing nothing, where ``redo`` failed as a whole (None)."""
-        self._reload_slots()
+        self._clients.reload_slots()
         again = redo(moved)
         if again is None:
             return False
@@ -557,7 +487,7 @@ class RedisRemoteStore(RemoteStoreBase):
         """The threads that read chunks at once (None with one connection, or closed)."""
         if self.num_connections == 1:
             return None
-        with self._client_lock:
+        with self._readers_lock:
             if self.closed:
                 return None
             # NOTE: a pool made before this process forked has no threads here (none but
@@ -649,8 +579,8 @@ class RedisRemoteStore(RemoteStoreBase):
         return present
 
     def _close_backend(self) -> None:
-        with self._client_lock:
+        with self._readers_lock:
             readers, self._readers = self._readers, None
         if readers is not None:
             readers.shutdown(wait=True)
-        self._drop_client()
+        self._clients.drop()
