@@ -2,7 +2,8 @@
 
 The commands go out packed on one of redis-py's pooled connections; their replies are read
 off the connection's socket by ``kvtier.remote.resp`` (the whole due within the socket
-timeout, not each ``recv``), each error line made redis-py's exception for it::
+timeout, not each ``recv``; redis-py, hiredis when it is installed, parses only a
+connection's handshake), each error line made redis-py's exception for it::
 
     pipeline([GET k1, GET k2], client) ──send──> node ──replies──> SocketReader
         -> [b"v1", MovedError(...)]     a connection that failed part way is closed

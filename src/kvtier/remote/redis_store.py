@@ -17,18 +17,12 @@ at once too), so the server streams values while the client parses others::
                                                conn 3: MGET k17..k24  │ results in order
                                                conn 4: MGET k25..k32  ┘
 
-The replies of every batch (MGET, GETs, SETs, EXISTS) are read off the connection's
-socket by ``kvtier.remote.resp``, due within ``timeout_s`` (and as much per MiB that came);
-redis-py (hiredis when it is installed) parses only a connection's handshake.
-
 A fault (server down, slow, out of memory, auth) costs at most :attr:`max_blocking_s` per
 chunk and node (a reply is due within ``timeout_s``, and as much again per MiB that came),
 is counted in ``stats`` and turns into misses or failed puts of that chunk alone (a
 connection that failed is closed, and the idle ones; another thread's batch in flight
 completes on its own); after ``breaker_threshold`` failed batches in a row to one server
-the breaker opens and its batches are skipped (counted as short-circuited) for
-``cooldown_s``, then one batch probes (the others refused until it answers, counted as
-``num_refused_probes``): its success closes the breaker, its failure opens it again.
+its breaker opens for ``cooldown_s``, then lets one batch probe.
 On a cluster a key's own fault stays that key's: a value of another type under it, a slot
 that no node serves (a shard gone, with ``cluster-require-full-coverage no``), TRYAGAIN or
 CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's (a
@@ -40,7 +34,16 @@ serve any key). A redirect (MOVED, ASK) is followed once per key, in the same ca
 (``kvtier.remote.redis_redirects``); one answered by another is given up:
 a miss, counted (``num_redirects_given_up``). The URL's query may not set what the options
 here check (redis-py lets it win).
-redis is imported lazily: ``import kvtier.remote`` works without it.
+redis is imported lazily: ``import kvtier.remote`` works without it. The store's parts,
+one module each under ``kvtier.remote``::
+
+    redis_url.py         the URL checked at construction, and shown without its secrets
+    redis_connection.py  redis-py's client with kvtier's options; a server's run id
+    redis_clients.py     the client held, each node's, idle connections closed on a fault
+    redis_pipeline.py    one pipeline's round trip, its replies read off the socket (resp.py)
+    redis_faults.py      whose a fault is (a key's or the node's), and its sentence
+    redis_redirects.py   a chunk's replies sorted: answers, refusals, redirects to follow
+    breaker.py           a circuit breaker per server or node: closed, open, half-open
 """
 
 from __future__ import annotations
