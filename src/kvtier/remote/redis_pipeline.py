@@ -91,8 +91,8 @@ def _read_mget(reader: SocketReader, num_commands: int,
 
 
 def read_reply(conn: Any) -> Any:
-    """The reply of the one command just sent on ``conn`` (a connection being set up: the
-    store's ``_on_connect``), due within its socket timeout as a batch's are; redis-py's
+    """The reply of the one command just sent on ``conn`` (a connection being set up:
+    ``read_run_id``'s ``INFO``), due within its socket timeout as a batch's are; redis-py's
     exception for an error line. A reply that fails part way closes the connection.
 
     NOTE: read by redis-py, a server sending its ``INFO`` reply (some 2 KiB) a byte at a
