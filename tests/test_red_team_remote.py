@@ -155,7 +155,7 @@ def test_a_url_is_shown_without_its_password_wherever_it_is(url: str, shown: str
     """redact_url showed a password given as a query parameter (redis-py takes it there
     too) in every error message, raised ValueError for a port out of range (status 70 in
     place of the message) and dropped an IPv6 host's brackets."""
-    from kvtier.remote.redis_store import redact_url
+    from kvtier.remote.redis_url import redact_url
 
     assert redact_url(url) == shown
 

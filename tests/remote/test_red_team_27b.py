@@ -239,7 +239,7 @@ def cluster_store(cluster: FakeCluster) -> tuple[Any, dict[int, bytes]]:
     ns = make_namespace()
     store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, timeout_s=0.5,
                              max_retries=0, breaker_threshold=3, cooldown_s=60.0)
-    store._client = cluster  # the stand-in for redis-py's RedisCluster
+    store._clients._client = cluster  # the stand-in for redis-py's RedisCluster
     blocks = make_blocks(ns, 4)
     for h, payload in blocks.items():
         cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)

@@ -30,6 +30,7 @@ pytest.importorskip("redis")
 from test_red_team_21b_remote import FakeRedis, Pieces, bulk
 from test_resp import ChunkSocket
 
+import kvtier.remote.redis_pipeline as redis_pipeline
 import kvtier.remote.redis_store as redis_store
 from kvtier.remote.redis_store import RedisRemoteStore
 from kvtier.remote.resp import ErrorReply, ProtocolError, SocketReader, read_asking_replies
@@ -180,13 +181,13 @@ class MigratingCluster:
 def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[MigratingCluster]:
     """A fake cluster whose every pipeline the store sends is logged (``pipelines``)."""
     fake = MigratingCluster()
-    pipeline = redis_store._pipeline
+    pipeline = redis_pipeline.pipeline  # the store sends through its own name of it
 
     def logged(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
         fake.pipelines.append((fake.name_of(client), [str(c[0]) for c in commands]))
         return pipeline(commands, client, *args)
 
-    monkeypatch.setattr(redis_store, "_pipeline", logged)
+    monkeypatch.setattr(redis_store, "pipeline", logged)
     yield fake
     fake.close()
 
@@ -198,7 +199,7 @@ def cluster_store(cluster: MigratingCluster, num_blocks: int = 4,
     store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, timeout_s=2.0,
                              max_retries=0, breaker_threshold=3, cooldown_s=60.0,
                              **options)
-    store._client = cluster  # the stand-in for redis-py's RedisCluster
+    store._clients._client = cluster  # the stand-in for redis-py's RedisCluster
     blocks = make_blocks(ns, num_blocks)
     for h, payload in blocks.items():
         cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)

@@ -29,6 +29,7 @@ pytest.importorskip("redis")
 
 from test_red_team_29c_cluster import MigratingCluster
 
+import kvtier.remote.redis_pipeline as redis_pipeline
 import kvtier.remote.redis_store as redis_store
 from kvtier.remote.redis_store import RedisRemoteStore
 
@@ -37,13 +38,13 @@ from kvtier.remote.redis_store import RedisRemoteStore
 def fake_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[MigratingCluster]:
     """A fake cluster (three nodes, every key on a) whose pipelines are logged."""
     fake = MigratingCluster()
-    pipeline = redis_store._pipeline
+    pipeline = redis_pipeline.pipeline  # the store sends through its own name of it
 
     def logged(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
         fake.pipelines.append((fake.name_of(client), [str(c[0]) for c in commands]))
         return pipeline(commands, client, *args)
 
-    monkeypatch.setattr(redis_store, "_pipeline", logged)
+    monkeypatch.setattr(redis_store, "pipeline", logged)
     yield fake
     fake.close()
 
@@ -57,7 +58,7 @@ def make_store(cluster: MigratingCluster, num_blocks: int = 4,
                                     cooldown_s=60.0)
     settings.update(options)
     store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, **settings)
-    store._client = cluster  # the stand-in for redis-py's RedisCluster
+    store._clients._client = cluster  # the stand-in for redis-py's RedisCluster
     blocks = make_blocks(ns, num_blocks)
     for h, payload in blocks.items():
         cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)
@@ -73,7 +74,7 @@ def refuse_all(cluster: MigratingCluster, store: RedisRemoteStore, hashes: range
 
 def reopen_after_cooldown(store: RedisRemoteStore) -> None:
     """Let the cooldown of every open breaker of ``store`` pass now."""
-    store._open_until = dict.fromkeys(store._open_until, 0.0)
+    store._breakers.end_cooldowns()
 
 
 def test_clusterdown_for_a_whole_pipeline_trips_the_nodes_breaker(
@@ -253,7 +254,7 @@ def hold_next_pipeline(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event
     """The next pipeline sent waits for the second event; the first is set once it waits.
     Later pipelines run at once."""
     entered, release = threading.Event(), threading.Event()
-    pipeline = redis_store._pipeline
+    pipeline: Callable[..., list[Any]] = vars(redis_store)["pipeline"]  # as the fixture logs it
     held = threading.Lock()
 
     def holding(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
@@ -262,7 +263,7 @@ def hold_next_pipeline(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event
             assert release.wait(10)
         return pipeline(commands, client, *args)
 
-    monkeypatch.setattr(redis_store, "_pipeline", holding)
+    monkeypatch.setattr(redis_store, "pipeline", holding)
     return entered, release
 
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from remote_helpers import make_namespace
 
-from kvtier.remote.redis_store import RedisRemoteStore, _mget, _pipeline
+from kvtier.remote.redis_pipeline import mget, pipeline
+from kvtier.remote.redis_store import RedisRemoteStore
 from kvtier.remote.resp import (
     MAX_BULK_BYTES,
     MAX_LINE_BYTES,
@@ -22,7 +23,7 @@ from kvtier.remote.resp import (
     read_values_reply,
 )
 
-# The store's side (``_mget``, ``_pipeline``) maps refusals to redis-py's exceptions: those
+# The store's side (``mget``, ``pipeline``) maps refusals to redis-py's exceptions: those
 # tests need the redis extra; the reader's own do not.
 needs_redis = pytest.mark.skipif(importlib.util.find_spec("redis") is None,
                                  reason="the store's tests need the redis extra")
@@ -121,7 +122,7 @@ def test_bytes_that_are_no_mget_reply_are_refused(data: bytes, match: str) -> No
 
 def get_each(keys: list[str], client: Any) -> list[Any]:
     """The cluster read's pipeline: one GET per key, read as a GET's replies."""
-    return _pipeline([("GET", key) for key in keys], client, read_get_replies)
+    return pipeline([("GET", key) for key in keys], client, read_get_replies)
 
 
 class FakeConnection:
@@ -173,7 +174,7 @@ class FakeClient:
 def test_the_store_pools_a_connection_only_in_step(data: bytes, values: list[bytes | None],
                                                    disconnected: bool) -> None:
     client = FakeClient(ChunkSocket(data))
-    assert _mget(["k1", "k2"], client) == values
+    assert mget(["k1", "k2"], client) == values
     conn = client.connection_pool.conn
     assert conn.packed == [[("MGET", "k1", "k2")]]
     assert conn.disconnected is disconnected
@@ -188,7 +189,7 @@ def test_the_store_pools_a_connection_only_in_step(data: bytes, values: list[byt
 def test_a_connection_that_failed_part_way_is_closed(data: bytes, error: type[Exception]) -> None:
     client = FakeClient(ChunkSocket(data))
     with pytest.raises(error):
-        _mget(["k1", "k2"], client)
+        mget(["k1", "k2"], client)
     assert client.connection_pool.conn.disconnected
     assert client.connection_pool.released == 1
 
@@ -201,17 +202,17 @@ def test_a_refusal_is_redis_pys_exception_and_keeps_the_connection() -> None:
 
     client = FakeClient(ChunkSocket(b"-NOPERM no mget for you\r\n"))
     with pytest.raises(NoPermissionError):
-        _mget(["k"], client)
+        mget(["k"], client)
     assert not client.connection_pool.conn.disconnected
     client = FakeClient(ChunkSocket(b"-LOADING Redis is loading the dataset in memory\r\n"))
     with pytest.raises(BusyLoadingError):
-        _mget(["k"], client)
+        mget(["k"], client)
 
 
 @needs_redis
 def test_a_connection_without_a_socket_is_read_by_redis_py() -> None:
     client = FakeClient(None)
-    assert _mget(["k1", "k2"], client) == [b"from redis-py", None]
+    assert mget(["k1", "k2"], client) == [b"from redis-py", None]
 
 
 @needs_redis
@@ -325,7 +326,7 @@ def test_the_socket_read_is_the_one_the_command_went_out_on() -> None:
         conn.packed.append(packed)
 
     conn.send_packed_command = reconnecting_send  # type: ignore[method-assign]
-    assert _mget(["k"], client) == [b"a"]
+    assert mget(["k"], client) == [b"a"]
     assert not conn.disconnected
 
 
@@ -333,7 +334,7 @@ def test_the_socket_read_is_the_one_the_command_went_out_on() -> None:
 def test_a_pool_that_needs_a_command_name_gets_one() -> None:
     """redis-py before 5.3 takes a command name in ``get_connection``; later ones warn at
     one, so it is passed only where it is needed."""
-    from kvtier.remote.redis_store import _pool_connection
+    from kvtier.remote.redis_pipeline import _pool_connection
 
     class OldPool:
         def get_connection(self, command_name: str, *keys: Any) -> str:

@@ -17,18 +17,12 @@ at once too), so the server streams values while the client parses others::
                                                conn 3: MGET k17..k24  │ results in order
                                                conn 4: MGET k25..k32  ┘
 
-The replies of every batch (MGET, GETs, SETs, EXISTS) are read off the connection's
-socket by ``kvtier.remote.resp``, due within ``timeout_s`` (and as much per MiB that came);
-redis-py (hiredis when it is installed) parses only a connection's handshake.
-
 A fault (server down, slow, out of memory, auth) costs at most :attr:`max_blocking_s` per
 chunk and node (a reply is due within ``timeout_s``, and as much again per MiB that came),
 is counted in ``stats`` and turns into misses or failed puts of that chunk alone (a
 connection that failed is closed, and the idle ones; another thread's batch in flight
 completes on its own); after ``breaker_threshold`` failed batches in a row to one server
-the breaker opens and its batches are skipped (counted as short-circuited) for
-``cooldown_s``, then one batch probes (the others refused until it answers, counted as
-``num_refused_probes``): its success closes the breaker, its failure opens it again.
+its breaker opens for ``cooldown_s``, then lets one batch probe.
 On a cluster a key's own fault stays that key's: a value of another type under it, a slot
 that no node serves (a shard gone, with ``cluster-require-full-coverage no``), TRYAGAIN or
 CLUSTERDOWN, is its miss (or failed write), never its chunk's or its node's breaker's (a
@@ -36,53 +30,55 @@ TRYAGAIN is asked again once first, after the backoff, where the batch's ``max_b
 leaves time for it: ``num_tryagain_retries``); but CLUSTERDOWN for every command of a
 pipeline (the cluster down, as the node sees it) is the node's fault, as a connection's
 is: its breaker counts it; so is one LOADING or MASTERDOWN reply, on any server (it cannot
-serve any key). A redirect is followed once per key, in the same call: a read, probe or
-write answered MOVED (a resharded slot) is made again once the slot map is read again, one
-answered ASK (its slot migrating) on the node the ASK names (one the slot map does not
-list too: a node just added serves no slot yet), right after ``ASKING``, in one pipeline
-per node, the slot map unchanged::
-
-    GET k1 k2 k3 ──node A──> v1, ASK B (k2), MOVED C (k3)
-    k2: ASKING, GET k2 ──node B──> v2          a redirect again: given up
-    k3: slot map read again, GET k3 ──node C──> v3, or an ASK: followed as k2's;
-                                                a MOVED again: given up
-
-A redirect answered by another (an ASK answered MOVED or ASK, a MOVED again) is given up:
+serve any key). A redirect (MOVED, ASK) is followed once per key, in the same call
+(``kvtier.remote.redis_redirects``); one answered by another is given up:
 a miss, counted (``num_redirects_given_up``). The URL's query may not set what the options
 here check (redis-py lets it win).
-redis is imported lazily: ``import kvtier.remote`` works without it.
+redis is imported lazily: ``import kvtier.remote`` works without it. The store's parts,
+one module each under ``kvtier.remote``::
+
+    redis_url.py         the URL checked at construction, and shown without its secrets
+    redis_connection.py  redis-py's client with kvtier's options; a server's run id
+    redis_clients.py     the client held, each node's, idle connections closed on a fault
+    redis_pipeline.py    one pipeline's round trip, its replies read off the socket (resp.py)
+    redis_faults.py      whose a fault is (a key's or the node's), and its sentence
+    redis_redirects.py   a chunk's replies sorted: answers, refusals, redirects to follow
+    breaker.py           a circuit breaker per server or node: closed, open, half-open
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, NamedTuple, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+from kvtier.remote.breaker import Breakers, BreakerState
 from kvtier.remote.codec import RemoteNamespace
 from kvtier.remote.options import check_count, check_number
-from kvtier.remote.resp import (
-    ErrorReply,
-    ProtocolError,
-    SocketReader,
-    read_asking_replies,
-    read_get_replies,
-    read_replies,
-    read_values_reply,
+from kvtier.remote.redis_clients import WHOLE, RedisClients
+from kvtier.remote.redis_connection import connect, read_run_id
+from kvtier.remote.redis_faults import describe_fault, node_fault
+from kvtier.remote.redis_pipeline import (
+    Read,
+    exists_answer,
+    get_answer,
+    mget,
+    pipeline,
+    set_answer,
 )
+from kvtier.remote.redis_redirects import Redirects, take_replies
+from kvtier.remote.redis_url import URL_SCHEMES, check_url_query, redact_url
+from kvtier.remote.resp import read_asking_replies, read_get_replies, read_replies
 from kvtier.remote.store import RemoteStoreBase
 from kvtier.reprs import shown
 
 T = TypeVar("T")
 
-URL_SCHEMES = ("redis", "rediss", "unix")
 MAX_TIMEOUT_S = 3600.0
 MAX_BACKOFF_S = 60.0  # also the cap of one retry's sleep, whatever the doubling gives
 MAX_COOLDOWN_S = 86400.0
@@ -91,145 +87,6 @@ MAX_RETRIES = 100
 MAX_COUNT = 1 << 20
 MAX_BATCH_BYTES = 1 << 40
 MAX_CONNECTIONS = 64
-# The most nodes ASK may name that the slot map does not list (each a client kept): past
-# it, a server naming a new address at every reply would be a new client each time.
-MAX_UNLISTED_NODES = 16
-SOCKET_READ_BYTES = 1 << 20
-# Query parameters of a URL that redis-py would let override an option this class checks
-# (its query wins over keyword arguments), and the option to set instead.
-URL_OWNED_PARAMETERS = {
-    "socket_timeout": "timeout_s", "socket_connect_timeout": "timeout_s",
-    "timeout": "timeout_s", "retry_on_timeout": "max_retries", "retry_on_error": "max_retries",
-    "socket_read_size": "nothing (kvtier sets the read size)",
-    "max_connections": "num_connections", "ssl_ca_certs": "ca_file",
-}
-# The query parameters passed on to redis-py, and whether each must be an integer >= 0.
-URL_PARAMETERS = {"db": True, "health_check_interval": True, "password": False,
-                  "username": False, "client_name": False, "socket_keepalive": False}
-# Those passed on with rediss:// only (a plain connection takes none of them).
-URL_TLS_PARAMETERS = ("ssl_check_hostname", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
-# The query parameters whose values a message may show (none is a secret).
-_SHOWN_PARAMETERS = frozenset({*URL_PARAMETERS, *URL_TLS_PARAMETERS, *URL_OWNED_PARAMETERS}
-                              - {"password"})
-# How ``_pipeline`` reads the replies of its commands off the socket (``kvtier.remote.resp``).
-_Read = Callable[[SocketReader, int], Sequence[object]]
-_WHOLE = ""  # breaker key of the standalone server, and of the cluster's topology
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``: in its user info and in a
-    ``password`` query parameter (redis-py takes both), and the value of every query
-    parameter not known to hold no secret. Never raises. Pure.
-
-    NOTE: the text is edited, not rebuilt from ``urlsplit``'s fields: its ``port`` raised
-    ValueError for a port out of range (a status 70 in place of the error being reported),
-    and ``hostname`` dropped an IPv6 address's brackets; a query's password was shown."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # an unbalanced "[" in the host: nothing of it is shown
-        return "<a URL that does not parse>"
-    netloc = parts.netloc
-    user_info, at, host = netloc.rpartition("@")
-    if at and ":" in user_info:
-        netloc = f"{user_info.split(':', 1)[0]}:***@{host}"
-    # NOTE: only the values of parameters known to hold no secret are shown: an unknown
-    # one (``?passwd=...``, a misspelt ``?pasword=...``) was shown whole in the refusal
-    # that named it.
-    query = "&".join(
-        f"{name}{sep}{value}" if not sep or unquote(name).lower() in _SHOWN_PARAMETERS
-        else f"{name}=***"
-        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
-    ) if parts.query else ""
-    # Spliced into the text (urlunsplit drops the "//" of "unix:///path").
-    redacted = url.replace(parts.netloc, netloc, 1) if netloc != parts.netloc else url
-    return redacted.replace("?" + parts.query, "?" + query, 1) if query != parts.query else (
-        redacted)
-
-
-def check_url_query(url: str, cluster: bool = False) -> None:
-    """ValueError naming the parameter (never a password) where the query or the database
-    path of ``url`` would not give the store it describes; else None. Pure.
-
-    NOTE: redis-py lets a query parameter win over the options this class checks:
-    ``?socket_timeout=3`` held a read of a paused server 3.9 s past ``max_blocking_s``
-    (0.41 s), and a parameter it cannot use (``?db=x``, ``?foo=bar``, ``?socket_timeout=nan``)
-    failed every batch for ever, as a fault, in place of this error at construction."""
-    parts = urlsplit(url)
-    # NOTE: a port that is none (99999, abc, -1) made a store whose every batch failed for
-    # ever, as a fault ("ValueError: Port out of range"), and port 0 one that redis-py
-    # pointed at 6379, another server than the url names, without a word.
-    if parts.scheme == "unix":
-        if not unquote(parts.path):
-            raise ValueError(f"a unix:// url needs the socket's path, got "
-                             f"{shown(redact_url(url))}")
-    else:
-        try:
-            port = parts.port
-        except ValueError:
-            port = 0
-        if port == 0 or (port is None and parts.netloc.rpartition("@")[2].endswith(":")):
-            raise ValueError(f"url port must be an integer in 1..65535, got "
-                             f"{shown(redact_url(url))}")
-    databases: list[str] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "db":
-            databases.append(value)
-        if name in URL_OWNED_PARAMETERS:
-            raise ValueError(f"url parameter {shown(name)} would override what the store checks: "
-                             f"set {URL_OWNED_PARAMETERS[name]}, got {shown(redact_url(url))}")
-        if name in URL_TLS_PARAMETERS:
-            if parts.scheme != "rediss":
-                raise ValueError(f"url parameter {shown(name)} is for TLS: the url must start with "
-                                 f"rediss://, got {shown(redact_url(url))}")
-            continue
-        if name not in URL_PARAMETERS:
-            raise ValueError(f"url parameter {shown(name[:40])} is not one the store passes to "
-                             f"redis (it takes {', '.join(URL_PARAMETERS)}, and "
-                             f"{', '.join(URL_TLS_PARAMETERS)} with rediss://), got "
-                             f"{shown(redact_url(url))}")
-        if URL_PARAMETERS[name] and not (value.isascii() and value.isdigit()):
-            raise ValueError(f"url parameter {shown(name)} must be an integer >= 0, got "
-                             f"{shown(value[:40])}")
-    db = unquote(parts.path).replace("/", "")
-    if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
-        # NOTE: redis-py ignores a path that is no number: the store used database 0.
-        raise ValueError(f"url path must be a database number, got {shown(parts.path[:40])}")
-    # NOTE: redis-py takes the query's db before the path's. A cluster has database 0 only:
-    # another failed every batch with a RedisClusterException, as a fault.
-    database = databases[0] if databases else db if parts.scheme != "unix" else ""
-    if cluster and database and int(database) != 0:
-        raise ValueError(f"a Redis Cluster has database 0 only, the url names database "
-                         f"{int(database)}: {shown(redact_url(url))}")
-
-
-class _Redirects(NamedTuple):
-    """The keys of a batch (their indices) a cluster redirected: answered MOVED (their slot
-    resharded), per node an ASK named, answered ASK (their slot migrating to it), and per
-    node that answered it, TRYAGAIN (their slot mid-resharding: to be asked again)."""
-
-    moved: list[int]
-    asked: dict[str, list[int]]
-    tryagain: dict[str, list[int]]
-
-    @classmethod
-    def none(cls) -> _Redirects:
-        """No redirect yet. Pure."""
-        return cls([], {}, {})
-
-    @classmethod
-    def merged(cls, parts: Sequence[_Redirects]) -> _Redirects:
-        """The redirects of ``parts`` (a batch's chunks) together. Pure."""
-        whole = cls.none()
-        for part in parts:
-            whole.moved.extend(part.moved)
-            for node, indices in part.asked.items():
-                whole.asked.setdefault(node, []).extend(indices)
-            for node, indices in part.tryagain.items():
-                whole.tryagain.setdefault(node, []).extend(indices)
-        whole.moved.sort()
-        for indices in [*whole.asked.values(), *whole.tryagain.values()]:
-            indices.sort()
-        return whole
 
 
 class RedisRemoteStore(RemoteStoreBase):
@@ -293,14 +150,10 @@ class RedisRemoteStore(RemoteStoreBase):
         self.ca_file = ca_file
         self.cluster = cluster
         self.last_error: str | None = None
-        self._client: Any = None
-        self._client_lock = threading.Lock()
-        self._breaker_lock = threading.Lock()  # guards the three books below
-        self._num_failures_in_row: dict[str, int] = {}
-        self._open_until: dict[str, float] = {}  # open, then half-open once it passed
-        self._probing: set[str] = set()  # half-open breakers whose one probe is out
+        self._clients = RedisClients(self._connect, lambda: self.closed)
+        self._breakers = Breakers(self.breaker_threshold, self.cooldown_s)
+        self._readers_lock = threading.Lock()  # guards the two below
         self._readers: ThreadPoolExecutor | None = None  # num_connections > 1, lazily
-        self._unlisted: dict[str, Any] = {}  # clients of ASK targets the slot map lacks
         self._readers_pid: int | None = None  # the process that made them
 
     def _backoff(self, attempt: int) -> float:
@@ -315,71 +168,8 @@ class RedisRemoteStore(RemoteStoreBase):
 
     # -- connection ----------------------------------------------------------------------
     def _connect(self) -> Any:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        # NOTE: redis-py's own retries are off: this class retries, counts and backs off.
-        # It reads 64 KiB per recv by default; a block value is often MiBs: larger reads
-        # mean fewer calls into the parser (a few % of read throughput, bench_remote.py).
-        # RESP2 (redis-py 8 asks for RESP3 by default): every batch's replies are read off
-        # the socket by ``kvtier.remote.resp``, and the store uses nothing of RESP3 (no
-        # push messages can then come between a command and its reply).
-        options: dict[str, Any] = dict(socket_timeout=self.timeout_s,
-                                       socket_connect_timeout=self.timeout_s,
-                                       retry=Retry(NoBackoff(), 0),
-                                       socket_read_size=SOCKET_READ_BYTES,
-                                       redis_connect_func=self._on_connect,
-                                       protocol=2)
-        if self.ca_file is not None:
-            options["ssl_ca_certs"] = self.ca_file  # verify the server against this CA
-        if self.cluster:
-            from redis.cluster import RedisCluster
-
-            # NOTE: with full coverage required, a cluster with one shard gone (its slots
-            # served by no node; ``cluster-require-full-coverage no`` keeps the others
-            # serving) refused every client made afterwards: every key missed.
-            return RedisCluster.from_url(self.url, require_full_coverage=False, **options)
-        return redis.Redis.from_url(self.url, **options)
-
-    def _get_client(self) -> Any:
-        with self._client_lock:
-            if self.closed:
-                raise ConnectionError("the store is closed")
-            if self._client is None:
-                self._client = self._connect()
-            return self._client
-
-    def _drop_client(self) -> None:
-        with self._client_lock:
-            client, self._client = self._client, None
-            unlisted, self._unlisted = self._unlisted, {}
-        for dropped in [client, *unlisted.values()]:
-            if dropped is not None:
-                with contextlib.suppress(Exception):
-                    dropped.close()
-
-    def _node_client(self, client: Any, server: str, *, asked: bool = False) -> Any:
-        """The client of ``server``: the standalone ``client`` itself, or a cluster node's;
-        with ``asked`` (a node an ASK named) one the slot map does not list too, made once
-        and kept until the cluster's client is dropped. ConnectionError for another node
-        the slot map no longer lists.
-
-        NOTE: redis-py's slot map lists the nodes that serve a slot (``CLUSTER SLOTS``): a
-        node just added, to which its first slot is migrating, serves none yet, and every
-        key of that slot gone to it missed."""
-        if server == _WHOLE:
-            return client
-        node = client.get_node(node_name=server)
-        if node is not None:
-            return client.get_redis_connection(node)
-        with self._client_lock:
-            made = self._unlisted.get(server)
-            if made is None and asked and len(self._unlisted) < MAX_UNLISTED_NODES:
-                made = self._unlisted[server] = _unlisted_client(client, server)
-        if made is None:
-            raise ConnectionError(f"cluster node {server} is not in the slot map")
-        return made
+        return connect(self.url, cluster=self.cluster, timeout_s=self.timeout_s,
+                       ca_file=self.ca_file, on_connect=self._on_connect)
 
     def check_connection(self) -> str | None:
         """None when the server answers PING, else one sentence saying why not. Never raises."""
@@ -387,68 +177,28 @@ class RedisRemoteStore(RemoteStoreBase):
         return None if ok is not None else self.last_error
 
     # -- fault handling ------------------------------------------------------------------
-    def _describe(self, exc: BaseException, where: str = _WHOLE) -> str:
-        from redis.exceptions import (
-            AskError,
-            AuthenticationError,
-            ClusterDownError,
-            MasterDownError,
-            MovedError,
-            OutOfMemoryError,
-            ResponseError,
-        )
-
-        where = f"redis at {redact_url(self.url)}" + (f" (node {where})" if where else "")
-        if isinstance(exc, AskError):  # MOVED too: slot, then the node that serves it
-            kind = "MOVED" if isinstance(exc, MovedError) else "ASK"
-            return f"{where}: a key's slot is served elsewhere ({kind} {exc})."
-        if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
-            return f"{where}: authentication failed ({exc})."
-        if isinstance(exc, ClusterDownError):  # MASTERDOWN too
-            kind = "MASTERDOWN" if isinstance(exc, MasterDownError) else "CLUSTERDOWN"
-            return f"{where}: the node cannot serve ({kind} {exc})."
-        if isinstance(exc, OutOfMemoryError):
-            return f"{where}: out of memory, the server refused a write ({exc})."
-        if isinstance(exc, ResponseError):
-            return f"{where}: the server refused the command ({exc})."
-        # NOTE: redis-py's texts end with a period of their own ("Connection refused.").
-        return f"{where}: {type(exc).__name__}: {str(exc).rstrip('.')}."
+    def _describe(self, exc: BaseException, where: str = WHOLE) -> str:
+        """``describe_fault`` of ``exc`` at this store's url (``where``: a node). Pure."""
+        return describe_fault(exc, redact_url(self.url), where)
 
     def _attempt(self, op: Callable[[Any], T], *, retry: bool = True,
-                 server: str = _WHOLE) -> T | None:
+                 server: str = WHOLE) -> T | None:
         """``op(client)`` with retries and backoff; None (counted) if it failed, or the
-        breaker of ``server`` (a cluster node's name, or the whole) is open, or half-open
-        with its one probe out. The breaker::
-
-            closed ──breaker_threshold failures in a row──> open: short-circuited
-              ^                                              │ cooldown_s passed
-              │ the probe succeeds                           v
-              └───────────────────────────── half-open: the first batch probes, the
-                                             others are refused (num_refused_probes);
-                                             the probe fails: open again
-
-        NOTE: once the cooldown passed, every batch that came probed the node at once (four
-        pipelines to a node that had not answered yet, each a wait of up to
-        ``max_blocking_s``): one does; the others are refused until it answers."""
-        with self._breaker_lock:
-            open_until = self._open_until.get(server)
-            refusal: str | None = None
-            if open_until is not None:
-                if time.monotonic() < open_until:
-                    refusal = "num_short_circuited"
-                elif server in self._probing:
-                    refusal = "num_refused_probes"
-                else:
-                    self._probing.add(server)
-        if refusal is not None:
-            self._count(**{refusal: 1})
+        breaker of ``server`` (a cluster node's name, or the whole: ``kvtier.remote.breaker``)
+        is open (``num_short_circuited``), or half-open with its one probe out
+        (``num_refused_probes``)."""
+        state = self._breakers.admit(server)
+        if state is BreakerState.OPEN:
+            self._count(num_short_circuited=1)
+            return None
+        if state is BreakerState.PROBING:
+            self._count(num_refused_probes=1)
             return None
         try:
             return self._attempt_closed(op, retry=retry, server=server)
         finally:
-            if open_until is not None:
-                with self._breaker_lock:
-                    self._probing.discard(server)
+            if state is BreakerState.HALF_OPEN:
+                self._breakers.end_probe(server)
 
     def _attempt_closed(self, op: Callable[[Any], T], *, retry: bool,
                         server: str) -> T | None:
@@ -464,50 +214,26 @@ class RedisRemoteStore(RemoteStoreBase):
                 self._count(num_retries=1)
                 time.sleep(self._backoff(attempt))
             try:
-                result = op(self._get_client())
+                result = op(self._clients.get())
             except Exception as exc:
                 self.last_error = self._describe(exc, server)
                 timed_out = isinstance(exc, RedisTimeoutError | TimeoutError)
                 self._count(num_errors=1, num_timeouts=int(timed_out))
                 if self.closed:
                     break
-                if self.cluster and server != _WHOLE:
+                if self.cluster and server != WHOLE:
                     self._refresh_topology(exc)
                 elif self.cluster:
-                    self._drop_client()  # the slot map: read again with a new client
+                    self._clients.drop()  # the slot map: read again with a new client
                 # Auth errors and refusals come back the same on a retry.
                 if isinstance(exc, AuthenticationError | ResponseError):
                     break
-                self._drop_idle(server)
+                self._clients.drop_idle(server)
                 continue
-            with self._breaker_lock:
-                self._num_failures_in_row[server] = 0
-                self._open_until.pop(server, None)
+            self._breakers.record_success(server)
             return result
-        with self._breaker_lock:
-            failures = self._num_failures_in_row.get(server, 0) + 1
-            self._num_failures_in_row[server] = failures
-            if failures >= self.breaker_threshold:
-                self._open_until[server] = time.monotonic() + self.cooldown_s
+        self._breakers.record_failure(server)
         return None
-
-    def _drop_idle(self, server: str) -> None:
-        """After a fault of one of ``server``'s connections (that one closed by
-        ``_pipeline``, or by redis-py): close its idle pooled connections too, which
-        reconnect when next taken. Those in use by other threads are left to complete.
-
-        NOTE: the whole client was dropped here, its pool's connections in use closed with
-        it: one reader's fault (a reset, garbage, a timeout, even a refusal, which leaves
-        its connection in step) failed the reads and writes other threads had in flight on
-        connections that were sound. A server restarted or gone is found by each
-        connection on its own; the idle ones, which may be stale alike (a host gone
-        without closing them), are closed so that a retry does not wait on each."""
-        with self._client_lock:
-            client = self._client
-        if client is not None:
-            with contextlib.suppress(Exception):
-                self._node_client(client, server).connection_pool.disconnect(
-                    inuse_connections=False)
 
     def _on_connect(self, connection: Any) -> None:
         """redis-py's hook for every new connection (``redis_connect_func``): read the
@@ -520,22 +246,10 @@ class RedisRemoteStore(RemoteStoreBase):
         A standalone client's hook replaces its own setup (authentication, the database),
         run first here; a cluster runs its own before this. A server that refuses INFO (an
         ACL without it) is never known to restart."""
-        from redis.exceptions import ResponseError
-
-        if not self.cluster:
-            connection.on_connect()
-        try:
-            connection.send_command("INFO", "server")
-            reply = _read_reply(connection)
-        except ResponseError:
-            return
-        text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-        for line in text.splitlines():
-            if line.startswith("run_id:"):
-                name = (f"{connection.host}:{connection.port}" if self.cluster
-                        and hasattr(connection, "host") else "")
-                self._note_backend({name: line[len("run_id:"):].strip()})
-                return
+        found = read_run_id(connection, cluster=self.cluster)
+        if found is not None:
+            name, run_id = found
+            self._note_backend({name: run_id})
 
     def _refresh_topology(self, exc: BaseException) -> None:
         """After a node's error: slots that moved (MOVED, CLUSTERDOWN) are looked up again;
@@ -544,15 +258,7 @@ class RedisRemoteStore(RemoteStoreBase):
         from redis.exceptions import ClusterDownError, MovedError
 
         if isinstance(exc, MovedError | ClusterDownError):
-            self._reload_slots()
-
-    def _reload_slots(self) -> None:
-        """Read the cluster's slot map again (a failure leaves the old one)."""
-        with self._client_lock:
-            client = self._client
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.nodes_manager.initialize()
+            self._clients.reload_slots()
 
     def _chunks(self, sizes: list[int], min_chunks: int = 1) -> Iterator[slice]:
         """Slices of at most ``max_batch_keys`` items and about ``max_batch_bytes``, and at
@@ -572,7 +278,7 @@ class RedisRemoteStore(RemoteStoreBase):
         """The indices of ``keys`` per server: one group on a standalone server, one per
         slot owner on a cluster (None if the cluster's topology is unknown)."""
         if not self.cluster:
-            return [(_WHOLE, list(range(len(keys))))]
+            return [(WHOLE, list(range(len(keys))))]
 
         from redis.exceptions import SlotNotCoveredError
 
@@ -596,17 +302,17 @@ class RedisRemoteStore(RemoteStoreBase):
         return self._attempt(group)
 
     def _run(self, server: str, commands: list[tuple[Any, ...]], *,
-             raise_on_error: bool = True, read: _Read = read_replies,
+             raise_on_error: bool = True, read: Read = read_replies,
              asked: bool = False, retry: bool = True) -> list[Any] | None:
         """One pipeline of ``commands`` on ``server`` (with ``asked``, a node an ASK named,
-        listed in the slot map or not), its replies read by ``read`` (as ``_pipeline``
+        listed in the slot map or not), its replies read by ``read`` (as ``pipeline``
         gives them), or None; without ``retry``, a failed pipeline is not sent again.
         Without ``raise_on_error``, a command's refusal is its reply."""
 
         def execute(client: Any) -> list[Any]:
-            replies = _pipeline(commands, self._node_client(client, server, asked=asked),
-                                read)
-            fault = _node_fault(replies[1::2] if asked else replies)
+            replies = pipeline(commands, self._clients.node(client, server, asked=asked),
+                               read)
+            fault = node_fault(replies[1::2] if asked else replies)
             if fault is not None:
                 raise fault  # the node's, as a connection's: retried, its breaker counts
             if raise_on_error:
@@ -635,7 +341,7 @@ class RedisRemoteStore(RemoteStoreBase):
         chunks = [(server, indices[part]) for server, indices in groups
                   for part in self._chunks([block] * len(indices), self.num_connections)]
 
-        def read(server: str, chunk: list[int]) -> _Redirects:
+        def read(server: str, chunk: list[int]) -> Redirects:
             # NOTE: on a cluster, a GET per key (MGET across slots is refused). A key's own
             # refusal (WRONGTYPE: another client's hash or list under the key) raised for
             # the whole pipeline: on a cluster every key of the chunk missed and the node's
@@ -648,18 +354,18 @@ class RedisRemoteStore(RemoteStoreBase):
             # is its key's: MOVED (its slot resharded) is read again once the slot map is,
             # ASK (its slot migrating) on the node it names. Before, either failed the
             # chunk, then ASK missed alone: a hit lost, the value in the cluster.
-            # Either way the replies are read off the socket (``_pipeline``).
+            # Either way the replies are read off the socket (``pipeline``).
             replies: list[Any] | None
             if self.cluster:
                 replies = self._run(server, [("GET", keys[i]) for i in chunk],
                                     raise_on_error=False, read=read_get_replies)
             else:
-                replies = self._attempt(partial(_mget, [keys[i] for i in chunk]),
+                replies = self._attempt(partial(mget, [keys[i] for i in chunk]),
                                         server=server)
-            redirects = _Redirects.none()
+            redirects = Redirects.none()
             if replies is not None and len(replies) == len(chunk):  # else misses
                 # each chunk writes its own indices
-                self._take(chunk, replies, values, _value, server, redirects,
+                self._take(chunk, replies, values, get_answer, server, redirects,
                            follow_moved=follow_moved, follow_ask=self.cluster,
                            follow_tryagain=self.cluster)
             return redirects
@@ -671,10 +377,11 @@ class RedisRemoteStore(RemoteStoreBase):
             # Every chunk runs, even if one raised: a fault is a miss, never a crash.
             parts = [future.result() for future in
                      [readers.submit(read, server, chunk) for server, chunk in chunks]]
-        redirects = _Redirects.merged(parts)
-        self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]), _value,
-                             [block] * len(keys), deadline_s, read=read_get_replies)
-        self._follow_asks(redirects.asked, values, lambda i: ("GET", keys[i]), _value,
+        redirects = Redirects.merged(parts)
+        self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]),
+                             get_answer, [block] * len(keys), deadline_s,
+                             read=read_get_replies)
+        self._follow_asks(redirects.asked, values, lambda i: ("GET", keys[i]), get_answer,
                           [block] * len(keys), scalars=False)
         if redirects.moved:
             self._redo_moved(redirects.moved, values,
@@ -683,36 +390,14 @@ class RedisRemoteStore(RemoteStoreBase):
         return values
 
     def _take(self, chunk: list[int], replies: Sequence[Any], answers: list[Any],
-              answer: Callable[[Any], Any], server: str, redirects: _Redirects, *,
+              answer: Callable[[Any], Any], server: str, redirects: Redirects, *,
               follow_moved: bool, follow_ask: bool, follow_tryagain: bool = False) -> None:
-        """Put the ``replies`` from ``server`` of the keys at ``chunk`` in ``answers``, as
-        ``answer`` makes each, but note in ``redirects`` those to follow (on a cluster: a
-        MOVED with ``follow_moved``, an ASK with ``follow_ask``, a TRYAGAIN with
-        ``follow_tryagain``). A refusal leaves its
-        key's answer as it was and is counted as an error (the first described in
-        ``last_error``); on a cluster a redirect not followed came in reply to a redirect
-        already (none follows another of its kind; none follows an ASK): given up,
-        counted too (``num_redirects_given_up``)."""
-        from redis.exceptions import AskError, MovedError, TryAgainError
-
-        refused: list[Exception] = []
-        num_given_up = 0
-        for i, reply in zip(chunk, replies, strict=True):
-            if not isinstance(reply, Exception):
-                answers[i] = answer(reply)
-                continue
-            if follow_tryagain and isinstance(reply, TryAgainError):
-                redirects.tryagain.setdefault(server, []).append(i)
-                continue
-            if self.cluster and isinstance(reply, AskError):  # MovedError is one too
-                if isinstance(reply, MovedError) and follow_moved:
-                    redirects.moved.append(i)
-                    continue
-                if not isinstance(reply, MovedError) and follow_ask:
-                    redirects.asked.setdefault(f"{reply.host}:{reply.port}", []).append(i)
-                    continue
-                num_given_up += 1
-            refused.append(reply)
+        """``take_replies`` (``kvtier.remote.redis_redirects``), its refusals counted as
+        errors (the first described in ``last_error``) and its redirects given up in
+        ``num_redirects_given_up``."""
+        refused, num_given_up = take_replies(
+            chunk, replies, answers, answer, server, redirects, cluster=self.cluster,
+            follow_moved=follow_moved, follow_ask=follow_ask, follow_tryagain=follow_tryagain)
         if refused:
             description = self._describe(refused[0], server)
             if num_given_up:
@@ -733,7 +418,7 @@ class RedisRemoteStore(RemoteStoreBase):
         migration ends: a MOVED tells then). Each key is asked once: a redirect in reply
         (MOVED back to the source, another ASK) is given up, a miss or not written,
         counted, never followed round a loop. A node the slot map does not list (one just
-        added, its first slot migrating to it) is asked all the same (``_node_client``); a
+        added, its first slot migrating to it) is asked all the same (``RedisClients.node``); a
         node down fails its own pipelines (its own breaker)."""
         for target, indices in asked.items():
             self._count(num_asked=len(indices))
@@ -746,13 +431,13 @@ class RedisRemoteStore(RemoteStoreBase):
                 if replies is None or len(replies) != len(commands):
                     continue
                 # replies[0::2] are ASKING's: one refused leaves its command answered MOVED
-                self._take(chunk, replies[1::2], answers, answer, target, _Redirects.none(),
+                self._take(chunk, replies[1::2], answers, answer, target, Redirects.none(),
                            follow_moved=False, follow_ask=False)
 
     def _retry_tryagain(self, tryagain: dict[str, list[int]], answers: list[Any],
                         command: Callable[[int], tuple[Any, ...]],
                         answer: Callable[[Any], Any], sizes: list[int], deadline_s: float,
-                        *, read: _Read = read_replies) -> None:
+                        *, read: Read = read_replies) -> None:
         """The keys at ``tryagain`` (per node that answered TRYAGAIN: their slot being
         resharded) made there once more, each ``command``, after the backoff, their
         answers put in ``answers`` as ``_take`` puts them, one pipeline each, never sent
@@ -785,7 +470,7 @@ class RedisRemoteStore(RemoteStoreBase):
                                     raise_on_error=False, read=read, retry=False)
                 if replies is None or len(replies) != len(chunk):
                     continue
-                self._take(chunk, replies, answers, answer, server, _Redirects.none(),
+                self._take(chunk, replies, answers, answer, server, Redirects.none(),
                            follow_moved=False, follow_ask=False)
 
     def _redo_moved(self, moved: list[int], answers: list[Any],
@@ -793,7 +478,7 @@ class RedisRemoteStore(RemoteStoreBase):
         """The keys at ``moved`` (answered MOVED: their slot resharded) made again by
         ``redo`` once the cluster's slot map is read again, their new answers put in
         ``answers``; False, changing nothing, where ``redo`` failed as a whole (None)."""
-        self._reload_slots()
+        self._clients.reload_slots()
         again = redo(moved)
         if again is None:
             return False
@@ -805,7 +490,7 @@ class RedisRemoteStore(RemoteStoreBase):
         """The threads that read chunks at once (None with one connection, or closed)."""
         if self.num_connections == 1:
             return None
-        with self._client_lock:
+        with self._readers_lock:
             if self.closed:
                 return None
             # NOTE: a pool made before this process forked has no threads here (none but
@@ -835,7 +520,7 @@ class RedisRemoteStore(RemoteStoreBase):
         if groups is None:
             return None
         results = [False] * len(pairs)
-        redirects = _Redirects.none()
+        redirects = Redirects.none()
         ttl = ("PX", self.ttl_ms) if self.ttl_ms is not None else ()
         sizes = [len(value) for _, value in pairs]
         for server, indices in groups:
@@ -846,13 +531,13 @@ class RedisRemoteStore(RemoteStoreBase):
                 if replies is None or len(replies) != len(chunk):
                     continue
                 # e.g. OOM, noeviction, TRYAGAIN, CLUSTERDOWN: that key's
-                self._take(chunk, replies, results, _written, server, redirects,
+                self._take(chunk, replies, results, set_answer, server, redirects,
                            follow_moved=follow_moved, follow_ask=self.cluster,
                            follow_tryagain=self.cluster)
         self._retry_tryagain(redirects.tryagain, results, lambda i: ("SET", *pairs[i], *ttl),
-                             _written, sizes, deadline_s)
+                             set_answer, sizes, deadline_s)
         self._follow_asks(redirects.asked, results, lambda i: ("SET", *pairs[i], *ttl),
-                          _written, sizes)
+                          set_answer, sizes)
         moved = redirects.moved
         if moved and not self._redo_moved(
                 moved, results,
@@ -875,7 +560,7 @@ class RedisRemoteStore(RemoteStoreBase):
         if groups is None:
             return None
         present = [False] * len(keys)
-        redirects = _Redirects.none()
+        redirects = Redirects.none()
         for server, indices in groups:
             for part in self._chunks([1] * len(indices)):
                 chunk = indices[part]
@@ -883,13 +568,13 @@ class RedisRemoteStore(RemoteStoreBase):
                                 raise_on_error=not self.cluster)
                 if got is None or len(got) != len(chunk):
                     continue
-                self._take(chunk, got, present, _exists, server, redirects,
+                self._take(chunk, got, present, exists_answer, server, redirects,
                            follow_moved=follow_moved, follow_ask=self.cluster,
                            follow_tryagain=self.cluster)
         self._retry_tryagain(redirects.tryagain, present, lambda i: ("EXISTS", keys[i]),
-                             _exists, [1] * len(keys), deadline_s)
-        self._follow_asks(redirects.asked, present, lambda i: ("EXISTS", keys[i]), _exists,
-                          [1] * len(keys))
+                             exists_answer, [1] * len(keys), deadline_s)
+        self._follow_asks(redirects.asked, present, lambda i: ("EXISTS", keys[i]),
+                          exists_answer, [1] * len(keys))
         if redirects.moved:
             self._redo_moved(redirects.moved, present,
                              lambda idx: self._has([keys[i] for i in idx],
@@ -897,191 +582,8 @@ class RedisRemoteStore(RemoteStoreBase):
         return present
 
     def _close_backend(self) -> None:
-        with self._client_lock:
+        with self._readers_lock:
             readers, self._readers = self._readers, None
         if readers is not None:
             readers.shutdown(wait=True)
-        self._drop_client()
-
-
-def _node_fault(replies: Sequence[Any]) -> Exception | None:
-    """The refusal that says the node of ``replies`` (a pipeline's, ASKING's left out)
-    cannot serve at all, or None where they are each their own key's. Pure.
-
-    NOTE: CLUSTERDOWN for every command of a pipeline (the cluster down, as the node
-    sees it) was each key's miss: the node's breaker never opened, and every batch sent
-    it a pipeline, for as long as the cluster was down. One key's CLUSTERDOWN among
-    served ones (its slot served by no node) is still that key's. LOADING (a server
-    reading its data set after a restart) and MASTERDOWN (a replica cut off from its
-    master) say so of the node whatever the key: one such reply fails the pipeline (on a
-    standalone server too, whose writes took them as refusals, key by key)."""
-    from redis.exceptions import BusyLoadingError, ClusterDownError, MasterDownError
-
-    for reply in replies:
-        if isinstance(reply, BusyLoadingError | MasterDownError):
-            return reply
-    faults = [r for r in replies if isinstance(r, ClusterDownError)]
-    return faults[0] if faults and len(faults) == len(replies) else None
-
-
-def _value(reply: bytes | None) -> bytes | None:
-    """A read's answer for a GET's (or MGET's) reply: the value, or None. Pure."""
-    return reply
-
-
-def _exists(reply: object) -> bool:
-    """A probe's answer for an EXISTS reply. Pure."""
-    return reply == 1
-
-
-def _written(reply: object) -> bool:
-    """A write's answer for a SET reply. Pure."""
-    return reply == b"OK"
-
-
-# Per connection pool class: whether its ``get_connection`` needs a command name (redis-py
-# before 5.3; from then on it warns at one).
-_NEEDS_COMMAND_NAME: dict[type, bool] = {}
-
-
-def _pool_connection(pool: Any) -> Any:
-    """A connection of redis-py's ``pool``."""
-    kind = type(pool)
-    needs = _NEEDS_COMMAND_NAME.get(kind)
-    if needs is None:
-        param = inspect.signature(pool.get_connection).parameters.get("command_name")
-        needs = _NEEDS_COMMAND_NAME[kind] = (param is not None
-                                             and param.default is inspect.Parameter.empty)
-    return pool.get_connection("GET") if needs else pool.get_connection()
-
-
-def _refusal(text: str) -> Exception:
-    """redis-py's exception for the error line ``text`` (as its pipeline raises it: a
-    ``LOADING`` server is a connection error, retried; ``NOPERM`` a refusal, not), or a
-    plain refusal where redis-py cannot make one of it.
-
-    NOTE: redis-py makes an ASK's or MOVED's exception by splitting its text into a slot
-    and a ``host:port``: a line without them (``-ASK nonsense``) raised ValueError here,
-    which failed the whole pipeline as a fault (every key of it missed, the node's breaker
-    counting it). It is that command's refusal."""
-    from redis.exceptions import ResponseError
-
-    try:
-        from redis._parsers.base import BaseParser
-    except ImportError:  # another layout of redis-py: every error line is a refusal
-        return ResponseError(text)
-    try:
-        exc: Exception = BaseParser.parse_error(text)  # type: ignore[no-untyped-call]
-    except Exception:
-        return ResponseError(text)
-    return exc
-
-
-def _reader(conn: Any, sock: Any) -> SocketReader:
-    """A reader of ``conn``'s reply off ``sock``, the whole reply due within the
-    connection's socket timeout (the store's ``timeout_s``).
-
-    NOTE: redis-py's parser bounds each ``recv`` by the socket timeout only: a server that
-    sent a few bytes now and then (a byte every 0.15 s, ``timeout_s`` 0.2) held one read
-    100 s, past ``max_blocking_s`` (0.4 s) many times over."""
-    return SocketReader(sock, timeout_s=getattr(conn, "socket_timeout", None))
-
-
-def _mget(keys: list[str], client: Any) -> list[bytes | None]:
-    """The values of ``keys`` on a standalone server (None where absent): one ``MGET``
-    through ``_pipeline``; redis-py's exception for the error line that refused it."""
-    (values,) = _pipeline([("MGET", *keys)], client, partial(_read_mget, num_keys=len(keys)))
-    if isinstance(values, Exception):
-        raise values
-    return list(values)
-
-
-def _read_mget(reader: SocketReader, num_commands: int,
-               num_keys: int) -> list[list[bytes | None] | ErrorReply]:
-    """``_pipeline``'s ``read`` of one ``MGET`` of ``num_keys`` keys: its values, or the
-    error line that refused the whole command (read whole: the connection stays in step)."""
-    assert num_commands == 1, num_commands
-    try:
-        return [read_values_reply(reader, num_keys)]
-    except ErrorReply as exc:
-        return [exc]
-
-
-def _unlisted_client(client: Any, server: str) -> Any:
-    """A client of the cluster node ``server`` (``host:port``) that the slot map of
-    ``client`` (redis-py's ``RedisCluster``) does not list, made as redis-py makes each
-    node's: the cluster's options (timeouts, auth, TLS, the store's connection hook)."""
-    from redis.cluster import ClusterNode
-
-    host, _, port = server.rpartition(":")
-    node = ClusterNode(host, int(port))  # type: ignore[no-untyped-call]
-    client.nodes_manager.create_redis_connections([node])
-    return node.redis_connection
-
-
-def _pipeline(commands: list[tuple[Any, ...]], client: Any,
-              read: _Read = read_replies,
-              ) -> list[Any]:
-    """``commands`` pipelined on ``client``; per command its reply (a simple string's bytes,
-    ``b"OK"``, an integer, a value or None: as ``read`` reads them off the socket) or
-    redis-py's exception for the error line that refused it (by redis-py where the
-    connection has no socket). The replies are due within the socket timeout as a whole,
-    as a read's; a connection that failed part way is closed, never pooled again.
-
-    NOTE: redis-py's pipeline bounded each ``recv`` only: a server answering a byte every
-    0.08 s held a write of four blocks 1.8 s, past ``max_blocking_s`` (0.2 s)."""
-    from redis.exceptions import ResponseError
-
-    pool = client.connection_pool
-    conn = _pool_connection(pool)
-    try:
-        conn.send_packed_command(conn.pack_commands(commands))
-        sock = getattr(conn, "_sock", None)
-        if sock is None or not hasattr(sock, "recv_into"):
-            out: list[Any] = []
-            for _ in commands:
-                try:
-                    out.append(conn.read_response())
-                except ResponseError as exc:  # that command's refusal, read whole
-                    out.append(exc)
-            return out
-        reader = _reader(conn, sock)
-        try:
-            replies = read(reader, len(commands))
-        finally:
-            reader.restore()
-        if not reader.drained:  # bytes past the replies: the stream is out of step
-            conn.disconnect()
-        return [_refusal(str(r)) if isinstance(r, ErrorReply) else r for r in replies]
-    except BaseException:
-        conn.disconnect()
-        raise
-    finally:
-        pool.release(conn)
-
-
-def _read_reply(conn: Any) -> Any:
-    """The reply of the one command just sent on ``conn`` (a connection being set up: the
-    store's ``_on_connect``), due within its socket timeout as a batch's are; redis-py's
-    exception for an error line. A reply that fails part way closes the connection.
-
-    NOTE: read by redis-py, a server sending its ``INFO`` reply (some 2 KiB) a byte at a
-    time, each inside the timeout, held every new connection, and so a batch, for minutes."""
-    sock = getattr(conn, "_sock", None)
-    if sock is None or not hasattr(sock, "recv_into"):
-        return conn.read_response()
-    try:
-        reader = _reader(conn, sock)
-        try:
-            (reply,) = read_replies(reader, 1)
-        finally:
-            reader.restore()
-        if not reader.drained:
-            raise ProtocolError("bytes past the reply of a connection's setup")
-    except BaseException:
-        conn.disconnect()  # redis-py closes one on its own errors only, not on these
-        raise
-    if isinstance(reply, ErrorReply):
-        raise _refusal(str(reply))
-    return reply
-
+        self._clients.drop()

@@ -33,7 +33,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvtier.integrations.vllm.keys import EngineLayout
 from kvtier.integrations.vllm.store_tier import StoreTier, TierStats
 from kvtier.remote.codec import RemoteNamespace
-from kvtier.remote.redis_store import RedisRemoteStore, redact_url
+from kvtier.remote.redis_store import RedisRemoteStore
+from kvtier.remote.redis_url import redact_url
 from kvtier.remote.store import RemoteStore
 from kvtier.reprs import shown
 
