@@ -216,10 +216,12 @@ class Scheduler:
         # ``requeue_failed`` took out of its admission's step). The rest is the next step's
         # ``num_lost_reused_tokens``.
         self._num_lost_seen = manager.stats.num_lost_reused_tokens
-        # Per request of the last update: the output tokens it appended; and the manager's
-        # failed copies and passes then. A request the manager drops after that update, for
-        # a failure (``compute_failed``, ``transfer_failed``), got them from a failed pass.
-        self._appended: dict[str, int] = {}
+        # The last update's requests and their output lengths before it (what it appended
+        # is the difference, worked out only where needed: no work an update), and the
+        # manager's failed copies and passes then. A request the manager drops after that
+        # update, for a failure (``compute_failed``, ``transfer_failed``), got its appended
+        # tokens from a failed pass.
+        self._appended: tuple[list[Request], list[int]] = ([], [])
         self._num_failures_at_update = 0
 
     @property
@@ -573,12 +575,14 @@ class Scheduler:
                 # NOTE: the tokens the last update appended came from the pass that failed:
                 # kept, the request recomputed with a token its model never sampled (its
                 # chunk prefilled 2 tokens past its 8 reused where 1 is right).
+                before = dict(zip((r.request_id for r in self._appended[0]),
+                                  self._appended[1], strict=True))
                 for req in reqs:
-                    num = self._appended.get(req.request_id, 0)
-                    if num:
+                    num = len(req.output) - before.get(req.request_id, len(req.output))
+                    if num > 0:
                         del req.output[-num:]
             self._requeue(reqs)
-        self._appended = {}
+        self._appended = ([], [])
         phases = self.phases
         if phases is not None:
             phases.begin()
@@ -1105,8 +1109,7 @@ class Scheduler:
         for req in finished:
             self._release_request(req)
         self._unapplied = None
-        self._appended = {req.request_id: len(req.output) - n
-                          for req, n in zip(reqs, lengths, strict=True) if len(req.output) > n}
+        self._appended = (reqs, lengths)
         self._num_failures_at_update = _num_failures(self.manager)
         return finished
 
