@@ -411,6 +411,27 @@ def test_a_step_failing_on_a_submit_thread_fails_every_op() -> None:
     assert_matches(gpu, host, expected)
 
 
+@CUDA
+def test_a_staged_plan_failing_before_its_count_counts_no_copy() -> None:
+    """A staged plan whose first step fails fails every op before the staging path counts
+    the plan (it counts once the last DMA is posted): the failed ops were taken out of
+    counts never made, leaving the engine -32 ops and negative bytes. Now the plan is
+    counted, and none of its copies."""
+    gpu, host = make_tiers("layer_major", "block_major", "cuda", num_gpu=40, num_host=64)
+    engine = TorchTransferEngine(gpu, host, method="dma_gather",
+                                 staging_bytes=3 * host.layout.bytes_per_block)
+    ops = step_ops(random.Random(5), gpu.num_blocks, host.num_blocks, 16)
+
+    def fail_first(layer: int | None) -> None:
+        raise RuntimeError("injected failure of a step")
+
+    engine.before_launch = fail_first
+    with pytest.raises(TransferError, match="32 of 32 copies not done"):
+        engine.submit(TransferPlan(tuple(ops)))
+    s = engine.stats
+    assert (s.num_plans, s.num_ops, s.bytes_h2d, s.bytes_d2h, s.bytes_d2d) == (1, 0, 0, 0, 0)
+
+
 def test_staged_plans_are_counted_as_their_arrays_are() -> None:
     """The staging path's count (one count of offloads for whole offloads and onboards)
     gives the figures of the count over a plan's arrays; a plan with a partial copy is

@@ -573,11 +573,22 @@ class TorchTransferEngine:
             columns = staged_columns(arrays_of(plan), self._tpb)
         prepared = submitter.copier.prepare(plan, self._num_blocks, columns)
         before = self.before_launch
+        counted = []
+
+        def count() -> None:
+            self._count_staged(columns, prepared.num_components)
+            counted.append(True)
+
         try:
             done_event, num_calls = submitter.submit(
-                prepared, None if before is None else lambda: before(None),
-                lambda: self._count_staged(columns, prepared.num_components))
+                prepared, None if before is None else lambda: before(None), count)
         except StepFailed as failed:
+            # NOTE: a step that fails before the last DMA is posted comes before the count:
+            # counted here, as every path counts a plan it took before its copies fail
+            # (``submit`` takes the failed ones back out). Uncounted, the failed plan left
+            # the engine's ops and bytes below what had landed (negative, for the first).
+            if not counted:
+                self._count_staged(columns, prepared.num_components)
             raise self._failed(plan, None, failed.cause) from failed.cause
         self.stats.num_dma_batches += num_calls
         self.stats.num_gather_plans += 1
