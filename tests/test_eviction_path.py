@@ -17,7 +17,7 @@ from kvtier import (
     Tier,
     TransferOp,
 )
-from kvtier import cache as cache_module
+from kvtier import cache_state as cache_module
 from kvtier.cache import MAX_EVICTION_BATCH, BlockCache, Swap, _Onboarding, eviction_batch
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.matching import NO_MATCH
