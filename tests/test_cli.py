@@ -29,10 +29,9 @@ LOAD_KEYS = {"busy_s", "arrival_span_s", "num_instances", "utilization", "overlo
              "sustainable_time_scale", "sustainable_instances"}
 
 
-@pytest.fixture(autouse=True)
-def debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A defect (an unexpected exception) raises with its traceback instead of exit 70."""
-    monkeypatch.setenv("KVTIER_DEBUG", "1")
+pytest_plugins = ["shared_fixtures"]
+# A defect (an unexpected exception) raises with its traceback instead of exit 70.
+pytestmark = pytest.mark.usefixtures("debug_mode")
 
 # Three requests over 512-token hash ids (hash id h = tokens h*512 .. h*512+511):
 #   r0  [1        | 2   ]  600 tokens

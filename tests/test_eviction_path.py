@@ -17,10 +17,11 @@ from kvtier import (
     Tier,
     TransferOp,
 )
-from kvtier import cache as cache_module
-from kvtier.cache import MAX_EVICTION_BATCH, BlockCache, Swap, _Onboarding, eviction_batch
+from kvtier import cache_state as cache_module
+from kvtier.cache import MAX_EVICTION_BATCH, BlockCache, eviction_batch
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.matching import NO_MATCH
+from kvtier.onboarding import Onboarding, Swap
 from kvtier.policies import KvtierPredict
 from kvtier.pool import TierPool
 from kvtier.radix import Node, add_child
@@ -265,7 +266,7 @@ def test_a_repeated_hint_claims_a_prefix_cached_since_for_a_request_that_had_non
 
 
 def test_a_swap_in_closed_form_leaves_what_the_piece_by_piece_loop_leaves() -> None:
-    """``_Onboarding.swap_in`` gives the victim the host slots, the path's copies, the
+    """``Onboarding.swap_in`` gives the victim the host slots, the path's copies, the
     piece ends and the free list the loop gives (a piece of the host's free room at a time,
     each taking the slots the one before gave back), for rooms that divide the swap, that
     leave a short last piece, and that hold it whole::
@@ -281,7 +282,7 @@ def test_a_swap_in_closed_form_leaves_what_the_piece_by_piece_loop_leaves() -> N
         host.num_referenced = 16
         host.give_back(list(range(20, 20 + room)))  # the room the swap found
         host.num_referenced -= room
-        onboarding = _Onboarding(path, PlanRecorder(), gpu, host, TPB)
+        onboarding = Onboarding(path, PlanRecorder(), gpu, host, TPB)
         victim = array("q", [5, 6, 7, 8, 9])
         if closed_form:
             swap = onboarding.swap_in(victim)

@@ -466,7 +466,7 @@ def test_a_prompt_matched_long_before_is_rematched_not_walked(
     long (two hinted windows of other prompts), so the lookup after the tree changed checks
     the runs it went through and walks none of its ids again; kept matches of prompts gone
     are dropped first, and the memo stays bounded."""
-    import kvtier.cache as cache_module
+    import kvtier.cache_state as cache_module
     from kvtier.matching import match_prompt as walk
 
     walks: list[int] = []

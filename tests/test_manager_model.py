@@ -238,7 +238,7 @@ class ManagerModel(RuleBasedStateMachine):
         self.now = 0.0
         self.memory = PhysicalMemory(self.config)
         # Victims in batches of up to 4 blocks (tiers this small cut exactly otherwise).
-        with mock.patch("kvtier.cache.eviction_batch", lambda capacity: batch):
+        with mock.patch("kvtier.cache_state.eviction_batch", lambda capacity: batch):
             manager = KVCacheManager(self.config, clock=lambda: self.now)
         self.mgr = PlanCaller(manager, self.memory)
         self.prefixes = [(p, None, None) for p in prefixes]

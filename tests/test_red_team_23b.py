@@ -26,10 +26,9 @@ from kvtier.cli_output import output_file
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(autouse=True)
-def debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A defect (an unexpected exception) raises with its traceback instead of exit 70."""
-    monkeypatch.setenv("KVTIER_DEBUG", "1")
+pytest_plugins = ["shared_fixtures"]
+# A defect (an unexpected exception) raises with its traceback instead of exit 70.
+pytestmark = pytest.mark.usefixtures("debug_mode")
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -26,10 +26,9 @@ TRACE = ('{"timestamp": 0, "input_length": 100, "output_length": 4, "hash_ids": 
          '{"timestamp": 5, "input_length": 100, "output_length": 4, "hash_ids": [0]}\n')
 
 
-@pytest.fixture(autouse=True)
-def debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A defect (an unexpected exception) raises with its traceback instead of exit 70."""
-    monkeypatch.setenv("KVTIER_DEBUG", "1")
+pytest_plugins = ["shared_fixtures"]
+# A defect (an unexpected exception) raises with its traceback instead of exit 70.
+pytestmark = pytest.mark.usefixtures("debug_mode")
 
 
 def make_trace(folder: Path, name: str) -> Path:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from fake_clock import FakeClock
-from kvtier import publisher, stream_client, stream_publisher
+from fake_stream_redis import FakeRedis
+from kvtier import publisher
 from kvtier.cli import main
 from kvtier.config import CacheConfig
 from kvtier.event_codec import encode_events
@@ -31,8 +32,9 @@ from list_workload import ListWorkload
 
 G = Tier.GPU
 
-# ---- the fleet counts only what it served ------------------------------------------------------
+pytest_plugins = ["shared_fixtures"]  # fake_redis
 
+# ---- the fleet counts only what it served ------------------------------------------------------
 
 def _fleet_workload() -> ListWorkload:
     """Ten requests, one every second; r1, r4 and r7 need more than the 8 GPU blocks of 4
@@ -97,145 +99,9 @@ def _run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
 # ---- a Redis stream restart whose seq 0 was trimmed -----------------------------------------
 
 
-class FakeRedis:
-    """The commands of the event stream, in memory: XADD with an exact MAXLEN, XREAD
-    (RESP2's shape), XINFO STREAM's first and last entry ids, GET, SET, DEL, the
-    publisher's EVAL (each script as Lua runs it) and MULTI/EXEC; ``down`` commands fail
-    with a ConnectionError first."""
-
-    def __init__(self) -> None:
-        self.streams: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
-        self.keys: dict[str, bytes] = {}
-        self.ttls: dict[str, int | None] = {}  # the EX of each SET
-        self.next_id = 1
-        self.last_ids: dict[str, bytes] = {}  # each stream's last-generated-id
-        self.down = 0
-
-    def _check(self) -> None:
-        if self.down:
-            import redis
-
-            self.down -= 1
-            raise redis.exceptions.ConnectionError("Connection refused")
-
-    def xadd(self, stream: str, fields: dict[str, object], maxlen: int | None = None,
-             approximate: bool = True) -> bytes:
-        self._check()
-        entry_id = f"{self.next_id}-0".encode()
-        self.next_id += 1
-        entries = self.streams.setdefault(stream, [])
-        self.last_ids[stream] = entry_id
-        entries.append((entry_id, {k.encode(): (v if isinstance(v, bytes) else str(v).encode())
-                                   for k, v in fields.items()}))
-        if maxlen is not None:
-            del entries[:max(0, len(entries) - maxlen)]
-        return entry_id
-
-    def xread(self, streams: dict[str, object], count: int | None = None,
-              block: int | None = None) -> list[object]:
-        self._check()
-        reply: list[object] = []
-        for name, after in streams.items():
-            after_id = int(str(after.decode() if isinstance(after, bytes) else after)
-                           .partition("-")[0])
-            rows = [(i, f) for i, f in self.streams.get(name, [])
-                    if int(i.decode().partition("-")[0]) > after_id][:count]
-            if rows:
-                reply.append([name.encode(), rows])
-        return reply
-
-    def xinfo_stream(self, stream: str) -> dict[str, object]:
-        self._check()
-        entries = self.streams.get(stream, [])
-        return {"recorded-first-entry-id": entries[0][0] if entries else b"0-0",
-                "last-generated-id": self.last_ids.get(stream, b"0-0")}
-
-    def xtrim(self, stream: str, maxlen: int) -> None:
-        entries = self.streams.get(stream, [])
-        del entries[:max(0, len(entries) - maxlen)]
-
-    def get(self, key: str) -> bytes | None:
-        self._check()
-        return self.keys.get(key)
-
-    def set(self, key: str, value: object, ex: int | None = None) -> bool:
-        self._check()
-        self.keys[key] = value if isinstance(value, bytes) else str(value).encode()
-        self.ttls[key] = ex
-        return True
-
-    def delete(self, *keys: str) -> int:
-        self._check()
-        return sum(self.keys.pop(k, None) is not None for k in keys)
-
-    def eval(self, script: str, numkeys: int, *keys_and_args: str) -> int:
-        """The publisher's scripts as Lua runs them. ``_DELETE_UNLESS_OTHERS``: the key
-        goes unless its value ends with ``"}`` (names an incarnation) and not with
-        ``,"p":<ARGV[1]>}`` (this one's). ``_SET_IF_CLAIMED``: the snapshot is set unless
-        the claim names another incarnation. ``_DELETE_CLAIM_IF_MINE``: the claim goes
-        where it names this one."""
-        self._check()
-        if script == stream_publisher._SET_IF_CLAIMED:
-            key, claim_key, snapshot, incarnation, ex = keys_and_args
-            claim = self.keys.get(claim_key)
-            if claim is not None and claim != incarnation.encode():
-                return 0
-            self.set(key, snapshot, ex=None if ex == "0" else int(ex))
-            return 1
-        if script == stream_publisher._DELETE_CLAIM_IF_MINE:
-            claim_key, incarnation = keys_and_args
-            if self.keys.get(claim_key) != incarnation.encode():
-                return 0
-            return self.delete(claim_key)
-        assert script == stream_publisher._DELETE_UNLESS_OTHERS and numkeys == 1
-        key, incarnation = keys_and_args
-        raw = self.keys.get(key)
-        if raw is None:
-            return 0
-        if raw.endswith(b'"}') and not raw.endswith(f',"p":{incarnation}}}'.encode()):
-            return 0
-        return self.delete(key)
-
-    def pipeline(self, transaction: bool = True) -> FakePipeline:
-        return FakePipeline(self)
-
-
-class FakePipeline:
-    """MULTI/EXEC: the queued commands run on execute, all or (Redis down) none."""
-
-    def __init__(self, client: FakeRedis) -> None:
-        self.client = client
-        self.queued: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
-
-    def delete(self, *args: object, **options: object) -> None:
-        self.queued.append(("delete", args, options))
-
-    def set(self, *args: object, **options: object) -> None:
-        self.queued.append(("set", args, options))
-
-    def xadd(self, *args: object, **options: object) -> None:
-        self.queued.append(("xadd", args, options))
-
-    def eval(self, *args: object, **options: object) -> None:
-        self.queued.append(("eval", args, options))
-
-    def execute(self) -> list[object]:
-        self.client._check()
-        return [getattr(self.client, name)(*args, **options)
-                for name, args, options in self.queued]
-
-
 def stored(seq: int, h: int) -> BlockStored:
     """A BlockStored event of one 4-token block."""
     return BlockStored(seq, h, None, G, 4, None, (1, 2, 3, 4), None, None)
-
-
-@pytest.fixture
-def fake_redis(monkeypatch: pytest.MonkeyPatch) -> FakeRedis:
-    pytest.importorskip("redis")  # the publisher catches its errors
-    client = FakeRedis()
-    monkeypatch.setattr(stream_client, "connect", lambda url: client)
-    return client
 
 
 @pytest.mark.parametrize("with_xinfo", [True, False])

@@ -9,10 +9,8 @@ from __future__ import annotations
 import gc
 import weakref
 
-import pytest
-
 from fake_clock import FakeClock
-from kvtier import stream_client
+from fake_stream_redis import FakeRedis
 from kvtier.events import BlockStored
 from kvtier.publisher import (
     EventBatch,
@@ -27,7 +25,8 @@ from kvtier.publisher import (
 )
 from kvtier.router import PrefixIndex
 from kvtier.tier import Tier
-from test_red_team_29a_router import FakeRedis
+
+pytest_plugins = ["shared_fixtures"]  # fake_redis
 
 G = Tier.GPU
 
@@ -35,15 +34,6 @@ G = Tier.GPU
 def stored(seq: int, h: int) -> BlockStored:
     """A BlockStored event of one 4-token block."""
     return BlockStored(seq, h, None, G, 4, None, (1, 2, 3, 4), None, None)
-
-
-@pytest.fixture
-def fake_redis(monkeypatch: pytest.MonkeyPatch) -> FakeRedis:
-    """The event stream's commands in memory, in place of every Redis client made."""
-    pytest.importorskip("redis")  # the publisher catches its errors
-    client = FakeRedis()
-    monkeypatch.setattr(stream_client, "connect", lambda url: client)
-    return client
 
 
 def test_a_bus_keeps_no_subscriber_its_owner_dropped() -> None:

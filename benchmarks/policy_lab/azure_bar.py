@@ -176,7 +176,7 @@ def _bind_cache(self: BlockCache, *args: Any, **kwargs: Any) -> None:
         policy.learner.probe_policy = policy
 
 
-BlockCache.__init__ = _bind_cache  # type: ignore[method-assign]
+BlockCache.__init__ = _bind_cache  # type: ignore[method-assign, assignment]  # __init__ is CacheState's
 
 
 def _set(refresh: Callable[[HitDensity], None], rank: Callable[..., Key],

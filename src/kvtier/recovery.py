@@ -232,7 +232,7 @@ def _uncomputed(seq: LiveSequence, tpb: int) -> list[int]:
 
     NOTE: a run is no unit of ownership: a decode run another request stored first, that
     ``seq`` followed with a private copy and grew in place once it held the run alone
-    (``cache._grows``), starts with the other request's block and goes on with ``seq``'s.
+    (``run_stores._grows``), starts with the other request's block and goes on with ``seq``'s.
     Judged by its first block, the whole run was the other's, and ``seq``'s garbage past
     it stayed cached::
 

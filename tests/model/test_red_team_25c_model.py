@@ -23,10 +23,9 @@ from test_red_team_model import make_gguf  # noqa: E402
 ESC_TOKEN = "\u011b"
 
 
-@pytest.fixture(autouse=True)
-def debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A defect (an unexpected exception) raises with its traceback instead of exit 70."""
-    monkeypatch.setenv("KVTIER_DEBUG", "1")
+pytest_plugins = ["shared_fixtures"]
+# A defect (an unexpected exception) raises with its traceback instead of exit 70.
+pytestmark = pytest.mark.usefixtures("debug_mode")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
