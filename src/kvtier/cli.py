@@ -80,6 +80,7 @@ from kvtier.sim import (
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import format_fleet_report
 from kvtier.sim.plot import plot_sweep, require_matplotlib
+from kvtier.sim.workload import check_arrivals
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a defect in kvtier, not in the input
 DEBUG_ENV = "KVTIER_DEBUG"
@@ -231,10 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _open(args: argparse.Namespace, cache: CacheConfig) -> Workload:
     check_outputs(args.trace, json=args.json, plot=getattr(args, "plot", None))
-    return open_workload(args.trace, args.workload, seed=args.seed, limit=args.limit,
-                         cache=cache, max_num_tokens=args.max_num_tokens,
-                         block_tokens=args.trace_block_tokens, time_unit=args.trace_time_unit,
-                         chunked_prefill=not args.no_chunked_prefill)
+    workload = open_workload(args.trace, args.workload, seed=args.seed, limit=args.limit,
+                             cache=cache, max_num_tokens=args.max_num_tokens,
+                             block_tokens=args.trace_block_tokens,
+                             time_unit=args.trace_time_unit,
+                             chunked_prefill=not args.no_chunked_prefill)
+    try:  # NOTE: before the run: the replay refused a late arrival only on reaching it
+        check_arrivals(workload, args.time_scale)
+    except TraceFormatError as exc:
+        raise CLIError(f"malformed trace: {exc}") from None
+    except ValueError as exc:
+        raise CLIError(f"cannot replay: {exc}") from None
+    return workload
 
 
 def _run_replay(args: argparse.Namespace) -> int:

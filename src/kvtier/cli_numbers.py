@@ -172,5 +172,4 @@ def number_in(low: float, high: float, *, low_open: bool = False) -> NumberRange
 
 
 finite_float = NumberRange()  # any finite number
-positive_float = NumberRange(0.0, math.inf, low_open=True)  # finite, > 0
 unit_float = NumberRange(0.0, 1.0)  # in [0, 1]
