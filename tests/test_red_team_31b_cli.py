@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvtier.cli import main
+from kvtier.cli_error import MAX_ERROR_CHARS
 from kvtier.cli_numbers import NotFinite, parse_number
 from kvtier.sim import ModelProfile, get_profile
 from kvtier.sim.timemodel import PROFILE_RANGES
@@ -85,3 +86,20 @@ def test_text_that_is_no_number_is_not_not_finite(text: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_number(text)
     assert type(caught.value) is ValueError
+
+
+@pytest.mark.parametrize("argv", [
+    ["replay", "--trace-block-tokens", "9" * 4300],
+    ["replay", "--bogus" + "x" * 100_000],
+    ["sweep", "--eviction-policy", "x" * 100_000],
+    ["replay", "--profile", "p" * 100_000],
+])
+def test_a_usage_error_quoting_a_huge_argument_is_cut_like_every_refusal(
+        capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """argparse's refusals quoted the argument whole (a line of 4,444 characters for a
+    4,300-digit --trace-block-tokens, 100 kB for a long unknown option), where every other
+    refusal is cut at MAX_ERROR_CHARS."""
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith("kvtier: error: ") and err.count("\n") == 1
+    assert " ... (see 'kvtier " in err and len(err) <= MAX_ERROR_CHARS + 60, len(err)

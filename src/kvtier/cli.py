@@ -25,7 +25,7 @@ from kvtier.cli_config import (
     make_cache,
     make_sched,
 )
-from kvtier.cli_error import EXIT_USAGE, CLIError
+from kvtier.cli_error import EXIT_USAGE, MAX_ERROR_CHARS, CLIError
 from kvtier.cli_generate import add_model_commands
 from kvtier.cli_numbers import int_in, int_list, number_in
 from kvtier.cli_options import (
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settle_options(args)
             return run(args)
     except CLIError as exc:
-        tell(f"kvtier: error: {first_line(exc, 2000)}")
+        tell(f"kvtier: error: {first_line(exc, MAX_ERROR_CHARS)}")
         return EXIT_USAGE
     except KeyboardInterrupt as exc:  # a Ctrl-C, or the launcher's SIGTERM (Terminated)
         return interrupted(exc)

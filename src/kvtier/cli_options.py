@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import NoReturn
 
-from kvtier.cli_error import EXIT_USAGE, CLIError
+from kvtier.cli_error import EXIT_USAGE, MAX_ERROR_CHARS, CLIError
 from kvtier.cli_numbers import int_in, number_in, power_of_two_in, unit_float
 from kvtier.cli_workload import TIME_UNITS, WORKLOADS
 from kvtier.config import (
@@ -90,6 +90,10 @@ class OneLineParser(argparse.ArgumentParser):
     escape sequences reached the terminal)."""
 
     def error(self, message: str) -> NoReturn:
+        # NOTE: cut as every other refusal is: argparse quotes what it refuses whole, so
+        # "--trace-block-tokens <4,300 digits>" was a line of 4,444 characters.
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[:MAX_ERROR_CHARS - 4] + " ..."
         tell(f"kvtier: error: {message} (see '{self.prog} --help')")
         self.exit(EXIT_USAGE)
 
