@@ -467,7 +467,8 @@ def test_malformed_trace_names_file_line_field(
     ("args", "message"),
     [
         (["replay", "--bogus"], "unrecognized arguments: --bogus"),
-        (["replay", "--time-scale", "0"], "argument --time-scale: must be a finite number > 0"),
+        (["replay", "--time-scale", "0"],
+         "argument --time-scale: must be a finite number in (0, 1e+10]"),
         (["replay", "--limit", "x"], "argument --limit: expected an integer, got 'x'"),
         (["replay", "--hash-algo", "md5"], "argument --hash-algo: invalid choice: 'md5'"),
         (["replay", "--profile", "gpt-9"], "argument --profile: invalid choice: 'gpt-9'"),

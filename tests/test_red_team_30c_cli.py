@@ -7,14 +7,22 @@ whose type declares no range (where the layers behind it have one) fails the wal
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kvtier import cli
 from kvtier.cli import build_parser, main
 from kvtier.cli_numbers import IntListRange, IntRange, NumberRange
-from kvtier.sim import ModelProfile
+from kvtier.sim import ModelProfile, SimReport, simulate
 
 NUMERIC = (IntRange, IntListRange, NumberRange)
 SIM_COMMANDS = ("replay", "compare", "sweep")
@@ -136,3 +144,113 @@ def test_a_generate_bound_passes_the_sampling_and_tier_checks(
     assert main(["generate", "--model", "/nonexistent-30c.gguf", *args, "hi"]) == 2
     assert capsys.readouterr().err == (
         "kvtier: error: model path /nonexistent-30c.gguf does not exist\n")
+
+
+# ---- red team 31b: the extremes a range takes run, or are refused in one line, quickly ----
+
+LARGEST_INT = "9" * 4300  # the largest integer the command line reads (Python's digit limit)
+COMPANIONS = {  # what an option needs beside it to take effect
+    "--draft-acceptance": ["--num-speculative-tokens", "1"],
+    "--offload-min-priority": ["--host-blocks", "8"],
+    "--router-alpha": ["--instances", "2"],
+    **{option: ["--instances", "2", "--remote", "write-back", "--host-blocks", "8"]
+       for option in ("--remote-latency-ms", "--remote-bandwidth-gb-s", "--remote-deadline-ms")},
+}
+CSV_TRACE = ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.0,600,4\n"
+             "2023-11-16 18:15:46.5,700,4\n2023-11-16 18:15:47.0,650,4\n")
+JSONL_TRACE = "".join(f'{{"timestamp": {t}, "input_length": 1000, "output_length": 4, '
+                      f'"hash_ids": [1, {t + 2}]}}\n' for t in (0, 500, 1000))
+
+
+def accepted_extremes(kind: IntRange | IntListRange | NumberRange,
+                      choices: object) -> list[str]:
+    """The largest and the smallest text ``kind`` takes (an integer of 4,300 digits where
+    it has no bound, the smallest positive float above an open 0). Pure."""
+    if choices is not None:
+        values = sorted(choices)  # type: ignore[call-overload]
+        return [str(values[-1]), str(values[0])]
+    if isinstance(kind, IntRange):
+        low = "-" + LARGEST_INT if kind.minimum is None else str(kind.minimum)
+        return [LARGEST_INT if kind.maximum is None else str(kind.maximum), low]
+    if isinstance(kind, IntListRange):
+        return [LARGEST_INT if kind.maximum is None else str(kind.maximum), str(kind.minimum)]
+    high = repr(kind.high) if math.isfinite(kind.high) else repr(sys.float_info.max)
+    if not math.isfinite(kind.low):
+        return [high, repr(-sys.float_info.max)]
+    return [high, repr(math.ulp(0.0)) if kind.low_open and kind.low == 0 else repr(kind.low)]
+
+
+def sim_actions() -> Iterator[tuple[str, argparse.Action]]:
+    """(command, option's action) for every numeric option of the simulator's commands."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in SIM_COMMANDS:
+        for action in commands.choices[command]._actions:
+            if isinstance(action.type, NUMERIC):
+                yield command, action
+
+
+EXTREMES = [(command, action.option_strings[0], text) for command, action in sim_actions()
+            for text in accepted_extremes(action.type, action.choices)]  # type: ignore[arg-type]
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail the test (TimeoutError) if the block runs past ``seconds``."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"ran past {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(("command", "option", "text"), EXTREMES)
+def test_the_extremes_of_every_numeric_option_run_or_are_refused_quickly(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, option: str,
+        text: str) -> None:
+    """Red team 31b: ``--time-scale 1e300`` was taken, and the replay refused its requests
+    one by one as it reached them (``--time-scale 3e7``: 1,379 requests simulated for 12 s,
+    then all refused). Every numeric option's largest and smallest value now either runs to
+    a report with finite numbers or is refused in one line, well within a minute, on a
+    three-request trace."""
+    trace = tmp_path / ("t.jsonl" if option == "--trace-block-tokens" else "t.csv")
+    trace.write_text(JSONL_TRACE if trace.suffix == ".jsonl" else CSV_TRACE)
+    argv = [command, str(trace), "--no-progress", option, text, *COMPANIONS.get(option, [])]
+    if command == "sweep" and option != "--host-blocks":
+        argv += ["--host-blocks", "8"]
+    with deadline(60):
+        code = main(argv)
+    out, err = capsys.readouterr()
+    if code == 0:
+        json.loads(out.splitlines()[-1], parse_constant=lambda word: pytest.fail(word))
+        assert err == ""
+    else:
+        assert code == 2 and out == "", (code, err)
+        assert err.startswith("kvtier: error: ") and err.count("\n") == 1, err
+
+
+def test_a_time_scale_that_puts_a_late_arrival_past_the_clock_is_refused_before_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Red team 31b: the first request fit the clock, the last did not: the replay ran the
+    first two before it refused the third (on a long trace, hours). Refused before the run
+    now, naming the request."""
+    trace = tmp_path / "t.csv"
+    trace.write_text(CSV_TRACE.replace("18:15:47.0", "18:15:48.0"))  # at 0, 0.5 and 2 s
+    calls: list[object] = []
+
+    def counted(*args: Any, **kwargs: Any) -> SimReport:
+        calls.append(args)
+        return simulate(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "simulate", counted)
+    assert main(["replay", str(trace), "--no-progress", "--time-scale", "6e9"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and calls == []
+    assert err == ("kvtier: error: cannot replay: request 't-2' arrives at 2 s x time "
+                   "scale 6e+09 = 1.2e+10 s, past the 1e+10 s a replay's virtual clock tells "
+                   "microseconds apart; lower the time scale\n")

@@ -25,7 +25,7 @@ from kvtier.cli_config import (
     make_cache,
     make_sched,
 )
-from kvtier.cli_error import EXIT_USAGE, CLIError
+from kvtier.cli_error import EXIT_USAGE, MAX_ERROR_CHARS, CLIError
 from kvtier.cli_generate import add_model_commands
 from kvtier.cli_numbers import int_in, int_list, number_in
 from kvtier.cli_options import (
@@ -80,6 +80,7 @@ from kvtier.sim import (
 from kvtier.sim.fleet import simulate_fleet
 from kvtier.sim.fleet_report import format_fleet_report
 from kvtier.sim.plot import plot_sweep, require_matplotlib
+from kvtier.sim.workload import check_arrivals
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a defect in kvtier, not in the input
 DEBUG_ENV = "KVTIER_DEBUG"
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settle_options(args)
             return run(args)
     except CLIError as exc:
-        tell(f"kvtier: error: {first_line(exc, 2000)}")
+        tell(f"kvtier: error: {first_line(exc, MAX_ERROR_CHARS)}")
         return EXIT_USAGE
     except KeyboardInterrupt as exc:  # a Ctrl-C, or the launcher's SIGTERM (Terminated)
         return interrupted(exc)
@@ -231,10 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _open(args: argparse.Namespace, cache: CacheConfig) -> Workload:
     check_outputs(args.trace, json=args.json, plot=getattr(args, "plot", None))
-    return open_workload(args.trace, args.workload, seed=args.seed, limit=args.limit,
-                         cache=cache, max_num_tokens=args.max_num_tokens,
-                         block_tokens=args.trace_block_tokens, time_unit=args.trace_time_unit,
-                         chunked_prefill=not args.no_chunked_prefill)
+    workload = open_workload(args.trace, args.workload, seed=args.seed, limit=args.limit,
+                             cache=cache, max_num_tokens=args.max_num_tokens,
+                             block_tokens=args.trace_block_tokens,
+                             time_unit=args.trace_time_unit,
+                             chunked_prefill=not args.no_chunked_prefill)
+    try:  # NOTE: before the run: the replay refused a late arrival only on reaching it
+        check_arrivals(workload, args.time_scale)
+    except TraceFormatError as exc:
+        raise CLIError(f"malformed trace: {exc}") from None
+    except ValueError as exc:
+        raise CLIError(f"cannot replay: {exc}") from None
+    return workload
 
 
 def _run_replay(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 EXIT_USAGE = 2
+MAX_ERROR_CHARS = 2000  # the longest refusal the command writes (what it quotes is cut)
 
 
 class CLIError(Exception):

@@ -25,6 +25,12 @@ _NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 _NOT_FINITE = re.compile(r"[-+]?(?:nan|inf(?:inity)?)", re.IGNORECASE)
 
 
+class NotFinite(ValueError):
+    """A number word or decimal past the float range (``nan``, ``inf``, ``1e999``): a
+    number, and not a finite one (callers tell it from text that is no number by its
+    class, never by its message)."""
+
+
 def parse_int(text: str) -> int:
     """``text`` as an integer by the rule above; ValueError ``expected an integer, got
     <text>`` for anything else (an integer past Python's 4,300 digits too). Pure."""
@@ -39,14 +45,15 @@ def parse_int(text: str) -> int:
 
 def parse_number(text: str) -> float:
     """``text`` as a finite number by the rule above; ValueError naming the text for
-    anything else, or one past the float range (``1e999``). Pure."""
+    anything else, :class:`NotFinite` for a number that is not finite or one past the
+    float range (``1e999``). Pure."""
     if _NOT_FINITE.fullmatch(text) is not None:
-        raise ValueError(f"must be a finite number, got {text}")
+        raise NotFinite(f"must be a finite number, got {text}")
     if _NUMBER.fullmatch(text) is None:
         raise ValueError(f"expected a number, got {shown(text):.80}")
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {text:.80}")
+        raise NotFinite(f"must be a finite number, got {text:.80}")
     return value
 
 
@@ -165,5 +172,4 @@ def number_in(low: float, high: float, *, low_open: bool = False) -> NumberRange
 
 
 finite_float = NumberRange()  # any finite number
-positive_float = NumberRange(0.0, math.inf, low_open=True)  # finite, > 0
 unit_float = NumberRange(0.0, 1.0)  # in [0, 1]

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import NoReturn
 
-from kvtier.cli_error import EXIT_USAGE, CLIError
-from kvtier.cli_numbers import int_in, positive_float, power_of_two_in, unit_float
+from kvtier.cli_error import EXIT_USAGE, MAX_ERROR_CHARS, CLIError
+from kvtier.cli_numbers import int_in, number_in, power_of_two_in, unit_float
 from kvtier.cli_workload import TIME_UNITS, WORKLOADS
 from kvtier.config import (
     EVICTION_POLICIES,
@@ -23,6 +23,7 @@ from kvtier.scheduler_config import MAX_SPECULATIVE_TOKENS
 from kvtier.sim import PROFILES
 from kvtier.sim.hash_trace import HASH_BLOCK_SIZES
 from kvtier.sim.replay import DRAFT_ACCEPTANCE
+from kvtier.sim.workload import MAX_TIME_SCALE
 
 _CACHE = CacheConfig()
 _SCHED = SchedulerConfig()
@@ -89,6 +90,10 @@ class OneLineParser(argparse.ArgumentParser):
     escape sequences reached the terminal)."""
 
     def error(self, message: str) -> NoReturn:
+        # NOTE: cut as every other refusal is: argparse quotes what it refuses whole, so
+        # "--trace-block-tokens <4,300 digits>" was a line of 4,444 characters.
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[:MAX_ERROR_CHARS - 4] + " ..."
         tell(f"kvtier: error: {message} (see '{self.prog} --help')")
         self.exit(EXIT_USAGE)
 
@@ -117,8 +122,11 @@ def common_options() -> OneLineParser:
                    "workload's 2,000) (default: all)")
     p.add_argument("--seed", type=int_in(),
                    help="seed of the synthetic workload and of Azure prefixes (default: 0)")
-    p.add_argument("--time-scale", metavar="X", type=positive_float, default=1.0,
-                   help="multiply arrival times by X; > 1 lowers the load (default: 1)")
+    p.add_argument("--time-scale", metavar="X",
+                   type=number_in(0.0, MAX_TIME_SCALE, low_open=True), default=1.0,
+                   help="multiply arrival times by X; > 1 lowers the load; at most "
+                   f"{MAX_TIME_SCALE:g}, and no arrival may pass {MAX_TIME_SCALE:g} s "
+                   "(default: 1)")
     p.add_argument("--tokens-per-block", metavar="N",
                    type=power_of_two_in(1, MAX_TOKENS_PER_BLOCK),
                    default=_CACHE.tokens_per_block,

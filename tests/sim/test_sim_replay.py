@@ -332,7 +332,7 @@ def test_simulate_never_prints(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"time_scale": 0}, "time_scale must be a finite number > 0, got 0"),
+    [({"time_scale": 0}, r"time_scale must be a finite number in \(0, 1e\+10\], got 0"),
      ({"check_every": 0}, "check_every must be an integer >= 1 or None, got 0"),
      ({"profile": "nope"}, "unknown model profile 'nope'")],
 )

@@ -61,14 +61,13 @@ from kvtier.sim.replay import (
     as_time_model,
     check_draft_acceptance,
     check_replay_args,
-    check_time_scale,
     fewer_gc_passes,
     replay_requests,
     too_large,
 )
 from kvtier.sim.report import Summary
 from kvtier.sim.timemodel import ModelProfile, RemoteLink, TimeModel
-from kvtier.sim.workload import TraceRequest, Workload
+from kvtier.sim.workload import TraceRequest, Workload, check_time_scale
 from kvtier.storage import KVLayout
 from kvtier.tier import Tier
 

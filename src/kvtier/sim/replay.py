@@ -40,7 +40,7 @@ from kvtier.sim.oracle import oracle_bounds
 from kvtier.sim.probe import make_scheduler
 from kvtier.sim.report import OracleBounds, SimReport, Summary, estimate_load
 from kvtier.sim.timemodel import ModelProfile, TimeModel, get_profile
-from kvtier.sim.workload import SAMPLED_TOKEN_BASE, TraceRequest, Workload
+from kvtier.sim.workload import SAMPLED_TOKEN_BASE, TraceRequest, Workload, check_time_scale
 from kvtier.tier import Tier
 from kvtier.transfer.plan import OP_KINDS, OpKind, PlanColumns, TransferPlan
 
@@ -191,23 +191,6 @@ def replay_requests(workload: Iterable[object]) -> Iterator[TraceRequest]:
                              "order")
         previous_s = request.arrival_s
         yield request
-
-
-def check_time_scale(value: object) -> float:
-    """``value`` as a time scale: ValueError unless a number > 0 that is finite as a float.
-    Pure.
-
-    NOTE: an int past the float range (10**400) passed ``0 < value < inf`` and the replay
-    then failed at its first arrival with a bare OverflowError ('int too large to convert
-    to float'), naming no argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            0 < value < float("inf")):
-        raise ValueError(f"time_scale must be a finite number > 0, got {shown(value)}")
-    try:
-        return float(value)
-    except OverflowError:
-        raise ValueError(f"time_scale must be a finite number > 0, got {shown(value)} (past "
-                         "the float range)") from None
 
 
 def check_draft_acceptance(value: object) -> float:

@@ -18,12 +18,25 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from kvtier.reprs import shown
-from kvtier.sim._checks import check_float, check_int
+from kvtier.sim._checks import FieldRange, check_float, check_int
 
 MAX_KV_BYTES_PER_TOKEN = 1 << 30
 MAX_COST_S = 3600.0
 MAX_BYTES_PER_S = 1e15
 MAX_COUNT = (1 << 63) - 1  # tokens, sequences or bytes of one step or fetch
+
+# NOTE: upper (and PCIe's lower) bounds far past any machine keep a replay's virtual clock
+# finite: 1e306 s a token overflowed it to inf (OverflowError).
+PROFILE_RANGES: dict[str, FieldRange] = {
+    "kv_bytes_per_token": FieldRange("int", 1, MAX_KV_BYTES_PER_TOKEN),
+    "prefill_s_per_token": FieldRange("float", 0.0, MAX_COST_S),
+    "decode_s_per_seq": FieldRange("float", 0.0, MAX_COST_S),
+    "step_overhead_s": FieldRange("float", 0.0, MAX_COST_S),
+    "pcie_bytes_per_s": FieldRange("float", 1.0, MAX_BYTES_PER_S),
+    "pcie_duplex": FieldRange("float", 0.5, 1.0),
+}
+"""The range of each number field of :class:`ModelProfile`, which its checks and the
+command line's ``--set-profile`` both read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,17 +62,11 @@ class ModelProfile:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {shown(self.name)}")
-        # NOTE: upper (and PCIe's lower) bounds far past any machine keep a replay's
-        # virtual clock finite: 1e306 s a token overflowed it to inf (OverflowError).
-        check_int("kv_bytes_per_token", self.kv_bytes_per_token, 1, MAX_KV_BYTES_PER_TOKEN)
-        check_float("prefill_s_per_token", self.prefill_s_per_token, 0.0, MAX_COST_S)
-        check_float("decode_s_per_seq", self.decode_s_per_seq, 0.0, MAX_COST_S)
-        check_float("step_overhead_s", self.step_overhead_s, 0.0, MAX_COST_S)
-        check_float("pcie_bytes_per_s", self.pcie_bytes_per_s, 1.0, MAX_BYTES_PER_S)
+        for field, valid in PROFILE_RANGES.items():
+            valid.check(field, getattr(self, field))
         if type(self.overlap_transfers) is not bool:
             raise ValueError(f"overlap_transfers must be a bool, got "
                              f"{shown(self.overlap_transfers)}")
-        check_float("pcie_duplex", self.pcie_duplex, 0.5, 1.0)
 
 
 _GIB = 1 << 30

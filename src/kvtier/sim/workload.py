@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +18,10 @@ token ids stay below it, so no prompt ever holds an output and reuses it as a pr
 MAX_ARRIVAL_S = 1e10
 """The latest arrival a workload may have (about 317 years): past it the replay's virtual
 clock, a float of seconds, no longer tells microseconds apart (every latency came out 0)."""
+MAX_TIME_SCALE = MAX_ARRIVAL_S
+"""The largest time scale: past it, a request one second into any workload arrives past
+:data:`MAX_ARRIVAL_S`. (A scale up to it may still push a later request past the clock:
+:func:`check_arrivals` reads the workload for those before a replay.)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +98,32 @@ class Workload(Protocol):
     def describe(self) -> dict[str, object]:
         """JSON-ready summary of where the requests come from and how they were made."""
         ...
+
+
+def check_time_scale(value: object) -> float:
+    """``value`` as a time scale: ValueError unless a number in ``(0, MAX_TIME_SCALE]``.
+    Pure.
+
+    NOTE: an int past the float range (10**400) passed ``0 < value < inf`` and the replay
+    then failed at its first arrival with a bare OverflowError ('int too large to convert
+    to float'), naming no argument; a finite scale had no upper bound (1e300 put every
+    arrival past the clock)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value <= MAX_TIME_SCALE):
+        raise ValueError(f"time_scale must be a finite number in (0, {MAX_TIME_SCALE:g}], got "
+                         f"{shown(value)}")
+    return float(value)
+
+
+def check_arrivals(requests: Iterable[TraceRequest], time_scale: float) -> None:
+    """ValueError naming the first of ``requests`` whose arrival x ``time_scale`` passes
+    the replay's clock (:meth:`TraceRequest.scaled_arrival_s`). Reads them all where the
+    scale is above 1; at most 1 none can (every arrival is within the clock when made).
+
+    NOTE: the replay found such a request only when it reached it: ``kvtier replay
+    --time-scale 3e7`` simulated 1,379 requests for 12 s, then refused them all; on a
+    day-long trace, after hours."""
+    if time_scale <= 1:
+        return
+    for request in requests:
+        request.scaled_arrival_s(time_scale)
