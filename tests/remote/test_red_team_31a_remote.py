@@ -1,0 +1,123 @@
+"""Red team 31a: the remote tier under a cluster that answers TRYAGAIN on the ASK path,
+a breaker half-open while a read runs in several chunks, and an adversarial store.
+
+The fake cluster is red team 29c's (``MigratingCluster``): every key on node a unless
+moved; a key of a migrating slot that has gone is answered ASK by a, served by the target
+only right after ``ASKING``::
+
+    GET k1..k4 ──node a──> v1, -ASK b (k2), v3, v4
+    ASKING; GET k2 ──node b──> -TRYAGAIN          (the slot mid-resharding on b too)
+    ASKING; GET k2 ──node b──> v2                 asked again once, after the backoff
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from remote_helpers import make_blocks, make_namespace
+
+pytest.importorskip("redis")
+
+from test_red_team_29c_cluster import MigratingCluster, MigratingNode
+
+import kvtier.remote.redis_pipeline as redis_pipeline
+import kvtier.remote.redis_store as redis_store
+from kvtier.remote.redis_store import RedisRemoteStore
+
+TRYAGAIN = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[MigratingCluster]:
+    """A fake cluster (three nodes, every key on a) whose pipelines are logged."""
+    fake = MigratingCluster()
+    pipeline = redis_pipeline.pipeline  # the store sends through its own name of it
+
+    def logged(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
+        fake.pipelines.append((fake.name_of(client), [str(c[0]) for c in commands]))
+        return pipeline(commands, client, *args)
+
+    monkeypatch.setattr(redis_store, "pipeline", logged)
+    yield fake
+    fake.close()
+
+
+def make_store(cluster: MigratingCluster, num_blocks: int = 4,
+               **options: Any) -> tuple[RedisRemoteStore, dict[int, bytes]]:
+    """A store whose client is ``cluster``, ``num_blocks`` blocks on node a; one retry, a
+    1 ms backoff, a breaker of three and a 60 s cooldown unless ``options`` say otherwise."""
+    ns = make_namespace()
+    settings: dict[str, Any] = dict(timeout_s=2.0, max_retries=1, backoff_s=0.001,
+                                    breaker_threshold=3, cooldown_s=60.0)
+    settings.update(options)
+    store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, **settings)
+    store._clients._client = cluster  # the stand-in for redis-py's RedisCluster
+    blocks = make_blocks(ns, num_blocks)
+    for h, payload in blocks.items():
+        cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)
+    return store, blocks
+
+
+def tryagain_on(cluster: MigratingCluster, node: MigratingNode, key: str,
+                times: int | None) -> None:
+    """``node`` answers TRYAGAIN for ``key`` its first ``times`` times (None: always)."""
+    refusal = cluster.refusal
+    left = {"n": times}
+
+    def answer(at: Any, asked: str, asking: bool) -> bytes | None:
+        if at is node and asked == key and (left["n"] is None or left["n"] > 0):
+            if left["n"] is not None:
+                left["n"] -= 1
+            return TRYAGAIN
+        return refusal(at, asked, asking)
+
+    cluster.refusal = answer  # type: ignore[method-assign, assignment]
+
+
+def test_tryagain_on_the_ask_target_is_asked_again_once(cluster: MigratingCluster) -> None:
+    """Blocks 2 and 3 have gone to b with their migrating slots; b answers TRYAGAIN once
+    for block 2 (after ASKING), every time for block 3. Both are asked again once on b,
+    ASKING first, in one pipeline: block 2 hits, block 3 misses (one error: its second
+    TRYAGAIN). The same for a probe and a write. Before, a TRYAGAIN on the ASK path was its
+    key's error at once: 2 hits of 4, nothing asked again."""
+    store, blocks = make_store(cluster)
+    key = store.namespace.key
+    for h in (2, 3):
+        cluster.migrate(key(h), cluster.b)
+    tryagain_on(cluster, cluster.b, key(2), 1)
+    tryagain_on(cluster, cluster.b, key(3), None)
+    assert sorted(store.get_many(blocks)) == [1, 2, 4], store.last_error
+    a, b = cluster.a.address, cluster.b.address
+    assert cluster.pipelines == [(a, ["GET"] * 4), (b, ["ASKING", "GET"] * 2),
+                                 (b, ["ASKING", "GET"] * 2)]
+    stats = store.stats
+    assert (stats.num_hits, stats.num_asked, stats.num_tryagain_retries,
+            stats.num_errors) == (3, 2, 2, 1)
+    tryagain_on(cluster, cluster.b, key(2), 1)
+    assert store.contains_many(range(1, 5)) == {1, 2, 4}
+    new = make_blocks(store.namespace, 1, first_hash=5)
+    cluster.migrating[key(5)] = cluster.b  # a new key of a migrating slot: written on b
+    tryagain_on(cluster, cluster.b, key(5), 1)
+    assert store.put_many(new) == 1, store.last_error
+    assert cluster.b.data[key(5).encode()] == store.namespace.encode(5, new[5])
+    stats = store.stats
+    assert (stats.num_tryagain_retries, stats.num_errors, stats.num_puts) == (5, 2, 1)
+    store.close()
+
+
+def test_tryagain_on_the_ask_target_is_not_asked_past_the_deadline(
+        cluster: MigratingCluster) -> None:
+    """With no retries the batch's deadline leaves no time to ask b again: block 2's
+    TRYAGAIN on the ASK path is its miss, counted, and no third pipeline is sent."""
+    store, blocks = make_store(cluster, max_retries=0)
+    key = store.namespace.key
+    cluster.migrate(key(2), cluster.b)
+    tryagain_on(cluster, cluster.b, key(2), 1)
+    assert sorted(store.get_many(blocks)) == [1, 3, 4]
+    assert len(cluster.pipelines) == 2
+    stats = store.stats
+    assert (stats.num_tryagain_retries, stats.num_errors) == (0, 1)
+    assert store.last_error is not None and "TRYAGAIN" in store.last_error
+    store.close()
