@@ -12,7 +12,8 @@ only right after ``ASKING``::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -120,4 +121,51 @@ def test_tryagain_on_the_ask_target_is_not_asked_past_the_deadline(
     stats = store.stats
     assert (stats.num_tryagain_retries, stats.num_errors) == (0, 1)
     assert store.last_error is not None and "TRYAGAIN" in store.last_error
+    store.close()
+
+
+def test_a_half_open_breaker_lets_the_probing_read_through_whole(
+        cluster: MigratingCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node a's breaker is half-open; a read of 4 blocks over two connections is cut into
+    two chunks. The first probes a alone (its pipeline held until the other chunk asked
+    the breaker, or 1 s); the second is sent once the probe answered and closed the
+    breaker: 4 hits, two pipelines, no probe refused. Before, the second chunk asked the
+    breaker while the probe was out and was refused: 2 hits of 4, the other two counted
+    as misses of data the node held."""
+    store, blocks = make_store(cluster, num_connections=2)
+    for h in blocks:
+        cluster.faults[cluster.a, store.namespace.key(h)] = b"-CLUSTERDOWN down\r\n"
+    for _ in range(2):  # two chunks a read: 4 failures in a row
+        assert store.get_many(blocks) == {}
+    assert store._breakers.num_failures_in_row(cluster.a.address) >= 3
+    cluster.faults.clear()
+    store._breakers.end_cooldowns()
+    cluster.pipelines.clear()
+    errors_before = store.stats.num_errors
+
+    asked_again = threading.Event()
+    admit = store._breakers.admit
+    num_admits = {"n": 0}
+
+    def counting(server: str) -> Any:
+        num_admits["n"] += server == cluster.a.address
+        if num_admits["n"] == 2:
+            asked_again.set()
+        return admit(server)
+
+    monkeypatch.setattr(store._breakers, "admit", counting)
+    send: Callable[..., list[Any]] = vars(redis_store)["pipeline"]
+    first = threading.Lock()
+
+    def holding(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
+        if first.acquire(blocking=False):
+            asked_again.wait(1.0)  # the other chunk asks meanwhile, if it runs at once
+        return send(commands, client, *args)
+
+    monkeypatch.setattr(redis_store, "pipeline", holding)
+    assert sorted(store.get_many(blocks)) == [1, 2, 3, 4], store.last_error
+    a = cluster.a.address
+    assert cluster.pipelines == [(a, ["GET"] * 2), (a, ["GET"] * 2)]
+    stats = store.stats
+    assert (stats.num_refused_probes, stats.num_errors - errors_before) == (0, 0)
     store.close()

@@ -370,13 +370,18 @@ class RedisRemoteStore(RemoteStoreBase):
                            follow_tryagain=self.cluster)
             return redirects
 
-        readers = self._reader_pool() if len(chunks) > 1 else None
-        if readers is None:
-            parts = [read(server, chunk) for server, chunk in chunks]
-        else:
-            # Every chunk runs, even if one raised: a fault is a miss, never a crash.
-            parts = [future.result() for future in
-                     [readers.submit(read, server, chunk) for server, chunk in chunks]]
+        # NOTE: a node whose breaker is not closed gets its first chunk alone, the probe,
+        # and its other chunks once that answered (sent where it closed the breaker,
+        # short-circuited where it opened it again). Read at once, they asked the breaker
+        # while the probe was out and were refused: misses of blocks the node held.
+        probes: list[tuple[str, list[int]]] = []
+        for server_chunk in chunks:
+            server = server_chunk[0]
+            if (self._breakers.state(server) is not BreakerState.CLOSED
+                    and all(server != s for s, _ in probes)):
+                probes.append(server_chunk)
+        rest = [c for c in chunks if all(c is not p for p in probes)]
+        parts = [*self._read_chunks(read, probes), *self._read_chunks(read, rest)]
         redirects = Redirects.merged(parts)
         self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]),
                              get_answer, [block] * len(keys), deadline_s,
@@ -388,6 +393,17 @@ class RedisRemoteStore(RemoteStoreBase):
                              lambda idx: self._read([keys[i] for i in idx],
                                                     follow_moved=False))
         return values
+
+    def _read_chunks(self, read: Callable[[str, list[int]], Redirects],
+                     chunks: list[tuple[str, list[int]]]) -> list[Redirects]:
+        """``read`` of each of ``chunks`` (a server, the indices of its keys), at once
+        where there are several and several connections; the redirects of each."""
+        readers = self._reader_pool() if len(chunks) > 1 else None
+        if readers is None:
+            return [read(server, chunk) for server, chunk in chunks]
+        # Every chunk runs, even if one raised: a fault is a miss, never a crash.
+        return [future.result() for future in
+                [readers.submit(read, server, chunk) for server, chunk in chunks]]
 
     def _take(self, chunk: list[int], replies: Sequence[Any], answers: list[Any],
               answer: Callable[[Any], Any], server: str, redirects: Redirects, *,
