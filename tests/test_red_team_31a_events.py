@@ -12,8 +12,12 @@ from kvtier import stream_client
 from kvtier.events import BlockStored
 from kvtier.publisher import (
     EventBatch,
+    InstanceLost,
     RedisStreamPublisher,
     RedisStreamSubscriber,
+    SeqTracker,
+    Snapshot,
+    Update,
 )
 from kvtier.tier import Tier
 from test_red_team_29a_router import FakePipeline, FakeRedis
@@ -102,3 +106,49 @@ def test_a_trim_is_seen_in_the_poll_that_reads_past_it(counting_redis: CountingR
     assert subscriber.num_trims == 1
     assert [type(u).__name__ for u in out][:2] == ["InstanceLost", "InstanceLost"]
     assert subscriber.tracker.stale_instances() == ["a", "b"]
+
+
+def test_a_replayed_first_entry_is_a_duplicate_not_a_restart() -> None:
+    """Instance a's entries seq 0..3 of incarnation "p1" are read, then its first entry
+    (seq 0, "p1") is delivered again, then seq 4: the replay is skipped as a duplicate
+    (one event), no restart, no gap, and seq 4 is read. Before, the replay was a restart:
+    InstanceLost(a, 4, 0), every block of a forgotten, and seq 4 a gap (stale, a resync
+    asked for)."""
+    tracker = SeqTracker()
+    out: list[Update] = []
+    for seq in range(4):
+        tracker.receive_checked("a", [stored(seq, 100 + seq)], out, "p1")
+    out.clear()
+    tracker.receive_checked("a", [stored(0, 100)], out, "p1")
+    tracker.receive_checked("a", [stored(4, 104)], out, "p1")
+    assert out == [EventBatch("a", [stored(4, 104)])]
+    assert (tracker.num_restarts, tracker.num_gaps, tracker.num_skipped) == (0, 0, 1)
+    assert tracker.stale_instances() == []
+    tracker.receive_checked("a", [stored(0, 200)], out, "p2")  # a new incarnation
+    assert out[1:] == [InstanceLost("a", 5, 0), EventBatch("a", [stored(0, 200)])]
+    assert tracker.num_restarts == 1
+
+
+def test_a_manager_restarted_behind_one_publisher_names_a_new_incarnation(
+        counting_redis: CountingRedis) -> None:
+    """A publisher sends a's seq 0..2, then a's manager restarts behind the same publisher
+    (seq 0 again): that batch names a new incarnation and claims it, so the subscriber
+    reads a restart (InstanceLost(a, 3, 0)) and the new seq 0, and the new incarnation's
+    snapshot is taken. A replay of the first entry (the same fields added again) is a
+    duplicate: nothing. Before, the restart's seq 0 named the old incarnation."""
+    publisher = RedisStreamPublisher("redis://fake")
+    subscriber = RedisStreamSubscriber("redis://fake")
+    for seq in range(3):
+        publisher.publish("a", [stored(seq, 100 + seq)])
+    assert len(subscriber.poll()) == 3
+    first = counting_redis.streams["kvtier:events"][0][1]
+    counting_redis.xadd("kvtier:events", {k.decode(): v for k, v in first.items()})
+    assert subscriber.poll() == []
+    publisher.publish("a", [stored(0, 900)])
+    assert subscriber.poll() == [InstanceLost("a", 3, 0), EventBatch("a", [stored(0, 900)])]
+    assert subscriber.tracker.num_restarts == 1
+    new = counting_redis.streams["kvtier:events"][-1][1][b"n"].decode()
+    assert new != publisher.incarnation and new == publisher.incarnation_of("a")
+    assert counting_redis.keys["kvtier:events:incarnation:a"] == new.encode()
+    publisher.publish_snapshot(Snapshot("a", 1, frozenset(), incarnation=None))
+    assert new.encode() in counting_redis.keys["kvtier:events:snapshot:a"]
