@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier import stream_client
+from fake_clock import FakeClock
+from kvtier import stream_client, stream_publisher
 from kvtier.events import BlockStored
 from kvtier.publisher import (
     EventBatch,
@@ -152,3 +153,59 @@ def test_a_manager_restarted_behind_one_publisher_names_a_new_incarnation(
     assert counting_redis.keys["kvtier:events:incarnation:a"] == new.encode()
     publisher.publish_snapshot(Snapshot("a", 1, frozenset(), incarnation=None))
     assert new.encode() in counting_redis.keys["kvtier:events:snapshot:a"]
+
+
+class ExpiringRedis(CountingRedis):
+    """``CountingRedis`` whose keys set with an EX expire on ``clock``."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.expires_s: dict[str, float] = {}
+
+    def _check(self) -> None:
+        for key, at in list(self.expires_s.items()):
+            if self.clock.now >= at:
+                self.keys.pop(key, None)
+                del self.expires_s[key]
+        super()._check()
+
+    def set(self, key: str, value: object, ex: int | None = None) -> bool:
+        self.expires_s.pop(key, None)
+        if ex is not None:
+            self.expires_s[key] = self.clock.now + ex
+        return super().set(key, value, ex=ex)
+
+
+def test_a_publisher_that_never_snapshots_keeps_its_claim(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publisher with a 60 s snapshot TTL publishes a batch every 10 s for 300 s and never
+    snapshots: its claim is renewed with a batch every 20 s (15 renewals, not one a batch)
+    and still names it; an old process's late snapshot is refused. Before, the claim
+    expired at 60 s and the old process's snapshot was stored (subscribers follow it)."""
+    pytest.importorskip("redis")
+    clock = FakeClock()
+    client = ExpiringRedis(clock)
+    monkeypatch.setattr(stream_client, "connect", lambda url: client)
+    publisher = RedisStreamPublisher("redis://fake", incarnation="p1", snapshot_ttl_s=60,
+                                     clock=clock)
+    old = RedisStreamPublisher("redis://fake", incarnation="p0", snapshot_ttl_s=60,
+                               clock=clock)
+    claim = "kvtier:events:incarnation:a"
+    num_renewals = 0
+    evaluate = client.eval
+
+    def counted(script: str, numkeys: int, *args: str) -> int:
+        nonlocal num_renewals
+        num_renewals += script == stream_publisher._RENEW_CLAIM
+        return evaluate(script, numkeys, *args)
+
+    monkeypatch.setattr(client, "eval", counted)
+    for seq in range(31):
+        clock.now = 10.0 * seq
+        publisher.publish("a", [stored(seq, 100 + seq)])
+        assert client.keys.get(claim) == b"p1", clock.now
+    assert num_renewals == 15
+    old.publish_snapshot(Snapshot("a", 1, frozenset(), incarnation=None))
+    assert old.num_refused_snapshots == 1
+    assert "kvtier:events:snapshot:a" not in client.keys

@@ -10,8 +10,9 @@ serving loop. May change: its stream, snapshot and claim keys.
 from __future__ import annotations
 
 import json
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -55,6 +56,15 @@ else
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
   if claim then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 end
+return 1
+"""
+
+# Sets the claim KEYS[1] to ARGV[1] with an EX of ARGV[2] seconds where it names ARGV[1]
+# or none (it expired): 1 where set, 0 where another incarnation holds it.
+_RENEW_CLAIM = """
+local claim = redis.call('GET', KEYS[1])
+if claim and claim ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 
@@ -104,13 +114,15 @@ class RedisStreamPublisher:
     process's snapshot, written after the new one's (both answering one resync request),
     overwrote it: subscribers reading the new entries refused it and waited, for ever
     where the old one answered last each time. A claim lives as its snapshot key does
-    (``snapshot_ttl_s``, renewed with each snapshot; none: until ``forget``); where it is
-    gone, snapshots are written unconditionally, as before claims.
+    (``snapshot_ttl_s``, renewed with each snapshot, and with a batch once a third of
+    it passed on ``clock``, where no other incarnation took it; none: until ``forget``);
+    where it is gone, snapshots are written unconditionally, as before claims.
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000,
                  incarnation: str | None = None,
-                 snapshot_ttl_s: float | None = None) -> None:
+                 snapshot_ttl_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         # NOTE: Redis refuses a MAXLEN past 2**63 - 1: every XADD failed, counted, silently.
         if type(maxlen) is not int or not 1 <= maxlen <= MAX_BUFFER:
             raise ValueError(f"maxlen must be an integer in 1..2**40, got {short_repr(maxlen)}")
@@ -134,6 +146,9 @@ class RedisStreamPublisher:
         # Instances this publisher claimed (``claim_key``): claimed once, never again,
         # unless its ``forget`` took its own claim.
         self._claimed: set[str] = set()
+        # When (on ``clock``) each claim's EX was last set or renewed (with ``snapshot_ttl_s``).
+        self._claim_set_s: dict[str, float] = {}
+        self._clock = clock
         # Instances a batch was sent of, and those restarted since (a batch from seq 0
         # again): the incarnation each names from then on (``incarnation_of``).
         self._published: set[str] = set()
@@ -168,7 +183,14 @@ class RedisStreamPublisher:
         fields = {"i": instance_id, "e": encode_events(events), "n": incarnation}
         owes_delete = events[0].seq == 0 or instance_id in self._old_snapshots
         claims = instance_id not in self._claimed
-        if owes_delete or claims:
+        now = self._clock()
+        # NOTE: a claim lived ``snapshot_ttl_s`` from its last snapshot: a publisher that
+        # never snapshots lost it, and an old process's late entry or snapshot was taken
+        # for the instance's (subscribers follow the claim). Renewed with a batch, in its
+        # transaction, once a third of its EX passed: an EVAL about every ttl/3, no more.
+        renews = (not claims and self._snapshot_ex is not None
+                  and now - self._claim_set_s.get(instance_id, now) >= self._snapshot_ex / 3)
+        if owes_delete or claims or renews:
             # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
             # snapshot its earlier one left under the key goes with the same transaction.
             # A subscriber that saw the restart, then a gap, read that snapshot, which
@@ -184,6 +206,9 @@ class RedisStreamPublisher:
             if claims:
                 pipe.set(claim_key(self.stream, instance_id), incarnation,
                          **self._ex_option())
+            elif renews:
+                pipe.eval(_RENEW_CLAIM, 1, claim_key(self.stream, instance_id), incarnation,
+                          str(self._snapshot_ex))
             if owes_delete:
                 self._delete_own_snapshot(instance_id, pipe)
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
@@ -194,6 +219,8 @@ class RedisStreamPublisher:
             else:
                 self._old_snapshots.discard(instance_id)
                 self._claimed.add(instance_id)
+                if claims or renews:
+                    self._claim_set_s[instance_id] = now
         else:
             sent = attempt(self._redis.xadd, self.stream, fields, maxlen=self.maxlen,
                             approximate=True)
@@ -250,6 +277,8 @@ class RedisStreamPublisher:
         else:
             self._old_snapshots.discard(instance_id)  # overwritten
             self._owed_by.pop(instance_id, None)
+            if instance_id in self._claimed:  # its claim's EX renewed with it
+                self._claim_set_s[instance_id] = self._clock()
 
     def forget(self, instance_id: str) -> None:
         """``instance_id`` retires for good (its engine shuts down): a final entry says so

@@ -13,11 +13,13 @@ only right after ``ASKING``::
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from remote_helpers import make_blocks, make_namespace
+from remote_helpers import RedisServers, make_blocks, make_namespace
 
 pytest.importorskip("redis")
 
@@ -169,3 +171,42 @@ def test_a_half_open_breaker_lets_the_probing_read_through_whole(
     stats = store.stats
     assert (stats.num_refused_probes, stats.num_errors - errors_before) == (0, 0)
     store.close()
+
+
+def test_a_claim_is_renewed_with_a_batch_on_a_real_server(redis_servers: RedisServers) -> None:
+    """A publisher with a 3 s snapshot TTL claims instance a with its first batch; 1.2 s
+    later (past a third of the TTL) its next batch renews the claim (the Lua script runs
+    on a real server): the claim's TTL is back near 3 s, where it would be under 1.8 s.
+    Another incarnation's claim is left as it is."""
+    import redis
+
+    from kvtier.events import BlockStored
+    from kvtier.publisher import RedisStreamPublisher
+    from kvtier.tier import Tier
+
+    name = f"kvtier:test:{uuid.uuid4().hex}"
+    client = redis.Redis.from_url(redis_servers.url)
+    now = [0.0]
+    publisher = RedisStreamPublisher(redis_servers.url, name, snapshot_ttl_s=3,
+                                     clock=lambda: now[0])
+    try:
+        def batch(seq: int) -> list[BlockStored]:
+            return [BlockStored(seq, 100 + seq, None, Tier.GPU, 4, None, (1, 2, 3, 4),
+                                None, None)]
+
+        publisher.publish("a", batch(0))
+        claim = f"{name}:incarnation:a"
+        assert client.get(claim) == publisher.incarnation.encode()
+        time.sleep(1.3)
+        now[0] = 1.3
+        publisher.publish("a", batch(1))
+        assert client.pttl(claim) > 2500
+        assert publisher.num_failed_batches == 0
+        client.set(claim, "another", ex=3)
+        now[0] = 2.6
+        publisher.publish("a", batch(2))
+        assert client.get(claim) == b"another"
+    finally:
+        keys = list(client.scan_iter(match=f"{name}*"))
+        if keys:
+            client.delete(*keys)
