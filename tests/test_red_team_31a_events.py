@@ -10,6 +10,7 @@ import pytest
 
 from fake_clock import FakeClock
 from kvtier import stream_client, stream_publisher
+from kvtier.event_codec import encode_events
 from kvtier.events import BlockStored
 from kvtier.publisher import (
     EventBatch,
@@ -209,3 +210,32 @@ def test_a_publisher_that_never_snapshots_keeps_its_claim(
     old.publish_snapshot(Snapshot("a", 1, frozenset(), incarnation=None))
     assert old.num_refused_snapshots == 1
     assert "kvtier:events:snapshot:a" not in client.keys
+
+
+@pytest.mark.parametrize("incarnation", ["x" * 65, b"\xff\xfe", ""])
+def test_an_entry_naming_no_incarnation_the_wire_carries_is_malformed(
+        counting_redis: CountingRedis, incarnation: str | bytes) -> None:
+    """Instance a's publisher "p1" sent seq 0..2 and its claim expired (or it is of an
+    older publisher). An entry for a naming an incarnation no publisher writes (65
+    characters, bytes that are no UTF-8, empty) is malformed: counted, a hole of a (stale,
+    resynced), p1 kept as its publisher, and p1's next entry read. Before, 65 characters
+    were taken for a new incarnation (a restart, p1 retired: each of its later entries
+    skipped, num_other_incarnation), and the others were read as naming none."""
+    publisher = RedisStreamPublisher("redis://fake", incarnation="p1")
+    subscriber = RedisStreamSubscriber("redis://fake")
+    for seq in range(3):
+        publisher.publish("a", [stored(seq, 100 + seq)])
+    assert len(subscriber.poll()) == 3
+    del counting_redis.keys["kvtier:events:incarnation:a"]
+    counting_redis.xadd("kvtier:events", {"i": "a", "e": encode_events([stored(3, 103)]),
+                                          "n": incarnation})
+    out = subscriber.poll()
+    assert out == [InstanceLost("a", 3, None)]
+    assert subscriber.num_malformed_entries == 1
+    assert subscriber.tracker.num_restarts == 0
+    stream = subscriber.tracker.streams["a"]
+    assert (stream.incarnation, stream.retired) == ("p1", ())
+    publisher.publish_snapshot(Snapshot("a", 4, frozenset()))
+    publisher.publish("a", [stored(4, 104)])
+    assert subscriber.poll() == [Snapshot("a", 4, frozenset(), "p1"),
+                                 EventBatch("a", [stored(4, 104)])]

@@ -40,7 +40,8 @@ class RedisStreamSubscriber:
     (a stream trimmed past the last entry read, to nothing, or deleted makes every instance
     read stale at once, ``num_trims``: which instances' entries went is not known; one
     deleted or made again behind the last id read is read again from its start).
-    A malformed entry is skipped and counted (``num_malformed_entries``); its instance, when
+    A malformed entry (its events unreadable, or an ``n`` that is no incarnation) is
+    skipped and counted (``num_malformed_entries``); its instance, when
     readable, is reported lost (a gap) and resynced; the entries after it are delivered. A
     malformed snapshot is skipped and counted (``num_malformed_snapshots``); the instance
     stays stale until a sound one comes. An instance still stale ``resync_retry_s`` seconds
@@ -261,7 +262,15 @@ class RedisStreamSubscriber:
             entry_seq = stream_id(entry_id)
             if entry_seq is not None and entry_seq <= self._forgotten[instance_id]:
                 return  # added before its instance left
-        incarnation = field(entry, "n") or None
+        incarnation = field(entry, "n")
+        if raw_field(entry, "n") is not None and not is_incarnation(incarnation):
+            # NOTE: an ``n`` no publisher writes (past 64 characters, no UTF-8, empty) was
+            # taken for a new incarnation (a restart: the instance's publisher retired, its
+            # later entries skipped) or read as naming none. Malformed, as a bad ``e`` is.
+            self.num_malformed_entries += 1
+            if instance_id is not None:
+                self.tracker.lose_entry(instance_id, None, out)
+            return
         if instance_id is not None and incarnation is not None \
                 and not self.tracker.knows(instance_id, incarnation):
             # NOTE: an incarnation new to this subscriber is taken as the instance's
