@@ -210,3 +210,39 @@ def test_a_claim_is_renewed_with_a_batch_on_a_real_server(redis_servers: RedisSe
         keys = list(client.scan_iter(match=f"{name}*"))
         if keys:
             client.delete(*keys)
+
+
+def test_a_probe_does_not_hold_back_the_other_nodes_chunks(
+        cluster: MigratingCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks 1-2 on node a (its breaker half-open), 3-4 on node b (closed), read over two
+    connections: b's chunks are sent beside a's probe, not after it (a's probe, held until
+    b's first pipeline starts or 1 s, sees it start), and all four hit. Probing first
+    alone, b's chunks waited for a's probe: a wait of up to ``max_blocking_s``."""
+    store, blocks = make_store(cluster, num_connections=2)
+    key = store.namespace.key
+    for h in (3, 4):
+        cluster.owner[key(h)] = cluster.slot_map[key(h)] = cluster.b
+        cluster.b.data[key(h).encode()] = cluster.a.data.pop(key(h).encode())
+    for h in (1, 2):
+        cluster.faults[cluster.a, key(h)] = b"-CLUSTERDOWN down\r\n"
+    for _ in range(2):
+        assert sorted(store.get_many(blocks)) == [3, 4]
+    cluster.faults.clear()
+    store._breakers.end_cooldowns()
+    assert store._breakers.state(cluster.a.address).value == "half-open"
+    b_started = threading.Event()
+    waited: list[bool] = []
+    send: Callable[..., list[Any]] = vars(redis_store)["pipeline"]
+
+    def holding(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
+        if cluster.name_of(client) == cluster.b.address:
+            b_started.set()
+        else:
+            waited.append(b_started.wait(1.0))
+        return send(commands, client, *args)
+
+    monkeypatch.setattr(redis_store, "pipeline", holding)
+    assert sorted(store.get_many(blocks)) == [1, 2, 3, 4], store.last_error
+    assert waited[0] is True
+    assert store.stats.num_refused_probes == 0
+    store.close()

@@ -370,18 +370,24 @@ class RedisRemoteStore(RemoteStoreBase):
                            follow_tryagain=self.cluster)
             return redirects
 
-        # NOTE: a node whose breaker is not closed gets its first chunk alone, the probe,
-        # and its other chunks once that answered (sent where it closed the breaker,
-        # short-circuited where it opened it again). Read at once, they asked the breaker
-        # while the probe was out and were refused: misses of blocks the node held.
-        probes: list[tuple[str, list[int]]] = []
+        # NOTE: a node whose breaker is not closed gets its first chunk sent first, the
+        # probe (beside the chunks of closed nodes), and its other chunks once that
+        # answered (sent where it closed the breaker, short-circuited where it opened it
+        # again). Read at once, they asked the breaker while the probe was out and were
+        # refused: misses of blocks the node held.
+        first: list[tuple[str, list[int]]] = []
+        held: list[tuple[str, list[int]]] = []
+        probing: set[str] = set()
         for server_chunk in chunks:
             server = server_chunk[0]
-            if (self._breakers.state(server) is not BreakerState.CLOSED
-                    and all(server != s for s, _ in probes)):
-                probes.append(server_chunk)
-        rest = [c for c in chunks if all(c is not p for p in probes)]
-        parts = [*self._read_chunks(read, probes), *self._read_chunks(read, rest)]
+            if self._breakers.state(server) is BreakerState.CLOSED:
+                first.append(server_chunk)
+            elif server in probing:
+                held.append(server_chunk)
+            else:
+                probing.add(server)
+                first.append(server_chunk)
+        parts = [*self._read_chunks(read, first), *self._read_chunks(read, held)]
         redirects = Redirects.merged(parts)
         self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]),
                              get_answer, [block] * len(keys), deadline_s,
