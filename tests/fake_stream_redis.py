@@ -83,7 +83,8 @@ class FakeRedis:
         goes unless its value ends with ``"}`` (names an incarnation) and not with
         ``,"p":<ARGV[1]>}`` (this one's). ``_SET_IF_CLAIMED``: the snapshot is set unless
         the claim names another incarnation. ``_DELETE_CLAIM_IF_MINE``: the claim goes
-        where it names this one."""
+        where it names this one. ``_RENEW_CLAIM``: the claim set again, with its EX,
+        unless it names another."""
         self._check()
         if script == stream_publisher._SET_IF_CLAIMED:
             key, claim_key, snapshot, incarnation, ex = keys_and_args
@@ -91,6 +92,12 @@ class FakeRedis:
             if claim is not None and claim != incarnation.encode():
                 return 0
             self.set(key, snapshot, ex=None if ex == "0" else int(ex))
+            return 1
+        if script == stream_publisher._RENEW_CLAIM:
+            claim_key, incarnation, ex = keys_and_args
+            if self.keys.get(claim_key) not in (None, incarnation.encode()):
+                return 0
+            self.set(claim_key, incarnation, ex=int(ex))
             return 1
         if script == stream_publisher._DELETE_CLAIM_IF_MINE:
             claim_key, incarnation = keys_and_args
@@ -111,7 +118,8 @@ class FakeRedis:
 
 
 class FakePipeline:
-    """MULTI/EXEC: the queued commands run on execute, all or (Redis down) none."""
+    """MULTI/EXEC, or a pipeline: the queued commands run on execute, all or (Redis
+    down) none."""
 
     def __init__(self, client: FakeRedis) -> None:
         self.client = client
@@ -129,7 +137,13 @@ class FakePipeline:
     def eval(self, *args: object, **options: object) -> None:
         self.queued.append(("eval", args, options))
 
-    def execute(self) -> list[object]:
+    def xinfo_stream(self, *args: object, **options: object) -> None:
+        self.queued.append(("xinfo_stream", args, options))
+
+    def xread(self, *args: object, **options: object) -> None:
+        self.queued.append(("xread", args, options))
+
+    def execute(self, raise_on_error: bool = True) -> list[object]:
         self.client._check()
         return [getattr(self.client, name)(*args, **options)
                 for name, args, options in self.queued]

@@ -40,7 +40,8 @@ class RedisStreamSubscriber:
     (a stream trimmed past the last entry read, to nothing, or deleted makes every instance
     read stale at once, ``num_trims``: which instances' entries went is not known; one
     deleted or made again behind the last id read is read again from its start).
-    A malformed entry is skipped and counted (``num_malformed_entries``); its instance, when
+    A malformed entry (its events unreadable, or an ``n`` that is no incarnation) is
+    skipped and counted (``num_malformed_entries``); its instance, when
     readable, is reported lost (a gap) and resynced; the entries after it are delivered. A
     malformed snapshot is skipped and counted (``num_malformed_snapshots``); the instance
     stays stale until a sound one comes. An instance still stale ``resync_retry_s`` seconds
@@ -142,9 +143,7 @@ class RedisStreamSubscriber:
         # With Redis down, each command is skipped and retried at the next poll: what was
         # read is returned (``last_id`` has moved past it), nothing raised.
         self._try_snapshots(out)
-        self._check_trimmed(out)
-        reply = attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
-                         block=block_ms or None)
+        reply = self._read(out, count, block_ms or None)
         for entry_id, entry in stream_entries(reply):
             self.last_id = entry_id  # never read a bad entry twice
             self._receive(entry_id, entry, out)
@@ -178,7 +177,36 @@ class RedisStreamSubscriber:
                 self.num_resync_requests += 1
         return out
 
-    def _check_trimmed(self, out: list[Update]) -> None:
+    def _read(self, out: list[Update], count: int, block_ms: int | None) -> object:
+        """XREAD's reply after ``last_id`` (None where Redis failed), the stream checked
+        for a trim first (``_check_trimmed``): both in one round trip where the client
+        pipelines, XREAD sent again only where the check moved ``last_id``.
+
+        NOTE: XINFO was a round trip of its own before every XREAD once anything was
+        read: two a poll. Pipelined, the server still answers XINFO first, so a trim
+        seen is the one the read would meet, as before."""
+        xinfo_stream = getattr(self._redis, "xinfo_stream", None)
+        read = stream_id(self.last_id)
+        make_pipeline = getattr(self._redis, "pipeline", None)
+        if xinfo_stream is None or read is None or read == (0, 0) or make_pipeline is None:
+            self._check_trimmed(out)
+            return attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
+                           block=block_ms)
+        pipe = make_pipeline(transaction=False)
+        pipe.xinfo_stream(self.stream)
+        pipe.xread({self.stream: self.last_id}, count=count, block=block_ms)
+        replies = attempt(pipe.execute, raise_on_error=False)
+        if not isinstance(replies, list) or len(replies) != 2:
+            return None  # Redis down: each command retried at the next poll
+        info, reply = replies
+        before = self.last_id
+        self._check_trimmed(out, info)
+        if self.last_id != before:  # to be read from elsewhere (its start, past a trim)
+            return attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
+                           block=block_ms)
+        return None if isinstance(reply, Exception) else reply
+
+    def _check_trimmed(self, out: list[Update], info: object = None) -> None:
         """Every instance read so far is lost (stale until a snapshot) where the stream
         lost entries past ``last_id`` (``num_trims``), of instances unknown: trimmed past
         it (its oldest entry is newer than the last one read, or, trimmed to nothing, its
@@ -190,12 +218,14 @@ class RedisStreamSubscriber:
         trim that cut exactly where the subscriber stood costs a resync; one between this
         check and the read shows, as before, at each instance's next entry. A stream
         trimmed to nothing (first id 0-0) or deleted (no XINFO) read as nothing lost, and
-        one made again behind ``last_id`` was read from there: never an entry again."""
+        one made again behind ``last_id`` was read from there: never an entry again.
+        ``info``: XINFO STREAM's reply where it was read already (``_read``)."""
         xinfo_stream = getattr(self._redis, "xinfo_stream", None)
         read = stream_id(self.last_id)
         if xinfo_stream is None or read is None or read == (0, 0):
             return  # a client without XINFO, or nothing read yet (a hole shows as any other)
-        info = attempt(xinfo_stream, self.stream)
+        if info is None:
+            info = attempt(xinfo_stream, self.stream)
         if not isinstance(info, dict):  # Redis down, or no such stream
             exists = getattr(self._redis, "exists", None)
             if self.tracker.streams and exists is not None \
@@ -232,7 +262,15 @@ class RedisStreamSubscriber:
             entry_seq = stream_id(entry_id)
             if entry_seq is not None and entry_seq <= self._forgotten[instance_id]:
                 return  # added before its instance left
-        incarnation = field(entry, "n") or None
+        incarnation = field(entry, "n")
+        if raw_field(entry, "n") is not None and not is_incarnation(incarnation):
+            # NOTE: an ``n`` no publisher writes (past 64 characters, no UTF-8, empty) was
+            # taken for a new incarnation (a restart: the instance's publisher retired, its
+            # later entries skipped) or read as naming none. Malformed, as a bad ``e`` is.
+            self.num_malformed_entries += 1
+            if instance_id is not None:
+                self.tracker.lose_entry(instance_id, None, out)
+            return
         if instance_id is not None and incarnation is not None \
                 and not self.tracker.knows(instance_id, incarnation):
             # NOTE: an incarnation new to this subscriber is taken as the instance's

@@ -79,7 +79,9 @@ class SeqTracker:
     ``num_restarts`` instances that counted from seq 0 again (a restarted publisher: its
     old blocks are lost, ``InstanceLost(.., got_seq=0)``, and its new stream is read from
     0), or whose batches name another incarnation than before (a restarted publisher
-    process, whether or not its seq 0 was read).
+    process, whether or not its seq 0 was read). A seq 0 naming the incarnation read
+    already is that incarnation's first entry again (a duplicate, skipped); a restart
+    names a new one (``RedisStreamPublisher`` does), or none (the in-memory bus).
 
     An incarnation once replaced by another is retired (the last ``_MAX_RETIRED`` of each
     instance): a batch naming it, from an old process still up, is skipped whole (an
@@ -246,7 +248,13 @@ class SeqTracker:
         batch: list[Event] = []
         for event in events:
             seq = event.seq
-            if seq == 0 and stream.max_seen >= 0:  # nothing read yet: seq 0 is expected
+            if seq == 0 and stream.max_seen >= 0 and (
+                    incarnation is None or incarnation != stream.incarnation):
+                # nothing read yet: seq 0 is expected. NOTE: a seq 0 naming the
+                # incarnation read already is its first entry delivered again (a retried
+                # XADD that had landed, a replay): a duplicate, skipped below, where it was
+                # taken for a restart (every block of the instance forgotten, and the
+                # entries after it a gap and a resync). A restart names a new one.
                 # A new incarnation: the instance restarted and counts from 0 again, with
                 # an empty cache. Its old blocks are forgotten and its stream starts over.
                 # NOTE: seq 0 was skipped as "already read", and so was every later event

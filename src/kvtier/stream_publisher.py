@@ -10,8 +10,9 @@ serving loop. May change: its stream, snapshot and claim keys.
 from __future__ import annotations
 
 import json
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -58,6 +59,15 @@ end
 return 1
 """
 
+# Sets the claim KEYS[1] to ARGV[1] with an EX of ARGV[2] seconds where it names ARGV[1]
+# or none (it expired): 1 where set, 0 where another incarnation holds it.
+_RENEW_CLAIM = """
+local claim = redis.call('GET', KEYS[1])
+if claim and claim ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
 # Deletes the claim KEYS[1] where it names ARGV[1]: 1 where it went, 0 where not.
 _DELETE_CLAIM_IF_MINE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -79,7 +89,11 @@ class RedisStreamPublisher:
     process); a batch starting at seq 0 (a new incarnation of
     the instance) deletes it, so that no subscriber resyncs from the blocks of before a
     restart (where that batch failed, with the next batch of the instance that is sent).
-    A snapshot key lives ``snapshot_ttl_s`` (None: until overwritten), and goes when its
+    A batch from seq 0 of an instance this publisher sent batches of (its manager
+    restarted behind it) names a new incarnation of the instance from then on
+    (``incarnation_of``) and claims it: subscribers read a seq 0 of the incarnation
+    they read already as a duplicate. A snapshot key lives ``snapshot_ttl_s`` (None:
+    until overwritten), and goes when its
     instance retires (``forget``): a key per instance id ever seen stayed in Redis.
     Both deletes are conditional (one Lua script, ``EVAL``): a snapshot naming another
     incarnation stays (subscribers refuse it where they read another's entries), one
@@ -100,13 +114,15 @@ class RedisStreamPublisher:
     process's snapshot, written after the new one's (both answering one resync request),
     overwrote it: subscribers reading the new entries refused it and waited, for ever
     where the old one answered last each time. A claim lives as its snapshot key does
-    (``snapshot_ttl_s``, renewed with each snapshot; none: until ``forget``); where it is
-    gone, snapshots are written unconditionally, as before claims.
+    (``snapshot_ttl_s``, renewed with each snapshot, and with a batch once a third of
+    it passed on ``clock``, where no other incarnation took it; none: until ``forget``);
+    where it is gone, snapshots are written unconditionally, as before claims.
     """
 
     def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000,
                  incarnation: str | None = None,
-                 snapshot_ttl_s: float | None = None) -> None:
+                 snapshot_ttl_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         # NOTE: Redis refuses a MAXLEN past 2**63 - 1: every XADD failed, counted, silently.
         if type(maxlen) is not int or not 1 <= maxlen <= MAX_BUFFER:
             raise ValueError(f"maxlen must be an integer in 1..2**40, got {short_repr(maxlen)}")
@@ -130,6 +146,16 @@ class RedisStreamPublisher:
         # Instances this publisher claimed (``claim_key``): claimed once, never again,
         # unless its ``forget`` took its own claim.
         self._claimed: set[str] = set()
+        # When (on ``clock``) each claim's EX was last set or renewed (with ``snapshot_ttl_s``).
+        self._claim_set_s: dict[str, float] = {}
+        self._clock = clock
+        # Instances a batch was sent of, and those restarted since (a batch from seq 0
+        # again): the incarnation each names from then on (``incarnation_of``).
+        self._published: set[str] = set()
+        self._restarted: dict[str, str] = {}
+        # Restarted instances whose snapshot of before (naming this incarnation) is owed
+        # a delete: the incarnation it names.
+        self._owed_by: dict[str, str] = {}
         self._resync_id: str | bytes = "0-0"
         self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
         self.num_failed_reads = 0  # resync_requests calls Redis did not answer
@@ -144,10 +170,27 @@ class RedisStreamPublisher:
         check_batch(instance_id, events)
         if not events:
             return
-        fields = {"i": instance_id, "e": encode_events(events), "n": self.incarnation}
+        if events[0].seq == 0 and instance_id in self._published:
+            # NOTE: a manager restarted behind this publisher counts from seq 0 again under
+            # the same incarnation, which subscribers read as the first entry delivered
+            # twice (a duplicate, skipped): its instance names a new one from now on, and
+            # claims it with this batch.
+            self._owed_by[instance_id] = self.incarnation_of(instance_id)
+            self._restarted[instance_id] = uuid.uuid4().hex
+            self._published.discard(instance_id)
+            self._claimed.discard(instance_id)
+        incarnation = self.incarnation_of(instance_id)
+        fields = {"i": instance_id, "e": encode_events(events), "n": incarnation}
         owes_delete = events[0].seq == 0 or instance_id in self._old_snapshots
         claims = instance_id not in self._claimed
-        if owes_delete or claims:
+        now = self._clock()
+        # NOTE: a claim lived ``snapshot_ttl_s`` from its last snapshot: a publisher that
+        # never snapshots lost it, and an old process's late entry or snapshot was taken
+        # for the instance's (subscribers follow the claim). Renewed with a batch, in its
+        # transaction, once a third of its EX passed: an EVAL about every ttl/3, no more.
+        renews = (not claims and self._snapshot_ex is not None
+                  and now - self._claim_set_s.get(instance_id, now) >= self._snapshot_ex / 3)
+        if owes_delete or claims or renews:
             # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
             # snapshot its earlier one left under the key goes with the same transaction.
             # A subscriber that saw the restart, then a gap, read that snapshot, which
@@ -161,8 +204,11 @@ class RedisStreamPublisher:
             # entry of this incarnation before its claim (a later claim is a later one's).
             pipe = self._redis.pipeline(transaction=True)
             if claims:
-                pipe.set(claim_key(self.stream, instance_id), self.incarnation,
+                pipe.set(claim_key(self.stream, instance_id), incarnation,
                          **self._ex_option())
+            elif renews:
+                pipe.eval(_RENEW_CLAIM, 1, claim_key(self.stream, instance_id), incarnation,
+                          str(self._snapshot_ex))
             if owes_delete:
                 self._delete_own_snapshot(instance_id, pipe)
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
@@ -173,11 +219,22 @@ class RedisStreamPublisher:
             else:
                 self._old_snapshots.discard(instance_id)
                 self._claimed.add(instance_id)
+                if claims or renews:
+                    self._claim_set_s[instance_id] = now
         else:
             sent = attempt(self._redis.xadd, self.stream, fields, maxlen=self.maxlen,
                             approximate=True)
         if sent is None:
             self.num_failed_batches += 1
+        else:
+            self._published.add(instance_id)
+            self._owed_by.pop(instance_id, None)
+
+    def incarnation_of(self, instance_id: str) -> str:
+        """The incarnation ``instance_id``'s entries, claim and snapshots name: this
+        publisher's, or a new one since its manager restarted (a batch from seq 0 after
+        others were sent). Pure."""
+        return self._restarted.get(instance_id, self.incarnation)
 
     def _snapshot_key(self, instance_id: str) -> str:
         return snapshot_key(self.stream, instance_id)
@@ -189,8 +246,9 @@ class RedisStreamPublisher:
         """Deletes ``instance_id``'s snapshot key on ``client`` (the connection or a
         pipeline) unless it names another incarnation (``_DELETE_UNLESS_OTHERS``): 1 where
         it went, 0 where not. Raises what redis-py raises: callers ``_attempt`` it."""
+        own = self._owed_by.get(instance_id) or self.incarnation_of(instance_id)
         return client.eval(_DELETE_UNLESS_OTHERS, 1, self._snapshot_key(instance_id),
-                           json.dumps(self.incarnation))
+                           json.dumps(own))
 
     def publish_snapshot(self, snapshot: Snapshot) -> None:
         """Store ``snapshot``, named by this publisher's ``incarnation`` (a subscriber
@@ -201,15 +259,16 @@ class RedisStreamPublisher:
         :class:`Snapshot`, ValueError if it names another incarnation, storing nothing."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"snapshot must be a Snapshot, got {short_repr(snapshot)}")
-        if snapshot.incarnation is None:
-            snapshot = replace(snapshot, incarnation=self.incarnation)
-        elif snapshot.incarnation != self.incarnation:
-            raise ValueError(f"snapshot.incarnation must be None or this publisher's "
-                             f"{self.incarnation!r}, got {short_repr(snapshot.incarnation)}")
         instance_id = snapshot.instance_id
+        incarnation = self.incarnation_of(instance_id)
+        if snapshot.incarnation in (None, self.incarnation):
+            snapshot = replace(snapshot, incarnation=incarnation)
+        elif snapshot.incarnation != incarnation:
+            raise ValueError(f"snapshot.incarnation must be None or this publisher's "
+                             f"{incarnation!r}, got {short_repr(snapshot.incarnation)}")
         written = attempt(self._redis.eval, _SET_IF_CLAIMED, 2,
                            self._snapshot_key(instance_id), claim_key(self.stream, instance_id),
-                           encode_snapshot(snapshot), self.incarnation,
+                           encode_snapshot(snapshot), incarnation,
                            str(self._snapshot_ex or 0))
         if written is None:
             self.num_failed_batches += 1
@@ -217,6 +276,9 @@ class RedisStreamPublisher:
             self.num_refused_snapshots += 1  # another incarnation claims the instance
         else:
             self._old_snapshots.discard(instance_id)  # overwritten
+            self._owed_by.pop(instance_id, None)
+            if instance_id in self._claimed:  # its claim's EX renewed with it
+                self._claim_set_s[instance_id] = self._clock()
 
     def forget(self, instance_id: str) -> None:
         """``instance_id`` retires for good (its engine shuts down): a final entry says so
@@ -235,12 +297,14 @@ class RedisStreamPublisher:
         if not isinstance(instance_id, str):
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
         self._old_snapshots.discard(instance_id)
+        self._published.discard(instance_id)  # its seq 0 again is no restart to tell
         pipe = self._redis.pipeline(transaction=True)
-        pipe.xadd(self.stream, {"i": instance_id, "e": "[]", "n": self.incarnation, "g": "1"},
+        incarnation = self.incarnation_of(instance_id)
+        pipe.xadd(self.stream, {"i": instance_id, "e": "[]", "n": incarnation, "g": "1"},
                   maxlen=self.maxlen, approximate=True)
         self._delete_own_snapshot(instance_id, pipe)
         pipe.eval(_DELETE_CLAIM_IF_MINE, 1, claim_key(self.stream, instance_id),
-                  self.incarnation)
+                  incarnation)
         done = attempt(pipe.execute)
         if done is None:
             self.num_failed_batches += 1

@@ -5,7 +5,7 @@ MOVED (a resharded slot) is made again once the slot map is read again, one answ
 (its slot migrating) on the node the ASK names (one the slot map does not list too: a node
 just added serves no slot yet), right after ``ASKING``, in one pipeline per node, the slot
 map unchanged; one answered TRYAGAIN (its slot mid-resharding) is asked again once on its
-node, after the backoff::
+node, after the backoff (on an ASK's target too, ``ASKING`` first)::
 
     GET k1 k2 k3 ──node A──> v1, ASK B (k2), MOVED C (k3)
     k2: ASKING, GET k2 ──node B──> v2          a redirect again: given up

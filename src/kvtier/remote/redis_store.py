@@ -370,24 +370,46 @@ class RedisRemoteStore(RemoteStoreBase):
                            follow_tryagain=self.cluster)
             return redirects
 
-        readers = self._reader_pool() if len(chunks) > 1 else None
-        if readers is None:
-            parts = [read(server, chunk) for server, chunk in chunks]
-        else:
-            # Every chunk runs, even if one raised: a fault is a miss, never a crash.
-            parts = [future.result() for future in
-                     [readers.submit(read, server, chunk) for server, chunk in chunks]]
+        # NOTE: a node whose breaker is not closed gets its first chunk sent first, the
+        # probe (beside the chunks of closed nodes), and its other chunks once that
+        # answered (sent where it closed the breaker, short-circuited where it opened it
+        # again). Read at once, they asked the breaker while the probe was out and were
+        # refused: misses of blocks the node held.
+        first: list[tuple[str, list[int]]] = []
+        held: list[tuple[str, list[int]]] = []
+        probing: set[str] = set()
+        for server_chunk in chunks:
+            server = server_chunk[0]
+            if self._breakers.state(server) is BreakerState.CLOSED:
+                first.append(server_chunk)
+            elif server in probing:
+                held.append(server_chunk)
+            else:
+                probing.add(server)
+                first.append(server_chunk)
+        parts = [*self._read_chunks(read, first), *self._read_chunks(read, held)]
         redirects = Redirects.merged(parts)
         self._retry_tryagain(redirects.tryagain, values, lambda i: ("GET", keys[i]),
                              get_answer, [block] * len(keys), deadline_s,
                              read=read_get_replies)
         self._follow_asks(redirects.asked, values, lambda i: ("GET", keys[i]), get_answer,
-                          [block] * len(keys), scalars=False)
+                          [block] * len(keys), deadline_s, scalars=False)
         if redirects.moved:
             self._redo_moved(redirects.moved, values,
                              lambda idx: self._read([keys[i] for i in idx],
                                                     follow_moved=False))
         return values
+
+    def _read_chunks(self, read: Callable[[str, list[int]], Redirects],
+                     chunks: list[tuple[str, list[int]]]) -> list[Redirects]:
+        """``read`` of each of ``chunks`` (a server, the indices of its keys), at once
+        where there are several and several connections; the redirects of each."""
+        readers = self._reader_pool() if len(chunks) > 1 else None
+        if readers is None:
+            return [read(server, chunk) for server, chunk in chunks]
+        # Every chunk runs, even if one raised: a fault is a miss, never a crash.
+        return [future.result() for future in
+                [readers.submit(read, server, chunk) for server, chunk in chunks]]
 
     def _take(self, chunk: list[int], replies: Sequence[Any], answers: list[Any],
               answer: Callable[[Any], Any], server: str, redirects: Redirects, *,
@@ -408,21 +430,26 @@ class RedisRemoteStore(RemoteStoreBase):
 
     def _follow_asks(self, asked: dict[str, list[int]], answers: list[Any],
                      command: Callable[[int], tuple[Any, ...]], answer: Callable[[Any], Any],
-                     sizes: list[int], *, scalars: bool = True) -> None:
+                     sizes: list[int], deadline_s: float, *, scalars: bool = True) -> None:
         """The keys at ``asked`` (per node an ASK named: their slot migrating to it) made
         there, each ``command`` right after an ``ASKING`` (which lets a node serve the
         next command on a key of a slot it is importing), in one pipeline per node and
-        chunk (of ``sizes``); their answers put in ``answers`` as ``_take`` puts them.
+        chunk (of ``sizes``); their answers put in ``answers`` as ``_take`` puts them; those
+        the target answered TRYAGAIN asked there once more, ``ASKING`` first, as
+        ``_retry_tryagain`` asks them (within ``deadline_s``).
 
         NOTE: the slot map is left as it is (the slot is still its source's until the
         migration ends: a MOVED tells then). Each key is asked once: a redirect in reply
         (MOVED back to the source, another ASK) is given up, a miss or not written,
         counted, never followed round a loop. A node the slot map does not list (one just
         added, its first slot migrating to it) is asked all the same (``RedisClients.node``); a
-        node down fails its own pipelines (its own breaker)."""
+        node down fails its own pipelines (its own breaker). A TRYAGAIN from the target
+        (its side of the slot mid-resharding) was its key's error at once, though the
+        MOVED and plain paths ask it again: a hit lost."""
+        read = partial(read_asking_replies, scalars=scalars)
+        tryagain = Redirects.none()
         for target, indices in asked.items():
             self._count(num_asked=len(indices))
-            read = partial(read_asking_replies, scalars=scalars)
             for part in self._chunks([sizes[i] for i in indices]):
                 chunk = indices[part]
                 commands = [c for i in chunk for c in (("ASKING",), command(i))]
@@ -431,19 +458,23 @@ class RedisRemoteStore(RemoteStoreBase):
                 if replies is None or len(replies) != len(commands):
                     continue
                 # replies[0::2] are ASKING's: one refused leaves its command answered MOVED
-                self._take(chunk, replies[1::2], answers, answer, target, Redirects.none(),
-                           follow_moved=False, follow_ask=False)
+                self._take(chunk, replies[1::2], answers, answer, target, tryagain,
+                           follow_moved=False, follow_ask=False, follow_tryagain=True)
+        self._retry_tryagain(tryagain.tryagain, answers, command, answer, sizes, deadline_s,
+                             read=read, asked=True)
 
     def _retry_tryagain(self, tryagain: dict[str, list[int]], answers: list[Any],
                         command: Callable[[int], tuple[Any, ...]],
                         answer: Callable[[Any], Any], sizes: list[int], deadline_s: float,
-                        *, read: Read = read_replies) -> None:
+                        *, read: Read = read_replies, asked: bool = False) -> None:
         """The keys at ``tryagain`` (per node that answered TRYAGAIN: their slot being
         resharded) made there once more, each ``command``, after the backoff, their
         answers put in ``answers`` as ``_take`` puts them, one pipeline each, never sent
         again; a pipeline whose worst case (a reply's ``timeout_s``, after the backoff)
         would end past ``deadline_s`` (the batch's start and ``max_blocking_s``) is not
-        sent: each of its keys a miss (or failed write), counted.
+        sent: each of its keys a miss (or failed write), counted. With ``asked`` (the keys
+        an ASK sent to ``server``) each command follows an ``ASKING``, as
+        ``_follow_asks`` sends them.
 
         NOTE: TRYAGAIN was each key's miss at once, though the node answers it for the
         moment a slot's keys are split between two nodes: a value in the cluster lost to
@@ -466,12 +497,14 @@ class RedisRemoteStore(RemoteStoreBase):
                     time.sleep(self.backoff_s)
                     slept = True
                 self._count(num_tryagain_retries=len(chunk))
-                replies = self._run(server, [command(i) for i in chunk],
-                                    raise_on_error=False, read=read, retry=False)
-                if replies is None or len(replies) != len(chunk):
+                commands = [c for i in chunk
+                            for c in ((("ASKING",), command(i)) if asked else (command(i),))]
+                replies = self._run(server, commands, raise_on_error=False, read=read,
+                                    asked=asked, retry=False)
+                if replies is None or len(replies) != len(commands):
                     continue
-                self._take(chunk, replies, answers, answer, server, Redirects.none(),
-                           follow_moved=False, follow_ask=False)
+                self._take(chunk, replies[1::2] if asked else replies, answers, answer,
+                           server, Redirects.none(), follow_moved=False, follow_ask=False)
 
     def _redo_moved(self, moved: list[int], answers: list[Any],
                     redo: Callable[[list[int]], list[Any] | None]) -> bool:
@@ -537,7 +570,7 @@ class RedisRemoteStore(RemoteStoreBase):
         self._retry_tryagain(redirects.tryagain, results, lambda i: ("SET", *pairs[i], *ttl),
                              set_answer, sizes, deadline_s)
         self._follow_asks(redirects.asked, results, lambda i: ("SET", *pairs[i], *ttl),
-                          set_answer, sizes)
+                          set_answer, sizes, deadline_s)
         moved = redirects.moved
         if moved and not self._redo_moved(
                 moved, results,
@@ -574,7 +607,7 @@ class RedisRemoteStore(RemoteStoreBase):
         self._retry_tryagain(redirects.tryagain, present, lambda i: ("EXISTS", keys[i]),
                              exists_answer, [1] * len(keys), deadline_s)
         self._follow_asks(redirects.asked, present, lambda i: ("EXISTS", keys[i]),
-                          exists_answer, [1] * len(keys))
+                          exists_answer, [1] * len(keys), deadline_s)
         if redirects.moved:
             self._redo_moved(redirects.moved, present,
                              lambda idx: self._has([keys[i] for i in idx],
