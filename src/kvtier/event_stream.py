@@ -88,6 +88,17 @@ class RedisStreamSubscriber:
         # Instances forgotten with entries maybe still unread: the stream's last id then.
         self._forgotten: dict[str, tuple[int, int]] = {}
 
+    def close(self) -> None:
+        """Close the connection to Redis (idempotent); ``with RedisStreamSubscriber(...)``
+        closes it at the block's end."""
+        stream_client.close(self._redis)
+
+    def __enter__(self) -> RedisStreamSubscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def forget(self, instance_id: str) -> None:
         """``instance_id`` left: its stream and resync request go, and the next poll says
         so (``InstanceGone``); its entries added before (XINFO's last id, where Redis

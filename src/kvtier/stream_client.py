@@ -5,6 +5,7 @@ made): the connection (``connect``), a command whose Redis fault is a gap, not a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -41,6 +42,15 @@ def connect(url: str) -> Any:
         raise ImportError(
             "Redis event streams need redis-py: pip install 'kvtier[redis]'") from None
     return redis.Redis.from_url(url)
+
+
+def close(client: Any) -> None:
+    """Close ``client``'s connections (a client without ``close``, a test's fake, is left
+    as it is); never raises: a connection already broken is closed as far as it can be."""
+    closer = getattr(client, "close", None)
+    if closer is not None:
+        with contextlib.suppress(Exception):  # a broken socket is as closed as it gets
+            closer()
 
 
 def claim_key(stream: str, instance_id: str) -> str:

@@ -280,6 +280,18 @@ class RedisStreamPublisher:
             if instance_id in self._claimed:  # its claim's EX renewed with it
                 self._claim_set_s[instance_id] = self._clock()
 
+    def close(self) -> None:
+        """Close the connection to Redis (idempotent); ``with RedisStreamPublisher(...)``
+        closes it at the block's end. Nothing published is lost: each batch was sent
+        when ``publish`` returned."""
+        stream_client.close(self._redis)
+
+    def __enter__(self) -> RedisStreamPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def forget(self, instance_id: str) -> None:
         """``instance_id`` retires for good (its engine shuts down): a final entry says so
         (its goodbye: ``g`` set, no events), on which subscribers forget the instance at

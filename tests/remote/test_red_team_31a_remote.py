@@ -207,9 +207,11 @@ def test_a_claim_is_renewed_with_a_batch_on_a_real_server(redis_servers: RedisSe
         publisher.publish("a", batch(2))
         assert client.get(claim) == b"another"
     finally:
+        publisher.close()
         keys = list(client.scan_iter(match=f"{name}*"))
         if keys:
             client.delete(*keys)
+        client.close()
 
 
 def test_a_probe_does_not_hold_back_the_other_nodes_chunks(
