@@ -1,4 +1,5 @@
-"""Red team 31c, the model's half: checkpoints cut short, and what the engine gives for them."""
+"""Red team 31c, the model's half: checkpoints cut short, and a block table that names a
+block twice."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="GGUF files need the model extra")
 pytest.importorskip("torch", reason="the model needs torch")
 
+import torch  # noqa: E402
+
+from kvtier.model import LlamaModel, ModelConfig  # noqa: E402
 from kvtier.model.checkpoint import CheckpointError, load_model  # noqa: E402
 from kvtier.model.gguf_loader import open_gguf  # noqa: E402
 from kvtier.model.tokenizer import load_tokenizer  # noqa: E402
+from kvtier.storage import KVStorage  # noqa: E402
 from model.test_red_team_24c_model import make_gguf  # noqa: E402
 
 
@@ -65,3 +70,20 @@ def test_a_whole_gguf_still_loads_as_before(tmp_path: Path) -> None:
         (t.name, int(t.data_offset)) for t in theirs.tensors]
     assert list(mine.fields) == list(theirs.fields)
     load_model(path)
+
+
+def test_a_block_table_naming_a_block_twice_is_refused_writing_nothing() -> None:
+    """``forward_chunk`` over a hand-built table ``[1, 1]`` wrote positions 4..7 over 0..3
+    in block 1 and read them twice: logits of another context, without a word. Now
+    ValueError naming both places, before any K/V is written; a table of distinct blocks
+    still gives the cacheless logits."""
+    model = LlamaModel(ModelConfig(), "cpu")
+    kv = KVStorage(model.config.kv_layout(4), 4)
+    kv.fill_(0.5)
+    tokens = list(range(3, 11))
+    with pytest.raises(ValueError, match=r"^block_table\[1\] is block 1, as block_table\[0\] "
+                                         r"is: each block holds its own positions$"):
+        model.forward_chunk(kv, [1, 1, 2], tokens, 0)
+    assert all(bool((t == 0.5).all()) for t in kv.tensors)  # nothing written
+    logits = model.forward_chunk(kv, [1, 3], tokens, 0)
+    torch.testing.assert_close(logits, model.full_recompute(tokens))
