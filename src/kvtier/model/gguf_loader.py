@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,69 @@ def _import_gguf() -> Any:
     return gguf
 
 
+class _PastTheEnd(Exception):
+    """A read of bytes ``start..end`` of a file of ``size`` bytes (``tensor``: the tensor
+    whose data they are, None for the header)."""
+
+    def __init__(self, start: int, end: int, size: int, tensor: str | None) -> None:
+        super().__init__(start, end, size, tensor)
+        self.start, self.end, self.size, self.tensor = start, end, size, tensor
+
+
+@functools.cache
+def _reader_class() -> type[Any]:
+    """``gguf.GGUFReader`` refusing every read past the file's end (``_PastTheEnd``).
+
+    NOTE: the reader slices its memory map, and a slice past the end is short, not an
+    error: a truncated file (a download or copy cut short) failed later in numpy's words,
+    'cannot reshape array of size 66784 into shape (576,360)' or 'index 0 is out of
+    bounds', naming neither the tensor nor that the file is short."""
+    base: Any = _import_gguf().GGUFReader
+
+    class CheckedReader(base):  # type: ignore[misc]
+        _tensor_fields: Sequence[Any] = ()
+        _tensor_start = 0
+
+        def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+            self._tensor_start, self._tensor_fields = start_offs, fields
+            super()._build_tensors(start_offs, fields)
+
+        def _get(self, offset: int, dtype: Any, count: int = 1,
+                 override_order: Any = None) -> Any:
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise _PastTheEnd(int(offset), end, len(self.data), self._tensor_at(offset))
+            return super()._get(offset, dtype, count, override_order)
+
+        def _tensor_at(self, offset: int) -> str | None:
+            """The name of the tensor whose data starts at ``offset`` (None: none). Pure."""
+            for field in self._tensor_fields:
+                try:  # name length, name, dimensions, their count, type, data offset
+                    name, data_offset = field.parts[1], field.parts[5]
+                    if self._tensor_start + int(data_offset[0]) == offset:
+                        return bytes(name).decode("utf-8", "replace")
+                except (IndexError, TypeError, ValueError):
+                    return None
+            return None
+
+    return CheckedReader
+
+
 @functools.lru_cache(maxsize=2)
 def open_gguf(path: Path) -> Any:
     """The ``gguf.GGUFReader`` of ``path`` (memory-mapped; parsed once, as the model and
-    the tokenizer both read it)."""
-    gguf = _import_gguf()
+    the tokenizer both read it). CheckpointError naming the file if it cannot be read, and
+    for a file that ends before the bytes its header lists (a truncated download), the
+    tensor (or the header) that runs past its end."""
+    reader_class = _reader_class()
     try:
-        return gguf.GGUFReader(str(path))
+        return reader_class(str(path))
+    except _PastTheEnd as exc:
+        where = (f"its header (metadata and tensor list) runs past them (a field at bytes "
+                 f"{exc.start:,}..{exc.end:,})" if exc.tensor is None
+                 else f"tensor {shown(exc.tensor)} lies at bytes {exc.start:,}..{exc.end:,}")
+        raise CheckpointError(f"{path} is truncated or corrupt: the file holds {exc.size:,} "
+                              f"bytes, and {where}") from None
     except (OSError, ValueError, IndexError, KeyError) as exc:
         raise CheckpointError(f"{path} is not a readable GGUF file ({exc})") from None
 

@@ -202,7 +202,18 @@ class LlamaModel:
         if start_pos < 0 or not tokens or end > len(block_table) * tpb:
             raise ValueError(f"tokens [{start_pos}, {end}) do not fit a block table of "
                              f"{len(block_table)} blocks of {tpb} tokens")
-        check_ids(block_table[:cdiv(end, tpb)], kv.num_blocks, "block_table")
+        used = block_table[:cdiv(end, tpb)]
+        check_ids(used, kv.num_blocks, "block_table")
+        if len(set(used)) != len(used):
+            # NOTE: a block named twice took two ranges of positions: the later chunk's K/V
+            # overwrote the earlier's, and attention read them twice, logits wrong without
+            # a word (a hand-built table; the manager never repeats a block).
+            first: dict[int, int] = {}
+            for j, block in enumerate(used):
+                i = first.setdefault(block, j)
+                if i != j:
+                    raise ValueError(f"block_table[{j}] is block {block}, as block_table[{i}] "
+                                     "is: each block holds its own positions")
         positions = torch.arange(start_pos, end, device=self.device)
         table = torch.tensor(block_table, dtype=torch.long, device=self.device)
         blocks, offsets = table[positions // tpb], positions % tpb
