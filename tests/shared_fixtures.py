@@ -27,5 +27,5 @@ def fake_redis(monkeypatch: pytest.MonkeyPatch) -> FakeRedis:
     """The event stream's commands in memory, in place of every Redis client made."""
     pytest.importorskip("redis")  # the publisher catches its errors
     client = FakeRedis()
-    monkeypatch.setattr(stream_client, "connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: client)
     return client

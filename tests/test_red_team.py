@@ -299,7 +299,7 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
                     for name, args, options in self.queued]
 
     client = Client()
-    monkeypatch.setattr(stream_client, "connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: client)
     pub = publisher.RedisStreamPublisher("redis://unused")
     mgr = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16, enable_events=True))
     mgr.add_sequence(SequenceSpec("a", list(range(8))))
@@ -351,7 +351,7 @@ def test_redis_subscriber_with_redis_down_returns_what_it_read(
                 raise redis.exceptions.ConnectionError("Connection refused")
 
     client = Client()
-    monkeypatch.setattr(stream_client, "connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: client)
     subscriber = publisher.RedisStreamSubscriber("redis://unused")
     assert subscriber.poll() == []  # down
     client.up = True

@@ -128,7 +128,7 @@ def test_token_ids_that_are_no_ids_are_refused_by_the_redis_publisher(
         def xadd(self, *args: object, **options: object) -> bytes:
             raise AssertionError("nothing is sent")
 
-    monkeypatch.setattr(stream_client, "connect", lambda url: Client())
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: Client())
     pub = publisher.RedisStreamPublisher("redis://unused")
     with pytest.raises(ValueError, match=message_of("token_ids", IDS + r"got \(1, 2, 3, .*\)")):
         pub.publish("a", [stored(0, 1), stored(1, 2, token_ids=ids)])

@@ -160,7 +160,7 @@ def test_a_restart_whose_seq_0_batch_failed_never_resyncs_from_the_old_snapshot(
     index.apply_updates(sub.poll())
     assert index.blocks("a") == {} and sub.tracker.stale_instances() == ["a"]
     assert sub.tracker.num_other_incarnation == 1
-    assert publisher.decode_snapshot(fake_redis.keys["kvtier:events:snapshot:a"]).incarnation \
+    assert publisher.decode_snapshot(fake_redis.keys["{kvtier:events}:snapshot:a"]).incarnation \
         == old.incarnation
     new.publish_snapshot(Snapshot("a", 2, frozenset([(1, G), (2, G)])))
     new.publish("a", [stored(2, 3)])
@@ -376,7 +376,7 @@ def test_a_retiring_publisher_leaves_no_snapshot_key(fake_redis: FakeRedis) -> N
     assert set(fake_redis.ttls.values()) == {600}
     for k in range(99):
         pub.forget(f"pod-{k}")
-    assert list(fake_redis.keys) == ["kvtier:events:snapshot:pod-99"]
+    assert list(fake_redis.keys) == ["{kvtier:events}:snapshot:pod-99"]
     fake_redis.down = 1
     pub.forget("pod-99")
     assert pub.num_failed_batches == 1 and len(fake_redis.keys) == 1
@@ -391,7 +391,7 @@ def test_a_retiring_old_process_leaves_the_new_ones_snapshot(fake_redis: FakeRed
     old one, retiring gracefully, then ``forget`` s a. Its delete took the new snapshot,
     and a subscriber stale on a waited for another. Now the key goes only where its
     snapshot names the retiring incarnation, or none (of a publisher older than ``p``)."""
-    key = "kvtier:events:snapshot:a"
+    key = "{kvtier:events}:snapshot:a"
     old = RedisStreamPublisher("redis://fake", incarnation="old")
     new = RedisStreamPublisher("redis://fake", incarnation="new")
     new.publish("a", [stored(0, 1)])
@@ -413,7 +413,7 @@ def test_an_old_process_retrying_its_seq_0_delete_leaves_the_new_ones_snapshot(
     owed delete took the new snapshot. Now it leaves a snapshot of another incarnation,
     and a seq 0 batch still deletes one of its own (an earlier manager of this process)
     or of none."""
-    key = "kvtier:events:snapshot:a"
+    key = "{kvtier:events}:snapshot:a"
     old = RedisStreamPublisher("redis://fake", incarnation="old")
     new = RedisStreamPublisher("redis://fake", incarnation="new")
     fake_redis.down = 1
@@ -472,7 +472,7 @@ def test_a_late_snapshot_of_the_old_process_is_refused_after_a_restart(
     new = RedisStreamPublisher("redis://fake")
     new.publish("a", [stored(0, 1)])
     old.publish_snapshot(Snapshot("a", 10, frozenset((100 + seq, G) for seq in range(10))))
-    assert old.num_refused_snapshots == 1 and "kvtier:events:snapshot:a" not in fake_redis.keys
+    assert old.num_refused_snapshots == 1 and "{kvtier:events}:snapshot:a" not in fake_redis.keys
     new.publish("a", [stored(2, 3)])  # seq 1 lost
     index.apply_updates(sub.poll())
     assert index.blocks("a") == {}
@@ -497,12 +497,12 @@ def test_a_snapshot_names_its_publishers_incarnation_and_old_ones_read_as_before
     publisher's) decodes as before and is applied by its seq alone."""
     pub = RedisStreamPublisher("redis://fake", incarnation="run-1")
     pub.publish_snapshot(Snapshot("a", 1, frozenset([(5, G)])))
-    assert json.loads(fake_redis.keys["kvtier:events:snapshot:a"]) == {
+    assert json.loads(fake_redis.keys["{kvtier:events}:snapshot:a"]) == {
         "i": "a", "n": 1, "b": [["0" * 31 + "5", 0]], "p": "run-1"}
     with pytest.raises(ValueError, match=r"snapshot\.incarnation must be None or this "
                                          r"publisher's 'run-1', got 'run-2'"):
         pub.publish_snapshot(Snapshot("b", 1, frozenset(), "run-2"))
-    assert "kvtier:events:snapshot:b" not in fake_redis.keys
+    assert "{kvtier:events}:snapshot:b" not in fake_redis.keys
     assert publisher.decode_snapshot(b'{"i":"a","n":1,"b":[]}') == Snapshot("a", 1, frozenset())
     for bad in ('"p":""', '"p":null', '"p":7', '"q":"x"'):
         with pytest.raises(ValueError, match=r"malformed snapshot: (incarnation must be a "
@@ -515,7 +515,7 @@ def test_a_snapshot_names_its_publishers_incarnation_and_old_ones_read_as_before
     sub = RedisStreamSubscriber("redis://fake")
     pub.publish("a", [stored(0, 1), stored(2, 3)])  # a gap at seq 2
     sub.poll()
-    fake_redis.keys["kvtier:events:snapshot:a"] = (
+    fake_redis.keys["{kvtier:events}:snapshot:a"] = (
         b'{"i":"a","n":3,"b":[["' + b"0" * 31 + b'3",0]]}')
     updates = sub.poll()
     assert updates == [Snapshot("a", 3, frozenset([(3, G)]))]
@@ -643,7 +643,7 @@ def test_an_unreadable_entry_of_a_new_incarnation_is_its_restart(
     index = PrefixIndex()
     old.publish("a", [stored(seq, 100 + seq) for seq in range(10)])
     index.apply_updates(sub.poll())
-    fake_redis.set("kvtier:events:incarnation:a", "run-2")  # its claim, with its entry
+    fake_redis.set("{kvtier:events}:incarnation:a", "run-2")  # its claim, with its entry
     fake_redis.xadd("kvtier:events", {"i": "a", "e": "garbled", "n": "run-2"})
     old.publish_snapshot(Snapshot("a", 10, frozenset((100 + seq, G) for seq in range(10))))
     assert old.num_refused_snapshots == 1

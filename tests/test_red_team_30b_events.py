@@ -115,7 +115,7 @@ def test_a_replaced_process_neither_writes_its_snapshot_nor_claims_again(
     new's snapshot is still written, and a subscriber reading old's entry first skips it
     as replaced. Before: old's snapshot overwrote new's, which a subscriber reading new's
     entries refused (stale, asked again for ever while old answered last)."""
-    claim = "kvtier:events:incarnation:a"
+    claim = "{kvtier:events}:incarnation:a"
     old = RedisStreamPublisher("redis://fake", incarnation="old")
     new = RedisStreamPublisher("redis://fake", incarnation="new")
     old.publish("a", [stored(0, 100)])
@@ -128,7 +128,7 @@ def test_a_replaced_process_neither_writes_its_snapshot_nor_claims_again(
     assert fake_redis.keys[claim] == b"new"
     new.publish_snapshot(Snapshot("a", 1, frozenset({(1, G)})))
     assert (old.num_refused_snapshots, new.num_refused_snapshots) == (1, 0)
-    assert b'"p":"new"' in fake_redis.keys["kvtier:events:snapshot:a"]
+    assert b'"p":"new"' in fake_redis.keys["{kvtier:events}:snapshot:a"]
     sub = RedisStreamSubscriber("redis://fake", start_id="2-0")  # from old's seq 0 again
     assert sub.poll() == []  # old's entry: replaced
     assert sub.tracker.streams["a"].incarnation == "new"

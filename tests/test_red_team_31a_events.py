@@ -69,7 +69,7 @@ def counting_redis(monkeypatch: pytest.MonkeyPatch) -> CountingRedis:
     """The event stream's commands in memory, counted, in place of every client made."""
     pytest.importorskip("redis")  # the publisher catches its errors
     client = CountingRedis()
-    monkeypatch.setattr(stream_client, "connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: client)
     return client
 
 
@@ -151,9 +151,9 @@ def test_a_manager_restarted_behind_one_publisher_names_a_new_incarnation(
     assert subscriber.tracker.num_restarts == 1
     new = counting_redis.streams["kvtier:events"][-1][1][b"n"].decode()
     assert new != publisher.incarnation and new == publisher.incarnation_of("a")
-    assert counting_redis.keys["kvtier:events:incarnation:a"] == new.encode()
+    assert counting_redis.keys["{kvtier:events}:incarnation:a"] == new.encode()
     publisher.publish_snapshot(Snapshot("a", 1, frozenset(), incarnation=None))
-    assert new.encode() in counting_redis.keys["kvtier:events:snapshot:a"]
+    assert new.encode() in counting_redis.keys["{kvtier:events}:snapshot:a"]
 
 
 class ExpiringRedis(CountingRedis):
@@ -187,12 +187,12 @@ def test_a_publisher_that_never_snapshots_keeps_its_claim(
     pytest.importorskip("redis")
     clock = FakeClock()
     client = ExpiringRedis(clock)
-    monkeypatch.setattr(stream_client, "connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: client)
     publisher = RedisStreamPublisher("redis://fake", incarnation="p1", snapshot_ttl_s=60,
                                      clock=clock)
     old = RedisStreamPublisher("redis://fake", incarnation="p0", snapshot_ttl_s=60,
                                clock=clock)
-    claim = "kvtier:events:incarnation:a"
+    claim = "{kvtier:events}:incarnation:a"
     num_renewals = 0
     evaluate = client.eval
 
@@ -209,7 +209,7 @@ def test_a_publisher_that_never_snapshots_keeps_its_claim(
     assert num_renewals == 15
     old.publish_snapshot(Snapshot("a", 1, frozenset(), incarnation=None))
     assert old.num_refused_snapshots == 1
-    assert "kvtier:events:snapshot:a" not in client.keys
+    assert "{kvtier:events}:snapshot:a" not in client.keys
 
 
 @pytest.mark.parametrize("incarnation", ["x" * 65, b"\xff\xfe", ""])
@@ -226,7 +226,7 @@ def test_an_entry_naming_no_incarnation_the_wire_carries_is_malformed(
     for seq in range(3):
         publisher.publish("a", [stored(seq, 100 + seq)])
     assert len(subscriber.poll()) == 3
-    del counting_redis.keys["kvtier:events:incarnation:a"]
+    del counting_redis.keys["{kvtier:events}:incarnation:a"]
     counting_redis.xadd("kvtier:events", {"i": "a", "e": encode_events([stored(3, 103)]),
                                           "n": incarnation})
     out = subscriber.poll()

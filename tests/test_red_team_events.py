@@ -109,7 +109,7 @@ def test_redis_resync_requests_with_redis_down_asks_again_later(
             assert list(streams.values()) == ["0-0"]  # nothing was skipped
             return [(b"kvtier:events:resync", [(b"1-0", {b"i": b"i0"})])]
 
-    monkeypatch.setattr(stream_client, "connect", lambda url: Client())
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: Client())
     pub = publisher.RedisStreamPublisher("redis://unused")
     assert pub.resync_requests() == set() and pub.num_failed_reads == 1
     assert pub.resync_requests() == {"i0"} and pub.num_failed_reads == 1
@@ -238,7 +238,7 @@ def test_a_subscriber_poll_with_options_redis_refuses_says_so(
     from kvtier import publisher, stream_client
 
     client = _RefusingRedis()
-    monkeypatch.setattr(stream_client, "connect", lambda url: client)
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: client)
     subscriber = publisher.RedisStreamSubscriber("redis://unused")
     with pytest.raises(ValueError, match=shown):
         subscriber.poll(**options)  # type: ignore[arg-type]
@@ -255,7 +255,7 @@ def test_a_subscriber_start_id_redis_refuses_is_refused_when_made(
     pytest.importorskip("redis")
     from kvtier import publisher, stream_client
 
-    monkeypatch.setattr(stream_client, "connect", lambda url: _RefusingRedis())
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: _RefusingRedis())
     with pytest.raises(ValueError, match=r"start_id must be a stream id 'ms' or 'ms-seq'"):
         publisher.RedisStreamSubscriber("redis://unused", start_id=start_id)  # type: ignore[arg-type]
     assert publisher.RedisStreamSubscriber("redis://unused", start_id="1700000000000-3")
@@ -301,7 +301,7 @@ def test_a_subscriber_on_a_resp3_connection_reads_its_entries(
         def get(self, key: str) -> None:
             return None
 
-    monkeypatch.setattr(stream_client, "connect", lambda url: Resp3())
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: Resp3())
     subscriber = publisher.RedisStreamSubscriber("redis://unused?protocol=3")
     assert subscriber.poll() == [EventBatch("a", [stored(0, 1)]), EventBatch("a", [stored(1, 2)]),
                                  EventBatch("a", [stored(2, 3)])]
@@ -320,7 +320,7 @@ def test_buffer_sizes_past_what_a_deque_or_redis_takes_are_refused(
     pytest.importorskip("redis")
     from kvtier import publisher, stream_client
 
-    monkeypatch.setattr(stream_client, "connect", lambda url: object())
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: object())
     with pytest.raises(ValueError, match=r"maxlen must be an integer in 1..2\*\*40, got an "
                                          r"int of 200 bits"):
         publisher.RedisStreamPublisher("redis://unused", maxlen=1 << 199)

@@ -20,7 +20,16 @@ from kvtier.remote.options import check_number
 from kvtier.reprs import shown
 from kvtier.seq_tracker import SeqTracker, check_forget_after
 from kvtier.sequence import short_repr
-from kvtier.stream_client import attempt, check_stream, claim_key, snapshot_key
+from kvtier.stream_client import (
+    attempt,
+    check_cluster,
+    check_stream,
+    claim_key,
+    get_either,
+    legacy_claim_key,
+    legacy_snapshot_key,
+    snapshot_key,
+)
 from kvtier.stream_entries import (
     check_start_id,
     field,
@@ -42,14 +51,20 @@ class RedisStreamSubscriber:
     deleted or made again behind the last id read is read again from its start).
     A malformed entry (its events unreadable, or an ``n`` that is no incarnation) is
     skipped and counted (``num_malformed_entries``); its instance, when
-    readable, is reported lost (a gap) and resynced; the entries after it are delivered. A
+    readable, is reported lost (a gap) and resynced; the entries after it are delivered.
+    An entry with an empty instance id, or with no events and no goodbye (no publisher
+    writes either), is malformed too, counted, and makes no state. A
     malformed snapshot is skipped and counted (``num_malformed_snapshots``); the instance
     stays stale until a sound one comes. An instance still stale ``resync_retry_s`` seconds
     after its request is asked for again (``num_resync_requests`` counts them): a request
     is one entry of a capped stream, which a trim or a restarted server may lose before
     the publisher reads it. An entry of an incarnation new to the subscriber is read as
     the instance's only where the instance's claim (``claim_key``, one GET) names it or
-    none: one of another is skipped as replaced (``SeqTracker.supersede``).
+    none: one of another is skipped as replaced (``SeqTracker.supersede``). The claim and
+    snapshot keys are read by their names in the stream's hash slot (``claim_key``,
+    ``snapshot_key``), and by the names of publishers before hash tags
+    (``<stream>:snapshot:<instance>``) where those are missing. ``cluster=True`` reads
+    a Redis Cluster (a ``RedisCluster`` client).
     An instance not heard from (no entry read, no snapshot applied)
     for more than ``forget_after_s`` on ``clock`` (by default 3600 s, an hour; None:
     never), or one the caller ``forget`` s, is forgotten (``InstanceGone``: the consumer
@@ -68,13 +83,14 @@ class RedisStreamSubscriber:
 
     def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0",
                  resync_retry_s: float = 1.0, forget_after_s: float | None = 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cluster: bool = False) -> None:
         check_stream(stream)
+        check_cluster(stream, cluster)
         check_start_id(start_id)
         self.resync_retry_s = resync_retry_s
         self.forget_after_s = check_forget_after(forget_after_s)
         self._clock = clock
-        self._redis = stream_client.connect(url)
+        self._redis = stream_client.connect(url, cluster=cluster)
         self.stream = stream
         self.last_id: str | bytes = start_id
         self.tracker = SeqTracker(clock=clock)
@@ -269,6 +285,11 @@ class RedisStreamSubscriber:
 
     def _receive(self, entry_id: object, entry: object, out: list[Update]) -> None:
         instance_id = field(entry, "i")
+        if instance_id == "":
+            # NOTE: no publisher writes an empty id (``check_batch``): it made an instance
+            # "" kept until forget_after_s. Malformed, of no instance: no state made.
+            self.num_malformed_entries += 1
+            return
         if instance_id in self._forgotten:
             entry_seq = stream_id(entry_id)
             if entry_seq is not None and entry_seq <= self._forgotten[instance_id]:
@@ -288,7 +309,8 @@ class RedisStreamSubscriber:
             # current one only where its claim does not name another (``claim_key``): the
             # incarnation read last was taken for it, and an old process's late entry,
             # read after the new one's, replaced the new one.
-            claim = attempt(self._redis.get, claim_key(self.stream, instance_id))
+            claim = get_either(self._redis, claim_key(self.stream, instance_id),
+                               legacy_claim_key(self.stream, instance_id))
             current = claim.decode(errors="replace") if isinstance(claim, bytes) else claim
             if is_incarnation(current) and current != incarnation:
                 assert isinstance(current, str)
@@ -307,12 +329,19 @@ class RedisStreamSubscriber:
             if instance_id is not None:
                 self.tracker.lose_entry(instance_id, incarnation, out)
             return
+        if not events:
+            # NOTE: a publisher sends no empty batch (only a goodbye has no events): one
+            # made a tracker entry of an id seen nowhere else, kept until forget_after_s.
+            # It carries no seq, so it is no hole either: counted, no state made.
+            self.num_malformed_entries += 1
+            return
         # decoded: checked; an entry without a readable incarnation is read by its seq alone
         self.tracker.receive_checked(instance_id, events, out, incarnation)
 
     def _try_snapshots(self, out: list[Update]) -> None:
         for instance_id in self.tracker.stale_instances():
-            raw = attempt(self._redis.get, snapshot_key(self.stream, instance_id))
+            raw = get_either(self._redis, snapshot_key(self.stream, instance_id),
+                             legacy_snapshot_key(self.stream, instance_id))
             if raw is None:
                 continue
             try:

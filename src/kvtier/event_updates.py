@@ -69,7 +69,8 @@ MAX_BUFFER = 1 << 40  # events a subscriber's buffer or a stream may hold
 
 
 def check_batch(instance_id: object, events: object, *, token_ids: bool = True) -> None:
-    """Raise TypeError naming what is wrong unless ``instance_id`` is a str and ``events``
+    """Raise TypeError naming what is wrong unless ``instance_id`` is a str (ValueError
+    where it is empty) and ``events``
     a sequence of events, ValueError naming the event and field the wire format cannot
     carry (``event_codec.check_events``; ``token_ids=False`` for a consumer that reads no
     token id). Pure.
@@ -80,4 +81,8 @@ def check_batch(instance_id: object, events: object, *, token_ids: bool = True) 
     """
     if not isinstance(instance_id, str):
         raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
+    if not instance_id:
+        # NOTE: an empty id was published, and every subscriber kept an instance "" that
+        # no router can tell from a missing field.
+        raise ValueError("instance_id must be a non-empty str, got ''")
     check_events(events, token_ids=token_ids)

@@ -22,7 +22,14 @@ from kvtier.event_updates import MAX_BUFFER, check_batch
 from kvtier.events import Event
 from kvtier.remote.options import check_number
 from kvtier.sequence import short_repr
-from kvtier.stream_client import attempt, check_stream, claim_key, snapshot_key
+from kvtier.stream_client import (
+    attempt,
+    check_cluster,
+    check_stream,
+    claim_key,
+    run_script,
+    snapshot_key,
+)
 from kvtier.stream_entries import field, stream_entries
 
 __all__ = ["RedisStreamPublisher"]
@@ -84,7 +91,9 @@ class RedisStreamPublisher:
     one, which subscribers see as a restart even where its seq 0 was trimmed; publishers
     of one engine's events on several connections share one; an entry
     without ``n``, of an earlier publisher, is read by its seq alone). Snapshots go to the
-    key ``<stream>:snapshot:<instance>``, naming the incarnation too (a subscriber refuses
+    key ``{<stream>}:snapshot:<instance>`` (``snapshot_key``: every key of a stream in its
+    hash slot, so that ``cluster=True``, a ``RedisCluster`` client, runs each script and
+    transaction on one node), naming the incarnation too (a subscriber refuses
     one of another incarnation than the entries it read: a late write of an old
     process); a batch starting at seq 0 (a new incarnation of
     the instance) deletes it, so that no subscriber resyncs from the blocks of before a
@@ -107,7 +116,7 @@ class RedisStreamPublisher:
     Two processes may publish one instance id (a restarted engine re-using its name while
     the old process still publishes): the later claims it. With its first batch of the
     instance, in one transaction, a publisher sets the claim key
-    ``<stream>:incarnation:<instance>`` (``claim_key``) to its incarnation, once; a
+    ``{<stream>}:incarnation:<instance>`` (``claim_key``) to its incarnation, once; a
     snapshot is written only where no other incarnation holds that claim (one Lua script:
     refused ones counted in ``num_refused_snapshots``), and subscribers that read an
     incarnation new to them follow the claim (``RedisStreamSubscriber``). NOTE: the old
@@ -122,11 +131,12 @@ class RedisStreamPublisher:
     def __init__(self, url: str, stream: str = "kvtier:events", maxlen: int = 100_000,
                  incarnation: str | None = None,
                  snapshot_ttl_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cluster: bool = False) -> None:
         # NOTE: Redis refuses a MAXLEN past 2**63 - 1: every XADD failed, counted, silently.
         if type(maxlen) is not int or not 1 <= maxlen <= MAX_BUFFER:
             raise ValueError(f"maxlen must be an integer in 1..2**40, got {short_repr(maxlen)}")
         check_stream(stream)
+        check_cluster(stream, cluster)
         if incarnation is None:
             incarnation = uuid.uuid4().hex
         if not is_incarnation(incarnation):
@@ -136,7 +146,7 @@ class RedisStreamPublisher:
         # stale when its key expired asks again (``resync_retry_s``), and is answered.
         self._snapshot_ex = None if snapshot_ttl_s is None else max(1, round(
             check_number("snapshot_ttl_s", snapshot_ttl_s, 1.0, 1e9)))
-        self._redis = stream_client.connect(url)
+        self._redis = stream_client.connect(url, cluster=cluster)
         self.stream = stream
         self.maxlen = maxlen
         self.incarnation = incarnation
@@ -207,8 +217,8 @@ class RedisStreamPublisher:
                 pipe.set(claim_key(self.stream, instance_id), incarnation,
                          **self._ex_option())
             elif renews:
-                pipe.eval(_RENEW_CLAIM, 1, claim_key(self.stream, instance_id), incarnation,
-                          str(self._snapshot_ex))
+                run_script(pipe, _RENEW_CLAIM, 1, claim_key(self.stream, instance_id),
+                           incarnation, str(self._snapshot_ex))
             if owes_delete:
                 self._delete_own_snapshot(instance_id, pipe)
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
@@ -247,12 +257,13 @@ class RedisStreamPublisher:
         pipeline) unless it names another incarnation (``_DELETE_UNLESS_OTHERS``): 1 where
         it went, 0 where not. Raises what redis-py raises: callers ``_attempt`` it."""
         own = self._owed_by.get(instance_id) or self.incarnation_of(instance_id)
-        return client.eval(_DELETE_UNLESS_OTHERS, 1, self._snapshot_key(instance_id),
-                           json.dumps(own))
+        return run_script(client, _DELETE_UNLESS_OTHERS, 1, self._snapshot_key(instance_id),
+                          json.dumps(own))
 
     def publish_snapshot(self, snapshot: Snapshot) -> None:
         """Store ``snapshot``, named by this publisher's ``incarnation`` (a subscriber
-        refuses one of another incarnation than the stream it reads), unless another
+        refuses one of another incarnation than the stream it reads; a snapshot naming one
+        must name ``incarnation_of`` its instance), unless another
         incarnation claims the instance (``num_refused_snapshots``); publish every event
         before ``next_seq`` first. A snapshot Redis does not take is counted in
         ``num_failed_batches``; a stale subscriber asks again. TypeError unless it is a
@@ -261,12 +272,15 @@ class RedisStreamPublisher:
             raise TypeError(f"snapshot must be a Snapshot, got {short_repr(snapshot)}")
         instance_id = snapshot.instance_id
         incarnation = self.incarnation_of(instance_id)
-        if snapshot.incarnation in (None, self.incarnation):
+        # NOTE: one naming this publisher's first incarnation was relabelled too: after a
+        # restart of the instance behind it, a stale snapshot of the old incarnation was
+        # stored as the new one's, and subscribers applied the blocks of before the restart.
+        if snapshot.incarnation is None:
             snapshot = replace(snapshot, incarnation=incarnation)
         elif snapshot.incarnation != incarnation:
             raise ValueError(f"snapshot.incarnation must be None or this publisher's "
                              f"{incarnation!r}, got {short_repr(snapshot.incarnation)}")
-        written = attempt(self._redis.eval, _SET_IF_CLAIMED, 2,
+        written = attempt(run_script, self._redis, _SET_IF_CLAIMED, 2,
                            self._snapshot_key(instance_id), claim_key(self.stream, instance_id),
                            encode_snapshot(snapshot), incarnation,
                            str(self._snapshot_ex or 0))
@@ -315,8 +329,8 @@ class RedisStreamPublisher:
         pipe.xadd(self.stream, {"i": instance_id, "e": "[]", "n": incarnation, "g": "1"},
                   maxlen=self.maxlen, approximate=True)
         self._delete_own_snapshot(instance_id, pipe)
-        pipe.eval(_DELETE_CLAIM_IF_MINE, 1, claim_key(self.stream, instance_id),
-                  incarnation)
+        run_script(pipe, _DELETE_CLAIM_IF_MINE, 1, claim_key(self.stream, instance_id),
+                   incarnation)
         done = attempt(pipe.execute)
         if done is None:
             self.num_failed_batches += 1

@@ -60,4 +60,4 @@ def test_a_restarted_publisher_drops_its_earlier_incarnations_snapshot(
         assert index.blocks("a") == {1: G, 2: G, 3: G, 4: G, 5: G, 6: G}
         assert sub.tracker.stale_instances() == []
     finally:
-        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+        raw.delete(stream, f"{stream}:resync", f"{{{stream}}}:snapshot:a")

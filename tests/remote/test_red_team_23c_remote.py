@@ -63,7 +63,7 @@ def test_a_stale_subscriber_asks_again_when_its_resync_request_was_lost(
         index.apply_updates(sub.poll())
         assert sub.num_resync_requests == 2  # resynced: nothing more asked
     finally:
-        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+        raw.delete(stream, f"{stream}:resync", f"{{{stream}}}:snapshot:a")
 
 
 def test_a_subscriber_asks_at_most_once_per_retry_interval(

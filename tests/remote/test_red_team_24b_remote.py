@@ -53,7 +53,7 @@ def test_a_restart_after_a_resync_from_an_unreadable_entry(redis_servers: RedisS
         index.apply_updates(sub.poll())
         assert index.blocks("a") == {1: G, 2: G, 3: G}
     finally:
-        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+        raw.delete(stream, f"{stream}:resync", f"{{{stream}}}:snapshot:a")
 
 
 def test_a_subscriber_whose_url_decodes_responses_reads_its_entries(
@@ -86,7 +86,7 @@ def test_a_subscriber_whose_url_decodes_responses_reads_its_entries(
         assert index.blocks("a") == {1: G, 2: G, 3: G, 4: G}
         assert subscriber.tracker.stale_instances() == []
     finally:
-        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+        raw.delete(stream, f"{stream}:resync", f"{{{stream}}}:snapshot:a")
 
 
 def test_a_poll_of_block_ms_0_waits_for_nothing(redis_servers: RedisServers) -> None:

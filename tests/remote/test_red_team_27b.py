@@ -345,7 +345,7 @@ def test_a_stream_trimmed_past_a_quiet_instances_removal_is_never_routed_to(
         assert subscriber.num_trims == 1
         assert subscriber.tracker.stale_instances() == ["b"]  # no snapshot of b stored
     finally:
-        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+        raw.delete(stream, f"{stream}:resync", f"{{{stream}}}:snapshot:a")
 
 
 def test_engines_on_one_backend_share_within_a_namespace_only() -> None:

@@ -132,7 +132,7 @@ def test_a_publishers_goodbye_on_a_real_server(redis_servers: RedisServers,
         pub.forget(iid)
     assert sub.poll() == [InstanceGone("a"), InstanceGone("b")]  # before: []
     raw = pub._redis
-    assert raw.exists(f"{stream}:snapshot:a", f"{stream}:incarnation:a") == 0
+    assert raw.exists(f"{{{stream}}}:snapshot:a", f"{{{stream}}}:incarnation:a") == 0
     (_, goodbye), = raw.xrevrange(stream, count=1)
     assert goodbye[b"g"] == b"1" and decode_events(goodbye[b"e"]) == []
     assert pub.num_failed_batches == 0

@@ -195,7 +195,7 @@ def test_a_claim_is_renewed_with_a_batch_on_a_real_server(redis_servers: RedisSe
                                 None, None)]
 
         publisher.publish("a", batch(0))
-        claim = f"{name}:incarnation:a"
+        claim = f"{{{name}}}:incarnation:a"
         assert client.get(claim) == publisher.incarnation.encode()
         time.sleep(1.3)
         now[0] = 1.3

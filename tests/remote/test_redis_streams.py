@@ -45,7 +45,7 @@ def test_redis_stream_round_trip_and_resync_after_trim(redis_servers: RedisServe
         assert index.blocks("a") == {2: H, 3: G, 4: G}
         assert (sub.tracker.num_gaps, sub.tracker.num_resyncs) == (1, 1)
     finally:
-        pub._redis.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+        pub._redis.delete(stream, f"{stream}:resync", f"{{{stream}}}:snapshot:a")
 
 
 def test_malformed_entries_are_skipped_counted_and_reported(redis_servers: RedisServers
@@ -76,7 +76,7 @@ def test_malformed_entries_are_skipped_counted_and_reported(redis_servers: Redis
         # stored naming its publisher's incarnation (red team 29a)
         assert sub.poll() == [Snapshot("a", 3, frozenset({(1, G), (3, G)}), pub.incarnation)]
     finally:
-        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a")
+        raw.delete(stream, f"{stream}:resync", f"{{{stream}}}:snapshot:a")
 
 
 def test_malformed_snapshot_is_skipped_and_other_instances_go_on(redis_servers: RedisServers
@@ -92,12 +92,13 @@ def test_malformed_snapshot_is_skipped_and_other_instances_go_on(redis_servers: 
         pub.publish("a", [stored(5, 1)])  # joined late: a is stale
         index = PrefixIndex()
         index.apply_updates(sub.poll())
-        raw.set(f"{stream}:snapshot:a", b"\x80garbage")
+        raw.set(f"{{{stream}}}:snapshot:a", b"\x80garbage")
         pub.publish("b", [stored(0, 10)])
         index.apply_updates(sub.poll())
         assert index.blocks("b") == {10: G}
         pub.publish_snapshot(Snapshot("b", 9, frozenset()))
-        raw.set(f"{stream}:snapshot:a", raw.get(f"{stream}:snapshot:b"))  # b's, under a's key
+        # b's, under a's key
+        raw.set(f"{{{stream}}}:snapshot:a", raw.get(f"{{{stream}}}:snapshot:b"))
         pub.publish("b", [stored(1, 11)])
         index.apply_updates(sub.poll())
         assert index.blocks("b") == {10: G, 11: G} and index.blocks("a") == {}
@@ -106,7 +107,8 @@ def test_malformed_snapshot_is_skipped_and_other_instances_go_on(redis_servers: 
         index.apply_updates(sub.poll())
         assert index.blocks("a") == {1: G} and sub.tracker.stale_instances() == []
     finally:
-        raw.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a", f"{stream}:snapshot:b")
+        raw.delete(stream, f"{stream}:resync", f"{{{stream}}}:snapshot:a",
+                   f"{{{stream}}}:snapshot:b")
 
 
 def test_a_forgotten_instances_unread_entries_are_skipped_on_a_real_server(
@@ -139,8 +141,8 @@ def test_a_forgotten_instances_unread_entries_are_skipped_on_a_real_server(
             # red team 30b: refused at the source (pub claims a), never offered
             assert (old.num_refused_snapshots, sub.tracker.num_other_incarnation) == (1, 0)
         finally:
-            pub._redis.delete(stream, f"{stream}:resync", f"{stream}:snapshot:a",
-                              f"{stream}:incarnation:a", f"{stream}:incarnation:b")
+            pub._redis.delete(stream, f"{stream}:resync", f"{{{stream}}}:snapshot:a",
+                              f"{{{stream}}}:incarnation:a", f"{{{stream}}}:incarnation:b")
 
 
 def test_a_publisher_deletes_only_its_own_snapshot_on_a_real_server(
@@ -152,7 +154,7 @@ def test_a_publisher_deletes_only_its_own_snapshot_on_a_real_server(
     for query in ("", "?protocol=3", "?decode_responses=true"):
         url = redis_servers.url + query
         stream = f"kvtier:test:{uuid.uuid4().hex}"
-        key = f"{stream}:snapshot:a"
+        key = f"{{{stream}}}:snapshot:a"
         old = RedisStreamPublisher(url, stream, incarnation='old "é"}')
         new = RedisStreamPublisher(url, stream, incarnation="new")
         raw = new._redis
@@ -176,4 +178,4 @@ def test_a_publisher_deletes_only_its_own_snapshot_on_a_real_server(
             assert (old.num_failed_batches, new.num_failed_batches) == (0, 0), query
             assert raw.xlen(stream) == 4 + 3, query  # red team 30b: 3 forgets' goodbyes
         finally:
-            raw.delete(stream, key, f"{stream}:incarnation:a")
+            raw.delete(stream, key, f"{{{stream}}}:incarnation:a")

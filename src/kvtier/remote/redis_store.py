@@ -327,11 +327,16 @@ class RedisRemoteStore(RemoteStoreBase):
     def read_values(self, keys: list[str]) -> list[bytes | None] | None:
         return self._read(keys, follow_moved=self.cluster)
 
-    def _read(self, keys: list[str], *, follow_moved: bool) -> list[bytes | None] | None:
+    def _read(self, keys: list[str], *, follow_moved: bool,
+              deadline_s: float | None = None) -> list[bytes | None] | None:
         """``read_values``; on a cluster the keys answered ASK are read on the node it
         named (``_follow_asks``), and with ``follow_moved`` those answered MOVED once more
-        after the slot map is read again (as ``_write`` writes them)."""
-        deadline_s = time.monotonic() + self.max_blocking_s
+        after the slot map is read again (as ``_write`` writes them). ``deadline_s``: the
+        batch's, of a MOVED redo (its pipelines never sent again); None: a batch of its
+        own, due within ``max_blocking_s``."""
+        redo = deadline_s is not None
+        if deadline_s is None:
+            deadline_s = time.monotonic() + self.max_blocking_s
         groups = self._by_server(keys)
         if groups is None:
             return None
@@ -358,7 +363,8 @@ class RedisRemoteStore(RemoteStoreBase):
             replies: list[Any] | None
             if self.cluster:
                 replies = self._run(server, [("GET", keys[i]) for i in chunk],
-                                    raise_on_error=False, read=read_get_replies)
+                                    raise_on_error=False, read=read_get_replies,
+                                    retry=not redo)
             else:
                 replies = self._attempt(partial(mget, [keys[i] for i in chunk]),
                                         server=server)
@@ -395,9 +401,10 @@ class RedisRemoteStore(RemoteStoreBase):
         self._follow_asks(redirects.asked, values, lambda i: ("GET", keys[i]), get_answer,
                           [block] * len(keys), deadline_s, scalars=False)
         if redirects.moved:
-            self._redo_moved(redirects.moved, values,
+            self._redo_moved(redirects.moved, values, deadline_s,
                              lambda idx: self._read([keys[i] for i in idx],
-                                                    follow_moved=False))
+                                                    follow_moved=False,
+                                                    deadline_s=deadline_s))
         return values
 
     def _read_chunks(self, read: Callable[[str, list[int]], Redirects],
@@ -506,11 +513,23 @@ class RedisRemoteStore(RemoteStoreBase):
                 self._take(chunk, replies[1::2] if asked else replies, answers, answer,
                            server, Redirects.none(), follow_moved=False, follow_ask=False)
 
-    def _redo_moved(self, moved: list[int], answers: list[Any],
+    def _redo_moved(self, moved: list[int], answers: list[Any], deadline_s: float,
                     redo: Callable[[list[int]], list[Any] | None]) -> bool:
         """The keys at ``moved`` (answered MOVED: their slot resharded) made again by
         ``redo`` once the cluster's slot map is read again, their new answers put in
-        ``answers``; False, changing nothing, where ``redo`` failed as a whole (None)."""
+        ``answers``; False, changing nothing, where ``redo`` failed as a whole (None). A
+        redo due once ``deadline_s`` (the batch's) has passed is not made: each key a miss
+        (or failed write), counted, True; one made spends what is left (its pipelines,
+        each due within ``timeout_s``, never sent again).
+
+        NOTE: the redo was a batch of its own, due within a fresh ``max_blocking_s``: a
+        batch whose slow node answered MOVED late took up to twice ``max_blocking_s``."""
+        if time.monotonic() >= deadline_s:
+            self.last_error = (
+                f"redis at {redact_url(self.url)}: {len(moved)} keys answered MOVED (their "
+                f"slot resharded) and the batch had no time left to ask again: they miss.")
+            self._count(num_errors=len(moved))
+            return True
         self._clients.reload_slots()
         again = redo(moved)
         if again is None:
@@ -538,8 +557,8 @@ class RedisRemoteStore(RemoteStoreBase):
     def write_values(self, pairs: list[tuple[str, bytes]]) -> list[bool] | None:
         return self._write(pairs, follow_moved=self.cluster)
 
-    def _write(self, pairs: list[tuple[str, bytes]], *,
-               follow_moved: bool) -> list[bool] | None:
+    def _write(self, pairs: list[tuple[str, bytes]], *, follow_moved: bool,
+               deadline_s: float | None = None) -> list[bool] | None:
         """``write_values``; on a cluster the keys answered ASK (a slot migrating: a new
         key goes to the target) are written on the node it named, and with
         ``follow_moved`` those answered MOVED once more after the slot map is read again.
@@ -547,8 +566,11 @@ class RedisRemoteStore(RemoteStoreBase):
         NOTE: a MOVED reply (a slot resharded to another node) was counted as a refusal and
         the slot map was never read again on writes: every later write of the slot's keys
         failed the same way, for as long as no read refreshed it. An ASK was counted as a
-        refusal too: the block was not written, and the tier wrote it again later."""
-        deadline_s = time.monotonic() + self.max_blocking_s
+        refusal too: the block was not written, and the tier wrote it again later.
+        ``deadline_s``: as ``_read``'s."""
+        redo = deadline_s is not None
+        if deadline_s is None:
+            deadline_s = time.monotonic() + self.max_blocking_s
         groups = self._by_server([k for k, _ in pairs])
         if groups is None:
             return None
@@ -560,7 +582,7 @@ class RedisRemoteStore(RemoteStoreBase):
             for part in self._chunks([sizes[i] for i in indices]):
                 chunk = indices[part]
                 replies = self._run(server, [("SET", *pairs[i], *ttl) for i in chunk],
-                                    raise_on_error=False)
+                                    raise_on_error=False, retry=not redo)
                 if replies is None or len(replies) != len(chunk):
                     continue
                 # e.g. OOM, noeviction, TRYAGAIN, CLUSTERDOWN: that key's
@@ -573,22 +595,27 @@ class RedisRemoteStore(RemoteStoreBase):
                           set_answer, sizes, deadline_s)
         moved = redirects.moved
         if moved and not self._redo_moved(
-                moved, results,
-                lambda idx: self._write([pairs[i] for i in idx], follow_moved=False)):
+                moved, results, deadline_s,
+                lambda idx: self._write([pairs[i] for i in idx], follow_moved=False,
+                                        deadline_s=deadline_s)):
             self._count(num_errors=len(moved))
         return results
 
     def has_keys(self, keys: list[str]) -> list[bool] | None:
         return self._has(keys, follow_moved=self.cluster)
 
-    def _has(self, keys: list[str], *, follow_moved: bool) -> list[bool] | None:
+    def _has(self, keys: list[str], *, follow_moved: bool,
+             deadline_s: float | None = None) -> list[bool] | None:
         """``has_keys``; on a cluster a redirect is its key's, as in ``_read``: a key
         answered ASK is asked on the node it named, one answered MOVED again once the slot
         map is read again (with ``follow_moved``); TRYAGAIN or CLUSTERDOWN, absent.
 
         NOTE: each failed the chunk, never retried: every key of it absent, and the node's
-        breaker counting it; then an ASK was absent alone, though the key was held."""
-        deadline_s = time.monotonic() + self.max_blocking_s
+        breaker counting it; then an ASK was absent alone, though the key was held.
+        ``deadline_s``: as ``_read``'s."""
+        redo = deadline_s is not None
+        if deadline_s is None:
+            deadline_s = time.monotonic() + self.max_blocking_s
         groups = self._by_server(keys)
         if groups is None:
             return None
@@ -598,7 +625,7 @@ class RedisRemoteStore(RemoteStoreBase):
             for part in self._chunks([1] * len(indices)):
                 chunk = indices[part]
                 got = self._run(server, [("EXISTS", keys[i]) for i in chunk],
-                                raise_on_error=not self.cluster)
+                                raise_on_error=not self.cluster, retry=not redo)
                 if got is None or len(got) != len(chunk):
                     continue
                 self._take(chunk, got, present, exists_answer, server, redirects,
@@ -609,9 +636,10 @@ class RedisRemoteStore(RemoteStoreBase):
         self._follow_asks(redirects.asked, present, lambda i: ("EXISTS", keys[i]),
                           exists_answer, [1] * len(keys), deadline_s)
         if redirects.moved:
-            self._redo_moved(redirects.moved, present,
+            self._redo_moved(redirects.moved, present, deadline_s,
                              lambda idx: self._has([keys[i] for i in idx],
-                                                   follow_moved=False))
+                                                   follow_moved=False,
+                                                   deadline_s=deadline_s))
         return present
 
     def _close_backend(self) -> None:
