@@ -171,27 +171,29 @@ def test_a_deleted_stream_is_a_resync_and_one_made_again_is_read(
 
 def test_a_publisher_and_a_subscriber_close_their_connections(
         redis_servers: RedisServers, stream: str) -> None:
-    """``close()`` (and a ``with`` block) gives the connection back to the server: its
-    client count falls to where it was; closing twice is harmless. Before, neither had a
-    ``close``: their sockets stayed open until collected (a ResourceWarning, an error under
-    this suite's warning filter, where the collector happened to run during a test)."""
+    """``close()`` (and a ``with`` block) gives the connection back to the server: the
+    server no longer lists either client's connection; closing twice is harmless. Before,
+    neither had a ``close``: their sockets stayed open until collected (a ResourceWarning,
+    an error under this suite's warning filter, where the collector happened to run during
+    a test). The server's own list is read by client id: other jobs share the server."""
     import redis
 
     admin = redis.Redis.from_url(redis_servers.url)
     try:
-        def clients() -> int:
-            return int(admin.info("clients")["connected_clients"])
+        def listed(ids: list[int]) -> int:
+            text = admin.execute_command("CLIENT", "LIST", "ID", *ids)
+            return len((text.decode() if isinstance(text, bytes) else text).splitlines())
 
-        before = clients()
         with RedisStreamPublisher(redis_servers.url, stream) as pub, \
                 RedisStreamSubscriber(redis_servers.url, stream) as sub:
             pub.publish("a", [BlockStored(0, 7, None, Tier.GPU, 4, None, (1, 2, 3, 4),
                                           None, None)])
             assert len(sub.poll()) == 1
-            assert clients() == before + 2
-        assert clients() == before
+            ids = [pub._redis.client_id(), sub._redis.client_id()]
+            assert listed(ids) == 2
+        assert listed(ids) == 0
         pub.close()
         sub.close()
-        assert clients() == before
+        assert listed(ids) == 0
     finally:
         admin.close()
