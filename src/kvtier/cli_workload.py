@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kvtier.cli_error import CLIError
+from kvtier.cli_output import probe_output
 from kvtier.config import CacheConfig
 from kvtier.reprs import shown
 from kvtier.sim import (
@@ -139,7 +140,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _unwritable(path: Path) -> str | None:
-    """Why ``path`` cannot be written as a new or replaced file, or None. Pure.
+    """Why ``path`` cannot be written as a new or replaced file, or None (a temporary
+    file made and removed to tell: :func:`probe_output`).
 
     NOTE: Path.is_dir raises what it does not take for "no" (a name too long, a parent
     that refuses search): an OSError, status 70; it is the answer here."""
@@ -153,4 +155,4 @@ def _unwritable(path: Path) -> str | None:
             return "permission denied"
     except OSError as exc:
         return exc.strerror or str(exc)
-    return None
+    return probe_output(path)
