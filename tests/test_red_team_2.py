@@ -221,8 +221,11 @@ def test_sampling_logits_with_nan_or_inf_takes_the_greedy_token(logits: list[flo
     ("temperature", 10**400, "temperature must be a finite number >= 0, got an int of 1329 bits"),
     # Taken, then Sampler() raised torch's 'Overflow when unpacking long long' (kvtier
     # generate --seed 10**23: that sentence, naming no option).
-    ("seed", 2**64, "seed must be an integer in -2**63..2**64-1 or None, got 18446744073709551616"),
-    ("seed", -(2**63) - 1, "seed must be an integer in -2**63..2**64-1 or None"),
+    ("seed", 2**64, "seed must be an integer in 0..2**32-1 or None, got 18446744073709551616"),
+    # Red team 32b: a negative seed wrapped (-1 drew what 2**32-1 drew), and torch keeps a
+    # seed's low 32 bits (2**32 drew what 0 drew).
+    ("seed", 2**32, "seed must be an integer in 0..2**32-1 or None, got 4294967296"),
+    ("seed", -1, "seed must be an integer in 0..2**32-1 or None, got -1"),
 ])
 def test_sampling_params_refuse_what_a_sampler_cannot_use(field: str, value: object,
                                                           message: str) -> None:

@@ -93,9 +93,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="0 is greedy (default); above, sampled")
     p.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=1.0, metavar="P",
                    help="nucleus sampling mass in (0, 1] (default: 1)")
-    # The seeds torch's generator takes (``SamplingParams``).
-    p.add_argument("--seed", type=int_in(-(2**63), 2**64 - 1), default=0,
-                   help="sampling seed (default: 0)")
+    # The seeds torch's generator takes (``SamplingParams``; no torch import here).
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
+                   help="sampling seed in 0..2**32-1 (default: 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop an answer at this text (repeatable)")
     p.add_argument("--tokens-per-block", type=power_of_two_in(1, MAX_TOKENS_PER_BLOCK), default=16,

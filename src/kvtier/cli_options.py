@@ -23,6 +23,7 @@ from kvtier.scheduler_config import MAX_SPECULATIVE_TOKENS
 from kvtier.sim import PROFILES
 from kvtier.sim.hash_trace import HASH_BLOCK_SIZES
 from kvtier.sim.replay import DRAFT_ACCEPTANCE
+from kvtier.sim.trace_file import format_suffix
 from kvtier.sim.workload import MAX_TIME_SCALE
 
 _CACHE = CacheConfig()
@@ -248,7 +249,7 @@ def _check_workload_options(trace: Path | None, workload: str | None, seed: int 
                        "given too; replay one of them")
     if seed is None:
         return
-    if trace is not None and trace.suffix.lower() == ".jsonl":
+    if trace is not None and format_suffix(trace) == ".jsonl":
         raise CLIError("--seed draws the built-in workloads and an Azure trace's prefixes; a "
                        ".jsonl trace (Mooncake, Bailian) has its own")
     if trace is None and workload == "race":

@@ -196,6 +196,47 @@ def output_file(path: Path) -> Iterator[Path]:
         raise
 
 
+def probe_output(path: Path) -> str | None:
+    """Why :func:`output_file` could not write ``path``, found by doing what it will do
+    short of writing content, or None: a temporary file made (and removed) beside a file
+    it replaces; else ``path`` opened for writing, without truncating it, and written zero
+    bytes (what a device or a /proc file refuses, as /dev/full and /proc/version do). A
+    FIFO without a reader yet passes (its reader may come when the report does).
+
+    NOTE: the check looked at permission bits only: ``--json /dev/full`` or
+    ``/proc/version`` passed it and failed after the whole run."""
+    if _replaceable(path):
+        real = Path(os.path.realpath(path))
+        try:
+            fd, name = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.",
+                                        suffix=".probe")
+        except OSError:
+            pass  # output_file writes in place, then: probe that
+        else:
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(name)
+            return None
+    created = not os.path.lexists(path)
+    flags = os.O_WRONLY | os.O_NONBLOCK | (os.O_CREAT | os.O_EXCL if created else 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO and not created:  # a FIFO no one reads yet
+            return None
+        return exc.strerror or str(exc)
+    try:
+        os.write(fd, b"")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+        if created:
+            with suppress(OSError):
+                os.unlink(path)
+    return None
+
+
 def _replaceable(path: Path) -> bool:
     """Whether ``path`` names a plain file (or none yet) that :func:`output_file` may
     replace by a renamed one. Pure."""

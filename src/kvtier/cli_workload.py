@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kvtier.cli_error import CLIError
+from kvtier.cli_output import probe_output
 from kvtier.config import CacheConfig
 from kvtier.reprs import shown
 from kvtier.sim import (
@@ -20,6 +21,7 @@ from kvtier.sim import (
     TraceFormatError,
     Workload,
 )
+from kvtier.sim.trace_file import format_suffix
 
 WORKLOADS = ("synthetic-chat", "agentic", "mixed", "race")
 TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}  # --trace-time-unit: seconds per unit
@@ -28,7 +30,8 @@ TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}  # --trace-time-unit: seconds pe
 def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | None,
                   cache: CacheConfig, max_num_tokens: int, block_tokens: int | None = None,
                   time_unit: str | None = None, chunked_prefill: bool = True) -> Workload:
-    """The trace at ``trace`` (``.jsonl`` block hash ids, ``.csv`` Azure or BurstGPT), else the
+    """The trace at ``trace`` (``.jsonl`` block hash ids, ``.csv`` Azure or BurstGPT; either
+    gzipped, ``.gz`` after it or not), else the
     built-in ``workload``; ``block_tokens`` and ``time_unit`` (a key of ``TIME_UNITS``)
     read a ``.jsonl`` trace whose blocks or clock are not its format's; the race is sized
     for a scheduler with or without ``chunked_prefill``. Raises
@@ -36,7 +39,7 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
     empty ``.jsonl`` and an empty ``.csv`` alike: no requests), or for those options
     without a ``.jsonl`` trace."""
     if (block_tokens is not None or time_unit is not None) and (
-            trace is None or trace.suffix.lower() != ".jsonl"):
+            trace is None or format_suffix(trace) != ".jsonl"):
         given = "--trace-block-tokens" if block_tokens is not None else "--trace-time-unit"
         raise CLIError(f"{given} applies to a .jsonl trace only, got "
                        f"{'no TRACE' if trace is None else repr(str(trace))}")
@@ -65,7 +68,7 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
             # NOTE: the first ``limit`` of its requests, as for a trace: a larger limit would
             # make the workload that many requests (10**20: a run that never ends).
             return replace(built_in, num_requests=min(limit, built_in.num_requests))
-        suffix = trace.suffix.lower()
+        suffix = format_suffix(trace)
         opened: MooncakeTrace | AzureTrace
         if suffix == ".jsonl":
             opened = MooncakeTrace(trace, tokens_per_block=cache.tokens_per_block, limit=limit,
@@ -75,7 +78,8 @@ def open_workload(trace: Path | None, workload: str, *, seed: int, limit: int | 
             opened = AzureTrace(trace, seed=seed, limit=limit)
         else:
             raise CLIError(f"TRACE must be a .jsonl (Mooncake, Bailian) or .csv (Azure, "
-                           f"BurstGPT) file, got {shown(str(trace))}")
+                           f"BurstGPT) file, got {shown(str(trace))} (gzipped: .jsonl.gz, "
+                           ".csv.gz)")
     except TraceFormatError as exc:
         raise CLIError(f"malformed trace: {exc}") from None
     except OSError as exc:
@@ -136,7 +140,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _unwritable(path: Path) -> str | None:
-    """Why ``path`` cannot be written as a new or replaced file, or None. Pure.
+    """Why ``path`` cannot be written as a new or replaced file, or None (a temporary
+    file made and removed to tell: :func:`probe_output`).
 
     NOTE: Path.is_dir raises what it does not take for "no" (a name too long, a parent
     that refuses search): an OSError, status 70; it is the answer here."""
@@ -150,4 +155,4 @@ def _unwritable(path: Path) -> str | None:
             return "permission denied"
     except OSError as exc:
         return exc.strerror or str(exc)
-    return None
+    return probe_output(path)

@@ -104,10 +104,23 @@ def _expected(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
                 yield f"{p}mlp.{name}_proj.bias", (out,)
 
 
+def tensor_name(name: str, file_name: Callable[[str], str] | None) -> str:
+    """Tensor ``name`` (Hugging Face's) as a message shows it: as the file names it
+    (``file_name`` of it, where the file has names of its own), Hugging Face's after it.
+    Pure.
+
+    NOTE: a GGUF file's tensor was named by Hugging Face's name
+    ('model.layers.1.input_layernorm.weight'), which the file holds nowhere
+    ('blk.1.attn_norm.weight')."""
+    own = name if file_name is None else file_name(name)
+    return shown(own) if own == name else f"{shown(own)} (Hugging Face: {name})"
+
+
 def check_tensors(config: ModelConfig, tensors: Mapping[str, TensorEntry],
-                  origin: str) -> None:
+                  origin: str, file_name: Callable[[str], str] | None = None) -> None:
     """Raise CheckpointError naming the first tensor of ``tensors`` (from ``origin``) that
-    ``config`` lacks, has with another shape, or does not know. Pure.
+    ``config`` lacks, has with another shape, or does not know (as ``file_name`` names it:
+    :func:`tensor_name`). Pure.
 
     NOTE: the names the config needs are walked only as far as the checkpoint has them: a
     header claiming a billion layers (a GGUF's block_count, a config's num_hidden_layers)
@@ -117,9 +130,10 @@ def check_tensors(config: ModelConfig, tensors: Mapping[str, TensorEntry],
     for name, shape in _expected(config):
         entry = tensors.get(name)
         if entry is None:
-            raise CheckpointError(f"{origin} has no tensor {shown(name)} (shape {list(shape)})")
+            raise CheckpointError(f"{origin} has no tensor {tensor_name(name, file_name)} "
+                                  f"(shape {list(shape)})")
         if tuple(entry.shape) != shape:
-            raise CheckpointError(f"tensor {shown(name)} of {origin} has shape "
+            raise CheckpointError(f"tensor {tensor_name(name, file_name)} of {origin} has shape "
                                   f"{list(entry.shape)}, "
                                   f"the config needs {list(shape)}")
         want[name] = shape
@@ -128,30 +142,34 @@ def check_tensors(config: ModelConfig, tensors: Mapping[str, TensorEntry],
         known = name in want or name.endswith(_IGNORED_SUFFIXES) or (
             name == "lm_head.weight" and config.tie_word_embeddings)
         if not known:
-            raise CheckpointError(f"{origin} has a tensor {shown(name)} that the config "
+            raise CheckpointError(f"{origin} has a tensor {tensor_name(name, file_name)} that "
+                                  "the config "
                                   f"(a {config.num_layers}-layer Llama-style decoder) does not "
                                   "use")
 
 
 def build_model(config: ModelConfig, tensors: Mapping[str, TensorEntry], origin: str,
                 device: str | torch.device = "cpu",
-                rope_freq_factors: torch.Tensor | None = None) -> LlamaModel:
+                rope_freq_factors: torch.Tensor | None = None,
+                file_name: Callable[[str], str] | None = None) -> LlamaModel:
     """A model of ``config`` holding the checkpoint's tensors, each read once, cast to the
     config's dtype and moved to ``device`` as it is read (so at most one tensor is held
-    twice). Checks every name and shape first."""
-    check_tensors(config, tensors, origin)
+    twice). Checks every name and shape first. Errors name a tensor as ``file_name`` has
+    it (:func:`tensor_name`)."""
+    check_tensors(config, tensors, origin, file_name)
     dtype = getattr(torch, config.dtype)
 
     def read(name: str) -> torch.Tensor:
+        shown_name = tensor_name(name, file_name)
         try:
             tensor = tensors[name].load()
         except Exception as exc:  # the readers' own errors: a shard changed since it was opened
-            raise CheckpointError(f"tensor {shown(name)} of {origin} cannot be read "
+            raise CheckpointError(f"tensor {shown_name} of {origin} cannot be read "
                                   f"({type(exc).__name__}: {str(exc)[:200]})") from None
         # NOTE: a cast would take anything: int8 weights (quantized, their scales elsewhere)
         # as small whole numbers, bools as 1.0, complex numbers without their imaginary part.
         if not tensor.is_floating_point():
-            raise CheckpointError(f"tensor {shown(name)} of {origin} holds {tensor.dtype}, not "
+            raise CheckpointError(f"tensor {shown_name} of {origin} holds {tensor.dtype}, not "
                                   "floating-point numbers")
         out = tensor.to(device=device, dtype=dtype)
         # NOTE: one NaN weight makes every logit NaN, silently (the sampler then falls back
@@ -159,7 +177,7 @@ def build_model(config: ModelConfig, tensors: Mapping[str, TensorEntry], origin:
         if not bool(torch.isfinite(out).all()):
             why = ("NaN or infinite values" if not bool(torch.isfinite(tensor).all())
                    else f"values past the range of {config.dtype}")
-            raise CheckpointError(f"tensor {shown(name)} of {origin} holds {why}")
+            raise CheckpointError(f"tensor {shown_name} of {origin} holds {why}")
         return out
 
     def proj(name: str) -> torch.Tensor:

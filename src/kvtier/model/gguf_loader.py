@@ -168,6 +168,23 @@ def hf_name(gguf_name: str) -> str:
     return gguf_name
 
 
+_HF_LAYER_NAMES = {hf: own for own, hf in _LAYER_NAMES.items()}
+_HF_GLOBAL_NAMES = {hf: own for own, hf in _GLOBAL_NAMES.items()}
+
+
+def gguf_name(hf: str) -> str:
+    """The GGUF name of a Hugging Face tensor name, :func:`hf_name` undone (other names
+    are kept). Pure."""
+    if hf in _HF_GLOBAL_NAMES:
+        return _HF_GLOBAL_NAMES[hf]
+    parts = hf.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"]:
+        module = ".".join(parts[3:-1])
+        if module in _HF_LAYER_NAMES:
+            return f"blk.{parts[2]}.{_HF_LAYER_NAMES[module]}.{parts[-1]}"
+    return hf
+
+
 def config_from_gguf(reader: Any, origin: str, dtype: str = "float32") -> ModelConfig:
     """The :class:`ModelConfig` in a GGUF file's metadata. CheckpointError naming the key
     if one is missing or unsupported."""
@@ -278,9 +295,9 @@ def load_gguf_model(path: Path, dtype: str = "float32",
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     check_tensor_data(reader, origin)
     tensors = gguf_tensors(reader, config, arch)
-    check_tensors(config, tensors, origin)
+    check_tensors(config, tensors, origin, gguf_name)
     factors = None if freqs is None else rope_freq_factors(freqs, config, origin)
-    return build_model(config, tensors, origin, device, factors)
+    return build_model(config, tensors, origin, device, factors, gguf_name)
 
 
 def check_tensor_data(reader: Any, origin: str) -> None:

@@ -11,6 +11,11 @@ import torch
 from kvtier.reprs import shown
 from kvtier.sequence import is_finite_number, short_repr
 
+# The seeds that draw distinct streams: torch's CPU generator (mt19937) takes a 64-bit seed
+# but keeps its low 32 bits (2**32 draws what 0 draws), as NumPy's RandomState takes
+# 0..2**32-1 only.
+MAX_SEED = 2**32 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -18,7 +23,8 @@ class SamplingParams:
 
     ``temperature`` 0 is greedy (argmax); above 0, tokens are drawn from the softmax of
     ``logits / temperature`` cut to the smallest set whose probability reaches ``top_p``,
-    with a generator seeded by ``seed`` (``None``: 0), so a seeded run repeats exactly.
+    with a generator seeded by ``seed`` (0..2**32-1, each its own stream; ``None``: 0), so a
+    seeded run repeats exactly.
     A request stops after ``max_new_tokens``, at a token of ``stop_token_ids`` (kept in the
     output), or once its text contains one of ``stop`` (checked by the caller, who has
     the tokenizer)."""
@@ -43,10 +49,12 @@ class SamplingParams:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {shown(p)}")
         seed = self.seed
-        # The seeds torch's generator takes: past them Sampler() raised torch's 'Overflow
-        # when unpacking long long', which names no field.
-        if seed is not None and (type(seed) is not int or not -(2**63) <= seed < 2**64):
-            raise ValueError(f"seed must be an integer in -2**63..2**64-1 or None, got "
+        # NOTE: -2**63..2**64-1 was taken, and torch kept the low 32 bits of it: seed -1
+        # drew what 2**64-1 and 2**32-1 drew, -2**63 and 2**32 what 0 drew. Each seed
+        # of 0..MAX_SEED draws its own stream (past 2**64, Sampler() raised torch's
+        # 'Overflow when unpacking long long', naming no field).
+        if seed is not None and (type(seed) is not int or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in 0..2**32-1 or None, got "
                              f"{short_repr(seed)}")
         if not isinstance(self.stop_token_ids, frozenset) or any(
                 type(i) is not int or i < 0 for i in self.stop_token_ids):

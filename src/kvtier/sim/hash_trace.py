@@ -22,7 +22,8 @@ from kvtier.sim.trace_file import (
     TraceFormatError,
     TraceRecords,
     check_limit,
-    check_regular_file,
+    open_trace,
+    read_line,
     trace_path,
 )
 from kvtier.sim.workload import (
@@ -278,11 +279,14 @@ class MooncakeTrace(TraceRecords[_MooncakeRecord]):
         max_line = 0
         fmt = self.format
         block, ticks_per_s = self.block_tokens, fmt.ticks_per_s
-        check_regular_file(self.path)
-        with self.path.open("rb") as f:
-            lines = iter(lambda: f.readline(MAX_LINE_BYTES + 1), b"")
-            for line_number, raw in enumerate(lines, start=1):
+        with open_trace(self.path) as f:
+            line_number = 0
+            while True:
                 if self.limit is not None and len(records) >= self.limit:
+                    break
+                line_number += 1
+                raw = cast(bytes, read_line(f, self.path, line_number, MAX_LINE_BYTES + 1))
+                if not raw:
                     break
                 if len(raw) > MAX_LINE_BYTES:
                     raise TraceFormatError(self.path, line_number, "<text>",

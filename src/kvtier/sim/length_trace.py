@@ -8,6 +8,7 @@ lazily, one request at a time, when iterated.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -23,7 +24,7 @@ from kvtier.sim.trace_file import (
     TraceFormatError,
     TraceRecords,
     check_limit,
-    check_regular_file,
+    open_trace,
     trace_path,
 )
 from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
@@ -187,11 +188,12 @@ class AzureTrace(TraceRecords[_AzureRecord]):
         (bytes, text, the reader's copy) even with --limit, and a line of gigabytes without
         a newline was read whole. A line longer than :data:`MAX_LINE_BYTES` is refused
         unread."""
-        check_regular_file(self.path)
         lines = CheckedLines()
         # A byte order mark (Windows tools write one) is skipped; bytes that are not UTF-8
         # come through as lone surrogates, for CheckedLines to name their line.
-        with self.path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        with open_trace(self.path) as raw:
+            f = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
+                                 newline="")
             reader = csv.reader(lines.of(f, self.path))
             try:
                 return self._parse_rows(reader)

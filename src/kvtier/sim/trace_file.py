@@ -1,16 +1,18 @@
 """What every trace reader shares: the error that names file, line and field, the
-checks on a file and its lines before a row is parsed, and the file's name and length
-(``TraceRecords``)."""
+checks on a file and its lines before a row is parsed, the file opened (a gzip file
+decompressed as it is read), and the file's name and length (``TraceRecords``)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import io
+import gzip
 import re
 import stat
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import IO, Any, BinaryIO, Generic, TypeVar, cast
 
 from kvtier.reprs import shown
 
@@ -22,6 +24,49 @@ MAX_LINE_BYTES = 1 << 22
 
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape made of a byte
 
+GZIP_MAGIC = b"\x1f\x8b"  # how a gzip file begins, whatever its name
+# What reading a damaged gzip file raises: EOFError (truncated), zlib.error (corrupt
+# data), BadGzipFile (a bad header or CRC).
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+@contextlib.contextmanager
+def open_trace(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading bytes; a gzip file (told by its first two bytes, not by
+    its name) decompressed as it is read, never whole. OSError (``strerror`` saying why)
+    for what cannot be opened or is no regular file.
+
+    NOTE: a ``.jsonl.gz`` was refused by its suffix and its bytes as "not UTF-8", where
+    public traces ship compressed."""
+    check_regular_file(path)
+    with path.open("rb") as f:
+        if f.peek(len(GZIP_MAGIC))[:len(GZIP_MAGIC)] == GZIP_MAGIC:
+            with gzip.GzipFile(fileobj=f, mode="rb") as unzipped:
+                yield cast(BinaryIO, unzipped)
+        else:
+            yield f
+
+
+def read_line(f: IO[Any], path: Path, line_number: int, size: int) -> bytes | str:
+    """``f.readline(size)``; a damaged gzip file's error as a :class:`TraceFormatError`
+    naming ``path`` and ``line_number`` (the line being read when its data ended)."""
+    try:
+        line: bytes | str = f.readline(size)
+        return line
+    except _GZIP_ERRORS as exc:
+        raise TraceFormatError(path, line_number, "<gzip>",
+                               f"the compressed data is truncated or corrupt ({exc}): a "
+                               "damaged .gz file") from None
+
+
+def format_suffix(path: Path) -> str:
+    """The suffix that names ``path``'s format, lower case, a trailing ``.gz`` passed over
+    (``trace.jsonl.gz``: ``.jsonl``). Pure."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return Path(name).suffix
+
 
 class CheckedLines:
     """A text file's lines, each checked: at most :data:`MAX_LINE_BYTES` characters
@@ -30,8 +75,8 @@ class CheckedLines:
     def __init__(self) -> None:
         self.num_read = 0
 
-    def of(self, f: io.TextIOBase, path: Path) -> Iterator[str]:
-        for line in iter(lambda: f.readline(MAX_LINE_BYTES + 1), ""):
+    def of(self, f: IO[str], path: Path) -> Iterator[str]:
+        while line := cast(str, read_line(f, path, self.num_read + 1, MAX_LINE_BYTES + 1)):
             self.num_read += 1
             if len(line) > MAX_LINE_BYTES:
                 raise TraceFormatError(path, self.num_read, "<text>",
@@ -97,8 +142,9 @@ class TraceRecords(Generic[R]):
 
     @property
     def name(self) -> str:
-        """The file name without its suffix."""
-        return self.path.stem
+        """The file name without its suffix (nor a ``.gz`` after it)."""
+        name = self.path.name
+        return Path(name[:-3] if name.lower().endswith(".gz") else name).stem
 
     def __len__(self) -> int:
         return len(self._records)

@@ -119,10 +119,15 @@ class EngineLayout:
 
     def namespace(self, tenant: str | None = None) -> RemoteNamespace:
         """The remote namespace of this engine's pages; ``tenant`` scopes it further (two
-        tenants never share blocks). Pure. ValueError naming ``tenant`` unless a str or
-        None."""
+        tenants never share blocks). Pure. ValueError naming ``tenant`` unless a non-empty
+        str or None.
+
+        NOTE: "" was taken: an empty namespace part, a tenant no one meant (a template's
+        unset variable), scoped apart from the engine's unscoped blocks without a word."""
         if tenant is not None and not isinstance(tenant, str):
             raise ValueError(f"tenant must be a str or None, got {shown(tenant):.80}")
+        if tenant == "":
+            raise ValueError("tenant must be a non-empty str (or None for no tenant), got ''")
         layout = KVLayout(num_layers=1, num_kv_heads=1,
                           head_dim=self.page_bytes // _BYTES_PER_LANE, tokens_per_block=1,
                           dtype=_PAGE_DTYPE)
