@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from remote_helpers import RedisServers
@@ -180,16 +181,15 @@ def test_a_publisher_and_a_subscriber_close_their_connections(
 
     admin = redis.Redis.from_url(redis_servers.url)
     try:
-        def listed(ids: list[int]) -> int:
-            text = admin.execute_command("CLIENT", "LIST", "ID", *ids)
-            return len((text.decode() if isinstance(text, bytes) else text).splitlines())
+        def listed(ids: list[Any]) -> int:
+            return len(admin.client_list(client_id=ids))
 
         with RedisStreamPublisher(redis_servers.url, stream) as pub, \
                 RedisStreamSubscriber(redis_servers.url, stream) as sub:
             pub.publish("a", [BlockStored(0, 7, None, Tier.GPU, 4, None, (1, 2, 3, 4),
                                           None, None)])
             assert len(sub.poll()) == 1
-            ids = [pub._redis.client_id(), sub._redis.client_id()]
+            ids: list[Any] = [pub._redis.client_id(), sub._redis.client_id()]
             assert listed(ids) == 2
         assert listed(ids) == 0
         pub.close()
