@@ -1,0 +1,105 @@
+"""Red team 31d, the core's edges: the public calls test_api_garbage never fed garbage
+(``drop_key_space``, ``drop_lora``, ``drop_salt``, ``admitted_reuse``, the step calls out of
+order, the scheduler's ``hold``, ``release``, ``abort`` and ``reset_prefix_cache``), each
+refused with an error naming the argument or its value and changing nothing: the books, the
+lookups, the tables, the plan taken after."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from bad_input_helpers import make_manager, snapshot
+from kvtier import KVCacheManager, Request, Scheduler, SchedulerConfig
+
+REFUSED = (ValueError, TypeError, KeyError, RuntimeError)
+
+# (call, a fragment its error must hold): the argument's name or the value as shown.
+MANAGER_GARBAGE: list[tuple[str, Callable[[KVCacheManager], object], str]] = [
+    ("drop_key_space salt bool", lambda m: m.drop_key_space(salt=True), "salt"),
+    ("drop_key_space salt float", lambda m: m.drop_key_space(salt=1.5),  # type: ignore[arg-type]
+     "salt"),
+    ("drop_key_space salt list", lambda m: m.drop_key_space(salt=[1]),  # type: ignore[arg-type]
+     "salt"),
+    ("drop_key_space lora numpy", lambda m: m.drop_key_space(lora_id=np.int64(3)), "lora_id"),
+    ("drop_key_space lora negative", lambda m: m.drop_key_space(lora_id=-1), "lora_id"),
+    ("drop_key_space lora huge", lambda m: m.drop_key_space(lora_id=2**63), "lora_id"),
+    ("drop_lora None", lambda m: m.drop_lora(None), "lora_id"),  # type: ignore[arg-type]
+    ("drop_lora bool", lambda m: m.drop_lora(True), "lora_id"),
+    ("drop_lora str", lambda m: m.drop_lora("3"), "lora_id"),  # type: ignore[arg-type]
+    ("drop_salt None", lambda m: m.drop_salt(None), "salt"),  # type: ignore[arg-type]
+    ("drop_salt nan", lambda m: m.drop_salt(float("nan")), "salt"),  # type: ignore[arg-type]
+    ("drop_salt huge int", lambda m: m.drop_salt(2**200), "salt"),
+    ("admitted_reuse unknown", lambda m: m.admitted_reuse("nobody"), "nobody"),
+    ("admitted_reuse numpy str", lambda m: m.admitted_reuse(np.str_("live")), "live"),
+    ("end_step unopened", lambda m: m.end_step(), "begin_step"),
+    ("reserve_lookahead chunked", lambda m: m.reserve_lookahead("chunked", 3), "chunked"),
+    ("reserve_lookahead numpy", lambda m: m.reserve_lookahead("live", np.int64(3)),
+     "num_tokens"),
+    ("reserve_lookahead negative", lambda m: m.reserve_lookahead("live", -1), "num_tokens"),
+    ("compute_failed a str", lambda m: m.compute_failed("live"), "request_ids"),
+    ("compute_failed unknown", lambda m: m.compute_failed(["live", "nobody"]), "nobody"),
+    ("transfer_failed bool index", lambda m: m.transfer_failed(m.take_plan(), [True]),
+     "bool"),
+    ("remove numpy bool",
+     lambda m: m.remove_sequence("live", np.bool_(True)),  # type: ignore[arg-type]
+     "store_for_reuse"),
+]
+
+
+@pytest.mark.parametrize(("label", "call", "named"), MANAGER_GARBAGE,
+                         ids=[g[0] for g in MANAGER_GARBAGE])
+def test_manager_calls_refuse_garbage_naming_it_and_changing_nothing(
+        label: str, call: Callable[[KVCacheManager], object], named: str) -> None:
+    """Refused, the error naming the argument or its value; no book, lookup, table or
+    copy changed."""
+    mgr = make_manager()
+    before = snapshot(mgr)
+    with pytest.raises(REFUSED) as info:
+        call(mgr)
+    assert named in str(info.value), (label, info.value)
+    assert snapshot(mgr) == before, label
+
+
+def make_scheduler() -> tuple[KVCacheManager, Scheduler]:
+    """A scheduler between steps: ``a`` decoding, ``b`` waiting."""
+    mgr = make_manager()
+    sched = Scheduler(mgr, SchedulerConfig(max_num_tokens=16))
+    sched.add_request(Request("a", [1, 2, 3, 4, 5], 4))
+    sched.update(sched.step(), {"a": 7})
+    sched.add_request(Request("b", [2, 2, 2, 2, 2, 2], 4))
+    return mgr, sched
+
+
+SCHEDULER_GARBAGE: list[tuple[str, Callable[[Scheduler], object], str]] = [
+    ("hold int", lambda s: s.hold(3), "request_id"),  # type: ignore[arg-type]
+    ("hold None", lambda s: s.hold(None), "request_id"),  # type: ignore[arg-type]
+    ("release bytes", lambda s: s.release(b"b"), "request_id"),  # type: ignore[arg-type]
+    ("abort list", lambda s: s.abort(["b"]), "request_id"),  # type: ignore[arg-type]
+    ("reset_prefix_cache int", lambda s: s.reset_prefix_cache(1),  # type: ignore[arg-type]
+     "reset_running_requests"),
+    ("reset_prefix_cache None", lambda s: s.reset_prefix_cache(None),  # type: ignore[arg-type]
+     "reset_running_requests"),
+]
+
+
+@pytest.mark.parametrize(("label", "call", "named"), SCHEDULER_GARBAGE,
+                         ids=[g[0] for g in SCHEDULER_GARBAGE])
+def test_scheduler_calls_refuse_garbage_naming_it_and_changing_nothing(
+        label: str, call: Callable[[Scheduler], object], named: str) -> None:
+    """Refused naming the argument; the queues and the manager as they were, and the next
+    step the one an untouched scheduler takes."""
+    mgr, sched = make_scheduler()
+    twin_mgr, twin = make_scheduler()
+    before = snapshot(mgr)
+    with pytest.raises(REFUSED) as info:
+        call(sched)
+    assert named in str(info.value), (label, info.value)
+    assert snapshot(mgr) == before, label
+    assert [r.request_id for r in sched.waiting] == ["b"] and list(sched.running) == ["a"]
+    step, twin_step = sched.step(), twin.step()
+    assert step.context_chunks == twin_step.context_chunks
+    assert step.decode_request_ids == twin_step.decode_request_ids
+    assert snapshot(mgr) == snapshot(twin_mgr)
