@@ -8,6 +8,7 @@ base machine holds after every step."""
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from unittest import mock
 
@@ -15,13 +16,15 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, precondition, rule, run_state_machine_as_test
 
-from kvtier import KVCacheManager, SequenceSpec, Tier
+from kvtier import KVCacheManager, Retention, RetentionRange, SequenceSpec, Tier
 from kvtier.config import EVICTION_POLICIES
 from plan_caller import PlanCaller
 from test_manager_model import (
     ALPHABET,
     GARBAGE,
     NAMESPACES,
+    PRIORITIES,
+    RETENTIONS,
     ManagerModel,
     PhysicalMemory,
     cached_blocks,
@@ -250,6 +253,56 @@ class ManagerModel31d(ManagerModel):
         assert self.mgr.version == version
         assert [self.mgr.lookup(t, salt=s, lora_id=lo) for t, s, lo in probes] == lookups
         self.hinted = specs
+
+
+    @precondition(lambda self: len(self.requests) < 5
+                  and self.num_live_blocks() <= self.config.num_gpu_blocks // 2)
+    @rule(data=st.data())
+    def admit_with_retention(self, data: st.DataObject) -> None:
+        """A request whose token ranges carry priorities and retentions of their own (and
+        its decoded blocks another): its blocks are cut where they change."""
+        tpb = self.tpb
+        max_len = min(24, max(self.config.num_gpu_blocks // 2, 2) * tpb)
+        tokens, salt, lora_id = self.draw_prompt(data, max_len)
+        edges = sorted(set(data.draw(st.lists(st.integers(0, len(tokens)), max_size=4))))
+        ranges = [RetentionRange(a, b if b < len(tokens) or data.draw(st.booleans())
+                                 else None, data.draw(st.sampled_from(PRIORITIES[1:])),
+                                 data.draw(st.sampled_from(RETENTIONS)))
+                  for a, b in itertools.pairwise(edges)]
+        decode = data.draw(st.sampled_from([None, 0, 50, 100]))
+        retention = Retention(
+            tuple(ranges), decode_priority=decode,
+            decode_retention_s=None if decode is None else data.draw(
+                st.sampled_from(RETENTIONS)))
+        spec = SequenceSpec(f"r{self.num_ids}", tokens, salt=salt, lora_id=lora_id,
+                            priority=data.draw(st.sampled_from(PRIORITIES)),
+                            retention=retention,
+                            num_new_tokens=data.draw(st.one_of(
+                                st.none(), st.integers(1, len(tokens)))))
+        self.num_ids += 1
+        self.arm_failures(data)
+        self.admit([spec])
+        if spec.request_id in self.requests:
+            self.history.append((list(tokens), salt, lora_id))
+
+    @precondition(lambda self: self.config.num_host_blocks > 0)
+    @rule(data=st.data())
+    def import_from_remote(self, data: st.DataObject) -> None:
+        """Blocks fetched from elsewhere cached as host blocks (the caller writes their
+        slots at once): a later lookup counts them, admission onboards them."""
+        tokens, salt, lora_id = self.draw_prompt(data, 24)
+        num_blocks = data.draw(st.integers(0, 4))
+        before = {(b.content, b.tier, b.slot) for b in cached_blocks(self.mgr)}
+        slots = self.mgr.import_blocks(tokens, num_blocks, salt=salt, lora_id=lora_id)
+        assert len(slots) <= num_blocks
+        new = [b for b in cached_blocks(self.mgr) if (b.content, b.tier, b.slot) not in before]
+        assert sorted(b.slot for b in new) == sorted(slots), (new, slots)
+        host = self.memory.slots[Tier.HOST]
+        for b in new:
+            assert b.tier is Tier.HOST and b.content[:2] == (salt, lora_id), b
+            assert list(b.content[2]) == tokens[: len(b.content[2])], (b, tokens)
+            host[b.slot] = b.content
+            self.stored.add(b.content)
 
 
 def test_red_team_31d_machine() -> None:
