@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from bad_input_helpers import make_manager, snapshot
-from kvtier import KVCacheManager, Request, Scheduler, SchedulerConfig
+from kvtier import (
+    CacheConfig,
+    KVCacheManager,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+    SequenceSpec,
+)
 
 REFUSED = (ValueError, TypeError, KeyError, RuntimeError)
 
@@ -103,3 +110,78 @@ def test_scheduler_calls_refuse_garbage_naming_it_and_changing_nothing(
     assert step.context_chunks == twin_step.context_chunks
     assert step.decode_request_ids == twin_step.decode_request_ids
     assert snapshot(mgr) == snapshot(twin_mgr)
+
+
+# ---- scenarios: exact block ids and reuse --------------------------------------------------
+
+def make_small() -> KVCacheManager:
+    return KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=6), clock=lambda: 0.0)
+
+
+def cached(mgr: KVCacheManager) -> list[tuple[int, tuple[int, ...]]]:
+    return [(b.slot, b.tokens) for b in mgr.cached_blocks()]
+
+
+def test_draft_slots_are_cached_only_as_accepted_tokens_fill_them() -> None:
+    """Lookahead blocks hold drafts' KV: a block is stored only once accepted tokens fill
+    it; the block no accepted token filled is freed with the request.
+
+    ::
+
+        tokens  |1 2 3 4|5 . . .|. . . .|     reserve_lookahead(a, 6): block 2 added
+        table   [ 0     ][ 1     ][ 2     ]
+        append 6 7  -> nothing new stored; append 8 -> block 1 (5 6 7 8) stored
+    """
+    mgr = make_small()
+    assert mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5])).block_ids == (0, 1)
+    assert mgr.reserve_lookahead("a", 6) == [2] and mgr.block_table("a") == [0, 1, 2]
+    assert mgr.append_tokens("a", [6, 7]) == []
+    assert cached(mgr) == [(0, (1, 2, 3, 4))]
+    assert mgr.append_tokens("a", [8]) == []
+    assert cached(mgr) == [(0, (1, 2, 3, 4)), (1, (5, 6, 7, 8))]
+    assert mgr.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9]).num_gpu_tokens == 8
+    mgr.remove_sequence("a")
+    assert mgr.num_free_gpu_blocks == 6 and cached(mgr) == [(0, (1, 2, 3, 4)),
+                                                            (1, (5, 6, 7, 8))]
+    mgr.check_invariants()
+
+
+def test_an_id_removed_and_admitted_again_in_one_step_stores_only_the_new_request() -> None:
+    """Inside a step, ``a`` removed then admitted anew: the step's end stores the new
+    request's blocks, never the old one's under its id.
+
+    ::
+
+        old a  |1 2 3 4|5 6 7 8|9|   blocks 0 1 stored at admission, 2 freed at removal
+        new a  |9 9 9 9|9|           blocks 2 3; end_step stores block 2 (9 9 9 9)
+    """
+    mgr = make_small()
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    mgr.begin_step()
+    mgr.remove_sequence("a")
+    assert mgr.add_sequence(SequenceSpec("a", [9, 9, 9, 9, 9])).block_ids == (2, 3)
+    assert cached(mgr) == [(0, (1, 2, 3, 4)), (1, (5, 6, 7, 8))]
+    mgr.end_step()
+    assert cached(mgr) == [(0, (1, 2, 3, 4)), (1, (5, 6, 7, 8)), (2, (9, 9, 9, 9))]
+    mgr.check_invariants()
+
+
+def test_a_failed_pass_after_accepted_drafts_uncaches_only_that_steps_block() -> None:
+    """Drafts accepted in a step fill block 1, stored at ``end_step``; the step's pass
+    fails: block 1 leaves the cache, block 0 (an earlier step's) stays, every block free.
+
+    ::
+
+        tokens  |1 2 3 4|5 6 7 8|9 . . .|   step: append 6 7 8 9 into lookahead blocks
+        table   [ 0     ][ 1     ][ 2     ]   compute_failed(a) -> cached: block 0 only
+    """
+    mgr = make_small()
+    mgr.add_sequence(SequenceSpec("a", [1, 2, 3, 4, 5]))
+    assert mgr.reserve_lookahead("a", 4) == [2]
+    mgr.begin_step()
+    mgr.append_tokens("a", [6, 7, 8, 9])
+    mgr.end_step()
+    assert cached(mgr) == [(0, (1, 2, 3, 4)), (1, (5, 6, 7, 8))]
+    assert mgr.compute_failed(["a"]) == ["a"]
+    assert cached(mgr) == [(0, (1, 2, 3, 4))] and mgr.num_free_gpu_blocks == 6
+    mgr.check_invariants()
