@@ -18,6 +18,7 @@ from kvtier.publisher import (
     InstanceLost,
     RedisStreamPublisher,
     RedisStreamSubscriber,
+    Snapshot,
 )
 from kvtier.tier import Tier
 
@@ -149,3 +150,70 @@ def test_a_publisher_refuses_an_instance_id_past_its_limit(fake_redis: FakeRedis
     with pytest.raises(ValueError, match="at most"):
         bus.publish(too_long, [stored(0, 1)])
     assert subscriber.poll() == []
+
+
+def publisher_books(publisher: RedisStreamPublisher) -> dict[str, int]:
+    """How many instances each of the publisher's per-instance books holds."""
+    names = ["_restarted", "_claim_set_s", "_owed_by", "_published", "_claimed",
+             "_old_snapshots", "_forgotten"]
+    return {name: len(getattr(publisher, name)) for name in names}
+
+
+def test_a_publisher_keeps_nothing_of_the_instances_it_forgot(fake_redis: FakeRedis) -> None:
+    """1,000 cycles of a new id: published, restarted (seq 0 again), snapshotted, every
+    other one's claim taken by another incarnation, published, forgotten; every third
+    one's restart, snapshot and next batch lost with Redis down. After: every book empty
+    but what is kept of forgotten instances restarted (1,000, capped at 4,096).
+    Before, _restarted and _claim_set_s held 1,000, _claimed 333, _owed_by 334."""
+    clock = Clock()
+    publisher = RedisStreamPublisher("redis://fake", snapshot_ttl_s=30, clock=clock)
+    for n in range(1000):
+        iid = f"i{n}"
+        publisher.publish(iid, [stored(0, 1)])
+        fake_redis.down = 3 if n % 3 == 0 else 0
+        publisher.publish(iid, [stored(0, 2)])  # its manager restarted
+        publisher.publish_snapshot(Snapshot(iid, 1, frozenset({(2, G)})))
+        if n % 2:
+            fake_redis.keys["{kvtier:events}:incarnation:" + iid] = b"other"
+        publisher.publish(iid, [stored(1, 3)])
+        publisher.forget(iid)
+        clock.now += 1.0
+    assert publisher_books(publisher) == {
+        "_restarted": 0, "_claim_set_s": 0, "_owed_by": 0, "_published": 0, "_claimed": 0,
+        "_old_snapshots": 0, "_forgotten": 1000}
+    for n in range(1000):  # neither restarted nor replaced: nothing kept of them
+        publisher.publish(f"plain{n}", [stored(0, 1)])
+        publisher.forget(f"plain{n}")
+    assert sum(publisher_books(publisher).values()) == 1000
+    for n in range(1000, 5000):  # restarted and forgotten: the latest 4,096 kept
+        publisher.publish(f"i{n}", [stored(0, 1)])
+        publisher.publish(f"i{n}", [stored(0, 2)])
+        publisher.forget(f"i{n}")
+    assert publisher_books(publisher)["_forgotten"] == 4096
+    assert "i903" not in publisher._forgotten
+    assert "i904" in publisher._forgotten
+
+
+def test_a_restarted_instance_forgotten_and_published_again_is_read(
+        fake_redis: FakeRedis) -> None:
+    """Instance a restarts behind its publisher (a new incarnation), is forgotten, and is
+    published again from seq 0: it names the restarted incarnation still (a subscriber
+    retired the publisher's first one with the restart, and would skip it), and the
+    subscriber reads it as back; forgotten again, the books are empty once more."""
+    publisher = RedisStreamPublisher("redis://fake", incarnation="p1")
+    subscriber = RedisStreamSubscriber("redis://fake")
+    publisher.publish("a", [stored(0, 1)])
+    publisher.publish("a", [stored(0, 2)])  # restarted: a new incarnation
+    restarted = publisher.incarnation_of("a")
+    assert restarted != "p1"
+    subscriber.poll()
+    publisher.forget("a")
+    subscriber.poll()
+    assert subscriber.tracker.streams == {}
+    publisher.publish("a", [stored(0, 5)])
+    assert publisher.incarnation_of("a") == restarted
+    assert subscriber.poll() == [EventBatch("a", [stored(0, 5)])]
+    publisher.forget("a")
+    assert publisher_books(publisher) == {
+        "_restarted": 0, "_claim_set_s": 0, "_owed_by": 0, "_published": 0, "_claimed": 0,
+        "_old_snapshots": 0, "_forgotten": 1}
