@@ -217,3 +217,19 @@ def test_a_restarted_instance_forgotten_and_published_again_is_read(
     assert publisher_books(publisher) == {
         "_restarted": 0, "_claim_set_s": 0, "_owed_by": 0, "_published": 0, "_claimed": 0,
         "_old_snapshots": 0, "_forgotten": 1}
+
+
+def test_a_resync_request_of_no_publishable_id_is_skipped(fake_redis: FakeRedis) -> None:
+    """Requests naming an empty id, a 1 MB one and no id at all, between two good ones:
+    the publisher is asked for a and b only, the three counted malformed. Before, "" and
+    the megabyte id were handed to the caller to answer (a snapshot of an instance no
+    batch may name)."""
+    publisher = RedisStreamPublisher("redis://fake")
+    resync = "kvtier:events:resync"
+    fake_redis.xadd(resync, {"i": "a"})
+    fake_redis.xadd(resync, {"i": ""})
+    fake_redis.xadd(resync, {"i": "m" * 1_000_000})
+    fake_redis.xadd(resync, {"x": "no id"})
+    fake_redis.xadd(resync, {"i": "b" * MAX_INSTANCE_ID_CHARS})
+    assert publisher.resync_requests() == {"a", "b" * MAX_INSTANCE_ID_CHARS}
+    assert publisher.num_malformed_requests == 3

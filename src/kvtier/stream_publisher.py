@@ -18,7 +18,7 @@ from typing import Any
 
 from kvtier import stream_client
 from kvtier.event_codec import Snapshot, encode_events, encode_snapshot, is_incarnation
-from kvtier.event_updates import MAX_BUFFER, check_batch
+from kvtier.event_updates import MAX_BUFFER, MAX_INSTANCE_ID_CHARS, check_batch
 from kvtier.events import Event
 from kvtier.remote.options import check_number
 from kvtier.sequence import short_repr
@@ -188,6 +188,7 @@ class RedisStreamPublisher:
         self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
         self.num_failed_reads = 0  # resync_requests calls Redis did not answer
         self.num_refused_snapshots = 0  # snapshots refused: another incarnation claims
+        self.num_malformed_requests = 0  # resync requests of no instance id one may publish
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
         """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
@@ -381,7 +382,9 @@ class RedisStreamPublisher:
     def resync_requests(self) -> set[str]:
         """Instance ids that subscribers asked a snapshot of since the last call (the first
         call reads every request still in the capped resync stream). With Redis down: none,
-        counted in ``num_failed_reads``; the requests are read at a later call."""
+        counted in ``num_failed_reads``; the requests are read at a later call. A request
+        naming no id a batch may carry (none, empty, past ``MAX_INSTANCE_ID_CHARS``) is
+        skipped, counted in ``num_malformed_requests``."""
         reply = attempt(self._redis.xread, {f"{self.stream}:resync": self._resync_id},
                          count=10_000)
         if reply is None:
@@ -390,6 +393,10 @@ class RedisStreamPublisher:
         for entry_id, entry in stream_entries(reply):
             self._resync_id = entry_id
             instance_id = field(entry, "i")
-            if instance_id is not None:  # a malformed request is skipped
+            # NOTE: any text was a request: an empty id, or a megabyte's, no subscriber
+            # asks for (``check_batch`` refuses both), was handed to the caller to answer.
+            if instance_id and len(instance_id) <= MAX_INSTANCE_ID_CHARS:
                 asked.add(instance_id)
+            else:  # a malformed request is skipped, counted
+                self.num_malformed_requests += 1
         return asked
