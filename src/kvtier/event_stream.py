@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from kvtier import stream_client
 from kvtier.event_codec import decode_events, decode_snapshot, is_incarnation
-from kvtier.event_updates import InstanceGone, Update
+from kvtier.event_updates import MAX_INSTANCE_ID_CHARS, InstanceGone, Update
 from kvtier.remote.options import check_number
 from kvtier.reprs import shown
 from kvtier.seq_tracker import SeqTracker, check_forget_after
@@ -53,7 +53,11 @@ class RedisStreamSubscriber:
     skipped and counted (``num_malformed_entries``); its instance, when
     readable, is reported lost (a gap) and resynced; the entries after it are delivered.
     An entry with an empty instance id, or with no events and no goodbye (no publisher
-    writes either), is malformed too, counted, and makes no state. A
+    writes either), is malformed too, counted, and makes no state, as does a malformed
+    entry of an instance not read (not in ``tracker.streams``) and one whose id is past
+    ``MAX_INSTANCE_ID_CHARS``. At most ``max_instances`` instances are tracked at once: an
+    entry of one more is skipped and counted (``num_refused_instances``) until one is
+    forgotten (a hostile or broken writer of many ids grows nothing past it). A
     malformed snapshot is skipped and counted (``num_malformed_snapshots``); the instance
     stays stale until a sound one comes. An instance still stale ``resync_retry_s`` seconds
     after its request is asked for again (``num_resync_requests`` counts them): a request
@@ -83,7 +87,10 @@ class RedisStreamSubscriber:
 
     def __init__(self, url: str, stream: str = "kvtier:events", start_id: str = "0-0",
                  resync_retry_s: float = 1.0, forget_after_s: float | None = 3600.0,
-                 clock: Callable[[], float] = time.monotonic, cluster: bool = False) -> None:
+                 clock: Callable[[], float] = time.monotonic, cluster: bool = False,
+                 max_instances: int = 16_384) -> None:
+        if type(max_instances) is not int or max_instances < 1:
+            raise ValueError(f"max_instances must be an int >= 1, got {short_repr(max_instances)}")
         check_stream(stream)
         check_cluster(stream, cluster)
         check_start_id(start_id)
@@ -99,6 +106,8 @@ class RedisStreamSubscriber:
         self.num_malformed_snapshots = 0
         self.num_resync_requests = 0
         self.num_trims = 0  # polls that found the stream trimmed past what was read
+        self.max_instances = max_instances
+        self.num_refused_instances = 0  # entries of an instance past max_instances
         # Stale instances asked for, with when (on ``clock``) the request was added.
         self._asked: dict[str, float] = {}
         # Instances forgotten with entries maybe still unread: the stream's last id then.
@@ -285,23 +294,30 @@ class RedisStreamSubscriber:
 
     def _receive(self, entry_id: object, entry: object, out: list[Update]) -> None:
         instance_id = field(entry, "i")
-        if instance_id == "":
-            # NOTE: no publisher writes an empty id (``check_batch``): it made an instance
-            # "" kept until forget_after_s. Malformed, of no instance: no state made.
+        if instance_id == "" or (instance_id is not None
+                                 and len(instance_id) > MAX_INSTANCE_ID_CHARS):
+            # NOTE: no publisher writes an empty id or a longer one (``check_batch``): ""
+            # made an instance kept until forget_after_s, a long one was held (and written
+            # to the resync stream) whole. Malformed, of no instance: no state made.
             self.num_malformed_entries += 1
             return
         if instance_id in self._forgotten:
             entry_seq = stream_id(entry_id)
             if entry_seq is not None and entry_seq <= self._forgotten[instance_id]:
                 return  # added before its instance left
+        if instance_id is not None and instance_id not in self.tracker.streams \
+                and len(self.tracker.streams) >= self.max_instances:
+            # NOTE: every id read made a tracker entry, kept until forget_after_s: a
+            # writer of many ids (hostile, or a bug) grew the subscriber without bound,
+            # and its snapshot GETs and resync requests with it.
+            self.num_refused_instances += 1
+            return
         incarnation = field(entry, "n")
         if raw_field(entry, "n") is not None and not is_incarnation(incarnation):
             # NOTE: an ``n`` no publisher writes (past 64 characters, no UTF-8, empty) was
             # taken for a new incarnation (a restart: the instance's publisher retired, its
             # later entries skipped) or read as naming none. Malformed, as a bad ``e`` is.
-            self.num_malformed_entries += 1
-            if instance_id is not None:
-                self.tracker.lose_entry(instance_id, None, out)
+            self._malformed(instance_id, None, out)
             return
         if instance_id is not None and incarnation is not None \
                 and not self.tracker.knows(instance_id, incarnation):
@@ -325,9 +341,7 @@ class RedisStreamSubscriber:
                 raise ValueError("no readable instance id")
             events = decode_events(raw_field(entry, "e"))  # type: ignore[arg-type]
         except (ValueError, KeyError, TypeError):
-            self.num_malformed_entries += 1
-            if instance_id is not None:
-                self.tracker.lose_entry(instance_id, incarnation, out)
+            self._malformed(instance_id, incarnation, out)
             return
         if not events:
             # NOTE: a publisher sends no empty batch (only a goodbye has no events): one
@@ -337,6 +351,19 @@ class RedisStreamSubscriber:
             return
         # decoded: checked; an entry without a readable incarnation is read by its seq alone
         self.tracker.receive_checked(instance_id, events, out, incarnation)
+
+    def _malformed(self, instance_id: str | None, incarnation: str | None,
+                   out: list[Update]) -> None:
+        """An unreadable entry of ``instance_id`` (None: no readable id) is counted; an
+        instance read already is lost (stale, resynced), one not read makes no state.
+
+        NOTE: a malformed entry of an id never read made a tracker entry and asked for its
+        snapshot every ``resync_retry_s`` until ``forget_after_s``: a writer of random ids
+        grew the subscriber and the resync stream without bound. One that is real shows
+        its hole at its next readable entry (a gap from seq 0) and is resynced then."""
+        self.num_malformed_entries += 1
+        if instance_id is not None and instance_id in self.tracker.streams:
+            self.tracker.lose_entry(instance_id, incarnation, out)
 
     def _try_snapshots(self, out: list[Update]) -> None:
         for instance_id in self.tracker.stale_instances():

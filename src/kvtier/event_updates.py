@@ -15,6 +15,7 @@ from kvtier.sequence import short_repr
 
 __all__ = [
     "MAX_BUFFER",
+    "MAX_INSTANCE_ID_CHARS",
     "EventBatch",
     "InstanceGone",
     "InstanceLost",
@@ -66,11 +67,14 @@ def manager_snapshot(manager: KVCacheManager, instance_id: str, next_seq: int) -
 
 
 MAX_BUFFER = 1 << 40  # events a subscriber's buffer or a stream may hold
+# NOTE: an id is a key of every subscriber's tracker and the body of its resync requests:
+# an unbounded one (a megabyte read from a stream) was held and written back as it came.
+MAX_INSTANCE_ID_CHARS = 256
 
 
 def check_batch(instance_id: object, events: object, *, token_ids: bool = True) -> None:
     """Raise TypeError naming what is wrong unless ``instance_id`` is a str (ValueError
-    where it is empty) and ``events``
+    where it is empty or past ``MAX_INSTANCE_ID_CHARS``) and ``events``
     a sequence of events, ValueError naming the event and field the wire format cannot
     carry (``event_codec.check_events``; ``token_ids=False`` for a consumer that reads no
     token id). Pure.
@@ -85,4 +89,7 @@ def check_batch(instance_id: object, events: object, *, token_ids: bool = True) 
         # NOTE: an empty id was published, and every subscriber kept an instance "" that
         # no router can tell from a missing field.
         raise ValueError("instance_id must be a non-empty str, got ''")
+    if len(instance_id) > MAX_INSTANCE_ID_CHARS:
+        raise ValueError(f"instance_id must be at most {MAX_INSTANCE_ID_CHARS} characters, "
+                         f"got {len(instance_id)}: {short_repr(instance_id)}")
     check_events(events, token_ids=token_ids)

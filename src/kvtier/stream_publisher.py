@@ -13,12 +13,12 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvtier import stream_client
 from kvtier.event_codec import Snapshot, encode_events, encode_snapshot, is_incarnation
-from kvtier.event_updates import MAX_BUFFER, check_batch
+from kvtier.event_updates import MAX_BUFFER, MAX_INSTANCE_ID_CHARS, check_batch
 from kvtier.events import Event
 from kvtier.remote.options import check_number
 from kvtier.sequence import short_repr
@@ -33,6 +33,21 @@ from kvtier.stream_client import (
 from kvtier.stream_entries import field, stream_entries
 
 __all__ = ["RedisStreamPublisher"]
+
+# Forgotten instances a publisher remembers (``_Forgotten``), the latest kept. NOTE: as
+# many as a subscriber remembers of forgotten instances (``SeqTracker.gone``): one
+# published again past both is read as new by either name.
+_MAX_FORGOTTEN = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Forgotten:
+    """What a publisher keeps of an instance it forgot, to name it as before if it is
+    published again: the incarnation it restarted to (None: the publisher's), and whether
+    its claim stayed (another incarnation's, or Redis was down): not claimed back."""
+
+    restarted: str | None
+    claim_stayed: bool
 
 
 # Deletes KEYS[1] unless the snapshot under it names another publisher incarnation than
@@ -166,10 +181,14 @@ class RedisStreamPublisher:
         # Restarted instances whose snapshot of before (naming this incarnation) is owed
         # a delete: the incarnation it names.
         self._owed_by: dict[str, str] = {}
+        # Instances forgotten since that restarted or whose claim stayed (the last
+        # ``_MAX_FORGOTTEN``): what publishing one again takes back.
+        self._forgotten: dict[str, _Forgotten] = {}
         self._resync_id: str | bytes = "0-0"
         self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
         self.num_failed_reads = 0  # resync_requests calls Redis did not answer
         self.num_refused_snapshots = 0  # snapshots refused: another incarnation claims
+        self.num_malformed_requests = 0  # resync requests of no instance id one may publish
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
         """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
@@ -180,6 +199,11 @@ class RedisStreamPublisher:
         check_batch(instance_id, events)
         if not events:
             return
+        back = self._forgotten.pop(instance_id, None)
+        if back is not None and back.restarted is not None:
+            self._restarted[instance_id] = back.restarted
+        if back is not None and back.claim_stayed:
+            self._claimed.add(instance_id)  # renewed, not taken back
         if events[0].seq == 0 and instance_id in self._published:
             # NOTE: a manager restarted behind this publisher counts from seq 0 again under
             # the same incarnation, which subscribers read as the first entry delivered
@@ -243,8 +267,11 @@ class RedisStreamPublisher:
     def incarnation_of(self, instance_id: str) -> str:
         """The incarnation ``instance_id``'s entries, claim and snapshots name: this
         publisher's, or a new one since its manager restarted (a batch from seq 0 after
-        others were sent). Pure."""
-        return self._restarted.get(instance_id, self.incarnation)
+        others were sent), kept where it was forgotten since. Pure."""
+        restarted = self._restarted.get(instance_id)
+        if restarted is None and instance_id in self._forgotten:
+            restarted = self._forgotten[instance_id].restarted
+        return self.incarnation if restarted is None else restarted
 
     def _snapshot_key(self, instance_id: str) -> str:
         return snapshot_key(self.stream, instance_id)
@@ -315,7 +342,11 @@ class RedisStreamPublisher:
         stays), and so does its claim, where it is still this publisher's. One
         transaction: with Redis down, none of it, counted in ``num_failed_batches``
         (subscribers forget the instance at their ``forget_after_s``, ``snapshot_ttl_s``
-        bounds the key). TypeError, changing nothing, unless it is a str.
+        bounds the key). TypeError, changing nothing, unless it is a str. What the
+        publisher kept of the instance goes with it, but (of the last ``_MAX_FORGOTTEN``)
+        the incarnation of one restarted (subscribers retired the publisher's first one
+        with the restart, and skip an entry naming it) and whether its claim stayed (one
+        replaced by another process does not claim it back).
 
         NOTE: without a goodbye, subscribers held a retired instance, routed to, until
         their ``forget_after_s`` (an hour by default). A subscriber older than ``g`` reads
@@ -334,13 +365,26 @@ class RedisStreamPublisher:
         done = attempt(pipe.execute)
         if done is None:
             self.num_failed_batches += 1
-        elif done[-1]:
-            self._claimed.discard(instance_id)  # publishing again claims it again
+        # NOTE: a claim (where another incarnation held it or Redis was down), its
+        # renewal time, an owed delete and a restart were kept per instance ever
+        # forgotten: a publisher of churning ids grew without bound. The delete is owed no
+        # more (the goodbye's transaction made it, or ``snapshot_ttl_s`` bounds the key).
+        claim_stayed = instance_id in self._claimed and (done is None or not done[-1])
+        self._claimed.discard(instance_id)
+        self._claim_set_s.pop(instance_id, None)
+        self._owed_by.pop(instance_id, None)
+        restarted = self._restarted.pop(instance_id, None)
+        if restarted is not None or claim_stayed:
+            self._forgotten[instance_id] = _Forgotten(restarted, claim_stayed)
+            if len(self._forgotten) > _MAX_FORGOTTEN:
+                del self._forgotten[next(iter(self._forgotten))]
 
     def resync_requests(self) -> set[str]:
         """Instance ids that subscribers asked a snapshot of since the last call (the first
         call reads every request still in the capped resync stream). With Redis down: none,
-        counted in ``num_failed_reads``; the requests are read at a later call."""
+        counted in ``num_failed_reads``; the requests are read at a later call. A request
+        naming no id a batch may carry (none, empty, past ``MAX_INSTANCE_ID_CHARS``) is
+        skipped, counted in ``num_malformed_requests``."""
         reply = attempt(self._redis.xread, {f"{self.stream}:resync": self._resync_id},
                          count=10_000)
         if reply is None:
@@ -349,6 +393,10 @@ class RedisStreamPublisher:
         for entry_id, entry in stream_entries(reply):
             self._resync_id = entry_id
             instance_id = field(entry, "i")
-            if instance_id is not None:  # a malformed request is skipped
+            # NOTE: any text was a request: an empty id, or a megabyte's, no subscriber
+            # asks for (``check_batch`` refuses both), was handed to the caller to answer.
+            if instance_id and len(instance_id) <= MAX_INSTANCE_ID_CHARS:
                 asked.add(instance_id)
+            else:  # a malformed request is skipped, counted
+                self.num_malformed_requests += 1
         return asked

@@ -20,7 +20,8 @@
              Where the measured throughput alone turned down ``PROBE_AFTER_SKIPS`` fetches
              in a row (the configured ``fetch_bytes_per_s`` would make them), the next is
              made anyway, as the configured throughput decides it: a probe, which
-             measures the store again (``num_probes``).
+             measures the store again (``num_probes``). The tier's ``decision``
+             (:class:`~kvtier.remote.fetch_decision.FetchDecision`) holds this state.
 
 Under tensor parallelism every rank holds its share of each block's KV heads as its own
 value under that rank's namespace: the tier talks to every rank's side
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.remote.codec import num_found_on_every_rank
 from kvtier.remote.fetch import Fetch, Polled
+from kvtier.remote.fetch_decision import FetchDecision
 from kvtier.remote.fetch_rule import (
     DEFAULT_FETCH_BYTES_PER_S,
     DEFAULT_FETCH_LATENCY_S,
@@ -59,7 +61,7 @@ from kvtier.remote.fetch_rule import (
     THROUGHPUT_EWMA_WEIGHT,
     num_blocks_worth_fetching,
 )
-from kvtier.remote.options import LONGEST_WAIT_S, check_number, check_timeout
+from kvtier.remote.options import LONGEST_WAIT_S, check_timeout
 from kvtier.remote.ranks import STORE_RESET, Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
 from kvtier.reprs import shown
@@ -139,17 +141,15 @@ class RemoteTier(Wired):
             if storage.num_blocks < num_blocks:
                 raise ValueError(f"the {name} storage holds {storage.num_blocks} blocks, the "
                                  f"manager's {name} pool {num_blocks}")
-        self.fetch_deadline_s = fetch_deadline_s
+        # NOTE: ranks.leader's layout: under tensor parallelism a block's bytes are a
+        # rank's shard, and the ranks read at once.
+        self.decision = FetchDecision(
+            layout.bytes_per_block, config.tokens_per_block, fetch_deadline_s=fetch_deadline_s,
+            recompute_s_per_token=recompute_s_per_token, fetch_latency_s=fetch_latency_s,
+            fetch_bytes_per_s=fetch_bytes_per_s)
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got "
                              f"{shown(write_policy)}")
-        self.recompute_s_per_token = recompute_s_per_token
-        self.fetch_latency_s = fetch_latency_s
-        self._bytes_per_s = check_number("fetch_bytes_per_s", fetch_bytes_per_s, 0.0, 1e15,
-                                         low_open=True)
-        self._configured_bytes_per_s = self._bytes_per_s
-        self._num_turned_down = 0  # fetches in a row the measured throughput alone turned down
-        self.num_probes = 0  # fetches made only to measure the store again
         self.ranks = ranks
         # The leader's (rank 0's) store and storages.
         self.store = ranks.leader.store
@@ -171,105 +171,60 @@ class RemoteTier(Wired):
         self._tpb = config.tokens_per_block
         self.num_written_blocks = 0
         self.num_fetched_blocks = 0
-        self.num_skipped_blocks = 0  # missing blocks cheaper to recompute than to fetch
 
-    # NOTE: the costs are checked when set, not only when made: a NaN deadline set later
-    # held every fetching request for ever (``now - started >= nan`` is never true), a NaN
-    # cost raised from the next ``start_fetch`` in the engine's step.
-
+    # The fetch decision's costs, estimate and counters, as before it had its own module.
     @property
     def fetch_deadline_s(self) -> float:
         """The longest a request is held back for its fetch, in seconds (0..3600)."""
-        return self._fetch_deadline_s
+        return self.decision.fetch_deadline_s
 
     @fetch_deadline_s.setter
     def fetch_deadline_s(self, value: float) -> None:
-        self._fetch_deadline_s = check_number("fetch_deadline_s", value, 0.0, 3600.0)
+        self.decision.fetch_deadline_s = value
 
     @property
     def recompute_s_per_token(self) -> float | None:
         """The model's prefill seconds per token (0..3600), or None: fetch every block."""
-        return self._recompute_s_per_token
+        return self.decision.recompute_s_per_token
 
     @recompute_s_per_token.setter
     def recompute_s_per_token(self, value: float | None) -> None:
-        self._recompute_s_per_token = None if value is None else check_number(
-            "recompute_s_per_token", value, 0.0, 3600.0)
+        self.decision.recompute_s_per_token = value
 
     @property
     def fetch_latency_s(self) -> float:
         """The fixed cost of one fetch in seconds (0..3600)."""
-        return self._fetch_latency_s
+        return self.decision.fetch_latency_s
 
     @fetch_latency_s.setter
     def fetch_latency_s(self, value: float) -> None:
-        self._fetch_latency_s = check_number("fetch_latency_s", value, 0.0, 3600.0)
+        self.decision.fetch_latency_s = value
 
     @property
     def measured_bytes_per_s(self) -> float:
-        """The store's read throughput as this tier's fetches saw it (bytes of the values
-        found over the time from asking to having them, queueing included; a running
-        average; the leader's store under tensor parallelism, each rank reading its own
-        shards at once), or ``fetch_bytes_per_s`` before the first fetch that found
-        anything. Pure."""
-        with self._lock:
-            return self._bytes_per_s
+        """``FetchDecision.measured_bytes_per_s``. Pure."""
+        return self.decision.measured_bytes_per_s
+
+    @property
+    def num_probes(self) -> int:
+        """Fetches made only to measure the store again."""
+        return self.decision.num_probes
+
+    @property
+    def num_skipped_blocks(self) -> int:
+        """Missing blocks cheaper to recompute than to fetch."""
+        return self.decision.num_skipped_blocks
 
     def num_blocks_to_fetch(self, num_missing: int) -> int:
-        """How many of ``num_missing`` blocks past the local tiers this tier would fetch now:
-        all of them without ``recompute_s_per_token``, else :func:`num_blocks_worth_fetching`
-        under the measured throughput and ``fetch_deadline_s``. Pure.
-
-        NOTE: the rule assumes the store holds every one of them; where it holds fewer, the
-        fetch saves less, and loses at most one ``fetch_latency_s`` against a recompute.
-        Under tensor parallelism a block's bytes are a rank's shard: the ranks read at once."""
-        if type(num_missing) is not int or num_missing < 0:
-            raise ValueError(f"num_missing must be an int >= 0, got {shown(num_missing)}")
-        if self.recompute_s_per_token is None:
-            return num_missing
-        return self._worth_fetching(num_missing, self.measured_bytes_per_s)
-
-    def _worth_fetching(self, num_missing: int, bytes_per_s: float) -> int:
-        """``num_blocks_worth_fetching`` of ``num_missing`` blocks read at ``bytes_per_s``
-        (with ``recompute_s_per_token`` set). Pure."""
-        assert self.recompute_s_per_token is not None
-        bytes_per_block = self.store.namespace.layout.bytes_per_block
-        return num_blocks_worth_fetching(
-            num_missing, latency_s=self.fetch_latency_s,
-            fetch_s_per_block=bytes_per_block / bytes_per_s,
-            recompute_s_per_block=self._tpb * self.recompute_s_per_token,
-            max_wait_s=self.fetch_deadline_s)
+        """``FetchDecision.num_blocks_to_fetch``. Pure."""
+        return self.decision.num_blocks_to_fetch(num_missing)
 
     def _wanted(self, hashes: list[int], tokens: Sequence[int], salt: bytes | str | int | None,
                 lora_id: int | None, mm_items: tuple[MultimodalItem, ...]) -> list[int]:
-        """The hashes to fetch: past the local tiers, as many as are worth it (or, every
-        ``PROBE_AFTER_SKIPS`` fetches the measured throughput alone turned down, as many
-        as the configured throughput finds worth it: a probe)."""
+        """The hashes to fetch: past the local tiers, as many as ``FetchDecision.choose``
+        takes."""
         missing = hashes[self._num_local_blocks(tokens, salt, lora_id, mm_items):]
-        k = self.num_blocks_to_fetch(len(missing))
-        if k == 0 and missing and self.recompute_s_per_token is not None:
-            # NOTE: a store slow for a while (its measured throughput dragged below the
-            # break-even) was never read again: no fetch, no new measurement, every remote
-            # hit lost for good once the store was fast again.
-            configured = self._worth_fetching(len(missing), self._configured_bytes_per_s)
-            if configured:
-                self._num_turned_down += 1
-                if self._num_turned_down > PROBE_AFTER_SKIPS:
-                    self._num_turned_down = 0
-                    self.num_probes += 1
-                    k = configured
-        elif k:
-            self._num_turned_down = 0
-        self.num_skipped_blocks += len(missing) - k
-        return missing[:k]
-
-    def _measured(self, arrival: Arrival) -> None:
-        """Fold one fetch's throughput into the running estimate."""
-        if not arrival.num_bytes or arrival.elapsed_s <= 0:
-            return
-        sample = arrival.num_bytes / arrival.elapsed_s
-        with self._lock:
-            self._bytes_per_s += THROUGHPUT_EWMA_WEIGHT * (sample - self._bytes_per_s)
+        return missing[:self.decision.choose(len(missing))]
 
     def block_hashes(self, tokens: list[int], salt: object, lora_id: int | None,
                      mm_items: Sequence[MultimodalItem] = ()) -> list[int]:
@@ -418,7 +373,7 @@ class RemoteTier(Wired):
                        wanted)
         self.ranks.get(fetch.fetch_id, wanted)
         arrival = self.ranks.collect([fetch.fetch_id])[fetch.fetch_id]
-        self._measured(arrival)
+        self.decision.measure(arrival)
         return self._import(fetch, arrival)
 
     def start_fetch(self, request_id: str, tokens: list[int],
@@ -483,7 +438,7 @@ class RemoteTier(Wired):
             for fid, arrival in self.ranks.collect([*by_id, *self._orphans]).items():
                 rid = by_id.get(fid)
                 fetch = self._orphans.pop(fid) if rid is None else self._pending.pop(rid)
-                self._measured(arrival)
+                self.decision.measure(arrival)
                 num_imported = self._import(fetch, arrival)
                 if rid is not None and num_imported:
                     imported[rid] = num_imported
