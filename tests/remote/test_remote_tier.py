@@ -176,7 +176,7 @@ def test_slow_store_past_the_deadline_is_not_waited_for() -> None:
 
     def slow(ns: RemoteNamespace) -> FaultyRemoteStore:
         stores.append(FaultyRemoteStore(InMemoryRemoteStore(ns, backend)))
-        stores[-1].delay_s = 1.0
+        stores[-1].delay_s = 2.0
         return stores[-1]
 
     b = make_engine(slow)
@@ -185,7 +185,9 @@ def test_slow_store_past_the_deadline_is_not_waited_for() -> None:
     b.add_request(Request("b0", SECOND[0], 3))
     t0 = time.monotonic()
     step, _ = b.step()
-    assert time.monotonic() - t0 < 0.5  # waited for the deadline, not for the store
+    # Waited for the deadline, not for the store. NOTE: the bound is 3/4 of the store's delay,
+    # not a few deadlines: on a loaded 2-core machine the step itself took 0.56 s once.
+    assert time.monotonic() - t0 < 1.5
     assert [c.request_id for c in step.context_chunks] == ["b0"]
     assert step.context_chunks[0].num_reused_tokens == 0
     b.run()
