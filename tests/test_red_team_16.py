@@ -479,7 +479,7 @@ def test_a_stop_string_that_is_no_unicode_text_is_refused() -> None:
 @pytest.mark.parametrize(("option", "message"), [
     (["--top-p", "0"], "argument --top-p: must be a finite number in (0, 1], got 0 (see "
                        "'kvtier generate --help')"),
-    (["--seed", str(2**64)], "argument --seed: must be an integer <= 18446744073709551615, got "
+    (["--seed", str(2**64)], "argument --seed: must be an integer <= 4294967295, got "
                              "18446744073709551616 (see 'kvtier generate --help')"),
     (["--stop", "\udcff"], "stop[0] is not valid Unicode text (character 0: bytes that are "
                            "not UTF-8?), so no answer could ever hold it"),
@@ -565,8 +565,8 @@ def test_a_gguf_claiming_a_billion_layers_is_refused_at_once(tmp_path: Path) -> 
     path = make_gguf(tmp_path / "lies.gguf", llama__block_count=("u32", 10**9))
     with pytest.raises(CheckpointError) as info:
         load_model(path)
-    assert str(info.value) == (f"{path} has no tensor 'model.layers.1.input_layernorm.weight' "
-                               "(shape [8])")
+    assert str(info.value) == (f"{path} has no tensor 'blk.1.attn_norm.weight' (Hugging "
+                               "Face: model.layers.1.input_layernorm.weight) (shape [8])")
 
 
 @pytest.mark.parametrize(("argv", "jsonl", "message"), [
