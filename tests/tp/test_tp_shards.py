@@ -137,8 +137,8 @@ def test_every_rank_runs_the_plan_on_its_heads(device: str, gpu_kind: str, host_
     for g, h in shards:
         assert_shard_of(g, gpu)
         assert_shard_of(h, host)
-    assert [s.num_ops for s in sharded.stats] == [len(plan.ops)] * tp_size
-    whole_bytes = sum(s.bytes_d2h + s.bytes_h2d + s.bytes_d2d for s in sharded.stats)
+    assert [s.num_ops for s in sharded.rank_stats] == [len(plan.ops)] * tp_size
+    whole_bytes = sum(s.bytes_d2h + s.bytes_h2d + s.bytes_d2d for s in sharded.rank_stats)
     assert whole_bytes == sum(op.num_tokens for op in plan.ops) * gpu.layout.bytes_per_token
     sharded.close()
 
@@ -285,4 +285,4 @@ def test_a_closed_sharded_engine_still_runs_a_plan_on_every_rank() -> None:
     for g, h in shards:
         assert_shard_of(g, gpu)
         assert_shard_of(h, host)
-    assert [s.num_ops for s in sharded.stats] == [len(plan.ops)] * 2
+    assert [s.num_ops for s in sharded.rank_stats] == [len(plan.ops)] * 2

@@ -14,7 +14,9 @@ share, so every rank executes the same plans and forward passes in the same orde
          all-reduce per row-split projection
       sample, scheduler.update
       remote write-through ─── RemotePutCommand ───► put shard r of the prompts computed
-    stop() ─────────────────── StopCommand ────────► serve() returns
+    transfer.stats ─────────── StatsCommand ───────► all-gather of each rank's counters
+    stop() ─────────────────── StatsCommand ───────► (the last counters, kept)
+           ─────────────────── StopCommand ────────► serve() returns
 
 With a remote tier (:class:`DistributedRanks`), the leader's :class:`RemoteTier` sends
 each of its calls to the workers, whose :class:`RemoteShard` does it on their shard::
@@ -33,6 +35,7 @@ ranks exist (it plans block ids; each rank's storage holds its heads of every bl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -77,6 +80,10 @@ class StopCommand(NamedTuple):
     """The leader is done: return from ``serve``."""
 
     num_steps: int
+
+
+class StatsCommand(NamedTuple):
+    """Join the gather of every rank's transfer counters (``_gather_rank_stats``)."""
 
 
 class RemoteHelloCommand(NamedTuple):
@@ -133,8 +140,9 @@ class RemoteLostCommand(NamedTuple):
 RemoteCommand = (RemoteHelloCommand | RemotePutCommand | RemoteGetCommand | RemoteWaitCommand
                  | RemotePollCommand | RemoteFillCommand | RemoteFlushCommand
                  | RemoteLostCommand)
-Command = PlanCommand | ForwardCommand | StopCommand | RemoteCommand
-_COMMANDS = (PlanCommand, ForwardCommand, StopCommand, RemoteHelloCommand, RemotePutCommand,
+Command = PlanCommand | ForwardCommand | StopCommand | StatsCommand | RemoteCommand
+_COMMANDS = (PlanCommand, ForwardCommand, StopCommand, StatsCommand, RemoteHelloCommand,
+             RemotePutCommand,
              RemoteGetCommand, RemoteWaitCommand, RemotePollCommand, RemoteFillCommand,
              RemoteFlushCommand, RemoteLostCommand)
 
@@ -163,19 +171,55 @@ class CommandChannel:
         return command
 
 
+def _gather_rank_stats(transfer: DistributedTransferEngine, group: Any) -> list[TransferStats]:
+    """Every rank's transfer counters, in TP rank order: one all-gather over ``group`` (a
+    collective: the leader's and each worker's part of a StatsCommand)."""
+    import torch.distributed as dist
+
+    every: list[Any] = [None] * dist.get_world_size(group)
+    mine = (transfer.tp_rank, dataclasses.replace(transfer.local_stats))  # a snapshot
+    dist.all_gather_object(every, mine, group=group)
+    return [stats for _, stats in sorted(every, key=lambda entry: entry[0])]
+
+
 class _LeaderTransfer:
     """The leader's transfer engine as ModelEngine sees it: each plan goes to the workers,
-    then runs here; failures are joined over every rank."""
+    then runs here; failures are joined over every rank.
+
+    ``stats`` is the counters summed over every rank (``TransferStats.total``: ``num_ops``
+    is ``tp_size`` times the plans' ops, the bytes the whole model's), ``rank_stats`` each
+    rank's, in rank order, as ``ShardedTransferEngine``'s: while the workers serve, each
+    read asks them (a StatsCommand: one all-gather; stats are read rarely); after
+    ``TensorParallelLeader.stop``, the counters gathered at the stop.
+
+    NOTE: ``stats`` was rank 0's counters alone, with nothing saying so (a TP 2 run
+    reported half its bytes and ops)."""
 
     def __init__(self, transfer: DistributedTransferEngine, channel: CommandChannel) -> None:
         self._transfer = transfer
         self._channel = channel
         self.gpu: KVStorage = transfer.gpu
         self.host: KVStorage | None = transfer.host
+        self._stopped_stats: list[TransferStats] | None = None
 
     @property
     def stats(self) -> TransferStats:
-        return self._transfer.stats
+        return TransferStats.total(self.rank_stats)
+
+    @property
+    def rank_stats(self) -> list[TransferStats]:
+        if self._stopped_stats is not None:
+            return [dataclasses.replace(s) for s in self._stopped_stats]
+        self._channel.send(StatsCommand())
+        return _gather_rank_stats(self._transfer, self._channel.group)
+
+    def stop(self, num_steps: int) -> None:
+        """Tell the workers to stop, keeping every rank's last counters (idempotent)."""
+        if self._stopped_stats is None:
+            # NOTE: a StatsCommand of its own, StopCommand unchanged: a leader driving the
+            # channel by hand still stops a worker with StopCommand alone.
+            self._stopped_stats = self.rank_stats
+            self._channel.send(StopCommand(num_steps))
 
     def submit(self, plan: TransferPlan) -> TransferHandle:
         if not plan.ops:
@@ -355,7 +399,9 @@ class TensorParallelLeader(Wired):
     """Rank 0: ``engine`` is a :class:`ModelEngine` over the one scheduler and manager,
     whose copies and forward passes run on every rank (and the ``remote`` tier's moves, over
     :class:`DistributedRanks` on ``channel``). Call :meth:`stop` when done (the
-    workers' ``serve`` returns)."""
+    workers' ``serve`` returns). ``engine.transfer.stats``: the transfer counters summed
+    over every rank; ``engine.transfer.rank_stats``: each rank's (see ``_LeaderTransfer``);
+    ``transfer.local_stats``: the leader's own."""
 
     WIRED = frozenset({"engine", "transfer", "channel"})
 
@@ -376,13 +422,15 @@ class TensorParallelLeader(Wired):
         self.transfer = transfer
         # NOTE: ModelEngine names LlamaModel and TorchTransferEngine; it calls only
         # forward_chunk and submit / wait / synchronize_all / gpu, which these provide.
+        self._leader_transfer = _LeaderTransfer(transfer, channel)
         self.engine = ModelEngine(cast(LlamaModel, _LeaderModel(shard, channel)), manager,
-                                  scheduler, cast(TorchTransferEngine,
-                                                  _LeaderTransfer(transfer, channel)),
+                                  scheduler, cast(TorchTransferEngine, self._leader_transfer),
                                   record_logits=record_logits, remote=remote)
 
     def stop(self) -> None:
-        self.channel.send(StopCommand(self.engine.num_steps))
+        """The workers' ``serve`` returns, after one gather of every rank's transfer
+        counters (``engine.transfer.stats`` answers them from then on). Idempotent."""
+        self._leader_transfer.stop(self.engine.num_steps)
 
 
 def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
@@ -420,6 +468,8 @@ def serve(shard: TensorParallelLlama, transfer: DistributedTransferEngine,
         elif isinstance(command, ForwardCommand):
             shard.forward_chunk(transfer.gpu, command.block_table, command.tokens,
                                 command.start_pos, wait)
+        elif isinstance(command, StatsCommand):
+            _gather_rank_stats(transfer, channel.group)
         elif isinstance(command, StopCommand):
             return command.num_steps
         elif remote is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
@@ -225,6 +226,9 @@ def _rates(num_prompt_tokens: int, *rates: float) -> tuple[str, ...]:
 def _ms(value: float | None) -> str:
     if value is None:
         return "n/a"
+    if math.isinf(value):
+        # NOTE: a fetch that never lands (a link of 1e-311 B/s) read "p99 inf ms".
+        return "never"
     ms = value * 1e3
     return f"{ms:.1f} ms" if ms < 1e9 else f"{ms:.3g} ms"  # 1.8e+305 ms, not 306 digits
 
@@ -239,7 +243,11 @@ def _remote_lines(remote: dict[str, Any]) -> list[str]:
     """What the shared tier served and what its fetches cost. Pure."""
     link_gb_s, even_gb_s = remote["bytes_per_s"] / 1e9, remote["break_even_bytes_per_s"] / 1e9
     fetch_s = remote["fetch_s"]
-    verdict = "above" if link_gb_s > even_gb_s else "below"
+    # NOTE: where prefill costs nothing the break-even is infinite: the line read "below the
+    # break-even inf GB/s".
+    verdict = ("never worth fetching (prefill costs nothing)" if math.isinf(even_gb_s)
+               else f"{'above' if link_gb_s > even_gb_s else 'below'} the break-even "
+                    f"{_gb_s(even_gb_s)} GB/s")
     return [
         f"remote      {remote['policy']}: {remote['num_hit_blocks']:,} blocks found for "
         f"{remote['num_lookups']:,} arrivals, {remote['num_fetched_blocks']:,} fetched in "
@@ -247,7 +255,7 @@ def _remote_lines(remote: dict[str, Any]) -> list[str]:
         f"{remote['num_skipped_blocks']:,} found left to recompute), "
         f"{remote['num_imported_blocks']:,} imported to host tiers",
         f"fetch cost  {remote['latency_s'] * 1e3:g} ms + bytes at {_gb_s(link_gb_s)} GB/s, "
-        f"{verdict} the break-even {_gb_s(even_gb_s)} GB/s; fetch p50 {_ms(fetch_s['p50'])}, "
+        f"{verdict}; fetch p50 {_ms(fetch_s['p50'])}, "
         f"p99 {_ms(fetch_s['p99'])} (from arrival, store queue included); "
         f"{remote['num_written_blocks']:,} blocks written, {remote['num_dropped_writes']:,} "
         "dropped (store behind)",

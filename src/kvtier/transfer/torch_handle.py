@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from kvtier.transfer.plan import TransferPlan
@@ -30,6 +31,17 @@ class TransferStats:
     bytes_h2d: int = 0
     bytes_d2h: int = 0
     bytes_d2d: int = 0
+
+    @classmethod
+    def total(cls, stats: Iterable[TransferStats]) -> TransferStats:
+        """Every counter summed over ``stats`` (the ranks of a tensor-parallel engine: each
+        counts its own shard's copies, so ops and calls add up to ``tp_size`` times a
+        single engine's and bytes to the whole model's). Pure."""
+        out = cls()
+        for s in stats:
+            for f in fields(cls):
+                setattr(out, f.name, getattr(out, f.name) + getattr(s, f.name))
+        return out
 
 
 class TransferHandle:

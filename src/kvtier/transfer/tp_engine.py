@@ -87,7 +87,8 @@ class ShardedTransferEngine:
     pools of the same sizes (the same block ids). On CUDA each engine queues its copies on
     its own streams and returns, so the ranks copy at the same time from one thread. On CPU
     copies are done when ``submit`` returns, so the ranks run on threads of their own (the
-    copies release the GIL).
+    copies release the GIL). ``stats``: the counters summed over the ranks;
+    ``rank_stats``: each rank's, in rank order.
     """
 
     def __init__(self, engines: Sequence[TorchTransferEngine]) -> None:
@@ -116,8 +117,18 @@ class ShardedTransferEngine:
         return [e.gpu for e in self.engines]
 
     @property
-    def stats(self) -> list[TransferStats]:
-        """Each rank's counters, in rank order."""
+    def stats(self) -> TransferStats:
+        """The counters summed over every rank (``TransferStats.total`` of ``rank_stats``):
+        each rank counts its own shard's copies, so ``num_ops`` is ``tp_size`` times the
+        plan's ops and the bytes are the whole model's."""
+        return TransferStats.total(self.rank_stats)
+
+    @property
+    def rank_stats(self) -> list[TransferStats]:
+        """Each rank's own counters, in rank order.
+
+        NOTE: ``stats`` was this list while ``DistributedTransferEngine.stats`` was one
+        rank's and the TP leader's rank 0's alone, all under one name."""
         return [e.stats for e in self.engines]
 
     def submit(self, plan: TransferPlan) -> ShardedHandle:
@@ -221,7 +232,8 @@ class DistributedTransferEngine:
     ``r`` failed it); a CPU (gloo) group keeps them off the GPU's streams.
     Construction is a collective too: every rank's pools must have the same sizes.
     Counts: ``num_failed_ops`` (ops reported failed), ``num_failed_elsewhere`` (of those,
-    ops this rank had done).
+    ops this rank had done); ``local_stats``: this rank's ``TransferStats`` alone (no
+    ``stats``: totals need every rank, which only a collective can ask).
     """
 
     def __init__(self, engine: TorchTransferEngine, group: Any = None) -> None:
@@ -277,7 +289,13 @@ class DistributedTransferEngine:
         return self.engine.host
 
     @property
-    def stats(self) -> TransferStats:
+    def local_stats(self) -> TransferStats:
+        """This rank's own counters (its shard's copies only), no collective. Totals over
+        the ranks need the others' counters: the TP leader's engine gathers them
+        (``kvtier.model.tp_engine``: ``stats`` and ``rank_stats``).
+
+        NOTE: this was ``stats``, the name under which ``ShardedTransferEngine`` answers
+        totals: a reader took one rank's counters for the deployment's."""
         return self.engine.stats
 
     def submit(self, plan: TransferPlan) -> TransferHandle:
