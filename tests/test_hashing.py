@@ -94,7 +94,7 @@ def test_prompt_block_hashes_is_the_chain_on_the_root() -> None:
     assert prompt_block_hashes(XXH, tokens, 4, lora_id=3, salt="s", num_blocks=1) == full[:1]
     assert prompt_block_hashes(XXH, tokens, 4, lora_id=3, salt="s", num_blocks=0) == []
     assert prompt_block_hashes(XXH, tokens, 4, lora_id=3, salt="s", num_blocks=9) == full
-    with pytest.raises(ValueError, match="num_blocks must be None or an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="num_blocks must be an integer >= 0, got -1"):
         prompt_block_hashes(XXH, tokens, 4, num_blocks=-1)
 
 

@@ -320,7 +320,7 @@ def request_of_huge() -> object:
 
 
 @pytest.mark.parametrize(("call", "shown"), [
-    (import_blocks_of_huge, "num_blocks must be an int >= 0"),
+    (import_blocks_of_huge, "num_blocks must be an integer in 0..4294967296"),
     (router_of_huge, "tokens_per_block must be a power of two in 1..65536"),
     (request_of_huge, "output_length must be an integer >= 0"),
 ])

@@ -260,9 +260,13 @@ def test_a_clock_reading_a_numpy_bool_or_nan_is_still_a_fault() -> None:
 
 
 def test_tokens_per_block_of_a_numpy_int_is_named_as_one() -> None:
-    """CacheConfig(tokens_per_block=np.int64(4)) said 'got 4': a valid value, as read."""
-    with pytest.raises(ValueError, match=r"power of two in 1\.\.65536, got np\.int64\(4\)$"):
-        CacheConfig(tokens_per_block=np.int64(4))
+    """CacheConfig(tokens_per_block=np.int64(4)) said 'got 4': a valid value, as read. A
+    NumPy integer is an integer now (red team 33c, kvtier.counts), kept as a plain int; a
+    NumPy float is named as one."""
+    config = CacheConfig(tokens_per_block=np.int64(4))
+    assert config.tokens_per_block == 4 and type(config.tokens_per_block) is int
+    with pytest.raises(ValueError, match=r"power of two in 1\.\.65536, got np\.float64\(4\.0\)$"):
+        CacheConfig(tokens_per_block=np.float64(4.0))
     with pytest.raises(ValueError, match=r"got 'x'$"):
         CacheConfig(tokens_per_block="x")  # type: ignore[arg-type]
 

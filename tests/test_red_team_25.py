@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvtier import CacheConfig, KVCacheManager, Request, Scheduler, SchedulerConfig, SequenceSpec
-from kvtier.blocks import cdiv
 from kvtier.policies import get_policy
 from kvtier.retention import Retention, RetentionRange
 from kvtier.sequence import MultimodalItem
@@ -107,28 +106,29 @@ BITS = f"an int of {HUGE.bit_length()} bits"
 def huge_calls() -> list[tuple[str, Any, str]]:
     """(name, call on a manager with 'a' admitted part way, what the refusal says)."""
     return [
+        # NOTE: every count is bounded now (red team 33c: at most 2**48 tokens, 2**32
+        # blocks, kvtier.counts), so such an int is refused at its field, shown as it is.
         ("schedule_prefill", lambda m: m.schedule_prefill("a", HUGE),
-         f"'a' has 6 unscheduled prompt tokens, asked {BITS}"),
+         f"num_tokens must be an integer in 1..2**48, got {BITS}"),
         ("num_reserved_blocks", lambda m: m.add_sequence(
             SequenceSpec("b", list(range(10)), num_reserved_blocks=HUGE)),
-         f"request 'b' needs 3 blocks (10 tokens / 4) + {BITS} reserved but num_gpu_blocks"),
+         f"num_reserved_blocks must be an integer in 0..4294967296, got {BITS}"),
         ("decode_start", lambda m: m.add_sequence(
             SequenceSpec("b", [1, 2], retention=Retention(decode_start=HUGE))),
-         f"retention of 'b': decode_start {BITS} lies past the 2 tokens admitted"),
+         f"decode_start must be an integer in 1..2**48, got {BITS}"),
         ("mm offset", lambda m: m.lookup([1, 2], mm_items=[MultimodalItem(HUGE, 1, 7)]),
-         f"MultimodalItem at offset {BITS} with length 1 runs past the 2 tokens"),
+         f"MultimodalItem.offset must be an integer in 0..2**48, got {BITS}"),
         ("mm length", lambda m: m.lookup([1, 2], mm_items=[MultimodalItem(0, HUGE, 7)]),
-         f"MultimodalItem at offset 0 with length {BITS} runs past the 2 tokens"),
+         f"MultimodalItem.length must be an integer in 1..2**48, got {BITS}"),
         ("max_output_tokens", lambda m: Scheduler(m).add_request(Request("b", [1], HUGE)),
-         f"request 'b' needs an int of {cdiv(HUGE + 1, 4).bit_length()} bits blocks for an "
-         f"int of {(HUGE + 1).bit_length()} bits tokens, num_gpu_blocks is 16"),
-        ("range end", lambda m: RetentionRange(HUGE, 3, 5),
-         f"end of the retention range starting at {BITS} must be None or an int > {BITS}"),
-        ("range priority", lambda m: RetentionRange(HUGE, None, 500),
-         f"priority of the retention range at {BITS} must be an integer in 0..100, got 500"),
-        ("ranges overlap", lambda m: Retention((RetentionRange(HUGE, None, 5),
-                                                RetentionRange(HUGE + 1, None, 5))),
-         f"retention ranges overlap: [{BITS}, the prompt end) and"),
+         f"max_output_tokens of 'b' must be an integer in 1..2**48, got {BITS}"),
+        ("range start", lambda m: RetentionRange(HUGE, None, 5),
+         f"start of a retention range must be an integer in 0..2**48, got {BITS}"),
+        ("range end", lambda m: RetentionRange(3, HUGE, 5),
+         f"end of the retention range starting at 3 must be None or an integer in 4..2**48, "
+         f"got {BITS}"),
+        ("range priority", lambda m: RetentionRange(3, None, HUGE),
+         f"priority of the retention range at 3 must be an integer in 0..100, got {BITS}"),
     ]
 
 
@@ -150,13 +150,14 @@ def test_a_refusal_of_an_int_past_4300_digits_names_it(name: str, call: Any,
     mgr.check_invariants()
 
 
-def test_a_retention_range_starting_past_4300_digits_is_made_and_admitted() -> None:
-    """A range past any prompt is valid (it keeps no block): it could not be made, its
-    checks' messages raising as they were built."""
-    assert RetentionRange(HUGE, None, 5).start == HUGE
+def test_a_retention_range_starting_past_any_prompt_is_made_and_admitted() -> None:
+    """A range past any prompt is valid (it keeps no block): one starting at 2**48, the
+    bound of every count (red team 33c; one past 4,300 digits could not be made, its
+    checks' messages raising as they were built)."""
+    assert RetentionRange(2**48, None, 5).start == 2**48
     mgr = make_manager()
     spec = SequenceSpec("b", [1, 2, 3, 4, 5],
-                        retention=Retention((RetentionRange(HUGE, None, 5),)))
+                        retention=Retention((RetentionRange(2**48, None, 5),)))
     assert mgr.add_sequence(spec).admitted
     mgr.remove_sequence("b")
     mgr.check_invariants()
@@ -296,10 +297,19 @@ test_each_tiers_hit_tokens_are_what_lookup_promised = TierBooks.TestCase
 def test_has_sequence_answers_as_every_call_naming_a_live_request(rid: Any) -> None:
     """has_sequence said True for NumPy's str_('a') while 'a' was live, and the calls
     naming it (remove_sequence, block_table, num_unscheduled_tokens) raised KeyError
-    'unknown request_id' for it: a caller that checked first was refused anyway."""
+    'unknown request_id' for it: a caller that checked first was refused anyway. Now
+    (red team 33c) a str subclass names its str's request in every call, as the
+    scheduler's; what is no str names none."""
     mgr = make_manager()
     mgr.add_sequence(SequenceSpec("a", list(range(10))))
     assert mgr.has_sequence("a")
+    if isinstance(rid, str):
+        assert mgr.has_sequence(rid)
+        assert mgr.block_table(rid) == mgr.block_table("a")
+        assert mgr.num_unscheduled_tokens(rid) == 0
+        mgr.remove_sequence(rid)
+        assert not mgr.has_sequence("a") and mgr.num_sequences == 0
+        return
     assert not mgr.has_sequence(rid)
     for call in (mgr.block_table, mgr.num_unscheduled_tokens, mgr.remove_sequence):
         with pytest.raises(KeyError, match="unknown request_id"):

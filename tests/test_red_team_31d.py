@@ -30,7 +30,9 @@ MANAGER_GARBAGE: list[tuple[str, Callable[[KVCacheManager], object], str]] = [
      "salt"),
     ("drop_key_space salt list", lambda m: m.drop_key_space(salt=[1]),  # type: ignore[arg-type]
      "salt"),
-    ("drop_key_space lora numpy", lambda m: m.drop_key_space(lora_id=np.int64(3)), "lora_id"),
+    # A NumPy integer is an integer (red team 33c, kvtier.counts); a float is not.
+    ("drop_key_space lora float", lambda m: m.drop_key_space(lora_id=np.float64(3.0)),
+     "lora_id"),
     ("drop_key_space lora negative", lambda m: m.drop_key_space(lora_id=-1), "lora_id"),
     ("drop_key_space lora huge", lambda m: m.drop_key_space(lora_id=2**63), "lora_id"),
     ("drop_lora None", lambda m: m.drop_lora(None), "lora_id"),  # type: ignore[arg-type]
@@ -40,10 +42,11 @@ MANAGER_GARBAGE: list[tuple[str, Callable[[KVCacheManager], object], str]] = [
     ("drop_salt nan", lambda m: m.drop_salt(float("nan")), "salt"),  # type: ignore[arg-type]
     ("drop_salt huge int", lambda m: m.drop_salt(2**200), "salt"),
     ("admitted_reuse unknown", lambda m: m.admitted_reuse("nobody"), "nobody"),
-    ("admitted_reuse numpy str", lambda m: m.admitted_reuse(np.str_("live")), "live"),
+    # NumPy's str_ names its str's request (red team 33c): one that is no live request's.
+    ("admitted_reuse numpy str", lambda m: m.admitted_reuse(np.str_("nobody")), "nobody"),
     ("end_step unopened", lambda m: m.end_step(), "begin_step"),
     ("reserve_lookahead chunked", lambda m: m.reserve_lookahead("chunked", 3), "chunked"),
-    ("reserve_lookahead numpy", lambda m: m.reserve_lookahead("live", np.int64(3)),
+    ("reserve_lookahead numpy float", lambda m: m.reserve_lookahead("live", np.float64(3)),
      "num_tokens"),
     ("reserve_lookahead negative", lambda m: m.reserve_lookahead("live", -1), "num_tokens"),
     ("compute_failed a str", lambda m: m.compute_failed("live"), "request_ids"),

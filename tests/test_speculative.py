@@ -82,11 +82,11 @@ def test_drafts_draw_on_their_own_reservation_never_on_anothers() -> None:
 @pytest.mark.parametrize(("num_tokens", "error"), [
     (-1, ValueError), (True, ValueError), (1.0, ValueError), ("2", ValueError)])
 def test_bad_counts_are_refused_naming_the_value(num_tokens: Any, error: type) -> None:
-    """A count that is no int >= 0 raises, naming it, and changes nothing."""
+    """A count that is no integer >= 0 raises, naming it, and changes nothing."""
     mgr = make_manager()
     mgr.add_sequence(SequenceSpec("a", [1, 2, 3]))
     version = mgr.version
-    with pytest.raises(error, match=f"num_tokens must be an int >= 0, got {num_tokens!r}"):
+    with pytest.raises(error, match=f"num_tokens must be an integer >= 0, got {num_tokens!r}"):
         mgr.reserve_lookahead("a", num_tokens)
     assert mgr.version == version and mgr.block_table("a") == [0]
 

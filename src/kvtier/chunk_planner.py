@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from kvtier.blocks import cdiv
-from kvtier.reprs import shown
+from kvtier.counts import check_count
 from kvtier.request import Request, set_progress
 from kvtier.scheduled_step import Admitted, Candidate, ContextChunk
 from kvtier.sequence import SequenceSpec, items_before, short_repr
@@ -65,9 +65,8 @@ class ChunkPlanner(WaitingQueue):
         # NOTE: unchecked, a budget of NaN or slots of -1 offered candidates past any
         # budget or batch, and an ``exclude`` given as one id's str excluded every id
         # found in it ("ab" excluded "a").
-        for name, value in (("budget", budget), ("slots", slots)):
-            if type(value) is not int or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {shown(value)}")
+        budget = check_count("budget", budget)
+        slots = check_count("slots", slots)
         if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Collection):
             raise TypeError(f"exclude must be a collection of request ids, got "
                             f"{short_repr(exclude)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.counts import as_integer, check_count
 from kvtier.reprs import shown
 
 HASH_ALGOS = ("xxh3_128", "sha256")
@@ -16,37 +17,33 @@ MIN_PRIORITY = 0
 MAX_PRIORITY = 100
 
 
-def check_priority(field: str, value: int) -> None:
-    """Raise ValueError naming ``field`` unless ``value`` is an int in 0..100."""
-    if type(value) is not int or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+def check_priority(field: str, value: object) -> int:
+    """``value`` as a plain int; ValueError naming ``field`` unless it is an integer
+    (``kvtier.counts``) in 0..100."""
+    n = as_integer(value)
+    if n is None or not MIN_PRIORITY <= n <= MAX_PRIORITY:
         raise ValueError(
             f"{field} must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}, got {shown(value)}"
         )
+    return n
 
 
 MAX_BLOCKS = 2**32
 """The most slots one tier may have (block ids fit in 32 bits)."""
 
-
-def _check_count(field: str, value: int, minimum: int, maximum: int | None = None) -> None:
-    if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
-        bound = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
-        text = shown(value)
-        text = text if len(text) <= 40 else text[:37] + "..."
-        raise ValueError(f"{field} must be an integer {bound}, got {text}")
-
-
 MAX_TOKENS_PER_BLOCK = 2**16
 
 
-def check_tokens_per_block(tpb: object) -> None:
-    """Raise ValueError unless ``tpb`` is a block size a cache takes: a power of two in
-    1..65536 (an int, never a bool). Pure."""
-    if type(tpb) is not int or not 1 <= tpb <= MAX_TOKENS_PER_BLOCK or tpb & (tpb - 1):
+def check_tokens_per_block(tpb: object) -> int:
+    """``tpb`` as a plain int; ValueError unless it is a block size a cache takes: a power
+    of two in 1..65536 (an integer, ``kvtier.counts``: never a bool). Pure."""
+    n = as_integer(tpb)
+    if n is None or not 1 <= n <= MAX_TOKENS_PER_BLOCK or n & (n - 1):
         # NOTE: shown, whatever the type: str() of a NumPy int64(4) read 'got 4'.
         text = shown(tpb)
         text = text if len(text) <= 40 else text[:37] + "..."
         raise ValueError(f"tokens_per_block must be a power of two in 1..65536, got {text}")
+    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +72,17 @@ class CacheConfig:
     max_events: int = 1_000_000
 
     def __post_init__(self) -> None:
-        check_tokens_per_block(self.tokens_per_block)
-        _check_count("num_gpu_blocks", self.num_gpu_blocks, 1, MAX_BLOCKS)
-        _check_count("num_host_blocks", self.num_host_blocks, 0, MAX_BLOCKS)
-        _check_count("max_events", self.max_events, 1, 2**40)
-        check_priority("offload_min_priority", self.offload_min_priority)
-        check_priority("default_priority", self.default_priority)
+        # Each count kept as the plain int it is (a NumPy integer given is read as one).
+        set_ = object.__setattr__
+        set_(self, "tokens_per_block", check_tokens_per_block(self.tokens_per_block))
+        set_(self, "num_gpu_blocks", check_count("num_gpu_blocks", self.num_gpu_blocks, 1,
+                                                 MAX_BLOCKS))
+        set_(self, "num_host_blocks", check_count("num_host_blocks", self.num_host_blocks, 0,
+                                                  MAX_BLOCKS))
+        set_(self, "max_events", check_count("max_events", self.max_events, 1, 2**40))
+        set_(self, "offload_min_priority",
+             check_priority("offload_min_priority", self.offload_min_priority))
+        set_(self, "default_priority", check_priority("default_priority", self.default_priority))
         if self.hash_algo not in HASH_ALGOS:
             raise ValueError(f"hash_algo must be one of {HASH_ALGOS}, got {shown(self.hash_algo)}")
         if self.eviction_policy not in EVICTION_POLICIES:

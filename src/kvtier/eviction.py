@@ -432,6 +432,16 @@ class Evictor:
                 self.refile(node)
         self._soft_claimed = claimed
 
+    def soft_claimed_runs(self) -> list[Node]:
+        """Every run the last ``soft_claim`` claimed (and heads split off them since), as
+        tracked for release: dropped ones included. For invariant checks. Pure."""
+        return list(self._soft_claimed)
+
+    def soft_claim_ends(self) -> tuple[list[Node], bool]:
+        """The runs the last ``soft_claim`` claimed the paths of, and whether a claimed run
+        was cut since (its tail, unclaimed, may lie on a claimed path). Pure."""
+        return list(self._soft_deepest), self._soft_cut
+
     def split_off(self, head: Node) -> None:
         """``head`` was split off a run: it keeps the run's soft claim, released with the
         others; and its retention, tracked on its own."""

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import xxhash
 
 from kvtier.config import check_tokens_per_block
+from kvtier.counts import check_count
 from kvtier.reprs import shown
 from kvtier.sequence import (
     as_token_sequence,
@@ -156,14 +157,13 @@ def prompt_block_hashes(
     # keys or a set's members as if they were a prompt.
     tokens = as_token_sequence(tokens, "tokens")
     check_key("salt", salt)
-    check_lora_id(lora_id)
+    lora_id = check_lora_id(lora_id)
     # NOTE: the cache's own rule (a power of two in 1..65536), not only >= 1: a block size
     # of 3 hashed a chain no cache could hold, though this docstring said it refused what
     # the manager refuses.
-    check_tokens_per_block(tokens_per_block)
+    tokens_per_block = check_tokens_per_block(tokens_per_block)
     if num_blocks is not None:
-        if type(num_blocks) is not int or num_blocks < 0:
-            raise ValueError(f"num_blocks must be None or an integer >= 0, got {shown(num_blocks)}")
+        num_blocks = check_count("num_blocks", num_blocks)
         tokens = tokens[: num_blocks * tokens_per_block]
     if extras is not None and len(extras) < len(tokens) // tokens_per_block:
         raise ValueError(f"extras must hold one extra key per full block "

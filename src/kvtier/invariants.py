@@ -67,6 +67,8 @@ def check_books(store: BlockCache, live: LiveTable) -> None:
         assert node.key == block_key(node.tokens, 0, tpb,
                                      node.extras[0] if node.extras else None), f"{node} key"
 
+    check_soft_claims(store)
+
     # The live sequences: refs, block tables, private blocks.
     expected_refs: Counter[int] = Counter()
     num_private = 0
@@ -142,6 +144,38 @@ def check_books(store: BlockCache, live: LiveTable) -> None:
         assert num_owned[tier] + len(fresh) == pool.capacity, (
             f"{tier.name}: {num_owned[tier] + len(fresh)} slots accounted for, capacity "
             f"{pool.capacity}")
+
+
+def check_soft_claims(store: BlockCache) -> None:
+    """Assert the soft claims' flags (the waiting queue's hint, ``soft_claims.py``),
+    recounted from the tree: every flagged run is tracked by the evictor (else its flag is
+    never released) and lies on a path the last hint claimed (the path of a run it named,
+    or of a hinted request's cached prefix as matched now: a claimed run below it may have
+    left since); with no claimed run cut since the hint, every path it claimed that is
+    still cached is flagged whole. Pure."""
+    nodes = list(store.nodes())
+    tracked = {id(node) for node in store.evictor.soft_claimed_runs()}
+    ends, cut = store.evictor.soft_claim_ends()
+    claimed: set[int] = set()
+    for end in [*ends, *store.hinted_prefix_ends()]:
+        if end.parent is None:
+            continue  # dropped since: its cached ancestors are on a hinted prefix
+        claimed.update(id(node) for node in path_to_root(end))
+    for node in nodes:
+        if node.soft_claimed:
+            assert id(node) in tracked, (
+                f"{node} is soft-claimed but the evictor does not track it: its flag would "
+                f"never be released")
+            assert id(node) in claimed, (
+                f"{node} is soft-claimed but lies on no path the waiting queue's hint claimed")
+    if not cut:
+        for end in ends:
+            if end.parent is None:
+                continue
+            for node in path_to_root(end):
+                assert node.soft_claimed, (
+                    f"{node} lies on a path the waiting queue's hint claimed (to {end}) "
+                    f"but is not soft-claimed")
 
 
 def _is_slot_array(slots: object) -> bool:

@@ -11,7 +11,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import cast
 
 from kvtier.reprs import shown
-from kvtier.sequence import MAX_TOKEN_ID, LiveSequence, SequenceSpec, check_spec, check_token
+from kvtier.sequence import (
+    MAX_TOKEN_ID,
+    LiveSequence,
+    SequenceSpec,
+    check_spec,
+    check_token,
+    request_id_of,
+)
 
 # The item types a decode batch's fast check accepts; any other goes the item-by-item way.
 _PAIR_TYPES = frozenset((tuple, list))
@@ -45,7 +52,8 @@ class LiveTable:
 
     def get(self, request_id: str) -> LiveSequence:
         """The live request ``request_id``; KeyError naming it if there is none."""
-        seq = self.seqs.get(request_id) if type(request_id) is str else None
+        rid = request_id_of(request_id)
+        seq = self.seqs.get(rid) if rid is not None else None
         if seq is None:
             raise KeyError(f"unknown request_id {shown(request_id)}")
         return seq
@@ -142,7 +150,8 @@ class LiveTable:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise ValueError(f"item {i} must be a (request_id, token) pair, got {shown(item)}")
             rid, token = item
-            seq = self.seqs.get(rid) if type(rid) is str else None
+            key = request_id_of(rid)
+            seq = self.seqs.get(key) if key is not None else None
             if seq is None:
                 raise KeyError(f"item {i}: unknown request_id {shown(rid)}")
             token = check_token(token, f"item {i}: the token appended to {shown(rid)}")

@@ -28,7 +28,8 @@ from kvtier.admission import Admission, BatchAdmission, PrefixMatch, promise_of
 from kvtier.blocks import cdiv
 from kvtier.cache import BlockCache
 from kvtier.clock import CacheClock, CallerCode
-from kvtier.config import CacheConfig
+from kvtier.config import MAX_BLOCKS, CacheConfig
+from kvtier.counts import check_count
 from kvtier.events import Event
 from kvtier.eviction import EvictionPolicy
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
@@ -52,6 +53,7 @@ from kvtier.sequence import (
     check_mm_items,
     check_spec,
     checked_token_array,
+    request_id_of,
     token_list,
 )
 from kvtier.tier import Tier
@@ -185,13 +187,11 @@ class KVCacheManager:
         return self._live.in_step
 
     def has_sequence(self, request_id: str) -> bool:
-        """Whether ``request_id`` is live (admitted and not removed or aborted): a str, as
-        every call naming a live request takes it. Pure.
-
-        NOTE: an id of a str subclass (NumPy's ``str_``) equal to a live one answered True,
-        while every call naming it (``remove_sequence``, ``block_table``, ...) raised
-        KeyError 'unknown request_id': a caller that checked first was refused anyway."""
-        return type(request_id) is str and request_id in self._live
+        """Whether ``request_id`` is live (admitted and not removed or aborted): a str (one
+        of a subclass, NumPy's ``str_``, names its str's request), as every call naming a
+        live request takes it. Pure."""
+        rid = request_id_of(request_id)
+        return rid is not None and rid in self._live
 
     @property
     def num_key_spaces(self) -> int:
@@ -266,7 +266,7 @@ class KVCacheManager:
         Arguments are checked exactly as ``SequenceSpec`` checks them (ValueError)."""
         token_ids = checked_token_array(as_token_sequence(tokens, "tokens"), "tokens")
         check_key("salt", salt)
-        check_lora_id(lora_id)
+        lora_id = check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "lookup")
         return self._lookup(token_ids, salt, lora_id, items)
 
@@ -297,7 +297,7 @@ class KVCacheManager:
         Pure query."""
         token_ids = token_list(tokens, "tokens")
         check_key("salt", salt)
-        check_lora_id(lora_id)
+        lora_id = check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "missing_block_hashes")
         m = self._lookup(token_ids, salt, lora_id, items)
         hashes = prompt_block_hashes(get_hash_fn(self.config.hash_algo), token_ids, self._tpb,
@@ -404,8 +404,7 @@ class KVCacheManager:
         if self._caller_code.depth:
             raise _reentered("schedule_prefill")
         seq = self._live.get(request_id)
-        if type(num_tokens) is not int or num_tokens < 1:
-            raise ValueError(f"num_tokens must be an int >= 1, got {shown(num_tokens)}")
+        num_tokens = check_count("num_tokens", num_tokens, 1)
         remaining = len(seq.tokens) - seq.num_scheduled_tokens
         if num_tokens > remaining:
             raise ValueError(
@@ -428,8 +427,7 @@ class KVCacheManager:
     def num_blocks_to_append(self, request_id: str, num_tokens: int) -> int:
         """New GPU blocks ``append_tokens`` would need for ``num_tokens`` more tokens. Pure."""
         seq = self._live.get(request_id)
-        if type(num_tokens) is not int or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {shown(num_tokens)}")
+        num_tokens = check_count("num_tokens", num_tokens)
         return max(0, cdiv(len(seq.tokens) + num_tokens, self._tpb) - len(seq.block_table))
 
     @_operation
@@ -464,8 +462,7 @@ class KVCacheManager:
         if self._caller_code.depth:
             raise _reentered("reserve_lookahead")
         seq = self._live.get(request_id)
-        if type(num_tokens) is not int or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {shown(num_tokens)}")
+        num_tokens = check_count("num_tokens", num_tokens)
         seq.check_prefilled()
         end = len(seq.tokens) + num_tokens
         new = self._grow_table(seq, end)
@@ -588,10 +585,9 @@ class KVCacheManager:
         if self._caller_code.depth:
             raise _reentered("import_blocks")
         token_ids = token_list(tokens, "tokens")
-        if type(num_blocks) is not int or num_blocks < 0:
-            raise ValueError(f"num_blocks must be an int >= 0, got {shown(num_blocks)}")
+        num_blocks = check_count("num_blocks", num_blocks, 0, MAX_BLOCKS)
         check_key("salt", salt)
-        check_lora_id(lora_id)
+        lora_id = check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "import_blocks")
         # The host slots the copies recorded and not yet taken read or write: the caller
         # writes the imported slots now, before those copies run.
@@ -702,11 +698,13 @@ class KVCacheManager:
         if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, Iterable):
             raise TypeError(f"request_ids must be an iterable of request ids, got "
                             f"{shown(request_ids)}")
-        ids = list(request_ids)
-        for rid in ids:
-            if type(rid) is not str:
-                raise TypeError(f"request id {shown(rid)} is not a str")
+        ids: list[str] = []
+        for given in list(request_ids):
+            rid = request_id_of(given)
+            if rid is None:
+                raise TypeError(f"request id {shown(given)} is not a str")
             self._live.get(rid)  # KeyError naming it
+            ids.append(rid)
         if self._live.in_step:
             raise RuntimeError("compute_failed() is for the step ended, not one in progress")
         aborted = fail_computes(self._cache, self._live, ids, self._ops.columns)
@@ -786,7 +784,7 @@ class KVCacheManager:
         if self._caller_code.depth:
             raise _reentered("drop_key_space")
         check_key("salt", salt)
-        check_lora_id(lora_id)
+        lora_id = check_lora_id(lora_id)
         return self._drop_key_spaces([(lora_id, salt)])
 
     @_operation
@@ -801,8 +799,8 @@ class KVCacheManager:
         if lora_id is None:
             raise ValueError("drop_lora needs an adapter's lora_id, got None (the base model's "
                              "blocks: drop_key_space per salt, or reset_cache)")
-        check_lora_id(lora_id)
-        return self._drop_key_spaces([key for key in self._cache.roots if key[0] == lora_id])
+        adapter = check_lora_id(lora_id)
+        return self._drop_key_spaces([key for key in self._cache.roots if key[0] == adapter])
 
     @_operation
     def drop_salt(self, salt: bytes | str | int) -> int:

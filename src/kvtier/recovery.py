@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from kvtier.cache import BlockCache
+from kvtier.counts import as_integer
 from kvtier.live import LiveTable
 from kvtier.radix import Node, path_to_root
 from kvtier.reprs import shown
@@ -36,13 +37,15 @@ def check_failed_indices(plan: object, failed_indices: object) -> list[int]:
     if isinstance(failed_indices, (str, bytes)) or not isinstance(failed_indices, Iterable):
         raise TypeError(f"failed_indices must be an iterable of op indices, got "
                         f"{shown(failed_indices)}")
-    failed = list(failed_indices)
-    for i, index in enumerate(failed):
-        if type(index) is not int:
-            # NOTE: a NumPy or torch integer, or a bool, was refused as "not an index into
-            # the plan's N ops" though it lay in range: the message named the wrong fault.
-            raise ValueError(f"failed_indices[{i}] is {shown(index)}, a {type(index).__name__}, "
-                             f"not an int")
+    failed: list[int] = []
+    for i, given in enumerate(list(failed_indices)):
+        index = as_integer(given)  # a NumPy or torch integer is read as the int it is
+        if index is None:
+            # NOTE: a bool or a float was refused as "not an index into the plan's N ops"
+            # though it lay in range: the message named the wrong fault.
+            raise ValueError(f"failed_indices[{i}] is {shown(given)}, a {type(given).__name__}, "
+                             f"not an integer")
+        failed.append(index)
         if not 0 <= index < len(plan.ops):
             raise ValueError(f"failed op index {shown(index)} is not an index into the plan's "
                              f"{len(plan.ops)} ops")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from kvtier.config import check_priority
+from kvtier.counts import check_count
 from kvtier.reprs import shown
 from kvtier.sequence import (
     MultimodalItem,
@@ -18,6 +19,7 @@ from kvtier.sequence import (
     check_retention_type,
     check_tokens,
     is_finite_number,
+    request_id_of,
     short_repr,
     token_list,
 )
@@ -152,23 +154,24 @@ def check_token_ids(tokens: object, what: str, allow_empty: bool = False) -> lis
 
 def check_request(req: Request) -> tuple[list[int], list[int], tuple[MultimodalItem, ...]]:
     """Validate every field of ``req``; return copies of its prompt and output and its
-    multimodal items as a tuple. Pure."""
-    rid = req.request_id
-    if type(rid) is not str or not rid:
-        raise ValueError(f"request_id must be a non-empty str, got {shown(rid)}")
+    multimodal items as a tuple. Its counts are kept as the plain ints they are (a NumPy
+    integer given is read as one: the same value); nothing else changes."""
+    rid = request_id_of(req.request_id)
+    if not rid:
+        raise ValueError(f"request_id must be a non-empty str, got {shown(req.request_id)}")
+    if rid is not req.request_id:
+        object.__setattr__(req, "request_id", rid)
     what = f"request {shown(rid)}"
     prompt = check_token_ids(req.prompt, f"prompt of {what}")
     output = check_token_ids(req.output, f"output of {what}", allow_empty=True)
-    n = req.max_output_tokens
-    if type(n) is not int or n < 1:
-        raise ValueError(f"max_output_tokens of {shown(rid)} must be an integer >= 1, got "
-                         f"{shown(n)}")
+    set_progress(req, max_output_tokens=check_count(f"max_output_tokens of {shown(rid)}",
+                                                    req.max_output_tokens, 1))
     if not is_finite_number(req.arrival_s):
         raise ValueError(f"arrival_s of {what} must be a finite number, got {shown(req.arrival_s)}")
     check_key(f"salt of {what}", req.salt)
-    check_lora_id(req.lora_id, f"lora_id of {what}")
+    object.__setattr__(req, "lora_id", check_lora_id(req.lora_id, f"lora_id of {what}"))
     if req.priority is not None:
-        check_priority(f"priority of {what}", req.priority)
+        set_progress(req, priority=check_priority(f"priority of {what}", req.priority))
     check_retention(req.retention_s, f"retention_s of {what}")
     if req.retention is not None:
         # NOTE: with the tokens it is admitted with, as SequenceSpec checks it: unbounded
@@ -180,9 +183,7 @@ def check_request(req: Request) -> tuple[list[int], list[int], tuple[MultimodalI
                          f"{short_repr(req.skip_reading_prefix_cache)}")
     mm_items = check_mm_items(req.mm_items, len(prompt), rid)
     for name in ("num_prefill_tokens", "num_computed_tokens", "num_preemptions"):
-        value = getattr(req, name)
-        if type(value) is not int or value < 0:
-            raise ValueError(f"{name} of {what} must be an integer >= 0, got {shown(value)}")
+        set_progress(req, **{name: check_count(f"{name} of {what}", getattr(req, name))})
     return prompt, output, mm_items
 
 

@@ -39,6 +39,7 @@ from itertools import pairwise
 
 from kvtier.blocks import cdiv
 from kvtier.config import check_priority
+from kvtier.counts import MAX_COUNT, as_integer, check_count
 from kvtier.reprs import shown
 from kvtier.sequence import check_retention, short_repr
 
@@ -54,17 +55,21 @@ class RetentionRange:
     retention_s: float | None = None
 
     def __post_init__(self) -> None:
-        if type(self.start) is not int or self.start < 0:
-            raise ValueError(f"start of a retention range must be an int >= 0, got "
-                             f"{short_repr(self.start)}")
+        set_ = object.__setattr__
+        set_(self, "start", check_count("start of a retention range", self.start))
         # NOTE: ``shown``, not ``{self.start}``: a start past Python's 4,300 digits made
         # every message here raise a ValueError naming nothing (and the two below are built
         # for every range: no such range could be made at all).
         start = shown(self.start)
-        if self.end is not None and (type(self.end) is not int or self.end <= self.start):
-            raise ValueError(f"end of the retention range starting at {start} must be "
-                             f"None or an int > {start}, got {short_repr(self.end)}")
-        check_priority(f"priority of the retention range at {start}", self.priority)
+        if self.end is not None:
+            end = as_integer(self.end)
+            if end is None or not self.start < end <= MAX_COUNT:
+                raise ValueError(f"end of the retention range starting at {start} must be "
+                                 f"None or an integer in {self.start + 1}..2**48, got "
+                                 f"{short_repr(self.end)}")
+            set_(self, "end", end)
+        set_(self, "priority",
+             check_priority(f"priority of the retention range at {start}", self.priority))
         object.__setattr__(self, "retention_s", check_retention(
             self.retention_s, f"retention_s of the retention range at {start}"))
 
@@ -106,16 +111,16 @@ class Retention:
                                  "may be open-ended)")
         object.__setattr__(self, "ranges", tuple(items))
         if self.decode_priority is not None:
-            check_priority("decode_priority", self.decode_priority)
+            object.__setattr__(self, "decode_priority",
+                               check_priority("decode_priority", self.decode_priority))
         elif self.decode_retention_s is not None:
             raise ValueError("decode_retention_s needs a decode_priority (without one, "
                              "decoded blocks follow the request's priority and retention_s)")
         object.__setattr__(self, "decode_retention_s",
                            check_retention(self.decode_retention_s, "decode_retention_s"))
         start = self.decode_start
-        if start is not None and (type(start) is not int or start < 1):
-            raise ValueError(f"decode_start must be None or an int >= 1, got "
-                             f"{short_repr(start)}")
+        if start is not None:
+            object.__setattr__(self, "decode_start", check_count("decode_start", start, 1))
 
     def for_request(self, num_tokens: int, priority: int,
                     retention_s: float | None) -> BlockRetention:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from kvtier.counts import check_count
 from kvtier.reprs import shown
 
 CapacityPolicy = Literal["guaranteed_no_evict", "max_utilization"]
@@ -46,17 +47,17 @@ class SchedulerConfig:
     num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
-        k = self.num_speculative_tokens
-        if type(k) is not int or not 0 <= k <= MAX_SPECULATIVE_TOKENS:
-            raise ValueError(f"num_speculative_tokens must be an integer in 0.."
-                             f"{MAX_SPECULATIVE_TOKENS}, got {shown(k)}")
+        # Each count kept as the plain int it is (a NumPy integer given is read as one), at
+        # most ``MAX_COUNT`` (2**48: no step of any cache holds more tokens or requests).
+        set_ = object.__setattr__
+        set_(self, "num_speculative_tokens", check_count(
+            "num_speculative_tokens", self.num_speculative_tokens, 0, MAX_SPECULATIVE_TOKENS))
         for name in ("max_num_tokens", "max_batch_size", "max_wait_steps"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {shown(value)}")
+            set_(self, name, check_count(name, getattr(self, name), 1))
         cap = self.max_chunk_tokens
-        if cap is not None and (type(cap) is not int or cap < 1):
-            raise ValueError(f"max_chunk_tokens must be an integer >= 1 or None, got {shown(cap)}")
+        if cap is not None:
+            cap = check_count("max_chunk_tokens", cap, 1)
+            set_(self, "max_chunk_tokens", cap)
         # NOTE: without chunked prefill the cap was taken and read by nothing (a prompt is
         # prefilled whole, and a recompute no step holds is chunked by the budget alone):
         # a config that said chunks <= 256 ran chunks of max_num_tokens. The CLI refuses

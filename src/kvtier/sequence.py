@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import sys
 from array import array
 from collections.abc import Iterator, Sequence
@@ -12,7 +11,8 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, NoReturn, overload
 
 from kvtier.blocks import cdiv
-from kvtier.config import check_priority
+from kvtier.config import MAX_BLOCKS, check_priority
+from kvtier.counts import as_integer, check_count
 from kvtier.radix import Node, Root
 from kvtier.reprs import shown
 from kvtier.slots import SLOT_TYPECODE, slot_array
@@ -114,10 +114,8 @@ class MultimodalItem:
     content_hash: bytes | str | int
 
     def __post_init__(self) -> None:
-        if type(self.offset) is not int or self.offset < 0:
-            raise ValueError(f"MultimodalItem.offset must be an int >= 0, got {shown(self.offset)}")
-        if type(self.length) is not int or self.length < 1:
-            raise ValueError(f"MultimodalItem.length must be an int >= 1, got {shown(self.length)}")
+        object.__setattr__(self, "offset", check_count("MultimodalItem.offset", self.offset))
+        object.__setattr__(self, "length", check_count("MultimodalItem.length", self.length, 1))
         check_key("MultimodalItem.content_hash", self.content_hash, allow_none=False)
 
 
@@ -167,8 +165,11 @@ class SequenceSpec:
     token_array: array[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if type(self.request_id) is not str or not self.request_id:
+        rid = request_id_of(self.request_id)
+        if not rid:
             raise ValueError(f"request_id must be a non-empty str, got {shown(self.request_id)}")
+        if rid is not self.request_id:
+            object.__setattr__(self, "request_id", rid)
         tokens = self.tokens
         if type(tokens) is TokenIds:  # validated, and never changes: shared
             ids = tokens._ids
@@ -190,9 +191,9 @@ class SequenceSpec:
         if self.salt is not None:
             check_key("salt", self.salt)
         if self.lora_id is not None:
-            check_lora_id(self.lora_id)
+            setattr_(self, "lora_id", check_lora_id(self.lora_id))
         if self.priority is not None:
-            check_priority("priority", self.priority)
+            setattr_(self, "priority", check_priority("priority", self.priority))
         if self.retention_s is not None:
             setattr_(self, "retention_s", check_retention(self.retention_s))
         if self.retention is not None:
@@ -210,12 +211,15 @@ class SequenceSpec:
                              f"got {short_repr(self.resumed)}")
         if (self.num_new_tokens is not None or type(self.num_reserved_blocks) is not int
                 or self.num_reserved_blocks):
-            _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
+            n, r = _check_schedule(self.num_new_tokens, self.num_reserved_blocks)
+            setattr_(self, "num_new_tokens", n)
+            setattr_(self, "num_reserved_blocks", r)
 
     def with_schedule(self, num_new_tokens: int | None, num_reserved_blocks: int) -> SequenceSpec:
         """A copy with other scheduling fields. Only those are checked: the rest was
         validated when this spec was built (a scheduler re-admits the same prompt often)."""
-        _check_schedule(num_new_tokens, num_reserved_blocks)
+        num_new_tokens, num_reserved_blocks = _check_schedule(num_new_tokens,
+                                                              num_reserved_blocks)
         spec = object.__new__(SequenceSpec)
         for name in _SPEC_FIELDS:  # NOTE: not ``fields(self)``, a tuple built each call
             object.__setattr__(spec, name, getattr(self, name))
@@ -227,13 +231,11 @@ class SequenceSpec:
 _SPEC_FIELDS = tuple(f.name for f in fields(SequenceSpec))
 
 
-def _check_schedule(num_new_tokens: int | None, num_reserved_blocks: int) -> None:
-    n = num_new_tokens
-    if n is not None and (type(n) is not int or n < 1):
-        raise ValueError(f"num_new_tokens must be an int >= 1 or None, got {shown(n)}")
-    r = num_reserved_blocks
-    if type(r) is not int or r < 0:
-        raise ValueError(f"num_reserved_blocks must be an int >= 0, got {shown(r)}")
+def _check_schedule(num_new_tokens: int | None, num_reserved_blocks: int
+                    ) -> tuple[int | None, int]:
+    """The two counts as plain ints (``kvtier.counts``); ValueError naming the field."""
+    n = None if num_new_tokens is None else check_count("num_new_tokens", num_new_tokens, 1)
+    return n, check_count("num_reserved_blocks", num_reserved_blocks, 0, MAX_BLOCKS)
 
 
 def token_list(tokens: object, what: str) -> list[int]:
@@ -419,16 +421,16 @@ def check_spec(spec: object, what: str) -> SequenceSpec:
 
 def check_token(token: object, what: str) -> int:
     """One token id as an int; ValueError naming ``what``, the value and its type unless it
-    is an integer in ``0..2**63-1``: an ``int`` or an integer scalar of another kind (a
-    NumPy ``int64``, as engines sample them, read as the int it is), never a bool (nor a
-    NumPy bool), a float or a str. Every entry that takes token ids, one or a list, takes
-    exactly these (``checked_token_array``)."""
+    is an integer in ``0..2**63-1``: an ``int`` or an integer of another kind (a NumPy
+    ``int64``, as engines sample them, read as the int it is: ``kvtier.counts``), never a
+    bool (nor a NumPy bool), a float or a str. Every entry that takes token ids, one or a
+    list, takes exactly these (``checked_token_array``)."""
     if type(token) is int:
         if 0 <= token <= MAX_TOKEN_ID:
             return token
-    elif isinstance(token, numbers.Integral) and not isinstance(token, bool):
-        value = int(token)
-        if 0 <= value <= MAX_TOKEN_ID:
+    else:
+        value = as_integer(token)
+        if value is not None and 0 <= value <= MAX_TOKEN_ID:
             return value
     raise ValueError(f"{what} must be an int in 0..2**63-1, got {short_repr(token)} "
                      f"({type(token).__name__})")
@@ -454,11 +456,26 @@ def check_key(what: str, value: object, allow_none: bool = True) -> None:
     raise ValueError(f"{what} must be {allowed}, got {short_repr(value)} ({type(value).__name__})")
 
 
-def check_lora_id(lora_id: object, what: str = "lora_id") -> None:
-    """Raise ValueError naming ``what`` unless ``lora_id`` is ``None`` or an int in
-    ``0 ..= MAX_TOKEN_ID``."""
-    if lora_id is not None and (type(lora_id) is not int or not 0 <= lora_id <= MAX_TOKEN_ID):
+def request_id_of(value: object) -> str | None:
+    """``value`` as the plain str of a request id if it is a str (one of a subclass, NumPy's
+    ``str_`` say, names the request of the str it equals), else None. Every call that takes
+    a request id, the manager's and the scheduler's, reads it so. Pure."""
+    if type(value) is str:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)  # the plain str: a subclass keeps nothing of its own
+    return None
+
+
+def check_lora_id(lora_id: object, what: str = "lora_id") -> int | None:
+    """``lora_id`` as a plain int (or None); ValueError naming ``what`` unless it is
+    ``None`` or an integer (``kvtier.counts``) in ``0 ..= MAX_TOKEN_ID``."""
+    if lora_id is None:
+        return None
+    n = as_integer(lora_id)
+    if n is None or not 0 <= n <= MAX_TOKEN_ID:
         raise ValueError(f"{what} must be an int in 0..2**63-1 or None, got {short_repr(lora_id)}")
+    return n
 
 
 def check_retention_type(retention: object, what: str, num_tokens: int | None = None) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from operator import attrgetter, is_
 
 from kvtier.cache_state import CacheState
+from kvtier.matching import match_prompt
 from kvtier.radix import Node
 from kvtier.sequence import SequenceSpec, block_extras
 
@@ -128,6 +129,22 @@ class SoftClaims(CacheState):
         self._hinted_rids = rids if len(rids) == len(specs) else None
         lasts = [last for _, last in hinted.values()]  # one a request id, as claimed
         self._hinted_queue = (list(specs), lasts, unmatched)
+
+    def hinted_prefix_ends(self) -> list[Node]:
+        """The deepest run of each cached prefix of the last hint's requests, matched now
+        without the memo of matches (``match_prompt``): for invariant checks. Pure."""
+        ends: list[Node] = []
+        for spec in self._hinted_queue[0]:
+            if spec.skip_reading_prefix_cache:
+                continue
+            root = self.root(spec.lora_id, spec.salt)
+            extras = block_extras(spec.mm_items, len(spec.token_array), self.tpb)
+            m = match_prompt(root, spec.token_array, extras, self.config)
+            if m.tail is not None:
+                ends.append(m.tail[0])
+            elif m.path:
+                ends.append(m.path[-1])
+        return ends
 
     def _prefix_end(self, spec: SequenceSpec) -> Node | None:
         """The deepest run of ``spec``'s cached prefix (None: nothing cached). Pure."""

@@ -20,21 +20,19 @@ from kvtier.blocks import cdiv
 from kvtier.reprs import shown
 from kvtier.request import Request, check_request, hold_request
 from kvtier.scheduler_state import SchedulerState
-from kvtier.sequence import SequenceSpec, TokenIds, short_repr
+from kvtier.sequence import SequenceSpec, TokenIds, request_id_of, short_repr
 
 _request_id = attrgetter("request_id")
 
 
 def _as_id(request_id: object) -> str:
-    """``request_id`` as the plain str of a request id; TypeError naming it unless a str.
-
-    NOTE: a str subclass (NumPy's ``str_``, equal to its str) names the request, as
-    ``requeue_failed`` and ``update``'s ``stopped`` take it: ``hold``, ``release`` and
-    ``abort`` refused it as 'no str', and passed on as it is, the manager (which reads
-    plain str ids) would not find the request it names."""
-    if not isinstance(request_id, str):
+    """``request_id`` as the plain str of a request id (``request_id_of``: a str
+    subclass's, NumPy's ``str_``, names its str's request, as in the manager); TypeError
+    naming it unless a str."""
+    rid = request_id_of(request_id)
+    if rid is None:
         raise TypeError(f"request_id must be a str, got {short_repr(request_id)}")
-    return str.__str__(request_id)
+    return rid
 
 
 class WaitingQueue(SchedulerState):
@@ -188,9 +186,7 @@ class WaitingQueue(SchedulerState):
         an id that is no str (TypeError; one of a subclass, NumPy's ``str_``, names its
         str's request)."""
         self._check_not_in_call("abort")
-        if not isinstance(request_id, str):
-            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
-        request_id = str.__str__(request_id)  # a subclass's: see ``_as_id``
+        request_id = _as_id(request_id)
         if self._unapplied is not None:
             raise RuntimeError(f"abort({shown(request_id)}) between step() and update(): apply "
                                "the step first")

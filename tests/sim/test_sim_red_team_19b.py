@@ -7,6 +7,8 @@ import math
 import re
 from dataclasses import replace
 
+import pytest
+
 from kvtier.config import CacheConfig
 from kvtier.scheduler import SchedulerConfig
 from kvtier.sim import SyntheticChat
@@ -89,12 +91,15 @@ def test_fetch_costs_below_ten_megabytes_a_second_keep_their_digits() -> None:
 
 
 def test_a_budget_past_the_float_range_replays() -> None:
-    """max_num_tokens=10**400 is a valid budget (an int >= 1): the replay finishes every
-    request, and no step counts as full (it raised OverflowError after the first step,
-    comparing each step with 0.9 x the budget as a float)."""
+    """max_num_tokens=10**400 was a valid budget and raised OverflowError after the first
+    step (comparing each step with 0.9 x the budget as a float). Every count is bounded
+    now (red team 33c: at most 2**48 tokens, kvtier.counts): 10**400 is refused naming the
+    field, and the largest budget replays, no step counting as full."""
+    with pytest.raises(ValueError, match=r"^max_num_tokens must be an integer in 1\.\.2\*\*48"):
+        SchedulerConfig(max_num_tokens=10**400)
     report = simulate(SyntheticChat(num_requests=5, seed=1),
                       CacheConfig(tokens_per_block=32, num_gpu_blocks=512),
-                      SchedulerConfig(max_num_tokens=10**400), profile="tiny-test")
+                      SchedulerConfig(max_num_tokens=2**48), profile="tiny-test")
     assert (report.num_requests, report.num_overflow_steps) == (5, 0)
     assert report.cpu["us_per_full_step_mean"] is None
 
