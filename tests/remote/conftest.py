@@ -10,9 +10,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from remote_helpers import PrivateCluster, PrivateRedis, RedisServers, shared_redis_servers
+
+if TYPE_CHECKING:
+    from test_red_team_29c_cluster import MigratingCluster
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +53,25 @@ def redis_cluster(redis_servers: RedisServers, tmp_path: Path) -> Iterator[Priva
     cluster = PrivateCluster(tmp_path)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def logged_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[MigratingCluster]:
+    """A fake cluster (``MigratingCluster``: three nodes, every key on a) whose every
+    pipeline the store sends is logged (``pipelines``: the node's name and the commands)."""
+    from test_red_team_29c_cluster import MigratingCluster
+
+    import kvtier.remote.redis_pipeline as redis_pipeline
+    from kvtier.remote import redis_store
+
+    fake = MigratingCluster()
+    pipeline = redis_pipeline.pipeline  # the store sends through its own name of it
+
+    def logged(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
+        fake.pipelines.append((fake.name_of(client), [str(c[0]) for c in commands]))
+        return pipeline(commands, client, *args)
+
+    monkeypatch.setattr(redis_store, "pipeline", logged)
+    yield fake
+    fake.close()
+

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,8 +29,6 @@ pytest.importorskip("redis")
 from test_red_team_21b_remote import FakeRedis, Pieces, bulk
 from test_resp import ChunkSocket
 
-import kvtier.remote.redis_pipeline as redis_pipeline
-import kvtier.remote.redis_store as redis_store
 from kvtier.remote.redis_store import RedisRemoteStore
 from kvtier.remote.resp import ErrorReply, ProtocolError, SocketReader, read_asking_replies
 
@@ -178,18 +175,9 @@ class MigratingCluster:
 
 
 @pytest.fixture
-def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[MigratingCluster]:
-    """A fake cluster whose every pipeline the store sends is logged (``pipelines``)."""
-    fake = MigratingCluster()
-    pipeline = redis_pipeline.pipeline  # the store sends through its own name of it
-
-    def logged(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
-        fake.pipelines.append((fake.name_of(client), [str(c[0]) for c in commands]))
-        return pipeline(commands, client, *args)
-
-    monkeypatch.setattr(redis_store, "pipeline", logged)
-    yield fake
-    fake.close()
+def cluster(logged_cluster: MigratingCluster) -> MigratingCluster:
+    """The fake cluster whose pipelines are logged (``conftest.logged_cluster``)."""
+    return logged_cluster
 
 
 def cluster_store(cluster: MigratingCluster, num_blocks: int = 4,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,7 +25,6 @@ pytest.importorskip("redis")
 
 from test_red_team_29c_cluster import MigratingCluster, MigratingNode
 
-import kvtier.remote.redis_pipeline as redis_pipeline
 import kvtier.remote.redis_store as redis_store
 from kvtier.remote.redis_store import RedisRemoteStore
 
@@ -33,18 +32,9 @@ TRYAGAIN = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
 
 
 @pytest.fixture
-def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[MigratingCluster]:
-    """A fake cluster (three nodes, every key on a) whose pipelines are logged."""
-    fake = MigratingCluster()
-    pipeline = redis_pipeline.pipeline  # the store sends through its own name of it
-
-    def logged(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
-        fake.pipelines.append((fake.name_of(client), [str(c[0]) for c in commands]))
-        return pipeline(commands, client, *args)
-
-    monkeypatch.setattr(redis_store, "pipeline", logged)
-    yield fake
-    fake.close()
+def cluster(logged_cluster: MigratingCluster) -> MigratingCluster:
+    """The fake cluster whose pipelines are logged (``conftest.logged_cluster``)."""
+    return logged_cluster
 
 
 def make_store(cluster: MigratingCluster, num_blocks: int = 4,

@@ -7,7 +7,6 @@ cluster of red team 29c (``MigratingCluster``) with slow nodes::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,23 +16,11 @@ pytest.importorskip("redis")
 from test_red_team_29c_cluster import MigratingCluster
 from test_red_team_31a_remote import make_store
 
-import kvtier.remote.redis_pipeline as redis_pipeline
-import kvtier.remote.redis_store as redis_store
-
 
 @pytest.fixture
-def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[MigratingCluster]:
-    """A fake cluster (three nodes, every key on a) whose pipelines are logged."""
-    fake = MigratingCluster()
-    pipeline = redis_pipeline.pipeline
-
-    def logged(commands: list[tuple[Any, ...]], client: Any, *args: Any) -> list[Any]:
-        fake.pipelines.append((fake.name_of(client), [str(c[0]) for c in commands]))
-        return pipeline(commands, client, *args)
-
-    monkeypatch.setattr(redis_store, "pipeline", logged)
-    yield fake
-    fake.close()
+def cluster(logged_cluster: MigratingCluster) -> MigratingCluster:
+    """The fake cluster whose pipelines are logged (``conftest.logged_cluster``)."""
+    return logged_cluster
 
 
 def slow(monkeypatch: pytest.MonkeyPatch, node: Any, key: str, pause_s: float) -> None:
