@@ -212,6 +212,34 @@ def test_a_publisher_that_never_snapshots_keeps_its_claim(
     assert "{kvtier:events}:snapshot:a" not in client.keys
 
 
+def test_a_claim_kept_through_a_failed_forget_is_renewed_when_published_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instance a's ``forget`` fails (Redis down), so its claim (60 s EX) stays; a is then
+    published again every 10 s until 300 s and never snapshots. The claim is renewed with
+    the first batch after the forget and every 20 s after, and names p1 throughout.
+    Before, its renewal time went with the forget and the claim was read as set just
+    then, never renewed: it expired 60 s after its last renewal (at 80 s)."""
+    pytest.importorskip("redis")
+    clock = FakeClock()
+    client = ExpiringRedis(clock)
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: client)
+    publisher = RedisStreamPublisher("redis://fake", incarnation="p1", snapshot_ttl_s=60,
+                                     clock=clock)
+    claim = "{kvtier:events}:incarnation:a"
+    for seq in range(3):
+        clock.now = 10.0 * seq
+        publisher.publish("a", [stored(seq, 100 + seq)])
+    clock.now = 25.0
+    client.down = 1
+    publisher.forget("a")
+    assert publisher.num_failed_batches == 1
+    assert client.keys.get(claim) == b"p1"
+    for seq in range(3, 31):
+        clock.now = 10.0 * seq
+        publisher.publish("a", [stored(seq, 100 + seq)])
+        assert client.keys.get(claim) == b"p1", clock.now
+
+
 @pytest.mark.parametrize("incarnation", ["x" * 65, b"\xff\xfe", ""])
 def test_an_entry_naming_no_incarnation_the_wire_carries_is_malformed(
         counting_redis: CountingRedis, incarnation: str | bytes) -> None:

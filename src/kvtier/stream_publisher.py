@@ -10,6 +10,7 @@ serving loop. May change: its stream, snapshot and claim keys.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -222,8 +223,12 @@ class RedisStreamPublisher:
         # never snapshots lost it, and an old process's late entry or snapshot was taken
         # for the instance's (subscribers follow the claim). Renewed with a batch, in its
         # transaction, once a third of its EX passed: an EVAL about every ttl/3, no more.
+        # A claim of unknown age (kept through a ``forget`` that failed, its time dropped
+        # with the instance) is renewed at once. NOTE: it was read as set just now, so it
+        # was never renewed and expired ``snapshot_ttl_s`` after its last renewal.
         renews = (not claims and self._snapshot_ex is not None
-                  and now - self._claim_set_s.get(instance_id, now) >= self._snapshot_ex / 3)
+                  and now - self._claim_set_s.get(instance_id, -math.inf)
+                  >= self._snapshot_ex / 3)
         if owes_delete or claims or renews:
             # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
             # snapshot its earlier one left under the key goes with the same transaction.
