@@ -221,10 +221,8 @@ class RedisStreamSubscriber:
         NOTE: XINFO was a round trip of its own before every XREAD once anything was
         read: two a poll. Pipelined, the server still answers XINFO first, so a trim
         seen is the one the read would meet, as before."""
-        xinfo_stream = getattr(self._redis, "xinfo_stream", None)
-        read = stream_id(self.last_id)
         make_pipeline = getattr(self._redis, "pipeline", None)
-        if xinfo_stream is None or read is None or read == (0, 0) or make_pipeline is None:
+        if self._read_until() is None or make_pipeline is None:
             self._check_trimmed(out)
             return attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
                            block=block_ms)
@@ -242,6 +240,14 @@ class RedisStreamSubscriber:
                            block=block_ms)
         return None if isinstance(reply, Exception) else reply
 
+    def _read_until(self) -> tuple[int, int] | None:
+        """The id read last where a trim past it can be checked, or None: a client without
+        XINFO, or nothing read yet (``last_id`` unparsed or 0-0). Pure."""
+        read = stream_id(self.last_id)
+        if getattr(self._redis, "xinfo_stream", None) is None or read is None or read == (0, 0):
+            return None
+        return read
+
     def _check_trimmed(self, out: list[Update], info: object = None) -> None:
         """Every instance read so far is lost (stale until a snapshot) where the stream
         lost entries past ``last_id`` (``num_trims``), of instances unknown: trimmed past
@@ -256,12 +262,11 @@ class RedisStreamSubscriber:
         trimmed to nothing (first id 0-0) or deleted (no XINFO) read as nothing lost, and
         one made again behind ``last_id`` was read from there: never an entry again.
         ``info``: XINFO STREAM's reply where it was read already (``_read``)."""
-        xinfo_stream = getattr(self._redis, "xinfo_stream", None)
-        read = stream_id(self.last_id)
-        if xinfo_stream is None or read is None or read == (0, 0):
+        read = self._read_until()
+        if read is None:
             return  # a client without XINFO, or nothing read yet (a hole shows as any other)
         if info is None:
-            info = attempt(xinfo_stream, self.stream)
+            info = attempt(self._redis.xinfo_stream, self.stream)
         if not isinstance(info, dict):  # Redis down, or no such stream
             exists = getattr(self._redis, "exists", None)
             if self.tracker.streams and exists is not None \

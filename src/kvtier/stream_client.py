@@ -124,27 +124,37 @@ def key_prefix(stream: str) -> str | None:
 def claim_key(stream: str, instance_id: str) -> str:
     """The key naming the incarnation that publishes ``instance_id`` on ``stream`` now
     (its claim: ``RedisStreamPublisher``), in the stream's slot (``key_prefix``). Pure."""
-    return f"{key_prefix(stream) or stream}:incarnation:{instance_id}"
+    return _side_key(stream, "incarnation", instance_id)
 
 
 def snapshot_key(stream: str, instance_id: str) -> str:
     """The key of ``instance_id``'s snapshot on ``stream``, in the stream's slot
     (``key_prefix``). Pure."""
-    return f"{key_prefix(stream) or stream}:snapshot:{instance_id}"
+    return _side_key(stream, "snapshot", instance_id)
 
 
 def legacy_claim_key(stream: str, instance_id: str) -> str | None:
     """The claim's key as publishers before hash tags named it, where it differs from
     ``claim_key``; subscribers read it where the new one is missing. Pure."""
-    old = f"{stream}:incarnation:{instance_id}"
-    return None if old == claim_key(stream, instance_id) else old
+    return _legacy_key(stream, "incarnation", instance_id)
 
 
 def legacy_snapshot_key(stream: str, instance_id: str) -> str | None:
     """The snapshot's key as publishers before hash tags named it, where it differs from
     ``snapshot_key``; subscribers read it where the new one is missing. Pure."""
-    old = f"{stream}:snapshot:{instance_id}"
-    return None if old == snapshot_key(stream, instance_id) else old
+    return _legacy_key(stream, "snapshot", instance_id)
+
+
+def _side_key(stream: str, kind: str, instance_id: str) -> str:
+    """The ``kind`` key of ``instance_id`` beside ``stream``, in its slot. Pure."""
+    return f"{key_prefix(stream) or stream}:{kind}:{instance_id}"
+
+
+def _legacy_key(stream: str, kind: str, instance_id: str) -> str | None:
+    """The ``kind`` key of ``instance_id`` as named before hash tags, where it differs from
+    :func:`_side_key`'s. Pure."""
+    old = f"{stream}:{kind}:{instance_id}"
+    return None if old == _side_key(stream, kind, instance_id) else old
 
 
 def get_either(client: Any, key: str, legacy: str | None) -> Any:
