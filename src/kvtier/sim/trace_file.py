@@ -62,10 +62,12 @@ def read_line(f: IO[Any], path: Path, line_number: int, size: int) -> bytes | st
 def format_suffix(path: Path) -> str:
     """The suffix that names ``path``'s format, lower case, a trailing ``.gz`` passed over
     (``trace.jsonl.gz``: ``.jsonl``). Pure."""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    return Path(name).suffix
+    return Path(without_gz(path.name)).suffix.lower()
+
+
+def without_gz(name: str) -> str:
+    """``name`` without a trailing ``.gz`` (of any case). Pure."""
+    return name[:-3] if name.lower().endswith(".gz") else name
 
 
 class CheckedLines:
@@ -143,8 +145,7 @@ class TraceRecords(Generic[R]):
     @property
     def name(self) -> str:
         """The file name without its suffix (nor a ``.gz`` after it)."""
-        name = self.path.name
-        return Path(name[:-3] if name.lower().endswith(".gz") else name).stem
+        return Path(without_gz(self.path.name)).stem
 
     def __len__(self) -> int:
         return len(self._records)
