@@ -133,24 +133,17 @@ class SoftClaims(CacheState):
     def hinted_prefix_ends(self) -> list[Node]:
         """The deepest run of each cached prefix of the last hint's requests, matched now
         without the memo of matches (``match_prompt``): for invariant checks. Pure."""
-        ends: list[Node] = []
-        for spec in self._hinted_queue[0]:
-            if spec.skip_reading_prefix_cache:
-                continue
-            root = self.root(spec.lora_id, spec.salt)
-            extras = block_extras(spec.mm_items, len(spec.token_array), self.tpb)
-            m = match_prompt(root, spec.token_array, extras, self.config)
-            if m.tail is not None:
-                ends.append(m.tail[0])
-            elif m.path:
-                ends.append(m.path[-1])
-        return ends
+        ends = (self._prefix_end(spec, fresh=True) for spec in self._hinted_queue[0]
+                if not spec.skip_reading_prefix_cache)
+        return [end for end in ends if end is not None]
 
-    def _prefix_end(self, spec: SequenceSpec) -> Node | None:
-        """The deepest run of ``spec``'s cached prefix (None: nothing cached). Pure."""
+    def _prefix_end(self, spec: SequenceSpec, fresh: bool = False) -> Node | None:
+        """The deepest run of ``spec``'s cached prefix (None: nothing cached), matched
+        through the memo of matches, or, ``fresh``, without it. Pure."""
         root = self.root(spec.lora_id, spec.salt)
         extras = block_extras(spec.mm_items, len(spec.token_array), self.tpb)
-        m = self.match_spec(root, spec, extras)
+        m = (match_prompt(root, spec.token_array, extras, self.config) if fresh
+             else self.match_spec(root, spec, extras))
         if m.tail is not None:
             return m.tail[0]
         return m.path[-1] if m.path else None
