@@ -182,11 +182,13 @@ def cluster(logged_cluster: MigratingCluster) -> MigratingCluster:
 
 def cluster_store(cluster: MigratingCluster, num_blocks: int = 4,
                   **options: Any) -> tuple[RedisRemoteStore, dict[int, bytes]]:
-    """A store whose client is ``cluster``, with ``num_blocks`` blocks on node a."""
+    """A store whose client is ``cluster``, with ``num_blocks`` blocks on node a; no retries,
+    a breaker of three failures and a 60 s cooldown unless ``options`` say otherwise."""
     ns = make_namespace()
-    store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, timeout_s=2.0,
-                             max_retries=0, breaker_threshold=3, cooldown_s=60.0,
-                             **options)
+    settings: dict[str, Any] = dict(timeout_s=2.0, max_retries=0, breaker_threshold=3,
+                                    cooldown_s=60.0)
+    settings.update(options)
+    store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, **settings)
     store._clients._client = cluster  # the stand-in for redis-py's RedisCluster
     blocks = make_blocks(ns, num_blocks)
     for h, payload in blocks.items():

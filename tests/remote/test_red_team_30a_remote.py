@@ -27,7 +27,7 @@ from remote_helpers import PrivateCluster, PrivateRedis, make_blocks, make_names
 
 pytest.importorskip("redis")
 
-from test_red_team_29c_cluster import MigratingCluster
+from test_red_team_29c_cluster import MigratingCluster, cluster_store
 
 import kvtier.remote.redis_store as redis_store
 from kvtier.remote.redis_store import RedisRemoteStore
@@ -43,16 +43,7 @@ def make_store(cluster: MigratingCluster, num_blocks: int = 4,
                **options: Any) -> tuple[RedisRemoteStore, dict[int, bytes]]:
     """A store whose client is ``cluster``, with ``num_blocks`` blocks on node a; no retries,
     a breaker of three failures and a 60 s cooldown unless ``options`` say otherwise."""
-    ns = make_namespace()
-    settings: dict[str, Any] = dict(timeout_s=2.0, max_retries=0, breaker_threshold=3,
-                                    cooldown_s=60.0)
-    settings.update(options)
-    store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, **settings)
-    store._clients._client = cluster  # the stand-in for redis-py's RedisCluster
-    blocks = make_blocks(ns, num_blocks)
-    for h, payload in blocks.items():
-        cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)
-    return store, blocks
+    return cluster_store(cluster, num_blocks, **options)
 
 
 def refuse_all(cluster: MigratingCluster, store: RedisRemoteStore, hashes: range,

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from remote_helpers import RedisServers, make_blocks, make_namespace
+from remote_helpers import RedisServers, make_blocks
 
 pytest.importorskip("redis")
 
-from test_red_team_29c_cluster import MigratingCluster, MigratingNode
+from test_red_team_29c_cluster import MigratingCluster, MigratingNode, cluster_store
 
 import kvtier.remote.redis_store as redis_store
 from kvtier.remote.redis_store import RedisRemoteStore
@@ -41,16 +41,9 @@ def make_store(cluster: MigratingCluster, num_blocks: int = 4,
                **options: Any) -> tuple[RedisRemoteStore, dict[int, bytes]]:
     """A store whose client is ``cluster``, ``num_blocks`` blocks on node a; one retry, a
     1 ms backoff, a breaker of three and a 60 s cooldown unless ``options`` say otherwise."""
-    ns = make_namespace()
-    settings: dict[str, Any] = dict(timeout_s=2.0, max_retries=1, backoff_s=0.001,
-                                    breaker_threshold=3, cooldown_s=60.0)
+    settings: dict[str, Any] = dict(max_retries=1, backoff_s=0.001)
     settings.update(options)
-    store = RedisRemoteStore(cluster.a.url.rsplit("/", 1)[0], ns, cluster=True, **settings)
-    store._clients._client = cluster  # the stand-in for redis-py's RedisCluster
-    blocks = make_blocks(ns, num_blocks)
-    for h, payload in blocks.items():
-        cluster.a.data[ns.key(h).encode()] = ns.encode(h, payload)
-    return store, blocks
+    return cluster_store(cluster, num_blocks, **settings)
 
 
 def tryagain_on(cluster: MigratingCluster, node: MigratingNode, key: str,
