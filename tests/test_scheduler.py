@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -699,3 +700,36 @@ def test_without_block_reuse_no_request_waits_for_another_s_block(
     assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
         ("b0", 0, 10), ("b1", 0, 10)]
     assert step.num_scheduled_tokens == 20
+
+
+class _Watched(Request):
+    """A request a weak reference can follow (``Request`` has slots and no ``__weakref__``)."""
+
+    __slots__ = ("__weakref__",)
+
+
+def test_a_finished_request_is_freed_when_its_caller_lets_go() -> None:
+    """``update`` hands a finished request back and keeps no reference to it: dropping the
+    caller's last one frees it there (its prompt's int objects with it), not at the start of
+    the next ``step``, which paid up to 1.3 ms for it on the Mooncake replay. A request still
+    running is kept for ``step``'s recovery of a failed pass, and it still works."""
+    s = make_scheduler(num_gpu_blocks=32, max_num_tokens=64)
+    done = _Watched("done", list(range(1000, 1012)), 1)
+    going = _Watched("going", list(range(2000, 2012)), 4)
+    gone, kept = weakref.ref(done), weakref.ref(going)
+    s.add_request(done)
+    s.add_request(going)
+    del done, going
+    finished = s.update(s.step(), {"done": 7, "going": 8})
+    assert [r.request_id for r in finished] == ["done"]
+    del finished
+    assert gone() is None, "the scheduler still holds the finished request"
+    assert kept() is not None and kept().output == [8]  # type: ignore[union-attr]
+    # The running one's pass fails after its update: the next step recomputes it without
+    # the token that pass sampled (the recovery reads what ``update`` kept of it).
+    s.manager.compute_failed(["going"])
+    step = s.step()
+    assert s.running["going"].output == []
+    assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
+        ("going", 0, 12)]
+    s.manager.check_invariants()
