@@ -38,7 +38,8 @@ class StepUpdate(StepRecovery):
         reached their output length or whose sampled token ends them (``stopped``: an EOS or
         a stop string, the token itself is kept). A token or a stop for a request that
         samples nothing in this step (mid-prefill, not in the step, unknown) is ignored, as
-        vLLM discards a partial prefill's sample. Returns the finished requests. Raises,
+        vLLM discards a partial prefill's sample. Returns the finished requests, of which
+        the scheduler keeps none (they are freed where the caller drops them). Raises,
         changing nothing, for a step that is not the last one ``step`` (or
         ``requeue_failed``) returned or was already applied (RuntimeError), a ``sampled``
         that is no mapping or a ``stopped`` that is no collection of str (TypeError), or a
