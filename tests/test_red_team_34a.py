@@ -1,0 +1,162 @@
+"""Red team 34a: one rule for integers at every edge (``kvtier.counts``).
+
+Salts and content hashes that are integers of another kind (NumPy, a caller's
+``__index__`` class) name exactly the blocks of the plain int they equal, at every entry
+that takes a salt; the router and the vLLM chunk policy use the plain int their checks
+return, not the caller's value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvtier import (
+    CacheConfig,
+    KVCacheManager,
+    MultimodalItem,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+    SequenceSpec,
+)
+from kvtier.hashing import get_hash_fn, prompt_block_hashes
+from kvtier.tier import Tier
+
+
+class Index:
+    """A caller's integer type: only ``__index__``, as ``operator.index`` reads it."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"Index({self.value})"
+
+
+def integer_kinds(value: int) -> list[object]:
+    """``value`` as the integer kinds callers pass, but the plain int."""
+    return [np.int64(value), np.uint32(value), np.int8(value), Index(value)]
+
+
+PROMPT = list(range(9))  # two full blocks of 4 and one token
+
+
+def make_manager(num_host_blocks: int = 0) -> KVCacheManager:
+    """A manager of 4-token blocks, 16 GPU blocks."""
+    return KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=16,
+                                      num_host_blocks=num_host_blocks), clock=lambda: 0.0)
+
+
+def stored_under(salt: Any) -> KVCacheManager:
+    """A manager holding PROMPT's two full blocks under ``salt`` (admitted, released)."""
+    mgr = make_manager()
+    assert mgr.add_sequence(SequenceSpec("a", PROMPT, salt=salt)).admitted
+    mgr.remove_sequence("a")
+    return mgr
+
+
+# ---- 1. salts of any integer kind ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("salt", integer_kinds(5), ids=repr)
+def test_an_integer_salt_of_any_kind_hits_the_plain_ints_blocks(salt: Any) -> None:
+    """Blocks stored under salt 5 are hit by salt np.int64(5) (or an ``__index__`` 5) and
+    the other way round, by admission and by lookup; the spec keeps the plain int (a NumPy
+    salt was 'salt must be bytes, str, int or None')."""
+    spec = SequenceSpec("b", PROMPT, salt=salt)
+    assert type(spec.salt) is int and spec.salt == 5
+    for stored, asked in ((5, salt), (salt, 5)):
+        mgr = stored_under(stored)
+        assert mgr.lookup(PROMPT, salt=asked).num_tokens == 8
+        assert mgr.lookup(PROMPT, salt=6).num_tokens == 0  # another tenant: no hit
+        assert mgr.add_sequence(SequenceSpec("b", PROMPT, salt=asked)).num_reused_tokens == 8
+        assert mgr.missing_block_hashes(PROMPT, salt=asked) == []
+        assert mgr.num_key_spaces == 1  # one tenant, whichever kind named it
+        mgr.check_invariants()
+
+
+@pytest.mark.parametrize("salt", integer_kinds(5), ids=repr)
+def test_a_requests_integer_salt_is_the_plain_int(salt: Any) -> None:
+    """A Request keeps its NumPy salt as the plain int; through a scheduler it reuses the
+    blocks stored under 5."""
+    req = Request("r", PROMPT, 1, salt=salt)
+    assert type(req.salt) is int and req.salt == 5
+    sched = Scheduler(stored_under(5), SchedulerConfig(max_num_tokens=32))
+    sched.add_request(req)
+    step = sched.step()
+    assert [(c.request_id, c.num_reused_tokens) for c in step.context_chunks] == [("r", 8)]
+    sched.check_invariants()
+
+
+@pytest.mark.parametrize("salt", integer_kinds(5), ids=repr)
+def test_hashes_imports_and_drops_read_an_integer_salt_as_its_int(salt: Any) -> None:
+    """prompt_block_hashes (the router's, the remote tier's), import_blocks, drop_key_space
+    and drop_salt read np.int64(5) as 5."""
+    fn = get_hash_fn("xxh3_128")
+    assert prompt_block_hashes(fn, PROMPT, 4, salt=salt) == prompt_block_hashes(fn, PROMPT, 4,
+                                                                               salt=5)
+    mgr = make_manager(num_host_blocks=4)
+    assert len(mgr.import_blocks(PROMPT, 2, salt=salt)) == 2
+    assert mgr.lookup(PROMPT, salt=5).num_host_tokens == 8
+    assert all(b.tier is Tier.HOST for b in mgr.cached_blocks())
+    mgr.check_invariants()
+    assert stored_under(5).drop_key_space(salt=salt) == 2
+    assert stored_under(5).drop_salt(salt) == 2
+    assert stored_under(salt).drop_salt(5) == 2
+
+
+@pytest.mark.parametrize("content_hash", integer_kinds(7), ids=repr)
+def test_an_integer_content_hash_of_any_kind_is_the_plain_int(content_hash: Any) -> None:
+    """A MultimodalItem's content hash follows the salt's rule: kept as the plain int, so
+    its blocks are the ones keyed by 7."""
+    item = MultimodalItem(0, 4, content_hash)
+    assert type(item.content_hash) is int and item.content_hash == 7
+    mgr = make_manager()
+    assert mgr.add_sequence(SequenceSpec("a", PROMPT, mm_items=(MultimodalItem(0, 4, 7),)))
+    mgr.remove_sequence("a")
+    assert mgr.lookup(PROMPT, mm_items=(item,)).num_tokens == 8
+
+
+class Tenant(str):
+    """A caller's str subclass (as NumPy's ``str_`` is one)."""
+
+
+@pytest.mark.parametrize("salt", [np.str_("t"), Tenant("t"), np.bytes_(b"t")], ids=repr)
+def test_a_str_or_bytes_subclass_salt_is_the_plain_value(salt: Any) -> None:
+    """A salt of a str (bytes) subclass is the str (bytes) it equals, as a request id is:
+    was refused as 'salt must be bytes, str, int or None, got 't' (str_)'."""
+    plain = b"t" if isinstance(salt, bytes) else "t"
+    spec = SequenceSpec("b", PROMPT, salt=salt)
+    assert type(spec.salt) is type(plain) and spec.salt == plain
+    assert stored_under(plain).lookup(PROMPT, salt=salt).num_tokens == 8
+
+
+@pytest.mark.parametrize("bad", [True, np.True_, 5.0, np.float64(5.0), [5], Index(2**128)],
+                         ids=repr)
+def test_a_bool_or_float_salt_is_refused_as_before(bad: Any) -> None:
+    """A bool (NumPy's too) or a float (even 5.0) is no salt: the same message as before
+    at every entry, nothing changed."""
+    mgr = stored_under(5)
+    before = mgr.cached_blocks()
+    pattern = (r"^salt must be an int of magnitude below 2\*\*128" if isinstance(bad, Index)
+               else r"^salt must be bytes, str, int or None, got .* \((bool|bool_|float|"
+                    r"float64|list)\)$")
+    calls: list[Callable[[], object]] = [lambda: SequenceSpec("b", PROMPT, salt=bad),
+             lambda: mgr.lookup(PROMPT, salt=bad),
+             lambda: mgr.import_blocks(PROMPT, 2, salt=bad),
+             lambda: mgr.drop_key_space(salt=bad),
+             lambda: prompt_block_hashes(get_hash_fn("xxh3_128"), PROMPT, 4, salt=bad)]
+    for call in calls:
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    with pytest.raises(ValueError, match=r"^salt of request 'r' must be "):
+        Request("r", PROMPT, 1, salt=bad)
+    assert mgr.cached_blocks() == before
+    mgr.check_invariants()
