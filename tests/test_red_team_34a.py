@@ -160,3 +160,88 @@ def test_a_bool_or_float_salt_is_refused_as_before(bad: Any) -> None:
         Request("r", PROMPT, 1, salt=bad)
     assert mgr.cached_blocks() == before
     mgr.check_invariants()
+
+
+# ---- 2. the router and the vLLM chunk policy use the int their checks return ----------------
+
+
+class Recording:
+    """A routing policy that records what it is handed and picks the first instance."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, ...]] = []
+
+    def choose(self, loads: Any, hits: Any, num_prompt_blocks: int) -> str:
+        self.seen = [(type(x.queue_depth), type(x.capacity), x.queue_depth, x.capacity)
+                     for x in loads]
+        return str(loads[0].instance_id)
+
+
+@pytest.mark.parametrize("make", [np.int64, Index], ids=["numpy", "index"])
+def test_the_router_keeps_its_checked_block_size_and_loads(make: Any) -> None:
+    """Router(tokens_per_block=Index(4)) routed with the caller's object (``len // Index``:
+    TypeError); loads of NumPy or ``__index__`` depths were refused ('must be an int'):
+    now every one is the plain int its check read, as the policy sees them."""
+    from kvtier.router import CacheAware, InstanceLoad, Router
+
+    policy = Recording()
+    router = Router(policy, tokens_per_block=make(4))
+    assert type(router.tokens_per_block) is int and router.tokens_per_block == 4
+    loads = [InstanceLoad("a", make(2), make(8)), InstanceLoad("b", make(0), make(8))]
+    decision = router.route(PROMPT, loads, salt=make(5))
+    assert (decision.instance_id, decision.num_prompt_blocks) == ("a", 2)
+    assert policy.seen == [(int, int, 2, 8), (int, int, 0, 8)]
+    assert router.block_hashes(PROMPT, salt=make(5)) == Router(
+        Recording(), 4).block_hashes(PROMPT, salt=5)
+    aware = CacheAware(load_slack=make(3))
+    assert type(aware.load_slack) is int and aware.load_slack == 3
+    assert Router(aware, 4).route(PROMPT, loads).instance_id in ("a", "b")
+
+
+@pytest.mark.parametrize("bad", [True, np.True_, 4.0], ids=repr)
+def test_the_router_refuses_bools_and_floats(bad: Any) -> None:
+    """A bool (NumPy's too) or a float is no block size, depth, capacity or slack."""
+    from kvtier.router import CacheAware, InstanceLoad, RoundRobin, Router
+
+    with pytest.raises(ValueError, match="tokens_per_block"):
+        Router(RoundRobin(), tokens_per_block=bad)
+    router = Router(RoundRobin(), 4)
+    with pytest.raises(ValueError, match=r"^loads\[0\]\.queue_depth must be an int >= 0"):
+        router.route(PROMPT, [InstanceLoad("a", bad, 1)])
+    with pytest.raises(ValueError, match=r"^loads\[0\]\.capacity must be an int >= 1"):
+        router.route(PROMPT, [InstanceLoad("a", 0, bad)])
+    assert router.stats.num_routed == 0
+    aware = CacheAware()
+    with pytest.raises(ValueError, match=r"^load_slack must be an integer in \[0, 2\*\*31\]"):
+        aware.load_slack = bad
+    assert aware.load_slack == 4
+
+
+@pytest.mark.parametrize("make", [np.int64, Index], ids=["numpy", "index"])
+def test_the_chunk_policy_keeps_its_checked_capacity_and_priority(make: Any) -> None:
+    """PolicyChunks took an ``__index__`` default priority as given (its keys' arithmetic
+    then raised at the first eviction) and refused a NumPy capacity: both are plain ints."""
+    from kvtier.integrations.vllm.chunk_policy import PolicyChunks
+
+    chunks: PolicyChunks[str] = PolicyChunks("priority-lru", make(4),
+                                             default_priority=make(50), clock=lambda: 1.0)
+    for i in range(4):
+        chunks.insert(bytes([i]) * 8, f"c{i}", evictable=True, depth=16 * (i + 1))
+    chunks.release([bytes([i]) * 8 for i in range(4)], reused=set())
+    node = chunks.node(bytes([0]) * 8)
+    assert node is not None and type(node.priority) is int and node.priority == 50
+    assert [c for _, c in chunks.evict(2, set()) or []] == ["c3", "c2"]
+    chunks.check_invariants()
+
+
+@pytest.mark.parametrize("bad", [True, np.True_, 4.0], ids=repr)
+def test_the_chunk_policy_refuses_bools_and_floats(bad: Any) -> None:
+    """A bool or a float capacity or default priority is refused naming the field."""
+    from kvtier.integrations.vllm.chunk_policy import PolicyChunks
+
+    with pytest.raises(ValueError, match=r"^capacity must be an integer in 0\.\.4294967296"):
+        PolicyChunks("priority-lru", bad)
+    with pytest.raises(ValueError, match=r"^default_priority must be an integer in 0\.\.100"):
+        PolicyChunks("priority-lru", 4, default_priority=bad)
