@@ -245,3 +245,124 @@ def test_the_chunk_policy_refuses_bools_and_floats(bad: Any) -> None:
         PolicyChunks("priority-lru", bad)
     with pytest.raises(ValueError, match=r"^default_priority must be an integer in 0\.\.100"):
         PolicyChunks("priority-lru", 4, default_priority=bad)
+
+
+# ---- 3. the simulator's and the data plane's own int checks ---------------------------------
+
+
+@pytest.mark.parametrize("make", [np.int64, Index], ids=["numpy", "index"])
+def test_the_time_model_reads_any_integer_as_its_plain_int(make: Any) -> None:
+    """TimeModel's counts were refused unless plain ints ('must be an integer'); kept as
+    given, a NumPy count times the bytes per token would wrap in int64 (2**47 tokens of
+    320 KiB is 2**65.3 bytes): now exact, as the plain int's."""
+    from kvtier.sim.timemodel import ModelProfile, RemoteLink, TimeModel, get_profile
+
+    model = TimeModel(get_profile("llama3-70b-h100x4"))
+    big = model.kv_bytes(make(2**47))
+    assert type(big) is int and big == 2**47 * 320 * 1024
+    assert model.step_seconds(make(3), make(2), make(4096), make(0)) == model.step_seconds(
+        3, 2, 4096, 0)
+    assert RemoteLink().transfer_seconds(make(10**9)) == RemoteLink().transfer_seconds(10**9)
+    profile = get_profile("tiny-test", kv_bytes_per_token=make(2048))
+    assert type(profile.kv_bytes_per_token) is int and profile == get_profile(
+        "tiny-test", kv_bytes_per_token=2048)
+    assert type(ModelProfile("p", make(8), 0.0, 0.0, 0.0, 1.0).kv_bytes_per_token) is int
+
+
+@pytest.mark.parametrize("bad", [True, np.True_, 3.0], ids=repr)
+def test_the_time_model_refuses_bools_and_floats(bad: Any) -> None:
+    """A bool or a float count is refused naming its field, as before."""
+    from kvtier.sim.timemodel import TimeModel, get_profile
+
+    model = TimeModel(get_profile("tiny-test"))
+    with pytest.raises(ValueError, match=r"^num_tokens must be an integer in 0\.\."):
+        model.kv_bytes(bad)
+    with pytest.raises(ValueError, match=r"^bytes_d2h must be an integer in 0\.\."):
+        model.transfer_seconds(0, bad)
+    with pytest.raises(ValueError, match=r"^kv_bytes_per_token must be an integer in 1\.\."):
+        get_profile("tiny-test", kv_bytes_per_token=bad)
+
+
+@pytest.mark.parametrize("make", [np.int64, Index], ids=["numpy", "index"])
+def test_the_workloads_keep_plain_ints(make: Any) -> None:
+    """The built-in workloads took NumPy counts and seeds as given or refused them: each is
+    the plain int, and draws exactly the requests of the plain ints."""
+    from kvtier.sim.agentic import AgenticWorkload
+    from kvtier.sim.heldout import HeldOutWorkload
+    from kvtier.sim.mixed import MixedWorkload
+    from kvtier.sim.synthetic import PrefixModel, SyntheticChat
+
+    pairs: list[tuple[Any, Any]] = [
+        (SyntheticChat(num_requests=make(6), seed=make(3),
+                       prefix_model=PrefixModel(num_system_prompts=make(2))),
+         SyntheticChat(num_requests=6, seed=3, prefix_model=PrefixModel(num_system_prompts=2))),
+        (AgenticWorkload(num_requests=make(6), seed=make(3), min_steps=make(2)),
+         AgenticWorkload(num_requests=6, seed=3, min_steps=2)),
+        (HeldOutWorkload("rag", seed=make(3), num_requests=make(6)),
+         HeldOutWorkload("rag", seed=3, num_requests=6)),
+    ]
+    for given, plain in pairs:
+        assert given == plain and list(given) == list(plain)
+    mixed = MixedWorkload((SyntheticChat(num_requests=4, name="a"),
+                           SyntheticChat(num_requests=4, name="b")), limit=make(3))
+    assert type(mixed.limit) is int and len(list(mixed)) == 3
+
+
+@pytest.mark.parametrize("bad", [True, 3.0], ids=repr)
+def test_the_workloads_refuse_bools_and_floats(bad: Any) -> None:
+    """A bool or a float count or seed is refused naming its field, as before."""
+    from kvtier.sim.agentic import AgenticWorkload
+    from kvtier.sim.synthetic import SyntheticChat
+
+    with pytest.raises(ValueError, match=r"^num_requests must be an integer >= 0"):
+        SyntheticChat(num_requests=bad)
+    with pytest.raises(ValueError, match=r"^seed must be an integer"):
+        AgenticWorkload(seed=bad)
+
+
+@pytest.mark.parametrize("make", [np.int64, Index], ids=["numpy", "index"])
+def test_the_data_plane_reads_any_integer_as_its_plain_int(make: Any) -> None:
+    """A NumPy failed index failed every op of its plan (now only its op); the recording
+    engine's max_plans and the torch engine's sizes were refused unless plain ints."""
+    from kvtier.transfer.engine import RecordingTransferEngine, TransferError
+    from kvtier.transfer.plan import TransferPlan
+
+    mgr = make_manager(num_host_blocks=4)
+    assert mgr.add_sequence(SequenceSpec("a", PROMPT)).admitted
+    mgr.remove_sequence("a")
+    assert len(mgr.import_blocks([7] * 9, 2)) == 2
+    mgr.take_plan()
+    assert mgr.add_sequence(SequenceSpec("b", [7] * 9)).admitted  # onboards two blocks
+    plan = mgr.take_plan()
+    assert isinstance(plan, TransferPlan) and len(plan) == 2
+    assert TransferError("x", [], [make(1)]).failed_in(plan) == [1]
+    assert TransferError("x", [], [make(2)]).failed_in(plan) == [0, 1]  # past the plan: all
+    recorder = RecordingTransferEngine(make(1))
+    recorder.submit(plan)
+    recorder.submit(plan)
+    assert recorder.plans.maxlen == 1 and len(recorder.plans) == 1
+    with pytest.raises(ValueError, match=r"^max_plans must be an int >= 0, got True"):
+        RecordingTransferEngine(True)
+
+
+@pytest.mark.parametrize("make", [np.int64, Index], ids=["numpy", "index"])
+def test_the_torch_engine_keeps_plain_int_settings(make: Any) -> None:
+    """TorchTransferEngine refused NumPy sizes ('must be an int >= 0'): each is the plain
+    int; a bool is refused as before; wait takes an integer layer of any kind."""
+    pytest.importorskip("torch")
+    from kvtier.storage import KVLayout, KVStorage
+    from kvtier.transfer.torch_engine import TorchTransferEngine
+
+    layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4, tokens_per_block=4)
+    engine = TorchTransferEngine(KVStorage(layout, 4, "cpu"), KVStorage(layout, 4, "cpu"),
+                                 min_dma_copy_bytes=make(4096), min_batch_copy_bytes=make(0),
+                                 gather_streams=make(1), staging_bytes=make(1 << 20),
+                                 heap_pad_bytes=make(0))
+    assert type(engine.min_dma_copy_bytes) is int and engine.min_dma_copy_bytes == 4096
+    engine.min_batch_copy_bytes = make(8)
+    assert type(engine.min_batch_copy_bytes) is int and engine.min_batch_copy_bytes == 8
+    with pytest.raises(ValueError, match=r"^min_dma_copy_bytes must be an int >= 0, got True"):
+        engine.min_dma_copy_bytes = True
+    with pytest.raises(ValueError, match=r"^staging_bytes must be an int >= 1, got 2\.0"):
+        TorchTransferEngine(KVStorage(layout, 4, "cpu"), None,
+                            staging_bytes=2.0)  # type: ignore[arg-type]
