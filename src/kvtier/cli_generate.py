@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, cast
 
 from kvtier import json_text
 from kvtier.cli_error import CLIError
@@ -172,14 +172,17 @@ def _read_jsonl_lines(path: Path, raw: bool = False) -> list[tuple[int, dict[str
     str.splitlines also split at U+2028 and U+0085, which JSON strings may hold raw, and
     refused such a prompt as "not JSON". A byte order mark is skipped, as the traces skip
     it. A line is read only as far as MAX_MESSAGE_BYTES: the whole file was read at once."""
-    from kvtier.sim.trace_file import check_regular_file
+    from kvtier.sim.trace_file import TraceFormatError, open_trace
 
+    # NOTE: a gzip file (told by its magic bytes, as every trace reader tells it) is read
+    # decompressed: a prompts.jsonl.gz was refused as "line 1 is not UTF-8 text".
     try:
-        check_regular_file(path)
-        with path.open("rb") as f:
+        with open_trace(path) as f:
             lines = list(_text_lines(f, str(path)))
     except OSError as exc:
         raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except TraceFormatError as exc:  # a truncated or corrupt .gz, named by its line
+        raise CLIError(str(exc)) from None
     items = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -247,7 +250,15 @@ def _text_lines(f: BinaryIO, origin: str) -> Iterator[str]:
     """The lines of the binary stream ``f`` as text (a byte order mark skipped, the line
     end kept), each read only as far as :data:`MAX_MESSAGE_BYTES`; CLIError naming
     ``origin``'s line past that, or not UTF-8 (the byte of the line)."""
-    for number, data in enumerate(iter(lambda: f.readline(MAX_MESSAGE_BYTES + 1), b""), 1):
+    from kvtier.sim.trace_file import read_line
+
+    def lines() -> Iterator[tuple[int, bytes]]:
+        number = 1
+        while data := read_line(f, Path(origin), number, MAX_MESSAGE_BYTES + 1):
+            yield number, cast(bytes, data)
+            number += 1
+
+    for number, data in lines():
         if len(data) > MAX_MESSAGE_BYTES:
             raise CLIError(f"{origin} line {number} is longer than {MAX_MESSAGE_BYTES:,} bytes, "
                            "more than any message")

@@ -156,7 +156,7 @@ def prompt_block_hashes(
     # it: bytes were hashed as raw memory (names of blocks no instance holds), a dict's
     # keys or a set's members as if they were a prompt.
     tokens = as_token_sequence(tokens, "tokens")
-    check_key("salt", salt)
+    salt = check_key("salt", salt)
     lora_id = check_lora_id(lora_id)
     # NOTE: the cache's own rule (a power of two in 1..65536), not only >= 1: a block size
     # of 3 hashed a chain no cache could hold, though this docstring said it refused what

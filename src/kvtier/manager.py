@@ -265,7 +265,7 @@ class KVCacheManager:
 
         Arguments are checked exactly as ``SequenceSpec`` checks them (ValueError)."""
         token_ids = checked_token_array(as_token_sequence(tokens, "tokens"), "tokens")
-        check_key("salt", salt)
+        salt = check_key("salt", salt)
         lora_id = check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "lookup")
         return self._lookup(token_ids, salt, lora_id, items)
@@ -296,7 +296,7 @@ class KVCacheManager:
         part of a multimodal item is named by the item's hash too, as the cache names it.
         Pure query."""
         token_ids = token_list(tokens, "tokens")
-        check_key("salt", salt)
+        salt = check_key("salt", salt)
         lora_id = check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "missing_block_hashes")
         m = self._lookup(token_ids, salt, lora_id, items)
@@ -586,7 +586,7 @@ class KVCacheManager:
             raise _reentered("import_blocks")
         token_ids = token_list(tokens, "tokens")
         num_blocks = check_count("num_blocks", num_blocks, 0, MAX_BLOCKS)
-        check_key("salt", salt)
+        salt = check_key("salt", salt)
         lora_id = check_lora_id(lora_id)
         items = check_mm_items(mm_items, len(token_ids), "import_blocks")
         # The host slots the copies recorded and not yet taken read or write: the caller
@@ -783,7 +783,7 @@ class KVCacheManager:
         request could carry. Another key space is never touched."""
         if self._caller_code.depth:
             raise _reentered("drop_key_space")
-        check_key("salt", salt)
+        salt = check_key("salt", salt)
         lora_id = check_lora_id(lora_id)
         return self._drop_key_spaces([(lora_id, salt)])
 
@@ -810,8 +810,8 @@ class KVCacheManager:
         included: the unsalted blocks are no one tenant's)."""
         if self._caller_code.depth:
             raise _reentered("drop_salt")
-        check_key("salt", salt, allow_none=False)
-        return self._drop_key_spaces([key for key in self._cache.roots if key[1] == salt])
+        tenant = check_key("salt", salt, allow_none=False)
+        return self._drop_key_spaces([key for key in self._cache.roots if key[1] == tenant])
 
     def _drop_key_spaces(self, keys: list[tuple[object, object]]) -> int:
         """Drop the key spaces ``keys`` (checked); how many blocks left."""

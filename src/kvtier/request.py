@@ -168,7 +168,7 @@ def check_request(req: Request) -> tuple[list[int], list[int], tuple[MultimodalI
                                                     req.max_output_tokens, 1))
     if not is_finite_number(req.arrival_s):
         raise ValueError(f"arrival_s of {what} must be a finite number, got {shown(req.arrival_s)}")
-    check_key(f"salt of {what}", req.salt)
+    object.__setattr__(req, "salt", check_key(f"salt of {what}", req.salt))
     object.__setattr__(req, "lora_id", check_lora_id(req.lora_id, f"lora_id of {what}"))
     if req.priority is not None:
         set_progress(req, priority=check_priority(f"priority of {what}", req.priority))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from kvtier.config import check_tokens_per_block
+from kvtier.counts import as_integer
 from kvtier.event_codec import Snapshot
 from kvtier.event_updates import EventBatch, InstanceGone, InstanceLost, Update, check_batch
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, BlockTierChanged, Event
@@ -297,8 +298,12 @@ class CacheAware:
                                    or not bounds[0] <= value <= bounds[1]):
             raise ValueError(f"{name} must be a finite number in [{bounds[0]:g}, "
                              f"{bounds[1]:g}], got {shown(value)}")
-        if name == "load_slack" and (type(value) is not int or not 0 <= value <= 1 << 31):
-            raise ValueError(f"load_slack must be an integer in [0, 2**31], got {shown(value)}")
+        if name == "load_slack":
+            slack = as_integer(value)  # kept as the plain int (``kvtier.counts``)
+            if slack is None or not 0 <= slack <= 1 << 31:
+                raise ValueError(f"load_slack must be an integer in [0, 2**31], got "
+                                 f"{shown(value)}")
+            value = slack
         object.__setattr__(self, name, value)
 
     def bound(self, loads: Sequence[InstanceLoad]) -> float:
@@ -378,7 +383,7 @@ class Router:
                  hash_algo: str = "xxh3_128", index: PrefixIndex | None = None) -> None:
         # NOTE: a cache's rule (``CacheConfig``): a size no instance can have (3) made a
         # router whose hashes matched no instance's blocks, routing without affinity.
-        check_tokens_per_block(tokens_per_block)
+        tokens_per_block = check_tokens_per_block(tokens_per_block)
         if not callable(getattr(policy, "choose", None)):
             raise TypeError(f"policy must be a RoutingPolicy (with a choose method), got "
                             f"{short_repr(policy)}")
@@ -489,19 +494,24 @@ def check_loads(loads: Iterable[InstanceLoad]) -> list[InstanceLoad]:
         if not isinstance(x, InstanceLoad) or not isinstance(x.instance_id, str):
             raise TypeError(f"loads[{i}] must be an InstanceLoad with a str instance_id, got "
                             f"{short_repr(x)}")
-        if type(x.queue_depth) is not int or x.queue_depth < 0:
+        # NOTE: any integer (``kvtier.counts``), read as the plain int: a NumPy depth was
+        # refused, and an ``__index__`` one would have reached the policies' arithmetic.
+        depth, capacity = as_integer(x.queue_depth), as_integer(x.capacity)
+        if depth is None or depth < 0:
             raise ValueError(f"loads[{i}].queue_depth must be an int >= 0, got "
                              f"{short_repr(x.queue_depth)}")
-        if type(x.capacity) is not int or x.capacity < 1:
+        if capacity is None or capacity < 1:
             raise ValueError(f"loads[{i}].capacity must be an int >= 1, got "
                              f"{short_repr(x.capacity)}")
-        for name in ("queue_depth", "capacity"):
-            if getattr(x, name) > MAX_LOAD_COUNT:
+        for name, value in (("queue_depth", depth), ("capacity", capacity)):
+            if value > MAX_LOAD_COUNT:
                 raise ValueError(f"loads[{i}].{name} must be at most {MAX_LOAD_COUNT}, got "
-                                 f"{short_repr(getattr(x, name))}")
+                                 f"{short_repr(value)}")
         if x.instance_id in seen:
             raise ValueError(f"loads[{i}]: instance {shown(x.instance_id)} is listed twice")
         seen.add(x.instance_id)
+        if type(x.queue_depth) is not int or type(x.capacity) is not int:
+            loads[i] = x._replace(queue_depth=depth, capacity=capacity)
     return loads
 
 

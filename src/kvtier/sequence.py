@@ -116,7 +116,8 @@ class MultimodalItem:
     def __post_init__(self) -> None:
         object.__setattr__(self, "offset", check_count("MultimodalItem.offset", self.offset))
         object.__setattr__(self, "length", check_count("MultimodalItem.length", self.length, 1))
-        check_key("MultimodalItem.content_hash", self.content_hash, allow_none=False)
+        object.__setattr__(self, "content_hash", check_key(
+            "MultimodalItem.content_hash", self.content_hash, allow_none=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +190,7 @@ class SequenceSpec:
         # what they let through as they are): a spec is made per request, most with
         # nothing but an id and a prompt.
         if self.salt is not None:
-            check_key("salt", self.salt)
+            setattr_(self, "salt", check_key("salt", self.salt))
         if self.lora_id is not None:
             setattr_(self, "lora_id", check_lora_id(self.lora_id))
         if self.priority is not None:
@@ -436,21 +437,38 @@ def check_token(token: object, what: str) -> int:
                      f"({type(token).__name__})")
 
 
-def check_key(what: str, value: object, allow_none: bool = True) -> None:
-    """Raise ValueError unless ``value`` may be part of a block key (a salt or a content
-    hash): bytes or str of at most ``MAX_KEY_LEN``, or an int (never a bool) of magnitude
-    below ``MAX_KEY_INT``; ``None`` if allowed."""
+def check_key(what: str, value: object, allow_none: bool = True) -> bytes | str | int | None:
+    """``value`` as the plain key it is, if it may be part of a block key (a salt or a
+    content hash): bytes or str of at most ``MAX_KEY_LEN`` (one of a subclass, NumPy's
+    ``str_`` or ``bytes_``, read as the plain str or bytes it equals), or an integer
+    (``kvtier.counts``: a NumPy or ``__index__`` one read as the plain int it is, never a
+    bool or a float) of magnitude below ``MAX_KEY_INT``; ``None`` if allowed. Else
+    ValueError naming ``what``. Pure.
+
+    NOTE: the plain value, not the caller's: a key is hashed by its type (``encode_key``),
+    so a NumPy ``int64(5)`` salt kept as given named no block of the salt 5."""
     if value is None and allow_none:
-        return
-    if type(value) is int:
+        return None
+    kind = type(value)
+    if kind is not int and kind is not str and kind is not bytes:
+        if isinstance(value, str):
+            value = str.__str__(value)
+        elif isinstance(value, bytes):
+            value = bytes(value)
+        else:
+            number = as_integer(value)
+            value = value if number is None else number
+        kind = type(value)
+    if kind is int:
+        assert isinstance(value, int)
         if -MAX_KEY_INT < value < MAX_KEY_INT:
-            return
+            return value
         raise ValueError(
             f"{what} must be an int of magnitude below 2**128, got {short_repr(value)}")
-    if type(value) in (bytes, str):
+    if kind is bytes or kind is str:
         assert isinstance(value, (bytes, str))
         if len(value) <= MAX_KEY_LEN:
-            return
+            return value
         raise ValueError(f"{what} must be at most {MAX_KEY_LEN} long, got {len(value)}")
     allowed = "bytes, str, int" + (" or None" if allow_none else "")
     raise ValueError(f"{what} must be {allowed}, got {short_repr(value)} ({type(value).__name__})")

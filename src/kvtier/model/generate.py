@@ -52,8 +52,15 @@ class TierSizes:
     eviction_policy: str = _DEFAULT_POLICY
 
     def __post_init__(self) -> None:
-        self.cache_config()
-        SchedulerConfig(max_num_tokens=self.max_num_tokens)
+        # NOTE: kept as the plain ints the configs read them as (``kvtier.counts``): an
+        # ``__index__`` size passed the checks and broke the generator's own arithmetic.
+        config = self.cache_config()
+        set_ = object.__setattr__
+        set_(self, "tokens_per_block", config.tokens_per_block)
+        set_(self, "num_gpu_blocks", config.num_gpu_blocks)
+        set_(self, "num_host_blocks", config.num_host_blocks)
+        set_(self, "max_num_tokens",
+             SchedulerConfig(max_num_tokens=self.max_num_tokens).max_num_tokens)
 
     def cache_config(self) -> CacheConfig:
         """The manager's settings (ValueError naming a bad one). Pure."""
@@ -210,7 +217,7 @@ class Generator:
         prompts = [self.tokenizer.encode_chat(c) for c in conversations]
         if system_priority is None:
             return self.generate(prompts, params)
-        check_priority("system_priority", system_priority)
+        system_priority = check_priority("system_priority", system_priority)
         return self.generate(prompts, params, [
             self._system_retention(c, ids, system_priority)
             for c, ids in zip(conversations, prompts, strict=True)])

@@ -5,16 +5,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kvtier.counts import as_integer
 from kvtier.reprs import shown
 from kvtier.sequence import is_finite_number, short_repr
 
 
-def check_int(field: str, value: int, minimum: int, maximum: int | None = None) -> None:
-    """Raise ValueError naming ``field`` unless ``value`` is an int in
-    ``minimum..maximum``."""
-    if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
+def check_int(field: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as a plain int; ValueError naming ``field`` unless it is an integer
+    (``kvtier.counts``: a NumPy or ``__index__`` one too, never a bool or a float) in
+    ``minimum..maximum``. Pure."""
+    n = value if type(value) is int else as_integer(value)
+    if n is None or n < minimum or (maximum is not None and n > maximum):
         raise ValueError(f"{field} must be an integer {_int_bounds(minimum, maximum)}, got "
                          f"{short_repr(value)}")
+    return n
+
+
+def keep_plain_ints(obj: object, *fields: str) -> None:
+    """Set each of a frozen dataclass's ``fields`` that holds an integer of another kind (a
+    NumPy or ``__index__`` one) to the plain int it is, before its checks read them; what
+    is no integer (a bool, a float) is left for the checks to refuse."""
+    for name in fields:
+        value = getattr(obj, name)
+        if type(value) is not int:
+            n = as_integer(value)
+            if n is not None:
+                object.__setattr__(obj, name, n)
 
 
 def check_float(field: str, value: float, low: float, high: float | None = None) -> None:
@@ -64,10 +80,10 @@ class FieldRange:
             return False
         return True
 
-    def check(self, field: str, value: object) -> None:
-        """Raise ValueError ``<field> must be <describe()>, got <value>`` unless
-        :meth:`contains`."""
+    def check(self, field: str, value: object) -> int | float:
+        """``value`` (an integer as the plain int it is); ValueError ``<field> must be
+        <describe()>, got <value>`` unless :meth:`contains`."""
         if self.kind == "int":
-            check_int(field, value, int(self.low), int(self.high))  # type: ignore[arg-type]
-        else:
-            check_float(field, value, float(self.low), float(self.high))  # type: ignore[arg-type]
+            return check_int(field, value, int(self.low), int(self.high))
+        check_float(field, value, float(self.low), float(self.high))  # type: ignore[arg-type]
+        return value  # type: ignore[return-value]

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from itertools import accumulate
 
 from kvtier.reprs import shown
-from kvtier.sim._checks import check_float, check_int
+from kvtier.sim._checks import check_float, check_int, keep_plain_ints
 from kvtier.sim.synthetic import check_held_tokens, check_rate
 from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
@@ -33,6 +33,12 @@ class _AgentSession:
     session_id: str
     history: list[int]
     num_steps_left: int
+
+
+_INT_FIELDS = ("num_requests", "seed", "num_agent_types", "min_tool_spec_tokens",
+               "max_tool_spec_tokens", "min_task_tokens", "max_task_tokens", "min_steps",
+               "max_steps", "min_output_tokens", "max_output_tokens", "min_tool_output_tokens",
+               "max_tool_output_tokens", "max_prompt_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,7 @@ class AgenticWorkload:
     name: str = "agentic"
 
     def __post_init__(self) -> None:
+        keep_plain_ints(self, *_INT_FIELDS)
         check_int("num_requests", self.num_requests, 0)
         if type(self.seed) is not int:
             raise ValueError(f"seed must be an integer, got {shown(self.seed)}")

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from kvtier.reprs import shown
-from kvtier.sim._checks import check_int
+from kvtier.sim._checks import check_int, keep_plain_ints
 from kvtier.sim.workload import TraceRequest
 
 # A request as a generator makes it: (arrival s, prompt, output tokens, session id).
@@ -307,6 +307,7 @@ class HeldOutWorkload:
         # NOTE: a str first: a list was a TypeError (unhashable) naming no field.
         if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {shown(self.family)}")
+        keep_plain_ints(self, "seed", "num_requests")
         check_int("seed", self.seed, 0)
         check_int("num_requests", self.num_requests, 1)
         object.__setattr__(self, "_make", FAMILIES[self.family])

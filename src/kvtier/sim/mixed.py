@@ -60,7 +60,7 @@ class MixedWorkload:
         if type(self.until_all) is not bool:
             raise ValueError(f"until_all must be a bool, got {shown(self.until_all)}")
         if self.limit is not None:
-            check_int("limit", self.limit, 0)
+            object.__setattr__(self, "limit", check_int("limit", self.limit, 0))
 
     def __iter__(self) -> Iterator[TraceRequest]:
         """The parts' requests in arrival order, each part in its own token space."""

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from itertools import accumulate
 
 from kvtier.reprs import shown, shown_int
-from kvtier.sim._checks import check_float, check_int
+from kvtier.sim._checks import check_float, check_int, keep_plain_ints
 from kvtier.sim.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, TraceRequest
 
 
@@ -51,6 +51,9 @@ class PrefixModel:
     min_user_turn_tokens: int = 16
 
     def __post_init__(self) -> None:
+        keep_plain_ints(self, "num_system_prompts", "min_system_prompt_tokens",
+                        "max_system_prompt_tokens", "max_open_sessions",
+                        "max_turns_per_session", "min_user_turn_tokens")
         check_int("num_system_prompts", self.num_system_prompts, 1)
         check_int("min_system_prompt_tokens", self.min_system_prompt_tokens, 1,
                   MAX_REQUEST_TOKENS)
@@ -252,6 +255,9 @@ class SyntheticChat:
     name: str = "synthetic-chat"
 
     def __post_init__(self) -> None:
+        keep_plain_ints(self, "num_requests", "seed", "min_user_turn_tokens",
+                        "max_user_turn_tokens", "min_output_tokens", "max_output_tokens",
+                        "max_prompt_tokens")
         check_int("num_requests", self.num_requests, 0)
         if type(self.seed) is not int:
             raise ValueError(f"seed must be an integer, got {shown(self.seed)}")

@@ -63,7 +63,9 @@ class ModelProfile:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {shown(self.name)}")
         for field, valid in PROFILE_RANGES.items():
-            valid.check(field, getattr(self, field))
+            value = valid.check(field, getattr(self, field))
+            if valid.kind == "int":  # kept as the plain int (``kvtier.counts``)
+                object.__setattr__(self, field, value)
         if type(self.overlap_transfers) is not bool:
             raise ValueError(f"overlap_transfers must be a bool, got "
                              f"{shown(self.overlap_transfers)}")
@@ -156,13 +158,17 @@ class RemoteLink:
 
     def transfer_seconds(self, num_bytes: int) -> float:
         """How long the store is busy moving ``num_bytes`` (latency excluded). Pure."""
-        _check_count("num_bytes", num_bytes)
+        num_bytes = _check_count("num_bytes", num_bytes)
         return num_bytes / self.bytes_per_s
 
 
-def _check_count(field: str, value: int) -> None:
-    # NOTE: bounded: a count past the float range raised OverflowError, naming no field.
-    check_int(field, value, 0, MAX_COUNT)
+def _check_count(field: str, value: int) -> int:
+    """``value`` as a plain int (``kvtier.counts``); ValueError naming ``field``.
+
+    NOTE: bounded: a count past the float range raised OverflowError, naming no field. The
+    plain int is what the arithmetic reads: a NumPy count times the bytes per token wrapped
+    around in int64."""
+    return check_int(field, value, 0, MAX_COUNT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,13 +183,13 @@ class TimeModel:
 
     def kv_bytes(self, num_tokens: int) -> int:
         """Bytes of KV cache that ``num_tokens`` tokens occupy."""
-        _check_count("num_tokens", num_tokens)
+        num_tokens = _check_count("num_tokens", num_tokens)
         return num_tokens * self.profile.kv_bytes_per_token
 
     def compute_seconds(self, num_prefill_tokens: int, num_decode_seqs: int) -> float:
         """GPU time of a step: overhead + prefill + decode, or 0.0 when it has no work."""
-        _check_count("num_prefill_tokens", num_prefill_tokens)
-        _check_count("num_decode_seqs", num_decode_seqs)
+        num_prefill_tokens = _check_count("num_prefill_tokens", num_prefill_tokens)
+        num_decode_seqs = _check_count("num_decode_seqs", num_decode_seqs)
         if num_prefill_tokens == 0 and num_decode_seqs == 0:
             return 0.0
         p = self.profile
@@ -206,8 +212,8 @@ class TimeModel:
     def transfer_seconds(self, bytes_h2d: int, bytes_d2h: int) -> float:
         """PCIe time of a step's copies: the two directions run at the same time, each at
         most at the one-way rate, both together at most at the two-way ceiling."""
-        _check_count("bytes_h2d", bytes_h2d)
-        _check_count("bytes_d2h", bytes_d2h)
+        bytes_h2d = _check_count("bytes_h2d", bytes_h2d)
+        bytes_d2h = _check_count("bytes_d2h", bytes_d2h)
         p = self.profile
         one_way = max(bytes_h2d, bytes_d2h) / p.pcie_bytes_per_s
         return max(one_way, (bytes_h2d + bytes_d2h) / (2 * p.pcie_duplex * p.pcie_bytes_per_s))

@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
+from kvtier.counts import as_integer
 from kvtier.reprs import shown
 from kvtier.transfer.plan import OpKind, TransferOp, TransferPlan
 
@@ -38,12 +39,13 @@ class TransferError(RuntimeError):
         recompute."""
         everything = list(range(len(plan)))
         if self.failed_indices:
-            indices = list(self.failed_indices)
             # NOTE: an index past the plan (or a float) made transfer_failed raise inside
             # the model engine's recovery, and the step raised to its caller instead of
-            # recomputing.
-            if all(type(i) is int and 0 <= i < len(plan) for i in indices):
-                return indices
+            # recomputing. Any integer is read as the plain int it is (``kvtier.counts``):
+            # a NumPy index failed every op of the plan.
+            indices = [i if type(i) is int else as_integer(i) for i in self.failed_indices]
+            if all(i is not None and 0 <= i < len(plan) for i in indices):
+                return indices  # type: ignore[return-value]
             return everything
         if not self.failed_ops:
             return everything
@@ -65,8 +67,10 @@ class RecordingTransferEngine:
 
     def __init__(self, max_plans: int = 1024) -> None:
         # NOTE: True kept one plan, -1 raised deque's "maxlen must be non-negative".
-        if type(max_plans) is not int or max_plans < 0:
+        n = as_integer(max_plans)  # any integer, kept as the plain int (kvtier.counts)
+        if n is None or n < 0:
             raise ValueError(f"max_plans must be an int >= 0, got {shown(max_plans)}")
+        max_plans = n
         self.plans: deque[TransferPlan] = deque(maxlen=max_plans)
         self.num_ops = {kind: 0 for kind in OpKind}
         self.num_tokens = {kind: 0 for kind in OpKind}

@@ -43,6 +43,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+from kvtier.counts import as_integer
 from kvtier.reprs import shown
 from kvtier.storage import MODEL_SHAPE_FIELDS
 from kvtier.tier import Tier
@@ -172,18 +173,20 @@ class TorchTransferEngine:
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {shown(method)}")
-        if heap_pad_bytes is not None and (type(heap_pad_bytes) is not int or heap_pad_bytes < 0):
+        pad = None if heap_pad_bytes is None else as_integer(heap_pad_bytes)
+        if heap_pad_bytes is not None and (pad is None or pad < 0):
             raise ValueError(f"heap_pad_bytes must be >= 0 or None, got {shown(heap_pad_bytes)} "
                              f"(an int of bytes)")
+        heap_pad_bytes = pad
         # NOTE: checked here, not where a plan first reads them: a min_dma_copy_bytes of
         # None or "1" raised TypeError inside every batch's copy, each plan a TransferError
         # of every op (the engine degraded every step to recompute, reusing nothing), and a
         # layerwise of "no" ran layer by layer as True.
-        for name, value, low in (("min_dma_copy_bytes", min_dma_copy_bytes, 0),
-                                 ("min_batch_copy_bytes", min_batch_copy_bytes, 0),
-                                 ("gather_streams", gather_streams, 1),
-                                 ("staging_bytes", staging_bytes, 1)):
-            _check_int(name, value, low)
+        # The plain ints the checks return are kept (``kvtier.counts``).
+        min_dma_copy_bytes = _check_int("min_dma_copy_bytes", min_dma_copy_bytes, 0)
+        min_batch_copy_bytes = _check_int("min_batch_copy_bytes", min_batch_copy_bytes, 0)
+        gather_streams = _check_int("gather_streams", gather_streams, 1)
+        staging_bytes = _check_int("staging_bytes", staging_bytes, 1)
         _check_bool("layerwise", layerwise)
         _check_bool("submit_threads", submit_threads)
         if not isinstance(gather_cost, GatherCost):
@@ -601,10 +604,12 @@ class TorchTransferEngine:
         ValueError for a layer that is none of the storage's (-1 waited for the last layer's
         copies only, a layer past the last raised IndexError, on CUDA)."""
         _check_handle(handle)
-        if layer is not None and (type(layer) is not int
-                                  or not 0 <= layer < self._num_layers):
-            raise ValueError(f"layer must be None or an int in 0..{self._num_layers - 1}, "
-                             f"got {shown(layer)}")
+        if layer is not None:
+            index = layer if type(layer) is int else as_integer(layer)
+            if index is None or not 0 <= index < self._num_layers:
+                raise ValueError(f"layer must be None or an int in 0..{self._num_layers - 1}, "
+                                 f"got {shown(layer)}")
+            layer = index
         event = handle.event
         if layer is not None and handle.layer_events is not None:
             event = handle.layer_events[layer]
@@ -691,11 +696,13 @@ class TorchTransferEngine:
 
 
 def _check_int(name: str, value: object, low: int) -> int:
-    """``value`` if it is an int (never a bool) >= ``low``; else ValueError naming
+    """``value`` as a plain int if it is an integer (``kvtier.counts``: a NumPy or
+    ``__index__`` one too, never a bool or a float) >= ``low``; else ValueError naming
     ``name``. Pure."""
-    if type(value) is not int or value < low:
+    n = as_integer(value)
+    if n is None or n < low:
         raise ValueError(f"{name} must be an int >= {low}, got {shown(value)}")
-    return value
+    return n
 
 
 def _check_bool(name: str, value: object) -> bool:

@@ -33,11 +33,11 @@ from typing import Generic, NamedTuple, TypeVar
 
 from kvtier.clock import CacheClock
 from kvtier.config import DEFAULT_PRIORITY, EVICTION_POLICIES, CacheConfig, check_priority
+from kvtier.counts import check_count
 from kvtier.eviction import ROLE_BODY, ROLE_SHARED, ReuseLearner
 from kvtier.policies import get_policy
 from kvtier.pool import Key, TierPool
 from kvtier.radix import Node
-from kvtier.reprs import shown
 from kvtier.tier import Tier
 
 C = TypeVar("C")
@@ -94,9 +94,11 @@ class PolicyChunks(Generic[C]):
     def __init__(self, policy_name: str, capacity: int, *,
                  default_priority: int = DEFAULT_PRIORITY,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        check_priority("default_priority", default_priority)
-        if type(capacity) is not int or not 0 <= capacity <= MAX_CAPACITY:
-            raise ValueError(f"capacity must be an int in 0..{MAX_CAPACITY}, got {shown(capacity)}")
+        # NOTE: the plain ints the checks return (``kvtier.counts``), not the caller's: an
+        # ``__index__`` default priority reached the policies' keys, a NumPy capacity was
+        # refused.
+        default_priority = check_priority("default_priority", default_priority)
+        capacity = check_count("capacity", capacity, 0, MAX_CAPACITY)
         self._policy_name = policy_name
         self._capacity = capacity
         self._default_priority = default_priority
