@@ -226,10 +226,14 @@ class RedisStreamSubscriber:
             self._check_trimmed(out)
             return attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
                            block=block_ms)
-        pipe = make_pipeline(transaction=False)
-        pipe.xinfo_stream(self.stream)
-        pipe.xread({self.stream: self.last_id}, count=count, block=block_ms)
-        replies = attempt(pipe.execute, raise_on_error=False)
+
+        def send() -> object:
+            pipe = make_pipeline(transaction=False)  # a cluster's client is made here
+            pipe.xinfo_stream(self.stream)
+            pipe.xread({self.stream: self.last_id}, count=count, block=block_ms)
+            return pipe.execute(raise_on_error=False)
+
+        replies = attempt(send)
         if not isinstance(replies, list) or len(replies) != 2:
             return None  # Redis down: each command retried at the next poll
         info, reply = replies

@@ -241,17 +241,19 @@ class RedisStreamPublisher:
             # none goes: an old process's owed delete took the new one's snapshot.
             # NOTE: the claim goes with the first entry, so that no subscriber reads an
             # entry of this incarnation before its claim (a later claim is a later one's).
-            pipe = self._redis.pipeline(transaction=True)
-            if claims:
-                pipe.set(claim_key(self.stream, instance_id), incarnation,
-                         **self._ex_option())
-            elif renews:
-                run_script(pipe, _RENEW_CLAIM, 1, claim_key(self.stream, instance_id),
-                           incarnation, str(self._snapshot_ex))
-            if owes_delete:
-                self._delete_own_snapshot(instance_id, pipe)
-            pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
-            sent = attempt(pipe.execute)
+            def send(pipe: Any) -> Any:
+                if claims:
+                    pipe.set(claim_key(self.stream, instance_id), incarnation,
+                             **self._ex_option())
+                elif renews:
+                    run_script(pipe, _RENEW_CLAIM, 1, claim_key(self.stream, instance_id),
+                               incarnation, str(self._snapshot_ex))
+                if owes_delete:
+                    self._delete_own_snapshot(instance_id, pipe)
+                pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+                return pipe.execute()
+
+            sent = attempt(self._transaction, send)
             if sent is None:
                 if owes_delete:
                     self._old_snapshots.add(instance_id)
@@ -277,6 +279,12 @@ class RedisStreamPublisher:
         if restarted is None and instance_id in self._forgotten:
             restarted = self._forgotten[instance_id].restarted
         return self.incarnation if restarted is None else restarted
+
+    def _transaction(self, send: Callable[[Any], Any]) -> Any:
+        """``send(pipe)`` of a new MULTI/EXEC pipeline: what its ``execute`` answered.
+        Raises what redis-py raises (callers ``attempt`` it): a cluster's client, made
+        with its first pipeline, raises there where no node answers."""
+        return send(self._redis.pipeline(transaction=True))
 
     def _snapshot_key(self, instance_id: str) -> str:
         return snapshot_key(self.stream, instance_id)
@@ -360,14 +368,17 @@ class RedisStreamPublisher:
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
         self._old_snapshots.discard(instance_id)
         self._published.discard(instance_id)  # its seq 0 again is no restart to tell
-        pipe = self._redis.pipeline(transaction=True)
         incarnation = self.incarnation_of(instance_id)
-        pipe.xadd(self.stream, {"i": instance_id, "e": "[]", "n": incarnation, "g": "1"},
-                  maxlen=self.maxlen, approximate=True)
-        self._delete_own_snapshot(instance_id, pipe)
-        run_script(pipe, _DELETE_CLAIM_IF_MINE, 1, claim_key(self.stream, instance_id),
-                   incarnation)
-        done = attempt(pipe.execute)
+
+        def send(pipe: Any) -> Any:
+            pipe.xadd(self.stream, {"i": instance_id, "e": "[]", "n": incarnation, "g": "1"},
+                      maxlen=self.maxlen, approximate=True)
+            self._delete_own_snapshot(instance_id, pipe)
+            run_script(pipe, _DELETE_CLAIM_IF_MINE, 1, claim_key(self.stream, instance_id),
+                       incarnation)
+            return pipe.execute()
+
+        done = attempt(self._transaction, send)
         if done is None:
             self.num_failed_batches += 1
         # NOTE: a claim (where another incarnation held it or Redis was down), its

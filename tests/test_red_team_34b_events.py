@@ -1,0 +1,100 @@
+"""Red team 34b: the KV event streams without a Redis server: a cluster's client made at
+its first command and its errors taken as faults, a bound on an entry's events, the keys
+of before hash tags swept, and the old names read in the same round trip as the new.
+
+Every count here is exact; each test failed before its fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvtier import stream_client
+from kvtier.events import BlockStored
+from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
+from kvtier.tier import Tier
+
+redis = pytest.importorskip("redis")
+
+G = Tier.GPU
+
+
+def stored(seq: int, h: int) -> BlockStored:
+    """A BlockStored event of one 4-token block."""
+    return BlockStored(seq, h, None, G, 4, None, (1, 2, 3, 4), None, None)
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("redis://:secret@127.0.0.1:1/3", "database 0 only, the url names database 3"),
+    ("unix:///tmp/kvtier.sock", "not a unix:// socket"),
+    ("http://127.0.0.1:1", "is no Redis URL"),
+])
+def test_a_cluster_url_redis_py_cannot_use_is_refused_when_made(url: str, problem: str) -> None:
+    """A cluster URL naming a database other than 0, a unix socket or another scheme is a
+    ValueError naming it (its password hidden) when the publisher or subscriber is made,
+    nothing contacted. Before, redis-py's RedisClusterException (no ValueError) for the
+    first two, or, the URL sound, its RedisClusterUnreachableError for a cluster down."""
+    for make in (RedisStreamPublisher, RedisStreamSubscriber):
+        with pytest.raises(ValueError, match=problem) as caught:
+            make(url, "ev", cluster=True)
+        assert "secret" not in str(caught.value)
+
+
+def test_a_cluster_client_is_made_at_its_first_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``connect(cluster=True)`` makes no RedisCluster (none answering: no error); the
+    first command makes it, a failure to make it is that command's fault (``attempt``:
+    None), and the next command makes it again: 0 made, then 2 tries, the second served.
+    ``getattr(client, "xinfo_stream", None)`` makes nothing."""
+    from redis.cluster import RedisCluster
+    from redis.exceptions import RedisClusterUnreachableError
+
+    made: list[str] = []
+
+    class Served:
+        def get(self, key: str) -> bytes:
+            return b"v:" + key.encode()
+
+    def from_url(url: str, **options: Any) -> Served:
+        made.append(url)
+        if len(made) == 1:
+            raise RedisClusterUnreachableError("Redis Cluster cannot be connected.")
+        return Served()
+
+    monkeypatch.setattr(RedisCluster, "from_url", from_url)
+    client = stream_client.connect("redis://127.0.0.1:1", cluster=True)
+    assert getattr(client, "xinfo_stream", None) is not None
+    assert made == []
+    assert stream_client.attempt(client.get, "k") is None
+    assert stream_client.attempt(client.get, "k") == b"v:k"
+    assert made == ["redis://127.0.0.1:1"] * 2
+    stream_client.close(client)
+
+
+class Unreachable:
+    """A cluster's client whose every node went down: each command, and each pipeline's
+    execute, raises RedisClusterUnreachableError (redis-py's, no RedisError)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from redis.exceptions import RedisClusterUnreachableError
+
+        def fail(*args: object, **options: object) -> Any:
+            raise RedisClusterUnreachableError("Redis Cluster cannot be connected.")
+
+        return fail
+
+
+def test_a_cluster_unreachable_is_a_fault_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command raising RedisClusterUnreachableError: a batch, a snapshot and a
+    goodbye are 3 failed batches, a resync read 1 failed read, a poll nothing. Before, the
+    error escaped ``publish`` (the first call) into the serving loop."""
+    monkeypatch.setattr(stream_client, "connect", lambda url, **_: Unreachable())
+    pub = RedisStreamPublisher("redis://fake", "ev")
+    sub = RedisStreamSubscriber("redis://fake", "ev")
+    pub.publish("a", [stored(0, 1)])
+    pub.publish_snapshot(Snapshot("a", 1, frozenset({(1, G)})))
+    pub.forget("a")
+    assert pub.resync_requests() == set()
+    assert (pub.num_failed_batches, pub.num_failed_reads) == (3, 1)
+    assert sub.poll() == []
