@@ -11,12 +11,15 @@ from typing import Any
 
 import pytest
 
+from fake_stream_redis import FakeRedis
 from kvtier import stream_client
+from kvtier.event_codec import encode_events
 from kvtier.events import BlockStored
-from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
+from kvtier.publisher import EventBatch, RedisStreamPublisher, RedisStreamSubscriber, Snapshot
 from kvtier.tier import Tier
 
 redis = pytest.importorskip("redis")
+pytest_plugins = ["shared_fixtures"]
 
 G = Tier.GPU
 
@@ -98,3 +101,50 @@ def test_a_cluster_unreachable_is_a_fault_counted(monkeypatch: pytest.MonkeyPatc
     assert pub.resync_requests() == set()
     assert (pub.num_failed_batches, pub.num_failed_reads) == (3, 1)
     assert sub.poll() == []
+
+
+def stale_subscriber(fake_redis: FakeRedis, num_instances: int) -> RedisStreamSubscriber:
+    """A subscriber that read seq 0 of ``num_instances`` instances, then seq 2 of each (a
+    gap): every one stale, no snapshot under either name; the fake's log emptied."""
+    pub = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake", resync_retry_s=3600.0)
+    names = [f"i{n}" for n in range(num_instances)]
+    for name in names:
+        pub.publish(name, [stored(0, 1)])
+    sub.poll()
+    for name in names:
+        pub.publish(name, [stored(2, 3)])
+    sub.poll()
+    assert sub.tracker.stale_instances() == names
+    fake_redis.round_trips.clear()
+    return sub
+
+
+def test_a_poll_reads_every_stale_snapshot_under_both_names_in_one_round_trip(
+        fake_redis: FakeRedis) -> None:
+    """Three stale instances, no snapshot: a poll (snapshots tried before and after the
+    read) asks the new and the old key of each in one pipeline: 2 round trips of snapshot
+    reads, the XREAD's 1 (beside its XINFO), none else. Before, a GET per key and per
+    name: 12 GETs a poll (3 instances x 2 names x 2 tries)."""
+    sub = stale_subscriber(fake_redis, 3)
+    assert sub.poll() == []
+    assert fake_redis.round_trips == ["pipeline"] * 3
+    fake_redis.set("{kvtier:events}:snapshot:i1", '{"i":"i1","n":3,"b":[]}')
+    fake_redis.set("kvtier:events:snapshot:i2", '{"i":"i2","n":3,"b":[]}')  # its old name
+    fake_redis.round_trips.clear()
+    assert [(u.instance_id, type(u).__name__) for u in sub.poll()] == [
+        ("i1", "Snapshot"), ("i2", "Snapshot")]
+    assert fake_redis.round_trips == ["pipeline"] * 3
+
+
+def test_a_new_incarnations_claim_is_read_under_both_names_in_one_round_trip(
+        fake_redis: FakeRedis) -> None:
+    """An entry of an incarnation new to the subscriber, no claim under either name: its
+    claim is read in 1 round trip (a pipeline of both GETs) after the XREAD that read it
+    (no snapshot read: nothing stale). Before, a GET of the new name, then one of the
+    old: 2."""
+    sub = RedisStreamSubscriber("redis://fake")
+    fake_redis.xadd("kvtier:events", {"i": "a", "e": encode_events([stored(0, 1)]),
+                                      "n": "p1"})
+    assert sub.poll() == [EventBatch("a", [stored(0, 1)])]
+    assert fake_redis.round_trips == ["xadd", "xread", "pipeline"]

@@ -25,6 +25,7 @@ from kvtier.stream_client import (
     check_cluster,
     check_stream,
     claim_key,
+    get_each,
     get_either,
     legacy_claim_key,
     legacy_snapshot_key,
@@ -375,9 +376,11 @@ class RedisStreamSubscriber:
             self.tracker.lose_entry(instance_id, incarnation, out)
 
     def _try_snapshots(self, out: list[Update]) -> None:
-        for instance_id in self.tracker.stale_instances():
-            raw = get_either(self._redis, snapshot_key(self.stream, instance_id),
-                             legacy_snapshot_key(self.stream, instance_id))
+        stale = self.tracker.stale_instances()
+        raws = get_each(self._redis, [(snapshot_key(self.stream, instance_id),
+                                       legacy_snapshot_key(self.stream, instance_id))
+                                      for instance_id in stale])
+        for instance_id, raw in zip(stale, raws, strict=True):
             if raw is None:
                 continue
             try:
