@@ -13,7 +13,7 @@ import pytest
 
 from fake_stream_redis import FakeRedis
 from kvtier import stream_client
-from kvtier.event_codec import encode_events
+from kvtier.event_codec import MAX_EVENT_BATCH_BYTES, encode_events
 from kvtier.events import BlockStored
 from kvtier.publisher import EventBatch, RedisStreamPublisher, RedisStreamSubscriber, Snapshot
 from kvtier.tier import Tier
@@ -148,3 +148,58 @@ def test_a_new_incarnations_claim_is_read_under_both_names_in_one_round_trip(
                                       "n": "p1"})
     assert sub.poll() == [EventBatch("a", [stored(0, 1)])]
     assert fake_redis.round_trips == ["xadd", "xread", "pipeline"]
+
+
+def cleared_batch(num_events: int, first_seq: int = 0) -> str:
+    """An ``e`` field of ``num_events`` AllBlocksCleared events, seqs from ``first_seq``:
+    each sound, the whole as long as it comes."""
+    return "[" + ",".join(f'["C",{first_seq + n}]' for n in range(num_events)) + "]"
+
+
+def test_an_entry_past_the_bound_is_malformed_and_makes_no_state(fake_redis: FakeRedis) -> None:
+    """An ``e`` field of 350,000 sound events (4.6 MB, past MAX_EVENT_BATCH_BYTES, 4 MiB)
+    of an instance not read: counted malformed, no tracker entry, no update; one of b,
+    read already: malformed, b lost (stale, a resync asked); entries within the bound
+    delivered. Before, both were decoded whole and delivered: 350,000 events each."""
+    big = cleared_batch(350_000)
+    assert len(big) > MAX_EVENT_BATCH_BYTES
+    pub = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake")
+    pub.publish("b", [stored(0, 1)])
+    assert sub.poll() == [EventBatch("b", [stored(0, 1)])]
+    fake_redis.xadd("kvtier:events", {"i": "ghost", "e": big, "n": "p1"})
+    fake_redis.xadd("kvtier:events", {"i": "b", "e": cleared_batch(350_000, 1),
+                                      "n": pub.incarnation})
+    updates = sub.poll()
+    assert [type(u).__name__ for u in updates] == ["InstanceLost"]
+    assert sub.num_malformed_entries == 2
+    assert sorted(sub.tracker.streams) == ["b"]
+    assert sub.tracker.stale_instances() == ["b"]
+    assert sub.num_resync_requests == 1
+
+
+def test_a_batch_past_the_bound_is_published_as_entries_within_it(fake_redis: FakeRedis) -> None:
+    """Five stored blocks of 65,536 tokens with 19-digit ids (1.3 MB each, 6.5 MB in all)
+    go as 2 entries (3 + 2 blocks), each within MAX_EVENT_BATCH_BYTES, in 1 transaction;
+    a subscriber reads all five, in order, none malformed. Before, 1 entry of 6.5 MB: a
+    subscriber now counts it malformed. One event past the bound by itself: ValueError
+    naming it, nothing sent."""
+    tokens = tuple(range(10**18, 10**18 + 65_536))
+    events = [BlockStored(n, n + 1, None, G, 65_536, None, tokens, None, None)
+              for n in range(5)]
+    pub = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake")
+    fake_redis.round_trips.clear()
+    pub.publish("a", events)
+    sizes = [len(fields[b"e"]) for _, fields in fake_redis.streams["kvtier:events"]]
+    assert len(sizes) == 2 and max(sizes) <= MAX_EVENT_BATCH_BYTES, sizes
+    assert fake_redis.round_trips == ["pipeline"]
+    got = [e for u in sub.poll() if isinstance(u, EventBatch) for e in u.events]
+    assert got == events
+    assert sub.num_malformed_entries == 0
+    huge = BlockStored(5, 9, None, G, 4, None, (1, 2, 3, 4), b"x" * (3 << 20), None)
+    with pytest.raises(ValueError, match=r"events\[1\] encodes to \d+ bytes, past the "
+                                         r"4194304 one stream entry may carry"):
+        pub.publish("a", [BlockStored(5, 8, None, G, 4, None, (1, 2, 3, 4), None, None),
+                          huge])
+    assert len(fake_redis.streams["kvtier:events"]) == 2

@@ -18,7 +18,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvtier import stream_client
-from kvtier.event_codec import Snapshot, encode_events, encode_snapshot, is_incarnation
+from kvtier.event_codec import (
+    Snapshot,
+    encode_event_batches,
+    encode_snapshot,
+    is_incarnation,
+)
 from kvtier.event_updates import MAX_BUFFER, MAX_INSTANCE_ID_CHARS, check_batch
 from kvtier.events import Event
 from kvtier.remote.options import check_number
@@ -101,7 +106,8 @@ return 0
 class RedisStreamPublisher:
     """Publishes each batch as one entry of the stream ``stream`` (``XADD MAXLEN ~ maxlen``).
 
-    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`, ``g`` on a goodbye
+    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events` (at most
+    ``MAX_EVENT_BATCH_BYTES``: a longer batch is cut into entries), ``g`` on a goodbye
     only (``forget``: no events), ``n`` the publisher's
     ``incarnation`` (by default a random id per publisher: a restarted process is a new
     one, which subscribers see as a restart even where its seq 0 was trimmed; publishers
@@ -192,14 +198,20 @@ class RedisStreamPublisher:
         self.num_malformed_requests = 0  # resync requests of no instance id one may publish
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
-        """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
-        ``num_failed_batches``, never raised into the serving loop: subscribers see the
-        hole in ``seq`` at the next batch and resync from a snapshot. TypeError (nothing
-        sent) for a batch that is not a str id and a sequence of events, ValueError for an
-        event the wire format cannot carry (``check_batch``)."""
+        """Add ``events`` as one entry (as several, in one transaction, where their text is
+        past ``MAX_EVENT_BATCH_BYTES``: ``encode_event_batches``). NOTE: with Redis down the
+        batch is lost, counted in ``num_failed_batches``, never raised into the serving
+        loop: subscribers see the hole in ``seq`` at the next batch and resync from a
+        snapshot. TypeError (nothing sent) for a batch that is not a str id and a sequence
+        of events, ValueError for an event the wire format cannot carry (``check_batch``),
+        or one whose own text is past ``MAX_EVENT_BATCH_BYTES``."""
         check_batch(instance_id, events)
         if not events:
             return
+        # NOTE: a batch past what a subscriber reads of one entry (MAX_EVENT_BATCH_BYTES)
+        # was one entry, which every subscriber now counts malformed: it goes as several,
+        # in one transaction, every seq in order.
+        texts = encode_event_batches(events)
         back = self._forgotten.pop(instance_id, None)
         if back is not None and back.restarted is not None:
             self._restarted[instance_id] = back.restarted
@@ -215,7 +227,7 @@ class RedisStreamPublisher:
             self._published.discard(instance_id)
             self._claimed.discard(instance_id)
         incarnation = self.incarnation_of(instance_id)
-        fields = {"i": instance_id, "e": encode_events(events), "n": incarnation}
+        entries = [{"i": instance_id, "e": text, "n": incarnation} for text in texts]
         owes_delete = events[0].seq == 0 or instance_id in self._old_snapshots
         claims = instance_id not in self._claimed
         now = self._clock()
@@ -229,7 +241,7 @@ class RedisStreamPublisher:
         renews = (not claims and self._snapshot_ex is not None
                   and now - self._claim_set_s.get(instance_id, -math.inf)
                   >= self._snapshot_ex / 3)
-        if owes_delete or claims or renews:
+        if owes_delete or claims or renews or len(entries) > 1:
             # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
             # snapshot its earlier one left under the key goes with the same transaction.
             # A subscriber that saw the restart, then a gap, read that snapshot, which
@@ -250,7 +262,8 @@ class RedisStreamPublisher:
                                incarnation, str(self._snapshot_ex))
                 if owes_delete:
                     self._delete_own_snapshot(instance_id, pipe)
-                pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+                for fields in entries:
+                    pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
                 return pipe.execute()
 
             sent = attempt(self._transaction, send)
@@ -263,7 +276,7 @@ class RedisStreamPublisher:
                 if claims or renews:
                     self._claim_set_s[instance_id] = now
         else:
-            sent = attempt(self._redis.xadd, self.stream, fields, maxlen=self.maxlen,
+            sent = attempt(self._redis.xadd, self.stream, entries[0], maxlen=self.maxlen,
                             approximate=True)
         if sent is None:
             self.num_failed_batches += 1
