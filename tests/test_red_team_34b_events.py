@@ -180,7 +180,8 @@ def test_an_entry_past_the_bound_is_malformed_and_makes_no_state(fake_redis: Fak
 
 def test_a_batch_past_the_bound_is_published_as_entries_within_it(fake_redis: FakeRedis) -> None:
     """Five stored blocks of 65,536 tokens with 19-digit ids (1.3 MB each, 6.5 MB in all)
-    go as 2 entries (3 + 2 blocks), each within MAX_EVENT_BATCH_BYTES, in 1 transaction;
+    go as 2 entries (3 + 2 blocks), each within MAX_EVENT_BATCH_BYTES, in 1 transaction
+    (and the first claim's sweep of keys of before hash tags, a DEL);
     a subscriber reads all five, in order, none malformed. Before, 1 entry of 6.5 MB: a
     subscriber now counts it malformed. One event past the bound by itself: ValueError
     naming it, nothing sent."""
@@ -193,7 +194,7 @@ def test_a_batch_past_the_bound_is_published_as_entries_within_it(fake_redis: Fa
     pub.publish("a", events)
     sizes = [len(fields[b"e"]) for _, fields in fake_redis.streams["kvtier:events"]]
     assert len(sizes) == 2 and max(sizes) <= MAX_EVENT_BATCH_BYTES, sizes
-    assert fake_redis.round_trips == ["pipeline"]
+    assert fake_redis.round_trips == ["pipeline", "delete"]  # the delete: old names' keys
     got = [e for u in sub.poll() if isinstance(u, EventBatch) for e in u.events]
     assert got == events
     assert sub.num_malformed_entries == 0
@@ -203,3 +204,32 @@ def test_a_batch_past_the_bound_is_published_as_entries_within_it(fake_redis: Fa
         pub.publish("a", [BlockStored(5, 8, None, G, 4, None, (1, 2, 3, 4), None, None),
                           huge])
     assert len(fake_redis.streams["kvtier:events"]) == 2
+
+
+def test_a_publisher_sweeps_its_instances_keys_of_before_hash_tags_once(
+        fake_redis: FakeRedis) -> None:
+    """Snapshot and claim keys of a and b under the names of before hash tags (an older
+    publisher's): publishing a deletes a's two (1 DEL after its claiming transaction), b's
+    stay; a's next batch sends no DEL (1 XADD). With Redis down at the DEL, it is owed and
+    made with the next batch. Before, the old names stayed for ever (4 keys -> 4)."""
+    old = {f"kvtier:events:{kind}:{iid}": b"x" for kind in ("snapshot", "incarnation")
+           for iid in ("a", "b", "c")}
+    fake_redis.keys.update(old)
+    pub = RedisStreamPublisher("redis://fake")
+    fake_redis.round_trips.clear()
+    pub.publish("a", [stored(0, 1)])
+    assert fake_redis.round_trips == ["pipeline", "delete"]
+    pub.publish("a", [stored(1, 2)])
+    assert fake_redis.round_trips == ["pipeline", "delete", "xadd"]
+    assert sorted(k for k in fake_redis.keys if k in old) == [
+        "kvtier:events:incarnation:b", "kvtier:events:incarnation:c",
+        "kvtier:events:snapshot:b", "kvtier:events:snapshot:c"]
+    real_delete = fake_redis.delete
+    fake_redis.delete = lambda *keys: (_ for _ in ()).throw(  # type: ignore[method-assign]
+        redis.ConnectionError("down"))
+    pub.publish("c", [stored(0, 1)])
+    fake_redis.delete = real_delete  # type: ignore[method-assign]
+    assert "kvtier:events:snapshot:c" in fake_redis.keys
+    pub.publish("c", [stored(1, 2)])
+    assert sorted(k for k in fake_redis.keys if k in old) == [
+        "kvtier:events:incarnation:b", "kvtier:events:snapshot:b"]

@@ -33,6 +33,8 @@ from kvtier.stream_client import (
     check_cluster,
     check_stream,
     claim_key,
+    legacy_claim_key,
+    legacy_snapshot_key,
     run_script,
     snapshot_key,
 )
@@ -191,6 +193,8 @@ class RedisStreamPublisher:
         # Instances forgotten since that restarted or whose claim stayed (the last
         # ``_MAX_FORGOTTEN``): what publishing one again takes back.
         self._forgotten: dict[str, _Forgotten] = {}
+        # Instances whose keys under the names of before hash tags are owed a delete.
+        self._legacy_owed: set[str] = set()
         self._resync_id: str | bytes = "0-0"
         self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
         self.num_failed_reads = 0  # resync_requests calls Redis did not answer
@@ -283,6 +287,25 @@ class RedisStreamPublisher:
         else:
             self._published.add(instance_id)
             self._owed_by.pop(instance_id, None)
+            if claims or instance_id in self._legacy_owed:
+                self._sweep_legacy(instance_id)
+
+    def _sweep_legacy(self, instance_id: str) -> None:
+        """Delete ``instance_id``'s snapshot and claim keys under their names of before hash
+        tags (``legacy_snapshot_key``, ``legacy_claim_key``), once a claim of this
+        publisher's landed; owed again with the next batch where Redis failed.
+
+        NOTE: publishers write only the new names, and subscribers read the old where the
+        new is missing: the keys an older publisher left under the old names were never
+        deleted (a snapshot without ``snapshot_ttl_s`` stayed for ever). Apart from the
+        claim's transaction: on a cluster they are in other slots than the stream's."""
+        legacy = [key for key in (legacy_snapshot_key(self.stream, instance_id),
+                                  legacy_claim_key(self.stream, instance_id))
+                  if key is not None]
+        if legacy and attempt(self._redis.delete, *legacy) is None:
+            self._legacy_owed.add(instance_id)
+        else:
+            self._legacy_owed.discard(instance_id)
 
     def incarnation_of(self, instance_id: str) -> str:
         """The incarnation ``instance_id``'s entries, claim and snapshots name: this
@@ -402,6 +425,9 @@ class RedisStreamPublisher:
         self._claimed.discard(instance_id)
         self._claim_set_s.pop(instance_id, None)
         self._owed_by.pop(instance_id, None)
+        if instance_id in self._legacy_owed:  # tried once more, then left to their TTL
+            self._sweep_legacy(instance_id)
+            self._legacy_owed.discard(instance_id)
         restarted = self._restarted.pop(instance_id, None)
         if restarted is not None or claim_stayed:
             self._forgotten[instance_id] = _Forgotten(restarted, claim_stayed)

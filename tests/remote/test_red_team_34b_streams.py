@@ -1,14 +1,16 @@
 """Red team 34b: the KV event streams on real Redis servers: a cluster that is down when a
 publisher or subscriber is made, or goes down under one, degrades as a standalone server
-that is down does (its faults counted, the next command tries again), never raising."""
+that is down does (its faults counted, the next command tries again), never raising; a
+publisher deletes its instances' keys named as before hash tags."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
-from remote_helpers import PrivateCluster, PrivateRedis
+from remote_helpers import PrivateCluster, PrivateRedis, RedisServers
 
 from kvtier.event_updates import Update
 from kvtier.events import BlockStored
@@ -95,3 +97,28 @@ def test_a_cluster_gone_under_a_publisher_and_subscriber_is_counted_not_raised(
         pub.forget("a")
         assert pub.resync_requests() == set()
         assert (pub.num_failed_batches, pub.num_failed_reads) == (4, 1)
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_a_publisher_sweeps_its_keys_of_before_hash_tags_on_a_real_server(
+        redis_servers: RedisServers, cluster: bool) -> None:
+    """A snapshot and a claim of a and of b under the names of before hash tags (an older
+    publisher's, without EX): a publisher of a deletes a's (on the cluster, keys of other
+    slots than the stream's), b's stay: 4 old keys -> 2. Before, all 4 stayed for ever."""
+    url = redis_servers.cluster_url if cluster else redis_servers.url
+    raw = (redis.RedisCluster if cluster else redis.Redis).from_url(url)
+    stream = f"kvtier:test:{uuid.uuid4().hex}"
+    old = [f"{stream}:{kind}:{iid}" for kind in ("snapshot", "incarnation")
+           for iid in ("a", "b")]
+    try:
+        for key in old:
+            raw.set(key, b"x")
+        with RedisStreamPublisher(url, stream, cluster=cluster) as pub:
+            pub.publish("a", [stored(0, 1)])
+            assert pub.num_failed_batches == 0
+        assert [key for key in old if raw.exists(key)] == [
+            f"{stream}:snapshot:b", f"{stream}:incarnation:b"]
+    finally:
+        for key in [*old, stream, f"{{{stream}}}:incarnation:a"]:
+            raw.delete(key)
+        raw.close()
