@@ -4,14 +4,38 @@ in place of every client ``kvtier.stream_client.connect`` makes."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from kvtier import stream_publisher
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _command(method: _F) -> _F:
+    """A command of the fake: one round trip (its name in ``round_trips``) where the
+    caller sent it, none where a pipeline or a script of the fake runs it."""
+
+    @functools.wraps(method)
+    def logged(self: FakeRedis, *args: Any, **options: Any) -> Any:
+        if not self._depth:
+            self.round_trips.append(method.__name__)
+        self._depth += 1
+        try:
+            return method(self, *args, **options)
+        finally:
+            self._depth -= 1
+
+    return logged  # type: ignore[return-value]
 
 
 class FakeRedis:
     """The commands of the event stream, in memory: XADD with an exact MAXLEN, XREAD
     (RESP2's shape), XINFO STREAM's first and last entry ids, GET, SET, DEL, the
     publisher's EVAL (each script as Lua runs it) and MULTI/EXEC; ``down`` commands fail
-    with a ConnectionError first."""
+    with a ConnectionError first. ``round_trips``: the name of each command sent, and
+    ``pipeline`` for each pipeline executed (its commands in one round trip)."""
 
     def __init__(self) -> None:
         self.streams: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
@@ -20,6 +44,8 @@ class FakeRedis:
         self.next_id = 1
         self.last_ids: dict[str, bytes] = {}  # each stream's last-generated-id
         self.down = 0
+        self.round_trips: list[str] = []
+        self._depth = 0  # > 0 while a pipeline or script runs commands
 
     def _check(self) -> None:
         if self.down:
@@ -28,6 +54,7 @@ class FakeRedis:
             self.down -= 1
             raise redis.exceptions.ConnectionError("Connection refused")
 
+    @_command
     def xadd(self, stream: str, fields: dict[str, object], maxlen: int | None = None,
              approximate: bool = True) -> bytes:
         self._check()
@@ -41,6 +68,7 @@ class FakeRedis:
             del entries[:max(0, len(entries) - maxlen)]
         return entry_id
 
+    @_command
     def xread(self, streams: dict[str, object], count: int | None = None,
               block: int | None = None) -> list[object]:
         self._check()
@@ -54,6 +82,7 @@ class FakeRedis:
                 reply.append([name.encode(), rows])
         return reply
 
+    @_command
     def xinfo_stream(self, stream: str) -> dict[str, object]:
         self._check()
         entries = self.streams.get(stream, [])
@@ -64,20 +93,24 @@ class FakeRedis:
         entries = self.streams.get(stream, [])
         del entries[:max(0, len(entries) - maxlen)]
 
+    @_command
     def get(self, key: str) -> bytes | None:
         self._check()
         return self.keys.get(key)
 
+    @_command
     def set(self, key: str, value: object, ex: int | None = None) -> bool:
         self._check()
         self.keys[key] = value if isinstance(value, bytes) else str(value).encode()
         self.ttls[key] = ex
         return True
 
+    @_command
     def delete(self, *keys: str) -> int:
         self._check()
         return sum(self.keys.pop(k, None) is not None for k in keys)
 
+    @_command
     def eval(self, script: str, numkeys: int, *keys_and_args: str) -> int:
         """The publisher's scripts as Lua runs them. ``_DELETE_UNLESS_OTHERS``: the key
         goes unless its value ends with ``"}`` (names an incarnation) and not with
@@ -140,10 +173,18 @@ class FakePipeline:
     def xinfo_stream(self, *args: object, **options: object) -> None:
         self.queued.append(("xinfo_stream", args, options))
 
+    def get(self, *args: object, **options: object) -> None:
+        self.queued.append(("get", args, options))
+
     def xread(self, *args: object, **options: object) -> None:
         self.queued.append(("xread", args, options))
 
     def execute(self, raise_on_error: bool = True) -> list[object]:
         self.client._check()
-        return [getattr(self.client, name)(*args, **options)
-                for name, args, options in self.queued]
+        self.client.round_trips.append("pipeline")
+        self.client._depth += 1
+        try:
+            return [getattr(self.client, name)(*args, **options)
+                    for name, args, options in self.queued]
+        finally:
+            self.client._depth -= 1

@@ -263,7 +263,7 @@ def test_redis_publisher_with_redis_down_loses_the_batch_not_the_loop(
         def set(self, key: str, value: object, **options: object) -> None:
             pass  # the instance's claim, set with its first entry
 
-        def delete(self, key: str) -> int:
+        def delete(self, *keys: str) -> int:  # DEL of many keys: those of before hash tags
             return 0
 
         def eval(self, script: str, *args: object) -> int:

@@ -185,9 +185,50 @@ def _hex(value: int | None) -> str | None:
     return None if value is None else format(value, "032x")
 
 
+# The most bytes of one encoded batch (a stream entry's ``e``) that ``decode_events``
+# reads: ``encode_event_batches`` cuts a longer batch into entries within it. NOTE: an
+# entry's events were decoded whole, whatever their size: a writer of the stream made a
+# subscriber build every event of a field of any length (350,000 events of 4 MiB) before a
+# check. 4 MiB holds a stored block of 65,536 tokens of 19-digit ids three times over.
+MAX_EVENT_BATCH_BYTES = 4 << 20
+
+
 def encode_events(events: Sequence[Event]) -> str:
     """Compact JSON of ``events``: one array each, hashes as 32 hex digits, tiers as ints,
     a stored block's tokens as an array and its extra and salt keys as hex."""
+    return json.dumps(_rows(events), separators=(",", ":"))
+
+
+def encode_event_batches(events: Sequence[Event], max_bytes: int | None = None) -> list[str]:
+    """``events`` as ``encode_events`` texts of at most ``max_bytes`` each (by default
+    ``MAX_EVENT_BATCH_BYTES``), in order, each as long as it may be: one text where the
+    whole fits. ValueError naming the event whose own text is longer, encoding nothing.
+    Pure."""
+    limit = MAX_EVENT_BATCH_BYTES if max_bytes is None else max_bytes
+    rows = _rows(events)
+    whole = json.dumps(rows, separators=(",", ":"))
+    if len(whole) <= limit:
+        return [whole]
+    parts = [json.dumps(row, separators=(",", ":")) for row in rows]
+    for i, part in enumerate(parts):
+        if len(part) + 2 > limit:
+            raise ValueError(f"events[{i}] encodes to {len(part) + 2} bytes, past the "
+                             f"{limit} one stream entry may carry (MAX_EVENT_BATCH_BYTES)")
+    texts: list[str] = []
+    batch: list[str] = []
+    size = 2  # the brackets
+    for part in parts:
+        if batch and size + 1 + len(part) > limit:
+            texts.append(f"[{','.join(batch)}]")
+            batch, size = [], 2
+        size += len(part) + (1 if batch else 0)
+        batch.append(part)
+    texts.append(f"[{','.join(batch)}]")
+    return texts
+
+
+def _rows(events: Sequence[Event]) -> list[list[object]]:
+    """Each event as the array ``encode_events`` writes. Pure."""
     rows: list[list[object]] = []
     for e in events:
         if isinstance(e, BlockStored):
@@ -202,7 +243,7 @@ def encode_events(events: Sequence[Event]) -> str:
             rows.append(["T", e.seq, _hex(e.block_hash), int(e.old_tier), int(e.new_tier)])
         else:
             rows.append(["C", e.seq])
-    return json.dumps(rows, separators=(",", ":"))
+    return rows
 
 
 _HEX_DIGITS = frozenset("0123456789abcdef")
@@ -285,7 +326,11 @@ def _json(text: object, what: str) -> object:
 
 def decode_events(text: str | bytes) -> list[Event]:
     """Inverse of :func:`encode_events`. Raises ValueError, and only ValueError, on anything
-    malformed, whatever the bytes. Pure."""
+    malformed, whatever the bytes, and on a text past ``MAX_EVENT_BATCH_BYTES`` before
+    reading any of it. Pure."""
+    if isinstance(text, str | bytes | bytearray) and len(text) > MAX_EVENT_BATCH_BYTES:
+        raise ValueError(f"malformed event batch: {len(text)} bytes, past the "
+                         f"{MAX_EVENT_BATCH_BYTES} one may carry (MAX_EVENT_BATCH_BYTES)")
     rows = _json(text, "event batch")
     if not isinstance(rows, list):
         raise ValueError(f"malformed event batch: not an array but {type(rows).__name__}")

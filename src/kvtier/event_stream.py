@@ -25,6 +25,7 @@ from kvtier.stream_client import (
     check_cluster,
     check_stream,
     claim_key,
+    get_each,
     get_either,
     legacy_claim_key,
     legacy_snapshot_key,
@@ -226,10 +227,14 @@ class RedisStreamSubscriber:
             self._check_trimmed(out)
             return attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
                            block=block_ms)
-        pipe = make_pipeline(transaction=False)
-        pipe.xinfo_stream(self.stream)
-        pipe.xread({self.stream: self.last_id}, count=count, block=block_ms)
-        replies = attempt(pipe.execute, raise_on_error=False)
+
+        def send() -> object:
+            pipe = make_pipeline(transaction=False)  # a cluster's client is made here
+            pipe.xinfo_stream(self.stream)
+            pipe.xread({self.stream: self.last_id}, count=count, block=block_ms)
+            return pipe.execute(raise_on_error=False)
+
+        replies = attempt(send)
         if not isinstance(replies, list) or len(replies) != 2:
             return None  # Redis down: each command retried at the next poll
         info, reply = replies
@@ -371,9 +376,11 @@ class RedisStreamSubscriber:
             self.tracker.lose_entry(instance_id, incarnation, out)
 
     def _try_snapshots(self, out: list[Update]) -> None:
-        for instance_id in self.tracker.stale_instances():
-            raw = get_either(self._redis, snapshot_key(self.stream, instance_id),
-                             legacy_snapshot_key(self.stream, instance_id))
+        stale = self.tracker.stale_instances()
+        raws = get_each(self._redis, [(snapshot_key(self.stream, instance_id),
+                                       legacy_snapshot_key(self.stream, instance_id))
+                                      for instance_id in stale])
+        for instance_id, raw in zip(stale, raws, strict=True):
             if raw is None:
                 continue
             try:

@@ -1,8 +1,9 @@
 """The Redis client of the event streams (extra ``redis``, imported only when a client is
-made): the connection (``connect``, to a server or a cluster), a command whose Redis fault
-is a gap, not an exception (``attempt``), a Lua script run on a client or a pipeline
-(``run_script``), and the keys beside a stream (``claim_key``, ``snapshot_key``, and the
-names of before: ``legacy_claim_key``, ``legacy_snapshot_key``).
+made): the connection (``connect``, to a server or a cluster, made at its first command:
+``LazyCluster``), a command whose Redis fault is a gap, not an exception (``attempt``), a
+Lua script run on a client or a pipeline (``run_script``), and the keys beside a stream
+(``claim_key``, ``snapshot_key``, and the names of before: ``legacy_claim_key``,
+``legacy_snapshot_key``).
 
 The keys beside a stream share its hash slot, so that one script or transaction may touch
 them with the stream on a Redis Cluster: ``{<stream>}:snapshot:<instance>`` hashes as the
@@ -13,17 +14,22 @@ stream ``<stream>`` does (a stream whose name has a hash tag of its own keeps
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from kvtier.remote.redis_url import redact_url
+from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 
 __all__ = [
+    "LazyCluster",
     "attempt",
     "check_cluster",
     "check_stream",
     "claim_key",
     "connect",
+    "get_each",
     "get_either",
     "key_prefix",
     "legacy_claim_key",
@@ -37,13 +43,17 @@ _T = TypeVar("_T")
 
 def attempt(command: Callable[..., _T], *args: Any, **options: Any) -> _T | None:
     """``command(*args, **options)`` of redis-py, or None where Redis failed (down, timed
-    out): a fault of the event stream is a gap a resync repairs, never an exception in the
-    loop."""
+    out, a cluster no node of which answers): a fault of the event stream is a gap a resync
+    repairs, never an exception in the loop.
+
+    NOTE: redis-py's cluster errors are no ``RedisError``: a ``RedisCluster`` whose every
+    node went down raised ``RedisClusterUnreachableError`` out of the serving loop."""
     import redis
+    from redis.exceptions import RedisClusterException
 
     try:
         return command(*args, **options)
-    except (redis.RedisError, OSError):
+    except (redis.RedisError, RedisClusterException, OSError):
         return None
 
 
@@ -66,10 +76,10 @@ def check_cluster(stream: str, cluster: object) -> None:
 
 def connect(url: str, cluster: bool = False) -> Any:
     """A redis-py client of ``url``: a ``RedisCluster`` with ``cluster`` (a cluster with a
-    shard gone still serves the others' slots); ImportError naming the extra without
-    redis-py. NOTE: a ``RedisCluster`` reads the slot map when made: where no node of
-    ``url`` answers, redis-py's error is raised here, at construction (a server's client
-    connects at its first command).
+    shard gone still serves the others' slots), made at its first command
+    (:class:`LazyCluster`); ImportError naming the extra without redis-py, ValueError
+    naming the URL (its password hidden) for one redis-py cannot use. Neither kind of
+    client contacts Redis here: a server's connects at its first command too.
 
     NOTE: a plain client of a cluster node failed every command of a key another node
     serves (MOVED, a lost batch counted): 14 of 20 keys on the three-node test cluster."""
@@ -79,10 +89,73 @@ def connect(url: str, cluster: bool = False) -> Any:
         raise ImportError(
             "Redis event streams need redis-py: pip install 'kvtier[redis]'") from None
     if cluster:
+        return LazyCluster(url)
+    return redis.Redis.from_url(url)
+
+
+class LazyCluster:
+    """A ``RedisCluster`` of ``url``, made at its first command rather than here: a command
+    of a cluster no node of which answers fails as a server's that is down does (a
+    redis-py error, which ``attempt`` takes for a gap), and the next command tries again.
+    The URL is checked here: ValueError naming it for a scheme redis-py refuses, a
+    ``unix://`` socket or a database other than 0 (a cluster has only 0).
+
+    NOTE: redis-py's ``RedisCluster`` reads the slot map when made: with no node of the
+    cluster answering (down at start, or not up yet), making a publisher or subscriber
+    raised ``RedisClusterUnreachableError``, where one of a standalone server that was
+    down was made and counted its faults; the remote store made its client lazily."""
+
+    def __init__(self, url: str) -> None:
+        from redis.connection import parse_url
+
+        try:
+            options = parse_url(url)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ValueError(f"url {shown(redact_url(url))} is no Redis URL: {exc}") from None
+        if "path" in options:
+            raise ValueError(f"a Redis Cluster is reached over TCP, not a unix:// socket: "
+                             f"got {shown(redact_url(url))}")
+        if options.get("db", 0) != 0:
+            raise ValueError(f"a Redis Cluster has database 0 only, the url names database "
+                             f"{options['db']}: {shown(redact_url(url))}")
+        self._url = url
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    def client(self) -> Any:
+        """The ``RedisCluster``, made now where none is (raising redis-py's error where no
+        node answers: callers ``attempt`` their command)."""
+        with self._lock:
+            if self._client is None:
+                from redis.cluster import RedisCluster
+
+                self._client = RedisCluster.from_url(self._url, require_full_coverage=False)
+            return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        """The client's attribute ``name``; a method of a client not yet made is one that
+        makes it when called (``getattr(client, "xinfo_stream", None)`` makes nothing)."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        made = self._client
+        if made is not None:
+            return getattr(made, name)
         from redis.cluster import RedisCluster
 
-        return RedisCluster.from_url(url, require_full_coverage=False)
-    return redis.Redis.from_url(url)
+        if not callable(getattr(RedisCluster, name)):  # AttributeError where it has none
+            return getattr(self.client(), name)
+
+        def call(*args: Any, **options: Any) -> Any:
+            return getattr(self.client(), name)(*args, **options)
+
+        return call
+
+    def close(self) -> None:
+        """Close the client's connections, where it was made (idempotent)."""
+        with self._lock:
+            made, self._client = self._client, None
+        if made is not None:
+            made.close()
 
 
 def run_script(client: Any, script: str, numkeys: int, *keys_and_args: str) -> Any:
@@ -158,9 +231,44 @@ def _legacy_key(stream: str, kind: str, instance_id: str) -> str | None:
 
 
 def get_either(client: Any, key: str, legacy: str | None) -> Any:
-    """``GET key``, or ``GET legacy`` where that found nothing (or failed) and there is
-    one; None where neither answered."""
-    value = attempt(client.get, key)
-    if value is None and legacy is not None:
-        value = attempt(client.get, legacy)
-    return value
+    """``GET key``, or ``GET legacy``'s value where that found nothing (or failed) and
+    there is one; None where neither answered (``get_each`` of one key: one round trip)."""
+    return get_each(client, [(key, legacy)])[0]
+
+
+def get_each(client: Any, keys: list[tuple[str, str | None]]) -> list[Any]:
+    """For each ``(key, legacy)`` of ``keys``: ``key``'s value, or ``legacy``'s where that
+    found nothing (or failed) and there is one; None where neither answered. Every GET in
+    one pipeline (one round trip) where ``client`` pipelines, else one GET a key.
+
+    NOTE: the old name was asked only after the new one missed, each GET a round trip of
+    its own: a stale instance without a snapshot cost two a try, twice a poll (12 GETs a
+    poll for three). Asked together, a poll's snapshot reads are one round trip, whatever
+    the number of stale instances."""
+    if not keys:
+        return []
+    make_pipeline = getattr(client, "pipeline", None)
+    if make_pipeline is None:  # a client without pipelines: a GET each, as before
+        values = [attempt(client.get, key) for key, _ in keys]
+        return [attempt(client.get, legacy) if value is None and legacy is not None
+                else value for value, (_, legacy) in zip(values, keys, strict=True)]
+
+    def send() -> object:
+        pipe = make_pipeline(transaction=False)
+        for key, legacy in keys:
+            pipe.get(key)
+            if legacy is not None:
+                pipe.get(legacy)
+        return pipe.execute(raise_on_error=False)
+
+    replies = attempt(send)
+    num_replies = sum(1 if legacy is None else 2 for _, legacy in keys)
+    if not isinstance(replies, list) or len(replies) != num_replies:
+        return [None] * len(keys)  # Redis down: asked again at the next try
+    found = iter(None if isinstance(reply, Exception) else reply for reply in replies)
+    out = []
+    for _, legacy in keys:
+        value = next(found)
+        old = None if legacy is None else next(found)
+        out.append(old if value is None else value)
+    return out

@@ -18,7 +18,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvtier import stream_client
-from kvtier.event_codec import Snapshot, encode_events, encode_snapshot, is_incarnation
+from kvtier.event_codec import (
+    Snapshot,
+    encode_event_batches,
+    encode_snapshot,
+    is_incarnation,
+)
 from kvtier.event_updates import MAX_BUFFER, MAX_INSTANCE_ID_CHARS, check_batch
 from kvtier.events import Event
 from kvtier.remote.options import check_number
@@ -28,6 +33,8 @@ from kvtier.stream_client import (
     check_cluster,
     check_stream,
     claim_key,
+    legacy_claim_key,
+    legacy_snapshot_key,
     run_script,
     snapshot_key,
 )
@@ -101,7 +108,8 @@ return 0
 class RedisStreamPublisher:
     """Publishes each batch as one entry of the stream ``stream`` (``XADD MAXLEN ~ maxlen``).
 
-    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events`, ``g`` on a goodbye
+    Entry fields: ``i`` the instance id, ``e`` :func:`encode_events` (at most
+    ``MAX_EVENT_BATCH_BYTES``: a longer batch is cut into entries), ``g`` on a goodbye
     only (``forget``: no events), ``n`` the publisher's
     ``incarnation`` (by default a random id per publisher: a restarted process is a new
     one, which subscribers see as a restart even where its seq 0 was trimmed; publishers
@@ -185,6 +193,8 @@ class RedisStreamPublisher:
         # Instances forgotten since that restarted or whose claim stayed (the last
         # ``_MAX_FORGOTTEN``): what publishing one again takes back.
         self._forgotten: dict[str, _Forgotten] = {}
+        # Instances whose keys under the names of before hash tags are owed a delete.
+        self._legacy_owed: set[str] = set()
         self._resync_id: str | bytes = "0-0"
         self.num_failed_batches = 0  # batches (and snapshots) Redis did not take
         self.num_failed_reads = 0  # resync_requests calls Redis did not answer
@@ -192,14 +202,20 @@ class RedisStreamPublisher:
         self.num_malformed_requests = 0  # resync requests of no instance id one may publish
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
-        """Add ``events`` as one entry. NOTE: with Redis down the batch is lost, counted in
-        ``num_failed_batches``, never raised into the serving loop: subscribers see the
-        hole in ``seq`` at the next batch and resync from a snapshot. TypeError (nothing
-        sent) for a batch that is not a str id and a sequence of events, ValueError for an
-        event the wire format cannot carry (``check_batch``)."""
+        """Add ``events`` as one entry (as several, in one transaction, where their text is
+        past ``MAX_EVENT_BATCH_BYTES``: ``encode_event_batches``). NOTE: with Redis down the
+        batch is lost, counted in ``num_failed_batches``, never raised into the serving
+        loop: subscribers see the hole in ``seq`` at the next batch and resync from a
+        snapshot. TypeError (nothing sent) for a batch that is not a str id and a sequence
+        of events, ValueError for an event the wire format cannot carry (``check_batch``),
+        or one whose own text is past ``MAX_EVENT_BATCH_BYTES``."""
         check_batch(instance_id, events)
         if not events:
             return
+        # NOTE: a batch past what a subscriber reads of one entry (MAX_EVENT_BATCH_BYTES)
+        # was one entry, which every subscriber now counts malformed: it goes as several,
+        # in one transaction, every seq in order.
+        texts = encode_event_batches(events)
         back = self._forgotten.pop(instance_id, None)
         if back is not None and back.restarted is not None:
             self._restarted[instance_id] = back.restarted
@@ -215,7 +231,7 @@ class RedisStreamPublisher:
             self._published.discard(instance_id)
             self._claimed.discard(instance_id)
         incarnation = self.incarnation_of(instance_id)
-        fields = {"i": instance_id, "e": encode_events(events), "n": incarnation}
+        entries = [{"i": instance_id, "e": text, "n": incarnation} for text in texts]
         owes_delete = events[0].seq == 0 or instance_id in self._old_snapshots
         claims = instance_id not in self._claimed
         now = self._clock()
@@ -229,7 +245,7 @@ class RedisStreamPublisher:
         renews = (not claims and self._snapshot_ex is not None
                   and now - self._claim_set_s.get(instance_id, -math.inf)
                   >= self._snapshot_ex / 3)
-        if owes_delete or claims or renews:
+        if owes_delete or claims or renews or len(entries) > 1:
             # NOTE: seq 0 is a new incarnation (a restarted manager, an empty cache): the
             # snapshot its earlier one left under the key goes with the same transaction.
             # A subscriber that saw the restart, then a gap, read that snapshot, which
@@ -241,17 +257,20 @@ class RedisStreamPublisher:
             # none goes: an old process's owed delete took the new one's snapshot.
             # NOTE: the claim goes with the first entry, so that no subscriber reads an
             # entry of this incarnation before its claim (a later claim is a later one's).
-            pipe = self._redis.pipeline(transaction=True)
-            if claims:
-                pipe.set(claim_key(self.stream, instance_id), incarnation,
-                         **self._ex_option())
-            elif renews:
-                run_script(pipe, _RENEW_CLAIM, 1, claim_key(self.stream, instance_id),
-                           incarnation, str(self._snapshot_ex))
-            if owes_delete:
-                self._delete_own_snapshot(instance_id, pipe)
-            pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
-            sent = attempt(pipe.execute)
+            def send(pipe: Any) -> Any:
+                if claims:
+                    pipe.set(claim_key(self.stream, instance_id), incarnation,
+                             **self._ex_option())
+                elif renews:
+                    run_script(pipe, _RENEW_CLAIM, 1, claim_key(self.stream, instance_id),
+                               incarnation, str(self._snapshot_ex))
+                if owes_delete:
+                    self._delete_own_snapshot(instance_id, pipe)
+                for fields in entries:
+                    pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+                return pipe.execute()
+
+            sent = attempt(self._transaction, send)
             if sent is None:
                 if owes_delete:
                     self._old_snapshots.add(instance_id)
@@ -261,13 +280,32 @@ class RedisStreamPublisher:
                 if claims or renews:
                     self._claim_set_s[instance_id] = now
         else:
-            sent = attempt(self._redis.xadd, self.stream, fields, maxlen=self.maxlen,
+            sent = attempt(self._redis.xadd, self.stream, entries[0], maxlen=self.maxlen,
                             approximate=True)
         if sent is None:
             self.num_failed_batches += 1
         else:
             self._published.add(instance_id)
             self._owed_by.pop(instance_id, None)
+            if claims or instance_id in self._legacy_owed:
+                self._sweep_legacy(instance_id)
+
+    def _sweep_legacy(self, instance_id: str) -> None:
+        """Delete ``instance_id``'s snapshot and claim keys under their names of before hash
+        tags (``legacy_snapshot_key``, ``legacy_claim_key``), once a claim of this
+        publisher's landed; owed again with the next batch where Redis failed.
+
+        NOTE: publishers write only the new names, and subscribers read the old where the
+        new is missing: the keys an older publisher left under the old names were never
+        deleted (a snapshot without ``snapshot_ttl_s`` stayed for ever). Apart from the
+        claim's transaction: on a cluster they are in other slots than the stream's."""
+        legacy = [key for key in (legacy_snapshot_key(self.stream, instance_id),
+                                  legacy_claim_key(self.stream, instance_id))
+                  if key is not None]
+        if legacy and attempt(self._redis.delete, *legacy) is None:
+            self._legacy_owed.add(instance_id)
+        else:
+            self._legacy_owed.discard(instance_id)
 
     def incarnation_of(self, instance_id: str) -> str:
         """The incarnation ``instance_id``'s entries, claim and snapshots name: this
@@ -277,6 +315,12 @@ class RedisStreamPublisher:
         if restarted is None and instance_id in self._forgotten:
             restarted = self._forgotten[instance_id].restarted
         return self.incarnation if restarted is None else restarted
+
+    def _transaction(self, send: Callable[[Any], Any]) -> Any:
+        """``send(pipe)`` of a new MULTI/EXEC pipeline: what its ``execute`` answered.
+        Raises what redis-py raises (callers ``attempt`` it): a cluster's client, made
+        with its first pipeline, raises there where no node answers."""
+        return send(self._redis.pipeline(transaction=True))
 
     def _snapshot_key(self, instance_id: str) -> str:
         return snapshot_key(self.stream, instance_id)
@@ -360,14 +404,17 @@ class RedisStreamPublisher:
             raise TypeError(f"instance_id must be a str, got {short_repr(instance_id)}")
         self._old_snapshots.discard(instance_id)
         self._published.discard(instance_id)  # its seq 0 again is no restart to tell
-        pipe = self._redis.pipeline(transaction=True)
         incarnation = self.incarnation_of(instance_id)
-        pipe.xadd(self.stream, {"i": instance_id, "e": "[]", "n": incarnation, "g": "1"},
-                  maxlen=self.maxlen, approximate=True)
-        self._delete_own_snapshot(instance_id, pipe)
-        run_script(pipe, _DELETE_CLAIM_IF_MINE, 1, claim_key(self.stream, instance_id),
-                   incarnation)
-        done = attempt(pipe.execute)
+
+        def send(pipe: Any) -> Any:
+            pipe.xadd(self.stream, {"i": instance_id, "e": "[]", "n": incarnation, "g": "1"},
+                      maxlen=self.maxlen, approximate=True)
+            self._delete_own_snapshot(instance_id, pipe)
+            run_script(pipe, _DELETE_CLAIM_IF_MINE, 1, claim_key(self.stream, instance_id),
+                       incarnation)
+            return pipe.execute()
+
+        done = attempt(self._transaction, send)
         if done is None:
             self.num_failed_batches += 1
         # NOTE: a claim (where another incarnation held it or Redis was down), its
@@ -378,6 +425,9 @@ class RedisStreamPublisher:
         self._claimed.discard(instance_id)
         self._claim_set_s.pop(instance_id, None)
         self._owed_by.pop(instance_id, None)
+        if instance_id in self._legacy_owed:  # tried once more, then left to their TTL
+            self._sweep_legacy(instance_id)
+            self._legacy_owed.discard(instance_id)
         restarted = self._restarted.pop(instance_id, None)
         if restarted is not None or claim_stayed:
             self._forgotten[instance_id] = _Forgotten(restarted, claim_stayed)
