@@ -733,3 +733,20 @@ def test_a_finished_request_is_freed_when_its_caller_lets_go() -> None:
     assert [(c.request_id, c.first_token, c.num_tokens) for c in step.context_chunks] == [
         ("going", 0, 12)]
     s.manager.check_invariants()
+
+
+def test_an_aborted_request_is_freed_when_its_caller_lets_go() -> None:
+    """``abort`` of a running request hands it back and keeps no reference to it either
+    (the last update listed it among its requests)."""
+    s = make_scheduler(num_gpu_blocks=32, max_num_tokens=64)
+    req = _Watched("r", list(range(1000, 1012)), 4)
+    ref = weakref.ref(req)
+    s.add_request(req)
+    del req
+    s.update(s.step(), {"r": 7})
+    aborted = s.abort("r")
+    assert aborted is not None and aborted.output == [7]
+    del aborted
+    assert ref() is None, "the scheduler still holds the aborted request"
+    assert s.step().num_scheduled_tokens == 0
+    s.manager.check_invariants()

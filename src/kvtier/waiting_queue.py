@@ -213,6 +213,7 @@ class WaitingQueue(SchedulerState):
                 # took, held until it completed): the request had left the manager and
                 # ``running``, yet the scheduler kept its prompt.
                 self._release_request(req)
+                self._forget_appended((req,))
             return req
         if request_id not in self._specs:
             return None
