@@ -48,7 +48,8 @@ def test_a_cluster_url_redis_py_cannot_use_is_refused_when_made(url: str, proble
 def test_a_cluster_client_is_made_at_its_first_command(monkeypatch: pytest.MonkeyPatch) -> None:
     """``connect(cluster=True)`` makes no RedisCluster (none answering: no error); the
     first command makes it, a failure to make it is that command's fault (``attempt``:
-    None), and the next command makes it again: 0 made, then 2 tries, the second served.
+    None), and the next command past the wait makes it again: 0 made, then 2 tries, the
+    second served.
     ``getattr(client, "xinfo_stream", None)`` makes nothing."""
     from redis.cluster import RedisCluster
     from redis.exceptions import RedisClusterUnreachableError
@@ -69,7 +70,10 @@ def test_a_cluster_client_is_made_at_its_first_command(monkeypatch: pytest.Monke
     client = stream_client.connect("redis://127.0.0.1:1", cluster=True)
     assert getattr(client, "xinfo_stream", None) is not None
     assert made == []
+    now_s = [0.0]
+    client = stream_client.LazyCluster("redis://127.0.0.1:1", clock=lambda: now_s[0])
     assert stream_client.attempt(client.get, "k") is None
+    now_s[0] += stream_client.CLUSTER_RETRY_FIRST_S  # 34d: tried again after a wait
     assert stream_client.attempt(client.get, "k") == b"v:k"
     assert made == ["redis://127.0.0.1:1"] * 2
     stream_client.close(client)

@@ -14,7 +14,9 @@ stream ``<stream>`` does (a stream whose name has a hash tag of its own keeps
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,6 +25,8 @@ from kvtier.reprs import shown
 from kvtier.sequence import short_repr
 
 __all__ = [
+    "CLUSTER_RETRY_CAP_S",
+    "CLUSTER_RETRY_FIRST_S",
     "LazyCluster",
     "attempt",
     "check_cluster",
@@ -93,19 +97,36 @@ def connect(url: str, cluster: bool = False) -> Any:
     return redis.Redis.from_url(url)
 
 
+# The first wait of a cluster client after no node answered, doubled at each fault while
+# it lasts up to the cap, and forgotten at the first command served (``LazyCluster``).
+CLUSTER_RETRY_FIRST_S = 0.5
+CLUSTER_RETRY_CAP_S = 8.0
+
+
 class LazyCluster:
     """A ``RedisCluster`` of ``url``, made at its first command rather than here: a command
     of a cluster no node of which answers fails as a server's that is down does (a
-    redis-py error, which ``attempt`` takes for a gap), and the next command tries again.
-    The URL is checked here: ValueError naming it for a scheme redis-py refuses, a
-    ``unix://`` socket or a database other than 0 (a cluster has only 0).
+    redis-py error, which ``attempt`` takes for a gap). The URL is checked here:
+    ValueError naming it for a scheme redis-py refuses, a ``unix://`` socket or a
+    database other than 0 (a cluster has only 0).
+
+    Where no node answers (the client could not be made, or a command or pipeline raised
+    redis-py's ``RedisClusterException``), commands fail at once, a redis-py
+    ``ConnectionError`` contacting nothing, until a wait on ``clock`` has passed:
+    ``CLUSTER_RETRY_FIRST_S``, doubled at each fault up to ``CLUSTER_RETRY_CAP_S``; the
+    first command served forgets it. A node down while others answer is no such fault
+    (redis-py's ``ConnectionError``): the other shards' slots are served as before.
 
     NOTE: redis-py's ``RedisCluster`` reads the slot map when made: with no node of the
     cluster answering (down at start, or not up yet), making a publisher or subscriber
     raised ``RedisClusterUnreachableError``, where one of a standalone server that was
-    down was made and counted its faults; the remote store made its client lazily."""
+    down was made and counted its faults; the remote store made its client lazily.
+    NOTE: without the wait, every command of a cluster gone down tried each node again,
+    with redis-py's retries: 10 connection attempts and 1.2-1.4 s a command on the
+    three-node test cluster, in the serving loop (a standalone server down costs one
+    refused connection, well under a millisecond: it has no wait)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
         from redis.connection import parse_url
 
         try:
@@ -119,34 +140,78 @@ class LazyCluster:
             raise ValueError(f"a Redis Cluster has database 0 only, the url names database "
                              f"{options['db']}: {shown(redact_url(url))}")
         self._url = url
+        self._clock = clock
         self._lock = threading.Lock()
         self._client: Any = None
+        self._wait_s = 0.0  # the current wait (0: no node known down)
+        self._retry_at_s = -math.inf  # on ``clock``: no command contacts Redis before it
 
     def client(self) -> Any:
         """The ``RedisCluster``, made now where none is (raising redis-py's error where no
-        node answers: callers ``attempt`` their command)."""
-        with self._lock:
-            if self._client is None:
-                from redis.cluster import RedisCluster
+        node answers, or a ``ConnectionError`` at once while the wait after that lasts:
+        callers ``attempt`` their command)."""
+        from redis.cluster import RedisCluster
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
-                self._client = RedisCluster.from_url(self._url, require_full_coverage=False)
+        with self._lock:
+            now = self._clock()
+            if now < self._retry_at_s:
+                raise RedisConnectionError(
+                    f"no node of the Redis Cluster {redact_url(self._url)} answered: next "
+                    f"try in {self._retry_at_s - now:.2f} s")
+            if self._client is None:
+                try:
+                    self._client = RedisCluster.from_url(self._url,
+                                                         require_full_coverage=False)
+                except Exception as exc:
+                    self._fault(exc)
+                    raise
             return self._client
 
+    def _fault(self, exc: BaseException) -> None:
+        """Start or lengthen the wait where ``exc`` says no node answers."""
+        from redis.exceptions import RedisClusterException
+
+        if isinstance(exc, RedisClusterException):
+            self._wait_s = min(CLUSTER_RETRY_CAP_S, 2 * self._wait_s or CLUSTER_RETRY_FIRST_S)
+            self._retry_at_s = self._clock() + self._wait_s
+
+    def _served(self) -> None:
+        self._wait_s, self._retry_at_s = 0.0, -math.inf
+
+    def _guarded(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """``method`` of the client, its faults starting the wait, a success ending it; a
+        pipeline's ``execute`` guarded as well."""
+
+        def call(*args: Any, **options: Any) -> Any:
+            try:
+                result = method(*args, **options)
+            except Exception as exc:
+                with self._lock:
+                    self._fault(exc)
+                raise
+            if method.__name__ == "pipeline":
+                result.execute = self._guarded(result.execute)
+            else:
+                with self._lock:
+                    self._served()
+            return result
+
+        return call
+
     def __getattr__(self, name: str) -> Any:
-        """The client's attribute ``name``; a method of a client not yet made is one that
-        makes it when called (``getattr(client, "xinfo_stream", None)`` makes nothing)."""
+        """The client's attribute ``name``; a method is one that makes the client when
+        called where none is, and waits as ``client`` says (``getattr(client,
+        "xinfo_stream", None)`` makes nothing)."""
         if name.startswith("_"):
             raise AttributeError(name)
-        made = self._client
-        if made is not None:
-            return getattr(made, name)
         from redis.cluster import RedisCluster
 
         if not callable(getattr(RedisCluster, name)):  # AttributeError where it has none
             return getattr(self.client(), name)
 
         def call(*args: Any, **options: Any) -> Any:
-            return getattr(self.client(), name)(*args, **options)
+            return self._guarded(getattr(self.client(), name))(*args, **options)
 
         return call
 

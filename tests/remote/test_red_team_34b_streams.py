@@ -15,6 +15,7 @@ from remote_helpers import PrivateCluster, PrivateRedis, RedisServers
 from kvtier.event_updates import Update
 from kvtier.events import BlockStored
 from kvtier.publisher import EventBatch, RedisStreamPublisher, RedisStreamSubscriber, Snapshot
+from kvtier.stream_client import CLUSTER_RETRY_FIRST_S
 from kvtier.tier import Tier
 
 redis = pytest.importorskip("redis")
@@ -59,6 +60,7 @@ def test_a_cluster_down_at_start_degrades_as_a_server_down_at_start(
         for node in redis_cluster.nodes:
             node.start()
         wait_cluster_ok(redis_cluster)
+        time.sleep(CLUSTER_RETRY_FIRST_S)  # 34d: each client waits that long after a fault
         pub.publish("b", [stored(0, 2)])
         assert (pub.num_failed_batches, sub.poll()) == (1, [EventBatch("b", [stored(0, 2)])])
 
