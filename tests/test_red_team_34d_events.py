@@ -68,7 +68,7 @@ def test_a_cluster_down_is_tried_again_only_after_a_growing_wait(
     client = stream_client.LazyCluster("redis://127.0.0.1:1", clock=clock)
     assert [stream_client.attempt(client.get, "k") for _ in range(10)] == [None] * 10
     assert attempts == [1]
-    waits = []
+    waits: list[float] = []
     for _ in range(6):
         start_s = clock.now_s
         while attempts[0] == len(waits) + 1:  # 10 ms steps until the next try
