@@ -11,11 +11,23 @@ from typing import Any
 
 import pytest
 
-from kvtier import stream_client
+from fake_stream_redis import FakeRedis
+from kvtier import event_codec, stream_client
+from kvtier.event_codec import MAX_SNAPSHOT_BYTES, encode_snapshot
+from kvtier.events import BlockStored
+from kvtier.publisher import RedisStreamPublisher, RedisStreamSubscriber, Snapshot
 from kvtier.stream_client import CLUSTER_RETRY_CAP_S, CLUSTER_RETRY_FIRST_S
+from kvtier.tier import Tier
 
 redis = pytest.importorskip("redis")
 pytest_plugins = ["shared_fixtures"]
+
+G, H = Tier.GPU, Tier.HOST
+
+
+def stored(seq: int, h: int) -> BlockStored:
+    """A BlockStored event of one 4-token block."""
+    return BlockStored(seq, h, None, G, 4, None, (1, 2, 3, 4), None, None)
 
 
 class Clock:
@@ -109,3 +121,50 @@ def test_a_node_down_while_others_answer_is_no_wait(monkeypatch: pytest.MonkeyPa
     assert stream_client.attempt(client.get, "down") is None
     assert stream_client.attempt(client.get, "up") == b"v"
     assert sent == ["down", "up"]
+
+
+def stale_subscriber(fake_redis: FakeRedis) -> tuple[RedisStreamPublisher,
+                                                     RedisStreamSubscriber]:
+    """A publisher of a and a subscriber that read its seq 0, then seq 2 (a gap): a
+    stale, asked for."""
+    pub = RedisStreamPublisher("redis://fake")
+    sub = RedisStreamSubscriber("redis://fake", resync_retry_s=3600.0)
+    pub.publish("a", [stored(0, 1)])
+    sub.poll()
+    pub.publish("a", [stored(2, 3)])
+    sub.poll()
+    assert sub.tracker.stale_instances() == ["a"]
+    return pub, sub
+
+
+def test_a_snapshot_past_the_bound_is_malformed_and_makes_no_state(
+        fake_redis: FakeRedis) -> None:
+    """A sound snapshot of a (next seq 3, no blocks) padded with spaces past
+    MAX_SNAPSHOT_BYTES (32 MiB): counted malformed, refused before it is parsed, a stays
+    stale, no update. Before, it was read whole and applied (a Snapshot update)."""
+    _, sub = stale_subscriber(fake_redis)
+    text = '{"i":"a","n":3,"b":[]}'.ljust(MAX_SNAPSHOT_BYTES + 1)
+    fake_redis.set("{kvtier:events}:snapshot:a", text)
+    assert sub.poll() == []
+    assert sub.num_malformed_snapshots == 2  # tried before and after the read
+    assert sub.tracker.stale_instances() == ["a"]
+    fake_redis.set("{kvtier:events}:snapshot:a", text.strip())
+    assert [type(u).__name__ for u in sub.poll()] == ["Snapshot"]
+
+
+def test_a_snapshot_past_the_bound_is_cut_to_the_fastest_tiers_blocks(
+        fake_redis: FakeRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound lowered to what holds a's snapshot with 2 blocks: one of 2 host and 3
+    GPU blocks is stored with the GPU blocks of the 2 lowest hashes (within the bound,
+    1 cut snapshot, 3 blocks left out), and a stale subscriber applies it. Before, all 5
+    were written, past the bound (which subscribers now refuse)."""
+    pub, sub = stale_subscriber(fake_redis)
+    blocks = frozenset({(9, H), (8, H), (7, G), (5, G), (6, G)})
+    two = encode_snapshot(Snapshot("a", 3, frozenset({(5, G), (6, G)}), pub.incarnation))
+    monkeypatch.setattr(event_codec, "MAX_SNAPSHOT_BYTES", len(two) + 38)  # < 3 blocks
+    pub.publish_snapshot(Snapshot("a", 3, blocks))
+    stored_text = fake_redis.keys["{kvtier:events}:snapshot:a"].decode()
+    assert stored_text == two
+    assert (pub.num_cut_snapshots, pub.num_blocks_left_out) == (1, 3)
+    assert sub.poll() == [Snapshot("a", 3, frozenset({(5, G), (6, G)}), pub.incarnation)]
+    assert sub.tracker.stale_instances() == []

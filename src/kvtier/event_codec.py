@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from kvtier import json_text
@@ -353,9 +353,54 @@ def encode_snapshot(snapshot: Snapshot) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
+# The most bytes of a snapshot's text (``encode_snapshot``) that ``decode_snapshot`` reads:
+# ``encode_snapshot_within`` cuts a larger one to the blocks that fit, the fastest tier
+# first. 32 MiB holds 880,000 blocks (38 bytes and a comma each). NOTE: a snapshot was
+# decoded whole, whatever its size: a writer of the key made a subscriber parse a text of
+# any length (up to Redis's 512 MB a string) before a check.
+MAX_SNAPSHOT_BYTES = 32 << 20
+
+
+def encode_snapshot_within(snapshot: Snapshot,
+                           max_bytes: int | None = None) -> tuple[str, int]:
+    """``encode_snapshot`` of ``snapshot``, or, where that is past ``max_bytes`` (by
+    default ``MAX_SNAPSHOT_BYTES``), of the most of its blocks that fit, taken in order
+    of tier (the GPU's first), then hash: (the text, the number of blocks left out).
+    ValueError where not even its blocks' absence fits (an instance id near the bound).
+    Pure.
+
+    NOTE: a snapshot is a hint of what to route to: one missing blocks routes fewer
+    requests to them (misses, recomputed), never to a block the instance lacks; a later
+    event of a block left out is tolerated (a removal counted inconsistent by the router,
+    a tier change adds it)."""
+    limit = MAX_SNAPSHOT_BYTES if max_bytes is None else max_bytes
+    text = encode_snapshot(snapshot)
+    if len(text) <= limit:
+        return text, 0
+    head = len(encode_snapshot(replace(snapshot, blocks=frozenset())))
+    if head > limit:
+        raise ValueError(f"a snapshot of {short_repr(snapshot.instance_id)} without blocks "
+                         f"encodes to {head} bytes, past the {limit} one may carry "
+                         f"(MAX_SNAPSHOT_BYTES)")
+    blocks = sorted(snapshot.blocks, key=lambda block: (block[1], block[0]))
+    size, num_kept = head, 0
+    for _, tier in blocks:  # each row ["<32 hex>",<tier>]: its own length
+        grown = size + len(str(int(tier))) + 37 + (1 if num_kept else 0)
+        if grown > limit:
+            break
+        size, num_kept = grown, num_kept + 1
+    text = encode_snapshot(replace(snapshot, blocks=frozenset(blocks[:num_kept])))
+    assert len(text) <= limit, (len(text), limit)
+    return text, len(blocks) - num_kept
+
+
 def decode_snapshot(text: str | bytes) -> Snapshot:
     """Inverse of :func:`encode_snapshot`. Raises ValueError, and only ValueError, on
-    anything malformed, whatever the bytes. Pure."""
+    anything malformed, whatever the bytes, and on a text past ``MAX_SNAPSHOT_BYTES``
+    before reading any of it. Pure."""
+    if isinstance(text, str | bytes | bytearray) and len(text) > MAX_SNAPSHOT_BYTES:
+        raise ValueError(f"malformed snapshot: {len(text)} bytes, past the "
+                         f"{MAX_SNAPSHOT_BYTES} one may carry (MAX_SNAPSHOT_BYTES)")
     doc = _json(text, "snapshot")
     try:
         if not isinstance(doc, dict) or set(doc) - {"p"} != {"i", "n", "b"}:

@@ -21,7 +21,7 @@ from kvtier import stream_client
 from kvtier.event_codec import (
     Snapshot,
     encode_event_batches,
-    encode_snapshot,
+    encode_snapshot_within,
     is_incarnation,
 )
 from kvtier.event_updates import MAX_BUFFER, MAX_INSTANCE_ID_CHARS, check_batch
@@ -200,6 +200,8 @@ class RedisStreamPublisher:
         self.num_failed_reads = 0  # resync_requests calls Redis did not answer
         self.num_refused_snapshots = 0  # snapshots refused: another incarnation claims
         self.num_malformed_requests = 0  # resync requests of no instance id one may publish
+        self.num_cut_snapshots = 0  # snapshots past MAX_SNAPSHOT_BYTES, cut to fit
+        self.num_blocks_left_out = 0  # the blocks those left out
 
     def publish(self, instance_id: str, events: Sequence[Event]) -> None:
         """Add ``events`` as one entry (as several, in one transaction, where their text is
@@ -356,10 +358,17 @@ class RedisStreamPublisher:
         elif snapshot.incarnation != incarnation:
             raise ValueError(f"snapshot.incarnation must be None or this publisher's "
                              f"{incarnation!r}, got {short_repr(snapshot.incarnation)}")
+        # NOTE: a snapshot past MAX_SNAPSHOT_BYTES, which subscribers now refuse, is cut to
+        # the blocks that fit, the fastest tier first (``encode_snapshot_within``): the
+        # instance is resynced routing to fewer blocks, not stale for ever (asked again
+        # every ``resync_retry_s``, each answer refused).
+        text, num_left_out = encode_snapshot_within(snapshot)
         written = attempt(run_script, self._redis, _SET_IF_CLAIMED, 2,
                            self._snapshot_key(instance_id), claim_key(self.stream, instance_id),
-                           encode_snapshot(snapshot), incarnation,
-                           str(self._snapshot_ex or 0))
+                           text, incarnation, str(self._snapshot_ex or 0))
+        if num_left_out:
+            self.num_cut_snapshots += 1
+            self.num_blocks_left_out += num_left_out
         if written is None:
             self.num_failed_batches += 1
         elif not written:
