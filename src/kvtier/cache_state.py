@@ -21,7 +21,7 @@ from kvtier.journal import Journal
 from kvtier.matching import NO_MATCH, Match, match_prompt, rematch
 from kvtier.metrics import CacheStats
 from kvtier.policies import KvtierPredict, get_policy, recalls_by_its_ghosts
-from kvtier.policy_guard import guard_policy
+from kvtier.policy_guard import PolicyGuard, guard_policy
 from kvtier.pool import TierPool
 from kvtier.radix import Node, Root, next_uid, reserve_uids, subtree
 from kvtier.radix import split as split_run
@@ -76,6 +76,8 @@ class CacheState:
                              both_ends, tree=True)
         self.stats = CacheStats()
         self.evictor = Evictor(config, clock, policy, self.gpu, self.host)
+        if isinstance(policy, PolicyGuard):
+            policy.on_fault = self.evictor.changed
         self.journal = Journal(config)
         self._tick = itertools.count(1)
         # The policy's learner, told how each release of a run ends (None: it learns nothing).

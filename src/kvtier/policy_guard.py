@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any
 
@@ -155,6 +156,9 @@ class PolicyGuard:
         self.num_faults = 0
         self.first_fault: Exception | None = None
         self._fallen = False
+        # Called once a fault turns the keys to the fallback's: the cache's evictor, whose
+        # pools then check every queue head again (``Evictor.changed``).
+        self.on_fault: Callable[[], None] | None = None
         # The inner's calls in progress: the manager shares its own (``clock.CallerCode``).
         self.calls = CallerCode()
         self._min_key_fields = nq + 1  # a queue and an order in it
@@ -183,6 +187,13 @@ class PolicyGuard:
         self._fallen = True
         self.num_faults += 1
         self.first_fault = exc
+        # NOTE: every key changes at once (the fallback's, behind a 1): within an eviction
+        # round the pools trusted a queue head found live before (``pop_candidate``'s
+        # ``check_version``), so a run filed under both keys was taken twice, the second
+        # time from the host as a GPU victim (a GPU parent's count of GPU children went
+        # to -1; test_policy_faults, ARC faulting in ``forget`` mid-round).
+        if self.on_fault is not None:
+            self.on_fault()
         logger.error("kvtier: eviction policy %r faulted in %s (%s: %s); the cache evicts "
                      "by priority, then least recently released, from now on (logged once; "
                      "KVCacheManager.num_policy_faults counts)", self.name, method,
