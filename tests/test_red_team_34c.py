@@ -85,3 +85,56 @@ def test_layout_bytes_and_storage_sizes_take_any_integer() -> None:
                  lambda: layout.num_blocks_for_bytes(True)):
         with pytest.raises(ValueError, match="must be an int"):
             call()
+
+
+# ---- remote fetches ----------------------------------------------------------------------------
+
+
+class OnceIndex:
+    """A caller's integer that may be read once: a second ``__index__`` raises."""
+
+    def __init__(self, value: int) -> None:
+        self.value, self.reads = value, 0
+
+    def __index__(self) -> int:
+        self.reads += 1
+        if self.reads > 1:
+            raise RuntimeError("read twice")
+        return self.value
+
+
+@pytest.mark.parametrize("how", ["fetch", "start_fetch"])
+def test_a_fetch_reads_its_salt_once_and_keeps_the_plain_key(how: str) -> None:
+    """The remote tier kept the caller's salt object in the fetch and read it again for the
+    local lookup and the import (a salt read anew each time: another value, or an error,
+    named other blocks). Now the plain key, read once, names the fetch: the blocks written
+    under salt 5 are imported for a NumPy or one-shot salt 5 as for the int."""
+    pytest.importorskip("torch")
+    from kvtier import CacheConfig, KVCacheManager
+    from kvtier.remote import InMemoryRemoteStore, RemoteNamespace
+    from kvtier.remote.tier import RemoteTier
+    from kvtier.storage import KVStorage
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=4)
+    store = InMemoryRemoteStore(RemoteNamespace("m", layout))
+    prompt = list(range(10, 23))  # three full blocks and one token
+
+    def tier() -> RemoteTier:
+        manager = KVCacheManager(CacheConfig(tokens_per_block=4, num_gpu_blocks=8,
+                                             num_host_blocks=8, hash_algo="sha256"))
+        return RemoteTier(store, manager, KVStorage(layout, 8), KVStorage(layout, 8),
+                          fetch_deadline_s=5.0)
+
+    writer = tier()
+    writer.write(prompt, [0, 1, 2], salt=5)
+    writer.flush(10.0)
+    for salt in (np.int64(5), OnceIndex(5), 5):
+        reader = tier()
+        if how == "fetch":
+            assert reader.fetch(prompt, salt=salt) == 3  # type: ignore[arg-type]
+        else:
+            assert reader.start_fetch("r", prompt, salt=salt)  # type: ignore[arg-type]
+            reader.wait(10.0)
+            assert reader.poll_imports().imported == {"r": 3}
+        assert reader.manager.lookup(prompt, salt=5).num_host_tokens == 12
+    store.close()
