@@ -8,6 +8,7 @@ on stderr prefixed ``kvtier: error:`` and exit status 2.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -473,9 +474,14 @@ def _emit(table: list[str], document: dict[str, Any], json_path: Path | None) ->
         print(json.dumps(document, indent=2, allow_nan=False))
     elif json_path is not None:
         try:
+            text = json.dumps(document, indent=2, allow_nan=False) + "\n"
             with output_file(json_path) as target:
-                target.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n",
-                                  encoding="utf-8")
+                if json_path.suffix.lower() == ".gz":
+                    # NOTE: a name ending in .gz held plain JSON, which every reader of the
+                    # kind (told by its magic bytes, sim/trace_file.py) refused as gzip.
+                    target.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+                else:
+                    target.write_text(text, encoding="utf-8")
         except OSError as exc:
             raise CLIError(f"cannot write {json_path}: {exc.strerror or exc} (the report is "
                            "on standard output)") from None

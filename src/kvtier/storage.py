@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from kvtier.counts import as_integer
 from kvtier.reprs import shown
 
 if TYPE_CHECKING:
@@ -36,9 +37,22 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 LAYOUTS = ("block_major", "layer_major")
 
 
-def _check_positive(field: str, value: object) -> None:
-    if type(value) is not int or value < 1:
+def _positive(field: str, value: object) -> int:
+    """``value`` as the plain int it is (``kvtier.counts``); ValueError naming ``field``
+    unless it is an integer >= 1. Pure."""
+    n = as_integer(value)
+    if n is None or n < 1:
         raise ValueError(f"{field} must be an integer >= 1, got {shown(value)}")
+    return n
+
+
+def _index(field: str, value: object, size: int) -> int:
+    """``value`` as the plain int it is (``kvtier.counts``); ValueError naming ``field``
+    unless it is an integer in ``0..size - 1``. Pure."""
+    n = as_integer(value)
+    if n is None or not 0 <= n < size:
+        raise ValueError(f"{field} must be an int in 0..{size - 1}, got {shown(value)}")
+    return n
 
 
 # The fields of a KVLayout that name the model's block, not how a tier or a rank holds it.
@@ -59,15 +73,19 @@ class KVLayout:
     tp_size: int = 1
 
     def __post_init__(self) -> None:
+        # NOTE: kept as the plain ints they are (``kvtier.counts``): a NumPy or ``__index__``
+        # tokens_per_block was refused.
         for name in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block", "tp_size"):
-            _check_positive(name, getattr(self, name))
+            object.__setattr__(self, name, _positive(name, getattr(self, name)))
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {shown(self.dtype)}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {shown(self.layout)}")
-        if type(self.tp_rank) is not int or not 0 <= self.tp_rank < self.tp_size:
+        rank = as_integer(self.tp_rank)
+        if rank is None or not 0 <= rank < self.tp_size:
             raise ValueError(f"tp_rank must be an integer in 0..{self.tp_size - 1} "
                              f"(tp_size {self.tp_size}), got {shown(self.tp_rank)}")
+        object.__setattr__(self, "tp_rank", rank)
         if self.num_kv_heads % self.tp_size:
             raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must split evenly over "
                              f"tp_size ({self.tp_size}) ranks")
@@ -108,9 +126,10 @@ class KVLayout:
 
     def num_blocks_for_bytes(self, nbytes: int) -> int:
         """How many whole blocks fit in ``nbytes``. Pure."""
-        if type(nbytes) is not int or nbytes < 0:
+        n = as_integer(nbytes)
+        if n is None or n < 0:
             raise ValueError(f"nbytes must be an integer >= 0, got {shown(nbytes)}")
-        return nbytes // self.bytes_per_block
+        return n // self.bytes_per_block
 
     def torch_dtype(self) -> torch.dtype:
         import torch
@@ -155,7 +174,7 @@ class KVStorage:
         # and a pin_memory of "yes" pinned (or failed to) as True.
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {shown(layout)}")
-        _check_positive("num_blocks", num_blocks)
+        num_blocks = _positive("num_blocks", num_blocks)
         if pin_memory is not None and type(pin_memory) is not bool:
             raise ValueError(f"pin_memory must be None or a bool, got {shown(pin_memory)}")
         try:
@@ -201,9 +220,7 @@ class KVStorage:
         NOTE: as ``block``'s slot: -1 was the last layer, and True (block-major) a view with
         one more axis, which ``write`` broadcast K and V into: another layer's KV, silently;
         past the last layer, IndexError or TypeError in torch's or a list's words."""
-        if type(index) is not int or not 0 <= index < self.layout.num_layers:
-            raise ValueError(f"layer must be an int in 0..{self.layout.num_layers - 1}, got "
-                             f"{shown(index)}")
+        index = _index("layer", index, self.layout.num_layers)
         if self.layout.layout == "block_major":
             return self.tensors[0][:, index]
         return self.tensors[index]
@@ -258,9 +275,11 @@ class KVStorage:
         (torch's IndexError or RuntimeError, naming nothing)."""
         _check_index("block_ids", block_ids, self.num_blocks)
         held = block_ids.numel() * self.layout.tokens_per_block
-        if type(num_tokens) is not int or not 0 <= num_tokens <= held:
+        n = as_integer(num_tokens)
+        if n is None or not 0 <= n <= held:
             raise ValueError(f"num_tokens must be an int in 0..{held} (the tokens of "
                              f"{block_ids.numel()} blocks), got {shown(num_tokens)}")
+        num_tokens = n
         blocks = self.layer(layer).index_select(0, block_ids)  # [b, 2, tpb, H, D]
         tail = blocks.shape[3:]
         k = blocks[:, 0].reshape(-1, *tail)[:num_tokens]
@@ -273,8 +292,7 @@ class KVStorage:
         every block). Pure."""
         import torch
 
-        if type(slot) is not int or not 0 <= slot < self.num_blocks:
-            raise ValueError(f"slot must be an int in 0..{self.num_blocks - 1}, got {shown(slot)}")
+        slot = _index("slot", slot, self.num_blocks)
 
         return torch.stack([self.layer(i)[slot] for i in range(self.layout.num_layers)])
 

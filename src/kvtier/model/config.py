@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.counts import as_integer, check_count
 from kvtier.reprs import shown
 from kvtier.sequence import is_finite_number, short_repr
 from kvtier.storage import DTYPE_BYTES, KVLayout
@@ -29,10 +30,9 @@ class RopeScaling:
         if not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be "
                              f"> low_freq_factor ({self.low_freq_factor})")
-        n = self.original_max_position_embeddings
-        if type(n) is not int or n < 1:
-            raise ValueError("rope_scaling.original_max_position_embeddings must be an integer "
-                             f">= 1, got {shown(n)}")
+        object.__setattr__(self, "original_max_position_embeddings", check_count(
+            "rope_scaling.original_max_position_embeddings",
+            self.original_max_position_embeddings, 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +67,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "ffn_dim"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {shown(value)}")
+            # NOTE: kept as the plain ints they are (``kvtier.counts``): NumPy sizes (a
+            # checkpoint's config read through NumPy) were refused.
+            object.__setattr__(self, name, check_count(name, getattr(self, name), 1))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({shown(self.num_heads)}) must be a multiple of "
                              f"num_kv_heads ({shown(self.num_kv_heads)})")
@@ -84,8 +84,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not is_finite_number(value) or not value > 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {short_repr(value)}")
-        if type(self.seed) is not int:
+        seed = as_integer(self.seed)
+        if seed is None:
             raise ValueError(f"seed must be an integer, got {shown(self.seed)}")
+        object.__setattr__(self, "seed", seed)
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"{name} must be a bool, got {shown(getattr(self, name))}")
@@ -93,9 +95,12 @@ class ModelConfig:
             raise ValueError(f"rope_scaling must be a RopeScaling or None, "
                              f"got {shown(self.rope_scaling)}")
         n = self.max_position_embeddings
-        if n is not None and (type(n) is not int or n < 1):
-            raise ValueError(f"max_position_embeddings must be an integer >= 1 or None, "
-                             f"got {shown(n)}")
+        if n is not None:
+            limit = as_integer(n)
+            if limit is None or limit < 1:
+                raise ValueError(f"max_position_embeddings must be an integer >= 1 or None, "
+                                 f"got {shown(n)}")
+            object.__setattr__(self, "max_position_embeddings", limit)
 
     def kv_layout(self, tokens_per_block: int, layout: str = "block_major") -> KVLayout:
         """The KV block shape this model reads and writes. Pure."""

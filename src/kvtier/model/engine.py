@@ -34,6 +34,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from kvtier.counts import as_integer
 from kvtier.manager import KVCacheManager
 from kvtier.model.llama import LlamaModel
 from kvtier.model.sampling import Sampler
@@ -183,10 +184,11 @@ class ModelEngine(Wired):
     def __init__(self, model: LlamaModel, manager: KVCacheManager, scheduler: Scheduler,
                  transfer: TorchTransferEngine, record_logits: bool = False,
                  remote: RemoteTier | None = None, max_forward_faults: int = 3) -> None:
-        if type(max_forward_faults) is not int or max_forward_faults < 1:
+        faults = as_integer(max_forward_faults)
+        if faults is None or faults < 1:
             raise ValueError(f"max_forward_faults must be an int >= 1, got "
                              f"{shown(max_forward_faults)}")
-        self.max_forward_faults = max_forward_faults
+        self.max_forward_faults = faults
         if scheduler.manager is not manager:
             raise ValueError("scheduler must run on the given manager")
         config = manager.config
@@ -722,8 +724,10 @@ class ModelEngine(Wired):
         """Step until every request finished (and, with a remote tier, its writes landed);
         raises RuntimeError after ``max_steps`` (ValueError, running nothing, unless it is an
         int >= 0)."""
-        if type(max_steps) is not int or max_steps < 0:
+        steps = as_integer(max_steps)
+        if steps is None or steps < 0:
             raise ValueError(f"max_steps must be an int >= 0, got {shown(max_steps)}")
+        max_steps = steps
         # NOTE: one check more than steps: what the last step finished is done, not
         # "unfinished after max_steps steps".
         for num_steps in range(max_steps + 1):

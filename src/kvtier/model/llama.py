@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from kvtier.blocks import cdiv
+from kvtier.counts import as_integer
 from kvtier.model.config import ModelConfig
 from kvtier.reprs import shown
 from kvtier.sequence import first_line
@@ -195,8 +196,10 @@ class LlamaModel:
         the chunk's own K/V there. ``before_layer(i)`` runs just before layer ``i`` touches
         the pool (to wait for that layer's copies)."""
         tpb = kv.layout.tokens_per_block
-        if type(start_pos) is not int:
+        pos = as_integer(start_pos)
+        if pos is None:
             raise ValueError(f"start_pos must be an int, got {shown(start_pos)}")
+        start_pos = pos
         end = start_pos + len(tokens)
         self.config.check_context(end)
         if start_pos < 0 or not tokens or end > len(block_table) * tpb:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.counts import as_integer, check_count
 from kvtier.reprs import shown
 from kvtier.sequence import is_finite_number, short_repr
 
@@ -37,9 +38,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        n = self.max_new_tokens
-        if type(n) is not int or n < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {shown(n)}")
+        # NOTE: counts and ids kept as the plain ints they are (``kvtier.counts``): a NumPy
+        # max_new_tokens, seed or stop token was refused.
+        object.__setattr__(self, "max_new_tokens",
+                           check_count("max_new_tokens", self.max_new_tokens, 1))
         t = self.temperature
         # NOTE: is_finite_number, not math.isfinite: that raised OverflowError for an int
         # past the float range.
@@ -48,18 +50,23 @@ class SamplingParams:
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {shown(p)}")
-        seed = self.seed
+        seed = self.seed if self.seed is None else as_integer(self.seed)
         # NOTE: -2**63..2**64-1 was taken, and torch kept the low 32 bits of it: seed -1
         # drew what 2**64-1 and 2**32-1 drew, -2**63 and 2**32 what 0 drew. Each seed
         # of 0..MAX_SEED draws its own stream (past 2**64, Sampler() raised torch's
         # 'Overflow when unpacking long long', naming no field).
-        if seed is not None and (type(seed) is not int or not 0 <= seed <= MAX_SEED):
+        if self.seed is not None and (seed is None or not 0 <= seed <= MAX_SEED):
             raise ValueError(f"seed must be an integer in 0..2**32-1 or None, got "
-                             f"{short_repr(seed)}")
-        if not isinstance(self.stop_token_ids, frozenset) or any(
-                type(i) is not int or i < 0 for i in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be a frozenset of integers >= 0, got "
-                             f"{shown(self.stop_token_ids)}")
+                             f"{short_repr(self.seed)}")
+        object.__setattr__(self, "seed", seed)
+        ids = self.stop_token_ids
+        plain = ([as_integer(i) for i in ids] if isinstance(ids, frozenset)
+                 else [None])
+        if any(i is None or i < 0 for i in plain):
+            raise ValueError(f"stop_token_ids must be a frozenset of integers >= 0, got "
+                             f"{shown(ids)}")
+        if any(type(i) is not int for i in ids):
+            object.__setattr__(self, "stop_token_ids", frozenset(plain))
         if not isinstance(self.stop, tuple) or any(
                 not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {shown(self.stop)}")

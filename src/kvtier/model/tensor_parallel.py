@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from kvtier.counts import as_integer
 from kvtier.model.llama import LlamaModel
 from kvtier.reprs import shown
 from kvtier.storage import KVLayout
@@ -53,11 +54,14 @@ class TensorParallelLlama(LlamaModel):
             # the others waited in the pass's all-reduce.
             raise ValueError(f"full must be a whole model, got the shard of rank "
                              f"{full.tp_rank} of {full.tp_size}")
-        if type(tp_size) is not int or tp_size < 1:
+        # NOTE: the plain ints they are (``kvtier.counts``): NumPy ones were refused.
+        size, rank = as_integer(tp_size), as_integer(tp_rank)
+        if size is None or size < 1:
             raise ValueError(f"tp_size must be an integer >= 1, got {shown(tp_size)}")
-        if type(tp_rank) is not int or not 0 <= tp_rank < tp_size:
-            raise ValueError(f"tp_rank must be an integer in 0..{tp_size - 1}, got "
+        if rank is None or not 0 <= rank < size:
+            raise ValueError(f"tp_rank must be an integer in 0..{size - 1}, got "
                              f"{shown(tp_rank)}")
+        tp_size, tp_rank = size, rank
         for name in ("num_heads", "num_kv_heads", "ffn_dim"):
             if getattr(c, name) % tp_size:
                 raise ValueError(f"{name} ({getattr(c, name)}) must split evenly over "

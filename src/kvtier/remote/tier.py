@@ -65,7 +65,7 @@ from kvtier.remote.options import LONGEST_WAIT_S, check_timeout
 from kvtier.remote.ranks import STORE_RESET, Arrival, LocalRanks, RemoteRanks, RemoteShard
 from kvtier.remote.store import RemoteStore
 from kvtier.reprs import shown
-from kvtier.sequence import MultimodalItem, block_extras, checked_prompt
+from kvtier.sequence import MultimodalItem, block_extras, check_key, checked_prompt
 from kvtier.tier import Tier
 from kvtier.wiring import Wired
 
@@ -365,6 +365,9 @@ class RemoteTier(Wired):
         ``mm_items``) that the store has past the local tiers' prefix into host blocks;
         returns how many were imported."""
         ids, items = checked_prompt(tokens, mm_items, "remote tier")
+        # NOTE: the plain key, read once (``kvtier.counts``): the caller's object was kept
+        # until the import and read again there.
+        salt = check_key("salt", salt)
         hashes = self._reusable_hashes(ids, salt, lora_id, items)
         wanted = self._wanted(hashes, ids, salt, lora_id, items)
         if not wanted:
@@ -389,6 +392,9 @@ class RemoteTier(Wired):
         # NOTE: the prompt is checked (and hashed, which checks the salt and LoRA id) before
         # anything changes: a refused one cancelled the earlier fetch of that id first.
         ids, items = checked_prompt(tokens, mm_items, "remote tier")
+        # NOTE: the plain key, read once (``kvtier.counts``): the caller's object was kept
+        # until the import and read again there.
+        salt = check_key("salt", salt)
         hashes = self._reusable_hashes(ids, salt, lora_id, items)
         wanted = self._wanted(hashes, ids, salt, lora_id, items)
         if old is not None:

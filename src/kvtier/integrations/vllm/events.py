@@ -50,6 +50,7 @@ from vllm.distributed.kv_events import (
 
 from kvtier import events as kv
 from kvtier.clock import CacheClock
+from kvtier.counts import as_integer
 from kvtier.event_codec import check_events
 from kvtier.reprs import shown
 from kvtier.sequence import short_repr
@@ -91,17 +92,19 @@ class VllmEventTranslator:
     def __init__(self, block_size: int, *, int_hashes: bool = False,
                  data_parallel_rank: int | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        if type(block_size) is not int or block_size < 1:
+        # NOTE: the plain ints they are (``kvtier.counts``): NumPy ones were refused.
+        size = as_integer(block_size)
+        if size is None or size < 1:
             raise ValueError(f"block_size must be a positive int, got {shown(block_size)}")
         if type(int_hashes) is not bool:
             raise ValueError(f"int_hashes must be a bool, got {short_repr(int_hashes)}")
-        if data_parallel_rank is not None and (type(data_parallel_rank) is not int
-                                               or not 0 <= data_parallel_rank < 1 << 31):
+        rank = None if data_parallel_rank is None else as_integer(data_parallel_rank)
+        if data_parallel_rank is not None and (rank is None or not 0 <= rank < 1 << 31):
             raise ValueError(f"data_parallel_rank must be None or an int in [0, 2**31), got "
                              f"{short_repr(data_parallel_rank)}")
-        self.block_size = block_size
+        self.block_size = size
         self.int_hashes = int_hashes
-        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_rank = rank
         # NOTE: read through CacheClock, before the batch changes anything: a clock that
         # raised after the loop lost the batch's events with the translator's record moved
         # on (no resync followed), and one that answered None sent ts=None to the routers.

@@ -43,6 +43,7 @@ from enum import Enum
 from typing import Literal, NamedTuple, cast
 
 from kvtier.clock import CacheClock
+from kvtier.counts import as_integer
 from kvtier.integrations.vllm.keys import fold_key, key_group
 from kvtier.remote.codec import RemoteNamespace, exact_bytes
 from kvtier.remote.io_thread import IOThread
@@ -291,7 +292,7 @@ class StoreTier:
     # -- jobs ------------------------------------------------------------------------------
     def submit_store(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]) -> None:
         """Write the pages ``chunk_ids`` under ``keys`` (the ones the store lacks)."""
-        hashes, pages = self._check_job(job_id, keys, chunk_ids)
+        job_id, hashes, pages = self._check_job(job_id, keys, chunk_ids)
         rewrite = {h for h in hashes if h in self._bad}
         with self._stats_lock:
             self._stats.num_store_jobs += 1
@@ -303,7 +304,7 @@ class StoreTier:
     def submit_load(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]) -> None:
         """Copy the values of ``keys`` into the pages ``chunk_ids``, each group's keys up to
         its first that fails (``keys`` in the request's lookup order, as vLLM sends them)."""
-        hashes, pages = self._check_job(job_id, keys, chunk_ids)
+        job_id, hashes, pages = self._check_job(job_id, keys, chunk_ids)
         with self._stats_lock:
             self._stats.num_load_jobs += 1
         if self._submit(lambda: self._run_load(job_id, list(keys), hashes, pages)):
@@ -357,37 +358,44 @@ class StoreTier:
 
     # -- internals -------------------------------------------------------------------------
     def _check_job(self, job_id: int, keys: Sequence[bytes], chunk_ids: Sequence[int]
-                   ) -> tuple[list[int], list[int]]:
+                   ) -> tuple[int, list[int], list[int]]:
         # NOTE: ``int(c)`` took a chunk id of 1.9 as page 1, "2" as page 2 and True as
         # page 1 (another request's page written or read), and a job id of "x" was handed
         # back to the engine as such.
-        if type(job_id) is not int:
+        # NOTE: ids read as the plain ints they are (``kvtier.counts``): a NumPy chunk id
+        # was refused.
+        plain_id = as_integer(job_id)
+        if plain_id is None:
             raise ValueError(f"job_id must be an int, got {short_repr(job_id)}")
+        job_id = plain_id
         if job_id in self._open_jobs:
             raise ValueError(f"job {job_id} is still open (its outcome not handed back by "
                              f"finished_jobs): a second job under its id would be reported "
                              f"as it")
         if len(keys) != len(chunk_ids):
             raise ValueError(f"a job has {len(keys)} keys but {len(chunk_ids)} chunk ids")
-        for i, page in enumerate(chunk_ids):
-            if type(page) is not int:
-                raise ValueError(f"chunk_ids[{i}] must be an int, got {short_repr(page)}")
+        pages: list[int] = []
+        for i, given in enumerate(chunk_ids):
+            page = as_integer(given)
+            if page is None:
+                raise ValueError(f"chunk_ids[{i}] must be an int, got {short_repr(given)}")
+            pages.append(page)
             if not 0 <= page < self._num_pages:
                 raise ValueError(f"chunk id {page} is outside the {self._num_pages} pages "
                                  f"(chunk_ids[{i}])")
-        if len(set(chunk_ids)) < len(chunk_ids):
+        if len(set(pages)) < len(pages):
             # NOTE: one page under two keys: a store wrote it under both (one of them another
             # chunk's bytes, in the store every engine reads), a load wrote both values into
             # it and reported both loaded (one chunk's page holding the other's KV).
             first: dict[int, int] = {}
-            for i, page in enumerate(chunk_ids):
+            for i, page in enumerate(pages):
                 if page in first:
                     raise ValueError(f"chunk id {page} is given twice (chunk_ids[{first[page]}] "
                                      f"and chunk_ids[{i}]): one page holds one chunk")
                 first[page] = i
         hashes = [fold_key(k) for k in keys]
         self._open_jobs.add(job_id)  # NOTE: last: a refused job opens nothing
-        return hashes, list(chunk_ids)
+        return job_id, hashes, pages
 
     def _page(self, chunk_id: int) -> memoryview:
         start = chunk_id * self._page_bytes
