@@ -10,6 +10,7 @@ May change: the resync stream, its own position and
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -39,7 +40,13 @@ from kvtier.stream_entries import (
     stream_id,
 )
 
-__all__ = ["RedisStreamSubscriber"]
+__all__ = ["BLOCK_SLICE_MS", "RedisStreamSubscriber"]
+
+
+# The longest one XREAD of a blocking poll blocks (``RedisStreamSubscriber._read``): well
+# below ``stream_client.COMMAND_TIMEOUT_S``, the time its reply is due in, leaving 150 ms
+# for the reply to come back once the block ended.
+BLOCK_SLICE_MS = 100
 
 
 class RedisStreamSubscriber:
@@ -215,6 +222,27 @@ class RedisStreamSubscriber:
         return out
 
     def _read(self, out: list[Update], count: int, block_ms: int | None) -> object:
+        """XREAD's reply after ``last_id`` (None where Redis failed: ``_read_once``); one
+        of ``block_ms`` (wall time, as Redis blocks) is read in slices of at most
+        ``BLOCK_SLICE_MS``, each an XREAD BLOCK, until one reads an entry, fails, or
+        ``block_ms`` has passed (at most ``ceil(block_ms / BLOCK_SLICE_MS)`` of them).
+
+        NOTE: each read of the client is due within ``stream_client.COMMAND_TIMEOUT_S``
+        (a server that hangs costs a command that long, not redis-py's 5 s): one XREAD
+        blocking longer than that would time out every quiet poll, a fault."""
+        if block_ms is None:
+            return self._read_once(out, count, None)
+        deadline_s = time.monotonic() + block_ms / 1000
+        reply = self._read_once(out, count, min(block_ms, BLOCK_SLICE_MS))
+        for _ in range(math.ceil(block_ms / BLOCK_SLICE_MS) - 1):
+            left_ms = math.floor((deadline_s - time.monotonic()) * 1000)
+            if reply is None or reply or left_ms < 1:  # failed, read, or waited enough
+                break
+            reply = attempt(self._redis.xread, {self.stream: self.last_id}, count=count,
+                            block=min(left_ms, BLOCK_SLICE_MS))
+        return reply
+
+    def _read_once(self, out: list[Update], count: int, block_ms: int | None) -> object:
         """XREAD's reply after ``last_id`` (None where Redis failed), the stream checked
         for a trim first (``_check_trimmed``): both in one round trip where the client
         pipelines, XREAD sent again only where the check moved ``last_id``.

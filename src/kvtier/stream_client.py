@@ -27,11 +27,14 @@ from kvtier.sequence import short_repr
 __all__ = [
     "CLUSTER_RETRY_CAP_S",
     "CLUSTER_RETRY_FIRST_S",
+    "COMMAND_TIMEOUT_S",
+    "CONNECT_TIMEOUT_S",
     "LazyCluster",
     "attempt",
     "check_cluster",
     "check_stream",
     "claim_key",
+    "client_options",
     "connect",
     "get_each",
     "get_either",
@@ -94,7 +97,38 @@ def connect(url: str, cluster: bool = False) -> Any:
             "Redis event streams need redis-py: pip install 'kvtier[redis]'") from None
     if cluster:
         return LazyCluster(url)
-    return redis.Redis.from_url(url)
+    return redis.Redis.from_url(url, **client_options())
+
+
+# Each command of the event streams runs in a serving loop (an engine's step, a router's
+# poll), and a fault of theirs is a gap a resync repairs: a node that cannot answer must
+# cost a command little, not the seconds redis-py's defaults wait. A connect is due
+# within CONNECT_TIMEOUT_S (a connect in one data centre takes well under a millisecond
+# to a few: 0.1 s is 20-100 times that; a host that drops packets costs that much a
+# try), each socket read or write within COMMAND_TIMEOUT_S (the streams' commands are
+# small and Redis answers them in well under a millisecond; a large reply, a snapshot of
+# up to 32 MiB, is read as it comes, each read due within it; half the remote store's
+# default ``timeout_s``: the store's misses cost a recompute, a stream's one step).
+# A blocking read waits at most ``event_stream.BLOCK_SLICE_MS`` a command, below it.
+CONNECT_TIMEOUT_S = 0.1
+COMMAND_TIMEOUT_S = 0.25
+
+
+def client_options() -> dict[str, Any]:
+    """The options of redis-py's client (a server's, or a cluster's and each of its
+    nodes'): the timeouts above, and no retry of redis-py's (one try a command: the
+    loop's next command is the retry, after a cluster's slot map is read again where the
+    fault asked for it; the remote store turns them off too, and retries on its own).
+
+    NOTE: redis-py's defaults waited 5 s for a connect and for each read (a server that
+    accepts and never answers, a host that drops packets: 5 s a command), and a
+    ``RedisCluster`` retried a command 10 times with a backoff of up to 1 s: a command
+    for the slots of one node down of three took about 4 s and 11 connects."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return dict(socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 0))
 
 
 # The first wait of a cluster client after no node answered, doubled at each fault while
@@ -161,8 +195,8 @@ class LazyCluster:
                     f"try in {self._retry_at_s - now:.2f} s")
             if self._client is None:
                 try:
-                    self._client = RedisCluster.from_url(self._url,
-                                                         require_full_coverage=False)
+                    self._client = RedisCluster.from_url(
+                        self._url, require_full_coverage=False, **client_options())
                 except Exception as exc:
                     self._fault(exc)
                     raise
