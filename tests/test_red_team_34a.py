@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from integer_kinds import Index, integer_kinds
 from kvtier import (
     CacheConfig,
     KVCacheManager,
@@ -25,25 +26,6 @@ from kvtier import (
 )
 from kvtier.hashing import get_hash_fn, prompt_block_hashes
 from kvtier.tier import Tier
-
-
-class Index:
-    """A caller's integer type: only ``__index__``, as ``operator.index`` reads it."""
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-
-    def __index__(self) -> int:
-        return self.value
-
-    def __repr__(self) -> str:
-        return f"Index({self.value})"
-
-
-def integer_kinds(value: int) -> list[object]:
-    """``value`` as the integer kinds callers pass, but the plain int."""
-    return [np.int64(value), np.uint32(value), np.int8(value), Index(value)]
-
 
 PROMPT = list(range(9))  # two full blocks of 4 and one token
 

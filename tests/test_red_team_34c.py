@@ -10,26 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from integer_kinds import Index, integer_kinds
 from kvtier.storage import KVLayout
-
-
-class Index:
-    """A caller's integer type: only ``__index__``, as ``operator.index`` reads it."""
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-
-    def __index__(self) -> int:
-        return self.value
-
-    def __repr__(self) -> str:
-        return f"Index({self.value})"
-
-
-def integer_kinds(value: int) -> list[object]:
-    """``value`` as the integer kinds callers pass, but the plain int."""
-    return [np.int64(value), np.uint32(value), np.int8(value), Index(value)]
-
 
 LAYOUT_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block")
 

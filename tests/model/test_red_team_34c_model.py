@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the model tests need torch")
 
+from integer_kinds import Index  # noqa: E402
 from kvtier import CacheConfig, KVCacheManager  # noqa: E402
 from kvtier.model import LlamaModel, ModelConfig, ModelEngine  # noqa: E402
 from kvtier.model.config import RopeScaling  # noqa: E402
@@ -19,19 +20,6 @@ from kvtier.model.sampling import Sampler, SamplingParams  # noqa: E402
 from kvtier.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 from kvtier.storage import KVStorage  # noqa: E402
 from kvtier.transfer.torch_engine import TorchTransferEngine  # noqa: E402
-
-
-class Index:
-    """A caller's integer type: only ``__index__``, as ``operator.index`` reads it."""
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-
-    def __index__(self) -> int:
-        return self.value
-
-    def __repr__(self) -> str:
-        return f"Index({self.value})"
 
 
 def kinds(value: int) -> list[Any]:
